@@ -1,0 +1,298 @@
+// CPU kernels of vitmad::mad and vitmad::mad_backward.
+//
+// The (N-P) x (N-P) distance matrix is never built. A query patch in grid column c sees the keys of one grid
+// row at distances that form a contiguous slice of a small table (one row of 2*gw-1 values per row offset),
+// so the inner loop is a dot product of the attention row with that slice: read once, vectorised, in place.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../mad_args.h"
+#include "../mad_geometry.h"
+
+// Each hot loop is compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load time by the CPU, so
+// one wheel is fast on modern CPUs and still runs on old ones.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define VITMAD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VITMAD_CPU_CLONES
+#endif
+
+namespace vitmad {
+namespace {
+
+// Distance rows cached per task: at most this many bytes, so they stay in L2 while they are reused for every
+// matrix (batch x head) of the tensor.
+constexpr int64_t kDistanceCacheBytes = 64 * 1024;
+// Queries per task when the query axis is the contiguous one: their accumulators stay in L1.
+// Software prefetch distance along an attention row: the hardware prefetcher alone leaves a single core well
+// short of the bandwidth that attn.sum() reaches, because the distance rows compete for the same L1.
+constexpr int64_t kPrefetchAheadBytes = 4096;
+constexpr int64_t kQueriesPerColumnTask = 256;
+
+// table[dr * (2 * gw - 1) + (gw - 1) + dc] is the distance of a (dr, dc) grid offset, dr >= 0. The distances
+// from a query in column c to the gw keys of a grid row dr rows away are the contiguous slice of table row
+// dr that starts at (gw - 1) - c.
+template <typename acc_t>
+std::vector<acc_t> distance_table(const MadLayout& l, acc_t patch) {
+  const int64_t width = 2 * l.grid_w - 1;
+  std::vector<acc_t> table(l.grid_h * width);
+  for (int64_t dr = 0; dr < l.grid_h; ++dr)
+    for (int64_t j = 0; j < width; ++j) table[dr * width + j] = patch_distance<acc_t>(dr, j - (l.grid_w - 1), patch);
+  return table;
+}
+
+// out[i] = d(t, first + i) for the patch keys [first, last): one table slice per grid row touched.
+template <typename acc_t>
+void fill_distances(const acc_t* table, const MadLayout& l, int64_t t, int64_t first, int64_t last, acc_t* out) {
+  const int64_t width = 2 * l.grid_w - 1;
+  const int64_t row = patch_row(t, l.grid_w);
+  const int64_t col = patch_col(t, l.grid_w);
+  for (int64_t s = first; s < last;) {
+    const int64_t key_row = patch_row(s, l.grid_w);
+    const int64_t run_end = std::min(last, (key_row + 1) * l.grid_w);
+    const acc_t* slice = table + std::abs(row - key_row) * width + (l.grid_w - 1 - col) + (s - key_row * l.grid_w);
+    std::copy(slice, slice + (run_end - s), out + (s - first));
+    s = run_end;
+  }
+}
+
+// Element offset of matrix `index` (row-major over the leading dims) in a tensor of arbitrary strides.
+int64_t matrix_offset(int64_t index, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  int64_t offset = 0;
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 3; d >= 0; --d) {
+    offset += (index % sizes[d]) * strides[d];
+    index /= sizes[d];
+  }
+  return offset;
+}
+
+// sum_s a[s * stride] * dist[s] and, with kMass, sum_s a[s * stride]. Explicit lanes instead of a reduction
+// pragma: the compiler turns them into vector registers without spilling, and the summation order (hence
+// the result) is the same for every instruction set.
+template <typename scalar_t, typename acc_t, bool kMass>
+__attribute__((always_inline)) inline void weighted_sums(const scalar_t* a, int64_t stride, const acc_t* dist, int64_t n, acc_t& weighted,
+                          acc_t& mass) {
+  constexpr int64_t kLanes = 128 / sizeof(acc_t);
+  acc_t w[kLanes] = {};
+  acc_t m[kLanes] = {};
+  int64_t s = 0;
+  if (stride == 1) {
+    for (; s + kLanes <= n; s += kLanes) {
+      for (int64_t i = 0; i < kLanes; i += 64 / sizeof(scalar_t)) __builtin_prefetch(a + s + i + kPrefetchAheadBytes / sizeof(scalar_t));
+      for (int64_t i = 0; i < kLanes; ++i) {
+        const acc_t v = static_cast<acc_t>(a[s + i]);
+        w[i] += v * dist[s + i];
+        if constexpr (kMass) m[i] += v;
+      }
+    }
+  }
+  acc_t w_total = 0;
+  acc_t m_total = 0;
+  for (; s < n; ++s) {
+    const acc_t v = static_cast<acc_t>(a[s * stride]);
+    w_total += v * dist[s];
+    if constexpr (kMass) m_total += v;
+  }
+  for (int64_t i = 0; i < kLanes; ++i) {
+    w_total += w[i];
+    m_total += m[i];
+  }
+  weighted = w_total;
+  mass = m_total;
+}
+
+// One query block of one matrix: m_t for t in [t_begin, t_end), reading each attention row along the keys.
+template <typename scalar_t, typename acc_t>
+VITMAD_CPU_CLONES void mad_rows(const scalar_t* matrix, int64_t query_stride, int64_t key_stride, const MadLayout& l,
+                                const acc_t* dist_rows, int64_t t_begin, int64_t t_end, acc_t* out) {
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const scalar_t* keys = matrix + (l.num_prefix + t) * query_stride + l.num_prefix * key_stride;
+    const acc_t* dist = dist_rows + (t - t_begin) * l.num_patches;
+    acc_t weighted, mass;
+    if (l.renormalize) {
+      weighted_sums<scalar_t, acc_t, true>(keys, key_stride, dist, l.num_patches, weighted, mass);
+      out[t] = weighted / mass;
+    } else {
+      weighted_sums<scalar_t, acc_t, false>(keys, key_stride, dist, l.num_patches, weighted, mass);
+      out[t] = weighted;
+    }
+  }
+}
+
+// The same for a matrix whose query axis is contiguous (a transposed view): walk the keys and update the
+// accumulators of a block of queries, so memory is still read in order.
+template <typename scalar_t, typename acc_t>
+VITMAD_CPU_CLONES void mad_columns(const scalar_t* matrix, int64_t key_stride, const MadLayout& l, const acc_t* table,
+                                   int64_t t_begin, int64_t t_end, acc_t* out) {
+  acc_t weighted[kQueriesPerColumnTask] = {};
+  acc_t mass[kQueriesPerColumnTask] = {};
+  acc_t dist[kQueriesPerColumnTask];
+  const int64_t count = t_end - t_begin;
+  for (int64_t s = 0; s < l.num_patches; ++s) {
+    // d is symmetric: the distances from key s to the queries are those from query s to the keys.
+    fill_distances(table, l, s, t_begin, t_end, dist);
+    const scalar_t* a = matrix + (l.num_prefix + s) * key_stride + l.num_prefix + t_begin;
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) {
+      const acc_t v = static_cast<acc_t>(a[i]);
+      weighted[i] += v * dist[i];
+      mass[i] += v;
+    }
+  }
+  for (int64_t i = 0; i < count; ++i) out[t_begin + i] = l.renormalize ? weighted[i] / mass[i] : weighted[i];
+}
+
+// Row-wise mean of [num_matrices, num_patches] per-query values in double, in a fixed order, so the result
+// does not depend on the number of threads.
+template <typename acc_t>
+void mean_over_queries(const acc_t* per_query, const MadLayout& l, acc_t* out) {
+  at::parallel_for(0, l.num_matrices, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      double total = 0;
+      const acc_t* row = per_query + b * l.num_patches;
+      for (int64_t t = 0; t < l.num_patches; ++t) total += static_cast<double>(row[t]);
+      out[b] = static_cast<acc_t>(total / static_cast<double>(l.num_patches));
+    }
+  });
+}
+
+// Queries per block for which distance rows are cached, and the number of such blocks.
+int64_t cached_rows_per_block(const MadLayout& l, size_t acc_size) {
+  return std::clamp<int64_t>(kDistanceCacheBytes / (l.num_patches * static_cast<int64_t>(acc_size)), 1, l.num_patches);
+}
+
+// Runs fn(b, t_begin, t_end, dist_rows) over every (query block, matrix) pair, in parallel. Tasks are ordered
+// block-major, so each thread fills the distance rows of a block once and reuses them for many matrices.
+template <typename acc_t, typename Fn>
+void for_each_query_block(const MadLayout& l, const acc_t* table, Fn fn) {
+  const int64_t rows_per_block = cached_rows_per_block(l, sizeof(acc_t));
+  const int64_t num_blocks = (l.num_patches + rows_per_block - 1) / rows_per_block;
+  at::parallel_for(0, num_blocks * l.num_matrices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> dist_rows(rows_per_block * l.num_patches);
+    int64_t cached_block = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task / l.num_matrices;
+      const int64_t t_begin = block * rows_per_block;
+      const int64_t t_end = std::min(t_begin + rows_per_block, l.num_patches);
+      if (block != cached_block) {
+        for (int64_t t = t_begin; t < t_end; ++t)
+          fill_distances(table, l, t, 0, l.num_patches, dist_rows.data() + (t - t_begin) * l.num_patches);
+        cached_block = block;
+      }
+      fn(task % l.num_matrices, t_begin, t_end, dist_rows.data());
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void mad_cpu_typed(const at::Tensor& attn, const MadLayout& l, acc_t patch, acc_t* per_query) {
+  const auto table = distance_table<acc_t>(l, patch);
+  const int64_t query_stride = attn.stride(-2);
+  const int64_t key_stride = attn.stride(-1);
+  const scalar_t* data = attn.const_data_ptr<scalar_t>();
+  const auto sizes = attn.sizes();
+  const auto strides = attn.strides();
+
+  if (key_stride != 1 && query_stride == 1) {
+    const int64_t blocks = (l.num_patches + kQueriesPerColumnTask - 1) / kQueriesPerColumnTask;
+    at::parallel_for(0, l.num_matrices * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks;
+        const int64_t t_begin = (task % blocks) * kQueriesPerColumnTask;
+        const int64_t t_end = std::min(t_begin + kQueriesPerColumnTask, l.num_patches);
+        mad_columns<scalar_t, acc_t>(data + matrix_offset(b, sizes, strides), key_stride, l, table.data(), t_begin,
+                                     t_end, per_query + b * l.num_patches);
+      }
+    });
+    return;
+  }
+  for_each_query_block<acc_t>(l, table.data(), [&](int64_t b, int64_t t_begin, int64_t t_end, const acc_t* dist) {
+    mad_rows<scalar_t, acc_t>(data + matrix_offset(b, sizes, strides), query_stride, key_stride, l, dist, t_begin,
+                              t_end, per_query + b * l.num_patches);
+  });
+}
+
+at::Tensor mad_cpu(const at::Tensor& attn, int64_t patch, int64_t num_prefix_tokens, at::OptionalIntArrayRef grid,
+                   bool renormalize, c10::string_view reduction) {
+  const MadLayout l = check_mad_args(attn, patch, num_prefix_tokens, grid, renormalize, reduction, "vitmad.mad");
+  const auto out_dtype = mad_output_dtype(attn.scalar_type());
+  at::Tensor per_query = at::empty({l.num_matrices, l.num_patches}, attn.options().dtype(out_dtype));
+  at::Tensor out = at::empty(mad_output_shape(attn, l), attn.options().dtype(out_dtype));
+  if (l.num_matrices == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "vitmad_mad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* rows = per_query.mutable_data_ptr<acc_t>();
+    mad_cpu_typed<scalar_t, acc_t>(attn, l, static_cast<acc_t>(patch), rows);
+    if (l.reduce_mean) mean_over_queries<acc_t>(rows, l, out.mutable_data_ptr<acc_t>());
+  });
+  return l.reduce_mean ? out : per_query.view(out.sizes());
+}
+
+// grad_attn[..., P+t, P+s] = g_t * d(t, s), or g_t * (d(t, s) - m_t) / Z_t with renormalisation, where
+// g_t is the gradient reaching query t (grad / (N-P) for "mean") and Z_t the query's mass on patch keys;
+// zero on prefix rows and columns.
+template <typename scalar_t, typename acc_t>
+VITMAD_CPU_CLONES void mad_backward_rows(const scalar_t* matrix, int64_t query_stride, int64_t key_stride,
+                                         const MadLayout& l, const acc_t* dist_rows, const acc_t* grad_per_query,
+                                         int64_t t_begin, int64_t t_end, scalar_t* grad_matrix) {
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const acc_t* dist = dist_rows + (t - t_begin) * l.num_patches;
+    acc_t scale = grad_per_query[t];
+    acc_t shift = 0;
+    if (l.renormalize) {
+      const scalar_t* keys = matrix + (l.num_prefix + t) * query_stride + l.num_prefix * key_stride;
+      acc_t weighted, mass;
+      weighted_sums<scalar_t, acc_t, true>(keys, key_stride, dist, l.num_patches, weighted, mass);
+      scale /= mass;
+      shift = weighted / mass;
+    }
+    scalar_t* out = grad_matrix + (l.num_prefix + t) * l.num_tokens + l.num_prefix;
+#pragma omp simd
+    for (int64_t s = 0; s < l.num_patches; ++s) out[s] = static_cast<scalar_t>(scale * (dist[s] - shift));
+  }
+}
+
+at::Tensor mad_backward_cpu(const at::Tensor& grad, const at::Tensor& attn, int64_t patch, int64_t num_prefix_tokens,
+                            at::OptionalIntArrayRef grid, bool renormalize, c10::string_view reduction) {
+  const MadLayout l =
+      check_mad_args(attn, patch, num_prefix_tokens, grid, renormalize, reduction, "vitmad.mad_backward");
+  const at::Tensor g = check_mad_grad(grad, attn, l);
+  at::Tensor grad_attn = at::zeros(attn.sizes(), attn.options().memory_format(at::MemoryFormat::Contiguous));
+  if (l.num_matrices == 0) return grad_attn;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "vitmad_mad_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto table = distance_table<acc_t>(l, static_cast<acc_t>(patch));
+    // One gradient value per query: "mean" spreads grad[b] evenly over the N - P queries.
+    at::Tensor per_query = l.reduce_mean ? (g / static_cast<double>(l.num_patches)).unsqueeze(-1).expand(
+                                               {l.num_matrices, l.num_patches}).contiguous()
+                                         : g.reshape({l.num_matrices, l.num_patches});
+    const acc_t* g_data = per_query.const_data_ptr<acc_t>();
+    const scalar_t* a_data = attn.const_data_ptr<scalar_t>();
+    scalar_t* out_data = grad_attn.mutable_data_ptr<scalar_t>();
+    const auto sizes = attn.sizes();
+    const auto strides = attn.strides();
+    for_each_query_block<acc_t>(l, table.data(), [&](int64_t b, int64_t t_begin, int64_t t_end, const acc_t* dist) {
+      mad_backward_rows<scalar_t, acc_t>(a_data + matrix_offset(b, sizes, strides), attn.stride(-2), attn.stride(-1), l,
+                                         dist, g_data + b * l.num_patches, t_begin, t_end,
+                                         out_data + b * l.num_tokens * l.num_tokens);
+    });
+  });
+  return grad_attn;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vitmad, CPU, m) {
+  m.impl("mad", &mad_cpu);
+  m.impl("mad_backward", &mad_backward_cpu);
+}
+
+}  // namespace vitmad

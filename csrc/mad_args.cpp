@@ -1,0 +1,93 @@
+#include "mad_args.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace vitmad {
+namespace {
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Exact integer square root, or -1 when n is not a perfect square.
+int64_t exact_isqrt(int64_t n) {
+  auto r = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(n))));
+  while (r * r > n) --r;
+  while ((r + 1) * (r + 1) <= n) ++r;
+  return r * r == n ? r : -1;
+}
+
+}  // namespace
+
+MadLayout check_mad_args(const at::Tensor& attn, int64_t patch, int64_t num_prefix_tokens,
+                         at::OptionalIntArrayRef grid, bool renormalize, std::string_view reduction,
+                         const char* op_name) {
+  TORCH_CHECK_VALUE(attn.layout() == at::kStrided, op_name,
+                    ": attn must be a dense (strided) tensor, got layout ", attn.layout());
+  TORCH_CHECK_TYPE(is_supported_dtype(attn.scalar_type()), op_name,
+                   ": attn must be float16, bfloat16, float32 or float64, got ", attn.scalar_type());
+  TORCH_CHECK_VALUE(attn.dim() >= 2, op_name,
+                    ": attn must have at least 2 dimensions [..., N, N], got shape ", attn.sizes());
+  const int64_t n = attn.size(-1);
+  TORCH_CHECK_VALUE(attn.size(-2) == n, op_name,
+                    ": attn must be square in its last two dimensions [..., N, N] (queries x keys), got shape ",
+                    attn.sizes());
+  TORCH_CHECK_VALUE(patch > 0, op_name, ": patch must be a positive patch size in pixels, got ", patch);
+  TORCH_CHECK_VALUE(num_prefix_tokens >= 0 && num_prefix_tokens < n, op_name,
+                    ": num_prefix_tokens must be in [0, N) with N = ", n, " tokens, got ", num_prefix_tokens);
+  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "none", op_name,
+                    ": reduction must be 'mean' or 'none', got '", reduction, "'");
+
+  const int64_t num_patches = n - num_prefix_tokens;
+  int64_t grid_h = 0;
+  int64_t grid_w = 0;
+  if (grid.has_value()) {
+    const auto g = *grid;
+    TORCH_CHECK_VALUE(g.size() == 2, op_name, ": grid must be [grid_h, grid_w] (2 values), got ", g.size(),
+                      " values ", g);
+    TORCH_CHECK_VALUE(g[0] > 0 && g[1] > 0, op_name, ": grid must hold positive sizes, got ", g);
+    TORCH_CHECK_VALUE(g[0] * g[1] == num_patches, op_name, ": grid ", g, " has ", g[0] * g[1],
+                      " patches but attn has N - num_prefix_tokens = ", n, " - ", num_prefix_tokens, " = ",
+                      num_patches, " patch tokens");
+    grid_h = g[0];
+    grid_w = g[1];
+  } else {
+    const int64_t side = exact_isqrt(num_patches);
+    TORCH_CHECK_VALUE(side > 0, op_name, ": N - num_prefix_tokens = ", n, " - ", num_prefix_tokens, " = ",
+                      num_patches, " patch tokens do not form a square grid; pass grid=[grid_h, grid_w]");
+    grid_h = side;
+    grid_w = side;
+  }
+
+  int64_t num_matrices = 1;
+  for (int64_t d = 0; d < attn.dim() - 2; ++d) num_matrices *= attn.size(d);
+  return MadLayout{n, num_prefix_tokens, grid_h, grid_w, num_patches, num_matrices, renormalize,
+                   reduction == "mean"};
+}
+
+at::ScalarType mad_output_dtype(at::ScalarType attn_dtype) {
+  return attn_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::vector<int64_t> mad_output_shape(const at::Tensor& attn, const MadLayout& layout) {
+  std::vector<int64_t> shape(attn.sizes().begin(), attn.sizes().end() - 2);
+  if (!layout.reduce_mean) shape.push_back(layout.num_patches);
+  return shape;
+}
+
+at::Tensor check_mad_grad(const at::Tensor& grad, const at::Tensor& attn, const MadLayout& layout) {
+  const auto expected = mad_output_shape(attn, layout);
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(expected),
+                    "vitmad.mad_backward: grad must have the shape of mad's output ", at::IntArrayRef(expected),
+                    ", got ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.device() == attn.device(), "vitmad.mad_backward: grad must be on attn's device ",
+                    attn.device(), ", got ", grad.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(grad.scalar_type()),
+                   "vitmad.mad_backward: grad must be a floating-point tensor, got ", grad.scalar_type());
+  return grad.to(mad_output_dtype(attn.scalar_type())).contiguous();
+}
+
+}  // namespace vitmad

@@ -1,0 +1,98 @@
+"""The definition of mean attention distance in float64, readable next to MAD_SPEC.md.
+
+Every kernel is judged against :func:`mad_reference`. It builds the full pixel-distance matrix, so it is
+meant for correctness checks on moderate sizes, not for speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._layout import check_mad_args
+
+__all__ = ["pixel_distances", "mad_reference", "mad_backward_reference", "uniform_attention_mad"]
+
+
+def pixel_distances(
+    grid_h: int,
+    grid_w: int,
+    patch: float,
+    queries: slice = slice(None),
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Pixel distances between patch tokens on a ``grid_h x grid_w`` grid (row-major token order).
+
+    Args:
+        grid_h, grid_w: the patch grid.
+        patch: pixel size of one patch.
+        queries: which query patches (rows) to return; all by default.
+
+    Returns:
+        ``[num_queries, grid_h * grid_w]``: ``patch * sqrt((row_t - row_s)^2 + (col_t - col_s)^2)``.
+    """
+    tokens = torch.arange(grid_h * grid_w, device=device)
+    coords = torch.stack([tokens // grid_w, tokens % grid_w], dim=-1).to(dtype)
+    return patch * torch.cdist(coords[queries], coords, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def mad_reference(
+    attn: torch.Tensor,
+    patch: int,
+    *,
+    num_prefix_tokens: int = 1,
+    grid: Sequence[int] | None = None,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Mean attention distance computed in float64 exactly as MAD_SPEC.md defines it.
+
+    Args:
+        attn: ``[..., N, N]`` attention probabilities, rows are queries.
+        patch: pixel size of a patch.
+        num_prefix_tokens: ``P``, tokens before the patches (CLS, distillation, registers).
+        grid: ``[grid_h, grid_w]``; square by default.
+        renormalize: divide each query's sum by its attention mass on patch keys.
+        reduction: ``"mean"`` gives ``[...]``, ``"none"`` gives the per-query ``[..., N - P]``.
+
+    Returns:
+        A float64 tensor.
+    """
+    layout = check_mad_args(attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction)
+    p = layout.num_prefix
+    a = attn[..., p:, p:].to(torch.float64)
+    dist = pixel_distances(layout.grid_h, layout.grid_w, patch, device=attn.device)
+    per_query = (a * dist).sum(-1)
+    if renormalize:
+        per_query = per_query / a.sum(-1)
+    return per_query.mean(-1) if layout.reduce_mean else per_query
+
+
+def mad_backward_reference(
+    grad: torch.Tensor,
+    attn: torch.Tensor,
+    patch: int,
+    *,
+    num_prefix_tokens: int = 1,
+    grid: Sequence[int] | None = None,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Gradient of :func:`mad_reference` with respect to ``attn``, in float64, by autograd."""
+    a = attn.detach().to(torch.float64).requires_grad_(True)
+    out = mad_reference(
+        a, patch, num_prefix_tokens=num_prefix_tokens, grid=grid, renormalize=renormalize, reduction=reduction
+    )
+    (grad_attn,) = torch.autograd.grad(out, a, grad.to(torch.float64))
+    return grad_attn
+
+
+def uniform_attention_mad(grid_h: int, grid_w: int, patch: float) -> float:
+    """MAD of uniform attention over the patches: the mean pixel distance between two patches.
+
+    This is the value a fully global head reaches; ``vitmad profile`` draws it as a reference line.
+    """
+    return pixel_distances(grid_h, grid_w, patch).mean().item()
