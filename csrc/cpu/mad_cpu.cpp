@@ -99,12 +99,15 @@ __attribute__((always_inline)) inline void weighted_sums(const scalar_t* a, int6
     w_total += v * dist[s];
     if constexpr (kMass) m_total += v;
   }
-  for (int64_t i = 0; i < kLanes; ++i) {
-    w_total += w[i];
-    m_total += m[i];
+  // Pairwise, not sequential: a chain of kLanes dependent adds would cost more than a short row itself.
+  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+    for (int64_t i = 0; i < width; ++i) {
+      w[i] += w[i + width];
+      if constexpr (kMass) m[i] += m[i + width];
+    }
   }
-  weighted = w_total;
-  mass = m_total;
+  weighted = w_total + w[0];
+  mass = m_total + m[0];
 }
 
 // One query block of one matrix: m_t for t in [t_begin, t_end), reading each attention row along the keys.
@@ -271,9 +274,10 @@ at::Tensor mad_backward_cpu(const at::Tensor& grad, const at::Tensor& attn, int6
     using acc_t = at::opmath_type<scalar_t>;
     const auto table = distance_table<acc_t>(l, static_cast<acc_t>(patch));
     // One gradient value per query: "mean" spreads grad[b] evenly over the N - P queries.
-    at::Tensor per_query = l.reduce_mean ? (g / static_cast<double>(l.num_patches)).unsqueeze(-1).expand(
-                                               {l.num_matrices, l.num_patches}).contiguous()
-                                         : g.reshape({l.num_matrices, l.num_patches});
+    const at::Tensor g_flat = g.reshape({l.num_matrices, l.reduce_mean ? 1 : l.num_patches});
+    const at::Tensor per_query =
+        l.reduce_mean ? (g_flat / static_cast<double>(l.num_patches)).expand({l.num_matrices, l.num_patches}).contiguous()
+                      : g_flat;
     const acc_t* g_data = per_query.const_data_ptr<acc_t>();
     const scalar_t* a_data = attn.const_data_ptr<scalar_t>();
     scalar_t* out_data = grad_attn.mutable_data_ptr<scalar_t>();

@@ -1,0 +1,105 @@
+"""vitmad::mad against the tutorial's NumPy code, a vectorised PyTorch version and one read of the data.
+
+    python benchmarks/bench_op.py [--device cpu|cuda] [--quick] [--no-write]
+
+Prints a table and writes it to benchmarks/RESULTS.md (section "bench_op-<device>").
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import numpy as np
+import torch
+from _results import machine, markdown_table, time_call, write_section
+
+import vitmad
+from vitmad.reference import pixel_distances
+
+# name, shape [B, H, N, N], patch, tutorial?  N = 1 + grid^2 (one CLS token).
+CASES = [
+    ("ViT-B/16 224, B=1", (1, 12, 197, 197), 16, False),
+    ("ViT-B/16 224, B=8 (tutorial)", (8, 12, 197, 197), 16, True),
+    ("ViT-B/16 224, B=64", (64, 12, 197, 197), 16, False),
+    ("ViT-L/14 336, B=16", (16, 16, 577, 577), 14, False),
+    ("ViT-L/14 336, B=40 (> LLC)", (40, 16, 577, 577), 14, False),
+    ("DINOv2-g/14 518, B=4", (4, 24, 1370, 1370), 14, False),
+    ("ViT-B/16 1024, B=1", (1, 12, 4097, 4097), 16, False),
+]
+QUICK = {"ViT-B/16 224, B=1", "ViT-B/16 224, B=8 (tutorial)", "ViT-L/14 336, B=16"}
+
+
+def tutorial_mad(patch_size: int, attention_weights: np.ndarray) -> np.ndarray:
+    """The tutorial's compute_mean_attention_dist (MAD_SPEC.md), as users run it today."""
+    attention_weights = attention_weights[..., 1:, 1:]
+    num_patches = attention_weights.shape[-1]
+    length = int(np.sqrt(num_patches))
+    distance_matrix = np.zeros((num_patches, num_patches))
+    for i in range(num_patches):
+        for j in range(num_patches):
+            xi, yi = i // length, i % length
+            xj, yj = j // length, j % length
+            distance_matrix[i, j] = patch_size * np.linalg.norm([xi - xj, yi - yj])
+    return (attention_weights * distance_matrix).sum(-1).mean(-1)
+
+
+def materialised_mad(attn: torch.Tensor, patch: int) -> torch.Tensor:
+    """Vectorised PyTorch that builds the whole distance matrix: what a careful user would write."""
+    side = int(round((attn.shape[-1] - 1) ** 0.5))
+    dist = pixel_distances(side, side, patch, dtype=torch.float32, device=attn.device)
+    return (attn[..., 1:, 1:].float() * dist).sum(-1).mean(-1)
+
+
+def fmt_ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="only the small cases")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args()
+    device = args.device
+
+    header = ["case", "dtype", "MB", "tutorial ms", "materialised ms", "vitmad ms", "attn.sum ms", "vitmad GB/s",
+              "vitmad / sum", "speed-up vs tutorial"]
+    rows = []
+    for name, shape, patch, run_tutorial in CASES:
+        if args.quick and name not in QUICK:
+            continue
+        base = torch.rand(shape, device=device)
+        for dtype in (torch.float32, torch.bfloat16):
+            attn = base.to(dtype)
+            mb = attn.numel() * attn.element_size() / 1e6
+            t_op = time_call(lambda: vitmad.mad(attn, patch), device, args.repeats)
+            t_sum = time_call(lambda: attn.sum(dtype=torch.float32), device, args.repeats)
+            t_mat = None
+            if attn.numel() * 4 < 2e9:  # the materialised product needs a float32 copy of attn
+                t_mat = time_call(lambda: materialised_mad(attn, patch), device, max(1, args.repeats // 2))
+            t_tut = None
+            if run_tutorial and dtype == torch.float32:
+                host = attn.cpu().numpy()
+                t_tut = time_call(lambda: tutorial_mad(patch, host), "cpu", repeats=1, warmup=0)
+            speedup = "-" if t_tut is None else f"{t_tut / t_op:.0f}x"
+            rows.append([name, str(dtype).replace("torch.", ""), f"{mb:.0f}", fmt_ms(t_tut), fmt_ms(t_mat),
+                         fmt_ms(t_op), fmt_ms(t_sum), f"{mb / 1e3 / t_op:.1f}", f"{t_op / t_sum:.2f}", speedup])
+            print(" | ".join(rows[-1]), flush=True)
+            del attn
+        del base
+        gc.collect()
+
+    table = markdown_table(header, rows)
+    print(f"\n{machine()}\nbackend: {vitmad.backend()}\n\n{table}")
+    if not args.no_write:
+        body = (f"## bench_op.py --device {device}\n\n{machine()}; vitmad backend: {vitmad.backend()}\n\n"
+                "`vitmad / sum`: time of vitmad.mad over the time of `attn.sum(dtype=torch.float32)` on the same "
+                "tensor, one read of the data (lower is better; 1.0 is the bandwidth limit). Median of "
+                f"{args.repeats} runs.\n\n{table}")
+        write_section(f"bench_op-{device}", body)
+
+
+if __name__ == "__main__":
+    main()
