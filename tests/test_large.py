@@ -1,0 +1,33 @@
+"""64-bit indexing: a tensor of more than 2^31 elements gives the exact per-query distances."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitmad
+
+
+@pytest.mark.slow
+def test_more_than_2_pow_31_elements():
+    b, n, grid = 4, 26000, [130, 200]
+    attn = torch.zeros(b, 1, n, n, dtype=torch.float16)  # 2.7e9 elements, 5.4 GB; the last matrix lies past 2^31
+    assert attn.numel() > 2**31
+    rows = torch.arange(n)
+    # One key per query, at a scattered position, so every row's offset is exercised.
+    keys = torch.stack([(rows * 7919 + 13 * i) % n for i in range(b)])
+    for i in range(b):
+        attn[i, 0, rows, keys[i]] = 1.0
+    per_query = vitmad.mad(attn, 16, num_prefix_tokens=0, grid=grid, reduction="none")
+    expected = torch.stack([_distances(grid, rows, keys[i]) for i in range(b)])
+    torch.testing.assert_close(per_query[:, 0].double(), expected, rtol=1e-6, atol=1e-4)
+    means = vitmad.mad(attn, 16, num_prefix_tokens=0, grid=grid)
+    torch.testing.assert_close(means[:, 0].double(), expected.mean(-1), rtol=1e-6, atol=1e-4)
+
+
+def _distances(grid, queries, keys):
+    """Pixel distance between each query patch and its one key, from the MAD_SPEC formula."""
+    gw = grid[1]
+    dr = (queries // gw - keys // gw).double()
+    dc = (queries % gw - keys % gw).double()
+    return 16 * torch.sqrt(dr * dr + dc * dc)
