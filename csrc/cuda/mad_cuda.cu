@@ -157,8 +157,9 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 // The same for attention whose query axis is contiguous (a transposed view): a warp holds 32 consecutive
-// queries and reads one key's column at a time (coalesced); the kKeyGroups warps of a block split the keys
-// and their partial sums are joined in shared memory in a fixed order.
+// queries and reads one key's column at a time (coalesced); the kKeyGroups warps of a block take one
+// contiguous run of keys each (walked without divisions) and their partial sums are joined in shared memory
+// in a fixed order.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBlockThreads)
     mad_columns_kernel(const scalar_t* __restrict__ attn, const Geometry g, int64_t num_tiles,
@@ -170,14 +171,20 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int64_t matrix = tile / tiles_per_matrix;
     const auto query = static_cast<int32_t>((tile - matrix * tiles_per_matrix) * kWarp + lane);
+    const int32_t keys_per_group = (g.num_patches + kKeyGroups - 1) / kKeyGroups;
+    const int32_t first_key = group * keys_per_group;
+    const int32_t end_key = min(g.num_patches, first_key + keys_per_group);
     Sums<acc_t> sums{0, 0};
-    if (query < g.num_patches) {
+    if (query < g.num_patches && first_key < end_key) {
       const scalar_t* column = attn + g.matrix_offset(matrix) + (g.num_prefix + query) * g.query_stride +
                                g.num_prefix * g.key_stride;
-      for (int32_t key = group; key < g.num_patches; key += kKeyGroups) {
+      KeyWalk<acc_t, int32_t> walk(query, first_key, g.grid_w);
+#pragma unroll 4
+      for (int32_t key = first_key; key < end_key; ++key) {
         const acc_t a = static_cast<acc_t>(column[key * g.key_stride]);
-        sums.weighted += a * token_distance<acc_t>(query, key, g.grid_w, patch);
+        sums.weighted += a * walk.distance(patch);
         sums.mass += a;
+        walk.next();
       }
     }
     weighted[group][lane] = sums.weighted;
