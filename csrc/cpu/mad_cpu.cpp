@@ -260,7 +260,7 @@ at::Tensor mad_backward_cpu(const at::Tensor& grad, const at::Tensor& attn, int6
     using acc_t = at::opmath_type<scalar_t>;
     const auto table = distance_table<acc_t>(l, static_cast<acc_t>(patch));
     // One gradient value per query: "mean" spreads grad[b] evenly over the N - P queries.
-    at::Tensor per_query = l.reduce_mean ? (g.reshape({l.num_matrices, 1}) / static_cast<double>(l.num_patches)).expand(
+    at::Tensor per_query = l.reduce_mean ? (g / static_cast<double>(l.num_patches)).unsqueeze(-1).expand(
                                                {l.num_matrices, l.num_patches}).contiguous()
                                          : g.reshape({l.num_matrices, l.num_patches});
     const acc_t* g_data = per_query.const_data_ptr<acc_t>();
