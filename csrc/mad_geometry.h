@@ -22,24 +22,26 @@ VITMAD_HOST_DEVICE index_t patch_row(index_t token, index_t grid_w) { return tok
 template <typename index_t>
 VITMAD_HOST_DEVICE index_t patch_col(index_t token, index_t grid_w) { return token % grid_w; }
 
-// Distance in pixels of a grid offset given as floating-point values holding exact integers: the one place
-// the distance formula is written.
+// Distance in patches of a grid offset given as floating-point values holding exact integers: the one place
+// the distance formula is written. Pixels are this times the patch size; a kernel that sums
+// attention-weighted distances multiplies the sum, not each term.
 template <typename acc_t>
-VITMAD_HOST_DEVICE acc_t offset_distance(acc_t dr, acc_t dc, acc_t patch) {
-  return patch * sqrt(dr * dr + dc * dc);
+VITMAD_HOST_DEVICE acc_t grid_distance(acc_t dr, acc_t dc) {
+  return sqrt(dr * dr + dc * dc);
 }
 
 // Distance in pixels between two patches that are `drow` grid rows and `dcol` grid columns apart.
 template <typename acc_t, typename index_t>
 VITMAD_HOST_DEVICE acc_t patch_distance(index_t drow, index_t dcol, acc_t patch) {
-  return offset_distance<acc_t>(static_cast<acc_t>(drow), static_cast<acc_t>(dcol), patch);
+  return patch * grid_distance<acc_t>(static_cast<acc_t>(drow), static_cast<acc_t>(dcol));
 }
 
-// Distance between patch tokens `query` and `key` (0-based among the patches) on a grid `grid_w` wide.
+// Distance in patches between patch tokens `query` and `key` (0-based among the patches) on a grid `grid_w`
+// wide.
 template <typename acc_t, typename index_t>
-VITMAD_HOST_DEVICE acc_t token_distance(index_t query, index_t key, index_t grid_w, acc_t patch) {
-  return patch_distance<acc_t>(patch_row(query, grid_w) - patch_row(key, grid_w),
-                               patch_col(query, grid_w) - patch_col(key, grid_w), patch);
+VITMAD_HOST_DEVICE acc_t token_distance(index_t query, index_t key, index_t grid_w) {
+  return grid_distance<acc_t>(static_cast<acc_t>(patch_row(query, grid_w) - patch_row(key, grid_w)),
+                              static_cast<acc_t>(patch_col(query, grid_w) - patch_col(key, grid_w)));
 }
 
 // Walks the patch keys key, key + 1, ... of one query in row-major order. The row and column offsets to the
@@ -60,7 +62,8 @@ struct KeyWalk {
         dr(static_cast<acc_t>(patch_row(query, grid_w_) - patch_row(key, grid_w_))),
         dc(static_cast<acc_t>(patch_col(query, grid_w_) - patch_col(key, grid_w_))) {}
 
-  VITMAD_HOST_DEVICE acc_t distance(acc_t patch) const { return offset_distance<acc_t>(dr, dc, patch); }
+  // Distance in patches to the current key.
+  VITMAD_HOST_DEVICE acc_t distance() const { return grid_distance<acc_t>(dr, dc); }
 
   VITMAD_HOST_DEVICE void next() {
     ++col;

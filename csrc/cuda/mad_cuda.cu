@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "../mad_args.h"
 #include "../mad_geometry.h"
@@ -55,8 +56,8 @@ struct alignas(sizeof(scalar_t) * kSize) AlignedVector {
 
 template <typename acc_t>
 struct Sums {
-  acc_t weighted;  // sum_s a[s] * d(t, s)
-  acc_t mass;      // sum_s a[s]
+  acc_t weighted;  // sum_s a[s] * d(t, s), d in patches (the caller multiplies by the patch size once)
+  acc_t mass;      // sum_s a[s], with kMass only
 };
 
 // Butterfly sum: every lane ends with the same bits, since each step adds the same two values on both sides.
@@ -68,28 +69,29 @@ __device__ __forceinline__ acc_t warp_sum(acc_t value) {
 }
 
 // This lane's share of the sums over the `count` patch keys of one query row whose keys are contiguous.
-// Lanes take 16-byte vectors round-robin, so a warp reads 512 contiguous bytes per step.
-template <typename scalar_t, typename acc_t>
+// Lanes take 16-byte vectors round-robin, so a warp reads 512 contiguous bytes per step. The loop is short
+// on purpose: for 16-bit input at full bandwidth, instruction issue is the next limit after memory.
+template <typename scalar_t, typename acc_t, bool kMass>
 __device__ __forceinline__ Sums<acc_t> lane_sums_contiguous(const scalar_t* __restrict__ keys, int32_t count,
-                                                            int32_t query, int32_t grid_w, acc_t patch, int lane) {
+                                                            int32_t query, int32_t grid_w, int lane) {
   constexpr int kVec = kVectorBytes / sizeof(scalar_t);
   using Vec = AlignedVector<scalar_t, kVec>;
   const auto split = split_for_vectors<int32_t>(reinterpret_cast<uint64_t>(keys), count, sizeof(scalar_t));
   Sums<acc_t> sums{0, 0};
+  auto add = [&](acc_t a, acc_t distance) {
+    sums.weighted += a * distance;
+    if constexpr (kMass) sums.mass += a;
+  };
   auto add_vector = [&](const Vec& x, int32_t first_key) {
     KeyWalk<acc_t, int32_t> walk(query, first_key, grid_w);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
-      const acc_t a = static_cast<acc_t>(x.val[i]);
-      sums.weighted += a * walk.distance(patch);
-      sums.mass += a;
+      add(static_cast<acc_t>(x.val[i]), walk.distance());
       walk.next();
     }
   };
   auto add_single = [&](int32_t key) {
-    const acc_t a = static_cast<acc_t>(keys[key]);
-    sums.weighted += a * token_distance<acc_t>(query, key, grid_w, patch);
-    sums.mass += a;
+    add(static_cast<acc_t>(keys[key]), token_distance<acc_t>(query, key, grid_w));
   };
 
   // The head is shorter than a vector unless the row is not even element-aligned; the tail always is.
@@ -114,45 +116,46 @@ __device__ __forceinline__ Sums<acc_t> lane_sums_contiguous(const scalar_t* __re
 }
 
 // The same for keys `key_stride` elements apart (a strided view): one element per lane per step.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kMass>
 __device__ __forceinline__ Sums<acc_t> lane_sums_strided(const scalar_t* __restrict__ keys, int64_t key_stride,
-                                                         int32_t count, int32_t query, int32_t grid_w, acc_t patch,
-                                                         int lane) {
+                                                         int32_t count, int32_t query, int32_t grid_w, int lane) {
   Sums<acc_t> sums{0, 0};
   for (int32_t key = lane; key < count; key += kWarp) {
     const acc_t a = static_cast<acc_t>(keys[key * key_stride]);
-    sums.weighted += a * token_distance<acc_t>(query, key, grid_w, patch);
-    sums.mass += a;
+    sums.weighted += a * token_distance<acc_t>(query, key, grid_w);
+    if constexpr (kMass) sums.mass += a;
   }
   return sums;
 }
 
 // The whole warp's sums for one query row; every lane gets them.
-template <typename scalar_t, typename acc_t, bool kContiguousKeys>
+template <typename scalar_t, typename acc_t, bool kContiguousKeys, bool kMass>
 __device__ __forceinline__ Sums<acc_t> row_sums(const scalar_t* __restrict__ attn, const Geometry& g, int64_t matrix,
-                                                int32_t query, acc_t patch, int lane) {
+                                                int32_t query, int lane) {
   const scalar_t* keys = attn + g.matrix_offset(matrix) + (g.num_prefix + query) * g.query_stride +
                          g.num_prefix * g.key_stride;
-  const Sums<acc_t> sums =
-      kContiguousKeys ? lane_sums_contiguous<scalar_t, acc_t>(keys, g.num_patches, query, g.grid_w, patch, lane)
-                      : lane_sums_strided<scalar_t, acc_t>(keys, g.key_stride, g.num_patches, query, g.grid_w, patch,
-                                                           lane);
-  return {warp_sum(sums.weighted), warp_sum(sums.mass)};
+  Sums<acc_t> sums;
+  if constexpr (kContiguousKeys) {
+    sums = lane_sums_contiguous<scalar_t, acc_t, kMass>(keys, g.num_patches, query, g.grid_w, lane);
+  } else {
+    sums = lane_sums_strided<scalar_t, acc_t, kMass>(keys, g.key_stride, g.num_patches, query, g.grid_w, lane);
+  }
+  return {warp_sum(sums.weighted), kMass ? warp_sum(sums.mass) : acc_t(0)};
 }
 
-// per_query[matrix * (N - P) + t] = m_t, one warp per (matrix, query t).
-template <typename scalar_t, typename acc_t, bool kContiguousKeys>
+// per_query[matrix * (N - P) + t] = m_t, one warp per (matrix, query t); kMass is renormalisation.
+template <typename scalar_t, typename acc_t, bool kContiguousKeys, bool kMass>
 __global__ void __launch_bounds__(kBlockThreads)
-    mad_rows_kernel(const scalar_t* __restrict__ attn, const Geometry g, int64_t num_rows, bool renormalize,
-                    acc_t patch, acc_t* __restrict__ per_query) {
+    mad_rows_kernel(const scalar_t* __restrict__ attn, const Geometry g, int64_t num_rows, acc_t patch,
+                    acc_t* __restrict__ per_query) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; row < num_rows;
        row += warps) {
     const int64_t matrix = row / g.num_patches;
     const auto query = static_cast<int32_t>(row - matrix * g.num_patches);
-    const Sums<acc_t> sums = row_sums<scalar_t, acc_t, kContiguousKeys>(attn, g, matrix, query, patch, lane);
-    if (lane == 0) per_query[row] = renormalize ? sums.weighted / sums.mass : sums.weighted;
+    const Sums<acc_t> sums = row_sums<scalar_t, acc_t, kContiguousKeys, kMass>(attn, g, matrix, query, lane);
+    if (lane == 0) per_query[row] = kMass ? patch * sums.weighted / sums.mass : patch * sums.weighted;
   }
 }
 
@@ -182,7 +185,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll 4
       for (int32_t key = first_key; key < end_key; ++key) {
         const acc_t a = static_cast<acc_t>(column[key * g.key_stride]);
-        sums.weighted += a * walk.distance(patch);
+        sums.weighted += a * walk.distance();
         sums.mass += a;
         walk.next();
       }
@@ -197,7 +200,7 @@ __global__ void __launch_bounds__(kBlockThreads)
         w += weighted[k][lane];
         m += mass[k][lane];
       }
-      per_query[matrix * g.num_patches + query] = renormalize ? w / m : w;
+      per_query[matrix * g.num_patches + query] = renormalize ? patch * w / m : patch * w;
     }
     __syncthreads();
   }
@@ -271,14 +274,14 @@ __global__ void __launch_bounds__(kBlockThreads)
                               : grad[matrix * g.num_patches + query];
     acc_t shift = 0;
     if (renormalize) {
-      const Sums<acc_t> sums = row_sums<scalar_t, acc_t, kContiguousKeys>(attn, g, matrix, query, patch, lane);
+      const Sums<acc_t> sums = row_sums<scalar_t, acc_t, kContiguousKeys, true>(attn, g, matrix, query, lane);
       scale /= sums.mass;
-      shift = sums.weighted / sums.mass;
+      shift = patch * sums.weighted / sums.mass;
     }
     auto value = [&](int32_t k) {
-      return k < g.num_prefix
-                 ? zero
-                 : static_cast<scalar_t>(scale * (token_distance<acc_t>(query, k - g.num_prefix, g.grid_w, patch) - shift));
+      return k < g.num_prefix ? zero
+                              : static_cast<scalar_t>(
+                                    scale * (patch * token_distance<acc_t>(query, k - g.num_prefix, g.grid_w) - shift));
     };
     store_row(out, g.num_tokens, lane, value, [&](int32_t first, scalar_t* x) {
       if (first < g.num_prefix) {
@@ -289,10 +292,20 @@ __global__ void __launch_bounds__(kBlockThreads)
       KeyWalk<acc_t, int32_t> walk(query, first - g.num_prefix, g.grid_w);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
-        x[i] = static_cast<scalar_t>(scale * (walk.distance(patch) - shift));
+        x[i] = static_cast<scalar_t>(scale * (patch * walk.distance() - shift));
         walk.next();
       }
     });
+  }
+}
+
+// Calls fn with std::true_type or std::false_type: a runtime flag turned into a template parameter.
+template <typename Fn>
+void bool_switch(bool flag, Fn fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
   }
 }
 
@@ -324,13 +337,12 @@ void launch_mad(const at::Tensor& attn, const MadLayout& l, acc_t patch, acc_t* 
   } else {
     const int64_t num_rows = l.num_matrices * l.num_patches;
     const int blocks = blocks_for(num_rows, kWarpsPerBlock);
-    if (g.key_stride == 1) {
-      mad_rows_kernel<scalar_t, acc_t, true>
-          <<<blocks, kBlockThreads, 0, stream>>>(data, g, num_rows, l.renormalize, patch, per_query);
-    } else {
-      mad_rows_kernel<scalar_t, acc_t, false>
-          <<<blocks, kBlockThreads, 0, stream>>>(data, g, num_rows, l.renormalize, patch, per_query);
-    }
+    bool_switch(g.key_stride == 1, [&](auto contiguous_keys) {
+      bool_switch(l.renormalize, [&](auto mass) {
+        mad_rows_kernel<scalar_t, acc_t, decltype(contiguous_keys)::value, decltype(mass)::value>
+            <<<blocks, kBlockThreads, 0, stream>>>(data, g, num_rows, patch, per_query);
+      });
+    });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -378,13 +390,10 @@ at::Tensor mad_backward_cuda(const at::Tensor& grad, const at::Tensor& attn, int
     const acc_t* grad_data = g.const_data_ptr<acc_t>();
     scalar_t* out = grad_attn.mutable_data_ptr<scalar_t>();
     const auto patch_acc = static_cast<acc_t>(patch);
-    if (geometry.key_stride == 1) {
-      mad_backward_kernel<scalar_t, acc_t, true><<<blocks, kBlockThreads, 0, stream>>>(
+    bool_switch(geometry.key_stride == 1, [&](auto contiguous_keys) {
+      mad_backward_kernel<scalar_t, acc_t, decltype(contiguous_keys)::value><<<blocks, kBlockThreads, 0, stream>>>(
           data, geometry, num_rows, l.renormalize, l.reduce_mean, patch_acc, grad_data, out);
-    } else {
-      mad_backward_kernel<scalar_t, acc_t, false><<<blocks, kBlockThreads, 0, stream>>>(
-          data, geometry, num_rows, l.renormalize, l.reduce_mean, patch_acc, grad_data, out);
-    }
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_attn;

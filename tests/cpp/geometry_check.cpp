@@ -1,7 +1,7 @@
 // Host-side checks of the index helpers in csrc/mad_geometry.h that only the CUDA kernels use (KeyWalk,
 // split_for_vectors), so they are exercised on machines without a GPU. Driven by tests/test_geometry.py:
 //   geometry_check self-test                 runs the exhaustive checks below, prints "ok"
-//   geometry_check walk GH GW QUERY FIRST    prints the distances (patch 1) that a KeyWalk started at key
+//   geometry_check walk GH GW QUERY FIRST    prints the distances (in patches) that a KeyWalk started at key
 //                                            FIRST gives for keys FIRST..GH*GW-1, one per line
 #include <cstdint>
 #include <cstdio>
@@ -28,8 +28,8 @@ void check_walks(index_t grid_h, index_t grid_w) {
     for (index_t first = 0; first < n; first += 3) {
       vitmad::KeyWalk<acc_t, index_t> walk(query, first, grid_w);
       for (index_t key = first; key < n; ++key) {
-        const acc_t expected = vitmad::token_distance<acc_t>(query, key, grid_w, acc_t(14));
-        expect(walk.distance(acc_t(14)) == expected, "walk distance", query, first, key);
+        const acc_t expected = vitmad::token_distance<acc_t>(query, key, grid_w);
+        expect(walk.distance() == expected, "walk distance", query, first, key);
         walk.next();
       }
     }
@@ -78,7 +78,7 @@ int main(int argc, char** argv) {
   if (argc == 6 && std::strcmp(argv[1], "walk") == 0) {
     const int32_t gh = std::atoi(argv[2]), gw = std::atoi(argv[3]), query = std::atoi(argv[4]), first = std::atoi(argv[5]);
     vitmad::KeyWalk<double, int32_t> walk(query, first, gw);
-    for (int32_t key = first; key < gh * gw; ++key, walk.next()) std::printf("%.17g\n", walk.distance(1.0));
+    for (int32_t key = first; key < gh * gw; ++key, walk.next()) std::printf("%.17g\n", walk.distance());
     return 0;
   }
   std::fprintf(stderr, "usage: geometry_check self-test | walk GH GW QUERY FIRST\n");
