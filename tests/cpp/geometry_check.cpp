@@ -16,7 +16,10 @@ namespace {
 int failures = 0;
 
 void expect(bool ok, const char* what, int64_t a, int64_t b, int64_t c) {
-  if (!ok && failures++ < 20) std::printf("FAIL %s (%lld, %lld, %lld)\n", what, (long long)a, (long long)b, (long long)c);
+  if (!ok && failures++ < 20) {
+    std::printf("FAIL %s (%lld, %lld, %lld)\n", what, static_cast<long long>(a), static_cast<long long>(b),
+                static_cast<long long>(c));
+  }
 }
 
 // A walk from any key gives bit for bit the distances of token_distance, in float and double, in 32- and
@@ -76,7 +79,10 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (argc == 6 && std::strcmp(argv[1], "walk") == 0) {
-    const int32_t gh = std::atoi(argv[2]), gw = std::atoi(argv[3]), query = std::atoi(argv[4]), first = std::atoi(argv[5]);
+    const int32_t gh = std::atoi(argv[2]);
+    const int32_t gw = std::atoi(argv[3]);
+    const int32_t query = std::atoi(argv[4]);
+    const int32_t first = std::atoi(argv[5]);
     vitmad::KeyWalk<double, int32_t> walk(query, first, gw);
     for (int32_t key = first; key < gh * gw; ++key, walk.next()) std::printf("%.17g\n", walk.distance());
     return 0;
