@@ -8,6 +8,8 @@
 #include <string_view>
 #include <vector>
 
+#include "mad_geometry.h"
+
 namespace vitmad {
 
 // Where the patch tokens are inside an [..., N, N] attention tensor.
@@ -35,5 +37,8 @@ std::vector<int64_t> mad_output_shape(const at::Tensor& attn, const MadLayout& l
 // The gradient of mad's output must have the output's shape; returns it as a contiguous tensor in the
 // output dtype, on attn's device.
 at::Tensor check_mad_grad(const at::Tensor& grad, const at::Tensor& attn, const MadLayout& layout);
+
+// Where each [N, N] matrix of attn starts, for attn's strides (read in place, never copied).
+MatrixOffsets matrix_offsets(const at::Tensor& attn, const char* op_name);
 
 }  // namespace vitmad

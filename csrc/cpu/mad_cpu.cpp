@@ -62,16 +62,6 @@ void fill_distances(const acc_t* table, const MadLayout& l, int64_t t, int64_t f
   }
 }
 
-// Element offset of matrix `index` (row-major over the leading dims) in a tensor of arbitrary strides.
-int64_t matrix_offset(int64_t index, at::IntArrayRef sizes, at::IntArrayRef strides) {
-  int64_t offset = 0;
-  for (int64_t d = static_cast<int64_t>(sizes.size()) - 3; d >= 0; --d) {
-    offset += (index % sizes[d]) * strides[d];
-    index /= sizes[d];
-  }
-  return offset;
-}
-
 // sum_s a[s * stride] * dist[s] and, with kMass, sum_s a[s * stride]. Explicit lanes instead of a reduction
 // pragma: the compiler turns them into vector registers without spilling, and the summation order (hence
 // the result) is the same for every instruction set.
@@ -201,8 +191,7 @@ void mad_cpu_typed(const at::Tensor& attn, const MadLayout& l, acc_t patch, acc_
   const int64_t query_stride = attn.stride(-2);
   const int64_t key_stride = attn.stride(-1);
   const scalar_t* data = attn.const_data_ptr<scalar_t>();
-  const auto sizes = attn.sizes();
-  const auto strides = attn.strides();
+  const MatrixOffsets matrix_offset = matrix_offsets(attn, "vitmad.mad");
 
   if (key_stride != 1 && query_stride == 1) {
     const int64_t blocks = (l.num_patches + kQueriesPerColumnTask - 1) / kQueriesPerColumnTask;
@@ -211,14 +200,14 @@ void mad_cpu_typed(const at::Tensor& attn, const MadLayout& l, acc_t patch, acc_
         const int64_t b = task / blocks;
         const int64_t t_begin = (task % blocks) * kQueriesPerColumnTask;
         const int64_t t_end = std::min(t_begin + kQueriesPerColumnTask, l.num_patches);
-        mad_columns<scalar_t, acc_t>(data + matrix_offset(b, sizes, strides), key_stride, l, table.data(), t_begin,
+        mad_columns<scalar_t, acc_t>(data + matrix_offset(b), key_stride, l, table.data(), t_begin,
                                      t_end, per_query + b * l.num_patches);
       }
     });
     return;
   }
   for_each_query_block<acc_t>(l, table.data(), [&](int64_t b, int64_t t_begin, int64_t t_end, const acc_t* dist) {
-    mad_rows<scalar_t, acc_t>(data + matrix_offset(b, sizes, strides), query_stride, key_stride, l, dist, t_begin,
+    mad_rows<scalar_t, acc_t>(data + matrix_offset(b), query_stride, key_stride, l, dist, t_begin,
                               t_end, per_query + b * l.num_patches);
   });
 }
@@ -283,10 +272,9 @@ at::Tensor mad_backward_cpu(const at::Tensor& grad, const at::Tensor& attn, int6
     const acc_t* g_data = per_query.const_data_ptr<acc_t>();
     const scalar_t* a_data = attn.const_data_ptr<scalar_t>();
     scalar_t* out_data = grad_attn.mutable_data_ptr<scalar_t>();
-    const auto sizes = attn.sizes();
-    const auto strides = attn.strides();
+    const MatrixOffsets matrix_offset = matrix_offsets(attn, "vitmad.mad_backward");
     for_each_query_block<acc_t>(l, table.data(), [&](int64_t b, int64_t t_begin, int64_t t_end, const acc_t* dist) {
-      mad_backward_rows<scalar_t, acc_t>(a_data + matrix_offset(b, sizes, strides), attn.stride(-2), attn.stride(-1), l,
+      mad_backward_rows<scalar_t, acc_t>(a_data + matrix_offset(b), attn.stride(-2), attn.stride(-1), l,
                                          dist, g_data + b * l.num_patches, t_begin, t_end,
                                          out_data + b * l.num_tokens * l.num_tokens);
     });
