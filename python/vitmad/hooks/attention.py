@@ -65,10 +65,17 @@ def _probabilities(
     return logits.div_(logits.sum(-1, keepdim=True))
 
 
-def _distance_weighted_sums(probs: torch.Tensor, rows: slice, layout: MadLayout, patch: int) -> torch.Tensor:
-    """``m_t`` (MAD_SPEC.md) for the query patches ``rows`` from their probability rows ``[M, C, N]``: ``[M, C]``."""
+def _distance_weighted_sums(probs: torch.Tensor, dist: torch.Tensor, layout: MadLayout) -> torch.Tensor:
+    """``m_t`` (MAD_SPEC.md) of C query patches from their probability rows.
+
+    Args:
+        probs: ``[M, C, N]`` probability rows of the C queries (all keys, prefix included).
+        dist: ``[C, N - P]`` pixel distances from the C queries to the patch keys.
+
+    Returns:
+        ``[M, C]``.
+    """
     a = probs[..., layout.num_prefix :]
-    dist = pixel_distances(layout.grid_h, layout.grid_w, patch, rows, dtype=probs.dtype, device=probs.device)
     weighted = torch.einsum("mts,ts->mt", a, dist)
     return weighted / a.sum(-1) if layout.renormalize else weighted
 
@@ -127,13 +134,15 @@ def mad_qk_chunked(
                 renormalize=renormalize, reduction="none",
             )
     else:
+        # Query rows outside, matrices inside: each block of distance rows is built once for all matrices.
         rows_per_block = max(1, CHUNK_ELEMENTS // n)
-        for m in range(num_matrices):
-            for start in range(0, layout.num_patches, rows_per_block):
-                rows = slice(start, min(start + rows_per_block, layout.num_patches))
-                tokens = slice(p + rows.start, p + rows.stop)
+        for start in range(0, layout.num_patches, rows_per_block):
+            rows = slice(start, min(start + rows_per_block, layout.num_patches))
+            tokens = slice(p + rows.start, p + rows.stop)
+            dist = pixel_distances(layout.grid_h, layout.grid_w, patch, rows, dtype=acc, device=q.device)
+            for m in range(num_matrices):
                 probs = _probabilities(qf[m : m + 1, tokens], kf[m : m + 1], scale, bias_block(m, m + 1, tokens), acc)
-                per_query[m : m + 1, rows] = _distance_weighted_sums(probs, rows, layout, patch)
+                per_query[m : m + 1, rows] = _distance_weighted_sums(probs, dist, layout)
     if layout.reduce_mean:
         return per_query.to(torch.float64).mean(-1).to(acc).reshape(lead)
     return per_query.reshape(*lead, layout.num_patches)
