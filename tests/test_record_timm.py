@@ -128,3 +128,29 @@ def test_unsupported_model_names_class_and_what_to_pass():
         vitmad.record(model)
     with pytest.raises(ValueError, match="found no patch-embedding Conv2d .* in Linear; pass patch="):
         vitmad.record(torch.nn.Linear(3, 3))
+
+
+class _TokenAttention(torch.nn.Module):
+    """A model outside transformers and timm: tokens in, one SDPA self-attention layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk = torch.nn.Linear(8, 16)
+
+    def forward(self, tokens):
+        q, k = self.qk(tokens).unflatten(-1, (2, 2, 4)).permute(2, 0, 3, 1, 4)  # 2 x [B, H=2, N, 4]
+        self.probs = (q @ k.transpose(-1, -2) * 0.5).softmax(-1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, k, scale=0.5)
+
+
+def test_any_sdpa_module_with_layout_given_by_hand():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_TokenAttention())
+    tokens = torch.randn(3, 1 + 2 * 3, 8)
+    with torch.no_grad(), vitmad.record(model, layers=["0"], patch=4, grid=[2, 3]) as rec:
+        model(tokens)
+        model(tokens)
+    assert len(rec.calls) == 2  # without a patch embedding, a call starts with the model's forward
+    assert rec.layout == vitmad.layout.ModelLayout(patch=4, grid=(2, 3), num_prefix_tokens=1)
+    expected = vitmad.mad_reference(model[0].probs, 4, grid=[2, 3])
+    torch.testing.assert_close(rec.mad[0].double(), expected, **RECORD_TOL)
