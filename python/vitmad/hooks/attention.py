@@ -18,7 +18,9 @@ from ..reference import pixel_distances
 __all__ = ["CHUNK_ELEMENTS", "mad_qk_chunked", "mad_from_qk", "additive_bias"]
 
 # Attention probabilities alive at once in mad_qk_chunked (16 MiB in float32). Blocks hold whole [N, N]
-# matrices, reduced by the compiled vitmad::mad, while one matrix fits; beyond that (N > 2048) query rows.
+# matrices, reduced by vitmad::mad, while one matrix fits; beyond that (N > 2048) they hold query rows, reduced
+# against their rows of pixel distances: vitmad::mad only takes square [N, N] matrices, and no strided view
+# of a block of rows is one without addressing memory for all N rows.
 CHUNK_ELEMENTS = 1 << 22
 
 
@@ -117,11 +119,12 @@ def mad_qk_chunked(
     p = layout.num_prefix
 
     def bias_block(first: int, last: int, rows: slice) -> torch.Tensor | None:
-        # Gathers only this block of the broadcast bias; flattening the expanded view would copy all of it.
+        # Gathers only these matrices and rows of the broadcast bias; flattening the expanded view would copy
+        # all of it.
         if bias is None:
             return None
         index = torch.unravel_index(torch.arange(first, last, device=bias.device), lead) if lead else ()
-        return bias[index][..., rows, :].reshape(last - first, -1, n)
+        return bias[(*index, rows)].reshape(last - first, -1, n)
 
     per_query = torch.empty(num_matrices, layout.num_patches, dtype=acc, device=q.device)
     matrices_per_block = CHUNK_ELEMENTS // (n * n)
