@@ -6,7 +6,8 @@ Three ways to get every layer's MAD, compared in the same run:
   eager   the route users take today: ``attn_implementation="eager"``, ``output_attentions=True``, then
           ``vitmad.mad`` on the returned maps.
 
-Time: median over ``--repeats`` runs after one warm-up, the cases interleaved so that load drifts hit all alike.
+Time: median over ``--repeats`` runs after one warm-up, the cases interleaved so that load drifts hit all alike;
+both wall time and the process's CPU time (all threads), which other processes on a shared machine disturb less.
 Memory (CPU): one fresh subprocess per case; the kernel's peak-RSS counter (VmHWM) is reset through
 ``/proc/self/clear_refs`` right before the forward, so "forward peak" is the process's peak RSS during the
 forward, and "increase" is that minus the RSS just before it (model and input already in memory).
@@ -59,24 +60,28 @@ def run_case(case: str, model, pixels: torch.Tensor) -> torch.Tensor | None:
         return torch.stack([vitmad.mad(a, 16) for a in maps])
 
 
-def time_cases(batch: int, image: int, repeats: int, device: str) -> dict[str, float]:
+def time_cases(batch: int, image: int, repeats: int, device: str) -> dict[str, tuple[float, float]]:
+    """Median (wall ms, CPU ms) of each case."""
     models = {"sdpa": build_model("sdpa").to(device)}
     models["record"] = models["sdpa"]
     models["eager"] = copy.deepcopy(models["sdpa"])
     models["eager"].set_attn_implementation("eager")
     pixels = torch.randn(batch, 3, image, image, device=device)
-    times: dict[str, list[float]] = {case: [] for case in CASES}
+    times: dict[str, list[tuple[float, float]]] = {case: [] for case in CASES}
     for repeat in range(repeats + 1):
         for case in CASES:
             if device == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             run_case(case, models[case], pixels)
             if device == "cuda":
                 torch.cuda.synchronize()
             if repeat > 0:  # the first round warms up
-                times[case].append(time.perf_counter() - start)
-    return {case: statistics.median(t) * 1e3 for case, t in times.items()}
+                times[case].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {
+        case: (statistics.median(w for w, _ in t) * 1e3, statistics.median(c for _, c in t) * 1e3)
+        for case, t in times.items()
+    }
 
 
 def _status_mib(field: str) -> float:
@@ -161,12 +166,14 @@ def main() -> None:
         f"Forward time, batch {args.batch}, {args.image}x{args.image} px, {args.device}, median of "
         f"{args.repeats} (random weights):",
         "",
-        "| case | ms | vs sdpa |",
-        "| --- | ---: | ---: |",
+        "| case | wall ms | wall vs sdpa | CPU ms | CPU vs sdpa |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     times = time_cases(args.batch, args.image, args.repeats, args.device)
+    (base_wall, base_cpu) = times["sdpa"]
     for case in CASES:
-        lines.append(f"| {case} | {times[case]:.0f} | {times[case] / times['sdpa']:.2f}x |")
+        wall, cpu = times[case]
+        lines.append(f"| {case} | {wall:.0f} | {wall / base_wall:.2f}x | {cpu:.0f} | {cpu / base_cpu:.2f}x |")
     if not args.skip_memory:
         n = (args.memory_image // 16) ** 2 + 1
         lines += [

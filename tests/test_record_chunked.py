@@ -29,7 +29,7 @@ CASES = [
     ((), 2, (1, 6)),
 ]
 # CHUNK_ELEMENTS values: whole matrices per block (all, some with a remainder), query rows (several, one).
-CHUNKS = [1 << 22, 2 * 26 * 26 + 7, 40, 1]
+CHUNKS = [1 << 22, 4 * 26 * 26 + 7, 40, 1]
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
