@@ -198,7 +198,13 @@ void mad_qk_cpu_typed(const at::Tensor& q, const at::Tensor& k, const std::optio
                        bias_key_stride, cols);
           if (first_patch_key < last_patch_key)
             fill_distances(table.data(), l, t_begin + i, first_patch_key, last_patch_key, dist.data());
-          online_softmax_update(row, cols, prefix_keys, dist.data(), states[i]);
+          // Renormalised MAD is the mean distance under the softmax over patch keys alone, so prefix keys are
+          // left out: counting them would only shrink the patch mass, down to 0 / 0 for a query that puts
+          // nearly all its attention on CLS.
+          if (l.renormalize)
+            online_softmax_update(row + prefix_keys, cols - prefix_keys, int64_t{0}, dist.data(), states[i]);
+          else
+            online_softmax_update(row, cols, prefix_keys, dist.data(), states[i]);
         }
       }
       // A row with every key masked out has total == 0 and gives NaN, as softmax does.

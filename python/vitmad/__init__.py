@@ -6,7 +6,8 @@ the compiled library is unavailable: see :func:`backend`).
 
 from ._library import backend, has_compiled_kernel
 from .ops import mad
+from .ops_qk import mad_qk
 from .reference import mad_reference, pixel_distances, uniform_attention_mad
 
-__all__ = ["mad", "backend", "has_compiled_kernel", "mad_reference", "pixel_distances", "uniform_attention_mad"]
+__all__ = ["mad", "mad_qk", "backend", "has_compiled_kernel", "mad_reference", "pixel_distances", "uniform_attention_mad"]
 __version__ = "0.1.0"

@@ -47,11 +47,13 @@ def _load_compiled() -> Exception | None:
     return None
 
 
-def _register_fallback_kernels(define: bool, dispatch_key: str) -> None:
+def _register_fallback_kernels(define: bool, dispatch_key: str, names=None) -> None:
     global _fallback_lib
     if _fallback_lib is None:
         _fallback_lib = torch.library.Library("vitmad", "DEF" if define else "IMPL")
     for name, schema in _fallback.SCHEMAS.items():
+        if names is not None and name not in names:
+            continue
         if define:
             _fallback_lib.define(schema)
         _fallback_lib.impl(name, getattr(_fallback, name), dispatch_key)
@@ -68,9 +70,14 @@ def _initialise() -> None:
         if "CUDA" in missing and torch.cuda.is_available():
             log.warning("vitmad: the compiled library has no CUDA kernels (built without CUDA); "
                         "CUDA tensors use the pure-PyTorch kernels")
-        # Devices without a compiled kernel (CUDA in a CPU-only build, MPS, XPU, ...) fall back explicitly.
-        for key in missing:
-            _register_fallback_kernels(define=False, dispatch_key=key)
+        # Devices without a compiled kernel (CUDA in a CPU-only build, MPS, XPU, ...) fall back explicitly,
+        # op by op: a build may carry one op's CUDA kernel and not another's.
+        for key in _COMPILED_DEVICES:
+            names = [
+                n for n in _fallback.SCHEMAS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"vitmad::{n}", key)
+            ]
+            if names:
+                _register_fallback_kernels(define=False, dispatch_key=key, names=names)
         return
     log.warning(
         "vitmad: the compiled kernels could not be loaded (%s); using the pure-PyTorch kernels, which are "
