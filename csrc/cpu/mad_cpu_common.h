@@ -13,6 +13,7 @@
 
 #include "../mad_args.h"
 #include "../mad_geometry.h"
+#include "../strided_matrices.h"
 
 // Each hot loop is compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load time by the CPU, so
 // one wheel is fast on modern CPUs and still runs on old ones.
@@ -53,12 +54,7 @@ void fill_distances(const acc_t* table, const MadLayout& l, int64_t t, int64_t f
 
 // Element offset of matrix `index` (row-major over the leading dims) in a tensor of arbitrary strides.
 inline int64_t matrix_offset(int64_t index, at::IntArrayRef sizes, at::IntArrayRef strides) {
-  int64_t offset = 0;
-  for (int64_t d = static_cast<int64_t>(sizes.size()) - 3; d >= 0; --d) {
-    offset += (index % sizes[d]) * strides[d];
-    index /= sizes[d];
-  }
-  return offset;
+  return leading_offset(index, sizes.data(), strides.data(), static_cast<int64_t>(sizes.size()) - 2);
 }
 
 // Row-wise mean of [num_matrices, num_patches] per-query values in double, in a fixed order, so the result

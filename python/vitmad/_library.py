@@ -24,11 +24,17 @@ _COMPILED_DEVICES = ("CPU", "CUDA")
 
 _backend = "python"
 _fallback_lib: torch.library.Library | None = None
+# (op, dispatch key) pairs served by the pure-PyTorch kernels although the compiled library is loaded.
+_fallback_kernels: set[tuple[str, str]] = set()
 
 
 def has_compiled_kernel(op: str, device: str) -> bool:
     """Whether the compiled library registered a kernel of ``vitmad::<op>`` for ``device`` ("CPU", "CUDA")."""
-    return _backend == "compiled" and torch._C._dispatch_has_kernel_for_dispatch_key(f"vitmad::{op}", device)
+    return (
+        _backend == "compiled"
+        and (op, device) not in _fallback_kernels
+        and torch._C._dispatch_has_kernel_for_dispatch_key(f"vitmad::{op}", device)
+    )
 
 
 def backend() -> str:
@@ -57,6 +63,7 @@ def _register_fallback_kernels(define: bool, dispatch_key: str, names=None) -> N
         if define:
             _fallback_lib.define(schema)
         _fallback_lib.impl(name, getattr(_fallback, name), dispatch_key)
+        _fallback_kernels.add((name, dispatch_key))
 
 
 def _initialise() -> None:
