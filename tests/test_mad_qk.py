@@ -169,7 +169,9 @@ def test_fallback_matches_compiled(device):
                                    **tolerance(torch.float32))
 
 
-@pytest.mark.skipif(not (CUDA_AVAILABLE and vitmad.backend() == "compiled"), reason="needs a GPU and the compiled library")
+@pytest.mark.skipif(
+    not (CUDA_AVAILABLE and vitmad.backend() == "compiled"), reason="needs a GPU and the compiled library"
+)
 def test_cuda_kernel_is_compiled():
     """A CUDA build must carry the flash kernel rather than the pure-PyTorch stand-in."""
     assert vitmad.has_compiled_kernel("mad_qk", "CUDA")

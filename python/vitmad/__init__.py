@@ -9,5 +9,13 @@ from .ops import mad
 from .ops_qk import mad_qk
 from .reference import mad_reference, pixel_distances, uniform_attention_mad
 
-__all__ = ["mad", "mad_qk", "backend", "has_compiled_kernel", "mad_reference", "pixel_distances", "uniform_attention_mad"]
+__all__ = [
+    "mad",
+    "mad_qk",
+    "backend",
+    "has_compiled_kernel",
+    "mad_reference",
+    "pixel_distances",
+    "uniform_attention_mad",
+]
 __version__ = "0.1.0"
