@@ -129,6 +129,31 @@ __device__ __forceinline__ mma_t to_mma(scalar_t v) {
   }
 }
 
+// A staged value in the accumulation type.
+template <typename acc_t, typename mma_t>
+__device__ __forceinline__ acc_t to_acc(mma_t v) {
+  if constexpr (std::is_same_v<mma_t, __half>) {
+    return __half2float(v);
+  } else if constexpr (std::is_same_v<mma_t, __nv_bfloat16>) {
+    return __bfloat162float(v);
+  } else {
+    return v;
+  }
+}
+
+// WMMA for float16 from sm_70 and for bfloat16 from sm_80; older targets (only built when asked for) run the
+// FMA path on the same tiles, so tile sizes and shared memory agree between host and device code.
+template <typename mma_t>
+__device__ constexpr bool use_wmma() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+  return false;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  return std::is_same_v<mma_t, __half>;
+#else
+  return std::is_same_v<mma_t, __half> || std::is_same_v<mma_t, __nv_bfloat16>;
+#endif
+}
+
 // A logit (log2 units) plus the bias, or -inf where a bool mask drops the key.
 template <typename acc_t, typename bias_t>
 __device__ __forceinline__ acc_t biased(acc_t logit, bias_t bias) {
@@ -163,7 +188,7 @@ __device__ void tile_logits(const typename TileConfig<scalar_t>::mma_t* q_tile,
   using mma_t = typename Cfg::mma_t;
   using acc_t = typename Cfg::acc_t;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
-  if constexpr (Cfg::kTensorCores) {
+  if constexpr (use_wmma<mma_t>()) {
     // Warp w computes rows [16w, 16w + 16) against every key of the tile, 16 x 16 x 16 at a time.
     static_assert(kBlockM == 16 * kWarps, "one 16-row WMMA strip per warp");
     namespace wmma = nvcuda::wmma;
@@ -196,9 +221,9 @@ __device__ void tile_logits(const typename TileConfig<scalar_t>::mma_t* q_tile,
       acc_t a[kRows];
       acc_t b[kCols];
 #pragma unroll
-      for (int i = 0; i < kRows; ++i) a[i] = q_tile[(ty * kRows + i) * ld + d];
+      for (int i = 0; i < kRows; ++i) a[i] = to_acc<acc_t>(q_tile[(ty * kRows + i) * ld + d]);
 #pragma unroll
-      for (int c = 0; c < kCols; ++c) b[c] = k_tile[(tx + 8 * c) * ld + d];
+      for (int c = 0; c < kCols; ++c) b[c] = to_acc<acc_t>(k_tile[(tx + 8 * c) * ld + d]);
 #pragma unroll
       for (int i = 0; i < kRows; ++i)
 #pragma unroll
