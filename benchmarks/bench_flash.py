@@ -241,7 +241,7 @@ def main() -> None:
     print()
     print(body)
     if not args.no_write:
-        write_section(f"bench_flash-{args.device}", body)
+        write_section(f"bench_flash-{args.device}-{str(dtype).split('.')[1]}", body)
 
 
 if __name__ == "__main__":

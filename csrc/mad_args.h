@@ -34,16 +34,6 @@ MadLayout check_mad_args(const at::Tensor& attn, int64_t patch, int64_t num_pref
                          at::OptionalIntArrayRef grid, bool renormalize, std::string_view reduction,
                          const char* op_name);
 
-// Float32 for 16- and 32-bit attention, float64 for float64 (MAD_SPEC.md, "Output dtype").
-at::ScalarType mad_output_dtype(at::ScalarType attn_dtype);
-
-// attn.shape[:-2] for "mean", attn.shape[:-2] + [N - P] for "none".
-std::vector<int64_t> mad_output_shape(const at::Tensor& attn, const MadLayout& layout);
-
-// The gradient of mad's output must have the output's shape; returns it as a contiguous tensor in the
-// output dtype, on attn's device.
-at::Tensor check_mad_grad(const at::Tensor& grad, const at::Tensor& attn, const MadLayout& layout);
-
 // vitmad::mad_qk: MAD of softmax(q @ k^T * scale + attn_bias) over queries and keys of shape [..., N, D].
 struct MadQkLayout {
   MadLayout mad;     // the attention's layout: N, P, grid, number of matrices, options
@@ -63,5 +53,15 @@ at::Tensor broadcast_attn_bias(const at::Tensor& attn_bias, const at::Tensor& q)
 
 // q.shape[:-2] for "mean", q.shape[:-2] + [N - P] for "none".
 std::vector<int64_t> mad_qk_output_shape(const at::Tensor& q, const MadLayout& layout);
+
+// Float32 for 16- and 32-bit attention, float64 for float64 (MAD_SPEC.md, "Output dtype").
+at::ScalarType mad_output_dtype(at::ScalarType attn_dtype);
+
+// attn.shape[:-2] for "mean", attn.shape[:-2] + [N - P] for "none".
+std::vector<int64_t> mad_output_shape(const at::Tensor& attn, const MadLayout& layout);
+
+// The gradient of mad's output must have the output's shape; returns it as a contiguous tensor in the
+// output dtype, on attn's device.
+at::Tensor check_mad_grad(const at::Tensor& grad, const at::Tensor& attn, const MadLayout& layout);
 
 }  // namespace vitmad
