@@ -61,7 +61,9 @@ inline int64_t matrix_offset(int64_t index, at::IntArrayRef sizes, at::IntArrayR
 // does not depend on the number of threads.
 template <typename acc_t>
 void mean_over_queries(const acc_t* per_query, const MadLayout& l, acc_t* out) {
-  at::parallel_for(0, l.num_matrices, 64, [&](int64_t begin, int64_t end) {
+  // Threads only pay off for large outputs: starting a parallel region costs more than a small mean.
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / l.num_patches);
+  at::parallel_for(0, l.num_matrices, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       double total = 0;
       const acc_t* row = per_query + b * l.num_patches;
