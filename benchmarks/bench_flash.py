@@ -162,7 +162,8 @@ def machine(device: str) -> str:
 def write_section(name: str, body: str) -> None:
     """Replace (or append) this script's section of RESULTS.md, leaving other sections as they are."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in benchmarks/.\n"
+    header = "# Benchmark results\n\nWritten by the scripts in benchmarks/.\n"
+    text = RESULTS.read_text() if RESULTS.exists() else header
     block = f"{start}\n{body.strip()}\n{end}"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"

@@ -1,11 +1,12 @@
 // CPU kernel of vitmad::mad_qk: MAD of softmax(q @ k^T * scale + attn_bias) without the N x N attention.
 //
 // Flash-attention's recurrence with the value product replaced by distances: each task owns a block of query
-// patches of one matrix and walks the keys in blocks. A block of logits comes from one GEMM (q_block @
-// k_block^T, packed to float32 or float64), then every query row updates its running max, its running
-// normaliser over all keys (prefix tokens included), and its running mass and distance-weighted sum over the
-// patch keys, all rescaled whenever the max grows. Memory beyond inputs and output: the [matrices, N - P]
-// per-query results plus a few blocks per thread.
+// patches of one matrix and walks the keys in blocks. A block of logits comes from one product
+// q_block @ k_block^T with float32 (float64) accumulation (block_logits.h), then every query row updates its
+// running max, its running normaliser over all keys (prefix tokens included), and its running mass and
+// distance-weighted sum over the patch keys, all rescaled whenever the max grows. Memory beyond inputs and
+// output: the [matrices, N - P] per-query results, and per thread one matrix's packed keys (N x D) and a few
+// blocks.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,15 +22,11 @@
 #include <vector>
 
 #include "../mad_args.h"
+#include "block_logits.h"
 #include "mad_cpu_common.h"
 
 namespace vitmad {
 namespace {
-
-// A query block's packed queries, accumulators and one key block's logits stay in L2 (64 x 512 float32
-// logits = 128 KiB); each GEMM is large enough that its call overhead is small against its work.
-constexpr int64_t kQueryBlock = 64;
-constexpr int64_t kKeyBlock = 512;
 
 // exp(x) for x <= 0, which is all the kernel needs: every argument is a logit minus a running max. Cephes'
 // expf (range reduction to [-ln2/2, ln2/2], degree-6 polynomial, about 1 ulp), written branch-free so the
@@ -121,15 +118,6 @@ VITMAD_CPU_CLONES void apply_bias(acc_t* logits, const bias_t* bias, int64_t str
   }
 }
 
-// dst[r * cols + c] = factor * src[r * row_stride + c * col_stride]: a contiguous block in the GEMM's dtype.
-template <typename scalar_t, typename acc_t>
-void pack_block(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64_t rows, int64_t cols, acc_t factor,
-                acc_t* dst) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c)
-      dst[r * cols + c] = factor * static_cast<acc_t>(src[r * row_stride + c * col_stride]);
-}
-
 // A tensor's data and strides, read through matrix_offset.
 template <typename T>
 struct StridedView {
@@ -157,13 +145,10 @@ void mad_qk_cpu_typed(const at::Tensor& q, const at::Tensor& k, const std::optio
   if (bias.has_value()) bv = view_of<bias_t>(*bias);
   const int64_t bias_query_stride = bias.has_value() ? bias->stride(-2) : 0;
   const int64_t bias_key_stride = bias.has_value() ? bias->stride(-1) : 0;
-  const auto gemm_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const int64_t query_blocks = (l.num_patches + kQueryBlock - 1) / kQueryBlock;
 
   at::parallel_for(0, l.num_matrices * query_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_block(kQueryBlock * head_dim);
-    std::vector<acc_t> k_block(kKeyBlock * head_dim);
-    std::vector<acc_t> logits(kQueryBlock * kKeyBlock);
+    GemmLogits<scalar_t, acc_t> products(head_dim);
     std::vector<acc_t> dist(kKeyBlock);
     std::vector<RowState<acc_t>> states(kQueryBlock);
     for (int64_t task = begin; task < end; ++task) {
@@ -175,24 +160,19 @@ void mad_qk_cpu_typed(const at::Tensor& q, const at::Tensor& k, const std::optio
       const scalar_t* k_matrix = kv.matrix(b);
       const bias_t* bias_matrix = bias.has_value() ? bv.matrix(b) : nullptr;
 
-      // The scale is folded into the packed queries, so the GEMM yields scaled logits.
-      pack_block(q_matrix + first_query * q.stride(-2), q.stride(-2), q.stride(-1), rows, head_dim,
-                 static_cast<acc_t>(ql.scale), q_block.data());
-      const at::Tensor q_tensor = at::from_blob(q_block.data(), {rows, head_dim}, gemm_options);
+      products.set_keys(k_matrix, k.stride(-2), k.stride(-1), l.num_tokens);
+      products.set_queries(q_matrix + first_query * q.stride(-2), q.stride(-2), q.stride(-1), rows, ql.scale);
       std::fill(states.begin(), states.begin() + rows, RowState<acc_t>{});
 
       for (int64_t k_begin = 0; k_begin < l.num_tokens; k_begin += kKeyBlock) {
         const int64_t cols = std::min(kKeyBlock, l.num_tokens - k_begin);
-        pack_block(k_matrix + k_begin * k.stride(-2), k.stride(-2), k.stride(-1), cols, head_dim, acc_t(1),
-                   k_block.data());
-        at::Tensor logits_tensor = at::from_blob(logits.data(), {rows, cols}, gemm_options);
-        at::mm_out(logits_tensor, q_tensor, at::from_blob(k_block.data(), {cols, head_dim}, gemm_options).t());
+        acc_t* logits = products.logits(k_begin, cols);
 
         const int64_t prefix_keys = std::clamp<int64_t>(l.num_prefix - k_begin, 0, cols);
         const int64_t first_patch_key = k_begin + prefix_keys - l.num_prefix;  // among the patches
         const int64_t last_patch_key = k_begin + cols - l.num_prefix;
         for (int64_t i = 0; i < rows; ++i) {
-          acc_t* row = logits.data() + i * cols;
+          acc_t* row = logits + i * products.row_stride();
           if (bias_matrix != nullptr)
             apply_bias(row, bias_matrix + (first_query + i) * bias_query_stride + k_begin * bias_key_stride,
                        bias_key_stride, cols);
