@@ -22,19 +22,9 @@ int64_t exact_isqrt(int64_t n) {
 
 }  // namespace
 
-MadLayout check_mad_args(const at::Tensor& attn, int64_t patch, int64_t num_prefix_tokens,
-                         at::OptionalIntArrayRef grid, bool renormalize, std::string_view reduction,
-                         const char* op_name) {
-  TORCH_CHECK_VALUE(attn.layout() == at::kStrided, op_name,
-                    ": attn must be a dense (strided) tensor, got layout ", attn.layout());
-  TORCH_CHECK_TYPE(is_supported_dtype(attn.scalar_type()), op_name,
-                   ": attn must be float16, bfloat16, float32 or float64, got ", attn.scalar_type());
-  TORCH_CHECK_VALUE(attn.dim() >= 2, op_name,
-                    ": attn must have at least 2 dimensions [..., N, N], got shape ", attn.sizes());
-  const int64_t n = attn.size(-1);
-  TORCH_CHECK_VALUE(attn.size(-2) == n, op_name,
-                    ": attn must be square in its last two dimensions [..., N, N] (queries x keys), got shape ",
-                    attn.sizes());
+MadLayout check_mad_options(int64_t n, int64_t num_matrices, int64_t patch, int64_t num_prefix_tokens,
+                            at::OptionalIntArrayRef grid, bool renormalize, std::string_view reduction,
+                            const char* tokens_arg, const char* op_name) {
   TORCH_CHECK_VALUE(patch > 0, op_name, ": patch must be a positive patch size in pixels, got ", patch);
   TORCH_CHECK_VALUE(num_prefix_tokens >= 0 && num_prefix_tokens < n, op_name,
                     ": num_prefix_tokens must be in [0, N) with N = ", n, " tokens, got ", num_prefix_tokens);
@@ -50,7 +40,7 @@ MadLayout check_mad_args(const at::Tensor& attn, int64_t patch, int64_t num_pref
                       " values ", g);
     TORCH_CHECK_VALUE(g[0] > 0 && g[1] > 0, op_name, ": grid must hold positive sizes, got ", g);
     TORCH_CHECK_VALUE(g[0] * g[1] == num_patches, op_name, ": grid ", g, " has ", g[0] * g[1],
-                      " patches but attn has N - num_prefix_tokens = ", n, " - ", num_prefix_tokens, " = ",
+                      " patches but ", tokens_arg, " has N - num_prefix_tokens = ", n, " - ", num_prefix_tokens, " = ",
                       num_patches, " patch tokens");
     grid_h = g[0];
     grid_w = g[1];
@@ -62,10 +52,26 @@ MadLayout check_mad_args(const at::Tensor& attn, int64_t patch, int64_t num_pref
     grid_w = side;
   }
 
-  int64_t num_matrices = 1;
-  for (int64_t d = 0; d < attn.dim() - 2; ++d) num_matrices *= attn.size(d);
   return MadLayout{n, num_prefix_tokens, grid_h, grid_w, num_patches, num_matrices, renormalize,
                    reduction == "mean"};
+}
+
+MadLayout check_mad_args(const at::Tensor& attn, int64_t patch, int64_t num_prefix_tokens,
+                         at::OptionalIntArrayRef grid, bool renormalize, std::string_view reduction,
+                         const char* op_name) {
+  TORCH_CHECK_VALUE(attn.layout() == at::kStrided, op_name,
+                    ": attn must be a dense (strided) tensor, got layout ", attn.layout());
+  TORCH_CHECK_TYPE(is_supported_dtype(attn.scalar_type()), op_name,
+                   ": attn must be float16, bfloat16, float32 or float64, got ", attn.scalar_type());
+  TORCH_CHECK_VALUE(attn.dim() >= 2, op_name,
+                    ": attn must have at least 2 dimensions [..., N, N], got shape ", attn.sizes());
+  const int64_t n = attn.size(-1);
+  TORCH_CHECK_VALUE(attn.size(-2) == n, op_name,
+                    ": attn must be square in its last two dimensions [..., N, N] (queries x keys), got shape ",
+                    attn.sizes());
+  int64_t num_matrices = 1;
+  for (int64_t d = 0; d < attn.dim() - 2; ++d) num_matrices *= attn.size(d);
+  return check_mad_options(n, num_matrices, patch, num_prefix_tokens, grid, renormalize, reduction, "attn", op_name);
 }
 
 at::ScalarType mad_output_dtype(at::ScalarType attn_dtype) {
@@ -96,6 +102,77 @@ MatrixOffsets matrix_offsets(const at::Tensor& attn, const char* op_name) {
   TORCH_CHECK_VALUE(fits, op_name, ": attn's leading dimensions must merge into at most ", kMaxLeadingDims,
                     " strided dimensions, got shape ", attn.sizes(), " with strides ", attn.strides());
   return offsets;
+}
+
+}  // namespace vitmad
+
+namespace vitmad {
+
+MadQkLayout check_mad_qk_args(const at::Tensor& q, const at::Tensor& k, int64_t patch, int64_t num_prefix_tokens,
+                              at::OptionalIntArrayRef grid, std::optional<double> scale,
+                              const std::optional<at::Tensor>& attn_bias, bool renormalize,
+                              std::string_view reduction, const char* op_name) {
+  TORCH_CHECK_VALUE(q.layout() == at::kStrided, op_name, ": q must be a dense (strided) tensor, got layout ",
+                    q.layout());
+  TORCH_CHECK_VALUE(k.layout() == at::kStrided, op_name, ": k must be a dense (strided) tensor, got layout ",
+                    k.layout());
+  TORCH_CHECK_TYPE(is_supported_dtype(q.scalar_type()), op_name,
+                   ": q must be float16, bfloat16, float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), op_name, ": k must have q's dtype ", q.scalar_type(),
+                   ", got ", k.scalar_type());
+  TORCH_CHECK_VALUE(q.dim() >= 2, op_name, ": q must have at least 2 dimensions [..., N, D], got shape ",
+                    q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == q.dim() && k.sizes().slice(0, k.dim() - 2) == q.sizes().slice(0, q.dim() - 2),
+                    op_name, ": k must have q's leading dimensions, shape [..., N, D] = ",
+                    q.sizes().slice(0, q.dim() - 2), " + [N, D], got k of shape ", k.sizes(), " and q of shape ",
+                    q.sizes());
+  const int64_t n = q.size(-2);
+  const int64_t d = q.size(-1);
+  TORCH_CHECK_VALUE(d > 0, op_name, ": q must have a head dimension D > 0, got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.size(-1) == d, op_name, ": k must have q's head dimension D = ", d, ", got shape ",
+                    k.sizes());
+  TORCH_CHECK_VALUE(k.size(-2) == n, op_name, ": k must have q's number of tokens N = ", n, ", got shape ",
+                    k.sizes());
+  TORCH_CHECK_VALUE(k.device() == q.device(), op_name, ": k must be on q's device ", q.device(), ", got ",
+                    k.device());
+  TORCH_CHECK_VALUE(!scale.has_value() || std::isfinite(*scale), op_name, ": scale must be finite, got ",
+                    scale.value_or(0.0));
+  if (attn_bias.has_value()) {
+    const at::Tensor& bias = *attn_bias;
+    TORCH_CHECK_VALUE(bias.layout() == at::kStrided, op_name,
+                      ": attn_bias must be a dense (strided) tensor, got layout ", bias.layout());
+    TORCH_CHECK_TYPE(bias.scalar_type() == q.scalar_type() || bias.scalar_type() == at::kBool, op_name,
+                     ": attn_bias must have q's dtype ", q.scalar_type(), " (added to the logits) or be bool "
+                     "(True keeps a key), got ", bias.scalar_type());
+    TORCH_CHECK_VALUE(bias.device() == q.device(), op_name, ": attn_bias must be on q's device ", q.device(),
+                      ", got ", bias.device());
+    std::vector<int64_t> target(q.sizes().begin(), q.sizes().end() - 1);
+    target.push_back(n);
+    bool broadcastable = bias.dim() <= static_cast<int64_t>(target.size());
+    for (int64_t i = 1; broadcastable && i <= bias.dim(); ++i) {
+      const int64_t size = bias.size(-i);
+      broadcastable = size == 1 || size == target[target.size() - i];
+    }
+    TORCH_CHECK_VALUE(broadcastable, op_name, ": attn_bias must be broadcastable to the logits' shape [..., N, N] = ",
+                      at::IntArrayRef(target), ", got shape ", bias.sizes());
+  }
+  int64_t num_matrices = 1;
+  for (int64_t i = 0; i < q.dim() - 2; ++i) num_matrices *= q.size(i);
+  const MadLayout layout =
+      check_mad_options(n, num_matrices, patch, num_prefix_tokens, grid, renormalize, reduction, "q", op_name);
+  return MadQkLayout{layout, d, scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d))};
+}
+
+at::Tensor broadcast_attn_bias(const at::Tensor& attn_bias, const at::Tensor& q) {
+  std::vector<int64_t> target(q.sizes().begin(), q.sizes().end() - 1);
+  target.push_back(q.size(-2));
+  return attn_bias.expand(target);
+}
+
+std::vector<int64_t> mad_qk_output_shape(const at::Tensor& q, const MadLayout& layout) {
+  std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end() - 2);
+  if (!layout.reduce_mean) shape.push_back(layout.num_patches);
+  return shape;
 }
 
 }  // namespace vitmad

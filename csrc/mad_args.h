@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/OptionalArrayRef.h>
 
+#include <optional>
+
 #include <string_view>
 #include <vector>
 
@@ -24,9 +26,35 @@ struct MadLayout {
   bool reduce_mean;     // "mean" (one value per matrix) or "none" (one value per query patch)
 };
 
+// The checks of patch, num_prefix_tokens, grid and reduction for N tokens in `num_matrices` matrices;
+// `tokens_arg` names the tensor that holds the tokens in messages ("attn", "q").
+MadLayout check_mad_options(int64_t n, int64_t num_matrices, int64_t patch, int64_t num_prefix_tokens,
+                            at::OptionalIntArrayRef grid, bool renormalize, std::string_view reduction,
+                            const char* tokens_arg, const char* op_name);
+
 MadLayout check_mad_args(const at::Tensor& attn, int64_t patch, int64_t num_prefix_tokens,
                          at::OptionalIntArrayRef grid, bool renormalize, std::string_view reduction,
                          const char* op_name);
+
+// vitmad::mad_qk: MAD of softmax(q @ k^T * scale + attn_bias) over queries and keys of shape [..., N, D].
+struct MadQkLayout {
+  MadLayout mad;     // the attention's layout: N, P, grid, number of matrices, options
+  int64_t head_dim;  // D
+  double scale;      // the logits' scale: the given one, or D ** -0.5
+};
+
+// q and k: the same float dtype, shape and device. attn_bias: q's dtype (added to the logits) or bool (True
+// keeps a key, as in F.scaled_dot_product_attention), broadcastable to [..., N, N], on q's device.
+MadQkLayout check_mad_qk_args(const at::Tensor& q, const at::Tensor& k, int64_t patch, int64_t num_prefix_tokens,
+                              at::OptionalIntArrayRef grid, std::optional<double> scale,
+                              const std::optional<at::Tensor>& attn_bias, bool renormalize,
+                              std::string_view reduction, const char* op_name);
+
+// attn_bias seen as [..., N, N] through broadcast (zero) strides: a view, never a copy.
+at::Tensor broadcast_attn_bias(const at::Tensor& attn_bias, const at::Tensor& q);
+
+// q.shape[:-2] for "mean", q.shape[:-2] + [N - P] for "none".
+std::vector<int64_t> mad_qk_output_shape(const at::Tensor& q, const MadLayout& layout);
 
 // Float32 for 16- and 32-bit attention, float64 for float64 (MAD_SPEC.md, "Output dtype").
 at::ScalarType mad_output_dtype(at::ScalarType attn_dtype);

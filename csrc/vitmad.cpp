@@ -9,4 +9,7 @@ TORCH_LIBRARY(vitmad, m) {
   m.def(
       "mad_backward(Tensor grad, Tensor attn, int patch, *, int num_prefix_tokens=1, int[]? grid=None, "
       "bool renormalize=False, str reduction=\"mean\") -> Tensor");
+  m.def(
+      "mad_qk(Tensor q, Tensor k, int patch, *, int num_prefix_tokens=1, int[]? grid=None, float? scale=None, "
+      "Tensor? attn_bias=None, bool renormalize=False, str reduction=\"mean\") -> Tensor");
 }

@@ -1,15 +1,23 @@
 """vitmad: mean attention distance of Vision Transformers, fused and fast.
 
-``import vitmad`` registers ``torch.ops.vitmad.mad`` (compiled C++/CUDA kernels, or pure-PyTorch ones when
-the compiled library is unavailable: see :func:`backend`).
+``import vitmad`` registers ``torch.ops.vitmad.mad`` and ``torch.ops.vitmad.mad_qk`` (compiled C++/CUDA
+kernels, or pure-PyTorch ones when the compiled library is unavailable: see :func:`backend`).
 """
 
 from ._library import backend, has_compiled_kernel
 from .ops import mad
+from .ops_qk import mad_qk
 from .record import record
 from .reference import mad_reference, pixel_distances, uniform_attention_mad
 
 __all__ = [
-    "mad", "record", "backend", "has_compiled_kernel", "mad_reference", "pixel_distances", "uniform_attention_mad",
+    "mad",
+    "mad_qk",
+    "record",
+    "backend",
+    "has_compiled_kernel",
+    "mad_reference",
+    "pixel_distances",
+    "uniform_attention_mad",
 ]
 __version__ = "0.1.0"

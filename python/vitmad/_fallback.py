@@ -6,14 +6,15 @@ more than a bounded slice of the distance matrix: queries are processed in chunk
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from ._layout import check_mad_args, mad_output_dtype
+from ._layout import check_mad_args, check_mad_qk_args, mad_output_dtype
 from .reference import pixel_distances
 
-__all__ = ["SCHEMAS", "mad", "mad_backward"]
+__all__ = ["SCHEMAS", "mad", "mad_backward", "mad_qk"]
 
 # The schemas of csrc/vitmad.cpp, used to define the ops when the compiled library is absent
 # (tests/test_fallback.py checks that both say the same).
@@ -22,14 +23,17 @@ SCHEMAS = {
     'str reduction="mean") -> Tensor',
     "mad_backward": "mad_backward(Tensor grad, Tensor attn, int patch, *, int num_prefix_tokens=1, "
     'int[]? grid=None, bool renormalize=False, str reduction="mean") -> Tensor',
+    "mad_qk": "mad_qk(Tensor q, Tensor k, int patch, *, int num_prefix_tokens=1, int[]? grid=None, "
+    'float? scale=None, Tensor? attn_bias=None, bool renormalize=False, str reduction="mean") -> Tensor',
 }
 
-# At most this many distance values (4 MiB in float32) exist at once.
+# At most about this many distance values or logits (4 MiB in float32) exist at once.
 _DISTANCE_CHUNK_ELEMENTS = 1 << 20
 
 
-def _query_chunks(num_patches: int):
-    rows = max(1, _DISTANCE_CHUNK_ELEMENTS // num_patches)
+def _query_chunks(num_patches: int, row_elements: int | None = None):
+    """Slices of the query patches holding at most about _DISTANCE_CHUNK_ELEMENTS values of row_elements each."""
+    rows = max(1, _DISTANCE_CHUNK_ELEMENTS // (row_elements or num_patches))
     for start in range(0, num_patches, rows):
         yield slice(start, min(start + rows, num_patches))
 
@@ -94,3 +98,40 @@ def mad_backward(
             block = g_rows * dist
         grad_attn[..., p + rows.start : p + rows.stop, p:] = block.to(attn.dtype)
     return grad_attn
+
+
+def mad_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    patch: int,
+    *,
+    num_prefix_tokens: int = 1,
+    grid: Sequence[int] | None = None,
+    scale: float | None = None,
+    attn_bias: torch.Tensor | None = None,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    qk = check_mad_qk_args(q, k, patch, num_prefix_tokens, grid, scale, attn_bias, renormalize, reduction)
+    layout = qk.mad
+    acc = mad_output_dtype(q.dtype)
+    p, n = layout.num_prefix, layout.num_tokens
+    keys_t = k.to(acc).transpose(-1, -2)
+    # A broadcast view of the bias: slicing it never copies more than the chunk's rows.
+    bias = None if attn_bias is None else attn_bias.expand(*q.shape[:-1], n)
+    per_query = torch.empty((*q.shape[:-2], layout.num_patches), dtype=acc, device=q.device)
+    # Each chunk holds [..., rows, N] logits for every matrix at once, so the bound counts all matrices.
+    for rows in _query_chunks(layout.num_patches, math.prod(q.shape[:-2]) * n):
+        tokens = slice(p + rows.start, p + rows.stop)
+        logits = (q[..., tokens, :].to(acc) * qk.scale) @ keys_t
+        if bias is not None:
+            b = bias[..., tokens, :]
+            logits = logits.masked_fill(~b, float("-inf")) if b.dtype == torch.bool else logits + b.to(acc)
+        # Renormalised, the softmax runs over the patch keys alone (the same value, without the patch mass
+        # underflowing when a query attends almost only to prefix tokens).
+        attn = logits[..., p:].softmax(-1) if renormalize else logits.softmax(-1)[..., p:]
+        dist = pixel_distances(layout.grid_h, layout.grid_w, patch, rows, dtype=acc, device=q.device)
+        per_query[..., rows] = torch.einsum("...ts,ts->...t", attn, dist)
+    if layout.reduce_mean:
+        return (per_query.sum(-1, dtype=torch.float64) / layout.num_patches).to(acc)
+    return per_query

@@ -24,11 +24,17 @@ _COMPILED_DEVICES = ("CPU", "CUDA")
 
 _backend = "python"
 _fallback_lib: torch.library.Library | None = None
+# (op, dispatch key) pairs served by the pure-PyTorch kernels although the compiled library is loaded.
+_fallback_kernels: set[tuple[str, str]] = set()
 
 
 def has_compiled_kernel(op: str, device: str) -> bool:
     """Whether the compiled library registered a kernel of ``vitmad::<op>`` for ``device`` ("CPU", "CUDA")."""
-    return _backend == "compiled" and torch._C._dispatch_has_kernel_for_dispatch_key(f"vitmad::{op}", device)
+    return (
+        _backend == "compiled"
+        and (op, device) not in _fallback_kernels
+        and torch._C._dispatch_has_kernel_for_dispatch_key(f"vitmad::{op}", device)
+    )
 
 
 def backend() -> str:
@@ -47,14 +53,17 @@ def _load_compiled() -> Exception | None:
     return None
 
 
-def _register_fallback_kernels(define: bool, dispatch_key: str) -> None:
+def _register_fallback_kernels(define: bool, dispatch_key: str, names=None) -> None:
     global _fallback_lib
     if _fallback_lib is None:
         _fallback_lib = torch.library.Library("vitmad", "DEF" if define else "IMPL")
     for name, schema in _fallback.SCHEMAS.items():
+        if names is not None and name not in names:
+            continue
         if define:
             _fallback_lib.define(schema)
         _fallback_lib.impl(name, getattr(_fallback, name), dispatch_key)
+        _fallback_kernels.add((name, dispatch_key))
 
 
 def _initialise() -> None:
@@ -68,9 +77,14 @@ def _initialise() -> None:
         if "CUDA" in missing and torch.cuda.is_available():
             log.warning("vitmad: the compiled library has no CUDA kernels (built without CUDA); "
                         "CUDA tensors use the pure-PyTorch kernels")
-        # Devices without a compiled kernel (CUDA in a CPU-only build, MPS, XPU, ...) fall back explicitly.
-        for key in missing:
-            _register_fallback_kernels(define=False, dispatch_key=key)
+        # Devices without a compiled kernel (CUDA in a CPU-only build, MPS, XPU, ...) fall back explicitly,
+        # op by op: a build may carry one op's CUDA kernel and not another's.
+        for key in _COMPILED_DEVICES:
+            names = [
+                n for n in _fallback.SCHEMAS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"vitmad::{n}", key)
+            ]
+            if names:
+                _register_fallback_kernels(define=False, dispatch_key=key, names=names)
         return
     log.warning(
         "vitmad: the compiled kernels could not be loaded (%s); using the pure-PyTorch kernels, which are "

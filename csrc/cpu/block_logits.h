@@ -1,0 +1,72 @@
+// The q_block @ k_block^T products of the mad_qk CPU kernel: scaled logits with float32 (float64 for float64)
+// accumulation in a per-thread buffer. Keys and queries are packed to the accumulation type, so every input
+// dtype and stride goes through ATen's float32 / float64 GEMM (MKL or OpenBLAS). (A bfloat16 micro-kernel on
+// vdpbf16ps was tried: on an AVX512-BF16 Xeon it was slower than MKL's float32 GEMM on the widened blocks.)
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace vitmad {
+
+// Queries per block and keys per block: a block's logits stay in L2 (64 x 512 float32 = 128 KiB), and each
+// product is large enough that its call overhead is small against its work.
+constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kKeyBlock = 512;
+
+// dst[r * cols + c] = factor * src[r * row_stride + c * col_stride]: a contiguous block in the GEMM's dtype.
+template <typename scalar_t, typename acc_t>
+void pack_block(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64_t rows, int64_t cols, acc_t factor,
+                acc_t* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      dst[r * cols + c] = factor * static_cast<acc_t>(src[r * row_stride + c * col_stride]);
+}
+
+// set_keys(matrix) packs a matrix's N keys once (a no-op when the same matrix comes again, as consecutive tasks
+// of a thread usually share one); set_queries(block) packs a query block; logits(k_begin, cols) returns the
+// scaled logits of the query block against keys [k_begin, k_begin + cols), row i at result + i * row_stride(),
+// in a buffer the caller may modify (the kernel adds the bias in place). Memory: O(N * D) per thread for the
+// keys, O(block^2) for the logits.
+template <typename scalar_t, typename acc_t>
+class GemmLogits {
+ public:
+  explicit GemmLogits(int64_t head_dim)
+      : head_dim_(head_dim), q_(kQueryBlock * head_dim), logits_(kQueryBlock * kKeyBlock) {}
+
+  void set_keys(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64_t n) {
+    if (src == keys_source_) return;
+    keys_source_ = src;
+    k_.resize(n * head_dim_);
+    pack_block(src, row_stride, col_stride, n, head_dim_, acc_t(1), k_.data());
+  }
+
+  // The scale is folded into the packed queries, so the GEMM yields scaled logits.
+  void set_queries(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64_t rows, double scale) {
+    rows_ = rows;
+    pack_block(src, row_stride, col_stride, rows, head_dim_, static_cast<acc_t>(scale), q_.data());
+  }
+
+  acc_t* logits(int64_t k_begin, int64_t cols) {
+    cols_ = cols;
+    const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor out = at::from_blob(logits_.data(), {rows_, cols}, options);
+    at::mm_out(out, at::from_blob(q_.data(), {rows_, head_dim_}, options),
+               at::from_blob(k_.data() + k_begin * head_dim_, {cols, head_dim_}, options).t());
+    return logits_.data();
+  }
+
+  int64_t row_stride() const { return cols_; }
+
+ private:
+  int64_t head_dim_;
+  int64_t rows_ = 0;
+  int64_t cols_ = 0;
+  const scalar_t* keys_source_ = nullptr;
+  std::vector<acc_t> q_, k_, logits_;
+};
+
+}  // namespace vitmad

@@ -1,0 +1,228 @@
+// CPU kernel of vitmad::mad_qk: MAD of softmax(q @ k^T * scale + attn_bias) without the N x N attention.
+//
+// Flash-attention's recurrence with the value product replaced by distances: each task owns a block of query
+// patches of one matrix and walks the keys in blocks. A block of logits comes from one product
+// q_block @ k_block^T with float32 (float64) accumulation (block_logits.h), then every query row updates its
+// running max, its running normaliser over all keys (prefix tokens included), and its running mass and
+// distance-weighted sum over the patch keys, all rescaled whenever the max grows. Memory beyond inputs and
+// output: the [matrices, N - P] per-query results, and per thread one matrix's packed keys (N x D) and a few
+// blocks.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "../mad_args.h"
+#include "block_logits.h"
+#include "mad_cpu_common.h"
+
+namespace vitmad {
+namespace {
+
+// exp(x) for x <= 0, which is all the kernel needs: every argument is a logit minus a running max. Cephes'
+// expf (range reduction to [-ln2/2, ln2/2], degree-6 polynomial, about 1 ulp), written branch-free so the
+// loops calling it vectorise; arguments below float's normal range (and -inf, a masked key) give exactly 0.
+// Always inlined: GCC does not inline a plain function into the per-CPU clones, which would leave the loops
+// scalar.
+__attribute__((always_inline)) inline float exp_nonpositive(float x) {
+  constexpr float kLowest = -87.0f;
+  const float xc = std::max(x, kLowest);
+  // Rounds x / ln2 to the nearest integer: adding 1.5 * 2^23 pushes the fraction out of the mantissa.
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const float two_to_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return x < kLowest ? 0.0f : y * two_to_n;
+}
+
+__attribute__((always_inline)) inline double exp_nonpositive(double x) { return std::exp(x); }
+
+// The online-softmax state of one query row, relative to its running max.
+template <typename acc_t>
+struct RowState {
+  acc_t max = -std::numeric_limits<acc_t>::infinity();
+  acc_t total = 0;     // sum of exp(logit - max) over every key seen, prefix tokens included
+  acc_t mass = 0;      // the same over patch keys only
+  acc_t weighted = 0;  // the same over patch keys, each term times the key's distance to the query
+};
+
+// Folds one key block into a row's state: `logits` holds `num_keys` logits whose first `num_prefix_keys`
+// belong to prefix tokens; `dist` the distances to the remaining (patch) keys.
+template <typename acc_t>
+VITMAD_CPU_CLONES void online_softmax_update(const acc_t* logits, int64_t num_keys, int64_t num_prefix_keys,
+                                             const acc_t* dist, RowState<acc_t>& state) {
+  // Explicit lanes (two vector registers, so consecutive maxes do not wait on each other) and a tree at the
+  // end: GCC leaves a `reduction(max)` over floats scalar without -ffast-math, and a serial max would cost
+  // as much as the exponentials.
+  constexpr int64_t kLanes = 128 / sizeof(acc_t);
+  acc_t lanes[kLanes];
+  std::fill(lanes, lanes + kLanes, -std::numeric_limits<acc_t>::infinity());
+  int64_t j = 0;
+  for (; j + kLanes <= num_keys; j += kLanes) {
+#pragma omp simd
+    for (int64_t i = 0; i < kLanes; ++i) lanes[i] = std::max(lanes[i], logits[j + i]);
+  }
+  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) lanes[i] = std::max(lanes[i], lanes[i + width]);
+  }
+  acc_t block_max = lanes[0];
+  for (; j < num_keys; ++j) block_max = std::max(block_max, logits[j]);
+  const acc_t new_max = std::max(state.max, block_max);
+  // Every key so far is masked out: nothing to add, and -inf - -inf would be NaN.
+  if (new_max == -std::numeric_limits<acc_t>::infinity()) return;
+
+  acc_t prefix_total = 0;
+#pragma omp simd reduction(+ : prefix_total)
+  for (int64_t j = 0; j < num_prefix_keys; ++j) prefix_total += exp_nonpositive(logits[j] - new_max);
+  acc_t mass = 0;
+  acc_t weighted = 0;
+  const acc_t* patch_logits = logits + num_prefix_keys;
+#pragma omp simd reduction(+ : mass, weighted)
+  for (int64_t j = 0; j < num_keys - num_prefix_keys; ++j) {
+    const acc_t p = exp_nonpositive(patch_logits[j] - new_max);
+    mass += p;
+    weighted += p * dist[j];
+  }
+  const acc_t rescale = exp_nonpositive(state.max - new_max);
+  state.max = new_max;
+  state.total = state.total * rescale + prefix_total + mass;
+  state.mass = state.mass * rescale + mass;
+  state.weighted = state.weighted * rescale + weighted;
+}
+
+// logits[j] += bias[j * stride], or with a bool mask, logits[j] = -inf where the mask is false.
+template <typename acc_t, typename bias_t>
+VITMAD_CPU_CLONES void apply_bias(acc_t* logits, const bias_t* bias, int64_t stride, int64_t count) {
+  if constexpr (std::is_same_v<bias_t, bool>) {
+    for (int64_t j = 0; j < count; ++j)
+      if (!bias[j * stride]) logits[j] = -std::numeric_limits<acc_t>::infinity();
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < count; ++j) logits[j] += static_cast<acc_t>(bias[j * stride]);
+  }
+}
+
+// A tensor's data and strides, read through matrix_offset.
+template <typename T>
+struct StridedView {
+  const T* data = nullptr;
+  at::IntArrayRef sizes;
+  at::IntArrayRef strides;
+
+  const T* matrix(int64_t index) const { return data + matrix_offset(index, sizes, strides); }
+};
+
+template <typename T>
+StridedView<T> view_of(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), t.sizes(), t.strides()};
+}
+
+template <typename scalar_t, typename acc_t, typename bias_t>
+void mad_qk_cpu_typed(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& bias,
+                      const MadQkLayout& ql, acc_t patch, acc_t* per_query) {
+  const MadLayout& l = ql.mad;
+  const int64_t head_dim = ql.head_dim;
+  const auto table = distance_table<acc_t>(l, patch);
+  const auto qv = view_of<scalar_t>(q);
+  const auto kv = view_of<scalar_t>(k);
+  StridedView<bias_t> bv;
+  if (bias.has_value()) bv = view_of<bias_t>(*bias);
+  const int64_t bias_query_stride = bias.has_value() ? bias->stride(-2) : 0;
+  const int64_t bias_key_stride = bias.has_value() ? bias->stride(-1) : 0;
+  const int64_t query_blocks = (l.num_patches + kQueryBlock - 1) / kQueryBlock;
+
+  at::parallel_for(0, l.num_matrices * query_blocks, 1, [&](int64_t begin, int64_t end) {
+    GemmLogits<scalar_t, acc_t> products(head_dim);
+    std::vector<acc_t> dist(kKeyBlock);
+    std::vector<RowState<acc_t>> states(kQueryBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / query_blocks;
+      const int64_t t_begin = (task % query_blocks) * kQueryBlock;
+      const int64_t rows = std::min(kQueryBlock, l.num_patches - t_begin);
+      const int64_t first_query = l.num_prefix + t_begin;  // token index of the block's first query
+      const scalar_t* q_matrix = qv.matrix(b);
+      const scalar_t* k_matrix = kv.matrix(b);
+      const bias_t* bias_matrix = bias.has_value() ? bv.matrix(b) : nullptr;
+
+      products.set_keys(k_matrix, k.stride(-2), k.stride(-1), l.num_tokens);
+      products.set_queries(q_matrix + first_query * q.stride(-2), q.stride(-2), q.stride(-1), rows, ql.scale);
+      std::fill(states.begin(), states.begin() + rows, RowState<acc_t>{});
+
+      for (int64_t k_begin = 0; k_begin < l.num_tokens; k_begin += kKeyBlock) {
+        const int64_t cols = std::min(kKeyBlock, l.num_tokens - k_begin);
+        acc_t* logits = products.logits(k_begin, cols);
+
+        const int64_t prefix_keys = std::clamp<int64_t>(l.num_prefix - k_begin, 0, cols);
+        const int64_t first_patch_key = k_begin + prefix_keys - l.num_prefix;  // among the patches
+        const int64_t last_patch_key = k_begin + cols - l.num_prefix;
+        for (int64_t i = 0; i < rows; ++i) {
+          acc_t* row = logits + i * products.row_stride();
+          if (bias_matrix != nullptr)
+            apply_bias(row, bias_matrix + (first_query + i) * bias_query_stride + k_begin * bias_key_stride,
+                       bias_key_stride, cols);
+          if (first_patch_key < last_patch_key)
+            fill_distances(table.data(), l, t_begin + i, first_patch_key, last_patch_key, dist.data());
+          // Renormalised MAD is the mean distance under the softmax over patch keys alone, so prefix keys are
+          // left out: counting them would only shrink the patch mass, down to 0 / 0 for a query that puts
+          // nearly all its attention on CLS.
+          if (l.renormalize)
+            online_softmax_update(row + prefix_keys, cols - prefix_keys, int64_t{0}, dist.data(), states[i]);
+          else
+            online_softmax_update(row, cols, prefix_keys, dist.data(), states[i]);
+        }
+      }
+      // A row with every key masked out has total == 0 and gives NaN, as softmax does.
+      acc_t* out = per_query + b * l.num_patches + t_begin;
+      for (int64_t i = 0; i < rows; ++i)
+        out[i] = states[i].weighted / (l.renormalize ? states[i].mass : states[i].total);
+    }
+  });
+}
+
+at::Tensor mad_qk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t patch, int64_t num_prefix_tokens,
+                      at::OptionalIntArrayRef grid, std::optional<double> scale,
+                      const std::optional<at::Tensor>& attn_bias, bool renormalize, c10::string_view reduction) {
+  const MadQkLayout ql = check_mad_qk_args(q, k, patch, num_prefix_tokens, grid, scale, attn_bias, renormalize,
+                                           reduction, "vitmad.mad_qk");
+  const MadLayout& l = ql.mad;
+  const auto out_dtype = mad_output_dtype(q.scalar_type());
+  at::Tensor per_query = at::empty({l.num_matrices, l.num_patches}, q.options().dtype(out_dtype));
+  at::Tensor out = at::empty(mad_qk_output_shape(q, l), q.options().dtype(out_dtype));
+  if (l.num_matrices == 0) return out;
+  std::optional<at::Tensor> bias;
+  if (attn_bias.has_value()) bias = broadcast_attn_bias(*attn_bias, q);
+  const bool bool_mask = bias.has_value() && bias->scalar_type() == at::kBool;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "vitmad_mad_qk_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* rows = per_query.mutable_data_ptr<acc_t>();
+    if (bool_mask)
+      mad_qk_cpu_typed<scalar_t, acc_t, bool>(q, k, bias, ql, static_cast<acc_t>(patch), rows);
+    else
+      mad_qk_cpu_typed<scalar_t, acc_t, scalar_t>(q, k, bias, ql, static_cast<acc_t>(patch), rows);
+    if (l.reduce_mean) mean_over_queries<acc_t>(rows, l, out.mutable_data_ptr<acc_t>());
+  });
+  return l.reduce_mean ? out : per_query.view(out.sizes());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vitmad, CPU, m) { m.impl("mad_qk", &mad_qk_cpu); }
+
+}  // namespace vitmad

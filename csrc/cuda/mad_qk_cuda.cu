@@ -1,0 +1,434 @@
+// CUDA kernel of vitmad::mad_qk: MAD of softmax(q @ k^T * scale + attn_bias) without the N x N attention.
+//
+// One thread block owns a tile of query patches of one matrix and walks the keys in tiles, as flash attention
+// does: the query tile stays in shared memory, each key tile is staged in shared memory, the tile of logits
+// comes from tensor cores (WMMA, float32 accumulation) for float16 / bfloat16 and from plain FMAs for float32
+// (no TF32, so float32 keeps float32 accuracy) and float64. Each query row is then owned by a few lanes of one
+// warp that keep its online-softmax state in registers: the running max (in log2 units), and, relative to it,
+// the running normaliser over all keys and the running mass and distance-weighted sum over patch keys. The
+// distance comes from token indices through mad_geometry.h, as on the CPU.
+//
+// Only c10/cuda headers are used (ATen/cuda/CUDAContext.h needs cuBLAS/cuSPARSE headers the toolkit may lack).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <climits>
+#include <limits>
+#include <optional>
+#include <type_traits>
+
+#include "../mad_args.h"
+#include "../mad_geometry.h"
+#include "../strided_matrices.h"
+
+namespace vitmad {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxLeadingDims = 8;
+constexpr int kMaxGridY = 65535;
+constexpr double kLog2e = 1.4426950408889634;
+
+// Tile sizes and product path per input dtype. mma_t is the type staged in shared memory for the products.
+template <typename scalar_t>
+struct TileConfig;
+template <>
+struct TileConfig<c10::Half> {
+  using mma_t = __half;
+  using acc_t = float;
+  static constexpr bool kTensorCores = true;
+  static constexpr int kBlockM = 64, kBlockN = 64, kPad = 8;  // +8 halves per row: WMMA's ldm rule, fewer conflicts
+};
+template <>
+struct TileConfig<c10::BFloat16> {
+  using mma_t = __nv_bfloat16;
+  using acc_t = float;
+  static constexpr bool kTensorCores = true;
+  static constexpr int kBlockM = 64, kBlockN = 64, kPad = 8;
+};
+template <>
+struct TileConfig<float> {
+  using mma_t = float;
+  using acc_t = float;
+  static constexpr bool kTensorCores = false;
+  static constexpr int kBlockM = 64, kBlockN = 64, kPad = 1;  // odd row length: conflict-free column reads
+};
+template <>
+struct TileConfig<double> {
+  using mma_t = double;
+  using acc_t = double;
+  static constexpr bool kTensorCores = false;
+  static constexpr int kBlockM = 32, kBlockN = 32, kPad = 1;  // smaller tiles keep shared memory under 48 KiB
+};
+
+// Leading dimensions of a tensor, passed by value so each block finds its matrix.
+struct LeadingDims {
+  int64_t sizes[kMaxLeadingDims];
+  int64_t strides[kMaxLeadingDims];
+  int64_t count;
+
+  __device__ int64_t offset(int64_t matrix) const { return leading_offset(matrix, sizes, strides, count); }
+};
+
+LeadingDims leading_dims_of(const at::Tensor& t) {
+  LeadingDims dims{};
+  dims.count = t.dim() - 2;
+  for (int64_t d = 0; d < dims.count; ++d) {
+    dims.sizes[d] = t.size(d);
+    dims.strides[d] = t.stride(d);
+  }
+  return dims;
+}
+
+struct QkParams {
+  const void* q;
+  const void* k;
+  const void* bias;  // null without attn_bias; else its [..., N, N] broadcast view
+  void* per_query;   // [num_matrices, num_patches] in acc_t
+  LeadingDims q_lead, k_lead, bias_lead;
+  int64_t q_stride_n, q_stride_d, k_stride_n, k_stride_d, bias_stride_q, bias_stride_k;
+  int64_t num_matrices;
+  int num_tokens, num_prefix, num_patches, grid_w, head_dim, head_dim_padded;
+  double logit_scale;  // scale * log2(e): the logits are kept in log2 units, for exp2
+  double patch;
+  bool renormalize;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t max_of(acc_t a, acc_t b) {
+  return a > b ? a : b;
+}
+
+__device__ __forceinline__ float exp2_of(float x) { return exp2f(x); }
+__device__ __forceinline__ double exp2_of(double x) { return exp2(x); }
+
+// c10::Half / c10::BFloat16 hold the same bits as __half / __nv_bfloat16.
+template <typename mma_t, typename scalar_t>
+__device__ __forceinline__ mma_t to_mma(scalar_t v) {
+  static_assert(sizeof(mma_t) == sizeof(scalar_t), "staged type must have the input's width");
+  if constexpr (std::is_same_v<mma_t, scalar_t>) {
+    return v;
+  } else {
+    return *reinterpret_cast<const mma_t*>(&v);
+  }
+}
+
+// A staged value in the accumulation type.
+template <typename acc_t, typename mma_t>
+__device__ __forceinline__ acc_t to_acc(mma_t v) {
+  if constexpr (std::is_same_v<mma_t, __half>) {
+    return __half2float(v);
+  } else if constexpr (std::is_same_v<mma_t, __nv_bfloat16>) {
+    return __bfloat162float(v);
+  } else {
+    return v;
+  }
+}
+
+// WMMA for float16 from sm_70 and for bfloat16 from sm_80; older targets (only built when asked for) run the
+// FMA path on the same tiles, so tile sizes and shared memory agree between host and device code.
+template <typename mma_t>
+__device__ constexpr bool use_wmma() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700
+  return false;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  return std::is_same_v<mma_t, __half>;
+#else
+  return std::is_same_v<mma_t, __half> || std::is_same_v<mma_t, __nv_bfloat16>;
+#endif
+}
+
+// A logit (log2 units) plus the bias, or -inf where a bool mask drops the key.
+template <typename acc_t, typename bias_t>
+__device__ __forceinline__ acc_t biased(acc_t logit, bias_t bias) {
+  if constexpr (std::is_same_v<bias_t, bool>) {
+    return bias ? logit : neg_inf<acc_t>();
+  } else {
+    return logit + static_cast<acc_t>(bias) * static_cast<acc_t>(kLog2e);
+  }
+}
+
+// rows x head_dim_padded elements of a [.., N, D] matrix starting at token `first`, zero outside [0, limit)
+// tokens and beyond D, into a shared tile of row length ld.
+template <typename scalar_t, typename mma_t>
+__device__ void load_tile(const scalar_t* matrix, int64_t stride_n, int64_t stride_d, int first, int limit,
+                          int rows, int head_dim, int head_dim_padded, int ld, mma_t* tile) {
+  const mma_t zero = to_mma<mma_t>(static_cast<scalar_t>(0));
+  for (int i = threadIdx.x; i < rows * head_dim_padded; i += kThreads) {
+    const int r = i / head_dim_padded;
+    const int d = i - r * head_dim_padded;
+    const int token = first + r;
+    tile[r * ld + d] =
+        token < limit && d < head_dim ? to_mma<mma_t>(matrix[token * stride_n + d * stride_d]) : zero;
+  }
+}
+
+// s[r * lds + j] = q_tile[r] . k_tile[j] for the whole tile, in acc_t.
+template <typename scalar_t>
+__device__ void tile_logits(const typename TileConfig<scalar_t>::mma_t* q_tile,
+                            const typename TileConfig<scalar_t>::mma_t* k_tile, int ld, int head_dim_padded,
+                            typename TileConfig<scalar_t>::acc_t* s, int lds) {
+  using Cfg = TileConfig<scalar_t>;
+  using mma_t = typename Cfg::mma_t;
+  using acc_t = typename Cfg::acc_t;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
+  if constexpr (use_wmma<mma_t>()) {
+    // Warp w computes rows [16w, 16w + 16) against every key of the tile, 16 x 16 x 16 at a time.
+    static_assert(kBlockM == 16 * kWarps, "one 16-row WMMA strip per warp");
+    namespace wmma = nvcuda::wmma;
+    const int warp = threadIdx.x / 32;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kBlockN / 16];
+#pragma unroll
+    for (int n = 0; n < kBlockN / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
+    for (int kk = 0; kk < head_dim_padded; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, mma_t, wmma::row_major> a;
+      wmma::load_matrix_sync(a, q_tile + warp * 16 * ld + kk, ld);
+#pragma unroll
+      for (int n = 0; n < kBlockN / 16; ++n) {
+        // k_tile is [key][d] row-major, i.e. k^T in column-major order.
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, mma_t, wmma::col_major> b;
+        wmma::load_matrix_sync(b, k_tile + n * 16 * ld + kk, ld);
+        wmma::mma_sync(acc[n], a, b, acc[n]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kBlockN / 16; ++n)
+      wmma::store_matrix_sync(s + warp * 16 * lds + n * 16, acc[n], lds, wmma::mem_row_major);
+  } else {
+    // Thread (ty, tx) computes rows ty * kRows + i and keys tx + 8 * c: kRows x kCols FMAs per pair of loads.
+    constexpr int kRows = kBlockM / 16, kCols = kBlockN / 8;
+    static_assert(kThreads == 128, "16 x 8 threads per tile");
+    const int ty = threadIdx.x / 8;
+    const int tx = threadIdx.x % 8;
+    acc_t acc[kRows][kCols] = {};
+    for (int d = 0; d < head_dim_padded; ++d) {
+      acc_t a[kRows];
+      acc_t b[kCols];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) a[i] = to_acc<acc_t>(q_tile[(ty * kRows + i) * ld + d]);
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) b[c] = to_acc<acc_t>(k_tile[(tx + 8 * c) * ld + d]);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i)
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) acc[i][c] = fma(a[i], b[c], acc[i][c]);
+    }
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+#pragma unroll
+      for (int c = 0; c < kCols; ++c) s[(ty * kRows + i) * lds + tx + 8 * c] = acc[i][c];
+  }
+}
+
+template <typename scalar_t, typename bias_t>
+__global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams p) {
+  using Cfg = TileConfig<scalar_t>;
+  using mma_t = typename Cfg::mma_t;
+  using acc_t = typename Cfg::acc_t;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN;
+  constexpr int kRowsPerWarp = kBlockM / kWarps;
+  constexpr int kLanesPerRow = 32 / kRowsPerWarp;  // lanes sharing one query row, adjacent in the warp
+  constexpr int lds = kBlockN + 4;                 // logits row length: a multiple of 4 for WMMA stores
+  const int ld = p.head_dim_padded + Cfg::kPad;
+
+  extern __shared__ __align__(128) unsigned char shared[];
+  mma_t* q_tile = reinterpret_cast<mma_t*>(shared);
+  mma_t* k_tile = q_tile + kBlockM * ld;
+  acc_t* s = reinterpret_cast<acc_t*>(k_tile + kBlockN * ld);
+  int* key_row = reinterpret_cast<int*>(s + kBlockM * lds);
+  int* key_col = key_row + kBlockN;
+
+  const int lane = threadIdx.x % 32;
+  const int row = threadIdx.x / 32 * kRowsPerWarp + lane / kLanesPerRow;  // this lane's query row in the tile
+  const int sub = lane % kLanesPerRow;
+  const int t_begin = blockIdx.x * kBlockM;  // the tile's first query patch
+  const int t = t_begin + row;
+  const bool valid_row = t < p.num_patches;
+  const int q_row = valid_row ? patch_row(t, p.grid_w) : 0;
+  const int q_col = valid_row ? patch_col(t, p.grid_w) : 0;
+  const acc_t logit_scale = static_cast<acc_t>(p.logit_scale);
+  const acc_t patch = static_cast<acc_t>(p.patch);
+  const auto* q_all = static_cast<const scalar_t*>(p.q);
+  const auto* k_all = static_cast<const scalar_t*>(p.k);
+  const auto* bias_all = static_cast<const bias_t*>(p.bias);
+
+  for (int64_t b = blockIdx.y; b < p.num_matrices; b += gridDim.y) {
+    const scalar_t* q_matrix = q_all + p.q_lead.offset(b);
+    const scalar_t* k_matrix = k_all + p.k_lead.offset(b);
+    const bias_t* bias_row = bias_all != nullptr && valid_row
+                                 ? bias_all + p.bias_lead.offset(b) + (p.num_prefix + t) * p.bias_stride_q
+                                 : nullptr;
+    __syncthreads();  // the previous matrix is done with every tile
+    load_tile(q_matrix, p.q_stride_n, p.q_stride_d, p.num_prefix + t_begin, p.num_tokens, kBlockM, p.head_dim,
+              p.head_dim_padded, ld, q_tile);
+
+    // This lane's share of its row's state: the max is common to the row's lanes, the sums are partial.
+    acc_t running_max = neg_inf<acc_t>();
+    acc_t total = 0;     // exp2(logit - max) over all keys (prefix tokens included)
+    acc_t mass = 0;      // the same over patch keys
+    acc_t weighted = 0;  // the same over patch keys, times the distance
+    for (int k_begin = 0; k_begin < p.num_tokens; k_begin += kBlockN) {
+      __syncthreads();  // the previous key tile's logits and coordinates are consumed
+      load_tile(k_matrix, p.k_stride_n, p.k_stride_d, k_begin, p.num_tokens, kBlockN, p.head_dim,
+                p.head_dim_padded, ld, k_tile);
+      for (int j = threadIdx.x; j < kBlockN; j += kThreads) {
+        const int key_patch = k_begin + j - p.num_prefix;
+        const bool is_patch = key_patch >= 0 && k_begin + j < p.num_tokens;
+        key_row[j] = is_patch ? patch_row(key_patch, p.grid_w) : 0;
+        key_col[j] = is_patch ? patch_col(key_patch, p.grid_w) : 0;
+      }
+      __syncthreads();
+      tile_logits<scalar_t>(q_tile, k_tile, ld, p.head_dim_padded, s, lds);
+      __syncthreads();
+
+      // Scale, bias and mask the row in place (keys past N, and prefix keys when renormalising: renormalised
+      // MAD is the softmax over patch keys alone), and find the tile's max.
+      acc_t* logits = s + row * lds;
+      acc_t tile_max = neg_inf<acc_t>();
+      for (int j = sub; j < kBlockN; j += kLanesPerRow) {
+        const int key = k_begin + j;
+        acc_t x = neg_inf<acc_t>();
+        if (key < p.num_tokens && !(p.renormalize && key < p.num_prefix)) {
+          x = logits[j] * logit_scale;
+          if (bias_row != nullptr) x = biased(x, bias_row[key * p.bias_stride_k]);
+        }
+        logits[j] = x;
+        tile_max = max_of(tile_max, x);
+      }
+#pragma unroll
+      for (int offset = 1; offset < kLanesPerRow; offset *= 2)
+        tile_max = max_of(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
+      const acc_t new_max = max_of(running_max, tile_max);
+      // While every key so far is masked there is nothing to add (and -inf - -inf would be NaN).
+      if (new_max != neg_inf<acc_t>()) {
+        const acc_t rescale = exp2_of(running_max - new_max);
+        total *= rescale;
+        mass *= rescale;
+        weighted *= rescale;
+        for (int j = sub; j < kBlockN; j += kLanesPerRow) {
+          const acc_t weight = exp2_of(logits[j] - new_max);  // 0 for masked keys
+          total += weight;
+          if (k_begin + j >= p.num_prefix) {
+            mass += weight;
+            weighted += weight * patch_distance<acc_t>(q_row - key_row[j], q_col - key_col[j], patch);
+          }
+        }
+        running_max = new_max;
+      }
+    }
+#pragma unroll
+    for (int offset = 1; offset < kLanesPerRow; offset *= 2) {
+      total += __shfl_xor_sync(0xffffffffu, total, offset);
+      mass += __shfl_xor_sync(0xffffffffu, mass, offset);
+      weighted += __shfl_xor_sync(0xffffffffu, weighted, offset);
+    }
+    // A row with every key masked has total == 0 and gives NaN, as softmax does.
+    if (valid_row && sub == 0)
+      static_cast<acc_t*>(p.per_query)[b * p.num_patches + t] = weighted / (p.renormalize ? mass : total);
+  }
+}
+
+template <typename scalar_t>
+size_t shared_bytes(int head_dim_padded) {
+  using Cfg = TileConfig<scalar_t>;
+  const size_t ld = head_dim_padded + Cfg::kPad;
+  return (Cfg::kBlockM + Cfg::kBlockN) * ld * sizeof(typename Cfg::mma_t) +
+         Cfg::kBlockM * (Cfg::kBlockN + 4) * sizeof(typename Cfg::acc_t) + 2 * Cfg::kBlockN * sizeof(int);
+}
+
+template <typename scalar_t, typename bias_t>
+void launch_mad_qk(QkParams p, int device) {
+  using Cfg = TileConfig<scalar_t>;
+  p.head_dim_padded = Cfg::kTensorCores ? (p.head_dim + 15) / 16 * 16 : p.head_dim;
+  const size_t smem = shared_bytes<scalar_t>(p.head_dim_padded);
+  int smem_limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK_VALUE(smem <= static_cast<size_t>(smem_limit), "vitmad.mad_qk: head dimension D = ", p.head_dim,
+                    " needs ", smem, " bytes of shared memory per block on CUDA, the device allows ", smem_limit);
+  auto* kernel = &mad_qk_kernel<scalar_t, bias_t>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 blocks((p.num_patches + Cfg::kBlockM - 1) / Cfg::kBlockM,
+                    static_cast<unsigned>(std::min<int64_t>(p.num_matrices, kMaxGridY)));
+  kernel<<<blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor mad_qk_cuda(const at::Tensor& q, const at::Tensor& k, int64_t patch, int64_t num_prefix_tokens,
+                       at::OptionalIntArrayRef grid, std::optional<double> scale,
+                       const std::optional<at::Tensor>& attn_bias, bool renormalize, c10::string_view reduction) {
+  const MadQkLayout ql = check_mad_qk_args(q, k, patch, num_prefix_tokens, grid, scale, attn_bias, renormalize,
+                                           reduction, "vitmad.mad_qk");
+  const MadLayout& l = ql.mad;
+  TORCH_CHECK_VALUE(q.dim() - 2 <= kMaxLeadingDims, "vitmad.mad_qk: the CUDA kernel takes at most ",
+                    kMaxLeadingDims, " leading dimensions, got q of shape ", q.sizes());
+  TORCH_CHECK_VALUE(l.num_tokens < INT_MAX / 2 && ql.head_dim < INT_MAX / 2,
+                    "vitmad.mad_qk: N and D must be below 2^30 on CUDA, got shape ", q.sizes());
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const auto out_dtype = mad_output_dtype(q.scalar_type());
+  at::Tensor per_query = at::empty({l.num_matrices, l.num_patches}, q.options().dtype(out_dtype));
+  at::Tensor out = at::empty(mad_qk_output_shape(q, l), q.options().dtype(out_dtype));
+  if (l.num_matrices == 0) return out;
+
+  std::optional<at::Tensor> bias;
+  if (attn_bias.has_value()) bias = broadcast_attn_bias(*attn_bias, q);
+  QkParams p{};
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.bias = bias.has_value() ? bias->const_data_ptr() : nullptr;
+  p.per_query = per_query.mutable_data_ptr();
+  p.q_lead = leading_dims_of(q);
+  p.k_lead = leading_dims_of(k);
+  p.q_stride_n = q.stride(-2);
+  p.q_stride_d = q.stride(-1);
+  p.k_stride_n = k.stride(-2);
+  p.k_stride_d = k.stride(-1);
+  if (bias.has_value()) {
+    p.bias_lead = leading_dims_of(*bias);
+    p.bias_stride_q = bias->stride(-2);
+    p.bias_stride_k = bias->stride(-1);
+  }
+  p.num_matrices = l.num_matrices;
+  p.num_tokens = static_cast<int>(l.num_tokens);
+  p.num_prefix = static_cast<int>(l.num_prefix);
+  p.num_patches = static_cast<int>(l.num_patches);
+  p.grid_w = static_cast<int>(l.grid_w);
+  p.head_dim = static_cast<int>(ql.head_dim);
+  p.logit_scale = ql.scale * kLog2e;
+  p.patch = static_cast<double>(patch);
+  p.renormalize = l.renormalize;
+  const bool bool_mask = bias.has_value() && bias->scalar_type() == at::kBool;
+  const int device = q.get_device();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "vitmad_mad_qk_cuda", [&] {
+    if (bool_mask)
+      launch_mad_qk<scalar_t, bool>(p, device);
+    else
+      launch_mad_qk<scalar_t, scalar_t>(p, device);
+  });
+  if (!l.reduce_mean) return per_query.view(out.sizes());
+  // The mean over queries in float64, like the CPU kernel.
+  out.copy_(per_query.to(at::kDouble).mean(-1).view(out.sizes()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vitmad, CUDA, m) { m.impl("mad_qk", &mad_qk_cuda); }
+
+}  // namespace vitmad
