@@ -18,11 +18,8 @@ benchmarks/RESULTS.md unless --no-write).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -32,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _results import machine, write_section
 
 import vitmad
 
@@ -145,31 +143,6 @@ def cuda_extra_peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
-    return (
-        f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads){gpu}; torch {torch.__version__}; "
-        f"vitmad backend {vitmad.backend()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
-    )
-
-
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) this script's section of RESULTS.md, leaving other sections as they are."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    header = "# Benchmark results\n\nWritten by the scripts in benchmarks/.\n"
-    text = RESULTS.read_text() if RESULTS.exists() else header
-    block = f"{start}\n{body.strip()}\n{end}"
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -232,7 +205,7 @@ def main() -> None:
         f"## Flash-MAD: mad_qk vs SDPA and softmax-then-mad ({args.device}, {str(dtype).split('.')[1]}) "
         "(benchmarks/bench_flash.py)",
         "",
-        machine(args.device) + ".",
+        machine() + f"; vitmad backend {vitmad.backend()}.",
         "",
         f"Median of {args.repeats} calls; patch {PATCH}, one CLS token; {memory_note}.",
         "",

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import machine, write_section
 
 CASES = ("sdpa", "record", "eager")
 
@@ -123,23 +121,6 @@ def available_mib() -> float:
     return 0.0
 
 
-def section_markers(device: str, threads: int) -> tuple[str, str]:
-    """One RESULTS.md section per device and thread count, replaced by the next run of the same setting."""
-    key = f"bench_model {device} threads={threads}"
-    return f"<!-- {key}: start -->", f"<!-- {key}: end -->"
-
-
-def write_section(path: Path, text: str, markers: tuple[str, str]) -> None:
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = markers
-    if start in old and end in old:
-        head, rest = old.split(start, 1)
-        new = head + text + rest.split(end, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32, help="batch of the timed 224 px forward (default 32)")
@@ -151,7 +132,6 @@ def main() -> None:
     parser.add_argument("--memory-image", type=int, default=1024, help="image size of the memory cases")
     parser.add_argument("--skip-memory", action="store_true", help="time only")
     parser.add_argument("--note", default="", help="free text added to the RESULTS.md section (e.g. machine load)")
-    parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
     parser.add_argument("--memory-child", choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -163,16 +143,10 @@ def main() -> None:
 
     import vitmad
 
-    markers = section_markers(args.device, args.threads)
     lines = [
-        markers[0],
         f"## vitmad.record on ViT-B/16, {args.device}, {args.threads} torch thread(s) (benchmarks/bench_model.py)",
         "",
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
-        f"vitmad backend {vitmad.backend()}; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
-        + (f"; {torch.cuda.get_device_name()}" if args.device == "cuda" else "")
-        + (f". {args.note}" if args.note else ""),
+        f"{machine()}; vitmad backend {vitmad.backend()}" + (f". {args.note}" if args.note else ""),
         "",
         f"Forward time, batch {args.batch}, {args.image}x{args.image} px, {args.device}, median of "
         f"{args.repeats} (random weights):",
@@ -204,11 +178,10 @@ def main() -> None:
             results[case] = r = measure_memory(case, args.memory_image)
             lines.append(f"| {case} | {r['before_mib']:.0f} | {r['peak_mib']:.0f} | {r['increase_mib']:.0f} | "
                          f"{r['peak_mib'] / results['sdpa']['peak_mib']:.2f}x |")
-    lines.append(markers[1])
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section(args.results, text, markers)
+        write_section(f"bench_model-{args.device}-threads{args.threads}", text)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,6 @@ def main() -> None:
             rows.append([name, str(dtype).replace("torch.", ""), f"{mb:.0f}", fmt_ms(t_tut), fmt_ms(t_mat),
                          fmt_ms(t_op), fmt_ms(t_sum), f"{mb / 1e3 / t_op:.1f}", f"{t_op / t_sum:.2f}", speedup])
             print(" | ".join(rows[-1]), flush=True)
-            del attn
         del base
         gc.collect()
 

@@ -96,11 +96,11 @@ at::Tensor check_mad_grad(const at::Tensor& grad, const at::Tensor& attn, const 
   return grad.to(mad_output_dtype(attn.scalar_type())).contiguous();
 }
 
-MatrixOffsets matrix_offsets(const at::Tensor& attn, const char* op_name) {
+MatrixOffsets matrix_offsets(const at::Tensor& tensor, const char* op_name, const char* arg_name) {
   MatrixOffsets offsets{};
-  const bool fits = make_matrix_offsets(attn.sizes().data(), attn.strides().data(), attn.dim() - 2, offsets);
-  TORCH_CHECK_VALUE(fits, op_name, ": attn's leading dimensions must merge into at most ", kMaxLeadingDims,
-                    " strided dimensions, got shape ", attn.sizes(), " with strides ", attn.strides());
+  const bool fits = make_matrix_offsets(tensor.sizes().data(), tensor.strides().data(), tensor.dim() - 2, offsets);
+  TORCH_CHECK_VALUE(fits, op_name, ": ", arg_name, "'s leading dimensions must merge into at most ", kMaxLeadingDims,
+                    " strided dimensions, got shape ", tensor.sizes(), " with strides ", tensor.strides());
   return offsets;
 }
 

@@ -67,6 +67,6 @@ std::vector<int64_t> mad_output_shape(const at::Tensor& attn, const MadLayout& l
 at::Tensor check_mad_grad(const at::Tensor& grad, const at::Tensor& attn, const MadLayout& layout);
 
 // Where each [N, N] matrix of attn starts, for attn's strides (read in place, never copied).
-MatrixOffsets matrix_offsets(const at::Tensor& attn, const char* op_name);
+MatrixOffsets matrix_offsets(const at::Tensor& tensor, const char* op_name, const char* arg_name = "attn");
 
 }  // namespace vitmad

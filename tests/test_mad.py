@@ -134,7 +134,7 @@ def test_uniform_attention_in_patch_units():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_attention_on_self_gives_zero(device):
-    n, prefix = 26, 1
+    n = 26
     attn = torch.zeros(2, n, n, device=device)
     attn[:, torch.arange(n), torch.arange(n)] = 1.0
     assert torch.equal(vitmad.mad(attn, 16, grid=[5, 5]), torch.zeros(2, device=device))

@@ -13,7 +13,6 @@
 
 #include "../mad_args.h"
 #include "../mad_geometry.h"
-#include "../strided_matrices.h"
 
 // Each hot loop is compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load time by the CPU, so
 // one wheel is fast on modern CPUs and still runs on old ones.
@@ -50,11 +49,6 @@ void fill_distances(const acc_t* table, const MadLayout& l, int64_t t, int64_t f
     std::copy(slice, slice + (run_end - s), out + (s - first));
     s = run_end;
   }
-}
-
-// Element offset of matrix `index` (row-major over the leading dims) in a tensor of arbitrary strides.
-inline int64_t matrix_offset(int64_t index, at::IntArrayRef sizes, at::IntArrayRef strides) {
-  return leading_offset(index, sizes.data(), strides.data(), static_cast<int64_t>(sizes.size()) - 2);
 }
 
 // Row-wise mean of [num_matrices, num_patches] per-query values in double, in a fixed order, so the result

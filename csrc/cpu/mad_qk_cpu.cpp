@@ -118,19 +118,18 @@ VITMAD_CPU_CLONES void apply_bias(acc_t* logits, const bias_t* bias, int64_t str
   }
 }
 
-// A tensor's data and strides, read through matrix_offset.
+// A tensor's data and the offsets of its [N, X] matrices.
 template <typename T>
 struct StridedView {
   const T* data = nullptr;
-  at::IntArrayRef sizes;
-  at::IntArrayRef strides;
+  MatrixOffsets offsets{};
 
-  const T* matrix(int64_t index) const { return data + matrix_offset(index, sizes, strides); }
+  const T* matrix(int64_t index) const { return data + offsets(index); }
 };
 
 template <typename T>
-StridedView<T> view_of(const at::Tensor& t) {
-  return {t.const_data_ptr<T>(), t.sizes(), t.strides()};
+StridedView<T> view_of(const at::Tensor& t, const char* arg_name) {
+  return {t.const_data_ptr<T>(), matrix_offsets(t, "vitmad.mad_qk", arg_name)};
 }
 
 template <typename scalar_t, typename acc_t, typename bias_t>
@@ -139,10 +138,10 @@ void mad_qk_cpu_typed(const at::Tensor& q, const at::Tensor& k, const std::optio
   const MadLayout& l = ql.mad;
   const int64_t head_dim = ql.head_dim;
   const auto table = distance_table<acc_t>(l, patch);
-  const auto qv = view_of<scalar_t>(q);
-  const auto kv = view_of<scalar_t>(k);
+  const auto qv = view_of<scalar_t>(q, "q");
+  const auto kv = view_of<scalar_t>(k, "k");
   StridedView<bias_t> bv;
-  if (bias.has_value()) bv = view_of<bias_t>(*bias);
+  if (bias.has_value()) bv = view_of<bias_t>(*bias, "attn_bias");
   const int64_t bias_query_stride = bias.has_value() ? bias->stride(-2) : 0;
   const int64_t bias_key_stride = bias.has_value() ? bias->stride(-1) : 0;
   const int64_t query_blocks = (l.num_patches + kQueryBlock - 1) / kQueryBlock;

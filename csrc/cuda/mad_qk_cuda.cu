@@ -29,14 +29,12 @@
 
 #include "../mad_args.h"
 #include "../mad_geometry.h"
-#include "../strided_matrices.h"
 
 namespace vitmad {
 namespace {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxLeadingDims = 8;
 constexpr int kMaxGridY = 65535;
 constexpr double kLog2e = 1.4426950408889634;
 
@@ -72,31 +70,12 @@ struct TileConfig<double> {
   static constexpr int kBlockM = 32, kBlockN = 32, kPad = 1;  // smaller tiles keep shared memory under 48 KiB
 };
 
-// Leading dimensions of a tensor, passed by value so each block finds its matrix.
-struct LeadingDims {
-  int64_t sizes[kMaxLeadingDims];
-  int64_t strides[kMaxLeadingDims];
-  int64_t count;
-
-  __device__ int64_t offset(int64_t matrix) const { return leading_offset(matrix, sizes, strides, count); }
-};
-
-LeadingDims leading_dims_of(const at::Tensor& t) {
-  LeadingDims dims{};
-  dims.count = t.dim() - 2;
-  for (int64_t d = 0; d < dims.count; ++d) {
-    dims.sizes[d] = t.size(d);
-    dims.strides[d] = t.stride(d);
-  }
-  return dims;
-}
-
 struct QkParams {
   const void* q;
   const void* k;
   const void* bias;  // null without attn_bias; else its [..., N, N] broadcast view
   void* per_query;   // [num_matrices, num_patches] in acc_t
-  LeadingDims q_lead, k_lead, bias_lead;
+  MatrixOffsets q_lead, k_lead, bias_lead;  // where each [N, X] matrix of q, k and the bias view starts
   int64_t q_stride_n, q_stride_d, k_stride_n, k_stride_d, bias_stride_q, bias_stride_k;
   int64_t num_matrices;
   int num_tokens, num_prefix, num_patches, grid_w, head_dim, head_dim_padded;
@@ -269,10 +248,10 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams p) {
   const auto* bias_all = static_cast<const bias_t*>(p.bias);
 
   for (int64_t b = blockIdx.y; b < p.num_matrices; b += gridDim.y) {
-    const scalar_t* q_matrix = q_all + p.q_lead.offset(b);
-    const scalar_t* k_matrix = k_all + p.k_lead.offset(b);
+    const scalar_t* q_matrix = q_all + p.q_lead(b);
+    const scalar_t* k_matrix = k_all + p.k_lead(b);
     const bias_t* bias_row = bias_all != nullptr && valid_row
-                                 ? bias_all + p.bias_lead.offset(b) + (p.num_prefix + t) * p.bias_stride_q
+                                 ? bias_all + p.bias_lead(b) + (p.num_prefix + t) * p.bias_stride_q
                                  : nullptr;
     __syncthreads();  // the previous matrix is done with every tile
     load_tile(q_matrix, p.q_stride_n, p.q_stride_d, p.num_prefix + t_begin, p.num_tokens, kBlockM, p.head_dim,
@@ -375,8 +354,6 @@ at::Tensor mad_qk_cuda(const at::Tensor& q, const at::Tensor& k, int64_t patch, 
   const MadQkLayout ql = check_mad_qk_args(q, k, patch, num_prefix_tokens, grid, scale, attn_bias, renormalize,
                                            reduction, "vitmad.mad_qk");
   const MadLayout& l = ql.mad;
-  TORCH_CHECK_VALUE(q.dim() - 2 <= kMaxLeadingDims, "vitmad.mad_qk: the CUDA kernel takes at most ",
-                    kMaxLeadingDims, " leading dimensions, got q of shape ", q.sizes());
   TORCH_CHECK_VALUE(l.num_tokens < INT_MAX / 2 && ql.head_dim < INT_MAX / 2,
                     "vitmad.mad_qk: N and D must be below 2^30 on CUDA, got shape ", q.sizes());
   const c10::cuda::CUDAGuard device_guard(q.device());
@@ -392,14 +369,14 @@ at::Tensor mad_qk_cuda(const at::Tensor& q, const at::Tensor& k, int64_t patch, 
   p.k = k.const_data_ptr();
   p.bias = bias.has_value() ? bias->const_data_ptr() : nullptr;
   p.per_query = per_query.mutable_data_ptr();
-  p.q_lead = leading_dims_of(q);
-  p.k_lead = leading_dims_of(k);
+  p.q_lead = matrix_offsets(q, "vitmad.mad_qk", "q");
+  p.k_lead = matrix_offsets(k, "vitmad.mad_qk", "k");
   p.q_stride_n = q.stride(-2);
   p.q_stride_d = q.stride(-1);
   p.k_stride_n = k.stride(-2);
   p.k_stride_d = k.stride(-1);
   if (bias.has_value()) {
-    p.bias_lead = leading_dims_of(*bias);
+    p.bias_lead = matrix_offsets(*bias, "vitmad.mad_qk", "attn_bias");
     p.bias_stride_q = bias->stride(-2);
     p.bias_stride_k = bias->stride(-1);
   }
