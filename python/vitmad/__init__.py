@@ -9,4 +9,14 @@ from .ops import mad
 from .reference import mad_reference, pixel_distances, uniform_attention_mad
 
 __all__ = ["mad", "backend", "has_compiled_kernel", "mad_reference", "pixel_distances", "uniform_attention_mad"]
+__all__ += ["profile", "Profile"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Profiling pulls in tqdm, PIL and (for figures) matplotlib: load it on first use only.
+    if name in ("profile", "Profile"):
+        from . import profiling
+
+        return getattr(profiling, name)
+    raise AttributeError(f"module 'vitmad' has no attribute {name!r}")

