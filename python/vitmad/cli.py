@@ -52,19 +52,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_transformers() -> None:
+    """Keep transformers' weight-loading bars and load reports out of the command's output."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ModuleNotFoundError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _profile_command(args: argparse.Namespace) -> None:
-    from .images import parse_image_size
+    from .images import find_images, parse_image_size
     from .models import load_model
     from .plotting import plot_mad_maps
     from .profiling import mad_maps, profile
 
     out = Path(args.out)
     size = parse_image_size(args.image_size)
+    files = find_images(args.images)  # before loading the model: a wrong folder fails at once
+    _quiet_transformers()
     loaded = load_model(args.model, checkpoint=args.checkpoint, image_size=size)
     out.mkdir(parents=True, exist_ok=True)
     result = profile(
         loaded,
-        args.images,
+        files,
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,

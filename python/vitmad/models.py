@@ -125,5 +125,10 @@ def _load_timm(
         )
     except TypeError as err:
         raise ValueError(f"--image-size: timm model {name} cannot take other input sizes ({err})") from err
+    except RuntimeError as err:  # load_state_dict: missing, unexpected or mis-shaped weights
+        if checkpoint is None:
+            raise
+        first_line = str(err).strip().splitlines()[0]
+        raise ValueError(f"--checkpoint: {checkpoint} does not fit timm model {name}: {first_line}") from err
     preprocessing = Preprocessing.from_timm(timm.data.resolve_model_data_config(module))
     return wrap_module(module, spec, preprocessing)
