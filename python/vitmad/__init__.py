@@ -6,9 +6,10 @@ the compiled library is unavailable: see :func:`backend`).
 
 from ._library import backend, has_compiled_kernel
 from .ops import mad
+from .record import record
 from .reference import mad_reference, pixel_distances, uniform_attention_mad
 
-__all__ = ["mad", "backend", "has_compiled_kernel", "mad_reference", "pixel_distances", "uniform_attention_mad"]
+__all__ = ["mad", "record", "backend", "has_compiled_kernel", "mad_reference", "pixel_distances", "uniform_attention_mad"]
 __all__ += ["profile", "Profile"]
 __version__ = "0.1.0"
 

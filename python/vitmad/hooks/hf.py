@@ -1,0 +1,181 @@
+"""Recording HF transformers attention through its own extension point, ``AttentionInterface``.
+
+For each attention implementation in use (``sdpa``, ``flash_attention_2``, ``eager``, ...) one wrapper is
+registered once per process under ``vitmad_record_<implementation>``: it hands ``(query, key, scaling,
+attention_mask)`` of the modules being recorded to their callback, then calls the original implementation with
+the very same arguments, so the model's outputs do not change. Modules not being recorded pass straight through.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["AttentionCallback", "is_hf_model", "hf_attention_modules", "HFAttentionHooks"]
+
+# (qualified module name, q [B, H, N, D], k [B, H, N, D], scale or None, additive or boolean mask or None)
+AttentionCallback = Callable[[str, torch.Tensor, torch.Tensor, "float | None", "torch.Tensor | None"], None]
+
+_WRAPPER_PREFIX = "vitmad_record_"
+# id(attention module) -> (its qualified name, callback); read by the registered wrappers.
+_ACTIVE: dict[int, tuple[str, Callable]] = {}
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (without importing transformers when it is not)."""
+    if "transformers" not in sys.modules:
+        return False
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def hf_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules that call the attention interface, by qualified name, in module order.
+
+    They own the query and key projections: ``q_proj``/``k_proj`` (transformers 5.x and CLIP/SigLIP) or
+    ``query``/``key`` (``*SelfAttention`` of transformers 4.x and 5.0).
+    """
+    found = {}
+    for name, module in model.named_modules():
+        pairs = (("q_proj", "k_proj"), ("query", "key"))
+        if any(isinstance(getattr(module, q, None), nn.Module) and isinstance(getattr(module, k, None), nn.Module)
+               for q, k in pairs):
+            found[name] = module
+    return found
+
+
+def _original_function(implementation: str, module: nn.Module) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if implementation in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[implementation]
+    # "eager" is not in the registry: each modeling file defines its own eager_attention_forward.
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if implementation == "eager" and eager is not None:
+        return eager
+    raise RuntimeError(
+        f"vitmad.record: attention implementation '{implementation}' of {type(module).__name__} is not in "
+        "transformers' AttentionInterface; load the model with attn_implementation='sdpa' or 'eager'"
+    )
+
+
+def _register_wrapper(implementation: str) -> str:
+    """Registers (once per process) the recording wrapper of ``implementation``; returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = _WRAPPER_PREFIX + implementation
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return name
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        active = _ACTIVE.get(id(module))
+        if active is not None:
+            layer, callback = active
+            callback(layer, query, key, kwargs.get("scaling"), attention_mask)
+        return _original_function(implementation, module)(module, query, key, value, attention_mask, *args, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    # The mask the model builds depends on the implementation's name: build the one the original gets.
+    if implementation in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
+    return name
+
+
+def _restore_token_order(x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    """Undoes ViTMAE's per-sample shuffle of the patch tokens (the prefix tokens stay first).
+
+    Args:
+        x: ``[B, H, N, D]`` with the patch tokens in shuffled order.
+        ids_restore: ``[B, N - P]``, the position of each patch in the shuffled sequence.
+    """
+    batch, heads, n, d = x.shape
+    num_prefix = n - ids_restore.shape[1]
+    prefix = torch.arange(num_prefix, device=x.device).expand(batch, num_prefix)
+    index = torch.cat([prefix, num_prefix + ids_restore.to(x.device)], dim=1)
+    return x.gather(2, index[:, None, :, None].expand(batch, heads, n, d))
+
+
+class HFAttentionHooks:
+    """Routes a transformers model's attention through the recording wrapper while installed.
+
+    Args:
+        model: the ``PreTrainedModel``.
+        modules: the attention modules to record, by qualified name.
+        callback: called with ``(name, q, k, scale, mask)`` for every call of a recorded module.
+    """
+
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], callback: AttentionCallback):
+        self.model = model
+        self.modules = modules
+        self.callback = callback
+        self._original: str | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        # ViTMAE shuffles the patch tokens even at mask_ratio=0: name prefix of its encoder -> ids_restore.
+        self._ids_restore: dict[str, torch.Tensor] = {}
+
+    def _implementation(self) -> str:
+        configs = [self.model.config] + [m.config for m in self.modules.values() if hasattr(m, "config")]
+        implementations = {c._attn_implementation for c in configs}
+        if len(implementations) != 1:
+            raise ValueError(
+                f"vitmad.record: {type(self.model).__name__} mixes attention implementations "
+                f"{sorted(map(str, implementations))}; record one sub-model (e.g. its vision model) instead"
+            )
+        implementation = implementations.pop()
+        if implementation.startswith(_WRAPPER_PREFIX):
+            raise RuntimeError(f"vitmad.record: {type(self.model).__name__} is already being recorded")
+        return implementation
+
+    def _watch_token_shuffle(self) -> None:
+        for name, module in self.model.named_modules():
+            if hasattr(module, "random_masking"):
+                prefix = name.rpartition(".")[0]
+                prefix = prefix + "." if prefix else ""
+
+                def keep_ids_restore(module, args, output, prefix=prefix):
+                    _, removed, ids_restore = output
+                    if bool(removed.any()):
+                        raise ValueError(
+                            f"vitmad.record: {type(module).__name__} dropped patches (config.mask_ratio = "
+                            f"{getattr(module.config, 'mask_ratio', '?')}); MAD needs every patch: set "
+                            "config.mask_ratio = 0"
+                        )
+                    self._ids_restore[prefix] = ids_restore
+
+                self._handles.append(module.register_forward_hook(keep_ids_restore))
+
+    def _layer_callback(self, name, query, key, scaling, mask):
+        for prefix, ids_restore in self._ids_restore.items():
+            if name.startswith(prefix):
+                query, key = _restore_token_order(query, ids_restore), _restore_token_order(key, ids_restore)
+        self.callback(name, query, key, scaling, mask)
+
+    def install(self) -> None:
+        self._original = self._implementation()
+        wrapper = _register_wrapper(self._original)
+        for name, module in self.modules.items():
+            _ACTIVE[id(module)] = (name, self._layer_callback)
+        self._watch_token_shuffle()
+        self.model.set_attn_implementation(wrapper)
+        if self.model.config._attn_implementation != wrapper:
+            self.remove()
+            raise RuntimeError(
+                f"vitmad.record: {type(self.model).__name__} does not let its attention implementation be set "
+                "(it does not use transformers' AttentionInterface); vitmad.record cannot hook it"
+            )
+
+    def remove(self) -> None:
+        for module in self.modules.values():
+            _ACTIVE.pop(id(module), None)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._original is not None:
+            self.model.set_attn_implementation(self._original)
+            self._original = None
