@@ -106,17 +106,17 @@ def plot_mad_maps(
     image = pixels.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     image = image.clamp(0, 1).permute(1, 2, 0).numpy()
     count = maps.shape[0]
-    fig, axes = plt.subplots(1, count + 1, figsize=(3.0 * (count + 1), 3.3))
+    fig, axes = plt.subplots(1, count + 1, figsize=(2.6 * (count + 1) + 0.8, 3.0), layout="constrained")
     axes[0].imshow(image)
     axes[0].set_title("input")
     low, high = float(maps.min()), float(maps.max())
     for ax, layer_map, name in zip(axes[1:], maps, names):
         ax.imshow(image)
-        shown = ax.imshow(layer_map.numpy(), cmap="viridis", alpha=0.6, vmin=low, vmax=high,
+        shown = ax.imshow(layer_map.numpy(), cmap="viridis", alpha=0.55, vmin=low, vmax=high,
                           extent=(0, maps.shape[2] * patch, maps.shape[1] * patch, 0), interpolation="nearest")
         ax.set_title(name if len(name) < 28 else "..." + name[-25:], fontsize=8)
     for ax in axes:
         ax.axis("off")
-    fig.colorbar(shown, ax=list(axes), shrink=0.8, label="MAD (px), mean over heads")
-    fig.savefig(path, dpi=120)
+    fig.colorbar(shown, ax=list(axes), shrink=0.9, label="MAD (px), mean over heads")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
