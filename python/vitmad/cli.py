@@ -8,12 +8,32 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def checkpoint_path(out: Path, run) -> Path:
+    """``OUT/checkpoint.pt`` for one process; ``OUT/checkpoint.rank<R>-of-<W>.pt`` per rank under torchrun."""
+    if run is None:
+        return out / CHECKPOINT_NAME
+    return out / f"checkpoint.rank{run.rank}-of-{run.world_size}.pt"
+
+
+def _check_resume_world_size(out: Path, run) -> None:
+    """Refuse to resume checkpoints written by a different number of processes (their shards differ)."""
+    world = 1 if run is None else run.world_size
+    found = {1} if (out / CHECKPOINT_NAME).is_file() else set()
+    found |= {int(p.stem.rsplit("-of-", 1)[1]) for p in out.glob("checkpoint.rank*-of-*.pt")}
+    if found and world not in found:
+        raise ValueError(
+            f"--resume: the checkpoints in {out} were written by {min(found)} process(es), this run has {world}; "
+            "resume with the same number of processes, or start over without --resume"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="vitmad_out", help="output folder (default: %(default)s)")
     run.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME}")
     run.add_argument("--no-figures", action="store_true", help="write mad.json and mad.csv only")
+    run.add_argument("--checkpoint-every", type=int, default=8, help="batches between checkpoints (default: 8)")
+    run.add_argument("--backend", default=None, choices=["gloo", "nccl"],
+                     help="torchrun only: process-group backend (default: nccl on GPUs, gloo on CPUs)")
+    run.add_argument("--dist-timeout", type=float, default=1800,
+                     help="torchrun only: seconds a collective waits for the other ranks (default: 1800)")
 
     compare = commands.add_parser("compare", help="overlay several profiles",
                                   description="Overlay the mean and spread per layer of several mad.json files.")
@@ -62,7 +87,7 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _profile_command(args: argparse.Namespace) -> None:
+def _profile_command(args: argparse.Namespace, run) -> None:
     from .images import find_images, parse_image_size
     from .models import load_model
     from .plotting import plot_mad_maps
@@ -71,6 +96,8 @@ def _profile_command(args: argparse.Namespace) -> None:
     out = Path(args.out)
     size = parse_image_size(args.image_size)
     files = find_images(args.images)  # before loading the model: a wrong folder fails at once
+    if args.resume:
+        _check_resume_world_size(out, run)
     _quiet_transformers()
     loaded = load_model(args.model, checkpoint=args.checkpoint, image_size=size)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,10 +110,14 @@ def _profile_command(args: argparse.Namespace) -> None:
         renormalize=args.renormalize,
         image_size=size,
         max_images=args.max_images,
-        checkpoint=out / CHECKPOINT_NAME,
+        checkpoint=checkpoint_path(out, run),
+        checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         progress=True,
+        distributed=run,
     )
+    if run is not None and not run.is_main:
+        return
     result.to_json(out / "mad.json")
     result.to_csv(out / "mad.csv")
     written = ["mad.json", "mad.csv"]
@@ -112,7 +143,7 @@ def _print_summary(result) -> None:
         print(f"{i:>5}  {row.mean():7.1f}  {row.min():8.1f}  {row.max():8.1f}  {name}")
 
 
-def _compare_command(args: argparse.Namespace) -> None:
+def _compare_command(args: argparse.Namespace, run) -> None:
     from .plotting import plot_compare
     from .profiling import Profile
 
@@ -124,7 +155,7 @@ def _compare_command(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
-def _bench_command(args: argparse.Namespace) -> None:
+def _bench_command(args: argparse.Namespace, run) -> None:
     from .bench import run_op_bench
 
     run_op_bench(device=args.device, repeats=args.repeats)
@@ -135,13 +166,32 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda message, *_, **__: f"vitmad: warning: {message}\n"
     commands = {"profile": _profile_command, "compare": _compare_command, "bench": _bench_command}
+    run, where = None, ""
     try:
-        commands[args.command](args)
+        if args.command == "profile":
+            from .distributed import init_from_env
+
+            run = init_from_env(args.backend, args.device, args.dist_timeout)
+            where = "" if run is None else f"rank {run.rank} of {run.world_size}: "
+        commands[args.command](args, run)
+        if run is not None:
+            run.close(wait_for_all=True)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        print(f"vitmad: error: {err}", file=sys.stderr)
+        print(f"vitmad: error: {where}{err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"vitmad: interrupted; progress is saved in {getattr(args, 'out', '.')}/{CHECKPOINT_NAME}, "
+        print(f"vitmad: {where}interrupted; progress is saved in {getattr(args, 'out', '.')}, "
               "rerun the same command with --resume to continue", file=sys.stderr)
         return 130
+    except Exception as err:
+        if run is None:
+            raise
+        # Under torchrun: name the rank, and exit (the launcher then stops the other ranks) instead of hanging.
+        traceback.print_exc()
+        print(f"vitmad: error: rank {run.rank} of {run.world_size} failed: {type(err).__name__}: {err}",
+              file=sys.stderr)
+        return 1
+    finally:
+        if run is not None:
+            run.close()
     return 0

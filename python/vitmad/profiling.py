@@ -37,7 +37,8 @@ class Profile:
         stats: float64 running statistics over the images.
         images: files (or tensor rows) profiled, in order.
         skipped: ``{"path": ..., "reason": ...}`` for each unreadable image.
-        settings: how it was run (renormalize, dtype, image size, preprocessing, batch size, device).
+        settings: how it was run (renormalize, dtype, image size, preprocessing, batch size, layers).
+        processes: how many processes shared the work (``torchrun``); the result does not depend on it.
     """
 
     model: str
@@ -47,6 +48,7 @@ class Profile:
     images: list[str] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    processes: int = 1
 
     @property
     def mad(self) -> torch.Tensor:
@@ -109,6 +111,7 @@ class Profile:
             "layout": self.layout,
             "uniform_attention_mad": self.uniform_mad,
             "settings": self.settings,
+            "processes": self.processes,
             "num_layers": len(self.layers),
             "num_heads": self.stats.total.shape[1],
             "count": self.count,
@@ -146,7 +149,7 @@ class Profile:
             int(doc["count"]),
         )
         return Profile(doc["model"], [layer["name"] for layer in doc["layers"]], doc["layout"], stats,
-                       doc["images"], doc["skipped"], doc["settings"])
+                       doc["images"], doc["skipped"], doc["settings"], doc.get("processes", 1))
 
     def to_csv(self, path: str | os.PathLike) -> None:
         """Write ``mad.csv``: one row per layer and head (layer, name, head, mean, std, min, max, count)."""
@@ -268,6 +271,7 @@ def profile(
     checkpoint_every: int = 8,
     model_checkpoint: str | os.PathLike | None = None,
     progress: bool = False,
+    distributed=None,
 ) -> Profile:
     """Profile the mean attention distance of every head of ``model`` over ``images``.
 
@@ -286,7 +290,10 @@ def profile(
         checkpoint: file for the running sums; written atomically every ``checkpoint_every`` batches.
         resume: continue from ``checkpoint`` if it exists (same model, images and settings).
         model_checkpoint: local weights for a ``timm:`` spec.
-        progress: show a tqdm bar with images/s.
+        progress: show a tqdm bar with images/s (on rank 0, counting every rank's images).
+        distributed: a :class:`vitmad.distributed.DistributedRun`; by default the process group the caller
+            initialised, if any. Each rank profiles its share of the batches and every rank returns the
+            whole result; ``checkpoint`` must then be a file per rank.
 
     Returns:
         The :class:`Profile` (``.mad`` and ``.std`` are ``[L, H]``).
@@ -295,13 +302,20 @@ def profile(
         ValueError, FileNotFoundError: bad model spec, images, size, device or dtype; the message names the
             option. ``KeyboardInterrupt`` is re-raised after the checkpoint is saved.
     """
+    from .distributed import GlobalProgress, current_run, merge_across_ranks
     from .images import parse_image_size
 
     record = _record()
     if batch_size <= 0:
         raise ValueError(f"--batch-size: expected a positive integer, got {batch_size}")
+    if checkpoint_every <= 0:
+        raise ValueError(f"--checkpoint-every: expected a positive number of batches, got {checkpoint_every}")
+    run = distributed if distributed is not None else current_run()
+    rank, world = (run.rank, run.world_size) if run else (0, 1)
     size = parse_image_size(image_size)
     device = resolve_device(device)
+    if run is not None:
+        device = run.device(device)
     torch_dtype = _resolve_dtype(dtype)
     loaded, preprocessing = _prepare(model, size, model_checkpoint)
     names, load = _batches(images, preprocessing, batch_size, max_images)
@@ -313,59 +327,65 @@ def profile(
         "batch_size": batch_size,
         "layers": list(layers) if layers else None,
     }
-    run_id = fingerprint({"model": loaded.spec, **settings}, names)
+    run_id = fingerprint({"model": loaded.spec, "rank": rank, "world_size": world, **settings}, names)
     module = loaded.module.to(device=device, dtype=torch_dtype)
-    num_batches = math.ceil(len(names) / batch_size)
+    # Rank r takes global batches r, r + W, ...: the same batches as a single process, each exactly once.
+    my_batches = range(rank, math.ceil(len(names) / batch_size), world)
 
     state = load_checkpoint(checkpoint, run_id) if (resume and checkpoint) else None
     if state is not None:
         stats = RunningStats.from_state_dict(state["stats"]) if state["stats"] else None
         done, processed, skipped = state["batches_done"], state["images"], state["skipped"]
-        layer_names, layout = state["layers"], state["layout"]
+        meta = state["meta"]
     else:
-        stats, done, processed, skipped, layer_names, layout = None, 0, [], [], None, None
+        stats, done, processed, skipped, meta = None, 0, [], [], None
 
     def save() -> None:
         if checkpoint is not None:
             save_checkpoint(checkpoint, {
                 "fingerprint": run_id, "batches_done": done, "images": processed, "skipped": skipped,
-                "stats": stats.state_dict() if stats else None, "layers": layer_names, "layout": layout,
+                "stats": stats.state_dict() if stats else None, "meta": meta,
             })
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(names), initial=len(processed) + len(skipped), unit="img", disable=not progress,
-               desc="vitmad profile", dynamic_ncols=True)
+    counter = GlobalProgress(run)
+    bar = tqdm(total=len(names), unit="img", disable=not (progress and rank == 0), desc="vitmad profile",
+               dynamic_ncols=True)
+    bar.update(counter.add(len(processed) + len(skipped)))
     record_options = {"renormalize": renormalize, **({"layers": list(layers)} if layers else {})}
     try:
-        while done < num_batches:
-            pixels, loaded_names, batch_skipped = load(done)
+        for index in my_batches[done:]:
+            pixels, loaded_names, batch_skipped = load(index)
             for path, reason in batch_skipped:
-                warnings.warn(f"vitmad profile: skipping unreadable image {path}: {reason}", stacklevel=2)
+                warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
+            new_stats, new_meta = stats, meta
             if pixels is not None:
                 with torch.inference_mode(), record(module, **record_options) as rec:
                     loaded.forward(pixels.to(device=device, dtype=torch_dtype, non_blocking=True))
                 new_stats = (stats or RunningStats.empty(*rec.mad.shape[::2])).add(rec.mad)
-                layer_names, layout = list(rec.layers), _layout_dict(rec.layout)
-            else:
-                new_stats = stats
+                new_meta = {"layers": list(rec.layers), "layout": _layout_dict(rec.layout)}
             # Everything of a batch is committed together, so an interrupt before this line loses only it.
-            stats, processed, skipped, done = (
-                new_stats, processed + loaded_names, skipped + [{"path": p, "reason": r} for p, r in batch_skipped],
-                done + 1,
+            stats, meta, processed, skipped, done = (
+                new_stats, new_meta, processed + loaded_names,
+                skipped + [{"path": p, "reason": r} for p, r in batch_skipped], done + 1,
             )
-            bar.update(len(loaded_names) + len(batch_skipped))
+            bar.update(counter.add(len(loaded_names) + len(batch_skipped)) - bar.n)
             if done % checkpoint_every == 0:
                 save()
+        save()
+        if run is not None:
+            order = {name: i for i, name in enumerate(names)}
+            stats, meta, processed, skipped = merge_across_ranks(run, stats, meta, processed, skipped, order)
+            bar.update(len(processed) + len(skipped) - bar.n)
     except KeyboardInterrupt:
         save()
         raise
     finally:
         bar.close()
-    save()
     if stats is None:
         raise ValueError(f"--images: none of the {len(names)} images could be read")
-    return Profile(loaded.spec, layer_names, layout, stats, processed, skipped, settings)
+    return Profile(loaded.spec, meta["layers"], meta["layout"], stats, processed, skipped, settings, world)
 
 
 def mad_maps(
