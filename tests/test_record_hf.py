@@ -203,3 +203,13 @@ def test_clip_full_model_records_the_vision_tower_only():
     assert rec.layers == [f"vision_model.encoder.layers.{i}.self_attn" for i in range(2)]
     assert rec.mad.shape == (2, 2, 2)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_nested_record_of_the_same_model_is_refused_and_leaves_the_outer_one_working():
+    model, _, _ = _build("vit")
+    with torch.no_grad(), vitmad.record(model) as outer:
+        with pytest.raises(RuntimeError, match="ViTModel is already being recorded"), vitmad.record(model):
+            pass
+        model(torch.randn(1, 3, 32, 32))
+    assert outer.mad.shape == (2, 1, 2)
+    assert model.config._attn_implementation == "sdpa"

@@ -71,6 +71,47 @@ def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn
     return {name: m for name, m in candidates.items() if name in selected}
 
 
+def _detect_patch(
+    model: nn.Module, embedding: tuple[str, nn.Conv2d] | None, patch: int | None, grid: tuple[int, int] | None
+) -> int:
+    """The given patch size, or the patch-embedding kernel's; errors say what to pass by hand."""
+    name = type(model).__name__
+    if embedding is None:
+        if patch is None or grid is None:
+            raise ValueError(
+                f"vitmad.record: found no patch-embedding Conv2d (kernel == stride) in {name}; pass "
+                "patch=<pixels per patch> and grid=[grid_h, grid_w]"
+            )
+        return patch
+    if patch is not None:
+        return patch
+    kernel = tuple(embedding[1].kernel_size)
+    if kernel[0] != kernel[1]:
+        raise ValueError(f"vitmad.record: {name} has non-square patches {list(kernel)}; pass patch=")
+    return int(kernel[0])
+
+
+def _attention_layers(
+    model: nn.Module, hf: bool, embedding: tuple[str, nn.Conv2d] | None, layers: Sequence[str] | None
+) -> dict[str, nn.Module]:
+    """The attention modules to record, by qualified name, in module order."""
+    if hf:
+        candidates = hf_attention_modules(model)
+    else:
+        candidates = sdpa_attention_modules(model) if layers is None else dict(model.named_modules())
+    if layers is not None:
+        return _select(candidates, layers, model)
+    prefix = "" if embedding is None else _encoder_prefix(embedding[0])
+    modules = {n: m for n, m in candidates.items() if n.startswith(prefix)}
+    if not modules:
+        raise ValueError(
+            f"vitmad.record: found no attention layer in {type(model).__name__}. Supported: transformers "
+            "PreTrainedModels (through AttentionInterface) and timm ViTs; for other models pass layers=[qualified "
+            "names of the modules that call F.scaled_dot_product_attention]"
+        )
+    return modules
+
+
 class Recording:
     """The context manager :func:`record` returns; see there. Readable during and after the ``with`` block."""
 
@@ -104,40 +145,11 @@ class Recording:
         self._call_grid: tuple[int, int] | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-        name = type(model).__name__
         embedding = find_patch_embedding(model)
         self._patch_embedding = None if embedding is None else embedding[1]
-        if patch is None:
-            if embedding is None:
-                raise ValueError(
-                    f"vitmad.record: found no patch-embedding Conv2d (kernel == stride) in {name}; pass "
-                    "patch=<pixels per patch> and grid=[grid_h, grid_w]"
-                )
-            kernel = tuple(embedding[1].kernel_size)
-            if kernel[0] != kernel[1]:
-                raise ValueError(f"vitmad.record: {name} has non-square patches {list(kernel)}; pass patch=")
-            patch = int(kernel[0])
-        elif embedding is None and grid is None:
-            raise ValueError(f"vitmad.record: found no patch-embedding Conv2d in {name}; pass grid=[grid_h, grid_w]")
-        self.patch = patch
-
+        self.patch = _detect_patch(model, embedding, patch, self._grid)
         self._hf = is_hf_model(model)
-        if self._hf:
-            candidates = hf_attention_modules(model)
-        else:
-            candidates = sdpa_attention_modules(model) if layers is None else dict(model.named_modules())
-        if layers is not None:
-            modules = _select(candidates, layers, model)
-        else:
-            prefix = "" if embedding is None else _encoder_prefix(embedding[0])
-            modules = {n: m for n, m in candidates.items() if n.startswith(prefix)}
-        if not modules:
-            raise ValueError(
-                f"vitmad.record: found no attention layer in {name}. Supported: transformers PreTrainedModels "
-                "(through AttentionInterface) and timm ViTs; for other models pass layers=[qualified names of "
-                "the modules that call F.scaled_dot_product_attention]"
-            )
-        self._modules = modules
+        modules = _attention_layers(model, self._hf, embedding, layers)
         self._hooks = (
             HFAttentionHooks(model, modules, self._on_attention) if self._hf
             else SdpaAttentionHooks(modules, self._on_attention)

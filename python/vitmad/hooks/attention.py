@@ -17,9 +17,15 @@ from ..reference import pixel_distances
 
 __all__ = ["CHUNK_ELEMENTS", "mad_qk_chunked", "mad_from_qk", "additive_bias"]
 
-# Attention probabilities alive at once in mad_qk_chunked (16 MiB in float32). Blocks hold whole [N, N]
-# matrices, reduced by the compiled vitmad::mad, while one matrix fits; beyond that (N > 2048) query rows.
+# Attention-sized elements per block of mad_qk_chunked: a block's logits and probabilities (2 x 16 MiB in
+# float32) are the only attention-sized memory alive. Blocks hold whole [N, N]
+# matrices, reduced by vitmad::mad, while one matrix fits; beyond that (N > 2048) they hold query rows, reduced
+# against their rows of pixel distances: vitmad::mad only takes square [N, N] matrices, and no strided view
+# of a block of rows is one without addressing memory for all N rows.
 CHUNK_ELEMENTS = 1 << 22
+# Preferred block of whole matrices (2 MiB in float32): the logits, probabilities and MAD passes then run in
+# the L2 cache; measured on ViT-B/16 at 224 px, blocks of 16 MiB took about 1.6x as long.
+CACHE_BLOCK_ELEMENTS = 1 << 19
 
 
 def additive_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -48,7 +54,7 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
 def _probabilities(
     q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
-    """softmax(q @ k^T * scale + bias) over the last dim, formed in place in one buffer.
+    """softmax(q @ k^T * scale + bias) over the last dim (the fused softmax kernel: one pass fewer than in place).
 
     Args:
         q: ``[M, C, D]`` queries (C rows of each of M matrices).
@@ -58,17 +64,23 @@ def _probabilities(
     Returns:
         ``[M, C, N]`` probabilities in ``dtype``.
     """
-    logits = torch.matmul(q.to(dtype) * scale, k.to(dtype).transpose(-1, -2))
-    if bias is not None:
-        logits.add_(bias)
-    logits.sub_(logits.amax(-1, keepdim=True)).exp_()
-    return logits.div_(logits.sum(-1, keepdim=True))
+    q = q.to(dtype) * scale
+    keys = k.to(dtype).transpose(-1, -2)
+    logits = torch.matmul(q, keys) if bias is None else torch.baddbmm(bias.to(dtype), q, keys)
+    return torch.softmax(logits, -1)
 
 
-def _distance_weighted_sums(probs: torch.Tensor, rows: slice, layout: MadLayout, patch: int) -> torch.Tensor:
-    """``m_t`` (MAD_SPEC.md) for the query patches ``rows`` from their probability rows ``[M, C, N]``: ``[M, C]``."""
+def _distance_weighted_sums(probs: torch.Tensor, dist: torch.Tensor, layout: MadLayout) -> torch.Tensor:
+    """``m_t`` (MAD_SPEC.md) of C query patches from their probability rows.
+
+    Args:
+        probs: ``[M, C, N]`` probability rows of the C queries (all keys, prefix included).
+        dist: ``[C, N - P]`` pixel distances from the C queries to the patch keys.
+
+    Returns:
+        ``[M, C]``.
+    """
     a = probs[..., layout.num_prefix :]
-    dist = pixel_distances(layout.grid_h, layout.grid_w, patch, rows, dtype=probs.dtype, device=probs.device)
     weighted = torch.einsum("mts,ts->mt", a, dist)
     return weighted / a.sum(-1) if layout.renormalize else weighted
 
@@ -85,7 +97,7 @@ def mad_qk_chunked(
     renormalize: bool = False,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """``vitmad.mad(softmax(q @ k^T * scale + attn_bias), ...)`` with at most ``CHUNK_ELEMENTS`` probabilities alive.
+    """``vitmad.mad(softmax(q @ k^T * scale + attn_bias), ...)``, a block of ``CHUNK_ELEMENTS`` logits at a time.
 
     Args:
         q: ``[..., N, D]`` queries, as the attention uses them (after any q-norm and rotary embedding).
@@ -110,15 +122,16 @@ def mad_qk_chunked(
     p = layout.num_prefix
 
     def bias_block(first: int, last: int, rows: slice) -> torch.Tensor | None:
-        # Gathers only this block of the broadcast bias; flattening the expanded view would copy all of it.
+        # Gathers only these matrices and rows of the broadcast bias; flattening the expanded view would copy
+        # all of it.
         if bias is None:
             return None
         index = torch.unravel_index(torch.arange(first, last, device=bias.device), lead) if lead else ()
-        return bias[index][..., rows, :].reshape(last - first, -1, n)
+        return bias[(*index, rows)].reshape(last - first, -1, n)
 
     per_query = torch.empty(num_matrices, layout.num_patches, dtype=acc, device=q.device)
-    matrices_per_block = CHUNK_ELEMENTS // (n * n)
-    if matrices_per_block >= 1:
+    if n * n <= CHUNK_ELEMENTS:
+        matrices_per_block = min(CHUNK_ELEMENTS, max(CACHE_BLOCK_ELEMENTS, n * n)) // (n * n)
         for first in range(0, num_matrices, matrices_per_block):
             last = min(first + matrices_per_block, num_matrices)
             probs = _probabilities(qf[first:last], kf[first:last], scale, bias_block(first, last, slice(None)), acc)
@@ -127,13 +140,15 @@ def mad_qk_chunked(
                 renormalize=renormalize, reduction="none",
             )
     else:
+        # Query rows outside, matrices inside: each block of distance rows is built once for all matrices.
         rows_per_block = max(1, CHUNK_ELEMENTS // n)
-        for m in range(num_matrices):
-            for start in range(0, layout.num_patches, rows_per_block):
-                rows = slice(start, min(start + rows_per_block, layout.num_patches))
-                tokens = slice(p + rows.start, p + rows.stop)
+        for start in range(0, layout.num_patches, rows_per_block):
+            rows = slice(start, min(start + rows_per_block, layout.num_patches))
+            tokens = slice(p + rows.start, p + rows.stop)
+            dist = pixel_distances(layout.grid_h, layout.grid_w, patch, rows, dtype=acc, device=q.device)
+            for m in range(num_matrices):
                 probs = _probabilities(qf[m : m + 1, tokens], kf[m : m + 1], scale, bias_block(m, m + 1, tokens), acc)
-                per_query[m : m + 1, rows] = _distance_weighted_sums(probs, rows, layout, patch)
+                per_query[m : m + 1, rows] = _distance_weighted_sums(probs, dist, layout)
     if layout.reduce_mean:
         return per_query.to(torch.float64).mean(-1).to(acc).reshape(lead)
     return per_query.reshape(*lead, layout.num_patches)

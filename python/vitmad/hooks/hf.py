@@ -77,7 +77,8 @@ def _register_wrapper(implementation: str) -> str:
         active = _ACTIVE.get(id(module))
         if active is not None:
             layer, callback = active
-            callback(layer, query, key, kwargs.get("scaling"), attention_mask)
+            scaling = kwargs.get("scaling", args[0] if args else None)  # eager_attention_forward's 6th parameter
+            callback(layer, query, key, scaling, attention_mask)
         return _original_function(implementation, module)(module, query, key, value, attention_mask, *args, **kwargs)
 
     AttentionInterface.register(name, attention)
@@ -172,7 +173,9 @@ class HFAttentionHooks:
 
     def remove(self) -> None:
         for module in self.modules.values():
-            _ACTIVE.pop(id(module), None)
+            # Only this recording's entries: a second record() of the same model fails without touching them.
+            if id(module) in _ACTIVE and _ACTIVE[id(module)][1] == self._layer_callback:
+                del _ACTIVE[id(module)]
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
