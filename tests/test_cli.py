@@ -11,9 +11,13 @@ from pathlib import Path
 import pytest
 from profile_helpers import save_tiny_hf_vit, write_corrupt_images, write_images
 
+import vitmad
 from vitmad.cli import main
 
 pytest.importorskip("transformers")
+
+# Subprocesses import the same vitmad as this test run (the source tree, or the installed package in CI).
+PACKAGE_ROOT = str(Path(vitmad.__file__).parents[1])
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +120,7 @@ def test_errors_are_one_line_and_exit_non_zero(tiny_model, image_folder, tmp_pat
 
 
 def test_python_dash_m_entry_point_reports_errors(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python")}
+    env = {**os.environ, "PYTHONPATH": PACKAGE_ROOT}
     done = subprocess.run([sys.executable, "-m", "vitmad", "profile", "--model", "foo:bar"], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=120)
     assert done.returncode == 2
@@ -135,3 +139,15 @@ def test_default_run_builtin_model_and_images(tmp_path, capsys, monkeypatch):
     assert doc["layout"] == {"patch": 14, "grid": [16, 16], "num_prefix_tokens": 1}
     assert [Path(p).name for p in doc["images"]] == ["astronaut.png", "camera.png"]
     assert (tmp_path / "out" / "mad_map.png").is_file()
+
+
+def test_bench_prints_a_row_per_shape(capsys, monkeypatch):
+    import vitmad.bench
+
+    monkeypatch.setattr(vitmad.bench, "SHAPES", (("small", (2, 3, 17, 17), 8), ("odd", (1, 2, 26, 26), 5)))
+    code, stdout, _ = _run(["bench", "--device", "cpu", "--repeats", "2"], capsys)
+    assert code == 0
+    lines = stdout.strip().splitlines()
+    assert lines[1].split() == ["shape", "fused", "ms", "torch", "ms", "speed-up"]
+    assert [line.split()[0] for line in lines[2:]] == ["small", "odd"]
+    assert all(float(line.split()[1]) > 0 and line.endswith("x") for line in lines[2:])

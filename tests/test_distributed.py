@@ -15,13 +15,16 @@ import pytest
 import torch
 from profile_helpers import save_tiny_hf_vit, write_corrupt_images, write_images
 
+import vitmad
 from vitmad.cli import _check_resume_world_size, main
 
 pytest.importorskip("transformers")
+
+# Subprocesses import the same vitmad as this test run (the source tree, or the installed package in CI).
+PACKAGE_ROOT = str(Path(vitmad.__file__).parents[1])
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
 
-ROOT = Path(__file__).parents[1]
 
 # Run by torchrun in place of `-m vitmad`: rank 1 fails at its second batch, killed or raising.
 FAULTY_RANK = """
@@ -58,7 +61,7 @@ def setup(tmp_path_factory):
 
 
 def _torchrun(nproc: int, argv: list[str], *, script: Path | None = None, fault: str = "", timeout: float = 240):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "python"), "VITMAD_TEST_FAULT": fault, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": PACKAGE_ROOT, "VITMAD_TEST_FAULT": fault, "OMP_NUM_THREADS": "1"}
     target = [str(script)] if script else ["-m", "vitmad"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                *target, "profile", *argv]

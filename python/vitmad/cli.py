@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="vitmad_out", help="output folder (default: %(default)s)")
     run.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME}")
     run.add_argument("--no-figures", action="store_true", help="write mad.json and mad.csv only")
+    run.add_argument("--workers", type=int, default=4, help="threads decoding images (default: 4)")
     run.add_argument("--checkpoint-every", type=int, default=8, help="batches between checkpoints (default: 8)")
     run.add_argument("--backend", default=None, choices=["gloo", "nccl"],
                      help="torchrun only: process-group backend (default: nccl on GPUs, gloo on CPUs)")
@@ -112,6 +113,7 @@ def _profile_command(args: argparse.Namespace, run) -> None:
         max_images=args.max_images,
         checkpoint=checkpoint_path(out, run),
         checkpoint_every=args.checkpoint_every,
+        loader_threads=args.workers,
         resume=args.resume,
         progress=True,
         distributed=run,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,20 +265,28 @@ def load_image(path: str | os.PathLike):
 
 
 def load_batch(
-    paths: Sequence[Path], preprocessing: Preprocessing
+    paths: Sequence[Path], preprocessing: Preprocessing, pool: Executor | None = None
 ) -> tuple[torch.Tensor | None, list[Path], list[tuple[Path, str]]]:
     """Decode and preprocess a batch of files, setting unreadable ones aside.
+
+    Args:
+        pool: threads to decode the files in parallel (PIL releases the GIL while decoding and resizing).
 
     Returns:
         ``(pixels, loaded, skipped)``: ``pixels`` ``[len(loaded), 3, H, W]`` (``None`` if nothing loaded),
         the files behind its rows, and ``(file, reason)`` for each file skipped.
     """
-    tensors, loaded, skipped = [], [], []
-    for path in paths:
+
+    def one(path: Path) -> tuple[torch.Tensor | None, str | None]:
         image, reason = load_image(path)
-        if image is None:
+        return (None, reason) if image is None else (preprocessing(image), None)
+
+    results = list(pool.map(one, paths)) if pool is not None else [one(p) for p in paths]
+    tensors, loaded, skipped = [], [], []
+    for path, (pixels, reason) in zip(paths, results):
+        if pixels is None:
             skipped.append((path, reason))
-            continue
-        tensors.append(preprocessing(image))
-        loaded.append(path)
+        else:
+            tensors.append(pixels)
+            loaded.append(path)
     return (torch.stack(tensors) if tensors else None), loaded, skipped

@@ -13,6 +13,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,7 +226,7 @@ def _prepare(model, image_size, checkpoint_file=None):
     return loaded, preprocessing
 
 
-def _batches(images, preprocessing, batch_size: int, max_images: int | None):
+def _batches(images, preprocessing, batch_size: int, max_images: int | None, pool: Executor | None = None):
     """Image names and a function loading batch ``i`` as ``(pixels, loaded names, skipped)``."""
     from .images import find_images, load_batch
 
@@ -249,7 +250,7 @@ def _batches(images, preprocessing, batch_size: int, max_images: int | None):
     names = [str(f) for f in files]
 
     def load(i: int):
-        pixels, loaded, skipped = load_batch(files[i * batch_size:(i + 1) * batch_size], preprocessing)
+        pixels, loaded, skipped = load_batch(files[i * batch_size:(i + 1) * batch_size], preprocessing, pool)
         return pixels, [str(p) for p in loaded], [(str(p), r) for p, r in skipped]
 
     return names, load
@@ -271,6 +272,7 @@ def profile(
     checkpoint_every: int = 8,
     model_checkpoint: str | os.PathLike | None = None,
     progress: bool = False,
+    loader_threads: int = 4,
     distributed=None,
 ) -> Profile:
     """Profile the mean attention distance of every head of ``model`` over ``images``.
@@ -291,6 +293,8 @@ def profile(
         resume: continue from ``checkpoint`` if it exists (same model, images and settings).
         model_checkpoint: local weights for a ``timm:`` spec.
         progress: show a tqdm bar with images/s (on rank 0, counting every rank's images).
+        loader_threads: threads decoding and preprocessing image files (0: on the calling thread); batches
+            are loaded one ahead of the model either way.
         distributed: a :class:`vitmad.distributed.DistributedRun`; by default the process group the caller
             initialised, if any. Each rank profiles its share of the batches and every rank returns the
             whole result; ``checkpoint`` must then be a file per rank.
@@ -318,7 +322,8 @@ def profile(
         device = run.device(device)
     torch_dtype = _resolve_dtype(dtype)
     loaded, preprocessing = _prepare(model, size, model_checkpoint)
-    names, load = _batches(images, preprocessing, batch_size, max_images)
+    decoders = ThreadPoolExecutor(loader_threads, "vitmad-decode") if loader_threads > 0 else None
+    names, load = _batches(images, preprocessing, batch_size, max_images, decoders)
     settings = {
         "renormalize": bool(renormalize),
         "dtype": str(torch_dtype).removeprefix("torch."),
@@ -354,9 +359,14 @@ def profile(
                dynamic_ncols=True)
     bar.update(counter.add(len(processed) + len(skipped)))
     record_options = {"renormalize": renormalize, **({"layers": list(layers)} if layers else {})}
+    # The next batch is decoded on other threads while the model runs on this one.
+    prefetch = ThreadPoolExecutor(1, "vitmad-prefetch")
+    pending = my_batches[done:]
+    upcoming = prefetch.submit(load, pending[0]) if len(pending) else None
     try:
-        for index in my_batches[done:]:
-            pixels, loaded_names, batch_skipped = load(index)
+        for position in range(len(pending)):
+            pixels, loaded_names, batch_skipped = upcoming.result()
+            upcoming = prefetch.submit(load, pending[position + 1]) if position + 1 < len(pending) else None
             for path, reason in batch_skipped:
                 warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
             new_stats, new_meta = stats, meta
@@ -383,6 +393,9 @@ def profile(
         raise
     finally:
         bar.close()
+        prefetch.shutdown(wait=False, cancel_futures=True)
+        if decoders is not None:
+            decoders.shutdown(wait=False, cancel_futures=True)
     if stats is None:
         raise ValueError(f"--images: none of the {len(names)} images could be read")
     return Profile(loaded.spec, meta["layers"], meta["layout"], stats, processed, skipped, settings, world)
