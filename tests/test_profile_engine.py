@@ -215,3 +215,26 @@ def test_timm_errors_name_the_option(tmp_path, image_folder):
         vitmad.profile("timm:vit_tiny_patch16_224", image_folder, model_checkpoint=tmp_path / "small.pth")
     with pytest.raises(FileNotFoundError, match="--checkpoint: no such file"):
         vitmad.profile("timm:vit_tiny_patch16_224", image_folder, model_checkpoint=tmp_path / "none.pth")
+
+
+def test_image_text_model_profiles_its_vision_tower(tmp_path, image_folder):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=8,
+    )
+    CLIPModel(config).save_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    result = vitmad.profile(f"hf:{tmp_path}", image_folder, device="cpu", max_images=3)
+    assert result.mad.shape == (2, 2) and result.count == 3
+    assert result.layout == {"patch": 8, "grid": [4, 4], "num_prefix_tokens": 1}
+    pixels, _, _ = load_batch(find_images(image_folder)[:3], load_model(f"hf:{tmp_path}").preprocessing)
+    eager = CLIPModel.from_pretrained(tmp_path, attn_implementation="eager").vision_model
+    with torch.no_grad():
+        attentions = eager(pixels, output_attentions=True).attentions
+    expected = torch.stack([vitmad.mad_reference(a, 8) for a in attentions]).mean(1)
+    torch.testing.assert_close(result.mad, expected, rtol=1e-4, atol=1e-4)

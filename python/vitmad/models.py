@@ -106,6 +106,8 @@ def _load_hf(spec: str, name: str) -> LoadedModel:
         processor = {}  # a bare saved model: the defaults of ViTImageProcessor at the config's image size
     vision = getattr(config, "vision_config", config)
     preprocessing = Preprocessing.from_hf(processor, getattr(vision, "image_size", None))
+    # Image-text models (CLIP, SigLIP, ...) need text for their forward: profile their vision tower alone.
+    module = getattr(module, "vision_model", module)
     return wrap_module(module, spec, preprocessing)
 
 
