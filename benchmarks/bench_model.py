@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 CASES = ("sdpa", "record", "eager")
-SECTION_START, SECTION_END = "<!-- bench_model:start -->", "<!-- bench_model:end -->"
 
 
 def build_model(implementation: str):
@@ -104,7 +103,8 @@ def memory_child(case: str, image: int) -> None:
 
 def measure_memory(case: str, image: int) -> dict[str, float]:
     result = subprocess.run(
-        [sys.executable, __file__, "--memory-child", case, "--memory-image", str(image)],
+        [sys.executable, __file__, "--memory-child", case, "--memory-image", str(image), "--threads",
+         str(torch.get_num_threads())],
         capture_output=True, text=True, check=True,
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -123,11 +123,18 @@ def available_mib() -> float:
     return 0.0
 
 
-def write_section(path: Path, text: str) -> None:
+def section_markers(device: str, threads: int) -> tuple[str, str]:
+    """One RESULTS.md section per device and thread count, replaced by the next run of the same setting."""
+    key = f"bench_model {device} threads={threads}"
+    return f"<!-- {key}: start -->", f"<!-- {key}: end -->"
+
+
+def write_section(path: Path, text: str, markers: tuple[str, str]) -> None:
     old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if SECTION_START in old and SECTION_END in old:
-        head, rest = old.split(SECTION_START, 1)
-        new = head + text + rest.split(SECTION_END, 1)[1]
+    start, end = markers
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        new = head + text + rest.split(end, 1)[1]
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     path.write_text(new)
@@ -139,6 +146,8 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=224, help="image size of the timed forward")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case after one warm-up")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the timed forward")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads (default: torch's default); 1 avoids OpenMP waits on a loaded machine")
     parser.add_argument("--memory-image", type=int, default=1024, help="image size of the memory cases")
     parser.add_argument("--skip-memory", action="store_true", help="time only")
     parser.add_argument("--note", default="", help="free text added to the RESULTS.md section (e.g. machine load)")
@@ -147,15 +156,17 @@ def main() -> None:
     parser.add_argument("--memory-child", choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+    torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(args.memory_child, args.memory_image)
         return
 
     import vitmad
 
+    markers = section_markers(args.device, args.threads)
     lines = [
-        SECTION_START,
-        "## vitmad.record on ViT-B/16 (benchmarks/bench_model.py)",
+        markers[0],
+        f"## vitmad.record on ViT-B/16, {args.device}, {args.threads} torch thread(s) (benchmarks/bench_model.py)",
         "",
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
         f"vitmad backend {vitmad.backend()}; {platform.processor() or platform.machine()}, "
@@ -193,11 +204,11 @@ def main() -> None:
             results[case] = r = measure_memory(case, args.memory_image)
             lines.append(f"| {case} | {r['before_mib']:.0f} | {r['peak_mib']:.0f} | {r['increase_mib']:.0f} | "
                          f"{r['peak_mib'] / results['sdpa']['peak_mib']:.2f}x |")
-    lines.append(SECTION_END)
+    lines.append(markers[1])
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_section(args.results, text)
+        write_section(args.results, text, markers)
 
 
 if __name__ == "__main__":

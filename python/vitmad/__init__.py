@@ -9,7 +9,9 @@ from .ops import mad
 from .record import record
 from .reference import mad_reference, pixel_distances, uniform_attention_mad
 
-__all__ = ["mad", "record", "backend", "has_compiled_kernel", "mad_reference", "pixel_distances", "uniform_attention_mad"]
+__all__ = [
+    "mad", "record", "backend", "has_compiled_kernel", "mad_reference", "pixel_distances", "uniform_attention_mad",
+]
 __all__ += ["profile", "Profile"]
 __version__ = "0.1.0"
 
