@@ -6,7 +6,7 @@ All columns run the same model (its default attention: SDPA), the same batches o
 to the device batch by batch, under ``torch.inference_mode``: "plain" is the forward alone, "record only" the
 forward under ``vitmad.record`` (the hooks' cost), "profile" the whole engine (``vitmad.profile``: record plus
 float64 running sums, no checkpoint file). Target: profile throughput at least 80% of plain (issue 6).
-Prints a table and writes it to benchmarks/RESULTS.md (section "bench_profile-<device>").
+Prints a table and writes it to benchmarks/RESULTS.md (section "bench_profile-<device>-<N>threads").
 """
 
 from __future__ import annotations
@@ -76,10 +76,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--quick", action="store_true", help="builtin model only, one repeat")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--note", default="", help="a sentence about the conditions, written under the table")
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     batch_size = args.batch_size or (64 if cuda else 8)
@@ -95,8 +98,9 @@ def main() -> None:
     print(table)
     if not args.no_write:
         write_section(
-            f"bench_profile-{device.type}",
-            f"## Profiling throughput vs plain inference ({device.type})\n\n{where}\n\n"
+            f"bench_profile-{device.type}-{torch.get_num_threads()}threads",
+            f"## Profiling throughput vs plain inference ({device.type}, {torch.get_num_threads()} torch threads)"
+            f"\n\n{where}\n\n"
             f"Median of {repeats} runs over {num_images} images of 224 x 224; {vitmad.backend()} kernels.\n\n{table}\n\n{args.note}",
         )
 
