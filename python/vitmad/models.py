@@ -88,6 +88,12 @@ def load_model(
     raise ValueError(f"--model: unknown model kind {kind!r} in {spec!r}; expected {MODEL_SPEC_HELP}")
 
 
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message: library errors can run to pages."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _load_hf(spec: str, name: str) -> LoadedModel:
     from transformers import AutoConfig, AutoModel
     from transformers.image_processing_base import ImageProcessingMixin
@@ -98,8 +104,7 @@ def _load_hf(spec: str, name: str) -> LoadedModel:
         config = AutoConfig.from_pretrained(name)
         module = AutoModel.from_pretrained(name)
     except (OSError, ValueError, KeyError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--model {spec}: cannot load it with transformers: {first_line}") from err
+        raise ValueError(f"--model {spec}: cannot load it with transformers: {_first_line(err)}") from err
     try:
         processor, _ = ImageProcessingMixin.get_image_processor_dict(name)
     except OSError:
@@ -127,10 +132,11 @@ def _load_timm(
         )
     except TypeError as err:
         raise ValueError(f"--image-size: timm model {name} cannot take other input sizes ({err})") from err
+    except OSError as err:  # the pretrained weights could not be downloaded (offline, unknown tag)
+        raise ValueError(f"--model {spec}: cannot load its pretrained weights: {_first_line(err)}") from err
     except RuntimeError as err:  # load_state_dict: missing, unexpected or mis-shaped weights
         if checkpoint is None:
             raise
-        first_line = str(err).strip().splitlines()[0]
-        raise ValueError(f"--checkpoint: {checkpoint} does not fit timm model {name}: {first_line}") from err
+        raise ValueError(f"--checkpoint: {checkpoint} does not fit timm model {name}: {_first_line(err)}") from err
     preprocessing = Preprocessing.from_timm(timm.data.resolve_model_data_config(module))
     return wrap_module(module, spec, preprocessing)
