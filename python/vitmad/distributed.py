@@ -8,6 +8,10 @@ How a run is split and put back together, so that the result equals a single-pro
 - at the end the float64 sums, sums of squares and counts are all-reduced (min and max too), and the
   per-rank lists of processed and skipped files are gathered and put back in global order.
 Only the order of the float64 additions differs from a single process: results agree to ~1e-15 relative.
+
+Each rank checkpoints its own part (``OUT/checkpoint.rank<R>-of-<W>.pt``), so a killed job resumed with the
+same number of processes ends with the same result; the CLI refuses to resume with another number (the
+batches would be dealt out differently).
 """
 
 from __future__ import annotations

@@ -304,7 +304,7 @@ def profile(
 
     Raises:
         ValueError, FileNotFoundError: bad model spec, images, size, device or dtype; the message names the
-            option. ``KeyboardInterrupt`` is re-raised after the checkpoint is saved.
+            option. Any exception (``KeyboardInterrupt`` included) is re-raised after the checkpoint is saved.
     """
     from .distributed import GlobalProgress, current_run, merge_across_ranks
     from .images import parse_image_size
@@ -388,8 +388,8 @@ def profile(
             order = {name: i for i, name in enumerate(names)}
             stats, meta, processed, skipped = merge_across_ranks(run, stats, meta, processed, skipped, order)
             bar.update(len(processed) + len(skipped) - bar.n)
-    except KeyboardInterrupt:
-        save()
+    except BaseException:
+        save()  # Ctrl-C or a failure: keep every batch finished so far for --resume
         raise
     finally:
         bar.close()
