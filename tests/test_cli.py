@@ -106,6 +106,8 @@ def test_compare_overlays_results(tiny_model, image_folder, tmp_path, capsys):
     (["--images", "{tmp}/empty"], "--images: no images"),
     (["--image-size", "12x"], "--image-size: expected S or HxW"),
     (["--batch-size", "0"], "--batch-size: expected a positive integer"),
+    (["--max-images", "0"], "--max-images: expected a positive integer"),
+    (["--device", "nonsense"], "--device: expected auto, cpu, cuda or cuda:N, got 'nonsense'"),
 ])
 def test_errors_are_one_line_and_exit_non_zero(tiny_model, image_folder, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()

@@ -172,11 +172,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"auto"`` (or ``None``) picks CUDA when present, else CPU.
 
     Raises:
-        ValueError: CUDA requested but not available.
+        ValueError: not a device name, or CUDA requested but not available.
     """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {str(device)!r}") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: cuda requested but no CUDA device is available; use --device cpu or auto")
     return device
@@ -312,6 +315,8 @@ def profile(
     record = _record()
     if batch_size <= 0:
         raise ValueError(f"--batch-size: expected a positive integer, got {batch_size}")
+    if max_images is not None and max_images <= 0:
+        raise ValueError(f"--max-images: expected a positive integer, got {max_images}")
     if checkpoint_every <= 0:
         raise ValueError(f"--checkpoint-every: expected a positive number of batches, got {checkpoint_every}")
     run = distributed if distributed is not None else current_run()
