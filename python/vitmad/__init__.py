@@ -19,5 +19,16 @@ __all__ = [
     "mad_reference",
     "pixel_distances",
     "uniform_attention_mad",
+    "profile",
+    "Profile",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Profiling pulls in tqdm, PIL and (for figures) matplotlib: load it on first use only.
+    if name in ("profile", "Profile"):
+        from . import profiling
+
+        return getattr(profiling, name)
+    raise AttributeError(f"module 'vitmad' has no attribute {name!r}")

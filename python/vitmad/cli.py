@@ -1,0 +1,199 @@
+"""The ``vitmad`` command: ``vitmad profile``, ``vitmad compare``, ``vitmad bench``.
+
+A thin layer over :func:`vitmad.profile` and the plotting functions. User mistakes (unknown model, missing
+or empty image folder, bad option) end with one ``vitmad: error: ...`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def checkpoint_path(out: Path, run) -> Path:
+    """``OUT/checkpoint.pt`` for one process; ``OUT/checkpoint.rank<R>-of-<W>.pt`` per rank under torchrun."""
+    if run is None:
+        return out / CHECKPOINT_NAME
+    return out / f"checkpoint.rank{run.rank}-of-{run.world_size}.pt"
+
+
+def _check_resume_world_size(out: Path, run) -> None:
+    """Refuse to resume checkpoints written by a different number of processes (their shards differ)."""
+    world = 1 if run is None else run.world_size
+    found = {1} if (out / CHECKPOINT_NAME).is_file() else set()
+    found |= {int(p.stem.rsplit("-of-", 1)[1]) for p in out.glob("checkpoint.rank*-of-*.pt")}
+    if found and world not in found:
+        raise ValueError(
+            f"--resume: the checkpoints in {out} were written by {min(found)} process(es), this run has {world}; "
+            "resume with the same number of processes, or start over without --resume"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import MODEL_SPEC_HELP
+
+    parser = argparse.ArgumentParser(prog="vitmad", description="Mean attention distance of Vision Transformer heads.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("profile", help="profile a model over an image set",
+                              description="Profile the mean attention distance of every head over an image set.")
+    run.add_argument("--model", default="builtin:dinov2-s14", help=f"{MODEL_SPEC_HELP} (default: %(default)s)")
+    run.add_argument("--checkpoint", default=None, help="local weights file for a timm: model")
+    run.add_argument("--images", nargs="+", default=["builtin"],
+                     help="folders (searched recursively), files, or 'builtin': photographs shipped with "
+                          "scikit-image (default)")
+    run.add_argument("--image-size", default=None, help="S or HxW instead of the model's input size")
+    run.add_argument("--batch-size", type=int, default=16)
+    run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    run.add_argument("--max-images", type=int, default=None, help="profile only the first K images")
+    run.add_argument("--renormalize", action="store_true",
+                     help="divide each query's distance by its attention mass on patches")
+    run.add_argument("--out", default="vitmad_out", help="output folder (default: %(default)s)")
+    run.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME}")
+    run.add_argument("--no-figures", action="store_true", help="write mad.json and mad.csv only")
+    run.add_argument("--workers", type=int, default=4, help="threads decoding images (default: 4)")
+    run.add_argument("--checkpoint-every", type=int, default=8, help="batches between checkpoints (default: 8)")
+    run.add_argument("--backend", default=None, choices=["gloo", "nccl"],
+                     help="torchrun only: process-group backend (default: nccl on GPUs, gloo on CPUs)")
+    run.add_argument("--dist-timeout", type=float, default=1800,
+                     help="torchrun only: seconds a collective waits for the other ranks (default: 1800)")
+
+    compare = commands.add_parser("compare", help="overlay several profiles",
+                                  description="Overlay the mean and spread per layer of several mad.json files.")
+    compare.add_argument("results", nargs="+", help="mad.json files")
+    compare.add_argument("--labels", nargs="+", default=None, help="one label per result (default: model)")
+    compare.add_argument("--out", required=True, help="figure file (.png, .pdf, .svg)")
+
+    bench = commands.add_parser("bench", help="time the fused op against plain PyTorch (short form)")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--repeats", type=int, default=10)
+    return parser
+
+
+def _quiet_transformers() -> None:
+    """Keep transformers' weight-loading bars and load reports out of the command's output."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ModuleNotFoundError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _profile_command(args: argparse.Namespace, run) -> None:
+    from .images import find_images, parse_image_size
+    from .models import load_model
+    from .plotting import plot_mad_maps
+    from .profiling import mad_maps, profile
+
+    out = Path(args.out)
+    size = parse_image_size(args.image_size)
+    files = find_images(args.images)  # before loading the model: a wrong folder fails at once
+    if args.resume:
+        _check_resume_world_size(out, run)
+    _quiet_transformers()
+    loaded = load_model(args.model, checkpoint=args.checkpoint, image_size=size)
+    out.mkdir(parents=True, exist_ok=True)
+    result = profile(
+        loaded,
+        files,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        renormalize=args.renormalize,
+        image_size=size,
+        max_images=args.max_images,
+        checkpoint=checkpoint_path(out, run),
+        checkpoint_every=args.checkpoint_every,
+        loader_threads=args.workers,
+        resume=args.resume,
+        progress=True,
+        distributed=run,
+    )
+    if run is not None and not run.is_main:
+        return
+    result.to_json(out / "mad.json")
+    result.to_csv(out / "mad.csv")
+    written = ["mad.json", "mad.csv"]
+    if not args.no_figures:
+        result.plot(out / "mad.png")
+        maps, pixels, names, layout = mad_maps(loaded, result.images[0], image_size=size,
+                                               renormalize=args.renormalize, device=args.device)
+        prep = loaded.preprocessing
+        plot_mad_maps(maps, pixels, names, out / "mad_map.png", patch=layout["patch"],
+                      mean=prep.mean, std=prep.std)
+        written += ["mad.png", "mad_map.png"]
+    _print_summary(result)
+    print(f"wrote {', '.join(str(out / name) for name in written)}")
+
+
+def _print_summary(result) -> None:
+    mad = result.mad
+    print(f"{result.model}: {result.count} images ({len(result.skipped)} skipped), "
+          f"uniform attention {result.uniform_mad:.1f} px")
+    print(f"{'layer':>5}  {'mean':>7}  {'min head':>8}  {'max head':>8}  name")
+    for i, name in enumerate(result.layers):
+        row = mad[i]
+        print(f"{i:>5}  {row.mean():7.1f}  {row.min():8.1f}  {row.max():8.1f}  {name}")
+
+
+def _compare_command(args: argparse.Namespace, run) -> None:
+    from .plotting import plot_compare
+    from .profiling import Profile
+
+    profiles = [Profile.from_json(path) for path in args.results]
+    labels = args.labels or [p.model for p in profiles]
+    if len(labels) != len(profiles):
+        raise ValueError(f"--labels: expected {len(profiles)} labels (one per result), got {len(labels)}")
+    plot_compare(profiles, labels, args.out)
+    print(f"wrote {args.out}")
+
+
+def _bench_command(args: argparse.Namespace, run) -> None:
+    from .bench import run_op_bench
+
+    run_op_bench(device=args.device, repeats=args.repeats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``vitmad`` command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, *_, **__: f"vitmad: warning: {message}\n"
+    commands = {"profile": _profile_command, "compare": _compare_command, "bench": _bench_command}
+    run, where = None, ""
+    try:
+        if args.command == "profile":
+            from .distributed import init_from_env
+
+            run = init_from_env(args.backend, args.device, args.dist_timeout)
+            where = "" if run is None else f"rank {run.rank} of {run.world_size}: "
+        commands[args.command](args, run)
+        if run is not None:
+            run.close(wait_for_all=True)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+        print(f"vitmad: error: {where}{err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vitmad: {where}interrupted; progress is saved in {getattr(args, 'out', '.')}, "
+              "rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if run is None:
+            raise
+        # Under torchrun: name the rank, and exit (the launcher then stops the other ranks) instead of hanging.
+        traceback.print_exc()
+        print(f"vitmad: error: rank {run.rank} of {run.world_size} failed: {type(err).__name__}: {err}",
+              file=sys.stderr)
+        return 1
+    finally:
+        if run is not None:
+            run.close()
+    return 0
