@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import gc
 
-import numpy as np
 import torch
 from _results import machine, markdown_table, time_call, write_section
 
 import vitmad
-from vitmad.reference import pixel_distances
+from vitmad.reference import pixel_distances, tutorial_mean_attention_distance
 
 # name, shape [B, H, N, N], patch, tutorial?  N = 1 + grid^2 (one CLS token).
 CASES = [
@@ -28,20 +27,6 @@ CASES = [
     ("ViT-B/16 1024, B=1", (1, 12, 4097, 4097), 16, False),
 ]
 QUICK = {"ViT-B/16 224, B=1", "ViT-B/16 224, B=8 (tutorial)", "ViT-L/14 336, B=16"}
-
-
-def tutorial_mad(patch_size: int, attention_weights: np.ndarray) -> np.ndarray:
-    """The tutorial's compute_mean_attention_dist (MAD_SPEC.md), as users run it today."""
-    attention_weights = attention_weights[..., 1:, 1:]
-    num_patches = attention_weights.shape[-1]
-    length = int(np.sqrt(num_patches))
-    distance_matrix = np.zeros((num_patches, num_patches))
-    for i in range(num_patches):
-        for j in range(num_patches):
-            xi, yi = i // length, i % length
-            xj, yj = j // length, j % length
-            distance_matrix[i, j] = patch_size * np.linalg.norm([xi - xj, yi - yj])
-    return (attention_weights * distance_matrix).sum(-1).mean(-1)
 
 
 def materialised_mad(attn: torch.Tensor, patch: int) -> torch.Tensor:
@@ -82,7 +67,7 @@ def main() -> None:
             t_tut = None
             if run_tutorial and dtype == torch.float32:
                 host = attn.cpu().numpy()
-                t_tut = time_call(lambda: tutorial_mad(patch, host), "cpu", repeats=1, warmup=0)
+                t_tut = time_call(lambda: tutorial_mean_attention_distance(patch, host), "cpu", repeats=1, warmup=0)
             speedup = "-" if t_tut is None else f"{t_tut / t_op:.0f}x"
             rows.append([name, str(dtype).replace("torch.", ""), f"{mb:.0f}", fmt_ms(t_tut), fmt_ms(t_mat),
                          fmt_ms(t_op), fmt_ms(t_sum), f"{mb / 1e3 / t_op:.1f}", f"{t_op / t_sum:.2f}", speedup])

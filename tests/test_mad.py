@@ -11,7 +11,7 @@ import torch
 from helpers import DEVICES, DTYPES, random_attention, tolerance
 
 import vitmad
-from vitmad.reference import mad_reference
+from vitmad.reference import mad_reference, tutorial_mean_attention_distance
 
 # (N, num_prefix_tokens, grid): odd sizes, the real ViT sizes, several prefix counts, non-square grids.
 GEOMETRIES = [
@@ -89,22 +89,6 @@ def test_stack_of_layers_equals_per_layer_calls():
     stacked = vitmad.mad(layers, 16)
     for i in range(3):
         torch.testing.assert_close(stacked[i], vitmad.mad(layers[i], 16), rtol=0, atol=0)
-
-
-def tutorial_mean_attention_distance(patch_size: int, attention_weights: np.ndarray) -> np.ndarray:
-    """Independent transcription of the tutorial's NumPy algorithm (MAD_SPEC.md): one CLS token, square
-    grid, the full distance matrix from a double Python loop."""
-    attention_weights = attention_weights[..., 1:, 1:]
-    num_patches = attention_weights.shape[-1]
-    length = int(np.sqrt(num_patches))
-    distance_matrix = np.zeros((num_patches, num_patches))
-    for i in range(num_patches):
-        for j in range(num_patches):
-            xi, yi = i // length, i % length
-            xj, yj = j // length, j % length
-            distance_matrix[i, j] = patch_size * np.linalg.norm([xi - xj, yi - yj])
-    weighted = (attention_weights * distance_matrix).sum(-1)
-    return weighted.mean(-1)
 
 
 @pytest.mark.parametrize("n", [5, 50, 197])

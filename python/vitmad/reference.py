@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ._layout import check_mad_args
 
-__all__ = ["pixel_distances", "mad_reference", "mad_backward_reference", "uniform_attention_mad"]
+__all__ = [
+    "pixel_distances",
+    "mad_reference",
+    "mad_backward_reference",
+    "uniform_attention_mad",
+    "tutorial_mean_attention_distance",
+]
 
 
 def pixel_distances(
@@ -96,3 +103,30 @@ def uniform_attention_mad(grid_h: int, grid_w: int, patch: float) -> float:
     This is the value a fully global head reaches; ``vitmad profile`` draws it as a reference line.
     """
     return pixel_distances(grid_h, grid_w, patch).mean().item()
+
+
+def tutorial_mean_attention_distance(patch_size: int, attention_weights: np.ndarray) -> np.ndarray:
+    """The CVPR 2023 "All Things ViTs" tutorial's ``compute_mean_attention_dist``, transcribed as MAD_SPEC.md
+    describes it: one CLS token, a square grid, the full distance matrix from a double Python loop.
+
+    It is what users run today; vitmad keeps it as an independent check of :func:`mad_reference` and as the
+    baseline of ``benchmarks/bench_op.py``.
+
+    Args:
+        patch_size: pixel size of a patch.
+        attention_weights: ``[..., N, N]`` with one CLS token.
+
+    Returns:
+        ``[...]`` float64 array.
+    """
+    attention_weights = attention_weights[..., 1:, 1:]
+    num_patches = attention_weights.shape[-1]
+    length = int(np.sqrt(num_patches))
+    distance_matrix = np.zeros((num_patches, num_patches))
+    for i in range(num_patches):
+        for j in range(num_patches):
+            xi, yi = i // length, i % length
+            xj, yj = j // length, j % length
+            distance_matrix[i, j] = patch_size * np.linalg.norm([xi - xj, yi - yj])
+    weighted = (attention_weights * distance_matrix).sum(-1)
+    return weighted.mean(-1)
