@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "fingerprint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "fingerprint", "check_writable"]
 
 FORMAT = "vitmad-checkpoint/1"
 
@@ -24,6 +24,30 @@ def fingerprint(settings: dict, files: list[str]) -> str:
     """A digest of everything that must match for a resumed run to end like an uninterrupted one."""
     text = json.dumps({"settings": settings, "files": files}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_writable(folder: str | os.PathLike, option: str = "--out") -> None:
+    """Create ``folder`` if needed and write, flush and delete a small file in it, before any work is done.
+
+    A read-only or full disk, or a path through a file, would otherwise only show at the first checkpoint or
+    at the end of a long run.
+
+    Raises:
+        ValueError: the folder cannot be created or written; the message names ``option`` and the reason.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".vitmad-write-test.", dir=folder)
+        try:
+            os.write(fd, b"0" * 4096)  # one block: a full disk refuses it
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ValueError(f"{option}: cannot write to {folder}: {reason}") from err
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -40,6 +64,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    # Temporary files of a writer killed mid-save (SIGKILL skips the cleanup above); one writer per path.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str) -> dict | None:

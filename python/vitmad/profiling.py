@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from .checkpoint import check_writable, fingerprint, load_checkpoint, save_checkpoint
 from .stats import RunningStats
 
 __all__ = ["Profile", "profile", "mad_maps", "resolve_device", "FORMAT"]
@@ -306,8 +306,9 @@ def profile(
         The :class:`Profile` (``.mad`` and ``.std`` are ``[L, H]``).
 
     Raises:
-        ValueError, FileNotFoundError: bad model spec, images, size, device or dtype; the message names the
-            option. Any exception (``KeyboardInterrupt`` included) is re-raised after the checkpoint is saved.
+        ValueError, FileNotFoundError: bad model spec, images, size, device or dtype, or a ``checkpoint``
+            folder that cannot be written (checked before the model loads); the message names the option.
+            Any exception (``KeyboardInterrupt`` included) is re-raised after the checkpoint is saved.
     """
     from .distributed import GlobalProgress, current_run, merge_across_ranks
     from .images import parse_image_size
@@ -326,6 +327,8 @@ def profile(
     if run is not None:
         device = run.device(device)
     torch_dtype = _resolve_dtype(dtype)
+    if checkpoint is not None:
+        check_writable(Path(checkpoint).parent, "checkpoint")
     loaded, preprocessing = _prepare(model, size, model_checkpoint)
     decoders = ThreadPoolExecutor(loader_threads, "vitmad-decode") if loader_threads > 0 else None
     names, load = _batches(images, preprocessing, batch_size, max_images, decoders)
