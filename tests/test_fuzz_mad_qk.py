@@ -169,7 +169,8 @@ def bad_mad_qk_calls(draw):
         dtype = draw(st.sampled_from([torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64]))
         q, k, error, message = q.to(dtype), k.to(dtype), TypeError, "q must be float16"
     elif fault == "k_dtype":
-        k, error, message = k.to(draw(st.sampled_from([torch.float64, torch.float16]))), TypeError, "k must have q's dtype"
+        k = k.to(draw(st.sampled_from([torch.float64, torch.float16])))
+        error, message = TypeError, "k must have q's dtype"
     elif fault == "rank":
         q, k, message = torch.randn(d), torch.randn(d), "q must have at least 2 dimensions"
     elif fault == "lead":

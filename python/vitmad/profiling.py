@@ -133,24 +133,34 @@ class Profile:
         """Read a file written by :meth:`to_json`.
 
         Raises:
-            ValueError: the file is not a vitmad profile.
+            ValueError: the file cannot be read, is not a vitmad profile, comes from a vitmad whose format
+                differs, or lacks fields (truncated or edited); the message names the file.
         """
         try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: cannot read a vitmad profile ({err})") from err
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else None
+        if isinstance(found, str) and found.startswith("vitmad-profile/") and found != FORMAT:
+            raise ValueError(f"{path}: written by another vitmad version (format {found!r}, "
+                             f"version {doc.get('vitmad_version')!r}); this version reads {FORMAT!r}")
+        if found != FORMAT:
             raise ValueError(f"{path}: not a vitmad profile (expected format {FORMAT!r})")
-        as_tensor = lambda key: torch.tensor([layer[key] for layer in doc["layers"]], dtype=torch.float64)  # noqa: E731
-        stats = RunningStats(
-            torch.tensor(doc["sums"]["total"], dtype=torch.float64),
-            torch.tensor(doc["sums"]["total_sq"], dtype=torch.float64),
-            as_tensor("min"),
-            as_tensor("max"),
-            int(doc["count"]),
-        )
-        return Profile(doc["model"], [layer["name"] for layer in doc["layers"]], doc["layout"], stats,
-                       doc["images"], doc["skipped"], doc["settings"], doc.get("processes", 1))
+        try:
+            def as_tensor(key: str) -> torch.Tensor:
+                return torch.tensor([layer[key] for layer in doc["layers"]], dtype=torch.float64)
+
+            stats = RunningStats(
+                torch.tensor(doc["sums"]["total"], dtype=torch.float64),
+                torch.tensor(doc["sums"]["total_sq"], dtype=torch.float64),
+                as_tensor("min"),
+                as_tensor("max"),
+                int(doc["count"]),
+            )
+            return Profile(doc["model"], [layer["name"] for layer in doc["layers"]], doc["layout"], stats,
+                           doc["images"], doc["skipped"], doc["settings"], doc.get("processes", 1))
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{path}: malformed vitmad profile ({type(err).__name__}: {err})") from err
 
     def to_csv(self, path: str | os.PathLike) -> None:
         """Write ``mad.csv``: one row per layer and head (layer, name, head, mean, std, min, max, count)."""
