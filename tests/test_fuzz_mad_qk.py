@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 import vitmad
 from vitmad.reference import mad_reference
 
-# Twice the mad fuzzers' count for the valid calls (mad_qk has more knobs); VITMAD_FUZZ_EXAMPLES scales both.
+# Four times the mad fuzzers' count for the valid calls (mad_qk has many more knobs); VITMAD_FUZZ_EXAMPLES
+# scales both.
 EXAMPLES = int(os.environ.get("VITMAD_FUZZ_EXAMPLES", "400"))
-FUZZ_VALID = settings(max_examples=2 * EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ_VALID = settings(max_examples=4 * EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # Subprocesses import the same vitmad as this test run (the source tree, or the installed package in CI).

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_writable, fingerprint, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_file, check_writable, fingerprint, load_checkpoint, save_checkpoint
 from .stats import RunningStats
 
 __all__ = ["Profile", "profile", "mad_maps", "resolve_device", "FORMAT"]
@@ -125,8 +125,9 @@ class Profile:
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write ``mad.json``: model, layout, images used and skipped, per layer and head the mean, std, min,
-        max and count over images, a per-layer summary, and the float64 sums."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        max and count over images, a per-layer summary, and the float64 sums. Written atomically."""
+        with atomic_file(path) as handle:
+            handle.write(json.dumps(self.to_dict(), indent=1).encode())
 
     @staticmethod
     def from_json(path: str | os.PathLike) -> Profile:
@@ -169,7 +170,8 @@ class Profile:
         for i, name in enumerate(self.layers):
             for h in range(len(mad[i])):
                 lines.append(f"{i},{name},{h},{mad[i][h]!r},{std[i][h]!r},{low[i][h]!r},{high[i][h]!r},{self.count}")
-        Path(path).write_text("\n".join(lines) + "\n")
+        with atomic_file(path) as handle:
+            handle.write(("\n".join(lines) + "\n").encode())
 
     def plot(self, path: str | os.PathLike, *, title: str | None = None) -> None:
         """Draw the ViT-paper figure (MAD per head against layer depth, uniform attention as a reference)."""
