@@ -76,7 +76,7 @@ def test_ops_and_record_from_eight_threads_match_single_threaded_runs():
     with ThreadPoolExecutor(THREADS) as pool:
         results = list(pool.map(run, range(THREADS)))
 
-    for seed, (ref, outs) in enumerate(zip(expected, results)):
+    for seed, (ref, outs) in enumerate(zip(expected, results, strict=True)):
         # The ops are bit-identical for any load; the single-threaded ops also match the float64 reference.
         torch.testing.assert_close(ref["mad"].double(), mad_reference(ref["attn"], 16, renormalize=bool(seed % 2)),
                                    rtol=2e-5, atol=2e-5)
