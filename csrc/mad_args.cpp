@@ -2,8 +2,10 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
 #include <cmath>
+#include <string>
 
 namespace vitmad {
 namespace {
@@ -39,8 +41,12 @@ MadLayout check_mad_options(int64_t n, int64_t num_matrices, int64_t patch, int6
     TORCH_CHECK_VALUE(g.size() == 2, op_name, ": grid must be [grid_h, grid_w] (2 values), got ", g.size(),
                       " values ", g);
     TORCH_CHECK_VALUE(g[0] > 0 && g[1] > 0, op_name, ": grid must hold positive sizes, got ", g);
-    TORCH_CHECK_VALUE(g[0] * g[1] == num_patches, op_name, ": grid ", g, " has ", g[0] * g[1],
-                      " patches but ", tokens_arg, " has N - num_prefix_tokens = ", n, " - ", num_prefix_tokens, " = ",
+    // An absurd grid's product can overflow int64 and wrap onto num_patches (then the kernels index far out of
+    // bounds): overflow counts as a mismatch.
+    int64_t grid_patches = 0;
+    const bool overflows = c10::mul_overflows(g[0], g[1], &grid_patches);
+    TORCH_CHECK_VALUE(!overflows && grid_patches == num_patches, op_name, ": grid ", g, " has ",
+                      overflows ? std::string("more than 2^63") : std::to_string(grid_patches), " patches but ", tokens_arg, " has N - num_prefix_tokens = ", n, " - ", num_prefix_tokens, " = ",
                       num_patches, " patch tokens");
     grid_h = g[0];
     grid_w = g[1];

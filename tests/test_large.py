@@ -1,4 +1,5 @@
-"""64-bit indexing: a tensor of more than 2^31 elements gives the exact per-query distances."""
+"""64-bit indexing: an attention map or an attention bias of more than 2^31 elements gives the exact per-query
+distances."""
 
 from __future__ import annotations
 
@@ -31,3 +32,20 @@ def _distances(grid, queries, keys):
     dr = (queries // gw - keys // gw).double()
     dc = (queries % gw - keys % gw).double()
     return 16 * torch.sqrt(dr * dr + dc * dc)
+
+
+@pytest.mark.slow
+def test_mad_qk_bias_of_more_than_2_pow_31_elements():
+    # A bool [N, N] mask of 2.15e9 elements letting each query see exactly one key: whatever q and k are, the
+    # softmax puts all weight on that key, so each query's MAD is its distance to it, exactly.
+    n, grid = 46400, [200, 232]
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    assert mask.numel() > 2**31
+    rows = torch.arange(n)
+    keys = (rows * 7919 + 13) % n  # scattered, so the last rows' offsets lie past 2^31
+    mask[rows, keys] = True
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 1, n, 4, generator=gen) for _ in range(2))
+    per_query = vitmad.mad_qk(q, k, 16, num_prefix_tokens=0, grid=grid, attn_bias=mask, reduction="none")
+    expected = _distances(grid, rows, keys)
+    torch.testing.assert_close(per_query[0, 0].double(), expected, rtol=1e-6, atol=1e-4)

@@ -89,6 +89,7 @@ def _quiet_transformers() -> None:
 
 
 def _profile_command(args: argparse.Namespace, run) -> None:
+    from .checkpoint import check_writable
     from .images import find_images, parse_image_size
     from .models import load_model
     from .plotting import plot_mad_maps
@@ -97,11 +98,11 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     out = Path(args.out)
     size = parse_image_size(args.image_size)
     files = find_images(args.images)  # before loading the model: a wrong folder fails at once
+    check_writable(out)  # a read-only or full disk fails now, not after the run
     if args.resume:
         _check_resume_world_size(out, run)
     _quiet_transformers()
     loaded = load_model(args.model, checkpoint=args.checkpoint, image_size=size)
-    out.mkdir(parents=True, exist_ok=True)
     result = profile(
         loaded,
         files,

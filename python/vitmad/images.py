@@ -252,12 +252,21 @@ def load_image(path: str | os.PathLike):
     """Decode an image file as RGB.
 
     Returns:
-        ``(image, None)``, or ``(None, reason)`` when the file cannot be read or decoded.
+        ``(image, None)``, or ``(None, reason)`` when the file cannot be read or decoded, or claims more pixels
+        than ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression bomb: refused before decoding).
     """
     from PIL import Image
 
     try:
         with Image.open(path) as image:
+            # PIL only warns between its limit and twice it, then decodes: a file claiming 100M pixels would
+            # still cost gigabytes. Refuse everything over the limit (PIL.Image.MAX_IMAGE_PIXELS; None: none).
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and image.width * image.height > limit:
+                raise Image.DecompressionBombError(
+                    f"image size ({image.width}x{image.height} pixels) exceeds PIL.Image.MAX_IMAGE_PIXELS = "
+                    f"{limit}, could be a decompression bomb"
+                )
             image.load()
             return image.convert("RGB"), None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:

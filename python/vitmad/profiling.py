@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_file, check_writable, fingerprint, load_checkpoint, save_checkpoint
 from .stats import RunningStats
 
 __all__ = ["Profile", "profile", "mad_maps", "resolve_device", "FORMAT"]
@@ -125,32 +125,43 @@ class Profile:
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write ``mad.json``: model, layout, images used and skipped, per layer and head the mean, std, min,
-        max and count over images, a per-layer summary, and the float64 sums."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        max and count over images, a per-layer summary, and the float64 sums. Written atomically."""
+        with atomic_file(path) as handle:
+            handle.write(json.dumps(self.to_dict(), indent=1).encode())
 
     @staticmethod
     def from_json(path: str | os.PathLike) -> Profile:
         """Read a file written by :meth:`to_json`.
 
         Raises:
-            ValueError: the file is not a vitmad profile.
+            ValueError: the file cannot be read, is not a vitmad profile, comes from a vitmad whose format
+                differs, or lacks fields (truncated or edited); the message names the file.
         """
         try:
-            doc = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: cannot read a vitmad profile ({err})") from err
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else None
+        if isinstance(found, str) and found.startswith("vitmad-profile/") and found != FORMAT:
+            raise ValueError(f"{path}: written by another vitmad version (format {found!r}, "
+                             f"version {doc.get('vitmad_version')!r}); this version reads {FORMAT!r}")
+        if found != FORMAT:
             raise ValueError(f"{path}: not a vitmad profile (expected format {FORMAT!r})")
-        as_tensor = lambda key: torch.tensor([layer[key] for layer in doc["layers"]], dtype=torch.float64)  # noqa: E731
-        stats = RunningStats(
-            torch.tensor(doc["sums"]["total"], dtype=torch.float64),
-            torch.tensor(doc["sums"]["total_sq"], dtype=torch.float64),
-            as_tensor("min"),
-            as_tensor("max"),
-            int(doc["count"]),
-        )
-        return Profile(doc["model"], [layer["name"] for layer in doc["layers"]], doc["layout"], stats,
-                       doc["images"], doc["skipped"], doc["settings"], doc.get("processes", 1))
+        try:
+            def as_tensor(key: str) -> torch.Tensor:
+                return torch.tensor([layer[key] for layer in doc["layers"]], dtype=torch.float64)
+
+            stats = RunningStats(
+                torch.tensor(doc["sums"]["total"], dtype=torch.float64),
+                torch.tensor(doc["sums"]["total_sq"], dtype=torch.float64),
+                as_tensor("min"),
+                as_tensor("max"),
+                int(doc["count"]),
+            )
+            return Profile(doc["model"], [layer["name"] for layer in doc["layers"]], doc["layout"], stats,
+                           doc["images"], doc["skipped"], doc["settings"], doc.get("processes", 1))
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{path}: malformed vitmad profile ({type(err).__name__}: {err})") from err
 
     def to_csv(self, path: str | os.PathLike) -> None:
         """Write ``mad.csv``: one row per layer and head (layer, name, head, mean, std, min, max, count)."""
@@ -159,7 +170,8 @@ class Profile:
         for i, name in enumerate(self.layers):
             for h in range(len(mad[i])):
                 lines.append(f"{i},{name},{h},{mad[i][h]!r},{std[i][h]!r},{low[i][h]!r},{high[i][h]!r},{self.count}")
-        Path(path).write_text("\n".join(lines) + "\n")
+        with atomic_file(path) as handle:
+            handle.write(("\n".join(lines) + "\n").encode())
 
     def plot(self, path: str | os.PathLike, *, title: str | None = None) -> None:
         """Draw the ViT-paper figure (MAD per head against layer depth, uniform attention as a reference)."""
@@ -306,8 +318,9 @@ def profile(
         The :class:`Profile` (``.mad`` and ``.std`` are ``[L, H]``).
 
     Raises:
-        ValueError, FileNotFoundError: bad model spec, images, size, device or dtype; the message names the
-            option. Any exception (``KeyboardInterrupt`` included) is re-raised after the checkpoint is saved.
+        ValueError, FileNotFoundError: bad model spec, images, size, device or dtype, or a ``checkpoint``
+            folder that cannot be written (checked before the model loads); the message names the option.
+            Any exception (``KeyboardInterrupt`` included) is re-raised after the checkpoint is saved.
     """
     from .distributed import GlobalProgress, current_run, merge_across_ranks
     from .images import parse_image_size
@@ -326,6 +339,8 @@ def profile(
     if run is not None:
         device = run.device(device)
     torch_dtype = _resolve_dtype(dtype)
+    if checkpoint is not None:
+        check_writable(Path(checkpoint).parent, "checkpoint")
     loaded, preprocessing = _prepare(model, size, model_checkpoint)
     decoders = ThreadPoolExecutor(loader_threads, "vitmad-decode") if loader_threads > 0 else None
     names, load = _batches(images, preprocessing, batch_size, max_images, decoders)
