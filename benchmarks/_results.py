@@ -32,24 +32,25 @@ def machine() -> str:
     )
 
 
+def time_once(fn: Callable[[], object], device: str) -> float:
+    """Wall time of one fn() in seconds (CUDA: measured with events on the current stream)."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def time_call(fn: Callable[[], object], device: str, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds (CUDA: measured with events on the current stream)."""
+    """Median wall time of fn() in seconds over `repeats` calls after `warmup` calls."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(time_once(fn, device) for _ in range(repeats))
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

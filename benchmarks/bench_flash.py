@@ -23,13 +23,12 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _results import machine, write_section
+from _results import machine, time_once, write_section
 
 import vitmad
 
@@ -86,19 +85,6 @@ def materialised_bytes(shape, dtype) -> int:
     return b * h * n * n * torch.tensor([], dtype=dtype).element_size()
 
 
-def _seconds(fn, device: str) -> float:
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def time_routes(fns: dict[str, Callable[[], object]], device: str, repeats: int) -> dict[str, float]:
     """Median seconds per route after one warm-up call each. The routes take turns within every repeat, so
     load from other processes on a shared machine falls on all of them alike (CUDA: events on the stream)."""
@@ -107,7 +93,7 @@ def time_routes(fns: dict[str, Callable[[], object]], device: str, repeats: int)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(_seconds(fn, device))
+            times[name].append(time_once(fn, device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
