@@ -154,3 +154,37 @@ def test_any_sdpa_module_with_layout_given_by_hand():
     assert rec.layout == vitmad.layout.ModelLayout(patch=4, grid=(2, 3), num_prefix_tokens=1)
     expected = vitmad.mad_reference(model[0].probs, 4, grid=[2, 3])
     torch.testing.assert_close(rec.mad[0].double(), expected, **RECORD_TOL)
+
+
+class _BroadcastMaskedAttention(torch.nn.Module):
+    """SDPA with what it accepts beyond mad_qk's contract: one k shared by the batch, and a mask that is bool or
+    float32 beside bfloat16 queries."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.qk = torch.nn.Linear(8, 16)
+        self.mask = mask
+
+    def forward(self, tokens):
+        q, k = self.qk(tokens).unflatten(-1, (2, 2, 4)).permute(2, 0, 3, 1, 4)  # 2 x [B, H=2, N, 4]
+        k = k[:1]
+        bias = self.mask if self.mask.dtype != torch.bool else torch.zeros(()).masked_fill(~self.mask, -torch.inf)
+        self.probs = (q.double() @ k.double().transpose(-1, -2) * 0.5 + bias.to(q.dtype).double()).softmax(-1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=self.mask, scale=0.5)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float32"])
+def test_sdpa_broadcast_key_and_mask_of_another_dtype(mask_kind):
+    torch.manual_seed(0)
+    n = 1 + 2 * 3
+    mask = torch.rand(n, n) > 0.3 if mask_kind == "bool" else torch.randn(n, n)
+    if mask_kind == "bool":
+        mask.fill_diagonal_(True)
+    model = torch.nn.Sequential(_BroadcastMaskedAttention(mask)).to(torch.bfloat16)
+    tokens = torch.randn(3, n, 8, dtype=torch.bfloat16)
+    with torch.no_grad(), vitmad.record(model, layers=["0"], patch=4, grid=[2, 3]) as rec:
+        model(tokens)
+    assert rec.mad.shape == (1, 3, 2)
+    # mad_qk adds the float mask rounded to bfloat16 (q's dtype), as the reference does; accumulation is float32.
+    expected = vitmad.mad_reference(model[0].probs, 4, grid=[2, 3])
+    torch.testing.assert_close(rec.mad[0].double(), expected, **RECORD_TOL)

@@ -2,8 +2,8 @@
 
 Each recorded layer's queries and keys are captured where the attention receives them (transformers'
 ``AttentionInterface``, or the module's ``F.scaled_dot_product_attention`` call for timm) and reduced to MAD at
-once (:func:`vitmad.hooks.attention.mad_from_qk`), so no attention map is stored and at most one block of one
-layer's attention probabilities exists at a time. The model's own attention runs unchanged.
+once by ``vitmad::mad_qk`` (flash-MAD: the attention probabilities are never materialised), so no attention
+map is stored. The model's own attention runs unchanged.
 
 Repeated forwards: every forward call inside one ``record`` block is kept as a :class:`RecordedCall` in
 ``rec.calls`` (a call starts when the patch embedding runs); ``rec.mad``, ``rec.layers`` and ``rec.layout``
@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._layout import mad_output_dtype
-from .hooks.attention import additive_bias, mad_from_qk
 from .hooks.hf import HFAttentionHooks, hf_attention_modules, is_hf_model
 from .hooks.timm import SdpaAttentionHooks, sdpa_attention_modules
 from .layout import ModelLayout, find_patch_embedding
@@ -215,15 +213,22 @@ class Recording:
             self.calls.append(RecordedCall())
         call = self.calls[-1]
         layout = self._call_layout(name, query.shape[-2])
+        # SDPA broadcasts the leading dims of q and k and adds a float mask of any float dtype; mad_qk takes
+        # equal leading dims (a stride-0 view costs nothing) and a bias in q's dtype, or a bool mask as is.
+        lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
+        query = query.detach().expand(*lead, *query.shape[-2:])
+        key = key.detach().expand(*lead, *key.shape[-2:])
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.detach().to(query.dtype)
         with torch.no_grad():
-            value = mad_from_qk(
-                query.detach(),
-                key.detach(),
+            value = torch.ops.vitmad.mad_qk(
+                query,
+                key,
                 self.patch,
                 num_prefix_tokens=layout.num_prefix_tokens,
                 grid=list(layout.grid),
                 scale=scale,
-                attn_bias=additive_bias(mask, mad_output_dtype(query.dtype)),
+                attn_bias=mask,
                 renormalize=self.renormalize,
                 reduction=self.reduction,
             )

@@ -1,2 +1,2 @@
 """Where :func:`vitmad.record` captures attention: transformers (:mod:`.hf`), timm and other
-``F.scaled_dot_product_attention`` callers (:mod:`.timm`), and the MAD of one layer from q/k (:mod:`.attention`)."""
+``F.scaled_dot_product_attention`` callers (:mod:`.timm`)."""
