@@ -62,7 +62,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section `name` of RESULTS.md, leaving the other benchmarks' sections as they are."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in benchmarks/.\n"
+    header = "# Benchmark results\n\nWritten by the scripts in benchmarks/.\n"
+    text = RESULTS.read_text() if RESULTS.exists() else header
     block = f"{start}\n{body.strip()}\n{end}"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"

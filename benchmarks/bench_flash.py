@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _results import machine, time_once, write_section
 
 import vitmad
+from _results import machine, time_once, write_section
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 ROUTES = ("mad_qk", "sdpa", "materialised")

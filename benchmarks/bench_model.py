@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from _results import machine, write_section
 
 CASES = ("sdpa", "record", "eager")

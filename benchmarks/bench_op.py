@@ -11,10 +11,10 @@ import argparse
 import gc
 
 import torch
-from _results import machine, markdown_table, time_call, write_section
 
 import vitmad
-from vitmad.reference import pixel_distances, tutorial_mean_attention_distance
+from _results import machine, markdown_table, time_call, write_section
+from vitmad.ops.reference import pixel_distances, tutorial_mean_attention_distance
 
 # name, shape [B, H, N, N], patch, tutorial?  N = 1 + grid^2 (one CLS token).
 CASES = [

@@ -15,11 +15,11 @@ import argparse
 import statistics
 
 import torch
-from _results import machine, markdown_table, time_call, write_section
 
 import vitmad
-from vitmad.models import LoadedModel, load_model, wrap_module
+from _results import machine, markdown_table, time_call, write_section
 from vitmad.profiling import resolve_device
+from vitmad.profiling.models import LoadedModel, load_model, wrap_module
 
 
 def _random_vit_b16() -> LoadedModel:
@@ -101,7 +101,8 @@ def main() -> None:
             f"bench_profile-{device.type}-{torch.get_num_threads()}threads",
             f"## Profiling throughput vs plain inference ({device.type}, {torch.get_num_threads()} torch threads)"
             f"\n\n{where}\n\n"
-            f"Median of {repeats} runs over {num_images} images of 224 x 224; {vitmad.backend()} kernels.\n\n{table}\n\n{args.note}",
+            f"Median of {repeats} runs over {num_images} images of 224 x 224; {vitmad.backend()} kernels.\n\n"
+            f"{table}\n\n{args.note}",
         )
 
 

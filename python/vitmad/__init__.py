@@ -1,14 +1,21 @@
 """vitmad: mean attention distance of Vision Transformers, fused and fast.
 
-``import vitmad`` registers ``torch.ops.vitmad.mad`` and ``torch.ops.vitmad.mad_qk`` (compiled C++/CUDA
-kernels, or pure-PyTorch ones when the compiled library is unavailable: see :func:`backend`).
+Three layers, one folder each: :mod:`vitmad.ops` (``torch.ops.vitmad.*``: compiled C++/CUDA kernels, or
+pure-PyTorch ones when the compiled library is unavailable, see :func:`backend`), :mod:`vitmad.recording`
+(:func:`record`: every layer's MAD while a real model runs) and :mod:`vitmad.profiling` (:func:`profile`:
+a model over an image set, with results files and figures). The definition: ``docs/definition.md``.
 """
 
-from ._library import backend, has_compiled_kernel
-from .ops import mad
-from .ops_qk import mad_qk
-from .record import record
-from .reference import mad_reference, pixel_distances, uniform_attention_mad
+from .ops import (
+    backend,
+    has_compiled_kernel,
+    mad,
+    mad_qk,
+    mad_reference,
+    pixel_distances,
+    uniform_attention_mad,
+)
+from .recording import record
 
 __all__ = [
     "mad",

@@ -1,7 +1,10 @@
 """The ``vitmad`` command: ``vitmad profile``, ``vitmad compare``, ``vitmad bench``.
 
-A thin layer over :func:`vitmad.profile` and the plotting functions. User mistakes (unknown model, missing
-or empty image folder, bad option) end with one ``vitmad: error: ...`` line and exit status 2.
+A thin layer over :func:`vitmad.profile` and the plotting functions. The flags of ``vitmad profile`` parse
+into ``profile()``'s own keyword arguments (each flag's ``dest`` is the parameter's name), and the library's
+errors, which name the parameter, are shown with the flag instead: one direction, one spelling each. User
+mistakes (unknown model, missing or empty image folder, bad option) end with one ``vitmad: error: ...`` line
+and exit status 2.
 """
 
 from __future__ import annotations
@@ -36,21 +39,38 @@ def _check_resume_world_size(out: Path, run) -> None:
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .models import MODEL_SPEC_HELP
+class _RenamedFlag(argparse.Action):
+    """A flag that was renamed: using it is an error that names the new flag (never silently another one)."""
 
-    parser = argparse.ArgumentParser(prog="vitmad", description="Mean attention distance of Vision Transformer heads.")
+    def __init__(self, option_strings, dest, message: str, **kwargs):
+        self.message = message
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(self.message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .profiling.models import MODEL_SPEC_HELP
+
+    parser = argparse.ArgumentParser(prog="vitmad", description="Mean attention distance of Vision Transformer heads.",
+                                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("profile", help="profile a model over an image set",
+    # allow_abbrev=False: a prefix such as --checkpoint must never be read as --checkpoint-every.
+    run = commands.add_parser("profile", help="profile a model over an image set", allow_abbrev=False,
                               description="Profile the mean attention distance of every head over an image set.")
     run.add_argument("--model", default="builtin:dinov2-s14", help=f"{MODEL_SPEC_HELP} (default: %(default)s)")
-    run.add_argument("--checkpoint", default=None, help="local weights file for a timm: model")
+    run.add_argument("--weights", dest="model_checkpoint", default=None, metavar="FILE",
+                     help="local weights file for a timm: model (instead of its pretrained download)")
+    run.add_argument("--checkpoint", action=_RenamedFlag,
+                     message=f"--checkpoint was renamed --weights (local weights of a timm: model); the run's own "
+                             f"checkpoint is OUT/{CHECKPOINT_NAME}, used by --resume")
     run.add_argument("--images", nargs="+", default=["builtin"],
                      help="folders (searched recursively), files, or 'builtin': photographs shipped with "
                           "scikit-image (default)")
     run.add_argument("--image-size", default=None, help="S or HxW instead of the model's input size")
-    run.add_argument("--batch-size", type=int, default=16)
+    run.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     run.add_argument("--max-images", type=int, default=None, help="profile only the first K images")
@@ -59,20 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="vitmad_out", help="output folder (default: %(default)s)")
     run.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME}")
     run.add_argument("--no-figures", action="store_true", help="write mad.json and mad.csv only")
-    run.add_argument("--workers", type=int, default=4, help="threads decoding images (default: 4)")
+    run.add_argument("--workers", dest="loader_threads", type=int, default=4,
+                     help="threads decoding images (default: 4)")
     run.add_argument("--checkpoint-every", type=int, default=8, help="batches between checkpoints (default: 8)")
     run.add_argument("--backend", default=None, choices=["gloo", "nccl"],
                      help="torchrun only: process-group backend (default: nccl on GPUs, gloo on CPUs)")
     run.add_argument("--dist-timeout", type=float, default=1800,
                      help="torchrun only: seconds a collective waits for the other ranks (default: 1800)")
 
-    compare = commands.add_parser("compare", help="overlay several profiles",
+    compare = commands.add_parser("compare", help="overlay several profiles", allow_abbrev=False,
                                   description="Overlay the mean and spread per layer of several mad.json files.")
     compare.add_argument("results", nargs="+", help="mad.json files")
     compare.add_argument("--labels", nargs="+", default=None, help="one label per result (default: model)")
     compare.add_argument("--out", required=True, help="figure file (.png, .pdf, .svg)")
 
-    bench = commands.add_parser("bench", help="time the fused op against plain PyTorch (short form)")
+    bench = commands.add_parser("bench", help="time the fused op against plain PyTorch (short form)",
+                                allow_abbrev=False)
     bench.add_argument("--device", default="auto")
     bench.add_argument("--repeats", type=int, default=10)
     return parser
@@ -89,32 +111,38 @@ def _quiet_transformers() -> None:
 
 
 def _profile_command(args: argparse.Namespace, run) -> None:
-    from .checkpoint import check_writable
-    from .images import find_images, parse_image_size
-    from .models import load_model
-    from .plotting import plot_mad_maps
     from .profiling import mad_maps, profile
+    from .profiling.files import check_writable
+    from .profiling.images import find_images, parse_image_size
+    from .profiling.models import load_model
+    from .profiling.options import import_optional, resolve_device
+    from .profiling.plotting import plot_mad_maps
 
+    # Every flag is resolved into the object profile() takes, cheapest and most likely mistakes first: a
+    # wrong folder, size or device fails at once, before the model loads.
     out = Path(args.out)
     size = parse_image_size(args.image_size)
-    files = find_images(args.images)  # before loading the model: a wrong folder fails at once
+    files = find_images(args.images)
+    device = resolve_device(args.device)
     check_writable(out)  # a read-only or full disk fails now, not after the run
+    if not args.no_figures:
+        import_optional("matplotlib", "profile", "vitmad profile's figures (or pass --no-figures)")
     if args.resume:
         _check_resume_world_size(out, run)
     _quiet_transformers()
-    loaded = load_model(args.model, checkpoint=args.checkpoint, image_size=size)
+    loaded = load_model(args.model, model_checkpoint=args.model_checkpoint, image_size=size)
     result = profile(
         loaded,
         files,
         batch_size=args.batch_size,
-        device=args.device,
+        device=device,
         dtype=args.dtype,
         renormalize=args.renormalize,
         image_size=size,
         max_images=args.max_images,
         checkpoint=checkpoint_path(out, run),
         checkpoint_every=args.checkpoint_every,
-        loader_threads=args.workers,
+        loader_threads=args.loader_threads,
         resume=args.resume,
         progress=True,
         distributed=run,
@@ -127,7 +155,7 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     if not args.no_figures:
         result.plot(out / "mad.png")
         maps, pixels, names, layout = mad_maps(loaded, result.images[0], image_size=size,
-                                               renormalize=args.renormalize, device=args.device)
+                                               renormalize=args.renormalize, device=device)
         prep = loaded.preprocessing
         plot_mad_maps(maps, pixels, names, out / "mad_map.png", patch=layout["patch"],
                       mean=prep.mean, std=prep.std)
@@ -147,8 +175,8 @@ def _print_summary(result) -> None:
 
 
 def _compare_command(args: argparse.Namespace, run) -> None:
-    from .plotting import plot_compare
     from .profiling import Profile
+    from .profiling.plotting import plot_compare
 
     profiles = [Profile.from_json(path) for path in args.results]
     labels = args.labels or [p.model for p in profiles]
@@ -159,20 +187,43 @@ def _compare_command(args: argparse.Namespace, run) -> None:
 
 
 def _bench_command(args: argparse.Namespace, run) -> None:
-    from .bench import run_op_bench
+    from .ops.bench import run_op_bench
+    from .profiling.options import resolve_device
 
-    run_op_bench(device=args.device, repeats=args.repeats)
+    run_op_bench(resolve_device(args.device), repeats=args.repeats)
+
+
+def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Parameter name -> flag, for every subcommand (the flags' ``dest`` are the parameters' names)."""
+    flags = {"checkpoint": "--out", "image": "--images"}  # profile() parameters the CLI fills from other flags
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags.update(_flags(sub))
+        elif action.option_strings and not isinstance(action, _RenamedFlag):
+            flags[action.dest] = max(action.option_strings, key=len)
+    return flags
+
+
+def _message(err: BaseException, flags: dict[str, str]) -> str:
+    """The error's message, with the parameter it starts with spelled as its flag."""
+    text = str(err)
+    parameter = getattr(err, "parameter", None)
+    if parameter in flags and text.startswith(f"{parameter}:"):
+        return flags[parameter] + text[len(parameter):]
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``vitmad`` command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     warnings.formatwarning = lambda message, *_, **__: f"vitmad: warning: {message}\n"
     commands = {"profile": _profile_command, "compare": _compare_command, "bench": _bench_command}
     run, where = None, ""
     try:
         if args.command == "profile":
-            from .distributed import init_from_env
+            from .profiling.distributed import init_from_env
 
             run = init_from_env(args.backend, args.device, args.dist_timeout)
             where = "" if run is None else f"rank {run.rank} of {run.world_size}: "
@@ -180,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         if run is not None:
             run.close(wait_for_all=True)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        print(f"vitmad: error: {where}{err}", file=sys.stderr)
+        print(f"vitmad: error: {where}{_message(err, _flags(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vitmad: {where}interrupted; progress is saved in {getattr(args, 'out', '.')}, "

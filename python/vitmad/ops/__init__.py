@@ -1,0 +1,25 @@
+"""The ops layer: ``torch.ops.vitmad.*`` and their typed Python entry points.
+
+- :mod:`.library` loads the compiled C++/CUDA kernels (``csrc/``) or registers the pure-PyTorch ones
+  (:mod:`.fallback`) under the same names;
+- :mod:`.arguments` checks the ops' arguments in Python, message for message like ``csrc/mad_args.cpp``;
+- :mod:`.mad_op` and :mod:`.mad_qk_op`: the typed wrappers, fake (shape) kernels and autograd;
+- :mod:`.reference`: the float64 definition every kernel is tested against;
+- :mod:`.bench`: the short timing behind ``vitmad bench``.
+"""
+
+from .library import backend, has_compiled_kernel
+from .mad_op import mad
+from .mad_qk_op import mad_qk
+from .reference import mad_qk_reference, mad_reference, pixel_distances, uniform_attention_mad
+
+__all__ = [
+    "mad",
+    "mad_qk",
+    "backend",
+    "has_compiled_kernel",
+    "mad_reference",
+    "mad_qk_reference",
+    "pixel_distances",
+    "uniform_attention_mad",
+]

@@ -1,0 +1,137 @@
+"""Pure-PyTorch kernels of the vitmad ops, used where the compiled library is missing or lacks a device.
+
+They follow the compiled kernels' contract (float32 accumulation, float64 for float64 input) and never hold
+more than a bounded slice of the distance matrix: queries are processed in chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .arguments import check_mad_args, check_mad_qk_args, mad_output_dtype
+from .reference import pixel_distances
+
+__all__ = ["SCHEMAS", "mad", "mad_backward", "mad_qk"]
+
+# The schemas of csrc/vitmad.cpp, used to define the ops when the compiled library is absent
+# (tests/ops/test_fallback.py checks that both say the same).
+SCHEMAS = {
+    "mad": "mad(Tensor attn, int patch, *, int num_prefix_tokens=1, int[]? grid=None, bool renormalize=False, "
+    'str reduction="mean") -> Tensor',
+    "mad_backward": "mad_backward(Tensor grad, Tensor attn, int patch, *, int num_prefix_tokens=1, "
+    'int[]? grid=None, bool renormalize=False, str reduction="mean") -> Tensor',
+    "mad_qk": "mad_qk(Tensor q, Tensor k, int patch, *, int num_prefix_tokens=1, int[]? grid=None, "
+    'float? scale=None, Tensor? attn_bias=None, bool renormalize=False, str reduction="mean") -> Tensor',
+}
+
+# At most about this many distance values or logits (4 MiB in float32) exist at once.
+_DISTANCE_CHUNK_ELEMENTS = 1 << 20
+
+
+def _query_chunks(num_patches: int, row_elements: int | None = None):
+    """Slices of the query patches holding at most about _DISTANCE_CHUNK_ELEMENTS values of row_elements each."""
+    rows = max(1, _DISTANCE_CHUNK_ELEMENTS // (row_elements or num_patches))
+    for start in range(0, num_patches, rows):
+        yield slice(start, min(start + rows, num_patches))
+
+
+def mad(
+    attn: torch.Tensor,
+    patch: int,
+    *,
+    num_prefix_tokens: int = 1,
+    grid: Sequence[int] | None = None,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    layout = check_mad_args(attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction)
+    acc = mad_output_dtype(attn.dtype)
+    p = layout.num_prefix
+    patches = attn[..., p:, p:]
+    per_query = torch.empty(patches.shape[:-1], dtype=acc, device=attn.device)
+    for rows in _query_chunks(layout.num_patches):
+        dist = pixel_distances(layout.grid_h, layout.grid_w, patch, rows, dtype=acc, device=attn.device)
+        a = patches[..., rows, :].to(acc)
+        weighted = torch.einsum("...ts,ts->...t", a, dist)
+        per_query[..., rows] = weighted / a.sum(-1) if renormalize else weighted
+    if layout.reduce_mean:
+        return (per_query.sum(-1, dtype=torch.float64) / layout.num_patches).to(acc)
+    return per_query
+
+
+def mad_backward(
+    grad: torch.Tensor,
+    attn: torch.Tensor,
+    patch: int,
+    *,
+    num_prefix_tokens: int = 1,
+    grid: Sequence[int] | None = None,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    layout = check_mad_args(
+        attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction, "vitmad.mad_backward"
+    )
+    acc = mad_output_dtype(attn.dtype)
+    expected = tuple(attn.shape[:-2]) + (() if layout.reduce_mean else (layout.num_patches,))
+    if tuple(grad.shape) != expected:
+        raise ValueError(
+            f"vitmad.mad_backward: grad must have the shape of mad's output {list(expected)}, got {list(grad.shape)}"
+        )
+    g = grad.to(acc)
+    per_query = (g / layout.num_patches).unsqueeze(-1) if layout.reduce_mean else g
+    p = layout.num_prefix
+    grad_attn = torch.zeros(attn.shape, dtype=attn.dtype, device=attn.device)
+    patches = attn[..., p:, p:]
+    for rows in _query_chunks(layout.num_patches):
+        dist = pixel_distances(layout.grid_h, layout.grid_w, patch, rows, dtype=acc, device=attn.device)
+        g_rows = per_query[..., rows].unsqueeze(-1) if not layout.reduce_mean else per_query.unsqueeze(-1)
+        if renormalize:
+            a = patches[..., rows, :].to(acc)
+            mass = a.sum(-1, keepdim=True)
+            mean = torch.einsum("...ts,ts->...t", a, dist).unsqueeze(-1) / mass
+            block = g_rows / mass * (dist - mean)
+        else:
+            block = g_rows * dist
+        grad_attn[..., p + rows.start : p + rows.stop, p:] = block.to(attn.dtype)
+    return grad_attn
+
+
+def mad_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    patch: int,
+    *,
+    num_prefix_tokens: int = 1,
+    grid: Sequence[int] | None = None,
+    scale: float | None = None,
+    attn_bias: torch.Tensor | None = None,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    qk = check_mad_qk_args(q, k, patch, num_prefix_tokens, grid, scale, attn_bias, renormalize, reduction)
+    layout = qk.mad
+    acc = mad_output_dtype(q.dtype)
+    p, n = layout.num_prefix, layout.num_tokens
+    keys_t = k.to(acc).transpose(-1, -2)
+    # A broadcast view of the bias: slicing it never copies more than the chunk's rows.
+    bias = None if attn_bias is None else attn_bias.expand(*q.shape[:-1], n)
+    per_query = torch.empty((*q.shape[:-2], layout.num_patches), dtype=acc, device=q.device)
+    # Each chunk holds [..., rows, N] logits for every matrix at once, so the bound counts all matrices.
+    for rows in _query_chunks(layout.num_patches, math.prod(q.shape[:-2]) * n):
+        tokens = slice(p + rows.start, p + rows.stop)
+        logits = (q[..., tokens, :].to(acc) * qk.scale) @ keys_t
+        if bias is not None:
+            b = bias[..., tokens, :]
+            logits = logits.masked_fill(~b, float("-inf")) if b.dtype == torch.bool else logits + b.to(acc)
+        # Renormalised, the softmax runs over the patch keys alone (the same value, without the patch mass
+        # underflowing when a query attends almost only to prefix tokens).
+        attn = logits[..., p:].softmax(-1) if renormalize else logits.softmax(-1)[..., p:]
+        dist = pixel_distances(layout.grid_h, layout.grid_w, patch, rows, dtype=acc, device=q.device)
+        per_query[..., rows] = torch.einsum("...ts,ts->...t", attn, dist)
+    if layout.reduce_mean:
+        return (per_query.sum(-1, dtype=torch.float64) / layout.num_patches).to(acc)
+    return per_query

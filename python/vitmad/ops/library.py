@@ -1,0 +1,98 @@
+"""Loads the compiled vitmad kernels, or registers the pure-PyTorch ones under the same op names.
+
+Either way ``torch.ops.vitmad.mad`` works after ``import vitmad``; :func:`backend` says which is in use, and a
+missing compiled library is logged once, never a silent difference.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from . import fallback
+
+__all__ = ["backend", "has_compiled_kernel"]
+
+log = logging.getLogger("vitmad")
+
+_LIBRARY_NAME = "_vitmad_ops.so"
+# The devices whose kernels csrc/ may provide; any other device gets the pure-PyTorch kernels.
+_COMPILED_DEVICES = ("CPU", "CUDA")
+
+_backend = "python"
+_fallback_lib: torch.library.Library | None = None
+# (op, dispatch key) pairs served by the pure-PyTorch kernels although the compiled library is loaded.
+_fallback_kernels: set[tuple[str, str]] = set()
+
+
+def has_compiled_kernel(op: str, device: str) -> bool:
+    """Whether the compiled library registered a kernel of ``vitmad::<op>`` for ``device`` ("CPU", "CUDA")."""
+    return (
+        _backend == "compiled"
+        and (op, device) not in _fallback_kernels
+        and torch._C._dispatch_has_kernel_for_dispatch_key(f"vitmad::{op}", device)
+    )
+
+
+def backend() -> str:
+    """``"compiled"`` when the C++/CUDA library is loaded, ``"python"`` when the pure-PyTorch kernels stand in."""
+    return _backend
+
+
+def _load_compiled() -> Exception | None:
+    if os.environ.get("VITMAD_DISABLE_COMPILED", "") not in ("", "0"):
+        return RuntimeError("disabled by VITMAD_DISABLE_COMPILED")
+    # The build installs the library at the package root (CMakeLists.txt), beside vitmad/__init__.py.
+    path = Path(__file__).parent.parent / _LIBRARY_NAME
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as error:
+        return error
+    return None
+
+
+def _register_fallback_kernels(define: bool, dispatch_key: str, names=None) -> None:
+    global _fallback_lib
+    if _fallback_lib is None:
+        _fallback_lib = torch.library.Library("vitmad", "DEF" if define else "IMPL")
+    for name, schema in fallback.SCHEMAS.items():
+        if names is not None and name not in names:
+            continue
+        if define:
+            _fallback_lib.define(schema)
+        _fallback_lib.impl(name, getattr(fallback, name), dispatch_key)
+        _fallback_kernels.add((name, dispatch_key))
+
+
+def _initialise() -> None:
+    global _backend
+    error = _load_compiled()
+    if error is None:
+        _backend = "compiled"
+        missing = [
+            d for d in _COMPILED_DEVICES if not torch._C._dispatch_has_kernel_for_dispatch_key("vitmad::mad", d)
+        ]
+        if "CUDA" in missing and torch.cuda.is_available():
+            log.warning("vitmad: the compiled library has no CUDA kernels (built without CUDA); "
+                        "CUDA tensors use the pure-PyTorch kernels")
+        # Devices without a compiled kernel (CUDA in a CPU-only build, MPS, XPU, ...) fall back explicitly,
+        # op by op: a build may carry one op's CUDA kernel and not another's.
+        for key in _COMPILED_DEVICES:
+            names = [
+                n for n in fallback.SCHEMAS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"vitmad::{n}", key)
+            ]
+            if names:
+                _register_fallback_kernels(define=False, dispatch_key=key, names=names)
+        return
+    log.warning(
+        "vitmad: the compiled kernels could not be loaded (%s); using the pure-PyTorch kernels, which are "
+        "correct but slower. Reinstall vitmad from source to build them.",
+        error,
+    )
+    _register_fallback_kernels(define=True, dispatch_key="CompositeExplicitAutograd")
+
+
+_initialise()

@@ -1,0 +1,180 @@
+"""Running one profile on many processes with ``torch.distributed`` (launched by ``torchrun``).
+
+How a run is split and put back together, so that the result equals a single-process run:
+- the image list and its batches are the same on every rank (sorted files, fixed batch slices); rank ``r``
+  of ``W`` takes global batches ``r, r + W, r + 2W, ...``, so every image is profiled exactly once, in the
+  same batch as in a single-process run (same per-image values), and uneven tails just leave the last ranks
+  one batch short;
+- at the end the float64 sums, sums of squares and counts are all-reduced (min and max too), and the
+  per-rank lists of processed and skipped files are gathered and put back in global order.
+Only the order of the float64 additions differs from a single process: results agree to ~1e-15 relative.
+
+Each rank checkpoints its own part (``OUT/checkpoint.rank<R>-of-<W>.pt``), so a killed job resumed with the
+same number of processes ends with the same result; the CLI refuses to resume with another number (the
+batches would be dealt out differently).
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .options import OptionError
+from .stats import RunningStats
+
+__all__ = ["DistributedRun", "init_from_env", "current_run", "merge_across_ranks", "GlobalProgress"]
+
+DEFAULT_TIMEOUT_S = 1800
+
+
+@dataclass(frozen=True)
+class DistributedRun:
+    """This process's place in the job.
+
+    Attributes:
+        rank, world_size, local_rank: from the process group (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``).
+        backend: ``"gloo"`` or ``"nccl"``.
+        owns_group: this module initialised the process group (and tears it down).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, requested: torch.device) -> torch.device:
+        """The device of this rank: CUDA requests go to the local GPU ``cuda:LOCAL_RANK``."""
+        if requested.type == "cuda" and requested.index is None:
+            return torch.device("cuda", self.local_rank)
+        return requested
+
+    def close(self, *, wait_for_all: bool = False) -> None:
+        """Tear down the process group this module created.
+
+        Args:
+            wait_for_all: meet the other ranks first (after a successful run): a rank that tears its group down
+                while another still talks to it can abort in gloo's teardown.
+        """
+        if self.owns_group and torch.distributed.is_initialized():
+            if wait_for_all:
+                torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def init_from_env(
+    backend: str | None = None, device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S
+) -> DistributedRun | None:
+    """Join the job ``torchrun`` started, if any.
+
+    Args:
+        backend: ``"gloo"`` or ``"nccl"``; by default NCCL when this rank will run on CUDA, else gloo.
+        device: the ``device`` option, to pick the backend.
+        timeout_s: limit of every collective, so a dead or stuck rank ends the job instead of hanging it.
+
+    Returns:
+        The run, or ``None`` outside ``torchrun`` (``WORLD_SIZE`` unset or 1).
+
+    Raises:
+        ValueError: an unknown backend, or NCCL without CUDA.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 and not torch.distributed.is_initialized():
+        return None
+    if not torch.distributed.is_available():
+        raise ValueError("torchrun: this build of torch has no torch.distributed")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    on_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    backend = backend or ("nccl" if on_cuda else "gloo")
+    if backend not in ("gloo", "nccl"):
+        raise OptionError("backend", f"expected gloo or nccl, got {backend!r}")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise OptionError("backend", "nccl needs CUDA GPUs; use gloo on CPUs")
+    owns = not torch.distributed.is_initialized()
+    if owns:
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistributedRun(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank,
+                          torch.distributed.get_backend(), owns)
+
+
+def current_run() -> DistributedRun | None:
+    """The run of a process group the caller initialised itself (``vitmad.profile`` from a user's script)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_world_size() == 1:
+        return None
+    return DistributedRun(torch.distributed.get_rank(), torch.distributed.get_world_size(),
+                          int(os.environ.get("LOCAL_RANK", "0")), torch.distributed.get_backend())
+
+
+def merge_across_ranks(
+    run: DistributedRun, stats: RunningStats | None, meta: dict | None, processed: list[str],
+    skipped: list[dict], order: dict[str, int],
+) -> tuple[RunningStats | None, dict | None, list[str], list[dict]]:
+    """Combine every rank's part of the profile; every rank gets the whole result.
+
+    Args:
+        stats: this rank's running statistics (``None`` if it profiled no image).
+        meta: ``{"layers": [...], "layout": {...}}`` of this rank (``None`` likewise).
+        processed, skipped: this rank's files.
+        order: position of every file in the global list, to restore the single-process order.
+
+    Returns:
+        ``(stats, meta, processed, skipped)`` of the whole job; ``stats`` is ``None`` if no rank read an image.
+    """
+    dist = torch.distributed
+    parts: list = [None] * run.world_size
+    shape = None if stats is None else tuple(stats.total.shape)
+    dist.all_gather_object(parts, (shape, meta, processed, skipped))
+    shapes = {p[0] for p in parts if p[0] is not None}
+    if len(shapes) > 1:
+        raise RuntimeError(f"ranks disagree on the number of layers and heads: {sorted(shapes)}")
+    all_processed = sorted((name for p in parts for name in p[2]), key=order.__getitem__)
+    all_skipped = sorted((s for p in parts for s in p[3]), key=lambda s: order[s["path"]])
+    if not shapes:
+        return None, None, all_processed, all_skipped
+    meta = next(p[1] for p in parts if p[1] is not None)
+    local = stats if stats is not None else RunningStats.empty(*shapes.pop())
+    device = torch.device("cuda", torch.cuda.current_device()) if run.backend == "nccl" else torch.device("cpu")
+    sums = torch.stack([local.total, local.total_sq]).to(device)
+    low, high = local.low.to(device), local.high.to(device)
+    count = torch.tensor([local.count], dtype=torch.float64, device=device)
+    for tensor, op in ((sums, dist.ReduceOp.SUM), (count, dist.ReduceOp.SUM),
+                       (low, dist.ReduceOp.MIN), (high, dist.ReduceOp.MAX)):
+        dist.all_reduce(tensor, op=op)
+    merged = RunningStats(sums[0].cpu(), sums[1].cpu(), low.cpu(), high.cpu(), int(count.item()))
+    return merged, meta, all_processed, all_skipped
+
+
+class GlobalProgress:
+    """Images done by all ranks, counted in the process group's key-value store (no collective, no lockstep)."""
+
+    _runs = itertools.count()  # every rank creates its counters in the same order: same key on all ranks
+
+    def __init__(self, run: DistributedRun | None):
+        self._key = f"vitmad/images_done/{next(self._runs)}"
+        self._local = 0
+        self._store = None
+        if run is not None:
+            try:
+                self._store = torch.distributed.distributed_c10d._get_default_store()
+            except (AttributeError, RuntimeError, ValueError):
+                self._store = None  # the rank-0 bar then shows its own share times the world size
+        self._scale = 1 if run is None or self._store is not None else run.world_size
+
+    def add(self, count: int) -> int:
+        """Count ``count`` more images of this rank; returns the job's total so far (an estimate without a store)."""
+        if self._store is None:
+            self._local += count
+            return self._local * self._scale
+        return int(self._store.add(self._key, count))

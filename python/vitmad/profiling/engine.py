@@ -1,0 +1,346 @@
+"""``vitmad.profile``: the mean attention distance of every head of a model, over an image set.
+
+Three steps, one function each: :func:`plan_run` checks the options and fixes what will run (model, device,
+the batches of this process, the run's fingerprint); :func:`run_batches` runs the model batch by batch under
+:func:`vitmad.record`, adds each image's ``[L, H]`` MAD to float64 running sums and checkpoints them with the
+list of processed files every few batches; :func:`finish` merges the processes' sums and returns the
+:class:`~vitmad.profiling.results.Profile`.
+
+Batches are fixed slices of the sorted file list (a broken file leaves a hole in its batch instead of
+shifting the next ones), so a resumed run sees the same batches and ends with the same sums as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from .distributed import DistributedRun, GlobalProgress, current_run, merge_across_ranks
+from .files import check_writable
+from .images import find_images, load_batch, parse_image_size
+from .models import LoadedModel, load_model, wrap_module
+from .options import OptionError, check_positive, resolve_device, resolve_dtype
+from .results import Profile, layout_dict
+from .stats import RunningStats
+
+__all__ = ["profile", "plan_run", "run_batches", "finish", "RunPlan", "RunState", "prepare_model"]
+
+# (pixels [B, 3, H, W] or None, names of the images loaded, [(path, reason)] of the images skipped)
+Batch = tuple[torch.Tensor | None, list[str], list[tuple[str, str]]]
+
+
+@dataclass
+class RunPlan:
+    """Everything fixed before the first batch runs.
+
+    Attributes:
+        loaded: the model, its forward and preprocessing.
+        device, dtype: where and in which precision the model runs.
+        names: every image of the run (all processes), in order.
+        load: loads global batch ``i``.
+        batches: the global batch indices this process runs, in order.
+        settings: the options that shape the result (written to ``mad.json``).
+        fingerprint: digest of model, settings, images and process layout; a checkpoint must match it.
+        checkpoint: this process's checkpoint file, or None.
+        checkpoint_every: batches between checkpoints.
+        record_options: keyword arguments of :func:`vitmad.record`.
+        run: the ``torch.distributed`` job, or None for one process.
+    """
+
+    loaded: LoadedModel
+    device: torch.device
+    dtype: torch.dtype
+    names: list[str]
+    load: Callable[[int], Batch]
+    batches: range
+    settings: dict
+    fingerprint: str
+    checkpoint: Path | None
+    checkpoint_every: int
+    record_options: dict
+    run: DistributedRun | None
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What a run has done so far: replaced as a whole after each batch, so an interrupt never leaves half.
+
+    Attributes:
+        stats: float64 running statistics (None before the first readable batch).
+        meta: ``{"layers": [...], "layout": {...}}`` of the recording.
+        images: names of the images profiled.
+        skipped: ``{"path", "reason"}`` of the images that could not be read.
+        batches_done: how many of the plan's batches are done.
+    """
+
+    stats: RunningStats | None = None
+    meta: dict | None = None
+    images: tuple[str, ...] = ()
+    skipped: tuple[dict, ...] = ()
+    batches_done: int = 0
+
+    def state_dict(self, run_fingerprint: str) -> dict:
+        return {"fingerprint": run_fingerprint, "batches_done": self.batches_done, "images": list(self.images),
+                "skipped": list(self.skipped), "stats": self.stats.state_dict() if self.stats else None,
+                "meta": self.meta}
+
+    @staticmethod
+    def from_state_dict(state: dict) -> RunState:
+        stats = RunningStats.from_state_dict(state["stats"]) if state["stats"] else None
+        return RunState(stats, state["meta"], tuple(state["images"]), tuple(state["skipped"]),
+                        state["batches_done"])
+
+
+def prepare_model(model, image_size: tuple[int, int] | None, model_checkpoint=None):
+    """``(LoadedModel, preprocessing)`` for a spec string, a :class:`LoadedModel` or a module."""
+    if isinstance(model, LoadedModel):
+        loaded = model
+    elif isinstance(model, (str, os.PathLike)):
+        loaded = load_model(str(model), model_checkpoint=model_checkpoint, image_size=image_size)
+    elif isinstance(model, torch.nn.Module):
+        loaded = wrap_module(model)
+    else:
+        raise OptionError("model", f"expected an nn.Module or a model spec string, got {type(model).__name__}")
+    preprocessing = loaded.preprocessing
+    if image_size is not None and preprocessing is not None:
+        preprocessing = preprocessing.with_size(image_size)
+    return loaded, preprocessing
+
+
+def _image_batches(images, preprocessing, batch_size: int, max_images: int | None, pool: Executor | None):
+    """Image names and a function loading global batch ``i``."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise OptionError("images", f"a tensor of images must be [B, 3, H, W], got shape {list(images.shape)}")
+        pixels = images[:max_images] if max_images else images
+        names = [f"tensor[{i}]" for i in range(pixels.shape[0])]
+
+        def load_rows(i: int) -> Batch:
+            rows = slice(i * batch_size, (i + 1) * batch_size)
+            return pixels[rows], names[rows], []
+
+        return names, load_rows
+    if preprocessing is None:
+        raise OptionError("images", "this model has no known preprocessing; pass preprocessed pixels as a "
+                                    "[B, 3, H, W] tensor, or image files together with image_size")
+    files = find_images(images)
+    if max_images:
+        files = files[:max_images]
+    names = [str(f) for f in files]
+
+    def load_files(i: int) -> Batch:
+        pixels, loaded, skipped = load_batch(files[i * batch_size:(i + 1) * batch_size], preprocessing, pool)
+        return pixels, [str(p) for p in loaded], [(str(p), r) for p, r in skipped]
+
+    return names, load_files
+
+
+def plan_run(
+    model,
+    images,
+    *,
+    batch_size: int,
+    device,
+    dtype,
+    renormalize: bool,
+    image_size,
+    max_images: int | None,
+    layers: Sequence[str] | None,
+    checkpoint,
+    checkpoint_every: int,
+    model_checkpoint,
+    decoders: Executor | None,
+    distributed: DistributedRun | None,
+) -> RunPlan:
+    """Check the options (cheap checks first: a bad one fails before the model loads) and plan the run.
+
+    Raises:
+        OptionError: an option is invalid; the message starts with the parameter's name.
+    """
+    check_positive("batch_size", batch_size)
+    check_positive("max_images", max_images)
+    check_positive("checkpoint_every", checkpoint_every, "a positive number of batches")
+    run = distributed if distributed is not None else current_run()
+    rank, world = (run.rank, run.world_size) if run else (0, 1)
+    size = parse_image_size(image_size)
+    device = resolve_device(device)
+    if run is not None:
+        device = run.device(device)
+    torch_dtype = resolve_dtype(dtype)
+    if checkpoint is not None:
+        check_writable(Path(checkpoint).parent, "checkpoint")
+    loaded, preprocessing = prepare_model(model, size, model_checkpoint)
+    names, load = _image_batches(images, preprocessing, batch_size, max_images, decoders)
+    settings = {
+        "renormalize": bool(renormalize),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "image_size": list(size) if size else None,
+        "preprocessing": preprocessing.to_dict() if preprocessing else None,
+        "batch_size": batch_size,
+        "layers": list(layers) if layers else None,
+    }
+    run_id = fingerprint({"model": loaded.spec, "rank": rank, "world_size": world, **settings}, names)
+    # Rank r takes global batches r, r + W, ...: the same batches as a single process, each exactly once.
+    batches = range(rank, math.ceil(len(names) / batch_size), world)
+    record_options = {"renormalize": bool(renormalize), **({"layers": list(layers)} if layers else {})}
+    return RunPlan(loaded, device, torch_dtype, names, load, batches, settings, run_id,
+                   None if checkpoint is None else Path(checkpoint), checkpoint_every, record_options, run)
+
+
+def resume_state(plan: RunPlan, resume: bool) -> RunState:
+    """The state saved in the plan's checkpoint when resuming (and one exists), else a fresh one."""
+    if not (resume and plan.checkpoint):
+        return RunState()
+    saved = load_checkpoint(plan.checkpoint, plan.fingerprint)
+    return RunState() if saved is None else RunState.from_state_dict(saved)
+
+
+def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
+    """The state with one loaded batch profiled and added."""
+    from ..recording import record
+
+    pixels, loaded_names, batch_skipped = batch
+    for path, reason in batch_skipped:
+        warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=3)
+    stats, meta = state.stats, state.meta
+    if pixels is not None:
+        module = plan.loaded.module
+        with torch.inference_mode(), record(module, **plan.record_options) as rec:
+            plan.loaded.forward(pixels.to(device=plan.device, dtype=plan.dtype, non_blocking=True))
+        stats = (stats or RunningStats.empty(*rec.mad.shape[::2])).add(rec.mad)
+        meta = {"layers": list(rec.layers), "layout": layout_dict(rec.layout)}
+    skipped = tuple({"path": p, "reason": r} for p, r in batch_skipped)
+    return RunState(stats, meta, state.images + tuple(loaded_names), state.skipped + skipped,
+                    state.batches_done + 1)
+
+
+def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
+    """Run the plan's remaining batches, checkpointing every ``checkpoint_every`` batches and at the end.
+
+    The next batch is decoded on other threads while the model runs on this one. On any exception
+    (``KeyboardInterrupt`` included) the checkpoint of every finished batch is saved, then it is re-raised.
+    """
+    from tqdm.auto import tqdm
+
+    def save(current: RunState) -> None:
+        if plan.checkpoint is not None:
+            save_checkpoint(plan.checkpoint, current.state_dict(plan.fingerprint))
+
+    rank = plan.run.rank if plan.run else 0
+    counter = GlobalProgress(plan.run)
+    bar = tqdm(total=len(plan.names), unit="img", disable=not (progress and rank == 0), desc="vitmad profile",
+               dynamic_ncols=True)
+    bar.update(counter.add(len(state.images) + len(state.skipped)))
+    plan.loaded.module.to(device=plan.device, dtype=plan.dtype)
+    pending = plan.batches[state.batches_done:]
+    prefetch = ThreadPoolExecutor(1, "vitmad-prefetch")
+    upcoming = prefetch.submit(plan.load, pending[0]) if len(pending) else None
+    try:
+        for position in range(len(pending)):
+            batch = upcoming.result()
+            upcoming = prefetch.submit(plan.load, pending[position + 1]) if position + 1 < len(pending) else None
+            state = _run_batch(plan, state, batch)
+            bar.update(counter.add(len(batch[1]) + len(batch[2])) - bar.n)
+            if state.batches_done % plan.checkpoint_every == 0:
+                save(state)
+        save(state)
+    except BaseException:
+        save(state)  # Ctrl-C or a failure: keep every batch finished so far for resume
+        raise
+    finally:
+        bar.close()
+        prefetch.shutdown(wait=False, cancel_futures=True)
+    return state
+
+
+def finish(plan: RunPlan, state: RunState) -> Profile:
+    """Merge the processes' results (under ``torch.distributed``) into the :class:`Profile`.
+
+    Raises:
+        OptionError: no image could be read.
+    """
+    stats, meta, images, skipped = state.stats, state.meta, list(state.images), list(state.skipped)
+    if plan.run is not None:
+        order = {name: i for i, name in enumerate(plan.names)}
+        stats, meta, images, skipped = merge_across_ranks(plan.run, stats, meta, images, skipped, order)
+    if stats is None:
+        raise OptionError("images", f"none of the {len(plan.names)} images could be read")
+    world = plan.run.world_size if plan.run else 1
+    return Profile(plan.loaded.spec, meta["layers"], meta["layout"], stats, images, skipped, plan.settings, world)
+
+
+def profile(
+    model,
+    images="builtin",
+    *,
+    batch_size: int = 16,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    renormalize: bool = False,
+    image_size: str | int | Sequence[int] | None = None,
+    max_images: int | None = None,
+    layers: Sequence[str] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 8,
+    model_checkpoint: str | os.PathLike | None = None,
+    progress: bool = False,
+    loader_threads: int = 4,
+    distributed=None,
+) -> Profile:
+    """Profile the mean attention distance of every head of ``model`` over ``images``.
+
+    Args:
+        model: an ``nn.Module`` (HF transformers or timm ViT), or a spec ``hf:<id or folder>``,
+            ``timm:<name>``, ``builtin:dinov2-s14``.
+        images: ``"builtin"``, a folder (recursive), a file, a list of those, or preprocessed pixels
+            ``[B, 3, H, W]``. Files need a model loaded from a spec (which knows its preprocessing).
+        batch_size: images per forward pass.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` for the model and its inputs.
+        renormalize: MAD over the attention mass on patches only (``docs/definition.md``).
+        image_size: ``S``, ``"HxW"`` or ``(H, W)`` instead of the model's own input size.
+        max_images: profile only the first ``K`` images (in sorted order).
+        layers: attention module names (wildcards as :func:`vitmad.record` takes them); all by default.
+        checkpoint: file for the running sums; written atomically every ``checkpoint_every`` batches.
+        resume: continue from ``checkpoint`` if it exists (same model, images and settings).
+        checkpoint_every: batches between checkpoints.
+        model_checkpoint: local weights file for a ``timm:`` spec.
+        progress: show a tqdm bar with images/s (on rank 0, counting every rank's images).
+        loader_threads: threads decoding and preprocessing image files (0: on the calling thread); batches
+            are loaded one ahead of the model either way.
+        distributed: a :class:`vitmad.profiling.distributed.DistributedRun`; by default the process group the
+            caller initialised, if any. Each rank profiles its share of the batches and every rank returns
+            the whole result; ``checkpoint`` must then be a file per rank.
+
+    Returns:
+        The :class:`Profile` (``.mad`` and ``.std`` are ``[L, H]``).
+
+    Raises:
+        OptionError (a ValueError), MissingPathError (also a FileNotFoundError): bad model spec, images, size,
+            device or dtype, or a ``checkpoint`` folder that cannot be written (checked before the model
+            loads); the message starts with the parameter's name. Any exception (``KeyboardInterrupt``
+            included) is re-raised after the checkpoint is saved.
+    """
+    decoders = ThreadPoolExecutor(loader_threads, "vitmad-decode") if loader_threads > 0 else None
+    try:
+        plan = plan_run(
+            model, images, batch_size=batch_size, device=device, dtype=dtype, renormalize=renormalize,
+            image_size=image_size, max_images=max_images, layers=layers, checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every, model_checkpoint=model_checkpoint, decoders=decoders,
+            distributed=distributed,
+        )
+        state = run_batches(plan, resume_state(plan, resume), progress=progress)
+        return finish(plan, state)
+    finally:
+        if decoders is not None:
+            decoders.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,84 @@
+"""Writing profile outputs safely: atomic replacement, permissions of a normally created file, and a
+write test of an output folder before any work is done.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from .options import OptionError
+
+__all__ = ["atomic_file", "check_writable"]
+
+
+def check_writable(folder: str | os.PathLike, parameter: str = "out") -> None:
+    """Create ``folder`` if needed and write, flush and delete a small file in it, before any work is done.
+
+    A read-only or full disk, or a path through a file, would otherwise only show at the first checkpoint or
+    at the end of a long run.
+
+    Raises:
+        OptionError: the folder cannot be created or written; the message names ``parameter`` and the reason.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".vitmad-write-test.", dir=folder)
+        try:
+            os.write(fd, b"0" * 4096)  # one block: a full disk refuses it
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise OptionError(parameter, f"cannot write to {folder}: {reason}") from err
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Write ``path`` through a temporary file in the same folder, flushed to disk and renamed over ``path`` on
+    success: a reader, or a kill at any moment, sees the old or the new content, never a torn file.
+
+    Example::
+
+        with atomic_file("out/mad.json") as handle:
+            handle.write(data)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp creates the file private (0600); the result gets what open() would have given it, so
+        # colleagues can read results on a shared machine exactly as the user's umask allows.
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # Temporary files of a writer killed mid-write (SIGKILL skips the cleanup above); one writer per path.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process umask: read from /proc where it can be (setting it to read it races with other threads
+    creating files), else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

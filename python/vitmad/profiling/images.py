@@ -1,0 +1,300 @@
+"""Images for ``vitmad profile``: finding them, decoding them (skipping broken files) and preprocessing them
+the way the model expects.
+
+Every image source resolves to a sorted list of files, so a run is deterministic: the same files in the
+same batches, which is what makes ``--resume`` and sharding over processes exact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .options import MissingPathError, OptionError, import_optional
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "BUILTIN_IMAGES",
+    "Preprocessing",
+    "builtin_image_paths",
+    "find_images",
+    "parse_image_size",
+    "load_image",
+    "load_batch",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+# Photographs shipped inside scikit-image (no download): portraits, animals, objects, scenes, textures,
+# astronomy, microscopy, so heads that look at different scales all have something to look at.
+BUILTIN_IMAGES = (
+    "astronaut.png",
+    "camera.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "coins.png",
+    "moon.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "retina.jpg",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
+)
+
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def builtin_image_paths() -> list[Path]:
+    """The real photographs bundled with scikit-image, as files.
+
+    Raises:
+        ModuleNotFoundError: scikit-image is not installed (``pip install "vitmad[profile]"``).
+    """
+    skimage = import_optional("skimage", "profile", "images='builtin' (scikit-image's photographs)")
+    folder = Path(skimage.__file__).parent / "data"
+    return [folder / name for name in BUILTIN_IMAGES if (folder / name).is_file()]
+
+
+def find_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Resolve the ``images`` option to a list of files.
+
+    Args:
+        sources: ``"builtin"``, a folder (searched recursively for :data:`IMAGE_EXTENSIONS`), a file, or a
+            list of folders and files. Files named explicitly are kept whatever their extension.
+
+    Returns:
+        Files in a deterministic order: sorted within each folder, sources in the order given, no duplicates.
+
+    Raises:
+        FileNotFoundError: a source does not exist.
+        ValueError: no image was found.
+    """
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    found: list[Path] = []
+    for source in sources:
+        if str(source) == "builtin":
+            found.extend(builtin_image_paths())
+            continue
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not files:
+                raise OptionError(
+                    "images", f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in folder {path}"
+                )
+            found.extend(files)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise MissingPathError("images", f"no such file or folder: {path}")
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    if not unique:
+        raise OptionError("images", "no images given")
+    return unique
+
+
+def parse_image_size(text: str | int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``"224"`` -> ``(224, 224)``, ``"224x320"`` -> ``(224, 320)`` (height x width); ``None`` stays ``None``.
+
+    Raises:
+        ValueError: not ``S`` or ``HxW`` with positive integers.
+    """
+    if text is None:
+        return None
+    if isinstance(text, int):
+        parts = [text, text]
+    elif isinstance(text, str):
+        try:
+            parts = [int(p) for p in text.lower().split("x")]
+        except ValueError:
+            parts = []
+        if len(parts) == 1:
+            parts = parts * 2
+    else:
+        parts = [int(p) for p in text]
+    if len(parts) != 2 or min(parts) <= 0:
+        raise OptionError("image_size", f"expected S or HxW with positive integers (e.g. 224 or 224x320), got {text!r}")
+    return parts[0], parts[1]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Eval preprocessing of one model: resize, centre crop, scale to [0, 1], normalise.
+
+    Attributes:
+        size: ``(height, width)`` of the model input.
+        resize: ``("shortest", S)`` resizes the short side to ``S`` keeping the aspect ratio; ``("exact", H, W)``
+            resizes to ``H x W``; ``("cover",)`` scales so the image just covers ``size``.
+        center_crop: crop the centre ``size`` after resizing.
+        mean, std: per-channel normalisation on [0, 1] pixel values.
+        interpolation: PIL resampling filter name (``"bicubic"``, ``"bilinear"``, ...).
+    """
+
+    size: tuple[int, int]
+    resize: tuple
+    center_crop: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    def with_size(self, size: tuple[int, int]) -> Preprocessing:
+        """The same statistics and filter for another input size (``image_size``): scale to cover, crop."""
+        return Preprocessing(tuple(size), ("cover",), True, self.mean, self.std, self.interpolation)
+
+    def to_dict(self) -> dict:
+        return {
+            "size": list(self.size),
+            "resize": list(self.resize),
+            "center_crop": self.center_crop,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
+
+    @staticmethod
+    def from_hf(processor: dict, config_image_size: int | Sequence[int] | None = None) -> Preprocessing:
+        """From a transformers image processor's settings (the ``preprocessor_config.json`` dict).
+
+        Raises:
+            ValueError: a ``size`` form this function does not know.
+        """
+        mean = tuple(processor.get("image_mean", (0.5, 0.5, 0.5)))
+        std = tuple(processor.get("image_std", (0.5, 0.5, 0.5)))
+        if not processor.get("do_normalize", True):
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        interpolation = _RESAMPLE.get(processor.get("resample", 2), "bilinear")
+        size = processor.get("size", config_image_size or 224)
+        if isinstance(size, int) or (isinstance(size, Sequence) and not isinstance(size, dict)):
+            size = {"height": _pair(size)[0], "width": _pair(size)[1]}
+        crop = processor.get("crop_size")
+        do_crop = bool(processor.get("do_center_crop", False)) and crop is not None
+        if "height" in size and "width" in size:
+            resize = ("exact", int(size["height"]), int(size["width"]))
+            final = (int(size["height"]), int(size["width"]))
+        elif "shortest_edge" in size:
+            resize = ("shortest", int(size["shortest_edge"]))
+            final = (int(size["shortest_edge"]),) * 2
+        else:
+            raise OptionError("model", f"image processor size {size} is not supported; pass an image size")
+        if do_crop:
+            crop = _pair(crop) if not isinstance(crop, dict) else (int(crop["height"]), int(crop["width"]))
+            final = crop
+        elif resize[0] == "shortest":
+            do_crop = True  # a shortest-edge resize alone gives a size per image: batches need one size
+        return Preprocessing(final, resize, do_crop, mean, std, interpolation)
+
+    @staticmethod
+    def from_timm(data_config: dict) -> Preprocessing:
+        """From ``timm.data.resolve_model_data_config(model)``, as timm's eval transform does it."""
+        _, height, width = data_config["input_size"]
+        crop_pct = data_config.get("crop_pct", 1.0) or 1.0
+        scale = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+        resize = ("shortest", scale[0]) if height == width else ("exact", *scale)
+        return Preprocessing(
+            (height, width),
+            resize,
+            True,
+            tuple(data_config["mean"]),
+            tuple(data_config["std"]),
+            data_config.get("interpolation", "bicubic"),
+        )
+
+    def __call__(self, image) -> torch.Tensor:
+        """Preprocess one RGB ``PIL.Image``.
+
+        Returns:
+            ``[3, H, W]`` float32, normalised.
+        """
+        import numpy as np
+        from PIL import Image
+
+        resample = getattr(Image.Resampling, self.interpolation.upper(), Image.Resampling.BICUBIC)
+        height, width = self.size
+        w, h = image.size
+        if self.resize[0] == "shortest":
+            scale = self.resize[1] / min(w, h)
+            new = (max(1, int(w * scale)), max(1, int(h * scale)))  # truncation, as HF and torchvision do
+        elif self.resize[0] == "exact":
+            new = (self.resize[2], self.resize[1])
+        else:
+            scale = max(height / h, width / w)
+            new = (max(width, round(w * scale)), max(height, round(h * scale)))
+        image = image.resize(new, resample)
+        if self.center_crop:
+            left, top = (new[0] - width) // 2, (new[1] - height) // 2
+            image = image.crop((left, top, left + width, top + height))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
+        return (pixels - mean) / std
+
+
+def _pair(value) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    return int(value[0]), int(value[1])
+
+
+def load_image(path: str | os.PathLike):
+    """Decode an image file as RGB.
+
+    Returns:
+        ``(image, None)``, or ``(None, reason)`` when the file cannot be read or decoded, or claims more pixels
+        than ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression bomb: refused before decoding).
+    """
+    Image = import_optional("PIL.Image", "profile", "decoding image files")
+
+    try:
+        with Image.open(path) as image:
+            # PIL only warns between its limit and twice it, then decodes: a file claiming 100M pixels would
+            # still cost gigabytes. Refuse everything over the limit (PIL.Image.MAX_IMAGE_PIXELS; None: none).
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and image.width * image.height > limit:
+                raise Image.DecompressionBombError(
+                    f"image size ({image.width}x{image.height} pixels) exceeds PIL.Image.MAX_IMAGE_PIXELS = "
+                    f"{limit}, could be a decompression bomb"
+                )
+            image.load()
+            return image.convert("RGB"), None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return None, f"{type(err).__name__}: {err}"
+
+
+def load_batch(
+    paths: Sequence[Path], preprocessing: Preprocessing, pool: Executor | None = None
+) -> tuple[torch.Tensor | None, list[Path], list[tuple[Path, str]]]:
+    """Decode and preprocess a batch of files, setting unreadable ones aside.
+
+    Args:
+        pool: threads to decode the files in parallel (PIL releases the GIL while decoding and resizing).
+
+    Returns:
+        ``(pixels, loaded, skipped)``: ``pixels`` ``[len(loaded), 3, H, W]`` (``None`` if nothing loaded),
+        the files behind its rows, and ``(file, reason)`` for each file skipped.
+    """
+
+    def one(path: Path) -> tuple[torch.Tensor | None, str | None]:
+        image, reason = load_image(path)
+        return (None, reason) if image is None else (preprocessing(image), None)
+
+    results = list(pool.map(one, paths)) if pool is not None else [one(p) for p in paths]
+    tensors, loaded, skipped = [], [], []
+    for path, (pixels, reason) in zip(paths, results):
+        if pixels is None:
+            skipped.append((path, reason))
+        else:
+            tensors.append(pixels)
+            loaded.append(path)
+    return (torch.stack(tensors) if tensors else None), loaded, skipped

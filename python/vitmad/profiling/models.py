@@ -1,0 +1,187 @@
+"""Model specs of ``vitmad profile --model``: ``hf:<hub id or folder>``, ``timm:<name>``, ``builtin:<name>``.
+
+Each spec loads to a :class:`LoadedModel`: the module in eval mode, how to call it on a pixel batch, and the
+preprocessing its authors use.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .images import Preprocessing
+from .options import MissingPathError, OptionError, import_optional
+
+__all__ = ["LoadedModel", "load_model", "wrap_module", "MODEL_SPEC_HELP"]
+
+MODEL_SPEC_HELP = "hf:<hub id or local folder>, timm:<name> or builtin:dinov2-s14"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for profiling.
+
+    Attributes:
+        spec: the spec it was loaded from (what ``mad.json`` reports).
+        module: the ``nn.Module``, in eval mode.
+        preprocessing: its eval preprocessing (``None`` when only preprocessed tensors will be fed).
+        forward: calls ``module`` on ``[B, 3, H, W]`` pixels; keyword arguments such a model needs (e.g.
+            ``interpolate_pos_encoding`` at a non-native size) are added here.
+    """
+
+    spec: str
+    module: torch.nn.Module
+    preprocessing: Preprocessing | None
+    forward: Callable[[torch.Tensor], object]
+
+
+def wrap_module(module: torch.nn.Module, spec: str | None = None,
+                preprocessing: Preprocessing | None = None) -> LoadedModel:
+    """Wrap a model the caller built (``vitmad.profile(model, ...)``).
+
+    HF models whose forward takes ``interpolate_pos_encoding`` get it set, so any ``--image-size`` works.
+    """
+    module.eval()
+    accepts_interpolate = "interpolate_pos_encoding" in inspect.signature(module.forward).parameters
+
+    def forward(pixels: torch.Tensor):
+        if accepts_interpolate:
+            return module(pixels, interpolate_pos_encoding=True)
+        return module(pixels)
+
+    return LoadedModel(spec or type(module).__name__, module, preprocessing, forward)
+
+
+def load_model(
+    spec: str, *, model_checkpoint: str | os.PathLike | None = None, image_size: tuple[int, int] | None = None
+) -> LoadedModel:
+    """Load a model from its spec.
+
+    Args:
+        spec: ``hf:<hub id or local folder>``, ``timm:<name>`` or ``builtin:dinov2-s14``.
+        model_checkpoint: local weights file for a ``timm:`` model (instead of its pretrained download).
+        image_size: ``(height, width)`` the model will be fed, when not its native size: timm ViTs are then
+            built with ``dynamic_img_size=True`` so their position embedding follows the input.
+
+    Raises:
+        OptionError: the spec has no known prefix, names no known model, or ``model_checkpoint`` is given for
+            a model kind that does not take one (the message starts with the parameter's name).
+        MissingPathError: a model folder or ``model_checkpoint`` does not exist.
+    """
+    kind, _, name = spec.partition(":")
+    if not name:
+        raise OptionError("model", f"expected {MODEL_SPEC_HELP}, got {spec!r}")
+    if model_checkpoint is not None and kind != "timm":
+        raise OptionError("model_checkpoint", f"only timm: models take local weights, got model {spec!r}")
+    if kind == "hf":
+        return _load_hf(spec, name)
+    if kind == "timm":
+        return _load_timm(spec, name, model_checkpoint, image_size)
+    if kind == "builtin":
+        from .builtin_model import builtin_model_dir
+
+        return _load_hf(spec, str(builtin_model_dir(name)))
+    raise OptionError("model", f"unknown model kind {kind!r} in {spec!r}; expected {MODEL_SPEC_HELP}")
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message: library errors can run to pages."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub's endpoint opens within ``timeout_s``."""
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_loading_options(spec: str, name: str) -> dict:
+    """``from_pretrained`` options for a hub id: the local cache alone when the hub cannot be reached.
+
+    Offline, transformers would retry the hub five times (minutes) before falling back to its cache or
+    failing; a quick connection test decides at once instead.
+
+    Raises:
+        OptionError: the hub cannot be reached and the model is not in the local cache.
+    """
+    from huggingface_hub import constants
+
+    if Path(name).expanduser().is_dir() or constants.HF_HUB_OFFLINE or _hub_reachable():
+        return {}
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise OptionError(
+            "model",
+            f"{spec}: cannot reach the Hugging Face hub ({constants.ENDPOINT}) and {name} is not in the local "
+            "cache; download it on a connected machine (hf download " + name + ") or pass a local folder",
+        ) from err
+    return {"local_files_only": True}
+
+
+def _load_hf(spec: str, name: str) -> LoadedModel:
+    transformers = import_optional("transformers", "hf", f"model {spec!r}")
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        raise MissingPathError("model", f"{spec}: no such model folder {name}")
+    options = _hub_loading_options(spec, name)
+    try:
+        config = transformers.AutoConfig.from_pretrained(name, **options)
+        module = transformers.AutoModel.from_pretrained(name, **options)
+    except (OSError, ValueError, KeyError) as err:
+        raise OptionError("model", f"{spec}: cannot load it with transformers: {_first_line(err)}") from err
+    try:
+        processor, _ = ImageProcessingMixin.get_image_processor_dict(name, **options)
+    except OSError:
+        processor = {}  # a bare saved model: the defaults of ViTImageProcessor at the config's image size
+    vision = getattr(config, "vision_config", config)
+    preprocessing = Preprocessing.from_hf(processor, getattr(vision, "image_size", None))
+    # Image-text models (CLIP, SigLIP, ...) need text for their forward: profile their vision tower alone.
+    module = getattr(module, "vision_model", module)
+    return wrap_module(module, spec, preprocessing)
+
+
+def _load_timm(
+    spec: str, name: str, model_checkpoint: str | os.PathLike | None, image_size: tuple[int, int] | None
+) -> LoadedModel:
+    timm = import_optional("timm", "timm", f"model {spec!r}")
+
+    if not timm.is_model(name):
+        raise OptionError("model", f"{spec}: timm has no model named {name!r} (see timm.list_models())")
+    if model_checkpoint is not None and not Path(model_checkpoint).is_file():
+        raise MissingPathError("model_checkpoint", f"no such file: {model_checkpoint}")
+    options = {"dynamic_img_size": True} if image_size is not None else {}
+    try:
+        module = timm.create_model(
+            name, pretrained=model_checkpoint is None, checkpoint_path=str(model_checkpoint or ""), **options
+        )
+    except TypeError as err:
+        raise OptionError("image_size", f"timm model {name} cannot take other input sizes ({err})") from err
+    except OSError as err:  # the pretrained weights could not be downloaded (offline, unknown tag)
+        raise OptionError("model", f"{spec}: cannot load its pretrained weights: {_first_line(err)}") from err
+    except RuntimeError as err:  # load_state_dict: missing, unexpected or mis-shaped weights
+        if model_checkpoint is None:
+            raise
+        raise OptionError(
+            "model_checkpoint", f"{model_checkpoint} does not fit timm model {name}: {_first_line(err)}"
+        ) from err
+    preprocessing = Preprocessing.from_timm(timm.data.resolve_model_data_config(module))
+    return wrap_module(module, spec, preprocessing)

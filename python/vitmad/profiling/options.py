@@ -1,0 +1,95 @@
+"""The options of :func:`vitmad.profile` turned into checked values, and the errors that name a bad one.
+
+Library code names the Python parameter (``batch_size: expected a positive integer, got 0``); the ``vitmad``
+command turns that name into its flag (``--batch-size: ...``), so each message is written once and both
+audiences read their own spelling.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+__all__ = [
+    "OptionError",
+    "MissingPathError",
+    "check_positive",
+    "resolve_device",
+    "resolve_dtype",
+    "import_optional",
+    "DTYPES",
+]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class OptionError(ValueError):
+    """A bad value of one parameter; ``str(err)`` starts with ``"<parameter>: "``.
+
+    Attributes:
+        parameter: the Python parameter's name (``batch_size``); the CLI maps it to its flag.
+    """
+
+    def __init__(self, parameter: str, message: str):
+        self.parameter = parameter
+        super().__init__(f"{parameter}: {message}")
+
+
+class MissingPathError(OptionError, FileNotFoundError):
+    """A file or folder given in a parameter does not exist."""
+
+
+def check_positive(parameter: str, value: int | None, what: str = "a positive integer") -> None:
+    """Raise :class:`OptionError` unless ``value`` is None or a positive integer."""
+    if value is not None and value <= 0:
+        raise OptionError(parameter, f"expected {what}, got {value}")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"`` (or ``None``) picks CUDA when present, else CPU.
+
+    Raises:
+        OptionError: not a device name, or CUDA requested but not available.
+    """
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise OptionError("device", f"expected auto, cpu, cuda or cuda:N, got {str(device)!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError("device", "cuda requested but no CUDA device is available; use cpu or auto")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``None`` -> float32; a name of :data:`DTYPES` or a ``torch.dtype`` among them.
+
+    Raises:
+        OptionError: another dtype.
+    """
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise OptionError("dtype", f"expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def import_optional(module: str, extra: str, purpose: str) -> ModuleType:
+    """Import an optional dependency, or say which extra of vitmad brings it.
+
+    Raises:
+        ModuleNotFoundError: ``"<purpose> needs <package>: pip install "vitmad[<extra>]""``.
+    """
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        package = (err.name or module).split(".")[0]
+        raise ModuleNotFoundError(
+            f"{purpose} needs the package {package}, which is not installed: pip install \"vitmad[{extra}]\"",
+            name=err.name,
+        ) from err

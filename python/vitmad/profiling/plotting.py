@@ -1,0 +1,124 @@
+"""Figures of ``vitmad profile`` and ``vitmad compare`` (matplotlib, drawn off-screen).
+
+- :func:`plot_profile`: the ViT-paper figure (Dosovitskiy et al. 2021, Fig. 7 right): MAD of every head
+  against layer depth, one colour per head, with uniform attention as the reference of a fully global head.
+- :func:`plot_compare`: several profiles overlaid, mean over heads per layer and the spread of the heads.
+- :func:`plot_mad_maps`: per-patch MAD of one image for a few layers, over the image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .options import import_optional
+
+__all__ = ["plot_profile", "plot_compare", "plot_mad_maps"]
+
+
+def _pyplot():
+    matplotlib = import_optional("matplotlib", "profile", "drawing figures")
+
+    matplotlib.use("Agg")  # files only: works on machines without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_profile(profile, path: str | os.PathLike, *, title: str | None = None) -> None:
+    """Draw MAD per head against layer depth.
+
+    Args:
+        profile: a :class:`vitmad.Profile`.
+        path: image file to write (``.png``, ``.pdf``, ``.svg``).
+    """
+    plt = _pyplot()
+    mad = profile.mad.numpy()  # [L, H]
+    num_layers, num_heads = mad.shape
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    colours = plt.get_cmap("tab20" if num_heads > 10 else "tab10")
+    depth = range(1, num_layers + 1)
+    for head in range(num_heads):
+        ax.scatter(depth, mad[:, head], s=18, color=colours(head % colours.N), label=f"head {head}")
+    ax.axhline(profile.uniform_mad, color="0.4", linestyle="--", linewidth=1,
+               label=f"uniform attention ({profile.uniform_mad:.0f} px)")
+    ax.set_xlabel("Network depth (layer)")
+    ax.set_ylabel("Mean attention distance (pixels)")
+    ax.set_xticks(list(depth))
+    ax.set_ylim(bottom=0)
+    grid_h, grid_w = profile.layout["grid"]
+    ax.set_title(title or f"{profile.model}: {profile.count} images, {grid_h}x{grid_w} patches "
+                 f"of {profile.layout['patch']} px")
+    ax.legend(fontsize=7, ncol=2 if num_heads > 8 else 1, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathLike) -> None:
+    """Overlay profiles: per layer the mean over heads (line) and the range of the heads (band).
+
+    Depth is drawn relative (first layer 0, last 1) when the models have different numbers of layers.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    same_depth = len({p.mad.shape[0] for p in profiles}) == 1
+    for profile, label in zip(profiles, labels):
+        mad = profile.mad
+        num_layers = mad.shape[0]
+        x = torch.arange(1, num_layers + 1, dtype=torch.float64)
+        if not same_depth:
+            x = (x - 1) / max(num_layers - 1, 1)
+        line = ax.plot(x, mad.mean(1), marker="o", markersize=3, label=label)[0]
+        ax.fill_between(x, mad.amin(1), mad.amax(1), color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("Network depth (layer)" if same_depth else "Relative depth")
+    ax.set_ylabel("Mean attention distance (pixels)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Mean over heads (line) and range of heads (band)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def plot_mad_maps(
+    maps: torch.Tensor,
+    pixels: torch.Tensor,
+    names: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    patch: int,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+) -> None:
+    """Draw per-patch MAD maps over the image.
+
+    Args:
+        maps: ``[K, gh, gw]`` MAD per query patch (mean over heads), in pixels.
+        pixels: ``[3, H, W]`` the normalised model input, shown underneath.
+        names: the ``K`` layers' names.
+        patch: pixel size of a patch (the maps cover ``gh * patch`` by ``gw * patch`` pixels).
+        mean, std: the normalisation to undo for display.
+    """
+    plt = _pyplot()
+    image = pixels.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    image = image.clamp(0, 1).permute(1, 2, 0).numpy()
+    count = maps.shape[0]
+    fig, axes = plt.subplots(1, count + 1, figsize=(2.6 * (count + 1) + 0.8, 3.0), layout="constrained")
+    axes[0].imshow(image)
+    axes[0].set_title("input")
+    low, high = float(maps.min()), float(maps.max())
+    for ax, layer_map, name in zip(axes[1:], maps, names):
+        ax.imshow(image)
+        shown = ax.imshow(layer_map.numpy(), cmap="viridis", alpha=0.55, vmin=low, vmax=high,
+                          extent=(0, maps.shape[2] * patch, maps.shape[1] * patch, 0), interpolation="nearest")
+        ax.set_title(name if len(name) < 28 else "..." + name[-25:], fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.colorbar(shown, ax=list(axes), shrink=0.9, label="MAD (px), mean over heads")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

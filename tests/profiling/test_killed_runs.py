@@ -1,0 +1,190 @@
+"""A long ``vitmad profile`` never loses work: SIGKILLed at random points and resumed it ends exactly like an
+uninterrupted run, its checkpoint is never torn, and an unwritable or full ``--out`` fails before any work."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import vitmad.profiling.checkpoint as checkpoint_module
+from conftest import subprocess_env, write_images
+from vitmad.cli import main
+from vitmad.profiling.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from vitmad.profiling.files import check_writable
+
+pytest.importorskip("transformers")
+
+KILLS = 5
+IMAGES = 80
+BATCH = 2
+# The child is the real command with each batch slowed down a little, so that random kill times land all over
+# a batch (model, stats, checkpoint write and fsync) instead of mostly in Python's start-up.
+CHILD = """
+import sys, time
+import vitmad.profiling.stats
+add = vitmad.profiling.stats.RunningStats.add
+vitmad.profiling.stats.RunningStats.add = lambda self, mad: (time.sleep(0.03), add(self, mad))[1]
+from vitmad.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _profile_args(model: Path, images: Path, out: Path) -> list[str]:
+    return ["profile", "--model", f"hf:{model}", "--images", str(images), "--batch-size", str(BATCH),
+            "--device", "cpu", "--no-figures", "--workers", "1", "--checkpoint-every", "1", "--out", str(out)]
+
+
+def _run(args: list[str], log: Path) -> subprocess.Popen:
+    """Start the child; its output (tqdm's bar included) goes to ``log``, so a full pipe never blocks it."""
+    env = subprocess_env()
+    with open(log, "ab") as handle:
+        return subprocess.Popen([sys.executable, "-c", CHILD, *args], env=env, stdout=handle, stderr=handle)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino  # os.replace gives every new checkpoint a new inode
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.slow
+def test_sigkilled_runs_resume_to_the_uninterrupted_result(tiny_model, tmp_path):
+    images = tmp_path / "images"
+    write_images(images, IMAGES)
+    log = tmp_path / "log.txt"
+    full = _run(_profile_args(tiny_model, images, tmp_path / "full"), log)
+    assert full.wait(timeout=300) == 0, log.read_text()[-3000:]
+    expected = json.loads((tmp_path / "full" / "mad.json").read_text())
+
+    out = tmp_path / "cut"
+    args = _profile_args(tiny_model, images, out)
+    ckpt = out / "checkpoint.pt"
+    rng = random.Random(8)
+    kills, done_after_kill = 0, [0]
+    for attempt in range(KILLS):
+        before = _inode(ckpt)
+        child = _run(args + (["--resume"] if attempt else []), log)
+        # Once this run has saved a checkpoint of its own, kill it at a random point of the batches that follow.
+        deadline = time.monotonic() + 300
+        while child.poll() is None and _inode(ckpt) == before and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.25))
+        if child.poll() is not None:
+            break  # finished before the kill (a very slow machine gives fewer kills; asserted below)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+        kills += 1
+        # Never torn: the checkpoint loads, and it only ever moves forward.
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        assert state["format"] == FORMAT
+        assert done_after_kill[-1] <= state["batches_done"] <= IMAGES // BATCH
+        assert len(state["images"]) == BATCH * state["batches_done"]
+        done_after_kill.append(state["batches_done"])
+
+    resumed = _run(args + ["--resume"], log)
+    assert resumed.wait(timeout=300) == 0, log.read_text()[-3000:]
+    print(f"\nkilled {kills} times; batches done after each kill: {done_after_kill[1:]} of {IMAGES // BATCH}")
+    assert kills >= 3, f"only {kills} kills landed mid-run"
+    assert json.loads((out / "mad.json").read_text()) == expected
+    assert not list(out.glob(".*.tmp")), "temporary files of killed writers are cleaned up"
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"fingerprint": "run", "batches_done": 1})
+    # What SIGKILL in the middle of a save leaves behind: a temporary file, never the checkpoint itself.
+    (tmp_path / ".checkpoint.pt.killed.tmp").write_bytes(b"half a checkpoint")
+
+    def half_then_disk_full(obj, handle):
+        handle.write(b"PK\x03\x04 half a zip")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", half_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, {"fingerprint": "run", "batches_done": 2})
+    assert load_checkpoint(path, "run")["batches_done"] == 1
+    monkeypatch.undo()
+    save_checkpoint(path, {"fingerprint": "run", "batches_done": 3})
+    assert load_checkpoint(path, "run")["batches_done"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def _no_model_load(monkeypatch):
+    """Make loading a model fail the test: the writability check must come first."""
+    import vitmad.profiling.models
+
+    def load_model(*_, **__):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(vitmad.profiling.models, "load_model", load_model)
+
+
+def _fail_writes_under(folder: Path, error: int, monkeypatch, *, at: str) -> None:
+    """Make creating (``at="create"``) or writing (``at="write"``) files under ``folder`` fail with ``error``,
+    as a read-only file system or a full disk does, even for root."""
+    if at == "create":
+        real_mkstemp = tempfile.mkstemp
+
+        def mkstemp(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir).resolve().is_relative_to(folder.resolve()):
+                raise OSError(error, os.strerror(error))
+            return real_mkstemp(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    else:
+        real_write = os.write
+
+        def write(fd, data):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder.resolve())):
+                raise OSError(error, os.strerror(error))
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", write)
+
+
+@pytest.mark.parametrize("variant", ["under_a_file", "chmod_read_only", "read_only_fs", "disk_full"])
+def test_unwritable_out_fails_before_any_work(tiny_model, tmp_path, capsys, monkeypatch, variant):
+    images = tmp_path / "images"
+    write_images(images, 2)
+    out = tmp_path / "out"
+    expected = {"under_a_file": "Not a directory", "chmod_read_only": "Permission denied",
+                "read_only_fs": "Read-only file system", "disk_full": "No space left on device"}[variant]
+    if variant == "under_a_file":
+        (tmp_path / "a_file").write_text("x")
+        out = tmp_path / "a_file" / "out"  # unwritable for root too
+    elif variant == "chmod_read_only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes through chmod; the read_only_fs variant covers this path")
+        out.mkdir()
+        out.chmod(0o500)
+    elif variant == "read_only_fs":
+        out.mkdir()
+        _fail_writes_under(out, errno.EROFS, monkeypatch, at="create")
+    else:
+        if not Path("/proc/self/fd").is_dir():
+            pytest.skip("needs /proc to tell the probe's file descriptor from others")
+        _fail_writes_under(tmp_path, errno.ENOSPC, monkeypatch, at="write")
+    _no_model_load(monkeypatch)
+    code = main(_profile_args(tiny_model, images, out))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == f"vitmad: error: --out: cannot write to {out}: {expected}"
+    if out.is_dir():
+        assert not list(out.iterdir()), "the failed probe leaves nothing behind"
+
+
+def test_check_writable_creates_the_folder_and_leaves_it_empty(tmp_path):
+    check_writable(tmp_path / "new" / "nested")
+    assert (tmp_path / "new" / "nested").is_dir() and not list((tmp_path / "new" / "nested").iterdir())

@@ -1,0 +1,228 @@
+"""vitmad.profile on tiny random-weight models saved to disk: values, batching, resume, broken images, maps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import vitmad
+from conftest import write_corrupt_images, write_images
+from vitmad.profiling.images import find_images, load_batch
+from vitmad.profiling.models import load_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def _expected_mad(model_dir, files, *, image_size=None) -> torch.Tensor:
+    """[L, H] float64: eager attention maps of each image through the float64 reference, mean over images."""
+    loaded = load_model(f"hf:{model_dir}")
+    model = transformers.ViTModel.from_pretrained(model_dir, attn_implementation="eager",
+                                                  add_pooling_layer=False).eval()
+    prep = loaded.preprocessing if image_size is None else loaded.preprocessing.with_size(image_size)
+    pixels, _, _ = load_batch(files, prep)
+    with torch.no_grad():
+        attentions = model(pixels, output_attentions=True, interpolate_pos_encoding=True).attentions
+    grid = (pixels.shape[2] // 8, pixels.shape[3] // 8)
+    per_image = torch.stack([vitmad.mad_reference(a, 8, grid=grid) for a in attentions])  # [L, B, H]
+    return per_image.mean(1)
+
+
+def test_profile_matches_reference_over_images(tiny_model, image_folder):
+    result = vitmad.profile(f"hf:{tiny_model}", image_folder, batch_size=3, device="cpu")
+    files = find_images(image_folder)
+    assert result.count == len(files) == 7
+    assert result.images == [str(f) for f in files]
+    assert result.mad.shape == result.std.shape == (2, 2)
+    assert result.layout == {"patch": 8, "grid": [4, 4], "num_prefix_tokens": 1}
+    assert len(result.layers) == 2 and result.skipped == []
+    # record computes MAD from float32 q and k; the reference from eager float32 probabilities in float64.
+    torch.testing.assert_close(result.mad, _expected_mad(tiny_model, files), rtol=1e-4, atol=1e-4)
+    assert (result.std > 0).all() and (result.min <= result.mad).all() and (result.mad <= result.max).all()
+
+
+def test_batch_size_does_not_change_the_result(tiny_model, image_folder):
+    one = vitmad.profile(f"hf:{tiny_model}", image_folder, batch_size=1, device="cpu")
+    five = vitmad.profile(f"hf:{tiny_model}", image_folder, batch_size=5, device="cpu")
+    torch.testing.assert_close(one.mad, five.mad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one.std, five.std, rtol=1e-4, atol=1e-4)
+
+
+def test_non_square_image_size(tiny_model, image_folder):
+    result = vitmad.profile(f"hf:{tiny_model}", image_folder, image_size="16x40", device="cpu", max_images=4)
+    assert result.layout["grid"] == [2, 5] and result.count == 4
+    expected = _expected_mad(tiny_model, find_images(image_folder)[:4], image_size=(16, 40))
+    torch.testing.assert_close(result.mad, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_module_and_tensor_inputs(tiny_model):
+    module = transformers.ViTModel.from_pretrained(tiny_model, add_pooling_layer=False)
+    pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    result = vitmad.profile(module, pixels, batch_size=2, device="cpu")
+    assert result.images == [f"tensor[{i}]" for i in range(5)] and result.model == "ViTModel"
+    with torch.no_grad():
+        eager = transformers.ViTModel.from_pretrained(tiny_model, attn_implementation="eager",
+                                                      add_pooling_layer=False)(pixels, output_attentions=True)
+    expected = torch.stack([vitmad.mad_reference(a, 8) for a in eager.attentions]).mean(1)
+    torch.testing.assert_close(result.mad, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"^images: a tensor of images must be \[B, 3, H, W\], got shape \[3, 32"):
+        vitmad.profile(module, pixels[0])
+
+
+def test_json_schema_and_round_trip(tiny_model, image_folder, tmp_path):
+    result = vitmad.profile(f"hf:{tiny_model}", image_folder, batch_size=4, device="cpu")
+    result.to_json(tmp_path / "mad.json")
+    doc = json.loads((tmp_path / "mad.json").read_text())
+    assert doc["format"] == "vitmad-profile/1" and doc["model"] == f"hf:{tiny_model}"
+    assert doc["layout"] == result.layout and doc["count"] == 7 and doc["num_heads"] == 2
+    assert doc["uniform_attention_mad"] == pytest.approx(vitmad.uniform_attention_mad(4, 4, 8))
+    assert doc["images"] == result.images and doc["skipped"] == []
+    assert doc["settings"]["renormalize"] is False and doc["settings"]["dtype"] == "float32"
+    for i, layer in enumerate(doc["layers"]):
+        assert layer["index"] == i and layer["name"] == result.layers[i] and layer["count"] == 7
+        assert layer["mean"] == result.mad[i].tolist() and layer["std"] == result.std[i].tolist()
+        assert layer["min"] == result.min[i].tolist() and layer["max"] == result.max[i].tolist()
+        assert layer["summary"]["min_head"] == min(layer["mean"])
+    back = vitmad.Profile.from_json(tmp_path / "mad.json")
+    assert torch.equal(back.mad, result.mad) and torch.equal(back.std, result.std)
+    assert back.count == 7 and back.layers == result.layers and back.images == result.images
+    result.to_csv(tmp_path / "mad.csv")
+    rows = (tmp_path / "mad.csv").read_text().splitlines()
+    assert rows[0].startswith("layer,name,head,mad_mean") and len(rows) == 1 + 2 * 2
+    assert float(rows[3].split(",")[3]) == result.mad[1, 0].item()
+    (tmp_path / "other.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="not a vitmad profile"):
+        vitmad.Profile.from_json(tmp_path / "other.json")
+
+
+def test_resume_after_interrupt_equals_uninterrupted_run(tiny_model, image_folder, tmp_path, monkeypatch):
+    spec = f"hf:{tiny_model}"
+    full = vitmad.profile(spec, image_folder, batch_size=2, device="cpu", checkpoint=tmp_path / "full.pt")
+
+    loaded = load_model(spec)
+    real_forward, calls = loaded.forward, []
+
+    def interrupted_forward(pixels):
+        calls.append(len(pixels))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_forward(pixels)
+
+    loaded.forward = interrupted_forward
+    checkpoint = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        vitmad.profile(loaded, image_folder, batch_size=2, device="cpu", checkpoint=checkpoint, checkpoint_every=5)
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["batches_done"] == 2 and len(state["images"]) == 4
+
+    loaded.forward = real_forward
+    resumed = vitmad.profile(loaded, image_folder, batch_size=2, device="cpu", checkpoint=checkpoint, resume=True)
+    assert resumed.images == full.images
+    assert torch.equal(resumed.stats.total, full.stats.total)
+    assert torch.equal(resumed.stats.total_sq, full.stats.total_sq)
+    assert torch.equal(resumed.min, full.min) and torch.equal(resumed.max, full.max)
+    with pytest.raises(ValueError, match="other settings or another image list"):
+        vitmad.profile(loaded, image_folder, batch_size=3, device="cpu", checkpoint=checkpoint, resume=True)
+
+
+def test_broken_images_are_skipped_and_listed(tiny_model, tmp_path):
+    good = write_images(tmp_path, 4, nested=False)
+    broken = write_corrupt_images(tmp_path)
+    with pytest.warns(UserWarning, match="skipping unreadable image") as caught:
+        result = vitmad.profile(f"hf:{tiny_model}", tmp_path, batch_size=2, device="cpu")
+    assert len(caught) == 2
+    assert result.count == 4 and result.images == [str(p.resolve()) for p in good]
+    assert sorted(s["path"] for s in result.skipped) == sorted(str(p.resolve()) for p in broken)
+    clean = vitmad.profile(f"hf:{tiny_model}", good, batch_size=4, device="cpu")
+    torch.testing.assert_close(result.mad, clean.mad, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="none of the 2 images could be read"):
+        vitmad.profile(f"hf:{tiny_model}", broken, device="cpu")
+
+
+def test_mad_maps_average_to_the_image_mad(tiny_model, image_folder):
+    file = find_images(image_folder)[0]
+    maps, pixels, names, layout = vitmad.profiling.mad_maps(f"hf:{tiny_model}", file, device="cpu")
+    assert maps.shape == (2, 4, 4) and pixels.shape == (3, 32, 32) and len(names) == 2
+    single = vitmad.profile(f"hf:{tiny_model}", [file], device="cpu")
+    torch.testing.assert_close(maps.double().mean((1, 2)), single.mad.mean(1), rtol=1e-5, atol=1e-4)
+
+
+def test_figures_are_written(tiny_model, image_folder, tmp_path):
+    from vitmad.profiling.plotting import plot_compare, plot_mad_maps
+
+    result = vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", max_images=3)
+    result.plot(tmp_path / "mad.png")
+    maps, pixels, names, layout = vitmad.profiling.mad_maps(f"hf:{tiny_model}", result.images[0], device="cpu")
+    plot_mad_maps(maps, pixels, names, tmp_path / "map.png", patch=layout["patch"])
+    plot_compare([result, result], ["a", "b"], tmp_path / "compare.svg")
+    for name in ("mad.png", "map.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert b"<svg" in (tmp_path / "compare.svg").read_bytes()[:500]
+
+
+def test_timm_spec_with_local_checkpoint(tmp_path, image_folder):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    spec = "timm:vit_tiny_patch16_224"
+    result = vitmad.profile(spec, image_folder, image_size=48, model_checkpoint=tmp_path / "weights.pth",
+                            device="cpu", max_images=3)
+    assert result.layout == {"patch": 16, "grid": [3, 3], "num_prefix_tokens": 1}
+    assert result.mad.shape == (12, 3) and result.count == 3
+
+    # Reference: the same weights with timm's explicit softmax path, probabilities caught at attn_drop.
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True)
+    model.load_state_dict(torch.load(tmp_path / "weights.pth", weights_only=True))
+    model.eval()
+    caught = []
+    for block in model.blocks:
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_hook(lambda mod, args, out: caught.append(out))
+    pixels, _, _ = load_batch(find_images(image_folder)[:3], _timm_prep(model).with_size((48, 48)))
+    with torch.no_grad():
+        model(pixels)
+    expected = torch.stack([vitmad.mad_reference(a, 16) for a in caught]).mean(1)
+    torch.testing.assert_close(result.mad, expected, rtol=1e-4, atol=1e-4)
+
+
+def _timm_prep(model):
+    import timm
+
+    from vitmad.profiling.images import Preprocessing
+
+    return Preprocessing.from_timm(timm.data.resolve_model_data_config(model))
+
+
+def test_timm_errors_name_the_option(tmp_path, image_folder):
+    timm = pytest.importorskip("timm")
+    with pytest.raises(ValueError, match="timm has no model named 'no_such_vit'"):
+        vitmad.profile("timm:no_such_vit", image_folder)
+    torch.save(timm.create_model("vit_tiny_patch16_224", depth=2).state_dict(), tmp_path / "small.pth")
+    with pytest.raises(ValueError, match="model_checkpoint: .*small.pth does not fit timm model vit_tiny_patch16_224"):
+        vitmad.profile("timm:vit_tiny_patch16_224", image_folder, model_checkpoint=tmp_path / "small.pth")
+    with pytest.raises(FileNotFoundError, match="model_checkpoint: no such file"):
+        vitmad.profile("timm:vit_tiny_patch16_224", image_folder, model_checkpoint=tmp_path / "none.pth")
+
+
+def test_image_text_model_profiles_its_vision_tower(tmp_path, image_folder):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=8,
+    )
+    CLIPModel(config).save_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    result = vitmad.profile(f"hf:{tmp_path}", image_folder, device="cpu", max_images=3)
+    assert result.mad.shape == (2, 2) and result.count == 3
+    assert result.layout == {"patch": 8, "grid": [4, 4], "num_prefix_tokens": 1}
+    pixels, _, _ = load_batch(find_images(image_folder)[:3], load_model(f"hf:{tmp_path}").preprocessing)
+    eager = CLIPModel.from_pretrained(tmp_path, attn_implementation="eager").vision_model
+    with torch.no_grad():
+        attentions = eager(pixels, output_attentions=True).attentions
+    expected = torch.stack([vitmad.mad_reference(a, 8) for a in attentions]).mean(1)
+    torch.testing.assert_close(result.mad, expected, rtol=1e-4, atol=1e-4)

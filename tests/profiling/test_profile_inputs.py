@@ -1,0 +1,132 @@
+"""Image discovery, decoding, preprocessing, running statistics and checkpoints of ``vitmad profile``."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+
+from conftest import write_corrupt_images, write_images
+from vitmad.profiling.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from vitmad.profiling.files import atomic_file
+from vitmad.profiling.images import Preprocessing, builtin_image_paths, find_images, load_batch, parse_image_size
+from vitmad.profiling.stats import RunningStats
+
+PREP = Preprocessing((24, 40), ("cover",), True, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "bilinear")
+
+
+def test_find_images_recursive_sorted_and_deduplicated(tmp_path):
+    paths = write_images(tmp_path, 7)
+    (tmp_path / "notes.txt").write_text("not an image")
+    found = find_images(tmp_path)
+    assert found == sorted(p.resolve() for p in paths)
+    assert any(p.parent.name == "sub" for p in found)
+    # A file named next to its folder is listed once; explicit files keep the order given.
+    assert find_images([paths[3], tmp_path]) == [paths[3].resolve()] + [p for p in found if p != paths[3].resolve()]
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda root: root / "missing", "no such file or folder"),
+    (lambda root: root, "no images .* found in folder"),
+])
+def test_find_images_errors_name_the_option(tmp_path, make, match):
+    with pytest.raises((FileNotFoundError, ValueError), match=f"images: {match}"):
+        find_images(make(tmp_path))
+
+
+def test_builtin_images_are_real_photographs():
+    paths = builtin_image_paths()
+    assert len(paths) >= 10
+    assert {"astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "camera.png"} <= {p.name for p in paths}
+
+
+@pytest.mark.parametrize("text, expected", [("224", (224, 224)), ("64x96", (64, 96)), (32, (32, 32)),
+                                            ((20, 30), (20, 30)), (None, None)])
+def test_parse_image_size(text, expected):
+    assert parse_image_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "12x", "axb", "1x2x3", "-4"])
+def test_parse_image_size_rejects(text):
+    with pytest.raises(ValueError, match="image_size: expected S or HxW"):
+        parse_image_size(text)
+
+
+def test_preprocessing_matches_hf_image_processor():
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor(size={"height": 28, "width": 36}, image_mean=[0.1, 0.2, 0.3],
+                                  image_std=[0.5, 0.6, 0.7])
+    ours = Preprocessing.from_hf(processor.to_dict())
+    assert ours.size == (28, 36)
+    image = Image.fromarray(torch.randint(0, 256, (50, 70, 3), dtype=torch.uint8).numpy())
+    theirs = processor(images=image, return_tensors="pt")["pixel_values"][0]
+    # Both resize with PIL's bilinear filter; HF rounds to uint8 once more in between: one grey level / std.
+    torch.testing.assert_close(ours(image), theirs, rtol=0, atol=1.01 / 255 / 0.5)
+
+
+def test_preprocessing_size_override_is_non_square_and_normalised():
+    from PIL import Image
+
+    image = Image.new("RGB", (100, 30), (127, 102, 76))
+    pixels = PREP(image)
+    assert pixels.shape == (3, 24, 40)
+    expected = (torch.tensor([127, 102, 76]) / 255 - torch.tensor(PREP.mean)) / torch.tensor(PREP.std)
+    torch.testing.assert_close(pixels.mean((1, 2)), expected.float(), rtol=0, atol=1e-5)
+
+
+def test_load_batch_sets_broken_files_aside(tmp_path):
+    good = write_images(tmp_path, 3, nested=False)
+    broken = write_corrupt_images(tmp_path / "bad")
+    pixels, loaded, skipped = load_batch([good[0], broken[0], good[1], broken[1], good[2]], PREP)
+    assert pixels.shape == (3, 3, 24, 40)
+    assert loaded == [good[0], good[1], good[2]]
+    assert [p for p, _ in skipped] == broken
+    assert all(reason for _, reason in skipped)
+    assert load_batch(broken, PREP)[0] is None
+
+
+def test_running_stats_match_torch():
+    mad = torch.rand(3, 11, 4, dtype=torch.float64) * 100  # [L, images, H]
+    stats = RunningStats.empty(3, 4)
+    for chunk in mad.split([5, 1, 5], dim=1):
+        stats = stats.add(chunk.float())
+    values = mad.float().double()
+    assert stats.count == 11
+    torch.testing.assert_close(stats.mean, values.mean(1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(stats.std, values.std(1, correction=0), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(stats.low, values.amin(1), rtol=0, atol=0)
+    torch.testing.assert_close(stats.high, values.amax(1), rtol=0, atol=0)
+
+
+def test_checkpoint_round_trip_and_refuses_other_runs(tmp_path):
+    path = tmp_path / "out" / "checkpoint.pt"
+    run = fingerprint({"model": "a"}, ["x.png", "y.png"])
+    stats = RunningStats.empty(2, 3).add(torch.rand(2, 4, 3))
+    save_checkpoint(path, {"fingerprint": run, "stats": stats.state_dict(), "images": ["x.png"]})
+    assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind
+    state = load_checkpoint(path, run)
+    assert state["images"] == ["x.png"]
+    assert torch.equal(RunningStats.from_state_dict(state["stats"]).total, stats.total)
+    assert load_checkpoint(tmp_path / "none.pt", run) is None
+    other = fingerprint({"model": "a"}, ["x.png", "z.png"])
+    with pytest.raises(ValueError, match="resume: .* other settings or another image list"):
+        load_checkpoint(path, other)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_results_and_checkpoints_get_the_permissions_of_a_normally_created_file(tmp_path, umask, mode):
+    """Atomic writes go through a private temporary file; the result must not stay private (0600)."""
+    old = os.umask(umask)
+    try:
+        with atomic_file(tmp_path / "mad.json") as handle:
+            handle.write(b"{}")
+        save_checkpoint(tmp_path / "checkpoint.pt", {"fingerprint": "run"})
+        (tmp_path / "plain.txt").write_bytes(b"")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"mad.json": mode, "checkpoint.pt": mode, "plain.txt": mode}

@@ -1,0 +1,215 @@
+"""vitmad.record on tiny random-weight transformers models: every family of the issue, against eager maps."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import vitmad  # noqa: E402
+from vitmad.recording import transformers_capture as hf_hooks  # noqa: E402
+
+# MAD from the recorded q/k against the reference on the eager model's maps: both softmaxes are float32, formed
+# by different kernels (SDPA-side q @ k^T vs eager), so probabilities differ by float32 rounding only.
+RECORD_TOL = {"rtol": 1e-5, "atol": 1e-4}  # atol in pixels; MADs here are 5 to 40 px
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def _vit_like(config_cls, model_cls, **extra):
+    return lambda image: model_cls(config_cls(**SMALL, image_size=image, patch_size=8, **extra))
+
+
+def _tower(config_cls, model_cls):
+    return lambda image: model_cls(config_cls(**SMALL, image_size=image, patch_size=8))
+
+
+# name -> (builder(image_size), prefix tokens, forward kwargs for a non-square input)
+FAMILIES = {
+    "vit": (_vit_like(transformers.ViTConfig, transformers.ViTModel), 1, {"interpolate_pos_encoding": True}),
+    "deit_distilled": (
+        _vit_like(transformers.DeiTConfig, transformers.DeiTModel), 2, {"interpolate_pos_encoding": True}),
+    "beit_relative_bias": (
+        _vit_like(transformers.BeitConfig, transformers.BeitModel, use_relative_position_bias=True,
+                  use_absolute_position_embeddings=False),
+        1, {"interpolate_pos_encoding": True}),
+    "dinov2": (_vit_like(transformers.Dinov2Config, transformers.Dinov2Model), 1, {}),
+    "dinov2_registers": (
+        _vit_like(transformers.Dinov2WithRegistersConfig, transformers.Dinov2WithRegistersModel,
+                  num_register_tokens=3),
+        4, {}),
+    "vit_mae": (
+        _vit_like(transformers.ViTMAEConfig, transformers.ViTMAEModel, mask_ratio=0.0), 1,
+        {"interpolate_pos_encoding": True}),
+    "clip_vision": (_tower(transformers.CLIPVisionConfig, transformers.CLIPVisionModel), 1,
+                    {"interpolate_pos_encoding": True}),
+    "siglip_vision": (_tower(transformers.SiglipVisionConfig, transformers.SiglipVisionModel), 0,
+                      {"interpolate_pos_encoding": True}),
+}
+
+IMAGE = 32
+# (height, width) of the inputs: the configured square size, and a non-square one.
+SIZES = [(IMAGE, IMAGE), (24, 40)]
+
+
+def _build(family: str):
+    build, prefix, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build(IMAGE).eval()
+    assert model.config._attn_implementation == "sdpa"
+    return model, prefix, kwargs
+
+
+def _forward_kwargs(family, model, size, kwargs, batch):
+    extra = dict(kwargs) if size != (IMAGE, IMAGE) else {}
+    if family == "vit_mae":
+        # The same shuffle in the recorded and the eager run; rec must undo it, the test undoes it by hand.
+        num_patches = (size[0] // 8) * (size[1] // 8)
+        extra["noise"] = torch.rand(batch, num_patches, generator=torch.Generator().manual_seed(1))
+    return extra
+
+
+def _eager_maps(model, pixels, extra) -> tuple[list[torch.Tensor], object]:
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = eager(pixels, output_attentions=True, **extra)
+    return list(out.attentions), out
+
+
+def _unshuffle(attn: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    """ViTMAE's maps in shuffled token order -> row-major patch order ([B, H, N, N], CLS first)."""
+    num_prefix = attn.shape[-1] - ids_restore.shape[1]
+    out = torch.empty_like(attn)
+    for b in range(attn.shape[0]):
+        order = torch.cat([torch.arange(num_prefix), num_prefix + ids_restore[b]])
+        out[b] = attn[b][:, order][:, :, order]
+    return out
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_record_matches_eager_maps_and_keeps_outputs(family, size):
+    model, prefix, kwargs = _build(family)
+    batch = 2
+    pixels = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(2))
+    extra = _forward_kwargs(family, model, size, kwargs, batch)
+    grid = (size[0] // 8, size[1] // 8)
+
+    with torch.no_grad():
+        plain = model(pixels, **extra).last_hidden_state
+        with vitmad.record(model) as rec:
+            recorded = model(pixels, **extra).last_hidden_state
+
+    torch.testing.assert_close(recorded, plain, rtol=0, atol=0)
+    assert rec.layout == vitmad.recording.ModelLayout(patch=8, grid=grid, num_prefix_tokens=prefix)
+    attention_modules = list(hf_hooks.hf_attention_modules(model))
+    assert rec.layers == attention_modules and len(rec.layers) == 2
+
+    maps, out = _eager_maps(model, pixels, extra)
+    if family == "vit_mae":
+        maps = [_unshuffle(a, out.ids_restore) for a in maps]
+    expected = torch.stack([vitmad.mad_reference(a, 8, num_prefix_tokens=prefix, grid=grid) for a in maps])
+    assert rec.mad.shape == (2, batch, 2) and rec.mad.dtype == torch.float32
+    torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
+
+
+@pytest.mark.parametrize("family", ["vit", "beit_relative_bias"])
+def test_record_per_query_and_renormalized(family):
+    model, prefix, kwargs = _build(family)
+    pixels = torch.randn(1, 3, 24, 40, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), vitmad.record(model, reduction="none", renormalize=True) as rec:
+        model(pixels, **kwargs)
+    maps, _ = _eager_maps(model, pixels, kwargs)
+    expected = torch.stack([
+        vitmad.mad_reference(a, 8, num_prefix_tokens=prefix, grid=[3, 5], renormalize=True, reduction="none")
+        for a in maps
+    ])
+    assert rec.mad.shape == (2, 1, 2, 15)
+    torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
+
+
+def test_repeated_forwards_append_calls():
+    model, _, kwargs = _build("vit")
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.randn(3, 3, 32, 32))
+        model(torch.randn(1, 3, 16, 40), **kwargs)
+    assert len(rec.calls) == 2
+    assert rec.calls[0].mad.shape == (2, 3, 2) and rec.calls[0].layout.grid == (4, 4)
+    assert rec.mad.shape == (2, 1, 2) and rec.layout.grid == (2, 5)
+    assert torch.equal(rec.mad, rec.calls[1].mad)
+
+
+def test_layers_selection_and_overrides():
+    model, _, _ = _build("vit")
+    with torch.no_grad(), vitmad.record(model, layers=["*.1.attention"], num_prefix_tokens=1, patch=4) as rec:
+        model(torch.randn(1, 3, 32, 32))
+    assert rec.layers == ["layers.1.attention"]
+    assert rec.layout == vitmad.recording.ModelLayout(patch=4, grid=(4, 4), num_prefix_tokens=1)
+    with pytest.raises(ValueError, match="layers pattern 'nope' matches no attention module of ViTModel"):
+        vitmad.record(model, layers=["nope"])
+
+
+def _assert_restored(model, attention_modules):
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(id(m) in hf_hooks._ACTIVE for m in attention_modules.values())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_model_restored_after_exit_and_after_exception():
+    model, _, _ = _build("vit_mae")
+    modules = hf_hooks.hf_attention_modules(model)
+    pixels = torch.randn(1, 3, 32, 32)
+    noise = torch.rand(1, 16)
+    with torch.no_grad():
+        before = model(pixels, noise=noise).last_hidden_state
+        with vitmad.record(model):
+            model(pixels, noise=noise)
+        _assert_restored(model, modules)
+
+        def fail(*_):
+            raise RuntimeError("boom")
+
+        handle = list(modules.values())[1].register_forward_hook(fail)
+        with pytest.raises(RuntimeError, match="boom"), vitmad.record(model):
+            model(pixels, noise=noise)
+        handle.remove()
+        _assert_restored(model, modules)
+        assert torch.equal(model(pixels, noise=noise).last_hidden_state, before)
+
+
+def test_mae_with_masking_is_rejected():
+    torch.manual_seed(0)
+    model = transformers.ViTMAEModel(transformers.ViTMAEConfig(**SMALL, image_size=32, patch_size=8)).eval()
+    with pytest.raises(ValueError, match=r"ViTMAEEmbeddings dropped patches \(config.mask_ratio = 0.75\)"):
+        with torch.no_grad(), vitmad.record(model):
+            model(torch.randn(1, 3, 32, 32))
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_clip_full_model_records_the_vision_tower_only():
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(**SMALL, vocab_size=50, max_position_embeddings=16),
+        vision_config=dict(**SMALL, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(input_ids=torch.randint(0, 50, (2, 7)), pixel_values=torch.randn(2, 3, 32, 32))
+    assert rec.layers == [f"vision_model.encoder.layers.{i}.self_attn" for i in range(2)]
+    assert rec.mad.shape == (2, 2, 2)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_nested_record_of_the_same_model_is_refused_and_leaves_the_outer_one_working():
+    model, _, _ = _build("vit")
+    with torch.no_grad(), vitmad.record(model) as outer:
+        with pytest.raises(RuntimeError, match="ViTModel is already being recorded"), vitmad.record(model):
+            pass
+        model(torch.randn(1, 3, 32, 32))
+    assert outer.mad.shape == (2, 1, 2)
+    assert model.config._attn_implementation == "sdpa"
