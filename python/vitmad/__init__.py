@@ -8,6 +8,7 @@ a model over an image set, with results files and figures). The definition: ``do
 
 from .ops import (
     backend,
+    grid_positions,
     has_compiled_kernel,
     mad,
     mad_qk,
@@ -23,6 +24,7 @@ __all__ = [
     "record",
     "backend",
     "has_compiled_kernel",
+    "grid_positions",
     "mad_reference",
     "pixel_distances",
     "uniform_attention_mad",

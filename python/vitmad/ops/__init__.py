@@ -5,13 +5,22 @@
 - :mod:`.arguments` checks the ops' arguments in Python, message for message like ``csrc/mad_args.cpp``;
 - :mod:`.mad_op` and :mod:`.mad_qk_op`: the typed wrappers, fake (shape) kernels and autograd;
 - :mod:`.reference`: the float64 definition every kernel is tested against;
+- :mod:`.positions`: token positions for the position form (:func:`grid_positions`);
 - :mod:`.bench`: the short timing behind ``vitmad bench``.
 """
 
 from .library import backend, has_compiled_kernel
 from .mad_op import mad
 from .mad_qk_op import mad_qk
-from .reference import mad_qk_reference, mad_reference, pixel_distances, uniform_attention_mad
+from .positions import grid_positions
+from .reference import (
+    mad_positions_reference,
+    mad_qk_positions_reference,
+    mad_qk_reference,
+    mad_reference,
+    pixel_distances,
+    uniform_attention_mad,
+)
 
 __all__ = [
     "mad",
@@ -20,6 +29,9 @@ __all__ = [
     "has_compiled_kernel",
     "mad_reference",
     "mad_qk_reference",
+    "mad_positions_reference",
+    "mad_qk_positions_reference",
+    "grid_positions",
     "pixel_distances",
     "uniform_attention_mad",
 ]

@@ -13,9 +13,17 @@ import torch
 __all__ = [
     "MadLayout",
     "MadQkLayout",
+    "QkShape",
+    "PositionLayout",
     "check_mad_args",
     "check_mad_options",
     "check_mad_qk_args",
+    "check_qk_tensors",
+    "check_attn_tensor",
+    "check_one_form",
+    "check_position_args",
+    "check_position_values",
+    "check_position_grad",
     "mad_output_dtype",
     "SUPPORTED_DTYPES",
 ]
@@ -137,24 +145,31 @@ class MadQkLayout:
     scale: float  # the given scale, or D ** -0.5
 
 
-def check_mad_qk_args(
+@dataclass(frozen=True)
+class QkShape:
+    """The shapes of ``mad_qk``'s queries and keys (mirrors ``QkShape`` in ``csrc/mad_args.h``)."""
+
+    num_queries: int  # Nq
+    num_keys: int  # Nk
+    head_dim: int  # D
+    scale: float  # the given scale, or D ** -0.5
+
+
+def check_qk_tensors(
     q: torch.Tensor,
     k: torch.Tensor,
-    patch: int,
-    num_prefix_tokens: int,
-    grid: Sequence[int] | None,
     scale: float | None,
     attn_bias: torch.Tensor | None,
-    renormalize: bool,
-    reduction: str,
+    same_tokens: bool,
     op_name: str = "vitmad.mad_qk",
-) -> MadQkLayout:
-    """Validate the arguments of ``mad_qk`` (mirrors ``check_mad_qk_args`` in ``csrc/mad_args.cpp``).
+) -> QkShape:
+    """Validate q, k, scale and attn_bias of ``mad_qk`` (mirrors ``check_qk_tensors`` in ``csrc/mad_args.cpp``).
 
     Args:
-        q, k: ``[..., N, D]`` queries and keys: the same dtype, shape and device.
+        q, k: ``[..., Nq, D]`` and ``[..., Nk, D]``: the same dtype, leading dims, D and device.
         attn_bias: q's dtype (added to the logits) or bool (True keeps a key, as in
-            ``F.scaled_dot_product_attention``), broadcastable to ``[..., N, N]``, on q's device; or None.
+            ``F.scaled_dot_product_attention``), broadcastable to ``[..., Nq, Nk]``, on q's device; or None.
+        same_tokens: the grid form, where ``Nq == Nk``.
 
     Raises:
         TypeError: a dtype is unsupported or differs from q's.
@@ -175,13 +190,13 @@ def check_mad_qk_args(
             f"{op_name}: k must have q's leading dimensions, shape [..., N, D] = {_shape_str(q.shape[:-2])} + "
             f"[N, D], got k of shape {_shape_str(k.shape)} and q of shape {_shape_str(q.shape)}"
         )
-    n, d = q.shape[-2], q.shape[-1]
+    nq, nk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     if d <= 0:
         raise ValueError(f"{op_name}: q must have a head dimension D > 0, got shape {_shape_str(q.shape)}")
     if k.shape[-1] != d:
         raise ValueError(f"{op_name}: k must have q's head dimension D = {d}, got shape {_shape_str(k.shape)}")
-    if k.shape[-2] != n:
-        raise ValueError(f"{op_name}: k must have q's number of tokens N = {n}, got shape {_shape_str(k.shape)}")
+    if same_tokens and nk != nq:
+        raise ValueError(f"{op_name}: k must have q's number of tokens N = {nq}, got shape {_shape_str(k.shape)}")
     if k.device != q.device:
         raise ValueError(f"{op_name}: k must be on q's device {q.device}, got {k.device}")
     if scale is not None and not math.isfinite(scale):
@@ -196,15 +211,203 @@ def check_mad_qk_args(
             )
         if attn_bias.device != q.device:
             raise ValueError(f"{op_name}: attn_bias must be on q's device {q.device}, got {attn_bias.device}")
-        target = (*q.shape[:-1], n)
+        target = (*q.shape[:-1], nk)
         bias_shape = tuple(attn_bias.shape)
         broadcastable = len(bias_shape) <= len(target) and all(
             size in (1, want) for size, want in zip(reversed(bias_shape), reversed(target))
         )
         if not broadcastable:
             raise ValueError(
-                f"{op_name}: attn_bias must be broadcastable to the logits' shape [..., N, N] = "
-                f"{_shape_str(target)}, got shape {_shape_str(bias_shape)}"
+                f"{op_name}: attn_bias must be broadcastable to the logits' shape "
+                f"{'[..., N, N]' if same_tokens else '[..., Nq, Nk]'} = {_shape_str(target)}, got shape "
+                f"{_shape_str(bias_shape)}"
             )
-    layout = check_mad_options(n, patch, num_prefix_tokens, grid, renormalize, reduction, op_name, tokens_arg="q")
-    return MadQkLayout(layout, int(d), float(scale) if scale is not None else 1.0 / math.sqrt(d))
+    return QkShape(int(nq), int(nk), int(d), float(scale) if scale is not None else 1.0 / math.sqrt(d))
+
+
+def check_mad_qk_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    patch: int,
+    num_prefix_tokens: int,
+    grid: Sequence[int] | None,
+    scale: float | None,
+    attn_bias: torch.Tensor | None,
+    renormalize: bool,
+    reduction: str,
+    op_name: str = "vitmad.mad_qk",
+) -> MadQkLayout:
+    """Validate the arguments of the grid form of ``mad_qk`` (mirrors ``check_mad_qk_args`` in
+    ``csrc/mad_args.cpp``): :func:`check_qk_tensors` with ``Nq == Nk``, then the grid options.
+
+    Raises:
+        TypeError, ValueError: as :func:`check_qk_tensors` and :func:`check_mad_options`.
+    """
+    shape = check_qk_tensors(q, k, scale, attn_bias, True, op_name)
+    layout = check_mad_options(
+        shape.num_queries, patch, num_prefix_tokens, grid, renormalize, reduction, op_name, tokens_arg="q"
+    )
+    return MadQkLayout(layout, shape.head_dim, shape.scale)
+
+
+# The position form (docs/definition.md, "Positions form of the ops") -----------------------------------------
+
+MAX_POSITION_DIMS = 3
+
+
+@dataclass(frozen=True)
+class PositionLayout:
+    """The attention and positions of a position-form op (mirrors ``PositionLayout`` in
+    ``csrc/position_args.h``)."""
+
+    num_queries: int  # Nq: attention rows
+    num_keys: int  # Nk: attention columns
+    dims: int  # K: coordinates per position, 1 to 3
+    renormalize: bool
+    reduce_mean: bool
+
+
+def check_one_form(op_name: str, positions, key_positions, grid_form: dict) -> None:
+    """Exactly one of the two forms: positions (and key_positions), or the grid form's arguments."""
+    if positions is None:
+        if key_positions is not None:
+            raise ValueError(f"{op_name}: key_positions needs positions, the positions of the queries")
+        if grid_form["patch"] is None:
+            raise TypeError(f"{op_name}: pass patch (pixels per patch, the grid form) or positions=[..., N, K]")
+        return
+    given = [name for name, value in grid_form.items() if value is not None]
+    if given:
+        raise ValueError(
+            f"{op_name}: pass either positions (and key_positions) or the grid form's patch, num_prefix_tokens and "
+            f"grid, not both; got positions and {', '.join(given)}"
+        )
+
+
+def check_attn_tensor(attn: torch.Tensor, shape_text: str, op_name: str) -> None:
+    """The checks of ``attn`` itself shared by both forms (mirrors ``check_attn_tensor``)."""
+    if attn.layout != torch.strided:
+        raise ValueError(f"{op_name}: attn must be a dense (strided) tensor, got layout {attn.layout}")
+    if attn.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op_name}: attn must be float16, bfloat16, float32 or float64, got {attn.dtype}")
+    if attn.dim() < 2:
+        raise ValueError(f"{op_name}: attn must have at least 2 dimensions {shape_text}, got shape "
+                         f"{_shape_str(attn.shape)}")
+
+
+def _check_position_side(pos, arg, lead, tokens, tokens_arg, n, what, n_name, op_name) -> None:
+    if not isinstance(pos, torch.Tensor):
+        raise TypeError(f"{op_name}: {arg} must be a tensor [..., {n_name}, K], got {type(pos).__name__}")
+    if pos.layout != torch.strided:
+        raise ValueError(f"{op_name}: {arg} must be a dense (strided) tensor, got layout {pos.layout}")
+    if not pos.dtype.is_floating_point:
+        raise TypeError(f"{op_name}: {arg} must be a floating-point tensor (NaN marks a token without a position), "
+                        f"got {pos.dtype}")
+    if pos.dim() < 2 or not 1 <= pos.shape[-1] <= MAX_POSITION_DIMS:
+        raise ValueError(f"{op_name}: {arg} must be [..., {n_name}, K] with K in {{1, 2, 3}}, got shape "
+                         f"{_shape_str(pos.shape)}")
+    if pos.shape[-2] != n:
+        raise ValueError(f"{op_name}: {arg} has {n_name} = {pos.shape[-2]} rows but {tokens_arg} has {n} {what} "
+                         f"(shape {_shape_str(tokens.shape)})")
+    if pos.device != tokens.device:
+        raise ValueError(f"{op_name}: {arg} must be on {tokens_arg}'s device {tokens.device}, got {pos.device}")
+    pos_lead = tuple(pos.shape[:-2])
+    broadcasts = len(pos_lead) <= len(lead) and all(
+        size in (1, want) for size, want in zip(reversed(pos_lead), reversed(lead))
+    )
+    if not broadcasts:
+        raise ValueError(f"{op_name}: {arg} leading dims {_shape_str(pos_lead)} do not broadcast against "
+                         f"{tokens_arg}'s {_shape_str(lead)} (right-aligned, each 1 or equal, at most as many)")
+
+
+def check_position_values(positions: torch.Tensor, arg: str, op_name: str) -> None:
+    """Every row all NaN (a token without a position) or all finite (mirrors ``check_position_values``).
+
+    Call it on the positions converted to the accumulation dtype: a float64 value beyond float32's range
+    becomes infinite there.
+    """
+    if positions.numel() == 0:
+        return
+    values = positions.detach().to("cpu", torch.float64)
+    k, n = values.shape[-1], values.shape[-2]
+    rows = values.reshape(-1, k)
+    infinite = rows.isinf()
+    nan_count = rows.isnan().sum(-1)
+    bad_inf = infinite.any(-1)
+    bad_nan = (nan_count != 0) & (nan_count != k)
+    first = int(torch.nonzero(bad_inf | bad_nan)[0, 0]) if bool((bad_inf | bad_nan).any()) else None
+    if first is None:
+        return
+    where = ""
+    if values.dim() > 2:
+        index = list(torch.unravel_index(torch.tensor(first // n), tuple(values.shape[:-2])))
+        where = f" of {arg}{_shape_str([int(i) for i in index])}"
+    if bool(bad_inf[first]):
+        value = float(rows[first][infinite[first]][0])
+        raise ValueError(f"{op_name}: {arg} must not be infinite (NaN marks a token without a position), got "
+                         f"{value} at row {first % n}{where}")
+    raise ValueError(f"{op_name}: {arg} row {first % n}{where} has {int(nan_count[first])} of its {k} coordinates "
+                     "NaN; a token without a position has all of them NaN")
+
+
+def check_position_args(
+    tokens: torch.Tensor,
+    num_queries: int,
+    num_keys: int,
+    positions: torch.Tensor,
+    key_positions: torch.Tensor | None,
+    renormalize: bool,
+    reduction: str,
+    op_name: str,
+    *,
+    check_values: bool = True,
+) -> PositionLayout:
+    """Validate ``positions [..., Nq, K]`` and ``key_positions [..., Nk, K]`` against ``tokens`` (attn or q),
+    and the reduction (mirrors ``check_position_args`` in ``csrc/position_args.cpp``).
+
+    Args:
+        check_values: also check the values (NaN rows, infinities); False for fake tensors.
+
+    Raises:
+        TypeError: positions of a non-floating dtype.
+        ValueError: anything else; the message names the argument, what was expected and what was given.
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"{op_name}: reduction must be 'mean' or 'none', got '{reduction}'")
+    qk = op_name == "vitmad.mad_qk"
+    tokens_arg = "q" if qk else "attn"
+    lead = tuple(tokens.shape[:-2])
+    _check_position_side(positions, "positions", lead, tokens, tokens_arg, num_queries, "queries", "Nq", op_name)
+    if key_positions is not None:
+        _check_position_side(key_positions, "key_positions", lead, tokens, "k" if qk else "attn", num_keys, "keys",
+                             "Nk", op_name)
+        if key_positions.shape[-1] != positions.shape[-1]:
+            raise ValueError(
+                f"{op_name}: key_positions must have as many coordinates K per token as positions "
+                f"(K = {positions.shape[-1]}), got shape {_shape_str(key_positions.shape)} and positions of shape "
+                f"{_shape_str(positions.shape)}"
+            )
+    elif num_keys != num_queries:
+        raise ValueError(
+            f"{op_name}: {'the attention' if qk else 'attn'} is rectangular [..., {num_queries}, {num_keys}]"
+            f"{' (q and k have different token counts)' if qk else ''}; pass key_positions [..., {num_keys}, K] "
+            "for its keys"
+        )
+    if check_values:
+        acc = mad_output_dtype(tokens.dtype)
+        check_position_values(positions.to(acc), "positions", op_name)
+        if key_positions is not None:
+            check_position_values(key_positions.to(acc), "key_positions", op_name)
+    return PositionLayout(int(num_queries), int(num_keys), int(positions.shape[-1]), bool(renormalize),
+                          reduction == "mean")
+
+
+def check_position_grad(grad: torch.Tensor, attn: torch.Tensor, layout: PositionLayout) -> None:
+    """The gradient of ``mad``'s position form must have the output's shape (mirrors ``check_mad_grad``)."""
+    expected = tuple(attn.shape[:-2]) + (() if layout.reduce_mean else (layout.num_queries,))
+    if tuple(grad.shape) != expected:
+        raise ValueError(f"vitmad.mad_backward: grad must have the shape of mad's output {_shape_str(expected)}, "
+                         f"got {_shape_str(grad.shape)}")
+    if grad.device != attn.device:
+        raise ValueError(f"vitmad.mad_backward: grad must be on attn's device {attn.device}, got {grad.device}")
+    if not grad.dtype.is_floating_point:
+        raise TypeError(f"vitmad.mad_backward: grad must be a floating-point tensor, got {grad.dtype}")

@@ -11,10 +11,18 @@ from collections.abc import Sequence
 
 import torch
 
-from .arguments import check_mad_args, check_mad_qk_args, mad_output_dtype
+from .arguments import (
+    check_attn_tensor,
+    check_mad_args,
+    check_mad_qk_args,
+    check_position_args,
+    check_position_grad,
+    check_qk_tensors,
+    mad_output_dtype,
+)
 from .reference import pixel_distances
 
-__all__ = ["SCHEMAS", "mad", "mad_backward", "mad_qk"]
+__all__ = ["SCHEMAS", "mad", "mad_backward", "mad_qk", "mad_pos", "mad_pos_backward", "mad_qk_pos"]
 
 # The schemas of csrc/vitmad.cpp, used to define the ops when the compiled library is absent
 # (tests/ops/test_fallback.py checks that both say the same).
@@ -25,6 +33,12 @@ SCHEMAS = {
     'int[]? grid=None, bool renormalize=False, str reduction="mean") -> Tensor',
     "mad_qk": "mad_qk(Tensor q, Tensor k, int patch, *, int num_prefix_tokens=1, int[]? grid=None, "
     'float? scale=None, Tensor? attn_bias=None, bool renormalize=False, str reduction="mean") -> Tensor',
+    "mad_pos": "mad_pos(Tensor attn, Tensor positions, Tensor? key_positions=None, *, bool renormalize=False, "
+    'str reduction="mean") -> Tensor',
+    "mad_pos_backward": "mad_pos_backward(Tensor grad, Tensor attn, Tensor positions, Tensor? key_positions=None, "
+    '*, bool renormalize=False, str reduction="mean") -> Tensor',
+    "mad_qk_pos": "mad_qk_pos(Tensor q, Tensor k, Tensor positions, Tensor? key_positions=None, *, "
+    'float? scale=None, Tensor? attn_bias=None, bool renormalize=False, str reduction="mean") -> Tensor',
 }
 
 # At most about this many distance values or logits (4 MiB in float32) exist at once.
@@ -33,7 +47,7 @@ _DISTANCE_CHUNK_ELEMENTS = 1 << 20
 
 def _query_chunks(num_patches: int, row_elements: int | None = None):
     """Slices of the query patches holding at most about _DISTANCE_CHUNK_ELEMENTS values of row_elements each."""
-    rows = max(1, _DISTANCE_CHUNK_ELEMENTS // (row_elements or num_patches))
+    rows = max(1, _DISTANCE_CHUNK_ELEMENTS // max(1, row_elements or num_patches))
     for start in range(0, num_patches, rows):
         yield slice(start, min(start + rows, num_patches))
 
@@ -135,3 +149,125 @@ def mad_qk(
     if layout.reduce_mean:
         return (per_query.sum(-1, dtype=torch.float64) / layout.num_patches).to(acc)
     return per_query
+
+
+# The position form ------------------------------------------------------------------------------------------
+
+
+class _Sides:
+    """Query and key positions in the accumulation dtype, with which tokens have one."""
+
+    def __init__(self, positions: torch.Tensor, key_positions: torch.Tensor | None, acc: torch.dtype):
+        self.queries = positions.to(acc)
+        self.keys = self.queries if key_positions is None else key_positions.to(acc)
+        self.has_query = ~self.queries[..., 0].isnan()  # [...pos lead, Nq]
+        self.has_key = ~self.keys[..., 0].isnan()  # [...key lead, Nk]
+
+    def distances(self, rows: slice) -> torch.Tensor:
+        """``[..., rows, Nk]``, 0 at keys without a position (so that they add nothing)."""
+        diff = self.queries[..., rows, None, :] - self.keys[..., None, :, :]
+        return torch.where(self.has_key[..., None, :], diff.square().sum(-1).sqrt(), 0)
+
+    def key_weights(self, a: torch.Tensor) -> torch.Tensor:
+        """``a`` with the columns of keys without a position set to 0 (never read, as in the kernels)."""
+        return torch.where(self.has_key[..., None, :], a, 0)
+
+    def reduce(self, per_query: torch.Tensor, reduce_mean: bool) -> torch.Tensor:
+        """NaN at queries without a position; or their mean over the queries with one (NaN if none)."""
+        per_query = torch.where(self.has_query, per_query, float("nan"))
+        if not reduce_mean:
+            return per_query
+        total = torch.where(self.has_query, per_query, 0).sum(-1, dtype=torch.float64)
+        return (total / self.has_query.sum(-1)).to(per_query.dtype)
+
+
+def mad_pos(
+    attn: torch.Tensor,
+    positions: torch.Tensor,
+    key_positions: torch.Tensor | None = None,
+    *,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    check_attn_tensor(attn, "[..., Nq, Nk]", "vitmad.mad")
+    nq, nk = attn.shape[-2], attn.shape[-1]
+    layout = check_position_args(attn, nq, nk, positions, key_positions, renormalize, reduction, "vitmad.mad")
+    acc = mad_output_dtype(attn.dtype)
+    sides = _Sides(positions, key_positions, acc)
+    per_query = torch.empty((*attn.shape[:-2], nq), dtype=acc, device=attn.device)
+    # Each chunk converts [..., rows, Nk] of every matrix at once, so the bound counts all matrices.
+    for rows in _query_chunks(nq, math.prod(attn.shape[:-2]) * nk):
+        a = sides.key_weights(attn[..., rows, :].to(acc))
+        weighted = (a * sides.distances(rows)).sum(-1)
+        per_query[..., rows] = weighted / a.sum(-1) if renormalize else weighted
+    return sides.reduce(per_query, layout.reduce_mean)
+
+
+def mad_pos_backward(
+    grad: torch.Tensor,
+    attn: torch.Tensor,
+    positions: torch.Tensor,
+    key_positions: torch.Tensor | None = None,
+    *,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    check_attn_tensor(attn, "[..., Nq, Nk]", "vitmad.mad_backward")
+    nq, nk = attn.shape[-2], attn.shape[-1]
+    layout = check_position_args(attn, nq, nk, positions, key_positions, renormalize, reduction,
+                                 "vitmad.mad_backward")
+    check_position_grad(grad, attn, layout)
+    acc = mad_output_dtype(attn.dtype)
+    sides = _Sides(positions, key_positions, acc)
+    g = grad.to(acc)
+    per_query = (g / sides.has_query.sum(-1)).unsqueeze(-1) if layout.reduce_mean else g
+    per_query = torch.where(sides.has_query, per_query, 0)  # [..., Nq]
+    grad_attn = torch.empty(attn.shape, dtype=attn.dtype, device=attn.device)
+    for rows in _query_chunks(nq, math.prod(attn.shape[:-2]) * nk):
+        dist = sides.distances(rows)
+        g_rows = per_query[..., rows].unsqueeze(-1)
+        if renormalize:
+            a = sides.key_weights(attn[..., rows, :].to(acc))
+            mass = a.sum(-1, keepdim=True)
+            mean = (a * dist).sum(-1, keepdim=True) / mass
+            block = g_rows / mass * (dist - mean)
+        else:
+            block = g_rows * dist
+        # Zero (not NaN) wherever the query or the key has no position.
+        keep = sides.has_query[..., rows, None] & sides.has_key[..., None, :]
+        grad_attn[..., rows, :] = torch.where(keep, block, 0).to(attn.dtype)
+    return grad_attn
+
+
+def mad_qk_pos(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    key_positions: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    attn_bias: torch.Tensor | None = None,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    shape = check_qk_tensors(q, k, scale, attn_bias, False, "vitmad.mad_qk")
+    nq, nk = shape.num_queries, shape.num_keys
+    layout = check_position_args(q, nq, nk, positions, key_positions, renormalize, reduction, "vitmad.mad_qk")
+    acc = mad_output_dtype(q.dtype)
+    sides = _Sides(positions, key_positions, acc)
+    keys_t = k.to(acc).transpose(-1, -2)
+    bias = None if attn_bias is None else attn_bias.expand(*q.shape[:-1], nk)
+    per_query = torch.empty((*q.shape[:-2], nq), dtype=acc, device=q.device)
+    for rows in _query_chunks(nq, math.prod(q.shape[:-2]) * nk):
+        logits = (q[..., rows, :].to(acc) * shape.scale) @ keys_t
+        if bias is not None:
+            b = bias[..., rows, :]
+            logits = logits.masked_fill(~b, float("-inf")) if b.dtype == torch.bool else logits + b.to(acc)
+        if renormalize:
+            # The softmax over the keys with a position: the renormalised value, without their mass
+            # underflowing when a query attends almost only to tokens without a position.
+            a = logits.masked_fill(~sides.has_key[..., None, :], float("-inf")).softmax(-1)
+        else:
+            a = sides.key_weights(logits.softmax(-1))
+        per_query[..., rows] = (a * sides.distances(rows)).sum(-1)
+    return sides.reduce(per_query, layout.reduce_mean)

@@ -54,15 +54,23 @@ def _load_compiled() -> Exception | None:
     return None
 
 
-def _register_fallback_kernels(define: bool, dispatch_key: str, names=None) -> None:
+def _op_defined(name: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"vitmad::{name}", "")
+    except RuntimeError:
+        return False
+    return True
+
+
+def _register_fallback_kernels(dispatch_key: str, names) -> None:
+    """Serve ``names`` with the pure-PyTorch kernels for ``dispatch_key``, defining the ops that nothing
+    defined yet (no compiled library, or one built before the op existed)."""
     global _fallback_lib
     if _fallback_lib is None:
-        _fallback_lib = torch.library.Library("vitmad", "DEF" if define else "IMPL")
-    for name, schema in fallback.SCHEMAS.items():
-        if names is not None and name not in names:
-            continue
-        if define:
-            _fallback_lib.define(schema)
+        _fallback_lib = torch.library.Library("vitmad", "FRAGMENT")
+    for name in names:
+        if not _op_defined(name):
+            _fallback_lib.define(fallback.SCHEMAS[name])
         _fallback_lib.impl(name, getattr(fallback, name), dispatch_key)
         _fallback_kernels.add((name, dispatch_key))
 
@@ -78,21 +86,27 @@ def _initialise() -> None:
         if "CUDA" in missing and torch.cuda.is_available():
             log.warning("vitmad: the compiled library has no CUDA kernels (built without CUDA); "
                         "CUDA tensors use the pure-PyTorch kernels")
+        undefined = [n for n in fallback.SCHEMAS if not _op_defined(n)]
+        if undefined:
+            log.warning("vitmad: the compiled library predates the ops %s (reinstall vitmad from source to build "
+                        "them); they use the pure-PyTorch kernels", ", ".join(undefined))
+            _register_fallback_kernels("CompositeExplicitAutograd", undefined)
         # Devices without a compiled kernel (CUDA in a CPU-only build, MPS, XPU, ...) fall back explicitly,
         # op by op: a build may carry one op's CUDA kernel and not another's.
         for key in _COMPILED_DEVICES:
             names = [
-                n for n in fallback.SCHEMAS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"vitmad::{n}", key)
+                n for n in fallback.SCHEMAS
+                if n not in undefined and not torch._C._dispatch_has_kernel_for_dispatch_key(f"vitmad::{n}", key)
             ]
             if names:
-                _register_fallback_kernels(define=False, dispatch_key=key, names=names)
+                _register_fallback_kernels(key, names)
         return
     log.warning(
         "vitmad: the compiled kernels could not be loaded (%s); using the pure-PyTorch kernels, which are "
         "correct but slower. Reinstall vitmad from source to build them.",
         error,
     )
-    _register_fallback_kernels(define=True, dispatch_key="CompositeExplicitAutograd")
+    _register_fallback_kernels("CompositeExplicitAutograd", list(fallback.SCHEMAS))
 
 
 _initialise()

@@ -1,4 +1,5 @@
-"""Typed Python entry points of the vitmad ops, with their fake (shape) kernels and autograd formula.
+"""Typed Python entry point of ``vitmad::mad`` and ``vitmad::mad_pos``, with their fake (shape) kernels and
+autograd formulas.
 
 The kernels themselves live in csrc/ (or in ``fallback.py`` when the compiled library is missing);
 this module only adds what the compiler and autograd need to know about them.
@@ -11,53 +12,89 @@ from collections.abc import Sequence
 import torch
 
 from . import library  # noqa: F401  (defines torch.ops.vitmad before anything is registered on it)
-from .arguments import check_mad_args, mad_output_dtype
+from .arguments import (
+    check_attn_tensor,
+    check_mad_args,
+    check_one_form,
+    check_position_args,
+    check_position_grad,
+    mad_output_dtype,
+)
 
 __all__ = ["mad"]
 
 
 def mad(
     attn: torch.Tensor,
-    patch: int,
+    patch: int | None = None,
     *,
-    num_prefix_tokens: int = 1,
+    num_prefix_tokens: int | None = None,
     grid: Sequence[int] | None = None,
+    positions: torch.Tensor | None = None,
+    key_positions: torch.Tensor | None = None,
     renormalize: bool = False,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean attention distance of attention probabilities, in pixels (``docs/definition.md``).
+    """Mean attention distance of attention probabilities (``docs/definition.md``).
 
-    The fused kernel computes the distance from token indices and reads ``attn`` once, in place (strided
-    and sliced views are not copied). Differentiable with respect to ``attn``.
+    Two forms. The grid form (``patch``, ``num_prefix_tokens``, ``grid``): ``P`` prefix tokens, then a
+    row-major grid of patches, distances in pixels. The position form (``positions``, ``key_positions``): any
+    token anywhere, each with its own position or none, rectangular attention allowed (pooled keys,
+    subsampled queries), distances in the positions' unit.
+
+    The fused kernels compute distances on the fly and read ``attn`` once, in place (strided and sliced views
+    are not copied). Differentiable with respect to ``attn``.
 
     Args:
-        attn: ``[..., N, N]`` attention probabilities (rows are queries), float16, bfloat16, float32 or
-            float64; any number of leading dims, e.g. ``[B, H, N, N]`` or a layer stack ``[L, B, H, N, N]``.
-        patch: pixel size of a patch (1 gives distances in patches).
-        num_prefix_tokens: ``P``, the tokens before the patches that have no position: 1 for a CLS token,
-            2 for DeiT (CLS + distillation), ``1 + R`` with R registers, 0 for SigLIP.
-        grid: ``[grid_h, grid_w]`` of the patch tokens (row-major); by default the square grid of side
-            ``sqrt(N - P)``, an error if ``N - P`` is not a perfect square.
-        renormalize: divide each query's distance-weighted sum by its attention mass on patch keys, so the
-            mass put on prefix tokens does not shrink the distance. Off by default, as in the ViT paper.
-        reduction: ``"mean"`` averages over query patches; ``"none"`` keeps one value per query patch.
+        attn: ``[..., N, N]`` (grid form) or ``[..., Nq, Nk]`` (position form) attention probabilities (rows
+            are queries), float16, bfloat16, float32 or float64; any number of leading dims, e.g.
+            ``[B, H, N, N]``, a layer stack ``[L, B, H, N, N]`` or windows ``[B, nW, H, n, n]``.
+        patch: grid form: pixel size of a patch (1 gives distances in patches).
+        num_prefix_tokens: grid form: ``P``, the tokens before the patches that have no position: 1 (the
+            default) for a CLS token, 2 for DeiT (CLS + distillation), ``1 + R`` with R registers, 0 for SigLIP.
+        grid: grid form: ``[grid_h, grid_w]`` of the patch tokens (row-major); by default the square grid of
+            side ``sqrt(N - P)``, an error if ``N - P`` is not a perfect square.
+        positions: position form: ``[..., Nq, K]`` floating positions (K in 1..3) of the query tokens, every
+            token included; a row of NaN is a token without a position (CLS, registers, padding), neither a
+            query nor a key. Its leading dims broadcast against ``attn.shape[:-2]`` (``[Nq, K]`` for all,
+            ``[B, 1, Nq, K]`` per image, ``[nW, 1, Nq, K]`` per window of ``[B, nW, H, Nq, Nk]``) and are read
+            through strides, never expanded. :func:`vitmad.grid_positions` gives a plain ViT's.
+        key_positions: position form: ``[..., Nk, K]`` positions of the keys, for rectangular attention;
+            ``positions`` by default (then ``Nq == Nk``).
+        renormalize: divide each query's distance-weighted sum by its attention mass on keys with a position,
+            so the mass put on tokens without one does not shrink the distance. Off by default, as in the ViT
+            paper.
+        reduction: ``"mean"`` averages over the queries with a position; ``"none"`` keeps one value per query.
 
     Returns:
-        ``[...]`` (``attn.shape[:-2]``) for ``"mean"``, ``[..., N - P]`` for ``"none"``; float32, or float64
-        for float64 input.
+        ``attn.shape[:-2]`` for ``"mean"``; for ``"none"``, ``[..., N - P]`` (grid form) or ``[..., Nq]``
+        with NaN at queries without a position (position form). float32, or float64 for float64 input.
 
     Raises:
-        TypeError: ``attn`` is not a floating-point tensor of a supported dtype.
-        ValueError: a shape, size or option is invalid; the message names the argument.
+        TypeError: ``attn`` or ``positions`` has an unsupported dtype, or neither ``patch`` nor ``positions``
+            is given.
+        ValueError: a shape, size or option is invalid, or both forms are mixed; the message names the
+            argument.
+        RuntimeError: ``positions`` or ``key_positions`` requires grad (MAD is differentiable with respect to
+            ``attn`` only).
     """
+    check_one_form("vitmad.mad", positions, key_positions,
+                    {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
+    if positions is not None:
+        return torch.ops.vitmad.mad_pos.default(
+            attn, positions, key_positions, renormalize=renormalize, reduction=reduction
+        )
     return torch.ops.vitmad.mad.default(
         attn,
         patch,
-        num_prefix_tokens=num_prefix_tokens,
+        num_prefix_tokens=1 if num_prefix_tokens is None else num_prefix_tokens,
         grid=None if grid is None else [int(g) for g in grid],
         renormalize=renormalize,
         reduction=reduction,
     )
+
+
+# Grid form ---------------------------------------------------------------------------------------------------
 
 
 @torch.library.register_fake("vitmad::mad")
@@ -89,3 +126,48 @@ def _mad_backward(ctx, grad):
 
 
 torch.library.register_autograd("vitmad::mad", _mad_backward, setup_context=_mad_setup_context)
+
+
+# Position form -----------------------------------------------------------------------------------------------
+
+
+def _position_layout(attn, positions, key_positions, renormalize, reduction, op_name):
+    """Shape checks only: fake tensors have no values to check."""
+    check_attn_tensor(attn, "[..., Nq, Nk]", op_name)
+    return check_position_args(attn, attn.shape[-2], attn.shape[-1], positions, key_positions, renormalize,
+                               reduction, op_name, check_values=False)
+
+
+@torch.library.register_fake("vitmad::mad_pos")
+def _mad_pos_fake(attn, positions, key_positions=None, *, renormalize=False, reduction="mean"):
+    layout = _position_layout(attn, positions, key_positions, renormalize, reduction, "vitmad.mad")
+    shape = attn.shape[:-2] if layout.reduce_mean else (*attn.shape[:-2], layout.num_queries)
+    return attn.new_empty(shape, dtype=mad_output_dtype(attn.dtype))
+
+
+@torch.library.register_fake("vitmad::mad_pos_backward")
+def _mad_pos_backward_fake(grad, attn, positions, key_positions=None, *, renormalize=False, reduction="mean"):
+    layout = _position_layout(attn, positions, key_positions, renormalize, reduction, "vitmad.mad_backward")
+    check_position_grad(grad, attn, layout)
+    return torch.empty(attn.shape, dtype=attn.dtype, device=attn.device)
+
+
+def _mad_pos_setup_context(ctx, inputs, keyword_only_inputs, output):
+    attn, positions, key_positions = inputs
+    for name, t in (("positions", positions), ("key_positions", key_positions)):
+        if t is not None and t.requires_grad:
+            raise RuntimeError(
+                f"vitmad.mad is differentiable with respect to attn only, but {name} requires grad; pass "
+                f"{name}.detach()"
+            )
+    ctx.save_for_backward(attn, positions, key_positions)
+    ctx.options = keyword_only_inputs
+
+
+def _mad_pos_backward(ctx, grad):
+    attn, positions, key_positions = ctx.saved_tensors
+    grad_attn = torch.ops.vitmad.mad_pos_backward.default(grad, attn, positions, key_positions, **ctx.options)
+    return grad_attn, None, None
+
+
+torch.library.register_autograd("vitmad::mad_pos", _mad_pos_backward, setup_context=_mad_pos_setup_context)

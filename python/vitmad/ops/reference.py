@@ -12,13 +12,17 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .arguments import check_mad_args
+from .arguments import check_attn_tensor, check_mad_args, check_position_args, check_qk_tensors
 
 __all__ = [
     "pixel_distances",
     "mad_reference",
     "mad_backward_reference",
     "mad_qk_reference",
+    "position_distances",
+    "mad_positions_reference",
+    "mad_positions_backward_reference",
+    "mad_qk_positions_reference",
     "uniform_attention_mad",
     "tutorial_mean_attention_distance",
 ]
@@ -133,6 +137,105 @@ def mad_qk_reference(
         logits.softmax(-1), patch, num_prefix_tokens=num_prefix_tokens, grid=grid, renormalize=renormalize,
         reduction=reduction,
     )
+
+
+def position_distances(query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances ``[..., Nq, Nk]`` between ``[..., Nq, K]`` and ``[..., Nk, K]`` positions, in float64.
+
+    NaN where either token has no position (a NaN row).
+    """
+    diff = query_positions.double()[..., :, None, :] - key_positions.double()[..., None, :, :]
+    return diff.square().sum(-1).sqrt()
+
+
+def _positions_mad(
+    attn: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor | None, renormalize: bool,
+    reduce_mean: bool,
+) -> torch.Tensor:
+    """The position form's definition on float64 attention whose arguments were checked."""
+    keys = positions if key_positions is None else key_positions
+    has_query = ~positions.double()[..., 0].isnan()
+    has_key = ~keys.double()[..., 0].isnan()
+    # Keys without a position are not keys: their columns are never read (NaN there does not propagate).
+    a = torch.where(has_key[..., None, :], attn, 0.0)
+    dist = torch.where(has_key[..., None, :], position_distances(positions, keys), 0.0)
+    per_query = (a * dist).sum(-1)
+    if renormalize:
+        per_query = per_query / a.sum(-1)
+    per_query = torch.where(has_query, per_query, float("nan"))
+    if not reduce_mean:
+        return per_query
+    return torch.where(has_query, per_query, 0.0).sum(-1) / has_query.sum(-1)
+
+
+def mad_positions_reference(
+    attn: torch.Tensor,
+    positions: torch.Tensor,
+    key_positions: torch.Tensor | None = None,
+    *,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The position form of MAD in float64, exactly as ``docs/definition.md`` defines it.
+
+    Args:
+        attn: ``[..., Nq, Nk]`` attention probabilities, rows are queries.
+        positions: ``[..., Nq, K]`` (K in 1..3) positions of the queries, broadcast over attn's leading dims;
+            a NaN row is a token without a position.
+        key_positions: ``[..., Nk, K]`` positions of the keys; ``positions`` by default.
+        renormalize: divide each query's sum by its attention mass on keys with a position.
+        reduction: ``"mean"`` (over the queries with a position) gives ``[...]``, ``"none"`` ``[..., Nq]``
+            with NaN at queries without a position.
+
+    Returns:
+        A float64 tensor.
+    """
+    check_attn_tensor(attn, "[..., Nq, Nk]", "vitmad.mad")
+    layout = check_position_args(attn, attn.shape[-2], attn.shape[-1], positions, key_positions, renormalize,
+                                 reduction, "vitmad.mad")
+    return _positions_mad(attn.double(), positions, key_positions, renormalize, layout.reduce_mean)
+
+
+def mad_positions_backward_reference(
+    grad: torch.Tensor,
+    attn: torch.Tensor,
+    positions: torch.Tensor,
+    key_positions: torch.Tensor | None = None,
+    *,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Gradient of :func:`mad_positions_reference` with respect to ``attn``, in float64, by autograd."""
+    a = attn.detach().to(torch.float64).requires_grad_(True)
+    out = mad_positions_reference(a, positions, key_positions, renormalize=renormalize, reduction=reduction)
+    # NaN outputs (queries without a position) get no gradient, as in the kernels.
+    (grad_attn,) = torch.autograd.grad(out, a, torch.where(out.isnan(), 0.0, grad.to(torch.float64)))
+    return grad_attn
+
+
+def mad_qk_positions_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    key_positions: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    attn_bias: torch.Tensor | None = None,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The position form of ``mad_qk`` by the materialised route in float64: softmax over every key (those
+    without a position included, as the model computes it), then :func:`mad_positions_reference`."""
+    shape = check_qk_tensors(q, k, scale, attn_bias, False, "vitmad.mad_qk")
+    layout = check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize,
+                                 reduction, "vitmad.mad_qk")
+    logits = (q.double() @ k.double().transpose(-1, -2)) * shape.scale
+    if attn_bias is not None:
+        if attn_bias.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_bias, float("-inf"))
+        else:
+            logits = logits + attn_bias.double()
+    return _positions_mad(logits.softmax(-1), positions, key_positions, renormalize, layout.reduce_mean)
 
 
 def uniform_attention_mad(grid_h: int, grid_w: int, patch: float) -> float:

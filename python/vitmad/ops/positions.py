@@ -1,0 +1,52 @@
+"""Token positions for the position form of the ops: where each token of an attention call is.
+
+A position is the centre, in pixels of the input image, of the cell a token stands for; a row of NaN marks a
+token without a position (CLS, registers, padding). ``docs/definition.md``, "Beyond one grid: where each token
+is", gives the rules for windows, pooled keys, hierarchies and video.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["grid_positions"]
+
+
+def grid_positions(
+    grid_h: int,
+    grid_w: int,
+    patch: float,
+    *,
+    num_prefix_tokens: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Positions of a plain ViT's tokens: ``P`` prefix tokens without a position, then a row-major grid.
+
+    Patch ``t`` sits at the centre of its cell, ``(row * patch + patch / 2, col * patch + patch / 2)`` with
+    ``row = t // grid_w``, ``col = t % grid_w``; with these positions every op returns what its grid form
+    returns for the same ``patch``, ``num_prefix_tokens`` and ``grid``.
+
+    Args:
+        grid_h, grid_w: the patch grid.
+        patch: pixel size of a patch (the unit of the distances).
+        num_prefix_tokens: ``P`` leading tokens without a position (NaN rows).
+        dtype: a floating dtype.
+
+    Returns:
+        ``[P + grid_h * grid_w, 2]`` (row, column) positions.
+
+    Raises:
+        ValueError: a non-positive grid size or patch, or a negative prefix count.
+    """
+    if grid_h <= 0 or grid_w <= 0:
+        raise ValueError(f"vitmad.grid_positions: grid_h and grid_w must be positive, got {grid_h} x {grid_w}")
+    if not patch > 0:
+        raise ValueError(f"vitmad.grid_positions: patch must be positive, got {patch}")
+    if num_prefix_tokens < 0:
+        raise ValueError(f"vitmad.grid_positions: num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+    rows = torch.arange(grid_h, dtype=torch.float64).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, dtype=torch.float64).repeat(grid_h)
+    patches = (torch.stack([rows, cols], dim=-1) + 0.5) * patch
+    prefix = torch.full((num_prefix_tokens, 2), float("nan"), dtype=torch.float64)
+    return torch.cat([prefix, patches]).to(device=device, dtype=dtype)
