@@ -270,4 +270,6 @@ def mad_qk_pos(
         else:
             a = sides.key_weights(logits.softmax(-1))
         per_query[..., rows] = (a * sides.distances(rows)).sum(-1)
+    if nk == 0:  # softmax over no key: NaN, as over keys that are all masked
+        per_query.fill_(float("nan"))
     return sides.reduce(per_query, layout.reduce_mean)

@@ -157,8 +157,10 @@ def _positions_mad(
     has_query = ~positions.double()[..., 0].isnan()
     has_key = ~keys.double()[..., 0].isnan()
     # Keys without a position are not keys: their columns are never read (NaN there does not propagate).
+    # Distances are 0 (not NaN) wherever either token has no position, so no NaN reaches autograd either.
     a = torch.where(has_key[..., None, :], attn, 0.0)
-    dist = torch.where(has_key[..., None, :], position_distances(positions, keys), 0.0)
+    both = has_query[..., :, None] & has_key[..., None, :]
+    dist = torch.where(both, position_distances(positions, keys), 0.0)
     per_query = (a * dist).sum(-1)
     if renormalize:
         per_query = per_query / a.sum(-1)
@@ -225,7 +227,10 @@ def mad_qk_positions_reference(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """The position form of ``mad_qk`` by the materialised route in float64: softmax over every key (those
-    without a position included, as the model computes it), then :func:`mad_positions_reference`."""
+    without a position included, as the model computes it), then :func:`mad_positions_reference`.
+
+    A query with no key to attend to (all masked, or ``Nk = 0``) has no attention distribution: NaN.
+    """
     shape = check_qk_tensors(q, k, scale, attn_bias, False, "vitmad.mad_qk")
     layout = check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize,
                                  reduction, "vitmad.mad_qk")
@@ -235,6 +240,10 @@ def mad_qk_positions_reference(
             logits = logits.masked_fill(~attn_bias, float("-inf"))
         else:
             logits = logits + attn_bias.double()
+    if shape.num_keys == 0:  # softmax over no key: NaN, as over keys that are all masked
+        logits = logits.new_full((*logits.shape[:-1], 1), float("nan"))
+        positions_of_keys = positions.new_zeros((*positions.shape[:-2], 1, positions.shape[-1]))
+        return _positions_mad(logits, positions, positions_of_keys, renormalize, layout.reduce_mean)
     return _positions_mad(logits.softmax(-1), positions, key_positions, renormalize, layout.reduce_mean)
 
 
