@@ -20,7 +20,7 @@ from .arguments import (
     check_qk_tensors,
     mad_output_dtype,
 )
-from .reference import pixel_distances
+from .reference import biased_logits, pixel_distances
 
 __all__ = ["SCHEMAS", "mad", "mad_backward", "mad_qk", "mad_pos", "mad_pos_backward", "mad_qk_pos"]
 
@@ -138,9 +138,7 @@ def mad_qk(
     for rows in _query_chunks(layout.num_patches, math.prod(q.shape[:-2]) * n):
         tokens = slice(p + rows.start, p + rows.stop)
         logits = (q[..., tokens, :].to(acc) * qk.scale) @ keys_t
-        if bias is not None:
-            b = bias[..., tokens, :]
-            logits = logits.masked_fill(~b, float("-inf")) if b.dtype == torch.bool else logits + b.to(acc)
+        logits = biased_logits(logits, None if bias is None else bias[..., tokens, :])
         # Renormalised, the softmax runs over the patch keys alone (the same value, without the patch mass
         # underflowing when a query attends almost only to prefix tokens).
         attn = logits[..., p:].softmax(-1) if renormalize else logits.softmax(-1)[..., p:]
@@ -260,9 +258,7 @@ def mad_qk_pos(
     per_query = torch.empty((*q.shape[:-2], nq), dtype=acc, device=q.device)
     for rows in _query_chunks(nq, math.prod(q.shape[:-2]) * nk):
         logits = (q[..., rows, :].to(acc) * shape.scale) @ keys_t
-        if bias is not None:
-            b = bias[..., rows, :]
-            logits = logits.masked_fill(~b, float("-inf")) if b.dtype == torch.bool else logits + b.to(acc)
+        logits = biased_logits(logits, None if bias is None else bias[..., rows, :])
         if renormalize:
             # The softmax over the keys with a position: the renormalised value, without their mass
             # underflowing when a query attends almost only to tokens without a position.

@@ -19,6 +19,7 @@ __all__ = [
     "mad_reference",
     "mad_backward_reference",
     "mad_qk_reference",
+    "biased_logits",
     "position_distances",
     "mad_positions_reference",
     "mad_positions_backward_reference",
@@ -103,6 +104,16 @@ def mad_backward_reference(
     return grad_attn
 
 
+def biased_logits(logits: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` with ``attn_bias`` applied as ``F.scaled_dot_product_attention`` applies its ``attn_mask``:
+    a bool bias keeps the keys where it is True (the others get -inf), any other is added."""
+    if attn_bias is None:
+        return logits
+    if attn_bias.dtype == torch.bool:
+        return logits.masked_fill(~attn_bias, float("-inf"))
+    return logits + attn_bias.to(logits.dtype)
+
+
 def mad_qk_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -127,15 +138,9 @@ def mad_qk_reference(
         A float64 tensor.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = (q.double() @ k.double().transpose(-1, -2)) * scale
-    if attn_bias is not None:
-        if attn_bias.dtype == torch.bool:
-            logits = logits.masked_fill(~attn_bias, float("-inf"))
-        else:
-            logits = logits + attn_bias.double()
+    attn = biased_logits(q.double() @ k.double().transpose(-1, -2) * scale, attn_bias).softmax(-1)
     return mad_reference(
-        logits.softmax(-1), patch, num_prefix_tokens=num_prefix_tokens, grid=grid, renormalize=renormalize,
-        reduction=reduction,
+        attn, patch, num_prefix_tokens=num_prefix_tokens, grid=grid, renormalize=renormalize, reduction=reduction
     )
 
 
@@ -234,12 +239,7 @@ def mad_qk_positions_reference(
     shape = check_qk_tensors(q, k, scale, attn_bias, False, "vitmad.mad_qk")
     layout = check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize,
                                  reduction, "vitmad.mad_qk")
-    logits = (q.double() @ k.double().transpose(-1, -2)) * shape.scale
-    if attn_bias is not None:
-        if attn_bias.dtype == torch.bool:
-            logits = logits.masked_fill(~attn_bias, float("-inf"))
-        else:
-            logits = logits + attn_bias.double()
+    logits = biased_logits(q.double() @ k.double().transpose(-1, -2) * shape.scale, attn_bias)
     if shape.num_keys == 0:  # softmax over no key: NaN, as over keys that are all masked
         logits = logits.new_full((*logits.shape[:-1], 1), float("nan"))
         positions_of_keys = positions.new_zeros((*positions.shape[:-2], 1, positions.shape[-1]))
