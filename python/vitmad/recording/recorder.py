@@ -8,6 +8,9 @@ map is stored. The model's own attention runs unchanged.
 Repeated forwards: every forward call inside one ``record`` block is kept as a :class:`RecordedCall` in
 ``rec.calls`` (a call starts when the patch embedding runs); ``rec.mad``, ``rec.layers`` and ``rec.layout``
 describe the latest call.
+
+One layer, one entry: a module that computes its attention in several calls (differential attention, two
+softmax maps) is recorded once, with the MAD of the attention it applies (:mod:`.differential`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..ops import mad_qk
+from .differential import CallSums, combine, differential_lambda, is_differential
 from .sdpa_capture import SdpaAttentionHooks, sdpa_attention_modules
 from .token_grid import ModelLayout, find_patch_embedding
 from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model
@@ -34,11 +39,15 @@ class RecordedCall:
         layers: the attention modules' qualified names, in execution order.
         layout: patch size, grid and prefix tokens of this call.
         per_layer: one tensor per entry of ``layers``: ``[B, H]`` (``reduction="mean"``) or ``[B, H, N - P]``.
+        components: for layers whose attention combines several softmax maps (differential attention), by
+            layer name: ``{"mad": [MAD of A1, MAD of A2], "lambda": lambda}``, each MAD shaped like
+            ``per_layer``'s entry; the layer's own entry is the MAD of ``A1 - lambda * A2``.
     """
 
     layers: list[str] = field(default_factory=list)
     layout: ModelLayout | None = None
     per_layer: list[torch.Tensor] = field(default_factory=list)
+    components: dict[str, dict] = field(default_factory=dict)
 
     @property
     def mad(self) -> torch.Tensor:
@@ -89,25 +98,40 @@ def _detect_patch(
     return int(kernel[0])
 
 
+def _capture_kind(model: nn.Module) -> str:
+    """``"transformers"`` for a transformers model whose attention goes through ``AttentionInterface``, else
+    ``"sdpa"``: timm models, transformers models wrapping timm ones (``TimmWrapperModel``), and any module
+    given by name that calls ``F.scaled_dot_product_attention``."""
+    return "transformers" if is_hf_model(model) and hf_attention_modules(model) else "sdpa"
+
+
 def _attention_layers(
-    model: nn.Module, hf: bool, embedding: tuple[str, nn.Conv2d] | None, layers: Sequence[str] | None
+    model: nn.Module, capture: str, embedding: tuple[str, nn.Conv2d] | None, layers: Sequence[str] | None
 ) -> dict[str, nn.Module]:
     """The attention modules to record, by qualified name, in module order."""
-    if hf:
+    if capture == "transformers":
         candidates = hf_attention_modules(model)
     else:
+        # Any module may be named: the capture sees whatever F.scaled_dot_product_attention calls it makes.
         candidates = sdpa_attention_modules(model) if layers is None else dict(model.named_modules())
     if layers is not None:
         return _select(candidates, layers, model)
     prefix = "" if embedding is None else _encoder_prefix(embedding[0])
     modules = {n: m for n, m in candidates.items() if n.startswith(prefix)}
-    if not modules:
+    if modules:
+        return modules
+    if is_hf_model(model):
+        # Such transformers models compute their softmax themselves: naming their modules would not help.
         raise ValueError(
-            f"vitmad.record: found no attention layer in {type(model).__name__}. Supported: transformers "
-            "PreTrainedModels (through AttentionInterface) and timm ViTs; for other models pass layers=[qualified "
-            "names of the modules that call F.scaled_dot_product_attention]"
+            f"vitmad.record: found no attention layer in {type(model).__name__}: its attention does not go "
+            "through transformers' AttentionInterface (no module with q_proj/k_proj or query/key projections) and "
+            "it has no timm attention; vitmad.record does not support this transformers family yet"
         )
-    return modules
+    raise ValueError(
+        f"vitmad.record: found no attention layer in {type(model).__name__}: none of its modules uses "
+        "transformers' AttentionInterface or timm's fused attention (a fused_attn switch). If some of its "
+        "modules call F.scaled_dot_product_attention, pass layers=[their qualified names]"
+    )
 
 
 class Recording:
@@ -146,11 +170,13 @@ class Recording:
         embedding = find_patch_embedding(model)
         self._patch_embedding = None if embedding is None else embedding[1]
         self.patch = _detect_patch(model, embedding, patch, self._grid)
-        self._hf = is_hf_model(model)
-        modules = _attention_layers(model, self._hf, embedding, layers)
+        self._capture = _capture_kind(model)
+        self._modules = _attention_layers(model, self._capture, embedding, layers)
+        # Per module, the calls of its current forward not yet recorded (several for differential attention).
+        self._pending: dict[str, list] = {}
         self._hooks = (
-            HFAttentionHooks(model, modules, self._on_attention) if self._hf
-            else SdpaAttentionHooks(modules, self._on_attention)
+            HFAttentionHooks(model, self._modules, self._on_attention) if self._capture == "transformers"
+            else SdpaAttentionHooks(self._modules, self._on_attention, self._on_module_done)
         )
 
     # What was recorded -------------------------------------------------------------------------------------
@@ -158,10 +184,19 @@ class Recording:
     @property
     def mad(self) -> torch.Tensor:
         """``[L, B, H]`` float32 (``reduction="mean"``) or ``[L, B, H, N - P]`` of the latest forward call."""
-        if not self.calls or not self.calls[-1].per_layer:
+        name = type(self.model).__name__
+        if not self.calls:
             raise RuntimeError(
-                f"vitmad.record: no attention layer of {type(self.model).__name__} has been recorded yet; call "
-                "the model inside the `with vitmad.record(model) as rec:` block"
+                f"vitmad.record: {name} has not run in this recording; call the model inside the "
+                "`with vitmad.record(model) as rec:` block"
+            )
+        if not self.calls[-1].per_layer:
+            shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
+            how = ("transformers' AttentionInterface" if self._capture == "transformers"
+                   else "F.scaled_dot_product_attention")
+            raise RuntimeError(
+                f"vitmad.record: {name} ran, but none of the {len(self._modules)} modules being recorded ({shown}) "
+                f"reached {how} in that forward call; pass layers=[the modules that compute its attention]"
             )
         return self.calls[-1].mad
 
@@ -196,22 +231,30 @@ class Recording:
                 f"vitmad.record: {name} of {type(self.model).__name__} ran before the patch embedding; pass "
                 "grid=[grid_h, grid_w]"
             )
+        patches = grid[0] * grid[1]
         prefix = self._num_prefix_tokens
-        if prefix is None:
-            prefix = num_tokens - grid[0] * grid[1]
-        if prefix < 0 or prefix + grid[0] * grid[1] != num_tokens:
+        if prefix is None and num_tokens < patches:
             raise ValueError(
-                f"vitmad.record: {name} of {type(self.model).__name__} attends over {num_tokens} tokens, which do "
-                f"not hold the {grid[0]}x{grid[1]} patch grid plus {prefix} prefix tokens; pass grid=[grid_h, "
-                "grid_w] and num_prefix_tokens= (a model that drops patches, like ViTMAE with mask_ratio > 0, "
-                "is not supported)"
+                f"vitmad.record: {name} ({type(self._modules[name]).__name__}) of {type(self.model).__name__} "
+                f"attends over {num_tokens} tokens, fewer than the {grid[0]}x{grid[1]} = {patches} patches of "
+                f"the {'given grid' if self._grid else 'patch embedding'} (windows, pooled tokens or dropped "
+                "patches?), so its tokens cannot be placed; pass grid=[grid_h, grid_w] if its tokens are a full "
+                "grid of that size"
+            )
+        if prefix is None:
+            prefix = num_tokens - patches
+        if prefix + patches != num_tokens:
+            raise ValueError(
+                f"vitmad.record: {name} ({type(self._modules[name]).__name__}) of {type(self.model).__name__} "
+                f"attends over {num_tokens} tokens, not the {grid[0]}x{grid[1]} = {patches} patches plus the "
+                f"num_prefix_tokens={prefix} given; pass the num_prefix_tokens and grid of its tokens"
             )
         return ModelLayout(self.patch, grid, prefix)
 
     def _on_attention(self, name, query, key, scale, mask) -> None:
+        """One attention call of module ``name``: reduced at once, recorded when the module's forward ends."""
         if not self.calls:
             self.calls.append(RecordedCall())
-        call = self.calls[-1]
         layout = self._call_layout(name, query.shape[-2])
         # SDPA broadcasts the leading dims of q and k and adds a float mask of any float dtype; mad_qk takes
         # equal leading dims (a stride-0 view costs nothing) and a bias in q's dtype, or a bool mask as is.
@@ -220,22 +263,59 @@ class Recording:
         key = key.detach().expand(*lead, *key.shape[-2:])
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.detach().to(query.dtype)
+        grid_form = {"num_prefix_tokens": layout.num_prefix_tokens, "grid": list(layout.grid), "scale": scale,
+                     "attn_bias": mask}
         with torch.no_grad():
-            value = torch.ops.vitmad.mad_qk(
-                query,
-                key,
-                self.patch,
-                num_prefix_tokens=layout.num_prefix_tokens,
-                grid=list(layout.grid),
-                scale=scale,
-                attn_bias=mask,
-                renormalize=self.renormalize,
-                reduction=self.reduction,
+            if is_differential(self._modules[name]):
+                value = self._call_sums(query, key, layout, grid_form)
+            else:
+                value = mad_qk(query, key, self.patch, renormalize=self.renormalize, reduction=self.reduction,
+                               **grid_form)
+        self._pending.setdefault(name, []).append((layout, value))
+        if self._capture == "transformers":  # AttentionInterface: one call per module forward
+            self._on_module_done(name, self._modules[name], True)
+
+    def _call_sums(self, query, key, layout: ModelLayout, grid_form: dict) -> CallSums:
+        """Per-query sums of one of several softmax maps of a layer, to be combined when the layer ends."""
+        weighted = mad_qk(query, key, self.patch, renormalize=False, reduction="none", **grid_form)
+        if not self.renormalize:
+            return CallSums(weighted)
+        # The mass on patch keys as a MAD: every patch query at 0, every patch key at 1, prefix tokens nowhere.
+        p, n = layout.num_prefix_tokens, query.shape[-2]
+        at = torch.full((n, 1), float("nan"), dtype=torch.float64, device=query.device)
+        queries_at, keys_at = at.clone(), at.clone()
+        queries_at[p:], keys_at[p:] = 0.0, 1.0
+        mass = mad_qk(query, key, positions=queries_at, key_positions=keys_at, scale=grid_form["scale"],
+                      attn_bias=grid_form["attn_bias"], reduction="none")[..., p:]
+        return CallSums(weighted, mass)
+
+    def _on_module_done(self, name: str, module: nn.Module, completed: bool) -> None:
+        """Record what module ``name`` computed in the forward that just ended: one entry per layer."""
+        pending = self._pending.pop(name, [])
+        if not completed or not pending:
+            return
+        layout = pending[0][0]
+        if is_differential(module) and len(pending) == 2:
+            lam = differential_lambda(module)
+            value, parts = combine(pending[0][1], pending[1][1], lam, renormalize=self.renormalize,
+                                   reduce_mean=self.reduction == "mean")
+            components = {"mad": list(parts), "lambda": lam}
+        elif len(pending) == 1 and not is_differential(module):
+            value, components = pending[0][1], None
+        else:
+            raise ValueError(
+                f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__} made "
+                f"{len(pending)} attention calls in one forward; vitmad knows how several calls combine only for "
+                "differential attention (two calls, A1 - lambda * A2); leave this module out with layers=[the "
+                "other attention modules]"
             )
+        call = self.calls[-1]
         if call.layout is None:
             call.layout = layout
         call.layers.append(name)
         call.per_layer.append(value)
+        if components is not None:
+            call.components[name] = components
 
     def __enter__(self) -> Recording:
         try:
@@ -254,6 +334,7 @@ class Recording:
             handle.remove()
         self._handles.clear()
         self._hooks.remove()
+        self._pending.clear()
 
     def __exit__(self, *exc_info) -> None:
         self._remove()

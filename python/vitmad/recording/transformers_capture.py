@@ -168,7 +168,8 @@ class HFAttentionHooks:
             self.remove()
             raise RuntimeError(
                 f"vitmad.record: {type(self.model).__name__} does not let its attention implementation be set "
-                "(it does not use transformers' AttentionInterface); vitmad.record cannot hook it"
+                "(it does not use transformers' AttentionInterface; its attention modules compute the softmax "
+                "themselves); vitmad.record does not support this transformers family yet"
             )
 
     def remove(self) -> None:

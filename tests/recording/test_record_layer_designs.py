@@ -1,0 +1,205 @@
+"""vitmad.record on attention designs beyond the plain ViT block, and its refusals: differential attention (two
+softmax maps, one layer), ParallelScalingBlock (attention without an attention module), a timm model wrapped by
+transformers, modules making several calls, and messages that say what vitmad saw.
+
+References are the models' own unfused attention probabilities, placed by the geometry written here."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vitmad
+from vitmad.ops.reference import mad_reference
+
+timm = pytest.importorskip("timm")
+
+TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels
+TINY = dict(depth=2, embed_dim=32, num_heads=2, img_size=32, patch_size=8)  # a 4 x 4 grid of 8-pixel patches
+
+
+def _unfused_maps(model, class_name: str) -> list[tuple[nn.Module, torch.Tensor]]:
+    """(module, softmax probabilities) of every module of ``class_name``, from its unfused path: the input of
+    its attn_drop."""
+    maps = []
+    for module in model.modules():
+        if type(module).__name__ == class_name:
+            module.fused_attn = False
+            module.attn_drop.register_forward_pre_hook(lambda m, args, owner=module: maps.append((owner, args[0])))
+    return maps
+
+
+# model, the class computing its differential attention, the layers' names
+DIFFERENTIAL = [
+    ("vit_dwee_patch16_reg1_gap_256", "DiffAttention", ["blocks.0.attn", "blocks.1.attn"]),
+    ("vit_dpwee_patch16_reg1_gap_256", "DiffParallelScalingBlock", ["blocks.0", "blocks.1"]),
+]
+
+
+@pytest.mark.parametrize("name, class_name, layers", DIFFERENTIAL, ids=[d[0] for d in DIFFERENTIAL])
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_differential_attention_is_one_layer_with_the_mad_of_the_applied_attention(name, class_name, layers,
+                                                                                   renormalize, reduction):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **TINY).eval()
+    for module in model.modules():  # a lambda far from 0, so that the second map matters
+        if type(module).__name__ == class_name:
+            module.lambda_init = 0.6
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(pixels)
+    with torch.no_grad(), vitmad.record(model, renormalize=renormalize, reduction=reduction) as rec:
+        recorded_output = model(pixels)
+    torch.testing.assert_close(recorded_output, plain)
+    assert rec.layers == layers  # one entry per layer, not per softmax call
+
+    eager = copy.deepcopy(model)
+    maps = _unfused_maps(eager, class_name)
+    with torch.no_grad():
+        eager(pixels)
+    assert len(maps) == 2
+    prefix = 1  # one register token and no CLS (vit_*_reg1_gap_*: global average pooling)
+    for index, (module, probabilities) in enumerate(maps):
+        batch, _, n, _ = probabilities.shape
+        pair = probabilities.view(batch, module.num_heads, 2, n, n)
+        with torch.no_grad():
+            lam = float(module._compute_lambda())
+        applied = pair[:, :, 0] - lam * pair[:, :, 1]  # the attention the layer multiplies V with
+        options = {"num_prefix_tokens": prefix, "grid": [4, 4], "renormalize": renormalize, "reduction": reduction}
+        torch.testing.assert_close(rec.mad[index].double(), mad_reference(applied, 8, **options), **TOL)
+        parts = rec.calls[-1].components[layers[index]]
+        assert parts["lambda"] == pytest.approx(lam)
+        for part, recorded in zip((pair[:, :, 0], pair[:, :, 1]), parts["mad"], strict=True):
+            torch.testing.assert_close(recorded.double(), mad_reference(part, 8, **options), **TOL)
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_xp_224", "vit_pwee_patch16_reg1_gap_256"])
+def test_parallel_scaling_blocks_are_found_and_recorded(name):
+    torch.manual_seed(1)
+    model = timm.create_model(name, pretrained=False, **TINY).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(pixels)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        torch.testing.assert_close(model(pixels), plain)
+    assert rec.layers == ["blocks.0", "blocks.1"]
+    eager = copy.deepcopy(model)
+    maps = _unfused_maps(eager, "ParallelScalingBlock")
+    with torch.no_grad():
+        eager(pixels)
+    prefix = model.num_prefix_tokens
+    expected = torch.stack([mad_reference(m, 8, num_prefix_tokens=prefix, grid=[4, 4]) for _, m in maps])
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+
+
+def test_timm_model_wrapped_by_transformers_is_recorded_like_the_timm_model():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    config = transformers.TimmWrapperConfig(architecture="vit_tiny_patch16_224", model_args=TINY)
+    wrapped = transformers.TimmWrapperModel(config).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), vitmad.record(wrapped) as rec:
+        wrapped(pixels)
+    assert rec.layers == ["timm_model.blocks.0.attn", "timm_model.blocks.1.attn"]
+    eager = copy.deepcopy(wrapped.timm_model)
+    maps = _unfused_maps(eager, "Attention")
+    with torch.no_grad():
+        eager(pixels)
+    expected = torch.stack([mad_reference(m, 8, num_prefix_tokens=1, grid=[4, 4]) for _, m in maps])
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+
+
+class _PatchEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 4, stride=4)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class _Calls(nn.Module):
+    """Attention over ``tokens`` of the 8 x 8 grid, made in ``calls`` SDPA calls."""
+
+    def __init__(self, calls: int, tokens: int = 64):
+        super().__init__()
+        self.calls, self.tokens = calls, tokens
+
+    def forward(self, x):
+        q = x[:, None, : self.tokens]
+        return sum(F.scaled_dot_product_attention(q, q, q) for _ in range(self.calls))
+
+
+class _Model(nn.Module):
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.embed = _PatchEmbedding()
+        self.attention = attention
+        self.idle = nn.Linear(8, 8)
+
+    def forward(self, pixels):
+        x = self.embed(pixels).flatten(2).transpose(1, 2)  # [B, 64, 8]
+        return self.attention(x)
+
+
+def test_a_module_with_several_unknown_calls_is_refused_by_name():
+    model = _Model(_Calls(3))
+    with pytest.raises(ValueError, match=r"vitmad.record: attention \(_Calls\) of _Model made 3 attention calls in "
+                                         r"one forward; .* leave this module out with layers="):
+        with vitmad.record(model, layers=["attention"], num_prefix_tokens=0):
+            model(torch.randn(1, 3, 32, 32))
+    with vitmad.record(_Model(_Calls(1)), layers=["attention"]) as rec:
+        rec.model(torch.randn(1, 3, 32, 32))
+    assert rec.layers == ["attention"] and rec.mad.shape == (1, 1, 1)  # [L, B, H]
+
+
+def test_fewer_tokens_than_the_grid_is_explained_without_a_negative_count():
+    model = _Model(_Calls(1, tokens=16))  # a 4 x 4 window of the 8 x 8 grid
+    with pytest.raises(ValueError) as info, vitmad.record(model, layers=["attention"]):
+        model(torch.randn(1, 3, 32, 32))
+    message = str(info.value)
+    assert ("vitmad.record: attention (_Calls) of _Model attends over 16 tokens, fewer than the 8x8 = 64 patches of "
+            "the patch embedding") in message
+    assert "-48" not in message and "ViTMAE" not in message
+
+
+def test_a_recording_that_saw_no_attention_says_what_ran():
+    model = _Model(_Calls(1))
+    with vitmad.record(model, layers=["idle"]) as rec:
+        model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(RuntimeError, match=r"vitmad.record: _Model ran, but none of the 1 modules being recorded "
+                                           r"\(idle\) reached F.scaled_dot_product_attention in that forward call"):
+        _ = rec.mad
+    with vitmad.record(model, layers=["attention"]) as unused:
+        pass
+    with pytest.raises(RuntimeError, match="vitmad.record: _Model has not run in this recording"):
+        _ = unused.mad
+
+
+def test_model_without_known_attention_is_refused_with_advice_that_works():
+    model = _Model(_Calls(1))
+    with pytest.raises(ValueError, match="found no attention layer in _Model: .* pass layers=") as info:
+        vitmad.record(model)
+    assert "ViTMAE" not in str(info.value)
+    with vitmad.record(model, layers=["attention"]) as rec:  # the advice, followed
+        model(torch.randn(1, 3, 32, 32))
+    assert rec.mad.shape == (1, 1, 1)  # [L, B, H]
+
+
+def test_transformers_family_outside_attention_interface_is_refused_without_advice_that_fails():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                       window_size=4)
+    model = transformers.Swinv2Model(config).eval()
+    with pytest.raises(RuntimeError) as info, vitmad.record(model):
+        model(torch.randn(1, 3, 32, 32))
+    assert str(info.value) == (
+        "vitmad.record: Swinv2Model does not let its attention implementation be set (it does not use transformers' "
+        "AttentionInterface; its attention modules compute the softmax themselves); vitmad.record does not support "
+        "this transformers family yet")
+    assert model.config._attn_implementation != "vitmad_record_sdpa"  # left as it was
