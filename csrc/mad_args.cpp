@@ -84,14 +84,14 @@ at::ScalarType mad_output_dtype(at::ScalarType attn_dtype) {
   return attn_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::vector<int64_t> mad_output_shape(const at::Tensor& attn, const MadLayout& layout) {
-  std::vector<int64_t> shape(attn.sizes().begin(), attn.sizes().end() - 2);
-  if (!layout.reduce_mean) shape.push_back(layout.num_patches);
+std::vector<int64_t> mad_output_shape(const at::Tensor& tokens, bool reduce_mean, int64_t num_queries) {
+  std::vector<int64_t> shape(tokens.sizes().begin(), tokens.sizes().end() - 2);
+  if (!reduce_mean) shape.push_back(num_queries);
   return shape;
 }
 
 at::Tensor check_mad_grad(const at::Tensor& grad, const at::Tensor& attn, const MadLayout& layout) {
-  const auto expected = mad_output_shape(attn, layout);
+  const auto expected = mad_output_shape(attn, layout.reduce_mean, layout.num_patches);
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(expected),
                     "vitmad.mad_backward: grad must have the shape of mad's output ", at::IntArrayRef(expected),
                     ", got ", grad.sizes());
@@ -173,12 +173,6 @@ at::Tensor broadcast_attn_bias(const at::Tensor& attn_bias, const at::Tensor& q)
   std::vector<int64_t> target(q.sizes().begin(), q.sizes().end() - 1);
   target.push_back(q.size(-2));
   return attn_bias.expand(target);
-}
-
-std::vector<int64_t> mad_qk_output_shape(const at::Tensor& q, const MadLayout& layout) {
-  std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end() - 2);
-  if (!layout.reduce_mean) shape.push_back(layout.num_patches);
-  return shape;
 }
 
 }  // namespace vitmad

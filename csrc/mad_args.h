@@ -1,5 +1,6 @@
-// Argument checking shared by every backend of vitmad::mad and vitmad::mad_backward: one place that turns
-// the user's (attn, patch, num_prefix_tokens, grid, reduction) into a validated layout or a clear error.
+// Argument checking shared by every backend of vitmad::mad, vitmad::mad_backward and vitmad::mad_qk: one place
+// that turns the user's (attn or q/k, patch, num_prefix_tokens, grid, reduction) into a validated layout or a
+// clear error.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -53,20 +54,19 @@ MadQkLayout check_mad_qk_args(const at::Tensor& q, const at::Tensor& k, int64_t 
 // attn_bias seen as [..., N, N] through broadcast (zero) strides: a view, never a copy.
 at::Tensor broadcast_attn_bias(const at::Tensor& attn_bias, const at::Tensor& q);
 
-// q.shape[:-2] for "mean", q.shape[:-2] + [N - P] for "none".
-std::vector<int64_t> mad_qk_output_shape(const at::Tensor& q, const MadLayout& layout);
-
-// Float32 for 16- and 32-bit attention, float64 for float64 (MAD_SPEC.md, "Output dtype").
+// Float32 for 16- and 32-bit attention, float64 for float64 (docs/definition.md, "Output dtype").
 at::ScalarType mad_output_dtype(at::ScalarType attn_dtype);
 
-// attn.shape[:-2] for "mean", attn.shape[:-2] + [N - P] for "none".
-std::vector<int64_t> mad_output_shape(const at::Tensor& attn, const MadLayout& layout);
+// The output's shape for `tokens` (attn or q) of shape [..., Nq, X]: [...] for "mean", [..., num_queries] for
+// "none" (N - P for the grid form, Nq for the position form).
+std::vector<int64_t> mad_output_shape(const at::Tensor& tokens, bool reduce_mean, int64_t num_queries);
 
 // The gradient of mad's output must have the output's shape; returns it as a contiguous tensor in the
 // output dtype, on attn's device.
 at::Tensor check_mad_grad(const at::Tensor& grad, const at::Tensor& attn, const MadLayout& layout);
 
-// Where each [N, N] matrix of attn starts, for attn's strides (read in place, never copied).
+// Where each [N, X] matrix of an [..., N, X] tensor (attn, q, k, a bias view) starts, for its strides (read in
+// place, never copied); arg_name names the tensor in the error.
 MatrixOffsets matrix_offsets(const at::Tensor& tensor, const char* op_name, const char* arg_name = "attn");
 
 }  // namespace vitmad

@@ -21,10 +21,10 @@ namespace {
 // Distance rows cached per task: at most this many bytes, so they stay in L2 while they are reused for every
 // matrix (batch x head) of the tensor.
 constexpr int64_t kDistanceCacheBytes = 64 * 1024;
-// Queries per task when the query axis is the contiguous one: their accumulators stay in L1.
 // Software prefetch distance along an attention row: the hardware prefetcher alone leaves a single core well
 // short of the bandwidth that attn.sum() reaches, because the distance rows compete for the same L1.
 constexpr int64_t kPrefetchAheadBytes = 4096;
+// Queries per task when the query axis is the contiguous one: their accumulators stay in L1.
 constexpr int64_t kQueriesPerColumnTask = 256;
 
 // sum_s a[s * stride] * dist[s] and, with kMass, sum_s a[s * stride]. Explicit lanes instead of a reduction
@@ -106,7 +106,7 @@ VITMAD_CPU_CLONES void mad_columns(const scalar_t* matrix, int64_t key_stride, c
   for (int64_t i = 0; i < count; ++i) out[t_begin + i] = l.renormalize ? weighted[i] / mass[i] : weighted[i];
 }
 
-// Queries per block for which distance rows are cached, and the number of such blocks.
+// Queries per block for which distance rows are cached (about kDistanceCacheBytes of them).
 int64_t cached_rows_per_block(const MadLayout& l, size_t acc_size) {
   return std::clamp<int64_t>(kDistanceCacheBytes / (l.num_patches * static_cast<int64_t>(acc_size)), 1, l.num_patches);
 }
@@ -166,7 +166,7 @@ at::Tensor mad_cpu(const at::Tensor& attn, int64_t patch, int64_t num_prefix_tok
   const MadLayout l = check_mad_args(attn, patch, num_prefix_tokens, grid, renormalize, reduction, "vitmad.mad");
   const auto out_dtype = mad_output_dtype(attn.scalar_type());
   at::Tensor per_query = at::empty({l.num_matrices, l.num_patches}, attn.options().dtype(out_dtype));
-  at::Tensor out = at::empty(mad_output_shape(attn, l), attn.options().dtype(out_dtype));
+  at::Tensor out = at::empty(mad_output_shape(attn, l.reduce_mean, l.num_patches), attn.options().dtype(out_dtype));
   if (l.num_matrices == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "vitmad_mad_cpu", [&] {

@@ -1,6 +1,6 @@
 // CPU helpers shared by the kernels of vitmad::mad and vitmad::mad_qk: the distance table that replaces the
-// (N-P) x (N-P) distance matrix, element offsets of one matrix of a batched strided tensor, the
-// deterministic mean over queries, and the per-CPU code clones of hot loops.
+// (N-P) x (N-P) distance matrix, the deterministic mean over queries, and the per-CPU code clones of hot
+// loops. (Where each matrix of a batched strided tensor starts is MatrixOffsets, in mad_geometry.h.)
 #pragma once
 
 #include <ATen/Parallel.h>

@@ -202,7 +202,7 @@ at::Tensor mad_qk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t patch, i
   const MadLayout& l = ql.mad;
   const auto out_dtype = mad_output_dtype(q.scalar_type());
   at::Tensor per_query = at::empty({l.num_matrices, l.num_patches}, q.options().dtype(out_dtype));
-  at::Tensor out = at::empty(mad_qk_output_shape(q, l), q.options().dtype(out_dtype));
+  at::Tensor out = at::empty(mad_output_shape(q, l.reduce_mean, l.num_patches), q.options().dtype(out_dtype));
   if (l.num_matrices == 0) return out;
   std::optional<at::Tensor> bias;
   if (attn_bias.has_value()) bias = broadcast_attn_bias(*attn_bias, q);

@@ -29,6 +29,7 @@
 
 #include "../mad_args.h"
 #include "../mad_geometry.h"
+#include "cuda_common.cuh"
 
 namespace vitmad {
 namespace {
@@ -290,9 +291,7 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams p) {
         logits[j] = x;
         tile_max = max_of(tile_max, x);
       }
-#pragma unroll
-      for (int offset = 1; offset < kLanesPerRow; offset *= 2)
-        tile_max = max_of(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
+      tile_max = warp_max<kLanesPerRow>(tile_max);
       const acc_t new_max = max_of(running_max, tile_max);
       // While every key so far is masked there is nothing to add (and -inf - -inf would be NaN).
       if (new_max != neg_inf<acc_t>()) {
@@ -311,12 +310,9 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams p) {
         running_max = new_max;
       }
     }
-#pragma unroll
-    for (int offset = 1; offset < kLanesPerRow; offset *= 2) {
-      total += __shfl_xor_sync(0xffffffffu, total, offset);
-      mass += __shfl_xor_sync(0xffffffffu, mass, offset);
-      weighted += __shfl_xor_sync(0xffffffffu, weighted, offset);
-    }
+    total = warp_sum<kLanesPerRow>(total);
+    mass = warp_sum<kLanesPerRow>(mass);
+    weighted = warp_sum<kLanesPerRow>(weighted);
     // A row with every key masked has total == 0 and gives NaN, as softmax does.
     if (valid_row && sub == 0)
       static_cast<acc_t*>(p.per_query)[b * p.num_patches + t] = weighted / (p.renormalize ? mass : total);
@@ -359,7 +355,7 @@ at::Tensor mad_qk_cuda(const at::Tensor& q, const at::Tensor& k, int64_t patch, 
   const c10::cuda::CUDAGuard device_guard(q.device());
   const auto out_dtype = mad_output_dtype(q.scalar_type());
   at::Tensor per_query = at::empty({l.num_matrices, l.num_patches}, q.options().dtype(out_dtype));
-  at::Tensor out = at::empty(mad_qk_output_shape(q, l), q.options().dtype(out_dtype));
+  at::Tensor out = at::empty(mad_output_shape(q, l.reduce_mean, l.num_patches), q.options().dtype(out_dtype));
   if (l.num_matrices == 0) return out;
 
   std::optional<at::Tensor> bias;
@@ -399,8 +395,10 @@ at::Tensor mad_qk_cuda(const at::Tensor& q, const at::Tensor& k, int64_t patch, 
       launch_mad_qk<scalar_t, scalar_t>(p, device);
   });
   if (!l.reduce_mean) return per_query.view(out.sizes());
-  // The mean over queries in float64, like the CPU kernel.
-  out.copy_(per_query.to(at::kDouble).mean(-1).view(out.sizes()));
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "vitmad_mad_qk_cuda_mean", [&] {
+    launch_mean_over_queries(per_query.const_data_ptr<scalar_t>(), l.num_matrices, l.num_patches, AllQueries{},
+                             out.mutable_data_ptr<scalar_t>(), c10::cuda::getCurrentCUDAStream());
+  });
   return out;
 }
 
