@@ -30,6 +30,13 @@ VITMAD_HOST_DEVICE acc_t grid_distance(acc_t dr, acc_t dc) {
   return sqrt(dr * dr + dc * dc);
 }
 
+// Euclidean distance between two positions whose coordinates differ by (dx, dy, dz); fewer than three
+// coordinates are padded with zeros, which add exactly nothing (docs/definition.md, "Beyond one grid").
+template <typename acc_t>
+VITMAD_HOST_DEVICE acc_t position_distance(acc_t dx, acc_t dy, acc_t dz) {
+  return sqrt(dx * dx + dy * dy + dz * dz);
+}
+
 // Distance in pixels between two patches that are `drow` grid rows and `dcol` grid columns apart.
 template <typename acc_t, typename index_t>
 VITMAD_HOST_DEVICE acc_t patch_distance(index_t drow, index_t dcol, acc_t patch) {

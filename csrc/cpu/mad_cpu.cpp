@@ -18,52 +18,8 @@
 namespace vitmad {
 namespace {
 
-// Distance rows cached per task: at most this many bytes, so they stay in L2 while they are reused for every
-// matrix (batch x head) of the tensor.
-constexpr int64_t kDistanceCacheBytes = 64 * 1024;
-// Software prefetch distance along an attention row: the hardware prefetcher alone leaves a single core well
-// short of the bandwidth that attn.sum() reaches, because the distance rows compete for the same L1.
-constexpr int64_t kPrefetchAheadBytes = 4096;
 // Queries per task when the query axis is the contiguous one: their accumulators stay in L1.
 constexpr int64_t kQueriesPerColumnTask = 256;
-
-// sum_s a[s * stride] * dist[s] and, with kMass, sum_s a[s * stride]. Explicit lanes instead of a reduction
-// pragma: the compiler turns them into vector registers without spilling, and the summation order (hence
-// the result) is the same for every instruction set.
-template <typename scalar_t, typename acc_t, bool kMass>
-__attribute__((always_inline)) inline void weighted_sums(const scalar_t* a, int64_t stride, const acc_t* dist, int64_t n, acc_t& weighted,
-                          acc_t& mass) {
-  constexpr int64_t kLanes = 128 / sizeof(acc_t);
-  acc_t w[kLanes] = {};
-  acc_t m[kLanes] = {};
-  int64_t s = 0;
-  if (stride == 1) {
-    for (; s + kLanes <= n; s += kLanes) {
-      for (int64_t i = 0; i < kLanes; i += 64 / sizeof(scalar_t)) __builtin_prefetch(a + s + i + kPrefetchAheadBytes / sizeof(scalar_t));
-      for (int64_t i = 0; i < kLanes; ++i) {
-        const acc_t v = static_cast<acc_t>(a[s + i]);
-        w[i] += v * dist[s + i];
-        if constexpr (kMass) m[i] += v;
-      }
-    }
-  }
-  acc_t w_total = 0;
-  acc_t m_total = 0;
-  for (; s < n; ++s) {
-    const acc_t v = static_cast<acc_t>(a[s * stride]);
-    w_total += v * dist[s];
-    if constexpr (kMass) m_total += v;
-  }
-  // Pairwise, not sequential: a chain of kLanes dependent adds would cost more than a short row itself.
-  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
-    for (int64_t i = 0; i < width; ++i) {
-      w[i] += w[i + width];
-      if constexpr (kMass) m[i] += m[i + width];
-    }
-  }
-  weighted = w_total + w[0];
-  mass = m_total + m[0];
-}
 
 // One query block of one matrix: m_t for t in [t_begin, t_end), reading each attention row along the keys.
 template <typename scalar_t, typename acc_t>
@@ -173,7 +129,8 @@ at::Tensor mad_cpu(const at::Tensor& attn, int64_t patch, int64_t num_prefix_tok
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* rows = per_query.mutable_data_ptr<acc_t>();
     mad_cpu_typed<scalar_t, acc_t>(attn, l, static_cast<acc_t>(patch), rows);
-    if (l.reduce_mean) mean_over_queries<acc_t>(rows, l, out.mutable_data_ptr<acc_t>());
+    if (l.reduce_mean)
+      mean_over_queries<acc_t>(rows, l.num_matrices, l.num_patches, AllQueries{}, out.mutable_data_ptr<acc_t>());
   });
   return l.reduce_mean ? out : per_query.view(out.sizes());
 }

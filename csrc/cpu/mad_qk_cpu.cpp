@@ -1,12 +1,13 @@
-// CPU kernel of vitmad::mad_qk: MAD of softmax(q @ k^T * scale + attn_bias) without the N x N attention.
+// CPU kernels of vitmad::mad_qk and vitmad::mad_qk_pos: MAD of softmax(q @ k^T * scale + attn_bias) without
+// the Nq x Nk attention.
 //
-// Flash-attention's recurrence with the value product replaced by distances: each task owns a block of query
-// patches of one matrix and walks the keys in blocks. A block of logits comes from one product
-// q_block @ k_block^T with float32 (float64) accumulation (block_logits.h), then every query row updates its
-// running max, its running normaliser over all keys (prefix tokens included), and its running mass and
-// distance-weighted sum over the patch keys, all rescaled whenever the max grows. Memory beyond inputs and
-// output: the [matrices, N - P] per-query results, and per thread one matrix's packed keys (N x D) and a few
-// blocks.
+// Flash-attention's recurrence with the value product replaced by distances: each task owns a block of queries
+// of one matrix and walks the keys in blocks. A block of logits comes from one product q_block @ k_block^T with
+// float32 (float64) accumulation (block_logits.h), then every query row updates its running max, its running
+// normaliser over all keys (prefix tokens and keys without a position included) and its distance-weighted sum,
+// both rescaled whenever the max grows. The grid form and the position form differ only in where the
+// distances come from (GridDistances, PositionDistances). Memory beyond inputs and output: the per-query
+// results, and per thread one matrix's packed keys (Nk x D, and their positions) and a few blocks.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -57,7 +58,6 @@ template <typename acc_t>
 struct RowState {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
   acc_t total = 0;     // sum of exp(logit - max) over every key seen, prefix tokens included
-  acc_t mass = 0;      // the same over patch keys only
   acc_t weighted = 0;  // the same over patch keys, each term times the key's distance to the query
 };
 
@@ -102,7 +102,6 @@ VITMAD_CPU_CLONES void online_softmax_update(const acc_t* logits, int64_t num_ke
   const acc_t rescale = exp_nonpositive(state.max - new_max);
   state.max = new_max;
   state.total = state.total * rescale + prefix_total + mass;
-  state.mass = state.mass * rescale + mass;
   state.weighted = state.weighted * rescale + weighted;
 }
 
@@ -118,6 +117,13 @@ VITMAD_CPU_CLONES void apply_bias(acc_t* logits, const bias_t* bias, int64_t str
   }
 }
 
+// Which keys of a block's logits row the online-softmax update sees: it skips the first `skip` and counts the
+// next `prefix` in the normaliser only.
+struct KeySpan {
+  int64_t skip;
+  int64_t prefix;
+};
+
 // A tensor's data and the offsets of its [N, X] matrices.
 template <typename T>
 struct StridedView {
@@ -132,66 +138,126 @@ StridedView<T> view_of(const at::Tensor& t, const char* arg_name) {
   return {t.const_data_ptr<T>(), matrix_offsets(t, "vitmad.mad_qk", arg_name)};
 }
 
-template <typename scalar_t, typename acc_t, typename bias_t>
-void mad_qk_cpu_typed(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& bias,
-                      const MadQkLayout& ql, acc_t patch, acc_t* per_query) {
-  const MadLayout& l = ql.mad;
-  const int64_t head_dim = ql.head_dim;
-  const auto table = distance_table<acc_t>(l, patch);
+// Where the queries and keys of the grid form are and how far apart: queries are the patch tokens P, P + 1, ...;
+// the first P keys of each row are prefix tokens, the rest patches at grid distances.
+template <typename acc_t>
+struct GridDistances {
+  const acc_t* table;
+  const MadLayout* l;
+
+  void set_matrix(int64_t /*b*/) {}
+  bool has_query(int64_t /*t*/) const { return true; }
+  // Fills dist for the patch keys of key block [k_begin, k_begin + cols) of query t and says which keys the
+  // update skips (renormalised MAD is the mean distance under the softmax over patch keys alone, so prefix keys
+  // are left out: counting them would only shrink the patch mass, down to 0 / 0 for a query that puts nearly
+  // all its attention on CLS) and how many leading keys count only in the normaliser.
+  KeySpan row(int64_t t, int64_t k_begin, int64_t cols, acc_t* /*logits*/, acc_t* dist) const {
+    const int64_t prefix_keys = std::clamp<int64_t>(l->num_prefix - k_begin, 0, cols);
+    const int64_t first_patch_key = k_begin + prefix_keys - l->num_prefix;  // among the patches
+    const int64_t last_patch_key = k_begin + cols - l->num_prefix;
+    if (first_patch_key < last_patch_key) fill_distances(table, *l, t, first_patch_key, last_patch_key, dist);
+    return l->renormalize ? KeySpan{prefix_keys, 0} : KeySpan{0, prefix_keys};
+  }
+};
+
+// The position form: every token may have a position; a key without one has distance 0 (it counts in the
+// normaliser only), or with renormalisation is masked out of the softmax (the mean distance under the softmax
+// over keys with a position); a query without one gives NaN.
+template <typename acc_t>
+struct PositionDistances {
+  PositionsView<acc_t> queries;
+  PositionsView<acc_t> keys;
+  int64_t num_keys;
+  bool renormalize;
+  PackedKeys<acc_t> packed{};
+  const acc_t* q_matrix = nullptr;
+
+  void set_matrix(int64_t b) {
+    q_matrix = queries.matrix(b);
+    packed.set(keys, b, num_keys);
+  }
+  bool has_query(int64_t t) const { return !std::isnan(q_matrix[t * queries.row_stride]); }
+  KeySpan row(int64_t t, int64_t k_begin, int64_t cols, acc_t* logits, acc_t* dist) const {
+    acc_t q[3];
+    query_position(queries, q_matrix, t, q);
+    packed.distances(q, k_begin, cols, dist);
+    if (renormalize) {
+      for (int64_t j = 0; j < cols; ++j)
+        if (std::isnan(dist[j])) logits[j] = -std::numeric_limits<acc_t>::infinity();
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) dist[j] = std::isnan(dist[j]) ? acc_t(0) : dist[j];
+    return KeySpan{0, 0};
+  }
+};
+
+// per_query[b, t] = m_t for the num_queries queries of every matrix, the first at token first_query of q;
+// NaN for a query the distances say has no position.
+template <typename scalar_t, typename acc_t, typename bias_t, typename Distances>
+void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& bias,
+                    const QkShape& shape, int64_t first_query, int64_t num_queries, const Distances& distances,
+                    acc_t* per_query) {
+  const int64_t num_keys = shape.num_keys;
   const auto qv = view_of<scalar_t>(q, "q");
   const auto kv = view_of<scalar_t>(k, "k");
   StridedView<bias_t> bv;
   if (bias.has_value()) bv = view_of<bias_t>(*bias, "attn_bias");
   const int64_t bias_query_stride = bias.has_value() ? bias->stride(-2) : 0;
   const int64_t bias_key_stride = bias.has_value() ? bias->stride(-1) : 0;
-  const int64_t query_blocks = (l.num_patches + kQueryBlock - 1) / kQueryBlock;
+  const int64_t query_blocks = (num_queries + kQueryBlock - 1) / kQueryBlock;
 
-  at::parallel_for(0, l.num_matrices * query_blocks, 1, [&](int64_t begin, int64_t end) {
-    GemmLogits<scalar_t, acc_t> products(head_dim);
+  at::parallel_for(0, shape.num_matrices * query_blocks, 1, [&](int64_t begin, int64_t end) {
+    GemmLogits<scalar_t, acc_t> products(shape.head_dim);
+    Distances keys = distances;
     std::vector<acc_t> dist(kKeyBlock);
     std::vector<RowState<acc_t>> states(kQueryBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / query_blocks;
       const int64_t t_begin = (task % query_blocks) * kQueryBlock;
-      const int64_t rows = std::min(kQueryBlock, l.num_patches - t_begin);
-      const int64_t first_query = l.num_prefix + t_begin;  // token index of the block's first query
+      const int64_t rows = std::min(kQueryBlock, num_queries - t_begin);
+      const int64_t block_query = first_query + t_begin;  // token index of the block's first query
       const scalar_t* q_matrix = qv.matrix(b);
       const scalar_t* k_matrix = kv.matrix(b);
       const bias_t* bias_matrix = bias.has_value() ? bv.matrix(b) : nullptr;
 
-      products.set_keys(k_matrix, k.stride(-2), k.stride(-1), l.num_tokens);
-      products.set_queries(q_matrix + first_query * q.stride(-2), q.stride(-2), q.stride(-1), rows, ql.scale);
+      keys.set_matrix(b);
+      products.set_keys(k_matrix, k.stride(-2), k.stride(-1), num_keys);
+      products.set_queries(q_matrix + block_query * q.stride(-2), q.stride(-2), q.stride(-1), rows, shape.scale);
       std::fill(states.begin(), states.begin() + rows, RowState<acc_t>{});
 
-      for (int64_t k_begin = 0; k_begin < l.num_tokens; k_begin += kKeyBlock) {
-        const int64_t cols = std::min(kKeyBlock, l.num_tokens - k_begin);
+      for (int64_t k_begin = 0; k_begin < num_keys; k_begin += kKeyBlock) {
+        const int64_t cols = std::min(kKeyBlock, num_keys - k_begin);
         acc_t* logits = products.logits(k_begin, cols);
-
-        const int64_t prefix_keys = std::clamp<int64_t>(l.num_prefix - k_begin, 0, cols);
-        const int64_t first_patch_key = k_begin + prefix_keys - l.num_prefix;  // among the patches
-        const int64_t last_patch_key = k_begin + cols - l.num_prefix;
         for (int64_t i = 0; i < rows; ++i) {
+          if (!keys.has_query(t_begin + i)) continue;
           acc_t* row = logits + i * products.row_stride();
           if (bias_matrix != nullptr)
-            apply_bias(row, bias_matrix + (first_query + i) * bias_query_stride + k_begin * bias_key_stride,
+            apply_bias(row, bias_matrix + (block_query + i) * bias_query_stride + k_begin * bias_key_stride,
                        bias_key_stride, cols);
-          if (first_patch_key < last_patch_key)
-            fill_distances(table.data(), l, t_begin + i, first_patch_key, last_patch_key, dist.data());
-          // Renormalised MAD is the mean distance under the softmax over patch keys alone, so prefix keys are
-          // left out: counting them would only shrink the patch mass, down to 0 / 0 for a query that puts
-          // nearly all its attention on CLS.
-          if (l.renormalize)
-            online_softmax_update(row + prefix_keys, cols - prefix_keys, int64_t{0}, dist.data(), states[i]);
-          else
-            online_softmax_update(row, cols, prefix_keys, dist.data(), states[i]);
+          const KeySpan span = keys.row(t_begin + i, k_begin, cols, row, dist.data());
+          online_softmax_update(row + span.skip, cols - span.skip, span.prefix, dist.data(), states[i]);
         }
       }
-      // A row with every key masked out has total == 0 and gives NaN, as softmax does.
-      acc_t* out = per_query + b * l.num_patches + t_begin;
+      // Renormalised, the keys that do not count were skipped or masked, so the normaliser is their mass. A row
+      // with every key masked out has total == 0 and gives NaN, as softmax does.
+      acc_t* out = per_query + b * num_queries + t_begin;
       for (int64_t i = 0; i < rows; ++i)
-        out[i] = states[i].weighted / (l.renormalize ? states[i].mass : states[i].total);
+        out[i] = keys.has_query(t_begin + i) ? states[i].weighted / states[i].total
+                                             : std::numeric_limits<acc_t>::quiet_NaN();
     }
   });
+}
+
+// Runs fn(bias) with attn_bias as its [..., Nq, Nk] broadcast view and the bias type as a template argument
+// (bool mask or q's dtype); without a bias, scalar_t and no view.
+template <typename scalar_t, typename Fn>
+void with_bias(const std::optional<at::Tensor>& attn_bias, const at::Tensor& q, const at::Tensor& k, Fn fn) {
+  std::optional<at::Tensor> bias;
+  if (attn_bias.has_value()) bias = broadcast_attn_bias(*attn_bias, q, k);
+  if (bias.has_value() && bias->scalar_type() == at::kBool)
+    fn(bias, static_cast<bool*>(nullptr));
+  else
+    fn(bias, static_cast<scalar_t*>(nullptr));
 }
 
 at::Tensor mad_qk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t patch, int64_t num_prefix_tokens,
@@ -204,24 +270,59 @@ at::Tensor mad_qk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t patch, i
   at::Tensor per_query = at::empty({l.num_matrices, l.num_patches}, q.options().dtype(out_dtype));
   at::Tensor out = at::empty(mad_output_shape(q, l.reduce_mean, l.num_patches), q.options().dtype(out_dtype));
   if (l.num_matrices == 0) return out;
-  std::optional<at::Tensor> bias;
-  if (attn_bias.has_value()) bias = broadcast_attn_bias(*attn_bias, q);
-  const bool bool_mask = bias.has_value() && bias->scalar_type() == at::kBool;
+  const QkShape shape{l.num_tokens, l.num_tokens, ql.head_dim, l.num_matrices, ql.scale};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "vitmad_mad_qk_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* rows = per_query.mutable_data_ptr<acc_t>();
-    if (bool_mask)
-      mad_qk_cpu_typed<scalar_t, acc_t, bool>(q, k, bias, ql, static_cast<acc_t>(patch), rows);
-    else
-      mad_qk_cpu_typed<scalar_t, acc_t, scalar_t>(q, k, bias, ql, static_cast<acc_t>(patch), rows);
-    if (l.reduce_mean) mean_over_queries<acc_t>(rows, l, out.mutable_data_ptr<acc_t>());
+    const auto table = distance_table<acc_t>(l, static_cast<acc_t>(patch));
+    const GridDistances<acc_t> distances{table.data(), &l};
+    with_bias<scalar_t>(attn_bias, q, k, [&](const std::optional<at::Tensor>& bias, auto* bias_type) {
+      using bias_t = std::remove_pointer_t<decltype(bias_type)>;
+      online_mad_cpu<scalar_t, acc_t, bias_t>(q, k, bias, shape, l.num_prefix, l.num_patches, distances, rows);
+    });
+    if (l.reduce_mean)
+      mean_over_queries<acc_t>(rows, l.num_matrices, l.num_patches, AllQueries{}, out.mutable_data_ptr<acc_t>());
+  });
+  return l.reduce_mean ? out : per_query.view(out.sizes());
+}
+
+at::Tensor mad_qk_pos_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                          const std::optional<at::Tensor>& key_positions, std::optional<double> scale,
+                          const std::optional<at::Tensor>& attn_bias, bool renormalize, c10::string_view reduction) {
+  const QkShape shape = check_qk_tensors(q, k, scale, attn_bias, /*same_tokens=*/false, "vitmad.mad_qk");
+  const auto out_dtype = mad_output_dtype(q.scalar_type());
+  const PositionArgs args =
+      check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize, reduction,
+                          out_dtype, /*check_values=*/true, "vitmad.mad_qk");
+  const PositionLayout& l = args.layout;
+  at::Tensor per_query = at::empty({l.num_matrices, l.num_queries}, q.options().dtype(out_dtype));
+  at::Tensor out = at::empty(mad_output_shape(q, l.reduce_mean, l.num_queries), q.options().dtype(out_dtype));
+  if (l.num_matrices == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "vitmad_mad_qk_pos_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* rows = per_query.mutable_data_ptr<acc_t>();
+    const PositionsView<acc_t> queries(args.queries, l.dims);
+    const PositionDistances<acc_t> distances{queries, PositionsView<acc_t>(args.keys, l.dims), l.num_keys,
+                                             l.renormalize};
+    with_bias<scalar_t>(attn_bias, q, k, [&](const std::optional<at::Tensor>& bias, auto* bias_type) {
+      using bias_t = std::remove_pointer_t<decltype(bias_type)>;
+      online_mad_cpu<scalar_t, acc_t, bias_t>(q, k, bias, shape, 0, l.num_queries, distances, rows);
+    });
+    if (l.reduce_mean)
+      mean_over_queries<acc_t>(
+          rows, l.num_matrices, l.num_queries, [&](int64_t b, int64_t t) { return queries.has_position(b, t); },
+          out.mutable_data_ptr<acc_t>());
   });
   return l.reduce_mean ? out : per_query.view(out.sizes());
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vitmad, CPU, m) { m.impl("mad_qk", &mad_qk_cpu); }
+TORCH_LIBRARY_IMPL(vitmad, CPU, m) {
+  m.impl("mad_qk", &mad_qk_cpu);
+  m.impl("mad_qk_pos", &mad_qk_pos_cpu);
+}
 
 }  // namespace vitmad

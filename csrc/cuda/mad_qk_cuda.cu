@@ -359,7 +359,7 @@ at::Tensor mad_qk_cuda(const at::Tensor& q, const at::Tensor& k, int64_t patch, 
   if (l.num_matrices == 0) return out;
 
   std::optional<at::Tensor> bias;
-  if (attn_bias.has_value()) bias = broadcast_attn_bias(*attn_bias, q);
+  if (attn_bias.has_value()) bias = broadcast_attn_bias(*attn_bias, q, k);
   QkParams p{};
   p.q = q.const_data_ptr();
   p.k = k.const_data_ptr();
