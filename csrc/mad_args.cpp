@@ -93,8 +93,15 @@ std::vector<int64_t> mad_output_shape(const at::Tensor& tokens, bool reduce_mean
   return shape;
 }
 
-at::Tensor check_mad_grad(const at::Tensor& grad, const at::Tensor& attn, const MadLayout& layout) {
-  const auto expected = mad_output_shape(attn, layout.reduce_mean, layout.num_patches);
+MadOutputs empty_mad_outputs(const at::Tensor& tokens, int64_t num_matrices, int64_t num_queries, bool reduce_mean) {
+  const auto options = tokens.options().dtype(mad_output_dtype(tokens.scalar_type()));
+  at::Tensor per_query = at::empty({num_matrices, num_queries}, options);
+  const auto shape = mad_output_shape(tokens, reduce_mean, num_queries);
+  return MadOutputs{per_query, reduce_mean ? at::empty(shape, options) : per_query.view(shape)};
+}
+
+at::Tensor check_mad_grad(const at::Tensor& grad, const at::Tensor& attn, bool reduce_mean, int64_t num_queries) {
+  const auto expected = mad_output_shape(attn, reduce_mean, num_queries);
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(expected),
                     "vitmad.mad_backward: grad must have the shape of mad's output ", at::IntArrayRef(expected),
                     ", got ", grad.sizes());

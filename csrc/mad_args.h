@@ -84,9 +84,16 @@ at::ScalarType mad_output_dtype(at::ScalarType attn_dtype);
 // "none" (N - P for the grid form, Nq for the position form).
 std::vector<int64_t> mad_output_shape(const at::Tensor& tokens, bool reduce_mean, int64_t num_queries);
 
-// The gradient of mad's output must have the output's shape; returns it as a contiguous tensor in the
-// output dtype, on attn's device.
-at::Tensor check_mad_grad(const at::Tensor& grad, const at::Tensor& attn, const MadLayout& layout);
+// What a forward kernel fills: the per-query buffer and the op's result, in the output dtype on tokens' device.
+struct MadOutputs {
+  at::Tensor per_query;  // [num_matrices, num_queries]
+  at::Tensor out;        // [...] for "mean"; [..., num_queries] for "none", a view of per_query
+};
+MadOutputs empty_mad_outputs(const at::Tensor& tokens, int64_t num_matrices, int64_t num_queries, bool reduce_mean);
+
+// The gradient of mad's output must have the output's shape (num_queries per matrix for "none"); returns it as a
+// contiguous tensor in the output dtype, on attn's device.
+at::Tensor check_mad_grad(const at::Tensor& grad, const at::Tensor& attn, bool reduce_mean, int64_t num_queries);
 
 // Where each [N, X] matrix of an [..., N, X] tensor (attn, q, k, a bias view) starts, for its strides (read in
 // place, never copied); arg_name names the tensor in the error.

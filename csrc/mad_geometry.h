@@ -126,6 +126,33 @@ struct MatrixOffsets {
   }
 };
 
+// One side's positions (queries or keys) of the position form: matrix b of the attention finds its [N, K]
+// positions at data + offsets(b), row t at + t * row_stride, coordinate c at + c * coord_stride. A token
+// without a position has a row of NaN (docs/definition.md, "Beyond one grid: where each token is").
+template <typename acc_t>
+struct PositionRows {
+  const acc_t* data;
+  MatrixOffsets offsets;
+  int64_t row_stride;
+  int64_t coord_stride;
+  int64_t dims;  // K, 1 to 3
+
+  VITMAD_HOST_DEVICE const acc_t* matrix(int64_t b) const { return data + offsets(b); }
+  // NaN is the one value unequal to itself (kernels are built without fast-math).
+  VITMAD_HOST_DEVICE bool has_position(const acc_t* matrix, int64_t t) const {
+    const acc_t x = matrix[t * row_stride];
+    return x == x;
+  }
+  VITMAD_HOST_DEVICE bool has_position(int64_t b, int64_t t) const { return has_position(matrix(b), t); }
+  // Coordinate c of row t, 0 past the K given (the padding position_distance expects).
+  VITMAD_HOST_DEVICE acc_t coord(const acc_t* matrix, int64_t t, int64_t c) const {
+    return c < dims ? matrix[t * row_stride + c * coord_stride] : acc_t(0);
+  }
+  VITMAD_HOST_DEVICE void position(const acc_t* matrix, int64_t t, acc_t* out) const {
+    for (int64_t c = 0; c < 3; ++c) out[c] = coord(matrix, t, c);
+  }
+};
+
 // Fills `out` from the sizes and strides of the `ndim` leading dims; false when more than kMaxLeadingDims
 // remain after merging.
 inline bool make_matrix_offsets(const int64_t* sizes, const int64_t* strides, int64_t ndim, MatrixOffsets& out) {

@@ -126,15 +126,7 @@ PositionArgs check_position_args(const at::Tensor& tokens, int64_t num_queries, 
 
 at::Tensor per_query_grad(const at::Tensor& grad, const at::Tensor& attn, const PositionArgs& args) {
   const PositionLayout& l = args.layout;
-  const auto expected = mad_output_shape(attn, l.reduce_mean, l.num_queries);
-  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(expected),
-                    "vitmad.mad_backward: grad must have the shape of mad's output ", at::IntArrayRef(expected),
-                    ", got ", grad.sizes());
-  TORCH_CHECK_VALUE(grad.device() == attn.device(), "vitmad.mad_backward: grad must be on attn's device ",
-                    attn.device(), ", got ", grad.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(grad.scalar_type()),
-                   "vitmad.mad_backward: grad must be a floating-point tensor, got ", grad.scalar_type());
-  const at::Tensor g = grad.to(mad_output_dtype(attn.scalar_type()));
+  const at::Tensor g = check_mad_grad(grad, attn, l.reduce_mean, l.num_queries);
   const std::vector<int64_t> lead(attn.sizes().begin(), attn.sizes().end() - 2);
   std::vector<int64_t> per_query_shape = lead;
   per_query_shape.push_back(l.num_queries);

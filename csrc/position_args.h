@@ -42,6 +42,11 @@ struct PositionArgs {
   TokenPositions keys;  // the same as queries when key_positions is None
 };
 
+template <typename acc_t>
+PositionRows<acc_t> position_rows(const TokenPositions& p, int64_t dims) {
+  return PositionRows<acc_t>{p.values.const_data_ptr<acc_t>(), p.offsets, p.row_stride, p.coord_stride, dims};
+}
+
 // Checks positions [..., Nq, K] and key_positions [..., Nk, K] (None: positions, then Nq must equal Nk) against
 // `tokens` (attn or q; its shape[:-2] are the leading dims) with Nq queries and Nk keys, and reduction. Values
 // (NaN rows, infinities) are checked on the host when `check_values` (CUDA skips it while capturing a graph).

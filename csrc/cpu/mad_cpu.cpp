@@ -120,9 +120,7 @@ void mad_cpu_typed(const at::Tensor& attn, const MadLayout& l, acc_t patch, acc_
 at::Tensor mad_cpu(const at::Tensor& attn, int64_t patch, int64_t num_prefix_tokens, at::OptionalIntArrayRef grid,
                    bool renormalize, c10::string_view reduction) {
   const MadLayout l = check_mad_args(attn, patch, num_prefix_tokens, grid, renormalize, reduction, "vitmad.mad");
-  const auto out_dtype = mad_output_dtype(attn.scalar_type());
-  at::Tensor per_query = at::empty({l.num_matrices, l.num_patches}, attn.options().dtype(out_dtype));
-  at::Tensor out = at::empty(mad_output_shape(attn, l.reduce_mean, l.num_patches), attn.options().dtype(out_dtype));
+  const auto [per_query, out] = empty_mad_outputs(attn, l.num_matrices, l.num_patches, l.reduce_mean);
   if (l.num_matrices == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "vitmad_mad_cpu", [&] {
@@ -132,7 +130,7 @@ at::Tensor mad_cpu(const at::Tensor& attn, int64_t patch, int64_t num_prefix_tok
     if (l.reduce_mean)
       mean_over_queries<acc_t>(rows, l.num_matrices, l.num_patches, AllQueries{}, out.mutable_data_ptr<acc_t>());
   });
-  return l.reduce_mean ? out : per_query.view(out.sizes());
+  return out;
 }
 
 // grad_attn[..., P+t, P+s] = g_t * d(t, s), or g_t * (d(t, s) - m_t) / Z_t with renormalisation, where
@@ -163,7 +161,7 @@ at::Tensor mad_backward_cpu(const at::Tensor& grad, const at::Tensor& attn, int6
                             at::OptionalIntArrayRef grid, bool renormalize, c10::string_view reduction) {
   const MadLayout l =
       check_mad_args(attn, patch, num_prefix_tokens, grid, renormalize, reduction, "vitmad.mad_backward");
-  const at::Tensor g = check_mad_grad(grad, attn, l);
+  const at::Tensor g = check_mad_grad(grad, attn, l.reduce_mean, l.num_patches);
   at::Tensor grad_attn = at::zeros(attn.sizes(), attn.options().memory_format(at::MemoryFormat::Contiguous));
   if (l.num_matrices == 0) return grad_attn;
 

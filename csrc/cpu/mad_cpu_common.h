@@ -127,30 +127,6 @@ __attribute__((always_inline)) inline void weighted_sums(const scalar_t* a, int6
   mass = m_total + m[0];
 }
 
-// One side's positions (TokenPositions) as typed pointers: matrix b's row t starts at row(b, t).
-template <typename acc_t>
-struct PositionsView {
-  const acc_t* data;
-  MatrixOffsets offsets;
-  int64_t row_stride;
-  int64_t coord_stride;
-  int64_t dims;
-
-  PositionsView(const TokenPositions& p, int64_t dims_)
-      : data(p.values.const_data_ptr<acc_t>()),
-        offsets(p.offsets),
-        row_stride(p.row_stride),
-        coord_stride(p.coord_stride),
-        dims(dims_) {}
-
-  const acc_t* matrix(int64_t b) const { return data + offsets(b); }
-  // Coordinate c (0 past the K given) of row t of a matrix; NaN for a token without a position.
-  acc_t coord(const acc_t* matrix, int64_t t, int64_t c) const {
-    return c < dims ? matrix[t * row_stride + c * coord_stride] : acc_t(0);
-  }
-  bool has_position(int64_t b, int64_t t) const { return !std::isnan(matrix(b)[t * row_stride]); }
-};
-
 // One matrix's key positions packed for vectorised distance rows: three contiguous coordinate arrays (NaN for
 // keys without a position, 0 past K), and the maximal runs [begin, end) of keys with a position, so attention
 // rows are still read as contiguous dot products. Repacked only when the matrix's positions change (broadcast
@@ -161,7 +137,7 @@ struct PackedKeys {
   std::vector<acc_t> x, y, z;
   std::vector<std::pair<int64_t, int64_t>> runs;
 
-  void set(const PositionsView<acc_t>& keys, int64_t b, int64_t num_keys) {
+  void set(const PositionRows<acc_t>& keys, int64_t b, int64_t num_keys) {
     const acc_t* matrix = keys.matrix(b);
     if (matrix == source) return;
     source = matrix;
@@ -191,11 +167,5 @@ struct PackedKeys {
     for (int64_t j = 0; j < count; ++j) out[j] = position_distance<acc_t>(qx - kx[j], qy - ky[j], qz - kz[j]);
   }
 };
-
-// A query's three coordinates (0 past K, NaN without a position).
-template <typename acc_t>
-void query_position(const PositionsView<acc_t>& queries, const acc_t* matrix, int64_t t, acc_t* out) {
-  for (int64_t c = 0; c < 3; ++c) out[c] = queries.coord(matrix, t, c);
-}
 
 }  // namespace vitmad

@@ -44,8 +44,8 @@ std::vector<int64_t> matrices_by_positions(const PositionArgs& args) {
 template <typename acc_t, typename Fn>
 void for_each_position_block(const PositionArgs& args, Fn fn) {
   const PositionLayout& l = args.layout;
-  const PositionsView<acc_t> queries(args.queries, l.dims);
-  const PositionsView<acc_t> keys(args.keys, l.dims);
+  const auto queries = position_rows<acc_t>(args.queries, l.dims);
+  const auto keys = position_rows<acc_t>(args.keys, l.dims);
   const std::vector<int64_t> order = matrices_by_positions(args);
   const int64_t rows_per_block = std::clamp<int64_t>(
       kDistanceCacheBytes / (std::max<int64_t>(l.num_keys, 1) * static_cast<int64_t>(sizeof(acc_t))), 1,
@@ -66,9 +66,10 @@ void for_each_position_block(const PositionArgs& args, Fn fn) {
       packed.set(keys, b, l.num_keys);
       if (block != cached_block || q_matrix != cached_queries || packed.source != cached_keys) {
         for (int64_t t = t_begin; t < t_end; ++t) {
+          if (!queries.has_position(q_matrix, t)) continue;
           acc_t q[3];
-          query_position(queries, q_matrix, t, q);
-          if (!std::isnan(q[0])) packed.distances(q, 0, l.num_keys, dist_rows.data() + (t - t_begin) * l.num_keys);
+          queries.position(q_matrix, t, q);
+          packed.distances(q, 0, l.num_keys, dist_rows.data() + (t - t_begin) * l.num_keys);
         }
         cached_block = block;
         cached_queries = q_matrix;
@@ -96,11 +97,11 @@ __attribute__((always_inline)) inline void run_sums(const scalar_t* row, int64_t
 // m_t for the queries [t_begin, t_end) of one matrix; NaN for a query without a position.
 template <typename scalar_t, typename acc_t>
 VITMAD_CPU_CLONES void mad_pos_rows(const scalar_t* matrix, int64_t query_stride, int64_t key_stride,
-                                    const PositionLayout& l, const acc_t* q_matrix, const PositionsView<acc_t>& queries,
+                                    const PositionLayout& l, const acc_t* q_matrix, const PositionRows<acc_t>& queries,
                                     const PackedKeys<acc_t>& keys, const acc_t* dist_rows, int64_t t_begin,
                                     int64_t t_end, acc_t* out) {
   for (int64_t t = t_begin; t < t_end; ++t) {
-    if (std::isnan(q_matrix[t * queries.row_stride])) {
+    if (!queries.has_position(q_matrix, t)) {
       out[t] = std::numeric_limits<acc_t>::quiet_NaN();
       continue;
     }
@@ -123,8 +124,7 @@ at::Tensor mad_pos_cpu(const at::Tensor& attn, const at::Tensor& positions,
   const PositionArgs args = check_position_args(attn, attn.size(-2), attn.size(-1), positions, key_positions,
                                                 renormalize, reduction, out_dtype, /*check_values=*/true, "vitmad.mad");
   const PositionLayout& l = args.layout;
-  at::Tensor per_query = at::empty({l.num_matrices, l.num_queries}, attn.options().dtype(out_dtype));
-  at::Tensor out = at::empty(mad_output_shape(attn, l.reduce_mean, l.num_queries), attn.options().dtype(out_dtype));
+  const auto [per_query, out] = empty_mad_outputs(attn, l.num_matrices, l.num_queries, l.reduce_mean);
   if (l.num_matrices == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "vitmad_mad_pos_cpu", [&] {
@@ -133,19 +133,19 @@ at::Tensor mad_pos_cpu(const at::Tensor& attn, const at::Tensor& positions,
     const scalar_t* data = attn.const_data_ptr<scalar_t>();
     const MatrixOffsets matrix_offset = matrix_offsets(attn, "vitmad.mad");
     for_each_position_block<acc_t>(
-        args, [&](int64_t b, int64_t t_begin, int64_t t_end, const PositionsView<acc_t>& queries,
+        args, [&](int64_t b, int64_t t_begin, int64_t t_end, const PositionRows<acc_t>& queries,
                   const PackedKeys<acc_t>& keys, const acc_t* dist) {
           mad_pos_rows<scalar_t, acc_t>(data + matrix_offset(b), attn.stride(-2), attn.stride(-1), l, queries.matrix(b),
                                         queries, keys, dist, t_begin, t_end, rows + b * l.num_queries);
         });
     if (l.reduce_mean) {
-      const PositionsView<acc_t> queries(args.queries, l.dims);
+      const auto queries = position_rows<acc_t>(args.queries, l.dims);
       mean_over_queries<acc_t>(
           rows, l.num_matrices, l.num_queries, [&](int64_t b, int64_t t) { return queries.has_position(b, t); },
           out.mutable_data_ptr<acc_t>());
     }
   });
-  return l.reduce_mean ? out : per_query.view(out.sizes());
+  return out;
 }
 
 // grad_attn[b, t, s] = g_t * d(t, s), or g_t / Z_t * (d(t, s) - m_t) with renormalisation, over queries and
@@ -153,11 +153,11 @@ at::Tensor mad_pos_cpu(const at::Tensor& attn, const at::Tensor& positions,
 template <typename scalar_t, typename acc_t>
 VITMAD_CPU_CLONES void mad_pos_backward_rows(const scalar_t* matrix, int64_t query_stride, int64_t key_stride,
                                              const PositionLayout& l, const acc_t* q_matrix,
-                                             const PositionsView<acc_t>& queries, const PackedKeys<acc_t>& keys,
+                                             const PositionRows<acc_t>& queries, const PackedKeys<acc_t>& keys,
                                              const acc_t* dist_rows, const acc_t* grad_per_query, int64_t t_begin,
                                              int64_t t_end, scalar_t* grad_matrix) {
   for (int64_t t = t_begin; t < t_end; ++t) {
-    if (std::isnan(q_matrix[t * queries.row_stride])) continue;
+    if (!queries.has_position(q_matrix, t)) continue;
     const acc_t* dist = dist_rows + (t - t_begin) * l.num_keys;
     acc_t scale = grad_per_query[t];
     acc_t shift = 0;
@@ -195,7 +195,7 @@ at::Tensor mad_pos_backward_cpu(const at::Tensor& grad, const at::Tensor& attn, 
     scalar_t* out_data = grad_attn.mutable_data_ptr<scalar_t>();
     const MatrixOffsets matrix_offset = matrix_offsets(attn, "vitmad.mad_backward");
     for_each_position_block<acc_t>(
-        args, [&](int64_t b, int64_t t_begin, int64_t t_end, const PositionsView<acc_t>& queries,
+        args, [&](int64_t b, int64_t t_begin, int64_t t_end, const PositionRows<acc_t>& queries,
                   const PackedKeys<acc_t>& keys, const acc_t* dist) {
           mad_pos_backward_rows<scalar_t, acc_t>(a_data + matrix_offset(b), attn.stride(-2), attn.stride(-1), l,
                                                  queries.matrix(b), queries, keys, dist, g_data + b * l.num_queries,

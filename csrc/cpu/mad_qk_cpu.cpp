@@ -165,8 +165,8 @@ struct GridDistances {
 // over keys with a position); a query without one gives NaN.
 template <typename acc_t>
 struct PositionDistances {
-  PositionsView<acc_t> queries;
-  PositionsView<acc_t> keys;
+  PositionRows<acc_t> queries;
+  PositionRows<acc_t> keys;
   int64_t num_keys;
   bool renormalize;
   PackedKeys<acc_t> packed{};
@@ -176,10 +176,10 @@ struct PositionDistances {
     q_matrix = queries.matrix(b);
     packed.set(keys, b, num_keys);
   }
-  bool has_query(int64_t t) const { return !std::isnan(q_matrix[t * queries.row_stride]); }
+  bool has_query(int64_t t) const { return queries.has_position(q_matrix, t); }
   KeySpan row(int64_t t, int64_t k_begin, int64_t cols, acc_t* logits, acc_t* dist) const {
     acc_t q[3];
-    query_position(queries, q_matrix, t, q);
+    queries.position(q_matrix, t, q);
     packed.distances(q, k_begin, cols, dist);
     if (renormalize) {
       for (int64_t j = 0; j < cols; ++j)
@@ -266,9 +266,7 @@ at::Tensor mad_qk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t patch, i
   const MadQkLayout ql = check_mad_qk_args(q, k, patch, num_prefix_tokens, grid, scale, attn_bias, renormalize,
                                            reduction, "vitmad.mad_qk");
   const MadLayout& l = ql.mad;
-  const auto out_dtype = mad_output_dtype(q.scalar_type());
-  at::Tensor per_query = at::empty({l.num_matrices, l.num_patches}, q.options().dtype(out_dtype));
-  at::Tensor out = at::empty(mad_output_shape(q, l.reduce_mean, l.num_patches), q.options().dtype(out_dtype));
+  const auto [per_query, out] = empty_mad_outputs(q, l.num_matrices, l.num_patches, l.reduce_mean);
   if (l.num_matrices == 0) return out;
   const QkShape shape{l.num_tokens, l.num_tokens, ql.head_dim, l.num_matrices, ql.scale};
 
@@ -284,7 +282,7 @@ at::Tensor mad_qk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t patch, i
     if (l.reduce_mean)
       mean_over_queries<acc_t>(rows, l.num_matrices, l.num_patches, AllQueries{}, out.mutable_data_ptr<acc_t>());
   });
-  return l.reduce_mean ? out : per_query.view(out.sizes());
+  return out;
 }
 
 at::Tensor mad_qk_pos_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
@@ -296,15 +294,14 @@ at::Tensor mad_qk_pos_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
       check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize, reduction,
                           out_dtype, /*check_values=*/true, "vitmad.mad_qk");
   const PositionLayout& l = args.layout;
-  at::Tensor per_query = at::empty({l.num_matrices, l.num_queries}, q.options().dtype(out_dtype));
-  at::Tensor out = at::empty(mad_output_shape(q, l.reduce_mean, l.num_queries), q.options().dtype(out_dtype));
+  const auto [per_query, out] = empty_mad_outputs(q, l.num_matrices, l.num_queries, l.reduce_mean);
   if (l.num_matrices == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "vitmad_mad_qk_pos_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* rows = per_query.mutable_data_ptr<acc_t>();
-    const PositionsView<acc_t> queries(args.queries, l.dims);
-    const PositionDistances<acc_t> distances{queries, PositionsView<acc_t>(args.keys, l.dims), l.num_keys,
+    const auto queries = position_rows<acc_t>(args.queries, l.dims);
+    const PositionDistances<acc_t> distances{queries, position_rows<acc_t>(args.keys, l.dims), l.num_keys,
                                              l.renormalize};
     with_bias<scalar_t>(attn_bias, q, k, [&](const std::optional<at::Tensor>& bias, auto* bias_type) {
       using bias_t = std::remove_pointer_t<decltype(bias_type)>;
@@ -315,7 +312,7 @@ at::Tensor mad_qk_pos_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
           rows, l.num_matrices, l.num_queries, [&](int64_t b, int64_t t) { return queries.has_position(b, t); },
           out.mutable_data_ptr<acc_t>());
   });
-  return l.reduce_mean ? out : per_query.view(out.sizes());
+  return out;
 }
 
 }  // namespace

@@ -1,13 +1,17 @@
 // CUDA helpers shared by the kernels of vitmad::mad, vitmad::mad_qk and their position forms: warp
-// reductions, the runtime-flag-to-template switch, launch sizing and the float64 mean over queries.
+// reductions, the runtime-flag-to-template switch, launch sizing, the float64 mean over queries and the
+// question whether position values may be checked on the host.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+
+#include "../mad_geometry.h"
 
 namespace vitmad {
 
@@ -55,6 +59,19 @@ inline int blocks_for(int64_t items, int64_t items_per_block) {
 struct AllQueries {
   __device__ bool operator()(int64_t /*matrix*/, int32_t /*query*/) const { return true; }
 };
+
+// The position form: the queries with a position count.
+template <typename acc_t>
+struct PositionedQueries {
+  PositionRows<acc_t> queries;
+  __device__ bool operator()(int64_t matrix, int32_t query) const { return queries.has_position(matrix, query); }
+};
+
+// Position values are checked on the host (a small copy), except while the current stream is being captured into
+// a CUDA graph, where a device-to-host copy is not allowed.
+inline bool can_check_position_values() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+}
 
 // out[b] = mean of per_query[b, t] over the queries t that counts(b, t) admits, summed in double in a fixed
 // order (as the CPU kernels do), so results are bit-identical from run to run; one warp per matrix. No

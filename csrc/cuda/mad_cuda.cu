@@ -307,10 +307,8 @@ at::Tensor mad_cuda(const at::Tensor& attn, int64_t patch, int64_t num_prefix_to
                     bool renormalize, c10::string_view reduction) {
   const MadLayout l = check_mad_args(attn, patch, num_prefix_tokens, grid, renormalize, reduction, "vitmad.mad");
   const c10::cuda::CUDAGuard device_guard(attn.device());
-  const auto out_options = attn.options().dtype(mad_output_dtype(attn.scalar_type()));
-  at::Tensor out = at::empty(mad_output_shape(attn, l.reduce_mean, l.num_patches), out_options);
+  const auto [per_query, out] = empty_mad_outputs(attn, l.num_matrices, l.num_patches, l.reduce_mean);
   if (l.num_matrices == 0) return out;
-  at::Tensor per_query = l.reduce_mean ? at::empty({l.num_matrices, l.num_patches}, out_options) : out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "vitmad_mad_cuda", [&] {
@@ -329,7 +327,7 @@ at::Tensor mad_backward_cuda(const at::Tensor& grad, const at::Tensor& attn, int
                              c10::string_view reduction) {
   const MadLayout l =
       check_mad_args(attn, patch, num_prefix_tokens, grid, renormalize, reduction, "vitmad.mad_backward");
-  const at::Tensor g = check_mad_grad(grad, attn, l);
+  const at::Tensor g = check_mad_grad(grad, attn, l.reduce_mean, l.num_patches);
   const c10::cuda::CUDAGuard device_guard(attn.device());
   at::Tensor grad_attn = at::empty(attn.sizes(), attn.options().memory_format(at::MemoryFormat::Contiguous));
   if (l.num_matrices == 0) return grad_attn;
