@@ -138,11 +138,9 @@ struct PositionRows {
   int64_t dims;  // K, 1 to 3
 
   VITMAD_HOST_DEVICE const acc_t* matrix(int64_t b) const { return data + offsets(b); }
-  // NaN is the one value unequal to itself (kernels are built without fast-math).
-  VITMAD_HOST_DEVICE bool has_position(const acc_t* matrix, int64_t t) const {
-    const acc_t x = matrix[t * row_stride];
-    return x == x;
-  }
+  // A coordinate that is not NaN, the one value unequal to itself (kernels are built without fast-math).
+  static VITMAD_HOST_DEVICE bool present(acc_t x) { return x == x; }
+  VITMAD_HOST_DEVICE bool has_position(const acc_t* matrix, int64_t t) const { return present(matrix[t * row_stride]); }
   VITMAD_HOST_DEVICE bool has_position(int64_t b, int64_t t) const { return has_position(matrix(b), t); }
   // Coordinate c of row t, 0 past the K given (the padding position_distance expects).
   VITMAD_HOST_DEVICE acc_t coord(const acc_t* matrix, int64_t t, int64_t c) const {
@@ -151,6 +149,29 @@ struct PositionRows {
   VITMAD_HOST_DEVICE void position(const acc_t* matrix, int64_t t, acc_t* out) const {
     for (int64_t c = 0; c < 3; ++c) out[c] = coord(matrix, t, c);
   }
+};
+
+// Which queries the mean over queries of matrix b counts: of_matrix(b)(t) says whether query t does (found once
+// per matrix, since a matrix's offset costs divisions). Every query in the grid form, whose per-query rows hold
+// the patch queries only.
+struct AllQueries {
+  struct OfMatrix {
+    VITMAD_HOST_DEVICE bool operator()(int64_t /*t*/) const { return true; }
+  };
+  VITMAD_HOST_DEVICE OfMatrix of_matrix(int64_t /*b*/) const { return {}; }
+};
+
+// The position form: the queries with a position.
+template <typename acc_t>
+struct PositionedQueries {
+  PositionRows<acc_t> queries;
+
+  struct OfMatrix {
+    const acc_t* rows;
+    int64_t row_stride;
+    VITMAD_HOST_DEVICE bool operator()(int64_t t) const { return PositionRows<acc_t>::present(rows[t * row_stride]); }
+  };
+  VITMAD_HOST_DEVICE OfMatrix of_matrix(int64_t b) const { return {queries.matrix(b), queries.row_stride}; }
 };
 
 // Fills `out` from the sizes and strides of the `ndim` leading dims; false when more than kMaxLeadingDims

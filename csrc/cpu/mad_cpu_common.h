@@ -53,12 +53,8 @@ void fill_distances(const acc_t* table, const MadLayout& l, int64_t t, int64_t f
   }
 }
 
-// Every query counts (the grid form: the per-query rows hold patch queries only).
-struct AllQueries {
-  bool operator()(int64_t /*matrix*/, int64_t /*query*/) const { return true; }
-};
-
-// out[b] = mean of per_query[b, t] over the queries t that counts(b, t) admits, in double and in a fixed
+// out[b] = mean of per_query[b, t] over the queries t that counts.of_matrix(b) admits (AllQueries,
+// PositionedQueries), in double and in a fixed
 // order, so the result does not depend on the number of threads. No admitted query gives 0 / 0 = NaN.
 template <typename acc_t, typename QueryFilter>
 void mean_over_queries(const acc_t* per_query, int64_t num_matrices, int64_t num_queries, QueryFilter counts,
@@ -70,8 +66,9 @@ void mean_over_queries(const acc_t* per_query, int64_t num_matrices, int64_t num
       double total = 0;
       int64_t admitted = 0;
       const acc_t* row = per_query + b * num_queries;
+      const auto counted = counts.of_matrix(b);
       for (int64_t t = 0; t < num_queries; ++t) {
-        if (counts(b, t)) {
+        if (counted(t)) {
           total += static_cast<double>(row[t]);
           ++admitted;
         }
@@ -88,20 +85,21 @@ constexpr int64_t kDistanceCacheBytes = 64 * 1024;
 // short of the bandwidth that attn.sum() reaches, because the distance rows compete for the same L1.
 constexpr int64_t kPrefetchAheadBytes = 4096;
 
-// sum_s a[s * stride] * dist[s] and, with kMass, sum_s a[s * stride]. Explicit lanes instead of a reduction
-// pragma: the compiler turns them into vector registers without spilling, and the summation order (hence
-// the result) is the same for every instruction set.
-template <typename scalar_t, typename acc_t, bool kMass>
-__attribute__((always_inline)) inline void weighted_sums(const scalar_t* a, int64_t stride, const acc_t* dist,
-                                                         int64_t n, acc_t& weighted, acc_t& mass) {
-  constexpr int64_t kLanes = 128 / sizeof(acc_t);
+// sum_s a[s * stride] * dist[s] and, with kMass, sum_s a[s * stride], over kLanes lanes. Explicit lanes instead
+// of a reduction pragma: the compiler turns them into vector registers without spilling, and the summation order
+// (hence the result) is the same for every instruction set.
+template <int64_t kLanes, typename scalar_t, typename acc_t, bool kMass>
+__attribute__((always_inline)) inline void lane_sums(const scalar_t* a, int64_t stride, const acc_t* dist, int64_t n,
+                                                     acc_t& weighted, acc_t& mass) {
   acc_t w[kLanes] = {};
   acc_t m[kLanes] = {};
   int64_t s = 0;
   if (stride == 1) {
     for (; s + kLanes <= n; s += kLanes) {
-      for (int64_t i = 0; i < kLanes; i += 64 / sizeof(scalar_t))
-        __builtin_prefetch(a + s + i + kPrefetchAheadBytes / sizeof(scalar_t));
+      if constexpr (kLanes * sizeof(acc_t) >= 128) {
+        for (int64_t i = 0; i < kLanes; i += 64 / sizeof(scalar_t))
+          __builtin_prefetch(a + s + i + kPrefetchAheadBytes / sizeof(scalar_t));
+      }
       for (int64_t i = 0; i < kLanes; ++i) {
         const acc_t v = static_cast<acc_t>(a[s + i]);
         w[i] += v * dist[s + i];
@@ -125,6 +123,37 @@ __attribute__((always_inline)) inline void weighted_sums(const scalar_t* a, int6
   }
   weighted = w_total + w[0];
   mass = m_total + m[0];
+}
+
+// lane_sums with four vector registers of lanes for rows of a hundred keys and more, one for short rows (a 7 x 7
+// window is 49 keys), whose cost is otherwise the lanes' setup and final tree.
+template <typename scalar_t, typename acc_t, bool kMass>
+__attribute__((always_inline)) inline void weighted_sums(const scalar_t* a, int64_t stride, const acc_t* dist,
+                                                         int64_t n, acc_t& weighted, acc_t& mass) {
+  constexpr int64_t kLongLanes = 128 / sizeof(acc_t);
+  constexpr int64_t kShortLanes = 64 / sizeof(acc_t);
+  if (n >= 4 * kLongLanes)
+    lane_sums<kLongLanes, scalar_t, acc_t, kMass>(a, stride, dist, n, weighted, mass);
+  else
+    lane_sums<kShortLanes, scalar_t, acc_t, kMass>(a, stride, dist, n, weighted, mass);
+}
+
+// out[j] = the distance from `query` to the key at (kx[j], ky[j], kz[j]), NaN (or 0 with zero_missing) where kx[j]
+// is NaN. A per-CPU clone: the square roots are a good part of the work.
+template <typename acc_t>
+VITMAD_CPU_CLONES void position_distances(const acc_t* query, const acc_t* kx, const acc_t* ky, const acc_t* kz,
+                                          int64_t count, bool zero_missing, acc_t* out) {
+  const acc_t qx = query[0], qy = query[1], qz = query[2];
+  if (zero_missing) {
+#pragma omp simd
+    for (int64_t j = 0; j < count; ++j) {
+      const acc_t d = position_distance<acc_t>(qx - kx[j], qy - ky[j], qz - kz[j]);
+      out[j] = d == d ? d : acc_t(0);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < count; ++j) out[j] = position_distance<acc_t>(qx - kx[j], qy - ky[j], qz - kz[j]);
+  }
 }
 
 // One matrix's key positions packed for vectorised distance rows: three contiguous coordinate arrays (NaN for
@@ -157,14 +186,10 @@ struct PackedKeys {
     }
   }
 
-  // out[j] = d(query, key first + j) for j < count; NaN for keys without a position.
-  void distances(const acc_t* query, int64_t first, int64_t count, acc_t* out) const {
-    const acc_t qx = query[0], qy = query[1], qz = query[2];
-    const acc_t* kx = x.data() + first;
-    const acc_t* ky = y.data() + first;
-    const acc_t* kz = z.data() + first;
-#pragma omp simd
-    for (int64_t j = 0; j < count; ++j) out[j] = position_distance<acc_t>(qx - kx[j], qy - ky[j], qz - kz[j]);
+  // out[j] = d(query, key first + j) for j < count; for a key without a position NaN, or 0 (it adds nothing)
+  // with zero_missing.
+  void distances(const acc_t* query, int64_t first, int64_t count, bool zero_missing, acc_t* out) const {
+    position_distances(query, x.data() + first, y.data() + first, z.data() + first, count, zero_missing, out);
   }
 };
 

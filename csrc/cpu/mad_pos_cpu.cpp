@@ -2,11 +2,11 @@
 // "Beyond one grid: where each token is").
 //
 // As in the grid form, no distance matrix is built for the whole tensor: a task owns a block of queries of one
-// matrix and computes the distance rows of its queries once, from the key positions packed into three small
-// contiguous arrays, then reuses them for every matrix that shares those positions. Matrices are visited in
-// the order of their positions, so broadcast positions (one set for a whole batch, one per image or per window)
-// are packed and turned into distances once per thread and block. Each attention row is then read in place as
-// contiguous dot products over the runs of keys that have a position.
+// matrix and uses the distance rows of its queries, computed from the key positions packed into three small
+// contiguous arrays and kept per thread for every matrix that shares those positions, so broadcast positions
+// (one set for a whole batch, one per image or per window) are turned into distances about once per thread.
+// Each attention row is then read in place, in order, as contiguous dot products over the runs of keys that
+// have a position.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,8 +15,9 @@
 
 #include <algorithm>
 #include <limits>
-#include <numeric>
+#include <map>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "../mad_args.h"
@@ -26,67 +27,80 @@
 namespace vitmad {
 namespace {
 
-// The matrices' indices sorted by where their query and key positions start, so matrices sharing positions
-// come one after another (a stable sort: ties keep the row-major order, which reads attn in order).
-std::vector<int64_t> matrices_by_positions(const PositionArgs& args) {
-  const int64_t m = args.layout.num_matrices;
-  std::vector<int64_t> order(m);
-  std::iota(order.begin(), order.end(), 0);
-  std::vector<std::pair<int64_t, int64_t>> key(m);
-  for (int64_t b = 0; b < m; ++b) key[b] = {args.queries.offsets(b), args.keys.offsets(b)};
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return key[a] < key[b]; });
-  return order;
-}
+// Distance rows kept per thread: those of every (query positions, key positions, query block) a thread meets,
+// up to this many bytes (the 64 windows of a Swin stage take 600 KiB), so attn is read in order even where the
+// positions change from one matrix to the next (per window, per image) and each set is turned into distances
+// about once. Beyond it the cache starts over.
+constexpr int64_t kPositionCacheBytes = 1 << 20;
 
-// Runs fn(b, t_begin, t_end, keys, dist_rows) over every (query block, matrix) pair in parallel, dist_rows
-// holding d(t, s) for the block's queries and all keys (row t - t_begin; rows of queries without a position
-// are not filled), keys the matrix's packed key positions.
+// The distance rows of one query block for one pair of query and key positions (row t - t_begin holds d(t, s)
+// for every key s; rows of queries without a position are not filled), and the runs of keys with a position.
+template <typename acc_t>
+struct DistanceBlock {
+  std::vector<acc_t> rows;
+  std::vector<std::pair<int64_t, int64_t>> runs;
+};
+
+// Runs fn(b, t_begin, t_end, queries, distances) over every (query block, matrix) pair in parallel, block-major.
 template <typename acc_t, typename Fn>
 void for_each_position_block(const PositionArgs& args, Fn fn) {
   const PositionLayout& l = args.layout;
   const auto queries = position_rows<acc_t>(args.queries, l.dims);
   const auto keys = position_rows<acc_t>(args.keys, l.dims);
-  const std::vector<int64_t> order = matrices_by_positions(args);
   const int64_t rows_per_block = std::clamp<int64_t>(
       kDistanceCacheBytes / (std::max<int64_t>(l.num_keys, 1) * static_cast<int64_t>(sizeof(acc_t))), 1,
       std::max<int64_t>(l.num_queries, 1));
   const int64_t num_blocks = (l.num_queries + rows_per_block - 1) / rows_per_block;
+  using CacheKey = std::tuple<const acc_t*, const acc_t*, int64_t>;
   at::parallel_for(0, num_blocks * l.num_matrices, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> dist_rows(rows_per_block * l.num_keys);
+    std::map<CacheKey, DistanceBlock<acc_t>> cache;
+    int64_t cache_bytes = 0;
     PackedKeys<acc_t> packed;
-    int64_t cached_block = -1;
-    const acc_t* cached_queries = nullptr;
-    const acc_t* cached_keys = nullptr;
+    CacheKey current_key{nullptr, nullptr, -1};
+    const DistanceBlock<acc_t>* current = nullptr;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task / l.num_matrices;
-      const int64_t b = order[task % l.num_matrices];
+      const int64_t b = task % l.num_matrices;
       const int64_t t_begin = block * rows_per_block;
       const int64_t t_end = std::min(t_begin + rows_per_block, l.num_queries);
       const acc_t* q_matrix = queries.matrix(b);
-      packed.set(keys, b, l.num_keys);
-      if (block != cached_block || q_matrix != cached_queries || packed.source != cached_keys) {
-        for (int64_t t = t_begin; t < t_end; ++t) {
-          if (!queries.has_position(q_matrix, t)) continue;
-          acc_t q[3];
-          queries.position(q_matrix, t, q);
-          packed.distances(q, 0, l.num_keys, dist_rows.data() + (t - t_begin) * l.num_keys);
+      const CacheKey key{q_matrix, keys.matrix(b), block};
+      if (key != current_key) {
+        auto found = cache.find(key);
+        if (found == cache.end()) {
+          const int64_t bytes = (t_end - t_begin) * l.num_keys * static_cast<int64_t>(sizeof(acc_t));
+          if (cache_bytes + bytes > kPositionCacheBytes) {
+            cache.clear();
+            cache_bytes = 0;
+          }
+          packed.set(keys, b, l.num_keys);
+          DistanceBlock<acc_t> entry{std::vector<acc_t>((t_end - t_begin) * l.num_keys), packed.runs};
+          for (int64_t t = t_begin; t < t_end; ++t) {
+            if (!queries.has_position(q_matrix, t)) continue;
+            acc_t q[3];
+            queries.position(q_matrix, t, q);
+            packed.distances(q, 0, l.num_keys, /*zero_missing=*/false, entry.rows.data() + (t - t_begin) * l.num_keys);
+          }
+          found = cache.emplace(key, std::move(entry)).first;
+          cache_bytes += bytes;
         }
-        cached_block = block;
-        cached_queries = q_matrix;
-        cached_keys = packed.source;
+        current_key = key;
+        current = &found->second;
       }
-      fn(b, t_begin, t_end, queries, packed, dist_rows.data());
+      fn(b, t_begin, t_end, queries, *current);
     }
   });
 }
 
+using KeyRuns = std::vector<std::pair<int64_t, int64_t>>;
+
 // weighted_sums over the runs of keys with a position of one attention row.
 template <typename scalar_t, typename acc_t, bool kMass>
 __attribute__((always_inline)) inline void run_sums(const scalar_t* row, int64_t key_stride, const acc_t* dist,
-                                                    const PackedKeys<acc_t>& keys, acc_t& weighted, acc_t& mass) {
+                                                    const KeyRuns& runs, acc_t& weighted, acc_t& mass) {
   weighted = 0;
   mass = 0;
-  for (const auto& [first, last] : keys.runs) {
+  for (const auto& [first, last] : runs) {
     acc_t w, m;
     weighted_sums<scalar_t, acc_t, kMass>(row + first * key_stride, key_stride, dist + first, last - first, w, m);
     weighted += w;
@@ -98,8 +112,8 @@ __attribute__((always_inline)) inline void run_sums(const scalar_t* row, int64_t
 template <typename scalar_t, typename acc_t>
 VITMAD_CPU_CLONES void mad_pos_rows(const scalar_t* matrix, int64_t query_stride, int64_t key_stride,
                                     const PositionLayout& l, const acc_t* q_matrix, const PositionRows<acc_t>& queries,
-                                    const PackedKeys<acc_t>& keys, const acc_t* dist_rows, int64_t t_begin,
-                                    int64_t t_end, acc_t* out) {
+                                    const KeyRuns& runs, const acc_t* dist_rows, int64_t t_begin, int64_t t_end,
+                                    acc_t* out) {
   for (int64_t t = t_begin; t < t_end; ++t) {
     if (!queries.has_position(q_matrix, t)) {
       out[t] = std::numeric_limits<acc_t>::quiet_NaN();
@@ -108,10 +122,10 @@ VITMAD_CPU_CLONES void mad_pos_rows(const scalar_t* matrix, int64_t query_stride
     const acc_t* dist = dist_rows + (t - t_begin) * l.num_keys;
     acc_t weighted, mass;
     if (l.renormalize) {
-      run_sums<scalar_t, acc_t, true>(matrix + t * query_stride, key_stride, dist, keys, weighted, mass);
+      run_sums<scalar_t, acc_t, true>(matrix + t * query_stride, key_stride, dist, runs, weighted, mass);
       out[t] = weighted / mass;
     } else {
-      run_sums<scalar_t, acc_t, false>(matrix + t * query_stride, key_stride, dist, keys, weighted, mass);
+      run_sums<scalar_t, acc_t, false>(matrix + t * query_stride, key_stride, dist, runs, weighted, mass);
       out[t] = weighted;
     }
   }
@@ -134,15 +148,15 @@ at::Tensor mad_pos_cpu(const at::Tensor& attn, const at::Tensor& positions,
     const MatrixOffsets matrix_offset = matrix_offsets(attn, "vitmad.mad");
     for_each_position_block<acc_t>(
         args, [&](int64_t b, int64_t t_begin, int64_t t_end, const PositionRows<acc_t>& queries,
-                  const PackedKeys<acc_t>& keys, const acc_t* dist) {
+                  const DistanceBlock<acc_t>& distances) {
           mad_pos_rows<scalar_t, acc_t>(data + matrix_offset(b), attn.stride(-2), attn.stride(-1), l, queries.matrix(b),
-                                        queries, keys, dist, t_begin, t_end, rows + b * l.num_queries);
+                                        queries, distances.runs, distances.rows.data(), t_begin, t_end,
+                                        rows + b * l.num_queries);
         });
     if (l.reduce_mean) {
       const auto queries = position_rows<acc_t>(args.queries, l.dims);
-      mean_over_queries<acc_t>(
-          rows, l.num_matrices, l.num_queries, [&](int64_t b, int64_t t) { return queries.has_position(b, t); },
-          out.mutable_data_ptr<acc_t>());
+      mean_over_queries<acc_t>(rows, l.num_matrices, l.num_queries, PositionedQueries<acc_t>{queries},
+                               out.mutable_data_ptr<acc_t>());
     }
   });
   return out;
@@ -153,7 +167,7 @@ at::Tensor mad_pos_cpu(const at::Tensor& attn, const at::Tensor& positions,
 template <typename scalar_t, typename acc_t>
 VITMAD_CPU_CLONES void mad_pos_backward_rows(const scalar_t* matrix, int64_t query_stride, int64_t key_stride,
                                              const PositionLayout& l, const acc_t* q_matrix,
-                                             const PositionRows<acc_t>& queries, const PackedKeys<acc_t>& keys,
+                                             const PositionRows<acc_t>& queries, const KeyRuns& runs,
                                              const acc_t* dist_rows, const acc_t* grad_per_query, int64_t t_begin,
                                              int64_t t_end, scalar_t* grad_matrix) {
   for (int64_t t = t_begin; t < t_end; ++t) {
@@ -163,12 +177,12 @@ VITMAD_CPU_CLONES void mad_pos_backward_rows(const scalar_t* matrix, int64_t que
     acc_t shift = 0;
     if (l.renormalize) {
       acc_t weighted, mass;
-      run_sums<scalar_t, acc_t, true>(matrix + t * query_stride, key_stride, dist, keys, weighted, mass);
+      run_sums<scalar_t, acc_t, true>(matrix + t * query_stride, key_stride, dist, runs, weighted, mass);
       scale /= mass;
       shift = weighted / mass;
     }
     scalar_t* out = grad_matrix + t * l.num_keys;
-    for (const auto& [first, last] : keys.runs) {
+    for (const auto& [first, last] : runs) {
 #pragma omp simd
       for (int64_t s = first; s < last; ++s) out[s] = static_cast<scalar_t>(scale * (dist[s] - shift));
     }
@@ -194,13 +208,13 @@ at::Tensor mad_pos_backward_cpu(const at::Tensor& grad, const at::Tensor& attn, 
     const scalar_t* a_data = attn.const_data_ptr<scalar_t>();
     scalar_t* out_data = grad_attn.mutable_data_ptr<scalar_t>();
     const MatrixOffsets matrix_offset = matrix_offsets(attn, "vitmad.mad_backward");
-    for_each_position_block<acc_t>(
-        args, [&](int64_t b, int64_t t_begin, int64_t t_end, const PositionRows<acc_t>& queries,
-                  const PackedKeys<acc_t>& keys, const acc_t* dist) {
-          mad_pos_backward_rows<scalar_t, acc_t>(a_data + matrix_offset(b), attn.stride(-2), attn.stride(-1), l,
-                                                 queries.matrix(b), queries, keys, dist, g_data + b * l.num_queries,
-                                                 t_begin, t_end, out_data + b * l.num_queries * l.num_keys);
-        });
+    for_each_position_block<acc_t>(args, [&](int64_t b, int64_t t_begin, int64_t t_end,
+                                             const PositionRows<acc_t>& queries,
+                                             const DistanceBlock<acc_t>& distances) {
+      mad_pos_backward_rows<scalar_t, acc_t>(
+          a_data + matrix_offset(b), attn.stride(-2), attn.stride(-1), l, queries.matrix(b), queries, distances.runs,
+          distances.rows.data(), g_data + b * l.num_queries, t_begin, t_end, out_data + b * l.num_queries * l.num_keys);
+    });
   });
   return grad_attn;
 }

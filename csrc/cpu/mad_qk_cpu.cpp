@@ -139,32 +139,43 @@ StridedView<T> view_of(const at::Tensor& t, const char* arg_name) {
 }
 
 // Where the queries and keys of the grid form are and how far apart: queries are the patch tokens P, P + 1, ...;
-// the first P keys of each row are prefix tokens, the rest patches at grid distances.
+// the first P keys of each row are prefix tokens, the rest patches at grid distances. The distances are a copy
+// from the small distance table, so a task takes one matrix.
 template <typename acc_t>
 struct GridDistances {
+  static constexpr int64_t kMatricesPerTask = 1;
   const acc_t* table;
   const MadLayout* l;
 
+  bool shares_distances(int64_t /*a*/, int64_t /*b*/) const { return true; }
   void set_matrix(int64_t /*b*/) {}
   bool has_query(int64_t /*t*/) const { return true; }
-  // Fills dist for the patch keys of key block [k_begin, k_begin + cols) of query t and says which keys the
-  // update skips (renormalised MAD is the mean distance under the softmax over patch keys alone, so prefix keys
-  // are left out: counting them would only shrink the patch mass, down to 0 / 0 for a query that puts nearly
-  // all its attention on CLS) and how many leading keys count only in the normaliser.
-  KeySpan row(int64_t t, int64_t k_begin, int64_t cols, acc_t* /*logits*/, acc_t* dist) const {
+  // Which keys of key block [k_begin, k_begin + cols) the update skips (renormalised MAD is the mean distance
+  // under the softmax over patch keys alone, so prefix keys are left out: counting them would only shrink the
+  // patch mass, down to 0 / 0 for a query that puts nearly all its attention on CLS) and how many leading keys
+  // count only in the normaliser. The same for every row.
+  KeySpan span(int64_t k_begin, int64_t cols) const {
+    const int64_t prefix_keys = std::clamp<int64_t>(l->num_prefix - k_begin, 0, cols);
+    return l->renormalize ? KeySpan{prefix_keys, 0} : KeySpan{0, prefix_keys};
+  }
+  // dist = the distances from query t to the patch keys of the key block.
+  void fill(int64_t t, int64_t k_begin, int64_t cols, acc_t* dist) const {
     const int64_t prefix_keys = std::clamp<int64_t>(l->num_prefix - k_begin, 0, cols);
     const int64_t first_patch_key = k_begin + prefix_keys - l->num_prefix;  // among the patches
     const int64_t last_patch_key = k_begin + cols - l->num_prefix;
     if (first_patch_key < last_patch_key) fill_distances(table, *l, t, first_patch_key, last_patch_key, dist);
-    return l->renormalize ? KeySpan{prefix_keys, 0} : KeySpan{0, prefix_keys};
   }
+  void mask(int64_t /*k_begin*/, int64_t /*cols*/, acc_t* /*logits*/) const {}
 };
 
 // The position form: every token may have a position; a key without one has distance 0 (it counts in the
 // normaliser only), or with renormalisation is masked out of the softmax (the mean distance under the softmax
-// over keys with a position); a query without one gives NaN.
+// over keys with a position); a query without one gives NaN. The square roots cost about a fifth of the
+// kernel's time, so a task takes up to four matrices that share positions and computes each block of distances
+// once for all of them.
 template <typename acc_t>
 struct PositionDistances {
+  static constexpr int64_t kMatricesPerTask = 4;
   PositionRows<acc_t> queries;
   PositionRows<acc_t> keys;
   int64_t num_keys;
@@ -172,31 +183,37 @@ struct PositionDistances {
   PackedKeys<acc_t> packed{};
   const acc_t* q_matrix = nullptr;
 
+  bool shares_distances(int64_t a, int64_t b) const {
+    return queries.matrix(a) == queries.matrix(b) && keys.matrix(a) == keys.matrix(b);
+  }
   void set_matrix(int64_t b) {
     q_matrix = queries.matrix(b);
     packed.set(keys, b, num_keys);
   }
   bool has_query(int64_t t) const { return queries.has_position(q_matrix, t); }
-  KeySpan row(int64_t t, int64_t k_begin, int64_t cols, acc_t* logits, acc_t* dist) const {
+  KeySpan span(int64_t /*k_begin*/, int64_t /*cols*/) const { return KeySpan{0, 0}; }
+  void fill(int64_t t, int64_t k_begin, int64_t cols, acc_t* dist) const {
     acc_t q[3];
     queries.position(q_matrix, t, q);
-    packed.distances(q, k_begin, cols, dist);
-    if (renormalize) {
-      for (int64_t j = 0; j < cols; ++j)
-        if (std::isnan(dist[j])) logits[j] = -std::numeric_limits<acc_t>::infinity();
-    }
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) dist[j] = std::isnan(dist[j]) ? acc_t(0) : dist[j];
-    return KeySpan{0, 0};
+    packed.distances(q, k_begin, cols, /*zero_missing=*/true, dist);
+  }
+  void mask(int64_t k_begin, int64_t cols, acc_t* logits) const {
+    if (!renormalize) return;
+    const acc_t* x = packed.x.data() + k_begin;
+    for (int64_t j = 0; j < cols; ++j)
+      if (!(x[j] == x[j])) logits[j] = -std::numeric_limits<acc_t>::infinity();
   }
 };
 
 // per_query[b, t] = m_t for the num_queries queries of every matrix, the first at token first_query of q;
-// NaN for a query the distances say has no position.
+// NaN for a query the distances say has no position. A task is one query block of up to kMatricesPerTask
+// consecutive matrices that share their distances; tasks are ordered matrices-major, so a thread's consecutive
+// tasks reuse its packed keys.
 template <typename scalar_t, typename acc_t, typename bias_t, typename Distances>
 void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& bias,
                     const QkShape& shape, int64_t first_query, int64_t num_queries, const Distances& distances,
                     acc_t* per_query) {
+  constexpr int64_t kGroup = Distances::kMatricesPerTask;
   const int64_t num_keys = shape.num_keys;
   const auto qv = view_of<scalar_t>(q, "q");
   const auto kv = view_of<scalar_t>(k, "k");
@@ -205,45 +222,61 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
   const int64_t bias_query_stride = bias.has_value() ? bias->stride(-2) : 0;
   const int64_t bias_key_stride = bias.has_value() ? bias->stride(-1) : 0;
   const int64_t query_blocks = (num_queries + kQueryBlock - 1) / kQueryBlock;
+  std::vector<int64_t> group_starts{0};
+  for (int64_t b = 1; b < shape.num_matrices; ++b)
+    if (b - group_starts.back() == kGroup || !distances.shares_distances(b - 1, b)) group_starts.push_back(b);
+  group_starts.push_back(shape.num_matrices);
+  const auto num_groups = static_cast<int64_t>(group_starts.size()) - 1;
 
-  at::parallel_for(0, shape.num_matrices * query_blocks, 1, [&](int64_t begin, int64_t end) {
-    GemmLogits<scalar_t, acc_t> products(shape.head_dim);
+  at::parallel_for(0, num_groups * query_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<GemmLogits<scalar_t, acc_t>> products(kGroup, GemmLogits<scalar_t, acc_t>(shape.head_dim));
     Distances keys = distances;
-    std::vector<acc_t> dist(kKeyBlock);
-    std::vector<RowState<acc_t>> states(kQueryBlock);
+    std::vector<acc_t> dist(kQueryBlock * kKeyBlock);
+    std::vector<RowState<acc_t>> states(kGroup * kQueryBlock);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / query_blocks;
+      const int64_t first_matrix = group_starts[task / query_blocks];
+      const int64_t group_size = group_starts[task / query_blocks + 1] - first_matrix;
       const int64_t t_begin = (task % query_blocks) * kQueryBlock;
       const int64_t rows = std::min(kQueryBlock, num_queries - t_begin);
       const int64_t block_query = first_query + t_begin;  // token index of the block's first query
-      const scalar_t* q_matrix = qv.matrix(b);
-      const scalar_t* k_matrix = kv.matrix(b);
-      const bias_t* bias_matrix = bias.has_value() ? bv.matrix(b) : nullptr;
 
-      keys.set_matrix(b);
-      products.set_keys(k_matrix, k.stride(-2), k.stride(-1), num_keys);
-      products.set_queries(q_matrix + block_query * q.stride(-2), q.stride(-2), q.stride(-1), rows, shape.scale);
-      std::fill(states.begin(), states.begin() + rows, RowState<acc_t>{});
+      keys.set_matrix(first_matrix);
+      for (int64_t g = 0; g < group_size; ++g) {
+        products[g].set_keys(kv.matrix(first_matrix + g), k.stride(-2), k.stride(-1), num_keys);
+        products[g].set_queries(qv.matrix(first_matrix + g) + block_query * q.stride(-2), q.stride(-2), q.stride(-1),
+                                rows, shape.scale);
+      }
+      std::fill(states.begin(), states.begin() + group_size * kQueryBlock, RowState<acc_t>{});
 
       for (int64_t k_begin = 0; k_begin < num_keys; k_begin += kKeyBlock) {
         const int64_t cols = std::min(kKeyBlock, num_keys - k_begin);
-        acc_t* logits = products.logits(k_begin, cols);
-        for (int64_t i = 0; i < rows; ++i) {
-          if (!keys.has_query(t_begin + i)) continue;
-          acc_t* row = logits + i * products.row_stride();
-          if (bias_matrix != nullptr)
-            apply_bias(row, bias_matrix + (block_query + i) * bias_query_stride + k_begin * bias_key_stride,
-                       bias_key_stride, cols);
-          const KeySpan span = keys.row(t_begin + i, k_begin, cols, row, dist.data());
-          online_softmax_update(row + span.skip, cols - span.skip, span.prefix, dist.data(), states[i]);
+        const KeySpan span = keys.span(k_begin, cols);
+        for (int64_t i = 0; i < rows; ++i)
+          if (keys.has_query(t_begin + i)) keys.fill(t_begin + i, k_begin, cols, dist.data() + i * kKeyBlock);
+        for (int64_t g = 0; g < group_size; ++g) {
+          acc_t* logits = products[g].logits(k_begin, cols);
+          const bias_t* bias_matrix = bias.has_value() ? bv.matrix(first_matrix + g) : nullptr;
+          for (int64_t i = 0; i < rows; ++i) {
+            if (!keys.has_query(t_begin + i)) continue;
+            acc_t* row = logits + i * products[g].row_stride();
+            if (bias_matrix != nullptr)
+              apply_bias(row, bias_matrix + (block_query + i) * bias_query_stride + k_begin * bias_key_stride,
+                         bias_key_stride, cols);
+            keys.mask(k_begin, cols, row);
+            online_softmax_update(row + span.skip, cols - span.skip, span.prefix, dist.data() + i * kKeyBlock,
+                                  states[g * kQueryBlock + i]);
+          }
         }
       }
       // Renormalised, the keys that do not count were skipped or masked, so the normaliser is their mass. A row
       // with every key masked out has total == 0 and gives NaN, as softmax does.
-      acc_t* out = per_query + b * num_queries + t_begin;
-      for (int64_t i = 0; i < rows; ++i)
-        out[i] = keys.has_query(t_begin + i) ? states[i].weighted / states[i].total
-                                             : std::numeric_limits<acc_t>::quiet_NaN();
+      for (int64_t g = 0; g < group_size; ++g) {
+        acc_t* out = per_query + (first_matrix + g) * num_queries + t_begin;
+        for (int64_t i = 0; i < rows; ++i) {
+          const RowState<acc_t>& state = states[g * kQueryBlock + i];
+          out[i] = keys.has_query(t_begin + i) ? state.weighted / state.total : std::numeric_limits<acc_t>::quiet_NaN();
+        }
+      }
     }
   });
 }
@@ -308,9 +341,8 @@ at::Tensor mad_qk_pos_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
       online_mad_cpu<scalar_t, acc_t, bias_t>(q, k, bias, shape, 0, l.num_queries, distances, rows);
     });
     if (l.reduce_mean)
-      mean_over_queries<acc_t>(
-          rows, l.num_matrices, l.num_queries, [&](int64_t b, int64_t t) { return queries.has_position(b, t); },
-          out.mutable_data_ptr<acc_t>());
+      mean_over_queries<acc_t>(rows, l.num_matrices, l.num_queries, PositionedQueries<acc_t>{queries},
+                               out.mutable_data_ptr<acc_t>());
   });
   return out;
 }

@@ -55,25 +55,14 @@ inline int blocks_for(int64_t items, int64_t items_per_block) {
   return static_cast<int>(std::clamp<int64_t>((items + items_per_block - 1) / items_per_block, 1, kMaxBlocks));
 }
 
-// Every query counts (the grid form: the per-query rows hold patch queries only).
-struct AllQueries {
-  __device__ bool operator()(int64_t /*matrix*/, int32_t /*query*/) const { return true; }
-};
-
-// The position form: the queries with a position count.
-template <typename acc_t>
-struct PositionedQueries {
-  PositionRows<acc_t> queries;
-  __device__ bool operator()(int64_t matrix, int32_t query) const { return queries.has_position(matrix, query); }
-};
-
 // Position values are checked on the host (a small copy), except while the current stream is being captured into
 // a CUDA graph, where a device-to-host copy is not allowed.
 inline bool can_check_position_values() {
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
 }
 
-// out[b] = mean of per_query[b, t] over the queries t that counts(b, t) admits, summed in double in a fixed
+// out[b] = mean of per_query[b, t] over the queries t that counts.of_matrix(b) admits (AllQueries,
+// PositionedQueries in mad_geometry.h), summed in double in a fixed
 // order (as the CPU kernels do), so results are bit-identical from run to run; one warp per matrix. No
 // admitted query gives 0 / 0 = NaN.
 template <typename acc_t, typename QueryFilter>
@@ -87,8 +76,9 @@ __global__ void __launch_bounds__(kBlockThreads)
     const acc_t* row = per_query + matrix * num_queries;
     double total = 0;
     int32_t admitted = 0;
+    const auto counted = counts.of_matrix(matrix);
     for (int32_t t = lane; t < num_queries; t += kWarp) {
-      if (counts(matrix, t)) {
+      if (counted(t)) {
         total += static_cast<double>(row[t]);
         ++admitted;
       }
