@@ -3,10 +3,9 @@
 //
 // As in the grid form, no distance matrix is built for the whole tensor: a task owns a block of queries of one
 // matrix and uses the distance rows of its queries, computed from the key positions packed into three small
-// contiguous arrays and kept per thread for every matrix that shares those positions, so broadcast positions
-// (one set for a whole batch, one per image or per window) are turned into distances about once per thread.
-// Each attention row is then read in place, in order, as contiguous dot products over the runs of keys that
-// have a position.
+// contiguous arrays. Matrices are visited in the order of their positions, so broadcast positions (one set for a
+// whole batch, one per image or per window) are turned into distances once per thread and block. Each attention
+// row is then read in place as contiguous dot products over the runs of keys that have a position.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,7 +14,7 @@
 
 #include <algorithm>
 #include <limits>
-#include <map>
+#include <numeric>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -27,12 +26,6 @@
 namespace vitmad {
 namespace {
 
-// Distance rows kept per thread: those of every (query positions, key positions, query block) a thread meets,
-// up to this many bytes (the 64 windows of a Swin stage take 600 KiB), so attn is read in order even where the
-// positions change from one matrix to the next (per window, per image) and each set is turned into distances
-// about once. Beyond it the cache starts over.
-constexpr int64_t kPositionCacheBytes = 1 << 20;
-
 // The distance rows of one query block for one pair of query and key positions (row t - t_begin holds d(t, s)
 // for every key s; rows of queries without a position are not filled), and the runs of keys with a position.
 template <typename acc_t>
@@ -41,53 +34,57 @@ struct DistanceBlock {
   std::vector<std::pair<int64_t, int64_t>> runs;
 };
 
-// Runs fn(b, t_begin, t_end, queries, distances) over every (query block, matrix) pair in parallel, block-major.
+// The matrices' indices sorted by where their query and key positions start, so matrices sharing positions
+// come one after another (a stable sort: ties keep the row-major order, and a run of matrices with the same
+// positions is read in order).
+std::vector<int64_t> matrices_by_positions(const PositionArgs& args) {
+  const int64_t m = args.layout.num_matrices;
+  std::vector<int64_t> order(m);
+  std::iota(order.begin(), order.end(), 0);
+  std::vector<std::pair<int64_t, int64_t>> starts(m);
+  for (int64_t b = 0; b < m; ++b) starts[b] = {args.queries.offsets(b), args.keys.offsets(b)};
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return starts[x] < starts[y]; });
+  return order;
+}
+
+// Runs fn(b, t_begin, t_end, queries, distances) over every (query block, matrix) pair in parallel, block-major,
+// the matrices of a block in the order of their positions: a thread turns each set of positions it meets
+// (shared by the whole batch, per image, per window) into distance rows once per block and reuses them, from
+// L1, for every matrix that shares them.
 template <typename acc_t, typename Fn>
 void for_each_position_block(const PositionArgs& args, Fn fn) {
   const PositionLayout& l = args.layout;
   const auto queries = position_rows<acc_t>(args.queries, l.dims);
   const auto keys = position_rows<acc_t>(args.keys, l.dims);
+  const std::vector<int64_t> order = matrices_by_positions(args);
   const int64_t rows_per_block = std::clamp<int64_t>(
       kDistanceCacheBytes / (std::max<int64_t>(l.num_keys, 1) * static_cast<int64_t>(sizeof(acc_t))), 1,
       std::max<int64_t>(l.num_queries, 1));
   const int64_t num_blocks = (l.num_queries + rows_per_block - 1) / rows_per_block;
-  using CacheKey = std::tuple<const acc_t*, const acc_t*, int64_t>;
   at::parallel_for(0, num_blocks * l.num_matrices, 1, [&](int64_t begin, int64_t end) {
-    std::map<CacheKey, DistanceBlock<acc_t>> cache;
-    int64_t cache_bytes = 0;
+    DistanceBlock<acc_t> distances{std::vector<acc_t>(rows_per_block * l.num_keys), {}};
     PackedKeys<acc_t> packed;
-    CacheKey current_key{nullptr, nullptr, -1};
-    const DistanceBlock<acc_t>* current = nullptr;
+    std::tuple<const acc_t*, const acc_t*, int64_t> filled{nullptr, nullptr, -1};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task / l.num_matrices;
-      const int64_t b = task % l.num_matrices;
+      const int64_t b = order[task % l.num_matrices];
       const int64_t t_begin = block * rows_per_block;
       const int64_t t_end = std::min(t_begin + rows_per_block, l.num_queries);
       const acc_t* q_matrix = queries.matrix(b);
-      const CacheKey key{q_matrix, keys.matrix(b), block};
-      if (key != current_key) {
-        auto found = cache.find(key);
-        if (found == cache.end()) {
-          const int64_t bytes = (t_end - t_begin) * l.num_keys * static_cast<int64_t>(sizeof(acc_t));
-          if (cache_bytes + bytes > kPositionCacheBytes) {
-            cache.clear();
-            cache_bytes = 0;
-          }
-          packed.set(keys, b, l.num_keys);
-          DistanceBlock<acc_t> entry{std::vector<acc_t>((t_end - t_begin) * l.num_keys), packed.runs};
-          for (int64_t t = t_begin; t < t_end; ++t) {
-            if (!queries.has_position(q_matrix, t)) continue;
-            acc_t q[3];
-            queries.position(q_matrix, t, q);
-            packed.distances(q, 0, l.num_keys, /*zero_missing=*/false, entry.rows.data() + (t - t_begin) * l.num_keys);
-          }
-          found = cache.emplace(key, std::move(entry)).first;
-          cache_bytes += bytes;
+      const std::tuple<const acc_t*, const acc_t*, int64_t> needed{q_matrix, keys.matrix(b), block};
+      if (needed != filled) {
+        packed.set(keys, b, l.num_keys);
+        distances.runs = packed.runs;
+        for (int64_t t = t_begin; t < t_end; ++t) {
+          if (!queries.has_position(q_matrix, t)) continue;
+          acc_t q[3];
+          queries.position(q_matrix, t, q);
+          packed.distances(q, 0, l.num_keys, /*zero_missing=*/false,
+                           distances.rows.data() + (t - t_begin) * l.num_keys);
         }
-        current_key = key;
-        current = &found->second;
+        filled = needed;
       }
-      fn(b, t_begin, t_end, queries, *current);
+      fn(b, t_begin, t_end, queries, distances);
     }
   });
 }
