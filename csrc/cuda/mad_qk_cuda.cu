@@ -346,8 +346,8 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams<typenam
           total += weight;
           if (is_positioned(key_x[j])) {
             mass += weight;
-            weighted += weight * patch *
-                        position_distance<acc_t>(query[0] - key_x[j], query[1] - key_y[j], query[2] - key_z[j]);
+            weighted += weight * (patch * position_distance<acc_t>(query[0] - key_x[j], query[1] - key_y[j],
+                                                                   query[2] - key_z[j]));
           }
         }
         running_max = new_max;
