@@ -10,10 +10,6 @@
 namespace vitmad {
 namespace {
 
-bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 // Exact integer square root, or -1 when n is not a perfect square.
 int64_t exact_isqrt(int64_t n) {
   auto r = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(n))));
@@ -23,6 +19,10 @@ int64_t exact_isqrt(int64_t n) {
 }
 
 }  // namespace
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
 
 MadLayout check_mad_options(int64_t n, int64_t num_matrices, int64_t patch, int64_t num_prefix_tokens,
                             at::OptionalIntArrayRef grid, bool renormalize, std::string_view reduction,
@@ -62,15 +62,18 @@ MadLayout check_mad_options(int64_t n, int64_t num_matrices, int64_t patch, int6
                    reduction == "mean"};
 }
 
-MadLayout check_mad_args(const at::Tensor& attn, int64_t patch, int64_t num_prefix_tokens,
-                         at::OptionalIntArrayRef grid, bool renormalize, std::string_view reduction,
-                         const char* op_name) {
+void check_attn_tensor(const at::Tensor& attn, const char* shape, const char* op_name) {
   TORCH_CHECK_VALUE(attn.layout() == at::kStrided, op_name,
                     ": attn must be a dense (strided) tensor, got layout ", attn.layout());
   TORCH_CHECK_TYPE(is_supported_dtype(attn.scalar_type()), op_name,
                    ": attn must be float16, bfloat16, float32 or float64, got ", attn.scalar_type());
-  TORCH_CHECK_VALUE(attn.dim() >= 2, op_name,
-                    ": attn must have at least 2 dimensions [..., N, N], got shape ", attn.sizes());
+  TORCH_CHECK_VALUE(attn.dim() >= 2, op_name, ": attn must have at least 2 dimensions ", shape, ", got shape ",
+                    attn.sizes());
+}
+
+MadLayout check_mad_args(const at::Tensor& attn, int64_t patch, int64_t num_prefix_tokens, at::OptionalIntArrayRef grid,
+                         bool renormalize, std::string_view reduction, const char* op_name) {
+  check_attn_tensor(attn, "[..., N, N]", op_name);
   const int64_t n = attn.size(-1);
   TORCH_CHECK_VALUE(attn.size(-2) == n, op_name,
                     ": attn must be square in its last two dimensions [..., N, N] (queries x keys), got shape ",
@@ -84,14 +87,21 @@ at::ScalarType mad_output_dtype(at::ScalarType attn_dtype) {
   return attn_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::vector<int64_t> mad_output_shape(const at::Tensor& attn, const MadLayout& layout) {
-  std::vector<int64_t> shape(attn.sizes().begin(), attn.sizes().end() - 2);
-  if (!layout.reduce_mean) shape.push_back(layout.num_patches);
+std::vector<int64_t> mad_output_shape(const at::Tensor& tokens, bool reduce_mean, int64_t num_queries) {
+  std::vector<int64_t> shape(tokens.sizes().begin(), tokens.sizes().end() - 2);
+  if (!reduce_mean) shape.push_back(num_queries);
   return shape;
 }
 
-at::Tensor check_mad_grad(const at::Tensor& grad, const at::Tensor& attn, const MadLayout& layout) {
-  const auto expected = mad_output_shape(attn, layout);
+MadOutputs empty_mad_outputs(const at::Tensor& tokens, int64_t num_matrices, int64_t num_queries, bool reduce_mean) {
+  const auto options = tokens.options().dtype(mad_output_dtype(tokens.scalar_type()));
+  at::Tensor per_query = at::empty({num_matrices, num_queries}, options);
+  const auto shape = mad_output_shape(tokens, reduce_mean, num_queries);
+  return MadOutputs{per_query, reduce_mean ? at::empty(shape, options) : per_query.view(shape)};
+}
+
+at::Tensor check_mad_grad(const at::Tensor& grad, const at::Tensor& attn, bool reduce_mean, int64_t num_queries) {
+  const auto expected = mad_output_shape(attn, reduce_mean, num_queries);
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(expected),
                     "vitmad.mad_backward: grad must have the shape of mad's output ", at::IntArrayRef(expected),
                     ", got ", grad.sizes());
@@ -110,14 +120,8 @@ MatrixOffsets matrix_offsets(const at::Tensor& tensor, const char* op_name, cons
   return offsets;
 }
 
-}  // namespace vitmad
-
-namespace vitmad {
-
-MadQkLayout check_mad_qk_args(const at::Tensor& q, const at::Tensor& k, int64_t patch, int64_t num_prefix_tokens,
-                              at::OptionalIntArrayRef grid, std::optional<double> scale,
-                              const std::optional<at::Tensor>& attn_bias, bool renormalize,
-                              std::string_view reduction, const char* op_name) {
+QkShape check_qk_tensors(const at::Tensor& q, const at::Tensor& k, std::optional<double> scale,
+                         const std::optional<at::Tensor>& attn_bias, bool same_tokens, const char* op_name) {
   TORCH_CHECK_VALUE(q.layout() == at::kStrided, op_name, ": q must be a dense (strided) tensor, got layout ",
                     q.layout());
   TORCH_CHECK_VALUE(k.layout() == at::kStrided, op_name, ": k must be a dense (strided) tensor, got layout ",
@@ -132,12 +136,13 @@ MadQkLayout check_mad_qk_args(const at::Tensor& q, const at::Tensor& k, int64_t 
                     op_name, ": k must have q's leading dimensions, shape [..., N, D] = ",
                     q.sizes().slice(0, q.dim() - 2), " + [N, D], got k of shape ", k.sizes(), " and q of shape ",
                     q.sizes());
-  const int64_t n = q.size(-2);
+  const int64_t nq = q.size(-2);
+  const int64_t nk = k.size(-2);
   const int64_t d = q.size(-1);
   TORCH_CHECK_VALUE(d > 0, op_name, ": q must have a head dimension D > 0, got shape ", q.sizes());
   TORCH_CHECK_VALUE(k.size(-1) == d, op_name, ": k must have q's head dimension D = ", d, ", got shape ",
                     k.sizes());
-  TORCH_CHECK_VALUE(k.size(-2) == n, op_name, ": k must have q's number of tokens N = ", n, ", got shape ",
+  TORCH_CHECK_VALUE(!same_tokens || nk == nq, op_name, ": k must have q's number of tokens N = ", nq, ", got shape ",
                     k.sizes());
   TORCH_CHECK_VALUE(k.device() == q.device(), op_name, ": k must be on q's device ", q.device(), ", got ",
                     k.device());
@@ -152,33 +157,39 @@ MadQkLayout check_mad_qk_args(const at::Tensor& q, const at::Tensor& k, int64_t 
                      "(True keeps a key), got ", bias.scalar_type());
     TORCH_CHECK_VALUE(bias.device() == q.device(), op_name, ": attn_bias must be on q's device ", q.device(),
                       ", got ", bias.device());
-    std::vector<int64_t> target(q.sizes().begin(), q.sizes().end() - 1);
-    target.push_back(n);
+    const auto target = logits_shape(q, k);
     bool broadcastable = bias.dim() <= static_cast<int64_t>(target.size());
     for (int64_t i = 1; broadcastable && i <= bias.dim(); ++i) {
       const int64_t size = bias.size(-i);
       broadcastable = size == 1 || size == target[target.size() - i];
     }
-    TORCH_CHECK_VALUE(broadcastable, op_name, ": attn_bias must be broadcastable to the logits' shape [..., N, N] = ",
-                      at::IntArrayRef(target), ", got shape ", bias.sizes());
+    TORCH_CHECK_VALUE(broadcastable, op_name, ": attn_bias must be broadcastable to the logits' shape ",
+                      same_tokens ? "[..., N, N]" : "[..., Nq, Nk]", " = ", at::IntArrayRef(target), ", got shape ",
+                      bias.sizes());
   }
   int64_t num_matrices = 1;
   for (int64_t i = 0; i < q.dim() - 2; ++i) num_matrices *= q.size(i);
-  const MadLayout layout =
-      check_mad_options(n, num_matrices, patch, num_prefix_tokens, grid, renormalize, reduction, "q", op_name);
-  return MadQkLayout{layout, d, scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d))};
+  return QkShape{nq, nk, d, num_matrices, scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d))};
 }
 
-at::Tensor broadcast_attn_bias(const at::Tensor& attn_bias, const at::Tensor& q) {
-  std::vector<int64_t> target(q.sizes().begin(), q.sizes().end() - 1);
-  target.push_back(q.size(-2));
-  return attn_bias.expand(target);
+MadQkLayout check_mad_qk_args(const at::Tensor& q, const at::Tensor& k, int64_t patch, int64_t num_prefix_tokens,
+                              at::OptionalIntArrayRef grid, std::optional<double> scale,
+                              const std::optional<at::Tensor>& attn_bias, bool renormalize, std::string_view reduction,
+                              const char* op_name) {
+  const QkShape shape = check_qk_tensors(q, k, scale, attn_bias, /*same_tokens=*/true, op_name);
+  const MadLayout layout = check_mad_options(shape.num_queries, shape.num_matrices, patch, num_prefix_tokens, grid,
+                                             renormalize, reduction, "q", op_name);
+  return MadQkLayout{layout, shape.head_dim, shape.scale};
 }
 
-std::vector<int64_t> mad_qk_output_shape(const at::Tensor& q, const MadLayout& layout) {
-  std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end() - 2);
-  if (!layout.reduce_mean) shape.push_back(layout.num_patches);
+std::vector<int64_t> logits_shape(const at::Tensor& q, const at::Tensor& k) {
+  std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end() - 1);
+  shape.push_back(k.size(-2));
   return shape;
+}
+
+at::Tensor broadcast_attn_bias(const at::Tensor& attn_bias, const at::Tensor& q, const at::Tensor& k) {
+  return attn_bias.expand(logits_shape(q, k));
 }
 
 }  // namespace vitmad

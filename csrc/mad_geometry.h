@@ -1,5 +1,5 @@
 // Index and distance math shared by every kernel (CPU and CUDA), so the CPU tests exercise the same
-// formulas the GPU runs. See MAD_SPEC.md: patch token t sits at row t / gw, column t % gw, and the distance
+// formulas the GPU runs. See docs/definition.md, "Definition": patch token t sits at row t / gw, column t % gw, and the distance
 // between two patches is patch * sqrt(drow^2 + dcol^2) pixels.
 #pragma once
 
@@ -28,6 +28,13 @@ VITMAD_HOST_DEVICE index_t patch_col(index_t token, index_t grid_w) { return tok
 template <typename acc_t>
 VITMAD_HOST_DEVICE acc_t grid_distance(acc_t dr, acc_t dc) {
   return sqrt(dr * dr + dc * dc);
+}
+
+// Euclidean distance between two positions whose coordinates differ by (dx, dy, dz); fewer than three
+// coordinates are padded with zeros, which add exactly nothing (docs/definition.md, "Beyond one grid").
+template <typename acc_t>
+VITMAD_HOST_DEVICE acc_t position_distance(acc_t dx, acc_t dy, acc_t dz) {
+  return sqrt(dx * dx + dy * dy + dz * dz);
 }
 
 // Distance in pixels between two patches that are `drow` grid rows and `dcol` grid columns apart.
@@ -117,6 +124,54 @@ struct MatrixOffsets {
     }
     return ndim > 0 ? offset + index * strides[0] : offset;
   }
+};
+
+// One side's positions (queries or keys) of the position form: matrix b of the attention finds its [N, K]
+// positions at data + offsets(b), row t at + t * row_stride, coordinate c at + c * coord_stride. A token
+// without a position has a row of NaN (docs/definition.md, "Beyond one grid: where each token is").
+template <typename acc_t>
+struct PositionRows {
+  const acc_t* data;
+  MatrixOffsets offsets;
+  int64_t row_stride;
+  int64_t coord_stride;
+  int64_t dims;  // K, 1 to 3
+
+  VITMAD_HOST_DEVICE const acc_t* matrix(int64_t b) const { return data + offsets(b); }
+  // A coordinate that is not NaN, the one value unequal to itself (kernels are built without fast-math).
+  static VITMAD_HOST_DEVICE bool present(acc_t x) { return x == x; }
+  VITMAD_HOST_DEVICE bool has_position(const acc_t* matrix, int64_t t) const { return present(matrix[t * row_stride]); }
+  VITMAD_HOST_DEVICE bool has_position(int64_t b, int64_t t) const { return has_position(matrix(b), t); }
+  // Coordinate c of row t, 0 past the K given (the padding position_distance expects).
+  VITMAD_HOST_DEVICE acc_t coord(const acc_t* matrix, int64_t t, int64_t c) const {
+    return c < dims ? matrix[t * row_stride + c * coord_stride] : acc_t(0);
+  }
+  VITMAD_HOST_DEVICE void position(const acc_t* matrix, int64_t t, acc_t* out) const {
+    for (int64_t c = 0; c < 3; ++c) out[c] = coord(matrix, t, c);
+  }
+};
+
+// Which queries the mean over queries of matrix b counts: of_matrix(b)(t) says whether query t does (found once
+// per matrix, since a matrix's offset costs divisions). Every query in the grid form, whose per-query rows hold
+// the patch queries only.
+struct AllQueries {
+  struct OfMatrix {
+    VITMAD_HOST_DEVICE bool operator()(int64_t /*t*/) const { return true; }
+  };
+  VITMAD_HOST_DEVICE OfMatrix of_matrix(int64_t /*b*/) const { return {}; }
+};
+
+// The position form: the queries with a position.
+template <typename acc_t>
+struct PositionedQueries {
+  PositionRows<acc_t> queries;
+
+  struct OfMatrix {
+    const acc_t* rows;
+    int64_t row_stride;
+    VITMAD_HOST_DEVICE bool operator()(int64_t t) const { return PositionRows<acc_t>::present(rows[t * row_stride]); }
+  };
+  VITMAD_HOST_DEVICE OfMatrix of_matrix(int64_t b) const { return {queries.matrix(b), queries.row_stride}; }
 };
 
 // Fills `out` from the sizes and strides of the `ndim` leading dims; false when more than kMaxLeadingDims

@@ -18,52 +18,8 @@
 namespace vitmad {
 namespace {
 
-// Distance rows cached per task: at most this many bytes, so they stay in L2 while they are reused for every
-// matrix (batch x head) of the tensor.
-constexpr int64_t kDistanceCacheBytes = 64 * 1024;
 // Queries per task when the query axis is the contiguous one: their accumulators stay in L1.
-// Software prefetch distance along an attention row: the hardware prefetcher alone leaves a single core well
-// short of the bandwidth that attn.sum() reaches, because the distance rows compete for the same L1.
-constexpr int64_t kPrefetchAheadBytes = 4096;
 constexpr int64_t kQueriesPerColumnTask = 256;
-
-// sum_s a[s * stride] * dist[s] and, with kMass, sum_s a[s * stride]. Explicit lanes instead of a reduction
-// pragma: the compiler turns them into vector registers without spilling, and the summation order (hence
-// the result) is the same for every instruction set.
-template <typename scalar_t, typename acc_t, bool kMass>
-__attribute__((always_inline)) inline void weighted_sums(const scalar_t* a, int64_t stride, const acc_t* dist, int64_t n, acc_t& weighted,
-                          acc_t& mass) {
-  constexpr int64_t kLanes = 128 / sizeof(acc_t);
-  acc_t w[kLanes] = {};
-  acc_t m[kLanes] = {};
-  int64_t s = 0;
-  if (stride == 1) {
-    for (; s + kLanes <= n; s += kLanes) {
-      for (int64_t i = 0; i < kLanes; i += 64 / sizeof(scalar_t)) __builtin_prefetch(a + s + i + kPrefetchAheadBytes / sizeof(scalar_t));
-      for (int64_t i = 0; i < kLanes; ++i) {
-        const acc_t v = static_cast<acc_t>(a[s + i]);
-        w[i] += v * dist[s + i];
-        if constexpr (kMass) m[i] += v;
-      }
-    }
-  }
-  acc_t w_total = 0;
-  acc_t m_total = 0;
-  for (; s < n; ++s) {
-    const acc_t v = static_cast<acc_t>(a[s * stride]);
-    w_total += v * dist[s];
-    if constexpr (kMass) m_total += v;
-  }
-  // Pairwise, not sequential: a chain of kLanes dependent adds would cost more than a short row itself.
-  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
-    for (int64_t i = 0; i < width; ++i) {
-      w[i] += w[i + width];
-      if constexpr (kMass) m[i] += m[i + width];
-    }
-  }
-  weighted = w_total + w[0];
-  mass = m_total + m[0];
-}
 
 // One query block of one matrix: m_t for t in [t_begin, t_end), reading each attention row along the keys.
 template <typename scalar_t, typename acc_t>
@@ -106,7 +62,7 @@ VITMAD_CPU_CLONES void mad_columns(const scalar_t* matrix, int64_t key_stride, c
   for (int64_t i = 0; i < count; ++i) out[t_begin + i] = l.renormalize ? weighted[i] / mass[i] : weighted[i];
 }
 
-// Queries per block for which distance rows are cached, and the number of such blocks.
+// Queries per block for which distance rows are cached (about kDistanceCacheBytes of them).
 int64_t cached_rows_per_block(const MadLayout& l, size_t acc_size) {
   return std::clamp<int64_t>(kDistanceCacheBytes / (l.num_patches * static_cast<int64_t>(acc_size)), 1, l.num_patches);
 }
@@ -164,18 +120,17 @@ void mad_cpu_typed(const at::Tensor& attn, const MadLayout& l, acc_t patch, acc_
 at::Tensor mad_cpu(const at::Tensor& attn, int64_t patch, int64_t num_prefix_tokens, at::OptionalIntArrayRef grid,
                    bool renormalize, c10::string_view reduction) {
   const MadLayout l = check_mad_args(attn, patch, num_prefix_tokens, grid, renormalize, reduction, "vitmad.mad");
-  const auto out_dtype = mad_output_dtype(attn.scalar_type());
-  at::Tensor per_query = at::empty({l.num_matrices, l.num_patches}, attn.options().dtype(out_dtype));
-  at::Tensor out = at::empty(mad_output_shape(attn, l), attn.options().dtype(out_dtype));
+  const auto [per_query, out] = empty_mad_outputs(attn, l.num_matrices, l.num_patches, l.reduce_mean);
   if (l.num_matrices == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "vitmad_mad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* rows = per_query.mutable_data_ptr<acc_t>();
     mad_cpu_typed<scalar_t, acc_t>(attn, l, static_cast<acc_t>(patch), rows);
-    if (l.reduce_mean) mean_over_queries<acc_t>(rows, l, out.mutable_data_ptr<acc_t>());
+    if (l.reduce_mean)
+      mean_over_queries<acc_t>(rows, l.num_matrices, l.num_patches, AllQueries{}, out.mutable_data_ptr<acc_t>());
   });
-  return l.reduce_mean ? out : per_query.view(out.sizes());
+  return out;
 }
 
 // grad_attn[..., P+t, P+s] = g_t * d(t, s), or g_t * (d(t, s) - m_t) / Z_t with renormalisation, where
@@ -206,7 +161,7 @@ at::Tensor mad_backward_cpu(const at::Tensor& grad, const at::Tensor& attn, int6
                             at::OptionalIntArrayRef grid, bool renormalize, c10::string_view reduction) {
   const MadLayout l =
       check_mad_args(attn, patch, num_prefix_tokens, grid, renormalize, reduction, "vitmad.mad_backward");
-  const at::Tensor g = check_mad_grad(grad, attn, l);
+  const at::Tensor g = check_mad_grad(grad, attn, l.reduce_mean, l.num_patches);
   at::Tensor grad_attn = at::zeros(attn.sizes(), attn.options().memory_format(at::MemoryFormat::Contiguous));
   if (l.num_matrices == 0) return grad_attn;
 

@@ -1,18 +1,20 @@
 // CPU helpers shared by the kernels of vitmad::mad and vitmad::mad_qk: the distance table that replaces the
-// (N-P) x (N-P) distance matrix, element offsets of one matrix of a batched strided tensor, the
-// deterministic mean over queries, and the per-CPU code clones of hot loops.
+// (N-P) x (N-P) distance matrix, the deterministic mean over queries, and the per-CPU code clones of hot
+// loops. (Where each matrix of a batched strided tensor starts is MatrixOffsets, in mad_geometry.h.)
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <c10/util/ArrayRef.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <vector>
 
 #include "../mad_args.h"
 #include "../mad_geometry.h"
+#include "../position_args.h"
 
 // Each hot loop is compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load time by the CPU, so
 // one wheel is fast on modern CPUs and still runs on old ones.
@@ -51,20 +53,144 @@ void fill_distances(const acc_t* table, const MadLayout& l, int64_t t, int64_t f
   }
 }
 
-// Row-wise mean of [num_matrices, num_patches] per-query values in double, in a fixed order, so the result
-// does not depend on the number of threads.
-template <typename acc_t>
-void mean_over_queries(const acc_t* per_query, const MadLayout& l, acc_t* out) {
+// out[b] = mean of per_query[b, t] over the queries t that counts.of_matrix(b) admits (AllQueries,
+// PositionedQueries), in double and in a fixed
+// order, so the result does not depend on the number of threads. No admitted query gives 0 / 0 = NaN.
+template <typename acc_t, typename QueryFilter>
+void mean_over_queries(const acc_t* per_query, int64_t num_matrices, int64_t num_queries, QueryFilter counts,
+                       acc_t* out) {
   // Threads only pay off for large outputs: starting a parallel region costs more than a small mean.
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / l.num_patches);
-  at::parallel_for(0, l.num_matrices, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(num_queries, 1));
+  at::parallel_for(0, num_matrices, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       double total = 0;
-      const acc_t* row = per_query + b * l.num_patches;
-      for (int64_t t = 0; t < l.num_patches; ++t) total += static_cast<double>(row[t]);
-      out[b] = static_cast<acc_t>(total / static_cast<double>(l.num_patches));
+      int64_t admitted = 0;
+      const acc_t* row = per_query + b * num_queries;
+      const auto counted = counts.of_matrix(b);
+      for (int64_t t = 0; t < num_queries; ++t) {
+        if (counted(t)) {
+          total += static_cast<double>(row[t]);
+          ++admitted;
+        }
+      }
+      out[b] = static_cast<acc_t>(total / static_cast<double>(admitted));
     }
   });
 }
+
+// Distance rows cached per task: at most this many bytes, so they stay in L2 while they are reused for every
+// matrix (batch x head) of the tensor.
+constexpr int64_t kDistanceCacheBytes = 64 * 1024;
+// Software prefetch distance along an attention row: the hardware prefetcher alone leaves a single core well
+// short of the bandwidth that attn.sum() reaches, because the distance rows compete for the same L1.
+constexpr int64_t kPrefetchAheadBytes = 4096;
+
+// sum_s a[s * stride] * dist[s] and, with kMass, sum_s a[s * stride], over kLanes lanes. Explicit lanes instead
+// of a reduction pragma: the compiler turns them into vector registers without spilling, and the summation order
+// (hence the result) is the same for every instruction set.
+template <int64_t kLanes, typename scalar_t, typename acc_t, bool kMass>
+__attribute__((always_inline)) inline void lane_sums(const scalar_t* a, int64_t stride, const acc_t* dist, int64_t n,
+                                                     acc_t& weighted, acc_t& mass) {
+  acc_t w[kLanes] = {};
+  acc_t m[kLanes] = {};
+  int64_t s = 0;
+  if (stride == 1) {
+    for (; s + kLanes <= n; s += kLanes) {
+      if constexpr (kLanes * sizeof(acc_t) >= 128) {
+        for (int64_t i = 0; i < kLanes; i += 64 / sizeof(scalar_t))
+          __builtin_prefetch(a + s + i + kPrefetchAheadBytes / sizeof(scalar_t));
+      }
+      for (int64_t i = 0; i < kLanes; ++i) {
+        const acc_t v = static_cast<acc_t>(a[s + i]);
+        w[i] += v * dist[s + i];
+        if constexpr (kMass) m[i] += v;
+      }
+    }
+  }
+  acc_t w_total = 0;
+  acc_t m_total = 0;
+  for (; s < n; ++s) {
+    const acc_t v = static_cast<acc_t>(a[s * stride]);
+    w_total += v * dist[s];
+    if constexpr (kMass) m_total += v;
+  }
+  // Pairwise, not sequential: a chain of kLanes dependent adds would cost more than a short row itself.
+  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+    for (int64_t i = 0; i < width; ++i) {
+      w[i] += w[i + width];
+      if constexpr (kMass) m[i] += m[i + width];
+    }
+  }
+  weighted = w_total + w[0];
+  mass = m_total + m[0];
+}
+
+// lane_sums with four vector registers of lanes for rows of a hundred keys and more, one for short rows (a 7 x 7
+// window is 49 keys), whose cost is otherwise the lanes' setup and final tree.
+template <typename scalar_t, typename acc_t, bool kMass>
+__attribute__((always_inline)) inline void weighted_sums(const scalar_t* a, int64_t stride, const acc_t* dist,
+                                                         int64_t n, acc_t& weighted, acc_t& mass) {
+  constexpr int64_t kLongLanes = 128 / sizeof(acc_t);
+  constexpr int64_t kShortLanes = 64 / sizeof(acc_t);
+  if (n >= 4 * kLongLanes)
+    lane_sums<kLongLanes, scalar_t, acc_t, kMass>(a, stride, dist, n, weighted, mass);
+  else
+    lane_sums<kShortLanes, scalar_t, acc_t, kMass>(a, stride, dist, n, weighted, mass);
+}
+
+// out[j] = the distance from `query` to the key at (kx[j], ky[j], kz[j]), NaN (or 0 with zero_missing) where kx[j]
+// is NaN. A per-CPU clone: the square roots are a good part of the work.
+template <typename acc_t>
+VITMAD_CPU_CLONES void position_distances(const acc_t* query, const acc_t* kx, const acc_t* ky, const acc_t* kz,
+                                          int64_t count, bool zero_missing, acc_t* out) {
+  const acc_t qx = query[0], qy = query[1], qz = query[2];
+  if (zero_missing) {
+#pragma omp simd
+    for (int64_t j = 0; j < count; ++j) {
+      const acc_t d = position_distance<acc_t>(qx - kx[j], qy - ky[j], qz - kz[j]);
+      out[j] = d == d ? d : acc_t(0);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < count; ++j) out[j] = position_distance<acc_t>(qx - kx[j], qy - ky[j], qz - kz[j]);
+  }
+}
+
+// One matrix's key positions packed for vectorised distance rows: three contiguous coordinate arrays (NaN for
+// keys without a position, 0 past K), and the maximal runs [begin, end) of keys with a position, so attention
+// rows are still read as contiguous dot products. Repacked only when the matrix's positions change (broadcast
+// positions are packed once per thread).
+template <typename acc_t>
+struct PackedKeys {
+  const acc_t* source = nullptr;
+  std::vector<acc_t> x, y, z;
+  std::vector<std::pair<int64_t, int64_t>> runs;
+
+  void set(const PositionRows<acc_t>& keys, int64_t b, int64_t num_keys) {
+    const acc_t* matrix = keys.matrix(b);
+    if (matrix == source) return;
+    source = matrix;
+    x.resize(num_keys);
+    y.resize(num_keys);
+    z.resize(num_keys);
+    runs.clear();
+    for (int64_t s = 0; s < num_keys; ++s) {
+      x[s] = keys.coord(matrix, s, 0);
+      y[s] = keys.coord(matrix, s, 1);
+      z[s] = keys.coord(matrix, s, 2);
+      if (std::isnan(x[s])) continue;
+      if (!runs.empty() && runs.back().second == s)
+        ++runs.back().second;
+      else
+        runs.emplace_back(s, s + 1);
+    }
+  }
+
+  // out[j] = d(query, key first + j) for j < count; for a key without a position NaN, or 0 (it adds nothing)
+  // with zero_missing.
+  void distances(const acc_t* query, int64_t first, int64_t count, bool zero_missing, acc_t* out) const {
+    position_distances(query, x.data() + first, y.data() + first, z.data() + first, count, zero_missing, out);
+  }
+};
 
 }  // namespace vitmad

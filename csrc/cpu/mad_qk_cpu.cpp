@@ -1,12 +1,13 @@
-// CPU kernel of vitmad::mad_qk: MAD of softmax(q @ k^T * scale + attn_bias) without the N x N attention.
+// CPU kernels of vitmad::mad_qk and vitmad::mad_qk_pos: MAD of softmax(q @ k^T * scale + attn_bias) without
+// the Nq x Nk attention.
 //
-// Flash-attention's recurrence with the value product replaced by distances: each task owns a block of query
-// patches of one matrix and walks the keys in blocks. A block of logits comes from one product
-// q_block @ k_block^T with float32 (float64) accumulation (block_logits.h), then every query row updates its
-// running max, its running normaliser over all keys (prefix tokens included), and its running mass and
-// distance-weighted sum over the patch keys, all rescaled whenever the max grows. Memory beyond inputs and
-// output: the [matrices, N - P] per-query results, and per thread one matrix's packed keys (N x D) and a few
-// blocks.
+// Flash-attention's recurrence with the value product replaced by distances: each task owns a block of queries
+// of one matrix and walks the keys in blocks. A block of logits comes from one product q_block @ k_block^T with
+// float32 (float64) accumulation (block_logits.h), then every query row updates its running max, its running
+// normaliser over all keys (prefix tokens and keys without a position included) and its distance-weighted sum,
+// both rescaled whenever the max grows. The grid form and the position form differ only in where the
+// distances come from (GridDistances, PositionDistances). Memory beyond inputs and output: the per-query
+// results, and per thread one matrix's packed keys (Nk x D, and their positions) and a few blocks.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -57,7 +58,6 @@ template <typename acc_t>
 struct RowState {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
   acc_t total = 0;     // sum of exp(logit - max) over every key seen, prefix tokens included
-  acc_t mass = 0;      // the same over patch keys only
   acc_t weighted = 0;  // the same over patch keys, each term times the key's distance to the query
 };
 
@@ -102,7 +102,6 @@ VITMAD_CPU_CLONES void online_softmax_update(const acc_t* logits, int64_t num_ke
   const acc_t rescale = exp_nonpositive(state.max - new_max);
   state.max = new_max;
   state.total = state.total * rescale + prefix_total + mass;
-  state.mass = state.mass * rescale + mass;
   state.weighted = state.weighted * rescale + weighted;
 }
 
@@ -118,6 +117,13 @@ VITMAD_CPU_CLONES void apply_bias(acc_t* logits, const bias_t* bias, int64_t str
   }
 }
 
+// Which keys of a block's logits row the online-softmax update sees: it skips the first `skip` and counts the
+// next `prefix` in the normaliser only.
+struct KeySpan {
+  int64_t skip;
+  int64_t prefix;
+};
+
 // A tensor's data and the offsets of its [N, X] matrices.
 template <typename T>
 struct StridedView {
@@ -132,66 +138,159 @@ StridedView<T> view_of(const at::Tensor& t, const char* arg_name) {
   return {t.const_data_ptr<T>(), matrix_offsets(t, "vitmad.mad_qk", arg_name)};
 }
 
-template <typename scalar_t, typename acc_t, typename bias_t>
-void mad_qk_cpu_typed(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& bias,
-                      const MadQkLayout& ql, acc_t patch, acc_t* per_query) {
-  const MadLayout& l = ql.mad;
-  const int64_t head_dim = ql.head_dim;
-  const auto table = distance_table<acc_t>(l, patch);
+// Where the queries and keys of the grid form are and how far apart: queries are the patch tokens P, P + 1, ...;
+// the first P keys of each row are prefix tokens, the rest patches at grid distances. The distances are a copy
+// from the small distance table, so a task takes one matrix.
+template <typename acc_t>
+struct GridDistances {
+  static constexpr int64_t kMatricesPerTask = 1;
+  const acc_t* table;
+  const MadLayout* l;
+
+  bool shares_distances(int64_t /*a*/, int64_t /*b*/) const { return true; }
+  void set_matrix(int64_t /*b*/) {}
+  bool has_query(int64_t /*t*/) const { return true; }
+  // Which keys of key block [k_begin, k_begin + cols) the update skips (renormalised MAD is the mean distance
+  // under the softmax over patch keys alone, so prefix keys are left out: counting them would only shrink the
+  // patch mass, down to 0 / 0 for a query that puts nearly all its attention on CLS) and how many leading keys
+  // count only in the normaliser. The same for every row.
+  KeySpan span(int64_t k_begin, int64_t cols) const {
+    const int64_t prefix_keys = std::clamp<int64_t>(l->num_prefix - k_begin, 0, cols);
+    return l->renormalize ? KeySpan{prefix_keys, 0} : KeySpan{0, prefix_keys};
+  }
+  // dist = the distances from query t to the patch keys of the key block.
+  void fill(int64_t t, int64_t k_begin, int64_t cols, acc_t* dist) const {
+    const int64_t prefix_keys = std::clamp<int64_t>(l->num_prefix - k_begin, 0, cols);
+    const int64_t first_patch_key = k_begin + prefix_keys - l->num_prefix;  // among the patches
+    const int64_t last_patch_key = k_begin + cols - l->num_prefix;
+    if (first_patch_key < last_patch_key) fill_distances(table, *l, t, first_patch_key, last_patch_key, dist);
+  }
+  void mask(int64_t /*k_begin*/, int64_t /*cols*/, acc_t* /*logits*/) const {}
+};
+
+// The position form: every token may have a position; a key without one has distance 0 (it counts in the
+// normaliser only), or with renormalisation is masked out of the softmax (the mean distance under the softmax
+// over keys with a position); a query without one gives NaN. The square roots cost about a fifth of the
+// kernel's time, so a task takes up to four matrices that share positions and computes each block of distances
+// once for all of them.
+template <typename acc_t>
+struct PositionDistances {
+  static constexpr int64_t kMatricesPerTask = 4;
+  PositionRows<acc_t> queries;
+  PositionRows<acc_t> keys;
+  int64_t num_keys;
+  bool renormalize;
+  PackedKeys<acc_t> packed{};
+  const acc_t* q_matrix = nullptr;
+
+  bool shares_distances(int64_t a, int64_t b) const {
+    return queries.matrix(a) == queries.matrix(b) && keys.matrix(a) == keys.matrix(b);
+  }
+  void set_matrix(int64_t b) {
+    q_matrix = queries.matrix(b);
+    packed.set(keys, b, num_keys);
+  }
+  bool has_query(int64_t t) const { return queries.has_position(q_matrix, t); }
+  KeySpan span(int64_t /*k_begin*/, int64_t /*cols*/) const { return KeySpan{0, 0}; }
+  void fill(int64_t t, int64_t k_begin, int64_t cols, acc_t* dist) const {
+    acc_t q[3];
+    queries.position(q_matrix, t, q);
+    packed.distances(q, k_begin, cols, /*zero_missing=*/true, dist);
+  }
+  void mask(int64_t k_begin, int64_t cols, acc_t* logits) const {
+    if (!renormalize) return;
+    const acc_t* x = packed.x.data() + k_begin;
+    for (int64_t j = 0; j < cols; ++j)
+      if (!(x[j] == x[j])) logits[j] = -std::numeric_limits<acc_t>::infinity();
+  }
+};
+
+// per_query[b, t] = m_t for the num_queries queries of every matrix, the first at token first_query of q;
+// NaN for a query the distances say has no position. A task is one query block of up to kMatricesPerTask
+// consecutive matrices that share their distances; tasks are ordered matrices-major, so a thread's consecutive
+// tasks reuse its packed keys.
+template <typename scalar_t, typename acc_t, typename bias_t, typename Distances>
+void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& bias,
+                    const QkShape& shape, int64_t first_query, int64_t num_queries, const Distances& distances,
+                    acc_t* per_query) {
+  constexpr int64_t kGroup = Distances::kMatricesPerTask;
+  const int64_t num_keys = shape.num_keys;
   const auto qv = view_of<scalar_t>(q, "q");
   const auto kv = view_of<scalar_t>(k, "k");
   StridedView<bias_t> bv;
   if (bias.has_value()) bv = view_of<bias_t>(*bias, "attn_bias");
   const int64_t bias_query_stride = bias.has_value() ? bias->stride(-2) : 0;
   const int64_t bias_key_stride = bias.has_value() ? bias->stride(-1) : 0;
-  const int64_t query_blocks = (l.num_patches + kQueryBlock - 1) / kQueryBlock;
+  const int64_t query_blocks = (num_queries + kQueryBlock - 1) / kQueryBlock;
+  std::vector<int64_t> group_starts{0};
+  for (int64_t b = 1; b < shape.num_matrices; ++b)
+    if (b - group_starts.back() == kGroup || !distances.shares_distances(b - 1, b)) group_starts.push_back(b);
+  group_starts.push_back(shape.num_matrices);
+  const auto num_groups = static_cast<int64_t>(group_starts.size()) - 1;
 
-  at::parallel_for(0, l.num_matrices * query_blocks, 1, [&](int64_t begin, int64_t end) {
-    GemmLogits<scalar_t, acc_t> products(head_dim);
-    std::vector<acc_t> dist(kKeyBlock);
-    std::vector<RowState<acc_t>> states(kQueryBlock);
+  at::parallel_for(0, num_groups * query_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<GemmLogits<scalar_t, acc_t>> products(kGroup, GemmLogits<scalar_t, acc_t>(shape.head_dim));
+    Distances keys = distances;
+    std::vector<acc_t> dist(kQueryBlock * kKeyBlock);
+    std::vector<RowState<acc_t>> states(kGroup * kQueryBlock);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / query_blocks;
+      const int64_t first_matrix = group_starts[task / query_blocks];
+      const int64_t group_size = group_starts[task / query_blocks + 1] - first_matrix;
       const int64_t t_begin = (task % query_blocks) * kQueryBlock;
-      const int64_t rows = std::min(kQueryBlock, l.num_patches - t_begin);
-      const int64_t first_query = l.num_prefix + t_begin;  // token index of the block's first query
-      const scalar_t* q_matrix = qv.matrix(b);
-      const scalar_t* k_matrix = kv.matrix(b);
-      const bias_t* bias_matrix = bias.has_value() ? bv.matrix(b) : nullptr;
+      const int64_t rows = std::min(kQueryBlock, num_queries - t_begin);
+      const int64_t block_query = first_query + t_begin;  // token index of the block's first query
 
-      products.set_keys(k_matrix, k.stride(-2), k.stride(-1), l.num_tokens);
-      products.set_queries(q_matrix + first_query * q.stride(-2), q.stride(-2), q.stride(-1), rows, ql.scale);
-      std::fill(states.begin(), states.begin() + rows, RowState<acc_t>{});
+      keys.set_matrix(first_matrix);
+      for (int64_t g = 0; g < group_size; ++g) {
+        products[g].set_keys(kv.matrix(first_matrix + g), k.stride(-2), k.stride(-1), num_keys);
+        products[g].set_queries(qv.matrix(first_matrix + g) + block_query * q.stride(-2), q.stride(-2), q.stride(-1),
+                                rows, shape.scale);
+      }
+      std::fill(states.begin(), states.begin() + group_size * kQueryBlock, RowState<acc_t>{});
 
-      for (int64_t k_begin = 0; k_begin < l.num_tokens; k_begin += kKeyBlock) {
-        const int64_t cols = std::min(kKeyBlock, l.num_tokens - k_begin);
-        acc_t* logits = products.logits(k_begin, cols);
-
-        const int64_t prefix_keys = std::clamp<int64_t>(l.num_prefix - k_begin, 0, cols);
-        const int64_t first_patch_key = k_begin + prefix_keys - l.num_prefix;  // among the patches
-        const int64_t last_patch_key = k_begin + cols - l.num_prefix;
-        for (int64_t i = 0; i < rows; ++i) {
-          acc_t* row = logits + i * products.row_stride();
-          if (bias_matrix != nullptr)
-            apply_bias(row, bias_matrix + (first_query + i) * bias_query_stride + k_begin * bias_key_stride,
-                       bias_key_stride, cols);
-          if (first_patch_key < last_patch_key)
-            fill_distances(table.data(), l, t_begin + i, first_patch_key, last_patch_key, dist.data());
-          // Renormalised MAD is the mean distance under the softmax over patch keys alone, so prefix keys are
-          // left out: counting them would only shrink the patch mass, down to 0 / 0 for a query that puts
-          // nearly all its attention on CLS.
-          if (l.renormalize)
-            online_softmax_update(row + prefix_keys, cols - prefix_keys, int64_t{0}, dist.data(), states[i]);
-          else
-            online_softmax_update(row, cols, prefix_keys, dist.data(), states[i]);
+      for (int64_t k_begin = 0; k_begin < num_keys; k_begin += kKeyBlock) {
+        const int64_t cols = std::min(kKeyBlock, num_keys - k_begin);
+        const KeySpan span = keys.span(k_begin, cols);
+        for (int64_t i = 0; i < rows; ++i)
+          if (keys.has_query(t_begin + i)) keys.fill(t_begin + i, k_begin, cols, dist.data() + i * kKeyBlock);
+        for (int64_t g = 0; g < group_size; ++g) {
+          acc_t* logits = products[g].logits(k_begin, cols);
+          const bias_t* bias_matrix = bias.has_value() ? bv.matrix(first_matrix + g) : nullptr;
+          for (int64_t i = 0; i < rows; ++i) {
+            if (!keys.has_query(t_begin + i)) continue;
+            acc_t* row = logits + i * products[g].row_stride();
+            if (bias_matrix != nullptr)
+              apply_bias(row, bias_matrix + (block_query + i) * bias_query_stride + k_begin * bias_key_stride,
+                         bias_key_stride, cols);
+            keys.mask(k_begin, cols, row);
+            online_softmax_update(row + span.skip, cols - span.skip, span.prefix, dist.data() + i * kKeyBlock,
+                                  states[g * kQueryBlock + i]);
+          }
         }
       }
-      // A row with every key masked out has total == 0 and gives NaN, as softmax does.
-      acc_t* out = per_query + b * l.num_patches + t_begin;
-      for (int64_t i = 0; i < rows; ++i)
-        out[i] = states[i].weighted / (l.renormalize ? states[i].mass : states[i].total);
+      // Renormalised, the keys that do not count were skipped or masked, so the normaliser is their mass. A row
+      // with every key masked out has total == 0 and gives NaN, as softmax does.
+      for (int64_t g = 0; g < group_size; ++g) {
+        acc_t* out = per_query + (first_matrix + g) * num_queries + t_begin;
+        for (int64_t i = 0; i < rows; ++i) {
+          const RowState<acc_t>& state = states[g * kQueryBlock + i];
+          out[i] = keys.has_query(t_begin + i) ? state.weighted / state.total : std::numeric_limits<acc_t>::quiet_NaN();
+        }
+      }
     }
   });
+}
+
+// Runs fn(bias) with attn_bias as its [..., Nq, Nk] broadcast view and the bias type as a template argument
+// (bool mask or q's dtype); without a bias, scalar_t and no view.
+template <typename scalar_t, typename Fn>
+void with_bias(const std::optional<at::Tensor>& attn_bias, const at::Tensor& q, const at::Tensor& k, Fn fn) {
+  std::optional<at::Tensor> bias;
+  if (attn_bias.has_value()) bias = broadcast_attn_bias(*attn_bias, q, k);
+  if (bias.has_value() && bias->scalar_type() == at::kBool)
+    fn(bias, static_cast<bool*>(nullptr));
+  else
+    fn(bias, static_cast<scalar_t*>(nullptr));
 }
 
 at::Tensor mad_qk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t patch, int64_t num_prefix_tokens,
@@ -200,28 +299,59 @@ at::Tensor mad_qk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t patch, i
   const MadQkLayout ql = check_mad_qk_args(q, k, patch, num_prefix_tokens, grid, scale, attn_bias, renormalize,
                                            reduction, "vitmad.mad_qk");
   const MadLayout& l = ql.mad;
-  const auto out_dtype = mad_output_dtype(q.scalar_type());
-  at::Tensor per_query = at::empty({l.num_matrices, l.num_patches}, q.options().dtype(out_dtype));
-  at::Tensor out = at::empty(mad_qk_output_shape(q, l), q.options().dtype(out_dtype));
+  const auto [per_query, out] = empty_mad_outputs(q, l.num_matrices, l.num_patches, l.reduce_mean);
   if (l.num_matrices == 0) return out;
-  std::optional<at::Tensor> bias;
-  if (attn_bias.has_value()) bias = broadcast_attn_bias(*attn_bias, q);
-  const bool bool_mask = bias.has_value() && bias->scalar_type() == at::kBool;
+  const QkShape shape{l.num_tokens, l.num_tokens, ql.head_dim, l.num_matrices, ql.scale};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "vitmad_mad_qk_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* rows = per_query.mutable_data_ptr<acc_t>();
-    if (bool_mask)
-      mad_qk_cpu_typed<scalar_t, acc_t, bool>(q, k, bias, ql, static_cast<acc_t>(patch), rows);
-    else
-      mad_qk_cpu_typed<scalar_t, acc_t, scalar_t>(q, k, bias, ql, static_cast<acc_t>(patch), rows);
-    if (l.reduce_mean) mean_over_queries<acc_t>(rows, l, out.mutable_data_ptr<acc_t>());
+    const auto table = distance_table<acc_t>(l, static_cast<acc_t>(patch));
+    const GridDistances<acc_t> distances{table.data(), &l};
+    with_bias<scalar_t>(attn_bias, q, k, [&](const std::optional<at::Tensor>& bias, auto* bias_type) {
+      using bias_t = std::remove_pointer_t<decltype(bias_type)>;
+      online_mad_cpu<scalar_t, acc_t, bias_t>(q, k, bias, shape, l.num_prefix, l.num_patches, distances, rows);
+    });
+    if (l.reduce_mean)
+      mean_over_queries<acc_t>(rows, l.num_matrices, l.num_patches, AllQueries{}, out.mutable_data_ptr<acc_t>());
   });
-  return l.reduce_mean ? out : per_query.view(out.sizes());
+  return out;
+}
+
+at::Tensor mad_qk_pos_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                          const std::optional<at::Tensor>& key_positions, std::optional<double> scale,
+                          const std::optional<at::Tensor>& attn_bias, bool renormalize, c10::string_view reduction) {
+  const QkShape shape = check_qk_tensors(q, k, scale, attn_bias, /*same_tokens=*/false, "vitmad.mad_qk");
+  const auto out_dtype = mad_output_dtype(q.scalar_type());
+  const PositionArgs args =
+      check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize, reduction,
+                          out_dtype, /*check_values=*/true, "vitmad.mad_qk");
+  const PositionLayout& l = args.layout;
+  const auto [per_query, out] = empty_mad_outputs(q, l.num_matrices, l.num_queries, l.reduce_mean);
+  if (l.num_matrices == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "vitmad_mad_qk_pos_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* rows = per_query.mutable_data_ptr<acc_t>();
+    const auto queries = position_rows<acc_t>(args.queries, l.dims);
+    const PositionDistances<acc_t> distances{queries, position_rows<acc_t>(args.keys, l.dims), l.num_keys,
+                                             l.renormalize};
+    with_bias<scalar_t>(attn_bias, q, k, [&](const std::optional<at::Tensor>& bias, auto* bias_type) {
+      using bias_t = std::remove_pointer_t<decltype(bias_type)>;
+      online_mad_cpu<scalar_t, acc_t, bias_t>(q, k, bias, shape, 0, l.num_queries, distances, rows);
+    });
+    if (l.reduce_mean)
+      mean_over_queries<acc_t>(rows, l.num_matrices, l.num_queries, PositionedQueries<acc_t>{queries},
+                               out.mutable_data_ptr<acc_t>());
+  });
+  return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vitmad, CPU, m) { m.impl("mad_qk", &mad_qk_cpu); }
+TORCH_LIBRARY_IMPL(vitmad, CPU, m) {
+  m.impl("mad_qk", &mad_qk_cpu);
+  m.impl("mad_qk_pos", &mad_qk_pos_cpu);
+}
 
 }  // namespace vitmad

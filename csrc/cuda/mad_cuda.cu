@@ -23,19 +23,15 @@
 
 #include "../mad_args.h"
 #include "../mad_geometry.h"
+#include "cuda_common.cuh"
 
 namespace vitmad {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr int kWarpsPerBlock = 8;
-constexpr int kBlockThreads = kWarp * kWarpsPerBlock;
 // Vectors each lane loads before using any, so enough bytes are in flight to saturate HBM.
 constexpr int kUnroll = 4;
 // Key groups (warps) that split the keys of 32 queries in the column kernel.
 constexpr int kKeyGroups = kWarpsPerBlock;
-// Grid-stride loops cover any size; more blocks than this only adds scheduling work.
-constexpr int64_t kMaxBlocks = int64_t{1} << 20;
 
 // What every kernel needs to know about one attention tensor. Indices within a matrix fit in 32 bits
 // (checked on the host); offsets between matrices and rows are 64-bit.
@@ -59,14 +55,6 @@ struct Sums {
   acc_t weighted;  // sum_s a[s] * d(t, s), d in patches (the caller multiplies by the patch size once)
   acc_t mass;      // sum_s a[s], with kMass only
 };
-
-// Butterfly sum: every lane ends with the same bits, since each step adds the same two values on both sides.
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t value) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
 
 // This lane's share of the sums over the `count` patch keys of one query row whose keys are contiguous.
 // Lanes take 16-byte vectors round-robin, so a warp reads 512 contiguous bytes per step. The loop is short
@@ -206,24 +194,6 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// out[b] = mean_t per_query[b, t], summed in double in a fixed order (as the CPU kernel does); one warp per
-// matrix.
-template <typename acc_t>
-__global__ void __launch_bounds__(kBlockThreads)
-    mean_over_queries_kernel(const acc_t* __restrict__ per_query, int64_t num_matrices, int32_t num_patches,
-                             acc_t* __restrict__ out) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t matrix = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-       matrix < num_matrices; matrix += warps) {
-    const acc_t* row = per_query + matrix * num_patches;
-    double total = 0;
-    for (int32_t t = lane; t < num_patches; t += kWarp) total += static_cast<double>(row[t]);
-    total = warp_sum(total);
-    if (lane == 0) out[matrix] = static_cast<acc_t>(total / static_cast<double>(num_patches));
-  }
-}
-
 // Writes one contiguous output row of `count` elements, value(k) for element k, with 16-byte stores where
 // the row is aligned. value_vector(first, x) fills the kVec elements starting at `first`.
 template <typename scalar_t, typename ValueFn, typename VectorFn>
@@ -299,20 +269,6 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// Calls fn with std::true_type or std::false_type: a runtime flag turned into a template parameter.
-template <typename Fn>
-void bool_switch(bool flag, Fn fn) {
-  if (flag) {
-    fn(std::true_type{});
-  } else {
-    fn(std::false_type{});
-  }
-}
-
-int blocks_for(int64_t items, int64_t items_per_block) {
-  return static_cast<int>(std::clamp<int64_t>((items + items_per_block - 1) / items_per_block, 1, kMaxBlocks));
-}
-
 Geometry make_geometry(const at::Tensor& attn, const MadLayout& l, const char* op_name) {
   TORCH_CHECK_VALUE(l.num_tokens <= std::numeric_limits<int32_t>::max(), op_name,
                     ": attn must have at most 2^31 - 1 tokens per row on CUDA, got N = ", l.num_tokens);
@@ -351,10 +307,8 @@ at::Tensor mad_cuda(const at::Tensor& attn, int64_t patch, int64_t num_prefix_to
                     bool renormalize, c10::string_view reduction) {
   const MadLayout l = check_mad_args(attn, patch, num_prefix_tokens, grid, renormalize, reduction, "vitmad.mad");
   const c10::cuda::CUDAGuard device_guard(attn.device());
-  const auto out_options = attn.options().dtype(mad_output_dtype(attn.scalar_type()));
-  at::Tensor out = at::empty(mad_output_shape(attn, l), out_options);
+  const auto [per_query, out] = empty_mad_outputs(attn, l.num_matrices, l.num_patches, l.reduce_mean);
   if (l.num_matrices == 0) return out;
-  at::Tensor per_query = l.reduce_mean ? at::empty({l.num_matrices, l.num_patches}, out_options) : out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "vitmad_mad_cuda", [&] {
@@ -362,9 +316,7 @@ at::Tensor mad_cuda(const at::Tensor& attn, int64_t patch, int64_t num_prefix_to
     acc_t* rows = per_query.mutable_data_ptr<acc_t>();
     launch_mad<scalar_t, acc_t>(attn, l, static_cast<acc_t>(patch), rows, stream);
     if (l.reduce_mean) {
-      mean_over_queries_kernel<acc_t><<<blocks_for(l.num_matrices, kWarpsPerBlock), kBlockThreads, 0, stream>>>(
-          rows, l.num_matrices, static_cast<int32_t>(l.num_patches), out.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_mean_over_queries(rows, l.num_matrices, l.num_patches, AllQueries{}, out.mutable_data_ptr<acc_t>(), stream);
     }
   });
   return out;
@@ -375,7 +327,7 @@ at::Tensor mad_backward_cuda(const at::Tensor& grad, const at::Tensor& attn, int
                              c10::string_view reduction) {
   const MadLayout l =
       check_mad_args(attn, patch, num_prefix_tokens, grid, renormalize, reduction, "vitmad.mad_backward");
-  const at::Tensor g = check_mad_grad(grad, attn, l);
+  const at::Tensor g = check_mad_grad(grad, attn, l.reduce_mean, l.num_patches);
   const c10::cuda::CUDAGuard device_guard(attn.device());
   at::Tensor grad_attn = at::empty(attn.sizes(), attn.options().memory_format(at::MemoryFormat::Contiguous));
   if (l.num_matrices == 0) return grad_attn;

@@ -1,12 +1,15 @@
-// CUDA kernel of vitmad::mad_qk: MAD of softmax(q @ k^T * scale + attn_bias) without the N x N attention.
+// CUDA kernel of vitmad::mad_qk and vitmad::mad_qk_pos: MAD of softmax(q @ k^T * scale + attn_bias) without the
+// Nq x Nk attention.
 //
-// One thread block owns a tile of query patches of one matrix and walks the keys in tiles, as flash attention
-// does: the query tile stays in shared memory, each key tile is staged in shared memory, the tile of logits
-// comes from tensor cores (WMMA, float32 accumulation) for float16 / bfloat16 and from plain FMAs for float32
-// (no TF32, so float32 keeps float32 accuracy) and float64. Each query row is then owned by a few lanes of one
-// warp that keep its online-softmax state in registers: the running max (in log2 units), and, relative to it,
-// the running normaliser over all keys and the running mass and distance-weighted sum over patch keys. The
-// distance comes from token indices through mad_geometry.h, as on the CPU.
+// One thread block owns a tile of queries of one matrix and walks the keys in tiles, as flash attention does:
+// the query tile stays in shared memory, each key tile is staged in shared memory with its keys' positions, the
+// tile of logits comes from tensor cores (WMMA, float32 accumulation) for float16 / bfloat16 and from plain FMAs
+// for float32 (no TF32, so float32 keeps float32 accuracy) and float64. Each query row is then owned by a few
+// lanes of one warp that keep its online-softmax state in registers: the running max (in log2 units), and,
+// relative to it, the running normaliser over all keys and the running mass and distance-weighted sum over keys
+// with a position. The grid form (kPositions false) stages each key's grid row and column, computed from token
+// indices through mad_geometry.h as on the CPU, with NaN marking the prefix keys; the position form stages the
+// keys' positions, NaN marking keys without one. Both use the same distance formula (position_distance).
 //
 // Only c10/cuda headers are used (ATen/cuda/CUDAContext.h needs cuBLAS/cuSPARSE headers the toolkit may lack).
 #include <ATen/ATen.h>
@@ -29,6 +32,8 @@
 
 #include "../mad_args.h"
 #include "../mad_geometry.h"
+#include "../position_args.h"
+#include "cuda_common.cuh"
 
 namespace vitmad {
 namespace {
@@ -70,18 +75,26 @@ struct TileConfig<double> {
   static constexpr int kBlockM = 32, kBlockN = 32, kPad = 1;  // smaller tiles keep shared memory under 48 KiB
 };
 
+// Queries are the num_queries tokens of q from first_query on (the patches in the grid form, all of q in the
+// position form); keys are all num_keys tokens of k.
+template <typename acc_t>
 struct QkParams {
   const void* q;
   const void* k;
-  const void* bias;  // null without attn_bias; else its [..., N, N] broadcast view
-  void* per_query;   // [num_matrices, num_patches] in acc_t
+  const void* bias;                         // null without attn_bias; else its [..., Nq, Nk] broadcast view
+  acc_t* per_query;                         // [num_matrices, num_queries]
   MatrixOffsets q_lead, k_lead, bias_lead;  // where each [N, X] matrix of q, k and the bias view starts
   int64_t q_stride_n, q_stride_d, k_stride_n, k_stride_d, bias_stride_q, bias_stride_k;
   int64_t num_matrices;
-  int num_tokens, num_prefix, num_patches, grid_w, head_dim, head_dim_padded;
+  int q_tokens, num_keys, first_query, num_queries, head_dim, head_dim_padded;
   double logit_scale;  // scale * log2(e): the logits are kept in log2 units, for exp2
-  double patch;
   bool renormalize;
+  // The grid form: P prefix keys without a position (first_query == P), then patches on a grid grid_w wide,
+  // `patch` pixels apart.
+  int grid_w;
+  double patch;
+  // The position form (kPositions): where each query and key is.
+  PositionRows<acc_t> query_positions, key_positions;
 };
 
 template <typename acc_t>
@@ -215,8 +228,14 @@ __device__ void tile_logits(const typename TileConfig<scalar_t>::mma_t* q_tile,
   }
 }
 
-template <typename scalar_t, typename bias_t>
-__global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams p) {
+// A key of the staged tile counts as a key with a position (a patch in the grid form) unless its x is NaN.
+template <typename acc_t>
+__device__ __forceinline__ bool is_positioned(acc_t x) {
+  return x == x;
+}
+
+template <typename scalar_t, typename bias_t, bool kPositions>
+__global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams<typename TileConfig<scalar_t>::acc_t> p) {
   using Cfg = TileConfig<scalar_t>;
   using mma_t = typename Cfg::mma_t;
   using acc_t = typename Cfg::acc_t;
@@ -230,17 +249,22 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams p) {
   mma_t* q_tile = reinterpret_cast<mma_t*>(shared);
   mma_t* k_tile = q_tile + kBlockM * ld;
   acc_t* s = reinterpret_cast<acc_t*>(k_tile + kBlockN * ld);
-  int* key_row = reinterpret_cast<int*>(s + kBlockM * lds);
-  int* key_col = key_row + kBlockN;
+  // The key tile's positions (grid form: row and column), x NaN for a key without one or past Nk.
+  acc_t* key_x = s + kBlockM * lds;
+  acc_t* key_y = key_x + kBlockN;
+  acc_t* key_z = key_y + kBlockN;
 
   const int lane = threadIdx.x % 32;
   const int row = threadIdx.x / 32 * kRowsPerWarp + lane / kLanesPerRow;  // this lane's query row in the tile
   const int sub = lane % kLanesPerRow;
-  const int t_begin = blockIdx.x * kBlockM;  // the tile's first query patch
+  const int t_begin = blockIdx.x * kBlockM;  // the tile's first query
   const int t = t_begin + row;
-  const bool valid_row = t < p.num_patches;
-  const int q_row = valid_row ? patch_row(t, p.grid_w) : 0;
-  const int q_col = valid_row ? patch_col(t, p.grid_w) : 0;
+  const bool valid_row = t < p.num_queries;
+  acc_t query[3] = {0, 0, 0};  // this row's position (grid form: row and column)
+  if (!kPositions && valid_row) {
+    query[0] = static_cast<acc_t>(patch_row(t, p.grid_w));
+    query[1] = static_cast<acc_t>(patch_col(t, p.grid_w));
+  }
   const acc_t logit_scale = static_cast<acc_t>(p.logit_scale);
   const acc_t patch = static_cast<acc_t>(p.patch);
   const auto* q_all = static_cast<const scalar_t*>(p.q);
@@ -250,49 +274,66 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams p) {
   for (int64_t b = blockIdx.y; b < p.num_matrices; b += gridDim.y) {
     const scalar_t* q_matrix = q_all + p.q_lead(b);
     const scalar_t* k_matrix = k_all + p.k_lead(b);
-    const bias_t* bias_row = bias_all != nullptr && valid_row
-                                 ? bias_all + p.bias_lead(b) + (p.num_prefix + t) * p.bias_stride_q
-                                 : nullptr;
+    const bias_t* bias_row =
+        bias_all != nullptr && valid_row ? bias_all + p.bias_lead(b) + (p.first_query + t) * p.bias_stride_q : nullptr;
+    bool has_position = valid_row;
+    if constexpr (kPositions) {
+      const acc_t* positions = p.query_positions.matrix(b);
+      has_position = valid_row && p.query_positions.has_position(positions, t);
+      if (has_position) p.query_positions.position(positions, t, query);
+    }
     __syncthreads();  // the previous matrix is done with every tile
-    load_tile(q_matrix, p.q_stride_n, p.q_stride_d, p.num_prefix + t_begin, p.num_tokens, kBlockM, p.head_dim,
+    load_tile(q_matrix, p.q_stride_n, p.q_stride_d, p.first_query + t_begin, p.q_tokens, kBlockM, p.head_dim,
               p.head_dim_padded, ld, q_tile);
 
     // This lane's share of its row's state: the max is common to the row's lanes, the sums are partial.
     acc_t running_max = neg_inf<acc_t>();
-    acc_t total = 0;     // exp2(logit - max) over all keys (prefix tokens included)
-    acc_t mass = 0;      // the same over patch keys
-    acc_t weighted = 0;  // the same over patch keys, times the distance
-    for (int k_begin = 0; k_begin < p.num_tokens; k_begin += kBlockN) {
+    acc_t total = 0;     // exp2(logit - max) over all keys (prefix tokens / keys without a position included)
+    acc_t mass = 0;      // the same over keys with a position
+    acc_t weighted = 0;  // the same over keys with a position, times the distance
+    for (int k_begin = 0; k_begin < p.num_keys; k_begin += kBlockN) {
       __syncthreads();  // the previous key tile's logits and coordinates are consumed
-      load_tile(k_matrix, p.k_stride_n, p.k_stride_d, k_begin, p.num_tokens, kBlockN, p.head_dim,
-                p.head_dim_padded, ld, k_tile);
+      load_tile(k_matrix, p.k_stride_n, p.k_stride_d, k_begin, p.num_keys, kBlockN, p.head_dim, p.head_dim_padded, ld,
+                k_tile);
       for (int j = threadIdx.x; j < kBlockN; j += kThreads) {
-        const int key_patch = k_begin + j - p.num_prefix;
-        const bool is_patch = key_patch >= 0 && k_begin + j < p.num_tokens;
-        key_row[j] = is_patch ? patch_row(key_patch, p.grid_w) : 0;
-        key_col[j] = is_patch ? patch_col(key_patch, p.grid_w) : 0;
+        const int key = k_begin + j;
+        acc_t x = std::numeric_limits<acc_t>::quiet_NaN();
+        acc_t y = 0;
+        acc_t z = 0;
+        if constexpr (kPositions) {
+          const acc_t* positions = p.key_positions.matrix(b);
+          if (key < p.num_keys && p.key_positions.has_position(positions, key)) {
+            x = p.key_positions.coord(positions, key, 0);
+            y = p.key_positions.coord(positions, key, 1);
+            z = p.key_positions.coord(positions, key, 2);
+          }
+        } else if (key >= p.first_query && key < p.num_keys) {
+          x = static_cast<acc_t>(patch_row(key - p.first_query, p.grid_w));
+          y = static_cast<acc_t>(patch_col(key - p.first_query, p.grid_w));
+        }
+        key_x[j] = x;
+        key_y[j] = y;
+        key_z[j] = z;
       }
       __syncthreads();
       tile_logits<scalar_t>(q_tile, k_tile, ld, p.head_dim_padded, s, lds);
       __syncthreads();
 
-      // Scale, bias and mask the row in place (keys past N, and prefix keys when renormalising: renormalised
-      // MAD is the softmax over patch keys alone), and find the tile's max.
+      // Scale, bias and mask the row in place (keys past Nk, and keys without a position when renormalising:
+      // renormalised MAD is the softmax over keys with a position alone), and find the tile's max.
       acc_t* logits = s + row * lds;
       acc_t tile_max = neg_inf<acc_t>();
       for (int j = sub; j < kBlockN; j += kLanesPerRow) {
         const int key = k_begin + j;
         acc_t x = neg_inf<acc_t>();
-        if (key < p.num_tokens && !(p.renormalize && key < p.num_prefix)) {
+        if (key < p.num_keys && !(p.renormalize && !is_positioned(key_x[j]))) {
           x = logits[j] * logit_scale;
           if (bias_row != nullptr) x = biased(x, bias_row[key * p.bias_stride_k]);
         }
         logits[j] = x;
         tile_max = max_of(tile_max, x);
       }
-#pragma unroll
-      for (int offset = 1; offset < kLanesPerRow; offset *= 2)
-        tile_max = max_of(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, offset));
+      tile_max = warp_max<kLanesPerRow>(tile_max);
       const acc_t new_max = max_of(running_max, tile_max);
       // While every key so far is masked there is nothing to add (and -inf - -inf would be NaN).
       if (new_max != neg_inf<acc_t>()) {
@@ -303,23 +344,23 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams p) {
         for (int j = sub; j < kBlockN; j += kLanesPerRow) {
           const acc_t weight = exp2_of(logits[j] - new_max);  // 0 for masked keys
           total += weight;
-          if (k_begin + j >= p.num_prefix) {
+          if (is_positioned(key_x[j])) {
             mass += weight;
-            weighted += weight * patch_distance<acc_t>(q_row - key_row[j], q_col - key_col[j], patch);
+            weighted += weight * (patch * position_distance<acc_t>(query[0] - key_x[j], query[1] - key_y[j],
+                                                                   query[2] - key_z[j]));
           }
         }
         running_max = new_max;
       }
     }
-#pragma unroll
-    for (int offset = 1; offset < kLanesPerRow; offset *= 2) {
-      total += __shfl_xor_sync(0xffffffffu, total, offset);
-      mass += __shfl_xor_sync(0xffffffffu, mass, offset);
-      weighted += __shfl_xor_sync(0xffffffffu, weighted, offset);
-    }
-    // A row with every key masked has total == 0 and gives NaN, as softmax does.
+    total = warp_sum<kLanesPerRow>(total);
+    mass = warp_sum<kLanesPerRow>(mass);
+    weighted = warp_sum<kLanesPerRow>(weighted);
+    // A row with every key masked has total == 0 and gives NaN, as softmax does; so does a query without a
+    // position.
     if (valid_row && sub == 0)
-      static_cast<acc_t*>(p.per_query)[b * p.num_patches + t] = weighted / (p.renormalize ? mass : total);
+      p.per_query[b * p.num_queries + t] =
+          has_position ? weighted / (p.renormalize ? mass : total) : std::numeric_limits<acc_t>::quiet_NaN();
   }
 }
 
@@ -328,11 +369,11 @@ size_t shared_bytes(int head_dim_padded) {
   using Cfg = TileConfig<scalar_t>;
   const size_t ld = head_dim_padded + Cfg::kPad;
   return (Cfg::kBlockM + Cfg::kBlockN) * ld * sizeof(typename Cfg::mma_t) +
-         Cfg::kBlockM * (Cfg::kBlockN + 4) * sizeof(typename Cfg::acc_t) + 2 * Cfg::kBlockN * sizeof(int);
+         (Cfg::kBlockM * (Cfg::kBlockN + 4) + 3 * Cfg::kBlockN) * sizeof(typename Cfg::acc_t);
 }
 
-template <typename scalar_t, typename bias_t>
-void launch_mad_qk(QkParams p, int device) {
+template <typename scalar_t, typename bias_t, bool kPositions>
+void launch_mad_qk(QkParams<typename TileConfig<scalar_t>::acc_t> p, int device) {
   using Cfg = TileConfig<scalar_t>;
   p.head_dim_padded = Cfg::kTensorCores ? (p.head_dim + 15) / 16 * 16 : p.head_dim;
   const size_t smem = shared_bytes<scalar_t>(p.head_dim_padded);
@@ -340,35 +381,23 @@ void launch_mad_qk(QkParams p, int device) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   TORCH_CHECK_VALUE(smem <= static_cast<size_t>(smem_limit), "vitmad.mad_qk: head dimension D = ", p.head_dim,
                     " needs ", smem, " bytes of shared memory per block on CUDA, the device allows ", smem_limit);
-  auto* kernel = &mad_qk_kernel<scalar_t, bias_t>;
+  auto* kernel = &mad_qk_kernel<scalar_t, bias_t, kPositions>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 blocks((p.num_patches + Cfg::kBlockM - 1) / Cfg::kBlockM,
+  const dim3 blocks((p.num_queries + Cfg::kBlockM - 1) / Cfg::kBlockM,
                     static_cast<unsigned>(std::min<int64_t>(p.num_matrices, kMaxGridY)));
   kernel<<<blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor mad_qk_cuda(const at::Tensor& q, const at::Tensor& k, int64_t patch, int64_t num_prefix_tokens,
-                       at::OptionalIntArrayRef grid, std::optional<double> scale,
-                       const std::optional<at::Tensor>& attn_bias, bool renormalize, c10::string_view reduction) {
-  const MadQkLayout ql = check_mad_qk_args(q, k, patch, num_prefix_tokens, grid, scale, attn_bias, renormalize,
-                                           reduction, "vitmad.mad_qk");
-  const MadLayout& l = ql.mad;
-  TORCH_CHECK_VALUE(l.num_tokens < INT_MAX / 2 && ql.head_dim < INT_MAX / 2,
-                    "vitmad.mad_qk: N and D must be below 2^30 on CUDA, got shape ", q.sizes());
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  const auto out_dtype = mad_output_dtype(q.scalar_type());
-  at::Tensor per_query = at::empty({l.num_matrices, l.num_patches}, q.options().dtype(out_dtype));
-  at::Tensor out = at::empty(mad_qk_output_shape(q, l), q.options().dtype(out_dtype));
-  if (l.num_matrices == 0) return out;
-
-  std::optional<at::Tensor> bias;
-  if (attn_bias.has_value()) bias = broadcast_attn_bias(*attn_bias, q);
-  QkParams p{};
+// The parameters both forms share: q, k, the bias view and the output buffer.
+template <typename acc_t>
+QkParams<acc_t> common_params(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& bias,
+                              const QkShape& shape, bool renormalize, const at::Tensor& per_query) {
+  QkParams<acc_t> p{};
   p.q = q.const_data_ptr();
   p.k = k.const_data_ptr();
   p.bias = bias.has_value() ? bias->const_data_ptr() : nullptr;
-  p.per_query = per_query.mutable_data_ptr();
+  p.per_query = per_query.mutable_data_ptr<acc_t>();
   p.q_lead = matrix_offsets(q, "vitmad.mad_qk", "q");
   p.k_lead = matrix_offsets(k, "vitmad.mad_qk", "k");
   p.q_stride_n = q.stride(-2);
@@ -380,32 +409,98 @@ at::Tensor mad_qk_cuda(const at::Tensor& q, const at::Tensor& k, int64_t patch, 
     p.bias_stride_q = bias->stride(-2);
     p.bias_stride_k = bias->stride(-1);
   }
-  p.num_matrices = l.num_matrices;
-  p.num_tokens = static_cast<int>(l.num_tokens);
-  p.num_prefix = static_cast<int>(l.num_prefix);
-  p.num_patches = static_cast<int>(l.num_patches);
-  p.grid_w = static_cast<int>(l.grid_w);
-  p.head_dim = static_cast<int>(ql.head_dim);
-  p.logit_scale = ql.scale * kLog2e;
-  p.patch = static_cast<double>(patch);
-  p.renormalize = l.renormalize;
+  p.num_matrices = shape.num_matrices;
+  p.q_tokens = static_cast<int>(shape.num_queries);
+  p.num_keys = static_cast<int>(shape.num_keys);
+  p.head_dim = static_cast<int>(shape.head_dim);
+  p.logit_scale = shape.scale * kLog2e;
+  p.renormalize = renormalize;
+  return p;
+}
+
+// Launches the kernel for q's dtype, with the bias type (bool mask or q's dtype) as a template argument; fill
+// sets the form's own parameters.
+template <bool kPositions, typename FillFn>
+void dispatch_mad_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& attn_bias,
+                     const QkShape& shape, bool renormalize, const at::Tensor& per_query, FillFn fill) {
+  TORCH_CHECK_VALUE(shape.num_queries < INT_MAX / 2 && shape.num_keys < INT_MAX / 2 && shape.head_dim < INT_MAX / 2,
+                    "vitmad.mad_qk: N and D must be below 2^30 on CUDA, got q of shape ", q.sizes(), " and k of shape ",
+                    k.sizes());
+  std::optional<at::Tensor> bias;
+  if (attn_bias.has_value()) bias = broadcast_attn_bias(*attn_bias, q, k);
   const bool bool_mask = bias.has_value() && bias->scalar_type() == at::kBool;
   const int device = q.get_device();
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "vitmad_mad_qk_cuda", [&] {
+    using acc_t = typename TileConfig<scalar_t>::acc_t;
+    QkParams<acc_t> p = common_params<acc_t>(q, k, bias, shape, renormalize, per_query);
+    fill(p);
     if (bool_mask)
-      launch_mad_qk<scalar_t, bool>(p, device);
+      launch_mad_qk<scalar_t, bool, kPositions>(p, device);
     else
-      launch_mad_qk<scalar_t, scalar_t>(p, device);
+      launch_mad_qk<scalar_t, scalar_t, kPositions>(p, device);
   });
-  if (!l.reduce_mean) return per_query.view(out.sizes());
-  // The mean over queries in float64, like the CPU kernel.
-  out.copy_(per_query.to(at::kDouble).mean(-1).view(out.sizes()));
+}
+
+at::Tensor mad_qk_cuda(const at::Tensor& q, const at::Tensor& k, int64_t patch, int64_t num_prefix_tokens,
+                       at::OptionalIntArrayRef grid, std::optional<double> scale,
+                       const std::optional<at::Tensor>& attn_bias, bool renormalize, c10::string_view reduction) {
+  const MadQkLayout ql = check_mad_qk_args(q, k, patch, num_prefix_tokens, grid, scale, attn_bias, renormalize,
+                                           reduction, "vitmad.mad_qk");
+  const MadLayout& l = ql.mad;
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const auto [per_query, out] = empty_mad_outputs(q, l.num_matrices, l.num_patches, l.reduce_mean);
+  if (l.num_matrices == 0) return out;
+
+  const QkShape shape{l.num_tokens, l.num_tokens, ql.head_dim, l.num_matrices, ql.scale};
+  dispatch_mad_qk<false>(q, k, attn_bias, shape, l.renormalize, per_query, [&](auto& p) {
+    p.first_query = static_cast<int>(l.num_prefix);
+    p.num_queries = static_cast<int>(l.num_patches);
+    p.grid_w = static_cast<int>(l.grid_w);
+    p.patch = static_cast<double>(patch);
+  });
+  if (!l.reduce_mean) return out;
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "vitmad_mad_qk_cuda_mean", [&] {
+    launch_mean_over_queries(per_query.const_data_ptr<scalar_t>(), l.num_matrices, l.num_patches, AllQueries{},
+                             out.mutable_data_ptr<scalar_t>(), c10::cuda::getCurrentCUDAStream());
+  });
+  return out;
+}
+
+at::Tensor mad_qk_pos_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                           const std::optional<at::Tensor>& key_positions, std::optional<double> scale,
+                           const std::optional<at::Tensor>& attn_bias, bool renormalize, c10::string_view reduction) {
+  const QkShape shape = check_qk_tensors(q, k, scale, attn_bias, /*same_tokens=*/false, "vitmad.mad_qk");
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const auto out_dtype = mad_output_dtype(q.scalar_type());
+  const PositionArgs args =
+      check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize, reduction,
+                          out_dtype, can_check_position_values(), "vitmad.mad_qk");
+  const PositionLayout& l = args.layout;
+  const auto [per_query, out] = empty_mad_outputs(q, l.num_matrices, l.num_queries, l.reduce_mean);
+  if (l.num_matrices == 0 || l.num_queries == 0) return out.fill_(std::numeric_limits<double>::quiet_NaN());
+
+  dispatch_mad_qk<true>(q, k, attn_bias, shape, l.renormalize, per_query, [&](auto& p) {
+    using acc_t = std::remove_pointer_t<decltype(p.per_query)>;
+    p.first_query = 0;
+    p.num_queries = static_cast<int>(l.num_queries);
+    p.patch = 1.0;
+    p.query_positions = position_rows<acc_t>(args.queries, l.dims);
+    p.key_positions = position_rows<acc_t>(args.keys, l.dims);
+  });
+  if (!l.reduce_mean) return out;
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "vitmad_mad_qk_pos_cuda_mean", [&] {
+    launch_mean_over_queries(per_query.const_data_ptr<scalar_t>(), l.num_matrices, l.num_queries,
+                             PositionedQueries<scalar_t>{position_rows<scalar_t>(args.queries, l.dims)},
+                             out.mutable_data_ptr<scalar_t>(), c10::cuda::getCurrentCUDAStream());
+  });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vitmad, CUDA, m) { m.impl("mad_qk", &mad_qk_cuda); }
+TORCH_LIBRARY_IMPL(vitmad, CUDA, m) {
+  m.impl("mad_qk", &mad_qk_cuda);
+  m.impl("mad_qk_pos", &mad_qk_pos_cuda);
+}
 
 }  // namespace vitmad

@@ -1,0 +1,226 @@
+// CPU kernels of vitmad::mad_pos and vitmad::mad_pos_backward: MAD from token positions (docs/definition.md,
+// "Beyond one grid: where each token is").
+//
+// As in the grid form, no distance matrix is built for the whole tensor: a task owns a block of queries of one
+// matrix and uses the distance rows of its queries, computed from the key positions packed into three small
+// contiguous arrays. Matrices are visited in the order of their positions, so broadcast positions (one set for a
+// whole batch, one per image or per window) are turned into distances once per thread and block. Each attention
+// row is then read in place as contiguous dot products over the runs of keys that have a position.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <numeric>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../mad_args.h"
+#include "../position_args.h"
+#include "mad_cpu_common.h"
+
+namespace vitmad {
+namespace {
+
+// The distance rows of one query block for one pair of query and key positions (row t - t_begin holds d(t, s)
+// for every key s; rows of queries without a position are not filled), and the runs of keys with a position.
+template <typename acc_t>
+struct DistanceBlock {
+  std::vector<acc_t> rows;
+  std::vector<std::pair<int64_t, int64_t>> runs;
+};
+
+// The matrices' indices sorted by where their query and key positions start, so matrices sharing positions
+// come one after another (a stable sort: ties keep the row-major order, and a run of matrices with the same
+// positions is read in order).
+std::vector<int64_t> matrices_by_positions(const PositionArgs& args) {
+  const int64_t m = args.layout.num_matrices;
+  std::vector<int64_t> order(m);
+  std::iota(order.begin(), order.end(), 0);
+  std::vector<std::pair<int64_t, int64_t>> starts(m);
+  for (int64_t b = 0; b < m; ++b) starts[b] = {args.queries.offsets(b), args.keys.offsets(b)};
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return starts[x] < starts[y]; });
+  return order;
+}
+
+// Runs fn(b, t_begin, t_end, queries, distances) over every (query block, matrix) pair in parallel, block-major,
+// the matrices of a block in the order of their positions: a thread turns each set of positions it meets
+// (shared by the whole batch, per image, per window) into distance rows once per block and reuses them, from
+// L1, for every matrix that shares them.
+template <typename acc_t, typename Fn>
+void for_each_position_block(const PositionArgs& args, Fn fn) {
+  const PositionLayout& l = args.layout;
+  const auto queries = position_rows<acc_t>(args.queries, l.dims);
+  const auto keys = position_rows<acc_t>(args.keys, l.dims);
+  const std::vector<int64_t> order = matrices_by_positions(args);
+  const int64_t rows_per_block = std::clamp<int64_t>(
+      kDistanceCacheBytes / (std::max<int64_t>(l.num_keys, 1) * static_cast<int64_t>(sizeof(acc_t))), 1,
+      std::max<int64_t>(l.num_queries, 1));
+  const int64_t num_blocks = (l.num_queries + rows_per_block - 1) / rows_per_block;
+  at::parallel_for(0, num_blocks * l.num_matrices, 1, [&](int64_t begin, int64_t end) {
+    DistanceBlock<acc_t> distances{std::vector<acc_t>(rows_per_block * l.num_keys), {}};
+    PackedKeys<acc_t> packed;
+    std::tuple<const acc_t*, const acc_t*, int64_t> filled{nullptr, nullptr, -1};
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task / l.num_matrices;
+      const int64_t b = order[task % l.num_matrices];
+      const int64_t t_begin = block * rows_per_block;
+      const int64_t t_end = std::min(t_begin + rows_per_block, l.num_queries);
+      const acc_t* q_matrix = queries.matrix(b);
+      const std::tuple<const acc_t*, const acc_t*, int64_t> needed{q_matrix, keys.matrix(b), block};
+      if (needed != filled) {
+        packed.set(keys, b, l.num_keys);
+        distances.runs = packed.runs;
+        for (int64_t t = t_begin; t < t_end; ++t) {
+          if (!queries.has_position(q_matrix, t)) continue;
+          acc_t q[3];
+          queries.position(q_matrix, t, q);
+          packed.distances(q, 0, l.num_keys, /*zero_missing=*/false,
+                           distances.rows.data() + (t - t_begin) * l.num_keys);
+        }
+        filled = needed;
+      }
+      fn(b, t_begin, t_end, queries, distances);
+    }
+  });
+}
+
+using KeyRuns = std::vector<std::pair<int64_t, int64_t>>;
+
+// weighted_sums over the runs of keys with a position of one attention row.
+template <typename scalar_t, typename acc_t, bool kMass>
+__attribute__((always_inline)) inline void run_sums(const scalar_t* row, int64_t key_stride, const acc_t* dist,
+                                                    const KeyRuns& runs, acc_t& weighted, acc_t& mass) {
+  weighted = 0;
+  mass = 0;
+  for (const auto& [first, last] : runs) {
+    acc_t w, m;
+    weighted_sums<scalar_t, acc_t, kMass>(row + first * key_stride, key_stride, dist + first, last - first, w, m);
+    weighted += w;
+    mass += m;
+  }
+}
+
+// m_t for the queries [t_begin, t_end) of one matrix; NaN for a query without a position.
+template <typename scalar_t, typename acc_t>
+VITMAD_CPU_CLONES void mad_pos_rows(const scalar_t* matrix, int64_t query_stride, int64_t key_stride,
+                                    const PositionLayout& l, const acc_t* q_matrix, const PositionRows<acc_t>& queries,
+                                    const KeyRuns& runs, const acc_t* dist_rows, int64_t t_begin, int64_t t_end,
+                                    acc_t* out) {
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    if (!queries.has_position(q_matrix, t)) {
+      out[t] = std::numeric_limits<acc_t>::quiet_NaN();
+      continue;
+    }
+    const acc_t* dist = dist_rows + (t - t_begin) * l.num_keys;
+    acc_t weighted, mass;
+    if (l.renormalize) {
+      run_sums<scalar_t, acc_t, true>(matrix + t * query_stride, key_stride, dist, runs, weighted, mass);
+      out[t] = weighted / mass;
+    } else {
+      run_sums<scalar_t, acc_t, false>(matrix + t * query_stride, key_stride, dist, runs, weighted, mass);
+      out[t] = weighted;
+    }
+  }
+}
+
+at::Tensor mad_pos_cpu(const at::Tensor& attn, const at::Tensor& positions,
+                       const std::optional<at::Tensor>& key_positions, bool renormalize, c10::string_view reduction) {
+  check_attn_tensor(attn, "[..., Nq, Nk]", "vitmad.mad");
+  const auto out_dtype = mad_output_dtype(attn.scalar_type());
+  const PositionArgs args = check_position_args(attn, attn.size(-2), attn.size(-1), positions, key_positions,
+                                                renormalize, reduction, out_dtype, /*check_values=*/true, "vitmad.mad");
+  const PositionLayout& l = args.layout;
+  const auto [per_query, out] = empty_mad_outputs(attn, l.num_matrices, l.num_queries, l.reduce_mean);
+  if (l.num_matrices == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "vitmad_mad_pos_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* rows = per_query.mutable_data_ptr<acc_t>();
+    const scalar_t* data = attn.const_data_ptr<scalar_t>();
+    const MatrixOffsets matrix_offset = matrix_offsets(attn, "vitmad.mad");
+    for_each_position_block<acc_t>(
+        args, [&](int64_t b, int64_t t_begin, int64_t t_end, const PositionRows<acc_t>& queries,
+                  const DistanceBlock<acc_t>& distances) {
+          mad_pos_rows<scalar_t, acc_t>(data + matrix_offset(b), attn.stride(-2), attn.stride(-1), l, queries.matrix(b),
+                                        queries, distances.runs, distances.rows.data(), t_begin, t_end,
+                                        rows + b * l.num_queries);
+        });
+    if (l.reduce_mean) {
+      const auto queries = position_rows<acc_t>(args.queries, l.dims);
+      mean_over_queries<acc_t>(rows, l.num_matrices, l.num_queries, PositionedQueries<acc_t>{queries},
+                               out.mutable_data_ptr<acc_t>());
+    }
+  });
+  return out;
+}
+
+// grad_attn[b, t, s] = g_t * d(t, s), or g_t / Z_t * (d(t, s) - m_t) with renormalisation, over queries and
+// keys with a position; zero elsewhere (the output starts zeroed).
+template <typename scalar_t, typename acc_t>
+VITMAD_CPU_CLONES void mad_pos_backward_rows(const scalar_t* matrix, int64_t query_stride, int64_t key_stride,
+                                             const PositionLayout& l, const acc_t* q_matrix,
+                                             const PositionRows<acc_t>& queries, const KeyRuns& runs,
+                                             const acc_t* dist_rows, const acc_t* grad_per_query, int64_t t_begin,
+                                             int64_t t_end, scalar_t* grad_matrix) {
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    if (!queries.has_position(q_matrix, t)) continue;
+    const acc_t* dist = dist_rows + (t - t_begin) * l.num_keys;
+    acc_t scale = grad_per_query[t];
+    acc_t shift = 0;
+    if (l.renormalize) {
+      acc_t weighted, mass;
+      run_sums<scalar_t, acc_t, true>(matrix + t * query_stride, key_stride, dist, runs, weighted, mass);
+      scale /= mass;
+      shift = weighted / mass;
+    }
+    scalar_t* out = grad_matrix + t * l.num_keys;
+    for (const auto& [first, last] : runs) {
+#pragma omp simd
+      for (int64_t s = first; s < last; ++s) out[s] = static_cast<scalar_t>(scale * (dist[s] - shift));
+    }
+  }
+}
+
+at::Tensor mad_pos_backward_cpu(const at::Tensor& grad, const at::Tensor& attn, const at::Tensor& positions,
+                                const std::optional<at::Tensor>& key_positions, bool renormalize,
+                                c10::string_view reduction) {
+  check_attn_tensor(attn, "[..., Nq, Nk]", "vitmad.mad_backward");
+  const auto out_dtype = mad_output_dtype(attn.scalar_type());
+  const PositionArgs args =
+      check_position_args(attn, attn.size(-2), attn.size(-1), positions, key_positions, renormalize, reduction,
+                          out_dtype, /*check_values=*/true, "vitmad.mad_backward");
+  const PositionLayout& l = args.layout;
+  const at::Tensor g = per_query_grad(grad, attn, args);
+  at::Tensor grad_attn = at::zeros(attn.sizes(), attn.options().memory_format(at::MemoryFormat::Contiguous));
+  if (l.num_matrices == 0) return grad_attn;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "vitmad_mad_pos_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* g_data = g.const_data_ptr<acc_t>();
+    const scalar_t* a_data = attn.const_data_ptr<scalar_t>();
+    scalar_t* out_data = grad_attn.mutable_data_ptr<scalar_t>();
+    const MatrixOffsets matrix_offset = matrix_offsets(attn, "vitmad.mad_backward");
+    for_each_position_block<acc_t>(args, [&](int64_t b, int64_t t_begin, int64_t t_end,
+                                             const PositionRows<acc_t>& queries,
+                                             const DistanceBlock<acc_t>& distances) {
+      mad_pos_backward_rows<scalar_t, acc_t>(
+          a_data + matrix_offset(b), attn.stride(-2), attn.stride(-1), l, queries.matrix(b), queries, distances.runs,
+          distances.rows.data(), g_data + b * l.num_queries, t_begin, t_end, out_data + b * l.num_queries * l.num_keys);
+    });
+  });
+  return grad_attn;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vitmad, CPU, m) {
+  m.impl("mad_pos", &mad_pos_cpu);
+  m.impl("mad_pos_backward", &mad_pos_backward_cpu);
+}
+
+}  // namespace vitmad

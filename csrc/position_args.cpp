@@ -1,0 +1,139 @@
+#include "position_args.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <sstream>
+#include <string>
+
+#include "mad_args.h"
+
+namespace vitmad {
+namespace {
+
+at::IntArrayRef leading_dims(const at::Tensor& t) { return t.sizes().slice(0, t.dim() - 2); }
+
+// One side's tensor against the attention: `tokens` (named `tokens_arg`) has `n` of the side's tokens (`what`:
+// "queries" or "keys") and the leading dims `lead`.
+void check_side(const at::Tensor& pos, const char* arg, at::IntArrayRef lead, const at::Tensor& tokens,
+                const char* tokens_arg, int64_t n, const char* what, const char* n_name, const char* op_name) {
+  TORCH_CHECK_VALUE(pos.layout() == at::kStrided, op_name, ": ", arg, " must be a dense (strided) tensor, got layout ",
+                    pos.layout());
+  TORCH_CHECK_TYPE(at::isFloatingType(pos.scalar_type()), op_name, ": ", arg,
+                   " must be a floating-point tensor (NaN marks a token without a position), got ", pos.scalar_type());
+  TORCH_CHECK_VALUE(pos.dim() >= 2 && pos.size(-1) >= 1 && pos.size(-1) <= kMaxPositionDims, op_name, ": ", arg,
+                    " must be [..., ", n_name, ", K] with K in {1, 2, 3}, got shape ", pos.sizes());
+  TORCH_CHECK_VALUE(pos.size(-2) == n, op_name, ": ", arg, " has ", n_name, " = ", pos.size(-2), " rows but ",
+                    tokens_arg, " has ", n, " ", what, " (shape ", tokens.sizes(), ")");
+  TORCH_CHECK_VALUE(pos.device() == tokens.device(), op_name, ": ", arg, " must be on ", tokens_arg, "'s device ",
+                    tokens.device(), ", got ", pos.device());
+  const at::IntArrayRef pos_lead = leading_dims(pos);
+  bool broadcasts = pos_lead.size() <= lead.size();
+  for (size_t i = 1; broadcasts && i <= pos_lead.size(); ++i) {
+    const int64_t size = pos_lead[pos_lead.size() - i];
+    broadcasts = size == 1 || size == lead[lead.size() - i];
+  }
+  TORCH_CHECK_VALUE(broadcasts, op_name, ": ", arg, " leading dims ", pos_lead, " do not broadcast against ",
+                    tokens_arg, "'s ", lead, " (right-aligned, each 1 or equal, at most as many)");
+}
+
+// " of positions[i, j]" for the matrix that holds flat row `row` of `pos`, or "" without leading dims.
+std::string matrix_of_row(const at::Tensor& pos, int64_t row, const char* arg) {
+  if (pos.dim() == 2) return "";
+  std::vector<int64_t> index(pos.dim() - 2);
+  int64_t rest = row / pos.size(-2);
+  for (int64_t d = pos.dim() - 3; d >= 0; --d) {
+    index[d] = rest % pos.size(d);
+    rest /= pos.size(d);
+  }
+  std::ostringstream out;
+  out << " of " << arg << at::IntArrayRef(index);
+  return out.str();
+}
+
+// Every row all NaN (no position) or all finite. On a host copy in double: positions are small.
+void check_position_values(const at::Tensor& pos, const char* arg, const char* op_name) {
+  const at::Tensor host = pos.to(at::kCPU, at::kDouble).contiguous();
+  const double* v = host.const_data_ptr<double>();
+  const int64_t k = host.size(-1);
+  const int64_t n = host.size(-2);
+  const int64_t rows = k == 0 ? 0 : host.numel() / k;
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t nan = 0;
+    for (int64_t c = 0; c < k; ++c) {
+      const double x = v[r * k + c];
+      TORCH_CHECK_VALUE(!std::isinf(x), op_name, ": ", arg,
+                        " must not be infinite (NaN marks a token without a position), got ", x, " at row ", r % n,
+                        matrix_of_row(host, r, arg));
+      nan += std::isnan(x) ? 1 : 0;
+    }
+    TORCH_CHECK_VALUE(nan == 0 || nan == k, op_name, ": ", arg, " row ", r % n, matrix_of_row(host, r, arg), " has ",
+                      nan, " of its ", k, " coordinates NaN; a token without a position has all of them NaN");
+  }
+}
+
+// The kernels' view of one side: broadcast (stride-0) leading dims reduced to size 1 first, so a dtype
+// conversion copies only the user's own values.
+TokenPositions prepare_side(const at::Tensor& pos, at::IntArrayRef lead, at::ScalarType acc_dtype, bool check_values,
+                            const char* arg, const char* op_name) {
+  at::Tensor compact = pos;
+  for (int64_t d = 0; d < pos.dim() - 2; ++d)
+    if (compact.stride(d) == 0 && compact.size(d) > 1) compact = compact.narrow(d, 0, 1);
+  const at::Tensor values = compact.scalar_type() == acc_dtype ? compact : compact.to(acc_dtype);
+  // After the conversion: a float64 value beyond float32's range becomes inf there.
+  if (check_values) check_position_values(values, arg, op_name);
+  std::vector<int64_t> shape(lead.begin(), lead.end());
+  shape.push_back(pos.size(-2));
+  shape.push_back(pos.size(-1));
+  const at::Tensor view = values.expand(shape);
+  return TokenPositions{values, matrix_offsets(view, op_name, arg), view.stride(-2), view.stride(-1)};
+}
+
+}  // namespace
+
+PositionArgs check_position_args(const at::Tensor& tokens, int64_t num_queries, int64_t num_keys,
+                                 const at::Tensor& positions, const std::optional<at::Tensor>& key_positions,
+                                 bool renormalize, std::string_view reduction, at::ScalarType acc_dtype,
+                                 bool check_values, const char* op_name) {
+  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "none", op_name, ": reduction must be 'mean' or 'none', got '",
+                    reduction, "'");
+  const bool qk = std::string_view(op_name) == "vitmad.mad_qk";
+  const char* tokens_arg = qk ? "q" : "attn";
+  const at::IntArrayRef lead = leading_dims(tokens);
+  check_side(positions, "positions", lead, tokens, tokens_arg, num_queries, "queries", "Nq", op_name);
+  if (key_positions.has_value()) {
+    check_side(*key_positions, "key_positions", lead, tokens, qk ? "k" : "attn", num_keys, "keys", "Nk", op_name);
+    TORCH_CHECK_VALUE(
+        key_positions->size(-1) == positions.size(-1), op_name,
+        ": key_positions must have as many coordinates K per token as positions (K = ", positions.size(-1),
+        "), got shape ", key_positions->sizes(), " and positions of shape ", positions.sizes());
+  } else {
+    TORCH_CHECK_VALUE(num_keys == num_queries, op_name, ": ", qk ? "the attention" : "attn", " is rectangular [..., ",
+                      num_queries, ", ", num_keys, "]", qk ? " (q and k have different token counts)" : "",
+                      "; pass key_positions [..., ", num_keys, ", K] for its keys");
+  }
+  int64_t num_matrices = 1;
+  for (const int64_t size : lead) num_matrices *= size;
+  const PositionLayout layout{num_queries,  num_keys,    positions.size(-1),
+                              num_matrices, renormalize, reduction == "mean"};
+  const TokenPositions queries = prepare_side(positions, lead, acc_dtype, check_values, "positions", op_name);
+  const TokenPositions keys =
+      key_positions.has_value() ? prepare_side(*key_positions, lead, acc_dtype, check_values, "key_positions", op_name)
+                                : queries;
+  return PositionArgs{layout, queries, keys};
+}
+
+at::Tensor per_query_grad(const at::Tensor& grad, const at::Tensor& attn, const PositionArgs& args) {
+  const PositionLayout& l = args.layout;
+  const at::Tensor g = check_mad_grad(grad, attn, l.reduce_mean, l.num_queries);
+  const std::vector<int64_t> lead(attn.sizes().begin(), attn.sizes().end() - 2);
+  std::vector<int64_t> per_query_shape = lead;
+  per_query_shape.push_back(l.num_queries);
+  if (!l.reduce_mean) return g.contiguous().view({l.num_matrices, l.num_queries});
+  // Queries with a position per matrix of positions; the division broadcasts them against attn's leading dims.
+  const at::Tensor counts = args.queries.values.select(-1, 0).isnan().logical_not().sum(-1).to(g.scalar_type());
+  return (g / counts).unsqueeze(-1).expand(per_query_shape).contiguous().view({l.num_matrices, l.num_queries});
+}
+
+}  // namespace vitmad
