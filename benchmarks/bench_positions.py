@@ -23,10 +23,10 @@ import math
 import os
 
 import torch
-from _results import machine, markdown_table, write_section
-from bench_flash import CPU_SHAPES, CUDA_SHAPES, PATCH, grid_of, make_inputs, parse_shape, time_routes
 
 import vitmad  # noqa: F401  (loads torch.ops.vitmad)
+from _results import machine, markdown_table, write_section
+from bench_flash import CPU_SHAPES, CUDA_SHAPES, PATCH, grid_of, make_inputs, parse_shape, time_routes
 
 ops = torch.ops.vitmad
 
@@ -96,7 +96,6 @@ def main() -> None:
             "sum": lambda: attn.sum(dtype=torch.float32),
         }, device, args.repeats)
         add(name, shape, times)
-        del attn
 
     for name, (b, nw, h), side, patch in WINDOW_CASES:
         shape = (b, nw, h, side * side, side * side)
@@ -108,7 +107,6 @@ def main() -> None:
             "sum": lambda: attn.sum(dtype=torch.float32),
         }, device, args.repeats)
         add(name + f", positions [{nw}, 1, {side * side}, 2]", shape, times)
-        del attn
 
     for shape in args.flash_shapes or [parse_shape(s) for s in (CUDA_SHAPES if device == "cuda" else CPU_SHAPES)]:
         q, k, _ = make_inputs(shape, dtype, device)
@@ -128,7 +126,8 @@ def main() -> None:
     if not args.no_write:
         body = (f"## Position form vs grid form ({device}, {args.dtype}, {torch.get_num_threads()} torch threads) "
                 f"(benchmarks/bench_positions.py)\n\n"
-                f"{machine()}\n\n{load}\n\n`positions`: mad_pos (flash rows: mad_qk_pos) with the grid's pixel positions; `grid`: "
+                f"{machine()}\n\n{load}\n\n`positions`: mad_pos (flash rows: mad_qk_pos) with the grid's pixel "
+                "positions; `grid`: "
                 "mad (mad_qk) on the same tensor; `attn.sum`: `attn.sum(dtype=torch.float32)`, one read of the data. "
                 f"Median of {args.repeats} calls, the routes taking turns. Targets: positions <= 1.3x grid and <= "
                 "1.5x one read for the ViT shapes, <= 1.5x one read for windows, <= 1.1x mad_qk for flash.\n\n"

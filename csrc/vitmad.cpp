@@ -1,5 +1,5 @@
 // The schema of every vitmad op, defined once. Backends register kernels in csrc/cpu and csrc/cuda; the
-// fake (shape) kernels and autograd formulas are registered from python/vitmad/ops.py.
+// fake (shape) kernels and autograd formulas are registered from python/vitmad/ops/mad_op.py and mad_qk_op.py.
 //
 // The position form (mad_pos, mad_pos_backward, mad_qk_pos; docs/definition.md, "Beyond one grid: where each
 // token is"). The contract every implementation of it keeps (kernels, fake kernels, float64 reference, fallback):
