@@ -168,7 +168,8 @@ def _positions_mad(
     dist = torch.where(both, position_distances(positions, keys), 0.0)
     per_query = (a * dist).sum(-1)
     if renormalize:
-        per_query = per_query / a.sum(-1)
+        # Queries without a position divide by 1, not by their (maybe zero) mass: no 0 / 0 reaches autograd.
+        per_query = per_query / torch.where(has_query, a.sum(-1), 1.0)
     per_query = torch.where(has_query, per_query, float("nan"))
     if not reduce_mean:
         return per_query
