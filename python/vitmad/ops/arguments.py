@@ -23,7 +23,7 @@ __all__ = [
     "check_one_form",
     "check_position_args",
     "check_position_values",
-    "check_position_grad",
+    "check_mad_grad",
     "mad_output_dtype",
     "SUPPORTED_DTYPES",
 ]
@@ -54,6 +54,14 @@ def mad_output_dtype(attn_dtype: torch.dtype) -> torch.dtype:
 
 def _shape_str(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def _broadcasts(shape: Sequence[int], target: Sequence[int]) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` without expanding it: right-aligned, each size 1 or equal,
+    at most as many dims."""
+    return len(shape) <= len(target) and all(
+        size in (1, want) for size, want in zip(reversed(shape), reversed(target))
+    )
 
 
 def check_mad_args(
@@ -212,15 +220,11 @@ def check_qk_tensors(
         if attn_bias.device != q.device:
             raise ValueError(f"{op_name}: attn_bias must be on q's device {q.device}, got {attn_bias.device}")
         target = (*q.shape[:-1], nk)
-        bias_shape = tuple(attn_bias.shape)
-        broadcastable = len(bias_shape) <= len(target) and all(
-            size in (1, want) for size, want in zip(reversed(bias_shape), reversed(target))
-        )
-        if not broadcastable:
+        if not _broadcasts(attn_bias.shape, target):
             raise ValueError(
                 f"{op_name}: attn_bias must be broadcastable to the logits' shape "
                 f"{'[..., N, N]' if same_tokens else '[..., Nq, Nk]'} = {_shape_str(target)}, got shape "
-                f"{_shape_str(bias_shape)}"
+                f"{_shape_str(attn_bias.shape)}"
             )
     return QkShape(int(nq), int(nk), int(d), float(scale) if scale is not None else 1.0 / math.sqrt(d))
 
@@ -311,10 +315,7 @@ def _check_position_side(pos, arg, lead, tokens, tokens_arg, n, what, n_name, op
     if pos.device != tokens.device:
         raise ValueError(f"{op_name}: {arg} must be on {tokens_arg}'s device {tokens.device}, got {pos.device}")
     pos_lead = tuple(pos.shape[:-2])
-    broadcasts = len(pos_lead) <= len(lead) and all(
-        size in (1, want) for size, want in zip(reversed(pos_lead), reversed(lead))
-    )
-    if not broadcasts:
+    if not _broadcasts(pos_lead, lead):
         raise ValueError(f"{op_name}: {arg} leading dims {_shape_str(pos_lead)} do not broadcast against "
                          f"{tokens_arg}'s {_shape_str(lead)} (right-aligned, each 1 or equal, at most as many)")
 
@@ -333,10 +334,10 @@ def check_position_values(positions: torch.Tensor, arg: str, op_name: str) -> No
     infinite = rows.isinf()
     nan_count = rows.isnan().sum(-1)
     bad_inf = infinite.any(-1)
-    bad_nan = (nan_count != 0) & (nan_count != k)
-    first = int(torch.nonzero(bad_inf | bad_nan)[0, 0]) if bool((bad_inf | bad_nan).any()) else None
-    if first is None:
+    bad = bad_inf | ((nan_count != 0) & (nan_count != k))
+    if not bool(bad.any()):
         return
+    first = int(bad.nonzero()[0, 0])
     where = ""
     if values.dim() > 2:
         index = list(torch.unravel_index(torch.tensor(first // n), tuple(values.shape[:-2])))
@@ -401,9 +402,10 @@ def check_position_args(
                           reduction == "mean")
 
 
-def check_position_grad(grad: torch.Tensor, attn: torch.Tensor, layout: PositionLayout) -> None:
-    """The gradient of ``mad``'s position form must have the output's shape (mirrors ``check_mad_grad``)."""
-    expected = tuple(attn.shape[:-2]) + (() if layout.reduce_mean else (layout.num_queries,))
+def check_mad_grad(grad: torch.Tensor, attn: torch.Tensor, reduce_mean: bool, num_queries: int) -> None:
+    """The gradient of ``mad``'s output, either form: its shape (``num_queries`` values per matrix for
+    ``"none"``: ``N - P`` or ``Nq``), attn's device, a floating dtype (mirrors ``check_mad_grad``)."""
+    expected = tuple(attn.shape[:-2]) + (() if reduce_mean else (num_queries,))
     if tuple(grad.shape) != expected:
         raise ValueError(f"vitmad.mad_backward: grad must have the shape of mad's output {_shape_str(expected)}, "
                          f"got {_shape_str(grad.shape)}")

@@ -14,9 +14,9 @@ import torch
 from .arguments import (
     check_attn_tensor,
     check_mad_args,
+    check_mad_grad,
     check_mad_qk_args,
     check_position_args,
-    check_position_grad,
     check_qk_tensors,
     mad_output_dtype,
 )
@@ -89,12 +89,8 @@ def mad_backward(
     layout = check_mad_args(
         attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction, "vitmad.mad_backward"
     )
+    check_mad_grad(grad, attn, layout.reduce_mean, layout.num_patches)
     acc = mad_output_dtype(attn.dtype)
-    expected = tuple(attn.shape[:-2]) + (() if layout.reduce_mean else (layout.num_patches,))
-    if tuple(grad.shape) != expected:
-        raise ValueError(
-            f"vitmad.mad_backward: grad must have the shape of mad's output {list(expected)}, got {list(grad.shape)}"
-        )
     g = grad.to(acc)
     per_query = (g / layout.num_patches).unsqueeze(-1) if layout.reduce_mean else g
     p = layout.num_prefix
@@ -214,7 +210,7 @@ def mad_pos_backward(
     nq, nk = attn.shape[-2], attn.shape[-1]
     layout = check_position_args(attn, nq, nk, positions, key_positions, renormalize, reduction,
                                  "vitmad.mad_backward")
-    check_position_grad(grad, attn, layout)
+    check_mad_grad(grad, attn, layout.reduce_mean, layout.num_queries)
     acc = mad_output_dtype(attn.dtype)
     sides = _Sides(positions, key_positions, acc)
     g = grad.to(acc)

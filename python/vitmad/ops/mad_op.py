@@ -15,9 +15,9 @@ from . import library  # noqa: F401  (defines torch.ops.vitmad before anything i
 from .arguments import (
     check_attn_tensor,
     check_mad_args,
+    check_mad_grad,
     check_one_form,
     check_position_args,
-    check_position_grad,
     mad_output_dtype,
 )
 
@@ -148,7 +148,7 @@ def _mad_pos_fake(attn, positions, key_positions=None, *, renormalize=False, red
 @torch.library.register_fake("vitmad::mad_pos_backward")
 def _mad_pos_backward_fake(grad, attn, positions, key_positions=None, *, renormalize=False, reduction="mean"):
     layout = _position_layout(attn, positions, key_positions, renormalize, reduction, "vitmad.mad_backward")
-    check_position_grad(grad, attn, layout)
+    check_mad_grad(grad, attn, layout.reduce_mean, layout.num_queries)
     return torch.empty(attn.shape, dtype=attn.dtype, device=attn.device)
 
 

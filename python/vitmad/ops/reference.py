@@ -240,11 +240,10 @@ def mad_qk_positions_reference(
     shape = check_qk_tensors(q, k, scale, attn_bias, False, "vitmad.mad_qk")
     layout = check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize,
                                  reduction, "vitmad.mad_qk")
+    if shape.num_keys == 0:  # softmax over no key: every query's value, hence every mean, is NaN
+        out = q.shape[:-2] if layout.reduce_mean else q.shape[:-1]
+        return torch.full(out, float("nan"), dtype=torch.float64, device=q.device)
     logits = biased_logits(q.double() @ k.double().transpose(-1, -2) * shape.scale, attn_bias)
-    if shape.num_keys == 0:  # softmax over no key: NaN, as over keys that are all masked
-        logits = logits.new_full((*logits.shape[:-1], 1), float("nan"))
-        positions_of_keys = positions.new_zeros((*positions.shape[:-2], 1, positions.shape[-1]))
-        return _positions_mad(logits, positions, positions_of_keys, renormalize, layout.reduce_mean)
     return _positions_mad(logits.softmax(-1), positions, key_positions, renormalize, layout.reduce_mean)
 
 

@@ -98,28 +98,24 @@ def _detect_patch(
     return int(kernel[0])
 
 
-def _capture_kind(model: nn.Module) -> str:
-    """``"transformers"`` for a transformers model whose attention goes through ``AttentionInterface``, else
-    ``"sdpa"``: timm models, transformers models wrapping timm ones (``TimmWrapperModel``), and any module
-    given by name that calls ``F.scaled_dot_product_attention``."""
-    return "transformers" if is_hf_model(model) and hf_attention_modules(model) else "sdpa"
-
-
 def _attention_layers(
-    model: nn.Module, capture: str, embedding: tuple[str, nn.Conv2d] | None, layers: Sequence[str] | None
-) -> dict[str, nn.Module]:
-    """The attention modules to record, by qualified name, in module order."""
-    if capture == "transformers":
-        candidates = hf_attention_modules(model)
-    else:
+    model: nn.Module, embedding: tuple[str, nn.Conv2d] | None, layers: Sequence[str] | None
+) -> tuple[str, dict[str, nn.Module]]:
+    """How to capture the model's attention, and the attention modules to record by qualified name, in module
+    order. The capture is ``"transformers"`` for a transformers model whose attention goes through
+    ``AttentionInterface``, else ``"sdpa"``: timm models, transformers models wrapping timm ones
+    (``TimmWrapperModel``), and any module given by name that calls ``F.scaled_dot_product_attention``."""
+    candidates = hf_attention_modules(model) if is_hf_model(model) else {}
+    capture = "transformers" if candidates else "sdpa"
+    if not candidates:
         # Any module may be named: the capture sees whatever F.scaled_dot_product_attention calls it makes.
         candidates = sdpa_attention_modules(model) if layers is None else dict(model.named_modules())
     if layers is not None:
-        return _select(candidates, layers, model)
+        return capture, _select(candidates, layers, model)
     prefix = "" if embedding is None else _encoder_prefix(embedding[0])
     modules = {n: m for n, m in candidates.items() if n.startswith(prefix)}
     if modules:
-        return modules
+        return capture, modules
     if is_hf_model(model):
         # Such transformers models compute their softmax themselves: naming their modules would not help.
         raise ValueError(
@@ -170,8 +166,7 @@ class Recording:
         embedding = find_patch_embedding(model)
         self._patch_embedding = None if embedding is None else embedding[1]
         self.patch = _detect_patch(model, embedding, patch, self._grid)
-        self._capture = _capture_kind(model)
-        self._modules = _attention_layers(model, self._capture, embedding, layers)
+        self._capture, self._modules = _attention_layers(model, embedding, layers)
         # Per module, the calls of its current forward not yet recorded (several for differential attention).
         self._pending: dict[str, list] = {}
         self._hooks = (
