@@ -149,7 +149,7 @@ def test_layers_selection_and_overrides():
         model(torch.randn(1, 3, 32, 32))
     assert rec.layers == ["layers.1.attention"]
     assert rec.layout == vitmad.recording.ModelLayout(patch=4, grid=(4, 4), num_prefix_tokens=1)
-    with pytest.raises(ValueError, match="layers pattern 'nope' matches no attention module of ViTModel"):
+    with pytest.raises(ValueError, match="layers pattern 'nope' matches no module of ViTModel"):
         vitmad.record(model, layers=["nope"])
 
 

@@ -1,13 +1,20 @@
-"""``vitmad.record``: every attention layer's MAD, recorded while a real ViT runs its own fused attention.
+"""``vitmad.record``: every attention layer's MAD, recorded while a real vision transformer runs.
 
-Each recorded layer's queries and keys are captured where the attention receives them (transformers'
-``AttentionInterface``, or the module's ``F.scaled_dot_product_attention`` call for timm) and reduced to MAD at
-once by ``vitmad::mad_qk`` (flash-MAD: the attention probabilities are never materialised), so no attention
-map is stored. The model's own attention runs unchanged.
+Each recorded layer's attention is captured where it is computed and reduced to MAD at once:
+
+- queries and keys where the attention receives them (transformers' ``AttentionInterface``, or the module's
+  ``F.scaled_dot_product_attention`` call): flash-MAD, ``vitmad::mad_qk``, the probabilities never exist;
+- the probabilities a module computes itself (explicit softmax: timm with ``fused_attn=False``, transformers
+  families that bypass ``AttentionInterface``): read once by the fused ``vitmad::mad`` op, never copied.
+
+Every call is measured in the position form of the ops: a placer per layer (:mod:`.families`) gives each token
+its pixel position in the input image (windows, shifted and padded windows, pooled keys, hierarchies, tokens
+without a position anywhere) and folds the per-query values back onto the layer's token grid
+(:mod:`.placement`). The model's own attention runs unchanged.
 
 Repeated forwards: every forward call inside one ``record`` block is kept as a :class:`RecordedCall` in
-``rec.calls`` (a call starts when the patch embedding runs); ``rec.mad``, ``rec.layers`` and ``rec.layout``
-describe the latest call.
+``rec.calls`` (a call starts when the model's first convolution runs on the image); ``rec.mad``,
+``rec.layers``, ``rec.geometry`` and ``rec.layout`` describe the latest call.
 
 One layer, one entry: a module that computes its attention in several calls (differential attention, two
 softmax maps) is recorded once, with the MAD of the attention it applies (:mod:`.differential`).
@@ -16,17 +23,19 @@ softmax maps) is recorded once, with the MAD of the attention it applies (:mod:`
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..ops import mad_qk
+from ..ops import mad, mad_qk
 from .differential import CallSums, combine, differential_lambda, is_differential
-from .sdpa_capture import SdpaAttentionHooks, sdpa_attention_modules
-from .token_grid import ModelLayout, find_patch_embedding
-from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model
+from .families import Skip, family_modules, family_placer
+from .families.plain import PlainLayout, PlainPlacer, find_patch_embedding
+from .module_capture import ModuleAttentionHooks, timm_attention_modules
+from .placement import CallContext, LayerGeometry, LayerPlacer, ModelLayout, NotPlaceable, Placement
+from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model, uses_attention_interface
 
 __all__ = ["record", "Recording", "RecordedCall"]
 
@@ -37,22 +46,55 @@ class RecordedCall:
 
     Attributes:
         layers: the attention modules' qualified names, in execution order.
-        layout: patch size, grid and prefix tokens of this call.
-        per_layer: one tensor per entry of ``layers``: ``[B, H]`` (``reduction="mean"``) or ``[B, H, N - P]``.
+        per_layer: one tensor per entry of ``layers``: ``[B, H_l]`` (``reduction="mean"``) or ``[B, H_l, T_l]``
+            with ``T_l`` the layer's positioned tokens in row-major order of its grid.
+        geometry: one :class:`~vitmad.recording.placement.LayerGeometry` per layer: its token grid, pixel
+            stride, attention kind and head count.
         components: for layers whose attention combines several softmax maps (differential attention), by
             layer name: ``{"mad": [MAD of A1, MAD of A2], "lambda": lambda}``, each MAD shaped like
             ``per_layer``'s entry; the layer's own entry is the MAD of ``A1 - lambda * A2``.
     """
 
     layers: list[str] = field(default_factory=list)
-    layout: ModelLayout | None = None
     per_layer: list[torch.Tensor] = field(default_factory=list)
+    geometry: list[LayerGeometry] = field(default_factory=list)
     components: dict[str, dict] = field(default_factory=dict)
 
     @property
+    def heads(self) -> list[int]:
+        """Each layer's head count."""
+        return [g.heads for g in self.geometry]
+
+    @property
     def mad(self) -> torch.Tensor:
-        """``[L, B, H]`` float32 (``reduction="mean"``) or ``[L, B, H, N - P]`` (``"none"``)."""
-        return torch.stack(self.per_layer)
+        """``[L, B, H]`` float32 (``reduction="mean"``) or ``[L, B, H, T]`` (``"none"``).
+
+        Where the head count changes with depth (Swin: 3, 6, 12, 24), ``H`` is the largest and a layer's
+        missing heads are NaN; per-token values of layers on different grids do not stack (use ``per_layer``).
+        """
+        shapes = {tuple(t.shape[2:]) for t in self.per_layer}
+        if len(shapes) > 1:
+            raise ValueError(
+                "vitmad.record: the recorded layers have per-token values on different token grids "
+                f"({sorted({g.grid for g in self.geometry})}); read rec.per_layer (one [B, H, T] per layer) and "
+                "rec.geometry instead of rec.mad"
+            )
+        heads = max(t.shape[1] for t in self.per_layer)
+        padded = [t if t.shape[1] == heads else
+                  torch.cat([t, t.new_full((t.shape[0], heads - t.shape[1], *t.shape[2:]), float("nan"))], 1)
+                  for t in self.per_layer]
+        return torch.stack(padded)
+
+    @property
+    def layout(self) -> ModelLayout | None:
+        """Patch size, grid and prefix tokens when every layer attends over the same plain ViT layout."""
+        plain = {(g.grid, g.stride, g.num_prefix_tokens) for g in self.geometry}
+        if len(plain) != 1:
+            return None
+        grid, stride, prefix = plain.pop()
+        if prefix is None or stride[0] != stride[1] or stride[0] != int(stride[0]):
+            return None
+        return ModelLayout(int(stride[0]), grid, prefix)
 
 
 def _encoder_prefix(patch_embedding: str) -> str:
@@ -64,70 +106,43 @@ def _encoder_prefix(patch_embedding: str) -> str:
     return ""
 
 
-def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn.Module) -> dict[str, nn.Module]:
+def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn.Module,
+            shown: dict[str, nn.Module]) -> dict[str, nn.Module]:
     selected = {}
     for pattern in patterns:
         matches = {name: m for name, m in candidates.items() if fnmatch.fnmatchcase(name, pattern)}
         if not matches:
-            shown = ", ".join(list(candidates)[:4]) + (", ..." if len(candidates) > 4 else "")
+            names = ", ".join(list(shown)[:4]) + (", ..." if len(shown) > 4 else "")
             raise ValueError(
-                f"vitmad.record: layers pattern '{pattern}' matches no attention module of "
-                f"{type(model).__name__}; expected qualified names (wildcards allowed) such as: {shown or 'none'}"
+                f"vitmad.record: layers pattern '{pattern}' matches no module of {type(model).__name__}; expected "
+                f"qualified names (wildcards allowed) such as its attention modules: {names or 'none found'}"
             )
         selected.update(matches)
     return {name: m for name, m in candidates.items() if name in selected}
 
 
-def _detect_patch(
-    model: nn.Module, embedding: tuple[str, nn.Conv2d] | None, patch: int | None, grid: tuple[int, int] | None
-) -> int:
-    """The given patch size, or the patch-embedding kernel's; errors say what to pass by hand."""
-    name = type(model).__name__
-    if embedding is None:
-        if patch is None or grid is None:
-            raise ValueError(
-                f"vitmad.record: found no patch-embedding Conv2d (kernel == stride) in {name}; pass "
-                "patch=<pixels per patch> and grid=[grid_h, grid_w]"
-            )
-        return patch
-    if patch is not None:
-        return patch
-    kernel = tuple(embedding[1].kernel_size)
-    if kernel[0] != kernel[1]:
-        raise ValueError(f"vitmad.record: {name} has non-square patches {list(kernel)}; pass patch=")
-    return int(kernel[0])
-
-
-def _attention_layers(
-    model: nn.Module, embedding: tuple[str, nn.Conv2d] | None, layers: Sequence[str] | None
-) -> tuple[str, dict[str, nn.Module]]:
-    """How to capture the model's attention, and the attention modules to record by qualified name, in module
-    order. The capture is ``"transformers"`` for a transformers model whose attention goes through
-    ``AttentionInterface``, else ``"sdpa"``: timm models, transformers models wrapping timm ones
-    (``TimmWrapperModel``), and any module given by name that calls ``F.scaled_dot_product_attention``."""
-    candidates = hf_attention_modules(model) if is_hf_model(model) else {}
-    capture = "transformers" if candidates else "sdpa"
-    if not candidates:
-        # Any module may be named: the capture sees whatever F.scaled_dot_product_attention calls it makes.
-        candidates = sdpa_attention_modules(model) if layers is None else dict(model.named_modules())
-    if layers is not None:
-        return capture, _select(candidates, layers, model)
-    prefix = "" if embedding is None else _encoder_prefix(embedding[0])
-    modules = {n: m for n, m in candidates.items() if n.startswith(prefix)}
-    if modules:
-        return capture, modules
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module vitmad recognises as attention, by qualified name in module order: transformers' attention
+    modules (query and key projections), timm's (a ``fused_attn`` switch and an input projection) and those only
+    a family knows. A module inside another one found is left to the outer one."""
+    found = {}
     if is_hf_model(model):
-        # Such transformers models compute their softmax themselves: naming their modules would not help.
-        raise ValueError(
-            f"vitmad.record: found no attention layer in {type(model).__name__}: its attention does not go "
-            "through transformers' AttentionInterface (no module with q_proj/k_proj or query/key projections) and "
-            "it has no timm attention; vitmad.record does not support this transformers family yet"
-        )
-    raise ValueError(
-        f"vitmad.record: found no attention layer in {type(model).__name__}: none of its modules uses "
-        "transformers' AttentionInterface or timm's fused attention (a fused_attn switch). If some of its "
-        "modules call F.scaled_dot_product_attention, pass layers=[their qualified names]"
-    )
+        found.update(hf_attention_modules(model))
+    found.update(timm_attention_modules(model))
+    found.update(family_modules(model))
+    ordered = {}
+    for name, module in model.named_modules():
+        if name in found and not any(name.startswith(outer + ".") for outer in ordered):
+            ordered[name] = module
+    return ordered
+
+
+def _first_convolution(model: nn.Module) -> nn.Module | None:
+    """The first convolution in module order: it runs on the image, so a forward call starts there."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            return module
+    return None
 
 
 class Recording:
@@ -157,28 +172,60 @@ class Recording:
         self.model = model
         self.renormalize = bool(renormalize)
         self.reduction = reduction
-        self._grid = None if grid is None else (int(grid[0]), int(grid[1]))
-        self._num_prefix_tokens = num_prefix_tokens
         self.calls: list[RecordedCall] = []
-        self._call_grid: tuple[int, int] | None = None
+        self.skipped: dict[str, str] = {}
+        self._context = CallContext()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-        embedding = find_patch_embedding(model)
-        self._patch_embedding = None if embedding is None else embedding[1]
-        self.patch = _detect_patch(model, embedding, patch, self._grid)
-        self._capture, self._modules = _attention_layers(model, embedding, layers)
+        self._plain = PlainLayout(model, patch, None if grid is None else (int(grid[0]), int(grid[1])),
+                                  num_prefix_tokens)
+        self._modules = self._choose_layers(layers)
+        self._placers: dict[str, LayerPlacer] = {}
+        for name, module in self._modules.items():
+            placer = family_placer(model, name, module)
+            self._placers[name] = PlainPlacer(self._plain) if placer is None else placer
         # Per module, the calls of its current forward not yet recorded (several for differential attention).
         self._pending: dict[str, list] = {}
-        self._hooks = (
-            HFAttentionHooks(model, self._modules, self._on_attention) if self._capture == "transformers"
-            else SdpaAttentionHooks(self._modules, self._on_attention, self._on_module_done)
-        )
+        interface = {n: m for n, m in self._modules.items() if is_hf_model(model) and uses_attention_interface(m)}
+        own = {n: m for n, m in self._modules.items() if n not in interface}
+        self._hooks = [ModuleAttentionHooks(own, self._on_attention, self._on_probabilities, self._on_module_done)]
+        if interface:
+            self._hooks.append(HFAttentionHooks(model, interface, self._on_attention, self._on_module_done))
+
+    def _choose_layers(self, layers: Sequence[str] | None) -> dict[str, nn.Module]:
+        """The modules to record; the non-spatial ones found by default go to ``self.skipped``."""
+        model = self.model
+        found = attention_modules(model)
+        if layers is not None:
+            chosen = _select(dict(model.named_modules()), layers, model, found)
+        else:
+            embedding = find_patch_embedding(model)
+            prefix = "" if embedding is None else _encoder_prefix(embedding[0])
+            chosen = {n: m for n, m in found.items() if n.startswith(prefix)}
+        modules = {}
+        for name, module in chosen.items():
+            placer = family_placer(model, name, module)
+            if isinstance(placer, Skip):
+                self.skipped[name] = placer.reason
+            else:
+                modules[name] = module
+        if not modules:
+            if self.skipped:
+                reasons = "; ".join(f"{n}: {r}" for n, r in list(self.skipped.items())[:3])
+                raise ValueError(
+                    f"vitmad.record: {type(model).__name__} has no layer with spatial softmax attention over "
+                    f"positioned tokens, so MAD is not defined for it ({reasons})"
+                )
+            raise ValueError(
+                f"vitmad.record: found no attention layer in {type(model).__name__}: none of its modules has "
+                "transformers' query/key projections, timm's fused_attn switch or a layout vitmad knows. If some "
+                "of its modules compute softmax attention (F.scaled_dot_product_attention or an explicit "
+                "softmax), pass layers=[their qualified names]"
+            )
+        return modules
 
     # What was recorded -------------------------------------------------------------------------------------
 
-    @property
-    def mad(self) -> torch.Tensor:
-        """``[L, B, H]`` float32 (``reduction="mean"``) or ``[L, B, H, N - P]`` of the latest forward call."""
+    def _latest(self) -> RecordedCall:
         name = type(self.model).__name__
         if not self.calls:
             raise RuntimeError(
@@ -187,13 +234,28 @@ class Recording:
             )
         if not self.calls[-1].per_layer:
             shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
-            how = ("transformers' AttentionInterface" if self._capture == "transformers"
-                   else "F.scaled_dot_product_attention")
             raise RuntimeError(
                 f"vitmad.record: {name} ran, but none of the {len(self._modules)} modules being recorded ({shown}) "
-                f"reached {how} in that forward call; pass layers=[the modules that compute its attention]"
+                "computed attention (F.scaled_dot_product_attention, transformers' AttentionInterface or a softmax) "
+                "in that forward call; pass layers=[the modules that compute its attention]"
             )
-        return self.calls[-1].mad
+        return self.calls[-1]
+
+    @property
+    def mad(self) -> torch.Tensor:
+        """``[L, B, H]`` float32 (``reduction="mean"``) or ``[L, B, H, T]`` of the latest forward call; see
+        :attr:`RecordedCall.mad` for layers with different head counts or grids."""
+        return self._latest().mad
+
+    @property
+    def per_layer(self) -> list[torch.Tensor]:
+        """One ``[B, H_l]`` (or ``[B, H_l, T_l]``) tensor per recorded layer of the latest call."""
+        return list(self._latest().per_layer)
+
+    @property
+    def geometry(self) -> list[LayerGeometry]:
+        """Each recorded layer's token grid, pixel stride, attention kind and head count (latest call)."""
+        return list(self.calls[-1].geometry) if self.calls else []
 
     @property
     def layers(self) -> list[str]:
@@ -201,102 +263,105 @@ class Recording:
         return list(self.calls[-1].layers) if self.calls else []
 
     @property
-    def layout(self) -> ModelLayout:
-        """Patch size, grid and prefix tokens of the latest call (the given or detected values before one)."""
-        if self.calls and self.calls[-1].layout is not None:
+    def layout(self) -> ModelLayout | None:
+        """Patch size, grid and prefix tokens of the latest call when every layer attends over one plain ViT
+        layout (None otherwise: read :attr:`geometry`); before a call, the given or detected values."""
+        if self.calls and self.calls[-1].geometry:
             return self.calls[-1].layout
-        return ModelLayout(self.patch, self._grid, self._num_prefix_tokens)
+        patch = self._plain.patch
+        if patch is None and self._plain.embedding is not None:
+            patch = int(self._plain.embedding[1].kernel_size[0])
+        return ModelLayout(patch, self._plain.grid, self._plain.num_prefix_tokens)
 
     # Hooks ---------------------------------------------------------------------------------------------------
 
-    def _start_call(self, module: nn.Module, args, output=None) -> None:
-        if output is not None:
-            if output.dim() != 4:
-                raise RuntimeError(
-                    f"vitmad.record: the patch embedding of {type(self.model).__name__} returned shape "
-                    f"{list(output.shape)}, expected [B, C, grid_h, grid_w]; pass grid=[grid_h, grid_w]"
-                )
-            self._call_grid = (int(output.shape[-2]), int(output.shape[-1]))
+    def _start_call(self, module: nn.Module, args, kwargs=None) -> None:
+        image = next((a for a in list(args) + list((kwargs or {}).values())
+                      if isinstance(a, torch.Tensor) and a.dim() >= 4), None)
+        self._context.image_size = None if image is None else (int(image.shape[-2]), int(image.shape[-1]))
+        self._context.values.clear()
         self.calls.append(RecordedCall())
 
-    def _call_layout(self, name: str, num_tokens: int) -> ModelLayout:
-        grid = self._grid or self._call_grid
-        if grid is None:
-            raise RuntimeError(
-                f"vitmad.record: {name} of {type(self.model).__name__} ran before the patch embedding; pass "
-                "grid=[grid_h, grid_w]"
-            )
-        patches = grid[0] * grid[1]
-        prefix = self._num_prefix_tokens
-        if prefix is None and num_tokens < patches:
-            raise ValueError(
-                f"vitmad.record: {name} ({type(self._modules[name]).__name__}) of {type(self.model).__name__} "
-                f"attends over {num_tokens} tokens, fewer than the {grid[0]}x{grid[1]} = {patches} patches of "
-                f"the {'given grid' if self._grid else 'patch embedding'} (windows, pooled tokens or dropped "
-                "patches?), so its tokens cannot be placed; pass grid=[grid_h, grid_w] if its tokens are a full "
-                "grid of that size"
-            )
-        if prefix is None:
-            prefix = num_tokens - patches
-        if prefix + patches != num_tokens:
-            raise ValueError(
-                f"vitmad.record: {name} ({type(self._modules[name]).__name__}) of {type(self.model).__name__} "
-                f"attends over {num_tokens} tokens, not the {grid[0]}x{grid[1]} = {patches} patches plus the "
-                f"num_prefix_tokens={prefix} given; pass the num_prefix_tokens and grid of its tokens"
-            )
-        return ModelLayout(self.patch, grid, prefix)
-
-    def _on_attention(self, name, query, key, scale, mask) -> None:
-        """One attention call of module ``name``: reduced at once, recorded when the module's forward ends."""
+    def _place(self, name: str, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         if not self.calls:
             self.calls.append(RecordedCall())
-        layout = self._call_layout(name, query.shape[-2])
+        try:
+            return self._placers[name].place(self._context, lead, num_queries, num_keys)
+        except NotPlaceable as error:
+            raise ValueError(
+                f"vitmad.record: {name} ({type(self._modules[name]).__name__}) of {type(self.model).__name__}: "
+                f"{error}"
+            ) from None
+
+    def _on_attention(self, name, query, key, scale, mask) -> None:
+        """One ``F.scaled_dot_product_attention`` / ``AttentionInterface`` call of module ``name``."""
         # SDPA broadcasts the leading dims of q and k and adds a float mask of any float dtype; mad_qk takes
         # equal leading dims (a stride-0 view costs nothing) and a bias in q's dtype, or a bool mask as is.
         lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
         query = query.detach().expand(*lead, *query.shape[-2:])
         key = key.detach().expand(*lead, *key.shape[-2:])
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask.detach().to(query.dtype)
-        grid_form = {"num_prefix_tokens": layout.num_prefix_tokens, "grid": list(layout.grid), "scale": scale,
-                     "attn_bias": mask}
-        with torch.no_grad():
-            if is_differential(self._modules[name]):
-                value = self._call_sums(query, key, layout, grid_form)
-            else:
-                value = mad_qk(query, key, self.patch, renormalize=self.renormalize, reduction=self.reduction,
-                               **grid_form)
-        self._pending.setdefault(name, []).append((layout, value))
-        if self._capture == "transformers":  # AttentionInterface: one call per module forward
-            self._on_module_done(name, self._modules[name], True)
+        if mask is not None:
+            mask = mask.detach() if mask.dtype == torch.bool else mask.detach().to(query.dtype)
+        placement = self._place(name, lead, query.shape[-2], key.shape[-2])
 
-    def _call_sums(self, query, key, layout: ModelLayout, grid_form: dict) -> CallSums:
-        """Per-query sums of one of several softmax maps of a layer, to be combined when the layer ends."""
-        weighted = mad_qk(query, key, self.patch, renormalize=False, reduction="none", **grid_form)
-        if not self.renormalize:
-            return CallSums(weighted)
-        # The mass on patch keys as a MAD: every patch query at 0, every patch key at 1, prefix tokens nowhere.
-        p, n = layout.num_prefix_tokens, query.shape[-2]
-        at = torch.full((n, 1), float("nan"), dtype=torch.float64, device=query.device)
-        queries_at, keys_at = at.clone(), at.clone()
-        queries_at[p:], keys_at[p:] = 0.0, 1.0
-        mass = mad_qk(query, key, positions=queries_at, key_positions=keys_at, scale=grid_form["scale"],
-                      attn_bias=grid_form["attn_bias"], reduction="none")[..., p:]
-        return CallSums(weighted, mass)
+        def measure(positions, key_positions, renormalize):
+            return mad_qk(query, key, positions=positions, key_positions=key_positions, scale=scale,
+                          attn_bias=mask, renormalize=renormalize, reduction="none")
+
+        self._measure(name, placement, query.device, measure, fused=True)
+
+    def _on_probabilities(self, name: str, attn: torch.Tensor) -> None:
+        """The attention probabilities ``[..., Nq, Nk]`` a module computed itself."""
+        placement = self._place(name, attn.shape[:-2], attn.shape[-2], attn.shape[-1])
+
+        def measure(positions, key_positions, renormalize):
+            return mad(attn, positions=positions, key_positions=key_positions, renormalize=renormalize,
+                       reduction="none")
+
+        self._measure(name, placement, attn.device, measure, fused=False)
+
+    def _measure(self, name: str, placement: Placement, device: torch.device, measure: Callable, *,
+                 fused: bool) -> None:
+        """Per-query values of one attention call, kept until the module's forward ends."""
+        positions = placement.positions.to(device)
+        key_positions = None if placement.key_positions is None else placement.key_positions.to(device)
+        with torch.no_grad():
+            if not is_differential(self._modules[name]):
+                value = measure(positions, key_positions, self.renormalize)
+            elif not self.renormalize:
+                value = CallSums(measure(positions, key_positions, False))
+            else:
+                # The mass on positioned keys as a MAD: every positioned query at 0, every positioned key at 1.
+                keys = positions if key_positions is None else key_positions
+                at_zero = torch.where(positions[..., :1].isnan(), positions[..., :1], 0.0)
+                at_one = torch.where(keys[..., :1].isnan(), keys[..., :1], 1.0)
+                value = CallSums(measure(positions, key_positions, False), measure(at_zero, at_one, False))
+        self._pending.setdefault(name, []).append((placement, value, fused))
+
+    def _fold(self, name: str, placement: Placement, per_query: torch.Tensor) -> torch.Tensor:
+        try:
+            folded = placement.fold(per_query)
+        except NotPlaceable as error:
+            raise ValueError(f"vitmad.record: {name} of {type(self.model).__name__}: {error}") from None
+        return folded.mean(-1) if self.reduction == "mean" else folded
 
     def _on_module_done(self, name: str, module: nn.Module, completed: bool) -> None:
         """Record what module ``name`` computed in the forward that just ended: one entry per layer."""
         pending = self._pending.pop(name, [])
+        if any(fused for *_, fused in pending):
+            # A module that calls the fused attention computes it there; a softmax beside it is something else.
+            pending = [entry for entry in pending if entry[2]]
         if not completed or not pending:
             return
-        layout = pending[0][0]
+        placement = pending[0][0]
+        components = None
         if is_differential(module) and len(pending) == 2:
             lam = differential_lambda(module)
-            value, parts = combine(pending[0][1], pending[1][1], lam, renormalize=self.renormalize,
-                                   reduce_mean=self.reduction == "mean")
-            components = {"mad": list(parts), "lambda": lam}
+            per_query, parts = combine(pending[0][1], pending[1][1], lam, renormalize=self.renormalize,
+                                       reduce_mean=False)
+            components = {"mad": [self._fold(name, placement, p) for p in parts], "lambda": lam}
         elif len(pending) == 1 and not is_differential(module):
-            value, components = pending[0][1], None
+            per_query = pending[0][1]
         else:
             raise ValueError(
                 f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__} made "
@@ -305,20 +370,24 @@ class Recording:
                 "other attention modules]"
             )
         call = self.calls[-1]
-        if call.layout is None:
-            call.layout = layout
         call.layers.append(name)
-        call.per_layer.append(value)
+        call.per_layer.append(self._fold(name, placement, per_query))
+        call.geometry.append(placement.geometry)
         if components is not None:
             call.components[name] = components
 
     def __enter__(self) -> Recording:
         try:
-            if self._patch_embedding is not None:
-                self._handles.append(self._patch_embedding.register_forward_hook(self._start_call))
+            first = _first_convolution(self.model)
+            if first is not None:
+                self._handles.append(first.register_forward_pre_hook(self._start_call))
             else:
-                self._handles.append(self.model.register_forward_pre_hook(self._start_call))
-            self._hooks.install()
+                self._handles.append(self.model.register_forward_pre_hook(self._start_call, with_kwargs=True))
+            self._handles.extend(self._plain.install(self._context))
+            for placer in {id(p): p for p in self._placers.values()}.values():
+                self._handles.extend(placer.install(self._context))
+            for hooks in self._hooks:
+                hooks.install()
         except BaseException:
             self._remove()
             raise
@@ -328,7 +397,8 @@ class Recording:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._hooks.remove()
+        for hooks in self._hooks:
+            hooks.remove()
         self._pending.clear()
 
     def __exit__(self, *exc_info) -> None:

@@ -8,13 +8,15 @@ the very same arguments, so the model's outputs do not change. Modules not being
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-__all__ = ["AttentionCallback", "is_hf_model", "hf_attention_modules", "HFAttentionHooks"]
+__all__ = ["AttentionCallback", "is_hf_model", "hf_attention_modules", "uses_attention_interface", "HFAttentionHooks"]
 
 # (qualified module name, q [B, H, N, D], k [B, H, N, D], scale or None, additive or boolean mask or None)
 AttentionCallback = Callable[[str, torch.Tensor, torch.Tensor, "float | None", "torch.Tensor | None"], None]
@@ -46,6 +48,21 @@ def hf_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
                for q, k in pairs):
             found[name] = module
     return found
+
+
+@functools.cache
+def _forward_uses_interface(cls: type) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source or "attention_interface" in source
+
+
+def uses_attention_interface(module: nn.Module) -> bool:
+    """Whether the module's forward dispatches through ``AttentionInterface`` (else it computes its attention
+    itself, and :mod:`.module_capture` records it)."""
+    return _forward_uses_interface(type(module))
 
 
 def _original_function(implementation: str, module: nn.Module) -> Callable:
@@ -109,12 +126,15 @@ class HFAttentionHooks:
         model: the ``PreTrainedModel``.
         modules: the attention modules to record, by qualified name.
         callback: called with ``(name, q, k, scale, mask)`` for every call of a recorded module.
+        done: called with ``(name, module, True)`` after it: a module calls the interface once per forward.
     """
 
-    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], callback: AttentionCallback):
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], callback: AttentionCallback,
+                 done: Callable[[str, nn.Module, bool], None]):
         self.model = model
         self.modules = modules
         self.callback = callback
+        self.done = done
         self._original: str | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         # ViTMAE shuffles the patch tokens even at mask_ratio=0: name prefix of its encoder -> ids_restore.
@@ -156,6 +176,7 @@ class HFAttentionHooks:
             if name.startswith(prefix):
                 query, key = _restore_token_order(query, ids_restore), _restore_token_order(key, ids_restore)
         self.callback(name, query, key, scaling, mask)
+        self.done(name, self.modules[name], True)
 
     def install(self) -> None:
         self._original = self._implementation()

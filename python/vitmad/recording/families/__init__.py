@@ -1,0 +1,49 @@
+"""Per model family: which modules attend and where their tokens are.
+
+Each family module offers ``placer(model, name, module)``, returning a :class:`~..placement.LayerPlacer` for an
+attention module of its family, a :class:`Skip` for a layer whose attention is not spatial softmax attention
+over positioned tokens, or None for a module it does not know; and, where its attention modules are not found
+by the generic discovery (transformers' query/key projections, timm's ``fused_attn`` modules),
+``attention_modules(model)``. The plain ViT layout (:mod:`.plain`) is the fallback for every module no family
+claims.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from . import non_spatial
+
+__all__ = ["Skip", "family_placer", "family_modules"]
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A layer left out of the recording, and why (listed in ``rec.skipped`` and ``mad.json``)."""
+
+    reason: str
+
+
+# Tried in order; the first family that claims a module places it.
+_FAMILIES = (non_spatial,)
+
+
+def family_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Attention modules that only their family's code knows how to find, by qualified name."""
+    found = {}
+    for family in _FAMILIES:
+        finder = getattr(family, "attention_modules", None)
+        if finder is not None:
+            found.update(finder(model))
+    return found
+
+
+def family_placer(model: nn.Module, name: str, module: nn.Module):
+    """The family placer or :class:`Skip` of one attention module, or None when no family claims it."""
+    for family in _FAMILIES:
+        placer = family.placer(model, name, module)
+        if placer is not None:
+            return placer
+    return None

@@ -1,0 +1,35 @@
+"""Attention layers that are not spatial softmax attention over positioned tokens: skipped, with the reason.
+
+Their MAD is not defined (``docs/definition.md``): the softmax runs over channels, over a token's own
+neighbourhood without a query-key product, or from queries that have no place on the image (a class token
+attending to the patches in CaiT's class-attention layers; the learned latent query of attention pooling).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+# class name -> why its attention has no MAD.
+_REASONS = {
+    "ClassAttn": "class attention: only the class token queries the patches (CaiT, XCiT class-attention blocks)",
+    "AttentionPoolLatent": "attention pooling: learned latent queries without a position on the image",
+    "AttentionPool2d": "attention pooling: one pooled query without a position on the image",
+    "RotAttentionPool2d": "attention pooling: one pooled query without a position on the image",
+    "XCA": "cross-covariance attention: the softmax runs over channels, not tokens (XCiT)",
+    "ChannelAttention": "channel attention: the softmax runs over channels, not tokens (DaViT)",
+    "ChannelAttentionV2": "channel attention: the softmax runs over channels, not tokens (DaViT)",
+    "OutlookAttention": "outlook attention: each token's weights over its neighbourhood come from a linear "
+                        "layer, not a query-key softmax (VOLO)",
+}
+# Class names too common to match alone: (class name, defining module's suffix) -> reason.
+_REASONS_IN = {
+    ("CrossAttention", "crossvit"): "cross-attention from one branch's class token to the other branch (CrossViT)",
+}
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    from . import Skip
+
+    cls = type(module)
+    reason = _REASONS.get(cls.__name__) or _REASONS_IN.get((cls.__name__, cls.__module__.rpartition(".")[2]))
+    return None if reason is None else Skip(reason)

@@ -1,0 +1,153 @@
+"""The plain ViT layout: tokens without a position, a full row-major patch grid, tokens without a position.
+
+ViT, DeiT, BEiT, DINOv2 (registers), EVA, CLIP/SigLIP towers and every model whose attention runs over the
+patch-embedding grid plus extra tokens. The grid is the patch embedding's output in each call (non-square
+inputs, ``dynamic_img_size`` and interpolated position embeddings are followed); the tokens before the grid
+are the rest, unless the model puts some after it (YOLOS' detection tokens, ``config.num_detection_tokens``).
+
+Pixel scale: one token covers the patch-embedding stride times the stride of whatever ran before it on the
+image (a CNN stem in hybrid ViTs such as ``vit_tiny_r_s16_p8_224``, ViT-hybrid or DPT-hybrid): the stem's stride
+is read from the image size over the patch embedding's input size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
+
+__all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "num_suffix_tokens"]
+
+_GRID, _EMBED_INPUT = "plain.grid", "plain.embedding_input"
+
+
+def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    """The first ``Conv2d`` whose kernel (larger than 1) equals its stride: ``(qualified name, conv)``.
+
+    Non-overlapping patches: the patch embedding of HF ViT, DeiT, BEiT, DINOv2, ViTMAE, CLIP and SigLIP, of timm
+    ViTs, and the projection after a hybrid ViT's CNN stem. 1x1 convolutions are skipped.
+    """
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, nn.Conv2d)
+            and tuple(module.kernel_size) == tuple(module.stride)
+            and max(module.kernel_size) > 1
+        ):
+            return name, module
+    return None
+
+
+def num_suffix_tokens(model: nn.Module) -> int:
+    """Tokens the model appends after the patch grid: YOLOS' detection tokens, else none."""
+    config = getattr(model, "config", None)
+    return int(getattr(config, "num_detection_tokens", 0) or 0)
+
+
+def _stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module) -> int:
+    """The stride of what ran on the image before the patch embedding (1 without a stem)."""
+    if embedding_input == image:
+        return 1
+    stride = round(image / embedding_input)
+    if stride < 1 or embedding_input not in (math.floor(image / stride), math.ceil(image / stride)):
+        raise NotPlaceable(
+            f"the patch embedding of {type(model).__name__} sees a {axis} of {embedding_input} from an image "
+            f"{axis} of {image}, which is no integer stride; pass patch=<pixels per token>"
+        )
+    return stride
+
+
+class PlainLayout:
+    """The patch embedding, the user's overrides and the per-call grid shared by a model's plain placers."""
+
+    def __init__(self, model: nn.Module, patch: int | None, grid: tuple[int, int] | None,
+                 num_prefix_tokens: int | None):
+        self.model = model
+        self.embedding = find_patch_embedding(model)
+        self.patch, self.grid, self.num_prefix_tokens = patch, grid, num_prefix_tokens
+        self.suffix = num_suffix_tokens(model)
+        name = type(model).__name__
+        if self.embedding is None and (patch is None or grid is None):
+            self.unavailable = (f"found no patch-embedding Conv2d (kernel == stride) in {name}; pass "
+                                "patch=<pixels per patch> and grid=[grid_h, grid_w]")
+        elif self.embedding is not None and patch is None and len(set(self.embedding[1].kernel_size)) != 1:
+            self.unavailable = f"{name} has non-square patches {list(self.embedding[1].kernel_size)}; pass patch="
+        else:
+            self.unavailable = None
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        if self.embedding is None:
+            return []
+
+        def see(module, args, output) -> None:
+            if output.dim() != 4:
+                raise RuntimeError(
+                    f"vitmad.record: the patch embedding of {type(self.model).__name__} returned shape "
+                    f"{list(output.shape)}, expected [B, C, grid_h, grid_w]; pass grid=[grid_h, grid_w]"
+                )
+            context.values[_GRID] = (int(output.shape[-2]), int(output.shape[-1]))
+            context.values[_EMBED_INPUT] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+
+        return [self.embedding[1].register_forward_hook(see)]
+
+    def stride(self, context: CallContext) -> tuple[float, float]:
+        if self.patch is not None:
+            return float(self.patch), float(self.patch)
+        kernel = int(self.embedding[1].kernel_size[0])
+        image, seen = context.image_size, context.values.get(_EMBED_INPUT)
+        if image is None or seen is None:
+            return float(kernel), float(kernel)
+        return tuple(float(kernel * _stem_stride(i, s, axis, self.model))
+                     for i, s, axis in zip(image, seen, ("height", "width")))
+
+    def call_grid(self, context: CallContext) -> tuple[int, int]:
+        grid = self.grid or context.values.get(_GRID)
+        if grid is None:
+            raise NotPlaceable("it ran before the patch embedding; pass grid=[grid_h, grid_w]")
+        return grid
+
+
+class PlainPlacer(LayerPlacer):
+    """Places the tokens of one attention layer of a plain ViT (attention ``[B, H, N, N]``)."""
+
+    def __init__(self, layout: PlainLayout):
+        self.layout = layout
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        layout = self.layout
+        if layout.unavailable is not None:
+            raise NotPlaceable(layout.unavailable)
+        if num_queries != num_keys or len(lead) != 2:
+            raise NotPlaceable(
+                "its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; "
+                "a plain ViT layer attends [B, H, N, N] over the patch grid and its extra tokens, and vitmad "
+                f"does not know the token layout of {type(layout.model).__name__}'s other attention"
+            )
+        grid = layout.call_grid(context)
+        patches = grid[0] * grid[1]
+        source = "given grid" if layout.grid else "patch embedding"
+        prefix = layout.num_prefix_tokens
+        if prefix is None:
+            prefix = num_queries - patches - layout.suffix
+            if prefix < 0:
+                raise NotPlaceable(
+                    f"it attends over {num_queries} tokens, fewer than the {grid[0]}x{grid[1]} = {patches} "
+                    f"patches of the {source}"
+                    + (f" plus {layout.suffix} detection tokens" if layout.suffix else "")
+                    + " (windows, pooled tokens or dropped patches?), so its tokens cannot be placed; pass "
+                    "grid=[grid_h, grid_w] if its tokens are a full grid of that size"
+                )
+        if prefix + patches + layout.suffix != num_queries:
+            raise NotPlaceable(
+                f"it attends over {num_queries} tokens, not the {grid[0]}x{grid[1]} = {patches} patches "
+                f"plus the num_prefix_tokens={prefix} given; pass the num_prefix_tokens and grid of its tokens"
+            )
+        stride = layout.stride(context)
+        nan = torch.full((prefix, 2), float("nan"))
+        cells = cell_centres(*grid, stride).reshape(patches, 2)
+        positions = torch.cat([nan, cells, nan[:0].new_full((layout.suffix, 2), float("nan"))])
+        index = torch.arange(prefix, prefix + patches)
+        geometry = LayerGeometry(grid, stride, "global", int(lead[-1]), prefix)
+        return Placement(positions, None, select_tokens(index), geometry)

@@ -1,0 +1,135 @@
+"""Recording attention inside a module's own forward: its ``F.scaled_dot_product_attention`` calls (timm's
+fused path) or the softmax it computes itself (timm modules with ``fused_attn=False``, transformers families
+whose attention bypasses ``AttentionInterface``: Swinv2, PVT, Hiera, VitDet, BLIP, FLAVA, ...).
+
+While a recorded module runs, a ``TorchFunctionMode`` sees each of its calls:
+
+- ``F.scaled_dot_product_attention``: the callback gets the exact ``q`` and ``k`` it receives (after
+  ``q_norm``/``k_norm`` and rotary embeddings), with the same ``scale`` and ``attn_mask``; MAD is then computed
+  by flash-MAD, no attention map is ever made;
+- a softmax over the last dimension of a tensor of rank 3 or more: these are the attention probabilities the
+  module already made; the callback gets them as they are (read once by the fused ``mad`` op, never copied).
+
+The calls themselves run unchanged, so the model's outputs do not change. The mode is entered and left by
+forward hooks (the post hook with ``always_call=True``), so it is left even when the forward raises; when the
+module's forward returns, ``done`` is told, so that a module making several calls (differential attention) is
+recorded as one layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .transformers_capture import AttentionCallback
+
+__all__ = ["timm_attention_modules", "ModuleAttentionHooks", "DoneCallback", "ProbabilitiesCallback"]
+
+# (qualified module name, module, completed): the module's forward ended, returning (completed) or raising.
+DoneCallback = Callable[[str, nn.Module, bool], None]
+# (qualified module name, attention probabilities [..., Nq, Nk]) for a module that computes its own softmax.
+ProbabilitiesCallback = Callable[[str, torch.Tensor], None]
+# The input projections of timm's self-attention: q, k, v at once (Attention, DiffAttention, WindowAttention,
+# ...), q alone (EvaAttention, AttentionRope, PVT v2's Attention with q and kv), or q, k, v and the MLP's input at
+# once (ParallelScalingBlock, the *_xp_* and vit_pwee_* blocks that compute attention without an attention
+# submodule).
+_SELF_ATTENTION_PROJECTIONS = ("qkv", "q_proj", "in_proj", "q")
+_SOFTMAX_FUNCTIONS = (torch.softmax, F.softmax, torch.Tensor.softmax)
+
+
+def timm_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """timm's attention modules by qualified name: the modules with a ``fused_attn`` switch and an input
+    projection of their own (``qkv``, ``q_proj``, ``in_proj`` or ``q``): ``Attention``, ``AttentionRope``,
+    ``EvaAttention``, ``DiffAttention``, ``ParallelScalingBlock``, ``WindowAttention``, ...
+
+    Modules nested in another such module are left to the outer one.
+    """
+    found = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "fused_attn") and any(isinstance(getattr(module, p, None), nn.Module)
+                                                 for p in _SELF_ATTENTION_PROJECTIONS):
+            if not any(name.startswith(outer + ".") for outer in found):
+                found[name] = module
+    return found
+
+
+def _sdpa_arguments(args: tuple, kwargs: dict) -> tuple:
+    """(query, key, attn_mask, is_causal, scale, enable_gqa) of a ``scaled_dot_product_attention`` call."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    bound = dict(zip(names, args)) | kwargs
+    return (bound["query"], bound["key"], bound.get("attn_mask"), bound.get("is_causal", False),
+            bound.get("scale"), bound.get("enable_gqa", False))
+
+
+def _softmax_dim(args: tuple, kwargs: dict) -> int | None:
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    return None if dim is None else int(dim)
+
+
+class _CaptureAttention(TorchFunctionMode):
+    def __init__(self, layer: str, module: nn.Module, on_qk: AttentionCallback, on_probs: ProbabilitiesCallback):
+        super().__init__()
+        self.layer, self.module, self.on_qk, self.on_probs = layer, module, on_qk, on_probs
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            query, key, mask, is_causal, scale, enable_gqa = _sdpa_arguments(args, kwargs)
+            if is_causal:
+                raise ValueError(
+                    f"vitmad.record: {self.layer} ({type(self.module).__name__}) runs causal attention; MAD is "
+                    "defined for a vision transformer's bidirectional attention"
+                )
+            if enable_gqa and key.shape[-3] != query.shape[-3]:
+                key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+            self.on_qk(self.layer, query, key, scale, mask)
+            return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        if func in _SOFTMAX_FUNCTIONS and isinstance(result, torch.Tensor) and result.dim() >= 3:
+            dim = _softmax_dim(args, kwargs)
+            if dim is not None and dim % result.dim() == result.dim() - 1:
+                self.on_probs(self.layer, result.detach())
+        return result
+
+
+class ModuleAttentionHooks:
+    """Captures the attention of each given module, fused or explicit, while installed.
+
+    Args:
+        modules: the attention modules to record, by qualified name.
+        on_qk: called with ``(name, q, k, scale, mask)`` for every ``F.scaled_dot_product_attention`` call.
+        on_probs: called with ``(name, probabilities)`` for every softmax over the last dimension.
+        done: called with ``(name, module, completed)`` when a recorded module's forward has ended.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], on_qk: AttentionCallback, on_probs: ProbabilitiesCallback,
+                 done: DoneCallback):
+        self.modules = modules
+        self.on_qk = on_qk
+        self.on_probs = on_probs
+        self.done = done
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def install(self) -> None:
+        for name, module in self.modules.items():
+            mode = _CaptureAttention(name, module, self.on_qk, self.on_probs)
+
+            def enter(*_, mode=mode) -> None:
+                mode.__enter__()
+
+            def leave(module, args, output, name=name, mode=mode) -> None:
+                mode.__exit__(None, None, None)
+                # A forward that raised reaches this hook with no output: its calls are dropped, not recorded.
+                self.done(name, module, output is not None)
+
+            self._handles.append(module.register_forward_pre_hook(enter))
+            self._handles.append(module.register_forward_hook(leave, always_call=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

@@ -1,0 +1,140 @@
+"""Where the tokens of one attention call are, and how its per-query MAD folds back onto the image.
+
+Every recorded attention call is measured with the position form of the ops: each query and key gets the
+centre, in pixels of the input image, of the cell it stands for (``docs/definition.md``, "Beyond one grid"),
+and a row of NaN when it has none (CLS, registers, detection tokens, padding). The ops return one value per
+query; a :class:`Placement` then folds those values back onto the layer's token grid, ``[B, H, T]`` with the
+``T = grid_h * grid_w`` positioned tokens of each image in row-major order, whatever the call's own layout
+(windows batched with the images, windows in their own dimension, shifted or padded windows). The layer's MAD
+of an image is the mean over its ``T`` tokens, so a windowed layer's MAD averages every query of the image,
+not one window.
+
+Each model family supplies a :class:`LayerPlacer` per recorded module (:mod:`.families`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["ModelLayout", "LayerGeometry", "Placement", "LayerPlacer", "CallContext", "cell_centres", "select_tokens",
+           "NotPlaceable"]
+
+
+class NotPlaceable(ValueError):
+    """The tokens of an attention call cannot be placed: vitmad refuses rather than guess."""
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """The plain ViT layout of a recording (``rec.layout``): every layer attends over one patch grid.
+
+    Attributes:
+        patch: pixel size of a patch.
+        grid: ``(grid_h, grid_w)`` of the patch tokens in the latest forward call; None before the first one
+            (unless given by hand).
+        num_prefix_tokens: tokens before the patches (CLS, distillation, registers) in the latest call; None
+            before the first one (unless given by hand).
+    """
+
+    patch: int | None
+    grid: tuple[int, int] | None = None
+    num_prefix_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """The token grid a recorded layer's per-query MAD is folded onto.
+
+    Attributes:
+        grid: ``(grid_h, grid_w)`` of the layer's positioned tokens.
+        stride: ``(stride_y, stride_x)``: pixels of the input image per token of that grid.
+        attention: what the layer attends over, in words ("global", "window 7x7, shift 3", "keys pooled 2x2").
+        heads: the layer's head count.
+        num_prefix_tokens: tokens without a position before the grid (plain ViTs); None where the sequence has
+            another layout.
+    """
+
+    grid: tuple[int, int]
+    stride: tuple[float, float]
+    attention: str
+    heads: int
+    num_prefix_tokens: int | None = None
+
+    def as_dict(self) -> dict:
+        return {"grid": list(self.grid), "stride": [float(s) for s in self.stride], "attention": self.attention,
+                "heads": int(self.heads), "num_prefix_tokens": self.num_prefix_tokens}
+
+
+@dataclass
+class Placement:
+    """The positions of one attention call's tokens, and the fold of its per-query values.
+
+    Attributes:
+        positions: ``[..., Nq, K]`` query positions in pixels (NaN rows: no position), broadcastable against the
+            call's leading dims.
+        key_positions: ``[..., Nk, K]`` key positions, or None when the keys are the queries.
+        fold: maps per-query values ``[*lead, Nq]`` (NaN at queries without a position) to ``[B, H, T]``, the
+            layer's positioned tokens of each image in row-major grid order.
+        geometry: the grid ``T`` lies on.
+    """
+
+    positions: torch.Tensor
+    key_positions: torch.Tensor | None
+    fold: Callable[[torch.Tensor], torch.Tensor]
+    geometry: LayerGeometry
+
+
+@dataclass
+class CallContext:
+    """What a placer may read about the model's current forward call.
+
+    Attributes:
+        image_size: ``(height, width)`` in pixels of the model input of this call (the input of the first
+            convolution that ran), or None before it ran.
+        values: per-call facts gathered by the placers' own hooks (a block's input shape, a shift), by key.
+    """
+
+    image_size: tuple[int, int] | None = None
+    values: dict = field(default_factory=dict)
+
+
+class LayerPlacer:
+    """Places the tokens of one recorded attention module.
+
+    Subclasses implement :meth:`place`; :meth:`install` may add hooks that collect what :meth:`place` needs
+    into the :class:`CallContext` (removed with the recording).
+    """
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        return []
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        """The placement of a call whose attention is ``[*lead, num_queries, num_keys]``.
+
+        Raises:
+            NotPlaceable: the call does not have the layout this placer knows; the message says what it saw.
+        """
+        raise NotImplementedError
+
+
+def cell_centres(
+    grid_h: int, grid_w: int, stride: tuple[float, float], *, device=None, dtype=torch.float32
+) -> torch.Tensor:
+    """``[grid_h, grid_w, 2]`` (row, column) pixel centres of a grid whose cells are ``stride`` pixels."""
+    rows = (torch.arange(grid_h, dtype=torch.float64) + 0.5) * stride[0]
+    cols = (torch.arange(grid_w, dtype=torch.float64) + 0.5) * stride[1]
+    centres = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
+    return centres.to(device=device, dtype=dtype)
+
+
+def select_tokens(index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The fold of a call whose leading dims are ``[B, H]`` and whose positioned tokens are ``index`` (in grid
+    order): ``values[..., index]``."""
+
+    def fold(values: torch.Tensor) -> torch.Tensor:
+        return values.index_select(-1, index.to(values.device))
+
+    return fold
