@@ -154,11 +154,10 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     written = ["mad.json", "mad.csv"]
     if not args.no_figures:
         result.plot(out / "mad.png")
-        maps, pixels, names, layout = mad_maps(loaded, result.images[0], image_size=size,
-                                               renormalize=args.renormalize, device=device)
+        maps, pixels, names, geometry = mad_maps(loaded, result.images[0], image_size=size,
+                                                 renormalize=args.renormalize, device=device)
         prep = loaded.preprocessing
-        plot_mad_maps(maps, pixels, names, out / "mad_map.png", patch=layout["patch"],
-                      mean=prep.mean, std=prep.std)
+        plot_mad_maps(maps, pixels, names, out / "mad_map.png", geometry=geometry, mean=prep.mean, std=prep.std)
         written += ["mad.png", "mad_map.png"]
     _print_summary(result)
     print(f"wrote {', '.join(str(out / name) for name in written)}")
@@ -169,9 +168,11 @@ def _print_summary(result) -> None:
     print(f"{result.model}: {result.count} images ({len(result.skipped)} skipped), "
           f"uniform attention {result.uniform_mad:.1f} px")
     print(f"{'layer':>5}  {'mean':>7}  {'min head':>8}  {'max head':>8}  name")
-    for i, name in enumerate(result.layers):
-        row = mad[i]
+    for i, (name, heads) in enumerate(zip(result.layers, result.heads)):
+        row = mad[i, :heads]
         print(f"{i:>5}  {row.mean():7.1f}  {row.min():8.1f}  {row.max():8.1f}  {name}")
+    for name, reason in result.skipped_layers.items():
+        print(f"skipped {name}: {reason}")
 
 
 def _compare_command(args: argparse.Namespace, run) -> None:

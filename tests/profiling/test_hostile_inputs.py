@@ -128,7 +128,7 @@ def good_result(tiny_model, tmp_path_factory):
 def _edited(doc: dict, edit: str) -> dict | list | str:
     doc = json.loads(json.dumps(doc))
     if edit == "newer_version":
-        doc["format"], doc["vitmad_version"] = "vitmad-profile/2", "9.0.0"
+        doc["format"], doc["vitmad_version"] = "vitmad-profile/3", "9.0.0"
     elif edit == "other_tool":
         doc["format"] = "something-else/1"
     elif edit == "missing_sums":
@@ -145,9 +145,9 @@ def _edited(doc: dict, edit: str) -> dict | list | str:
 
 
 @pytest.mark.parametrize("edit, message", [
-    ("newer_version", "written by another vitmad version (format 'vitmad-profile/2', version '9.0.0'); "
-                      "this version reads 'vitmad-profile/1'"),
-    ("other_tool", "not a vitmad profile (expected format 'vitmad-profile/1')"),
+    ("newer_version", "written by another vitmad version (format 'vitmad-profile/3', version '9.0.0'); "
+                      "this version reads 'vitmad-profile/1' and 'vitmad-profile/2'"),
+    ("other_tool", "not a vitmad profile (expected format 'vitmad-profile/2')"),
     ("a_list", "not a vitmad profile"),
     ("missing_sums", "malformed vitmad profile (KeyError: 'sums')"),
     ("missing_layer_field", "malformed vitmad profile (KeyError: 'min')"),
@@ -164,7 +164,7 @@ def test_compare_refuses_other_versions_and_edited_results(good_result, tmp_path
     assert not (tmp_path / "cmp.png").exists()
 
 
-@pytest.mark.parametrize("content", [b"", b"{\"format\": \"vitmad-profile/1\", \"layers\": [", b"\xff\xfe\x00garbage",
+@pytest.mark.parametrize("content", [b"", b"{\"format\": \"vitmad-profile/2\", \"layers\": [", b"\xff\xfe\x00garbage",
                                      b"null"])
 def test_compare_refuses_unreadable_files(good_result, tmp_path, capsys, content):
     bad = tmp_path / "bad.json"

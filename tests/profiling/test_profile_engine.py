@@ -74,7 +74,7 @@ def test_json_schema_and_round_trip(tiny_model, image_folder, tmp_path):
     result = vitmad.profile(f"hf:{tiny_model}", image_folder, batch_size=4, device="cpu")
     result.to_json(tmp_path / "mad.json")
     doc = json.loads((tmp_path / "mad.json").read_text())
-    assert doc["format"] == "vitmad-profile/1" and doc["model"] == f"hf:{tiny_model}"
+    assert doc["format"] == "vitmad-profile/2" and doc["model"] == f"hf:{tiny_model}"
     assert doc["layout"] == result.layout and doc["count"] == 7 and doc["num_heads"] == 2
     assert doc["uniform_attention_mad"] == pytest.approx(vitmad.uniform_attention_mad(4, 4, 8))
     assert doc["images"] == result.images and doc["skipped"] == []
@@ -142,10 +142,11 @@ def test_broken_images_are_skipped_and_listed(tiny_model, tmp_path):
 
 def test_mad_maps_average_to_the_image_mad(tiny_model, image_folder):
     file = find_images(image_folder)[0]
-    maps, pixels, names, layout = vitmad.profiling.mad_maps(f"hf:{tiny_model}", file, device="cpu")
-    assert maps.shape == (2, 4, 4) and pixels.shape == (3, 32, 32) and len(names) == 2
+    maps, pixels, names, geometry = vitmad.profiling.mad_maps(f"hf:{tiny_model}", file, device="cpu")
+    assert [m.shape for m in maps] == [(4, 4)] * 2 and pixels.shape == (3, 32, 32) and len(names) == 2
+    assert [g["grid"] for g in geometry] == [[4, 4]] * 2 and [g["stride"] for g in geometry] == [[8.0, 8.0]] * 2
     single = vitmad.profile(f"hf:{tiny_model}", [file], device="cpu")
-    torch.testing.assert_close(maps.double().mean((1, 2)), single.mad.mean(1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.stack(maps).double().mean((1, 2)), single.mad.mean(1), rtol=1e-5, atol=1e-4)
 
 
 def test_figures_are_written(tiny_model, image_folder, tmp_path):
@@ -153,8 +154,8 @@ def test_figures_are_written(tiny_model, image_folder, tmp_path):
 
     result = vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", max_images=3)
     result.plot(tmp_path / "mad.png")
-    maps, pixels, names, layout = vitmad.profiling.mad_maps(f"hf:{tiny_model}", result.images[0], device="cpu")
-    plot_mad_maps(maps, pixels, names, tmp_path / "map.png", patch=layout["patch"])
+    maps, pixels, names, geometry = vitmad.profiling.mad_maps(f"hf:{tiny_model}", result.images[0], device="cpu")
+    plot_mad_maps(maps, pixels, names, tmp_path / "map.png", geometry=geometry)
     plot_compare([result, result], ["a", "b"], tmp_path / "compare.svg")
     for name in ("mad.png", "map.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

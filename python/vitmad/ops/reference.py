@@ -247,12 +247,22 @@ def mad_qk_positions_reference(
     return _positions_mad(logits.softmax(-1), positions, key_positions, renormalize, layout.reduce_mean)
 
 
-def uniform_attention_mad(grid_h: int, grid_w: int, patch: float) -> float:
+def uniform_attention_mad(grid_h: int, grid_w: int, patch: float | tuple[float, float]) -> float:
     """MAD of uniform attention over the patches: the mean pixel distance between two patches.
 
-    This is the value a fully global head reaches; ``vitmad profile`` draws it as a reference line.
+    This is the value a fully global head reaches; ``vitmad profile`` draws it as a reference line. Summed
+    over the ``(2 gh - 1) (2 gw - 1)`` offsets, each weighted by how many patch pairs have it, in float64.
+
+    Args:
+        grid_h, grid_w: the patch grid.
+        patch: pixel size of a patch, or ``(stride_y, stride_x)`` for rectangular cells.
     """
-    return pixel_distances(grid_h, grid_w, patch).mean().item()
+    stride_y, stride_x = (patch, patch) if isinstance(patch, (int, float)) else patch
+    dy = torch.arange(1 - grid_h, grid_h, dtype=torch.float64)
+    dx = torch.arange(1 - grid_w, grid_w, dtype=torch.float64)
+    pairs = (grid_h - dy.abs())[:, None] * (grid_w - dx.abs())[None, :]
+    distance = torch.hypot(dy[:, None] * stride_y, dx[None, :] * stride_x)
+    return ((pairs * distance).sum() / (grid_h * grid_w) ** 2).item()
 
 
 def tutorial_mean_attention_distance(patch_size: int, attention_weights: np.ndarray) -> np.ndarray:

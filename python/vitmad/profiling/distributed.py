@@ -125,7 +125,7 @@ def merge_across_ranks(
 
     Args:
         stats: this rank's running statistics (``None`` if it profiled no image).
-        meta: ``{"layers": [...], "layout": {...}}`` of this rank (``None`` likewise).
+        meta: ``{"layers": [...], "layout": ..., "geometry": [...], ...}`` of this rank (``None`` likewise).
         processed, skipped: this rank's files.
         order: position of every file in the global list, to restore the single-process order.
 

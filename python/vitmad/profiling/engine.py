@@ -76,7 +76,8 @@ class RunState:
 
     Attributes:
         stats: float64 running statistics (None before the first readable batch).
-        meta: ``{"layers": [...], "layout": {...}}`` of the recording.
+        meta: ``{"layers": [...], "layout": {...} or None, "geometry": [...], "skipped_layers": {...}}`` of the
+            recording.
         images: names of the images profiled.
         skipped: ``{"path", "reason"}`` of the images that could not be read.
         batches_done: how many of the plan's batches are done.
@@ -217,7 +218,8 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
         with torch.inference_mode(), record(module, **plan.record_options) as rec:
             plan.loaded.forward(pixels.to(device=plan.device, dtype=plan.dtype, non_blocking=True))
         stats = (stats or RunningStats.empty(*rec.mad.shape[::2])).add(rec.mad)
-        meta = {"layers": list(rec.layers), "layout": layout_dict(rec.layout)}
+        meta = {"layers": list(rec.layers), "layout": layout_dict(rec.layout),
+                "geometry": [g.as_dict() for g in rec.geometry], "skipped_layers": dict(rec.skipped)}
     skipped = tuple({"path": p, "reason": r} for p, r in batch_skipped)
     return RunState(stats, meta, state.images + tuple(loaded_names), state.skipped + skipped,
                     state.batches_done + 1)
@@ -275,7 +277,8 @@ def finish(plan: RunPlan, state: RunState) -> Profile:
     if stats is None:
         raise OptionError("images", f"none of the {len(plan.names)} images could be read")
     world = plan.run.world_size if plan.run else 1
-    return Profile(plan.loaded.spec, meta["layers"], meta["layout"], stats, images, skipped, plan.settings, world)
+    return Profile(plan.loaded.spec, meta["layers"], meta["layout"], stats, images, skipped, plan.settings, world,
+                   meta.get("geometry"), meta.get("skipped_layers", {}))  # absent in checkpoints of vitmad 0.1
 
 
 def profile(

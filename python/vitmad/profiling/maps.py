@@ -1,4 +1,4 @@
-"""Per-patch MAD maps of one image (``mad_map.png``): where in the image each layer's heads look far or near."""
+"""Per-token MAD maps of one image (``mad_map.png``): where in the image each layer's heads look far or near."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 from .engine import prepare_model
 from .images import load_image, parse_image_size
 from .options import OptionError, resolve_device
-from .results import layout_dict
 
 __all__ = ["mad_maps"]
 
@@ -22,8 +21,8 @@ def mad_maps(
     image_size: str | int | Sequence[int] | None = None,
     renormalize: bool = False,
     device: str | torch.device | None = "auto",
-) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
-    """Per-patch MAD maps of one image, averaged over heads, for a few layers.
+) -> tuple[list[torch.Tensor], torch.Tensor, list[str], list[dict]]:
+    """Per-token MAD maps of one image, averaged over heads, for a few layers, each on its own token grid.
 
     Args:
         model: as for :func:`profile`.
@@ -31,8 +30,9 @@ def mad_maps(
         layers: layer indices; by default four spread from the first to the last layer.
 
     Returns:
-        ``(maps, pixels, names, layout)``: ``maps`` ``[len(layers), gh, gw]`` float32 in pixels,
-        ``pixels`` ``[3, H, W]`` the model input, the chosen layers' names and the layout.
+        ``(maps, pixels, names, geometry)``: ``maps`` one ``[grid_h, grid_w]`` float32 map in pixels per chosen
+        layer (a hierarchy's stages have their own grids), ``pixels`` ``[3, H, W]`` the model input, the chosen
+        layers' names and their geometry (``grid``, ``stride`` in pixels, ``attention``, ``heads``).
     """
     from ..recording import record
 
@@ -48,11 +48,12 @@ def mad_maps(
     module = loaded.module.to(device)
     with torch.inference_mode(), record(module, renormalize=renormalize, reduction="none") as rec:
         loaded.forward(pixels[None].to(device=device, dtype=next(module.parameters()).dtype))
-    per_patch = rec.mad[:, 0].float().mean(1).cpu()  # [L, N - P], mean over heads
-    num_layers = per_patch.shape[0]
+    num_layers = len(rec.layers)
     if layers is None:
         layers = sorted({round(i * (num_layers - 1) / 3) for i in range(4)})
-    layout = layout_dict(rec.layout)
-    grid_h, grid_w = layout["grid"]
-    maps = per_patch[list(layers)].reshape(len(layers), grid_h, grid_w)
-    return maps, pixels, [rec.layers[i] for i in layers], layout
+    maps, geometry = [], []
+    for i in layers:
+        layer = rec.geometry[i]
+        maps.append(rec.per_layer[i][0].float().mean(0).cpu().reshape(layer.grid))  # mean over heads
+        geometry.append(layer.as_dict())
+    return maps, pixels, [rec.layers[i] for i in layers], geometry

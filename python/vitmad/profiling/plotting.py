@@ -3,7 +3,7 @@
 - :func:`plot_profile`: the ViT-paper figure (Dosovitskiy et al. 2021, Fig. 7 right): MAD of every head
   against layer depth, one colour per head, with uniform attention as the reference of a fully global head.
 - :func:`plot_compare`: several profiles overlaid, mean over heads per layer and the spread of the heads.
-- :func:`plot_mad_maps`: per-patch MAD of one image for a few layers, over the image.
+- :func:`plot_mad_maps`: per-token MAD of one image for a few layers, over the image.
 """
 
 from __future__ import annotations
@@ -27,30 +27,52 @@ def _pyplot():
     return plt
 
 
+def _describe_grids(profile) -> str:
+    """"14x14 patches of 16 px", or the stages of a hierarchy: "56x56 @ 4 px ... 7x7 @ 32 px"."""
+    if profile.geometry is None:
+        grid_h, grid_w = profile.layout["grid"]
+        return f"{grid_h}x{grid_w} patches of {profile.layout['patch']} px"
+    stages = []
+    for g in profile.geometry:
+        stride_y, stride_x = g["stride"]
+        stride = f"{stride_y:g}" if stride_y == stride_x else f"{stride_y:g}x{stride_x:g}"
+        stage = f"{g['grid'][0]}x{g['grid'][1]} @ {stride} px"
+        if stage not in stages:
+            stages.append(stage)
+    if len(stages) == 1:
+        return stages[0].replace(" @ ", " tokens of ")
+    return ", ".join(stages)
+
+
 def plot_profile(profile, path: str | os.PathLike, *, title: str | None = None) -> None:
-    """Draw MAD per head against layer depth.
+    """Draw MAD per head against layer depth; layers with fewer heads than others show only their own.
 
     Args:
         profile: a :class:`vitmad.Profile`.
         path: image file to write (``.png``, ``.pdf``, ``.svg``).
     """
     plt = _pyplot()
-    mad = profile.mad.numpy()  # [L, H]
+    mad = profile.mad.numpy()  # [L, H_max], NaN for the heads a layer does not have
     num_layers, num_heads = mad.shape
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fig, ax = plt.subplots(figsize=(6.4 if num_layers <= 24 else 9.6, 4.8))
     colours = plt.get_cmap("tab20" if num_heads > 10 else "tab10")
-    depth = range(1, num_layers + 1)
+    depth = list(range(1, num_layers + 1))
     for head in range(num_heads):
-        ax.scatter(depth, mad[:, head], s=18, color=colours(head % colours.N), label=f"head {head}")
-    ax.axhline(profile.uniform_mad, color="0.4", linestyle="--", linewidth=1,
-               label=f"uniform attention ({profile.uniform_mad:.0f} px)")
+        ax.scatter(depth, mad[:, head], s=18 if num_heads <= 12 else 8, color=colours(head % colours.N),
+                   label=f"head {head}" if num_heads <= 16 else None)
+    uniform = profile.uniform_mads
+    if len(set(uniform)) == 1:
+        ax.axhline(uniform[0], color="0.4", linestyle="--", linewidth=1,
+                   label=f"uniform attention ({uniform[0]:.0f} px)")
+    else:  # each stage's grid has its own global reference
+        ax.step(depth, uniform, where="mid", color="0.4", linestyle="--", linewidth=1,
+                label="uniform attention over each layer's grid")
     ax.set_xlabel("Network depth (layer)")
     ax.set_ylabel("Mean attention distance (pixels)")
-    ax.set_xticks(list(depth))
+    ax.set_xticks(depth if num_layers <= 24 else depth[::max(1, num_layers // 12)])
     ax.set_ylim(bottom=0)
-    grid_h, grid_w = profile.layout["grid"]
-    ax.set_title(title or f"{profile.model}: {profile.count} images, {grid_h}x{grid_w} patches "
-                 f"of {profile.layout['patch']} px")
+    ax.set_title(title or f"{profile.model}: {profile.count} images, {_describe_grids(profile)}",
+                 fontsize=10 if profile.geometry is None else 8)
     ax.legend(fontsize=7, ncol=2 if num_heads > 8 else 1, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -61,19 +83,22 @@ def plot_profile(profile, path: str | os.PathLike, *, title: str | None = None) 
 def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathLike) -> None:
     """Overlay profiles: per layer the mean over heads (line) and the range of the heads (band).
 
-    Depth is drawn relative (first layer 0, last 1) when the models have different numbers of layers.
+    Depth is drawn relative (first layer 0, last 1) when the models have different numbers of layers; layers
+    with fewer heads than others use their own heads only.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     same_depth = len({p.mad.shape[0] for p in profiles}) == 1
     for profile, label in zip(profiles, labels):
         mad = profile.mad
+        missing = mad.isnan()
         num_layers = mad.shape[0]
         x = torch.arange(1, num_layers + 1, dtype=torch.float64)
         if not same_depth:
             x = (x - 1) / max(num_layers - 1, 1)
-        line = ax.plot(x, mad.mean(1), marker="o", markersize=3, label=label)[0]
-        ax.fill_between(x, mad.amin(1), mad.amax(1), color=line.get_color(), alpha=0.2)
+        line = ax.plot(x, mad.nanmean(1), marker="o", markersize=3, label=label)[0]
+        ax.fill_between(x, mad.masked_fill(missing, float("inf")).amin(1),
+                        mad.masked_fill(missing, float("-inf")).amax(1), color=line.get_color(), alpha=0.2)
     ax.set_xlabel("Network depth (layer)" if same_depth else "Relative depth")
     ax.set_ylabel("Mean attention distance (pixels)")
     ax.set_ylim(bottom=0)
@@ -86,36 +111,39 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
 
 
 def plot_mad_maps(
-    maps: torch.Tensor,
+    maps: Sequence[torch.Tensor],
     pixels: torch.Tensor,
     names: Sequence[str],
     path: str | os.PathLike,
     *,
-    patch: int,
+    geometry: Sequence[dict],
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.5, 0.5, 0.5),
 ) -> None:
-    """Draw per-patch MAD maps over the image.
+    """Draw per-token MAD maps over the image, each at its layer's resolution.
 
     Args:
-        maps: ``[K, gh, gw]`` MAD per query patch (mean over heads), in pixels.
+        maps: ``K`` maps ``[grid_h, grid_w]``: MAD per query token (mean over heads), in pixels.
         pixels: ``[3, H, W]`` the normalised model input, shown underneath.
         names: the ``K`` layers' names.
-        patch: pixel size of a patch (the maps cover ``gh * patch`` by ``gw * patch`` pixels).
+        geometry: the ``K`` layers' geometry (``grid`` and ``stride`` in pixels: a map covers ``grid * stride``
+            pixels of the image).
         mean, std: the normalisation to undo for display.
     """
     plt = _pyplot()
     image = pixels.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     image = image.clamp(0, 1).permute(1, 2, 0).numpy()
-    count = maps.shape[0]
+    count = len(maps)
     fig, axes = plt.subplots(1, count + 1, figsize=(2.6 * (count + 1) + 0.8, 3.0), layout="constrained")
     axes[0].imshow(image)
     axes[0].set_title("input")
-    low, high = float(maps.min()), float(maps.max())
-    for ax, layer_map, name in zip(axes[1:], maps, names):
+    low, high = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
+    for ax, layer_map, name, layer in zip(axes[1:], maps, names, geometry):
+        stride_y, stride_x = layer["stride"]
         ax.imshow(image)
         shown = ax.imshow(layer_map.numpy(), cmap="viridis", alpha=0.55, vmin=low, vmax=high,
-                          extent=(0, maps.shape[2] * patch, maps.shape[1] * patch, 0), interpolation="nearest")
+                          extent=(0, layer_map.shape[1] * stride_x, layer_map.shape[0] * stride_y, 0),
+                          interpolation="nearest")
         ax.set_title(name if len(name) < 28 else "..." + name[-25:], fontsize=8)
     for ax in axes:
         ax.axis("off")

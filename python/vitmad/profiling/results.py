@@ -2,6 +2,11 @@
 
 ``mad.json`` keeps the exact float64 sums beside the summary, so results can be reloaded and merged
 losslessly; reading checks the format tag and names the file in every error.
+
+Models whose head count or token grid changes with depth (Swin: 3, 6, 12, 24 heads on grids of stride 4 to
+32 px) keep, per layer, its own heads and geometry: in memory the statistics are ``[L, H_max]`` with NaN for
+the heads a layer does not have; the files list each layer's own heads only. Format 2 adds the per-layer
+geometry, heads and the layers skipped; format 1 files (plain ViTs) are still read.
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ from .stats import RunningStats
 
 __all__ = ["Profile", "FORMAT", "layout_dict"]
 
-FORMAT = "vitmad-profile/1"
+FORMAT = "vitmad-profile/2"
+_READABLE = ("vitmad-profile/1", FORMAT)
 
 
-def layout_dict(layout) -> dict:
-    """A recording's layout (``rec.layout``, or its dict) as plain JSON: patch size, grid, prefix tokens."""
+def layout_dict(layout) -> dict | None:
+    """A recording's layout (``rec.layout``, or its dict) as plain JSON: patch size, grid, prefix tokens; None
+    for a model whose layers do not share one plain ViT layout (their geometry is kept per layer)."""
+    if layout is None:
+        return None
     get = layout.get if isinstance(layout, dict) else lambda key: getattr(layout, key)
     return {"patch": int(get("patch")), "grid": [int(g) for g in get("grid")],
             "num_prefix_tokens": int(get("num_prefix_tokens"))}
@@ -37,12 +46,16 @@ class Profile:
     Attributes:
         model: the model spec or class name.
         layers: attention module names, in execution order (``L`` of them).
-        layout: ``{"patch": int, "grid": [gh, gw], "num_prefix_tokens": int}``.
-        stats: float64 running statistics over the images.
+        layout: ``{"patch": int, "grid": [gh, gw], "num_prefix_tokens": int}`` when every layer attends over one
+            plain ViT layout, else None.
+        stats: float64 running statistics over the images, ``[L, H_max]`` (NaN for heads a layer lacks).
         images: files (or tensor rows) profiled, in order.
         skipped: ``{"path": ..., "reason": ...}`` for each unreadable image.
         settings: how it was run (renormalize, dtype, image size, preprocessing, batch size, layers).
         processes: how many processes shared the work (``torchrun``); the result does not depend on it.
+        geometry: per layer, its token grid, pixel stride, attention kind and heads
+            (:meth:`vitmad.recording.LayerGeometry.as_dict`); None in format-1 files.
+        skipped_layers: attention layers left out of the recording, by name, with the reason.
     """
 
     model: str
@@ -53,6 +66,15 @@ class Profile:
     skipped: list[dict] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     processes: int = 1
+    geometry: list[dict] | None = None
+    skipped_layers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def heads(self) -> list[int]:
+        """Each layer's head count."""
+        if self.geometry is not None:
+            return [int(g["heads"]) for g in self.geometry]
+        return [int(self.stats.total.shape[1])] * len(self.layers)
 
     @property
     def mad(self) -> torch.Tensor:
@@ -81,29 +103,43 @@ class Profile:
 
     @property
     def uniform_mad(self) -> float:
-        """MAD of uniform attention on this grid: the value of a fully global head."""
-        grid_h, grid_w = self.layout["grid"]
-        return uniform_attention_mad(grid_h, grid_w, self.layout["patch"])
+        """MAD of uniform attention over the first layer's grid: the value of a fully global head there."""
+        return self.uniform_mads[0]
+
+    @property
+    def uniform_mads(self) -> list[float]:
+        """Per layer, the MAD of uniform attention over that layer's grid (stages of a hierarchy differ)."""
+        if self.geometry is None:
+            grid_h, grid_w = self.layout["grid"]
+            return [uniform_attention_mad(grid_h, grid_w, self.layout["patch"])] * len(self.layers)
+        return [uniform_attention_mad(*g["grid"], tuple(g["stride"])) for g in self.geometry]
 
     def to_dict(self) -> dict:
         """The ``mad.json`` document (see :meth:`to_json`)."""
         mad, std, low, high = (t.tolist() for t in (self.mad, self.std, self.min, self.max))
+        total, total_sq = self.stats.total.tolist(), self.stats.total_sq.tolist()
+        uniform = self.uniform_mads
         layers = []
-        for i, name in enumerate(self.layers):
+        for i, (name, heads) in enumerate(zip(self.layers, self.heads)):
+            means = mad[i][:heads]
             layers.append({
                 "index": i,
                 "name": name,
-                "mean": mad[i],
-                "std": std[i],
-                "min": low[i],
-                "max": high[i],
+                "heads": heads,
+                "geometry": None if self.geometry is None else self.geometry[i],
+                "uniform_attention_mad": uniform[i],
+                "mean": means,
+                "std": std[i][:heads],
+                "min": low[i][:heads],
+                "max": high[i][:heads],
                 "count": self.count,
                 "summary": {
-                    "mean_over_heads": sum(mad[i]) / len(mad[i]),
-                    "min_head": min(mad[i]),
-                    "max_head": max(mad[i]),
+                    "mean_over_heads": sum(means) / heads,
+                    "min_head": min(means),
+                    "max_head": max(means),
                 },
             })
+        heads = self.heads
         return {
             "format": FORMAT,
             "vitmad_version": __version__,
@@ -113,13 +149,15 @@ class Profile:
             "settings": self.settings,
             "processes": self.processes,
             "num_layers": len(self.layers),
-            "num_heads": self.stats.total.shape[1],
+            "num_heads": heads[0] if len(set(heads)) == 1 else heads,
             "count": self.count,
             "layers": layers,
+            "skipped_layers": [{"name": n, "reason": r} for n, r in self.skipped_layers.items()],
             "images": self.images,
             "skipped": self.skipped,
             # Exact float64 sums (JSON floats round-trip), so results can be reloaded and merged losslessly.
-            "sums": {"total": self.stats.total.tolist(), "total_sq": self.stats.total_sq.tolist()},
+            "sums": {"total": [row[:h] for row, h in zip(total, heads)],
+                     "total_sq": [row[:h] for row, h in zip(total_sq, heads)]},
         }
 
     def to_json(self, path: str | os.PathLike) -> None:
@@ -141,24 +179,36 @@ class Profile:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: cannot read a vitmad profile ({err})") from err
         found = doc.get("format") if isinstance(doc, dict) else None
-        if isinstance(found, str) and found.startswith("vitmad-profile/") and found != FORMAT:
+        if isinstance(found, str) and found.startswith("vitmad-profile/") and found not in _READABLE:
+            readable = " and ".join(map(repr, _READABLE))
             raise ValueError(f"{path}: written by another vitmad version (format {found!r}, "
-                             f"version {doc.get('vitmad_version')!r}); this version reads {FORMAT!r}")
-        if found != FORMAT:
+                             f"version {doc.get('vitmad_version')!r}); this version reads {readable}")
+        if found not in _READABLE:
             raise ValueError(f"{path}: not a vitmad profile (expected format {FORMAT!r})")
         try:
-            def as_tensor(key: str) -> torch.Tensor:
-                return torch.tensor([layer[key] for layer in doc["layers"]], dtype=torch.float64)
+            layers = doc["layers"]
+            geometry = [layer["geometry"] for layer in layers] if found == FORMAT else None
+            if geometry is not None and any(g is None for g in geometry):
+                geometry = None
+            heads = [int(layer["heads"]) if found == FORMAT else len(layer["mean"]) for layer in layers]
+            width = max(heads)
+
+            def padded(rows, fill=float("nan")) -> torch.Tensor:
+                if len(rows) != len(layers) or any(len(r) != h for r, h in zip(rows, heads)):
+                    raise ValueError(f"expected one value per head of each of the {len(layers)} layers")
+                return torch.tensor([list(r) + [fill] * (width - len(r)) for r in rows], dtype=torch.float64)
 
             stats = RunningStats(
-                torch.tensor(doc["sums"]["total"], dtype=torch.float64),
-                torch.tensor(doc["sums"]["total_sq"], dtype=torch.float64),
-                as_tensor("min"),
-                as_tensor("max"),
+                padded(doc["sums"]["total"]),
+                padded(doc["sums"]["total_sq"]),
+                padded([layer["min"] for layer in layers]),
+                padded([layer["max"] for layer in layers]),
                 int(doc["count"]),
             )
-            return Profile(doc["model"], [layer["name"] for layer in doc["layers"]], doc["layout"], stats,
-                           doc["images"], doc["skipped"], doc["settings"], doc.get("processes", 1))
+            skipped_layers = {e["name"]: e["reason"] for e in doc.get("skipped_layers", [])}
+            return Profile(doc["model"], [layer["name"] for layer in layers], doc["layout"], stats,
+                           doc["images"], doc["skipped"], doc["settings"], doc.get("processes", 1),
+                           geometry, skipped_layers)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{path}: malformed vitmad profile ({type(err).__name__}: {err})") from err
 
@@ -166,8 +216,8 @@ class Profile:
         """Write ``mad.csv``: one row per layer and head (layer, name, head, mean, std, min, max, count)."""
         lines = ["layer,name,head,mad_mean,mad_std,mad_min,mad_max,count"]
         mad, std, low, high = (t.tolist() for t in (self.mad, self.std, self.min, self.max))
-        for i, name in enumerate(self.layers):
-            for h in range(len(mad[i])):
+        for i, (name, heads) in enumerate(zip(self.layers, self.heads)):
+            for h in range(heads):
                 lines.append(f"{i},{name},{h},{mad[i][h]!r},{std[i][h]!r},{low[i][h]!r},{high[i][h]!r},{self.count}")
         with atomic_file(path) as handle:
             handle.write(("\n".join(lines) + "\n").encode())
