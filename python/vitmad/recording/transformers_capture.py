@@ -36,14 +36,15 @@ def is_hf_model(model: nn.Module) -> bool:
 
 
 def hf_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules that call the attention interface, by qualified name, in module order.
+    """The modules that compute attention, by qualified name, in module order.
 
-    They own the query and key projections: ``q_proj``/``k_proj`` (transformers 5.x and CLIP/SigLIP) or
-    ``query``/``key`` (``*SelfAttention`` of transformers 4.x and 5.0).
+    They own the query and key projections: ``q_proj``/``k_proj`` (transformers 5.x and CLIP/SigLIP),
+    ``query``/``key`` (``*SelfAttention`` of transformers 4.x and 5.0), or one ``qkv`` projection (BLIP, SAM's
+    vision encoder).
     """
     found = {}
     for name, module in model.named_modules():
-        pairs = (("q_proj", "k_proj"), ("query", "key"))
+        pairs = (("q_proj", "k_proj"), ("query", "key"), ("qkv", "qkv"))
         if any(isinstance(getattr(module, q, None), nn.Module) and isinstance(getattr(module, k, None), nn.Module)
                for q, k in pairs):
             found[name] = module
@@ -135,23 +136,22 @@ class HFAttentionHooks:
         self.modules = modules
         self.callback = callback
         self.done = done
-        self._original: str | None = None
+        self._saved: list[tuple] = []  # (config, its attention implementation before the recording)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         # ViTMAE shuffles the patch tokens even at mask_ratio=0: name prefix of its encoder -> ids_restore.
         self._ids_restore: dict[str, torch.Tensor] = {}
 
-    def _implementation(self) -> str:
-        configs = [self.model.config] + [m.config for m in self.modules.values() if hasattr(m, "config")]
-        implementations = {c._attn_implementation for c in configs}
-        if len(implementations) != 1:
-            raise ValueError(
-                f"vitmad.record: {type(self.model).__name__} mixes attention implementations "
-                f"{sorted(map(str, implementations))}; record one sub-model (e.g. its vision model) instead"
-            )
-        implementation = implementations.pop()
-        if implementation.startswith(_WRAPPER_PREFIX):
-            raise RuntimeError(f"vitmad.record: {type(self.model).__name__} is already being recorded")
-        return implementation
+    def _configs(self) -> list:
+        """The configs that choose the recorded modules' attention implementation (each module reads its own
+        ``config._attn_implementation`` at every forward), without duplicates."""
+        configs = {}
+        for module in self.modules.values():
+            config = getattr(module, "config", None) or self.model.config
+            configs[id(config)] = config
+        for config in configs.values():
+            if str(config._attn_implementation).startswith(_WRAPPER_PREFIX):
+                raise RuntimeError(f"vitmad.record: {type(self.model).__name__} is already being recorded")
+        return list(configs.values())
 
     def _watch_token_shuffle(self) -> None:
         for name, module in self.model.named_modules():
@@ -179,19 +179,16 @@ class HFAttentionHooks:
         self.done(name, self.modules[name], True)
 
     def install(self) -> None:
-        self._original = self._implementation()
-        wrapper = _register_wrapper(self._original)
+        # Only the configs of the recorded modules are switched to the wrapper, on the attribute the modules read:
+        # the rest of the model (a CNN backbone that refuses SDPA, another tower) is left exactly as it was.
+        configs = self._configs()
         for name, module in self.modules.items():
             _ACTIVE[id(module)] = (name, self._layer_callback)
         self._watch_token_shuffle()
-        self.model.set_attn_implementation(wrapper)
-        if self.model.config._attn_implementation != wrapper:
-            self.remove()
-            raise RuntimeError(
-                f"vitmad.record: {type(self.model).__name__} does not let its attention implementation be set "
-                "(it does not use transformers' AttentionInterface; its attention modules compute the softmax "
-                "themselves); vitmad.record does not support this transformers family yet"
-            )
+        for config in configs:
+            original = config._attn_implementation_internal
+            self._saved.append((config, original))
+            config._attn_implementation_internal = _register_wrapper(original or "eager")
 
     def remove(self) -> None:
         for module in self.modules.values():
@@ -201,6 +198,6 @@ class HFAttentionHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._original is not None:
-            self.model.set_attn_implementation(self._original)
-            self._original = None
+        for config, original in reversed(self._saved):
+            config._attn_implementation_internal = original
+        self._saved.clear()

@@ -24,20 +24,26 @@ __all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "num_suffix_tok
 _GRID, _EMBED_INPUT = "plain.grid", "plain.embedding_input"
 
 
-def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
-    """The first ``Conv2d`` whose kernel (larger than 1) equals its stride: ``(qualified name, conv)``.
+_PROJECTION_NAMES = ("proj", "projection", "patch_embedding", "patch_embed")
 
-    Non-overlapping patches: the patch embedding of HF ViT, DeiT, BEiT, DINOv2, ViTMAE, CLIP and SigLIP, of timm
-    ViTs, and the projection after a hybrid ViT's CNN stem. 1x1 convolutions are skipped.
+
+def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    """The convolution that turns the image (or a CNN stem's features) into tokens: ``(qualified name, conv)``.
+
+    First choice, a ``Conv2d`` with kernel equal to its stride named as the projection of a patch embedding
+    (``patch_embed.proj`` in timm, ``embeddings.patch_embeddings.projection`` or ``embeddings.patch_embedding``
+    in transformers, ``embeddings.projection`` after DPT-hybrid's BiT stem), 1x1 included; else the first
+    ``Conv2d`` whose kernel (larger than 1) equals its stride.
     """
+    fallback = None
     for name, module in model.named_modules():
-        if (
-            isinstance(module, nn.Conv2d)
-            and tuple(module.kernel_size) == tuple(module.stride)
-            and max(module.kernel_size) > 1
-        ):
-            return name, module
-    return None
+        if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == tuple(module.stride):
+            parts = name.split(".")
+            if parts[-1] in _PROJECTION_NAMES and any("embed" in part for part in parts):
+                return name, module
+            if fallback is None and max(module.kernel_size) > 1:
+                fallback = name, module
+    return fallback
 
 
 def num_suffix_tokens(model: nn.Module) -> int:

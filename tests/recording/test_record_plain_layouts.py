@@ -1,0 +1,122 @@
+"""Plain ViT layouts that used to be refused or mismeasured: transformers families outside AttentionInterface
+(Data2VecVision, BLIP, FLAVA), YOLOS' detection tokens after the patches, and CNN stems (timm's hybrid ViTs,
+DPT-hybrid) whose tokens cover the stem's stride times the projection's.
+
+The expected MAD is computed here from the model's own eager attention probabilities, with every token placed
+by hand: ``P`` tokens without a position, the row-major grid at ``(row + 0.5) * stride``, then the trailing
+tokens without a position.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+import vitmad  # noqa: E402
+
+RECORD_TOL = {"rtol": 1e-5, "atol": 1e-4}  # float32 softmax from two kernels; atol in pixels
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def _expected_mad(attn: torch.Tensor, grid: tuple[int, int], stride: float, prefix: int, suffix: int):
+    """[B, H] MAD of eager maps [B, H, N, N] by the definition, in float64, tokens placed by hand."""
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    centres = (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * stride
+    distance = torch.cdist(centres, centres)
+    patches = slice(prefix, attn.shape[-1] - suffix)
+    assert attn.shape[-1] == prefix + grid[0] * grid[1] + suffix
+    on_patches = attn.double()[..., patches, patches]
+    return (on_patches * distance).sum(-1).mean(-1)
+
+
+def _hf_eager_maps(model, pixels, **kwargs) -> list[torch.Tensor]:
+    # Built anew in eager mode with the same weights: families outside AttentionInterface choose their attention
+    # class at construction (Data2VecVisionSdpaSelfAttention returns no maps).
+    config = copy.deepcopy(model.config)
+    config._attn_implementation = "eager"
+    eager = type(model)(config).eval()
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        return list(eager(pixels, output_attentions=True, **kwargs).attentions)
+
+
+HF_CASES = {
+    # name -> (model builder, input size, grid, stride, prefix, suffix)
+    "data2vec_vision": (lambda: transformers.Data2VecVisionModel(transformers.Data2VecVisionConfig(
+        **SMALL, image_size=32, patch_size=8, use_relative_position_bias=True)), (32, 32), (4, 4), 8, 1, 0),
+    "blip_vision": (lambda: transformers.BlipVisionModel(transformers.BlipVisionConfig(
+        **SMALL, image_size=32, patch_size=8)), (32, 32), (4, 4), 8, 1, 0),
+    "flava_image": (lambda: transformers.FlavaImageModel(transformers.FlavaImageConfig(
+        **SMALL, image_size=32, patch_size=8)), (32, 32), (4, 4), 8, 1, 0),
+    "yolos_detection_tokens_last": (lambda: transformers.YolosModel(transformers.YolosConfig(
+        **SMALL, image_size=[24, 40], patch_size=8, num_detection_tokens=3)), (24, 40), (3, 5), 8, 1, 3),
+}
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_transformers_plain_layouts_match_eager_maps(case):
+    build, size, grid, stride, prefix, suffix = HF_CASES[case]
+    torch.manual_seed(0)
+    model = build().eval()
+    pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(pixels).last_hidden_state
+        with vitmad.record(model) as rec:
+            recorded = model(pixels).last_hidden_state
+    torch.testing.assert_close(recorded, plain, rtol=0, atol=0)
+    maps = _hf_eager_maps(model, pixels)
+    expected = torch.stack([_expected_mad(a, grid, stride, prefix, suffix) for a in maps])
+    assert len(rec.layers) == len(maps) == 2
+    assert [g.grid for g in rec.geometry] == [grid] * 2 and rec.geometry[0].stride == (stride, stride)
+    torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
+
+
+def test_dpt_hybrid_tokens_cover_the_bit_stem_stride():
+    # A small BiT (GroupNorm of 32 groups: bottleneck widths of 32 channels and more).
+    backbone = dict(model_type="bit", global_padding="same", layer_type="bottleneck", depths=[1, 1, 1],
+                    out_features=["stage1", "stage2", "stage3"], embedding_dynamic_padding=True,
+                    hidden_sizes=[128, 256, 512], embedding_size=32)
+    config = transformers.DPTConfig(**SMALL, image_size=64, patch_size=16, is_hybrid=True, backbone_config=backbone,
+                                    backbone_featmap_shape=[1, 512, 4, 4], neck_hidden_sizes=[32, 32, 32, 32])
+    torch.manual_seed(0)
+    model = transformers.DPTModel(config).eval()
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(pixels).last_hidden_state
+        with vitmad.record(model) as rec:
+            recorded = model(pixels).last_hidden_state
+    torch.testing.assert_close(recorded, plain, rtol=0, atol=0)
+    # BiT stem: stride 16 over the 64 px input; the 1x1 projection keeps it: 4x4 tokens of 16 px after CLS.
+    maps = _hf_eager_maps(model, pixels)
+    expected = torch.stack([_expected_mad(a, (4, 4), 16, 1, 0) for a in maps])
+    assert rec.geometry[0].stride == (16.0, 16.0)
+    torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
+
+
+@pytest.mark.parametrize("size", [(96, 96), (64, 128)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_timm_hybrid_vit_measures_in_input_pixels(size):
+    # vit_tiny_r_s16_p8: a ResNet stem of stride 4, then 8x8 patches: each token covers 32 px of the image.
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=96, depth=2,
+                              dynamic_img_size=True).eval()
+    pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(pixels)
+        with vitmad.record(model) as rec:
+            recorded = model(pixels)
+    torch.testing.assert_close(recorded, plain, rtol=0, atol=0)
+    eager, maps = copy.deepcopy(model), []
+    for block in eager.blocks:
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_pre_hook(lambda _, args: maps.append(args[0]))
+    with torch.no_grad():
+        eager(pixels)
+    grid = (size[0] // 32, size[1] // 32)
+    expected = torch.stack([_expected_mad(a, grid, 32, 1, 0) for a in maps])
+    assert [g.stride for g in rec.geometry] == [(32.0, 32.0)] * 2
+    torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
