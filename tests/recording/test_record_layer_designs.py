@@ -182,11 +182,17 @@ def test_a_recording_that_saw_no_attention_says_what_ran():
         _ = unused.mad
 
 
-def test_model_without_known_attention_is_refused_with_advice_that_works():
+def test_module_of_any_design_calling_sdpa_is_found_without_layers():
     model = _Model(_Calls(1))
-    with pytest.raises(ValueError, match="found no attention layer in _Model: .* pass layers=") as info:
+    with vitmad.record(model) as found:  # no timm or transformers convention: found by what its forward calls
+        model(torch.randn(1, 3, 32, 32))
+    with vitmad.record(model, layers=["attention"]) as named:
+        model(torch.randn(1, 3, 32, 32))
+    assert found.layers == named.layers == ["attention"] and found.mad.shape == (1, 1, 1)  # [L, B, H]
+
+
+def test_model_without_attention_is_refused_with_advice_that_works():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 8, stride=8), torch.nn.Flatten(2))
+    with pytest.raises(ValueError, match="found no attention layer in Sequential: .* pass layers=") as info:
         vitmad.record(model)
     assert "ViTMAE" not in str(info.value)
-    with vitmad.record(model, layers=["attention"]) as rec:  # the advice, followed
-        model(torch.randn(1, 3, 32, 32))
-    assert rec.mad.shape == (1, 1, 1)  # [L, B, H]

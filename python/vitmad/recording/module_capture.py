@@ -18,6 +18,9 @@ recorded as one layer.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 from collections.abc import Callable
 
 import torch
@@ -27,7 +30,8 @@ from torch.overrides import TorchFunctionMode
 
 from .transformers_capture import AttentionCallback
 
-__all__ = ["timm_attention_modules", "ModuleAttentionHooks", "DoneCallback", "ProbabilitiesCallback"]
+__all__ = ["timm_attention_modules", "source_attention_modules", "ModuleAttentionHooks", "DoneCallback",
+           "ProbabilitiesCallback"]
 
 # (qualified module name, module, completed): the module's forward ended, returning (completed) or raising.
 DoneCallback = Callable[[str, nn.Module, bool], None]
@@ -55,6 +59,26 @@ def timm_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
             if not any(name.startswith(outer + ".") for outer in found):
                 found[name] = module
     return found
+
+
+@functools.cache
+def _computes_attention(cls: type) -> bool:
+    """Whether ``cls.forward`` calls the fused attention itself, or is an attention class computing a softmax."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    if "scaled_dot_product_attention(" in source:
+        return True
+    return bool(re.search(r"Att(entio)?n", cls.__name__)) and "softmax(" in source
+
+
+def source_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules of any design whose own forward computes attention: it calls
+    ``F.scaled_dot_product_attention``, or the class is named as attention and computes a softmax (blocks that
+    attend without an attention submodule, attention modules outside timm's and transformers' conventions)."""
+    return {name: module for name, module in model.named_modules()
+            if type(module).__module__.split(".")[0] != "torch" and _computes_attention(type(module))}
 
 
 def _sdpa_arguments(args: tuple, kwargs: dict) -> tuple:

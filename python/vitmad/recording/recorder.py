@@ -33,7 +33,7 @@ from ..ops import mad, mad_qk
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import Skip, family_modules, family_placer
 from .families.plain import PlainLayout, PlainPlacer, find_patch_embedding
-from .module_capture import ModuleAttentionHooks, timm_attention_modules
+from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
 from .placement import CallContext, LayerGeometry, LayerPlacer, ModelLayout, NotPlaceable, Placement
 from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model, uses_attention_interface
 
@@ -123,12 +123,14 @@ def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every module vitmad recognises as attention, by qualified name in module order: transformers' attention
-    modules (query and key projections), timm's (a ``fused_attn`` switch and an input projection) and those only
-    a family knows. A module inside another one found is left to the outer one."""
+    modules (query and key projections), timm's (a ``fused_attn`` switch and an input projection), modules whose
+    forward computes attention (:func:`~.module_capture.source_attention_modules`) and those only a family knows.
+    A module inside another one found is left to the outer one."""
     found = {}
     if is_hf_model(model):
         found.update(hf_attention_modules(model))
     found.update(timm_attention_modules(model))
+    found.update(source_attention_modules(model))
     found.update(family_modules(model))
     ordered = {}
     for name, module in model.named_modules():

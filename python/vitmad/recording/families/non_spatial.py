@@ -13,6 +13,7 @@ from torch import nn
 _REASONS = {
     "ClassAttn": "class attention: only the class token queries the patches (CaiT, XCiT class-attention blocks)",
     "AttentionPoolLatent": "attention pooling: learned latent queries without a position on the image",
+    "Aimv2AttentionPoolingHead": "attention pooling: a learned query without a position on the image",
     "AttentionPool2d": "attention pooling: one pooled query without a position on the image",
     "RotAttentionPool2d": "attention pooling: one pooled query without a position on the image",
     "XCA": "cross-covariance attention: the softmax runs over channels, not tokens (XCiT)",

@@ -1,0 +1,258 @@
+"""Sweep: try ``vitmad.record`` on every timm architecture and every transformers vision model family.
+
+One line per architecture: recorded (layers, heads, token strides; layers skipped with their reason), refused
+(vitmad's message), no attention (a CNN), or ERROR (anything else: a defect to fix). For every recorded model
+the sweep also checks that the model's output is bit-identical with and without recording and that every MAD
+is finite and between 0 and the image diagonal. Exactness against each family's eager attention is the job of
+the tests (``tests/recording/``); the sweep shows what a new user meets across the libraries.
+
+Models are built with random weights (nothing is downloaded): for timm the smallest model name of each model
+module (``--per model`` tries every name), at its default input size; for transformers each family's default
+configuration with two layers per stage where the config allows.
+
+    python benchmarks/sweep_models.py                 # timm and transformers, summary at the end
+    python benchmarks/sweep_models.py --library timm --filter 'swin*'
+    python benchmarks/sweep_models.py --write         # also writes the table into benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import math
+import sys
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import machine, markdown_table, write_section  # noqa: E402
+
+# Smaller first: the sweep runs one model per timm module, so it picks the cheapest name.
+_SIZE_WORDS = ("atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "mini", "small", "s0", "t", "s", "m", "b")
+
+# transformers families: (label, config class, model class, config overrides).
+HF_FAMILIES = [
+    ("ViT", "ViTConfig", "ViTModel", {}),
+    ("DeiT", "DeiTConfig", "DeiTModel", {}),
+    ("BEiT", "BeitConfig", "BeitModel", {"use_relative_position_bias": True}),
+    ("Data2VecVision", "Data2VecVisionConfig", "Data2VecVisionModel", {}),
+    ("DINOv2", "Dinov2Config", "Dinov2Model", {}),
+    ("DINOv2 registers", "Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", {}),
+    ("DINOv3 ViT", "DINOv3ViTConfig", "DINOv3ViTModel", {}),
+    ("ViTMAE", "ViTMAEConfig", "ViTMAEModel", {"mask_ratio": 0.0}),
+    ("ViTMSN", "ViTMSNConfig", "ViTMSNModel", {}),
+    ("IJEPA", "IJepaConfig", "IJepaModel", {}),
+    ("CLIP vision", "CLIPVisionConfig", "CLIPVisionModel", {}),
+    ("SigLIP vision", "SiglipVisionConfig", "SiglipVisionModel", {}),
+    ("SigLIP2 vision", "Siglip2VisionConfig", "Siglip2VisionModel", {}),
+    ("AIMv2 vision", "Aimv2VisionConfig", "Aimv2VisionModel", {}),
+    ("Swin", "SwinConfig", "SwinModel", {}),
+    ("Swinv2", "Swinv2Config", "Swinv2Model", {}),
+    ("DonutSwin", "DonutSwinConfig", "DonutSwinModel", {}),
+    ("MaskFormerSwin", "MaskFormerSwinConfig", "MaskFormerSwinModel", {}),
+    ("Hiera", "HieraConfig", "HieraModel", {}),
+    ("VitDet", "VitDetConfig", "VitDetModel", {}),
+    ("SAM vision", "SamVisionConfig", "SamVisionModel", {}),
+    ("PVT", "PvtConfig", "PvtModel", {}),
+    ("PVTv2", "PvtV2Config", "PvtV2Model", {}),
+    ("Segformer", "SegformerConfig", "SegformerModel", {}),
+    ("YOLOS", "YolosConfig", "YolosModel", {}),
+    ("DPT", "DPTConfig", "DPTModel", {}),
+    ("DPT hybrid", "DPTConfig", "DPTModel", {"is_hybrid": True}),
+    ("BLIP vision", "BlipVisionConfig", "BlipVisionModel", {}),
+    ("FLAVA image", "FlavaImageConfig", "FlavaImageModel", {}),
+    ("LeViT", "LevitConfig", "LevitModel", {}),
+    ("MobileViT", "MobileViTConfig", "MobileViTModel", {}),
+    ("CvT", "CvtConfig", "CvtModel", {}),
+]
+
+
+def _size_rank(name: str) -> tuple:
+    parts = name.replace("-", "_").split("_")
+    ranks = [i for i, word in enumerate(_SIZE_WORDS) for part in parts if part == word or part.startswith(word)
+             and part[len(word):].isdigit()]
+    return (min(ranks) if ranks else len(_SIZE_WORDS), len(name), name)
+
+
+def timm_candidates(per: str, pattern: str) -> list[tuple[str, str]]:
+    """(module, model name) pairs to try."""
+    import timm
+
+    chosen = []
+    for module in timm.list_modules():
+        names = [n for n in timm.list_models(module=module) if fnmatch.fnmatch(n, pattern)]
+        if not names:
+            continue
+        chosen += [(module, n) for n in names] if per == "model" else [(module, min(names, key=_size_rank))]
+    return chosen
+
+
+def _check(model: torch.nn.Module, pixels: torch.Tensor, forward) -> str:
+    """Record one forward; the sweep line's verdict."""
+    import vitmad
+
+    with torch.inference_mode():
+        torch.manual_seed(0)  # models that draw noise in their forward (ViTMAE's shuffle) draw the same twice
+        plain = forward(model, pixels)
+        try:
+            with vitmad.record(model) as rec:
+                torch.manual_seed(0)
+                recorded = forward(model, pixels)
+        except ValueError as err:
+            message = str(err)
+            if "found no attention layer" in message:
+                return "no attention"
+            return "refused: " + message.replace("vitmad.record: ", "")
+    same = all(torch.equal(a, b) for a, b in zip(_tensors(plain), _tensors(recorded)))
+    diagonal = math.hypot(*pixels.shape[-2:])
+    values = torch.cat([t.flatten().float() for t in rec.per_layer])
+    sane = bool(values.isfinite().all()) and float(values.min()) >= 0 and float(values.max()) <= diagonal
+    heads = sorted(set(rec.geometry[i].heads for i in range(len(rec.layers))))
+    strides = sorted({g.stride[0] for g in rec.geometry})
+    line = (f"recorded {len(rec.layers)} layers, heads {'/'.join(map(str, heads))}, "
+            f"stride {'/'.join(f'{s:g}' for s in strides)} px, MAD {values.min():.1f}-{values.max():.1f} px")
+    if rec.skipped:
+        reasons = Counter(rec.skipped.values())
+        line += "; skipped " + "; ".join(f"{count} x {reason}" for reason, count in reasons.items())
+    if not same:
+        line = "ERROR: output changed by recording; " + line
+    if not sane:
+        line = "ERROR: MAD not finite or outside [0, image diagonal]; " + line
+    return line
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [v for v in output.values() if isinstance(v, torch.Tensor)]
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _tensors(item)]
+    return []
+
+
+def sweep_timm(per: str, pattern: str, max_params: float) -> list[tuple[str, str, str]]:
+    import timm
+
+    rows = []
+    for module, name in timm_candidates(per, pattern):
+        start = time.perf_counter()
+        try:
+            model = timm.create_model(name, pretrained=False).eval()
+            params = sum(p.numel() for p in model.parameters()) / 1e6
+            if params > max_params:
+                rows.append((module, name, f"not run: {params:.0f} M parameters (> --max-params)"))
+                continue
+            size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+            pixels = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
+            verdict = _check(model, pixels, lambda m, x: m(x))
+        except Exception as err:  # noqa: BLE001 - the sweep reports every failure, it never stops
+            verdict = f"ERROR: {type(err).__name__}: {str(err)[:300]}"
+        rows.append((module, name, verdict))
+        print(f"{module:28s} {name:44s} {verdict}  [{time.perf_counter() - start:.1f} s]", flush=True)
+    return rows
+
+
+def _shrink(config) -> None:
+    """Two layers per stage where the config says how many: the sweep checks layouts, not depth."""
+    if hasattr(config, "num_hidden_layers") and isinstance(config.num_hidden_layers, int):
+        config.num_hidden_layers = min(config.num_hidden_layers, 2)
+    for key in ("depths", "num_encoder_blocks"):
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)):
+            setattr(config, key, [min(d, 2) for d in value])
+
+
+def _naflex_forward(config):
+    """SigLIP2 (NaFlex) takes patches, not images: the image cut into its patch grid, all patches valid."""
+    patch = config.patch_size
+
+    def forward(model, pixels):
+        batch, channels, height, width = pixels.shape
+        grid = (height // patch, width // patch)
+        patches = pixels.unfold(2, patch, patch).unfold(3, patch, patch)  # [B, C, gh, gw, p, p]
+        patches = patches.permute(0, 2, 3, 4, 5, 1).reshape(batch, grid[0] * grid[1], patch * patch * channels)
+        mask = torch.ones(batch, grid[0] * grid[1], dtype=torch.long)
+        return model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=torch.tensor([grid] * batch))
+
+    return forward
+
+
+def sweep_transformers(pattern: str) -> list[tuple[str, str, str]]:
+    import transformers
+
+    rows = []
+    for label, config_name, model_name, overrides in HF_FAMILIES:
+        if not fnmatch.fnmatch(label, pattern):
+            continue
+        start = time.perf_counter()
+        config_cls, model_cls = getattr(transformers, config_name, None), getattr(transformers, model_name, None)
+        if config_cls is None or model_cls is None:
+            rows.append(("transformers", label, f"not in transformers {transformers.__version__}"))
+            continue
+        try:
+            config = config_cls(**overrides)
+            _shrink(config)
+            model = model_cls(config).eval()
+            size = getattr(config, "image_size", 224)
+            size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+            channels = getattr(config, "num_channels", 3)
+            pixels = torch.randn(1, channels, *size, generator=torch.Generator().manual_seed(0))
+            verdict = _check(model, pixels, _naflex_forward(config) if label.startswith("SigLIP2") else
+                             lambda m, x: m(pixel_values=x))
+        except Exception as err:  # noqa: BLE001 - the sweep reports every failure, it never stops
+            verdict = f"ERROR: {type(err).__name__}: {str(err)[:300]}"
+        rows.append(("transformers", label, verdict))
+        print(f"{'transformers':28s} {label:44s} {verdict}  [{time.perf_counter() - start:.1f} s]", flush=True)
+    return rows
+
+
+def summarise(rows: list[tuple[str, str, str]]) -> str:
+    kinds = Counter()
+    for _, _, verdict in rows:
+        if verdict.startswith("recorded"):
+            kinds["recorded (no layer skipped)" if "skipped" not in verdict else "recorded, some layers skipped"] += 1
+        else:
+            kinds[verdict.split(":")[0]] += 1
+    attention = sum(count for kind, count in kinds.items() if kind not in ("no attention", "not run"))
+    recorded = kinds["recorded (no layer skipped)"] + kinds["recorded, some layers skipped"]
+    lines = [f"- {kind}: {count}" for kind, count in sorted(kinds.items())]
+    lines.append(f"- recorded / with attention: {recorded} / {attention}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--library", choices=("timm", "transformers", "both"), default="both")
+    parser.add_argument("--per", choices=("module", "model"), default="module",
+                        help="timm: the smallest model of each module, or every model name")
+    parser.add_argument("--filter", default="*", help="model names (timm) or family labels (transformers)")
+    parser.add_argument("--max-params", type=float, default=150.0, help="skip timm models larger than this (M)")
+    parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    rows = []
+    if args.library in ("timm", "both"):
+        rows += sweep_timm(args.per, args.filter, args.max_params)
+    if args.library in ("transformers", "both"):
+        rows += sweep_transformers(args.filter)
+    summary = summarise(rows)
+    print(summary)
+    if args.write:
+        import timm
+        import transformers
+
+        table = markdown_table(["library / module", "model", "result"],
+                               [[m, n, v.replace("|", "/")] for m, n, v in rows])
+        write_section(f"sweep-{args.library}-{args.per}",
+                      f"## Sweep of vitmad.record ({args.library}, one model per {args.per}; "
+                      f"benchmarks/sweep_models.py)\n\n{machine()}; timm {timm.__version__}, transformers "
+                      f"{transformers.__version__}\n\n{summary}\n\n{table}")
+
+if __name__ == "__main__":
+    main()
