@@ -87,6 +87,11 @@ TIMM_CASES = {
     "clamped": (dict(img_size=(36, 52), window_size=8, strict_img_size=False), (36, 52), [
         ((9, 13), (8, 8), (0, 0), 4.0), ((9, 13), (8, 8), (4, 4), 4.0),
         ((5, 7), (5, 7), (0, 0), 8.0), ((5, 7), (5, 7), (0, 0), 8.0)]),
+    # always_partition: windows of 8 and their shift of 4 kept on every map, the 5 x 7 map padded to one window.
+    "always_partition": (dict(img_size=(36, 52), window_size=8, strict_img_size=False, always_partition=True),
+                         (36, 52), [
+        ((9, 13), (8, 8), (0, 0), 4.0), ((9, 13), (8, 8), (4, 4), 4.0),
+        ((5, 7), (8, 8), (0, 0), 8.0), ((5, 7), (8, 8), (4, 4), 8.0)]),
     # Built for 32 x 32, run at 36 x 52: stage 2 keeps the unshifted 4 x 4 windows it was built with, padded.
     "dynamic": (dict(img_size=32, window_size=4, strict_img_size=False), (36, 52), [
         ((9, 13), (4, 4), (0, 0), 4.0), ((9, 13), (4, 4), (2, 2), 4.0),
@@ -154,6 +159,20 @@ def test_timm_swin_mean_is_the_mean_over_the_tokens_and_stacks_with_nan_heads():
     assert [g.heads for g in rec.geometry] == [1, 1, 2, 2]
 
 
+def test_timm_swin_follows_the_input_size_in_each_forward():
+    model, pixels, _ = _timm_case("swin_tiny_patch4_window7_224", "dynamic", False)
+    square = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), vitmad.record(model) as both:
+        model(square)
+        model(pixels)
+    with torch.no_grad(), vitmad.record(model) as alone:
+        model(pixels)
+    assert [g.grid for g in both.calls[0].geometry] == [(8, 8), (8, 8), (4, 4), (4, 4)]
+    assert [g.grid for g in both.calls[1].geometry] == [(9, 13), (9, 13), (5, 7), (5, 7)]
+    for first, second in zip(both.calls[1].per_layer, alone.per_layer, strict=True):
+        torch.testing.assert_close(first, second)
+
+
 def test_timm_swin_stage_two_is_measured_in_input_pixels():
     # Uniform attention (zero q/k) over a window: the stage-2 MAD is twice the stage-1 MAD of the same window.
     model, pixels, _ = _timm_case("swin_tiny_patch4_window7_224", "square", True)
@@ -182,8 +201,9 @@ def test_timm_swin_refuses_a_map_the_image_does_not_give():
 def test_timm_swin_refuses_its_attention_called_outside_a_block():
     model, pixels, _ = _timm_case("swin_tiny_patch4_window7_224", "square", False)
     with torch.no_grad(), vitmad.record(model):
+        model(pixels)  # the blocks' maps of this forward are not taken for a later call
         with pytest.raises(ValueError, match="outside a forward of its block layers.0.blocks.0"):
-            model.layers[0].blocks[0].attn(torch.randn(4, 16, 16))
+            model.layers[0].blocks[0].attn(torch.randn(8, 16, 16))
 
 
 # transformers ----------------------------------------------------------------------------------------------------

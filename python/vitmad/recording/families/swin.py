@@ -25,6 +25,7 @@ know is refused, not measured at a wrong scale.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -107,6 +108,8 @@ class _Windows:
     padded: tuple[int, int]
 
 
+# Blocks of one stage share their partitions, and a model sees few input sizes: keep them (read-only tensors).
+@functools.lru_cache(maxsize=64)
 def _windows(size: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], roll_first: bool,
              stride: tuple[float, float]) -> _Windows:
     """The slot of every token when an ``H x W`` map is shifted by ``-shift``, padded and cut into windows."""
@@ -157,7 +160,6 @@ class SwinPlacer(LayerPlacer):
         self.model, self.design, self.block_name, self.block = model, design, block_name, block
         self.patch, self.merges = patch, merges
         self._key = f"swin.{block_name}"
-        self._cache: dict[tuple, _Windows] = {}
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         def see(module, args, kwargs) -> None:
@@ -169,7 +171,12 @@ class SwinPlacer(LayerPlacer):
                 size = (int(hidden.shape[1]), int(hidden.shape[2])) if hidden.dim() == 4 else None
             context.values[self._key] = (int(hidden.shape[0]), size)
 
-        return [self.block.register_forward_pre_hook(see, with_kwargs=True)]
+        def forget(module, args, output) -> None:
+            # The block's map is known only while it runs: its attention called on its own is refused.
+            context.values.pop(self._key, None)
+
+        return [self.block.register_forward_pre_hook(see, with_kwargs=True),
+                self.block.register_forward_hook(forget, always_call=True)]
 
     def _stride(self, context: CallContext, size: tuple[int, int]) -> tuple[float, float]:
         if self.patch is None:
@@ -211,10 +218,7 @@ class SwinPlacer(LayerPlacer):
                 f"{window[0] * window[1]}, {window[0] * window[1]}]"
             )
         stride = self._stride(context, size)
-        key = (size, window, shift, stride)
-        windows = self._cache.get(key)
-        if windows is None:
-            windows = self._cache[key] = _windows(size, window, shift, self.design.roll_first, stride)
+        windows = _windows(size, window, shift, self.design.roll_first, stride)
         heads, tokens = int(lead[1]), num_queries
         positions = windows.positions.view(num_windows, tokens, 2).repeat(batch, 1, 1).unsqueeze(1)
         index = windows.index
