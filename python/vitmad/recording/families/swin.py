@@ -1,0 +1,266 @@
+"""Swin: window attention over shifted, padded windows on a hierarchy of patch grids.
+
+timm ``swin_transformer`` (Swin, S3), ``swin_transformer_v2`` (cosine attention, log-spaced continuous position
+bias) and ``swin_transformer_v2_cr``; transformers ``SwinModel``, ``Swinv2Model``, ``DonutSwinModel`` and
+``MaskFormerSwinModel``. Each block attends within windows of its stage's token map ``H x W``:
+
+1. the map is cyclically shifted up and left by ``shift`` (``torch.roll(x, -shift)``) and padded at the bottom
+   and right to a multiple of the window. timm rolls the ``H x W`` map and pads after; transformers pads first and
+   rolls the padded map, so there the tokens that wrap around are padding too;
+2. the shifted, padded map is cut into windows, row-major, each window's tokens row-major; the attention is
+   ``[B * nW, heads, N, N]``, images outermost. The tokens that wrapped around sit in windows with tokens far
+   from them on the image; the model's shift mask keeps them apart (a logit of -100), and each still stands at
+   its true place on the image.
+
+The window and shift are read from the block while its attention runs, and the map size from the block's
+input, because neither is fixed by the configuration: timm clamps windows to the feature size it was built for
+and keeps them for other input sizes (``strict_img_size=False``); transformers clamps the window to the map and
+drops the shift in every call whose map is not larger than the window. Padding tokens have no position.
+
+Pixel scale: a token of stage ``s`` covers ``patch * 2 ** m`` pixels, with ``m`` the 2 x 2 patch mergings that
+ran before its block; each call checks that the block's map size is what the input image gives through the
+patch embedding and those mergings (odd sizes are padded before a merging), so that a layout vitmad does not
+know is refused, not measured at a wrong scale.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
+from .plain import find_patch_embedding
+
+__all__ = ["placer", "attention_modules", "SwinPlacer"]
+
+
+@dataclass(frozen=True)
+class _Design:
+    """One implementation of the Swin block.
+
+    Attributes:
+        module: the module that defines the classes.
+        block: class name of the block that shifts, pads and partitions.
+        attention: class name of the module that computes the window attention (the one recorded).
+        merging: class name of the 2 x 2 patch merging between stages.
+        roll_first: the map is rolled before it is padded (timm), else padded, then rolled (transformers).
+        dims_argument: the block receives ``(hidden_states [B, H * W, C], (H, W))`` (transformers), else
+            ``x [B, H, W, C]`` (timm).
+    """
+
+    module: str
+    block: str
+    attention: str
+    merging: str
+    roll_first: bool
+    dims_argument: bool
+
+
+_DESIGNS = (
+    _Design("timm.models.swin_transformer", "SwinTransformerBlock", "WindowAttention", "PatchMerging", True, False),
+    _Design("timm.models.swin_transformer_v2", "SwinTransformerV2Block", "WindowAttention", "PatchMerging", True,
+            False),
+    _Design("timm.models.swin_transformer_v2_cr", "SwinTransformerV2CrBlock", "WindowMultiHeadAttention",
+            "PatchMerging", True, False),
+    _Design("transformers.models.swin.modeling_swin", "SwinLayer", "SwinAttention", "SwinPatchMerging", False, True),
+    _Design("transformers.models.swinv2.modeling_swinv2", "Swinv2Layer", "Swinv2SelfAttention",
+            "Swinv2PatchMerging", False, True),
+    _Design("transformers.models.donut.modeling_donut_swin", "DonutSwinLayer", "DonutSwinSelfAttention",
+            "DonutSwinPatchMerging", False, True),
+    _Design("transformers.models.maskformer.modeling_maskformer_swin", "MaskFormerSwinLayer",
+            "MaskFormerSwinSelfAttention", "MaskFormerSwinPatchMerging", False, True),
+)
+
+
+def _design_of(module: nn.Module, attribute: str) -> _Design | None:
+    cls = type(module)
+    for design in _DESIGNS:
+        if cls.__module__ == design.module and cls.__name__ == getattr(design, attribute):
+            return design
+    return None
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The window attention modules of every Swin block, by qualified name.
+
+    The generic discovery misses timm's Swin V2 and V2-CR attention (no ``fused_attn`` switch); the others are
+    listed too, so that each block's attention is found by its design, not by its projections' names.
+    """
+    return {name: module for name, module in model.named_modules() if _design_of(module, "attention") is not None}
+
+
+def _pair(value) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """Where the tokens of one window partition are: positions per slot and the fold's token order."""
+
+    positions: torch.Tensor  # [nW * N, 2] pixel centres of the slots, window-major; NaN for padding
+    index: torch.Tensor  # [H * W] the slot of each token of the unshifted map, row-major
+    padded: tuple[int, int]
+
+
+# Blocks of one stage share their partitions, and a model sees few input sizes: keep them (read-only tensors).
+@functools.lru_cache(maxsize=64)
+def _windows(size: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], roll_first: bool,
+             stride: tuple[float, float]) -> _Windows:
+    """The slot of every token when an ``H x W`` map is shifted by ``-shift``, padded and cut into windows."""
+    (height, width), (win_h, win_w) = size, window
+    padded_h, padded_w = math.ceil(height / win_h) * win_h, math.ceil(width / win_w) * win_w
+
+    def source(length: int, padded: int, step: int) -> torch.Tensor:
+        # The row (column) of the unshifted map at each row (column) of the shifted, padded map; -1: padding.
+        at = torch.arange(padded)
+        if roll_first:
+            return torch.where(at < length, (at + step) % length, -1)
+        at = (at + step) % padded
+        return torch.where(at < length, at, -1)
+
+    rows = source(height, padded_h, shift[0]).view(padded_h // win_h, 1, win_h, 1)
+    cols = source(width, padded_w, shift[1]).view(1, padded_w // win_w, 1, win_w)
+    rows, cols = torch.broadcast_tensors(rows, cols)  # [nW_h, nW_w, win_h, win_w]: window-major slot order
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    real = (rows >= 0) & (cols >= 0)
+    positions = torch.stack([(rows + 0.5) * stride[0], (cols + 0.5) * stride[1]], dim=-1).to(torch.float32)
+    positions[~real] = float("nan")
+    index = torch.empty(height * width, dtype=torch.long)
+    index[rows[real] * width + cols[real]] = torch.arange(rows.numel())[real]
+    return _Windows(positions, index, (padded_h, padded_w))
+
+
+def _merged(length: int, merges: int) -> int:
+    """The map size after ``merges`` 2 x 2 mergings; each pads an odd size by one first."""
+    for _ in range(merges):
+        length = (length + 1) // 2
+    return length
+
+
+class SwinPlacer(LayerPlacer):
+    """Places the tokens of one Swin block's window attention (``[B * nW, heads, N, N]``).
+
+    Args:
+        model: the model, named in messages.
+        design: the implementation of the block.
+        block_name: qualified name of the block.
+        block: the block; its ``window_size`` and ``shift_size`` are read during each attention call.
+        patch: ``(height, width)`` pixels of the patch embedding, or None when the model has none found.
+        merges: 2 x 2 patch mergings before the block.
+    """
+
+    def __init__(self, model: nn.Module, design: _Design, block_name: str, block: nn.Module,
+                 patch: tuple[int, int] | None, merges: int):
+        self.model, self.design, self.block_name, self.block = model, design, block_name, block
+        self.patch, self.merges = patch, merges
+        self._key = f"swin.{block_name}"
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def see(module, args, kwargs) -> None:
+            hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
+            if self.design.dims_argument:
+                dims = args[1] if len(args) > 1 else kwargs.get("input_dimensions")
+                size = None if dims is None else (int(dims[0]), int(dims[1]))
+            else:
+                size = (int(hidden.shape[1]), int(hidden.shape[2])) if hidden.dim() == 4 else None
+            context.values[self._key] = (int(hidden.shape[0]), size)
+
+        def forget(module, args, output) -> None:
+            # The block's map is known only while it runs: its attention called on its own is refused.
+            context.values.pop(self._key, None)
+
+        return [self.block.register_forward_pre_hook(see, with_kwargs=True),
+                self.block.register_forward_hook(forget, always_call=True)]
+
+    def _stride(self, context: CallContext, size: tuple[int, int]) -> tuple[float, float]:
+        if self.patch is None:
+            raise NotPlaceable(
+                f"found no patch-embedding Conv2d (kernel == stride) in {type(self.model).__name__}, so the pixel "
+                "size of its tokens is unknown"
+            )
+        if context.image_size is None:
+            raise NotPlaceable("the size of the model input is unknown (its first convolution did not run)")
+        scale = 2 ** self.merges
+        for image, patch, length, axis in zip(context.image_size, self.patch, size, ("height", "width")):
+            # The patch embedding floors (timm) or pads the image to whole patches (transformers).
+            expected = {_merged(image // patch, self.merges), _merged(-(-image // patch), self.merges)}
+            if length not in expected:
+                raise NotPlaceable(
+                    f"its block {self.block_name} sees a map {axis} of {length} tokens, but an image {axis} of "
+                    f"{image} px through {patch} px patches and {self.merges} 2x2 patch mergings gives "
+                    f"{' or '.join(map(str, sorted(expected)))}; vitmad does not know what ran in between"
+                )
+        return float(self.patch[0] * scale), float(self.patch[1] * scale)
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        seen = context.values.get(self._key)
+        if seen is None or seen[1] is None:
+            raise NotPlaceable(
+                f"it ran outside a forward of its block {self.block_name} ({self.design.block}) with a "
+                "[B, H, W, C] map or (H, W) dimensions, so its windows cannot be placed"
+            )
+        batch, size = seen
+        window = _pair(self.block.window_size)
+        shift = _pair(self.block.shift_size)
+        num_windows = math.ceil(size[0] / window[0]) * math.ceil(size[1] / window[1])
+        if (len(lead) != 2 or num_queries != num_keys or num_queries != window[0] * window[1]
+                or lead[0] != batch * num_windows):
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; its block "
+                f"{self.block_name} partitions {batch} maps of {size[0]}x{size[1]} tokens into {num_windows} "
+                f"windows of {window[0]}x{window[1]}, which gives [{batch * num_windows}, heads, "
+                f"{window[0] * window[1]}, {window[0] * window[1]}]"
+            )
+        stride = self._stride(context, size)
+        windows = _windows(size, window, shift, self.design.roll_first, stride)
+        heads, tokens = int(lead[1]), num_queries
+        positions = windows.positions.view(num_windows, tokens, 2).repeat(batch, 1, 1).unsqueeze(1)
+        index = windows.index
+
+        def fold(values: torch.Tensor) -> torch.Tensor:
+            values = values.reshape(batch, num_windows, heads, tokens).transpose(1, 2)
+            return values.reshape(batch, heads, num_windows * tokens).index_select(-1, index.to(values.device))
+
+        attention = f"window {window[0]}x{window[1]}"
+        if any(shift):
+            attention += f", shift {shift[0]}x{shift[1]}"
+        if windows.padded != size:
+            attention += f", padded to {windows.padded[0]}x{windows.padded[1]}"
+        geometry = LayerGeometry(size, stride, attention, heads)
+        return Placement(positions, None, fold, geometry)
+
+
+class _Refuse(LayerPlacer):
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        raise NotPlaceable(self.reason)
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    """The placer of a Swin window attention module, or None for any other module."""
+    design = _design_of(module, "attention")
+    if design is None:
+        return None
+    modules = dict(model.named_modules())
+    block_name = name
+    while block_name and _design_of(modules[block_name], "block") is not design:
+        block_name = block_name.rpartition(".")[0]
+    if not block_name:
+        return _Refuse(f"it is not inside a {design.block}, which says where its windows are")
+    merges = 0
+    for other_name, other in modules.items():
+        if other_name == block_name:
+            break
+        if type(other).__module__ == design.module and type(other).__name__ == design.merging:
+            merges += 1
+    embedding = find_patch_embedding(model)
+    patch = None if embedding is None else _pair(embedding[1].kernel_size)
+    return SwinPlacer(model, design, block_name, modules[block_name], patch, merges)
