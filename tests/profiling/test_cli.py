@@ -189,3 +189,28 @@ def test_bench_prints_a_row_per_shape(capsys, monkeypatch):
     assert lines[1].split() == ["shape", "fused", "ms", "torch", "ms", "speed-up"]
     assert [line.split()[0] for line in lines[2:]] == ["small", "odd"]
     assert all(float(line.split()[1]) > 0 and line.endswith("x") for line in lines[2:])
+
+
+def test_hierarchical_models_end_to_end(image_folder, tmp_path, capsys):
+    """timm Swin with local weights and a transformers Swin folder: every stage's heads, in input pixels."""
+    timm = pytest.importorskip("timm")
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    weights = tmp_path / "swin.pth"
+    torch.save(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).state_dict(), weights)
+    config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                     window_size=4)
+    transformers.SwinModel(config).save_pretrained(tmp_path / "hf_swin")
+    for model, extra, heads, strides in [
+        ("timm:swin_tiny_patch4_window7_224", ["--weights", weights, "--image-size", "64"],
+         [3, 3, 6, 6] + [12] * 6 + [24, 24], [4] * 2 + [8] * 2 + [16] * 6 + [32] * 2),
+        (f"hf:{tmp_path / 'hf_swin'}", [], [1, 2], [4, 8]),
+    ]:
+        out = tmp_path / model.split(":")[0]
+        code, stdout, err = _run(["profile", "--model", model, "--images", image_folder, "--max-images", "2",
+                                  "--device", "cpu", "--out", out, *extra], capsys)
+        assert code == 0, err
+        doc = json.loads((out / "mad.json").read_text())
+        assert [layer["heads"] for layer in doc["layers"]] == heads
+        assert [layer["geometry"]["stride"][0] for layer in doc["layers"]] == strides
+        assert (out / "mad_map.png").exists() and "uniform attention" in stdout

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 
 import torch
@@ -71,7 +72,7 @@ def plot_profile(profile, path: str | os.PathLike, *, title: str | None = None) 
     ax.set_ylabel("Mean attention distance (pixels)")
     ax.set_xticks(depth if num_layers <= 24 else depth[::max(1, num_layers // 12)])
     ax.set_ylim(bottom=0)
-    ax.set_title(title or f"{profile.model}: {profile.count} images, {_describe_grids(profile)}",
+    ax.set_title(title or textwrap.fill(f"{profile.model}: {profile.count} images, {_describe_grids(profile)}", 80),
                  fontsize=10 if profile.geometry is None else 8)
     ax.legend(fontsize=7, ncol=2 if num_heads > 8 else 1, loc="lower right")
     ax.grid(alpha=0.3)
