@@ -33,9 +33,9 @@ __all__ = ["placer", "attention_modules", "unrolled_cells"]
 # (attention class, its module suffix) -> (class of the model owning the unroll, attribute names of the
 # attention: heads, flattened query stride, mask unit size after pooling, mask-unit attention switch).
 _DESIGNS = {
-    ("MaskUnitAttention", "hiera"): ("Hiera", ("heads", "q_stride", "window_size", "use_mask_unit_attn")),
-    ("HieraMaskUnitAttention", "modeling_hiera"): ("HieraModel", ("num_heads", "query_stride", "window_size",
-                                                                  "use_mask_unit_attn")),
+    ("MaskUnitAttention", "hiera"): (("Hiera",), ("heads", "q_stride", "window_size", "use_mask_unit_attn")),
+    ("HieraMaskUnitAttention", "modeling_hiera"): (("HieraModel", "HieraBackbone"),
+                                                   ("num_heads", "query_stride", "window_size", "use_mask_unit_attn")),
 }
 _GRID = "hiera.grid"
 
@@ -50,11 +50,11 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if _key(m) in _DESIGNS}
 
 
-def _owner(model: nn.Module, name: str, owner_class: str) -> tuple[str, nn.Module] | None:
+def _owner(model: nn.Module, name: str, owner_classes: tuple[str, ...]) -> tuple[str, nn.Module] | None:
     """The Hiera model (timm ``Hiera``, transformers ``HieraModel``) that holds the attention module ``name``."""
     found = None
     for owner_name, module in model.named_modules():
-        if type(module).__name__ == owner_class and (not owner_name or name.startswith(owner_name + ".")):
+        if type(module).__name__ in owner_classes and (not owner_name or name.startswith(owner_name + ".")):
             found = owner_name, module
     return found
 
@@ -63,13 +63,13 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     design = _DESIGNS.get(_key(module))
     if design is None:
         return None
-    owner_class, attributes = design
-    owner = _owner(model, name, owner_class)
+    owner_classes, attributes = design
+    owner = _owner(model, name, owner_classes)
     if owner is None:
         return None
     owner_name, owner_module = owner
     relative = name[len(owner_name) + 1:] if owner_name else name
-    if not relative.startswith("encoder." if owner_class == "HieraModel" else "blocks."):
+    if not relative.startswith("blocks." if type(owner_module).__name__ == "Hiera" else "encoder."):
         return None  # transformers' MAE decoder runs on rerolled tokens: not this layout
     return HieraPlacer(model, name, owner_module, attributes)
 
@@ -108,7 +108,8 @@ class HieraPlacer(LayerPlacer):
 
     def _schedule(self) -> list[tuple[int, int]]:
         unroll = getattr(self.owner, "unroll", None)
-        schedule = getattr(unroll, "schedule", None) if unroll is not None else self.owner.unroll_schedule
+        # transformers' HieraBackbone runs its encoder on the row-major tokens, without the unroll.
+        schedule = unroll.schedule if unroll is not None else getattr(self.owner, "unroll_schedule", [])
         return [(int(s[0]), int(s[1])) for s in schedule]
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
@@ -132,7 +133,11 @@ class HieraPlacer(LayerPlacer):
         cells, factor, remaining = unrolled_cells(grid, schedule), (1, 1), list(schedule)
         for flat in self.pools_before + ([self.query_stride] if self.query_stride > 1 else []):
             if not remaining or remaining[0][0] * remaining[0][1] != flat:
-                raise NotPlaceable(f"it pools {flat} tokens where the unroll schedule left {remaining}")
+                raise NotPlaceable(
+                    f"it pools {flat} tokens where the unroll schedule left {remaining}"
+                    + (f": {type(self.owner).__name__} does not unroll its tokens, so its query pooling groups "
+                       "rows far apart instead of 2x2 cells" if not schedule else "")
+                )
             keys, keys_factor = cells, factor
             stride = remaining.pop(0)
             cells, factor = self._pool(cells, stride), (factor[0] * stride[0], factor[1] * stride[1])
