@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from . import non_spatial, swin
+from . import hiera, non_spatial, swin, windowed_vit
 
 __all__ = ["Skip", "family_placer", "family_modules"]
 
@@ -27,7 +27,7 @@ class Skip:
 
 
 # Tried in order; the first family that claims a module places it.
-_FAMILIES = (non_spatial, swin)
+_FAMILIES = (non_spatial, swin, windowed_vit, hiera)
 
 
 def family_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -1,0 +1,236 @@
+"""Windowed attention on a 2-D token grid: SAM's and ViTDet's plain ViTs, SAM2's HieraDet.
+
+Each block holds its tokens as a ``[B, H, W, C]`` map (ViTDet: ``[B, C, H, W]``). A windowed block pads the map
+at the bottom and right to a multiple of its window, partitions it into windows in row-major window order and
+runs attention within each window (``[B * nW, ...]``); a global block attends over the whole map. Padding tokens
+take part in the softmax as keys, so they get no position (NaN): their attention mass drops out like a prefix
+token's, and their queries are not measured.
+
+HieraDet (timm ``hieradet_sam2``, transformers ``Sam2HieraDetModel``) also pools the queries at a stage change:
+a max-pool with kernel = stride = ``q_stride`` on each (padded) window, keys unpooled. A pooled query sits at
+the centre of the cells it pools; the pooled map keeps ``H // q_stride`` rows (floor, as the block's residual
+path), so the pooled rows that reach into padding are positionless.
+
+Capture: timm's modules call ``F.scaled_dot_product_attention`` (the relative position bias as its mask) or,
+unfused, compute the softmax themselves; transformers' SAM and ViTDet compute the softmax themselves (SAM's
+``sdpa`` class calls SDPA), Sam2's attention goes through ``AttentionInterface``. Heads are either merged into
+the batch (``[B * nW * heads, N, N]``: timm SAM, SAM eager, ViTDet) or their own dimension (``[B * nW, heads,
+...]``); both are placed.
+
+Pixel scale: the patch embedding's stride times the query strides of the blocks before (HieraDet's stages are
+4, 8, 16 and 32 pixels per token).
+
+SAM's mask decoder (a two-way transformer between prompt tokens and the image embedding) is not image
+self-attention; it lies outside the vision encoder that owns the patch embedding, so it is not recorded by
+default, and skipped with the reason when named in ``layers``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
+
+__all__ = ["placer", "attention_modules"]
+
+
+@dataclass(frozen=True)
+class _Design:
+    """How one family's attention module and its block read.
+
+    Attributes:
+        block: class name of the block (the attention module's parent) that partitions the windows.
+        heads: attribute of the attention module holding its head count.
+        query_stride: attribute of the block holding its query-pooling stride (None or a pair), if any.
+        channels_first: the block's input is ``[B, C, H, W]`` (ViTDet) instead of ``[B, H, W, C]``.
+    """
+
+    block: str
+    heads: str
+    query_stride: str | None = None
+    channels_first: bool = False
+
+
+_SAM = _Design("SamVisionLayer", "num_attention_heads")
+_SAM_HQ = _Design("SamHQVisionLayer", "num_attention_heads")
+# (attention class name, defining module's suffix) -> design.
+_DESIGNS = {
+    ("Attention", "vision_transformer_sam"): _Design("Block", "num_heads"),
+    ("SamVisionAttention", "modeling_sam"): _SAM,
+    ("SamVisionSdpaAttention", "modeling_sam"): _SAM,
+    ("SamHQVisionAttention", "modeling_sam_hq"): _SAM_HQ,
+    ("SamHQVisionSdpaAttention", "modeling_sam_hq"): _SAM_HQ,
+    ("VitDetAttention", "modeling_vitdet"): _Design("VitDetLayer", "num_heads", channels_first=True),
+    ("MultiScaleAttention", "hieradet_sam2"): _Design("MultiScaleBlock", "num_heads", "q_stride"),
+    ("Sam2MultiScaleAttention", "modeling_sam2"): _Design("Sam2MultiScaleBlock", "num_attention_heads",
+                                                          "query_stride"),
+}
+# Attention between prompt tokens and the image embedding in SAM-style mask decoders.
+_DECODER_REASON = ("two-way transformer of the mask decoder: prompt (point/box) tokens and the image embedding "
+                   "attend to each other, not image self-attention")
+_DECODER = {("SamAttention", "modeling_sam"), ("SamHQAttention", "modeling_sam_hq"),
+            ("Sam2Attention", "modeling_sam2")}
+
+
+def _key(module: nn.Module) -> tuple[str, str]:
+    cls = type(module)
+    return cls.__name__, cls.__module__.rpartition(".")[2]
+
+
+def _pair(value) -> tuple[int, int]:
+    if value is None:
+        return 1, 1
+    if isinstance(value, int):
+        return value, value
+    return int(value[0]), int(value[1])
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The attention modules of these families that the generic discovery misses (no q/k projections, no
+    ``fused_attn``): transformers' SAM, SAM-HQ, ViTDet and Sam2 vision attention."""
+    return {name: m for name, m in model.named_modules() if _key(m) in _DESIGNS}
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    from . import Skip
+
+    key = _key(module)
+    if key in _DECODER:
+        return Skip(_DECODER_REASON)
+    design = _DESIGNS.get(key)
+    if design is None:
+        return None
+    parent_name = name.rpartition(".")[0]
+    block = model.get_submodule(parent_name) if parent_name else None
+    if block is None or type(block).__name__ != design.block:
+        return None
+    return WindowedGridPlacer(model, name, block, module, design)
+
+
+def _patch_stride_and_pooling(model: nn.Module, block: nn.Module, design: _Design) -> tuple[tuple[int, int],
+                                                                                             tuple[int, int]]:
+    """The stride of the patch embedding (the first convolution before the first block) and the product of
+    the query strides of the blocks before ``block``."""
+    conv, pooled = None, (1, 1)
+    for module in model.modules():
+        if conv is None and isinstance(module, nn.Conv2d):
+            conv = module
+        if module is block:
+            break
+        if type(module).__name__ == design.block and design.query_stride is not None:
+            stride = _pair(getattr(module, design.query_stride))
+            pooled = (pooled[0] * stride[0], pooled[1] * stride[1])
+    if conv is None:
+        raise NotPlaceable(f"found no patch-embedding convolution before the blocks of {type(model).__name__}")
+    return _pair(conv.stride), pooled
+
+
+class WindowedGridPlacer(LayerPlacer):
+    """Places one attention call of a block that attends within (padded) windows of its 2-D map, or globally,
+    optionally with pooled queries."""
+
+    def __init__(self, model: nn.Module, name: str, block: nn.Module, attention: nn.Module, design: _Design):
+        self.model, self.name, self.block, self.attention, self.design = model, name, block, attention, design
+        self._key = f"windowed_vit.{name}"
+        self._scale: tuple[tuple[float, float], str | None] | None = None
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def see(module, args) -> None:
+            x = args[0]
+            if x.dim() != 4:
+                context.values[self._key] = tuple(x.shape)
+                return
+            batch, h, w = (x.shape[0], x.shape[2], x.shape[3]) if self.design.channels_first else x.shape[:3]
+            context.values[self._key] = (int(batch), int(h), int(w))
+
+        return [self.block.register_forward_pre_hook(see)]
+
+    def _stride(self) -> tuple[float, float]:
+        if self._scale is None:
+            try:
+                patch, pooled = _patch_stride_and_pooling(self.model, self.block, self.design)
+                self._scale = ((float(patch[0] * pooled[0]), float(patch[1] * pooled[1])), None)
+            except NotPlaceable as error:
+                self._scale = ((0.0, 0.0), str(error))
+        if self._scale[1] is not None:
+            raise NotPlaceable(self._scale[1])
+        return self._scale[0]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        seen = context.values.get(self._key)
+        block_name = type(self.block).__name__
+        if seen is None or len(seen) != 3:
+            raise NotPlaceable(
+                f"its block {block_name} received {'no input' if seen is None else f'shape {list(seen)}'}; "
+                "expected a [B, H, W, C] token map"
+            )
+        batch, height, width = seen
+        heads = int(getattr(self.attention, self.design.heads))
+        window = _pair(self.block.window_size)
+        windowed = window[0] > 0 and window[1] > 0
+        if not windowed:
+            window = (height, width)
+        qy, qx = _pair(getattr(self.block, self.design.query_stride) if self.design.query_stride else None)
+        padded = (math.ceil(height / window[0]) * window[0], math.ceil(width / window[1]) * window[1])
+        windows = (padded[0] // window[0], padded[1] // window[1])
+        if windowed and (window[0] % qy or window[1] % qx):
+            raise NotPlaceable(f"its window {window[0]}x{window[1]} is not a multiple of its query stride {qy}x{qx}")
+        # Pooled query grid of one window; the map keeps floor(H / q) pooled rows (max-pool, ceil_mode=False).
+        pooled_window = (window[0] // qy, window[1] // qx) if windowed else (height // qy, width // qx)
+        kept = (height // qy, width // qx)
+        count = batch * windows[0] * windows[1]
+        expected_lead = [(count * heads,), (count, heads)]
+        expected_n = (pooled_window[0] * pooled_window[1], window[0] * window[1])
+        if tuple(lead) not in expected_lead or (num_queries, num_keys) != expected_n:
+            kind = f"windows of {window[0]}x{window[1]}" if windowed else "global attention"
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; for the "
+                f"{height}x{width} map of its block ({kind}, {heads} heads, query stride {qy}x{qx}) vitmad expects "
+                f"[{count * heads}, {expected_n[0]}, {expected_n[1]}] or [{count}, {heads}, {expected_n[0]}, "
+                f"{expected_n[1]}]"
+            )
+        stride = self._stride()
+        keys = _window_centres(windows, window, (height, width), stride)
+        queries = keys if (qy, qx) == (1, 1) else _window_centres(windows, pooled_window, kept,
+                                                                  (stride[0] * qy, stride[1] * qx))
+
+        def per_call(positions: torch.Tensor) -> torch.Tensor:
+            # [nW, N, 2] -> one row per entry of the call's leading dims (windows of every image, then heads).
+            positions = positions.unsqueeze(1).repeat(batch, 1, 1, 1)
+            if len(lead) == 1:
+                positions = positions.expand(-1, heads, -1, -1).reshape(count * heads, *positions.shape[-2:])
+            return positions
+
+        def fold(values: torch.Tensor) -> torch.Tensor:
+            grid = values.reshape(batch, windows[0], windows[1], heads, *pooled_window)
+            grid = grid.permute(0, 3, 1, 4, 2, 5).reshape(batch, heads, windows[0] * pooled_window[0],
+                                                            windows[1] * pooled_window[1])
+            return grid[:, :, :kept[0], :kept[1]].reshape(batch, heads, kept[0] * kept[1])
+
+        if windowed:
+            attention = f"window {window[0]}x{window[1]}"
+            if padded != (height, width):
+                attention += f" (map {height}x{width} padded to {padded[0]}x{padded[1]})"
+        else:
+            attention = "global"
+        if (qy, qx) != (1, 1):
+            attention += f", queries pooled {qy}x{qx}"
+        geometry = LayerGeometry(kept, (stride[0] * qy, stride[1] * qx), attention, heads)
+        return Placement(per_call(queries), None if queries is keys else per_call(keys), fold, geometry)
+
+
+def _window_centres(windows: tuple[int, int], window: tuple[int, int], real: tuple[int, int],
+                    stride: tuple[float, float]) -> torch.Tensor:
+    """``[nW, wh * ww, 2]`` pixel centres of the tokens of each window (windows and tokens row-major) of a map
+    padded to ``windows * window``; the tokens outside the ``real`` map (padding) are NaN."""
+    rows = torch.arange(windows[0] * window[0], dtype=torch.float64)
+    cols = torch.arange(windows[1] * window[1], dtype=torch.float64)
+    centres = torch.stack(torch.meshgrid((rows + 0.5) * stride[0], (cols + 0.5) * stride[1], indexing="ij"), -1)
+    outside = (rows[:, None] >= real[0]) | (cols[None, :] >= real[1])
+    centres[outside] = float("nan")
+    centres = centres.view(windows[0], window[0], windows[1], window[1], 2).permute(0, 2, 1, 3, 4)
+    return centres.reshape(windows[0] * windows[1], window[0] * window[1], 2).float()
