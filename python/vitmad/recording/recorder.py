@@ -97,9 +97,26 @@ class RecordedCall:
         return ModelLayout(int(stride[0]), grid, prefix)
 
 
-def _encoder_prefix(patch_embedding: str) -> str:
-    """The qualified-name prefix of the tower that owns the patch embedding ("vision_model." in CLIPModel)."""
-    parts = patch_embedding.split(".")
+def _encoder_prefix(model: nn.Module) -> str:
+    """The qualified-name prefix of the tower that embeds the image ("vision_model." in CLIPModel).
+
+    The image embedding is the first convolution named as a patch embedding's projection (any kernel: SAM2's
+    HieraDet embeds with 7x7 of stride 4), else the plain patch embedding; a prompt encoder's mask convolution
+    or a text tower never comes first.
+    """
+    embedding = None
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if isinstance(module, nn.Conv2d) and parts[-1] in ("proj", "projection", "patch_embedding") and any(
+                "embed" in part for part in parts):
+            embedding = name
+            break
+    if embedding is None:
+        found = find_patch_embedding(model)
+        embedding = None if found is None else found[0]
+    if embedding is None:
+        return ""
+    parts = embedding.split(".")
     for i, part in enumerate(parts):
         if "embed" in part:
             return "".join(p + "." for p in parts[:i])
@@ -200,8 +217,7 @@ class Recording:
         if layers is not None:
             chosen = _select(dict(model.named_modules()), layers, model, found)
         else:
-            embedding = find_patch_embedding(model)
-            prefix = "" if embedding is None else _encoder_prefix(embedding[0])
+            prefix = _encoder_prefix(model)
             chosen = {n: m for n, m in found.items() if n.startswith(prefix)}
         modules = {}
         for name, module in chosen.items():
