@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import vitmad
 from vitmad.ops.reference import mad_positions_reference
@@ -33,22 +32,28 @@ def _windowed_mad(probs: torch.Tensor, batch: int, size, window, shift, stride: 
     ``[B * nW, heads, N, N]`` of an ``H x W`` map of ``stride``-pixel cells."""
     (height, width), (win_h, win_w), (shift_h, shift_w) = size, window, shift
     padded_h, padded_w = math.ceil(height / win_h) * win_h, math.ceil(width / win_w) * win_w
-    rows = (torch.arange(height, dtype=torch.float64) + 0.5) * stride
-    cols = (torch.arange(width, dtype=torch.float64) + 0.5) * stride
-    centres = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)  # [H, W, 2]
+    # Per axis, the index on the unshifted, padded grid of each slot of the shifted, padded map. A padding slot
+    # is a key at its own cell past the image edge, and no query (docs/definition.md, windows). timm rolls the
+    # real map then pads, so the shift is undone modulo the real size and padding stays put; transformers pads
+    # then rolls, so the shift is undone modulo the padded size.
+    def axis(length, padded, step):
+        if roll_first:
+            return torch.cat([torch.arange(length).roll(-step), torch.arange(length, padded)])
+        return torch.arange(padded).roll(-step)
 
-    def pad(x):
-        return F.pad(x, (0, 0, 0, padded_w - width, 0, padded_h - height), value=float("nan"))
-
-    def roll(x, sign):
-        return torch.roll(x, shifts=(sign * shift_h, sign * shift_w), dims=(0, 1))
-
-    shifted = pad(roll(centres, -1)) if roll_first else roll(pad(centres), -1)
+    rows, cols = torch.meshgrid(axis(height, padded_h, shift_h), axis(width, padded_w, shift_w), indexing="ij")
+    keys = (torch.stack([rows, cols], dim=-1).double() + 0.5) * stride  # [Hp, Wp, 2]
+    is_padding = ((rows >= height) | (cols >= width))[..., None]
+    queries = keys.masked_fill(is_padding, float("nan"))
     nh, nw = padded_h // win_h, padded_w // win_w
-    positions = shifted.view(nh, win_h, nw, win_w, 2).permute(0, 2, 1, 3, 4).reshape(nh * nw, 1, win_h * win_w, 2)
+
+    def windows(x):
+        return x.view(nh, win_h, nw, win_w, 2).permute(0, 2, 1, 3, 4).reshape(nh * nw, 1, win_h * win_w, 2)
+
+    positions, key_positions = windows(queries), windows(keys)
     heads = probs.shape[1]
     per_query = mad_positions_reference(probs.view(batch, nh * nw, heads, win_h * win_w, win_h * win_w),
-                                        positions, reduction="none")  # [B, nW, heads, N]
+                                        positions, key_positions, reduction="none")  # [B, nW, heads, N]
     shifted_map = per_query.view(batch, nh, nw, heads, win_h, win_w).permute(3, 0, 1, 4, 2, 5)
     shifted_map = shifted_map.reshape(heads, batch, padded_h, padded_w).permute(1, 0, 2, 3)
     if roll_first:

@@ -103,7 +103,8 @@ def _pair(value) -> tuple[int, int]:
 class _Windows:
     """Where the tokens of one window partition are: positions per slot and the fold's token order."""
 
-    positions: torch.Tensor  # [nW * N, 2] pixel centres of the slots, window-major; NaN for padding
+    positions: torch.Tensor  # [nW * N, 2] pixel centres of the slots as queries, window-major; NaN for padding
+    key_positions: torch.Tensor  # [nW * N, 2] as keys: padding at its cell of the padded grid, past the image
     index: torch.Tensor  # [H * W] the slot of each token of the unshifted map, row-major
     padded: tuple[int, int]
 
@@ -117,23 +118,26 @@ def _windows(size: tuple[int, int], window: tuple[int, int], shift: tuple[int, i
     padded_h, padded_w = math.ceil(height / win_h) * win_h, math.ceil(width / win_w) * win_w
 
     def source(length: int, padded: int, step: int) -> torch.Tensor:
-        # The row (column) of the unshifted map at each row (column) of the shifted, padded map; -1: padding.
+        # The row (column) of the unshifted, padded map at each row (column) of the shifted, padded map; rows
+        # >= length are padding. timm pads after rolling, so its padding stays where it was added.
         at = torch.arange(padded)
         if roll_first:
-            return torch.where(at < length, (at + step) % length, -1)
-        at = (at + step) % padded
-        return torch.where(at < length, at, -1)
+            return torch.where(at < length, (at + step) % length, at)
+        return (at + step) % padded
 
     rows = source(height, padded_h, shift[0]).view(padded_h // win_h, 1, win_h, 1)
     cols = source(width, padded_w, shift[1]).view(1, padded_w // win_w, 1, win_w)
     rows, cols = torch.broadcast_tensors(rows, cols)  # [nW_h, nW_w, win_h, win_w]: window-major slot order
     rows, cols = rows.reshape(-1), cols.reshape(-1)
-    real = (rows >= 0) & (cols >= 0)
-    positions = torch.stack([(rows + 0.5) * stride[0], (cols + 0.5) * stride[1]], dim=-1).to(torch.float32)
+    real = (rows < height) & (cols < width)
+    # docs/definition.md, windows: padding the model attends is a key at its cell of the padded grid (past the
+    # image edge), and no query: it stands for no image content.
+    key_positions = torch.stack([(rows + 0.5) * stride[0], (cols + 0.5) * stride[1]], dim=-1).to(torch.float32)
+    positions = key_positions.clone()
     positions[~real] = float("nan")
     index = torch.empty(height * width, dtype=torch.long)
     index[rows[real] * width + cols[real]] = torch.arange(rows.numel())[real]
-    return _Windows(positions, index, (padded_h, padded_w))
+    return _Windows(positions, key_positions, index, (padded_h, padded_w))
 
 
 def _merged(length: int, merges: int) -> int:
@@ -221,6 +225,9 @@ class SwinPlacer(LayerPlacer):
         windows = _windows(size, window, shift, self.design.roll_first, stride)
         heads, tokens = int(lead[1]), num_queries
         positions = windows.positions.view(num_windows, tokens, 2).repeat(batch, 1, 1).unsqueeze(1)
+        key_positions = None
+        if windows.padded != size:
+            key_positions = windows.key_positions.view(num_windows, tokens, 2).repeat(batch, 1, 1).unsqueeze(1)
         index = windows.index
 
         def fold(values: torch.Tensor) -> torch.Tensor:
@@ -233,7 +240,7 @@ class SwinPlacer(LayerPlacer):
         if windows.padded != size:
             attention += f", padded to {windows.padded[0]}x{windows.padded[1]}"
         geometry = LayerGeometry(size, stride, attention, heads)
-        return Placement(positions, None, fold, geometry)
+        return Placement(positions, key_positions, fold, geometry)
 
 
 class _Refuse(LayerPlacer):
