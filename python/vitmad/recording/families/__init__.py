@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from . import non_spatial, pooled
+from . import mvit, non_spatial, pooled, vit_stages
 
 __all__ = ["Skip", "family_placer", "family_modules"]
 
@@ -27,7 +27,7 @@ class Skip:
 
 
 # Tried in order; the first family that claims a module places it.
-_FAMILIES = (non_spatial, pooled)
+_FAMILIES = (non_spatial, pooled, mvit, vit_stages)
 
 
 def family_modules(model: nn.Module) -> dict[str, nn.Module]:

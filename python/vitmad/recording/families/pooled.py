@@ -16,22 +16,13 @@ the cells it pools; the pixel stride of a stage is the product of the strides of
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres
-from .stages import StageGrid, adaptive_centres, conv_centres, defined_in, grid_placement, pair
+from .stages import KeyLayout, StageGrid, StagePlacer, adaptive_centres, conv_centres, defined_in, global_keys, pair
 
 __all__ = ["placer"]
-
-# A function of (grid, stride) -> (key positions or None for the queries' own, words for the geometry).
-KeyLayout = Callable[[tuple[int, int], tuple[float, float]], tuple["torch.Tensor | None", str]]
-
-
-def _global_keys(grid, stride):
-    return None, "global"
 
 
 def _conv_keys(conv: nn.Conv2d) -> KeyLayout:
@@ -49,28 +40,6 @@ def _adaptive_keys(pool: nn.AdaptiveAvgPool2d) -> KeyLayout:
         return adaptive_centres(grid, stride, pool.output_size), f"keys pooled to {oh}x{ow} (adaptive average)"
 
     return keys
-
-
-class SpatialReductionPlacer(LayerPlacer):
-    """Queries: the stage's grid (after ``prefix`` tokens without a position); keys: pooled from it.
-
-    Args:
-        stages: the model's stage embeddings.
-        keys: the key layout of this layer.
-        prefix: per stage embedding index, the tokens before the grid (PVT v1's CLS in its last stage).
-    """
-
-    def __init__(self, stages: StageGrid, keys: KeyLayout, prefix: Callable[[int], int] = lambda index: 0):
-        self.stages, self.keys, self.prefix = stages, keys, prefix
-
-    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
-        return self.stages.install(context)
-
-    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        stage = self.stages.current(context)
-        keys, words = self.keys(stage.grid, stage.stride)
-        return grid_placement(lead, num_queries, num_keys, grid=stage.grid, stride=stage.stride, attention=words,
-                              prefix=self.prefix(stage.index), keys=keys)
 
 
 class PaddedWindowPlacer(LayerPlacer):
@@ -115,35 +84,35 @@ def _embeddings(model: nn.Module, class_name: str, module_suffix: str, conv: str
 def _timm_pvt_v2(model: nn.Module, module: nn.Module) -> LayerPlacer:
     stages = StageGrid(model, _embeddings(model, "OverlapPatchEmbed", "pvt_v2", "proj"))
     if module.pool is not None:
-        return SpatialReductionPlacer(stages, _adaptive_keys(module.pool))
-    return SpatialReductionPlacer(stages, _global_keys if module.sr is None else _conv_keys(module.sr))
+        return StagePlacer(stages, _adaptive_keys(module.pool))
+    return StagePlacer(stages, global_keys if module.sr is None else _conv_keys(module.sr))
 
 
 def _hf_pvt(model: nn.Module, module: nn.Module) -> LayerPlacer:
     embeddings = [m for m in model.modules() if defined_in(m, "PvtPatchEmbeddings", "modeling_pvt")]
     stages = StageGrid(model, [m.projection for m in embeddings])
-    keys = _conv_keys(module.sequence_reduction) if module.sequences_reduction_ratio > 1 else _global_keys
-    return SpatialReductionPlacer(stages, keys, lambda index: int(embeddings[index].cls_token is not None))
+    keys = _conv_keys(module.sequence_reduction) if module.sequences_reduction_ratio > 1 else global_keys
+    return StagePlacer(stages, keys, lambda index: int(embeddings[index].cls_token is not None))
 
 
 def _hf_pvt_v2(model: nn.Module, module: nn.Module) -> LayerPlacer:
     stages = StageGrid(model, _embeddings(model, "PvtV2OverlapPatchEmbeddings", "modeling_pvt_v2", "proj"))
     if module.linear_attention:
-        return SpatialReductionPlacer(stages, _adaptive_keys(module.pool))
+        return StagePlacer(stages, _adaptive_keys(module.pool))
     reduced = module.spatial_reduction_ratio > 1
-    return SpatialReductionPlacer(stages, _conv_keys(module.spatial_reduction) if reduced else _global_keys)
+    return StagePlacer(stages, _conv_keys(module.spatial_reduction) if reduced else global_keys)
 
 
 def _hf_segformer(model: nn.Module, module: nn.Module) -> LayerPlacer:
     stages = StageGrid(model, _embeddings(model, "SegformerOverlapPatchEmbeddings", "modeling_segformer", "proj"))
     if module.sequence_reduction_ratio > 1:
-        return SpatialReductionPlacer(stages, _conv_keys(module.sequence_reduction.sequence_reduction))
-    return SpatialReductionPlacer(stages, _global_keys)
+        return StagePlacer(stages, _conv_keys(module.sequence_reduction.sequence_reduction))
+    return StagePlacer(stages, global_keys)
 
 
 def _twins_global(model: nn.Module, module: nn.Module) -> LayerPlacer:
     stages = StageGrid(model, _embeddings(model, "PatchEmbed", "twins", "proj"))
-    return SpatialReductionPlacer(stages, _global_keys if module.sr is None else _conv_keys(module.sr))
+    return StagePlacer(stages, global_keys if module.sr is None else _conv_keys(module.sr))
 
 
 def _twins_local(model: nn.Module, module: nn.Module) -> LayerPlacer:

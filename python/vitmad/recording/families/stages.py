@@ -17,14 +17,16 @@ embeddings, stems, downsampling layers) made from the image: PVT, Segformer, Twi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..placement import CallContext, LayerGeometry, NotPlaceable, Placement, cell_centres, select_tokens
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
-__all__ = ["Stage", "StageGrid", "conv_centres", "adaptive_centres", "grid_placement", "pair", "defined_in"]
+__all__ = ["Stage", "StageGrid", "StagePlacer", "KeyLayout", "global_keys", "conv_centres", "adaptive_centres",
+           "grid_placement", "pair", "defined_in"]
 
 
 def pair(value) -> tuple[int, int]:
@@ -118,6 +120,39 @@ def adaptive_centres(grid: tuple[int, int], stride: tuple[float, float], output)
         ends = [math.ceil((i + 1) * n / o) for i in range(o)]
         axes.append(torch.tensor([(a + b) / 2 * s for a, b in zip(starts, ends)], dtype=torch.float64))
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 2).float()
+
+
+# A function of (grid, stride) -> (key positions or None for the queries' own, words for the geometry).
+KeyLayout = Callable[[tuple[int, int], tuple[float, float]], tuple["torch.Tensor | None", str]]
+
+
+def global_keys(grid, stride):
+    """The keys are the queries: global attention over the grid."""
+    return None, "global"
+
+
+class StagePlacer(LayerPlacer):
+    """Queries: the stage's grid (after ``prefix`` tokens without a position); keys: pooled from it.
+
+    Args:
+        stages: the model's stage embeddings.
+        keys: the key layout of this layer; by default the queries themselves.
+        prefix: per stage embedding index, the tokens before the grid (PVT v1's CLS in its last stage, PiT's
+            CLS and distillation tokens).
+    """
+
+    def __init__(self, stages: StageGrid, keys: KeyLayout = global_keys,
+                 prefix: Callable[[int], int] = lambda index: 0):
+        self.stages, self.keys, self.prefix = stages, keys, prefix
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        return self.stages.install(context)
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        stage = self.stages.current(context)
+        keys, words = self.keys(stage.grid, stage.stride)
+        return grid_placement(lead, num_queries, num_keys, grid=stage.grid, stride=stage.stride, attention=words,
+                              prefix=self.prefix(stage.index), keys=keys)
 
 
 def _with_prefix(prefix: int, cells: torch.Tensor) -> torch.Tensor:
