@@ -1,0 +1,150 @@
+"""vitmad.record on ViTs with pooled queries or several token grids: MViTv2, PiT, CrossViT, CaiT, and XCiT's
+refusal (no layer with spatial attention).
+
+References: each layer's own eager softmax probabilities (the ``softmax`` calls of the forward, seen by patching
+``torch.Tensor.softmax``, or the input of the attention dropout), placed by the geometry written here.
+"""
+
+from __future__ import annotations
+
+import copy
+from unittest import mock
+
+import pytest
+import torch
+
+import vitmad
+from vitmad.ops.reference import mad_positions_reference
+
+timm = pytest.importorskip("timm")
+
+TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels; float32 attention against a float64 reference
+
+
+def axis(count: int, step: int, stride: float) -> torch.Tensor:
+    """Pixel centres of the cells ``0, step, 2 step, ...`` (``count`` of them) of an axis of stride-pixel cells:
+    the centres of a 3x3 (padding 1) or 1x1 pooling's windows, or plain cells for step 1."""
+    return (torch.arange(count, dtype=torch.float64) * step + 0.5) * stride
+
+
+def grid(rows: torch.Tensor, cols: torch.Tensor, prefix: int = 0) -> torch.Tensor:
+    """[prefix + len(rows) * len(cols), 2]: ``prefix`` rows of NaN, then the row-major grid."""
+    return torch.cat([torch.full((prefix, 2), float("nan"), dtype=torch.float64), torch.cartesian_prod(rows, cols)])
+
+
+def softmax_maps(model, pixels) -> list[torch.Tensor]:
+    """Every ``Tensor.softmax`` result of an eager forward, in order."""
+    maps, original = [], torch.Tensor.softmax
+
+    def spy(self, *args, **kwargs):
+        maps.append(original(self, *args, **kwargs))
+        return maps[-1]
+
+    with torch.no_grad(), mock.patch.object(torch.Tensor, "softmax", spy):
+        model(pixels)
+    return maps
+
+
+def dropout_maps(model, pixels, owner) -> list[torch.Tensor]:
+    """The input of the attention dropout of each module ``owner`` accepts, its ``fused_attn`` off."""
+    model, maps = copy.deepcopy(model), []
+    for module in model.modules():
+        if owner(module):
+            module.fused_attn = False
+            module.attn_drop.register_forward_pre_hook(lambda m, args: maps.append(args[0]))
+    with torch.no_grad():
+        model(pixels)
+    return maps
+
+
+def record(model, pixels):
+    """Records one forward; its output is that of the forward without recording, bit for bit."""
+    with torch.no_grad():
+        plain = model(pixels)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        assert torch.equal(model(pixels), plain)
+    return rec
+
+
+@pytest.mark.parametrize("cls_token, mode", [(False, "conv"), (True, "avg")])
+def test_mvitv2_pooled_queries_and_keys(cls_token, mode):
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    torch.manual_seed(0)
+    config = MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=8, num_heads=1, use_cls_token=cls_token, mode=mode)
+    model = MultiScaleVit(config, img_size=64, num_classes=10).eval()  # MViTv2 runs at its own size only
+    pixels = torch.randn(2, 3, 64, 64)
+    rec = record(model, pixels)
+    maps = softmax_maps(model, pixels)
+    # Per layer: the grid side it receives and its stride (a stride-4 patch embedding, then each stage's first
+    # block pools the queries by 2), its query step and its key step (keys pooled to stride 32 until stage 3).
+    layers = [(16, 4, 1, 4), (16, 4, 2, 2), (8, 8, 1, 2), (8, 8, 2, 1), (4, 16, 2, 1)]
+    assert len(maps) == len(rec.per_layer) == len(layers)
+    prefix = int(cls_token)
+    for index, (side, stride, q_step, k_step) in enumerate(layers):
+        q_axis = axis((side - 1) // q_step + 1, q_step, stride)
+        k_axis = axis((side - 1) // k_step + 1, k_step, stride)
+        expected = mad_positions_reference(maps[index], grid(q_axis, q_axis, prefix), grid(k_axis, k_axis, prefix))
+        torch.testing.assert_close(rec.per_layer[index].double(), expected, **TOL)
+        geometry = rec.geometry[index]
+        assert geometry.grid == (len(q_axis),) * 2 and geometry.stride == (stride * q_step,) * 2
+    assert [g.heads for g in rec.geometry] == [1, 2, 2, 4, 8]
+
+
+@pytest.mark.parametrize("name, prefix", [("pit_ti_224", 1), ("pit_ti_distilled_224", 2)])
+def test_pit_stages_at_their_own_stride(name, prefix):
+    torch.manual_seed(1)
+    model = timm.create_model(name, pretrained=False, img_size=64, depth=(1, 1, 1), heads=(1, 2, 2)).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    rec = record(model, pixels)
+    maps = dropout_maps(model, pixels, lambda m: type(m).__name__ == "Attention")
+    # A 16-pixel patch embedding of stride 8 (no padding): 7 x 7; stride-2 poolings (kernel 3, padding 1): 4, 2.
+    for index, (side, stride) in enumerate([(7, 8), (4, 16), (2, 32)]):
+        positions = grid(axis(side, 1, stride), axis(side, 1, stride), prefix)
+        torch.testing.assert_close(rec.per_layer[index].double(), mad_positions_reference(maps[index], positions),
+                                   **TOL)
+        assert rec.geometry[index].stride == (stride, stride) and rec.geometry[index].num_prefix_tokens == prefix
+
+
+@pytest.mark.parametrize("size", [(240, 240), (248, 260)])
+def test_crossvit_branches_in_pixels_of_the_input_and_cross_attention_skipped(size):
+    torch.manual_seed(2)
+    model = timm.create_model("crossvit_tiny_240", pretrained=False, depth=((1, 1, 0),), embed_dim=(16, 32),
+                              num_heads=(1, 2)).eval()
+    pixels = torch.randn(1, 3, *size)
+    rec = record(model, pixels)
+    maps = dropout_maps(model, pixels, lambda m: type(m).__name__ == "Attention")
+    assert rec.layers == ["blocks.0.blocks.0.0.attn", "blocks.0.blocks.1.0.attn"]
+    # Branch 0: 12-pixel patches of the input resized to 240 x 240; branch 1: 16-pixel patches of it at 224 x 224.
+    for index, (side, patch, scaled) in enumerate([(20, 12, 240), (14, 16, 224)]):
+        stride = (patch * size[0] / scaled, patch * size[1] / scaled)
+        positions = grid(axis(side, 1, stride[0]), axis(side, 1, stride[1]), 1)
+        torch.testing.assert_close(rec.per_layer[index].double(), mad_positions_reference(maps[index], positions),
+                                   **TOL)
+        assert rec.geometry[index].stride == pytest.approx(stride)
+    assert set(rec.skipped) == {"blocks.0.fusion.0.attn", "blocks.0.fusion.1.attn"}
+    assert all("cross-attention" in reason for reason in rec.skipped.values())
+
+
+def test_cait_talking_heads_recorded_and_class_attention_skipped():
+    torch.manual_seed(3)
+    model = timm.create_model("cait_xxs24_224", pretrained=False, depth=2, img_size=(64, 96), embed_dim=32).eval()
+    pixels = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        plain = model(pixels)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        assert torch.equal(model(pixels), plain)
+    # The self-attention blocks: a 4 x 6 grid of 16-pixel patches, no CLS token yet; each head's softmax.
+    maps = [m for m in softmax_maps(model, pixels) if m.shape[-1] == m.shape[-2] == 24]
+    positions = grid(axis(4, 1, 16), axis(6, 1, 16))
+    expected = torch.stack([mad_positions_reference(m, positions) for m in maps])
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+    assert rec.layers == ["blocks.0.attn", "blocks.1.attn"]
+    assert set(rec.skipped) == {"blocks_token_only.0.attn", "blocks_token_only.1.attn"}
+    assert all("class attention" in reason for reason in rec.skipped.values())
+
+
+def test_xcit_has_no_spatial_attention_and_is_a_clear_error():
+    model = timm.create_model("xcit_nano_12_p16_224", pretrained=False, depth=2, img_size=64).eval()
+    with pytest.raises(ValueError, match="Xcit has no layer with spatial softmax attention.*cross-covariance"):
+        vitmad.record(model)
