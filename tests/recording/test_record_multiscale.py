@@ -144,6 +144,28 @@ def test_cait_talking_heads_recorded_and_class_attention_skipped():
     assert all("class attention" in reason for reason in rec.skipped.values())
 
 
+@pytest.mark.parametrize("name", ["levit_128s", "levit_conv_128s"])
+def test_levit_subsampled_queries_on_its_fixed_grid(name):
+    torch.manual_seed(4)
+    model = timm.create_model(name, pretrained=False, img_size=(64, 96), embed_dim=(16, 32, 48), num_heads=(1, 2, 3),
+                              depth=(1, 1, 1), key_dim=8).eval()
+    pixels = torch.randn(2, 3, 64, 96)
+    rec = record(model, pixels)
+    maps = softmax_maps(model, pixels)
+    # A stride-16 stem: a 4 x 6 grid; each downsampling attention queries rows and columns 0, 2, 4, ... of its
+    # grid (keys: all of it) and leaves a grid of half the size: 2 x 3 at 32 px, then 1 x 2 at 64 px.
+    full = [grid(axis(4, 1, 16), axis(6, 1, 16)), grid(axis(2, 1, 32), axis(3, 1, 32)),
+            grid(axis(1, 1, 64), axis(2, 1, 64))]
+    subsampled = [grid(axis(2, 2, 16), axis(3, 2, 16)), grid(axis(1, 2, 32), axis(2, 2, 32))]
+    layers = [(full[0], full[0]), (subsampled[0], full[0]), (full[1], full[1]), (subsampled[1], full[1]),
+              (full[2], full[2])]
+    assert len(maps) == len(rec.per_layer) == len(layers)
+    for recorded, attn, (queries, keys) in zip(rec.per_layer, maps, layers):
+        torch.testing.assert_close(recorded.double(), mad_positions_reference(attn, queries, keys), **TOL)
+    assert [g.stride[0] for g in rec.geometry] == [16, 32, 32, 64, 64]
+    assert [g.grid for g in rec.geometry] == [(4, 6), (2, 3), (2, 3), (1, 2), (1, 2)]
+
+
 def test_xcit_has_no_spatial_attention_and_is_a_clear_error():
     model = timm.create_model("xcit_nano_12_p16_224", pretrained=False, depth=2, img_size=64).eval()
     with pytest.raises(ValueError, match="Xcit has no layer with spatial softmax attention.*cross-covariance"):
