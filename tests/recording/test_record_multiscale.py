@@ -166,6 +166,39 @@ def test_levit_subsampled_queries_on_its_fixed_grid(name):
     assert [g.grid for g in rec.geometry] == [(4, 6), (2, 3), (2, 3), (1, 2), (1, 2)]
 
 
+def test_efficientformer_v1_flattened_last_stage():
+    torch.manual_seed(5)
+    model = timm.create_model("efficientformer_l1", pretrained=False, depths=(1, 1, 1, 2), embed_dims=(8, 8, 8, 32),
+                              num_vit=1).eval()
+    pixels = torch.randn(1, 3, 224, 224)  # its attention bias is for a 7 x 7 grid: 224 px at stride 32
+    rec = record(model, pixels)
+    (attn,) = softmax_maps(model, pixels)
+    expected = mad_positions_reference(attn, grid(axis(7, 1, 32), axis(7, 1, 32)))
+    torch.testing.assert_close(rec.per_layer[0].double(), expected, **TOL)
+    assert rec.geometry[0].stride == (32, 32)
+
+
+def test_efficientformer_v2_subsampled_grids_and_queries():
+    torch.manual_seed(6)
+    model = timm.create_model("efficientformerv2_s0", pretrained=False, img_size=(64, 96), depths=(1, 1, 3, 3),
+                              embed_dims=(8, 16, 24, 32)).eval()
+    pixels = torch.randn(2, 3, 64, 96)
+    rec = record(model, pixels)
+    maps = softmax_maps(model, pixels)
+    # Stage 3 (stride 16, 4 x 6): attention over the tokens of a stride-2 depthwise convolution (kernel 3,
+    # padding 1): cells 0, 2 of the rows, 0, 2, 4 of the columns. Stage 4's downsampling attention: queries on
+    # those cells, keys the whole 4 x 6 grid; then global attention over the 2 x 3 grid at 32 px.
+    subsampled = grid(axis(2, 2, 16), axis(3, 2, 16))
+    full, coarse = grid(axis(4, 1, 16), axis(6, 1, 16)), grid(axis(2, 1, 32), axis(3, 1, 32))
+    expected_layers = {"stages.2": (subsampled, subsampled), "stages.3.downsample": (subsampled, full),
+                       "stages.3.blocks": (coarse, coarse)}
+    assert len(maps) == len(rec.layers) == 5
+    for name, recorded, attn in zip(rec.layers, rec.per_layer, maps):
+        queries, keys = next(v for k, v in expected_layers.items() if name.startswith(k))
+        torch.testing.assert_close(recorded.double(), mad_positions_reference(attn, queries, keys), **TOL)
+    assert {g.grid for g in rec.geometry} == {(2, 3)} and {g.stride for g in rec.geometry} == {(32, 32)}
+
+
 def test_xcit_has_no_spatial_attention_and_is_a_clear_error():
     model = timm.create_model("xcit_nano_12_p16_224", pretrained=False, depth=2, img_size=64).eval()
     with pytest.raises(ValueError, match="Xcit has no layer with spatial softmax attention.*cross-covariance"):
