@@ -199,6 +199,38 @@ def test_efficientformer_v2_subsampled_grids_and_queries():
     assert {g.grid for g in rec.geometry} == {(2, 3)} and {g.stride for g in rec.geometry} == {(32, 32)}
 
 
+def test_nextvit_keys_averaged_over_consecutive_tokens():
+    torch.manual_seed(7)
+    model = timm.create_model("nextvit_small", pretrained=False).eval()
+    pixels = torch.randn(1, 3, 64, 96)
+    rec = record(model, pixels)
+    maps = dropout_maps(model, pixels, lambda m: type(m).__name__ == "EfficientAttention")
+    # Stem stride 4, then stride 2 per stage: E-MHSA in stage 2 (8 x 12 at 8 px, keys: means of 16 consecutive
+    # tokens of the row-major sequence), stage 3 (4 x 6 at 16 px, 4 tokens) and stage 4 (2 x 3 at 32 px, all).
+    stages = {"stages.1": (8, 12, 8, 16), "stages.2": (4, 6, 16, 4), "stages.3": (2, 3, 32, 1)}
+    assert len(maps) == len(rec.layers) == 4
+    for name, recorded, attn in zip(rec.layers, rec.per_layer, maps):
+        rows, cols, stride, run = next(v for k, v in stages.items() if name.startswith(k))
+        queries = grid(axis(rows, 1, stride), axis(cols, 1, stride))
+        keys = queries.reshape(-1, run, 2).mean(1)
+        torch.testing.assert_close(recorded.double(), mad_positions_reference(attn, queries, keys), **TOL)
+        assert rec.geometry[rec.layers.index(name)].stride == (stride, stride)
+
+
+def test_visformer_attention_on_its_stage_maps():
+    torch.manual_seed(8)
+    model = timm.create_model("visformer_tiny", pretrained=False, img_size=(64, 96), embed_dim=48, num_heads=2,
+                              depth=(1, 1, 1)).eval()
+    pixels = torch.randn(2, 3, 64, 96)
+    rec = record(model, pixels)
+    maps = dropout_maps(model, pixels, lambda m: type(m).__name__ == "Attention")
+    # Stage 2 at 16 px (4 x 6), stage 3 at 32 px (2 x 3); stage 1 is convolutional.
+    for recorded, attn, (rows, cols, stride) in zip(rec.per_layer, maps, [(4, 6, 16), (2, 3, 32)], strict=True):
+        positions = grid(axis(rows, 1, stride), axis(cols, 1, stride))
+        torch.testing.assert_close(recorded.double(), mad_positions_reference(attn, positions), **TOL)
+    assert [g.stride for g in rec.geometry] == [(16, 16), (32, 32)]
+
+
 def test_xcit_has_no_spatial_attention_and_is_a_clear_error():
     model = timm.create_model("xcit_nano_12_p16_224", pretrained=False, depth=2, img_size=64).eval()
     with pytest.raises(ValueError, match="Xcit has no layer with spatial softmax attention.*cross-covariance"):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from . import efficientformer, levit, mvit, non_spatial, pooled, vit_stages
+from . import conv_stages, efficientformer, levit, mvit, non_spatial, pooled, vit_stages
 
 __all__ = ["Skip", "family_placer", "family_modules"]
 
@@ -27,7 +27,7 @@ class Skip:
 
 
 # Tried in order; the first family that claims a module places it.
-_FAMILIES = (non_spatial, pooled, mvit, levit, efficientformer, vit_stages)
+_FAMILIES = (non_spatial, pooled, mvit, levit, efficientformer, conv_stages, vit_stages)
 
 
 def family_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -25,8 +25,8 @@ from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
-__all__ = ["Stage", "StageGrid", "StagePlacer", "KeyLayout", "global_keys", "conv_centres", "adaptive_centres",
-           "grid_placement", "pair", "defined_in"]
+__all__ = ["Stage", "StageGrid", "StagePlacer", "KeyLayout", "global_keys", "strided_modules", "conv_centres",
+           "adaptive_centres", "grid_placement", "pair", "defined_in"]
 
 
 def pair(value) -> tuple[int, int]:
@@ -90,6 +90,16 @@ class StageGrid:
         if stage is None:
             raise NotPlaceable("it ran before any stage embedding of the model, so its token grid is unknown")
         return stage
+
+
+def strided_modules(model: nn.Module, inside: tuple[nn.Module, ...] = ()) -> list[nn.Module]:
+    """The convolutions and pools of stride above 1 of ``model`` in module order, but for those inside
+    ``inside`` (attention modules, whose own poolings do not change the model's grid): the stage embeddings of
+    a convolutional hierarchy whose modules are registered in the order they run."""
+    skipped = {id(m) for outer in inside for m in outer.modules()}
+    return [m for m in model.modules()
+            if isinstance(m, (nn.Conv2d, nn.AvgPool2d, nn.MaxPool2d)) and id(m) not in skipped
+            and pair(m.stride) != (1, 1)]
 
 
 def conv_centres(grid: tuple[int, int], stride: tuple[float, float], kernel, step, padding) -> tuple[
