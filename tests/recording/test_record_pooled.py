@@ -160,6 +160,18 @@ def test_transformers_segformer(implementation, size):
     assert rec.layers == [f"stages.{i}.blocks.0.attention" for i in range(4)]
 
 
+def test_transformers_glpn_segformer_encoder():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(6)
+    config = transformers.GLPNConfig(**HF_DIMS)
+    model = transformers.GLPNModel(config).eval()
+    pixels = torch.randn(2, 3, 60, 92)
+    rec = record_and_compare_outputs(model, pixels)
+    maps = eager_maps(model, pixels, "dropout", lambda m: type(m).__name__ == "GLPNEfficientSelfAttention")
+    grids = stage_grids(60, 92, 4, 2, overlapping=True)
+    assert_recorded(rec, maps, expected_sr(grids, config.sr_ratios, 1))
+
+
 @pytest.mark.parametrize("image_size", [64])
 def test_transformers_pvt_v1_with_its_cls_token_in_the_last_stage(image_size):
     transformers = pytest.importorskip("transformers")

@@ -1,6 +1,7 @@
 """Spatial-reduction attention: every query of a stage's grid attends over keys pooled from that grid.
 
-- PVT v2 (timm ``pvt_v2_*``, transformers ``PvtV2Model``) and Segformer (``SegformerModel``): keys made by a
+- PVT v2 (timm ``pvt_v2_*``, transformers ``PvtV2Model``), Segformer (``SegformerModel``) and GLPN's Segformer
+  encoder (``GLPNModel``): keys made by a
   convolution with kernel = stride = ``sr_ratio`` (none in the last stage), or, in the linear variant
   (``pvt_v2_b2_li``, ``linear_attention=True``), by ``AdaptiveAvgPool2d(7)``; overlapping patch embeddings
   (stride 4, then 2 per stage).
@@ -110,6 +111,11 @@ def _hf_segformer(model: nn.Module, module: nn.Module) -> LayerPlacer:
     return StagePlacer(stages, global_keys)
 
 
+def _hf_glpn(model: nn.Module, module: nn.Module) -> LayerPlacer:
+    stages = StageGrid(model, _embeddings(model, "GLPNOverlapPatchEmbeddings", "modeling_glpn", "proj"))
+    return StagePlacer(stages, _conv_keys(module.sr) if module.sr_ratio > 1 else global_keys)
+
+
 def _twins_global(model: nn.Module, module: nn.Module) -> LayerPlacer:
     stages = StageGrid(model, _embeddings(model, "PatchEmbed", "twins", "proj"))
     return StagePlacer(stages, global_keys if module.sr is None else _conv_keys(module.sr))
@@ -125,6 +131,7 @@ _PLACERS = {
     ("PvtEfficientSelfAttention", "modeling_pvt"): _hf_pvt,
     ("PvtV2SelfAttention", "modeling_pvt_v2"): _hf_pvt_v2,
     ("SegformerAttention", "modeling_segformer"): _hf_segformer,
+    ("GLPNEfficientSelfAttention", "modeling_glpn"): _hf_glpn,
     ("GlobalSubSampleAttn", "twins"): _twins_global,
     ("LocallyGroupedAttn", "twins"): _twins_local,
 }
