@@ -121,7 +121,7 @@ class PlainPlacer(LayerPlacer):
             raise NotPlaceable(layout.unavailable)
         if num_queries != num_keys or len(lead) != 2:
             raise NotPlaceable(
-                "its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; "
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; "
                 "a plain ViT layer attends [B, H, N, N] over the patch grid and its extra tokens, and vitmad "
                 f"does not know the token layout of {type(layout.model).__name__}'s other attention"
             )
