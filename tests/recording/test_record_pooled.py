@@ -229,3 +229,14 @@ def test_timm_twins_pcpvt_is_spatial_reduction():
     maps = eager_maps(model, pixels, "attn_drop")
     grids = stage_grids(64, 96, 4, 2, overlapping=False)
     assert_recorded(rec, maps, expected_sr(grids, (8, 4, 2, 1), 1))
+
+
+def test_attention_run_outside_the_model_is_refused_with_what_was_seen():
+    model = timm.create_model("pvt_v2_b0", pretrained=False, depths=(1, 1, 1, 1), **DIMS).eval()
+    attention = model.stages[0].blocks[0].attn
+    with torch.no_grad(), vitmad.record(model) as rec:
+        with pytest.raises(ValueError, match=r"stages\.0\.blocks\.0\.attn \(Attention\) of "
+                                             r"PyramidVisionTransformerV2: it ran before any stage embedding"):
+            attention(torch.randn(1, 64, 8), [8, 8])
+        model(torch.randn(1, 3, 32, 32))  # a whole forward afterwards is recorded as usual
+    assert len(rec.layers) == 4

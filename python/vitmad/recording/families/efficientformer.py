@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, cell_centres
-from .stages import conv_centres, defined_in, grid_placement, pair
+from .stages import defined_in, grid_placement, pair, window_centres
 
 __all__ = ["placer", "attention_modules"]
 
@@ -84,13 +84,13 @@ class EfficientFormerPlacer(LayerPlacer):
             if module.stride_conv is None:
                 return grid_placement(lead, num_queries, num_keys, grid=grid, stride=stride, attention="global")
             conv = module.stride_conv.conv
-            out, centres = conv_centres(grid, stride, conv.kernel_size, conv.stride, conv.padding)
+            out, centres = window_centres(grid, stride, conv)
             step = pair(conv.stride)
             return grid_placement(lead, num_queries, num_keys, grid=out, stride=(stride[0] * step[0],
                                   stride[1] * step[1]), attention=f"global over the grid subsampled by {step[0]}",
                                   queries=centres, keys=centres)
         conv = module.q.local
-        out, queries = conv_centres(grid, stride, conv.kernel_size, conv.stride, conv.padding)
+        out, queries = window_centres(grid, stride, conv)
         step = pair(conv.stride)
         return grid_placement(lead, num_queries, num_keys, grid=out, stride=(stride[0] * step[0], stride[1] * step[1]),
                               attention=f"global; queries subsampled, stride {step[0]}", queries=queries,

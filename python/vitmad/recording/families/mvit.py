@@ -4,7 +4,7 @@
 a CLS token in the ``*_cls`` models), pools the queries with ``pool_q`` (stride 2 in the first block of stages
 2-4, so the next blocks run on the pooled grid) and the keys with ``pool_k`` (a 3x3 convolution or pool of
 stride 4, 2 or 1 by stage), then attends ``[B, H, 1 + Nq, 1 + Nk]`` with a relative position bias. Each pooled
-token sits at the centre of its kernel window on the input grid (:func:`.stages.conv_centres`); the queries'
+token sits at the centre of its kernel window on the input grid (:func:`.stages.window_centres`); the queries'
 grid, and its stride, is what the layer is folded onto.
 
 These modules have no ``fused_attn`` switch, so :func:`attention_modules` finds them.
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, cell_centres
-from .stages import conv_centres, defined_in, grid_placement, pair
+from .stages import defined_in, grid_placement, pair, window_centres
 
 __all__ = ["placer", "attention_modules"]
 
@@ -52,10 +52,12 @@ class PoolingAttentionPlacer(LayerPlacer):
         self.key = ("mvit.feat_size", id(module))
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
-        def see(module, args) -> None:
-            context.values[self.key] = (int(args[1][0]), int(args[1][1]))
+        def see(module, args, kwargs) -> None:
+            size = args[1] if len(args) > 1 else kwargs.get("feat_size")
+            if size is not None:
+                context.values[self.key] = (int(size[0]), int(size[1]))
 
-        return [self.module.register_forward_pre_hook(see)]
+        return [self.module.register_forward_pre_hook(see, with_kwargs=True)]
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         grid = context.values.get(self.key)
@@ -66,7 +68,7 @@ class PoolingAttentionPlacer(LayerPlacer):
         def pooled(pool):
             if pool is None:
                 return grid, cell_centres(*grid, stride).reshape(-1, 2), stride
-            out, centres = conv_centres(grid, stride, pool.kernel_size, pool.stride, pool.padding)
+            out, centres = window_centres(grid, stride, pool)
             step = pair(pool.stride)
             return out, centres, (stride[0] * step[0], stride[1] * step[1])
 

@@ -21,14 +21,14 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres
-from .stages import KeyLayout, StageGrid, StagePlacer, adaptive_centres, conv_centres, defined_in, global_keys, pair
+from .stages import KeyLayout, StageGrid, StagePlacer, adaptive_centres, defined_in, global_keys, pair, window_centres
 
 __all__ = ["placer"]
 
 
 def _conv_keys(conv: nn.Conv2d) -> KeyLayout:
     def keys(grid, stride):
-        _, centres = conv_centres(grid, stride, conv.kernel_size, conv.stride, conv.padding)
+        _, centres = window_centres(grid, stride, conv)
         kh, kw = pair(conv.kernel_size)
         return centres, f"keys pooled {kh}x{kw} by a strided convolution"
 

@@ -26,7 +26,7 @@ from torch import nn
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
 __all__ = ["Stage", "StageGrid", "StagePlacer", "KeyLayout", "global_keys", "strided_modules", "conv_centres",
-           "adaptive_centres", "grid_placement", "pair", "defined_in"]
+           "window_centres", "adaptive_centres", "grid_placement", "pair", "defined_in"]
 
 
 def pair(value) -> tuple[int, int]:
@@ -119,6 +119,15 @@ def conv_centres(grid: tuple[int, int], stride: tuple[float, float], kernel, ste
         axes.append((torch.arange(out, dtype=torch.float64) * st - p + (k - 1) / 2 + 0.5) * s)
     centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
     return (sizes[0], sizes[1]), centres.reshape(-1, 2).float()
+
+
+def window_centres(grid: tuple[int, int], stride: tuple[float, float], pool: nn.Module) -> tuple[
+        tuple[int, int], torch.Tensor]:
+    """:func:`conv_centres` of a ``Conv2d``, ``AvgPool2d`` or ``MaxPool2d`` module, which must not be dilated."""
+    if pair(getattr(pool, "dilation", 1)) != (1, 1):
+        raise NotPlaceable(f"its tokens are pooled by a dilated {type(pool).__name__} (dilation {pool.dilation}), "
+                           "whose windows vitmad does not place")
+    return conv_centres(grid, stride, pool.kernel_size, pool.stride, pool.padding)
 
 
 def adaptive_centres(grid: tuple[int, int], stride: tuple[float, float], output) -> torch.Tensor:
