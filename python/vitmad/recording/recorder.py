@@ -119,7 +119,12 @@ def _encoder_prefix(model: nn.Module) -> str:
     parts = embedding.split(".")
     for i, part in enumerate(parts):
         if "embed" in part:
-            return "".join(p + "." for p in parts[:i])
+            tower = parts[:i]
+            # A hierarchy embeds in every stage (PVT v2's encoder.layers.0.patch_embedding, Segformer's
+            # stages.0.patch_embeddings): the tower is what holds the list of stages.
+            while len(tower) >= 2 and tower[-1].isdigit():
+                tower = tower[:-2]
+            return "".join(p + "." for p in tower)
     return ""
 
 

@@ -14,7 +14,18 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from . import hiera, non_spatial, swin, windowed_vit
+from . import (
+    conv_stages,
+    efficientformer,
+    hiera,
+    levit,
+    mvit,
+    non_spatial,
+    pooled,
+    swin,
+    vit_stages,
+    windowed_vit,
+)
 
 __all__ = ["Skip", "family_placer", "family_modules"]
 
@@ -27,7 +38,7 @@ class Skip:
 
 
 # Tried in order; the first family that claims a module places it.
-_FAMILIES = (non_spatial, swin, windowed_vit, hiera)
+_FAMILIES = (non_spatial, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages, vit_stages)
 
 
 def family_modules(model: nn.Module) -> dict[str, nn.Module]:

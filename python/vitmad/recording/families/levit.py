@@ -1,0 +1,73 @@
+"""LeViT (timm ``levit_*`` and ``levit_conv_*``): attention on a fixed 2-D token grid, queries subsampled by 2.
+
+``Attention`` attends over its ``resolution`` grid (tokens ``[B, N, C]``, or a ``[B, C, H, W]`` map in the conv
+variants) with a learned attention bias, so the grid is fixed by the image size the model was built for.
+``AttentionDownsample`` takes its queries at every ``stride``-th row and column of the grid (``x[:, ::2, ::2]``,
+or a 1x1 / 3x3 average pool of stride 2 in the conv variants: the same window centres) and its keys from the
+whole grid. The grid's stride is the stem's (16 px, or 8 in ``*_s8``) times 2 per downsampling before it.
+
+These modules have no ``fused_attn`` switch, so :func:`attention_modules` finds them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..placement import CallContext, LayerPlacer, Placement, cell_centres
+from .stages import conv_centres, defined_in, grid_placement, pair
+
+__all__ = ["placer", "attention_modules"]
+
+_CLASSES = ("Attention", "AttentionDownsample")
+
+
+def _is_levit_attention(module: nn.Module) -> bool:
+    return any(defined_in(module, name, "levit") for name in _CLASSES)
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if _is_levit_attention(m)}
+
+
+def _input_strides(model: nn.Module) -> dict[int, tuple[float, float]]:
+    """Per attention module (by id), the pixel stride of its grid: the stem's convolutions' strides times the
+    strides of the downsampling attention layers before it (they run in module order)."""
+    levit = next(m for m in model.modules()
+                 if defined_in(m, "Levit", "levit") or defined_in(m, "LevitDistilled", "levit"))
+    stride = (1.0, 1.0)
+    for conv in levit.stem.modules():
+        if isinstance(conv, nn.Conv2d):
+            step = pair(conv.stride)
+            stride = (stride[0] * step[0], stride[1] * step[1])
+    strides = {}
+    for module in levit.modules():
+        if _is_levit_attention(module):
+            strides[id(module)] = stride
+            if hasattr(module, "stride"):
+                stride = (stride[0] * module.stride, stride[1] * module.stride)
+    return strides
+
+
+class LevitPlacer(LayerPlacer):
+    def __init__(self, module: nn.Module, stride: tuple[float, float]):
+        self.module, self.stride = module, stride
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        module, stride = self.module, self.stride
+        grid = pair(module.resolution)
+        step = getattr(module, "stride", None)
+        if step is None:
+            return grid_placement(lead, num_queries, num_keys, grid=grid, stride=stride, attention="global")
+        keys = cell_centres(*grid, stride).reshape(-1, 2)
+        # x[:, ::step, ::step]: the windows of a 1x1 pooling of stride `step`.
+        query_grid, queries = conv_centres(grid, stride, 1, step, 0)
+        return grid_placement(lead, num_queries, num_keys, grid=query_grid,
+                              stride=(stride[0] * step, stride[1] * step),
+                              attention=f"global; queries subsampled, stride {step}", queries=queries, keys=keys)
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    if not _is_levit_attention(module):
+        return None
+    return LevitPlacer(module, _input_strides(model)[id(module)])

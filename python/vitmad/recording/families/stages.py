@@ -1,0 +1,225 @@
+"""Token grids of hierarchical vision transformers: the stage a call runs in, pooled and subsampled tokens.
+
+Shared by the families whose attention runs over a feature map that a chain of strided convolutions (patch
+embeddings, stems, downsampling layers) made from the image: PVT, Segformer, Twins, MViTv2, PiT, CrossViT, ...
+
+- :class:`StageGrid` follows, in each forward call, the stage embeddings that ran: the latest one's output is
+  the grid the next attention layers attend over, and the product of the strides of all that ran is its pixel
+  stride (per axis), so every stage's MAD is in pixels of the input image.
+- :func:`conv_centres` and :func:`adaptive_centres` place the tokens a pooling (convolution, average pool,
+  adaptive pool, strided subsampling) makes from a grid: each sits at the centre of its window on the input
+  grid, the window being the kernel's taps (padding included), so ``kernel == stride == r`` puts a pooled token
+  at the centre of the ``r x r`` cells it pools.
+- :func:`grid_placement` builds the :class:`~..placement.Placement` of a ``[B, H, Nq, Nk]`` call from the
+  positioned tokens of both sides, after checking the counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
+
+__all__ = ["Stage", "StageGrid", "StagePlacer", "KeyLayout", "global_keys", "strided_modules", "conv_centres",
+           "window_centres", "adaptive_centres", "grid_placement", "pair", "defined_in"]
+
+
+def pair(value) -> tuple[int, int]:
+    """``(v, v)`` for an int, the pair itself for a pair (conv and pool kernel, stride and padding)."""
+    if isinstance(value, int):
+        return value, value
+    return int(value[0]), int(value[1])
+
+
+def defined_in(module: nn.Module, class_name: str, module_suffix: str) -> bool:
+    """Whether ``module`` is an instance of the class ``class_name`` defined in a module named ``*module_suffix``
+    (timm and transformers reuse class names such as ``Attention`` across families)."""
+    cls = type(module)
+    return cls.__name__ == class_name and cls.__module__.rpartition(".")[2] == module_suffix
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The grid of the latest stage embedding that ran: ``index`` into the embeddings, ``grid`` its output
+    ``(h, w)``, ``stride`` the input pixels per cell (per axis)."""
+
+    index: int
+    grid: tuple[int, int]
+    stride: tuple[float, float]
+
+
+class StageGrid:
+    """Follows a hierarchical model's stage embeddings during each forward call.
+
+    Args:
+        model: the model (named in messages).
+        embeddings: the strided modules that make each stage's grid, in the order they run (a stem's
+            convolutions, patch embeddings, downsampling convolutions); each must return ``[B, C, h, w]`` and
+            have a ``stride``.
+    """
+
+    def __init__(self, model: nn.Module, embeddings: list[nn.Module]):
+        self.model = model
+        self.embeddings = embeddings
+        self.key = ("stages.grid", id(self))
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def see(module, args, output, index) -> None:
+            if not isinstance(output, torch.Tensor) or output.dim() != 4:
+                shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise RuntimeError(
+                    f"vitmad.record: stage embedding {index} ({type(module).__name__}) of "
+                    f"{type(self.model).__name__} returned {shape}, expected [B, C, h, w]"
+                )
+            previous = context.values.get(self.key)
+            stride = (1.0, 1.0) if previous is None else previous.stride
+            sy, sx = pair(module.stride)
+            grid = (int(output.shape[-2]), int(output.shape[-1]))
+            context.values[self.key] = Stage(index, grid, (stride[0] * sy, stride[1] * sx))
+
+        return [module.register_forward_hook(lambda m, a, o, i=i: see(m, a, o, i))
+                for i, module in enumerate(self.embeddings)]
+
+    def current(self, context: CallContext) -> Stage:
+        stage = context.values.get(self.key)
+        if stage is None:
+            raise NotPlaceable("it ran before any stage embedding of the model, so its token grid is unknown")
+        return stage
+
+
+def strided_modules(model: nn.Module, inside: tuple[nn.Module, ...] = ()) -> list[nn.Module]:
+    """The convolutions and pools of stride above 1 of ``model`` in module order, but for those inside
+    ``inside`` (attention modules, whose own poolings do not change the model's grid): the stage embeddings of
+    a convolutional hierarchy whose modules are registered in the order they run."""
+    skipped = {id(m) for outer in inside for m in outer.modules()}
+    return [m for m in model.modules()
+            if isinstance(m, (nn.Conv2d, nn.AvgPool2d, nn.MaxPool2d)) and id(m) not in skipped
+            and pair(m.stride) != (1, 1)]
+
+
+def conv_centres(grid: tuple[int, int], stride: tuple[float, float], kernel, step, padding) -> tuple[
+        tuple[int, int], torch.Tensor]:
+    """The output grid of a pooling (convolution or pool, no dilation) over ``grid``, and the pixel centre of
+    each output cell's window: ``((h, w), [h * w, 2])``.
+
+    Output ``i`` reads input cells ``step * i - padding ... step * i - padding + kernel - 1``: its centre is cell
+    ``step * i - padding + (kernel - 1) / 2``, at pixel ``(that + 0.5) * stride``.
+    """
+    sizes, axes = [], []
+    for n, s, k, st, p in zip(grid, stride, pair(kernel), pair(step), pair(padding)):
+        out = (n + 2 * p - k) // st + 1
+        if out < 1:
+            raise NotPlaceable(f"a {k}-wide pooling with stride {st} and padding {p} leaves no token of {n}")
+        sizes.append(out)
+        axes.append((torch.arange(out, dtype=torch.float64) * st - p + (k - 1) / 2 + 0.5) * s)
+    centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    return (sizes[0], sizes[1]), centres.reshape(-1, 2).float()
+
+
+def window_centres(grid: tuple[int, int], stride: tuple[float, float], pool: nn.Module) -> tuple[
+        tuple[int, int], torch.Tensor]:
+    """:func:`conv_centres` of a ``Conv2d``, ``AvgPool2d`` or ``MaxPool2d`` module, which must not be dilated."""
+    if pair(getattr(pool, "dilation", 1)) != (1, 1):
+        raise NotPlaceable(f"its tokens are pooled by a dilated {type(pool).__name__} (dilation {pool.dilation}), "
+                           "whose windows vitmad does not place")
+    return conv_centres(grid, stride, pool.kernel_size, pool.stride, pool.padding)
+
+
+def adaptive_centres(grid: tuple[int, int], stride: tuple[float, float], output) -> torch.Tensor:
+    """``[oh * ow, 2]`` pixel centres of the cells of ``AdaptiveAvgPool2d(output)`` over ``grid``: output ``i``
+    of ``o`` averages input cells ``floor(i * n / o)`` to ``ceil((i + 1) * n / o) - 1``."""
+    axes = []
+    for n, s, o in zip(grid, stride, pair(output)):
+        starts = [math.floor(i * n / o) for i in range(o)]
+        ends = [math.ceil((i + 1) * n / o) for i in range(o)]
+        axes.append(torch.tensor([(a + b) / 2 * s for a, b in zip(starts, ends)], dtype=torch.float64))
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 2).float()
+
+
+# A function of (grid, stride) -> (key positions or None for the queries' own, words for the geometry).
+KeyLayout = Callable[[tuple[int, int], tuple[float, float]], tuple["torch.Tensor | None", str]]
+
+
+def global_keys(grid, stride):
+    """The keys are the queries: global attention over the grid."""
+    return None, "global"
+
+
+class StagePlacer(LayerPlacer):
+    """Queries: the stage's grid (after ``prefix`` tokens without a position); keys: pooled from it.
+
+    Args:
+        stages: the model's stage embeddings.
+        keys: the key layout of this layer; by default the queries themselves.
+        prefix: per stage embedding index, the tokens before the grid (PVT v1's CLS in its last stage, PiT's
+            CLS and distillation tokens).
+    """
+
+    def __init__(self, stages: StageGrid, keys: KeyLayout = global_keys,
+                 prefix: Callable[[int], int] = lambda index: 0):
+        self.stages, self.keys, self.prefix = stages, keys, prefix
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        return self.stages.install(context)
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        stage = self.stages.current(context)
+        keys, words = self.keys(stage.grid, stage.stride)
+        return grid_placement(lead, num_queries, num_keys, grid=stage.grid, stride=stage.stride, attention=words,
+                              prefix=self.prefix(stage.index), keys=keys)
+
+
+def _with_prefix(prefix: int, cells: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.full((prefix, 2), float("nan")), cells])
+
+
+def grid_placement(
+    lead: torch.Size,
+    num_queries: int,
+    num_keys: int,
+    *,
+    grid: tuple[int, int],
+    stride: tuple[float, float],
+    attention: str,
+    prefix: int = 0,
+    queries: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
+    key_prefix: int | None = None,
+) -> Placement:
+    """The placement of a ``[B, H, Nq, Nk]`` call: ``prefix`` tokens without a position, then the queries.
+
+    Args:
+        lead: the call's leading dims, ``[B, H]``.
+        num_queries, num_keys: the call's ``Nq`` and ``Nk``.
+        grid, stride: the grid the queries are folded onto and its pixels per cell.
+        attention: what the layer attends over, in words.
+        prefix: query tokens without a position before the grid's (CLS, distillation).
+        queries: ``[gh * gw, 2]`` query positions in grid order; by default the cell centres of ``grid``.
+        keys: ``[Nk - key_prefix, 2]`` key positions; by default the keys are the queries.
+        key_prefix: key tokens without a position before them; by default ``prefix``.
+
+    Raises:
+        NotPlaceable: the call's shape does not have these token counts.
+    """
+    cells = cell_centres(*grid, stride).reshape(-1, 2) if queries is None else queries
+    key_prefix = prefix if key_prefix is None else key_prefix
+    expected_keys = key_prefix + (cells.shape[0] if keys is None else keys.shape[0])
+    if len(lead) != 2 or num_queries != prefix + cells.shape[0] or num_keys != expected_keys:
+        raise NotPlaceable(
+            f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; expected "
+            f"[B, H, {prefix + cells.shape[0]}, {expected_keys}]: "
+            + (f"{prefix} tokens without a position and " if prefix else "")
+            + f"a {grid[0]}x{grid[1]} grid of queries, attending over {attention}"
+        )
+    positions = _with_prefix(prefix, cells)
+    key_positions = None if keys is None and key_prefix == prefix else _with_prefix(
+        key_prefix, cells if keys is None else keys)
+    index = torch.arange(prefix, prefix + cells.shape[0])
+    geometry = LayerGeometry(tuple(grid), tuple(float(s) for s in stride), attention, int(lead[-1]),
+                             prefix if keys is None and key_prefix == prefix else None)
+    return Placement(positions, key_positions, select_tokens(index), geometry)

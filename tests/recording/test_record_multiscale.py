@@ -1,0 +1,237 @@
+"""vitmad.record on ViTs with pooled queries or several token grids: MViTv2, PiT, CrossViT, CaiT, and XCiT's
+refusal (no layer with spatial attention).
+
+References: each layer's own eager softmax probabilities (the ``softmax`` calls of the forward, seen by patching
+``torch.Tensor.softmax``, or the input of the attention dropout), placed by the geometry written here.
+"""
+
+from __future__ import annotations
+
+import copy
+from unittest import mock
+
+import pytest
+import torch
+
+import vitmad
+from vitmad.ops.reference import mad_positions_reference
+
+timm = pytest.importorskip("timm")
+
+TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels; float32 attention against a float64 reference
+
+
+def axis(count: int, step: int, stride: float) -> torch.Tensor:
+    """Pixel centres of the cells ``0, step, 2 step, ...`` (``count`` of them) of an axis of stride-pixel cells:
+    the centres of a 3x3 (padding 1) or 1x1 pooling's windows, or plain cells for step 1."""
+    return (torch.arange(count, dtype=torch.float64) * step + 0.5) * stride
+
+
+def grid(rows: torch.Tensor, cols: torch.Tensor, prefix: int = 0) -> torch.Tensor:
+    """[prefix + len(rows) * len(cols), 2]: ``prefix`` rows of NaN, then the row-major grid."""
+    return torch.cat([torch.full((prefix, 2), float("nan"), dtype=torch.float64), torch.cartesian_prod(rows, cols)])
+
+
+def softmax_maps(model, pixels) -> list[torch.Tensor]:
+    """Every ``Tensor.softmax`` result of an eager forward, in order."""
+    maps, original = [], torch.Tensor.softmax
+
+    def spy(self, *args, **kwargs):
+        maps.append(original(self, *args, **kwargs))
+        return maps[-1]
+
+    with torch.no_grad(), mock.patch.object(torch.Tensor, "softmax", spy):
+        model(pixels)
+    return maps
+
+
+def dropout_maps(model, pixels, owner) -> list[torch.Tensor]:
+    """The input of the attention dropout of each module ``owner`` accepts, its ``fused_attn`` off."""
+    model, maps = copy.deepcopy(model), []
+    for module in model.modules():
+        if owner(module):
+            module.fused_attn = False
+            module.attn_drop.register_forward_pre_hook(lambda m, args: maps.append(args[0]))
+    with torch.no_grad():
+        model(pixels)
+    return maps
+
+
+def record(model, pixels):
+    """Records one forward; its output is that of the forward without recording, bit for bit."""
+    with torch.no_grad():
+        plain = model(pixels)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        assert torch.equal(model(pixels), plain)
+    return rec
+
+
+@pytest.mark.parametrize("cls_token, mode", [(False, "conv"), (True, "avg")])
+def test_mvitv2_pooled_queries_and_keys(cls_token, mode):
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    torch.manual_seed(0)
+    config = MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=8, num_heads=1, use_cls_token=cls_token, mode=mode)
+    model = MultiScaleVit(config, img_size=64, num_classes=10).eval()  # MViTv2 runs at its own size only
+    pixels = torch.randn(2, 3, 64, 64)
+    rec = record(model, pixels)
+    maps = softmax_maps(model, pixels)
+    # Per layer: the grid side it receives and its stride (a stride-4 patch embedding, then each stage's first
+    # block pools the queries by 2), its query step and its key step (keys pooled to stride 32 until stage 3).
+    layers = [(16, 4, 1, 4), (16, 4, 2, 2), (8, 8, 1, 2), (8, 8, 2, 1), (4, 16, 2, 1)]
+    assert len(maps) == len(rec.per_layer) == len(layers)
+    prefix = int(cls_token)
+    for index, (side, stride, q_step, k_step) in enumerate(layers):
+        q_axis = axis((side - 1) // q_step + 1, q_step, stride)
+        k_axis = axis((side - 1) // k_step + 1, k_step, stride)
+        expected = mad_positions_reference(maps[index], grid(q_axis, q_axis, prefix), grid(k_axis, k_axis, prefix))
+        torch.testing.assert_close(rec.per_layer[index].double(), expected, **TOL)
+        geometry = rec.geometry[index]
+        assert geometry.grid == (len(q_axis),) * 2 and geometry.stride == (stride * q_step,) * 2
+    assert [g.heads for g in rec.geometry] == [1, 2, 2, 4, 8]
+
+
+@pytest.mark.parametrize("name, prefix", [("pit_ti_224", 1), ("pit_ti_distilled_224", 2)])
+def test_pit_stages_at_their_own_stride(name, prefix):
+    torch.manual_seed(1)
+    model = timm.create_model(name, pretrained=False, img_size=64, depth=(1, 1, 1), heads=(1, 2, 2)).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    rec = record(model, pixels)
+    maps = dropout_maps(model, pixels, lambda m: type(m).__name__ == "Attention")
+    # A 16-pixel patch embedding of stride 8 (no padding): 7 x 7; stride-2 poolings (kernel 3, padding 1): 4, 2.
+    for index, (side, stride) in enumerate([(7, 8), (4, 16), (2, 32)]):
+        positions = grid(axis(side, 1, stride), axis(side, 1, stride), prefix)
+        torch.testing.assert_close(rec.per_layer[index].double(), mad_positions_reference(maps[index], positions),
+                                   **TOL)
+        assert rec.geometry[index].stride == (stride, stride) and rec.geometry[index].num_prefix_tokens == prefix
+
+
+@pytest.mark.parametrize("size", [(240, 240), (248, 260)])
+def test_crossvit_branches_in_pixels_of_the_input_and_cross_attention_skipped(size):
+    torch.manual_seed(2)
+    model = timm.create_model("crossvit_tiny_240", pretrained=False, depth=((1, 1, 0),), embed_dim=(16, 32),
+                              num_heads=(1, 2)).eval()
+    pixels = torch.randn(1, 3, *size)
+    rec = record(model, pixels)
+    maps = dropout_maps(model, pixels, lambda m: type(m).__name__ == "Attention")
+    assert rec.layers == ["blocks.0.blocks.0.0.attn", "blocks.0.blocks.1.0.attn"]
+    # Branch 0: 12-pixel patches of the input resized to 240 x 240; branch 1: 16-pixel patches of it at 224 x 224.
+    for index, (side, patch, scaled) in enumerate([(20, 12, 240), (14, 16, 224)]):
+        stride = (patch * size[0] / scaled, patch * size[1] / scaled)
+        positions = grid(axis(side, 1, stride[0]), axis(side, 1, stride[1]), 1)
+        torch.testing.assert_close(rec.per_layer[index].double(), mad_positions_reference(maps[index], positions),
+                                   **TOL)
+        assert rec.geometry[index].stride == pytest.approx(stride)
+    assert set(rec.skipped) == {"blocks.0.fusion.0.attn", "blocks.0.fusion.1.attn"}
+    assert all("cross-attention" in reason for reason in rec.skipped.values())
+
+
+def test_cait_talking_heads_recorded_and_class_attention_skipped():
+    torch.manual_seed(3)
+    model = timm.create_model("cait_xxs24_224", pretrained=False, depth=2, img_size=(64, 96), embed_dim=32).eval()
+    pixels = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        plain = model(pixels)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        assert torch.equal(model(pixels), plain)
+    # The self-attention blocks: a 4 x 6 grid of 16-pixel patches, no CLS token yet; each head's softmax.
+    maps = [m for m in softmax_maps(model, pixels) if m.shape[-1] == m.shape[-2] == 24]
+    positions = grid(axis(4, 1, 16), axis(6, 1, 16))
+    expected = torch.stack([mad_positions_reference(m, positions) for m in maps])
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+    assert rec.layers == ["blocks.0.attn", "blocks.1.attn"]
+    assert set(rec.skipped) == {"blocks_token_only.0.attn", "blocks_token_only.1.attn"}
+    assert all("class attention" in reason for reason in rec.skipped.values())
+
+
+@pytest.mark.parametrize("name", ["levit_128s", "levit_conv_128s"])
+def test_levit_subsampled_queries_on_its_fixed_grid(name):
+    torch.manual_seed(4)
+    model = timm.create_model(name, pretrained=False, img_size=(64, 96), embed_dim=(16, 32, 48), num_heads=(1, 2, 3),
+                              depth=(1, 1, 1), key_dim=8).eval()
+    pixels = torch.randn(2, 3, 64, 96)
+    rec = record(model, pixels)
+    maps = softmax_maps(model, pixels)
+    # A stride-16 stem: a 4 x 6 grid; each downsampling attention queries rows and columns 0, 2, 4, ... of its
+    # grid (keys: all of it) and leaves a grid of half the size: 2 x 3 at 32 px, then 1 x 2 at 64 px.
+    full = [grid(axis(4, 1, 16), axis(6, 1, 16)), grid(axis(2, 1, 32), axis(3, 1, 32)),
+            grid(axis(1, 1, 64), axis(2, 1, 64))]
+    subsampled = [grid(axis(2, 2, 16), axis(3, 2, 16)), grid(axis(1, 2, 32), axis(2, 2, 32))]
+    layers = [(full[0], full[0]), (subsampled[0], full[0]), (full[1], full[1]), (subsampled[1], full[1]),
+              (full[2], full[2])]
+    assert len(maps) == len(rec.per_layer) == len(layers)
+    for recorded, attn, (queries, keys) in zip(rec.per_layer, maps, layers):
+        torch.testing.assert_close(recorded.double(), mad_positions_reference(attn, queries, keys), **TOL)
+    assert [g.stride[0] for g in rec.geometry] == [16, 32, 32, 64, 64]
+    assert [g.grid for g in rec.geometry] == [(4, 6), (2, 3), (2, 3), (1, 2), (1, 2)]
+
+
+def test_efficientformer_v1_flattened_last_stage():
+    torch.manual_seed(5)
+    model = timm.create_model("efficientformer_l1", pretrained=False, depths=(1, 1, 1, 2), embed_dims=(8, 8, 8, 32),
+                              num_vit=1).eval()
+    pixels = torch.randn(1, 3, 224, 224)  # its attention bias is for a 7 x 7 grid: 224 px at stride 32
+    rec = record(model, pixels)
+    (attn,) = softmax_maps(model, pixels)
+    expected = mad_positions_reference(attn, grid(axis(7, 1, 32), axis(7, 1, 32)))
+    torch.testing.assert_close(rec.per_layer[0].double(), expected, **TOL)
+    assert rec.geometry[0].stride == (32, 32)
+
+
+def test_efficientformer_v2_subsampled_grids_and_queries():
+    torch.manual_seed(6)
+    model = timm.create_model("efficientformerv2_s0", pretrained=False, img_size=(64, 96), depths=(1, 1, 3, 3),
+                              embed_dims=(8, 16, 24, 32)).eval()
+    pixels = torch.randn(2, 3, 64, 96)
+    rec = record(model, pixels)
+    maps = softmax_maps(model, pixels)
+    # Stage 3 (stride 16, 4 x 6): attention over the tokens of a stride-2 depthwise convolution (kernel 3,
+    # padding 1): cells 0, 2 of the rows, 0, 2, 4 of the columns. Stage 4's downsampling attention: queries on
+    # those cells, keys the whole 4 x 6 grid; then global attention over the 2 x 3 grid at 32 px.
+    subsampled = grid(axis(2, 2, 16), axis(3, 2, 16))
+    full, coarse = grid(axis(4, 1, 16), axis(6, 1, 16)), grid(axis(2, 1, 32), axis(3, 1, 32))
+    expected_layers = {"stages.2": (subsampled, subsampled), "stages.3.downsample": (subsampled, full),
+                       "stages.3.blocks": (coarse, coarse)}
+    assert len(maps) == len(rec.layers) == 5
+    for name, recorded, attn in zip(rec.layers, rec.per_layer, maps):
+        queries, keys = next(v for k, v in expected_layers.items() if name.startswith(k))
+        torch.testing.assert_close(recorded.double(), mad_positions_reference(attn, queries, keys), **TOL)
+    assert {g.grid for g in rec.geometry} == {(2, 3)} and {g.stride for g in rec.geometry} == {(32, 32)}
+
+
+def test_nextvit_keys_averaged_over_consecutive_tokens():
+    torch.manual_seed(7)
+    model = timm.create_model("nextvit_small", pretrained=False).eval()
+    pixels = torch.randn(1, 3, 64, 96)
+    rec = record(model, pixels)
+    maps = dropout_maps(model, pixels, lambda m: type(m).__name__ == "EfficientAttention")
+    # Stem stride 4, then stride 2 per stage: E-MHSA in stage 2 (8 x 12 at 8 px, keys: means of 16 consecutive
+    # tokens of the row-major sequence), stage 3 (4 x 6 at 16 px, 4 tokens) and stage 4 (2 x 3 at 32 px, all).
+    stages = {"stages.1": (8, 12, 8, 16), "stages.2": (4, 6, 16, 4), "stages.3": (2, 3, 32, 1)}
+    assert len(maps) == len(rec.layers) == 4
+    for name, recorded, attn in zip(rec.layers, rec.per_layer, maps):
+        rows, cols, stride, run = next(v for k, v in stages.items() if name.startswith(k))
+        queries = grid(axis(rows, 1, stride), axis(cols, 1, stride))
+        keys = queries.reshape(-1, run, 2).mean(1)
+        torch.testing.assert_close(recorded.double(), mad_positions_reference(attn, queries, keys), **TOL)
+        assert rec.geometry[rec.layers.index(name)].stride == (stride, stride)
+
+
+def test_visformer_attention_on_its_stage_maps():
+    torch.manual_seed(8)
+    model = timm.create_model("visformer_tiny", pretrained=False, img_size=(64, 96), embed_dim=48, num_heads=2,
+                              depth=(1, 1, 1)).eval()
+    pixels = torch.randn(2, 3, 64, 96)
+    rec = record(model, pixels)
+    maps = dropout_maps(model, pixels, lambda m: type(m).__name__ == "Attention")
+    # Stage 2 at 16 px (4 x 6), stage 3 at 32 px (2 x 3); stage 1 is convolutional.
+    for recorded, attn, (rows, cols, stride) in zip(rec.per_layer, maps, [(4, 6, 16), (2, 3, 32)], strict=True):
+        positions = grid(axis(rows, 1, stride), axis(cols, 1, stride))
+        torch.testing.assert_close(recorded.double(), mad_positions_reference(attn, positions), **TOL)
+    assert [g.stride for g in rec.geometry] == [(16, 16), (32, 32)]
+
+
+def test_xcit_has_no_spatial_attention_and_is_a_clear_error():
+    model = timm.create_model("xcit_nano_12_p16_224", pretrained=False, depth=2, img_size=64).eval()
+    with pytest.raises(ValueError, match="Xcit has no layer with spatial softmax attention.*cross-covariance"):
+        vitmad.record(model)
