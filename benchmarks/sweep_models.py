@@ -106,6 +106,8 @@ def _check(model: torch.nn.Module, pixels: torch.Tensor, forward) -> str:
             message = str(err)
             if "found no attention layer" in message:
                 return "no attention"
+            if "has no layer with spatial softmax attention" in message:
+                return "no spatial attention: " + message.split("(", 1)[-1].rstrip(")")
             return "refused: " + message.replace("vitmad.record: ", "")
     same = all(torch.equal(a, b) for a, b in zip(_tensors(plain), _tensors(recorded)))
     diagonal = math.hypot(*pixels.shape[-2:])
@@ -218,10 +220,11 @@ def summarise(rows: list[tuple[str, str, str]]) -> str:
             kinds["recorded (no layer skipped)" if "skipped" not in verdict else "recorded, some layers skipped"] += 1
         else:
             kinds[verdict.split(":")[0]] += 1
-    attention = sum(count for kind, count in kinds.items() if kind not in ("no attention", "not run"))
+    attention = sum(count for kind, count in kinds.items()
+                    if kind not in ("no attention", "no spatial attention", "not run"))
     recorded = kinds["recorded (no layer skipped)"] + kinds["recorded, some layers skipped"]
     lines = [f"- {kind}: {count}" for kind, count in sorted(kinds.items())]
-    lines.append(f"- recorded / with attention: {recorded} / {attention}")
+    lines.append(f"- recorded / with spatial softmax attention: {recorded} / {attention}")
     return "\n".join(lines)
 
 

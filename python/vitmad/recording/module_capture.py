@@ -73,12 +73,27 @@ def _computes_attention(cls: type) -> bool:
     return bool(re.search(r"Att(entio)?n", cls.__name__)) and "softmax(" in source
 
 
+# Names of query / key projections: a softmax-computing "attention" class without one is a CNN's attention over
+# channels or branches (SKNet's SelectiveKernelAttn, ResNeSt's SplitAttn), not attention between tokens.
+_QUERY_KEY_NAMES = ("q", "k", "qk", "qkv", "kv", "query", "key", "to_q", "to_qkv", "wq", "q_proj", "qkv_proj",
+                    "in_proj")
+
+
 def source_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules of any design whose own forward computes attention: it calls
-    ``F.scaled_dot_product_attention``, or the class is named as attention and computes a softmax (blocks that
-    attend without an attention submodule, attention modules outside timm's and transformers' conventions)."""
-    return {name: module for name, module in model.named_modules()
-            if type(module).__module__.split(".")[0] != "torch" and _computes_attention(type(module))}
+    ``F.scaled_dot_product_attention``, or the class is named as attention, has a query or key projection and
+    computes a softmax (blocks that attend without an attention submodule, attention modules outside timm's and
+    transformers' conventions)."""
+    found = {}
+    for name, module in model.named_modules():
+        cls = type(module)
+        if cls.__module__.split(".")[0] == "torch" or not _computes_attention(cls):
+            continue
+        source = inspect.getsource(cls.forward)
+        if "scaled_dot_product_attention(" in source or any(
+                isinstance(getattr(module, p, None), nn.Module) for p in _QUERY_KEY_NAMES):
+            found[name] = module
+    return found
 
 
 def _sdpa_arguments(args: tuple, kwargs: dict) -> tuple:

@@ -17,6 +17,7 @@ _REASONS = {
     "AttentionPool2d": "attention pooling: one pooled query without a position on the image",
     "RotAttentionPool2d": "attention pooling: one pooled query without a position on the image",
     "XCA": "cross-covariance attention: the softmax runs over channels, not tokens (XCiT)",
+    "CrossCovarianceAttn": "cross-covariance attention: the softmax runs over channels, not tokens (EdgeNeXt)",
     "ChannelAttention": "channel attention: the softmax runs over channels, not tokens (DaViT)",
     "ChannelAttentionV2": "channel attention: the softmax runs over channels, not tokens (DaViT)",
     "OutlookAttention": "outlook attention: each token's weights over its neighbourhood come from a linear "
