@@ -1,0 +1,223 @@
+"""What the windowed and hierarchical families share: a stage's pixel stride, window and grid partitions as token
+indices into the stage's feature map, and the placement of a call over such a partition.
+
+A partition is an index tensor ``[num_windows, tokens_per_window]`` into the row-major ``grid_h * grid_w`` tokens of
+a stage's feature map, in the order the model lays the windows out (row-major over windows, tokens row-major in
+each window), with -1 for padding tokens (a window reaching over the map's bottom or right edge). The model's own
+partition code is not called: the families read the partition's parameters (window size, grid size) and rebuild
+the order here, and the tests check it against the model's eager attention placed by their own geometry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres
+
+__all__ = ["stage_stride", "block_partition", "grid_partition", "window_placement", "parent_module", "PartitionPlacer",
+           "nchw", "nhwc", "whole_map"]
+
+
+def parent_module(model: nn.Module, name: str) -> nn.Module | None:
+    """The module holding ``name`` (None for a top-level module)."""
+    parent = name.rpartition(".")[0]
+    return model.get_submodule(parent) if parent else None
+
+
+def _feature_reduction(model: nn.Module, name: str) -> int | None:
+    """The reduction timm's ``feature_info`` gives the stage holding module ``name``, or None."""
+    best = None
+    for info in getattr(model, "feature_info", None) or []:
+        module = info.get("module") if isinstance(info, dict) else None
+        if module and name.startswith(module + ".") and (best is None or len(module) > len(best[0])):
+            best = module, info.get("reduction")
+    return None if best is None or best[1] is None else int(best[1])
+
+
+def stage_stride(model: nn.Module, name: str, image: tuple[int, int] | None,
+                 grid: tuple[int, int]) -> tuple[float, float]:
+    """Pixels of the input image per token of a stage whose feature map is ``grid``.
+
+    The stage's nominal reduction (timm's ``feature_info``) where it fits the image size, else the ratio of the
+    image to the map. Convolutions with padding round up, so a map of side ``ceil(image / s)`` or
+    ``floor(image / s)`` has stride ``s``; a map that fits no integer stride is refused.
+    """
+    if image is None:
+        raise NotPlaceable("it ran before any convolution saw the image, so its pixel scale is unknown")
+    reduction = _feature_reduction(model, name)
+    strides = []
+    for size, side, axis in zip(image, grid, ("height", "width")):
+        candidates = ([reduction] if reduction else []) + [max(1, round(size / side))]
+        stride = next((s for s in candidates if side in (math.floor(size / s), math.ceil(size / s))), None)
+        if stride is None:
+            raise NotPlaceable(
+                f"its feature map has {axis} {side} for an image {axis} of {size}, which fits no integer stride"
+                + (f" (the stage's feature_info reduction is {reduction})" if reduction else "")
+            )
+        strides.append(float(stride))
+    return strides[0], strides[1]
+
+
+def block_partition(grid: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
+    """Non-overlapping ``window`` blocks of the map, the map padded at the bottom and right to whole windows.
+
+    Window ``(a, b)`` (row-major) holds token ``(i, j)`` (row-major) at map row ``a * wh + i``, column
+    ``b * ww + j``; -1 where that is past the map (padding).
+    """
+    (gh, gw), (wh, ww) = grid, window
+    rows = torch.arange(math.ceil(gh / wh) * wh).view(-1, 1, wh, 1)  # [a, 1, i, 1]
+    cols = torch.arange(math.ceil(gw / ww) * ww).view(1, -1, 1, ww)  # [1, b, 1, j]
+    index = rows * gw + cols
+    index = torch.where((rows < gh) & (cols < gw), index, -1)
+    return index.reshape(-1, wh * ww)
+
+
+def grid_partition(grid: tuple[int, int], cells: tuple[int, int]) -> torch.Tensor:
+    """Dilated grid windows (MaxViT's grid attention): ``cells`` = (gh', gw') tokens per window, one every
+    ``grid / cells`` tokens of the map.
+
+    Window ``(a, b)`` (row-major over ``(grid_h / gh', grid_w / gw')``) holds token ``(i, j)`` at map row
+    ``i * (grid_h / gh') + a``, column ``j * (grid_w / gw') + b``.
+    """
+    (gh, gw), (ch, cw) = grid, cells
+    if gh % ch or gw % cw:
+        raise NotPlaceable(f"its {gh}x{gw} map does not divide into a {ch}x{cw} attention grid")
+    step_h, step_w = gh // ch, gw // cw
+    a = torch.arange(step_h).view(-1, 1, 1, 1)
+    b = torch.arange(step_w).view(1, -1, 1, 1)
+    i = torch.arange(ch).view(1, 1, -1, 1)
+    j = torch.arange(cw).view(1, 1, 1, -1)
+    return ((i * step_h + a) * gw + (j * step_w + b)).reshape(step_h * step_w, ch * cw)
+
+
+def whole_map(grid: tuple[int, int]) -> tuple[torch.Tensor, str]:
+    """Global attention over the whole map as one window."""
+    return torch.arange(grid[0] * grid[1]).view(1, -1), "global"
+
+
+_ORDERS = ("windows in batch", "windows before heads", "windows after heads")
+
+
+def window_placement(index: torch.Tensor, grid: tuple[int, int], stride: tuple[float, float], lead: torch.Size,
+                     num_queries: int, num_keys: int, *, order: str, attention: str) -> Placement:
+    """The placement of a call attending within the windows of ``index`` (``[num_windows, N]``, see above).
+
+    Args:
+        index: the partition, -1 for padding tokens (they get no position).
+        grid: the stage's feature map ``(grid_h, grid_w)``; every token of it is in exactly one window.
+        stride: pixels per token of that map.
+        lead: the call's leading dims.
+        num_queries, num_keys: the call's attention size; both must be ``N``.
+        order: where the windows are in ``lead``: ``"windows in batch"`` (``[B * num_windows, H]``, image-major),
+            ``"windows before heads"`` (``[B, num_windows, H]``) or ``"windows after heads"``
+            (``[B, H, num_windows]``).
+        attention: the geometry's description.
+    """
+    windows, size = index.shape
+    if num_queries != size or num_keys != size:
+        raise NotPlaceable(
+            f"its attention is [{', '.join(map(str, lead))}, {num_queries}, {num_keys}], expected {size} queries "
+            f"and keys per window ({attention} over a {grid[0]}x{grid[1]} map)"
+        )
+    shape = [int(d) for d in lead]
+    if order == "windows in batch" and len(shape) == 2 and shape[0] % windows == 0:
+        batch, heads = shape[0] // windows, shape[1]
+    elif order == "windows before heads" and len(shape) == 3 and shape[1] == windows:
+        batch, heads = shape[0], shape[2]
+    elif order == "windows after heads" and len(shape) == 3 and shape[2] == windows:
+        batch, heads = shape[0], shape[1]
+    else:
+        raise NotPlaceable(
+            f"its attention has leading dims {shape}, expected {windows} windows ({order}) of {attention} over a "
+            f"{grid[0]}x{grid[1]} map"
+        )
+    flat = index.reshape(-1)
+    real = flat >= 0
+    tokens = grid[0] * grid[1]
+    if not torch.equal(flat[real].sort().values, torch.arange(tokens)):
+        raise NotPlaceable(f"its windows do not cover the {grid[0]}x{grid[1]} map exactly once")
+    centres = cell_centres(*grid, stride).reshape(tokens, 2)
+    positions = torch.where(real[:, None], centres[flat.clamp(min=0)], float("nan")).view(windows, 1, size, 2)
+    if order == "windows in batch":
+        positions = positions.repeat(batch, 1, 1, 1)
+    elif order == "windows after heads":
+        positions = positions.view(windows, size, 2)
+    # Where each token of the map is among the window-major values of one image and head.
+    inverse = torch.empty(tokens, dtype=torch.long)
+    inverse[flat[real]] = real.nonzero().squeeze(1)
+
+    def fold(values: torch.Tensor) -> torch.Tensor:
+        if order == "windows after heads":
+            values = values.reshape(batch, heads, windows * size)
+        else:
+            values = values.reshape(batch, windows, heads, size).transpose(1, 2).reshape(batch, heads, -1)
+        return values.index_select(-1, inverse.to(values.device))
+
+    return Placement(positions, None, fold, LayerGeometry(grid, stride, attention, heads))
+
+
+class PartitionPlacer(LayerPlacer):
+    """Places a layer attending within a partition of one stage's feature map.
+
+    Args:
+        model: the model (its class names the errors; its ``feature_info`` gives the stage's stride).
+        name: the attention module's qualified name.
+        watch: the module whose input (``output=False``) or output (``output=True``) is the stage's map.
+        read_map: ``(batch, grid_h, grid_w)`` of that tensor, or None when it is not such a map.
+        partition: ``grid -> (index, attention)``: the windows of the map (see :func:`window_placement`) and their
+            description; read when each call is placed, so partition sizes changed on the model are followed.
+        order: where the windows are in the call's leading dims (see :func:`window_placement`).
+    """
+
+    def __init__(self, model: nn.Module, name: str, watch: nn.Module,
+                 read_map: Callable[[torch.Tensor], tuple[int, int, int] | None],
+                 partition: Callable[[tuple[int, int]], tuple[torch.Tensor, str]], order: str, *,
+                 output: bool = False):
+        if order not in _ORDERS:
+            raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
+        self.model, self.name, self.watch, self.read_map = model, name, watch, read_map
+        self.partition, self.order, self.output = partition, order, output
+        self.key = f"windows.map.{name}"
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def see(tensor) -> None:
+            context.values[self.key] = self.read_map(tensor) if isinstance(tensor, torch.Tensor) else None
+
+        if self.output:
+            return [self.watch.register_forward_hook(lambda m, args, out: see(out))]
+        return [self.watch.register_forward_pre_hook(lambda m, args: see(args[0] if args else None))]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        seen = context.values.get(self.key)
+        if seen is None:
+            raise NotPlaceable(
+                f"the feature map of its stage was not seen before it ran ({type(self.watch).__name__} did not run "
+                "on a [B, C, H, W] / [B, H, W, C] map first)"
+            )
+        batch, *grid = seen
+        grid = (int(grid[0]), int(grid[1]))
+        stride = stage_stride(self.model, self.name, context.image_size, grid)
+        index, attention = self.partition(grid)
+        placement = window_placement(index, grid, stride, lead, num_queries, num_keys, order=self.order,
+                                     attention=attention)
+        if _batch(lead, index.shape[0], self.order) != batch:
+            raise NotPlaceable(f"its attention has leading dims {list(lead)} for a batch of {batch} maps")
+        return placement
+
+
+def _batch(lead: torch.Size, windows: int, order: str) -> int:
+    return int(lead[0]) // windows if order == "windows in batch" else int(lead[0])
+
+
+def nchw(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(B, H, W)`` of a ``[B, C, H, W]`` map."""
+    return (int(x.shape[0]), int(x.shape[2]), int(x.shape[3])) if x.dim() == 4 else None
+
+
+def nhwc(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(B, H, W)`` of a ``[B, H, W, C]`` map."""
+    return (int(x.shape[0]), int(x.shape[1]), int(x.shape[2])) if x.dim() == 4 else None

@@ -1,0 +1,186 @@
+"""vitmad.record on block, grid and other windowed hybrids of timm: MaxViT / MaxxViT / CoAtNet, NesT, GCViT,
+DaViT, TinyViT, ...
+
+Each reference is the model's own eager attention (``fused_attn=False``; the probabilities are read at the input
+of ``attn_drop`` or of the softmax), placed by geometry written here: the pixel coordinates of the stage's whole
+feature map, cut into the model's windows by reshapes of that coordinate map (``_blocks``, ``_dilated_grid``),
+reduced by the float64 definition ``mad_positions_reference``. The recordings run the models' default (fused)
+path unless a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import vitmad
+from vitmad.ops.reference import mad_positions_reference
+
+timm = pytest.importorskip("timm")
+
+TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels: float32 logits and sums against the float64 reference
+
+
+# Geometry written for the tests ---------------------------------------------------------------------------------
+
+
+def _pixel_map(height: int, width: int, stride: float) -> torch.Tensor:
+    """``[height, width, 2]`` (row, col) pixel centres of a stage's map whose tokens are ``stride`` pixels."""
+    rows = (torch.arange(height, dtype=torch.float64)[:, None].expand(height, width) + 0.5) * stride
+    cols = (torch.arange(width, dtype=torch.float64)[None, :].expand(height, width) + 0.5) * stride
+    return torch.stack([rows, cols], -1)
+
+
+def _blocks(coords: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
+    """``[windows, wh * ww, 2]``: the map padded with NaN (bottom, right) to whole windows, cut in row-major
+    ``wh x ww`` blocks."""
+    h, w, _ = coords.shape
+    ph, pw = -h % wh, -w % ww
+    padded = torch.full((h + ph, w + pw, 2), float("nan"), dtype=coords.dtype)
+    padded[:h, :w] = coords
+    blocks = padded.view((h + ph) // wh, wh, (w + pw) // ww, ww, 2).permute(0, 2, 1, 3, 4)
+    return blocks.reshape(-1, wh * ww, 2)
+
+
+def _dilated_grid(coords: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """``[windows, gh * gw, 2]``: MaxViT's grid windows; window (a, b) takes every (H / gh)-th row from row a
+    and every (W / gw)-th column from column b."""
+    h, w, _ = coords.shape
+    sh, sw = h // gh, w // gw
+    return torch.stack([coords[a::sh, b::sw].reshape(gh * gw, 2) for a in range(sh) for b in range(sw)])
+
+
+def _reference(attn: torch.Tensor, windows: torch.Tensor, heads_first_windows: bool = False) -> torch.Tensor:
+    """``[B, H]``: the mean over every positioned query of each image of the float64 MAD of ``attn``.
+
+    ``attn`` is ``[B * windows, H, N, N]`` (image-major windows), or ``[B, H, windows, N, N]`` with
+    ``heads_first_windows``; ``windows`` is ``[windows, N, 2]`` (NaN rows: padding).
+    """
+    count = windows.shape[0]
+    if heads_first_windows:
+        per_query = mad_positions_reference(attn, windows, reduction="none")  # [B, H, windows, N]
+        return per_query.nanmean((-2, -1))
+    batch = attn.shape[0] // count
+    positions = windows.repeat(batch, 1, 1)[:, None]
+    per_query = mad_positions_reference(attn, positions, reduction="none")  # [B * windows, H, N]
+    per_query = per_query.view(batch, count, attn.shape[1], -1).transpose(1, 2)
+    return per_query.reshape(batch, attn.shape[1], -1).nanmean(-1)
+
+
+def _eager_probabilities(model: nn.Module, classes: tuple[str, ...]) -> list[torch.Tensor]:
+    """Runs nothing; switches every module of ``classes`` to its unfused path and collects, in call order, the
+    probabilities its ``attn_drop`` receives."""
+    maps = []
+    for module in model.modules():
+        if type(module).__name__ in classes:
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
+            module.attn_drop.register_forward_pre_hook(lambda m, args: maps.append(args[0].detach()))
+    return maps
+
+
+def _record_and_reference(model, pixels, classes, *, eager_recording=False, **options):
+    """(recording, eager probabilities, outputs equal) for one forward of ``model`` and of its eager copy."""
+    eager = copy.deepcopy(model)
+    maps = _eager_probabilities(eager, classes)
+    if eager_recording:
+        _eager_probabilities(model, classes)
+    with torch.no_grad():
+        plain = model(pixels)
+        with vitmad.record(model, **options) as rec:
+            recorded = model(pixels)
+        eager(pixels)
+    return rec, maps, torch.equal(plain, recorded)
+
+
+# MaxViT, MaxxViT, CoAtNet -----------------------------------------------------------------------------------------
+
+MAXXVIT_SMALL = dict(embed_dim=(16, 32, 32, 64), depths=(1, 1, 1, 1), transformer_dim_head=8, stem_width=16)
+MAXXVIT_STRIDES = (4, 8, 16, 32)
+MAXXVIT_HEADS = (2, 4, 4, 8)  # embed_dim over transformer_dim_head
+
+
+@pytest.mark.parametrize("nchw", [False, True], ids=["channels_last", "nchw"])
+@pytest.mark.parametrize("size", [(64, 64), (64, 96)], ids=["square", "non_square"])
+@pytest.mark.parametrize("eager_recording", [False, True], ids=["fused", "eager"])
+def test_maxvit_block_and_grid_attention_equal_the_eager_attention_placed_by_hand(nchw, size, eager_recording):
+    torch.manual_seed(0)
+    model = timm.create_model("maxvit_nano_rw_256", pretrained=False, img_size=size,
+                              transformer_use_nchw_attn=nchw, **MAXXVIT_SMALL).eval()
+    pixels = torch.randn(2, 3, *size)
+    rec, maps, unchanged = _record_and_reference(model, pixels, ("Attention2d", "AttentionCl"),
+                                                 eager_recording=eager_recording)
+    assert unchanged
+    assert rec.skipped == {}
+    partition = (size[0] // 32, size[1] // 32)  # MaxViT's window and grid: the image over 32
+    expected_layers = []
+    for stage, stride in enumerate(MAXXVIT_STRIDES):
+        expected_layers += [f"stages.{stage}.blocks.0.attn_block.attn", f"stages.{stage}.blocks.0.attn_grid.attn"]
+    assert rec.layers == expected_layers
+    assert len(maps) == len(expected_layers)
+    for index, (attn, geometry) in enumerate(zip(maps, rec.geometry, strict=True)):
+        stride = MAXXVIT_STRIDES[index // 2]
+        coords = _pixel_map(size[0] // stride, size[1] // stride, stride)
+        windows = _blocks(coords, *partition) if index % 2 == 0 else _dilated_grid(coords, *partition)
+        assert geometry.grid == coords.shape[:2]
+        assert geometry.stride == (stride, stride)
+        assert geometry.heads == attn.shape[1] == MAXXVIT_HEADS[index // 2]
+        torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
+
+
+def test_maxvit_per_token_values_are_folded_onto_the_map_in_row_major_order():
+    torch.manual_seed(1)
+    size = (64, 96)
+    model = timm.create_model("maxvit_nano_rw_256", pretrained=False, img_size=size, **MAXXVIT_SMALL).eval()
+    pixels = torch.randn(1, 3, *size)
+    rec, maps, _ = _record_and_reference(model, pixels, ("AttentionCl",), reduction="none")
+    grid_attn, stride = maps[1], 4  # stage 0 grid attention over the 16 x 24 map, 2 x 3 cells per window
+    h, w = 16, 24
+    windows = _dilated_grid(_pixel_map(h, w, stride), 2, 3)
+    per_query = mad_positions_reference(grid_attn, windows[:, None], reduction="none")  # [windows, H, 6]
+    expected = torch.empty(grid_attn.shape[1], h, w, dtype=torch.float64)
+    for window, (a, b) in enumerate((a, b) for a in range(h // 2) for b in range(w // 3)):
+        expected[:, a::h // 2, b::w // 3] = per_query[window].view(-1, 2, 3)
+    torch.testing.assert_close(rec.per_layer[1][0].double(), expected.reshape(-1, h * w), **TOL)
+
+
+def test_maxvit_parallel_block_and_grid_attention():
+    torch.manual_seed(2)
+    size = (64, 96)
+    model = timm.create_model("maxvit_tiny_pm_256", pretrained=False, img_size=size, **MAXXVIT_SMALL).eval()
+    pixels = torch.randn(2, 3, *size)
+    rec, maps, unchanged = _record_and_reference(model, pixels, ("AttentionCl",))
+    assert unchanged
+    assert rec.layers[:2] == ["stages.0.blocks.0.attn.attn_block", "stages.0.blocks.0.attn.attn_grid"]
+    assert len(maps) == len(rec.layers) == 8
+    for index, attn in enumerate(maps):
+        stride = MAXXVIT_STRIDES[index // 2]
+        coords = _pixel_map(size[0] // stride, size[1] // stride, stride)
+        windows = _blocks(coords, 2, 3) if index % 2 == 0 else _dilated_grid(coords, 2, 3)
+        torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
+
+
+# CoAtNet's relative position bias is built for the map of img_size, and its pooling rounds odd maps down,
+# so only sizes divisible by 32 run.
+@pytest.mark.parametrize("size", [(64, 64), (64, 96)], ids=["square", "non_square"])
+def test_coatnet_global_attention_at_stride_16_and_32(size):
+    torch.manual_seed(3)
+    model = timm.create_model("coatnet_nano_rw_224", pretrained=False, img_size=size,
+                              **{**MAXXVIT_SMALL, "depths": (1, 1, 2, 2)}).eval()
+    pixels = torch.randn(2, 3, *size)
+    rec, maps, unchanged = _record_and_reference(model, pixels, ("Attention2d",))
+    assert unchanged
+    assert rec.layers == ["stages.2.blocks.0.attn", "stages.2.blocks.1.attn", "stages.3.blocks.0.attn",
+                          "stages.3.blocks.1.attn"]
+    maps_seen = {16: (size[0] // 16, size[1] // 16), 32: (size[0] // 32, size[1] // 32)}
+    for index, (attn, stride) in enumerate(zip(maps, (16, 16, 32, 32), strict=True)):
+        coords = _pixel_map(*maps_seen[stride], stride)
+        windows = coords.reshape(1, -1, 2)
+        assert rec.geometry[index].stride == (stride, stride)
+        assert rec.geometry[index].attention == "global"
+        torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
+    # CoAtNet-rw expands channels after the attention: the first block of a stage keeps the input's 4 heads.
+    assert [g.heads for g in rec.geometry] == [a.shape[1] for a in maps] == [4, 4, 4, 8]
