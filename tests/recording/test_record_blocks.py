@@ -184,3 +184,113 @@ def test_coatnet_global_attention_at_stride_16_and_32(size):
         torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
     # CoAtNet-rw expands channels after the attention: the first block of a stage keeps the input's 4 heads.
     assert [g.heads for g in rec.geometry] == [a.shape[1] for a in maps] == [4, 4, 4, 8]
+
+
+# NesT, GCViT, DaViT, TinyViT -------------------------------------------------------------------------------------
+
+
+class _Softmaxes(torch.overrides.TorchFunctionMode):
+    """Collects the output of every softmax over the last dim of a rank-4+ tensor (the eager attention of
+    modules without an ``attn_drop``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.maps = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") == "softmax" and result.dim() >= 4:
+            self.maps.append(result.detach())
+        return result
+
+
+def _eager_softmaxes(model, pixels):
+    eager = copy.deepcopy(model)
+    for module in eager.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    with torch.no_grad(), _Softmaxes() as mode:
+        eager(pixels)
+    return mode.maps
+
+
+def test_nest_attention_within_blocks_of_each_level():
+    torch.manual_seed(4)
+    from timm.models.nest import Nest
+
+    model = Nest(img_size=64, patch_size=4, num_levels=3, embed_dims=(16, 32, 64), num_heads=(1, 2, 4),
+                 depths=(1, 1, 1)).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    rec, maps, unchanged = _record_and_reference(model, pixels, ("Attention",))
+    assert unchanged
+    assert rec.layers == [f"levels.{i}.transformer_encoder.0.attn" for i in range(3)]
+    for level, (attn, stride, side) in enumerate(zip(maps, (4, 8, 16), (16, 8, 4), strict=True)):
+        windows = _blocks(_pixel_map(side, side, stride), 4, 4)  # 4 x 4 blocks: 16, 4 and 1 of them
+        assert attn.shape[:3] == (2, 2 ** level, windows.shape[0])
+        assert rec.geometry[level].stride == (stride, stride) and rec.geometry[level].heads == 2 ** level
+        torch.testing.assert_close(rec.per_layer[level].double(), _reference(attn, windows, True), **TOL)
+
+
+def test_gcvit_local_and_global_query_windows_non_square():
+    torch.manual_seed(5)
+    from timm.models.gcvit import GlobalContextVit
+
+    size = (64, 128)  # the global query is pooled to the window's shape, so windows follow the aspect
+    model = GlobalContextVit(img_size=size, embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 4, 8),
+                             window_size=((2, 4),) * 4).eval()
+    pixels = torch.randn(2, 3, *size)
+    rec, maps, unchanged = _record_and_reference(model, pixels, ("WindowAttentionGlobal",))
+    assert unchanged
+    assert rec.layers == ["stages.0.blocks.0.attn", "stages.1.blocks.0.attn", "stages.1.blocks.1.attn",
+                          "stages.2.blocks.0.attn", "stages.3.blocks.0.attn"]
+    assert "global query" in rec.geometry[2].attention
+    for index, (attn, stride, heads) in enumerate(zip(maps, (4, 8, 8, 16, 32), (1, 2, 2, 4, 8), strict=True)):
+        # Global-query layers too: query n of window w is placed at the local token n of w it is written to.
+        windows = _blocks(_pixel_map(size[0] // stride, size[1] // stride, stride), 2, 4)
+        assert rec.geometry[index].heads == heads and rec.geometry[index].stride == (stride, stride)
+        torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (70, 90)], ids=["square", "odd_non_square"])
+def test_davit_padded_windows_and_skipped_channel_attention(size):
+    torch.manual_seed(6)
+    from timm.models.davit import DaVit
+
+    model = DaVit(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=3).eval()
+    pixels = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        plain = model(pixels)
+        with vitmad.record(model) as rec:
+            assert torch.equal(model(pixels), plain)
+    maps = [m for m in _eager_softmaxes(model, pixels) if m.shape[-1] == 9]  # spatial 3 x 3 windows
+    assert rec.layers == [f"stages.{i}.blocks.0.0.attn" for i in range(4)]
+    assert sorted(rec.skipped) == [f"stages.{i}.blocks.0.1.attn" for i in range(4)]
+    assert all("channel" in reason for reason in rec.skipped.values())
+    # The stem and each downsampling pad the map up to whole strides: 70 x 90 -> 18 x 23, 9 x 12, 5 x 6, 3 x 3.
+    for index, (attn, stride) in enumerate(zip(maps, (4, 8, 16, 32), strict=True)):
+        side = (-(-size[0] // stride), -(-size[1] // stride))
+        windows = _blocks(_pixel_map(*side, stride), 3, 3)
+        assert rec.geometry[index].grid == side and rec.geometry[index].heads == 2 ** index
+        torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (70, 90)], ids=["square", "odd_non_square"])
+def test_tiny_vit_padded_windows_with_attention_bias(size):
+    torch.manual_seed(7)
+    from timm.models.tiny_vit import TinyVit
+
+    model = TinyVit(embed_dims=(16, 32, 64, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 4),
+                    window_sizes=(3, 3, 3, 3)).eval()
+    pixels = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        plain = model(pixels)
+        with vitmad.record(model) as rec:
+            assert torch.equal(model(pixels), plain)
+    maps = _eager_softmaxes(model, pixels)
+    assert rec.layers == [f"stages.{i}.blocks.0.attn" for i in (1, 2, 3)]
+    for index, (attn, stride) in enumerate(zip(maps, (8, 16, 32), strict=True)):
+        side = (-(-size[0] // stride), -(-size[1] // stride))  # each stride-2 convolution rounds up
+        windows = _blocks(_pixel_map(*side, stride), 3, 3)
+        assert rec.geometry[index].grid == side and rec.geometry[index].stride == (stride, stride)
+        torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
+    assert [g.heads for g in rec.geometry] == [2, 4, 4]
