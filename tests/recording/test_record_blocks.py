@@ -116,9 +116,7 @@ def test_maxvit_block_and_grid_attention_equal_the_eager_attention_placed_by_han
     assert unchanged
     assert rec.skipped == {}
     partition = (size[0] // 32, size[1] // 32)  # MaxViT's window and grid: the image over 32
-    expected_layers = []
-    for stage, stride in enumerate(MAXXVIT_STRIDES):
-        expected_layers += [f"stages.{stage}.blocks.0.attn_block.attn", f"stages.{stage}.blocks.0.attn_grid.attn"]
+    expected_layers = [f"stages.{stage}.blocks.0.attn_{kind}.attn" for stage in range(4) for kind in ("block", "grid")]
     assert rec.layers == expected_layers
     assert len(maps) == len(expected_layers)
     for index, (attn, geometry) in enumerate(zip(maps, rec.geometry, strict=True)):
