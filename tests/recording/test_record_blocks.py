@@ -292,3 +292,37 @@ def test_tiny_vit_padded_windows_with_attention_bias(size):
         assert rec.geometry[index].grid == side and rec.geometry[index].stride == (stride, stride)
         torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
     assert [g.heads for g in rec.geometry] == [2, 4, 4]
+
+
+# FastViT, ViTamin -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(64, 96), (72, 104)], ids=["non_square", "rounded_up"])
+def test_fastvit_global_attention_over_the_last_stage_map(size):
+    torch.manual_seed(8)
+    model = timm.create_model("fastvit_sa12", pretrained=False, embed_dims=(16, 32, 64, 128),
+                              layers=(1, 1, 1, 1)).eval()
+    pixels = torch.randn(2, 3, *size)
+    rec, maps, unchanged = _record_and_reference(model, pixels, ("Attention",))
+    assert unchanged
+    assert rec.layers == ["stages.3.blocks.0.token_mixer"]
+    side = (-(-size[0] // 32), -(-size[1] // 32))  # the stem and downsamplings pad up
+    windows = _pixel_map(*side, 32).reshape(1, -1, 2)
+    assert rec.geometry[0].grid == side and rec.geometry[0].stride == (32, 32) and rec.geometry[0].heads == 4
+    torch.testing.assert_close(rec.per_layer[0].double(), _reference(maps[0], windows), **TOL)
+
+
+@pytest.mark.parametrize("size", [(64, 96), (72, 104)], ids=["non_square", "rounded_up"])
+def test_vitamin_attention_over_the_stem_map_at_stride_16(size):
+    torch.manual_seed(9)
+    model = timm.create_model("vitamin_small_224", pretrained=False, img_size=(64, 96), depth=2,
+                              dynamic_img_size=True).eval()
+    pixels = torch.randn(1, 3, *size)
+    rec, maps, unchanged = _record_and_reference(model, pixels, ("Attention",))
+    assert unchanged
+    assert rec.layers == ["blocks.0.attn", "blocks.1.attn"]
+    side = (-(-size[0] // 16), -(-size[1] // 16))  # the stem's strided convolutions pad up
+    windows = _pixel_map(*side, 16).reshape(1, -1, 2)  # no class token
+    for index, attn in enumerate(maps):
+        assert rec.geometry[index].grid == side and rec.geometry[index].stride == (16, 16)
+        torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
