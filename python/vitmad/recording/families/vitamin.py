@@ -16,8 +16,7 @@ import math
 import torch
 from torch import nn
 
-from ..placement import (CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres,
-                         select_tokens)
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
 _MAP = "vitamin.map"
 
