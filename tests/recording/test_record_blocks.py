@@ -326,3 +326,41 @@ def test_vitamin_attention_over_the_stem_map_at_stride_16(size):
     for index, attn in enumerate(maps):
         assert rec.geometry[index].grid == side and rec.geometry[index].stride == (16, 16)
         torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
+
+
+# MobileViT, CoaT ---------------------------------------------------------------------------------------------------
+
+
+def _across_patches(coords: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """``[ph * pw, patches, 2]``: MobileViT's unfolding; sequence (i, j) holds pixel (i, j) of every patch."""
+    h, w, _ = coords.shape
+    return coords.view(h // ph, ph, w // pw, pw, 2).permute(1, 3, 0, 2, 4).reshape(ph * pw, -1, 2)
+
+
+def test_mobilevit_attention_across_patches_is_a_dilated_grid():
+    torch.manual_seed(10)
+    size = (64, 128)  # maps of 8 x 16, 4 x 8 and 2 x 4: whole 2 x 2 patches
+    model = timm.create_model("mobilevit_xxs", pretrained=False).eval()
+    pixels = torch.randn(2, 3, *size)
+    rec, maps, unchanged = _record_and_reference(model, pixels, ("Attention",))
+    assert unchanged
+    # 2, 4 and 3 transformer layers in the MobileViT blocks of stages 2, 3 and 4 (strides 8, 16, 32), 2x2 patches.
+    strides = [8] * 2 + [16] * 4 + [32] * 3
+    assert len(rec.layers) == len(maps) == len(strides)
+    for index, (attn, stride) in enumerate(zip(maps, strides, strict=True)):
+        windows = _across_patches(_pixel_map(size[0] // stride, size[1] // stride, stride), 2, 2)
+        assert rec.geometry[index].stride == (stride, stride) and rec.geometry[index].heads == 4
+        torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
+
+
+def test_mobilevit_refuses_maps_it_resizes_to_whole_patches():
+    model = timm.create_model("mobilevit_xxs", pretrained=False).eval()
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="resizes its 9x9 map"):
+        model(torch.randn(1, 3, 72, 72))  # stage 2 map 9 x 9: not a whole number of 2 x 2 patches
+
+
+def test_mobilevitv2_and_coat_are_refused_with_their_skipped_layers_reasons():
+    for name, reason in (("mobilevitv2_050", "linear self-attention"), ("coat_lite_tiny", "factorized attention")):
+        model = timm.create_model(name, pretrained=False)
+        with pytest.raises(ValueError, match=f"no layer with spatial softmax attention.*{reason}"):
+            vitmad.record(model)
