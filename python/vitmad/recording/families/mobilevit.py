@@ -61,6 +61,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
                 f"input size whose map at this stage is a multiple of {ph}x{pw}"
             )
         cells = (grid[0] // ph, grid[1] // pw)
-        return grid_partition(grid, cells), f"across {ph}x{pw} patches: grid {cells[0]}x{cells[1]}, dilated every {ph}x{pw}"
+        attention = f"across {ph}x{pw} patches: grid {cells[0]}x{cells[1]}, dilated every {ph}x{pw}"
+        return grid_partition(grid, cells), attention
 
     return PartitionPlacer(model, name, block.conv_1x1, nchw, partition, "windows in batch", output=True)
