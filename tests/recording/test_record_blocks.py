@@ -188,26 +188,26 @@ def test_coatnet_global_attention_at_stride_16_and_32(size):
 
 
 class _Softmaxes(torch.overrides.TorchFunctionMode):
-    """Collects the output of every softmax over the last dim of a rank-4+ tensor (the eager attention of
-    modules without an ``attn_drop``)."""
+    """Collects the output of every softmax of a tensor of rank ``rank`` or more (the eager attention of modules
+    without an ``attn_drop``)."""
 
-    def __init__(self):
+    def __init__(self, rank: int):
         super().__init__()
-        self.maps = []
+        self.maps, self.rank = [], rank
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", "") == "softmax" and result.dim() >= 4:
+        if getattr(func, "__name__", "") == "softmax" and result.dim() >= self.rank:
             self.maps.append(result.detach())
         return result
 
 
-def _eager_softmaxes(model, pixels):
+def _eager_softmaxes(model, pixels, rank: int = 4):
     eager = copy.deepcopy(model)
     for module in eager.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
-    with torch.no_grad(), _Softmaxes() as mode:
+    with torch.no_grad(), _Softmaxes(rank) as mode:
         eager(pixels)
     return mode.maps
 
@@ -364,3 +364,30 @@ def test_mobilevitv2_and_coat_are_refused_with_their_skipped_layers_reasons():
         model = timm.create_model(name, pretrained=False)
         with pytest.raises(ValueError, match=f"no layer with spatial softmax attention.*{reason}"):
             vitmad.record(model)
+
+
+# EfficientViT (MSRA) -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(64, 64), (72, 104)], ids=["square", "odd_non_square"])
+def test_efficientvit_msra_cascaded_heads_in_padded_windows(size):
+    torch.manual_seed(11)
+    # Built for 224 px: 7 x 7 windows, but 4 x 4 in the last stage, whose map there is 4 x 4; 4 heads per layer.
+    model = timm.create_model("efficientvit_m0", pretrained=False).eval()
+    pixels = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        plain = model(pixels)
+        with vitmad.record(model) as rec:
+            assert torch.equal(model(pixels), plain)
+    per_head = _eager_softmaxes(model, pixels, rank=3)  # one [B * windows, 49, 49] softmax per head
+    assert rec.layers == ["stages.0.blocks.0.mixer.m.attn", "stages.1.blocks.0.mixer.m.attn",
+                          "stages.1.blocks.1.mixer.m.attn", "stages.2.blocks.0.mixer.m.attn",
+                          "stages.2.blocks.1.mixer.m.attn", "stages.2.blocks.2.mixer.m.attn"]
+    assert len(per_head) == 4 * len(rec.layers)
+    strides, window_sides = (16, 32, 32, 64, 64, 64), (7, 7, 7, 4, 4, 4)
+    for index, (stride, window) in enumerate(zip(strides, window_sides, strict=True)):
+        attn = torch.stack(per_head[4 * index:4 * index + 4], dim=1)  # [B * windows, 4, N, N]
+        side = (-(-size[0] // stride), -(-size[1] // stride))  # every strided convolution rounds up
+        windows = _blocks(_pixel_map(*side, stride), window, window)
+        assert rec.geometry[index].grid == side and rec.geometry[index].heads == 4
+        torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from . import coat, davit, fastvit, gcvit, maxxvit, mobilevit, nest, non_spatial, tiny_vit, vitamin
+from . import coat, davit, efficientvit_msra, fastvit, gcvit, maxxvit, mobilevit, nest, non_spatial, tiny_vit, vitamin
 
 __all__ = ["Skip", "family_placer", "family_modules"]
 
@@ -27,7 +27,8 @@ class Skip:
 
 
 # Tried in order; the first family that claims a module places it.
-_FAMILIES = (non_spatial, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat)
+_FAMILIES = (non_spatial, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat,
+             efficientvit_msra)
 
 
 def family_modules(model: nn.Module) -> dict[str, nn.Module]:
