@@ -13,6 +13,8 @@ modules itself.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -43,9 +45,8 @@ class _HeadPerCallPlacer(PartitionPlacer):
                 "call: [B * windows, N, N]"
             )
         placement = super().place(context, torch.Size([*lead, self.heads]), num_queries, num_keys)
-        placement.positions = placement.positions.squeeze(1)  # [B * windows, N, 2]: no head dim in the call
-        placement.heads_per_call = True
-        return placement
+        # [B * windows, N, 2]: the call has no head dim.
+        return replace(placement, positions=placement.positions[:, 0], heads_per_call=True)
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):

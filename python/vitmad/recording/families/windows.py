@@ -182,6 +182,8 @@ class PartitionPlacer(LayerPlacer):
         self.model, self.name, self.watch, self.read_map = model, name, watch, read_map
         self.partition, self.order, self.output = partition, order, output
         self.key = f"windows.map.{name}"
+        # The latest placement, reused while the call's shape, map and partition stay the same.
+        self._cached: tuple[tuple, Placement] | None = None
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         def see(tensor) -> None:
@@ -202,11 +204,14 @@ class PartitionPlacer(LayerPlacer):
         grid = (int(grid[0]), int(grid[1]))
         stride = stage_stride(self.model, self.name, context.image_size, grid)
         index, attention = self.partition(grid)
-        placement = window_placement(index, grid, stride, lead, num_queries, num_keys, order=self.order,
-                                     attention=attention)
         if _batch(lead, index.shape[0], self.order) != batch:
             raise NotPlaceable(f"its attention has leading dims {list(lead)} for a batch of {batch} maps")
-        return placement
+        key = (grid, stride, tuple(lead), num_queries, num_keys, attention)
+        if self._cached is None or self._cached[0] != key:
+            placement = window_placement(index, grid, stride, lead, num_queries, num_keys, order=self.order,
+                                         attention=attention)
+            self._cached = key, placement
+        return self._cached[1]
 
 
 def _batch(lead: torch.Size, windows: int, order: str) -> int:
