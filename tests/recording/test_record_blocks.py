@@ -70,6 +70,24 @@ def _reference(attn: torch.Tensor, windows: torch.Tensor, heads_first_windows: b
     return per_query.reshape(batch, attn.shape[1], -1).nanmean(-1)
 
 
+def _reference_map(attn: torch.Tensor, windows: torch.Tensor, grid: tuple[int, int], stride: float,
+                   heads_first_windows: bool = False) -> torch.Tensor:
+    """``[B, H, grid_h * grid_w]``: each token's float64 MAD, put back on the map where its pixel centre is."""
+    count = windows.shape[0]
+    if heads_first_windows:
+        values = mad_positions_reference(attn, windows, reduction="none").flatten(-2)  # [B, H, windows * N]
+    else:
+        batch = attn.shape[0] // count
+        per_query = mad_positions_reference(attn, windows.repeat(batch, 1, 1)[:, None], reduction="none")
+        values = per_query.view(batch, count, attn.shape[1], -1).transpose(1, 2).flatten(-2)
+    coords = windows.reshape(-1, 2)
+    real = ~coords[:, 0].isnan()
+    cells = (coords[real] / stride - 0.5).round().long()
+    out = torch.full((*values.shape[:2], grid[0] * grid[1]), float("nan"), dtype=torch.float64)
+    out[..., cells[:, 0] * grid[1] + cells[:, 1]] = values[..., real]
+    return out
+
+
 def _eager_probabilities(model: nn.Module, classes: tuple[str, ...]) -> list[torch.Tensor]:
     """Runs nothing; switches every module of ``classes`` to its unfused path and collects, in call order, the
     probabilities its ``attn_drop`` receives."""
@@ -391,3 +409,31 @@ def test_efficientvit_msra_cascaded_heads_in_padded_windows(size):
         windows = _blocks(_pixel_map(*side, stride), window, window)
         assert rec.geometry[index].grid == side and rec.geometry[index].heads == 4
         torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
+
+
+# Per-token values -------------------------------------------------------------------------------------------------
+
+
+def test_per_token_values_of_blocks_and_padded_windows_fold_onto_each_map_in_row_major_order():
+    torch.manual_seed(12)
+    from timm.models.nest import Nest
+    from timm.models.tiny_vit import TinyVit
+
+    nest = Nest(img_size=64, patch_size=4, num_levels=3, embed_dims=(16, 32, 64), num_heads=(1, 2, 4),
+                depths=(1, 1, 1)).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    rec, maps, _ = _record_and_reference(nest, pixels, ("Attention",), reduction="none")
+    for level, (attn, stride, side) in enumerate(zip(maps, (4, 8, 16), (16, 8, 4), strict=True)):
+        expected = _reference_map(attn, _blocks(_pixel_map(side, side, stride), 4, 4), (side, side), stride, True)
+        torch.testing.assert_close(rec.per_layer[level].double(), expected, **TOL)
+
+    tiny = TinyVit(embed_dims=(16, 32, 64, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 4),
+                   window_sizes=(3, 3, 3, 3)).eval()
+    pixels = torch.randn(2, 3, 70, 90)
+    with torch.no_grad(), vitmad.record(tiny, reduction="none") as rec:
+        tiny(pixels)
+    for index, (attn, stride) in enumerate(zip(_eager_softmaxes(tiny, pixels), (8, 16, 32), strict=True)):
+        side = (-(-70 // stride), -(-90 // stride))
+        expected = _reference_map(attn, _blocks(_pixel_map(*side, stride), 3, 3), side, stride)
+        assert not expected.isnan().any()  # every token of the map exactly once, padding dropped
+        torch.testing.assert_close(rec.per_layer[index].double(), expected, **TOL)
