@@ -31,7 +31,9 @@ def parent_module(model: nn.Module, name: str) -> nn.Module | None:
 def _feature_reduction(model: nn.Module, name: str) -> int | None:
     """The reduction timm's ``feature_info`` gives the stage holding module ``name``, or None."""
     best = None
-    for info in getattr(model, "feature_info", None) or []:
+    infos = getattr(model, "feature_info", None)
+    infos = getattr(infos, "info", infos)  # features_only models keep the list in a FeatureInfo
+    for info in infos if isinstance(infos, (list, tuple)) else []:
         module = info.get("module") if isinstance(info, dict) else None
         if module and name.startswith(module + ".") and (best is None or len(module) > len(best[0])):
             best = module, info.get("reduction")
