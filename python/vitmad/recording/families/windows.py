@@ -101,7 +101,7 @@ def whole_map(grid: tuple[int, int]) -> tuple[torch.Tensor, str]:
     return torch.arange(grid[0] * grid[1]).view(1, -1), "global"
 
 
-_ORDERS = ("windows in batch", "windows before heads", "windows after heads")
+_ORDERS = ("windows in batch", "windows after heads")
 
 
 def window_placement(index: torch.Tensor, grid: tuple[int, int], stride: tuple[float, float], lead: torch.Size,
@@ -114,9 +114,8 @@ def window_placement(index: torch.Tensor, grid: tuple[int, int], stride: tuple[f
         stride: pixels per token of that map.
         lead: the call's leading dims.
         num_queries, num_keys: the call's attention size; both must be ``N``.
-        order: where the windows are in ``lead``: ``"windows in batch"`` (``[B * num_windows, H]``, image-major),
-            ``"windows before heads"`` (``[B, num_windows, H]``) or ``"windows after heads"``
-            (``[B, H, num_windows]``).
+        order: where the windows are in ``lead``: ``"windows in batch"`` (``[B * num_windows, H]``, image-major;
+            Swin-style window attention) or ``"windows after heads"`` (``[B, H, num_windows]``; NesT).
         attention: the geometry's description.
     """
     windows, size = index.shape
@@ -128,8 +127,6 @@ def window_placement(index: torch.Tensor, grid: tuple[int, int], stride: tuple[f
     shape = [int(d) for d in lead]
     if order == "windows in batch" and len(shape) == 2 and shape[0] % windows == 0:
         batch, heads = shape[0] // windows, shape[1]
-    elif order == "windows before heads" and len(shape) == 3 and shape[1] == windows:
-        batch, heads = shape[0], shape[2]
     elif order == "windows after heads" and len(shape) == 3 and shape[2] == windows:
         batch, heads = shape[0], shape[1]
     else:
