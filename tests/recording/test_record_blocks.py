@@ -1,5 +1,6 @@
 """vitmad.record on block, grid and other windowed hybrids of timm: MaxViT / MaxxViT / CoAtNet, NesT, GCViT,
-DaViT, TinyViT, ...
+DaViT, TinyViT, FastViT, ViTamin, MobileViT, EfficientViT (MSRA); MobileViTv2 and CoaT refused with the reasons of
+their skipped layers.
 
 Each reference is the model's own eager attention (``fused_attn=False``; the probabilities are read at the input
 of ``attn_drop`` or of the softmax), placed by geometry written here: the pixel coordinates of the stage's whole
