@@ -438,3 +438,19 @@ def test_per_token_values_of_blocks_and_padded_windows_fold_onto_each_map_in_row
         expected = _reference_map(attn, _blocks(_pixel_map(*side, stride), 3, 3), side, stride)
         assert not expected.isnan().any()  # every token of the map exactly once, padding dropped
         torch.testing.assert_close(rec.per_layer[index].double(), expected, **TOL)
+
+
+def test_stage_stride_takes_feature_info_where_it_fits_and_refuses_to_guess_otherwise():
+    from vitmad.recording.families.windows import stage_stride
+    from vitmad.recording.placement import NotPlaceable
+
+    model = nn.Module()
+    model.feature_info = [{"module": "stages.3", "reduction": 32}]
+    # A 70 x 90 image rounds up to a 3 x 3 map at stride 32, in the model and in its features_only copy.
+    assert stage_stride(model, "stages.3.blocks.0.attn", (70, 90), (3, 3)) == (32.0, 32.0)
+    assert stage_stride(model, "stages_3.blocks.0.attn", (70, 90), (3, 3)) == (32.0, 32.0)
+    # No ratio guesses: 66 px over 3 tokens could be 22 px, or 32 px rounded up.
+    with pytest.raises(NotPlaceable, match="names no stage holding it"):
+        stage_stride(model, "other.attn", (66, 64), (3, 2))
+    with pytest.raises(NotPlaceable, match="height 4 for an image height of 70.*gives 2 or 3"):
+        stage_stride(model, "stages.3.blocks.0.attn", (70, 96), (4, 3))

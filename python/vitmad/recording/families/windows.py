@@ -35,33 +35,54 @@ def _feature_reduction(model: nn.Module, name: str) -> int | None:
     infos = getattr(infos, "info", infos)  # features_only models keep the list in a FeatureInfo
     for info in infos if isinstance(infos, (list, tuple)) else []:
         module = info.get("module") if isinstance(info, dict) else None
-        if module and name.startswith(module + ".") and (best is None or len(module) > len(best[0])):
+        if not module:
+            continue
+        # features_only models rename their top-level modules: "stages.0" becomes "stages_0".
+        owns = name.startswith(module + ".") or name.startswith(module.replace(".", "_") + ".")
+        if owns and (best is None or len(module) > len(best[0])):
             best = module, info.get("reduction")
+    if best is None:
+        best = _numbered_stage(infos, name)
     return None if best is None or best[1] is None else int(best[1])
+
+
+def _numbered_stage(infos, name: str) -> tuple[str, int] | None:
+    """ByobNet (MobileViT) lists its last stage under the 1x1 ``final_conv`` after it, numbered ``stage`` = its
+    index + 1: ``(module, reduction)`` of the entry so numbered for a module in ``stages.<i>``, or None."""
+    parts = name.replace("stages_", "stages.", 1).split(".")
+    if len(parts) < 2 or parts[0] != "stages" or not parts[1].isdigit():
+        return None
+    for info in infos if isinstance(infos, (list, tuple)) else []:
+        if isinstance(info, dict) and info.get("stage") == int(parts[1]) + 1:
+            return info.get("module"), info.get("reduction")
+    return None
 
 
 def stage_stride(model: nn.Module, name: str, image: tuple[int, int] | None,
                  grid: tuple[int, int]) -> tuple[float, float]:
     """Pixels of the input image per token of a stage whose feature map is ``grid``.
 
-    The stage's nominal reduction (timm's ``feature_info``) where it fits the image size, else the ratio of the
-    image to the map. Convolutions with padding round up, so a map of side ``ceil(image / s)`` or
-    ``floor(image / s)`` has stride ``s``; a map that fits no integer stride is refused.
+    The stage's nominal reduction (timm's ``feature_info``), checked against the call: convolutions with padding
+    round up and pools round down, so a map of side ``ceil(image / s)`` or ``floor(image / s)`` has stride ``s``.
+    The ratio of the image to the map is no substitute: it is ambiguous for rounded maps (a 66 px image over a
+    3-token map is 22 px per token, or 32 px rounded up), so a stage without a reduction that fits is refused.
     """
     if image is None:
         raise NotPlaceable("it ran before any convolution saw the image, so its pixel scale is unknown")
     reduction = _feature_reduction(model, name)
-    strides = []
+    if reduction is None:
+        raise NotPlaceable(
+            f"{type(model).__name__}.feature_info names no stage holding it, so the pixel stride of its "
+            f"{grid[0]}x{grid[1]} map is unknown"
+        )
     for size, side, axis in zip(image, grid, ("height", "width")):
-        candidates = ([reduction] if reduction else []) + [max(1, round(size / side))]
-        stride = next((s for s in candidates if side in (math.floor(size / s), math.ceil(size / s))), None)
-        if stride is None:
+        if side not in (math.floor(size / reduction), math.ceil(size / reduction)):
             raise NotPlaceable(
-                f"its feature map has {axis} {side} for an image {axis} of {size}, which fits no integer stride"
-                + (f" (the stage's feature_info reduction is {reduction})" if reduction else "")
+                f"its feature map has {axis} {side} for an image {axis} of {size}, but its stage's feature_info "
+                f"reduction {reduction} gives {math.floor(size / reduction)} or {math.ceil(size / reduction)}, so "
+                "the map's pixel stride is unknown"
             )
-        strides.append(float(stride))
-    return strides[0], strides[1]
+    return float(reduction), float(reduction)
 
 
 def block_partition(grid: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
