@@ -35,15 +35,20 @@ def _pixel_map(height: int, width: int, stride: float) -> torch.Tensor:
     return torch.stack([rows, cols], -1)
 
 
-def _blocks(coords: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
-    """``[windows, wh * ww, 2]``: the map padded with NaN (bottom, right) to whole windows, cut in row-major
-    ``wh x ww`` blocks."""
-    h, w, _ = coords.shape
-    ph, pw = -h % wh, -w % ww
-    padded = torch.full((h + ph, w + pw, 2), float("nan"), dtype=coords.dtype)
-    padded[:h, :w] = coords
-    blocks = padded.view((h + ph) // wh, wh, (w + pw) // ww, ww, 2).permute(0, 2, 1, 3, 4)
-    return blocks.reshape(-1, wh * ww, 2)
+def _blocks(height: int, width: int, stride: float, wh: int, ww: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(queries, keys), each ``[windows, wh * ww, 2]``: the map padded at the bottom and right to whole windows,
+    cut in row-major ``wh x ww`` blocks. Padding cells are keys where the grid continues past the image edge and
+    no queries (NaN)."""
+    ph, pw = height + -height % wh, width + -width % ww
+    keys = _pixel_map(ph, pw, stride)
+    queries = keys.clone()
+    queries[height:] = float("nan")
+    queries[:, width:] = float("nan")
+
+    def cut(coords):
+        return coords.view(ph // wh, wh, pw // ww, ww, 2).permute(0, 2, 1, 3, 4).reshape(-1, wh * ww, 2)
+
+    return cut(queries), cut(keys)
 
 
 def _dilated_grid(coords: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
@@ -54,32 +59,35 @@ def _dilated_grid(coords: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
     return torch.stack([coords[a::sh, b::sw].reshape(gh * gw, 2) for a in range(sh) for b in range(sw)])
 
 
-def _reference(attn: torch.Tensor, windows: torch.Tensor, heads_first_windows: bool = False) -> torch.Tensor:
+def _reference(attn: torch.Tensor, windows, heads_first_windows: bool = False) -> torch.Tensor:
     """``[B, H]``: the mean over every positioned query of each image of the float64 MAD of ``attn``.
 
     ``attn`` is ``[B * windows, H, N, N]`` (image-major windows), or ``[B, H, windows, N, N]`` with
-    ``heads_first_windows``; ``windows`` is ``[windows, N, 2]`` (NaN rows: padding).
+    ``heads_first_windows``; ``windows`` is ``[windows, N, 2]``, or (queries, keys) of padded windows.
     """
+    windows, keys = windows if isinstance(windows, tuple) else (windows, windows)
     count = windows.shape[0]
     if heads_first_windows:
-        per_query = mad_positions_reference(attn, windows, reduction="none")  # [B, H, windows, N]
+        per_query = mad_positions_reference(attn, windows, keys, reduction="none")  # [B, H, windows, N]
         return per_query.nanmean((-2, -1))
     batch = attn.shape[0] // count
-    positions = windows.repeat(batch, 1, 1)[:, None]
-    per_query = mad_positions_reference(attn, positions, reduction="none")  # [B * windows, H, N]
+    positions, keys = (w.repeat(batch, 1, 1)[:, None] for w in (windows, keys))
+    per_query = mad_positions_reference(attn, positions, keys, reduction="none")  # [B * windows, H, N]
     per_query = per_query.view(batch, count, attn.shape[1], -1).transpose(1, 2)
     return per_query.reshape(batch, attn.shape[1], -1).nanmean(-1)
 
 
-def _reference_map(attn: torch.Tensor, windows: torch.Tensor, grid: tuple[int, int], stride: float,
+def _reference_map(attn: torch.Tensor, windows, grid: tuple[int, int], stride: float,
                    heads_first_windows: bool = False) -> torch.Tensor:
     """``[B, H, grid_h * grid_w]``: each token's float64 MAD, put back on the map where its pixel centre is."""
+    windows, keys = windows if isinstance(windows, tuple) else (windows, windows)
     count = windows.shape[0]
     if heads_first_windows:
-        values = mad_positions_reference(attn, windows, reduction="none").flatten(-2)  # [B, H, windows * N]
+        values = mad_positions_reference(attn, windows, keys, reduction="none").flatten(-2)  # [B, H, windows * N]
     else:
         batch = attn.shape[0] // count
-        per_query = mad_positions_reference(attn, windows.repeat(batch, 1, 1)[:, None], reduction="none")
+        positions, keys = (w.repeat(batch, 1, 1)[:, None] for w in (windows, keys))
+        per_query = mad_positions_reference(attn, positions, keys, reduction="none")
         values = per_query.view(batch, count, attn.shape[1], -1).transpose(1, 2).flatten(-2)
     coords = windows.reshape(-1, 2)
     real = ~coords[:, 0].isnan()
@@ -141,7 +149,8 @@ def test_maxvit_block_and_grid_attention_equal_the_eager_attention_placed_by_han
     for index, (attn, geometry) in enumerate(zip(maps, rec.geometry, strict=True)):
         stride = MAXXVIT_STRIDES[index // 2]
         coords = _pixel_map(size[0] // stride, size[1] // stride, stride)
-        windows = _blocks(coords, *partition) if index % 2 == 0 else _dilated_grid(coords, *partition)
+        windows = (_blocks(*coords.shape[:2], stride, *partition) if index % 2 == 0
+                   else _dilated_grid(coords, *partition))
         assert geometry.grid == coords.shape[:2]
         assert geometry.stride == (stride, stride)
         assert geometry.heads == attn.shape[1] == MAXXVIT_HEADS[index // 2]
@@ -176,7 +185,7 @@ def test_maxvit_parallel_block_and_grid_attention():
     for index, attn in enumerate(maps):
         stride = MAXXVIT_STRIDES[index // 2]
         coords = _pixel_map(size[0] // stride, size[1] // stride, stride)
-        windows = _blocks(coords, 2, 3) if index % 2 == 0 else _dilated_grid(coords, 2, 3)
+        windows = _blocks(*coords.shape[:2], stride, 2, 3) if index % 2 == 0 else _dilated_grid(coords, 2, 3)
         torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
 
 
@@ -242,8 +251,8 @@ def test_nest_attention_within_blocks_of_each_level():
     assert unchanged
     assert rec.layers == [f"levels.{i}.transformer_encoder.0.attn" for i in range(3)]
     for level, (attn, stride, side) in enumerate(zip(maps, (4, 8, 16), (16, 8, 4), strict=True)):
-        windows = _blocks(_pixel_map(side, side, stride), 4, 4)  # 4 x 4 blocks: 16, 4 and 1 of them
-        assert attn.shape[:3] == (2, 2 ** level, windows.shape[0])
+        windows = _blocks(side, side, stride, 4, 4)  # 4 x 4 blocks: 16, 4 and 1 of them
+        assert attn.shape[:3] == (2, 2 ** level, windows[0].shape[0])
         assert rec.geometry[level].stride == (stride, stride) and rec.geometry[level].heads == 2 ** level
         torch.testing.assert_close(rec.per_layer[level].double(), _reference(attn, windows, True), **TOL)
 
@@ -263,7 +272,7 @@ def test_gcvit_local_and_global_query_windows_non_square():
     assert "global query" in rec.geometry[2].attention
     for index, (attn, stride, heads) in enumerate(zip(maps, (4, 8, 8, 16, 32), (1, 2, 2, 4, 8), strict=True)):
         # Global-query layers too: query n of window w is placed at the local token n of w it is written to.
-        windows = _blocks(_pixel_map(size[0] // stride, size[1] // stride, stride), 2, 4)
+        windows = _blocks(size[0] // stride, size[1] // stride, stride, 2, 4)
         assert rec.geometry[index].heads == heads and rec.geometry[index].stride == (stride, stride)
         torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
 
@@ -286,7 +295,7 @@ def test_davit_padded_windows_and_skipped_channel_attention(size):
     # The stem and each downsampling pad the map up to whole strides: 70 x 90 -> 18 x 23, 9 x 12, 5 x 6, 3 x 3.
     for index, (attn, stride) in enumerate(zip(maps, (4, 8, 16, 32), strict=True)):
         side = (-(-size[0] // stride), -(-size[1] // stride))
-        windows = _blocks(_pixel_map(*side, stride), 3, 3)
+        windows = _blocks(*side, stride, 3, 3)
         assert rec.geometry[index].grid == side and rec.geometry[index].heads == 2 ** index
         torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
 
@@ -307,7 +316,7 @@ def test_tiny_vit_padded_windows_with_attention_bias(size):
     assert rec.layers == [f"stages.{i}.blocks.0.attn" for i in (1, 2, 3)]
     for index, (attn, stride) in enumerate(zip(maps, (8, 16, 32), strict=True)):
         side = (-(-size[0] // stride), -(-size[1] // stride))  # each stride-2 convolution rounds up
-        windows = _blocks(_pixel_map(*side, stride), 3, 3)
+        windows = _blocks(*side, stride, 3, 3)
         assert rec.geometry[index].grid == side and rec.geometry[index].stride == (stride, stride)
         torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
     assert [g.heads for g in rec.geometry] == [2, 4, 4]
@@ -407,7 +416,7 @@ def test_efficientvit_msra_cascaded_heads_in_padded_windows(size):
     for index, (stride, window) in enumerate(zip(strides, window_sides, strict=True)):
         attn = torch.stack(per_head[4 * index:4 * index + 4], dim=1)  # [B * windows, 4, N, N]
         side = (-(-size[0] // stride), -(-size[1] // stride))  # every strided convolution rounds up
-        windows = _blocks(_pixel_map(*side, stride), window, window)
+        windows = _blocks(*side, stride, window, window)
         assert rec.geometry[index].grid == side and rec.geometry[index].heads == 4
         torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
 
@@ -425,7 +434,7 @@ def test_per_token_values_of_blocks_and_padded_windows_fold_onto_each_map_in_row
     pixels = torch.randn(2, 3, 64, 64)
     rec, maps, _ = _record_and_reference(nest, pixels, ("Attention",), reduction="none")
     for level, (attn, stride, side) in enumerate(zip(maps, (4, 8, 16), (16, 8, 4), strict=True)):
-        expected = _reference_map(attn, _blocks(_pixel_map(side, side, stride), 4, 4), (side, side), stride, True)
+        expected = _reference_map(attn, _blocks(side, side, stride, 4, 4), (side, side), stride, True)
         torch.testing.assert_close(rec.per_layer[level].double(), expected, **TOL)
 
     tiny = TinyVit(embed_dims=(16, 32, 64, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 4),
@@ -435,7 +444,7 @@ def test_per_token_values_of_blocks_and_padded_windows_fold_onto_each_map_in_row
         tiny(pixels)
     for index, (attn, stride) in enumerate(zip(_eager_softmaxes(tiny, pixels), (8, 16, 32), strict=True)):
         side = (-(-70 // stride), -(-90 // stride))
-        expected = _reference_map(attn, _blocks(_pixel_map(*side, stride), 3, 3), side, stride)
+        expected = _reference_map(attn, _blocks(*side, stride, 3, 3), side, stride)
         assert not expected.isnan().any()  # every token of the map exactly once, padding dropped
         torch.testing.assert_close(rec.per_layer[index].double(), expected, **TOL)
 

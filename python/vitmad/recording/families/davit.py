@@ -3,8 +3,8 @@
 
 Each ``SpatialBlock`` pads its ``[B, C, H, W]`` map with zeros at the bottom and right to whole ``window_size``
 windows (no shift), cuts it into windows (row-major, image-major in the batch) and runs ``WindowAttention``:
-``[B * windows, heads, N, N]``. Padding tokens take part in the attention as keys; they have no position, so the
-attention they receive drops out of the MAD, and their queries are not counted.
+``[B * windows, heads, N, N]``. Padding tokens are attended as keys at their cells of the padded grid, beyond the
+image edge, and are no queries (``docs/definition.md``, windows).
 """
 
 from __future__ import annotations
@@ -31,6 +31,6 @@ def placer(model: nn.Module, name: str, module: nn.Module):
 
     def partition(grid):
         size = tuple(int(s) for s in block.window_size)
-        return block_partition(grid, size), f"window {size[0]}x{size[1]}, zero-padded"
+        return block_partition(grid, size), f"window {size[0]}x{size[1]}"
 
     return PartitionPlacer(model, name, block, nchw, partition, "windows in batch")

@@ -5,7 +5,8 @@
 the batch) and runs ``CascadedGroupAttention`` on ``[B * windows, C, ws, ws]``. That module computes its heads one
 after the other, each from its own channel group plus the previous head's output, each with its own softmax
 ``[B * windows, N, N]`` plus an attention bias: one call per head, stacked as the layer's heads
-(:attr:`~..placement.Placement.heads_per_call`). Padding tokens are keys without a position.
+(:attr:`~..placement.Placement.heads_per_call`). Padding tokens are attended as keys at their cells of the
+padded grid, beyond the image edge, and are no queries (``docs/definition.md``, windows).
 
 ``CascadedGroupAttention`` has no ``fused_attn`` switch (it always computes its softmax), so this family finds its
 modules itself.
@@ -46,7 +47,9 @@ class _HeadPerCallPlacer(PartitionPlacer):
             )
         placement = super().place(context, torch.Size([*lead, self.heads]), num_queries, num_keys)
         # [B * windows, N, 2]: the call has no head dim.
-        return replace(placement, positions=placement.positions[:, 0], heads_per_call=True)
+        keys = placement.key_positions
+        keys = None if keys is None else keys[:, 0]
+        return replace(placement, positions=placement.positions[:, 0], key_positions=keys, heads_per_call=True)
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
@@ -58,6 +61,6 @@ def placer(model: nn.Module, name: str, module: nn.Module):
 
     def partition(grid):
         size = int(module.resolution)
-        return block_partition(grid, (size, size)), f"window {size}x{size}, zero-padded, cascaded heads"
+        return block_partition(grid, (size, size)), f"window {size}x{size}, cascaded heads"
 
     return _HeadPerCallPlacer(model, name, window, nchw, partition, "windows in batch", heads=int(module.num_heads))

@@ -2,8 +2,9 @@
 
 Each ``TinyVitBlock`` pads its ``[B, H, W, C]`` map with zeros at the bottom and right to whole ``window_size``
 windows, cuts it into windows (row-major, image-major in the batch; a map of exactly one window is not padded)
-and runs ``Attention`` on ``[B * windows, N, C]``: ``[B * windows, heads, N, N]``. Padding tokens take part as
-keys without a position. Stage 0 is convolutional; the attention stages have strides 8, 16, 32.
+and runs ``Attention`` on ``[B * windows, N, C]``: ``[B * windows, heads, N, N]``. Padding tokens are attended
+as keys at their cells of the padded grid, beyond the image edge, and are no queries (``docs/definition.md``,
+windows). Stage 0 is convolutional; the attention stages have strides 8, 16, 32.
 """
 
 from __future__ import annotations
@@ -23,6 +24,6 @@ def placer(model: nn.Module, name: str, module: nn.Module):
 
     def partition(grid):
         size = int(block.window_size)
-        return block_partition(grid, (size, size)), f"window {size}x{size}, zero-padded"
+        return block_partition(grid, (size, size)), f"window {size}x{size}"
 
     return PartitionPlacer(model, name, block, nhwc, partition, "windows in batch")

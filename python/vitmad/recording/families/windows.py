@@ -1,9 +1,9 @@
 """What the windowed and hierarchical families share: a stage's pixel stride, window and grid partitions as token
 indices into the stage's feature map, and the placement of a call over such a partition.
 
-A partition is an index tensor ``[num_windows, tokens_per_window]`` into the row-major ``grid_h * grid_w`` tokens of
-a stage's feature map, in the order the model lays the windows out (row-major over windows, tokens row-major in
-each window), with -1 for padding tokens (a window reaching over the map's bottom or right edge). The model's own
+A partition is the ``[num_windows, tokens_per_window, 2]`` (row, column) cells of a stage's feature map, in the
+order the model lays the windows out (row-major over windows, tokens row-major in each window); cells past the
+map's bottom or right edge are padding (a window reaching over the edge). The model's own
 partition code is not called: the families read the partition's parameters (window size, grid size) and rebuild
 the order here, and the tests check it against the model's eager attention placed by their own geometry.
 """
@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
 
 __all__ = ["stage_stride", "block_partition", "grid_partition", "window_placement", "parent_module", "PartitionPlacer",
            "nchw", "nhwc", "whole_map"]
@@ -89,14 +89,13 @@ def block_partition(grid: tuple[int, int], window: tuple[int, int]) -> torch.Ten
     """Non-overlapping ``window`` blocks of the map, the map padded at the bottom and right to whole windows.
 
     Window ``(a, b)`` (row-major) holds token ``(i, j)`` (row-major) at map row ``a * wh + i``, column
-    ``b * ww + j``; -1 where that is past the map (padding).
+    ``b * ww + j``; past the map's edge that is a padding cell.
     """
     (gh, gw), (wh, ww) = grid, window
     rows = torch.arange(math.ceil(gh / wh) * wh).view(-1, 1, wh, 1)  # [a, 1, i, 1]
     cols = torch.arange(math.ceil(gw / ww) * ww).view(1, -1, 1, ww)  # [1, b, 1, j]
-    index = rows * gw + cols
-    index = torch.where((rows < gh) & (cols < gw), index, -1)
-    return index.reshape(-1, wh * ww)
+    rows, cols = torch.broadcast_tensors(rows, cols)
+    return torch.stack([rows, cols], dim=-1).reshape(-1, wh * ww, 2)
 
 
 def grid_partition(grid: tuple[int, int], cells: tuple[int, int]) -> torch.Tensor:
@@ -110,27 +109,31 @@ def grid_partition(grid: tuple[int, int], cells: tuple[int, int]) -> torch.Tenso
     if gh % ch or gw % cw:
         raise NotPlaceable(f"its {gh}x{gw} map does not divide into a {ch}x{cw} attention grid")
     step_h, step_w = gh // ch, gw // cw
-    a = torch.arange(step_h).view(-1, 1, 1, 1)
-    b = torch.arange(step_w).view(1, -1, 1, 1)
-    i = torch.arange(ch).view(1, 1, -1, 1)
-    j = torch.arange(cw).view(1, 1, 1, -1)
-    return ((i * step_h + a) * gw + (j * step_w + b)).reshape(step_h * step_w, ch * cw)
+    rows = torch.arange(ch).view(1, 1, -1, 1) * step_h + torch.arange(step_h).view(-1, 1, 1, 1)
+    cols = torch.arange(cw).view(1, 1, 1, -1) * step_w + torch.arange(step_w).view(1, -1, 1, 1)
+    rows, cols = torch.broadcast_tensors(rows, cols)
+    return torch.stack([rows, cols], dim=-1).reshape(step_h * step_w, ch * cw, 2)
 
 
 def whole_map(grid: tuple[int, int]) -> tuple[torch.Tensor, str]:
     """Global attention over the whole map as one window."""
-    return torch.arange(grid[0] * grid[1]).view(1, -1), "global"
+    return block_partition(grid, grid), "global"
 
 
 _ORDERS = ("windows in batch", "windows after heads")
 
 
-def window_placement(index: torch.Tensor, grid: tuple[int, int], stride: tuple[float, float], lead: torch.Size,
+def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[float, float], lead: torch.Size,
                      num_queries: int, num_keys: int, *, order: str, attention: str) -> Placement:
-    """The placement of a call attending within the windows of ``index`` (``[num_windows, N]``, see above).
+    """The placement of a call attending within windows of a stage's map.
+
+    Padding cells (past the map's bottom or right edge) are attended by the model like any token: as keys they
+    sit at their cell of the padded grid, beyond the image edge; as queries they have no position
+    (``docs/definition.md``, windows).
 
     Args:
-        index: the partition, -1 for padding tokens (they get no position).
+        cells: ``[num_windows, N, 2]`` (row, column) on the padded map of each window's tokens, windows in the
+            model's order, tokens in its order within a window.
         grid: the stage's feature map ``(grid_h, grid_w)``; every token of it is in exactly one window.
         stride: pixels per token of that map.
         lead: the call's leading dims.
@@ -139,7 +142,7 @@ def window_placement(index: torch.Tensor, grid: tuple[int, int], stride: tuple[f
             Swin-style window attention) or ``"windows after heads"`` (``[B, H, num_windows]``; NesT).
         attention: the geometry's description.
     """
-    windows, size = index.shape
+    windows, size, _ = cells.shape
     if num_queries != size or num_keys != size:
         raise NotPlaceable(
             f"its attention is [{', '.join(map(str, lead))}, {num_queries}, {num_keys}], expected {size} queries "
@@ -155,20 +158,27 @@ def window_placement(index: torch.Tensor, grid: tuple[int, int], stride: tuple[f
             f"its attention has leading dims {shape}, expected {windows} windows ({order}) of {attention} over a "
             f"{grid[0]}x{grid[1]} map"
         )
-    flat = index.reshape(-1)
-    real = flat >= 0
+    flat = cells.reshape(-1, 2)
+    real = (flat[:, 0] < grid[0]) & (flat[:, 1] < grid[1])
+    index = flat[:, 0] * grid[1] + flat[:, 1]
     tokens = grid[0] * grid[1]
-    if not torch.equal(flat[real].sort().values, torch.arange(tokens)):
+    if not torch.equal(index[real].sort().values, torch.arange(tokens)):
         raise NotPlaceable(f"its windows do not cover the {grid[0]}x{grid[1]} map exactly once")
-    centres = cell_centres(*grid, stride).reshape(tokens, 2)
-    positions = torch.where(real[:, None], centres[flat.clamp(min=0)], float("nan")).view(windows, 1, size, 2)
+    centres = ((flat.double() + 0.5) * torch.tensor(stride, dtype=torch.float64)).float()
+    positions = torch.where(real[:, None], centres, float("nan")).view(windows, 1, size, 2)
+    key_positions = None if bool(real.all()) else centres.view(windows, 1, size, 2)
+    if not bool(real.all()):
+        padded = (int(flat[:, 0].max()) + 1, int(flat[:, 1].max()) + 1)
+        attention += f", padded to {padded[0]}x{padded[1]}"
     if order == "windows in batch":
         positions = positions.repeat(batch, 1, 1, 1)
-    elif order == "windows after heads":
+        key_positions = None if key_positions is None else key_positions.repeat(batch, 1, 1, 1)
+    else:
         positions = positions.view(windows, size, 2)
+        key_positions = None if key_positions is None else key_positions.view(windows, size, 2)
     # Where each token of the map is among the window-major values of one image and head.
     inverse = torch.empty(tokens, dtype=torch.long)
-    inverse[flat[real]] = real.nonzero().squeeze(1)
+    inverse[index[real]] = real.nonzero().squeeze(1)
 
     def fold(values: torch.Tensor) -> torch.Tensor:
         if order == "windows after heads":
@@ -177,7 +187,7 @@ def window_placement(index: torch.Tensor, grid: tuple[int, int], stride: tuple[f
             values = values.reshape(batch, windows, heads, size).transpose(1, 2).reshape(batch, heads, -1)
         return values.index_select(-1, inverse.to(values.device))
 
-    return Placement(positions, None, fold, LayerGeometry(grid, stride, attention, heads))
+    return Placement(positions, key_positions, fold, LayerGeometry(grid, stride, attention, heads))
 
 
 class PartitionPlacer(LayerPlacer):
@@ -188,7 +198,7 @@ class PartitionPlacer(LayerPlacer):
         name: the attention module's qualified name.
         watch: the module whose input (``output=False``) or output (``output=True``) is the stage's map.
         read_map: ``(batch, grid_h, grid_w)`` of that tensor, or None when it is not such a map.
-        partition: ``grid -> (index, attention)``: the windows of the map (see :func:`window_placement`) and their
+        partition: ``grid -> (cells, attention)``: the windows of the map (see :func:`window_placement`) and their
             description; read when each call is placed, so partition sizes changed on the model are followed.
         order: where the windows are in the call's leading dims (see :func:`window_placement`).
     """
@@ -223,12 +233,12 @@ class PartitionPlacer(LayerPlacer):
         batch, *grid = seen
         grid = (int(grid[0]), int(grid[1]))
         stride = stage_stride(self.model, self.name, context.image_size, grid)
-        index, attention = self.partition(grid)
-        if _batch(lead, index.shape[0], self.order) != batch:
+        cells, attention = self.partition(grid)
+        if _batch(lead, cells.shape[0], self.order) != batch:
             raise NotPlaceable(f"its attention has leading dims {list(lead)} for a batch of {batch} maps")
         key = (grid, stride, tuple(lead), num_queries, num_keys, attention)
         if self._cached is None or self._cached[0] != key:
-            placement = window_placement(index, grid, stride, lead, num_queries, num_keys, order=self.order,
+            placement = window_placement(cells, grid, stride, lead, num_queries, num_keys, order=self.order,
                                          attention=attention)
             self._cached = key, placement
         return self._cached[1]
