@@ -79,12 +79,16 @@ class Placement:
         fold: maps per-query values ``[*lead, Nq]`` (NaN at queries without a position) to ``[B, H, T]``, the
             layer's positioned tokens of each image in row-major grid order.
         geometry: the grid ``T`` lies on.
+        heads_per_call: True when the module computes each head in its own call (EfficientViT's cascaded group
+            attention: one softmax per head, in head order): the per-query values of its calls in one forward are
+            stacked on a head dim (``[*lead, H, Nq]``, dim -2) before ``fold``.
     """
 
     positions: torch.Tensor
     key_positions: torch.Tensor | None
     fold: Callable[[torch.Tensor], torch.Tensor]
     geometry: LayerGeometry
+    heads_per_call: bool = False
 
 
 @dataclass

@@ -383,6 +383,8 @@ class Recording:
             per_query, parts = combine(pending[0][1], pending[1][1], lam, renormalize=self.renormalize,
                                        reduce_mean=False)
             components = {"mad": [self._fold(name, placement, p) for p in parts], "lambda": lam}
+        elif placement.heads_per_call and all(entry[0].heads_per_call for entry in pending):
+            per_query = torch.stack([value for _, value, _ in pending], dim=-2)
         elif len(pending) == 1 and not is_differential(module):
             per_query = pending[0][1]
         else:

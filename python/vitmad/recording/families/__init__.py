@@ -15,15 +15,25 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import (
+    coat,
     conv_stages,
+    davit,
     efficientformer,
+    efficientvit_msra,
+    fastvit,
+    gcvit,
     hiera,
     levit,
+    maxxvit,
+    mobilevit,
     mvit,
+    nest,
     non_spatial,
     pooled,
     swin,
+    tiny_vit,
     vit_stages,
+    vitamin,
     windowed_vit,
 )
 
@@ -38,7 +48,10 @@ class Skip:
 
 
 # Tried in order; the first family that claims a module places it.
-_FAMILIES = (non_spatial, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages, vit_stages)
+_FAMILIES = (
+    non_spatial, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages, vit_stages,
+    maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra,
+)
 
 
 def family_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -1,0 +1,43 @@
+"""timm's GCViT (``timm.models.gcvit``): window attention and global-query window attention.
+
+Every ``GlobalContextVitBlock`` cuts its ``[B, H, W, C]`` map into ``window_size`` windows (row-major, image-major
+in the batch) and runs ``WindowAttentionGlobal`` on them: ``[B * windows, heads, N, N]``. In the odd blocks the
+queries are not the window's tokens but the stage's global query, a ``window_size`` map pooled from the whole
+stage (``FeatureBlock``), the same for every window of an image (``repeat_interleave`` over the windows). The
+global query has no place of its own: each of its tokens is placed at the local token it replaces, the token
+whose output it becomes (``window_reverse`` writes query ``n`` of window ``w`` there), so its MAD is the distance
+from where its result lands to the keys of that window.
+
+``WindowAttentionGlobal`` has no ``fused_attn`` switch (it always computes its softmax), so this family finds
+its modules itself.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .windows import PartitionPlacer, block_partition, nhwc, parent_module
+
+
+def _is_window_attention(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "WindowAttentionGlobal" and cls.__module__.endswith(".gcvit")
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if _is_window_attention(m)}
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    if not _is_window_attention(module):
+        return None
+    block = parent_module(model, name)
+    if type(block).__name__ != "GlobalContextVitBlock":
+        return None
+    kind = "global query, placed at the local tokens it replaces" if module.use_global else "local"
+
+    def partition(grid):
+        size = tuple(int(s) for s in block.window_size)
+        return block_partition(grid, size), f"window {size[0]}x{size[1]}, {kind}"
+
+    return PartitionPlacer(model, name, block, nhwc, partition, "windows in batch")

@@ -1,0 +1,258 @@
+"""What the windowed and hierarchical families share: a stage's pixel stride, window and grid partitions as token
+indices into the stage's feature map, and the placement of a call over such a partition.
+
+A partition is the ``[num_windows, tokens_per_window, 2]`` (row, column) cells of a stage's feature map, in the
+order the model lays the windows out (row-major over windows, tokens row-major in each window); cells past the
+map's bottom or right edge are padding (a window reaching over the edge). The model's own
+partition code is not called: the families read the partition's parameters (window size, grid size) and rebuild
+the order here, and the tests check it against the model's eager attention placed by their own geometry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
+
+__all__ = ["stage_stride", "block_partition", "grid_partition", "window_placement", "parent_module", "PartitionPlacer",
+           "nchw", "nhwc", "whole_map"]
+
+
+def parent_module(model: nn.Module, name: str) -> nn.Module | None:
+    """The module holding ``name`` (None for a top-level module)."""
+    parent = name.rpartition(".")[0]
+    return model.get_submodule(parent) if parent else None
+
+
+def _feature_reduction(model: nn.Module, name: str) -> int | None:
+    """The reduction timm's ``feature_info`` gives the stage holding module ``name``, or None."""
+    best = None
+    infos = getattr(model, "feature_info", None)
+    infos = getattr(infos, "info", infos)  # features_only models keep the list in a FeatureInfo
+    for info in infos if isinstance(infos, (list, tuple)) else []:
+        module = info.get("module") if isinstance(info, dict) else None
+        if not module:
+            continue
+        # features_only models rename their top-level modules: "stages.0" becomes "stages_0".
+        owns = name.startswith(module + ".") or name.startswith(module.replace(".", "_") + ".")
+        if owns and (best is None or len(module) > len(best[0])):
+            best = module, info.get("reduction")
+    if best is None:
+        best = _numbered_stage(infos, name)
+    return None if best is None or best[1] is None else int(best[1])
+
+
+def _numbered_stage(infos, name: str) -> tuple[str, int] | None:
+    """ByobNet (MobileViT) lists its last stage under the 1x1 ``final_conv`` after it, numbered ``stage`` = its
+    index + 1: ``(module, reduction)`` of the entry so numbered for a module in ``stages.<i>``, or None."""
+    parts = name.replace("stages_", "stages.", 1).split(".")
+    if len(parts) < 2 or parts[0] != "stages" or not parts[1].isdigit():
+        return None
+    for info in infos if isinstance(infos, (list, tuple)) else []:
+        if isinstance(info, dict) and info.get("stage") == int(parts[1]) + 1:
+            return info.get("module"), info.get("reduction")
+    return None
+
+
+def stage_stride(model: nn.Module, name: str, image: tuple[int, int] | None,
+                 grid: tuple[int, int]) -> tuple[float, float]:
+    """Pixels of the input image per token of a stage whose feature map is ``grid``.
+
+    The stage's nominal reduction (timm's ``feature_info``), checked against the call: convolutions with padding
+    round up and pools round down, so a map of side ``ceil(image / s)`` or ``floor(image / s)`` has stride ``s``.
+    The ratio of the image to the map is no substitute: it is ambiguous for rounded maps (a 66 px image over a
+    3-token map is 22 px per token, or 32 px rounded up), so a stage without a reduction that fits is refused.
+    """
+    if image is None:
+        raise NotPlaceable("it ran before any convolution saw the image, so its pixel scale is unknown")
+    reduction = _feature_reduction(model, name)
+    if reduction is None:
+        raise NotPlaceable(
+            f"{type(model).__name__}.feature_info names no stage holding it, so the pixel stride of its "
+            f"{grid[0]}x{grid[1]} map is unknown"
+        )
+    for size, side, axis in zip(image, grid, ("height", "width")):
+        if side not in (math.floor(size / reduction), math.ceil(size / reduction)):
+            raise NotPlaceable(
+                f"its feature map has {axis} {side} for an image {axis} of {size}, but its stage's feature_info "
+                f"reduction {reduction} gives {math.floor(size / reduction)} or {math.ceil(size / reduction)}, so "
+                "the map's pixel stride is unknown"
+            )
+    return float(reduction), float(reduction)
+
+
+def block_partition(grid: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
+    """Non-overlapping ``window`` blocks of the map, the map padded at the bottom and right to whole windows.
+
+    Window ``(a, b)`` (row-major) holds token ``(i, j)`` (row-major) at map row ``a * wh + i``, column
+    ``b * ww + j``; past the map's edge that is a padding cell.
+    """
+    (gh, gw), (wh, ww) = grid, window
+    rows = torch.arange(math.ceil(gh / wh) * wh).view(-1, 1, wh, 1)  # [a, 1, i, 1]
+    cols = torch.arange(math.ceil(gw / ww) * ww).view(1, -1, 1, ww)  # [1, b, 1, j]
+    rows, cols = torch.broadcast_tensors(rows, cols)
+    return torch.stack([rows, cols], dim=-1).reshape(-1, wh * ww, 2)
+
+
+def grid_partition(grid: tuple[int, int], cells: tuple[int, int]) -> torch.Tensor:
+    """Dilated grid windows (MaxViT's grid attention): ``cells`` = (gh', gw') tokens per window, one every
+    ``grid / cells`` tokens of the map.
+
+    Window ``(a, b)`` (row-major over ``(grid_h / gh', grid_w / gw')``) holds token ``(i, j)`` at map row
+    ``i * (grid_h / gh') + a``, column ``j * (grid_w / gw') + b``.
+    """
+    (gh, gw), (ch, cw) = grid, cells
+    if gh % ch or gw % cw:
+        raise NotPlaceable(f"its {gh}x{gw} map does not divide into a {ch}x{cw} attention grid")
+    step_h, step_w = gh // ch, gw // cw
+    rows = torch.arange(ch).view(1, 1, -1, 1) * step_h + torch.arange(step_h).view(-1, 1, 1, 1)
+    cols = torch.arange(cw).view(1, 1, 1, -1) * step_w + torch.arange(step_w).view(1, -1, 1, 1)
+    rows, cols = torch.broadcast_tensors(rows, cols)
+    return torch.stack([rows, cols], dim=-1).reshape(step_h * step_w, ch * cw, 2)
+
+
+def whole_map(grid: tuple[int, int]) -> tuple[torch.Tensor, str]:
+    """Global attention over the whole map as one window."""
+    return block_partition(grid, grid), "global"
+
+
+_ORDERS = ("windows in batch", "windows after heads")
+
+
+def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[float, float], lead: torch.Size,
+                     num_queries: int, num_keys: int, *, order: str, attention: str) -> Placement:
+    """The placement of a call attending within windows of a stage's map.
+
+    Padding cells (past the map's bottom or right edge) are attended by the model like any token: as keys they
+    sit at their cell of the padded grid, beyond the image edge; as queries they have no position
+    (``docs/definition.md``, windows).
+
+    Args:
+        cells: ``[num_windows, N, 2]`` (row, column) on the padded map of each window's tokens, windows in the
+            model's order, tokens in its order within a window.
+        grid: the stage's feature map ``(grid_h, grid_w)``; every token of it is in exactly one window.
+        stride: pixels per token of that map.
+        lead: the call's leading dims.
+        num_queries, num_keys: the call's attention size; both must be ``N``.
+        order: where the windows are in ``lead``: ``"windows in batch"`` (``[B * num_windows, H]``, image-major;
+            Swin-style window attention) or ``"windows after heads"`` (``[B, H, num_windows]``; NesT).
+        attention: the geometry's description.
+    """
+    windows, size, _ = cells.shape
+    if num_queries != size or num_keys != size:
+        raise NotPlaceable(
+            f"its attention is [{', '.join(map(str, lead))}, {num_queries}, {num_keys}], expected {size} queries "
+            f"and keys per window ({attention} over a {grid[0]}x{grid[1]} map)"
+        )
+    shape = [int(d) for d in lead]
+    if order == "windows in batch" and len(shape) == 2 and shape[0] % windows == 0:
+        batch, heads = shape[0] // windows, shape[1]
+    elif order == "windows after heads" and len(shape) == 3 and shape[2] == windows:
+        batch, heads = shape[0], shape[1]
+    else:
+        raise NotPlaceable(
+            f"its attention has leading dims {shape}, expected {windows} windows ({order}) of {attention} over a "
+            f"{grid[0]}x{grid[1]} map"
+        )
+    flat = cells.reshape(-1, 2)
+    real = (flat[:, 0] < grid[0]) & (flat[:, 1] < grid[1])
+    index = flat[:, 0] * grid[1] + flat[:, 1]
+    tokens = grid[0] * grid[1]
+    if not torch.equal(index[real].sort().values, torch.arange(tokens)):
+        raise NotPlaceable(f"its windows do not cover the {grid[0]}x{grid[1]} map exactly once")
+    centres = ((flat.double() + 0.5) * torch.tensor(stride, dtype=torch.float64)).float()
+    positions = torch.where(real[:, None], centres, float("nan")).view(windows, 1, size, 2)
+    key_positions = None if bool(real.all()) else centres.view(windows, 1, size, 2)
+    if not bool(real.all()):
+        padded = (int(flat[:, 0].max()) + 1, int(flat[:, 1].max()) + 1)
+        attention += f", padded to {padded[0]}x{padded[1]}"
+    if order == "windows in batch":
+        positions = positions.repeat(batch, 1, 1, 1)
+        key_positions = None if key_positions is None else key_positions.repeat(batch, 1, 1, 1)
+    else:
+        positions = positions.view(windows, size, 2)
+        key_positions = None if key_positions is None else key_positions.view(windows, size, 2)
+    # Where each token of the map is among the window-major values of one image and head.
+    inverse = torch.empty(tokens, dtype=torch.long)
+    inverse[index[real]] = real.nonzero().squeeze(1)
+
+    def fold(values: torch.Tensor) -> torch.Tensor:
+        if order == "windows after heads":
+            values = values.reshape(batch, heads, windows * size)
+        else:
+            values = values.reshape(batch, windows, heads, size).transpose(1, 2).reshape(batch, heads, -1)
+        return values.index_select(-1, inverse.to(values.device))
+
+    return Placement(positions, key_positions, fold, LayerGeometry(grid, stride, attention, heads))
+
+
+class PartitionPlacer(LayerPlacer):
+    """Places a layer attending within a partition of one stage's feature map.
+
+    Args:
+        model: the model (its class names the errors; its ``feature_info`` gives the stage's stride).
+        name: the attention module's qualified name.
+        watch: the module whose input (``output=False``) or output (``output=True``) is the stage's map.
+        read_map: ``(batch, grid_h, grid_w)`` of that tensor, or None when it is not such a map.
+        partition: ``grid -> (cells, attention)``: the windows of the map (see :func:`window_placement`) and their
+            description; read when each call is placed, so partition sizes changed on the model are followed.
+        order: where the windows are in the call's leading dims (see :func:`window_placement`).
+    """
+
+    def __init__(self, model: nn.Module, name: str, watch: nn.Module,
+                 read_map: Callable[[torch.Tensor], tuple[int, int, int] | None],
+                 partition: Callable[[tuple[int, int]], tuple[torch.Tensor, str]], order: str, *,
+                 output: bool = False):
+        if order not in _ORDERS:
+            raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
+        self.model, self.name, self.watch, self.read_map = model, name, watch, read_map
+        self.partition, self.order, self.output = partition, order, output
+        self.key = f"windows.map.{name}"
+        # The latest placement, reused while the call's shape, map and partition stay the same.
+        self._cached: tuple[tuple, Placement] | None = None
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def see(tensor) -> None:
+            context.values[self.key] = self.read_map(tensor) if isinstance(tensor, torch.Tensor) else None
+
+        if self.output:
+            return [self.watch.register_forward_hook(lambda m, args, out: see(out))]
+        return [self.watch.register_forward_pre_hook(lambda m, args: see(args[0] if args else None))]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        seen = context.values.get(self.key)
+        if seen is None:
+            raise NotPlaceable(
+                f"the feature map of its stage was not seen before it ran ({type(self.watch).__name__} did not run "
+                "on a [B, C, H, W] / [B, H, W, C] map first)"
+            )
+        batch, *grid = seen
+        grid = (int(grid[0]), int(grid[1]))
+        stride = stage_stride(self.model, self.name, context.image_size, grid)
+        cells, attention = self.partition(grid)
+        if _batch(lead, cells.shape[0], self.order) != batch:
+            raise NotPlaceable(f"its attention has leading dims {list(lead)} for a batch of {batch} maps")
+        key = (grid, stride, tuple(lead), num_queries, num_keys, attention)
+        if self._cached is None or self._cached[0] != key:
+            placement = window_placement(cells, grid, stride, lead, num_queries, num_keys, order=self.order,
+                                         attention=attention)
+            self._cached = key, placement
+        return self._cached[1]
+
+
+def _batch(lead: torch.Size, windows: int, order: str) -> int:
+    return int(lead[0]) // windows if order == "windows in batch" else int(lead[0])
+
+
+def nchw(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(B, H, W)`` of a ``[B, C, H, W]`` map."""
+    return (int(x.shape[0]), int(x.shape[2]), int(x.shape[3])) if x.dim() == 4 else None
+
+
+def nhwc(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(B, H, W)`` of a ``[B, H, W, C]`` map."""
+    return (int(x.shape[0]), int(x.shape[1]), int(x.shape[2])) if x.dim() == 4 else None
