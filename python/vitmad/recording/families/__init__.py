@@ -24,6 +24,7 @@ from . import (
     gcvit,
     hiera,
     levit,
+    map_attention,
     maxxvit,
     mobilevit,
     mvit,
@@ -50,7 +51,7 @@ class Skip:
 # Tried in order; the first family that claims a module places it.
 _FAMILIES = (
     non_spatial, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages, vit_stages,
-    maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra,
+    maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra, map_attention,
 )
 
 
