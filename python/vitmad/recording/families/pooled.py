@@ -12,7 +12,8 @@
   padding tokens are keys without a position, and no query.
 
 Each token sits at the centre of its cell of the stage's grid (:mod:`.stages`), a pooled key at the centre of
-the cells it pools; the pixel stride of a stage is the product of the strides of the patch embeddings that ran.
+its stride cell (with kernel = stride = ``sr``, the cells it pools); the pixel stride of a stage is the product
+of the strides of the patch embeddings that ran.
 """
 
 from __future__ import annotations
@@ -21,14 +22,23 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres
-from .stages import KeyLayout, StageGrid, StagePlacer, adaptive_centres, defined_in, global_keys, pair, window_centres
+from .stages import (
+    KeyLayout,
+    StageGrid,
+    StagePlacer,
+    adaptive_centres,
+    defined_in,
+    global_keys,
+    pair,
+    strided_module_centres,
+)
 
 __all__ = ["placer"]
 
 
 def _conv_keys(conv: nn.Conv2d) -> KeyLayout:
     def keys(grid, stride):
-        _, centres = window_centres(grid, stride, conv)
+        _, centres = strided_module_centres(grid, stride, conv)
         kh, kw = pair(conv.kernel_size)
         return centres, f"keys pooled {kh}x{kw} by a strided convolution"
 
