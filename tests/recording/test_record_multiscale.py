@@ -22,9 +22,11 @@ TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels; float32 attention against a float6
 
 
 def axis(count: int, step: int, stride: float) -> torch.Tensor:
-    """Pixel centres of the cells ``0, step, 2 step, ...`` (``count`` of them) of an axis of stride-pixel cells:
-    the centres of a 3x3 (padding 1) or 1x1 pooling's windows, or plain cells for step 1."""
-    return (torch.arange(count, dtype=torch.float64) * step + 0.5) * stride
+    """Pixel positions of the ``count`` outputs of a stride-``step`` operation (pooling, convolution,
+    subsampling) along an axis of stride-pixel cells: output ``i`` sits at the centre of its stride cell, cells
+    ``step * i ... step * i + step - 1``, whatever the kernel or padding (docs/definition.md); plain cells for
+    step 1."""
+    return (torch.arange(count, dtype=torch.float64) + 0.5) * step * stride
 
 
 def grid(rows: torch.Tensor, cols: torch.Tensor, prefix: int = 0) -> torch.Tensor:
@@ -78,6 +80,7 @@ def test_mvitv2_pooled_queries_and_keys(cls_token, mode):
     maps = softmax_maps(model, pixels)
     # Per layer: the grid side it receives and its stride (a stride-4 patch embedding, then each stage's first
     # block pools the queries by 2), its query step and its key step (keys pooled to stride 32 until stage 3).
+    # The poolings are 3 x 3 with padding 1; a pooled token sits at the centre of its stride cell.
     layers = [(16, 4, 1, 4), (16, 4, 2, 2), (8, 8, 1, 2), (8, 8, 2, 1), (4, 16, 2, 1)]
     assert len(maps) == len(rec.per_layer) == len(layers)
     prefix = int(cls_token)
@@ -153,7 +156,8 @@ def test_levit_subsampled_queries_on_its_fixed_grid(name):
     rec = record(model, pixels)
     maps = softmax_maps(model, pixels)
     # A stride-16 stem: a 4 x 6 grid; each downsampling attention queries rows and columns 0, 2, 4, ... of its
-    # grid (keys: all of it) and leaves a grid of half the size: 2 x 3 at 32 px, then 1 x 2 at 64 px.
+    # grid (keys: all of it), a subsampling of stride 2 whose query i sits at the centre of cells 2i, 2i + 1,
+    # where the next grid's token i sits: 2 x 3 at 32 px, then 1 x 2 at 64 px.
     full = [grid(axis(4, 1, 16), axis(6, 1, 16)), grid(axis(2, 1, 32), axis(3, 1, 32)),
             grid(axis(1, 1, 64), axis(2, 1, 64))]
     subsampled = [grid(axis(2, 2, 16), axis(3, 2, 16)), grid(axis(1, 2, 32), axis(2, 2, 32))]
@@ -186,8 +190,9 @@ def test_efficientformer_v2_subsampled_grids_and_queries():
     rec = record(model, pixels)
     maps = softmax_maps(model, pixels)
     # Stage 3 (stride 16, 4 x 6): attention over the tokens of a stride-2 depthwise convolution (kernel 3,
-    # padding 1): cells 0, 2 of the rows, 0, 2, 4 of the columns. Stage 4's downsampling attention: queries on
-    # those cells, keys the whole 4 x 6 grid; then global attention over the 2 x 3 grid at 32 px.
+    # padding 1), 2 x 3 of them, each at the centre of its 2 x 2 stride cell (not of its 3 x 3 window). Stage
+    # 4's downsampling attention: queries of a stride-2 convolution and pool alike, keys the whole 4 x 6 grid;
+    # then global attention over the 2 x 3 grid at 32 px, whose tokens sit where those queries do.
     subsampled = grid(axis(2, 2, 16), axis(3, 2, 16))
     full, coarse = grid(axis(4, 1, 16), axis(6, 1, 16)), grid(axis(2, 1, 32), axis(3, 1, 32))
     expected_layers = {"stages.2": (subsampled, subsampled), "stages.3.downsample": (subsampled, full),
@@ -235,3 +240,20 @@ def test_xcit_has_no_spatial_attention_and_is_a_clear_error():
     model = timm.create_model("xcit_nano_12_p16_224", pretrained=False, depth=2, img_size=64).eval()
     with pytest.raises(ValueError, match="Xcit has no layer with spatial softmax attention.*cross-covariance"):
         vitmad.record(model)
+
+
+@pytest.mark.parametrize("pool", [
+    torch.nn.MaxPool2d(3, 2, 1), torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True), torch.nn.AvgPool2d(2, 2, ceil_mode=True),
+    torch.nn.AvgPool2d(1, 2), torch.nn.Conv2d(1, 1, 3, 2, 1, dilation=2), torch.nn.Conv2d(1, 1, 3, 4, 1),
+], ids=["max3s2p1", "max3s2p1-ceil", "avg2s2-ceil", "avg1s2", "conv3s2p1d2", "conv3s4p1"])
+@pytest.mark.parametrize("size", [(7, 10), (8, 5)])
+def test_strided_outputs_sit_at_the_centre_of_their_stride_cell(pool, size):
+    # The output grid is the one PyTorch makes (floor or ceil); output i sits at (i + 0.5) * step cells of
+    # 16 px, whatever the kernel, padding or dilation.
+    from vitmad.recording.families.stages import strided_module_centres
+
+    out = pool(torch.zeros(1, 1, *size)).shape[-2:]
+    step = pool.stride if isinstance(pool.stride, int) else pool.stride[0]
+    grid_out, centres = strided_module_centres(size, (16.0, 16.0), pool)
+    assert grid_out == tuple(out)
+    torch.testing.assert_close(centres.double(), grid(axis(out[0], step, 16), axis(out[1], step, 16)))

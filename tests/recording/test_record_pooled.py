@@ -3,8 +3,9 @@
 Each test builds a tiny random model, records it, and compares every layer's MAD with the MAD of the model's
 own eager attention probabilities, placed by the geometry written here: a stage's grid is the image divided by
 the strides of the patch embeddings (4, then 2 per stage, rounded up by the overlapping convolutions' padding),
-each token at the centre of its cell, a key pooled by an r x r convolution at the centre of the r x r cells it
-reads, padding tokens nowhere.
+each token at the centre of its cell, a key pooled by an r x r convolution of stride r at the centre of its
+stride cell (the r x r cells it reads); Twins' window padding, which the model does not mask, is a key at its
+cell of the padded grid (past the image edge) and no query.
 """
 
 from __future__ import annotations
@@ -189,14 +190,20 @@ def test_transformers_pvt_v1_with_its_cls_token_in_the_last_stage(image_size):
     assert rec.geometry[-1].num_prefix_tokens == 1
 
 
-def twins_local_positions(gh: int, gw: int, stride: float, ws: int) -> torch.Tensor:
-    """[nW, 1, ws * ws, 2]: the grid padded at the bottom and right to multiples of ws (padding at NaN), cut
-    into ws x ws windows, windows in row-major order."""
+def twins_local_positions(gh: int, gw: int, stride: float, ws: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(queries, keys), each [nW, 1, ws * ws, 2]: the grid padded at the bottom and right to multiples of ws,
+    cut into ws x ws windows, windows in row-major order; a padding slot is a key at its cell of the padded grid
+    and no query (NaN)."""
     ph, pw = -(-gh // ws) * ws, -(-gw // ws) * ws
-    grid = cells(ph, pw, stride).reshape(ph, pw, 2)
-    grid[gh:], grid[:, gw:] = float("nan"), float("nan")
-    windows = [grid[i:i + ws, j:j + ws].reshape(ws * ws, 2) for i in range(0, ph, ws) for j in range(0, pw, ws)]
-    return torch.stack(windows)[:, None]
+    keys = cells(ph, pw, stride).reshape(ph, pw, 2)
+    queries = keys.clone()
+    queries[gh:], queries[:, gw:] = float("nan"), float("nan")
+
+    def windows(grid):
+        return torch.stack([grid[i:i + ws, j:j + ws].reshape(ws * ws, 2)
+                            for i in range(0, ph, ws) for j in range(0, pw, ws)])[:, None]
+
+    return windows(queries), windows(keys)
 
 
 @pytest.mark.parametrize("size", [(56, 56), (60, 92)])
@@ -210,7 +217,7 @@ def test_timm_twins_svt_windows_padded_and_subsampled_keys(size):
     grids = stage_grids(*size, 4, 2, overlapping=False)
     for layer, ((gh, gw, stride), sr) in enumerate(zip(grids, (4, 2, 1, 1))):
         local, pooled = maps[2 * layer], maps[2 * layer + 1]
-        per_query = mad_positions_reference(local, twins_local_positions(gh, gw, stride, 3), reduction="none")
+        per_query = mad_positions_reference(local, *twins_local_positions(gh, gw, stride, 3), reduction="none")
         batch, _, heads, _ = per_query.shape
         expected = per_query.permute(0, 2, 1, 3).reshape(batch, heads, -1).nanmean(-1)  # every real query once
         torch.testing.assert_close(rec.per_layer[2 * layer].double(), expected, **TOL)

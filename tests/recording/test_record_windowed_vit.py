@@ -4,8 +4,11 @@ transformers SAM (vision encoder), ViTDet and Sam2's HieraDet.
 The reference of every layer is the model's own eager softmax probabilities (the unfused path of a copy of the
 model), placed by geometry written here with plain loops from the models' documented layout: the ``H x W``
 token map is padded at the bottom and right to a multiple of the window, windows are taken row-major, tokens
-row-major within a window, padding tokens have no position; pooled queries (HieraDet) sit at the centre of the
-``2 x 2`` cells they pool and the pooled map keeps ``H // 2`` rows.
+row-major within a window; a padding slot (not masked by these models) is a key at its cell of the padded grid,
+past the image edge, and no query. Pooled queries (HieraDet) sit at the centre of the ``2 x 2`` cells they pool
+(their stride cell); one whose cell holds an image row and column is a query, also where the cell reaches into
+the padding (so an odd map of ``H`` rows has ``ceil(H / 2)`` pooled query rows), one whose cell is all padding
+is none.
 """
 
 from __future__ import annotations
@@ -63,12 +66,15 @@ def eager_maps(model, class_names) -> list[torch.Tensor]:
 
 def layout(height, width, window, stride, pool=1):
     """Key and query positions ``[nW, Nk, 2]``, ``[nW, Nq, 2]`` and the query grid of a block whose input map
-    is ``height x width`` tokens of ``stride`` pixels, windows of ``window`` (0: global), queries pooled by
-    ``pool``; plus, per window and query, the query's index in the row-major pooled grid (-1: padding)."""
+    is ``height x width`` tokens of ``stride`` pixels, windows of ``window`` (0: global, which pools the unpadded
+    map: ``height // pool`` rows), queries pooled by ``pool``; plus, per window and query, the query's index in
+    the row-major pooled grid (-1: no query)."""
     wh, ww = (window, window) if window else (height, width)
     nwh, nww = math.ceil(height / wh), math.ceil(width / ww)
     ph, pw = wh // pool, ww // pool
-    kept_h, kept_w = height // pool, width // pool
+    # Pooled rows (columns) whose stride cell, rows pool * r ... pool * r + pool - 1, holds an image row.
+    kept_h = len([r for r in range(nwh * ph) if pool * r < height])
+    kept_w = len([c for c in range(nww * pw) if pool * c < width])
     keys = [[[NAN, NAN]] * (wh * ww) for _ in range(nwh * nww)]
     queries = [[[NAN, NAN]] * (ph * pw) for _ in range(nwh * nww)]
     index = [[-1] * (ph * pw) for _ in range(nwh * nww)]
@@ -76,11 +82,10 @@ def layout(height, width, window, stride, pool=1):
         wi, wj = divmod(k, nww)
         for t in range(wh * ww):
             r, c = wi * wh + t // ww, wj * ww + t % ww
-            if r < height and c < width:
-                keys[k][t] = [(r + 0.5) * stride, (c + 0.5) * stride]
+            keys[k][t] = [(r + 0.5) * stride, (c + 0.5) * stride]  # padding too: past the image edge
         for t in range(ph * pw):
             r, c = wi * ph + t // pw, wj * pw + t % pw
-            if r < kept_h and c < kept_w:
+            if pool * r < height and pool * c < width:
                 queries[k][t] = [(r + 0.5) * stride * pool, (c + 0.5) * stride * pool]
                 index[k][t] = r * kept_w + c
     keys, queries = torch.tensor(keys, dtype=torch.float64), torch.tensor(queries, dtype=torch.float64)
@@ -243,8 +248,8 @@ def _hieradet_specs(gh, gw):
 
 @pytest.mark.parametrize("size", [(112, 112), (112, 96)], ids=["square", "non-square"])
 def test_timm_hieradet_pooled_queries_match_eager_attention(size):
-    # 112 px: maps 28, 14, 7, 3 (stride 4, 8, 16, 32): the 14 and 7 maps pad to windows of 4, and the pooled
-    # 7 -> 3 map has a pooled row that reaches into padding.
+    # 112 px: maps 28, 14, 7, 3 (stride 4, 8, 16, 32): the 14 and 7 maps pad to windows of 4, and pooling the
+    # 7-row map gives 4 query rows (the 4th of image row 6 and a padding row) of which the model keeps 3.
     torch.manual_seed(0)
     model = timm.create_model("sam2_hiera_tiny", pretrained=False, embed_dim=16, num_heads=1, stages=(1, 1, 2, 1),
                               global_att_blocks=(3,), window_spec=(4, 4, 4, 2)).eval()
@@ -255,6 +260,9 @@ def test_timm_hieradet_pooled_queries_match_eager_attention(size):
     rec = check(model, eager, {"MultiScaleAttention"}, torch.randn(2, 3, *size),
                 _hieradet_specs(size[0] // 4, size[1] // 4), HIERADET_HEADS)
     assert [g.stride[0] for g in rec.geometry] == [4, 8, 16, 16, 32]
+    # The last stage's first block: a 7-row map pooled to 4 query rows, the 4th reaching into the padding.
+    assert rec.geometry[4].grid == (4, 4 if size[1] == 112 else 3)
+    assert "to 4x" in rec.geometry[4].attention
     assert rec.mad.shape == (5, 2, 8)
     assert rec.mad[0, :, 1:].isnan().all()  # one head in stage 1: the other seven are missing
 

@@ -2,8 +2,9 @@
 
 Every recorded attention call is measured with the position form of the ops: each query and key gets the
 centre, in pixels of the input image, of the cell it stands for (``docs/definition.md``, "Beyond one grid"),
-and a row of NaN when it has none (CLS, registers, detection tokens, padding). The ops return one value per
-query; a :class:`Placement` then folds those values back onto the layer's token grid, ``[B, H, T]`` with the
+and a row of NaN when it has none (CLS, registers, detection tokens, masked padding; unmasked window padding
+is a key at its cell of the padded grid, and no query). The ops return one value per query; a
+:class:`Placement` then folds those values back onto the layer's token grid, ``[B, H, T]`` with the
 ``T = grid_h * grid_w`` positioned tokens of each image in row-major order, whatever the call's own layout
 (windows batched with the images, windows in their own dimension, shifted or padded windows). The layer's MAD
 of an image is the mean over its ``T`` tokens, so a windowed layer's MAD averages every query of the image,

@@ -3,7 +3,10 @@
 - NextViT (timm ``nextvit_*``): ``EfficientAttention`` runs on the flattened ``[B, C, H, W]`` map of its block;
   with ``sr_ratio > 1`` its keys are ``AvgPool1d(sr_ratio ** 2)`` over that sequence: each key averages
   ``sr_ratio ** 2`` consecutive tokens in row-major order (along a row, or running on into the next one), and
-  sits at the centroid of their cells.
+  sits at the centroid of their cells. This pooling runs over the flattened sequence, not over the 2-D grid,
+  so its output has no 2-D stride cell to sit in (the rule for strided 2-D operations, docs/definition.md):
+  where a window runs on into the next row, the centroid is the one point that stands for the cells it
+  averages; where it lies within a row, it is the centre of its 1-D stride cell anyway.
 - Visformer (timm ``visformer_*``): ``Attention`` over the whole ``[B, C, H, W]`` map of its stage.
 
 The grid is the output of the latest strided convolution or pool that ran (stem, patch embeddings, the

@@ -4,10 +4,13 @@
   of its fixed ``resolution``.
 - V2 ``Attention2d``: attention over a ``[B, C, H, W]`` map; in stage 3 it first subsamples the map with a
   depthwise convolution of stride 2 (``stride_conv``): queries and keys are then the tokens of that
-  convolution, each at the centre of its 3x3 window. Its talking heads mix the heads before and after the
+  convolution, each at the centre of its 2x2 stride cell (a strided operation, docs/definition.md: not at the
+  centre of its 3x3 window). Its talking heads mix the heads before and after the
   softmax: the MAD is that of each head's softmax.
 - V2 ``Attention2dDownsample`` (the last stage's downsampling): queries from a stride-2 convolution plus a
-  stride-2 pool of the grid (both centred on cells ``0, 2, 4, ...``), keys the whole grid.
+  stride-2 pool of the grid (both read around cells ``0, 2, 4, ...``); as the output of a strided operation,
+  query ``i`` sits at the centre of its stride cell, cells ``2 i`` and ``2 i + 1``, where the next stage's token
+  ``i`` sits; keys the whole grid.
 
 The grid's pixel stride is the product of the strides of the stem's and the downsampling layers' convolutions
 before the module (a downsampling attention reads the grid its sibling convolution downsamples). These modules
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, cell_centres
-from .stages import defined_in, grid_placement, pair, window_centres
+from .stages import defined_in, grid_placement, pair, strided_module_centres
 
 __all__ = ["placer", "attention_modules"]
 
@@ -84,13 +87,13 @@ class EfficientFormerPlacer(LayerPlacer):
             if module.stride_conv is None:
                 return grid_placement(lead, num_queries, num_keys, grid=grid, stride=stride, attention="global")
             conv = module.stride_conv.conv
-            out, centres = window_centres(grid, stride, conv)
+            out, centres = strided_module_centres(grid, stride, conv)
             step = pair(conv.stride)
             return grid_placement(lead, num_queries, num_keys, grid=out, stride=(stride[0] * step[0],
                                   stride[1] * step[1]), attention=f"global over the grid subsampled by {step[0]}",
                                   queries=centres, keys=centres)
         conv = module.q.local
-        out, queries = window_centres(grid, stride, conv)
+        out, queries = strided_module_centres(grid, stride, conv)
         step = pair(conv.stride)
         return grid_placement(lead, num_queries, num_keys, grid=out, stride=(stride[0] * step[0], stride[1] * step[1]),
                               attention=f"global; queries subsampled, stride {step[0]}", queries=queries,

@@ -3,8 +3,11 @@
 ``Attention`` attends over its ``resolution`` grid (tokens ``[B, N, C]``, or a ``[B, C, H, W]`` map in the conv
 variants) with a learned attention bias, so the grid is fixed by the image size the model was built for.
 ``AttentionDownsample`` takes its queries at every ``stride``-th row and column of the grid (``x[:, ::2, ::2]``,
-or a 1x1 / 3x3 average pool of stride 2 in the conv variants: the same window centres) and its keys from the
-whole grid. The grid's stride is the stem's (16 px, or 8 in ``*_s8``) times 2 per downsampling before it.
+or a 1x1 / 3x3 average pool of stride 2 in the conv variants: ``ceil(n / 2)`` of them either way) and its keys
+from the whole grid. The subsampling is a strided operation: query ``i`` sits at the centre of its stride cell,
+``(i + 0.5) * 2`` cells of the grid (docs/definition.md, "Beyond one grid"), where the next stage's token ``i``
+sits, not on the cell ``2 i`` it reads. The grid's stride is the stem's (16 px, or 8 in ``*_s8``) times 2 per
+downsampling before it.
 
 These modules have no ``fused_attn`` switch, so :func:`attention_modules` finds them.
 """
@@ -15,7 +18,7 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerPlacer, Placement, cell_centres
-from .stages import conv_centres, defined_in, grid_placement, pair
+from .stages import defined_in, grid_placement, pair, strided_centres
 
 __all__ = ["placer", "attention_modules"]
 
@@ -60,8 +63,8 @@ class LevitPlacer(LayerPlacer):
         if step is None:
             return grid_placement(lead, num_queries, num_keys, grid=grid, stride=stride, attention="global")
         keys = cell_centres(*grid, stride).reshape(-1, 2)
-        # x[:, ::step, ::step]: the windows of a 1x1 pooling of stride `step`.
-        query_grid, queries = conv_centres(grid, stride, 1, step, 0)
+        # x[:, ::step, ::step] (or a pool of stride `step`): a strided operation, placed by its stride cells.
+        query_grid, queries = strided_centres(grid, stride, 1, step, 0)
         return grid_placement(lead, num_queries, num_keys, grid=query_grid,
                               stride=(stride[0] * step, stride[1] * step),
                               attention=f"global; queries subsampled, stride {step}", queries=queries, keys=keys)

@@ -3,8 +3,10 @@
 ``MultiScaleAttention`` (and ``MultiScaleAttentionPoolFirst``) receives the tokens of a ``feat_size`` grid (after
 a CLS token in the ``*_cls`` models), pools the queries with ``pool_q`` (stride 2 in the first block of stages
 2-4, so the next blocks run on the pooled grid) and the keys with ``pool_k`` (a 3x3 convolution or pool of
-stride 4, 2 or 1 by stage), then attends ``[B, H, 1 + Nq, 1 + Nk]`` with a relative position bias. Each pooled
-token sits at the centre of its kernel window on the input grid (:func:`.stages.window_centres`); the queries'
+stride 4, 2 or 1 by stage), then attends ``[B, H, 1 + Nq, 1 + Nk]`` with a relative position bias. A pooling is
+a strided operation: its output ``i`` sits at the centre of its stride cell, ``(i + 0.5) * stride`` cells of the
+block's grid, whatever its kernel and padding (docs/definition.md, "Beyond one grid";
+:func:`.stages.strided_module_centres`), so pooled queries sit where the next blocks' tokens do; the queries'
 grid, and its stride, is what the layer is folded onto.
 
 These modules have no ``fused_attn`` switch, so :func:`attention_modules` finds them.
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, cell_centres
-from .stages import defined_in, grid_placement, pair, window_centres
+from .stages import defined_in, grid_placement, pair, strided_module_centres
 
 __all__ = ["placer", "attention_modules"]
 
@@ -68,7 +70,7 @@ class PoolingAttentionPlacer(LayerPlacer):
         def pooled(pool):
             if pool is None:
                 return grid, cell_centres(*grid, stride).reshape(-1, 2), stride
-            out, centres = window_centres(grid, stride, pool)
+            out, centres = strided_module_centres(grid, stride, pool)
             step = pair(pool.stride)
             return out, centres, (stride[0] * step[0], stride[1] * step[1])
 

@@ -8,11 +8,13 @@
 - PVT v1 (transformers ``PvtModel``): the same with non-overlapping patch embeddings, and a CLS token, without a
   position, in the last stage.
 - Twins (timm ``twins_pcpvt_*``, ``twins_svt_*``): ``GlobalSubSampleAttn`` (keys by a strided convolution) and
-  ``LocallyGroupedAttn``, attention inside ``ws x ws`` windows of the grid padded at the bottom and right; the
-  padding tokens are keys without a position, and no query.
+  ``LocallyGroupedAttn``, attention inside ``ws x ws`` windows of the grid zero-padded at the bottom and right,
+  unmasked: a padding token is a key at its cell of the padded grid, past the image edge, and no query (it
+  stands for no image content; docs/definition.md, windows).
 
 Each token sits at the centre of its cell of the stage's grid (:mod:`.stages`), a pooled key at the centre of
-the cells it pools; the pixel stride of a stage is the product of the strides of the patch embeddings that ran.
+its stride cell (with kernel = stride = ``sr``, the cells it pools); the pixel stride of a stage is the product
+of the strides of the patch embeddings that ran.
 """
 
 from __future__ import annotations
@@ -21,14 +23,23 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres
-from .stages import KeyLayout, StageGrid, StagePlacer, adaptive_centres, defined_in, global_keys, pair, window_centres
+from .stages import (
+    KeyLayout,
+    StageGrid,
+    StagePlacer,
+    adaptive_centres,
+    defined_in,
+    global_keys,
+    pair,
+    strided_module_centres,
+)
 
 __all__ = ["placer"]
 
 
 def _conv_keys(conv: nn.Conv2d) -> KeyLayout:
     def keys(grid, stride):
-        _, centres = window_centres(grid, stride, conv)
+        _, centres = strided_module_centres(grid, stride, conv)
         kh, kw = pair(conv.kernel_size)
         return centres, f"keys pooled {kh}x{kw} by a strided convolution"
 
@@ -45,7 +56,8 @@ def _adaptive_keys(pool: nn.AdaptiveAvgPool2d) -> KeyLayout:
 
 class PaddedWindowPlacer(LayerPlacer):
     """Twins' ``LocallyGroupedAttn``: the stage's grid, padded at the bottom and right to a multiple of ``ws``,
-    cut into ``ws x ws`` windows in row-major order, attention ``[B, nW, H, ws * ws, ws * ws]``."""
+    cut into ``ws x ws`` windows in row-major order, attention ``[B, nW, H, ws * ws, ws * ws]``; the padding,
+    which the model does not mask, is a key at its cell of the padded grid and no query."""
 
     def __init__(self, stages: StageGrid, window: int):
         self.stages, self.window = stages, window
@@ -63,10 +75,18 @@ class PaddedWindowPlacer(LayerPlacer):
                 f"[B, {nh * nw}, H, {ws * ws}, {ws * ws}]: the {nh}x{nw} windows of {ws}x{ws} tokens of the "
                 f"{gh}x{gw} grid padded at the bottom and right"
             )
+
+        def windows(cells: torch.Tensor) -> torch.Tensor:
+            return cells.reshape(nh, ws, nw, ws, 2).transpose(1, 2).reshape(nh * nw, 1, ws * ws, 2)
+
         cells = cell_centres(nh * ws, nw * ws, stage.stride)
+        # docs/definition.md, windows: the padding is attended as a key at its cell of the padded grid (past the
+        # image edge), and is no query: it stands for no image content.
+        key_positions = windows(cells) if (nh * ws, nw * ws) != (gh, gw) else None
+        cells = cells.clone()
         cells[gh:] = float("nan")
         cells[:, gw:] = float("nan")
-        positions = cells.reshape(nh, ws, nw, ws, 2).transpose(1, 2).reshape(nh * nw, 1, ws * ws, 2)
+        positions = windows(cells)
 
         def fold(values: torch.Tensor) -> torch.Tensor:
             batch, heads = values.shape[0], values.shape[2]
@@ -75,7 +95,7 @@ class PaddedWindowPlacer(LayerPlacer):
 
         padded = "" if (gh % ws, gw % ws) == (0, 0) else f", grid padded to {nh * ws}x{nw * ws}"
         geometry = LayerGeometry((gh, gw), stage.stride, f"window {ws}x{ws}{padded}", int(lead[-1]))
-        return Placement(positions, None, fold, geometry)
+        return Placement(positions, key_positions, fold, geometry)
 
 
 def _embeddings(model: nn.Module, class_name: str, module_suffix: str, conv: str) -> list[nn.Module]:

@@ -6,10 +6,12 @@ embeddings, stems, downsampling layers) made from the image: PVT, Segformer, Twi
 - :class:`StageGrid` follows, in each forward call, the stage embeddings that ran: the latest one's output is
   the grid the next attention layers attend over, and the product of the strides of all that ran is its pixel
   stride (per axis), so every stage's MAD is in pixels of the input image.
-- :func:`conv_centres` and :func:`adaptive_centres` place the tokens a pooling (convolution, average pool,
-  adaptive pool, strided subsampling) makes from a grid: each sits at the centre of its window on the input
-  grid, the window being the kernel's taps (padding included), so ``kernel == stride == r`` puts a pooled token
-  at the centre of the ``r x r`` cells it pools.
+- :func:`strided_centres` and :func:`adaptive_centres` place the tokens a pooling (convolution, average or max
+  pool, strided subsampling, adaptive pool) makes from a grid (docs/definition.md, "Beyond one grid"): the output
+  ``i`` of a strided operation of stride ``s`` sits at the centre of its stride cell, ``(i + 0.5) * s`` cells,
+  whatever its kernel or padding, so that it matches the next stage's tokens; an adaptive pooling's output sits
+  at the centre of its bin. ``kernel == stride == r`` puts a pooled token at the centre of the ``r x r`` cells it
+  pools either way.
 - :func:`grid_placement` builds the :class:`~..placement.Placement` of a ``[B, H, Nq, Nk]`` call from the
   positioned tokens of both sides, after checking the counts.
 """
@@ -25,8 +27,8 @@ from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
-__all__ = ["Stage", "StageGrid", "StagePlacer", "KeyLayout", "global_keys", "strided_modules", "conv_centres",
-           "window_centres", "adaptive_centres", "grid_placement", "pair", "defined_in"]
+__all__ = ["Stage", "StageGrid", "StagePlacer", "KeyLayout", "global_keys", "strided_modules", "strided_centres",
+           "strided_module_centres", "adaptive_centres", "grid_placement", "pair", "defined_in"]
 
 
 def pair(value) -> tuple[int, int]:
@@ -102,32 +104,40 @@ def strided_modules(model: nn.Module, inside: tuple[nn.Module, ...] = ()) -> lis
             and pair(m.stride) != (1, 1)]
 
 
-def conv_centres(grid: tuple[int, int], stride: tuple[float, float], kernel, step, padding) -> tuple[
-        tuple[int, int], torch.Tensor]:
-    """The output grid of a pooling (convolution or pool, no dilation) over ``grid``, and the pixel centre of
-    each output cell's window: ``((h, w), [h * w, 2])``.
+def strided_centres(grid: tuple[int, int], stride: tuple[float, float], kernel, step, padding, dilation=1,
+                    ceil_mode: bool = False) -> tuple[tuple[int, int], torch.Tensor]:
+    """The output grid of a strided operation (convolution, pool, subsampling ``x[::step]``) over ``grid``, and
+    the pixel centre of each output's stride cell: ``((h, w), [h * w, 2])``.
 
-    Output ``i`` reads input cells ``step * i - padding ... step * i - padding + kernel - 1``: its centre is cell
-    ``step * i - padding + (kernel - 1) / 2``, at pixel ``(that + 0.5) * stride``.
+    The size is PyTorch's (floor, or ceil with ``ceil_mode``, where a last window must start inside the input or
+    its left padding). Output ``i`` sits at the centre of its stride cell, cells ``step * i ... step * i + step
+    - 1`` of the input grid, at pixel ``(i + 0.5) * step * stride``, whatever the kernel, padding or dilation
+    (docs/definition.md, "Beyond one grid"): so it lands on the cell centres of the ``step``-times coarser grid
+    the model's next stage runs on, also where rounding lets a cell pass the image edge.
     """
     sizes, axes = [], []
-    for n, s, k, st, p in zip(grid, stride, pair(kernel), pair(step), pair(padding)):
-        out = (n + 2 * p - k) // st + 1
+    for n, s, k, st, p, d in zip(grid, stride, pair(kernel), pair(step), pair(padding), pair(dilation)):
+        span = n + 2 * p - d * (k - 1) - 1
+        out = (-(-span // st) if ceil_mode else span // st) + 1
+        if ceil_mode and (out - 1) * st >= n + p:
+            out -= 1  # PyTorch drops a last window that would start in the right padding
         if out < 1:
             raise NotPlaceable(f"a {k}-wide pooling with stride {st} and padding {p} leaves no token of {n}")
         sizes.append(out)
-        axes.append((torch.arange(out, dtype=torch.float64) * st - p + (k - 1) / 2 + 0.5) * s)
+        axes.append((torch.arange(out, dtype=torch.float64) + 0.5) * st * s)
     centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
     return (sizes[0], sizes[1]), centres.reshape(-1, 2).float()
 
 
-def window_centres(grid: tuple[int, int], stride: tuple[float, float], pool: nn.Module) -> tuple[
+def strided_module_centres(grid: tuple[int, int], stride: tuple[float, float], pool: nn.Module) -> tuple[
         tuple[int, int], torch.Tensor]:
-    """:func:`conv_centres` of a ``Conv2d``, ``AvgPool2d`` or ``MaxPool2d`` module, which must not be dilated."""
-    if pair(getattr(pool, "dilation", 1)) != (1, 1):
-        raise NotPlaceable(f"its tokens are pooled by a dilated {type(pool).__name__} (dilation {pool.dilation}), "
-                           "whose windows vitmad does not place")
-    return conv_centres(grid, stride, pool.kernel_size, pool.stride, pool.padding)
+    """:func:`strided_centres` of a ``Conv2d``, ``AvgPool2d`` or ``MaxPool2d`` module (its kernel, stride,
+    padding, dilation and ``ceil_mode``)."""
+    if isinstance(getattr(pool, "padding", 0), str):
+        raise NotPlaceable(f"its tokens are pooled by a {type(pool).__name__} with padding={pool.padding!r}, "
+                           "whose output size vitmad does not derive")
+    return strided_centres(grid, stride, pool.kernel_size, pool.stride, pool.padding, getattr(pool, "dilation", 1),
+                           bool(getattr(pool, "ceil_mode", False)))
 
 
 def adaptive_centres(grid: tuple[int, int], stride: tuple[float, float], output) -> torch.Tensor:

@@ -15,7 +15,8 @@ bias) and ``swin_transformer_v2_cr``; transformers ``SwinModel``, ``Swinv2Model`
 The window and shift are read from the block while its attention runs, and the map size from the block's
 input, because neither is fixed by the configuration: timm clamps windows to the feature size it was built for
 and keeps them for other input sizes (``strict_img_size=False``); transformers clamps the window to the map and
-drops the shift in every call whose map is not larger than the window. Padding tokens have no position.
+drops the shift in every call whose map is not larger than the window. Padding slots, which the model attends,
+are keys at their cell of the padded grid (past the image edge) and no query.
 
 Pixel scale: a token of stage ``s`` covers ``patch * 2 ** m`` pixels, with ``m`` the 2 x 2 patch mergings that
 ran before its block; each call checks that the block's map size is what the input image gives through the

@@ -2,14 +2,17 @@
 
 Each block holds its tokens as a ``[B, H, W, C]`` map (ViTDet: ``[B, C, H, W]``). A windowed block pads the map
 at the bottom and right to a multiple of its window, partitions it into windows in row-major window order and
-runs attention within each window (``[B * nW, ...]``); a global block attends over the whole map. Padding tokens
-take part in the softmax as keys, so they get no position (NaN): their attention mass drops out like a prefix
-token's, and their queries are not measured.
+runs attention within each window (``[B * nW, ...]``); a global block attends over the whole map. The padding is
+not masked, so it is attended like any token (docs/definition.md, windows): as a key it sits at its cell of the
+padded grid, past the image edge; as a query it has no position (it stands for no image content).
 
 HieraDet (timm ``hieradet_sam2``, transformers ``Sam2HieraDetModel``) also pools the queries at a stage change:
 a max-pool with kernel = stride = ``q_stride`` on each (padded) window, keys unpooled. A pooled query sits at
-the centre of the cells it pools; the pooled map keeps ``H // q_stride`` rows (floor, as the block's residual
-path), so the pooled rows that reach into padding are positionless.
+the centre of its stride cell (the cells it pools). One whose cell holds image content is a query, also where
+the cell reaches into padding (a ``ceil(H / q_stride)``-th row: the model computes it, then crops it away with
+the padding, as its residual path keeps ``H // q_stride`` rows); one whose cell is all padding has no position.
+The layer's grid is then the pooled queries', ``ceil(H / q_stride) x ceil(W / q_stride)``. A global block pools
+the unpadded map (floor), and has no such row.
 
 Capture: timm's modules call ``F.scaled_dot_product_attention`` (the relative position bias as its mask) or,
 unfused, compute the softmax themselves; transformers' SAM and ViTDet compute the softmax themselves (SAM's
@@ -179,9 +182,12 @@ class WindowedGridPlacer(LayerPlacer):
         windows = (padded[0] // window[0], padded[1] // window[1])
         if windowed and (window[0] % qy or window[1] % qx):
             raise NotPlaceable(f"its window {window[0]}x{window[1]} is not a multiple of its query stride {qy}x{qx}")
-        # Pooled query grid of one window; the map keeps floor(H / q) pooled rows (max-pool, ceil_mode=False).
+        # Pooled query grid of one window (a global block pools the unpadded map, floor: max-pool, ceil_mode=False).
         pooled_window = (window[0] // qy, window[1] // qx) if windowed else (height // qy, width // qx)
-        kept = (height // qy, width // qx)
+        # The pooled queries whose stride cell holds image content: ceil(H / q) rows of the padded windows (of
+        # a global block's floor(H / q) rows, all).
+        kept = (min(-(-height // qy), windows[0] * pooled_window[0]),
+                min(-(-width // qx), windows[1] * pooled_window[1]))
         count = batch * windows[0] * windows[1]
         expected_lead = [(count * heads,), (count, heads)]
         expected_n = (pooled_window[0] * pooled_window[1], window[0] * window[1])
@@ -194,9 +200,8 @@ class WindowedGridPlacer(LayerPlacer):
                 f"{expected_n[1]}]"
             )
         stride = self._stride()
-        keys = _window_centres(windows, window, (height, width), stride)
-        queries = keys if (qy, qx) == (1, 1) else _window_centres(windows, pooled_window, kept,
-                                                                  (stride[0] * qy, stride[1] * qx))
+        keys = _window_centres(windows, window, stride)
+        queries = _window_centres(windows, pooled_window, (stride[0] * qy, stride[1] * qx), kept)
 
         def per_call(positions: torch.Tensor) -> torch.Tensor:
             # [nW, N, 2] -> one row per entry of the call's leading dims (windows of every image, then heads).
@@ -219,18 +224,23 @@ class WindowedGridPlacer(LayerPlacer):
             attention = "global"
         if (qy, qx) != (1, 1):
             attention += f", queries pooled {qy}x{qx}"
+            if kept != (height // qy, width // qx):
+                attention += f" to {kept[0]}x{kept[1]} (cells reaching into the padding included)"
         geometry = LayerGeometry(kept, (stride[0] * qy, stride[1] * qx), attention, heads)
-        return Placement(per_call(queries), None if queries is keys else per_call(keys), fold, geometry)
+        # Key positions are given when they differ from the queries': pooled queries, or padding (no query, a key).
+        same = (qy, qx) == (1, 1) and padded == (height, width)
+        return Placement(per_call(queries), None if same else per_call(keys), fold, geometry)
 
 
-def _window_centres(windows: tuple[int, int], window: tuple[int, int], real: tuple[int, int],
-                    stride: tuple[float, float]) -> torch.Tensor:
+def _window_centres(windows: tuple[int, int], window: tuple[int, int], stride: tuple[float, float],
+                    real: tuple[int, int] | None = None) -> torch.Tensor:
     """``[nW, wh * ww, 2]`` pixel centres of the tokens of each window (windows and tokens row-major) of a map
-    padded to ``windows * window``; the tokens outside the ``real`` map (padding) are NaN."""
+    padded to ``windows * window``, padding included (keys); with ``real``, the tokens outside the ``real``
+    top-left part of the map (queries without image content) are NaN."""
     rows = torch.arange(windows[0] * window[0], dtype=torch.float64)
     cols = torch.arange(windows[1] * window[1], dtype=torch.float64)
     centres = torch.stack(torch.meshgrid((rows + 0.5) * stride[0], (cols + 0.5) * stride[1], indexing="ij"), -1)
-    outside = (rows[:, None] >= real[0]) | (cols[None, :] >= real[1])
-    centres[outside] = float("nan")
+    if real is not None:
+        centres[(rows[:, None] >= real[0]) | (cols[None, :] >= real[1])] = float("nan")
     centres = centres.view(windows[0], window[0], windows[1], window[1], 2).permute(0, 2, 1, 3, 4)
     return centres.reshape(windows[0] * windows[1], window[0] * window[1], 2).float()
