@@ -102,11 +102,6 @@ __device__ __forceinline__ acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
 }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t max_of(acc_t a, acc_t b) {
-  return a > b ? a : b;
-}
-
 __device__ __forceinline__ float exp2_of(float x) { return exp2f(x); }
 __device__ __forceinline__ double exp2_of(double x) { return exp2(x); }
 
@@ -320,21 +315,25 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams<typenam
       __syncthreads();
 
       // Scale, bias and mask the row in place (keys past Nk, and keys without a position when renormalising:
-      // renormalised MAD is the softmax over keys with a position alone), and find the tile's max.
+      // renormalised MAD is the softmax over keys with a position alone, but a NaN or +inf logit there makes
+      // softmax over every key NaN, so it stays), and find the tile's max: NaN once any logit is NaN, so the
+      // row's weights, hence its value, become NaN.
       acc_t* logits = s + row * lds;
       acc_t tile_max = neg_inf<acc_t>();
       for (int j = sub; j < kBlockN; j += kLanesPerRow) {
         const int key = k_begin + j;
         acc_t x = neg_inf<acc_t>();
-        if (key < p.num_keys && !(p.renormalize && !is_positioned(key_x[j]))) {
+        if (key < p.num_keys) {
           x = logits[j] * logit_scale;
           if (bias_row != nullptr) x = biased(x, bias_row[key * p.bias_stride_k]);
+          if (p.renormalize && !is_positioned(key_x[j]) && x < std::numeric_limits<acc_t>::infinity())
+            x = neg_inf<acc_t>();
         }
         logits[j] = x;
-        tile_max = max_of(tile_max, x);
+        tile_max = nan_max(tile_max, x);
       }
       tile_max = warp_max<kLanesPerRow>(tile_max);
-      const acc_t new_max = max_of(running_max, tile_max);
+      const acc_t new_max = nan_max(running_max, tile_max);
       // While every key so far is masked there is nothing to add (and -inf - -inf would be NaN).
       if (new_max != neg_inf<acc_t>()) {
         const acc_t rescale = exp2_of(running_max - new_max);
