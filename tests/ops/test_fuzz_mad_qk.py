@@ -103,7 +103,7 @@ def mad_qk_cases_beyond_several_key_blocks(draw):
     std = math.sqrt(logit_size) * d**0.25
     q = _stored(draw, (*leading, n, d), dtype, gen, std)
     q, k = _poison(draw, q, _stored(draw, (*leading, n, d), dtype, gen, std))
-    kind = draw(st.sampled_from(["float", "bool", None]))
+    kind = draw(st.sampled_from(["float", "float", "bool", None]))
     bias = None
     if kind is not None:
         bias = draw_block_edge_bias(draw, n, n, gen)
