@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import strategies as st
 
 import vitmad
 
@@ -61,6 +62,43 @@ def make_bias(kind, batch, heads, n, dtype, device, gen):
         return mask.to(device)
     shape = {"full": (batch, heads, n, n), "heads": (heads, n, n), "matrix": (n, n)}[kind]
     return (2 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(device=device, dtype=dtype)
+
+
+# Every key-block size of the kernels (CPU 512 keys, CUDA tiles of 64, float64 tiles of 32) is a multiple of this.
+KEY_BLOCK_EDGE = 32
+# A CUDA parameter that skips cleanly without a GPU.
+CUDA_PARAM = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+def block_edge_bias(nq: int, nk: int, gen: torch.Generator, *, masked_before: int, masked_share: float,
+                    poison: list[tuple[int | None, int, float]]) -> torch.Tensor:
+    """A float64 attn_bias ``[nq, nk]`` that tests the kernels' key blocks: random values, -inf on keys
+    ``[0, masked_before)`` for about ``masked_share`` of the queries (every key of the leading blocks masked,
+    so their running max stays -inf), and ``value`` at each ``(query or None for every query, key, value)`` of
+    ``poison`` (NaN, +inf, -inf placed next to a block edge)."""
+    bias = torch.randn(nq, nk, generator=gen, dtype=torch.float64)
+    rows = torch.rand(nq, generator=gen) < masked_share
+    bias[rows, :masked_before] = -math.inf
+    for query, key, value in poison:
+        bias[slice(None) if query is None else query, key] = value
+    return bias
+
+
+def draw_block_edge_bias(draw, nq: int, nk: int, gen: torch.Generator) -> torch.Tensor:
+    """:func:`block_edge_bias` with its masked prefix and poisoned keys drawn by hypothesis's ``draw``: the
+    masked run ends at a block edge, each poisoned key is the last key before an edge or the first after it,
+    mostly inside or just past the masked run (where a dropped NaN once went unnoticed)."""
+    edges = list(range(0, nk + 1, KEY_BLOCK_EDGE))
+    masked_before = draw(st.sampled_from(edges))
+    near = [edge for edge in edges if edge <= masked_before + KEY_BLOCK_EDGE]
+    poison = []
+    for _ in range(draw(st.integers(0, 3))):
+        edge = draw(st.sampled_from(near if draw(st.integers(0, 3)) else edges))
+        key = min(max(edge - draw(st.integers(0, 1)), 0), nk - 1)
+        query = None if nq == 0 or draw(st.booleans()) else draw(st.integers(0, nq - 1))
+        poison.append((query, key, draw(st.sampled_from([math.nan, math.nan, math.inf, -math.inf]))))
+    return block_edge_bias(nq, nk, gen, masked_before=masked_before,
+                           masked_share=draw(st.sampled_from([0.5, 1.0, 0.0])), poison=poison)
 
 
 def tolerance(dtype: torch.dtype) -> dict:

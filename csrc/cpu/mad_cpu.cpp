@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "../mad_args.h"
@@ -62,70 +63,110 @@ VITMAD_CPU_CLONES void mad_columns(const scalar_t* matrix, int64_t key_stride, c
   for (int64_t i = 0; i < count; ++i) out[t_begin + i] = l.renormalize ? weighted[i] / mass[i] : weighted[i];
 }
 
-// Queries per block for which distance rows are cached (about kDistanceCacheBytes of them).
-int64_t cached_rows_per_block(const MadLayout& l, size_t acc_size) {
-  return std::clamp<int64_t>(kDistanceCacheBytes / (l.num_patches * static_cast<int64_t>(acc_size)), 1, l.num_patches);
-}
+// Distance rows of every query block kept per thread (and from call to call) while the whole distance matrix
+// takes at most this many bytes (196 patches: 154 KB); beyond, one block at a time.
+constexpr int64_t kKeptDistanceBytes = 256 * 1024;
+
+// A thread's distance rows, kept from call to call: a model's layers call mad one after another on the same
+// grid, so a thread usually finds its rows filled, and a small call costs little more than reading the
+// attention.
+template <typename acc_t>
+class DistanceRows {
+ public:
+  const acc_t* of_block(const MadLayout& l, acc_t patch, int64_t block, int64_t rows_per_block) {
+    const Layout layout{l.grid_h, l.grid_w, rows_per_block, patch};
+    const int64_t block_size = rows_per_block * l.num_patches;
+    const bool keep_all = l.num_patches * l.num_patches * static_cast<int64_t>(sizeof(acc_t)) <= kKeptDistanceBytes;
+    const int64_t slot = keep_all ? block : 0;
+    if (layout != layout_) {
+      layout_ = layout;
+      const int64_t num_blocks = (l.num_patches + rows_per_block - 1) / rows_per_block;
+      rows_.resize((keep_all ? num_blocks : 1) * block_size);
+      filled_.assign(keep_all ? num_blocks : 1, -1);
+      table_ = distance_table<acc_t>(l, patch);
+    }
+    acc_t* rows = rows_.data() + slot * block_size;
+    if (filled_[slot] != block) {
+      const int64_t t_begin = block * rows_per_block;
+      const int64_t t_end = std::min(t_begin + rows_per_block, l.num_patches);
+      for (int64_t t = t_begin; t < t_end; ++t)
+        fill_distances(table_.data(), l, t, 0, l.num_patches, rows + (t - t_begin) * l.num_patches);
+      filled_[slot] = block;
+    }
+    return rows;
+  }
+
+ private:
+  struct Layout {
+    int64_t grid_h = -1, grid_w = -1, rows_per_block = -1;
+    acc_t patch = 0;
+    bool operator==(const Layout&) const = default;
+  };
+  Layout layout_;
+  std::vector<acc_t> rows_;
+  std::vector<int64_t> filled_;  // per slot, the block whose rows it holds (-1: none)
+  std::vector<acc_t> table_;
+};
 
 // Runs fn(b, t_begin, t_end, dist_rows) over every (query block, matrix) pair, in parallel. Tasks are ordered
 // block-major, so each thread fills the distance rows of a block once and reuses them for many matrices.
 template <typename acc_t, typename Fn>
-void for_each_query_block(const MadLayout& l, const acc_t* table, Fn fn) {
-  const int64_t rows_per_block = cached_rows_per_block(l, sizeof(acc_t));
+void for_each_query_block(const MadLayout& l, acc_t patch, Fn fn) {
+  const int64_t rows_per_block = rows_per_distance_block(l.num_patches, l.num_patches, sizeof(acc_t));
   const int64_t num_blocks = (l.num_patches + rows_per_block - 1) / rows_per_block;
-  at::parallel_for(0, num_blocks * l.num_matrices, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> dist_rows(rows_per_block * l.num_patches);
-    int64_t cached_block = -1;
+  const int64_t grain = std::max<int64_t>(1, kSerialElements / (rows_per_block * l.num_patches));
+  at::parallel_for(0, num_blocks * l.num_matrices, grain, [&](int64_t begin, int64_t end) {
+    thread_local DistanceRows<acc_t> cache;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task / l.num_matrices;
       const int64_t t_begin = block * rows_per_block;
       const int64_t t_end = std::min(t_begin + rows_per_block, l.num_patches);
-      if (block != cached_block) {
-        for (int64_t t = t_begin; t < t_end; ++t)
-          fill_distances(table, l, t, 0, l.num_patches, dist_rows.data() + (t - t_begin) * l.num_patches);
-        cached_block = block;
-      }
-      fn(task % l.num_matrices, t_begin, t_end, dist_rows.data());
+      fn(task % l.num_matrices, t_begin, t_end, cache.of_block(l, patch, block, rows_per_block));
     }
   });
 }
 
 template <typename scalar_t, typename acc_t>
 void mad_cpu_typed(const at::Tensor& attn, const MadLayout& l, acc_t patch, acc_t* per_query) {
-  const auto table = distance_table<acc_t>(l, patch);
   const int64_t query_stride = attn.stride(-2);
   const int64_t key_stride = attn.stride(-1);
   const scalar_t* data = attn.const_data_ptr<scalar_t>();
   const MatrixOffsets matrix_offset = matrix_offsets(attn, "vitmad.mad");
 
   if (key_stride != 1 && query_stride == 1) {
+    const auto table = distance_table<acc_t>(l, patch);
     const int64_t blocks = (l.num_patches + kQueriesPerColumnTask - 1) / kQueriesPerColumnTask;
     at::parallel_for(0, l.num_matrices * blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks;
         const int64_t t_begin = (task % blocks) * kQueriesPerColumnTask;
         const int64_t t_end = std::min(t_begin + kQueriesPerColumnTask, l.num_patches);
-        mad_columns<scalar_t, acc_t>(data + matrix_offset(b), key_stride, l, table.data(), t_begin,
-                                     t_end, per_query + b * l.num_patches);
+        mad_columns<scalar_t, acc_t>(data + matrix_offset(b), key_stride, l, table.data(), t_begin, t_end,
+                                     per_query + b * l.num_patches);
       }
     });
     return;
   }
-  for_each_query_block<acc_t>(l, table.data(), [&](int64_t b, int64_t t_begin, int64_t t_end, const acc_t* dist) {
-    mad_rows<scalar_t, acc_t>(data + matrix_offset(b), query_stride, key_stride, l, dist, t_begin,
-                              t_end, per_query + b * l.num_patches);
+  for_each_query_block<acc_t>(l, patch, [&](int64_t b, int64_t t_begin, int64_t t_end, const acc_t* dist) {
+    mad_rows<scalar_t, acc_t>(data + matrix_offset(b), query_stride, key_stride, l, dist, t_begin, t_end,
+                              per_query + b * l.num_patches);
   });
 }
 
 at::Tensor mad_cpu(const at::Tensor& attn, int64_t patch, int64_t num_prefix_tokens, at::OptionalIntArrayRef grid,
                    bool renormalize, c10::string_view reduction) {
   const MadLayout l = check_mad_args(attn, patch, num_prefix_tokens, grid, renormalize, reduction, "vitmad.mad");
-  const auto [per_query, out] = empty_mad_outputs(attn, l.num_matrices, l.num_patches, l.reduce_mean);
+  // Only the output is a tensor: with "mean", the per-query values live in a plain buffer (an ATen allocation
+  // is a good part of a small call's cost).
+  at::Tensor out = at::empty(mad_output_shape(attn, l.reduce_mean, l.num_patches),
+                             attn.options().dtype(mad_output_dtype(attn.scalar_type())));
   if (l.num_matrices == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "vitmad_mad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    acc_t* rows = per_query.mutable_data_ptr<acc_t>();
+    std::unique_ptr<acc_t[]> buffer;
+    if (l.reduce_mean) buffer.reset(new acc_t[l.num_matrices * l.num_patches]);
+    acc_t* rows = l.reduce_mean ? buffer.get() : out.mutable_data_ptr<acc_t>();
     mad_cpu_typed<scalar_t, acc_t>(attn, l, static_cast<acc_t>(patch), rows);
     if (l.reduce_mean)
       mean_over_queries<acc_t>(rows, l.num_matrices, l.num_patches, AllQueries{}, out.mutable_data_ptr<acc_t>());
@@ -167,21 +208,22 @@ at::Tensor mad_backward_cpu(const at::Tensor& grad, const at::Tensor& attn, int6
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "vitmad_mad_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto table = distance_table<acc_t>(l, static_cast<acc_t>(patch));
     // One gradient value per query: "mean" spreads grad[b] evenly over the N - P queries.
     const at::Tensor g_flat = g.reshape({l.num_matrices, l.reduce_mean ? 1 : l.num_patches});
     const at::Tensor per_query =
-        l.reduce_mean ? (g_flat / static_cast<double>(l.num_patches)).expand({l.num_matrices, l.num_patches}).contiguous()
-                      : g_flat;
+        l.reduce_mean
+            ? (g_flat / static_cast<double>(l.num_patches)).expand({l.num_matrices, l.num_patches}).contiguous()
+            : g_flat;
     const acc_t* g_data = per_query.const_data_ptr<acc_t>();
     const scalar_t* a_data = attn.const_data_ptr<scalar_t>();
     scalar_t* out_data = grad_attn.mutable_data_ptr<scalar_t>();
     const MatrixOffsets matrix_offset = matrix_offsets(attn, "vitmad.mad_backward");
-    for_each_query_block<acc_t>(l, table.data(), [&](int64_t b, int64_t t_begin, int64_t t_end, const acc_t* dist) {
-      mad_backward_rows<scalar_t, acc_t>(a_data + matrix_offset(b), attn.stride(-2), attn.stride(-1), l,
-                                         dist, g_data + b * l.num_patches, t_begin, t_end,
-                                         out_data + b * l.num_tokens * l.num_tokens);
-    });
+    for_each_query_block<acc_t>(
+        l, static_cast<acc_t>(patch), [&](int64_t b, int64_t t_begin, int64_t t_end, const acc_t* dist) {
+          mad_backward_rows<scalar_t, acc_t>(a_data + matrix_offset(b), attn.stride(-2), attn.stride(-1), l, dist,
+                                             g_data + b * l.num_patches, t_begin, t_end,
+                                             out_data + b * l.num_tokens * l.num_tokens);
+        });
   });
   return grad_attn;
 }

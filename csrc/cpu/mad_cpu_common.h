@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #include "../mad_args.h"
@@ -81,6 +82,21 @@ void mean_over_queries(const acc_t* per_query, int64_t num_matrices, int64_t num
 // Distance rows cached per task: at most this many bytes, so they stay in L2 while they are reused for every
 // matrix (batch x head) of the tensor.
 constexpr int64_t kDistanceCacheBytes = 64 * 1024;
+// Queries per block whose distance rows (num_keys values of acc_size bytes each) fit in kDistanceCacheBytes,
+// evened out over the blocks: a short last block would leave the thread that gets the other blocks with more
+// rows to read than the rest (1.7 times as many on [64, 12, 197, 197] with two threads).
+inline int64_t rows_per_distance_block(int64_t num_queries, int64_t num_keys, int64_t acc_size) {
+  const int64_t queries = std::max<int64_t>(num_queries, 1);
+  const int64_t fitting =
+      std::clamp<int64_t>(kDistanceCacheBytes / (std::max<int64_t>(num_keys, 1) * acc_size), 1, queries);
+  const int64_t blocks = (queries + fitting - 1) / fitting;
+  return (queries + blocks - 1) / blocks;
+}
+
+// Attention elements per thread below which a parallel loop stays on fewer threads: starting a parallel region
+// costs more than it saves on a small share of work.
+constexpr int64_t kSerialElements = int64_t{1} << 17;
+
 // Software prefetch distance along an attention row: the hardware prefetcher alone leaves a single core well
 // short of the bandwidth that attn.sum() reaches, because the distance rows compete for the same L1.
 constexpr int64_t kPrefetchAheadBytes = 4096;
@@ -125,13 +141,101 @@ __attribute__((always_inline)) inline void lane_sums(const scalar_t* a, int64_t 
   mass = m_total + m[0];
 }
 
+// 32 bytes of lanes as one GCC vector: unlike a lane array, it stays in a register from the zeroing to the final
+// tree (the arrays were zeroed with `rep stos` and summed through the stack: a third of a 196-key row's time).
+template <typename acc_t>
+struct LaneVector;
+template <>
+struct LaneVector<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct LaneVector<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <typename acc_t>
+using Lanes = typename LaneVector<acc_t>::type;
+
+// v = p[0, kVec), unaligned. (An out-parameter, not a return value: a 32-byte vector returned from a function
+// of the baseline clone draws GCC's ABI warning, though every call is inlined.)
+template <typename acc_t>
+__attribute__((always_inline)) inline void load_lanes(const acc_t* p, Lanes<acc_t>& v) {
+  __builtin_memcpy(&v, p, sizeof(v));
+}
+
+// Pairwise sum of a vector's lanes, in a fixed order.
+template <typename acc_t>
+__attribute__((always_inline)) inline acc_t lane_total(const Lanes<acc_t>& lanes) {
+  constexpr int kVec = sizeof(Lanes<acc_t>) / sizeof(acc_t);
+  Lanes<acc_t> v = lanes;
+  for (int width = kVec / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) v[i] += v[i + width];
+  return v[0];
+}
+
+// lane_sums for a contiguous row already in the accumulation type (float32, float64): four vector accumulators,
+// then one, then scalars for the last few keys.
+template <typename acc_t, bool kMass>
+__attribute__((always_inline)) inline void contiguous_sums(const acc_t* a, const acc_t* dist, int64_t n,
+                                                           acc_t& weighted, acc_t& mass) {
+  using V = Lanes<acc_t>;
+  constexpr int64_t kVec = sizeof(V) / sizeof(acc_t);
+  V w0{}, w1{}, w2{}, w3{}, m0{}, m1{}, m2{}, m3{};
+  int64_t s = 0;
+  for (; s + 4 * kVec <= n; s += 4 * kVec) {
+    __builtin_prefetch(a + s + kPrefetchAheadBytes / sizeof(acc_t));
+    __builtin_prefetch(a + s + (kPrefetchAheadBytes + 64) / sizeof(acc_t));
+    V a0, a1, a2, a3, d0, d1, d2, d3;
+    load_lanes(a + s, a0);
+    load_lanes(a + s + kVec, a1);
+    load_lanes(a + s + 2 * kVec, a2);
+    load_lanes(a + s + 3 * kVec, a3);
+    load_lanes(dist + s, d0);
+    load_lanes(dist + s + kVec, d1);
+    load_lanes(dist + s + 2 * kVec, d2);
+    load_lanes(dist + s + 3 * kVec, d3);
+    w0 += a0 * d0;
+    w1 += a1 * d1;
+    w2 += a2 * d2;
+    w3 += a3 * d3;
+    if constexpr (kMass) {
+      m0 += a0;
+      m1 += a1;
+      m2 += a2;
+      m3 += a3;
+    }
+  }
+  for (; s + kVec <= n; s += kVec) {
+    V v, d;
+    load_lanes(a + s, v);
+    load_lanes(dist + s, d);
+    w0 += v * d;
+    if constexpr (kMass) m0 += v;
+  }
+  acc_t w_tail = 0;
+  acc_t m_tail = 0;
+  for (; s < n; ++s) {
+    w_tail += a[s] * dist[s];
+    if constexpr (kMass) m_tail += a[s];
+  }
+  weighted = w_tail + lane_total<acc_t>((w0 + w1) + (w2 + w3));
+  mass = kMass ? m_tail + lane_total<acc_t>((m0 + m1) + (m2 + m3)) : acc_t(0);
+}
+
 // lane_sums with four vector registers of lanes for rows of a hundred keys and more, one for short rows (a 7 x 7
-// window is 49 keys), whose cost is otherwise the lanes' setup and final tree.
+// window is 49 keys), whose cost is otherwise the lanes' setup and final tree; contiguous_sums where the row is
+// contiguous and already in the accumulation type.
 template <typename scalar_t, typename acc_t, bool kMass>
 __attribute__((always_inline)) inline void weighted_sums(const scalar_t* a, int64_t stride, const acc_t* dist,
                                                          int64_t n, acc_t& weighted, acc_t& mass) {
   constexpr int64_t kLongLanes = 128 / sizeof(acc_t);
   constexpr int64_t kShortLanes = 64 / sizeof(acc_t);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (stride == 1) {
+      contiguous_sums<acc_t, kMass>(a, dist, n, weighted, mass);
+      return;
+    }
+  }
   if (n >= 4 * kLongLanes)
     lane_sums<kLongLanes, scalar_t, acc_t, kMass>(a, stride, dist, n, weighted, mass);
   else

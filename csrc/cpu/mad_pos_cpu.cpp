@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <optional>
 #include <tuple>
@@ -57,12 +58,14 @@ void for_each_position_block(const PositionArgs& args, Fn fn) {
   const auto queries = position_rows<acc_t>(args.queries, l.dims);
   const auto keys = position_rows<acc_t>(args.keys, l.dims);
   const std::vector<int64_t> order = matrices_by_positions(args);
-  const int64_t rows_per_block = std::clamp<int64_t>(
-      kDistanceCacheBytes / (std::max<int64_t>(l.num_keys, 1) * static_cast<int64_t>(sizeof(acc_t))), 1,
-      std::max<int64_t>(l.num_queries, 1));
+  const int64_t rows_per_block = rows_per_distance_block(l.num_queries, l.num_keys, sizeof(acc_t));
   const int64_t num_blocks = (l.num_queries + rows_per_block - 1) / rows_per_block;
-  at::parallel_for(0, num_blocks * l.num_matrices, 1, [&](int64_t begin, int64_t end) {
-    DistanceBlock<acc_t> distances{std::vector<acc_t>(rows_per_block * l.num_keys), {}};
+  const int64_t grain = std::max<int64_t>(1, kSerialElements / (rows_per_block * std::max<int64_t>(l.num_keys, 1)));
+  at::parallel_for(0, num_blocks * l.num_matrices, grain, [&](int64_t begin, int64_t end) {
+    // The rows' storage is kept from call to call (no allocation in a small call); they are refilled below at
+    // the first task, since `filled` starts empty.
+    thread_local DistanceBlock<acc_t> distances;
+    distances.rows.resize(rows_per_block * l.num_keys);
     PackedKeys<acc_t> packed;
     std::tuple<const acc_t*, const acc_t*, int64_t> filled{nullptr, nullptr, -1};
     for (int64_t task = begin; task < end; ++task) {
@@ -135,12 +138,14 @@ at::Tensor mad_pos_cpu(const at::Tensor& attn, const at::Tensor& positions,
   const PositionArgs args = check_position_args(attn, attn.size(-2), attn.size(-1), positions, key_positions,
                                                 renormalize, reduction, out_dtype, /*check_values=*/true, "vitmad.mad");
   const PositionLayout& l = args.layout;
-  const auto [per_query, out] = empty_mad_outputs(attn, l.num_matrices, l.num_queries, l.reduce_mean);
+  at::Tensor out = at::empty(mad_output_shape(attn, l.reduce_mean, l.num_queries), attn.options().dtype(out_dtype));
   if (l.num_matrices == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "vitmad_mad_pos_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    acc_t* rows = per_query.mutable_data_ptr<acc_t>();
+    std::unique_ptr<acc_t[]> buffer;  // the per-query values of "mean": a plain buffer, not an ATen allocation
+    if (l.reduce_mean) buffer.reset(new acc_t[l.num_matrices * l.num_queries]);
+    acc_t* rows = l.reduce_mean ? buffer.get() : out.mutable_data_ptr<acc_t>();
     const scalar_t* data = attn.const_data_ptr<scalar_t>();
     const MatrixOffsets matrix_offset = matrix_offsets(attn, "vitmad.mad");
     for_each_position_block<acc_t>(

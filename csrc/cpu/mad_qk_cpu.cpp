@@ -53,6 +53,20 @@ __attribute__((always_inline)) inline float exp_nonpositive(float x) {
 
 __attribute__((always_inline)) inline double exp_nonpositive(double x) { return std::exp(x); }
 
+// max(a, b), NaN when either is NaN: softmax's max. (std::max returns its first argument whenever a comparison
+// with NaN fails, so a NaN logit among masked keys was dropped and its row came out finite.)
+template <typename acc_t>
+__attribute__((always_inline)) inline acc_t nan_max(acc_t a, acc_t b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// A key that must not count becomes -inf, unless its logit is NaN or +inf: softmax over every key then gives
+// NaN, so such a logit stays and makes the row NaN.
+template <typename acc_t>
+__attribute__((always_inline)) inline void mask_key(acc_t& logit) {
+  if (logit < std::numeric_limits<acc_t>::infinity()) logit = -std::numeric_limits<acc_t>::infinity();
+}
+
 // The online-softmax state of one query row, relative to its running max.
 template <typename acc_t>
 struct RowState {
@@ -75,15 +89,16 @@ VITMAD_CPU_CLONES void online_softmax_update(const acc_t* logits, int64_t num_ke
   int64_t j = 0;
   for (; j + kLanes <= num_keys; j += kLanes) {
 #pragma omp simd
-    for (int64_t i = 0; i < kLanes; ++i) lanes[i] = std::max(lanes[i], logits[j + i]);
+    for (int64_t i = 0; i < kLanes; ++i) lanes[i] = nan_max(lanes[i], logits[j + i]);
   }
   for (int64_t width = kLanes / 2; width > 0; width /= 2) {
 #pragma omp simd
-    for (int64_t i = 0; i < width; ++i) lanes[i] = std::max(lanes[i], lanes[i + width]);
+    for (int64_t i = 0; i < width; ++i) lanes[i] = nan_max(lanes[i], lanes[i + width]);
   }
   acc_t block_max = lanes[0];
-  for (; j < num_keys; ++j) block_max = std::max(block_max, logits[j]);
-  const acc_t new_max = std::max(state.max, block_max);
+  for (; j < num_keys; ++j) block_max = nan_max(block_max, logits[j]);
+  // A NaN max makes every weight, hence the row, NaN from here on.
+  const acc_t new_max = nan_max(state.max, block_max);
   // Every key so far is masked out: nothing to add, and -inf - -inf would be NaN.
   if (new_max == -std::numeric_limits<acc_t>::infinity()) return;
 
@@ -117,13 +132,6 @@ VITMAD_CPU_CLONES void apply_bias(acc_t* logits, const bias_t* bias, int64_t str
   }
 }
 
-// Which keys of a block's logits row the online-softmax update sees: it skips the first `skip` and counts the
-// next `prefix` in the normaliser only.
-struct KeySpan {
-  int64_t skip;
-  int64_t prefix;
-};
-
 // A tensor's data and the offsets of its [N, X] matrices.
 template <typename T>
 struct StridedView {
@@ -150,22 +158,25 @@ struct GridDistances {
   bool shares_distances(int64_t /*a*/, int64_t /*b*/) const { return true; }
   void set_matrix(int64_t /*b*/) {}
   bool has_query(int64_t /*t*/) const { return true; }
-  // Which keys of key block [k_begin, k_begin + cols) the update skips (renormalised MAD is the mean distance
-  // under the softmax over patch keys alone, so prefix keys are left out: counting them would only shrink the
-  // patch mass, down to 0 / 0 for a query that puts nearly all its attention on CLS) and how many leading keys
-  // count only in the normaliser. The same for every row.
-  KeySpan span(int64_t k_begin, int64_t cols) const {
-    const int64_t prefix_keys = std::clamp<int64_t>(l->num_prefix - k_begin, 0, cols);
-    return l->renormalize ? KeySpan{prefix_keys, 0} : KeySpan{0, prefix_keys};
+  // How many leading keys of key block [k_begin, k_begin + cols) are prefix tokens, which count only in the
+  // normaliser. The same for every row.
+  int64_t prefix_keys(int64_t k_begin, int64_t cols) const {
+    return std::clamp<int64_t>(l->num_prefix - k_begin, 0, cols);
   }
   // dist = the distances from query t to the patch keys of the key block.
   void fill(int64_t t, int64_t k_begin, int64_t cols, acc_t* dist) const {
-    const int64_t prefix_keys = std::clamp<int64_t>(l->num_prefix - k_begin, 0, cols);
-    const int64_t first_patch_key = k_begin + prefix_keys - l->num_prefix;  // among the patches
+    const int64_t first_patch_key = k_begin + prefix_keys(k_begin, cols) - l->num_prefix;  // among the patches
     const int64_t last_patch_key = k_begin + cols - l->num_prefix;
     if (first_patch_key < last_patch_key) fill_distances(table, *l, t, first_patch_key, last_patch_key, dist);
   }
-  void mask(int64_t /*k_begin*/, int64_t /*cols*/, acc_t* /*logits*/) const {}
+  // Renormalised MAD is the mean distance under the softmax over patch keys alone, so prefix keys are masked
+  // out (counting them would only shrink the patch mass, down to 0 / 0 for a query that puts nearly all its
+  // attention on CLS); a NaN or +inf among them still makes the row NaN, as the materialised route does.
+  void mask(int64_t k_begin, int64_t cols, acc_t* logits) const {
+    if (!l->renormalize) return;
+    const int64_t count = prefix_keys(k_begin, cols);
+    for (int64_t j = 0; j < count; ++j) mask_key(logits[j]);
+  }
 };
 
 // The position form: every token may have a position; a key without one has distance 0 (it counts in the
@@ -191,7 +202,7 @@ struct PositionDistances {
     packed.set(keys, b, num_keys);
   }
   bool has_query(int64_t t) const { return queries.has_position(q_matrix, t); }
-  KeySpan span(int64_t /*k_begin*/, int64_t /*cols*/) const { return KeySpan{0, 0}; }
+  int64_t prefix_keys(int64_t /*k_begin*/, int64_t /*cols*/) const { return 0; }
   void fill(int64_t t, int64_t k_begin, int64_t cols, acc_t* dist) const {
     acc_t q[3];
     queries.position(q_matrix, t, q);
@@ -201,7 +212,7 @@ struct PositionDistances {
     if (!renormalize) return;
     const acc_t* x = packed.x.data() + k_begin;
     for (int64_t j = 0; j < cols; ++j)
-      if (!(x[j] == x[j])) logits[j] = -std::numeric_limits<acc_t>::infinity();
+      if (!(x[j] == x[j])) mask_key(logits[j]);
   }
 };
 
@@ -250,7 +261,7 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
 
       for (int64_t k_begin = 0; k_begin < num_keys; k_begin += kKeyBlock) {
         const int64_t cols = std::min(kKeyBlock, num_keys - k_begin);
-        const KeySpan span = keys.span(k_begin, cols);
+        const int64_t prefix_keys = keys.prefix_keys(k_begin, cols);
         for (int64_t i = 0; i < rows; ++i)
           if (keys.has_query(t_begin + i)) keys.fill(t_begin + i, k_begin, cols, dist.data() + i * kKeyBlock);
         for (int64_t g = 0; g < group_size; ++g) {
@@ -263,12 +274,11 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
               apply_bias(row, bias_matrix + (block_query + i) * bias_query_stride + k_begin * bias_key_stride,
                          bias_key_stride, cols);
             keys.mask(k_begin, cols, row);
-            online_softmax_update(row + span.skip, cols - span.skip, span.prefix, dist.data() + i * kKeyBlock,
-                                  states[g * kQueryBlock + i]);
+            online_softmax_update(row, cols, prefix_keys, dist.data() + i * kKeyBlock, states[g * kQueryBlock + i]);
           }
         }
       }
-      // Renormalised, the keys that do not count were skipped or masked, so the normaliser is their mass. A row
+      // Renormalised, the keys that do not count were masked, so the normaliser is their mass. A row
       // with every key masked out has total == 0 and gives NaN, as softmax does.
       for (int64_t g = 0; g < group_size; ++g) {
         acc_t* out = per_query + (first_matrix + g) * num_queries + t_begin;

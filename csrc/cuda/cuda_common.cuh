@@ -30,14 +30,18 @@ __device__ __forceinline__ T warp_sum(T value) {
   return value;
 }
 
-// The same for the max.
+// max(a, b), NaN when either is NaN, as softmax's max (a plain a > b ? a : b drops a NaN b).
+template <typename T>
+__device__ __forceinline__ T nan_max(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// The same as warp_sum for the max, NaN when any lane holds NaN.
 template <int kLanes = kWarp, typename T>
 __device__ __forceinline__ T warp_max(T value) {
 #pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
-    const T other = __shfl_xor_sync(0xffffffffu, value, offset);
-    value = other > value ? other : value;
-  }
+  for (int offset = kLanes / 2; offset > 0; offset /= 2)
+    value = nan_max(value, __shfl_xor_sync(0xffffffffu, value, offset));
   return value;
 }
 

@@ -27,8 +27,10 @@
 #include <algorithm>
 #include <climits>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 #include "../mad_args.h"
 #include "../mad_geometry.h"
@@ -100,11 +102,6 @@ struct QkParams {
 template <typename acc_t>
 __device__ __forceinline__ acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t max_of(acc_t a, acc_t b) {
-  return a > b ? a : b;
 }
 
 __device__ __forceinline__ float exp2_of(float x) { return exp2f(x); }
@@ -320,21 +317,25 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams<typenam
       __syncthreads();
 
       // Scale, bias and mask the row in place (keys past Nk, and keys without a position when renormalising:
-      // renormalised MAD is the softmax over keys with a position alone), and find the tile's max.
+      // renormalised MAD is the softmax over keys with a position alone, but a NaN or +inf logit there makes
+      // softmax over every key NaN, so it stays), and find the tile's max: NaN once any logit is NaN, so the
+      // row's weights, hence its value, become NaN.
       acc_t* logits = s + row * lds;
       acc_t tile_max = neg_inf<acc_t>();
       for (int j = sub; j < kBlockN; j += kLanesPerRow) {
         const int key = k_begin + j;
         acc_t x = neg_inf<acc_t>();
-        if (key < p.num_keys && !(p.renormalize && !is_positioned(key_x[j]))) {
+        if (key < p.num_keys) {
           x = logits[j] * logit_scale;
           if (bias_row != nullptr) x = biased(x, bias_row[key * p.bias_stride_k]);
+          if (p.renormalize && !is_positioned(key_x[j]) && x < std::numeric_limits<acc_t>::infinity())
+            x = neg_inf<acc_t>();
         }
         logits[j] = x;
-        tile_max = max_of(tile_max, x);
+        tile_max = nan_max(tile_max, x);
       }
       tile_max = warp_max<kLanesPerRow>(tile_max);
-      const acc_t new_max = max_of(running_max, tile_max);
+      const acc_t new_max = nan_max(running_max, tile_max);
       // While every key so far is masked there is nothing to add (and -inf - -inf would be NaN).
       if (new_max != neg_inf<acc_t>()) {
         const acc_t rescale = exp2_of(running_max - new_max);
@@ -372,6 +373,22 @@ size_t shared_bytes(int head_dim_padded) {
          (Cfg::kBlockM * (Cfg::kBlockN + 4) + 3 * Cfg::kBlockN) * sizeof(typename Cfg::acc_t);
 }
 
+// Lets the kernel use up to the device's opt-in maximum of dynamic shared memory, set once per device and
+// never changed after. The attribute belongs to the kernel, not to a launch: set per call to the call's own
+// size, one host thread could lower it between another thread's set and launch ("invalid argument"). One
+// instantiation (hence one flag set) per kernel.
+template <typename scalar_t, typename bias_t, bool kPositions>
+void allow_max_shared_memory(int device, int smem_limit) {
+  static std::mutex mutex;
+  static std::vector<bool> done;  // per device
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.size() <= static_cast<size_t>(device)) done.resize(device + 1, false);
+  if (done[device]) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(&mad_qk_kernel<scalar_t, bias_t, kPositions>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
+  done[device] = true;
+}
+
 template <typename scalar_t, typename bias_t, bool kPositions>
 void launch_mad_qk(QkParams<typename TileConfig<scalar_t>::acc_t> p, int device) {
   using Cfg = TileConfig<scalar_t>;
@@ -381,8 +398,8 @@ void launch_mad_qk(QkParams<typename TileConfig<scalar_t>::acc_t> p, int device)
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   TORCH_CHECK_VALUE(smem <= static_cast<size_t>(smem_limit), "vitmad.mad_qk: head dimension D = ", p.head_dim,
                     " needs ", smem, " bytes of shared memory per block on CUDA, the device allows ", smem_limit);
+  allow_max_shared_memory<scalar_t, bias_t, kPositions>(device, smem_limit);
   auto* kernel = &mad_qk_kernel<scalar_t, bias_t, kPositions>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 blocks((p.num_queries + Cfg::kBlockM - 1) / Cfg::kBlockM,
                     static_cast<unsigned>(std::min<int64_t>(p.num_matrices, kMaxGridY)));
   kernel<<<blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);

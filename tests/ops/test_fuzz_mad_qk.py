@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vitmad
-from conftest import subprocess_env
+from conftest import CUDA_PARAM, draw_block_edge_bias, subprocess_env
 from vitmad.ops.reference import mad_reference
 
 # Four times the mad fuzzers' count for the valid calls (mad_qk has many more knobs); VITMAD_FUZZ_EXAMPLES
@@ -27,6 +27,8 @@ from vitmad.ops.reference import mad_reference
 EXAMPLES = int(os.environ.get("VITMAD_FUZZ_EXAMPLES", "400"))
 FUZZ_VALID = settings(max_examples=4 * EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# A few examples of a size that crosses several key blocks, as many as the time allows.
+LARGE = settings(max_examples=max(EXAMPLES // 20, 5), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -62,12 +64,7 @@ def mad_qk_cases(draw):
     std = math.sqrt(logit_size) * d**0.25
     q = _stored(draw, (*leading, n, d), dtype, gen, std)
     k = _stored(draw, (*leading, n, d), dtype, gen, std)
-    if q.numel() and draw(st.booleans()):
-        index = tuple(draw(st.integers(0, s - 1)) for s in q.shape)
-        target = draw(st.sampled_from(["q", "k"]))
-        poisoned = (q if target == "q" else k).clone()
-        poisoned[index] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
-        q, k = (poisoned, k) if target == "q" else (q, poisoned)
+    q, k = _poison(draw, q, k)
     kwargs = dict(
         num_prefix_tokens=prefix,
         grid=None if grid_h == grid_w and draw(st.booleans()) else [grid_h, grid_w],
@@ -76,6 +73,43 @@ def mad_qk_cases(draw):
         renormalize=draw(st.booleans()),
         reduction=draw(st.sampled_from(["mean", "none"])),
     )
+    return q, k, draw(st.integers(1, 32)), kwargs
+
+
+def _poison(draw, q, k):
+    """q and k, or one of them with one element NaN, +inf or -inf."""
+    if q.numel() and draw(st.booleans()):
+        index = tuple(draw(st.integers(0, s - 1)) for s in q.shape)
+        target = draw(st.sampled_from(["q", "k"]))
+        poisoned = (q if target == "q" else k).clone()
+        poisoned[index] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+        q, k = (poisoned, k) if target == "q" else (q, poisoned)
+    return q, k
+
+
+@st.composite
+def mad_qk_cases_beyond_several_key_blocks(draw):
+    """A random valid call with more than 1,500 keys: several of the CPU's 512-key blocks and many CUDA tiles,
+    with leading keys masked up to a block edge for some queries, and NaN, +inf or -inf on keys next to block
+    edges (float bias), the same masks as a bool bias, or a NaN/Inf in q or k."""
+    prefix = draw(st.integers(0, 4))
+    grid_h = draw(st.integers(24, 40))
+    grid_w = -(-1501 // grid_h) + draw(st.integers(0, 4))
+    n, d = prefix + grid_h * grid_w, draw(st.integers(1, 16))
+    leading = draw(st.sampled_from([[], [1], [2], [1, 2]]))
+    dtype = draw(st.sampled_from(DTYPES))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    logit_size = draw(st.sampled_from([0.01, 1.0, 30.0]))
+    std = math.sqrt(logit_size) * d**0.25
+    q = _stored(draw, (*leading, n, d), dtype, gen, std)
+    q, k = _poison(draw, q, _stored(draw, (*leading, n, d), dtype, gen, std))
+    kind = draw(st.sampled_from(["float", "float", "bool", None]))
+    bias = None
+    if kind is not None:
+        bias = draw_block_edge_bias(draw, n, n, gen)
+        bias = bias != -math.inf if kind == "bool" else (bias * math.sqrt(logit_size)).to(dtype)
+    kwargs = dict(num_prefix_tokens=prefix, grid=[grid_h, grid_w], scale=None, attn_bias=bias,
+                  renormalize=draw(st.booleans()), reduction=draw(st.sampled_from(["mean", "none"])))
     return q, k, draw(st.integers(1, 32)), kwargs
 
 
@@ -101,9 +135,11 @@ def _reference_logits(q, k, scale, bias, num_prefix_tokens, renormalize):
     if bias is not None:
         logits = logits.masked_fill(~bias, -math.inf) if bias.dtype == torch.bool else logits + bias.double()
     if renormalize:
-        # Renormalised MAD is the mean distance under the softmax over patch keys alone (prefix logits cancel
-        # out); leaving them out keeps float64 from underflowing to 0 / 0 where the kernel rightly does not.
-        logits[..., :num_prefix_tokens] = -math.inf
+        # Renormalised MAD is the mean distance under the softmax over patch keys alone (finite prefix logits
+        # cancel out; a NaN or +inf one makes softmax NaN); leaving them out keeps float64 from underflowing to
+        # 0 / 0 where the kernel rightly does not.
+        prefix = logits[..., :num_prefix_tokens]
+        logits[..., :num_prefix_tokens] = prefix.masked_fill(prefix < math.inf, -math.inf)
     return logits
 
 
@@ -126,8 +162,21 @@ def _rounding_bound(q, k, scale, bias, logits, acc_dtype):
 @FUZZ_VALID
 @given(mad_qk_cases())
 def test_fuzz_mad_qk_matches_materialised_route(case):
+    _check_against_materialised_route(case, "cpu")
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
+@LARGE
+@given(mad_qk_cases_beyond_several_key_blocks())
+def test_fuzz_mad_qk_beyond_several_key_blocks(device, case):
+    _check_against_materialised_route(case, device)
+
+
+def _check_against_materialised_route(case, device):
     q, k, patch, kwargs = case
-    out = vitmad.mad_qk(q, k, patch, **kwargs)
+    bias = kwargs["attn_bias"]
+    out = vitmad.mad_qk(q.to(device), k.to(device), patch,
+                        **{**kwargs, "attn_bias": None if bias is None else bias.to(device)}).cpu()
     prefix, renormalize = kwargs["num_prefix_tokens"], kwargs["renormalize"]
     logits = _reference_logits(q, k, kwargs["scale"], kwargs["attn_bias"], prefix, renormalize)
     ref = mad_reference(logits.softmax(-1), patch, num_prefix_tokens=prefix, grid=kwargs["grid"],

@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vitmad
-from conftest import DTYPES
+from conftest import CUDA_PARAM, DTYPES, draw_block_edge_bias
 from vitmad.ops.reference import (
     mad_positions_backward_reference,
     mad_positions_reference,
@@ -123,7 +124,10 @@ def test_fuzz_mad_positions_backward(case):
 
 
 @st.composite
-def qk_cases(draw, max_tokens=40, min_keys=0):
+def qk_cases(draw, max_tokens=40, min_keys=0, block_edges=False):
+    """A random call of the position form of mad_qk. With ``block_edges``, the bias masks leading keys up to a
+    key-block edge for some queries and puts NaN, +inf or -inf next to block edges (float), or is that mask
+    (bool), and q or k may hold a NaN or Inf."""
     attn, positions, key_positions, options = draw(position_cases(max_tokens, min_keys))
     leading, (nq, nk) = attn.shape[:-2], attn.shape[-2:]
     d = draw(st.sampled_from([1, 3, 8, 16, 33]))
@@ -133,7 +137,13 @@ def qk_cases(draw, max_tokens=40, min_keys=0):
     q = (torch.randn(*leading, nq, d, generator=gen) * logit_size * d**-0.25).to(dtype)
     k = (torch.randn(*leading, nk, d, generator=gen) * d**-0.25).to(dtype)
     bias = None
-    if draw(st.booleans()) and nk:
+    if block_edges and nk:
+        bias = draw_block_edge_bias(draw, nq, nk, gen)
+        bias = bias != -math.inf if draw(st.integers(0, 3)) == 0 else bias.to(dtype)
+        if q.numel() and draw(st.booleans()):
+            poisoned = draw(st.sampled_from([q, k])).view(-1)
+            poisoned[draw(st.integers(0, poisoned.numel() - 1))] = draw(st.sampled_from([math.nan, math.inf]))
+    elif draw(st.booleans()) and nk:
         if draw(st.booleans()):
             bias = torch.rand(nq, nk, generator=gen) > 0.3
             bias[:, 0] = True
@@ -143,9 +153,11 @@ def qk_cases(draw, max_tokens=40, min_keys=0):
     return q, k, positions, key_positions, {"attn_bias": bias, "scale": scale, **options}
 
 
-def _check_mad_qk(case):
+def _check_mad_qk(case, device="cpu"):
     q, k, positions, key_positions, options = case
-    out = vitmad.mad_qk(q, k, positions=positions, key_positions=key_positions, **options)
+    moved = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in options.items()}
+    out = vitmad.mad_qk(q.to(device), k.to(device), positions=positions.to(device),
+                        key_positions=None if key_positions is None else key_positions.to(device), **moved).cpu()
     ref = mad_qk_positions_reference(q, k, positions, key_positions, **options)
     assert out.shape == ref.shape
     scale = max(1.0, float(ref[ref.isfinite()].abs().max()) if ref.isfinite().any() else 1.0)
@@ -160,7 +172,8 @@ def test_fuzz_mad_qk_positions(case):
     _check_mad_qk(case)
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
 @LARGE
-@given(qk_cases(max_tokens=8, min_keys=1500))
-def test_fuzz_mad_qk_positions_beyond_several_key_blocks(case):
-    _check_mad_qk(case)
+@given(qk_cases(max_tokens=8, min_keys=1500, block_edges=True))
+def test_fuzz_mad_qk_positions_beyond_several_key_blocks(device, case):
+    _check_mad_qk(case, device)

@@ -137,12 +137,20 @@ def mad_qk(
         logits = biased_logits(logits, None if bias is None else bias[..., tokens, :])
         # Renormalised, the softmax runs over the patch keys alone (the same value, without the patch mass
         # underflowing when a query attends almost only to prefix tokens).
-        attn = logits[..., p:].softmax(-1) if renormalize else logits.softmax(-1)[..., p:]
+        if renormalize:
+            logits = _mask_keys(logits, torch.arange(n, device=q.device) < p)
+        attn = logits.softmax(-1)[..., p:]
         dist = pixel_distances(layout.grid_h, layout.grid_w, patch, rows, dtype=acc, device=q.device)
         per_query[..., rows] = torch.einsum("...ts,ts->...t", attn, dist)
     if layout.reduce_mean:
         return (per_query.sum(-1, dtype=torch.float64) / layout.num_patches).to(acc)
     return per_query
+
+
+def _mask_keys(logits: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """``logits`` with the keys where ``drop`` is True set to -inf, except NaN and +inf logits: softmax over every
+    key gives NaN there, and so must the renormalised softmax that leaves those keys out."""
+    return logits.masked_fill(drop & (logits < math.inf), -math.inf)
 
 
 # The position form ------------------------------------------------------------------------------------------
@@ -258,7 +266,7 @@ def mad_qk_pos(
         if renormalize:
             # The softmax over the keys with a position: the renormalised value, without their mass
             # underflowing when a query attends almost only to tokens without a position.
-            a = logits.masked_fill(~sides.has_key[..., None, :], float("-inf")).softmax(-1)
+            a = _mask_keys(logits, ~sides.has_key[..., None, :]).softmax(-1)
         else:
             a = sides.key_weights(logits.softmax(-1))
         per_query[..., rows] = (a * sides.distances(rows)).sum(-1)
