@@ -33,6 +33,7 @@ from . import (
     pooled,
     swin,
     tiny_vit,
+    tnt,
     vit_stages,
     vitamin,
     windowed_vit,
@@ -52,6 +53,7 @@ class Skip:
 _FAMILIES = (
     non_spatial, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages, vit_stages,
     maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra, map_attention,
+    tnt,
 )
 
 
