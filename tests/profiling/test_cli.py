@@ -201,7 +201,12 @@ def test_hierarchical_models_end_to_end(image_folder, tmp_path, capsys):
     config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
                                      window_size=4)
     transformers.SwinModel(config).save_pretrained(tmp_path / "hf_swin")
+    sam = transformers.SamConfig(vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    image_size=64, patch_size=8, window_size=4, mlp_dim=64,
+                                                    global_attn_indexes=[1], output_channels=16))
+    transformers.SamModel(sam).save_pretrained(tmp_path / "hf_sam")  # profiled through its vision encoder
     for model, extra, heads, strides in [
+        (f"hf:{tmp_path / 'hf_sam'}", [], [2, 2], [8, 8]),
         ("timm:swin_tiny_patch4_window7_224", ["--weights", weights, "--image-size", "64"],
          [3, 3, 6, 6] + [12] * 6 + [24, 24], [4] * 2 + [8] * 2 + [16] * 6 + [32] * 2),
         (f"hf:{tmp_path / 'hf_swin'}", [], [1, 2], [4, 8]),

@@ -154,8 +154,10 @@ def _load_hf(spec: str, name: str) -> LoadedModel:
         processor = {}  # a bare saved model: the defaults of ViTImageProcessor at the config's image size
     vision = getattr(config, "vision_config", config)
     preprocessing = Preprocessing.from_hf(processor, getattr(vision, "image_size", None))
-    # Image-text models (CLIP, SigLIP, ...) need text for their forward: profile their vision tower alone.
-    module = getattr(module, "vision_model", module)
+    # Image-text models (CLIP, SigLIP, ...) need text for their forward, promptable segmenters (SAM, SAM 2)
+    # prompts for their mask decoder: profile their vision tower alone.
+    for tower in ("vision_model", "vision_encoder"):
+        module = getattr(module, tower, module)
     return wrap_module(module, spec, preprocessing)
 
 
