@@ -18,8 +18,6 @@ recorded as one layer.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import re
 from collections.abc import Callable
 
@@ -28,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .transformers_capture import AttentionCallback
+from .transformers_capture import AttentionCallback, forward_source
 
 __all__ = ["timm_attention_modules", "source_attention_modules", "ModuleAttentionHooks", "DoneCallback",
            "ProbabilitiesCallback"]
@@ -61,13 +59,9 @@ def timm_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-@functools.cache
 def _computes_attention(cls: type) -> bool:
     """Whether ``cls.forward`` calls the fused attention itself, or is an attention class computing a softmax."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
+    source = forward_source(cls)
     if "scaled_dot_product_attention(" in source:
         return True
     return bool(re.search(r"Att(entio)?n", cls.__name__)) and "softmax(" in source
@@ -89,8 +83,7 @@ def source_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
         cls = type(module)
         if cls.__module__.split(".")[0] == "torch" or not _computes_attention(cls):
             continue
-        source = inspect.getsource(cls.forward)
-        if "scaled_dot_product_attention(" in source or any(
+        if "scaled_dot_product_attention(" in forward_source(cls) or any(
                 isinstance(getattr(module, p, None), nn.Module) for p in _QUERY_KEY_NAMES):
             found[name] = module
     return found

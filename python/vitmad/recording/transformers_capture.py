@@ -16,7 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["AttentionCallback", "is_hf_model", "hf_attention_modules", "uses_attention_interface", "HFAttentionHooks"]
+__all__ = ["AttentionCallback", "is_hf_model", "hf_attention_modules", "uses_attention_interface", "forward_source",
+           "HFAttentionHooks"]
 
 # (qualified module name, q [B, H, N, D], k [B, H, N, D], scale or None, additive or boolean mask or None)
 AttentionCallback = Callable[[str, torch.Tensor, torch.Tensor, "float | None", "torch.Tensor | None"], None]
@@ -52,11 +53,16 @@ def hf_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @functools.cache
-def _forward_uses_interface(cls: type) -> bool:
+def forward_source(cls: type) -> str:
+    """The source of ``cls.forward`` ("" where Python has none, e.g. compiled or built-in classes)."""
     try:
-        source = inspect.getsource(cls.forward)
+        return inspect.getsource(cls.forward)
     except (OSError, TypeError):
-        return False
+        return ""
+
+
+def _forward_uses_interface(cls: type) -> bool:
+    source = forward_source(cls)
     return "ALL_ATTENTION_FUNCTIONS" in source or "attention_interface" in source
 
 

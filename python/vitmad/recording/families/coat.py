@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from .stages import defined_in
+
 _REASON = ("factorized attention (CoaT): softmax(k)^T v is applied to the queries, so no query has attention "
            "weights over the tokens")
 
 
 def _factorized(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__ == "FactorAttnConvRelPosEnc" and cls.__module__.endswith(".coat")
+    return defined_in(module, "FactorAttnConvRelPosEnc", "coat")
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from .stages import defined_in
 from .windows import PartitionPlacer, block_partition, nhwc, parent_module
 
 
 def _is_window_attention(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__ == "WindowAttentionGlobal" and cls.__module__.endswith(".gcvit")
+    return defined_in(module, "WindowAttentionGlobal", "gcvit")
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -15,24 +15,20 @@ from __future__ import annotations
 
 from torch import nn
 
+from .stages import defined_in
 from .windows import PartitionPlacer, nchw, nhwc, whole_map
 
 __all__ = ["placer"]
 
 
-def _defined_in(module: nn.Module, class_name: str, suffix: str) -> bool:
-    cls = type(module)
-    return cls.__name__ == class_name and cls.__module__.endswith("." + suffix)
-
-
 def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
-    if _defined_in(module, "ClassAttention", "volo"):
+    if defined_in(module, "ClassAttention", "volo"):
         return Skip("class attention: only the class token queries the patches (VOLO)")
-    if _defined_in(module, "Attention", "volo"):
+    if defined_in(module, "Attention", "volo"):
         return PartitionPlacer(model, name, module, nhwc, whole_map, "windows in batch")
-    if _defined_in(module, "Attention", "metaformer"):
+    if defined_in(module, "Attention", "metaformer"):
         if ".blocks." not in name:
             return None
         owner = model.get_submodule(name.rsplit(".blocks.", 1)[0])  # the MetaFormerStage
