@@ -150,3 +150,27 @@ def test_batch_sharding_covers_every_batch_once(num_batches, world):
     shards = [list(range(rank, num_batches, world)) for rank in range(world)]
     assert sorted(b for shard in shards for b in shard) == list(range(num_batches))
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_torchrun_with_heads_and_grids_that_change_with_depth(tmp_path):
+    """A hierarchy (transformers Swin: 1 then 2 heads, tokens of 4 then 8 px): the NaN-padded heads of the
+    merged statistics stay out of mad.json, which equals the single-process one."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                     window_size=4)
+    torch.manual_seed(0)
+    transformers.SwinModel(config).save_pretrained(tmp_path / "swin")
+    write_images(tmp_path / "images", 5)
+    args = ["--model", f"hf:{tmp_path / 'swin'}", "--images", str(tmp_path / "images"), "--device", "cpu",
+            "--no-figures", "--batch-size", "2"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run (see setup)
+    try:
+        assert main(["profile", *args, "--out", str(tmp_path / "single")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    done = _torchrun(2, [*args, "--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr
+    doc = json.loads((tmp_path / "two" / "mad.json").read_text())
+    assert [layer["heads"] for layer in doc["layers"]] == [1, 2] and doc["num_heads"] == [1, 2]
+    _assert_same_profile(tmp_path / "two" / "mad.json", tmp_path / "single" / "mad.json")
