@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import (
+    byoanet,
     coat,
     conv_stages,
     davit,
@@ -53,7 +54,7 @@ class Skip:
 _FAMILIES = (
     non_spatial, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages, vit_stages,
     maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra, map_attention,
-    tnt,
+    tnt, byoanet,
 )
 
 
