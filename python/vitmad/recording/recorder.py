@@ -202,11 +202,8 @@ class Recording:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._plain = PlainLayout(model, patch, None if grid is None else (int(grid[0]), int(grid[1])),
                                   num_prefix_tokens)
-        self._modules = self._choose_layers(layers)
         self._placers: dict[str, LayerPlacer] = {}
-        for name, module in self._modules.items():
-            placer = family_placer(model, name, module)
-            self._placers[name] = PlainPlacer(self._plain) if placer is None else placer
+        self._modules = self._choose_layers(layers)
         # Per module, the calls of its current forward not yet recorded (several for differential attention).
         self._pending: dict[str, list] = {}
         interface = {n: m for n, m in self._modules.items() if is_hf_model(model) and uses_attention_interface(m)}
@@ -216,7 +213,8 @@ class Recording:
             self._hooks.append(HFAttentionHooks(model, interface, self._on_attention, self._on_module_done))
 
     def _choose_layers(self, layers: Sequence[str] | None) -> dict[str, nn.Module]:
-        """The modules to record; the non-spatial ones found by default go to ``self.skipped``."""
+        """The modules to record, each with its placer in ``self._placers``; the non-spatial ones go to
+        ``self.skipped``."""
         model = self.model
         found = attention_modules(model)
         if layers is not None:
@@ -231,6 +229,7 @@ class Recording:
                 self.skipped[name] = placer.reason
             else:
                 modules[name] = module
+                self._placers[name] = PlainPlacer(self._plain) if placer is None else placer
         if not modules:
             if self.skipped:
                 reasons = "; ".join(f"{n}: {r}" for n, r in list(self.skipped.items())[:3])

@@ -51,10 +51,14 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _owner(model: nn.Module, name: str, owner_classes: tuple[str, ...]) -> tuple[str, nn.Module] | None:
-    """The Hiera model (timm ``Hiera``, transformers ``HieraModel``) that holds the attention module ``name``."""
+    """The Hiera model (timm ``Hiera``, transformers ``HieraModel``) that holds the attention module ``name``: the
+    innermost module of an owner class on the path to it (the path's prefixes only, not every module)."""
     found = None
-    for owner_name, module in model.named_modules():
-        if type(module).__name__ in owner_classes and (not owner_name or name.startswith(owner_name + ".")):
+    parts = name.split(".")
+    for depth in range(len(parts)):
+        owner_name = ".".join(parts[:depth])
+        module = model.get_submodule(owner_name) if owner_name else model
+        if type(module).__name__ in owner_classes:
             found = owner_name, module
     return found
 
