@@ -32,7 +32,7 @@ from torch import nn
 from ..ops import mad, mad_qk
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import Skip, family_modules, family_placer
-from .families.plain import PlainLayout, PlainPlacer, find_patch_embedding
+from .families.plain import PlainLayout, PlainPlacer, find_patch_embedding, is_embedding_projection
 from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
 from .placement import CallContext, LayerGeometry, LayerPlacer, ModelLayout, NotPlaceable, Placement
 from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model, uses_attention_interface
@@ -104,13 +104,7 @@ def _encoder_prefix(model: nn.Module) -> str:
     HieraDet embeds with 7x7 of stride 4), else the plain patch embedding; a prompt encoder's mask convolution
     or a text tower never comes first.
     """
-    embedding = None
-    for name, module in model.named_modules():
-        parts = name.split(".")
-        if isinstance(module, nn.Conv2d) and parts[-1] in ("proj", "projection", "patch_embedding") and any(
-                "embed" in part for part in parts):
-            embedding = name
-            break
+    embedding = next((name for name, module in model.named_modules() if is_embedding_projection(name, module)), None)
     if embedding is None:
         found = find_patch_embedding(model)
         embedding = None if found is None else found[0]

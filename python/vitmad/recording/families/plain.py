@@ -12,6 +12,7 @@ is read from the image size over the patch embedding's input size.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -19,12 +20,19 @@ from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
-__all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "num_suffix_tokens"]
+__all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "is_embedding_projection", "num_suffix_tokens"]
 
 _GRID, _EMBED_INPUT = "plain.grid", "plain.embedding_input"
 
 
 _PROJECTION_NAMES = ("proj", "projection", "patch_embedding", "patch_embed")
+
+
+def is_embedding_projection(name: str, module: nn.Module) -> bool:
+    """Whether ``module`` is a ``Conv2d`` named as the projection of a patch embedding (``patch_embed.proj``,
+    ``embeddings.patch_embeddings.projection``, ``embeddings.patch_embedding``), whatever its kernel."""
+    parts = name.split(".")
+    return isinstance(module, nn.Conv2d) and parts[-1] in _PROJECTION_NAMES and any("embed" in p for p in parts)
 
 
 def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
@@ -38,8 +46,7 @@ def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
     fallback = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == tuple(module.stride):
-            parts = name.split(".")
-            if parts[-1] in _PROJECTION_NAMES and any("embed" in part for part in parts):
+            if is_embedding_projection(name, module):
                 return name, module
             if fallback is None and max(module.kernel_size) > 1:
                 fallback = name, module
@@ -152,9 +159,17 @@ class PlainPlacer(LayerPlacer):
                 f"plus the num_prefix_tokens={prefix} given; pass the num_prefix_tokens and grid of its tokens"
             )
         stride = layout.stride(context)
-        nan = torch.full((prefix, 2), float("nan"))
-        cells = cell_centres(*grid, stride).reshape(patches, 2)
-        positions = torch.cat([nan, cells, nan[:0].new_full((layout.suffix, 2), float("nan"))])
-        index = torch.arange(prefix, prefix + patches)
+        positions, index = _plain_positions(grid, stride, prefix, layout.suffix)
         geometry = LayerGeometry(grid, stride, "global", int(lead[-1]), prefix)
         return Placement(positions, None, select_tokens(index), geometry)
+
+
+# Every layer of a plain ViT, in every call at one input size, has the same positions: built once (read-only).
+@functools.lru_cache(maxsize=64)
+def _plain_positions(grid: tuple[int, int], stride: tuple[float, float], prefix: int,
+                     suffix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[prefix + gh * gw + suffix, 2]`` positions (NaN rows around the grid) and the grid tokens' indices."""
+    patches = grid[0] * grid[1]
+    cells = cell_centres(*grid, stride).reshape(patches, 2)
+    positions = torch.cat([torch.full((prefix, 2), float("nan")), cells, torch.full((suffix, 2), float("nan"))])
+    return positions, torch.arange(prefix, prefix + patches)
