@@ -83,6 +83,10 @@ class Placement:
         heads_per_call: True when the module computes each head in its own call (EfficientViT's cascaded group
             attention: one softmax per head, in head order): the per-query values of its calls in one forward are
             stacked on a head dim (``[*lead, H, Nq]``, dim -2) before ``fold``.
+        present: ``[B, T]`` (or ``[T]``) bool, the tokens of the folded grid that exist in this call, or None
+            when all do. A masked encoder keeps a subset of each image's grid; packed images of different sizes
+            are folded onto the largest one. ``fold`` leaves NaN at the absent tokens, and an image's MAD is the
+            mean over its present tokens only (a NaN at a present token still propagates).
     """
 
     positions: torch.Tensor
@@ -90,6 +94,7 @@ class Placement:
     fold: Callable[[torch.Tensor], torch.Tensor]
     geometry: LayerGeometry
     heads_per_call: bool = False
+    present: torch.Tensor | None = None
 
 
 @dataclass

@@ -359,7 +359,15 @@ class Recording:
             folded = placement.fold(per_query)
         except NotPlaceable as error:
             raise ValueError(f"vitmad.record: {name} of {type(self.model).__name__}: {error}") from None
-        return folded.mean(-1) if self.reduction == "mean" else folded
+        if self.reduction == "none":
+            return folded
+        if placement.present is None:
+            return folded.mean(-1)
+        # The mean over the tokens the image has in this call (kept by a masked encoder, or its own grid
+        # inside a packed batch): absent tokens are NaN in the fold and must not reach the sum.
+        present = placement.present.to(folded.device)
+        present = present.unsqueeze(-2) if present.dim() == 2 else present
+        return torch.where(present, folded, 0.0).sum(-1) / present.sum(-1)
 
     def _on_module_done(self, name: str, module: nn.Module, completed: bool) -> None:
         """Record what module ``name`` computed in the forward that just ended: one entry per layer."""
