@@ -50,23 +50,31 @@ class LayerGeometry:
     """The token grid a recorded layer's per-query MAD is folded onto.
 
     Attributes:
-        grid: ``(grid_h, grid_w)`` of the layer's positioned tokens.
+        grid: ``(grid_h, grid_w)`` of the layer's positioned tokens; None when the images of the call have
+            grids of their own (native resolution, packed images): then ``image_grids`` gives each.
         stride: ``(stride_y, stride_x)``: pixels of the input image per token of that grid.
         attention: what the layer attends over, in words ("global", "window 7x7, shift 3", "keys pooled 2x2").
         heads: the layer's head count.
         num_prefix_tokens: tokens without a position before the grid (plain ViTs); None where the sequence has
             another layout.
+        image_grids: per image of the call, ``(grid_h, grid_w)`` of its own tokens, when images differ in size
+            (``grid`` is None then); image ``i``'s values are the first ``grid_h * grid_w`` of its ``T`` in
+            row-major order, NaN after them (see ``Placement.present``).
     """
 
-    grid: tuple[int, int]
+    grid: tuple[int, int] | None
     stride: tuple[float, float]
     attention: str
     heads: int
     num_prefix_tokens: int | None = None
+    image_grids: tuple[tuple[int, int], ...] | None = None
 
     def as_dict(self) -> dict:
-        return {"grid": list(self.grid), "stride": [float(s) for s in self.stride], "attention": self.attention,
-                "heads": int(self.heads), "num_prefix_tokens": self.num_prefix_tokens}
+        found = {"grid": None if self.grid is None else list(self.grid), "stride": [float(s) for s in self.stride],
+                 "attention": self.attention, "heads": int(self.heads), "num_prefix_tokens": self.num_prefix_tokens}
+        if self.image_grids is not None:
+            found["image_grids"] = [list(g) for g in self.image_grids]
+        return found
 
 
 @dataclass
