@@ -68,6 +68,7 @@ HF_FAMILIES = [
     ("LeViT", "LevitConfig", "LevitModel", {}),
     ("MobileViT", "MobileViTConfig", "MobileViTModel", {}),
     ("CvT", "CvtConfig", "CvtModel", {}),
+    ("MobileViTV2", "MobileViTV2Config", "MobileViTV2Model", {}),
 ]
 
 

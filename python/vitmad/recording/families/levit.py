@@ -9,10 +9,16 @@ from the whole grid. The subsampling is a strided operation: query ``i`` sits at
 sits, not on the cell ``2 i`` it reads. The grid's stride is the stem's (16 px, or 8 in ``*_s8``) times 2 per
 downsampling before it.
 
+transformers' ``LevitModel`` has the same layers: ``LevitAttention`` over a square grid of ``len_points`` tokens
+and ``LevitAttentionSubsample``, whose ``LevitSubsample`` takes every ``stride``-th row and column of its
+``resolution`` grid; its stem is four convolutions of stride 2.
+
 These modules have no ``fused_attn`` switch, so :func:`attention_modules` finds them.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -22,11 +28,23 @@ from .stages import defined_in, grid_placement, pair, strided_centres
 
 __all__ = ["placer", "attention_modules"]
 
-_CLASSES = ("Attention", "AttentionDownsample")
+_CLASSES = (("Attention", "levit"), ("AttentionDownsample", "levit"),
+            ("LevitAttention", "modeling_levit"), ("LevitAttentionSubsample", "modeling_levit"))
 
 
 def _is_levit_attention(module: nn.Module) -> bool:
-    return any(defined_in(module, name, "levit") for name in _CLASSES)
+    return any(defined_in(module, name, suffix) for name, suffix in _CLASSES)
+
+
+def _grid_and_step(module: nn.Module) -> tuple[tuple[int, int], int | None]:
+    """The grid a LeViT attention attends over and the step of its query subsampling (None: none)."""
+    if defined_in(module, "LevitAttention", "modeling_levit"):
+        side = math.isqrt(module.len_points)
+        return (side, side), None
+    if defined_in(module, "LevitAttentionSubsample", "modeling_levit"):
+        subsample = module.queries_subsample
+        return pair(subsample.resolution), int(subsample.stride)
+    return pair(module.resolution), getattr(module, "stride", None)
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -36,10 +54,11 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 def _input_strides(model: nn.Module) -> dict[int, tuple[float, float]]:
     """Per attention module (by id), the pixel stride of its grid: the stem's convolutions' strides times the
     strides of the downsampling attention layers before it (they run in module order)."""
-    levit = next(m for m in model.modules()
-                 if defined_in(m, "Levit", "levit") or defined_in(m, "LevitDistilled", "levit"))
+    levit = next((m for m in model.modules() if any(defined_in(m, name, suffix) for name, suffix in (
+        ("Levit", "levit"), ("LevitDistilled", "levit"), ("LevitModel", "modeling_levit")))), model)
     stride = (1.0, 1.0)
-    for conv in levit.stem.modules():
+    stem = levit.stem if hasattr(levit, "stem") else levit.patch_embeddings
+    for conv in stem.modules():
         if isinstance(conv, nn.Conv2d):
             step = pair(conv.stride)
             stride = (stride[0] * step[0], stride[1] * step[1])
@@ -47,8 +66,9 @@ def _input_strides(model: nn.Module) -> dict[int, tuple[float, float]]:
     for module in levit.modules():
         if _is_levit_attention(module):
             strides[id(module)] = stride
-            if hasattr(module, "stride"):
-                stride = (stride[0] * module.stride, stride[1] * module.stride)
+            step = _grid_and_step(module)[1]
+            if step is not None:
+                stride = (stride[0] * step, stride[1] * step)
     return strides
 
 
@@ -57,9 +77,8 @@ class LevitPlacer(LayerPlacer):
         self.module, self.stride = module, stride
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        module, stride = self.module, self.stride
-        grid = pair(module.resolution)
-        step = getattr(module, "stride", None)
+        stride = self.stride
+        grid, step = _grid_and_step(self.module)
         if step is None:
             return grid_placement(lead, num_queries, num_keys, grid=grid, stride=stride, attention="global")
         keys = cell_centres(*grid, stride).reshape(-1, 2)

@@ -9,6 +9,12 @@ map row ``a * ph + i``, column ``b * pw + j``. So the attention ``[B * ph * pw, 
 
 A map that is not a whole number of patches is resized (bilinear) to one before unfolding, so its tokens are
 interpolated samples rather than cells of the map: such calls are refused.
+
+transformers' ``MobileViTModel`` unfolds the same way (``MobileViTLayer.unfolding``: sequence ``(i, j)`` of each
+image holds the token at map row ``a * patch + i`` of patch ``(a, b)``), and ``MobileViTV2Model`` has the linear
+attention. transformers' models carry no ``feature_info``: a stage's pixel stride is the product of the strides
+of the convolutions that run before its ``conv_1x1`` (the stem's, the downsampling blocks'; module order is run
+order in ``MobileViTModel``), checked against each call's map like timm's.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..placement import NotPlaceable
+from .stages import defined_in, pair
 from .windows import PartitionPlacer, grid_partition, nchw
 
 _LINEAR = ("linear self-attention (MobileViTv2): one learned context vector weighs the tokens, no query per token "
@@ -26,37 +33,68 @@ def _mobilevit_class(module: nn.Module, name: str) -> bool:
     return type(module).__name__ == name and type(module).__module__.endswith(".mobilevit")
 
 
+def _is_linear_attention(module: nn.Module) -> bool:
+    return (_mobilevit_class(module, "LinearSelfAttention")
+            or defined_in(module, "MobileViTV2LinearSelfAttention", "modeling_mobilevitv2"))
+
+
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """MobileViTv2's linear attention (no ``fused_attn`` switch), to list it as skipped."""
-    return {n: m for n, m in model.named_modules() if _mobilevit_class(m, "LinearSelfAttention")}
+    """MobileViTv2's linear attention (no ``fused_attn`` switch, no query/key projections), to list it as
+    skipped."""
+    return {n: m for n, m in model.named_modules() if _is_linear_attention(m)}
 
 
-def _holder(model: nn.Module, name: str) -> nn.Module | None:
-    """The ``MobileVitBlock`` holding module ``name``."""
+def _holder(model: nn.Module, name: str, is_block) -> nn.Module | None:
+    """The MobileViT block holding module ``name``."""
     parts = name.split(".")
     for end in range(len(parts) - 1, 0, -1):
         module = model.get_submodule(".".join(parts[:end]))
-        if _mobilevit_class(module, "MobileVitBlock"):
+        if is_block(module):
             return module
     return None
+
+
+def _reduction_before(model: nn.Module, target: nn.Module) -> int:
+    """The product of the strides of the convolutions registered before ``target`` (one axis: MobileViT's are
+    square)."""
+    reduction = 1
+    for module in model.modules():
+        if module is target:
+            return reduction
+        if isinstance(module, nn.Conv2d):
+            reduction *= pair(module.stride)[0]
+    raise ValueError(f"{type(target).__name__} is not a module of {type(model).__name__}")
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
-    if _mobilevit_class(module, "LinearSelfAttention"):
+    if _is_linear_attention(module):
         return Skip(_LINEAR)
+    if defined_in(module, "MobileViTSelfAttention", "modeling_mobilevit"):
+        layer = _holder(model, name, lambda m: defined_in(m, "MobileViTLayer", "modeling_mobilevit"))
+        if layer is None:
+            return None
+        conv = layer.conv_1x1.convolution
+        return _patch_placer(model, name, conv, (layer.patch_height, layer.patch_width),
+                             reduction=_reduction_before(model, conv))
     if not hasattr(module, "fused_attn") or ".transformer." not in f".{name}":
         return None
-    block = _holder(model, name)
+    block = _holder(model, name, lambda m: _mobilevit_class(m, "MobileVitBlock"))
     if block is None:
         return None
+    return _patch_placer(model, name, block.conv_1x1, block.patch_size)
+
+
+def _patch_placer(model: nn.Module, name: str, conv_1x1: nn.Module, patch_size, *,
+                  reduction: int | None = None) -> PartitionPlacer:
+    """Attention across the ``patch_size`` patches of the map ``conv_1x1`` makes."""
 
     def partition(grid):
-        ph, pw = (int(p) for p in block.patch_size)
+        ph, pw = (int(p) for p in patch_size)
         if grid[0] % ph or grid[1] % pw:
             raise NotPlaceable(
-                f"{type(model).__name__}'s MobileVitBlock resizes its {grid[0]}x{grid[1]} map to whole {ph}x{pw} "
+                f"{type(model).__name__}'s MobileViT block resizes its {grid[0]}x{grid[1]} map to whole {ph}x{pw} "
                 "patches (bilinear) before attending, so its tokens are interpolated, not cells of the map; use an "
                 f"input size whose map at this stage is a multiple of {ph}x{pw}"
             )
@@ -64,4 +102,5 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         attention = f"across {ph}x{pw} patches: grid {cells[0]}x{cells[1]}, dilated every {ph}x{pw}"
         return grid_partition(grid, cells), attention
 
-    return PartitionPlacer(model, name, block.conv_1x1, nchw, partition, "windows in batch", output=True)
+    return PartitionPlacer(model, name, conv_1x1, nchw, partition, "windows in batch", output=True,
+                           reduction=reduction)

@@ -12,6 +12,10 @@
   unmasked: a padding token is a key at its cell of the padded grid, past the image edge, and no query (it
   stands for no image content; docs/definition.md, windows).
 
+- CvT (transformers ``CvtModel``): queries, keys and values made by depthwise convolutions of the stage's map
+  (keys and values with stride ``stride_kv``, 2 by default; queries with ``stride_q``, 1 by default), and a CLS
+  token, without a position, in the stages that have one (the last, by default), as query and as key.
+
 Each token sits at the centre of its cell of the stage's grid (:mod:`.stages`), a pooled key at the centre of
 its stride cell (with kernel = stride = ``sr``, the cells it pools); the pixel stride of a stage is the product
 of the strides of the patch embeddings that ran.
@@ -30,11 +34,17 @@ from .stages import (
     adaptive_centres,
     defined_in,
     global_keys,
+    grid_placement,
     pair,
     strided_module_centres,
 )
 
-__all__ = ["placer"]
+__all__ = ["placer", "attention_modules"]
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """CvT's attention (its projections are named ``projection_query`` / ``projection_key``)."""
+    return {n: m for n, m in model.named_modules() if defined_in(m, "CvtSelfAttention", "modeling_cvt")}
 
 
 def _conv_keys(conv: nn.Conv2d) -> KeyLayout:
@@ -145,6 +155,45 @@ def _twins_local(model: nn.Module, module: nn.Module) -> LayerPlacer:
     return PaddedWindowPlacer(StageGrid(model, _embeddings(model, "PatchEmbed", "twins", "proj")), int(module.ws))
 
 
+class CvtPlacer(LayerPlacer):
+    """CvT's convolutional projections: queries and keys are each the output of a (depthwise, usually strided
+    for the keys) convolution of the stage's map, or the map itself (``projection_method="linear"``); the CLS
+    token, where the stage has one, is first among both."""
+
+    def __init__(self, stages: StageGrid, module: nn.Module):
+        self.stages, self.module = stages, module
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        return self.stages.install(context)
+
+    @staticmethod
+    def _projected(projection: nn.Module, grid, stride) -> tuple[tuple[int, int], torch.Tensor, tuple[int, int]]:
+        """(grid, [n, 2] centres, step) of the tokens a projection makes from the stage's map."""
+        conv = getattr(projection, "convolution_projection", None)
+        if conv is None:
+            return grid, cell_centres(*grid, stride).reshape(-1, 2), (1, 1)
+        conv = conv.convolution
+        out, centres = strided_module_centres(grid, stride, conv)
+        return out, centres, pair(conv.stride)
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        stage = self.stages.current(context)
+        module = self.module
+        query_grid, queries, q_step = self._projected(module.convolution_projection_query, stage.grid, stage.stride)
+        _, keys, kv_step = self._projected(module.convolution_projection_key, stage.grid, stage.stride)
+        words = "global" if kv_step == (1, 1) else f"keys pooled by a stride-{kv_step[0]}x{kv_step[1]} convolution"
+        if q_step != (1, 1):
+            words += f"; queries subsampled, stride {q_step[0]}x{q_step[1]}"
+        prefix = int(module.with_cls_token)
+        query_stride = (stage.stride[0] * q_step[0], stage.stride[1] * q_step[1])
+        return grid_placement(lead, num_queries, num_keys, grid=query_grid, stride=query_stride, attention=words,
+                              prefix=prefix, queries=queries, keys=keys, key_prefix=prefix)
+
+
+def _hf_cvt(model: nn.Module, module: nn.Module) -> LayerPlacer:
+    return CvtPlacer(StageGrid(model, _embeddings(model, "CvtConvEmbeddings", "modeling_cvt", "projection")), module)
+
+
 # (class name, defining module's suffix) -> placer factory.
 _PLACERS = {
     ("Attention", "pvt_v2"): _timm_pvt_v2,
@@ -154,6 +203,7 @@ _PLACERS = {
     ("GLPNEfficientSelfAttention", "modeling_glpn"): _hf_glpn,
     ("GlobalSubSampleAttn", "twins"): _twins_global,
     ("LocallyGroupedAttn", "twins"): _twins_local,
+    ("CvtSelfAttention", "modeling_cvt"): _hf_cvt,
 }
 
 

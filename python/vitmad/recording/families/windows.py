@@ -59,17 +59,19 @@ def _numbered_stage(infos, name: str) -> tuple[str, int] | None:
 
 
 def stage_stride(model: nn.Module, name: str, image: tuple[int, int] | None,
-                 grid: tuple[int, int]) -> tuple[float, float]:
+                 grid: tuple[int, int], reduction: int | None = None) -> tuple[float, float]:
     """Pixels of the input image per token of a stage whose feature map is ``grid``.
 
-    The stage's nominal reduction (timm's ``feature_info``), checked against the call: convolutions with padding
-    round up and pools round down, so a map of side ``ceil(image / s)`` or ``floor(image / s)`` has stride ``s``.
-    The ratio of the image to the map is no substitute: it is ambiguous for rounded maps (a 66 px image over a
-    3-token map is 22 px per token, or 32 px rounded up), so a stage without a reduction that fits is refused.
+    The stage's nominal reduction (``reduction`` where the family knows it, else timm's ``feature_info``),
+    checked against the call: convolutions with padding round up and pools round down, so a map of side
+    ``ceil(image / s)`` or ``floor(image / s)`` has stride ``s``. The ratio of the image to the map is no
+    substitute: it is ambiguous for rounded maps (a 66 px image over a 3-token map is 22 px per token, or 32 px
+    rounded up), so a stage without a reduction that fits is refused.
     """
     if image is None:
         raise NotPlaceable("it ran before any convolution saw the image, so its pixel scale is unknown")
-    reduction = _feature_reduction(model, name)
+    if reduction is None:
+        reduction = _feature_reduction(model, name)
     if reduction is None:
         raise NotPlaceable(
             f"{type(model).__name__}.feature_info names no stage holding it, so the pixel stride of its "
@@ -201,16 +203,18 @@ class PartitionPlacer(LayerPlacer):
         partition: ``grid -> (cells, attention)``: the windows of the map (see :func:`window_placement`) and their
             description; read when each call is placed, so partition sizes changed on the model are followed.
         order: where the windows are in the call's leading dims (see :func:`window_placement`).
+        output: the map is ``watch``'s output rather than its input.
+        reduction: the stage's nominal pixel stride, for models without timm's ``feature_info``.
     """
 
     def __init__(self, model: nn.Module, name: str, watch: nn.Module,
                  read_map: Callable[[torch.Tensor], tuple[int, int, int] | None],
                  partition: Callable[[tuple[int, int]], tuple[torch.Tensor, str]], order: str, *,
-                 output: bool = False):
+                 output: bool = False, reduction: int | None = None):
         if order not in _ORDERS:
             raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
         self.model, self.name, self.watch, self.read_map = model, name, watch, read_map
-        self.partition, self.order, self.output = partition, order, output
+        self.partition, self.order, self.output, self.reduction = partition, order, output, reduction
         self.key = f"windows.map.{name}"
         # The latest placement, reused while the call's shape, map and partition stay the same.
         self._cached: tuple[tuple, Placement] | None = None
@@ -232,7 +236,7 @@ class PartitionPlacer(LayerPlacer):
             )
         batch, *grid = seen
         grid = (int(grid[0]), int(grid[1]))
-        stride = stage_stride(self.model, self.name, context.image_size, grid)
+        stride = stage_stride(self.model, self.name, context.image_size, grid, self.reduction)
         cells, attention = self.partition(grid)
         if _batch(lead, cells.shape[0], self.order) != batch:
             raise NotPlaceable(f"its attention has leading dims {list(lead)} for a batch of {batch} maps")
