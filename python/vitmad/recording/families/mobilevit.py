@@ -22,7 +22,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..placement import NotPlaceable
-from .stages import defined_in, pair
+from .stages import defined_in, reduction_before
 from .windows import PartitionPlacer, grid_partition, nchw
 
 _LINEAR = ("linear self-attention (MobileViTv2): one learned context vector weighs the tokens, no query per token "
@@ -54,18 +54,6 @@ def _holder(model: nn.Module, name: str, is_block) -> nn.Module | None:
     return None
 
 
-def _reduction_before(model: nn.Module, target: nn.Module) -> int:
-    """The product of the strides of the convolutions registered before ``target`` (one axis: MobileViT's are
-    square)."""
-    reduction = 1
-    for module in model.modules():
-        if module is target:
-            return reduction
-        if isinstance(module, nn.Conv2d):
-            reduction *= pair(module.stride)[0]
-    raise ValueError(f"{type(target).__name__} is not a module of {type(model).__name__}")
-
-
 def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
@@ -77,7 +65,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
             return None
         conv = layer.conv_1x1.convolution
         return _patch_placer(model, name, conv, (layer.patch_height, layer.patch_width),
-                             reduction=_reduction_before(model, conv))
+                             reduction=reduction_before(model, conv))
     if not hasattr(module, "fused_attn") or ".transformer." not in f".{name}":
         return None
     block = _holder(model, name, lambda m: _mobilevit_class(m, "MobileVitBlock"))

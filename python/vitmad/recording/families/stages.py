@@ -27,8 +27,8 @@ from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
-__all__ = ["Stage", "StageGrid", "StagePlacer", "KeyLayout", "global_keys", "strided_modules", "strided_centres",
-           "strided_module_centres", "adaptive_centres", "grid_placement", "pair", "defined_in"]
+__all__ = ["reduction_before", "Stage", "StageGrid", "StagePlacer", "KeyLayout", "global_keys", "strided_modules",
+           "strided_centres", "strided_module_centres", "adaptive_centres", "grid_placement", "pair", "defined_in"]
 
 
 def pair(value) -> tuple[int, int]:
@@ -43,6 +43,21 @@ def defined_in(module: nn.Module, class_name: str, module_suffix: str) -> bool:
     (timm and transformers reuse class names such as ``Attention`` across families)."""
     cls = type(module)
     return cls.__name__ == class_name and cls.__module__.rpartition(".")[2] == module_suffix
+
+
+def reduction_before(model: nn.Module, target: nn.Module, inside: tuple[type, ...] = ()) -> int:
+    """The product of the strides of the convolutions registered before ``target``: the nominal pixel stride of
+    the map ``target`` runs on, in models whose modules are registered in the order they run and whose every
+    convolution is on the main path (MobileViT, the MobileNet hybrids; square strides). Convolutions inside
+    modules of the classes ``inside`` (attention modules pooling their own keys) do not count."""
+    reduction = 1
+    skipped = {id(m) for outer in model.modules() if isinstance(outer, inside) for m in outer.modules()}
+    for module in model.modules():
+        if module is target:
+            return reduction
+        if isinstance(module, nn.Conv2d) and id(module) not in skipped:
+            reduction *= pair(module.stride)[0]
+    raise ValueError(f"{type(target).__name__} is not a module of {type(model).__name__}")
 
 
 @dataclass(frozen=True)
