@@ -24,6 +24,7 @@ from . import (
     fastvit,
     gcvit,
     hiera,
+    iformer,
     levit,
     map_attention,
     maxxvit,
@@ -55,7 +56,7 @@ class Skip:
 _FAMILIES = (
     non_spatial, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages, vit_stages,
     maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra, map_attention,
-    tnt, byoanet, multi_query,
+    tnt, byoanet, multi_query, iformer,
 )
 
 
