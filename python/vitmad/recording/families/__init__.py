@@ -26,6 +26,7 @@ from . import (
     hiera,
     iformer,
     levit,
+    lowformer,
     map_attention,
     maxxvit,
     mobilevit,
@@ -56,7 +57,7 @@ class Skip:
 _FAMILIES = (
     non_spatial, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages, vit_stages,
     maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra, map_attention,
-    tnt, byoanet, multi_query, iformer,
+    tnt, byoanet, multi_query, iformer, lowformer,
 )
 
 
