@@ -214,7 +214,6 @@ class _PackedPlacer(LayerPlacer):
         module: the recorded attention module.
     """
 
-    _images_argument: tuple[str, int]  # the tower's forward argument holding the images' sizes: (name, index)
     _attention_argument: tuple[str, int]  # the attention forward's argument read per call
 
     def __init__(self, model: nn.Module, tower_name: str, tower: nn.Module, module: nn.Module):
@@ -266,8 +265,9 @@ class QwenPlacer(_PackedPlacer):
         self.stride = (float(patch), float(patch))
         self.window = int(tower.window_size) // self.merge // patch if windowed else None
 
-    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        args, kwargs, seen = self._seen(context)
+    def _layout(self, args: tuple, kwargs: dict, cu_seqlens: torch.Tensor | None) -> tuple[_QwenLayout, str]:
+        """The layout of the tower's images and the kind of this block's chunks, checked against the
+        ``cu_seqlens`` the block received."""
         tower = type(self.tower).__name__
         given = [k for k in ("position_ids", "window_index", "cu_window_seqlens") if kwargs.get(k) is not None]
         if given:
@@ -276,7 +276,7 @@ class QwenPlacer(_PackedPlacer):
                 "the tower derives from grid_thw: call it with grid_thw only"
             )
         grid_thw = _argument(args, kwargs, "grid_thw", 1)
-        if grid_thw is None or seen["input"] is None:
+        if grid_thw is None or cu_seqlens is None:
             raise NotPlaceable(f"its tower {tower} ran without grid_thw or the block without cu_seqlens")
         grid_thw = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
         if any(t != 1 for t, _, _ in grid_thw):
@@ -291,12 +291,19 @@ class QwenPlacer(_PackedPlacer):
         layout = _qwen_layout(grids, self.merge, self.window, self.stride)
         kind = (f"window {self.window * self.merge}x{self.window * self.merge} patches ({self.window}x{self.window} "
                 f"merge blocks)" if self.windowed else "global per image")
-        received = tuple(int(v) for v in seen["input"].tolist())
+        received = tuple(int(v) for v in cu_seqlens.tolist())
         if received != layout.boundaries:
             raise NotPlaceable(
                 f"it received cu_seqlens {list(received)}, but the {kind} chunks of grid_thw {grid_thw} are "
                 f"{list(layout.boundaries)}; vitmad does not know this tower's token order"
             )
+        return layout, kind
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        args, kwargs, seen = self._seen(context)
+        if "layout" not in seen:  # once per forward of the block, not per chunk
+            seen["layout"] = self._layout(args, kwargs, seen["input"])
+        layout, kind = seen["layout"]
         chunk = seen["calls"]
         seen["calls"] += 1
         chunks = len(layout.boundaries) - 1
