@@ -91,6 +91,11 @@ class Placement:
         heads_per_call: True when the module computes each head in its own call (EfficientViT's cascaded group
             attention: one softmax per head, in head order): the per-query values of its calls in one forward are
             stacked on a head dim (``[*lead, H, Nq]``, dim -2) before ``fold``.
+        consecutive_chunks: True when the module splits one token sequence into consecutive chunks and computes
+            the attention of each chunk in its own call (Qwen2-VL's vision attention without flash attention: one
+            call per image or window, split by ``cu_seqlens``): the per-query values of its calls in one forward
+            are concatenated along the query dim (``[*lead, sum of Nq]``) before ``fold``; each call's placement
+            holds the positions of its own chunk and the ``fold`` of the whole sequence.
         present: ``[B, T]`` (or ``[T]``) bool, the tokens of the folded grid that exist in this call, or None
             when all do. A masked encoder keeps a subset of each image's grid; packed images of different sizes
             are folded onto the largest one. ``fold`` leaves NaN at the absent tokens, and an image's MAD is the
@@ -103,6 +108,7 @@ class Placement:
     geometry: LayerGeometry
     heads_per_call: bool = False
     present: torch.Tensor | None = None
+    consecutive_chunks: bool = False
 
 
 @dataclass

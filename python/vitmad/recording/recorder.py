@@ -386,6 +386,8 @@ class Recording:
             components = {"mad": [self._fold(name, placement, p) for p in parts], "lambda": lam}
         elif placement.heads_per_call and all(entry[0].heads_per_call for entry in pending):
             per_query = torch.stack([value for _, value, _ in pending], dim=-2)
+        elif placement.consecutive_chunks and all(entry[0].consecutive_chunks for entry in pending):
+            per_query = torch.cat([value for _, value, _ in pending], dim=-1)
         elif len(pending) == 1 and not is_differential(module):
             per_query = pending[0][1]
         else:

@@ -133,7 +133,8 @@ class HFAttentionHooks:
         model: the ``PreTrainedModel``.
         modules: the attention modules to record, by qualified name.
         callback: called with ``(name, q, k, scale, mask)`` for every call of a recorded module.
-        done: called with ``(name, module, True)`` after it: a module calls the interface once per forward.
+        done: called with ``(name, module, completed)`` when a recorded module's forward has ended, returning
+            (completed) or raising; its interface calls in that forward (one, or one per chunk) are one layer.
     """
 
     def __init__(self, model: nn.Module, modules: dict[str, nn.Module], callback: AttentionCallback,
@@ -182,7 +183,6 @@ class HFAttentionHooks:
             if name.startswith(prefix):
                 query, key = _restore_token_order(query, ids_restore), _restore_token_order(key, ids_restore)
         self.callback(name, query, key, scaling, mask)
-        self.done(name, self.modules[name], True)
 
     def install(self) -> None:
         # Only the configs of the recorded modules are switched to the wrapper, on the attribute the modules read:
@@ -191,6 +191,13 @@ class HFAttentionHooks:
         for name, module in self.modules.items():
             _ACTIVE[id(module)] = (name, self._layer_callback)
         self._watch_token_shuffle()
+        for name, module in self.modules.items():
+            # The module's forward is one layer, whatever number of interface calls it makes (Qwen2-VL's vision
+            # attention calls it once per image or window): done when the forward ends, also when it raises.
+            def leave(module, args, output, name=name) -> None:
+                self.done(name, module, output is not None)
+
+            self._handles.append(module.register_forward_hook(leave, always_call=True))
         for config in configs:
             original = config._attn_implementation_internal
             self._saved.append((config, original))

@@ -34,6 +34,7 @@ from . import (
     mvit,
     nest,
     non_spatial,
+    packed,
     pooled,
     swin,
     tiny_vit,
@@ -55,7 +56,7 @@ class Skip:
 
 # Tried in order; the first family that claims a module places it.
 _FAMILIES = (
-    non_spatial, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages, vit_stages,
+    packed, non_spatial, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages, vit_stages,
     maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra, map_attention,
     tnt, byoanet, multi_query, iformer, lowformer,
 )

@@ -1,0 +1,408 @@
+"""Packed native-resolution vision towers: several images, each of its own size, in one token sequence.
+
+- Qwen2-VL (``Qwen2VisionTransformerPretrainedModel``, the ``visual`` of ``Qwen2VLModel``), Qwen2.5-VL
+  (``Qwen2_5_VisionTransformerPretrainedModel``) and Qwen3-VL (``Qwen3VLVisionModel``). The tower receives the
+  flattened patches of every image, ``[N, C * temporal_patch * p * p]``, and ``grid_thw`` ``[n_images, 3]``. An
+  image of ``h x w`` patches is a run of ``h * w`` tokens ordered by spatial-merge blocks, not row-major: block
+  ``(a, b)`` of ``m x m`` patches (row-major over the ``h/m x w/m`` blocks) holds its patches row-major, so token
+  ``k`` sits at row ``(k // m**2) // (w/m) * m + (k % m**2) // m``, column ``(k // m**2) % (w/m) * m + k % m``.
+  The attention module receives ``cu_seqlens``, the chunks of the sequence that attend among themselves (one per
+  image), and, without flash attention, calls the attention once per chunk: the recorder concatenates the calls
+  (``Placement.consecutive_chunks``). Qwen2.5-VL reorders the whole sequence by windows of ``s x s`` merge blocks
+  (``s = window_size // m // patch``; windows row-major over the image, blocks row-major in each window; a
+  window at the bottom or right edge holds only the blocks that exist: the model drops the padding of its window
+  partition, so no padding is attended). Its window blocks attend per window, its ``fullatt_block_indexes``
+  blocks per image, both over the window-ordered sequence.
+- Pixtral (``PixtralVisionModel``): image ``i`` of ``image_sizes`` is ``h // p x w // p`` patches, row-major, and
+  the images are concatenated into one sequence ``[1, N, C]``; the attention gets a block-diagonal mask, so a
+  token of another image has probability 0.
+
+Every token is the centre of its patch in pixels of the image as the processor resized it, ``(row + 0.5) * p``;
+a token of another image is neither query nor key of an image's attention (in a separate call, or at
+probability 0 under the mask). The per-query values of the sequence fold onto ``[n_images, H, T_max]``: image
+``i``'s tokens row-major on its own grid first, NaN after them (``Placement.present``,
+``LayerGeometry.image_grids``); the layer's MAD of an image is the mean over its own tokens.
+
+Refused (a ``ValueError`` naming the layer): Qwen videos (``grid_thw`` with ``t > 1``: each temporal patch of two
+frames is a chunk of its own, and vitmad gives no temporal placement to these towers); flash attention over more
+than one chunk (one variable-length call whose chunks the capture does not receive); a tower given precomputed
+``position_ids`` or ``window_index`` (vitmad rebuilds the token order from ``grid_thw``); ``cu_seqlens`` or
+attention shapes that are not the chunks rebuilt here.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
+
+__all__ = ["placer", "PackedSequence", "packed_sequence", "qwen_token_cells", "QwenPlacer", "PixtralPlacer"]
+
+
+@dataclass(frozen=True)
+class _Design:
+    """One packed tower: where its classes are defined and how its sequence is ordered.
+
+    Attributes:
+        module: the module that defines the classes.
+        tower: class name of the vision tower (it receives the images' sizes).
+        attention: class name of its attention module (the one recorded).
+        kind: ``"qwen"`` (merge-block order, ``cu_seqlens``) or ``"pixtral"`` (row-major, block-diagonal mask).
+        windows: the tower has window blocks besides its ``fullatt_block_indexes`` blocks (Qwen2.5-VL).
+    """
+
+    module: str
+    tower: str
+    attention: str
+    kind: str
+    windows: bool = False
+
+
+_DESIGNS = (
+    _Design("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VisionTransformerPretrainedModel",
+            "VisionAttention", "qwen"),
+    _Design("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel",
+            "Qwen2_5_VLVisionAttention", "qwen", windows=True),
+    _Design("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionModel", "Qwen3VLVisionAttention", "qwen"),
+    _Design("transformers.models.pixtral.modeling_pixtral", "PixtralVisionModel", "PixtralAttention", "pixtral"),
+)
+
+
+def _design_of(module: nn.Module, attribute: str) -> _Design | None:
+    cls = type(module)
+    for design in _DESIGNS:
+        if cls.__module__ == design.module and cls.__name__ == getattr(design, attribute):
+            return design
+    return None
+
+
+@dataclass(frozen=True)
+class PackedSequence:
+    """Where each token of a packed sequence is, and the fold of its per-query values onto per-image grids.
+
+    Attributes:
+        grids: per image, ``(grid_h, grid_w)`` of its patch tokens.
+        cells: ``[N, 2]`` (row, column) of each sequence token in its own image's grid.
+        target: ``[N]`` index of each sequence token in the folded ``[n_images * T_max]`` (image-major, each image
+            row-major on its own grid), ``T_max`` the largest image's token count.
+    """
+
+    grids: tuple[tuple[int, int], ...]
+    cells: torch.Tensor
+    target: torch.Tensor
+
+    @property
+    def tokens_max(self) -> int:
+        return max(h * w for h, w in self.grids)
+
+    def positions(self, stride: tuple[float, float]) -> torch.Tensor:
+        """``[N, 2]`` float32 pixel centres of the sequence tokens."""
+        return ((self.cells.double() + 0.5) * torch.tensor(stride, dtype=torch.float64)).float()
+
+    def present(self) -> torch.Tensor | None:
+        """``[n_images, T_max]`` bool, the folded tokens each image has; None when the images are the same size."""
+        if len(set(self.grids)) == 1:
+            return None
+        counts = torch.tensor([h * w for h, w in self.grids])
+        return torch.arange(self.tokens_max) < counts[:, None]
+
+    def geometry(self, stride: tuple[float, float], attention: str, heads: int) -> LayerGeometry:
+        if len(set(self.grids)) == 1:
+            return LayerGeometry(self.grids[0], stride, attention, heads)
+        return LayerGeometry(None, stride, attention, heads, image_grids=self.grids)
+
+    def fold(self, heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Maps per-query values ``[1, heads, N]`` (sequence order) to ``[n_images, heads, T_max]``."""
+        images, tokens = len(self.grids), self.tokens_max
+        target = self.target
+
+        def fold(values: torch.Tensor) -> torch.Tensor:
+            values = values.reshape(heads, -1)
+            folded = values.new_full((heads, images * tokens), float("nan"))
+            folded[:, target.to(values.device)] = values
+            return folded.view(heads, images, tokens).transpose(0, 1)
+
+        return fold
+
+
+def packed_sequence(grids: tuple[tuple[int, int], ...], cells: list[torch.Tensor]) -> PackedSequence:
+    """The packed sequence of images whose tokens, in sequence order, sit at ``cells[i]`` (``[h_i * w_i, 2]``)."""
+    tokens = max(h * w for h, w in grids)
+    target = torch.cat([image * tokens + c[:, 0] * grid[1] + c[:, 1] for image, (grid, c) in
+                        enumerate(zip(grids, cells))])
+    return PackedSequence(grids, torch.cat(cells), target)
+
+
+def qwen_token_cells(grid: tuple[int, int], merge: int, window: int | None) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(row, column) of each token of one Qwen image in the tower's sequence order, and its attention chunks.
+
+    Args:
+        grid: ``(h, w)`` patches of the image, multiples of ``merge``.
+        merge: the spatial merge size ``m``: tokens come in ``m x m`` blocks, row-major within a block.
+        window: ``s``, merge blocks per side of a window (Qwen2.5-VL's window order), or None (blocks row-major).
+
+    Returns:
+        ``[h * w, 2]`` long cells, and the token counts of the image's chunks: the whole image without
+        ``window``, else each window's (row-major over windows, edge windows smaller).
+    """
+    (h, w), m = grid, merge
+    blocks_h, blocks_w = h // m, w // m
+    rows, cols = torch.meshgrid(torch.arange(blocks_h), torch.arange(blocks_w), indexing="ij")
+    blocks = torch.stack([rows, cols], dim=-1).reshape(-1, 2)
+    chunks: tuple[int, ...] = (h * w,)
+    if window is not None:
+        per_row = math.ceil(blocks_w / window)
+        windows = (blocks[:, 0] // window) * per_row + blocks[:, 1] // window
+        # Stable sort by window keeps the blocks row-major inside each window.
+        blocks = blocks[torch.sort(windows, stable=True).indices]
+        counts = torch.bincount(windows)
+        chunks = tuple(int(c) * m * m for c in counts if c > 0)
+    inner_r, inner_c = torch.meshgrid(torch.arange(m), torch.arange(m), indexing="ij")
+    inner = torch.stack([inner_r, inner_c], dim=-1).reshape(1, m * m, 2)
+    return (blocks[:, None, :] * m + inner).reshape(-1, 2), chunks
+
+
+@dataclass(frozen=True)
+class _QwenLayout:
+    sequence: PackedSequence
+    positions: torch.Tensor  # [N, 2] float32
+    boundaries: tuple[int, ...]  # chunk starts and the sequence end, as cu_seqlens gives them
+
+
+# A model sees few image-size combinations; the blocks of one kind share them (read-only tensors).
+@functools.lru_cache(maxsize=64)
+def _qwen_layout(grids: tuple[tuple[int, int], ...], merge: int, window: int | None,
+                 stride: tuple[float, float]) -> _QwenLayout:
+    cells, boundaries = [], [0]
+    for grid in grids:
+        image_cells, chunks = qwen_token_cells(grid, merge, window)
+        cells.append(image_cells)
+        for length in chunks:
+            boundaries.append(boundaries[-1] + length)
+    sequence = packed_sequence(grids, cells)
+    return _QwenLayout(sequence, sequence.positions(stride), tuple(boundaries))
+
+
+@functools.lru_cache(maxsize=64)
+def _pixtral_layout(grids: tuple[tuple[int, int], ...],
+                    stride: tuple[float, float]) -> tuple[PackedSequence, torch.Tensor]:
+    cells = []
+    for h, w in grids:
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        cells.append(torch.stack([rows, cols], dim=-1).reshape(-1, 2))
+    sequence = packed_sequence(grids, cells)
+    return sequence, sequence.positions(stride)
+
+
+def _argument(args: tuple, kwargs: dict, name: str, index: int):
+    return kwargs.get(name, args[index] if len(args) > index else None)
+
+
+class _PackedPlacer(LayerPlacer):
+    """What both kinds share: the tower's input of its running forward, and the attention module's own input.
+
+    Args:
+        model: the model, named in messages.
+        tower_name: qualified name of the vision tower.
+        tower: the tower; it receives the images' sizes.
+        module: the recorded attention module.
+    """
+
+    _attention_argument: tuple[str, int]  # the attention forward's argument read per call
+
+    def __init__(self, model: nn.Module, tower_name: str, tower: nn.Module, module: nn.Module):
+        self.model, self.tower_name, self.tower, self.module = model, tower_name, tower, module
+        self._key = f"packed.{id(module)}"
+        # The tower's forward starts before the recorder's call starts (at the first convolution, inside the
+        # tower), which clears the call's context: the tower's input is kept here while the tower runs.
+        self._tower_input: tuple | None = None
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def see_tower(module, args, kwargs) -> None:
+            self._tower_input = (args, kwargs)
+
+        def forget_tower(module, args, output) -> None:
+            self._tower_input = None
+
+        def see_attention(module, args, kwargs) -> None:
+            context.values[self._key] = {"input": _argument(args, kwargs, *self._attention_argument), "calls": 0}
+
+        return [self.tower.register_forward_pre_hook(see_tower, with_kwargs=True),
+                self.tower.register_forward_hook(forget_tower, always_call=True),
+                self.module.register_forward_pre_hook(see_attention, with_kwargs=True)]
+
+    def _seen(self, context: CallContext) -> tuple[tuple, dict, dict]:
+        seen = context.values.get(self._key)
+        if self._tower_input is None or seen is None:
+            raise NotPlaceable(
+                f"it ran outside a forward of its tower {self.tower_name} ({type(self.tower).__name__}), which "
+                "gives the sizes of the packed images"
+            )
+        return (*self._tower_input, seen)
+
+
+class QwenPlacer(_PackedPlacer):
+    """Places one attention block of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower: one call per chunk of
+    ``cu_seqlens`` (``[1, heads, n_chunk, n_chunk]``), or one call when the sequence is one chunk.
+
+    Args:
+        windowed: the block attends within Qwen2.5-VL's windows (else per image).
+    """
+
+    _attention_argument = ("cu_seqlens", 1)
+
+    def __init__(self, model: nn.Module, tower_name: str, tower: nn.Module, module: nn.Module, windowed: bool):
+        super().__init__(model, tower_name, tower, module)
+        self.windowed = windowed
+        self.merge = int(tower.spatial_merge_size)
+        patch = int(tower.patch_embed.patch_size)
+        self.stride = (float(patch), float(patch))
+        self.window = int(tower.window_size) // self.merge // patch if windowed else None
+
+    def _layout(self, args: tuple, kwargs: dict, cu_seqlens: torch.Tensor | None) -> tuple[_QwenLayout, str]:
+        """The layout of the tower's images and the kind of this block's chunks, checked against the
+        ``cu_seqlens`` the block received."""
+        tower = type(self.tower).__name__
+        given = [k for k in ("position_ids", "window_index", "cu_window_seqlens") if kwargs.get(k) is not None]
+        if given:
+            raise NotPlaceable(
+                f"its tower {tower} was given precomputed {', '.join(given)}; vitmad places the tokens by the order "
+                "the tower derives from grid_thw: call it with grid_thw only"
+            )
+        grid_thw = _argument(args, kwargs, "grid_thw", 1)
+        if grid_thw is None or cu_seqlens is None:
+            raise NotPlaceable(f"its tower {tower} ran without grid_thw or the block without cu_seqlens")
+        grid_thw = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
+        if any(t != 1 for t, _, _ in grid_thw):
+            raise NotPlaceable(
+                f"grid_thw {grid_thw} holds a video (t > 1): each temporal patch is a chunk of its own, and vitmad "
+                "gives these towers no temporal placement; record images (t = 1) only"
+            )
+        odd = [(h, w) for _, h, w in grid_thw if h % self.merge or w % self.merge]
+        if odd:
+            raise NotPlaceable(f"grid_thw has grids {odd} that are not multiples of the merge size {self.merge}")
+        grids = tuple((h, w) for _, h, w in grid_thw)
+        layout = _qwen_layout(grids, self.merge, self.window, self.stride)
+        kind = (f"window {self.window * self.merge}x{self.window * self.merge} patches ({self.window}x{self.window} "
+                f"merge blocks)" if self.windowed else "global per image")
+        received = tuple(int(v) for v in cu_seqlens.tolist())
+        if received != layout.boundaries:
+            raise NotPlaceable(
+                f"it received cu_seqlens {list(received)}, but the {kind} chunks of grid_thw {grid_thw} are "
+                f"{list(layout.boundaries)}; vitmad does not know this tower's token order"
+            )
+        return layout, kind
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        args, kwargs, seen = self._seen(context)
+        if "layout" not in seen:  # once per forward of the block, not per chunk
+            seen["layout"] = self._layout(args, kwargs, seen["input"])
+        layout, kind = seen["layout"]
+        chunk = seen["calls"]
+        seen["calls"] += 1
+        chunks = len(layout.boundaries) - 1
+        if chunk >= chunks:
+            raise NotPlaceable(f"it made more attention calls than its {chunks} chunks of cu_seqlens")
+        start, end = layout.boundaries[chunk], layout.boundaries[chunk + 1]
+        if len(lead) != 2 or lead[0] != 1 or num_queries != num_keys or num_queries != end - start:
+            shape = f"[{', '.join(map(str, lead))}, {num_queries}, {num_keys}]"
+            if num_queries == layout.boundaries[-1] and chunks > 1:
+                raise NotPlaceable(
+                    f"its attention is one call {shape} over the whole packed sequence of {chunks} chunks "
+                    "(flash attention's variable-length call, whose chunks vitmad's capture does not receive); "
+                    "load the model with attn_implementation='sdpa' or 'eager'"
+                )
+            raise NotPlaceable(
+                f"its attention call {chunk} has shape {shape}, but chunk {chunk} of cu_seqlens is "
+                f"[1, heads, {end - start}, {end - start}]"
+            )
+        heads = int(lead[1])
+        sequence = layout.sequence
+        return Placement(layout.positions[start:end], None, sequence.fold(heads),
+                         sequence.geometry(self.stride, kind, heads), present=sequence.present(),
+                         consecutive_chunks=True)
+
+
+class PixtralPlacer(_PackedPlacer):
+    """Places one attention layer of Pixtral's vision tower: one call ``[1, heads, N, N]`` over the packed images
+    with their block-diagonal mask."""
+
+    _attention_argument = ("attention_mask", 1)
+
+    def __init__(self, model: nn.Module, tower_name: str, tower: nn.Module, module: nn.Module):
+        super().__init__(model, tower_name, tower, module)
+        self.patch = int(tower.patch_size)
+        self.stride = (float(self.patch), float(self.patch))
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        args, kwargs, seen = self._seen(context)
+        pixels = _argument(args, kwargs, "pixel_values", 0)
+        sizes = _argument(args, kwargs, "image_sizes", 1)
+        if sizes is None:
+            sizes = [tuple(pixels.shape[-2:])] * int(pixels.shape[0])
+        elif isinstance(sizes, torch.Tensor):
+            sizes = sizes.tolist()
+        # The tower pairs the images with image_sizes by zip: the shorter of the two counts.
+        grids = tuple((int(h) // self.patch, int(w) // self.patch) for _, (h, w) in zip(range(pixels.shape[0]), sizes))
+        sequence, positions = _pixtral_layout(grids, self.stride)
+        tokens = int(positions.shape[0])
+        if len(lead) != 2 or lead[0] != 1 or num_queries != num_keys or num_queries != tokens:
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}], but the "
+                f"images of sizes {[list(map(int, s)) for s in sizes]} pack into [1, heads, {tokens}, {tokens}]"
+            )
+        if seen["input"] is None and len(grids) > 1:
+            raise NotPlaceable(
+                f"it attends over {len(grids)} packed images without their block-diagonal mask (flash attention's "
+                "variable-length call, whose chunks vitmad's capture does not receive); load the model with "
+                "attn_implementation='sdpa' or 'eager'"
+            )
+        heads = int(lead[1])
+        return Placement(positions, None, sequence.fold(heads),
+                         sequence.geometry(self.stride, "global per image (block-diagonal mask)", heads),
+                         present=sequence.present())
+
+
+class _Refuse(LayerPlacer):
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        raise NotPlaceable(self.reason)
+
+
+def _towers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if _design_of(m, "tower") is not None}
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    """The placer of a packed tower's attention module; a :class:`~.Skip` for any other attention module of a
+    model holding such a tower (a vision-language model's text attention); None otherwise."""
+    from . import Skip
+
+    design = _design_of(module, "attention")
+    towers = _towers(model) if design is not None or type(model).__module__.startswith("transformers.") else {}
+    tower_name = next((t for t in towers if name.startswith(t + ".") or t == ""), None)
+    if design is None:
+        if towers and tower_name is None:
+            return Skip(f"outside the vision tower {next(iter(towers)) or type(model).__name__}: a language model's "
+                        "attention over text tokens, which have no position on the image")
+        return None
+    if tower_name is None:
+        return _Refuse(f"it is not inside a {design.tower}, which gives the sizes of the packed images")
+    tower = model.get_submodule(tower_name)
+    if design.kind == "pixtral":
+        return PixtralPlacer(model, tower_name, tower, module)
+    windowed = False
+    if design.windows:
+        block = name[len(tower_name):].lstrip(".").split(".")
+        if len(block) < 2 or block[0] != "blocks" or not block[1].isdigit():
+            return _Refuse(f"it is not in {design.tower}.blocks, whose index says whether it attends in windows")
+        windowed = int(block[1]) not in tower.fullatt_block_indexes
+    return QwenPlacer(model, tower_name, tower, module, windowed)

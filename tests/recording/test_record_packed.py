@@ -1,0 +1,282 @@
+"""vitmad.record on packed native-resolution vision towers: Qwen2-VL, Qwen2.5-VL (windows), Qwen3-VL and Pixtral.
+
+Tiny random-weight towers get three images of different sizes packed in one call. The reference is each model's
+own eager attention probabilities, captured call by call from its modeling file's ``eager_attention_forward``,
+placed by geometry written here with explicit loops (not the code under test): Qwen's tokens in spatial-merge
+block order, Qwen2.5-VL's sequence in windows of merge blocks (edge windows smaller, one call per window), Pixtral's
+images row-major one after the other under a block-diagonal mask; each patch at ``(row + 0.5, col + 0.5) * patch``
+pixels of its own image; each query's MAD over the keys of its own image (or window), in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vitmad
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.pixtral import modeling_pixtral  # noqa: E402
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl  # noqa: E402
+from transformers.models.qwen2_vl import modeling_qwen2_vl  # noqa: E402
+from transformers.models.qwen3_vl import modeling_qwen3_vl  # noqa: E402
+
+# Recorded float32 MAD (mad_qk on the sdpa path's q/k, or the fused op) against float64 on the eager float32
+# probabilities; MADs here are 4 to 40 px.
+TOL = {"rtol": 1e-5, "atol": 1e-4}
+PATCH, MERGE, WINDOW_PX = 4, 2, 16  # Qwen: 4 px patches, 2x2 merge blocks, windows of 16 px = 2x2 merge blocks
+# (h, w) patches per image: edge windows of 1 block row / column, an image whose 4x4 blocks fill whole windows
+# (the model pads it by a full window of empty windows), and a one-block-high strip of three windows.
+QWEN_GRIDS = [(6, 4), (8, 8), (2, 10)]
+PIXTRAL_PATCH = 8
+PIXTRAL_SIZES = [(52, 36), (32, 64), (24, 40)]  # pixels; 52 x 36 is floored by the model to 6 x 4 patches
+
+
+def _sharpen(model: torch.nn.Module) -> torch.nn.Module:
+    """Weights large enough that attention is far from uniform (the default init makes every head look global)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(std=0.25)
+    return model.eval()
+
+
+def _qwen(name: str, attn_implementation: str) -> torch.nn.Module:
+    common = dict(depth=2, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2,
+                  attn_implementation=attn_implementation)
+    if name == "qwen2_vl":
+        config = transformers.Qwen2VLConfig(vision_config=dict(embed_dim=32, hidden_size=32, mlp_ratio=2, **common))
+        return _sharpen(modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel(config.vision_config))
+    if name == "qwen2_5_vl":
+        config = transformers.Qwen2_5_VLConfig(vision_config=dict(
+            hidden_size=32, out_hidden_size=32, intermediate_size=64, window_size=WINDOW_PX,
+            fullatt_block_indexes=[1], **common))
+        return _sharpen(modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel(config.vision_config))
+    config = transformers.Qwen3VLConfig(vision_config=dict(
+        hidden_size=32, intermediate_size=64, out_hidden_size=32, num_position_embeddings=16,
+        deepstack_visual_indexes=[], **common))
+    return _sharpen(modeling_qwen3_vl.Qwen3VLVisionModel(config.vision_config))
+
+
+_MODELING = {"qwen2_vl": modeling_qwen2_vl, "qwen2_5_vl": modeling_qwen2_5_vl, "qwen3_vl": modeling_qwen3_vl,
+             "pixtral": modeling_pixtral}
+
+
+def _eager_probabilities(monkeypatch, name: str, model: torch.nn.Module, *inputs, **kwargs) -> list:
+    """``[(attention module, probabilities [1, H, n, n])]`` of every eager attention call of one forward."""
+    modeling = _MODELING[name]
+    original = modeling.eager_attention_forward
+    calls = []
+
+    def capture(module, *args, **kw):
+        output, probabilities = original(module, *args, **kw)
+        calls.append((module, probabilities.detach().double()))
+        return output, probabilities
+
+    model.set_attn_implementation("eager")
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling, "eager_attention_forward", capture)
+        with torch.no_grad():
+            model(*inputs, **kwargs)
+    return calls
+
+
+# Geometry written here -----------------------------------------------------------------------------------------
+
+def _qwen_image_chunks(grid: tuple[int, int], windowed: bool) -> list[list[tuple[int, int]]]:
+    """The (row, col) of each token of one Qwen image in sequence order, cut into its attention chunks."""
+    h, w = grid
+    blocks_h, blocks_w = h // MERGE, w // MERGE
+    side = WINDOW_PX // MERGE // PATCH if windowed else max(blocks_h, blocks_w)
+    chunks = []
+    for window_row in range(math.ceil(blocks_h / side)):
+        for window_col in range(math.ceil(blocks_w / side)):
+            chunk = []
+            for block_row in range(window_row * side, min((window_row + 1) * side, blocks_h)):
+                for block_col in range(window_col * side, min((window_col + 1) * side, blocks_w)):
+                    for i in range(MERGE):
+                        for j in range(MERGE):
+                            chunk.append((block_row * MERGE + i, block_col * MERGE + j))
+            chunks.append(chunk)
+    return chunks
+
+
+def _expected(chunks: list[tuple[torch.Tensor, int, list[tuple[int, int]]]], grids, patch: int) -> list:
+    """Per image, ``[H, h * w]`` float64 per-token MAD, row-major on its grid.
+
+    Args:
+        chunks: per chunk, (the call's probabilities ``[1, H, N, N]``, the chunk's offset in the call, its tokens as
+            (image, row, col) in sequence order); a query's keys are the tokens of its own chunk.
+    """
+    heads = chunks[0][0].shape[1]
+    expected = [torch.full((heads, h * w), float("nan"), dtype=torch.float64) for h, w in grids]
+    for probabilities, offset, tokens in chunks:
+        n = len(tokens)
+        block = probabilities[0, :, offset:offset + n, offset:offset + n]
+        centres = torch.tensor([[(r + 0.5) * patch, (c + 0.5) * patch] for _, r, c in tokens], dtype=torch.float64)
+        distances = torch.cdist(centres, centres)
+        per_query = (block * distances).sum(-1)  # [H, n]
+        for q, (image, row, col) in enumerate(tokens):
+            expected[image][:, row * grids[image][1] + col] = per_query[:, q]
+    assert all(not e.isnan().any() for e in expected), "the reference geometry misses a token"
+    return expected
+
+
+def _check(rec, expected_per_layer, grids, attention_kinds):
+    """rec (reduction="none") against the reference: per image its own tokens first, NaN after them."""
+    assert len(rec.layers) == len(expected_per_layer)
+    for layer, (expected, values, geometry) in enumerate(zip(expected_per_layer, rec.per_layer, rec.geometry)):
+        assert values.shape == (len(grids), expected[0].shape[0], max(h * w for h, w in grids))
+        assert geometry.grid is None and geometry.image_grids == tuple(grids)
+        assert geometry.attention.startswith(attention_kinds[layer])
+        for image, (h, w) in enumerate(grids):
+            torch.testing.assert_close(values[image, :, :h * w].double(), expected[image], **TOL)
+            assert values[image, :, h * w:].isnan().all()
+
+
+def _qwen_inputs(grids):
+    grid_thw = torch.tensor([[1, h, w] for h, w in grids])
+    torch.manual_seed(1)
+    patches = torch.randn(sum(h * w for h, w in grids), 3 * 2 * PATCH * PATCH)
+    return patches, grid_thw
+
+
+# Qwen ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_packed_images_match_eager_attention(monkeypatch, name, attn_implementation):
+    model = _qwen(name, "eager")
+    patches, grid_thw = _qwen_inputs(QWEN_GRIDS)
+    calls = _eager_probabilities(monkeypatch, name, model, patches, grid_thw=grid_thw)
+
+    # Qwen2.5-VL: block 0 attends in windows, block 1 (fullatt_block_indexes) per image; the others per image.
+    windowed = [name == "qwen2_5_vl", False]
+    expected_per_layer, used = [], 0
+    for layer, attention in enumerate(a for a in (model.blocks[0].attn, model.blocks[1].attn)):
+        layer_chunks = []
+        for image, grid in enumerate(QWEN_GRIDS):
+            for chunk in _qwen_image_chunks(grid, windowed[layer]):
+                module, probabilities = calls[used]
+                assert module is attention and probabilities.shape[-1] == len(chunk)
+                layer_chunks.append((probabilities, 0, [(image, r, c) for r, c in chunk]))
+                used += 1
+        expected_per_layer.append(_expected(layer_chunks, QWEN_GRIDS, PATCH))
+    assert used == len(calls)
+
+    model.set_attn_implementation(attn_implementation)
+    with torch.no_grad():
+        plain = model(patches, grid_thw=grid_thw).last_hidden_state
+        with vitmad.record(model, reduction="none") as rec:
+            recorded = model(patches, grid_thw=grid_thw).last_hidden_state
+        with vitmad.record(model) as rec_mean:
+            model(patches, grid_thw=grid_thw)
+    assert torch.equal(plain, recorded)
+    kinds = ["window 4x4 patches" if w else "global per image" for w in windowed]
+    _check(rec, expected_per_layer, QWEN_GRIDS, kinds)
+    means = torch.stack([torch.stack([e.mean(-1) for e in layer]) for layer in expected_per_layer])
+    torch.testing.assert_close(rec_mean.mad.double(), means, **TOL)  # [L, n_images, H]
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_image_alone_equals_packed(name):
+    model = _qwen(name, "sdpa")
+    patches, grid_thw = _qwen_inputs(QWEN_GRIDS)
+    with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
+        model(patches, grid_thw=grid_thw)
+        packed = rec.per_layer
+        start = 0
+        for image, (h, w) in enumerate(QWEN_GRIDS):
+            model(patches[start:start + h * w], grid_thw=grid_thw[image:image + 1])
+            start += h * w
+            assert rec.geometry[0].grid == (h, w) and rec.geometry[0].image_grids is None
+            for layer, alone in enumerate(rec.per_layer):
+                assert alone.shape[0] == 1
+                torch.testing.assert_close(alone[0], packed[layer][image, :, :h * w], **TOL)
+
+
+def test_qwen_video_is_refused():
+    model = _qwen("qwen2_vl", "sdpa")
+    patches = torch.randn(2 * 4 * 4, 3 * 2 * PATCH * PATCH)
+    with vitmad.record(model) as rec, pytest.raises(ValueError, match=r"blocks\.0\.attn.*video \(t > 1\)"):
+        model(patches, grid_thw=torch.tensor([[2, 4, 4]]))
+    assert rec.calls[-1].per_layer == []
+
+
+def test_qwen_vision_language_model_records_its_tower_and_skips_text_attention():
+    config = transformers.Qwen2VLConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=100, bos_token_id=0, eos_token_id=1,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 1e4}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, patch_size=PATCH,
+                           spatial_merge_size=MERGE, temporal_patch_size=2, mlp_ratio=2),
+        attn_implementation="sdpa")
+    model = _sharpen(transformers.Qwen2VLModel(config))
+    patches, grid_thw = _qwen_inputs(QWEN_GRIDS)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model.get_image_features(patches, image_grid_thw=grid_thw)
+    assert rec.layers == ["visual.blocks.0.attn", "visual.blocks.1.attn"]
+    assert list(rec.skipped) == ["language_model.layers.0.self_attn"]
+    assert rec.mad.shape == (2, 3, 2)
+
+
+# Pixtral ---------------------------------------------------------------------------------------------------------
+
+def _pixtral(attn_implementation: str) -> torch.nn.Module:
+    config = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=2, image_size=64, patch_size=PIXTRAL_PATCH,
+                                              attn_implementation=attn_implementation)
+    return _sharpen(modeling_pixtral.PixtralVisionModel(config))
+
+
+def _pixtral_inputs():
+    torch.manual_seed(2)
+    height, width = max(h for h, _ in PIXTRAL_SIZES), max(w for _, w in PIXTRAL_SIZES)
+    pixels = torch.zeros(len(PIXTRAL_SIZES), 3, height, width)
+    for image, (h, w) in enumerate(PIXTRAL_SIZES):
+        pixels[image, :, :h, :w] = torch.randn(3, h, w)
+    return pixels, torch.tensor(PIXTRAL_SIZES)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_pixtral_packed_images_match_eager_attention(monkeypatch, attn_implementation):
+    model = _pixtral("eager")
+    pixels, sizes = _pixtral_inputs()
+    grids = [(h // PIXTRAL_PATCH, w // PIXTRAL_PATCH) for h, w in PIXTRAL_SIZES]
+    calls = _eager_probabilities(monkeypatch, "pixtral", model, pixels, image_sizes=sizes)
+    assert len(calls) == 2
+    expected_per_layer = []
+    for probabilities in (p for _, p in calls):
+        chunks, offset = [], 0
+        for image, (h, w) in enumerate(grids):
+            tokens = [(image, r, c) for r in range(h) for c in range(w)]
+            # The block-diagonal mask: nothing of an image's attention reaches another image.
+            assert probabilities[0, :, offset:offset + h * w].sum(-1).sub(1).abs().max() < 1e-6
+            chunks.append((probabilities, offset, tokens))
+            offset += h * w
+        assert offset == probabilities.shape[-1]
+        expected_per_layer.append(_expected(chunks, grids, PIXTRAL_PATCH))
+
+    model.set_attn_implementation(attn_implementation)
+    with torch.no_grad():
+        plain = model(pixels, image_sizes=sizes).last_hidden_state
+        with vitmad.record(model, reduction="none") as rec:
+            recorded = model(pixels, image_sizes=sizes).last_hidden_state
+    assert torch.equal(plain, recorded)
+    _check(rec, expected_per_layer, grids, ["global per image"] * 2)
+
+
+def test_pixtral_image_alone_equals_packed():
+    model = _pixtral("sdpa")
+    pixels, sizes = _pixtral_inputs()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels, image_sizes=sizes)
+        packed = rec.mad  # [L, n_images, H]: each image's mean over its own tokens
+        assert packed.shape == (2, 3, 2)
+        for image, (h, w) in enumerate(PIXTRAL_SIZES):
+            model(pixels[image:image + 1, :, :h, :w], image_sizes=torch.tensor([[h, w]]))
+            assert rec.geometry[0].grid == (h // PIXTRAL_PATCH, w // PIXTRAL_PATCH)
+            torch.testing.assert_close(rec.mad[:, 0], packed[:, image], **TOL)
