@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["ModelLayout", "LayerGeometry", "Placement", "LayerPlacer", "CallContext", "cell_centres", "select_tokens",
-           "NotPlaceable"]
+           "NotPlaceable", "space_time_positions"]
 
 
 class NotPlaceable(ValueError):
@@ -56,6 +56,9 @@ class LayerGeometry:
         heads: the layer's head count.
         num_prefix_tokens: tokens without a position before the grid (plain ViTs); None where the sequence has
             another layout.
+        frames: video layers: the tubelets' frame count (the grid is then ``frames x grid_h x grid_w``, folded in
+            (frame, row, column) order); None for image layers.
+        frame_stride: video layers: input frames per tubelet (its temporal size); None for image layers.
     """
 
     grid: tuple[int, int]
@@ -63,10 +66,15 @@ class LayerGeometry:
     attention: str
     heads: int
     num_prefix_tokens: int | None = None
+    frames: int | None = None
+    frame_stride: float | None = None
 
     def as_dict(self) -> dict:
-        return {"grid": list(self.grid), "stride": [float(s) for s in self.stride], "attention": self.attention,
-                "heads": int(self.heads), "num_prefix_tokens": self.num_prefix_tokens}
+        values = {"grid": list(self.grid), "stride": [float(s) for s in self.stride], "attention": self.attention,
+                  "heads": int(self.heads), "num_prefix_tokens": self.num_prefix_tokens}
+        if self.frames is not None:  # image layers keep the keys they always had
+            values.update(frames=int(self.frames), frame_stride=float(self.frame_stride))
+        return values
 
 
 @dataclass
@@ -78,11 +86,16 @@ class Placement:
             call's leading dims.
         key_positions: ``[..., Nk, K]`` key positions, or None when the keys are the queries.
         fold: maps per-query values ``[*lead, Nq]`` (NaN at queries without a position) to ``[B, H, T]``, the
-            layer's positioned tokens of each image in row-major grid order.
+            layer's positioned tokens of each image in row-major grid order (video: ``T = frames * grid_h *
+            grid_w`` in (frame, row, column) order).
         geometry: the grid ``T`` lies on.
         heads_per_call: True when the module computes each head in its own call (EfficientViT's cascaded group
             attention: one softmax per head, in head order): the per-query values of its calls in one forward are
             stacked on a head dim (``[*lead, H, Nq]``, dim -2) before ``fold``.
+        time_positions: video layers: ``[..., Nq, 1]`` query positions in input frames (the centre of each
+            tubelet's frames; NaN rows where ``positions`` has them), measured beside the spatial ones; None for
+            image layers.
+        time_key_positions: ``[..., Nk, 1]`` key positions in frames, or None when the keys are the queries.
     """
 
     positions: torch.Tensor
@@ -90,6 +103,8 @@ class Placement:
     fold: Callable[[torch.Tensor], torch.Tensor]
     geometry: LayerGeometry
     heads_per_call: bool = False
+    time_positions: torch.Tensor | None = None
+    time_key_positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -143,3 +158,24 @@ def select_tokens(index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]
         return values.index_select(-1, index.to(values.device))
 
     return fold
+
+
+def space_time_positions(space: torch.Tensor, time: torch.Tensor, lead_dims: int) -> torch.Tensor:
+    """Spatial and temporal positions stacked for one op call that measures both: ``[2, ..., N, 2]``.
+
+    Args:
+        space: ``[..., N, 2]`` pixel positions (NaN rows: no position), broadcastable to a call's ``lead_dims``
+            leading dims.
+        time: ``[..., N, 1]`` frame positions, NaN on the same rows.
+        lead_dims: how many leading dims the call has; both are first given that many, so that the new leading
+            dim of size 2 stands before all of them.
+
+    Returns:
+        ``[2, *lead, N, 2]`` (``lead`` the broadcast of both inputs' leading dims): index 0 the spatial positions,
+        index 1 the temporal ones padded with a zero coordinate (a NaN row stays a whole NaN row), so the
+        Euclidean distance of index 1 is the time between the tubelets.
+    """
+    time = torch.cat([time, time * 0], dim=-1)
+    space, time = torch.broadcast_tensors(space, time)
+    space = space.reshape((1,) * (lead_dims + 2 - space.dim()) + tuple(space.shape))
+    return torch.stack([space, time.reshape(space.shape)])
