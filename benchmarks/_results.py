@@ -68,3 +68,21 @@ def write_section(name: str, body: str) -> None:
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
+
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_rss(fn: Callable[[], object]) -> dict[str, float]:
+    """Memory of one ``fn()`` in this process (Linux): RSS before it, peak RSS during it (the kernel's VmHWM
+    counter is reset through ``/proc/self/clear_refs`` first) and the increase, in MiB. Run it in a fresh
+    process per case, after a warm-up, so that one case's allocations do not hide another's."""
+    before = _status_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
+    fn()
+    peak = _status_mib("VmHWM")
+    return {"before_mib": before, "peak_mib": peak, "increase_mib": peak - before}

@@ -66,9 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", action=_RenamedFlag,
                      message=f"--checkpoint was renamed --weights (local weights of a timm: model); the run's own "
                              f"checkpoint is OUT/{CHECKPOINT_NAME}, used by --resume")
-    run.add_argument("--images", nargs="+", default=["builtin"],
+    run.add_argument("--images", "--videos", nargs="+", default=["builtin"],
                      help="folders (searched recursively), files, or 'builtin': photographs shipped with "
-                          "scikit-image (default)")
+                          "scikit-image (default). A video model (VideoMAE, ViViT, TimeSformer, V-JEPA 2) takes "
+                          "videos: clips (.mp4, .webm, .avi, ...; decoded with PyAV), folders of frames (images "
+                          "in name order), or folders of those; each is sampled evenly to the model's frame count")
     run.add_argument("--image-size", default=None, help="S or HxW instead of the model's input size")
     run.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
@@ -117,12 +119,14 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     from .profiling.models import load_model
     from .profiling.options import import_optional, resolve_device
     from .profiling.plotting import plot_mad_maps
+    from .profiling.videos import find_videos, is_video_source
 
     # Every flag is resolved into the object profile() takes, cheapest and most likely mistakes first: a
     # wrong folder, size or device fails at once, before the model loads.
     out = Path(args.out)
     size = parse_image_size(args.image_size)
-    files = find_images(args.images)
+    videos = args.images != ["builtin"] and all(is_video_source(source) for source in args.images)
+    files = find_videos(args.images) if videos else find_images(args.images)
     device = resolve_device(args.device)
     check_writable(out)  # a read-only or full disk fails now, not after the run
     if not args.no_figures:
@@ -154,11 +158,13 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     written = ["mad.json", "mad.csv"]
     if not args.no_figures:
         result.plot(out / "mad.png")
+        written.append("mad.png")
+    if not args.no_figures and result.temporal is None:  # per-token maps are drawn over one image
         maps, pixels, names, geometry = mad_maps(loaded, result.images[0], image_size=size,
                                                  renormalize=args.renormalize, device=device)
         prep = loaded.preprocessing
         plot_mad_maps(maps, pixels, names, out / "mad_map.png", geometry=geometry, mean=prep.mean, std=prep.std)
-        written += ["mad.png", "mad_map.png"]
+        written.append("mad_map.png")
     _print_summary(result)
     print(f"wrote {', '.join(str(out / name) for name in written)}")
 
@@ -170,7 +176,8 @@ def _print_summary(result) -> None:
     print(f"{'layer':>5}  {'mean':>7}  {'min head':>8}  {'max head':>8}  name")
     for i, (name, heads) in enumerate(zip(result.layers, result.heads)):
         row = mad[i, :heads]
-        print(f"{i:>5}  {row.mean():7.1f}  {row.min():8.1f}  {row.max():8.1f}  {name}")
+        temporal = "" if result.temporal is None else f"  ({result.temporal_mad[i, :heads].mean():.2f} frames)"
+        print(f"{i:>5}  {row.mean():7.1f}  {row.min():8.1f}  {row.max():8.1f}  {name}{temporal}")
     for name, reason in result.skipped_layers.items():
         print(f"skipped {name}: {reason}")
 

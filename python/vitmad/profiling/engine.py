@@ -31,10 +31,12 @@ from .models import LoadedModel, load_model, wrap_module
 from .options import OptionError, check_positive, resolve_device, resolve_dtype
 from .results import Profile, layout_dict
 from .stats import RunningStats
+from .videos import find_videos, load_video_batch, model_frames
 
 __all__ = ["profile", "plan_run", "run_batches", "finish", "RunPlan", "RunState", "prepare_model"]
 
-# (pixels [B, 3, H, W] or None, names of the images loaded, [(path, reason)] of the images skipped)
+# (pixels [B, 3, H, W] (videos: [B, T, 3, H, W]) or None, names of the images loaded, [(path, reason)] of the
+# images skipped)
 Batch = tuple[torch.Tensor | None, list[str], list[tuple[str, str]]]
 
 
@@ -117,11 +119,16 @@ def prepare_model(model, image_size: tuple[int, int] | None, model_checkpoint=No
     return loaded, preprocessing
 
 
-def _image_batches(images, preprocessing, batch_size: int, max_images: int | None, pool: Executor | None):
-    """Image names and a function loading global batch ``i``."""
+def _image_batches(images, preprocessing, batch_size: int, max_images: int | None, pool: Executor | None,
+                   frames: int | None = None):
+    """Image (or, for a video model taking ``frames`` frames, video) names and a function loading global batch
+    ``i``."""
     if isinstance(images, torch.Tensor):
-        if images.dim() != 4:
-            raise OptionError("images", f"a tensor of images must be [B, 3, H, W], got shape {list(images.shape)}")
+        expected = 4 if frames is None else 5
+        if images.dim() != expected:
+            shape = "[B, 3, H, W]" if frames is None else "[B, frames, 3, H, W]"
+            raise OptionError("images", f"a tensor of {'videos' if frames else 'images'} must be {shape}, got "
+                                        f"shape {list(images.shape)}")
         pixels = images[:max_images] if max_images else images
         names = [f"tensor[{i}]" for i in range(pixels.shape[0])]
 
@@ -133,13 +140,17 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
     if preprocessing is None:
         raise OptionError("images", "this model has no known preprocessing; pass preprocessed pixels as a "
                                     "[B, 3, H, W] tensor, or image files together with image_size")
-    files = find_images(images)
+    files = find_images(images) if frames is None else find_videos(images)
     if max_images:
         files = files[:max_images]
     names = [str(f) for f in files]
 
     def load_files(i: int) -> Batch:
-        pixels, loaded, skipped = load_batch(files[i * batch_size:(i + 1) * batch_size], preprocessing, pool)
+        chunk = files[i * batch_size:(i + 1) * batch_size]
+        if frames is None:
+            pixels, loaded, skipped = load_batch(chunk, preprocessing, pool)
+        else:
+            pixels, loaded, skipped = load_video_batch(chunk, frames, preprocessing, pool)
         return pixels, [str(p) for p in loaded], [(str(p), r) for p, r in skipped]
 
     return names, load_files
@@ -180,7 +191,8 @@ def plan_run(
     if checkpoint is not None:
         check_writable(Path(checkpoint).parent, "checkpoint")
     loaded, preprocessing = prepare_model(model, size, model_checkpoint)
-    names, load = _image_batches(images, preprocessing, batch_size, max_images, decoders)
+    names, load = _image_batches(images, preprocessing, batch_size, max_images, decoders,
+                                 model_frames(loaded.module))
     settings = {
         "renormalize": bool(renormalize),
         "dtype": str(torch_dtype).removeprefix("torch."),
@@ -217,9 +229,16 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
         module = plan.loaded.module
         with torch.inference_mode(), record(module, **plan.record_options) as rec:
             plan.loaded.forward(pixels.to(device=plan.device, dtype=plan.dtype, non_blocking=True))
-        stats = (stats or RunningStats.empty(*rec.mad.shape[::2])).add(rec.mad)
+        mad = rec.mad
+        video = all(t is not None for t in rec.calls[-1].temporal)
+        if video:
+            # The temporal statistics ride as L more rows of the same sums, so checkpoints and the merge across
+            # processes carry them unchanged; finish() splits them off.
+            mad = torch.cat([mad, rec.temporal_mad])
+        stats = (stats or RunningStats.empty(*mad.shape[::2])).add(mad)
         meta = {"layers": list(rec.layers), "layout": layout_dict(rec.layout),
-                "geometry": [g.as_dict() for g in rec.geometry], "skipped_layers": dict(rec.skipped)}
+                "geometry": [g.as_dict() for g in rec.geometry], "skipped_layers": dict(rec.skipped),
+                "temporal": video}
     skipped = tuple({"path": p, "reason": r} for p, r in batch_skipped)
     return RunState(stats, meta, state.images + tuple(loaded_names), state.skipped + skipped,
                     state.batches_done + 1)
@@ -277,8 +296,13 @@ def finish(plan: RunPlan, state: RunState) -> Profile:
     if stats is None:
         raise OptionError("images", f"none of the {len(plan.names)} images could be read")
     world = plan.run.world_size if plan.run else 1
+    temporal = None
+    if meta.get("temporal"):
+        layers = len(meta["layers"])
+        stats, temporal = stats.rows(slice(0, layers)), stats.rows(slice(layers, 2 * layers))
     return Profile(plan.loaded.spec, meta["layers"], meta["layout"], stats, images, skipped, plan.settings, world,
-                   meta.get("geometry"), meta.get("skipped_layers", {}))  # absent in checkpoints of vitmad 0.1
+                   meta.get("geometry"), meta.get("skipped_layers", {}),  # absent in checkpoints of vitmad 0.1
+                   temporal)
 
 
 def profile(
@@ -306,7 +330,9 @@ def profile(
         model: an ``nn.Module`` (HF transformers or timm ViT), or a spec ``hf:<id or folder>``,
             ``timm:<name>``, ``builtin:dinov2-s14``.
         images: ``"builtin"``, a folder (recursive), a file, a list of those, or preprocessed pixels
-            ``[B, 3, H, W]``. Files need a model loaded from a spec (which knows its preprocessing).
+            ``[B, 3, H, W]``. Files need a model loaded from a spec (which knows its preprocessing). A video
+            model (its config has ``num_frames`` or ``frames_per_clip``) takes videos instead: clip files, frame
+            folders, folders of those (:mod:`vitmad.profiling.videos`), or pixels ``[B, frames, 3, H, W]``.
         batch_size: images per forward pass.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` for the model and its inputs.
@@ -326,7 +352,7 @@ def profile(
             the whole result; ``checkpoint`` must then be a file per rank.
 
     Returns:
-        The :class:`Profile` (``.mad`` and ``.std`` are ``[L, H]``).
+        The :class:`Profile` (``.mad`` and ``.std`` are ``[L, H]``; video models add ``.temporal_mad``, frames).
 
     Raises:
         OptionError (a ValueError), MissingPathError (also a FileNotFoundError): bad model spec, images, size,

@@ -18,6 +18,7 @@ import torch
 
 from .images import Preprocessing
 from .options import MissingPathError, OptionError, import_optional
+from .videos import video_processor_settings
 
 __all__ = ["LoadedModel", "load_model", "wrap_module", "MODEL_SPEC_HELP"]
 
@@ -151,7 +152,9 @@ def _load_hf(spec: str, name: str) -> LoadedModel:
     try:
         processor, _ = ImageProcessingMixin.get_image_processor_dict(name, **options)
     except OSError:
-        processor = {}  # a bare saved model: the defaults of ViTImageProcessor at the config's image size
+        # A transformers 5 video processor has its own file with the same settings; else a bare saved model:
+        # the defaults of ViTImageProcessor at the config's image size.
+        processor = video_processor_settings(name)
     vision = getattr(config, "vision_config", config)
     preprocessing = Preprocessing.from_hf(processor, getattr(vision, "image_size", None))
     # Image-text models (CLIP, SigLIP, ...) need text for their forward, promptable segmenters (SAM, SAM 2)

@@ -4,6 +4,8 @@
   against layer depth, one colour per head, with uniform attention as the reference of a fully global head.
 - :func:`plot_compare`: several profiles overlaid, mean over heads per layer and the spread of the heads.
 - :func:`plot_mad_maps`: per-token MAD of one image for a few layers, over the image.
+- :func:`plot_space_time`: video models, spatial MAD (pixels) and temporal MAD (frames) of every head against
+  depth, side by side, each layer marked with what it attends over (TimeSformer: time, space).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from .options import import_optional
 
-__all__ = ["plot_profile", "plot_compare", "plot_mad_maps"]
+__all__ = ["plot_profile", "plot_compare", "plot_mad_maps", "plot_space_time"]
 
 
 def _pyplot():
@@ -76,6 +78,41 @@ def plot_profile(profile, path: str | os.PathLike, *, title: str | None = None) 
                  fontsize=10 if profile.geometry is None else 8)
     ax.legend(fontsize=7, ncol=2 if num_heads > 8 else 1, loc="lower right")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def plot_space_time(profile, path: str | os.PathLike, *, title: str | None = None) -> None:
+    """Draw a video model's spatial MAD (pixels) and temporal MAD (frames) per head against layer depth.
+
+    Args:
+        profile: a :class:`vitmad.Profile` with ``temporal`` statistics.
+        path: image file to write (``.png``, ``.pdf``, ``.svg``).
+    """
+    plt = _pyplot()
+    panels = ((profile.mad.numpy(), "Spatial MAD (pixels)"), (profile.temporal_mad.numpy(), "Temporal MAD (frames)"))
+    num_layers, num_heads = panels[0][0].shape
+    fig, axes = plt.subplots(1, 2, figsize=(11 if num_layers <= 24 else 14, 4.8))
+    colours = plt.get_cmap("tab20" if num_heads > 10 else "tab10")
+    depth = list(range(1, num_layers + 1))
+    kinds = [g["attention"] for g in profile.geometry] if profile.geometry else []
+    for ax, (values, label) in zip(axes, panels):
+        for head in range(num_heads):
+            ax.scatter(depth, values[:, head], s=18 if num_heads <= 12 else 8, color=colours(head % colours.N),
+                       label=f"head {head}" if num_heads <= 16 else None)
+        ax.set_xlabel("Network depth (layer)")
+        ax.set_ylabel(label)
+        ax.set_xticks(depth if num_layers <= 24 else depth[::max(1, num_layers // 12)])
+        if len(set(kinds)) > 1:  # divided attention: name each layer's kind under its tick
+            ax.set_xticklabels([f"{d}\n{k}" for d, k in zip(depth, kinds)], fontsize=6)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(profile.uniform_mads[0], color="0.4", linestyle="--", linewidth=1,
+                    label=f"uniform attention ({profile.uniform_mads[0]:.0f} px)")
+    axes[0].legend(fontsize=7, ncol=2 if num_heads > 8 else 1, loc="lower right")
+    fig.suptitle(title or textwrap.fill(f"{profile.model}: {profile.count} videos, {_describe_grids(profile)}", 100),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

@@ -7,6 +7,10 @@ Models whose head count or token grid changes with depth (Swin: 3, 6, 12, 24 hea
 32 px) keep, per layer, its own heads and geometry: in memory the statistics are ``[L, H_max]`` with NaN for
 the heads a layer does not have; the files list each layer's own heads only. Format 2 adds the per-layer
 geometry, heads and the layers skipped; format 1 files (plain ViTs) are still read.
+
+Video models add, in the same format, the temporal MAD in frames beside the spatial one: per layer a
+``"temporal"`` entry (mean, std, min, max per head), ``"temporal_total"`` and ``"temporal_total_sq"`` among the
+sums, and ``tmad_*`` columns in ``mad.csv``; files without them are image profiles.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ class Profile:
         geometry: per layer, its token grid, pixel stride, attention kind and heads
             (:meth:`vitmad.recording.LayerGeometry.as_dict`); None in format-1 files.
         skipped_layers: attention layers left out of the recording, by name, with the reason.
+        temporal: video models: float64 running statistics of the temporal MAD in frames, ``[L, H_max]``; None
+            for image models.
     """
 
     model: str
@@ -68,6 +74,7 @@ class Profile:
     processes: int = 1
     geometry: list[dict] | None = None
     skipped_layers: dict[str, str] = field(default_factory=dict)
+    temporal: RunningStats | None = None
 
     @property
     def heads(self) -> list[int]:
@@ -95,6 +102,11 @@ class Profile:
     def max(self) -> torch.Tensor:
         """``[L, H]`` float64: largest per-image MAD."""
         return self.stats.high
+
+    @property
+    def temporal_mad(self) -> torch.Tensor | None:
+        """Video models: ``[L, H]`` float64, temporal MAD in frames, mean over videos; None for image models."""
+        return None if self.temporal is None else self.temporal.mean
 
     @property
     def count(self) -> int:
@@ -139,7 +151,16 @@ class Profile:
                     "max_head": max(means),
                 },
             })
+            if self.temporal is not None:
+                layers[-1]["temporal"] = {key: value.tolist()[i][:heads] for key, value in (
+                    ("mean", self.temporal.mean), ("std", self.temporal.std), ("min", self.temporal.low),
+                    ("max", self.temporal.high))}
         heads = self.heads
+        sums = {"total": [row[:h] for row, h in zip(total, heads)],
+                "total_sq": [row[:h] for row, h in zip(total_sq, heads)]}
+        if self.temporal is not None:
+            sums["temporal_total"] = [row[:h] for row, h in zip(self.temporal.total.tolist(), heads)]
+            sums["temporal_total_sq"] = [row[:h] for row, h in zip(self.temporal.total_sq.tolist(), heads)]
         return {
             "format": FORMAT,
             "vitmad_version": __version__,
@@ -156,8 +177,7 @@ class Profile:
             "images": self.images,
             "skipped": self.skipped,
             # Exact float64 sums (JSON floats round-trip), so results can be reloaded and merged losslessly.
-            "sums": {"total": [row[:h] for row, h in zip(total, heads)],
-                     "total_sq": [row[:h] for row, h in zip(total_sq, heads)]},
+            "sums": sums,
         }
 
     def to_json(self, path: str | os.PathLike) -> None:
@@ -206,24 +226,42 @@ class Profile:
                 int(doc["count"]),
             )
             skipped_layers = {e["name"]: e["reason"] for e in doc.get("skipped_layers", [])}
+            temporal = None
+            if "temporal_total" in doc["sums"]:  # a video profile
+                temporal = RunningStats(
+                    padded(doc["sums"]["temporal_total"]),
+                    padded(doc["sums"]["temporal_total_sq"]),
+                    padded([layer["temporal"]["min"] for layer in layers]),
+                    padded([layer["temporal"]["max"] for layer in layers]),
+                    int(doc["count"]),
+                )
             return Profile(doc["model"], [layer["name"] for layer in layers], doc["layout"], stats,
                            doc["images"], doc["skipped"], doc["settings"], doc.get("processes", 1),
-                           geometry, skipped_layers)
+                           geometry, skipped_layers, temporal)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{path}: malformed vitmad profile ({type(err).__name__}: {err})") from err
 
     def to_csv(self, path: str | os.PathLike) -> None:
-        """Write ``mad.csv``: one row per layer and head (layer, name, head, mean, std, min, max, count)."""
+        """Write ``mad.csv``: one row per layer and head (layer, name, head, mean, std, min, max, count); video
+        models add the temporal MAD in frames (``tmad_mean, tmad_std, tmad_min, tmad_max``)."""
         lines = ["layer,name,head,mad_mean,mad_std,mad_min,mad_max,count"]
         mad, std, low, high = (t.tolist() for t in (self.mad, self.std, self.min, self.max))
+        if self.temporal is not None:
+            lines[0] += ",tmad_mean,tmad_std,tmad_min,tmad_max"
+            temporal = [t.tolist() for t in (self.temporal.mean, self.temporal.std, self.temporal.low,
+                                             self.temporal.high)]
         for i, (name, heads) in enumerate(zip(self.layers, self.heads)):
             for h in range(heads):
-                lines.append(f"{i},{name},{h},{mad[i][h]!r},{std[i][h]!r},{low[i][h]!r},{high[i][h]!r},{self.count}")
+                line = f"{i},{name},{h},{mad[i][h]!r},{std[i][h]!r},{low[i][h]!r},{high[i][h]!r},{self.count}"
+                if self.temporal is not None:
+                    line += "".join(f",{values[i][h]!r}" for values in temporal)
+                lines.append(line)
         with atomic_file(path) as handle:
             handle.write(("\n".join(lines) + "\n").encode())
 
     def plot(self, path: str | os.PathLike, *, title: str | None = None) -> None:
-        """Draw the ViT-paper figure (MAD per head against layer depth, uniform attention as a reference)."""
-        from .plotting import plot_profile
+        """Draw the ViT-paper figure (MAD per head against layer depth, uniform attention as a reference); video
+        models: spatial and temporal MAD side by side (:func:`~.plotting.plot_space_time`)."""
+        from .plotting import plot_profile, plot_space_time
 
-        plot_profile(self, path, title=title)
+        (plot_profile if self.temporal is None else plot_space_time)(self, path, title=title)

@@ -62,6 +62,11 @@ class RunningStats:
         mean = self.mean
         return (self.total_sq / max(self.count, 1) - mean.square()).clamp_min(0).sqrt()
 
+    def rows(self, layers: slice) -> RunningStats:
+        """The statistics of some layers (rows)."""
+        return RunningStats(self.total[layers], self.total_sq[layers], self.low[layers], self.high[layers],
+                            self.count)
+
     def state_dict(self) -> dict:
         return {"total": self.total, "total_sq": self.total_sq, "low": self.low, "high": self.high,
                 "count": self.count}

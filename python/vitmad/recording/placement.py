@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["ModelLayout", "LayerGeometry", "Placement", "LayerPlacer", "CallContext", "cell_centres", "select_tokens",
-           "NotPlaceable"]
+           "NotPlaceable", "space_time_positions"]
 
 
 class NotPlaceable(ValueError):
@@ -60,6 +60,9 @@ class LayerGeometry:
         image_grids: per image of the call, ``(grid_h, grid_w)`` of its own tokens, when images differ in size
             (``grid`` is None then); image ``i``'s values are the first ``grid_h * grid_w`` of its ``T`` in
             row-major order, NaN after them (see ``Placement.present``).
+        frames: video layers: the tubelets' frame count (the grid is then ``frames x grid_h x grid_w``, folded in
+            (frame, row, column) order); None for image layers.
+        frame_stride: video layers: input frames per tubelet (its temporal size); None for image layers.
     """
 
     grid: tuple[int, int] | None
@@ -68,12 +71,17 @@ class LayerGeometry:
     heads: int
     num_prefix_tokens: int | None = None
     image_grids: tuple[tuple[int, int], ...] | None = None
+    frames: int | None = None
+    frame_stride: float | None = None
 
     def as_dict(self) -> dict:
         found = {"grid": None if self.grid is None else list(self.grid), "stride": [float(s) for s in self.stride],
                  "attention": self.attention, "heads": int(self.heads), "num_prefix_tokens": self.num_prefix_tokens}
+        # Keys beyond these only where the layer has them: image layers keep the keys they always had.
         if self.image_grids is not None:
             found["image_grids"] = [list(g) for g in self.image_grids]
+        if self.frames is not None:
+            found.update(frames=int(self.frames), frame_stride=float(self.frame_stride))
         return found
 
 
@@ -86,7 +94,8 @@ class Placement:
             call's leading dims.
         key_positions: ``[..., Nk, K]`` key positions, or None when the keys are the queries.
         fold: maps per-query values ``[*lead, Nq]`` (NaN at queries without a position) to ``[B, H, T]``, the
-            layer's positioned tokens of each image in row-major grid order.
+            layer's positioned tokens of each image in row-major grid order (video: ``T = frames * grid_h *
+            grid_w`` in (frame, row, column) order).
         geometry: the grid ``T`` lies on.
         heads_per_call: True when the module computes each head in its own call (EfficientViT's cascaded group
             attention: one softmax per head, in head order): the per-query values of its calls in one forward are
@@ -100,6 +109,10 @@ class Placement:
             when all do. A masked encoder keeps a subset of each image's grid; packed images of different sizes
             are folded onto the largest one. ``fold`` leaves NaN at the absent tokens, and an image's MAD is the
             mean over its present tokens only (a NaN at a present token still propagates).
+        time_positions: video layers: ``[..., Nq, 1]`` query positions in input frames (the centre of each
+            tubelet's frames; NaN rows where ``positions`` has them), measured beside the spatial ones; None for
+            image layers.
+        time_key_positions: ``[..., Nk, 1]`` key positions in frames, or None when the keys are the queries.
     """
 
     positions: torch.Tensor
@@ -109,6 +122,8 @@ class Placement:
     heads_per_call: bool = False
     present: torch.Tensor | None = None
     consecutive_chunks: bool = False
+    time_positions: torch.Tensor | None = None
+    time_key_positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -162,3 +177,24 @@ def select_tokens(index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]
         return values.index_select(-1, index.to(values.device))
 
     return fold
+
+
+def space_time_positions(space: torch.Tensor, time: torch.Tensor, lead_dims: int) -> torch.Tensor:
+    """Spatial and temporal positions stacked for one op call that measures both: ``[2, ..., N, 2]``.
+
+    Args:
+        space: ``[..., N, 2]`` pixel positions (NaN rows: no position), broadcastable to a call's ``lead_dims``
+            leading dims.
+        time: ``[..., N, 1]`` frame positions, NaN on the same rows.
+        lead_dims: how many leading dims the call has; both are first given that many, so that the new leading
+            dim of size 2 stands before all of them.
+
+    Returns:
+        ``[2, *lead, N, 2]`` (``lead`` the broadcast of both inputs' leading dims): index 0 the spatial positions,
+        index 1 the temporal ones padded with a zero coordinate (a NaN row stays a whole NaN row), so the
+        Euclidean distance of index 1 is the time between the tubelets.
+    """
+    time = torch.cat([time, time * 0], dim=-1)
+    space, time = torch.broadcast_tensors(space, time)
+    space = space.reshape((1,) * (lead_dims + 2 - space.dim()) + tuple(space.shape))
+    return torch.stack([space, time.reshape(space.shape)])

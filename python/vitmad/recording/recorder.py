@@ -18,6 +18,10 @@ Repeated forwards: every forward call inside one ``record`` block is kept as a :
 
 One layer, one entry: a module that computes its attention in several calls (differential attention, two
 softmax maps) is recorded once, with the MAD of the attention it applies (:mod:`.differential`).
+
+Video layers (:mod:`.families.video`): the placement gives each tubelet a time position too, and one op call
+measures the spatial and the temporal distance together (the positions stacked on a stride-0 leading dim of
+size 2, :func:`~.placement.space_time_positions`); ``rec.temporal_mad`` holds the temporal MAD in frames.
 """
 
 from __future__ import annotations
@@ -34,7 +38,15 @@ from .differential import CallSums, combine, differential_lambda, is_differentia
 from .families import Skip, family_modules, family_placer
 from .families.plain import PlainLayout, PlainPlacer, find_patch_embedding, is_embedding_projection
 from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
-from .placement import CallContext, LayerGeometry, LayerPlacer, ModelLayout, NotPlaceable, Placement
+from .placement import (
+    CallContext,
+    LayerGeometry,
+    LayerPlacer,
+    ModelLayout,
+    NotPlaceable,
+    Placement,
+    space_time_positions,
+)
 from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model, uses_attention_interface
 
 __all__ = ["record", "Recording", "RecordedCall"]
@@ -53,12 +65,15 @@ class RecordedCall:
         components: for layers whose attention combines several softmax maps (differential attention), by
             layer name: ``{"mad": [MAD of A1, MAD of A2], "lambda": lambda}``, each MAD shaped like
             ``per_layer``'s entry; the layer's own entry is the MAD of ``A1 - lambda * A2``.
+        temporal: one entry per layer: the temporal MAD in frames of a video layer, shaped like ``per_layer``'s
+            entry (``per_layer`` then holds its spatial MAD in pixels), None for an image layer.
     """
 
     layers: list[str] = field(default_factory=list)
     per_layer: list[torch.Tensor] = field(default_factory=list)
     geometry: list[LayerGeometry] = field(default_factory=list)
     components: dict[str, dict] = field(default_factory=dict)
+    temporal: list[torch.Tensor | None] = field(default_factory=list)
 
     @property
     def heads(self) -> list[int]:
@@ -67,22 +82,41 @@ class RecordedCall:
 
     @property
     def mad(self) -> torch.Tensor:
-        """``[L, B, H]`` float32 (``reduction="mean"``) or ``[L, B, H, T]`` (``"none"``).
+        """``[L, B, H]`` float32 (``reduction="mean"``) or ``[L, B, H, T]`` (``"none"``); spatial, in pixels.
 
         Where the head count changes with depth (Swin: 3, 6, 12, 24), ``H`` is the largest and a layer's
         missing heads are NaN; per-token values of layers on different grids do not stack (use ``per_layer``).
         """
-        shapes = {tuple(t.shape[2:]) for t in self.per_layer}
+        return self._stack(self.per_layer, "rec.per_layer", "rec.mad")
+
+    @property
+    def temporal_mad(self) -> torch.Tensor:
+        """Video models: ``[L, B, H]`` float32 (``"mean"``) or ``[L, B, H, T]`` (``"none"``), the temporal MAD
+        in input frames beside :attr:`mad` (``docs/definition.md``, video).
+
+        Raises:
+            ValueError: a recorded layer has no frames (an image layer).
+        """
+        images = [name for name, t in zip(self.layers, self.temporal) if t is None]
+        if images:
+            raise ValueError(
+                f"vitmad.record: temporal_mad is defined for video layers only, and {len(images)} recorded layers "
+                f"attend over images without frames ({', '.join(images[:3])}{', ...' if len(images) > 3 else ''})"
+            )
+        return self._stack(self.temporal, "rec.calls[-1].temporal", "rec.temporal_mad")
+
+    def _stack(self, values: list[torch.Tensor], per_layer: str, stacked: str) -> torch.Tensor:
+        shapes = {tuple(t.shape[2:]) for t in values}
         if len(shapes) > 1:
             raise ValueError(
                 "vitmad.record: the recorded layers have per-token values on different token grids "
-                f"({sorted({g.grid for g in self.geometry})}); read rec.per_layer (one [B, H, T] per layer) and "
-                "rec.geometry instead of rec.mad"
+                f"({sorted({g.grid for g in self.geometry})}); read {per_layer} (one [B, H, T] per layer) and "
+                f"rec.geometry instead of {stacked}"
             )
-        heads = max(t.shape[1] for t in self.per_layer)
+        heads = max(t.shape[1] for t in values)
         padded = [t if t.shape[1] == heads else
                   torch.cat([t, t.new_full((t.shape[0], heads - t.shape[1], *t.shape[2:]), float("nan"))], 1)
-                  for t in self.per_layer]
+                  for t in values]
         return torch.stack(padded)
 
     @property
@@ -264,6 +298,12 @@ class Recording:
         return self._latest().mad
 
     @property
+    def temporal_mad(self) -> torch.Tensor:
+        """Video models: the temporal MAD in frames of the latest call, shaped like :attr:`mad`; see
+        :attr:`RecordedCall.temporal_mad`."""
+        return self._latest().temporal_mad
+
+    @property
     def per_layer(self) -> list[torch.Tensor]:
         """One ``[B, H_l]`` (or ``[B, H_l, T_l]``) tensor per recorded layer of the latest call."""
         return list(self._latest().per_layer)
@@ -321,28 +361,47 @@ class Recording:
         placement = self._place(name, lead, query.shape[-2], key.shape[-2])
 
         def measure(positions, key_positions, renormalize):
-            return mad_qk(query, key, positions=positions, key_positions=key_positions, scale=scale,
-                          attn_bias=mask, renormalize=renormalize, reduction="none")
+            # Space and time in one call: positions [2, *lead, N, 2], q and k read twice through a stride-0 dim.
+            extra = positions.shape[:max(positions.dim() - 2 - len(lead), 0)]
+            return mad_qk(query.expand(*extra, *query.shape), key.expand(*extra, *key.shape), positions=positions,
+                          key_positions=key_positions, scale=scale, attn_bias=mask, renormalize=renormalize,
+                          reduction="none")
 
-        self._measure(name, placement, query.device, measure, fused=True)
+        self._measure(name, placement, query.device, measure, len(lead), fused=True)
 
     def _on_probabilities(self, name: str, attn: torch.Tensor) -> None:
         """The attention probabilities ``[..., Nq, Nk]`` a module computed itself."""
         placement = self._place(name, attn.shape[:-2], attn.shape[-2], attn.shape[-1])
+        lead_dims = attn.dim() - 2
 
         def measure(positions, key_positions, renormalize):
-            return mad(attn, positions=positions, key_positions=key_positions, renormalize=renormalize,
-                       reduction="none")
+            extra = positions.shape[:max(positions.dim() - 2 - lead_dims, 0)]
+            return mad(attn.expand(*extra, *attn.shape), positions=positions, key_positions=key_positions,
+                       renormalize=renormalize, reduction="none")
 
-        self._measure(name, placement, attn.device, measure, fused=False)
+        self._measure(name, placement, attn.device, measure, lead_dims, fused=False)
 
-    def _measure(self, name: str, placement: Placement, device: torch.device, measure: Callable, *,
-                 fused: bool) -> None:
-        """Per-query values of one attention call, kept until the module's forward ends."""
+    def _measure(self, name: str, placement: Placement, device: torch.device, measure: Callable, lead_dims: int,
+                 *, fused: bool) -> None:
+        """Per-query values of one attention call (and, for a video layer, its temporal ones), kept until the
+        module's forward ends."""
         positions = placement.positions.to(device)
         key_positions = None if placement.key_positions is None else placement.key_positions.to(device)
+        temporal = None
         with torch.no_grad():
-            if not is_differential(self._modules[name]):
+            if placement.time_positions is not None:
+                if is_differential(self._modules[name]):
+                    raise ValueError(f"vitmad.record: {name}: differential attention over video tubelets is not "
+                                     "supported")
+                times = placement.time_positions.to(device)
+                stacked = space_time_positions(positions, times, lead_dims)
+                stacked_keys = None
+                if placement.key_positions is not None or placement.time_key_positions is not None:
+                    keys = positions if key_positions is None else key_positions
+                    key_times = times if placement.time_key_positions is None else placement.time_key_positions
+                    stacked_keys = space_time_positions(keys, key_times.to(device), lead_dims)
+                value, temporal = measure(stacked, stacked_keys, self.renormalize).unbind(0)
+            elif not is_differential(self._modules[name]):
                 value = measure(positions, key_positions, self.renormalize)
             elif not self.renormalize:
                 value = CallSums(measure(positions, key_positions, False))
@@ -352,7 +411,7 @@ class Recording:
                 at_zero = torch.where(positions[..., :1].isnan(), positions[..., :1], 0.0)
                 at_one = torch.where(keys[..., :1].isnan(), keys[..., :1], 1.0)
                 value = CallSums(measure(positions, key_positions, False), measure(at_zero, at_one, False))
-        self._pending.setdefault(name, []).append((placement, value, fused))
+        self._pending.setdefault(name, []).append((placement, value, fused, temporal))
 
     def _fold(self, name: str, placement: Placement, per_query: torch.Tensor) -> torch.Tensor:
         try:
@@ -372,9 +431,10 @@ class Recording:
     def _on_module_done(self, name: str, module: nn.Module, completed: bool) -> None:
         """Record what module ``name`` computed in the forward that just ended: one entry per layer."""
         pending = self._pending.pop(name, [])
-        if any(fused for *_, fused in pending):
+        if any(entry[2] for entry in pending):
             # A module that calls the fused attention computes it there; a softmax beside it is something else.
             pending = [entry for entry in pending if entry[2]]
+        temporal = pending[0][3] if len(pending) == 1 else None
         if not completed or not pending:
             return
         placement = pending[0][0]
@@ -385,22 +445,24 @@ class Recording:
                                        reduce_mean=False)
             components = {"mad": [self._fold(name, placement, p) for p in parts], "lambda": lam}
         elif placement.heads_per_call and all(entry[0].heads_per_call for entry in pending):
-            per_query = torch.stack([value for _, value, _ in pending], dim=-2)
+            per_query = torch.stack([value for _, value, *_ in pending], dim=-2)
         elif placement.consecutive_chunks and all(entry[0].consecutive_chunks for entry in pending):
-            per_query = torch.cat([value for _, value, _ in pending], dim=-1)
+            per_query = torch.cat([value for _, value, *_ in pending], dim=-1)
         elif len(pending) == 1 and not is_differential(module):
             per_query = pending[0][1]
         else:
             raise ValueError(
                 f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__} made "
                 f"{len(pending)} attention calls in one forward; vitmad knows how several calls combine only for "
-                "differential attention (two calls, A1 - lambda * A2); leave this module out with layers=[the "
-                "other attention modules]"
+                "differential attention (two calls, A1 - lambda * A2), one call per head (EfficientViT) and one per "
+                "chunk of a packed sequence (Qwen2-VL); leave this module out with layers=[the other attention "
+                "modules]"
             )
         call = self.calls[-1]
         call.layers.append(name)
         call.per_layer.append(self._fold(name, placement, per_query))
         call.geometry.append(placement.geometry)
+        call.temporal.append(None if temporal is None else self._fold(name, placement, temporal))
         if components is not None:
             call.components[name] = components
 

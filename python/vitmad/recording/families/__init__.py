@@ -39,6 +39,7 @@ from . import (
     swin,
     tiny_vit,
     tnt,
+    video,
     vit_stages,
     vitamin,
     windowed_vit,
@@ -58,7 +59,7 @@ class Skip:
 _FAMILIES = (
     packed, non_spatial, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages, vit_stages,
     maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra, map_attention,
-    tnt, byoanet, multi_query, iformer, lowformer,
+    tnt, byoanet, multi_query, iformer, lowformer, video,
 )
 
 

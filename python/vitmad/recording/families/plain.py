@@ -29,10 +29,12 @@ _PROJECTION_NAMES = ("proj", "projection", "patch_embedding", "patch_embed")
 
 
 def is_embedding_projection(name: str, module: nn.Module) -> bool:
-    """Whether ``module`` is a ``Conv2d`` named as the projection of a patch embedding (``patch_embed.proj``,
-    ``embeddings.patch_embeddings.projection``, ``embeddings.patch_embedding``), whatever its kernel."""
+    """Whether ``module`` is a ``Conv2d`` (or a video model's tubelet ``Conv3d``) named as the projection of a patch
+    embedding (``patch_embed.proj``, ``embeddings.patch_embeddings.projection``, ``embeddings.patch_embedding``),
+    whatever its kernel."""
     parts = name.split(".")
-    return isinstance(module, nn.Conv2d) and parts[-1] in _PROJECTION_NAMES and any("embed" in p for p in parts)
+    return (isinstance(module, (nn.Conv2d, nn.Conv3d)) and parts[-1] in _PROJECTION_NAMES
+            and any("embed" in p for p in parts))
 
 
 def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | None:

@@ -1,0 +1,148 @@
+"""Videos for ``vitmad profile``: clips (decoded with PyAV) or folders of frames, sampled to the model's frame
+count and preprocessed frame by frame with the model's own processor settings.
+
+A video source is a clip file (``.mp4``, ``.webm``, ``.avi``, ``.mkv``, ``.mov``, ``.m4v``, ``.gif`` is an image)
+or a folder whose files are images only (its frames, in name order); a folder holding clips or frame folders is
+searched recursively. Every source resolves to a sorted list, so runs are deterministic and resumable.
+
+Sampling: ``frames`` indices spread evenly over the whole clip, ``round(i * (n - 1) / (frames - 1))`` (the first
+and the last frame included); a clip shorter than ``frames`` repeats frames. The model's frame count is its
+config's ``num_frames`` (VideoMAE, ViViT, TimeSformer) or ``frames_per_clip`` (V-JEPA 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from pathlib import Path
+
+import torch
+
+from .images import IMAGE_EXTENSIONS, Preprocessing, load_image
+from .options import MissingPathError, OptionError, import_optional
+
+__all__ = ["VIDEO_EXTENSIONS", "model_frames", "find_videos", "is_video_source", "sample_indices", "load_video",
+           "load_video_batch", "video_processor_settings"]
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg")
+
+
+def model_frames(module: torch.nn.Module) -> int | None:
+    """The number of frames a video model takes (from its config), or None for an image model."""
+    config = getattr(module, "config", None)
+    for key in ("num_frames", "frames_per_clip"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def video_processor_settings(folder: str) -> dict:
+    """A local model folder's ``video_preprocessor_config.json`` (transformers 5 video processors), or {}."""
+    path = Path(folder).expanduser() / "video_preprocessor_config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _is_frame_folder(path: Path) -> bool:
+    files = [p for p in path.iterdir() if p.is_file()]
+    return bool(files) and all(p.suffix.lower() in IMAGE_EXTENSIONS for p in files) and not any(
+        p.is_dir() for p in path.iterdir())
+
+
+def is_video_source(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a clip file, a frame folder or a folder holding any clip."""
+    path = Path(path)
+    if path.is_file():
+        return path.suffix.lower() in VIDEO_EXTENSIONS
+    return path.is_dir() and any(p.suffix.lower() in VIDEO_EXTENSIONS for p in path.rglob("*"))
+
+
+def find_videos(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Every clip file and frame folder under ``sources`` (files or folders), sorted.
+
+    Raises:
+        MissingPathError: a source does not exist.
+        OptionError: no video was found.
+    """
+    sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    found: set[Path] = set()
+    for source in sources:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise MissingPathError("images", f"no such file or folder: {source}")
+        if path.is_file():
+            if path.suffix.lower() not in VIDEO_EXTENSIONS:
+                raise OptionError("images", f"{source} is not a video file ({', '.join(VIDEO_EXTENSIONS)})")
+            found.add(path)
+        elif _is_frame_folder(path):
+            found.add(path)
+        else:
+            for sub in [path, *(p for p in path.rglob("*") if p.is_dir())]:
+                found.update(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+                if sub != path and _is_frame_folder(sub):
+                    found.add(sub)
+    if not found:
+        shown = ", ".join(map(str, sources))
+        raise OptionError("images", f"found no video ({', '.join(VIDEO_EXTENSIONS)} files or folders of frames) "
+                                    f"in {shown}")
+    return sorted(found)
+
+
+def sample_indices(available: int, frames: int) -> list[int]:
+    """``frames`` frame indices spread evenly over ``available`` frames, first and last included."""
+    if frames == 1:
+        return [0]
+    return [round(i * (available - 1) / (frames - 1)) for i in range(frames)]
+
+
+def load_video(path: Path, frames: int):
+    """Decode ``frames`` evenly sampled RGB frames (``PIL.Image``) of a clip or a frame folder.
+
+    Returns:
+        ``(frames, None)``, or ``(None, reason)`` when it cannot be read.
+    """
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        picked = []
+        for index in sample_indices(len(files), frames):
+            image, reason = load_image(files[index])
+            if image is None:
+                return None, f"frame {files[index].name}: {reason}"
+            picked.append(image)
+        return picked, None
+    av = import_optional("av", "profile", "decoding video files")
+    try:
+        with av.open(str(path)) as container:
+            decoded = [frame.to_image() for frame in container.decode(video=0)]
+    except (av.error.FFmpegError, OSError, ValueError, IndexError) as err:
+        return None, f"{type(err).__name__}: {err}"
+    if not decoded:
+        return None, "no video frame"
+    return [decoded[i].convert("RGB") for i in sample_indices(len(decoded), frames)], None
+
+
+def load_video_batch(
+    paths: Sequence[Path], frames: int, preprocessing: Preprocessing, pool: Executor | None = None
+) -> tuple[torch.Tensor | None, list[Path], list[tuple[Path, str]]]:
+    """Decode, sample and preprocess a batch of videos, setting unreadable ones aside.
+
+    Returns:
+        ``(pixels, loaded, skipped)``: ``pixels`` ``[len(loaded), frames, 3, H, W]`` (None if nothing loaded), the
+        videos behind its rows, and ``(video, reason)`` for each one skipped.
+    """
+
+    def one(path: Path) -> tuple[torch.Tensor | None, str | None]:
+        images, reason = load_video(path, frames)
+        return (None, reason) if images is None else (torch.stack([preprocessing(i) for i in images]), None)
+
+    results = list(pool.map(one, paths)) if pool is not None else [one(p) for p in paths]
+    tensors, loaded, skipped = [], [], []
+    for path, (pixels, reason) in zip(paths, results):
+        if pixels is None:
+            skipped.append((path, reason))
+        else:
+            tensors.append(pixels)
+            loaded.append(path)
+    return (torch.stack(tensors) if tensors else None), loaded, skipped

@@ -1,0 +1,136 @@
+"""vitmad profile on video models: clips decoded with PyAV and frame folders, sampled to the model's frame count,
+preprocessed with the model's own video processor settings; temporal MAD in mad.json, mad.csv and the figure.
+
+The tests write a tiny VideoMAE (random weights) with its VideoMAEVideoProcessor, an mp4 clip and a folder of
+PNG frames. The reference for a frame folder: the frames picked by the sampling rule written here, run through
+transformers' own VideoMAEVideoProcessor, then vitmad.record on the model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vitmad
+from vitmad.cli import main
+from vitmad.profiling import Profile
+
+av = pytest.importorskip("av")
+transformers = pytest.importorskip("transformers")
+Image = pytest.importorskip("PIL.Image")
+
+FRAMES, SIZE = 4, 32
+
+
+@pytest.fixture(scope="module")
+def video_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videomae")
+    config = transformers.VideoMAEConfig(image_size=SIZE, patch_size=8, num_frames=FRAMES, tubelet_size=2,
+                                         hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64)
+    torch.manual_seed(0)
+    model = transformers.VideoMAEModel(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "query" in name or "key" in name:
+                parameter.normal_(0.0, 0.4)  # heads far from uniform
+    model.save_pretrained(folder)
+    transformers.VideoMAEVideoProcessor(size={"shortest_edge": SIZE},
+                                        crop_size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
+    return folder
+
+
+def _frames(count: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def _write_clip(path, frames: list[np.ndarray]) -> None:
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"
+        for array in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """A folder holding an mp4 clip of 9 frames and a folder of 7 PNG frames."""
+    root = tmp_path_factory.mktemp("videos")
+    _write_clip(root / "clip.mp4", _frames(9, seed=1))
+    frame_folder = root / "frames"
+    frame_folder.mkdir()
+    for i, array in enumerate(_frames(7, seed=2)):
+        Image.fromarray(array).save(frame_folder / f"{i:03d}.png")
+    return root
+
+
+def test_a_frame_folder_is_profiled_as_the_model_own_processor_prepares_it(video_model, videos):
+    result = vitmad.profile(f"hf:{video_model}", [videos / "frames"], device="cpu", batch_size=1)
+    # 7 frames to 4: indices round(i * 6 / 3) = 0, 2, 4, 6, through transformers' own video processor.
+    files = sorted((videos / "frames").iterdir())
+    picked = [np.asarray(Image.open(files[i]).convert("RGB")) for i in (0, 2, 4, 6)]
+    processor = transformers.VideoMAEVideoProcessor.from_pretrained(video_model)
+    pixels = processor([np.stack(picked)], return_tensors="pt")["pixel_values"]
+    model = transformers.VideoMAEModel.from_pretrained(video_model).eval()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    assert result.count == 1 and result.temporal is not None
+    torch.testing.assert_close(result.mad, rec.mad[:, 0].double(), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(result.temporal_mad, rec.temporal_mad[:, 0].double(), rtol=1e-4, atol=1e-4)
+    assert [g["frames"] for g in result.geometry] == [2, 2]
+
+
+def test_mad_json_and_csv_carry_the_temporal_mad_and_read_back(video_model, videos, tmp_path):
+    result = vitmad.profile(f"hf:{video_model}", videos, device="cpu", batch_size=2)
+    assert result.images == [str(videos / "clip.mp4"), str(videos / "frames")]
+    result.to_json(tmp_path / "mad.json")
+    result.to_csv(tmp_path / "mad.csv")
+    document = json.loads((tmp_path / "mad.json").read_text())
+    assert document["format"] == "vitmad-profile/2"
+    assert document["layers"][0]["temporal"]["mean"] == result.temporal_mad[0].tolist()
+    again = Profile.from_json(tmp_path / "mad.json")
+    torch.testing.assert_close(again.temporal_mad, result.temporal_mad)
+    torch.testing.assert_close(again.mad, result.mad)
+    rows = (tmp_path / "mad.csv").read_text().splitlines()
+    assert rows[0].endswith(",tmad_mean,tmad_std,tmad_min,tmad_max")
+    assert float(rows[1].split(",")[8]) == pytest.approx(result.temporal_mad[0, 0].item())
+    # 2 tubelets of 2 frames: every query's temporal MAD lies in [0, 2] frames.
+    assert ((result.temporal_mad > 0) & (result.temporal_mad < 2)).all()
+
+
+def test_the_command_takes_videos_and_draws_both_figures(video_model, videos, tmp_path, capsys):
+    (videos / "broken.mp4").write_bytes(b"not a video")
+    try:
+        with pytest.warns(UserWarning, match="skipping unreadable image .*broken.mp4: InvalidDataError"):
+            status = main(["profile", "--model", f"hf:{video_model}", "--videos", str(videos), "--out",
+                           str(tmp_path), "--device", "cpu", "--batch-size", "2"])
+    finally:
+        (videos / "broken.mp4").unlink()
+    assert status == 0
+    assert "frames)" in capsys.readouterr().out
+    assert {p.name for p in tmp_path.iterdir()} >= {"mad.json", "mad.csv", "mad.png"}
+    document = json.loads((tmp_path / "mad.json").read_text())
+    assert document["count"] == 2 and document["skipped"][0]["path"].endswith("broken.mp4")
+
+
+def test_image_profiles_keep_their_files_without_temporal_fields(tiny_model, image_folder, tmp_path):
+    result = vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", max_images=2)
+    assert result.temporal is None and result.temporal_mad is None
+    result.to_json(tmp_path / "mad.json")
+    result.to_csv(tmp_path / "mad.csv")
+    document = json.loads((tmp_path / "mad.json").read_text())
+    assert "temporal" not in document["layers"][0] and "temporal_total" not in document["sums"]
+    header = (tmp_path / "mad.csv").read_text().splitlines()[0]
+    assert header == "layer,name,head,mad_mean,mad_std,mad_min,mad_max,count"
+
+
+def test_a_folder_without_videos_is_refused_naming_the_flag(video_model, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["profile", "--model", f"hf:{video_model}", "--videos", str(tmp_path / "empty"),
+                 "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert "vitmad: error: --images: no images" in capsys.readouterr().err
