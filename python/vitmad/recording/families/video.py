@@ -186,7 +186,8 @@ class VideoPlacer(LayerPlacer):
             return values.index_select(-1, slot.to(values.device))
 
         attention = "space-time" if self.kind.startswith("space-time") else self.kind
-        geometry = LayerGeometry(grid.size, grid.stride, attention, heads, None, grid.frames, float(grid.frame_stride))
+        geometry = LayerGeometry(grid.size, grid.stride, attention, heads, frames=grid.frames,
+                                 frame_stride=float(grid.frame_stride))
         return Placement(positions, None, fold, geometry, time_positions=time_positions)
 
 
