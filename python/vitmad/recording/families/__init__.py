@@ -26,6 +26,7 @@ from . import (
     hiera,
     levit,
     map_attention,
+    masked,
     maxxvit,
     mobilevit,
     mvit,
@@ -52,7 +53,7 @@ class Skip:
 
 # Tried in order; the first family that claims a module places it.
 _FAMILIES = (
-    non_spatial, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages, vit_stages,
+    non_spatial, masked, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages, vit_stages,
     maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra, map_attention,
     tnt, byoanet,
 )
