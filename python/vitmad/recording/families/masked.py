@@ -45,15 +45,18 @@ def _is_mae_embeddings(module: nn.Module) -> bool:
 
 
 def placer(model: nn.Module, name: str, module: nn.Module) -> LayerPlacer | None:
-    """A :class:`ViTMAEPlacer` for the attention modules of a ViTMAE encoder (the tower whose embeddings mask),
-    else None."""
-    for embeddings_name, embeddings in model.named_modules():
-        if _is_mae_embeddings(embeddings):
-            tower = embeddings_name.rpartition(".")[0]
-            inside_tower = not tower or name.startswith(tower + ".")
-            in_embeddings = name == embeddings_name or name.startswith(embeddings_name + ".")
-            if inside_tower and not in_embeddings:
-                return ViTMAEPlacer(model, embeddings_name, embeddings)
+    """A :class:`ViTMAEPlacer` for the attention modules of a ViTMAE encoder (the tower whose ``embeddings``
+    mask: ``ViTMAEModel`` itself, ``vit`` in ``ViTMAEForPreTraining``), else None."""
+    parts = name.split(".")
+    for depth in range(len(parts)):
+        embeddings_name = ".".join(parts[:depth] + ["embeddings"])
+        try:
+            embeddings = model.get_submodule(embeddings_name)
+        except AttributeError:
+            continue
+        in_embeddings = name == embeddings_name or name.startswith(embeddings_name + ".")
+        if _is_mae_embeddings(embeddings) and not in_embeddings:
+            return ViTMAEPlacer(model, embeddings_name, embeddings)
     return None
 
 
