@@ -125,12 +125,12 @@ class ViTMAEPlacer(LayerPlacer):
                 f"{self.embeddings_name} returned ids_restore over {kept.ids_restore_length} patches, not the "
                 f"{grid_h}x{grid_w} = {grid_h * grid_w} of the patch grid of the input image"
             )
-        expected = [int(kept.ids_keep.shape[0]), "H", kept.num_tokens, kept.num_tokens]
-        if len(lead) != 2 or lead[0] != expected[0] or num_queries != kept.num_tokens or num_keys != kept.num_tokens:
+        batch, tokens = int(kept.ids_keep.shape[0]), kept.num_tokens
+        if len(lead) != 2 or lead[0] != batch or num_queries != tokens or num_keys != tokens:
             raise NotPlaceable(
                 f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; after "
-                f"{self.embeddings_name} kept {kept.num_tokens - 1} of the {grid_h * grid_w} patches (and CLS), "
-                f"a ViTMAE encoder layer attends {expected}"
+                f"{self.embeddings_name} kept {tokens - 1} of the {grid_h * grid_w} patches (and CLS), "
+                f"a ViTMAE encoder layer attends [{batch}, H, {tokens}, {tokens}]"
             )
         heads = int(lead[-1])
         key = f"{_PLACED}{self.embeddings_name}.{heads}"
@@ -211,7 +211,7 @@ class GivenPositionsPlacer(LayerPlacer):
     """
 
     def __init__(self, positions: torch.Tensor | Callable[[], torch.Tensor]):
-        if callable(positions) and not isinstance(positions, torch.Tensor):
+        if callable(positions):
             self.positions, self.given = None, positions
         else:
             self.positions, self.given = check_positions(positions), None
