@@ -36,6 +36,7 @@ from torch import nn
 from ..ops import mad, mad_qk
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import Skip, family_modules, family_placer
+from .families.masked import GivenPositionsPlacer
 from .families.plain import PlainLayout, PlainPlacer, find_patch_embedding, is_embedding_projection
 from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
 from .placement import (
@@ -210,6 +211,7 @@ class Recording:
         num_prefix_tokens: int | None = None,
         renormalize: bool = False,
         reduction: str = "mean",
+        positions: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     ):
         if reduction not in ("mean", "none"):
             raise ValueError(f"vitmad.record: reduction must be 'mean' or 'none', got '{reduction}'")
@@ -221,6 +223,11 @@ class Recording:
             raise ValueError(f"vitmad.record: num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
         if isinstance(layers, str):
             raise TypeError(f"vitmad.record: layers must be a list of names or patterns, got the string '{layers}'")
+        if positions is not None and (patch, grid, num_prefix_tokens) != (None, None, None):
+            raise ValueError("vitmad.record: positions places every token itself; pass either positions or "
+                             "patch/grid/num_prefix_tokens, not both")
+        # The user's positions replace the layout of every recorded layer (families/masked.py).
+        self._given = None if positions is None else GivenPositionsPlacer(positions)
         self.model = model
         self.renormalize = bool(renormalize)
         self.reduction = reduction
@@ -257,7 +264,7 @@ class Recording:
                 self.skipped[name] = placer.reason
             else:
                 modules[name] = module
-                self._placers[name] = PlainPlacer(self._plain) if placer is None else placer
+                self._placers[name] = self._given or (PlainPlacer(self._plain) if placer is None else placer)
         if not modules:
             if self.skipped:
                 reasons = "; ".join(f"{n}: {r}" for n, r in list(self.skipped.items())[:3])
@@ -504,6 +511,7 @@ def record(
     num_prefix_tokens: int | None = None,
     renormalize: bool = False,
     reduction: str = "mean",
+    positions: torch.Tensor | Callable[[], torch.Tensor] | None = None,
 ) -> Recording:
     """Records the mean attention distance of every attention layer while ``model`` runs unchanged.
 
@@ -515,7 +523,7 @@ def record(
         rec.layers  # ["encoder.layer.0.attention", ...]
 
     Works with transformers ``PreTrainedModel``s that use ``AttentionInterface`` (ViT, DeiT, BEiT, DINOv2 with
-    and without registers, ViTMAE with ``mask_ratio=0``, CLIP and SigLIP vision towers, ...) in any attention
+    and without registers, ViTMAE at any ``mask_ratio``, CLIP and SigLIP vision towers, ...) in any attention
     implementation, and with timm ViTs on the fused path (``vit_*`` with registers or ``dynamic_img_size``,
     ``deit_*``, EVA with RoPE). The model keeps its attention implementation, so its outputs are the same as
     without recording; it is restored on exit, also when the forward raises.
@@ -530,6 +538,13 @@ def record(
         num_prefix_tokens: tokens before the patches; by default ``N - grid_h * grid_w`` in each call.
         renormalize: see :func:`vitmad.mad`.
         reduction: ``"mean"`` gives ``rec.mad`` ``[L, B, H]``, ``"none"`` ``[L, B, H, N - P]``.
+        positions: for a model whose token layout vitmad does not know, where its tokens are: ``[N, 2]`` (every
+            image) or ``[B, N, 2]`` (per image) floating (row, column) pixel positions of the ``N`` tokens in the
+            model's token order, a NaN row for a token without a position; or a callable of no arguments returning
+            one, called once per forward call. It replaces the detected layout of every recorded layer, whose
+            attention must then be ``[B, H, N, N]``; ``reduction="none"`` gives ``[B, H, N]`` in token order, NaN
+            at the tokens without a position, and the mean is over the tokens with one. Not combined with
+            ``patch``, ``grid``, ``num_prefix_tokens``.
 
     Returns:
         A :class:`Recording`: ``rec.mad`` / ``rec.layers`` / ``rec.layout`` of the latest forward call and
@@ -538,8 +553,9 @@ def record(
     Raises:
         ValueError: an option is invalid, or the layout cannot be detected: the message names the model class
             and what to pass by hand.
+        TypeError: ``positions`` is neither a floating tensor nor a callable.
     """
     return Recording(
         model, layers=layers, patch=patch, grid=grid, num_prefix_tokens=num_prefix_tokens,
-        renormalize=renormalize, reduction=reduction,
+        renormalize=renormalize, reduction=reduction, positions=positions,
     )

@@ -112,20 +112,6 @@ def _register_wrapper(implementation: str) -> str:
     return name
 
 
-def _restore_token_order(x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-    """Undoes ViTMAE's per-sample shuffle of the patch tokens (the prefix tokens stay first).
-
-    Args:
-        x: ``[B, H, N, D]`` with the patch tokens in shuffled order.
-        ids_restore: ``[B, N - P]``, the position of each patch in the shuffled sequence.
-    """
-    batch, heads, n, d = x.shape
-    num_prefix = n - ids_restore.shape[1]
-    prefix = torch.arange(num_prefix, device=x.device).expand(batch, num_prefix)
-    index = torch.cat([prefix, num_prefix + ids_restore.to(x.device)], dim=1)
-    return x.gather(2, index[:, None, :, None].expand(batch, heads, n, d))
-
-
 class HFAttentionHooks:
     """Routes a transformers model's attention through the recording wrapper while installed.
 
@@ -145,8 +131,6 @@ class HFAttentionHooks:
         self.done = done
         self._saved: list[tuple] = []  # (config, its attention implementation before the recording)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        # ViTMAE shuffles the patch tokens even at mask_ratio=0: name prefix of its encoder -> ids_restore.
-        self._ids_restore: dict[str, torch.Tensor] = {}
 
     def _configs(self) -> list:
         """The configs that choose the recorded modules' attention implementation (each module reads its own
@@ -160,28 +144,7 @@ class HFAttentionHooks:
                 raise RuntimeError(f"vitmad.record: {type(self.model).__name__} is already being recorded")
         return list(configs.values())
 
-    def _watch_token_shuffle(self) -> None:
-        for name, module in self.model.named_modules():
-            if hasattr(module, "random_masking"):
-                prefix = name.rpartition(".")[0]
-                prefix = prefix + "." if prefix else ""
-
-                def keep_ids_restore(module, args, output, prefix=prefix):
-                    _, removed, ids_restore = output
-                    if bool(removed.any()):
-                        raise ValueError(
-                            f"vitmad.record: {type(module).__name__} dropped patches (config.mask_ratio = "
-                            f"{getattr(module.config, 'mask_ratio', '?')}); MAD needs every patch: set "
-                            "config.mask_ratio = 0"
-                        )
-                    self._ids_restore[prefix] = ids_restore
-
-                self._handles.append(module.register_forward_hook(keep_ids_restore))
-
     def _layer_callback(self, name, query, key, scaling, mask):
-        for prefix, ids_restore in self._ids_restore.items():
-            if name.startswith(prefix):
-                query, key = _restore_token_order(query, ids_restore), _restore_token_order(key, ids_restore)
         self.callback(name, query, key, scaling, mask)
 
     def install(self) -> None:
@@ -190,7 +153,6 @@ class HFAttentionHooks:
         configs = self._configs()
         for name, module in self.modules.items():
             _ACTIVE[id(module)] = (name, self._layer_callback)
-        self._watch_token_shuffle()
         for name, module in self.modules.items():
             # The module's forward is one layer, whatever number of interface calls it makes (Qwen2-VL's vision
             # attention calls it once per image or window): done when the forward ends, also when it raises.
@@ -208,9 +170,9 @@ class HFAttentionHooks:
             # Only this recording's entries: a second record() of the same model fails without touching them.
             if id(module) in _ACTIVE and _ACTIVE[id(module)][1] == self._layer_callback:
                 del _ACTIVE[id(module)]
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
         for config, original in reversed(self._saved):
             config._attn_implementation_internal = original
         self._saved.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

@@ -28,6 +28,7 @@ from . import (
     levit,
     lowformer,
     map_attention,
+    masked,
     maxxvit,
     mobilevit,
     multi_query,
@@ -57,9 +58,9 @@ class Skip:
 
 # Tried in order; the first family that claims a module places it.
 _FAMILIES = (
-    packed, non_spatial, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages, vit_stages,
-    maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra, map_attention,
-    tnt, byoanet, multi_query, iformer, lowformer, video,
+    packed, non_spatial, masked, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages,
+    vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra,
+    map_attention, tnt, byoanet, multi_query, iformer, lowformer, video,
 )
 
 

@@ -86,8 +86,9 @@ class PlainLayout:
         name = type(model).__name__
         if self.embedding is None and (patch is None or grid is None):
             self.unavailable = (f"found no patch-embedding Conv2d (kernel == stride) in {name} and vitmad knows no "
-                                "other layout of this module's tokens; only if they are a plain ViT grid (extra "
-                                "tokens first), pass patch=<pixels per patch> and grid=[grid_h, grid_w]")
+                                "other layout of this module's tokens; pass positions=<[N, 2] pixel position of "
+                                "each token>, or, only if they are a plain ViT grid (extra tokens first), "
+                                "patch=<pixels per patch> and grid=[grid_h, grid_w]")
         elif self.embedding is not None and patch is None and len(set(self.embedding[1].kernel_size)) != 1:
             self.unavailable = f"{name} has non-square patches {list(self.embedding[1].kernel_size)}; pass patch="
         else:
