@@ -32,6 +32,7 @@ from torch import nn
 from ..ops import mad, mad_qk
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import Skip, family_modules, family_placer
+from .families.naflex import towers as naflex_towers
 from .families.plain import PlainLayout, PlainPlacer, find_patch_embedding, is_embedding_projection
 from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
 from .placement import CallContext, LayerGeometry, LayerPlacer, ModelLayout, NotPlaceable, Placement
@@ -109,7 +110,9 @@ def _encoder_prefix(model: nn.Module) -> str:
         found = find_patch_embedding(model)
         embedding = None if found is None else found[0]
     if embedding is None:
-        return ""
+        # NaFlex towers embed pre-cut patches with a Linear: the tower itself (SigLIP2's vision_model).
+        tower = next(iter(naflex_towers(model)), None)
+        return "" if not tower else tower + "."
     parts = embedding.split(".")
     for i, part in enumerate(parts):
         if "embed" in part:
@@ -156,11 +159,12 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _first_convolution(model: nn.Module) -> nn.Module | None:
-    """The first convolution in module order: it runs on the image, so a forward call starts there."""
+    """The first convolution in module order: it runs on the image, so a forward call starts there; without
+    one, a NaFlex tower (its patches come cut, and a text tower beside it must not start a call)."""
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Conv3d)):
             return module
-    return None
+    return next(iter(naflex_towers(model).values()), None)
 
 
 class Recording:

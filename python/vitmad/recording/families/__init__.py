@@ -29,6 +29,7 @@ from . import (
     maxxvit,
     mobilevit,
     mvit,
+    naflex,
     nest,
     non_spatial,
     pooled,
@@ -54,7 +55,7 @@ class Skip:
 _FAMILIES = (
     non_spatial, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages, vit_stages,
     maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra, map_attention,
-    tnt, byoanet,
+    tnt, byoanet, naflex,
 )
 
 
