@@ -69,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--images", nargs="+", default=["builtin"],
                      help="folders (searched recursively), files, or 'builtin': photographs shipped with "
                           "scikit-image (default)")
-    run.add_argument("--image-size", default=None, help="S or HxW instead of the model's input size")
+    run.add_argument("--image-size", default=None,
+                     help="S or HxW instead of the model's input size, or native: each image at its own aspect "
+                          "ratio (NaFlex models such as SigLIP2 and timm naflexvit_*, and ViTs whose position "
+                          "embedding follows the input)")
     run.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -56,6 +56,9 @@ class Profile:
         geometry: per layer, its token grid, pixel stride, attention kind and heads
             (:meth:`vitmad.recording.LayerGeometry.as_dict`); None in format-1 files.
         skipped_layers: attention layers left out of the recording, by name, with the reason.
+        image_grids: native resolution (``image_size="native"``): per image name, ``{"grid": [gh, gw],
+            "size": [H, W]}``, its token grid and the pixels it was resized to; the layers' ``geometry`` then has
+            no grid. None otherwise.
     """
 
     model: str
@@ -68,6 +71,7 @@ class Profile:
     processes: int = 1
     geometry: list[dict] | None = None
     skipped_layers: dict[str, str] = field(default_factory=dict)
+    image_grids: dict[str, dict] | None = None
 
     @property
     def heads(self) -> list[int]:
@@ -108,11 +112,21 @@ class Profile:
 
     @property
     def uniform_mads(self) -> list[float]:
-        """Per layer, the MAD of uniform attention over that layer's grid (stages of a hierarchy differ)."""
+        """Per layer, the MAD of uniform attention over that layer's grid (stages of a hierarchy differ); at
+        native resolution, its mean over the images' own grids."""
         if self.geometry is None:
             grid_h, grid_w = self.layout["grid"]
             return [uniform_attention_mad(grid_h, grid_w, self.layout["patch"])] * len(self.layers)
-        return [uniform_attention_mad(*g["grid"], tuple(g["stride"])) for g in self.geometry]
+        return [self._uniform_over_images(tuple(g["stride"])) if g["grid"] is None else
+                uniform_attention_mad(*g["grid"], tuple(g["stride"])) for g in self.geometry]
+
+    def _uniform_over_images(self, stride: tuple[float, float]) -> float:
+        """The mean over images of uniform attention's MAD on each image's grid (NaN without image grids)."""
+        grids = [tuple(entry["grid"]) for entry in (self.image_grids or {}).values()]
+        if not grids:
+            return float("nan")
+        per_grid = {grid: uniform_attention_mad(*grid, stride) for grid in set(grids)}
+        return sum(per_grid[grid] for grid in grids) / len(grids)
 
     def to_dict(self) -> dict:
         """The ``mad.json`` document (see :meth:`to_json`)."""
@@ -155,6 +169,7 @@ class Profile:
             "skipped_layers": [{"name": n, "reason": r} for n, r in self.skipped_layers.items()],
             "images": self.images,
             "skipped": self.skipped,
+            **({} if self.image_grids is None else {"image_grids": self.image_grids}),
             # Exact float64 sums (JSON floats round-trip), so results can be reloaded and merged losslessly.
             "sums": {"total": [row[:h] for row, h in zip(total, heads)],
                      "total_sq": [row[:h] for row, h in zip(total_sq, heads)]},
@@ -208,7 +223,7 @@ class Profile:
             skipped_layers = {e["name"]: e["reason"] for e in doc.get("skipped_layers", [])}
             return Profile(doc["model"], [layer["name"] for layer in layers], doc["layout"], stats,
                            doc["images"], doc["skipped"], doc["settings"], doc.get("processes", 1),
-                           geometry, skipped_layers)
+                           geometry, skipped_layers, doc.get("image_grids"))
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{path}: malformed vitmad profile ({type(err).__name__}: {err})") from err
 
