@@ -28,7 +28,7 @@ from .distributed import DistributedRun, GlobalProgress, current_run, merge_acro
 from .files import check_writable
 from .images import NATIVE, find_images, load_batch, parse_image_size
 from .models import LoadedModel, load_model, wrap_module
-from .native import NativeFeed, load_native_batch, native_feed, native_geometry
+from .native import NativeFeed, check_fixed_size, load_native_batch, native_feed, native_geometry
 from .options import OptionError, check_positive, resolve_device, resolve_dtype
 from .results import Profile, layout_dict
 from .stats import RunningStats
@@ -191,6 +191,8 @@ def plan_run(
         check_writable(Path(checkpoint).parent, "checkpoint")
     loaded, preprocessing = prepare_model(model, size, model_checkpoint)
     native = native_feed(loaded) if size == NATIVE else None
+    if native is None:
+        check_fixed_size(loaded)
     names, load = _image_batches(images, preprocessing, batch_size, max_images, decoders, native)
     settings = {
         "renormalize": bool(renormalize),

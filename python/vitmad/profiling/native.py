@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from .images import NATIVE, load_image
+from .images import load_image
 from .models import LoadedModel
 from .options import OptionError
 
-__all__ = ["NATIVE", "NativeFeed", "native_feed", "native_grid", "load_native_batch", "native_geometry"]
+__all__ = ["NativeFeed", "native_feed", "native_grid", "load_native_batch", "native_geometry", "check_fixed_size"]
 
 
 def native_grid(height: int, width: int, patch: int, max_patches: int) -> tuple[int, int]:
@@ -137,6 +137,20 @@ def _filter_name(resample) -> str:
     from PIL import Image
 
     return Image.Resampling(int(resample)).name.lower()
+
+
+def check_fixed_size(loaded: LoadedModel) -> None:
+    """Refuse a model that takes only patches its processor cut at each image's own size (SigLIP2) when images
+    are to be fed at one size.
+
+    Raises:
+        OptionError: (``image_size``) the model is SigLIP2's NaFlex vision tower.
+    """
+    from ..recording.families.naflex import towers
+
+    if any(type(t).__name__ == "Siglip2VisionModel" for t in towers(loaded.module).values()):
+        raise OptionError("image_size", f"{type(loaded.module).__name__} takes patches its processor cuts at each "
+                                        "image's own aspect ratio: use image_size='native' (--image-size native)")
 
 
 def native_feed(loaded: LoadedModel) -> NativeFeed:
