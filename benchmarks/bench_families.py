@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from _results import machine, write_section
+from _results import machine, peak_rss, write_section
 
 MODELS = ("swin_tiny_patch4_window7_224", "pvt_v2_b2", "hiera_small_224")
 CASES = ("plain", "record")
@@ -66,23 +66,12 @@ def time_model(name: str, batch: int, image: int, repeats: int) -> dict[str, tup
                    min(w for w, _ in t) * 1e3) for case, t in times.items()}
 
 
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def memory_child(name: str, case: str, batch: int, image: int) -> None:
     """Runs in a fresh process: prints the case's RSS figures as JSON."""
     model = build_model(name)
     pixels = torch.randn(batch, 3, image, image)
     run_case("plain", model, pixels[:1])  # one small warm-up forward: lazily built buffers and caches
-    before = _status_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
-    run_case(case, model, pixels)
-    peak = _status_mib("VmHWM")
-    print(json.dumps({"before_mib": before, "peak_mib": peak, "increase_mib": peak - before}))
+    print(json.dumps(peak_rss(lambda: run_case(case, model, pixels))))
 
 
 def measure_memory(name: str, case: str, batch: int, image: int) -> dict[str, float]:
