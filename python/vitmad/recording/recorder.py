@@ -13,8 +13,8 @@ without a position anywhere) and folds the per-query values back onto the layer'
 (:mod:`.placement`). The model's own attention runs unchanged.
 
 Repeated forwards: every forward call inside one ``record`` block is kept as a :class:`RecordedCall` in
-``rec.calls`` (a call starts when the model's first convolution runs on the image); ``rec.mad``,
-``rec.layers``, ``rec.geometry`` and ``rec.layout`` describe the latest call.
+``rec.calls`` (a call starts when the model's first convolution runs on the image, or its NaFlex tower where
+it has none); ``rec.mad``, ``rec.layers``, ``rec.geometry`` and ``rec.layout`` describe the latest call.
 
 One layer, one entry: a module that computes its attention in several calls (differential attention, two
 softmax maps) is recorded once, with the MAD of the attention it applies (:mod:`.differential`).
