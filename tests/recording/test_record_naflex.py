@@ -156,6 +156,16 @@ def test_timm_naflex_standard_image_batch_is_one_grid():
     torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
 
 
+def test_timm_naflex_every_entry_point_is_one_call():
+    model = _timm_model()
+    inputs = _naflex_batch(_images(SIZES), slots=20)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model.forward_features(inputs["patches"], inputs["patch_coord"], inputs["patch_valid"])
+        model(inputs)
+    assert len(rec.calls) == 2
+    torch.testing.assert_close(rec.calls[0].mad, rec.calls[1].mad, rtol=0, atol=0)
+
+
 def test_timm_naflex_with_rope_follows_each_image_grid():
     model = _timm_model(pos_embed="none", rope_type="axial", global_pool="avg")
     inputs = _naflex_batch(_images(SIZES), slots=22)

@@ -32,6 +32,7 @@ from torch import nn
 from ..ops import mad, mad_qk
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import Skip, family_modules, family_placer
+from .families.naflex import call_start as naflex_call_start
 from .families.naflex import towers as naflex_towers
 from .families.plain import PlainLayout, PlainPlacer, find_patch_embedding, is_embedding_projection
 from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
@@ -164,7 +165,7 @@ def _first_convolution(model: nn.Module) -> nn.Module | None:
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Conv3d)):
             return module
-    return next(iter(naflex_towers(model).values()), None)
+    return naflex_call_start(model)
 
 
 class Recording:

@@ -34,7 +34,7 @@ from torch import nn
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
 from .stages import defined_in
 
-__all__ = ["placer", "attention_modules", "towers", "NaFlexPlacer"]
+__all__ = ["placer", "attention_modules", "towers", "call_start", "NaFlexPlacer"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,17 @@ def _design_of(module: nn.Module) -> _Design | None:
 def towers(model: nn.Module) -> dict[str, nn.Module]:
     """The NaFlex towers of ``model`` by qualified name ("" for the model itself), in module order."""
     return {name: module for name, module in model.named_modules() if _design_of(module) is not None}
+
+
+def call_start(model: nn.Module) -> nn.Module | None:
+    """The module whose forward starts a call of the first NaFlex tower (the recorder's call boundary): timm's
+    patch embedding, which every entry point runs (``forward``, ``forward_features``,
+    ``forward_intermediates``); SigLIP2's tower itself, the only forward that receives ``pixel_attention_mask``."""
+    tower = next(iter(towers(model).values()), None)
+    if tower is None:
+        return None
+    design = _design_of(tower)
+    return getattr(tower, design.embedding) if design is _TIMM else tower
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -125,7 +136,7 @@ class _Tokens:
 
 def _tokens(sizes: torch.Tensor, valid: torch.Tensor, coord: torch.Tensor | None, prefix: int,
             patch: tuple[int, int], what: str) -> _Tokens:
-    """Checks that each image's tokens are its ``h x w`` grid, row-major, first in its row, and places them.
+    """Checks that each image's tokens are its ``h x w`` grid, row-major, before any padding, and places them.
 
     Args:
         sizes: ``[B, 2]`` integer ``(grid_h, grid_w)`` of each image, as the model reads it.
@@ -140,14 +151,14 @@ def _tokens(sizes: torch.Tensor, valid: torch.Tensor, coord: torch.Tensor | None
     counts = sizes[:, 0] * sizes[:, 1]
     index = torch.arange(slots, device=valid.device)
     image = index < counts[:, None]  # [B, N]
-    if bool((counts > slots).any()) or not torch.equal(valid, image):
-        bad = int((counts > slots).nonzero()[0, 0]) if bool((counts > slots).any()) else \
-            int((valid != image).any(-1).nonzero()[0, 0])
+    wrong = (counts > slots) | (valid != image).any(-1)
+    if bool(wrong.any()):
+        bad = int(wrong.nonzero()[0, 0])
+        count, marked = int(counts[bad]), int(valid[bad].sum())
         raise NotPlaceable(
             f"image {bad} of the batch has a {int(sizes[bad, 0])}x{int(sizes[bad, 1])} grid by {what}, so its "
-            f"{int(counts[bad])} patches must be the first {int(counts[bad])} of {slots} slots and the rest padding, "
-            f"but {int(valid[bad].sum())} slots are marked valid "
-            f"({'not all first' if int(valid[bad].sum()) == int(counts[bad]) else 'a different count'})"
+            f"{count} patches must be the first {count} of {slots} slots and the rest padding, but {marked} slots "
+            "are marked valid" + (", not the first ones" if marked == count else "")
         )
     rows = torch.div(index[None], sizes[:, 1:], rounding_mode="floor")  # [B, N]
     cols = index[None] - rows * sizes[:, 1:]
