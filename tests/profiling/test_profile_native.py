@@ -200,3 +200,12 @@ def test_cli_native_writes_image_grids_and_figures(siglip2_folder, images, tmp_p
     assert document["settings"]["image_size"] == "native" and len(document["image_grids"]) == 5
     assert all(layer["geometry"]["grid"] is None for layer in document["layers"])
     assert (out / "mad.png").stat().st_size > 0 and (out / "mad_map.png").stat().st_size > 0
+
+
+def test_native_refuses_a_hierarchy(images, tmp_path):
+    config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                     window_size=2)
+    transformers.SwinModel(config).save_pretrained(tmp_path / "swin")
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "swin")
+    with pytest.raises(OptionError, match=r"image_size: native: the layers of SwinModel attend at strides"):
+        vitmad.profile(f"hf:{tmp_path / 'swin'}", images, image_size="native", device="cpu", max_images=2)

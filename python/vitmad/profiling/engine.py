@@ -104,7 +104,7 @@ class RunState:
                         state["batches_done"])
 
 
-def prepare_model(model, image_size: tuple[int, int] | None, model_checkpoint=None):
+def prepare_model(model, image_size: tuple[int, int] | str | None, model_checkpoint=None):
     """``(LoadedModel, preprocessing)`` for a spec string, a :class:`LoadedModel` or a module."""
     if isinstance(model, LoadedModel):
         loaded = model

@@ -223,7 +223,17 @@ def load_native_batch(paths: Sequence[Path], feed: NativeFeed, pool: Executor | 
 
 def native_geometry(rec) -> tuple[torch.Tensor, list[dict], list[dict]]:
     """What a recording of native forwards gives: ``([L, n, H] MAD of the n images, per-layer geometry without
-    a grid, per image {"grid": [gh, gw], "size": [H, W]})``, the images in call order."""
+    a grid, per image {"grid": [gh, gw], "size": [H, W]})``, the images in call order.
+
+    Raises:
+        OptionError: (``image_size``) the layers attend at different strides (a hierarchy such as Swin): one grid
+            per image would not describe them.
+    """
+    strides = {layer.stride for call in rec.calls for layer in call.geometry}
+    if len(strides) > 1:
+        raise OptionError("image_size", f"native: the layers of {type(rec.model).__name__} attend at strides "
+                                        f"{sorted(strides)} px; native resolution takes models whose layers all "
+                                        "attend over the patch grid")
     mad, images = [], []
     for call in rec.calls:
         first = call.geometry[0]
