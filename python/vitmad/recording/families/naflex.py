@@ -246,10 +246,10 @@ class NaFlexPlacer(LayerPlacer):
         patch = int(self.tower.config.patch_size)
         if spatial_shapes is None or pixel_values is None or pixel_values.dim() != 3:
             shape = None if pixel_values is None else list(pixel_values.shape)
-            raise NotPlaceable(f"{self.design.tower} got pixel_values {shape} and spatial_shapes "
-                               f"{spatial_shapes is not None}; expected patches [B, max_num_patches, C * p * p] "
-                               "and spatial_shapes [B, 2]")
-        batch, slots = pixel_values.shape[:2]
+            missing = "" if spatial_shapes is not None else " without spatial_shapes"
+            raise NotPlaceable(f"{self.design.tower} got pixel_values {shape}{missing}; expected patches "
+                               "[B, max_num_patches, C * p * p] and spatial_shapes [B, 2]")
+        slots = pixel_values.shape[1]
         # Without a pixel_attention_mask, the slots past each image's grid are padding the model attends: they
         # still stand for no place on the image (docs/definition.md, native resolution).
         sizes = spatial_shapes.to(torch.long)
