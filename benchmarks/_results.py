@@ -53,6 +53,29 @@ def time_call(fn: Callable[[], object], device: str, repeats: int = 5, warmup: i
     return statistics.median(time_once(fn, device) for _ in range(repeats))
 
 
+def status_mib(field: str) -> float:
+    """A memory figure of this process from ``/proc/self/status`` (``VmRSS``, ``VmHWM``), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_rss(fn: Callable[[], object]) -> dict[str, float]:
+    """The process's RSS just before ``fn()`` and its peak during it (Linux): the kernel's peak-RSS counter
+    (VmHWM) is reset through ``/proc/self/clear_refs`` right before the call. Run it in a fresh process per case,
+    after a warm-up, so that the figures of one case do not include another's.
+
+    Returns:
+        ``{"before_mib", "peak_mib", "increase_mib"}``.
+    """
+    before = status_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
+    fn()
+    peak = status_mib("VmHWM")
+    return {"before_mib": before, "peak_mib": peak, "increase_mib": peak - before}
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -69,20 +92,3 @@ def write_section(name: str, body: str) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
 
-
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def peak_rss(fn: Callable[[], object]) -> dict[str, float]:
-    """Memory of one ``fn()`` in this process (Linux): RSS before it, peak RSS during it (the kernel's VmHWM
-    counter is reset through ``/proc/self/clear_refs`` first) and the increase, in MiB. Run it in a fresh
-    process per case, after a warm-up, so that one case's allocations do not hide another's."""
-    before = _status_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
-    fn()
-    peak = _status_mib("VmHWM")
-    return {"before_mib": before, "peak_mib": peak, "increase_mib": peak - before}

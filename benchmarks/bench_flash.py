@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import vitmad
-from _results import machine, time_once, write_section
+from _results import machine, peak_rss, time_once, write_section
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 ROUTES = ("mad_qk", "sdpa", "materialised")
@@ -97,20 +97,11 @@ def time_routes(fns: dict[str, Callable[[], object]], device: str, repeats: int)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
-
-
 def _memory_child(name: str, shape: str, dtype: str) -> None:
     """Runs in a fresh process: prints the RSS before the call and the peak during it, in MiB, as JSON."""
     q, k, v = make_inputs(parse_shape(shape), getattr(torch, dtype), "cpu")
     fn = route(name, q, k, v)
-    before = _status_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
-    fn()
-    print(json.dumps({"before_mib": before, "peak_mib": _status_mib("VmHWM")}))
+    print(json.dumps(peak_rss(fn)))
 
 
 def cpu_extra_peak_mib(name: str, shape, dtype: torch.dtype) -> float:

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from _results import machine, write_section
-from bench_model import _status_mib
+from _results import machine, peak_rss, write_section
 
 CASES = ("plain", "record")
 
@@ -69,11 +68,7 @@ def time_cases(mask_ratio: float, batch: int, repeats: int) -> dict[str, tuple[f
 def memory_child(case: str, mask_ratio: float, batch: int) -> None:
     """Runs in a fresh process: prints the case's RSS figures as JSON."""
     model, pixels, noise = build(mask_ratio, batch)
-    before = _status_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
-    run_case(case, model, pixels, noise)
-    peak = _status_mib("VmHWM")
-    print(json.dumps({"before_mib": before, "peak_mib": peak, "increase_mib": peak - before}))
+    print(json.dumps(peak_rss(lambda: run_case(case, model, pixels, noise))))
 
 
 def measure_memory(case: str, mask_ratio: float, batch: int, threads: int) -> dict[str, float]:

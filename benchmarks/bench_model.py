@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from _results import machine, write_section
+from _results import machine, peak_rss, write_section
 
 CASES = ("sdpa", "record", "eager")
 
@@ -82,22 +82,11 @@ def time_cases(batch: int, image: int, repeats: int, device: str) -> dict[str, t
     }
 
 
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def memory_child(case: str, image: int) -> None:
     """Runs in a fresh process: prints the case's RSS figures as JSON."""
     model = build_model("eager" if case == "eager" else "sdpa")
     pixels = torch.randn(1, 3, image, image)
-    before = _status_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
-    run_case(case, model, pixels)
-    peak = _status_mib("VmHWM")
-    print(json.dumps({"before_mib": before, "peak_mib": peak, "increase_mib": peak - before}))
+    print(json.dumps(peak_rss(lambda: run_case(case, model, pixels))))
 
 
 def measure_memory(case: str, image: int) -> dict[str, float]:

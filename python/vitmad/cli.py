@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "scikit-image (default). A video model (VideoMAE, ViViT, TimeSformer, V-JEPA 2) takes "
                           "videos: clips (.mp4, .webm, .avi, ...; decoded with PyAV), folders of frames (images "
                           "in name order), or folders of those; each is sampled evenly to the model's frame count")
-    run.add_argument("--image-size", default=None, help="S or HxW instead of the model's input size")
+    run.add_argument("--image-size", default=None,
+                     help="S or HxW instead of the model's input size, or native: each image at its own aspect "
+                          "ratio (NaFlex models such as SigLIP2 and timm naflexvit_*, and ViTs whose position "
+                          "embedding follows the input)")
     run.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -144,6 +144,8 @@ def merge_across_ranks(
     if not shapes:
         return None, None, all_processed, all_skipped
     meta = next(p[1] for p in parts if p[1] is not None)
+    if "image_grids" in meta:  # native resolution: every rank's images have their own grids
+        meta = meta | {"image_grids": {k: v for p in parts if p[1] is not None for k, v in p[1]["image_grids"].items()}}
     local = stats if stats is not None else RunningStats.empty(*shapes.pop())
     device = torch.device("cuda", torch.cuda.current_device()) if run.backend == "nccl" else torch.device("cpu")
     sums = torch.stack([local.total, local.total_sq]).to(device)

@@ -26,8 +26,9 @@ import torch
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .distributed import DistributedRun, GlobalProgress, current_run, merge_across_ranks
 from .files import check_writable
-from .images import find_images, load_batch, parse_image_size
+from .images import NATIVE, find_images, load_batch, parse_image_size
 from .models import LoadedModel, load_model, wrap_module
+from .native import NativeFeed, check_fixed_size, load_native_batch, native_feed, native_geometry
 from .options import OptionError, check_positive, resolve_device, resolve_dtype
 from .results import Profile, layout_dict
 from .stats import RunningStats
@@ -56,6 +57,7 @@ class RunPlan:
         checkpoint_every: batches between checkpoints.
         record_options: keyword arguments of :func:`vitmad.record`.
         run: the ``torch.distributed`` job, or None for one process.
+        native: how the model takes each image at its own aspect ratio (``image_size="native"``), else None.
     """
 
     loaded: LoadedModel
@@ -70,6 +72,7 @@ class RunPlan:
     checkpoint_every: int
     record_options: dict
     run: DistributedRun | None
+    native: NativeFeed | None = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class RunState:
     Attributes:
         stats: float64 running statistics (None before the first readable batch).
         meta: ``{"layers": [...], "layout": {...} or None, "geometry": [...], "skipped_layers": {...}}`` of the
-            recording.
+            recording; native runs add ``"image_grids"``: per image name, its ``grid`` and ``size``.
         images: names of the images profiled.
         skipped: ``{"path", "reason"}`` of the images that could not be read.
         batches_done: how many of the plan's batches are done.
@@ -103,7 +106,7 @@ class RunState:
                         state["batches_done"])
 
 
-def prepare_model(model, image_size: tuple[int, int] | None, model_checkpoint=None):
+def prepare_model(model, image_size: tuple[int, int] | str | None, model_checkpoint=None):
     """``(LoadedModel, preprocessing)`` for a spec string, a :class:`LoadedModel` or a module."""
     if isinstance(model, LoadedModel):
         loaded = model
@@ -114,15 +117,18 @@ def prepare_model(model, image_size: tuple[int, int] | None, model_checkpoint=No
     else:
         raise OptionError("model", f"expected an nn.Module or a model spec string, got {type(model).__name__}")
     preprocessing = loaded.preprocessing
-    if image_size is not None and preprocessing is not None:
+    if image_size not in (None, NATIVE) and preprocessing is not None:
         preprocessing = preprocessing.with_size(image_size)
     return loaded, preprocessing
 
 
 def _image_batches(images, preprocessing, batch_size: int, max_images: int | None, pool: Executor | None,
-                   frames: int | None = None):
+                   frames: int | None = None, native: NativeFeed | None = None):
     """Image (or, for a video model taking ``frames`` frames, video) names and a function loading global batch
-    ``i``."""
+    ``i``; ``native``: each image at its own aspect ratio."""
+    if native is not None and (isinstance(images, torch.Tensor) or frames is not None):
+        raise OptionError("images", "image_size='native' resizes each image itself: pass image files (of an image "
+                                    "model), not a tensor or videos")
     if isinstance(images, torch.Tensor):
         expected = 4 if frames is None else 5
         if images.dim() != expected:
@@ -146,11 +152,13 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
     names = [str(f) for f in files]
 
     def load_files(i: int) -> Batch:
-        chunk = files[i * batch_size:(i + 1) * batch_size]
-        if frames is None:
-            pixels, loaded, skipped = load_batch(chunk, preprocessing, pool)
+        paths = files[i * batch_size:(i + 1) * batch_size]
+        if native is not None:
+            pixels, loaded, skipped = load_native_batch(paths, native, pool)
+        elif frames is None:
+            pixels, loaded, skipped = load_batch(paths, preprocessing, pool)
         else:
-            pixels, loaded, skipped = load_video_batch(chunk, frames, preprocessing, pool)
+            pixels, loaded, skipped = load_video_batch(paths, frames, preprocessing, pool)
         return pixels, [str(p) for p in loaded], [(str(p), r) for p, r in skipped]
 
     return names, load_files
@@ -191,13 +199,16 @@ def plan_run(
     if checkpoint is not None:
         check_writable(Path(checkpoint).parent, "checkpoint")
     loaded, preprocessing = prepare_model(model, size, model_checkpoint)
+    native = native_feed(loaded) if size == NATIVE else None
+    if native is None:
+        check_fixed_size(loaded)
     names, load = _image_batches(images, preprocessing, batch_size, max_images, decoders,
-                                 model_frames(loaded.module))
+                                 model_frames(loaded.module), native)
     settings = {
         "renormalize": bool(renormalize),
         "dtype": str(torch_dtype).removeprefix("torch."),
-        "image_size": list(size) if size else None,
-        "preprocessing": preprocessing.to_dict() if preprocessing else None,
+        "image_size": size if size in (None, NATIVE) else list(size),
+        "preprocessing": native.to_dict() if native else preprocessing.to_dict() if preprocessing else None,
         "batch_size": batch_size,
         "layers": list(layers) if layers else None,
     }
@@ -206,7 +217,7 @@ def plan_run(
     batches = range(rank, math.ceil(len(names) / batch_size), world)
     record_options = {"renormalize": bool(renormalize), **({"layers": list(layers)} if layers else {})}
     return RunPlan(loaded, device, torch_dtype, names, load, batches, settings, run_id,
-                   None if checkpoint is None else Path(checkpoint), checkpoint_every, record_options, run)
+                   None if checkpoint is None else Path(checkpoint), checkpoint_every, record_options, run, native)
 
 
 def resume_state(plan: RunPlan, resume: bool) -> RunState:
@@ -225,7 +236,15 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
     for path, reason in batch_skipped:
         warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=3)
     stats, meta = state.stats, state.meta
-    if pixels is not None:
+    if pixels is not None and plan.native is not None:
+        # Images at their own size: one forward per packed batch or per image; each image's grid is kept.
+        with torch.inference_mode(), record(plan.loaded.module, **plan.record_options) as rec:
+            plan.native.forwards(plan.loaded, pixels, plan.device, plan.dtype)
+        mad, geometry, grids = native_geometry(rec)
+        stats = (stats or RunningStats.empty(*mad.shape[::2])).add(mad)
+        meta = {"layers": list(rec.layers), "layout": None, "geometry": geometry, "skipped_layers": dict(rec.skipped),
+                "image_grids": {**(meta or {}).get("image_grids", {}), **dict(zip(loaded_names, grids))}}
+    elif pixels is not None:
         module = plan.loaded.module
         with torch.inference_mode(), record(module, **plan.record_options) as rec:
             plan.loaded.forward(pixels.to(device=plan.device, dtype=plan.dtype, non_blocking=True))
@@ -300,9 +319,12 @@ def finish(plan: RunPlan, state: RunState) -> Profile:
     if meta.get("temporal"):
         layers = len(meta["layers"])
         stats, temporal = stats.rows(slice(0, layers)), stats.rows(slice(layers, 2 * layers))
+    image_grids = meta.get("image_grids")
+    if image_grids is not None:
+        image_grids = {name: image_grids[name] for name in images}
     return Profile(plan.loaded.spec, meta["layers"], meta["layout"], stats, images, skipped, plan.settings, world,
                    meta.get("geometry"), meta.get("skipped_layers", {}),  # absent in checkpoints of vitmad 0.1
-                   temporal)
+                   temporal=temporal, image_grids=image_grids)
 
 
 def profile(
@@ -337,7 +359,10 @@ def profile(
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` for the model and its inputs.
         renormalize: MAD over the attention mass on patches only (``docs/definition.md``).
-        image_size: ``S``, ``"HxW"`` or ``(H, W)`` instead of the model's own input size.
+        image_size: ``S``, ``"HxW"`` or ``(H, W)`` instead of the model's own input size, or ``"native"``: each
+            image at its own aspect ratio, resized to whole patches within the model's token budget, for
+            NaFlex models (SigLIP2, timm NaFlexViT: packed batches) and ViTs whose position embedding follows
+            the input (one image per forward); ``mad.json`` then lists every image's grid.
         max_images: profile only the first ``K`` images (in sorted order).
         layers: attention module names (wildcards as :func:`vitmad.record` takes them); all by default.
         checkpoint: file for the running sums; written atomically every ``checkpoint_every`` batches.

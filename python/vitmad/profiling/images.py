@@ -25,6 +25,7 @@ __all__ = [
     "builtin_image_paths",
     "find_images",
     "parse_image_size",
+    "NATIVE",
     "load_image",
     "load_batch",
 ]
@@ -49,6 +50,9 @@ BUILTIN_IMAGES = (
     "grass.png",
     "gravel.png",
 )
+
+# image_size="native": every image at its own aspect ratio (profiling/native.py).
+NATIVE = "native"
 
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
@@ -105,14 +109,15 @@ def find_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     return unique
 
 
-def parse_image_size(text: str | int | Sequence[int] | None) -> tuple[int, int] | None:
-    """``"224"`` -> ``(224, 224)``, ``"224x320"`` -> ``(224, 320)`` (height x width); ``None`` stays ``None``.
+def parse_image_size(text: str | int | Sequence[int] | None) -> tuple[int, int] | str | None:
+    """``"224"`` -> ``(224, 224)``, ``"224x320"`` -> ``(224, 320)`` (height x width); ``None`` and
+    ``"native"`` (each image at its own aspect ratio) stay as they are.
 
     Raises:
-        ValueError: not ``S`` or ``HxW`` with positive integers.
+        ValueError: not ``S``, ``HxW`` with positive integers or ``native``.
     """
-    if text is None:
-        return None
+    if text is None or text == NATIVE:
+        return text
     if isinstance(text, int):
         parts = [text, text]
     elif isinstance(text, str):
@@ -125,7 +130,8 @@ def parse_image_size(text: str | int | Sequence[int] | None) -> tuple[int, int] 
     else:
         parts = [int(p) for p in text]
     if len(parts) != 2 or min(parts) <= 0:
-        raise OptionError("image_size", f"expected S or HxW with positive integers (e.g. 224 or 224x320), got {text!r}")
+        raise OptionError("image_size",
+                          f"expected S or HxW with positive integers (e.g. 224 or 224x320) or native, got {text!r}")
     return parts[0], parts[1]
 
 

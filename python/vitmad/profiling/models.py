@@ -35,12 +35,17 @@ class LoadedModel:
         preprocessing: its eval preprocessing (``None`` when only preprocessed tensors will be fed).
         forward: calls ``module`` on ``[B, 3, H, W]`` pixels; keyword arguments such a model needs (e.g.
             ``interpolate_pos_encoding`` at a non-native size) are added here.
+        accepts_any_size: ``forward`` interpolates the position embedding to any input size.
+        processor: the transformers image processor's settings (``preprocessor_config.json``), for models whose
+            own processor feeds images at their native size (SigLIP2); None otherwise.
     """
 
     spec: str
     module: torch.nn.Module
     preprocessing: Preprocessing | None
     forward: Callable[[torch.Tensor], object]
+    accepts_any_size: bool = False
+    processor: dict | None = None
 
 
 def wrap_module(module: torch.nn.Module, spec: str | None = None,
@@ -57,19 +62,20 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
             return module(pixels, interpolate_pos_encoding=True)
         return module(pixels)
 
-    return LoadedModel(spec or type(module).__name__, module, preprocessing, forward)
+    return LoadedModel(spec or type(module).__name__, module, preprocessing, forward, accepts_interpolate)
 
 
 def load_model(
-    spec: str, *, model_checkpoint: str | os.PathLike | None = None, image_size: tuple[int, int] | None = None
+    spec: str, *, model_checkpoint: str | os.PathLike | None = None, image_size: tuple[int, int] | str | None = None
 ) -> LoadedModel:
     """Load a model from its spec.
 
     Args:
         spec: ``hf:<hub id or local folder>``, ``timm:<name>`` or ``builtin:dinov2-s14``.
         model_checkpoint: local weights file for a ``timm:`` model (instead of its pretrained download).
-        image_size: ``(height, width)`` the model will be fed, when not its native size: timm ViTs are then
-            built with ``dynamic_img_size=True`` so their position embedding follows the input.
+        image_size: ``(height, width)`` the model will be fed, or ``"native"`` (each image at its own size),
+            when not its default size: timm ViTs are then built with ``dynamic_img_size=True`` so their
+            position embedding follows the input.
 
     Raises:
         OptionError: the spec has no known prefix, names no known model, or ``model_checkpoint`` is given for
@@ -161,11 +167,13 @@ def _load_hf(spec: str, name: str) -> LoadedModel:
     # prompts for their mask decoder: profile their vision tower alone.
     for tower in ("vision_model", "vision_encoder"):
         module = getattr(module, tower, module)
-    return wrap_module(module, spec, preprocessing)
+    loaded = wrap_module(module, spec, preprocessing)
+    loaded.processor = processor
+    return loaded
 
 
 def _load_timm(
-    spec: str, name: str, model_checkpoint: str | os.PathLike | None, image_size: tuple[int, int] | None
+    spec: str, name: str, model_checkpoint: str | os.PathLike | None, image_size: tuple[int, int] | str | None
 ) -> LoadedModel:
     timm = import_optional("timm", "timm", f"model {spec!r}")
 
@@ -173,7 +181,9 @@ def _load_timm(
         raise OptionError("model", f"{spec}: timm has no model named {name!r} (see timm.list_models())")
     if model_checkpoint is not None and not Path(model_checkpoint).is_file():
         raise MissingPathError("model_checkpoint", f"no such file: {model_checkpoint}")
-    options = {"dynamic_img_size": True} if image_size is not None else {}
+    # NaFlexViT follows any input size by itself (and takes no such option).
+    naflex = timm.models.model_entrypoint(name).__module__.endswith(".naflexvit")
+    options = {"dynamic_img_size": True} if image_size is not None and not naflex else {}
     try:
         module = timm.create_model(
             name, pretrained=model_checkpoint is None, checkpoint_path=str(model_checkpoint or ""), **options

@@ -35,6 +35,9 @@ def _describe_grids(profile) -> str:
     if profile.geometry is None:
         grid_h, grid_w = profile.layout["grid"]
         return f"{grid_h}x{grid_w} patches of {profile.layout['patch']} px"
+    if any(g["grid"] is None for g in profile.geometry):
+        grids = {tuple(entry["grid"]) for entry in (profile.image_grids or {}).values()}
+        return f"native resolution, {len(grids)} grid{'s' if len(grids) != 1 else ''}"
     stages = []
     for g in profile.geometry:
         stride_y, stride_x = g["stride"]

@@ -62,6 +62,9 @@ class Profile:
         skipped_layers: attention layers left out of the recording, by name, with the reason.
         temporal: video models: float64 running statistics of the temporal MAD in frames, ``[L, H_max]``; None
             for image models.
+        image_grids: native resolution (``image_size="native"``): per image name, ``{"grid": [gh, gw],
+            "size": [H, W]}``, its token grid and the pixels it was resized to; the layers' ``geometry`` then has
+            no grid. None otherwise.
     """
 
     model: str
@@ -75,6 +78,7 @@ class Profile:
     geometry: list[dict] | None = None
     skipped_layers: dict[str, str] = field(default_factory=dict)
     temporal: RunningStats | None = None
+    image_grids: dict[str, dict] | None = None
 
     @property
     def heads(self) -> list[int]:
@@ -120,11 +124,21 @@ class Profile:
 
     @property
     def uniform_mads(self) -> list[float]:
-        """Per layer, the MAD of uniform attention over that layer's grid (stages of a hierarchy differ)."""
+        """Per layer, the MAD of uniform attention over that layer's grid (stages of a hierarchy differ); at
+        native resolution, its mean over the images' own grids."""
         if self.geometry is None:
             grid_h, grid_w = self.layout["grid"]
             return [uniform_attention_mad(grid_h, grid_w, self.layout["patch"])] * len(self.layers)
-        return [uniform_attention_mad(*g["grid"], tuple(g["stride"])) for g in self.geometry]
+        return [self._uniform_over_images(tuple(g["stride"])) if g["grid"] is None else
+                uniform_attention_mad(*g["grid"], tuple(g["stride"])) for g in self.geometry]
+
+    def _uniform_over_images(self, stride: tuple[float, float]) -> float:
+        """The mean over images of uniform attention's MAD on each image's grid (NaN without image grids)."""
+        grids = [tuple(entry["grid"]) for entry in (self.image_grids or {}).values()]
+        if not grids:
+            return float("nan")
+        per_grid = {grid: uniform_attention_mad(*grid, stride) for grid in set(grids)}
+        return sum(per_grid[grid] for grid in grids) / len(grids)
 
     def to_dict(self) -> dict:
         """The ``mad.json`` document (see :meth:`to_json`)."""
@@ -176,6 +190,7 @@ class Profile:
             "skipped_layers": [{"name": n, "reason": r} for n, r in self.skipped_layers.items()],
             "images": self.images,
             "skipped": self.skipped,
+            **({} if self.image_grids is None else {"image_grids": self.image_grids}),
             # Exact float64 sums (JSON floats round-trip), so results can be reloaded and merged losslessly.
             "sums": sums,
         }
@@ -237,7 +252,7 @@ class Profile:
                 )
             return Profile(doc["model"], [layer["name"] for layer in layers], doc["layout"], stats,
                            doc["images"], doc["skipped"], doc["settings"], doc.get("processes", 1),
-                           geometry, skipped_layers, temporal)
+                           geometry, skipped_layers, temporal=temporal, image_grids=doc.get("image_grids"))
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{path}: malformed vitmad profile ({type(err).__name__}: {err})") from err
 

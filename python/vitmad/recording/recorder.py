@@ -13,8 +13,8 @@ without a position anywhere) and folds the per-query values back onto the layer'
 (:mod:`.placement`). The model's own attention runs unchanged.
 
 Repeated forwards: every forward call inside one ``record`` block is kept as a :class:`RecordedCall` in
-``rec.calls`` (a call starts when the model's first convolution runs on the image); ``rec.mad``,
-``rec.layers``, ``rec.geometry`` and ``rec.layout`` describe the latest call.
+``rec.calls`` (a call starts when the model's first convolution runs on the image, or its NaFlex tower where
+it has none); ``rec.mad``, ``rec.layers``, ``rec.geometry`` and ``rec.layout`` describe the latest call.
 
 One layer, one entry: a module that computes its attention in several calls (differential attention, two
 softmax maps) is recorded once, with the MAD of the attention it applies (:mod:`.differential`).
@@ -37,6 +37,8 @@ from ..ops import mad, mad_qk
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import Skip, family_modules, family_placer
 from .families.masked import GivenPositionsPlacer
+from .families.naflex import call_start as naflex_call_start
+from .families.naflex import towers as naflex_towers
 from .families.plain import PlainLayout, PlainPlacer, find_patch_embedding, is_embedding_projection
 from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
 from .placement import (
@@ -144,7 +146,9 @@ def _encoder_prefix(model: nn.Module) -> str:
         found = find_patch_embedding(model)
         embedding = None if found is None else found[0]
     if embedding is None:
-        return ""
+        # NaFlex towers embed pre-cut patches with a Linear: the tower itself (SigLIP2's vision_model).
+        tower = next(iter(naflex_towers(model)), None)
+        return "" if not tower else tower + "."
     parts = embedding.split(".")
     for i, part in enumerate(parts):
         if "embed" in part:
@@ -191,11 +195,12 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _first_convolution(model: nn.Module) -> nn.Module | None:
-    """The first convolution in module order: it runs on the image, so a forward call starts there."""
+    """The first convolution in module order: it runs on the image, so a forward call starts there; without
+    one, a NaFlex tower (its patches come cut, and a text tower beside it must not start a call)."""
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Conv3d)):
             return module
-    return None
+    return naflex_call_start(model)
 
 
 class Recording:

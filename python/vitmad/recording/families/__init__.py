@@ -33,6 +33,7 @@ from . import (
     mobilevit,
     multi_query,
     mvit,
+    naflex,
     nest,
     non_spatial,
     packed,
@@ -61,6 +62,7 @@ _FAMILIES = (
     packed, non_spatial, masked, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages,
     vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra,
     map_attention, tnt, byoanet, multi_query, iformer, lowformer, video,
+    naflex,
 )
 
 

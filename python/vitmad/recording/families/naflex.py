@@ -1,0 +1,278 @@
+"""Native-resolution ViTs (NaFlex): each image its own patch grid, padded into one batch.
+
+timm ``NaFlexVit`` (``naflexvit_*``) and transformers ``Siglip2VisionModel`` (also the vision tower of
+``Siglip2Model``). Each image is resized by its processor to its own ``h x w`` grid of ``p x p`` patches (aspect
+ratio kept, at most a token budget), flattened row-major and padded at the end to the batch's sequence length:
+
+- timm, NaFlex mode (``patch_coord`` given): token ``t`` of image ``i`` carries its ``(row, col)`` in
+  ``patch_coord[i, t]`` and ``patch_valid[i, t]`` says whether it is an image patch. The model takes image ``i``'s
+  grid as the largest coordinate + 1 over all its tokens and lays its position embedding (learned, factorised or
+  RoPE) row-major over the first ``h * w`` tokens; its mask keeps padding out of every valid query's keys.
+  Class and register tokens come first. Standard mode (an image batch ``[B, C, H, W]``): one grid for the batch.
+- transformers SigLIP2: ``spatial_shapes[i] = (h, w)``, the first ``h * w`` tokens row-major;
+  ``pixel_attention_mask`` marks them, and the model masks the other keys out. No prefix tokens.
+
+A token's position is its patch centre ``((row + 0.5) * p, (col + 0.5) * p)`` in pixels of the image as the
+processor resized it (``docs/definition.md``, native resolution). Prefix and padding tokens have no position:
+neither query nor key. Every layer folds onto ``[B, H, T]`` with ``T`` the largest ``h * w`` of the call, image
+``i``'s tokens first, NaN after (``Placement.present``); ``LayerGeometry.image_grids`` gives each image's grid when
+they differ. A layout vitmad cannot read (image tokens out of row-major order, padding inside an image, a
+``pixel_attention_mask`` that disagrees with ``spatial_shapes``, patch dropout) is refused.
+
+Attention pooling heads (timm ``AttentionPoolLatent``, SigLIP2's ``Siglip2MultiheadAttentionPoolingHead``) are
+skipped: their query is a learned latent with no place on the image.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
+from .stages import defined_in
+
+__all__ = ["placer", "attention_modules", "towers", "call_start", "NaFlexPlacer"]
+
+
+@dataclass(frozen=True)
+class _Design:
+    """One NaFlex model: the class that owns the image embedding and the attention blocks.
+
+    Attributes:
+        module_suffix: the defining module's last name part.
+        tower: class name of the tower.
+        embedding: attribute of the tower holding the patch embedding module.
+        blocks: qualified-name prefix, relative to the tower, of its self-attention layers.
+    """
+
+    module_suffix: str
+    tower: str
+    embedding: str
+    blocks: str
+
+
+_TIMM = _Design("naflexvit", "NaFlexVit", "embeds", "blocks.")
+_SIGLIP2 = _Design("modeling_siglip2", "Siglip2VisionModel", "embeddings", "encoder.layers.")
+_DESIGNS = (_TIMM, _SIGLIP2)
+_POOLING_HEAD = "attention pooling: a learned query without a position on the image (SigLIP2 head)"
+
+
+def _design_of(module: nn.Module) -> _Design | None:
+    return next((d for d in _DESIGNS if defined_in(module, d.tower, d.module_suffix)), None)
+
+
+def towers(model: nn.Module) -> dict[str, nn.Module]:
+    """The NaFlex towers of ``model`` by qualified name ("" for the model itself), in module order."""
+    return {name: module for name, module in model.named_modules() if _design_of(module) is not None}
+
+
+def call_start(model: nn.Module) -> nn.Module | None:
+    """The module whose forward starts a call of the first NaFlex tower (the recorder's call boundary): timm's
+    patch embedding, which every entry point runs (``forward``, ``forward_features``,
+    ``forward_intermediates``); SigLIP2's tower itself, the only forward that receives ``pixel_attention_mask``."""
+    tower = next(iter(towers(model).values()), None)
+    if tower is None:
+        return None
+    design = _design_of(tower)
+    return getattr(tower, design.embedding) if design is _TIMM else tower
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """SigLIP2's attention pooling heads: their ``nn.MultiheadAttention`` is found by no generic discovery, and
+    they are listed so that the recording says why they are skipped."""
+    return {name: m for name, m in model.named_modules()
+            if defined_in(m, "Siglip2MultiheadAttentionPoolingHead", "modeling_siglip2")}
+
+
+def _tower_of(model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
+    """The innermost NaFlex tower on the path to module ``name``, with its qualified name."""
+    found = None
+    parts = name.split(".")
+    for depth in range(len(parts)):
+        tower_name = ".".join(parts[:depth])
+        module = model.get_submodule(tower_name) if tower_name else model
+        if _design_of(module) is not None:
+            found = tower_name, module
+    return found
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    from . import Skip
+
+    if defined_in(module, "Siglip2MultiheadAttentionPoolingHead", "modeling_siglip2"):
+        return Skip(_POOLING_HEAD)
+    tower = _tower_of(model, name)
+    if tower is None:
+        return None
+    tower_name, tower_module = tower
+    relative = name[len(tower_name) + 1:] if tower_name else name
+    design = _design_of(tower_module)
+    if not relative.startswith(design.blocks):
+        return None  # the pooling head (timm's AttentionPoolLatent is skipped by non_spatial)
+    return NaFlexPlacer(model, tower_module, design)
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    """Where the tokens of one tower call are.
+
+    Attributes:
+        positions: ``[B, 1, N, 2]`` pixel centres (NaN for prefix and padding tokens), broadcast over heads.
+        grids: per image, its ``(grid_h, grid_w)``.
+        prefix: tokens before the patches.
+        present: ``[B, T]`` bool with ``T`` the largest ``h * w``, or None when every image fills ``T``.
+        stride: ``(patch_h, patch_w)`` pixels.
+    """
+
+    positions: torch.Tensor
+    grids: tuple[tuple[int, int], ...]
+    prefix: int
+    present: torch.Tensor | None
+    stride: tuple[float, float]
+
+
+def _tokens(sizes: torch.Tensor, valid: torch.Tensor, coord: torch.Tensor | None, prefix: int,
+            patch: tuple[int, int], what: str) -> _Tokens:
+    """Checks that each image's tokens are its ``h x w`` grid, row-major, before any padding, and places them.
+
+    Args:
+        sizes: ``[B, 2]`` integer ``(grid_h, grid_w)`` of each image, as the model reads it.
+        valid: ``[B, N]`` bool, the image tokens (not padding) among the ``N`` patch slots.
+        coord: ``[B, N, 2]`` integer ``(row, col)`` of every slot (timm's ``patch_coord``), or None.
+        prefix: tokens before the patch slots.
+        patch: ``(patch_h, patch_w)`` pixels.
+        what: the inputs named in messages.
+    """
+    batch, slots = valid.shape
+    sizes = sizes.to(device=valid.device, dtype=torch.long)
+    counts = sizes[:, 0] * sizes[:, 1]
+    index = torch.arange(slots, device=valid.device)
+    image = index < counts[:, None]  # [B, N]
+    wrong = (counts > slots) | (valid != image).any(-1)
+    if bool(wrong.any()):
+        bad = int(wrong.nonzero()[0, 0])
+        count, marked = int(counts[bad]), int(valid[bad].sum())
+        raise NotPlaceable(
+            f"image {bad} of the batch has a {int(sizes[bad, 0])}x{int(sizes[bad, 1])} grid by {what}, so its "
+            f"{count} patches must be the first {count} of {slots} slots and the rest padding, but {marked} slots "
+            "are marked valid" + (", not the first ones" if marked == count else "")
+        )
+    rows = torch.div(index[None], sizes[:, 1:], rounding_mode="floor")  # [B, N]
+    cols = index[None] - rows * sizes[:, 1:]
+    if coord is not None:
+        row_major = torch.stack([rows, cols], -1)
+        wrong = ((coord.to(row_major.device) != row_major).any(-1) & image).any(-1)
+        if bool(wrong.any()):
+            bad = int(wrong.nonzero()[0, 0])
+            raise NotPlaceable(
+                f"the patches of image {bad} are not in row-major order in patch_coord; the model lays its "
+                "position embedding row-major over its grid, so vitmad cannot tell where these tokens are"
+            )
+    centres = torch.stack([(rows + 0.5) * patch[0], (cols + 0.5) * patch[1]], -1).to(torch.float32)
+    centres = torch.where(image[..., None], centres, float("nan"))
+    positions = torch.cat([centres.new_full((batch, prefix, 2), float("nan")), centres], 1).unsqueeze(1)
+    longest = int(counts.max()) if batch else 0
+    present = image[:, :longest]
+    grids = tuple((int(h), int(w)) for h, w in sizes.tolist())
+    return _Tokens(positions, grids, prefix, None if bool(present.all()) else present,
+                   (float(patch[0]), float(patch[1])))
+
+
+def _bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A forward call's arguments by parameter name (defaults left out)."""
+    return inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
+
+
+class NaFlexPlacer(LayerPlacer):
+    """Places the tokens of one self-attention layer of a NaFlex tower (attention ``[B, H, N, N]``).
+
+    Args:
+        model: the recorded model (named in messages).
+        tower: the ``NaFlexVit`` or ``Siglip2VisionModel`` that holds the layer.
+        design: the tower's design.
+    """
+
+    def __init__(self, model: nn.Module, tower: nn.Module, design: _Design):
+        self.model, self.tower, self.design = model, tower, design
+        self.key = ("naflex.inputs", id(tower))
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        # Each placer of the tower stores the same inputs; the tokens are built once per call, in place().
+        if self.design is _TIMM:
+            def see_timm(module, args, kwargs, output) -> None:
+                arguments = _bound_arguments(module, args, kwargs)
+                context.values[self.key] = (arguments.get("patch_coord"), arguments.get("patch_valid"), output[1])
+
+            embedding = getattr(self.tower, self.design.embedding)
+            return [embedding.register_forward_hook(see_timm, with_kwargs=True)]
+
+        def see_siglip2(module, args, kwargs) -> None:
+            arguments = _bound_arguments(module, args, kwargs)
+            context.values[self.key] = (arguments.get("spatial_shapes"), arguments.get("pixel_attention_mask"),
+                                        arguments.get("pixel_values"))
+
+        return [self.tower.register_forward_pre_hook(see_siglip2, with_kwargs=True)]
+
+    def _call_tokens(self, context: CallContext) -> _Tokens:
+        inputs = context.values.get(self.key)
+        if inputs is None:
+            raise NotPlaceable(f"it ran outside a forward of its {self.design.tower}, whose inputs place its tokens")
+        built = context.values.get(self.key + ("tokens",))
+        if built is not None and built[0] is inputs:
+            return built[1]
+        tokens = self._timm_tokens(*inputs) if self.design is _TIMM else self._siglip2_tokens(*inputs)
+        context.values[self.key + ("tokens",)] = (inputs, tokens)
+        return tokens
+
+    def _timm_tokens(self, coord, valid, grid) -> _Tokens:
+        embeds = getattr(self.tower, self.design.embedding)
+        patch = tuple(int(p) for p in embeds.patch_size)
+        prefix = int(embeds.num_prefix_tokens)
+        if coord is None:  # standard mode: one grid for the whole batch, every slot an image patch
+            gh, gw = int(grid[0]), int(grid[1])
+            valid = torch.ones(1, gh * gw, dtype=torch.bool)
+            return _tokens(torch.tensor([[gh, gw]]), valid, None, prefix, patch, "its patch embedding")
+        if valid is None:
+            valid = torch.ones(coord.shape[:2], dtype=torch.bool, device=coord.device)
+        # The grid the model reads (timm.models.naflexvit.calculate_naflex_grid_sizes): largest coordinate + 1
+        # over every slot, padding included.
+        sizes = coord.amax(dim=1) + 1
+        return _tokens(sizes, valid.bool(), coord, prefix, patch, "patch_coord")
+
+    def _siglip2_tokens(self, spatial_shapes, mask, pixel_values) -> _Tokens:
+        patch = int(self.tower.config.patch_size)
+        if spatial_shapes is None or pixel_values is None or pixel_values.dim() != 3:
+            shape = None if pixel_values is None else list(pixel_values.shape)
+            missing = "" if spatial_shapes is not None else " without spatial_shapes"
+            raise NotPlaceable(f"{self.design.tower} got pixel_values {shape}{missing}; expected patches "
+                               "[B, max_num_patches, C * p * p] and spatial_shapes [B, 2]")
+        slots = pixel_values.shape[1]
+        # Without a pixel_attention_mask, the slots past each image's grid are padding the model attends: they
+        # still stand for no place on the image (docs/definition.md, native resolution).
+        sizes = spatial_shapes.to(torch.long)
+        valid = (torch.arange(slots, device=sizes.device) < (sizes[:, 0] * sizes[:, 1])[:, None]) if mask is None \
+            else mask.bool()
+        return _tokens(sizes, valid, None, 0, (patch, patch), "spatial_shapes and pixel_attention_mask")
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        tokens = self._call_tokens(context)
+        batch, total = tokens.positions.shape[0], tokens.positions.shape[2]
+        # Standard-mode positions are built for one image and broadcast over the batch.
+        if num_queries != num_keys or len(lead) != 2 or num_queries != total or batch not in (1, lead[0]):
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; expected "
+                f"[{batch}, heads, {total}, {total}]: {tokens.prefix} prefix tokens and the patch slots of its "
+                f"{self.design.tower}'s input (patch dropout in training mode changes them; call model.eval())"
+            )
+        prefix, longest = tokens.prefix, max(h * w for h, w in tokens.grids)
+        same = len(set(tokens.grids)) == 1
+        geometry = LayerGeometry(tokens.grids[0] if same else None, tokens.stride, "global", int(lead[-1]), prefix,
+                                 None if same else tokens.grids)
+
+        def fold(values: torch.Tensor) -> torch.Tensor:
+            return values[..., prefix:prefix + longest]
+
+        return Placement(tokens.positions, None, fold, geometry, present=tokens.present)

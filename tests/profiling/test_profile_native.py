@@ -1,0 +1,211 @@
+"""vitmad profile --image-size native: each image at its own aspect ratio, on tiny random-weight models (SigLIP2
+saved as a folder, timm NaFlexViT, a plain HF ViT that interpolates its position embedding). The inputs the model
+received are captured and checked against each model's own resizing rule, and the profile against the MAD of
+the model's eager attention on those inputs, placed by geometry written here."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import vitmad
+from conftest import write_images
+from vitmad.cli import main
+from vitmad.profiling.images import Preprocessing, find_images, load_image
+from vitmad.profiling.models import wrap_module
+from vitmad.profiling.options import OptionError
+
+transformers = pytest.importorskip("transformers")
+
+PATCH = 8
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def _image_mad(probs: torch.Tensor, prefix: int, grid: tuple[int, int]) -> np.ndarray:
+    """``[H]`` MAD of one image from its probabilities ``[H, N, N]`` (prefix tokens, its grid row-major, padding)."""
+    gh, gw = grid
+    n = gh * gw
+    rows, cols = np.divmod(np.arange(n), gw)
+    centres = np.stack([(rows + 0.5) * PATCH, (cols + 0.5) * PATCH], -1)
+    distance = np.sqrt(((centres[:, None] - centres[None]) ** 2).sum(-1))
+    block = probs[:, prefix:prefix + n, prefix:prefix + n].double().numpy()
+    return (block * distance).sum(-1).mean(-1)
+
+
+def _capture_inputs(module):
+    """A forward pre-hook keeping every call's arguments; returns (calls, handle)."""
+    calls = []
+    handle = module.register_forward_pre_hook(lambda _, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    return calls, handle
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("native_images")
+    write_images(folder, 5, seed=4)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def siglip2_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("siglip2")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=PATCH,
+                  num_patches=16)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    config = transformers.Siglip2Config(vision_config=vision, text_config=text)
+    transformers.Siglip2Model(config).save_pretrained(folder)
+    transformers.Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=24).save_pretrained(folder)
+    return folder
+
+
+def test_siglip2_native_profile_is_the_mad_of_each_image_on_its_own_grid(siglip2_folder, images):
+    loaded = vitmad.profiling.models.load_model(f"hf:{siglip2_folder}")
+    calls, handle = _capture_inputs(loaded.module)
+    result = vitmad.profile(loaded, images, image_size="native", batch_size=3, device="cpu")
+    handle.remove()
+    files = find_images(images)
+    assert result.count == 5 and result.settings["image_size"] == "native"
+    assert result.layers == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
+
+    # The model's own processor on each file gives each image's grid; vitmad fed exactly those.
+    processor = transformers.Siglip2ImageProcessor.from_pretrained(siglip2_folder)
+    own = [tuple(processor([load_image(f)[0]], return_tensors="pt")["spatial_shapes"][0].tolist()) for f in files]
+    assert len(set(own)) > 1
+    assert [tuple(result.image_grids[str(f)]["grid"]) for f in files] == own
+    assert [result.image_grids[str(f)]["size"] for f in files] == [[h * PATCH, w * PATCH] for h, w in own]
+    fed = [tuple(g) for _, kwargs in calls for g in kwargs["spatial_shapes"].tolist()]
+    assert fed == own and [kwargs["pixel_values"].shape[0] for _, kwargs in calls] == [3, 2]
+
+    eager = copy.deepcopy(loaded.module)
+    eager.set_attn_implementation("eager")
+    per_image = []
+    with torch.no_grad():
+        for _, kwargs in calls:
+            attentions = eager(**kwargs, output_attentions=True).attentions
+            for i, grid in enumerate(kwargs["spatial_shapes"].tolist()):
+                per_image.append([_image_mad(a[i], 0, tuple(grid)) for a in attentions])
+    torch.testing.assert_close(result.mad, torch.tensor(np.array(per_image)).mean(0), **TOL)
+    assert math.isfinite(result.uniform_mad)
+
+    alone = vitmad.profile(f"hf:{siglip2_folder}", images, image_size="native", batch_size=1, device="cpu")
+    torch.testing.assert_close(alone.mad, result.mad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone.max, result.max, rtol=1e-5, atol=1e-5)
+
+
+def test_siglip2_at_one_size_is_refused_with_the_option_to_use(siglip2_folder, images):
+    with pytest.raises(OptionError, match="image_size: .*--image-size native"):
+        vitmad.profile(f"hf:{siglip2_folder}", images, device="cpu")
+
+
+def test_timm_naflexvit_native_profile_follows_timms_own_pipeline(images):
+    timm = pytest.importorskip("timm")
+    from timm.data.naflex_transforms import get_image_size_for_seq
+
+    torch.manual_seed(0)
+    model = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, depth=2, embed_dim=32, num_heads=2,
+                              patch_size=PATCH, class_token=True, reg_tokens=4, img_size=40).eval()
+    # The default input size sets the token budget: 40 x 40 pixels, 25 patches.
+    loaded = wrap_module(model, "timm:tiny-naflexvit",
+                         Preprocessing((40, 40), ("exact", 40, 40), False, (0.5,) * 3, (0.5,) * 3))
+    calls, handle = _capture_inputs(model)
+    result = vitmad.profile(loaded, images, image_size="native", batch_size=4, device="cpu")
+    handle.remove()
+
+    files = find_images(images)
+    budget = (40 // PATCH) ** 2  # the patches of the model's default input size
+    own = []
+    for f in files:
+        image = load_image(f)[0]
+        _, (height, width) = get_image_size_for_seq((image.height, image.width), PATCH, budget)
+        own.append((height // PATCH, width // PATCH))
+    assert [tuple(result.image_grids[str(f)]["grid"]) for f in files] == own and len(set(own)) > 1
+
+    eager = copy.deepcopy(model)
+    maps = []
+    for block in eager.blocks:
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_pre_hook(lambda _, args: maps.append(args[0]))
+    per_image = []
+    with torch.no_grad():
+        for args, _ in calls:
+            maps.clear()
+            eager(args[0])
+            coord, valid = args[0]["patch_coord"], args[0]["patch_valid"]
+            for i in range(coord.shape[0]):
+                grid = (int(coord[i, valid[i], 0].max()) + 1, int(coord[i, valid[i], 1].max()) + 1)
+                per_image.append([_image_mad(a[i], 5, grid) for a in maps])  # class token + 4 registers
+    torch.testing.assert_close(result.mad, torch.tensor(np.array(per_image)).mean(0), **TOL)
+
+
+def _native_rule(height: int, width: int, budget: int) -> tuple[int, int]:
+    """README's rule for ViTs that follow the input size: one scale, each side floored to whole patches."""
+    scale = math.sqrt(budget * PATCH * PATCH / (height * width))
+    grid_h = max(1, math.floor(height * scale / PATCH))
+    return grid_h, max(1, min(budget // grid_h, math.floor(width * scale / PATCH)))
+
+
+def test_plain_vit_native_profile_runs_each_image_alone_at_its_aspect_ratio(tiny_model, images, tmp_path):
+    loaded = vitmad.profiling.models.load_model(f"hf:{tiny_model}")
+    calls, handle = _capture_inputs(loaded.module)
+    result = vitmad.profile(loaded, images, image_size="native", batch_size=3, device="cpu")
+    handle.remove()
+    files = find_images(images)
+    sizes = [load_image(f)[0].size for f in files]  # (width, height)
+    own = [_native_rule(h, w, 16) for w, h in sizes]
+    assert [tuple(result.image_grids[str(f)]["grid"]) for f in files] == own and len(set(own)) > 1
+    assert [tuple(args[0].shape) for args, _ in calls] == [(1, 3, h * PATCH, w * PATCH) for h, w in own]
+
+    eager = transformers.ViTModel.from_pretrained(tiny_model, attn_implementation="eager",
+                                                  add_pooling_layer=False).eval()
+    per_image = []
+    with torch.no_grad():
+        for (args, _), grid in zip(calls, own):
+            attentions = eager(args[0], output_attentions=True, interpolate_pos_encoding=True).attentions
+            per_image.append([_image_mad(a[0], 1, grid) for a in attentions])
+    torch.testing.assert_close(result.mad, torch.tensor(np.array(per_image)).mean(0), **TOL)
+    assert result.geometry[0]["grid"] is None and result.layout is None
+
+    result.to_json(tmp_path / "mad.json")
+    again = vitmad.Profile.from_json(tmp_path / "mad.json")
+    assert again.image_grids == result.image_grids and again.uniform_mads == result.uniform_mads
+    result.plot(tmp_path / "mad.png")
+
+
+def test_native_refuses_a_model_of_one_input_size_and_tensor_images(images, tiny_model):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, embed_dim=32, num_heads=2,
+                              img_size=32, patch_size=PATCH)
+    loaded = wrap_module(model, "timm:fixed", Preprocessing.from_timm(timm.data.resolve_model_data_config(model)))
+    with pytest.raises(OptionError, match="image_size: native: VisionTransformer takes one input size"):
+        vitmad.profile(loaded, images, image_size="native", device="cpu")
+    with pytest.raises(OptionError, match="images: image_size='native' .* not a tensor"):
+        vitmad.profile(f"hf:{tiny_model}", torch.zeros(2, 3, 32, 32), image_size="native", device="cpu")
+
+
+def test_cli_native_writes_image_grids_and_figures(siglip2_folder, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["profile", "--model", f"hf:{siglip2_folder}", "--images", str(images), "--image-size", "native",
+                 "--batch-size", "2", "--device", "cpu", "--out", str(out), "--workers", "0"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "5 images (0 skipped)" in captured.out
+    document = json.loads((out / "mad.json").read_text())
+    assert document["settings"]["image_size"] == "native" and len(document["image_grids"]) == 5
+    assert all(layer["geometry"]["grid"] is None for layer in document["layers"])
+    assert (out / "mad.png").stat().st_size > 0 and (out / "mad_map.png").stat().st_size > 0
+
+
+def test_native_refuses_a_hierarchy(images, tmp_path):
+    config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                     window_size=2)
+    transformers.SwinModel(config).save_pretrained(tmp_path / "swin")
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "swin")
+    with pytest.raises(OptionError, match=r"image_size: native: the layers of SwinModel attend at strides"):
+        vitmad.profile(f"hf:{tmp_path / 'swin'}", images, image_size="native", device="cpu", max_images=2)
