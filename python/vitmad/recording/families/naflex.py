@@ -1,8 +1,10 @@
 """Native-resolution ViTs (NaFlex): each image its own patch grid, padded into one batch.
 
-timm ``NaFlexVit`` (``naflexvit_*``) and transformers ``Siglip2VisionModel`` (also the vision tower of
-``Siglip2Model``). Each image is resized by its processor to its own ``h x w`` grid of ``p x p`` patches (aspect
-ratio kept, at most a token budget), flattened row-major and padded at the end to the batch's sequence length:
+timm ``NaFlexVit`` (``naflexvit_*``), timm's Gemma 4 vision encoder (``gemma4_vit_*``: a linear patch
+embedding, the same ``patch_coord`` / ``patch_valid`` inputs, 2-D RoPE, no prefix tokens) and transformers
+``Siglip2VisionModel`` (also the vision tower of ``Siglip2Model``). Each image is resized by its processor to its
+own ``h x w`` grid of ``p x p`` patches (aspect ratio kept, at most a token budget), flattened row-major and padded
+at the end to the batch's sequence length:
 
 - timm, NaFlex mode (``patch_coord`` given): token ``t`` of image ``i`` carries its ``(row, col)`` in
   ``patch_coord[i, t]`` and ``patch_valid[i, t]`` says whether it is an image patch. The model takes image ``i``'s
@@ -55,8 +57,9 @@ class _Design:
 
 
 _TIMM = _Design("naflexvit", "NaFlexVit", "embeds", "blocks.")
+_GEMMA4 = _Design("gemma4_vit", "Gemma4VitEncoder", "patch_embed", "blocks.")
 _SIGLIP2 = _Design("modeling_siglip2", "Siglip2VisionModel", "embeddings", "encoder.layers.")
-_DESIGNS = (_TIMM, _SIGLIP2)
+_DESIGNS = (_TIMM, _GEMMA4, _SIGLIP2)
 _POOLING_HEAD = "attention pooling: a learned query without a position on the image (SigLIP2 head)"
 
 
@@ -77,7 +80,7 @@ def call_start(model: nn.Module) -> nn.Module | None:
     if tower is None:
         return None
     design = _design_of(tower)
-    return getattr(tower, design.embedding) if design is _TIMM else tower
+    return tower if design is _SIGLIP2 else getattr(tower, design.embedding)
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -208,6 +211,13 @@ class NaFlexPlacer(LayerPlacer):
 
             embedding = getattr(self.tower, self.design.embedding)
             return [embedding.register_forward_hook(see_timm, with_kwargs=True)]
+        if self.design is _GEMMA4:
+            # Gemma4PatchEmbed returns the coordinates of every slot, (x, y), and the padding slots (None: none),
+            # whatever form its input had (images, patches with patch_coord, a NaFlex dict).
+            def see_gemma4(module, args, output) -> None:
+                context.values[self.key] = (output[1].flip(-1), None if output[2] is None else ~output[2])
+
+            return [getattr(self.tower, self.design.embedding).register_forward_hook(see_gemma4)]
 
         def see_siglip2(module, args, kwargs) -> None:
             arguments = _bound_arguments(module, args, kwargs)
@@ -223,7 +233,8 @@ class NaFlexPlacer(LayerPlacer):
         built = context.values.get(self.key + ("tokens",))
         if built is not None and built[0] is inputs:
             return built[1]
-        tokens = self._timm_tokens(*inputs) if self.design is _TIMM else self._siglip2_tokens(*inputs)
+        read = {_TIMM: self._timm_tokens, _GEMMA4: self._gemma4_tokens, _SIGLIP2: self._siglip2_tokens}
+        tokens = read[self.design](*inputs)
         context.values[self.key + ("tokens",)] = (inputs, tokens)
         return tokens
 
@@ -241,6 +252,14 @@ class NaFlexPlacer(LayerPlacer):
         # over every slot, padding included.
         sizes = coord.amax(dim=1) + 1
         return _tokens(sizes, valid.bool(), coord, prefix, patch, "patch_coord")
+
+    def _gemma4_tokens(self, coord, valid) -> _Tokens:
+        patch = tuple(int(p) for p in getattr(self.tower, self.design.embedding).patch_size)
+        if valid is None:
+            valid = torch.ones(coord.shape[:2], dtype=torch.bool, device=coord.device)
+        # Padding slots carry the coordinate -1: the grid is the largest coordinate + 1 of the image's tokens.
+        sizes = torch.where(valid[..., None], coord, -1).amax(dim=1) + 1
+        return _tokens(sizes, valid.bool(), coord, 0, patch, "patch_coord")
 
     def _siglip2_tokens(self, spatial_shapes, mask, pixel_values) -> _Tokens:
         patch = int(self.tower.config.patch_size)
