@@ -145,6 +145,7 @@ struct PrecomputedDistances {
   std::vector<int64_t> set_of;  // per matrix, the index of its pair of positions
   std::vector<int64_t> first_matrix;  // per set, a matrix that has it
   std::vector<KeyRuns> runs;    // per set
+  std::vector<char> complete;   // per set: every query and every key has a position
   const acc_t* rows = nullptr;
 
   const KeyRuns& runs_of(int64_t b) const { return runs[set_of[b]]; }
@@ -195,6 +196,13 @@ std::optional<PrecomputedDistances<acc_t>> precompute_distances(const PositionAr
     }
   });
   d.rows = rows;
+  d.complete.resize(num_sets);
+  for (int64_t set = 0; set < num_sets; ++set) {
+    const acc_t* q_matrix = queries.matrix(d.first_matrix[set]);
+    bool complete = l.num_keys == 0 || d.runs[set] == KeyRuns{{0, l.num_keys}};
+    for (int64_t t = 0; complete && t < l.num_queries; ++t) complete = queries.has_position(q_matrix, t);
+    d.complete[set] = complete;
+  }
   return d;
 }
 
@@ -295,6 +303,55 @@ void mad_pos_precomputed(const at::Tensor& attn, const PositionArgs& args,
   });
 }
 
+template <typename acc_t>
+VITMAD_CPU_CLONES void whole_matrix_sums(const acc_t* const* matrices, int64_t count, const acc_t* dist, int64_t n,
+                                         acc_t* weighted) {
+  acc_t mass[kMatricesPerGroup];
+  switch (count) {
+    case 4: return shared_distance_sums<4, acc_t, false>(matrices, dist, n, weighted, mass);
+    case 3: return shared_distance_sums<3, acc_t, false>(matrices, dist, n, weighted, mass);
+    case 2: return shared_distance_sums<2, acc_t, false>(matrices, dist, n, weighted, mass);
+    default: return shared_distance_sums<1, acc_t, false>(matrices, dist, n, weighted, mass);
+  }
+}
+
+// "mean" without renormalisation where every query and key has a position and each matrix is contiguous: the mean
+// of m_t over the Nq queries is the matrix's whole dot product with its distances over Nq, so a matrix is read as
+// one stream of Nq * Nk values, four matrices sharing positions per distance load (a 7 x 7 window's rows of 49
+// keys are too short to stream one by one). Returns false, computing nothing, where that does not hold.
+template <typename acc_t>
+bool mad_pos_whole_matrices(const at::Tensor& attn, const PositionArgs& args,
+                            const PrecomputedDistances<acc_t>& distances, acc_t* out) {
+  const PositionLayout& l = args.layout;
+  if (!l.reduce_mean || l.renormalize || l.num_queries == 0 || attn.stride(-1) != 1 ||
+      attn.stride(-2) != l.num_keys)
+    return false;
+  for (const char complete : distances.complete)
+    if (!complete) return false;
+  std::vector<int64_t> group_starts{0};
+  for (int64_t b = 1; b < l.num_matrices; ++b)
+    if (b - group_starts.back() == kMatricesPerGroup || distances.set_of[b] != distances.set_of[b - 1])
+      group_starts.push_back(b);
+  group_starts.push_back(l.num_matrices);
+  const auto num_groups = static_cast<int64_t>(group_starts.size()) - 1;
+  const acc_t* data = attn.const_data_ptr<acc_t>();
+  const MatrixOffsets matrix_offset = matrix_offsets(attn, "vitmad.mad");
+  const int64_t n = l.num_queries * l.num_keys;
+  const int64_t grain = std::max<int64_t>(1, kSerialElements / (kMatricesPerGroup * std::max<int64_t>(n, 1)));
+  at::parallel_for(0, num_groups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t b = group_starts[group];
+      const int64_t count = group_starts[group + 1] - b;
+      const acc_t* matrices[kMatricesPerGroup];
+      for (int64_t i = 0; i < count; ++i) matrices[i] = data + matrix_offset(b + i);
+      acc_t weighted[kMatricesPerGroup];
+      whole_matrix_sums<acc_t>(matrices, count, distances.row(b, 0, l.num_queries, l.num_keys), n, weighted);
+      for (int64_t i = 0; i < count; ++i) out[b + i] = weighted[i] / static_cast<acc_t>(l.num_queries);
+    }
+  });
+  return true;
+}
+
 at::Tensor mad_pos_cpu(const at::Tensor& attn, const at::Tensor& positions,
                        const std::optional<at::Tensor>& key_positions, bool renormalize, c10::string_view reduction) {
   check_attn_tensor(attn, "[..., Nq, Nk]", "vitmad.mad");
@@ -315,6 +372,9 @@ at::Tensor mad_pos_cpu(const at::Tensor& attn, const at::Tensor& positions,
       if (attn.stride(-1) == 1) {
         thread_local std::vector<acc_t> storage;
         const auto distances = precompute_distances<acc_t>(args, storage);
+        if (distances.has_value() &&
+            mad_pos_whole_matrices<acc_t>(attn, args, *distances, out.mutable_data_ptr<acc_t>()))
+          return;
         if (distances.has_value()) {
           mad_pos_precomputed<acc_t>(attn, args, *distances, rows);
           done = true;
