@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import timeit
 
 import torch
 
@@ -36,6 +37,24 @@ def materialised_mad(attn: torch.Tensor, patch: int) -> torch.Tensor:
     return (attn[..., 1:, 1:].float() * dist).sum(-1).mean(-1)
 
 
+def tiny_call_us(device: str, calls: int = 2000, repeats: int = 7) -> float:
+    """Microseconds of vitmad.mad on a [1, 1, 5, 5] attention (a CLS token and a 2 x 2 grid): what a call costs
+    beyond reading its data (argument checks, dispatch, autograd, allocation, threads). Fastest of `repeats`
+    rounds of `calls` calls, so that other processes' load shows as little as possible."""
+    attn = torch.rand(1, 1, 5, 5, device=device)
+
+    def call():
+        vitmad.mad(attn, 16)
+
+    call()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    per_call = min(timeit.repeat(call, number=calls, repeat=repeats)) / calls
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return per_call * 1e6
+
+
 def fmt_ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.3f}"
 
@@ -57,6 +76,7 @@ def main() -> None:
     header = ["case", "dtype", "MB", "tutorial ms", "materialised ms", "vitmad ms", "attn.sum ms", "vitmad GB/s",
               "vitmad / sum", "GB/s vs float32 sum", "speed-up vs tutorial"]
     rows = []
+    single_image = {}  # batch -> vitmad float32 seconds, for the intercept of the ViT-B/16 224 cases
     for name, shape, patch, run_tutorial in CASES:
         if args.quick and name not in QUICK:
             continue
@@ -81,6 +101,8 @@ def main() -> None:
                 t_tut = time_call(lambda: tutorial_mean_attention_distance(patch, host), "cpu", repeats=1, warmup=0)
             speedup = "-" if t_tut is None else f"{t_tut / t_op:.0f}x"
             ratio = "-" if t_sum is None else f"{t_op / t_sum:.2f}"
+            if name.startswith("ViT-B/16 224") and dtype == torch.float32:
+                single_image[shape[0]] = t_op
             rows.append([name, str(dtype).replace("torch.", ""), f"{mb:.0f}", fmt_ms(t_tut), fmt_ms(t_mat),
                          fmt_ms(t_op), fmt_ms(t_sum), f"{mb / 1e3 / t_op:.1f}", ratio,
                          f"{mb / 1e3 / t_op / sum_gbs:.2f}", speedup])
@@ -89,14 +111,21 @@ def main() -> None:
         gc.collect()
 
     table = markdown_table(header, rows)
-    print(f"\n{machine()}\nbackend: {vitmad.backend()}\n\n{table}")
+    fixed = f"Fixed cost of a call: vitmad.mad on a [1, 1, 5, 5] attention takes {tiny_call_us(device):.1f} us"
+    if 1 in single_image and 8 in single_image:
+        # t(B) = fixed + B * per_image between B = 1 and B = 8 (ViT-B/16 at 224 px, float32)
+        intercept = (8 * single_image[1] - single_image[8]) / 7
+        fixed += (f"; the intercept of the ViT-B/16 224 float32 times at B = 1 and B = 8 (t = fixed + B x per image) "
+                  f"is {intercept * 1e6:.1f} us")
+    fixed += "."
+    print(f"\n{machine()}\nbackend: {vitmad.backend()}\n{fixed}\n\n{table}")
     if not args.no_write:
         body = (f"## bench_op.py --device {device}\n\n{machine()}; vitmad backend: {vitmad.backend()}\n\n"
                 "`vitmad / sum` (float32): time of vitmad.mad over the time of `attn.sum(dtype=torch.float32)` on "
                 "the same tensor, one read of the data (lower is better; 1.0 is the bandwidth limit). `GB/s vs "
                 "float32 sum`: vitmad's bytes per second over those of the float32 sum of the same case (higher is "
                 "better; 1.0 reads 16-bit input as fast as float32 is read), since torch's own 16-bit sum is no bound. "
-                f"Median of {args.repeats} runs.{note}\n\n{table}")
+                f"Median of {args.repeats} runs.{note}\n\n{fixed}\n\n{table}")
         write_section(f"bench_op-{device}", body)
 
 

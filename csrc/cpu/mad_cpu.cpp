@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <memory>
+#include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "../mad_args.h"
@@ -22,20 +24,161 @@ namespace {
 // Queries per task when the query axis is the contiguous one: their accumulators stay in L1.
 constexpr int64_t kQueriesPerColumnTask = 256;
 
-// One query block of one matrix: m_t for t in [t_begin, t_end), reading each attention row along the keys.
-template <typename scalar_t, typename acc_t>
-VITMAD_CPU_CLONES void mad_rows(const scalar_t* matrix, int64_t query_stride, int64_t key_stride, const MadLayout& l,
-                                const acc_t* dist_rows, int64_t t_begin, int64_t t_end, acc_t* out) {
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const scalar_t* keys = matrix + (l.num_prefix + t) * query_stride + l.num_prefix * key_stride;
-    const acc_t* dist = dist_rows + (t - t_begin) * l.num_patches;
-    acc_t weighted, mass;
+// Patch query `token` at grid (row, col), stepped through a run of queries without a division per query (a
+// 64-bit division costs as much as a third of a 196-key row).
+struct QueryWalk {
+  int64_t token, row, col, grid_w;
+
+  QueryWalk(int64_t t, int64_t grid_w_)
+      : token(t), row(patch_row(t, grid_w_)), col(patch_col(t, grid_w_)), grid_w(grid_w_) {}
+  void next() {
+    ++token;
+    if (++col == grid_w) {
+      col = 0;
+      ++row;
+    }
+  }
+};
+
+// Column tables beyond this many bytes are not built (a 128 x 128 grid takes 16.6 MB in float32); each row's
+// distances are then copied from the distance table into a per-thread buffer.
+constexpr int64_t kMaxColumnTableBytes = int64_t{64} << 20;
+
+// The distances from every patch query to every patch key, as contiguous rows cut from one small array per
+// query grid column c: column[j * gw + s'] = d(offset of j - (gh - 1) grid rows, of s' - c grid columns), for
+// j in [0, 2 gh - 1). The row of query t at (r, c) is the gh * gw values of column c from j = gh - 1 - r on: no
+// copy, no square root per call, and 2 * gh * gw^2 values in all instead of (gh * gw)^2 (21 KB in float32 for
+// a 14 x 14 grid, so a ViT-B row's distances come from L1 while its attention streams from memory).
+template <typename acc_t>
+class ColumnDistances {
+ public:
+  ColumnDistances(const MadLayout& l, acc_t patch)
+      : grid_h_(l.grid_h), grid_w_(l.grid_w), patch_(patch), table_(distance_table<acc_t>(l, patch)) {
+    const int64_t column_size = (2 * grid_h_ - 1) * grid_w_;
+    if (grid_w_ * column_size * static_cast<int64_t>(sizeof(acc_t)) > kMaxColumnTableBytes) return;
+    columns_.resize(grid_w_ * column_size);
+    const int64_t width = 2 * grid_w_ - 1;
+    for (int64_t c = 0; c < grid_w_; ++c)
+      for (int64_t j = 0; j < 2 * grid_h_ - 1; ++j) {
+        const acc_t* slice = table_.data() + std::abs(j - (grid_h_ - 1)) * width + (grid_w_ - 1 - c);
+        std::copy(slice, slice + grid_w_, columns_.data() + c * column_size + j * grid_w_);
+      }
+  }
+
+  bool fits(const MadLayout& l, acc_t patch) const {
+    return l.grid_h == grid_h_ && l.grid_w == grid_w_ && patch == patch_;
+  }
+
+  // d(t, s) for the patch keys s = 0 .. gh * gw - 1 of patch query t: a row of the column tables, or the row
+  // written into `buffer` (gh * gw values) when they were too large to build.
+  const acc_t* row(const MadLayout& l, const QueryWalk& query, acc_t* buffer) const {
+    if (!columns_.empty())
+      return columns_.data() + (query.col * (2 * grid_h_ - 1) + (grid_h_ - 1 - query.row)) * grid_w_;
+    fill_distances(table_.data(), l, query.token, 0, l.num_patches, buffer);
+    return buffer;
+  }
+
+  bool needs_buffer() const { return columns_.empty(); }
+  const acc_t* table() const { return table_.data(); }
+
+ private:
+  int64_t grid_h_, grid_w_;
+  acc_t patch_;
+  std::vector<acc_t> table_;    // distance_table
+  std::vector<acc_t> columns_;  // grid_w column tables of (2 gh - 1) * gw values
+};
+
+// The column distances of the last grid seen, shared by every thread and kept from call to call: a model's layers
+// call mad one after another on the same grid, so a call usually finds them built.
+template <typename acc_t>
+std::shared_ptr<const ColumnDistances<acc_t>> column_distances(const MadLayout& l, acc_t patch) {
+  static std::mutex mutex;
+  static std::shared_ptr<const ColumnDistances<acc_t>> last;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (last == nullptr || !last->fits(l, patch)) last = std::make_shared<const ColumnDistances<acc_t>>(l, patch);
+  return last;
+}
+
+// Matrices whose rows of one query are read together by mad_rows, sharing the query's distances (registers: four
+// rows' accumulators, two with renormalisation, whose mass accumulators take as many more).
+constexpr int64_t kMatricesPerGroup = 4;
+constexpr int64_t kMatricesPerGroupWithMass = 2;
+
+// Runs fn(b, count, t_begin, t_end, distances, buffer) over runs of patch queries [t_begin, t_end) of the `count`
+// matrices b, b + 1, ..., that together cover every matrix; matrices go in groups of `group` (the last one may be
+// smaller), and `buffer` holds num_patches values for ColumnDistances::row. Each thread takes one contiguous range
+// of (group, query) rows, so the attention is read as a few long streams, one per matrix of a group; below
+// kSerialElements elements per thread the range is not split.
+template <typename acc_t, typename Fn>
+void for_each_query_run(const MadLayout& l, acc_t patch, int64_t group, Fn fn) {
+  const auto distances = column_distances<acc_t>(l, patch);
+  const int64_t num_groups = (l.num_matrices + group - 1) / group;
+  const int64_t grain = std::max<int64_t>(1, kSerialElements / (group * l.num_patches));
+  at::parallel_for(0, num_groups * l.num_patches, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffer(distances->needs_buffer() ? l.num_patches : 0);
+    for (int64_t row = begin; row < end;) {
+      const int64_t g = row / l.num_patches;
+      const int64_t t_begin = row - g * l.num_patches;
+      const int64_t t_end = std::min(l.num_patches, t_begin + (end - row));
+      fn(g * group, std::min(group, l.num_matrices - g * group), t_begin, t_end, *distances, buffer.data());
+      row += t_end - t_begin;
+    }
+  });
+}
+
+// m_t of the patch queries [t_begin, t_end) of kRows matrices with contiguous rows in the accumulation type,
+// reading the rows of one query together (shared_distance_sums).
+template <int kRows, typename acc_t>
+__attribute__((always_inline)) inline void shared_distance_rows(const acc_t* const* matrices, int64_t query_stride,
+                                                                const MadLayout& l,
+                                                                const ColumnDistances<acc_t>& distances,
+                                                                acc_t* buffer, int64_t t_begin, int64_t t_end,
+                                                                acc_t* const* out) {
+  QueryWalk query(t_begin, l.grid_w);
+  for (int64_t t = t_begin; t < t_end; ++t, query.next()) {
+    const acc_t* rows[kRows];
+    for (int g = 0; g < kRows; ++g) rows[g] = matrices[g] + (l.num_prefix + t) * query_stride + l.num_prefix;
+    const acc_t* dist = distances.row(l, query, buffer);
+    acc_t weighted[kRows], mass[kRows];
     if (l.renormalize) {
-      weighted_sums<scalar_t, acc_t, true>(keys, key_stride, dist, l.num_patches, weighted, mass);
-      out[t] = weighted / mass;
+      shared_distance_sums<kRows, acc_t, true>(rows, dist, l.num_patches, weighted, mass);
+      for (int g = 0; g < kRows; ++g) out[g][t] = weighted[g] / mass[g];
     } else {
-      weighted_sums<scalar_t, acc_t, false>(keys, key_stride, dist, l.num_patches, weighted, mass);
-      out[t] = weighted;
+      shared_distance_sums<kRows, acc_t, false>(rows, dist, l.num_patches, weighted, mass);
+      for (int g = 0; g < kRows; ++g) out[g][t] = weighted[g];
+    }
+  }
+}
+
+// m_t of the patch queries [t_begin, t_end) of `count` matrices (at most kMatricesPerGroup), out[i] receiving
+// matrix i's values, reading each attention row along the keys.
+template <typename scalar_t, typename acc_t>
+VITMAD_CPU_CLONES void mad_rows(const scalar_t* const* matrices, int64_t count, int64_t query_stride,
+                                int64_t key_stride, const MadLayout& l, const ColumnDistances<acc_t>& distances,
+                                acc_t* buffer, int64_t t_begin, int64_t t_end, acc_t* const* out) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (key_stride == 1) {
+      switch (count) {
+        case 4: return shared_distance_rows<4>(matrices, query_stride, l, distances, buffer, t_begin, t_end, out);
+        case 3: return shared_distance_rows<3>(matrices, query_stride, l, distances, buffer, t_begin, t_end, out);
+        case 2: return shared_distance_rows<2>(matrices, query_stride, l, distances, buffer, t_begin, t_end, out);
+        default: return shared_distance_rows<1>(matrices, query_stride, l, distances, buffer, t_begin, t_end, out);
+      }
+    }
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    QueryWalk query(t_begin, l.grid_w);
+    for (int64_t t = t_begin; t < t_end; ++t, query.next()) {
+      const scalar_t* keys = matrices[i] + (l.num_prefix + t) * query_stride + l.num_prefix * key_stride;
+      const acc_t* dist = distances.row(l, query, buffer);
+      acc_t weighted, mass;
+      if (l.renormalize) {
+        weighted_sums<scalar_t, acc_t, true>(keys, key_stride, dist, l.num_patches, weighted, mass);
+        out[i][t] = weighted / mass;
+      } else {
+        weighted_sums<scalar_t, acc_t, false>(keys, key_stride, dist, l.num_patches, weighted, mass);
+        out[i][t] = weighted;
+      }
     }
   }
 }
@@ -63,69 +206,6 @@ VITMAD_CPU_CLONES void mad_columns(const scalar_t* matrix, int64_t key_stride, c
   for (int64_t i = 0; i < count; ++i) out[t_begin + i] = l.renormalize ? weighted[i] / mass[i] : weighted[i];
 }
 
-// Distance rows of every query block kept per thread (and from call to call) while the whole distance matrix
-// takes at most this many bytes (196 patches: 154 KB); beyond, one block at a time.
-constexpr int64_t kKeptDistanceBytes = 256 * 1024;
-
-// A thread's distance rows, kept from call to call: a model's layers call mad one after another on the same
-// grid, so a thread usually finds its rows filled, and a small call costs little more than reading the
-// attention.
-template <typename acc_t>
-class DistanceRows {
- public:
-  const acc_t* of_block(const MadLayout& l, acc_t patch, int64_t block, int64_t rows_per_block) {
-    const Layout layout{l.grid_h, l.grid_w, rows_per_block, patch};
-    const int64_t block_size = rows_per_block * l.num_patches;
-    const bool keep_all = l.num_patches * l.num_patches * static_cast<int64_t>(sizeof(acc_t)) <= kKeptDistanceBytes;
-    const int64_t slot = keep_all ? block : 0;
-    if (layout != layout_) {
-      layout_ = layout;
-      const int64_t num_blocks = (l.num_patches + rows_per_block - 1) / rows_per_block;
-      rows_.resize((keep_all ? num_blocks : 1) * block_size);
-      filled_.assign(keep_all ? num_blocks : 1, -1);
-      table_ = distance_table<acc_t>(l, patch);
-    }
-    acc_t* rows = rows_.data() + slot * block_size;
-    if (filled_[slot] != block) {
-      const int64_t t_begin = block * rows_per_block;
-      const int64_t t_end = std::min(t_begin + rows_per_block, l.num_patches);
-      for (int64_t t = t_begin; t < t_end; ++t)
-        fill_distances(table_.data(), l, t, 0, l.num_patches, rows + (t - t_begin) * l.num_patches);
-      filled_[slot] = block;
-    }
-    return rows;
-  }
-
- private:
-  struct Layout {
-    int64_t grid_h = -1, grid_w = -1, rows_per_block = -1;
-    acc_t patch = 0;
-    bool operator==(const Layout&) const = default;
-  };
-  Layout layout_;
-  std::vector<acc_t> rows_;
-  std::vector<int64_t> filled_;  // per slot, the block whose rows it holds (-1: none)
-  std::vector<acc_t> table_;
-};
-
-// Runs fn(b, t_begin, t_end, dist_rows) over every (query block, matrix) pair, in parallel. Tasks are ordered
-// block-major, so each thread fills the distance rows of a block once and reuses them for many matrices.
-template <typename acc_t, typename Fn>
-void for_each_query_block(const MadLayout& l, acc_t patch, Fn fn) {
-  const int64_t rows_per_block = rows_per_distance_block(l.num_patches, l.num_patches, sizeof(acc_t));
-  const int64_t num_blocks = (l.num_patches + rows_per_block - 1) / rows_per_block;
-  const int64_t grain = std::max<int64_t>(1, kSerialElements / (rows_per_block * l.num_patches));
-  at::parallel_for(0, num_blocks * l.num_matrices, grain, [&](int64_t begin, int64_t end) {
-    thread_local DistanceRows<acc_t> cache;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t block = task / l.num_matrices;
-      const int64_t t_begin = block * rows_per_block;
-      const int64_t t_end = std::min(t_begin + rows_per_block, l.num_patches);
-      fn(task % l.num_matrices, t_begin, t_end, cache.of_block(l, patch, block, rows_per_block));
-    }
-  });
-}
-
 template <typename scalar_t, typename acc_t>
 void mad_cpu_typed(const at::Tensor& attn, const MadLayout& l, acc_t patch, acc_t* per_query) {
   const int64_t query_stride = attn.stride(-2);
@@ -134,22 +214,31 @@ void mad_cpu_typed(const at::Tensor& attn, const MadLayout& l, acc_t patch, acc_
   const MatrixOffsets matrix_offset = matrix_offsets(attn, "vitmad.mad");
 
   if (key_stride != 1 && query_stride == 1) {
-    const auto table = distance_table<acc_t>(l, patch);
+    const auto distances = column_distances<acc_t>(l, patch);
     const int64_t blocks = (l.num_patches + kQueriesPerColumnTask - 1) / kQueriesPerColumnTask;
     at::parallel_for(0, l.num_matrices * blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks;
         const int64_t t_begin = (task % blocks) * kQueriesPerColumnTask;
         const int64_t t_end = std::min(t_begin + kQueriesPerColumnTask, l.num_patches);
-        mad_columns<scalar_t, acc_t>(data + matrix_offset(b), key_stride, l, table.data(), t_begin, t_end,
+        mad_columns<scalar_t, acc_t>(data + matrix_offset(b), key_stride, l, distances->table(), t_begin, t_end,
                                      per_query + b * l.num_patches);
       }
     });
     return;
   }
-  for_each_query_block<acc_t>(l, patch, [&](int64_t b, int64_t t_begin, int64_t t_end, const acc_t* dist) {
-    mad_rows<scalar_t, acc_t>(data + matrix_offset(b), query_stride, key_stride, l, dist, t_begin, t_end,
-                              per_query + b * l.num_patches);
+  const int64_t group = std::is_same_v<scalar_t, acc_t> && key_stride == 1
+                            ? (l.renormalize ? kMatricesPerGroupWithMass : kMatricesPerGroup)
+                            : 1;
+  for_each_query_run<acc_t>(l, patch, group, [&](int64_t b, int64_t count, int64_t t_begin, int64_t t_end,
+                                                 const ColumnDistances<acc_t>& distances, acc_t* buffer) {
+    const scalar_t* matrices[kMatricesPerGroup];
+    acc_t* out[kMatricesPerGroup];
+    for (int64_t i = 0; i < count; ++i) {
+      matrices[i] = data + matrix_offset(b + i);
+      out[i] = per_query + (b + i) * l.num_patches;
+    }
+    mad_rows<scalar_t, acc_t>(matrices, count, query_stride, key_stride, l, distances, buffer, t_begin, t_end, out);
   });
 }
 
@@ -179,10 +268,12 @@ at::Tensor mad_cpu(const at::Tensor& attn, int64_t patch, int64_t num_prefix_tok
 // zero on prefix rows and columns.
 template <typename scalar_t, typename acc_t>
 VITMAD_CPU_CLONES void mad_backward_rows(const scalar_t* matrix, int64_t query_stride, int64_t key_stride,
-                                         const MadLayout& l, const acc_t* dist_rows, const acc_t* grad_per_query,
-                                         int64_t t_begin, int64_t t_end, scalar_t* grad_matrix) {
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const acc_t* dist = dist_rows + (t - t_begin) * l.num_patches;
+                                         const MadLayout& l, const ColumnDistances<acc_t>& distances, acc_t* buffer,
+                                         const acc_t* grad_per_query, int64_t t_begin, int64_t t_end,
+                                         scalar_t* grad_matrix) {
+  QueryWalk query(t_begin, l.grid_w);
+  for (int64_t t = t_begin; t < t_end; ++t, query.next()) {
+    const acc_t* dist = distances.row(l, query, buffer);
     acc_t scale = grad_per_query[t];
     acc_t shift = 0;
     if (l.renormalize) {
@@ -218,12 +309,14 @@ at::Tensor mad_backward_cpu(const at::Tensor& grad, const at::Tensor& attn, int6
     const scalar_t* a_data = attn.const_data_ptr<scalar_t>();
     scalar_t* out_data = grad_attn.mutable_data_ptr<scalar_t>();
     const MatrixOffsets matrix_offset = matrix_offsets(attn, "vitmad.mad_backward");
-    for_each_query_block<acc_t>(
-        l, static_cast<acc_t>(patch), [&](int64_t b, int64_t t_begin, int64_t t_end, const acc_t* dist) {
-          mad_backward_rows<scalar_t, acc_t>(a_data + matrix_offset(b), attn.stride(-2), attn.stride(-1), l, dist,
-                                             g_data + b * l.num_patches, t_begin, t_end,
-                                             out_data + b * l.num_tokens * l.num_tokens);
-        });
+    for_each_query_run<acc_t>(l, static_cast<acc_t>(patch), 1, [&](int64_t b, int64_t /*count*/, int64_t t_begin,
+                                                                    int64_t t_end,
+                                                                    const ColumnDistances<acc_t>& distances,
+                                                                    acc_t* buffer) {
+      mad_backward_rows<scalar_t, acc_t>(a_data + matrix_offset(b), attn.stride(-2), attn.stride(-1), l, distances,
+                                         buffer, g_data + b * l.num_patches, t_begin, t_end,
+                                         out_data + b * l.num_tokens * l.num_tokens);
+    });
   });
   return grad_attn;
 }

@@ -97,9 +97,16 @@ inline int64_t rows_per_distance_block(int64_t num_queries, int64_t num_keys, in
 // costs more than it saves on a small share of work.
 constexpr int64_t kSerialElements = int64_t{1} << 17;
 
-// Software prefetch distance along an attention row: the hardware prefetcher alone leaves a single core well
-// short of the bandwidth that attn.sum() reaches, because the distance rows compete for the same L1.
+// Software prefetch distance along an attention row, and whether to prefetch at all: on Intel Xeons the hardware
+// prefetcher alone left a single core well short of the bandwidth that attn.sum() reaches, because the distance
+// rows compete for the same L1; on AMD Zen the software prefetches cost a fifth of the streaming speed instead
+// (1.34x against 1.11x the time of one read, single core, 2026-11-30), so they are issued on Intel CPUs only.
 constexpr int64_t kPrefetchAheadBytes = 4096;
+#if defined(__x86_64__) && defined(__GNUC__)
+inline const bool kSoftwarePrefetch = __builtin_cpu_is("intel");
+#else
+inline const bool kSoftwarePrefetch = false;
+#endif
 
 // sum_s a[s * stride] * dist[s] and, with kMass, sum_s a[s * stride], over kLanes lanes. Explicit lanes instead
 // of a reduction pragma: the compiler turns them into vector registers without spilling, and the summation order
@@ -112,7 +119,7 @@ __attribute__((always_inline)) inline void lane_sums(const scalar_t* a, int64_t 
   int64_t s = 0;
   if (stride == 1) {
     for (; s + kLanes <= n; s += kLanes) {
-      if constexpr (kLanes * sizeof(acc_t) >= 128) {
+      if (kLanes * sizeof(acc_t) >= 128 && kSoftwarePrefetch) {
         for (int64_t i = 0; i < kLanes; i += 64 / sizeof(scalar_t))
           __builtin_prefetch(a + s + i + kPrefetchAheadBytes / sizeof(scalar_t));
       }
@@ -155,36 +162,48 @@ struct LaneVector<double> {
 };
 template <typename acc_t>
 using Lanes = typename LaneVector<acc_t>::type;
-
-// v = p[0, kVec), unaligned. (An out-parameter, not a return value: a 32-byte vector returned from a function
-// of the baseline clone draws GCC's ABI warning, though every call is inlined.)
+// Half of Lanes (16 bytes), for the last few keys of a row.
 template <typename acc_t>
-__attribute__((always_inline)) inline void load_lanes(const acc_t* p, Lanes<acc_t>& v) {
+struct HalfLaneVector {
+  typedef acc_t type __attribute__((vector_size(16)));
+};
+template <typename acc_t>
+using HalfLanes = typename HalfLaneVector<acc_t>::type;
+
+// v = p[0, lanes), unaligned. (An out-parameter, not a return value: a 32-byte vector returned from a function
+// of the baseline clone draws GCC's ABI warning, though every call is inlined.)
+template <typename V, typename acc_t>
+__attribute__((always_inline)) inline void load_lanes(const acc_t* p, V& v) {
   __builtin_memcpy(&v, p, sizeof(v));
 }
 
 // Pairwise sum of a vector's lanes, in a fixed order.
-template <typename acc_t>
-__attribute__((always_inline)) inline acc_t lane_total(const Lanes<acc_t>& lanes) {
-  constexpr int kVec = sizeof(Lanes<acc_t>) / sizeof(acc_t);
-  Lanes<acc_t> v = lanes;
+template <typename acc_t, typename V = Lanes<acc_t>>
+__attribute__((always_inline)) inline acc_t lane_total(const V& lanes) {
+  constexpr int kVec = sizeof(V) / sizeof(acc_t);
+  V v = lanes;
   for (int width = kVec / 2; width > 0; width /= 2)
     for (int i = 0; i < width; ++i) v[i] += v[i + width];
   return v[0];
 }
 
 // lane_sums for a contiguous row already in the accumulation type (float32, float64): four vector accumulators,
-// then one, then scalars for the last few keys.
+// then one, then half a vector, then scalars for the last few keys (a 196-key row ends in 4 keys, a 49-key one in
+// 1: the half vector keeps the scalar tail, a chain of dependent adds, at 3 keys at most).
 template <typename acc_t, bool kMass>
 __attribute__((always_inline)) inline void contiguous_sums(const acc_t* a, const acc_t* dist, int64_t n,
                                                            acc_t& weighted, acc_t& mass) {
   using V = Lanes<acc_t>;
+  using H = HalfLanes<acc_t>;
   constexpr int64_t kVec = sizeof(V) / sizeof(acc_t);
+  constexpr int64_t kHalf = sizeof(H) / sizeof(acc_t);
   V w0{}, w1{}, w2{}, w3{}, m0{}, m1{}, m2{}, m3{};
   int64_t s = 0;
   for (; s + 4 * kVec <= n; s += 4 * kVec) {
-    __builtin_prefetch(a + s + kPrefetchAheadBytes / sizeof(acc_t));
-    __builtin_prefetch(a + s + (kPrefetchAheadBytes + 64) / sizeof(acc_t));
+    if (kSoftwarePrefetch) {
+      __builtin_prefetch(a + s + kPrefetchAheadBytes / sizeof(acc_t));
+      __builtin_prefetch(a + s + (kPrefetchAheadBytes + 64) / sizeof(acc_t));
+    }
     V a0, a1, a2, a3, d0, d1, d2, d3;
     load_lanes(a + s, a0);
     load_lanes(a + s + kVec, a1);
@@ -209,8 +228,17 @@ __attribute__((always_inline)) inline void contiguous_sums(const acc_t* a, const
     V v, d;
     load_lanes(a + s, v);
     load_lanes(dist + s, d);
-    w0 += v * d;
-    if constexpr (kMass) m0 += v;
+    w1 += v * d;
+    if constexpr (kMass) m1 += v;
+  }
+  H w_half{}, m_half{};
+  if (s + kHalf <= n) {
+    H v, d;
+    load_lanes(a + s, v);
+    load_lanes(dist + s, d);
+    w_half = v * d;
+    if constexpr (kMass) m_half = v;
+    s += kHalf;
   }
   acc_t w_tail = 0;
   acc_t m_tail = 0;
@@ -218,8 +246,88 @@ __attribute__((always_inline)) inline void contiguous_sums(const acc_t* a, const
     w_tail += a[s] * dist[s];
     if constexpr (kMass) m_tail += a[s];
   }
-  weighted = w_tail + lane_total<acc_t>((w0 + w1) + (w2 + w3));
-  mass = kMass ? m_tail + lane_total<acc_t>((m0 + m1) + (m2 + m3)) : acc_t(0);
+  weighted = (w_tail + lane_total<acc_t, H>(w_half)) + lane_total<acc_t>((w0 + w1) + (w2 + w3));
+  mass = kMass ? (m_tail + lane_total<acc_t, H>(m_half)) + lane_total<acc_t>((m0 + m1) + (m2 + m3)) : acc_t(0);
+}
+
+// contiguous_sums for kRows attention rows that share one distance row (query t of kRows matrices): each
+// distance vector is loaded once for all of them, so the distances cost 1 / kRows of the loads and of the L2 to L1
+// traffic that the attention itself takes. Per row, two vector accumulators, then one vector, half a vector and
+// scalars, in an order that does not depend on kRows (a row gives the same bits alone or in a group).
+template <int kRows, typename acc_t, bool kMass>
+__attribute__((always_inline)) inline void shared_distance_sums(const acc_t* const* a, const acc_t* dist, int64_t n,
+                                                                acc_t* weighted, acc_t* mass) {
+  using V = Lanes<acc_t>;
+  using H = HalfLanes<acc_t>;
+  constexpr int64_t kVec = sizeof(V) / sizeof(acc_t);
+  constexpr int64_t kHalf = sizeof(H) / sizeof(acc_t);
+  V w0[kRows], w1[kRows], m0[kRows], m1[kRows];
+#pragma GCC unroll 8
+  for (int g = 0; g < kRows; ++g) w0[g] = w1[g] = m0[g] = m1[g] = V{};
+  int64_t s = 0;
+  for (; s + 2 * kVec <= n; s += 2 * kVec) {
+    V d0, d1;
+    load_lanes(dist + s, d0);
+    load_lanes(dist + s + kVec, d1);
+#pragma GCC unroll 8
+    for (int g = 0; g < kRows; ++g) {
+      V x0, x1;
+      load_lanes(a[g] + s, x0);
+      load_lanes(a[g] + s + kVec, x1);
+      w0[g] += x0 * d0;
+      w1[g] += x1 * d1;
+      if constexpr (kMass) {
+        m0[g] += x0;
+        m1[g] += x1;
+      }
+    }
+  }
+  if (s + kVec <= n) {
+    V d;
+    load_lanes(dist + s, d);
+#pragma GCC unroll 8
+    for (int g = 0; g < kRows; ++g) {
+      V x;
+      load_lanes(a[g] + s, x);
+      w0[g] += x * d;
+      if constexpr (kMass) m0[g] += x;
+    }
+    s += kVec;
+  }
+  H hd{};
+  const bool half = s + kHalf <= n;
+  if (half) load_lanes(dist + s, hd);
+  // Four rows' lane totals at once, in lane_total's order (a 49-key window row spends a fifth of its time there).
+  acc_t totals[kRows];
+  if constexpr (kRows == 4 && kVec == 8) {
+    const V s0 = w0[0] + w1[0], s1 = w0[1] + w1[1], s2 = w0[2] + w1[2], s3 = w0[3] + w1[3];
+    const V a = __builtin_shufflevector(s0, s1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                __builtin_shufflevector(s0, s1, 4, 5, 6, 7, 12, 13, 14, 15);
+    const V b = __builtin_shufflevector(s2, s3, 0, 1, 2, 3, 8, 9, 10, 11) +
+                __builtin_shufflevector(s2, s3, 4, 5, 6, 7, 12, 13, 14, 15);
+    const V c = __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13) +
+                __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15);
+    const H d = __builtin_shufflevector(c, c, 0, 2, 4, 6) + __builtin_shufflevector(c, c, 1, 3, 5, 7);
+    for (int g = 0; g < kRows; ++g) totals[g] = d[g];
+  } else {
+    for (int g = 0; g < kRows; ++g) totals[g] = lane_total<acc_t>(w0[g] + w1[g]);
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < kRows; ++g) {
+    H hw{}, hm{};
+    if (half) {
+      load_lanes(a[g] + s, hm);
+      hw = hm * hd;
+    }
+    acc_t w_tail = 0;
+    acc_t m_tail = 0;
+    for (int64_t j = s + (half ? kHalf : 0); j < n; ++j) {
+      w_tail += a[g][j] * dist[j];
+      if constexpr (kMass) m_tail += a[g][j];
+    }
+    weighted[g] = (w_tail + lane_total<acc_t, H>(hw)) + totals[g];
+    if constexpr (kMass) mass[g] = (m_tail + lane_total<acc_t, H>(hm)) + lane_total<acc_t>(m0[g] + m1[g]);
+  }
 }
 
 // lane_sums with four vector registers of lanes for rows of a hundred keys and more, one for short rows (a 7 x 7

@@ -157,20 +157,28 @@ def test_any_strides_of_attn_and_positions(device, view, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_windows_with_per_window_positions(device, dtype):
-    """Swin-shaped attention [B, nW, H, 49, 49] with positions per window [nW, 1, 49, 2], broadcast over B, H."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_windows_with_per_window_positions(device, dtype, reduction):
+    """Swin-shaped attention [B, nW, H, 49, 49] with positions per window [nW, 1, 49, 2], broadcast over B, H.
+    ("mean" without renormalisation reads each matrix as one stream on CPU, every token having a position.)"""
     batch, windows, heads, side = 2, 4, 3, 7
     attn = random_attention((batch, windows, heads, side * side, side * side), dtype, device, seed=11)
     cells = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
     origins = torch.tensor([[0, 0], [0, side], [side, 0], [side, side]])
     positions = ((origins[:, None, None, :] + cells) * 4.0 + 2.0).to(device)  # [nW, 1, 49, 2], 4-pixel cells
-    out = vitmad.mad(attn, positions=positions, reduction="none")
-    assert out.shape == (batch, windows, heads, side * side)
-    assert_close(out, numpy_mad(attn, positions, None, reduction="none"), dtype)
+    out = vitmad.mad(attn, positions=positions, reduction=reduction)
+    assert out.shape == (batch, windows, heads) + ((side * side,) if reduction == "none" else ())
+    assert_close(out, numpy_mad(attn, positions, None, reduction=reduction), dtype)
     # Each window is a 7 x 7 grid: the same MAD as the grid form with 4-pixel patches.
-    grid_form = vitmad.mad(attn, 4, num_prefix_tokens=0, grid=[side, side], reduction="none")
+    grid_form = vitmad.mad(attn, 4, num_prefix_tokens=0, grid=[side, side], reduction=reduction)
     torch.testing.assert_close(out, grid_form, rtol=2e-5, atol=2e-4)
+    # A NaN anywhere in a matrix makes that matrix's MAD NaN, and no other.
+    poisoned = attn.clone()
+    poisoned[1, 2, 0, 48, 48] = NAN
+    nan = vitmad.mad(poisoned, positions=positions, reduction=reduction).isnan()
+    assert nan[1, 2, 0].all() if reduction == "mean" else nan[1, 2, 0, 48]
+    assert int(nan.sum()) == 1
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -78,19 +78,23 @@ def mad(
         RuntimeError: ``positions`` or ``key_positions`` requires grad (MAD is differentiable with respect to
             ``attn`` only).
     """
+    if positions is None and key_positions is None and patch is not None:
+        # The grid form, with only the options that differ from the schema's defaults passed: each keyword
+        # argument costs the op call about 0.5 us, a good part of a small call (benchmarks/bench_op.py).
+        options = {}
+        if num_prefix_tokens is not None:
+            options["num_prefix_tokens"] = num_prefix_tokens
+        if grid is not None:
+            options["grid"] = [int(g) for g in grid]
+        if renormalize:
+            options["renormalize"] = renormalize
+        if reduction != "mean":
+            options["reduction"] = reduction
+        return torch.ops.vitmad.mad.default(attn, patch, **options)
     check_one_form("vitmad.mad", positions, key_positions,
                     {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
-    if positions is not None:
-        return torch.ops.vitmad.mad_pos.default(
-            attn, positions, key_positions, renormalize=renormalize, reduction=reduction
-        )
-    return torch.ops.vitmad.mad.default(
-        attn,
-        patch,
-        num_prefix_tokens=1 if num_prefix_tokens is None else num_prefix_tokens,
-        grid=None if grid is None else [int(g) for g in grid],
-        renormalize=renormalize,
-        reduction=reduction,
+    return torch.ops.vitmad.mad_pos.default(
+        attn, positions, key_positions, renormalize=renormalize, reduction=reduction
     )
 
 
@@ -125,7 +129,11 @@ def _mad_backward(ctx, grad):
     return grad_attn, None
 
 
-torch.library.register_autograd("vitmad::mad", _mad_backward, setup_context=_mad_setup_context)
+# The compiled library registers this autograd formula in C++ (csrc/mad_autograd.cpp), which spares a call that
+# needs no gradient the Python autograd kernel's cost (about 9 us); this one serves the pure-PyTorch kernels and a
+# library built before it.
+if not torch._C._dispatch_has_kernel_for_dispatch_key("vitmad::mad", "Autograd"):
+    torch.library.register_autograd("vitmad::mad", _mad_backward, setup_context=_mad_setup_context)
 
 
 # Position form -----------------------------------------------------------------------------------------------
