@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["ModelLayout", "LayerGeometry", "Placement", "LayerPlacer", "CallContext", "cell_centres", "select_tokens",
-           "NotPlaceable", "space_time_positions"]
+           "NotPlaceable"]
 
 
 class NotPlaceable(ValueError):
@@ -178,23 +178,3 @@ def select_tokens(index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]
 
     return fold
 
-
-def space_time_positions(space: torch.Tensor, time: torch.Tensor, lead_dims: int) -> torch.Tensor:
-    """Spatial and temporal positions stacked for one op call that measures both: ``[2, ..., N, 2]``.
-
-    Args:
-        space: ``[..., N, 2]`` pixel positions (NaN rows: no position), broadcastable to a call's ``lead_dims``
-            leading dims.
-        time: ``[..., N, 1]`` frame positions, NaN on the same rows.
-        lead_dims: how many leading dims the call has; both are first given that many, so that the new leading
-            dim of size 2 stands before all of them.
-
-    Returns:
-        ``[2, *lead, N, 2]`` (``lead`` the broadcast of both inputs' leading dims): index 0 the spatial positions,
-        index 1 the temporal ones padded with a zero coordinate (a NaN row stays a whole NaN row), so the
-        Euclidean distance of index 1 is the time between the tubelets.
-    """
-    time = torch.cat([time, time * 0], dim=-1)
-    space, time = torch.broadcast_tensors(space, time)
-    space = space.reshape((1,) * (lead_dims + 2 - space.dim()) + tuple(space.shape))
-    return torch.stack([space, time.reshape(space.shape)])

@@ -19,9 +19,8 @@ it has none); ``rec.mad``, ``rec.layers``, ``rec.geometry`` and ``rec.layout`` d
 One layer, one entry: a module that computes its attention in several calls (differential attention, two
 softmax maps) is recorded once, with the MAD of the attention it applies (:mod:`.differential`).
 
-Video layers (:mod:`.families.video`): the placement gives each tubelet a time position too, and one op call
-measures the spatial and the temporal distance together (the positions stacked on a stride-0 leading dim of
-size 2, :func:`~.placement.space_time_positions`); ``rec.temporal_mad`` holds the temporal MAD in frames.
+Video layers (:mod:`.families.video`): the placement gives each tubelet a time position too, and a second op
+call measures the temporal distance; ``rec.temporal_mad`` holds the temporal MAD in frames.
 """
 
 from __future__ import annotations
@@ -48,7 +47,6 @@ from .placement import (
     ModelLayout,
     NotPlaceable,
     Placement,
-    space_time_positions,
 )
 from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model, uses_attention_interface
 
@@ -373,28 +371,23 @@ class Recording:
         placement = self._place(name, lead, query.shape[-2], key.shape[-2])
 
         def measure(positions, key_positions, renormalize):
-            # Space and time in one call: positions [2, *lead, N, 2], q and k read twice through a stride-0 dim.
-            extra = positions.shape[:max(positions.dim() - 2 - len(lead), 0)]
-            return mad_qk(query.expand(*extra, *query.shape), key.expand(*extra, *key.shape), positions=positions,
-                          key_positions=key_positions, scale=scale, attn_bias=mask, renormalize=renormalize,
-                          reduction="none")
+            return mad_qk(query, key, positions=positions, key_positions=key_positions, scale=scale,
+                          attn_bias=mask, renormalize=renormalize, reduction="none")
 
-        self._measure(name, placement, query.device, measure, len(lead), fused=True)
+        self._measure(name, placement, query.device, measure, fused=True)
 
     def _on_probabilities(self, name: str, attn: torch.Tensor) -> None:
         """The attention probabilities ``[..., Nq, Nk]`` a module computed itself."""
         placement = self._place(name, attn.shape[:-2], attn.shape[-2], attn.shape[-1])
-        lead_dims = attn.dim() - 2
 
         def measure(positions, key_positions, renormalize):
-            extra = positions.shape[:max(positions.dim() - 2 - lead_dims, 0)]
-            return mad(attn.expand(*extra, *attn.shape), positions=positions, key_positions=key_positions,
-                       renormalize=renormalize, reduction="none")
+            return mad(attn, positions=positions, key_positions=key_positions, renormalize=renormalize,
+                       reduction="none")
 
-        self._measure(name, placement, attn.device, measure, lead_dims, fused=False)
+        self._measure(name, placement, attn.device, measure, fused=False)
 
-    def _measure(self, name: str, placement: Placement, device: torch.device, measure: Callable, lead_dims: int,
-                 *, fused: bool) -> None:
+    def _measure(self, name: str, placement: Placement, device: torch.device, measure: Callable, *,
+                 fused: bool) -> None:
         """Per-query values of one attention call (and, for a video layer, its temporal ones), kept until the
         module's forward ends."""
         positions = placement.positions.to(device)
@@ -405,14 +398,13 @@ class Recording:
                 if is_differential(self._modules[name]):
                     raise ValueError(f"vitmad.record: {name}: differential attention over video tubelets is not "
                                      "supported")
+                # Two calls, one per distance: measured faster than one call over both position sets stacked on
+                # a stride-0 leading dim (benchmarks/bench_video.py).
                 times = placement.time_positions.to(device)
-                stacked = space_time_positions(positions, times, lead_dims)
-                stacked_keys = None
-                if placement.key_positions is not None or placement.time_key_positions is not None:
-                    keys = positions if key_positions is None else key_positions
-                    key_times = times if placement.time_key_positions is None else placement.time_key_positions
-                    stacked_keys = space_time_positions(keys, key_times.to(device), lead_dims)
-                value, temporal = measure(stacked, stacked_keys, self.renormalize).unbind(0)
+                key_times = placement.time_key_positions
+                key_times = None if key_times is None else key_times.to(device)
+                value = measure(positions, key_positions, self.renormalize)
+                temporal = measure(times, key_times, self.renormalize)
             elif not is_differential(self._modules[name]):
                 value = measure(positions, key_positions, self.renormalize)
             elif not self.renormalize:
