@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ __all__ = [
     "NATIVE",
     "load_image",
     "load_batch",
+    "load_each",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -295,12 +296,20 @@ def load_batch(
         image, reason = load_image(path)
         return (None, reason) if image is None else (preprocessing(image), None)
 
-    results = list(pool.map(one, paths)) if pool is not None else [one(p) for p in paths]
-    tensors, loaded, skipped = [], [], []
-    for path, (pixels, reason) in zip(paths, results):
-        if pixels is None:
+    tensors, loaded, skipped = load_each(paths, one, pool)
+    return (torch.stack(tensors) if tensors else None), loaded, skipped
+
+
+def load_each(paths: Sequence[Path], load: Callable, pool: Executor | None = None
+              ) -> tuple[list, list[Path], list[tuple[Path, str]]]:
+    """``load(path) -> (item, None)`` or ``(None, reason)`` for every path (in ``pool``'s threads when given):
+    the items loaded, the paths behind them and ``(path, reason)`` for each one set aside, in order."""
+    results = list(pool.map(load, paths)) if pool is not None else [load(p) for p in paths]
+    items, loaded, skipped = [], [], []
+    for path, (item, reason) in zip(paths, results):
+        if item is None:
             skipped.append((path, reason))
         else:
-            tensors.append(pixels)
+            items.append(item)
             loaded.append(path)
-    return (torch.stack(tensors) if tensors else None), loaded, skipped
+    return items, loaded, skipped

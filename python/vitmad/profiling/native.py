@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .images import load_image
+from .images import load_each, load_image
 from .models import LoadedModel
 from .options import OptionError
 
@@ -210,14 +210,7 @@ def load_native_batch(paths: Sequence[Path], feed: NativeFeed, pool: Executor | 
         image, reason = load_image(path)
         return (None, reason) if image is None else (feed.prepare(image), None)
 
-    results = list(pool.map(one, paths)) if pool is not None else [one(p) for p in paths]
-    items, loaded, skipped = [], [], []
-    for path, (item, reason) in zip(paths, results):
-        if item is None:
-            skipped.append((path, reason))
-        else:
-            items.append(item)
-            loaded.append(path)
+    items, loaded, skipped = load_each(paths, one, pool)
     return (items or None), loaded, skipped
 
 

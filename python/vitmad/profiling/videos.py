@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .images import IMAGE_EXTENSIONS, Preprocessing, load_image
+from .images import IMAGE_EXTENSIONS, Preprocessing, load_each, load_image
 from .options import MissingPathError, OptionError, import_optional
 
 __all__ = ["VIDEO_EXTENSIONS", "model_frames", "find_videos", "is_video_source", "sample_indices", "load_video",
@@ -137,12 +137,5 @@ def load_video_batch(
         images, reason = load_video(path, frames)
         return (None, reason) if images is None else (torch.stack([preprocessing(i) for i in images]), None)
 
-    results = list(pool.map(one, paths)) if pool is not None else [one(p) for p in paths]
-    tensors, loaded, skipped = [], [], []
-    for path, (pixels, reason) in zip(paths, results):
-        if pixels is None:
-            skipped.append((path, reason))
-        else:
-            tensors.append(pixels)
-            loaded.append(path)
+    tensors, loaded, skipped = load_each(paths, one, pool)
     return (torch.stack(tensors) if tensors else None), loaded, skipped

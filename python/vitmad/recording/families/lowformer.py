@@ -13,33 +13,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement
+from ..placement import CallContext, Placement
 from .stages import defined_in, grid_placement, pair, strided_module_centres
-from .windows import stage_stride
+from .windows import InputMapPlacer
 
 __all__ = ["placer"]
 
 
-class PooledMapPlacer(LayerPlacer):
+class PooledMapPlacer(InputMapPlacer):
     """Attention among the tokens ``pool`` (a strided convolution) makes from the module's input map."""
 
     def __init__(self, model: nn.Module, name: str, module: nn.Module, pool: nn.Conv2d):
-        self.model, self.name, self.module, self.pool = model, name, module, pool
-        self.key = f"lowformer.map.{name}"
-
-    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
-        def see(module, args) -> None:
-            x = args[0] if args else None
-            context.values[self.key] = tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) and x.dim() == 4 else None
-
-        return [self.module.register_forward_pre_hook(see)]
+        super().__init__(model, name, module)
+        self.pool = pool
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        grid = context.values.get(self.key)
-        if grid is None:
-            raise NotPlaceable("its input was not a [B, C, H, W] feature map")
-        grid = (int(grid[0]), int(grid[1]))
-        stride = stage_stride(self.model, self.name, context.image_size, grid)
+        grid, stride = self.stage(context)
         pooled, centres = strided_module_centres(grid, stride, self.pool)
         sy, sx = pair(self.pool.stride)
         kh, kw = pair(self.pool.kernel_size)

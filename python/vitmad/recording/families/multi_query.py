@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, cell_centres
+from ..placement import CallContext, Placement, cell_centres
 from .stages import defined_in, grid_placement, pair, reduction_before, strided_centres
-from .windows import stage_stride
+from .windows import InputMapPlacer
 
 __all__ = ["placer"]
 
@@ -37,25 +37,9 @@ def _pooled(grid: tuple[int, int], stride: tuple[float, float], pool: nn.Module 
     return out, centres, step
 
 
-class MultiQueryPlacer(LayerPlacer):
-    def __init__(self, model: nn.Module, name: str, module: nn.Module):
-        self.model, self.name, self.module = model, name, module
-        self.reduction = reduction_before(model, module, inside=(type(module),))
-        self.key = f"multi_query.map.{name}"
-
-    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
-        def see(module, args) -> None:
-            x = args[0] if args else None
-            context.values[self.key] = tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) and x.dim() == 4 else None
-
-        return [self.module.register_forward_pre_hook(see)]
-
+class MultiQueryPlacer(InputMapPlacer):
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        grid = context.values.get(self.key)
-        if grid is None:
-            raise NotPlaceable("its input was not a [B, C, H, W] feature map")
-        grid = (int(grid[0]), int(grid[1]))
-        stride = stage_stride(self.model, self.name, context.image_size, grid, self.reduction)
+        grid, stride = self.stage(context)
         module = self.module
         query_grid, queries, q_step = _pooled(grid, stride, getattr(module.query, "down_pool", None))
         _, keys, kv_step = _pooled(grid, stride, getattr(module.key, "down_conv", None))
@@ -72,4 +56,4 @@ class MultiQueryPlacer(LayerPlacer):
 def placer(model: nn.Module, name: str, module: nn.Module):
     if not defined_in(module, "MultiQueryAttention2d", "attention2d"):
         return None
-    return MultiQueryPlacer(model, name, module)
+    return MultiQueryPlacer(model, name, module, reduction_before(model, module, inside=(type(module),)))

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
+from .stages import matching_design
 
 __all__ = ["placer", "PackedSequence", "packed_sequence", "qwen_token_cells", "QwenPlacer", "PixtralPlacer"]
 
@@ -75,11 +76,7 @@ _DESIGNS = (
 
 
 def _design_of(module: nn.Module, attribute: str) -> _Design | None:
-    cls = type(module)
-    for design in _DESIGNS:
-        if cls.__module__ == design.module and cls.__name__ == getattr(design, attribute):
-            return design
-    return None
+    return matching_design(module, _DESIGNS, attribute)
 
 
 @dataclass(frozen=True)

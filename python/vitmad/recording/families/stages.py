@@ -27,8 +27,9 @@ from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
-__all__ = ["reduction_before", "Stage", "StageGrid", "StagePlacer", "KeyLayout", "global_keys", "strided_modules",
-           "strided_centres", "strided_module_centres", "adaptive_centres", "grid_placement", "pair", "defined_in"]
+__all__ = ["matching_design", "reduction_before", "Stage", "StageGrid", "StagePlacer", "KeyLayout", "global_keys",
+           "strided_modules", "strided_centres", "strided_module_centres", "adaptive_centres", "grid_placement", "pair",
+           "defined_in"]
 
 
 def pair(value) -> tuple[int, int]:
@@ -43,6 +44,13 @@ def defined_in(module: nn.Module, class_name: str, module_suffix: str) -> bool:
     (timm and transformers reuse class names such as ``Attention`` across families)."""
     cls = type(module)
     return cls.__name__ == class_name and cls.__module__.rpartition(".")[2] == module_suffix
+
+
+def matching_design(module: nn.Module, designs, attribute: str):
+    """The first of ``designs`` (each with a ``module`` attribute: the defining module's full name) whose class
+    name in ``attribute`` is ``module``'s class, or None."""
+    cls = type(module)
+    return next((d for d in designs if cls.__module__ == d.module and cls.__name__ == getattr(d, attribute)), None)
 
 
 def reduction_before(model: nn.Module, target: nn.Module, inside: tuple[type, ...] = ()) -> int:

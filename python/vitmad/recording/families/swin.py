@@ -35,6 +35,7 @@ from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
 from .plain import find_patch_embedding
+from .stages import matching_design
 
 __all__ = ["placer", "attention_modules", "SwinPlacer"]
 
@@ -78,11 +79,7 @@ _DESIGNS = (
 
 
 def _design_of(module: nn.Module, attribute: str) -> _Design | None:
-    cls = type(module)
-    for design in _DESIGNS:
-        if cls.__module__ == design.module and cls.__name__ == getattr(design, attribute):
-            return design
-    return None
+    return matching_design(module, _DESIGNS, attribute)
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:

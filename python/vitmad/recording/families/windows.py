@@ -18,8 +18,8 @@ from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
 
-__all__ = ["stage_stride", "block_partition", "grid_partition", "window_placement", "parent_module", "PartitionPlacer",
-           "nchw", "nhwc", "whole_map"]
+__all__ = ["stage_stride", "InputMapPlacer", "block_partition", "grid_partition", "window_placement", "parent_module",
+           "PartitionPlacer", "nchw", "nhwc", "whole_map"]
 
 
 def parent_module(model: nn.Module, name: str) -> nn.Module | None:
@@ -85,6 +85,37 @@ def stage_stride(model: nn.Module, name: str, image: tuple[int, int] | None,
                 "the map's pixel stride is unknown"
             )
     return float(reduction), float(reduction)
+
+
+class InputMapPlacer(LayerPlacer):
+    """Base of the placers of a module that attends over its own input, a stage's ``[B, C, H, W]`` map:
+    :meth:`install` keeps the map's size of each call, :meth:`stage` gives it with its pixel stride.
+
+    Args:
+        model: the model (its class names the errors; its ``feature_info`` gives the stride).
+        name: the module's qualified name.
+        module: the attention module.
+        reduction: the stage's nominal pixel stride, for models whose ``feature_info`` does not name the stage.
+    """
+
+    def __init__(self, model: nn.Module, name: str, module: nn.Module, reduction: int | None = None):
+        self.model, self.name, self.module, self.reduction = model, name, module, reduction
+        self.key = f"input_map.{name}"
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def see(module, args) -> None:
+            x = args[0] if args else None
+            context.values[self.key] = tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) and x.dim() == 4 else None
+
+        return [self.module.register_forward_pre_hook(see)]
+
+    def stage(self, context: CallContext) -> tuple[tuple[int, int], tuple[float, float]]:
+        """``(grid, stride)`` of the map the module received in this call."""
+        grid = context.values.get(self.key)
+        if grid is None:
+            raise NotPlaceable("its input was not a [B, C, H, W] feature map")
+        grid = (int(grid[0]), int(grid[1]))
+        return grid, stage_stride(self.model, self.name, context.image_size, grid, self.reduction)
 
 
 def block_partition(grid: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
