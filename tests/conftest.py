@@ -116,6 +116,38 @@ def compiled_kernel_available(op: str, device: str) -> bool:
     return vitmad.has_compiled_kernel(op, device.upper())
 
 
+# Random-weight models whose attention is far from uniform --------------------------------------------------------
+# Under uniform attention a query's MAD depends only on the set of key positions, so a token placed at the wrong
+# position would go unnoticed: the family tests make the attention peaked first.
+
+
+def batch_norms_on(model: torch.nn.Module, pixels: torch.Tensor) -> None:
+    """The model's batch norms take the statistics of ``pixels``, then it is put in eval mode: random weights with
+    a batch norm's initial statistics can shrink a deep CNN's activations to ~1e-11 by its attention blocks."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average: one batch sets the statistics
+    with torch.no_grad():
+        model.train()(pixels)
+    model.eval()
+
+
+def output_spreads(model: torch.nn.Module, pixels: torch.Tensor, modules: list) -> dict:
+    """The standard deviation of each module's output in one forward of ``pixels``, by module."""
+    spreads = {}
+
+    def measure(module, args, output) -> None:
+        spreads[module] = output.std()
+
+    handles = [m.register_forward_hook(measure) for m in modules]
+    with torch.no_grad():
+        model(pixels)
+    for handle in handles:
+        handle.remove()
+    return spreads
+
+
 # Models and images on disk ---------------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import vitmad
+from conftest import batch_norms_on, output_spreads
 from vitmad.ops.reference import mad_positions_reference
 
 timm = pytest.importorskip("timm")
@@ -56,26 +57,13 @@ def tiny_iformer(pixels: torch.Tensor, window: int):
     attention = [m for m in model.modules() if type(m).__name__ == "SHMA"]
     for module in attention:
         module.window_size = window
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None
-    spread = {}
-
-    def measure(module, args, out) -> None:
-        spread[module] = out.std()
-
+    batch_norms_on(model, pixels)
+    projections = [p for m in attention for p in (m.q, m.k)]
+    spreads = output_spreads(model, pixels, projections)
     with torch.no_grad():
-        model.train()(pixels)
-        model.eval()
-        handles = [p.register_forward_hook(measure) for m in attention for p in (m.q, m.k)]
-        model(pixels)
-        for handle in handles:
-            handle.remove()
-        for module in attention:
-            for projection in (module.q, module.k):
-                projection.bn.weight.mul_(3.0 / spread[projection])
-                projection.bn.bias.mul_(3.0 / spread[projection])
+        for projection in projections:
+            projection.bn.weight.mul_(3.0 / spreads[projection])
+            projection.bn.bias.mul_(3.0 / spreads[projection])
     return model
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import vitmad
+from conftest import batch_norms_on, output_spreads
 from vitmad.ops.reference import mad_positions_reference
 
 timm = pytest.importorskip("timm")
@@ -37,25 +38,12 @@ def peaked_lowformer(pixels: torch.Tensor):
     token."""
     torch.manual_seed(0)
     model = timm.create_model("lowformer_b0", pretrained=False)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None
+    batch_norms_on(model, pixels)
     attention = [m for m in model.modules() if type(m).__name__ == "ConvAttention"]
-    spread = {}
-
-    def measure(module, args, out) -> None:
-        spread[module] = out.std()
-
+    spreads = output_spreads(model, pixels, [m.pwise for m in attention])
     with torch.no_grad():
-        model.train()(pixels)
-        model.eval()
-        handles = [m.pwise.register_forward_hook(measure) for m in attention]
-        model(pixels)
-        for handle in handles:
-            handle.remove()
         for module in attention:
-            module.pwise.weight.mul_(2.0 / spread[module.pwise])
+            module.pwise.weight.mul_(2.0 / spreads[module.pwise])
     return model
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import vitmad
+from conftest import batch_norms_on, output_spreads
 from vitmad.ops.reference import mad_positions_reference
 
 timm = pytest.importorskip("timm")
@@ -44,31 +45,15 @@ def test_mobilenetv4_hybrid_keys_pooled_by_a_strided_convolution(size):
     torch.manual_seed(0)
     model = timm.create_model("mobilenetv4_hybrid_medium", pretrained=False)
     pixels = torch.randn(2, 3, *size)
-    # Random weights with batch norms at their initial statistics shrink the activations to ~1e-11 by the
-    # attention blocks (uniform attention, where a misplaced token would go unnoticed): the batch norms take the
-    # statistics of this batch first.
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None
+    batch_norms_on(model, pixels)
+    # The blocks' layer scales leave the attention input at ~0.006 and less: each layer's queries and keys are
+    # scaled to a standard deviation of 3, which gives peaked attention.
+    attention = [m for m in model.modules() if type(m).__name__ == "MultiQueryAttention2d"]
+    spreads = output_spreads(model, pixels, [p for m in attention for p in (m.query, m.key)])
     with torch.no_grad():
-        model.train()(pixels)
-        model.eval()
-        # The blocks' layer scales leave the attention input at ~0.006 and less: each layer's queries and
-        # keys are scaled to a standard deviation of 3, which gives peaked attention.
-        attention = [m for m in model.modules() if type(m).__name__ == "MultiQueryAttention2d"]
-        spread = {}
-
-        def measure(module, args, out) -> None:
-            spread[module] = out.std()
-
-        handles = [p.register_forward_hook(measure) for m in attention for p in (m.query, m.key)]
-        model(pixels)
-        for handle in handles:
-            handle.remove()
         for module in attention:
-            module.query.proj.weight.mul_(3.0 / spread[module.query])
-            module.key.proj.weight.mul_(3.0 / spread[module.key])
+            module.query.proj.weight.mul_(3.0 / spreads[module.query])
+            module.key.proj.weight.mul_(3.0 / spreads[module.key])
     with torch.no_grad():
         plain = model(pixels)
     with torch.no_grad(), vitmad.record(model) as rec:
