@@ -109,6 +109,7 @@ class HieraPlacer(LayerPlacer):
         self.pools_before, self.query_stride = [s for s in strides[:-1] if s > 1], strides[-1]
         self.conv = next((m for m in owner.modules() if isinstance(m, nn.Conv2d)), None)
         self._cache: dict = {}
+        self._placed: dict = {}
 
     def _schedule(self) -> list[tuple[int, int]]:
         unroll = getattr(self.owner, "unroll", None)
@@ -162,10 +163,20 @@ class HieraPlacer(LayerPlacer):
             raise NotPlaceable("it ran before the patch embedding of its Hiera model")
         heads_name, _, window_name, masked_name = self.attributes
         heads = int(getattr(self.attention, heads_name))
+        windowed = bool(getattr(self.attention, masked_name))
+        # The placement of a call depends on nothing else: built once, reused by every call of the same shape.
+        window = int(getattr(self.attention, window_name))
+        placed_key = (grid, tuple(lead), num_queries, num_keys, heads, windowed, window)
+        if placed_key not in self._placed:
+            self._placed[placed_key] = self._placement(grid, lead, num_queries, num_keys, heads, windowed)
+        return self._placed[placed_key]
+
+    def _placement(self, grid: tuple[int, int], lead: torch.Size, num_queries: int, num_keys: int, heads: int,
+                   windowed: bool) -> Placement:
+        _, _, window_name, _ = self.attributes
         if grid not in self._cache:
             self._cache[grid] = self._layout(grid)
         keys, queries, key_factor, query_factor = self._cache[grid]
-        windowed = bool(getattr(self.attention, masked_name))
         num_windows = keys.shape[0] // (self.query_stride * int(getattr(self.attention, window_name))) \
             if windowed else 1
         tokens_k, tokens_q = keys.shape[0] // num_windows, queries.shape[0] // num_windows
