@@ -177,4 +177,3 @@ def select_tokens(index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]
         return values.index_select(-1, index.to(values.device))
 
     return fold
-

@@ -40,14 +40,7 @@ from .families.naflex import call_start as naflex_call_start
 from .families.naflex import towers as naflex_towers
 from .families.plain import PlainLayout, PlainPlacer, find_patch_embedding, is_embedding_projection
 from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
-from .placement import (
-    CallContext,
-    LayerGeometry,
-    LayerPlacer,
-    ModelLayout,
-    NotPlaceable,
-    Placement,
-)
+from .placement import CallContext, LayerGeometry, LayerPlacer, ModelLayout, NotPlaceable, Placement
 from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model, uses_attention_interface
 
 __all__ = ["record", "Recording", "RecordedCall"]
@@ -392,20 +385,18 @@ class Recording:
         module's forward ends."""
         positions = placement.positions.to(device)
         key_positions = None if placement.key_positions is None else placement.key_positions.to(device)
+        video = placement.time_positions is not None
+        if video and is_differential(self._modules[name]):
+            raise ValueError(f"vitmad.record: {name}: differential attention over video tubelets is not supported")
         temporal = None
         with torch.no_grad():
-            if placement.time_positions is not None:
-                if is_differential(self._modules[name]):
-                    raise ValueError(f"vitmad.record: {name}: differential attention over video tubelets is not "
-                                     "supported")
-                # Two calls, one per distance: measured faster than one call over both position sets stacked on
-                # a stride-0 leading dim (benchmarks/bench_video.py).
-                times = placement.time_positions.to(device)
+            if video:
+                # A second call for the temporal distance: measured faster than one call over both position sets
+                # stacked on a stride-0 leading dim (benchmarks/bench_video.py).
                 key_times = placement.time_key_positions
-                key_times = None if key_times is None else key_times.to(device)
-                value = measure(positions, key_positions, self.renormalize)
-                temporal = measure(times, key_times, self.renormalize)
-            elif not is_differential(self._modules[name]):
+                temporal = measure(placement.time_positions.to(device),
+                                   None if key_times is None else key_times.to(device), self.renormalize)
+            if not is_differential(self._modules[name]):
                 value = measure(positions, key_positions, self.renormalize)
             elif not self.renormalize:
                 value = CallSums(measure(positions, key_positions, False))
@@ -438,9 +429,9 @@ class Recording:
         if any(entry[2] for entry in pending):
             # A module that calls the fused attention computes it there; a softmax beside it is something else.
             pending = [entry for entry in pending if entry[2]]
-        temporal = pending[0][3] if len(pending) == 1 else None
         if not completed or not pending:
             return
+        temporal = pending[0][3] if len(pending) == 1 else None
         placement = pending[0][0]
         components = None
         if is_differential(module) and len(pending) == 2:

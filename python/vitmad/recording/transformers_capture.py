@@ -144,15 +144,12 @@ class HFAttentionHooks:
                 raise RuntimeError(f"vitmad.record: {type(self.model).__name__} is already being recorded")
         return list(configs.values())
 
-    def _layer_callback(self, name, query, key, scaling, mask):
-        self.callback(name, query, key, scaling, mask)
-
     def install(self) -> None:
         # Only the configs of the recorded modules are switched to the wrapper, on the attribute the modules read:
         # the rest of the model (a CNN backbone that refuses SDPA, another tower) is left exactly as it was.
         configs = self._configs()
         for name, module in self.modules.items():
-            _ACTIVE[id(module)] = (name, self._layer_callback)
+            _ACTIVE[id(module)] = (name, self.callback)
         for name, module in self.modules.items():
             # The module's forward is one layer, whatever number of interface calls it makes (Qwen2-VL's vision
             # attention calls it once per image or window): done when the forward ends, also when it raises.
@@ -168,7 +165,7 @@ class HFAttentionHooks:
     def remove(self) -> None:
         for module in self.modules.values():
             # Only this recording's entries: a second record() of the same model fails without touching them.
-            if id(module) in _ACTIVE and _ACTIVE[id(module)][1] == self._layer_callback:
+            if id(module) in _ACTIVE and _ACTIVE[id(module)][1] == self.callback:
                 del _ACTIVE[id(module)]
         for config, original in reversed(self._saved):
             config._attn_implementation_internal = original

@@ -61,8 +61,7 @@ class Skip:
 _FAMILIES = (
     packed, non_spatial, masked, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages,
     vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra,
-    map_attention, tnt, byoanet, multi_query, iformer, lowformer, video,
-    naflex,
+    map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex,
 )
 
 

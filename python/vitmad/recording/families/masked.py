@@ -30,18 +30,13 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres
+from .stages import defined_in
 
 __all__ = ["placer", "ViTMAEPlacer", "GivenPositionsPlacer", "check_positions"]
 
-_MAE_EMBEDDINGS = ("transformers.models.vit_mae.modeling_vit_mae", "ViTMAEEmbeddings")
 _KEPT = "masked.kept."  # + the embeddings' name: the _Kept of the current call
 _PLACED = "masked.placement."  # + the embeddings' name and the head count: the Placement of the current call
 _GIVEN = "masked.given"  # the positions a callable returned for the current call
-
-
-def _is_mae_embeddings(module: nn.Module) -> bool:
-    cls = type(module)
-    return (cls.__module__, cls.__name__) == _MAE_EMBEDDINGS
 
 
 def placer(model: nn.Module, name: str, module: nn.Module) -> LayerPlacer | None:
@@ -55,7 +50,7 @@ def placer(model: nn.Module, name: str, module: nn.Module) -> LayerPlacer | None
         except AttributeError:
             continue
         in_embeddings = name == embeddings_name or name.startswith(embeddings_name + ".")
-        if _is_mae_embeddings(embeddings) and not in_embeddings:
+        if defined_in(embeddings, "ViTMAEEmbeddings", "modeling_vit_mae") and not in_embeddings:
             return ViTMAEPlacer(model, embeddings_name, embeddings)
     return None
 
