@@ -1,5 +1,6 @@
 // CUDA kernel of vitmad::mad_qk and vitmad::mad_qk_pos: MAD of softmax(q @ k^T * scale + attn_bias) without the
-// Nq x Nk attention.
+// Nq x Nk attention. This portable kernel serves float32, float64, and 16-bit input on GPUs before sm_80 (or
+// builds without sm_80+ code); 16-bit input on sm_80+ goes to mad_qk_sm80.cu.
 //
 // One thread block owns a tile of queries of one matrix and walks the keys in tiles, as flash attention does:
 // the query tile stays in shared memory, each key tile is staged in shared memory with its keys' positions, the
@@ -36,6 +37,7 @@
 #include "../mad_geometry.h"
 #include "../position_args.h"
 #include "cuda_common.cuh"
+#include "mad_qk_params.cuh"
 
 namespace vitmad {
 namespace {
@@ -43,7 +45,6 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxGridY = 65535;
-constexpr double kLog2e = 1.4426950408889634;
 
 // Tile sizes and product path per input dtype. mma_t is the type staged in shared memory for the products.
 template <typename scalar_t>
@@ -75,28 +76,6 @@ struct TileConfig<double> {
   using acc_t = double;
   static constexpr bool kTensorCores = false;
   static constexpr int kBlockM = 32, kBlockN = 32, kPad = 1;  // smaller tiles keep shared memory under 48 KiB
-};
-
-// Queries are the num_queries tokens of q from first_query on (the patches in the grid form, all of q in the
-// position form); keys are all num_keys tokens of k.
-template <typename acc_t>
-struct QkParams {
-  const void* q;
-  const void* k;
-  const void* bias;                         // null without attn_bias; else its [..., Nq, Nk] broadcast view
-  acc_t* per_query;                         // [num_matrices, num_queries]
-  MatrixOffsets q_lead, k_lead, bias_lead;  // where each [N, X] matrix of q, k and the bias view starts
-  int64_t q_stride_n, q_stride_d, k_stride_n, k_stride_d, bias_stride_q, bias_stride_k;
-  int64_t num_matrices;
-  int q_tokens, num_keys, first_query, num_queries, head_dim, head_dim_padded;
-  double logit_scale;  // scale * log2(e): the logits are kept in log2 units, for exp2
-  bool renormalize;
-  // The grid form: P prefix keys without a position (first_query == P), then patches on a grid grid_w wide,
-  // `patch` pixels apart.
-  int grid_w;
-  double patch;
-  // The position form (kPositions): where each query and key is.
-  PositionRows<acc_t> query_positions, key_positions;
 };
 
 template <typename acc_t>
@@ -451,6 +430,12 @@ void dispatch_mad_qk(const at::Tensor& q, const at::Tensor& k, const std::option
     using acc_t = typename TileConfig<scalar_t>::acc_t;
     QkParams<acc_t> p = common_params<acc_t>(q, k, bias, shape, renormalize, per_query);
     fill(p);
+    if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      // Tensor cores with the logits in registers from sm_80 on (mad_qk_sm80.cu); this file's kernel before.
+      if (bool_mask ? launch_mad_qk_sm80<scalar_t, bool, kPositions>(p, device)
+                    : launch_mad_qk_sm80<scalar_t, scalar_t, kPositions>(p, device))
+        return;
+    }
     if (bool_mask)
       launch_mad_qk<scalar_t, bool, kPositions>(p, device);
     else

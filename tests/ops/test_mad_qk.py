@@ -63,6 +63,28 @@ def test_dtypes(device, dtype, n, prefix, grid, d, bias_kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "tokens_outer", "odd_head_dim"])
+@pytest.mark.parametrize("bias_kind", BIAS_KINDS)
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_16_bit_layouts_and_biases(device, dtype, layout, bias_kind, renormalize):
+    # 16-bit q and k on CUDA from sm_80 on take the tensor-core kernel, whose tiles are copied in 16-byte chunks
+    # when every row allows it ("contiguous"; "tokens_outer" is the [B, N, H, D] view models make) and element by
+    # element otherwise (D = 36 is no multiple of 8). 581 keys: nine 64-key tiles, the last one partial; 10 query
+    # tiles of 64.
+    n, prefix, grid = 581, 5, [24, 24]
+    d = 36 if layout == "odd_head_dim" else 64
+    q, k = make_qk(2, 3, n, d, dtype, "cpu", seed=11)
+    if layout == "tokens_outer":
+        q, k = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k))
+    q, k = q.to(device), k.to(device)
+    bias = make_bias(bias_kind, 2, 3, n, dtype, device, torch.Generator().manual_seed(2))
+    options = dict(num_prefix_tokens=prefix, grid=grid, attn_bias=bias, renormalize=renormalize, reduction="none")
+    out = vitmad.mad_qk(q, k, 14, **options)
+    assert_matches_reference(out, mad_qk_reference(q, k, 14, **options), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_logits_that_overflow_a_naive_exp(device, dtype):
     q, k = make_qk(1, 4, 197, 64, dtype, device, seed=3, logit_scale=1e4)
