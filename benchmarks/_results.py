@@ -32,25 +32,40 @@ def machine() -> str:
     )
 
 
-def time_once(fn: Callable[[], object], device: str) -> float:
-    """Wall time of one fn() in seconds (CUDA: measured with events on the current stream)."""
+def time_once(fn: Callable[[], object], device: str, calls: int = 1) -> float:
+    """Wall time of one fn() in seconds, the mean of `calls` back-to-back calls (CUDA: measured with events on the
+    current stream, so that with enough calls the host's launch cost hides behind the kernels and the figure is
+    the GPU's time per call)."""
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3
+        return start.elapsed_time(end) / 1e3 / calls
     t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def calls_per_timing(fn: Callable[[], object], device: str, target_seconds: float = 2e-3) -> int:
+    """How many back-to-back calls one CUDA timing should span to last about `target_seconds` (1 on the CPU,
+    where one call of a benchmark case takes milliseconds or more)."""
+    if device != "cuda":
+        return 1
+    one = time_once(fn, device)
+    return int(min(1000, max(1, target_seconds // max(one, 1e-7))))
 
 
 def time_call(fn: Callable[[], object], device: str, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds over `repeats` calls after `warmup` calls."""
+    """Median wall time of fn() in seconds over `repeats` timings after `warmup` calls; on CUDA each timing spans
+    enough back-to-back calls to last about 2 ms (calls_per_timing)."""
     for _ in range(warmup):
         fn()
-    return statistics.median(time_once(fn, device) for _ in range(repeats))
+    calls = calls_per_timing(fn, device)
+    return statistics.median(time_once(fn, device, calls) for _ in range(repeats))
 
 
 def status_mib(field: str) -> float:

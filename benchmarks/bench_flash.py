@@ -3,11 +3,13 @@
 All three routes get the same q, k (and v for SDPA) of shape [B, H, N, D]:
 - ``mad_qk``: ``vitmad.mad_qk(q, k, patch)``, the attention never materialised;
 - ``sdpa``: ``F.scaled_dot_product_attention(q, k, v)``, the attention a model computes anyway (the target:
-  mad_qk at most 1.5x its time); on CUDA the flash backend is forced;
+  mad_qk at most 1.5x its time); on CUDA the flash backend is forced for 16-bit input, and float32 gets torch's
+  own choice (flash has no float32 kernel);
 - ``materialised``: ``vitmad.mad(softmax(q @ k^T * scale), patch)``, what MAD costs without mad_qk.
 
-Time: median of --repeats calls after a warm-up call. Memory: CPU, one fresh subprocess per route and shape;
-the kernel's peak-RSS counter (VmHWM) is reset through /proc/self/clear_refs just before the call, so the
+Time: median of --repeats timings after a warm-up call; on CUDA each timing spans enough back-to-back calls to
+last about 2 ms, so the host's launch cost hides behind the kernels. Memory: CPU, one fresh subprocess per route
+and shape; the kernel's peak-RSS counter (VmHWM) is reset through /proc/self/clear_refs just before the call, so the
 "extra peak" is the peak RSS during the call minus the RSS just before it (inputs already allocated). CUDA:
 torch.cuda.max_memory_allocated during the call minus the memory allocated before it.
 
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import vitmad
-from _results import machine, peak_rss, time_once, write_section
+from _results import calls_per_timing, machine, peak_rss, time_once, write_section
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 ROUTES = ("mad_qk", "sdpa", "materialised")
@@ -67,7 +69,7 @@ def route(name: str, q, k, v) -> Callable[[], object]:
     if name == "mad_qk":
         return lambda: vitmad.mad_qk(q, k, PATCH, grid=grid)
     if name == "sdpa":
-        if q.is_cuda:
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):  # flash has no float32 kernel
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             def flash():
@@ -90,10 +92,11 @@ def time_routes(fns: dict[str, Callable[[], object]], device: str, repeats: int)
     load from other processes on a shared machine falls on all of them alike (CUDA: events on the stream)."""
     for fn in fns.values():
         fn()
+    calls = {name: calls_per_timing(fn, device) for name, fn in fns.items()}
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(time_once(fn, device))
+            times[name].append(time_once(fn, device, calls[name]))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -127,7 +130,7 @@ def main() -> None:
                         help="input dtype (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="B,H,N,D",
                         help=f"q/k/v shapes (default CPU: {' '.join(CPU_SHAPES)}; CUDA: {' '.join(CUDA_SHAPES)})")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per route (default 5 CPU, 25 CUDA)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--note", default="", help="a remark printed under the table (e.g. machine load)")
     parser.add_argument("--no-write", action="store_true", help="print only, do not touch RESULTS.md")
@@ -139,6 +142,8 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
+    if args.repeats is None:  # a GPU call takes microseconds to a few milliseconds: more of them for a stable median
+        args.repeats = 5 if args.device == "cpu" else 25
     shapes = args.shapes or [parse_shape(s) for s in (CPU_SHAPES if args.device == "cpu" else CUDA_SHAPES)]
 
     rows = []
@@ -158,7 +163,7 @@ def main() -> None:
                                    else cuda_extra_peak_mib(fns[name]))
 
         def ms(name):
-            return f"{times[name] * 1e3:.1f}" if name in times else "skipped"
+            return f"{times[name] * 1e3:.{1 if args.device == 'cpu' else 3}f}" if name in times else "skipped"
 
         def ratio(a, b):
             return f"{times[a] / times[b]:.2f}x" if a in times and b in times else "-"
