@@ -289,7 +289,8 @@ def main(argv: list[str]) -> int:
     for bench in ("bench_op", "bench_flash", "bench_positions"):
         command = [python, str(BENCHMARKS / f"{bench}.py"), "--device", "cuda"]
         # mad_qk has one kernel for 16-bit input on sm_80+ and another for float32: each dtype its own section.
-        dtypes = ("bfloat16", "float16", "float32") if bench == "bench_flash" else (None,)
+        dtypes = {"bench_flash": ("bfloat16", "float16", "float32"), "bench_positions": ("float32", "bfloat16")}
+        dtypes = dtypes.get(bench, (None,))
         runner.step(bench, [command + (["--dtype", dtype] if dtype else []) for dtype in dtypes])
     cases = [python, this, str(out), "--sanitizer-cases"]
     for tool in ("memcheck", "racecheck"):
