@@ -11,7 +11,8 @@ H200), every output written to the folder OUT:
              Without CMake >= 3.26 it compiles the same sources with the same flags directly.
 2. sass      ``cuobjdump --dump-sass`` and ``--dump-resource-usage`` of the built library (``sass.log``), from
              which the per-element instruction counts in ``benchmarks/RESULTS.md`` are read.
-3. tests     ``pytest tests/ops -k cuda`` with ``VITMAD_REQUIRE_COMPILED=1`` (needs pytest and hypothesis).
+3. tests     ``pytest tests/ops tests/recording/test_record_cuda.py -k cuda`` with ``VITMAD_REQUIRE_COMPILED=1``
+             (needs pytest and hypothesis).
 4. bench_op, bench_flash, bench_positions   the ``--device cuda`` kernel benchmarks; they write their sections
              of ``benchmarks/RESULTS.md``, copied to OUT at the end.
 5. memcheck, racecheck   ``compute-sanitizer`` on a small set of calls of every CUDA kernel (this script's
@@ -277,7 +278,8 @@ def main(argv: list[str]) -> int:
         runner.step("sass", [[cuobjdump, "--dump-resource-usage", library], [cuobjdump, "--dump-sass", library]])
     check = [python, "-c", "import vitmad; assert vitmad.backend() == 'compiled', vitmad.backend(); "
              "assert vitmad.has_compiled_kernel('mad_qk', 'CUDA'); print('vitmad', vitmad.__file__)"]
-    pytest = [python, "-m", "pytest", "tests/ops", "-q", "-k", "cuda", "-p", "no:cacheprovider"]
+    pytest = [python, "-m", "pytest", "tests/ops", "tests/recording/test_record_cuda.py", "-q", "-k", "cuda",
+              "-p", "no:cacheprovider"]
     if module_available("xdist"):  # 1,200 cases, most of them a float64 reference on the host: spread them
         # pytest-benchmark, where installed, warns that xdist disables it, and the warning is an error under
         # this project's filterwarnings (a pytest INTERNALERROR on the first H200 run): no test uses it.

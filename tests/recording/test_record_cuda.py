@@ -1,0 +1,92 @@
+"""vitmad.record on a GPU: tiny random-weight ViTs (timm with register tokens, transformers' ViT) run their fused
+attention on CUDA in float32, float16 and bfloat16 while the recording computes MAD from their queries and keys
+(16-bit on sm_80+ goes to the tensor-core mad_qk kernel). The reference is the float64 definition applied to the
+same model's own unfused attention probabilities on the same device, placed by the grid written here. The CUDA
+cases are skipped without a CUDA device (benchmarks/gpu_check.sh runs them on one); the CPU cases run anywhere
+and keep the test itself honest."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+
+import vitmad  # noqa: E402
+from vitmad.recording.module_capture import timm_attention_modules  # noqa: E402
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+CASES = [("cpu", torch.float32), ("cpu", torch.bfloat16),
+         *(pytest.param("cuda", dtype, marks=CUDA) for dtype in (torch.float32, torch.float16, torch.bfloat16))]
+
+# Float32: the recording's float32 logits against the unfused path's float32 softmax (as in test_record_timm).
+# 16-bit: the unfused path rounds its probabilities to the model's dtype (a relative 2^-8 for bfloat16, 2^-11 for
+# float16) before the reference reads them, while mad_qk keeps float32 from the 16-bit q and k: MAD, a mean of
+# those probabilities times distances, moves by at most that relative rounding.
+TOLERANCE = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-4},
+    torch.float16: {"rtol": 2e-3, "atol": 1e-3},
+    torch.bfloat16: {"rtol": 1e-2, "atol": 1e-2},
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """cuDNN convolutions (the patch embedding) default to TF32, which would round the float32 inputs of both
+    routes differently from run to run of the algorithm search."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _timm_unfused_maps(model, pixels) -> list[torch.Tensor]:
+    eager = copy.deepcopy(model)
+    maps = []
+    for module in timm_attention_modules(eager).values():
+        module.fused_attn = False
+        module.attn_drop.register_forward_pre_hook(lambda _, args: maps.append(args[0]))
+    with torch.no_grad():
+        eager(pixels)
+    return maps
+
+
+@pytest.mark.parametrize("device, dtype", CASES)
+def test_timm_vit_with_registers(device, dtype):
+    # 16 x 12 patches of 8 pixels, CLS + 4 registers; head size 32 (16-byte rows for the 16-bit kernel's copies).
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, embed_dim=64, num_heads=2,
+                              img_size=(128, 96), patch_size=8, reg_tokens=4).eval().to(device, dtype)
+    pixels = torch.randn(3, 3, 128, 96, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    with torch.no_grad():
+        plain = model(pixels)
+        with vitmad.record(model) as rec:
+            recorded = model(pixels)
+    torch.testing.assert_close(recorded, plain, rtol=0, atol=0)
+    maps = _timm_unfused_maps(model, pixels)
+    expected = torch.stack([vitmad.mad_reference(a.double(), 8, num_prefix_tokens=5, grid=[16, 12]) for a in maps])
+    assert rec.mad.device.type == device and rec.mad.shape == (2, 3, 2)
+    torch.testing.assert_close(rec.mad.double(), expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("device, dtype", CASES)
+def test_transformers_vit(device, dtype):
+    # 14 x 14 patches of 16 pixels (N = 197), head size 32; SDPA for the record, eager for the reference.
+    config = transformers.ViTConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=3, intermediate_size=64,
+                                    image_size=224, patch_size=16)
+    torch.manual_seed(0)
+    sdpa = transformers.ViTModel(config).eval().to(device, dtype)
+    assert sdpa.config._attn_implementation == "sdpa"
+    eager = copy.deepcopy(sdpa)
+    eager.set_attn_implementation("eager")
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    with torch.no_grad():
+        with vitmad.record(sdpa) as rec:
+            sdpa(pixels)
+        maps = eager(pixels, output_attentions=True).attentions
+    expected = torch.stack([vitmad.mad_reference(a.double(), 16, num_prefix_tokens=1, grid=[14, 14]) for a in maps])
+    assert rec.mad.shape == (2, 2, 3)
+    torch.testing.assert_close(rec.mad.double(), expected, **TOLERANCE[dtype])
