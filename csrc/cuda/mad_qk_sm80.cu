@@ -1,15 +1,15 @@
-// The sm_80+ kernel of vitmad::mad_qk and vitmad::mad_qk_pos for float16 and bfloat16 q and k: flash-attention's
-// layout, with the logits never leaving registers.
+// The sm_80+ kernel of vitmad::mad_qk and vitmad::mad_qk_pos for float16, bfloat16 and float32 q and k:
+// flash-attention's layout, with the logits never leaving registers.
 //
 // A block of 4 warps owns 64 queries of one matrix; warp w owns queries [16w, 16w + 16). Key tiles of 64 keys are
 // staged in shared memory by asynchronous 16-byte copies (cp.async), double-buffered so the next tile's copy
-// overlaps this tile's arithmetic, together with the keys' positions (the grid form's row and column, NaN for a
-// key without one). Each warp's 16 x 64 logits come from mma.sync.m16n8k16 (float32 accumulation) straight into
-// registers, where the PTX fragment layout fixes which lane holds which (query, key): lane l holds queries l / 4
-// and l / 4 + 8 of the warp's 16 and keys 8n + 2 (l % 4) + {0, 1} for n = 0..7. The four lanes of a query
-// (a quad) keep its online-softmax state (running max in log2 units; normaliser, mass over keys with a position,
-// distance-weighted sum) and join it with two shuffles at the end, in a fixed order, so results are
-// bit-identical from run to run.
+// overlaps this tile's arithmetic, together with the keys' positions. Each warp's 16 x 64 logits come from tensor
+// cores straight into registers, always with float32 accumulation: mma.sync m16n8k16 for 16-bit input, and for
+// float32 three m16n8k8 TF32 products of a split into high and low TF32 parts (mma_k32). The PTX fragment layout
+// fixes which lane holds which (query, key): lane l holds queries l / 4 and l / 4 + 8 of the warp's 16 and keys
+// 8n + 2 (l % 4) + {0, 1} for n = 0..7. The four lanes of a query (a quad) keep its online-softmax state (running
+// max in log2 units; normaliser, mass over keys with a position, distance-weighted sum) and join it with two
+// shuffles at the end, in a fixed order, so results are bit-identical from run to run.
 //
 // Against the portable kernel in mad_qk_cuda.cu (WMMA through shared memory, element-wise tile loads that divide
 // per element, no overlap of loads and arithmetic), which took 2.7x to 6.4x SDPA's flash kernel on an H200 at
@@ -41,8 +41,12 @@ constexpr int kThreadsM = kWarpsM * kWarp;
 constexpr int kTileM = 16 * kWarpsM;  // queries per block
 constexpr int kTileN = 64;            // keys per tile
 constexpr int kFragsN = kTileN / 8;   // m16n8 logit fragments per warp per tile
-constexpr int kRowPad = 8;            // 16 bytes of padding per staged row: conflict-free fragment reads
-constexpr int kChunk = 8;             // 16-bit elements per 16-byte copy
+// Per element type: elements per 16-byte copy (and per 16 bytes of row padding, which makes the fragment reads
+// conflict-free), and elements per mma k-step (32 bytes: m16n8k16 for 16-bit types, m16n8k8 for TF32).
+template <typename scalar_t>
+constexpr int kChunk = 16 / sizeof(scalar_t);
+template <typename scalar_t>
+constexpr int kStepK = 32 / sizeof(scalar_t);
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define VITMAD_SM80 1
@@ -98,9 +102,21 @@ __device__ __forceinline__ void wait_copies() {
 #endif
 }
 
-// d += a * b for one m16n8k16 fragment: a is 16 x 16 (4 registers of 2 elements), b is 16 x 8 (2 registers).
+// The TF32 part of a float (round to nearest, ties away: 10 mantissa bits), as its 32-bit pattern.
+__device__ __forceinline__ uint32_t to_tf32(uint32_t bits) {
+  uint32_t rounded = 0;
+#ifdef VITMAD_SM80
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(rounded) : "f"(__uint_as_float(bits)));
+#endif
+  return rounded;
+}
+
+// d += a * b for one fragment of 32 bytes of k: m16n8k16 for 16-bit types (a: 4 registers of 2 elements, b: 2);
+// for float32, m16n8k8 in TF32 three times on the split a = a_hi + a_lo, b = b_hi + b_lo (hi the TF32 rounding,
+// lo the TF32 rounding of the rest), summing a_lo b_hi + a_hi b_lo + a_hi b_hi: about float32's accuracy (the
+// dropped a_lo b_lo is below 2^-22 of the product) from tensor cores, as cuBLAS and SDPA's float32 kernels do.
 template <typename scalar_t>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+__device__ __forceinline__ void mma_k32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #ifdef VITMAD_SM80
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     asm volatile(
@@ -108,12 +124,35 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         "{%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    static_assert(std::is_same_v<scalar_t, float>, "16-bit or float32 input");
+    uint32_t a_hi[4], a_lo[4], b_hi[2], b_lo[2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      a_hi[i] = to_tf32(a[i]);
+      a_lo[i] = to_tf32(__float_as_uint(__uint_as_float(a[i]) - __uint_as_float(a_hi[i])));
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      b_hi[i] = to_tf32(b[i]);
+      b_lo[i] = to_tf32(__float_as_uint(__uint_as_float(b[i]) - __uint_as_float(b_hi[i])));
+    }
+    auto mma = [&](const uint32_t (&x)[4], const uint32_t (&y)[2]) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%0, %1, %2, %3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(x[0]), "r"(x[1]), "r"(x[2]), "r"(x[3]), "r"(y[0]), "r"(y[1]));
+    };
+    mma(a_lo, b_hi);  // the small terms first, so that they are not lost against the large one
+    mma(a_hi, b_lo);
+    mma(a_hi, b_hi);
   }
 #endif
 }
@@ -125,8 +164,7 @@ struct ChunkSlot {
   int chunk;
   int rows_per_pass;  // kThreadsM / chunks per row; threads past rows_per_pass * chunks copy nothing
 
-  __device__ explicit ChunkSlot(int dp) {
-    const int chunks = dp / kChunk;  // at most kThreadsM (checked on the host)
+  __device__ explicit ChunkSlot(int chunks) {  // chunks per row, at most kThreadsM (checked on the host)
     rows_per_pass = kThreadsM / chunks;
     row = threadIdx.x / chunks;
     chunk = threadIdx.x - row * chunks;
@@ -142,7 +180,7 @@ __device__ __forceinline__ void stage_rows(const scalar_t* matrix, int64_t strid
                                            int limit, int rows, int head_dim, int dp, int ld, const ChunkSlot& slot,
                                            scalar_t* tile) {
   if constexpr (kVector) {
-    const int d = slot.chunk * kChunk;
+    const int d = slot.chunk * kChunk<scalar_t>;
     for (int r = slot.row; r < rows; r += slot.rows_per_pass) {
       const int token = first + r;
       const bool valid = token < limit && d < head_dim;
@@ -236,7 +274,7 @@ __global__ void __launch_bounds__(kThreadsM) mad_qk_sm80_kernel(const QkParams<f
 #ifdef VITMAD_SM80
   constexpr bool kBias = !std::is_same_v<bias_t, std::nullptr_t>;
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  const int ld = p.head_dim_padded + kRowPad;
+  const int ld = p.head_dim_padded + kChunk<scalar_t>;
   // Shared memory: the query tile, two key tiles, then two tiles' KeyInfo (where: 16-byte aligned, since every
   // tile's size in bytes is a multiple of 16 * kTileN).
   extern __shared__ __align__(128) unsigned char shared[];
@@ -266,10 +304,12 @@ __global__ void __launch_bounds__(kThreadsM) mad_qk_sm80_kernel(const QkParams<f
   // ldmatrix row addresses: lane l gives row l % 8 of matrix l / 8. Queries: matrices (rows +0 / +8) x (d +0 / +8)
   // in the order of the A fragment's registers; keys: (d +0 / +8) x (keys +0 / +8), two B fragments.
   const int matrix = lane / 8;
-  const int q_offset = (warp * 16 + (matrix & 1) * 8 + lane % 8) * ld + (matrix >> 1) * 8;
-  const int k_offset = ((matrix >> 1) * 8 + lane % 8) * ld + (matrix & 1) * 8;
+  // A matrix is 8 rows of 16 bytes: 8 x 8 16-bit elements, or 8 x 4 floats, which ldmatrix hands out as the TF32
+  // fragments (lane l: row l / 4, float l % 4) since the two halves of a float travel together.
+  const int q_offset = (warp * 16 + (matrix & 1) * 8 + lane % 8) * ld + (matrix >> 1) * kChunk<scalar_t>;
+  const int k_offset = ((matrix >> 1) * 8 + lane % 8) * ld + (matrix & 1) * kChunk<scalar_t>;
 
-  const ChunkSlot slot(p.head_dim_padded);
+  const ChunkSlot slot(p.head_dim_padded / kChunk<scalar_t>);
   // Thread j's key of the first tile is patch k - P (the grid form only; the position form reads positions).
   const GridCursor first_cursor(kPositions ? 0 : static_cast<int>(threadIdx.x) - p.first_query,
                                 kPositions ? 1 : p.grid_w);
@@ -327,7 +367,7 @@ __global__ void __launch_bounds__(kThreadsM) mad_qk_sm80_kernel(const QkParams<f
 #pragma unroll
       for (int n = 0; n < kFragsN; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0;
       const scalar_t* k_tile = k_tiles + buffer * kTileN * ld;
-      for (int kk = 0; kk < p.head_dim_padded; kk += 16) {
+      for (int kk = 0; kk < p.head_dim_padded; kk += kStepK<scalar_t>) {
         uint32_t a[4];
         load_matrices_x4(a, q_tile + q_offset + kk);
 #pragma unroll
@@ -336,8 +376,8 @@ __global__ void __launch_bounds__(kThreadsM) mad_qk_sm80_kernel(const QkParams<f
           load_matrices_x4(b4, k_tile + n * 8 * ld + k_offset + kk);
           const uint32_t b0[2] = {b4[0], b4[1]};
           const uint32_t b1[2] = {b4[2], b4[3]};
-          mma_16816<scalar_t>(s[n], a, b0);
-          mma_16816<scalar_t>(s[n + 1], a, b1);
+          mma_k32<scalar_t>(s[n], a, b0);
+          mma_k32<scalar_t>(s[n + 1], a, b1);
         }
       }
 
@@ -427,20 +467,20 @@ __global__ void __launch_bounds__(kThreadsM) mad_qk_sm80_kernel(const QkParams<f
 #endif
 }
 
+template <typename scalar_t>
 size_t shared_bytes_sm80(int head_dim_padded) {
-  const size_t ld = head_dim_padded + kRowPad;
-  return (kTileM + 2 * kTileN) * ld * 2 + 2 * kTileN * (sizeof(float4) + sizeof(float));
+  const size_t ld = head_dim_padded + kChunk<scalar_t>;
+  return (kTileM + 2 * kTileN) * ld * sizeof(scalar_t) + 2 * kTileN * (sizeof(float4) + sizeof(float));
 }
 
-// Whether every row of every [N, D] matrix of a 16-bit tensor starts on a 16-byte boundary and is contiguous
-// along D, with D a multiple of 8: then rows are copied in 16-byte chunks.
+// Whether every row of every [N, D] matrix of a tensor starts on a 16-byte boundary and is contiguous along D,
+// with D a multiple of the chunk: then rows are copied in 16-byte chunks.
 bool rows_are_16_byte_chunks(const void* data, const MatrixOffsets& lead, int64_t stride_n, int64_t stride_d,
-                             int head_dim) {
-  if (reinterpret_cast<uintptr_t>(data) % 16 != 0 || stride_d != 1 || head_dim % kChunk != 0 ||
-      stride_n % kChunk != 0)
+                             int head_dim, int chunk) {
+  if (reinterpret_cast<uintptr_t>(data) % 16 != 0 || stride_d != 1 || head_dim % chunk != 0 || stride_n % chunk != 0)
     return false;
   for (int d = 0; d < lead.ndim; ++d)
-    if (lead.strides[d] % kChunk != 0) return false;
+    if (lead.strides[d] % chunk != 0) return false;
   return true;
 }
 
@@ -474,14 +514,16 @@ bool prepare_kernel(int device, int smem_limit) {
 template <typename scalar_t, typename bias_t, bool kPositions>
 bool launch_mad_qk_sm80(const QkParams<float>& params, int device) {
   QkParams<float> p = params;
-  p.head_dim_padded = (p.head_dim + 15) / 16 * 16;
-  const size_t smem = shared_bytes_sm80(p.head_dim_padded);
+  constexpr int kStep = kStepK<scalar_t>;
+  constexpr int kChunkElements = kChunk<scalar_t>;
+  p.head_dim_padded = (p.head_dim + kStep - 1) / kStep * kStep;
+  const size_t smem = shared_bytes_sm80<scalar_t>(p.head_dim_padded);
   int smem_limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   if (smem > static_cast<size_t>(smem_limit)) return false;  // the portable kernel checks and reports D
-  const bool vector = p.head_dim_padded / kChunk <= kThreadsM &&
-                      rows_are_16_byte_chunks(p.q, p.q_lead, p.q_stride_n, p.q_stride_d, p.head_dim) &&
-                      rows_are_16_byte_chunks(p.k, p.k_lead, p.k_stride_n, p.k_stride_d, p.head_dim);
+  const bool vector = p.head_dim_padded / kChunkElements <= kThreadsM &&
+                      rows_are_16_byte_chunks(p.q, p.q_lead, p.q_stride_n, p.q_stride_d, p.head_dim, kChunkElements) &&
+                      rows_are_16_byte_chunks(p.k, p.k_lead, p.k_stride_n, p.k_stride_d, p.head_dim, kChunkElements);
   bool launched = false;
   auto launch = [&](auto bias_type, auto kVector) {
     constexpr auto kernel =
@@ -510,6 +552,8 @@ VITMAD_INSTANTIATE(c10::Half, c10::Half)
 VITMAD_INSTANTIATE(c10::Half, bool)
 VITMAD_INSTANTIATE(c10::BFloat16, c10::BFloat16)
 VITMAD_INSTANTIATE(c10::BFloat16, bool)
+VITMAD_INSTANTIATE(float, float)
+VITMAD_INSTANTIATE(float, bool)
 #undef VITMAD_INSTANTIATE
 
 }  // namespace vitmad
