@@ -322,10 +322,12 @@ __global__ void __launch_bounds__(kThreadsM) mad_qk_sm80_kernel(const QkParams<f
     bool has_position[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+      // A row past the last query reads the last query's bias (and is never written): no bounds check per logit.
+      if constexpr (kBias)
+        bias_row[h] = static_cast<const bias_t*>(p.bias) + p.bias_lead(b) +
+                      (p.first_query + min(t[h], p.num_queries - 1)) * p.bias_stride_q;
       has_position[h] = valid_row[h];
       if (!valid_row[h]) continue;
-      if constexpr (kBias)
-        bias_row[h] = static_cast<const bias_t*>(p.bias) + p.bias_lead(b) + (p.first_query + t[h]) * p.bias_stride_q;
       if constexpr (kPositions) {
         const float* rows = p.query_positions.matrix(b);
         has_position[h] = p.query_positions.has_position(rows, t[h]);
@@ -446,6 +448,7 @@ __global__ void __launch_bounds__(kThreadsM) mad_qk_sm80_kernel(const QkParams<f
       }
       __syncthreads();  // every warp is done with this tile's buffers before the next copy reuses them
     }
+    wait_copies<0>();  // without keys the loop above never waited for the copies staged before it
 
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
