@@ -1,12 +1,19 @@
 // CUDA kernels of vitmad::mad and vitmad::mad_backward.
 //
-// One warp per attention row (one query): the lanes read the row's patch keys in place with 16-byte vector
-// loads (single-element loads for the unaligned head and the tail), compute each key's distance in registers
-// from its index, and join their partial sums with a shuffle butterfly. A [1, 12, 197, 197] layer is 2352
-// rows, so 294 blocks of 8 warps. Every sum has a fixed order, so results are bit-identical from run to run:
-// the per-query values are written to a [matrices, N - P] buffer and a second small kernel (one warp per
-// matrix) averages them for reduction="mean". A view whose query axis is the contiguous one (a transpose) is
-// read by columns instead, so loads stay coalesced.
+// Rows of contiguous keys whose distance table fits in shared memory (about 32 (N - P) bytes, at most
+// kMaxTableBytes, so N - P up to about 1500) go to mad_rows_kernel: a block serves the queries of one grid
+// column qc, and for those the distance to a key depends on key - query alone (the row and column offsets
+// follow from qc + key - query), so the block builds that table once (2 (N - P) - 1 values, plus shifted
+// copies that make every 16-byte key vector meet a 16-byte-aligned run of distances) and the steady-state
+// loop is a 16-byte load, a shared-memory read and a multiply-add per element: no index math, no division,
+// no square root. A group of kLanes adjacent lanes (8 or 16 for short rows, a whole warp otherwise) serves
+// one row, reading its keys in place with 16-byte vector loads (single-element loads for the unaligned head
+// and the tail), and joins its partial sums with a shuffle butterfly. Other rows (strided keys, or rows too
+// long for the table) go to mad_rows_direct_kernel, one warp per row, which computes each distance from the
+// key index. Every sum has a fixed order, so results are bit-identical from run to run: the per-query values
+// are written to a [matrices, N - P] buffer and a second small kernel (one warp per matrix) averages them for
+// reduction="mean". A view whose query axis is the contiguous one (a transpose) is read by columns instead,
+// so loads stay coalesced.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -32,6 +39,13 @@ namespace {
 constexpr int kUnroll = 4;
 // Key groups (warps) that split the keys of 32 queries in the column kernel.
 constexpr int kKeyGroups = kWarpsPerBlock;
+// The distance table of mad_rows_kernel takes about 32 (N - P) bytes; 48 KiB is what a block may use without
+// opting in, and still leaves room for several blocks per SM. Longer rows use the direct kernel.
+constexpr int64_t kMaxTableBytes = 48 * 1024;
+// Rows with fewer patch keys than these are served by 8 or 16 lanes: per-row setup (split, pointers, the
+// butterfly) is then paid by fewer lanes, and a 16-byte load still covers 128 or 256 contiguous bytes.
+constexpr int64_t kKeysFor8Lanes = 200;
+constexpr int64_t kKeysFor16Lanes = 400;
 
 // What every kernel needs to know about one attention tensor. Indices within a matrix fit in 32 bits
 // (checked on the host); offsets between matrices and rows are 64-bit.
@@ -56,6 +70,23 @@ struct Sums {
   acc_t mass;      // sum_s a[s], with kMass only
 };
 
+// Element i of a 16-byte vector held as four raw 32-bit words, widened to acc_t with plain bit operations
+// (one instruction per element for the 16-bit types; the compiler's own bfloat16 path moves the upper half
+// into a register of its own first, which costs an instruction and a register per pair).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t widen(const AlignedVector<uint32_t, 4>& w, int i) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return __uint_as_float(w.val[i]);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    return __hiloint2double(static_cast<int>(w.val[2 * i + 1]), static_cast<int>(w.val[2 * i]));
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return __uint_as_float(i % 2 == 0 ? w.val[i / 2] << 16 : w.val[i / 2] & 0xffff0000u);
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::Half>, "float, double, Half or BFloat16");
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w.val[i / 2] >> (16 * (i % 2)))));
+  }
+}
+
 // This lane's share of the sums over the `count` patch keys of one query row whose keys are contiguous.
 // Lanes take 16-byte vectors round-robin, so a warp reads 512 contiguous bytes per step. The loop is short
 // on purpose: for 16-bit input at full bandwidth, instruction issue is the next limit after memory.
@@ -63,7 +94,7 @@ template <typename scalar_t, typename acc_t, bool kMass>
 __device__ __forceinline__ Sums<acc_t> lane_sums_contiguous(const scalar_t* __restrict__ keys, int32_t count,
                                                             int32_t query, int32_t grid_w, int lane) {
   constexpr int kVec = kVectorBytes / sizeof(scalar_t);
-  using Vec = AlignedVector<scalar_t, kVec>;
+  using Vec = AlignedVector<uint32_t, 4>;  // raw words, widened by widen()
   const auto split = split_for_vectors<int32_t>(reinterpret_cast<uint64_t>(keys), count, sizeof(scalar_t));
   Sums<acc_t> sums{0, 0};
   auto add = [&](acc_t a, acc_t distance) {
@@ -74,7 +105,7 @@ __device__ __forceinline__ Sums<acc_t> lane_sums_contiguous(const scalar_t* __re
     KeyWalk<acc_t, int32_t> walk(query, first_key, grid_w);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
-      add(static_cast<acc_t>(x.val[i]), walk.distance());
+      add(widen<scalar_t, acc_t>(x, i), walk.distance());
       walk.next();
     }
   };
@@ -131,10 +162,11 @@ __device__ __forceinline__ Sums<acc_t> row_sums(const scalar_t* __restrict__ att
   return {warp_sum(sums.weighted), kMass ? warp_sum(sums.mass) : acc_t(0)};
 }
 
-// per_query[matrix * (N - P) + t] = m_t, one warp per (matrix, query t); kMass is renormalisation.
+// per_query[matrix * (N - P) + t] = m_t, one warp per (matrix, query t); kMass is renormalisation. For
+// strided keys and rows too long for mad_rows_kernel's table. At least 4 blocks per SM caps registers at 64.
 template <typename scalar_t, typename acc_t, bool kContiguousKeys, bool kMass>
-__global__ void __launch_bounds__(kBlockThreads)
-    mad_rows_kernel(const scalar_t* __restrict__ attn, const Geometry g, int64_t num_rows, acc_t patch,
+__global__ void __launch_bounds__(kBlockThreads, 4)
+    mad_rows_direct_kernel(const scalar_t* __restrict__ attn, const Geometry g, int64_t num_rows, acc_t patch,
                     acc_t* __restrict__ per_query) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
@@ -144,6 +176,163 @@ __global__ void __launch_bounds__(kBlockThreads)
     const auto query = static_cast<int32_t>(row - matrix * g.num_patches);
     const Sums<acc_t> sums = row_sums<scalar_t, acc_t, kContiguousKeys, kMass>(attn, g, matrix, query, lane);
     if (lane == 0) per_query[row] = kMass ? patch * sums.weighted / sums.mass : patch * sums.weighted;
+  }
+}
+
+// The distance table of mad_rows_kernel. For queries in grid column qc, the distance in patches to a key
+// `j = key - query` tokens away depends on j alone: with t = qc + j + (N - P) > 0 the key sits at column
+// t % gw, grid_h - t / gw rows above the query. Entry x = j + (N - P) - 1 (0 <= x < 2 (N - P) - 1) holds it.
+// kTabVec copies of length table_len, copy s shifted by s entries, so that for any query the distances of an
+// aligned key vector start 16-byte aligned in one of them.
+template <typename acc_t>
+constexpr int kTabVec = kVectorBytes / sizeof(acc_t);
+
+template <typename acc_t>
+__host__ __device__ __forceinline__ int32_t table_len(int32_t num_patches) {
+  return (2 * num_patches - 1 + kTabVec<acc_t> - 1 + kTabVec<acc_t> - 1) / kTabVec<acc_t> * kTabVec<acc_t>;
+}
+
+template <typename acc_t>
+int64_t table_bytes(int64_t num_patches) {
+  constexpr int64_t kTab = kTabVec<acc_t>;
+  return kTab * ((2 * num_patches - 1 + 2 * (kTab - 1)) / kTab * kTab) * static_cast<int64_t>(sizeof(acc_t));
+}
+
+// Correctly rounded square roots: the table is built once per block, so it may as well be exact (the file
+// is built with -prec-sqrt=false, which makes a plain float sqrt approximate).
+__device__ __forceinline__ float exact_sqrt(float x) { return __fsqrt_rn(x); }
+__device__ __forceinline__ double exact_sqrt(double x) { return __dsqrt_rn(x); }
+
+template <typename acc_t>
+__device__ void build_table(acc_t* __restrict__ table, const Geometry& g, int32_t grid_h, int32_t qc) {
+  constexpr int kTab = kTabVec<acc_t>;
+  const int32_t len = table_len<acc_t>(g.num_patches);
+  const int32_t entries = 2 * g.num_patches - 1;
+  for (int32_t x = threadIdx.x; x < len; x += kBlockThreads) {
+    acc_t d = 0;  // past the last entry: never read for a key, but defined
+    if (x < entries) {
+      const auto t = static_cast<uint32_t>(qc + x + 1);
+      const auto gw = static_cast<uint32_t>(g.grid_w);
+      const acc_t dr = static_cast<acc_t>(grid_h - static_cast<int32_t>(t / gw));
+      const acc_t dc = static_cast<acc_t>(qc - static_cast<int32_t>(t % gw));
+      d = exact_sqrt(dr * dr + dc * dc);
+    }
+    table[x] = d;
+  }
+  __syncthreads();
+  // Copy s (1 <= s < kTab) holds entry y - s at y.
+#pragma unroll
+  for (int s = 1; s < kTab; ++s) {
+    for (int32_t y = threadIdx.x; y < len; y += kBlockThreads) table[s * len + y] = y >= s ? table[y - s] : acc_t(0);
+  }
+  __syncthreads();
+}
+
+// This lane's share of the sums over the `count` contiguous patch keys of one row; dist[k] is the distance
+// to key k, 16-byte aligned wherever keys + k is. Lanes of the group take 16-byte vectors round-robin.
+template <typename scalar_t, typename acc_t, int kLanes, bool kMass>
+__device__ __forceinline__ Sums<acc_t> lane_sums_table(const scalar_t* __restrict__ keys, int32_t count,
+                                                       const acc_t* __restrict__ dist, int lane) {
+  constexpr int kVec = kVectorBytes / sizeof(scalar_t);
+  constexpr int kTab = kTabVec<acc_t>;
+  static_assert(kVec % kTab == 0, "a key vector must meet whole 16-byte runs of distances");
+  using Words = AlignedVector<uint32_t, 4>;
+  using TabVec = AlignedVector<acc_t, kTab>;
+  const auto split = split_for_vectors<int32_t>(reinterpret_cast<uint64_t>(keys), count, sizeof(scalar_t));
+  Sums<acc_t> sums{0, 0};
+  auto add = [&](acc_t a, acc_t distance) {
+    sums.weighted += a * distance;
+    if constexpr (kMass) sums.mass += a;
+  };
+  auto add_vector = [&](const Words& x, int32_t v) {
+    const TabVec* d = reinterpret_cast<const TabVec*>(dist + split.head) + v * (kVec / kTab);
+#pragma unroll
+    for (int p = 0; p < kVec / kTab; ++p) {
+      const TabVec t = d[p];
+#pragma unroll
+      for (int i = 0; i < kTab; ++i) add(widen<scalar_t, acc_t>(x, p * kTab + i), t.val[i]);
+    }
+  };
+  for (int32_t key = lane; key < split.head; key += kLanes) add(static_cast<acc_t>(keys[key]), dist[key]);
+  const Words* vectors = reinterpret_cast<const Words*>(keys + split.head);
+  int32_t v = lane;
+  // Whole steps: all kUnroll loads are issued before any is used, and none needs a mask.
+  for (; v + (kUnroll - 1) * kLanes < split.vectors; v += kUnroll * kLanes) {
+    Words x[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) x[u] = vectors[v + u * kLanes];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) add_vector(x[u], v + u * kLanes);
+  }
+  // At most one partial step is left; its loads too are all in flight before any is used, so short rows
+  // keep as many bytes in flight as long ones.
+  if (v < split.vectors) {
+    Words x[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (v + u * kLanes < split.vectors) x[u] = vectors[v + u * kLanes];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (v + u * kLanes < split.vectors) add_vector(x[u], v + u * kLanes);
+    }
+  }
+  const int32_t tail_key = split.head + split.vectors * kVec + lane;
+  if (tail_key < count) add(static_cast<acc_t>(keys[tail_key]), dist[tail_key]);
+  return sums;
+}
+
+// per_query[matrix * (N - P) + t] = m_t for rows of contiguous keys; kMass is renormalisation. Block
+// (qc, y) serves the queries t = rho * gw + qc of grid column qc: item i = matrix * grid_h + rho, items
+// y * groups + group, then every gridDim.y * groups further. The item is stepped with a carry (no division
+// per row), and a warp runs until none of its groups has an item left, since the butterfly needs all lanes.
+template <typename scalar_t, typename acc_t, int kLanes, bool kMass>
+__global__ void __launch_bounds__(kBlockThreads, 4)
+    mad_rows_kernel(const scalar_t* __restrict__ attn, const Geometry g, int32_t grid_h, int64_t num_matrices,
+                    acc_t patch, acc_t* __restrict__ per_query) {
+  static_assert(kWarp % kLanes == 0, "lane groups tile a warp");
+  constexpr int kGroups = kBlockThreads / kLanes;
+  constexpr int kTab = kTabVec<acc_t>;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  acc_t* table = reinterpret_cast<acc_t*>(shared_bytes);
+  const auto qc = static_cast<int32_t>(blockIdx.x);
+  build_table(table, g, grid_h, qc);
+
+  const int lane = threadIdx.x % kLanes;
+  const auto first = static_cast<uint32_t>(blockIdx.y * kGroups + threadIdx.x / kLanes);  // < 2^16 * 2^5
+  const auto step = static_cast<uint32_t>(gridDim.y * kGroups);
+  const auto rows = static_cast<uint32_t>(grid_h);
+  int64_t matrix = first / rows;
+  auto rho = static_cast<int32_t>(first % rows);
+  const int64_t matrix_step = step / rows;
+  const auto rho_step = static_cast<int32_t>(step % rows);
+  const int32_t len = table_len<acc_t>(g.num_patches);
+  while (true) {
+    const bool active = matrix < num_matrices;
+    if (!__any_sync(0xffffffffu, active)) break;
+    Sums<acc_t> sums{0, 0};
+    const int32_t query = rho * g.grid_w + qc;
+    if (active) {
+      const scalar_t* keys = attn + g.matrix_offset(matrix) + (g.num_prefix + query) * g.query_stride + g.num_prefix;
+      // Copy s of the table, s chosen so that the distance of the first aligned key starts 16-byte aligned.
+      const int32_t head = split_for_vectors<int32_t>(reinterpret_cast<uint64_t>(keys), g.num_patches,
+                                                      sizeof(scalar_t)).head;
+      const int32_t x = head + g.num_patches - 1 - query;  // entry of key `head`
+      const int32_t s = (kTab - x % kTab) % kTab;
+      const acc_t* dist = table + s * len + s + (g.num_patches - 1 - query);
+      sums = lane_sums_table<scalar_t, acc_t, kLanes, kMass>(keys, g.num_patches, dist, lane);
+    }
+    sums.weighted = warp_sum<kLanes>(sums.weighted);
+    if constexpr (kMass) sums.mass = warp_sum<kLanes>(sums.mass);
+    if (active && lane == 0) {
+      per_query[matrix * g.num_patches + query] = kMass ? patch * sums.weighted / sums.mass : patch * sums.weighted;
+    }
+    matrix += matrix_step;
+    rho += rho_step;
+    if (rho >= grid_h) {
+      rho -= grid_h;
+      ++matrix;
+    }
   }
 }
 
@@ -217,8 +406,10 @@ __device__ __forceinline__ void store_row(scalar_t* __restrict__ out, int32_t co
 // is the gradient reaching query t (grad[b] / (N-P) for "mean") and Z_t its mass on patch keys; zero on
 // prefix rows and columns. One warp per row of the contiguous [..., N, N] output, which it writes whole
 // (zeros included), so the output needs no separate zero fill.
+// At least 4 blocks per SM caps registers at 64 (the bfloat16 renormalised form took 80); not for float64,
+// whose renormalised form needs 76 and would spill under the cap.
 template <typename scalar_t, typename acc_t, bool kContiguousKeys>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, std::is_same_v<acc_t, double> ? 1 : 4)
     mad_backward_kernel(const scalar_t* __restrict__ attn, const Geometry g, int64_t num_rows, bool renormalize,
                         bool reduce_mean, acc_t patch, const acc_t* __restrict__ grad,
                         scalar_t* __restrict__ grad_attn) {
@@ -290,12 +481,38 @@ void launch_mad(const at::Tensor& attn, const MadLayout& l, acc_t patch, acc_t* 
     const int64_t num_tiles = l.num_matrices * tiles_per_matrix;
     mad_columns_kernel<scalar_t, acc_t><<<blocks_for(num_tiles, 1), kBlockThreads, 0, stream>>>(
         data, g, num_tiles, tiles_per_matrix, l.renormalize, patch, per_query);
+  } else if (g.key_stride == 1 && l.num_patches > 0 && table_bytes<acc_t>(l.num_patches) <= kMaxTableBytes) {
+    const size_t shared = static_cast<size_t>(table_bytes<acc_t>(l.num_patches));
+    const int64_t items_per_column = l.num_matrices * l.grid_h;
+    auto launch = [&](auto lanes) {
+      constexpr int kLanes = decltype(lanes)::value;
+      constexpr int kGroups = kBlockThreads / kLanes;
+      // Enough blocks to fill the GPU several times over, but no more than one item per group: each block
+      // builds its table once, so fewer, fuller blocks amortise it better.
+      int sms = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, attn.get_device()));
+      const int64_t fill = (int64_t{4} * sms + l.grid_w - 1) / l.grid_w;
+      const int64_t work = (items_per_column + kGroups - 1) / kGroups;
+      const dim3 blocks(static_cast<unsigned>(l.grid_w),
+                        static_cast<unsigned>(std::clamp<int64_t>(std::min(fill, work), 1, 65535)));
+      bool_switch(l.renormalize, [&](auto mass) {
+        mad_rows_kernel<scalar_t, acc_t, kLanes, decltype(mass)::value><<<blocks, kBlockThreads, shared, stream>>>(
+            data, g, static_cast<int32_t>(l.grid_h), l.num_matrices, patch, per_query);
+      });
+    };
+    if (l.num_patches < kKeysFor8Lanes) {
+      launch(std::integral_constant<int, 8>{});
+    } else if (l.num_patches < kKeysFor16Lanes) {
+      launch(std::integral_constant<int, 16>{});
+    } else {
+      launch(std::integral_constant<int, kWarp>{});
+    }
   } else {
     const int64_t num_rows = l.num_matrices * l.num_patches;
     const int blocks = blocks_for(num_rows, kWarpsPerBlock);
     bool_switch(g.key_stride == 1, [&](auto contiguous_keys) {
       bool_switch(l.renormalize, [&](auto mass) {
-        mad_rows_kernel<scalar_t, acc_t, decltype(contiguous_keys)::value, decltype(mass)::value>
+        mad_rows_direct_kernel<scalar_t, acc_t, decltype(contiguous_keys)::value, decltype(mass)::value>
             <<<blocks, kBlockThreads, 0, stream>>>(data, g, num_rows, patch, per_query);
       });
     });
