@@ -1,7 +1,7 @@
 // CUDA kernels of vitmad::mad and vitmad::mad_backward.
 //
 // Rows of contiguous keys whose distance table fits in shared memory (about 32 (N - P) bytes, at most
-// kMaxTableBytes, so N - P up to about 1500) go to mad_rows_kernel: a block serves the queries of one grid
+// kMaxTableBytes, so N - P up to about 3000) go to mad_rows_kernel: a block serves the queries of one grid
 // column qc, and for those the distance to a key depends on key - query alone (the row and column offsets
 // follow from qc + key - query), so the block builds that table once (2 (N - P) - 1 values, plus shifted
 // copies that make every 16-byte key vector meet a 16-byte-aligned run of distances) and the steady-state
@@ -39,12 +39,13 @@ namespace {
 constexpr int kUnroll = 4;
 // Key groups (warps) that split the keys of 32 queries in the column kernel.
 constexpr int kKeyGroups = kWarpsPerBlock;
-// The distance table of mad_rows_kernel takes about 32 (N - P) bytes; 48 KiB is what a block may use without
-// opting in, and still leaves room for several blocks per SM. Longer rows use the direct kernel.
-constexpr int64_t kMaxTableBytes = 48 * 1024;
-// Rows with fewer patch keys than these are served by 8 or 16 lanes: per-row setup (split, pointers, the
-// butterfly) is then paid by fewer lanes, and a 16-byte load still covers 128 or 256 contiguous bytes.
-constexpr int64_t kKeysFor8Lanes = 200;
+// The distance table of mad_rows_kernel takes about 32 (N - P) bytes. Past 48 KiB a kernel must opt in to
+// more shared memory; 96 KiB still leaves two blocks per SM (enough loads in flight to keep HBM busy), and
+// covers N - P up to about 3000 (a 48 x 48 grid). Longer rows use the direct kernel.
+constexpr int kDefaultSharedBytes = 48 * 1024;
+constexpr int64_t kMaxTableBytes = 96 * 1024;
+// Rows with fewer patch keys than this are served by at most 16 lanes: per-row setup (split, pointers, the
+// butterfly) is then paid by fewer lanes, and a 16-byte load still covers 256 contiguous bytes.
 constexpr int64_t kKeysFor16Lanes = 400;
 
 // What every kernel needs to know about one attention tensor. Indices within a matrix fit in 32 bits
@@ -482,31 +483,40 @@ void launch_mad(const at::Tensor& attn, const MadLayout& l, acc_t patch, acc_t* 
     mad_columns_kernel<scalar_t, acc_t><<<blocks_for(num_tiles, 1), kBlockThreads, 0, stream>>>(
         data, g, num_tiles, tiles_per_matrix, l.renormalize, patch, per_query);
   } else if (g.key_stride == 1 && l.num_patches > 0 && table_bytes<acc_t>(l.num_patches) <= kMaxTableBytes) {
-    const size_t shared = static_cast<size_t>(table_bytes<acc_t>(l.num_patches));
+    const auto shared = static_cast<int>(table_bytes<acc_t>(l.num_patches));
     const int64_t items_per_column = l.num_matrices * l.grid_h;
-    auto launch = [&](auto lanes) {
+    const int device = attn.get_device();
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    auto launch = [&](auto lanes, auto mass) {
       constexpr int kLanes = decltype(lanes)::value;
       constexpr int kGroups = kBlockThreads / kLanes;
-      // Enough blocks to fill the GPU several times over, but no more than one item per group: each block
-      // builds its table once, so fewer, fuller blocks amortise it better.
-      int sms = 0;
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, attn.get_device()));
-      const int64_t fill = (int64_t{4} * sms + l.grid_w - 1) / l.grid_w;
+      const auto kernel = mad_rows_kernel<scalar_t, acc_t, kLanes, decltype(mass)::value>;
+      if (shared > kDefaultSharedBytes) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+      }
+      int resident = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kBlockThreads, shared));
+      // One wave of blocks (each builds its table once, so fewer, fuller blocks amortise it better; a few
+      // blocks past one wave would double the time), and no more than one item per group.
+      const int64_t wave = std::max<int64_t>(int64_t{std::max(resident, 1)} * sms / l.grid_w, 1);
       const int64_t work = (items_per_column + kGroups - 1) / kGroups;
-      const dim3 blocks(static_cast<unsigned>(l.grid_w),
-                        static_cast<unsigned>(std::clamp<int64_t>(std::min(fill, work), 1, 65535)));
-      bool_switch(l.renormalize, [&](auto mass) {
-        mad_rows_kernel<scalar_t, acc_t, kLanes, decltype(mass)::value><<<blocks, kBlockThreads, shared, stream>>>(
-            data, g, static_cast<int32_t>(l.grid_h), l.num_matrices, patch, per_query);
-      });
+      const dim3 blocks(static_cast<unsigned>(l.grid_w), static_cast<unsigned>(std::min<int64_t>({wave, work, 65535})));
+      kernel<<<blocks, kBlockThreads, shared, stream>>>(data, g, static_cast<int32_t>(l.grid_h), l.num_matrices,
+                                                        patch, per_query);
     };
-    if (l.num_patches < kKeysFor8Lanes) {
-      launch(std::integral_constant<int, 8>{});
-    } else if (l.num_patches < kKeysFor16Lanes) {
-      launch(std::integral_constant<int, 16>{});
-    } else {
-      launch(std::integral_constant<int, kWarp>{});
-    }
+    // The fewest lanes that still read the whole row in one step of kUnroll vectors per lane, so a row costs
+    // one memory round trip; 16 lanes for rows under kKeysFor16Lanes keys even when that takes two steps.
+    const int64_t vectors = l.num_patches * static_cast<int64_t>(sizeof(scalar_t)) / kVectorBytes;
+    bool_switch(l.renormalize, [&](auto mass) {
+      if (vectors <= 8 * kUnroll) {
+        launch(std::integral_constant<int, 8>{}, mass);
+      } else if (vectors <= 16 * kUnroll || l.num_patches < kKeysFor16Lanes) {
+        launch(std::integral_constant<int, 16>{}, mass);
+      } else {
+        launch(std::integral_constant<int, kWarp>{}, mass);
+      }
+    });
   } else {
     const int64_t num_rows = l.num_matrices * l.num_patches;
     const int blocks = blocks_for(num_rows, kWarpsPerBlock);
