@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -79,7 +80,9 @@ __device__ __forceinline__ acc_t widen(const AlignedVector<uint32_t, 4>& w, int 
   if constexpr (std::is_same_v<scalar_t, float>) {
     return __uint_as_float(w.val[i]);
   } else if constexpr (std::is_same_v<scalar_t, double>) {
-    return __hiloint2double(static_cast<int>(w.val[2 * i + 1]), static_cast<int>(w.val[2 * i]));
+    double d;  // a copy rather than __hiloint2double: the backward kernel then needs fewer registers
+    memcpy(&d, &w.val[2 * i], sizeof(d));
+    return d;
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     return __uint_as_float(i % 2 == 0 ? w.val[i / 2] << 16 : w.val[i / 2] & 0xffff0000u);
   } else {
@@ -88,26 +91,72 @@ __device__ __forceinline__ acc_t widen(const AlignedVector<uint32_t, 4>& w, int 
   }
 }
 
+// Square root of a squared grid distance, an exact integer >= 0: sqrt.approx.ftz is within about 2^-23 of
+// the exact root and is one instruction (the plain sqrtf of a -prec-sqrt=false build adds a subnormal
+// fix-up), and flushing subnormals never matters for 0 or values >= 1. float64 keeps the exact root.
+__device__ __forceinline__ float grid_sqrt(float d2) {
+  float d;
+  asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(d) : "f"(d2));
+  return d;
+}
+__device__ __forceinline__ double grid_sqrt(double d2) { return sqrt(d2); }
+
 // This lane's share of the sums over the `count` patch keys of one query row whose keys are contiguous.
-// Lanes take 16-byte vectors round-robin, so a warp reads 512 contiguous bytes per step. The loop is short
-// on purpose: for 16-bit input at full bandwidth, instruction issue is the next limit after memory.
-template <typename scalar_t, typename acc_t, bool kMass>
-__device__ __forceinline__ Sums<acc_t> lane_sums_contiguous(const scalar_t* __restrict__ keys, int32_t count,
-                                                            int32_t query, int32_t grid_w, int lane) {
+// Lanes take 16-byte vectors round-robin, so a warp reads 512 contiguous bytes per step. Each lane keeps
+// the grid (row, column) of its next vector's first key and advances it by the fixed step between its
+// vectors (kWarp * kVec keys), so a row costs three divisions (query, first key, step) instead of two per
+// vector. With grid_w >= kVec a vector wraps onto the next grid row at most once, so each key picks one of
+// two precomputed (dcol, drow^2) bases. Without kStepped (narrower grids, and callers that cannot spare the
+// registers) every vector starts a KeyWalk instead: two divisions per vector, any grid.
+template <typename scalar_t, typename acc_t, bool kMass, bool kStepped>
+__device__ __forceinline__ Sums<acc_t> lane_sums_walk(const scalar_t* __restrict__ keys, int32_t count,
+                                                      int32_t query, int32_t grid_w, int lane) {
   constexpr int kVec = kVectorBytes / sizeof(scalar_t);
-  using Vec = AlignedVector<uint32_t, 4>;  // raw words, widened by widen()
+  constexpr int32_t kStride = kWarp * kVec;  // keys from one of this lane's vectors to its next
+  using Vec = AlignedVector<uint32_t, 4>;    // raw words, widened by widen()
   const auto split = split_for_vectors<int32_t>(reinterpret_cast<uint64_t>(keys), count, sizeof(scalar_t));
   Sums<acc_t> sums{0, 0};
   auto add = [&](acc_t a, acc_t distance) {
     sums.weighted += a * distance;
     if constexpr (kMass) sums.mass += a;
   };
-  auto add_vector = [&](const Vec& x, int32_t first_key) {
-    KeyWalk<acc_t, int32_t> walk(query, first_key, grid_w);
+  // Used with kStepped only (the compiler drops them otherwise).
+  const int32_t query_row = query / grid_w;
+  const int32_t query_col = query - query_row * grid_w;
+  const int32_t first_key = split.head + lane * kVec;
+  int32_t key_row = first_key / grid_w;  // of this lane's next vector's first key
+  int32_t key_col = first_key - key_row * grid_w;
+  const int32_t step_rows = kStride / grid_w;
+  const int32_t step_cols = kStride - step_rows * grid_w;
+  auto add_vector = [&](const Vec& x, int32_t first) {
+    if constexpr (!kStepped) {
+      KeyWalk<acc_t, int32_t> walk(query, first, grid_w);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      add(widen<scalar_t, acc_t>(x, i), walk.distance());
-      walk.next();
+      for (int i = 0; i < kVec; ++i) {
+        add(widen<scalar_t, acc_t>(x, i), walk.distance());
+        walk.next();
+      }
+    } else {
+      const auto dr = static_cast<acc_t>(query_row - key_row);
+      const acc_t dr2 = dr * dr;
+      const acc_t dr2_next = (dr - acc_t(1)) * (dr - acc_t(1));  // keys past the wrap are one grid row down
+      const auto dc = static_cast<acc_t>(query_col - key_col);
+      const acc_t dc_next = dc + static_cast<acc_t>(grid_w);
+      const int32_t wrap = grid_w - key_col;  // keys i >= wrap of the vector sit on the next grid row
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        const bool next_row = i >= wrap;
+        const acc_t dcol = (next_row ? dc_next : dc) - static_cast<acc_t>(i);
+        add(widen<scalar_t, acc_t>(x, i), grid_sqrt(dcol * dcol + (next_row ? dr2_next : dr2)));
+      }
+    }
+    if constexpr (kStepped) {
+      key_row += step_rows;
+      key_col += step_cols;
+      if (key_col >= grid_w) {
+        key_col -= grid_w;
+        ++key_row;
+      }
     }
   };
   auto add_single = [&](int32_t key) {
@@ -117,9 +166,10 @@ __device__ __forceinline__ Sums<acc_t> lane_sums_contiguous(const scalar_t* __re
   // The head is shorter than a vector unless the row is not even element-aligned; the tail always is.
   for (int32_t key = lane; key < split.head; key += kWarp) add_single(key);
   const Vec* vectors = reinterpret_cast<const Vec*>(keys + split.head);
-  // All kUnroll loads of a step are issued before any is used, partial steps included (masked), so short
-  // rows (a 577-token bfloat16 row is 72 vectors) keep as many bytes in flight as long ones.
-  for (int32_t v = lane; v < split.vectors; v += kUnroll * kWarp) {
+  // A step with masks: all its loads are in flight before any is used, so short rows (a 577-token bfloat16
+  // row is 72 vectors) keep as many bytes in flight as long ones. add_vector must see this lane's vectors in
+  // order, as it advances the grid position.
+  auto masked_step = [&](int32_t v) {
     Vec x[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -129,10 +179,39 @@ __device__ __forceinline__ Sums<acc_t> lane_sums_contiguous(const scalar_t* __re
     for (int u = 0; u < kUnroll; ++u) {
       if (v + u * kWarp < split.vectors) add_vector(x[u], split.head + (v + u * kWarp) * kVec);
     }
+  };
+  int32_t v = lane;
+  if constexpr (kStepped) {
+    // Whole steps need no masks; at most one partial step is left after them.
+    for (; v + (kUnroll - 1) * kWarp < split.vectors; v += kUnroll * kWarp) {
+      Vec x[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) x[u] = vectors[v + u * kWarp];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) add_vector(x[u], split.head + (v + u * kWarp) * kVec);
+    }
+    if (v < split.vectors) masked_step(v);
+  } else {
+    // One masked loop: the split above costs registers that KeyWalk's callers do not have to spare.
+    for (; v < split.vectors; v += kUnroll * kWarp) masked_step(v);
   }
   const int32_t tail_key = split.head + split.vectors * kVec + lane;
   if (tail_key < count) add_single(tail_key);
   return sums;
+}
+
+// The stepped walk where kStep allows it and the grid is at least a vector wide; grids narrower than a
+// vector get their own loop, so the common one carries no division. The stepped walk holds more registers:
+// the backward kernel (whose row pass is not its main cost) and float64 (whose exact square root needs many)
+// keep KeyWalk and stay within 64 registers without spills.
+template <typename scalar_t, typename acc_t, bool kMass, bool kStep>
+__device__ __forceinline__ Sums<acc_t> lane_sums_contiguous(const scalar_t* __restrict__ keys, int32_t count,
+                                                            int32_t query, int32_t grid_w, int lane) {
+  constexpr int kVec = kVectorBytes / sizeof(scalar_t);
+  if constexpr (kStep) {
+    if (grid_w >= kVec) return lane_sums_walk<scalar_t, acc_t, kMass, true>(keys, count, query, grid_w, lane);
+  }
+  return lane_sums_walk<scalar_t, acc_t, kMass, false>(keys, count, query, grid_w, lane);
 }
 
 // The same for keys `key_stride` elements apart (a strided view): one element per lane per step.
@@ -148,15 +227,15 @@ __device__ __forceinline__ Sums<acc_t> lane_sums_strided(const scalar_t* __restr
   return sums;
 }
 
-// The whole warp's sums for one query row; every lane gets them.
-template <typename scalar_t, typename acc_t, bool kContiguousKeys, bool kMass>
+// The whole warp's sums for one query row; every lane gets them. kStep: see lane_sums_contiguous.
+template <typename scalar_t, typename acc_t, bool kContiguousKeys, bool kMass, bool kStep = false>
 __device__ __forceinline__ Sums<acc_t> row_sums(const scalar_t* __restrict__ attn, const Geometry& g, int64_t matrix,
                                                 int32_t query, int lane) {
   const scalar_t* keys = attn + g.matrix_offset(matrix) + (g.num_prefix + query) * g.query_stride +
                          g.num_prefix * g.key_stride;
   Sums<acc_t> sums;
   if constexpr (kContiguousKeys) {
-    sums = lane_sums_contiguous<scalar_t, acc_t, kMass>(keys, g.num_patches, query, g.grid_w, lane);
+    sums = lane_sums_contiguous<scalar_t, acc_t, kMass, kStep>(keys, g.num_patches, query, g.grid_w, lane);
   } else {
     sums = lane_sums_strided<scalar_t, acc_t, kMass>(keys, g.key_stride, g.num_patches, query, g.grid_w, lane);
   }
@@ -175,7 +254,8 @@ __global__ void __launch_bounds__(kBlockThreads, 4)
        row += warps) {
     const int64_t matrix = row / g.num_patches;
     const auto query = static_cast<int32_t>(row - matrix * g.num_patches);
-    const Sums<acc_t> sums = row_sums<scalar_t, acc_t, kContiguousKeys, kMass>(attn, g, matrix, query, lane);
+    constexpr bool kStep = !std::is_same_v<acc_t, double>;
+    const Sums<acc_t> sums = row_sums<scalar_t, acc_t, kContiguousKeys, kMass, kStep>(attn, g, matrix, query, lane);
     if (lane == 0) per_query[row] = kMass ? patch * sums.weighted / sums.mass : patch * sums.weighted;
   }
 }
