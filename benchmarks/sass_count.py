@@ -9,8 +9,9 @@ loop, the elements one pass of that loop consumes, instructions per element and 
 only the machine code, so the instruction diet of the kernel can be checked where it is built.
 
 The steady-state loop is the innermost loop (a backward branch with no other backward branch inside it) that
-holds the 16-byte vector loads (LDG.E.128); each such load brings 16 / element-size elements. Predicated-off
-instructions of a partial step count as executed, as the hardware issues them anyway.
+holds the 16-byte vector loads (LDG.E.128); each such load brings 16 / element-size elements. Where several
+innermost loops hold as many such loads (mad_rows_direct_kernel has a fast loop and a general one for grids
+narrower than a vector), the shorter one, the fast path, is reported.
 """
 
 from __future__ import annotations
@@ -85,7 +86,13 @@ def innermost_vector_loop(instructions: list[str]) -> Loop | None:
         if any(start <= s and e <= end and (s, e) != (start, end) for s, e in loops):
             continue
         loads = sum(bool(VECTOR_LOAD.search(text)) for _, text in instructions[start : end + 1])
-        if loads and (best is None or loads > best.vector_loads):
+        # Ties (a kernel with a fast loop and a general one, e.g. for grids narrower than a vector) go to
+        # the shorter loop, the fast path that common shapes run.
+        if loads and (
+            best is None
+            or loads > best.vector_loads
+            or (loads == best.vector_loads and end - start < best.end - best.start)
+        ):
             best = Loop(start, end, loads)
     return best
 
