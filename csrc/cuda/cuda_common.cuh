@@ -9,7 +9,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include "../mad_geometry.h"
 
@@ -57,6 +59,26 @@ void bool_switch(bool flag, Fn fn) {
 
 inline int blocks_for(int64_t items, int64_t items_per_block) {
   return static_cast<int>(std::clamp<int64_t>((items + items_per_block - 1) / items_per_block, 1, kMaxBlocks));
+}
+
+// How many bytes of dynamic shared memory kKernel may use on `device`: the kernel's attribute is set once per
+// (kernel, device) to min(wanted, the device's opt-in limit) and never changed after. The attribute belongs to
+// the kernel, not to a launch: set per call to the call's own size, one host thread could lower it between
+// another thread's set and launch ("invalid argument").
+template <auto kKernel>
+int dynamic_shared_memory_limit(int device, int wanted) {
+  static std::mutex mutex;
+  static std::vector<int> limits;  // per device, -1 until set
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (limits.size() <= static_cast<size_t>(device)) limits.resize(device + 1, -1);
+  if (limits[device] < 0) {
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    const int bytes = std::min(wanted, optin);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    limits[device] = bytes;
+  }
+  return limits[device];
 }
 
 // Position values are checked on the host (a small copy), except while the current stream is being captured into

@@ -43,8 +43,7 @@ constexpr int kKeyGroups = kWarpsPerBlock;
 // The distance table of mad_rows_kernel takes about 32 (N - P) bytes. Past 48 KiB a kernel must opt in to
 // more shared memory; 96 KiB still leaves two blocks per SM (enough loads in flight to keep HBM busy), and
 // covers N - P up to about 3000 (a 48 x 48 grid). Longer rows use the direct kernel.
-constexpr int kDefaultSharedBytes = 48 * 1024;
-constexpr int64_t kMaxTableBytes = 96 * 1024;
+constexpr int kMaxTableBytes = 96 * 1024;
 // Rows with fewer patch keys than this are served by at most 16 lanes: per-row setup (split, pointers, the
 // butterfly) is then paid by fewer lanes, and a 16-byte load still covers 256 contiguous bytes.
 constexpr int64_t kKeysFor16Lanes = 400;
@@ -93,13 +92,13 @@ __device__ __forceinline__ acc_t widen(const AlignedVector<uint32_t, 4>& w, int 
 
 // Square root of a squared grid distance, an exact integer >= 0: sqrt.approx.ftz is within about 2^-23 of
 // the exact root and is one instruction (the plain sqrtf of a -prec-sqrt=false build adds a subnormal
-// fix-up), and flushing subnormals never matters for 0 or values >= 1. float64 keeps the exact root.
+// fix-up), and flushing subnormals never matters for 0 or values >= 1. (float64 takes the KeyWalk path, with
+// the exact root.)
 __device__ __forceinline__ float grid_sqrt(float d2) {
   float d;
   asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(d) : "f"(d2));
   return d;
 }
-__device__ __forceinline__ double grid_sqrt(double d2) { return sqrt(d2); }
 
 // This lane's share of the sums over the `count` patch keys of one query row whose keys are contiguous.
 // Lanes take 16-byte vectors round-robin, so a warp reads 512 contiguous bytes per step. Each lane keeps
@@ -562,19 +561,22 @@ void launch_mad(const at::Tensor& attn, const MadLayout& l, acc_t patch, acc_t* 
     const int64_t num_tiles = l.num_matrices * tiles_per_matrix;
     mad_columns_kernel<scalar_t, acc_t><<<blocks_for(num_tiles, 1), kBlockThreads, 0, stream>>>(
         data, g, num_tiles, tiles_per_matrix, l.renormalize, patch, per_query);
-  } else if (g.key_stride == 1 && l.num_patches > 0 && table_bytes<acc_t>(l.num_patches) <= kMaxTableBytes) {
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  if (g.key_stride == 1 && l.num_patches > 0 && table_bytes<acc_t>(l.num_patches) <= kMaxTableBytes) {
     const auto shared = static_cast<int>(table_bytes<acc_t>(l.num_patches));
     const int64_t items_per_column = l.num_matrices * l.grid_h;
     const int device = attn.get_device();
     int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    bool launched = false;
     auto launch = [&](auto lanes, auto mass) {
       constexpr int kLanes = decltype(lanes)::value;
       constexpr int kGroups = kBlockThreads / kLanes;
-      const auto kernel = mad_rows_kernel<scalar_t, acc_t, kLanes, decltype(mass)::value>;
-      if (shared > kDefaultSharedBytes) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-      }
+      constexpr auto kernel = &mad_rows_kernel<scalar_t, acc_t, kLanes, decltype(mass)::value>;
+      // Every table fits a device with 96 KiB per block (sm_80 and newer); an older one serves long rows directly.
+      if (shared > dynamic_shared_memory_limit<kernel>(device, kMaxTableBytes)) return;
       int resident = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kBlockThreads, shared));
       // One wave of blocks (each builds its table once, so fewer, fuller blocks amortise it better; a few
@@ -584,6 +586,7 @@ void launch_mad(const at::Tensor& attn, const MadLayout& l, acc_t patch, acc_t* 
       const dim3 blocks(static_cast<unsigned>(l.grid_w), static_cast<unsigned>(std::min<int64_t>({wave, work, 65535})));
       kernel<<<blocks, kBlockThreads, shared, stream>>>(data, g, static_cast<int32_t>(l.grid_h), l.num_matrices,
                                                         patch, per_query);
+      launched = true;
     };
     // The fewest lanes that still read the whole row in one step of kUnroll vectors per lane, so a row costs
     // one memory round trip; 16 lanes for rows under kKeysFor16Lanes keys even when that takes two steps.
@@ -597,16 +600,19 @@ void launch_mad(const at::Tensor& attn, const MadLayout& l, acc_t patch, acc_t* 
         launch(std::integral_constant<int, kWarp>{}, mass);
       }
     });
-  } else {
-    const int64_t num_rows = l.num_matrices * l.num_patches;
-    const int blocks = blocks_for(num_rows, kWarpsPerBlock);
-    bool_switch(g.key_stride == 1, [&](auto contiguous_keys) {
-      bool_switch(l.renormalize, [&](auto mass) {
-        mad_rows_direct_kernel<scalar_t, acc_t, decltype(contiguous_keys)::value, decltype(mass)::value>
-            <<<blocks, kBlockThreads, 0, stream>>>(data, g, num_rows, patch, per_query);
-      });
-    });
+    if (launched) {
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
   }
+  const int64_t num_rows = l.num_matrices * l.num_patches;
+  const int blocks = blocks_for(num_rows, kWarpsPerBlock);
+  bool_switch(g.key_stride == 1, [&](auto contiguous_keys) {
+    bool_switch(l.renormalize, [&](auto mass) {
+      mad_rows_direct_kernel<scalar_t, acc_t, decltype(contiguous_keys)::value, decltype(mass)::value>
+          <<<blocks, kBlockThreads, 0, stream>>>(data, g, num_rows, patch, per_query);
+    });
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

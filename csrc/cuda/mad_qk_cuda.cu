@@ -352,22 +352,6 @@ size_t shared_bytes(int head_dim_padded) {
          (Cfg::kBlockM * (Cfg::kBlockN + 4) + 3 * Cfg::kBlockN) * sizeof(typename Cfg::acc_t);
 }
 
-// Lets the kernel use up to the device's opt-in maximum of dynamic shared memory, set once per device and
-// never changed after. The attribute belongs to the kernel, not to a launch: set per call to the call's own
-// size, one host thread could lower it between another thread's set and launch ("invalid argument"). One
-// instantiation (hence one flag set) per kernel.
-template <typename scalar_t, typename bias_t, bool kPositions>
-void allow_max_shared_memory(int device, int smem_limit) {
-  static std::mutex mutex;
-  static std::vector<bool> done;  // per device
-  const std::lock_guard<std::mutex> lock(mutex);
-  if (done.size() <= static_cast<size_t>(device)) done.resize(device + 1, false);
-  if (done[device]) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(&mad_qk_kernel<scalar_t, bias_t, kPositions>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
-  done[device] = true;
-}
-
 template <typename scalar_t, typename bias_t, bool kPositions>
 void launch_mad_qk(QkParams<typename TileConfig<scalar_t>::acc_t> p, int device) {
   using Cfg = TileConfig<scalar_t>;
@@ -377,8 +361,8 @@ void launch_mad_qk(QkParams<typename TileConfig<scalar_t>::acc_t> p, int device)
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   TORCH_CHECK_VALUE(smem <= static_cast<size_t>(smem_limit), "vitmad.mad_qk: head dimension D = ", p.head_dim,
                     " needs ", smem, " bytes of shared memory per block on CUDA, the device allows ", smem_limit);
-  allow_max_shared_memory<scalar_t, bias_t, kPositions>(device, smem_limit);
-  auto* kernel = &mad_qk_kernel<scalar_t, bias_t, kPositions>;
+  constexpr auto kernel = &mad_qk_kernel<scalar_t, bias_t, kPositions>;
+  dynamic_shared_memory_limit<kernel>(device, smem_limit);  // the device's maximum, set once
   const dim3 blocks((p.num_queries + Cfg::kBlockM - 1) / Cfg::kBlockM,
                     static_cast<unsigned>(std::min<int64_t>(p.num_matrices, kMaxGridY)));
   kernel<<<blocks, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(p);

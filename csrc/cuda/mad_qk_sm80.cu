@@ -487,29 +487,25 @@ bool rows_are_16_byte_chunks(const void* data, const MatrixOffsets& lead, int64_
   return true;
 }
 
-// Per (kernel, device): whether this build carries sm_80+ code the device runs, and the shared-memory limit set.
-// The attribute is set once per device to the device's maximum and never changed, so no host thread can lower it
-// between another thread's set and launch.
+// Per (kernel, device): whether this build carries sm_80+ code for the kernel that the device runs.
 template <auto kKernel>
-bool prepare_kernel(int device, int smem_limit) {
+bool runs_sm80_code(int device) {
   static std::mutex mutex;
-  static std::vector<int> ready;  // per device: 0 unknown, 1 usable, -1 not
+  static std::vector<int> known;  // per device: 0 unknown, 1 yes, -1 no
   const std::lock_guard<std::mutex> lock(mutex);
-  if (ready.size() <= static_cast<size_t>(device)) ready.resize(device + 1, 0);
-  if (ready[device] == 0) {
+  if (known.size() <= static_cast<size_t>(device)) known.resize(device + 1, 0);
+  if (known[device] == 0) {
     int major = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     cudaFuncAttributes attributes{};
     // binaryVersion is the architecture of the code the device would run (the build's own machine code, or PTX
     // compiled for it); below 80 the kernel body is empty.
-    const bool usable = major >= 8 && cudaFuncGetAttributes(&attributes, kKernel) == cudaSuccess &&
-                        attributes.ptxVersion >= 80 && attributes.binaryVersion >= 80;
+    const bool yes = major >= 8 && cudaFuncGetAttributes(&attributes, kKernel) == cudaSuccess &&
+                     attributes.ptxVersion >= 80 && attributes.binaryVersion >= 80;
     (void)cudaGetLastError();  // a failed query leaves no sticky error
-    if (usable)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
-    ready[device] = usable ? 1 : -1;
+    known[device] = yes ? 1 : -1;
   }
-  return ready[device] == 1;
+  return known[device] == 1;
 }
 
 }  // namespace
@@ -531,7 +527,9 @@ bool launch_mad_qk_sm80(const QkParams<float>& params, int device) {
   auto launch = [&](auto bias_type, auto kVector) {
     constexpr auto kernel =
         &mad_qk_sm80_kernel<scalar_t, typename decltype(bias_type)::type, kPositions, decltype(kVector)::value>;
-    if (!prepare_kernel<kernel>(device, smem_limit)) return;
+    if (!runs_sm80_code<kernel>(device) ||
+        static_cast<size_t>(dynamic_shared_memory_limit<kernel>(device, smem_limit)) < smem)
+      return;
     const dim3 blocks((p.num_queries + kTileM - 1) / kTileM,
                       static_cast<unsigned>(std::min<int64_t>(p.num_matrices, 65535)));
     kernel<<<blocks, kThreadsM, smem, c10::cuda::getCurrentCUDAStream()>>>(p);
