@@ -9,8 +9,8 @@ H200), every output written to the folder OUT:
              compute capability, ``--no-build-isolation`` in spirit: the installed torch, nothing downloaded);
              the library lands in ``python/vitmad`` and every later step imports ``python/`` (``PYTHONPATH``).
              Without CMake >= 3.26 it compiles the same sources with the same flags directly.
-2. sass      ``cuobjdump --dump-sass`` and ``--dump-resource-usage`` of the built library (``sass.log``), from
-             which the per-element instruction counts in ``benchmarks/RESULTS.md`` are read.
+2. sass      ``cuobjdump --dump-sass`` and ``--dump-resource-usage`` of the built library (``sass.log``), and
+             ``sass_count.py``'s table of the row kernels' instructions per element (``sass_count.log``).
 3. tests     ``pytest tests/ops tests/recording/test_record_cuda.py -k cuda`` with ``VITMAD_REQUIRE_COMPILED=1``
              (needs pytest and hypothesis).
 4. bench_op, bench_flash, bench_positions   the ``--device cuda`` kernel benchmarks; they write their sections
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 # (step, time limit in seconds); a step also stops where the overall budget ends.
 LIMITS = {
-    "build": 200, "sass": 30, "tests": 180, "memcheck": 90, "racecheck": 90,
+    "build": 200, "sass": 30, "sass_count": 60, "tests": 180, "memcheck": 90, "racecheck": 90,
     "bench_op": 45, "bench_flash": 90, "bench_positions": 45, "bench_model": 60,
 }
 
@@ -276,6 +276,8 @@ def main(argv: list[str]) -> int:
         runner.record("sass", "skipped: cuobjdump not found", 0.0)
     else:
         runner.step("sass", [[cuobjdump, "--dump-resource-usage", library], [cuobjdump, "--dump-sass", library]])
+        # The row kernels' steady-state instructions per element and registers, as RESULTS.md records them.
+        runner.step("sass_count", [[python, str(BENCHMARKS / "sass_count.py"), library, "--cuobjdump", cuobjdump]])
     check = [python, "-c", "import vitmad; assert vitmad.backend() == 'compiled', vitmad.backend(); "
              "assert vitmad.has_compiled_kernel('mad_qk', 'CUDA'); print('vitmad', vitmad.__file__)"]
     pytest = [python, "-m", "pytest", "tests/ops", "tests/recording/test_record_cuda.py", "-q", "-k", "cuda",
