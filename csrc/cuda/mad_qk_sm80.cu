@@ -5,7 +5,7 @@
 // staged in shared memory by asynchronous 16-byte copies (cp.async), double-buffered so the next tile's copy
 // overlaps this tile's arithmetic, together with the keys' positions. Each warp's 16 x 64 logits come from tensor
 // cores straight into registers, always with float32 accumulation: mma.sync m16n8k16 for 16-bit input, and for
-// float32 three m16n8k8 TF32 products of a split into high and low TF32 parts (mma_k32). The PTX fragment layout
+// float32 six m16n8k8 TF32 products of three-way TF32 splits of q and k (mma_k32). The PTX fragment layout
 // fixes which lane holds which (query, key): lane l holds queries l / 4 and l / 4 + 8 of the warp's 16 and keys
 // 8n + 2 (l % 4) + {0, 1} for n = 0..7. The four lanes of a query (a quad) keep its online-softmax state (running
 // max in log2 units; normaliser, mass over keys with a position, distance-weighted sum) and join it with two
@@ -111,10 +111,12 @@ __device__ __forceinline__ uint32_t to_tf32(uint32_t bits) {
   return rounded;
 }
 
-// d += a * b for one fragment of 32 bytes of k: m16n8k16 for 16-bit types (a: 4 registers of 2 elements, b: 2);
-// for float32, m16n8k8 in TF32 three times on the split a = a_hi + a_lo, b = b_hi + b_lo (hi the TF32 rounding,
-// lo the TF32 rounding of the rest), summing a_lo b_hi + a_hi b_lo + a_hi b_hi: about float32's accuracy (the
-// dropped a_lo b_lo is below 2^-22 of the product) from tensor cores, as cuBLAS and SDPA's float32 kernels do.
+// d += a * b for one fragment of 32 bytes of k: m16n8k16 for 16-bit types (a: 4 registers of 2 elements, b: 2).
+// For float32, m16n8k8 in TF32 on three-way splits x = x1 + x2 + x3 (each part the TF32 rounding of what the
+// previous ones leave; 3 x 11 significant bits hold float32's 24 exactly), summing the six products whose size is
+// at least 2^-22 of x1 y1, smallest first. With two-way splits (3 products, "3xTF32") the parts hold only 22 bits:
+// on the H200 the logits of q, k near 1e4 then missed float32's accuracy by several times
+// (tests/ops/test_mad_qk.py::test_logits_that_overflow_a_naive_exp).
 template <typename scalar_t>
 __device__ __forceinline__ void mma_k32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #ifdef VITMAD_SM80
@@ -132,16 +134,24 @@ __device__ __forceinline__ void mma_k32(float (&d)[4], const uint32_t (&a)[4], c
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   } else {
     static_assert(std::is_same_v<scalar_t, float>, "16-bit or float32 input");
-    uint32_t a_hi[4], a_lo[4], b_hi[2], b_lo[2];
+    uint32_t a_part[3][4], b_part[3][2];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      a_hi[i] = to_tf32(a[i]);
-      a_lo[i] = to_tf32(__float_as_uint(__uint_as_float(a[i]) - __uint_as_float(a_hi[i])));
+      float rest = __uint_as_float(a[i]);
+#pragma unroll
+      for (int j = 0; j < 3; ++j) {
+        a_part[j][i] = to_tf32(__float_as_uint(rest));
+        rest -= __uint_as_float(a_part[j][i]);
+      }
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      b_hi[i] = to_tf32(b[i]);
-      b_lo[i] = to_tf32(__float_as_uint(__uint_as_float(b[i]) - __uint_as_float(b_hi[i])));
+      float rest = __uint_as_float(b[i]);
+#pragma unroll
+      for (int j = 0; j < 3; ++j) {
+        b_part[j][i] = to_tf32(__float_as_uint(rest));
+        rest -= __uint_as_float(b_part[j][i]);
+      }
     }
     auto mma = [&](const uint32_t (&x)[4], const uint32_t (&y)[2]) {
       asm volatile(
@@ -150,9 +160,13 @@ __device__ __forceinline__ void mma_k32(float (&d)[4], const uint32_t (&a)[4], c
           : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
           : "r"(x[0]), "r"(x[1]), "r"(x[2]), "r"(x[3]), "r"(y[0]), "r"(y[1]));
     };
-    mma(a_lo, b_hi);  // the small terms first, so that they are not lost against the large one
-    mma(a_hi, b_lo);
-    mma(a_hi, b_hi);
+    // The small terms first, so that they are not lost against the large ones.
+    mma(a_part[2], b_part[0]);
+    mma(a_part[1], b_part[1]);
+    mma(a_part[0], b_part[2]);
+    mma(a_part[1], b_part[0]);
+    mma(a_part[0], b_part[1]);
+    mma(a_part[0], b_part[0]);
   }
 #endif
 }
@@ -168,6 +182,9 @@ struct ChunkSlot {
     rows_per_pass = kThreadsM / chunks;
     row = threadIdx.x / chunks;
     chunk = threadIdx.x - row * chunks;
+    // A thread past the whole rows of one pass would copy the chunks of threads of the next pass again (the
+    // same bytes, but a write-write race that racecheck reports on the H200): it copies nothing.
+    if (row >= rows_per_pass) row = std::numeric_limits<int>::max() / 2;
   }
 };
 

@@ -54,7 +54,7 @@ def random_positions(shape, *, seed, nan_rows=(), scale=50.0, dtype=torch.float6
 
 
 def assert_close(out, expected, dtype):
-    expected = torch.as_tensor(expected, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64).cpu()  # a reference may run on the GPU too
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert tuple(out.shape) == tuple(expected.shape)
     torch.testing.assert_close(out.double().cpu(), expected, equal_nan=True, **tolerance(dtype))
