@@ -1,6 +1,6 @@
 // CUDA kernel of vitmad::mad_qk and vitmad::mad_qk_pos: MAD of softmax(q @ k^T * scale + attn_bias) without the
-// Nq x Nk attention. This portable kernel serves float64, and every dtype on GPUs before sm_80 (or builds without
-// sm_80+ code); float16, bfloat16 and float32 on sm_80+ go to mad_qk_sm80.cu.
+// Nq x Nk attention. This portable kernel serves float32 and float64, and 16-bit input on GPUs before sm_80 (or
+// builds without sm_80+ code); float16 and bfloat16 on sm_80+ go to mad_qk_sm80.cu.
 //
 // One thread block owns a tile of queries of one matrix and walks the keys in tiles, as flash attention does:
 // the query tile stays in shared memory, each key tile is staged in shared memory with its keys' positions, the
@@ -414,9 +414,11 @@ void dispatch_mad_qk(const at::Tensor& q, const at::Tensor& k, const std::option
     using acc_t = typename TileConfig<scalar_t>::acc_t;
     QkParams<acc_t> p = common_params<acc_t>(q, k, bias, shape, renormalize, per_query);
     fill(p);
-    if constexpr (!std::is_same_v<scalar_t, double>) {
+    if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
       // Tensor cores with the logits in registers from sm_80 on (mad_qk_sm80.cu); this file's kernel before, and
-      // for float64.
+      // for float32 and float64, whose logits come from plain FMAs here. (A float32 variant of the sm_80 kernel
+      // on TF32 splits ran at 0.8-0.9x SDPA's float32 time on an H200 but failed two tests there: an infinite
+      // k made every logit NaN through inf - inf in the split, and logits near 1e4 missed float32's accuracy.)
       if (bool_mask ? launch_mad_qk_sm80<scalar_t, bool, kPositions>(p, device)
                     : launch_mad_qk_sm80<scalar_t, scalar_t, kPositions>(p, device))
         return;

@@ -32,7 +32,7 @@ struct QkParams {
   PositionRows<acc_t> query_positions, key_positions;
 };
 
-// Launches the sm_80+ kernel for q and k of c10::Half, c10::BFloat16 or float (bias_t is bool or scalar_t) and
+// Launches the sm_80+ kernel for 16-bit q and k (c10::Half or c10::BFloat16; bias_t is bool or scalar_t) and
 // returns true, or returns false without launching when the device or this build's code for it predates sm_80
 // (the caller then runs the portable kernel).
 template <typename scalar_t, typename bias_t, bool kPositions>

@@ -1,11 +1,10 @@
-// The sm_80+ kernel of vitmad::mad_qk and vitmad::mad_qk_pos for float16, bfloat16 and float32 q and k:
-// flash-attention's layout, with the logits never leaving registers.
+// The sm_80+ kernel of vitmad::mad_qk and vitmad::mad_qk_pos for float16 and bfloat16 q and k: flash-attention's
+// layout, with the logits never leaving registers.
 //
 // A block of 4 warps owns 64 queries of one matrix; warp w owns queries [16w, 16w + 16). Key tiles of 64 keys are
 // staged in shared memory by asynchronous 16-byte copies (cp.async), double-buffered so the next tile's copy
 // overlaps this tile's arithmetic, together with the keys' positions. Each warp's 16 x 64 logits come from tensor
-// cores straight into registers, always with float32 accumulation: mma.sync m16n8k16 for 16-bit input, and for
-// float32 six m16n8k8 TF32 products of three-way TF32 splits of q and k (mma_k32). The PTX fragment layout
+// cores (mma.sync m16n8k16, float32 accumulation) straight into registers. The PTX fragment layout
 // fixes which lane holds which (query, key): lane l holds queries l / 4 and l / 4 + 8 of the warp's 16 and keys
 // 8n + 2 (l % 4) + {0, 1} for n = 0..7. The four lanes of a query (a quad) keep its online-softmax state (running
 // max in log2 units; normaliser, mass over keys with a position, distance-weighted sum) and join it with two
@@ -42,7 +41,7 @@ constexpr int kTileM = 16 * kWarpsM;  // queries per block
 constexpr int kTileN = 64;            // keys per tile
 constexpr int kFragsN = kTileN / 8;   // m16n8 logit fragments per warp per tile
 // Per element type: elements per 16-byte copy (and per 16 bytes of row padding, which makes the fragment reads
-// conflict-free), and elements per mma k-step (32 bytes: m16n8k16 for 16-bit types, m16n8k8 for TF32).
+// conflict-free), and elements per mma k-step (32 bytes: m16n8k16).
 template <typename scalar_t>
 constexpr int kChunk = 16 / sizeof(scalar_t);
 template <typename scalar_t>
@@ -102,21 +101,8 @@ __device__ __forceinline__ void wait_copies() {
 #endif
 }
 
-// The TF32 part of a float (round to nearest, ties away: 10 mantissa bits), as its 32-bit pattern.
-__device__ __forceinline__ uint32_t to_tf32(uint32_t bits) {
-  uint32_t rounded = 0;
-#ifdef VITMAD_SM80
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(rounded) : "f"(__uint_as_float(bits)));
-#endif
-  return rounded;
-}
-
-// d += a * b for one fragment of 32 bytes of k: m16n8k16 for 16-bit types (a: 4 registers of 2 elements, b: 2).
-// For float32, m16n8k8 in TF32 on three-way splits x = x1 + x2 + x3 (each part the TF32 rounding of what the
-// previous ones leave; 3 x 11 significant bits hold float32's 24 exactly), summing the six products whose size is
-// at least 2^-22 of x1 y1, smallest first. With two-way splits (3 products, "3xTF32") the parts hold only 22 bits:
-// on the H200 the logits of q, k near 1e4 then missed float32's accuracy by several times
-// (tests/ops/test_mad_qk.py::test_logits_that_overflow_a_naive_exp).
+// d += a * b for one m16n8k16 fragment (32 bytes of k): a is 16 x 16 (4 registers of 2 elements), b is 16 x 8
+// (2 registers).
 template <typename scalar_t>
 __device__ __forceinline__ void mma_k32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #ifdef VITMAD_SM80
@@ -126,47 +112,13 @@ __device__ __forceinline__ void mma_k32(float (&d)[4], const uint32_t (&a)[4], c
         "{%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::Half>, "float16 or bfloat16 input");
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    static_assert(std::is_same_v<scalar_t, float>, "16-bit or float32 input");
-    uint32_t a_part[3][4], b_part[3][2];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float rest = __uint_as_float(a[i]);
-#pragma unroll
-      for (int j = 0; j < 3; ++j) {
-        a_part[j][i] = to_tf32(__float_as_uint(rest));
-        rest -= __uint_as_float(a_part[j][i]);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float rest = __uint_as_float(b[i]);
-#pragma unroll
-      for (int j = 0; j < 3; ++j) {
-        b_part[j][i] = to_tf32(__float_as_uint(rest));
-        rest -= __uint_as_float(b_part[j][i]);
-      }
-    }
-    auto mma = [&](const uint32_t (&x)[4], const uint32_t (&y)[2]) {
-      asm volatile(
-          "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-          "{%0, %1, %2, %3};\n"
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-          : "r"(x[0]), "r"(x[1]), "r"(x[2]), "r"(x[3]), "r"(y[0]), "r"(y[1]));
-    };
-    // The small terms first, so that they are not lost against the large ones.
-    mma(a_part[2], b_part[0]);
-    mma(a_part[1], b_part[1]);
-    mma(a_part[0], b_part[2]);
-    mma(a_part[1], b_part[0]);
-    mma(a_part[0], b_part[1]);
-    mma(a_part[0], b_part[0]);
   }
 #endif
 }
@@ -321,8 +273,7 @@ __global__ void __launch_bounds__(kThreadsM) mad_qk_sm80_kernel(const QkParams<f
   // ldmatrix row addresses: lane l gives row l % 8 of matrix l / 8. Queries: matrices (rows +0 / +8) x (d +0 / +8)
   // in the order of the A fragment's registers; keys: (d +0 / +8) x (keys +0 / +8), two B fragments.
   const int matrix = lane / 8;
-  // A matrix is 8 rows of 16 bytes: 8 x 8 16-bit elements, or 8 x 4 floats, which ldmatrix hands out as the TF32
-  // fragments (lane l: row l / 4, float l % 4) since the two halves of a float travel together.
+  // A matrix is 8 rows of 16 bytes: 8 x 8 16-bit elements.
   const int q_offset = (warp * 16 + (matrix & 1) * 8 + lane % 8) * ld + (matrix >> 1) * kChunk<scalar_t>;
   const int k_offset = ((matrix >> 1) * 8 + lane % 8) * ld + (matrix & 1) * kChunk<scalar_t>;
 
@@ -570,8 +521,6 @@ VITMAD_INSTANTIATE(c10::Half, c10::Half)
 VITMAD_INSTANTIATE(c10::Half, bool)
 VITMAD_INSTANTIATE(c10::BFloat16, c10::BFloat16)
 VITMAD_INSTANTIATE(c10::BFloat16, bool)
-VITMAD_INSTANTIATE(float, float)
-VITMAD_INSTANTIATE(float, bool)
 #undef VITMAD_INSTANTIATE
 
 }  // namespace vitmad
