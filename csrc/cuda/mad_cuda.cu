@@ -100,6 +100,38 @@ __device__ __forceinline__ float grid_sqrt(float d2) {
   return d;
 }
 
+// Hands this lane's 16-byte vectors v, v + kStride, ... (below num_vectors) to add(x, index) in order, kUnroll at
+// a time with every load of a step issued before any is used, so short rows (a 577-token bfloat16 row is 72
+// vectors) keep as many bytes in flight as long ones. kWholeSteps: whole steps without masks, then at most one
+// masked step; otherwise one masked loop throughout (fewer registers).
+template <int kStride, bool kWholeSteps, typename Vec, typename AddFn>
+__device__ __forceinline__ void for_each_vector(const Vec* __restrict__ vectors, int32_t num_vectors, int32_t v,
+                                                AddFn add) {
+  auto masked_step = [&](int32_t first) {
+    Vec x[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (first + u * kStride < num_vectors) x[u] = vectors[first + u * kStride];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (first + u * kStride < num_vectors) add(x[u], first + u * kStride);
+    }
+  };
+  if constexpr (kWholeSteps) {
+    for (; v + (kUnroll - 1) * kStride < num_vectors; v += kUnroll * kStride) {
+      Vec x[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) x[u] = vectors[v + u * kStride];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) add(x[u], v + u * kStride);
+    }
+    if (v < num_vectors) masked_step(v);
+  } else {
+    for (; v < num_vectors; v += kUnroll * kStride) masked_step(v);
+  }
+}
+
 // This lane's share of the sums over the `count` patch keys of one query row whose keys are contiguous.
 // Lanes take 16-byte vectors round-robin, so a warp reads 512 contiguous bytes per step. Each lane keeps
 // the grid (row, column) of its next vector's first key and advances it by the fixed step between its
@@ -165,35 +197,11 @@ __device__ __forceinline__ Sums<acc_t> lane_sums_walk(const scalar_t* __restrict
   // The head is shorter than a vector unless the row is not even element-aligned; the tail always is.
   for (int32_t key = lane; key < split.head; key += kWarp) add_single(key);
   const Vec* vectors = reinterpret_cast<const Vec*>(keys + split.head);
-  // A step with masks: all its loads are in flight before any is used, so short rows (a 577-token bfloat16
-  // row is 72 vectors) keep as many bytes in flight as long ones. add_vector must see this lane's vectors in
-  // order, as it advances the grid position.
-  auto masked_step = [&](int32_t v) {
-    Vec x[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (v + u * kWarp < split.vectors) x[u] = vectors[v + u * kWarp];
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (v + u * kWarp < split.vectors) add_vector(x[u], split.head + (v + u * kWarp) * kVec);
-    }
-  };
-  int32_t v = lane;
-  if constexpr (kStepped) {
-    // Whole steps need no masks; at most one partial step is left after them.
-    for (; v + (kUnroll - 1) * kWarp < split.vectors; v += kUnroll * kWarp) {
-      Vec x[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) x[u] = vectors[v + u * kWarp];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) add_vector(x[u], split.head + (v + u * kWarp) * kVec);
-    }
-    if (v < split.vectors) masked_step(v);
-  } else {
-    // One masked loop: the split above costs registers that KeyWalk's callers do not have to spare.
-    for (; v < split.vectors; v += kUnroll * kWarp) masked_step(v);
-  }
+  // add_vector must see this lane's vectors in order, as it advances the grid position. Without kStepped, one
+  // masked loop: the split into whole steps costs registers that KeyWalk's callers do not have to spare.
+  for_each_vector<kWarp, kStepped>(vectors, split.vectors, lane, [&](const Vec& x, int32_t index) {
+    add_vector(x, split.head + index * kVec);
+  });
   const int32_t tail_key = split.head + split.vectors * kVec + lane;
   if (tail_key < count) add_single(tail_key);
   return sums;
@@ -335,28 +343,7 @@ __device__ __forceinline__ Sums<acc_t> lane_sums_table(const scalar_t* __restric
   };
   for (int32_t key = lane; key < split.head; key += kLanes) add(static_cast<acc_t>(keys[key]), dist[key]);
   const Words* vectors = reinterpret_cast<const Words*>(keys + split.head);
-  int32_t v = lane;
-  // Whole steps: all kUnroll loads are issued before any is used, and none needs a mask.
-  for (; v + (kUnroll - 1) * kLanes < split.vectors; v += kUnroll * kLanes) {
-    Words x[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) x[u] = vectors[v + u * kLanes];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) add_vector(x[u], v + u * kLanes);
-  }
-  // At most one partial step is left; its loads too are all in flight before any is used, so short rows
-  // keep as many bytes in flight as long ones.
-  if (v < split.vectors) {
-    Words x[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (v + u * kLanes < split.vectors) x[u] = vectors[v + u * kLanes];
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (v + u * kLanes < split.vectors) add_vector(x[u], v + u * kLanes);
-    }
-  }
+  for_each_vector<kLanes, true>(vectors, split.vectors, lane, add_vector);
   const int32_t tail_key = split.head + split.vectors * kVec + lane;
   if (tail_key < count) add(static_cast<acc_t>(keys[tail_key]), dist[tail_key]);
   return sums;

@@ -15,8 +15,9 @@ import torch
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
+from test_record_timm import unfused_maps  # noqa: E402
+
 import vitmad  # noqa: E402
-from vitmad.recording.module_capture import timm_attention_modules  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CASES = [("cpu", torch.float32), ("cpu", torch.bfloat16),
@@ -43,17 +44,6 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def _timm_unfused_maps(model, pixels) -> list[torch.Tensor]:
-    eager = copy.deepcopy(model)
-    maps = []
-    for module in timm_attention_modules(eager).values():
-        module.fused_attn = False
-        module.attn_drop.register_forward_pre_hook(lambda _, args: maps.append(args[0]))
-    with torch.no_grad():
-        eager(pixels)
-    return maps
-
-
 @pytest.mark.parametrize("device, dtype", CASES)
 def test_timm_vit_with_registers(device, dtype):
     # 16 x 12 patches of 8 pixels, CLS + 4 registers; head size 32 (16-byte rows for the 16-bit kernel's copies).
@@ -66,7 +56,7 @@ def test_timm_vit_with_registers(device, dtype):
         with vitmad.record(model) as rec:
             recorded = model(pixels)
     torch.testing.assert_close(recorded, plain, rtol=0, atol=0)
-    maps = _timm_unfused_maps(model, pixels)
+    maps = unfused_maps(model, pixels)
     expected = torch.stack([vitmad.mad_reference(a.double(), 8, num_prefix_tokens=5, grid=[16, 12]) for a in maps])
     assert rec.mad.device.type == device and rec.mad.shape == (2, 3, 2)
     torch.testing.assert_close(rec.mad.double(), expected, **TOLERANCE[dtype])

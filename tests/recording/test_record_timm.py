@@ -37,7 +37,7 @@ FAMILIES = {
 SIZES = [(32, 32), (24, 40)]
 
 
-def _eager_maps(model, pixels) -> list[torch.Tensor]:
+def unfused_maps(model, pixels) -> list[torch.Tensor]:
     """The attention probabilities of every attention module, from its unfused path (input of attn_drop)."""
     eager = copy.deepcopy(model)
     maps = []
@@ -72,7 +72,7 @@ def test_record_matches_unfused_maps_and_keeps_outputs(family, size):
     assert rec.layers == list(modules) == ["blocks.0.attn", "blocks.1.attn"]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
-    maps = _eager_maps(model, pixels)
+    maps = unfused_maps(model, pixels)
     expected = torch.stack([vitmad.mad_reference(a, patch, num_prefix_tokens=prefix, grid=grid) for a in maps])
     assert rec.mad.shape == (2, batch, 2) and rec.mad.dtype == torch.float32
     torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
@@ -87,7 +87,7 @@ def test_per_query_renormalized_and_grid_per_call():
         pixels = torch.randn(1, 3, 16, 56)
         model(pixels)
     assert [c.layout.grid for c in rec.calls] == [(4, 4), (2, 7)]
-    maps = _eager_maps(model, pixels)
+    maps = unfused_maps(model, pixels)
     expected = torch.stack([
         vitmad.mad_reference(a, 8, num_prefix_tokens=3, grid=[2, 7], renormalize=True, reduction="none")
         for a in maps
