@@ -28,10 +28,8 @@
 #include <algorithm>
 #include <climits>
 #include <limits>
-#include <mutex>
 #include <optional>
 #include <type_traits>
-#include <vector>
 
 #include "../mad_args.h"
 #include "../mad_geometry.h"
