@@ -98,7 +98,8 @@ PositionArgs check_position_args(const at::Tensor& tokens, int64_t num_queries, 
                                  bool check_values, const char* op_name) {
   TORCH_CHECK_VALUE(reduction == "mean" || reduction == "none", op_name, ": reduction must be 'mean' or 'none', got '",
                     reduction, "'");
-  const bool qk = std::string_view(op_name) == "vitmad.mad_qk";
+  // The ops from queries and keys (vitmad.mad_qk, vitmad.attention_stats_qk) name q and k in messages.
+  const bool qk = std::string_view(op_name).ends_with("_qk");
   const char* tokens_arg = qk ? "q" : "attn";
   const at::IntArrayRef lead = leading_dims(tokens);
   check_side(positions, "positions", lead, tokens, tokens_arg, num_queries, "queries", "Nq", op_name);

@@ -31,6 +31,20 @@
 //   softmax runs over all Nk keys (positionless ones included, as the model computes it), then MAD as above,
 //   without materialising the attention. A query whose keys are all masked gives NaN, as softmax does.
 // - Error messages name the op the user called: vitmad.mad, vitmad.mad_backward, vitmad.mad_qk.
+//
+// The statistics ops (stats, stats_pos, stats_qk, stats_qk_pos; docs/definition.md, "Beside the distance"):
+// the arguments of mad, mad_pos, mad_qk and mad_qk_pos plus `stats`, the names of the statistics wanted, each
+// at most once, in any order: "mad", "entropy", "prefix_mass", "self_mass" (csrc/stats_args.h). One pass over the
+// attention (or one online-softmax pass over the keys) gives them all. Output: [S, ...] with S = len(stats), row
+// i the statistic stats[i] shaped as the distance op's output ([...] for "mean", [..., Nq'] for "none" with Nq'
+// the patch queries N - P of the grid form or the Nq queries of the position form), float32 (float64 for float64
+// input). Per query t with a position (A its attention row over all Nk keys):
+// - mad: m_t as the distance op computes it (renormalize applies to it alone);
+// - entropy: -sum_s A[t, s] ln A[t, s] over every key (0 ln 0 = 0), in nats;
+// - prefix_mass: sum of A[t, s] over the keys without a position (grid form: the P prefix tokens);
+// - self_mass: A[t, t'] with t' the query's own token among the keys (grid form: token P + t; position form:
+//   the key of the same index, which needs Nq == Nk).
+// Queries without a position get NaN ("none") and are left out of the mean. Not differentiable.
 #include <torch/library.h>
 
 TORCH_LIBRARY(vitmad, m) {
@@ -52,4 +66,16 @@ TORCH_LIBRARY(vitmad, m) {
   m.def(
       "mad_qk_pos(Tensor q, Tensor k, Tensor positions, Tensor? key_positions=None, *, float? scale=None, "
       "Tensor? attn_bias=None, bool renormalize=False, str reduction=\"mean\") -> Tensor");
+  m.def(
+      "stats(Tensor attn, int patch, str[] stats, *, int num_prefix_tokens=1, int[]? grid=None, "
+      "bool renormalize=False, str reduction=\"mean\") -> Tensor");
+  m.def(
+      "stats_pos(Tensor attn, Tensor positions, Tensor? key_positions, str[] stats, *, bool renormalize=False, "
+      "str reduction=\"mean\") -> Tensor");
+  m.def(
+      "stats_qk(Tensor q, Tensor k, int patch, str[] stats, *, int num_prefix_tokens=1, int[]? grid=None, "
+      "float? scale=None, Tensor? attn_bias=None, bool renormalize=False, str reduction=\"mean\") -> Tensor");
+  m.def(
+      "stats_qk_pos(Tensor q, Tensor k, Tensor positions, Tensor? key_positions, str[] stats, *, "
+      "float? scale=None, Tensor? attn_bias=None, bool renormalize=False, str reduction=\"mean\") -> Tensor");
 }

@@ -24,6 +24,8 @@ __all__ = [
     "check_position_args",
     "check_position_values",
     "check_mad_grad",
+    "check_stats",
+    "STAT_NAMES",
     "mad_output_dtype",
     "SUPPORTED_DTYPES",
 ]
@@ -374,7 +376,7 @@ def check_position_args(
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"{op_name}: reduction must be 'mean' or 'none', got '{reduction}'")
-    qk = op_name == "vitmad.mad_qk"
+    qk = op_name.endswith("_qk")  # vitmad.mad_qk, vitmad.attention_stats_qk: messages name q and k
     tokens_arg = "q" if qk else "attn"
     lead = tuple(tokens.shape[:-2])
     _check_position_side(positions, "positions", lead, tokens, tokens_arg, num_queries, "queries", "Nq", op_name)
@@ -413,3 +415,36 @@ def check_mad_grad(grad: torch.Tensor, attn: torch.Tensor, reduce_mean: bool, nu
         raise ValueError(f"vitmad.mad_backward: grad must be on attn's device {attn.device}, got {grad.device}")
     if not grad.dtype.is_floating_point:
         raise TypeError(f"vitmad.mad_backward: grad must be a floating-point tensor, got {grad.dtype}")
+
+
+# The statistics of the stats ops, in the order of csrc/stats_args.h.
+STAT_NAMES = ("mad", "entropy", "prefix_mass", "self_mass")
+
+
+def check_stats(stats: Sequence[str], num_queries: int, num_keys: int, op_name: str) -> tuple[str, ...]:
+    """The ``stats`` argument of the statistics ops (mirrors ``check_stats`` in ``csrc/stats_args.cpp``): at least
+    one name of :data:`STAT_NAMES`, each at most once; ``"self_mass"`` needs ``Nq == Nk``.
+
+    Raises:
+        TypeError: ``stats`` is a single string, not a sequence of names.
+        ValueError: an unknown, missing or repeated name, or ``"self_mass"`` on rectangular attention.
+    """
+    if isinstance(stats, str):
+        raise TypeError(f"{op_name}: stats must be a sequence of names such as ('mad', 'entropy'), got the string "
+                        f"'{stats}'")
+    names = tuple(stats)
+    if not names:
+        raise ValueError(f"{op_name}: stats must name at least one of 'mad', 'entropy', 'prefix_mass', 'self_mass', "
+                         "got none")
+    seen = set()
+    for name in names:
+        if name not in STAT_NAMES:
+            raise ValueError(f"{op_name}: stats must be among 'mad', 'entropy', 'prefix_mass', 'self_mass', got "
+                             f"'{name}'")
+        if name in seen:
+            raise ValueError(f"{op_name}: stats names '{name}' twice")
+        seen.add(name)
+    if "self_mass" in seen and num_queries != num_keys:
+        raise ValueError(f"{op_name}: the statistic 'self_mass' needs the queries and the keys to be the same tokens "
+                         f"(Nq == Nk), got Nq = {num_queries} queries and Nk = {num_keys} keys")
+    return names

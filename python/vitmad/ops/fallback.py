@@ -18,11 +18,13 @@ from .arguments import (
     check_mad_qk_args,
     check_position_args,
     check_qk_tensors,
+    check_stats,
     mad_output_dtype,
 )
 from .reference import biased_logits, pixel_distances
 
-__all__ = ["SCHEMAS", "mad", "mad_backward", "mad_qk", "mad_pos", "mad_pos_backward", "mad_qk_pos"]
+__all__ = ["SCHEMAS", "mad", "mad_backward", "mad_qk", "mad_pos", "mad_pos_backward", "mad_qk_pos", "stats",
+           "stats_pos", "stats_qk", "stats_qk_pos"]
 
 # The schemas of csrc/vitmad.cpp, used to define the ops when the compiled library is absent
 # (tests/ops/test_fallback.py checks that both say the same).
@@ -38,6 +40,15 @@ SCHEMAS = {
     "mad_pos_backward": "mad_pos_backward(Tensor grad, Tensor attn, Tensor positions, Tensor? key_positions=None, "
     '*, bool renormalize=False, str reduction="mean") -> Tensor',
     "mad_qk_pos": "mad_qk_pos(Tensor q, Tensor k, Tensor positions, Tensor? key_positions=None, *, "
+    'float? scale=None, Tensor? attn_bias=None, bool renormalize=False, str reduction="mean") -> Tensor',
+    "stats": "stats(Tensor attn, int patch, str[] stats, *, int num_prefix_tokens=1, int[]? grid=None, "
+    'bool renormalize=False, str reduction="mean") -> Tensor',
+    "stats_pos": "stats_pos(Tensor attn, Tensor positions, Tensor? key_positions, str[] stats, *, "
+    'bool renormalize=False, str reduction="mean") -> Tensor',
+    "stats_qk": "stats_qk(Tensor q, Tensor k, int patch, str[] stats, *, int num_prefix_tokens=1, "
+    'int[]? grid=None, float? scale=None, Tensor? attn_bias=None, bool renormalize=False, str reduction="mean") '
+    "-> Tensor",
+    "stats_qk_pos": "stats_qk_pos(Tensor q, Tensor k, Tensor positions, Tensor? key_positions, str[] stats, *, "
     'float? scale=None, Tensor? attn_bias=None, bool renormalize=False, str reduction="mean") -> Tensor',
 }
 
@@ -273,3 +284,170 @@ def mad_qk_pos(
     if nk == 0:  # softmax over no key: NaN, as over keys that are all masked
         per_query.fill_(float("nan"))
     return sides.reduce(per_query, layout.reduce_mean)
+
+
+# The statistics ops ---------------------------------------------------------------------------------------------
+# MAD comes from the distance kernels above (a second read of the attention or logits: these kernels trade speed
+# for plainness); the other statistics from chunks of query rows in the accumulation dtype.
+
+
+def _other_statistics(names, a: torch.Tensor, has_key: torch.Tensor, first_token: int) -> dict:
+    """Entropy, prefix mass and self mass of the attention rows ``a`` ``[..., rows, Nk]`` whose first row is
+    token ``first_token``; ``has_key`` ``[..., Nk]`` says which keys have a position."""
+    out = {}
+    if "entropy" in names:
+        out["entropy"] = -torch.special.xlogy(a, a).sum(-1)
+    if "prefix_mass" in names:
+        out["prefix_mass"] = torch.where(has_key[..., None, :], 0, a).sum(-1)
+    if "self_mass" in names:
+        rows = torch.arange(a.shape[-2], device=a.device)
+        out["self_mass"] = a[..., rows, rows + first_token]
+    return out
+
+
+def _reduce_stats(names, mad_value, per_query: dict, has_query: torch.Tensor, reduce_mean: bool) -> torch.Tensor:
+    """``[S, ...]``: MAD (already reduced) and the other statistics, NaN at queries without a position or
+    averaged over the queries with one."""
+    rows = []
+    for name in names:
+        if name == "mad":
+            rows.append(mad_value)
+            continue
+        value = torch.where(has_query, per_query[name], float("nan"))
+        if reduce_mean:
+            total = torch.where(has_query, value, 0).sum(-1, dtype=torch.float64)
+            value = (total / has_query.sum(-1)).to(value.dtype)
+        rows.append(value)
+    return torch.stack(rows)
+
+
+def _collect(names, num_queries: int, chunk_rows, row_stats) -> dict:
+    """Per-query statistics ``[..., num_queries]`` gathered from ``row_stats(rows)`` over query chunks."""
+    parts = {name: [] for name in names if name != "mad"}
+    if not parts:
+        return {}
+    for rows in _query_chunks(num_queries, chunk_rows):
+        for name, value in row_stats(rows).items():
+            parts[name].append(value)
+    return {name: torch.cat(values, -1) for name, values in parts.items()}
+
+
+def stats(
+    attn: torch.Tensor,
+    patch: int,
+    stats: Sequence[str],
+    *,
+    num_prefix_tokens: int = 1,
+    grid: Sequence[int] | None = None,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    op = "vitmad.attention_stats"
+    layout = check_mad_args(attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction, op)
+    names = check_stats(stats, attn.shape[-1], attn.shape[-1], op)
+    acc = mad_output_dtype(attn.dtype)
+    p, n = layout.num_prefix, layout.num_tokens
+    has_key = torch.arange(n, device=attn.device) >= p
+    per_query = _collect(
+        names, layout.num_patches, math.prod(attn.shape[:-2]) * n,
+        lambda rows: _other_statistics(names, attn[..., p + rows.start : p + rows.stop, :].to(acc), has_key,
+                                       p + rows.start))
+    mad_value = mad(attn, patch, num_prefix_tokens=num_prefix_tokens, grid=grid, renormalize=renormalize,
+                    reduction=reduction) if "mad" in names else None
+    has_query = torch.ones(layout.num_patches, dtype=torch.bool, device=attn.device)
+    return _reduce_stats(names, mad_value, per_query, has_query, layout.reduce_mean)
+
+
+def stats_pos(
+    attn: torch.Tensor,
+    positions: torch.Tensor,
+    key_positions: torch.Tensor | None,
+    stats: Sequence[str],
+    *,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    op = "vitmad.attention_stats"
+    check_attn_tensor(attn, "[..., Nq, Nk]", op)
+    nq, nk = attn.shape[-2], attn.shape[-1]
+    layout = check_position_args(attn, nq, nk, positions, key_positions, renormalize, reduction, op)
+    names = check_stats(stats, nq, nk, op)
+    acc = mad_output_dtype(attn.dtype)
+    sides = _Sides(positions, key_positions, acc)
+    per_query = _collect(
+        names, nq, math.prod(attn.shape[:-2]) * nk,
+        lambda rows: _other_statistics(names, attn[..., rows, :].to(acc), sides.has_key, rows.start))
+    mad_value = mad_pos(attn, positions, key_positions, renormalize=renormalize,
+                        reduction=reduction) if "mad" in names else None
+    return _reduce_stats(names, mad_value, per_query, sides.has_query, layout.reduce_mean)
+
+
+def _softmax_rows(q, keys_t, scale, bias, rows: slice) -> torch.Tensor:
+    """``softmax(q[..., rows, :] @ k^T * scale + bias[..., rows, :])`` over every key, in the accumulation dtype."""
+    logits = (q[..., rows, :].to(keys_t.dtype) * scale) @ keys_t
+    return biased_logits(logits, None if bias is None else bias[..., rows, :]).softmax(-1)
+
+
+def stats_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    patch: int,
+    stats: Sequence[str],
+    *,
+    num_prefix_tokens: int = 1,
+    grid: Sequence[int] | None = None,
+    scale: float | None = None,
+    attn_bias: torch.Tensor | None = None,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    op = "vitmad.attention_stats_qk"
+    qk = check_mad_qk_args(q, k, patch, num_prefix_tokens, grid, scale, attn_bias, renormalize, reduction, op)
+    layout = qk.mad
+    names = check_stats(stats, layout.num_tokens, layout.num_tokens, op)
+    acc = mad_output_dtype(q.dtype)
+    p, n = layout.num_prefix, layout.num_tokens
+    keys_t = k.to(acc).transpose(-1, -2)
+    bias = None if attn_bias is None else attn_bias.expand(*q.shape[:-1], n)
+    has_key = torch.arange(n, device=q.device) >= p
+    per_query = _collect(
+        names, layout.num_patches, math.prod(q.shape[:-2]) * n,
+        lambda rows: _other_statistics(
+            names, _softmax_rows(q, keys_t, qk.scale, bias, slice(p + rows.start, p + rows.stop)), has_key,
+            p + rows.start))
+    mad_value = mad_qk(q, k, patch, num_prefix_tokens=num_prefix_tokens, grid=grid, scale=scale,
+                       attn_bias=attn_bias, renormalize=renormalize, reduction=reduction) if "mad" in names else None
+    has_query = torch.ones(layout.num_patches, dtype=torch.bool, device=q.device)
+    return _reduce_stats(names, mad_value, per_query, has_query, layout.reduce_mean)
+
+
+def stats_qk_pos(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    key_positions: torch.Tensor | None,
+    stats: Sequence[str],
+    *,
+    scale: float | None = None,
+    attn_bias: torch.Tensor | None = None,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    op = "vitmad.attention_stats_qk"
+    shape = check_qk_tensors(q, k, scale, attn_bias, False, op)
+    nq, nk = shape.num_queries, shape.num_keys
+    layout = check_position_args(q, nq, nk, positions, key_positions, renormalize, reduction, op)
+    names = check_stats(stats, nq, nk, op)
+    acc = mad_output_dtype(q.dtype)
+    sides = _Sides(positions, key_positions, acc)
+    keys_t = k.to(acc).transpose(-1, -2)
+    bias = None if attn_bias is None else attn_bias.expand(*q.shape[:-1], nk)
+    per_query = _collect(
+        names, nq, math.prod(q.shape[:-2]) * max(nk, 1),
+        lambda rows: _other_statistics(names, _softmax_rows(q, keys_t, shape.scale, bias, rows), sides.has_key,
+                                       rows.start))
+    if nk == 0:  # softmax over no key: NaN, as over keys that are all masked (the sums above gave 0)
+        per_query = {name: value.fill_(float("nan")) for name, value in per_query.items()}
+    mad_value = mad_qk_pos(q, k, positions, key_positions, scale=scale, attn_bias=attn_bias,
+                           renormalize=renormalize, reduction=reduction) if "mad" in names else None
+    return _reduce_stats(names, mad_value, per_query, sides.has_query, layout.reduce_mean)

@@ -12,7 +12,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .arguments import check_attn_tensor, check_mad_args, check_position_args, check_qk_tensors
+from .arguments import (
+    check_attn_tensor,
+    check_mad_args,
+    check_position_args,
+    check_qk_tensors,
+    check_stats,
+)
 
 __all__ = [
     "pixel_distances",
@@ -26,6 +32,8 @@ __all__ = [
     "mad_qk_positions_reference",
     "uniform_attention_mad",
     "tutorial_mean_attention_distance",
+    "attention_stats_reference",
+    "attention_stats_qk_reference",
 ]
 
 
@@ -291,3 +299,127 @@ def tutorial_mean_attention_distance(patch_size: int, attention_weights: np.ndar
             distance_matrix[i, j] = patch_size * np.linalg.norm([xi - xj, yi - yj])
     weighted = (attention_weights * distance_matrix).sum(-1)
     return weighted.mean(-1)
+
+
+# The statistics beside the distance (docs/definition.md, "Beside the distance") ---------------------------------
+
+
+def _row_statistic(name: str, a: torch.Tensor, has_key: torch.Tensor, first_query: int) -> torch.Tensor:
+    """One statistic other than MAD of every query row of float64 attention ``a`` ``[..., Nq, Nk]``;
+    ``has_key`` ``[..., Nk]`` says which keys have a position; query row ``i`` is token ``first_query + i``."""
+    if name == "entropy":
+        return -torch.special.xlogy(a, a).sum(-1)  # xlogy(0, 0) = 0: a key with no attention adds nothing
+    if name == "prefix_mass":
+        return torch.where(has_key[..., None, :], 0.0, a).sum(-1)
+    # self_mass: the attention on the query's own token, the key of the same token index.
+    rows = torch.arange(a.shape[-2], device=a.device)
+    return a[..., rows, rows + first_query]
+
+
+def _stats_from_attention(a, stats, mad_value, has_query, has_key, first_query, reduce_mean):
+    """``[S, ...]`` float64: each statistic per query (NaN at queries without a position), or its mean over the
+    queries with a position. ``mad_value`` gives MAD in the same reduction, computed by the MAD reference."""
+    rows = []
+    for name in stats:
+        if name == "mad":
+            rows.append(mad_value())
+            continue
+        per_query = torch.where(has_query, _row_statistic(name, a, has_key, first_query), float("nan"))
+        if reduce_mean:
+            per_query = torch.where(has_query, per_query, 0.0).sum(-1) / has_query.sum(-1)
+        rows.append(per_query)
+    return torch.stack(rows)
+
+
+def attention_stats_reference(
+    attn: torch.Tensor,
+    stats: Sequence[str],
+    *,
+    patch: int | None = None,
+    num_prefix_tokens: int = 1,
+    grid: Sequence[int] | None = None,
+    positions: torch.Tensor | None = None,
+    key_positions: torch.Tensor | None = None,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The statistics of attention probabilities in float64, as ``docs/definition.md`` defines them: MAD, the
+    entropy of each query's row (nats), its mass on the keys without a position and on its own token.
+
+    The grid form (``patch``, ``num_prefix_tokens``, ``grid``: the queries are the patch tokens, the prefix tokens
+    the keys without a position) or the position form (``positions``, ``key_positions``).
+
+    Returns:
+        ``[len(stats), ...]`` float64, row ``i`` the statistic ``stats[i]`` shaped as :func:`mad_reference`'s
+        (grid form) or :func:`mad_positions_reference`'s output.
+    """
+    if positions is None:
+        layout = check_mad_args(attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction,
+                                "vitmad.attention_stats")
+        stats = check_stats(stats, attn.shape[-1], attn.shape[-1], "vitmad.attention_stats")
+        p = layout.num_prefix
+        a = attn.double()[..., p:, :]
+        has_key = torch.arange(attn.shape[-1], device=attn.device) >= p
+        has_query = torch.ones(layout.num_patches, dtype=torch.bool, device=attn.device)
+        return _stats_from_attention(
+            a, stats, lambda: mad_reference(attn, patch, num_prefix_tokens=num_prefix_tokens, grid=grid,
+                                            renormalize=renormalize, reduction=reduction),
+            has_query, has_key, p, layout.reduce_mean)
+    check_attn_tensor(attn, "[..., Nq, Nk]", "vitmad.attention_stats")
+    layout = check_position_args(attn, attn.shape[-2], attn.shape[-1], positions, key_positions, renormalize,
+                                 reduction, "vitmad.attention_stats")
+    stats = check_stats(stats, attn.shape[-2], attn.shape[-1], "vitmad.attention_stats")
+    keys = positions if key_positions is None else key_positions
+    return _stats_from_attention(
+        attn.double(), stats, lambda: _positions_mad(attn.double(), positions, key_positions, renormalize,
+                                                     layout.reduce_mean),
+        ~positions.double()[..., 0].isnan(), ~keys.double()[..., 0].isnan(), 0, layout.reduce_mean)
+
+
+def attention_stats_qk_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    stats: Sequence[str],
+    *,
+    patch: int | None = None,
+    num_prefix_tokens: int = 1,
+    grid: Sequence[int] | None = None,
+    positions: torch.Tensor | None = None,
+    key_positions: torch.Tensor | None = None,
+    scale: float | None = None,
+    attn_bias: torch.Tensor | None = None,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """:func:`attention_stats_reference` of ``softmax(q @ k^T * scale + attn_bias)`` over every key, by the
+    materialised route in float64; MAD as :func:`mad_qk_reference` / :func:`mad_qk_positions_reference` give it.
+
+    A query with no key to attend to (all masked) has no attention distribution: NaN for every statistic.
+    """
+    op = "vitmad.attention_stats_qk"
+    shape = check_qk_tensors(q, k, scale, attn_bias, positions is None, op)
+    stats = check_stats(stats, shape.num_queries, shape.num_keys, op)
+    logits = biased_logits(q.double() @ k.double().transpose(-1, -2) * shape.scale, attn_bias)
+    attn = logits.softmax(-1) if shape.num_keys else logits
+    if positions is None:
+        layout = check_mad_args(attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction, op)
+        p = layout.num_prefix
+        has_key = torch.arange(shape.num_keys, device=q.device) >= p
+        has_query = torch.ones(layout.num_patches, dtype=torch.bool, device=q.device)
+        return _stats_from_attention(
+            attn[..., p:, :], stats,
+            lambda: mad_qk_reference(q, k, patch, num_prefix_tokens=num_prefix_tokens, grid=grid, scale=scale,
+                                     attn_bias=attn_bias, renormalize=renormalize, reduction=reduction),
+            has_query, has_key, p, layout.reduce_mean)
+    layout = check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize,
+                                 reduction, op)
+    keys = positions if key_positions is None else key_positions
+    has_query = ~positions.double()[..., 0].isnan()
+    if shape.num_keys == 0:  # softmax over no key: every statistic of every query is NaN
+        out = q.shape[:-2] if layout.reduce_mean else q.shape[:-1]
+        return torch.full((len(stats), *out), float("nan"), dtype=torch.float64, device=q.device)
+    return _stats_from_attention(
+        attn, stats,
+        lambda: mad_qk_positions_reference(q, k, positions, key_positions, scale=scale, attn_bias=attn_bias,
+                                           renormalize=renormalize, reduction=reduction),
+        has_query, ~keys.double()[..., 0].isnan(), 0, layout.reduce_mean)

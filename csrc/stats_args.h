@@ -1,0 +1,44 @@
+// The `stats` argument of the statistics ops (stats, stats_pos, stats_qk, stats_qk_pos): which statistics a call
+// computes and where each goes in the [S, ...] output. Checked once, here, for every backend; the Python mirror
+// is python/vitmad/ops/arguments.py (check_stats), message for message.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace vitmad {
+
+// The statistics, in the order of kStatNames.
+enum class Stat : int { kMad = 0, kEntropy = 1, kPrefixMass = 2, kSelfMass = 3 };
+constexpr int kNumStats = 4;
+inline constexpr std::array<const char*, kNumStats> kStatNames{"mad", "entropy", "prefix_mass", "self_mass"};
+
+// Which statistics a call wants and the output row of each (-1: not wanted).
+struct StatsRequest {
+  std::array<int64_t, kNumStats> row{-1, -1, -1, -1};
+  int64_t count = 0;  // S, the output's first dimension
+
+  bool wants(Stat s) const { return row[static_cast<int>(s)] >= 0; }
+  int64_t row_of(Stat s) const { return row[static_cast<int>(s)]; }
+};
+
+// `stats` must name at least one statistic of kStatNames, each at most once; "self_mass" needs the queries and
+// the keys to be the same tokens, Nq == Nk (always so in the grid form). Errors are ValueErrors naming op_name.
+StatsRequest check_stats(c10::ArrayRef<std::string> stats, int64_t num_queries, int64_t num_keys,
+                         const char* op_name);
+
+// The output [S, ...] for per-op output shape `shape` in `options`, and its [S, num_matrices, num_queries]
+// per-query view (a separate buffer for "mean", the output itself for "none").
+struct StatsOutputs {
+  at::Tensor per_query;  // [S, num_matrices, num_queries]
+  at::Tensor out;        // [S, ...shape]
+};
+StatsOutputs empty_stats_outputs(const at::Tensor& tokens, const StatsRequest& request, int64_t num_matrices,
+                                 int64_t num_queries, bool reduce_mean);
+
+}  // namespace vitmad
