@@ -7,6 +7,8 @@ a model over an image set, with results files and figures). The definition: ``do
 """
 
 from .ops import (
+    attention_stats,
+    attention_stats_qk,
     backend,
     grid_positions,
     has_compiled_kernel,
@@ -21,6 +23,8 @@ from .recording import record
 __all__ = [
     "mad",
     "mad_qk",
+    "attention_stats",
+    "attention_stats_qk",
     "record",
     "backend",
     "has_compiled_kernel",

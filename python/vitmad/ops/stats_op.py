@@ -1,0 +1,284 @@
+"""Typed Python entry points of the statistics ops (``vitmad::stats``, ``stats_pos``, ``stats_qk``,
+``stats_qk_pos``), their fake (shape) kernels and the autograd kernels that refuse gradients; and the maps of
+the tokens without a position (CLS, registers) over the positioned tokens, which need no kernel.
+
+The statistics (``docs/definition.md``, "Beside the distance"), per query with a position:
+
+- ``"mad"``: the mean attention distance, as :func:`vitmad.mad` / :func:`vitmad.mad_qk` give it;
+- ``"entropy"``: ``-sum_s A[t, s] ln A[t, s]`` over every key, in nats;
+- ``"prefix_mass"``: the attention on the keys without a position (CLS, registers: the "attention sink");
+- ``"self_mass"``: the attention on the query's own token;
+
+and, on request, ``"prefix_maps"``: the attention rows of the tokens without a position over the tokens with
+one, ``[..., P, N - P]`` (the DINO-style CLS and register maps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import library  # noqa: F401  (defines torch.ops.vitmad before anything is registered on it)
+from .arguments import (
+    STAT_NAMES,
+    check_attn_tensor,
+    check_mad_args,
+    check_mad_qk_args,
+    check_one_form,
+    check_position_args,
+    check_qk_tensors,
+    check_stats,
+    mad_output_dtype,
+)
+from .reference import biased_logits
+
+__all__ = ["attention_stats", "attention_stats_qk", "DEFAULT_STATS", "MAP_NAME", "STAT_NAMES"]
+
+DEFAULT_STATS = ("mad", "entropy", "prefix_mass", "self_mass")
+# Not a per-query value but rows of attention: computed beside the kernel's pass, only when asked for.
+MAP_NAME = "prefix_maps"
+
+_OP = "vitmad.attention_stats"
+_OP_QK = "vitmad.attention_stats_qk"
+
+
+def _split(stats: Sequence[str], op_name: str) -> tuple[tuple[str, ...], bool]:
+    """The per-query statistics the kernels compute, and whether the prefix maps are asked for."""
+    if isinstance(stats, str):
+        raise TypeError(f"{op_name}: stats must be a sequence of names such as ('mad', 'entropy'), got the string "
+                        f"'{stats}'")
+    names = tuple(stats)
+    maps = MAP_NAME in names
+    if names.count(MAP_NAME) > 1:
+        raise ValueError(f"{op_name}: stats names '{MAP_NAME}' twice")
+    rest = tuple(n for n in names if n != MAP_NAME)
+    if not rest and not maps:
+        raise ValueError(f"{op_name}: stats must name at least one of {', '.join(repr(n) for n in STAT_NAMES)} or "
+                         f"'{MAP_NAME}', got none")
+    return rest, maps
+
+
+def _same_everywhere(has: torch.Tensor, arg: str, op_name: str) -> torch.Tensor:
+    """The token indices where ``has`` (``[..., N]``) is True, which must be the same in every matrix."""
+    flat = has.reshape(-1, has.shape[-1])
+    if flat.shape[0] > 1 and not bool((flat == flat[:1]).all()):
+        raise ValueError(f"{op_name}: prefix maps need the same tokens without a position in every matrix, but "
+                         f"{arg} marks different tokens in different matrices; ask for them per image")
+    return flat[0].nonzero().flatten() if flat.shape[0] else has.new_zeros(0, dtype=torch.long)
+
+
+def _map_tokens(positions, key_positions, op_name):
+    """(query rows without a position, key columns with one) for the position form."""
+    keys = positions if key_positions is None else key_positions
+    rows = _same_everywhere(positions[..., 0].isnan(), "positions", op_name)
+    cols = _same_everywhere(~keys[..., 0].isnan(), "key_positions" if key_positions is not None else "positions",
+                            op_name)
+    return rows, cols
+
+
+def attention_stats(
+    attn: torch.Tensor,
+    patch: int | None = None,
+    *,
+    stats: Sequence[str] = DEFAULT_STATS,
+    num_prefix_tokens: int | None = None,
+    grid: Sequence[int] | None = None,
+    positions: torch.Tensor | None = None,
+    key_positions: torch.Tensor | None = None,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> dict[str, torch.Tensor]:
+    """MAD and the statistics researchers put beside it, from attention probabilities, in one read.
+
+    The grid and position forms and every argument but ``stats`` are those of :func:`vitmad.mad`; the fused
+    kernels read ``attn`` once, in place, for all the statistics asked for.
+
+    Args:
+        attn: ``[..., N, N]`` (grid form) or ``[..., Nq, Nk]`` (position form) attention probabilities.
+        stats: any of ``"mad"``, ``"entropy"`` (of each query's row over every key, in nats), ``"prefix_mass"``
+            (the attention on the keys without a position: CLS, registers), ``"self_mass"`` (on the query's own
+            token; needs ``Nq == Nk``), each at most once; and ``"prefix_maps"``: the rows of the tokens without
+            a position over the keys with one.
+        renormalize: applies to ``"mad"`` only (the other statistics are of the whole row).
+        reduction: ``"mean"`` averages each statistic over the queries with a position; ``"none"`` keeps one
+            value per query (NaN at queries without a position in the position form).
+
+    Returns:
+        ``{name: tensor}`` in the order of ``stats``: each statistic shaped as :func:`vitmad.mad`'s output
+        (float32, float64 for float64 input); ``"prefix_maps"`` ``[..., P, N - P]`` (grid form) or
+        ``[..., Nq0, Nk1]`` with the ``Nq0`` queries without a position (in token order) over the ``Nk1`` keys
+        with one; those tokens must be the same in every matrix.
+
+    Raises:
+        TypeError, ValueError: as :func:`vitmad.mad`, and for an unknown or repeated statistic.
+        RuntimeError: ``attn`` requires grad while grad mode is on (the statistics are measurements).
+    """
+    names, maps = _split(stats, _OP)
+    check_one_form(_OP, positions, key_positions,
+                   {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
+    out: dict[str, torch.Tensor] = {}
+    if positions is None:
+        prefix = 1 if num_prefix_tokens is None else num_prefix_tokens
+        grid_list = None if grid is None else [int(g) for g in grid]
+        if names:
+            values = torch.ops.vitmad.stats.default(attn, patch, list(names), num_prefix_tokens=prefix,
+                                                    grid=grid_list, renormalize=renormalize, reduction=reduction)
+            out.update(zip(names, values.unbind(0)))
+        else:
+            check_mad_args(attn.shape, attn.dtype, patch, prefix, grid_list, renormalize, reduction, _OP)
+        rows, cols = slice(0, prefix), slice(prefix, None)
+    else:
+        if names:
+            values = torch.ops.vitmad.stats_pos.default(attn, positions, key_positions, list(names),
+                                                        renormalize=renormalize, reduction=reduction)
+            out.update(zip(names, values.unbind(0)))
+        else:
+            check_attn_tensor(attn, "[..., Nq, Nk]", _OP)
+            check_position_args(attn, attn.shape[-2], attn.shape[-1], positions, key_positions, renormalize,
+                                reduction, _OP)
+        rows, cols = _map_tokens(positions, key_positions, _OP)
+    if maps:
+        out = _in_order(stats, out, attn.detach()[..., rows, :][..., cols].to(mad_output_dtype(attn.dtype),
+                                                                              copy=True))
+    return out
+
+
+def attention_stats_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    patch: int | None = None,
+    *,
+    stats: Sequence[str] = DEFAULT_STATS,
+    num_prefix_tokens: int | None = None,
+    grid: Sequence[int] | None = None,
+    positions: torch.Tensor | None = None,
+    key_positions: torch.Tensor | None = None,
+    scale: float | None = None,
+    attn_bias: torch.Tensor | None = None,
+    renormalize: bool = False,
+    reduction: str = "mean",
+) -> dict[str, torch.Tensor]:
+    """:func:`attention_stats` of ``softmax(q @ k^T * scale + attn_bias)`` without the attention: every
+    statistic in one online-softmax pass over the keys (the arguments of :func:`vitmad.mad_qk`).
+
+    ``"prefix_maps"`` computes only the rows of the queries without a position (``P x N`` logits), in the
+    accumulation dtype. A query whose keys are all masked gets NaN for every statistic, as softmax gives.
+
+    Returns:
+        As :func:`attention_stats`.
+    """
+    names, maps = _split(stats, _OP_QK)
+    check_one_form(_OP_QK, positions, key_positions,
+                   {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
+    options = {"scale": None if scale is None else float(scale), "attn_bias": attn_bias,
+               "renormalize": renormalize, "reduction": reduction}
+    out: dict[str, torch.Tensor] = {}
+    if positions is None:
+        prefix = 1 if num_prefix_tokens is None else num_prefix_tokens
+        grid_list = None if grid is None else [int(g) for g in grid]
+        if names:
+            values = torch.ops.vitmad.stats_qk.default(q, k, patch, list(names), num_prefix_tokens=prefix,
+                                                       grid=grid_list, **options)
+            out.update(zip(names, values.unbind(0)))
+        scale_value = check_mad_qk_args(q, k, patch, prefix, grid_list, scale, attn_bias, renormalize, reduction,
+                                        _OP_QK).scale
+        rows, cols = torch.arange(prefix, device=q.device), slice(prefix, None)
+    else:
+        if names:
+            values = torch.ops.vitmad.stats_qk_pos.default(q, k, positions, key_positions, list(names), **options)
+            out.update(zip(names, values.unbind(0)))
+        shape = check_qk_tensors(q, k, scale, attn_bias, False, _OP_QK)
+        check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize,
+                            reduction, _OP_QK, check_values=not names)
+        scale_value = shape.scale
+        rows, cols = _map_tokens(positions, key_positions, _OP_QK)
+    if maps:
+        acc = mad_output_dtype(q.dtype)
+        with torch.no_grad():
+            logits = (q[..., rows, :].to(acc) * scale_value) @ k.to(acc).transpose(-1, -2)
+            bias = None
+            if attn_bias is not None:
+                bias = attn_bias.expand(*q.shape[:-1], k.shape[-2])[..., rows, :]
+            out = _in_order(stats, out, biased_logits(logits, bias).softmax(-1)[..., cols])
+    return out
+
+
+def _in_order(stats: Sequence[str], out: dict, maps: torch.Tensor) -> dict[str, torch.Tensor]:
+    out[MAP_NAME] = maps
+    return {name: out[name] for name in stats}
+
+
+# Fake kernels ----------------------------------------------------------------------------------------------------
+
+
+def _stacked(tokens: torch.Tensor, names, reduce_mean: bool, num_queries: int) -> torch.Tensor:
+    shape = tokens.shape[:-2] if reduce_mean else (*tokens.shape[:-2], num_queries)
+    return tokens.new_empty((len(names), *shape), dtype=mad_output_dtype(tokens.dtype))
+
+
+@torch.library.register_fake("vitmad::stats")
+def _stats_fake(attn, patch, stats, *, num_prefix_tokens=1, grid=None, renormalize=False, reduction="mean"):
+    layout = check_mad_args(attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction, _OP)
+    names = check_stats(stats, attn.shape[-1], attn.shape[-1], _OP)
+    return _stacked(attn, names, layout.reduce_mean, layout.num_patches)
+
+
+@torch.library.register_fake("vitmad::stats_pos")
+def _stats_pos_fake(attn, positions, key_positions, stats, *, renormalize=False, reduction="mean"):
+    check_attn_tensor(attn, "[..., Nq, Nk]", _OP)
+    layout = check_position_args(attn, attn.shape[-2], attn.shape[-1], positions, key_positions, renormalize,
+                                 reduction, _OP, check_values=False)
+    names = check_stats(stats, attn.shape[-2], attn.shape[-1], _OP)
+    return _stacked(attn, names, layout.reduce_mean, layout.num_queries)
+
+
+@torch.library.register_fake("vitmad::stats_qk")
+def _stats_qk_fake(q, k, patch, stats, *, num_prefix_tokens=1, grid=None, scale=None, attn_bias=None,
+                   renormalize=False, reduction="mean"):
+    qk = check_mad_qk_args(q, k, patch, num_prefix_tokens, grid, scale, attn_bias, renormalize, reduction, _OP_QK)
+    names = check_stats(stats, qk.mad.num_tokens, qk.mad.num_tokens, _OP_QK)
+    return _stacked(q, names, qk.mad.reduce_mean, qk.mad.num_patches)
+
+
+@torch.library.register_fake("vitmad::stats_qk_pos")
+def _stats_qk_pos_fake(q, k, positions, key_positions, stats, *, scale=None, attn_bias=None, renormalize=False,
+                       reduction="mean"):
+    shape = check_qk_tensors(q, k, scale, attn_bias, False, _OP_QK)
+    layout = check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize,
+                                 reduction, _OP_QK, check_values=False)
+    names = check_stats(stats, shape.num_queries, shape.num_keys, _OP_QK)
+    return _stacked(q, names, layout.reduce_mean, layout.num_queries)
+
+
+# Autograd kernels: the statistics are measurements, not differentiable ---------------------------------------------
+
+
+def _refuse_grad(op_name: str, tensors: dict) -> None:
+    if torch.is_grad_enabled():
+        for name, t in tensors.items():
+            if t is not None and t.requires_grad:
+                raise RuntimeError(
+                    f"{op_name} is not differentiable, but {name} requires grad; call it under torch.no_grad() or "
+                    f"pass detached tensors (vitmad.mad is differentiable with respect to attn)"
+                )
+
+
+def _below_autograd(op, op_name: str, arg_names: tuple[str, ...]):
+    def kernel(*args, **options):
+        tensors = {name: value for name, value in zip(arg_names, args)}
+        tensors["attn_bias"] = options.get("attn_bias")
+        _refuse_grad(op_name, tensors)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args, **options)
+
+    return kernel
+
+
+_autograd_lib = torch.library.Library("vitmad", "IMPL")
+_autograd_lib.impl("stats", _below_autograd(torch.ops.vitmad.stats.default, _OP, ("attn",)), "Autograd")
+_autograd_lib.impl("stats_pos", _below_autograd(torch.ops.vitmad.stats_pos.default, _OP,
+                                                ("attn", "positions", "key_positions")), "Autograd")
+_autograd_lib.impl("stats_qk", _below_autograd(torch.ops.vitmad.stats_qk.default, _OP_QK, ("q", "k")), "Autograd")
+_autograd_lib.impl("stats_qk_pos", _below_autograd(torch.ops.vitmad.stats_qk_pos.default, _OP_QK,
+                                                   ("q", "k", "positions", "key_positions")), "Autograd")
