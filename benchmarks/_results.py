@@ -98,7 +98,17 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section `name` of RESULTS.md, leaving the other benchmarks' sections as they are."""
+    """Replace (or append) the section `name` of RESULTS.md, leaving the other benchmarks' sections as they are.
+
+    Refuses while vitmad runs its pure-PyTorch kernels: figures of the fallback once stood in RESULTS.md as the
+    compiled library's (a Hiera-S recording at 1.17x the plain forward, about 1.0x with the kernels).
+    """
+    import vitmad
+    from vitmad.ops.fallback import SCHEMAS
+
+    if not all(vitmad.ops.has_compiled_kernel(op, "CPU") for op in SCHEMAS):
+        raise SystemExit("benchmarks: vitmad is running its pure-PyTorch kernels (the compiled library did not load "
+                         "or lacks ops); build it (README) before recording figures, or pass --no-write")
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     header = "# Benchmark results\n\nWritten by the scripts in benchmarks/.\n"
     text = RESULTS.read_text() if RESULTS.exists() else header
