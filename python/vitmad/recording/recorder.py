@@ -21,6 +21,10 @@ softmax maps) is recorded once, with the MAD of the attention it applies (:mod:`
 
 Video layers (:mod:`.families.video`): the placement gives each tubelet a time position too, and a second op
 call measures the temporal distance; ``rec.temporal_mad`` holds the temporal MAD in frames.
+
+Statistics beside MAD (``record(model, stats=...)``): the same single op call per layer computes them
+(``vitmad::stats_qk_pos`` / ``stats_pos``), folded like MAD; the prefix maps (CLS and registers over the
+image) are the rows of the tokens without a position, computed beside it (:mod:`vitmad.ops.stats_op`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops import mad, mad_qk
+from ..ops import attention_stats, attention_stats_qk, mad, mad_qk
+from ..ops.arguments import STAT_NAMES
+from ..ops.stats_op import MAP_NAME
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import Skip, family_modules, family_placer
 from .families.masked import GivenPositionsPlacer
@@ -43,7 +49,10 @@ from .module_capture import ModuleAttentionHooks, source_attention_modules, timm
 from .placement import CallContext, LayerGeometry, LayerPlacer, ModelLayout, NotPlaceable, Placement
 from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model, uses_attention_interface
 
-__all__ = ["record", "Recording", "RecordedCall"]
+__all__ = ["record", "Recording", "RecordedCall", "RECORD_STATS"]
+
+# What record(stats=...) takes: the statistics of the ops and the prefix maps.
+RECORD_STATS = (*STAT_NAMES, MAP_NAME)
 
 
 @dataclass
@@ -61,6 +70,12 @@ class RecordedCall:
             ``per_layer``'s entry; the layer's own entry is the MAD of ``A1 - lambda * A2``.
         temporal: one entry per layer: the temporal MAD in frames of a video layer, shaped like ``per_layer``'s
             entry (``per_layer`` then holds its spatial MAD in pixels), None for an image layer.
+        statistics: by statistic asked for besides MAD (``"entropy"``, ``"prefix_mass"``, ``"self_mass"``), one
+            tensor per layer shaped like ``per_layer``'s entry.
+        prefix_maps: with ``"prefix_maps"`` asked for, one entry per layer: ``[B, H, Q, T]``, the attention of each
+            of the layer's ``Q`` tokens without a position (CLS, registers, in token order) over its ``T``
+            positioned tokens (row-major grid order, as ``per_layer``); None for a layer whose keys are not its
+            queries (windows, pooled keys) or that has no such token.
     """
 
     layers: list[str] = field(default_factory=list)
@@ -68,6 +83,8 @@ class RecordedCall:
     geometry: list[LayerGeometry] = field(default_factory=list)
     components: dict[str, dict] = field(default_factory=dict)
     temporal: list[torch.Tensor | None] = field(default_factory=list)
+    statistics: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    prefix_maps: list[torch.Tensor | None] = field(default_factory=list)
 
     @property
     def heads(self) -> list[int]:
@@ -98,6 +115,21 @@ class RecordedCall:
                 f"attend over images without frames ({', '.join(images[:3])}{', ...' if len(images) > 3 else ''})"
             )
         return self._stack(self.temporal, "rec.calls[-1].temporal", "rec.temporal_mad")
+
+    def stat(self, name: str) -> torch.Tensor:
+        """A statistic stacked over the layers like :attr:`mad`: ``[L, B, H]`` (``"mean"``) or ``[L, B, H, T]``;
+        ``"mad"`` is :attr:`mad`.
+
+        Raises:
+            KeyError: ``name`` was not asked for in ``record(stats=...)``.
+        """
+        if name == "mad":
+            return self.mad
+        if name not in self.statistics:
+            asked = ", ".join(["mad", *self.statistics]) or "mad"
+            raise KeyError(f"vitmad.record: the statistic '{name}' was not recorded (recorded: {asked}); pass "
+                           f"stats=[..., '{name}'] to vitmad.record")
+        return self._stack(self.statistics[name], f"rec.calls[-1].statistics['{name}']", f"rec.stat('{name}')")
 
     def _stack(self, values: list[torch.Tensor], per_layer: str, stacked: str) -> torch.Tensor:
         shapes = {tuple(t.shape[2:]) for t in values}
@@ -185,6 +217,30 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return ordered
 
 
+def _stacked(values: dict[str, torch.Tensor], stats: tuple[str, ...]) -> torch.Tensor:
+    """An op's statistics stacked ``[S, *lead, Nq]``; the prefix rows ``[*lead, Q, Nk1]`` when only they were
+    asked for."""
+    if stats == (MAP_NAME,):
+        return values[MAP_NAME]
+    return torch.stack([values[name] for name in stats])
+
+
+def _check_record_stats(stats: Sequence[str]) -> tuple[tuple[str, ...], bool]:
+    """The statistics besides MAD that ``record(stats=...)`` asks for (in the ops' order), and whether the prefix
+    maps are asked for."""
+    if isinstance(stats, str):
+        raise TypeError(f"vitmad.record: stats must be a list of names such as ['mad', 'entropy'], got the string "
+                        f"'{stats}'")
+    names = list(stats)
+    for name in names:
+        if name not in RECORD_STATS:
+            raise ValueError(f"vitmad.record: stats must be among {', '.join(repr(n) for n in RECORD_STATS)}, got "
+                             f"'{name}'")
+        if names.count(name) > 1:
+            raise ValueError(f"vitmad.record: stats names '{name}' twice")
+    return tuple(n for n in STAT_NAMES if n in names and n != "mad"), MAP_NAME in names
+
+
 def _first_convolution(model: nn.Module) -> nn.Module | None:
     """The first convolution in module order: it runs on the image, so a forward call starts there; without
     one, a NaFlex tower (its patches come cut, and a text tower beside it must not start a call)."""
@@ -208,6 +264,7 @@ class Recording:
         renormalize: bool = False,
         reduction: str = "mean",
         positions: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+        stats: Sequence[str] = ("mad",),
     ):
         if reduction not in ("mean", "none"):
             raise ValueError(f"vitmad.record: reduction must be 'mean' or 'none', got '{reduction}'")
@@ -222,6 +279,7 @@ class Recording:
         if positions is not None and (patch, grid, num_prefix_tokens) != (None, None, None):
             raise ValueError("vitmad.record: positions places every token itself; pass either positions or "
                              "patch/grid/num_prefix_tokens, not both")
+        self._stats, self._maps = _check_record_stats(stats)
         # The user's positions replace the layout of every recorded layer (families/masked.py).
         self._given = None if positions is None else GivenPositionsPlacer(positions)
         self.model = model
@@ -307,6 +365,28 @@ class Recording:
         return self._latest().temporal_mad
 
     @property
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Every statistic recorded in the latest call, by name (``"mad"`` first), each stacked like :attr:`mad`:
+        ``[L, B, H]`` (``reduction="mean"``) or ``[L, B, H, T]``."""
+        call = self._latest()
+        return {"mad": call.mad, **{name: call.stat(name) for name in self._stats}}
+
+    @property
+    def prefix_maps(self) -> list[torch.Tensor | None]:
+        """With ``stats=[..., "prefix_maps"]``: per layer of the latest call, ``[B, H, Q, T]``, the attention of the
+        ``Q`` tokens without a position (CLS, registers) over the ``T`` positioned tokens in row-major grid order
+        (reshape to ``[B, H, Q, grid_h, grid_w]`` with ``rec.geometry[l].grid``); None for a layer whose keys are
+        not its queries (windows, pooled keys), without such tokens, or where they differ between images.
+
+        Raises:
+            KeyError: the prefix maps were not asked for.
+        """
+        if not self._maps:
+            raise KeyError("vitmad.record: the prefix maps were not recorded; pass stats=[..., 'prefix_maps'] to "
+                           "vitmad.record")
+        return list(self._latest().prefix_maps)
+
+    @property
     def per_layer(self) -> list[torch.Tensor]:
         """One ``[B, H_l]`` (or ``[B, H_l, T_l]``) tensor per recorded layer of the latest call."""
         return list(self._latest().per_layer)
@@ -363,9 +443,13 @@ class Recording:
             mask = mask.detach() if mask.dtype == torch.bool else mask.detach().to(query.dtype)
         placement = self._place(name, lead, query.shape[-2], key.shape[-2])
 
-        def measure(positions, key_positions, renormalize):
-            return mad_qk(query, key, positions=positions, key_positions=key_positions, scale=scale,
-                          attn_bias=mask, renormalize=renormalize, reduction="none")
+        def measure(positions, key_positions, renormalize, stats=()):
+            if not stats:
+                return mad_qk(query, key, positions=positions, key_positions=key_positions, scale=scale,
+                              attn_bias=mask, renormalize=renormalize, reduction="none")
+            values = attention_stats_qk(query, key, positions=positions, key_positions=key_positions, scale=scale,
+                                        attn_bias=mask, renormalize=renormalize, reduction="none", stats=stats)
+            return _stacked(values, stats)
 
         self._measure(name, placement, query.device, measure, fused=True)
 
@@ -373,9 +457,13 @@ class Recording:
         """The attention probabilities ``[..., Nq, Nk]`` a module computed itself."""
         placement = self._place(name, attn.shape[:-2], attn.shape[-2], attn.shape[-1])
 
-        def measure(positions, key_positions, renormalize):
-            return mad(attn, positions=positions, key_positions=key_positions, renormalize=renormalize,
-                       reduction="none")
+        def measure(positions, key_positions, renormalize, stats=()):
+            if not stats:
+                return mad(attn, positions=positions, key_positions=key_positions, renormalize=renormalize,
+                           reduction="none")
+            values = attention_stats(attn, positions=positions, key_positions=key_positions,
+                                     renormalize=renormalize, reduction="none", stats=stats)
+            return _stacked(values, stats)
 
         self._measure(name, placement, attn.device, measure, fused=False)
 
@@ -388,7 +476,14 @@ class Recording:
         video = placement.time_positions is not None
         if video and is_differential(self._modules[name]):
             raise ValueError(f"vitmad.record: {name}: differential attention over video tubelets is not supported")
+        if is_differential(self._modules[name]) and (self._stats or self._maps):
+            raise ValueError(
+                f"vitmad.record: {name} applies differential attention (A1 - lambda * A2), which is not a probability "
+                "distribution: entropy, masses and maps are not defined for it; record only 'mad', or leave the "
+                "layer out with layers=[the other attention modules]"
+            )
         temporal = None
+        maps = None
         with torch.no_grad():
             if video:
                 # A second call for the temporal distance: measured faster than one call over both position sets
@@ -396,7 +491,11 @@ class Recording:
                 key_times = placement.time_key_positions
                 temporal = measure(placement.time_positions.to(device),
                                    None if key_times is None else key_times.to(device), self.renormalize)
-            if not is_differential(self._modules[name]):
+            if self._maps and placement.key_positions is None:
+                maps = self._prefix_rows(measure, positions)
+            if self._stats:
+                value = self._statistics(measure, positions, key_positions)
+            elif not is_differential(self._modules[name]):
                 value = measure(positions, key_positions, self.renormalize)
             elif not self.renormalize:
                 value = CallSums(measure(positions, key_positions, False))
@@ -406,7 +505,36 @@ class Recording:
                 at_zero = torch.where(positions[..., :1].isnan(), positions[..., :1], 0.0)
                 at_one = torch.where(keys[..., :1].isnan(), keys[..., :1], 1.0)
                 value = CallSums(measure(positions, key_positions, False), measure(at_zero, at_one, False))
-        self._pending.setdefault(name, []).append((placement, value, fused, temporal))
+        self._pending.setdefault(name, []).append((placement, value, fused, temporal, maps))
+
+    def _statistics(self, measure: Callable, positions: torch.Tensor,
+                    key_positions: torch.Tensor | None) -> torch.Tensor:
+        """``[1 + S, *lead, Nq]``: MAD, then the statistics asked for, per query. The self mass is measured only
+        where the keys are the queries (a pooled or padded key set has no "own token" to trust): NaN elsewhere."""
+        wanted = self._stats
+        if key_positions is not None and "self_mass" in wanted:
+            wanted = tuple(n for n in wanted if n != "self_mass")
+        values = measure(positions, key_positions, self.renormalize, ("mad", *wanted))
+        if wanted == self._stats:
+            return values
+        rows = dict(zip(("mad", *wanted), values.unbind(0)))
+        return torch.stack([rows.get(n, torch.full_like(values[0], float("nan"))) for n in ("mad", *self._stats)])
+
+    @staticmethod
+    def _prefix_rows(measure: Callable, positions: torch.Tensor) -> torch.Tensor | None:
+        """``[*lead, Q, Nk]``: the attention rows of the ``Q`` queries without a position over every key (NaN at
+        the keys without one), or None when there is no such query or they differ between matrices."""
+        try:
+            values = measure(positions, None, False, (MAP_NAME,))
+        except ValueError:  # the tokens without a position differ from image to image: no common rows
+            return None
+        if values.shape[-2] == 0:
+            return None
+        has_key = ~positions[..., 0].isnan()
+        columns = has_key.reshape(-1, has_key.shape[-1])[0].nonzero().flatten()
+        rows = values.new_full((*values.shape[:-1], positions.shape[-2]), float("nan"))
+        rows[..., columns] = values
+        return rows
 
     def _fold(self, name: str, placement: Placement, per_query: torch.Tensor) -> torch.Tensor:
         try:
@@ -422,6 +550,14 @@ class Recording:
         present = placement.present.to(folded.device)
         present = present.unsqueeze(-2) if present.dim() == 2 else present
         return torch.where(present, folded, 0.0).sum(-1) / present.sum(-1)
+
+    def _fold_map(self, name: str, placement: Placement, row: torch.Tensor) -> torch.Tensor:
+        """One prefix token's attention over the keys, ``[*lead, Nk]``, on the layer's grid ``[B, H, T]``: the keys
+        are the queries, so the fold of per-query values places them."""
+        try:
+            return placement.fold(row)
+        except NotPlaceable as error:
+            raise ValueError(f"vitmad.record: {name} of {type(self.model).__name__}: {error}") from None
 
     def _on_module_done(self, name: str, module: nn.Module, completed: bool) -> None:
         """Record what module ``name`` computed in the forward that just ended: one entry per layer."""
@@ -455,7 +591,17 @@ class Recording:
             )
         call = self.calls[-1]
         call.layers.append(name)
-        call.per_layer.append(self._fold(name, placement, per_query))
+        if self._stats:
+            folded = [self._fold(name, placement, value) for value in per_query.unbind(0)]
+            call.per_layer.append(folded[0])
+            for stat, value in zip(self._stats, folded[1:]):
+                call.statistics.setdefault(stat, []).append(value)
+        else:
+            call.per_layer.append(self._fold(name, placement, per_query))
+        if self._maps:
+            maps = pending[0][4] if len(pending) == 1 else None
+            call.prefix_maps.append(None if maps is None else torch.stack(
+                [self._fold_map(name, placement, row) for row in maps.unbind(-2)], dim=-2))
         call.geometry.append(placement.geometry)
         call.temporal.append(None if temporal is None else self._fold(name, placement, temporal))
         if components is not None:
@@ -500,6 +646,7 @@ def record(
     renormalize: bool = False,
     reduction: str = "mean",
     positions: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+    stats: Sequence[str] = ("mad",),
 ) -> Recording:
     """Records the mean attention distance of every attention layer while ``model`` runs unchanged.
 
@@ -533,6 +680,12 @@ def record(
             attention must then be ``[B, H, N, N]``; ``reduction="none"`` gives ``[B, H, N]`` in token order, NaN
             at the tokens without a position, and the mean is over the tokens with one. Not combined with
             ``patch``, ``grid``, ``num_prefix_tokens``.
+        stats: what to record besides MAD, in the same op call per layer (``docs/definition.md``, "Beside the
+            distance"): ``"entropy"`` (of each query's attention row, nats), ``"prefix_mass"`` (the attention on
+            the tokens without a position: CLS, registers, the "attention sink"), ``"self_mass"`` (on the query's
+            own token; NaN in layers whose keys are not the queries, such as pooled keys), ``"prefix_maps"`` (the
+            CLS and register rows over the positioned tokens: ``rec.prefix_maps``). Read them with ``rec.stats``
+            (``{name: [L, B, H]}``, MAD included) or ``rec.calls[i].stat(name)``. MAD is always recorded.
 
     Returns:
         A :class:`Recording`: ``rec.mad`` / ``rec.layers`` / ``rec.layout`` of the latest forward call and
@@ -545,5 +698,5 @@ def record(
     """
     return Recording(
         model, layers=layers, patch=patch, grid=grid, num_prefix_tokens=num_prefix_tokens,
-        renormalize=renormalize, reduction=reduction, positions=positions,
+        renormalize=renormalize, reduction=reduction, positions=positions, stats=stats,
     )
