@@ -1,0 +1,205 @@
+"""vitmad.record(stats=...): entropy, prefix mass, self mass and the prefix (CLS / register) maps of every
+recorded layer, against the same statistics of each model's own eager attention probabilities, with the token
+layout written here: a plain ViT's ``P`` prefix tokens before a row-major grid (timm on the fused SDPA path and
+on its own softmax, transformers DINOv2 with registers through ``AttentionInterface``), Swin's windows (every
+query of an image, no prefix token, the keys are the queries) and PVT v2's pooled keys (no token of its own)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vitmad
+from vitmad.ops.reference import mad_reference
+
+timm = pytest.importorskip("timm")
+
+# float32 recordings (fused-path q/k or the model's own float32 probabilities) against float64 statistics of the
+# eager float32 probabilities: entropies of 0.5 to 3 nats and masses of 0.01 to 1 agree to float32 rounding of
+# the rows (about 1e-6 relative per term, summed over <= 50 keys).
+TOL = {"rtol": 2e-5, "atol": 2e-6}
+MAD_TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels
+ALL = ["entropy", "prefix_mass", "self_mass", "prefix_maps"]
+
+
+def _sharpen(model, factor: float = 3.0) -> None:
+    """Weights of unit gain (timm and transformers draw them with std 0.02, which leaves near-uniform attention),
+    then queries and keys scaled, so that the attention is far from uniform (entropy well below ln N, masses that
+    differ from token to token): a statistic of the wrong token or row then shows."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.weight.normal_(0.0, module.weight[0].numel() ** -0.5)
+        for name, parameter in model.named_parameters():
+            if name.endswith(("qkv.weight", "query.weight", "key.weight", "q.weight", "kv.weight")):
+                parameter.mul_(factor)
+
+
+def _eager_maps(model, *, class_name: str = "Attention") -> list[torch.Tensor]:
+    """The softmax probabilities of every timm ``class_name`` module on its unfused path (input of attn_drop)."""
+    eager = copy.deepcopy(model)
+    maps = []
+    for module in eager.modules():
+        if type(module).__name__ == class_name:
+            module.fused_attn = False
+            module.attn_drop.register_forward_pre_hook(lambda _, args: maps.append(args[0].double()))
+    return eager, maps
+
+
+def _row_stats(a: torch.Tensor, first_query: int, prefix: int) -> dict[str, torch.Tensor]:
+    """Per query row ``first_query...`` of float64 attention ``a`` ``[..., N, N]`` whose first ``prefix`` tokens have
+    no position: entropy, mass on those tokens, mass on the query's own token."""
+    rows = a[..., first_query:, :]
+    index = torch.arange(first_query, a.shape[-1])
+    return {
+        "entropy": -torch.special.xlogy(rows, rows).sum(-1),
+        "prefix_mass": rows[..., :prefix].sum(-1),
+        "self_mass": a[..., index, index],
+    }
+
+
+VITS = {
+    "registers_fused": (dict(reg_tokens=3), 4, True),
+    "cls_unfused": (dict(), 1, False),
+    "no_prefix": (dict(class_token=False, global_pool="avg"), 0, True),
+}
+
+
+@pytest.mark.parametrize("case", list(VITS))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_plain_vit_statistics_and_maps_equal_the_eager_attention(case, reduction):
+    extra, prefix, fused = VITS[case]
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, embed_dim=32, num_heads=2,
+                              img_size=(24, 40), patch_size=8, **extra).eval()
+    _sharpen(model)
+    if not fused:
+        for block in model.blocks:
+            block.attn.fused_attn = False
+    pixels = torch.randn(2, 3, 24, 40, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(pixels)
+        with vitmad.record(model, stats=ALL, reduction=reduction) as rec:
+            recorded = model(pixels)
+    torch.testing.assert_close(recorded, plain, rtol=0, atol=0)
+
+    eager, maps = _eager_maps(model)
+    with torch.no_grad():
+        eager(pixels)
+    assert len(maps) == 2 and all(a.amax(-1).mean() > 4.0 / a.shape[-1] for a in maps)  # peaked, not uniform
+    assert list(rec.stats) == ["mad", "entropy", "prefix_mass", "self_mass"]
+    for layer, a in enumerate(maps):
+        expected = _row_stats(a, prefix, prefix)
+        for name, value in expected.items():
+            want = value.mean(-1) if reduction == "mean" else value
+            torch.testing.assert_close(rec.stats[name][layer].double(), want, **TOL)
+        torch.testing.assert_close(rec.stats["mad"][layer].double(),
+                                   mad_reference(a, 8, num_prefix_tokens=prefix, grid=(3, 5), reduction=reduction),
+                                   **MAD_TOL)
+        if prefix == 0:
+            assert rec.prefix_maps[layer] is None
+        else:
+            # The rows of the prefix tokens over the patches, in grid order: the eager rows themselves.
+            torch.testing.assert_close(rec.prefix_maps[layer].double(), a[..., :prefix, prefix:], **TOL)
+    if prefix == 0:
+        assert (rec.stats["prefix_mass"] == 0).all()
+
+
+def test_transformers_dinov2_with_registers_through_attention_interface():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Dinov2WithRegistersConfig(image_size=28, patch_size=7, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=64,
+                                                    num_register_tokens=2)
+    model = transformers.Dinov2WithRegistersModel(config).eval()
+    _sharpen(model)
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vitmad.record(model, stats=ALL) as rec:
+        recorded = model(pixels).last_hidden_state
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model(pixels, output_attentions=True)
+    torch.testing.assert_close(recorded, out.last_hidden_state, rtol=1e-5, atol=1e-5)
+    prefix = 3  # CLS and two registers before the 4 x 4 grid
+    for layer, a in enumerate(out.attentions):
+        a = a.double()
+        for name, value in _row_stats(a, prefix, prefix).items():
+            torch.testing.assert_close(rec.stats[name][layer].double(), value.mean(-1), **TOL)
+        torch.testing.assert_close(rec.prefix_maps[layer].double(), a[..., :prefix, prefix:], **TOL)
+    assert rec.prefix_maps[0].shape == (2, 2, 3, 16)
+
+
+def test_swin_windows_statistics_over_every_query_and_no_maps():
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=16,
+                              depths=(2, 2), num_heads=(1, 2), window_size=7).eval()
+    _sharpen(model)
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vitmad.record(model, stats=ALL) as rec:
+        model(pixels)
+    eager, maps = _eager_maps(model, class_name="WindowAttention")
+    with torch.no_grad():
+        eager(pixels)
+    assert len(maps) == len(rec.layers) == 4
+    for layer, a in enumerate(maps):
+        # [B * nW, heads, 49, 49]: every query of an image is in one of its windows, with no token without a
+        # position and the keys being the queries, so an image's statistic is the mean over all its windows' rows.
+        windows = a.view(2, -1, a.shape[1], 49, 49)
+        for name, value in _row_stats(windows, 0, 0).items():
+            heads = a.shape[1]  # rec.stats pads the layers of fewer heads with NaN up to the most heads
+            torch.testing.assert_close(rec.stats[name][layer, :, :heads].double(), value.mean((1, 3)), **TOL)
+    assert rec.prefix_maps == [None] * 4
+
+
+def test_pooled_keys_have_no_self_mass():
+    torch.manual_seed(0)
+    model = timm.create_model("pvt_v2_b0", pretrained=False, embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 2, 4),
+                              depths=(1, 1, 1, 1)).eval()
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vitmad.record(model, stats=["entropy", "self_mass"]) as rec:
+        model(pixels)
+    eager, maps = _eager_maps(model)
+    with torch.no_grad():
+        eager(pixels)
+    for layer, a in enumerate(maps):
+        entropy = -torch.special.xlogy(a, a).sum(-1).mean(-1)
+        heads = a.shape[1]  # rec.stats pads the layers of fewer heads with NaN up to the most heads
+        torch.testing.assert_close(rec.stats["entropy"][layer, :, :heads].double(), entropy, **TOL)
+        pooled = a.shape[-1] != a.shape[-2]  # stages 1-3 pool their keys: no key is the query's own token
+        assert bool(rec.stats["self_mass"][layer, :, :heads].isnan().all()) == pooled
+        if not pooled:  # the last stage attends over its own tokens
+            index = torch.arange(a.shape[-1])
+            torch.testing.assert_close(rec.stats["self_mass"][layer, :, :heads].double(),
+                                       a[..., index, index].mean(-1), **TOL)
+    assert rec.stats["self_mass"][-1].isfinite().all()
+
+
+def test_options_and_reading_what_was_not_recorded_are_clear_errors():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, embed_dim=16, num_heads=1,
+                              img_size=16, patch_size=8).eval()
+    with pytest.raises(ValueError, match="stats must be among .* got 'sinks'"):
+        vitmad.record(model, stats=["sinks"])
+    with pytest.raises(ValueError, match="names 'entropy' twice"):
+        vitmad.record(model, stats=["entropy", "entropy"])
+    with pytest.raises(TypeError, match="got the string 'entropy'"):
+        vitmad.record(model, stats="entropy")
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.randn(1, 3, 16, 16))
+    assert list(rec.stats) == ["mad"]
+    with pytest.raises(KeyError, match="'entropy' was not recorded"):
+        rec.calls[-1].stat("entropy")
+    with pytest.raises(KeyError, match="prefix maps were not recorded"):
+        rec.prefix_maps
+
+
+def test_differential_attention_refuses_statistics_of_a_non_distribution():
+    model = timm.create_model("vit_dwee_patch16_reg1_gap_256", pretrained=False, depth=1, embed_dim=32,
+                              num_heads=2, img_size=32, patch_size=8).eval()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.randn(1, 3, 32, 32))
+    assert rec.mad.shape == (1, 1, 2)
+    with pytest.raises(ValueError, match="differential attention .* not a probability distribution"):
+        with torch.no_grad(), vitmad.record(model, stats=["entropy"]):
+            model(torch.randn(1, 3, 32, 32))
