@@ -191,7 +191,7 @@ def test_options_and_reading_what_was_not_recorded_are_clear_errors():
     with pytest.raises(KeyError, match="'entropy' was not recorded"):
         rec.calls[-1].stat("entropy")
     with pytest.raises(KeyError, match="prefix maps were not recorded"):
-        rec.prefix_maps
+        _ = rec.prefix_maps
 
 
 def test_differential_attention_refuses_statistics_of_a_non_distribution():

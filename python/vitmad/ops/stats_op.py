@@ -137,7 +137,8 @@ def attention_stats(
             check_attn_tensor(attn, "[..., Nq, Nk]", _OP)
             check_position_args(attn, attn.shape[-2], attn.shape[-1], positions, key_positions, renormalize,
                                 reduction, _OP)
-        rows, cols = _map_tokens(positions, key_positions, _OP)
+        if maps:
+            rows, cols = _map_tokens(positions, key_positions, _OP)
     if maps:
         out = _in_order(stats, out, attn.detach()[..., rows, :][..., cols].to(mad_output_dtype(attn.dtype),
                                                                               copy=True))
@@ -192,7 +193,8 @@ def attention_stats_qk(
         check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize,
                             reduction, _OP_QK, check_values=not names)
         scale_value = shape.scale
-        rows, cols = _map_tokens(positions, key_positions, _OP_QK)
+        if maps:
+            rows, cols = _map_tokens(positions, key_positions, _OP_QK)
     if maps:
         acc = mad_output_dtype(q.dtype)
         with torch.no_grad():

@@ -1,0 +1,129 @@
+"""vitmad.attention_stats / attention_stats_qk: the entry points of the statistics ops. The kernels' values are
+tested against the float64 references in test_stats_attn.py and test_stats_qk.py; here: what the API adds (the
+prefix maps, the grid and position forms, the order of the results), shapes under fake tensors, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import vitmad
+from vitmad.ops import attention_stats_qk_reference, attention_stats_reference, grid_positions
+
+TOL = {"rtol": 2e-5, "atol": 2e-6}
+STATS = ("mad", "entropy", "prefix_mass", "self_mass")
+
+
+def _attention(*shape, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=gen) * 3).softmax(-1)
+
+
+def test_grid_form_results_in_the_order_asked_with_the_prefix_rows_as_maps():
+    attn = _attention(2, 3, 3 + 12, 3 + 12)
+    out = vitmad.attention_stats(attn, 16, num_prefix_tokens=3, grid=(3, 4),
+                                 stats=("prefix_maps", "entropy", "mad"))
+    assert list(out) == ["prefix_maps", "entropy", "mad"]
+    torch.testing.assert_close(out["prefix_maps"], attn[..., :3, 3:])
+    assert out["prefix_maps"].data_ptr() != attn.data_ptr()  # a copy: writing to it leaves attn alone
+    reference = attention_stats_reference(attn, ("entropy", "mad"), patch=16, num_prefix_tokens=3, grid=(3, 4))
+    torch.testing.assert_close(out["entropy"].double(), reference[0], **TOL)
+    torch.testing.assert_close(out["mad"].double(), reference[1], rtol=1e-5, atol=1e-4)
+
+
+def test_position_form_maps_are_the_rows_without_a_position_over_the_keys_with_one():
+    attn = _attention(2, 2, 9, 9)
+    positions = torch.rand(9, 2) * 32
+    positions[[0, 4]] = float("nan")  # a CLS first and a register in the middle of the sequence
+    out = vitmad.attention_stats(attn, positions=positions, stats=STATS + ("prefix_maps",), reduction="none")
+    keep = [1, 2, 3, 5, 6, 7, 8]
+    torch.testing.assert_close(out["prefix_maps"], attn[..., [0, 4], :][..., keep])
+    reference = attention_stats_reference(attn, STATS, positions=positions, reduction="none")
+    for i, name in enumerate(STATS):
+        torch.testing.assert_close(out[name].double(), reference[i], equal_nan=True, rtol=1e-5, atol=1e-5)
+    assert out["entropy"][..., [0, 4]].isnan().all()
+
+
+def test_qk_maps_equal_the_softmax_rows_and_the_grid_and_position_forms_agree():
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 2, 1 + 20, 8, generator=gen), torch.randn(2, 2, 1 + 20, 8, generator=gen)
+    bias = torch.randn(2, 21, 21, generator=gen)
+    grid = vitmad.attention_stats_qk(q, k, 14, grid=(4, 5), attn_bias=bias, scale=0.7,
+                                     stats=STATS + ("prefix_maps",))
+    attn = (q.double() @ k.double().transpose(-1, -2) * 0.7 + bias.double()).softmax(-1)
+    torch.testing.assert_close(grid["prefix_maps"].double(), attn[..., :1, 1:], **TOL)
+    positions = grid_positions(4, 5, 14, num_prefix_tokens=1)
+    by_position = vitmad.attention_stats_qk(q, k, positions=positions, attn_bias=bias, scale=0.7,
+                                            stats=STATS + ("prefix_maps",))
+    for name in STATS + ("prefix_maps",):
+        torch.testing.assert_close(by_position[name], grid[name], rtol=1e-5, atol=1e-4)
+    reference = attention_stats_qk_reference(q, k, STATS, patch=14, grid=(4, 5), attn_bias=bias, scale=0.7)
+    for i, name in enumerate(STATS):
+        torch.testing.assert_close(grid[name].double(), reference[i], rtol=1e-5, atol=1e-4)
+
+
+def test_maps_alone_need_no_kernel_and_still_check_the_arguments():
+    attn = _attention(1, 1, 5, 5)
+    assert list(vitmad.attention_stats(attn, 8, grid=(2, 2), stats=["prefix_maps"])) == ["prefix_maps"]
+    with pytest.raises(ValueError, match="grid \\[3, 3\\] has 9 patches"):
+        vitmad.attention_stats(attn, 8, grid=(3, 3), stats=["prefix_maps"])
+
+
+def test_maps_refused_when_the_tokens_without_a_position_differ_between_images():
+    attn = _attention(2, 1, 5, 5)
+    positions = torch.rand(2, 1, 5, 2)
+    positions[0, 0, 0] = float("nan")
+    positions[1, 0, 2] = float("nan")
+    with pytest.raises(ValueError, match="same tokens without a position in every matrix"):
+        vitmad.attention_stats(attn, positions=positions, stats=["prefix_maps"])
+    vitmad.attention_stats(attn, positions=positions, stats=["entropy"])  # per-query statistics are fine
+
+
+@pytest.mark.parametrize("stats, error, match", [
+    ((), ValueError, "at least one of"),
+    (("mad", "mad"), ValueError, "names 'mad' twice"),
+    (("prefix_maps", "prefix_maps"), ValueError, "names 'prefix_maps' twice"),
+    (("distance",), ValueError, "must be among 'mad', 'entropy', 'prefix_mass', 'self_mass', got 'distance'"),
+    ("entropy", TypeError, "got the string 'entropy'"),
+])
+def test_bad_statistics_are_named(stats, error, match):
+    with pytest.raises(error, match=match):
+        vitmad.attention_stats(_attention(1, 1, 5, 5), 8, grid=(2, 2), stats=stats)
+
+
+def test_self_mass_needs_square_attention():
+    attn = _attention(1, 1, 4, 6)
+    with pytest.raises(ValueError, match="'self_mass' needs the queries and the keys to be the same tokens"):
+        vitmad.attention_stats(attn, positions=torch.rand(4, 2), key_positions=torch.rand(6, 2),
+                               stats=["self_mass"])
+    out = vitmad.attention_stats(attn, positions=torch.rand(4, 2), key_positions=torch.rand(6, 2),
+                                 stats=["entropy", "prefix_mass"])
+    assert (out["prefix_mass"] == 0).all()
+
+
+def test_statistics_are_measurements_not_differentiable():
+    attn = _attention(1, 1, 5, 5).requires_grad_()
+    with pytest.raises(RuntimeError, match="vitmad.attention_stats is not differentiable, but attn requires grad"):
+        vitmad.attention_stats(attn, 8, grid=(2, 2))
+    with torch.no_grad():
+        vitmad.attention_stats(attn, 8, grid=(2, 2))
+    q = torch.randn(1, 5, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="attention_stats_qk is not differentiable, but q requires grad"):
+        vitmad.attention_stats_qk(q, q.detach(), 8, grid=(2, 2))
+
+
+def test_fake_tensors_get_the_output_shapes():
+    with FakeTensorMode():
+        attn = torch.empty(2, 3, 17, 17)
+        out = torch.ops.vitmad.stats(attn, 8, ["mad", "entropy"], reduction="none")
+        assert out.shape == (2, 2, 3, 16) and out.dtype == torch.float32
+        out = torch.ops.vitmad.stats_pos(attn.double(), torch.empty(17, 2), None, ["self_mass"])
+        assert out.shape == (1, 2, 3) and out.dtype == torch.float64
+        q = torch.empty(2, 3, 17, 8, dtype=torch.bfloat16)
+        out = torch.ops.vitmad.stats_qk(q, q, 8, ["entropy", "prefix_mass", "mad"])
+        assert out.shape == (3, 2, 3) and out.dtype == torch.float32
+        k = torch.empty(2, 3, 5, 8)
+        out = torch.ops.vitmad.stats_qk_pos(q.float(), k, torch.empty(17, 2), torch.empty(5, 2), ["entropy"],
+                                            reduction="none")
+        assert out.shape == (1, 2, 3, 17)
