@@ -1,10 +1,13 @@
 """Cost of ``vitmad.record`` on a ViT-B/16 forward: time at 224 px and peak memory at 1024 px (N = 4097).
 
-Three ways to get every layer's MAD, compared in the same run:
+Ways to get every layer's MAD (and the statistics beside it), compared in the same run:
   sdpa    the forward alone, default (SDPA) attention, no MAD: the baseline;
   record  the same forward inside ``vitmad.record`` (MAD of every layer, maps never stored);
+  record_stats
+          the same with every statistic and the CLS maps (``stats=[entropy, prefix_mass, self_mass,
+          prefix_maps]``), from the same op call per layer (issue target: at most 1.1x sdpa);
   eager   the route users take today: ``attn_implementation="eager"``, ``output_attentions=True``, then
-          ``vitmad.mad`` on the returned maps.
+          ``vitmad.attention_stats`` (MAD, the statistics and the CLS rows) on the returned maps.
 
 Time: median over ``--repeats`` runs after one warm-up, the cases interleaved so that load drifts hit all alike;
 both wall time and the process's CPU time (all threads), which other processes on a shared machine disturb less.
@@ -29,7 +32,8 @@ import torch
 
 from _results import machine, peak_rss, write_section
 
-CASES = ("sdpa", "record", "eager")
+CASES = ("sdpa", "record", "record_stats", "eager")
+STATS = ["entropy", "prefix_mass", "self_mass", "prefix_maps"]
 
 
 def build_model(implementation: str):
@@ -50,18 +54,18 @@ def run_case(case: str, model, pixels: torch.Tensor) -> torch.Tensor | None:
         if case == "sdpa":
             model(pixels, **kwargs)
             return None
-        if case == "record":
-            with vitmad.record(model) as rec:
+        if case in ("record", "record_stats"):
+            with vitmad.record(model, stats=STATS if case == "record_stats" else ["mad"]) as rec:
                 model(pixels, **kwargs)
             return rec.mad
         maps = model(pixels, output_attentions=True, **kwargs).attentions
-        return torch.stack([vitmad.mad(a, 16) for a in maps])
+        return torch.stack([vitmad.attention_stats(a, 16, stats=["mad", *STATS])["mad"] for a in maps])
 
 
 def time_cases(batch: int, image: int, repeats: int, device: str) -> dict[str, tuple[float, float]]:
     """Median (wall ms, CPU ms) of each case."""
     models = {"sdpa": build_model("sdpa").to(device)}
-    models["record"] = models["sdpa"]
+    models["record"] = models["record_stats"] = models["sdpa"]
     models["eager"] = copy.deepcopy(models["sdpa"])
     models["eager"].set_attn_implementation("eager")
     pixels = torch.randn(batch, 3, image, image, device=device)
