@@ -13,6 +13,11 @@ configuration with two layers per stage where the config allows.
     python benchmarks/sweep_models.py                 # timm and transformers, summary at the end
     python benchmarks/sweep_models.py --library timm --filter 'swin*'
     python benchmarks/sweep_models.py --write         # also writes the table into benchmarks/RESULTS.md
+    python benchmarks/sweep_models.py --stats         # records every statistic and the prefix maps too
+
+With ``--stats`` each recording also asks for entropy, prefix mass, self mass and the prefix maps, and the line
+says ERROR where one is outside its range (entropy in [0, ln N], masses and maps in [0, 1], self mass NaN only in
+layers whose keys are not the queries).
 """
 
 from __future__ import annotations
@@ -92,6 +97,34 @@ def timm_candidates(per: str, pattern: str) -> list[tuple[str, str]]:
     return chosen
 
 
+# What --stats records besides MAD.
+ALL_STATS = ["entropy", "prefix_mass", "self_mass", "prefix_maps"]
+_record_stats = ["mad"]
+
+
+def _statistics_problem(rec) -> str | None:
+    """What is wrong with the recorded statistics, if anything (--stats)."""
+    slack = 1e-4
+    for index, name in enumerate(rec.layers):
+        heads = rec.geometry[index].heads
+        values = {stat: rec.calls[-1].statistics[stat][index][:, :heads] for stat in ALL_STATS[:3]}
+        entropy = values["entropy"]
+        if not bool(entropy.isfinite().all()) or float(entropy.min()) < -slack or float(entropy.max()) > 20:
+            return f"entropy of {name} outside [0, ln N]: {entropy.min():.3g} to {entropy.max():.3g}"
+        for stat in ("prefix_mass", "self_mass"):
+            mass = values[stat]
+            finite = mass[mass.isfinite()]
+            if stat == "prefix_mass" and finite.numel() != mass.numel():
+                return f"prefix_mass of {name} not finite"
+            if finite.numel() and (float(finite.min()) < -slack or float(finite.max()) > 1 + slack):
+                return f"{stat} of {name} outside [0, 1]: {finite.min():.3g} to {finite.max():.3g}"
+        maps = rec.calls[-1].prefix_maps[index]
+        if maps is not None and (not bool(maps.isfinite().all()) or float(maps.min()) < -slack
+                                 or float(maps.sum(-1).max()) > 1 + slack):
+            return f"prefix maps of {name} not rows of probabilities"
+    return None
+
+
 def _check(model: torch.nn.Module, pixels: torch.Tensor, forward) -> str:
     """Record one forward; the sweep line's verdict."""
     import vitmad
@@ -100,7 +133,7 @@ def _check(model: torch.nn.Module, pixels: torch.Tensor, forward) -> str:
         torch.manual_seed(0)  # models that draw noise in their forward (ViTMAE's shuffle) draw the same twice
         plain = forward(model, pixels)
         try:
-            with vitmad.record(model) as rec:
+            with vitmad.record(model, stats=_record_stats) as rec:
                 torch.manual_seed(0)
                 recorded = forward(model, pixels)
         except ValueError as err:
@@ -121,6 +154,12 @@ def _check(model: torch.nn.Module, pixels: torch.Tensor, forward) -> str:
     if rec.skipped:
         reasons = Counter(rec.skipped.values())
         line += "; skipped " + "; ".join(f"{count} x {reason}" for reason, count in reasons.items())
+    if len(_record_stats) > 1:
+        maps = sum(m is not None for m in rec.calls[-1].prefix_maps)
+        problem = _statistics_problem(rec)
+        line += f"; statistics ok, prefix maps in {maps} layers" if problem is None else ""
+        if problem is not None:
+            line = f"ERROR: {problem}; " + line
     if not same:
         line = "ERROR: output changed by recording; " + line
     if not sane:
@@ -237,7 +276,10 @@ def main() -> None:
     parser.add_argument("--filter", default="*", help="model names (timm) or family labels (transformers)")
     parser.add_argument("--max-params", type=float, default=150.0, help="skip timm models larger than this (M)")
     parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--stats", action="store_true", help="record every statistic and the prefix maps too")
     args = parser.parse_args()
+    if args.stats:
+        _record_stats[:] = ["mad", *ALL_STATS]
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     rows = []
@@ -253,8 +295,10 @@ def main() -> None:
 
         table = markdown_table(["library / module", "model", "result"],
                                [[m, n, v.replace("|", "/")] for m, n, v in rows])
-        write_section(f"sweep-{args.library}-{args.per}",
-                      f"## Sweep of vitmad.record ({args.library}, one model per {args.per}; "
+        kind = "-stats" if args.stats else ""
+        write_section(f"sweep-{args.library}-{args.per}{kind}",
+                      f"## Sweep of vitmad.record{' with every statistic' if args.stats else ''} ({args.library}, "
+                      f"one model per {args.per}; "
                       f"benchmarks/sweep_models.py)\n\n{machine()}; timm {timm.__version__}, transformers "
                       f"{transformers.__version__}\n\n{summary}\n\n{table}")
 
