@@ -103,7 +103,7 @@ def _softmax_dim(args: tuple, kwargs: dict) -> int | None:
 
 
 class _CaptureAttention(TorchFunctionMode):
-    def __init__(self, layer: str, module: nn.Module, on_qk: AttentionCallback, on_probs: ProbabilitiesCallback):
+    def __init__(self, layer: str, module: nn.Module, on_qk: AttentionCallback, on_probs: ProbabilitiesCallback | None):
         super().__init__()
         self.layer, self.module, self.on_qk, self.on_probs = layer, module, on_qk, on_probs
 
@@ -121,6 +121,8 @@ class _CaptureAttention(TorchFunctionMode):
             self.on_qk(self.layer, query, key, scale, mask)
             return func(*args, **kwargs)
         result = func(*args, **kwargs)
+        if self.on_probs is None:  # the module's attention is read elsewhere (probabilities_from)
+            return result
         if func in _SOFTMAX_FUNCTIONS and isinstance(result, torch.Tensor) and result.dim() >= 3:
             dim = _softmax_dim(args, kwargs)
             if dim is not None and dim % result.dim() == result.dim() - 1:
@@ -136,19 +138,27 @@ class ModuleAttentionHooks:
         on_qk: called with ``(name, q, k, scale, mask)`` for every ``F.scaled_dot_product_attention`` call.
         on_probs: called with ``(name, probabilities)`` for every softmax over the last dimension.
         done: called with ``(name, module, completed)`` when a recorded module's forward has ended.
+        probabilities_from: by module name, a submodule whose input is the attention the module applies, for
+            designs that build it from several softmax calls (ConViT's GPSA mixes two); their softmax calls are
+            then not reported.
     """
 
     def __init__(self, modules: dict[str, nn.Module], on_qk: AttentionCallback, on_probs: ProbabilitiesCallback,
-                 done: DoneCallback):
+                 done: DoneCallback, probabilities_from: dict[str, nn.Module] | None = None):
         self.modules = modules
         self.on_qk = on_qk
         self.on_probs = on_probs
         self.done = done
+        self.probabilities_from = probabilities_from or {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def install(self) -> None:
         for name, module in self.modules.items():
-            mode = _CaptureAttention(name, module, self.on_qk, self.on_probs)
+            source = self.probabilities_from.get(name)
+            mode = _CaptureAttention(name, module, self.on_qk, self.on_probs if source is None else None)
+            if source is not None:
+                self._handles.append(source.register_forward_pre_hook(
+                    lambda _, args, name=name: self.on_probs(name, args[0].detach())))
 
             def enter(*_, mode=mode) -> None:
                 mode.__enter__()

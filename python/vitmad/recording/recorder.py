@@ -40,7 +40,7 @@ from ..ops import attention_stats, attention_stats_qk, mad, mad_qk
 from ..ops.arguments import STAT_NAMES
 from ..ops.stats_op import MAP_NAME
 from .differential import CallSums, combine, differential_lambda, is_differential
-from .families import Skip, family_modules, family_placer
+from .families import Skip, family_modules, family_placer, probabilities_source
 from .families.masked import GivenPositionsPlacer
 from .families.naflex import call_start as naflex_call_start
 from .families.naflex import towers as naflex_towers
@@ -297,7 +297,9 @@ class Recording:
         self._pending: dict[str, list] = {}
         interface = {n: m for n, m in self._modules.items() if is_hf_model(model) and uses_attention_interface(m)}
         own = {n: m for n, m in self._modules.items() if n not in interface}
-        self._hooks = [ModuleAttentionHooks(own, self._on_attention, self._on_probabilities, self._on_module_done)]
+        sources = {n: m for n, m in ((n, probabilities_source(m)) for n, m in own.items()) if m is not None}
+        self._hooks = [ModuleAttentionHooks(own, self._on_attention, self._on_probabilities, self._on_module_done,
+                                            sources)]
         if interface:
             self._hooks.append(HFAttentionHooks(model, interface, self._on_attention, self._on_module_done))
 

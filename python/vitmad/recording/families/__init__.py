@@ -18,6 +18,7 @@ from . import (
     byoanet,
     coat,
     conv_stages,
+    convit,
     davit,
     efficientformer,
     efficientvit_msra,
@@ -38,6 +39,7 @@ from . import (
     non_spatial,
     packed,
     pooled,
+    shvit,
     swin,
     tiny_vit,
     tnt,
@@ -47,7 +49,7 @@ from . import (
     windowed_vit,
 )
 
-__all__ = ["Skip", "family_placer", "family_modules"]
+__all__ = ["Skip", "family_placer", "family_modules", "probabilities_source"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class Skip:
 _FAMILIES = (
     packed, non_spatial, masked, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages,
     vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra,
-    map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex,
+    map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit, convit,
 )
 
 
@@ -81,4 +83,15 @@ def family_placer(model: nn.Module, name: str, module: nn.Module):
         placer = family.placer(model, name, module)
         if placer is not None:
             return placer
+    return None
+
+
+def probabilities_source(module: nn.Module) -> nn.Module | None:
+    """The submodule whose input is the attention ``module`` applies, for designs that build it from several
+    softmax calls (ConViT's gated positional attention); None where the module's own softmax gives it."""
+    for family in _FAMILIES:
+        source = getattr(family, "probabilities_from", None)
+        found = None if source is None else source(module)
+        if found is not None:
+            return found
     return None
