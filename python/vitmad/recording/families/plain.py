@@ -33,8 +33,9 @@ def is_embedding_projection(name: str, module: nn.Module) -> bool:
     embedding (``patch_embed.proj``, ``embeddings.patch_embeddings.projection``, ``embeddings.patch_embedding``),
     whatever its kernel."""
     parts = name.split(".")
+    # A convolutional position embedding (CSATv2's blocks' pos_embed.proj) runs on tokens, not on the image.
     return (isinstance(module, (nn.Conv2d, nn.Conv3d)) and parts[-1] in _PROJECTION_NAMES
-            and any("embed" in p for p in parts))
+            and any("embed" in p and not p.startswith("pos") for p in parts))
 
 
 def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
