@@ -194,7 +194,7 @@ def plan_run(
     model_checkpoint,
     decoders: Executor | None,
     distributed: DistributedRun | None,
-    stats=None,
+    stats: str | Sequence[str] | None = None,
 ) -> RunPlan:
     """Check the options (cheap checks first: a bad one fails before the model loads) and plan the run.
 
