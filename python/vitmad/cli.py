@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-images", type=int, default=None, help="profile only the first K images")
     run.add_argument("--renormalize", action="store_true",
                      help="divide each query's distance by its attention mass on patches")
+    run.add_argument("--stats", default="mad", metavar="NAMES",
+                     help="comma list of what to profile from the same forward: mad (always), entropy, prefix_mass, "
+                          "self_mass (each: mad.json, mad.csv columns, NAME.png), prefix_maps (CLS / register maps "
+                          "over the grid, mean over images: prefix_maps.npz, prefix_maps.png); all for every one "
+                          "(default: mad)")
     run.add_argument("--out", default="vitmad_out", help="output folder (default: %(default)s)")
     run.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME}")
     run.add_argument("--no-figures", action="store_true", help="write mad.json and mad.csv only")
@@ -96,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Overlay the mean and spread per layer of several mad.json files.")
     compare.add_argument("results", nargs="+", help="mad.json files")
     compare.add_argument("--labels", nargs="+", default=None, help="one label per result (default: model)")
-    compare.add_argument("--out", required=True, help="figure file (.png, .pdf, .svg)")
+    compare.add_argument("--out", required=True,
+                         help="figure file (.png, .pdf, .svg) of MAD; each other statistic every result has goes "
+                              "beside it, named with the statistic (compare_entropy.png for compare.png)")
 
     bench = commands.add_parser("bench", help="time the fused op against plain PyTorch (short form)",
                                 allow_abbrev=False)
@@ -120,7 +127,7 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     from .profiling.files import check_writable
     from .profiling.images import find_images, parse_image_size
     from .profiling.models import load_model
-    from .profiling.options import import_optional, resolve_device
+    from .profiling.options import import_optional, resolve_device, resolve_stats
     from .profiling.plotting import plot_mad_maps
     from .profiling.videos import find_videos, is_video_source
 
@@ -128,6 +135,7 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     # wrong folder, size or device fails at once, before the model loads.
     out = Path(args.out)
     size = parse_image_size(args.image_size)
+    stats = resolve_stats(args.stats)
     videos = args.images != ["builtin"] and all(is_video_source(source) for source in args.images)
     files = find_videos(args.images) if videos else find_images(args.images)
     device = resolve_device(args.device)
@@ -153,15 +161,25 @@ def _profile_command(args: argparse.Namespace, run) -> None:
         resume=args.resume,
         progress=True,
         distributed=run,
+        stats=stats,
     )
     if run is not None and not run.is_main:
         return
     result.to_json(out / "mad.json")
     result.to_csv(out / "mad.csv")
     written = ["mad.json", "mad.csv"]
+    if result.prefix_maps is not None and result.prefix_maps.layers:
+        result.save_prefix_maps(out / "prefix_maps.npz")
+        written.append("prefix_maps.npz")
     if not args.no_figures:
         result.plot(out / "mad.png")
         written.append("mad.png")
+        for name in result.statistics:
+            result.plot_stat(name, out / f"{name}.png")
+            written.append(f"{name}.png")
+        if result.prefix_maps is not None and result.prefix_maps.layers:
+            result.plot_prefix_maps(out / "prefix_maps.png")
+            written.append("prefix_maps.png")
     if not args.no_figures and result.temporal is None:  # per-token maps are drawn over one image
         maps, pixels, names, geometry = mad_maps(loaded, result.images[0], image_size=size,
                                                  renormalize=args.renormalize, device=device)
@@ -183,6 +201,12 @@ def _print_summary(result) -> None:
         print(f"{i:>5}  {row.mean():7.1f}  {row.min():8.1f}  {row.max():8.1f}  {name}{temporal}")
     for name, reason in result.skipped_layers.items():
         print(f"skipped {name}: {reason}")
+    if result.prefix_maps is not None:
+        maps = result.prefix_maps
+        print(f"prefix maps: {len(maps.layers)} of {len(result.layers)} layers")
+        for reason in sorted(set(maps.skipped.values())):
+            count = sum(1 for found in maps.skipped.values() if found == reason)
+            print(f"  no maps in {count} layer{'s' if count != 1 else ''}: {reason}")
 
 
 def _compare_command(args: argparse.Namespace, run) -> None:
@@ -194,7 +218,15 @@ def _compare_command(args: argparse.Namespace, run) -> None:
     if len(labels) != len(profiles):
         raise ValueError(f"--labels: expected {len(profiles)} labels (one per result), got {len(labels)}")
     plot_compare(profiles, labels, args.out)
-    print(f"wrote {args.out}")
+    written = [args.out]
+    # Every statistic all the results have, each in its own figure beside the MAD one.
+    common = [name for name in profiles[0].statistics if all(name in p.statistics for p in profiles[1:])]
+    out = Path(args.out)
+    for name in common:
+        path = out.with_name(f"{out.stem}_{name}{out.suffix}")
+        plot_compare(profiles, labels, path, statistic=name)
+        written.append(str(path))
+    print(f"wrote {', '.join(written)}")
 
 
 def _bench_command(args: argparse.Namespace, run) -> None:

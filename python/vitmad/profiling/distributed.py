@@ -6,7 +6,8 @@ How a run is split and put back together, so that the result equals a single-pro
   same batch as in a single-process run (same per-image values), and uneven tails just leave the last ranks
   one batch short;
 - at the end the float64 sums, sums of squares and counts are all-reduced (min and max too), and the
-  per-rank lists of processed and skipped files are gathered and put back in global order.
+  per-rank lists of processed and skipped files are gathered and put back in global order; the sums of the
+  prefix maps (``--stats prefix_maps``) are gathered and added in rank order.
 Only the order of the float64 additions differs from a single process: results agree to ~1e-15 relative.
 
 Each rank checkpoints its own part (``OUT/checkpoint.rank<R>-of-<W>.pt``), so a killed job resumed with the
@@ -24,9 +25,11 @@ from dataclasses import dataclass
 import torch
 
 from .options import OptionError
+from .prefix_maps import PrefixMapSums
 from .stats import RunningStats
 
-__all__ = ["DistributedRun", "init_from_env", "current_run", "merge_across_ranks", "GlobalProgress"]
+__all__ = ["DistributedRun", "init_from_env", "current_run", "merge_across_ranks", "merge_prefix_maps",
+           "GlobalProgress"]
 
 DEFAULT_TIMEOUT_S = 1800
 
@@ -156,6 +159,21 @@ def merge_across_ranks(
         dist.all_reduce(tensor, op=op)
     merged = RunningStats(sums[0].cpu(), sums[1].cpu(), low.cpu(), high.cpu(), int(count.item()))
     return merged, meta, all_processed, all_skipped
+
+
+def merge_prefix_maps(run: DistributedRun, maps: PrefixMapSums | None) -> PrefixMapSums | None:
+    """Every rank's sums of the prefix maps added up; every rank gets the whole result.
+
+    Their layers and grids can differ (a rank that saw no image has none), so the sums travel as objects
+    rather than through one all-reduce; they are a few maps per layer.
+
+    Returns:
+        The sums of the job, or ``None`` if no rank profiled an image.
+    """
+    parts: list = [None] * run.world_size
+    torch.distributed.all_gather_object(parts, None if maps is None else maps.state_dict())
+    found = [PrefixMapSums.from_state_dict(part) for part in parts if part is not None]
+    return found[0].merged(found[1:]) if found else None
 
 
 class GlobalProgress:

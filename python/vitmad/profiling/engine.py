@@ -2,9 +2,9 @@
 
 Three steps, one function each: :func:`plan_run` checks the options and fixes what will run (model, device,
 the batches of this process, the run's fingerprint); :func:`run_batches` runs the model batch by batch under
-:func:`vitmad.record`, adds each image's ``[L, H]`` MAD to float64 running sums and checkpoints them with the
-list of processed files every few batches; :func:`finish` merges the processes' sums and returns the
-:class:`~vitmad.profiling.results.Profile`.
+:func:`vitmad.record`, adds each image's ``[L, H]`` MAD (and the other statistics asked for, from the same
+forward) to float64 running sums and checkpoints them with the list of processed files every few batches;
+:func:`finish` merges the processes' sums and returns the :class:`~vitmad.profiling.results.Profile`.
 
 Batches are fixed slices of the sorted file list (a broken file leaves a hole in its batch instead of
 shifting the next ones), so a resumed run sees the same batches and ends with the same sums as an
@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
-from .distributed import DistributedRun, GlobalProgress, current_run, merge_across_ranks
+from .distributed import DistributedRun, GlobalProgress, current_run, merge_across_ranks, merge_prefix_maps
 from .files import check_writable
 from .images import NATIVE, find_images, load_batch, parse_image_size
 from .models import LoadedModel, load_model, wrap_module
 from .native import NativeFeed, check_fixed_size, load_native_batch, native_feed, native_geometry
-from .options import OptionError, check_positive, resolve_device, resolve_dtype
+from .options import OptionError, check_positive, resolve_device, resolve_dtype, resolve_stats
+from .prefix_maps import PrefixMapSums
 from .results import Profile, layout_dict
 from .stats import RunningStats
 from .videos import find_videos, load_video_batch, model_frames
@@ -58,6 +59,9 @@ class RunPlan:
         record_options: keyword arguments of :func:`vitmad.record`.
         run: the ``torch.distributed`` job, or None for one process.
         native: how the model takes each image at its own aspect ratio (``image_size="native"``), else None.
+        statistics: the statistics profiled besides MAD (``"entropy"``, ``"prefix_mass"``, ``"self_mass"``).
+        prefix_maps: the CLS / register maps are averaged over the images.
+        maps_skipped: why no layer can have mean prefix maps in this run (the images have no common grid), or None.
     """
 
     loaded: LoadedModel
@@ -73,6 +77,9 @@ class RunPlan:
     record_options: dict
     run: DistributedRun | None
     native: NativeFeed | None = None
+    statistics: tuple[str, ...] = ()
+    prefix_maps: bool = False
+    maps_skipped: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,12 +87,14 @@ class RunState:
     """What a run has done so far: replaced as a whole after each batch, so an interrupt never leaves half.
 
     Attributes:
-        stats: float64 running statistics (None before the first readable batch).
+        stats: float64 running statistics (None before the first readable batch): MAD's ``L`` rows, then (video)
+            the temporal MAD's and each of the plan's ``statistics``' ``L`` rows, in that order.
         meta: ``{"layers": [...], "layout": {...} or None, "geometry": [...], "skipped_layers": {...}}`` of the
             recording; native runs add ``"image_grids"``: per image name, its ``grid`` and ``size``.
         images: names of the images profiled.
         skipped: ``{"path", "reason"}`` of the images that could not be read.
         batches_done: how many of the plan's batches are done.
+        maps: float64 sums of the prefix maps, when the plan averages them (None before the first batch).
     """
 
     stats: RunningStats | None = None
@@ -93,17 +102,22 @@ class RunState:
     images: tuple[str, ...] = ()
     skipped: tuple[dict, ...] = ()
     batches_done: int = 0
+    maps: PrefixMapSums | None = None
 
     def state_dict(self, run_fingerprint: str) -> dict:
-        return {"fingerprint": run_fingerprint, "batches_done": self.batches_done, "images": list(self.images),
-                "skipped": list(self.skipped), "stats": self.stats.state_dict() if self.stats else None,
-                "meta": self.meta}
+        state = {"fingerprint": run_fingerprint, "batches_done": self.batches_done, "images": list(self.images),
+                 "skipped": list(self.skipped), "stats": self.stats.state_dict() if self.stats else None,
+                 "meta": self.meta}
+        if self.maps is not None:
+            state["prefix_maps"] = self.maps.state_dict()
+        return state
 
     @staticmethod
     def from_state_dict(state: dict) -> RunState:
         stats = RunningStats.from_state_dict(state["stats"]) if state["stats"] else None
+        maps = PrefixMapSums.from_state_dict(state["prefix_maps"]) if state.get("prefix_maps") else None
         return RunState(stats, state["meta"], tuple(state["images"]), tuple(state["skipped"]),
-                        state["batches_done"])
+                        state["batches_done"], maps)
 
 
 def prepare_model(model, image_size: tuple[int, int] | str | None, model_checkpoint=None):
@@ -180,6 +194,7 @@ def plan_run(
     model_checkpoint,
     decoders: Executor | None,
     distributed: DistributedRun | None,
+    stats: str | Sequence[str] | None = None,
 ) -> RunPlan:
     """Check the options (cheap checks first: a bad one fails before the model loads) and plan the run.
 
@@ -189,6 +204,7 @@ def plan_run(
     check_positive("batch_size", batch_size)
     check_positive("max_images", max_images)
     check_positive("checkpoint_every", checkpoint_every, "a positive number of batches")
+    stats = resolve_stats(stats)
     run = distributed if distributed is not None else current_run()
     rank, world = (run.rank, run.world_size) if run else (0, 1)
     size = parse_image_size(image_size)
@@ -212,12 +228,25 @@ def plan_run(
         "batch_size": batch_size,
         "layers": list(layers) if layers else None,
     }
+    if stats != ("mad",):
+        # Only when asked for: a MAD-only run keeps the mad.json and the fingerprint (its checkpoints) it had.
+        settings["stats"] = list(stats)
     run_id = fingerprint({"model": loaded.spec, "rank": rank, "world_size": world, **settings}, names)
     # Rank r takes global batches r, r + W, ...: the same batches as a single process, each exactly once.
     batches = range(rank, math.ceil(len(names) / batch_size), world)
     record_options = {"renormalize": bool(renormalize), **({"layers": list(layers)} if layers else {})}
+    statistics = tuple(name for name in stats if name not in ("mad", "prefix_maps"))
+    maps_skipped = None
+    if "prefix_maps" in stats and native is not None:
+        maps_skipped = "native resolution: every image has its own token grid, so maps do not average"
+    elif "prefix_maps" in stats and model_frames(loaded.module) is not None:
+        maps_skipped = "video model: prefix maps are averaged for image models only"
+    recorded = (*statistics, *(["prefix_maps"] if "prefix_maps" in stats and maps_skipped is None else []))
+    if recorded:
+        record_options["stats"] = ["mad", *recorded]
     return RunPlan(loaded, device, torch_dtype, names, load, batches, settings, run_id,
-                   None if checkpoint is None else Path(checkpoint), checkpoint_every, record_options, run, native)
+                   None if checkpoint is None else Path(checkpoint), checkpoint_every, record_options, run, native,
+                   statistics, "prefix_maps" in stats, maps_skipped)
 
 
 def resume_state(plan: RunPlan, resume: bool) -> RunState:
@@ -235,12 +264,16 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
     pixels, loaded_names, batch_skipped = batch
     for path, reason in batch_skipped:
         warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=3)
-    stats, meta = state.stats, state.meta
+    stats, meta, maps = state.stats, state.meta, state.maps
     if pixels is not None and plan.native is not None:
         # Images at their own size: one forward per packed batch or per image; each image's grid is kept.
         with torch.inference_mode(), record(plan.loaded.module, **plan.record_options) as rec:
             plan.native.forwards(plan.loaded, pixels, plan.device, plan.dtype)
         mad, geometry, grids = native_geometry(rec)
+        if plan.statistics:
+            # The other statistics ride as more blocks of L rows of the same sums, as the temporal MAD does.
+            mad = torch.cat([mad, *(torch.cat([call.stat(name) for call in rec.calls], dim=1)
+                                    for name in plan.statistics)])
         stats = (stats or RunningStats.empty(*mad.shape[::2])).add(mad)
         meta = {"layers": list(rec.layers), "layout": None, "geometry": geometry, "skipped_layers": dict(rec.skipped),
                 "image_grids": {**(meta or {}).get("image_grids", {}), **dict(zip(loaded_names, grids))}}
@@ -254,13 +287,18 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
             # The temporal statistics ride as L more rows of the same sums, so checkpoints and the merge across
             # processes carry them unchanged; finish() splits them off.
             mad = torch.cat([mad, rec.temporal_mad])
+        if plan.statistics:
+            recorded = rec.stats
+            mad = torch.cat([mad, *(recorded[name] for name in plan.statistics)])
         stats = (stats or RunningStats.empty(*mad.shape[::2])).add(mad)
+        if plan.prefix_maps and plan.maps_skipped is None:
+            maps = (maps or PrefixMapSums()).add(rec.prefix_maps, rec.geometry, pixels)
         meta = {"layers": list(rec.layers), "layout": layout_dict(rec.layout),
                 "geometry": [g.as_dict() for g in rec.geometry], "skipped_layers": dict(rec.skipped),
                 "temporal": video}
     skipped = tuple({"path": p, "reason": r} for p, r in batch_skipped)
     return RunState(stats, meta, state.images + tuple(loaded_names), state.skipped + skipped,
-                    state.batches_done + 1)
+                    state.batches_done + 1, maps)
 
 
 def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
@@ -309,22 +347,27 @@ def finish(plan: RunPlan, state: RunState) -> Profile:
         OptionError: no image could be read.
     """
     stats, meta, images, skipped = state.stats, state.meta, list(state.images), list(state.skipped)
+    maps = state.maps
     if plan.run is not None:
         order = {name: i for i, name in enumerate(plan.names)}
         stats, meta, images, skipped = merge_across_ranks(plan.run, stats, meta, images, skipped, order)
+        if plan.prefix_maps:
+            maps = merge_prefix_maps(plan.run, maps)
     if stats is None:
         raise OptionError("images", f"none of the {len(plan.names)} images could be read")
     world = plan.run.world_size if plan.run else 1
-    temporal = None
-    if meta.get("temporal"):
-        layers = len(meta["layers"])
-        stats, temporal = stats.rows(slice(0, layers)), stats.rows(slice(layers, 2 * layers))
+    layers = len(meta["layers"])
+    blocks = ["mad", *(["temporal"] if meta.get("temporal") else []), *plan.statistics]
+    split = {name: stats.rows(slice(i * layers, (i + 1) * layers)) for i, name in enumerate(blocks)}
+    stats, temporal = split.pop("mad"), split.pop("temporal", None)
+    if plan.prefix_maps:
+        maps = PrefixMapSums.skipping(layers, plan.maps_skipped) if plan.maps_skipped else maps or PrefixMapSums()
     image_grids = meta.get("image_grids")
     if image_grids is not None:
         image_grids = {name: image_grids[name] for name in images}
     return Profile(plan.loaded.spec, meta["layers"], meta["layout"], stats, images, skipped, plan.settings, world,
                    meta.get("geometry"), meta.get("skipped_layers", {}),  # absent in checkpoints of vitmad 0.1
-                   temporal=temporal, image_grids=image_grids)
+                   temporal=temporal, image_grids=image_grids, statistics=split, prefix_maps=maps)
 
 
 def profile(
@@ -345,6 +388,7 @@ def profile(
     progress: bool = False,
     loader_threads: int = 4,
     distributed=None,
+    stats: str | Sequence[str] | None = None,
 ) -> Profile:
     """Profile the mean attention distance of every head of ``model`` over ``images``.
 
@@ -375,9 +419,14 @@ def profile(
         distributed: a :class:`vitmad.profiling.distributed.DistributedRun`; by default the process group the
             caller initialised, if any. Each rank profiles its share of the batches and every rank returns
             the whole result; ``checkpoint`` must then be a file per rank.
+        stats: what to profile besides MAD, from the same forward (:func:`vitmad.record`'s statistics):
+            ``"entropy"`` (nats), ``"prefix_mass"``, ``"self_mass"`` (running statistics per layer and head like
+            MAD's), ``"prefix_maps"`` (the CLS / register maps, mean over images); a list, a comma list, or
+            ``"all"``. MAD only by default.
 
     Returns:
-        The :class:`Profile` (``.mad`` and ``.std`` are ``[L, H]``; video models add ``.temporal_mad``, frames).
+        The :class:`Profile` (``.mad`` and ``.std`` are ``[L, H]``; video models add ``.temporal_mad``, frames;
+        ``.stat(name)`` and ``.prefix_maps`` give the other statistics).
 
     Raises:
         OptionError (a ValueError), MissingPathError (also a FileNotFoundError): bad model spec, images, size,
@@ -391,7 +440,7 @@ def profile(
             model, images, batch_size=batch_size, device=device, dtype=dtype, renormalize=renormalize,
             image_size=image_size, max_images=max_images, layers=layers, checkpoint=checkpoint,
             checkpoint_every=checkpoint_every, model_checkpoint=model_checkpoint, decoders=decoders,
-            distributed=distributed,
+            distributed=distributed, stats=stats,
         )
         state = run_batches(plan, resume_state(plan, resume), progress=progress)
         return finish(plan, state)

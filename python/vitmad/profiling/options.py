@@ -18,11 +18,15 @@ __all__ = [
     "check_positive",
     "resolve_device",
     "resolve_dtype",
+    "resolve_stats",
     "import_optional",
     "DTYPES",
+    "PROFILE_STATS",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What ``profile(stats=...)`` / ``--stats`` takes, in the order results list them (vitmad.record's names).
+PROFILE_STATS = ("mad", "entropy", "prefix_mass", "self_mass", "prefix_maps")
 
 
 class OptionError(ValueError):
@@ -77,6 +81,32 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype not in DTYPES:
         raise OptionError("dtype", f"expected one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def resolve_stats(stats) -> tuple[str, ...]:
+    """The statistics to profile, in :data:`PROFILE_STATS` order, MAD always among them.
+
+    Args:
+        stats: None (MAD only), a comma list (``"entropy,prefix_mass"``, as ``--stats`` takes it) or a sequence
+            of names; ``"all"`` stands for every statistic.
+
+    Raises:
+        OptionError: an unknown name, or neither a string nor a sequence of strings.
+    """
+    if stats is None:
+        return ("mad",)
+    names = stats.split(",") if isinstance(stats, str) else stats
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+        raise OptionError("stats", f"expected a comma list or a list of names among {', '.join(PROFILE_STATS)} "
+                                   f"(or all), got {stats!r}")
+    names = {name.strip() for name in names} - {""}
+    unknown = sorted(names - {*PROFILE_STATS, "all"})
+    if unknown:
+        raise OptionError("stats", f"expected names among {', '.join(PROFILE_STATS)} (or all), got unknown "
+                                   f"{', '.join(repr(name) for name in unknown)}")
+    if "all" in names:
+        return PROFILE_STATS
+    return tuple(name for name in PROFILE_STATS if name in names or name == "mad")
 
 
 def import_optional(module: str, extra: str, purpose: str) -> ModuleType:

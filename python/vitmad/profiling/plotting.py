@@ -2,7 +2,10 @@
 
 - :func:`plot_profile`: the ViT-paper figure (Dosovitskiy et al. 2021, Fig. 7 right): MAD of every head
   against layer depth, one colour per head, with uniform attention as the reference of a fully global head.
-- :func:`plot_compare`: several profiles overlaid, mean over heads per layer and the spread of the heads.
+- :func:`plot_statistic`: the same figure for another statistic (``--stats``: entropy, prefix mass, self mass).
+- :func:`plot_compare`: several profiles overlaid, mean over heads per layer and the spread of the heads, for
+  MAD or another statistic.
+- :func:`plot_prefix_maps`: the CLS / register maps of a few layers, mean over images, beside the average input.
 - :func:`plot_mad_maps`: per-token MAD of one image for a few layers, over the image.
 - :func:`plot_space_time`: video models, spatial MAD (pixels) and temporal MAD (frames) of every head against
   depth, side by side, each layer marked with what it attends over (TimeSformer: time, space).
@@ -18,7 +21,16 @@ import torch
 
 from .options import import_optional
 
-__all__ = ["plot_profile", "plot_compare", "plot_mad_maps", "plot_space_time"]
+__all__ = ["plot_profile", "plot_statistic", "plot_compare", "plot_mad_maps", "plot_prefix_maps", "plot_space_time",
+           "STAT_LABELS"]
+
+# The y axis of each statistic's figures.
+STAT_LABELS = {
+    "mad": "Mean attention distance (pixels)",
+    "entropy": "Attention entropy (nats)",
+    "prefix_mass": "Attention on CLS / register tokens",
+    "self_mass": "Attention on the query's own token",
+}
 
 
 def _pyplot():
@@ -58,14 +70,7 @@ def plot_profile(profile, path: str | os.PathLike, *, title: str | None = None) 
         path: image file to write (``.png``, ``.pdf``, ``.svg``).
     """
     plt = _pyplot()
-    mad = profile.mad.numpy()  # [L, H_max], NaN for the heads a layer does not have
-    num_layers, num_heads = mad.shape
-    fig, ax = plt.subplots(figsize=(6.4 if num_layers <= 24 else 9.6, 4.8))
-    colours = plt.get_cmap("tab20" if num_heads > 10 else "tab10")
-    depth = list(range(1, num_layers + 1))
-    for head in range(num_heads):
-        ax.scatter(depth, mad[:, head], s=18 if num_heads <= 12 else 8, color=colours(head % colours.N),
-                   label=f"head {head}" if num_heads <= 16 else None)
+    fig, ax, depth, num_heads = _heads_against_depth(plt, profile.mad)
     uniform = profile.uniform_mads
     if len(set(uniform)) == 1:
         ax.axhline(uniform[0], color="0.4", linestyle="--", linewidth=1,
@@ -73,9 +78,28 @@ def plot_profile(profile, path: str | os.PathLike, *, title: str | None = None) 
     else:  # each stage's grid has its own global reference
         ax.step(depth, uniform, where="mid", color="0.4", linestyle="--", linewidth=1,
                 label="uniform attention over each layer's grid")
+    _finish_depth_figure(plt, fig, ax, profile, "mad", depth, num_heads, path, title)
+
+
+def _heads_against_depth(plt, values: torch.Tensor):
+    """A figure with ``values`` ``[L, H_max]`` as one point per head and layer (NaN: not drawn), one colour per
+    head; returns ``(fig, ax, depth, num_heads)``."""
+    values = values.numpy()
+    num_layers, num_heads = values.shape
+    fig, ax = plt.subplots(figsize=(6.4 if num_layers <= 24 else 9.6, 4.8))
+    colours = plt.get_cmap("tab20" if num_heads > 10 else "tab10")
+    depth = list(range(1, num_layers + 1))
+    for head in range(num_heads):
+        ax.scatter(depth, values[:, head], s=18 if num_heads <= 12 else 8, color=colours(head % colours.N),
+                   label=f"head {head}" if num_heads <= 16 else None)
+    return fig, ax, depth, num_heads
+
+
+def _finish_depth_figure(plt, fig, ax, profile, statistic: str, depth: list[int], num_heads: int, path,
+                         title: str | None) -> None:
     ax.set_xlabel("Network depth (layer)")
-    ax.set_ylabel("Mean attention distance (pixels)")
-    ax.set_xticks(depth if num_layers <= 24 else depth[::max(1, num_layers // 12)])
+    ax.set_ylabel(STAT_LABELS.get(statistic, statistic))
+    ax.set_xticks(depth if len(depth) <= 24 else depth[::max(1, len(depth) // 12)])
     ax.set_ylim(bottom=0)
     ax.set_title(title or textwrap.fill(f"{profile.model}: {profile.count} images, {_describe_grids(profile)}", 80),
                  fontsize=10 if profile.geometry is None else 8)
@@ -84,6 +108,25 @@ def plot_profile(profile, path: str | os.PathLike, *, title: str | None = None) 
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
+
+
+def plot_statistic(profile, statistic: str, path: str | os.PathLike, *, title: str | None = None) -> None:
+    """Draw a statistic other than MAD (``"entropy"``, ``"prefix_mass"``, ``"self_mass"``) per head against layer
+    depth, like :func:`plot_profile`; a layer without a value (self mass beside pooled keys) has no points.
+
+    Args:
+        profile: a :class:`vitmad.Profile` that has ``statistic`` (``profile.stat_names``).
+        path: image file to write (``.png``, ``.pdf``, ``.svg``).
+
+    Raises:
+        KeyError: the statistic was not profiled.
+    """
+    values = profile.stat(statistic)
+    plt = _pyplot()
+    fig, ax, depth, num_heads = _heads_against_depth(plt, values)
+    if statistic in ("prefix_mass", "self_mass"):
+        ax.set_ylim(top=max(1e-3, float(values.nan_to_num(0).max()) * 1.05))
+    _finish_depth_figure(plt, fig, ax, profile, statistic, depth, num_heads, path, title)
 
 
 def plot_space_time(profile, path: str | os.PathLike, *, title: str | None = None) -> None:
@@ -121,27 +164,38 @@ def plot_space_time(profile, path: str | os.PathLike, *, title: str | None = Non
     plt.close(fig)
 
 
-def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathLike) -> None:
+def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathLike, *,
+                 statistic: str = "mad") -> None:
     """Overlay profiles: per layer the mean over heads (line) and the range of the heads (band).
 
     Depth is drawn relative (first layer 0, last 1) when the models have different numbers of layers; layers
     with fewer heads than others use their own heads only.
+
+    Args:
+        statistic: ``"mad"``, or another statistic every profile has (``profile.stat_names``); a layer without a
+            value leaves a gap.
+
+    Raises:
+        KeyError: a profile lacks ``statistic``.
     """
+    values = [profile.stat(statistic) for profile in profiles]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    same_depth = len({p.mad.shape[0] for p in profiles}) == 1
-    for profile, label in zip(profiles, labels):
-        mad = profile.mad
-        missing = mad.isnan()
-        num_layers = mad.shape[0]
+    same_depth = len({v.shape[0] for v in values}) == 1
+    for per_head, label in zip(values, labels):
+        missing = per_head.isnan()
+        num_layers = per_head.shape[0]
         x = torch.arange(1, num_layers + 1, dtype=torch.float64)
         if not same_depth:
             x = (x - 1) / max(num_layers - 1, 1)
-        line = ax.plot(x, mad.nanmean(1), marker="o", markersize=3, label=label)[0]
-        ax.fill_between(x, mad.masked_fill(missing, float("inf")).amin(1),
-                        mad.masked_fill(missing, float("-inf")).amax(1), color=line.get_color(), alpha=0.2)
+        line = ax.plot(x, per_head.nanmean(1), marker="o", markersize=3, label=label)[0]
+        # A layer without any value gets no band (NaN), rather than an infinite one.
+        empty = missing.all(1)
+        ax.fill_between(x, per_head.masked_fill(missing, float("inf")).amin(1).masked_fill(empty, float("nan")),
+                        per_head.masked_fill(missing, float("-inf")).amax(1).masked_fill(empty, float("nan")),
+                        color=line.get_color(), alpha=0.2)
     ax.set_xlabel("Network depth (layer)" if same_depth else "Relative depth")
-    ax.set_ylabel("Mean attention distance (pixels)")
+    ax.set_ylabel(STAT_LABELS.get(statistic, statistic))
     ax.set_ylim(bottom=0)
     ax.set_title("Mean over heads (line) and range of heads (band)")
     ax.legend(fontsize=8)
@@ -191,3 +245,77 @@ def plot_mad_maps(
     fig.colorbar(shown, ax=list(axes), shrink=0.9, label="MAD (px), mean over heads")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_prefix_maps(profile, path: str | os.PathLike, *, layers: Sequence[int] | None = None,
+                     max_tokens: int = 8) -> None:
+    """Draw where the tokens without a position (CLS, registers) look: per prefix token (rows) and chosen layer
+    (columns) its attention over the layer's grid, mean over images and heads, beside the average input image.
+
+    Each map has its own colour scale (a register's map can be orders of magnitude sharper than CLS's); the
+    value range is in its title.
+
+    Args:
+        profile: a :class:`vitmad.Profile` profiled with ``stats=[..., "prefix_maps"]``.
+        path: image file to write.
+        layers: layer indices among those with maps; by default the first, middle and last of them.
+        max_tokens: draw at most this many prefix tokens (rows), in token order.
+
+    Raises:
+        ValueError: no prefix maps, no layer with a mean map, or a chosen layer without one.
+    """
+    maps = profile.prefix_maps
+    if maps is None:
+        raise ValueError("this profile has no prefix maps; profile with stats=[..., 'prefix_maps']")
+    if not maps.layers:
+        reasons = sorted(set(maps.skipped.values()))
+        raise ValueError(f"no layer has mean prefix maps ({'; '.join(reasons) or 'no layer recorded'})")
+    if layers is None:
+        found = maps.layers
+        layers = sorted({found[0], found[len(found) // 2], found[-1]})
+    without = [layer for layer in layers if layer not in maps.total]
+    if without:
+        raise ValueError(f"layers {without} have no mean prefix maps; layers with maps: {maps.layers}")
+    plt = _pyplot()
+    means = {layer: maps.mean(layer).nanmean(0) for layer in layers}  # [Q, gh, gw], mean over heads
+    tokens = min(max_tokens, max(m.shape[0] for m in means.values()))
+    fig, axes = plt.subplots(tokens, len(layers) + 1, figsize=(2.4 * (len(layers) + 1), 2.4 * tokens + 0.4),
+                             squeeze=False, layout="constrained")
+    image = _displayable(maps.mean_pixels, profile.settings.get("preprocessing"))
+    for row in range(tokens):
+        axes[row, 0].axis("off")
+    if image is not None:
+        axes[0, 0].imshow(image)
+        axes[0, 0].set_title(f"mean input ({maps.pixels_count} images)", fontsize=8)
+    for column, layer in enumerate(layers, start=1):
+        stride = profile.geometry[layer]["stride"] if profile.geometry else [profile.layout["patch"]] * 2
+        for row in range(tokens):
+            ax = axes[row, column]
+            ax.axis("off")
+            if row >= means[layer].shape[0]:
+                continue
+            token_map = means[layer][row]
+            grid_h, grid_w = token_map.shape
+            ax.imshow(token_map.numpy(), cmap="viridis", interpolation="nearest",
+                      extent=(0, grid_w * stride[1], grid_h * stride[0], 0))
+            name = profile.layers[layer]
+            short = name if len(name) < 22 else "..." + name[-19:]
+            ax.set_title(f"{short}\ntoken {row}: {float(token_map.min()):.2g} to {float(token_map.max()):.2g}",
+                         fontsize=7)
+    fig.suptitle(textwrap.fill(f"{profile.model}: attention of the tokens without a position (rows, in token "
+                               "order) over the grid, mean over images and heads", 90), fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _displayable(pixels: torch.Tensor | None, preprocessing: dict | None):
+    """``[H, W, 3]`` in [0, 1] for ``imshow``: the normalisation undone when known, else stretched to [0, 1]."""
+    if pixels is None or pixels.dim() != 3 or pixels.shape[0] != 3:
+        return None
+    image = pixels.float()
+    if preprocessing and "mean" in preprocessing and "std" in preprocessing:
+        std, mean = (torch.tensor(preprocessing[key])[:, None, None] for key in ("std", "mean"))
+        image = image * std + mean
+    else:
+        image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-12)
+    return image.clamp(0, 1).permute(1, 2, 0).numpy()

@@ -11,6 +11,13 @@ geometry, heads and the layers skipped; format 1 files (plain ViTs) are still re
 Video models add, in the same format, the temporal MAD in frames beside the spatial one: per layer a
 ``"temporal"`` entry (mean, std, min, max per head), ``"temporal_total"`` and ``"temporal_total_sq"`` among the
 sums, and ``tmad_*`` columns in ``mad.csv``; files without them are image profiles.
+
+Other statistics (``vitmad profile --stats``), in the same format: ``"statistics"``, by name, the unit and per
+layer and head the mean, std, min and max over images (null where a layer has no value: self mass beside
+pooled keys), ``"<name>_total"`` and ``"<name>_total_sq"`` among the sums, and ``<name>_mean``, ``_std``,
+``_min``, ``_max`` columns in ``mad.csv``; ``"prefix_maps"`` lists the layers with mean CLS / register maps
+(the maps themselves are in ``prefix_maps.npz``) and those without, with the reason. Files without them hold
+MAD only.
 """
 
 from __future__ import annotations
@@ -25,12 +32,25 @@ import torch
 from .. import __version__
 from ..ops.reference import uniform_attention_mad
 from .files import atomic_file
+from .prefix_maps import PrefixMapSums
 from .stats import RunningStats
 
 __all__ = ["Profile", "FORMAT", "layout_dict"]
 
 FORMAT = "vitmad-profile/2"
 _READABLE = ("vitmad-profile/1", FORMAT)
+# The unit of each statistic beside MAD, as mad.json states it.
+STAT_UNITS = {"entropy": "nats", "prefix_mass": "fraction of attention", "self_mass": "fraction of attention"}
+
+
+def _nullable(values: list) -> list:
+    """Rows of floats with NaN as None: strict JSON has no NaN."""
+    return [[None if v != v else v for v in row] for row in values]
+
+
+def _numbers(rows: list) -> list:
+    """Rows read from JSON with None (a value a layer lacks) as NaN."""
+    return [[float("nan") if v is None else v for v in row] for row in rows]
 
 
 def layout_dict(layout) -> dict | None:
@@ -65,6 +85,11 @@ class Profile:
         image_grids: native resolution (``image_size="native"``): per image name, ``{"grid": [gh, gw],
             "size": [H, W]}``, its token grid and the pixels it was resized to; the layers' ``geometry`` then has
             no grid. None otherwise.
+        statistics: by name, float64 running statistics of the other statistics profiled (``"entropy"``,
+            ``"prefix_mass"``, ``"self_mass"``), ``[L, H_max]`` like ``stats``; empty for a MAD-only profile.
+        prefix_maps: with ``stats=[..., "prefix_maps"]``: the sums of the CLS / register maps over the images
+            (:class:`~vitmad.profiling.prefix_maps.PrefixMapSums`); None otherwise, and in a profile read back
+            from ``mad.json`` (the maps are in ``prefix_maps.npz``).
     """
 
     model: str
@@ -79,6 +104,35 @@ class Profile:
     skipped_layers: dict[str, str] = field(default_factory=dict)
     temporal: RunningStats | None = None
     image_grids: dict[str, dict] | None = None
+    statistics: dict[str, RunningStats] = field(default_factory=dict)
+    prefix_maps: PrefixMapSums | None = None
+
+    @property
+    def stat_names(self) -> list[str]:
+        """The statistics with running statistics per layer and head: ``"mad"``, then the others profiled."""
+        return ["mad", *self.statistics]
+
+    def running(self, name: str) -> RunningStats:
+        """The running statistics of ``name`` (``"mad"`` included), ``[L, H_max]``.
+
+        Raises:
+            KeyError: ``name`` was not profiled; the message lists what was.
+        """
+        if name == "mad":
+            return self.stats
+        if name not in self.statistics:
+            raise KeyError(f"the statistic '{name}' was not profiled (profiled: {', '.join(self.stat_names)}); "
+                           f"profile with stats=[..., '{name}'] (vitmad profile --stats {name})")
+        return self.statistics[name]
+
+    def stat(self, name: str) -> torch.Tensor:
+        """``[L, H]`` float64: the mean over images of statistic ``name`` (``"mad"`` is :attr:`mad`); NaN for the
+        heads a layer lacks and where the layer has no value. ``running(name)`` gives std, min and max.
+
+        Raises:
+            KeyError: ``name`` was not profiled.
+        """
+        return self.running(name).mean
 
     @property
     def heads(self) -> list[int]:
@@ -191,9 +245,39 @@ class Profile:
             "images": self.images,
             "skipped": self.skipped,
             **({} if self.image_grids is None else {"image_grids": self.image_grids}),
+            **self._statistics_dict(sums),
             # Exact float64 sums (JSON floats round-trip), so results can be reloaded and merged losslessly.
             "sums": sums,
         }
+
+    def _statistics_dict(self, sums: dict) -> dict:
+        """The ``"statistics"`` and ``"prefix_maps"`` entries of ``mad.json`` (none for a MAD-only profile); the
+        statistics' sums go to ``sums``."""
+        found = {}
+        heads = self.heads
+
+        def per_head(values: torch.Tensor) -> list:
+            return _nullable([row[:h] for row, h in zip(values.tolist(), heads)])
+
+        if self.statistics:
+            found["statistics"] = {
+                name: {"unit": STAT_UNITS.get(name), "mean": per_head(stats.mean), "std": per_head(stats.std),
+                       "min": per_head(stats.low), "max": per_head(stats.high)}
+                for name, stats in self.statistics.items()
+            }
+            for name, stats in self.statistics.items():
+                sums[f"{name}_total"] = per_head(stats.total)
+                sums[f"{name}_total_sq"] = per_head(stats.total_sq)
+        if self.prefix_maps is not None:
+            maps = self.prefix_maps
+            found["prefix_maps"] = {
+                "layers": [{"index": i, "name": self.layers[i], "grid": list(maps.grids[i]),
+                            "tokens": int(maps.total[i].shape[1]), "count": int(maps.count[i].max())}
+                           for i in maps.layers],
+                "skipped_layers": [{"name": name, "reason": reason}
+                                   for name, reason in maps.skipped_by_name(self.layers).items()],
+            }
+        return found
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write ``mad.json``: model, layout, images used and skipped, per layer and head the mean, std, min,
@@ -250,26 +334,41 @@ class Profile:
                     padded([layer["temporal"]["max"] for layer in layers]),
                     int(doc["count"]),
                 )
+            statistics = {}
+            for name, entry in doc.get("statistics", {}).items():  # absent in MAD-only profiles
+                statistics[name] = RunningStats(
+                    padded(_numbers(doc["sums"][f"{name}_total"])),
+                    padded(_numbers(doc["sums"][f"{name}_total_sq"])),
+                    padded(_numbers(entry["min"])),
+                    padded(_numbers(entry["max"])),
+                    int(doc["count"]),
+                )
             return Profile(doc["model"], [layer["name"] for layer in layers], doc["layout"], stats,
                            doc["images"], doc["skipped"], doc["settings"], doc.get("processes", 1),
-                           geometry, skipped_layers, temporal=temporal, image_grids=doc.get("image_grids"))
+                           geometry, skipped_layers, temporal=temporal, image_grids=doc.get("image_grids"),
+                           statistics=statistics)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{path}: malformed vitmad profile ({type(err).__name__}: {err})") from err
 
     def to_csv(self, path: str | os.PathLike) -> None:
         """Write ``mad.csv``: one row per layer and head (layer, name, head, mean, std, min, max, count); video
-        models add the temporal MAD in frames (``tmad_mean, tmad_std, tmad_min, tmad_max``)."""
+        models add the temporal MAD in frames (``tmad_mean, tmad_std, tmad_min, tmad_max``), and every other
+        statistic profiled its four columns (``entropy_mean, entropy_std, entropy_min, entropy_max``, ...; ``nan``
+        where a layer has no value), so ``pandas.read_csv`` gives one tidy row per head."""
         lines = ["layer,name,head,mad_mean,mad_std,mad_min,mad_max,count"]
         mad, std, low, high = (t.tolist() for t in (self.mad, self.std, self.min, self.max))
+        extra = []
         if self.temporal is not None:
             lines[0] += ",tmad_mean,tmad_std,tmad_min,tmad_max"
-            temporal = [t.tolist() for t in (self.temporal.mean, self.temporal.std, self.temporal.low,
-                                             self.temporal.high)]
+            extra.append(self.temporal)
+        for name, stats in self.statistics.items():
+            lines[0] += f",{name}_mean,{name}_std,{name}_min,{name}_max"
+            extra.append(stats)
+        columns = [t.tolist() for stats in extra for t in (stats.mean, stats.std, stats.low, stats.high)]
         for i, (name, heads) in enumerate(zip(self.layers, self.heads)):
             for h in range(heads):
                 line = f"{i},{name},{h},{mad[i][h]!r},{std[i][h]!r},{low[i][h]!r},{high[i][h]!r},{self.count}"
-                if self.temporal is not None:
-                    line += "".join(f",{values[i][h]!r}" for values in temporal)
+                line += "".join(f",{values[i][h]!r}" for values in columns)
                 lines.append(line)
         with atomic_file(path) as handle:
             handle.write(("\n".join(lines) + "\n").encode())
@@ -280,3 +379,31 @@ class Profile:
         from .plotting import plot_profile, plot_space_time
 
         (plot_profile if self.temporal is None else plot_space_time)(self, path, title=title)
+
+    def plot_stat(self, name: str, path: str | os.PathLike, *, title: str | None = None) -> None:
+        """Draw statistic ``name`` per head against layer depth, like the MAD figure
+        (:func:`~.plotting.plot_statistic`)."""
+        from .plotting import plot_statistic
+
+        plot_statistic(self, name, path, title=title)
+
+    def save_prefix_maps(self, path: str | os.PathLike) -> None:
+        """Write the mean CLS / register maps as ``.npz`` (:meth:`~.prefix_maps.PrefixMapSums.save`).
+
+        Raises:
+            ValueError: the profile has no prefix maps.
+        """
+        if self.prefix_maps is None:
+            raise ValueError("this profile has no prefix maps; profile with stats=[..., 'prefix_maps']")
+        self.prefix_maps.save(path, self.layers)
+
+    def plot_prefix_maps(self, path: str | os.PathLike, **options) -> None:
+        """Draw the mean CLS / register maps of a few layers beside the average input image
+        (:func:`~.plotting.plot_prefix_maps`).
+
+        Raises:
+            ValueError: the profile has no prefix maps, or no layer has a mean map.
+        """
+        from .plotting import plot_prefix_maps
+
+        plot_prefix_maps(self, path, **options)

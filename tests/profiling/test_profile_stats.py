@@ -1,0 +1,278 @@
+"""vitmad profile --stats (#16): entropy, prefix mass, self mass and the CLS / register maps profiled in the same
+forward as MAD, on a tiny timm ViT with registers and a tiny timm Swin (no CLS: prefix mass 0, no maps).
+
+Values in mad.json and prefix_maps.npz equal a direct vitmad.record over the same images; resume equals an
+uninterrupted run and refuses a checkpoint of other statistics; torchrun equals one process; csv columns,
+figures, compare, bad --stats, and MAD-only files as they were.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("matplotlib")
+pytest.importorskip("transformers")
+
+import vitmad  # noqa: E402
+from conftest import subprocess_env, write_images  # noqa: E402
+from vitmad.cli import main  # noqa: E402
+from vitmad.profiling.images import Preprocessing, find_images, load_batch  # noqa: E402
+from vitmad.profiling.models import wrap_module  # noqa: E402
+from vitmad.profiling.options import OptionError, resolve_stats  # noqa: E402
+from vitmad.profiling.prefix_maps import PrefixMapSums  # noqa: E402
+
+ALL = ["mad", "entropy", "prefix_mass", "self_mass", "prefix_maps"]
+PER_HEAD = ["mad", "entropy", "prefix_mass", "self_mass"]
+PREP = Preprocessing((32, 32), ("exact", 32, 32), False, (0.5,) * 3, (0.5,) * 3)
+BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stats_images")
+    write_images(folder, 5)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def registers_vit():
+    """CLS and 2 registers on a 4 x 4 grid of 8 px, 3 layers of 2 heads."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=16,
+                              depth=3, num_heads=2, reg_tokens=2, no_embed_class=True).eval()
+    return wrap_module(model, "timm:tiny-vit-reg2", PREP)
+
+
+@pytest.fixture(scope="module")
+def swin():
+    """1 then 2 heads, tokens of 4 then 8 px, windows and no CLS."""
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=4,
+                              embed_dim=16, depths=(1, 1), num_heads=(1, 2)).eval()
+    return wrap_module(model, "timm:tiny-swin", PREP)
+
+
+def _recorded(loaded, files, stats) -> tuple[dict[str, torch.Tensor], list, torch.Tensor]:
+    """Straight from vitmad.record, batch by batch as the profile runs: ``{name: [L, N, H]}`` per image, the
+    prefix maps ``[N, H, Q, T]`` per layer (or None), and the pixels."""
+    per_image, maps, inputs = {}, [], []
+    for start in range(0, len(files), BATCH):
+        pixels, _, _ = load_batch(files[start:start + BATCH], PREP)
+        with torch.no_grad(), vitmad.record(loaded.module, stats=stats) as rec:
+            loaded.module(pixels)
+        for name, values in rec.stats.items():
+            per_image.setdefault(name, []).append(values.double())
+        if "prefix_maps" in stats:
+            maps.append(rec.prefix_maps)
+        inputs.append(pixels)
+    joined = {name: torch.cat(parts, dim=1) for name, parts in per_image.items()}
+    layer_maps = [None if layer[0] is None else torch.cat([m.double() for m in layer]) for layer in zip(*maps)]
+    return joined, layer_maps, torch.cat(inputs)
+
+
+def _json_rows(rows) -> torch.Tensor:
+    """mad.json's per-layer lists of heads (null: no value) as ``[L, H_max]`` with NaN."""
+    width = max(len(row) for row in rows)
+    return torch.tensor([[math.nan if v is None else v for v in row] + [math.nan] * (width - len(row))
+                         for row in rows], dtype=torch.float64)
+
+
+def _assert_close(actual, expected, **tolerance):
+    torch.testing.assert_close(actual, expected, equal_nan=True, **({"rtol": 1e-6, "atol": 1e-6} | tolerance))
+
+
+def test_registers_vit_files_equal_a_direct_recording(registers_vit, images, tmp_path):
+    result = vitmad.profile(registers_vit, images, batch_size=BATCH, device="cpu", stats="all")
+    result.to_json(tmp_path / "mad.json")
+    result.to_csv(tmp_path / "mad.csv")
+    result.save_prefix_maps(tmp_path / "prefix_maps.npz")
+    files = find_images(images)
+    expected, expected_maps, pixels = _recorded(registers_vit, files, ALL)
+
+    doc = json.loads((tmp_path / "mad.json").read_text())
+    assert doc["format"] == "vitmad-profile/2" and doc["settings"]["stats"] == ALL and doc["count"] == 5
+    assert list(doc["statistics"]) == ["entropy", "prefix_mass", "self_mass"]
+    assert doc["statistics"]["entropy"]["unit"] == "nats"
+    _assert_close(_json_rows([layer["mean"] for layer in doc["layers"]]), expected["mad"].mean(1))
+    for name in ("entropy", "prefix_mass", "self_mass"):
+        entry, values = doc["statistics"][name], expected[name]
+        _assert_close(_json_rows(entry["mean"]), values.mean(1))
+        _assert_close(_json_rows(entry["std"]), values.std(1, correction=0), atol=1e-5)
+        _assert_close(_json_rows(entry["min"]), values.amin(1))
+        _assert_close(_json_rows(entry["max"]), values.amax(1))
+        _assert_close(result.stat(name), values.mean(1))
+    assert (result.stat("prefix_mass") > 0).all()  # CLS and registers take attention
+
+    # The maps: every layer, CLS and both registers, over the 4 x 4 grid; the mean input beside them.
+    assert doc["prefix_maps"] == {
+        "layers": [{"index": i, "name": f"blocks.{i}.attn", "grid": [4, 4], "tokens": 3, "count": 5}
+                   for i in range(3)],
+        "skipped_layers": [],
+    }
+    saved = np.load(tmp_path / "prefix_maps.npz")
+    assert list(saved["layer_names"]) == result.layers and list(saved["counts"]) == [5, 5, 5]
+    for i, layer_maps in enumerate(expected_maps):
+        mean = layer_maps.mean(0).reshape(2, 3, 4, 4)
+        _assert_close(torch.from_numpy(saved[f"layer_{i}"]).double(), mean)
+        _assert_close(result.prefix_maps.mean(i), mean)
+    _assert_close(torch.from_numpy(saved["mean_input"]).double(), pixels.double().mean(0))
+
+    # mad.csv: a row per layer and head, four columns per statistic after MAD's.
+    with open(tmp_path / "mad.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0])[8:] == [f"{name}_{part}" for name in ("entropy", "prefix_mass", "self_mass")
+                                 for part in ("mean", "std", "min", "max")]
+    assert len(rows) == 6
+    for row in rows:
+        layer, head = int(row["layer"]), int(row["head"])
+        assert float(row["entropy_mean"]) == result.stat("entropy")[layer, head].item()
+        assert float(row["self_mass_max"]) == result.running("self_mass").high[layer, head].item()
+
+    # Read back: the same statistics, losslessly.
+    again = vitmad.Profile.from_json(tmp_path / "mad.json")
+    assert again.stat_names == ["mad", "entropy", "prefix_mass", "self_mass"]
+    for name in again.stat_names:
+        for part in ("total", "total_sq", "low", "high"):
+            assert torch.equal(getattr(again.running(name), part), getattr(result.running(name), part))
+
+
+def test_swin_has_no_prefix_tokens_and_no_maps(swin, images, tmp_path):
+    stats = ["entropy", "prefix_mass", "self_mass", "prefix_maps"]  # MAD comes anyway
+    result = vitmad.profile(swin, images, batch_size=BATCH, device="cpu", stats=stats)
+    expected, expected_maps, _ = _recorded(swin, find_images(images), ALL)
+    assert result.heads == [1, 2] and expected_maps == [None, None]
+    for name in PER_HEAD:
+        _assert_close(result.stat(name), expected[name].mean(1))
+    assert result.stat("prefix_mass")[0, 0] == 0 and (result.stat("prefix_mass")[1] == 0).all()
+    assert result.stat("entropy")[0, 1].isnan()  # the first stage has one head
+
+    result.to_json(tmp_path / "mad.json")
+    doc = json.loads((tmp_path / "mad.json").read_text())
+    assert [len(row) for row in doc["statistics"]["entropy"]["mean"]] == [1, 2]
+    assert doc["prefix_maps"]["layers"] == []
+    assert [entry["name"] for entry in doc["prefix_maps"]["skipped_layers"]] == result.layers
+    assert "no prefix maps" in doc["prefix_maps"]["skipped_layers"][0]["reason"]
+    with pytest.raises(ValueError, match="no layer has mean prefix maps"):
+        result.plot_prefix_maps(tmp_path / "prefix_maps.png")
+    result.plot_stat("entropy", tmp_path / "entropy.png")
+    assert (tmp_path / "entropy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_equals_an_uninterrupted_run_and_refuses_other_stats(registers_vit, images, tmp_path, monkeypatch):
+    options = dict(batch_size=1, device="cpu", stats="all", checkpoint_every=1)
+    whole = vitmad.profile(registers_vit, images, **options)
+
+    checkpoint = tmp_path / "run.pt"
+    real_add, calls = PrefixMapSums.add, []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_add(self, *args)
+
+    monkeypatch.setattr(PrefixMapSums, "add", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        vitmad.profile(registers_vit, images, checkpoint=checkpoint, **options)
+    monkeypatch.setattr(PrefixMapSums, "add", real_add)
+    assert torch.load(checkpoint, weights_only=True)["batches_done"] == 2
+
+    resumed = vitmad.profile(registers_vit, images, checkpoint=checkpoint, resume=True, **options)
+    assert resumed.count == 5 and resumed.images == whole.images
+    for name in PER_HEAD:
+        for part in ("total", "total_sq", "low", "high"):
+            assert torch.equal(getattr(resumed.running(name), part), getattr(whole.running(name), part))
+    for i in whole.prefix_maps.layers:
+        assert torch.equal(resumed.prefix_maps.total[i], whole.prefix_maps.total[i])
+    assert torch.equal(resumed.prefix_maps.pixels_total, whole.prefix_maps.pixels_total)
+
+    # The statistics are part of the run's fingerprint: never mixed into sums of other statistics.
+    for other in ("entropy", None):
+        with pytest.raises(OptionError, match="resume: .* written by a run with other settings"):
+            vitmad.profile(registers_vit, images, checkpoint=checkpoint, resume=True,
+                           **(options | {"stats": other}))
+
+
+def test_cli_figures_and_compare(tiny_model, images, tmp_path, capsys):
+    base = ["profile", "--model", f"hf:{tiny_model}", "--images", str(images), "--device", "cpu", "--max-images", "3"]
+    assert main([*base, "--stats", "all", "--out", str(tmp_path / "all")]) == 0
+    assert main([*base, "--stats", "entropy, prefix_maps", "--out", str(tmp_path / "some")]) == 0
+    assert main([*base, "--out", str(tmp_path / "mad_only")]) == 0
+    stdout = capsys.readouterr().out
+    assert "prefix maps: 2 of 2 layers" in stdout
+    written = {"mad.json", "mad.csv", "mad.png", "mad_map.png", "entropy.png", "prefix_mass.png", "self_mass.png",
+               "prefix_maps.png", "prefix_maps.npz"}
+    assert written <= {p.name for p in (tmp_path / "all").iterdir()}
+    some = {p.name for p in (tmp_path / "some").iterdir()}
+    assert {"entropy.png", "prefix_maps.png", "prefix_maps.npz"} <= some
+    assert not {"prefix_mass.png", "self_mass.png"} & some
+    for name in ("entropy.png", "prefix_maps.png"):
+        assert (tmp_path / "all" / name).read_bytes()[:4] == b"\x89PNG"
+
+    # A MAD-only run writes what it always did.
+    only = json.loads((tmp_path / "mad_only" / "mad.json").read_text())
+    assert "statistics" not in only and "prefix_maps" not in only and "stats" not in only["settings"]
+    assert {p.name for p in (tmp_path / "mad_only").iterdir()} >= {"mad.json", "mad.csv", "mad.png", "mad_map.png"}
+    assert not (tmp_path / "mad_only" / "prefix_maps.npz").exists()
+    header = (tmp_path / "mad_only" / "mad.csv").read_text().splitlines()[0]
+    assert header == "layer,name,head,mad_mean,mad_std,mad_min,mad_max,count"
+
+    # compare: MAD, and a figure per statistic every profile has.
+    results = [str(tmp_path / run / "mad.json") for run in ("all", "some")]
+    assert main(["compare", *results, "--out", str(tmp_path / "cmp.png")]) == 0
+    assert (tmp_path / "cmp.png").exists() and (tmp_path / "cmp_entropy.png").exists()
+    assert not (tmp_path / "cmp_prefix_mass.png").exists()
+    assert main(["compare", results[0], str(tmp_path / "mad_only" / "mad.json"), "--out",
+                 str(tmp_path / "old.svg")]) == 0
+    assert (tmp_path / "old.svg").exists() and not (tmp_path / "old_entropy.svg").exists()
+
+
+def test_bad_stats_are_refused_naming_the_option(registers_vit, tmp_path, capsys):
+    assert resolve_stats(None) == resolve_stats("mad") == ("mad",)
+    assert resolve_stats(["self_mass", "entropy"]) == ("mad", "entropy", "self_mass")
+    assert resolve_stats("all") == resolve_stats("entropy,all") == tuple(ALL)
+    with pytest.raises(OptionError, match="stats: expected names among mad, entropy, .* got unknown 'entropie'"):
+        resolve_stats("mad,entropie")
+    with pytest.raises(OptionError, match="stats: expected a comma list or a list of names"):
+        vitmad.profile(registers_vit, torch.zeros(1, 3, 32, 32), stats=["entropy", 3])
+    # The flag is checked before the model loads (this one does not exist).
+    code = main(["profile", "--model", "hf:/no/such/model", "--stats", "entropy,sink", "--device", "cpu",
+                 "--out", str(tmp_path)])
+    assert code == 2
+    assert "vitmad: error: --stats: expected names among" in capsys.readouterr().err
+    mad_only = vitmad.profile(registers_vit, torch.zeros(1, 3, 32, 32), device="cpu")
+    with pytest.raises(KeyError, match="'entropy' was not profiled"):
+        mad_only.stat("entropy")
+
+
+def test_torchrun_equals_one_process(tiny_model, images, tmp_path, restore_threads):
+    args = ["--model", f"hf:{tiny_model}", "--images", str(images), "--device", "cpu", "--no-figures",
+            "--batch-size", "2", "--stats", "all"]
+    torch.set_num_threads(1)  # as the ranks run: float32 products round with the thread count
+    assert main(["profile", *args, "--out", str(tmp_path / "one")]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "vitmad",
+               "profile", *args, "--out", str(tmp_path / "two"), "--checkpoint-every", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"),
+                          timeout=240)
+    assert done.returncode == 0, done.stderr
+    one, two = (vitmad.Profile.from_json(tmp_path / run / "mad.json") for run in ("one", "two"))
+    assert two.processes == 2 and two.images == one.images
+    for name in PER_HEAD:
+        _assert_close(two.running(name).total, one.running(name).total, rtol=1e-12, atol=1e-12)
+        assert torch.equal(two.running(name).low.nan_to_num(-1), one.running(name).low.nan_to_num(-1))
+    maps_one, maps_two = (np.load(tmp_path / run / "prefix_maps.npz") for run in ("one", "two"))
+    assert sorted(maps_one.files) == sorted(maps_two.files)
+    for key in maps_one.files:
+        if maps_one[key].dtype.kind == "f":
+            np.testing.assert_allclose(maps_two[key], maps_one[key], rtol=1e-6, atol=1e-7)
+        else:
+            assert (maps_two[key] == maps_one[key]).all()
