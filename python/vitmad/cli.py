@@ -126,9 +126,10 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     from .profiling import mad_maps, profile
     from .profiling.files import check_writable
     from .profiling.images import find_images, parse_image_size
+    from .profiling.maps import image_prefix_maps
     from .profiling.models import load_model
     from .profiling.options import import_optional, resolve_device, resolve_stats
-    from .profiling.plotting import plot_mad_maps
+    from .profiling.plotting import plot_image_prefix_maps, plot_mad_maps
     from .profiling.videos import find_videos, is_video_source
 
     # Every flag is resolved into the object profile() takes, cheapest and most likely mistakes first: a
@@ -186,6 +187,13 @@ def _profile_command(args: argparse.Namespace, run) -> None:
         prep = loaded.preprocessing
         plot_mad_maps(maps, pixels, names, out / "mad_map.png", geometry=geometry, mean=prep.mean, std=prep.std)
         written.append("mad_map.png")
+        if result.prefix_maps is not None and result.prefix_maps.layers:
+            # The mean maps blur what each image's CLS looks at: one image, every head, as in the DINO paper.
+            token_maps, pixels, name, layer = image_prefix_maps(loaded, result.images[0], image_size=size,
+                                                                device=device)
+            plot_image_prefix_maps(token_maps, pixels, name, out / "prefix_map_image.png", geometry=layer,
+                                   mean=prep.mean, std=prep.std)
+            written.append("prefix_map_image.png")
     _print_summary(result)
     print(f"wrote {', '.join(str(out / name) for name in written)}")
 

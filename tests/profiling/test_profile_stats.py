@@ -210,7 +210,7 @@ def test_cli_figures_and_compare(tiny_model, images, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "prefix maps: 2 of 2 layers" in stdout
     written = {"mad.json", "mad.csv", "mad.png", "mad_map.png", "entropy.png", "prefix_mass.png", "self_mass.png",
-               "prefix_maps.png", "prefix_maps.npz"}
+               "prefix_maps.png", "prefix_maps.npz", "prefix_map_image.png"}
     assert written <= {p.name for p in (tmp_path / "all").iterdir()}
     some = {p.name for p in (tmp_path / "some").iterdir()}
     assert {"entropy.png", "prefix_maps.png", "prefix_maps.npz"} <= some
@@ -223,6 +223,7 @@ def test_cli_figures_and_compare(tiny_model, images, tmp_path, capsys):
     assert "statistics" not in only and "prefix_maps" not in only and "stats" not in only["settings"]
     assert {p.name for p in (tmp_path / "mad_only").iterdir()} >= {"mad.json", "mad.csv", "mad.png", "mad_map.png"}
     assert not (tmp_path / "mad_only" / "prefix_maps.npz").exists()
+    assert not (tmp_path / "mad_only" / "prefix_map_image.png").exists()
     header = (tmp_path / "mad_only" / "mad.csv").read_text().splitlines()[0]
     assert header == "layer,name,head,mad_mean,mad_std,mad_min,mad_max,count"
 
@@ -276,3 +277,20 @@ def test_torchrun_equals_one_process(tiny_model, images, tmp_path, restore_threa
             np.testing.assert_allclose(maps_two[key], maps_one[key], rtol=1e-6, atol=1e-7)
         else:
             assert (maps_two[key] == maps_one[key]).all()
+
+
+def test_one_image_prefix_maps_are_its_recorded_rows(registers_vit, images):
+    from vitmad.profiling import image_prefix_maps
+
+    path = find_images(images)[0]
+    maps, pixels, name, geometry = image_prefix_maps(registers_vit, path, device="cpu")
+    assert name == "blocks.2.attn" and geometry["grid"] == [4, 4] and maps.shape == (2, 3, 4, 4)
+    batch, _, _ = load_batch([path], PREP)
+    with torch.no_grad(), vitmad.record(registers_vit.module, stats=["prefix_maps"]) as rec:
+        registers_vit.module(batch)
+    torch.testing.assert_close(maps, rec.prefix_maps[-1][0].reshape(2, 3, 4, 4))
+    torch.testing.assert_close(pixels, batch[0])
+    first, *_ = image_prefix_maps(registers_vit, path, layer=0, device="cpu")
+    torch.testing.assert_close(first, rec.prefix_maps[0][0].reshape(2, 3, 4, 4))
+    with pytest.raises(OptionError, match="layer 7 has no prefix maps"):
+        image_prefix_maps(registers_vit, path, layer=7, device="cpu")

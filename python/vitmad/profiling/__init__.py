@@ -12,8 +12,8 @@
 """
 
 from .engine import profile
-from .maps import mad_maps
+from .maps import image_prefix_maps, mad_maps
 from .options import MissingPathError, OptionError, resolve_device
 from .results import Profile
 
-__all__ = ["profile", "Profile", "mad_maps", "resolve_device", "OptionError", "MissingPathError"]
+__all__ = ["profile", "Profile", "mad_maps", "image_prefix_maps", "resolve_device", "OptionError", "MissingPathError"]

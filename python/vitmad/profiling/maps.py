@@ -1,4 +1,5 @@
-"""Per-token MAD maps of one image (``mad_map.png``): where in the image each layer's heads look far or near."""
+"""Maps of one image: per-token MAD (``mad_map.png``: where each layer's heads look far or near) and the CLS /
+register attention of each head over the image (``prefix_map_image.png``, DINO-style)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,34 @@ from .images import NATIVE, load_image, parse_image_size
 from .native import native_feed
 from .options import OptionError, resolve_device
 
-__all__ = ["mad_maps"]
+__all__ = ["mad_maps", "image_prefix_maps"]
+
+
+def _record_one_image(model, image, image_size, device, **record_options):
+    """``(rec, pixels)``: one forward of ``image`` (a file, or preprocessed pixels) under :func:`vitmad.record`."""
+    from ..recording import record
+
+    size = parse_image_size(image_size)
+    loaded, preprocessing = prepare_model(model, size)
+    native = native_feed(loaded) if size == NATIVE else None
+    if isinstance(image, torch.Tensor):
+        if native is not None:
+            raise OptionError("image", "image_size='native' resizes the image itself: pass an image file")
+        pixels = image
+    else:
+        picture, reason = load_image(image)
+        if picture is None:
+            raise OptionError("image", f"cannot read image {image}: {reason}")
+        pixels = preprocessing(picture) if native is None else native.display(picture)
+    device = resolve_device(device)
+    module = loaded.module.to(device)
+    dtype = next(module.parameters()).dtype
+    with torch.inference_mode(), record(module, **record_options) as rec:
+        if native is None:
+            loaded.forward(pixels[None].to(device=device, dtype=dtype))
+        else:
+            native.forwards(loaded, [native.prepare(picture)], device, dtype)
+    return rec, pixels
 
 
 def mad_maps(
@@ -36,28 +64,7 @@ def mad_maps(
         layer (a hierarchy's stages have their own grids), ``pixels`` ``[3, H, W]`` the model input, the chosen
         layers' names and their geometry (``grid``, ``stride`` in pixels, ``attention``, ``heads``).
     """
-    from ..recording import record
-
-    size = parse_image_size(image_size)
-    loaded, preprocessing = prepare_model(model, size)
-    native = native_feed(loaded) if size == NATIVE else None
-    if isinstance(image, torch.Tensor):
-        if native is not None:
-            raise OptionError("image", "image_size='native' resizes the image itself: pass an image file")
-        pixels = image
-    else:
-        picture, reason = load_image(image)
-        if picture is None:
-            raise OptionError("image", f"cannot read image {image}: {reason}")
-        pixels = preprocessing(picture) if native is None else native.display(picture)
-    device = resolve_device(device)
-    module = loaded.module.to(device)
-    dtype = next(module.parameters()).dtype
-    with torch.inference_mode(), record(module, renormalize=renormalize, reduction="none") as rec:
-        if native is None:
-            loaded.forward(pixels[None].to(device=device, dtype=dtype))
-        else:
-            native.forwards(loaded, [native.prepare(picture)], device, dtype)
+    rec, pixels = _record_one_image(model, image, image_size, device, renormalize=renormalize, reduction="none")
     num_layers = len(rec.layers)
     if layers is None:
         layers = sorted({round(i * (num_layers - 1) / 3) for i in range(4)})
@@ -70,3 +77,41 @@ def mad_maps(
         maps.append(per_token[:grid[0] * grid[1]].reshape(grid))
         geometry.append(layer.as_dict())
     return maps, pixels, [rec.layers[i] for i in layers], geometry
+
+
+def image_prefix_maps(
+    model,
+    image,
+    *,
+    layer: int | None = None,
+    image_size: str | int | Sequence[int] | None = None,
+    device: str | torch.device | None = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, str, dict]:
+    """The attention of each head's tokens without a position (CLS, registers) over one image, at one layer.
+
+    Args:
+        model, image, image_size, device: as for :func:`mad_maps`.
+        layer: a layer index; by default the last layer that has such maps.
+
+    Returns:
+        ``(maps, pixels, name, geometry)``: ``maps`` ``[H, Q, grid_h, grid_w]`` float32 (head, prefix token in
+        token order, grid), ``pixels`` the model input ``[3, H, W]``, the layer's name and geometry.
+
+    Raises:
+        OptionError: no recorded layer has such maps (no CLS or register token, or keys that are not the
+            queries), or ``layer`` has none.
+    """
+    rec, pixels = _record_one_image(model, image, image_size, device, stats=["prefix_maps"])
+    with_maps = [i for i, m in enumerate(rec.prefix_maps) if m is not None]
+    if not with_maps:
+        raise OptionError("stats", "prefix_maps: no recorded layer has tokens without a position (CLS, registers) "
+                          "attending over its own grid")
+    if layer is None:
+        layer = with_maps[-1]
+    if layer not in with_maps:
+        raise OptionError("layer", f"layer {layer} has no prefix maps; layers with maps: {with_maps}")
+    geometry = rec.geometry[layer]
+    grid = geometry.grid or geometry.image_grids[0]
+    maps = rec.prefix_maps[layer][0].float().cpu()  # [H, Q, T] of the one image
+    maps = maps[..., :grid[0] * grid[1]].reshape(*maps.shape[:2], *grid)
+    return maps, pixels, rec.layers[layer], geometry.as_dict()

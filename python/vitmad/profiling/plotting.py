@@ -247,6 +247,58 @@ def plot_mad_maps(
     plt.close(fig)
 
 
+def plot_image_prefix_maps(
+    maps: torch.Tensor,
+    pixels: torch.Tensor,
+    name: str,
+    path: str | os.PathLike,
+    *,
+    geometry: dict,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+    max_tokens: int = 5,
+    max_heads: int = 8,
+) -> None:
+    """Draw, over one image, where each head's CLS and register tokens look at one layer (DINO's figure): a row per
+    token without a position, a column per head, then their mean.
+
+    Each map has its own colour scale: heads differ by orders of magnitude in how sharp their map is.
+
+    Args:
+        maps: ``[H, Q, grid_h, grid_w]`` attention of the ``Q`` prefix tokens over the grid, per head.
+        pixels: ``[3, H, W]`` the normalised model input, shown underneath.
+        name: the layer's name; geometry: its ``grid`` and ``stride`` in pixels.
+        mean, std: the normalisation to undo for display.
+        max_tokens, max_heads: draw at most this many tokens (rows) and heads (columns).
+    """
+    plt = _pyplot()
+    image = pixels.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    image = image.clamp(0, 1).permute(1, 2, 0).numpy()
+    heads, tokens = min(maps.shape[0], max_heads), min(maps.shape[1], max_tokens)
+    stride_y, stride_x = geometry["stride"]
+    extent = (0, maps.shape[-1] * stride_x, maps.shape[-2] * stride_y, 0)
+    fig, axes = plt.subplots(tokens, heads + 2, figsize=(1.9 * (heads + 2), 1.9 * tokens + 0.5), squeeze=False,
+                             layout="constrained")
+    for row in range(tokens):
+        axes[row, 0].imshow(image)
+        axes[row, 0].set_title("input" if row == 0 else "", fontsize=8)
+        axes[row, 0].set_ylabel(f"token {row}", fontsize=8)
+        shown = [maps[h, row] for h in range(heads)] + [maps[:, row].mean(0)]
+        titles = [f"head {h}" for h in range(heads)] + ["mean of heads"]
+        for column, (token_map, title) in enumerate(zip(shown, titles), start=1):
+            ax = axes[row, column]
+            ax.imshow(image)
+            ax.imshow(token_map.numpy(), cmap="inferno", alpha=0.6, extent=extent, interpolation="nearest")
+            ax.set_title(title if row == 0 else "", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{name}: attention of token 0 (CLS) and the other tokens without a position over the image",
+                 fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def plot_prefix_maps(profile, path: str | os.PathLike, *, layers: Sequence[int] | None = None,
                      max_tokens: int = 8) -> None:
     """Draw where the tokens without a position (CLS, registers) look: per prefix token (rows) and chosen layer
