@@ -268,28 +268,27 @@ __attribute__((always_inline)) inline void add_x_log_x(const V& x, V& sum, V& lo
   }
 }
 
-// The row's sum of x ln x from add_x_log_x's full and half vectors: NaN when some x was below 0.
-template <typename acc_t>
-__attribute__((always_inline)) inline acc_t x_log_x_total(const Lanes<acc_t>& sum, const Lanes<acc_t>& lowest,
-                                                          const HalfLanes<acc_t>& half_sum,
-                                                          const HalfLanes<acc_t>& half_lowest) {
-  using H = HalfLanes<acc_t>;
+// The row's sum of x ln x from add_x_log_x's lanes: NaN when some x was below 0.
+template <typename acc_t, typename V>
+__attribute__((always_inline)) inline acc_t x_log_x_total(const V& sum, const V& lowest) {
   bool negative = false;
-  for (int i = 0; i < static_cast<int>(sizeof(lowest) / sizeof(acc_t)); ++i) negative |= lowest[i] < acc_t(0);
-  for (int i = 0; i < static_cast<int>(sizeof(H) / sizeof(acc_t)); ++i) negative |= half_lowest[i] < acc_t(0);
-  const acc_t total = lane_total<acc_t>(sum) + lane_total<acc_t, H>(half_sum);
-  return negative ? std::numeric_limits<acc_t>::quiet_NaN() : total;
+  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(acc_t)); ++i) negative |= lowest[i] < acc_t(0);
+  return negative ? std::numeric_limits<acc_t>::quiet_NaN() : lane_total<acc_t, V>(sum);
 }
 
 // contiguous_sums for kRows attention rows that share one distance row (query t of kRows matrices): each
 // distance vector is loaded once for all of them, so the distances cost 1 / kRows of the loads and of the L2 to L1
 // traffic that the attention itself takes. Per row, two vector accumulators, then one vector, half a vector and
 // scalars, in an order that does not depend on kRows (a row gives the same bits alone or in a group). With kEntropy,
-// x_log_x[g] also receives row g's sum of x ln x (x_log_x_total), from the same loads.
+// x_log_x[g] also receives the sum of x ln x (x_log_x_total) over row g's n values, from the same loads, and over
+// the num_extra values extra[g][0, num_extra) (keys outside the distance-weighted run, such as prefix tokens), which
+// fill the lanes the row's last values leave free: a 196-key row and its CLS key take 25 logarithms of 8 lanes.
 template <int kRows, typename acc_t, bool kMass, bool kEntropy = false>
 __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* const* a, const acc_t* dist, int64_t n,
                                                                 acc_t* weighted, acc_t* mass,
-                                                                acc_t* x_log_x = nullptr) {
+                                                                acc_t* x_log_x = nullptr,
+                                                                const acc_t* const* extra = nullptr,
+                                                                int64_t num_extra = 0) {
   using V = Lanes<acc_t>;
   using H = HalfLanes<acc_t>;
   constexpr int64_t kVec = sizeof(V) / sizeof(acc_t);
@@ -371,14 +370,21 @@ __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* con
     weighted[g] = (w_tail + lane_total<acc_t, H>(hw)) + totals[g];
     if constexpr (kMass) mass[g] = (m_tail + lane_total<acc_t, H>(hm)) + lane_total<acc_t>(m0[g] + m1[g]);
     if constexpr (kEntropy) {
-      // The last keys (fewer than half a vector) padded with zeros, which add exactly nothing.
-      H rest{};
-      const int64_t first_rest = s + (half ? kHalf : 0);
-      for (int64_t j = first_rest; j < n; ++j) rest[j - first_rest] = a[g][j];
-      H half_sum{}, half_low{};
-      add_x_log_x<acc_t>(hm, half_sum, half_low);
-      add_x_log_x<acc_t>(rest, half_sum, half_low);
-      x_log_x[g] = x_log_x_total<acc_t>(e[g], low[g], half_sum, half_low);
+      // The last values (fewer than a vector) and the extra ones, a vector at a time, padded with zeros (which add
+      // exactly nothing).
+      V rest{};
+      int64_t lanes = n - s;
+      for (int64_t j = s; j < n; ++j) rest[j - s] = a[g][j];
+      for (int64_t k = 0; k < num_extra; ++k) {
+        if (lanes == kVec) {
+          add_x_log_x<acc_t>(rest, e[g], low[g]);
+          rest = V{};
+          lanes = 0;
+        }
+        rest[lanes++] = extra[g][k];
+      }
+      if (lanes > 0) add_x_log_x<acc_t>(rest, e[g], low[g]);
+      x_log_x[g] = x_log_x_total<acc_t>(e[g], low[g]);
     }
   }
 }

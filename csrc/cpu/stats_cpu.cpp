@@ -90,33 +90,23 @@ __attribute__((always_inline)) inline void store_no_position(const StatsRows<acc
 }
 
 // mass = sum of a[s * stride] and, with kEntropy, x_log_x = sum of a ln a (x_log_x_total's NaN for a negative
-// value) over s < n, in any dtype: a vector of values converted on load at a time, the last ones padded with zeros.
-// For the few keys beside the distance-weighted runs (prefix tokens, keys without a position) and for rows that
-// are not contiguous in the accumulation type.
+// value) over s < n, in any dtype: a vector of values converted on load at a time, the last one padded with zeros.
+// For the keys beside the distance-weighted runs (keys without a position) and for rows that are not contiguous
+// in the accumulation type.
 template <typename scalar_t, typename acc_t, bool kEntropy>
 __attribute__((always_inline)) inline void range_sums(const scalar_t* a, int64_t stride, int64_t n, acc_t& mass,
                                                       acc_t& x_log_x) {
   using V = Lanes<acc_t>;
-  using H = HalfLanes<acc_t>;
   constexpr int64_t kVec = sizeof(V) / sizeof(acc_t);
-  constexpr int64_t kHalf = sizeof(H) / sizeof(acc_t);
   V sum{}, low{}, total{};
-  int64_t s = 0;
-  for (; s + kVec <= n; s += kVec) {
-    V x;
-    for (int64_t i = 0; i < kVec; ++i) x[i] = static_cast<acc_t>(a[(s + i) * stride]);
+  for (int64_t s = 0; s < n; s += kVec) {
+    V x{};
+    for (int64_t i = 0; i < std::min(kVec, n - s); ++i) x[i] = static_cast<acc_t>(a[(s + i) * stride]);
     total += x;
     if constexpr (kEntropy) add_x_log_x<acc_t>(x, sum, low);
   }
-  H half_sum{}, half_low{}, half_total{};
-  for (; s < n; s += kHalf) {
-    H x{};
-    for (int64_t i = 0; i < std::min(kHalf, n - s); ++i) x[i] = static_cast<acc_t>(a[(s + i) * stride]);
-    half_total += x;
-    if constexpr (kEntropy) add_x_log_x<acc_t>(x, half_sum, half_low);
-  }
-  mass = lane_total<acc_t>(total) + lane_total<acc_t, H>(half_total);
-  x_log_x = kEntropy ? x_log_x_total<acc_t>(sum, low, half_sum, half_low) : acc_t(0);
+  mass = lane_total<acc_t>(total);
+  x_log_x = kEntropy ? x_log_x_total<acc_t>(sum, low) : acc_t(0);
 }
 
 // Grid form ------------------------------------------------------------------------------------------------------
@@ -140,16 +130,17 @@ __attribute__((always_inline)) inline void grid_shared_rows(const acc_t* const* 
     const acc_t* dist = distances.row(l, query, buffer);
     acc_t weighted[kRows], mass[kRows] = {}, x_log_x[kRows] = {};
     if (l.renormalize)
-      shared_distance_sums<kRows, acc_t, true, kEntropy>(patches, dist, l.num_patches, weighted, mass, x_log_x);
+      shared_distance_sums<kRows, acc_t, true, kEntropy>(patches, dist, l.num_patches, weighted, mass, x_log_x,
+                                                         rows, l.num_prefix);
     else
-      shared_distance_sums<kRows, acc_t, false, kEntropy>(patches, dist, l.num_patches, weighted, mass, x_log_x);
+      shared_distance_sums<kRows, acc_t, false, kEntropy>(patches, dist, l.num_patches, weighted, mass, x_log_x,
+                                                          rows, l.num_prefix);
     for (int g = 0; g < kRows; ++g) {
       RowSums<acc_t> r;
-      acc_t prefix_x_log_x;
-      range_sums<acc_t, acc_t, kEntropy>(rows[g], 1, l.num_prefix, r.unplaced, prefix_x_log_x);
+      for (int64_t s = 0; s < l.num_prefix; ++s) r.unplaced += rows[g][s];
       r.weighted = weighted[g];
       r.mass = mass[g];
-      r.x_log_x = x_log_x[g] + prefix_x_log_x;
+      r.x_log_x = x_log_x[g];
       r.self = patches[g][t];
       store(out[g], t, r, l.renormalize);
     }
