@@ -231,6 +231,16 @@ def test_positions_strided_views(dtype):
 def test_positions_zero_size_and_no_query():
     pos = _positions(10, 2, 40)
     assert ops.stats_pos(torch.rand(3, 0, 10, 10, dtype=torch.float64), pos, None, list(ALL)).shape == (4, 3, 0)
+    # No key: MAD, entropy and prefix mass are empty sums (MAD renormalised: 0 / 0), as the definition has them.
+    no_keys = torch.rand(2, 5, 0)
+    for renormalize in (False, True):
+        for reduction in ("mean", "none"):
+            stats = ("mad", "entropy", "prefix_mass")
+            got = ops.stats_pos(no_keys, pos[:5].float(), pos[:0].float(), list(stats), renormalize=renormalize,
+                                reduction=reduction)
+            want = attention_stats_reference(no_keys, stats, positions=pos[:5].float(), key_positions=pos[:0].float(),
+                                             renormalize=renormalize, reduction=reduction)
+            check(got, want, torch.float32)
     # Every query without a position: NaN in "none" and in "mean" (no query to average over).
     attn = random_attention((2, 10, 10), torch.float32, seed=41)
     none = torch.full((10, 2), math.nan)
