@@ -10,12 +10,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "../mad_args.h"
 #include "../mad_geometry.h"
 #include "../position_args.h"
+#include "vector_log.h"
 
 // Each hot loop is compiled for AVX-512, AVX2+FMA and baseline x86-64, picked at load time by the CPU, so
 // one wheel is fast on modern CPUs and still runs on old ones.
@@ -250,20 +252,55 @@ __attribute__((always_inline)) inline void contiguous_sums(const acc_t* a, const
   mass = kMass ? (m_tail + lane_total<acc_t, H>(m_half)) + lane_total<acc_t>((m0 + m1) + (m2 + m3)) : acc_t(0);
 }
 
+// sum += x ln x lane by lane (0 ln 0 = 0) and lowest = min(lowest, x): a negative probability, which has no
+// logarithm, is found once per row from `lowest` (x_log_x_total) instead of by a select per element. Float lanes
+// use the vectorised log of vector_log.h; double lanes std::log, whose NaN below 0 makes `lowest` unneeded.
+template <typename acc_t, typename V>
+__attribute__((always_inline)) inline void add_x_log_x(const V& x, V& sum, V& lowest) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    V terms;
+    x_log_x_unsigned(x, terms);
+    sum += terms;
+    lowest = lowest < x ? lowest : x;
+  } else {
+    for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(acc_t)); ++i)
+      sum[i] += x[i] == acc_t(0) ? acc_t(0) : x[i] * std::log(x[i]);
+  }
+}
+
+// The row's sum of x ln x from add_x_log_x's lanes: NaN when some x was below 0.
+template <typename acc_t, typename V>
+__attribute__((always_inline)) inline acc_t x_log_x_total(const V& sum, const V& lowest) {
+  bool negative = false;
+  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(acc_t)); ++i) negative |= lowest[i] < acc_t(0);
+  return negative ? std::numeric_limits<acc_t>::quiet_NaN() : lane_total<acc_t, V>(sum);
+}
+
 // contiguous_sums for kRows attention rows that share one distance row (query t of kRows matrices): each
 // distance vector is loaded once for all of them, so the distances cost 1 / kRows of the loads and of the L2 to L1
 // traffic that the attention itself takes. Per row, two vector accumulators, then one vector, half a vector and
-// scalars, in an order that does not depend on kRows (a row gives the same bits alone or in a group).
-template <int kRows, typename acc_t, bool kMass>
+// scalars, in an order that does not depend on kRows (a row gives the same bits alone or in a group). With kEntropy,
+// x_log_x[g] also receives the sum of x ln x (x_log_x_total) over row g's n values, from the same loads, and over
+// the num_extra values extra[g][0, num_extra) (keys outside the distance-weighted run, such as prefix tokens), which
+// fill the lanes the row's last values leave free: a 196-key row and its CLS key take 25 logarithms of 8 lanes.
+template <int kRows, typename acc_t, bool kMass, bool kEntropy = false>
 __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* const* a, const acc_t* dist, int64_t n,
-                                                                acc_t* weighted, acc_t* mass) {
+                                                                acc_t* weighted, acc_t* mass,
+                                                                acc_t* x_log_x = nullptr,
+                                                                const acc_t* const* extra = nullptr,
+                                                                int64_t num_extra = 0) {
   using V = Lanes<acc_t>;
   using H = HalfLanes<acc_t>;
   constexpr int64_t kVec = sizeof(V) / sizeof(acc_t);
   constexpr int64_t kHalf = sizeof(H) / sizeof(acc_t);
   V w0[kRows], w1[kRows], m0[kRows], m1[kRows];
+  V e[kRows], low[kRows];
 #pragma GCC unroll 8
   for (int g = 0; g < kRows; ++g) w0[g] = w1[g] = m0[g] = m1[g] = V{};
+  if constexpr (kEntropy) {
+#pragma GCC unroll 8
+    for (int g = 0; g < kRows; ++g) e[g] = low[g] = V{};
+  }
   int64_t s = 0;
   for (; s + 2 * kVec <= n; s += 2 * kVec) {
     V d0, d1;
@@ -280,6 +317,10 @@ __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* con
         m0[g] += x0;
         m1[g] += x1;
       }
+      if constexpr (kEntropy) {
+        add_x_log_x<acc_t>(x0, e[g], low[g]);
+        add_x_log_x<acc_t>(x1, e[g], low[g]);
+      }
     }
   }
   if (s + kVec <= n) {
@@ -291,6 +332,7 @@ __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* con
       load_lanes(a[g] + s, x);
       w0[g] += x * d;
       if constexpr (kMass) m0[g] += x;
+      if constexpr (kEntropy) add_x_log_x<acc_t>(x, e[g], low[g]);
     }
     s += kVec;
   }
@@ -327,6 +369,23 @@ __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* con
     }
     weighted[g] = (w_tail + lane_total<acc_t, H>(hw)) + totals[g];
     if constexpr (kMass) mass[g] = (m_tail + lane_total<acc_t, H>(hm)) + lane_total<acc_t>(m0[g] + m1[g]);
+    if constexpr (kEntropy) {
+      // The last values (fewer than a vector) and the extra ones, a vector at a time, padded with zeros (which add
+      // exactly nothing).
+      V rest{};
+      int64_t lanes = n - s;
+      for (int64_t j = s; j < n; ++j) rest[j - s] = a[g][j];
+      for (int64_t k = 0; k < num_extra; ++k) {
+        if (lanes == kVec) {
+          add_x_log_x<acc_t>(rest, e[g], low[g]);
+          rest = V{};
+          lanes = 0;
+        }
+        rest[lanes++] = extra[g][k];
+      }
+      if (lanes > 0) add_x_log_x<acc_t>(rest, e[g], low[g]);
+      x_log_x[g] = x_log_x_total<acc_t>(e[g], low[g]);
+    }
   }
 }
 
