@@ -12,8 +12,8 @@
 //
 // The statistics ops run the same loop with a compile-time switch (kStats, and kEntropy for the one statistic
 // that costs an FMA per key), so mad_qk's instantiation is the code it was. Beside that state each row keeps the
-// softmax terms of its keys without a position under their own max (they are few), the logit of its own token,
-// and with kEntropy sum exp(s - max) * (s - max); the statistics come from these at the end (query_stats).
+// softmax terms of its keys without a position under their own max, the logit of its own token, and with
+// kEntropy sum exp(s - max) * (s - max); the statistics come from these at the end (query_stats).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -236,43 +236,32 @@ VITMAD_CPU_CLONES void online_softmax_update(const acc_t* logits, int64_t num_ke
   state.weighted = state.weighted * rescale + weighted;
 }
 
-// The softmax terms of one row's keys without a position (prefix tokens; keys whose position is NaN), relative to
-// their own max: renormalised, these keys are masked out of RowState, yet entropy and prefix mass need them, and
-// their own max keeps a query that attends almost only to CLS from underflowing either side.
-template <typename acc_t>
-struct PositionlessState {
-  acc_t max = -std::numeric_limits<acc_t>::infinity();
-  acc_t total = 0;
-  acc_t entropy = 0;  // sum of exp(logit - max) * (logit - max)
-};
-
-// What the statistics ops track per query row beside its RowState.
+// What the statistics ops track per query row beside its RowState: the softmax terms of the keys without a
+// position (prefix tokens; keys whose position is NaN) under their own max, taken before the renormalising mask
+// (which hides them from RowState, yet entropy and prefix mass need them; their own max keeps a query that
+// attends almost only to CLS from underflowing either side), and the logit of the query's own token (self mass).
 template <typename acc_t>
 struct StatsRowState {
-  PositionlessState<acc_t> positionless;
-  acc_t own_logit = -std::numeric_limits<acc_t>::infinity();  // the logit of the query's own token (self mass)
+  RowState<acc_t, /*kEntropy=*/true> positionless;  // distances all 0: `weighted` stays 0
+  acc_t own_logit = -std::numeric_limits<acc_t>::infinity();
 };
 
-// Folds the keys without a position of one key block (before any masking) into their state. Scalar: they are
-// few (prefix tokens, padding), and two passes over them cost less than a rescale per key.
+// exp_sums' distances for keys that have none.
+template <typename acc_t>
+constexpr std::array<acc_t, kKeyBlock> kNoDistances{};
+
+// Folds the keys without a position of one key block into their state as keys at distance 0, gathered first
+// (into `gathered`, kKeyBlock values) so that one vectorised update takes them whether they come as one run
+// (prefix tokens, NaFlex padding) or scattered.
 template <typename acc_t, typename Distances>
-void positionless_update(const acc_t* logits, const Distances& keys, int64_t k_begin, int64_t cols,
-                         PositionlessState<acc_t>& state) {
-  acc_t block_max = -std::numeric_limits<acc_t>::infinity();
-  keys.for_each_positionless(k_begin, cols, [&](int64_t j) { block_max = nan_max(block_max, logits[j]); });
-  const acc_t new_max = nan_max(state.max, block_max);
-  if (new_max == -std::numeric_limits<acc_t>::infinity()) return;
-  acc_t total = 0, entropy = 0;
-  keys.for_each_positionless(k_begin, cols, [&](int64_t j) {
-    const acc_t x = logits[j] - new_max;
-    const acc_t p = exp_nonpositive(x);
-    total += p;
-    entropy += p * clamp_exponent(x);
+void positionless_update(const acc_t* logits, const Distances& keys, int64_t k_begin, int64_t cols, acc_t* gathered,
+                         RowState<acc_t, true>& state) {
+  int64_t count = 0;
+  keys.for_each_positionless_run(k_begin, cols, [&](int64_t first, int64_t run) {
+    std::copy(logits + first, logits + first + run, gathered + count);
+    count += run;
   });
-  const acc_t rescale = exp_nonpositive(state.max - new_max);
-  state.entropy = rescale * (state.entropy + state.total * clamp_exponent(state.max - new_max)) + entropy;
-  state.total = state.total * rescale + total;
-  state.max = new_max;
+  if (count > 0) online_softmax_update(gathered, count, /*num_prefix_keys=*/0, kNoDistances<acc_t>.data(), state);
 }
 
 // One query's statistics.
@@ -289,7 +278,7 @@ template <typename acc_t, bool kEntropy>
 QueryStats<acc_t> query_stats(const RowState<acc_t, kEntropy>& keyed, const StatsRowState<acc_t>& extra,
                               bool renormalize) {
   constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
-  const PositionlessState<acc_t>& positionless = extra.positionless;
+  const RowState<acc_t, true>& positionless = extra.positionless;
   QueryStats<acc_t> out{keyed.weighted / keyed.total, kNaN, kNaN, kNaN};
   const acc_t max = nan_max(keyed.max, positionless.max);
   // Every key masked (or none at all), or a NaN / +inf logit: softmax gives NaN.
@@ -369,11 +358,12 @@ struct GridDistances {
     for (int64_t j = 0; j < count; ++j) mask_key(logits[j]);
   }
   bool renormalizes() const { return l->renormalize; }
-  // fn(j) for every key j of the block (counted from k_begin) without a position: the prefix tokens.
+  // fn(first, count) for the run of keys [first, first + count) of the block (counted from k_begin) without a
+  // position: the prefix tokens.
   template <typename Fn>
-  void for_each_positionless(int64_t k_begin, int64_t cols, Fn&& fn) const {
+  void for_each_positionless_run(int64_t k_begin, int64_t cols, Fn&& fn) const {
     const int64_t count = prefix_keys(k_begin, cols);
-    for (int64_t j = 0; j < count; ++j) fn(j);
+    if (count > 0) fn(0, count);
   }
 };
 
@@ -413,17 +403,19 @@ struct PositionDistances {
       if (!(x[j] == x[j])) mask_key(logits[j]);
   }
   bool renormalizes() const { return renormalize; }
-  // fn(j) for every key j of the block (counted from k_begin) without a position: the gaps between the packed
-  // runs of keys with one, found from the first run that ends inside or after the block.
+  // fn(first, count) for every run of keys [first, first + count) of the block (counted from k_begin) without a
+  // position: the gaps between the packed runs of keys with one, from the first run that ends after k_begin.
   template <typename Fn>
-  void for_each_positionless(int64_t k_begin, int64_t cols, Fn&& fn) const {
+  void for_each_positionless_run(int64_t k_begin, int64_t cols, Fn&& fn) const {
     const int64_t k_end = k_begin + cols;
     const auto& runs = packed.runs;
     auto run = std::partition_point(runs.begin(), runs.end(), [&](const auto& r) { return r.second <= k_begin; });
     int64_t gap_begin = run == runs.begin() ? 0 : std::prev(run)->second;
     while (gap_begin < k_end) {
       const int64_t gap_end = run == runs.end() ? num_keys : run->first;
-      for (int64_t s = std::max(gap_begin, k_begin); s < std::min(gap_end, k_end); ++s) fn(s - k_begin);
+      const int64_t first = std::max(gap_begin, k_begin);
+      const int64_t last = std::min(gap_end, k_end);
+      if (first < last) fn(first - k_begin, last - first);
       if (run == runs.end()) break;
       gap_begin = run->second;
       ++run;
@@ -468,6 +460,7 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
     std::vector<acc_t> dist(kQueryBlock * kKeyBlock);
     std::vector<RowState<acc_t, kEntropy>> states(kGroup * kQueryBlock);
     std::vector<StatsRowState<acc_t>> stats_states(kStats ? kGroup * kQueryBlock : 0);
+    std::vector<acc_t> positionless_logits(kStats ? kKeyBlock : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t first_matrix = group_starts[task / query_blocks];
       const int64_t group_size = group_starts[task / query_blocks + 1] - first_matrix;
@@ -505,7 +498,7 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
               StatsRowState<acc_t>& extra = stats_states[g * kQueryBlock + i];
               const int64_t own_key = block_query + i - k_begin;
               if (own_key >= 0 && own_key < cols) extra.own_logit = row[own_key];
-              positionless_update(row, keys, k_begin, cols, extra.positionless);
+              positionless_update(row, keys, k_begin, cols, positionless_logits.data(), extra.positionless);
             }
             keys.mask(k_begin, cols, row);
             online_softmax_update(row, cols, prefix_keys, dist.data() + i * kKeyBlock, states[g * kQueryBlock + i]);

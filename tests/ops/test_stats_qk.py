@@ -107,6 +107,22 @@ def test_position_form_matches_reference(nq, nk, bias_kind, renormalize, reducti
         assert out[..., ::7].isnan().all()
 
 
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_padding_run_across_a_key_block(renormalize):
+    # NaFlex-like rows: 2 prefix tokens, 398 patches, then 200 padding tokens without a position, a run that
+    # crosses the 512-key block edge; image 0 also masks its padding keys out, image 1 attends to them.
+    n = 600
+    q, k = make_qk(2, 2, n, 24, torch.float32, "cpu", seed=17)
+    positions = random_positions((n, 2), torch.Generator().manual_seed(17), nan_rows=[0, 1, *range(400, n)])
+    keep = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    keep[0, ..., 400:] = False
+    for reduction in ("mean", "none"):
+        options = dict(attn_bias=keep, renormalize=renormalize, reduction=reduction)
+        out = stats_qk_pos(q, k, positions, None, ALL_STATS, **options)
+        ref = attention_stats_qk_reference(q, k, ALL_STATS, positions=positions, **options)
+        assert_matches(out, ref, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("form", ["grid", "positions"])
 @pytest.mark.parametrize("bias_kind", [None, "heads"])
