@@ -39,19 +39,19 @@
 namespace vitmad {
 namespace {
 
-// exp(x) for x <= 0, which is all the kernel needs: every argument is a logit minus a running max. Cephes'
-// expf (range reduction to [-ln2/2, ln2/2], degree-6 polynomial, about 1 ulp), written branch-free so the
-// loops calling it vectorise; arguments below float's normal range (and -inf, a masked key) give exactly 0.
-// Always inlined: GCC does not inline a plain function into the per-CPU clones, which would leave the loops
-// scalar.
 // The argument below which exp_nonpositive gives exactly 0. An entropy term exp(x) * x takes x clamped there
-// (clamp_exponent), so a masked key (x = -inf) adds 0 * finite = 0, not 0 * -inf = NaN. For double, std::exp
-// underflows to 0 before -746.
+// (clamp_exponent), so a masked key (x = -inf) adds 0 * finite = 0, not 0 * -inf = NaN. For double: std::exp is
+// 0 below -746.
 template <typename acc_t>
 constexpr acc_t kExpLowest = acc_t(-87);
 template <>
 constexpr double kExpLowest<double> = -746.0;
 
+// exp(x) for x <= 0, which is all the kernel needs: every argument is a logit minus a running max. Cephes'
+// expf (range reduction to [-ln2/2, ln2/2], degree-6 polynomial, about 1 ulp), written branch-free so the
+// loops calling it vectorise; arguments below float's normal range (and -inf, a masked key) give exactly 0.
+// Always inlined: GCC does not inline a plain function into the per-CPU clones, which would leave the loops
+// scalar.
 __attribute__((always_inline)) inline float exp_nonpositive(float x) {
   constexpr float kLowest = kExpLowest<float>;
   const float xc = std::max(x, kLowest);
