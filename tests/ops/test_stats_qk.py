@@ -334,3 +334,23 @@ def test_argument_errors_name_the_statistics_op():
         stats_qk_pos(q, k.double(), torch.zeros(5, 2), None, ["mad"])
     with pytest.raises(ValueError, match=f"{OP}: positions"):
         stats_qk_pos(q, k, torch.zeros(4, 2), None, ["mad"])
+
+
+@pytest.mark.parametrize("form", ["grid", "positions"])
+def test_bit_identical_across_thread_counts(restore_threads, form):
+    # Each query's statistics come from one task whatever thread runs it, and the means sum in a fixed order
+    # (test_determinism.py says why): the thread count changes nothing.
+    q, k = make_qk(3, 4, 261, 40, torch.float32, "cpu", seed=18)
+    bias = make_bias("heads", 3, 4, 261, torch.float32, "cpu", torch.Generator().manual_seed(18))
+    positions = random_positions((261, 2), torch.Generator().manual_seed(18), nan_rows=[0, 1, 2, 3, 4, 200])
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        for reduction in ("mean", "none"):
+            options = dict(attn_bias=bias, renormalize=True, reduction=reduction)
+            if form == "grid":
+                results.append(stats_qk(q, k, ALL_STATS, num_prefix_tokens=5, grid=[16, 16], **options))
+            else:
+                results.append(stats_qk_pos(q, k, positions, None, ALL_STATS, **options))
+    for i in range(2, len(results)):
+        torch.testing.assert_close(results[i], results[i % 2], rtol=0, atol=0, equal_nan=True)
