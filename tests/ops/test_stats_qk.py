@@ -108,6 +108,21 @@ def test_position_form_matches_reference(nq, nk, bias_kind, renormalize, reducti
 
 
 @pytest.mark.parametrize("renormalize", [False, True])
+def test_own_key_without_a_position(renormalize):
+    # Square attention with key_positions of their own: query t may have a position while key t has none. Its
+    # self mass is still the softmax's A[t, t], over every key, though renormalisation leaves that key out of MAD.
+    gen = torch.Generator().manual_seed(19)
+    q, k = make_qk(1, 2, 70, 16, torch.float32, "cpu", seed=19)
+    positions = random_positions((70, 2), gen, nan_rows=[0])
+    key_positions = random_positions((70, 2), gen, nan_rows=[0, *range(5, 70, 4)])
+    options = dict(renormalize=renormalize, reduction="none")
+    out = stats_qk_pos(q, k, positions, key_positions, ALL_STATS, **options)
+    ref = attention_stats_qk_reference(q, k, ALL_STATS, positions=positions, key_positions=key_positions, **options)
+    assert_matches(out, ref, torch.float32)
+    assert (out[3, ..., 5::4] > 0).all()
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
 def test_padding_run_across_a_key_block(renormalize):
     # NaFlex-like rows: 2 prefix tokens, 398 patches, then 200 padding tokens without a position, a run that
     # crosses the 512-key block edge; image 0 also masks its padding keys out, image 1 attends to them.
