@@ -110,7 +110,9 @@ __attribute__((always_inline)) inline void exp_sums(const float* logits, const f
   using V = Lanes<float>;
   constexpr int64_t kVec = sizeof(V) / sizeof(float);
   const V lowest = V{} + kExpLowest<float>;
-  V m0{}, m1{}, w0{}, w1{}, h0{}, h1{};
+  // One entropy accumulator, not two: a sixth vector of sums spilled the mass sums to the stack (AVX2 has 16
+  // registers), a store and reload in their dependency chain every iteration.
+  V m0{}, m1{}, w0{}, w1{}, h{};
   int64_t j = 0;
   for (; j + 2 * kVec <= count; j += 2 * kVec) {
     V l0, l1, d0, d1;
@@ -128,8 +130,8 @@ __attribute__((always_inline)) inline void exp_sums(const float* logits, const f
     w0 += p0 * d0;
     w1 += p1 * d1;
     if constexpr (kEntropy) {
-      h0 += p0 * (x0 < lowest ? lowest : x0);
-      h1 += p1 * (x1 < lowest ? lowest : x1);
+      h += p0 * (x0 < lowest ? lowest : x0);
+      h += p1 * (x1 < lowest ? lowest : x1);
     }
   }
   float m_tail = 0, w_tail = 0, h_tail = 0;
@@ -142,7 +144,7 @@ __attribute__((always_inline)) inline void exp_sums(const float* logits, const f
   }
   mass = m_tail + lane_total<float>(m0 + m1);
   weighted = w_tail + lane_total<float>(w0 + w1);
-  entropy = kEntropy ? h_tail + lane_total<float>(h0 + h1) : 0.0f;
+  entropy = kEntropy ? h_tail + lane_total<float>(h) : 0.0f;
 }
 
 template <bool kEntropy>
