@@ -1,5 +1,6 @@
 // CPU kernels of vitmad::mad_qk and vitmad::mad_qk_pos: MAD of softmax(q @ k^T * scale + attn_bias) without
-// the Nq x Nk attention.
+// the Nq x Nk attention; and of vitmad::stats_qk and vitmad::stats_qk_pos, which add entropy, prefix mass and self
+// mass in the same pass.
 //
 // Flash-attention's recurrence with the value product replaced by distances: each task owns a block of queries
 // of one matrix and walks the keys in blocks. A block of logits comes from one product q_block @ k_block^T with
@@ -8,6 +9,11 @@
 // both rescaled whenever the max grows. The grid form and the position form differ only in where the
 // distances come from (GridDistances, PositionDistances). Memory beyond inputs and output: the per-query
 // results, and per thread one matrix's packed keys (Nk x D, and their positions) and a few blocks.
+//
+// The statistics ops run the same loop with a compile-time switch (kStats, and kEntropy for the one statistic
+// that costs an FMA per key), so mad_qk's instantiation is the code it was. Beside that state each row keeps the
+// softmax terms of its keys without a position under their own max, the logit of its own token, and with
+// kEntropy sum exp(s - max) * (s - max); the statistics come from these at the end (query_stats).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,19 +21,31 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
+#include <iterator>
 #include <limits>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "../mad_args.h"
+#include "../stats_args.h"
 #include "block_logits.h"
 #include "mad_cpu_common.h"
 
 namespace vitmad {
 namespace {
+
+// The argument below which exp_nonpositive gives exactly 0. An entropy term exp(x) * x takes x clamped there
+// (clamp_exponent), so a masked key (x = -inf) adds 0 * finite = 0, not 0 * -inf = NaN. For double: std::exp is
+// 0 below -746.
+template <typename acc_t>
+constexpr acc_t kExpLowest = acc_t(-87);
+template <>
+constexpr double kExpLowest<double> = -746.0;
 
 // exp(x) for x <= 0, which is all the kernel needs: every argument is a logit minus a running max. Cephes'
 // expf (range reduction to [-ln2/2, ln2/2], degree-6 polynomial, about 1 ulp), written branch-free so the
@@ -35,7 +53,7 @@ namespace {
 // Always inlined: GCC does not inline a plain function into the per-CPU clones, which would leave the loops
 // scalar.
 __attribute__((always_inline)) inline float exp_nonpositive(float x) {
-  constexpr float kLowest = -87.0f;
+  constexpr float kLowest = kExpLowest<float>;
   const float xc = std::max(x, kLowest);
   // Rounds x / ln2 to the nearest integer: adding 1.5 * 2^23 pushes the fraction out of the mantissa.
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -60,7 +78,7 @@ __attribute__((always_inline)) inline double exp_nonpositive(double x) { return 
 __attribute__((always_inline)) inline void exp_nonpositive(const Lanes<float>& x, Lanes<float>& result) {
   using V = Lanes<float>;
   typedef int32_t VI __attribute__((vector_size(32)));
-  constexpr float kLowest = -87.0f;
+  constexpr float kLowest = kExpLowest<float>;
   const V lowest = V{} + kLowest;
   const V xc = x < lowest ? lowest : x;  // NaN stays NaN, as with std::max(x, kLowest)
   const V n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -78,12 +96,23 @@ __attribute__((always_inline)) inline void exp_nonpositive(const Lanes<float>& x
   result = x < lowest ? V{} : y * two_to_n;
 }
 
-// sum_j exp(logits[j] - max) and sum_j exp(logits[j] - max) * dist[j] over `count` keys.
+// max(x, kExpLowest), NaN staying NaN: the logit difference an entropy term multiplies.
+template <typename acc_t>
+__attribute__((always_inline)) inline acc_t clamp_exponent(acc_t x) {
+  return x < kExpLowest<acc_t> ? kExpLowest<acc_t> : x;
+}
+
+// sum_j exp(logits[j] - max) and sum_j exp(logits[j] - max) * dist[j] over `count` keys; with kEntropy also
+// sum_j exp(logits[j] - max) * (logits[j] - max), one more FMA per key (compiled in only where asked).
+template <bool kEntropy>
 __attribute__((always_inline)) inline void exp_sums(const float* logits, const float* dist, int64_t count, float max,
-                                                    float& mass, float& weighted) {
+                                                    float& mass, float& weighted, float& entropy) {
   using V = Lanes<float>;
   constexpr int64_t kVec = sizeof(V) / sizeof(float);
-  V m0{}, m1{}, w0{}, w1{};
+  const V lowest = V{} + kExpLowest<float>;
+  // One entropy accumulator, not two: a sixth vector of sums spilled the mass sums to the stack (AVX2 has 16
+  // registers), a store and reload in their dependency chain every iteration.
+  V m0{}, m1{}, w0{}, w1{}, h{};
   int64_t j = 0;
   for (; j + 2 * kVec <= count; j += 2 * kVec) {
     V l0, l1, d0, d1;
@@ -92,31 +121,44 @@ __attribute__((always_inline)) inline void exp_sums(const float* logits, const f
     load_lanes(dist + j, d0);
     load_lanes(dist + j + kVec, d1);
     V p0, p1;
-    exp_nonpositive(l0 - max, p0);
-    exp_nonpositive(l1 - max, p1);
+    const V x0 = l0 - max;
+    exp_nonpositive(x0, p0);
+    const V x1 = l1 - max;
+    exp_nonpositive(x1, p1);
     m0 += p0;
     m1 += p1;
     w0 += p0 * d0;
     w1 += p1 * d1;
+    if constexpr (kEntropy) {
+      h += p0 * (x0 < lowest ? lowest : x0);
+      h += p1 * (x1 < lowest ? lowest : x1);
+    }
   }
-  float m_tail = 0, w_tail = 0;
+  float m_tail = 0, w_tail = 0, h_tail = 0;
   for (; j < count; ++j) {
-    const float p = exp_nonpositive(logits[j] - max);
+    const float x = logits[j] - max;
+    const float p = exp_nonpositive(x);
     m_tail += p;
     w_tail += p * dist[j];
+    if constexpr (kEntropy) h_tail += p * clamp_exponent(x);
   }
   mass = m_tail + lane_total<float>(m0 + m1);
   weighted = w_tail + lane_total<float>(w0 + w1);
+  entropy = kEntropy ? h_tail + lane_total<float>(h) : 0.0f;
 }
 
+template <bool kEntropy>
 __attribute__((always_inline)) inline void exp_sums(const double* logits, const double* dist, int64_t count,
-                                                    double max, double& mass, double& weighted) {
+                                                    double max, double& mass, double& weighted, double& entropy) {
   mass = 0;
   weighted = 0;
+  entropy = 0;
   for (int64_t j = 0; j < count; ++j) {
-    const double p = exp_nonpositive(logits[j] - max);
+    const double x = logits[j] - max;
+    const double p = exp_nonpositive(x);
     mass += p;
     weighted += p * dist[j];
+    if constexpr (kEntropy) entropy += p * clamp_exponent(x);
   }
 }
 
@@ -134,19 +176,23 @@ __attribute__((always_inline)) inline void mask_key(acc_t& logit) {
   if (logit < std::numeric_limits<acc_t>::infinity()) logit = -std::numeric_limits<acc_t>::infinity();
 }
 
+struct NoEntropy {};
+
 // The online-softmax state of one query row, relative to its running max.
-template <typename acc_t>
+template <typename acc_t, bool kEntropy = false>
 struct RowState {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
   acc_t total = 0;     // sum of exp(logit - max) over every key seen, prefix tokens included
   acc_t weighted = 0;  // the same over patch keys, each term times the key's distance to the query
+  // With kEntropy, sum of exp(logit - max) * (logit - max) over the keys `total` counts; nothing without.
+  [[no_unique_address]] std::conditional_t<kEntropy, acc_t, NoEntropy> entropy{};
 };
 
 // Folds one key block into a row's state: `logits` holds `num_keys` logits whose first `num_prefix_keys`
 // belong to prefix tokens; `dist` the distances to the remaining (patch) keys.
-template <typename acc_t>
+template <bool kEntropy, typename acc_t>
 VITMAD_CPU_CLONES void online_softmax_update(const acc_t* logits, int64_t num_keys, int64_t num_prefix_keys,
-                                             const acc_t* dist, RowState<acc_t>& state) {
+                                             const acc_t* dist, RowState<acc_t, kEntropy>& state) {
   // Explicit lanes (two vector registers, so consecutive maxes do not wait on each other) and a tree at the
   // end: GCC leaves a `reduction(max)` over floats scalar without -ffast-math, and a serial max would cost
   // as much as the exponentials.
@@ -172,12 +218,88 @@ VITMAD_CPU_CLONES void online_softmax_update(const acc_t* logits, int64_t num_ke
   acc_t prefix_total = 0;
 #pragma omp simd reduction(+ : prefix_total)
   for (int64_t j = 0; j < num_prefix_keys; ++j) prefix_total += exp_nonpositive(logits[j] - new_max);
-  acc_t mass, weighted;
-  exp_sums(logits + num_prefix_keys, dist, num_keys - num_prefix_keys, new_max, mass, weighted);
+  acc_t mass, weighted, entropy;
+  exp_sums<kEntropy>(logits + num_prefix_keys, dist, num_keys - num_prefix_keys, new_max, mass, weighted, entropy);
   const acc_t rescale = exp_nonpositive(state.max - new_max);
+  if constexpr (kEntropy) {
+    // A loop of its own rather than a second reduction in prefix_total's: that one's summation order, hence
+    // MAD's bits, stays mad_qk's. Prefix keys are few.
+    acc_t prefix_entropy = 0;
+    for (int64_t j = 0; j < num_prefix_keys; ++j) {
+      const acc_t x = logits[j] - new_max;
+      prefix_entropy += exp_nonpositive(x) * clamp_exponent(x);
+    }
+    // Moving the max from m to m': sum e^(s - m') (s - m') = e^(m - m') (sum e^(s - m) (s - m) + Z (m - m')).
+    state.entropy = rescale * (state.entropy + state.total * clamp_exponent(state.max - new_max)) + prefix_entropy +
+                    entropy;
+  }
   state.max = new_max;
   state.total = state.total * rescale + prefix_total + mass;
   state.weighted = state.weighted * rescale + weighted;
+}
+
+// What the statistics ops track per query row beside its RowState: the softmax terms of the keys without a
+// position (prefix tokens; keys whose position is NaN) under their own max, taken before the renormalising mask
+// (which hides them from RowState, yet entropy and prefix mass need them; their own max keeps a query that
+// attends almost only to CLS from underflowing either side), and the logit of the query's own token (self mass).
+template <typename acc_t>
+struct StatsRowState {
+  RowState<acc_t, /*kEntropy=*/true> positionless;  // distances all 0: `weighted` stays 0
+  acc_t own_logit = -std::numeric_limits<acc_t>::infinity();
+};
+
+// exp_sums' distances for keys that have none.
+template <typename acc_t>
+constexpr std::array<acc_t, kKeyBlock> kNoDistances{};
+
+// Folds the keys without a position of one key block into their state as keys at distance 0, gathered first
+// (into `gathered`, kKeyBlock values) so that one vectorised update takes them whether they come as one run
+// (prefix tokens, NaFlex padding) or scattered.
+template <typename acc_t, typename Distances>
+void positionless_update(const acc_t* logits, const Distances& keys, int64_t k_begin, int64_t cols, acc_t* gathered,
+                         RowState<acc_t, true>& state) {
+  int64_t count = 0;
+  keys.for_each_positionless_run(k_begin, cols, [&](int64_t first, int64_t run) {
+    std::copy(logits + first, logits + first + run, gathered + count);
+    count += run;
+  });
+  if (count > 0) online_softmax_update(gathered, count, /*num_prefix_keys=*/0, kNoDistances<acc_t>.data(), state);
+}
+
+// One query's statistics.
+template <typename acc_t>
+struct QueryStats {
+  acc_t mad, entropy, prefix_mass, self_mass;
+};
+
+// The statistics of a query from its states. Renormalised, RowState holds the keys with a position only and the
+// positionless keys join it here, each side rescaled to the common max; otherwise RowState already holds every
+// key (positionless ones included) and the positionless state gives the prefix mass alone. MAD is mad_qk's
+// weighted / total either way, bit for bit.
+template <typename acc_t, bool kEntropy>
+QueryStats<acc_t> query_stats(const RowState<acc_t, kEntropy>& keyed, const StatsRowState<acc_t>& extra,
+                              bool renormalize) {
+  constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+  const RowState<acc_t, true>& positionless = extra.positionless;
+  QueryStats<acc_t> out{keyed.weighted / keyed.total, kNaN, kNaN, kNaN};
+  const acc_t max = nan_max(keyed.max, positionless.max);
+  // Every key masked (or none at all), or a NaN / +inf logit: softmax gives NaN.
+  if (!(std::abs(max) < std::numeric_limits<acc_t>::infinity())) return out;
+  const acc_t keyed_scale = exp_nonpositive(keyed.max - max);  // 0 for a side without keys (max -inf)
+  const acc_t positionless_scale = exp_nonpositive(positionless.max - max);
+  acc_t total = keyed.total * keyed_scale;
+  if (renormalize) total += positionless.total * positionless_scale;
+  if constexpr (kEntropy) {
+    // H = ln Z - sum_s e^(s - M) (s - M) / Z, each side's sum moved to the common max M.
+    acc_t sum = keyed_scale * (keyed.entropy + keyed.total * clamp_exponent(keyed.max - max));
+    if (renormalize)
+      sum += positionless_scale *
+             (positionless.entropy + positionless.total * clamp_exponent(positionless.max - max));
+    out.entropy = std::log(total) - sum / total;
+  }
+  out.prefix_mass = positionless.total * positionless_scale / total;
+  out.self_mass = exp_nonpositive(extra.own_logit - max) / total;
+  return out;
 }
 
 // logits[j] += bias[j * stride], or with a bool mask, logits[j] = -inf where the mask is false.
@@ -202,8 +324,8 @@ struct StridedView {
 };
 
 template <typename T>
-StridedView<T> view_of(const at::Tensor& t, const char* arg_name) {
-  return {t.const_data_ptr<T>(), matrix_offsets(t, "vitmad.mad_qk", arg_name)};
+StridedView<T> view_of(const at::Tensor& t, const char* op_name, const char* arg_name) {
+  return {t.const_data_ptr<T>(), matrix_offsets(t, op_name, arg_name)};
 }
 
 // Where the queries and keys of the grid form are and how far apart: queries are the patch tokens P, P + 1, ...;
@@ -236,6 +358,14 @@ struct GridDistances {
     if (!l->renormalize) return;
     const int64_t count = prefix_keys(k_begin, cols);
     for (int64_t j = 0; j < count; ++j) mask_key(logits[j]);
+  }
+  bool renormalizes() const { return l->renormalize; }
+  // fn(first, count) for the run of keys [first, first + count) of the block (counted from k_begin) without a
+  // position: the prefix tokens.
+  template <typename Fn>
+  void for_each_positionless_run(int64_t k_begin, int64_t cols, Fn&& fn) const {
+    const int64_t count = prefix_keys(k_begin, cols);
+    if (count > 0) fn(0, count);
   }
 };
 
@@ -274,22 +404,49 @@ struct PositionDistances {
     for (int64_t j = 0; j < cols; ++j)
       if (!(x[j] == x[j])) mask_key(logits[j]);
   }
+  bool renormalizes() const { return renormalize; }
+  // fn(first, count) for every run of keys [first, first + count) of the block (counted from k_begin) without a
+  // position: the gaps between the packed runs of keys with one, from the first run that ends after k_begin.
+  template <typename Fn>
+  void for_each_positionless_run(int64_t k_begin, int64_t cols, Fn&& fn) const {
+    const int64_t k_end = k_begin + cols;
+    const auto& runs = packed.runs;
+    auto run = std::partition_point(runs.begin(), runs.end(), [&](const auto& r) { return r.second <= k_begin; });
+    int64_t gap_begin = run == runs.begin() ? 0 : std::prev(run)->second;
+    while (gap_begin < k_end) {
+      const int64_t gap_end = run == runs.end() ? num_keys : run->first;
+      const int64_t first = std::max(gap_begin, k_begin);
+      const int64_t last = std::min(gap_end, k_end);
+      if (first < last) fn(first - k_begin, last - first);
+      if (run == runs.end()) break;
+      gap_begin = run->second;
+      ++run;
+    }
+  }
 };
 
-// per_query[b, t] = m_t for the num_queries queries of every matrix, the first at token first_query of q;
-// NaN for a query the distances say has no position. A task is one query block of up to kMatricesPerTask
-// consecutive matrices that share their distances; tasks are ordered matrices-major, so a thread's consecutive
-// tasks reuse its packed keys.
-template <typename scalar_t, typename acc_t, typename bias_t, typename Distances>
+// Where a kernel writes each statistic per query, [num_matrices, num_queries] (nullptr: not wanted).
+template <typename acc_t>
+using StatRows = std::array<acc_t*, kNumStats>;
+
+// rows[stat][b, t] for the num_queries queries of every matrix, the first at token first_query of q; NaN for a
+// query the distances say has no position. Without kStats (mad_qk), only MAD. A task is one query block of up to
+// kMatricesPerTask consecutive matrices that share their distances; tasks are ordered matrices-major, so a
+// thread's consecutive tasks reuse its packed keys.
+template <bool kStats, bool kEntropy, typename scalar_t, typename acc_t, typename bias_t, typename Distances>
 void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& bias,
                     const QkShape& shape, int64_t first_query, int64_t num_queries, const Distances& distances,
-                    acc_t* per_query) {
+                    const StatRows<acc_t>& rows_out, const char* op_name) {
+  static_assert(kStats || !kEntropy, "entropy is one of the statistics");
   constexpr int64_t kGroup = Distances::kMatricesPerTask;
   const int64_t num_keys = shape.num_keys;
-  const auto qv = view_of<scalar_t>(q, "q");
-  const auto kv = view_of<scalar_t>(k, "k");
+  acc_t* const mad_rows = rows_out[static_cast<int>(Stat::kMad)];
+  // Without MAD the distance buffers stay zero: the weighted sums are computed but not used.
+  const bool needs_distances = !kStats || mad_rows != nullptr;
+  const auto qv = view_of<scalar_t>(q, op_name, "q");
+  const auto kv = view_of<scalar_t>(k, op_name, "k");
   StridedView<bias_t> bv;
-  if (bias.has_value()) bv = view_of<bias_t>(*bias, "attn_bias");
+  if (bias.has_value()) bv = view_of<bias_t>(*bias, op_name, "attn_bias");
   const int64_t bias_query_stride = bias.has_value() ? bias->stride(-2) : 0;
   const int64_t bias_key_stride = bias.has_value() ? bias->stride(-1) : 0;
   const int64_t query_blocks = (num_queries + kQueryBlock - 1) / kQueryBlock;
@@ -303,7 +460,9 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
     std::vector<GemmLogits<scalar_t, acc_t>> products(kGroup, GemmLogits<scalar_t, acc_t>(shape.head_dim));
     Distances keys = distances;
     std::vector<acc_t> dist(kQueryBlock * kKeyBlock);
-    std::vector<RowState<acc_t>> states(kGroup * kQueryBlock);
+    std::vector<RowState<acc_t, kEntropy>> states(kGroup * kQueryBlock);
+    std::vector<StatsRowState<acc_t>> stats_states(kStats ? kGroup * kQueryBlock : 0);
+    std::vector<acc_t> positionless_logits(kStats ? kKeyBlock : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t first_matrix = group_starts[task / query_blocks];
       const int64_t group_size = group_starts[task / query_blocks + 1] - first_matrix;
@@ -317,13 +476,16 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
         products[g].set_queries(qv.matrix(first_matrix + g) + block_query * q.stride(-2), q.stride(-2), q.stride(-1),
                                 rows, shape.scale);
       }
-      std::fill(states.begin(), states.begin() + group_size * kQueryBlock, RowState<acc_t>{});
+      std::fill(states.begin(), states.begin() + group_size * kQueryBlock, RowState<acc_t, kEntropy>{});
+      if constexpr (kStats)
+        std::fill(stats_states.begin(), stats_states.begin() + group_size * kQueryBlock, StatsRowState<acc_t>{});
 
       for (int64_t k_begin = 0; k_begin < num_keys; k_begin += kKeyBlock) {
         const int64_t cols = std::min(kKeyBlock, num_keys - k_begin);
         const int64_t prefix_keys = keys.prefix_keys(k_begin, cols);
-        for (int64_t i = 0; i < rows; ++i)
-          if (keys.has_query(t_begin + i)) keys.fill(t_begin + i, k_begin, cols, dist.data() + i * kKeyBlock);
+        if (needs_distances)
+          for (int64_t i = 0; i < rows; ++i)
+            if (keys.has_query(t_begin + i)) keys.fill(t_begin + i, k_begin, cols, dist.data() + i * kKeyBlock);
         for (int64_t g = 0; g < group_size; ++g) {
           acc_t* logits = products[g].logits(k_begin, cols);
           const bias_t* bias_matrix = bias.has_value() ? bv.matrix(first_matrix + g) : nullptr;
@@ -333,6 +495,13 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
             if (bias_matrix != nullptr)
               apply_bias(row, bias_matrix + (block_query + i) * bias_query_stride + k_begin * bias_key_stride,
                          bias_key_stride, cols);
+            if constexpr (kStats) {
+              // Before the renormalising mask, which hides positionless keys (and maybe the own token's).
+              StatsRowState<acc_t>& extra = stats_states[g * kQueryBlock + i];
+              const int64_t own_key = block_query + i - k_begin;
+              if (own_key >= 0 && own_key < cols) extra.own_logit = row[own_key];
+              positionless_update(row, keys, k_begin, cols, positionless_logits.data(), extra.positionless);
+            }
             keys.mask(k_begin, cols, row);
             online_softmax_update(row, cols, prefix_keys, dist.data() + i * kKeyBlock, states[g * kQueryBlock + i]);
           }
@@ -341,10 +510,22 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
       // Renormalised, the keys that do not count were masked, so the normaliser is their mass. A row
       // with every key masked out has total == 0 and gives NaN, as softmax does.
       for (int64_t g = 0; g < group_size; ++g) {
-        acc_t* out = per_query + (first_matrix + g) * num_queries + t_begin;
+        const int64_t first_row = (first_matrix + g) * num_queries + t_begin;
         for (int64_t i = 0; i < rows; ++i) {
-          const RowState<acc_t>& state = states[g * kQueryBlock + i];
-          out[i] = keys.has_query(t_begin + i) ? state.weighted / state.total : std::numeric_limits<acc_t>::quiet_NaN();
+          const RowState<acc_t, kEntropy>& state = states[g * kQueryBlock + i];
+          if constexpr (!kStats) {
+            mad_rows[first_row + i] = keys.has_query(t_begin + i) ? state.weighted / state.total
+                                                                  : std::numeric_limits<acc_t>::quiet_NaN();
+          } else {
+            constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+            const QueryStats<acc_t> stats =
+                keys.has_query(t_begin + i)
+                    ? query_stats(state, stats_states[g * kQueryBlock + i], keys.renormalizes())
+                    : QueryStats<acc_t>{kNaN, kNaN, kNaN, kNaN};
+            const acc_t values[kNumStats] = {stats.mad, stats.entropy, stats.prefix_mass, stats.self_mass};
+            for (int s = 0; s < kNumStats; ++s)
+              if (rows_out[s] != nullptr) rows_out[s][first_row + i] = values[s];
+          }
         }
       }
     }
@@ -380,7 +561,8 @@ at::Tensor mad_qk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t patch, i
     const GridDistances<acc_t> distances{table.data(), &l};
     with_bias<scalar_t>(attn_bias, q, k, [&](const std::optional<at::Tensor>& bias, auto* bias_type) {
       using bias_t = std::remove_pointer_t<decltype(bias_type)>;
-      online_mad_cpu<scalar_t, acc_t, bias_t>(q, k, bias, shape, l.num_prefix, l.num_patches, distances, rows);
+      online_mad_cpu<false, false, scalar_t, acc_t, bias_t>(q, k, bias, shape, l.num_prefix, l.num_patches,
+                                                            distances, StatRows<acc_t>{rows}, "vitmad.mad_qk");
     });
     if (l.reduce_mean)
       mean_over_queries<acc_t>(rows, l.num_matrices, l.num_patches, AllQueries{}, out.mutable_data_ptr<acc_t>());
@@ -408,11 +590,98 @@ at::Tensor mad_qk_pos_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                                              l.renormalize};
     with_bias<scalar_t>(attn_bias, q, k, [&](const std::optional<at::Tensor>& bias, auto* bias_type) {
       using bias_t = std::remove_pointer_t<decltype(bias_type)>;
-      online_mad_cpu<scalar_t, acc_t, bias_t>(q, k, bias, shape, 0, l.num_queries, distances, rows);
+      online_mad_cpu<false, false, scalar_t, acc_t, bias_t>(q, k, bias, shape, 0, l.num_queries, distances,
+                                                            StatRows<acc_t>{rows}, "vitmad.mad_qk");
     });
     if (l.reduce_mean)
       mean_over_queries<acc_t>(rows, l.num_matrices, l.num_queries, PositionedQueries<acc_t>{queries},
                                out.mutable_data_ptr<acc_t>());
+  });
+  return out;
+}
+
+// The statistics ops share one error name, the Python entry point's (attention_stats_qk).
+constexpr const char* kStatsQkOp = "vitmad.attention_stats_qk";
+
+// Where each wanted statistic's [num_matrices, num_queries] rows start in per_query [S, num_matrices, num_queries].
+template <typename acc_t>
+StatRows<acc_t> stat_rows(const at::Tensor& per_query, const StatsRequest& request) {
+  StatRows<acc_t> rows{};
+  for (int s = 0; s < kNumStats; ++s)
+    if (request.row[s] >= 0) rows[s] = per_query.mutable_data_ptr<acc_t>() + request.row[s] * per_query.stride(0);
+  return rows;
+}
+
+// out[s] = the mean of per_query[s] over the queries that `counts` admits, for each of the S statistics.
+template <typename acc_t, typename QueryFilter>
+void mean_of_stats(const at::Tensor& per_query, int64_t num_matrices, int64_t num_queries, QueryFilter counts,
+                   at::Tensor& out) {
+  for (int64_t s = 0; s < per_query.size(0); ++s)
+    mean_over_queries<acc_t>(per_query.const_data_ptr<acc_t>() + s * per_query.stride(0), num_matrices, num_queries,
+                             counts, out.mutable_data_ptr<acc_t>() + s * num_matrices);
+}
+
+// Runs online_mad_cpu with the statistics on and the entropy compiled in only when the request names it.
+template <typename scalar_t, typename acc_t, typename Distances>
+void online_stats_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& attn_bias,
+                      const QkShape& shape, int64_t first_query, int64_t num_queries, const Distances& distances,
+                      const StatsRequest& request, const at::Tensor& per_query) {
+  const StatRows<acc_t> rows = stat_rows<acc_t>(per_query, request);
+  with_bias<scalar_t>(attn_bias, q, k, [&](const std::optional<at::Tensor>& bias, auto* bias_type) {
+    using bias_t = std::remove_pointer_t<decltype(bias_type)>;
+    if (request.wants(Stat::kEntropy))
+      online_mad_cpu<true, true, scalar_t, acc_t, bias_t>(q, k, bias, shape, first_query, num_queries, distances,
+                                                          rows, kStatsQkOp);
+    else
+      online_mad_cpu<true, false, scalar_t, acc_t, bias_t>(q, k, bias, shape, first_query, num_queries, distances,
+                                                           rows, kStatsQkOp);
+  });
+}
+
+at::Tensor stats_qk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t patch, c10::ArrayRef<std::string> stats,
+                        int64_t num_prefix_tokens, at::OptionalIntArrayRef grid, std::optional<double> scale,
+                        const std::optional<at::Tensor>& attn_bias, bool renormalize, c10::string_view reduction) {
+  const MadQkLayout ql = check_mad_qk_args(q, k, patch, num_prefix_tokens, grid, scale, attn_bias, renormalize,
+                                           reduction, kStatsQkOp);
+  const MadLayout& l = ql.mad;
+  const StatsRequest request = check_stats(stats, l.num_tokens, l.num_tokens, kStatsQkOp);
+  auto [per_query, out] = empty_stats_outputs(q, request, l.num_matrices, l.num_patches, l.reduce_mean);
+  if (l.num_matrices == 0) return out;
+  const QkShape shape{l.num_tokens, l.num_tokens, ql.head_dim, l.num_matrices, ql.scale};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "vitmad_stats_qk_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto table = distance_table<acc_t>(l, static_cast<acc_t>(patch));
+    const GridDistances<acc_t> distances{table.data(), &l};
+    online_stats_cpu<scalar_t, acc_t>(q, k, attn_bias, shape, l.num_prefix, l.num_patches, distances, request,
+                                      per_query);
+    if (l.reduce_mean) mean_of_stats<acc_t>(per_query, l.num_matrices, l.num_patches, AllQueries{}, out);
+  });
+  return out;
+}
+
+at::Tensor stats_qk_pos_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                            const std::optional<at::Tensor>& key_positions, c10::ArrayRef<std::string> stats,
+                            std::optional<double> scale, const std::optional<at::Tensor>& attn_bias, bool renormalize,
+                            c10::string_view reduction) {
+  const QkShape shape = check_qk_tensors(q, k, scale, attn_bias, /*same_tokens=*/false, kStatsQkOp);
+  const auto out_dtype = mad_output_dtype(q.scalar_type());
+  const PositionArgs args =
+      check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize, reduction,
+                          out_dtype, /*check_values=*/true, kStatsQkOp);
+  const PositionLayout& l = args.layout;
+  const StatsRequest request = check_stats(stats, l.num_queries, l.num_keys, kStatsQkOp);
+  auto [per_query, out] = empty_stats_outputs(q, request, l.num_matrices, l.num_queries, l.reduce_mean);
+  if (l.num_matrices == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "vitmad_stats_qk_pos_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto queries = position_rows<acc_t>(args.queries, l.dims);
+    const PositionDistances<acc_t> distances{queries, position_rows<acc_t>(args.keys, l.dims), l.num_keys,
+                                             l.renormalize};
+    online_stats_cpu<scalar_t, acc_t>(q, k, attn_bias, shape, 0, l.num_queries, distances, request, per_query);
+    if (l.reduce_mean)
+      mean_of_stats<acc_t>(per_query, l.num_matrices, l.num_queries, PositionedQueries<acc_t>{queries}, out);
   });
   return out;
 }
@@ -422,6 +691,8 @@ at::Tensor mad_qk_pos_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
 TORCH_LIBRARY_IMPL(vitmad, CPU, m) {
   m.impl("mad_qk", &mad_qk_cpu);
   m.impl("mad_qk_pos", &mad_qk_pos_cpu);
+  m.impl("stats_qk", &stats_qk_cpu);
+  m.impl("stats_qk_pos", &stats_qk_pos_cpu);
 }
 
 }  // namespace vitmad
