@@ -127,3 +127,21 @@ def test_fake_tensors_get_the_output_shapes():
         out = torch.ops.vitmad.stats_qk_pos(q.float(), k, torch.empty(17, 2), torch.empty(5, 2), ["entropy"],
                                             reduction="none")
         assert out.shape == (1, 2, 3, 17)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_statistics_equal_the_cpu_ones(dtype):
+    """CUDA runs the pure-PyTorch kernels of the statistics (no fused CUDA kernel yet): same values as the CPU's."""
+    gen = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(2, 3, 1 + 48, 16, generator=gen).to(dtype) for _ in range(2))
+    attn = (q.float() @ k.float().transpose(-1, -2) / 4).softmax(-1).to(dtype)
+    stats = STATS + ("prefix_maps",)
+    for reduction in ("mean", "none"):
+        cpu = vitmad.attention_stats(attn, 8, grid=(6, 8), stats=stats, reduction=reduction)
+        cuda = vitmad.attention_stats(attn.cuda(), 8, grid=(6, 8), stats=stats, reduction=reduction)
+        cpu_qk = vitmad.attention_stats_qk(q, k, 8, grid=(6, 8), stats=stats, reduction=reduction)
+        cuda_qk = vitmad.attention_stats_qk(q.cuda(), k.cuda(), 8, grid=(6, 8), stats=stats, reduction=reduction)
+        for name in stats:
+            torch.testing.assert_close(cuda[name].cpu(), cpu[name], rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(cuda_qk[name].cpu(), cpu_qk[name], rtol=1e-5, atol=1e-4)
