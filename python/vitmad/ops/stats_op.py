@@ -182,17 +182,19 @@ def attention_stats_qk(
             values = torch.ops.vitmad.stats_qk.default(q, k, patch, list(names), num_prefix_tokens=prefix,
                                                        grid=grid_list, **options)
             out.update(zip(names, values.unbind(0)))
-        scale_value = check_mad_qk_args(q, k, patch, prefix, grid_list, scale, attn_bias, renormalize, reduction,
-                                        _OP_QK).scale
-        rows, cols = torch.arange(prefix, device=q.device), slice(prefix, None)
+        if maps or not names:  # the op checked its arguments; the maps need the scale it derived
+            scale_value = check_mad_qk_args(q, k, patch, prefix, grid_list, scale, attn_bias, renormalize,
+                                            reduction, _OP_QK).scale
+            rows, cols = torch.arange(prefix, device=q.device), slice(prefix, None)
     else:
         if names:
             values = torch.ops.vitmad.stats_qk_pos.default(q, k, positions, key_positions, list(names), **options)
             out.update(zip(names, values.unbind(0)))
-        shape = check_qk_tensors(q, k, scale, attn_bias, False, _OP_QK)
-        check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize,
-                            reduction, _OP_QK, check_values=not names)
-        scale_value = shape.scale
+        if maps or not names:
+            shape = check_qk_tensors(q, k, scale, attn_bias, False, _OP_QK)
+            check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize,
+                                reduction, _OP_QK, check_values=not names)
+            scale_value = shape.scale
         if maps:
             rows, cols = _map_tokens(positions, key_positions, _OP_QK)
     if maps:

@@ -217,14 +217,6 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return ordered
 
 
-def _stacked(values: dict[str, torch.Tensor], stats: tuple[str, ...]) -> torch.Tensor:
-    """An op's statistics stacked ``[S, *lead, Nq]``; the prefix rows ``[*lead, Q, Nk1]`` when only they were
-    asked for."""
-    if stats == (MAP_NAME,):
-        return values[MAP_NAME]
-    return torch.stack([values[name] for name in stats])
-
-
 def _check_record_stats(stats: Sequence[str]) -> tuple[tuple[str, ...], bool]:
     """The statistics besides MAD that ``record(stats=...)`` asks for (in the ops' order), and whether the prefix
     maps are asked for."""
@@ -449,9 +441,8 @@ class Recording:
             if not stats:
                 return mad_qk(query, key, positions=positions, key_positions=key_positions, scale=scale,
                               attn_bias=mask, renormalize=renormalize, reduction="none")
-            values = attention_stats_qk(query, key, positions=positions, key_positions=key_positions, scale=scale,
-                                        attn_bias=mask, renormalize=renormalize, reduction="none", stats=stats)
-            return _stacked(values, stats)
+            return attention_stats_qk(query, key, positions=positions, key_positions=key_positions, scale=scale,
+                                      attn_bias=mask, renormalize=renormalize, reduction="none", stats=stats)
 
         self._measure(name, placement, query.device, measure, fused=True)
 
@@ -463,9 +454,8 @@ class Recording:
             if not stats:
                 return mad(attn, positions=positions, key_positions=key_positions, renormalize=renormalize,
                            reduction="none")
-            values = attention_stats(attn, positions=positions, key_positions=key_positions,
-                                     renormalize=renormalize, reduction="none", stats=stats)
-            return _stacked(values, stats)
+            return attention_stats(attn, positions=positions, key_positions=key_positions,
+                                   renormalize=renormalize, reduction="none", stats=stats)
 
         self._measure(name, placement, attn.device, measure, fused=False)
 
@@ -516,18 +506,16 @@ class Recording:
         wanted = self._stats
         if key_positions is not None and "self_mass" in wanted:
             wanted = tuple(n for n in wanted if n != "self_mass")
-        values = measure(positions, key_positions, self.renormalize, ("mad", *wanted))
-        if wanted == self._stats:
-            return values
-        rows = dict(zip(("mad", *wanted), values.unbind(0)))
-        return torch.stack([rows.get(n, torch.full_like(values[0], float("nan"))) for n in ("mad", *self._stats)])
+        rows = measure(positions, key_positions, self.renormalize, ("mad", *wanted))
+        return torch.stack([rows[n] if n in rows else torch.full_like(rows["mad"], float("nan"))
+                            for n in ("mad", *self._stats)])
 
     @staticmethod
     def _prefix_rows(measure: Callable, positions: torch.Tensor) -> torch.Tensor | None:
         """``[*lead, Q, Nk]``: the attention rows of the ``Q`` queries without a position over every key (NaN at
         the keys without one), or None when there is no such query or they differ between matrices."""
         try:
-            values = measure(positions, None, False, (MAP_NAME,))
+            values = measure(positions, None, False, (MAP_NAME,))[MAP_NAME]
         except ValueError:  # the tokens without a position differ from image to image: no common rows
             return None
         if values.shape[-2] == 0:
