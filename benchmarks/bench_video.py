@@ -6,10 +6,11 @@ Two routes in the same run, 16 frames of 224 x 224 px, batch 2 by default:
 
 Time: median over ``--repeats`` runs after one warm-up, the routes alternating so that load drifts hit both
 alike; wall time and the process's CPU time. Memory: one fresh subprocess per route, peak RSS during the forward
-(``_results.peak_rss``). Beside it, per layer, the recorder's measurement (two ``mad_qk`` calls: spatial and
-temporal positions), the spatial call alone, and one SDPA call of the same shape. (One call over both position
-sets stacked on a stride-0 leading dim was measured too, on 2026-11-30: 2109 ms against 1105 ms for two calls, so
-the recorder makes two.) Nothing is downloaded. Writes its section of benchmarks/RESULTS.md.
+(``_results.peak_rss``). Beside it, per layer, the recorder's measurement (one ``attention_stats_qk`` pass giving
+the spatial and the temporal MAD: ``"temporal_mad"`` with ``times``), the two separate ``mad_qk`` calls the
+recorder made before, the spatial call alone, and one SDPA call of the same shape. (One call over both position
+sets stacked on a stride-0 leading dim was measured too, on 2026-11-30: 2109 ms against 1105 ms for two calls.)
+Nothing is downloaded. Writes its section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def time_layer_ops(batch: int, tokens: tuple[int, int, int], repeats: int) -> di
     space = torch.stack([(r + 0.5) * 16, (c + 0.5) * 16], -1).reshape(-1, 2).float()
     times = ((f + 0.5) * 2).reshape(-1, 1).float()
     both = {
+        "one pass (the recorder's)": lambda: vitmad.attention_stats_qk(
+            q, k, positions=space, times=times, stats=("mad", "temporal_mad"), reduction="none"),
         "two calls": lambda: (vitmad.mad_qk(q, k, positions=space, reduction="none"),
                               vitmad.mad_qk(q, k, positions=times, reduction="none")),
         "spatial call only": lambda: vitmad.mad_qk(q, k, positions=space, reduction="none"),

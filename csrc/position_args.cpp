@@ -90,7 +90,55 @@ TokenPositions prepare_side(const at::Tensor& pos, at::IntArrayRef lead, at::Sca
   return TokenPositions{values, matrix_offsets(view, op_name, arg), view.stride(-2), view.stride(-1)};
 }
 
+// A side's times are NaN exactly where its positions are, compared over the attention's leading dims.
+void check_same_tokens(const at::Tensor& times, const at::Tensor& pos, at::IntArrayRef lead, const char* times_arg,
+                       const char* pos_arg, const char* op_name) {
+  std::vector<int64_t> shape(lead.begin(), lead.end());
+  shape.push_back(pos.size(-2));
+  const at::Tensor no_time = at::isnan(times.select(-1, 0).to(at::kCPU)).expand(shape).reshape({-1});
+  const at::Tensor no_position = at::isnan(pos.select(-1, 0).to(at::kCPU)).expand(shape).reshape({-1});
+  const at::Tensor differ = at::ne(no_time, no_position).nonzero();
+  if (differ.numel() == 0) return;
+  const int64_t row = differ[0][0].item<int64_t>();
+  const int64_t n = pos.size(-2);
+  TORCH_CHECK_VALUE(false, op_name, ": ", times_arg, " must be NaN exactly at the tokens without a position in ",
+                    pos_arg, ", but token ", row % n, " of matrix ", row / n, " has ",
+                    no_position[row].item<bool>() ? "a time and no position" : "a position and no time (NaN)");
+}
+
 }  // namespace
+
+PositionArgs check_time_args(const at::Tensor& tokens, const PositionArgs& positions_args,
+                             const at::Tensor& positions, const std::optional<at::Tensor>& key_positions,
+                             const at::Tensor& times, const std::optional<at::Tensor>& key_times,
+                             at::ScalarType acc_dtype, bool check_values, const char* op_name) {
+  const PositionLayout& l = positions_args.layout;
+  const bool qk = std::string_view(op_name).ends_with("_qk");
+  const char* tokens_arg = qk ? "q" : "attn";
+  const at::IntArrayRef lead = leading_dims(tokens);
+  check_side(times, "times", lead, tokens, tokens_arg, l.num_queries, "queries", "Nq", op_name);
+  TORCH_CHECK_VALUE(times.size(-1) == 1, op_name, ": times must be [..., Nq, 1], the frame of each token, got shape ",
+                    times.sizes());
+  TORCH_CHECK_VALUE(key_times.has_value() == key_positions.has_value(), op_name,
+                    key_positions.has_value()
+                        ? ": key_positions is given, so the keys' frames are needed too: pass key_times [..., Nk, 1]"
+                        : ": key_times is given without key_positions; the keys are the queries, whose times are times");
+  if (key_times.has_value()) {
+    check_side(*key_times, "key_times", lead, tokens, qk ? "k" : "attn", l.num_keys, "keys", "Nk", op_name);
+    TORCH_CHECK_VALUE(key_times->size(-1) == 1, op_name,
+                      ": key_times must be [..., Nk, 1], the frame of each key, got shape ", key_times->sizes());
+  }
+  const TokenPositions queries = prepare_side(times, lead, acc_dtype, check_values, "times", op_name);
+  const TokenPositions keys =
+      key_times.has_value() ? prepare_side(*key_times, lead, acc_dtype, check_values, "key_times", op_name) : queries;
+  if (check_values) {
+    check_same_tokens(times, positions, lead, "times", "positions", op_name);
+    if (key_times.has_value()) check_same_tokens(*key_times, *key_positions, lead, "key_times", "key_positions", op_name);
+  }
+  PositionLayout layout = l;
+  layout.dims = 1;
+  return PositionArgs{layout, queries, keys};
+}
 
 PositionArgs check_position_args(const at::Tensor& tokens, int64_t num_queries, int64_t num_keys,
                                  const at::Tensor& positions, const std::optional<at::Tensor>& key_positions,

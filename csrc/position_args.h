@@ -56,6 +56,14 @@ PositionArgs check_position_args(const at::Tensor& tokens, int64_t num_queries, 
                                  bool renormalize, std::string_view reduction, at::ScalarType acc_dtype,
                                  bool check_values, const char* op_name);
 
+// Checks the frames of a video's tokens, times [..., Nq, 1] and key_times [..., Nk, 1] (given exactly when
+// key_positions is), beside positions already checked by check_position_args: a token has a time exactly when it
+// has a position (checked on the host when `check_values`). Returned as one-coordinate positions.
+PositionArgs check_time_args(const at::Tensor& tokens, const PositionArgs& positions_args,
+                             const at::Tensor& positions, const std::optional<at::Tensor>& key_positions,
+                             const at::Tensor& times, const std::optional<at::Tensor>& key_times,
+                             at::ScalarType acc_dtype, bool check_values, const char* op_name);
+
 // The per-query gradient of mad_pos's output, [num_matrices, Nq] contiguous in the output dtype: grad itself
 // for "none"; for "mean", grad[b] divided by matrix b's number of queries with a position.
 at::Tensor per_query_grad(const at::Tensor& grad, const at::Tensor& attn, const PositionArgs& args);

@@ -14,13 +14,16 @@
 namespace vitmad {
 
 // The statistics, in the order of kStatNames.
-enum class Stat : int { kMad = 0, kEntropy = 1, kPrefixMass = 2, kSelfMass = 3 };
-constexpr int kNumStats = 4;
-inline constexpr std::array<const char*, kNumStats> kStatNames{"mad", "entropy", "prefix_mass", "self_mass"};
+// "temporal_mad" is the MAD over the tokens' frames (`times`, video): only the position form of stats_qk takes
+// times, so the other ops refuse it (the Python entry points compose it there from a second distance call).
+enum class Stat : int { kMad = 0, kEntropy = 1, kPrefixMass = 2, kSelfMass = 3, kTemporalMad = 4 };
+constexpr int kNumStats = 5;
+inline constexpr std::array<const char*, kNumStats> kStatNames{"mad", "entropy", "prefix_mass", "self_mass",
+                                                               "temporal_mad"};
 
 // Which statistics a call wants and the output row of each (-1: not wanted).
 struct StatsRequest {
-  std::array<int64_t, kNumStats> row{-1, -1, -1, -1};
+  std::array<int64_t, kNumStats> row{-1, -1, -1, -1, -1};
   int64_t count = 0;  // S, the output's first dimension
 
   bool wants(Stat s) const { return row[static_cast<int>(s)] >= 0; }
@@ -28,8 +31,9 @@ struct StatsRequest {
 };
 
 // `stats` must name at least one statistic of kStatNames, each at most once; "self_mass" needs the queries and
-// the keys to be the same tokens, Nq == Nk (always so in the grid form). Errors are ValueErrors naming op_name.
-StatsRequest check_stats(c10::ArrayRef<std::string> stats, int64_t num_queries, int64_t num_keys,
+// the keys to be the same tokens, Nq == Nk (always so in the grid form); "temporal_mad" needs `times` (has_times),
+// and `times` needs "temporal_mad". Errors are ValueErrors naming op_name.
+StatsRequest check_stats(c10::ArrayRef<std::string> stats, int64_t num_queries, int64_t num_keys, bool has_times,
                          const char* op_name);
 
 // The output [S, ...] for per-op output shape `shape` in `options`, and its [S, num_matrices, num_queries]

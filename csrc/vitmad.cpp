@@ -44,6 +44,10 @@
 // - prefix_mass: sum of A[t, s] over the keys without a position (grid form: the P prefix tokens);
 // - self_mass: A[t, t'] with t' the query's own token among the keys (grid form: token P + t; position form:
 //   the key of the same index, which needs Nq == Nk).
+// - temporal_mad (stats_qk_pos only, video): as mad with the distance |time_t - time_s| between the tokens' frames,
+//   `times` [..., Nq, 1] and `key_times` [..., Nk, 1] (given exactly when key_positions is), NaN exactly at the
+//   tokens without a position; the same pass as mad, a second weighted sum. The other ops refuse it (the Python
+//   entry points compute it there with a second distance call).
 // Queries without a position get NaN ("none") and are left out of the mean. Not differentiable.
 #include <torch/library.h>
 
@@ -77,5 +81,6 @@ TORCH_LIBRARY(vitmad, m) {
       "float? scale=None, Tensor? attn_bias=None, bool renormalize=False, str reduction=\"mean\") -> Tensor");
   m.def(
       "stats_qk_pos(Tensor q, Tensor k, Tensor positions, Tensor? key_positions, str[] stats, *, "
-      "float? scale=None, Tensor? attn_bias=None, bool renormalize=False, str reduction=\"mean\") -> Tensor");
+      "float? scale=None, Tensor? attn_bias=None, bool renormalize=False, str reduction=\"mean\", "
+      "Tensor? times=None, Tensor? key_times=None) -> Tensor");
 }

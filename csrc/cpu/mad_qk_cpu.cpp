@@ -102,17 +102,31 @@ __attribute__((always_inline)) inline acc_t clamp_exponent(acc_t x) {
   return x < kExpLowest<acc_t> ? kExpLowest<acc_t> : x;
 }
 
+// The frames of a query and of a run of keys (NaN: a key without one), for the temporal distance |dt|. Computed
+// in the key loop from the keys' packed frames (a few KB) rather than filled into a second block of distances
+// like `dist`: with that block (another 128 KB per query block) the pass over VideoMAE-B's 1568 tokens took 1.4x
+// the spatial one, computed here about 1.05x.
+template <typename acc_t>
+struct Frames {
+  const acc_t* keys = nullptr;
+  acc_t query = 0;
+};
+
 // sum_j exp(logits[j] - max) and sum_j exp(logits[j] - max) * dist[j] over `count` keys; with kEntropy also
-// sum_j exp(logits[j] - max) * (logits[j] - max), one more FMA per key (compiled in only where asked).
-template <bool kEntropy>
-__attribute__((always_inline)) inline void exp_sums(const float* logits, const float* dist, int64_t count, float max,
-                                                    float& mass, float& weighted, float& entropy) {
+// sum_j exp(logits[j] - max) * (logits[j] - max), one more FMA per key, and with kTime
+// sum_j exp(logits[j] - max) * |frames.query - frames.keys[j]| (0 for a key without a frame), the temporal
+// distance's (each compiled in only where asked).
+template <bool kEntropy, bool kTime>
+__attribute__((always_inline)) inline void exp_sums(const float* logits, const float* dist, Frames<float> frames,
+                                                    int64_t count, float max, float& mass, float& weighted,
+                                                    float& entropy, float& time_weighted) {
   using V = Lanes<float>;
   constexpr int64_t kVec = sizeof(V) / sizeof(float);
   const V lowest = V{} + kExpLowest<float>;
   // One entropy accumulator, not two: a sixth vector of sums spilled the mass sums to the stack (AVX2 has 16
   // registers), a store and reload in their dependency chain every iteration.
-  V m0{}, m1{}, w0{}, w1{}, h{};
+  V m0{}, m1{}, w0{}, w1{}, h{}, t{};
+  const V query_frame = V{} + frames.query;
   int64_t j = 0;
   for (; j + 2 * kVec <= count; j += 2 * kVec) {
     V l0, l1, d0, d1;
@@ -133,32 +147,53 @@ __attribute__((always_inline)) inline void exp_sums(const float* logits, const f
       h += p0 * (x0 < lowest ? lowest : x0);
       h += p1 * (x1 < lowest ? lowest : x1);
     }
+    if constexpr (kTime) {
+      V f0, f1;
+      load_lanes(frames.keys + j, f0);
+      load_lanes(frames.keys + j + kVec, f1);
+      V g0 = query_frame - f0, g1 = query_frame - f1;
+      g0 = g0 < 0 ? -g0 : g0;
+      g1 = g1 < 0 ? -g1 : g1;
+      t += p0 * (g0 == g0 ? g0 : V{});  // a NaN gap: a key without a frame, which adds nothing
+      t += p1 * (g1 == g1 ? g1 : V{});
+    }
   }
-  float m_tail = 0, w_tail = 0, h_tail = 0;
+  float m_tail = 0, w_tail = 0, h_tail = 0, t_tail = 0;
   for (; j < count; ++j) {
     const float x = logits[j] - max;
     const float p = exp_nonpositive(x);
     m_tail += p;
     w_tail += p * dist[j];
     if constexpr (kEntropy) h_tail += p * clamp_exponent(x);
+    if constexpr (kTime) {
+      const float gap = std::abs(frames.query - frames.keys[j]);
+      t_tail += p * (gap == gap ? gap : 0.0f);
+    }
   }
   mass = m_tail + lane_total<float>(m0 + m1);
   weighted = w_tail + lane_total<float>(w0 + w1);
   entropy = kEntropy ? h_tail + lane_total<float>(h) : 0.0f;
+  time_weighted = kTime ? t_tail + lane_total<float>(t) : 0.0f;
 }
 
-template <bool kEntropy>
-__attribute__((always_inline)) inline void exp_sums(const double* logits, const double* dist, int64_t count,
-                                                    double max, double& mass, double& weighted, double& entropy) {
+template <bool kEntropy, bool kTime>
+__attribute__((always_inline)) inline void exp_sums(const double* logits, const double* dist, Frames<double> frames,
+                                                    int64_t count, double max, double& mass, double& weighted,
+                                                    double& entropy, double& time_weighted) {
   mass = 0;
   weighted = 0;
   entropy = 0;
+  time_weighted = 0;
   for (int64_t j = 0; j < count; ++j) {
     const double x = logits[j] - max;
     const double p = exp_nonpositive(x);
     mass += p;
     weighted += p * dist[j];
     if constexpr (kEntropy) entropy += p * clamp_exponent(x);
+    if constexpr (kTime) {
+      const double gap = std::abs(frames.query - frames.keys[j]);
+      time_weighted += p * (gap == gap ? gap : 0.0);
+    }
   }
 }
 
@@ -177,22 +212,27 @@ __attribute__((always_inline)) inline void mask_key(acc_t& logit) {
 }
 
 struct NoEntropy {};
+struct NoTime {};
 
 // The online-softmax state of one query row, relative to its running max.
-template <typename acc_t, bool kEntropy = false>
+template <typename acc_t, bool kEntropy = false, bool kTime = false>
 struct RowState {
   acc_t max = -std::numeric_limits<acc_t>::infinity();
   acc_t total = 0;     // sum of exp(logit - max) over every key seen, prefix tokens included
   acc_t weighted = 0;  // the same over patch keys, each term times the key's distance to the query
   // With kEntropy, sum of exp(logit - max) * (logit - max) over the keys `total` counts; nothing without.
   [[no_unique_address]] std::conditional_t<kEntropy, acc_t, NoEntropy> entropy{};
+  // With kTime, `weighted` with each key's temporal distance (frames) instead; nothing without.
+  [[no_unique_address]] std::conditional_t<kTime, acc_t, NoTime> time_weighted{};
 };
 
 // Folds one key block into a row's state: `logits` holds `num_keys` logits whose first `num_prefix_keys`
-// belong to prefix tokens; `dist` the distances to the remaining (patch) keys.
-template <bool kEntropy, typename acc_t>
+// belong to prefix tokens; `dist` the distances to the remaining (patch) keys, `frames` (kTime) the frames of
+// the query and of all `num_keys` keys.
+template <bool kEntropy, bool kTime, typename acc_t>
 VITMAD_CPU_CLONES void online_softmax_update(const acc_t* logits, int64_t num_keys, int64_t num_prefix_keys,
-                                             const acc_t* dist, RowState<acc_t, kEntropy>& state) {
+                                             const acc_t* dist, Frames<acc_t> frames,
+                                             RowState<acc_t, kEntropy, kTime>& state) {
   // Explicit lanes (two vector registers, so consecutive maxes do not wait on each other) and a tree at the
   // end: GCC leaves a `reduction(max)` over floats scalar without -ffast-math, and a serial max would cost
   // as much as the exponentials.
@@ -218,8 +258,10 @@ VITMAD_CPU_CLONES void online_softmax_update(const acc_t* logits, int64_t num_ke
   acc_t prefix_total = 0;
 #pragma omp simd reduction(+ : prefix_total)
   for (int64_t j = 0; j < num_prefix_keys; ++j) prefix_total += exp_nonpositive(logits[j] - new_max);
-  acc_t mass, weighted, entropy;
-  exp_sums<kEntropy>(logits + num_prefix_keys, dist, num_keys - num_prefix_keys, new_max, mass, weighted, entropy);
+  acc_t mass, weighted, entropy, time_weighted;
+  if constexpr (kTime) frames.keys += num_prefix_keys;
+  exp_sums<kEntropy, kTime>(logits + num_prefix_keys, dist, frames, num_keys - num_prefix_keys, new_max, mass,
+                            weighted, entropy, time_weighted);
   const acc_t rescale = exp_nonpositive(state.max - new_max);
   if constexpr (kEntropy) {
     // A loop of its own rather than a second reduction in prefix_total's: that one's summation order, hence
@@ -236,6 +278,7 @@ VITMAD_CPU_CLONES void online_softmax_update(const acc_t* logits, int64_t num_ke
   state.max = new_max;
   state.total = state.total * rescale + prefix_total + mass;
   state.weighted = state.weighted * rescale + weighted;
+  if constexpr (kTime) state.time_weighted = state.time_weighted * rescale + time_weighted;
 }
 
 // What the statistics ops track per query row beside its RowState: the softmax terms of the keys without a
@@ -263,25 +306,29 @@ void positionless_update(const acc_t* logits, const Distances& keys, int64_t k_b
     std::copy(logits + first, logits + first + run, gathered + count);
     count += run;
   });
-  if (count > 0) online_softmax_update(gathered, count, /*num_prefix_keys=*/0, kNoDistances<acc_t>.data(), state);
+  if (count > 0)
+    online_softmax_update<true, false, acc_t>(gathered, count, /*num_prefix_keys=*/0, kNoDistances<acc_t>.data(),
+                                              Frames<acc_t>{}, state);
 }
 
 // One query's statistics.
 template <typename acc_t>
 struct QueryStats {
-  acc_t mad, entropy, prefix_mass, self_mass;
+  acc_t mad, entropy, prefix_mass, self_mass, temporal_mad;
 };
 
 // The statistics of a query from its states. Renormalised, RowState holds the keys with a position only and the
 // positionless keys join it here, each side rescaled to the common max; otherwise RowState already holds every
 // key (positionless ones included) and the positionless state gives the prefix mass alone. MAD is mad_qk's
 // weighted / total either way, bit for bit.
-template <typename acc_t, bool kEntropy>
-QueryStats<acc_t> query_stats(const RowState<acc_t, kEntropy>& keyed, const StatsRowState<acc_t>& extra,
+template <typename acc_t, bool kEntropy, bool kTime>
+QueryStats<acc_t> query_stats(const RowState<acc_t, kEntropy, kTime>& keyed, const StatsRowState<acc_t>& extra,
                               bool renormalize) {
   constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
   const RowState<acc_t, true>& positionless = extra.positionless;
-  QueryStats<acc_t> out{keyed.weighted / keyed.total, kNaN, kNaN, kNaN};
+  acc_t temporal = kNaN;
+  if constexpr (kTime) temporal = keyed.time_weighted / keyed.total;  // as MAD, over the same normaliser
+  QueryStats<acc_t> out{keyed.weighted / keyed.total, kNaN, kNaN, kNaN, temporal};
   const acc_t max = nan_max(keyed.max, positionless.max);
   // Every key masked (or none at all), or a NaN / +inf logit: softmax gives NaN.
   if (!(std::abs(max) < std::numeric_limits<acc_t>::infinity())) return out;
@@ -392,6 +439,12 @@ struct PositionDistances {
     packed.set(keys, b, num_keys);
   }
   bool has_query(int64_t t) const { return queries.has_position(q_matrix, t); }
+  // The first coordinate of query t's position (its frame, when these are the frames).
+  acc_t query_x(int64_t t) const {
+    acc_t q[3];
+    queries.position(q_matrix, t, q);
+    return q[0];
+  }
   int64_t prefix_keys(int64_t /*k_begin*/, int64_t /*cols*/) const { return 0; }
   void fill(int64_t t, int64_t k_begin, int64_t cols, acc_t* dist) const {
     acc_t q[3];
@@ -432,12 +485,14 @@ using StatRows = std::array<acc_t*, kNumStats>;
 // rows[stat][b, t] for the num_queries queries of every matrix, the first at token first_query of q; NaN for a
 // query the distances say has no position. Without kStats (mad_qk), only MAD. A task is one query block of up to
 // kMatricesPerTask consecutive matrices that share their distances; tasks are ordered matrices-major, so a
-// thread's consecutive tasks reuse its packed keys.
-template <bool kStats, bool kEntropy, typename scalar_t, typename acc_t, typename bias_t, typename Distances>
+// thread's consecutive tasks reuse its packed keys. With kTime, `times` gives each key's temporal distance (the
+// frames of a video's tokens, one coordinate) for a second weighted sum in the same pass: the temporal MAD.
+template <bool kStats, bool kEntropy, bool kTime, typename scalar_t, typename acc_t, typename bias_t,
+          typename Distances>
 void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& bias,
                     const QkShape& shape, int64_t first_query, int64_t num_queries, const Distances& distances,
-                    const StatRows<acc_t>& rows_out, const char* op_name) {
-  static_assert(kStats || !kEntropy, "entropy is one of the statistics");
+                    const std::type_identity_t<Distances>* times, const StatRows<acc_t>& rows_out, const char* op_name) {
+  static_assert(kStats || !(kEntropy || kTime), "entropy and the temporal MAD are statistics");
   constexpr int64_t kGroup = Distances::kMatricesPerTask;
   const int64_t num_keys = shape.num_keys;
   acc_t* const mad_rows = rows_out[static_cast<int>(Stat::kMad)];
@@ -452,15 +507,19 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
   const int64_t query_blocks = (num_queries + kQueryBlock - 1) / kQueryBlock;
   std::vector<int64_t> group_starts{0};
   for (int64_t b = 1; b < shape.num_matrices; ++b)
-    if (b - group_starts.back() == kGroup || !distances.shares_distances(b - 1, b)) group_starts.push_back(b);
+    if (b - group_starts.back() == kGroup || !distances.shares_distances(b - 1, b) ||
+        (kTime && !times->shares_distances(b - 1, b)))
+      group_starts.push_back(b);
   group_starts.push_back(shape.num_matrices);
   const auto num_groups = static_cast<int64_t>(group_starts.size()) - 1;
 
   at::parallel_for(0, num_groups * query_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<GemmLogits<scalar_t, acc_t>> products(kGroup, GemmLogits<scalar_t, acc_t>(shape.head_dim));
     Distances keys = distances;
+    std::optional<Distances> key_times;
+    if constexpr (kTime) key_times.emplace(*times);
     std::vector<acc_t> dist(kQueryBlock * kKeyBlock);
-    std::vector<RowState<acc_t, kEntropy>> states(kGroup * kQueryBlock);
+    std::vector<RowState<acc_t, kEntropy, kTime>> states(kGroup * kQueryBlock);
     std::vector<StatsRowState<acc_t>> stats_states(kStats ? kGroup * kQueryBlock : 0);
     std::vector<acc_t> positionless_logits(kStats ? kKeyBlock : 0);
     for (int64_t task = begin; task < end; ++task) {
@@ -476,7 +535,8 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
         products[g].set_queries(qv.matrix(first_matrix + g) + block_query * q.stride(-2), q.stride(-2), q.stride(-1),
                                 rows, shape.scale);
       }
-      std::fill(states.begin(), states.begin() + group_size * kQueryBlock, RowState<acc_t, kEntropy>{});
+      if constexpr (kTime) key_times->set_matrix(first_matrix);
+      std::fill(states.begin(), states.begin() + group_size * kQueryBlock, RowState<acc_t, kEntropy, kTime>{});
       if constexpr (kStats)
         std::fill(stats_states.begin(), stats_states.begin() + group_size * kQueryBlock, StatsRowState<acc_t>{});
 
@@ -503,7 +563,10 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
               positionless_update(row, keys, k_begin, cols, positionless_logits.data(), extra.positionless);
             }
             keys.mask(k_begin, cols, row);
-            online_softmax_update(row, cols, prefix_keys, dist.data() + i * kKeyBlock, states[g * kQueryBlock + i]);
+            Frames<acc_t> frames;
+            if constexpr (kTime) frames = {key_times->packed.x.data() + k_begin, key_times->query_x(t_begin + i)};
+            online_softmax_update<kEntropy, kTime>(row, cols, prefix_keys, dist.data() + i * kKeyBlock, frames,
+                                                   states[g * kQueryBlock + i]);
           }
         }
       }
@@ -512,7 +575,7 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
       for (int64_t g = 0; g < group_size; ++g) {
         const int64_t first_row = (first_matrix + g) * num_queries + t_begin;
         for (int64_t i = 0; i < rows; ++i) {
-          const RowState<acc_t, kEntropy>& state = states[g * kQueryBlock + i];
+          const RowState<acc_t, kEntropy, kTime>& state = states[g * kQueryBlock + i];
           if constexpr (!kStats) {
             mad_rows[first_row + i] = keys.has_query(t_begin + i) ? state.weighted / state.total
                                                                   : std::numeric_limits<acc_t>::quiet_NaN();
@@ -521,8 +584,9 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
             const QueryStats<acc_t> stats =
                 keys.has_query(t_begin + i)
                     ? query_stats(state, stats_states[g * kQueryBlock + i], keys.renormalizes())
-                    : QueryStats<acc_t>{kNaN, kNaN, kNaN, kNaN};
-            const acc_t values[kNumStats] = {stats.mad, stats.entropy, stats.prefix_mass, stats.self_mass};
+                    : QueryStats<acc_t>{kNaN, kNaN, kNaN, kNaN, kNaN};
+            const acc_t values[kNumStats] = {stats.mad, stats.entropy, stats.prefix_mass, stats.self_mass,
+                                             stats.temporal_mad};
             for (int s = 0; s < kNumStats; ++s)
               if (rows_out[s] != nullptr) rows_out[s][first_row + i] = values[s];
           }
@@ -561,8 +625,9 @@ at::Tensor mad_qk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t patch, i
     const GridDistances<acc_t> distances{table.data(), &l};
     with_bias<scalar_t>(attn_bias, q, k, [&](const std::optional<at::Tensor>& bias, auto* bias_type) {
       using bias_t = std::remove_pointer_t<decltype(bias_type)>;
-      online_mad_cpu<false, false, scalar_t, acc_t, bias_t>(q, k, bias, shape, l.num_prefix, l.num_patches,
-                                                            distances, StatRows<acc_t>{rows}, "vitmad.mad_qk");
+      online_mad_cpu<false, false, false, scalar_t, acc_t, bias_t>(q, k, bias, shape, l.num_prefix, l.num_patches,
+                                                                   distances, nullptr, StatRows<acc_t>{rows},
+                                                                   "vitmad.mad_qk");
     });
     if (l.reduce_mean)
       mean_over_queries<acc_t>(rows, l.num_matrices, l.num_patches, AllQueries{}, out.mutable_data_ptr<acc_t>());
@@ -590,8 +655,8 @@ at::Tensor mad_qk_pos_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                                              l.renormalize};
     with_bias<scalar_t>(attn_bias, q, k, [&](const std::optional<at::Tensor>& bias, auto* bias_type) {
       using bias_t = std::remove_pointer_t<decltype(bias_type)>;
-      online_mad_cpu<false, false, scalar_t, acc_t, bias_t>(q, k, bias, shape, 0, l.num_queries, distances,
-                                                            StatRows<acc_t>{rows}, "vitmad.mad_qk");
+      online_mad_cpu<false, false, false, scalar_t, acc_t, bias_t>(q, k, bias, shape, 0, l.num_queries, distances,
+                                                                   nullptr, StatRows<acc_t>{rows}, "vitmad.mad_qk");
     });
     if (l.reduce_mean)
       mean_over_queries<acc_t>(rows, l.num_matrices, l.num_queries, PositionedQueries<acc_t>{queries},
@@ -621,20 +686,35 @@ void mean_of_stats(const at::Tensor& per_query, int64_t num_matrices, int64_t nu
                              counts, out.mutable_data_ptr<acc_t>() + s * num_matrices);
 }
 
-// Runs online_mad_cpu with the statistics on and the entropy compiled in only when the request names it.
+// fn(std::true_type{}) or fn(std::false_type{}): a runtime flag as a compile-time one.
+template <typename Fn>
+void with_flag(bool flag, Fn fn) {
+  if (flag)
+    fn(std::true_type{});
+  else
+    fn(std::false_type{});
+}
+
+// Runs online_mad_cpu with the statistics on, the entropy compiled in only when the request names it, and the
+// temporal distance only when `times` is given (the position form's frames; the request then names it).
 template <typename scalar_t, typename acc_t, typename Distances>
 void online_stats_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& attn_bias,
                       const QkShape& shape, int64_t first_query, int64_t num_queries, const Distances& distances,
-                      const StatsRequest& request, const at::Tensor& per_query) {
+                      const std::type_identity_t<Distances>* times, const StatsRequest& request, const at::Tensor& per_query) {
   const StatRows<acc_t> rows = stat_rows<acc_t>(per_query, request);
   with_bias<scalar_t>(attn_bias, q, k, [&](const std::optional<at::Tensor>& bias, auto* bias_type) {
     using bias_t = std::remove_pointer_t<decltype(bias_type)>;
-    if (request.wants(Stat::kEntropy))
-      online_mad_cpu<true, true, scalar_t, acc_t, bias_t>(q, k, bias, shape, first_query, num_queries, distances,
-                                                          rows, kStatsQkOp);
-    else
-      online_mad_cpu<true, false, scalar_t, acc_t, bias_t>(q, k, bias, shape, first_query, num_queries, distances,
-                                                           rows, kStatsQkOp);
+    with_flag(request.wants(Stat::kEntropy), [&](auto entropy) {
+      if constexpr (std::is_same_v<Distances, PositionDistances<acc_t>>) {
+        with_flag(times != nullptr, [&](auto time) {
+          online_mad_cpu<true, decltype(entropy)::value, decltype(time)::value, scalar_t, acc_t, bias_t>(
+              q, k, bias, shape, first_query, num_queries, distances, times, rows, kStatsQkOp);
+        });
+      } else {
+        online_mad_cpu<true, decltype(entropy)::value, false, scalar_t, acc_t, bias_t>(q, k, bias, shape, first_query, num_queries,
+                                                                        distances, nullptr, rows, kStatsQkOp);
+      }
+    });
   });
 }
 
@@ -644,7 +724,7 @@ at::Tensor stats_qk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t patch,
   const MadQkLayout ql = check_mad_qk_args(q, k, patch, num_prefix_tokens, grid, scale, attn_bias, renormalize,
                                            reduction, kStatsQkOp);
   const MadLayout& l = ql.mad;
-  const StatsRequest request = check_stats(stats, l.num_tokens, l.num_tokens, kStatsQkOp);
+  const StatsRequest request = check_stats(stats, l.num_tokens, l.num_tokens, /*has_times=*/false, kStatsQkOp);
   auto [per_query, out] = empty_stats_outputs(q, request, l.num_matrices, l.num_patches, l.reduce_mean);
   if (l.num_matrices == 0) return out;
   const QkShape shape{l.num_tokens, l.num_tokens, ql.head_dim, l.num_matrices, ql.scale};
@@ -653,8 +733,8 @@ at::Tensor stats_qk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t patch,
     using acc_t = at::opmath_type<scalar_t>;
     const auto table = distance_table<acc_t>(l, static_cast<acc_t>(patch));
     const GridDistances<acc_t> distances{table.data(), &l};
-    online_stats_cpu<scalar_t, acc_t>(q, k, attn_bias, shape, l.num_prefix, l.num_patches, distances, request,
-                                      per_query);
+    online_stats_cpu<scalar_t, acc_t>(q, k, attn_bias, shape, l.num_prefix, l.num_patches, distances, nullptr,
+                                      request, per_query);
     if (l.reduce_mean) mean_of_stats<acc_t>(per_query, l.num_matrices, l.num_patches, AllQueries{}, out);
   });
   return out;
@@ -663,14 +743,21 @@ at::Tensor stats_qk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t patch,
 at::Tensor stats_qk_pos_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                             const std::optional<at::Tensor>& key_positions, c10::ArrayRef<std::string> stats,
                             std::optional<double> scale, const std::optional<at::Tensor>& attn_bias, bool renormalize,
-                            c10::string_view reduction) {
+                            c10::string_view reduction, const std::optional<at::Tensor>& times,
+                            const std::optional<at::Tensor>& key_times) {
   const QkShape shape = check_qk_tensors(q, k, scale, attn_bias, /*same_tokens=*/false, kStatsQkOp);
   const auto out_dtype = mad_output_dtype(q.scalar_type());
   const PositionArgs args =
       check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize, reduction,
                           out_dtype, /*check_values=*/true, kStatsQkOp);
   const PositionLayout& l = args.layout;
-  const StatsRequest request = check_stats(stats, l.num_queries, l.num_keys, kStatsQkOp);
+  TORCH_CHECK_VALUE(times.has_value() || !key_times.has_value(), kStatsQkOp,
+                    ": key_times is given without times; pass times [..., Nq, 1] for the queries' frames");
+  const StatsRequest request = check_stats(stats, l.num_queries, l.num_keys, times.has_value(), kStatsQkOp);
+  std::optional<PositionArgs> time_args;
+  if (times.has_value())
+    time_args = check_time_args(q, args, positions, key_positions, *times, key_times, out_dtype,
+                                /*check_values=*/true, kStatsQkOp);
   auto [per_query, out] = empty_stats_outputs(q, request, l.num_matrices, l.num_queries, l.reduce_mean);
   if (l.num_matrices == 0) return out;
 
@@ -679,7 +766,15 @@ at::Tensor stats_qk_pos_cpu(const at::Tensor& q, const at::Tensor& k, const at::
     const auto queries = position_rows<acc_t>(args.queries, l.dims);
     const PositionDistances<acc_t> distances{queries, position_rows<acc_t>(args.keys, l.dims), l.num_keys,
                                              l.renormalize};
-    online_stats_cpu<scalar_t, acc_t>(q, k, attn_bias, shape, 0, l.num_queries, distances, request, per_query);
+    // The frames as one-coordinate positions: |dt| is their distance. Tokens without a position have no time
+    // (check_time_args), so the positions' mask serves both.
+    std::optional<PositionDistances<acc_t>> frame_distances;
+    if (time_args.has_value())
+      frame_distances.emplace(PositionDistances<acc_t>{position_rows<acc_t>(time_args->queries, 1),
+                                                       position_rows<acc_t>(time_args->keys, 1), l.num_keys,
+                                                       l.renormalize});
+    online_stats_cpu<scalar_t, acc_t>(q, k, attn_bias, shape, 0, l.num_queries, distances,
+                                      frame_distances.has_value() ? &*frame_distances : nullptr, request, per_query);
     if (l.reduce_mean)
       mean_of_stats<acc_t>(per_query, l.num_matrices, l.num_queries, PositionedQueries<acc_t>{queries}, out);
   });

@@ -312,7 +312,7 @@ at::Tensor stats_cpu(const at::Tensor& attn, int64_t patch, c10::ArrayRef<std::s
                      int64_t num_prefix_tokens, at::OptionalIntArrayRef grid, bool renormalize,
                      c10::string_view reduction) {
   const MadLayout l = check_mad_args(attn, patch, num_prefix_tokens, grid, renormalize, reduction, kOpName);
-  const StatsRequest request = check_stats(stats, l.num_tokens, l.num_tokens, kOpName);
+  const StatsRequest request = check_stats(stats, l.num_tokens, l.num_tokens, /*has_times=*/false, kOpName);
   StatsOutputs outputs = empty_stats_outputs(attn, request, l.num_matrices, l.num_patches, l.reduce_mean);
   if (l.num_matrices == 0) return outputs.out;
 
@@ -602,7 +602,7 @@ at::Tensor stats_pos_cpu(const at::Tensor& attn, const at::Tensor& positions,
                                                 renormalize, reduction, mad_output_dtype(attn.scalar_type()),
                                                 /*check_values=*/true, kOpName);
   const PositionLayout& l = args.layout;
-  const StatsRequest request = check_stats(stats, l.num_queries, l.num_keys, kOpName);
+  const StatsRequest request = check_stats(stats, l.num_queries, l.num_keys, /*has_times=*/false, kOpName);
   StatsOutputs outputs = empty_stats_outputs(attn, request, l.num_matrices, l.num_queries, l.reduce_mean);
   if (l.num_matrices == 0) return outputs.out;
 

@@ -84,7 +84,8 @@ def test_maps_refused_when_the_tokens_without_a_position_differ_between_images()
     ((), ValueError, "at least one of"),
     (("mad", "mad"), ValueError, "names 'mad' twice"),
     (("prefix_maps", "prefix_maps"), ValueError, "names 'prefix_maps' twice"),
-    (("distance",), ValueError, "must be among 'mad', 'entropy', 'prefix_mass', 'self_mass', got 'distance'"),
+    (("distance",), ValueError,
+     "must be among 'mad', 'entropy', 'prefix_mass', 'self_mass', 'temporal_mad', got 'distance'"),
     ("entropy", TypeError, "got the string 'entropy'"),
 ])
 def test_bad_statistics_are_named(stats, error, match):

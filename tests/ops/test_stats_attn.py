@@ -305,9 +305,10 @@ def test_vector_log_against_std_log(log_check):
 
 
 @pytest.mark.parametrize(("stats", "message"), [
-    (["mad", "spread"], "stats must be among 'mad', 'entropy', 'prefix_mass', 'self_mass', got 'spread'"),
+    (["mad", "spread"],
+     "stats must be among 'mad', 'entropy', 'prefix_mass', 'self_mass', 'temporal_mad', got 'spread'"),
     (["entropy", "mad", "entropy"], "stats names 'entropy' twice"),
-    ([], "stats must name at least one of 'mad', 'entropy', 'prefix_mass', 'self_mass', got none"),
+    ([], "stats must name at least one of 'mad', 'entropy', 'prefix_mass', 'self_mass', 'temporal_mad', got none"),
 ])
 def test_stats_argument_errors(stats, message):
     attn = random_attention((2, 50, 50), torch.float32)

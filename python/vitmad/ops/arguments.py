@@ -26,6 +26,8 @@ __all__ = [
     "check_mad_grad",
     "check_stats",
     "STAT_NAMES",
+    "TEMPORAL_MAD",
+    "check_time_args",
     "mad_output_dtype",
     "SUPPORTED_DTYPES",
 ]
@@ -417,34 +419,95 @@ def check_mad_grad(grad: torch.Tensor, attn: torch.Tensor, reduce_mean: bool, nu
         raise TypeError(f"vitmad.mad_backward: grad must be a floating-point tensor, got {grad.dtype}")
 
 
-# The statistics of the stats ops, in the order of csrc/stats_args.h.
+# The statistics of the stats ops, in the order of csrc/stats_args.h: those of any attention, and the temporal
+# MAD of a video's tokens, which needs their frames (``times``).
 STAT_NAMES = ("mad", "entropy", "prefix_mass", "self_mass")
+TEMPORAL_MAD = "temporal_mad"
+_ALL_STATS = (*STAT_NAMES, TEMPORAL_MAD)
+_ALL_STATS_TEXT = ", ".join(f"'{n}'" for n in _ALL_STATS)
 
 
-def check_stats(stats: Sequence[str], num_queries: int, num_keys: int, op_name: str) -> tuple[str, ...]:
+def check_stats(stats: Sequence[str], num_queries: int, num_keys: int, op_name: str, *,
+                has_times: bool = False) -> tuple[str, ...]:
     """The ``stats`` argument of the statistics ops (mirrors ``check_stats`` in ``csrc/stats_args.cpp``): at least
-    one name of :data:`STAT_NAMES`, each at most once; ``"self_mass"`` needs ``Nq == Nk``.
+    one name of :data:`STAT_NAMES` or ``"temporal_mad"``, each at most once; ``"self_mass"`` needs ``Nq == Nk``;
+    ``"temporal_mad"`` needs ``times`` (``has_times``), and ``times`` needs ``"temporal_mad"``.
 
     Raises:
         TypeError: ``stats`` is a single string, not a sequence of names.
-        ValueError: an unknown, missing or repeated name, or ``"self_mass"`` on rectangular attention.
+        ValueError: an unknown, missing or repeated name, ``"self_mass"`` on rectangular attention, or
+            ``"temporal_mad"`` and ``times`` without each other.
     """
     if isinstance(stats, str):
         raise TypeError(f"{op_name}: stats must be a sequence of names such as ('mad', 'entropy'), got the string "
                         f"'{stats}'")
     names = tuple(stats)
     if not names:
-        raise ValueError(f"{op_name}: stats must name at least one of 'mad', 'entropy', 'prefix_mass', 'self_mass', "
-                         "got none")
+        raise ValueError(f"{op_name}: stats must name at least one of {_ALL_STATS_TEXT}, got none")
     seen = set()
     for name in names:
-        if name not in STAT_NAMES:
-            raise ValueError(f"{op_name}: stats must be among 'mad', 'entropy', 'prefix_mass', 'self_mass', got "
-                             f"'{name}'")
+        if name not in _ALL_STATS:
+            raise ValueError(f"{op_name}: stats must be among {_ALL_STATS_TEXT}, got '{name}'")
         if name in seen:
             raise ValueError(f"{op_name}: stats names '{name}' twice")
         seen.add(name)
     if "self_mass" in seen and num_queries != num_keys:
         raise ValueError(f"{op_name}: the statistic 'self_mass' needs the queries and the keys to be the same tokens "
                          f"(Nq == Nk), got Nq = {num_queries} queries and Nk = {num_keys} keys")
+    if TEMPORAL_MAD in seen and not has_times:
+        raise ValueError(f"{op_name}: the statistic 'temporal_mad' needs times, the frame of each token "
+                         "([..., Nq, 1]), which only the position form takes")
+    if has_times and TEMPORAL_MAD not in seen:
+        raise ValueError(f"{op_name}: times is read only by the statistic 'temporal_mad', which stats does not name; "
+                         "add it or leave times out")
     return names
+
+
+def check_time_args(tokens: torch.Tensor, layout: PositionLayout, positions: torch.Tensor,
+                    key_positions: torch.Tensor | None, times: torch.Tensor, key_times: torch.Tensor | None,
+                    op_name: str, *, check_values: bool = True) -> None:
+    """The frames of a video's tokens, ``times [..., Nq, 1]`` and ``key_times [..., Nk, 1]`` (given exactly when
+    ``key_positions`` is), beside positions already checked (mirrors ``check_time_args`` in
+    ``csrc/position_args.cpp``): a token has a time exactly when it has a position.
+
+    Raises:
+        TypeError: times of a non-floating dtype.
+        ValueError: anything else, naming the argument.
+    """
+    qk = op_name.endswith("_qk")
+    lead = tuple(tokens.shape[:-2])
+    _check_position_side(times, "times", lead, tokens, "q" if qk else "attn", layout.num_queries, "queries", "Nq",
+                         op_name)
+    if times.shape[-1] != 1:
+        raise ValueError(f"{op_name}: times must be [..., Nq, 1], the frame of each token, got shape "
+                         f"{_shape_str(times.shape)}")
+    if (key_times is None) != (key_positions is None):
+        raise ValueError(
+            f"{op_name}: key_positions is given, so the keys' frames are needed too: pass key_times [..., Nk, 1]"
+            if key_positions is not None else
+            f"{op_name}: key_times is given without key_positions; the keys are the queries, whose times are times")
+    if key_times is not None:
+        _check_position_side(key_times, "key_times", lead, tokens, "k" if qk else "attn", layout.num_keys, "keys",
+                             "Nk", op_name)
+        if key_times.shape[-1] != 1:
+            raise ValueError(f"{op_name}: key_times must be [..., Nk, 1], the frame of each key, got shape "
+                             f"{_shape_str(key_times.shape)}")
+    if not check_values:
+        return
+    acc = mad_output_dtype(tokens.dtype)
+    check_position_values(times.to(acc), "times", op_name)
+    if key_times is not None:
+        check_position_values(key_times.to(acc), "key_times", op_name)
+    sides = [("times", times, "positions", positions)]
+    if key_times is not None:
+        sides.append(("key_times", key_times, "key_positions", key_positions))
+    for times_arg, side_times, pos_arg, pos in sides:
+        shape = (*lead, pos.shape[-2])
+        no_time = side_times[..., 0].isnan().cpu().expand(shape).reshape(-1)
+        no_position = pos[..., 0].isnan().cpu().expand(shape).reshape(-1)
+        differ = (no_time != no_position).nonzero().flatten()
+        if differ.numel():
+            row, n = int(differ[0]), pos.shape[-2]
+            has = "a time and no position" if bool(no_position[row]) else "a position and no time (NaN)"
+            raise ValueError(f"{op_name}: {times_arg} must be NaN exactly at the tokens without a position in "
+                             f"{pos_arg}, but token {row % n} of matrix {row // n} has {has}")

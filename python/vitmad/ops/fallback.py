@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from .arguments import (
+    TEMPORAL_MAD,
     check_attn_tensor,
     check_mad_args,
     check_mad_grad,
@@ -19,6 +20,7 @@ from .arguments import (
     check_position_args,
     check_qk_tensors,
     check_stats,
+    check_time_args,
     mad_output_dtype,
 )
 from .reference import biased_logits, pixel_distances
@@ -49,7 +51,8 @@ SCHEMAS = {
     'int[]? grid=None, float? scale=None, Tensor? attn_bias=None, bool renormalize=False, str reduction="mean") '
     "-> Tensor",
     "stats_qk_pos": "stats_qk_pos(Tensor q, Tensor k, Tensor positions, Tensor? key_positions, str[] stats, *, "
-    'float? scale=None, Tensor? attn_bias=None, bool renormalize=False, str reduction="mean") -> Tensor',
+    'float? scale=None, Tensor? attn_bias=None, bool renormalize=False, str reduction="mean", '
+    "Tensor? times=None, Tensor? key_times=None) -> Tensor",
 }
 
 # At most about this many distance values or logits (4 MiB in float32) exist at once.
@@ -323,7 +326,7 @@ def _reduce_stats(names, mad_value, per_query: dict, has_query: torch.Tensor, re
 
 def _collect(names, num_queries: int, chunk_rows, row_stats) -> dict:
     """Per-query statistics ``[..., num_queries]`` gathered from ``row_stats(rows)`` over query chunks."""
-    parts = {name: [] for name in names if name != "mad"}
+    parts = {name: [] for name in names if name not in ("mad", TEMPORAL_MAD)}
     if not parts:
         return {}
     for rows in _query_chunks(num_queries, chunk_rows):
@@ -432,12 +435,18 @@ def stats_qk_pos(
     attn_bias: torch.Tensor | None = None,
     renormalize: bool = False,
     reduction: str = "mean",
+    times: torch.Tensor | None = None,
+    key_times: torch.Tensor | None = None,
 ) -> torch.Tensor:
     op = "vitmad.attention_stats_qk"
     shape = check_qk_tensors(q, k, scale, attn_bias, False, op)
     nq, nk = shape.num_queries, shape.num_keys
     layout = check_position_args(q, nq, nk, positions, key_positions, renormalize, reduction, op)
-    names = check_stats(stats, nq, nk, op)
+    if times is None and key_times is not None:
+        raise ValueError(f"{op}: key_times is given without times; pass times [..., Nq, 1] for the queries' frames")
+    names = check_stats(stats, nq, nk, op, has_times=times is not None)
+    if times is not None:
+        check_time_args(q, layout, positions, key_positions, times, key_times, op)
     acc = mad_output_dtype(q.dtype)
     sides = _Sides(positions, key_positions, acc)
     keys_t = k.to(acc).transpose(-1, -2)
@@ -450,4 +459,7 @@ def stats_qk_pos(
         per_query = {name: value.fill_(float("nan")) for name, value in per_query.items()}
     mad_value = mad_qk_pos(q, k, positions, key_positions, scale=scale, attn_bias=attn_bias,
                            renormalize=renormalize, reduction=reduction) if "mad" in names else None
+    if TEMPORAL_MAD in names:  # MAD with the frames as one-coordinate positions: the same tokens have them
+        per_query[TEMPORAL_MAD] = mad_qk_pos(q, k, times, key_times, scale=scale, attn_bias=attn_bias,
+                                             renormalize=renormalize, reduction="none")
     return _reduce_stats(names, mad_value, per_query, sides.has_query, layout.reduce_mean)

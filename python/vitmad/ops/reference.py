@@ -18,6 +18,7 @@ from .arguments import (
     check_position_args,
     check_qk_tensors,
     check_stats,
+    check_time_args,
 )
 
 __all__ = [
@@ -316,13 +317,17 @@ def _row_statistic(name: str, a: torch.Tensor, has_key: torch.Tensor, first_quer
     return a[..., rows, rows + first_query]
 
 
-def _stats_from_attention(a, stats, mad_value, has_query, has_key, first_query, reduce_mean):
+def _stats_from_attention(a, stats, mad_value, has_query, has_key, first_query, reduce_mean, temporal_value=None):
     """``[S, ...]`` float64: each statistic per query (NaN at queries without a position), or its mean over the
-    queries with a position. ``mad_value`` gives MAD in the same reduction, computed by the MAD reference."""
+    queries with a position. ``mad_value`` gives MAD in the same reduction, computed by the MAD reference, and
+    ``temporal_value`` the temporal MAD (MAD over the frames)."""
     rows = []
     for name in stats:
         if name == "mad":
             rows.append(mad_value())
+            continue
+        if name == "temporal_mad":
+            rows.append(temporal_value())
             continue
         per_query = torch.where(has_query, _row_statistic(name, a, has_key, first_query), float("nan"))
         if reduce_mean:
@@ -342,18 +347,23 @@ def attention_stats_reference(
     key_positions: torch.Tensor | None = None,
     renormalize: bool = False,
     reduction: str = "mean",
+    times: torch.Tensor | None = None,
+    key_times: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The statistics of attention probabilities in float64, as ``docs/definition.md`` defines them: MAD, the
-    entropy of each query's row (nats), its mass on the keys without a position and on its own token.
+    entropy of each query's row (nats), its mass on the keys without a position and on its own token, and (video,
+    ``times``) the temporal MAD: MAD with the distance between the tokens' frames.
 
     The grid form (``patch``, ``num_prefix_tokens``, ``grid``: the queries are the patch tokens, the prefix tokens
-    the keys without a position) or the position form (``positions``, ``key_positions``).
+    the keys without a position) or the position form (``positions``, ``key_positions``, ``times``,
+    ``key_times``).
 
     Returns:
         ``[len(stats), ...]`` float64, row ``i`` the statistic ``stats[i]`` shaped as :func:`mad_reference`'s
         (grid form) or :func:`mad_positions_reference`'s output.
     """
     if positions is None:
+        _no_times_in_grid_form(times, key_times, "vitmad.attention_stats")
         layout = check_mad_args(attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction,
                                 "vitmad.attention_stats")
         stats = check_stats(stats, attn.shape[-1], attn.shape[-1], "vitmad.attention_stats")
@@ -368,12 +378,32 @@ def attention_stats_reference(
     check_attn_tensor(attn, "[..., Nq, Nk]", "vitmad.attention_stats")
     layout = check_position_args(attn, attn.shape[-2], attn.shape[-1], positions, key_positions, renormalize,
                                  reduction, "vitmad.attention_stats")
-    stats = check_stats(stats, attn.shape[-2], attn.shape[-1], "vitmad.attention_stats")
+    stats = _checked_stats(stats, attn.shape[-2], attn.shape[-1], layout, attn, positions, key_positions, times,
+                           key_times, "vitmad.attention_stats")
     keys = positions if key_positions is None else key_positions
     return _stats_from_attention(
         attn.double(), stats, lambda: _positions_mad(attn.double(), positions, key_positions, renormalize,
                                                      layout.reduce_mean),
-        ~positions.double()[..., 0].isnan(), ~keys.double()[..., 0].isnan(), 0, layout.reduce_mean)
+        ~positions.double()[..., 0].isnan(), ~keys.double()[..., 0].isnan(), 0, layout.reduce_mean,
+        lambda: _positions_mad(attn.double(), times, key_times, renormalize, layout.reduce_mean))
+
+
+def _no_times_in_grid_form(times, key_times, op_name: str) -> None:
+    if times is not None or key_times is not None:
+        raise ValueError(f"{op_name}: times (the frames of a video's tokens) come with the position form: pass "
+                         "positions as well, not patch / grid")
+
+
+def _checked_stats(stats, num_queries, num_keys, layout, tokens, positions, key_positions, times, key_times,
+                   op_name):
+    """``stats`` checked with ``times`` / ``key_times`` (as the stats ops check them)."""
+    if times is None and key_times is not None:
+        raise ValueError(f"{op_name}: key_times is given without times; pass times [..., Nq, 1] for the queries' "
+                         "frames")
+    stats = check_stats(stats, num_queries, num_keys, op_name, has_times=times is not None)
+    if times is not None:
+        check_time_args(tokens, layout, positions, key_positions, times, key_times, op_name)
+    return stats
 
 
 def attention_stats_qk_reference(
@@ -390,6 +420,8 @@ def attention_stats_qk_reference(
     attn_bias: torch.Tensor | None = None,
     renormalize: bool = False,
     reduction: str = "mean",
+    times: torch.Tensor | None = None,
+    key_times: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`attention_stats_reference` of ``softmax(q @ k^T * scale + attn_bias)`` over every key, by the
     materialised route in float64; MAD as :func:`mad_qk_reference` / :func:`mad_qk_positions_reference` give it.
@@ -398,7 +430,9 @@ def attention_stats_qk_reference(
     """
     op = "vitmad.attention_stats_qk"
     shape = check_qk_tensors(q, k, scale, attn_bias, positions is None, op)
-    stats = check_stats(stats, shape.num_queries, shape.num_keys, op)
+    if positions is None:
+        _no_times_in_grid_form(times, key_times, op)
+        stats = check_stats(stats, shape.num_queries, shape.num_keys, op)
     logits = biased_logits(q.double() @ k.double().transpose(-1, -2) * shape.scale, attn_bias)
     attn = logits.softmax(-1) if shape.num_keys else logits
     if positions is None:
@@ -413,6 +447,8 @@ def attention_stats_qk_reference(
             has_query, has_key, p, layout.reduce_mean)
     layout = check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize,
                                  reduction, op)
+    stats = _checked_stats(stats, shape.num_queries, shape.num_keys, layout, q, positions, key_positions, times,
+                           key_times, op)
     keys = positions if key_positions is None else key_positions
     has_query = ~positions.double()[..., 0].isnan()
     if shape.num_keys == 0:  # softmax over no key: every statistic of every query is NaN
@@ -422,4 +458,6 @@ def attention_stats_qk_reference(
         attn, stats,
         lambda: mad_qk_positions_reference(q, k, positions, key_positions, scale=scale, attn_bias=attn_bias,
                                            renormalize=renormalize, reduction=reduction),
-        has_query, ~keys.double()[..., 0].isnan(), 0, layout.reduce_mean)
+        has_query, ~keys.double()[..., 0].isnan(), 0, layout.reduce_mean,
+        lambda: mad_qk_positions_reference(q, k, times, key_times, scale=scale, attn_bias=attn_bias,
+                                           renormalize=renormalize, reduction=reduction))

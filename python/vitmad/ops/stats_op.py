@@ -8,6 +8,8 @@ The statistics (``docs/definition.md``, "Beside the distance"), per query with a
 - ``"entropy"``: ``-sum_s A[t, s] ln A[t, s]`` over every key, in nats;
 - ``"prefix_mass"``: the attention on the keys without a position (CLS, registers: the "attention sink");
 - ``"self_mass"``: the attention on the query's own token;
+- ``"temporal_mad"`` (video, position form, with ``times``): the MAD with the distance between the tokens'
+  frames, ``|time_t - time_s|``, beside the spatial MAD of ``positions`` (one pass from ``q``/``k``);
 
 and, on request, ``"prefix_maps"``: the attention rows of the tokens without a position over the tokens with
 one, ``[..., P, N - P]`` (the DINO-style CLS and register maps).
@@ -22,6 +24,7 @@ import torch
 from . import library  # noqa: F401  (defines torch.ops.vitmad before anything is registered on it)
 from .arguments import (
     STAT_NAMES,
+    TEMPORAL_MAD,
     check_attn_tensor,
     check_mad_args,
     check_mad_qk_args,
@@ -29,8 +32,10 @@ from .arguments import (
     check_position_args,
     check_qk_tensors,
     check_stats,
+    check_time_args,
     mad_output_dtype,
 )
+from .mad_op import mad
 from .reference import biased_logits
 
 __all__ = ["attention_stats", "attention_stats_qk", "DEFAULT_STATS", "MAP_NAME", "STAT_NAMES"]
@@ -54,9 +59,24 @@ def _split(stats: Sequence[str], op_name: str) -> tuple[tuple[str, ...], bool]:
         raise ValueError(f"{op_name}: stats names '{MAP_NAME}' twice")
     rest = tuple(n for n in names if n != MAP_NAME)
     if not rest and not maps:
-        raise ValueError(f"{op_name}: stats must name at least one of {', '.join(repr(n) for n in STAT_NAMES)} or "
-                         f"'{MAP_NAME}', got none")
+        known = ", ".join(repr(n) for n in (*STAT_NAMES, TEMPORAL_MAD))
+        raise ValueError(f"{op_name}: stats must name at least one of {known} or '{MAP_NAME}', got none")
     return rest, maps
+
+
+def _check_times(names, times, key_times, positions, op_name: str) -> None:
+    """What can be said of ``times`` before the op runs: the position form only, with ``"temporal_mad"``."""
+    if times is None and key_times is None:
+        return
+    if positions is None:
+        raise ValueError(f"{op_name}: times (the frames of a video's tokens) come with the position form: pass "
+                         "positions as well, not patch / grid")
+    if times is None:
+        raise ValueError(f"{op_name}: key_times is given without times; pass times [..., Nq, 1] for the queries' "
+                         "frames")
+    if TEMPORAL_MAD not in names:
+        raise ValueError(f"{op_name}: times is read only by the statistic 'temporal_mad', which stats does not name; "
+                         "add it or leave times out")
 
 
 def _same_everywhere(has: torch.Tensor, arg: str, op_name: str) -> torch.Tensor:
@@ -88,19 +108,26 @@ def attention_stats(
     key_positions: torch.Tensor | None = None,
     renormalize: bool = False,
     reduction: str = "mean",
+    times: torch.Tensor | None = None,
+    key_times: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """MAD and the statistics researchers put beside it, from attention probabilities, in one read.
 
-    The grid and position forms and every argument but ``stats`` are those of :func:`vitmad.mad`; the fused
-    kernels read ``attn`` once, in place, for all the statistics asked for.
+    The grid and position forms and every argument but ``stats``, ``times`` and ``key_times`` are those of
+    :func:`vitmad.mad`; the fused kernels read ``attn`` once, in place, for all the statistics asked for (the
+    temporal MAD takes a second read: a distance call over the frames).
 
     Args:
         attn: ``[..., N, N]`` (grid form) or ``[..., Nq, Nk]`` (position form) attention probabilities.
         stats: any of ``"mad"``, ``"entropy"`` (of each query's row over every key, in nats), ``"prefix_mass"``
             (the attention on the keys without a position: CLS, registers), ``"self_mass"`` (on the query's own
-            token; needs ``Nq == Nk``), each at most once; and ``"prefix_maps"``: the rows of the tokens without
+            token; needs ``Nq == Nk``), ``"temporal_mad"`` (video: MAD with the distance between the tokens'
+            frames; needs ``times``), each at most once; and ``"prefix_maps"``: the rows of the tokens without
             a position over the keys with one.
-        renormalize: applies to ``"mad"`` only (the other statistics are of the whole row).
+        times: position form, video: ``[..., Nq, 1]`` the frame of each query token (any unit: frames, seconds),
+            NaN exactly where ``positions`` is NaN, broadcast like ``positions``; only with ``"temporal_mad"``.
+        key_times: ``[..., Nk, 1]`` the keys' frames, given exactly when ``key_positions`` is.
+        renormalize: applies to ``"mad"`` and ``"temporal_mad"`` only (the other statistics are of the whole row).
         reduction: ``"mean"`` averages each statistic over the queries with a position; ``"none"`` keeps one
             value per query (NaN at queries without a position in the position form).
 
@@ -117,6 +144,8 @@ def attention_stats(
     names, maps = _split(stats, _OP)
     check_one_form(_OP, positions, key_positions,
                    {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
+    _check_times(names, times, key_times, positions, _OP)
+    temporal = TEMPORAL_MAD in names
     out: dict[str, torch.Tensor] = {}
     if positions is None:
         prefix = 1 if num_prefix_tokens is None else num_prefix_tokens
@@ -129,19 +158,29 @@ def attention_stats(
             check_mad_args(attn.shape, attn.dtype, patch, prefix, grid_list, renormalize, reduction, _OP)
         rows, cols = slice(0, prefix), slice(prefix, None)
     else:
-        if names:
-            values = torch.ops.vitmad.stats_pos.default(attn, positions, key_positions, list(names),
-                                                        renormalize=renormalize, reduction=reduction)
-            out.update(zip(names, values.unbind(0)))
-        else:
+        kernel_names = [n for n in names if n != TEMPORAL_MAD]
+        if temporal or not kernel_names:
             check_attn_tensor(attn, "[..., Nq, Nk]", _OP)
-            check_position_args(attn, attn.shape[-2], attn.shape[-1], positions, key_positions, renormalize,
-                                reduction, _OP)
+            layout = check_position_args(attn, attn.shape[-2], attn.shape[-1], positions, key_positions,
+                                         renormalize, reduction, _OP)
+        if temporal:
+            check_stats(names, attn.shape[-2], attn.shape[-1], _OP, has_times=times is not None)
+            check_time_args(attn, layout, positions, key_positions, times, key_times, _OP)
+        if kernel_names:
+            values = torch.ops.vitmad.stats_pos.default(attn, positions, key_positions, kernel_names,
+                                                        renormalize=renormalize, reduction=reduction)
+            out.update(zip(kernel_names, values.unbind(0)))
+        if temporal:  # the frames as one-coordinate positions: a second read of attn
+            with torch.no_grad():
+                out[TEMPORAL_MAD] = mad(attn.detach(), positions=times, key_positions=key_times,
+                                        renormalize=renormalize, reduction=reduction)
         if maps:
             rows, cols = _map_tokens(positions, key_positions, _OP)
     if maps:
         out = _in_order(stats, out, attn.detach()[..., rows, :][..., cols].to(mad_output_dtype(attn.dtype),
                                                                               copy=True))
+    elif temporal:
+        out = {name: out[name] for name in names}
     return out
 
 
@@ -159,9 +198,12 @@ def attention_stats_qk(
     attn_bias: torch.Tensor | None = None,
     renormalize: bool = False,
     reduction: str = "mean",
+    times: torch.Tensor | None = None,
+    key_times: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`attention_stats` of ``softmax(q @ k^T * scale + attn_bias)`` without the attention: every
-    statistic in one online-softmax pass over the keys (the arguments of :func:`vitmad.mad_qk`).
+    statistic in one online-softmax pass over the keys (the arguments of :func:`vitmad.mad_qk`), the temporal
+    MAD of a video's tokens (``times``) included.
 
     ``"prefix_maps"`` computes only the rows of the queries without a position (``P x N`` logits), in the
     accumulation dtype. A query whose keys are all masked gets NaN for every statistic, as softmax gives.
@@ -172,6 +214,7 @@ def attention_stats_qk(
     names, maps = _split(stats, _OP_QK)
     check_one_form(_OP_QK, positions, key_positions,
                    {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
+    _check_times(names, times, key_times, positions, _OP_QK)
     options = {"scale": None if scale is None else float(scale), "attn_bias": attn_bias,
                "renormalize": renormalize, "reduction": reduction}
     out: dict[str, torch.Tensor] = {}
@@ -188,6 +231,8 @@ def attention_stats_qk(
             rows, cols = torch.arange(prefix, device=q.device), slice(prefix, None)
     else:
         if names:
+            if times is not None:
+                options.update(times=times, key_times=key_times)
             values = torch.ops.vitmad.stats_qk_pos.default(q, k, positions, key_positions, list(names), **options)
             out.update(zip(names, values.unbind(0)))
         if maps or not names:
@@ -247,11 +292,16 @@ def _stats_qk_fake(q, k, patch, stats, *, num_prefix_tokens=1, grid=None, scale=
 
 @torch.library.register_fake("vitmad::stats_qk_pos")
 def _stats_qk_pos_fake(q, k, positions, key_positions, stats, *, scale=None, attn_bias=None, renormalize=False,
-                       reduction="mean"):
+                       reduction="mean", times=None, key_times=None):
     shape = check_qk_tensors(q, k, scale, attn_bias, False, _OP_QK)
     layout = check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize,
                                  reduction, _OP_QK, check_values=False)
-    names = check_stats(stats, shape.num_queries, shape.num_keys, _OP_QK)
+    if times is None and key_times is not None:
+        raise ValueError(f"{_OP_QK}: key_times is given without times; pass times [..., Nq, 1] for the queries' "
+                         "frames")
+    names = check_stats(stats, shape.num_queries, shape.num_keys, _OP_QK, has_times=times is not None)
+    if times is not None:
+        check_time_args(q, layout, positions, key_positions, times, key_times, _OP_QK, check_values=False)
     return _stacked(q, names, layout.reduce_mean, layout.num_queries)
 
 

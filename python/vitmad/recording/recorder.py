@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..ops import attention_stats, attention_stats_qk, mad, mad_qk
-from ..ops.arguments import STAT_NAMES
+from ..ops.arguments import STAT_NAMES, TEMPORAL_MAD
 from ..ops.stats_op import MAP_NAME
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import Skip, family_modules, family_placer, probabilities_source
@@ -437,12 +437,13 @@ class Recording:
             mask = mask.detach() if mask.dtype == torch.bool else mask.detach().to(query.dtype)
         placement = self._place(name, lead, query.shape[-2], key.shape[-2])
 
-        def measure(positions, key_positions, renormalize, stats=()):
+        def measure(positions, key_positions, renormalize, stats=(), **times):
             if not stats:
                 return mad_qk(query, key, positions=positions, key_positions=key_positions, scale=scale,
                               attn_bias=mask, renormalize=renormalize, reduction="none")
             return attention_stats_qk(query, key, positions=positions, key_positions=key_positions, scale=scale,
-                                      attn_bias=mask, renormalize=renormalize, reduction="none", stats=stats)
+                                      attn_bias=mask, renormalize=renormalize, reduction="none", stats=stats,
+                                      **times)
 
         self._measure(name, placement, query.device, measure, fused=True)
 
@@ -478,14 +479,19 @@ class Recording:
         maps = None
         with torch.no_grad():
             if video:
-                # A second call for the temporal distance: measured faster than one call over both position sets
-                # stacked on a stride-0 leading dim (benchmarks/bench_video.py).
                 key_times = placement.time_key_positions
-                temporal = measure(placement.time_positions.to(device),
-                                   None if key_times is None else key_times.to(device), self.renormalize)
+                times = {"times": placement.time_positions.to(device),
+                         "key_times": None if key_times is None else key_times.to(device)}
+            if video and not fused:
+                # From stored probabilities, a second read for the temporal distance.
+                temporal = measure(times["times"], times["key_times"], self.renormalize)
             if self._maps and placement.key_positions is None:
                 maps = self._prefix_rows(measure, positions)
-            if self._stats:
+            if video and fused:
+                # From q and k, the temporal distance is a second sum of the same online-softmax pass
+                # (benchmarks/bench_video.py: two passes cost 1.8x one).
+                value, temporal = self._statistics(measure, positions, key_positions, times)
+            elif self._stats:
                 value = self._statistics(measure, positions, key_positions)
             elif not is_differential(self._modules[name]):
                 value = measure(positions, key_positions, self.renormalize)
@@ -499,16 +505,20 @@ class Recording:
                 value = CallSums(measure(positions, key_positions, False), measure(at_zero, at_one, False))
         self._pending.setdefault(name, []).append((placement, value, fused, temporal, maps))
 
-    def _statistics(self, measure: Callable, positions: torch.Tensor,
-                    key_positions: torch.Tensor | None) -> torch.Tensor:
-        """``[1 + S, *lead, Nq]``: MAD, then the statistics asked for, per query. The self mass is measured only
-        where the keys are the queries (a pooled or padded key set has no "own token" to trust): NaN elsewhere."""
+    def _statistics(self, measure: Callable, positions: torch.Tensor, key_positions: torch.Tensor | None,
+                    times: dict | None = None):
+        """``[1 + S, *lead, Nq]``: MAD, then the statistics asked for, per query (only MAD, ``[*lead, Nq]``,
+        when none are). The self mass is measured only where the keys are the queries (a pooled or padded key
+        set has no "own token" to trust): NaN elsewhere. With ``times`` (a video layer), the pair (that, the
+        temporal MAD per query) from the same call."""
         wanted = self._stats
         if key_positions is not None and "self_mass" in wanted:
             wanted = tuple(n for n in wanted if n != "self_mass")
-        rows = measure(positions, key_positions, self.renormalize, ("mad", *wanted))
-        return torch.stack([rows[n] if n in rows else torch.full_like(rows["mad"], float("nan"))
-                            for n in ("mad", *self._stats)])
+        extra = () if times is None else (TEMPORAL_MAD,)
+        rows = measure(positions, key_positions, self.renormalize, ("mad", *wanted, *extra), **(times or {}))
+        value = rows["mad"] if not self._stats else torch.stack(
+            [rows[n] if n in rows else torch.full_like(rows["mad"], float("nan")) for n in ("mad", *self._stats)])
+        return value if times is None else (value, rows[TEMPORAL_MAD])
 
     @staticmethod
     def _prefix_rows(measure: Callable, positions: torch.Tensor) -> torch.Tensor | None:
