@@ -450,3 +450,23 @@ def test_python_m_vitmad_profile_on_a_llava_pixtral_checkpoint(folders, images, 
          str(images), "--device", "cpu", "--out", str(out), "--no-figures"],
         env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "--image-size native" in done.stderr
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_two_ranks_equal_one_process(folders, images, tmp_path):
+    args = ["profile", "--model", f"hf:{folders / 'qwen2_5_vl'}", "--images", str(images), "--image-size", "native",
+            "--batch-size", "1", "--device", "cpu", "--no-figures"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run: float32 products round alike
+    try:
+        assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "vitmad", *args, "--out", str(tmp_path / "two")],
+                          env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    single, two = (json.loads((tmp_path / name / "mad.json").read_text()) for name in ("single", "two"))
+    assert two["processes"] == 2 and two["images"] == single["images"]
+    assert two["image_grids"] == single["image_grids"] and two["settings"] == single["settings"]
+    np.testing.assert_allclose(np.array(two["sums"]["total"]), np.array(single["sums"]["total"]), rtol=1e-12)
