@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "in name order), or folders of those; each is sampled evenly to the model's frame count")
     run.add_argument("--image-size", default=None,
                      help="S or HxW instead of the model's input size, or native: each image at its own aspect "
-                          "ratio (NaFlex models such as SigLIP2 and timm naflexvit_*, and ViTs whose position "
+                          "ratio (NaFlex models such as SigLIP2 and timm naflexvit_*, the Qwen2-VL, Qwen2.5-VL, "
+                          "Qwen3-VL and Pixtral vision towers, which need native or a size, and ViTs whose position "
                           "embedding follows the input)")
     run.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
@@ -202,6 +203,8 @@ def _print_summary(result) -> None:
     mad = result.mad
     print(f"{result.model}: {result.count} images ({len(result.skipped)} skipped), "
           f"uniform attention {result.uniform_mad:.1f} px")
+    if result.settings.get("profiled"):  # a part of the checkpoint (a vision-language model's vision tower)
+        print(f"profiled: {result.settings['profiled']}")
     print(f"{'layer':>5}  {'mean':>7}  {'min head':>8}  {'max head':>8}  name")
     for i, (name, heads) in enumerate(zip(result.layers, result.heads)):
         row = mad[i, :heads]

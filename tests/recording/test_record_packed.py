@@ -3,7 +3,9 @@
 Tiny random-weight towers get three images of different sizes packed in one call. The reference is each model's
 own eager attention probabilities, captured call by call from its modeling file's ``eager_attention_forward``,
 placed by geometry written here with explicit loops (not the code under test): Qwen's tokens in spatial-merge
-block order, Qwen2.5-VL's sequence in windows of merge blocks (edge windows smaller, one call per window), Pixtral's
+block order, Qwen2.5-VL's sequence in windows of merge blocks (edge windows smaller, one call per window; its
+full-attention blocks attend per image over the same window-ordered sequence, which the tower reorders once
+before its first block), Pixtral's
 images row-major one after the other under a block-diagonal mask; each patch at ``(row + 0.5, col + 0.5) * patch``
 pixels of its own image; each query's MAD over the keys of its own image (or window), in float64.
 """
@@ -153,13 +155,17 @@ def test_qwen_packed_images_match_eager_attention(monkeypatch, name, attn_implem
     patches, grid_thw = _qwen_inputs(QWEN_GRIDS)
     calls = _eager_probabilities(monkeypatch, name, model, patches, grid_thw=grid_thw)
 
-    # Qwen2.5-VL: block 0 attends in windows, block 1 (fullatt_block_indexes) per image; the others per image.
+    # Qwen2.5-VL: block 0 attends in windows, block 1 (fullatt_block_indexes) per image, both over the window
+    # order; the others per image in merge-block order.
     windowed = [name == "qwen2_5_vl", False]
     expected_per_layer, used = [], 0
     for layer, attention in enumerate(a for a in (model.blocks[0].attn, model.blocks[1].attn)):
         layer_chunks = []
         for image, grid in enumerate(QWEN_GRIDS):
-            for chunk in _qwen_image_chunks(grid, windowed[layer]):
+            chunks = _qwen_image_chunks(grid, name == "qwen2_5_vl")
+            if not windowed[layer]:  # one chunk per image, in the sequence's order
+                chunks = [[cell for chunk in chunks for cell in chunk]]
+            for chunk in chunks:
                 module, probabilities = calls[used]
                 assert module is attention and probabilities.shape[-1] == len(chunk)
                 layer_chunks.append((probabilities, 0, [(image, r, c) for r, c in chunk]))

@@ -217,7 +217,7 @@ def plan_run(
     loaded, preprocessing = prepare_model(model, size, model_checkpoint)
     native = native_feed(loaded) if size == NATIVE else None
     if native is None:
-        check_fixed_size(loaded)
+        check_fixed_size(loaded, size, isinstance(images, torch.Tensor))
     names, load = _image_batches(images, preprocessing, batch_size, max_images, decoders,
                                  model_frames(loaded.module), native)
     settings = {
@@ -228,6 +228,8 @@ def plan_run(
         "batch_size": batch_size,
         "layers": list(layers) if layers else None,
     }
+    if loaded.description is not None:  # the part of a checkpoint profiled (a vision-language model's tower)
+        settings["profiled"] = loaded.description
     if stats != ("mad",):
         # Only when asked for: a MAD-only run keeps the mad.json and the fingerprint (its checkpoints) it had.
         settings["stats"] = list(stats)
@@ -405,8 +407,10 @@ def profile(
         renormalize: MAD over the attention mass on patches only (``docs/definition.md``).
         image_size: ``S``, ``"HxW"`` or ``(H, W)`` instead of the model's own input size, or ``"native"``: each
             image at its own aspect ratio, resized to whole patches within the model's token budget, for
-            NaFlex models (SigLIP2, timm NaFlexViT: packed batches) and ViTs whose position embedding follows
-            the input (one image per forward); ``mad.json`` then lists every image's grid.
+            NaFlex models (SigLIP2, timm NaFlexViT: packed batches), the packed vision towers of Qwen2-VL,
+            Qwen2.5-VL, Qwen3-VL and Pixtral (the model's own image processor; one packed forward per batch) and
+            ViTs whose position embedding follows the input (one image per forward); ``mad.json`` then lists
+            every image's grid. The Qwen and Pixtral towers take ``"native"`` or a size of whole patches.
         max_images: profile only the first ``K`` images (in sorted order).
         layers: attention module names (wildcards as :func:`vitmad.record` takes them); all by default.
         checkpoint: file for the running sums; written atomically every ``checkpoint_every`` batches.

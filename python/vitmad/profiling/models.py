@@ -37,7 +37,9 @@ class LoadedModel:
             ``interpolate_pos_encoding`` at a non-native size) are added here.
         accepts_any_size: ``forward`` interpolates the position embedding to any input size.
         processor: the transformers image processor's settings (``preprocessor_config.json``), for models whose
-            own processor feeds images at their native size (SigLIP2); None otherwise.
+            own processor feeds images at their native size (SigLIP2, the Qwen and Pixtral towers); None otherwise.
+        description: what of the checkpoint is profiled when it is not the whole model (a vision-language
+            model's vision tower), else None; ``mad.json`` reports it as ``settings.profiled``.
     """
 
     spec: str
@@ -46,14 +48,22 @@ class LoadedModel:
     forward: Callable[[torch.Tensor], object]
     accepts_any_size: bool = False
     processor: dict | None = None
+    description: str | None = None
 
 
 def wrap_module(module: torch.nn.Module, spec: str | None = None,
                 preprocessing: Preprocessing | None = None) -> LoadedModel:
     """Wrap a model the caller built (``vitmad.profile(model, ...)``).
 
-    HF models whose forward takes ``interpolate_pos_encoding`` get it set, so any ``--image-size`` works.
+    HF models whose forward takes ``interpolate_pos_encoding`` get it set, so any ``--image-size`` works. A
+    Qwen2-VL / Qwen2.5-VL / Qwen3-VL or Pixtral vision tower, or a model holding one (a vision-language model), is
+    profiled through that tower (:func:`wrap_packed_tower`).
     """
+    from .packed_towers import find_packed_tower
+
+    packed = find_packed_tower(module)
+    if packed is not None:
+        return wrap_packed_tower(module, packed, spec, preprocessing)
     module.eval()
     accepts_interpolate = "interpolate_pos_encoding" in inspect.signature(module.forward).parameters
 
@@ -63,6 +73,41 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
         return module(pixels)
 
     return LoadedModel(spec or type(module).__name__, module, preprocessing, forward, accepts_interpolate)
+
+
+def wrap_packed_tower(model: torch.nn.Module, packed: tuple[str, torch.nn.Module], spec: str | None,
+                      preprocessing: Preprocessing | None = None, processor: dict | None = None,
+                      description: str | None = None) -> LoadedModel:
+    """A packed vision tower (``packed``: its name in ``model`` and the tower) ready for profiling.
+
+    Args:
+        processor: the checkpoint's image processor settings; None: transformers' defaults for the tower
+            (``packed_towers.processor_settings``).
+        description: what was profiled; by default the tower's name and class in ``model``'s.
+
+    Raises:
+        OptionError: (``model``) the processor settings do not fit the tower.
+    """
+    from .native import _filter_name
+    from .packed_towers import nominal_size, packed_forward, packed_processor, processor_settings, tower_kind
+
+    name, tower = packed
+    kind = tower_kind(tower)
+    settings = processor_settings(kind, tower, processor)
+    if preprocessing is None:
+        own = packed_processor(kind, settings)
+        mean, std = tuple(own.image_mean), tuple(own.image_std)
+        if not own.do_normalize:
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        multiple = (int(tower.patch_embed.patch_size) * int(tower.spatial_merge_size) if kind == "qwen"
+                    else int(tower.patch_size))
+        size = nominal_size(kind, settings, multiple)
+        preprocessing = Preprocessing(size, ("exact", *size), False, mean, std, _filter_name(own.resample))
+    if description is None and name:
+        description = f"{name} ({type(tower).__name__}) of {type(model).__name__}, its vision tower"
+    tower.eval()
+    return LoadedModel(spec or type(model).__name__, tower, preprocessing, packed_forward(kind, tower),
+                       processor=settings, description=description)
 
 
 def load_model(
@@ -150,17 +195,27 @@ def _load_hf(spec: str, name: str) -> LoadedModel:
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
         raise MissingPathError("model", f"{spec}: no such model folder {name}")
     options = _hub_loading_options(spec, name)
+    from .packed_towers import load_packed_tower
+
     try:
         config = transformers.AutoConfig.from_pretrained(name, **options)
-        module = transformers.AutoModel.from_pretrained(name, **options)
+        # Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Pixtral: the vision tower alone, even of a whole vision-language model.
+        packed = load_packed_tower(spec, name, config, options)
+        module = transformers.AutoModel.from_pretrained(name, **options) if packed is None else packed[0]
+    except OptionError:
+        raise
     except (OSError, ValueError, KeyError) as err:
         raise OptionError("model", f"{spec}: cannot load it with transformers: {_first_line(err)}") from err
     try:
         processor, _ = ImageProcessingMixin.get_image_processor_dict(name, **options)
     except OSError:
+        if packed is not None:  # no processor saved: transformers' defaults for the tower
+            return wrap_packed_tower(module, ("", module), spec, description=packed[1])
         # A transformers 5 video processor has its own file with the same settings; else a bare saved model:
         # the defaults of ViTImageProcessor at the config's image size.
         processor = video_processor_settings(name)
+    if packed is not None:
+        return wrap_packed_tower(module, ("", module), spec, processor=processor, description=packed[1])
     vision = getattr(config, "vision_config", config)
     preprocessing = Preprocessing.from_hf(processor, getattr(vision, "image_size", None))
     # Image-text models (CLIP, SigLIP, ...) need text for their forward, promptable segmenters (SAM, SAM 2)

@@ -13,6 +13,15 @@ budget; its MAD is in pixels of that resized image (``docs/definition.md``, nati
   own ratio as whole patches allow and ``gh * gw`` at most the patches of the model's input size
   (:func:`native_grid`); one image per forward, since images of different sizes do not stack.
 
+- Packed native-resolution towers (``profiling/packed_towers.py``): the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision
+  towers take the model's own ``Qwen2VLImageProcessor`` (``smart_resize``: sides multiples of ``patch * merge``,
+  ``min_pixels <= H * W <= max_pixels``; its patches in spatial-merge block order with the image's ``grid_thw``),
+  Pixtral the model's own ``PixtralImageProcessor`` (the longest edge at most ``longest_edge``, each side rounded
+  up to whole patches; ``image_sizes``). Every image of a batch goes into one packed forward, several grids in it;
+  images only (a Qwen video, ``t > 1``, is never fed). With a fixed ``image_size`` these towers get every image
+  resized to that size (its sides whole patches), and without one they are refused: they have no input size of
+  their own.
+
 Any other model is refused. ``mad.json`` lists each image's grid and size in ``image_grids``.
 """
 
@@ -29,6 +38,7 @@ import torch
 from .images import load_each, load_image
 from .models import LoadedModel
 from .options import OptionError
+from .packed_towers import check_packed_size, find_packed_tower, packed_processor, qwen_unpatch, tower_kind
 
 __all__ = ["NativeFeed", "native_feed", "native_grid", "load_native_batch", "native_geometry", "check_fixed_size"]
 
@@ -58,11 +68,12 @@ class NativeFeed:
     """How one model takes images at their own aspect ratio.
 
     Attributes:
-        kind: ``"siglip2"``, ``"naflexvit"`` (several grids per forward) or ``"dynamic"`` (one image per forward).
+        kind: ``"siglip2"``, ``"naflexvit"``, ``"qwen"``, ``"pixtral"`` (several grids per forward) or
+            ``"dynamic"`` (one image per forward).
         patch: pixels per patch.
         max_patches: the token budget of one image.
         mean, std, interpolation: the model's normalisation and resampling filter.
-        processor: SigLIP2's image processor settings (``kind == "siglip2"``), else None.
+        processor: the image processor's settings of SigLIP2, the Qwen towers and Pixtral, else None.
         channels_last: timm NaFlexViT's patch layout ``(p, p, C)`` (else ``(C, p, p)``).
     """
 
@@ -77,13 +88,26 @@ class NativeFeed:
 
     def to_dict(self) -> dict:
         """The settings that shape the result (``mad.json``'s ``settings.preprocessing``)."""
-        return {"native": self.kind, "patch": self.patch, "max_patches": self.max_patches, "mean": list(self.mean),
-                "std": list(self.std), "interpolation": self.interpolation}
+        found = {"native": self.kind, "patch": self.patch, "max_patches": self.max_patches, "mean": list(self.mean),
+                 "std": list(self.std), "interpolation": self.interpolation}
+        if self.kind in ("qwen", "pixtral"):  # the processor's size rule (min / max pixels, longest edge)
+            found["processor"] = {k: v for k, v in self.processor.items() if k in ("size", "min_pixels",
+                                                                                   "max_pixels", "merge_size")}
+        return found
+
+    def _packed(self, image):
+        """The model's own processor on one image: Qwen ``(patches [h * w, D], (h, w))``, Pixtral ``[3, H, W]``."""
+        found = packed_processor(self.kind, self.processor)([image], return_tensors="pt")
+        if self.kind == "pixtral":
+            return found["pixel_values"][0]
+        return found["pixel_values"], tuple(int(v) for v in found["image_grid_thw"][0, 1:])
 
     def prepare(self, image):
         """One decoded RGB image as this model's per-image input (SigLIP2's processor works on the batch)."""
         if self.kind == "siglip2":
             return image
+        if self.kind in ("qwen", "pixtral"):
+            return self._packed(image)
         if self.kind == "naflexvit":
             from timm.data.naflex_transforms import get_image_size_for_seq, patchify_image
 
@@ -96,6 +120,12 @@ class NativeFeed:
 
     def display(self, image) -> torch.Tensor:
         """``[3, H, W]`` the image as the model sees it (normalised like the model input), for ``mad_map.png``."""
+        if self.kind == "pixtral":
+            return self._packed(image)
+        if self.kind == "qwen":
+            patches, grid = self._packed(image)
+            return qwen_unpatch(patches, grid, self.patch, int(self.processor["merge_size"]),
+                                int(self.processor["temporal_patch_size"]))
         if self.kind == "siglip2":
             from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
 
@@ -121,6 +151,17 @@ class NativeFeed:
             loaded.module(pixel_values=inputs["pixel_values"].to(device=device, dtype=dtype),
                           pixel_attention_mask=inputs["pixel_attention_mask"].to(device),
                           spatial_shapes=inputs["spatial_shapes"].to(device))
+        elif self.kind == "qwen":  # the images' patches one after the other, each image's grid in grid_thw
+            patches = torch.cat([p for p, _ in items])
+            grid_thw = torch.tensor([[1, h, w] for _, (h, w) in items])
+            loaded.module(patches.to(device=device, dtype=dtype), grid_thw=grid_thw.to(device))
+        elif self.kind == "pixtral":  # padded at the bottom and right, as PixtralImageProcessor pads a batch
+            height, width = max(p.shape[1] for p in items), max(p.shape[2] for p in items)
+            pixels = torch.zeros(len(items), 3, height, width)
+            for i, p in enumerate(items):
+                pixels[i, :, :p.shape[1], :p.shape[2]] = p
+            sizes = torch.tensor([list(p.shape[1:]) for p in items])
+            loaded.module(pixels.to(device=device, dtype=dtype), image_sizes=sizes.to(device))
         else:
             slots = max(patches.shape[0] for patches, _, _ in items)
             patches = torch.zeros(len(items), slots, items[0][0].shape[1])
@@ -139,14 +180,34 @@ def _filter_name(resample) -> str:
     return Image.Resampling(int(resample)).name.lower()
 
 
-def check_fixed_size(loaded: LoadedModel) -> None:
+def check_fixed_size(loaded: LoadedModel, size: tuple[int, int] | None = None, pixels: bool = False) -> None:
     """Refuse a model that takes only patches its processor cut at each image's own size (SigLIP2) when images
-    are to be fed at one size.
+    are to be fed at one size, and a packed tower (Qwen, Pixtral) fed image files without a size or at a size
+    that is not whole patches.
+
+    Args:
+        size: the ``image_size`` asked for (None: the model's own).
+        pixels: the images are preprocessed pixels (their size is checked when the tower runs).
 
     Raises:
-        OptionError: (``image_size``) the model is SigLIP2's NaFlex vision tower.
+        OptionError: (``image_size``) the model is SigLIP2's NaFlex vision tower, or a packed tower without a size
+            (for image files) or at a size it cannot take.
     """
     from ..recording.families.naflex import towers
+
+    packed = find_packed_tower(loaded.module)
+    if packed is not None:
+        tower = packed[1]
+        kind = tower_kind(tower)
+        if size is not None:
+            check_packed_size(kind, tower, *size, "image_size")
+        elif not pixels:
+            multiple = (int(tower.patch_embed.patch_size) * int(tower.spatial_merge_size) if kind == "qwen"
+                        else int(tower.patch_size))
+            raise OptionError("image_size", f"{type(tower).__name__} has no input size of its own: use "
+                                            "image_size='native' (--image-size native) to feed each image at its own "
+                                            f"aspect ratio, or a fixed S or HxW (multiples of {multiple} px)")
+        return
 
     if any(type(t).__name__ == "Siglip2VisionModel" for t in towers(loaded.module).values()):
         raise OptionError("image_size", f"{type(loaded.module).__name__} takes patches its processor cuts at each "
@@ -164,6 +225,9 @@ def native_feed(loaded: LoadedModel) -> NativeFeed:
 
     module, prep = loaded.module, loaded.preprocessing
     name = type(module).__name__
+    packed = find_packed_tower(module)
+    if packed is not None:
+        return _packed_feed(loaded, packed[1])
     tower = next(iter(towers(module).values()), None)
     if tower is not None and type(tower).__name__ == "Siglip2VisionModel":
         settings = dict(loaded.processor or {})
@@ -195,6 +259,29 @@ def native_feed(loaded: LoadedModel) -> NativeFeed:
     patch = int(embedding[1].kernel_size[0])
     budget = (prep.size[0] // patch) * (prep.size[1] // patch)
     return NativeFeed("dynamic", patch, budget, prep.mean, prep.std, prep.interpolation)
+
+
+def _packed_feed(loaded: LoadedModel, tower) -> NativeFeed:
+    """The feed of a Qwen or Pixtral tower: its processor's settings (checked against the tower when loaded)."""
+    from .packed_towers import processor_settings
+
+    kind = tower_kind(tower)
+    settings = processor_settings(kind, tower, loaded.processor)
+    processor = packed_processor(kind, settings)
+    size = {k: int(processor.size[k]) for k in ("shortest_edge", "longest_edge") if processor.size.get(k)}
+    settings = settings | {"size": size}  # the effective size rule, whichever keys the checkpoint used
+    if kind == "qwen":
+        patch = int(processor.patch_size)
+        budget = int(processor.size["longest_edge"]) // (patch * patch)
+        settings = settings | {"merge_size": int(processor.merge_size),
+                               "temporal_patch_size": int(processor.temporal_patch_size)}
+    else:
+        patch = int(processor.patch_size["height"])
+        budget = (int(processor.size["longest_edge"]) // patch) ** 2
+    mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    if not processor.do_normalize:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return NativeFeed(kind, patch, budget, mean, std, _filter_name(processor.resample), settings)
 
 
 def load_native_batch(paths: Sequence[Path], feed: NativeFeed, pool: Executor | None = None

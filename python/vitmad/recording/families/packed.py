@@ -175,12 +175,14 @@ class _QwenLayout:
 # A model sees few image-size combinations; the blocks of one kind share them (read-only tensors).
 @functools.lru_cache(maxsize=64)
 def _qwen_layout(grids: tuple[tuple[int, int], ...], merge: int, window: int | None,
-                 stride: tuple[float, float]) -> _QwenLayout:
+                 stride: tuple[float, float], per_window: bool = True) -> _QwenLayout:
+    """``per_window=False``: the tokens in window order (``window``) but one chunk per image (Qwen2.5-VL's
+    ``fullatt_block_indexes`` blocks attend over the window-ordered sequence)."""
     cells, boundaries = [], [0]
     for grid in grids:
         image_cells, chunks = qwen_token_cells(grid, merge, window)
         cells.append(image_cells)
-        for length in chunks:
+        for length in (chunks if per_window else (grid[0] * grid[1],)):
             boundaries.append(boundaries[-1] + length)
     sequence = packed_sequence(grids, cells)
     return _QwenLayout(sequence, sequence.positions(stride), tuple(boundaries))
@@ -261,6 +263,10 @@ class QwenPlacer(_PackedPlacer):
         patch = int(tower.patch_embed.patch_size)
         self.stride = (float(patch), float(patch))
         self.window = int(tower.window_size) // self.merge // patch if windowed else None
+        # Qwen2.5-VL reorders the whole sequence by windows once, before its first block: its full-attention
+        # blocks attend per image over that same window order.
+        self.order_window = (int(tower.window_size) // self.merge // patch
+                             if hasattr(tower, "fullatt_block_indexes") else None)
 
     def _layout(self, args: tuple, kwargs: dict, cu_seqlens: torch.Tensor | None) -> tuple[_QwenLayout, str]:
         """The layout of the tower's images and the kind of this block's chunks, checked against the
@@ -285,7 +291,7 @@ class QwenPlacer(_PackedPlacer):
         if odd:
             raise NotPlaceable(f"grid_thw has grids {odd} that are not multiples of the merge size {self.merge}")
         grids = tuple((h, w) for _, h, w in grid_thw)
-        layout = _qwen_layout(grids, self.merge, self.window, self.stride)
+        layout = _qwen_layout(grids, self.merge, self.order_window, self.stride, self.windowed)
         kind = (f"window {self.window * self.merge}x{self.window * self.merge} patches ({self.window}x{self.window} "
                 f"merge blocks)" if self.windowed else "global per image")
         received = tuple(int(v) for v in cu_seqlens.tolist())

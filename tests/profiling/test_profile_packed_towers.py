@@ -1,0 +1,472 @@
+"""vitmad profile on packed native-resolution vision towers: Qwen2-VL (a whole vision-language checkpoint),
+Qwen2.5-VL (windows) and Qwen3-VL (towers saved alone), Pixtral (inside a LLaVA checkpoint, and saved alone without
+an image processor).
+
+Tiny random-weight towers, their weights scaled so that attention is far from uniform, are saved to folders with
+their image processors. The reference is written here, independently of vitmad: each image through the model's
+own processor, then alone through the tower loaded by transformers with eager attention, its softmax
+probabilities captured from the modeling file's ``eager_attention_forward``; tokens placed by geometry written
+here with explicit loops (Qwen: spatial-merge blocks row-major, the patches of a block row-major; Qwen2.5-VL: the
+same blocks reordered by windows, each window's blocks row-major, one call per window in window blocks and one per
+image in its full-attention blocks; Pixtral: row-major), each patch at ``(row + 0.5, col + 0.5) * patch`` pixels;
+a query's MAD over the keys of its call, the image's MAD the mean over its tokens, in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import vitmad
+from conftest import subprocess_env, write_images
+from vitmad.cli import main
+from vitmad.profiling.images import find_images, load_image
+from vitmad.profiling.maps import mad_maps
+from vitmad.profiling.models import load_model
+from vitmad.profiling.options import OptionError
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("torchvision")  # transformers' Qwen2-VL and Pixtral image processors
+from transformers.models.pixtral import modeling_pixtral  # noqa: E402
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl  # noqa: E402
+from transformers.models.qwen2_vl import modeling_qwen2_vl  # noqa: E402
+from transformers.models.qwen3_vl import modeling_qwen3_vl  # noqa: E402
+
+PATCH, MERGE, WINDOW_PX = 4, 2, 16  # Qwen: 4 px patches, 2 x 2 merge blocks, windows of 2 x 2 merge blocks
+PIXTRAL_PATCH = 8
+# Qwen: at most 24 x 24 px per image (36 patches), at least 8 x 8; Pixtral: the longest edge at most 48 px.
+QWEN_PROCESSOR = dict(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2, min_pixels=64, max_pixels=576)
+PIXTRAL_PROCESSOR = dict(patch_size={"height": PIXTRAL_PATCH, "width": PIXTRAL_PATCH}, size={"longest_edge": 48})
+TOL = {"rtol": 1e-5, "atol": 1e-4}
+_MODELING = {"qwen2_vl": modeling_qwen2_vl, "qwen2_5_vl": modeling_qwen2_5_vl, "qwen3_vl": modeling_qwen3_vl,
+             "pixtral": modeling_pixtral}
+
+
+def _sharpen(tower: torch.nn.Module, seed: int) -> None:
+    """Large weights, and the query / key projections larger still: attention far from uniform, so that a token
+    at a wrong position changes the MAD."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, module in tower.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(std=0.25)
+                if name.endswith(("attn.qkv", "q_proj", "k_proj")):
+                    rows = module.weight.shape[0] * 2 // 3 if name.endswith("qkv") else module.weight.shape[0]
+                    module.weight[:rows] *= 3.0
+
+
+def _qwen_vision(name: str) -> dict:
+    common = dict(depth=2, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2)
+    if name == "qwen2_vl":
+        return dict(embed_dim=32, hidden_size=32, mlp_ratio=2, **common)
+    if name == "qwen2_5_vl":
+        return dict(hidden_size=32, out_hidden_size=32, intermediate_size=64, window_size=WINDOW_PX,
+                    fullatt_block_indexes=[1], **common)
+    return dict(hidden_size=32, intermediate_size=64, out_hidden_size=32, num_position_embeddings=16,
+                deepstack_visual_indexes=[], **common)
+
+
+def _save_qwen2_vl_checkpoint(folder):
+    """A whole Qwen2VLForConditionalGeneration: a one-layer language model beside the tower."""
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=100, bos_token_id=0, eos_token_id=1,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 1e4})
+    config = transformers.Qwen2VLConfig(text_config=text, vision_config=_qwen_vision("qwen2_vl"))
+    torch.manual_seed(0)
+    model = transformers.Qwen2VLForConditionalGeneration(config)
+    _sharpen(model.model.visual, 1)
+    model.save_pretrained(folder)
+    transformers.Qwen2VLImageProcessor(**QWEN_PROCESSOR).save_pretrained(folder)
+
+
+def _save_qwen_tower(folder, name: str):
+    configs = {"qwen2_5_vl": transformers.Qwen2_5_VLConfig, "qwen3_vl": transformers.Qwen3VLConfig}
+    classes = {"qwen2_5_vl": modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel,
+               "qwen3_vl": modeling_qwen3_vl.Qwen3VLVisionModel}
+    config = configs[name](vision_config=_qwen_vision(name)).vision_config
+    torch.manual_seed(0)
+    tower = classes[name](config)
+    _sharpen(tower, 2)
+    tower.save_pretrained(folder)
+    transformers.Qwen2VLImageProcessor(**QWEN_PROCESSOR).save_pretrained(folder)
+
+
+def _pixtral_config():
+    return transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=64, patch_size=PIXTRAL_PATCH)
+
+
+def _save_llava_pixtral(folder):
+    config = transformers.LlavaConfig(
+        vision_config=_pixtral_config().to_dict(), image_token_index=10,
+        text_config=dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=100, head_dim=16))
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config)
+    _sharpen(model.model.vision_tower, 3)
+    model.save_pretrained(folder)
+    transformers.PixtralImageProcessor(**PIXTRAL_PROCESSOR).save_pretrained(folder)
+
+
+def _save_pixtral_tower(folder):
+    torch.manual_seed(0)
+    tower = modeling_pixtral.PixtralVisionModel(_pixtral_config())
+    _sharpen(tower, 4)
+    tower.save_pretrained(folder)  # no image processor: vitmad takes transformers' defaults for the tower
+
+
+# name -> (modeling, how the test loads the tower with transformers, its processor)
+CASES = {
+    "qwen2_vl": ("qwen2_vl", lambda f: transformers.Qwen2VLForConditionalGeneration.from_pretrained(
+        f, attn_implementation="eager").model.visual, lambda f: transformers.Qwen2VLImageProcessor.from_pretrained(f)),
+    "qwen2_5_vl": ("qwen2_5_vl", lambda f: modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel.from_pretrained(
+        f, attn_implementation="eager"), lambda f: transformers.Qwen2VLImageProcessor.from_pretrained(f)),
+    "qwen3_vl": ("qwen3_vl", lambda f: modeling_qwen3_vl.Qwen3VLVisionModel.from_pretrained(
+        f, attn_implementation="eager"), lambda f: transformers.Qwen2VLImageProcessor.from_pretrained(f)),
+    "llava_pixtral": ("pixtral", lambda f: transformers.LlavaForConditionalGeneration.from_pretrained(
+        f, attn_implementation="eager").model.vision_tower,
+        lambda f: transformers.PixtralImageProcessor.from_pretrained(f)),
+    # Saved without a processor: transformers' PixtralImageProcessor defaults, the patch and the longest edge
+    # (64 px, the tower's image_size) of the tower.
+    "pixtral": ("pixtral", lambda f: modeling_pixtral.PixtralVisionModel.from_pretrained(
+        f, attn_implementation="eager"), lambda f: transformers.PixtralImageProcessor(
+        patch_size={"height": PIXTRAL_PATCH, "width": PIXTRAL_PATCH}, size={"longest_edge": 64})),
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("packed_towers")
+    _save_qwen2_vl_checkpoint(root / "qwen2_vl")
+    _save_qwen_tower(root / "qwen2_5_vl", "qwen2_5_vl")
+    _save_qwen_tower(root / "qwen3_vl", "qwen3_vl")
+    _save_llava_pixtral(root / "llava_pixtral")
+    _save_pixtral_tower(root / "pixtral")
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("packed_images")
+    write_images(folder, 4, seed=7)  # 20 to 70 px sides, several aspect ratios
+    return folder
+
+
+# The reference, written here -------------------------------------------------------------------------------------
+
+def _qwen_chunks(grid: tuple[int, int], window: int | None) -> list[list[tuple[int, int]]]:
+    """(row, col) of each token of one Qwen image in the tower's sequence order, cut into windows of ``window``
+    merge blocks a side (one chunk, merge-block order, when None)."""
+    h, w = grid
+    blocks_h, blocks_w = h // MERGE, w // MERGE
+    side_h, side_w = (window, window) if window else (blocks_h, blocks_w)
+    chunks = []
+    for window_row in range(math.ceil(blocks_h / side_h)):
+        for window_col in range(math.ceil(blocks_w / side_w)):
+            chunk = []
+            for block_row in range(window_row * side_h, min((window_row + 1) * side_h, blocks_h)):
+                for block_col in range(window_col * side_w, min((window_col + 1) * side_w, blocks_w)):
+                    for i in range(MERGE):
+                        for j in range(MERGE):
+                            chunk.append((block_row * MERGE + i, block_col * MERGE + j))
+            chunks.append(chunk)
+    return chunks
+
+
+def _call_mad(probabilities: torch.Tensor, cells: list[tuple[int, int]], patch: int) -> torch.Tensor:
+    """``[H, n]`` per-query MAD of one attention call ``[1, H, n, n]`` over tokens at ``cells``."""
+    centres = torch.tensor([[(r + 0.5) * patch, (c + 0.5) * patch] for r, c in cells], dtype=torch.float64)
+    return (probabilities[0].double() * torch.cdist(centres, centres)).sum(-1)
+
+
+def _eager_calls(modeling, tower, *args, **kwargs) -> list[torch.Tensor]:
+    """The probabilities of every eager attention call of one forward of ``tower``."""
+    original, calls = modeling.eager_attention_forward, []
+
+    def capture(module, *a, **kw):
+        output, probabilities = original(module, *a, **kw)
+        calls.append(probabilities.detach())
+        return output, probabilities
+
+    modeling.eager_attention_forward = capture
+    try:
+        with torch.no_grad():
+            tower(*args, **kwargs)
+    finally:
+        modeling.eager_attention_forward = original
+    return calls
+
+
+def _image_mad(case: str, tower, inputs) -> np.ndarray:
+    """``[L, H]`` MAD of one image alone through the eager tower: Qwen ``(patches, (h, w))``, Pixtral ``[3, H, W]``."""
+    modeling = CASES[case][0]
+    if modeling == "pixtral":
+        height, width = inputs.shape[1:]
+        calls = _eager_calls(_MODELING[modeling], tower, inputs[None], image_sizes=torch.tensor([[height, width]]))
+        grid = (height // PIXTRAL_PATCH, width // PIXTRAL_PATCH)
+        cells = [(r, c) for r in range(grid[0]) for c in range(grid[1])]
+        assert len(calls) == len(tower.transformer.layers)
+        return np.array([_call_mad(p, cells, PIXTRAL_PATCH).mean(-1).numpy() for p in calls])
+    patches, grid = inputs
+    calls = _eager_calls(_MODELING[modeling], tower, patches, grid_thw=torch.tensor([[1, *grid]]))
+    layers, used = [], 0
+    for index in range(len(tower.blocks)):
+        if modeling == "qwen2_5_vl":
+            windows = _qwen_chunks(grid, WINDOW_PX // MERGE // PATCH)
+            # Window blocks: one call per window; full-attention blocks: the image in the same window order.
+            chunks = [sum(windows, [])] if index in tower.fullatt_block_indexes else windows
+        else:
+            chunks = _qwen_chunks(grid, None)
+        per_query = []
+        for cells in chunks:
+            probabilities = calls[used]
+            assert probabilities.shape[-1] == len(cells)
+            per_query.append(_call_mad(probabilities, cells, PATCH))
+            used += 1
+        layers.append(torch.cat(per_query, dim=-1).mean(-1).numpy())  # the image's mean over its tokens
+    assert used == len(calls)
+    return np.array(layers)
+
+
+def _processed(case: str, processor, image):
+    """One image through the model's own processor: Qwen ``(patches, (h, w))``, Pixtral ``[3, H, W]``."""
+    found = processor([image], return_tensors="pt")
+    if CASES[case][0] == "pixtral":
+        return found["pixel_values"][0]
+    return found["pixel_values"], tuple(found["image_grid_thw"][0, 1:].tolist())
+
+
+def _grid(case: str, inputs) -> tuple[int, int]:
+    if CASES[case][0] == "pixtral":
+        return inputs.shape[1] // PIXTRAL_PATCH, inputs.shape[2] // PIXTRAL_PATCH
+    return inputs[1]
+
+
+def _references(case: str, folder, files) -> tuple[list, list]:
+    """Per file: its own grid, and its ``[L, H]`` MAD alone through the eager tower."""
+    _, load_tower, load_processor = CASES[case]
+    tower, processor = load_tower(folder).eval(), load_processor(folder)
+    grids, mads = [], []
+    for path in files:
+        inputs = _processed(case, processor, load_image(path)[0])
+        grids.append(_grid(case, inputs))
+        mads.append(_image_mad(case, tower, inputs))
+    return grids, mads
+
+
+# Tests -----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_packed_profile_is_each_images_mad_on_its_own_grid(case, folders, images):
+    folder = folders / case
+    files = find_images(images)
+    grids, reference = _references(case, folder, files)
+    assert len(set(grids)) > 1  # several grids packed into one forward
+    stacked = torch.tensor(np.array(reference))  # [images, L, H]
+
+    loaded = load_model(f"hf:{folder}")
+    calls = []
+    handle = loaded.module.register_forward_pre_hook(lambda _, args, kwargs: calls.append((args, kwargs)),
+                                                     with_kwargs=True)
+    result = vitmad.profile(loaded, images, image_size="native", batch_size=4, device="cpu")
+    handle.remove()
+    assert len(calls) == 1  # one packed forward for the four images
+    assert result.count == 4 and result.settings["image_size"] == "native"
+    assert [tuple(result.image_grids[str(f)]["grid"]) for f in files] == grids
+    patch = PIXTRAL_PATCH if CASES[case][0] == "pixtral" else PATCH
+    assert [result.image_grids[str(f)]["size"] for f in files] == [[h * patch, w * patch] for h, w in grids]
+    torch.testing.assert_close(result.mad, stacked.mean(0), **TOL)
+    torch.testing.assert_close(result.min, stacked.min(0).values, **TOL)
+    torch.testing.assert_close(result.max, stacked.max(0).values, **TOL)
+    assert (result.max - result.min).max() > 1.0  # the images differ: a misplaced image would be noticed
+    assert (result.mad - result.uniform_mad).abs().max() > 1.0  # attention far from uniform
+
+    # Each image alone gives its own reference: the same values as inside the packed batch.
+    for path, expected in zip(files, reference):
+        alone = vitmad.profile(loaded, [path], image_size="native", device="cpu")
+        torch.testing.assert_close(alone.mad, torch.tensor(expected), **TOL)
+
+    # The per-token map of one image (mean over heads) averages to that image's MAD, on the image's own grid.
+    maps, pixels, names, _ = mad_maps(loaded, files[0], image_size="native", device="cpu")
+    assert names == result.layers
+    for layer, found in zip(range(len(maps)), maps):
+        assert tuple(found.shape) == grids[0]
+        assert math.isclose(found.double().mean().item(), reference[0][layer].mean(), rel_tol=1e-5, abs_tol=1e-4)
+    assert tuple(pixels.shape[1:]) == (grids[0][0] * patch, grids[0][1] * patch)
+
+
+def test_loading_profiles_the_vision_tower_and_says_so(folders):
+    qwen = load_model(f"hf:{folders / 'qwen2_vl'}")
+    assert type(qwen.module).__name__ == "Qwen2VisionTransformerPretrainedModel"
+    assert qwen.description.startswith("visual (Qwen2VisionTransformerPretrainedModel) of "
+                                       "Qwen2VLForConditionalGeneration")
+    llava = load_model(f"hf:{folders / 'llava_pixtral'}")
+    assert type(llava.module).__name__ == "PixtralVisionModel"
+    assert llava.description.startswith("vision_tower (PixtralVisionModel) of LlavaForConditionalGeneration")
+    # The weights are the checkpoint's, not a fresh initialisation.
+    own = transformers.LlavaForConditionalGeneration.from_pretrained(folders / "llava_pixtral").model.vision_tower
+    for (name, found), expected in zip(llava.module.state_dict().items(), own.state_dict().values()):
+        assert torch.equal(found, expected), name
+    bare = load_model(f"hf:{folders / 'qwen3_vl'}")
+    assert type(bare.module).__name__ == "Qwen3VLVisionModel" and "saved alone" in bare.description
+    # A model built in Python: its tower is found inside it.
+    model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(folders / "qwen2_vl")
+    wrapped = vitmad.profiling.models.wrap_module(model)
+    assert wrapped.module is model.model.visual and wrapped.description.startswith("model.visual ")
+
+
+def test_a_checkpoint_missing_tower_weights_is_refused(folders, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (folder / name).write_text((folders / "qwen2_vl" / name).read_text())
+    weights = load_file(folders / "qwen2_vl" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "visual.blocks.1." not in k}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(OptionError, match=r"model: .*no weights for \d+ parameters of its vision tower "
+                                          r"Qwen2VisionTransformerPretrainedModel \(e\.g\. blocks\.1\."):
+        load_model(f"hf:{folder}")
+
+
+def test_resume_after_interrupt_equals_uninterrupted_run(folders, images, tmp_path):
+    spec = f"hf:{folders / 'qwen2_5_vl'}"
+    full = vitmad.profile(spec, images, image_size="native", batch_size=1, device="cpu")
+    loaded = load_model(spec)
+    calls = []
+
+    def interrupt(module, args, kwargs):
+        calls.append(kwargs["grid_thw"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    handle = loaded.module.register_forward_pre_hook(interrupt, with_kwargs=True)
+    checkpoint = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        vitmad.profile(loaded, images, image_size="native", batch_size=1, device="cpu", checkpoint=checkpoint,
+                       checkpoint_every=5)
+    handle.remove()
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["batches_done"] == 2 and len(state["images"]) == 2
+    assert len(state["meta"]["image_grids"]) == 2
+    resumed = vitmad.profile(loaded, images, image_size="native", batch_size=1, device="cpu", checkpoint=checkpoint,
+                             resume=True)
+    assert resumed.images == full.images and resumed.image_grids == full.image_grids
+    assert torch.equal(resumed.stats.total, full.stats.total)
+    assert torch.equal(resumed.stats.total_sq, full.stats.total_sq)
+    assert torch.equal(resumed.min, full.min) and torch.equal(resumed.max, full.max)
+
+
+def test_fixed_size_resizes_every_image_to_that_grid(folders, images):
+    folder = folders / "qwen2_5_vl"
+    loaded = load_model(f"hf:{folder}")
+    calls = []
+    handle = loaded.module.register_forward_pre_hook(lambda _, args, kwargs: calls.append((args, kwargs)),
+                                                     with_kwargs=True)
+    result = vitmad.profile(loaded, images, image_size="16x24", batch_size=4, device="cpu")
+    handle.remove()
+    assert result.image_grids is None and result.geometry[0]["grid"] == [4, 6]
+    (args, kwargs), = calls
+    assert kwargs["grid_thw"].tolist() == [[1, 4, 6]] * 4
+    # The tower got the image files cover-resized and centre-cropped to 16 x 24, in the processor's patch order.
+    prep = loaded.preprocessing.with_size((16, 24))
+    processor = transformers.Qwen2VLImageProcessor(**QWEN_PROCESSOR, do_resize=False, do_rescale=False,
+                                                   do_normalize=False)
+    expected = torch.cat([processor([prep(load_image(f)[0])], return_tensors="pt")["pixel_values"]
+                          for f in find_images(images)])
+    torch.testing.assert_close(args[0], expected)
+    tower = CASES["qwen2_5_vl"][1](folder).eval()
+    reference = [_image_mad("qwen2_5_vl", tower, (expected[i * 24:(i + 1) * 24], (4, 6))) for i in range(4)]
+    torch.testing.assert_close(result.mad, torch.tensor(np.array(reference)).mean(0), **TOL)
+
+
+@pytest.mark.parametrize(("case", "size", "message"), [
+    ("qwen2_vl", None, r"image_size: Qwen2VisionTransformerPretrainedModel has no input size of its own: use "
+                       r"image_size='native' \(--image-size native\).*multiples of 8 px"),
+    ("qwen2_vl", "12x16", r"image_size: .* must be multiples of 8 px \(patch 4 x spatial merge 2\), got 12x16"),
+    ("llava_pixtral", "20", r"image_size: PixtralVisionModel .* multiples of the 8 px patch, got 20x20"),
+    ("pixtral", "72", r"image_size: PixtralVisionModel takes sides of at most 64 px .*got 72x72"),
+])
+def test_sizes_a_tower_cannot_take_are_refused(folders, images, case, size, message):
+    with pytest.raises(OptionError, match=message):
+        vitmad.profile(f"hf:{folders / case}", images, image_size=size, device="cpu")
+
+
+def test_a_processor_that_does_not_fit_the_tower_is_refused(folders, images, tmp_path):
+    folder = tmp_path / "mismatch"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((folders / "qwen3_vl" / name).read_bytes())
+    transformers.Qwen2VLImageProcessor(**{**QWEN_PROCESSOR, "patch_size": 14}).save_pretrained(folder)
+    with pytest.raises(OptionError, match="model: the image processor has patch_size=14, but the vision tower "
+                                          "Qwen3VLVisionModel takes 4"):
+        vitmad.profile(f"hf:{folder}", images, image_size="native", device="cpu")
+    tensor = torch.zeros(2, 3, 12, 16)  # preprocessed pixels are checked when the tower runs
+    with pytest.raises(OptionError, match=r"images: .* must be multiples of 8 px .*got 12x16"):
+        vitmad.profile(f"hf:{folders / 'qwen3_vl'}", tensor, device="cpu")
+
+
+def test_cli_writes_grids_the_profiled_tower_and_figures(folders, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["profile", "--model", f"hf:{folders / 'qwen2_vl'}", "--images", str(images), "--image-size",
+                 "native", "--batch-size", "3", "--device", "cpu", "--out", str(out), "--workers", "0"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "4 images (0 skipped)" in captured.out
+    assert "profiled: visual (Qwen2VisionTransformerPretrainedModel) of Qwen2VLForConditionalGeneration" in captured.out
+    document = json.loads((out / "mad.json").read_text())
+    assert document["settings"]["profiled"].startswith("visual (Qwen2VisionTransformerPretrainedModel)")
+    assert document["settings"]["preprocessing"]["native"] == "qwen"
+    assert document["settings"]["preprocessing"]["processor"]["size"] == {"shortest_edge": 64, "longest_edge": 576}
+    assert len(document["image_grids"]) == 4 and document["layers"][0]["name"] == "blocks.0.attn"
+    assert (out / "mad.csv").stat().st_size > 0
+    assert (out / "mad.png").stat().st_size > 0 and (out / "mad_map.png").stat().st_size > 0
+
+    again = vitmad.Profile.from_json(out / "mad.json")
+    direct = vitmad.profile(f"hf:{folders / 'qwen2_vl'}", images, image_size="native", device="cpu")
+    torch.testing.assert_close(again.mad, direct.mad, rtol=1e-6, atol=1e-6)
+
+
+def test_python_m_vitmad_profile_on_a_llava_pixtral_checkpoint(folders, images, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "vitmad", "profile", "--model", f"hf:{folders / 'llava_pixtral'}", "--images",
+         str(images), "--image-size", "native", "--device", "cpu", "--out", str(out), "--no-figures"],
+        env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    document = json.loads((out / "mad.json").read_text())
+    assert document["count"] == 4 and document["settings"]["preprocessing"]["native"] == "pixtral"
+    grids = {tuple(entry["grid"]) for entry in document["image_grids"].values()}
+    assert len(grids) > 1 and max(max(g) for g in grids) <= 48 // PIXTRAL_PATCH
+    done = subprocess.run(
+        [sys.executable, "-m", "vitmad", "profile", "--model", f"hf:{folders / 'llava_pixtral'}", "--images",
+         str(images), "--device", "cpu", "--out", str(out), "--no-figures"],
+        env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "--image-size native" in done.stderr
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_two_ranks_equal_one_process(folders, images, tmp_path):
+    args = ["profile", "--model", f"hf:{folders / 'qwen2_5_vl'}", "--images", str(images), "--image-size", "native",
+            "--batch-size", "1", "--device", "cpu", "--no-figures"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run: float32 products round alike
+    try:
+        assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "vitmad", *args, "--out", str(tmp_path / "two")],
+                          env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    single, two = (json.loads((tmp_path / name / "mad.json").read_text()) for name in ("single", "two"))
+    assert two["processes"] == 2 and two["images"] == single["images"]
+    assert two["image_grids"] == single["image_grids"] and two["settings"] == single["settings"]
+    np.testing.assert_allclose(np.array(two["sums"]["total"]), np.array(single["sums"]["total"]), rtol=1e-12)
