@@ -384,6 +384,7 @@ struct GridDistances {
   const acc_t* table;
   const MadLayout* l;
 
+  int64_t matrices_per_task(int64_t /*key_bytes*/) const { return 1; }
   bool shares_distances(int64_t /*a*/, int64_t /*b*/) const { return true; }
   void set_matrix(int64_t /*b*/) {}
   bool has_query(int64_t /*t*/) const { return true; }
@@ -420,10 +421,18 @@ struct GridDistances {
 // normaliser only), or with renormalisation is masked out of the softmax (the mean distance under the softmax
 // over keys with a position); a query without one gives NaN. The square roots cost about a fifth of the
 // kernel's time, so a task takes up to four matrices that share positions and computes each block of distances
-// once for all of them.
+// once for all of them, as long as their packed keys (one GemmLogits per matrix) stay within
+// kGroupKeyBytes: beyond, the GEMM's reads of four matrices' key blocks miss the cache, which cost more than the
+// square roots saved (1x16x4097x64 on an AMD EPYC: four matrices 1.09-1.14x the grid form, one 1.02-1.03x;
+// 2x12x1568x64 and 8x16x577x64: four 0.97x / 0.92x, one 1.03x / 0.98x).
 template <typename acc_t>
 struct PositionDistances {
   static constexpr int64_t kMatricesPerTask = 4;
+  static constexpr int64_t kGroupKeyBytes = int64_t{2} << 20;
+  // The matrices a task takes when each one's packed keys take `key_bytes`.
+  static int64_t matrices_per_task(int64_t key_bytes) {
+    return std::clamp<int64_t>(kGroupKeyBytes / std::max<int64_t>(key_bytes, 1), 1, kMatricesPerTask);
+  }
   PositionRows<acc_t> queries;
   PositionRows<acc_t> keys;
   int64_t num_keys;
@@ -495,6 +504,7 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
   static_assert(kStats || !(kEntropy || kTime), "entropy and the temporal MAD are statistics");
   constexpr int64_t kGroup = Distances::kMatricesPerTask;
   const int64_t num_keys = shape.num_keys;
+  const int64_t group_limit = distances.matrices_per_task(num_keys * shape.head_dim * int64_t{sizeof(acc_t)});
   acc_t* const mad_rows = rows_out[static_cast<int>(Stat::kMad)];
   // Without MAD the distance buffers stay zero: the weighted sums are computed but not used.
   const bool needs_distances = !kStats || mad_rows != nullptr;
@@ -507,7 +517,7 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
   const int64_t query_blocks = (num_queries + kQueryBlock - 1) / kQueryBlock;
   std::vector<int64_t> group_starts{0};
   for (int64_t b = 1; b < shape.num_matrices; ++b)
-    if (b - group_starts.back() == kGroup || !distances.shares_distances(b - 1, b) ||
+    if (b - group_starts.back() == group_limit || !distances.shares_distances(b - 1, b) ||
         (kTime && !times->shares_distances(b - 1, b)))
       group_starts.push_back(b);
   group_starts.push_back(shape.num_matrices);

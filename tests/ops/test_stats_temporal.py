@@ -270,3 +270,18 @@ def test_rectangular_needs_key_times_and_grid_form_refuses_times():
         vitmad.attention_stats_qk(q, k, 16, grid=[2, 2], stats=["temporal_mad"])
     with pytest.raises(ValueError, match="needs times"):
         vitmad.attention_stats(torch.rand(5, 5).softmax(-1), 16, grid=[2, 2], stats=["temporal_mad"])
+
+
+@pytest.mark.parametrize("d", [64, 256, 512])
+def test_tasks_of_one_to_four_matrices(d):
+    # A task shares one block of distances among up to four matrices whose packed keys take at most 2 MiB in all
+    # (mad_qk_cpu.cpp, PositionDistances): 700 keys of D = 64 (4 matrices), 256 (2), 512 (1, 1.4 MB each).
+    positions, times = video_tokens(4, 5, 35, prefix=0)
+    n = positions.shape[0]
+    # Logits of the same size (about 8) for every D: the float32 error of a logit grows with its size.
+    q, k = make_qk(1, 5, n, d, torch.float32, "cpu", seed=d, logit_scale=8 / d**0.5)
+    spatial, time_mad = numpy_stats(q, k, positions, times, reduction="none")
+    out = temporal(q, k, positions, times, reduction="none")
+    check(out[0], spatial, torch.float32)
+    check(out[1], time_mad, torch.float32)
+    check(vitmad.mad_qk(q, k, positions=positions, reduction="none"), spatial, torch.float32)
