@@ -524,12 +524,13 @@ class Recording:
     def _prefix_rows(measure: Callable, positions: torch.Tensor) -> torch.Tensor | None:
         """``[*lead, Q, Nk]``: the attention rows of the ``Q`` queries without a position over every key (NaN at
         the keys without one), or None when there is no such query or they differ between matrices."""
-        try:
-            values = measure(positions, None, False, (MAP_NAME,))[MAP_NAME]
-        except ValueError:  # the tokens without a position differ from image to image: no common rows
+        # Rows common to the matrices need the same tokens without a position in each (not so when they differ
+        # from image to image, as with per-image padding): checked here, so that any error of the call is raised.
+        missing = positions[..., 0].isnan()
+        flat = missing.reshape(-1, missing.shape[-1])
+        if not bool(missing.any()) or not bool((flat == flat[:1]).all()):
             return None
-        if values.shape[-2] == 0:
-            return None
+        values = measure(positions, None, False, (MAP_NAME,))[MAP_NAME]
         has_key = ~positions[..., 0].isnan()
         columns = has_key.reshape(-1, has_key.shape[-1])[0].nonzero().flatten()
         rows = values.new_full((*values.shape[:-1], positions.shape[-2]), float("nan"))
