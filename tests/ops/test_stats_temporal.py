@@ -285,3 +285,12 @@ def test_tasks_of_one_to_four_matrices(d):
     check(out[0], spatial, torch.float32)
     check(out[1], time_mad, torch.float32)
     check(vitmad.mad_qk(q, k, positions=positions, reduction="none"), spatial, torch.float32)
+
+
+def test_not_differentiable_from_attention_either():
+    positions, times = video_tokens(2, 2, 2)
+    attn = torch.rand(1, 8, 8).softmax(-1).requires_grad_()
+    with pytest.raises(RuntimeError, match="not differentiable, but attn requires grad"):
+        vitmad.attention_stats(attn, positions=positions, times=times, stats=["temporal_mad"])
+    with torch.no_grad():
+        vitmad.attention_stats(attn, positions=positions, times=times, stats=["temporal_mad"])

@@ -171,6 +171,7 @@ def attention_stats(
                                                         renormalize=renormalize, reduction=reduction)
             out.update(zip(kernel_names, values.unbind(0)))
         if temporal:  # the frames as one-coordinate positions: a second read of attn
+            _refuse_grad(_OP, {"attn": attn})
             with torch.no_grad():
                 out[TEMPORAL_MAD] = mad(attn.detach(), positions=times, key_positions=key_times,
                                         renormalize=renormalize, reduction=reduction)
