@@ -146,3 +146,22 @@ def test_cuda_statistics_equal_the_cpu_ones(dtype):
         for name in stats:
             torch.testing.assert_close(cuda[name].cpu(), cpu[name], rtol=1e-5, atol=1e-4)
             torch.testing.assert_close(cuda_qk[name].cpu(), cpu_qk[name], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_temporal_mad_equals_the_cpu_one(dtype):
+    """The temporal MAD of a video's tokens on CUDA (pure-PyTorch kernels there) equals the CPU's fused pass."""
+    gen = torch.Generator().manual_seed(6)
+    f, r, c = torch.meshgrid(torch.arange(3), torch.arange(4), torch.arange(5), indexing="ij")
+    nan = torch.full((1, 2), float("nan"))
+    positions = torch.cat([nan, torch.stack([(r + 0.5) * 16, (c + 0.5) * 16], -1).reshape(-1, 2).float()])
+    times = torch.cat([nan[:, :1], ((f + 0.5) * 2).reshape(-1, 1).float()])
+    q, k = (torch.randn(2, 3, 61, 16, generator=gen).to(dtype) for _ in range(2))
+    names = ("mad", "temporal_mad", "entropy")
+    for reduction in ("mean", "none"):
+        cpu = vitmad.attention_stats_qk(q, k, positions=positions, times=times, stats=names, reduction=reduction)
+        cuda = vitmad.attention_stats_qk(q.cuda(), k.cuda(), positions=positions.cuda(), times=times.cuda(),
+                                         stats=names, reduction=reduction)
+        for name in names:
+            torch.testing.assert_close(cuda[name].cpu(), cpu[name], rtol=1e-5, atol=1e-4, equal_nan=True)
