@@ -454,12 +454,46 @@ def check_stats(stats: Sequence[str], num_queries: int, num_keys: int, op_name: 
     if "self_mass" in seen and num_queries != num_keys:
         raise ValueError(f"{op_name}: the statistic 'self_mass' needs the queries and the keys to be the same tokens "
                          f"(Nq == Nk), got Nq = {num_queries} queries and Nk = {num_keys} keys")
-    if TEMPORAL_MAD in seen and not has_times:
+    check_times_named(names, has_times, op_name)
+    return names
+
+
+def check_times_named(names: Sequence[str], has_times: bool, op_name: str) -> None:
+    """``"temporal_mad"`` among ``names`` exactly when ``times`` is given (``has_times``)."""
+    if TEMPORAL_MAD in names and not has_times:
         raise ValueError(f"{op_name}: the statistic 'temporal_mad' needs times, the frame of each token "
                          "([..., Nq, 1]), which only the position form takes")
-    if has_times and TEMPORAL_MAD not in seen:
+    if has_times and TEMPORAL_MAD not in names:
         raise ValueError(f"{op_name}: times is read only by the statistic 'temporal_mad', which stats does not name; "
                          "add it or leave times out")
+
+
+def check_no_times(times: torch.Tensor | None, key_times: torch.Tensor | None, op_name: str) -> None:
+    """The grid form takes no frames: ``times`` and ``key_times`` come with ``positions`` only."""
+    if times is not None or key_times is not None:
+        raise ValueError(f"{op_name}: times (the frames of a video's tokens) come with the position form: pass "
+                         "positions as well, not patch / grid")
+
+
+def check_key_times_need_times(times: torch.Tensor | None, key_times: torch.Tensor | None, op_name: str) -> None:
+    """``key_times`` (the keys' frames) only beside ``times`` (the queries')."""
+    if times is None and key_times is not None:
+        raise ValueError(f"{op_name}: key_times is given without times; pass times [..., Nq, 1] for the queries' "
+                         "frames")
+
+
+def check_stats_and_times(stats: Sequence[str], tokens: torch.Tensor, layout: PositionLayout,
+                          positions: torch.Tensor, key_positions: torch.Tensor | None, times: torch.Tensor | None,
+                          key_times: torch.Tensor | None, op_name: str, *,
+                          check_values: bool = True) -> tuple[str, ...]:
+    """``stats`` of the position form with the frames that may come with it, checked in the order of the C++
+    ``stats_qk_pos`` (key_times without times, the names, then the frames; their values only with
+    ``check_values``): the names."""
+    check_key_times_need_times(times, key_times, op_name)
+    names = check_stats(stats, layout.num_queries, layout.num_keys, op_name, has_times=times is not None)
+    if times is not None:
+        check_time_args(tokens, layout, positions, key_positions, times, key_times, op_name,
+                        check_values=check_values)
     return names
 
 

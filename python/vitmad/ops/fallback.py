@@ -20,7 +20,7 @@ from .arguments import (
     check_position_args,
     check_qk_tensors,
     check_stats,
-    check_time_args,
+    check_stats_and_times,
     mad_output_dtype,
 )
 from .reference import biased_logits, pixel_distances
@@ -442,11 +442,7 @@ def stats_qk_pos(
     shape = check_qk_tensors(q, k, scale, attn_bias, False, op)
     nq, nk = shape.num_queries, shape.num_keys
     layout = check_position_args(q, nq, nk, positions, key_positions, renormalize, reduction, op)
-    if times is None and key_times is not None:
-        raise ValueError(f"{op}: key_times is given without times; pass times [..., Nq, 1] for the queries' frames")
-    names = check_stats(stats, nq, nk, op, has_times=times is not None)
-    if times is not None:
-        check_time_args(q, layout, positions, key_positions, times, key_times, op)
+    names = check_stats_and_times(stats, q, layout, positions, key_positions, times, key_times, op)
     acc = mad_output_dtype(q.dtype)
     sides = _Sides(positions, key_positions, acc)
     keys_t = k.to(acc).transpose(-1, -2)

@@ -15,10 +15,11 @@ import torch
 from .arguments import (
     check_attn_tensor,
     check_mad_args,
+    check_no_times,
     check_position_args,
     check_qk_tensors,
     check_stats,
-    check_time_args,
+    check_stats_and_times,
 )
 
 __all__ = [
@@ -363,7 +364,7 @@ def attention_stats_reference(
         (grid form) or :func:`mad_positions_reference`'s output.
     """
     if positions is None:
-        _no_times_in_grid_form(times, key_times, "vitmad.attention_stats")
+        check_no_times(times, key_times, "vitmad.attention_stats")
         layout = check_mad_args(attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction,
                                 "vitmad.attention_stats")
         stats = check_stats(stats, attn.shape[-1], attn.shape[-1], "vitmad.attention_stats")
@@ -378,32 +379,14 @@ def attention_stats_reference(
     check_attn_tensor(attn, "[..., Nq, Nk]", "vitmad.attention_stats")
     layout = check_position_args(attn, attn.shape[-2], attn.shape[-1], positions, key_positions, renormalize,
                                  reduction, "vitmad.attention_stats")
-    stats = _checked_stats(stats, attn.shape[-2], attn.shape[-1], layout, attn, positions, key_positions, times,
-                           key_times, "vitmad.attention_stats")
+    stats = check_stats_and_times(stats, attn, layout, positions, key_positions, times, key_times,
+                                  "vitmad.attention_stats")
     keys = positions if key_positions is None else key_positions
     return _stats_from_attention(
         attn.double(), stats, lambda: _positions_mad(attn.double(), positions, key_positions, renormalize,
                                                      layout.reduce_mean),
         ~positions.double()[..., 0].isnan(), ~keys.double()[..., 0].isnan(), 0, layout.reduce_mean,
         lambda: _positions_mad(attn.double(), times, key_times, renormalize, layout.reduce_mean))
-
-
-def _no_times_in_grid_form(times, key_times, op_name: str) -> None:
-    if times is not None or key_times is not None:
-        raise ValueError(f"{op_name}: times (the frames of a video's tokens) come with the position form: pass "
-                         "positions as well, not patch / grid")
-
-
-def _checked_stats(stats, num_queries, num_keys, layout, tokens, positions, key_positions, times, key_times,
-                   op_name):
-    """``stats`` checked with ``times`` / ``key_times`` (as the stats ops check them)."""
-    if times is None and key_times is not None:
-        raise ValueError(f"{op_name}: key_times is given without times; pass times [..., Nq, 1] for the queries' "
-                         "frames")
-    stats = check_stats(stats, num_queries, num_keys, op_name, has_times=times is not None)
-    if times is not None:
-        check_time_args(tokens, layout, positions, key_positions, times, key_times, op_name)
-    return stats
 
 
 def attention_stats_qk_reference(
@@ -431,7 +414,7 @@ def attention_stats_qk_reference(
     op = "vitmad.attention_stats_qk"
     shape = check_qk_tensors(q, k, scale, attn_bias, positions is None, op)
     if positions is None:
-        _no_times_in_grid_form(times, key_times, op)
+        check_no_times(times, key_times, op)
         stats = check_stats(stats, shape.num_queries, shape.num_keys, op)
     logits = biased_logits(q.double() @ k.double().transpose(-1, -2) * shape.scale, attn_bias)
     attn = logits.softmax(-1) if shape.num_keys else logits
@@ -447,8 +430,7 @@ def attention_stats_qk_reference(
             has_query, has_key, p, layout.reduce_mean)
     layout = check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize,
                                  reduction, op)
-    stats = _checked_stats(stats, shape.num_queries, shape.num_keys, layout, q, positions, key_positions, times,
-                           key_times, op)
+    stats = check_stats_and_times(stats, q, layout, positions, key_positions, times, key_times, op)
     keys = positions if key_positions is None else key_positions
     has_query = ~positions.double()[..., 0].isnan()
     if shape.num_keys == 0:  # softmax over no key: every statistic of every query is NaN

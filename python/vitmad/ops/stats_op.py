@@ -26,13 +26,16 @@ from .arguments import (
     STAT_NAMES,
     TEMPORAL_MAD,
     check_attn_tensor,
+    check_key_times_need_times,
     check_mad_args,
     check_mad_qk_args,
+    check_no_times,
     check_one_form,
     check_position_args,
     check_qk_tensors,
     check_stats,
-    check_time_args,
+    check_stats_and_times,
+    check_times_named,
     mad_output_dtype,
 )
 from .mad_op import mad
@@ -69,14 +72,9 @@ def _check_times(names, times, key_times, positions, op_name: str) -> None:
     if times is None and key_times is None:
         return
     if positions is None:
-        raise ValueError(f"{op_name}: times (the frames of a video's tokens) come with the position form: pass "
-                         "positions as well, not patch / grid")
-    if times is None:
-        raise ValueError(f"{op_name}: key_times is given without times; pass times [..., Nq, 1] for the queries' "
-                         "frames")
-    if TEMPORAL_MAD not in names:
-        raise ValueError(f"{op_name}: times is read only by the statistic 'temporal_mad', which stats does not name; "
-                         "add it or leave times out")
+        check_no_times(times, key_times, op_name)
+    check_key_times_need_times(times, key_times, op_name)
+    check_times_named(names, True, op_name)
 
 
 def _same_everywhere(has: torch.Tensor, arg: str, op_name: str) -> torch.Tensor:
@@ -161,11 +159,11 @@ def attention_stats(
         kernel_names = [n for n in names if n != TEMPORAL_MAD]
         if temporal or not kernel_names:
             check_attn_tensor(attn, "[..., Nq, Nk]", _OP)
+            # The positions' values are scanned once: by the stats_pos op below when it runs, here otherwise.
             layout = check_position_args(attn, attn.shape[-2], attn.shape[-1], positions, key_positions,
-                                         renormalize, reduction, _OP)
+                                         renormalize, reduction, _OP, check_values=not kernel_names)
         if temporal:
-            check_stats(names, attn.shape[-2], attn.shape[-1], _OP, has_times=times is not None)
-            check_time_args(attn, layout, positions, key_positions, times, key_times, _OP)
+            check_stats_and_times(names, attn, layout, positions, key_positions, times, key_times, _OP)
         if kernel_names:
             values = torch.ops.vitmad.stats_pos.default(attn, positions, key_positions, kernel_names,
                                                         renormalize=renormalize, reduction=reduction)
@@ -297,12 +295,8 @@ def _stats_qk_pos_fake(q, k, positions, key_positions, stats, *, scale=None, att
     shape = check_qk_tensors(q, k, scale, attn_bias, False, _OP_QK)
     layout = check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize,
                                  reduction, _OP_QK, check_values=False)
-    if times is None and key_times is not None:
-        raise ValueError(f"{_OP_QK}: key_times is given without times; pass times [..., Nq, 1] for the queries' "
-                         "frames")
-    names = check_stats(stats, shape.num_queries, shape.num_keys, _OP_QK, has_times=times is not None)
-    if times is not None:
-        check_time_args(q, layout, positions, key_positions, times, key_times, _OP_QK, check_values=False)
+    names = check_stats_and_times(stats, q, layout, positions, key_positions, times, key_times, _OP_QK,
+                                  check_values=False)
     return _stacked(q, names, layout.reduce_mean, layout.num_queries)
 
 
