@@ -164,6 +164,28 @@ def save_tiny_hf_vit(folder: Path, *, image_size: int = 32, patch: int = 8, laye
     return folder
 
 
+def qwen_token_chunks(grid: tuple[int, int], merge: int, window: int | None) -> list[list[tuple[int, int]]]:
+    """The (row, col) of each token of one Qwen-VL image in the vision tower's sequence order, cut into the
+    chunks its attention runs over: windows of ``window`` merge blocks a side (Qwen2.5-VL's windowed blocks), or,
+    with ``window=None``, one chunk of the whole image. Written from transformers' Qwen2-VL / Qwen2.5-VL modeling
+    files (tokens come merge block by merge block, ``merge x merge`` patches each, row-major; windows in row-major
+    order, blocks row-major within), never from vitmad's placer, which the tests check against it."""
+    h, w = grid
+    blocks_h, blocks_w = h // merge, w // merge
+    side_h, side_w = (window, window) if window else (blocks_h, blocks_w)
+    chunks = []
+    for window_row in range(math.ceil(blocks_h / side_h)):
+        for window_col in range(math.ceil(blocks_w / side_w)):
+            chunk = []
+            for block_row in range(window_row * side_h, min((window_row + 1) * side_h, blocks_h)):
+                for block_col in range(window_col * side_w, min((window_col + 1) * side_w, blocks_w)):
+                    for i in range(merge):
+                        for j in range(merge):
+                            chunk.append((block_row * merge + i, block_col * merge + j))
+            chunks.append(chunk)
+    return chunks
+
+
 def write_images(folder: Path, count: int, *, seed: int = 0, nested: bool = True) -> list[Path]:
     """``count`` random RGB images of varied sizes and formats (some in a subfolder), sorted by path."""
     from PIL import Image

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import subprocess_env, write_images
+from conftest import qwen_token_chunks, subprocess_env, write_images
 from vitmad.cli import main
 from vitmad.profiling.images import find_images, load_image
 from vitmad.profiling.maps import mad_maps
@@ -160,25 +160,6 @@ def images(tmp_path_factory):
 
 # The reference, written here -------------------------------------------------------------------------------------
 
-def _qwen_chunks(grid: tuple[int, int], window: int | None) -> list[list[tuple[int, int]]]:
-    """(row, col) of each token of one Qwen image in the tower's sequence order, cut into windows of ``window``
-    merge blocks a side (one chunk, merge-block order, when None)."""
-    h, w = grid
-    blocks_h, blocks_w = h // MERGE, w // MERGE
-    side_h, side_w = (window, window) if window else (blocks_h, blocks_w)
-    chunks = []
-    for window_row in range(math.ceil(blocks_h / side_h)):
-        for window_col in range(math.ceil(blocks_w / side_w)):
-            chunk = []
-            for block_row in range(window_row * side_h, min((window_row + 1) * side_h, blocks_h)):
-                for block_col in range(window_col * side_w, min((window_col + 1) * side_w, blocks_w)):
-                    for i in range(MERGE):
-                        for j in range(MERGE):
-                            chunk.append((block_row * MERGE + i, block_col * MERGE + j))
-            chunks.append(chunk)
-    return chunks
-
-
 def _call_mad(probabilities: torch.Tensor, cells: list[tuple[int, int]], patch: int) -> torch.Tensor:
     """``[H, n]`` per-query MAD of one attention call ``[1, H, n, n]`` over tokens at ``cells``."""
     centres = torch.tensor([[(r + 0.5) * patch, (c + 0.5) * patch] for r, c in cells], dtype=torch.float64)
@@ -218,11 +199,11 @@ def _image_mad(case: str, tower, inputs) -> np.ndarray:
     layers, used = [], 0
     for index in range(len(tower.blocks)):
         if modeling == "qwen2_5_vl":
-            windows = _qwen_chunks(grid, WINDOW_PX // MERGE // PATCH)
+            windows = qwen_token_chunks(grid, MERGE, WINDOW_PX // MERGE // PATCH)
             # Window blocks: one call per window; full-attention blocks: the image in the same window order.
             chunks = [sum(windows, [])] if index in tower.fullatt_block_indexes else windows
         else:
-            chunks = _qwen_chunks(grid, None)
+            chunks = qwen_token_chunks(grid, MERGE, None)
         per_query = []
         for cells in chunks:
             probabilities = calls[used]

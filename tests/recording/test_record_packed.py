@@ -12,12 +12,11 @@ pixels of its own image; each query's MAD over the keys of its own image (or win
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import vitmad
+from conftest import qwen_token_chunks
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.pixtral import modeling_pixtral  # noqa: E402
@@ -86,25 +85,7 @@ def _eager_probabilities(monkeypatch, name: str, model: torch.nn.Module, *inputs
     return calls
 
 
-# Geometry written here -----------------------------------------------------------------------------------------
-
-def _qwen_image_chunks(grid: tuple[int, int], windowed: bool) -> list[list[tuple[int, int]]]:
-    """The (row, col) of each token of one Qwen image in sequence order, cut into its attention chunks."""
-    h, w = grid
-    blocks_h, blocks_w = h // MERGE, w // MERGE
-    side = WINDOW_PX // MERGE // PATCH if windowed else max(blocks_h, blocks_w)
-    chunks = []
-    for window_row in range(math.ceil(blocks_h / side)):
-        for window_col in range(math.ceil(blocks_w / side)):
-            chunk = []
-            for block_row in range(window_row * side, min((window_row + 1) * side, blocks_h)):
-                for block_col in range(window_col * side, min((window_col + 1) * side, blocks_w)):
-                    for i in range(MERGE):
-                        for j in range(MERGE):
-                            chunk.append((block_row * MERGE + i, block_col * MERGE + j))
-            chunks.append(chunk)
-    return chunks
-
+# Geometry written in the tests (the chunks: conftest.qwen_token_chunks) ------------------------------------------
 
 def _expected(chunks: list[tuple[torch.Tensor, int, list[tuple[int, int]]]], grids, patch: int) -> list:
     """Per image, ``[H, h * w]`` float64 per-token MAD, row-major on its grid.
@@ -162,7 +143,7 @@ def test_qwen_packed_images_match_eager_attention(monkeypatch, name, attn_implem
     for layer, attention in enumerate(a for a in (model.blocks[0].attn, model.blocks[1].attn)):
         layer_chunks = []
         for image, grid in enumerate(QWEN_GRIDS):
-            chunks = _qwen_image_chunks(grid, name == "qwen2_5_vl")
+            chunks = qwen_token_chunks(grid, MERGE, WINDOW_PX // MERGE // PATCH if name == "qwen2_5_vl" else None)
             if not windowed[layer]:  # one chunk per image, in the sequence's order
                 chunks = [[cell for chunk in chunks for cell in chunk]]
             for chunk in chunks:
