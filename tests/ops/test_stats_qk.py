@@ -317,6 +317,25 @@ def test_leading_dims_and_empty_batches():
     assert no_queries.shape == (1, 2, 3) and no_queries.isnan().all()  # a mean over no query
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_query_in_the_pure_pytorch_kernels(reduction):
+    # What CUDA runs (and the CPU without the compiled library): no query gives [S, ..., 0] or NaN means, as the
+    # compiled CPU kernels do, not an error. Both forms, with the frames too.
+    q, k = make_qk(2, 3, 50, 16, torch.float32, "cpu", seed=17)
+    names = ["mad", "entropy", "prefix_mass", "temporal_mad"]
+    frames = {"times": torch.zeros(0, 1), "key_times": torch.arange(50.0).unsqueeze(-1)}
+    key_positions = torch.rand(50, 2, generator=torch.Generator().manual_seed(3)) * 100
+    calls = {"q/k": lambda ops: ops.stats_qk_pos(q[..., :0, :], k, torch.zeros(0, 2), key_positions, names,
+                                                 reduction=reduction, **frames),
+             "attn": lambda ops: ops.stats_pos(torch.rand(2, 3, 0, 50), torch.zeros(0, 2), key_positions,
+                                               names[:3], reduction=reduction)}
+    for form, call in calls.items():
+        compiled, pure = call(torch.ops.vitmad), call(_fallback)
+        assert pure.shape == compiled.shape == ((len(names) if form == "q/k" else 3, 2, 3) +
+                                                ((0,) if reduction == "none" else ())), form
+        assert pure.isnan().all() and compiled.isnan().all(), form
+
+
 @pytest.mark.parametrize("stats", [[], ["mad", "mad"], ["entropy", "Entropy"], ["prefix", "mad"]])
 def test_bad_stats_name_the_op_as_python_does(stats):
     q, k = make_qk(1, 1, 5, 8, torch.float32, "cpu")

@@ -329,7 +329,8 @@ def _collect(names, num_queries: int, chunk_rows, row_stats) -> dict:
     parts = {name: [] for name in names if name not in ("mad", TEMPORAL_MAD)}
     if not parts:
         return {}
-    for rows in _query_chunks(num_queries, chunk_rows):
+    # Without a query, one empty chunk: each statistic [..., 0] (and its mean NaN), as the compiled kernels give.
+    for rows in list(_query_chunks(num_queries, chunk_rows)) or [slice(0, 0)]:
         for name, value in row_stats(rows).items():
             parts[name].append(value)
     return {name: torch.cat(values, -1) for name, values in parts.items()}
