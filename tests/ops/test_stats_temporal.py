@@ -294,3 +294,16 @@ def test_not_differentiable_from_attention_either():
         vitmad.attention_stats(attn, positions=positions, times=times, stats=["temporal_mad"])
     with torch.no_grad():
         vitmad.attention_stats(attn, positions=positions, times=times, stats=["temporal_mad"])
+
+
+def test_frames_that_require_grad_are_refused():
+    # The statistics are measurements: frames that require grad are refused like positions, in both entry points.
+    positions, times = video_tokens(2, 2, 2)
+    q, k = make_qk(1, 2, positions.shape[0], 8, torch.float32, "cpu", seed=5)
+    attn = torch.rand(1, positions.shape[0], positions.shape[0]).softmax(-1)
+    for call in (lambda t: vitmad.attention_stats_qk(q, k, positions=positions, times=t, stats=["temporal_mad"]),
+                 lambda t: vitmad.attention_stats(attn, positions=positions, times=t, stats=["temporal_mad"])):
+        with pytest.raises(RuntimeError, match="not differentiable, but times requires grad"):
+            call(times.clone().requires_grad_())
+        with torch.no_grad():
+            assert call(times.clone().requires_grad_())["temporal_mad"].isfinite().all()

@@ -169,7 +169,7 @@ def attention_stats(
                                                         renormalize=renormalize, reduction=reduction)
             out.update(zip(kernel_names, values.unbind(0)))
         if temporal:  # the frames as one-coordinate positions: a second read of attn
-            _refuse_grad(_OP, {"attn": attn})
+            _refuse_grad(_OP, {"attn": attn, "times": times, "key_times": key_times})
             with torch.no_grad():
                 out[TEMPORAL_MAD] = mad(attn.detach(), positions=times, key_positions=key_times,
                                         renormalize=renormalize, reduction=reduction)
@@ -316,7 +316,8 @@ def _refuse_grad(op_name: str, tensors: dict) -> None:
 def _below_autograd(op, op_name: str, arg_names: tuple[str, ...]):
     def kernel(*args, **options):
         tensors = {name: value for name, value in zip(arg_names, args)}
-        tensors["attn_bias"] = options.get("attn_bias")
+        # The keyword tensors too: a frame tensor that requires grad is refused like a position tensor.
+        tensors.update({name: options.get(name) for name in ("attn_bias", "times", "key_times")})
         _refuse_grad(op_name, tensors)
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args, **options)
