@@ -137,6 +137,29 @@ def test_more_rows_than_one_grid_covers(layout):
     assert_grad_close(grad_attn, mad_backward_reference(grad, attn, PATCH), torch.float32)
 
 
+# Rows too long for the per-block distance table (more than about 3,000 patches: mad_cuda.cu's kMaxTableBytes):
+# mad_rows_direct_kernel computes each distance itself, stepping along the grid; a 64 x 64 grid, and grids narrower
+# than a vector of keys (4 columns: narrower than 8 bfloat16 keys; 2: narrower than 4 float32 ones), whose steps
+# wrap to the next grid row within one vector.
+LONG_ROW_CASES = [(4097, 1, [64, 64]), (4097, 1, [1024, 4]), (4098, 2, [2048, 2])]
+LONG_ROW_IDS = [f"N{n}-P{p}-{g[0]}x{g[1]}" for n, p, g in LONG_ROW_CASES]
+
+
+@pytest.mark.parametrize("case", LONG_ROW_CASES, ids=LONG_ROW_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("renormalize", [False, True], ids=["raw", "renorm"])
+def test_rows_longer_than_the_distance_table(case, dtype, renormalize):
+    n = case[0]
+    attn = make_attention((1, 2, n, n), "contiguous", dtype, seed=n)
+    kwargs = options(case, renormalize, reduction="none")
+    out = vitmad.mad(attn, PATCH, **kwargs)
+    torch.testing.assert_close(out.double(), mad_reference(attn, PATCH, **kwargs), **tolerance(dtype))
+    # Small upstream gradients: g * d reaches 32,768 px times g here, beyond float16's range for g of order 1.
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(n), dtype=torch.float64).to(DEVICE) / 64
+    grad_attn = torch.ops.vitmad.mad_backward(grad.to(mad_output_dtype(dtype)), attn, PATCH, **kwargs)
+    assert_grad_close(grad_attn, mad_backward_reference(grad, attn, PATCH, **kwargs), dtype)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_more_than_2_to_the_31_elements(layout):
