@@ -165,3 +165,34 @@ def test_cuda_temporal_mad_equals_the_cpu_one(dtype):
                                          stats=names, reduction=reduction)
         for name in names:
             torch.testing.assert_close(cuda[name].cpu(), cpu[name], rtol=1e-5, atol=1e-4, equal_nan=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_statistics_of_positions_are_captured_in_a_graph():
+    """The position form's statistics (frames too) in a CUDA graph: the host-side checks of the positions' values
+    stand aside while the stream captures (as the C++ ones do), and a replay on new q and k gives what a plain call
+    gives."""
+    gen = torch.Generator().manual_seed(7)
+    f, r, c = torch.meshgrid(torch.arange(2), torch.arange(4), torch.arange(5), indexing="ij")
+    positions = torch.stack([(r + 0.5) * 16, (c + 0.5) * 16], -1).reshape(-1, 2).float().cuda()
+    times = ((f + 0.5) * 2).reshape(-1, 1).float().cuda()
+    q, k = (torch.randn(2, 3, 40, 16, generator=gen).cuda() for _ in range(2))
+    names = ("mad", "temporal_mad", "entropy", "self_mass")
+
+    def call():
+        return vitmad.attention_stats_qk(q, k, positions=positions, times=times, stats=names, reduction="none")
+
+    side = torch.cuda.Stream()  # warm up on a side stream, as torch.cuda.graphs asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    q.copy_(torch.randn(q.shape, generator=gen).cuda())
+    k.copy_(torch.randn(k.shape, generator=gen).cuda())
+    graph.replay()
+    expected = call()
+    for name in names:
+        torch.testing.assert_close(captured[name], expected[name], rtol=1e-5, atol=1e-5)

@@ -324,6 +324,13 @@ def _check_position_side(pos, arg, lead, tokens, tokens_arg, n, what, n_name, op
                          f"{tokens_arg}'s {_shape_str(lead)} (right-aligned, each 1 or equal, at most as many)")
 
 
+def capturing_graph(tokens: torch.Tensor) -> bool:
+    """Whether ``tokens`` lives on a GPU whose current stream is capturing a CUDA graph: the values of positions and
+    frames are then not checked, since reading them on the host would end the capture (as the C++ checks do:
+    ``can_check_position_values`` in csrc/cuda/cuda_common.cuh). Shapes, dtypes and devices are checked always."""
+    return tokens.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_position_values(positions: torch.Tensor, arg: str, op_name: str) -> None:
     """Every row all NaN (a token without a position) or all finite (mirrors ``check_position_values``).
 
@@ -397,7 +404,7 @@ def check_position_args(
             f"{' (q and k have different token counts)' if qk else ''}; pass key_positions [..., {num_keys}, K] "
             "for its keys"
         )
-    if check_values:
+    if check_values and not capturing_graph(tokens):
         acc = mad_output_dtype(tokens.dtype)
         check_position_values(positions.to(acc), "positions", op_name)
         if key_positions is not None:
@@ -526,7 +533,7 @@ def check_time_args(tokens: torch.Tensor, layout: PositionLayout, positions: tor
         if key_times.shape[-1] != 1:
             raise ValueError(f"{op_name}: key_times must be [..., Nk, 1], the frame of each key, got shape "
                              f"{_shape_str(key_times.shape)}")
-    if not check_values:
+    if not check_values or capturing_graph(tokens):
         return
     acc = mad_output_dtype(tokens.dtype)
     check_position_values(times.to(acc), "times", op_name)
