@@ -163,9 +163,13 @@ def direct_build_steps(arch: str, cuda_home: Path, build_dir: Path) -> list[list
     return [commands, [link]]
 
 
-def run_sanitizer_cases() -> None:
+def run_sanitizer_cases(device: str = "cuda") -> None:
     """Small calls of every CUDA kernel (mad, mad_backward, mad_qk; grid and position form; each dtype; float
-    and bool bias, renormalised or not), synchronised, for compute-sanitizer."""
+    and bool bias, renormalised or not), synchronised, for compute-sanitizer. The mad kernels each get their
+    input: contiguous rows (the table kernel), a transposed view (the columns kernel), every other key (the direct
+    kernel, strided keys) and rows beyond the distance table (the direct kernel, contiguous keys); mad_qk also gets
+    q / k of D = 36 sliced from D = 40 (no 16-byte copies). ``device="cpu"`` makes the same calls on the CPU
+    kernels: the test that they are all valid calls (tests/ops/test_gpu_check.py)."""
     import torch
 
     import vitmad
@@ -173,20 +177,30 @@ def run_sanitizer_cases() -> None:
     assert vitmad.backend() == "compiled", vitmad.backend()
     gen = torch.Generator().manual_seed(0)
     n, d, grid = 1 + 10 * 7, 40, [10, 7]
-    positions = vitmad.grid_positions(*grid, 16, num_prefix_tokens=1, device="cuda")
+    long_n, long_grid = 1 + 56 * 56, [56, 56]  # 3,136 patches: past the 96 KiB distance table of mad_cuda.cu
+    positions = vitmad.grid_positions(*grid, 16, num_prefix_tokens=1, device=device)
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        attn = torch.randn(2, 3, n, n, generator=gen).softmax(-1).to("cuda", dtype)
-        q, k = (torch.randn(2, 3, n, d, generator=gen).to("cuda", dtype) for _ in range(2))
-        bias = torch.randn(3, n, n, generator=gen).to("cuda", dtype)
-        mask = (torch.rand(2, 1, 1, n, generator=gen) > 0.3).cuda()
+        attn = torch.randn(2, 3, n, n, generator=gen).softmax(-1).to(device, dtype)
+        views = {
+            "rows": (attn, grid),
+            "transposed": (attn.transpose(-1, -2).contiguous().transpose(-1, -2), grid),
+            "strided": (torch.rand(2, 3, 2 * n, 2 * n, generator=gen).to(device, dtype)[..., ::2, ::2], grid),
+            "long rows": (torch.rand(1, 1, long_n, long_n, generator=gen).to(device, dtype), long_grid),
+        }
+        q, k = (torch.randn(2, 3, n, d, generator=gen).to(device, dtype) for _ in range(2))
+        bias = torch.randn(3, n, n, generator=gen).to(device, dtype)
+        mask = (torch.rand(2, 1, 1, n, generator=gen) > 0.3).to(device)
         for renormalize in (False, True):
-            out = vitmad.mad(attn, 16, grid=grid, renormalize=renormalize)
-            torch.ops.vitmad.mad_backward(torch.ones_like(out), attn, 16, grid=grid, renormalize=renormalize)
+            for view, view_grid in views.values():
+                out = vitmad.mad(view, 16, grid=view_grid, renormalize=renormalize)
+                torch.ops.vitmad.mad_backward(torch.ones_like(out), view, 16, grid=view_grid, renormalize=renormalize)
             vitmad.mad(attn, positions=positions, renormalize=renormalize)
             vitmad.mad_qk(q, k, 16, grid=grid, attn_bias=bias, renormalize=renormalize)
             vitmad.mad_qk(q, k, 16, grid=grid, attn_bias=mask, renormalize=renormalize, reduction="none")
             vitmad.mad_qk(q, k, positions=positions, attn_bias=bias, renormalize=renormalize)
-    torch.cuda.synchronize()
+            vitmad.mad_qk(q[..., :36], k[..., :36], 16, grid=grid, renormalize=renormalize)
+    if device == "cuda":
+        torch.cuda.synchronize()
     print("sanitizer cases done")
 
 

@@ -30,3 +30,15 @@ def test_bad_arguments_exit_2(tmp_path, args):
     done = _run(*[str(tmp_path / "OUT") if a == "OUT" else a for a in args])
     assert done.returncode == 2
     assert "gpu_check: error:" in done.stderr
+
+
+def test_sanitizer_cases_are_valid_calls(capsys):
+    # The calls compute-sanitizer runs on a GPU, made on the CPU kernels: a GPU session must not lose its minutes
+    # to a call that is refused for its arguments.
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    gpu_check.run_sanitizer_cases(device="cpu")
+    assert capsys.readouterr().out.strip().endswith("sanitizer cases done")
