@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .module_index import named_module_list
 from .transformers_capture import AttentionCallback, forward_source
 
 __all__ = ["timm_attention_modules", "source_attention_modules", "ModuleAttentionHooks", "DoneCallback",
@@ -51,7 +52,7 @@ def timm_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     Modules nested in another such module are left to the outer one.
     """
     found = {}
-    for name, module in model.named_modules():
+    for name, module in named_module_list(model):
         if hasattr(module, "fused_attn") and any(isinstance(getattr(module, p, None), nn.Module)
                                                  for p in _SELF_ATTENTION_PROJECTIONS):
             if not any(name.startswith(outer + ".") for outer in found):
@@ -79,7 +80,7 @@ def source_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     computes a softmax (blocks that attend without an attention submodule, attention modules outside timm's and
     transformers' conventions)."""
     found = {}
-    for name, module in model.named_modules():
+    for name, module in named_module_list(model):
         cls = type(module)
         if cls.__module__.split(".")[0] == "torch" or not _computes_attention(cls):
             continue

@@ -46,6 +46,7 @@ from .families.naflex import call_start as naflex_call_start
 from .families.naflex import towers as naflex_towers
 from .families.plain import PlainLayout, PlainPlacer, find_patch_embedding, is_embedding_projection
 from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
+from .module_index import module_list, named_module_list, shared_walks
 from .placement import CallContext, LayerGeometry, LayerPlacer, ModelLayout, NotPlaceable, Placement
 from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model, uses_attention_interface
 
@@ -164,7 +165,7 @@ def _encoder_prefix(model: nn.Module) -> str:
     HieraDet embeds with 7x7 of stride 4), else the plain patch embedding; a prompt encoder's mask convolution
     or a text tower never comes first.
     """
-    embedding = next((name for name, module in model.named_modules() if is_embedding_projection(name, module)), None)
+    embedding = next((name for name, module in named_module_list(model) if is_embedding_projection(name, module)), None)
     if embedding is None:
         found = find_patch_embedding(model)
         embedding = None if found is None else found[0]
@@ -204,17 +205,18 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     modules (query and key projections), timm's (a ``fused_attn`` switch and an input projection), modules whose
     forward computes attention (:func:`~.module_capture.source_attention_modules`) and those only a family knows.
     A module inside another one found is left to the outer one."""
-    found = {}
-    if is_hf_model(model):
-        found.update(hf_attention_modules(model))
-    found.update(timm_attention_modules(model))
-    found.update(source_attention_modules(model))
-    found.update(family_modules(model))
-    ordered = {}
-    for name, module in model.named_modules():
-        if name in found and not any(name.startswith(outer + ".") for outer in ordered):
-            ordered[name] = module
-    return ordered
+    with shared_walks():
+        found = {}
+        if is_hf_model(model):
+            found.update(hf_attention_modules(model))
+        found.update(timm_attention_modules(model))
+        found.update(source_attention_modules(model))
+        found.update(family_modules(model))
+        ordered = {}
+        for name, module in named_module_list(model):
+            if name in found and not any(name.startswith(outer + ".") for outer in ordered):
+                ordered[name] = module
+        return ordered
 
 
 def _check_record_stats(stats: Sequence[str]) -> tuple[tuple[str, ...], bool]:
@@ -236,7 +238,7 @@ def _check_record_stats(stats: Sequence[str]) -> tuple[tuple[str, ...], bool]:
 def _first_convolution(model: nn.Module) -> nn.Module | None:
     """The first convolution in module order: it runs on the image, so a forward call starts there; without
     one, a NaFlex tower (its patches come cut, and a text tower beside it must not start a call)."""
-    for module in model.modules():
+    for module in module_list(model):
         if isinstance(module, (nn.Conv2d, nn.Conv3d)):
             return module
     return naflex_call_start(model)
@@ -281,10 +283,12 @@ class Recording:
         self.skipped: dict[str, str] = {}
         self._context = CallContext()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._plain = PlainLayout(model, patch, None if grid is None else (int(grid[0]), int(grid[1])),
-                                  num_prefix_tokens)
         self._placers: dict[str, LayerPlacer] = {}
-        self._modules = self._choose_layers(layers)
+        # Every family asks the module tree its own questions: one walk per root serves them all.
+        with shared_walks():
+            self._plain = PlainLayout(model, patch, None if grid is None else (int(grid[0]), int(grid[1])),
+                                      num_prefix_tokens)
+            self._modules = self._choose_layers(layers)
         # Per module, the calls of its current forward not yet recorded (several for differential attention).
         self._pending: dict[str, list] = {}
         interface = {n: m for n, m in self._modules.items() if is_hf_model(model) and uses_attention_interface(m)}
@@ -301,7 +305,7 @@ class Recording:
         model = self.model
         found = attention_modules(model)
         if layers is not None:
-            chosen = _select(dict(model.named_modules()), layers, model, found)
+            chosen = _select(dict(named_module_list(model)), layers, model, found)
         else:
             prefix = _encoder_prefix(model)
             chosen = {n: m for n, m in found.items() if n.startswith(prefix)}
@@ -610,20 +614,25 @@ class Recording:
 
     def __enter__(self) -> Recording:
         try:
-            first = _first_convolution(self.model)
-            if first is not None:
-                self._handles.append(first.register_forward_pre_hook(self._start_call))
-            else:
-                self._handles.append(self.model.register_forward_pre_hook(self._start_call, with_kwargs=True))
-            self._handles.extend(self._plain.install(self._context))
-            for placer in {id(p): p for p in self._placers.values()}.values():
-                self._handles.extend(placer.install(self._context))
-            for hooks in self._hooks:
-                hooks.install()
+            with shared_walks():
+                self._install()
         except BaseException:
             self._remove()
             raise
         return self
+
+    def _install(self) -> None:
+        """The hooks of the call start, of the layout, of the placers and of the attention capture."""
+        first = _first_convolution(self.model)
+        if first is not None:
+            self._handles.append(first.register_forward_pre_hook(self._start_call))
+        else:
+            self._handles.append(self.model.register_forward_pre_hook(self._start_call, with_kwargs=True))
+        self._handles.extend(self._plain.install(self._context))
+        for placer in {id(p): p for p in self._placers.values()}.values():
+            self._handles.extend(placer.install(self._context))
+        for hooks in self._hooks:
+            hooks.install()
 
     def _remove(self) -> None:
         for handle in self._handles:

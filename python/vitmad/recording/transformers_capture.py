@@ -16,6 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .module_index import named_module_list
+
 __all__ = ["AttentionCallback", "is_hf_model", "hf_attention_modules", "uses_attention_interface", "forward_source",
            "HFAttentionHooks"]
 
@@ -44,7 +46,7 @@ def hf_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     vision encoder).
     """
     found = {}
-    for name, module in model.named_modules():
+    for name, module in named_module_list(model):
         pairs = (("q_proj", "k_proj"), ("query", "key"), ("qkv", "qkv"))
         if any(isinstance(getattr(module, q, None), nn.Module) and isinstance(getattr(module, k, None), nn.Module)
                for q, k in pairs):

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres
 from .stages import defined_in
 from .windows import nchw, stage_stride
@@ -130,7 +131,7 @@ class _HaloPlacer(_MapAttentionPlacer):
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules()
+    return {name: m for name, m in named_module_list(model)
             if defined_in(m, "BottleneckAttn", "bottleneck_attn") or defined_in(m, "HaloAttn", "halo_attn")}
 
 

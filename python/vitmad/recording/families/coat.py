@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..module_index import named_module_list
 from .stages import defined_in
 
 _REASON = ("factorized attention (CoaT): softmax(k)^T v is applied to the queries, so no query has attention "
@@ -21,7 +22,7 @@ def _factorized(module: nn.Module) -> bool:
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """CoaT's factorized attention (no ``fused_attn`` switch), to list it as skipped."""
-    return {name: m for name, m in model.named_modules() if _factorized(m)}
+    return {name: m for name, m in named_module_list(model) if _factorized(m)}
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):

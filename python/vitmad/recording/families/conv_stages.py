@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..module_index import module_list
 from ..placement import NotPlaceable, cell_centres
 from .stages import KeyLayout, StageGrid, StagePlacer, defined_in, global_keys, strided_modules
 
@@ -39,13 +40,13 @@ def _sequence_pooled_keys(pool: nn.AvgPool1d) -> KeyLayout:
 
 
 def _owner(model: nn.Module, class_name: str, module_suffix: str) -> nn.Module | None:
-    return next((m for m in model.modules() if defined_in(m, class_name, module_suffix)), None)
+    return next((m for m in module_list(model) if defined_in(m, class_name, module_suffix)), None)
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
     if defined_in(module, "EfficientAttention", "nextvit"):
         owner = _owner(model, "NextViT", "nextvit")
-        attention = tuple(m for m in owner.modules() if defined_in(m, "EfficientAttention", "nextvit"))
+        attention = tuple(m for m in module_list(owner) if defined_in(m, "EfficientAttention", "nextvit"))
         keys = global_keys if module.sr is None else _sequence_pooled_keys(module.sr)
         return StagePlacer(StageGrid(model, strided_modules(owner, attention)), keys)
     if defined_in(module, "Attention", "visformer"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..module_index import named_module_list
 from .stages import defined_in
 
 __all__ = ["attention_modules", "placer", "probabilities_from"]
@@ -26,7 +27,7 @@ def _design(module: nn.Module) -> str | None:
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """``GPSA`` and ``MHSA`` modules, which the generic discovery misses (no "attention" in their class names)."""
-    return {name: m for name, m in model.named_modules() if _design(m) is not None}
+    return {name: m for name, m in named_module_list(model) if _design(m) is not None}
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..module_index import named_module_list
 from .windows import PartitionPlacer, block_partition, nchw, parent_module
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """DaViT's channel attention (no ``fused_attn`` switch, so the generic discovery misses it), to list it as
     skipped."""
-    return {name: m for name, m in model.named_modules()
+    return {name: m for name, m in named_module_list(model)
             if type(m).__name__ in ("ChannelAttention", "ChannelAttentionV2") and type(m).__module__.endswith(".davit")}
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..module_index import module_list, named_module_list
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, cell_centres
 from .stages import defined_in, grid_placement, pair, strided_module_centres
 
@@ -37,14 +38,14 @@ def _is_attention(module: nn.Module) -> bool:
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if _is_attention(m)}
+    return {name: m for name, m in named_module_list(model) if _is_attention(m)}
 
 
 def _input_strides(model: nn.Module) -> dict[int, tuple[float, float]]:
     """Per attention module (by id), the pixel stride of the grid it reads."""
-    owner = next(m for m in model.modules() if any(defined_in(m, *c) for c in _MODELS))
+    owner = next(m for m in module_list(model) if any(defined_in(m, *c) for c in _MODELS))
     stride, before, strides, inside = (1.0, 1.0), {}, {}, []
-    for name, module in owner.named_modules():
+    for name, module in named_module_list(owner):
         if any(name.startswith(outer + ".") for outer in inside):
             continue  # an attention's own convolutions subsample its tokens, not the model's grid
         if _is_attention(module):
@@ -105,7 +106,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return None
     grid_input = module
     if defined_in(module, *_CLASSES[0]):
-        flat = [m for m in model.modules() if defined_in(m, "Flat", "efficientformer")]
+        flat = [m for m in module_list(model) if defined_in(m, "Flat", "efficientformer")]
         if len(flat) != 1:
             return None  # not the EfficientFormer layout: left to the plain placer, which says what it sees
         grid_input = flat[0]

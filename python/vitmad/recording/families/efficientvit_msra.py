@@ -19,6 +19,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ..module_index import named_module_list
 from ..placement import CallContext, NotPlaceable, Placement
 from .windows import PartitionPlacer, block_partition, nchw, parent_module
 
@@ -29,7 +30,7 @@ def _cascaded(module: nn.Module) -> bool:
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if _cascaded(m)}
+    return {name: m for name, m in named_module_list(model) if _cascaded(m)}
 
 
 class _HeadPerCallPlacer(PartitionPlacer):

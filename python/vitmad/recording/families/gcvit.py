@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..module_index import named_module_list
 from .stages import defined_in
 from .windows import PartitionPlacer, block_partition, nhwc, parent_module
 
@@ -25,7 +26,7 @@ def _is_window_attention(module: nn.Module) -> bool:
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if _is_window_attention(m)}
+    return {name: m for name, m in named_module_list(model) if _is_window_attention(m)}
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..module_index import module_list, named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
 
 __all__ = ["placer", "attention_modules", "unrolled_cells"]
@@ -47,7 +48,7 @@ def _key(module: nn.Module) -> tuple[str, str]:
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """transformers' ``HieraMaskUnitAttention`` (its ``qkv`` is no query/key pair; timm's is found generically)."""
-    return {name: m for name, m in model.named_modules() if _key(m) in _DESIGNS}
+    return {name: m for name, m in named_module_list(model) if _key(m) in _DESIGNS}
 
 
 def _owner(model: nn.Module, name: str, owner_classes: tuple[str, ...]) -> tuple[str, nn.Module] | None:
@@ -101,13 +102,13 @@ class HieraPlacer(LayerPlacer):
         self.attributes = attributes
         # The flattened query strides of this owner's attention modules up to and including this one.
         strides = []
-        for module in owner.modules():
+        for module in module_list(owner):
             if _key(module) in _DESIGNS:
                 strides.append(int(getattr(module, attributes[1])))
                 if module is self.attention:
                     break
         self.pools_before, self.query_stride = [s for s in strides[:-1] if s > 1], strides[-1]
-        self.conv = next((m for m in owner.modules() if isinstance(m, nn.Conv2d)), None)
+        self.conv = next((m for m in module_list(owner) if isinstance(m, nn.Conv2d)), None)
         self._cache: dict = {}
         self._placed: dict = {}
 

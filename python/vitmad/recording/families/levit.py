@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from ..module_index import module_list, named_module_list
 from ..placement import CallContext, LayerPlacer, Placement, cell_centres
 from .stages import defined_in, grid_placement, pair, strided_centres
 
@@ -48,22 +49,22 @@ def _grid_and_step(module: nn.Module) -> tuple[tuple[int, int], int | None]:
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if _is_levit_attention(m)}
+    return {name: m for name, m in named_module_list(model) if _is_levit_attention(m)}
 
 
 def _input_strides(model: nn.Module) -> dict[int, tuple[float, float]]:
     """Per attention module (by id), the pixel stride of its grid: the stem's convolutions' strides times the
     strides of the downsampling attention layers before it (they run in module order)."""
-    levit = next((m for m in model.modules() if any(defined_in(m, name, suffix) for name, suffix in (
+    levit = next((m for m in module_list(model) if any(defined_in(m, name, suffix) for name, suffix in (
         ("Levit", "levit"), ("LevitDistilled", "levit"), ("LevitModel", "modeling_levit")))), model)
     stride = (1.0, 1.0)
     stem = levit.stem if hasattr(levit, "stem") else levit.patch_embeddings
-    for conv in stem.modules():
+    for conv in module_list(stem):
         if isinstance(conv, nn.Conv2d):
             step = pair(conv.stride)
             stride = (stride[0] * step[0], stride[1] * step[1])
     strides = {}
-    for module in levit.modules():
+    for module in module_list(levit):
         if _is_levit_attention(module):
             strides[id(module)] = stride
             step = _grid_and_step(module)[1]

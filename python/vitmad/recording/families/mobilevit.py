@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..module_index import named_module_list
 from ..placement import NotPlaceable
 from .stages import defined_in, reduction_before
 from .windows import PartitionPlacer, grid_partition, nchw
@@ -41,7 +42,7 @@ def _is_linear_attention(module: nn.Module) -> bool:
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """MobileViTv2's linear attention (no ``fused_attn`` switch, no query/key projections), to list it as
     skipped."""
-    return {n: m for n, m in model.named_modules() if _is_linear_attention(m)}
+    return {n: m for n, m in named_module_list(model) if _is_linear_attention(m)}
 
 
 def _holder(model: nn.Module, name: str, is_block) -> nn.Module | None:

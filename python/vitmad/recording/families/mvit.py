@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..module_index import module_list, named_module_list
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, cell_centres
 from .stages import defined_in, grid_placement, pair, strided_module_centres
 
@@ -30,16 +31,16 @@ def _is_mvit_attention(module: nn.Module) -> bool:
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if _is_mvit_attention(m)}
+    return {name: m for name, m in named_module_list(model) if _is_mvit_attention(m)}
 
 
 def _input_strides(model: nn.Module) -> dict[int, tuple[float, float]]:
     """Per attention module (by id), the pixel stride of the grid it receives: the patch embedding's stride
     times the query strides of the attention layers before it (the blocks run in module order)."""
-    owner = next(m for m in model.modules() if defined_in(m, "MultiScaleVit", "mvitv2"))
+    owner = next(m for m in module_list(model) if defined_in(m, "MultiScaleVit", "mvitv2"))
     stride = tuple(float(s) for s in pair(owner.patch_embed.proj.stride))
     strides = {}
-    for module in owner.modules():
+    for module in module_list(owner):
         if _is_mvit_attention(module):
             strides[id(module)] = stride
             if module.pool_q is not None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
 from .stages import defined_in
 
@@ -69,7 +70,7 @@ def _design_of(module: nn.Module) -> _Design | None:
 
 def towers(model: nn.Module) -> dict[str, nn.Module]:
     """The NaFlex towers of ``model`` by qualified name ("" for the model itself), in module order."""
-    return {name: module for name, module in model.named_modules() if _design_of(module) is not None}
+    return {name: module for name, module in named_module_list(model) if _design_of(module) is not None}
 
 
 def call_start(model: nn.Module) -> nn.Module | None:
@@ -86,7 +87,7 @@ def call_start(model: nn.Module) -> nn.Module | None:
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """SigLIP2's attention pooling heads: their ``nn.MultiheadAttention`` is found by no generic discovery, and
     they are listed so that the recording says why they are skipped."""
-    return {name: m for name, m in model.named_modules()
+    return {name: m for name, m in named_module_list(model)
             if defined_in(m, "Siglip2MultiheadAttentionPoolingHead", "modeling_siglip2")}
 
 

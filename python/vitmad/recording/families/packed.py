@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
 from .stages import matching_design
 
@@ -381,7 +382,7 @@ class _Refuse(LayerPlacer):
 
 
 def _towers(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if _design_of(m, "tower") is not None}
+    return {name: m for name, m in named_module_list(model) if _design_of(m, "tower") is not None}
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):

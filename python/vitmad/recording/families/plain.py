@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
 __all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "is_embedding_projection", "num_suffix_tokens"]
@@ -47,7 +48,7 @@ def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
     ``Conv2d`` whose kernel (larger than 1) equals its stride.
     """
     fallback = None
-    for name, module in model.named_modules():
+    for name, module in named_module_list(model):
         if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == tuple(module.stride):
             if is_embedding_projection(name, module):
                 return name, module

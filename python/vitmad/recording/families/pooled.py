@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..module_index import module_list, named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres
 from .stages import (
     KeyLayout,
@@ -44,7 +45,7 @@ __all__ = ["placer", "attention_modules"]
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """CvT's attention (its projections are named ``projection_query`` / ``projection_key``)."""
-    return {n: m for n, m in model.named_modules() if defined_in(m, "CvtSelfAttention", "modeling_cvt")}
+    return {n: m for n, m in named_module_list(model) if defined_in(m, "CvtSelfAttention", "modeling_cvt")}
 
 
 def _conv_keys(conv: nn.Conv2d) -> KeyLayout:
@@ -109,7 +110,7 @@ class PaddedWindowPlacer(LayerPlacer):
 
 
 def _embeddings(model: nn.Module, class_name: str, module_suffix: str, conv: str) -> list[nn.Module]:
-    return [getattr(m, conv) for m in model.modules() if defined_in(m, class_name, module_suffix)]
+    return [getattr(m, conv) for m in module_list(model) if defined_in(m, class_name, module_suffix)]
 
 
 def _timm_pvt_v2(model: nn.Module, module: nn.Module) -> LayerPlacer:
@@ -120,7 +121,7 @@ def _timm_pvt_v2(model: nn.Module, module: nn.Module) -> LayerPlacer:
 
 
 def _hf_pvt(model: nn.Module, module: nn.Module) -> LayerPlacer:
-    embeddings = [m for m in model.modules() if defined_in(m, "PvtPatchEmbeddings", "modeling_pvt")]
+    embeddings = [m for m in module_list(model) if defined_in(m, "PvtPatchEmbeddings", "modeling_pvt")]
     stages = StageGrid(model, [m.projection for m in embeddings])
     keys = _conv_keys(module.sequence_reduction) if module.sequences_reduction_ratio > 1 else global_keys
     return StagePlacer(stages, keys, lambda index: int(embeddings[index].cls_token is not None))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..module_index import named_module_list
 from .iformer import SingleHeadPlacer
 from .stages import defined_in
 from .windows import PartitionPlacer, nchw, whole_map
@@ -22,7 +23,7 @@ def _is_shsa(module: nn.Module) -> bool:
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The ``SHSA`` modules, which the generic discovery misses (no "attention" in the class name)."""
-    return {name: m for name, m in model.named_modules() if _is_shsa(m)}
+    return {name: m for name, m in named_module_list(model) if _is_shsa(m)}
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):

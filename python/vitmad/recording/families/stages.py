@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..module_index import module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
 __all__ = ["matching_design", "reduction_before", "Stage", "StageGrid", "StagePlacer", "KeyLayout", "global_keys",
@@ -59,8 +60,8 @@ def reduction_before(model: nn.Module, target: nn.Module, inside: tuple[type, ..
     convolution is on the main path (MobileViT, the MobileNet hybrids; square strides). Convolutions inside
     modules of the classes ``inside`` (attention modules pooling their own keys) do not count."""
     reduction = 1
-    skipped = {id(m) for outer in model.modules() if isinstance(outer, inside) for m in outer.modules()}
-    for module in model.modules():
+    skipped = {id(m) for outer in module_list(model) if isinstance(outer, inside) for m in module_list(outer)}
+    for module in module_list(model):
         if module is target:
             return reduction
         if isinstance(module, nn.Conv2d) and id(module) not in skipped:
@@ -121,8 +122,8 @@ def strided_modules(model: nn.Module, inside: tuple[nn.Module, ...] = ()) -> lis
     """The convolutions and pools of stride above 1 of ``model`` in module order, but for those inside
     ``inside`` (attention modules, whose own poolings do not change the model's grid): the stage embeddings of
     a convolutional hierarchy whose modules are registered in the order they run."""
-    skipped = {id(m) for outer in inside for m in outer.modules()}
-    return [m for m in model.modules()
+    skipped = {id(m) for outer in inside for m in module_list(outer)}
+    return [m for m in module_list(model)
             if isinstance(m, (nn.Conv2d, nn.AvgPool2d, nn.MaxPool2d)) and id(m) not in skipped
             and pair(m.stride) != (1, 1)]
 

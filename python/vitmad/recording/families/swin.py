@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
 from .plain import find_patch_embedding
 from .stages import matching_design
@@ -88,7 +89,7 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     The generic discovery misses timm's Swin V2 and V2-CR attention (no ``fused_attn`` switch); the others are
     listed too, so that each block's attention is found by its design, not by its projections' names.
     """
-    return {name: module for name, module in model.named_modules() if _design_of(module, "attention") is not None}
+    return {name: module for name, module in named_module_list(model) if _design_of(module, "attention") is not None}
 
 
 def _pair(value) -> tuple[int, int]:
@@ -254,7 +255,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     design = _design_of(module, "attention")
     if design is None:
         return None
-    modules = dict(model.named_modules())
+    modules = dict(named_module_list(model))
     block_name = name
     while block_name and _design_of(modules[block_name], "block") is not design:
         block_name = block_name.rpartition(".")[0]

@@ -17,13 +17,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..module_index import module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
 __all__ = ["placer"]
 
 
 def _owner(model: nn.Module) -> nn.Module | None:
-    return next((m for m in model.modules() if type(m).__name__ == "TNT" and type(m).__module__.endswith(".tnt")),
+    return next((m for m in module_list(model) if type(m).__name__ == "TNT" and type(m).__module__.endswith(".tnt")),
                 None)
 
 

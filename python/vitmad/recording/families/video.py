@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres
 from .plain import is_embedding_projection
 
@@ -200,7 +201,7 @@ def _embedding(model: nn.Module, frames: int | None) -> _Embedding | None:
     known = _EMBEDDINGS.get(model)
     if known is not None and known.frames == frames:
         return known
-    conv = next((module for name, module in model.named_modules() if is_embedding_projection(name, module)), None)
+    conv = next((module for name, module in named_module_list(model) if is_embedding_projection(name, module)), None)
     if conv is None:
         return None
     _EMBEDDINGS[model] = _Embedding(model, conv, frames)
@@ -216,7 +217,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return None
     if key in _SKIPPED:
         return Skip(_SKIPPED[key])
-    modules = dict(model.named_modules())
+    modules = dict(named_module_list(model))
     parts = name.split(".")
     ancestors = [modules[".".join(parts[:i])] for i in range(len(parts))]
     if any(_key(a) == _PREDICTOR for a in ancestors):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..module_index import module_list, named_module_list
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement
 from .stages import StageGrid, StagePlacer, defined_in, grid_placement, pair
 
@@ -25,17 +26,17 @@ __all__ = ["placer", "attention_modules"]
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """CaiT's talking-heads attention and CrossViT's cross-attention: they have no ``fused_attn`` switch."""
-    return {name: m for name, m in model.named_modules()
+    return {name: m for name, m in named_module_list(model)
             if defined_in(m, "TalkingHeadAttn", "cait") or defined_in(m, "CrossAttention", "crossvit")}
 
 
 def _owner(model: nn.Module, class_name: str, module_suffix: str) -> nn.Module | None:
-    return next((m for m in model.modules() if defined_in(m, class_name, module_suffix)), None)
+    return next((m for m in module_list(model) if defined_in(m, class_name, module_suffix)), None)
 
 
 def _pit(model: nn.Module, module: nn.Module) -> LayerPlacer | None:
     pit = _owner(model, "PoolingVisionTransformer", "pit")
-    if pit is None or not any(m is module for m in pit.transformers.modules()):
+    if pit is None or not any(m is module for m in module_list(pit.transformers)):
         return None
     embeddings = [pit.patch_embed.conv] + [stage.pool.conv for stage in pit.transformers if stage.pool is not None]
     prefix = int(pit.cls_token.shape[1])
@@ -47,7 +48,7 @@ class CrossVitBranchPlacer(LayerPlacer):
 
     def __init__(self, crossvit: nn.Module, branch: int):
         self.crossvit, self.branch = crossvit, branch
-        convs = [m for m in crossvit.patch_embed[branch].modules() if isinstance(m, nn.Conv2d)]
+        convs = [m for m in module_list(crossvit.patch_embed[branch]) if isinstance(m, nn.Conv2d)]
         self.stages = StageGrid(crossvit, convs)
         # The model's input size in the current call: the image the branches are resized from. Kept here, not in
         # the call context, which is cleared when the first convolution (after this hook) runs.
@@ -79,7 +80,7 @@ def _crossvit(model: nn.Module, module: nn.Module) -> LayerPlacer | None:
         return None
     for block in crossvit.blocks:
         for branch, blocks in enumerate(block.blocks):
-            if any(m is module for m in blocks.modules()):
+            if any(m is module for m in module_list(blocks)):
                 return CrossVitBranchPlacer(crossvit, branch)
     return None
 

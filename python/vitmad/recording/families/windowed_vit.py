@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..module_index import module_list, named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
 
 __all__ = ["placer", "attention_modules"]
@@ -95,7 +96,7 @@ def _pair(value) -> tuple[int, int]:
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The attention modules of these families that the generic discovery misses (no q/k projections, no
     ``fused_attn``): transformers' SAM, SAM-HQ, ViTDet and Sam2 vision attention."""
-    return {name: m for name, m in model.named_modules() if _key(m) in _DESIGNS}
+    return {name: m for name, m in named_module_list(model) if _key(m) in _DESIGNS}
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
@@ -119,7 +120,7 @@ def _patch_stride_and_pooling(model: nn.Module, block: nn.Module, design: _Desig
     """The stride of the patch embedding (the first convolution before the first block) and the product of
     the query strides of the blocks before ``block``."""
     conv, pooled = None, (1, 1)
-    for module in model.modules():
+    for module in module_list(model):
         if conv is None and isinstance(module, nn.Conv2d):
             conv = module
         if module is block:
