@@ -2,8 +2,13 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <c10/util/intrusive_ptr.h>
+#include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <deque>
+#include <mutex>
 #include <sstream>
 #include <string>
 
@@ -73,6 +78,60 @@ void check_position_values(const at::Tensor& pos, const char* arg, const char* o
   }
 }
 
+// Positions whose values were checked where they were built (vitmad.record's layouts: python/vitmad/recording/
+// placement.py, read_only), registered through vitmad::_trust_positions for each device copy: their check here is
+// skipped, since on a GPU its host copy waits for all the work queued before it, once per recorded layer. An
+// entry is the tensor itself, held weakly (its TensorImpl cannot be reused while the entry lives, and a dead
+// tensor leaves the list), with its version where it has one, so an in-place change makes it unknown again.
+class TrustedPositions {
+ public:
+  void add(const at::Tensor& pos) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    prune();
+    if (entries_.size() == kCapacity) entries_.pop_front();
+    entries_.push_back({c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(pos.getIntrusivePtr()),
+                        pos.unsafeGetTensorImpl(), version_of(pos)});
+  }
+
+  bool contains(const at::Tensor& pos) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return std::any_of(entries_.begin(), entries_.end(), [&](const Entry& e) {
+      return e.impl == pos.unsafeGetTensorImpl() && !e.tensor.expired() && e.version == version_of(pos);
+    });
+  }
+
+ private:
+  // A recording holds a few layouts' positions (one per grid, window partition or video layout) on a device or
+  // two: far fewer than this.
+  static constexpr size_t kCapacity = 64;
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> tensor;
+    const c10::TensorImpl* impl;
+    int64_t version;  // -1 for an inference tensor, which has no version counter
+  };
+
+  static int64_t version_of(const at::Tensor& t) { return t.is_inference() ? -1 : static_cast<int64_t>(t._version()); }
+
+  void prune() {
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [](const Entry& e) { return e.tensor.expired(); }),
+                   entries_.end());
+  }
+
+  std::mutex mutex_;
+  std::deque<Entry> entries_;
+};
+
+TrustedPositions& trusted_positions() {
+  static auto* registry = new TrustedPositions();  // never destroyed: no destructor runs at interpreter exit
+  return *registry;
+}
+
+void trust_positions_op(const at::Tensor& positions) {
+  TORCH_CHECK_VALUE(positions.layout() == at::kStrided && at::isFloatingType(positions.scalar_type()),
+                    "vitmad::_trust_positions: expected a dense floating-point tensor, got ", positions.toString());
+  trusted_positions().add(positions);
+}
+
 // The kernels' view of one side: broadcast (stride-0) leading dims reduced to size 1 first, so a dtype
 // conversion copies only the user's own values.
 TokenPositions prepare_side(const at::Tensor& pos, at::IntArrayRef lead, at::ScalarType acc_dtype, bool check_values,
@@ -82,7 +141,7 @@ TokenPositions prepare_side(const at::Tensor& pos, at::IntArrayRef lead, at::Sca
     if (compact.stride(d) == 0 && compact.size(d) > 1) compact = compact.narrow(d, 0, 1);
   const at::Tensor values = compact.scalar_type() == acc_dtype ? compact : compact.to(acc_dtype);
   // After the conversion: a float64 value beyond float32's range becomes inf there.
-  if (check_values) check_position_values(values, arg, op_name);
+  if (check_values && !trusted_positions().contains(values)) check_position_values(values, arg, op_name);
   std::vector<int64_t> shape(lead.begin(), lead.end());
   shape.push_back(pos.size(-2));
   shape.push_back(pos.size(-1));
@@ -186,3 +245,11 @@ at::Tensor per_query_grad(const at::Tensor& grad, const at::Tensor& attn, const 
 }
 
 }  // namespace vitmad
+
+TORCH_LIBRARY_FRAGMENT(vitmad, m) {
+  m.def("_trust_positions(Tensor positions) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(vitmad, CompositeExplicitAutograd, m) {
+  m.impl("_trust_positions", &vitmad::trust_positions_op);
+}

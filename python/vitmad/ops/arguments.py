@@ -23,6 +23,8 @@ __all__ = [
     "check_one_form",
     "check_position_args",
     "check_position_values",
+    "trust_position_values",
+    "is_trusted_positions",
     "check_mad_grad",
     "check_stats",
     "STAT_NAMES",
@@ -331,13 +333,53 @@ def capturing_graph(tokens: torch.Tensor) -> bool:
     return tokens.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+# The attribute of positions whose values were checked where they were built: the version they had then.
+_TRUSTED = "_vitmad_trusted_version"
+
+
+def _version(tensor: torch.Tensor) -> int:
+    return -1 if tensor.is_inference() else tensor._version  # inference tensors have no version counter
+
+
+def trust_position_values(positions: torch.Tensor) -> None:
+    """Marks positions whose values were checked where they were built (``vitmad.record``'s own layouts, and
+    their device copies: python/vitmad/recording/placement.py, ``read_only``): the ops skip their value check
+    (here, and in C++ through ``vitmad::_trust_positions``), which on a GPU copies them to the host and so waits
+    for all the work queued before it. An in-place change of the tensor (a new version) ends the trust."""
+    setattr(positions, _TRUSTED, _version(positions))
+    if _compiled_trust() is not None:
+        _compiled_trust()(positions)
+
+
+def is_trusted_positions(positions: torch.Tensor) -> bool:
+    """Whether :func:`trust_position_values` marked ``positions`` and it has not changed since."""
+    version = getattr(positions, _TRUSTED, None)
+    return version is not None and version == _version(positions)
+
+
+def _compiled_trust():
+    """``torch.ops.vitmad._trust_positions`` where the compiled library defines it, else None."""
+    global _TRUST_OP
+    if _TRUST_OP is _UNKNOWN:
+        try:
+            _TRUST_OP = torch.ops.vitmad._trust_positions.default
+        except (AttributeError, RuntimeError):
+            _TRUST_OP = None
+    return _TRUST_OP
+
+
+_UNKNOWN = object()
+_TRUST_OP = _UNKNOWN
+
+
 def check_position_values(positions: torch.Tensor, arg: str, op_name: str) -> None:
-    """Every row all NaN (a token without a position) or all finite (mirrors ``check_position_values``).
+    """Every row all NaN (a token without a position) or all finite (mirrors ``check_position_values``);
+    nothing to do for positions :func:`trust_position_values` marked.
 
     Call it on the positions converted to the accumulation dtype: a float64 value beyond float32's range
     becomes infinite there.
     """
-    if positions.numel() == 0:
+    if positions.numel() == 0 or is_trusted_positions(positions):
         return
     values = positions.detach().to("cpu", torch.float64)
     k, n = values.shape[-1], values.shape[-2]

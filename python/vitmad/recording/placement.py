@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ops.arguments import check_position_values, is_trusted_positions, trust_position_values
+
 __all__ = ["ModelLayout", "LayerGeometry", "Placement", "LayerPlacer", "CallContext", "cell_centres", "select_tokens",
-           "NotPlaceable"]
+           "NotPlaceable", "read_only", "on_device"]
 
 
 class NotPlaceable(ValueError):
@@ -169,11 +171,48 @@ def cell_centres(
     return centres.to(device=device, dtype=dtype)
 
 
+# The attribute of a read_only tensor that holds its copies on other devices.
+_DEVICE_COPIES = "_vitmad_device_copies"
+
+
+def read_only(*tensors: torch.Tensor, positions: int = 0) -> tuple[torch.Tensor, ...]:
+    """Marks tensors that vitmad builds once and never changes (the cached positions and token indices of a
+    layout), so that :func:`on_device` copies each to a device once, not once per layer and call. The first
+    ``positions`` of them are positions (``[..., N, K]``, NaN rows for tokens without one): their values are
+    checked here, once, and the ops then skip the check of them and of their device copies
+    (:func:`vitmad.ops.arguments.trust_position_values`), which on a GPU is a host copy that waits for the work
+    queued before it."""
+    for index, tensor in enumerate(tensors):
+        setattr(tensor, _DEVICE_COPIES, {})
+        if index < positions:
+            check_position_values(tensor, "positions", "vitmad.record")  # a layout of ours: never fails
+            trust_position_values(tensor)
+    return tensors
+
+
+def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor.to(device)``; for a :func:`read_only` tensor, its copy made the first time (trusted like the
+    tensor when it holds positions). On a GPU, a copy from pageable host memory waits for the work queued before
+    it: the twelve layers of a ViT-B that share one grid's positions and indices paid 24 of those waits per
+    forward."""
+    copies = getattr(tensor, _DEVICE_COPIES, None)
+    device = torch.device(device)
+    if copies is None or tensor.device == device:
+        return tensor.to(device)
+    copy = copies.get(device)
+    if copy is None:
+        copy = tensor.to(device)
+        if is_trusted_positions(tensor):
+            trust_position_values(copy)
+        copies[device] = copy
+    return copy
+
+
 def select_tokens(index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """The fold of a call whose leading dims are ``[B, H]`` and whose positioned tokens are ``index`` (in grid
     order): ``values[..., index]``."""
 
     def fold(values: torch.Tensor) -> torch.Tensor:
-        return values.index_select(-1, index.to(values.device))
+        return values.index_select(-1, on_device(index, values.device))
 
     return fold

@@ -47,7 +47,7 @@ from .families.naflex import towers as naflex_towers
 from .families.plain import PlainLayout, PlainPlacer, find_patch_embedding, is_embedding_projection
 from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
 from .module_index import module_list, named_module_list, shared_walks
-from .placement import CallContext, LayerGeometry, LayerPlacer, ModelLayout, NotPlaceable, Placement
+from .placement import CallContext, LayerGeometry, LayerPlacer, ModelLayout, NotPlaceable, Placement, on_device
 from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model, uses_attention_interface
 
 __all__ = ["record", "Recording", "RecordedCall", "RECORD_STATS"]
@@ -468,8 +468,8 @@ class Recording:
                  fused: bool) -> None:
         """Per-query values of one attention call (and, for a video layer, its temporal ones), kept until the
         module's forward ends."""
-        positions = placement.positions.to(device)
-        key_positions = None if placement.key_positions is None else placement.key_positions.to(device)
+        positions = on_device(placement.positions, device)
+        key_positions = None if placement.key_positions is None else on_device(placement.key_positions, device)
         video = placement.time_positions is not None
         if video and is_differential(self._modules[name]):
             raise ValueError(f"vitmad.record: {name}: differential attention over video tubelets is not supported")
@@ -484,8 +484,8 @@ class Recording:
         with torch.no_grad():
             if video:
                 key_times = placement.time_key_positions
-                times = {"times": placement.time_positions.to(device),
-                         "key_times": None if key_times is None else key_times.to(device)}
+                times = {"times": on_device(placement.time_positions, device),
+                         "key_times": None if key_times is None else on_device(key_times, device)}
             if video and not fused:
                 # From stored probabilities, a second read for the temporal distance.
                 temporal = measure(times["times"], times["key_times"], self.renormalize)
@@ -552,7 +552,7 @@ class Recording:
             return folded.mean(-1)
         # The mean over the tokens the image has in this call (kept by a masked encoder, or its own grid
         # inside a packed batch): absent tokens are NaN in the fold and must not reach the sum.
-        present = placement.present.to(folded.device)
+        present = on_device(placement.present, folded.device)
         present = present.unsqueeze(-2) if present.dim() == 2 else present
         return torch.where(present, folded, 0.0).sum(-1) / present.sum(-1)
 

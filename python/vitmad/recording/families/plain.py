@@ -19,7 +19,16 @@ import torch
 from torch import nn
 
 from ..module_index import named_module_list
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
+from ..placement import (
+    CallContext,
+    LayerGeometry,
+    LayerPlacer,
+    NotPlaceable,
+    Placement,
+    cell_centres,
+    read_only,
+    select_tokens,
+)
 
 __all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "is_embedding_projection", "num_suffix_tokens"]
 
@@ -177,4 +186,4 @@ def _plain_positions(grid: tuple[int, int], stride: tuple[float, float], prefix:
     patches = grid[0] * grid[1]
     cells = cell_centres(*grid, stride).reshape(patches, 2)
     positions = torch.cat([torch.full((prefix, 2), float("nan")), cells, torch.full((suffix, 2), float("nan"))])
-    return positions, torch.arange(prefix, prefix + patches)
+    return read_only(positions, torch.arange(prefix, prefix + patches), positions=1)

@@ -33,7 +33,16 @@ import torch
 from torch import nn
 
 from ..module_index import named_module_list
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres
+from ..placement import (
+    CallContext,
+    LayerGeometry,
+    LayerPlacer,
+    NotPlaceable,
+    Placement,
+    cell_centres,
+    on_device,
+    read_only,
+)
 from .plain import is_embedding_projection
 
 __all__ = ["placer", "VideoPlacer"]
@@ -108,11 +117,12 @@ class _Embedding:
 
 @functools.lru_cache(maxsize=64)
 def _layout(kind: str, frames: int, size: tuple[int, int], stride: tuple[float, float], frame_stride: int,
-            prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            prefix: int) -> tuple[torch.Tensor, ...]:
     """Where the tokens of each group of a call are (read-only tensors, cached per grid).
 
-    A call's leading dim is ``B * G``, images outermost; group ``g`` holds ``n`` tokens. Returns the spatial
-    positions ``[G, n, 2]`` (pixels) and temporal ones ``[G, n, 1]`` (frames), NaN rows for tokens without a
+    A call's leading dim is ``B * G``, images outermost; group ``g`` holds ``n`` tokens. Returns the first
+    group's spatial and temporal positions (``[n, 2]``, ``[n, 1]``: a call with one group uses them as they are),
+    then every group's, ``[G, n, 2]`` (pixels) and ``[G, n, 1]`` (frames), NaN rows for tokens without a
     position, and ``slot`` ``[frames * grid_h * grid_w]``: where tubelet (frame, row, column) sits among the
     ``G * n`` slots of one image.
     """
@@ -133,7 +143,10 @@ def _layout(kind: str, frames: int, size: tuple[int, int], stride: tuple[float, 
     time_positions = torch.where(known[..., None], times.to(torch.float32)[at], float("nan"))
     slot = torch.empty(frames * patches, dtype=torch.long)
     slot[tokens[known]] = torch.arange(tokens.numel()).view(tokens.shape)[known]
-    return positions, time_positions, slot
+    # With one group, every layer's call uses positions[0] and time_positions[0]: those views are made here, once,
+    # so that a GPU gets one copy of them (on_device), not one per layer.
+    group_positions, group_times = positions[0], time_positions[0]
+    return read_only(group_positions, group_times, positions, time_positions, slot, positions=4)
 
 
 class VideoPlacer(LayerPlacer):
@@ -173,18 +186,18 @@ class VideoPlacer(LayerPlacer):
                 f"{self.kind} attention over {grid.batch} videos of {described} gives "
                 f"[{grid.batch * groups}, heads, {tokens}, {tokens}] (masked or dropped tubelets are not supported)"
             )
-        positions, time_positions, slot = _layout(self.kind, grid.frames, grid.size, grid.stride, grid.frame_stride,
-                                                  self.prefix)
+        group_positions, group_times, positions, time_positions, slot = _layout(
+            self.kind, grid.frames, grid.size, grid.stride, grid.frame_stride, self.prefix)
         if groups > 1:  # one set per row of the call: [B * G, 1, n, K]
             positions = positions.repeat(grid.batch, 1, 1).unsqueeze(1)
             time_positions = time_positions.repeat(grid.batch, 1, 1).unsqueeze(1)
         else:
-            positions, time_positions = positions[0], time_positions[0]
+            positions, time_positions = group_positions, group_times
         batch, heads = grid.batch, int(lead[1])
 
         def fold(values: torch.Tensor) -> torch.Tensor:
             values = values.reshape(batch, groups, heads, tokens).transpose(1, 2).reshape(batch, heads, -1)
-            return values.index_select(-1, slot.to(values.device))
+            return values.index_select(-1, on_device(slot, values.device))
 
         attention = "space-time" if self.kind.startswith("space-time") else self.kind
         geometry = LayerGeometry(grid.size, grid.stride, attention, heads, frames=grid.frames,

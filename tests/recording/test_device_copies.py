@@ -1,0 +1,92 @@
+"""Copies of a layout's read-only tensors to the attention's device (python/vitmad/recording/placement.py).
+
+A plain ViT's layers share one grid's positions and patch indices; the recorder used to copy them to the GPU for
+every layer and call (a pageable host-to-device copy waits for the work queued before it). ``read_only`` marks
+the tensors vitmad builds once and never changes, and ``on_device`` copies each of them to a device once. The
+"meta" device stands in for a GPU here: a copy to it is a new tensor, as a copy to a GPU is.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitmad
+from vitmad.recording.families.plain import _plain_positions
+from vitmad.recording.placement import on_device, read_only, select_tokens
+
+timm = pytest.importorskip("timm")
+
+META = torch.device("meta")
+
+
+def test_a_read_only_tensor_is_copied_once_per_device():
+    (positions,) = read_only(torch.rand(5, 2))
+    first = on_device(positions, META)
+    assert first.device == META and first.shape == positions.shape
+    assert on_device(positions, "meta") is first
+    assert on_device(positions, positions.device) is positions  # already there: the tensor itself
+
+
+def test_any_other_tensor_is_copied_every_time():
+    """A tensor a user may change between calls (given positions) is never served from a copy."""
+    positions = torch.rand(5, 2)
+    assert on_device(positions, META) is not on_device(positions, META)
+    view = read_only(torch.rand(5, 2))[0][1:]  # a view of a read-only tensor is a tensor of its own
+    assert on_device(view, META) is not on_device(view, META)
+
+
+def test_folds_reuse_the_copy_of_their_index():
+    index = read_only(torch.tensor([2, 0, 1]))[0]
+    values = torch.rand(1, 2, 4)
+    torch.testing.assert_close(select_tokens(index)(values), values[..., [2, 0, 1]], rtol=0, atol=0)
+    meta_values = values.to(META)
+    select_tokens(index)(meta_values)
+    copy = on_device(index, META)
+    select_tokens(index)(meta_values)
+    assert on_device(index, META) is copy
+
+
+def test_plain_layout_tensors_are_read_only_and_shared_by_the_layers():
+    """Every layer of a plain ViT gets the same cached tensors, marked read-only: one copy per device."""
+    positions, index = _plain_positions((14, 14), (16.0, 16.0), 1, 0)
+    assert on_device(positions, META) is on_device(positions, META)
+    assert on_device(index, META) is on_device(index, META)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    seen = []
+    with torch.no_grad(), vitmad.record(model) as rec:
+        measure = rec._measure
+
+        def spy(name, placement, *args, **kwargs):
+            seen.append(placement.positions)
+            return measure(name, placement, *args, **kwargs)
+
+        rec._measure = spy
+        model(torch.randn(1, 3, 224, 224))
+    assert len(seen) == 12 and all(p is positions for p in seen)
+
+
+def test_video_layers_share_their_spatial_and_temporal_positions():
+    """VideoMAE's layers attend over one tubelet grid: every layer's call gets the same read-only positions in
+    space and in time."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32,
+                                         num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    model = transformers.VideoMAEModel(config).eval()
+    seen = []
+    with torch.no_grad(), vitmad.record(model) as rec:
+        measure = rec._measure
+
+        def spy(name, placement, *args, **kwargs):
+            seen.append((placement.positions, placement.time_positions))
+            return measure(name, placement, *args, **kwargs)
+
+        rec._measure = spy
+        model(torch.randn(1, 4, 3, 32, 32))
+    assert len(seen) == 3
+    for positions, times in seen:
+        assert positions is seen[0][0] and times is seen[0][1]
+        assert on_device(positions, META) is on_device(seen[0][0], META)
+        assert on_device(times, META) is on_device(seen[0][1], META)
+    assert rec.temporal_mad.shape == (3, 1, 2)
