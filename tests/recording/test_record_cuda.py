@@ -80,3 +80,26 @@ def test_transformers_vit(device, dtype):
     expected = torch.stack([vitmad.mad_reference(a.double(), 16, num_prefix_tokens=1, grid=[14, 14]) for a in maps])
     assert rec.mad.shape == (2, 2, 3)
     torch.testing.assert_close(rec.mad.double(), expected, **TOLERANCE[dtype])
+
+
+@CUDA
+def test_recording_a_vit_on_cuda_waits_for_the_gpu_nowhere():
+    """After the first forward has built the grid's layout and copied it to the GPU once, a recorded forward of
+    a plain ViT synchronises with the GPU nowhere: no host-to-device copy of positions or indices per layer, no
+    host copy of the positions for their value check (recording/placement.py, ``read_only``). torch's sync debug
+    mode turns any synchronising call into an error."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, embed_dim=64, num_heads=2,
+                              img_size=(64, 64), patch_size=8).eval().to("cuda")
+    pixels = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        with vitmad.record(model) as first:
+            model(pixels)
+        with vitmad.record(model) as rec:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                model(pixels)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(rec.mad, first.mad, rtol=0, atol=0)
+    assert rec.mad.shape == (3, 2, 2) and rec.mad.isfinite().all()
