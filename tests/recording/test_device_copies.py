@@ -90,3 +90,41 @@ def test_video_layers_share_their_spatial_and_temporal_positions():
         assert on_device(positions, META) is on_device(seen[0][0], META)
         assert on_device(times, META) is on_device(seen[0][1], META)
     assert rec.temporal_mad.shape == (3, 1, 2)
+
+
+def _recording() -> vitmad.Recording:
+    return vitmad.record(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1).eval())
+
+
+def test_host_positions_go_to_a_device_once_per_content_checked_and_trusted():
+    """Positions a family builds per call (a new tensor each time) reach a device once per distinct content: the
+    layers of a stage share one copy; their values are checked on the host and the copy is trusted, so the op
+    does not copy it back to check it."""
+    from vitmad.ops.arguments import is_trusted_positions
+
+    rec = _recording()
+    first = torch.tensor([[float("nan")] * 2, [8.0, 8.0], [8.0, 24.0]])
+    copy = rec._to_device(first, META)
+    assert copy.device == META and is_trusted_positions(copy)
+    assert rec._to_device(first.clone(), META) is copy  # the same values in another tensor: the same copy
+    other = first.clone()
+    other[1, 0] = 9.0
+    assert rec._to_device(other, META) is not copy
+    assert rec._to_device(first, "cpu") is first  # nothing to copy on the host (the op checks it as before)
+
+
+def test_host_positions_are_checked_before_they_are_trusted():
+    rec = _recording()
+    bad = torch.tensor([[1.0, float("inf")], [2.0, 3.0]])
+    with pytest.raises(ValueError, match="positions must not be infinite"):
+        rec._to_device(bad, META)
+    half = torch.tensor([[1.0, float("nan")], [2.0, 3.0]])
+    with pytest.raises(ValueError, match="has 1 of its 2 coordinates NaN"):
+        rec._to_device(half, META)
+
+
+def test_the_copies_a_recording_keeps_are_bounded():
+    rec = _recording()
+    for i in range(3 * rec._DEVICE_POSITIONS_LIMIT):
+        rec._to_device(torch.full((4, 2), float(i)), META)
+    assert len(rec._device_positions) <= rec._DEVICE_POSITIONS_LIMIT

@@ -23,7 +23,7 @@ import torch
 from ..ops.arguments import check_position_values, is_trusted_positions, trust_position_values
 
 __all__ = ["ModelLayout", "LayerGeometry", "Placement", "LayerPlacer", "CallContext", "cell_centres", "select_tokens",
-           "NotPlaceable", "read_only", "on_device"]
+           "NotPlaceable", "read_only", "is_read_only", "on_device"]
 
 
 class NotPlaceable(ValueError):
@@ -188,6 +188,11 @@ def read_only(*tensors: torch.Tensor, positions: int = 0) -> tuple[torch.Tensor,
             check_position_values(tensor, "positions", "vitmad.record")  # a layout of ours: never fails
             trust_position_values(tensor)
     return tensors
+
+
+def is_read_only(tensor: torch.Tensor) -> bool:
+    """Whether :func:`read_only` marked ``tensor``."""
+    return getattr(tensor, _DEVICE_COPIES, None) is not None
 
 
 def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..ops import attention_stats, attention_stats_qk, mad, mad_qk
-from ..ops.arguments import STAT_NAMES, TEMPORAL_MAD
+from ..ops.arguments import STAT_NAMES, TEMPORAL_MAD, check_position_values, trust_position_values
 from ..ops.stats_op import MAP_NAME
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import Skip, family_modules, family_placer, probabilities_source
@@ -47,7 +47,16 @@ from .families.naflex import towers as naflex_towers
 from .families.plain import PlainLayout, PlainPlacer, find_patch_embedding, is_embedding_projection
 from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
 from .module_index import module_list, named_module_list, shared_walks
-from .placement import CallContext, LayerGeometry, LayerPlacer, ModelLayout, NotPlaceable, Placement, on_device
+from .placement import (
+    CallContext,
+    LayerGeometry,
+    LayerPlacer,
+    ModelLayout,
+    NotPlaceable,
+    Placement,
+    is_read_only,
+    on_device,
+)
 from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model, uses_attention_interface
 
 __all__ = ["record", "Recording", "RecordedCall", "RECORD_STATS"]
@@ -291,6 +300,8 @@ class Recording:
             self._modules = self._choose_layers(layers)
         # Per module, the calls of its current forward not yet recorded (several for differential attention).
         self._pending: dict[str, list] = {}
+        # Device copies of the host positions of this recording's calls, by device and content (_to_device).
+        self._device_positions: dict[tuple, torch.Tensor] = {}
         interface = {n: m for n, m in self._modules.items() if is_hf_model(model) and uses_attention_interface(m)}
         own = {n: m for n, m in self._modules.items() if n not in interface}
         sources = {n: m for n, m in ((n, probabilities_source(m)) for n, m in own.items()) if m is not None}
@@ -468,8 +479,8 @@ class Recording:
                  fused: bool) -> None:
         """Per-query values of one attention call (and, for a video layer, its temporal ones), kept until the
         module's forward ends."""
-        positions = on_device(placement.positions, device)
-        key_positions = None if placement.key_positions is None else on_device(placement.key_positions, device)
+        positions = self._to_device(placement.positions, device)
+        key_positions = None if placement.key_positions is None else self._to_device(placement.key_positions, device)
         video = placement.time_positions is not None
         if video and is_differential(self._modules[name]):
             raise ValueError(f"vitmad.record: {name}: differential attention over video tubelets is not supported")
@@ -484,8 +495,8 @@ class Recording:
         with torch.no_grad():
             if video:
                 key_times = placement.time_key_positions
-                times = {"times": on_device(placement.time_positions, device),
-                         "key_times": None if key_times is None else on_device(key_times, device)}
+                times = {"times": self._to_device(placement.time_positions, device),
+                         "key_times": None if key_times is None else self._to_device(key_times, device)}
             if video and not fused:
                 # From stored probabilities, a second read for the temporal distance.
                 temporal = measure(times["times"], times["key_times"], self.renormalize)
@@ -508,6 +519,35 @@ class Recording:
                 at_one = torch.where(keys[..., :1].isnan(), keys[..., :1], 1.0)
                 value = CallSums(measure(positions, key_positions, False), measure(at_zero, at_one, False))
         self._pending.setdefault(name, []).append((placement, value, fused, temporal, maps))
+
+    # Distinct host position tensors a recording keeps on a device: a model's layouts (one per grid, window
+    # partition or stage) are far fewer.
+    _DEVICE_POSITIONS_LIMIT = 64
+
+    def _to_device(self, positions: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A placement's positions on the attention's device, their values checked once on the host.
+
+        Positions built on the host and used on a GPU are checked here, where that costs no wait, and their device
+        copy is trusted (``trust_position_values``), so the op does not copy them back to the host to check them
+        (a wait for all the GPU work queued before it, per layer). Copies are kept by content: the layers of a
+        stage, and the calls of a forward, that share positions share one copy (a host-to-device copy from
+        pageable memory waits for the queued work too). A layout's read-only tensors keep their own copies
+        (``on_device``); positions already on the device are used as they are (and checked by the op).
+        """
+        device = torch.device(device)
+        if positions.device.type != "cpu" or device.type == "cpu" or is_read_only(positions):
+            return on_device(positions, device)
+        host = positions.detach().contiguous()
+        key = (device, host.dtype, tuple(host.shape), host.reshape(-1).view(torch.uint8).numpy().tobytes())
+        copy = self._device_positions.get(key)
+        if copy is None:
+            check_position_values(host, "positions", "vitmad.record")
+            if len(self._device_positions) >= self._DEVICE_POSITIONS_LIMIT:
+                self._device_positions.clear()
+            copy = host.to(device)
+            trust_position_values(copy)
+            self._device_positions[key] = copy
+        return copy
 
     def _statistics(self, measure: Callable, positions: torch.Tensor, key_positions: torch.Tensor | None,
                     times: dict | None = None):
