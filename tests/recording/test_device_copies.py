@@ -128,3 +128,17 @@ def test_the_copies_a_recording_keeps_are_bounded():
     for i in range(3 * rec._DEVICE_POSITIONS_LIMIT):
         rec._to_device(torch.full((4, 2), float(i)), META)
     assert len(rec._device_positions) <= rec._DEVICE_POSITIONS_LIMIT
+
+
+def test_small_host_indices_share_one_copy_per_content():
+    """A fold's token order built per call (windows, mask units, packed images) reaches a device once per
+    distinct content; floating tensors (values a user may give) and large ones are copied as they come."""
+    order = torch.tensor([3, 1, 2, 0])
+    copy = on_device(order, META)
+    assert on_device(order.clone(), META) is copy and copy.dtype == torch.int64
+    assert on_device(torch.tensor([3, 1, 0, 2]), META) is not copy
+    assert on_device(order.int(), META) is not copy  # another dtype: another copy
+    floats = torch.rand(4)
+    assert on_device(floats, META) is not on_device(floats, META)
+    large = torch.arange(1 << 17)
+    assert on_device(large, META) is not on_device(large, META)

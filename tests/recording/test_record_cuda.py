@@ -85,9 +85,9 @@ def test_transformers_vit(device, dtype):
 @CUDA
 def test_recording_a_vit_on_cuda_waits_for_the_gpu_nowhere():
     """After the first forward has built the grid's layout and copied it to the GPU once, a recorded forward of
-    a plain ViT synchronises with the GPU nowhere: no host-to-device copy of positions or indices per layer, no
-    host copy of the positions for their value check (recording/placement.py, ``read_only``). torch's sync debug
-    mode turns any synchronising call into an error."""
+    a plain ViT synchronises with the GPU nowhere, in a new recording too: no host-to-device copy of positions or
+    indices per layer, no host copy of the positions for their value check (recording/placement.py,
+    ``read_only``). torch's sync debug mode turns any synchronising call into an error."""
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, embed_dim=64, num_heads=2,
                               img_size=(64, 64), patch_size=8).eval().to("cuda")
@@ -103,3 +103,24 @@ def test_recording_a_vit_on_cuda_waits_for_the_gpu_nowhere():
                 torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(rec.mad, first.mad, rtol=0, atol=0)
     assert rec.mad.shape == (3, 2, 2) and rec.mad.isfinite().all()
+
+
+@CUDA
+def test_recording_swin_on_cuda_waits_for_the_gpu_nowhere_after_its_first_forward():
+    """A windowed model builds its windows' positions per call on the host: the recording checks them there and
+    copies each distinct set to the GPU once (Recording._to_device), the folds' window orders likewise
+    (placement.on_device), so its second forward synchronises nowhere."""
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2, 2), num_heads=(2, 4),
+                              embed_dim=32, img_size=112).eval().to("cuda")
+    pixels = torch.randn(2, 3, 112, 112, device="cuda")
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(pixels)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    # Stage 1 has 2 heads of the 4: NaN pads them in rec.mad.
+    torch.testing.assert_close(rec.calls[1].mad, rec.calls[0].mad, rtol=0, atol=0, equal_nan=True)
+    assert rec.mad.shape == (4, 2, 4)

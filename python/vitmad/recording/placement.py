@@ -195,15 +195,35 @@ def is_read_only(tensor: torch.Tensor) -> bool:
     return getattr(tensor, _DEVICE_COPIES, None) is not None
 
 
+# Device copies of the small host index tensors of folds (on_device), by device and content. Folds only read
+# their indices, so a copy is shared by every fold whose index has the same values.
+_INDEX_COPIES: dict[tuple, torch.Tensor] = {}
+_INDEX_COPIES_LIMIT = 256
+_INDEX_ELEMENTS_LIMIT = 1 << 16  # 512 KiB of int64: far beyond a layer's token count, small for a GPU
+
+
 def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor.to(device)``; for a :func:`read_only` tensor, its copy made the first time (trusted like the
-    tensor when it holds positions). On a GPU, a copy from pageable host memory waits for the work queued before
-    it: the twelve layers of a ViT-B that share one grid's positions and indices paid 24 of those waits per
-    forward."""
+    """``tensor.to(device)`` for a tensor that is only read there: for a :func:`read_only` tensor, its copy made
+    the first time (trusted like the tensor when it holds positions); for a small host index tensor (a fold's
+    token order), the copy of the first tensor with the same values. On a GPU, a copy from pageable host memory
+    waits for the work queued before it: the twelve layers of a ViT-B that share one grid's positions and
+    indices paid 24 of those waits per forward."""
     copies = getattr(tensor, _DEVICE_COPIES, None)
     device = torch.device(device)
-    if copies is None or tensor.device == device:
-        return tensor.to(device)
+    if tensor.device == device:
+        return tensor
+    if copies is None:
+        if (tensor.device.type != "cpu" or tensor.is_floating_point() or tensor.is_complex()
+                or tensor.numel() > _INDEX_ELEMENTS_LIMIT):
+            return tensor.to(device)
+        host = tensor.contiguous()
+        key = (device, host.dtype, tuple(host.shape), host.reshape(-1).view(torch.uint8).numpy().tobytes())
+        copy = _INDEX_COPIES.get(key)
+        if copy is None:
+            if len(_INDEX_COPIES) >= _INDEX_COPIES_LIMIT:
+                _INDEX_COPIES.clear()
+            copy = _INDEX_COPIES[key] = host.to(device)
+        return copy
     copy = copies.get(device)
     if copy is None:
         copy = tensor.to(device)

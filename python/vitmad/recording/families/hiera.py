@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..module_index import module_list, named_module_list
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, on_device
 
 __all__ = ["placer", "attention_modules", "unrolled_cells"]
 
@@ -205,7 +205,7 @@ class HieraPlacer(LayerPlacer):
 
         def fold(values: torch.Tensor) -> torch.Tensor:
             values = values.reshape(values.shape[0], values.shape[1], -1)
-            return values.index_select(-1, order.to(values.device))
+            return values.index_select(-1, on_device(order, values.device))
 
         attention = "mask units" if windowed else "global"
         if self.query_stride > 1:

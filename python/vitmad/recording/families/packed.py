@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..module_index import named_module_list
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, on_device
 from .stages import matching_design
 
 __all__ = ["placer", "PackedSequence", "packed_sequence", "qwen_token_cells", "QwenPlacer", "PixtralPlacer"]
@@ -123,7 +123,7 @@ class PackedSequence:
         def fold(values: torch.Tensor) -> torch.Tensor:
             values = values.reshape(heads, -1)
             folded = values.new_full((heads, images * tokens), float("nan"))
-            folded[:, target.to(values.device)] = values
+            folded[:, on_device(target, values.device)] = values
             return folded.view(heads, images, tokens).transpose(0, 1)
 
         return fold

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..module_index import named_module_list
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, on_device
 from .plain import find_patch_embedding
 from .stages import matching_design
 
@@ -231,7 +231,7 @@ class SwinPlacer(LayerPlacer):
 
         def fold(values: torch.Tensor) -> torch.Tensor:
             values = values.reshape(batch, num_windows, heads, tokens).transpose(1, 2)
-            return values.reshape(batch, heads, num_windows * tokens).index_select(-1, index.to(values.device))
+            return values.reshape(batch, heads, num_windows * tokens).index_select(-1, on_device(index, values.device))
 
         attention = f"window {window[0]}x{window[1]}"
         if any(shift):

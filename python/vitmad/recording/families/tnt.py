@@ -18,7 +18,16 @@ import torch
 from torch import nn
 
 from ..module_index import module_list
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
+from ..placement import (
+    CallContext,
+    LayerGeometry,
+    LayerPlacer,
+    NotPlaceable,
+    Placement,
+    cell_centres,
+    on_device,
+    select_tokens,
+)
 
 __all__ = ["placer"]
 
@@ -68,7 +77,7 @@ class _TntPlacer(LayerPlacer):
 
         def fold(values: torch.Tensor) -> torch.Tensor:
             values = values.reshape(batch, gh * gw, heads, ph * pw).transpose(1, 2).reshape(batch, heads, -1)
-            return values.index_select(-1, inverse.to(values.device))
+            return values.index_select(-1, on_device(inverse, values.device))
 
         geometry = LayerGeometry((gh * ph, gw * pw), self.step, f"within each {self.patch[0]}x{self.patch[1]} patch",
                                  heads)

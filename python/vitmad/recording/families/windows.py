@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, on_device
 
 __all__ = ["stage_stride", "InputMapPlacer", "block_partition", "grid_partition", "window_placement", "parent_module",
            "PartitionPlacer", "nchw", "nhwc", "whole_map"]
@@ -218,7 +218,7 @@ def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[f
             values = values.reshape(batch, heads, windows * size)
         else:
             values = values.reshape(batch, windows, heads, size).transpose(1, 2).reshape(batch, heads, -1)
-        return values.index_select(-1, inverse.to(values.device))
+        return values.index_select(-1, on_device(inverse, values.device))
 
     return Placement(positions, key_positions, fold, LayerGeometry(grid, stride, attention, heads))
 
