@@ -23,7 +23,7 @@ import torch
 from ..ops.arguments import check_position_values, is_trusted_positions, trust_position_values
 
 __all__ = ["ModelLayout", "LayerGeometry", "Placement", "LayerPlacer", "CallContext", "cell_centres", "select_tokens",
-           "NotPlaceable", "read_only", "is_read_only", "on_device"]
+           "NotPlaceable", "read_only", "is_read_only", "on_device", "content_key"]
 
 
 class NotPlaceable(ValueError):
@@ -195,6 +195,13 @@ def is_read_only(tensor: torch.Tensor) -> bool:
     return getattr(tensor, _DEVICE_COPIES, None) is not None
 
 
+def content_key(host: torch.Tensor, device: torch.device) -> tuple:
+    """A key for the copy of the host tensor ``host`` on ``device`` that equal values share: the device, the
+    dtype, the shape and the bytes (small tensors only: positions and token orders)."""
+    host = host.detach().contiguous()
+    return device, host.dtype, tuple(host.shape), host.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 # Device copies of the small host index tensors of folds (on_device), by device and content. Folds only read
 # their indices, so a copy is shared by every fold whose index has the same values.
 _INDEX_COPIES: dict[tuple, torch.Tensor] = {}
@@ -216,13 +223,12 @@ def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         if (tensor.device.type != "cpu" or tensor.is_floating_point() or tensor.is_complex()
                 or tensor.numel() > _INDEX_ELEMENTS_LIMIT):
             return tensor.to(device)
-        host = tensor.contiguous()
-        key = (device, host.dtype, tuple(host.shape), host.reshape(-1).view(torch.uint8).numpy().tobytes())
+        key = content_key(tensor, device)
         copy = _INDEX_COPIES.get(key)
         if copy is None:
             if len(_INDEX_COPIES) >= _INDEX_COPIES_LIMIT:
                 _INDEX_COPIES.clear()
-            copy = _INDEX_COPIES[key] = host.to(device)
+            copy = _INDEX_COPIES[key] = tensor.to(device)
         return copy
     copy = copies.get(device)
     if copy is None:

@@ -54,6 +54,7 @@ from .placement import (
     ModelLayout,
     NotPlaceable,
     Placement,
+    content_key,
     is_read_only,
     on_device,
 )
@@ -537,14 +538,13 @@ class Recording:
         device = torch.device(device)
         if positions.device.type != "cpu" or device.type == "cpu" or is_read_only(positions):
             return on_device(positions, device)
-        host = positions.detach().contiguous()
-        key = (device, host.dtype, tuple(host.shape), host.reshape(-1).view(torch.uint8).numpy().tobytes())
+        key = content_key(positions, device)
         copy = self._device_positions.get(key)
         if copy is None:
-            check_position_values(host, "positions", "vitmad.record")
+            check_position_values(positions.detach(), "positions", "vitmad.record")
             if len(self._device_positions) >= self._DEVICE_POSITIONS_LIMIT:
                 self._device_positions.clear()
-            copy = host.to(device)
+            copy = positions.detach().to(device)
             trust_position_values(copy)
             self._device_positions[key] = copy
         return copy
