@@ -45,23 +45,24 @@ def _walk(root: nn.Module) -> tuple[nn.Module, list[tuple[str, nn.Module]], list
     return root, named, [module for _, module in named]
 
 
-def named_module_list(root: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``list(root.named_modules())``: once per root inside :func:`shared_walks` (do not modify the list)."""
+def _shared_walk(root: nn.Module):
+    """The walk of ``root`` inside :func:`shared_walks` (made the first time it is asked for), else None."""
     walks = _WALKS.get()
     if walks is None:
-        return list(root.named_modules())
+        return None
     entry = walks.get(id(root))
     if entry is None:
         entry = walks[id(root)] = _walk(root)
-    return entry[1]
+    return entry
+
+
+def named_module_list(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``list(root.named_modules())``: once per root inside :func:`shared_walks` (do not modify the list)."""
+    entry = _shared_walk(root)
+    return list(root.named_modules()) if entry is None else entry[1]
 
 
 def module_list(root: nn.Module) -> list[nn.Module]:
     """``list(root.modules())``: once per root inside :func:`shared_walks` (do not modify the list)."""
-    walks = _WALKS.get()
-    if walks is None:
-        return list(root.modules())
-    entry = walks.get(id(root))
-    if entry is None:
-        entry = walks[id(root)] = _walk(root)
-    return entry[2]
+    entry = _shared_walk(root)
+    return list(root.modules()) if entry is None else entry[2]
