@@ -89,14 +89,14 @@ class TrustedPositions {
     std::lock_guard<std::mutex> lock(mutex_);
     prune();
     if (entries_.size() == kCapacity) entries_.pop_front();
-    entries_.push_back({c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(pos.getIntrusivePtr()),
-                        pos.unsafeGetTensorImpl(), version_of(pos)});
+    entries_.push_back({WeakImpl(pos.getIntrusivePtr()), version_of(pos)});
   }
 
   bool contains(const at::Tensor& pos) {
     std::lock_guard<std::mutex> lock(mutex_);
     return std::any_of(entries_.begin(), entries_.end(), [&](const Entry& e) {
-      return e.impl == pos.unsafeGetTensorImpl() && !e.tensor.expired() && e.version == version_of(pos);
+      return e.tensor._unsafe_get_target() == pos.unsafeGetTensorImpl() && !e.tensor.expired() &&
+             e.version == version_of(pos);
     });
   }
 
@@ -104,9 +104,9 @@ class TrustedPositions {
   // A recording holds a few layouts' positions (one per grid, window partition or video layout) on a device or
   // two: far fewer than this.
   static constexpr size_t kCapacity = 64;
+  using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
   struct Entry {
-    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> tensor;
-    const c10::TensorImpl* impl;
+    WeakImpl tensor;  // its target's address stays the tensor's while the entry lives
     int64_t version;  // -1 for an inference tensor, which has no version counter
   };
 

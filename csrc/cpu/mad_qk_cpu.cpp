@@ -253,22 +253,21 @@ __attribute__((always_inline)) inline acc_t nan_max_of(const acc_t* logits, int6
   nan_max_lanes(m0, m1);
   nan_max_lanes(m2, m3);
   nan_max_lanes(m0, m2);
-  V m = m0;
   if constexpr (kVec == 8) {
-    V h = __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3);
-    nan_max_lanes(m, h);
-    h = __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5);
-    nan_max_lanes(m, h);
-    h = __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6);
-    nan_max_lanes(m, h);
+    V h = __builtin_shufflevector(m0, m0, 4, 5, 6, 7, 0, 1, 2, 3);
+    nan_max_lanes(m0, h);
+    h = __builtin_shufflevector(m0, m0, 2, 3, 0, 1, 6, 7, 4, 5);
+    nan_max_lanes(m0, h);
+    h = __builtin_shufflevector(m0, m0, 1, 0, 3, 2, 5, 4, 7, 6);
+    nan_max_lanes(m0, h);
   } else {
     static_assert(kVec == 4, "float or double lanes of 32 bytes");
-    V h = __builtin_shufflevector(m, m, 2, 3, 0, 1);
-    nan_max_lanes(m, h);
-    h = __builtin_shufflevector(m, m, 1, 0, 3, 2);
-    nan_max_lanes(m, h);
+    V h = __builtin_shufflevector(m0, m0, 2, 3, 0, 1);
+    nan_max_lanes(m0, h);
+    h = __builtin_shufflevector(m0, m0, 1, 0, 3, 2);
+    nan_max_lanes(m0, h);
   }
-  acc_t result = m[0];
+  acc_t result = m0[0];
   for (; j < n; ++j) result = nan_max(result, logits[j]);
   return result;
 }

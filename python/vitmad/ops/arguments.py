@@ -4,6 +4,7 @@ to it)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -347,8 +348,9 @@ def trust_position_values(positions: torch.Tensor) -> None:
     (here, and in C++ through ``vitmad::_trust_positions``), which on a GPU copies them to the host and so waits
     for all the work queued before it. An in-place change of the tensor (a new version) ends the trust."""
     setattr(positions, _TRUSTED, _version(positions))
-    if _compiled_trust() is not None:
-        _compiled_trust()(positions)
+    compiled = _compiled_trust()
+    if compiled is not None:
+        compiled(positions)
 
 
 def is_trusted_positions(positions: torch.Tensor) -> bool:
@@ -357,19 +359,13 @@ def is_trusted_positions(positions: torch.Tensor) -> bool:
     return version is not None and version == _version(positions)
 
 
+@functools.cache
 def _compiled_trust():
     """``torch.ops.vitmad._trust_positions`` where the compiled library defines it, else None."""
-    global _TRUST_OP
-    if _TRUST_OP is _UNKNOWN:
-        try:
-            _TRUST_OP = torch.ops.vitmad._trust_positions.default
-        except (AttributeError, RuntimeError):
-            _TRUST_OP = None
-    return _TRUST_OP
-
-
-_UNKNOWN = object()
-_TRUST_OP = _UNKNOWN
+    try:
+        return torch.ops.vitmad._trust_positions.default
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def check_position_values(positions: torch.Tensor, arg: str, op_name: str) -> None:

@@ -23,7 +23,7 @@ import torch
 from ..ops.arguments import check_position_values, is_trusted_positions, trust_position_values
 
 __all__ = ["ModelLayout", "LayerGeometry", "Placement", "LayerPlacer", "CallContext", "cell_centres", "select_tokens",
-           "NotPlaceable", "read_only", "is_read_only", "on_device", "content_key"]
+           "NotPlaceable", "read_only", "is_read_only", "on_device", "copy_by_content"]
 
 
 class NotPlaceable(ValueError):
@@ -195,11 +195,24 @@ def is_read_only(tensor: torch.Tensor) -> bool:
     return getattr(tensor, _DEVICE_COPIES, None) is not None
 
 
-def content_key(host: torch.Tensor, device: torch.device) -> tuple:
-    """A key for the copy of the host tensor ``host`` on ``device`` that equal values share: the device, the
-    dtype, the shape and the bytes (small tensors only: positions and token orders)."""
+def copy_by_content(host: torch.Tensor, device: torch.device, cache: dict, limit: int, *,
+                    positions: bool = False) -> torch.Tensor:
+    """The copy on ``device`` of the small host tensor ``host`` that every tensor with the same values shares,
+    kept in ``cache`` (by device, dtype, shape and bytes; emptied when it holds ``limit`` copies). With
+    ``positions``, the values are checked on the host before the first copy, and that copy is trusted
+    (:func:`vitmad.ops.arguments.trust_position_values`): the ops do not copy it back to check it."""
     host = host.detach().contiguous()
-    return device, host.dtype, tuple(host.shape), host.reshape(-1).view(torch.uint8).numpy().tobytes()
+    key = (device, host.dtype, tuple(host.shape), host.reshape(-1).view(torch.uint8).numpy().tobytes())
+    copy = cache.get(key)
+    if copy is None:
+        if positions:
+            check_position_values(host, "positions", "vitmad.record")
+        if len(cache) >= limit:
+            cache.clear()
+        copy = cache[key] = host.to(device)
+        if positions:
+            trust_position_values(copy)
+    return copy
 
 
 # Device copies of the small host index tensors of folds (on_device), by device and content. Folds only read
@@ -223,13 +236,7 @@ def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         if (tensor.device.type != "cpu" or tensor.is_floating_point() or tensor.is_complex()
                 or tensor.numel() > _INDEX_ELEMENTS_LIMIT):
             return tensor.to(device)
-        key = content_key(tensor, device)
-        copy = _INDEX_COPIES.get(key)
-        if copy is None:
-            if len(_INDEX_COPIES) >= _INDEX_COPIES_LIMIT:
-                _INDEX_COPIES.clear()
-            copy = _INDEX_COPIES[key] = tensor.to(device)
-        return copy
+        return copy_by_content(tensor, device, _INDEX_COPIES, _INDEX_COPIES_LIMIT)
     copy = copies.get(device)
     if copy is None:
         copy = tensor.to(device)

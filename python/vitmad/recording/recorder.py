@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..ops import attention_stats, attention_stats_qk, mad, mad_qk
-from ..ops.arguments import STAT_NAMES, TEMPORAL_MAD, check_position_values, trust_position_values
+from ..ops.arguments import STAT_NAMES, TEMPORAL_MAD
 from ..ops.stats_op import MAP_NAME
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import Skip, family_modules, family_placer, probabilities_source
@@ -54,7 +54,7 @@ from .placement import (
     ModelLayout,
     NotPlaceable,
     Placement,
-    content_key,
+    copy_by_content,
     is_read_only,
     on_device,
 )
@@ -538,16 +538,8 @@ class Recording:
         device = torch.device(device)
         if positions.device.type != "cpu" or device.type == "cpu" or is_read_only(positions):
             return on_device(positions, device)
-        key = content_key(positions, device)
-        copy = self._device_positions.get(key)
-        if copy is None:
-            check_position_values(positions.detach(), "positions", "vitmad.record")
-            if len(self._device_positions) >= self._DEVICE_POSITIONS_LIMIT:
-                self._device_positions.clear()
-            copy = positions.detach().to(device)
-            trust_position_values(copy)
-            self._device_positions[key] = copy
-        return copy
+        return copy_by_content(positions, device, self._device_positions, self._DEVICE_POSITIONS_LIMIT,
+                               positions=True)
 
     def _statistics(self, measure: Callable, positions: torch.Tensor, key_positions: torch.Tensor | None,
                     times: dict | None = None):
