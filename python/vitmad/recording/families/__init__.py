@@ -19,6 +19,7 @@ from . import (
     coat,
     conv_stages,
     convit,
+    csatv2,
     davit,
     efficientformer,
     efficientvit_msra,
@@ -62,7 +63,7 @@ class Skip:
 # Tried in order; the first family that claims a module places it.
 _FAMILIES = (
     packed, non_spatial, masked, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages,
-    vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra,
+    csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra,
     map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit, convit,
 )
 

@@ -85,13 +85,17 @@ class StageGrid:
     Args:
         model: the model (named in messages).
         embeddings: the strided modules that make each stage's grid, in the order they run (a stem's
-            convolutions, patch embeddings, downsampling convolutions); each must return ``[B, C, h, w]`` and
-            have a ``stride``.
+            convolutions, patch embeddings, downsampling convolutions); each must return ``[B, C, h, w]``.
+        strides: each embedding's stride (an int or a pair), for embeddings that are not convolutions or pools
+            (CSATv2's block-DCT stem); by default each module's own ``stride``.
     """
 
-    def __init__(self, model: nn.Module, embeddings: list[nn.Module]):
+    def __init__(self, model: nn.Module, embeddings: list[nn.Module], strides=None):
         self.model = model
         self.embeddings = embeddings
+        self.strides = [pair(m.stride) for m in embeddings] if strides is None else [pair(s) for s in strides]
+        if len(self.strides) != len(embeddings):
+            raise ValueError(f"StageGrid: {len(embeddings)} embeddings but {len(self.strides)} strides")
         self.key = ("stages.grid", id(self))
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
@@ -104,7 +108,7 @@ class StageGrid:
                 )
             previous = context.values.get(self.key)
             stride = (1.0, 1.0) if previous is None else previous.stride
-            sy, sx = pair(module.stride)
+            sy, sx = self.strides[index]
             grid = (int(output.shape[-2]), int(output.shape[-1]))
             context.values[self.key] = Stage(index, grid, (stride[0] * sy, stride[1] * sx))
 
