@@ -9,6 +9,7 @@
 #include <cmath>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 
@@ -83,20 +84,28 @@ void check_position_values(const at::Tensor& pos, const char* arg, const char* o
 // skipped, since on a GPU its host copy waits for all the work queued before it, once per recorded layer. An
 // entry is the tensor itself, held weakly (its TensorImpl cannot be reused while the entry lives, and a dead
 // tensor leaves the list), with its version where it has one, so an in-place change makes it unknown again.
-class TrustedPositions {
+// The same registry, with a partner per entry, holds the pairs (times, positions) of a video layout whose tokens
+// without a time and without a position were compared on the host (vitmad::_trust_same_tokens): check_same_tokens
+// is skipped for that very pair.
+class TrustRegistry {
  public:
-  void add(const at::Tensor& pos) {
+  void add(const at::Tensor& tensor, const at::Tensor* partner = nullptr) {
     std::lock_guard<std::mutex> lock(mutex_);
     prune();
     if (entries_.size() == kCapacity) entries_.pop_front();
-    entries_.push_back({WeakImpl(pos.getIntrusivePtr()), version_of(pos)});
+    Entry entry{WeakImpl(tensor.getIntrusivePtr()), version_of(tensor), std::nullopt, -1};
+    if (partner != nullptr) {
+      entry.partner.emplace(partner->getIntrusivePtr());
+      entry.partner_version = version_of(*partner);
+    }
+    entries_.push_back(std::move(entry));
   }
 
-  bool contains(const at::Tensor& pos) {
+  bool contains(const at::Tensor& tensor, const at::Tensor* partner = nullptr) {
     std::lock_guard<std::mutex> lock(mutex_);
     return std::any_of(entries_.begin(), entries_.end(), [&](const Entry& e) {
-      return e.tensor._unsafe_get_target() == pos.unsafeGetTensorImpl() && !e.tensor.expired() &&
-             e.version == version_of(pos);
+      if (!holds(e.tensor, e.version, tensor)) return false;
+      return partner == nullptr || (e.partner.has_value() && holds(*e.partner, e.partner_version, *partner));
     });
   }
 
@@ -108,12 +117,21 @@ class TrustedPositions {
   struct Entry {
     WeakImpl tensor;  // its target's address stays the tensor's while the entry lives
     int64_t version;  // -1 for an inference tensor, which has no version counter
+    std::optional<WeakImpl> partner;  // the pairs' registry only
+    int64_t partner_version;
   };
 
   static int64_t version_of(const at::Tensor& t) { return t.is_inference() ? -1 : static_cast<int64_t>(t._version()); }
 
+  static bool holds(const WeakImpl& weak, int64_t version, const at::Tensor& t) {
+    return weak._unsafe_get_target() == t.unsafeGetTensorImpl() && !weak.expired() && version == version_of(t);
+  }
+
   void prune() {
-    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [](const Entry& e) { return e.tensor.expired(); }),
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
+                                  [](const Entry& e) {
+                                    return e.tensor.expired() || (e.partner.has_value() && e.partner->expired());
+                                  }),
                    entries_.end());
   }
 
@@ -121,8 +139,14 @@ class TrustedPositions {
   std::deque<Entry> entries_;
 };
 
-TrustedPositions& trusted_positions() {
-  static auto* registry = new TrustedPositions();  // never destroyed: no destructor runs at interpreter exit
+// Never destroyed: no destructor runs at interpreter exit.
+TrustRegistry& trusted_positions() {
+  static auto* registry = new TrustRegistry();
+  return *registry;
+}
+
+TrustRegistry& same_token_pairs() {
+  static auto* registry = new TrustRegistry();
   return *registry;
 }
 
@@ -130,6 +154,13 @@ void trust_positions_op(const at::Tensor& positions) {
   TORCH_CHECK_VALUE(positions.layout() == at::kStrided && at::isFloatingType(positions.scalar_type()),
                     "vitmad::_trust_positions: expected a dense floating-point tensor, got ", positions.toString());
   trusted_positions().add(positions);
+}
+
+void trust_same_tokens_op(const at::Tensor& times, const at::Tensor& positions) {
+  for (const at::Tensor* t : {&times, &positions})
+    TORCH_CHECK_VALUE(t->layout() == at::kStrided && at::isFloatingType(t->scalar_type()),
+                      "vitmad::_trust_same_tokens: expected dense floating-point tensors, got ", t->toString());
+  same_token_pairs().add(times, &positions);
 }
 
 // The kernels' view of one side: broadcast (stride-0) leading dims reduced to size 1 first, so a dtype
@@ -152,6 +183,7 @@ TokenPositions prepare_side(const at::Tensor& pos, at::IntArrayRef lead, at::Sca
 // A side's times are NaN exactly where its positions are, compared over the attention's leading dims.
 void check_same_tokens(const at::Tensor& times, const at::Tensor& pos, at::IntArrayRef lead, const char* times_arg,
                        const char* pos_arg, const char* op_name) {
+  if (same_token_pairs().contains(times, &pos)) return;
   std::vector<int64_t> shape(lead.begin(), lead.end());
   shape.push_back(pos.size(-2));
   const at::Tensor no_time = at::isnan(times.select(-1, 0).to(at::kCPU)).expand(shape).reshape({-1});
@@ -248,8 +280,10 @@ at::Tensor per_query_grad(const at::Tensor& grad, const at::Tensor& attn, const 
 
 TORCH_LIBRARY_FRAGMENT(vitmad, m) {
   m.def("_trust_positions(Tensor positions) -> ()");
+  m.def("_trust_same_tokens(Tensor times, Tensor positions) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vitmad, CompositeExplicitAutograd, m) {
   m.impl("_trust_positions", &vitmad::trust_positions_op);
+  m.impl("_trust_same_tokens", &vitmad::trust_same_tokens_op);
 }

@@ -90,6 +90,34 @@ def test_video_layers_share_their_spatial_and_temporal_positions():
         assert on_device(positions, META) is on_device(seen[0][0], META)
         assert on_device(times, META) is on_device(seen[0][1], META)
     assert rec.temporal_mad.shape == (3, 1, 2)
+    # Frames and positions were compared once, on the host: the op skips comparing them in every layer.
+    from vitmad.ops.arguments import is_trusted_same_tokens
+
+    assert is_trusted_same_tokens(seen[0][1], seen[0][0])
+
+
+def test_a_video_layout_device_pair_is_compared_on_the_host_and_trusted():
+    """The device copies of a video layout's frames and positions are marked as NaN at the same tokens after a
+    comparison of their host originals (no wait on a GPU); a pair that differs is left to the op's own check,
+    and so are tensors vitmad did not check (a user's)."""
+    from vitmad.ops.arguments import is_trusted_same_tokens
+    from vitmad.recording.recorder import _trust_same_tokens
+
+    positions, times = torch.rand(5, 2), torch.rand(5, 1)
+    positions[0], times[0] = float("nan"), float("nan")
+    positions, times = read_only(positions, times, positions=2)
+    on_meta = on_device(positions, META), on_device(times, META)
+    _trust_same_tokens(times, on_meta[1], positions, on_meta[0])
+    assert is_trusted_same_tokens(on_meta[1], on_meta[0])
+    other_positions = positions.clone()
+    other_positions[3] = float("nan")
+    (other_positions,) = read_only(other_positions, positions=1)
+    other_on_meta = on_device(other_positions, META)
+    _trust_same_tokens(times, on_meta[1], other_positions, other_on_meta)
+    assert not is_trusted_same_tokens(on_meta[1], other_on_meta)
+    users = torch.rand(5, 1), torch.rand(5, 2)  # not trusted: never marked
+    _trust_same_tokens(users[0], users[0], users[1], users[1])
+    assert not is_trusted_same_tokens(*users)
 
 
 def _recording() -> vitmad.Recording:
@@ -142,3 +170,46 @@ def test_small_host_indices_share_one_copy_per_content():
     assert on_device(floats, META) is not on_device(floats, META)
     large = torch.arange(1 << 17)
     assert on_device(large, META) is not on_device(large, META)
+
+
+def test_what_the_maps_derive_from_trusted_positions_is_derived_once():
+    """The tokens with and without a position, which the prefix maps need in every layer, are read from vitmad's own
+    (trusted) positions once (on a GPU each reading waits for the queued work); a user's positions are read at
+    every call, and an in-place change or another partner derives them anew."""
+    from vitmad.ops.stats_op import derived_once
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return len(calls)
+
+    (positions, keys) = read_only(torch.rand(4, 2), torch.rand(6, 2), positions=2)
+    assert derived_once(positions, None, "x", compute) == derived_once(positions, None, "x", compute) == 1
+    assert derived_once(positions, keys, "x", compute) == 2  # another partner
+    assert derived_once(positions, keys, "x", compute) == 2
+    keys[0, 0] = 1.0  # an in-place change ends the trust of the keys: derived at every call from now
+    assert derived_once(positions, keys, "x", compute) == 3
+    assert derived_once(positions, keys, "x", compute) == 4
+    users = torch.rand(4, 2)
+    assert derived_once(users, None, "x", compute) == 5
+    assert derived_once(users, None, "x", compute) == 6
+
+
+def test_recorded_prefix_maps_read_the_layouts_tokens_once():
+    """Every layer of a ViT with a CLS token gives its CLS map; the tokens with a position are found at most once
+    for the grid's positions, which the layers share (the layout is cached across recordings: an earlier test
+    may have found them already), not once per layer."""
+    from unittest import mock
+
+    from vitmad.recording import recorder
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, img_size=80, patch_size=16).eval()
+    found = mock.Mock(side_effect=recorder._common_prefix_columns)
+    with mock.patch.object(recorder, "_common_prefix_columns", found):
+        with torch.no_grad(), vitmad.record(model, stats=("prefix_maps",)) as rec:
+            model(torch.randn(2, 3, 80, 80))
+    assert len(rec.prefix_maps) == 3 and all(m.shape == (2, 3, 1, 25) for m in rec.prefix_maps)
+    assert found.call_count <= 1
+    positions, _ = _plain_positions((5, 5), (16.0, 16.0), 1, 0)
+    assert "prefix_rows" in positions._vitmad_map_tokens

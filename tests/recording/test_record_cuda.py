@@ -124,3 +124,43 @@ def test_recording_swin_on_cuda_waits_for_the_gpu_nowhere_after_its_first_forwar
     # Stage 1 has 2 heads of the 4: NaN pads them in rec.mad.
     torch.testing.assert_close(rec.calls[1].mad, rec.calls[0].mad, rtol=0, atol=0, equal_nan=True)
     assert rec.mad.shape == (4, 2, 4)
+
+
+def _second_forward_without_waits(model, inputs, **options) -> vitmad.Recording:
+    """Records two forwards; the second under torch's sync debug mode "error" (any call that waits for the GPU
+    raises, naming itself)."""
+    with torch.no_grad(), vitmad.record(model, **options) as rec:
+        model(inputs)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return rec
+
+
+@CUDA
+def test_recording_a_video_on_cuda_waits_for_the_gpu_nowhere_after_its_first_forward():
+    """A video layer's frames and positions are compared on the host once per layout (recording/recorder.py,
+    _trust_same_tokens) rather than by the op in every layer, which copied both to the host."""
+    config = transformers.VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    model = transformers.VideoMAEModel(config).eval().to("cuda")
+    rec = _second_forward_without_waits(model, torch.randn(2, 4, 3, 32, 32, device="cuda"))
+    torch.testing.assert_close(rec.calls[1].mad, rec.calls[0].mad, rtol=0, atol=0)
+    torch.testing.assert_close(rec.calls[1].temporal_mad, rec.calls[0].temporal_mad, rtol=0, atol=0)
+    assert rec.temporal_mad.shape == (2, 2, 2) and rec.temporal_mad.isfinite().all()
+
+
+@CUDA
+def test_recording_statistics_and_cls_maps_on_cuda_waits_for_the_gpu_nowhere_after_its_first_forward():
+    """The CLS maps need the tokens with a position in every layer: found once per layout (ops/stats_op.py,
+    derived_once), not read back from the GPU per layer."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, embed_dim=64, num_heads=2,
+                              img_size=(64, 64), patch_size=8, reg_tokens=2).eval().to("cuda")
+    stats = ("entropy", "prefix_mass", "self_mass", "prefix_maps")
+    rec = _second_forward_without_waits(model, torch.randn(2, 3, 64, 64, device="cuda"), stats=stats)
+    assert len(rec.prefix_maps) == 2 and rec.prefix_maps[0].shape == (2, 2, 3, 64)
+    torch.testing.assert_close(rec.calls[1].mad, rec.calls[0].mad, rtol=0, atol=0)

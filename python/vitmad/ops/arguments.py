@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,9 @@ __all__ = [
     "check_position_values",
     "trust_position_values",
     "is_trusted_positions",
+    "same_tokens",
+    "trust_same_tokens",
+    "is_trusted_same_tokens",
     "check_mad_grad",
     "check_stats",
     "STAT_NAMES",
@@ -338,7 +342,7 @@ def capturing_graph(tokens: torch.Tensor) -> bool:
 _TRUSTED = "_vitmad_trusted_version"
 
 
-def _version(tensor: torch.Tensor) -> int:
+def tensor_version(tensor: torch.Tensor) -> int:
     return -1 if tensor.is_inference() else tensor._version  # inference tensors have no version counter
 
 
@@ -347,7 +351,7 @@ def trust_position_values(positions: torch.Tensor) -> None:
     their device copies: python/vitmad/recording/placement.py, ``read_only``): the ops skip their value check
     (here, and in C++ through ``vitmad::_trust_positions``), which on a GPU copies them to the host and so waits
     for all the work queued before it. An in-place change of the tensor (a new version) ends the trust."""
-    setattr(positions, _TRUSTED, _version(positions))
+    setattr(positions, _TRUSTED, tensor_version(positions))
     compiled = _compiled_trust()
     if compiled is not None:
         compiled(positions)
@@ -356,7 +360,50 @@ def trust_position_values(positions: torch.Tensor) -> None:
 def is_trusted_positions(positions: torch.Tensor) -> bool:
     """Whether :func:`trust_position_values` marked ``positions`` and it has not changed since."""
     version = getattr(positions, _TRUSTED, None)
-    return version is not None and version == _version(positions)
+    return version is not None and version == tensor_version(positions)
+
+
+# The attribute of times whose tokens without a time were found to be those without a position in a positions
+# tensor: (a weak reference to that tensor, the times' version, the positions' version).
+_SAME_TOKENS = "_vitmad_same_tokens_as"
+
+
+def same_tokens(times: torch.Tensor, positions: torch.Tensor) -> bool:
+    """Whether ``times`` (``[..., N, 1]``) is NaN exactly at the tokens where ``positions`` (``[..., N, K]``) is, their
+    leading dims broadcast against each other (equal there, they are equal under any broadcast an op makes). Reads
+    both on the host: call it on host tensors."""
+    try:
+        no_time, no_position = torch.broadcast_tensors(times[..., 0].isnan(), positions[..., 0].isnan())
+    except RuntimeError:
+        return False
+    return bool(torch.equal(no_time, no_position))
+
+
+def trust_same_tokens(times: torch.Tensor, positions: torch.Tensor) -> None:
+    """Marks a pair whose tokens without a time and without a position were compared where they were built
+    (:func:`same_tokens` on the host originals of a video layout's device copies): the ops skip that comparison
+    for this very pair (here, and in C++ through ``vitmad::_trust_same_tokens``), which on a GPU copies both to
+    the host and so waits for all the work queued before it. An in-place change of either ends the trust."""
+    setattr(times, _SAME_TOKENS, (weakref.ref(positions), tensor_version(times), tensor_version(positions)))
+    compiled = _compiled_trust_same_tokens()
+    if compiled is not None:
+        compiled(times, positions)
+
+
+def is_trusted_same_tokens(times: torch.Tensor, positions: torch.Tensor) -> bool:
+    """Whether :func:`trust_same_tokens` marked this pair and neither tensor has changed since."""
+    mark = getattr(times, _SAME_TOKENS, None)
+    return (mark is not None and mark[0]() is positions and mark[1] == tensor_version(times)
+            and mark[2] == tensor_version(positions))
+
+
+@functools.cache
+def _compiled_trust_same_tokens():
+    """``torch.ops.vitmad._trust_same_tokens`` where the compiled library defines it, else None."""
+    try:
+        return torch.ops.vitmad._trust_same_tokens.default
+    except (AttributeError, RuntimeError):
+        return None
 
 
 @functools.cache
@@ -581,6 +628,8 @@ def check_time_args(tokens: torch.Tensor, layout: PositionLayout, positions: tor
     if key_times is not None:
         sides.append(("key_times", key_times, "key_positions", key_positions))
     for times_arg, side_times, pos_arg, pos in sides:
+        if is_trusted_same_tokens(side_times, pos):
+            continue
         shape = (*lead, pos.shape[-2])
         no_time = side_times[..., 0].isnan().cpu().expand(shape).reshape(-1)
         no_position = pos[..., 0].isnan().cpu().expand(shape).reshape(-1)

@@ -17,6 +17,7 @@ one, ``[..., P, N - P]`` (the DINO-style CLS and register maps).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -36,7 +37,9 @@ from .arguments import (
     check_stats,
     check_stats_and_times,
     check_times_named,
+    is_trusted_positions,
     mad_output_dtype,
+    tensor_version,
 )
 from .mad_op import mad
 from .reference import biased_logits
@@ -86,13 +89,45 @@ def _same_everywhere(has: torch.Tensor, arg: str, op_name: str) -> torch.Tensor:
     return flat[0].nonzero().flatten() if flat.shape[0] else has.new_zeros(0, dtype=torch.long)
 
 
+# The attribute of trusted positions that keeps what the maps derive from them (token indices), with the versions
+# and the partner they were derived for.
+_DERIVED = "_vitmad_map_tokens"
+
+
+def derived_once(positions: torch.Tensor, key_positions: torch.Tensor | None, what: str, compute):
+    """``compute()``, kept with ``positions`` when it and ``key_positions`` are trusted (vitmad's own layouts and
+    their device copies: ``trust_position_values``), so that the layers sharing them derive it once: on a GPU,
+    finding which tokens have a position reads the positions on the host, a wait for all the work queued before
+    it. Anything else is derived at every call; an in-place change of either tensor, or another partner,
+    derives it anew."""
+    if not is_trusted_positions(positions) or (key_positions is not None and not is_trusted_positions(key_positions)):
+        return compute()
+    versions = (tensor_version(positions), None if key_positions is None else tensor_version(key_positions))
+    store = getattr(positions, _DERIVED, None)
+    if store is None:
+        store = {}
+        setattr(positions, _DERIVED, store)
+    kept = store.get(what)
+    if kept is not None:
+        partner, kept_versions, value = kept
+        if kept_versions == versions and (partner() if partner is not None else None) is key_positions:
+            return value
+    value = compute()
+    store[what] = (None if key_positions is None else weakref.ref(key_positions), versions, value)
+    return value
+
+
 def _map_tokens(positions, key_positions, op_name):
     """(query rows without a position, key columns with one) for the position form."""
-    keys = positions if key_positions is None else key_positions
-    rows = _same_everywhere(positions[..., 0].isnan(), "positions", op_name)
-    cols = _same_everywhere(~keys[..., 0].isnan(), "key_positions" if key_positions is not None else "positions",
-                            op_name)
-    return rows, cols
+
+    def compute():
+        keys = positions if key_positions is None else key_positions
+        rows = _same_everywhere(positions[..., 0].isnan(), "positions", op_name)
+        cols = _same_everywhere(~keys[..., 0].isnan(),
+                                "key_positions" if key_positions is not None else "positions", op_name)
+        return rows, cols
+
+    return derived_once(positions, key_positions, "map_tokens", compute)
 
 
 def attention_stats(

@@ -37,8 +37,15 @@ import torch
 from torch import nn
 
 from ..ops import attention_stats, attention_stats_qk, mad, mad_qk
-from ..ops.arguments import STAT_NAMES, TEMPORAL_MAD
-from ..ops.stats_op import MAP_NAME
+from ..ops.arguments import (
+    STAT_NAMES,
+    TEMPORAL_MAD,
+    is_trusted_positions,
+    is_trusted_same_tokens,
+    same_tokens,
+    trust_same_tokens,
+)
+from ..ops.stats_op import MAP_NAME, derived_once
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import Skip, family_modules, family_placer, probabilities_source
 from .families.masked import GivenPositionsPlacer
@@ -252,6 +259,31 @@ def _first_convolution(model: nn.Module) -> nn.Module | None:
         if isinstance(module, (nn.Conv2d, nn.Conv3d)):
             return module
     return naflex_call_start(model)
+
+
+def _trust_same_tokens(host_times: torch.Tensor, times: torch.Tensor, host_positions: torch.Tensor,
+                       positions: torch.Tensor) -> None:
+    """Marks a video layer's frames and positions (``times``, ``positions``: what the op gets) as NaN at the same
+    tokens, compared once on their host originals: the op then skips that comparison, which on a GPU copies both
+    to the host (a wait for the queued work) in every layer. Only for values vitmad checked itself (trusted
+    copies of its own layouts); a pair that differs is left to the op, which names the first token that does."""
+    if is_trusted_same_tokens(times, positions) or not (is_trusted_positions(times)
+                                                        and is_trusted_positions(positions)):
+        return
+    on_host = host_times.device.type == "cpu" and host_positions.device.type == "cpu"
+    if on_host and same_tokens(host_times, host_positions):
+        trust_same_tokens(times, positions)
+
+
+def _common_prefix_columns(positions: torch.Tensor) -> torch.Tensor | None:
+    """The tokens with a position, when some token has none and those are the same tokens in every matrix; else
+    None: rows common to the matrices need that (not so with per-image padding), and the recording then leaves
+    the maps out of that layer rather than asking the op, which would raise."""
+    missing = positions[..., 0].isnan()
+    flat = missing.reshape(-1, missing.shape[-1])
+    if not bool(missing.any()) or not bool((flat == flat[:1]).all()):
+        return None
+    return (~flat[0]).nonzero().flatten()
 
 
 class Recording:
@@ -498,6 +530,9 @@ class Recording:
                 key_times = placement.time_key_positions
                 times = {"times": self._to_device(placement.time_positions, device),
                          "key_times": None if key_times is None else self._to_device(key_times, device)}
+                _trust_same_tokens(placement.time_positions, times["times"], placement.positions, positions)
+                if key_times is not None:
+                    _trust_same_tokens(key_times, times["key_times"], placement.key_positions, key_positions)
             if video and not fused:
                 # From stored probabilities, a second read for the temporal distance.
                 temporal = measure(times["times"], times["key_times"], self.renormalize)
@@ -560,18 +595,12 @@ class Recording:
     def _prefix_rows(measure: Callable, positions: torch.Tensor) -> torch.Tensor | None:
         """``[*lead, Q, Nk]``: the attention rows of the ``Q`` queries without a position over every key (NaN at
         the keys without one), or None when there is no such query or they differ between matrices."""
-        # Rows common to the matrices need the same tokens without a position in each (not so when they differ
-        # from image to image, as with per-image padding): checked here, so that any error of the call is raised.
-        missing = positions[..., 0].isnan()
-        flat = missing.reshape(-1, missing.shape[-1])
-        if not bool(missing.any()) or not bool((flat == flat[:1]).all()):
+        columns = derived_once(positions, None, "prefix_rows", lambda: _common_prefix_columns(positions))
+        if columns is None:
             return None
         values = measure(positions, None, False, (MAP_NAME,))[MAP_NAME]
-        has_key = ~positions[..., 0].isnan()
-        columns = has_key.reshape(-1, has_key.shape[-1])[0].nonzero().flatten()
         rows = values.new_full((*values.shape[:-1], positions.shape[-2]), float("nan"))
-        rows[..., columns] = values
-        return rows
+        return rows.index_copy_(-1, columns, values)
 
     def _fold(self, name: str, placement: Placement, per_query: torch.Tensor) -> torch.Tensor:
         try:
