@@ -13,6 +13,10 @@ H200), every output written to the folder OUT:
              ``sass_count.py``'s table of the row kernels' instructions per element (``sass_count.log``).
 3. tests     ``pytest tests/ops tests/recording/test_record_cuda.py -k cuda`` with ``VITMAD_REQUIRE_COMPILED=1``
              (needs pytest and hypothesis).
+
+Every step runs with ``VITMAD_CUDA_STATS_KERNELS=1``: the CUDA kernels of the statistics (``stats_qk``,
+``stats_qk_pos``), which no GPU has run yet, are registered only with it; the tests then hold them to the CPU
+kernels and the float64 references, the sanitizers and the model benchmark run them too.
 4. bench_op, bench_flash, bench_positions   the ``--device cuda`` kernel benchmarks; they write their sections
              of ``benchmarks/RESULTS.md``, copied to OUT at the end.
 5. memcheck, racecheck   ``compute-sanitizer`` on a small set of calls of every CUDA kernel (this script's
@@ -164,10 +168,10 @@ def direct_build_steps(arch: str, cuda_home: Path, build_dir: Path) -> list[list
 
 
 def run_sanitizer_cases(device: str = "cuda") -> None:
-    """Small calls of every CUDA kernel (mad, mad_backward, mad_qk; grid and position form; each dtype; float
-    and bool bias, renormalised or not), synchronised, for compute-sanitizer. The mad kernels each get their
-    input: contiguous rows (the table kernel), a transposed view (the columns kernel), every other key (the direct
-    kernel, strided keys) and rows beyond the distance table (the direct kernel, contiguous keys); mad_qk also gets
+    """Small calls of every CUDA kernel (mad, mad_backward, mad_qk, the statistics; grid and position form; each
+    dtype; float and bool bias, renormalised or not), synchronised, for compute-sanitizer. The mad kernels each get
+    their input: contiguous rows (the table kernel), a transposed view (the columns kernel), every other key (the
+    direct kernel, strided keys) and rows beyond the distance table (the direct kernel, contiguous keys); mad_qk gets
     q / k of D = 36 sliced from D = 40 (no 16-byte copies). ``device="cpu"`` makes the same calls on the CPU
     kernels: the test that they are all valid calls (tests/ops/test_gpu_check.py)."""
     import torch
@@ -179,6 +183,7 @@ def run_sanitizer_cases(device: str = "cuda") -> None:
     n, d, grid = 1 + 10 * 7, 40, [10, 7]
     long_n, long_grid = 1 + 56 * 56, [56, 56]  # 3,136 patches: past the 96 KiB distance table of mad_cuda.cu
     positions = vitmad.grid_positions(*grid, 16, num_prefix_tokens=1, device=device)
+    times = torch.where(positions[:, :1].isnan(), positions[:, :1], (torch.arange(n, device=device) % 3)[:, None])
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         attn = torch.randn(2, 3, n, n, generator=gen).softmax(-1).to(device, dtype)
         views = {
@@ -199,6 +204,10 @@ def run_sanitizer_cases(device: str = "cuda") -> None:
             vitmad.mad_qk(q, k, 16, grid=grid, attn_bias=mask, renormalize=renormalize, reduction="none")
             vitmad.mad_qk(q, k, positions=positions, attn_bias=bias, renormalize=renormalize)
             vitmad.mad_qk(q[..., :36], k[..., :36], 16, grid=grid, renormalize=renormalize)
+            vitmad.attention_stats_qk(q, k, 16, grid=grid, attn_bias=mask, renormalize=renormalize,
+                                      stats=("mad", "entropy", "prefix_mass", "self_mass"), reduction="none")
+            vitmad.attention_stats_qk(q, k, positions=positions, times=times, attn_bias=bias,
+                                      renormalize=renormalize, stats=("mad", "entropy", "temporal_mad"))
     if device == "cuda":
         torch.cuda.synchronize()
     print("sanitizer cases done")
@@ -269,7 +278,8 @@ def main(argv: list[str]) -> int:
 
     env = {**os.environ, "TORCH_CUDA_ARCH_LIST": arch, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 4),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "VITMAD_REQUIRE_COMPILED": "1", "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1"}
+           "VITMAD_REQUIRE_COMPILED": "1", "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1",
+           "VITMAD_CUDA_STATS_KERNELS": "1"}
     if cuda_home is not None:  # torch's extension tooling (torch.compile) must find the real toolkit
         env.setdefault("CUDA_HOME", str(cuda_home))
     (out / "environment.txt").write_text(
@@ -293,7 +303,8 @@ def main(argv: list[str]) -> int:
         # The row kernels' steady-state instructions per element and registers, as RESULTS.md records them.
         runner.step("sass_count", [[python, str(BENCHMARKS / "sass_count.py"), library, "--cuobjdump", cuobjdump]])
     check = [python, "-c", "import vitmad; assert vitmad.backend() == 'compiled', vitmad.backend(); "
-             "assert vitmad.has_compiled_kernel('mad_qk', 'CUDA'); print('vitmad', vitmad.__file__)"]
+             "assert vitmad.has_compiled_kernel('mad_qk', 'CUDA'); "
+             "assert vitmad.has_compiled_kernel('stats_qk_pos', 'CUDA'); print('vitmad', vitmad.__file__)"]
     pytest = [python, "-m", "pytest", "tests/ops", "tests/recording/test_record_cuda.py", "-q", "-k", "cuda",
               "-p", "no:cacheprovider"]
     if module_available("xdist"):  # 1,200 cases, most of them a float64 reference on the host: spread them

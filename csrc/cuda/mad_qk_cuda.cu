@@ -12,6 +12,12 @@
 // indices through mad_geometry.h as on the CPU, with NaN marking the prefix keys; the position form stages the
 // keys' positions, NaN marking keys without one. Both use the same distance formula (position_distance).
 //
+// vitmad::stats_qk and stats_qk_pos run the same kernel with kStats (the portable kernel for every dtype): beside
+// MAD's state each row keeps the entropy sum of the same keys, the frame-weighted sum (temporal MAD, video), the
+// keys without a position under their own max (prefix mass; entropy when renormalising, where MAD's state leaves
+// them out) and its own token's logit (self mass), combined at the end as the CPU kernels' query_stats does. These
+// kernels are registered only with VITMAD_CUDA_STATS_KERNELS=1 until a GPU has run them (see the end of the file).
+//
 // Only c10/cuda headers are used (ATen/cuda/CUDAContext.h needs cuBLAS/cuSPARSE headers the toolkit may lack).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -27,13 +33,17 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <limits>
 #include <optional>
+#include <string>
+#include <string_view>
 #include <type_traits>
 
 #include "../mad_args.h"
 #include "../mad_geometry.h"
 #include "../position_args.h"
+#include "../stats_args.h"
 #include "cuda_common.cuh"
 #include "mad_qk_params.cuh"
 
@@ -83,6 +93,10 @@ __device__ __forceinline__ acc_t neg_inf() {
 
 __device__ __forceinline__ float exp2_of(float x) { return exp2f(x); }
 __device__ __forceinline__ double exp2_of(double x) { return exp2(x); }
+__device__ __forceinline__ float log2_of(float x) { return log2f(x); }
+__device__ __forceinline__ double log2_of(double x) { return log2(x); }
+__device__ __forceinline__ float abs_of(float x) { return fabsf(x); }
+__device__ __forceinline__ double abs_of(double x) { return fabs(x); }
 
 // c10::Half / c10::BFloat16 hold the same bits as __half / __nv_bfloat16.
 template <typename mma_t, typename scalar_t>
@@ -208,7 +222,42 @@ __device__ __forceinline__ bool is_positioned(acc_t x) {
   return x == x;
 }
 
-template <typename scalar_t, typename bias_t, bool kPositions>
+// exp2(x) * x, 0 where the weight exp2(x) is 0 (a masked key: x = -inf, or below the range): the entropy term of
+// one key, x a logit minus the running max in log2 units. NaN stays NaN (the row is NaN then anyway).
+template <typename acc_t>
+__device__ __forceinline__ acc_t weighted_exponent(acc_t weight, acc_t x) {
+  return weight == acc_t(0) ? acc_t(0) : weight * x;
+}
+
+// Moves an entropy sum E = sum w (x - m) of a state with normaliser Z from max m to max m' >= m:
+// sum w' (x - m') = 2^(m - m') (E + Z (m - m')); a state that held nothing yet (m = -inf) stays 0.
+template <typename acc_t>
+__device__ __forceinline__ acc_t moved_entropy(acc_t entropy, acc_t total, acc_t old_max, acc_t new_max,
+                                               acc_t rescale) {
+  return old_max == neg_inf<acc_t>() ? acc_t(0) : rescale * (entropy + total * (old_max - new_max));
+}
+
+// One online-softmax state of a query row, relative to its running max (log2 units), split over the row's lanes:
+// the max is common to them, the sums are partial. The statistics kernel keeps two: the keys that count in MAD's
+// softmax, and the keys without a position under their own max (their share and entropy; renormalised, the first
+// state does not hold them).
+template <typename acc_t>
+struct LaneState {
+  acc_t max = neg_inf<acc_t>();
+  acc_t total = 0;    // sum of exp2(logit - max)
+  acc_t entropy = 0;  // sum of exp2(logit - max) * (logit - max)
+
+  // Rescales the sums to new_max (> -inf), returning the factor.
+  __device__ __forceinline__ acc_t move_to(acc_t new_max, bool with_entropy) {
+    const acc_t rescale = exp2_of(max - new_max);
+    if (with_entropy) entropy = moved_entropy(entropy, total, max, new_max, rescale);
+    total *= rescale;
+    max = new_max;
+    return rescale;
+  }
+};
+
+template <typename scalar_t, typename bias_t, bool kPositions, bool kStats = false>
 __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams<typename TileConfig<scalar_t>::acc_t> p) {
   using Cfg = TileConfig<scalar_t>;
   using mma_t = typename Cfg::mma_t;
@@ -223,10 +272,12 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams<typenam
   mma_t* q_tile = reinterpret_cast<mma_t*>(shared);
   mma_t* k_tile = q_tile + kBlockM * ld;
   acc_t* s = reinterpret_cast<acc_t*>(k_tile + kBlockN * ld);
-  // The key tile's positions (grid form: row and column), x NaN for a key without one or past Nk.
+  // The key tile's positions (grid form: row and column), x NaN for a key without one or past Nk; with kStats also
+  // the keys' frames (key_time, video).
   acc_t* key_x = s + kBlockM * lds;
   acc_t* key_y = key_x + kBlockN;
   acc_t* key_z = key_y + kBlockN;
+  acc_t* key_time = key_z + kBlockN;
 
   const int lane = threadIdx.x % 32;
   const int row = threadIdx.x / 32 * kRowsPerWarp + lane / kLanesPerRow;  // this lane's query row in the tile
@@ -244,6 +295,10 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams<typenam
   const auto* q_all = static_cast<const scalar_t*>(p.q);
   const auto* k_all = static_cast<const scalar_t*>(p.k);
   const auto* bias_all = static_cast<const bias_t*>(p.bias);
+  // The statistics: the query's own token among the keys (self mass), whether entropy and frames are wanted.
+  const int own_key = p.first_query + t;
+  const bool with_entropy = kStats && p.wants_entropy;
+  const bool with_times = kStats && kPositions && p.has_times;
 
   for (int64_t b = blockIdx.y; b < p.num_matrices; b += gridDim.y) {
     const scalar_t* q_matrix = q_all + p.q_lead(b);
@@ -256,6 +311,8 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams<typenam
       has_position = valid_row && p.query_positions.has_position(positions, t);
       if (has_position) p.query_positions.position(positions, t, query);
     }
+    acc_t query_time = 0;
+    if (with_times && has_position) query_time = p.query_times.coord(p.query_times.matrix(b), t, 0);
     __syncthreads();  // the previous matrix is done with every tile
     load_tile(q_matrix, p.q_stride_n, p.q_stride_d, p.first_query + t_begin, p.q_tokens, kBlockM, p.head_dim,
               p.head_dim_padded, ld, q_tile);
@@ -265,6 +322,12 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams<typenam
     acc_t total = 0;     // exp2(logit - max) over all keys (prefix tokens / keys without a position included)
     acc_t mass = 0;      // the same over keys with a position
     acc_t weighted = 0;  // the same over keys with a position, times the distance
+    // kStats: the entropy sum and the frame-weighted sum of the same keys as `total` and `weighted`, the keys
+    // without a position under their own max (taken before the renormalising mask), and the own token's logit.
+    acc_t entropy = 0;
+    acc_t time_weighted = 0;
+    LaneState<acc_t> positionless;
+    acc_t own_logit = neg_inf<acc_t>();
     for (int k_begin = 0; k_begin < p.num_keys; k_begin += kBlockN) {
       __syncthreads();  // the previous key tile's logits and coordinates are consumed
       load_tile(k_matrix, p.k_stride_n, p.k_stride_d, k_begin, p.num_keys, kBlockN, p.head_dim, p.head_dim_padded, ld,
@@ -274,12 +337,14 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams<typenam
         acc_t x = std::numeric_limits<acc_t>::quiet_NaN();
         acc_t y = 0;
         acc_t z = 0;
+        acc_t frame = 0;
         if constexpr (kPositions) {
           const acc_t* positions = p.key_positions.matrix(b);
           if (key < p.num_keys && p.key_positions.has_position(positions, key)) {
             x = p.key_positions.coord(positions, key, 0);
             y = p.key_positions.coord(positions, key, 1);
             z = p.key_positions.coord(positions, key, 2);
+            if (with_times) frame = p.key_times.coord(p.key_times.matrix(b), key, 0);
           }
         } else if (key >= p.first_query && key < p.num_keys) {
           x = static_cast<acc_t>(patch_row(key - p.first_query, p.grid_w));
@@ -288,6 +353,7 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams<typenam
         key_x[j] = x;
         key_y[j] = y;
         key_z[j] = z;
+        if constexpr (kStats) key_time[j] = frame;
       }
       __syncthreads();
       tile_logits<scalar_t>(q_tile, k_tile, ld, p.head_dim_padded, s, lds);
@@ -296,19 +362,27 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams<typenam
       // Scale, bias and mask the row in place (keys past Nk, and keys without a position when renormalising:
       // renormalised MAD is the softmax over keys with a position alone, but a NaN or +inf logit there makes
       // softmax over every key NaN, so it stays), and find the tile's max: NaN once any logit is NaN, so the
-      // row's weights, hence its value, become NaN.
+      // row's weights, hence its value, become NaN. With kStats the row keeps its logits unmasked (the keys
+      // without a position count in the statistics of the whole row) and the mask is applied in the sums below.
       acc_t* logits = s + row * lds;
       acc_t tile_max = neg_inf<acc_t>();
+      acc_t positionless_tile_max = neg_inf<acc_t>();
       for (int j = sub; j < kBlockN; j += kLanesPerRow) {
         const int key = k_begin + j;
         acc_t x = neg_inf<acc_t>();
+        acc_t unmasked = neg_inf<acc_t>();
         if (key < p.num_keys) {
           x = logits[j] * logit_scale;
           if (bias_row != nullptr) x = biased(x, bias_row[key * p.bias_stride_k]);
+          unmasked = x;
+          if constexpr (kStats) {
+            if (key == own_key) own_logit = x;
+            if (!is_positioned(key_x[j])) positionless_tile_max = nan_max(positionless_tile_max, x);
+          }
           if (p.renormalize && !is_positioned(key_x[j]) && x < std::numeric_limits<acc_t>::infinity())
             x = neg_inf<acc_t>();
         }
-        logits[j] = x;
+        logits[j] = kStats ? unmasked : x;
         tile_max = nan_max(tile_max, x);
       }
       tile_max = warp_max<kLanesPerRow>(tile_max);
@@ -316,50 +390,116 @@ __global__ void __launch_bounds__(kThreads) mad_qk_kernel(const QkParams<typenam
       // While every key so far is masked there is nothing to add (and -inf - -inf would be NaN).
       if (new_max != neg_inf<acc_t>()) {
         const acc_t rescale = exp2_of(running_max - new_max);
+        if constexpr (kStats) {
+          if (with_entropy) entropy = moved_entropy(entropy, total, running_max, new_max, rescale);
+          time_weighted *= rescale;
+        }
         total *= rescale;
         mass *= rescale;
         weighted *= rescale;
         for (int j = sub; j < kBlockN; j += kLanesPerRow) {
-          const acc_t weight = exp2_of(logits[j] - new_max);  // 0 for masked keys
+          acc_t x = logits[j];
+          if constexpr (kStats) {
+            if (p.renormalize && !is_positioned(key_x[j]) && x < std::numeric_limits<acc_t>::infinity())
+              x = neg_inf<acc_t>();
+          }
+          const acc_t weight = exp2_of(x - new_max);  // 0 for masked keys
           total += weight;
+          if constexpr (kStats) {
+            if (with_entropy) entropy += weighted_exponent(weight, x - new_max);
+          }
           if (is_positioned(key_x[j])) {
             mass += weight;
             weighted += weight * (patch * position_distance<acc_t>(query[0] - key_x[j], query[1] - key_y[j],
                                                                    query[2] - key_z[j]));
+            if constexpr (kStats) {
+              if (with_times) time_weighted += weight * abs_of(query_time - key_time[j]);
+            }
           }
         }
         running_max = new_max;
+      }
+      if constexpr (kStats) {
+        // The keys without a position (prefix tokens, padding) under their own max, unmasked.
+        positionless_tile_max = warp_max<kLanesPerRow>(positionless_tile_max);
+        const acc_t positionless_max = nan_max(positionless.max, positionless_tile_max);
+        if (positionless_max != neg_inf<acc_t>()) {
+          positionless.move_to(positionless_max, with_entropy);
+          for (int j = sub; j < kBlockN; j += kLanesPerRow) {
+            if (k_begin + j >= p.num_keys || is_positioned(key_x[j])) continue;
+            const acc_t x = logits[j] - positionless_max;
+            const acc_t weight = exp2_of(x);
+            positionless.total += weight;
+            if (with_entropy) positionless.entropy += weighted_exponent(weight, x);
+          }
+        }
       }
     }
     total = warp_sum<kLanesPerRow>(total);
     mass = warp_sum<kLanesPerRow>(mass);
     weighted = warp_sum<kLanesPerRow>(weighted);
-    // A row with every key masked has total == 0 and gives NaN, as softmax does; so does a query without a
-    // position.
-    if (valid_row && sub == 0)
-      p.per_query[b * p.num_queries + t] =
-          has_position ? weighted / (p.renormalize ? mass : total) : std::numeric_limits<acc_t>::quiet_NaN();
+    if constexpr (!kStats) {
+      // A row with every key masked has total == 0 and gives NaN, as softmax does; so does a query without a
+      // position.
+      if (valid_row && sub == 0)
+        p.per_query[b * p.num_queries + t] =
+            has_position ? weighted / (p.renormalize ? mass : total) : std::numeric_limits<acc_t>::quiet_NaN();
+    } else {
+      entropy = warp_sum<kLanesPerRow>(entropy);
+      time_weighted = warp_sum<kLanesPerRow>(time_weighted);
+      positionless.total = warp_sum<kLanesPerRow>(positionless.total);
+      positionless.entropy = warp_sum<kLanesPerRow>(positionless.entropy);
+      own_logit = warp_max<kLanesPerRow>(own_logit);  // one lane of the row saw it; -inf on the others
+      if (valid_row && sub == 0) {
+        constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+        // As the CPU kernels' query_stats (mad_qk_cpu.cpp): MAD and the temporal MAD over MAD's normaliser; the
+        // whole row's statistics from both states moved to their common max M (log2 units here):
+        // H = ln 2 * (log2 Z - sum 2^(x - M) (x - M) / Z).
+        const acc_t normaliser = p.renormalize ? mass : total;
+        acc_t values[5] = {weighted / normaliser, kNaN, kNaN, kNaN, with_times ? time_weighted / normaliser : kNaN};
+        const acc_t max = nan_max(running_max, positionless.max);
+        if (abs_of(max) < std::numeric_limits<acc_t>::infinity()) {
+          const acc_t keyed_scale = exp2_of(running_max - max);  // 0 for a side without keys (max -inf)
+          const acc_t positionless_scale = exp2_of(positionless.max - max);
+          acc_t all = total * keyed_scale;
+          if (p.renormalize) all += positionless.total * positionless_scale;
+          if (with_entropy) {
+            acc_t sum = moved_entropy(entropy, total, running_max, max, keyed_scale);
+            if (p.renormalize)
+              sum += moved_entropy(positionless.entropy, positionless.total, positionless.max, max, positionless_scale);
+            values[1] = static_cast<acc_t>(0.6931471805599453) * (log2_of(all) - sum / all);
+          }
+          values[2] = positionless.total * positionless_scale / all;
+          values[3] = exp2_of(own_logit - max) / all;
+        }
+        for (int stat = 0; stat < 5; ++stat) {
+          acc_t* out = p.stat_rows[stat];
+          if (out != nullptr) out[b * p.num_queries + t] = has_position ? values[stat] : kNaN;
+        }
+      }
+    }
   }
 }
 
+// The tiles of q and k, the logits, and the key tile's three coordinates (and frames, for the statistics).
 template <typename scalar_t>
-size_t shared_bytes(int head_dim_padded) {
+size_t shared_bytes(int head_dim_padded, bool stats) {
   using Cfg = TileConfig<scalar_t>;
   const size_t ld = head_dim_padded + Cfg::kPad;
   return (Cfg::kBlockM + Cfg::kBlockN) * ld * sizeof(typename Cfg::mma_t) +
-         (Cfg::kBlockM * (Cfg::kBlockN + 4) + 3 * Cfg::kBlockN) * sizeof(typename Cfg::acc_t);
+         (Cfg::kBlockM * (Cfg::kBlockN + 4) + (stats ? 4 : 3) * Cfg::kBlockN) * sizeof(typename Cfg::acc_t);
 }
 
-template <typename scalar_t, typename bias_t, bool kPositions>
+template <typename scalar_t, typename bias_t, bool kPositions, bool kStats = false>
 void launch_mad_qk(QkParams<typename TileConfig<scalar_t>::acc_t> p, int device) {
   using Cfg = TileConfig<scalar_t>;
   p.head_dim_padded = Cfg::kTensorCores ? (p.head_dim + 15) / 16 * 16 : p.head_dim;
-  const size_t smem = shared_bytes<scalar_t>(p.head_dim_padded);
+  const size_t smem = shared_bytes<scalar_t>(p.head_dim_padded, kStats);
   int smem_limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   TORCH_CHECK_VALUE(smem <= static_cast<size_t>(smem_limit), "vitmad.mad_qk: head dimension D = ", p.head_dim,
                     " needs ", smem, " bytes of shared memory per block on CUDA, the device allows ", smem_limit);
-  constexpr auto kernel = &mad_qk_kernel<scalar_t, bias_t, kPositions>;
+  constexpr auto kernel = &mad_qk_kernel<scalar_t, bias_t, kPositions, kStats>;
   dynamic_shared_memory_limit<kernel>(device, smem_limit);  // the device's maximum, set once
   const dim3 blocks((p.num_queries + Cfg::kBlockM - 1) / Cfg::kBlockM,
                     static_cast<unsigned>(std::min<int64_t>(p.num_matrices, kMaxGridY)));
@@ -398,11 +538,13 @@ QkParams<acc_t> common_params(const at::Tensor& q, const at::Tensor& k, const st
 
 // Launches the kernel for q's dtype, with the bias type (bool mask or q's dtype) as a template argument; fill
 // sets the form's own parameters.
-template <bool kPositions, typename FillFn>
+// The statistics (kStats) run the portable kernel for every dtype: the sm_80 kernel computes MAD alone.
+template <bool kPositions, bool kStats = false, typename FillFn>
 void dispatch_mad_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& attn_bias,
-                     const QkShape& shape, bool renormalize, const at::Tensor& per_query, FillFn fill) {
+                     const QkShape& shape, bool renormalize, const at::Tensor& per_query, FillFn fill,
+                     const char* op_name = "vitmad.mad_qk") {
   TORCH_CHECK_VALUE(shape.num_queries < INT_MAX / 2 && shape.num_keys < INT_MAX / 2 && shape.head_dim < INT_MAX / 2,
-                    "vitmad.mad_qk: N and D must be below 2^30 on CUDA, got q of shape ", q.sizes(), " and k of shape ",
+                    op_name, ": N and D must be below 2^30 on CUDA, got q of shape ", q.sizes(), " and k of shape ",
                     k.sizes());
   std::optional<at::Tensor> bias;
   if (attn_bias.has_value()) bias = broadcast_attn_bias(*attn_bias, q, k);
@@ -412,7 +554,7 @@ void dispatch_mad_qk(const at::Tensor& q, const at::Tensor& k, const std::option
     using acc_t = typename TileConfig<scalar_t>::acc_t;
     QkParams<acc_t> p = common_params<acc_t>(q, k, bias, shape, renormalize, per_query);
     fill(p);
-    if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if constexpr (!kStats && (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>)) {
       // Tensor cores with the logits in registers from sm_80 on (mad_qk_sm80.cu); this file's kernel before, and
       // for float32 and float64, whose logits come from plain FMAs here. (A float32 variant of the sm_80 kernel
       // on TF32 splits ran at 0.8-0.9x SDPA's float32 time on an H200 but failed two tests there: an infinite
@@ -422,9 +564,9 @@ void dispatch_mad_qk(const at::Tensor& q, const at::Tensor& k, const std::option
         return;
     }
     if (bool_mask)
-      launch_mad_qk<scalar_t, bool, kPositions>(p, device);
+      launch_mad_qk<scalar_t, bool, kPositions, kStats>(p, device);
     else
-      launch_mad_qk<scalar_t, scalar_t, kPositions>(p, device);
+      launch_mad_qk<scalar_t, scalar_t, kPositions, kStats>(p, device);
   });
 }
 
@@ -483,11 +625,138 @@ at::Tensor mad_qk_pos_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
   return out;
 }
 
+// The statistics ops (stats_qk, stats_qk_pos): the same kernel with kStats, every statistic of a query from one
+// online-softmax pass over its keys, as the CPU kernels compute them (mad_qk_cpu.cpp).
+
+constexpr const char* kStatsQkOp = "vitmad.attention_stats_qk";
+
+// Where each statistic asked for goes: row s of per_query [S, num_matrices, num_queries].
+template <typename acc_t>
+void set_stat_rows(QkParams<acc_t>& p, const StatsRequest& request, const at::Tensor& per_query) {
+  acc_t* data = per_query.mutable_data_ptr<acc_t>();
+  for (int stat = 0; stat < kNumStats; ++stat) {
+    const int64_t row = request.row[stat];
+    p.stat_rows[stat] = row < 0 ? nullptr : data + row * per_query.stride(0);
+  }
+  p.wants_entropy = request.wants(Stat::kEntropy);
+}
+
+// out[s] = the mean of per_query[s] over the queries `counts` admits, for each statistic.
+template <typename QueryFilter>
+void mean_of_stats(const at::Tensor& per_query, int64_t num_matrices, int64_t num_queries, QueryFilter counts,
+                   at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "vitmad_stats_qk_cuda_mean", [&] {
+    for (int64_t stat = 0; stat < per_query.size(0); ++stat)
+      launch_mean_over_queries(per_query.const_data_ptr<scalar_t>() + stat * per_query.stride(0), num_matrices,
+                               num_queries, counts.template as<scalar_t>(),
+                               out.mutable_data_ptr<scalar_t>() + stat * num_matrices,
+                               c10::cuda::getCurrentCUDAStream());
+  });
+}
+
+// AllQueries for mean_of_stats, whatever the accumulation type.
+struct EveryQuery {
+  template <typename acc_t>
+  AllQueries as() const {
+    return {};
+  }
+};
+
+// PositionedQueries of the accumulation type for mean_of_stats.
+struct QueriesWithPositions {
+  const PositionArgs* args;
+  template <typename acc_t>
+  PositionedQueries<acc_t> as() const {
+    return {position_rows<acc_t>(args->queries, args->layout.dims)};
+  }
+};
+
+at::Tensor stats_qk_cuda(const at::Tensor& q, const at::Tensor& k, int64_t patch, c10::ArrayRef<std::string> stats,
+                         int64_t num_prefix_tokens, at::OptionalIntArrayRef grid, std::optional<double> scale,
+                         const std::optional<at::Tensor>& attn_bias, bool renormalize, c10::string_view reduction) {
+  const MadQkLayout ql = check_mad_qk_args(q, k, patch, num_prefix_tokens, grid, scale, attn_bias, renormalize,
+                                           reduction, kStatsQkOp);
+  const MadLayout& l = ql.mad;
+  const StatsRequest request = check_stats(stats, l.num_tokens, l.num_tokens, /*has_times=*/false, kStatsQkOp);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  StatsOutputs outputs = empty_stats_outputs(q, request, l.num_matrices, l.num_patches, l.reduce_mean);
+  if (l.num_matrices == 0) return outputs.out;
+
+  const QkShape shape{l.num_tokens, l.num_tokens, ql.head_dim, l.num_matrices, ql.scale};
+  dispatch_mad_qk<false, true>(q, k, attn_bias, shape, l.renormalize, outputs.per_query, [&](auto& p) {
+    p.first_query = static_cast<int>(l.num_prefix);
+    p.num_queries = static_cast<int>(l.num_patches);
+    p.grid_w = static_cast<int>(l.grid_w);
+    p.patch = static_cast<double>(patch);
+    set_stat_rows(p, request, outputs.per_query);
+  }, kStatsQkOp);
+  if (l.reduce_mean) mean_of_stats(outputs.per_query, l.num_matrices, l.num_patches, EveryQuery{}, outputs.out);
+  return outputs.out;
+}
+
+at::Tensor stats_qk_pos_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                             const std::optional<at::Tensor>& key_positions, c10::ArrayRef<std::string> stats,
+                             std::optional<double> scale, const std::optional<at::Tensor>& attn_bias,
+                             bool renormalize, c10::string_view reduction, const std::optional<at::Tensor>& times,
+                             const std::optional<at::Tensor>& key_times) {
+  const QkShape shape = check_qk_tensors(q, k, scale, attn_bias, /*same_tokens=*/false, kStatsQkOp);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const auto out_dtype = mad_output_dtype(q.scalar_type());
+  const bool check_values = can_check_position_values();
+  const PositionArgs args = check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions,
+                                                renormalize, reduction, out_dtype, check_values, kStatsQkOp);
+  const PositionLayout& l = args.layout;
+  TORCH_CHECK_VALUE(times.has_value() || !key_times.has_value(), kStatsQkOp,
+                    ": key_times is given without times; pass times [..., Nq, 1] for the queries' frames");
+  const StatsRequest request = check_stats(stats, l.num_queries, l.num_keys, times.has_value(), kStatsQkOp);
+  std::optional<PositionArgs> time_args;
+  if (times.has_value())
+    time_args = check_time_args(q, args, positions, key_positions, *times, key_times, out_dtype, check_values,
+                                kStatsQkOp);
+  StatsOutputs outputs = empty_stats_outputs(q, request, l.num_matrices, l.num_queries, l.reduce_mean);
+  if (l.num_matrices == 0) return outputs.out;
+  // No query: nothing to launch; the means are NaN, as over queries none of which has a position.
+  if (l.num_queries == 0) return outputs.out.fill_(std::numeric_limits<double>::quiet_NaN());
+
+  dispatch_mad_qk<true, true>(q, k, attn_bias, shape, l.renormalize, outputs.per_query, [&](auto& p) {
+    using acc_t = std::remove_pointer_t<decltype(p.per_query)>;
+    p.first_query = 0;
+    p.num_queries = static_cast<int>(l.num_queries);
+    p.patch = 1.0;
+    p.query_positions = position_rows<acc_t>(args.queries, l.dims);
+    p.key_positions = position_rows<acc_t>(args.keys, l.dims);
+    set_stat_rows(p, request, outputs.per_query);
+    if (time_args.has_value()) {
+      // The frames as one-coordinate positions; NaN exactly at the tokens without a position (check_time_args).
+      p.has_times = true;
+      p.query_times = position_rows<acc_t>(time_args->queries, 1);
+      p.key_times = position_rows<acc_t>(time_args->keys, 1);
+    }
+  }, kStatsQkOp);
+  if (l.reduce_mean)
+    mean_of_stats(outputs.per_query, l.num_matrices, l.num_queries, QueriesWithPositions{&args}, outputs.out);
+  return outputs.out;
+}
+
+// Not yet run on a GPU (written 2026-12-01 without one): the statistics kernels serve stats_qk and stats_qk_pos
+// only when VITMAD_CUDA_STATS_KERNELS=1 is set when the library loads (benchmarks/gpu_check.py sets it, so the
+// next GPU run tests them against the CPU kernels and the float64 references). Otherwise CUDA tensors get the
+// pure-PyTorch kernels of the statistics, which python/vitmad/ops/library.py registers for every op this library
+// leaves without a CUDA kernel.
+bool cuda_stats_kernels_enabled() {
+  const char* value = std::getenv("VITMAD_CUDA_STATS_KERNELS");
+  return value != nullptr && std::string_view(value) != "" && std::string_view(value) != "0";
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vitmad, CUDA, m) {
   m.impl("mad_qk", &mad_qk_cuda);
   m.impl("mad_qk_pos", &mad_qk_pos_cuda);
+  if (cuda_stats_kernels_enabled()) {
+    m.impl("stats_qk", &stats_qk_cuda);
+    m.impl("stats_qk_pos", &stats_qk_pos_cuda);
+  }
 }
 
 }  // namespace vitmad

@@ -30,6 +30,14 @@ struct QkParams {
   double patch;
   // The position form (kPositions): where each query and key is.
   PositionRows<acc_t> query_positions, key_positions;
+  // The statistics (vitmad::stats_qk, stats_qk_pos; the portable kernel's kStats instantiation only): where each
+  // statistic of query t of matrix b goes, stat_rows[s][b * num_queries + t] (nullptr: not asked for), indexed like
+  // kStatNames in stats_args.h (mad, entropy, prefix_mass, self_mass, temporal_mad).
+  acc_t* stat_rows[5];
+  bool wants_entropy;
+  // With temporal_mad (position form, video): each token's frame, NaN exactly where it has no position.
+  bool has_times;
+  PositionRows<acc_t> query_times, key_times;
 };
 
 // Launches the sm_80+ kernel for 16-bit q and k (c10::Half or c10::BFloat16; bias_t is bool or scalar_t) and

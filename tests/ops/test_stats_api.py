@@ -133,7 +133,8 @@ def test_fake_tensors_get_the_output_shapes():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_statistics_equal_the_cpu_ones(dtype):
-    """CUDA runs the pure-PyTorch kernels of the statistics (no fused CUDA kernel yet): same values as the CPU's."""
+    """CUDA runs the pure-PyTorch kernels of the statistics, or with VITMAD_CUDA_STATS_KERNELS=1 the fused ones
+    (from q and k): the same values as the CPU's."""
     gen = torch.Generator().manual_seed(5)
     q, k = (torch.randn(2, 3, 1 + 48, 16, generator=gen).to(dtype) for _ in range(2))
     attn = (q.float() @ k.float().transpose(-1, -2) / 4).softmax(-1).to(dtype)
