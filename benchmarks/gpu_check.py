@@ -13,15 +13,15 @@ H200), every output written to the folder OUT:
              ``sass_count.py``'s table of the row kernels' instructions per element (``sass_count.log``).
 3. tests     ``pytest tests/ops tests/recording/test_record_cuda.py -k cuda`` with ``VITMAD_REQUIRE_COMPILED=1``
              (needs pytest and hypothesis).
-
-Every step runs with ``VITMAD_CUDA_STATS_KERNELS=1``: the CUDA kernels of the statistics (``stats_qk``,
-``stats_qk_pos``), which no GPU has run yet, are registered only with it; the tests then hold them to the CPU
-kernels and the float64 references, the sanitizers and the model benchmark run them too.
 4. bench_op, bench_flash, bench_positions   the ``--device cuda`` kernel benchmarks; they write their sections
              of ``benchmarks/RESULTS.md``, copied to OUT at the end.
 5. memcheck, racecheck   ``compute-sanitizer`` on a small set of calls of every CUDA kernel (this script's
              ``--sanitizer-cases``).
 6. bench_model   the whole-model benchmark on the GPU.
+
+Every step runs with ``VITMAD_CUDA_STATS_KERNELS=1``: the CUDA kernels of the statistics (``stats``,
+``stats_pos``, ``stats_qk``, ``stats_qk_pos``), which no GPU has run yet, are registered only with it; the tests
+then hold them to the CPU kernels and the float64 references, the sanitizers and the model benchmark run them too.
 
 OUT gets ``summary.md`` (step, status, seconds), one ``<step>.log`` per step, ``environment.txt`` and
 ``RESULTS.md``. Without a GPU the script checks its arguments, says so and exits 0. The exit status is 1 when a
@@ -204,6 +204,10 @@ def run_sanitizer_cases(device: str = "cuda") -> None:
             vitmad.mad_qk(q, k, 16, grid=grid, attn_bias=mask, renormalize=renormalize, reduction="none")
             vitmad.mad_qk(q, k, positions=positions, attn_bias=bias, renormalize=renormalize)
             vitmad.mad_qk(q[..., :36], k[..., :36], 16, grid=grid, renormalize=renormalize)
+            for view, view_grid in views.values():
+                vitmad.attention_stats(view, 16, grid=view_grid, renormalize=renormalize,
+                                       stats=("mad", "entropy", "prefix_mass", "self_mass"))
+            vitmad.attention_stats(attn, positions=positions, renormalize=renormalize, reduction="none")
             vitmad.attention_stats_qk(q, k, 16, grid=grid, attn_bias=mask, renormalize=renormalize,
                                       stats=("mad", "entropy", "prefix_mass", "self_mass"), reduction="none")
             vitmad.attention_stats_qk(q, k, positions=positions, times=times, attn_bias=bias,

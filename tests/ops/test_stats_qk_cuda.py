@@ -183,12 +183,14 @@ def test_no_query_and_no_matrix():
 
 @pytest.mark.skipif(not vitmad.has_compiled_kernel("mad_qk", "CUDA"), reason="a library built without CUDA kernels")
 def test_the_statistics_kernels_are_registered_only_when_asked_for():
-    """Until a GPU has run them, the CUDA kernels of the statistics serve only with VITMAD_CUDA_STATS_KERNELS=1; the
+    """Until a GPU has run them, the CUDA kernels of the statistics (from q and k, and from attention probabilities:
+    csrc/cuda/stats_cuda.cu) serve only with VITMAD_CUDA_STATS_KERNELS=1; the
     pure-PyTorch kernels otherwise. Checked in fresh processes (the registration happens when the library loads),
     with or without a GPU."""
-    probe = ("import vitmad; print(vitmad.has_compiled_kernel('stats_qk', 'CUDA'), "
-             "vitmad.has_compiled_kernel('stats_qk_pos', 'CUDA'), vitmad.has_compiled_kernel('mad_qk', 'CUDA'))")
-    for value, expected in (("1", "True True True"), ("0", "False False True"), (None, "False False True")):
+    probe = ("import vitmad; print(*(vitmad.has_compiled_kernel(op, 'CUDA') "
+             "for op in ('stats_qk', 'stats_qk_pos', 'stats', 'stats_pos', 'mad_qk')))")
+    for value, expected in (("1", "True True True True True"), ("0", "False False False False True"),
+                            (None, "False False False False True")):
         env = {k: v for k, v in os.environ.items() if k != "VITMAD_CUDA_STATS_KERNELS"}
         if value is not None:
             env["VITMAD_CUDA_STATS_KERNELS"] = value
