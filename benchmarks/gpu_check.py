@@ -18,6 +18,7 @@ H200), every output written to the folder OUT:
 5. memcheck, racecheck   ``compute-sanitizer`` on a small set of calls of every CUDA kernel (this script's
              ``--sanitizer-cases``).
 6. bench_model   the whole-model benchmark on the GPU.
+7. bench_stats, bench_stats_qk   the statistics against MAD alone, ``--device cuda``, in what is left.
 
 Every step runs with ``VITMAD_CUDA_STATS_KERNELS=1``: the CUDA kernels of the statistics (``stats``,
 ``stats_pos``, ``stats_qk``, ``stats_qk_pos``), which no GPU has run yet, are registered only with it; the tests
@@ -44,7 +45,8 @@ BENCHMARKS = ROOT / "benchmarks"
 # (step, time limit in seconds); a step also stops where the overall budget ends.
 LIMITS = {
     "build": 200, "sass": 30, "sass_count": 60, "tests": 180, "memcheck": 90, "racecheck": 90,
-    "bench_op": 45, "bench_flash": 90, "bench_positions": 45, "bench_model": 60,
+    "bench_op": 45, "bench_flash": 90, "bench_positions": 45, "bench_model": 60, "bench_stats": 40,
+    "bench_stats_qk": 40,
 }
 
 
@@ -334,6 +336,9 @@ def main(argv: list[str]) -> int:
     # --skip-memory: the memory half of bench_model measures CPU peak RSS at 1024 px (minutes of eager CPU work).
     runner.step("bench_model", [[python, str(BENCHMARKS / "bench_model.py"), "--device", "cuda", "--skip-memory"]],
                 needs=("transformers",))
+    # Last, in what is left of the budget: the statistics kernels' time against MAD alone on the GPU.
+    for bench in ("bench_stats", "bench_stats_qk"):
+        runner.step(bench, [[python, str(BENCHMARKS / f"{bench}.py"), "--device", "cuda"]])
     shutil.copy(BENCHMARKS / "RESULTS.md", out / "RESULTS.md")
     print(f"[gpu_check] done: {out / 'summary.md'}", flush=True)
     return 1 if runner.failed else 0
