@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <utility>
+
 #include "mad_args.h"
 
 namespace vitmad {
@@ -43,6 +45,28 @@ StatsOutputs empty_stats_outputs(const at::Tensor& tokens, const StatsRequest& r
   shape.insert(shape.end(), op_shape.begin(), op_shape.end());
   at::Tensor per_query = at::empty({request.count, num_matrices, num_queries}, options);
   return StatsOutputs{per_query, reduce_mean ? at::empty(shape, options) : per_query.view(shape)};
+}
+
+StatsQkPosArgs check_stats_qk_pos_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                                       const std::optional<at::Tensor>& key_positions,
+                                       c10::ArrayRef<std::string> stats, std::optional<double> scale,
+                                       const std::optional<at::Tensor>& attn_bias, bool renormalize,
+                                       std::string_view reduction, const std::optional<at::Tensor>& times,
+                                       const std::optional<at::Tensor>& key_times, bool check_values,
+                                       const char* op_name) {
+  const QkShape shape = check_qk_tensors(q, k, scale, attn_bias, /*same_tokens=*/false, op_name);
+  const auto acc_dtype = mad_output_dtype(q.scalar_type());
+  PositionArgs args = check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions,
+                                          renormalize, reduction, acc_dtype, check_values, op_name);
+  TORCH_CHECK_VALUE(times.has_value() || !key_times.has_value(), op_name,
+                    ": key_times is given without times; pass times [..., Nq, 1] for the queries' frames");
+  const StatsRequest request =
+      check_stats(stats, args.layout.num_queries, args.layout.num_keys, times.has_value(), op_name);
+  std::optional<PositionArgs> time_args;
+  if (times.has_value())
+    time_args = check_time_args(q, args, positions, key_positions, *times, key_times, acc_dtype, check_values,
+                                op_name);
+  return StatsQkPosArgs{shape, std::move(args), request, std::move(time_args)};
 }
 
 }  // namespace vitmad

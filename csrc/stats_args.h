@@ -8,8 +8,13 @@
 
 #include <array>
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
+
+#include "mad_args.h"
+#include "position_args.h"
 
 namespace vitmad {
 
@@ -44,5 +49,21 @@ struct StatsOutputs {
 };
 StatsOutputs empty_stats_outputs(const at::Tensor& tokens, const StatsRequest& request, int64_t num_matrices,
                                  int64_t num_queries, bool reduce_mean);
+
+// Every argument of stats_qk_pos checked, in the order both backends share (q and k, the positions, key_times
+// without times, the names, then the frames; values only with check_values): what the kernels need.
+struct StatsQkPosArgs {
+  QkShape shape;
+  PositionArgs positions;
+  StatsRequest request;
+  std::optional<PositionArgs> times;  // the frames as one-coordinate positions, with times
+};
+StatsQkPosArgs check_stats_qk_pos_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                                       const std::optional<at::Tensor>& key_positions,
+                                       c10::ArrayRef<std::string> stats, std::optional<double> scale,
+                                       const std::optional<at::Tensor>& attn_bias, bool renormalize,
+                                       std::string_view reduction, const std::optional<at::Tensor>& times,
+                                       const std::optional<at::Tensor>& key_times, bool check_values,
+                                       const char* op_name);
 
 }  // namespace vitmad

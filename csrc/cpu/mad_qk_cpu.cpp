@@ -807,19 +807,14 @@ at::Tensor stats_qk_pos_cpu(const at::Tensor& q, const at::Tensor& k, const at::
                             std::optional<double> scale, const std::optional<at::Tensor>& attn_bias, bool renormalize,
                             c10::string_view reduction, const std::optional<at::Tensor>& times,
                             const std::optional<at::Tensor>& key_times) {
-  const QkShape shape = check_qk_tensors(q, k, scale, attn_bias, /*same_tokens=*/false, kStatsQkOp);
-  const auto out_dtype = mad_output_dtype(q.scalar_type());
-  const PositionArgs args =
-      check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize, reduction,
-                          out_dtype, /*check_values=*/true, kStatsQkOp);
+  const StatsQkPosArgs checked = check_stats_qk_pos_args(q, k, positions, key_positions, stats, scale, attn_bias,
+                                                         renormalize, reduction, times, key_times,
+                                                         /*check_values=*/true, kStatsQkOp);
+  const QkShape& shape = checked.shape;
+  const PositionArgs& args = checked.positions;
   const PositionLayout& l = args.layout;
-  TORCH_CHECK_VALUE(times.has_value() || !key_times.has_value(), kStatsQkOp,
-                    ": key_times is given without times; pass times [..., Nq, 1] for the queries' frames");
-  const StatsRequest request = check_stats(stats, l.num_queries, l.num_keys, times.has_value(), kStatsQkOp);
-  std::optional<PositionArgs> time_args;
-  if (times.has_value())
-    time_args = check_time_args(q, args, positions, key_positions, *times, key_times, out_dtype,
-                                /*check_values=*/true, kStatsQkOp);
+  const StatsRequest& request = checked.request;
+  const std::optional<PositionArgs>& time_args = checked.times;
   auto [per_query, out] = empty_stats_outputs(q, request, l.num_matrices, l.num_queries, l.reduce_mean);
   if (l.num_matrices == 0) return out;
 

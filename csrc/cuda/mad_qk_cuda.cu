@@ -33,11 +33,9 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <string>
-#include <string_view>
 #include <type_traits>
 
 #include "../mad_args.h"
@@ -46,6 +44,7 @@
 #include "../stats_args.h"
 #include "cuda_common.cuh"
 #include "mad_qk_params.cuh"
+#include "stats_common.cuh"
 
 namespace vitmad {
 namespace {
@@ -570,6 +569,26 @@ void dispatch_mad_qk(const at::Tensor& q, const at::Tensor& k, const std::option
   });
 }
 
+// The position form's queries and keys (mad_qk_pos, stats_qk_pos).
+template <typename acc_t>
+void set_positions(QkParams<acc_t>& p, const PositionArgs& args) {
+  const PositionLayout& l = args.layout;
+  p.first_query = 0;
+  p.num_queries = static_cast<int>(l.num_queries);
+  p.patch = 1.0;
+  p.query_positions = position_rows<acc_t>(args.queries, l.dims);
+  p.key_positions = position_rows<acc_t>(args.keys, l.dims);
+}
+
+// The grid form's queries, the patches after the prefix tokens (mad_qk, stats_qk).
+template <typename acc_t>
+void set_grid(QkParams<acc_t>& p, const MadLayout& l, int64_t patch) {
+  p.first_query = static_cast<int>(l.num_prefix);
+  p.num_queries = static_cast<int>(l.num_patches);
+  p.grid_w = static_cast<int>(l.grid_w);
+  p.patch = static_cast<double>(patch);
+}
+
 at::Tensor mad_qk_cuda(const at::Tensor& q, const at::Tensor& k, int64_t patch, int64_t num_prefix_tokens,
                        at::OptionalIntArrayRef grid, std::optional<double> scale,
                        const std::optional<at::Tensor>& attn_bias, bool renormalize, c10::string_view reduction) {
@@ -581,12 +600,8 @@ at::Tensor mad_qk_cuda(const at::Tensor& q, const at::Tensor& k, int64_t patch, 
   if (l.num_matrices == 0) return out;
 
   const QkShape shape{l.num_tokens, l.num_tokens, ql.head_dim, l.num_matrices, ql.scale};
-  dispatch_mad_qk<false>(q, k, attn_bias, shape, l.renormalize, per_query, [&](auto& p) {
-    p.first_query = static_cast<int>(l.num_prefix);
-    p.num_queries = static_cast<int>(l.num_patches);
-    p.grid_w = static_cast<int>(l.grid_w);
-    p.patch = static_cast<double>(patch);
-  });
+  dispatch_mad_qk<false>(q, k, attn_bias, shape, l.renormalize, per_query,
+                         [&](auto& p) { set_grid(p, l, patch); });
   if (!l.reduce_mean) return out;
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "vitmad_mad_qk_cuda_mean", [&] {
     launch_mean_over_queries(per_query.const_data_ptr<scalar_t>(), l.num_matrices, l.num_patches, AllQueries{},
@@ -608,14 +623,8 @@ at::Tensor mad_qk_pos_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
   const auto [per_query, out] = empty_mad_outputs(q, l.num_matrices, l.num_queries, l.reduce_mean);
   if (l.num_matrices == 0 || l.num_queries == 0) return out.fill_(std::numeric_limits<double>::quiet_NaN());
 
-  dispatch_mad_qk<true>(q, k, attn_bias, shape, l.renormalize, per_query, [&](auto& p) {
-    using acc_t = std::remove_pointer_t<decltype(p.per_query)>;
-    p.first_query = 0;
-    p.num_queries = static_cast<int>(l.num_queries);
-    p.patch = 1.0;
-    p.query_positions = position_rows<acc_t>(args.queries, l.dims);
-    p.key_positions = position_rows<acc_t>(args.keys, l.dims);
-  });
+  dispatch_mad_qk<true>(q, k, attn_bias, shape, l.renormalize, per_query,
+                        [&](auto& p) { set_positions(p, args); });
   if (!l.reduce_mean) return out;
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "vitmad_mad_qk_pos_cuda_mean", [&] {
     launch_mean_over_queries(per_query.const_data_ptr<scalar_t>(), l.num_matrices, l.num_queries,
@@ -630,31 +639,7 @@ at::Tensor mad_qk_pos_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
 
 constexpr const char* kStatsQkOp = "vitmad.attention_stats_qk";
 
-// Where each statistic asked for goes: row s of per_query [S, num_matrices, num_queries].
-template <typename acc_t>
-void set_stat_rows(QkParams<acc_t>& p, const StatsRequest& request, const at::Tensor& per_query) {
-  acc_t* data = per_query.mutable_data_ptr<acc_t>();
-  for (int stat = 0; stat < kNumStats; ++stat) {
-    const int64_t row = request.row[stat];
-    p.stat_rows[stat] = row < 0 ? nullptr : data + row * per_query.stride(0);
-  }
-  p.wants_entropy = request.wants(Stat::kEntropy);
-}
-
-// out[s] = the mean of per_query[s] over the queries `counts` admits, for each statistic.
-template <typename QueryFilter>
-void mean_of_stats(const at::Tensor& per_query, int64_t num_matrices, int64_t num_queries, QueryFilter counts,
-                   at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "vitmad_stats_qk_cuda_mean", [&] {
-    for (int64_t stat = 0; stat < per_query.size(0); ++stat)
-      launch_mean_over_queries(per_query.const_data_ptr<scalar_t>() + stat * per_query.stride(0), num_matrices,
-                               num_queries, counts.template as<scalar_t>(),
-                               out.mutable_data_ptr<scalar_t>() + stat * num_matrices,
-                               c10::cuda::getCurrentCUDAStream());
-  });
-}
-
-// AllQueries for mean_of_stats, whatever the accumulation type.
+// The accumulation-type filter of the queries a statistic's mean counts, chosen once the dtype is known.
 struct EveryQuery {
   template <typename acc_t>
   AllQueries as() const {
@@ -662,7 +647,6 @@ struct EveryQuery {
   }
 };
 
-// PositionedQueries of the accumulation type for mean_of_stats.
 struct QueriesWithPositions {
   const PositionArgs* args;
   template <typename acc_t>
@@ -670,6 +654,21 @@ struct QueriesWithPositions {
     return {position_rows<acc_t>(args->queries, args->layout.dims)};
   }
 };
+
+template <typename QueryFilter>
+void mean_of_stats_any(const at::Tensor& per_query, int64_t num_matrices, int64_t num_queries, QueryFilter counts,
+                       at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "vitmad_stats_qk_cuda_mean", [&] {
+    mean_of_stats<scalar_t>(per_query, num_matrices, num_queries, counts.template as<scalar_t>(), out);
+  });
+}
+
+// The statistics asked for: where each goes, and whether entropy's sums are kept.
+template <typename acc_t>
+void set_stat_rows(QkParams<acc_t>& p, const StatsRequest& request, const at::Tensor& per_query) {
+  fill_stat_rows(p.stat_rows, request, per_query);
+  p.wants_entropy = request.wants(Stat::kEntropy);
+}
 
 at::Tensor stats_qk_cuda(const at::Tensor& q, const at::Tensor& k, int64_t patch, c10::ArrayRef<std::string> stats,
                          int64_t num_prefix_tokens, at::OptionalIntArrayRef grid, std::optional<double> scale,
@@ -684,13 +683,10 @@ at::Tensor stats_qk_cuda(const at::Tensor& q, const at::Tensor& k, int64_t patch
 
   const QkShape shape{l.num_tokens, l.num_tokens, ql.head_dim, l.num_matrices, ql.scale};
   dispatch_mad_qk<false, true>(q, k, attn_bias, shape, l.renormalize, outputs.per_query, [&](auto& p) {
-    p.first_query = static_cast<int>(l.num_prefix);
-    p.num_queries = static_cast<int>(l.num_patches);
-    p.grid_w = static_cast<int>(l.grid_w);
-    p.patch = static_cast<double>(patch);
+    set_grid(p, l, patch);
     set_stat_rows(p, request, outputs.per_query);
   }, kStatsQkOp);
-  if (l.reduce_mean) mean_of_stats(outputs.per_query, l.num_matrices, l.num_patches, EveryQuery{}, outputs.out);
+  if (l.reduce_mean) mean_of_stats_any(outputs.per_query, l.num_matrices, l.num_patches, EveryQuery{}, outputs.out);
   return outputs.out;
 }
 
@@ -699,20 +695,15 @@ at::Tensor stats_qk_pos_cuda(const at::Tensor& q, const at::Tensor& k, const at:
                              std::optional<double> scale, const std::optional<at::Tensor>& attn_bias,
                              bool renormalize, c10::string_view reduction, const std::optional<at::Tensor>& times,
                              const std::optional<at::Tensor>& key_times) {
-  const QkShape shape = check_qk_tensors(q, k, scale, attn_bias, /*same_tokens=*/false, kStatsQkOp);
   const c10::cuda::CUDAGuard device_guard(q.device());
-  const auto out_dtype = mad_output_dtype(q.scalar_type());
-  const bool check_values = can_check_position_values();
-  const PositionArgs args = check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions,
-                                                renormalize, reduction, out_dtype, check_values, kStatsQkOp);
+  const StatsQkPosArgs checked = check_stats_qk_pos_args(q, k, positions, key_positions, stats, scale, attn_bias,
+                                                         renormalize, reduction, times, key_times,
+                                                         can_check_position_values(), kStatsQkOp);
+  const QkShape& shape = checked.shape;
+  const PositionArgs& args = checked.positions;
   const PositionLayout& l = args.layout;
-  TORCH_CHECK_VALUE(times.has_value() || !key_times.has_value(), kStatsQkOp,
-                    ": key_times is given without times; pass times [..., Nq, 1] for the queries' frames");
-  const StatsRequest request = check_stats(stats, l.num_queries, l.num_keys, times.has_value(), kStatsQkOp);
-  std::optional<PositionArgs> time_args;
-  if (times.has_value())
-    time_args = check_time_args(q, args, positions, key_positions, *times, key_times, out_dtype, check_values,
-                                kStatsQkOp);
+  const StatsRequest& request = checked.request;
+  const std::optional<PositionArgs>& time_args = checked.times;
   StatsOutputs outputs = empty_stats_outputs(q, request, l.num_matrices, l.num_queries, l.reduce_mean);
   if (l.num_matrices == 0) return outputs.out;
   // No query: nothing to launch; the means are NaN, as over queries none of which has a position.
@@ -720,11 +711,7 @@ at::Tensor stats_qk_pos_cuda(const at::Tensor& q, const at::Tensor& k, const at:
 
   dispatch_mad_qk<true, true>(q, k, attn_bias, shape, l.renormalize, outputs.per_query, [&](auto& p) {
     using acc_t = std::remove_pointer_t<decltype(p.per_query)>;
-    p.first_query = 0;
-    p.num_queries = static_cast<int>(l.num_queries);
-    p.patch = 1.0;
-    p.query_positions = position_rows<acc_t>(args.queries, l.dims);
-    p.key_positions = position_rows<acc_t>(args.keys, l.dims);
+    set_positions(p, args);
     set_stat_rows(p, request, outputs.per_query);
     if (time_args.has_value()) {
       // The frames as one-coordinate positions; NaN exactly at the tokens without a position (check_time_args).
@@ -734,18 +721,8 @@ at::Tensor stats_qk_pos_cuda(const at::Tensor& q, const at::Tensor& k, const at:
     }
   }, kStatsQkOp);
   if (l.reduce_mean)
-    mean_of_stats(outputs.per_query, l.num_matrices, l.num_queries, QueriesWithPositions{&args}, outputs.out);
+    mean_of_stats_any(outputs.per_query, l.num_matrices, l.num_queries, QueriesWithPositions{&args}, outputs.out);
   return outputs.out;
-}
-
-// Not yet run on a GPU (written 2026-12-01 without one): the statistics kernels serve stats_qk and stats_qk_pos
-// only when VITMAD_CUDA_STATS_KERNELS=1 is set when the library loads (benchmarks/gpu_check.py sets it, so the
-// next GPU run tests them against the CPU kernels and the float64 references). Otherwise CUDA tensors get the
-// pure-PyTorch kernels of the statistics, which python/vitmad/ops/library.py registers for every op this library
-// leaves without a CUDA kernel.
-bool cuda_stats_kernels_enabled() {
-  const char* value = std::getenv("VITMAD_CUDA_STATS_KERNELS");
-  return value != nullptr && std::string_view(value) != "" && std::string_view(value) != "0";
 }
 
 }  // namespace
@@ -753,7 +730,7 @@ bool cuda_stats_kernels_enabled() {
 TORCH_LIBRARY_IMPL(vitmad, CUDA, m) {
   m.impl("mad_qk", &mad_qk_cuda);
   m.impl("mad_qk_pos", &mad_qk_pos_cuda);
-  if (cuda_stats_kernels_enabled()) {
+  if (cuda_stats_kernels_enabled()) {  // stats_common.cuh: not yet run on a GPU
     m.impl("stats_qk", &stats_qk_cuda);
     m.impl("stats_qk_pos", &stats_qk_pos_cuda);
   }

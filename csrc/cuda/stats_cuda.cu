@@ -21,17 +21,16 @@
 
 #include <cuda_runtime.h>
 
-#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <string>
-#include <string_view>
 
 #include "../mad_args.h"
 #include "../mad_geometry.h"
 #include "../position_args.h"
 #include "../stats_args.h"
 #include "cuda_common.cuh"
+#include "stats_common.cuh"
 
 namespace vitmad {
 namespace {
@@ -148,14 +147,24 @@ __global__ void __launch_bounds__(kBlockThreads) stats_rows_kernel(const StatsPa
   }
 }
 
+// What both forms fill alike: the attention and its strides, the statistics asked for and where they go.
 template <typename acc_t>
-void set_stat_rows(StatsParams<acc_t>& p, const StatsRequest& request, const at::Tensor& per_query) {
-  acc_t* data = per_query.mutable_data_ptr<acc_t>();
-  for (int stat = 0; stat < kNumStats; ++stat) {
-    const int64_t row = request.row[stat];
-    p.stat_rows[stat] = row < 0 ? nullptr : data + row * per_query.stride(0);
-  }
+StatsParams<acc_t> common_params(const at::Tensor& attn, int64_t num_matrices, int64_t num_queries,
+                                 int64_t num_keys, bool renormalize, const StatsRequest& request,
+                                 const at::Tensor& per_query) {
+  StatsParams<acc_t> p{};
+  p.attn = attn.const_data_ptr();
+  p.lead = matrix_offsets(attn, kOpName);
+  p.stride_q = attn.stride(-2);
+  p.stride_k = attn.stride(-1);
+  p.num_matrices = num_matrices;
+  p.num_queries = num_queries;
+  p.num_keys = num_keys;
+  p.renormalize = renormalize;
+  p.patch = 1;
+  fill_stat_rows(p.stat_rows, request, per_query);
   p.wants_entropy = request.wants(Stat::kEntropy);
+  return p;
 }
 
 template <typename scalar_t, bool kPositions>
@@ -163,16 +172,6 @@ void launch_stats(const StatsParams<at::opmath_type<scalar_t>>& p) {
   const int blocks = blocks_for(p.num_matrices * p.num_queries, kWarpsPerBlock);
   stats_rows_kernel<scalar_t, kPositions><<<blocks, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// out[s] = the mean of per_query[s] over the queries `counts` admits, for each statistic.
-template <typename acc_t, typename QueryFilter>
-void mean_of_stats(const at::Tensor& per_query, int64_t num_matrices, int64_t num_queries, QueryFilter counts,
-                   at::Tensor& out) {
-  for (int64_t stat = 0; stat < per_query.size(0); ++stat)
-    launch_mean_over_queries(per_query.const_data_ptr<acc_t>() + stat * per_query.stride(0), num_matrices,
-                             num_queries, counts, out.mutable_data_ptr<acc_t>() + stat * num_matrices,
-                             c10::cuda::getCurrentCUDAStream());
 }
 
 at::Tensor stats_cuda(const at::Tensor& attn, int64_t patch, c10::ArrayRef<std::string> stats,
@@ -186,21 +185,14 @@ at::Tensor stats_cuda(const at::Tensor& attn, int64_t patch, c10::ArrayRef<std::
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "vitmad_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    StatsParams<acc_t> p{};
-    p.attn = attn.const_data_ptr();
-    p.lead = matrix_offsets(attn, kOpName);
-    p.stride_q = attn.stride(-2);
-    p.stride_k = attn.stride(-1);
-    p.num_matrices = l.num_matrices;
-    p.num_queries = l.num_patches;
-    p.num_keys = l.num_tokens;
+    StatsParams<acc_t> p = common_params<acc_t>(attn, l.num_matrices, l.num_patches, l.num_tokens, l.renormalize,
+                                                request, outputs.per_query);
     p.first_query = l.num_prefix;
     p.grid_w = l.grid_w;
     p.patch = static_cast<acc_t>(patch);
-    p.renormalize = l.renormalize;
-    set_stat_rows(p, request, outputs.per_query);
     launch_stats<scalar_t, false>(p);
-    if (l.reduce_mean) mean_of_stats<acc_t>(outputs.per_query, l.num_matrices, l.num_patches, AllQueries{}, outputs.out);
+    if (l.reduce_mean)
+      mean_of_stats<acc_t>(outputs.per_query, l.num_matrices, l.num_patches, AllQueries{}, outputs.out);
   });
   return outputs.out;
 }
@@ -222,38 +214,22 @@ at::Tensor stats_pos_cuda(const at::Tensor& attn, const at::Tensor& positions,
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, attn.scalar_type(), "vitmad_stats_pos_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    StatsParams<acc_t> p{};
-    p.attn = attn.const_data_ptr();
-    p.lead = matrix_offsets(attn, kOpName);
-    p.stride_q = attn.stride(-2);
-    p.stride_k = attn.stride(-1);
-    p.num_matrices = l.num_matrices;
-    p.num_queries = l.num_queries;
-    p.num_keys = l.num_keys;
-    p.first_query = 0;
-    p.patch = 1;
-    p.renormalize = l.renormalize;
+    StatsParams<acc_t> p = common_params<acc_t>(attn, l.num_matrices, l.num_queries, l.num_keys, l.renormalize,
+                                                request, outputs.per_query);
     p.query_positions = position_rows<acc_t>(args.queries, l.dims);
     p.key_positions = position_rows<acc_t>(args.keys, l.dims);
-    set_stat_rows(p, request, outputs.per_query);
     launch_stats<scalar_t, true>(p);
     if (l.reduce_mean)
-      mean_of_stats<acc_t>(outputs.per_query, l.num_matrices, l.num_queries, PositionedQueries<acc_t>{p.query_positions},
-                           outputs.out);
+      mean_of_stats<acc_t>(outputs.per_query, l.num_matrices, l.num_queries,
+                           PositionedQueries<acc_t>{p.query_positions}, outputs.out);
   });
   return outputs.out;
-}
-
-// See the file's header: these kernels serve only when asked for until a GPU has run them.
-bool cuda_stats_kernels_enabled() {
-  const char* value = std::getenv("VITMAD_CUDA_STATS_KERNELS");
-  return value != nullptr && std::string_view(value) != "" && std::string_view(value) != "0";
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vitmad, CUDA, m) {
-  if (cuda_stats_kernels_enabled()) {
+  if (cuda_stats_kernels_enabled()) {  // stats_common.cuh: not yet run on a GPU
     m.impl("stats", &stats_cuda);
     m.impl("stats_pos", &stats_pos_cuda);
   }

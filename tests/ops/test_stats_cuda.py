@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from test_stats_qk_cuda import _positions  # keys without a position at the given indices
 
 import vitmad
 
@@ -59,15 +60,6 @@ def test_strided_and_transposed_rows_equal_the_cpu(dtype):
     _check(attn, dtype, patch=14, grid=(6, 5), stats=ALL, reduction="none")
     columns = _attention((2, 2), n, n, dtype, seed=4).transpose(-1, -2).contiguous().transpose(-1, -2)
     _check(columns, dtype, patch=14, grid=(6, 5), stats=ALL, renormalize=True, reduction="none")
-
-
-def _positions(n: int, dims: int, seed: int, missing=(0, 5)) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    positions = torch.rand(n, dims, generator=gen) * 200
-    for index in missing:
-        if index < n:
-            positions[index] = math.nan
-    return positions
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

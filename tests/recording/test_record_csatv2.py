@@ -9,7 +9,6 @@ halves the map with a 2 x 2 stride-2 convolution, a ``downsample=True`` block at
 
 from __future__ import annotations
 
-import copy
 from unittest import mock
 
 import pytest
@@ -19,6 +18,9 @@ import vitmad
 from vitmad.ops.reference import mad_positions_reference
 
 timm = pytest.importorskip("timm")
+
+from test_record_multiscale import dropout_maps, record  # noqa: E402
+
 pytestmark = pytest.mark.skipif("csatv2" not in timm.list_models("csatv2*"), reason="timm without CSATv2")
 
 TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels; float32 attention against a float64 reference
@@ -30,33 +32,17 @@ def cells(rows: int, cols: int, stride: float) -> torch.Tensor:
     return torch.cartesian_prod(*axis)
 
 
-def block_maps(model, pixels) -> dict[str, torch.Tensor]:
-    """Each TransformerBlock's attention probabilities in an eager forward, by the block's qualified name."""
-    model, maps = copy.deepcopy(model), {}
-    for name, module in model.named_modules():
-        if type(module).__name__ == "TransformerBlock":
-            module.attn.fused_attn = False
-            module.attn.attn_drop.register_forward_pre_hook(lambda m, args, n=name: maps.setdefault(n, args[0]))
-    with torch.no_grad():
-        model(pixels)
-    return maps
-
-
-def record(model, pixels):
-    """Records one forward; its output is that of the forward without recording, bit for bit."""
-    with torch.no_grad():
-        plain = model(pixels)
-    with torch.no_grad(), vitmad.record(model) as rec:
-        assert torch.equal(model(pixels), plain)
-    return rec
+def block_maps(model, pixels) -> list[torch.Tensor]:
+    """Each TransformerBlock's attention probabilities in an eager forward, in the order the blocks run."""
+    return dropout_maps(model, pixels, lambda m: type(m).__name__ == "Attention")
 
 
 def check(rec, maps, expected):
     """Every block's recorded MAD against its eager attention over the grid ``expected[block] = (rows, cols,
     stride)``."""
     assert rec.layers == [f"{block}.attn" for block in expected]
-    for (block, (rows, cols, stride)), recorded, geometry in zip(expected.items(), rec.per_layer, rec.geometry):
-        attn = maps[block]
+    assert len(maps) == len(expected)
+    for (rows, cols, stride), recorded, geometry, attn in zip(expected.values(), rec.per_layer, rec.geometry, maps):
         assert attn.shape[-1] == rows * cols
         torch.testing.assert_close(recorded.double(), mad_positions_reference(attn, cells(rows, cols, stride)), **TOL)
         assert (geometry.grid, geometry.stride) == ((rows, cols), (stride, stride))

@@ -105,27 +105,6 @@ def test_recording_a_vit_on_cuda_waits_for_the_gpu_nowhere():
     assert rec.mad.shape == (3, 2, 2) and rec.mad.isfinite().all()
 
 
-@CUDA
-def test_recording_swin_on_cuda_waits_for_the_gpu_nowhere_after_its_first_forward():
-    """A windowed model builds its windows' positions per call on the host: the recording checks them there and
-    copies each distinct set to the GPU once (Recording._to_device), the folds' window orders likewise
-    (placement.on_device), so its second forward synchronises nowhere."""
-    torch.manual_seed(0)
-    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2, 2), num_heads=(2, 4),
-                              embed_dim=32, img_size=112).eval().to("cuda")
-    pixels = torch.randn(2, 3, 112, 112, device="cuda")
-    with torch.no_grad(), vitmad.record(model) as rec:
-        model(pixels)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            model(pixels)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    # Stage 1 has 2 heads of the 4: NaN pads them in rec.mad.
-    torch.testing.assert_close(rec.calls[1].mad, rec.calls[0].mad, rtol=0, atol=0, equal_nan=True)
-    assert rec.mad.shape == (4, 2, 4)
-
-
 def _second_forward_without_waits(model, inputs, **options) -> vitmad.Recording:
     """Records two forwards; the second under torch's sync debug mode "error" (any call that waits for the GPU
     raises, naming itself)."""
@@ -137,6 +116,20 @@ def _second_forward_without_waits(model, inputs, **options) -> vitmad.Recording:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return rec
+
+
+@CUDA
+def test_recording_swin_on_cuda_waits_for_the_gpu_nowhere_after_its_first_forward():
+    """A windowed model builds its windows' positions per call on the host: the recording checks them there and
+    copies each distinct set to the GPU once (Recording._to_device), the folds' window orders likewise
+    (placement.on_device), so its second forward synchronises nowhere."""
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2, 2), num_heads=(2, 4),
+                              embed_dim=32, img_size=112).eval().to("cuda")
+    rec = _second_forward_without_waits(model, torch.randn(2, 3, 112, 112, device="cuda"))
+    # Stage 1 has 2 heads of the 4: NaN pads them in rec.mad.
+    torch.testing.assert_close(rec.calls[1].mad, rec.calls[0].mad, rtol=0, atol=0, equal_nan=True)
+    assert rec.mad.shape == (4, 2, 4)
 
 
 @CUDA

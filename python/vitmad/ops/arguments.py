@@ -352,7 +352,7 @@ def trust_position_values(positions: torch.Tensor) -> None:
     (here, and in C++ through ``vitmad::_trust_positions``), which on a GPU copies them to the host and so waits
     for all the work queued before it. An in-place change of the tensor (a new version) ends the trust."""
     setattr(positions, _TRUSTED, tensor_version(positions))
-    compiled = _compiled_trust()
+    compiled = _compiled_op("_trust_positions")
     if compiled is not None:
         compiled(positions)
 
@@ -385,7 +385,7 @@ def trust_same_tokens(times: torch.Tensor, positions: torch.Tensor) -> None:
     for this very pair (here, and in C++ through ``vitmad::_trust_same_tokens``), which on a GPU copies both to
     the host and so waits for all the work queued before it. An in-place change of either ends the trust."""
     setattr(times, _SAME_TOKENS, (weakref.ref(positions), tensor_version(times), tensor_version(positions)))
-    compiled = _compiled_trust_same_tokens()
+    compiled = _compiled_op("_trust_same_tokens")
     if compiled is not None:
         compiled(times, positions)
 
@@ -398,19 +398,10 @@ def is_trusted_same_tokens(times: torch.Tensor, positions: torch.Tensor) -> bool
 
 
 @functools.cache
-def _compiled_trust_same_tokens():
-    """``torch.ops.vitmad._trust_same_tokens`` where the compiled library defines it, else None."""
+def _compiled_op(name: str):
+    """``torch.ops.vitmad.<name>`` (the trust registries' ops) where the compiled library defines it, else None."""
     try:
-        return torch.ops.vitmad._trust_same_tokens.default
-    except (AttributeError, RuntimeError):
-        return None
-
-
-@functools.cache
-def _compiled_trust():
-    """``torch.ops.vitmad._trust_positions`` where the compiled library defines it, else None."""
-    try:
-        return torch.ops.vitmad._trust_positions.default
+        return getattr(torch.ops.vitmad, name).default
     except (AttributeError, RuntimeError):
         return None
 
