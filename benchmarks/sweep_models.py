@@ -184,11 +184,14 @@ def sweep_timm(per: str, pattern: str, max_params: float) -> list[tuple[str, str
     for module, name in timm_candidates(per, pattern):
         start = time.perf_counter()
         try:
-            model = timm.create_model(name, pretrained=False).eval()
-            params = sum(p.numel() for p in model.parameters()) / 1e6
+            # Counted on the meta device first: building a multi-billion-parameter model only to skip it ran a
+            # 24 GiB machine out of memory (the --per model sweep of 2026-12-01).
+            with torch.device("meta"):
+                params = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters()) / 1e6
             if params > max_params:
                 rows.append((module, name, f"not run: {params:.0f} M parameters (> --max-params)"))
                 continue
+            model = timm.create_model(name, pretrained=False).eval()
             size = model.pretrained_cfg.get("input_size", (3, 224, 224))
             pixels = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
             verdict = _check(model, pixels, lambda m, x: m(x))
