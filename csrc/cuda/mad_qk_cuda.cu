@@ -639,30 +639,6 @@ at::Tensor mad_qk_pos_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
 
 constexpr const char* kStatsQkOp = "vitmad.attention_stats_qk";
 
-// The accumulation-type filter of the queries a statistic's mean counts, chosen once the dtype is known.
-struct EveryQuery {
-  template <typename acc_t>
-  AllQueries as() const {
-    return {};
-  }
-};
-
-struct QueriesWithPositions {
-  const PositionArgs* args;
-  template <typename acc_t>
-  PositionedQueries<acc_t> as() const {
-    return {position_rows<acc_t>(args->queries, args->layout.dims)};
-  }
-};
-
-template <typename QueryFilter>
-void mean_of_stats_any(const at::Tensor& per_query, int64_t num_matrices, int64_t num_queries, QueryFilter counts,
-                       at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "vitmad_stats_qk_cuda_mean", [&] {
-    mean_of_stats<scalar_t>(per_query, num_matrices, num_queries, counts.template as<scalar_t>(), out);
-  });
-}
-
 // The statistics asked for: where each goes, and whether entropy's sums are kept.
 template <typename acc_t>
 void set_stat_rows(QkParams<acc_t>& p, const StatsRequest& request, const at::Tensor& per_query) {
@@ -686,7 +662,10 @@ at::Tensor stats_qk_cuda(const at::Tensor& q, const at::Tensor& k, int64_t patch
     set_grid(p, l, patch);
     set_stat_rows(p, request, outputs.per_query);
   }, kStatsQkOp);
-  if (l.reduce_mean) mean_of_stats_any(outputs.per_query, l.num_matrices, l.num_patches, EveryQuery{}, outputs.out);
+  if (!l.reduce_mean) return outputs.out;
+  AT_DISPATCH_FLOATING_TYPES(outputs.out.scalar_type(), "vitmad_stats_qk_cuda_mean", [&] {
+    mean_of_stats<scalar_t>(outputs.per_query, l.num_matrices, l.num_patches, AllQueries{}, outputs.out);
+  });
   return outputs.out;
 }
 
@@ -720,8 +699,11 @@ at::Tensor stats_qk_pos_cuda(const at::Tensor& q, const at::Tensor& k, const at:
       p.key_times = position_rows<acc_t>(time_args->keys, 1);
     }
   }, kStatsQkOp);
-  if (l.reduce_mean)
-    mean_of_stats_any(outputs.per_query, l.num_matrices, l.num_queries, QueriesWithPositions{&args}, outputs.out);
+  if (!l.reduce_mean) return outputs.out;
+  AT_DISPATCH_FLOATING_TYPES(outputs.out.scalar_type(), "vitmad_stats_qk_pos_cuda_mean", [&] {
+    mean_of_stats<scalar_t>(outputs.per_query, l.num_matrices, l.num_queries,
+                            PositionedQueries<scalar_t>{position_rows<scalar_t>(args.queries, l.dims)}, outputs.out);
+  });
   return outputs.out;
 }
 

@@ -80,13 +80,21 @@ def _check_times(names, times, key_times, positions, op_name: str) -> None:
     check_times_named(names, True, op_name)
 
 
-def _same_everywhere(has: torch.Tensor, arg: str, op_name: str) -> torch.Tensor:
-    """The token indices where ``has`` (``[..., N]``) is True, which must be the same in every matrix."""
+def common_tokens(has: torch.Tensor) -> torch.Tensor | None:
+    """The token indices where ``has`` (``[..., N]``) is True when those are the same in every matrix, else None."""
     flat = has.reshape(-1, has.shape[-1])
     if flat.shape[0] > 1 and not bool((flat == flat[:1]).all()):
+        return None
+    return flat[0].nonzero().flatten() if flat.shape[0] else has.new_zeros(0, dtype=torch.long)
+
+
+def _same_everywhere(has: torch.Tensor, arg: str, op_name: str) -> torch.Tensor:
+    """The token indices where ``has`` (``[..., N]``) is True, which must be the same in every matrix."""
+    tokens = common_tokens(has)
+    if tokens is None:
         raise ValueError(f"{op_name}: prefix maps need the same tokens without a position in every matrix, but "
                          f"{arg} marks different tokens in different matrices; ask for them per image")
-    return flat[0].nonzero().flatten() if flat.shape[0] else has.new_zeros(0, dtype=torch.long)
+    return tokens
 
 
 # The attribute of trusted positions that keeps what the maps derive from them (token indices), with the versions

@@ -45,7 +45,7 @@ from ..ops.arguments import (
     same_tokens,
     trust_same_tokens,
 )
-from ..ops.stats_op import MAP_NAME, derived_once
+from ..ops.stats_op import MAP_NAME, common_tokens, derived_once
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import Skip, family_modules, family_placer, probabilities_source
 from .families.masked import GivenPositionsPlacer
@@ -280,10 +280,7 @@ def _common_prefix_columns(positions: torch.Tensor) -> torch.Tensor | None:
     None: rows common to the matrices need that (not so with per-image padding), and the recording then leaves
     the maps out of that layer rather than asking the op, which would raise."""
     missing = positions[..., 0].isnan()
-    flat = missing.reshape(-1, missing.shape[-1])
-    if not bool(missing.any()) or not bool((flat == flat[:1]).all()):
-        return None
-    return (~flat[0]).nonzero().flatten()
+    return common_tokens(~missing) if bool(missing.any()) else None
 
 
 class Recording:

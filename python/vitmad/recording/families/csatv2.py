@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..module_index import module_list, named_module_list
-from .stages import StageGrid, StagePlacer, defined_in, strided_modules
+from .stages import StageGrid, StagePlacer, defined_in, owner_of, strided_modules
 
 __all__ = ["placer", "attention_modules"]
 
@@ -49,7 +49,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return Skip(_ACROSS_IMAGES)
     if not hasattr(module, "fused_attn"):
         return None
-    csatv2 = next((m for m in module_list(model) if defined_in(m, "CSATv2", "csatv2")), None)
+    csatv2 = owner_of(model, "CSATv2", "csatv2")
     if csatv2 is None or not any(defined_in(m, "TransformerBlock", "csatv2") and m.attn is module
                                  for m in module_list(csatv2.stages)):
         return None

@@ -30,7 +30,7 @@ from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, P
 
 __all__ = ["matching_design", "reduction_before", "Stage", "StageGrid", "StagePlacer", "KeyLayout", "global_keys",
            "strided_modules", "strided_centres", "strided_module_centres", "adaptive_centres", "grid_placement", "pair",
-           "defined_in"]
+           "defined_in", "owner_of"]
 
 
 def pair(value) -> tuple[int, int]:
@@ -45,6 +45,12 @@ def defined_in(module: nn.Module, class_name: str, module_suffix: str) -> bool:
     (timm and transformers reuse class names such as ``Attention`` across families)."""
     cls = type(module)
     return cls.__name__ == class_name and cls.__module__.rpartition(".")[2] == module_suffix
+
+
+def owner_of(model: nn.Module, class_name: str, module_suffix: str) -> nn.Module | None:
+    """The first module of ``model`` (itself included) of the class ``class_name`` defined in ``*module_suffix``:
+    the model around an attention module (PiT, CrossViT, NextViT, CSATv2), or None."""
+    return next((m for m in module_list(model) if defined_in(m, class_name, module_suffix)), None)
 
 
 def matching_design(module: nn.Module, designs, attribute: str):

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..module_index import module_list, named_module_list
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement
-from .stages import StageGrid, StagePlacer, defined_in, grid_placement, pair
+from .stages import StageGrid, StagePlacer, defined_in, grid_placement, owner_of, pair
 
 __all__ = ["placer", "attention_modules"]
 
@@ -30,12 +30,8 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
             if defined_in(m, "TalkingHeadAttn", "cait") or defined_in(m, "CrossAttention", "crossvit")}
 
 
-def _owner(model: nn.Module, class_name: str, module_suffix: str) -> nn.Module | None:
-    return next((m for m in module_list(model) if defined_in(m, class_name, module_suffix)), None)
-
-
 def _pit(model: nn.Module, module: nn.Module) -> LayerPlacer | None:
-    pit = _owner(model, "PoolingVisionTransformer", "pit")
+    pit = owner_of(model, "PoolingVisionTransformer", "pit")
     if pit is None or not any(m is module for m in module_list(pit.transformers)):
         return None
     embeddings = [pit.patch_embed.conv] + [stage.pool.conv for stage in pit.transformers if stage.pool is not None]
@@ -75,7 +71,7 @@ class CrossVitBranchPlacer(LayerPlacer):
 
 
 def _crossvit(model: nn.Module, module: nn.Module) -> LayerPlacer | None:
-    crossvit = _owner(model, "CrossVit", "crossvit")
+    crossvit = owner_of(model, "CrossVit", "crossvit")
     if crossvit is None:
         return None
     for block in crossvit.blocks:
