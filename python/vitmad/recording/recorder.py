@@ -46,6 +46,7 @@ from ..ops.arguments import (
     trust_same_tokens,
 )
 from ..ops.stats_op import MAP_NAME, common_tokens, derived_once
+from .compiled import EagerWhileRecording, check_compiled, uncompiled
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import Skip, family_modules, family_placer, probabilities_source
 from .families.masked import GivenPositionsPlacer
@@ -313,6 +314,10 @@ class Recording:
             raise ValueError("vitmad.record: positions places every token itself; pass either positions or "
                              "patch/grid/num_prefix_tokens, not both")
         self._stats, self._maps = _check_record_stats(stats)
+        # A torch.compile wrapper is recorded through the module it wraps; compiled code runs eagerly inside the
+        # block (compiled.py), so that the hooks below see every layer.
+        given, model = model, uncompiled(model)
+        self._eager = False
         # The user's positions replace the layout of every recorded layer (families/masked.py).
         self._given = None if positions is None else GivenPositionsPlacer(positions)
         self.model = model
@@ -328,6 +333,7 @@ class Recording:
             self._plain = PlainLayout(model, patch, None if grid is None else (int(grid[0]), int(grid[1])),
                                       num_prefix_tokens)
             self._modules = self._choose_layers(layers)
+            check_compiled(model, given)
         # Per module, the calls of its current forward not yet recorded (several for differential attention).
         self._pending: dict[str, list] = {}
         # Device copies of the host positions of this recording's calls, by device and content (_to_device).
@@ -671,6 +677,8 @@ class Recording:
             call.components[name] = components
 
     def __enter__(self) -> Recording:
+        EagerWhileRecording.enter()
+        self._eager = True
         try:
             with shared_walks():
                 self._install()
@@ -699,6 +707,9 @@ class Recording:
         for hooks in self._hooks:
             hooks.remove()
         self._pending.clear()
+        if self._eager:
+            self._eager = False
+            EagerWhileRecording.leave()
 
     def __exit__(self, *exc_info) -> None:
         self._remove()

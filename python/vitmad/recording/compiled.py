@@ -1,0 +1,110 @@
+"""Models compiled with ``torch.compile`` inside ``vitmad.record``: they run eagerly while a recording is active.
+
+Code that ``torch.compile`` generated does not call Python forward hooks, transformers' ``AttentionInterface``
+wrappers or a patched ``F.scaled_dot_product_attention``: a compiled model recorded as it is reports no layer, or
+(where a graph breaks) only some. So while any recording is active, dynamo's stance is ``force_eager``
+(``torch.compiler.set_stance``): every compiled module and function runs its original Python code, whether it was
+compiled before the block (``torch.compile(model)``, ``model.compile()``) or inside it, and vitmad sees every
+layer. The outputs are then those of the eager model (the same attention kernels; inductor's fused epilogues
+round differently), and the compiled code is used again after the block.
+
+The stance is process-wide, not per thread: recordings that overlap in several threads share it (a count under
+a lock), and it is restored when the last one ends, to what it was before the first.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import torch
+from torch import nn
+
+from .module_index import module_list
+
+__all__ = ["uncompiled", "is_compiled", "check_compiled", "EagerWhileRecording"]
+
+
+def _optimized_module_type() -> type | None:
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # a torch without dynamo
+        return None
+    return OptimizedModule
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile(model)`` wraps (its hooks and names are the ones to record), else ``model``."""
+    optimized = _optimized_module_type()
+    while optimized is not None and isinstance(model, optimized):
+        model = model._orig_mod
+    return model
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or a submodule of it runs compiled code when called: a ``torch.compile`` wrapper, or
+    ``Module.compile()`` done in place (which keeps the module and sets its compiled call)."""
+    optimized = _optimized_module_type()
+    if optimized is not None and isinstance(model, optimized):
+        return True
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module_list(model))
+
+
+class EagerWhileRecording:
+    """Sets dynamo's stance to ``force_eager`` from the first active recording to the last (thread-safe)."""
+
+    _lock = threading.Lock()
+    _depth = 0
+    _stance = None  # the set_stance object of the first recording; its exit restores the prior stance
+
+    @classmethod
+    def available(cls) -> bool:
+        return hasattr(torch, "compiler") and hasattr(torch.compiler, "set_stance")
+
+    @classmethod
+    def enter(cls) -> None:
+        if not cls.available():
+            return
+        with cls._lock:
+            if cls._depth == 0:
+                try:
+                    cls._stance = torch.compiler.set_stance("force_eager")
+                except RuntimeError as error:  # "attempted to set_stance in a torch.compile region"
+                    raise RuntimeError(
+                        "vitmad.record: the recording was entered inside a function being compiled by torch.compile, "
+                        "whose generated code cannot report its attention; enter `with vitmad.record(model)` outside "
+                        f"the compiled function ({error})"
+                    ) from None
+            cls._depth += 1
+
+    @classmethod
+    def leave(cls) -> None:
+        if not cls.available():
+            return
+        with cls._lock:
+            if cls._depth == 0:
+                return
+            cls._depth -= 1
+            if cls._depth == 0:
+                stance, cls._stance = cls._stance, None
+                stance.__exit__(None, None, None)
+
+
+def check_compiled(model: nn.Module, given: nn.Module) -> None:
+    """One warning per recording of a compiled model (``given``, unwrapped to ``model``): it will run eagerly,
+    with eager speed and eager rounding. A torch without ``set_stance`` cannot run it eagerly: a clear error."""
+    if given is model and not is_compiled(model):
+        return
+    name = type(model).__name__
+    if not EagerWhileRecording.available():
+        raise ValueError(
+            f"vitmad.record: {name} is compiled with torch.compile, whose generated code cannot hand its attention "
+            f"to vitmad, and this torch ({torch.__version__}) has no torch.compiler.set_stance to run it eagerly "
+            "inside the recording; record and call the uncompiled model"
+        )
+    warnings.warn(
+        f"vitmad.record: {name} is compiled with torch.compile; inside the recording it runs eagerly (compiled code "
+        "cannot hand its attention to vitmad), so its outputs are the eager model's and its speed eager speed; it "
+        "runs compiled again after the block",
+        UserWarning, stacklevel=4,
+    )

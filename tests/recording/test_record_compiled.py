@@ -1,0 +1,187 @@
+"""vitmad.record on models compiled with torch.compile: compiled code does not call vitmad's hooks, so inside a
+recording every compiled module and function runs eagerly (recording/compiled.py). Held against MAD from each
+model's own eager attention probabilities, on a fixed patch grid written here."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+import vitmad  # noqa: E402
+from vitmad.recording.compiled import EagerWhileRecording, is_compiled, uncompiled  # noqa: E402
+
+if not EagerWhileRecording.available():
+    pytest.skip("this torch has no torch.compiler.set_stance", allow_module_level=True)
+
+TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels; fused q/k recomputed in float32 vs the eager float32 softmax
+PATCH, GRID = 8, (4, 5)
+
+
+def _stance() -> str:
+    from torch._dynamo.eval_frame import _stance
+
+    return _stance.stance
+
+
+def _timm_vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, embed_dim=32, num_heads=2,
+                             patch_size=PATCH, img_size=(GRID[0] * PATCH, GRID[1] * PATCH)).eval()
+
+
+def _pixels(batch=2):
+    return torch.randn(batch, 3, GRID[0] * PATCH, GRID[1] * PATCH, generator=torch.Generator().manual_seed(1))
+
+
+def _timm_reference(model, pixels) -> torch.Tensor:
+    """[L, B, H] float64 MAD from the model's unfused softmax (the input of attn_drop), CLS first."""
+    eager = copy.deepcopy(uncompiled(model))
+    maps = []
+    for block in eager.blocks:
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_pre_hook(lambda _, args: maps.append(args[0]))
+    with torch.no_grad():
+        eager(pixels)
+    return torch.stack([vitmad.mad_reference(a, PATCH, num_prefix_tokens=1, grid=GRID) for a in maps])
+
+
+def _record(model, call, pixels):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), vitmad.record(model) as rec:
+            out = call(pixels)
+    return rec, out, [str(w.message) for w in caught if "vitmad.record" in str(w.message)]
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_wrapper_is_recorded_through_the_module_it_wraps(backend):
+    model = _timm_vit()
+    pixels = _pixels()
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        compiled(pixels)  # compiled before the recording, as a user's model would be
+    assert is_compiled(compiled) and uncompiled(compiled) is model
+
+    rec, out, warned = _record(compiled, compiled, pixels)
+
+    assert rec.layers == ["blocks.0.attn", "blocks.1.attn"]  # the wrapped module's names, no "_orig_mod."
+    torch.testing.assert_close(rec.mad.double(), _timm_reference(model, pixels), **TOL)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(pixels), rtol=0, atol=0)  # the eager model ran
+    assert len(warned) == 1 and "runs eagerly" in warned[0] and "VisionTransformer" in warned[0]
+    assert _stance() == "default"
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_module_compiled_in_place_is_recorded():
+    model = _timm_vit()
+    pixels = _pixels()
+    expected = _timm_reference(model, pixels)
+    model.compile(backend="eager")
+    assert is_compiled(model)
+    rec, _, warned = _record(model, model, pixels)
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+    assert len(warned) == 1
+
+
+def test_compiled_inside_the_block_and_compiled_functions_are_seen():
+    model = _timm_vit()
+    pixels = _pixels()
+    expected = _timm_reference(model, pixels)
+
+    rec, _, warned = _record(model, lambda x: torch.compile(model, backend="eager")(x), pixels)
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+    assert warned == []  # nothing compiled when the recording began: nothing to warn about
+
+    @torch.compile(backend="eager")
+    def features(x):
+        return model.forward_features(x).mean()
+
+    rec, _, _ = _record(model, features, pixels)
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+
+
+def test_without_the_eager_stance_compiled_code_bypasses_the_hooks(monkeypatch):
+    """The premise of compiled.py: a compiled model recorded as it is reports no layer. Should a torch make
+    compiled code call the hooks, this fails and the eager stance can go."""
+    model = _timm_vit()
+    pixels = _pixels()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        compiled(pixels)
+    monkeypatch.setattr(EagerWhileRecording, "enter", classmethod(lambda cls: None))
+    monkeypatch.setattr(EagerWhileRecording, "leave", classmethod(lambda cls: None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad(), vitmad.record(compiled) as rec:
+            compiled(pixels)
+    with pytest.raises(RuntimeError, match="has not run in this recording"):
+        _ = rec.mad
+
+
+def test_stance_is_restored_after_an_error_and_shared_by_overlapping_recordings():
+    model = _timm_vit()
+    pixels = _pixels()
+    with pytest.raises(ZeroDivisionError), vitmad.record(model):
+        assert _stance() == "force_eager"
+        raise ZeroDivisionError
+    assert _stance() == "default"
+
+    # A stance the user set before is what comes back.
+    with torch.compiler.set_stance("eager_on_recompile"):
+        with vitmad.record(model):
+            assert _stance() == "force_eager"
+        assert _stance() == "eager_on_recompile"
+    assert _stance() == "default"
+
+    # Two threads' recordings overlap: the first to end must not turn compilation back on for the other.
+    first_inside, first_done = threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with vitmad.record(_timm_vit()):
+            first_inside.set()
+            first_done.wait(30)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_inside.wait(30)
+    compiled = torch.compile(model, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad(), vitmad.record(compiled) as rec:
+            first_done.set()
+            thread.join(30)
+            seen["stance"] = _stance()
+            compiled(pixels)
+    assert seen["stance"] == "force_eager"
+    torch.testing.assert_close(rec.mad.double(), _timm_reference(model, pixels), **TOL)
+    assert _stance() == "default"
+
+
+def test_compiled_transformers_model_against_its_eager_attention():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    image_size=(GRID[0] * PATCH), patch_size=PATCH)
+    torch.manual_seed(0)
+    model = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    pixels = torch.randn(2, 3, GRID[0] * PATCH, GRID[0] * PATCH, generator=torch.Generator().manual_seed(2))
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        compiled(pixels)
+    rec, _, warned = _record(compiled, compiled, pixels)
+
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    with torch.no_grad():
+        maps = eager(pixels, output_attentions=True).attentions
+    grid = (GRID[0], GRID[0])
+    expected = torch.stack([vitmad.mad_reference(a, PATCH, num_prefix_tokens=1, grid=grid) for a in maps])
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+    assert len(warned) == 1
