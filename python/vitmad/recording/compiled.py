@@ -1,12 +1,17 @@
-"""Models compiled with ``torch.compile`` inside ``vitmad.record``: they run eagerly while a recording is active.
+"""Models compiled with ``torch.compile`` inside ``vitmad.record``: they run eagerly while they are recorded.
 
 Code that ``torch.compile`` generated does not call Python forward hooks, transformers' ``AttentionInterface``
 wrappers or a patched ``F.scaled_dot_product_attention``: a compiled model recorded as it is reports no layer, or
-(where a graph breaks) only some. So while any recording is active, dynamo's stance is ``force_eager``
-(``torch.compiler.set_stance``): every compiled module and function runs its original Python code, whether it was
-compiled before the block (``torch.compile(model)``, ``model.compile()``) or inside it, and vitmad sees every
-layer. The outputs are then those of the eager model (the same attention kernels; inductor's fused epilogues
-round differently), and the compiled code is used again after the block.
+(where a graph breaks) only some. So while a compiled model (``torch.compile(model)``, ``model.compile()`` or a
+submodule compiled in place) is being recorded, dynamo's stance is ``force_eager``
+(``torch.compiler.set_stance``): compiled modules and functions run their original Python code and vitmad sees
+every layer. The outputs are then those of the eager model (the same attention kernels; inductor's fused
+epilogues round differently), and the compiled code is used again after the block.
+
+Only then: a model that is not compiled keeps the compiled kernels it calls itself (transformers'
+``flex_attention`` is a compiled function; forced eager it would run flex's slow reference path and round
+differently), so its outputs stay bit-identical. A model compiled only inside the block is not seen (its
+recording reports that it has not run).
 
 The stance is process-wide, not per thread: recordings that overlap in several threads share it (a count under
 a lock), and it is restored when the last one ends, to what it was before the first.
@@ -51,7 +56,8 @@ def is_compiled(model: nn.Module) -> bool:
 
 
 class EagerWhileRecording:
-    """Sets dynamo's stance to ``force_eager`` from the first active recording to the last (thread-safe)."""
+    """Sets dynamo's stance to ``force_eager`` from the first active recording of a compiled model to the last
+    (thread-safe)."""
 
     _lock = threading.Lock()
     _depth = 0
@@ -90,11 +96,12 @@ class EagerWhileRecording:
                 stance.__exit__(None, None, None)
 
 
-def check_compiled(model: nn.Module, given: nn.Module) -> None:
-    """One warning per recording of a compiled model (``given``, unwrapped to ``model``): it will run eagerly,
-    with eager speed and eager rounding. A torch without ``set_stance`` cannot run it eagerly: a clear error."""
+def check_compiled(model: nn.Module, given: nn.Module) -> bool:
+    """Whether the recording must run compiled code eagerly: ``given`` (unwrapped to ``model``) is compiled. Then
+    one warning: it will run with eager speed and eager rounding. A torch without ``set_stance`` cannot run it
+    eagerly: a clear error."""
     if given is model and not is_compiled(model):
-        return
+        return False
     name = type(model).__name__
     if not EagerWhileRecording.available():
         raise ValueError(
@@ -108,3 +115,4 @@ def check_compiled(model: nn.Module, given: nn.Module) -> None:
         "runs compiled again after the block",
         UserWarning, stacklevel=4,
     )
+    return True

@@ -314,8 +314,8 @@ class Recording:
             raise ValueError("vitmad.record: positions places every token itself; pass either positions or "
                              "patch/grid/num_prefix_tokens, not both")
         self._stats, self._maps = _check_record_stats(stats)
-        # A torch.compile wrapper is recorded through the module it wraps; compiled code runs eagerly inside the
-        # block (compiled.py), so that the hooks below see every layer.
+        # A torch.compile wrapper is recorded through the module it wraps; a compiled model runs eagerly inside
+        # the block (compiled.py), so that the hooks below see every layer.
         given, model = model, uncompiled(model)
         self._eager = False
         # The user's positions replace the layout of every recorded layer (families/masked.py).
@@ -333,7 +333,7 @@ class Recording:
             self._plain = PlainLayout(model, patch, None if grid is None else (int(grid[0]), int(grid[1])),
                                       num_prefix_tokens)
             self._modules = self._choose_layers(layers)
-            check_compiled(model, given)
+            self._compiled = check_compiled(model, given)
         # Per module, the calls of its current forward not yet recorded (several for differential attention).
         self._pending: dict[str, list] = {}
         # Device copies of the host positions of this recording's calls, by device and content (_to_device).
@@ -386,7 +386,8 @@ class Recording:
         if not self.calls:
             raise RuntimeError(
                 f"vitmad.record: {name} has not run in this recording; call the model inside the "
-                "`with vitmad.record(model) as rec:` block"
+                "`with vitmad.record(model) as rec:` block (a model compiled with torch.compile only inside the block "
+                "is not seen: compile it before, and it runs eagerly while recorded)"
             )
         if not self.calls[-1].per_layer:
             shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
@@ -677,8 +678,9 @@ class Recording:
             call.components[name] = components
 
     def __enter__(self) -> Recording:
-        EagerWhileRecording.enter()
-        self._eager = True
+        if self._compiled:
+            EagerWhileRecording.enter()
+            self._eager = True
         try:
             with shared_walks():
                 self._install()
