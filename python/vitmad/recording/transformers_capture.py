@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .interface_call import attention_semantics, bound_arguments, call_bias, signature_of
 from .module_index import named_module_list
 
 __all__ = ["AttentionCallback", "is_hf_model", "hf_attention_modules", "uses_attention_interface", "forward_source",
@@ -99,13 +100,21 @@ def _register_wrapper(implementation: str) -> str:
     if name in ALL_ATTENTION_FUNCTIONS:
         return name
 
+    semantics = attention_semantics(implementation, "this model")
+
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        original = _original_function(implementation, module)
         active = _ACTIVE.get(id(module))
         if active is not None:
             layer, callback = active
-            scaling = kwargs.get("scaling", args[0] if args else None)  # eager_attention_forward's 6th parameter
-            callback(layer, query, key, scaling, attention_mask)
-        return _original_function(implementation, module)(module, query, key, value, attention_mask, *args, **kwargs)
+            # By parameter name as the original reads them: sdpa's sixth parameter is dropout, eager's scaling.
+            named = bound_arguments(original, module, query, key, value, attention_mask, args, kwargs)
+            named["module"] = module
+            if "scaling" not in named and args and signature_of(original) is None:
+                named["scaling"] = args[0]  # eager_attention_forward's sixth parameter
+            measured_key, bias = call_bias(semantics, layer, named, query, key, attention_mask)
+            callback(layer, query, measured_key, named.get("scaling"), bias)
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
 
     AttentionInterface.register(name, attention)
     # The mask the model builds depends on the implementation's name: build the one the original gets.
@@ -159,6 +168,8 @@ class HFAttentionHooks:
                 self.done(name, module, output is not None)
 
             self._handles.append(module.register_forward_hook(leave, always_call=True))
+        for config in configs:  # before any change: an implementation vitmad cannot read is refused here
+            attention_semantics(config._attn_implementation_internal or "eager", type(self.model).__name__)
         for config in configs:
             original = config._attn_implementation_internal
             self._saved.append((config, original))

@@ -1,0 +1,318 @@
+"""What a transformers AttentionInterface call attends to, read per implementation (recording/interface_call.py).
+
+The reference is each implementation's own output: transformers' ``sdpa``, ``flex_attention`` and a modeling
+file's ``eager_attention_forward`` run on random q, k, v with each mask and flag, and the keys and mask vitmad
+derives must reproduce that output as softmax(q k^T * scale + bias) v in float64. Flash attention cannot run
+here (no GPU): its rules are written out in the test. End to end: a ViT whose modules are causal under SDPA,
+a flex ViT against its eager attention maps, refusals that name the layer and the argument.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+import vitmad  # noqa: E402
+from vitmad.recording.interface_call import attention_semantics, bound_arguments, call_bias  # noqa: E402
+
+B, H, NQ, D = 2, 3, 150, 16  # 150 tokens: across flex's 128-token blocks
+
+
+class _Module(nn.Module):
+    """What the implementations read from the attention module: training, is_causal (or its absence)."""
+
+    def __init__(self, is_causal=None):
+        super().__init__()
+        if is_causal is not None:
+            self.is_causal = is_causal
+
+
+def _qkv(nk=NQ, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, NQ, D, generator=gen)
+    k = torch.randn(B, H, nk, D, generator=gen)
+    v = torch.randn(B, H, nk, D, generator=gen)
+    return q, k, v
+
+
+def _reference_output(q, k, v, scale, bias):
+    logits = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else logits + bias.double()
+    return (logits.softmax(-1) @ v[..., : k.shape[-2], :].double()).transpose(1, 2)  # [B, NQ, H, D]
+
+
+def _check_semantics(function, semantics, module, mask, nk=NQ, **kwargs):
+    q, k, v = _qkv(nk)
+    scale = 0.3
+    with torch.no_grad():
+        out = function(module, q, k, v, mask, scaling=scale, **kwargs)[0]
+    named = bound_arguments(function, module, q, k, v, mask, (), dict(scaling=scale, **kwargs))
+    named["module"] = module
+    key, bias = call_bias(semantics, "layer", named, q, k, mask)
+    torch.testing.assert_close(out.double(), _reference_output(q, key, v, scale, bias), rtol=1e-4, atol=1e-5)
+    return key, bias
+
+
+def _padding(nk=NQ) -> torch.Tensor:
+    keep = torch.ones(B, nk, dtype=torch.bool)
+    keep[0, -37:] = False  # the first image's last keys are padding
+    return keep
+
+
+SDPA_CASES = {
+    "no mask, module not causal": (dict(is_causal=False), None, {}),
+    "no mask, module without is_causal": (dict(), None, {}),  # sdpa reads is_causal as True then
+    "no mask, module causal": (dict(is_causal=True), None, {}),
+    "no mask, is_causal=False given": (dict(is_causal=True), None, dict(is_causal=False)),
+    "bool mask beats is_causal": (dict(is_causal=True), "bool", {}),
+    "additive mask": (dict(is_causal=False), "float", {}),
+    "position bias": (dict(is_causal=False), None, dict(position_bias="bias")),
+    "position bias and bool mask": (dict(is_causal=False), "bool", dict(position_bias="bias")),
+    "position bias, causal": (dict(is_causal=True), None, dict(position_bias="bias")),
+}
+
+
+def _mask(kind, nk=NQ):
+    keep = _padding(nk)[:, None, None, :].expand(B, 1, NQ, nk)
+    if kind == "bool":
+        return keep
+    if kind == "float":
+        return torch.zeros(B, 1, NQ, nk).masked_fill(~keep, torch.finfo(torch.float32).min) + torch.randn(B, 1, NQ, nk)
+    return None
+
+
+def _resolve(kwargs, nk=NQ):
+    if kwargs.get("position_bias") == "bias":
+        kwargs = dict(kwargs, position_bias=torch.randn(B, H, NQ, nk, generator=torch.Generator().manual_seed(5)))
+    return kwargs
+
+
+@pytest.mark.parametrize("case", list(SDPA_CASES))
+def test_sdpa_calls_are_read_as_sdpa_computes_them(case):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    attributes, mask_kind, kwargs = SDPA_CASES[case]
+    module = _Module(**attributes)
+    _, bias = _check_semantics(sdpa_attention_forward, "sdpa", module, _mask(mask_kind), **_resolve(kwargs))
+    if case == "no mask, module without is_causal":
+        assert bias is not None and bias.dtype == torch.bool and not bias[0, 1]  # causal: no key after the query
+
+
+def test_sdpa_causal_with_more_keys_than_queries_cuts_the_keys_as_sdpa_does():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    key, bias = _check_semantics(sdpa_attention_forward, "sdpa", _Module(is_causal=True), None, nk=NQ + 20)
+    assert key.shape[-2] == NQ and bias.shape == (NQ, NQ)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "float"])  # transformers builds additive masks for eager
+def test_eager_calls_use_their_mask_as_given(mask_kind):
+    from transformers.models.vit.modeling_vit import eager_attention_forward
+
+    module = _Module(is_causal=True)  # eager has no causal flag: its mask is all there is
+    module.training = False
+    _check_semantics(eager_attention_forward, "eager", module, _mask(mask_kind))
+
+
+def test_a_positional_scaling_is_read_by_the_parameter_it_fills():
+    """sdpa's sixth parameter is dropout, an eager function's is scaling: bound by name, never by position."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.vit.modeling_vit import eager_attention_forward
+
+    q, k, v = _qkv()
+    named = bound_arguments(eager_attention_forward, None, q, k, v, None, (0.25, 0.0), {})
+    assert named["scaling"] == 0.25 and named["dropout"] == 0.0
+    named = bound_arguments(sdpa_attention_forward, None, q, k, v, None, (0.0, 0.25), {"is_causal": False})
+    assert named["scaling"] == 0.25 and named["dropout"] == 0.0 and named["is_causal"] is False
+
+
+# flex_attention on the CPU compiles its kernel once per mask design: a few cases.
+
+def _flex():
+    from transformers.integrations.flex_attention import flex_attention_forward
+
+    return flex_attention_forward
+
+
+def test_flex_block_masks_are_read_element_by_element():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    padding = _padding()
+
+    def padded(b, h, q_idx, kv_idx):
+        return padding[b, kv_idx]
+
+    def causal_windows(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < 100)
+
+    for mask_mod in (padded, causal_windows):
+        block_mask = create_block_mask(mask_mod, B, None, NQ, NQ, device="cpu")
+        _, keep = _check_semantics(_flex(), "flex", _Module(), block_mask)
+        expected = torch.stack([torch.stack([torch.tensor([[bool(mask_mod(b, 0, i, j)) for j in range(NQ)]
+                                                           for i in range(0, NQ, 7)])])
+                                for b in range(B)])
+        assert keep is not None and torch.equal(keep[:, :1, ::7].expand_as(expected), expected)
+
+
+def test_flex_all_true_block_mask_is_no_mask_and_a_float_mask_is_read_at_head_0():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= 0, B, None, NQ, NQ, device="cpu")
+    _, keep = _check_semantics(_flex(), "flex", _Module(), block_mask)
+    assert keep is None
+    # flex's score_mod adds head 0 of a 4-D mask to every head (score_mask[batch_idx][0][q_idx][kv_idx]). Not run
+    # through flex here: torch 2.14's CPU flex kernel with a captured score tensor crashes the process.
+    per_head = torch.randn(B, H, NQ, NQ + 4)
+    q, k, _ = _qkv()
+    key, bias = call_bias("flex", "layer", {"module": _Module()}, q, k, per_head)
+    assert key is k and torch.equal(bias, per_head[:, :1, :, :NQ])
+
+
+# Flash attention: its rules, written out (it needs a GPU and flash_attn).
+
+def _flash(named, mask=None, nk=NQ):
+    q, k, _ = _qkv(nk)
+    return call_bias("flash", "layer", dict(named, module=named.get("module", _Module(is_causal=False))), q, k, mask)
+
+
+def test_flash_padding_mask_packed_sequences_and_causality():
+    padding = _padding().to(torch.int64)  # 1: keep, as transformers hands flash attention
+    _, keep = _flash({}, padding)
+    assert torch.equal(keep, padding.bool()[:, None, None, :])
+
+    starts = torch.tensor([0, 40, 100, NQ], dtype=torch.int32)
+    _, keep = _flash({"cu_seq_lens_q": starts, "cu_seq_lens_k": starts})
+    sequence = torch.tensor([0] * 40 + [1] * 60 + [2] * 50)
+    assert torch.equal(keep, sequence[:, None] == sequence[None, :])
+
+    _, keep = _flash({"module": _Module(is_causal=True)})
+    assert torch.equal(keep, torch.ones(NQ, NQ, dtype=torch.bool).tril())
+    _, keep = _flash({"module": _Module(is_causal=True), "is_causal": False})
+    assert keep is None
+    _, keep = _flash({"sliding_window": NQ + 5, "position_ids": torch.arange(NQ)[None]})  # no effect: allowed
+    assert keep is None
+
+
+@pytest.mark.parametrize("named, mask, nk, message", [
+    ({"sliding_window": 64}, None, NQ, "sliding window of 64 keys"),
+    ({"position_ids": torch.cat([torch.arange(100), torch.arange(50)])[None]}, None, NQ, "position_ids"),
+    ({}, torch.ones(B, 1, NQ, NQ), NQ, "4-D mask"),
+    ({"cu_seq_lens_q": torch.tensor([0, NQ])}, None, NQ, "only one of cu_seq_lens_q"),
+    ({"module": _Module(is_causal=True)}, None, NQ + 3, "causal flash attention between 150 queries and 153 keys"),
+    ({"position_bias": torch.zeros(1)}, None, NQ, "position_bias"),
+])
+def test_flash_arguments_vitmad_cannot_read_are_refused(named, mask, nk, message):
+    with pytest.raises(ValueError, match=f"vitmad.record: layer: .*{message}"):
+        _flash(named, mask, nk)
+
+
+@pytest.mark.parametrize("semantics", ["eager", "sdpa", "flex", "flash"])
+def test_softcap_and_attention_sinks_are_refused_everywhere(semantics):
+    q, k, _ = _qkv()
+    for named, what in (({"softcap": 50.0}, "capped .softcap=50.0"), ({"s_aux": torch.zeros(H)}, "s_aux")):
+        with pytest.raises(ValueError, match=f"vitmad.record: layer: .*{what}.*not be the model's attention"):
+            call_bias(semantics, "layer", dict(named, module=_Module(is_causal=False)), q, k, None)
+
+
+def test_unknown_implementations_are_refused_by_name():
+    for name in ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"):
+        attention_semantics(name, "ViTModel")
+    with pytest.raises(ValueError, match="ViTModel uses the attention implementation 'paged|eager'"):
+        attention_semantics("paged|eager", "ViTModel")
+
+
+# End to end ------------------------------------------------------------------------------------------------
+
+PATCH, SIDE = 8, 5  # a 5 x 5 grid of 8-pixel patches after CLS
+
+
+def _vit(implementation):
+    config = transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    image_size=SIDE * PATCH, patch_size=PATCH)
+    config._attn_implementation = implementation
+    torch.manual_seed(0)
+    return transformers.ViTModel(config, add_pooling_layer=False).eval()
+
+
+def _pixels():
+    return torch.randn(2, 3, SIDE * PATCH, SIDE * PATCH, generator=torch.Generator().manual_seed(3))
+
+
+def _attention_modules(model):
+    return [m for m in model.modules() if type(m).__name__ == "ViTAttention"]
+
+
+def test_sdpa_modules_that_are_causal_are_recorded_causal():
+    """A module whose is_causal is True makes SDPA's attention causal: the MAD is that attention's."""
+    model = _vit("sdpa")
+    pixels = _pixels()
+    captured = []  # per layer: (module, its input, the attention's output before o_proj)
+    for module in _attention_modules(model):
+        module.is_causal = True
+        module.register_forward_pre_hook(lambda m, args: captured.append([m, args[0]]))
+        module.o_proj.register_forward_pre_hook(lambda m, args: captured[-1].append(args[0]))
+    with torch.no_grad():
+        plain = model(pixels).last_hidden_state
+        captured.clear()
+        with vitmad.record(model) as rec:
+            recorded = model(pixels).last_hidden_state
+    assert torch.equal(plain, recorded)
+
+    expected = []
+    for module, hidden, context in captured:
+        def heads(x):
+            return x.view(2, -1, 2, 16).transpose(1, 2).double()
+
+        q, k, v = heads(module.q_proj(hidden)), heads(module.k_proj(hidden)), heads(module.v_proj(hidden))
+        n = q.shape[-2]
+        logits = (q @ k.transpose(-1, -2)) * module.scaling
+        probabilities = logits.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+        # The premise: these causal probabilities are what the model applied.
+        torch.testing.assert_close((probabilities @ v).transpose(1, 2).reshape(2, n, 32), context.double(),
+                                   rtol=1e-4, atol=1e-5)
+        expected.append(vitmad.mad_reference(probabilities, PATCH, num_prefix_tokens=1, grid=(SIDE, SIDE)))
+    torch.testing.assert_close(rec.mad.double(), torch.stack(expected), rtol=1e-5, atol=1e-4)
+
+
+def test_flex_model_is_recorded_as_its_eager_attention():
+    model = _vit("flex_attention")
+    pixels = _pixels()
+    with torch.no_grad():
+        plain = model(pixels).last_hidden_state
+        with vitmad.record(model) as rec:
+            recorded = model(pixels).last_hidden_state
+    assert torch.equal(plain, recorded)
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    with torch.no_grad():
+        maps = eager(pixels, output_attentions=True).attentions
+    expected = torch.stack([vitmad.mad_reference(a, PATCH, num_prefix_tokens=1, grid=(SIDE, SIDE)) for a in maps])
+    torch.testing.assert_close(rec.mad.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_an_implementation_vitmad_cannot_read_is_refused_before_any_change():
+    model = _vit("sdpa")
+    model.config._attn_implementation = "paged|eager"
+    with pytest.raises(ValueError, match="uses the attention implementation 'paged|eager'"):
+        with vitmad.record(model):
+            pass
+    assert model.config._attn_implementation == "paged|eager"
+
+
+def test_softcapped_video_model_is_refused_even_with_positions_given():
+    """VideoPrism caps its logits (softcap 50): a MAD of uncapped logits would not be its attention."""
+    videoprism = pytest.importorskip("transformers.models.videoprism.modeling_videoprism")
+    config = transformers.VideoPrismVisionConfig(image_size=36, num_frames=2, hidden_size=32, num_attention_heads=2,
+                                                 intermediate_size=64, num_spatial_layers=1, num_temporal_layers=1,
+                                                 num_auxiliary_layers=0)
+    model = videoprism.VideoPrismVisionModel(config).eval()
+    positions = torch.tensor([[9.0, 9.0], [9.0, 27.0], [27.0, 9.0], [27.0, 27.0]])
+    with pytest.raises(ValueError, match=r"spatial_layers.0.attention: the logits are capped \(softcap=50.0\)"):
+        with torch.no_grad(), vitmad.record(model, positions=positions, layers=["spatial_layers.*.attention"]):
+            model(torch.randn(1, 2, 3, 36, 36))
