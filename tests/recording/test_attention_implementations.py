@@ -111,6 +111,30 @@ def test_sdpa_causal_with_more_keys_than_queries_cuts_the_keys_as_sdpa_does():
     assert key.shape[-2] == NQ and bias.shape == (NQ, NQ)
 
 
+@pytest.mark.parametrize("mask_kind", [None, "bool"])
+def test_grouped_key_heads_serve_consecutive_query_heads(mask_kind):
+    """sdpa pairs 6 query heads with 2 key heads (enable_gqa or repeat_kv) as heads 0-2 and 3-5: the same here."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = _Module(is_causal=False)
+    module.num_key_value_groups = 3
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(B, 6, NQ, D, generator=gen)
+    k = torch.randn(B, 2, NQ, D, generator=gen)
+    v = torch.randn(B, 2, NQ, D, generator=gen)
+    mask = _mask(mask_kind)
+    with torch.no_grad():
+        out = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)[0]
+    named = bound_arguments(sdpa_attention_forward, module, q, k, v, mask, (), {"scaling": 0.3})
+    named["module"] = module
+    key, bias = call_bias("sdpa", "layer", named, q, k, mask)
+    assert key.shape == q.shape and torch.equal(key[:, 2], k[:, 0]) and torch.equal(key[:, 3], k[:, 1])
+    values = torch.cat([v[:, :1].expand(B, 3, NQ, D), v[:, 1:].expand(B, 3, NQ, D)], 1)
+    torch.testing.assert_close(out.double(), _reference_output(q, key, values, 0.3, bias), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="vitmad.record: layer: 6 query heads cannot share 4 key heads"):
+        call_bias("sdpa", "layer", named, q, torch.randn(B, 4, NQ, D), None)
+
+
 @pytest.mark.parametrize("mask_kind", [None, "float"])  # transformers builds additive masks for eager
 def test_eager_calls_use_their_mask_as_given(mask_kind):
     from transformers.models.vit.modeling_vit import eager_attention_forward

@@ -13,6 +13,7 @@ as it came would measure another attention than the model's wherever they differ
 - ``flash_attention_*``: a 2-D ``[B, Nk]`` padding mask (non-zero: keep), or sequences packed through
   ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (block-diagonal attention); ``is_causal`` (the argument, else the
   module's attribute); ``sliding_window``.
+- every one: grouped-query attention (fewer key heads than query heads, each serving consecutive query heads).
 
 Logit changes ``mad_qk`` cannot make are refused with the layer's name, never ignored: ``softcap`` (tanh capping),
 ``s_aux`` (learned attention sinks), a ``sliding_window`` that ``flash_attention_*`` would apply with no mask,
@@ -160,10 +161,26 @@ def _flash_mask(layer: str, named: dict, query: torch.Tensor, key: torch.Tensor,
     return keep
 
 
+def _shared_key_heads(layer: str, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention: each of the ``Hk`` key heads serves ``H / Hk`` consecutive query heads (as
+    transformers' ``repeat_kv`` and SDPA's ``enable_gqa`` pair them); the keys per query head, as a view where
+    they can be one."""
+    heads, key_heads = query.shape[-3], key.shape[-3]
+    if key_heads in (heads, 1):
+        return key
+    if key.dim() != 4 or heads % key_heads:
+        raise ValueError(f"vitmad.record: {layer}: {heads} query heads cannot share {key_heads} key heads")
+    batch, _, num_keys, dim = key.shape
+    return key[:, :, None].expand(batch, key_heads, heads // key_heads, num_keys, dim).reshape(
+        batch, heads, num_keys, dim)
+
+
 def call_bias(semantics: str, layer: str, named: dict, query: torch.Tensor, key: torch.Tensor,
               mask) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(key, mask or bias)`` that ``mad_qk`` takes for the attention this call computes; ``named`` holds the
-    call's arguments by name (:func:`bound_arguments`, ``module`` included)."""
+    call's arguments by name (:func:`bound_arguments`, ``module`` included). Grouped key heads come back one per
+    query head."""
+    key = _shared_key_heads(layer, query, key)
     if named.get("softcap") is not None:
         raise _refuse(layer, f"the logits are capped (softcap={named['softcap']})")
     if named.get("s_aux") is not None:
