@@ -3,8 +3,8 @@
 The reference is each implementation's own output: transformers' ``sdpa``, ``flex_attention`` and a modeling
 file's ``eager_attention_forward`` run on random q, k, v with each mask and flag, and the keys and mask vitmad
 derives must reproduce that output as softmax(q k^T * scale + bias) v in float64. Flash attention cannot run
-here (no GPU): its rules are written out in the test. End to end: a ViT whose modules are causal under SDPA,
-a flex ViT against its eager attention maps, refusals that name the layer and the argument.
+here (no GPU): its rules are written out in the test. End to end: a flex ViT against its eager attention maps,
+refusals that name the layer and the argument (a ViT whose modules are causal under SDPA, a soft-capped model).
 """
 
 from __future__ import annotations
@@ -67,14 +67,11 @@ def _padding(nk=NQ) -> torch.Tensor:
 
 SDPA_CASES = {
     "no mask, module not causal": (dict(is_causal=False), None, {}),
-    "no mask, module without is_causal": (dict(), None, {}),  # sdpa reads is_causal as True then
-    "no mask, module causal": (dict(is_causal=True), None, {}),
     "no mask, is_causal=False given": (dict(is_causal=True), None, dict(is_causal=False)),
     "bool mask beats is_causal": (dict(is_causal=True), "bool", {}),
     "additive mask": (dict(is_causal=False), "float", {}),
     "position bias": (dict(is_causal=False), None, dict(position_bias="bias")),
     "position bias and bool mask": (dict(is_causal=False), "bool", dict(position_bias="bias")),
-    "position bias, causal": (dict(is_causal=True), None, dict(position_bias="bias")),
 }
 
 
@@ -98,17 +95,29 @@ def test_sdpa_calls_are_read_as_sdpa_computes_them(case):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     attributes, mask_kind, kwargs = SDPA_CASES[case]
-    module = _Module(**attributes)
-    _, bias = _check_semantics(sdpa_attention_forward, "sdpa", module, _mask(mask_kind), **_resolve(kwargs))
-    if case == "no mask, module without is_causal":
-        assert bias is not None and bias.dtype == torch.bool and not bias[0, 1]  # causal: no key after the query
+    _check_semantics(sdpa_attention_forward, "sdpa", _Module(**attributes), _mask(mask_kind), **_resolve(kwargs))
 
 
-def test_sdpa_causal_with_more_keys_than_queries_cuts_the_keys_as_sdpa_does():
+@pytest.mark.parametrize("attributes, kwargs, why", [
+    (dict(), {}, "sdpa runs a module without an is_causal attribute causal"),
+    (dict(is_causal=True), {}, "its is_causal attribute is True"),
+    (dict(is_causal=False), dict(is_causal=True), "is_causal=True"),
+])
+def test_sdpa_calls_that_run_causal_are_refused(attributes, kwargs, why):
+    """The premise (sdpa's output is the causal attention's) checked first, then the refusal and its reason."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    key, bias = _check_semantics(sdpa_attention_forward, "sdpa", _Module(is_causal=True), None, nk=NQ + 20)
-    assert key.shape[-2] == NQ and bias.shape == (NQ, NQ)
+    q, k, v = _qkv()
+    module = _Module(**attributes)
+    with torch.no_grad():
+        out = sdpa_attention_forward(module, q, k, v, None, scaling=0.3, **kwargs)[0]
+    causal = torch.ones(NQ, NQ, dtype=torch.bool).tril()
+    torch.testing.assert_close(out.double(), _reference_output(q, k, v, 0.3, causal), rtol=1e-4, atol=1e-5)
+    named = bound_arguments(sdpa_attention_forward, module, q, k, v, None, (), dict(scaling=0.3, **kwargs))
+    named["module"] = module
+    with pytest.raises(ValueError, match=f"vitmad.record: layer runs causal attention \\({why}\\); MAD is defined"):
+        call_bias("sdpa", "layer", named, q, k, None)
+    call_bias("sdpa", "layer", named, q[..., :1, :], k, None)  # one query: nothing to hide, as sdpa reads it
 
 
 @pytest.mark.parametrize("mask_kind", [None, "bool"])
@@ -215,8 +224,6 @@ def test_flash_padding_mask_packed_sequences_and_causality():
     sequence = torch.tensor([0] * 40 + [1] * 60 + [2] * 50)
     assert torch.equal(keep, sequence[:, None] == sequence[None, :])
 
-    _, keep = _flash({"module": _Module(is_causal=True)})
-    assert torch.equal(keep, torch.ones(NQ, NQ, dtype=torch.bool).tril())
     _, keep = _flash({"module": _Module(is_causal=True), "is_causal": False})
     assert keep is None
     _, keep = _flash({"sliding_window": NQ + 5, "position_ids": torch.arange(NQ)[None]})  # no effect: allowed
@@ -228,11 +235,11 @@ def test_flash_padding_mask_packed_sequences_and_causality():
     ({"position_ids": torch.cat([torch.arange(100), torch.arange(50)])[None]}, None, NQ, "position_ids"),
     ({}, torch.ones(B, 1, NQ, NQ), NQ, "4-D mask"),
     ({"cu_seq_lens_q": torch.tensor([0, NQ])}, None, NQ, "only one of cu_seq_lens_q"),
-    ({"module": _Module(is_causal=True)}, None, NQ + 3, "causal flash attention between 150 queries and 153 keys"),
+    ({"module": _Module(is_causal=True)}, None, NQ, "causal attention .flash attention runs it causal"),
     ({"position_bias": torch.zeros(1)}, None, NQ, "position_bias"),
 ])
 def test_flash_arguments_vitmad_cannot_read_are_refused(named, mask, nk, message):
-    with pytest.raises(ValueError, match=f"vitmad.record: layer: .*{message}"):
+    with pytest.raises(ValueError, match=f"vitmad.record: layer.*{message}"):
         _flash(named, mask, nk)
 
 
@@ -272,36 +279,15 @@ def _attention_modules(model):
     return [m for m in model.modules() if type(m).__name__ == "ViTAttention"]
 
 
-def test_sdpa_modules_that_are_causal_are_recorded_causal():
-    """A module whose is_causal is True makes SDPA's attention causal: the MAD is that attention's."""
+def test_sdpa_modules_that_are_causal_are_refused_by_layer():
+    """A module whose is_causal is True makes SDPA's attention causal: refused, not measured as bidirectional."""
     model = _vit("sdpa")
-    pixels = _pixels()
-    captured = []  # per layer: (module, its input, the attention's output before o_proj)
     for module in _attention_modules(model):
         module.is_causal = True
-        module.register_forward_pre_hook(lambda m, args: captured.append([m, args[0]]))
-        module.o_proj.register_forward_pre_hook(lambda m, args: captured[-1].append(args[0]))
-    with torch.no_grad():
-        plain = model(pixels).last_hidden_state
-        captured.clear()
-        with vitmad.record(model) as rec:
-            recorded = model(pixels).last_hidden_state
-    assert torch.equal(plain, recorded)
-
-    expected = []
-    for module, hidden, context in captured:
-        def heads(x):
-            return x.view(2, -1, 2, 16).transpose(1, 2).double()
-
-        q, k, v = heads(module.q_proj(hidden)), heads(module.k_proj(hidden)), heads(module.v_proj(hidden))
-        n = q.shape[-2]
-        logits = (q @ k.transpose(-1, -2)) * module.scaling
-        probabilities = logits.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
-        # The premise: these causal probabilities are what the model applied.
-        torch.testing.assert_close((probabilities @ v).transpose(1, 2).reshape(2, n, 32), context.double(),
-                                   rtol=1e-4, atol=1e-5)
-        expected.append(vitmad.mad_reference(probabilities, PATCH, num_prefix_tokens=1, grid=(SIDE, SIDE)))
-    torch.testing.assert_close(rec.mad.double(), torch.stack(expected), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=r"vitmad.record: layers.0.attention runs causal attention \(its is_causal"):
+        with torch.no_grad(), vitmad.record(model):
+            model(_pixels())
+    assert all(not m._forward_hooks for m in model.modules())
 
 
 def test_flex_model_is_recorded_as_its_eager_attention():

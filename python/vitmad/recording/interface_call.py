@@ -5,8 +5,7 @@ Each attention implementation reads its arguments its own way, and a recorder th
 as it came would measure another attention than the model's wherever they differ:
 
 - ``sdpa``: a 4-D boolean or additive mask; with no mask, ``is_causal`` (the argument, else the module's
-  attribute, True when it has none) makes the attention causal (top-left aligned; keys beyond the queries'
-  length are cut first); ``position_bias`` is added to the logits.
+  attribute, True when it has none) makes the attention causal; ``position_bias`` is added to the logits.
 - ``eager``: the 4-D mask as is (each modeling file's ``eager_attention_forward``).
 - ``flex_attention``: a ``BlockMask`` (its ``mask_mod`` on the blocks it computes; blocks it skips are masked)
   or a 4-D additive mask of which only head 0 is read; ``position_bias`` is added.
@@ -15,10 +14,12 @@ as it came would measure another attention than the model's wherever they differ
   module's attribute); ``sliding_window``.
 - every one: grouped-query attention (fewer key heads than query heads, each serving consecutive query heads).
 
-Logit changes ``mad_qk`` cannot make are refused with the layer's name, never ignored: ``softcap`` (tanh capping),
-``s_aux`` (learned attention sinks), a ``sliding_window`` that ``flash_attention_*`` would apply with no mask,
-sequences packed through ``position_ids``, causal flash attention between different query and key lengths. An
-implementation whose arguments vitmad does not know is refused when the recording begins.
+Refused with the layer's name, never ignored: causal attention (MAD is defined for a vision transformer's
+bidirectional attention, as for modules that call ``F.scaled_dot_product_attention`` themselves; a module that
+lacks ``is_causal`` is causal under ``sdpa``), and logit changes ``mad_qk`` cannot make: ``softcap`` (tanh
+capping), ``s_aux`` (learned attention sinks), a ``sliding_window`` that ``flash_attention_*`` would apply with no
+mask, sequences packed through ``position_ids``. An implementation whose arguments vitmad does not know is refused
+when the recording begins.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ def bound_arguments(function: Callable, module, query, key, value, mask, args: t
     return dict(kwargs)
 
 
+def _causal_refusal(layer: str, why: str) -> ValueError:
+    return ValueError(f"vitmad.record: {layer} runs causal attention ({why}); MAD is defined for a vision "
+                      "transformer's bidirectional attention")
+
+
 def _refuse(layer: str, what: str) -> ValueError:
     return ValueError(f"vitmad.record: {layer}: {what}; flash-MAD cannot apply it, and a MAD without it would not "
                       "be the model's attention")
@@ -87,11 +93,6 @@ def _add_bias(bias: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return bias.masked_fill(~mask, float("-inf"))
     return bias + mask
-
-
-def _causal(num_queries: int, num_keys: int, device, *, bottom_right: bool = False) -> torch.Tensor:
-    offset = num_keys - num_queries if bottom_right else 0
-    return torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril(offset)
 
 
 def _block_diagonal(starts_q: torch.Tensor, starts_k: torch.Tensor, num_queries: int, num_keys: int,
@@ -151,10 +152,7 @@ def _flash_mask(layer: str, named: dict, query: torch.Tensor, key: torch.Tensor,
     if causal is None:
         causal = getattr(named.get("module"), "is_causal", False)
     if causal and num_queries > 1:
-        if num_queries != num_keys:
-            raise _refuse(layer, f"causal flash attention between {num_queries} queries and {num_keys} keys")
-        triangle = _causal(num_queries, num_keys, device)
-        keep = triangle if keep is None else keep & triangle
+        raise _causal_refusal(layer, "flash attention runs it causal (is_causal)")
     window = named.get("sliding_window")
     if window is not None and window < num_keys:
         raise _refuse(layer, f"flash attention applies a sliding window of {window} keys")
@@ -198,16 +196,13 @@ def call_bias(semantics: str, layer: str, named: dict, query: torch.Tensor, key:
         elif mask is not None:
             mask = mask[:, :1, :, : key.shape[-2]]  # flex's score_mod reads head 0 of a 4-D mask
     elif semantics == "sdpa":
-        causal = named.get("is_causal")
-        if causal is None:
-            causal = getattr(named.get("module"), "is_causal", True)
-        num_queries = query.shape[-2]
-        if causal and mask is None and num_queries > 1:
-            if key.shape[-2] > num_queries:
-                key = key[..., :num_queries, :]
-                if position_bias is not None:
-                    position_bias = position_bias[..., :num_queries]
-            mask = _causal(num_queries, key.shape[-2], query.device)
+        given = named.get("is_causal")
+        module = named.get("module")
+        causal = given if given is not None else getattr(module, "is_causal", True)
+        if causal and mask is None and query.shape[-2] > 1:
+            why = ("is_causal=True" if given is not None else "its is_causal attribute is True"
+                   if hasattr(module, "is_causal") else "sdpa runs a module without an is_causal attribute causal")
+            raise _causal_refusal(layer, why)
     if position_bias is not None:
         mask = _add_bias(position_bias.to(query.dtype), mask)
     return key, mask
