@@ -115,7 +115,7 @@ def test_sdpa_calls_that_run_causal_are_refused(attributes, kwargs, why):
     torch.testing.assert_close(out.double(), _reference_output(q, k, v, 0.3, causal), rtol=1e-4, atol=1e-5)
     named = bound_arguments(sdpa_attention_forward, module, q, k, v, None, (), dict(scaling=0.3, **kwargs))
     named["module"] = module
-    with pytest.raises(ValueError, match=f"vitmad.record: layer runs causal attention \\({why}\\); MAD is defined"):
+    with pytest.raises(ValueError, match=f"vitmad.record: layer runs causal attention \\({why}.*\\); MAD is defined"):
         call_bias("sdpa", "layer", named, q, k, None)
     call_bias("sdpa", "layer", named, q[..., :1, :], k, None)  # one query: nothing to hide, as sdpa reads it
 
@@ -326,3 +326,34 @@ def test_softcapped_video_model_is_refused_even_with_positions_given():
     with pytest.raises(ValueError, match=r"spatial_layers.0.attention: the logits are capped \(softcap=50.0\)"):
         with torch.no_grad(), vitmad.record(model, positions=positions, layers=["spatial_layers.*.attention"]):
             model(torch.randn(1, 2, 3, 36, 36))
+
+
+def test_phi4_multimodal_vision_tower_is_causal_under_sdpa_only():
+    """transformers' Phi-4-multimodal vision attention sets is_causal = True: SDPA runs it causal, eager does not
+    (their outputs differ). Under sdpa it is refused with that reason; under eager it is recorded against its
+    eager maps on its 4 x 4 grid of 14-pixel patches."""
+    config = transformers.Phi4MultimodalVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=2, image_size=56, patch_size=14)
+    torch.manual_seed(0)
+    model = transformers.Phi4MultimodalVisionModel(config).eval()
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(4))
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="runs causal attention .its is_causal attribute is True.*attn_implementation="
+                                         "'eager' the same module attends to every key"):
+        with torch.no_grad(), vitmad.record(model):
+            model(pixel_values=pixels)
+
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        assert not torch.allclose(model(pixel_values=pixels).last_hidden_state,
+                                  eager(pixel_values=pixels).last_hidden_state, atol=1e-3)
+        maps = eager(pixel_values=pixels, output_attentions=True).attentions
+        plain = eager(pixel_values=pixels).last_hidden_state
+        with vitmad.record(eager) as rec:
+            # Its eager function is simple_eager_attention_forward, not the file's eager_attention_forward (which
+            # needs num_key_value_groups): the one the module names is the one called.
+            recorded = eager(pixel_values=pixels).last_hidden_state
+    assert torch.equal(plain, recorded)
+    expected = torch.stack([vitmad.mad_reference(a, 14, num_prefix_tokens=0, grid=(4, 4)) for a in maps])
+    torch.testing.assert_close(rec.mad.double(), expected, rtol=1e-5, atol=1e-4)

@@ -200,9 +200,14 @@ def call_bias(semantics: str, layer: str, named: dict, query: torch.Tensor, key:
         module = named.get("module")
         causal = given if given is not None else getattr(module, "is_causal", True)
         if causal and mask is None and query.shape[-2] > 1:
-            why = ("is_causal=True" if given is not None else "its is_causal attribute is True"
-                   if hasattr(module, "is_causal") else "sdpa runs a module without an is_causal attribute causal")
-            raise _causal_refusal(layer, why)
+            if given is not None:
+                raise _causal_refusal(layer, "is_causal=True")
+            why = ("its is_causal attribute is True" if hasattr(module, "is_causal")
+                   else "sdpa runs a module without an is_causal attribute causal")
+            # The eager implementation has no causal flag: there the same module attends both ways (transformers'
+            # Phi-4-multimodal vision tower is one where the two disagree).
+            raise _causal_refusal(layer, f"{why}, so sdpa hides the keys after each query; under "
+                                         "attn_implementation='eager' the same module attends to every key")
     if position_bias is not None:
         mask = _add_bias(position_bias.to(query.dtype), mask)
     return key, mask

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import sys
 from collections.abc import Callable
 
@@ -75,13 +76,38 @@ def uses_attention_interface(module: nn.Module) -> bool:
     return _forward_uses_interface(type(module))
 
 
+@functools.cache
+def _eager_function_name(cls: type) -> str:
+    """The eager function ``cls.forward`` falls back to: the default it hands ``get_interface(implementation,
+    default)``, or the one it assigns before looking the implementation up; ``eager_attention_forward`` where the
+    source says neither. (Phi-4-multimodal's vision attention uses ``simple_eager_attention_forward``, Llama 4's
+    ``vision_eager_attention_forward``, beside an ``eager_attention_forward`` of other modules in the same file.)"""
+    source = forward_source(cls)
+    start = source.find("get_interface(")
+    if start >= 0:
+        depth, begin = 0, start + len("get_interface(")
+        for end in range(begin, len(source)):
+            if source[end] == "(":
+                depth += 1
+            elif source[end] == ")":
+                if depth == 0:
+                    name = source[begin:end].rsplit(",", 1)[-1].strip()
+                    if name.isidentifier():
+                        return name
+                    break
+                depth -= 1
+    assigned = re.search(r"^\s*attention_interface(?:\s*:\s*Callable)?\s*=\s*([A-Za-z_]\w*)\s*$", source, re.M)
+    return assigned.group(1) if assigned else "eager_attention_forward"
+
+
 def _original_function(implementation: str, module: nn.Module) -> Callable:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if implementation in ALL_ATTENTION_FUNCTIONS:
         return ALL_ATTENTION_FUNCTIONS[implementation]
-    # "eager" is not in the registry: each modeling file defines its own eager_attention_forward.
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    # "eager" is not in the registry: each modeling file defines its own eager functions, and each module names
+    # the one it uses.
+    eager = getattr(sys.modules[type(module).__module__], _eager_function_name(type(module)), None)
     if implementation == "eager" and eager is not None:
         return eager
     raise RuntimeError(
