@@ -53,6 +53,7 @@ from .families.masked import GivenPositionsPlacer
 from .families.naflex import call_start as naflex_call_start
 from .families.naflex import towers as naflex_towers
 from .families.plain import PlainLayout, PlainPlacer, find_patch_embedding, is_embedding_projection
+from .mha_capture import MultiheadAttentionHooks, mha_modules
 from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
 from .module_index import module_list, named_module_list, shared_walks
 from .placement import (
@@ -230,6 +231,7 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
         found.update(timm_attention_modules(model))
         found.update(source_attention_modules(model))
         found.update(family_modules(model))
+        found.update(mha_modules(model))
         ordered = {}
         for name, module in named_module_list(model):
             if name in found and not any(name.startswith(outer + ".") for outer in ordered):
@@ -339,10 +341,13 @@ class Recording:
         # Device copies of the host positions of this recording's calls, by device and content (_to_device).
         self._device_positions: dict[tuple, torch.Tensor] = {}
         interface = {n: m for n, m in self._modules.items() if is_hf_model(model) and uses_attention_interface(m)}
-        own = {n: m for n, m in self._modules.items() if n not in interface}
+        multihead = {n: m for n, m in self._modules.items()
+                     if n not in interface and isinstance(m, nn.MultiheadAttention)}
+        own = {n: m for n, m in self._modules.items() if n not in interface and n not in multihead}
         sources = {n: m for n, m in ((n, probabilities_source(m)) for n, m in own.items()) if m is not None}
         self._hooks = [ModuleAttentionHooks(own, self._on_attention, self._on_probabilities, self._on_module_done,
-                                            sources)]
+                                            sources),
+                       MultiheadAttentionHooks(multihead, self._on_attention, self._on_module_done)]
         if interface:
             self._hooks.append(HFAttentionHooks(model, interface, self._on_attention, self._on_module_done))
 

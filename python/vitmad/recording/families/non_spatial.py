@@ -29,9 +29,23 @@ _REASONS_IN = {
 }
 
 
+_POOLING_QUERY = "attention pooling: a learned query without a position on the image"
+
+
+def _pools_with_learned_query(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """A ``torch.nn.MultiheadAttention`` that an attention-pooling head calls with its learned query (transformers'
+    SigLIP heads hold it as ``probe``): its queries are not the image's tokens."""
+    if not isinstance(module, nn.MultiheadAttention) or "." not in name:
+        return False
+    owner = model.get_submodule(name.rpartition(".")[0])
+    return isinstance(getattr(owner, "probe", None), nn.Parameter) or "AttentionPool" in type(owner).__name__
+
+
 def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
     cls = type(module)
     reason = _REASONS.get(cls.__name__) or _REASONS_IN.get((cls.__name__, cls.__module__.rpartition(".")[2]))
+    if reason is None and _pools_with_learned_query(model, name, module):
+        reason = _POOLING_QUERY
     return None if reason is None else Skip(reason)

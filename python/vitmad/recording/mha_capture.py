@@ -1,0 +1,128 @@
+"""Recording ``torch.nn.MultiheadAttention`` layers (torchvision's ViT, OpenCLIP's towers, many research ViTs).
+
+Its forward runs one fused ``F.multi_head_attention_forward`` (or, in inference, the C++ fast path), whose
+queries and keys no hook can see. So a forward pre-hook computes them from the layer's own inputs and
+projection weights, as that function does: ``q = query W_q^T + b_q`` and ``k = key W_k^T + b_k`` split into
+heads, scale ``1 / sqrt(head_dim)``, and the layer's ``attn_mask`` (``[L, S]`` or ``[B * H, L, S]``; a boolean
+``True`` hides a key, the opposite of SDPA's) with its ``key_padding_mask`` (``[B, S]``, ``True`` hides). The
+layer itself runs unchanged; the two extra projections are the cost (about a sixth of a ViT layer's matrix
+products).
+
+Refused with the layer's name: ``is_causal`` (causal attention has no MAD here, as elsewhere), extra keys
+(``add_bias_kv``, ``add_zero_attn``) and nested-tensor inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .module_capture import DoneCallback
+from .module_index import named_module_list
+from .transformers_capture import AttentionCallback
+
+__all__ = ["mha_modules", "MultiheadAttentionHooks", "mha_query_key"]
+
+_ARGUMENTS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+              "is_causal")
+
+
+def mha_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.MultiheadAttention`` (or subclass) by qualified name."""
+    return {name: m for name, m in named_module_list(model) if isinstance(m, nn.MultiheadAttention)}
+
+
+def _refuse(layer: str, what: str) -> ValueError:
+    return ValueError(f"vitmad.record: {layer} (MultiheadAttention) {what}")
+
+
+def _hidden_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MultiheadAttention's mask as an additive bias: a boolean ``True`` hides (-inf), a float one adds."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def mha_query_key(layer: str, module: nn.MultiheadAttention, args: tuple,
+                  kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+    """``(q [B, H, L, D], k [B, H, S, D], scale, bias [B or 1, H or 1, L, S] or None)`` of one forward call."""
+    named = dict(zip(_ARGUMENTS, args)) | kwargs
+    query, key = named["query"], named["key"]
+    if query.is_nested or key.is_nested:
+        raise _refuse(layer, "received nested tensors; vitmad reads padded batches")
+    if named.get("is_causal", False):
+        raise _refuse(layer, "runs causal attention (is_causal=True); MAD is defined for a vision transformer's "
+                             "bidirectional attention")
+    if module.bias_k is not None or module.add_zero_attn:
+        raise _refuse(layer, "adds keys of its own (add_bias_kv or add_zero_attn), which have no position")
+    batched = query.dim() == 3
+    if not batched:  # [L, E]: one sequence
+        query, key = query.unsqueeze(1), key.unsqueeze(1)
+    elif module.batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    # [L, B, E] from here, as F.multi_head_attention_forward takes them.
+    embed, heads = module.embed_dim, module.num_heads
+    head_dim = embed // heads
+    bias = module.in_proj_bias
+    b_q, b_k = (None, None) if bias is None else (bias[:embed], bias[embed:2 * embed])
+    if module._qkv_same_embed_dim:
+        w_q, w_k = module.in_proj_weight[:embed], module.in_proj_weight[embed:2 * embed]
+    else:
+        w_q, w_k = module.q_proj_weight, module.k_proj_weight
+    with torch.no_grad():
+        q = F.linear(query, w_q, b_q)
+        k = F.linear(key, w_k, b_k)
+    length, batch = q.shape[:2]
+    keys = k.shape[0]
+    q = q.reshape(length, batch, heads, head_dim).permute(1, 2, 0, 3)
+    k = k.reshape(keys, batch, heads, head_dim).permute(1, 2, 0, 3)
+
+    mask = None
+    attn_mask = named.get("attn_mask")
+    if attn_mask is not None:
+        mask = _hidden_mask(attn_mask, q.dtype)
+        if mask.dim() == 3:  # [B * H, L, S]
+            mask = mask.reshape(batch, heads, length, keys)
+    padding = named.get("key_padding_mask")
+    if padding is not None:
+        if not batched:
+            padding = padding.unsqueeze(0)
+        padding = _hidden_mask(padding, q.dtype)[:, None, None, :]
+        mask = padding if mask is None else mask + padding
+    return q, k, 1.0 / math.sqrt(head_dim), mask
+
+
+class MultiheadAttentionHooks:
+    """Captures each given ``nn.MultiheadAttention`` layer's queries and keys while installed.
+
+    Args:
+        modules: the layers to record, by qualified name.
+        on_qk: called with ``(name, q, k, scale, bias)`` for every forward call.
+        done: called with ``(name, module, completed)`` when the layer's forward has ended.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], on_qk: AttentionCallback, done: DoneCallback):
+        self.modules = modules
+        self.on_qk = on_qk
+        self.done = done
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def install(self) -> None:
+        for name, module in self.modules.items():
+            def enter(module, args, kwargs, name=name) -> None:
+                q, k, scale, bias = mha_query_key(name, module, args, kwargs)
+                self.on_qk(name, q, k, scale, bias)
+
+            def leave(module, args, output, name=name) -> None:
+                self.done(name, module, output is not None)
+
+            self._handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(leave, always_call=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

@@ -1,0 +1,179 @@
+"""vitmad.record on torch.nn.MultiheadAttention layers (recording/mha_capture.py): torchvision's ViT and a ViT
+built here from nn.MultiheadAttention with each of its input forms and masks.
+
+The reference is each layer's own attention probabilities (need_weights=True, average_attn_weights=False, the
+same module, weights and inputs), placed on a patch grid written in the test: CLS first, row-major patches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import vitmad
+
+TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels: q and k projected again in float32 vs the layer's own
+
+
+def _reference(maps, patch, grid, prefix=1) -> torch.Tensor:
+    return torch.stack([vitmad.mad_reference(a, patch, num_prefix_tokens=prefix, grid=grid) for a in maps])
+
+
+def _own_maps(layers, calls) -> list[torch.Tensor]:
+    """Each layer's per-head probabilities for the inputs it received (calls: (args, kwargs) per layer)."""
+    maps = []
+    for layer, (args, kwargs) in zip(layers, calls):
+        kwargs = dict(kwargs, need_weights=True, average_attn_weights=False)
+        with torch.no_grad():
+            maps.append(layer(*args, **kwargs)[1])
+    return maps
+
+
+def _spy(layers):
+    calls = []
+    handles = [layer.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args, kwargs)),
+                                               with_kwargs=True) for layer in layers]
+    return calls, handles
+
+
+def test_torchvision_vit_matches_its_layers_own_probabilities():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=80, patch_size=16, num_layers=2, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64).eval()
+    pixels = torch.randn(2, 3, 80, 80, generator=torch.Generator().manual_seed(1))
+    layers = [block.self_attention for block in model.encoder.layers]
+    calls, handles = _spy(layers)
+    with torch.no_grad():
+        plain = model(pixels)
+        calls.clear()
+        with vitmad.record(model) as rec:
+            recorded = model(pixels)
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(plain, recorded)
+    assert rec.layers == ["encoder.layers.encoder_layer_0.self_attention",
+                          "encoder.layers.encoder_layer_1.self_attention"]
+    assert rec.layout == vitmad.recording.ModelLayout(patch=16, grid=(5, 5), num_prefix_tokens=1)
+    torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(layers, calls), 16, (5, 5)), **TOL)
+
+
+class _MHAViT(nn.Module):
+    """A ViT of nn.MultiheadAttention layers: an 8-pixel patch convolution, CLS first, masks passed through."""
+
+    def __init__(self, batch_first=True, same_dim=True, depth=2, dim=24, heads=3, bias=True):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        kdim = None if same_dim else dim
+        self.layers = nn.ModuleList(nn.MultiheadAttention(dim, heads, batch_first=batch_first, kdim=kdim, vdim=kdim,
+                                                          bias=bias) for _ in range(depth))
+        if not same_dim:  # kdim == embed_dim still packs the weights: force separate projections
+            for layer in self.layers:
+                layer._qkv_same_embed_dim = False
+                layer.q_proj_weight = nn.Parameter(torch.randn(dim, dim) / dim ** 0.5)
+                layer.k_proj_weight = nn.Parameter(torch.randn(dim, dim) / dim ** 0.5)
+                layer.v_proj_weight = nn.Parameter(torch.randn(dim, dim) / dim ** 0.5)
+                layer.in_proj_weight = None
+        self.batch_first = batch_first
+
+    def forward(self, x, attn_mask=None, key_padding_mask=None, unbatched=False, **causal):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(len(tokens), -1, -1), tokens], 1)  # [B, N, C]
+        if unbatched:
+            tokens = tokens[0]
+        elif not self.batch_first:
+            tokens = tokens.transpose(0, 1)
+        for layer in self.layers:
+            tokens = tokens + layer(tokens, tokens, tokens, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                    need_weights=False, **causal)[0]
+        return tokens
+
+
+GRID = (3, 4)
+N = 1 + GRID[0] * GRID[1]
+
+
+def _masks(kind):
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.rand(N, N, generator=gen) < 0.3
+    hidden.fill_diagonal_(False)  # every query keeps a key
+    padding = torch.zeros(2, N, dtype=torch.bool)
+    padding[1, -3:] = True  # the second image's last three patches are padding keys
+    return {
+        "none": {},
+        "bool attn_mask": {"attn_mask": hidden},
+        "float attn_mask": {"attn_mask": torch.randn(N, N, generator=gen)},
+        "per-head attn_mask": {"attn_mask": torch.randn(2 * 3, N, N, generator=gen)},
+        "key_padding_mask": {"key_padding_mask": padding},
+        "both": {"attn_mask": hidden, "key_padding_mask": padding},
+        "float key_padding_mask": {"key_padding_mask": torch.randn(2, N, generator=gen)},
+    }[kind]
+
+
+@pytest.mark.parametrize("same_dim", [True, False], ids=["packed weights", "separate weights"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch first", "sequence first"])
+@pytest.mark.parametrize("masks", ["none", "bool attn_mask", "float attn_mask", "per-head attn_mask",
+                                   "key_padding_mask", "both", "float key_padding_mask"])
+def test_multihead_layers_match_their_own_probabilities(batch_first, same_dim, masks):
+    torch.manual_seed(0)
+    model = _MHAViT(batch_first=batch_first, same_dim=same_dim).eval()
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1], generator=torch.Generator().manual_seed(2))
+    kwargs = _masks(masks)
+    calls, _ = _spy(model.layers)
+    with torch.no_grad():
+        plain = model(pixels, **kwargs)
+        calls.clear()
+        with vitmad.record(model) as rec:
+            recorded = model(pixels, **kwargs)
+    assert torch.equal(plain, recorded)
+    assert rec.layers == ["layers.0", "layers.1"]
+    torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(model.layers, calls), 8, GRID), **TOL)
+
+
+def test_unbatched_input_and_training_mode():
+    torch.manual_seed(0)
+    model = _MHAViT().train()  # dropout 0: training changes only the fast path, not the attention
+    pixels = torch.randn(1, 3, 8 * GRID[0], 8 * GRID[1], generator=torch.Generator().manual_seed(3))
+    calls, _ = _spy(model.layers)
+    with vitmad.record(model) as rec:
+        model(pixels, unbatched=True)
+    assert rec.mad.shape == (2, 1, 3)
+    maps = [m.unsqueeze(0) for m in _own_maps(model.layers, calls)]
+    torch.testing.assert_close(rec.mad.double(), _reference(maps, 8, GRID), **TOL)
+
+
+def test_what_the_layer_cannot_be_measured_with_is_refused_by_name():
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1])
+    model = _MHAViT().eval()
+    causal = torch.ones(N, N, dtype=torch.bool).triu(1)
+    with pytest.raises(ValueError, match=r"vitmad.record: layers.0 \(MultiheadAttention\) runs causal attention"):
+        with torch.no_grad(), vitmad.record(model):
+            model(pixels, attn_mask=causal, is_causal=True)
+
+    extra = _MHAViT().eval()
+    extra.layers[0] = nn.MultiheadAttention(24, 3, batch_first=True, add_bias_kv=True)
+    with pytest.raises(ValueError, match=r"layers.0 \(MultiheadAttention\) adds keys of its own"):
+        with torch.no_grad(), vitmad.record(extra):
+            extra(pixels)
+    assert all(not m._forward_pre_hooks for m in extra.modules())
+
+
+
+def test_a_pooling_head_with_a_learned_query_is_skipped_with_its_reason():
+    """SigLIP's pooling head calls nn.MultiheadAttention with its learned probe as the query: no place on the
+    image, so no MAD; the tower's own layers are recorded as before."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = transformers.SiglipVisionModel(config).eval()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = model(pixels).pooler_output
+        with vitmad.record(model) as rec:
+            recorded = model(pixels).pooler_output
+    assert torch.equal(plain, recorded)
+    assert rec.layers == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
+    assert rec.skipped == {"head.attention": "attention pooling: a learned query without a position "
+                                            "on the image"}
