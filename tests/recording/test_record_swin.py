@@ -277,3 +277,52 @@ def test_transformers_swin_equals_the_mad_of_its_eager_windows(family, implement
         eager(pixels)
     assert torch.equal(recorded, plain)
     _check(rec, probabilities, pixels.shape[0], HF_TABLES[family, size], roll_first=False)
+
+
+# torchvision -------------------------------------------------------------------------------------------------
+
+torchvision_swin = pytest.importorskip("torchvision.models.swin_transformer")
+
+# torchvision floors the image to whole patches, pads each map to whole windows, then rolls it; a shift is dropped
+# along an axis whose padded map one window covers (in each call). 34 x 50: an 8 x 12 map, then 4 x 6 (shifted
+# along the width only); 36 x 52: 9 x 13, then 5 x 7 (padded to 10 x 14 before merging).
+TV_TABLES = {
+    (32, 32): _STAGE1_32 + _UNSHIFTED_4x4,
+    (34, 50): [((8, 12), (4, 4), (0, 0), 4.0), ((8, 12), (4, 4), (2, 2), 4.0),
+               ((4, 6), (4, 4), (0, 0), 8.0), ((4, 6), (4, 4), (0, 2), 8.0)],
+    (36, 52): _STAGE1_34x50 + _SHIFTED_5x7,
+}
+
+
+class _Softmaxes(torch.overrides.TorchFunctionMode):
+    """The model's own attention probabilities: every softmax over the last dimension of a 4-D tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.maps = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func is torch.nn.functional.softmax and result.dim() == 4:
+            self.maps.append(result)
+        return result
+
+
+@pytest.mark.parametrize("size", list(TV_TABLES), ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("version", [1, 2])
+def test_torchvision_swin_equals_the_mad_of_its_windows(version, size):
+    extra = {} if version == 1 else dict(block=torchvision_swin.SwinTransformerBlockV2,
+                                         downsample_layer=torchvision_swin.PatchMergingV2)
+    torch.manual_seed(0)
+    model = torchvision_swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[1, 2],
+                                             window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=10,
+                                             **extra).eval()
+    pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with _Softmaxes() as seen:
+            plain = model(pixels)
+        with vitmad.record(model, reduction="none") as rec:
+            recorded = model(pixels)
+    assert torch.equal(recorded, plain)
+    assert rec.layers == [f"features.{stage}.{block}.attn" for stage in (1, 3) for block in (0, 1)]
+    _check(rec, seen.maps, pixels.shape[0], TV_TABLES[size], roll_first=False)

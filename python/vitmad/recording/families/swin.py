@@ -2,11 +2,12 @@
 
 timm ``swin_transformer`` (Swin, S3), ``swin_transformer_v2`` (cosine attention, log-spaced continuous position
 bias) and ``swin_transformer_v2_cr``; transformers ``SwinModel``, ``Swinv2Model``, ``DonutSwinModel`` and
-``MaskFormerSwinModel``. Each block attends within windows of its stage's token map ``H x W``:
+``MaskFormerSwinModel``; torchvision ``swin_t`` ... ``swin_v2_b``. Each block attends within windows of its stage's token map ``H x W``:
 
 1. the map is cyclically shifted up and left by ``shift`` (``torch.roll(x, -shift)``) and padded at the bottom
-   and right to a multiple of the window. timm rolls the ``H x W`` map and pads after; transformers pads first and
-   rolls the padded map, so there the tokens that wrap around are padding too;
+   and right to a multiple of the window. timm rolls the ``H x W`` map and pads after; transformers and torchvision
+   pad first and roll the padded map, so there the tokens that wrap around are padding too (torchvision drops the
+   shift along an axis one window covers);
 2. the shifted, padded map is cut into windows, row-major, each window's tokens row-major; the attention is
    ``[B * nW, heads, N, N]``, images outermost. The tokens that wrapped around sit in windows with tokens far
    from them on the image; the model's shift mask keeps them apart (a logit of -100), and each still stands at
@@ -52,7 +53,11 @@ class _Design:
         merging: class name of the 2 x 2 patch merging between stages.
         roll_first: the map is rolled before it is padded (timm), else padded, then rolled (transformers).
         dims_argument: the block receives ``(hidden_states [B, H * W, C], (H, W))`` (transformers), else
-            ``x [B, H, W, C]`` (timm).
+            ``x [B, H, W, C]`` (timm, torchvision).
+        window_in_attention: the window and shift are attributes of the attention module (torchvision), else of
+            the block.
+        covering_window_unshifted: no shift along an axis whose padded map one window covers, decided in each
+            call without changing the attribute (torchvision's ``shifted_window_attention``).
     """
 
     module: str
@@ -61,6 +66,8 @@ class _Design:
     merging: str
     roll_first: bool
     dims_argument: bool
+    window_in_attention: bool = False
+    covering_window_unshifted: bool = False
 
 
 _DESIGNS = (
@@ -76,6 +83,11 @@ _DESIGNS = (
             "DonutSwinPatchMerging", False, True),
     _Design("transformers.models.maskformer.modeling_maskformer_swin", "MaskFormerSwinLayer",
             "MaskFormerSwinSelfAttention", "MaskFormerSwinPatchMerging", False, True),
+    # torchvision pads, then rolls (as transformers), with the map as [B, H, W, C] (as timm).
+    _Design("torchvision.models.swin_transformer", "SwinTransformerBlock", "ShiftedWindowAttention", "PatchMerging",
+            False, False, True, True),
+    _Design("torchvision.models.swin_transformer", "SwinTransformerBlockV2", "ShiftedWindowAttentionV2",
+            "PatchMergingV2", False, False, True, True),
 )
 
 
@@ -159,8 +171,9 @@ class SwinPlacer(LayerPlacer):
     """
 
     def __init__(self, model: nn.Module, design: _Design, block_name: str, block: nn.Module,
-                 patch: tuple[int, int] | None, merges: int):
+                 patch: tuple[int, int] | None, merges: int, attention: nn.Module | None = None):
         self.model, self.design, self.block_name, self.block = model, design, block_name, block
+        self.window_holder = attention if design.window_in_attention else block
         self.patch, self.merges = patch, merges
         self._key = f"swin.{block_name}"
 
@@ -209,8 +222,10 @@ class SwinPlacer(LayerPlacer):
                 "[B, H, W, C] map or (H, W) dimensions, so its windows cannot be placed"
             )
         batch, size = seen
-        window = _pair(self.block.window_size)
-        shift = _pair(self.block.shift_size)
+        window = _pair(self.window_holder.window_size)
+        shift = _pair(self.window_holder.shift_size)
+        if self.design.covering_window_unshifted:
+            shift = tuple(0 if w >= math.ceil(n / w) * w else s for n, w, s in zip(size, window, shift))
         num_windows = math.ceil(size[0] / window[0]) * math.ceil(size[1] / window[1])
         if (len(lead) != 2 or num_queries != num_keys or num_queries != window[0] * window[1]
                 or lead[0] != batch * num_windows):
@@ -269,4 +284,4 @@ def placer(model: nn.Module, name: str, module: nn.Module):
             merges += 1
     embedding = find_patch_embedding(model)
     patch = None if embedding is None else _pair(embedding[1].kernel_size)
-    return SwinPlacer(model, design, block_name, modules[block_name], patch, merges)
+    return SwinPlacer(model, design, block_name, modules[block_name], patch, merges, module)
