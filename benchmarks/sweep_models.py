@@ -1,4 +1,5 @@
-"""Sweep: try ``vitmad.record`` on every timm architecture and every transformers vision model family.
+"""Sweep: try ``vitmad.record`` on every timm architecture, every transformers vision model family and
+torchvision's transformers.
 
 One line per architecture: recorded (layers, heads, token strides; layers skipped with their reason), refused
 (vitmad's message), no attention (a CNN), or ERROR (anything else: a defect to fix). For every recorded model
@@ -14,6 +15,7 @@ configuration with two layers per stage where the config allows.
     python benchmarks/sweep_models.py --library timm --filter 'swin*'
     python benchmarks/sweep_models.py --write         # also writes the table into benchmarks/RESULTS.md
     python benchmarks/sweep_models.py --stats         # records every statistic and the prefix maps too
+    python benchmarks/sweep_models.py --library torchvision   # its ViT, Swin, Swin V2 and MaxViT
 
 With ``--stats`` each recording also asks for entropy, prefix mass, self mass and the prefix maps, and the line
 says ERROR where one is outside its range (entropy in [0, ln N], masses and maps in [0, 1], self mass NaN only in
@@ -256,6 +258,30 @@ def sweep_transformers(pattern: str) -> list[tuple[str, str, str]]:
     return rows
 
 
+# torchvision's classification models with attention: the smallest of each family (the rest are CNNs).
+TORCHVISION_MODELS = ("vit_b_16", "swin_t", "swin_v2_t", "maxvit_t")
+
+
+def sweep_torchvision(pattern: str) -> list[tuple[str, str, str]]:
+    import torchvision
+
+    rows = []
+    for name in TORCHVISION_MODELS:
+        if not fnmatch.fnmatch(name, pattern):
+            continue
+        start = time.perf_counter()
+        try:
+            model = torchvision.models.get_model(name).eval()
+            size = 256 if name.startswith("swin_v2") else 224
+            pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+            verdict = _check(model, pixels, lambda m, x: m(x))
+        except Exception as err:  # noqa: BLE001 - the sweep reports every failure, it never stops
+            verdict = f"ERROR: {type(err).__name__}: {str(err)[:300]}"
+        rows.append(("torchvision", name, verdict))
+        print(f"{'torchvision':28s} {name:44s} {verdict}  [{time.perf_counter() - start:.1f} s]", flush=True)
+    return rows
+
+
 def summarise(rows: list[tuple[str, str, str]]) -> str:
     kinds = Counter()
     for _, _, verdict in rows:
@@ -273,7 +299,8 @@ def summarise(rows: list[tuple[str, str, str]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--library", choices=("timm", "transformers", "both"), default="both")
+    parser.add_argument("--library", choices=("timm", "transformers", "both", "torchvision"), default="both",
+                        help="both: timm and transformers; torchvision: its ViT, Swin and MaxViT")
     parser.add_argument("--per", choices=("module", "model"), default="module",
                         help="timm: the smallest model of each module, or every model name")
     parser.add_argument("--filter", default="*", help="model names (timm) or family labels (transformers)")
@@ -290,10 +317,13 @@ def main() -> None:
         rows += sweep_timm(args.per, args.filter, args.max_params)
     if args.library in ("transformers", "both"):
         rows += sweep_transformers(args.filter)
+    if args.library == "torchvision":
+        rows += sweep_torchvision(args.filter)
     summary = summarise(rows)
     print(summary)
     if args.write:
         import timm
+        import torchvision
         import transformers
 
         table = markdown_table(["library / module", "model", "result"],
@@ -303,7 +333,7 @@ def main() -> None:
                       f"## Sweep of vitmad.record{' with every statistic' if args.stats else ''} ({args.library}, "
                       f"one model per {args.per}; "
                       f"benchmarks/sweep_models.py)\n\n{machine()}; timm {timm.__version__}, transformers "
-                      f"{transformers.__version__}\n\n{summary}\n\n{table}")
+                      f"{transformers.__version__}, torchvision {torchvision.__version__}\n\n{summary}\n\n{table}")
 
 if __name__ == "__main__":
     main()
