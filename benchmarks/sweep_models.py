@@ -259,6 +259,7 @@ def sweep_transformers(pattern: str) -> list[tuple[str, str, str]]:
 
 
 # torchvision's classification models with attention: the smallest of each family (the rest are CNNs).
+# (maxvit_t was refused until 2026-12-01.)
 TORCHVISION_MODELS = ("vit_b_16", "swin_t", "swin_v2_t", "maxvit_t")
 
 

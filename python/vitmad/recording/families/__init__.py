@@ -44,6 +44,7 @@ from . import (
     swin,
     tiny_vit,
     tnt,
+    torchvision_maxvit,
     video,
     vit_stages,
     vitamin,
@@ -64,7 +65,7 @@ class Skip:
 _FAMILIES = (
     packed, non_spatial, masked, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages,
     csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra,
-    map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit, convit,
+    map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit, convit, torchvision_maxvit,
 )
 
 

@@ -2,7 +2,8 @@
 
 timm ``swin_transformer`` (Swin, S3), ``swin_transformer_v2`` (cosine attention, log-spaced continuous position
 bias) and ``swin_transformer_v2_cr``; transformers ``SwinModel``, ``Swinv2Model``, ``DonutSwinModel`` and
-``MaskFormerSwinModel``; torchvision ``swin_t`` ... ``swin_v2_b``. Each block attends within windows of its stage's token map ``H x W``:
+``MaskFormerSwinModel``; torchvision ``swin_t`` ... ``swin_v2_b``. Each block attends within windows of its
+stage's token map ``H x W``:
 
 1. the map is cyclically shifted up and left by ``shift`` (``torch.roll(x, -shift)``) and padded at the bottom
    and right to a multiple of the window. timm rolls the ``H x W`` map and pads after; transformers and torchvision

@@ -153,7 +153,7 @@ def whole_map(grid: tuple[int, int]) -> tuple[torch.Tensor, str]:
     return block_partition(grid, grid), "global"
 
 
-_ORDERS = ("windows in batch", "windows after heads")
+_ORDERS = ("windows in batch", "windows after heads", "windows before heads")
 
 
 def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[float, float], lead: torch.Size,
@@ -172,7 +172,8 @@ def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[f
         lead: the call's leading dims.
         num_queries, num_keys: the call's attention size; both must be ``N``.
         order: where the windows are in ``lead``: ``"windows in batch"`` (``[B * num_windows, H]``, image-major;
-            Swin-style window attention) or ``"windows after heads"`` (``[B, H, num_windows]``; NesT).
+            Swin-style window attention), ``"windows after heads"`` (``[B, H, num_windows]``; NesT) or
+            ``"windows before heads"`` (``[B, num_windows, H]``; torchvision's MaxViT).
         attention: the geometry's description.
     """
     windows, size, _ = cells.shape
@@ -186,6 +187,8 @@ def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[f
         batch, heads = shape[0] // windows, shape[1]
     elif order == "windows after heads" and len(shape) == 3 and shape[2] == windows:
         batch, heads = shape[0], shape[1]
+    elif order == "windows before heads" and len(shape) == 3 and shape[1] == windows:
+        batch, heads = shape[0], shape[2]
     else:
         raise NotPlaceable(
             f"its attention has leading dims {shape}, expected {windows} windows ({order}) of {attention} over a "
@@ -206,6 +209,8 @@ def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[f
     if order == "windows in batch":
         positions = positions.repeat(batch, 1, 1, 1)
         key_positions = None if key_positions is None else key_positions.repeat(batch, 1, 1, 1)
+    elif order == "windows before heads":
+        pass  # [num_windows, 1, N, 2] broadcasts over [B, num_windows, H, N, 2]
     else:
         positions = positions.view(windows, size, 2)
         key_positions = None if key_positions is None else key_positions.view(windows, size, 2)
@@ -216,6 +221,8 @@ def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[f
     def fold(values: torch.Tensor) -> torch.Tensor:
         if order == "windows after heads":
             values = values.reshape(batch, heads, windows * size)
+        elif order == "windows before heads":
+            values = values.reshape(batch, windows, heads, size).transpose(1, 2).reshape(batch, heads, -1)
         else:
             values = values.reshape(batch, windows, heads, size).transpose(1, 2).reshape(batch, heads, -1)
         return values.index_select(-1, on_device(inverse, values.device))
