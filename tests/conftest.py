@@ -239,3 +239,19 @@ def restore_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+class SoftmaxOutputs(torch.overrides.TorchFunctionMode):
+    """While active, keeps every ``F.softmax`` output of rank ``rank``: a model's own attention probabilities
+    where its attention is an explicit softmax (the reference of window designs the tests place by hand)."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+        self.maps: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func is torch.nn.functional.softmax and result.dim() == self.rank:
+            self.maps.append(result)
+        return result

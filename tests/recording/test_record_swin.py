@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import vitmad
+from conftest import SoftmaxOutputs
 from vitmad.ops.reference import mad_positions_reference
 
 timm = pytest.importorskip("timm")
@@ -294,20 +295,6 @@ TV_TABLES = {
 }
 
 
-class _Softmaxes(torch.overrides.TorchFunctionMode):
-    """The model's own attention probabilities: every softmax over the last dimension of a 4-D tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.maps = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        if func is torch.nn.functional.softmax and result.dim() == 4:
-            self.maps.append(result)
-        return result
-
-
 @pytest.mark.parametrize("size", list(TV_TABLES), ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("version", [1, 2])
 def test_torchvision_swin_equals_the_mad_of_its_windows(version, size):
@@ -319,7 +306,7 @@ def test_torchvision_swin_equals_the_mad_of_its_windows(version, size):
                                              **extra).eval()
     pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        with _Softmaxes() as seen:
+        with SoftmaxOutputs(rank=4) as seen:
             plain = model(pixels)
         with vitmad.record(model, reduction="none") as rec:
             recorded = model(pixels)

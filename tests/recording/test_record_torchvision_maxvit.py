@@ -8,25 +8,12 @@ import pytest
 import torch
 
 import vitmad
+from conftest import SoftmaxOutputs
 from vitmad.ops.reference import mad_positions_reference
 
 maxvit = pytest.importorskip("torchvision.models.maxvit")
 
 TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels
-
-
-class _Softmaxes(torch.overrides.TorchFunctionMode):
-    """The model's own attention probabilities: every softmax over the last dimension of a 5-D tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.maps = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        if func is torch.nn.functional.softmax and result.dim() == 5:
-            self.maps.append(result)
-        return result
 
 
 def _cells(kind: str, grid: tuple[int, int], partition: int) -> torch.Tensor:
@@ -67,7 +54,7 @@ def test_torchvision_maxvit_equals_the_mad_of_its_own_windows_and_grids(size):
                           block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10).eval()
     pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        with _Softmaxes() as seen:
+        with SoftmaxOutputs(rank=5) as seen:
             plain = model(pixels)
         with vitmad.record(model, reduction="none") as rec:
             recorded = model(pixels)
