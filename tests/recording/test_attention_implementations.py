@@ -53,7 +53,6 @@ def _check_semantics(function, semantics, module, mask, nk=NQ, **kwargs):
     with torch.no_grad():
         out = function(module, q, k, v, mask, scaling=scale, **kwargs)[0]
     named = bound_arguments(function, module, q, k, v, mask, (), dict(scaling=scale, **kwargs))
-    named["module"] = module
     key, bias = call_bias(semantics, "layer", named, q, k, mask)
     torch.testing.assert_close(out.double(), _reference_output(q, key, v, scale, bias), rtol=1e-4, atol=1e-5)
     return key, bias
@@ -114,7 +113,6 @@ def test_sdpa_calls_that_run_causal_are_refused(attributes, kwargs, why):
     causal = torch.ones(NQ, NQ, dtype=torch.bool).tril()
     torch.testing.assert_close(out.double(), _reference_output(q, k, v, 0.3, causal), rtol=1e-4, atol=1e-5)
     named = bound_arguments(sdpa_attention_forward, module, q, k, v, None, (), dict(scaling=0.3, **kwargs))
-    named["module"] = module
     with pytest.raises(ValueError, match=f"vitmad.record: layer runs causal attention \\({why}.*\\); MAD is defined"):
         call_bias("sdpa", "layer", named, q, k, None)
     call_bias("sdpa", "layer", named, q[..., :1, :], k, None)  # one query: nothing to hide, as sdpa reads it
@@ -135,7 +133,6 @@ def test_grouped_key_heads_serve_consecutive_query_heads(mask_kind):
     with torch.no_grad():
         out = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)[0]
     named = bound_arguments(sdpa_attention_forward, module, q, k, v, mask, (), {"scaling": 0.3})
-    named["module"] = module
     key, bias = call_bias("sdpa", "layer", named, q, k, mask)
     assert key.shape == q.shape and torch.equal(key[:, 2], k[:, 0]) and torch.equal(key[:, 3], k[:, 1])
     values = torch.cat([v[:, :1].expand(B, 3, NQ, D), v[:, 1:].expand(B, 3, NQ, D)], 1)

@@ -69,8 +69,7 @@ class EagerWhileRecording:
 
     @classmethod
     def enter(cls) -> None:
-        if not cls.available():
-            return
+        """Only for a model check_compiled accepted, which a torch without set_stance never is."""
         with cls._lock:
             if cls._depth == 0:
                 try:
@@ -85,8 +84,6 @@ class EagerWhileRecording:
 
     @classmethod
     def leave(cls) -> None:
-        if not cls.available():
-            return
         with cls._lock:
             if cls._depth == 0:
                 return

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["attention_semantics", "bound_arguments", "call_bias", "signature_of"]
+__all__ = ["attention_semantics", "bound_arguments", "call_bias"]
 
 # The implementations whose arguments are read here, by the family of their semantics.
 _KNOWN = {"eager": "eager", "sdpa": "sdpa", "flex_attention": "flex"}
@@ -60,8 +60,9 @@ def signature_of(function: Callable) -> inspect.Signature | None:
 
 def bound_arguments(function: Callable, module, query, key, value, mask, args: tuple, kwargs: dict) -> dict:
     """The call's arguments by parameter name, as ``function`` reads them (a positional ``scaling`` of an eager
-    function and a keyword one of ``sdpa`` alike), defaults left out."""
+    function and a keyword one of ``sdpa`` alike), defaults left out; ``module`` under its own name."""
     signature = signature_of(function)
+    named = None
     if signature is not None:
         try:
             bound = signature.bind_partial(module, query, key, value, mask, *args, **kwargs)
@@ -72,8 +73,12 @@ def bound_arguments(function: Callable, module, query, key, value, mask, args: t
             extra = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
             if extra is not None:
                 named.update(named.pop(extra, {}))
-            return named
-    return dict(kwargs)
+    if named is None:  # no signature to bind by: the keywords, and eager_attention_forward's sixth parameter
+        named = dict(kwargs)
+        if args and "scaling" not in named:
+            named["scaling"] = args[0]
+    named["module"] = module
+    return named
 
 
 def _causal_refusal(layer: str, why: str) -> ValueError:
@@ -176,7 +181,7 @@ def _shared_key_heads(layer: str, query: torch.Tensor, key: torch.Tensor) -> tor
 def call_bias(semantics: str, layer: str, named: dict, query: torch.Tensor, key: torch.Tensor,
               mask) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(key, mask or bias)`` that ``mad_qk`` takes for the attention this call computes; ``named`` holds the
-    call's arguments by name (:func:`bound_arguments`, ``module`` included). Grouped key heads come back one per
+    call's arguments by name (:func:`bound_arguments`). Grouped key heads come back one per
     query head."""
     key = _shared_key_heads(layer, query, key)
     if named.get("softcap") is not None:

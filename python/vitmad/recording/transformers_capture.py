@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .interface_call import attention_semantics, bound_arguments, call_bias, signature_of
+from .interface_call import attention_semantics, bound_arguments, call_bias
 from .module_index import named_module_list
 
 __all__ = ["AttentionCallback", "is_hf_model", "hf_attention_modules", "uses_attention_interface", "forward_source",
@@ -135,9 +135,6 @@ def _register_wrapper(implementation: str) -> str:
             layer, callback = active
             # By parameter name as the original reads them: sdpa's sixth parameter is dropout, eager's scaling.
             named = bound_arguments(original, module, query, key, value, attention_mask, args, kwargs)
-            named["module"] = module
-            if "scaling" not in named and args and signature_of(original) is None:
-                named["scaling"] = args[0]  # eager_attention_forward's sixth parameter
             measured_key, bias = call_bias(semantics, layer, named, query, key, attention_mask)
             callback(layer, query, measured_key, named.get("scaling"), bias)
         return original(module, query, key, value, attention_mask, *args, **kwargs)

@@ -209,11 +209,10 @@ def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[f
     if order == "windows in batch":
         positions = positions.repeat(batch, 1, 1, 1)
         key_positions = None if key_positions is None else key_positions.repeat(batch, 1, 1, 1)
-    elif order == "windows before heads":
-        pass  # [num_windows, 1, N, 2] broadcasts over [B, num_windows, H, N, 2]
-    else:
+    elif order == "windows after heads":
         positions = positions.view(windows, size, 2)
         key_positions = None if key_positions is None else key_positions.view(windows, size, 2)
+    # "windows before heads": [num_windows, 1, N, 2] broadcasts over [B, num_windows, H, N, 2] as it is.
     # Where each token of the map is among the window-major values of one image and head.
     inverse = torch.empty(tokens, dtype=torch.long)
     inverse[index[real]] = real.nonzero().squeeze(1)
