@@ -1,14 +1,18 @@
 // The q_block @ k_block^T products of the mad_qk CPU kernel: scaled logits with float32 (float64 for float64)
 // accumulation in a per-thread buffer. Keys and queries are packed to the accumulation type, so every input
-// dtype and stride goes through ATen's float32 / float64 GEMM (MKL or OpenBLAS). (A bfloat16 micro-kernel on
-// vdpbf16ps was tried: on an AVX512-BF16 Xeon it was slower than MKL's float32 GEMM on the widened blocks.)
+// dtype and stride goes through one float32 / float64 product: panel_logits.h's AVX2 kernel for float32 where
+// it runs, else ATen's GEMM (MKL or OpenBLAS). (A bfloat16 micro-kernel on vdpbf16ps was tried: on an
+// AVX512-BF16 Xeon it was slower than MKL's float32 GEMM on the widened blocks.)
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
+
+#include "panel_logits.h"
 
 namespace vitmad {
 
@@ -16,6 +20,7 @@ namespace vitmad {
 // product is large enough that its call overhead is small against its work.
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyBlock = 512;
+static_assert(kKeyBlock % kPanelKeys == 0, "key blocks start on a panel");
 
 // dst[r * cols + c] = factor * src[r * row_stride + c * col_stride]: a contiguous block in the GEMM's dtype.
 template <typename scalar_t, typename acc_t>
@@ -35,23 +40,42 @@ template <typename scalar_t, typename acc_t>
 class GemmLogits {
  public:
   explicit GemmLogits(int64_t head_dim)
-      : head_dim_(head_dim), q_(kQueryBlock * head_dim), logits_(kQueryBlock * kKeyBlock) {}
+      : head_dim_(head_dim),
+        panels_(std::is_same_v<acc_t, float> && use_panel_logits()),
+        q_(kQueryBlock * head_dim),
+        logits_(kQueryBlock * kKeyBlock) {}
 
   void set_keys(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64_t n) {
     if (src == keys_source_) return;
     keys_source_ = src;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (panels_) {
+        k_.resize((n + kPanelKeys - 1) / kPanelKeys * kPanelKeys * head_dim_);
+        pack_key_panels(src, row_stride, col_stride, n, head_dim_, k_.data());
+        return;
+      }
+    }
     k_.resize(n * head_dim_);
     pack_block(src, row_stride, col_stride, n, head_dim_, acc_t(1), k_.data());
   }
 
-  // The scale is folded into the packed queries, so the GEMM yields scaled logits.
+  // The scale is folded into the packed queries, so the product yields scaled logits.
   void set_queries(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64_t rows, double scale) {
     rows_ = rows;
     pack_block(src, row_stride, col_stride, rows, head_dim_, static_cast<acc_t>(scale), q_.data());
   }
 
   acc_t* logits(int64_t k_begin, int64_t cols) {
-    cols_ = cols;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (panels_) {
+        // Whole panels, kKeyBlock floats apart: the columns past `cols` are written but not read.
+        row_stride_ = kKeyBlock;
+        panel_logits(q_.data(), rows_, head_dim_, k_.data() + k_begin * head_dim_,
+                     (cols + kPanelKeys - 1) / kPanelKeys, logits_.data(), kKeyBlock);
+        return logits_.data();
+      }
+    }
+    row_stride_ = cols;
     const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
     at::Tensor out = at::from_blob(logits_.data(), {rows_, cols}, options);
     at::mm_out(out, at::from_blob(q_.data(), {rows_, head_dim_}, options),
@@ -59,12 +83,13 @@ class GemmLogits {
     return logits_.data();
   }
 
-  int64_t row_stride() const { return cols_; }
+  int64_t row_stride() const { return row_stride_; }
 
  private:
   int64_t head_dim_;
+  bool panels_;  // float32 through panel_logits (keys in panels), else ATen's GEMM (keys row-major)
   int64_t rows_ = 0;
-  int64_t cols_ = 0;
+  int64_t row_stride_ = 0;
   const scalar_t* keys_source_ = nullptr;
   std::vector<acc_t> q_, k_, logits_;
 };

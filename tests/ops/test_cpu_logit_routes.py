@@ -1,0 +1,129 @@
+"""The two routes of the flash-MAD CPU kernels' float32 logits (csrc/cpu/block_logits.h): the AVX2 panel kernel
+(panel_logits.h, the default on AVX2 CPUs without AVX-512) and ATen's GEMM (the default elsewhere), each forced
+in a child process by VITMAD_CPU_LOGITS, against the float64 references. The cases cross what the panel kernel
+blocks by: 6-query strips (every remainder), 16-key panels (partial last panels), 512-key blocks, 128-wide chunks of
+the head dimension (D = 130, 257, 300), a bias read at the logits' row stride, 16-bit inputs, and the statistics
+pass with frames (the video recorder's)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import vitmad
+from conftest import compiled_kernel_available, make_bias, make_qk, subprocess_env, tolerance
+from vitmad.ops.reference import attention_stats_qk_reference, mad_qk_positions_reference, mad_qk_reference
+
+pytestmark = pytest.mark.skipif(not compiled_kernel_available("mad_qk", "cpu"),
+                                reason="the routes are the compiled CPU kernel's")
+
+# (B, H, N, prefix tokens, grid, D, dtype): patch counts N - prefix of every remainder modulo 6.
+GRID_CASES = [
+    (1, 1, 2, 1, [1, 1], 1, torch.float32),
+    (2, 3, 17, 1, [4, 4], 5, torch.float32),
+    (1, 2, 66, 1, [5, 13], 257, torch.float32),
+    (1, 2, 530, 2, [24, 22], 64, torch.float32),
+    (1, 1, 1031, 5, [38, 27], 130, torch.float32),
+    (2, 2, 203, 3, [10, 20], 64, torch.bfloat16),
+    (1, 2, 101, 1, [10, 10], 40, torch.float16),
+]
+# (B, H, N, D, bias kind) of the position form, with some keys without a position.
+POSITION_CASES = [
+    (1, 3, 700, 300, "full"),
+    (2, 2, 523, 33, "key_mask"),
+]
+
+CHILD = textwrap.dedent("""
+    import sys, torch, vitmad
+    sys.path[:0] = [{tests!r}, {ops_tests!r}]
+    from test_cpu_logit_routes import compute
+    torch.save(compute(), sys.argv[1])
+""")
+
+
+def position_inputs(case):
+    batch, heads, n, d, bias_kind = case
+    gen = torch.Generator().manual_seed(n + d)
+    q, k = make_qk(batch, heads, n, d, torch.float32, "cpu", seed=n * d, logit_scale=4 / d**0.5)
+    positions = 100 * torch.rand(n, 2, generator=gen, dtype=torch.float64).float()
+    positions[:3] = float("nan")  # three keys (and queries) without a position
+    return q, k, positions, make_bias(bias_kind, batch, heads, n, torch.float32, "cpu", gen)
+
+
+def video_inputs():
+    frames, rows, cols = 4, 5, 7
+    f, r, c = torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij")
+    space = torch.stack([(r + 0.5) * 16, (c + 0.5) * 16], -1).reshape(-1, 2).float()
+    times = ((f + 0.5) * 2).reshape(-1, 1).float()
+    q, k = make_qk(2, 3, frames * rows * cols, 64, torch.float32, "cpu", seed=7, logit_scale=2.0)
+    return q, k, space, times
+
+
+VIDEO_STATS = ("mad", "entropy", "self_mass", "temporal_mad")
+
+
+def compute() -> list[torch.Tensor]:
+    """Every case's result from this process's route."""
+    out = []
+    for batch, heads, n, prefix, grid, d, dtype in GRID_CASES:
+        q, k = make_qk(batch, heads, n, d, dtype, "cpu", seed=n + d, logit_scale=4 / d**0.5)
+        out.append(vitmad.mad_qk(q, k, 16, num_prefix_tokens=prefix, grid=grid, reduction="none"))
+    for case in POSITION_CASES:
+        q, k, positions, bias = position_inputs(case)
+        out.append(vitmad.mad_qk(q, k, positions=positions, attn_bias=bias, reduction="none"))
+    q, k, space, times = video_inputs()
+    stats = vitmad.attention_stats_qk(q, k, positions=space, times=times, stats=VIDEO_STATS, reduction="none")
+    out.append(torch.stack([stats[name] for name in VIDEO_STATS]))
+    return out
+
+
+def references() -> list[torch.Tensor]:
+    refs = []
+    for batch, heads, n, prefix, grid, d, dtype in GRID_CASES:
+        q, k = make_qk(batch, heads, n, d, dtype, "cpu", seed=n + d, logit_scale=4 / d**0.5)
+        refs.append(mad_qk_reference(q, k, 16, num_prefix_tokens=prefix, grid=grid, reduction="none"))
+    for case in POSITION_CASES:
+        q, k, positions, bias = position_inputs(case)
+        refs.append(mad_qk_positions_reference(q, k, positions, attn_bias=bias, reduction="none"))
+    q, k, space, times = video_inputs()
+    refs.append(attention_stats_qk_reference(q, k, VIDEO_STATS, positions=space, times=times, reduction="none"))
+    return refs
+
+
+def run_child(route: str, tmp_path) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{route}.pt"
+    here = Path(__file__).parent
+    script = CHILD.format(tests=str(here.parent), ops_tests=str(here))
+    return subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                          env=subprocess_env(VITMAD_CPU_LOGITS=route), timeout=300)
+
+
+def has_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+@pytest.mark.parametrize("route", [
+    "blas", pytest.param("panels", marks=pytest.mark.skipif(not has_avx2(), reason="needs AVX2 and FMA"))])
+def test_route_matches_float64_reference(route, tmp_path):
+    result = run_child(route, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = torch.load(tmp_path / f"{route}.pt")
+    cases = [*GRID_CASES, *POSITION_CASES, "video"]
+    refs = references()
+    assert len(got) == len(refs) == len(cases)
+    for case, out, ref in zip(cases, got, refs, strict=True):
+        assert out.shape == ref.shape, case
+        assert ref.isfinite().any(), case  # the reference measures something
+        torch.testing.assert_close(out.double(), ref, **tolerance(torch.float32), equal_nan=True,
+                                   msg=lambda m, case=case: f"{route}, {case}: {m}")
+
+
+def test_unknown_route_is_refused(tmp_path):
+    result = run_child("mkl", tmp_path)
+    assert result.returncode != 0
+    assert "VITMAD_CPU_LOGITS must be 'blas', 'panels' or unset, got 'mkl'" in result.stderr
