@@ -32,6 +32,17 @@ def machine() -> str:
     )
 
 
+def logits_route() -> str:
+    """Which product gives mad_qk's float32 logits on the CPU in this process, as the kernel decides it
+    (csrc/cpu/panel_logits.h): VITMAD_CPU_LOGITS if set, else by the CPU (torch's capability stands in for it)."""
+    chosen = os.environ.get("VITMAD_CPU_LOGITS", "")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if chosen:
+        return f"CPU logits VITMAD_CPU_LOGITS={chosen} (CPU capability {capability})"
+    default = "AVX2 panels" if capability == "AVX2" else "ATen's GEMM"
+    return f"CPU logits: the default, {default} (CPU capability {capability})"
+
+
 def time_once(fn: Callable[[], object], device: str, calls: int = 1) -> float:
     """Wall time of one fn() in seconds, the mean of `calls` back-to-back calls (CUDA: measured with events on the
     current stream, so that with enough calls the host's launch cost hides behind the kernels and the figure is

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import vitmad
-from _results import calls_per_timing, machine, peak_rss, time_once, write_section
+from _results import calls_per_timing, logits_route, machine, peak_rss, time_once, write_section
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 ROUTES = ("mad_qk", "sdpa", "materialised")
@@ -187,7 +187,8 @@ def main() -> None:
         f"## Flash-MAD: mad_qk vs SDPA and softmax-then-mad ({args.device}, {str(dtype).split('.')[1]}) "
         "(benchmarks/bench_flash.py)",
         "",
-        machine() + f"; vitmad backend {vitmad.backend()}.",
+        machine() + f"; vitmad backend {vitmad.backend()}"
+        + (f"; {logits_route()}." if args.device == "cpu" else "."),
         "",
         f"Median of {args.repeats} calls; patch {PATCH}, one CLS token; {memory_note}.",
         "",

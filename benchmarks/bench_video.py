@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from _results import machine, peak_rss, time_call, write_section
+from _results import logits_route, machine, peak_rss, time_call, write_section
 
 ROUTES = ("plain", "record")
 
@@ -131,7 +131,8 @@ def main() -> None:
     lines = [
         f"## vitmad.record on VideoMAE-B, CPU, {args.threads} torch thread(s) (benchmarks/bench_video.py)",
         "",
-        f"{machine()}; transformers {transformers.__version__}; vitmad backend {vitmad.backend()}"
+        f"{machine()}; transformers {transformers.__version__}; vitmad backend {vitmad.backend()}; "
+        f"{logits_route()}"
         + (f". {args.note}" if args.note else ""),
         "",
         f"Batch {args.batch}, {args.frames} frames of {args.image}x{args.image} px ({grid[0]}x{grid[1]}x{grid[2]} "
