@@ -11,8 +11,8 @@
 //
 // Layout: panel p holds keys [16 p, 16 p + 16) as [head_dim][16] floats, zero past the last key. A block of logits
 // is written row by row with `ldc` floats between rows, in whole panels (the columns past the block's last key
-// are products with zero keys, which the caller does not read). Each logit is one FMA chain over the head
-// dimension in order, float32 throughout, as the GEMM it replaces.
+// are products with zero keys, which the caller does not read). Each logit is a sum of FMA chains over 128-wide
+// chunks of the head dimension (panel_tile), float32 throughout, as in the GEMM it replaces.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -33,8 +33,8 @@ namespace vitmad {
 
 constexpr int64_t kPanelKeys = 16;
 
-// The panels of `n` keys (rows of a [n, head_dim] matrix at src[r * row_stride + c * col_stride], times factor),
-// ceil(n / 16) * head_dim * 16 floats at dst.
+// The panels of `n` keys (rows of a [n, head_dim] matrix at src[r * row_stride + c * col_stride]), widened to
+// float: ceil(n / 16) * head_dim * 16 floats at dst.
 template <typename scalar_t>
 void pack_key_panels(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64_t n, int64_t head_dim,
                      float* dst) {
@@ -125,6 +125,7 @@ inline bool cpu_has_avx512() {
 
 #else
 
+// Never called: use_panel_logits() is false where these stand in.
 inline void panel_logits(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t) {}
 inline bool cpu_runs_panel_logits() { return false; }
 inline bool cpu_has_avx512() { return false; }
