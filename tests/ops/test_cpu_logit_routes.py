@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,60 +40,59 @@ POSITION_CASES = [
 ]
 
 CHILD = textwrap.dedent("""
-    import sys, torch, vitmad
+    import sys, torch
     sys.path[:0] = [{tests!r}, {ops_tests!r}]
     from test_cpu_logit_routes import compute
     torch.save(compute(), sys.argv[1])
 """)
 
+VIDEO_STATS = ("mad", "entropy", "self_mass", "temporal_mad")
 
-def position_inputs(case):
+
+def grid_case(case):
+    """The kernel call and the float64 reference call of one grid case, on the same inputs."""
+    batch, heads, n, prefix, grid, d, dtype = case
+    q, k = make_qk(batch, heads, n, d, dtype, "cpu", seed=n + d, logit_scale=4 / d**0.5)
+    layout = dict(num_prefix_tokens=prefix, grid=grid, reduction="none")
+    return lambda: vitmad.mad_qk(q, k, 16, **layout), lambda: mad_qk_reference(q, k, 16, **layout)
+
+
+def position_case(case):
     batch, heads, n, d, bias_kind = case
     gen = torch.Generator().manual_seed(n + d)
     q, k = make_qk(batch, heads, n, d, torch.float32, "cpu", seed=n * d, logit_scale=4 / d**0.5)
     positions = 100 * torch.rand(n, 2, generator=gen, dtype=torch.float64).float()
     positions[:3] = float("nan")  # three keys (and queries) without a position
-    return q, k, positions, make_bias(bias_kind, batch, heads, n, torch.float32, "cpu", gen)
+    bias = make_bias(bias_kind, batch, heads, n, torch.float32, "cpu", gen)
+    return (lambda: vitmad.mad_qk(q, k, positions=positions, attn_bias=bias, reduction="none"),
+            lambda: mad_qk_positions_reference(q, k, positions, attn_bias=bias, reduction="none"))
 
 
-def video_inputs():
+def video_case():
     frames, rows, cols = 4, 5, 7
     f, r, c = torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij")
     space = torch.stack([(r + 0.5) * 16, (c + 0.5) * 16], -1).reshape(-1, 2).float()
     times = ((f + 0.5) * 2).reshape(-1, 1).float()
     q, k = make_qk(2, 3, frames * rows * cols, 64, torch.float32, "cpu", seed=7, logit_scale=2.0)
-    return q, k, space, times
+
+    def kernel():
+        stats = vitmad.attention_stats_qk(q, k, positions=space, times=times, stats=VIDEO_STATS, reduction="none")
+        return torch.stack([stats[name] for name in VIDEO_STATS])
+
+    return kernel, lambda: attention_stats_qk_reference(q, k, VIDEO_STATS, positions=space, times=times,
+                                                        reduction="none")
 
 
-VIDEO_STATS = ("mad", "entropy", "self_mass", "temporal_mad")
+def cases() -> list[tuple[str, Callable, Callable]]:
+    """(label, kernel call, reference call) of every case, the inputs built the same in every process."""
+    return ([(str(case), *grid_case(case)) for case in GRID_CASES]
+            + [(str(case), *position_case(case)) for case in POSITION_CASES]
+            + [("video", *video_case())])
 
 
 def compute() -> list[torch.Tensor]:
     """Every case's result from this process's route."""
-    out = []
-    for batch, heads, n, prefix, grid, d, dtype in GRID_CASES:
-        q, k = make_qk(batch, heads, n, d, dtype, "cpu", seed=n + d, logit_scale=4 / d**0.5)
-        out.append(vitmad.mad_qk(q, k, 16, num_prefix_tokens=prefix, grid=grid, reduction="none"))
-    for case in POSITION_CASES:
-        q, k, positions, bias = position_inputs(case)
-        out.append(vitmad.mad_qk(q, k, positions=positions, attn_bias=bias, reduction="none"))
-    q, k, space, times = video_inputs()
-    stats = vitmad.attention_stats_qk(q, k, positions=space, times=times, stats=VIDEO_STATS, reduction="none")
-    out.append(torch.stack([stats[name] for name in VIDEO_STATS]))
-    return out
-
-
-def references() -> list[torch.Tensor]:
-    refs = []
-    for batch, heads, n, prefix, grid, d, dtype in GRID_CASES:
-        q, k = make_qk(batch, heads, n, d, dtype, "cpu", seed=n + d, logit_scale=4 / d**0.5)
-        refs.append(mad_qk_reference(q, k, 16, num_prefix_tokens=prefix, grid=grid, reduction="none"))
-    for case in POSITION_CASES:
-        q, k, positions, bias = position_inputs(case)
-        refs.append(mad_qk_positions_reference(q, k, positions, attn_bias=bias, reduction="none"))
-    q, k, space, times = video_inputs()
-    refs.append(attention_stats_qk_reference(q, k, VIDEO_STATS, positions=space, times=times, reduction="none"))
-    return refs
+    return [kernel() for _, kernel, _ in cases()]
 
 
 def run_child(route: str, tmp_path) -> subprocess.CompletedProcess:
@@ -113,10 +113,10 @@ def test_route_matches_float64_reference(route, tmp_path):
     result = run_child(route, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     got = torch.load(tmp_path / f"{route}.pt")
-    cases = [*GRID_CASES, *POSITION_CASES, "video"]
-    refs = references()
-    assert len(got) == len(refs) == len(cases)
-    for case, out, ref in zip(cases, got, refs, strict=True):
+    all_cases = cases()
+    assert len(got) == len(all_cases)
+    for (case, _, reference), out in zip(all_cases, got, strict=True):
+        ref = reference()
         assert out.shape == ref.shape, case
         assert ref.isfinite().any(), case  # the reference measures something
         torch.testing.assert_close(out.double(), ref, **tolerance(torch.float32), equal_nan=True,
