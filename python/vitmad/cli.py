@@ -177,8 +177,9 @@ def _profile_command(args: argparse.Namespace, run) -> None:
         result.plot(out / "mad.png")
         written.append("mad.png")
         for name in result.statistics:
-            result.plot_stat(name, out / f"{name}.png")
-            written.append(f"{name}.png")
+            if result.stat(name).isfinite().any():  # else _print_summary says why there is no figure
+                result.plot_stat(name, out / f"{name}.png")
+                written.append(f"{name}.png")
         if result.prefix_maps is not None and result.prefix_maps.layers:
             result.plot_prefix_maps(out / "prefix_maps.png")
             written.append("prefix_maps.png")
@@ -212,6 +213,10 @@ def _print_summary(result) -> None:
         print(f"{i:>5}  {row.mean():7.1f}  {row.min():8.1f}  {row.max():8.1f}  {name}{temporal}")
     for name, reason in result.skipped_layers.items():
         print(f"skipped {name}: {reason}")
+    for name in result.statistics:
+        if not result.stat(name).isfinite().any():
+            print(f"{name}: not defined in any recorded layer (differential attention, or self mass beside pooled "
+                  "keys): null in mad.json, no figure")
     if result.prefix_maps is not None:
         maps = result.prefix_maps
         print(f"prefix maps: {len(maps.layers)} of {len(result.layers)} layers")
@@ -231,7 +236,8 @@ def _compare_command(args: argparse.Namespace, run) -> None:
     plot_compare(profiles, labels, args.out)
     written = [args.out]
     # Every statistic all the results have, each in its own figure beside the MAD one.
-    common = [name for name in profiles[0].statistics if all(name in p.statistics for p in profiles[1:])]
+    common = [name for name in profiles[0].statistics if all(name in p.statistics for p in profiles[1:])
+              and any(p.stat(name).isfinite().any() for p in profiles)]
     out = Path(args.out)
     for name in common:
         path = out.with_name(f"{out.stem}_{name}{out.suffix}")

@@ -174,11 +174,11 @@ def test_resume_equals_an_uninterrupted_run_and_refuses_other_stats(registers_vi
     checkpoint = tmp_path / "run.pt"
     real_add, calls = PrefixMapSums.add, []
 
-    def interrupted(self, *args):
+    def interrupted(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_add(self, *args)
+        return real_add(self, *args, **kwargs)
 
     monkeypatch.setattr(PrefixMapSums, "add", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -294,3 +294,39 @@ def test_one_image_prefix_maps_are_its_recorded_rows(registers_vit, images):
     torch.testing.assert_close(first, rec.prefix_maps[0][0].reshape(2, 3, 4, 4))
     with pytest.raises(OptionError, match="layer 7 has no prefix maps"):
         image_prefix_maps(registers_vit, path, layer=7, device="cpu")
+
+
+def test_differential_attention_profiles_mad_and_leaves_the_undefined_statistics_null(images, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """timm's vit_dwee attends with A1 - lambda * A2, not a probability distribution: MAD is profiled as without
+    --stats, the other statistics are null in mad.json with no figure, and the maps name the reason."""
+    import vitmad.profiling.models
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_dwee_patch16_reg1_gap_256", pretrained=False, img_size=32, patch_size=8,
+                              embed_dim=32, depth=2, num_heads=2).eval()
+    loaded = wrap_module(model, "timm:tiny-dwee", PREP)
+    alone = vitmad.profile(loaded, images, batch_size=BATCH, device="cpu")
+    result = vitmad.profile(loaded, images, batch_size=BATCH, device="cpu", stats="all")
+    _assert_close(result.mad, alone.mad, rtol=0, atol=0)
+    for name in ("entropy", "prefix_mass", "self_mass"):
+        assert result.stat(name).isnan().all(), name
+        with pytest.raises(ValueError, match=f"{name}: no recorded layer has a value"):
+            result.plot_stat(name, tmp_path / f"{name}.png")
+    assert result.prefix_maps.layers == []
+    reason = "differential attention (A1 - lambda * A2) is not a probability distribution"
+    assert result.prefix_maps.skipped == {0: reason, 1: reason}
+
+    monkeypatch.setattr(vitmad.profiling.models, "load_model", lambda *_, **__: loaded)
+    out = tmp_path / "cli"
+    assert main(["profile", "--model", "timm:tiny-dwee", "--images", str(images), "--device", "cpu",
+                 "--stats", "all", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "entropy: not defined in any recorded layer" in stdout
+    assert f"no maps in 2 layers: {reason}" in stdout
+    doc = json.loads((out / "mad.json").read_text())
+    assert doc["statistics"]["entropy"]["mean"] == [[None, None], [None, None]]
+    _assert_close(_json_rows([layer["mean"] for layer in doc["layers"]]), alone.mad)
+    written = {p.name for p in out.iterdir()}
+    assert {"mad.json", "mad.csv", "mad.png"} <= written
+    assert not {"entropy.png", "prefix_mass.png", "self_mass.png", "prefix_maps.png", "prefix_maps.npz"} & written

@@ -181,10 +181,12 @@ def test_options_and_reading_what_was_not_recorded_are_clear_errors():
                               img_size=16, patch_size=8).eval()
     with pytest.raises(ValueError, match="stats must be among .* got 'sinks'"):
         vitmad.record(model, stats=["sinks"])
-    with pytest.raises(ValueError, match="names 'entropy' twice"):
-        vitmad.record(model, stats=["entropy", "entropy"])
-    with pytest.raises(TypeError, match="got the string 'entropy'"):
-        vitmad.record(model, stats="entropy")
+    with pytest.raises(ValueError, match="stats must be among .* got 'sinks'"):
+        vitmad.record(model, stats="entropy,sinks")
+    with pytest.raises(TypeError, match="stats must be a list of names .* got 3"):
+        vitmad.record(model, stats=3)
+    with pytest.raises(TypeError, match=r"stats must be a list of names .* got \['entropy', 2\]"):
+        vitmad.record(model, stats=["entropy", 2])
     with torch.no_grad(), vitmad.record(model) as rec:
         model(torch.randn(1, 3, 16, 16))
     assert list(rec.stats) == ["mad"]
@@ -194,12 +196,50 @@ def test_options_and_reading_what_was_not_recorded_are_clear_errors():
         _ = rec.prefix_maps
 
 
-def test_differential_attention_refuses_statistics_of_a_non_distribution():
+@pytest.mark.parametrize("stats, recorded, maps", [
+    (None, [], False),
+    (("mad",), [], False),
+    ("entropy", ["entropy"], False),
+    ("self_mass, entropy", ["entropy", "self_mass"], False),  # the ops' order, spaces ignored
+    (["prefix_mass", "prefix_mass"], ["prefix_mass"], False),  # asked twice, recorded once
+    ("all", ["entropy", "prefix_mass", "self_mass"], True),
+    (["all"], ["entropy", "prefix_mass", "self_mass"], True),
+])
+def test_stats_takes_what_profile_takes(stats, recorded, maps):
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, embed_dim=16, num_heads=1,
+                              img_size=16, patch_size=8).eval()
+    with torch.no_grad(), vitmad.record(model, stats=stats) as rec:
+        model(torch.randn(1, 3, 16, 16))
+    assert list(rec.stats) == ["mad", *recorded]
+    assert all(value.isfinite().all() for value in rec.stats.values())
+    if maps:
+        assert rec.prefix_maps[0].shape == (1, 1, 1, 4)
+    else:
+        with pytest.raises(KeyError, match="prefix maps were not recorded"):
+            _ = rec.prefix_maps
+
+
+def test_differential_attention_records_mad_alone_and_nan_for_statistics_of_a_non_distribution():
+    """A1 - lambda * A2 is not a probability distribution: its layers keep the MAD they record without
+    statistics, the statistics are NaN there and they have no maps, while the plain layers of the same model get
+    theirs (timm's vit_dwee: differential attention in every block; one plain block beside it here)."""
+    torch.manual_seed(0)
     model = timm.create_model("vit_dwee_patch16_reg1_gap_256", pretrained=False, depth=1, embed_dim=32,
                               num_heads=2, img_size=32, patch_size=8).eval()
-    with torch.no_grad(), vitmad.record(model) as rec:
-        model(torch.randn(1, 3, 32, 32))
-    assert rec.mad.shape == (1, 1, 2)
-    with pytest.raises(ValueError, match="differential attention .* not a probability distribution"):
-        with torch.no_grad(), vitmad.record(model, stats=["entropy"]):
-            model(torch.randn(1, 3, 32, 32))
+    plain = timm.create_model("vit_small_patch16_224", pretrained=False, depth=1, embed_dim=32, num_heads=2,
+                              img_size=32, patch_size=8, reg_tokens=1, class_token=False, global_pool="avg").eval()
+    model.blocks.append(plain.blocks[0])  # same width and tokens: a second, ordinary layer
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), vitmad.record(model) as alone:
+        model(pixels)
+    with torch.no_grad(), vitmad.record(model, stats="all") as rec:
+        model(pixels)
+    assert rec.layers == ["blocks.0.attn", "blocks.1.attn"]
+    torch.testing.assert_close(rec.mad, alone.mad, rtol=0, atol=0)
+    torch.testing.assert_close(rec.calls[-1].components["blocks.0.attn"]["mad"],
+                               alone.calls[-1].components["blocks.0.attn"]["mad"], rtol=0, atol=0)
+    for name in ("entropy", "prefix_mass", "self_mass"):
+        assert rec.stats[name][0].isnan().all(), name
+        assert rec.stats[name][1].isfinite().all(), name
+    assert rec.prefix_maps[0] is None
+    assert rec.prefix_maps[1].shape == (2, 2, 1, 16)  # the register's row over the 4 x 4 grid

@@ -294,7 +294,8 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
             mad = torch.cat([mad, *(recorded[name] for name in plan.statistics)])
         stats = (stats or RunningStats.empty(*mad.shape[::2])).add(mad)
         if plan.prefix_maps and plan.maps_skipped is None:
-            maps = (maps or PrefixMapSums()).add(rec.prefix_maps, rec.geometry, pixels)
+            differential = [i for i, name in enumerate(rec.layers) if name in rec.calls[-1].components]
+            maps = (maps or PrefixMapSums()).add(rec.prefix_maps, rec.geometry, pixels, differential=differential)
         meta = {"layers": list(rec.layers), "layout": layout_dict(rec.layout),
                 "geometry": [g.as_dict() for g in rec.geometry], "skipped_layers": dict(rec.skipped),
                 "temporal": video}

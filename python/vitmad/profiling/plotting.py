@@ -120,8 +120,12 @@ def plot_statistic(profile, statistic: str, path: str | os.PathLike, *, title: s
 
     Raises:
         KeyError: the statistic was not profiled.
+        ValueError: no layer has a value of it (differential attention has none), so there is nothing to draw.
     """
     values = profile.stat(statistic)
+    if not values.isfinite().any():
+        raise ValueError(f"{statistic}: no recorded layer has a value (the statistic is not defined there), "
+                         "nothing to draw")
     plt = _pyplot()
     fig, ax, depth, num_heads = _heads_against_depth(plt, values)
     if statistic in ("prefix_mass", "self_mass"):

@@ -60,13 +60,15 @@ class PrefixMapSums:
         return PrefixMapSums(skipped=dict.fromkeys(range(num_layers), reason))
 
     def add(self, maps: Sequence[torch.Tensor | None], geometry: Sequence,
-            pixels: torch.Tensor | None) -> PrefixMapSums:
+            pixels: torch.Tensor | None, differential: Sequence[int] = ()) -> PrefixMapSums:
         """The sums with one batch added.
 
         Args:
             maps: ``rec.prefix_maps`` of the batch: per layer ``[B, H, Q, T]`` or None.
             geometry: ``rec.geometry`` of the batch (the layers' grids).
             pixels: ``[B, 3, H, W]`` the batch's model input, for the average input image; None to leave it out.
+            differential: indices of the layers whose attention is differential (``rec.calls[-1].components``),
+                which have no maps for that reason.
         """
         total, count, grids, skipped = dict(self.total), dict(self.count), dict(self.grids), dict(self.skipped)
 
@@ -79,7 +81,9 @@ class PrefixMapSums:
             if layer in skipped:
                 continue
             grid = None if layer_geometry.grid is None else tuple(int(g) for g in layer_geometry.grid)
-            if batch_maps is None:
+            if batch_maps is None and layer in differential:
+                drop(layer, "differential attention (A1 - lambda * A2) is not a probability distribution")
+            elif batch_maps is None:
                 drop(layer, _missing_reason(layer_geometry))
             elif grid is None or math.prod(grid) != batch_maps.shape[-1]:
                 drop(layer, "the layer's positioned tokens are not one grid")

@@ -91,11 +91,13 @@ class RecordedCall:
         temporal: one entry per layer: the temporal MAD in frames of a video layer, shaped like ``per_layer``'s
             entry (``per_layer`` then holds its spatial MAD in pixels), None for an image layer.
         statistics: by statistic asked for besides MAD (``"entropy"``, ``"prefix_mass"``, ``"self_mass"``), one
-            tensor per layer shaped like ``per_layer``'s entry.
+            tensor per layer shaped like ``per_layer``'s entry; NaN where the statistic is not defined (every one of
+            them in a differential-attention layer, see ``components``; ``"self_mass"`` where the keys are not the
+            queries).
         prefix_maps: with ``"prefix_maps"`` asked for, one entry per layer: ``[B, H, Q, T]``, the attention of each
             of the layer's ``Q`` tokens without a position (CLS, registers, in token order) over its ``T``
             positioned tokens (row-major grid order, as ``per_layer``); None for a layer whose keys are not its
-            queries (windows, pooled keys) or that has no such token.
+            queries (windows, pooled keys), that has no such token, or whose attention is differential.
     """
 
     layers: list[str] = field(default_factory=list)
@@ -239,19 +241,23 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
         return ordered
 
 
-def _check_record_stats(stats: Sequence[str]) -> tuple[tuple[str, ...], bool]:
+def _check_record_stats(stats) -> tuple[tuple[str, ...], bool]:
     """The statistics besides MAD that ``record(stats=...)`` asks for (in the ops' order), and whether the prefix
-    maps are asked for."""
-    if isinstance(stats, str):
-        raise TypeError(f"vitmad.record: stats must be a list of names such as ['mad', 'entropy'], got the string "
-                        f"'{stats}'")
-    names = list(stats)
-    for name in names:
-        if name not in RECORD_STATS:
-            raise ValueError(f"vitmad.record: stats must be among {', '.join(repr(n) for n in RECORD_STATS)}, got "
-                             f"'{name}'")
-        if names.count(name) > 1:
-            raise ValueError(f"vitmad.record: stats names '{name}' twice")
+    maps are asked for. Takes what ``vitmad.profile(stats=...)`` takes: None (MAD only), a name, a comma list, a
+    sequence of names, ``"all"``; a name given twice is asked for once."""
+    if stats is None:
+        return (), False
+    names = stats.split(",") if isinstance(stats, str) else stats
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+        raise TypeError(f"vitmad.record: stats must be a list of names among {', '.join(map(repr, RECORD_STATS))} "
+                        f"(or 'all'), a comma list of them or None, got {stats!r}")
+    names = {name.strip() for name in names} - {""}
+    unknown = sorted(names - {*RECORD_STATS, "all"})
+    if unknown:
+        raise ValueError(f"vitmad.record: stats must be among {', '.join(map(repr, RECORD_STATS))} (or 'all'), got "
+                         f"{', '.join(map(repr, unknown))}")
+    if "all" in names:
+        names = set(RECORD_STATS)
     return tuple(n for n in STAT_NAMES if n in names and n != "mad"), MAP_NAME in names
 
 
@@ -300,7 +306,7 @@ class Recording:
         renormalize: bool = False,
         reduction: str = "mean",
         positions: torch.Tensor | Callable[[], torch.Tensor] | None = None,
-        stats: Sequence[str] = ("mad",),
+        stats: Sequence[str] | str | None = ("mad",),
     ):
         if reduction not in ("mean", "none"):
             raise ValueError(f"vitmad.record: reduction must be 'mean' or 'none', got '{reduction}'")
@@ -526,12 +532,9 @@ class Recording:
         video = placement.time_positions is not None
         if video and is_differential(self._modules[name]):
             raise ValueError(f"vitmad.record: {name}: differential attention over video tubelets is not supported")
-        if is_differential(self._modules[name]) and (self._stats or self._maps):
-            raise ValueError(
-                f"vitmad.record: {name} applies differential attention (A1 - lambda * A2), which is not a probability "
-                "distribution: entropy, masses and maps are not defined for it; record only 'mad', or leave the "
-                "layer out with layers=[the other attention modules]"
-            )
+        # A1 - lambda * A2 is not a probability distribution: its entropy, masses and maps are not defined, so
+        # such a layer records MAD alone, and NaN for the other statistics (_on_module_done), no maps.
+        differential = is_differential(self._modules[name])
         temporal = None
         maps = None
         with torch.no_grad():
@@ -545,15 +548,15 @@ class Recording:
             if video and not fused:
                 # From stored probabilities, a second read for the temporal distance.
                 temporal = measure(times["times"], times["key_times"], self.renormalize)
-            if self._maps and placement.key_positions is None:
+            if self._maps and placement.key_positions is None and not differential:
                 maps = self._prefix_rows(measure, positions)
             if video and fused:
                 # From q and k, the temporal distance is a second sum of the same online-softmax pass
                 # (benchmarks/bench_video.py: two passes cost 1.8x one).
                 value, temporal = self._statistics(measure, positions, key_positions, times)
-            elif self._stats:
+            elif self._stats and not differential:
                 value = self._statistics(measure, positions, key_positions)
-            elif not is_differential(self._modules[name]):
+            elif not differential:
                 value = measure(positions, key_positions, self.renormalize)
             elif not self.renormalize:
                 value = CallSums(measure(positions, key_positions, False))
@@ -650,6 +653,9 @@ class Recording:
             per_query, parts = combine(pending[0][1], pending[1][1], lam, renormalize=self.renormalize,
                                        reduce_mean=False)
             components = {"mad": [self._fold(name, placement, p) for p in parts], "lambda": lam}
+            if self._stats:
+                # The statistics are not defined for A1 - lambda * A2 (_measure): NaN beside its MAD.
+                per_query = torch.stack([per_query, *(torch.full_like(per_query, float("nan")) for _ in self._stats)])
         elif placement.heads_per_call and all(entry[0].heads_per_call for entry in pending):
             per_query = torch.stack([value for _, value, *_ in pending], dim=-2)
         elif placement.consecutive_chunks and all(entry[0].consecutive_chunks for entry in pending):
@@ -732,7 +738,7 @@ def record(
     renormalize: bool = False,
     reduction: str = "mean",
     positions: torch.Tensor | Callable[[], torch.Tensor] | None = None,
-    stats: Sequence[str] = ("mad",),
+    stats: Sequence[str] | str | None = ("mad",),
 ) -> Recording:
     """Records the mean attention distance of every attention layer while ``model`` runs unchanged.
 
@@ -770,8 +776,11 @@ def record(
             distance"): ``"entropy"`` (of each query's attention row, nats), ``"prefix_mass"`` (the attention on
             the tokens without a position: CLS, registers, the "attention sink"), ``"self_mass"`` (on the query's
             own token; NaN in layers whose keys are not the queries, such as pooled keys), ``"prefix_maps"`` (the
-            CLS and register rows over the positioned tokens: ``rec.prefix_maps``). Read them with ``rec.stats``
-            (``{name: [L, B, H]}``, MAD included) or ``rec.calls[i].stat(name)``. MAD is always recorded.
+            CLS and register rows over the positioned tokens: ``rec.prefix_maps``); ``"all"`` for every one. A
+            list, a comma list or one name, as :func:`vitmad.profile` takes them; None or ``("mad",)``: MAD only.
+            Read them with ``rec.stats`` (``{name: [L, B, H]}``, MAD included) or ``rec.calls[i].stat(name)``. MAD
+            is always recorded; a differential-attention layer (``A1 - lambda * A2``, not a probability
+            distribution) records MAD alone, NaN for the other statistics and no maps.
 
     Returns:
         A :class:`Recording`: ``rec.mad`` / ``rec.layers`` / ``rec.layout`` of the latest forward call and
