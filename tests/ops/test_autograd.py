@@ -84,3 +84,31 @@ def test_torch_compile_fullgraph():
     logits = torch.randn(2, 4, 197, 197)
     compiled = torch.compile(layer_mads, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(logits), layer_mads(logits))
+
+
+@pytest.mark.parametrize("form", ["grid", "positions"])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_second_order_gradients_are_refused_not_silently_cut(form, renormalize):
+    """The gradient is not differentiable (vitmad::mad_backward has no derivative): with create_graph=True it
+    still comes, and differentiating it raises, as torch's once_differentiable does, instead of giving no
+    second-order term (with renormalize=True MAD is not linear in attn, so that term is not zero)."""
+    attn = random_attention((2, 10, 10), torch.float64, "cpu", seed=3).requires_grad_(True)
+    options = {"grid": [3, 3], "renormalize": renormalize}
+    if form == "grid":
+        out = vitmad.mad(attn, 3, **options)
+    else:
+        positions = torch.rand(10, 2, dtype=torch.float64)
+        positions[0] = float("nan")
+        out = vitmad.mad(attn, positions=positions, renormalize=renormalize)
+    (grad,) = torch.autograd.grad(out.sum(), attn, create_graph=True)
+    expected = mad_backward_reference(torch.ones_like(out), attn.detach(), 3, num_prefix_tokens=1, **options)
+    if form == "grid":
+        torch.testing.assert_close(grad, expected)  # the first order is unchanged
+    assert grad.requires_grad
+    with pytest.raises(RuntimeError, match="vitmad.mad is differentiable once"):
+        grad.square().sum().backward()
+    # Without create_graph nothing is recorded: backward as before.
+    out = vitmad.mad(attn, 3, **options) if form == "grid" else vitmad.mad(attn, positions=positions,
+                                                                              renormalize=renormalize)
+    out.sum().backward()
+    assert attn.grad is not None and not attn.grad.requires_grad

@@ -71,3 +71,26 @@ def test_schema_level_type_errors_are_clear():
     # A float patch size is rejected by the schema before any kernel runs; the message names the argument.
     with pytest.raises((TypeError, RuntimeError), match="patch"):
         torch.ops.vitmad.mad(A197, 16.5)
+
+
+@pytest.mark.parametrize("grid", [(2.9, 2.1), (14.0, 14.0), (True, 1), "14x14", 14])
+def test_a_grid_of_non_integers_is_refused_not_truncated(grid):
+    """grid=(2.9, 2.1) once became [2, 2]: the Python entry points pass grid on as integers only."""
+    q = torch.randn(2, 197, 8)
+    calls = {
+        "vitmad.mad": lambda: vitmad.mad(A197, 16, grid=grid),
+        "vitmad.mad_qk": lambda: vitmad.mad_qk(q, q, 16, grid=grid),
+        "vitmad.attention_stats": lambda: vitmad.attention_stats(A197, 16, grid=grid),
+        "vitmad.attention_stats_qk": lambda: vitmad.attention_stats_qk(q, q, 16, grid=grid),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"{name}: grid must (hold|be \\[grid_h, grid_w\\]) integers"):
+            call()
+
+
+def test_integer_grids_of_any_integer_type_are_taken():
+    import numpy as np
+
+    expected = vitmad.mad(A197, 16, grid=[14, 14])
+    for grid in ((np.int64(14), np.int32(14)), torch.tensor([14, 14]), [torch.tensor(14), 14]):
+        torch.testing.assert_close(vitmad.mad(A197, 16, grid=grid), expected, rtol=0, atol=0)

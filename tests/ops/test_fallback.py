@@ -70,6 +70,13 @@ def test_import_without_compiled_library_falls_back_with_one_warning():
         torch.testing.assert_close(out.double(), mad_reference(a, 16, renormalize=True), rtol=2e-5, atol=2e-5)
         out.sum().backward()
         assert a.grad.shape == a.shape
+        # Differentiable once, as the compiled autograd: a second order is refused, never silently cut.
+        g, = torch.autograd.grad(torch.ops.vitmad.mad(a, 16, renormalize=True).sum(), a, create_graph=True)
+        try:
+            g.square().sum().backward()
+            raise AssertionError("a second-order gradient through vitmad.mad was not refused")
+        except RuntimeError as error:
+            assert "vitmad.mad is differentiable once" in str(error), error
         torch.library.opcheck(torch.ops.vitmad.mad.default, (a.detach(), 16), {"reduction": "none"})
         compiled = torch.compile(lambda x: vitmad.mad(x, 16), fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(a.detach()), vitmad.mad(a.detach(), 16))

@@ -87,6 +87,8 @@ def test_maps_refused_when_the_tokens_without_a_position_differ_between_images()
     (("distance",), ValueError,
      "must be among 'mad', 'entropy', 'prefix_mass', 'self_mass', 'temporal_mad', got 'distance'"),
     ("entropy", TypeError, "got the string 'entropy'"),
+    (None, TypeError, "stats must be a sequence of names .* got None"),
+    (("mad", 1), TypeError, r"stats must be a sequence of names .* got \('mad', 1\)"),
 ])
 def test_bad_statistics_are_named(stats, error, match):
     with pytest.raises(error, match=match):
@@ -107,6 +109,12 @@ def test_statistics_are_measurements_not_differentiable():
     attn = _attention(1, 1, 5, 5).requires_grad_()
     with pytest.raises(RuntimeError, match="vitmad.attention_stats is not differentiable, but attn requires grad"):
         vitmad.attention_stats(attn, 8, grid=(2, 2))
+    for maps_alone in (dict(patch=8, grid=(2, 2)), dict(positions=torch.rand(5, 2))):  # no kernel runs
+        with pytest.raises(RuntimeError, match="attention_stats is not differentiable, but attn requires grad"):
+            vitmad.attention_stats(attn, stats=["prefix_maps"], **maps_alone)
+    with pytest.raises(RuntimeError, match="attention_stats_qk is not differentiable, but k requires grad"):
+        q = torch.randn(1, 5, 4)
+        vitmad.attention_stats_qk(q, q.clone().requires_grad_(), 8, grid=(2, 2), stats=["prefix_maps"])
     with torch.no_grad():
         vitmad.attention_stats(attn, 8, grid=(2, 2))
     q = torch.randn(1, 5, 4, requires_grad=True)
@@ -197,3 +205,36 @@ def test_cuda_statistics_of_positions_are_captured_in_a_graph():
     expected = call()
     for name in names:
         torch.testing.assert_close(captured[name], expected[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("empty", ["queries", "keys"])
+def test_maps_of_no_queries_or_no_keys_are_empty(empty):
+    """Nq = 0 or Nk = 0 (the position form allows both): the maps are empty, beside the statistics."""
+    nq, nk = (0, 4) if empty == "queries" else (4, 0)
+    positions, key_positions = torch.rand(nq, 2), torch.rand(nk, 2)
+    positions[:1] = float("nan")  # a token without a position, when there is one
+    stats = ["mad", "entropy", "prefix_maps"]
+    out = vitmad.attention_stats(torch.rand(2, nq, nk), positions=positions, key_positions=key_positions,
+                                 stats=stats)
+    q, k = torch.randn(2, nq, 3), torch.randn(2, nk, 3)
+    out_qk = vitmad.attention_stats_qk(q, k, positions=positions, key_positions=key_positions, stats=stats)
+    for result in (out, out_qk):
+        assert list(result) == stats
+        assert result["prefix_maps"].shape == ((2, 0, 4) if empty == "queries" else (2, 1, 0))
+        assert result["mad"].shape == (2,)
+
+
+def test_maps_from_q_and_k_under_dynamic_shapes():
+    """torch.compile(dynamic=True, fullgraph=True): the maps' scale comes without the host-side checks, which
+    cannot be traced with symbolic sizes."""
+    q, k = torch.randn(2, 3, 17, 8), torch.randn(2, 3, 17, 8)
+
+    def stats(q, k):
+        return vitmad.attention_stats_qk(q, k, 16, stats=["mad", "prefix_maps"])
+
+    compiled = torch.compile(stats, fullgraph=True, dynamic=True, backend="eager")(q, k)
+    expected = stats(q, k)
+    for name in expected:
+        torch.testing.assert_close(compiled[name], expected[name])
+    torch.testing.assert_close(expected["prefix_maps"][..., 0, :],
+                               (q[..., 0:1, :] @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1)[..., 0, 1:])

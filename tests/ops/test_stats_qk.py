@@ -388,3 +388,20 @@ def test_bit_identical_across_thread_counts(restore_threads, form):
                 results.append(stats_qk_pos(q, k, positions, None, ALL_STATS, **options))
     for i in range(2, len(results)):
         torch.testing.assert_close(results[i], results[i % 2], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_a_query_without_a_distribution_is_nan_everywhere_in_both_backends(prefix):
+    """Every key masked, or a NaN logit: softmax gives no distribution, so every statistic is NaN, the prefix
+    mass too, even with no key without a position (a sum over no key would give 0), compiled and fallback."""
+    q, k = make_qk(1, 1, 4 + prefix, 8, torch.float32, "cpu", seed=11)
+    mask = torch.ones(1, 1, 4 + prefix, 4 + prefix, dtype=torch.bool)
+    mask[..., prefix, :] = False
+    bias = torch.zeros(1, 1, 4 + prefix, 4 + prefix)
+    bias[..., prefix + 1, 2] = float("nan")
+    grid = {"num_prefix_tokens": prefix, "grid": [2, 2], "reduction": "none"}
+    for attn_bias, row in ((mask, 0), (bias, 1)):
+        for kernel in (torch.ops.vitmad.stats_qk, _fallback.stats_qk):
+            out = kernel(q, k, 16, ALL_STATS, attn_bias=attn_bias, **grid)
+            assert out[..., row].isnan().all(), (kernel, out[..., row])
+            assert not out[..., 3].isnan().any()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,6 +74,25 @@ def _broadcasts(shape: Sequence[int], target: Sequence[int]) -> bool:
     return len(shape) <= len(target) and all(
         size in (1, want) for size, want in zip(reversed(shape), reversed(target))
     )
+
+
+def grid_ints(grid, op_name: str) -> list[int] | None:
+    """``grid`` as the op's ``int[]``: each entry an integer (Python, NumPy or 0-d integer tensor), never a float
+    rounded toward zero (``grid=(2.9, 2.1)`` is an error, not ``[2, 2]``); None stays None. Sizes are checked by
+    the op."""
+    if grid is None:
+        return None
+    if isinstance(grid, (str, bytes)) or not hasattr(grid, "__iter__"):
+        raise TypeError(f"{op_name}: grid must be [grid_h, grid_w] integers, got {grid!r}")
+    values = []
+    for g in grid:
+        if isinstance(g, bool):
+            raise TypeError(f"{op_name}: grid must hold integers, got {list(grid)!r}")
+        try:
+            values.append(operator.index(g))
+        except TypeError:
+            raise TypeError(f"{op_name}: grid must hold integers, got {list(grid)!r}") from None
+    return values
 
 
 def check_mad_args(

@@ -294,14 +294,22 @@ def mad_qk_pos(
 # for plainness); the other statistics from chunks of query rows in the accumulation dtype.
 
 
-def _other_statistics(names, a: torch.Tensor, has_key: torch.Tensor, first_token: int) -> dict:
+def _other_statistics(names, a: torch.Tensor, has_key: torch.Tensor, first_token: int, *,
+                      from_logits: bool = False) -> dict:
     """Entropy, prefix mass and self mass of the attention rows ``a`` ``[..., rows, Nk]`` whose first row is
-    token ``first_token``; ``has_key`` ``[..., Nk]`` says which keys have a position."""
+    token ``first_token``; ``has_key`` ``[..., Nk]`` says which keys have a position; ``from_logits``: ``a`` is
+    the softmax of logits (the qk ops)."""
     out = {}
     if "entropy" in names:
         out["entropy"] = -torch.special.xlogy(a, a).sum(-1)
     if "prefix_mass" in names:
-        out["prefix_mass"] = torch.where(has_key[..., None, :], 0, a).sum(-1)
+        mass = torch.where(has_key[..., None, :], 0, a).sum(-1)
+        if from_logits:
+            # A softmax row without a distribution (its keys all masked, a NaN logit: NaN everywhere) has no mass
+            # anywhere, as the kernels say, even where no key lacks a position (a sum over none would give 0).
+            # Stored attention keeps the definition's sum over those keys alone.
+            mass = torch.where(a.isnan().any(-1), float("nan"), mass)
+        out["prefix_mass"] = mass
     if "self_mass" in names:
         rows = torch.arange(a.shape[-2], device=a.device)
         out["self_mass"] = a[..., rows, rows + first_token]
@@ -418,7 +426,7 @@ def stats_qk(
         names, layout.num_patches, math.prod(q.shape[:-2]) * n,
         lambda rows: _other_statistics(
             names, _softmax_rows(q, keys_t, qk.scale, bias, slice(p + rows.start, p + rows.stop)), has_key,
-            p + rows.start))
+            p + rows.start, from_logits=True))
     mad_value = mad_qk(q, k, patch, num_prefix_tokens=num_prefix_tokens, grid=grid, scale=scale,
                        attn_bias=attn_bias, renormalize=renormalize, reduction=reduction) if "mad" in names else None
     has_query = torch.ones(layout.num_patches, dtype=torch.bool, device=q.device)
@@ -451,7 +459,7 @@ def stats_qk_pos(
     per_query = _collect(
         names, nq, math.prod(q.shape[:-2]) * max(nk, 1),
         lambda rows: _other_statistics(names, _softmax_rows(q, keys_t, shape.scale, bias, rows), sides.has_key,
-                                       rows.start))
+                                       rows.start, from_logits=True))
     if nk == 0:  # softmax over no key: NaN, as over keys that are all masked (the sums above gave 0)
         per_query = {name: value.fill_(float("nan")) for name, value in per_query.items()}
     mad_value = mad_qk_pos(q, k, positions, key_positions, scale=scale, attn_bias=attn_bias,

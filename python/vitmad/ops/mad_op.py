@@ -18,6 +18,7 @@ from .arguments import (
     check_mad_grad,
     check_one_form,
     check_position_args,
+    grid_ints,
     mad_output_dtype,
 )
 
@@ -85,7 +86,7 @@ def mad(
         if num_prefix_tokens is not None:
             options["num_prefix_tokens"] = num_prefix_tokens
         if grid is not None:
-            options["grid"] = [int(g) for g in grid]
+            options["grid"] = grid_ints(grid, "vitmad.mad")
         if renormalize:
             options["renormalize"] = renormalize
         if reduction != "mean":
@@ -179,3 +180,31 @@ def _mad_pos_backward(ctx, grad):
 
 
 torch.library.register_autograd("vitmad::mad_pos", _mad_pos_backward, setup_context=_mad_pos_setup_context)
+
+
+# Differentiable once ---------------------------------------------------------------------------------------------
+# The gradient ops compute attn's gradient and nothing differentiates them. Without an autograd kernel, the gradient
+# taken with create_graph=True would be silently cut from attn (no second-order term, torch only warns); with
+# this one it records a node that refuses to be differentiated, as torch.autograd.function.once_differentiable
+# does. Without create_graph, grad mode is off in backward and this kernel only passes the call on.
+
+
+def _refuse_second_order(setup_name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "vitmad.mad is differentiable once: its gradient with respect to attn (vitmad::" + setup_name + ") is "
+            "not differentiable, so a second-order gradient through vitmad.mad (create_graph=True, then backward "
+            "through that gradient) is not supported"
+        )
+
+    return backward
+
+
+def _no_context(ctx, inputs, keyword_only_inputs, output):
+    pass
+
+
+torch.library.register_autograd("vitmad::mad_backward", _refuse_second_order("mad_backward"),
+                                setup_context=_no_context)
+torch.library.register_autograd("vitmad::mad_pos_backward", _refuse_second_order("mad_pos_backward"),
+                                setup_context=_no_context)

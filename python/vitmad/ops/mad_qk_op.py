@@ -14,7 +14,14 @@ from collections.abc import Sequence
 import torch
 
 from . import library  # noqa: F401  (defines torch.ops.vitmad before anything is registered on it)
-from .arguments import check_mad_qk_args, check_one_form, check_position_args, check_qk_tensors, mad_output_dtype
+from .arguments import (
+    check_mad_qk_args,
+    check_one_form,
+    check_position_args,
+    check_qk_tensors,
+    grid_ints,
+    mad_output_dtype,
+)
 
 __all__ = ["mad_qk"]
 
@@ -82,7 +89,7 @@ def mad_qk(
         k,
         patch,
         num_prefix_tokens=1 if num_prefix_tokens is None else num_prefix_tokens,
-        grid=None if grid is None else [int(g) for g in grid],
+        grid=grid_ints(grid, "vitmad.mad_qk"),
         **options,
     )
 

@@ -17,6 +17,7 @@ one, ``[..., P, N - P]`` (the DINO-style CLS and register maps).
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Sequence
 
@@ -37,6 +38,7 @@ from .arguments import (
     check_stats,
     check_stats_and_times,
     check_times_named,
+    grid_ints,
     is_trusted_positions,
     mad_output_dtype,
     tensor_version,
@@ -59,6 +61,8 @@ def _split(stats: Sequence[str], op_name: str) -> tuple[tuple[str, ...], bool]:
     if isinstance(stats, str):
         raise TypeError(f"{op_name}: stats must be a sequence of names such as ('mad', 'entropy'), got the string "
                         f"'{stats}'")
+    if not isinstance(stats, Sequence) or not all(isinstance(name, str) for name in stats):
+        raise TypeError(f"{op_name}: stats must be a sequence of names such as ('mad', 'entropy'), got {stats!r}")
     names = tuple(stats)
     maps = MAP_NAME in names
     if names.count(MAP_NAME) > 1:
@@ -82,7 +86,7 @@ def _check_times(names, times, key_times, positions, op_name: str) -> None:
 
 def common_tokens(has: torch.Tensor) -> torch.Tensor | None:
     """The token indices where ``has`` (``[..., N]``) is True when those are the same in every matrix, else None."""
-    flat = has.reshape(-1, has.shape[-1])
+    flat = has.flatten(0, -2) if has.dim() > 1 else has.unsqueeze(0)  # [M, N], also for N = 0 or M = 0
     if flat.shape[0] > 1 and not bool((flat == flat[:1]).all()):
         return None
     return flat[0].nonzero().flatten() if flat.shape[0] else has.new_zeros(0, dtype=torch.long)
@@ -190,7 +194,7 @@ def attention_stats(
     out: dict[str, torch.Tensor] = {}
     if positions is None:
         prefix = 1 if num_prefix_tokens is None else num_prefix_tokens
-        grid_list = None if grid is None else [int(g) for g in grid]
+        grid_list = grid_ints(grid, _OP)
         if names:
             values = torch.ops.vitmad.stats.default(attn, patch, list(names), num_prefix_tokens=prefix,
                                                     grid=grid_list, renormalize=renormalize, reduction=reduction)
@@ -219,6 +223,7 @@ def attention_stats(
         if maps:
             rows, cols = _map_tokens(positions, key_positions, _OP)
     if maps:
+        _refuse_grad(_OP, {"attn": attn})  # as the kernels do: the maps are measurements too
         out = _in_order(stats, out, attn.detach()[..., rows, :][..., cols].to(mad_output_dtype(attn.dtype),
                                                                               copy=True))
     elif temporal:
@@ -262,14 +267,17 @@ def attention_stats_qk(
     out: dict[str, torch.Tensor] = {}
     if positions is None:
         prefix = 1 if num_prefix_tokens is None else num_prefix_tokens
-        grid_list = None if grid is None else [int(g) for g in grid]
+        grid_list = grid_ints(grid, _OP_QK)
         if names:
             values = torch.ops.vitmad.stats_qk.default(q, k, patch, list(names), num_prefix_tokens=prefix,
                                                        grid=grid_list, **options)
             out.update(zip(names, values.unbind(0)))
-        if maps or not names:  # the op checked its arguments; the maps need the scale it derived
-            scale_value = check_mad_qk_args(q, k, patch, prefix, grid_list, scale, attn_bias, renormalize,
-                                            reduction, _OP_QK).scale
+        if not names:  # else the op checked its arguments
+            check_mad_qk_args(q, k, patch, prefix, grid_list, scale, attn_bias, renormalize, reduction, _OP_QK)
+        if maps:
+            # The op's scale: given, or D ** -0.5 (not from the checks, which torch.compile cannot trace with
+            # symbolic sizes).
+            scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
             rows, cols = torch.arange(prefix, device=q.device), slice(prefix, None)
     else:
         if names:
@@ -285,6 +293,7 @@ def attention_stats_qk(
         if maps:
             rows, cols = _map_tokens(positions, key_positions, _OP_QK)
     if maps:
+        _refuse_grad(_OP_QK, {"q": q, "k": k, "attn_bias": attn_bias})
         acc = mad_output_dtype(q.dtype)
         with torch.no_grad():
             logits = (q[..., rows, :].to(acc) * scale_value) @ k.to(acc).transpose(-1, -2)

@@ -40,6 +40,7 @@ from ..ops import attention_stats, attention_stats_qk, mad, mad_qk
 from ..ops.arguments import (
     STAT_NAMES,
     TEMPORAL_MAD,
+    grid_ints,
     is_trusted_positions,
     is_trusted_same_tokens,
     same_tokens,
@@ -312,8 +313,10 @@ class Recording:
             raise ValueError(f"vitmad.record: reduction must be 'mean' or 'none', got '{reduction}'")
         if patch is not None and (not isinstance(patch, int) or patch <= 0):
             raise ValueError(f"vitmad.record: patch must be a positive int (pixels), got {patch!r}")
-        if grid is not None and (len(grid) != 2 or any(int(g) <= 0 for g in grid)):
-            raise ValueError(f"vitmad.record: grid must be [grid_h, grid_w] of positive ints, got {list(grid)}")
+        if grid is not None:
+            grid = grid_ints(grid, "vitmad.record")  # integers, never floats rounded toward zero
+            if len(grid) != 2 or any(g <= 0 for g in grid):
+                raise ValueError(f"vitmad.record: grid must be [grid_h, grid_w] of positive ints, got {grid}")
         if num_prefix_tokens is not None and num_prefix_tokens < 0:
             raise ValueError(f"vitmad.record: num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
         if isinstance(layers, str):
