@@ -131,7 +131,7 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     from .profiling.models import load_model
     from .profiling.options import import_optional, resolve_device, resolve_stats
     from .profiling.plotting import plot_image_prefix_maps, plot_mad_maps
-    from .profiling.videos import find_videos, is_video_source
+    from .profiling.videos import find_videos, is_video_source, model_frames
 
     # Every flag is resolved into the object profile() takes, cheapest and most likely mistakes first: a
     # wrong folder, size or device fails at once, before the model loads.
@@ -148,6 +148,9 @@ def _profile_command(args: argparse.Namespace, run) -> None:
         _check_resume_world_size(out, run)
     _quiet_transformers()
     loaded = load_model(args.model, model_checkpoint=args.model_checkpoint, image_size=size)
+    if not videos and model_frames(loaded.module) is not None:
+        # Folders of image files are frame folders to a video model (the check above took them for images).
+        files = find_videos(args.images)
     result = profile(
         loaded,
         files,
@@ -233,12 +236,14 @@ def _compare_command(args: argparse.Namespace, run) -> None:
     labels = args.labels or [p.model for p in profiles]
     if len(labels) != len(profiles):
         raise ValueError(f"--labels: expected {len(profiles)} labels (one per result), got {len(labels)}")
-    plot_compare(profiles, labels, args.out)
-    written = [args.out]
+    out = Path(args.out)
+    if not out.suffix:  # matplotlib would add ".png" itself: name the file it writes
+        out = out.with_name(out.name + ".png")
+    plot_compare(profiles, labels, out)
+    written = [str(out)]
     # Every statistic all the results have, each in its own figure beside the MAD one.
     common = [name for name in profiles[0].statistics if all(name in p.statistics for p in profiles[1:])
               and any(p.stat(name).isfinite().any() for p in profiles)]
-    out = Path(args.out)
     for name in common:
         path = out.with_name(f"{out.stem}_{name}{out.suffix}")
         plot_compare(profiles, labels, path, statistic=name)

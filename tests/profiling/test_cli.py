@@ -80,6 +80,10 @@ def test_compare_overlays_results(tiny_model, image_folder, tmp_path, capsys):
     code, _, err = _run(["compare", tmp_path / "a" / "mad.json", "--labels", "x", "y", "--out",
                          tmp_path / "c2.png"], capsys)
     assert code == 2 and "--labels: expected 1 labels" in err
+    # No extension: matplotlib writes a PNG with one, and the command names that file.
+    code, stdout, _ = _run(["compare", tmp_path / "a" / "mad.json", "--out", tmp_path / "noext"], capsys)
+    assert code == 0 and stdout.strip() == f"wrote {tmp_path / 'noext.png'}"
+    assert (tmp_path / "noext.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "noext").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -96,6 +100,8 @@ def test_compare_overlays_results(tiny_model, image_folder, tmp_path, capsys):
     (["--checkpoint-every", "0"], "--checkpoint-every: expected a positive number of batches, got 0"),
     (["--weights", "{tmp}/none.pth"], "--weights: only timm: models take local weights"),
     (["--model", "timm:vit_tiny_patch16_224", "--weights", "{tmp}/none.pth"], "--weights: no such file"),
+    (["--image-size", "7"], "--image-size: expected at least one 8x8 patch of the model "
+                            "(embeddings.patch_embeddings.projection), got 7x7"),
 ])
 def test_errors_are_one_line_and_exit_non_zero(tiny_model, image_folder, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
@@ -219,3 +225,28 @@ def test_hierarchical_models_end_to_end(image_folder, tmp_path, capsys):
         assert [layer["heads"] for layer in doc["layers"]] == heads
         assert [layer["geometry"]["stride"][0] for layer in doc["layers"]] == strides
         assert (out / "mad_map.png").exists() and "uniform attention" in stdout
+
+
+def test_an_image_size_of_partial_timm_patches_is_refused_before_any_image(image_folder):
+    """timm's patch embedding asserts whole patches (unless it pads): a size that is not refused up front,
+    naming the option and a size that fits, instead of an AssertionError from inside the forward."""
+    import timm
+    import torch
+
+    import vitmad
+    from vitmad.profiling.images import Preprocessing
+    from vitmad.profiling.models import wrap_module
+    from vitmad.profiling.options import OptionError
+
+    torch.manual_seed(0)
+    prep = Preprocessing((32, 32), ("exact", 32, 32), False, (0.5,) * 3, (0.5,) * 3)
+    model = wrap_module(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                          depth=1, embed_dim=16, num_heads=1, dynamic_img_size=True), "timm:t", prep)
+    with pytest.raises(OptionError, match=r"image_size: expected whole 8x8 patches of the model \(patch_embed.proj "
+                                          r"takes no partial patch\), got 36x44; for example 32x40"):
+        vitmad.profile(model, image_folder, device="cpu", image_size=(36, 44))
+    assert vitmad.profile(model, image_folder, device="cpu", image_size=(32, 40), max_images=2).count == 2
+    padded = wrap_module(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                           depth=1, embed_dim=16, num_heads=1, dynamic_img_size=True,
+                                           dynamic_img_pad=True), "timm:p", prep)
+    assert vitmad.profile(padded, image_folder, device="cpu", image_size=(36, 44), max_images=2).count == 2

@@ -130,3 +130,55 @@ def test_results_and_checkpoints_get_the_permissions_of_a_normally_created_file(
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes == {"mad.json": mode, "checkpoint.pt": mode, "plain.txt": mode}
+
+
+@pytest.mark.parametrize("size", [(300, 249), (249, 403), (256, 256), (333, 250)])
+def test_shortest_edge_resize_and_crop_match_the_hf_pil_processor(size):
+    """The short side is exactly S (w * (S / short) fell a pixel short for 216 of the sides 1-1999 at S = 256,
+    which shifted and rescaled the whole crop), the long side int(S * long / short), the crop at (H - h) // 2."""
+    from PIL import Image
+
+    transformers = pytest.importorskip("transformers")
+    # The PIL backend (transformers 5; its default CLIPImageProcessor resizes with torchvision, a few 1e-2 off).
+    processor_class = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+    processor = processor_class(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224})
+    ours = Preprocessing.from_hf(processor.to_dict())
+    image = Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8).numpy())
+    theirs = processor(images=image, return_tensors="pt")["pixel_values"][0]
+    std = min(processor.image_std)
+    torch.testing.assert_close(ours(image), theirs, rtol=0, atol=1.01 / 255 / std)
+
+
+@pytest.mark.parametrize("crop_mode", ["center", "squash"])
+@pytest.mark.parametrize("size", [(249, 301), (300, 251), (641, 480), (260, 260)])
+def test_timm_preprocessing_equals_timm_eval_transform(crop_mode, size):
+    """torchvision's CenterCrop rounds an odd margin (round((H - h) / 2)), transformers floors it: timm models
+    get timm's rule, and its "squash" crop mode resizes without keeping the aspect ratio."""
+    timm = pytest.importorskip("timm")
+    from PIL import Image
+
+    config = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+              "std": (0.229, 0.224, 0.225), "crop_pct": 0.9, "crop_mode": crop_mode}
+    transform = timm.data.create_transform(**config, is_training=False)
+    image = Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8).numpy())
+    torch.testing.assert_close(Preprocessing.from_timm(config)(image), transform(image), rtol=0, atol=1e-5)
+
+
+def test_a_partial_processor_file_gets_its_class_defaults(tmp_path):
+    """A preprocessor_config.json naming CLIPImageProcessor but not its mean, std or filter: CLIP's own (OpenAI
+    statistics, bicubic), not the generic 0.5 and bilinear."""
+    import json
+
+    import transformers
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    from vitmad.profiling.models import _with_class_defaults
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 224},
+         "crop_size": {"height": 224, "width": 224}}))
+    saved, _ = ImageProcessingMixin.get_image_processor_dict(str(tmp_path))
+    ours = Preprocessing.from_hf(_with_class_defaults(transformers, str(tmp_path), saved, {}))
+    clip = transformers.CLIPImageProcessor()
+    assert ours.mean == tuple(clip.image_mean) and ours.std == tuple(clip.image_std)
+    assert ours.interpolation == "bicubic" and ours.center_crop and ours.size == (224, 224)

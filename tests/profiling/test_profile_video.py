@@ -134,3 +134,43 @@ def test_a_folder_without_videos_is_refused_naming_the_flag(video_model, tmp_pat
     assert main(["profile", "--model", f"hf:{video_model}", "--videos", str(tmp_path / "empty"),
                  "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
     assert "vitmad: error: --images: no images" in capsys.readouterr().err
+
+
+def test_the_command_takes_folders_of_frame_folders(video_model, tmp_path, capsys):
+    """A folder of frame folders (PNG files only, no clip) is video to a video model: the command once took the
+    PNGs for images and refused them; it must equal the Python API on the same folder."""
+    root = tmp_path / "frames_root"
+    for name, seed in (("a", 3), ("b", 4)):
+        (root / name).mkdir(parents=True)
+        for i, array in enumerate(_frames(5, seed=seed)):
+            Image.fromarray(array).save(root / name / f"{i:03d}.png")
+    assert main(["profile", "--model", f"hf:{video_model}", "--videos", str(root), "--out", str(tmp_path / "out"),
+                 "--device", "cpu", "--no-figures"]) == 0
+    document = json.loads((tmp_path / "out" / "mad.json").read_text())
+    expected = vitmad.profile(f"hf:{video_model}", root, device="cpu")
+    assert document["count"] == 2 == expected.count
+    torch.testing.assert_close(Profile.from_json(tmp_path / "out" / "mad.json").mad, expected.mad)
+
+
+@pytest.mark.parametrize("count, codec", [(9, "mpeg4"), (40, "libx264"), (3, "mpeg4")])
+def test_a_clip_keeps_only_its_sampled_frames_and_picks_those_of_a_full_decode(tmp_path, count, codec):
+    """load_video decodes the clip once, keeping the sampled frames only (a long clip's whole decode took
+    gigabytes), and they are the frames a full decode gives at the sampling rule's indices."""
+    from vitmad.profiling.videos import load_video, sample_indices
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"
+        for i in range(count):  # every frame a different grey
+            frame = av.VideoFrame.from_ndarray(np.full((SIZE, SIZE, 3), 6 * i, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        everything = [frame.to_image().convert("RGB") for frame in container.decode(video=0)]
+    assert len(everything) == count
+    for frames in (1, 4, 16):
+        picked, reason = load_video(path, frames)
+        assert reason is None
+        expected = [everything[i] for i in sample_indices(count, frames)]
+        assert [np.asarray(p).tobytes() for p in picked] == [np.asarray(e).tobytes() for e in expected]

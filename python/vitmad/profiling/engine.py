@@ -132,8 +132,35 @@ def prepare_model(model, image_size: tuple[int, int] | str | None, model_checkpo
         raise OptionError("model", f"expected an nn.Module or a model spec string, got {type(model).__name__}")
     preprocessing = loaded.preprocessing
     if image_size not in (None, NATIVE) and preprocessing is not None:
+        _check_patches_fit(loaded.module, image_size)
         preprocessing = preprocessing.with_size(image_size)
     return loaded, preprocessing
+
+
+def _check_patches_fit(module: torch.nn.Module, image_size: tuple[int, int]) -> None:
+    """Refuse, before any image is read, an input size the model's patch embedding cannot take: smaller than one
+    patch, or (timm, whose patch embedding asserts it unless it pads) not a whole number of patches.
+
+    Raises:
+        OptionError: naming ``image_size``.
+    """
+    from ..recording.families.plain import find_patch_embedding
+    from ..recording.module_index import named_module_list
+
+    found = find_patch_embedding(module)
+    first_conv = next((m for _, m in named_module_list(module) if isinstance(m, torch.nn.Conv2d)), None)
+    if found is None or found[1] is not first_conv:  # no patch embedding on the image itself (a CNN stem first)
+        return
+    name, conv = found
+    (height, width), (kh, kw) = image_size, conv.kernel_size
+    if height < kh or width < kw:
+        raise OptionError("image_size", f"expected at least one {kh}x{kw} patch of the model ({name}), got "
+                                        f"{height}x{width}")
+    owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+    if getattr(owner, "dynamic_img_pad", True) is False and (height % kh or width % kw):
+        fit = f"{max(kh, height // kh * kh)}x{max(kw, width // kw * kw)}"
+        raise OptionError("image_size", f"expected whole {kh}x{kw} patches of the model ({name} takes no "
+                                        f"partial patch), got {height}x{width}; for example {fit}")
 
 
 def _image_batches(images, preprocessing, batch_size: int, max_images: int | None, pool: Executor | None,

@@ -147,6 +147,9 @@ class Preprocessing:
         center_crop: crop the centre ``size`` after resizing.
         mean, std: per-channel normalisation on [0, 1] pixel values.
         interpolation: PIL resampling filter name (``"bicubic"``, ``"bilinear"``, ...).
+        crop_rounding: where an odd margin puts the centre crop: ``"floor"`` (transformers' ``center_crop``:
+            ``(H - h) // 2``) or ``"round"`` (torchvision's ``CenterCrop``, timm's eval transform:
+            ``round((H - h) / 2)``, half to even).
     """
 
     size: tuple[int, int]
@@ -155,10 +158,12 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
+    crop_rounding: str = "floor"
 
     def with_size(self, size: tuple[int, int]) -> Preprocessing:
         """The same statistics and filter for another input size (``image_size``): scale to cover, crop."""
-        return Preprocessing(tuple(size), ("cover",), True, self.mean, self.std, self.interpolation)
+        return Preprocessing(tuple(size), ("cover",), True, self.mean, self.std, self.interpolation,
+                             self.crop_rounding)
 
     def to_dict(self) -> dict:
         return {
@@ -168,6 +173,7 @@ class Preprocessing:
             "mean": list(self.mean),
             "std": list(self.std),
             "interpolation": self.interpolation,
+            "crop_rounding": self.crop_rounding,
         }
 
     @staticmethod
@@ -208,7 +214,9 @@ class Preprocessing:
         _, height, width = data_config["input_size"]
         crop_pct = data_config.get("crop_pct", 1.0) or 1.0
         scale = (math.floor(height / crop_pct), math.floor(width / crop_pct))
-        resize = ("shortest", scale[0]) if height == width else ("exact", *scale)
+        # timm's "squash" crop mode resizes to the scaled size, aspect ratio lost, before the centre crop.
+        squash = data_config.get("crop_mode", "center") == "squash"
+        resize = ("shortest", scale[0]) if height == width and not squash else ("exact", *scale)
         return Preprocessing(
             (height, width),
             resize,
@@ -216,6 +224,7 @@ class Preprocessing:
             tuple(data_config["mean"]),
             tuple(data_config["std"]),
             data_config.get("interpolation", "bicubic"),
+            "round",  # torchvision's CenterCrop
         )
 
     def __call__(self, image) -> torch.Tensor:
@@ -231,8 +240,13 @@ class Preprocessing:
         height, width = self.size
         w, h = image.size
         if self.resize[0] == "shortest":
-            scale = self.resize[1] / min(w, h)
-            new = (max(1, int(w * scale)), max(1, int(h * scale)))  # truncation, as HF and torchvision do
+            # As transformers' get_resize_output_image_size and torchvision's Resize: the short side exactly S,
+            # the long one int(S * long / short) (w * (S / short) can fall a pixel short of S on the short side).
+            target = self.resize[1]
+            if w <= h:
+                new = (target, max(1, int(target * h / w)))
+            else:
+                new = (max(1, int(target * w / h)), target)
         elif self.resize[0] == "exact":
             new = (self.resize[2], self.resize[1])
         else:
@@ -240,7 +254,10 @@ class Preprocessing:
             new = (max(width, round(w * scale)), max(height, round(h * scale)))
         image = image.resize(new, resample)
         if self.center_crop:
-            left, top = (new[0] - width) // 2, (new[1] - height) // 2
+            if self.crop_rounding == "round":
+                left, top = int(round((new[0] - width) / 2.0)), int(round((new[1] - height) / 2.0))
+            else:
+                left, top = (new[0] - width) // 2, (new[1] - height) // 2
             image = image.crop((left, top, left + width, top + height))
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
         mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]

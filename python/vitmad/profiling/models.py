@@ -188,6 +188,19 @@ def _hub_loading_options(spec: str, name: str) -> dict:
     return {"local_files_only": True}
 
 
+def _with_class_defaults(transformers, name: str, processor: dict, options: dict) -> dict:
+    """The saved processor settings completed with its class's defaults: a ``preprocessor_config.json`` may omit
+    what its class sets itself (CLIP's mean, std and bicubic filter), which the generic defaults would replace.
+    The saved dict as it is when transformers cannot build the processor (no class named, a missing backend)."""
+    if "image_processor_type" not in processor:
+        return processor
+    try:
+        built = transformers.AutoImageProcessor.from_pretrained(name, **options).to_dict()
+    except Exception:  # noqa: BLE001  (any failure of a third-party constructor: keep what the file says)
+        return processor
+    return {**built, **processor}
+
+
 def _load_hf(spec: str, name: str) -> LoadedModel:
     transformers = import_optional("transformers", "hf", f"model {spec!r}")
     from transformers.image_processing_base import ImageProcessingMixin
@@ -216,6 +229,7 @@ def _load_hf(spec: str, name: str) -> LoadedModel:
         processor = video_processor_settings(name)
     if packed is not None:
         return wrap_packed_tower(module, ("", module), spec, processor=processor, description=packed[1])
+    processor = _with_class_defaults(transformers, name, processor, options)
     vision = getattr(config, "vision_config", config)
     preprocessing = Preprocessing.from_hf(processor, getattr(vision, "image_size", None))
     # Image-text models (CLIP, SigLIP, ...) need text for their forward, promptable segmenters (SAM, SAM 2)
