@@ -182,3 +182,20 @@ def test_a_partial_processor_file_gets_its_class_defaults(tmp_path):
     clip = transformers.CLIPImageProcessor()
     assert ours.mean == tuple(clip.image_mean) and ours.std == tuple(clip.image_std)
     assert ours.interpolation == "bicubic" and ours.center_crop and ours.size == (224, 224)
+
+
+def test_a_16_bit_greyscale_png_keeps_its_contrast(tmp_path):
+    """PIL's convert("RGB") clips 16-bit greyscale at 255 (a white image); load_image scales by 255 / 65535."""
+    import numpy as np
+    from PIL import Image
+
+    from vitmad.profiling.images import load_image
+
+    values = np.random.default_rng(0).integers(0, 65536, (20, 30)).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "grey16.png")
+    image, reason = load_image(tmp_path / "grey16.png")
+    assert reason is None and image.mode == "RGB" and image.size == (30, 20)
+    decoded = np.asarray(image)
+    expected = np.rint(values / 257.0).astype(np.uint8)
+    for channel in range(3):
+        np.testing.assert_array_equal(decoded[..., channel], expected)

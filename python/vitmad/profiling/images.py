@@ -271,6 +271,18 @@ def _pair(value) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
+def _to_rgb(image):
+    """RGB with 8 bits a channel. 16-bit greyscale (PIL modes ``I;16*``, or ``I`` with values above 255) is scaled
+    by 255 / 65535: PIL's ``convert("RGB")`` clips it at 255, which turns a 16-bit PNG white."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+        values = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(path: str | os.PathLike):
     """Decode an image file as RGB.
 
@@ -291,7 +303,7 @@ def load_image(path: str | os.PathLike):
                     f"{limit}, could be a decompression bomb"
                 )
             image.load()
-            return image.convert("RGB"), None
+            return _to_rgb(image), None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return None, f"{type(err).__name__}: {err}"
 
