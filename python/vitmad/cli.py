@@ -131,7 +131,7 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     from .profiling.images import find_images, parse_image_size
     from .profiling.maps import image_prefix_maps
     from .profiling.models import load_model
-    from .profiling.options import import_optional, resolve_device, resolve_stats
+    from .profiling.options import check_loader_threads, import_optional, resolve_device, resolve_stats
     from .profiling.plotting import plot_image_prefix_maps, plot_mad_maps
     from .profiling.videos import find_videos, is_video_source, model_frames
 
@@ -144,6 +144,7 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     files = find_videos(args.images) if videos else find_images(args.images)
     device = resolve_device(args.device)
     check_writable(out)  # a read-only or full disk fails now, not after the run
+    check_loader_threads(args.loader_threads)
     if not args.no_figures:
         import_optional("matplotlib", "profile", "vitmad profile's figures (or pass --no-figures)")
     if args.resume:

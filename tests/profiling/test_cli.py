@@ -102,6 +102,7 @@ def test_compare_overlays_results(tiny_model, image_folder, tmp_path, capsys):
     (["--model", "timm:vit_tiny_patch16_224", "--weights", "{tmp}/none.pth"], "--weights: no such file"),
     (["--image-size", "7"], "--image-size: expected at least one 8x8 patch of the model "
                             "(embeddings.patch_embeddings.projection), got 7x7"),
+    (["--workers", "-1"], "--workers: expected a number of threads >= 0 (0: decode on the calling thread), got -1"),
 ])
 def test_errors_are_one_line_and_exit_non_zero(tiny_model, image_folder, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()

@@ -174,3 +174,13 @@ def test_a_clip_keeps_only_its_sampled_frames_and_picks_those_of_a_full_decode(t
         assert reason is None
         expected = [everything[i] for i in sample_indices(count, frames)]
         assert [np.asarray(p).tobytes() for p in picked] == [np.asarray(e).tobytes() for e in expected]
+
+
+def test_videos_are_named_by_absolute_paths_as_images_are(videos, monkeypatch):
+    """A relative --videos gives the same absolute names as find_images gives images (mad.json, resume)."""
+    from vitmad.profiling.videos import find_videos
+
+    monkeypatch.chdir(videos.parent)
+    relative = find_videos(videos.name)
+    assert relative == find_videos(str(videos)) == sorted([videos / "clip.mp4", videos / "frames"])
+    assert all(path.is_absolute() for path in relative)

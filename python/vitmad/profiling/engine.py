@@ -29,7 +29,7 @@ from .files import check_writable
 from .images import NATIVE, find_images, load_batch, parse_image_size
 from .models import LoadedModel, load_model, wrap_module
 from .native import NativeFeed, check_fixed_size, load_native_batch, native_feed, native_geometry
-from .options import OptionError, check_positive, resolve_device, resolve_dtype, resolve_stats
+from .options import OptionError, check_loader_threads, check_positive, resolve_device, resolve_dtype, resolve_stats
 from .prefix_maps import PrefixMapSums
 from .results import Profile, layout_dict
 from .stats import RunningStats
@@ -467,6 +467,7 @@ def profile(
             loads); the message starts with the parameter's name. Any exception (``KeyboardInterrupt``
             included) is re-raised after the checkpoint is saved.
     """
+    check_loader_threads(loader_threads)
     decoders = ThreadPoolExecutor(loader_threads, "vitmad-decode") if loader_threads > 0 else None
     try:
         plan = plan_run(

@@ -51,6 +51,13 @@ def check_positive(parameter: str, value: int | None, what: str = "a positive in
         raise OptionError(parameter, f"expected {what}, got {value}")
 
 
+def check_loader_threads(value) -> None:
+    """Raise :class:`OptionError` unless ``value`` is a number of decoding threads >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise OptionError("loader_threads", f"expected a number of threads >= 0 (0: decode on the calling thread), "
+                                            f"got {value!r}")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"auto"`` (or ``None``) picks CUDA when present, else CPU.
 

@@ -60,7 +60,7 @@ def is_video_source(path: str | os.PathLike) -> bool:
 
 
 def find_videos(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Every clip file and frame folder under ``sources`` (files or folders), sorted.
+    """Every clip file and frame folder under ``sources`` (files or folders), absolute and sorted.
 
     Raises:
         MissingPathError: a source does not exist.
@@ -87,7 +87,7 @@ def find_videos(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
         shown = ", ".join(map(str, sources))
         raise OptionError("images", f"found no video ({', '.join(VIDEO_EXTENSIONS)} files or folders of frames) "
                                     f"in {shown}")
-    return sorted(found)
+    return sorted({p.resolve() for p in found})  # absolute, as find_images gives: the same clip once
 
 
 def sample_indices(available: int, frames: int) -> list[int]:
