@@ -149,15 +149,17 @@ def test_shortest_edge_resize_and_crop_match_the_hf_pil_processor(size):
     torch.testing.assert_close(ours(image), theirs, rtol=0, atol=1.01 / 255 / std)
 
 
+@pytest.mark.parametrize("input_size", [(224, 224), (224, 320), (320, 224)])
 @pytest.mark.parametrize("crop_mode", ["center", "squash"])
 @pytest.mark.parametrize("size", [(249, 301), (300, 251), (641, 480), (260, 260)])
-def test_timm_preprocessing_equals_timm_eval_transform(crop_mode, size):
+def test_timm_preprocessing_equals_timm_eval_transform(input_size, crop_mode, size):
     """torchvision's CenterCrop rounds an odd margin (round((H - h) / 2)), transformers floors it: timm models
-    get timm's rule, and its "squash" crop mode resizes without keeping the aspect ratio."""
+    get timm's rule; its "squash" crop mode resizes without keeping the aspect ratio, and a non-square input in
+    "center" mode keeps it (timm's ResizeKeepRatio)."""
     timm = pytest.importorskip("timm")
     from PIL import Image
 
-    config = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+    config = {"input_size": (3, *input_size), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
               "std": (0.229, 0.224, 0.225), "crop_pct": 0.9, "crop_mode": crop_mode}
     transform = timm.data.create_transform(**config, is_training=False)
     image = Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8).numpy())

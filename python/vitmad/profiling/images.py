@@ -143,7 +143,8 @@ class Preprocessing:
     Attributes:
         size: ``(height, width)`` of the model input.
         resize: ``("shortest", S)`` resizes the short side to ``S`` keeping the aspect ratio; ``("exact", H, W)``
-            resizes to ``H x W``; ``("cover",)`` scales so the image just covers ``size``.
+            resizes to ``H x W``; ``("keep_ratio", H, W)`` keeps the aspect ratio and just covers ``H x W`` (timm's
+            ``ResizeKeepRatio``); ``("cover",)`` scales so the image just covers ``size``.
         center_crop: crop the centre ``size`` after resizing.
         mean, std: per-channel normalisation on [0, 1] pixel values.
         interpolation: PIL resampling filter name (``"bicubic"``, ``"bilinear"``, ...).
@@ -214,9 +215,13 @@ class Preprocessing:
         _, height, width = data_config["input_size"]
         crop_pct = data_config.get("crop_pct", 1.0) or 1.0
         scale = (math.floor(height / crop_pct), math.floor(width / crop_pct))
-        # timm's "squash" crop mode resizes to the scaled size, aspect ratio lost, before the centre crop.
-        squash = data_config.get("crop_mode", "center") == "squash"
-        resize = ("shortest", scale[0]) if height == width and not squash else ("exact", *scale)
+        # timm's "squash" crop mode resizes to the scaled size, aspect ratio lost, before the centre crop; its
+        # "center" mode keeps the ratio: the short side to the scaled size when square, else timm's
+        # ResizeKeepRatio (the smaller of the two ratios, so that the image covers the scaled size).
+        if data_config.get("crop_mode", "center") == "squash":
+            resize = ("exact", *scale)
+        else:
+            resize = ("shortest", scale[0]) if scale[0] == scale[1] else ("keep_ratio", *scale)
         return Preprocessing(
             (height, width),
             resize,
@@ -249,6 +254,9 @@ class Preprocessing:
                 new = (max(1, int(target * w / h)), target)
         elif self.resize[0] == "exact":
             new = (self.resize[2], self.resize[1])
+        elif self.resize[0] == "keep_ratio":  # timm's ResizeKeepRatio at longest=0, in its arithmetic
+            ratio = min(h / self.resize[1], w / self.resize[2])
+            new = (round(w / ratio), round(h / ratio))
         else:
             scale = max(height / h, width / w)
             new = (max(width, round(w * scale)), max(height, round(h * scale)))
