@@ -183,7 +183,7 @@ def _profile_command(args: argparse.Namespace, run) -> None:
         result.plot(out / "mad.png")
         written.append("mad.png")
         for name in result.statistics:
-            if result.stat(name).isfinite().any():  # else _print_summary says why there is no figure
+            if result.has_values(name):  # else _print_summary says why there is no figure
                 result.plot_stat(name, out / f"{name}.png")
                 written.append(f"{name}.png")
         if result.prefix_maps is not None and result.prefix_maps.layers:
@@ -220,7 +220,7 @@ def _print_summary(result) -> None:
     for name, reason in result.skipped_layers.items():
         print(f"skipped {name}: {reason}")
     for name in result.statistics:
-        if not result.stat(name).isfinite().any():
+        if not result.has_values(name):
             print(f"{name}: not defined in any recorded layer (differential attention, or self mass beside pooled "
                   "keys): null in mad.json, no figure")
     if result.prefix_maps is not None:
@@ -246,7 +246,7 @@ def _compare_command(args: argparse.Namespace, run) -> None:
     written = [str(out)]
     # Every statistic all the results have, each in its own figure beside the MAD one.
     common = [name for name in profiles[0].statistics if all(name in p.statistics for p in profiles[1:])
-              and any(p.stat(name).isfinite().any() for p in profiles)]
+              and any(p.has_values(name) for p in profiles)]
     for name in common:
         path = out.with_name(f"{out.stem}_{name}{out.suffix}")
         plot_compare(profiles, labels, path, statistic=name)

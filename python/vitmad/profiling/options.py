@@ -12,6 +12,8 @@ from types import ModuleType
 
 import torch
 
+from ..recording.recorder import RECORD_STATS, split_stat_names
+
 __all__ = [
     "OptionError",
     "MissingPathError",
@@ -26,7 +28,7 @@ __all__ = [
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What ``profile(stats=...)`` / ``--stats`` takes, in the order results list them (vitmad.record's names).
-PROFILE_STATS = ("mad", "entropy", "prefix_mass", "self_mass", "prefix_maps")
+PROFILE_STATS = RECORD_STATS
 
 
 class OptionError(ValueError):
@@ -100,19 +102,14 @@ def resolve_stats(stats) -> tuple[str, ...]:
     Raises:
         OptionError: an unknown name, or neither a string nor a sequence of strings.
     """
-    if stats is None:
-        return ("mad",)
-    names = stats.split(",") if isinstance(stats, str) else stats
-    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+    found = split_stat_names(stats)
+    if found is None:
         raise OptionError("stats", f"expected a comma list or a list of names among {', '.join(PROFILE_STATS)} "
                                    f"(or all), got {stats!r}")
-    names = {name.strip() for name in names} - {""}
-    unknown = sorted(names - {*PROFILE_STATS, "all"})
+    names, unknown = found
     if unknown:
         raise OptionError("stats", f"expected names among {', '.join(PROFILE_STATS)} (or all), got unknown "
                                    f"{', '.join(repr(name) for name in unknown)}")
-    if "all" in names:
-        return PROFILE_STATS
     return tuple(name for name in PROFILE_STATS if name in names or name == "mad")
 
 

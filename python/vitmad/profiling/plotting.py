@@ -123,7 +123,7 @@ def plot_statistic(profile, statistic: str, path: str | os.PathLike, *, title: s
         ValueError: no layer has a value of it (differential attention has none), so there is nothing to draw.
     """
     values = profile.stat(statistic)
-    if not values.isfinite().any():
+    if not profile.has_values(statistic):
         raise ValueError(f"{statistic}: no recorded layer has a value (the statistic is not defined there), "
                          "nothing to draw")
     plt = _pyplot()

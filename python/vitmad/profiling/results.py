@@ -134,6 +134,15 @@ class Profile:
         """
         return self.running(name).mean
 
+    def has_values(self, name: str) -> bool:
+        """Whether some layer has a value of statistic ``name`` (none where it is not defined in any layer, such as
+        every statistic but MAD of a model whose attention is differential): what a figure of it needs.
+
+        Raises:
+            KeyError: ``name`` was not profiled.
+        """
+        return bool(self.stat(name).isfinite().any())
+
     @property
     def heads(self) -> list[int]:
         """Each layer's head count."""

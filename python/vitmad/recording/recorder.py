@@ -70,7 +70,7 @@ from .placement import (
 )
 from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model, uses_attention_interface
 
-__all__ = ["record", "Recording", "RecordedCall", "RECORD_STATS"]
+__all__ = ["record", "Recording", "RecordedCall", "RECORD_STATS", "split_stat_names"]
 
 # What record(stats=...) takes: the statistics of the ops and the prefix maps.
 RECORD_STATS = (*STAT_NAMES, MAP_NAME)
@@ -242,23 +242,32 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
         return ordered
 
 
-def _check_record_stats(stats) -> tuple[tuple[str, ...], bool]:
-    """The statistics besides MAD that ``record(stats=...)`` asks for (in the ops' order), and whether the prefix
-    maps are asked for. Takes what ``vitmad.profile(stats=...)`` takes: None (MAD only), a name, a comma list, a
-    sequence of names, ``"all"``; a name given twice is asked for once."""
+def split_stat_names(stats) -> tuple[frozenset[str], list[str]] | None:
+    """What ``stats`` asks for, in the forms ``record`` and ``vitmad.profile`` take: None (nothing besides MAD), one
+    name or a comma list, or a list or tuple of names; spaces around a name ignored, a name given twice asked for
+    once, ``"all"`` standing for every one of :data:`RECORD_STATS`. Returns the names among them and the unknown
+    ones (sorted), for the caller to refuse in its own words; None when ``stats`` is none of those forms."""
     if stats is None:
-        return (), False
+        return frozenset(), []
     names = stats.split(",") if isinstance(stats, str) else stats
     if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
-        raise TypeError(f"vitmad.record: stats must be a list of names among {', '.join(map(repr, RECORD_STATS))} "
-                        f"(or 'all'), a comma list of them or None, got {stats!r}")
+        return None
     names = {name.strip() for name in names} - {""}
     unknown = sorted(names - {*RECORD_STATS, "all"})
+    return frozenset(RECORD_STATS if "all" in names else names - {"all"} - set(unknown)), unknown
+
+
+def _check_record_stats(stats) -> tuple[tuple[str, ...], bool]:
+    """The statistics besides MAD that ``record(stats=...)`` asks for (in the ops' order), and whether the prefix
+    maps are asked for (:func:`split_stat_names`)."""
+    found = split_stat_names(stats)
+    if found is None:
+        raise TypeError(f"vitmad.record: stats must be a list of names among {', '.join(map(repr, RECORD_STATS))} "
+                        f"(or 'all'), a comma list of them or None, got {stats!r}")
+    names, unknown = found
     if unknown:
         raise ValueError(f"vitmad.record: stats must be among {', '.join(map(repr, RECORD_STATS))} (or 'all'), got "
                          f"{', '.join(map(repr, unknown))}")
-    if "all" in names:
-        names = set(RECORD_STATS)
     return tuple(n for n in STAT_NAMES if n in names and n != "mad"), MAP_NAME in names
 
 
