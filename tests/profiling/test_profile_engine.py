@@ -187,6 +187,24 @@ def test_timm_spec_with_local_checkpoint(tmp_path, image_folder):
     torch.testing.assert_close(result.mad, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_timm_model_with_an_unknown_crop_mode(tmp_path, monkeypatch):
+    """A crop mode timm may add later refuses the model's own preprocessing, naming the way around it; with an
+    image size, which replaces the resize and crop, the model loads."""
+    timm = pytest.importorskip("timm")
+    from vitmad.profiling.models import load_model
+    from vitmad.profiling.options import OptionError
+
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), tmp_path / "weights.pth")
+    resolve = timm.data.resolve_model_data_config
+    monkeypatch.setattr(timm.data, "resolve_model_data_config",
+                        lambda module: {**resolve(module), "crop_mode": "letterbox"})
+    spec, weights = "timm:vit_tiny_patch16_224", tmp_path / "weights.pth"
+    with pytest.raises(OptionError, match=r"crop_mode 'letterbox' .* pass an image size \(--image-size"):
+        load_model(spec, model_checkpoint=weights)
+    loaded = load_model(spec, model_checkpoint=weights, image_size=(48, 48))
+    assert loaded.preprocessing.with_size((48, 48)).resize == ("cover",)
+
+
 def _timm_prep(model):
     import timm
 

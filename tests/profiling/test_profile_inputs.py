@@ -150,12 +150,13 @@ def test_shortest_edge_resize_and_crop_match_the_hf_pil_processor(size):
 
 
 @pytest.mark.parametrize("input_size", [(224, 224), (224, 320), (320, 224)])
-@pytest.mark.parametrize("crop_mode", ["center", "squash"])
-@pytest.mark.parametrize("size", [(249, 301), (300, 251), (641, 480), (260, 260)])
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+@pytest.mark.parametrize("size", [(249, 301), (300, 251), (641, 480), (260, 260), (101, 600)])
 def test_timm_preprocessing_equals_timm_eval_transform(input_size, crop_mode, size):
     """torchvision's CenterCrop rounds an odd margin (round((H - h) / 2)), transformers floors it: timm models
-    get timm's rule; its "squash" crop mode resizes without keeping the aspect ratio, and a non-square input in
-    "center" mode keeps it (timm's ResizeKeepRatio)."""
+    get timm's rule; its "squash" crop mode resizes without keeping the aspect ratio, a non-square input in
+    "center" mode keeps it (timm's ResizeKeepRatio), and "border" fits the image inside and pads it with the mean
+    colour (timm's CenterCropOrPad)."""
     timm = pytest.importorskip("timm")
     from PIL import Image
 
@@ -164,6 +165,16 @@ def test_timm_preprocessing_equals_timm_eval_transform(input_size, crop_mode, si
     transform = timm.data.create_transform(**config, is_training=False)
     image = Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8).numpy())
     torch.testing.assert_close(Preprocessing.from_timm(config)(image), transform(image), rtol=0, atol=1e-5)
+
+
+def test_an_unknown_timm_crop_mode_is_refused():
+    """A crop mode timm may add later is not guessed at: the run is refused, naming the way around it."""
+    from vitmad.profiling.options import OptionError
+
+    config = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+              "crop_pct": 0.9, "crop_mode": "letterbox"}
+    with pytest.raises(OptionError, match="timm crop_mode 'letterbox' is not one this library reproduces"):
+        Preprocessing.from_timm(config)
 
 
 def test_a_partial_processor_file_gets_its_class_defaults(tmp_path):

@@ -144,13 +144,17 @@ class Preprocessing:
         size: ``(height, width)`` of the model input.
         resize: ``("shortest", S)`` resizes the short side to ``S`` keeping the aspect ratio; ``("exact", H, W)``
             resizes to ``H x W``; ``("keep_ratio", H, W)`` keeps the aspect ratio and just covers ``H x W`` (timm's
-            ``ResizeKeepRatio``); ``("cover",)`` scales so the image just covers ``size``.
+            ``ResizeKeepRatio``); ``("fit", H, W)`` keeps the aspect ratio and just fits inside ``H x W`` (the same
+            at ``longest=1``, timm's "border" crop mode); ``("cover",)`` scales so the image just covers ``size``.
         center_crop: crop the centre ``size`` after resizing.
         mean, std: per-channel normalisation on [0, 1] pixel values.
         interpolation: PIL resampling filter name (``"bicubic"``, ``"bilinear"``, ...).
         crop_rounding: where an odd margin puts the centre crop: ``"floor"`` (transformers' ``center_crop``:
             ``(H - h) // 2``) or ``"round"`` (torchvision's ``CenterCrop``, timm's eval transform:
             ``round((H - h) / 2)``, half to even).
+        pad_fill: the RGB colour (0-255) that pads the resized image to ``size`` where it falls short, before the
+            centre crop (timm's ``CenterCropOrPad`` in its "border" crop mode, the mean colour); ``None``: no
+            padding.
     """
 
     size: tuple[int, int]
@@ -160,6 +164,7 @@ class Preprocessing:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     crop_rounding: str = "floor"
+    pad_fill: tuple[int, int, int] | None = None
 
     def with_size(self, size: tuple[int, int]) -> Preprocessing:
         """The same statistics and filter for another input size (``image_size``): scale to cover, crop."""
@@ -167,7 +172,7 @@ class Preprocessing:
                              self.crop_rounding)
 
     def to_dict(self) -> dict:
-        return {
+        settings = {
             "size": list(self.size),
             "resize": list(self.resize),
             "center_crop": self.center_crop,
@@ -176,6 +181,9 @@ class Preprocessing:
             "interpolation": self.interpolation,
             "crop_rounding": self.crop_rounding,
         }
+        if self.pad_fill is not None:  # only then: the settings of runs without padding keep their fingerprint
+            settings["pad_fill"] = list(self.pad_fill)
+        return settings
 
     @staticmethod
     def from_hf(processor: dict, config_image_size: int | Sequence[int] | None = None) -> Preprocessing:
@@ -211,25 +219,41 @@ class Preprocessing:
 
     @staticmethod
     def from_timm(data_config: dict) -> Preprocessing:
-        """From ``timm.data.resolve_model_data_config(model)``, as timm's eval transform does it."""
+        """From ``timm.data.resolve_model_data_config(model)``, as timm's eval transform does it.
+
+        Raises:
+            OptionError: a ``crop_mode`` other than timm's "center", "squash" and "border".
+        """
         _, height, width = data_config["input_size"]
         crop_pct = data_config.get("crop_pct", 1.0) or 1.0
         scale = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+        mean = tuple(data_config["mean"])
         # timm's "squash" crop mode resizes to the scaled size, aspect ratio lost, before the centre crop; its
         # "center" mode keeps the ratio: the short side to the scaled size when square, else timm's
-        # ResizeKeepRatio (the smaller of the two ratios, so that the image covers the scaled size).
-        if data_config.get("crop_mode", "center") == "squash":
+        # ResizeKeepRatio (the smaller of the two ratios, so that the image covers the scaled size); its "border"
+        # mode fits the image inside the scaled size (the larger ratio) and pads it with the mean colour.
+        crop_mode = data_config.get("crop_mode") or "center"
+        pad_fill = None
+        if crop_mode == "squash":
             resize = ("exact", *scale)
-        else:
+        elif crop_mode == "border":
+            resize = ("fit", *scale)
+            pad_fill = tuple(round(255 * v) for v in mean)
+        elif crop_mode == "center":
             resize = ("shortest", scale[0]) if scale[0] == scale[1] else ("keep_ratio", *scale)
+        else:
+            raise OptionError("model", f"timm crop_mode {crop_mode!r} is not one this library reproduces "
+                                       "('center', 'squash', 'border'); pass an image size (--image-size, image_size=) "
+                                       "to scale the images to cover it and crop the centre instead")
         return Preprocessing(
             (height, width),
             resize,
             True,
-            tuple(data_config["mean"]),
+            mean,
             tuple(data_config["std"]),
             data_config.get("interpolation", "bicubic"),
             "round",  # torchvision's CenterCrop
+            pad_fill,
         )
 
     def __call__(self, image) -> torch.Tensor:
@@ -254,13 +278,20 @@ class Preprocessing:
                 new = (max(1, int(target * w / h)), target)
         elif self.resize[0] == "exact":
             new = (self.resize[2], self.resize[1])
-        elif self.resize[0] == "keep_ratio":  # timm's ResizeKeepRatio at longest=0, in its arithmetic
-            ratio = min(h / self.resize[1], w / self.resize[2])
+        elif self.resize[0] in ("keep_ratio", "fit"):  # timm's ResizeKeepRatio at longest=0 / 1, in its arithmetic
+            ratios = (h / self.resize[1], w / self.resize[2])
+            ratio = min(ratios) if self.resize[0] == "keep_ratio" else max(ratios)
             new = (round(w / ratio), round(h / ratio))
         else:
             scale = max(height / h, width / w)
             new = (max(width, round(w * scale)), max(height, round(h * scale)))
         image = image.resize(new, resample)
+        if self.pad_fill is not None and (new[0] < width or new[1] < height):
+            # As timm's center_crop_or_pad: the odd pixel of a margin goes right and below.
+            left, top = max(0, (width - new[0]) // 2), max(0, (height - new[1]) // 2)
+            padded = Image.new("RGB", (max(width, new[0]), max(height, new[1])), self.pad_fill)
+            padded.paste(image, (left, top))
+            image, new = padded, padded.size
         if self.center_crop:
             if self.crop_rounding == "round":
                 left, top = int(round((new[0] - width) / 2.0)), int(round((new[1] - height) / 2.0))

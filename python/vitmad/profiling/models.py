@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .images import Preprocessing
+from .images import NATIVE, Preprocessing
 from .options import MissingPathError, OptionError, import_optional
 from .videos import video_processor_settings
 
@@ -267,5 +267,13 @@ def _load_timm(
         raise OptionError(
             "model_checkpoint", f"{model_checkpoint} does not fit timm model {name}: {_first_line(err)}"
         ) from err
-    preprocessing = Preprocessing.from_timm(timm.data.resolve_model_data_config(module))
+    data_config = timm.data.resolve_model_data_config(module)
+    try:
+        preprocessing = Preprocessing.from_timm(data_config)
+    except OptionError:
+        if image_size is None or image_size == NATIVE:
+            raise
+        # A crop mode this library does not reproduce, but an image size replaces the model's resize and crop
+        # (Preprocessing.with_size): its mean, std and filter are all that is kept.
+        preprocessing = Preprocessing.from_timm({**data_config, "crop_mode": "center"})
     return wrap_module(module, spec, preprocessing)
