@@ -302,8 +302,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitmad: error: {where}{_message(err, _flags(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"vitmad: {where}interrupted; progress is saved in {getattr(args, 'out', '.')}, "
-              "rerun the same command with --resume to continue", file=sys.stderr)
+        # Only a profile run saves progress, and only once a batch has finished (or an earlier run's checkpoint
+        # is there): before that there is nothing to resume.
+        out = Path(args.out) if args.command == "profile" else None
+        if out is not None and checkpoint_path(out, run).is_file():
+            print(f"vitmad: {where}interrupted; progress is saved in {out}, "
+                  "rerun the same command with --resume to continue", file=sys.stderr)
+        else:
+            print(f"vitmad: {where}interrupted; nothing was saved", file=sys.stderr)
         return 130
     except Exception as err:
         if run is None:

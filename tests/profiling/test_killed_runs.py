@@ -188,3 +188,22 @@ def test_unwritable_out_fails_before_any_work(tiny_model, tmp_path, capsys, monk
 def test_check_writable_creates_the_folder_and_leaves_it_empty(tmp_path):
     check_writable(tmp_path / "new" / "nested")
     assert (tmp_path / "new" / "nested").is_dir() and not list((tmp_path / "new" / "nested").iterdir())
+
+
+def test_the_interrupt_message_says_whether_there_is_progress_to_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C before the first batch has finished leaves no checkpoint: the command does not send the user to
+    --resume then; once a checkpoint is there, it does."""
+    import vitmad.cli as cli
+
+    def interrupted(args, run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_profile_command", interrupted)
+    out = tmp_path / "out"
+    assert main(["profile", "--out", str(out)]) == 130
+    assert capsys.readouterr().err == "vitmad: interrupted; nothing was saved\n"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"from an earlier batch")
+    assert main(["profile", "--out", str(out)]) == 130
+    assert capsys.readouterr().err == (f"vitmad: interrupted; progress is saved in {out}, rerun the same command "
+                                       "with --resume to continue\n")

@@ -212,3 +212,14 @@ def test_a_16_bit_greyscale_png_keeps_its_contrast(tmp_path):
     expected = np.rint(values / 257.0).astype(np.uint8)
     for channel in range(3):
         np.testing.assert_array_equal(decoded[..., channel], expected)
+
+
+def test_paths_from_python_expand_the_home_folder(tmp_path, monkeypatch):
+    """"~/val" from Python names the same folder as from the shell, which expands it for the command."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_images(tmp_path / "val", 2)
+    assert find_images("~/val") == find_images(tmp_path / "val")
+    assert load_checkpoint("~/no_checkpoint.pt", "any") is None
+    with atomic_file("~/out/mad.json") as handle:
+        handle.write(b"{}")
+    assert (tmp_path / "out" / "mad.json").read_bytes() == b"{}"

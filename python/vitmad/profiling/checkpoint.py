@@ -43,7 +43,7 @@ def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str) -> dict 
     Raises:
         OptionError: the checkpoint belongs to a run with other settings or another image list.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)

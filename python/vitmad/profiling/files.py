@@ -50,7 +50,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         with atomic_file("out/mad.json") as handle:
             handle.write(data)
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

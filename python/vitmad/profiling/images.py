@@ -90,7 +90,7 @@ def find_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
         if str(source) == "builtin":
             found.extend(builtin_image_paths())
             continue
-        path = Path(source)
+        path = Path(source).expanduser()  # "~/val" from Python, as the shell expands it for the command
         if path.is_dir():
             files = sorted(
                 p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS

@@ -248,7 +248,9 @@ def _load_timm(
 
     if not timm.is_model(name):
         raise OptionError("model", f"{spec}: timm has no model named {name!r} (see timm.list_models())")
-    if model_checkpoint is not None and not Path(model_checkpoint).is_file():
+    if model_checkpoint is not None:
+        model_checkpoint = Path(model_checkpoint).expanduser()
+    if model_checkpoint is not None and not model_checkpoint.is_file():
         raise MissingPathError("model_checkpoint", f"no such file: {model_checkpoint}")
     # NaFlexViT follows any input size by itself (and takes no such option).
     naflex = timm.models.model_entrypoint(name).__module__.endswith(".naflexvit")
