@@ -187,6 +187,40 @@ def test_timm_spec_with_local_checkpoint(tmp_path, image_folder):
     torch.testing.assert_close(result.mad, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_timm_pretrained_weights_when_the_hub_cannot_be_reached(tmp_path, monkeypatch):
+    """Offline, timm would ask the hub for the weights for about a minute even when they are cached: the cached
+    file is loaded at once, and weights not in the cache are a one-line error naming the way around it."""
+    timm = pytest.importorskip("timm")
+    import huggingface_hub
+
+    from vitmad.profiling import models
+    from vitmad.profiling.options import OptionError
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    asked = []
+
+    def cache(repo, filename, revision=None):
+        asked.append((repo, filename))
+        return cached.get(filename)
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cache)
+    cached = {}
+    with pytest.raises(OptionError, match=r"timm:vit_tiny_patch16_224: cannot reach the Hugging Face hub .* weights "
+                                          r"of vit_tiny_patch16_224 \(timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k\) "
+                                          r"are not in the local cache"):
+        models.load_model("timm:vit_tiny_patch16_224")
+    assert asked == [("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", "model.safetensors"),
+                     ("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", "pytorch_model.bin")]
+
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    cached = {"pytorch_model.bin": str(tmp_path / "pytorch_model.bin")}
+    loaded = models.load_model("timm:vit_tiny_patch16_224")
+    for ours, theirs in zip(loaded.module.state_dict().values(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
 def test_timm_model_with_an_unknown_crop_mode(tmp_path, monkeypatch):
     """A crop mode timm may add later refuses the model's own preprocessing, naming the way around it; with an
     image size, which replaces the resize and crop, the model loads."""

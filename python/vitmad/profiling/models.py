@@ -188,6 +188,39 @@ def _hub_loading_options(spec: str, name: str) -> dict:
     return {"local_files_only": True}
 
 
+def _timm_weights_options(timm, spec: str, name: str) -> dict:
+    """``timm.create_model`` options for a model's pretrained weights when the Hugging Face hub, where timm gets
+    them, cannot be reached: the file from the local hub cache, or an error at once.
+
+    Offline, timm would ask the hub for the file five times (about a minute) before failing, even for weights in
+    the cache. Weights that timm takes from a URL instead (no ``hf_hub_id``) are left to it: torch's download
+    fails at once offline and reads its own cache.
+
+    Raises:
+        OptionError: the hub cannot be reached and the weights are not in the local cache.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id or constants.HF_HUB_OFFLINE or _hub_reachable():
+        return {}
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    filename = cfg.hf_hub_filename or "pytorch_model.bin"
+    # timm's order: the safetensors form of the file first (model.safetensors for pytorch_model.bin).
+    safe = "model.safetensors" if filename == "pytorch_model.bin" else (
+        filename[: -len(".bin")] + ".safetensors" if filename.endswith(".bin") else None)
+    for candidate in (safe, filename):
+        cached = try_to_load_from_cache(repo, candidate, revision=revision or None) if candidate else None
+        if isinstance(cached, str):
+            return {"pretrained_cfg_overlay": {"file": cached}}
+    raise OptionError(
+        "model",
+        f"{spec}: cannot reach the Hugging Face hub ({constants.ENDPOINT}) and the weights of {name} ({repo}) are "
+        "not in the local cache; download them on a connected machine (hf download " + repo + ") or pass "
+        "local weights (--weights FILE, model_checkpoint=)",
+    )
+
+
 def _with_class_defaults(transformers, name: str, processor: dict, options: dict) -> dict:
     """The saved processor settings completed with its class's defaults: a ``preprocessor_config.json`` may omit
     what its class sets itself (CLIP's mean, std and bicubic filter), which the generic defaults would replace.
@@ -255,6 +288,8 @@ def _load_timm(
     # NaFlexViT follows any input size by itself (and takes no such option).
     naflex = timm.models.model_entrypoint(name).__module__.endswith(".naflexvit")
     options = {"dynamic_img_size": True} if image_size is not None and not naflex else {}
+    if model_checkpoint is None:
+        options.update(_timm_weights_options(timm, spec, name))
     try:
         module = timm.create_model(
             name, pretrained=model_checkpoint is None, checkpoint_path=str(model_checkpoint or ""), **options
