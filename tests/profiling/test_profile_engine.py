@@ -251,6 +251,9 @@ def test_timm_errors_name_the_option(tmp_path, image_folder):
     timm = pytest.importorskip("timm")
     with pytest.raises(ValueError, match="timm has no model named 'no_such_vit'"):
         vitmad.profile("timm:no_such_vit", image_folder)
+    with pytest.raises(ValueError, match=r"model: timm:vit_tiny_patch16_224.no_such_tag: Invalid pretrained tag "
+                                         r"\(no_such_tag\) for vit_tiny_patch16_224"):
+        vitmad.profile("timm:vit_tiny_patch16_224.no_such_tag", image_folder)
     torch.save(timm.create_model("vit_tiny_patch16_224", depth=2).state_dict(), tmp_path / "small.pth")
     with pytest.raises(ValueError, match="model_checkpoint: .*small.pth does not fit timm model vit_tiny_patch16_224"):
         vitmad.profile("timm:vit_tiny_patch16_224", image_folder, model_checkpoint=tmp_path / "small.pth")

@@ -281,6 +281,10 @@ def _load_timm(
 
     if not timm.is_model(name):
         raise OptionError("model", f"{spec}: timm has no model named {name!r} (see timm.list_models())")
+    try:  # a pretrained tag the architecture does not have (is_model reads the architecture alone)
+        timm.models.get_pretrained_cfg(name)
+    except RuntimeError as err:
+        raise OptionError("model", f"{spec}: {str(err).rstrip('.')} (see timm.list_pretrained())") from err
     if model_checkpoint is not None:
         model_checkpoint = Path(model_checkpoint).expanduser()
     if model_checkpoint is not None and not model_checkpoint.is_file():
