@@ -318,18 +318,26 @@ class Recording:
         positions: torch.Tensor | Callable[[], torch.Tensor] | None = None,
         stats: Sequence[str] | str | None = ("mad",),
     ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"vitmad.record: model must be an nn.Module (a spec string is for vitmad.profile), "
+                            f"got {type(model).__name__}")
         if reduction not in ("mean", "none"):
             raise ValueError(f"vitmad.record: reduction must be 'mean' or 'none', got '{reduction}'")
-        if patch is not None and (not isinstance(patch, int) or patch <= 0):
+        if not isinstance(renormalize, bool):  # "no" would be true
+            raise TypeError(f"vitmad.record: renormalize must be True or False, got {renormalize!r}")
+        if patch is not None and (isinstance(patch, bool) or not isinstance(patch, int) or patch <= 0):
             raise ValueError(f"vitmad.record: patch must be a positive int (pixels), got {patch!r}")
         if grid is not None:
             grid = grid_ints(grid, "vitmad.record")  # integers, never floats rounded toward zero
             if len(grid) != 2 or any(g <= 0 for g in grid):
                 raise ValueError(f"vitmad.record: grid must be [grid_h, grid_w] of positive ints, got {grid}")
-        if num_prefix_tokens is not None and num_prefix_tokens < 0:
-            raise ValueError(f"vitmad.record: num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+        if num_prefix_tokens is not None and (isinstance(num_prefix_tokens, bool) or
+                                              not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0):
+            raise ValueError(f"vitmad.record: num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
         if isinstance(layers, str):
             raise TypeError(f"vitmad.record: layers must be a list of names or patterns, got the string '{layers}'")
+        if layers is not None and not all(isinstance(name, str) for name in layers):
+            raise TypeError(f"vitmad.record: layers must be a list of names or patterns (strings), got {layers!r}")
         if positions is not None and (patch, grid, num_prefix_tokens) != (None, None, None):
             raise ValueError("vitmad.record: positions places every token itself; pass either positions or "
                              "patch/grid/num_prefix_tokens, not both")
@@ -701,6 +709,9 @@ class Recording:
             call.components[name] = components
 
     def __enter__(self) -> Recording:
+        if self._handles:  # its hooks are in: entering again would remove them at the inner exit
+            raise RuntimeError("vitmad.record: this recording is already active; a recording is entered once at "
+                               "a time (make another with vitmad.record(...))")
         if self._compiled:
             EagerWhileRecording.enter()
             self._eager = True

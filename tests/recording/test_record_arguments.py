@@ -1,0 +1,46 @@
+"""vitmad.record's arguments: a wrong kind of value is an error naming the argument, never a number; a recording
+is active once at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import vitmad  # noqa: E402
+
+
+def _tiny_vit():
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    image_size=32, patch_size=8)
+    return transformers.ViTModel(config, add_pooling_layer=False).eval()
+
+
+@pytest.mark.parametrize(("model", "options", "error", "message"), [
+    (42, {}, TypeError, "vitmad.record: model must be an nn.Module (a spec string is for vitmad.profile), got int"),
+    ("builtin:dinov2-s14", {}, TypeError, "vitmad.record: model must be an nn.Module"),
+    (None, {"renormalize": "no"}, TypeError, "vitmad.record: renormalize must be True or False, got 'no'"),
+    (None, {"num_prefix_tokens": "1"}, ValueError, "vitmad.record: num_prefix_tokens must be an int >= 0, got '1'"),
+    (None, {"num_prefix_tokens": True}, ValueError, "vitmad.record: num_prefix_tokens must be an int >= 0"),
+    (None, {"patch": True}, ValueError, "vitmad.record: patch must be a positive int (pixels), got True"),
+    (None, {"layers": [1]}, TypeError, "vitmad.record: layers must be a list of names or patterns (strings)"),
+])
+def test_arguments_of_the_wrong_kind(model, options, error, message):
+    with pytest.raises(error) as raised:
+        vitmad.record(_tiny_vit() if model is None else model, **options)
+    assert str(raised.value).startswith(message)
+
+
+def test_a_recording_is_active_once_at_a_time():
+    """Entering an active recording again is refused, and the outer block goes on recording (was: the inner
+    exit removed the hooks, and the outer block recorded nothing, silently for some models)."""
+    model, pixels = _tiny_vit(), torch.randn(1, 3, 32, 32)
+    rec = vitmad.record(model)
+    with torch.no_grad(), rec:
+        with pytest.raises(RuntimeError, match="vitmad.record: this recording is already active"):
+            with rec:
+                pass
+        model(pixel_values=pixels)
+    assert rec.mad.shape == (2, 1, 2) and bool(rec.mad.isfinite().all())
