@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+import vitmad
 from conftest import write_images
 from vitmad.cli import main
 from vitmad.profiling.images import find_images, load_image
@@ -180,3 +182,80 @@ def test_compare_of_a_missing_file_or_a_folder(good_result, tmp_path, capsys):
         code = main(["compare", str(good_result), str(target), "--out", str(tmp_path / "cmp.png")])
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.startswith(f"vitmad: error: {target}: cannot read a vitmad profile")
+
+
+def _tiny_vit_module(dtype=torch.float32):
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)
+    return ViTModel(config, add_pooling_layer=False).eval().to(dtype)
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("batch_size", 1.5, "batch_size: expected a positive integer, got 1.5"),
+    ("batch_size", "8", "batch_size: expected a positive integer, got '8'"),
+    ("batch_size", None, "batch_size: expected a positive integer, got None"),
+    ("max_images", 1.5, "max_images: expected a positive integer, got 1.5"),
+    ("checkpoint_every", "8", "checkpoint_every: expected a positive number of batches, got '8'"),
+    ("renormalize", "no", "renormalize: expected True or False, got 'no'"),
+    ("layers", "layers.0.attention", "layers: expected a non-empty list of module names or patterns"),
+    ("layers", [], "layers: expected a non-empty list of module names or patterns"),
+    ("layers", [1], "layers: expected a non-empty list of module names or patterns"),
+])
+def test_profile_options_of_the_wrong_kind_name_the_parameter(option, value, message):
+    """A string "no" is true, "8" is no batch size, a string of layer names is not a list of them: each is an
+    error naming the parameter, before anything runs (was: true, a TypeError from deep inside, one layer per
+    character, or every layer for [])."""
+    pixels = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        vitmad.profile(_tiny_vit_module(), pixels, device="cpu", **{option: value})
+
+
+def test_profile_refuses_pixels_that_are_not_preprocessed_and_images_of_no_known_kind(tiny_model):
+    with pytest.raises(ValueError, match=r"images: a tensor of pixels must be preprocessed .* got torch.uint8"):
+        vitmad.profile(_tiny_vit_module(), torch.zeros(2, 3, 32, 32, dtype=torch.uint8), device="cpu")
+    with pytest.raises(ValueError, match="images: expected 'builtin', a folder, a file, a list of those or a pixel "
+                                         "tensor, got NoneType"):
+        vitmad.profile(f"hf:{tiny_model}", None, device="cpu")
+
+
+def test_profile_leaves_the_dtype_of_a_model_it_is_given():
+    """Converting a float32 model to bfloat16 would round the caller's weights for good: refused; a bfloat16 model
+    runs in bfloat16 (was: converted to float32 in place)."""
+    model = _tiny_vit_module()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="dtype: the model passed is float32; converting it to bfloat16 would "
+                                         "change your model in place"):
+        vitmad.profile(model, torch.randn(2, 3, 32, 32), device="cpu", dtype="bfloat16")
+    for name, value in model.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, before[name]), name
+    half = _tiny_vit_module(torch.bfloat16)
+    result = vitmad.profile(half, torch.randn(2, 3, 32, 32), device="cpu")
+    assert result.settings["dtype"] == "bfloat16" and result.mad.shape == (2, 2)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+
+
+def test_profile_checkpoint_must_be_a_file_it_may_overwrite(tmp_path):
+    """A folder, or a file that is not a vitmad checkpoint (which the run would overwrite, with resume or not), is
+    refused before the run; the file is left as it was."""
+    pixels = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=f"checkpoint: expected a file, got the folder {tmp_path}"):
+        vitmad.profile(_tiny_vit_module(), pixels, device="cpu", checkpoint=tmp_path)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    for resume in (False, True):
+        with pytest.raises(ValueError, match=f"checkpoint: {notes} exists and is not a vitmad checkpoint"):
+            vitmad.profile(_tiny_vit_module(), pixels, device="cpu", checkpoint=notes, resume=resume)
+    assert notes.read_text() == "my notes"
+
+
+def test_plot_compare_wants_one_label_per_profile(good_result, tmp_path):
+    from vitmad.profiling.plotting import plot_compare
+
+    profile = vitmad.Profile.from_json(good_result)
+    for profiles, labels in (([profile, profile], ["a"]), ([], [])):
+        with pytest.raises(ValueError, match="plot_compare: expected one label per profile and at least one"):
+            plot_compare(profiles, labels, tmp_path / "compare.png")
+    assert not (tmp_path / "compare.png").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_file
+from .files import atomic_file, check_writable
 from .options import OptionError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "fingerprint"]
@@ -34,6 +34,31 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
         torch.save({"format": FORMAT, **state}, handle)
 
 
+def _read_state(path: Path) -> dict | None:
+    """The state in a vitmad checkpoint file; None for any other file (unreadable, another format)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001  (whatever torch.load makes of a file that is not a checkpoint)
+        return None
+    return state if isinstance(state, dict) and state.get("format") == FORMAT else None
+
+
+def check_checkpoint_path(path: str | os.PathLike) -> None:
+    """Check, before the model loads, that ``path`` can take the run's checkpoints.
+
+    Raises:
+        OptionError: ``path`` is a folder, an existing file that is not a vitmad checkpoint (the run would
+            overwrite it), or in a folder that cannot be written.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OptionError("checkpoint", f"expected a file, got the folder {path}")
+    if path.is_file() and _read_state(path) is None:
+        raise OptionError("checkpoint", f"{path} exists and is not a vitmad checkpoint, which the run would "
+                                        "overwrite; choose another file or remove it")
+    check_writable(path.parent, "checkpoint")
+
+
 def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str) -> dict | None:
     """Read a checkpoint written by :func:`save_checkpoint` for the same run.
 
@@ -46,9 +71,9 @@ def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str) -> dict 
     path = Path(path).expanduser()
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != FORMAT:
-        raise OptionError("resume", f"{path} is not a vitmad checkpoint (format {state.get('format')!r})")
+    state = _read_state(path)
+    if state is None:
+        raise OptionError("resume", f"{path} is not a vitmad checkpoint (unreadable, or another format)")
     if state["fingerprint"] != expected_fingerprint:
         raise OptionError(
             "resume",

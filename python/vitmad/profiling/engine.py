@@ -23,13 +23,22 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from .checkpoint import check_checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
 from .distributed import DistributedRun, GlobalProgress, current_run, merge_across_ranks, merge_prefix_maps
-from .files import check_writable
 from .images import NATIVE, find_images, load_batch, parse_image_size
 from .models import LoadedModel, load_model, wrap_module
 from .native import NativeFeed, check_fixed_size, load_native_batch, native_feed, native_geometry
-from .options import OptionError, check_loader_threads, check_positive, resolve_device, resolve_dtype, resolve_stats
+from .options import (
+    DTYPES,
+    OptionError,
+    check_flag,
+    check_layers,
+    check_loader_threads,
+    check_positive,
+    resolve_device,
+    resolve_dtype,
+    resolve_stats,
+)
 from .prefix_maps import PrefixMapSums
 from .results import Profile, layout_dict
 from .stats import RunningStats
@@ -163,6 +172,27 @@ def _check_patches_fit(module: torch.nn.Module, image_size: tuple[int, int]) -> 
                                         f"partial patch), got {height}x{width}; for example {fit}")
 
 
+def _own_model_dtype(model: torch.nn.Module, dtype, resolved: torch.dtype) -> torch.dtype:
+    """The dtype a model the caller passed runs in: its own. The run moves the model to the device in place, as
+    any inference does, but converting its weights to another dtype would change the caller's model beyond
+    repair (float32 weights rounded to bfloat16): that is refused.
+
+    Raises:
+        OptionError: ``dtype`` differs from the model's, or the model's is not one the run takes.
+    """
+    own = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if own is None:
+        return resolved
+    if own not in DTYPES.values():
+        raise OptionError("dtype", f"the model passed is {str(own).removeprefix('torch.')}; profile runs "
+                                   f"{', '.join(DTYPES)}: convert a copy of it (model.to(...)) and pass that")
+    if dtype is not None and resolved != own:
+        raise OptionError("dtype", f"the model passed is {str(own).removeprefix('torch.')}; converting it to "
+                                   f"{str(resolved).removeprefix('torch.')} would change your model in place: pass a "
+                                   "converted copy (model.to(...)) and leave dtype unset")
+    return own
+
+
 def _image_batches(images, preprocessing, batch_size: int, max_images: int | None, pool: Executor | None,
                    frames: int | None = None, native: NativeFeed | None = None):
     """Image (or, for a video model taking ``frames`` frames, video) names and a function loading global batch
@@ -172,10 +202,13 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
                                     "model), not a tensor or videos")
     if isinstance(images, torch.Tensor):
         expected = 4 if frames is None else 5
+        shape = "[B, 3, H, W]" if frames is None else "[B, frames, 3, H, W]"
         if images.dim() != expected:
-            shape = "[B, 3, H, W]" if frames is None else "[B, frames, 3, H, W]"
             raise OptionError("images", f"a tensor of {'videos' if frames else 'images'} must be {shape}, got "
                                         f"shape {list(images.shape)}")
+        if not images.is_floating_point():  # 0-255 bytes would be taken for normalised pixels
+            raise OptionError("images", f"a tensor of pixels must be preprocessed (normalised floats, {shape}), "
+                                        f"got {images.dtype}; pass image files to have them preprocessed")
         pixels = images[:max_images] if max_images else images
         names = [f"tensor[{i}]" for i in range(pixels.shape[0])]
 
@@ -187,6 +220,9 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
     if preprocessing is None:
         raise OptionError("images", "this model has no known preprocessing; pass preprocessed pixels as a "
                                     "[B, 3, H, W] tensor, or image files together with image_size")
+    if not isinstance(images, (str, os.PathLike, list, tuple)):
+        raise OptionError("images", f"expected 'builtin', a folder, a file, a list of those or a pixel tensor, "
+                                    f"got {type(images).__name__}")
     files = find_images(images) if frames is None else find_videos(images)
     if max_images:
         files = files[:max_images]
@@ -228,9 +264,11 @@ def plan_run(
     Raises:
         OptionError: an option is invalid; the message starts with the parameter's name.
     """
-    check_positive("batch_size", batch_size)
+    check_positive("batch_size", batch_size, optional=False)
     check_positive("max_images", max_images)
-    check_positive("checkpoint_every", checkpoint_every, "a positive number of batches")
+    check_positive("checkpoint_every", checkpoint_every, "a positive number of batches", optional=False)
+    check_flag("renormalize", renormalize)
+    check_layers(layers)
     stats = resolve_stats(stats)
     run = distributed if distributed is not None else current_run()
     rank, world = (run.rank, run.world_size) if run else (0, 1)
@@ -240,8 +278,10 @@ def plan_run(
         device = run.device(device)
     torch_dtype = resolve_dtype(dtype)
     if checkpoint is not None:
-        check_writable(Path(checkpoint).parent, "checkpoint")
+        check_checkpoint_path(checkpoint)
     loaded, preprocessing = prepare_model(model, size, model_checkpoint)
+    if isinstance(model, torch.nn.Module):
+        torch_dtype = _own_model_dtype(model, dtype, torch_dtype)
     native = native_feed(loaded) if size == NATIVE else None
     if native is None:
         check_fixed_size(loaded, size, isinstance(images, torch.Tensor))
@@ -431,7 +471,9 @@ def profile(
             folders, folders of those (:mod:`vitmad.profiling.videos`), or pixels ``[B, frames, 3, H, W]``.
         batch_size: images per forward pass.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` for the model and its inputs.
+        dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` for the model and its inputs. A model
+            passed as an ``nn.Module`` runs in its own dtype (it is moved to ``device`` in place, never converted:
+            another ``dtype`` is an error).
         renormalize: MAD over the attention mass on patches only (``docs/definition.md``).
         image_size: ``S``, ``"HxW"`` or ``(H, W)`` instead of the model's own input size, or ``"native"``: each
             image at its own aspect ratio, resized to whole patches within the model's token budget, for
@@ -442,7 +484,8 @@ def profile(
         max_images: profile only the first ``K`` image files (in sorted order): an unreadable one among them
             counts, and is listed as skipped, so that the batches, resume and torchrun are those of the file list.
         layers: attention module names (wildcards as :func:`vitmad.record` takes them); all by default.
-        checkpoint: file for the running sums; written atomically every ``checkpoint_every`` batches.
+        checkpoint: file for the running sums; written atomically every ``checkpoint_every`` batches. An existing
+            file that is not a vitmad checkpoint is refused rather than overwritten.
         resume: continue from ``checkpoint`` if it exists (same model, images and settings).
         checkpoint_every: batches between checkpoints.
         model_checkpoint: local weights file for a ``timm:`` spec.

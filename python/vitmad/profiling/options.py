@@ -47,10 +47,28 @@ class MissingPathError(OptionError, FileNotFoundError):
     """A file or folder given in a parameter does not exist."""
 
 
-def check_positive(parameter: str, value: int | None, what: str = "a positive integer") -> None:
-    """Raise :class:`OptionError` unless ``value`` is None or a positive integer."""
-    if value is not None and value <= 0:
-        raise OptionError(parameter, f"expected {what}, got {value}")
+def check_positive(parameter: str, value: int | None, what: str = "a positive integer", *,
+                   optional: bool = True) -> None:
+    """Raise :class:`OptionError` unless ``value`` is a positive integer (or None, where ``optional``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise OptionError(parameter, f"expected {what}, got {value!r}")
+
+
+def check_flag(parameter: str, value) -> None:
+    """Raise :class:`OptionError` unless ``value`` is True or False (a string such as "no" would be true)."""
+    if not isinstance(value, bool):
+        raise OptionError(parameter, f"expected True or False, got {value!r}")
+
+
+def check_layers(layers) -> None:
+    """Raise :class:`OptionError` unless ``layers`` is None or a non-empty list of module names or patterns."""
+    if layers is None:
+        return
+    if isinstance(layers, str) or not all(isinstance(name, str) for name in layers) or len(layers) == 0:
+        raise OptionError("layers", f"expected a non-empty list of module names or patterns (strings), "
+                                    f"got {layers!r}")
 
 
 def check_loader_threads(value) -> None:

@@ -181,7 +181,11 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
 
     Raises:
         KeyError: a profile lacks ``statistic``.
+        ValueError: no profile, or not one label per profile.
     """
+    if len(profiles) == 0 or len(labels) != len(profiles):
+        raise ValueError(f"plot_compare: expected one label per profile and at least one profile, got "
+                         f"{len(profiles)} profile(s) and {len(labels)} label(s)")
     values = [profile.stat(statistic) for profile in profiles]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
