@@ -44,3 +44,18 @@ def test_a_recording_is_active_once_at_a_time():
                 pass
         model(pixel_values=pixels)
     assert rec.mad.shape == (2, 1, 2) and bool(rec.mad.isfinite().all())
+
+
+def test_a_grid_that_is_not_the_patch_embeddings_is_refused():
+    """grid=[3, 3] on a 4x4 ViT counted 8 of the 16 patches as prefix tokens and measured the rest on a 3x3 grid
+    (6.16 px instead of 15.1), with no error. With num_prefix_tokens also given the user's layout is taken."""
+    model, pixels = _tiny_vit(), torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"the given grid=\[3, 3\] is not the 4x4 grid of its patch embedding "
+                                         r"\(embeddings.patch_embeddings.projection\)"):
+        with torch.no_grad(), vitmad.record(model, grid=[3, 3]):
+            model(pixel_values=pixels)
+    with torch.no_grad(), vitmad.record(model, grid=[4, 4]) as rec:
+        model(pixel_values=pixels)
+    with torch.no_grad(), vitmad.record(model) as detected:
+        model(pixel_values=pixels)
+    torch.testing.assert_close(rec.mad, detected.mad, rtol=0, atol=0)

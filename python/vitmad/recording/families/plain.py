@@ -157,6 +157,16 @@ class PlainPlacer(LayerPlacer):
         patches = grid[0] * grid[1]
         source = "given grid" if layout.grid else "patch embedding"
         prefix = layout.num_prefix_tokens
+        seen = context.values.get(_GRID)
+        if prefix is None and layout.grid and seen is not None and tuple(seen) != tuple(layout.grid):
+            # The extra tokens are counted from the grid: a grid that is not the embedding's would count some
+            # patches as extra tokens and measure the rest on the wrong grid. A hybrid whose first kernel ==
+            # stride convolution is not the patch embedding says num_prefix_tokens too.
+            raise NotPlaceable(
+                f"the given grid={list(layout.grid)} is not the {seen[0]}x{seen[1]} grid of its patch embedding "
+                f"({layout.embedding[0]}) in this call, and its extra tokens would be counted from it; leave grid "
+                "unset, or pass num_prefix_tokens too if that convolution is not the patch embedding"
+            )
         if prefix is None:
             prefix = num_queries - patches - layout.suffix
             if prefix < 0:
