@@ -259,3 +259,40 @@ def test_plot_compare_wants_one_label_per_profile(good_result, tmp_path):
         with pytest.raises(ValueError, match="plot_compare: expected one label per profile and at least one"):
             plot_compare(profiles, labels, tmp_path / "compare.png")
     assert not (tmp_path / "compare.png").exists()
+
+
+def test_resume_needs_a_checkpoint_file():
+    with pytest.raises(ValueError, match="resume: resume continues from a checkpoint file: pass checkpoint= too"):
+        vitmad.profile(_tiny_vit_module(), torch.randn(2, 3, 32, 32), device="cpu", resume=True)
+
+
+@pytest.mark.parametrize("count", [0, -5])
+def test_a_profile_of_no_images_is_refused(good_result, tmp_path, count):
+    """An edited count of 0 or -5 gave std 0 and a mean of the sums over -5 (179.7 px for 89.9)."""
+    doc = json.loads(good_result.read_text())
+    doc["count"] = count
+    (tmp_path / "mad.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=f"malformed vitmad profile .*count must be a positive number of images, "
+                                         f"got {count}"):
+        vitmad.Profile.from_json(tmp_path / "mad.json")
+
+
+def test_figures_go_into_new_folders_and_name_the_types_they_take(good_result, tmp_path):
+    profile = vitmad.Profile.from_json(good_result)
+    profile.plot(tmp_path / "new" / "folder" / "mad.png")
+    assert (tmp_path / "new" / "folder" / "mad.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match=r"mad.xyz: cannot write a figure of type .xyz; use one of .*\.png"):
+        profile.plot(tmp_path / "mad.xyz")
+    assert not (tmp_path / "mad.xyz").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((-1, 4, 16), "grid_h must be a positive int, got -1"),
+    ((4.5, 4, 16), "grid_h must be a positive int, got 4.5"),
+    ((4, 0, 16), "grid_w must be a positive int, got 0"),
+    ((4, 4, -1), "patch must be a positive size in pixels"),
+    ((4, 4, (16, 0)), "patch must be a positive size in pixels"),
+])
+def test_uniform_attention_mad_checks_its_arguments(args, message):
+    with pytest.raises(ValueError, match=f"uniform_attention_mad: {message}"):
+        vitmad.uniform_attention_mad(*args)

@@ -266,8 +266,17 @@ def uniform_attention_mad(grid_h: int, grid_w: int, patch: float | tuple[float, 
     Args:
         grid_h, grid_w: the patch grid.
         patch: pixel size of a patch, or ``(stride_y, stride_x)`` for rectangular cells.
+
+    Raises:
+        ValueError: a grid side that is not a positive integer, or a patch size that is not positive.
     """
+    for name, side in (("grid_h", grid_h), ("grid_w", grid_w)):
+        if isinstance(side, bool) or not isinstance(side, int) or side <= 0:
+            raise ValueError(f"uniform_attention_mad: {name} must be a positive int, got {side!r}")
     stride_y, stride_x = (patch, patch) if isinstance(patch, (int, float)) else patch
+    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in (stride_y, stride_x)):
+        raise ValueError(f"uniform_attention_mad: patch must be a positive size in pixels, or (stride_y, "
+                         f"stride_x), got {patch!r}")
     dy = torch.arange(1 - grid_h, grid_h, dtype=torch.float64)
     dx = torch.arange(1 - grid_w, grid_w, dtype=torch.float64)
     pairs = (grid_h - dy.abs())[:, None] * (grid_w - dx.abs())[None, :]

@@ -511,6 +511,9 @@ def profile(
             included) is re-raised after the checkpoint is saved.
     """
     check_loader_threads(loader_threads)
+    check_flag("resume", resume)
+    if resume and checkpoint is None:
+        raise OptionError("resume", "resume continues from a checkpoint file: pass checkpoint= too")
     decoders = ThreadPoolExecutor(loader_threads, "vitmad-decode") if loader_threads > 0 else None
     try:
         plan = plan_run(

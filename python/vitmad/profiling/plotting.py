@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -40,6 +41,19 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path, **options) -> None:
+    """``fig.savefig`` into ``path``, its folder created as the other outputs' are; a file type matplotlib cannot
+    write is a ValueError naming the path and the types it can (checked before drawing to disk)."""
+    path = Path(path).expanduser()
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix and suffix not in fig.canvas.get_supported_filetypes():
+        _pyplot().close(fig)
+        raise ValueError(f"{path}: cannot write a figure of type .{suffix}; use one of "
+                         f"{', '.join('.' + t for t in sorted(fig.canvas.get_supported_filetypes()))}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, **options)
 
 
 def _describe_grids(profile) -> str:
@@ -106,7 +120,7 @@ def _finish_depth_figure(plt, fig, ax, profile, statistic: str, depth: list[int]
     ax.legend(fontsize=7, ncol=2 if num_heads > 8 else 1, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    _save(fig, path, dpi=150)
     plt.close(fig)
 
 
@@ -164,7 +178,7 @@ def plot_space_time(profile, path: str | os.PathLike, *, title: str | None = Non
     fig.suptitle(title or textwrap.fill(f"{profile.model}: {profile.count} videos, {_describe_grids(profile)}", 100),
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    _save(fig, path, dpi=150)
     plt.close(fig)
 
 
@@ -209,7 +223,7 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    _save(fig, path, dpi=150)
     plt.close(fig)
 
 
@@ -251,7 +265,7 @@ def plot_mad_maps(
     for ax in axes:
         ax.axis("off")
     fig.colorbar(shown, ax=list(axes), shrink=0.9, label="MAD (px), mean over heads")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _save(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -303,7 +317,7 @@ def plot_image_prefix_maps(
         ax.set_yticks([])
     fig.suptitle(f"{name}: attention of token 0 (CLS) and the other tokens without a position over the image",
                  fontsize=9)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _save(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -364,7 +378,7 @@ def plot_prefix_maps(profile, path: str | os.PathLike, *, layers: Sequence[int] 
                          fontsize=7)
     fig.suptitle(textwrap.fill(f"{profile.model}: attention of the tokens without a position (rows, in token "
                                "order) over the grid, mean over images and heads", 90), fontsize=8)
-    fig.savefig(path, dpi=120)
+    _save(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -304,8 +304,8 @@ class Profile:
         """
         try:
             doc = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: cannot read a vitmad profile ({err})") from err
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # nested past Python's limit
+            raise ValueError(f"{path}: cannot read a vitmad profile ({type(err).__name__}: {err})") from err
         found = doc.get("format") if isinstance(doc, dict) else None
         if isinstance(found, str) and found.startswith("vitmad-profile/") and found not in _READABLE:
             readable = " and ".join(map(repr, _READABLE))
@@ -326,6 +326,8 @@ class Profile:
                     raise ValueError(f"expected one value per head of each of the {len(layers)} layers")
                 return torch.tensor([list(r) + [fill] * (width - len(r)) for r in rows], dtype=torch.float64)
 
+            if int(doc["count"]) < 1:  # every profile written has profiled at least one image
+                raise ValueError(f"count must be a positive number of images, got {doc['count']!r}")
             stats = RunningStats(
                 padded(doc["sums"]["total"]),
                 padded(doc["sums"]["total_sq"]),
