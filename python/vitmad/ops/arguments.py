@@ -76,6 +76,11 @@ def _broadcasts(shape: Sequence[int], target: Sequence[int]) -> bool:
     )
 
 
+def is_int(value) -> bool:
+    """Whether ``value`` is a Python int and not a bool: ``True`` is an int to Python, but no size or count."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def grid_ints(grid, op_name: str) -> list[int] | None:
     """``grid`` as the op's ``int[]``: each entry an integer (Python, NumPy or 0-d integer tensor), never a float
     rounded toward zero (``grid=(2.9, 2.1)`` is an error, not ``[2, 2]``); None stays None. Sizes are checked by

@@ -20,6 +20,7 @@ from .arguments import (
     check_qk_tensors,
     check_stats,
     check_stats_and_times,
+    is_int,
 )
 
 __all__ = [
@@ -271,7 +272,7 @@ def uniform_attention_mad(grid_h: int, grid_w: int, patch: float | tuple[float, 
         ValueError: a grid side that is not a positive integer, or a patch size that is not positive.
     """
     for name, side in (("grid_h", grid_h), ("grid_w", grid_w)):
-        if isinstance(side, bool) or not isinstance(side, int) or side <= 0:
+        if not is_int(side) or side <= 0:
             raise ValueError(f"uniform_attention_mad: {name} must be a positive int, got {side!r}")
     stride_y, stride_x = (patch, patch) if isinstance(patch, (int, float)) else patch
     if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in (stride_y, stride_x)):

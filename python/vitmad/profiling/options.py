@@ -12,6 +12,7 @@ from types import ModuleType
 
 import torch
 
+from ..ops.arguments import is_int
 from ..recording.recorder import RECORD_STATS, split_stat_names
 
 __all__ = [
@@ -52,7 +53,7 @@ def check_positive(parameter: str, value: int | None, what: str = "a positive in
     """Raise :class:`OptionError` unless ``value`` is a positive integer (or None, where ``optional``)."""
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise OptionError(parameter, f"expected {what}, got {value!r}")
 
 
@@ -73,7 +74,7 @@ def check_layers(layers) -> None:
 
 def check_loader_threads(value) -> None:
     """Raise :class:`OptionError` unless ``value`` is a number of decoding threads >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise OptionError("loader_threads", f"expected a number of threads >= 0 (0: decode on the calling thread), "
                                             f"got {value!r}")
 

@@ -48,10 +48,11 @@ def _save(fig, path, **options) -> None:
     write is a ValueError naming the path and the types it can (checked before drawing to disk)."""
     path = Path(path).expanduser()
     suffix = path.suffix.lower().lstrip(".")
-    if suffix and suffix not in fig.canvas.get_supported_filetypes():
+    supported = fig.canvas.get_supported_filetypes()
+    if suffix and suffix not in supported:
         _pyplot().close(fig)
         raise ValueError(f"{path}: cannot write a figure of type .{suffix}; use one of "
-                         f"{', '.join('.' + t for t in sorted(fig.canvas.get_supported_filetypes()))}")
+                         f"{', '.join('.' + t for t in sorted(supported))}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, **options)
 

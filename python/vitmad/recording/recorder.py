@@ -41,6 +41,7 @@ from ..ops.arguments import (
     STAT_NAMES,
     TEMPORAL_MAD,
     grid_ints,
+    is_int,
     is_trusted_positions,
     is_trusted_same_tokens,
     same_tokens,
@@ -325,14 +326,13 @@ class Recording:
             raise ValueError(f"vitmad.record: reduction must be 'mean' or 'none', got '{reduction}'")
         if not isinstance(renormalize, bool):  # "no" would be true
             raise TypeError(f"vitmad.record: renormalize must be True or False, got {renormalize!r}")
-        if patch is not None and (isinstance(patch, bool) or not isinstance(patch, int) or patch <= 0):
+        if patch is not None and (not is_int(patch) or patch <= 0):
             raise ValueError(f"vitmad.record: patch must be a positive int (pixels), got {patch!r}")
         if grid is not None:
             grid = grid_ints(grid, "vitmad.record")  # integers, never floats rounded toward zero
             if len(grid) != 2 or any(g <= 0 for g in grid):
                 raise ValueError(f"vitmad.record: grid must be [grid_h, grid_w] of positive ints, got {grid}")
-        if num_prefix_tokens is not None and (isinstance(num_prefix_tokens, bool) or
-                                              not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0):
+        if num_prefix_tokens is not None and (not is_int(num_prefix_tokens) or num_prefix_tokens < 0):
             raise ValueError(f"vitmad.record: num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
         if isinstance(layers, str):
             raise TypeError(f"vitmad.record: layers must be a list of names or patterns, got the string '{layers}'")
