@@ -188,9 +188,10 @@ def _hub_loading_options(spec: str, name: str) -> dict:
     return {"local_files_only": True}
 
 
-def _timm_weights_options(timm, spec: str, name: str) -> dict:
-    """``timm.create_model`` options for a model's pretrained weights when the Hugging Face hub, where timm gets
-    them, cannot be reached: the file from the local hub cache, or an error at once.
+def _timm_weights_options(cfg, spec: str, name: str) -> dict:
+    """``timm.create_model`` options for a model's pretrained weights (``cfg``, its timm pretrained config, None
+    for none) when the Hugging Face hub, where timm gets them, cannot be reached: the file from the local hub
+    cache, or an error at once.
 
     Offline, timm would ask the hub for the file five times (about a minute) before failing, even for weights in
     the cache. Weights that timm takes from a URL instead (no ``hf_hub_id``) are left to it: torch's download
@@ -201,16 +202,16 @@ def _timm_weights_options(timm, spec: str, name: str) -> dict:
     """
     from huggingface_hub import constants, try_to_load_from_cache
 
-    cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not cfg.hf_hub_id or constants.HF_HUB_OFFLINE or _hub_reachable():
         return {}
     repo, _, revision = cfg.hf_hub_id.partition("@")
     filename = cfg.hf_hub_filename or "pytorch_model.bin"
-    # timm's order: the safetensors form of the file first (model.safetensors for pytorch_model.bin).
-    safe = "model.safetensors" if filename == "pytorch_model.bin" else (
-        filename[: -len(".bin")] + ".safetensors" if filename.endswith(".bin") else None)
-    for candidate in (safe, filename):
-        cached = try_to_load_from_cache(repo, candidate, revision=revision or None) if candidate else None
+    candidates = [filename]
+    if filename.endswith(".bin"):  # timm's order: the safetensors form first (model.safetensors for the default)
+        safe = "model.safetensors" if filename == "pytorch_model.bin" else filename[: -len(".bin")] + ".safetensors"
+        candidates.insert(0, safe)
+    for candidate in candidates:
+        cached = try_to_load_from_cache(repo, candidate, revision=revision or None)
         if isinstance(cached, str):
             return {"pretrained_cfg_overlay": {"file": cached}}
     raise OptionError(
@@ -282,7 +283,7 @@ def _load_timm(
     if not timm.is_model(name):
         raise OptionError("model", f"{spec}: timm has no model named {name!r} (see timm.list_models())")
     try:  # a pretrained tag the architecture does not have (is_model reads the architecture alone)
-        timm.models.get_pretrained_cfg(name)
+        pretrained_cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError as err:
         raise OptionError("model", f"{spec}: {str(err).rstrip('.')} (see timm.list_pretrained())") from err
     if model_checkpoint is not None:
@@ -293,7 +294,7 @@ def _load_timm(
     naflex = timm.models.model_entrypoint(name).__module__.endswith(".naflexvit")
     options = {"dynamic_img_size": True} if image_size is not None and not naflex else {}
     if model_checkpoint is None:
-        options.update(_timm_weights_options(timm, spec, name))
+        options.update(_timm_weights_options(pretrained_cfg, spec, name))
     try:
         module = timm.create_model(
             name, pretrained=model_checkpoint is None, checkpoint_path=str(model_checkpoint or ""), **options
