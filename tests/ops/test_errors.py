@@ -3,6 +3,8 @@ identically from the compiled kernels and from the pure-PyTorch fallback."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -71,6 +73,78 @@ def test_schema_level_type_errors_are_clear():
     # A float patch size is rejected by the schema before any kernel runs; the message names the argument.
     with pytest.raises((TypeError, RuntimeError), match="patch"):
         torch.ops.vitmad.mad(A197, 16.5)
+
+
+_Q = torch.randn(2, 197, 8)
+_POSITIONS = vitmad.grid_positions(14, 14, 16, num_prefix_tokens=1)
+WRONG_TYPES = [
+    # call, the message: the function users call, the argument, what it takes and what was given
+    (lambda: vitmad.mad("attn", 16), "vitmad.mad: attn must be a torch.Tensor, got str"),
+    (lambda: vitmad.mad(A197.numpy(), 16), "vitmad.mad: attn must be a torch.Tensor, got ndarray"),
+    (lambda: vitmad.mad(A197, "16"), "vitmad.mad: patch must be an int, got str"),
+    (lambda: vitmad.mad(A197, 16.0), "vitmad.mad: patch must be an int, got float"),
+    (lambda: vitmad.mad(A197, True), "vitmad.mad: patch must be an int, got the bool True"),
+    (lambda: vitmad.mad(A197, 16, num_prefix_tokens=True), "vitmad.mad: num_prefix_tokens must be an int, got the "
+                                                           "bool True"),
+    (lambda: vitmad.mad(A197, 16, renormalize="no"), "vitmad.mad: renormalize must be True or False, got 'no'"),
+    (lambda: vitmad.mad(A197, positions=_POSITIONS, renormalize=3), "vitmad.mad: renormalize must be True or False, "
+                                                                    "got 3"),
+    (lambda: vitmad.mad(A197, 16, reduction=1), "vitmad.mad: reduction must be a string, got int"),
+    (lambda: vitmad.mad(A197, positions=[[0.0, 0.0]]), "vitmad.mad: positions must be a torch.Tensor, got list"),
+    (lambda: vitmad.mad_qk(_Q, "k", 16), "vitmad.mad_qk: k must be a torch.Tensor"),
+    (lambda: vitmad.mad_qk(_Q, _Q, True), "vitmad.mad_qk: patch must be an int, got the bool True"),
+    (lambda: vitmad.mad_qk(_Q, _Q, 16, scale="0.1"), "vitmad.mad_qk: scale must be a number"),
+    (lambda: vitmad.mad_qk(_Q, _Q, 16, scale=True), "vitmad.mad_qk: scale must be a number"),
+    (lambda: vitmad.mad_qk(_Q, _Q, 16, attn_bias=0.5), "vitmad.mad_qk: attn_bias must be a torch.Tensor or None, got "
+                                                       "float"),
+    (lambda: vitmad.attention_stats(A197, "16"), "vitmad.attention_stats: patch must be an int, got str"),
+    (lambda: vitmad.attention_stats(A197, 16, renormalize=None), "vitmad.attention_stats: renormalize must be True "
+                                                                 "or False, got None"),
+    (lambda: vitmad.attention_stats("attn", 16, stats=["prefix_maps"]), "vitmad.attention_stats: attn must be a "
+                                                                        "torch.Tensor"),
+    (lambda: vitmad.attention_stats(A197, "16", stats=["prefix_maps"]), "vitmad.attention_stats: patch must be an "
+                                                                        "int, got '16'"),
+    (lambda: vitmad.attention_stats(A197, positions=_POSITIONS, reduction=None), "vitmad.attention_stats: reduction "
+                                                                                 "must be a string, got NoneType"),
+    (lambda: vitmad.attention_stats_qk("q", _Q, 16, stats=["prefix_maps"]), "vitmad.attention_stats_qk: q must be a "
+                                                                            "torch.Tensor"),
+    (lambda: vitmad.attention_stats_qk(_Q, _Q, 16, scale=[0.1]), "vitmad.attention_stats_qk: scale must be a number"),
+    (lambda: vitmad.attention_stats_qk(_Q, _Q, True), "vitmad.attention_stats_qk: patch must be an int, got the bool"),
+]
+
+
+@pytest.mark.parametrize("call,message", WRONG_TYPES, ids=[m[:60] for _, m in WRONG_TYPES])
+def test_arguments_of_the_wrong_type_are_type_errors_naming_them(call, message):
+    """Not the dispatcher's RuntimeError with its schema dump, nor True taken for the int 1 or 3 for True: a
+    TypeError from the function called, naming the argument, what it takes and what it got."""
+    with pytest.raises(TypeError, match=re.escape(message)):
+        call()
+
+
+def test_errors_of_the_kernels_are_not_turned_into_type_errors():
+    with pytest.raises(ValueError, match="patch must be a positive patch size in pixels, got 0"):
+        vitmad.mad(A197, 0)
+    with pytest.raises(ValueError, match="vitmad.mad_qk: scale must be finite, got inf"):
+        vitmad.mad_qk(_Q, _Q, 16, scale=float("inf"))
+
+
+@pytest.mark.parametrize("args,kwargs,message", [
+    ((4.5, 3, 16), {}, "grid_h must be an int, got 4.5"),
+    ((4, True, 16), {}, "grid_w must be an int, got True"),
+    ((4, 3, "16"), {}, "patch must be a number (pixels per patch), got '16'"),
+    ((4, 3, 16), {"num_prefix_tokens": 1.0}, "num_prefix_tokens must be an int, got 1.0"),
+    ((4, 3, 16), {"dtype": torch.int64}, "dtype must be a floating torch.dtype"),
+])
+def test_grid_positions_refuses_arguments_of_the_wrong_type(args, kwargs, message):
+    with pytest.raises(TypeError, match="vitmad.grid_positions: " + re.escape(message)):
+        vitmad.grid_positions(*args, **kwargs)
+
+
+def test_grid_positions_takes_numpy_numbers():
+    import numpy as np
+
+    torch.testing.assert_close(vitmad.grid_positions(np.int64(4), np.int32(3), np.float32(16)),
+                               vitmad.grid_positions(4, 3, 16.0), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("grid", [(2.9, 2.1), (14.0, 14.0), (True, 1), "14x14", 14])

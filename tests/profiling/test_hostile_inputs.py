@@ -296,3 +296,47 @@ def test_figures_go_into_new_folders_and_name_the_types_they_take(good_result, t
 def test_uniform_attention_mad_checks_its_arguments(args, message):
     with pytest.raises(ValueError, match=f"uniform_attention_mad: {message}"):
         vitmad.uniform_attention_mad(*args)
+
+
+def test_profile_runs_on_cpu_or_cuda_only():
+    """The meta device holds no values: refused by name (was: NotImplementedError from copying out of meta)."""
+    with pytest.raises(ValueError, match="device: expected auto, cpu, cuda or cuda:N, got 'meta'"):
+        vitmad.profile(_tiny_vit_module(), torch.randn(2, 3, 32, 32), device="meta")
+
+
+def test_pixels_with_channels_the_model_does_not_take_are_refused_by_name():
+    """A transformers model says num_channels, a timm ViT's patch embedding its in_channels; a model built for one
+    channel takes one."""
+    timm = pytest.importorskip("timm")
+    with pytest.raises(ValueError, match=r"images: the model takes 3 channels, \[B, 3, H, W\]; got a tensor of shape "
+                                         r"\[2, 1, 32, 32\]"):
+        vitmad.profile(_tiny_vit_module(), torch.randn(2, 1, 32, 32), device="cpu")
+    rgb = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
+    with pytest.raises(ValueError, match="images: the model takes 3 channels"):
+        vitmad.profile(rgb, torch.randn(1, 4, 32, 32), device="cpu")
+    gray = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, in_chans=1)
+    assert vitmad.profile(gray, torch.randn(1, 1, 32, 32), device="cpu").mad.shape == (1, 3)
+
+
+def test_a_profile_written_onto_a_folder_is_refused_before_writing(good_result, tmp_path):
+    profile = vitmad.Profile.from_json(good_result)
+    with pytest.raises(IsADirectoryError, match="a folder, where a file was to be written"):
+        profile.to_json(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
+def test_map_layers_are_indices_of_the_recorded_layers():
+    from vitmad.profiling import image_prefix_maps, mad_maps
+
+    model, pixels = _tiny_vit_module(), torch.randn(3, 32, 32)
+    for layers, shown in (([2], "2"), ([1.0], "1.0"), ([True], "True")):
+        with pytest.raises(ValueError, match=rf"layers: expected layer indices in \[0, 2\) \(negative from the end\) "
+                                             rf"of the 2 recorded layers, got {shown}"):
+            mad_maps(model, pixels, layers=layers, device="cpu")
+    with pytest.raises(ValueError, match="layers: expected a list of layer indices, got '0'"):
+        mad_maps(model, pixels, layers="0", device="cpu")
+    _, _, names, _ = mad_maps(model, pixels, layers=[-1, 0], device="cpu")
+    assert names == ["layers.1.attention", "layers.0.attention"]
+    with pytest.raises(ValueError, match=r"layer: expected a layer index in \[0, 2\)"):
+        image_prefix_maps(model, pixels, layer=5, device="cpu")
+    assert image_prefix_maps(model, pixels, layer=-1, device="cpu")[2] == "layers.1.attention"

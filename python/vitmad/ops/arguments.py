@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import re
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ __all__ = [
     "check_time_args",
     "mad_output_dtype",
     "SUPPORTED_DTYPES",
+    "check_not_bool",
+    "check_renormalize",
+    "scale_float",
+    "schema_type_error",
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -79,6 +84,67 @@ def _broadcasts(shape: Sequence[int], target: Sequence[int]) -> bool:
 def is_int(value) -> bool:
     """Whether ``value`` is a Python int and not a bool: ``True`` is an int to Python, but no size or count."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# The dispatcher's answer to an argument of the wrong Python type: a RuntimeError that names the argument and both
+# types. Catching it after the call (schema_type_error) costs nothing on a good call, where checking every
+# argument's type before it would cost each call a few hundred nanoseconds.
+_SCHEMA_TYPE_ERROR = re.compile(
+    r"Expected a value of type '(?P<expected>[^']+)' for argument '(?P<arg>\w+)' but instead found type "
+    r"'(?P<given>[^']+)'"
+)
+_SCHEMA_TYPE_WORDS = {
+    "Tensor": "a torch.Tensor",
+    "int": "an int",
+    "bool": "True or False",
+    "str": "a string",
+    "float": "a float",
+    "Optional[float]": "a float or None",
+    "Optional[Tensor]": "a torch.Tensor or None",
+    "List[int]": "a list of ints",
+    "Optional[List[int]]": "a list of ints or None",
+    "List[str]": "a list of names (strings)",
+}
+
+
+def schema_type_error(error: RuntimeError, op_name: str) -> BaseException:
+    """The ``TypeError`` for the dispatcher's ``RuntimeError`` about an argument of the wrong type, naming the
+    argument, what was expected and what was given; any other error unchanged. Used as
+    ``except RuntimeError as e: raise schema_type_error(e, op_name) from None`` around an op call (the kernels'
+    own errors carry no cause or context to lose)."""
+    found = _SCHEMA_TYPE_ERROR.search(str(error))
+    if found is None:
+        return error
+    expected = _SCHEMA_TYPE_WORDS.get(found["expected"], found["expected"])
+    return TypeError(f"{op_name}: {found['arg']} must be {expected}, got {found['given']}")
+
+
+def check_not_bool(op_name: str, **values) -> None:
+    """TypeError for a bool where a size or count is expected: the dispatcher takes ``True`` for the int 1."""
+    for name, value in values.items():
+        if isinstance(value, bool):
+            raise TypeError(f"{op_name}: {name} must be an int, got the bool {value}")
+
+
+def check_renormalize(value, op_name: str) -> None:
+    """TypeError unless ``renormalize`` is True or False (NumPy's bool too): the dispatcher would take 3 or "no"
+    for True."""
+    if value.__class__ is not bool and value.__class__.__name__ not in ("bool_", "bool"):
+        raise TypeError(f"{op_name}: renormalize must be True or False, got {value!r}")
+
+
+def scale_float(scale, op_name: str) -> float | None:
+    """``scale`` as the op's ``float?``: a real number (Python, NumPy or a 0-d tensor), not a bool; None stays
+    None. Its finiteness is checked by the op."""
+    if scale is None:
+        return None
+    if isinstance(scale, (bool, str, bytes)):
+        raise TypeError(f"{op_name}: scale must be a number (the logits' factor), got {scale!r}")
+    try:
+        return float(scale)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one value
+        raise TypeError(f"{op_name}: scale must be a number (the logits' factor), got {type(scale).__name__}") \
+            from None
 
 
 def grid_ints(grid, op_name: str) -> list[int] | None:
@@ -146,6 +212,9 @@ def check_mad_options(
         ValueError: an argument is out of range; the message names it, says what was expected and what was
             given.
     """
+    for name, value in (("patch", patch), ("num_prefix_tokens", num_prefix_tokens)):
+        if not is_int(value) and not (isinstance(value, torch.SymInt)):
+            raise TypeError(f"{op_name}: {name} must be an int, got {value!r}")
     if patch <= 0:
         raise ValueError(f"{op_name}: patch must be a positive patch size in pixels, got {patch}")
     if not 0 <= num_prefix_tokens < n:
@@ -221,6 +290,8 @@ def check_qk_tensors(
             expected and what was given.
     """
     for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op_name}: {name} must be a torch.Tensor [..., N, D], got {type(t).__name__}")
         if t.layout != torch.strided:
             raise ValueError(f"{op_name}: {name} must be a dense (strided) tensor, got layout {t.layout}")
     if q.dtype not in SUPPORTED_DTYPES:
@@ -325,6 +396,8 @@ def check_one_form(op_name: str, positions, key_positions, grid_form: dict) -> N
 
 def check_attn_tensor(attn: torch.Tensor, shape_text: str, op_name: str) -> None:
     """The checks of ``attn`` itself shared by both forms (mirrors ``check_attn_tensor``)."""
+    if not isinstance(attn, torch.Tensor):
+        raise TypeError(f"{op_name}: attn must be a torch.Tensor {shape_text}, got {type(attn).__name__}")
     if attn.layout != torch.strided:
         raise ValueError(f"{op_name}: attn must be a dense (strided) tensor, got layout {attn.layout}")
     if attn.dtype not in SUPPORTED_DTYPES:

@@ -16,10 +16,13 @@ from .arguments import (
     check_attn_tensor,
     check_mad_args,
     check_mad_grad,
+    check_not_bool,
     check_one_form,
     check_position_args,
+    check_renormalize,
     grid_ints,
     mad_output_dtype,
+    schema_type_error,
 )
 
 __all__ = ["mad"]
@@ -72,13 +75,16 @@ def mad(
         with NaN at queries without a position (position form). float32, or float64 for float64 input.
 
     Raises:
-        TypeError: ``attn`` or ``positions`` has an unsupported dtype, or neither ``patch`` nor ``positions``
-            is given.
+        TypeError: an argument of the wrong type (a float or bool ``patch``, a string ``renormalize``...), ``attn``
+            or ``positions`` of an unsupported dtype, or neither ``patch`` nor ``positions`` given; the message
+            names the argument.
         ValueError: a shape, size or option is invalid, or both forms are mixed; the message names the
             argument.
         RuntimeError: ``positions`` or ``key_positions`` requires grad (MAD is differentiable with respect to
             ``attn`` only).
     """
+    if renormalize.__class__ is not bool:
+        check_renormalize(renormalize, "vitmad.mad")
     if positions is None and key_positions is None and patch is not None:
         # The grid form, with only the options that differ from the schema's defaults passed: each keyword
         # argument costs the op call about 0.5 us, a good part of a small call (benchmarks/bench_op.py).
@@ -91,12 +97,20 @@ def mad(
             options["renormalize"] = renormalize
         if reduction != "mean":
             options["reduction"] = reduction
-        return torch.ops.vitmad.mad.default(attn, patch, **options)
+        if patch.__class__ is bool or num_prefix_tokens.__class__ is bool:  # the dispatcher takes True for 1
+            check_not_bool("vitmad.mad", patch=patch, num_prefix_tokens=num_prefix_tokens)
+        try:
+            return torch.ops.vitmad.mad.default(attn, patch, **options)
+        except RuntimeError as error:
+            raise schema_type_error(error, "vitmad.mad") from None
     check_one_form("vitmad.mad", positions, key_positions,
                     {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
-    return torch.ops.vitmad.mad_pos.default(
-        attn, positions, key_positions, renormalize=renormalize, reduction=reduction
-    )
+    try:
+        return torch.ops.vitmad.mad_pos.default(
+            attn, positions, key_positions, renormalize=renormalize, reduction=reduction
+        )
+    except RuntimeError as error:
+        raise schema_type_error(error, "vitmad.mad") from None
 
 
 # Grid form ---------------------------------------------------------------------------------------------------

@@ -16,11 +16,15 @@ import torch
 from . import library  # noqa: F401  (defines torch.ops.vitmad before anything is registered on it)
 from .arguments import (
     check_mad_qk_args,
+    check_not_bool,
     check_one_form,
     check_position_args,
     check_qk_tensors,
+    check_renormalize,
     grid_ints,
     mad_output_dtype,
+    scale_float,
+    schema_type_error,
 )
 
 __all__ = ["mad_qk"]
@@ -72,26 +76,31 @@ def mad_qk(
         float32 (float64 for float64 input).
 
     Raises:
-        TypeError: a dtype is unsupported, ``k`` / ``attn_bias`` does not match ``q``'s, or neither ``patch``
-            nor ``positions`` is given.
+        TypeError: an argument of the wrong type, a dtype is unsupported, ``k`` / ``attn_bias`` does not match
+            ``q``'s, or neither ``patch`` nor ``positions`` is given; the message names the argument.
         ValueError: a shape, device or option is invalid, or both forms are mixed; the message names the
             argument.
         RuntimeError: ``q``, ``k``, ``attn_bias`` or a positions tensor requires grad while grad mode is on.
     """
+    check_renormalize(renormalize, "vitmad.mad_qk")
     check_one_form("vitmad.mad_qk", positions, key_positions,
                     {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
-    options = {"scale": None if scale is None else float(scale), "attn_bias": attn_bias,
-               "renormalize": renormalize, "reduction": reduction}
-    if positions is not None:
-        return torch.ops.vitmad.mad_qk_pos.default(q, k, positions, key_positions, **options)
-    return torch.ops.vitmad.mad_qk.default(
-        q,
-        k,
-        patch,
-        num_prefix_tokens=1 if num_prefix_tokens is None else num_prefix_tokens,
-        grid=grid_ints(grid, "vitmad.mad_qk"),
-        **options,
-    )
+    check_not_bool("vitmad.mad_qk", patch=patch, num_prefix_tokens=num_prefix_tokens)
+    options = {"scale": scale_float(scale, "vitmad.mad_qk"), "attn_bias": attn_bias, "renormalize": renormalize,
+               "reduction": reduction}
+    try:
+        if positions is not None:
+            return torch.ops.vitmad.mad_qk_pos.default(q, k, positions, key_positions, **options)
+        return torch.ops.vitmad.mad_qk.default(
+            q,
+            k,
+            patch,
+            num_prefix_tokens=1 if num_prefix_tokens is None else num_prefix_tokens,
+            grid=grid_ints(grid, "vitmad.mad_qk"),
+            **options,
+        )
+    except RuntimeError as error:
+        raise schema_type_error(error, "vitmad.mad_qk") from None
 
 
 @torch.library.register_fake("vitmad::mad_qk")

@@ -7,6 +7,9 @@ is", gives the rules for windows, pooled keys, hierarchies and video.
 
 from __future__ import annotations
 
+import numbers
+import operator
+
 import torch
 
 __all__ = ["grid_positions"]
@@ -37,8 +40,23 @@ def grid_positions(
         ``[P + grid_h * grid_w, 2]`` (row, column) positions.
 
     Raises:
+        TypeError: a size or count that is not an int, a patch that is not a number, a dtype that is not floating.
         ValueError: a non-positive grid size or patch, or a negative prefix count.
     """
+    sizes = {}
+    for name, value in (("grid_h", grid_h), ("grid_w", grid_w), ("num_prefix_tokens", num_prefix_tokens)):
+        try:  # Python and NumPy ints; never a float rounded toward zero, nor a bool
+            sizes[name] = operator.index(value) if not isinstance(value, bool) else None
+        except TypeError:
+            sizes[name] = None
+        if sizes[name] is None:
+            raise TypeError(f"vitmad.grid_positions: {name} must be an int, got {value!r}")
+    grid_h, grid_w, num_prefix_tokens = sizes["grid_h"], sizes["grid_w"], sizes["num_prefix_tokens"]
+    if isinstance(patch, bool) or not isinstance(patch, numbers.Real):
+        raise TypeError(f"vitmad.grid_positions: patch must be a number (pixels per patch), got {patch!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"vitmad.grid_positions: dtype must be a floating torch.dtype (NaN marks the prefix "
+                        f"tokens), got {dtype!r}")
     if grid_h <= 0 or grid_w <= 0:
         raise ValueError(f"vitmad.grid_positions: grid_h and grid_w must be positive, got {grid_h} x {grid_w}")
     if not patch > 0:

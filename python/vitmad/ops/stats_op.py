@@ -32,15 +32,19 @@ from .arguments import (
     check_mad_args,
     check_mad_qk_args,
     check_no_times,
+    check_not_bool,
     check_one_form,
     check_position_args,
     check_qk_tensors,
+    check_renormalize,
     check_stats,
     check_stats_and_times,
     check_times_named,
     grid_ints,
     is_trusted_positions,
     mad_output_dtype,
+    scale_float,
+    schema_type_error,
     tensor_version,
 )
 from .mad_op import mad
@@ -187,6 +191,7 @@ def attention_stats(
         RuntimeError: ``attn`` requires grad while grad mode is on (the statistics are measurements).
     """
     names, maps = _split(stats, _OP)
+    check_renormalize(renormalize, _OP)
     check_one_form(_OP, positions, key_positions,
                    {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
     _check_times(names, times, key_times, positions, _OP)
@@ -196,10 +201,15 @@ def attention_stats(
         prefix = 1 if num_prefix_tokens is None else num_prefix_tokens
         grid_list = grid_ints(grid, _OP)
         if names:
-            values = torch.ops.vitmad.stats.default(attn, patch, list(names), num_prefix_tokens=prefix,
-                                                    grid=grid_list, renormalize=renormalize, reduction=reduction)
+            check_not_bool(_OP, patch=patch, num_prefix_tokens=prefix)
+            try:
+                values = torch.ops.vitmad.stats.default(attn, patch, list(names), num_prefix_tokens=prefix,
+                                                        grid=grid_list, renormalize=renormalize, reduction=reduction)
+            except RuntimeError as error:
+                raise schema_type_error(error, _OP) from None
             out.update(zip(names, values.unbind(0)))
         else:
+            check_attn_tensor(attn, "[..., N, N]", _OP)
             check_mad_args(attn.shape, attn.dtype, patch, prefix, grid_list, renormalize, reduction, _OP)
         rows, cols = slice(0, prefix), slice(prefix, None)
     else:
@@ -212,8 +222,11 @@ def attention_stats(
         if temporal:
             check_stats_and_times(names, attn, layout, positions, key_positions, times, key_times, _OP)
         if kernel_names:
-            values = torch.ops.vitmad.stats_pos.default(attn, positions, key_positions, kernel_names,
-                                                        renormalize=renormalize, reduction=reduction)
+            try:
+                values = torch.ops.vitmad.stats_pos.default(attn, positions, key_positions, kernel_names,
+                                                            renormalize=renormalize, reduction=reduction)
+            except RuntimeError as error:
+                raise schema_type_error(error, _OP) from None
             out.update(zip(kernel_names, values.unbind(0)))
         if temporal:  # the frames as one-coordinate positions: a second read of attn
             _refuse_grad(_OP, {"attn": attn, "times": times, "key_times": key_times})
@@ -259,18 +272,23 @@ def attention_stats_qk(
         As :func:`attention_stats`.
     """
     names, maps = _split(stats, _OP_QK)
+    check_renormalize(renormalize, _OP_QK)
     check_one_form(_OP_QK, positions, key_positions,
                    {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
     _check_times(names, times, key_times, positions, _OP_QK)
-    options = {"scale": None if scale is None else float(scale), "attn_bias": attn_bias,
-               "renormalize": renormalize, "reduction": reduction}
+    options = {"scale": scale_float(scale, _OP_QK), "attn_bias": attn_bias, "renormalize": renormalize,
+               "reduction": reduction}
     out: dict[str, torch.Tensor] = {}
     if positions is None:
         prefix = 1 if num_prefix_tokens is None else num_prefix_tokens
         grid_list = grid_ints(grid, _OP_QK)
         if names:
-            values = torch.ops.vitmad.stats_qk.default(q, k, patch, list(names), num_prefix_tokens=prefix,
-                                                       grid=grid_list, **options)
+            check_not_bool(_OP_QK, patch=patch, num_prefix_tokens=prefix)
+            try:
+                values = torch.ops.vitmad.stats_qk.default(q, k, patch, list(names), num_prefix_tokens=prefix,
+                                                           grid=grid_list, **options)
+            except RuntimeError as error:
+                raise schema_type_error(error, _OP_QK) from None
             out.update(zip(names, values.unbind(0)))
         if not names:  # else the op checked its arguments
             check_mad_qk_args(q, k, patch, prefix, grid_list, scale, attn_bias, renormalize, reduction, _OP_QK)
@@ -283,7 +301,11 @@ def attention_stats_qk(
         if names:
             if times is not None:
                 options.update(times=times, key_times=key_times)
-            values = torch.ops.vitmad.stats_qk_pos.default(q, k, positions, key_positions, list(names), **options)
+            try:
+                values = torch.ops.vitmad.stats_qk_pos.default(q, k, positions, key_positions, list(names),
+                                                               **options)
+            except RuntimeError as error:
+                raise schema_type_error(error, _OP_QK) from None
             out.update(zip(names, values.unbind(0)))
         if maps or not names:
             shape = check_qk_tensors(q, k, scale, attn_bias, False, _OP_QK)

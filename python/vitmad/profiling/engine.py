@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..ops.arguments import is_int
 from .checkpoint import check_checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
 from .distributed import DistributedRun, GlobalProgress, current_run, merge_across_ranks, merge_prefix_maps
 from .images import NATIVE, find_images, load_batch, parse_image_size
@@ -193,10 +194,25 @@ def _own_model_dtype(model: torch.nn.Module, dtype, resolved: torch.dtype) -> to
     return own
 
 
+def model_channels(module: torch.nn.Module) -> int | None:
+    """The colour channels a model's pixels have, where the model says so: a transformers config's
+    ``num_channels`` or a timm patch embedding's convolution; None where it does not (the model then answers
+    a wrong tensor itself)."""
+    config = getattr(module, "config", None)
+    for holder in (config, getattr(config, "vision_config", None)):
+        channels = getattr(holder, "num_channels", None)
+        if is_int(channels) and channels > 0:
+            return channels
+    proj = getattr(getattr(module, "patch_embed", None), "proj", None)
+    channels = getattr(proj, "in_channels", None)
+    return channels if is_int(channels) and channels > 0 else None
+
+
 def _image_batches(images, preprocessing, batch_size: int, max_images: int | None, pool: Executor | None,
-                   frames: int | None = None, native: NativeFeed | None = None):
+                   frames: int | None = None, native: NativeFeed | None = None, channels: int | None = None):
     """Image (or, for a video model taking ``frames`` frames, video) names and a function loading global batch
-    ``i``; ``native``: each image at its own aspect ratio."""
+    ``i``; ``native``: each image at its own aspect ratio; ``channels``: what a pixel tensor must have, where the
+    model says (:func:`model_channels`)."""
     if native is not None and (isinstance(images, torch.Tensor) or frames is not None):
         raise OptionError("images", "image_size='native' resizes each image itself: pass image files (of an image "
                                     "model), not a tensor or videos")
@@ -206,6 +222,9 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
         if images.dim() != expected:
             raise OptionError("images", f"a tensor of {'videos' if frames else 'images'} must be {shape}, got "
                                         f"shape {list(images.shape)}")
+        if channels is not None and images.shape[-3] != channels:
+            raise OptionError("images", f"the model takes {channels} channels, {shape.replace('3', str(channels))}; "
+                                        f"got a tensor of shape {list(images.shape)}")
         if not images.is_floating_point():  # 0-255 bytes would be taken for normalised pixels
             raise OptionError("images", f"a tensor of pixels must be preprocessed (normalised floats, {shape}), "
                                         f"got {images.dtype}; pass image files to have them preprocessed")
@@ -286,7 +305,7 @@ def plan_run(
     if native is None:
         check_fixed_size(loaded, size, isinstance(images, torch.Tensor))
     names, load = _image_batches(images, preprocessing, batch_size, max_images, decoders,
-                                 model_frames(loaded.module), native)
+                                 model_frames(loaded.module), native, model_channels(loaded.module))
     settings = {
         "renormalize": bool(renormalize),
         "dtype": str(torch_dtype).removeprefix("torch."),

@@ -4,6 +4,7 @@ write test of an output folder before any work is done.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -51,6 +52,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
             handle.write(data)
     """
     path = Path(path).expanduser()
+    if path.is_dir():  # else the rename at the end fails, after all the writing, naming the temporary file
+        raise IsADirectoryError(errno.EISDIR, "a folder, where a file was to be written (give a file path in it)",
+                                str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..ops.arguments import is_int
 from .engine import prepare_model
 from .images import NATIVE, load_image, parse_image_size
 from .native import native_feed
@@ -42,6 +43,15 @@ def _record_one_image(model, image, image_size, device, **record_options):
     return rec, pixels
 
 
+def _layer_index(value, num_layers: int, parameter: str) -> int:
+    """``value`` as an index into the ``num_layers`` recorded layers (negative from the end, as Python's)."""
+    if not is_int(value) or not -num_layers <= value < num_layers:
+        what = "a layer index" if parameter == "layer" else "layer indices"
+        raise OptionError(parameter, f"expected {what} in [0, {num_layers}) (negative from the end) of the "
+                                     f"{num_layers} recorded layers, got {value!r}")
+    return value % num_layers
+
+
 def mad_maps(
     model,
     image,
@@ -64,10 +74,13 @@ def mad_maps(
         layer (a hierarchy's stages have their own grids), ``pixels`` ``[3, H, W]`` the model input, the chosen
         layers' names and their geometry (``grid``, ``stride`` in pixels, ``attention``, ``heads``).
     """
+    if layers is not None and (isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__")):
+        raise OptionError("layers", f"expected a list of layer indices, got {layers!r}")
     rec, pixels = _record_one_image(model, image, image_size, device, renormalize=renormalize, reduction="none")
     num_layers = len(rec.layers)
     if layers is None:
         layers = sorted({round(i * (num_layers - 1) / 3) for i in range(4)})
+    layers = [_layer_index(i, num_layers, "layers") for i in layers]
     maps, geometry = [], []
     for i in layers:
         layer = rec.geometry[i]
@@ -108,6 +121,7 @@ def image_prefix_maps(
                           "attending over its own grid")
     if layer is None:
         layer = with_maps[-1]
+    layer = _layer_index(layer, len(rec.layers), "layer")
     if layer not in with_maps:
         raise OptionError("layer", f"layer {layer} has no prefix maps; layers with maps: {with_maps}")
     geometry = rec.geometry[layer]
