@@ -153,6 +153,71 @@ def test_swin_windows_statistics_over_every_query_and_no_maps():
     assert rec.prefix_maps == [None] * 4
 
 
+def test_padded_swin_windows_keep_the_self_mass_of_every_image_query():
+    """A map that the windows do not divide is padded: a padding slot is a key and no query, and key i is still
+    query i's token, so the self mass is measured there too (was NaN for the padded stages, whose keys carry
+    positions of their own)."""
+    torch.manual_seed(0)
+    # 40x32 px at patch 4: a 10x8 map in windows of 4x4 (padded to 12x8), then 5x4 (padded to 8x4); the second
+    # block of a stage shifts its windows (timm rolls the map, then pads: the padding stays at the bottom).
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(40, 32), embed_dim=16,
+                              depths=(2, 2), num_heads=(1, 2), window_size=4).eval()
+    _sharpen(model)
+    pixels = torch.randn(2, 3, 40, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vitmad.record(model, stats=["entropy", "prefix_mass", "self_mass"]) as rec:
+        model(pixels)
+    eager, maps = _eager_maps(model, class_name="WindowAttention")
+    with torch.no_grad():
+        eager(pixels)
+    assert len(maps) == len(rec.layers) == 4
+    for layer, (a, (height, width)) in enumerate(zip(maps, [(10, 8), (10, 8), (5, 4), (5, 4)])):
+        rows_of_windows, cols_of_windows = -(-height // 4), -(-width // 4)
+        windows = a.view(2, rows_of_windows, cols_of_windows, a.shape[1], 16, 16)
+        slot = torch.arange(16)
+        row = torch.arange(rows_of_windows).view(-1, 1, 1) * 4 + slot.view(1, 1, -1) // 4
+        col = torch.arange(cols_of_windows).view(1, -1, 1) * 4 + slot.view(1, 1, -1) % 4
+        image = ((row < height) & (col < width)).view(1, rows_of_windows, cols_of_windows, 1, 16).double()
+        assert 0 < image.sum() < image.numel()  # some slots are padding
+        expected = _row_stats(windows, 0, 0)
+        expected["prefix_mass"] = torch.zeros_like(expected["self_mass"])  # padding keys have a position
+        heads = a.shape[1]  # rec.stats pads the layers of fewer heads with NaN up to the most heads
+        for name, value in expected.items():
+            mean = (value * image).sum((1, 2, 4)) / image.sum((1, 2, 4))
+            torch.testing.assert_close(rec.stats[name][layer, :, :heads].double(), mean, **TOL)
+
+
+def test_padded_and_shifted_transformers_swin_windows_keep_the_self_mass():
+    """transformers pads the map, then rolls it: a shifted block's padding slots move into the windows, and the
+    self mass is still the mean of the diagonal over the slots with image content."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(image_size=(40, 32), patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
+                                     window_size=4)
+    model = transformers.SwinModel(config).eval()
+    _sharpen(model)
+    pixels = torch.randn(2, 3, 40, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vitmad.record(model, stats=["entropy", "self_mass"]) as rec:
+        model(pixels)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        attentions = model(pixels, output_attentions=True).attentions  # the last block of each stage
+    # (recorded layer, eager probabilities, map, shift): 10x8 padded to 12x8, shifted by 2; 5x4 padded to 8x4,
+    # not shifted (transformers shifts no stage whose map is no larger than a window).
+    for layer, a, (height, width), shift in ((1, attentions[0], (10, 8), 2), (3, attentions[1], (5, 4), 0)):
+        padded_h, padded_w = -(-height // 4) * 4, -(-width // 4) * 4
+        windows = a.double().view(2, padded_h // 4, padded_w // 4, a.shape[1], 16, 16)
+        slot = torch.arange(16)
+        row = (torch.arange(padded_h // 4).view(-1, 1, 1) * 4 + slot // 4 + shift) % padded_h
+        col = (torch.arange(padded_w // 4).view(1, -1, 1) * 4 + slot % 4 + shift) % padded_w
+        image = ((row < height) & (col < width)).view(1, padded_h // 4, padded_w // 4, 1, 16).double()
+        assert 0 < image.sum() < image.numel()
+        heads = a.shape[1]
+        for name, value in _row_stats(windows, 0, 0).items():
+            if name in rec.stats:
+                mean = (value * image).sum((1, 2, 4)) / image.sum((1, 2, 4))
+                torch.testing.assert_close(rec.stats[name][layer, :, :heads].double(), mean, **TOL)
+
+
 def test_pooled_keys_have_no_self_mass():
     torch.manual_seed(0)
     model = timm.create_model("pvt_v2_b0", pretrained=False, embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 2, 4),

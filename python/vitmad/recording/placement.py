@@ -115,6 +115,9 @@ class Placement:
             tubelet's frames; NaN rows where ``positions`` has them), measured beside the spatial ones; None for
             image layers.
         time_key_positions: ``[..., Nk, 1]`` key positions in frames, or None when the keys are the queries.
+        padded_keys: True when ``key_positions`` differs from ``positions`` only at padding slots (a window cut
+            past the map's edge: a key where the query has none): key ``i`` is query ``i``'s token, so each query's
+            attention on its own token (the self mass) is measured; False for any other key set (pooled, halo).
     """
 
     positions: torch.Tensor
@@ -126,6 +129,7 @@ class Placement:
     consecutive_chunks: bool = False
     time_positions: torch.Tensor | None = None
     time_key_positions: torch.Tensor | None = None
+    padded_keys: bool = False
 
 
 @dataclass

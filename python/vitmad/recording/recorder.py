@@ -573,9 +573,9 @@ class Recording:
             if video and fused:
                 # From q and k, the temporal distance is a second sum of the same online-softmax pass
                 # (benchmarks/bench_video.py: two passes cost 1.8x one).
-                value, temporal = self._statistics(measure, positions, key_positions, times)
+                value, temporal = self._statistics(measure, positions, key_positions, placement.padded_keys, times)
             elif self._stats and not differential:
-                value = self._statistics(measure, positions, key_positions)
+                value = self._statistics(measure, positions, key_positions, placement.padded_keys)
             elif not differential:
                 value = measure(positions, key_positions, self.renormalize)
             elif not self.renormalize:
@@ -609,13 +609,13 @@ class Recording:
                                positions=True)
 
     def _statistics(self, measure: Callable, positions: torch.Tensor, key_positions: torch.Tensor | None,
-                    times: dict | None = None):
+                    padded_keys: bool, times: dict | None = None):
         """``[1 + S, *lead, Nq]``: MAD, then the statistics asked for, per query (only MAD, ``[*lead, Nq]``,
-        when none are). The self mass is measured only where the keys are the queries (a pooled or padded key
-        set has no "own token" to trust): NaN elsewhere. With ``times`` (a video layer), the pair (that, the
-        temporal MAD per query) from the same call."""
+        when none are). The self mass is measured only where the keys are the queries, padding slots aside
+        (``padded_keys``: key i is query i's token); a pooled or halo key set has no "own token" to trust: NaN
+        there. With ``times`` (a video layer), the pair (that, the temporal MAD per query) from the same call."""
         wanted = self._stats
-        if key_positions is not None and "self_mass" in wanted:
+        if key_positions is not None and not padded_keys and "self_mass" in wanted:
             wanted = tuple(n for n in wanted if n != "self_mass")
         extra = () if times is None else (TEMPORAL_MAD,)
         rows = measure(positions, key_positions, self.renormalize, ("mad", *wanted, *extra), **(times or {}))

@@ -255,7 +255,7 @@ class SwinPlacer(LayerPlacer):
         if windows.padded != size:
             attention += f", padded to {windows.padded[0]}x{windows.padded[1]}"
         geometry = LayerGeometry(size, stride, attention, heads)
-        return Placement(positions, key_positions, fold, geometry)
+        return Placement(positions, key_positions, fold, geometry, padded_keys=key_positions is not None)
 
 
 class _Refuse(LayerPlacer):

@@ -230,7 +230,8 @@ class WindowedGridPlacer(LayerPlacer):
         geometry = LayerGeometry(kept, (stride[0] * qy, stride[1] * qx), attention, heads)
         # Key positions are given when they differ from the queries': pooled queries, or padding (no query, a key).
         same = (qy, qx) == (1, 1) and padded == (height, width)
-        return Placement(per_call(queries), None if same else per_call(keys), fold, geometry)
+        return Placement(per_call(queries), None if same else per_call(keys), fold, geometry,
+                         padded_keys=(qy, qx) == (1, 1) and not same)
 
 
 def _window_centres(windows: tuple[int, int], window: tuple[int, int], stride: tuple[float, float],

@@ -226,7 +226,8 @@ def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[f
             values = values.reshape(batch, windows, heads, size).transpose(1, 2).reshape(batch, heads, -1)
         return values.index_select(-1, on_device(inverse, values.device))
 
-    return Placement(positions, key_positions, fold, LayerGeometry(grid, stride, attention, heads))
+    return Placement(positions, key_positions, fold, LayerGeometry(grid, stride, attention, heads),
+                     padded_keys=key_positions is not None)
 
 
 class PartitionPlacer(LayerPlacer):
