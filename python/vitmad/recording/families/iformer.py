@@ -38,7 +38,8 @@ class SingleHeadPlacer(LayerPlacer):
         key_positions = placement.key_positions
         return Placement(placement.positions.squeeze(-3),
                          None if key_positions is None else key_positions.squeeze(-3),
-                         lambda values: fold(values.unsqueeze(-2)), placement.geometry)
+                         lambda values: fold(values.unsqueeze(-2)), placement.geometry,
+                         padded_keys=placement.padded_keys)
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
