@@ -85,6 +85,9 @@ def test_transformers_plain_layouts_match_eager_maps(case):
     expected = torch.stack([_expected_mad(a, grid, stride, prefix, suffix) for a in maps])
     assert len(rec.layers) == len(maps) == 2
     assert [g.grid for g in rec.geometry] == [grid] * 2 and rec.geometry[0].stride == (stride, stride)
+    # The tokens without a position on either side of the grid, as the prefix maps' rows count them.
+    assert [(g.num_prefix_tokens, g.num_suffix_tokens or 0) for g in rec.geometry] == [(prefix, suffix)] * 2
+    assert ("num_suffix_tokens" in rec.geometry[0].as_dict()) == bool(suffix)
     torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
 
 

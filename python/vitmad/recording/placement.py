@@ -59,6 +59,9 @@ class LayerGeometry:
         heads: the layer's head count.
         num_prefix_tokens: tokens without a position before the grid (plain ViTs); None where the sequence has
             another layout.
+        num_suffix_tokens: tokens without a position after the grid (YOLOS' detection tokens); None where there
+            are none. The prefix maps' rows are the tokens without a position in token order: the prefix tokens,
+            then these.
         image_grids: per image of the call, ``(grid_h, grid_w)`` of its own tokens, when images differ in size
             (``grid`` is None then); image ``i``'s values are the first ``grid_h * grid_w`` of its ``T`` in
             row-major order, NaN after them (see ``Placement.present``).
@@ -75,6 +78,7 @@ class LayerGeometry:
     image_grids: tuple[tuple[int, int], ...] | None = None
     frames: int | None = None
     frame_stride: float | None = None
+    num_suffix_tokens: int | None = None
 
     def as_dict(self) -> dict:
         found = {"grid": None if self.grid is None else list(self.grid), "stride": [float(s) for s in self.stride],
@@ -84,6 +88,8 @@ class LayerGeometry:
             found["image_grids"] = [list(g) for g in self.image_grids]
         if self.frames is not None:
             found.update(frames=int(self.frames), frame_stride=float(self.frame_stride))
+        if self.num_suffix_tokens:
+            found["num_suffix_tokens"] = int(self.num_suffix_tokens)
         return found
 
 

@@ -184,7 +184,8 @@ class PlainPlacer(LayerPlacer):
             )
         stride = layout.stride(context)
         positions, index = _plain_positions(grid, stride, prefix, layout.suffix)
-        geometry = LayerGeometry(grid, stride, "global", int(lead[-1]), prefix)
+        geometry = LayerGeometry(grid, stride, "global", int(lead[-1]), prefix,
+                                 num_suffix_tokens=layout.suffix or None)
         return Placement(positions, None, select_tokens(index), geometry)
 
 
