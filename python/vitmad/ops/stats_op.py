@@ -78,6 +78,15 @@ def _split(stats: Sequence[str], op_name: str) -> tuple[tuple[str, ...], bool]:
     return rest, maps
 
 
+def _by_name(names: Sequence[str], values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The kernels' stacked statistics ``[S, ...]`` by name. The entropy of a one-hot row, ``-(1 ln 1)``, comes out
+    of the kernels as -0.0: plus 0.0 makes it the 0 the definition says (and a CSV shows)."""
+    out = dict(zip(names, values.unbind(0)))
+    if "entropy" in out:
+        out["entropy"] = out["entropy"] + 0.0
+    return out
+
+
 def _check_times(names, times, key_times, positions, op_name: str) -> None:
     """What can be said of ``times`` before the op runs: the position form only, with ``"temporal_mad"``."""
     if times is None and key_times is None:
@@ -207,7 +216,7 @@ def attention_stats(
                                                         grid=grid_list, renormalize=renormalize, reduction=reduction)
             except RuntimeError as error:
                 raise schema_type_error(error, _OP) from None
-            out.update(zip(names, values.unbind(0)))
+            out.update(_by_name(names, values))
         else:
             check_attn_tensor(attn, "[..., N, N]", _OP)
             check_mad_args(attn.shape, attn.dtype, patch, prefix, grid_list, renormalize, reduction, _OP)
@@ -227,7 +236,7 @@ def attention_stats(
                                                             renormalize=renormalize, reduction=reduction)
             except RuntimeError as error:
                 raise schema_type_error(error, _OP) from None
-            out.update(zip(kernel_names, values.unbind(0)))
+            out.update(_by_name(kernel_names, values))
         if temporal:  # the frames as one-coordinate positions: a second read of attn
             _refuse_grad(_OP, {"attn": attn, "times": times, "key_times": key_times})
             with torch.no_grad():
@@ -289,7 +298,7 @@ def attention_stats_qk(
                                                            grid=grid_list, **options)
             except RuntimeError as error:
                 raise schema_type_error(error, _OP_QK) from None
-            out.update(zip(names, values.unbind(0)))
+            out.update(_by_name(names, values))
         if not names:  # else the op checked its arguments
             check_mad_qk_args(q, k, patch, prefix, grid_list, scale, attn_bias, renormalize, reduction, _OP_QK)
         if maps:
@@ -306,7 +315,7 @@ def attention_stats_qk(
                                                                **options)
             except RuntimeError as error:
                 raise schema_type_error(error, _OP_QK) from None
-            out.update(zip(names, values.unbind(0)))
+            out.update(_by_name(names, values))
         if maps or not names:
             shape = check_qk_tensors(q, k, scale, attn_bias, False, _OP_QK)
             check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize,
