@@ -31,7 +31,13 @@ def _check_resume_world_size(out: Path, run) -> None:
     """Refuse to resume checkpoints written by a different number of processes (their shards differ)."""
     world = 1 if run is None else run.world_size
     found = {1} if (out / CHECKPOINT_NAME).is_file() else set()
-    found |= {int(p.stem.rsplit("-of-", 1)[1]) for p in out.glob("checkpoint.rank*-of-*.pt")}
+    for shard in out.glob("checkpoint.rank*-of-*.pt"):
+        try:
+            found.add(int(shard.stem.rsplit("-of-", 1)[1]))
+        except ValueError:  # not one of ours (checkpoint.rank<r>-of-<W>.pt): leave it, say which
+            raise ValueError(f"--resume: {shard} is not a checkpoint this command writes "
+                             "(checkpoint.rank<r>-of-<W>.pt); move it out of the folder or start over without "
+                             "--resume") from None
     if found and world not in found:
         raise ValueError(
             f"--resume: the checkpoints in {out} were written by {min(found)} process(es), this run has {world}; "
@@ -231,17 +237,29 @@ def _print_summary(result) -> None:
             print(f"  no maps in {count} layer{'s' if count != 1 else ''}: {reason}")
 
 
+def _default_labels(profiles, paths) -> list[str]:
+    """Each result's model; where two results share a model, their files tell them apart instead."""
+    models = [p.model for p in profiles]
+    if len(set(models)) == len(models):
+        return models
+    return [f"{model} ({path})" for model, path in zip(models, paths)]
+
+
 def _compare_command(args: argparse.Namespace, run) -> None:
     from .profiling import Profile
+    from .profiling.files import check_writable
     from .profiling.plotting import plot_compare
 
     profiles = [Profile.from_json(path) for path in args.results]
-    labels = args.labels or [p.model for p in profiles]
+    labels = args.labels or _default_labels(profiles, args.results)
     if len(labels) != len(profiles):
         raise ValueError(f"--labels: expected {len(profiles)} labels (one per result), got {len(labels)}")
-    out = Path(args.out)
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise ValueError(f"--out: {out} is a folder; name the figure file, such as {out / 'compare.png'}")
     if not out.suffix:  # matplotlib would add ".png" itself: name the file it writes
         out = out.with_name(out.name + ".png")
+    check_writable(out.parent)  # a path through a file, or a read-only folder: said now, by name
     plot_compare(profiles, labels, out)
     written = [str(out)]
     # Every statistic all the results have, each in its own figure beside the MAD one.

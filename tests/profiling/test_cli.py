@@ -62,7 +62,7 @@ def test_interrupted_cli_run_resumes_to_the_same_json(tiny_model, image_folder, 
 def test_skipped_images_warn_and_are_listed(tiny_model, tmp_path, capsys):
     write_images(tmp_path / "imgs", 3)
     broken = write_corrupt_images(tmp_path / "imgs")
-    with pytest.warns(UserWarning, match="skipping unreadable image"):
+    with pytest.warns(UserWarning, match="skipping image"):
         code, stdout, _ = _run(["profile", "--model", f"hf:{tiny_model}", "--images", tmp_path / "imgs",
                                 "--device", "cpu", "--out", tmp_path / "out", "--no-figures"], capsys)
     assert code == 0 and "3 images (2 skipped)" in stdout

@@ -99,7 +99,7 @@ def test_profile_skips_hostile_files_with_counts(tiny_model, tmp_path, capsys):
     reasons = {Path(s["path"]).name: s["reason"] for s in doc["skipped"]}
     assert reasons.keys() == bad.keys()
     assert all(reasons[name].startswith(start) for name, start in bad.items()), reasons
-    skips = [str(w.message) for w in warned if "skipping unreadable image" in str(w.message)]
+    skips = [str(w.message) for w in warned if "skipping image" in str(w.message)]
     assert len(skips) == len(bad)
     assert (tmp_path / "out" / "mad_map.png").is_file()
 
@@ -112,7 +112,7 @@ def test_profile_of_only_hostile_files_is_a_clear_error(tiny_model, tmp_path, ca
     with pytest.warns(Warning) as warned:
         code = main(["profile", "--model", f"hf:{tiny_model}", "--images", str(tmp_path / "imgs"), "--device", "cpu",
                      "--out", str(tmp_path / "out"), "--no-figures"])
-    assert sum("skipping unreadable image" in str(w.message) for w in warned) == len(bad)
+    assert sum("skipping image" in str(w.message) for w in warned) == len(bad)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1] == f"vitmad: error: --images: none of the {len(bad)} images could be read"
@@ -340,3 +340,134 @@ def test_map_layers_are_indices_of_the_recorded_layers():
     with pytest.raises(ValueError, match=r"layer: expected a layer index in \[0, 2\)"):
         image_prefix_maps(model, pixels, layer=5, device="cpu")
     assert image_prefix_maps(model, pixels, layer=-1, device="cpu")[2] == "layers.1.attention"
+
+
+def _interrupted(model, pixels, checkpoint):
+    """A run stopped by Ctrl-C after its first batch of two images, its checkpoint saved."""
+    from vitmad.profiling import engine
+
+    original, done = engine._run_batch, []
+
+    def once(plan, state, batch):
+        if done:
+            raise KeyboardInterrupt
+        done.append(True)
+        return original(plan, state, batch)
+
+    engine._run_batch = once
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            vitmad.profile(model, pixels, batch_size=2, checkpoint=checkpoint, checkpoint_every=1, device="cpu")
+    finally:
+        engine._run_batch = original
+
+
+def test_resume_refuses_other_weights_and_other_pixels(tmp_path):
+    """The run's fingerprint holds the weights and a pixel tensor's values: a resume with another model of the same
+    class (another --weights file, another fine-tune) or another tensor of the same shape mixed two runs' sums."""
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = _tiny_vit_module()
+    _interrupted(model, pixels, tmp_path / "a.pt")
+    other = _tiny_vit_module()
+    with torch.no_grad():
+        other.layers[0].attention.q_proj.weight.mul_(3)
+    for again, again_pixels in ((other, pixels), (model, pixels + 1)):
+        with pytest.raises(ValueError, match="resume: .* other settings, other model weights or other images"):
+            vitmad.profile(again, again_pixels, batch_size=2, checkpoint=tmp_path / "a.pt", resume=True, device="cpu")
+    resumed = vitmad.profile(model, pixels, batch_size=2, checkpoint=tmp_path / "a.pt", resume=True, device="cpu")
+    whole = vitmad.profile(model, pixels, batch_size=2, device="cpu")
+    torch.testing.assert_close(resumed.mad, whole.mad, rtol=0, atol=0)
+    assert resumed.settings["weights"] == whole.settings["weights"] != vitmad.profile(
+        other, pixels, device="cpu").settings["weights"]
+    assert whole.settings["weights"].startswith("sha256:")
+
+
+def test_images_with_non_finite_pixels_are_skipped_and_named():
+    """One NaN image made every mean, std, min and max NaN, with nothing said."""
+    pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pixels[1, 0, 3, 4] = float("nan")
+    pixels[3, 2] = float("inf")
+    with pytest.warns(UserWarning, match=r"skipping image tensor\[[13]\]: non-finite pixel values"):
+        result = vitmad.profile(_tiny_vit_module(), pixels, batch_size=2, device="cpu")
+    clean = vitmad.profile(_tiny_vit_module(), pixels[[0, 2, 4]], batch_size=2, device="cpu")
+    assert result.count == 3 and result.images == ["tensor[0]", "tensor[2]", "tensor[4]"]
+    assert result.skipped == [{"path": f"tensor[{i}]", "reason": "non-finite pixel values (NaN or inf)"}
+                              for i in (1, 3)]
+    torch.testing.assert_close(result.mad, clean.mad, rtol=1e-12, atol=0)
+
+
+def test_a_profile_with_nan_values_is_written_as_strict_json(tmp_path):
+    """A model whose attention overflows gives NaN: mad.json says null (was bare NaN, which jq and JSON.parse
+    refuse), the summary over the finite heads, and it reads back as NaN."""
+    model = _tiny_vit_module()
+    with torch.no_grad():
+        model.layers[1].attention.q_proj.weight[:, 0] = float("nan")  # every head's queries
+    result = vitmad.profile(model, torch.randn(2, 3, 32, 32), device="cpu")
+    assert bool(result.mad[1].isnan().all()) and bool(result.mad[0].isfinite().all())
+    result.to_json(tmp_path / "mad.json")
+    text = (tmp_path / "mad.json").read_text()
+    doc = json.loads(text, parse_constant=lambda name: pytest.fail(f"mad.json holds {name}"))
+    assert doc["layers"][1]["mean"] == [None, None] and doc["layers"][1]["summary"] == {
+        "mean_over_heads": None, "min_head": None, "max_head": None}
+    assert doc["layers"][0]["summary"]["min_head"] == min(doc["layers"][0]["mean"])
+    back = vitmad.Profile.from_json(tmp_path / "mad.json")
+    torch.testing.assert_close(back.mad, result.mad, rtol=0, atol=0, equal_nan=True)
+
+
+def test_pixel_tensors_of_another_size_than_the_run_or_the_model_are_refused():
+    timm = pytest.importorskip("timm")
+    model = _tiny_vit_module()
+    with pytest.raises(ValueError, match=r"image_size: 64x64 given, but the pixel tensor is 32x32 \(shape "
+                                         r"\[2, 3, 32, 32\]\): a tensor is fed as it is; leave image_size unset"):
+        vitmad.profile(model, torch.randn(2, 3, 32, 32), image_size=64, device="cpu")
+    assert vitmad.profile(model, torch.randn(2, 3, 32, 32), image_size=32, device="cpu").count == 2
+    fixed = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
+    with pytest.raises(ValueError, match=r"images: the model takes 32x32 px images only; got a tensor of shape "
+                                         r"\[1, 3, 48, 32\]"):
+        vitmad.profile(fixed, torch.randn(1, 3, 48, 32), device="cpu")
+    dynamic = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, dynamic_img_size=True)
+    assert vitmad.profile(dynamic, torch.randn(1, 3, 48, 32), device="cpu").layout["grid"] == [3, 2]
+
+
+@pytest.mark.parametrize(("images", "message"), [
+    (5, "images: expected 'builtin', a folder, a file, a list of those or a pixel tensor, got int"),
+    ([torch.randn(3, 32, 32)], r"images: a list must hold image files and folders \(paths\), got Tensor in it; stack "
+                               r"pixel tensors into one \[B, 3, H, W\] tensor"),
+    (torch.randn(0, 3, 32, 32), r"images: the pixel tensor holds no image \(shape \[0, 3, 32, 32\]\)"),
+])
+def test_images_of_the_wrong_kind_are_named(images, message):
+    with pytest.raises(ValueError, match=message):
+        vitmad.profile(_tiny_vit_module(), images, device="cpu")
+    with pytest.raises(ValueError, match="progress: expected True or False, got 'yes'"):
+        vitmad.profile(_tiny_vit_module(), torch.randn(1, 3, 32, 32), device="cpu", progress="yes")
+
+
+def test_compare_names_an_output_it_cannot_write_and_labels_runs_of_one_model_apart(good_result, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    code = main(["compare", str(good_result), str(good_result), "--out", str(tmp_path / "afile" / "cmp.png")])
+    assert code == 2 and capsys.readouterr().err.startswith("vitmad: error: --out: cannot write to")
+    code = main(["compare", str(good_result), str(good_result), "--out", str(tmp_path)])
+    assert code == 2 and "is a folder; name the figure file" in capsys.readouterr().err
+    from vitmad.cli import _default_labels
+
+    profile = vitmad.Profile.from_json(good_result)
+    assert _default_labels([profile, profile], ["a/mad.json", "b/mad.json"]) == [
+        f"{profile.model} (a/mad.json)", f"{profile.model} (b/mad.json)"]
+
+
+def test_resume_names_a_stray_file_among_the_checkpoints(tiny_model, image_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.rank0-of-two.pt").write_text("")
+    code = main(["profile", "--model", f"hf:{tiny_model}", "--images", str(image_folder), "--device", "cpu",
+                 "--out", str(out), "--resume", "--no-figures"])
+    err = capsys.readouterr().err
+    assert code == 2 and "checkpoint.rank0-of-two.pt is not a checkpoint this command writes" in err
+
+
+def test_the_entropy_of_a_one_hot_row_is_plus_zero():
+    eye = torch.eye(5)[None]
+    for value in (vitmad.attention_stats(eye, 1, stats=["entropy"], grid=[2, 2])["entropy"],
+                  vitmad.attention_stats(eye, positions=vitmad.grid_positions(2, 2, 1, num_prefix_tokens=1),
+                                         stats=["entropy"], reduction="none")["entropy"][..., 1:]):
+        assert bool((value == 0).all()) and not bool(torch.signbit(value).any())

@@ -122,14 +122,14 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tiny_model, image_folde
     assert torch.equal(resumed.stats.total, full.stats.total)
     assert torch.equal(resumed.stats.total_sq, full.stats.total_sq)
     assert torch.equal(resumed.min, full.min) and torch.equal(resumed.max, full.max)
-    with pytest.raises(ValueError, match="other settings or another image list"):
+    with pytest.raises(ValueError, match="other settings, other model weights or other images"):
         vitmad.profile(loaded, image_folder, batch_size=3, device="cpu", checkpoint=checkpoint, resume=True)
 
 
 def test_broken_images_are_skipped_and_listed(tiny_model, tmp_path):
     good = write_images(tmp_path, 4, nested=False)
     broken = write_corrupt_images(tmp_path)
-    with pytest.warns(UserWarning, match="skipping unreadable image") as caught:
+    with pytest.warns(UserWarning, match="skipping image") as caught:
         result = vitmad.profile(f"hf:{tiny_model}", tmp_path, batch_size=2, device="cpu")
     assert len(caught) == 2
     assert result.count == 4 and result.images == [str(p.resolve()) for p in good]

@@ -68,6 +68,60 @@ def test_preprocessing_matches_hf_image_processor():
     torch.testing.assert_close(ours(image), theirs, rtol=0, atol=1.01 / 255 / 0.5)
 
 
+@pytest.mark.parametrize("settings,grey_level", [
+    ({"do_rescale": False, "image_mean": [127.5] * 3, "image_std": [127.5] * 3}, 1 / 127.5),
+    ({"rescale_factor": 1 / 127.5, "image_mean": [1.0] * 3, "image_std": [1.0] * 3}, 1 / 127.5),
+    ({"do_rescale": False, "do_normalize": False}, 1.0),
+], ids=["no_rescale", "rescale_127", "raw_values"])
+def test_preprocessing_rescales_as_the_hf_image_processor_says(settings, grey_level):
+    """do_rescale and rescale_factor were read as 1 / 255 whatever they said (values off by up to 0.9)."""
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor(size={"height": 28, "width": 36}, **settings)
+    ours = Preprocessing.from_hf(processor.to_dict())
+    image = Image.fromarray(torch.randint(0, 256, (50, 70, 3), dtype=torch.uint8).numpy())
+    theirs = processor(images=image, return_tensors="pt")["pixel_values"][0].float()  # uint8 when kept raw
+    # One grey level in the processor's units, as above (its uint8 rounding between the resize and the rest).
+    torch.testing.assert_close(ours(image), theirs, rtol=0, atol=1.01 * grey_level)
+    assert ours.to_dict()["rescale"] == (1.0 if settings.get("do_rescale") is False else settings["rescale_factor"])
+
+
+def test_a_processor_that_does_not_resize_takes_images_at_the_model_size_only(tmp_path):
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor(size={"height": 28, "width": 36}, do_resize=False)
+    ours = Preprocessing.from_hf(processor.to_dict())
+    fits = Image.fromarray(torch.randint(0, 256, (28, 36, 3), dtype=torch.uint8).numpy())
+    theirs = processor(images=fits, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(ours(fits), theirs, rtol=0, atol=1e-6)
+    fits.save(tmp_path / "fits.png")
+    Image.fromarray(torch.randint(0, 256, (50, 70, 3), dtype=torch.uint8).numpy()).save(tmp_path / "other.png")
+    pixels, loaded, skipped = load_batch([tmp_path / "fits.png", tmp_path / "other.png"], ours)
+    assert pixels.shape == (1, 3, 28, 36) and loaded == [tmp_path / "fits.png"]
+    assert skipped == [(tmp_path / "other.png", "the model's image processor does not resize (do_resize=false) and "
+                        "this image is 50x70 px, not the model's 28x36; pass an image size (--image-size, "
+                        "image_size=) to have it scaled")]
+
+
+def test_images_are_decoded_upright_as_their_exif_orientation_says(tmp_path):
+    """A camera's JPEG stored sideways with an orientation tag: upright, as a viewer and transformers'
+    load_image show it (was decoded as stored)."""
+    from PIL import Image
+    from transformers.image_utils import load_image as hf_load_image
+
+    from vitmad.profiling.images import load_image
+
+    stored = Image.fromarray(torch.randint(0, 256, (100, 300, 3), dtype=torch.uint8).numpy())
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    stored.save(tmp_path / "sideways.jpg", exif=exif)
+    ours, reason = load_image(tmp_path / "sideways.jpg")
+    assert reason is None and ours.size == (100, 300)  # (width, height): upright
+    assert ours.tobytes() == hf_load_image(str(tmp_path / "sideways.jpg")).tobytes()
+
+
 def test_preprocessing_size_override_is_non_square_and_normalised():
     from PIL import Image
 
@@ -113,7 +167,7 @@ def test_checkpoint_round_trip_and_refuses_other_runs(tmp_path):
     assert torch.equal(RunningStats.from_state_dict(state["stats"]).total, stats.total)
     assert load_checkpoint(tmp_path / "none.pt", run) is None
     other = fingerprint({"model": "a"}, ["x.png", "z.png"])
-    with pytest.raises(ValueError, match="resume: .* other settings or another image list"):
+    with pytest.raises(ValueError, match="resume: .* other settings, other model weights or other images"):
         load_checkpoint(path, other)
 
 

@@ -178,6 +178,31 @@ def test_plain_vit_native_profile_runs_each_image_alone_at_its_aspect_ratio(tiny
     result.plot(tmp_path / "mad.png")
 
 
+def test_dinov2_which_interpolates_at_every_forward_takes_native_sizes(images):
+    """transformers' DINOv2 (the builtin model's class) has no interpolate_pos_encoding flag: it always
+    interpolates, so each image runs at its own aspect ratio (was refused as a model of one input size)."""
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                       image_size=32, patch_size=PATCH)
+    model = transformers.Dinov2Model(config).eval()
+    preprocessing = Preprocessing((32, 32), ("exact", 32, 32), False, (0.5,) * 3, (0.5,) * 3, "bilinear")
+    calls, handle = _capture_inputs(model)
+    result = vitmad.profile(wrap_module(model, "dinov2", preprocessing), images, image_size="native", device="cpu")
+    handle.remove()
+    files = find_images(images)
+    own = [_native_rule(h, w, 16) for w, h in (load_image(f)[0].size for f in files)]
+    assert [tuple(result.image_grids[str(f)]["grid"]) for f in files] == own and len(set(own)) > 1
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    per_image = []
+    with torch.no_grad():
+        for (args, _), grid in zip(calls, own):
+            assert tuple(args[0].shape[-2:]) == (grid[0] * PATCH, grid[1] * PATCH)
+            attentions = eager(args[0], output_attentions=True).attentions
+            per_image.append([_image_mad(a[0], 1, grid) for a in attentions])
+    torch.testing.assert_close(result.mad, torch.tensor(np.array(per_image)).mean(0), **TOL)
+
+
 def test_native_refuses_a_model_of_one_input_size_and_tensor_images(images, tiny_model):
     timm = pytest.importorskip("timm")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, embed_dim=32, num_heads=2,

@@ -106,7 +106,7 @@ def test_mad_json_and_csv_carry_the_temporal_mad_and_read_back(video_model, vide
 def test_the_command_takes_videos_and_draws_both_figures(video_model, videos, tmp_path, capsys):
     (videos / "broken.mp4").write_bytes(b"not a video")
     try:
-        with pytest.warns(UserWarning, match="skipping unreadable image .*broken.mp4: InvalidDataError"):
+        with pytest.warns(UserWarning, match="skipping image .*broken.mp4: InvalidDataError"):
             status = main(["profile", "--model", f"hf:{video_model}", "--videos", str(videos), "--out",
                            str(tmp_path), "--device", "cpu", "--batch-size", "2"])
     finally:

@@ -28,6 +28,23 @@ def fingerprint(settings: dict, files: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def tensors_digest(tensors) -> str:
+    """``sha256:<hex>`` of named tensors' names, dtypes, shapes and bytes: what tells two models (or two pixel
+    tensors) apart when their names and shapes agree. About 0.3 s for ViT-B/16's 86 M parameters."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        flat = tensor.detach().reshape(-1).contiguous().cpu()
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    return f"sha256:{digest.hexdigest()}"
+
+
+def weights_digest(module: torch.nn.Module, skip: frozenset[str] = frozenset()) -> str:
+    """:func:`tensors_digest` of a model's parameters and persistent buffers (its state dict), in their order, but
+    for the keys in ``skip`` (weights a checkpoint lacked, drawn at random at every load)."""
+    return tensors_digest((name, value) for name, value in module.state_dict().items() if name not in skip)
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write ``state`` (tensors, lists, numbers) to ``path`` atomically."""
     with atomic_file(path) as handle:
@@ -66,7 +83,7 @@ def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str) -> dict 
         The state, or ``None`` when there is no checkpoint at ``path``.
 
     Raises:
-        OptionError: the checkpoint belongs to a run with other settings or another image list.
+        OptionError: the checkpoint belongs to a run with other settings, weights or images.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -77,7 +94,7 @@ def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str) -> dict 
     if state["fingerprint"] != expected_fingerprint:
         raise OptionError(
             "resume",
-            f"{path} was written by a run with other settings or another image list; rerun with the same "
-            "options, or without resume to start over",
+            f"{path} was written by a run with other settings, other model weights or other images; rerun "
+            "with the same model, weights, images and options, or without resume to start over",
         )
     return state

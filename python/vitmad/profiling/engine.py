@@ -24,7 +24,14 @@ from pathlib import Path
 import torch
 
 from ..ops.arguments import is_int
-from .checkpoint import check_checkpoint_path, fingerprint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    check_checkpoint_path,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+    tensors_digest,
+    weights_digest,
+)
 from .distributed import DistributedRun, GlobalProgress, current_run, merge_across_ranks, merge_prefix_maps
 from .images import NATIVE, find_images, load_batch, parse_image_size
 from .models import LoadedModel, load_model, wrap_module
@@ -208,11 +215,24 @@ def model_channels(module: torch.nn.Module) -> int | None:
     return channels if is_int(channels) and channels > 0 else None
 
 
+def model_input_size(module: torch.nn.Module) -> tuple[int, int] | None:
+    """The one input size a model takes, where it says so: a timm patch embedding with ``strict_img_size`` and
+    neither ``dynamic_img_size`` nor ``dynamic_img_pad`` (which asserts the size inside the forward); None for
+    models that take other sizes or do not say."""
+    embed = getattr(module, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if (not getattr(embed, "strict_img_size", False) or getattr(embed, "dynamic_img_pad", False)
+            or getattr(module, "dynamic_img_size", False) or size is None or len(size) != 2):
+        return None
+    return int(size[0]), int(size[1])
+
+
 def _image_batches(images, preprocessing, batch_size: int, max_images: int | None, pool: Executor | None,
-                   frames: int | None = None, native: NativeFeed | None = None, channels: int | None = None):
+                   frames: int | None = None, native: NativeFeed | None = None, channels: int | None = None,
+                   input_size: tuple[int, int] | None = None):
     """Image (or, for a video model taking ``frames`` frames, video) names and a function loading global batch
-    ``i``; ``native``: each image at its own aspect ratio; ``channels``: what a pixel tensor must have, where the
-    model says (:func:`model_channels`)."""
+    ``i``; ``native``: each image at its own aspect ratio; ``channels``, ``input_size``: what a pixel tensor must
+    have, where the model says (:func:`model_channels`, :func:`model_input_size`)."""
     if native is not None and (isinstance(images, torch.Tensor) or frames is not None):
         raise OptionError("images", "image_size='native' resizes each image itself: pass image files (of an image "
                                     "model), not a tensor or videos")
@@ -225,23 +245,43 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
         if channels is not None and images.shape[-3] != channels:
             raise OptionError("images", f"the model takes {channels} channels, {shape.replace('3', str(channels))}; "
                                         f"got a tensor of shape {list(images.shape)}")
+        if input_size is not None and tuple(images.shape[-2:]) != input_size:
+            raise OptionError("images", f"the model takes {input_size[0]}x{input_size[1]} px images only; got a "
+                                        f"tensor of shape {list(images.shape)} (resize it, or build the model to take "
+                                        "other sizes: timm's dynamic_img_size=True)")
         if not images.is_floating_point():  # 0-255 bytes would be taken for normalised pixels
             raise OptionError("images", f"a tensor of pixels must be preprocessed (normalised floats, {shape}), "
                                         f"got {images.dtype}; pass image files to have them preprocessed")
+        if images.shape[0] == 0:
+            raise OptionError("images", f"the pixel tensor holds no image (shape {list(images.shape)})")
         pixels = images[:max_images] if max_images else images
         names = [f"tensor[{i}]" for i in range(pixels.shape[0])]
 
         def load_rows(i: int) -> Batch:
             rows = slice(i * batch_size, (i + 1) * batch_size)
-            return pixels[rows], names[rows], []
+            batch, batch_names = pixels[rows], names[rows]
+            # A NaN or inf pixel makes every statistic of its image NaN, and the means over all images with it:
+            # such a row is skipped, named, as an unreadable file is.
+            finite = torch.isfinite(batch).flatten(1).all(1).cpu()
+            if bool(finite.all()):
+                return batch, batch_names, []
+            skipped = [(name, "non-finite pixel values (NaN or inf)")
+                       for name, ok in zip(batch_names, finite.tolist()) if not ok]
+            kept = [name for name, ok in zip(batch_names, finite.tolist()) if ok]
+            return (batch[finite.to(batch.device)] if kept else None), kept, skipped
 
         return names, load_rows
-    if preprocessing is None:
-        raise OptionError("images", "this model has no known preprocessing; pass preprocessed pixels as a "
-                                    "[B, 3, H, W] tensor, or image files together with image_size")
     if not isinstance(images, (str, os.PathLike, list, tuple)):
         raise OptionError("images", f"expected 'builtin', a folder, a file, a list of those or a pixel tensor, "
                                     f"got {type(images).__name__}")
+    if isinstance(images, (list, tuple)) and not all(isinstance(item, (str, os.PathLike)) for item in images):
+        kinds = sorted({type(item).__name__ for item in images if not isinstance(item, (str, os.PathLike))})
+        raise OptionError("images", f"a list must hold image files and folders (paths), got {', '.join(kinds)} in "
+                                    "it" + ("; stack pixel tensors into one [B, 3, H, W] tensor" if "Tensor" in kinds
+                                            else ""))
+    if preprocessing is None:
+        raise OptionError("images", "this model has no known preprocessing; pass preprocessed pixels as a "
+                                    "[B, 3, H, W] tensor, or image files together with image_size")
     files = find_images(images) if frames is None else find_videos(images)
     if max_images:
         files = files[:max_images]
@@ -304,8 +344,14 @@ def plan_run(
     native = native_feed(loaded) if size == NATIVE else None
     if native is None:
         check_fixed_size(loaded, size, isinstance(images, torch.Tensor))
+    if isinstance(images, torch.Tensor) and size not in (None, NATIVE) and tuple(images.shape[-2:]) != tuple(size):
+        # The size resizes image files; a tensor is fed as it is, and its size is the run's.
+        raise OptionError("image_size", f"{size[0]}x{size[1]} given, but the pixel tensor is "
+                                        f"{images.shape[-2]}x{images.shape[-1]} (shape {list(images.shape)}): a tensor "
+                                        "is fed as it is; leave image_size unset")
     names, load = _image_batches(images, preprocessing, batch_size, max_images, decoders,
-                                 model_frames(loaded.module), native, model_channels(loaded.module))
+                                 model_frames(loaded.module), native, model_channels(loaded.module),
+                                 model_input_size(loaded.module))
     settings = {
         "renormalize": bool(renormalize),
         "dtype": str(torch_dtype).removeprefix("torch."),
@@ -316,10 +362,16 @@ def plan_run(
     }
     if loaded.description is not None:  # the part of a checkpoint profiled (a vision-language model's tower)
         settings["profiled"] = loaded.description
+    # The weights themselves, not only the model's name: a resume with other weights (another --weights file,
+    # another fine-tune in an hf: folder, another module of the same class) would mix two models' sums.
+    settings["weights"] = weights_digest(loaded.module, loaded.unloaded)
     if stats != ("mad",):
         # Only when asked for: a MAD-only run keeps the mad.json and the fingerprint (its checkpoints) it had.
         settings["stats"] = list(stats)
-    run_id = fingerprint({"model": loaded.spec, "rank": rank, "world_size": world, **settings}, names)
+    identity = {"model": loaded.spec, "rank": rank, "world_size": world, **settings}
+    if isinstance(images, torch.Tensor):  # rows named tensor[i]: their values tell two tensors apart
+        identity["pixels"] = tensors_digest([("pixels", images[:max_images] if max_images else images)])
+    run_id = fingerprint(identity, names)
     # Rank r takes global batches r, r + W, ...: the same batches as a single process, each exactly once.
     batches = range(rank, math.ceil(len(names) / batch_size), world)
     record_options = {"renormalize": bool(renormalize), **({"layers": list(layers)} if layers else {})}
@@ -351,7 +403,7 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
 
     pixels, loaded_names, batch_skipped = batch
     for path, reason in batch_skipped:
-        warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=3)
+        warnings.warn(f"skipping image {path}: {reason}", stacklevel=3)
     stats, meta, maps = state.stats, state.meta, state.maps
     if pixels is not None and plan.native is not None:
         # Images at their own size: one forward per packed batch or per image; each image's grid is kept.
@@ -531,6 +583,7 @@ def profile(
     """
     check_loader_threads(loader_threads)
     check_flag("resume", resume)
+    check_flag("progress", progress)
     if resume and checkpoint is None:
         raise OptionError("resume", "resume continues from a checkpoint file: pass checkpoint= too")
     decoders = ThreadPoolExecutor(loader_threads, "vitmad-decode") if loader_threads > 0 else None

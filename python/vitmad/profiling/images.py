@@ -145,7 +145,9 @@ class Preprocessing:
         resize: ``("shortest", S)`` resizes the short side to ``S`` keeping the aspect ratio; ``("exact", H, W)``
             resizes to ``H x W``; ``("keep_ratio", H, W)`` keeps the aspect ratio and just covers ``H x W`` (timm's
             ``ResizeKeepRatio``); ``("fit", H, W)`` keeps the aspect ratio and just fits inside ``H x W`` (the same
-            at ``longest=1``, timm's "border" crop mode); ``("cover",)`` scales so the image just covers ``size``.
+            at ``longest=1``, timm's "border" crop mode); ``("cover",)`` scales so the image just covers ``size``;
+            ``("none",)`` keeps the image's size (a transformers processor with ``do_resize=false``): an image that
+            does not come at ``size`` (or, with the centre crop, at least ``size``) is refused.
         center_crop: crop the centre ``size`` after resizing.
         mean, std: per-channel normalisation on [0, 1] pixel values.
         interpolation: PIL resampling filter name (``"bicubic"``, ``"bilinear"``, ...).
@@ -155,6 +157,8 @@ class Preprocessing:
         pad_fill: the RGB colour (0-255) that pads the resized image to ``size`` where it falls short, before the
             centre crop (timm's ``CenterCropOrPad`` in its "border" crop mode, the mean colour); ``None``: no
             padding.
+        rescale: the factor from 0-255 pixel values to the values ``mean`` and ``std`` apply to (a transformers
+            processor's ``rescale_factor``, 1 with ``do_rescale=false``); ``None``: divided by 255.
     """
 
     size: tuple[int, int]
@@ -165,11 +169,12 @@ class Preprocessing:
     interpolation: str = "bicubic"
     crop_rounding: str = "floor"
     pad_fill: tuple[int, int, int] | None = None
+    rescale: float | None = None
 
     def with_size(self, size: tuple[int, int]) -> Preprocessing:
         """The same statistics and filter for another input size (``image_size``): scale to cover, crop."""
         return Preprocessing(tuple(size), ("cover",), True, self.mean, self.std, self.interpolation,
-                             self.crop_rounding)
+                             self.crop_rounding, rescale=self.rescale)
 
     def to_dict(self) -> dict:
         settings = {
@@ -183,6 +188,8 @@ class Preprocessing:
         }
         if self.pad_fill is not None:  # only then: the settings of runs without padding keep their fingerprint
             settings["pad_fill"] = list(self.pad_fill)
+        if self.rescale is not None:  # likewise
+            settings["rescale"] = self.rescale
         return settings
 
     @staticmethod
@@ -190,8 +197,10 @@ class Preprocessing:
         """From a transformers image processor's settings (the ``preprocessor_config.json`` dict).
 
         Raises:
-            ValueError: a ``size`` form this function does not know.
+            OptionError: a ``size`` form this function does not know, or a processor that does not resize
+                (``do_resize=false``: the images would have to come at the model's size).
         """
+        rescale = hf_rescale(processor)
         mean = tuple(processor.get("image_mean", (0.5, 0.5, 0.5)))
         std = tuple(processor.get("image_std", (0.5, 0.5, 0.5)))
         if not processor.get("do_normalize", True):
@@ -210,12 +219,14 @@ class Preprocessing:
             final = (int(size["shortest_edge"]),) * 2
         else:
             raise OptionError("model", f"image processor size {size} is not supported; pass an image size")
+        if not processor.get("do_resize", True):
+            resize = ("none",)  # as the processor: each image at its own size (then the centre crop, if any)
         if do_crop:
             crop = _pair(crop) if not isinstance(crop, dict) else (int(crop["height"]), int(crop["width"]))
             final = crop
         elif resize[0] == "shortest":
             do_crop = True  # a shortest-edge resize alone gives a size per image: batches need one size
-        return Preprocessing(final, resize, do_crop, mean, std, interpolation)
+        return Preprocessing(final, resize, do_crop, mean, std, interpolation, rescale=rescale)
 
     @staticmethod
     def from_timm(data_config: dict) -> Preprocessing:
@@ -278,6 +289,12 @@ class Preprocessing:
                 new = (max(1, int(target * w / h)), target)
         elif self.resize[0] == "exact":
             new = (self.resize[2], self.resize[1])
+        elif self.resize[0] == "none":
+            new = (w, h)
+            if (w, h) != (width, height) and not (self.center_crop and w >= width and h >= height):
+                raise ValueError(f"the model's image processor does not resize (do_resize=false) and this image is "
+                                 f"{h}x{w} px, not the model's {height}x{width}; pass an image size (--image-size, "
+                                 "image_size=) to have it scaled")
         elif self.resize[0] in ("keep_ratio", "fit"):  # timm's ResizeKeepRatio at longest=0 / 1, in its arithmetic
             ratios = (h / self.resize[1], w / self.resize[2])
             ratio = min(ratios) if self.resize[0] == "keep_ratio" else max(ratios)
@@ -285,7 +302,8 @@ class Preprocessing:
         else:
             scale = max(height / h, width / w)
             new = (max(width, round(w * scale)), max(height, round(h * scale)))
-        image = image.resize(new, resample)
+        if new != (w, h):
+            image = image.resize(new, resample)
         if self.pad_fill is not None and (new[0] < width or new[1] < height):
             # As timm's center_crop_or_pad: the odd pixel of a margin goes right and below.
             left, top = max(0, (width - new[0]) // 2), max(0, (height - new[1]) // 2)
@@ -298,10 +316,27 @@ class Preprocessing:
             else:
                 left, top = (new[0] - width) // 2, (new[1] - height) // 2
             image = image.crop((left, top, left + width, top + height))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+        pixels = rescaled(torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1),
+                          self.rescale)
         mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
         std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
         return (pixels - mean) / std
+
+
+def hf_rescale(processor) -> float | None:
+    """A transformers image processor's rescaling of 0-255 values (its settings dict or the processor): 1 with
+    ``do_rescale`` off, its ``rescale_factor`` otherwise; None for the usual 1 / 255 (:func:`rescaled` divides)."""
+    get = processor.get if isinstance(processor, dict) else lambda key, default: getattr(processor, key, default)
+    if not get("do_rescale", True):
+        return 1.0
+    factor = float(get("rescale_factor", 1 / 255))
+    return None if factor == 1 / 255 else factor
+
+
+def rescaled(pixels: torch.Tensor, rescale: float | None) -> torch.Tensor:
+    """0-255 ``pixels`` times ``rescale``, or divided by 255 when it is None (the bits every run had before
+    processors' own factors were read)."""
+    return pixels / 255.0 if rescale is None else pixels * rescale
 
 
 def _pair(value) -> tuple[int, int]:
@@ -323,13 +358,14 @@ def _to_rgb(image):
 
 
 def load_image(path: str | os.PathLike):
-    """Decode an image file as RGB.
+    """Decode an image file as RGB, upright as its EXIF orientation says.
 
     Returns:
         ``(image, None)``, or ``(None, reason)`` when the file cannot be read or decoded, or claims more pixels
         than ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression bomb: refused before decoding).
     """
     Image = import_optional("PIL.Image", "profile", "decoding image files")
+    ImageOps = import_optional("PIL.ImageOps", "profile", "decoding image files")
 
     try:
         with Image.open(path) as image:
@@ -342,6 +378,9 @@ def load_image(path: str | os.PathLike):
                     f"{limit}, could be a decompression bomb"
                 )
             image.load()
+            # Upright as a viewer shows it (and transformers' load_image gives it): a camera's JPEG is often
+            # stored sideways with an EXIF orientation tag.
+            ImageOps.exif_transpose(image, in_place=True)
             return _to_rgb(image), None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return None, f"{type(err).__name__}: {err}"
@@ -362,7 +401,12 @@ def load_batch(
 
     def one(path: Path) -> tuple[torch.Tensor | None, str | None]:
         image, reason = load_image(path)
-        return (None, reason) if image is None else (preprocessing(image), None)
+        if image is None:
+            return None, reason
+        try:
+            return preprocessing(image), None
+        except ValueError as err:  # an image the model's preprocessing cannot take (Preprocessing.resize "none")
+            return None, str(err)
 
     tensors, loaded, skipped = load_each(paths, one, pool)
     return (torch.stack(tensors) if tensors else None), loaded, skipped

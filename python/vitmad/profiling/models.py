@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .images import NATIVE, Preprocessing
+from .images import NATIVE, Preprocessing, hf_rescale
 from .options import MissingPathError, OptionError, import_optional
 from .videos import video_processor_settings
 
@@ -40,6 +40,8 @@ class LoadedModel:
             own processor feeds images at their native size (SigLIP2, the Qwen and Pixtral towers); None otherwise.
         description: what of the checkpoint is profiled when it is not the whole model (a vision-language
             model's vision tower), else None; ``mad.json`` reports it as ``settings.profiled``.
+        unloaded: state-dict keys of ``module`` that the checkpoint did not hold (initialised at random when
+            loaded, such as a transformers pooler): left out of the weights' digest (``settings.weights``).
     """
 
     spec: str
@@ -49,6 +51,7 @@ class LoadedModel:
     accepts_any_size: bool = False
     processor: dict | None = None
     description: str | None = None
+    unloaded: frozenset[str] = frozenset()
 
 
 def wrap_module(module: torch.nn.Module, spec: str | None = None,
@@ -66,13 +69,16 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
         return wrap_packed_tower(module, packed, spec, preprocessing)
     module.eval()
     accepts_interpolate = "interpolate_pos_encoding" in inspect.signature(module.forward).parameters
+    # transformers' DINOv2 interpolates its position embedding at every forward, with no flag to ask for it.
+    always_interpolates = type(module).__name__ in ("Dinov2Model", "Dinov2WithRegistersModel")
 
     def forward(pixels: torch.Tensor):
         if accepts_interpolate:
             return module(pixels, interpolate_pos_encoding=True)
         return module(pixels)
 
-    return LoadedModel(spec or type(module).__name__, module, preprocessing, forward, accepts_interpolate)
+    return LoadedModel(spec or type(module).__name__, module, preprocessing, forward,
+                       accepts_interpolate or always_interpolates)
 
 
 def wrap_packed_tower(model: torch.nn.Module, packed: tuple[str, torch.nn.Module], spec: str | None,
@@ -102,7 +108,8 @@ def wrap_packed_tower(model: torch.nn.Module, packed: tuple[str, torch.nn.Module
         multiple = (int(tower.patch_embed.patch_size) * int(tower.spatial_merge_size) if kind == "qwen"
                     else int(tower.patch_size))
         size = nominal_size(kind, settings, multiple)
-        preprocessing = Preprocessing(size, ("exact", *size), False, mean, std, _filter_name(own.resample))
+        preprocessing = Preprocessing(size, ("exact", *size), False, mean, std, _filter_name(own.resample),
+                                      rescale=hf_rescale(own))
     if description is None and name:
         description = f"{name} ({type(tower).__name__}) of {type(model).__name__}, its vision tower"
     tower.eval()
@@ -248,7 +255,12 @@ def _load_hf(spec: str, name: str) -> LoadedModel:
         config = transformers.AutoConfig.from_pretrained(name, **options)
         # Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Pixtral: the vision tower alone, even of a whole vision-language model.
         packed = load_packed_tower(spec, name, config, options)
-        module = transformers.AutoModel.from_pretrained(name, **options) if packed is None else packed[0]
+        missing: set[str] = set()
+        if packed is None:
+            module, info = transformers.AutoModel.from_pretrained(name, output_loading_info=True, **options)
+            missing = set(info.get("missing_keys", ()))
+        else:
+            module = packed[0]
     except OptionError:
         raise
     except (OSError, ValueError, KeyError) as err:
@@ -268,10 +280,14 @@ def _load_hf(spec: str, name: str) -> LoadedModel:
     preprocessing = Preprocessing.from_hf(processor, getattr(vision, "image_size", None))
     # Image-text models (CLIP, SigLIP, ...) need text for their forward, promptable segmenters (SAM, SAM 2)
     # prompts for their mask decoder: profile their vision tower alone.
+    prefix = ""
     for tower in ("vision_model", "vision_encoder"):
-        module = getattr(module, tower, module)
+        if hasattr(module, tower):
+            module, prefix = getattr(module, tower), f"{prefix}{tower}."
     loaded = wrap_module(module, spec, preprocessing)
     loaded.processor = processor
+    # Weights the checkpoint lacks (a pooler, a head) are drawn anew at every load: not part of the run's identity.
+    loaded.unloaded = frozenset(key[len(prefix):] for key in missing if key.startswith(prefix))
     return loaded
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .images import load_each, load_image
+from .images import hf_rescale, load_each, load_image, rescaled
 from .models import LoadedModel
 from .options import OptionError
 from .packed_towers import check_packed_size, find_packed_tower, packed_processor, qwen_unpatch, tower_kind
@@ -52,14 +52,14 @@ def native_grid(height: int, width: int, patch: int, max_patches: int) -> tuple[
     return grid_h, grid_w
 
 
-def _normalised(image, size: tuple[int, int], mean, std, interpolation: str) -> torch.Tensor:
-    """``[3, H, W]`` float32: the RGB ``PIL.Image`` resized to ``size`` (height, width) and normalised."""
+def _normalised(image, size: tuple[int, int], mean, std, interpolation: str, rescale: float | None) -> torch.Tensor:
+    """``[3, H, W]`` float32: the RGB ``PIL.Image`` resized to ``size`` (height, width), rescaled and normalised."""
     import numpy as np
     from PIL import Image
 
     resample = getattr(Image.Resampling, interpolation.upper(), Image.Resampling.BICUBIC)
     image = image.resize((size[1], size[0]), resample)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    pixels = rescaled(torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1), rescale)
     return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
@@ -75,6 +75,7 @@ class NativeFeed:
         mean, std, interpolation: the model's normalisation and resampling filter.
         processor: the image processor's settings of SigLIP2, the Qwen towers and Pixtral, else None.
         channels_last: timm NaFlexViT's patch layout ``(p, p, C)`` (else ``(C, p, p)``).
+        rescale: from 0-255 values to those ``mean`` and ``std`` apply to (``Preprocessing.rescale``); None: / 255.
     """
 
     kind: str
@@ -85,6 +86,7 @@ class NativeFeed:
     interpolation: str
     processor: dict | None = None
     channels_last: bool = True
+    rescale: float | None = None
 
     def to_dict(self) -> dict:
         """The settings that shape the result (``mad.json``'s ``settings.preprocessing``)."""
@@ -93,6 +95,8 @@ class NativeFeed:
         if self.kind in ("qwen", "pixtral"):  # the processor's size rule (min / max pixels, longest edge)
             found["processor"] = {k: v for k, v in self.processor.items() if k in ("size", "min_pixels",
                                                                                    "max_pixels", "merge_size")}
+        if self.rescale is not None:  # only then: other runs keep their settings and fingerprints
+            found["rescale"] = self.rescale
         return found
 
     def _packed(self, image):
@@ -112,11 +116,11 @@ class NativeFeed:
             from timm.data.naflex_transforms import get_image_size_for_seq, patchify_image
 
             _, size = get_image_size_for_seq((image.height, image.width), self.patch, self.max_patches)
-            pixels = _normalised(image, size, self.mean, self.std, self.interpolation)
+            pixels = _normalised(image, size, self.mean, self.std, self.interpolation, self.rescale)
             return patchify_image(pixels, (self.patch, self.patch), channels_last=self.channels_last)
         grid = native_grid(image.height, image.width, self.patch, self.max_patches)
         return _normalised(image, (grid[0] * self.patch, grid[1] * self.patch), self.mean, self.std,
-                           self.interpolation)
+                           self.interpolation, self.rescale)
 
     def display(self, image) -> torch.Tensor:
         """``[3, H, W]`` the image as the model sees it (normalised like the model input), for ``mad_map.png``."""
@@ -137,7 +141,7 @@ class NativeFeed:
         else:
             grid = native_grid(image.height, image.width, self.patch, self.max_patches)
             size = grid[0] * self.patch, grid[1] * self.patch
-        return _normalised(image, tuple(size), self.mean, self.std, self.interpolation)
+        return _normalised(image, tuple(size), self.mean, self.std, self.interpolation, self.rescale)
 
     def forwards(self, loaded: LoadedModel, items: list, device: torch.device, dtype: torch.dtype):
         """Runs the model on a batch of prepared images: one forward (packed) or one per image (dynamic)."""
@@ -238,7 +242,7 @@ def native_feed(loaded: LoadedModel) -> NativeFeed:
         processor = Siglip2ImageProcessor(**settings)
         return NativeFeed("siglip2", int(processor.patch_size), int(processor.max_num_patches),
                           tuple(processor.image_mean), tuple(processor.image_std),
-                          _filter_name(processor.resample), settings)
+                          _filter_name(processor.resample), settings, rescale=hf_rescale(processor))
     if prep is None:
         raise OptionError("image_size", f"native: {name} has no known preprocessing (mean, std, input size)")
     if tower is not None:  # timm NaFlexVit
@@ -246,7 +250,7 @@ def native_feed(loaded: LoadedModel) -> NativeFeed:
         patch = int(embeds.patch_size[0])
         budget = (prep.size[0] // patch) * (prep.size[1] // patch)
         return NativeFeed("naflexvit", patch, budget, prep.mean, prep.std, prep.interpolation,
-                          channels_last=bool(getattr(embeds, "channels_last", True)))
+                          channels_last=bool(getattr(embeds, "channels_last", True)), rescale=prep.rescale)
     embedding = find_patch_embedding(module)
     dynamic = bool(getattr(module, "dynamic_img_size", False)) or loaded.accepts_any_size
     if embedding is None or not dynamic:
@@ -258,7 +262,7 @@ def native_feed(loaded: LoadedModel) -> NativeFeed:
         )
     patch = int(embedding[1].kernel_size[0])
     budget = (prep.size[0] // patch) * (prep.size[1] // patch)
-    return NativeFeed("dynamic", patch, budget, prep.mean, prep.std, prep.interpolation)
+    return NativeFeed("dynamic", patch, budget, prep.mean, prep.std, prep.interpolation, rescale=prep.rescale)
 
 
 def _packed_feed(loaded: LoadedModel, tower) -> NativeFeed:
@@ -281,7 +285,8 @@ def _packed_feed(loaded: LoadedModel, tower) -> NativeFeed:
     mean, std = tuple(processor.image_mean), tuple(processor.image_std)
     if not processor.do_normalize:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    return NativeFeed(kind, patch, budget, mean, std, _filter_name(processor.resample), settings)
+    return NativeFeed(kind, patch, budget, mean, std, _filter_name(processor.resample), settings,
+                      rescale=hf_rescale(processor))
 
 
 def load_native_batch(paths: Sequence[Path], feed: NativeFeed, pool: Executor | None = None

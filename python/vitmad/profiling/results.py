@@ -205,12 +205,14 @@ class Profile:
 
     def to_dict(self) -> dict:
         """The ``mad.json`` document (see :meth:`to_json`)."""
-        mad, std, low, high = (t.tolist() for t in (self.mad, self.std, self.min, self.max))
-        total, total_sq = self.stats.total.tolist(), self.stats.total_sq.tolist()
+        # NaN (a model whose attention overflowed, say) as null: strict JSON has no NaN.
+        mad, std, low, high = (_nullable(t.tolist()) for t in (self.mad, self.std, self.min, self.max))
+        total, total_sq = _nullable(self.stats.total.tolist()), _nullable(self.stats.total_sq.tolist())
         uniform = self.uniform_mads
         layers = []
         for i, (name, heads) in enumerate(zip(self.layers, self.heads)):
             means = mad[i][:heads]
+            finite = [m for m in means if m is not None]
             layers.append({
                 "index": i,
                 "name": name,
@@ -223,21 +225,22 @@ class Profile:
                 "max": high[i][:heads],
                 "count": self.count,
                 "summary": {
-                    "mean_over_heads": sum(means) / heads,
-                    "min_head": min(means),
-                    "max_head": max(means),
+                    "mean_over_heads": sum(finite) / heads if len(finite) == heads else None,
+                    "min_head": min(finite, default=None),
+                    "max_head": max(finite, default=None),
                 },
             })
             if self.temporal is not None:
-                layers[-1]["temporal"] = {key: value.tolist()[i][:heads] for key, value in (
+                layers[-1]["temporal"] = {key: _nullable(value.tolist())[i][:heads] for key, value in (
                     ("mean", self.temporal.mean), ("std", self.temporal.std), ("min", self.temporal.low),
                     ("max", self.temporal.high))}
         heads = self.heads
         sums = {"total": [row[:h] for row, h in zip(total, heads)],
                 "total_sq": [row[:h] for row, h in zip(total_sq, heads)]}
         if self.temporal is not None:
-            sums["temporal_total"] = [row[:h] for row, h in zip(self.temporal.total.tolist(), heads)]
-            sums["temporal_total_sq"] = [row[:h] for row, h in zip(self.temporal.total_sq.tolist(), heads)]
+            sums["temporal_total"] = _nullable([row[:h] for row, h in zip(self.temporal.total.tolist(), heads)])
+            sums["temporal_total_sq"] = _nullable([row[:h] for row, h in zip(self.temporal.total_sq.tolist(),
+                                                                             heads)])
         return {
             "format": FORMAT,
             "vitmad_version": __version__,
@@ -329,20 +332,20 @@ class Profile:
             if int(doc["count"]) < 1:  # every profile written has profiled at least one image
                 raise ValueError(f"count must be a positive number of images, got {doc['count']!r}")
             stats = RunningStats(
-                padded(doc["sums"]["total"]),
-                padded(doc["sums"]["total_sq"]),
-                padded([layer["min"] for layer in layers]),
-                padded([layer["max"] for layer in layers]),
+                padded(_numbers(doc["sums"]["total"])),
+                padded(_numbers(doc["sums"]["total_sq"])),
+                padded(_numbers([layer["min"] for layer in layers])),
+                padded(_numbers([layer["max"] for layer in layers])),
                 int(doc["count"]),
             )
             skipped_layers = {e["name"]: e["reason"] for e in doc.get("skipped_layers", [])}
             temporal = None
             if "temporal_total" in doc["sums"]:  # a video profile
                 temporal = RunningStats(
-                    padded(doc["sums"]["temporal_total"]),
-                    padded(doc["sums"]["temporal_total_sq"]),
-                    padded([layer["temporal"]["min"] for layer in layers]),
-                    padded([layer["temporal"]["max"] for layer in layers]),
+                    padded(_numbers(doc["sums"]["temporal_total"])),
+                    padded(_numbers(doc["sums"]["temporal_total_sq"])),
+                    padded(_numbers([layer["temporal"]["min"] for layer in layers])),
+                    padded(_numbers([layer["temporal"]["max"] for layer in layers])),
                     int(doc["count"]),
                 )
             statistics = {}
