@@ -33,7 +33,16 @@ def tensors_digest(tensors) -> str:
     tensors) apart when their names and shapes agree. About 0.3 s for ViT-B/16's 86 M parameters."""
     digest = hashlib.sha256()
     for name, tensor in tensors:
-        flat = tensor.detach().reshape(-1).contiguous().cpu()
+        tensor = tensor.detach()
+        if tensor.is_quantized:  # a quantized model's weights: their scales, then their integers
+            if tensor.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                scales = torch.tensor([tensor.q_scale(), float(tensor.q_zero_point())], dtype=torch.float64)
+            else:
+                scales = torch.cat([tensor.q_per_channel_scales().double(),
+                                    tensor.q_per_channel_zero_points().double()])
+            digest.update(memoryview(scales.cpu().numpy()))
+            tensor = tensor.int_repr()
+        flat = tensor.reshape(-1).contiguous().cpu()
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(memoryview(flat.view(torch.uint8).numpy()))
     return f"sha256:{digest.hexdigest()}"
