@@ -292,8 +292,8 @@ def test_one_image_prefix_maps_are_its_recorded_rows(registers_vit, images):
     torch.testing.assert_close(pixels, batch[0])
     first, *_ = image_prefix_maps(registers_vit, path, layer=0, device="cpu")
     torch.testing.assert_close(first, rec.prefix_maps[0][0].reshape(2, 3, 4, 4))
-    with pytest.raises(OptionError, match=r"layer: expected a layer index in \[0, 3\) \(negative from the end\) of the 3 "
-                                          r"recorded layers, got 7"):
+    with pytest.raises(OptionError, match=r"layer: expected a layer index in \[0, 3\) \(negative from the end\) "
+                                          r"of the 3 recorded layers, got 7"):
         image_prefix_maps(registers_vit, path, layer=7, device="cpu")
 
 

@@ -91,6 +91,32 @@ def test_transformers_plain_layouts_match_eager_maps(case):
     torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
 
 
+def test_xclip_message_tokens_are_placed_after_the_grid_and_their_attention_across_frames_skipped():
+    """X-CLIP's cross-frame blocks append each frame's message token to [CLS, patches] before the self-attention
+    (was counted as a second token before the grid: every patch measured at the previous one's cell), and attend
+    across a video's frames between those message tokens first (no position on the image: skipped, was refused
+    with advice that led to a grid read from frames)."""
+    torch.manual_seed(0)
+    config = transformers.XCLIPVisionConfig(**SMALL, image_size=32, patch_size=8, num_frames=2, mit_hidden_size=32,
+                                            mit_intermediate_size=64)
+    model = transformers.XCLIPVisionModel(config).eval()
+    with torch.no_grad():  # weights of unit gain: attention far from uniform, so a shifted grid shows
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.weight.normal_(0.0, 3 * module.weight[0].numel() ** -0.5)
+    frames = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # 2 videos of 2 frames
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(frames)
+    assert rec.layers == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
+    assert set(rec.skipped) == {f"encoder.layers.{i}.message_attn" for i in (0, 1)}
+    assert "message tokens (X-CLIP)" in rec.skipped["encoder.layers.0.message_attn"]
+    maps = _hf_eager_maps(model, frames)
+    assert all(a.shape[-1] == 1 + 16 + 1 for a in maps)  # CLS, 4x4 patches, the message token
+    expected = torch.stack([_expected_mad(a, (4, 4), 8, 1, 1) for a in maps])
+    assert [(g.num_prefix_tokens, g.num_suffix_tokens) for g in rec.geometry] == [(1, 1)] * 2
+    torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
+
+
 @pytest.mark.parametrize("size", [(96, 96), (64, 128)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_timm_hybrid_vit_measures_in_input_pixels(size):
     # vit_tiny_r_s16_p8: a ResNet stem of stride 4, then 8x8 patches: each token covers 32 px of the image.

@@ -218,6 +218,28 @@ def test_padded_and_shifted_transformers_swin_windows_keep_the_self_mass():
                 torch.testing.assert_close(rec.stats[name][layer, :, :heads].double(), mean, **TOL)
 
 
+def test_padded_twins_local_windows_keep_the_self_mass():
+    """Twins' locally-grouped attention pads its map to whole 7x7 windows (at 64 px: a 16x16 map in 3x3 windows of
+    a 21x21 grid); the padding is a key and no query, and the self mass is measured (was NaN)."""
+    torch.manual_seed(0)
+    model = timm.create_model("twins_svt_small", pretrained=False, num_classes=0, embed_dims=[16, 32, 64, 64],
+                              num_heads=[1, 2, 2, 4], depths=[2, 2, 2, 2], mlp_ratios=[2, 2, 2, 2]).eval()
+    _sharpen(model)
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vitmad.record(model, stats=["self_mass"], layers=["blocks.0.0.attn"]) as rec:
+        model(pixels)
+    eager, maps = _eager_maps(model, class_name="LocallyGroupedAttn")
+    with torch.no_grad():
+        eager(pixels)
+    a = maps[0]  # [B, 9 windows, heads, 49, 49], the first block of the first stage
+    inside = torch.arange(21) < 16
+    image = (inside[:, None] & inside[None, :]).reshape(3, 7, 3, 7).permute(0, 2, 1, 3).reshape(1, 9, 1, 49)
+    assert 0 < image.sum() < image.numel()
+    diagonal = a.diagonal(dim1=-2, dim2=-1)
+    expected = (diagonal * image).sum((1, 3)) / image.double().sum((1, 3))
+    torch.testing.assert_close(rec.stats["self_mass"][0, :, :a.shape[2]].double(), expected, **TOL)
+
+
 def test_pooled_keys_have_no_self_mass():
     torch.manual_seed(0)
     model = timm.create_model("pvt_v2_b0", pretrained=False, embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 2, 4),

@@ -54,7 +54,7 @@ from .families import Skip, family_modules, family_placer, probabilities_source
 from .families.masked import GivenPositionsPlacer
 from .families.naflex import call_start as naflex_call_start
 from .families.naflex import towers as naflex_towers
-from .families.plain import PlainLayout, PlainPlacer, find_patch_embedding, is_embedding_projection
+from .families.plain import PlainLayout, PlainPlacer, appended_tokens, find_patch_embedding, is_embedding_projection
 from .mha_capture import MultiheadAttentionHooks, mha_modules
 from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
 from .module_index import module_list, named_module_list, shared_walks
@@ -394,7 +394,8 @@ class Recording:
                 self.skipped[name] = placer.reason
             else:
                 modules[name] = module
-                self._placers[name] = self._given or (PlainPlacer(self._plain) if placer is None else placer)
+                self._placers[name] = self._given or (
+                    PlainPlacer(self._plain, appended_tokens(model, name)) if placer is None else placer)
         if not modules:
             if self.skipped:
                 reasons = "; ".join(f"{n}: {r}" for n, r in list(self.skipped.items())[:3])

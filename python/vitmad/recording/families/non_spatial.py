@@ -41,11 +41,21 @@ def _pools_with_learned_query(model: nn.Module, name: str, module: nn.Module) ->
     return isinstance(getattr(owner, "probe", None), nn.Parameter) or "AttentionPool" in type(owner).__name__
 
 
+# (owner class name, attribute) -> reason, for attention modules of a class used for spatial attention elsewhere.
+_REASONS_AS = {
+    ("XCLIPVisionEncoderLayer", "message_attn"): "attention across a video's frames between their message tokens "
+                                                 "(X-CLIP): one token per frame, no position on the image",
+}
+
+
 def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
     cls = type(module)
     reason = _REASONS.get(cls.__name__) or _REASONS_IN.get((cls.__name__, cls.__module__.rpartition(".")[2]))
+    if reason is None and "." in name:
+        owner_name, _, attribute = name.rpartition(".")
+        reason = _REASONS_AS.get((type(model.get_submodule(owner_name)).__name__, attribute))
     if reason is None and _pools_with_learned_query(model, name, module):
         reason = _POOLING_QUERY
     return None if reason is None else Skip(reason)

@@ -72,6 +72,14 @@ def num_suffix_tokens(model: nn.Module) -> int:
     return int(getattr(config, "num_detection_tokens", 0) or 0)
 
 
+def appended_tokens(model: nn.Module, name: str) -> int:
+    """Tokens one layer appends after the grid besides the model's own (:func:`num_suffix_tokens`): X-CLIP's
+    cross-frame blocks append each frame's message token to [CLS, patches] before their self-attention."""
+    owner_name, _, attribute = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    return 1 if attribute == "self_attn" and type(owner).__name__ == "XCLIPVisionEncoderLayer" else 0
+
+
 def _stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module) -> int:
     """The stride of what ran on the image before the patch embedding (1 without a stem)."""
     if embedding_input == image:
@@ -140,11 +148,13 @@ class PlainLayout:
 class PlainPlacer(LayerPlacer):
     """Places the tokens of one attention layer of a plain ViT (attention ``[B, H, N, N]``)."""
 
-    def __init__(self, layout: PlainLayout):
+    def __init__(self, layout: PlainLayout, appended: int = 0):
         self.layout = layout
+        self.appended = appended  # tokens this layer appends after the grid (appended_tokens)
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         layout = self.layout
+        suffix = layout.suffix + self.appended
         if layout.unavailable is not None:
             raise NotPlaceable(layout.unavailable)
         if num_queries != num_keys or len(lead) != 2:
@@ -168,24 +178,24 @@ class PlainPlacer(LayerPlacer):
                 "unset, or pass num_prefix_tokens too if that convolution is not the patch embedding"
             )
         if prefix is None:
-            prefix = num_queries - patches - layout.suffix
+            prefix = num_queries - patches - suffix
             if prefix < 0:
                 raise NotPlaceable(
                     f"it attends over {num_queries} tokens, fewer than the {grid[0]}x{grid[1]} = {patches} "
                     f"patches of the {source}"
-                    + (f" plus {layout.suffix} detection tokens" if layout.suffix else "")
+                    + (f" plus {suffix} tokens after them" if suffix else "")
                     + " (windows, pooled tokens or dropped patches?), so its tokens cannot be placed; pass "
                     "grid=[grid_h, grid_w] if its tokens are a full grid of that size"
                 )
-        if prefix + patches + layout.suffix != num_queries:
+        if prefix + patches + suffix != num_queries:
             raise NotPlaceable(
                 f"it attends over {num_queries} tokens, not the {grid[0]}x{grid[1]} = {patches} patches "
                 f"plus the num_prefix_tokens={prefix} given; pass the num_prefix_tokens and grid of its tokens"
             )
         stride = layout.stride(context)
-        positions, index = _plain_positions(grid, stride, prefix, layout.suffix)
+        positions, index = _plain_positions(grid, stride, prefix, suffix)
         geometry = LayerGeometry(grid, stride, "global", int(lead[-1]), prefix,
-                                 num_suffix_tokens=layout.suffix or None)
+                                 num_suffix_tokens=suffix or None)
         return Placement(positions, None, select_tokens(index), geometry)
 
 

@@ -106,7 +106,7 @@ class PaddedWindowPlacer(LayerPlacer):
 
         padded = "" if (gh % ws, gw % ws) == (0, 0) else f", grid padded to {nh * ws}x{nw * ws}"
         geometry = LayerGeometry((gh, gw), stage.stride, f"window {ws}x{ws}{padded}", int(lead[-1]))
-        return Placement(positions, key_positions, fold, geometry)
+        return Placement(positions, key_positions, fold, geometry, padded_keys=key_positions is not None)
 
 
 def _embeddings(model: nn.Module, class_name: str, module_suffix: str, conv: str) -> list[nn.Module]:
