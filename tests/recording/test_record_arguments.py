@@ -26,6 +26,8 @@ def _tiny_vit():
     (None, {"num_prefix_tokens": True}, ValueError, "vitmad.record: num_prefix_tokens must be an int >= 0"),
     (None, {"patch": True}, ValueError, "vitmad.record: patch must be a positive int (pixels), got True"),
     (None, {"layers": [1]}, TypeError, "vitmad.record: layers must be a list of names or patterns (strings)"),
+    (None, {"layers": []}, ValueError, "vitmad.record: layers must name at least one module (None records every "
+                                       "attention layer), got an empty list"),
 ])
 def test_arguments_of_the_wrong_kind(model, options, error, message):
     with pytest.raises(error) as raised:

@@ -11,7 +11,8 @@ While a recorded module runs, a ``TorchFunctionMode`` sees each of its calls:
   module already made; the callback gets them as they are (read once by the fused ``mad`` op, never copied).
 
 The calls themselves run unchanged, so the model's outputs do not change. The mode is entered and left by
-forward hooks (the post hook with ``always_call=True``), so it is left even when the forward raises; when the
+forward hooks (the post hook with ``always_call=True``), so it is left even when the forward raises (and, after
+a KeyboardInterrupt, which skips that hook, at the module's next forward or when the recording ends); when the
 module's forward returns, ``done`` is told, so that a module making several calls (differential attention) is
 recorded as one layer.
 """
@@ -152,6 +153,7 @@ class ModuleAttentionHooks:
         self.done = done
         self.probabilities_from = probabilities_from or {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._entered: list[TorchFunctionMode] = []  # the modes active now, in the order they were entered
 
     def install(self) -> None:
         for name, module in self.modules.items():
@@ -161,18 +163,38 @@ class ModuleAttentionHooks:
                 self._handles.append(source.register_forward_pre_hook(
                     lambda _, args, name=name: self.on_probs(name, args[0].detach())))
 
-            def enter(*_, mode=mode) -> None:
+            def enter(module, args, name=name, mode=mode) -> None:
+                if mode in self._entered:
+                    # The last forward never ended: torch runs always_call hooks on an Exception, not on a
+                    # KeyboardInterrupt. Its mode is left and its calls dropped before this forward starts.
+                    self._leave(mode)
+                    self.done(name, module, False)
                 mode.__enter__()
+                self._entered.append(mode)
 
             def leave(module, args, output, name=name, mode=mode) -> None:
-                mode.__exit__(None, None, None)
+                self._leave(mode)
                 # A forward that raised reaches this hook with no output: its calls are dropped, not recorded.
                 self.done(name, module, output is not None)
 
             self._handles.append(module.register_forward_pre_hook(enter))
             self._handles.append(module.register_forward_hook(leave, always_call=True))
 
+    def _leave(self, mode: TorchFunctionMode) -> None:
+        """Leave ``mode`` and any mode of ours entered after it and still active (interrupted forwards inside it):
+        the modes are a stack, so they come off in reverse order."""
+        if mode not in self._entered:
+            return
+        while self._entered:
+            last = self._entered.pop()
+            last.__exit__(None, None, None)
+            if last is mode:
+                return
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        # Modes a KeyboardInterrupt left active (see enter): every later call of the process would go through them.
+        while self._entered:
+            self._entered.pop().__exit__(None, None, None)

@@ -272,13 +272,76 @@ def _check_record_stats(stats) -> tuple[tuple[str, ...], bool]:
     return tuple(n for n in STAT_NAMES if n in names and n != "mad"), MAP_NAME in names
 
 
+def _image_channels(model: nn.Module) -> int:
+    """The colour channels of the model's input, where its config says (transformers), else 3."""
+    config = getattr(model, "config", None)
+    for holder in (config, getattr(config, "vision_config", None)):
+        channels = getattr(holder, "num_channels", None)
+        if is_int(channels) and channels > 0:
+            return channels
+    return 3
+
+
 def _first_convolution(model: nn.Module) -> nn.Module | None:
-    """The first convolution in module order: it runs on the image, so a forward call starts there; without
-    one, a NaFlex tower (its patches come cut, and a text tower beside it must not start a call)."""
-    for module in module_list(model):
-        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
-            return module
+    """The first convolution in module order that takes the image's channels: it runs on the image, so a forward
+    call starts there (a wrapper may declare a head that convolves the features before its backbone); the first
+    convolution of all where none does; without any, a NaFlex tower (its patches come cut, and a text tower beside
+    it must not start a call)."""
+    convolutions = [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    channels = _image_channels(model)
+    on_image = next((m for m in convolutions if m.in_channels == channels), None)
+    if on_image is not None or convolutions:
+        return on_image or convolutions[0]
     return naflex_call_start(model)
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass: gradient checkpointing runs a layer's forward again there,
+    which is no new attention of the model to record."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class _RecordingHook:
+    """A hook of a recording, as the model holds it. A copy of the model (``copy.deepcopy``, pickling) made while
+    the recording is active gets an inert hook in its place: the copy runs as it would without vitmad, and never
+    into this recording (an EMA or teacher copy made inside the block)."""
+
+    __slots__ = ("hook",)
+
+    def __init__(self, hook: Callable):
+        self.hook = hook
+
+    def __call__(self, *args, **kwargs):
+        return self.hook(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return _inert_hook
+
+    def __reduce__(self):
+        return (_inert_hook_factory, ())
+
+
+def _inert_hook(*args, **kwargs) -> None:
+    return None
+
+
+def _inert_hook_factory():
+    return _inert_hook
+
+
+def _wrap_hooks(handles) -> None:
+    """The hooks behind ``handles`` as :class:`_RecordingHook`, in the dicts that hold them (no walk over the
+    model): the handles still remove them, by id; copies of the modules hold inert ones."""
+    for handle in handles:
+        for hooks in (handle.hooks_dict_ref(), *(ref() for ref in getattr(handle, "extra_dict_ref", ()))):
+            if hooks is not None and handle.id in hooks and callable(hooks[handle.id]) \
+                    and not isinstance(hooks[handle.id], _RecordingHook):
+                hooks[handle.id] = _RecordingHook(hooks[handle.id])
+
+
+# id(model) of the models being recorded: one recording of a model at a time, in any thread (two would mix their
+# calls; transformers models also refuse it through their config).
+_RECORDING: set[int] = set()
 
 
 def _trust_same_tokens(host_times: torch.Tensor, times: torch.Tensor, host_positions: torch.Tensor,
@@ -338,6 +401,9 @@ class Recording:
             raise TypeError(f"vitmad.record: layers must be a list of names or patterns, got the string '{layers}'")
         if layers is not None and not all(isinstance(name, str) for name in layers):
             raise TypeError(f"vitmad.record: layers must be a list of names or patterns (strings), got {layers!r}")
+        if layers is not None and len(layers) == 0:  # else "found no attention layer", of a model that has some
+            raise ValueError("vitmad.record: layers must name at least one module (None records every attention "
+                             "layer), got an empty list")
         if positions is not None and (patch, grid, num_prefix_tokens) != (None, None, None):
             raise ValueError("vitmad.record: positions places every token itself; pass either positions or "
                              "patch/grid/num_prefix_tokens, not both")
@@ -346,6 +412,8 @@ class Recording:
         # the block (compiled.py), so that the hooks below see every layer.
         given, model = model, uncompiled(model)
         self._eager = False
+        self._registered = False  # in _RECORDING
+        self._calls_before_forward: int | None = None  # len(calls) when the model's forward began
         # The user's positions replace the layout of every recorded layer (families/masked.py).
         self._given = None if positions is None else GivenPositionsPlacer(positions)
         self.model = model
@@ -493,6 +561,11 @@ class Recording:
     # Hooks ---------------------------------------------------------------------------------------------------
 
     def _start_call(self, module: nn.Module, args, kwargs=None) -> None:
+        if _in_backward():
+            return
+        # What a forward interrupted inside an attention module left (a KeyboardInterrupt skips the hooks that end
+        # it): not part of this call.
+        self._pending.clear()
         image = next((a for a in list(args) + list((kwargs or {}).values())
                       if isinstance(a, torch.Tensor) and a.dim() >= 4), None)
         self._context.image_size = None if image is None else (int(image.shape[-2]), int(image.shape[-1]))
@@ -511,6 +584,8 @@ class Recording:
             ) from None
 
     def _on_attention(self, name, query, key, scale, mask) -> None:
+        if _in_backward():  # a checkpointed layer's forward run again by backward: recorded once, in the forward
+            return
         """One ``F.scaled_dot_product_attention`` / ``AttentionInterface`` call of module ``name``."""
         # SDPA broadcasts the leading dims of q and k and adds a float mask of any float dtype; mad_qk takes
         # equal leading dims (a stride-0 view costs nothing) and a bias in q's dtype, or a bool mask as is.
@@ -532,6 +607,8 @@ class Recording:
         self._measure(name, placement, query.device, measure, fused=True)
 
     def _on_probabilities(self, name: str, attn: torch.Tensor) -> None:
+        if _in_backward():
+            return
         """The attention probabilities ``[..., Nq, Nk]`` a module computed itself."""
         placement = self._place(name, attn.shape[:-2], attn.shape[-2], attn.shape[-1])
 
@@ -660,6 +737,8 @@ class Recording:
 
     def _on_module_done(self, name: str, module: nn.Module, completed: bool) -> None:
         """Record what module ``name`` computed in the forward that just ended: one entry per layer."""
+        if _in_backward():
+            return
         pending = self._pending.pop(name, [])
         if any(entry[2] for entry in pending):
             # A module that calls the fused attention computes it there; a softmax beside it is something else.
@@ -713,12 +792,18 @@ class Recording:
         if self._handles:  # its hooks are in: entering again would remove them at the inner exit
             raise RuntimeError("vitmad.record: this recording is already active; a recording is entered once at "
                                "a time (make another with vitmad.record(...))")
+        if id(self.model) in _RECORDING:
+            raise RuntimeError(f"vitmad.record: {type(self.model).__name__} is already being recorded (here or in "
+                               "another thread); record a model once at a time")
+        _RECORDING.add(id(self.model))
+        self._registered = True
         if self._compiled:
             EagerWhileRecording.enter()
             self._eager = True
         try:
             with shared_walks():
                 self._install()
+            _wrap_hooks([*self._handles, *(h for hooks in self._hooks for h in getattr(hooks, "_handles", ()))])
         except BaseException:
             self._remove()
             raise
@@ -736,8 +821,30 @@ class Recording:
             self._handles.extend(placer.install(self._context))
         for hooks in self._hooks:
             hooks.install()
+        # Last, so that it runs after every layer's own end: a forward that raised leaves no half call behind.
+        self._handles.append(self.model.register_forward_pre_hook(self._begin_forward))
+        self._handles.append(self.model.register_forward_hook(self._end_forward, always_call=True))
+
+    def _begin_forward(self, module: nn.Module, args) -> None:
+        if not _in_backward():
+            self._drop_unfinished()
+            self._calls_before_forward = len(self.calls)
+
+    def _drop_unfinished(self) -> None:
+        """Drop the calls of a forward that began and never ended: a KeyboardInterrupt skips _end_forward."""
+        if self._calls_before_forward is not None:
+            del self.calls[self._calls_before_forward:]
+            self._calls_before_forward = None
+
+    def _end_forward(self, module: nn.Module, args, output) -> None:
+        """A forward of the model ended; one that raised (no output) drops the calls it started, whose layers
+        stopped where the error was (an out-of-memory error the caller catches, say)."""
+        if output is None and not _in_backward() and self._calls_before_forward is not None:
+            del self.calls[self._calls_before_forward:]
+        self._calls_before_forward = None
 
     def _remove(self) -> None:
+        self._drop_unfinished()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -747,6 +854,9 @@ class Recording:
         if self._eager:
             self._eager = False
             EagerWhileRecording.leave()
+        if self._registered:
+            self._registered = False
+            _RECORDING.discard(id(self.model))
 
     def __exit__(self, *exc_info) -> None:
         self._remove()

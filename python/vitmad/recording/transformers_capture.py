@@ -173,9 +173,15 @@ class HFAttentionHooks:
         for module in self.modules.values():
             config = getattr(module, "config", None) or self.model.config
             configs[id(config)] = config
+        recorded = any(id(module) in _ACTIVE for module in self.modules.values())
         for config in configs.values():
-            if str(config._attn_implementation).startswith(_WRAPPER_PREFIX):
-                raise RuntimeError(f"vitmad.record: {type(self.model).__name__} is already being recorded")
+            implementation = str(config._attn_implementation)
+            if implementation.startswith(_WRAPPER_PREFIX):
+                if recorded:
+                    raise RuntimeError(f"vitmad.record: {type(self.model).__name__} is already being recorded")
+                # A copy (copy.deepcopy) made while the original was recorded took its config as it was then; the
+                # wrapper runs the original implementation for modules no recording holds: that implementation.
+                config._attn_implementation_internal = implementation[len(_WRAPPER_PREFIX):]
         return list(configs.values())
 
     def install(self) -> None:

@@ -1,0 +1,165 @@
+"""vitmad.record when the forward does not run to its end or runs where it is not expected: a KeyboardInterrupt
+inside an attention module, an exception halfway, gradient checkpointing (layers run again by backward), a copy of
+the model made inside the block, the same model recorded twice at once, and a wrapper whose first convolution in
+module order is a head on the features, not the image's stem. Each compares with a recording of a forward that ran
+normally, or with the model's state before the block."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vitmad
+
+timm = pytest.importorskip("timm")
+
+
+def _vit(**options):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3, embed_dim=32,
+                             num_heads=2, **options).eval()
+
+
+def _pixels(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def _clean_mad(model, pixels) -> torch.Tensor:
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    return rec.mad
+
+
+def _function_modes() -> int:
+    return torch._C._len_torch_function_stack()
+
+
+def test_a_keyboard_interrupt_inside_attention_leaves_nothing_active():
+    """torch skips always_call hooks on a KeyboardInterrupt: the capture mode stayed on the stack for good, every
+    later scaled_dot_product_attention of the process went through the closed recording, and a retry inside the
+    block counted the interrupted calls too."""
+    model, pixels = _vit(), _pixels()
+    expected = _clean_mad(model, pixels)
+    interrupt = model.blocks[1].attn.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        with pytest.raises(KeyboardInterrupt):
+            model(pixels)
+        interrupt.remove()
+        model(pixels)  # the retry
+    assert _function_modes() == 0
+    torch.testing.assert_close(rec.mad, expected, rtol=0, atol=0)
+    q = torch.randn(1, 2, 5, 8)
+    F.scaled_dot_product_attention(q, q, q)  # refused by the closed recording before
+    model(pixels)
+    assert len(rec.calls) == 1 and not rec._pending
+
+
+def test_a_forward_that_raised_halfway_leaves_no_call():
+    model, pixels = _vit(), _pixels()
+    fail = model.blocks[2].register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            model(pixels)
+        assert rec.calls == []  # was a call of the two layers before the error, read as a whole forward
+        fail.remove()
+        model(pixels)
+    torch.testing.assert_close(rec.mad, _clean_mad(model, pixels), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("library", ["timm", "transformers"])
+def test_gradient_checkpointing_records_each_layer_once(library):
+    """backward runs a checkpointed layer's forward again: it was recorded as more layers (6 for 3, the last ones
+    in reverse order)."""
+    if library == "timm":
+        model, pixels = _vit(), _pixels()
+        model.set_grad_checkpointing(True)
+    else:
+        transformers = pytest.importorskip("transformers")
+        torch.manual_seed(0)
+        model = transformers.ViTModel(transformers.ViTConfig(
+            hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=64,
+            patch_size=16), add_pooling_layer=False).eval()
+        model.gradient_checkpointing_enable()
+        pixels = _pixels()
+    model.train()  # transformers checkpoints in training only; dropout is 0
+    with torch.no_grad():
+        expected = _clean_mad(model, pixels)
+    with vitmad.record(model) as rec:
+        output = model(pixels)
+        output = output if isinstance(output, torch.Tensor) else output.last_hidden_state
+        output.sum().backward()
+    assert len(rec.layers) == 3 and len(rec.calls) == 1
+    torch.testing.assert_close(rec.mad, expected, rtol=0, atol=0)
+
+
+def test_a_copy_made_inside_the_block_runs_as_without_vitmad():
+    """A copy (an EMA or teacher model) took the recording's hooks with it: it ran into the recording, also after
+    the block, and a transformers copy kept the recording's attention implementation and refused to be recorded."""
+    model, pixels = _vit(), _pixels()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+        twin = copy.deepcopy(model)
+        twin(pixels)
+    with torch.no_grad():
+        twin(pixels)
+    assert len(rec.calls) == 1 and _function_modes() == 0
+    torch.testing.assert_close(_clean_mad(twin, pixels), rec.mad, rtol=0, atol=0)
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                      intermediate_size=64, image_size=64, patch_size=16),
+                               add_pooling_layer=False).eval()
+    with torch.no_grad(), vitmad.record(hf) as rec:
+        hf(pixels)
+        hf_twin = copy.deepcopy(hf)
+    with torch.no_grad():
+        hf_twin(pixels)
+    assert len(rec.calls) == 1
+    torch.testing.assert_close(_clean_mad(hf_twin, pixels), rec.mad, rtol=0, atol=0)
+    assert hf_twin.config._attn_implementation == hf.config._attn_implementation == "sdpa"
+
+
+def test_one_model_is_recorded_once_at_a_time_in_any_thread():
+    model = _vit()
+    with vitmad.record(model):
+        with pytest.raises(RuntimeError, match="VisionTransformer is already being recorded"):
+            vitmad.record(model).__enter__()
+        errors = []
+        thread = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, vitmad.record(model)
+                                                                             .__enter__)))
+        thread.start()
+        thread.join()
+        assert "already being recorded" in str(errors[0].value)
+    with vitmad.record(model):  # free again
+        pass
+
+
+def test_the_call_starts_at_the_convolution_on_the_image_not_a_head_declared_before_it():
+    """A segmentation wrapper declares its head first: the image size was read from the head's input (features
+    upsampled to 128 px: every distance doubled from the second forward on)."""
+
+    class Segmenter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Conv2d(32, 5, 1)  # declared first, runs last
+            self.backbone = _vit()
+
+        def forward(self, x):
+            features = self.backbone.forward_features(x)[:, 1:].transpose(1, 2).reshape(x.shape[0], 32, 4, 4)
+            return self.head(F.interpolate(features, scale_factor=32))
+
+    model, pixels = Segmenter().eval(), _pixels()
+    expected = _clean_mad(model.backbone, pixels)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        for _ in range(3):
+            model(pixels)
+    assert len(rec.calls) == 3
+    for call in rec.calls:
+        assert call.geometry[0].stride == (16.0, 16.0)
+        torch.testing.assert_close(call.mad, expected, rtol=0, atol=0)
