@@ -308,6 +308,17 @@ def test_stats_takes_what_profile_takes(stats, recorded, maps):
             _ = rec.prefix_maps
 
 
+def test_differential_attention_on_its_explicit_path_is_refused_with_the_way_out():
+    """timm's DiffAttention without fused_attn makes both maps in one softmax over [B, 2H, N, N]: refused, saying
+    so (was: 'vitmad knows how several calls combine only for differential attention', of differential attention)."""
+    model = timm.create_model("vit_dwee_patch16_reg1_gap_256", pretrained=False, depth=1, embed_dim=32,
+                              num_heads=2, img_size=32, patch_size=8).eval()
+    model.blocks[0].attn.fused_attn = False
+    message = r"blocks.0.attn \(DiffAttention\) .* is differential attention that made 1 attention call.*fused_attn"
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match=message):
+        model(torch.randn(1, 3, 32, 32))
+
+
 def test_differential_attention_records_mad_alone_and_nan_for_statistics_of_a_non_distribution():
     """A1 - lambda * A2 is not a probability distribution: its layers keep the MAD they record without
     statistics, the statistics are NaN there and they have no maps, while the plain layers of the same model get

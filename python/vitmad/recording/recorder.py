@@ -762,6 +762,14 @@ class Recording:
             per_query = torch.cat([value for _, value, *_ in pending], dim=-1)
         elif len(pending) == 1 and not is_differential(module):
             per_query = pending[0][1]
+        elif is_differential(module):
+            raise ValueError(
+                f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__} is differential "
+                f"attention that made {len(pending)} attention call(s) in one forward; vitmad reads it as its two "
+                "attention calls (A1 and A2, then A1 - lambda * A2), as on timm's fused path: set the module's "
+                "fused_attn = True (its explicit path makes both maps in one softmax over [B, 2H, N, N]), or leave it "
+                "out with layers=[the other attention modules]"
+            )
         else:
             raise ValueError(
                 f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__} made "
