@@ -584,9 +584,9 @@ class Recording:
             ) from None
 
     def _on_attention(self, name, query, key, scale, mask) -> None:
+        """One ``F.scaled_dot_product_attention`` / ``AttentionInterface`` call of module ``name``."""
         if _in_backward():  # a checkpointed layer's forward run again by backward: recorded once, in the forward
             return
-        """One ``F.scaled_dot_product_attention`` / ``AttentionInterface`` call of module ``name``."""
         # SDPA broadcasts the leading dims of q and k and adds a float mask of any float dtype; mad_qk takes
         # equal leading dims (a stride-0 view costs nothing) and a bias in q's dtype, or a bool mask as is.
         lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
@@ -607,9 +607,9 @@ class Recording:
         self._measure(name, placement, query.device, measure, fused=True)
 
     def _on_probabilities(self, name: str, attn: torch.Tensor) -> None:
+        """The attention probabilities ``[..., Nq, Nk]`` a module computed itself."""
         if _in_backward():
             return
-        """The attention probabilities ``[..., Nq, Nk]`` a module computed itself."""
         placement = self._place(name, attn.shape[:-2], attn.shape[-2], attn.shape[-1])
 
         def measure(positions, key_positions, renormalize, stats=()):
