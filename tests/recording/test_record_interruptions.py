@@ -163,3 +163,20 @@ def test_the_call_starts_at_the_convolution_on_the_image_not_a_head_declared_bef
     for call in rec.calls:
         assert call.geometry[0].stride == (16.0, 16.0)
         torch.testing.assert_close(call.mad, expected, rtol=0, atol=0)
+
+
+def test_an_attention_implementation_set_inside_the_block_is_recorded_and_kept():
+    """model.set_attn_implementation inside the block stopped the recording (rec.mad then said no module computed
+    attention) and was undone at exit."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                         intermediate_size=64, image_size=64, patch_size=16),
+                                  add_pooling_layer=False).eval()
+    pixels = _pixels()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+        model.set_attn_implementation("eager")
+        model(pixels)
+    assert len(rec.calls) == 2 and model.config._attn_implementation == "eager"
+    torch.testing.assert_close(rec.calls[1].mad, rec.calls[0].mad, rtol=1e-5, atol=1e-4)

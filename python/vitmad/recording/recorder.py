@@ -837,6 +837,9 @@ class Recording:
         if not _in_backward():
             self._drop_unfinished()
             self._calls_before_forward = len(self.calls)
+            for hooks in self._hooks:
+                if hasattr(hooks, "before_forward"):
+                    hooks.before_forward()
 
     def _drop_unfinished(self) -> None:
         """Drop the calls of a forward that began and never ended: a KeyboardInterrupt skips _end_forward."""

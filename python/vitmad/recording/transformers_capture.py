@@ -204,13 +204,27 @@ class HFAttentionHooks:
             self._saved.append((config, original))
             config._attn_implementation_internal = _register_wrapper(original or "eager")
 
+    def before_forward(self) -> None:
+        """At each forward of the model: an implementation the user set inside the block
+        (``model.set_attn_implementation``) is wrapped in its turn, so the recording goes on, and is what the
+        config keeps at exit."""
+        for i, (config, _) in enumerate(self._saved):
+            current = config._attn_implementation_internal
+            if not str(current).startswith(_WRAPPER_PREFIX):
+                attention_semantics(current or "eager", type(self.model).__name__)
+                self._saved[i] = (config, current)
+                config._attn_implementation_internal = _register_wrapper(current or "eager")
+
     def remove(self) -> None:
         for module in self.modules.values():
             # Only this recording's entries: a second record() of the same model fails without touching them.
             if id(module) in _ACTIVE and _ACTIVE[id(module)][1] == self.callback:
                 del _ACTIVE[id(module)]
         for config, original in reversed(self._saved):
-            config._attn_implementation_internal = original
+            # Set back only what is still the recording's: an implementation the user chose inside the block
+            # (model.set_attn_implementation) stays.
+            if str(config._attn_implementation_internal).startswith(_WRAPPER_PREFIX):
+                config._attn_implementation_internal = original
         self._saved.clear()
         for handle in self._handles:
             handle.remove()
