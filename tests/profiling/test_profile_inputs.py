@@ -87,6 +87,20 @@ def test_preprocessing_rescales_as_the_hf_image_processor_says(settings, grey_le
     assert ours.to_dict()["rescale"] == (1.0 if settings.get("do_rescale") is False else settings["rescale_factor"])
 
 
+def test_vivit_processor_offset_is_followed():
+    """ViViT's processor rescales by 1 / 127.5 and subtracts 1 (offset=True, its default and its checkpoints'):
+    pixels in [-3, 1] after its normalisation; they were fed in [-1, 3]."""
+    from PIL import Image
+    from transformers import VivitImageProcessor
+
+    processor = VivitImageProcessor(size={"height": 28, "width": 36}, do_center_crop=False)
+    ours = Preprocessing.from_hf(processor.to_dict())
+    frame = torch.randint(0, 256, (50, 70, 3), dtype=torch.uint8).numpy()
+    theirs = processor([[frame]], return_tensors="pt")["pixel_values"][0, 0]
+    torch.testing.assert_close(ours(Image.fromarray(frame)), theirs, rtol=0, atol=1.01 / 127.5 / 0.5)
+    assert ours.to_dict()["rescale_offset"] == 1.0 and float(theirs.min()) < -1
+
+
 def test_a_processor_that_does_not_resize_takes_images_at_the_model_size_only(tmp_path):
     from PIL import Image
     from transformers import ViTImageProcessor

@@ -184,3 +184,32 @@ def test_videos_are_named_by_absolute_paths_as_images_are(videos, monkeypatch):
     relative = find_videos(videos.name)
     assert relative == find_videos(str(videos)) == sorted([videos / "clip.mp4", videos / "frames"])
     assert all(path.is_absolute() for path in relative)
+
+
+def test_frame_folders_take_their_images_only_in_the_order_of_their_numbers(tmp_path):
+    """A macOS .DS_Store or a readme.txt beside the frames dropped the whole folder from the run, silently; frames
+    named frame_0 ... frame_11 were read in string order (frame_10 after frame_1)."""
+    from PIL import Image
+
+    from vitmad.profiling.videos import find_videos, load_video
+
+    root = tmp_path / "clips"
+    for name, count, extra in (("x", 12, ".DS_Store"), ("y", 4, None), ("z", 3, "readme.txt")):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(count):  # each frame a grey level of its own: the sample shows which frames it took
+            Image.new("RGB", (8, 8), (10 * i,) * 3).save(folder / f"frame_{i}.png")
+        if extra:
+            (folder / extra).write_bytes(b"not a frame")
+    assert find_videos(root) == [root / "x", root / "y", root / "z"]
+    picked, reason = load_video(root / "x", 4)
+    assert reason is None and [image.getpixel((0, 0))[0] for image in picked] == [0, 40, 70, 110]  # 0, 4, 7, 11
+    (root / "x" / "sub").mkdir()  # a folder beside the frames: then it is a folder of videos, not of frames
+    assert root / "x" not in find_videos(root)
+
+
+def test_a_video_tensor_of_another_frame_count_is_refused_by_name(video_model):
+    pixels = torch.randn(2, FRAMES + 2, 3, SIZE, SIZE)
+    with pytest.raises(ValueError, match=rf"images: the video model takes {FRAMES} frames a video, \[B, {FRAMES}, 3, "
+                                         rf"H, W\]; got a tensor of shape \[2, {FRAMES + 2}, 3, {SIZE}, {SIZE}\]"):
+        vitmad.profile(f"hf:{video_model}", pixels, device="cpu")

@@ -242,6 +242,10 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
         if images.dim() != expected:
             raise OptionError("images", f"a tensor of {'videos' if frames else 'images'} must be {shape}, got "
                                         f"shape {list(images.shape)}")
+        if frames is not None and images.shape[1] != frames:
+            raise OptionError("images", f"the video model takes {frames} frames a video, [B, {frames}, 3, H, W]; got a "
+                                        f"tensor of shape {list(images.shape)} (video files are sampled to "
+                                        f"{frames} frames; a tensor is fed as it is)")
         if channels is not None and images.shape[-3] != channels:
             raise OptionError("images", f"the model takes {channels} channels, {shape.replace('3', str(channels))}; "
                                         f"got a tensor of shape {list(images.shape)}")

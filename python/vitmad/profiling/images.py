@@ -159,6 +159,8 @@ class Preprocessing:
             padding.
         rescale: the factor from 0-255 pixel values to the values ``mean`` and ``std`` apply to (a transformers
             processor's ``rescale_factor``, 1 with ``do_rescale=false``); ``None``: divided by 255.
+        rescale_offset: subtracted after the rescaling (ViViT's processor, ``offset=True``: ``x / 127.5 - 1``);
+            ``None``: nothing.
     """
 
     size: tuple[int, int]
@@ -170,11 +172,12 @@ class Preprocessing:
     crop_rounding: str = "floor"
     pad_fill: tuple[int, int, int] | None = None
     rescale: float | None = None
+    rescale_offset: float | None = None
 
     def with_size(self, size: tuple[int, int]) -> Preprocessing:
         """The same statistics and filter for another input size (``image_size``): scale to cover, crop."""
         return Preprocessing(tuple(size), ("cover",), True, self.mean, self.std, self.interpolation,
-                             self.crop_rounding, rescale=self.rescale)
+                             self.crop_rounding, rescale=self.rescale, rescale_offset=self.rescale_offset)
 
     def to_dict(self) -> dict:
         settings = {
@@ -190,6 +193,8 @@ class Preprocessing:
             settings["pad_fill"] = list(self.pad_fill)
         if self.rescale is not None:  # likewise
             settings["rescale"] = self.rescale
+        if self.rescale_offset is not None:
+            settings["rescale_offset"] = self.rescale_offset
         return settings
 
     @staticmethod
@@ -226,7 +231,8 @@ class Preprocessing:
             final = crop
         elif resize[0] == "shortest":
             do_crop = True  # a shortest-edge resize alone gives a size per image: batches need one size
-        return Preprocessing(final, resize, do_crop, mean, std, interpolation, rescale=rescale)
+        return Preprocessing(final, resize, do_crop, mean, std, interpolation, rescale=rescale,
+                             rescale_offset=hf_rescale_offset(processor))
 
     @staticmethod
     def from_timm(data_config: dict) -> Preprocessing:
@@ -317,7 +323,7 @@ class Preprocessing:
                 left, top = (new[0] - width) // 2, (new[1] - height) // 2
             image = image.crop((left, top, left + width, top + height))
         pixels = rescaled(torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1),
-                          self.rescale)
+                          self.rescale, self.rescale_offset)
         mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
         std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
         return (pixels - mean) / std
@@ -333,10 +339,19 @@ def hf_rescale(processor) -> float | None:
     return None if factor == 1 / 255 else factor
 
 
-def rescaled(pixels: torch.Tensor, rescale: float | None) -> torch.Tensor:
+def hf_rescale_offset(processor: dict) -> float | None:
+    """What a transformers image processor subtracts after rescaling: 1 for ViViT's (``offset=True``, its default:
+    ``x / 127.5 - 1``), else None."""
+    if not processor.get("do_rescale", True) or not processor.get("offset", False):
+        return None
+    return 1.0
+
+
+def rescaled(pixels: torch.Tensor, rescale: float | None, offset: float | None = None) -> torch.Tensor:
     """0-255 ``pixels`` times ``rescale``, or divided by 255 when it is None (the bits every run had before
-    processors' own factors were read)."""
-    return pixels / 255.0 if rescale is None else pixels * rescale
+    processors' own factors were read), less ``offset`` when given."""
+    values = pixels / 255.0 if rescale is None else pixels * rescale
+    return values if offset is None else values - offset
 
 
 def _pair(value) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from pathlib import Path
@@ -45,10 +46,25 @@ def video_processor_settings(folder: str) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def _natural_key(path: Path) -> list:
+    """Sort key of a frame's name with its numbers by value: frame_2 before frame_10 (and frame_002 before
+    frame_010, as a plain sort already has them)."""
+    return [(0, int(part), part) if part.isdigit() else (1, 0, part)
+            for part in re.split(r"(\d+)", path.name) if part]
+
+
+def frame_files(path: Path) -> list[Path]:
+    """The frames of a frame folder: its image files in name order, numbers by value (:func:`_natural_key`);
+    hidden files and files of other kinds (a macOS ``.DS_Store``, a ``readme.txt``) are no frames."""
+    return sorted((p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in IMAGE_EXTENSIONS), key=_natural_key)
+
+
 def _is_frame_folder(path: Path) -> bool:
-    files = [p for p in path.iterdir() if p.is_file()]
-    return bool(files) and all(p.suffix.lower() in IMAGE_EXTENSIONS for p in files) and not any(
-        p.is_dir() for p in path.iterdir())
+    """A folder of frames: image files and no clip or folder beside them (hidden entries and other files aside)."""
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    return (any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in entries)
+            and not any(p.is_dir() or p.suffix.lower() in VIDEO_EXTENSIONS for p in entries))
 
 
 def is_video_source(path: str | os.PathLike) -> bool:
@@ -104,7 +120,7 @@ def load_video(path: Path, frames: int):
         ``(frames, None)``, or ``(None, reason)`` when it cannot be read.
     """
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file())
+        files = frame_files(path)
         picked = []
         for index in sample_indices(len(files), frames):
             image, reason = load_image(files[index])
