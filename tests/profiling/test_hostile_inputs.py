@@ -316,6 +316,11 @@ def test_pixels_with_channels_the_model_does_not_take_are_refused_by_name():
         vitmad.profile(rgb, torch.randn(1, 4, 32, 32), device="cpu")
     gray = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, in_chans=1)
     assert vitmad.profile(gray, torch.randn(1, 1, 32, 32), device="cpu").mad.shape == (1, 3)
+    # VOLO's patch embedding is a convolution stem before its projection: the stem takes the image's channels
+    # (was read from the projection, 32 channels, and every RGB tensor refused).
+    volo = timm.models.volo.VOLO(img_size=64, layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64),
+                                 num_heads=(1, 2, 2, 2), stem_hidden_dim=32).eval()
+    assert vitmad.profile(volo, torch.randn(1, 3, 64, 64), device="cpu").count == 1
 
 
 def test_a_profile_written_onto_a_folder_is_refused_before_writing(good_result, tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..ops.arguments import is_int
+from ..recording.recorder import image_channels
 from .checkpoint import (
     check_checkpoint_path,
     fingerprint,
@@ -201,20 +201,6 @@ def _own_model_dtype(model: torch.nn.Module, dtype, resolved: torch.dtype) -> to
     return own
 
 
-def model_channels(module: torch.nn.Module) -> int | None:
-    """The colour channels a model's pixels have, where the model says so: a transformers config's
-    ``num_channels`` or a timm patch embedding's convolution; None where it does not (the model then answers
-    a wrong tensor itself)."""
-    config = getattr(module, "config", None)
-    for holder in (config, getattr(config, "vision_config", None)):
-        channels = getattr(holder, "num_channels", None)
-        if is_int(channels) and channels > 0:
-            return channels
-    proj = getattr(getattr(module, "patch_embed", None), "proj", None)
-    channels = getattr(proj, "in_channels", None)
-    return channels if is_int(channels) and channels > 0 else None
-
-
 def model_input_size(module: torch.nn.Module) -> tuple[int, int] | None:
     """The one input size a model takes, where it says so: a timm patch embedding with ``strict_img_size`` and
     neither ``dynamic_img_size`` nor ``dynamic_img_pad`` (which asserts the size inside the forward); None for
@@ -232,7 +218,7 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
                    input_size: tuple[int, int] | None = None):
     """Image (or, for a video model taking ``frames`` frames, video) names and a function loading global batch
     ``i``; ``native``: each image at its own aspect ratio; ``channels``, ``input_size``: what a pixel tensor must
-    have, where the model says (:func:`model_channels`, :func:`model_input_size`)."""
+    have, where the model says (:func:`~vitmad.recording.recorder.image_channels`, :func:`model_input_size`)."""
     if native is not None and (isinstance(images, torch.Tensor) or frames is not None):
         raise OptionError("images", "image_size='native' resizes each image itself: pass image files (of an image "
                                     "model), not a tensor or videos")
@@ -269,9 +255,9 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
             finite = torch.isfinite(batch).flatten(1).all(1).cpu()
             if bool(finite.all()):
                 return batch, batch_names, []
-            skipped = [(name, "non-finite pixel values (NaN or inf)")
-                       for name, ok in zip(batch_names, finite.tolist()) if not ok]
-            kept = [name for name, ok in zip(batch_names, finite.tolist()) if ok]
+            rows_ok = list(zip(batch_names, finite.tolist()))
+            skipped = [(name, "non-finite pixel values (NaN or inf)") for name, ok in rows_ok if not ok]
+            kept = [name for name, ok in rows_ok if ok]
             return (batch[finite.to(batch.device)] if kept else None), kept, skipped
 
         return names, load_rows
@@ -354,7 +340,7 @@ def plan_run(
                                         f"{images.shape[-2]}x{images.shape[-1]} (shape {list(images.shape)}): a tensor "
                                         "is fed as it is; leave image_size unset")
     names, load = _image_batches(images, preprocessing, batch_size, max_images, decoders,
-                                 model_frames(loaded.module), native, model_channels(loaded.module),
+                                 model_frames(loaded.module), native, image_channels(loaded.module),
                                  model_input_size(loaded.module))
     settings = {
         "renormalize": bool(renormalize),

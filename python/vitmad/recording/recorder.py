@@ -272,14 +272,21 @@ def _check_record_stats(stats) -> tuple[tuple[str, ...], bool]:
     return tuple(n for n in STAT_NAMES if n in names and n != "mad"), MAP_NAME in names
 
 
-def _image_channels(model: nn.Module) -> int:
-    """The colour channels of the model's input, where its config says (transformers), else 3."""
+def image_channels(model: nn.Module) -> int | None:
+    """The colour channels of a model's pixels, where the model says so: a transformers config's
+    ``num_channels``, or the first convolution of a timm patch embedding (its stem where it has one, as VOLO's:
+    the ``proj`` after it takes the stem's channels); None where it does not."""
     config = getattr(model, "config", None)
     for holder in (config, getattr(config, "vision_config", None)):
         channels = getattr(holder, "num_channels", None)
         if is_int(channels) and channels > 0:
             return channels
-    return 3
+    embed = getattr(model, "patch_embed", None)
+    if isinstance(embed, nn.Module):
+        first = next((m for m in embed.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
+        if first is not None:
+            return first.in_channels
+    return None
 
 
 def _first_convolution(model: nn.Module) -> nn.Module | None:
@@ -288,7 +295,7 @@ def _first_convolution(model: nn.Module) -> nn.Module | None:
     convolution of all where none does; without any, a NaFlex tower (its patches come cut, and a text tower beside
     it must not start a call)."""
     convolutions = [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d))]
-    channels = _image_channels(model)
+    channels = image_channels(model) or 3
     on_image = next((m for m in convolutions if m.in_channels == channels), None)
     if on_image is not None or convolutions:
         return on_image or convolutions[0]
