@@ -41,6 +41,8 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "check_not_bool",
     "check_renormalize",
+    "index_int",
+    "call_op",
     "scale_float",
     "schema_type_error",
 ]
@@ -119,6 +121,15 @@ def schema_type_error(error: RuntimeError, op_name: str) -> BaseException:
     return TypeError(f"{op_name}: {found['arg']} must be {expected}, got {found['given']}")
 
 
+def call_op(op, op_name: str, *args, **kwargs):
+    """``op(*args, **kwargs)``, with the dispatcher's RuntimeError about an argument of the wrong type raised as
+    :func:`schema_type_error`'s TypeError."""
+    try:
+        return op(*args, **kwargs)
+    except RuntimeError as error:
+        raise schema_type_error(error, op_name) from None
+
+
 def check_not_bool(op_name: str, **values) -> None:
     """TypeError for a bool where a size or count is expected: the dispatcher takes ``True`` for the int 1."""
     for name, value in values.items():
@@ -155,15 +166,21 @@ def grid_ints(grid, op_name: str) -> list[int] | None:
         return None
     if isinstance(grid, (str, bytes)) or not hasattr(grid, "__iter__"):
         raise TypeError(f"{op_name}: grid must be [grid_h, grid_w] integers, got {grid!r}")
-    values = []
-    for g in grid:
-        if isinstance(g, bool):
-            raise TypeError(f"{op_name}: grid must hold integers, got {list(grid)!r}")
-        try:
-            values.append(operator.index(g))
-        except TypeError:
-            raise TypeError(f"{op_name}: grid must hold integers, got {list(grid)!r}") from None
+    values = [index_int(g) for g in grid]
+    if None in values:
+        raise TypeError(f"{op_name}: grid must hold integers, got {list(grid)!r}")
     return values
+
+
+def index_int(value) -> int | None:
+    """``value`` as an int where it is an integer of any kind (Python, NumPy, a 0-d integer tensor), never a bool
+    nor a float rounded toward zero; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def check_mad_args(

@@ -13,6 +13,7 @@ import torch
 
 from . import library  # noqa: F401  (defines torch.ops.vitmad before anything is registered on it)
 from .arguments import (
+    call_op,
     check_attn_tensor,
     check_mad_args,
     check_mad_grad,
@@ -99,18 +100,14 @@ def mad(
             options["reduction"] = reduction
         if patch.__class__ is bool or num_prefix_tokens.__class__ is bool:  # the dispatcher takes True for 1
             check_not_bool("vitmad.mad", patch=patch, num_prefix_tokens=num_prefix_tokens)
-        try:
+        try:  # call_op's work, inline: a function call more would be a few percent of a small call
             return torch.ops.vitmad.mad.default(attn, patch, **options)
         except RuntimeError as error:
             raise schema_type_error(error, "vitmad.mad") from None
     check_one_form("vitmad.mad", positions, key_positions,
                     {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
-    try:
-        return torch.ops.vitmad.mad_pos.default(
-            attn, positions, key_positions, renormalize=renormalize, reduction=reduction
-        )
-    except RuntimeError as error:
-        raise schema_type_error(error, "vitmad.mad") from None
+    return call_op(torch.ops.vitmad.mad_pos.default, "vitmad.mad", attn, positions, key_positions,
+                   renormalize=renormalize, reduction=reduction)
 
 
 # Grid form ---------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 
 from . import library  # noqa: F401  (defines torch.ops.vitmad before anything is registered on it)
 from .arguments import (
+    call_op,
     check_mad_qk_args,
     check_not_bool,
     check_one_form,
@@ -24,7 +25,6 @@ from .arguments import (
     grid_ints,
     mad_output_dtype,
     scale_float,
-    schema_type_error,
 )
 
 __all__ = ["mad_qk"]
@@ -88,19 +88,12 @@ def mad_qk(
     check_not_bool("vitmad.mad_qk", patch=patch, num_prefix_tokens=num_prefix_tokens)
     options = {"scale": scale_float(scale, "vitmad.mad_qk"), "attn_bias": attn_bias, "renormalize": renormalize,
                "reduction": reduction}
-    try:
-        if positions is not None:
-            return torch.ops.vitmad.mad_qk_pos.default(q, k, positions, key_positions, **options)
-        return torch.ops.vitmad.mad_qk.default(
-            q,
-            k,
-            patch,
-            num_prefix_tokens=1 if num_prefix_tokens is None else num_prefix_tokens,
-            grid=grid_ints(grid, "vitmad.mad_qk"),
-            **options,
-        )
-    except RuntimeError as error:
-        raise schema_type_error(error, "vitmad.mad_qk") from None
+    if positions is not None:
+        return call_op(torch.ops.vitmad.mad_qk_pos.default, "vitmad.mad_qk", q, k, positions, key_positions,
+                       **options)
+    return call_op(torch.ops.vitmad.mad_qk.default, "vitmad.mad_qk", q, k, patch,
+                   num_prefix_tokens=1 if num_prefix_tokens is None else num_prefix_tokens,
+                   grid=grid_ints(grid, "vitmad.mad_qk"), **options)
 
 
 @torch.library.register_fake("vitmad::mad_qk")

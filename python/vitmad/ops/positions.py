@@ -8,9 +8,10 @@ is", gives the rules for windows, pooled keys, hierarchies and video.
 from __future__ import annotations
 
 import numbers
-import operator
 
 import torch
+
+from .arguments import index_int
 
 __all__ = ["grid_positions"]
 
@@ -43,15 +44,11 @@ def grid_positions(
         TypeError: a size or count that is not an int, a patch that is not a number, a dtype that is not floating.
         ValueError: a non-positive grid size or patch, or a negative prefix count.
     """
-    sizes = {}
-    for name, value in (("grid_h", grid_h), ("grid_w", grid_w), ("num_prefix_tokens", num_prefix_tokens)):
-        try:  # Python and NumPy ints; never a float rounded toward zero, nor a bool
-            sizes[name] = operator.index(value) if not isinstance(value, bool) else None
-        except TypeError:
-            sizes[name] = None
-        if sizes[name] is None:
+    given = {"grid_h": grid_h, "grid_w": grid_w, "num_prefix_tokens": num_prefix_tokens}
+    for name, value in given.items():
+        if index_int(value) is None:
             raise TypeError(f"vitmad.grid_positions: {name} must be an int, got {value!r}")
-    grid_h, grid_w, num_prefix_tokens = sizes["grid_h"], sizes["grid_w"], sizes["num_prefix_tokens"]
+    grid_h, grid_w, num_prefix_tokens = (index_int(value) for value in given.values())
     if isinstance(patch, bool) or not isinstance(patch, numbers.Real):
         raise TypeError(f"vitmad.grid_positions: patch must be a number (pixels per patch), got {patch!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

@@ -27,6 +27,7 @@ from . import library  # noqa: F401  (defines torch.ops.vitmad before anything i
 from .arguments import (
     STAT_NAMES,
     TEMPORAL_MAD,
+    call_op,
     check_attn_tensor,
     check_key_times_need_times,
     check_mad_args,
@@ -44,7 +45,6 @@ from .arguments import (
     is_trusted_positions,
     mad_output_dtype,
     scale_float,
-    schema_type_error,
     tensor_version,
 )
 from .mad_op import mad
@@ -211,11 +211,8 @@ def attention_stats(
         grid_list = grid_ints(grid, _OP)
         if names:
             check_not_bool(_OP, patch=patch, num_prefix_tokens=prefix)
-            try:
-                values = torch.ops.vitmad.stats.default(attn, patch, list(names), num_prefix_tokens=prefix,
-                                                        grid=grid_list, renormalize=renormalize, reduction=reduction)
-            except RuntimeError as error:
-                raise schema_type_error(error, _OP) from None
+            values = call_op(torch.ops.vitmad.stats.default, _OP, attn, patch, list(names), num_prefix_tokens=prefix,
+                             grid=grid_list, renormalize=renormalize, reduction=reduction)
             out.update(_by_name(names, values))
         else:
             check_attn_tensor(attn, "[..., N, N]", _OP)
@@ -231,11 +228,8 @@ def attention_stats(
         if temporal:
             check_stats_and_times(names, attn, layout, positions, key_positions, times, key_times, _OP)
         if kernel_names:
-            try:
-                values = torch.ops.vitmad.stats_pos.default(attn, positions, key_positions, kernel_names,
-                                                            renormalize=renormalize, reduction=reduction)
-            except RuntimeError as error:
-                raise schema_type_error(error, _OP) from None
+            values = call_op(torch.ops.vitmad.stats_pos.default, _OP, attn, positions, key_positions, kernel_names,
+                             renormalize=renormalize, reduction=reduction)
             out.update(_by_name(kernel_names, values))
         if temporal:  # the frames as one-coordinate positions: a second read of attn
             _refuse_grad(_OP, {"attn": attn, "times": times, "key_times": key_times})
@@ -293,11 +287,8 @@ def attention_stats_qk(
         grid_list = grid_ints(grid, _OP_QK)
         if names:
             check_not_bool(_OP_QK, patch=patch, num_prefix_tokens=prefix)
-            try:
-                values = torch.ops.vitmad.stats_qk.default(q, k, patch, list(names), num_prefix_tokens=prefix,
-                                                           grid=grid_list, **options)
-            except RuntimeError as error:
-                raise schema_type_error(error, _OP_QK) from None
+            values = call_op(torch.ops.vitmad.stats_qk.default, _OP_QK, q, k, patch, list(names),
+                             num_prefix_tokens=prefix, grid=grid_list, **options)
             out.update(_by_name(names, values))
         if not names:  # else the op checked its arguments
             check_mad_qk_args(q, k, patch, prefix, grid_list, scale, attn_bias, renormalize, reduction, _OP_QK)
@@ -310,11 +301,8 @@ def attention_stats_qk(
         if names:
             if times is not None:
                 options.update(times=times, key_times=key_times)
-            try:
-                values = torch.ops.vitmad.stats_qk_pos.default(q, k, positions, key_positions, list(names),
-                                                               **options)
-            except RuntimeError as error:
-                raise schema_type_error(error, _OP_QK) from None
+            values = call_op(torch.ops.vitmad.stats_qk_pos.default, _OP_QK, q, k, positions, key_positions,
+                             list(names), **options)
             out.update(_by_name(names, values))
         if maps or not names:
             shape = check_qk_tensors(q, k, scale, attn_bias, False, _OP_QK)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .windows import parent_module
+
 # class name -> why its attention has no MAD.
 _REASONS = {
     "ClassAttn": "class attention: only the class token queries the patches (CaiT, XCiT class-attention blocks)",
@@ -53,9 +55,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
 
     cls = type(module)
     reason = _REASONS.get(cls.__name__) or _REASONS_IN.get((cls.__name__, cls.__module__.rpartition(".")[2]))
-    if reason is None and "." in name:
-        owner_name, _, attribute = name.rpartition(".")
-        reason = _REASONS_AS.get((type(model.get_submodule(owner_name)).__name__, attribute))
+    if reason is None:
+        reason = _REASONS_AS.get((type(parent_module(model, name)).__name__, name.rpartition(".")[2]))
     if reason is None and _pools_with_learned_query(model, name, module):
         reason = _POOLING_QUERY
     return None if reason is None else Skip(reason)

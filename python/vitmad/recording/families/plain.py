@@ -29,6 +29,7 @@ from ..placement import (
     read_only,
     select_tokens,
 )
+from .windows import parent_module
 
 __all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "is_embedding_projection", "num_suffix_tokens"]
 
@@ -75,9 +76,8 @@ def num_suffix_tokens(model: nn.Module) -> int:
 def appended_tokens(model: nn.Module, name: str) -> int:
     """Tokens one layer appends after the grid besides the model's own (:func:`num_suffix_tokens`): X-CLIP's
     cross-frame blocks append each frame's message token to [CLS, patches] before their self-attention."""
-    owner_name, _, attribute = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
-    return 1 if attribute == "self_attn" and type(owner).__name__ == "XCLIPVisionEncoderLayer" else 0
+    owner = parent_module(model, name)
+    return 1 if name.rpartition(".")[2] == "self_attn" and type(owner).__name__ == "XCLIPVisionEncoderLayer" else 0
 
 
 def _stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module) -> int:
