@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../mad_args.h"
@@ -179,6 +180,19 @@ __attribute__((always_inline)) inline void load_lanes(const acc_t* p, V& v) {
   __builtin_memcpy(&v, p, sizeof(v));
 }
 
+// Keeps a scalar running sum in a register of its own. Without it GCC may pack the two scalar tail sums of a row
+// (A d and A) into one vector (SLP vectorisation), and then adds A * d unfused where elsewhere it fuses it into a
+// multiply-add: whether it does depends on the code around the loop, so the same row could give other bits in
+// another kernel, where stats' "mad" row must equal mad's (it did, for a 30-key run, once the entropy loop grew).
+template <typename T>
+__attribute__((always_inline)) inline void keep_scalar(T& value) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  asm("" : "+x"(value));
+#else
+  (void)value;
+#endif
+}
+
 // Pairwise sum of a vector's lanes, in a fixed order.
 template <typename acc_t, typename V = Lanes<acc_t>>
 __attribute__((always_inline)) inline acc_t lane_total(const V& lanes) {
@@ -246,6 +260,7 @@ __attribute__((always_inline)) inline void contiguous_sums(const acc_t* a, const
   acc_t m_tail = 0;
   for (; s < n; ++s) {
     w_tail += a[s] * dist[s];
+    keep_scalar(w_tail);
     if constexpr (kMass) m_tail += a[s];
   }
   weighted = (w_tail + lane_total<acc_t, H>(w_half)) + lane_total<acc_t>((w0 + w1) + (w2 + w3));
@@ -276,11 +291,60 @@ __attribute__((always_inline)) inline acc_t x_log_x_total(const V& sum, const V&
   return negative ? std::numeric_limits<acc_t>::quiet_NaN() : lane_total<acc_t, V>(sum);
 }
 
+// The lanes of one row's sum of x ln x in shared_distance_sums and range_sums: for float, vector_log.h's
+// add_x_log_x_fast; a row for which exact_needed() holds (inf, NaN, a value with the sign bit) is summed again by
+// exact_x_log_x_sum, with add_x_log_x's special values. For double, add_x_log_x itself.
+template <typename acc_t>
+struct XLogXLanes;
+
+template <>
+struct XLogXLanes<float> {
+  using V = Lanes<float>;
+  typedef uint32_t VU __attribute__((vector_size(sizeof(V))));
+  V sum{};
+  VU top_bits{};
+
+  __attribute__((always_inline)) void add(const V& x) { add_x_log_x_fast(x, sum, top_bits); }
+  __attribute__((always_inline)) bool exact_needed() const {
+    bool special = false;
+    for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(float)); ++i)
+      special |= top_bits[i] >= kXLogXFastLimitBits;
+    return special;
+  }
+  __attribute__((always_inline)) float total() const { return lane_total<float>(sum); }
+};
+
+template <>
+struct XLogXLanes<double> {
+  using V = Lanes<double>;
+  V sum{}, lowest{};
+
+  __attribute__((always_inline)) void add(const V& x) { add_x_log_x<double>(x, sum, lowest); }
+  __attribute__((always_inline)) bool exact_needed() const { return false; }
+  __attribute__((always_inline)) double total() const { return x_log_x_total<double>(sum, lowest); }
+};
+
+// The sum of x ln x over a[0, n) and extra[0, num_extra) by add_x_log_x, for a row XLogXLanes flagged.
+template <typename acc_t>
+__attribute__((noinline)) acc_t exact_x_log_x_sum(const acc_t* a, int64_t n, const acc_t* extra, int64_t num_extra) {
+  using V = Lanes<acc_t>;
+  constexpr int64_t kVec = sizeof(V) / sizeof(acc_t);
+  V sum{}, lowest{};
+  for (const auto& [values, count] : {std::pair{a, n}, std::pair{extra, num_extra}}) {
+    for (int64_t s = 0; s < count; s += kVec) {
+      V x{};
+      for (int64_t i = 0; i < std::min(kVec, count - s); ++i) x[i] = values[s + i];
+      add_x_log_x<acc_t>(x, sum, lowest);
+    }
+  }
+  return x_log_x_total<acc_t>(sum, lowest);
+}
+
 // contiguous_sums for kRows attention rows that share one distance row (query t of kRows matrices): each
 // distance vector is loaded once for all of them, so the distances cost 1 / kRows of the loads and of the L2 to L1
 // traffic that the attention itself takes. Per row, two vector accumulators, then one vector, half a vector and
 // scalars, in an order that does not depend on kRows (a row gives the same bits alone or in a group). With kEntropy,
-// x_log_x[g] also receives the sum of x ln x (x_log_x_total) over row g's n values, from the same loads, and over
+// x_log_x[g] also receives the sum of x ln x (XLogXLanes) over row g's n values, from the same loads, and over
 // the num_extra values extra[g][0, num_extra) (keys outside the distance-weighted run, such as prefix tokens), which
 // fill the lanes the row's last values leave free: a 196-key row and its CLS key take 25 logarithms of 8 lanes.
 template <int kRows, typename acc_t, bool kMass, bool kEntropy = false>
@@ -294,13 +358,9 @@ __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* con
   constexpr int64_t kVec = sizeof(V) / sizeof(acc_t);
   constexpr int64_t kHalf = sizeof(H) / sizeof(acc_t);
   V w0[kRows], w1[kRows], m0[kRows], m1[kRows];
-  V e[kRows], low[kRows];
+  XLogXLanes<acc_t> e[kRows];
 #pragma GCC unroll 8
   for (int g = 0; g < kRows; ++g) w0[g] = w1[g] = m0[g] = m1[g] = V{};
-  if constexpr (kEntropy) {
-#pragma GCC unroll 8
-    for (int g = 0; g < kRows; ++g) e[g] = low[g] = V{};
-  }
   int64_t s = 0;
   for (; s + 2 * kVec <= n; s += 2 * kVec) {
     V d0, d1;
@@ -318,8 +378,8 @@ __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* con
         m1[g] += x1;
       }
       if constexpr (kEntropy) {
-        add_x_log_x<acc_t>(x0, e[g], low[g]);
-        add_x_log_x<acc_t>(x1, e[g], low[g]);
+        e[g].add(x0);
+        e[g].add(x1);
       }
     }
   }
@@ -332,7 +392,7 @@ __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* con
       load_lanes(a[g] + s, x);
       w0[g] += x * d;
       if constexpr (kMass) m0[g] += x;
-      if constexpr (kEntropy) add_x_log_x<acc_t>(x, e[g], low[g]);
+      if constexpr (kEntropy) e[g].add(x);
     }
     s += kVec;
   }
@@ -365,6 +425,7 @@ __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* con
     acc_t m_tail = 0;
     for (int64_t j = s + (half ? kHalf : 0); j < n; ++j) {
       w_tail += a[g][j] * dist[j];
+      keep_scalar(w_tail);
       if constexpr (kMass) m_tail += a[g][j];
     }
     weighted[g] = (w_tail + lane_total<acc_t, H>(hw)) + totals[g];
@@ -377,14 +438,16 @@ __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* con
       for (int64_t j = s; j < n; ++j) rest[j - s] = a[g][j];
       for (int64_t k = 0; k < num_extra; ++k) {
         if (lanes == kVec) {
-          add_x_log_x<acc_t>(rest, e[g], low[g]);
+          e[g].add(rest);
           rest = V{};
           lanes = 0;
         }
         rest[lanes++] = extra[g][k];
       }
-      if (lanes > 0) add_x_log_x<acc_t>(rest, e[g], low[g]);
-      x_log_x[g] = x_log_x_total<acc_t>(e[g], low[g]);
+      if (lanes > 0) e[g].add(rest);
+      x_log_x[g] = e[g].exact_needed() ? exact_x_log_x_sum<acc_t>(a[g], n, num_extra > 0 ? extra[g] : nullptr,
+                                                                   num_extra)
+                                       : e[g].total();
     }
   }
 }

@@ -1,7 +1,8 @@
 // Checks csrc/cpu/vector_log.h against std::log on the host. Driven by tests/ops/test_stats_attn.py:
-//   log_check    sweeps every 257th positive float and every edge case through log_lanes and x_log_x_unsigned,
-//                one lane position after another, prints "max_ulp <u> max_xlogx_ulp <v>" and then "ok", or FAIL
-//                lines for results that are not allowed (a wrong special value, more than 2 ulp off).
+//   log_check    sweeps every 257th positive float and every edge case through log_lanes, x_log_x_unsigned and
+//                add_x_log_x_fast, one lane position after another, prints "max_ulp <u> max_xlogx_ulp <v>
+//                max_fast_ulp <w>" and then "ok", or FAIL lines for results that are not allowed (a wrong special
+//                value or flag, more than 2 ulp off).
 // The sweep runs in the per-CPU clones the op library uses, so on this machine it checks the code the kernels run.
 #include <cmath>
 #include <cstdint>
@@ -42,12 +43,35 @@ void expect(bool ok, const char* what, float x, float got) {
                                           [&] { uint32_t b; std::memcpy(&b, &x, 4); return b; }(), got);
 }
 
-// Evaluates log_lanes and x_log_x_unsigned on `xs`, eight (and four) lanes at a time, lane by lane the same as
-// a lone value; returns the largest ulp errors of the finite positive inputs.
-CHECK_CPU_CLONES void check(const std::vector<float>& xs, double& max_log, double& max_xlogx) {
+typedef uint32_t Bits8 __attribute__((vector_size(32)));
+
+// add_x_log_x_fast's term for lane j against x ln x (`want`): its flag (top_bits at or above kXLogXFastLimitBits)
+// exactly for inf, NaN and the sign bit; otherwise within `max_fast` ulp (returned) for normal x, within 2e-37
+// absolutely for denormal x (their exponent is not corrected), exactly 0 at 0 and 1.
+void check_fast(float v, double want, float term, uint32_t bits, double& max_fast) {
+  const bool special = bits >= vitmad::kXLogXFastLimitBits;
+  expect(special == (!(v >= 0.0f) || std::signbit(v) || std::isinf(v)), "fast flag", v, static_cast<float>(bits));
+  if (special) return;
+  if (v == 0.0f || v == 1.0f) {
+    expect(term == 0.0f, "fast at 0 or 1", v, term);
+  } else if (v < std::numeric_limits<float>::min()) {
+    expect(std::fabs(static_cast<double>(term) - want) <= 2e-37, "fast denormal", v, term);
+  } else {
+    const double e = ulps(term, want);
+    expect(e <= 2.0, "fast", v, term);
+    if (std::isfinite(want) && e > max_fast) max_fast = e;
+  }
+}
+
+// Evaluates log_lanes, x_log_x_unsigned and add_x_log_x_fast on `xs`, eight (and four) lanes at a time, lane by
+// lane the same as a lone value; returns the largest ulp errors of the finite positive inputs.
+CHECK_CPU_CLONES void check(const std::vector<float>& xs, double& max_log, double& max_xlogx, double& max_fast) {
   for (size_t i = 0; i < xs.size(); i += 8) {
     Lanes8 x{};
     for (size_t j = 0; j < 8 && i + j < xs.size(); ++j) x[j] = xs[i + j];
+    Lanes8 fast{};
+    Bits8 top_bits{};
+    vitmad::add_x_log_x_fast(x, fast, top_bits);
     Lanes8 log_x;
     vitmad::log_lanes(x, log_x);
     Lanes8 xlogx;
@@ -66,6 +90,9 @@ CHECK_CPU_CLONES void check(const std::vector<float>& xs, double& max_log, doubl
         const double ex = ulps(xlogx[j], want_xlogx);
         expect(ex <= 2.0, "x_log_x", v, xlogx[j]);
         if (std::isfinite(want_xlogx) && want_xlogx != 0.0 && ex > max_xlogx) max_xlogx = ex;
+        check_fast(v, want_xlogx, fast[j], top_bits[j], max_fast);
+      } else {
+        check_fast(v, want, fast[j], top_bits[j], max_fast);
       }
     }
     for (int j = 0; j < 4; ++j) {
@@ -99,9 +126,9 @@ int main() {
     std::memcpy(&v, &b, 4);
     xs.push_back(v);
   }
-  double max_log = 0, max_xlogx = 0;
-  check(xs, max_log, max_xlogx);
-  std::printf("max_ulp %.3f max_xlogx_ulp %.3f\n", max_log, max_xlogx);
+  double max_log = 0, max_xlogx = 0, max_fast = 0;
+  check(xs, max_log, max_xlogx, max_fast);
+  std::printf("max_ulp %.3f max_xlogx_ulp %.3f max_fast_ulp %.3f\n", max_log, max_xlogx, max_fast);
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }
