@@ -214,7 +214,8 @@ def _profile_command(args: argparse.Namespace, run) -> None:
 
 def _print_summary(result) -> None:
     mad = result.mad
-    print(f"{result.model}: {result.count} images ({len(result.skipped)} skipped), "
+    inputs = "images" if result.temporal is None else "videos"  # a video model's profile has the temporal MAD
+    print(f"{result.model}: {result.count} {inputs} ({len(result.skipped)} skipped), "
           f"uniform attention {result.uniform_mad:.1f} px")
     if result.settings.get("profiled"):  # a part of the checkpoint (a vision-language model's vision tower)
         print(f"profiled: {result.settings['profiled']}")

@@ -106,13 +106,14 @@ def test_mad_json_and_csv_carry_the_temporal_mad_and_read_back(video_model, vide
 def test_the_command_takes_videos_and_draws_both_figures(video_model, videos, tmp_path, capsys):
     (videos / "broken.mp4").write_bytes(b"not a video")
     try:
-        with pytest.warns(UserWarning, match="skipping image .*broken.mp4: InvalidDataError"):
+        with pytest.warns(UserWarning, match="skipping video .*broken.mp4: InvalidDataError"):
             status = main(["profile", "--model", f"hf:{video_model}", "--videos", str(videos), "--out",
                            str(tmp_path), "--device", "cpu", "--batch-size", "2"])
     finally:
         (videos / "broken.mp4").unlink()
     assert status == 0
-    assert "frames)" in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    assert "frames)" in stdout and "2 videos (1 skipped)" in stdout
     assert {p.name for p in tmp_path.iterdir()} >= {"mad.json", "mad.csv", "mad.png"}
     document = json.loads((tmp_path / "mad.json").read_text())
     assert document["count"] == 2 and document["skipped"][0]["path"].endswith("broken.mp4")
