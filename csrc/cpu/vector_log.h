@@ -9,30 +9,38 @@
 
 namespace vitmad {
 
-// ln x lane by lane for finite x > 0, normal or denormal; any other lane gives some finite value, never NaN, so
-// that callers mask the special cases they care about with one select. Cephes' logf, about 1 ulp: x = 2^e * m with
-// m in [sqrt(1/2), sqrt(2)) found by integer arithmetic on the bits (no compare or blend), then
-// ln(1 + f) = f + f^2 (f P(f) - 1/2) for f = m - 1 (exact) and P Cephes' degree-8 polynomial, plus e ln 2 (ln 2
-// rounded to float is within 3e-9 relative, far below an ulp of the result for any e != 0, so it is not split).
-template <typename V>
-__attribute__((always_inline)) inline void log_finite_positive(const V& x, V& result) {
-  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
+// x = 2^exponent * m with m in [sqrt(1/2), sqrt(2)), lane by lane, for normal x > 0, by integer arithmetic on the
+// bits (no compare or blend); other lanes give some finite m and exponent.
+template <typename V, typename VI>
+__attribute__((always_inline)) inline void exponent_and_mantissa(const V& x, VI& exponent, V& m) {
   typedef uint32_t VU __attribute__((vector_size(sizeof(V))));
   constexpr uint32_t kSqrtHalfBits = 0x3f3504f3;  // the bits of sqrt(1/2)
-  constexpr float kTwoTo25 = 33554432.0f;
-  // A denormal is scaled into the normal range first: its exponent field says nothing of its size.
-  const VI denormal = x < std::numeric_limits<float>::min();
-  const V scaled = denormal ? x * kTwoTo25 : x;
   VU bits;
-  __builtin_memcpy(&bits, &scaled, sizeof(bits));
+  __builtin_memcpy(&bits, &x, sizeof(bits));
   // Unsigned, so that the negative lanes (garbage anyway) wrap instead of overflowing; the shift is arithmetic.
   const VU shifted = bits - kSqrtHalfBits;
   VI shifted_signed;
   __builtin_memcpy(&shifted_signed, &shifted, sizeof(shifted_signed));
-  const VI exponent = (shifted_signed >> 23) + (denormal & -25);
+  exponent = shifted_signed >> 23;
   const VU mantissa_bits = (shifted & 0x007fffffu) + kSqrtHalfBits;
-  V m;
   __builtin_memcpy(&m, &mantissa_bits, sizeof(m));
+}
+
+// ln x lane by lane for finite x > 0, normal or denormal; any other lane gives some finite value, never NaN, so
+// that callers mask the special cases they care about with one select. Cephes' logf, about 1 ulp: x = 2^e * m
+// (exponent_and_mantissa), then ln(1 + f) = f + f^2 (f P(f) - 1/2) for f = m - 1 (exact) and P Cephes' degree-8
+// polynomial, plus e ln 2 (ln 2 rounded to float is within 3e-9 relative, far below an ulp of the result for any
+// e != 0, so it is not split).
+template <typename V>
+__attribute__((always_inline)) inline void log_finite_positive(const V& x, V& result) {
+  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
+  constexpr float kTwoTo25 = 33554432.0f;
+  // A denormal is scaled into the normal range first: its exponent field says nothing of its size.
+  const VI denormal = x < std::numeric_limits<float>::min();
+  VI exponent;
+  V m;
+  exponent_and_mantissa(denormal ? x * kTwoTo25 : x, exponent, m);
+  exponent += denormal & -25;
   const V f = m - 1.0f;
   const V z = f * f;
   // P by Estrin's scheme, not Horner's: four independent pairs, then powers of z, 4 multiply-adds deep instead of
@@ -87,16 +95,9 @@ constexpr uint32_t kXLogXFastLimitBits = 0x7f800000;  // the bits of +inf
 template <typename V, typename VU>
 __attribute__((always_inline)) inline void add_x_log_x_fast(const V& x, V& sum, VU& top_bits) {
   typedef int32_t VI __attribute__((vector_size(sizeof(V))));
-  constexpr uint32_t kSqrtHalfBits = 0x3f3504f3;
-  VU bits;
-  __builtin_memcpy(&bits, &x, sizeof(bits));
-  const VU shifted = bits - kSqrtHalfBits;
-  VI shifted_signed;
-  __builtin_memcpy(&shifted_signed, &shifted, sizeof(shifted_signed));
-  const VI exponent = shifted_signed >> 23;
-  const VU mantissa_bits = (shifted & 0x007fffffu) + kSqrtHalfBits;
+  VI exponent;
   V m;
-  __builtin_memcpy(&m, &mantissa_bits, sizeof(m));
+  exponent_and_mantissa(x, exponent, m);
   const V f = m - 1.0f;
   const V z = f * f;
   const V z2 = z * z;
@@ -109,6 +110,8 @@ __attribute__((always_inline)) inline void add_x_log_x_fast(const V& x, V& sum, 
   // rounded e ln 2 + f instead costs a second rounding at the full size: 2.4 ulp).
   const V log_m = (p * f - 0.5f) * z + f;
   sum += x * (__builtin_convertvector(exponent, V) * 0.693147180559945309f + log_m);
+  VU bits;
+  __builtin_memcpy(&bits, &x, sizeof(bits));
   top_bits = top_bits > bits ? top_bits : bits;
 }
 
