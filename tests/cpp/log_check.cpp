@@ -1,9 +1,11 @@
 // Checks csrc/cpu/vector_log.h against std::log on the host. Driven by tests/ops/test_stats_attn.py:
 //   log_check    sweeps every 257th positive float and every edge case through log_lanes, x_log_x_unsigned and
 //                add_x_log_x_fast, one lane position after another, prints "max_ulp <u> max_xlogx_ulp <v>
-//                max_fast_ulp <w>" and then "ok", or FAIL lines for results that are not allowed (a wrong special
-//                value or flag, more than 2 ulp off).
+//                max_fast_ulp <w> fused <0|1>" and then "ok", or FAIL lines for results that are not allowed (a
+//                wrong special value or flag, more than kAllowedUlp off).
 // The sweep runs in the per-CPU clones the op library uses, so on this machine it checks the code the kernels run.
+// Those clones of x86-64-v3 and up fuse the polynomials' multiply-adds (fused 1): at most 2 ulp. The baseline
+// clone, for CPUs without FMA, rounds each product too: 2.3 ulp at most over this sweep, 2.5 allowed.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -25,6 +27,17 @@ typedef float Lanes8 __attribute__((vector_size(32)));
 typedef float Lanes4 __attribute__((vector_size(16)));
 
 int failures = 0;
+
+// Whether the clone that runs is one with fused multiply-adds (target_clones picks v4, then v3, then default).
+const bool kFused = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("x86-64-v3") != 0;
+#else
+  return true;
+#endif
+}();
+const double kAllowedUlp = kFused ? 2.0 : 2.5;
 
 // Distance of `got` from the float64 value `want` in ulps of float at want (0 when both are the same special).
 double ulps(float got, double want) {
@@ -58,7 +71,7 @@ void check_fast(float v, double want, float term, uint32_t bits, double& max_fas
     expect(std::fabs(static_cast<double>(term) - want) <= 2e-37, "fast denormal", v, term);
   } else {
     const double e = ulps(term, want);
-    expect(e <= 2.0, "fast", v, term);
+    expect(e <= kAllowedUlp, "fast", v, term);
     if (std::isfinite(want) && e > max_fast) max_fast = e;
   }
 }
@@ -83,12 +96,12 @@ CHECK_CPU_CLONES void check(const std::vector<float>& xs, double& max_log, doubl
       const float v = x[j];
       const double want = std::log(static_cast<double>(v));
       const double e = ulps(log_x[j], want);
-      expect(e <= 2.0, "log", v, log_x[j]);
+      expect(e <= kAllowedUlp, "log", v, log_x[j]);
       if (std::isfinite(want) && e > max_log) max_log = e;
       if (v >= 0.0f || std::isnan(v)) {  // x_log_x_unsigned promises nothing below 0
         const double want_xlogx = v == 0.0f ? 0.0 : static_cast<double>(v) * want;
         const double ex = ulps(xlogx[j], want_xlogx);
-        expect(ex <= 2.0, "x_log_x", v, xlogx[j]);
+        expect(ex <= kAllowedUlp, "x_log_x", v, xlogx[j]);
         if (std::isfinite(want_xlogx) && want_xlogx != 0.0 && ex > max_xlogx) max_xlogx = ex;
         check_fast(v, want_xlogx, fast[j], top_bits[j], max_fast);
       } else {
@@ -128,7 +141,8 @@ int main() {
   }
   double max_log = 0, max_xlogx = 0, max_fast = 0;
   check(xs, max_log, max_xlogx, max_fast);
-  std::printf("max_ulp %.3f max_xlogx_ulp %.3f max_fast_ulp %.3f\n", max_log, max_xlogx, max_fast);
+  std::printf("max_ulp %.3f max_xlogx_ulp %.3f max_fast_ulp %.3f fused %d\n", max_log, max_xlogx, max_fast,
+              kFused ? 1 : 0);
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }

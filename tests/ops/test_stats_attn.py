@@ -263,7 +263,8 @@ def test_positions_match_fallback():
 def test_entropy_of_single_values(nk):
     """A row whose only nonzero value x sits at column t (a diagonal) has entropy -x ln x exactly as the kernel's
     log gives it: every lane of the vectors and of the padded tail sees denormals, 1, values above 1, NaN and
-    negatives. Within 2 ulp of float64 (the log's ulp and the product's rounding)."""
+    negatives. Within 2 ulp of float64 (the log's ulp and the product's rounding) where the kernels' clones fuse
+    multiply-adds (AVX2 CPUs), 2.5 on CPUs without (log_check's bounds)."""
     gen = torch.Generator().manual_seed(60)
     values = torch.cat([
         torch.tensor([0.0, 1.0, 1e-45, 1e-40, 1.17549435e-38, 0.5, 2.0, 0.70710677, 1.4142135, math.nan, -0.25,
@@ -275,12 +276,13 @@ def test_entropy_of_single_values(nk):
     want = -torch.special.xlogy(values, values)
     representable = want.float().isfinite()  # x ln x of 3e38 is beyond float's range: -inf
     ulp = (torch.finfo(torch.float32).eps * want.abs()).clamp_min(torch.finfo(torch.float32).smallest_normal)
+    allowed = 2.0 if torch.backends.cpu.get_cpu_capability() != "DEFAULT" else 2.5
     # Contiguous rows (shared_distance_sums) and rows of stride nk (range_sums): the same diagonal matrix.
     for layout, matrix in (("contiguous", attn), ("strided", attn.t())):
         got = ops.stats_pos(matrix, pos.float(), None, ["entropy", "self_mass"], reduction="none")
         assert_same_bits(got[1], values.float(), layout)
         err = (got[0].double() - want).abs()
-        bad = (err > 2 * ulp) & representable
+        bad = (err > allowed * ulp) & representable
         assert not bad.any(), (layout, values[bad])
         assert got[0][values.isnan() | (values < 0)].isnan().all(), layout
         assert got[0][values == 0].eq(0).all() and got[0][values == 1].eq(0).all(), layout
@@ -301,7 +303,11 @@ def test_vector_log_against_std_log(log_check):
     result = subprocess.run([log_check], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout
     numbers = result.stdout.split()
-    assert float(numbers[1]) < 1.0 and float(numbers[3]) < 2.0 and float(numbers[5]) < 2.0, result.stdout
+    # With fused multiply-adds (the x86-64-v3 clones and up): under 1 ulp for ln, 2 for the x ln x terms; the
+    # baseline clone rounds each product: 1.06 and 2.31 ulp over the sweep.
+    log_bound, term_bound = (1.0, 2.0) if numbers[7] == "1" else (1.5, 2.5)
+    assert float(numbers[1]) < log_bound, result.stdout
+    assert float(numbers[3]) < term_bound and float(numbers[5]) < term_bound, result.stdout
 
 
 # Errors ----------------------------------------------------------------------------------------------------------
