@@ -175,10 +175,15 @@ __attribute__((always_inline)) inline void exp_sums(const float* logits, const f
     const float p = exp_nonpositive(x);
     m_tail += p;
     w_tail += p * dist[j];
-    if constexpr (kEntropy) h_tail += p * clamp_exponent(x);
+    keep_scalar(w_tail);  // the multiply-add stays fused in every instantiation (mad_cpu_common.h)
+    if constexpr (kEntropy) {
+      h_tail += p * clamp_exponent(x);
+      keep_scalar(h_tail);
+    }
     if constexpr (kTime) {
       const float gap = std::abs(frames.query - frames.keys[j]);
       t_tail += p * (gap == gap ? gap : 0.0f);
+      keep_scalar(t_tail);
     }
   }
   mass = m_tail + lane_total<float>(m0 + m1);
