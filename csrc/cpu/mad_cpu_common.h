@@ -12,7 +12,6 @@
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #include "../mad_args.h"
@@ -324,18 +323,17 @@ struct XLogXLanes<double> {
   __attribute__((always_inline)) double total() const { return x_log_x_total<double>(sum, lowest); }
 };
 
-// The sum of x ln x over a[0, n) and extra[0, num_extra) by add_x_log_x, for a row XLogXLanes flagged.
-template <typename acc_t>
-__attribute__((noinline)) acc_t exact_x_log_x_sum(const acc_t* a, int64_t n, const acc_t* extra, int64_t num_extra) {
+// The sum of x ln x over a[s * stride], s < n, in any dtype, by add_x_log_x with its special values: the sum of
+// a row (or a part of one) that XLogXLanes flagged.
+template <typename scalar_t, typename acc_t>
+__attribute__((noinline)) acc_t exact_x_log_x_sum(const scalar_t* a, int64_t stride, int64_t n) {
   using V = Lanes<acc_t>;
   constexpr int64_t kVec = sizeof(V) / sizeof(acc_t);
   V sum{}, lowest{};
-  for (const auto& [values, count] : {std::pair{a, n}, std::pair{extra, num_extra}}) {
-    for (int64_t s = 0; s < count; s += kVec) {
-      V x{};
-      for (int64_t i = 0; i < std::min(kVec, count - s); ++i) x[i] = values[s + i];
-      add_x_log_x<acc_t>(x, sum, lowest);
-    }
+  for (int64_t s = 0; s < n; s += kVec) {
+    V x{};
+    for (int64_t i = 0; i < std::min(kVec, n - s); ++i) x[i] = static_cast<acc_t>(a[(s + i) * stride]);
+    add_x_log_x<acc_t>(x, sum, lowest);
   }
   return x_log_x_total<acc_t>(sum, lowest);
 }
@@ -445,9 +443,9 @@ __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* con
         rest[lanes++] = extra[g][k];
       }
       if (lanes > 0) e[g].add(rest);
-      x_log_x[g] = e[g].exact_needed() ? exact_x_log_x_sum<acc_t>(a[g], n, num_extra > 0 ? extra[g] : nullptr,
-                                                                   num_extra)
-                                       : e[g].total();
+      x_log_x[g] = !e[g].exact_needed() ? e[g].total()
+                   : exact_x_log_x_sum<acc_t, acc_t>(a[g], 1, n) +
+                         (num_extra > 0 ? exact_x_log_x_sum<acc_t, acc_t>(extra[g], 1, num_extra) : acc_t(0));
     }
   }
 }

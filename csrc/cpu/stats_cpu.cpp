@@ -89,20 +89,6 @@ __attribute__((always_inline)) inline void store_no_position(const StatsRows<acc
     if (row != nullptr) row[t] = kNaN;
 }
 
-// The sum of a ln a over a[s * stride], s < n, by add_x_log_x: range_sums' sum for a row XLogXLanes flagged.
-template <typename scalar_t, typename acc_t>
-__attribute__((noinline)) acc_t exact_range_x_log_x(const scalar_t* a, int64_t stride, int64_t n) {
-  using V = Lanes<acc_t>;
-  constexpr int64_t kVec = sizeof(V) / sizeof(acc_t);
-  V sum{}, low{};
-  for (int64_t s = 0; s < n; s += kVec) {
-    V x{};
-    for (int64_t i = 0; i < std::min(kVec, n - s); ++i) x[i] = static_cast<acc_t>(a[(s + i) * stride]);
-    add_x_log_x<acc_t>(x, sum, low);
-  }
-  return x_log_x_total<acc_t>(sum, low);
-}
-
 // mass = sum of a[s * stride] and, with kEntropy, x_log_x = sum of a ln a (XLogXLanes, x_log_x_total's NaN for a
 // negative value) over s < n, in any dtype: a vector of values converted on load at a time, the last one padded
 // with zeros. For the keys beside the distance-weighted runs (keys without a position) and for rows that are not
@@ -121,7 +107,7 @@ __attribute__((always_inline)) inline void range_sums(const scalar_t* a, int64_t
     if constexpr (kEntropy) lanes.add(x);
   }
   mass = lane_total<acc_t>(total);
-  x_log_x = !kEntropy ? acc_t(0) : lanes.exact_needed() ? exact_range_x_log_x<scalar_t, acc_t>(a, stride, n)
+  x_log_x = !kEntropy ? acc_t(0) : lanes.exact_needed() ? exact_x_log_x_sum<scalar_t, acc_t>(a, stride, n)
                                                         : lanes.total();
 }
 

@@ -45,10 +45,11 @@ def grid_positions(
         ValueError: a non-positive grid size or patch, or a negative prefix count.
     """
     given = {"grid_h": grid_h, "grid_w": grid_w, "num_prefix_tokens": num_prefix_tokens}
-    for name, value in given.items():
-        if index_int(value) is None:
-            raise TypeError(f"vitmad.grid_positions: {name} must be an int, got {value!r}")
-    grid_h, grid_w, num_prefix_tokens = (index_int(value) for value in given.values())
+    sizes = {name: index_int(value) for name, value in given.items()}
+    for name, size in sizes.items():
+        if size is None:
+            raise TypeError(f"vitmad.grid_positions: {name} must be an int, got {given[name]!r}")
+    grid_h, grid_w, num_prefix_tokens = sizes.values()
     if isinstance(patch, bool) or not isinstance(patch, numbers.Real):
         raise TypeError(f"vitmad.grid_positions: patch must be a number (pixels per patch), got {patch!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

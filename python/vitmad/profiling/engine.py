@@ -392,9 +392,10 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
     from ..recording import record
 
     pixels, loaded_names, batch_skipped = batch
-    kind = "image" if model_frames(plan.loaded.module) is None else "video"
-    for path, reason in batch_skipped:
-        warnings.warn(f"skipping {kind} {path}: {reason}", stacklevel=3)
+    if batch_skipped:
+        kind = "image" if model_frames(plan.loaded.module) is None else "video"
+        for path, reason in batch_skipped:
+            warnings.warn(f"skipping {kind} {path}: {reason}", stacklevel=3)
     stats, meta, maps = state.stats, state.meta, state.maps
     if pixels is not None and plan.native is not None:
         # Images at their own size: one forward per packed batch or per image; each image's grid is kept.

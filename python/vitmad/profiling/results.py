@@ -209,6 +209,9 @@ class Profile:
         mad, std, low, high = (_nullable(t.tolist()) for t in (self.mad, self.std, self.min, self.max))
         total, total_sq = _nullable(self.stats.total.tolist()), _nullable(self.stats.total_sq.tolist())
         uniform = self.uniform_mads
+        temporal = None if self.temporal is None else {key: _nullable(value.tolist()) for key, value in (
+            ("mean", self.temporal.mean), ("std", self.temporal.std), ("min", self.temporal.low),
+            ("max", self.temporal.high))}
         layers = []
         for i, (name, heads) in enumerate(zip(self.layers, self.heads)):
             means = mad[i][:heads]
@@ -230,10 +233,8 @@ class Profile:
                     "max_head": max(finite, default=None),
                 },
             })
-            if self.temporal is not None:
-                layers[-1]["temporal"] = {key: _nullable(value.tolist())[i][:heads] for key, value in (
-                    ("mean", self.temporal.mean), ("std", self.temporal.std), ("min", self.temporal.low),
-                    ("max", self.temporal.high))}
+            if temporal is not None:
+                layers[-1]["temporal"] = {key: rows[i][:heads] for key, rows in temporal.items()}
         heads = self.heads
         sums = {"total": [row[:h] for row, h in zip(total, heads)],
                 "total_sq": [row[:h] for row, h in zip(total_sq, heads)]}

@@ -857,8 +857,8 @@ class Recording:
     def _end_forward(self, module: nn.Module, args, output) -> None:
         """A forward of the model ended; one that raised (no output) drops the calls it started, whose layers
         stopped where the error was (an out-of-memory error the caller catches, say)."""
-        if output is None and not _in_backward() and self._calls_before_forward is not None:
-            del self.calls[self._calls_before_forward:]
+        if output is None and not _in_backward():
+            self._drop_unfinished()
         self._calls_before_forward = None
 
     def _remove(self) -> None:
