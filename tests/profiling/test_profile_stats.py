@@ -245,11 +245,17 @@ def test_bad_stats_are_refused_naming_the_option(registers_vit, tmp_path, capsys
         resolve_stats("mad,entropie")
     with pytest.raises(OptionError, match="stats: expected a comma list or a list of names"):
         vitmad.profile(registers_vit, torch.zeros(1, 3, 32, 32), stats=["entropy", 3])
+    # A string that names nothing (an empty shell variable) is refused, not read as MAD only.
+    for empty in ("", " , "):
+        with pytest.raises(OptionError, match=f"stats: expected a comma list .* got {empty!r}"):
+            resolve_stats(empty)
     # The flag is checked before the model loads (this one does not exist).
     code = main(["profile", "--model", "hf:/no/such/model", "--stats", "entropy,sink", "--device", "cpu",
                  "--out", str(tmp_path)])
     assert code == 2
     assert "vitmad: error: --stats: expected names among" in capsys.readouterr().err
+    assert main(["profile", "--model", "hf:/no/such/model", "--stats", "", "--out", str(tmp_path)]) == 2
+    assert "vitmad: error: --stats: expected a comma list or a list of names" in capsys.readouterr().err
     mad_only = vitmad.profile(registers_vit, torch.zeros(1, 3, 32, 32), device="cpu")
     with pytest.raises(KeyError, match="'entropy' was not profiled"):
         mad_only.stat("entropy")

@@ -125,6 +125,24 @@ def test_a_copy_made_inside_the_block_runs_as_without_vitmad():
     assert hf_twin.config._attn_implementation == hf.config._attn_implementation == "sdpa"
 
 
+# torch's own: jit.trace is deprecated, and timm's shape asserts read sizes as Python numbers.
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_a_trace_made_inside_the_block_holds_no_vitmad_op():
+    """torch.jit.trace inside the block traced vitmad's ops into the module's graph: the traced module then ran
+    them in every call, long after the recording, and counted a call in it."""
+    model, pixels = _vit(), _pixels()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+        with pytest.warns(UserWarning, match="torch.jit.trace ran a recorded model; that forward is not recorded"):
+            traced = torch.jit.trace(model, pixels, check_trace=False)
+        model(pixels)
+    assert len(rec.calls) == 2
+    assert "vitmad::" not in str(traced.inlined_graph)  # no op of ours (source lines of the capture may show)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(pixels), model(pixels))
+    torch.testing.assert_close(rec.mad, _clean_mad(model, pixels), rtol=0, atol=0)
+
+
 def test_one_model_is_recorded_once_at_a_time_in_any_thread():
     model = _vit()
     with vitmad.record(model):

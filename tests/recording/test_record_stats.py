@@ -272,6 +272,8 @@ def test_options_and_reading_what_was_not_recorded_are_clear_errors():
         vitmad.record(model, stats="entropy,sinks")
     with pytest.raises(TypeError, match="stats must be a list of names .* got 3"):
         vitmad.record(model, stats=3)
+    with pytest.raises(ValueError, match="stats must be a list of names .* got ' , '"):
+        vitmad.record(model, stats=" , ")  # names nothing: not read as MAD only
     with pytest.raises(TypeError, match=r"vitmad.record: grid must hold integers, got \[2.5, 2\]"):
         vitmad.record(model, patch=8, grid=(2.5, 2))  # never truncated to [2, 2]
     with pytest.raises(TypeError, match=r"stats must be a list of names .* got \['entropy', 2\]"):

@@ -30,6 +30,7 @@ image) are the rows of the tokens without a position, computed beside it (:mod:`
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -247,13 +248,17 @@ def split_stat_names(stats) -> tuple[frozenset[str], list[str]] | None:
     """What ``stats`` asks for, in the forms ``record`` and ``vitmad.profile`` take: None (nothing besides MAD), one
     name or a comma list, or a list or tuple of names; spaces around a name ignored, a name given twice asked for
     once, ``"all"`` standing for every one of :data:`RECORD_STATS`. Returns the names among them and the unknown
-    ones (sorted), for the caller to refuse in its own words; None when ``stats`` is none of those forms."""
+    ones (sorted), for the caller to refuse in its own words; None when ``stats`` is none of those forms, or a
+    string that names nothing (``--stats ""``, ``--stats " , "``: an empty shell variable, more likely than a wish
+    for MAD alone, which None and ``"mad"`` say)."""
     if stats is None:
         return frozenset(), []
     names = stats.split(",") if isinstance(stats, str) else stats
     if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
         return None
     names = {name.strip() for name in names} - {""}
+    if isinstance(stats, str) and not names:
+        return None
     unknown = sorted(names - {*RECORD_STATS, "all"})
     return frozenset(RECORD_STATS if "all" in names else names - {"all"} - set(unknown)), unknown
 
@@ -263,8 +268,9 @@ def _check_record_stats(stats) -> tuple[tuple[str, ...], bool]:
     maps are asked for (:func:`split_stat_names`)."""
     found = split_stat_names(stats)
     if found is None:
-        raise TypeError(f"vitmad.record: stats must be a list of names among {', '.join(map(repr, RECORD_STATS))} "
-                        f"(or 'all'), a comma list of them or None, got {stats!r}")
+        error = ValueError if isinstance(stats, str) else TypeError  # a string that names nothing
+        raise error(f"vitmad.record: stats must be a list of names among {', '.join(map(repr, RECORD_STATS))} "
+                    f"(or 'all'), a comma list of them or None, got {stats!r}")
     names, unknown = found
     if unknown:
         raise ValueError(f"vitmad.record: stats must be among {', '.join(map(repr, RECORD_STATS))} (or 'all'), got "
@@ -306,6 +312,19 @@ def _in_backward() -> bool:
     """Whether autograd is running a backward pass: gradient checkpointing runs a layer's forward again there,
     which is no new attention of the model to record."""
     return torch._C._current_graph_task_id() != -1
+
+
+def _not_recorded() -> bool:
+    """Whether this forward is no attention of the model to record: a checkpointed layer run again by backward
+    (:func:`_in_backward`), or ``torch.jit.trace`` running the model inside the block, where vitmad's ops would
+    become part of the traced graph and run in every call of the traced module, recording or not."""
+    if torch.jit.is_tracing():
+        # Once per process where Python's default filter rules (the same line), not once per layer.
+        warnings.warn("vitmad.record: torch.jit.trace ran a recorded model; that forward is not recorded (vitmad's "
+                      "ops would be traced into the module's graph). Trace outside the record block.",
+                      stacklevel=2)
+        return True
+    return _in_backward()
 
 
 class _RecordingHook:
@@ -568,7 +587,7 @@ class Recording:
     # Hooks ---------------------------------------------------------------------------------------------------
 
     def _start_call(self, module: nn.Module, args, kwargs=None) -> None:
-        if _in_backward():
+        if _not_recorded():
             return
         # What a forward interrupted inside an attention module left (a KeyboardInterrupt skips the hooks that end
         # it): not part of this call.
@@ -592,7 +611,7 @@ class Recording:
 
     def _on_attention(self, name, query, key, scale, mask) -> None:
         """One ``F.scaled_dot_product_attention`` / ``AttentionInterface`` call of module ``name``."""
-        if _in_backward():  # a checkpointed layer's forward run again by backward: recorded once, in the forward
+        if _not_recorded():  # a checkpointed layer's forward run again by backward: recorded once, in the forward
             return
         # SDPA broadcasts the leading dims of q and k and adds a float mask of any float dtype; mad_qk takes
         # equal leading dims (a stride-0 view costs nothing) and a bias in q's dtype, or a bool mask as is.
@@ -615,7 +634,7 @@ class Recording:
 
     def _on_probabilities(self, name: str, attn: torch.Tensor) -> None:
         """The attention probabilities ``[..., Nq, Nk]`` a module computed itself."""
-        if _in_backward():
+        if _not_recorded():
             return
         placement = self._place(name, attn.shape[:-2], attn.shape[-2], attn.shape[-1])
 
@@ -744,7 +763,7 @@ class Recording:
 
     def _on_module_done(self, name: str, module: nn.Module, completed: bool) -> None:
         """Record what module ``name`` computed in the forward that just ended: one entry per layer."""
-        if _in_backward():
+        if _not_recorded():
             return
         pending = self._pending.pop(name, [])
         if any(entry[2] for entry in pending):
