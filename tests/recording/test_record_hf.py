@@ -151,6 +151,13 @@ def test_layers_selection_and_overrides():
     assert rec.layout == vitmad.recording.ModelLayout(patch=4, grid=(4, 4), num_prefix_tokens=1)
     with pytest.raises(ValueError, match="layers pattern 'nope' matches no module of ViTModel"):
         vitmad.record(model, layers=["nope"])
+    # A module named exactly that runs without computing attention is said so, once, not silently left out.
+    with torch.no_grad(), vitmad.record(model, layers=["layers.0.mlp", "layers.1.attention"]) as rec:
+        with pytest.warns(UserWarning, match=r"layers.0.mlp \(ViTMLP\) of ViTModel, named in "
+                                             "layers, ran without computing attention"):
+            model(torch.randn(1, 3, 32, 32))
+        model(torch.randn(1, 3, 32, 32))  # no second warning (filterwarnings makes one an error)
+    assert rec.layers == ["layers.1.attention"] and list(rec.skipped) == ["layers.0.mlp"]
 
 
 def _assert_restored(model, attention_modules):

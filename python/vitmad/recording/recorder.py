@@ -458,6 +458,8 @@ class Recording:
             self._compiled = check_compiled(model, given)
         # Per module, the calls of its current forward not yet recorded (several for differential attention).
         self._pending: dict[str, list] = {}
+        # Modules the user named exactly (no wildcard): one that runs without computing attention is said so once.
+        self._named = {name for name in layers or () if not any(c in name for c in "*?[")}
         # Device copies of the host positions of this recording's calls, by device and content (_to_device).
         self._device_positions: dict[tuple, torch.Tensor] = {}
         interface = {n: m for n, m in self._modules.items() if is_hf_model(model) and uses_attention_interface(m)}
@@ -769,6 +771,13 @@ class Recording:
         if any(entry[2] for entry in pending):
             # A module that calls the fused attention computes it there; a softmax beside it is something else.
             pending = [entry for entry in pending if entry[2]]
+        if completed and not pending and name in self._named and name not in self.skipped:
+            # Named by the user, it ran and computed no attention: it is in no call's layers, which is said here
+            # rather than left to be found missing.
+            self.skipped[name] = "named in layers, but ran without computing attention"
+            warnings.warn(f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__}, named "
+                          "in layers, ran without computing attention (F.scaled_dot_product_attention, transformers' "
+                          "AttentionInterface or a softmax); it is not recorded", stacklevel=2)
         if not completed or not pending:
             return
         temporal = pending[0][3] if len(pending) == 1 else None
@@ -930,7 +939,8 @@ def record(
         model: the model, called inside the ``with`` block as usual (any entry point).
         layers: qualified names or wildcard patterns of the attention modules to record; by default every
             self-attention layer of the tower that owns the patch embedding. For models neither transformers
-            nor timm, the names of the modules that call ``F.scaled_dot_product_attention``.
+            nor timm, the names of the modules that call ``F.scaled_dot_product_attention``. A module named
+            exactly (no wildcard) that runs without computing attention is named in ``rec.skipped``, with a warning.
         patch: pixel size of a patch; by default the patch-embedding convolution's kernel size.
         grid: ``[grid_h, grid_w]``; by default the patch embedding's output size in each call.
         num_prefix_tokens: tokens before the patches; by default ``N - grid_h * grid_w`` in each call.
