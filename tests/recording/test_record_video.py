@@ -201,6 +201,32 @@ def test_timesformer_equals_the_mad_of_its_own_softmax(attention_type, kinds):
         assert (rec.mad[1::2].mean(-1) > 1).all() and (rec.temporal_mad[0::2].mean(-1) > 0.1).all()
 
 
+@pytest.mark.parametrize("attention_type, kind", [("joint_space_time", "joint"), ("space_only", "space")])
+@pytest.mark.parametrize("frames", [3, 6])
+def test_timesformer_takes_the_frame_count_of_the_video_where_its_blocks_do(attention_type, kind, frames):
+    """The frame count was config.num_frames (4): 2 videos of 6 frames were read as 3 videos of 4 (space_only:
+    rec.mad of batch 3, silently), 2 of 3 refused with a message about masked tubelets. TimeSformer's embedding
+    interpolates its time embeddings, and these blocks attend over whatever tokens they get."""
+    model, argument = _build(f"timesformer_{attention_type}")
+    eager = copy.deepcopy(model)
+    probabilities = _timesformer_probabilities(eager)
+    video = torch.randn(BATCH, frames, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with vitmad.record(model, reduction="none") as rec:
+            model(**{argument: video})
+        eager(**{argument: video})
+    _check(rec, [(kind, p, frames, 1) for p in probabilities])
+    assert rec.mad.shape == (2, BATCH, 2, frames * GRID * GRID)
+
+
+def test_timesformer_divided_attention_with_another_frame_count_is_refused():
+    # Its blocks group the tokens by config.num_frames whatever the video holds: the groups are not frames.
+    model, argument = _build("timesformer_divided_space_time")
+    with torch.no_grad(), vitmad.record(model), pytest.raises(
+            ValueError, match="groups its tokens by config.num_frames = 4, and this video has 6 frames"):
+        model(**{argument: torch.randn(BATCH, 6, 3, IMAGE, IMAGE)})
+
+
 # What is left out, refused or not video ----------------------------------------------------------------------------
 
 

@@ -86,11 +86,17 @@ class _Embedding:
         conv: its tubelet ``Conv3d``, or the per-frame patch ``Conv2d`` of TimeSformer.
         frames: the frame count of a per-frame ``Conv2d`` (TimeSformer's ``config.num_frames``); None for a
             ``Conv3d``.
+        video_module: for a per-frame ``Conv2d``, the module that folds the video ``[B, T, C, H, W]`` into
+            ``B * T`` images before it (TimeSformer's patch embedding): its input tells the call's frame count,
+            which may differ from ``frames`` (TimeSformer interpolates its time embeddings).
     """
 
-    def __init__(self, model: nn.Module, conv: nn.Module, frames: int | None):
-        self.model, self.conv, self.frames = model, conv, frames
+    def __init__(self, model: nn.Module, conv: nn.Module, frames: int | None, video_module: nn.Module | None = None):
+        self.model, self.conv, self.frames, self.video_module = model, conv, frames, video_module
         self._context: CallContext | None = None
+        # (B, T) of the video video_module took last, until the convolution reads it. Not in the context's values:
+        # the call starts at the convolution (recorder._first_convolution), which clears them.
+        self._video_shape: tuple[int, int] | None = None
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         # Every layer's placer shares this hook: one per recording.
@@ -108,11 +114,26 @@ class _Embedding:
             if self.frames is None:  # Conv3d: [B, C, frames, grid_h, grid_w]
                 batch, frames, frame_stride = int(output.shape[0]), int(output.shape[2]), int(kernel[0])
             else:  # TimeSformer: every frame embedded as an image, [B * frames, C, grid_h, grid_w]
-                batch, frames, frame_stride = int(output.shape[0]) // self.frames, self.frames, 1
+                video, self._video_shape = self._video_shape, None
+                frames = self.frames if video is None else video[1]
+                if int(output.shape[0]) % frames:
+                    raise RuntimeError(
+                        f"vitmad.record: the patch embedding of {type(self.model).__name__} embedded "
+                        f"{int(output.shape[0])} frames, not a multiple of the video's {frames} frames"
+                    )
+                batch, frame_stride = int(output.shape[0]) // frames, 1
             context.values[_GRID] = _Grid(batch, frames, (int(output.shape[-2]), int(output.shape[-1])),
                                           (float(kernel[-2]), float(kernel[-1])), frame_stride)
 
-        return [self.conv.register_forward_hook(see)]
+        handles = [self.conv.register_forward_hook(see)]
+        if self.video_module is not None:
+            def see_video(module, args, kwargs) -> None:
+                video = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+                if video is not None and video.dim() == 5:  # [B, T, C, H, W]
+                    self._video_shape = (int(video.shape[0]), int(video.shape[1]))
+
+            handles.append(self.video_module.register_forward_pre_hook(see_video, with_kwargs=True))
+        return handles
 
 
 @functools.lru_cache(maxsize=64)
@@ -159,10 +180,12 @@ class VideoPlacer(LayerPlacer):
             frames fastest"`` (TimeSformer's joint attention), ``"time"`` or ``"space"`` (TimeSformer's divided
             attention).
         prefix: tokens without a position before the tubelets (``"space-time"`` only).
+        divided: a block of TimeSformer's divided space-time attention, which groups its tokens by the configured
+            frame count (``_Embedding.frames``), not the video's.
     """
 
-    def __init__(self, model: nn.Module, embedding: _Embedding, kind: str, prefix: int = 0):
-        self.model, self.embedding, self.kind, self.prefix = model, embedding, kind, prefix
+    def __init__(self, model: nn.Module, embedding: _Embedding, kind: str, prefix: int = 0, divided: bool = False):
+        self.model, self.embedding, self.kind, self.prefix, self.divided = model, embedding, kind, prefix, divided
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         return self.embedding.install(context)
@@ -171,6 +194,15 @@ class VideoPlacer(LayerPlacer):
         grid = context.values.get(_GRID)
         if grid is None:
             raise NotPlaceable("it ran before the video embedding, so its tubelet grid is unknown")
+        if self.divided and grid.frames != self.embedding.frames:
+            # TimeSformer's divided blocks group the tokens by config.num_frames, whatever the video holds: with
+            # other frame counts its "time" groups are runs of patches, not frames.
+            raise NotPlaceable(
+                f"TimeSformer's divided space-time attention groups its tokens by config.num_frames = "
+                f"{self.embedding.frames}, and this video has {grid.frames} frames, so its groups are not frames; "
+                f"record videos of {self.embedding.frames} frames (attention_type joint_space_time and space_only "
+                "take any frame count)"
+            )
         patches = grid.size[0] * grid.size[1]
         groups, tokens, described = {
             "space-time": (1, self.prefix + grid.frames * patches,
@@ -184,7 +216,8 @@ class VideoPlacer(LayerPlacer):
             raise NotPlaceable(
                 f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; its "
                 f"{self.kind} attention over {grid.batch} videos of {described} gives "
-                f"[{grid.batch * groups}, heads, {tokens}, {tokens}] (masked or dropped tubelets are not supported)"
+                f"[{grid.batch * groups}, heads, {tokens}, {tokens}]"
+                + (" (masked or dropped tubelets are not supported)" if self.kind == "space-time" else "")
             )
         group_positions, group_times, positions, time_positions, slot = _layout(
             self.kind, grid.frames, grid.size, grid.stride, grid.frame_stride, self.prefix)
@@ -214,10 +247,14 @@ def _embedding(model: nn.Module, frames: int | None) -> _Embedding | None:
     known = _EMBEDDINGS.get(model)
     if known is not None and known.frames == frames:
         return known
-    conv = next((module for name, module in named_module_list(model) if is_embedding_projection(name, module)), None)
-    if conv is None:
+    found = next(((name, module) for name, module in named_module_list(model)
+                  if is_embedding_projection(name, module)), None)
+    if found is None:
         return None
-    _EMBEDDINGS[model] = _Embedding(model, conv, frames)
+    name, conv = found
+    # A per-frame convolution's parent takes the video whole (TimeSformer's patch embedding).
+    video_module = model.get_submodule(name.rpartition(".")[0]) if frames is not None and "." in name else None
+    _EMBEDDINGS[model] = _Embedding(model, conv, frames, video_module)
     return _EMBEDDINGS[model]
 
 
@@ -250,4 +287,4 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     else:
         kind = {"divided_space_time": "space", "space_only": "space"}.get(block.attention_type,
                                                                           "space-time, frames fastest")
-    return VideoPlacer(model, embedding, kind)
+    return VideoPlacer(model, embedding, kind, divided=block.attention_type == "divided_space_time")
