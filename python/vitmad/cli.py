@@ -157,9 +157,14 @@ def _profile_command(args: argparse.Namespace, run) -> None:
         _check_resume_world_size(out, run)
     _quiet_transformers()
     loaded = load_model(args.model, model_checkpoint=args.model_checkpoint, image_size=size)
+    # The model decides what the sources hold (the check above could only guess from the files).
     if not videos and model_frames(loaded.module) is not None:
-        # Folders of image files are frame folders to a video model (the check above took them for images).
+        # Folders of image files are frame folders to a video model.
         files = find_videos(args.images)
+    elif videos and model_frames(loaded.module) is None:
+        # An image model takes the image files among them; a clip beside images made the folder a video
+        # source, and its images were dropped (or read as frames of one video).
+        files = find_images(args.images)
     result = profile(
         loaded,
         files,

@@ -130,6 +130,22 @@ def test_image_profiles_keep_their_files_without_temporal_fields(tiny_model, ima
     assert header == "layer,name,head,mad_mean,mad_std,mad_min,mad_max,count"
 
 
+def test_an_image_model_takes_every_image_of_a_folder_that_also_holds_a_clip(tiny_model, tmp_path, capsys):
+    """A clip beside images made the command read the folder as videos before the model was known: the top-level
+    images were dropped silently and the clip listed as an unreadable image."""
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    for i, array in enumerate(_frames(4, seed=3)):
+        Image.fromarray(array).save(folder / ("sub" if i > 1 else "") / f"img{i}.png")
+    _write_clip(folder / "x.mp4", _frames(3, seed=4))
+    assert main(["profile", "--model", f"hf:{tiny_model}", "--images", str(folder), "--out", str(tmp_path / "out"),
+                 "--device", "cpu", "--no-figures"]) == 0
+    document = json.loads((tmp_path / "out" / "mad.json").read_text())
+    assert sorted(p.rsplit("/", 1)[-1] for p in document["images"]) == ["img0.png", "img1.png", "img2.png",
+                                                                        "img3.png"]
+    assert document["skipped"] == []
+
+
 def test_a_folder_without_videos_is_refused_naming_the_flag(video_model, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["profile", "--model", f"hf:{video_model}", "--videos", str(tmp_path / "empty"),
