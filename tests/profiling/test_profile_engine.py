@@ -126,6 +126,31 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tiny_model, image_folde
         vitmad.profile(loaded, image_folder, batch_size=3, device="cpu", checkpoint=checkpoint, resume=True)
 
 
+def test_resume_refuses_an_image_replaced_under_its_own_name(tiny_model, tmp_path):
+    """The fingerprint held the file names only: an image profiled before the interruption and replaced by
+    another under the same name was resumed into one mixed result."""
+    folder = tmp_path / "images"
+    paths = write_images(folder, 4, nested=False)
+    loaded = load_model(f"hf:{tiny_model}")
+    real_forward, calls = loaded.forward, []
+
+    def interrupted_forward(pixels):
+        calls.append(len(pixels))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_forward(pixels)
+
+    loaded.forward = interrupted_forward
+    checkpoint = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        vitmad.profile(loaded, folder, batch_size=2, device="cpu", checkpoint=checkpoint)
+    assert torch.load(checkpoint, weights_only=True)["batches_done"] == 1
+    loaded.forward = real_forward
+    write_images(tmp_path / "other", 1, seed=7, nested=False)[0].replace(paths[0])  # same name, other image
+    with pytest.raises(ValueError, match="resume: .* other settings, other model weights or other images"):
+        vitmad.profile(loaded, folder, batch_size=2, device="cpu", checkpoint=checkpoint, resume=True)
+
+
 def test_broken_images_are_skipped_and_listed(tiny_model, tmp_path):
     good = write_images(tmp_path, 4, nested=False)
     broken = write_corrupt_images(tmp_path)

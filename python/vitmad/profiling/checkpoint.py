@@ -17,7 +17,7 @@ import torch
 from .files import atomic_file, check_writable
 from .options import OptionError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "fingerprint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "fingerprint", "files_digest", "tensors_digest"]
 
 FORMAT = "vitmad-checkpoint/1"
 
@@ -26,6 +26,23 @@ def fingerprint(settings: dict, files: list[str]) -> str:
     """A digest of everything that must match for a resumed run to end like an uninterrupted one."""
     text = json.dumps({"settings": settings, "files": files}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def files_digest(paths: list[str]) -> str:
+    """``sha256:<hex>`` of each file's size and modification time (in nanoseconds), and of each frame folder's
+    files': what tells an image replaced under its own name apart, without reading the images (one ``stat`` a
+    file). A copy that does not keep the times (``cp`` without ``-p``) reads as other images."""
+    digest = hashlib.sha256()
+    for name in paths:
+        path = Path(name)
+        entries = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        for entry in entries:
+            try:
+                stat = entry.stat()
+                digest.update(f"{entry}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            except OSError:  # gone or unreadable: the run skips it by name; its absence is its state
+                digest.update(f"{entry}\0missing\n".encode())
+    return f"sha256:{digest.hexdigest()}"
 
 
 def tensors_digest(tensors) -> str:

@@ -26,6 +26,7 @@ import torch
 from ..recording.recorder import image_channels
 from .checkpoint import (
     check_checkpoint_path,
+    files_digest,
     fingerprint,
     load_checkpoint,
     save_checkpoint,
@@ -361,6 +362,8 @@ def plan_run(
     identity = {"model": loaded.spec, "rank": rank, "world_size": world, **settings}
     if isinstance(images, torch.Tensor):  # rows named tensor[i]: their values tell two tensors apart
         identity["pixels"] = tensors_digest([("pixels", images[:max_images] if max_images else images)])
+    else:  # files: their sizes and times tell an image replaced under the same name apart
+        identity["files"] = files_digest(names)
     run_id = fingerprint(identity, names)
     # Rank r takes global batches r, r + W, ...: the same batches as a single process, each exactly once.
     batches = range(rank, math.ceil(len(names) / batch_size), world)
