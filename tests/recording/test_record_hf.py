@@ -158,6 +158,10 @@ def test_layers_selection_and_overrides():
             model(torch.randn(1, 3, 32, 32))
         model(torch.randn(1, 3, 32, 32))  # no second warning (filterwarnings makes one an error)
     assert rec.layers == ["layers.1.attention"] and list(rec.skipped) == ["layers.0.mlp"]
+    # A pattern taking a block and its attention records the attention once (the block was a second layer).
+    with torch.no_grad(), vitmad.record(model, layers=["layers.*"]) as rec:
+        model(torch.randn(1, 3, 32, 32))
+    assert rec.layers == ["layers.0.attention", "layers.1.attention"]
 
 
 def _assert_restored(model, attention_modules):

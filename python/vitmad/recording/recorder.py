@@ -480,6 +480,11 @@ class Recording:
         found = attention_modules(model)
         if layers is not None:
             chosen = _select(dict(named_module_list(model)), layers, model, found)
+            # A module holding a chosen attention module (a pattern such as "blocks.*" takes a block and its
+            # attention) would record the same attention calls again as a layer of its own: the inner one is kept.
+            inner = [name for name in chosen if name in found]
+            chosen = {name: m for name, m in chosen.items()
+                      if not any(other.startswith(name + ".") for other in inner)}
         else:
             prefix = _encoder_prefix(model)
             chosen = {n: m for n, m in found.items() if n.startswith(prefix)}
