@@ -146,6 +146,28 @@ def test_an_image_model_takes_every_image_of_a_folder_that_also_holds_a_clip(tin
     assert document["skipped"] == []
 
 
+def test_a_video_the_preprocessing_cannot_take_is_skipped_by_name(video_model, tmp_path):
+    """A processor that does not resize and a video of another size ended the whole run with the image message
+    and no video named; an image of another size is skipped by name."""
+    model = tmp_path / "no_resize"
+    transformers.VideoMAEModel.from_pretrained(video_model).save_pretrained(model)
+    (model / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "VideoMAEImageProcessor", "size": {"height": SIZE, "width": SIZE},
+        "crop_size": {"height": SIZE, "width": SIZE}, "do_center_crop": False, "do_resize": False}))
+    folder = tmp_path / "videos"
+    for name, size in (("fits", SIZE), ("larger", SIZE + 8)):
+        (folder / name).mkdir(parents=True)
+        for i in range(FRAMES):
+            Image.fromarray(np.full((size, size, 3), 40 * i, dtype=np.uint8)).save(folder / name / f"{i}.png")
+    from vitmad.profiling.videos import find_videos
+
+    with pytest.warns(UserWarning, match="skipping video .*larger"):
+        result = vitmad.profile(f"hf:{model}", find_videos(folder), device="cpu")
+    assert [p.rsplit("/", 1)[-1] for p in result.images] == ["fits"]
+    assert [s["path"].rsplit("/", 1)[-1] for s in result.skipped] == ["larger"]
+    assert "does not resize (do_resize=false) and this image is 40x40 px" in result.skipped[0]["reason"]
+
+
 def test_a_folder_without_videos_is_refused_naming_the_flag(video_model, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["profile", "--model", f"hf:{video_model}", "--videos", str(tmp_path / "empty"),

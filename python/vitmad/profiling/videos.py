@@ -171,7 +171,12 @@ def load_video_batch(
 
     def one(path: Path) -> tuple[torch.Tensor | None, str | None]:
         images, reason = load_video(path, frames)
-        return (None, reason) if images is None else (torch.stack([preprocessing(i) for i in images]), None)
+        if images is None:
+            return None, reason
+        try:
+            return torch.stack([preprocessing(i) for i in images]), None
+        except ValueError as err:  # frames the model's preprocessing cannot take (Preprocessing.resize "none"),
+            return None, str(err)  # skipped by name as such an image is, not the end of the run
 
     tensors, loaded, skipped = load_each(paths, one, pool)
     return (torch.stack(tensors) if tensors else None), loaded, skipped
