@@ -103,6 +103,21 @@ def test_mad_json_and_csv_carry_the_temporal_mad_and_read_back(video_model, vide
     assert ((result.temporal_mad > 0) & (result.temporal_mad < 2)).all()
 
 
+def test_the_uniform_line_stays_on_the_spatial_panel_when_every_head_is_below_it(video_model, videos, tmp_path,
+                                                                                   monkeypatch):
+    """The panel's y limits were fixed before the uniform-attention line was drawn: with every head below it, the
+    legend named a line left off the plot."""
+    from vitmad.profiling import plotting
+
+    result = vitmad.profile(f"hf:{video_model}", videos, device="cpu", batch_size=2)
+    result.stats.total.mul_(0.5)  # every head's mean far below the uniform value
+    figures = []
+    monkeypatch.setattr(plotting, "_save", lambda fig, path, dpi: figures.append(fig))
+    plotting.plot_space_time(result, tmp_path / "mad.png")
+    spatial = figures[0].axes[0]
+    assert spatial.get_ylim()[1] > result.uniform_mads[0] > result.mad.max().item()
+
+
 def test_the_command_takes_videos_and_draws_both_figures(video_model, videos, tmp_path, capsys):
     (videos / "broken.mp4").write_bytes(b"not a video")
     try:

@@ -171,10 +171,11 @@ def plot_space_time(profile, path: str | os.PathLike, *, title: str | None = Non
         ax.set_xticks(depth if num_layers <= 24 else depth[::max(1, num_layers // 12)])
         if len(set(kinds)) > 1:  # divided attention: name each layer's kind under its tick
             ax.set_xticklabels([f"{d}\n{k}" for d, k in zip(depth, kinds)], fontsize=6)
+        if ax is axes[0]:  # before the limits are set: above every head, it was left off the plot
+            ax.axhline(profile.uniform_mads[0], color="0.4", linestyle="--", linewidth=1,
+                       label=f"uniform attention ({profile.uniform_mads[0]:.0f} px)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes[0].axhline(profile.uniform_mads[0], color="0.4", linestyle="--", linewidth=1,
-                    label=f"uniform attention ({profile.uniform_mads[0]:.0f} px)")
     axes[0].legend(fontsize=7, ncol=2 if num_heads > 8 else 1, loc="lower right")
     fig.suptitle(title or textwrap.fill(f"{profile.model}: {profile.count} videos, {_describe_grids(profile)}", 100),
                  fontsize=9)
