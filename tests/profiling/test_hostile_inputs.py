@@ -219,6 +219,11 @@ def test_profile_refuses_pixels_that_are_not_preprocessed_and_images_of_no_known
     with pytest.raises(ValueError, match="images: expected 'builtin', a folder, a file, a list of those or a pixel "
                                          "tensor, got NoneType"):
         vitmad.profile(f"hf:{tiny_model}", None, device="cpu")
+    # A module built in Python has no known preprocessing; the advice names what works (an image size did not).
+    for size in (None, 32):
+        with pytest.raises(ValueError, match=r"images: this model has no known preprocessing .* pass preprocessed "
+                                             r"pixels as a \[B, 3, H, W\] tensor, or the model as a spec"):
+            vitmad.profile(_tiny_vit_module(), "builtin", image_size=size, device="cpu")
 
 
 def test_profile_leaves_the_dtype_of_a_model_it_is_given():

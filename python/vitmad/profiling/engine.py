@@ -271,8 +271,10 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
                                     "it" + ("; stack pixel tensors into one [B, 3, H, W] tensor" if "Tensor" in kinds
                                             else ""))
     if preprocessing is None:
-        raise OptionError("images", "this model has no known preprocessing; pass preprocessed pixels as a "
-                                    "[B, 3, H, W] tensor, or image files together with image_size")
+        # (An image size would not do: the mean and std are unknown too.)
+        raise OptionError("images", "this model has no known preprocessing (a module built in Python); pass "
+                                    "preprocessed pixels as a [B, 3, H, W] tensor, or the model as a spec whose "
+                                    "preprocessing vitmad reads ('timm:NAME', 'hf:NAME_OR_FOLDER')")
     files = find_images(images) if frames is None else find_videos(images)
     if max_images:
         files = files[:max_images]
