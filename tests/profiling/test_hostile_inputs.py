@@ -85,6 +85,19 @@ def test_bombs_are_refused_before_decoding(tmp_path):
     assert image is None and reason.startswith("DecompressionBombError: image size (20000x5000 pixels) exceeds")
 
 
+def test_a_strip_the_preprocessing_would_blow_up_is_skipped_by_name(tiny_model, tmp_path):
+    """A 1 x 4000 px strip (a few kB) was resized to 224 x 896,000 px before the crop: gigabytes of memory for one
+    image, several decoded at once."""
+    from PIL import Image
+
+    write_images(tmp_path, 2, nested=False)
+    Image.fromarray(np.full((1, 4000, 3), 128, dtype=np.uint8)).save(tmp_path / "strip.png")
+    with pytest.warns(UserWarning, match="skipping image .*strip.png"):
+        result = vitmad.profile(f"hf:{tiny_model}", tmp_path, device="cpu", image_size=224)
+    assert result.count == 2 and [s["path"].rsplit("/", 1)[-1] for s in result.skipped] == ["strip.png"]
+    assert "resizes this 1x4000 px image to 224x896000 px" in result.skipped[0]["reason"]
+
+
 def test_profile_skips_hostile_files_with_counts(tiny_model, tmp_path, capsys):
     good, bad = _hostile_folder(tmp_path / "imgs")
     with pytest.warns(Warning) as warned:  # the skips, and PIL's own bomb warning

@@ -308,6 +308,13 @@ class Preprocessing:
         else:
             scale = max(height / h, width / w)
             new = (max(width, round(w * scale)), max(height, round(h * scale)))
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and new[0] * new[1] > limit and new != (w, h):
+            # A strip (1 x 3000 px) whose short side is scaled up to the model's: a few kB of file, gigabytes of
+            # resized image before the crop. Skipped with the reason, as a decompression bomb is.
+            raise ValueError(f"the model's preprocessing resizes this {h}x{w} px image to {new[1]}x{new[0]} px "
+                             f"({new[0] * new[1]} pixels, over PIL.Image.MAX_IMAGE_PIXELS = {limit}): its aspect "
+                             "ratio is too extreme; crop it first")
         if new != (w, h):
             image = image.resize(new, resample)
         if self.pad_fill is not None and (new[0] < width or new[1] < height):
