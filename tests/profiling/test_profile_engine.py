@@ -307,3 +307,21 @@ def test_image_text_model_profiles_its_vision_tower(tmp_path, image_folder):
         attentions = eager(pixels, output_attentions=True).attentions
     expected = torch.stack([vitmad.mad_reference(a, 8) for a in attentions]).mean(1)
     torch.testing.assert_close(result.mad, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_image_text_model_built_in_python_is_profiled_through_its_vision_tower():
+    """CLIPModel given as a module: the pixels landed in its forward's input_ids (an AttributeError from
+    transformers); an hf: spec of it profiles its vision tower, and so does the module now, with the same MAD."""
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           image_size=32, patch_size=8))
+    torch.manual_seed(0)
+    clip = transformers.CLIPModel(config).eval()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    result = vitmad.profile(clip, pixels, device="cpu")
+    assert result.model == "CLIPModel" and len(result.layers) == 2
+    assert result.settings["profiled"].endswith("of CLIPModel, its vision tower")
+    with torch.no_grad(), vitmad.record(clip.vision_model) as rec:
+        clip.vision_model(pixels)
+    torch.testing.assert_close(result.mad, rec.mad.mean(1).double(), rtol=1e-6, atol=1e-6)

@@ -67,6 +67,16 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
     packed = find_packed_tower(module)
     if packed is not None:
         return wrap_packed_tower(module, packed, spec, preprocessing)
+    # An image-text model (CLIP, SigLIP, ...) built in Python: its vision tower, as an hf: spec of it profiles (its
+    # forward wants text: pixels passed alone landed in input_ids).
+    outer, tower_path = module, ""
+    if type(module).__module__.startswith("transformers."):
+        for tower in ("vision_model", "vision_encoder"):
+            if isinstance(getattr(module, tower, None), torch.nn.Module):
+                module, tower_path = getattr(module, tower), f"{tower_path}{tower}."
+    description = None
+    if outer is not module and spec is None:
+        description = f"{tower_path[:-1]} ({type(module).__name__}) of {type(outer).__name__}, its vision tower"
     module.eval()
     accepts_interpolate = "interpolate_pos_encoding" in inspect.signature(module.forward).parameters
     # transformers' DINOv2 interpolates its position embedding at every forward, with no flag to ask for it.
@@ -77,8 +87,8 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
             return module(pixels, interpolate_pos_encoding=True)
         return module(pixels)
 
-    return LoadedModel(spec or type(module).__name__, module, preprocessing, forward,
-                       accepts_interpolate or always_interpolates)
+    return LoadedModel(spec or type(outer).__name__, module, preprocessing, forward,
+                       accepts_interpolate or always_interpolates, description=description)
 
 
 def wrap_packed_tower(model: torch.nn.Module, packed: tuple[str, torch.nn.Module], spec: str | None,
