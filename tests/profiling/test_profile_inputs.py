@@ -282,6 +282,20 @@ def test_a_16_bit_greyscale_png_keeps_its_contrast(tmp_path):
         np.testing.assert_array_equal(decoded[..., channel], expected)
 
 
+def test_a_float_tiff_is_skipped_with_its_reason_not_profiled_black(tmp_path):
+    """PIL's convert("RGB") truncates 32-bit float pixels: values in [0, 1] became a black image, profiled."""
+    import numpy as np
+    from PIL import Image
+
+    from vitmad.profiling.images import load_image
+
+    Image.fromarray(np.full((20, 30), 0.75, dtype=np.float32), "F").save(tmp_path / "float.tif")
+    image, reason = load_image(tmp_path / "float.tif")
+    assert image is None
+    assert reason == ("ValueError: floating-point pixels (PIL mode F, values 0.75 to 0.75) have no known scale; "
+                      "save the image with 8 or 16 bits a channel")
+
+
 def test_paths_from_python_expand_the_home_folder(tmp_path, monkeypatch):
     """"~/val" from Python names the same folder as from the shell, which expands it for the command."""
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -376,6 +376,12 @@ def _to_rgb(image):
     if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
         values = np.asarray(image, dtype=np.float64)
         return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        # 32-bit float pixels (a TIFF): PIL truncates them to integers, so values in [0, 1] turned into a black
+        # image profiled as any other. Their scale is the file's convention, which the file does not say.
+        low, high = image.getextrema()
+        raise ValueError(f"floating-point pixels (PIL mode F, values {low:g} to {high:g}) have no known scale; "
+                         "save the image with 8 or 16 bits a channel")
     return image.convert("RGB")
 
 
