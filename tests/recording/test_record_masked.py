@@ -327,6 +327,10 @@ def test_given_positions_callable_per_call_on_a_model_without_a_grid():
     (torch.zeros(1, 2, 10, 2), ValueError, r"positions must be .*; got shape \[1, 2, 10, 2\]"),
     (torch.tensor([[float("nan"), 1.0]] + [[0.0, 0.0]] * 9), ValueError, "one coordinate NaN and the other not"),
     (torch.tensor([[float("inf"), 1.0]] + [[0.0, 0.0]] * 9), ValueError, "positions has infinite coordinates"),
+    # No token with a position: every value NaN, silently, before.
+    (torch.full((10, 2), float("nan")), ValueError, r"positions gives no token a position \(every row NaN\)"),
+    (torch.cat([torch.zeros(1, 10, 2), torch.full((1, 10, 2), float("nan"))]), ValueError,
+     "positions gives no token of image 1 a position"),
 ])
 def test_given_positions_invalid(positions, error, match):
     with pytest.raises(error, match=match):

@@ -190,6 +190,11 @@ def check_positions(positions, source: str = "positions") -> torch.Tensor:
                          "without a position is a row of NaN")
     if bool(positions.isinf().any()):
         raise ValueError(f"vitmad.record: {source} has infinite coordinates; positions must be finite or NaN rows")
+    unplaced = nan.all(-1).all(-1).reshape(-1)  # per image: no token with a position
+    if bool(unplaced.any()):
+        image = "" if positions.dim() == 2 else f" of image {int(unplaced.nonzero()[0])}"
+        raise ValueError(f"vitmad.record: {source} gives no token{image} a position (every row NaN), so no query "
+                         "has a distance to measure: every value would be NaN")
     return positions
 
 
