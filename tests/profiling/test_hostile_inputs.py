@@ -348,7 +348,7 @@ def test_a_profile_written_onto_a_folder_is_refused_before_writing(good_result, 
     assert list(tmp_path.iterdir()) == []  # no temporary file left
 
 
-def test_map_layers_are_indices_of_the_recorded_layers():
+def test_map_layers_are_indices_of_the_recorded_layers(tmp_path):
     from vitmad.profiling import image_prefix_maps, mad_maps
 
     model, pixels = _tiny_vit_module(), torch.randn(3, 32, 32)
@@ -363,6 +363,12 @@ def test_map_layers_are_indices_of_the_recorded_layers():
     with pytest.raises(ValueError, match=r"layer: expected a layer index in \[0, 2\)"):
         image_prefix_maps(model, pixels, layer=5, device="cpu")
     assert image_prefix_maps(model, pixels, layer=-1, device="cpu")[2] == "layers.1.attention"
+    # An image file with a module built in Python: refused as profile refuses it (a TypeError calling None before).
+    image = write_images(tmp_path, 1, nested=False)[0]
+    for draw in (mad_maps, image_prefix_maps):
+        with pytest.raises(ValueError, match=r"image: this model has no known preprocessing .* pass preprocessed "
+                                             r"pixels as a \[3, H, W\] tensor"):
+            draw(model, image, device="cpu")
 
 
 def _interrupted(model, pixels, checkpoint):

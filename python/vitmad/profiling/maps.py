@@ -28,6 +28,10 @@ def _record_one_image(model, image, image_size, device, **record_options):
             raise OptionError("image", "image_size='native' resizes the image itself: pass an image file")
         pixels = image
     else:
+        if native is None and preprocessing is None:  # as profile says it (a model built in Python)
+            raise OptionError("image", "this model has no known preprocessing (a module built in Python); pass "
+                                       "preprocessed pixels as a [3, H, W] tensor, or the model as a spec whose "
+                                       "preprocessing vitmad reads ('timm:NAME', 'hf:NAME_OR_FOLDER')")
         picture, reason = load_image(image)
         if picture is None:
             raise OptionError("image", f"cannot read image {image}: {reason}")
