@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     run.add_argument("--max-images", type=int, default=None,
-                     help="profile only the first K image files in sorted order (an unreadable one among them "
-                          "counts, listed as skipped)")
+                     help="profile only the first K image files, sources in the order given and each folder "
+                          "sorted (an unreadable one among them counts, listed as skipped)")
     run.add_argument("--renormalize", action="store_true",
                      help="divide each query's distance by its attention mass on patches")
     run.add_argument("--stats", default="mad", metavar="NAMES",

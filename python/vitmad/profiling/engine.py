@@ -549,8 +549,9 @@ def profile(
             Qwen2.5-VL, Qwen3-VL and Pixtral (the model's own image processor; one packed forward per batch) and
             ViTs whose position embedding follows the input (one image per forward); ``mad.json`` then lists
             every image's grid. The Qwen and Pixtral towers take ``"native"`` or a size of whole patches.
-        max_images: profile only the first ``K`` image files (in sorted order): an unreadable one among them
-            counts, and is listed as skipped, so that the batches, resume and torchrun are those of the file list.
+        max_images: profile only the first ``K`` image files (sources in the order given, each folder sorted): an
+            unreadable one among them counts, and is listed as skipped, so that the batches, resume and torchrun
+            are those of the file list.
         layers: attention module names (wildcards as :func:`vitmad.record` takes them); all by default.
         checkpoint: file for the running sums; written atomically every ``checkpoint_every`` batches. An existing
             file that is not a vitmad checkpoint is refused rather than overwritten.
