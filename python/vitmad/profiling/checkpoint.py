@@ -37,11 +37,12 @@ def files_digest(paths: list[str]) -> str:
         path = Path(name)
         entries = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
         for entry in entries:
+            digest.update(os.fsencode(entry) + b"\0")  # the file system's bytes: a name need not be UTF-8
             try:
                 stat = entry.stat()
-                digest.update(f"{entry}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+                digest.update(f"{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
             except OSError:  # gone or unreadable: the run skips it by name; its absence is its state
-                digest.update(f"{entry}\0missing\n".encode())
+                digest.update(b"missing\n")
     return f"sha256:{digest.hexdigest()}"
 
 
