@@ -23,10 +23,13 @@ RECORD_TOL = {"rtol": 1e-5, "atol": 1e-4}  # float32 softmax from two kernels; a
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
 
-def _expected_mad(attn: torch.Tensor, grid: tuple[int, int], stride: float, prefix: int, suffix: int):
-    """[B, H] MAD of eager maps [B, H, N, N] by the definition, in float64, tokens placed by hand."""
+def _expected_mad(attn: torch.Tensor, grid: tuple[int, int], stride: float | tuple[float, float], prefix: int,
+                  suffix: int):
+    """[B, H] MAD of eager maps [B, H, N, N] by the definition, in float64, tokens placed by hand; ``stride``
+    in pixels, or (down, across) for non-square patches."""
     rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-    centres = (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * stride
+    step = torch.tensor(stride if isinstance(stride, tuple) else (stride, stride), dtype=torch.float64)
+    centres = (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * step
     distance = torch.cdist(centres, centres)
     patches = slice(prefix, attn.shape[-1] - suffix)
     assert attn.shape[-1] == prefix + grid[0] * grid[1] + suffix
@@ -138,4 +141,26 @@ def test_timm_hybrid_vit_measures_in_input_pixels(size):
     grid = (size[0] // 32, size[1] // 32)
     expected = torch.stack([_expected_mad(a, grid, 32, 1, 0) for a in maps])
     assert [g.stride for g in rec.geometry] == [(32.0, 32.0)] * 2
+    torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
+
+
+def test_timm_vit_with_non_square_patches_is_measured_on_its_cells():
+    """patch_size=(16, 8): refused with advice (pass patch=) that gave wrong numbers (patch=16: 60.8 px for 34.4)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=(64, 64), patch_size=(16, 8), embed_dim=32, depth=2, num_heads=2,
+                              dynamic_img_size=True, num_classes=0).eval()
+    pixels = torch.randn(2, 3, 48, 88, generator=torch.Generator().manual_seed(1))  # 3 x 11 cells of 16 x 8 px
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    eager, maps = copy.deepcopy(model), []
+    for block in eager.blocks:
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_pre_hook(lambda _, args: maps.append(args[0]))
+    with torch.no_grad():
+        eager(pixels)
+    expected = torch.stack([_expected_mad(a, (3, 11), (16.0, 8.0), 1, 0) for a in maps])
+    assert [(g.grid, g.stride) for g in rec.geometry] == [((3, 11), (16.0, 8.0))] * 2
+    assert rec.layout is None  # no one patch size: read rec.geometry
     torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)

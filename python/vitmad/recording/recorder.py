@@ -588,7 +588,8 @@ class Recording:
             return self.calls[-1].layout
         patch = self._plain.patch
         if patch is None and self._plain.embedding is not None:
-            patch = int(self._plain.embedding[1].kernel_size[0])
+            kernel = self._plain.embedding[1].kernel_size
+            patch = int(kernel[0]) if kernel[0] == kernel[1] else None  # non-square patches: read geometry
         return ModelLayout(patch, self._plain.grid, self._plain.num_prefix_tokens)
 
     # Hooks ---------------------------------------------------------------------------------------------------

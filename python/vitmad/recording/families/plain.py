@@ -108,8 +108,6 @@ class PlainLayout:
                                 "other layout of this module's tokens; pass positions=<[N, 2] pixel position of "
                                 "each token>, or, only if they are a plain ViT grid (extra tokens first), "
                                 "patch=<pixels per patch> and grid=[grid_h, grid_w]")
-        elif self.embedding is not None and patch is None and len(set(self.embedding[1].kernel_size)) != 1:
-            self.unavailable = f"{name} has non-square patches {list(self.embedding[1].kernel_size)}; pass patch="
         else:
             self.unavailable = None
 
@@ -131,12 +129,13 @@ class PlainLayout:
     def stride(self, context: CallContext) -> tuple[float, float]:
         if self.patch is not None:
             return float(self.patch), float(self.patch)
-        kernel = int(self.embedding[1].kernel_size[0])
+        # Per axis: a patch of 16 x 8 pixels (timm's patch_size=(16, 8)) has its cells 16 px apart down, 8 across.
+        kernel = tuple(int(k) for k in self.embedding[1].kernel_size)
         image, seen = context.image_size, context.values.get(_EMBED_INPUT)
         if image is None or seen is None:
-            return float(kernel), float(kernel)
-        return tuple(float(kernel * _stem_stride(i, s, axis, self.model))
-                     for i, s, axis in zip(image, seen, ("height", "width")))
+            return float(kernel[0]), float(kernel[1])
+        return tuple(float(k * _stem_stride(i, s, axis, self.model))
+                     for k, i, s, axis in zip(kernel, image, seen, ("height", "width")))
 
     def call_grid(self, context: CallContext) -> tuple[int, int]:
         grid = self.grid or context.values.get(_GRID)
