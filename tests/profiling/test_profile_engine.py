@@ -96,20 +96,26 @@ def test_json_schema_and_round_trip(tiny_model, image_folder, tmp_path):
         vitmad.Profile.from_json(tmp_path / "other.json")
 
 
+def _interrupt_at_call(loaded, call: int):
+    """Makes ``loaded``'s forward raise KeyboardInterrupt (Ctrl-C) at its ``call``-th call; returns the real one."""
+    real_forward, calls = loaded.forward, []
+
+    def interrupted_forward(pixels):
+        calls.append(len(pixels))
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real_forward(pixels)
+
+    loaded.forward = interrupted_forward
+    return real_forward
+
+
 def test_resume_after_interrupt_equals_uninterrupted_run(tiny_model, image_folder, tmp_path, monkeypatch):
     spec = f"hf:{tiny_model}"
     full = vitmad.profile(spec, image_folder, batch_size=2, device="cpu", checkpoint=tmp_path / "full.pt")
 
     loaded = load_model(spec)
-    real_forward, calls = loaded.forward, []
-
-    def interrupted_forward(pixels):
-        calls.append(len(pixels))
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_forward(pixels)
-
-    loaded.forward = interrupted_forward
+    real_forward = _interrupt_at_call(loaded, 3)
     checkpoint = tmp_path / "run.pt"
     with pytest.raises(KeyboardInterrupt):
         vitmad.profile(loaded, image_folder, batch_size=2, device="cpu", checkpoint=checkpoint, checkpoint_every=5)
@@ -132,15 +138,7 @@ def test_resume_refuses_an_image_replaced_under_its_own_name(tiny_model, tmp_pat
     folder = tmp_path / "images"
     paths = write_images(folder, 4, nested=False)
     loaded = load_model(f"hf:{tiny_model}")
-    real_forward, calls = loaded.forward, []
-
-    def interrupted_forward(pixels):
-        calls.append(len(pixels))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_forward(pixels)
-
-    loaded.forward = interrupted_forward
+    real_forward = _interrupt_at_call(loaded, 2)
     checkpoint = tmp_path / "run.pt"
     with pytest.raises(KeyboardInterrupt):
         vitmad.profile(loaded, folder, batch_size=2, device="cpu", checkpoint=checkpoint)

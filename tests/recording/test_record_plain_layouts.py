@@ -120,6 +120,17 @@ def test_xclip_message_tokens_are_placed_after_the_grid_and_their_attention_acro
     torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
 
 
+def _timm_eager_maps(model, pixels) -> list[torch.Tensor]:
+    """The attention probabilities of each block of a copy of timm ``model`` on its explicit (unfused) path."""
+    eager, maps = copy.deepcopy(model), []
+    for block in eager.blocks:
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_pre_hook(lambda _, args: maps.append(args[0]))
+    with torch.no_grad():
+        eager(pixels)
+    return maps
+
+
 @pytest.mark.parametrize("size", [(96, 96), (64, 128)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_timm_hybrid_vit_measures_in_input_pixels(size):
     # vit_tiny_r_s16_p8: a ResNet stem of stride 4, then 8x8 patches: each token covers 32 px of the image.
@@ -132,14 +143,8 @@ def test_timm_hybrid_vit_measures_in_input_pixels(size):
         with vitmad.record(model) as rec:
             recorded = model(pixels)
     torch.testing.assert_close(recorded, plain, rtol=0, atol=0)
-    eager, maps = copy.deepcopy(model), []
-    for block in eager.blocks:
-        block.attn.fused_attn = False
-        block.attn.attn_drop.register_forward_pre_hook(lambda _, args: maps.append(args[0]))
-    with torch.no_grad():
-        eager(pixels)
     grid = (size[0] // 32, size[1] // 32)
-    expected = torch.stack([_expected_mad(a, grid, 32, 1, 0) for a in maps])
+    expected = torch.stack([_expected_mad(a, grid, 32, 1, 0) for a in _timm_eager_maps(model, pixels)])
     assert [g.stride for g in rec.geometry] == [(32.0, 32.0)] * 2
     torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
 
@@ -154,13 +159,7 @@ def test_timm_vit_with_non_square_patches_is_measured_on_its_cells():
     pixels = torch.randn(2, 3, 48, 88, generator=torch.Generator().manual_seed(1))  # 3 x 11 cells of 16 x 8 px
     with torch.no_grad(), vitmad.record(model) as rec:
         model(pixels)
-    eager, maps = copy.deepcopy(model), []
-    for block in eager.blocks:
-        block.attn.fused_attn = False
-        block.attn.attn_drop.register_forward_pre_hook(lambda _, args: maps.append(args[0]))
-    with torch.no_grad():
-        eager(pixels)
-    expected = torch.stack([_expected_mad(a, (3, 11), (16.0, 8.0), 1, 0) for a in maps])
+    expected = torch.stack([_expected_mad(a, (3, 11), (16.0, 8.0), 1, 0) for a in _timm_eager_maps(model, pixels)])
     assert [(g.grid, g.stride) for g in rec.geometry] == [((3, 11), (16.0, 8.0))] * 2
     assert rec.layout is None  # no one patch size: read rec.geometry
     torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
