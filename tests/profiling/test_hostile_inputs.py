@@ -279,9 +279,15 @@ def test_plot_compare_wants_one_label_per_profile(good_result, tmp_path):
     assert not (tmp_path / "compare.png").exists()
 
 
-def test_resume_needs_a_checkpoint_file():
+def test_resume_needs_a_checkpoint_file(tmp_path):
     with pytest.raises(ValueError, match="resume: resume continues from a checkpoint file: pass checkpoint= too"):
         vitmad.profile(_tiny_vit_module(), torch.randn(2, 3, 32, 32), device="cpu", resume=True)
+    # One that is not there yet (a mistyped --out, a run killed before its first checkpoint) is said, not silent.
+    pixels = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"resume: no checkpoint at .*run\.pt; starting from the first image"):
+        resumed = vitmad.profile(_tiny_vit_module(), pixels, device="cpu", checkpoint=tmp_path / "run.pt",
+                                 resume=True)
+    assert resumed.count == 2
 
 
 @pytest.mark.parametrize("count", [0, -5])

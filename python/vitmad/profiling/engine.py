@@ -389,7 +389,10 @@ def resume_state(plan: RunPlan, resume: bool) -> RunState:
     if not (resume and plan.checkpoint):
         return RunState()
     saved = load_checkpoint(plan.checkpoint, plan.fingerprint)
-    return RunState() if saved is None else RunState.from_state_dict(saved)
+    if saved is None:  # said, not silent: a mistyped --out resumes nothing and runs every image again
+        warnings.warn(f"resume: no checkpoint at {plan.checkpoint}; starting from the first image", stacklevel=2)
+        return RunState()
+    return RunState.from_state_dict(saved)
 
 
 def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
