@@ -202,6 +202,15 @@ def _own_model_dtype(model: torch.nn.Module, dtype, resolved: torch.dtype) -> to
     return own
 
 
+def no_known_preprocessing(parameter: str, shape: str) -> OptionError:
+    """The error for image files given with a model whose preprocessing is unknown (a module built in Python),
+    naming what works instead: pixels of ``shape``, or a spec. (An image size would not do: the mean and std are
+    unknown too.)"""
+    return OptionError(parameter, f"this model has no known preprocessing (a module built in Python); pass "
+                                  f"preprocessed pixels as a {shape} tensor, or the model as a spec whose "
+                                  "preprocessing vitmad reads ('timm:NAME', 'hf:NAME_OR_FOLDER')")
+
+
 def model_input_size(module: torch.nn.Module) -> tuple[int, int] | None:
     """The one input size a model takes, where it says so: a timm patch embedding with ``strict_img_size`` and
     neither ``dynamic_img_size`` nor ``dynamic_img_pad`` (which asserts the size inside the forward); None for
@@ -271,10 +280,7 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
                                     "it" + ("; stack pixel tensors into one [B, 3, H, W] tensor" if "Tensor" in kinds
                                             else ""))
     if preprocessing is None:
-        # (An image size would not do: the mean and std are unknown too.)
-        raise OptionError("images", "this model has no known preprocessing (a module built in Python); pass "
-                                    "preprocessed pixels as a [B, 3, H, W] tensor, or the model as a spec whose "
-                                    "preprocessing vitmad reads ('timm:NAME', 'hf:NAME_OR_FOLDER')")
+        raise no_known_preprocessing("images", "[B, 3, H, W]")
     files = find_images(images) if frames is None else find_videos(images)
     if max_images:
         files = files[:max_images]

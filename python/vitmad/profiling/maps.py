@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ..ops.arguments import is_int
-from .engine import prepare_model
+from .engine import no_known_preprocessing, prepare_model
 from .images import NATIVE, load_image, parse_image_size
 from .native import native_feed
 from .options import OptionError, resolve_device
@@ -29,9 +29,7 @@ def _record_one_image(model, image, image_size, device, **record_options):
         pixels = image
     else:
         if native is None and preprocessing is None:  # as profile says it (a model built in Python)
-            raise OptionError("image", "this model has no known preprocessing (a module built in Python); pass "
-                                       "preprocessed pixels as a [3, H, W] tensor, or the model as a spec whose "
-                                       "preprocessing vitmad reads ('timm:NAME', 'hf:NAME_OR_FOLDER')")
+            raise no_known_preprocessing("image", "[3, H, W]")
         picture, reason = load_image(image)
         if picture is None:
             raise OptionError("image", f"cannot read image {image}: {reason}")

@@ -54,6 +54,17 @@ class LoadedModel:
     unloaded: frozenset[str] = frozenset()
 
 
+def vision_tower(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """A transformers model's vision tower and its qualified-name prefix (``"vision_model."``), or the model and
+    ``""``: image-text models (CLIP, SigLIP, ...) need text for their forward, promptable segmenters (SAM, SAM 2)
+    prompts for their mask decoder, so their vision tower is profiled alone."""
+    prefix = ""
+    for tower in ("vision_model", "vision_encoder"):
+        if isinstance(getattr(module, tower, None), torch.nn.Module):
+            module, prefix = getattr(module, tower), f"{prefix}{tower}."
+    return module, prefix
+
+
 def wrap_module(module: torch.nn.Module, spec: str | None = None,
                 preprocessing: Preprocessing | None = None) -> LoadedModel:
     """Wrap a model the caller built (``vitmad.profile(model, ...)``).
@@ -71,9 +82,7 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
     # forward wants text: pixels passed alone landed in input_ids).
     outer, tower_path = module, ""
     if type(module).__module__.startswith("transformers."):
-        for tower in ("vision_model", "vision_encoder"):
-            if isinstance(getattr(module, tower, None), torch.nn.Module):
-                module, tower_path = getattr(module, tower), f"{tower_path}{tower}."
+        module, tower_path = vision_tower(module)
     description = None
     if outer is not module and spec is None:
         description = f"{tower_path[:-1]} ({type(module).__name__}) of {type(outer).__name__}, its vision tower"
@@ -288,12 +297,7 @@ def _load_hf(spec: str, name: str) -> LoadedModel:
     processor = _with_class_defaults(transformers, name, processor, options)
     vision = getattr(config, "vision_config", config)
     preprocessing = Preprocessing.from_hf(processor, getattr(vision, "image_size", None))
-    # Image-text models (CLIP, SigLIP, ...) need text for their forward, promptable segmenters (SAM, SAM 2)
-    # prompts for their mask decoder: profile their vision tower alone.
-    prefix = ""
-    for tower in ("vision_model", "vision_encoder"):
-        if hasattr(module, tower):
-            module, prefix = getattr(module, tower), f"{prefix}{tower}."
+    module, prefix = vision_tower(module)
     loaded = wrap_module(module, spec, preprocessing)
     loaded.processor = processor
     # Weights the checkpoint lacks (a pooler, a head) are drawn anew at every load: not part of the run's identity.
