@@ -359,6 +359,8 @@ def _wrap_hooks(handles) -> None:
     """The hooks behind ``handles`` as :class:`_RecordingHook`, in the dicts that hold them (no walk over the
     model): the handles still remove them, by id; copies of the modules hold inert ones."""
     for handle in handles:
+        if not hasattr(handle, "hooks_dict_ref"):
+            continue  # not a hook (ViLT's watch of visual_embed, inert in copies by design)
         for hooks in (handle.hooks_dict_ref(), *(ref() for ref in getattr(handle, "extra_dict_ref", ()))):
             if hooks is not None and handle.id in hooks and callable(hooks[handle.id]) \
                     and not isinstance(hooks[handle.id], _RecordingHook):
