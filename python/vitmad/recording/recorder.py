@@ -55,7 +55,14 @@ from .families import Skip, family_modules, family_placer, probabilities_source
 from .families.masked import GivenPositionsPlacer
 from .families.naflex import call_start as naflex_call_start
 from .families.naflex import towers as naflex_towers
-from .families.plain import PlainLayout, PlainPlacer, appended_tokens, find_patch_embedding, is_embedding_projection
+from .families.plain import (
+    PlainLayout,
+    PlainPlacer,
+    appended_tokens,
+    find_patch_embedding,
+    is_embedding_projection,
+    keeps_image_layout,
+)
 from .mha_capture import MultiheadAttentionHooks, mha_modules
 from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
 from .module_index import module_list, named_module_list, shared_walks
@@ -487,12 +494,23 @@ class Recording:
             inner = [name for name in chosen if name in found]
             chosen = {name: m for name, m in chosen.items()
                       if not any(other.startswith(name + ".") for other in inner)}
-        else:
-            prefix = _encoder_prefix(model)
+        prefix = _encoder_prefix(model)
+        if layers is None:
             chosen = {n: m for n, m in found.items() if n.startswith(prefix)}
         modules = {}
         for name, module in chosen.items():
             placer = family_placer(model, name, module)
+            if placer is None and not name.startswith(prefix) and self._given is None \
+                    and self._plain.num_prefix_tokens is None and not keeps_image_layout(model, name):
+                # Named in layers= (the default takes the tower alone): skipped, as packed towers skip a
+                # language model's layers, so that a wildcard over a whole vision-language model records its tower.
+                placer = Skip(
+                    f"outside {prefix[:-1]}, the tower that embeds the image, so its tokens need not be that "
+                    "tower's extra tokens and patch grid (a language model or a multimodal encoder mixes them with "
+                    "text or other tokens), and vitmad does not know its layout; pass num_prefix_tokens=<tokens "
+                    "before the grid> if its sequence is exactly [those tokens][the full row-major patch grid], or "
+                    "positions=<[N, 2] pixel position of each token, NaN rows for tokens off the image>"
+                )
             if isinstance(placer, Skip):
                 self.skipped[name] = placer.reason
             else:

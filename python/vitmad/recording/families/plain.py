@@ -31,7 +31,8 @@ from ..placement import (
 )
 from .windows import parent_module
 
-__all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "is_embedding_projection", "num_suffix_tokens"]
+__all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "is_embedding_projection", "keeps_image_layout",
+           "num_suffix_tokens"]
 
 _GRID, _EMBED_INPUT = "plain.grid", "plain.embedding_input"
 
@@ -78,6 +79,22 @@ def appended_tokens(model: nn.Module, name: str) -> int:
     cross-frame blocks append each frame's message token to [CLS, patches] before their self-attention."""
     owner = parent_module(model, name)
     return 1 if name.rpartition(".")[2] == "self_attn" and type(owner).__name__ == "XCLIPVisionEncoderLayer" else 0
+
+
+def keeps_image_layout(model: nn.Module, name: str) -> bool:
+    """Whether the attention module ``name``, outside the tower that embeds the image, still attends over that
+    tower's tokens in its order (extra tokens, then the full row-major grid): ViTMAE's pretraining decoder (CLS,
+    then every cell, mask tokens included) and BridgeTower's cross-modal image layers (their self-attention runs
+    over the vision tower's output). Any other layer outside the tower may mix the image with text or other
+    tokens (a language model, a multimodal encoder) and is placed only when the user states its layout."""
+    parts = name.split(".")
+    for depth in range(len(parts)):
+        owner = model.get_submodule(".".join(parts[:depth]))
+        if type(owner).__name__ == "ViTMAEDecoder":
+            return True
+        if type(owner).__module__.endswith("modeling_bridgetower") and parts[depth] == "cross_modal_image_layers":
+            return True
+    return False
 
 
 def _stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module) -> int:
@@ -140,7 +157,12 @@ class PlainLayout:
     def call_grid(self, context: CallContext) -> tuple[int, int]:
         grid = self.grid or context.values.get(_GRID)
         if grid is None:
-            raise NotPlaceable("it ran before the patch embedding; pass grid=[grid_h, grid_w]")
+            raise NotPlaceable(
+                f"the patch embedding {self.embedding[0]} had not run in this call when it attended (the model "
+                "embeds its patches with another module, or runs this layer first), so the grid of its tokens is "
+                "unknown; pass positions=<[N, 2] pixel position of each token, NaN rows for tokens off the image>, "
+                "or grid=[grid_h, grid_w] only if its tokens are [extra tokens][that full row-major grid]"
+            )
         return grid
 
 

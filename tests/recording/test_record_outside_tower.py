@@ -1,0 +1,89 @@
+"""Attention named in ``layers=`` outside the tower that embeds the image.
+
+A language model or a multimodal encoder attends over image tokens mixed with text: PaliGemma's language model
+over ``[image tokens][text]``, GIT's text encoder over ``[CLS + patches][text]``. The plain layout would count
+whatever comes before the last ``gh * gw`` tokens as extra tokens and measure text as patches; such a layer is
+skipped with the reason unless the user states its layout. The layers that do keep the image tower's tokens in
+order are still recorded: BridgeTower's cross-modal image self-attention (checked here against its eager
+attention, CLS without a position, then the 4 x 4 grid of 16 px patches) and ViTMAE's decoder
+(``test_record_masked.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import vitmad  # noqa: E402
+
+PATCH = 16
+
+
+def _paligemma():
+    config = transformers.PaliGemmaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=64, patch_size=PATCH, projection_dim=32),
+        text_config=dict(model_type="gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=300),
+        image_token_index=257, projection_dim=32)
+    torch.manual_seed(0)
+    model = transformers.PaliGemmaForConditionalGeneration(config).eval()
+    ids = torch.cat([torch.full((2, 16), 257), torch.randint(3, 90, (2, 6))], 1)  # [16 image tokens][6 text]
+    inputs = {"input_ids": ids, "pixel_values": torch.randn(2, 3, 64, 64), "attention_mask": torch.ones_like(ids),
+              "token_type_ids": torch.zeros_like(ids)}
+    return model, inputs
+
+
+def test_language_model_layer_is_not_placed_as_the_patch_grid():
+    model, inputs = _paligemma()
+    with pytest.raises(ValueError, match=r"no layer with spatial.*outside model\.vision_tower.*num_prefix_tokens"):
+        vitmad.record(model, layers=["model.language_model.layers.0.self_attn"])
+    # A wildcard over the whole model records the vision tower and names the language model's layer as skipped.
+    with torch.no_grad(), vitmad.record(model, layers=["*self_attn"]) as rec:
+        model(**inputs)
+    assert rec.layers == [f"model.vision_tower.encoder.layers.{i}.self_attn" for i in range(2)]
+    assert list(rec.skipped) == ["model.language_model.layers.0.self_attn"]
+    assert "outside model.vision_tower" in rec.skipped["model.language_model.layers.0.self_attn"]
+    with torch.no_grad(), vitmad.record(model) as default:
+        model(**inputs)
+    torch.testing.assert_close(rec.mad, default.mad, rtol=0, atol=0)
+
+
+def test_text_encoder_of_git_is_skipped_unless_its_layout_is_given():
+    config = transformers.GitConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=64, patch_size=PATCH),
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+        max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.GitModel(config).eval()
+    with pytest.raises(ValueError, match="outside image_encoder.vision_model, the tower that embeds the image"):
+        vitmad.record(model, layers=["encoder.layer.*.attention.self"])
+
+
+def test_bridgetower_cross_modal_image_layers_keep_the_tower_layout():
+    config = transformers.BridgeTowerConfig(
+        hidden_size=32, num_attention_heads=2, num_hidden_layers=1,
+        vision_config=dict(hidden_size=128, num_hidden_layers=1, image_size=64, patch_size=PATCH),
+        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=100, max_position_embeddings=64),
+        initializer_factor=8.0)
+    torch.manual_seed(0)
+    model = transformers.BridgeTowerModel(config).eval()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(3, 90, (2, 5))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(2, 3, 64, 64)}
+    name = "cross_modal_image_layers.0.attention.self"
+    with torch.no_grad(), vitmad.record(model, layers=[name]) as rec:
+        out = model(**inputs, output_attentions=True)
+    assert rec.layers == [name] and rec.skipped == {}
+    # out.attentions: per cross-modal layer, the self-attention of its text side and of its image side.
+    probabilities = out.attentions[0][1].double().numpy()  # [B, H, 17, 17]: CLS, then the 4 x 4 grid
+    rows, cols = np.divmod(np.arange(16), 4)
+    centres = (np.stack([rows, cols], -1) + 0.5) * PATCH
+    d = np.sqrt(((centres[:, None] - centres[None]) ** 2).sum(-1))
+    expected = (probabilities[:, :, 1:, 1:] * d).sum(-1).mean(-1)
+    np.testing.assert_allclose(rec.mad[0].double().numpy(), expected, rtol=1e-5, atol=1e-4)
