@@ -39,6 +39,7 @@ from . import (
     nest,
     non_spatial,
     packed,
+    padded_patches,
     pooled,
     shvit,
     swin,
@@ -64,9 +65,10 @@ class Skip:
 
 # Tried in order; the first family that claims a module places it.
 _FAMILIES = (
-    packed, non_spatial, masked, vilt, swin, windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages,
-    csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, coat, efficientvit_msra,
-    map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit, convit, torchvision_maxvit,
+    packed, non_spatial, masked, vilt, padded_patches, swin, windowed_vit, hiera, pooled, mvit, levit,
+    efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin,
+    mobilevit, coat, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex,
+    shvit, convit, torchvision_maxvit,
 )
 
 
