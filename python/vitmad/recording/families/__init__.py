@@ -46,6 +46,7 @@ from . import (
     tiny_vit,
     tnt,
     torchvision_maxvit,
+    unplaced,
     video,
     vilt,
     vit_stages,
@@ -65,7 +66,7 @@ class Skip:
 
 # Tried in order; the first family that claims a module places it.
 _FAMILIES = (
-    packed, non_spatial, masked, vilt, padded_patches, swin, windowed_vit, hiera, pooled, mvit, levit,
+    packed, non_spatial, unplaced, masked, vilt, padded_patches, swin, windowed_vit, hiera, pooled, mvit, levit,
     efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin,
     mobilevit, coat, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex,
     shvit, convit, torchvision_maxvit,

@@ -1,0 +1,79 @@
+"""Token layouts vitmad knows it does not place: refused by name, so that the plain layout never guesses them.
+
+The plain layout takes any sequence of at least ``gh x gw`` tokens as extra tokens followed by the patch grid;
+these towers pass that test with tokens that are not such a grid, and were measured wrongly, silently (found by
+comparing with each model's eager attention placed by its own geometry):
+
+- Mllama's vision tower: the tiles of an image in one sequence, each with its CLS and padded to a multiple of 8
+  tokens, tiles masked by the aspect ratio (a 2 x 2-tile image gave 2.7 px where its tiles give 22 px).
+- MiniCPM-V 4.6 (and MiniCPM-o OCR, the same tower): the patches of its images packed side by side in one row of
+  pixels, each image's grid given by ``target_sizes`` (one image of 4 x 6 patches was measured as a 1 x 24 row).
+- The SAM encoders of DeepSeek-OCR-2 and Unlimited-OCR: windowed attention over a padded window partition that
+  vitmad's SAM placement does not read from these classes (one padded window was measured as 96 extra tokens
+  and a 10 x 10 grid).
+
+DepthPro's patch encoder runs a ViT on overlapping crops of a multi-scale pyramid of the image, the crops of every
+scale batched together: its layers are skipped with the reason (its per-crop values are in each crop's own pixels,
+one row per crop, not per image).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement
+
+_NO_POSITIONS = ("; vitmad does not know where its tokens are on the image. If you do, pass positions=<[N, 2] pixel "
+                 "position of each token of the sequence, NaN rows for tokens without one>")
+
+# (attention class, defining module's suffix) -> what its tokens are.
+_REFUSED = {
+    ("MllamaVisionAttention", "modeling_mllama"):
+        "Mllama's vision tower attends over the tiles of an image in one sequence (a CLS per tile, each tile "
+        "padded to a multiple of 8 tokens, tiles masked by the aspect ratio)",
+    ("MiniCPMV4_6VisionAttention", "modeling_minicpmv4_6"):
+        "MiniCPM-V's vision tower takes the patches of its images packed side by side in one row of pixels (each "
+        "image's grid comes in target_sizes)",
+    ("MiniCPMOcrVisionAttention", "modeling_minicpm_ocr"):
+        "MiniCPM's vision tower takes the patches of its images packed side by side in one row of pixels (each "
+        "image's grid comes in target_sizes)",
+    ("DeepseekOcr2SamVisionAttention", "modeling_deepseek_ocr2"):
+        "DeepSeek-OCR-2's SAM encoder attends within padded windows",
+    ("DeepseekOcr2SamVisionSdpaAttention", "modeling_deepseek_ocr2"):
+        "DeepSeek-OCR-2's SAM encoder attends within padded windows",
+    ("UnlimitedOcrSamVisionAttention", "modeling_unlimited_ocr"):
+        "Unlimited-OCR's SAM encoder attends within padded windows",
+    ("UnlimitedOcrSamVisionSdpaAttention", "modeling_unlimited_ocr"):
+        "Unlimited-OCR's SAM encoder attends within padded windows",
+}
+
+_DEPTH_PRO_CROPS = (
+    "DepthPro's patch encoder attends within overlapping crops of a multi-scale pyramid of the image, the crops of "
+    "every scale batched together, so its values would be per crop, in each crop's own pixels; record the image "
+    "encoder alone (depth_pro.encoder.image_encoder.model, on the image it is given) for a MAD in its input's pixels"
+)
+
+
+class _Refuse(LayerPlacer):
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        raise NotPlaceable(self.reason)
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    """A refusing placer for the attention modules above, a Skip for DepthPro's patch encoder, else None."""
+    from . import Skip
+
+    cls = type(module)
+    reason = _REFUSED.get((cls.__name__, cls.__module__.rpartition(".")[2]))
+    if reason is not None:
+        return _Refuse(reason + _NO_POSITIONS)
+    parts = name.split(".")
+    for depth in range(len(parts)):
+        owner = model.get_submodule(".".join(parts[:depth]))
+        if type(owner).__name__ == "DepthProPatchEncoder":
+            return Skip(_DEPTH_PRO_CROPS)
+    return None

@@ -1,0 +1,72 @@
+"""Towers whose tokens pass the plain layout's count test without being extra tokens and a patch grid: refused by
+name (or skipped, for DepthPro's crops), never measured as a grid.
+
+Each case here was measured wrongly, silently, before (against the model's eager attention placed by its own
+geometry): Mllama's concatenated tiles (2.7 px for 22 px), MiniCPM-V's patches packed in one row (a 4 x 6 image
+measured as 1 x 24), DeepSeek-OCR-2's SAM encoder with one padded window (96 "extra tokens" and a 10 x 10 grid),
+DepthPro's crops (one value per crop, in crop pixels).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import vitmad  # noqa: E402
+
+
+def _refused(model, match: str, *args, **kwargs) -> None:
+    with torch.no_grad(), vitmad.record(model):
+        with pytest.raises(ValueError, match=match + ".*pass positions="):
+            model(*args, **kwargs)
+
+
+def test_mllama_tiles_are_refused():
+    config = transformers.MllamaVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1, attention_heads=2,
+        image_size=32, patch_size=8, max_num_tiles=4, intermediate_layers_indices=[0], vision_output_dim=64)
+    torch.manual_seed(0)
+    tower = transformers.models.mllama.modeling_mllama.MllamaVisionModel(config).eval()
+    _refused(tower, "MllamaVisionAttention.*tiles", pixel_values=torch.randn(1, 1, 4, 3, 32, 32),
+             aspect_ratio_ids=torch.tensor([[6]]), aspect_ratio_mask=torch.tensor([[[1, 1, 1, 1]]]))
+
+
+def test_minicpm_packed_patches_are_refused():
+    modeling = pytest.importorskip("transformers.models.minicpmv4_6.modeling_minicpmv4_6")
+    config = transformers.MiniCPMV4_6VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                  num_attention_heads=2, image_size=32, patch_size=8, insert_layer_id=-1)
+    torch.manual_seed(0)
+    tower = modeling.MiniCPMV4_6VisionModel(config).eval()
+    # One image of 4 x 6 patches, packed side by side as its processor does: [1, 3, 8, 24 * 8].
+    _refused(tower, "packed side by side", torch.randn(1, 3, 8, 24 * 8), target_sizes=torch.tensor([[4, 6]]),
+             use_vit_merger=False)
+
+
+def test_deepseek_ocr2_sam_windows_are_refused():
+    modeling = pytest.importorskip("transformers.models.deepseek_ocr2.modeling_deepseek_ocr2")
+    config = transformers.DeepseekOcr2SamVisionConfig(
+        hidden_size=32, output_channels=16, num_hidden_layers=1, num_attention_heads=2, image_size=80, patch_size=8,
+        window_size=14, global_attn_indexes=[], mlp_dim=64, downsample_channels=[16, 32])
+    torch.manual_seed(0)
+    encoder = modeling.DeepseekOcr2SamVisionEncoder(config).eval()
+    _refused(encoder, "padded windows", torch.randn(1, 3, 80, 80))
+
+
+def test_depth_pro_crops_are_skipped_and_its_image_encoder_records():
+    dinov2 = dict(model_type="dinov2", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=64, image_size=48, patch_size=16)
+    config = transformers.DepthProConfig(
+        image_model_config=dinov2, patch_model_config=dinov2, fov_model_config=dinov2, patch_size=48,
+        scaled_images_ratios=[0.5, 1.0], scaled_images_overlap_ratios=[0.0, 0.25], scaled_images_feature_dims=[16, 16],
+        intermediate_hook_ids=[0], intermediate_feature_dims=[16], merge_padding_value=1, fusion_hidden_size=16,
+        num_fov_head_layers=1, use_fov_model=False)
+    torch.manual_seed(0)
+    model = transformers.DepthProForDepthEstimation(config).eval()
+    with pytest.raises(ValueError, match="patch_encoder.*overlapping crops of a multi-scale pyramid"):
+        vitmad.record(model)
+    encoder = model.depth_pro.encoder.image_encoder.model
+    with torch.no_grad(), vitmad.record(encoder) as rec:
+        model(pixel_values=torch.randn(1, 3, 96, 96))
+    assert rec.mad.shape == (1, 1, 2) and rec.geometry[0].grid == (3, 3)
