@@ -87,3 +87,29 @@ def test_bridgetower_cross_modal_image_layers_keep_the_tower_layout():
     d = np.sqrt(((centres[:, None] - centres[None]) ** 2).sum(-1))
     expected = (probabilities[:, :, 1:, 1:] * d).sum(-1).mean(-1)
     np.testing.assert_allclose(rec.mad[0].double().numpy(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_forward_through_the_other_tower_is_named_as_such():
+    """VideoLlava records its first tower (video_tower); a forward given an image only runs image_tower: the
+    error says the model ran without the recorded modules, not that it did not run."""
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8)
+    text = dict(model_type="llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
+    config = transformers.VideoLlavaConfig(vision_config=vision, text_config=text, image_token_index=5,
+                                           video_token_index=6, vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = transformers.VideoLlavaForConditionalGeneration(config).eval()
+    ids = torch.full((1, 20), 7)
+    ids[0, 1:17] = 5  # 16 image tokens: 4 x 4 patches
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(input_ids=ids, pixel_values_images=torch.randn(1, 3, 32, 32))
+    with pytest.raises(RuntimeError, match=r"ran 1 time\(s\) in this recording, but not through the modules being "
+                                           r"recorded \(model\.video_tower\..*record the module that ran"):
+        _ = rec.mad
+    # Named in layers=, the other tower is outside the one whose patch embedding places the tokens: skipped.
+    with pytest.raises(ValueError, match="outside model.video_tower"):
+        vitmad.record(model, layers=["model.image_tower.*self_attn"])
+    with torch.no_grad(), vitmad.record(model.model.image_tower) as rec:
+        model(input_ids=ids, pixel_values_images=torch.randn(1, 3, 32, 32))
+    assert rec.mad.shape == (1, 1, 2)

@@ -163,3 +163,23 @@ def test_timm_vit_with_non_square_patches_is_measured_on_its_cells():
     assert [(g.grid, g.stride) for g in rec.geometry] == [((3, 11), (16.0, 8.0))] * 2
     assert rec.layout is None  # no one patch size: read rec.geometry
     torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
+
+
+@pytest.mark.parametrize("frames, bins", [(64, 48), (57, 37)])
+def test_audio_spectrogram_transformer_on_its_stride_cells(frames, bins):
+    """AST: 16 x 16 patches every 10 bins (overlapping), CLS and distillation first; a token stands for its stride
+    cell, so tokens 10 bins apart along frequency (rows) and time (columns) are 10 units apart."""
+    config = transformers.ASTConfig(**SMALL, patch_size=16, frequency_stride=10, time_stride=10, max_length=frames,
+                                    num_mel_bins=bins, initializer_range=0.3)
+    torch.manual_seed(0)
+    model = transformers.ASTModel(config).eval()
+    spectrogram = torch.randn(2, frames, bins)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(spectrogram)
+    grid = ((bins - 16) // 10 + 1, (frames - 16) // 10 + 1)  # frequency rows, time columns
+    assert rec.geometry[0].grid == grid and rec.geometry[0].stride == (10.0, 10.0)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        maps = model(spectrogram, output_attentions=True).attentions
+    for layer, attn in enumerate(maps):
+        torch.testing.assert_close(rec.mad[layer].double(), _expected_mad(attn, grid, 10.0, 2, 0), **RECORD_TOL)

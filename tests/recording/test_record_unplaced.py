@@ -36,7 +36,8 @@ def test_mllama_tiles_are_refused():
 def test_minicpm_packed_patches_are_refused():
     modeling = pytest.importorskip("transformers.models.minicpmv4_6.modeling_minicpmv4_6")
     config = transformers.MiniCPMV4_6VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                  num_attention_heads=2, image_size=32, patch_size=8, insert_layer_id=-1)
+                                                  num_attention_heads=2, image_size=32, patch_size=8,
+                                                  insert_layer_id=-1)
     torch.manual_seed(0)
     tower = modeling.MiniCPMV4_6VisionModel(config).eval()
     # One image of 4 x 6 patches, packed side by side as its processor does: [1, 3, 8, 24 * 8].

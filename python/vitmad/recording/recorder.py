@@ -449,6 +449,7 @@ class Recording:
         self._eager = False
         self._registered = False  # in _RECORDING
         self._calls_before_forward: int | None = None  # len(calls) when the model's forward began
+        self._forwards = 0  # forwards of the model that ended in this recording
         # The user's positions replace the layout of every recorded layer (families/masked.py).
         self._given = None if positions is None else GivenPositionsPlacer(positions)
         self.model = model
@@ -536,6 +537,14 @@ class Recording:
 
     def _latest(self) -> RecordedCall:
         name = type(self.model).__name__
+        if not self.calls and self._forwards:
+            shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
+            raise RuntimeError(
+                f"vitmad.record: {name} ran {self._forwards} time(s) in this recording, but not through the "
+                f"modules being recorded ({shown}): its forward took a path without them (a model with two image "
+                "towers, say, recorded in the one that did not run); record the module that ran instead "
+                "(vitmad.record(<that tower>), while the whole model runs)"
+            )
         if not self.calls:
             raise RuntimeError(
                 f"vitmad.record: {name} has not run in this recording; call the model inside the "
@@ -913,6 +922,8 @@ class Recording:
         stopped where the error was (an out-of-memory error the caller catches, say)."""
         if output is None and not _in_backward():
             self._drop_unfinished()
+        elif output is not None and not _in_backward() and not _not_recorded():
+            self._forwards += 1
         self._calls_before_forward = None
 
     def _remove(self) -> None:

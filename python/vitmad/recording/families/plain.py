@@ -68,6 +68,17 @@ def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
     return fallback
 
 
+def overlapping_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    """The first ``Conv2d`` named as the projection of a patch embedding whose kernel overlaps its stride (an audio
+    spectrogram transformer's 16 x 16 patches every 10 bins): the plain layout's embedding where the model has no
+    :func:`find_patch_embedding`. Its tokens are the cells of its stride (``docs/definition.md``)."""
+    for name, module in named_module_list(model):
+        if isinstance(module, nn.Conv2d) and is_embedding_projection(name, module) \
+                and all(k > s for k, s in zip(module.kernel_size, module.stride)):
+            return name, module
+    return None
+
+
 def num_suffix_tokens(model: nn.Module) -> int:
     """Tokens the model appends after the patch grid: YOLOS' detection tokens, else none."""
     config = getattr(model, "config", None)
@@ -116,7 +127,7 @@ class PlainLayout:
     def __init__(self, model: nn.Module, patch: int | None, grid: tuple[int, int] | None,
                  num_prefix_tokens: int | None):
         self.model = model
-        self.embedding = find_patch_embedding(model)
+        self.embedding = find_patch_embedding(model) or overlapping_patch_embedding(model)
         self.patch, self.grid, self.num_prefix_tokens = patch, grid, num_prefix_tokens
         self.suffix = num_suffix_tokens(model)
         name = type(model).__name__
@@ -124,7 +135,8 @@ class PlainLayout:
             self.unavailable = (f"found no patch-embedding Conv2d (kernel == stride) in {name} and vitmad knows no "
                                 "other layout of this module's tokens; pass positions=<[N, 2] pixel position of "
                                 "each token>, or, only if they are a plain ViT grid (extra tokens first), "
-                                "patch=<pixels per patch> and grid=[grid_h, grid_w]")
+                                "patch=<pixels per patch> and grid=[grid_h, grid_w], with layers=[the modules that "
+                                "attend over those tokens] where others (a decoder's queries) attend too")
         else:
             self.unavailable = None
 
@@ -147,12 +159,13 @@ class PlainLayout:
         if self.patch is not None:
             return float(self.patch), float(self.patch)
         # Per axis: a patch of 16 x 8 pixels (timm's patch_size=(16, 8)) has its cells 16 px apart down, 8 across.
-        kernel = tuple(int(k) for k in self.embedding[1].kernel_size)
+        # The embedding's stride: its kernel, or, for overlapping patches, the stride cell.
+        step = tuple(int(k) for k in self.embedding[1].stride)
         image, seen = context.image_size, context.values.get(_EMBED_INPUT)
         if image is None or seen is None:
-            return float(kernel[0]), float(kernel[1])
+            return float(step[0]), float(step[1])
         return tuple(float(k * _stem_stride(i, s, axis, self.model))
-                     for k, i, s, axis in zip(kernel, image, seen, ("height", "width")))
+                     for k, i, s, axis in zip(step, image, seen, ("height", "width")))
 
     def call_grid(self, context: CallContext) -> tuple[int, int]:
         grid = self.grid or context.values.get(_GRID)
