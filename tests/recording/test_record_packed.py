@@ -1,4 +1,5 @@
-"""vitmad.record on packed native-resolution vision towers: Qwen2-VL, Qwen2.5-VL (windows), Qwen3-VL and Pixtral.
+"""vitmad.record on packed native-resolution vision towers: Qwen2-VL, Qwen2.5-VL (windows), Qwen3-VL, GLM-4.1V /
+GLM-4.5V / GLM-OCR (Qwen2-VL's token order) and Pixtral.
 
 Tiny random-weight towers get three images of different sizes packed in one call. The reference is each model's
 own eager attention probabilities, captured call by call from its modeling file's ``eager_attention_forward``,
@@ -19,6 +20,9 @@ import vitmad
 from conftest import qwen_token_chunks
 
 transformers = pytest.importorskip("transformers")
+from transformers.models.glm4v import modeling_glm4v  # noqa: E402
+from transformers.models.glm4v_moe import modeling_glm4v_moe  # noqa: E402
+from transformers.models.glm_ocr import modeling_glm_ocr  # noqa: E402
 from transformers.models.pixtral import modeling_pixtral  # noqa: E402
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl  # noqa: E402
 from transformers.models.qwen2_vl import modeling_qwen2_vl  # noqa: E402
@@ -56,6 +60,14 @@ def _qwen(name: str, attn_implementation: str) -> torch.nn.Module:
             hidden_size=32, out_hidden_size=32, intermediate_size=64, window_size=WINDOW_PX,
             fullatt_block_indexes=[1], **common))
         return _sharpen(modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel(config.vision_config))
+    if name.startswith("glm"):
+        glm = dict(hidden_size=32, intermediate_size=64, out_hidden_size=32, image_size=16, **common)
+        config_cls, model_cls = {
+            "glm4v": (transformers.Glm4vVisionConfig, modeling_glm4v.Glm4vVisionModel),
+            "glm4v_moe": (transformers.Glm4vMoeVisionConfig, modeling_glm4v_moe.Glm4vMoeVisionModel),
+            "glm_ocr": (transformers.GlmOcrVisionConfig, modeling_glm_ocr.GlmOcrVisionModel),
+        }[name]
+        return _sharpen(model_cls(config_cls(**glm)))
     config = transformers.Qwen3VLConfig(vision_config=dict(
         hidden_size=32, intermediate_size=64, out_hidden_size=32, num_position_embeddings=16,
         deepstack_visual_indexes=[], **common))
@@ -63,6 +75,7 @@ def _qwen(name: str, attn_implementation: str) -> torch.nn.Module:
 
 
 _MODELING = {"qwen2_vl": modeling_qwen2_vl, "qwen2_5_vl": modeling_qwen2_5_vl, "qwen3_vl": modeling_qwen3_vl,
+             "glm4v": modeling_glm4v, "glm4v_moe": modeling_glm4v_moe, "glm_ocr": modeling_glm_ocr,
              "pixtral": modeling_pixtral}
 
 
@@ -130,7 +143,7 @@ def _qwen_inputs(grids):
 # Qwen ------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "glm4v_moe", "glm_ocr"])
 def test_qwen_packed_images_match_eager_attention(monkeypatch, name, attn_implementation):
     model = _qwen(name, "eager")
     patches, grid_thw = _qwen_inputs(QWEN_GRIDS)

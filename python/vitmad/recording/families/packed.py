@@ -13,6 +13,8 @@
   window at the bottom or right edge holds only the blocks that exist: the model drops the padding of its window
   partition, so no padding is attended). Its window blocks attend per window, its ``fullatt_block_indexes``
   blocks per image, both over the window-ordered sequence.
+- GLM-4.1V / GLM-4.5V (``Glm4vVisionModel``, ``Glm4vMoeVisionModel``) and GLM-OCR (``GlmOcrVisionModel``): the same
+  ``grid_thw``, merge-block order and per-image chunks as Qwen2-VL.
 - Pixtral (``PixtralVisionModel``): image ``i`` of ``image_sizes`` is ``h // p x w // p`` patches, row-major, and
   the images are concatenated into one sequence ``[1, N, C]``; the attention gets a block-diagonal mask, so a
   token of another image has probability 0.
@@ -73,6 +75,11 @@ _DESIGNS = (
             "Qwen2_5_VLVisionAttention", "qwen", windows=True),
     _Design("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionModel", "Qwen3VLVisionAttention", "qwen"),
     _Design("transformers.models.pixtral.modeling_pixtral", "PixtralVisionModel", "PixtralAttention", "pixtral"),
+    # GLM-4.1V / GLM-4.5V (and GLM-OCR): Qwen2-VL's token order and per-image chunks.
+    _Design("transformers.models.glm4v.modeling_glm4v", "Glm4vVisionModel", "Glm4vVisionAttention", "qwen"),
+    _Design("transformers.models.glm4v_moe.modeling_glm4v_moe", "Glm4vMoeVisionModel", "Glm4vMoeVisionAttention",
+            "qwen"),
+    _Design("transformers.models.glm_ocr.modeling_glm_ocr", "GlmOcrVisionModel", "GlmOcrVisionAttention", "qwen"),
 )
 
 
