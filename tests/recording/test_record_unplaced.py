@@ -71,3 +71,39 @@ def test_depth_pro_crops_are_skipped_and_its_image_encoder_records():
     with torch.no_grad(), vitmad.record(encoder) as rec:
         model(pixel_values=torch.randn(1, 3, 96, 96))
     assert rec.mad.shape == (1, 1, 2) and rec.geometry[0].grid == (3, 3)
+
+
+class _TokenAttention(torch.nn.Module):
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, n, dim = x.shape
+        q, k, v = self.qkv(x).reshape(batch, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, n, dim)
+
+
+class _TiledModel(torch.nn.Module):
+    """Embeds each tile of an image (the batch holds tiles) and attends over an image's tiles in one sequence, as
+    Mllama's tower does: 2 tiles of 4 x 4 patches give 32 tokens, which would pass for 16 extra tokens and a grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.proj = torch.nn.Conv2d(3, 16, 8, 8)
+        self.attn = _TokenAttention()
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:  # [images * 2, 3, 32, 32]
+        tokens = self.patch_embed.proj(tiles).flatten(2).transpose(1, 2)  # [images * 2, 16, 16]
+        return self.attn(tokens.reshape(tiles.shape[0] // 2, 32, 16))
+
+
+def test_tiles_regrouped_after_the_patch_embedding_are_refused():
+    torch.manual_seed(0)
+    model = _TiledModel().eval()
+    with torch.no_grad(), vitmad.record(model):
+        with pytest.raises(ValueError, match=r"attends over 2 sequences, but the patch embedding patch_embed\.proj "
+                                             r"embedded 4 images.*pass positions="):
+            model(torch.randn(4, 3, 32, 32))

@@ -542,8 +542,9 @@ class Recording:
             raise RuntimeError(
                 f"vitmad.record: {name} ran {self._forwards} time(s) in this recording, but not through the "
                 f"modules being recorded ({shown}): its forward took a path without them (a model with two image "
-                "towers, say, recorded in the one that did not run); record the module that ran instead "
-                "(vitmad.record(<that tower>), while the whole model runs)"
+                "towers, say, recorded in the one that did not run: record the module that ran instead, "
+                "vitmad.record(<that tower>), while the whole model runs), or it was compiled with torch.compile only "
+                "inside the block, which is not seen (compile it before: it then runs eagerly while recorded)"
             )
         if not self.calls:
             raise RuntimeError(

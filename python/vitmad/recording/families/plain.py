@@ -34,7 +34,7 @@ from .windows import parent_module
 __all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "is_embedding_projection", "keeps_image_layout",
            "num_suffix_tokens"]
 
-_GRID, _EMBED_INPUT = "plain.grid", "plain.embedding_input"
+_GRID, _EMBED_INPUT, _EMBED_BATCH = "plain.grid", "plain.embedding_input", "plain.embedding_batch"
 
 
 _PROJECTION_NAMES = ("proj", "projection", "patch_embedding", "patch_embed")
@@ -152,6 +152,7 @@ class PlainLayout:
                 )
             context.values[_GRID] = (int(output.shape[-2]), int(output.shape[-1]))
             context.values[_EMBED_INPUT] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+            context.values[_EMBED_BATCH] = int(output.shape[0])
 
         return [self.embedding[1].register_forward_hook(see)]
 
@@ -199,6 +200,16 @@ class PlainPlacer(LayerPlacer):
             )
         grid = layout.call_grid(context)
         patches = grid[0] * grid[1]
+        embedded = context.values.get(_EMBED_BATCH)
+        if embedded is not None and layout.grid is None and int(lead[0]) != embedded:
+            # Tiles, crops or windows batched apart from the images the patch embedding saw: its tokens are not
+            # one image's extra tokens and grid (Mllama's tiles in one sequence, a SAM-style encoder's windows).
+            raise NotPlaceable(
+                f"it attends over {int(lead[0])} sequences, but the patch embedding {layout.embedding[0]} embedded "
+                f"{embedded} images in this call (tiles, crops or windows regrouped?), so its tokens are not each "
+                "image's extra tokens and patch grid, and vitmad does not know their layout; pass positions=<[N, 2] "
+                "pixel position of each token> if you know it"
+            )
         source = "given grid" if layout.grid else "patch embedding"
         prefix = layout.num_prefix_tokens
         seen = context.values.get(_GRID)
