@@ -107,3 +107,17 @@ def test_tiles_regrouped_after_the_patch_embedding_are_refused():
         with pytest.raises(ValueError, match=r"attends over 2 sequences, but the patch embedding patch_embed\.proj "
                                              r"embedded 4 images.*pass positions="):
             model(torch.randn(4, 3, 32, 32))
+
+
+def test_deformable_attention_is_skipped_with_its_reason():
+    """Deformable DETR's attention weighs a few sampled points per query, not the tokens: named, it is skipped."""
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1],
+                                         out_features=["stage2", "stage3", "stage4"])
+    config = transformers.DeformableDetrConfig(
+        backbone_config=backbone, num_feature_levels=3, d_model=32, encoder_layers=1, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5)
+    torch.manual_seed(0)
+    model = transformers.DeformableDetrForObjectDetection(config).eval()
+    with pytest.raises(ValueError, match=r"model\.encoder\.layers\.0\.self_attn: deformable attention: each query's "
+                                         r"softmax runs over a few points sampled"):
+        vitmad.record(model, layers=["model.encoder.layers.0.self_attn"])

@@ -43,6 +43,12 @@ def _pools_with_learned_query(model: nn.Module, name: str, module: nn.Module) ->
     return isinstance(getattr(owner, "probe", None), nn.Parameter) or "AttentionPool" in type(owner).__name__
 
 
+# Deformable DETR and its kin (RT-DETR, D-FINE, Grounding DINO, Mask2Former's pixel decoder, ...): every
+# transformers class named *MultiscaleDeformableAttention.
+_DEFORMABLE = ("deformable attention: each query's softmax runs over a few points sampled from the feature maps at "
+               "learned offsets, not over the tokens, so no query has attention weights over the tokens")
+
+
 # (owner class name, attribute) -> reason, for attention modules of a class used for spatial attention elsewhere.
 _REASONS_AS = {
     ("XCLIPVisionEncoderLayer", "message_attn"): "attention across a video's frames between their message tokens "
@@ -59,4 +65,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         reason = _REASONS_AS.get((type(parent_module(model, name)).__name__, name.rpartition(".")[2]))
     if reason is None and _pools_with_learned_query(model, name, module):
         reason = _POOLING_QUERY
+    if reason is None and cls.__name__.lower().endswith("multiscaledeformableattention") \
+            and cls.__module__.startswith("transformers."):
+        reason = _DEFORMABLE
     return None if reason is None else Skip(reason)
