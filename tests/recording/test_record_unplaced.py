@@ -33,13 +33,14 @@ def test_mllama_tiles_are_refused():
              aspect_ratio_ids=torch.tensor([[6]]), aspect_ratio_mask=torch.tensor([[[1, 1, 1, 1]]]))
 
 
-def test_minicpm_packed_patches_are_refused():
-    modeling = pytest.importorskip("transformers.models.minicpmv4_6.modeling_minicpmv4_6")
-    config = transformers.MiniCPMV4_6VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                  num_attention_heads=2, image_size=32, patch_size=8,
-                                                  insert_layer_id=-1)
+@pytest.mark.parametrize("version", ["4_6", "4_7"])
+def test_minicpm_packed_patches_are_refused(version):
+    modeling = pytest.importorskip(f"transformers.models.minicpmv{version}.modeling_minicpmv{version}")
+    config = getattr(transformers, f"MiniCPMV{version}VisionConfig")(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
+        insert_layer_id=-1)
     torch.manual_seed(0)
-    tower = modeling.MiniCPMV4_6VisionModel(config).eval()
+    tower = getattr(modeling, f"MiniCPMV{version}VisionModel")(config).eval()
     # One image of 4 x 6 patches, packed side by side as its processor does: [1, 3, 8, 24 * 8].
     _refused(tower, "packed side by side", torch.randn(1, 3, 8, 24 * 8), target_sizes=torch.tensor([[4, 6]]),
              use_vit_merger=False)
@@ -121,3 +122,34 @@ def test_deformable_attention_is_skipped_with_its_reason():
     with pytest.raises(ValueError, match=r"model\.encoder\.layers\.0\.self_attn: deformable attention: each query's "
                                          r"softmax runs over a few points sampled"):
         vitmad.record(model, layers=["model.encoder.layers.0.self_attn"])
+
+
+def test_sam3_windowed_blocks_are_skipped_and_its_global_block_recorded():
+    """A 3 x 3 patch map in windows of 4: one zero-padded window of 16 tokens, which the plain layout took for 7
+    extra tokens and the grid. The global block attends over the 3 x 3 map row-major (8 px patches)."""
+    modeling = pytest.importorskip("transformers.models.sam3.modeling_sam3")
+    config = modeling.Sam3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    patch_size=8, image_size=[24, 24], pretrain_image_size=32, window_size=4,
+                                    global_attn_indexes=[1])
+    torch.manual_seed(0)
+    model = modeling.Sam3ViTModel(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.3)
+    pixels = torch.randn(2, 3, 24, 24)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    assert rec.layers == ["layers.1.attention"] and list(rec.skipped) == ["layers.0.attention"]
+    assert "windowed blocks" in rec.skipped["layers.0.attention"]
+    model.set_attn_implementation("eager")
+    seen = []
+    handle = model.layers[1].attention.register_forward_hook(lambda module, args, output: seen.append(output[1]))
+    with torch.no_grad():
+        model(pixels)
+    handle.remove()
+    probabilities = seen[0].double()  # [2, H, 9, 9]
+    rows, cols = torch.meshgrid(torch.arange(3), torch.arange(3), indexing="ij")
+    centres = (torch.stack([rows, cols], -1).reshape(9, 2).double() + 0.5) * 8
+    expected = (probabilities * torch.cdist(centres, centres)).sum(-1).mean(-1)
+    torch.testing.assert_close(rec.mad[0].double(), expected, rtol=1e-5, atol=1e-4)

@@ -6,11 +6,14 @@ comparing with each model's eager attention placed by its own geometry):
 
 - Mllama's vision tower: the tiles of an image in one sequence, each with its CLS and padded to a multiple of 8
   tokens, tiles masked by the aspect ratio (a 2 x 2-tile image gave 2.7 px where its tiles give 22 px).
-- MiniCPM-V 4.6 (and MiniCPM-o OCR, the same tower): the patches of its images packed side by side in one row of
+- MiniCPM-V 4.6 and 4.7 (and MiniCPM OCR, the same tower): the patches of its images packed side by side in one row of
   pixels, each image's grid given by ``target_sizes`` (one image of 4 x 6 patches was measured as a 1 x 24 row).
 - The SAM encoders of DeepSeek-OCR-2 and Unlimited-OCR: windowed attention over a padded window partition that
   vitmad's SAM placement does not read from these classes (one padded window was measured as 96 extra tokens
   and a 10 x 10 grid).
+
+SAM3's windowed blocks (a padded window partition the plain layout took, with one window, for 7 extra tokens and a
+3 x 3 grid) are skipped with the reason; its global blocks are a plain grid and are recorded.
 
 DepthPro's patch encoder runs a ViT on overlapping crops of a multi-scale pyramid of the image, the crops of every
 scale batched together: its layers are skipped with the reason (its per-crop values are in each crop's own pixels,
@@ -35,6 +38,9 @@ _REFUSED = {
     ("MiniCPMV4_6VisionAttention", "modeling_minicpmv4_6"):
         "MiniCPM-V's vision tower takes the patches of its images packed side by side in one row of pixels (each "
         "image's grid comes in target_sizes)",
+    ("MiniCPMV4_7VisionAttention", "modeling_minicpmv4_7"):
+        "MiniCPM-V's vision tower takes the patches of its images packed side by side in one row of pixels (each "
+        "image's grid comes in target_sizes)",
     ("MiniCPMOcrVisionAttention", "modeling_minicpm_ocr"):
         "MiniCPM's vision tower takes the patches of its images packed side by side in one row of pixels (each "
         "image's grid comes in target_sizes)",
@@ -55,6 +61,10 @@ _DEPTH_PRO_CROPS = (
 )
 
 
+_SAM3_WINDOWS = ("SAM3's windowed blocks attend within windows of the patch map zero-padded to whole windows, which "
+                 "vitmad does not place for this model (its global blocks are recorded)")
+
+
 class _Refuse(LayerPlacer):
     def __init__(self, reason: str):
         self.reason = reason
@@ -64,13 +74,17 @@ class _Refuse(LayerPlacer):
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
-    """A refusing placer for the attention modules above, a Skip for DepthPro's patch encoder, else None."""
+    """A refusing placer for the attention modules above, a Skip for SAM3's windowed blocks and DepthPro's patch
+    encoder, else None."""
     from . import Skip
 
     cls = type(module)
     reason = _REFUSED.get((cls.__name__, cls.__module__.rpartition(".")[2]))
     if reason is not None:
         return _Refuse(reason + _NO_POSITIONS)
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    if type(parent).__name__ == "Sam3ViTLayer" and int(getattr(parent, "window_size", 0) or 0) > 0:
+        return Skip(_SAM3_WINDOWS)
     parts = name.split(".")
     for depth in range(len(parts)):
         owner = model.get_submodule(".".join(parts[:depth]))
