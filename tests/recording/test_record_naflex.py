@@ -311,3 +311,42 @@ def test_siglip2_model_records_its_vision_tower_once_per_image_call():
     grids = [tuple(g) for g in inputs["spatial_shapes"].tolist()]
     expected = _expected(_siglip2_eager_maps(model.vision_model, inputs), 0, grids)
     torch.testing.assert_close(rec.calls[0].mad.double(), expected, **RECORD_TOL)
+
+
+# transformers Gemma 4 vision tower --------------------------------------------------------------------------------
+
+def _gemma4_position_ids(grid: tuple[int, int], slots: int) -> torch.Tensor:
+    """Its processor's ``pixel_position_ids``: (x, y) of each patch row-major, then (-1, -1) for padding."""
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    ids = torch.stack([cols, rows], -1).reshape(-1, 2)
+    return torch.cat([ids, torch.full((slots - ids.shape[0], 2), -1)])
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_gemma4_vision_tower_places_each_image_by_its_position_ids(implementation):
+    modeling = pytest.importorskip("transformers.models.gemma4.modeling_gemma4")
+    config = transformers.Gemma4VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=16, pooling_kernel_size=2, patch_size=PATCH, position_embedding_size=64)
+    torch.manual_seed(0)
+    model = modeling.Gemma4VisionModel(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.3)
+    grids = [(4, 6), (4, 4)]
+    inputs = {"pixel_values": torch.rand(2, 32, 3 * PATCH * PATCH),
+              "pixel_position_ids": torch.stack([_gemma4_position_ids(g, 32) for g in grids])}
+    model.set_attn_implementation(implementation)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(**inputs)
+    assert rec.geometry[0].image_grids == tuple(grids)
+    model.set_attn_implementation("eager")
+    maps, handles = [], [layer.self_attn.register_forward_hook(lambda m, a, k, out: maps.append(out[1]),
+                                                              with_kwargs=True)
+                         for layer in model.encoder.layers]
+    with torch.no_grad():
+        model(**inputs)
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(rec.mad.double(), _expected(maps, 0, grids), **RECORD_TOL)

@@ -1,10 +1,11 @@
 """Native-resolution ViTs (NaFlex): each image its own patch grid, padded into one batch.
 
 timm ``NaFlexVit`` (``naflexvit_*``), timm's Gemma 4 vision encoder (``gemma4_vit_*``: a linear patch
-embedding, the same ``patch_coord`` / ``patch_valid`` inputs, 2-D RoPE, no prefix tokens) and transformers
-``Siglip2VisionModel`` (also the vision tower of ``Siglip2Model``). Each image is resized by its processor to its
-own ``h x w`` grid of ``p x p`` patches (aspect ratio kept, at most a token budget), flattened row-major and padded
-at the end to the batch's sequence length:
+embedding, the same ``patch_coord`` / ``patch_valid`` inputs, 2-D RoPE, no prefix tokens), transformers
+``Siglip2VisionModel`` (also the vision tower of ``Siglip2Model``) and transformers ``Gemma4VisionModel`` (the tower
+of Gemma 4: ``pixel_position_ids`` gives each slot's ``(x, y)``, ``(-1, -1)`` for padding). Each image is resized
+by its processor to its own ``h x w`` grid of ``p x p`` patches (aspect ratio kept, at most a token budget),
+flattened row-major and padded at the end to the batch's sequence length:
 
 - timm, NaFlex mode (``patch_coord`` given): token ``t`` of image ``i`` carries its ``(row, col)`` in
   ``patch_coord[i, t]`` and ``patch_valid[i, t]`` says whether it is an image patch. The model takes image ``i``'s
@@ -60,7 +61,8 @@ class _Design:
 _TIMM = _Design("naflexvit", "NaFlexVit", "embeds", "blocks.")
 _GEMMA4 = _Design("gemma4_vit", "Gemma4VitEncoder", "patch_embed", "blocks.")
 _SIGLIP2 = _Design("modeling_siglip2", "Siglip2VisionModel", "embeddings", "encoder.layers.")
-_DESIGNS = (_TIMM, _GEMMA4, _SIGLIP2)
+_GEMMA4_HF = _Design("modeling_gemma4", "Gemma4VisionModel", "patch_embedder", "encoder.layers.")
+_DESIGNS = (_TIMM, _GEMMA4, _SIGLIP2, _GEMMA4_HF)
 _POOLING_HEAD = "attention pooling: a learned query without a position on the image (SigLIP2 head)"
 
 
@@ -81,7 +83,7 @@ def call_start(model: nn.Module) -> nn.Module | None:
     if tower is None:
         return None
     design = _design_of(tower)
-    return tower if design is _SIGLIP2 else getattr(tower, design.embedding)
+    return tower if design in (_SIGLIP2, _GEMMA4_HF) else getattr(tower, design.embedding)
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -220,6 +222,14 @@ class NaFlexPlacer(LayerPlacer):
 
             return [getattr(self.tower, self.design.embedding).register_forward_hook(see_gemma4)]
 
+        if self.design is _GEMMA4_HF:
+            # Gemma4VisionModel's pixel_position_ids: (x, y) of every slot, (-1, -1) for padding.
+            def see_gemma4_hf(module, args, kwargs) -> None:
+                ids = _bound_arguments(module, args, kwargs).get("pixel_position_ids")
+                context.values[self.key] = (None, None) if ids is None else (ids.flip(-1), ~(ids == -1).all(-1))
+
+            return [self.tower.register_forward_pre_hook(see_gemma4_hf, with_kwargs=True)]
+
         def see_siglip2(module, args, kwargs) -> None:
             arguments = _bound_arguments(module, args, kwargs)
             context.values[self.key] = (arguments.get("spatial_shapes"), arguments.get("pixel_attention_mask"),
@@ -234,7 +244,8 @@ class NaFlexPlacer(LayerPlacer):
         built = context.values.get(self.key + ("tokens",))
         if built is not None and built[0] is inputs:
             return built[1]
-        read = {_TIMM: self._timm_tokens, _GEMMA4: self._gemma4_tokens, _SIGLIP2: self._siglip2_tokens}
+        read = {_TIMM: self._timm_tokens, _GEMMA4: self._gemma4_tokens, _SIGLIP2: self._siglip2_tokens,
+                _GEMMA4_HF: self._gemma4_tokens}
         tokens = read[self.design](*inputs)
         context.values[self.key + ("tokens",)] = (inputs, tokens)
         return tokens
@@ -255,7 +266,12 @@ class NaFlexPlacer(LayerPlacer):
         return _tokens(sizes, valid.bool(), coord, prefix, patch, "patch_coord")
 
     def _gemma4_tokens(self, coord, valid) -> _Tokens:
-        patch = tuple(int(p) for p in getattr(self.tower, self.design.embedding).patch_size)
+        if coord is None:
+            raise NotPlaceable(f"{self.design.tower} got no pixel_position_ids, which place its patches")
+        if self.design is _GEMMA4_HF:
+            patch = (int(self.tower.config.patch_size),) * 2
+        else:
+            patch = tuple(int(p) for p in getattr(self.tower, self.design.embedding).patch_size)
         if valid is None:
             valid = torch.ones(coord.shape[:2], dtype=torch.bool, device=coord.device)
         # Padding slots carry the coordinate -1: the grid is the largest coordinate + 1 of the image's tokens.
