@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres
-from .stages import defined_in
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, per_call
+from .stages import embeddings_above
 
 __all__ = ["placer", "ViTMAEPlacer", "GivenPositionsPlacer", "check_positions"]
 
@@ -42,17 +42,8 @@ _GIVEN = "masked.given"  # the positions a callable returned for the current cal
 def placer(model: nn.Module, name: str, module: nn.Module) -> LayerPlacer | None:
     """A :class:`ViTMAEPlacer` for the attention modules of a ViTMAE encoder (the tower whose ``embeddings``
     mask: ``ViTMAEModel`` itself, ``vit`` in ``ViTMAEForPreTraining``), else None."""
-    parts = name.split(".")
-    for depth in range(len(parts)):
-        embeddings_name = ".".join(parts[:depth] + ["embeddings"])
-        try:
-            embeddings = model.get_submodule(embeddings_name)
-        except AttributeError:
-            continue
-        in_embeddings = name == embeddings_name or name.startswith(embeddings_name + ".")
-        if defined_in(embeddings, "ViTMAEEmbeddings", "modeling_vit_mae") and not in_embeddings:
-            return ViTMAEPlacer(model, embeddings_name, embeddings)
-    return None
+    found = embeddings_above(model, name, (("ViTMAEEmbeddings", "modeling_vit_mae"),))
+    return None if found is None else ViTMAEPlacer(model, *found)
 
 
 @dataclass(frozen=True)
@@ -128,11 +119,7 @@ class ViTMAEPlacer(LayerPlacer):
                 f"a ViTMAE encoder layer attends [{batch}, H, {tokens}, {tokens}]"
             )
         heads = int(lead[-1])
-        key = f"{_PLACED}{self.embeddings_name}.{heads}"
-        placement = context.values.get(key)
-        if placement is None:
-            placement = context.values[key] = _kept_placement(kept, heads)
-        return placement
+        return per_call(context, f"{_PLACED}{self.embeddings_name}.{heads}", lambda: _kept_placement(kept, heads))
 
 
 def _kept_placement(kept: _Kept, heads: int) -> Placement:

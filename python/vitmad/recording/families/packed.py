@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..module_index import named_module_list
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, on_device
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, on_device
 from .stages import matching_design
 
 __all__ = ["placer", "PackedSequence", "packed_sequence", "qwen_token_cells", "QwenPlacer", "PixtralPlacer"]
@@ -380,13 +380,6 @@ class PixtralPlacer(_PackedPlacer):
                          present=sequence.present())
 
 
-class _Refuse(LayerPlacer):
-    def __init__(self, reason: str):
-        self.reason = reason
-
-    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        raise NotPlaceable(self.reason)
-
 
 def _towers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in named_module_list(model) if _design_of(m, "tower") is not None}
@@ -406,7 +399,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
                         "attention over text tokens, which have no position on the image")
         return None
     if tower_name is None:
-        return _Refuse(f"it is not inside a {design.tower}, which gives the sizes of the packed images")
+        return RefusingPlacer(f"it is not inside a {design.tower}, which gives the sizes of the packed images")
     tower = model.get_submodule(tower_name)
     if design.kind == "pixtral":
         return PixtralPlacer(model, tower_name, tower, module)
@@ -414,6 +407,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     if design.windows:
         block = name[len(tower_name):].lstrip(".").split(".")
         if len(block) < 2 or block[0] != "blocks" or not block[1].isdigit():
-            return _Refuse(f"it is not in {design.tower}.blocks, whose index says whether it attends in windows")
+            return RefusingPlacer(
+                f"it is not in {design.tower}.blocks, whose index says whether it attends in windows")
         windowed = int(block[1]) not in tower.fullatt_block_indexes
     return QwenPlacer(model, tower_name, tower, module, windowed)

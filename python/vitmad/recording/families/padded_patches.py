@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres
-from .stages import defined_in
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, per_call
+from .stages import embeddings_above
 
 __all__ = ["placer", "PaddedPatchesPlacer"]
 
@@ -37,17 +37,8 @@ _PLACED = "padded_patches.placement."  # + the embeddings' name and the head cou
 def placer(model: nn.Module, name: str, module: nn.Module) -> LayerPlacer | None:
     """A :class:`PaddedPatchesPlacer` for the attention modules of a tower whose ``embeddings`` is one of those
     designs, else None."""
-    parts = name.split(".")
-    for depth in range(len(parts)):
-        embeddings_name = ".".join(parts[:depth] + ["embeddings"])
-        try:
-            embeddings = model.get_submodule(embeddings_name)
-        except AttributeError:
-            continue
-        in_embeddings = name == embeddings_name or name.startswith(embeddings_name + ".")
-        if not in_embeddings and any(defined_in(embeddings, *design) for design in _EMBEDDINGS):
-            return PaddedPatchesPlacer(model, embeddings_name, embeddings)
-    return None
+    found = embeddings_above(model, name, _EMBEDDINGS)
+    return None if found is None else PaddedPatchesPlacer(model, *found)
 
 
 @dataclass(frozen=True)
@@ -110,11 +101,7 @@ class PaddedPatchesPlacer(LayerPlacer):
                 f"layer of this tower attends [{batch}, H, {tokens}, {tokens}]"
             )
         heads = int(lead[-1])
-        key = f"{_PLACED}{self.embeddings_name}.{heads}"
-        placement = context.values.get(key)
-        if placement is None:
-            placement = context.values[key] = _padded_placement(patches, heads)
-        return placement
+        return per_call(context, f"{_PLACED}{self.embeddings_name}.{heads}", lambda: _padded_placement(patches, heads))
 
 
 def _padded_placement(patches: _Patches, heads: int) -> Placement:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..module_index import named_module_list
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, on_device
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, on_device
 from .plain import find_patch_embedding
 from .stages import matching_design
 
@@ -258,13 +258,6 @@ class SwinPlacer(LayerPlacer):
         return Placement(positions, key_positions, fold, geometry, padded_keys=key_positions is not None)
 
 
-class _Refuse(LayerPlacer):
-    def __init__(self, reason: str):
-        self.reason = reason
-
-    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        raise NotPlaceable(self.reason)
-
 
 def placer(model: nn.Module, name: str, module: nn.Module):
     """The placer of a Swin window attention module, or None for any other module."""
@@ -276,7 +269,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     while block_name and _design_of(modules[block_name], "block") is not design:
         block_name = block_name.rpartition(".")[0]
     if not block_name:
-        return _Refuse(f"it is not inside a {design.block}, which says where its windows are")
+        return RefusingPlacer(f"it is not inside a {design.block}, which says where its windows are")
     merges = 0
     for other_name, other in modules.items():
         if other_name == block_name:

@@ -22,10 +22,9 @@ one row per crop, not per image).
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement
+from ..placement import RefusingPlacer
 
 _NO_POSITIONS = ("; vitmad does not know where its tokens are on the image. If you do, pass positions=<[N, 2] pixel "
                  "position of each token of the sequence, NaN rows for tokens without one>")
@@ -65,13 +64,6 @@ _SAM3_WINDOWS = ("SAM3's windowed blocks attend within windows of the patch map 
                  "vitmad does not place for this model (its global blocks are recorded)")
 
 
-class _Refuse(LayerPlacer):
-    def __init__(self, reason: str):
-        self.reason = reason
-
-    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        raise NotPlaceable(self.reason)
-
 
 def placer(model: nn.Module, name: str, module: nn.Module):
     """A refusing placer for the attention modules above, a Skip for SAM3's windowed blocks and DepthPro's patch
@@ -81,7 +73,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     cls = type(module)
     reason = _REFUSED.get((cls.__name__, cls.__module__.rpartition(".")[2]))
     if reason is not None:
-        return _Refuse(reason + _NO_POSITIONS)
+        return RefusingPlacer(reason + _NO_POSITIONS)
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     if type(parent).__name__ == "Sam3ViTLayer" and int(getattr(parent, "window_size", 0) or 0) > 0:
         return Skip(_SAM3_WINDOWS)

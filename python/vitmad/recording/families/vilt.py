@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres
-from .stages import defined_in
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, per_call
+from .stages import embeddings_above
 
 __all__ = ["placer", "ViltPlacer"]
 
@@ -40,17 +40,8 @@ _PLACED = "vilt.placement."  # + the embeddings' name and the head count: the Pl
 def placer(model: nn.Module, name: str, module: nn.Module) -> LayerPlacer | None:
     """A :class:`ViltPlacer` for the attention modules after a ``ViltEmbeddings`` (``ViltModel`` itself, ``vilt``
     in the task models), else None."""
-    parts = name.split(".")
-    for depth in range(len(parts)):
-        embeddings_name = ".".join(parts[:depth] + ["embeddings"])
-        try:
-            embeddings = model.get_submodule(embeddings_name)
-        except AttributeError:
-            continue
-        in_embeddings = name == embeddings_name or name.startswith(embeddings_name + ".")
-        if defined_in(embeddings, "ViltEmbeddings", "modeling_vilt") and not in_embeddings:
-            return ViltPlacer(model, embeddings_name, embeddings)
-    return None
+    found = embeddings_above(model, name, (("ViltEmbeddings", "modeling_vilt"),))
+    return None if found is None else ViltPlacer(model, *found)
 
 
 @dataclass(frozen=True)
@@ -160,11 +151,8 @@ class ViltPlacer(LayerPlacer):
                 f"layer attends [{batch}, H, T + {1 + patches}, T + {1 + patches}] with T text tokens"
             )
         heads = int(lead[-1])
-        key = f"{_PLACED}{self.embeddings_name}.{heads}.{text}"
-        placement = context.values.get(key)
-        if placement is None:
-            placement = context.values[key] = _selected_placement(selected, text, heads)
-        return placement
+        return per_call(context, f"{_PLACED}{self.embeddings_name}.{heads}.{text}",
+                        lambda: _selected_placement(selected, text, heads))
 
 
 def _selected_placement(selected: _Selected, text: int, heads: int) -> Placement:
