@@ -979,6 +979,8 @@ def record(
             self-attention layer of the tower that owns the patch embedding. For models neither transformers
             nor timm, the names of the modules that call ``F.scaled_dot_product_attention``. A module named
             exactly (no wildcard) that runs without computing attention is named in ``rec.skipped``, with a warning.
+            A layer outside the tower that embeds the image (a language model's) is skipped with the reason unless
+            ``num_prefix_tokens`` or ``positions`` states its layout.
         patch: pixel size of a patch; by default the patch-embedding convolution's kernel size.
         grid: ``[grid_h, grid_w]``; by default the patch embedding's output size in each call.
         num_prefix_tokens: tokens before the patches; by default ``N - grid_h * grid_w`` in each call.
