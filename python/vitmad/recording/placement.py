@@ -22,7 +22,7 @@ import torch
 
 from ..ops.arguments import check_position_values, is_trusted_positions, trust_position_values
 
-__all__ = ["ModelLayout", "LayerGeometry", "Placement", "LayerPlacer", "RefusingPlacer", "CallContext", "per_call",
+__all__ = ["ModelLayout", "LayerGeometry", "Placement", "LayerPlacer", "RefusingPlacer", "CallContext",
            "cell_centres", "select_tokens", "NotPlaceable", "read_only", "is_read_only", "on_device",
            "copy_by_content"]
 
@@ -180,15 +180,6 @@ class RefusingPlacer(LayerPlacer):
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         raise NotPlaceable(self.reason)
-
-
-def per_call(context: CallContext, key: str, build: Callable[[], Placement]) -> Placement:
-    """The placement stored under ``key`` for the current call, built by ``build`` at its first layer: the layers of
-    one call that share a token layout share one placement (and its device copies)."""
-    placement = context.values.get(key)
-    if placement is None:
-        placement = context.values[key] = build()
-    return placement
 
 
 def cell_centres(

@@ -29,13 +29,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, per_call
-from .stages import embeddings_above
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres
+from .embeddings import EmbeddingsPlacer, conv_grid, embeddings_above
 
 __all__ = ["placer", "ViTMAEPlacer", "GivenPositionsPlacer", "check_positions"]
 
 _KEPT = "masked.kept."  # + the embeddings' name: the _Kept of the current call
-_PLACED = "masked.placement."  # + the embeddings' name and the head count: the Placement of the current call
 _GIVEN = "masked.given"  # the positions a callable returned for the current call
 
 
@@ -65,7 +64,7 @@ class _Kept:
     ids_restore_length: int
 
 
-class ViTMAEPlacer(LayerPlacer):
+class ViTMAEPlacer(EmbeddingsPlacer):
     """Places the kept tokens of one ViTMAE encoder layer at their cells (attention ``[B, H, 1 + K, 1 + K]``).
 
     Args:
@@ -73,11 +72,6 @@ class ViTMAEPlacer(LayerPlacer):
         embeddings_name: qualified name of the ``ViTMAEEmbeddings`` whose masking this layer's tokens went through.
         embeddings: that module.
     """
-
-    def __init__(self, model: nn.Module, embeddings_name: str, embeddings: nn.Module):
-        self.model = model
-        self.embeddings_name = embeddings_name
-        self.embeddings = embeddings
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         key = _KEPT + self.embeddings_name
@@ -89,8 +83,7 @@ class ViTMAEPlacer(LayerPlacer):
                 return
             pixels = args[0] if args else kwargs["pixel_values"]
             sequence, _, ids_restore = output
-            grid = tuple((int(size) - k) // s + 1
-                         for size, k, s in zip(pixels.shape[-2:], projection.kernel_size, projection.stride))
+            grid = conv_grid(pixels, projection)
             # ViTMAEEmbeddings.forward prepends one CLS token to the kept patches.
             kept = int(sequence.shape[1]) - 1
             # argsort inverts the permutation ids_restore, giving random_masking's ids_shuffle.
@@ -112,14 +105,10 @@ class ViTMAEPlacer(LayerPlacer):
                 f"{grid_h}x{grid_w} = {grid_h * grid_w} of the patch grid of the input image"
             )
         batch, tokens = int(kept.ids_keep.shape[0]), kept.num_tokens
-        if len(lead) != 2 or lead[0] != batch or num_queries != tokens or num_keys != tokens:
-            raise NotPlaceable(
-                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; after "
-                f"{self.embeddings_name} kept {tokens - 1} of the {grid_h * grid_w} patches (and CLS), "
-                f"a ViTMAE encoder layer attends [{batch}, H, {tokens}, {tokens}]"
-            )
+        self.check_sequence(lead, num_queries, num_keys, batch, tokens,
+                       f"{self.embeddings_name} kept {tokens - 1} of the {grid_h * grid_w} patches (and CLS)")
         heads = int(lead[-1])
-        return per_call(context, f"{_PLACED}{self.embeddings_name}.{heads}", lambda: _kept_placement(kept, heads))
+        return self.shared(context, str(heads), lambda: _kept_placement(kept, heads))
 
 
 def _kept_placement(kept: _Kept, heads: int) -> Placement:

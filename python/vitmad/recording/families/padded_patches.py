@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, per_call
-from .stages import embeddings_above
+from ..placement import CallContext, LayerGeometry, NotPlaceable, Placement, cell_centres
+from .embeddings import EmbeddingsPlacer, conv_grid, embeddings_above
 
 __all__ = ["placer", "PaddedPatchesPlacer"]
 
@@ -31,10 +31,9 @@ _EMBEDDINGS = (
     ("Phi4MultimodalVisionEmbeddings", "modeling_phi4_multimodal"),
 )
 _SEEN = "padded_patches.seen."  # + the embeddings' name: the _Patches of the current call
-_PLACED = "padded_patches.placement."  # + the embeddings' name and the head count
 
 
-def placer(model: nn.Module, name: str, module: nn.Module) -> LayerPlacer | None:
+def placer(model: nn.Module, name: str, module: nn.Module) -> EmbeddingsPlacer | None:
     """A :class:`PaddedPatchesPlacer` for the attention modules of a tower whose ``embeddings`` is one of those
     designs, else None."""
     found = embeddings_above(model, name, _EMBEDDINGS)
@@ -52,7 +51,7 @@ class _Patches:
     problem: str | None = None
 
 
-class PaddedPatchesPlacer(LayerPlacer):
+class PaddedPatchesPlacer(EmbeddingsPlacer):
     """Places the tokens of one layer of such a tower (attention ``[B, H, gh * gw, gh * gw]``).
 
     Args:
@@ -61,11 +60,6 @@ class PaddedPatchesPlacer(LayerPlacer):
         embeddings: that module.
     """
 
-    def __init__(self, model: nn.Module, embeddings_name: str, embeddings: nn.Module):
-        self.model = model
-        self.embeddings_name = embeddings_name
-        self.embeddings = embeddings
-
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         key = _SEEN + self.embeddings_name
         projection = self.embeddings.patch_embedding
@@ -73,8 +67,7 @@ class PaddedPatchesPlacer(LayerPlacer):
         def see(module, args, kwargs, output) -> None:
             pixels = args[0] if args else kwargs["pixel_values"]
             mask = args[1] if len(args) > 1 else kwargs.get("patch_attention_mask")
-            grid = tuple((int(size) - k) // s + 1
-                         for size, k, s in zip(pixels.shape[-2:], projection.kernel_size, projection.stride))
+            grid = conv_grid(pixels, projection)
             stride = (float(projection.stride[0]), float(projection.stride[1]))
             if mask is None:
                 context.values[key] = _Patches(grid, stride, None, "its embeddings got no patch_attention_mask")
@@ -94,14 +87,10 @@ class PaddedPatchesPlacer(LayerPlacer):
         if patches.problem is not None:
             raise NotPlaceable(patches.problem)
         batch, tokens = (int(s) for s in patches.mask.shape)
-        if len(lead) != 2 or lead[0] != batch or num_queries != tokens or num_keys != tokens:
-            raise NotPlaceable(
-                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; after "
-                f"{self.embeddings_name} embedded {batch} images of {patches.grid[0]}x{patches.grid[1]} patches, a "
-                f"layer of this tower attends [{batch}, H, {tokens}, {tokens}]"
-            )
+        self.check_sequence(lead, num_queries, num_keys, batch, tokens,
+                       f"{self.embeddings_name} embedded {batch} images of {patches.grid[0]}x{patches.grid[1]} patches")
         heads = int(lead[-1])
-        return per_call(context, f"{_PLACED}{self.embeddings_name}.{heads}", lambda: _padded_placement(patches, heads))
+        return self.shared(context, str(heads), lambda: _padded_placement(patches, heads))
 
 
 def _padded_placement(patches: _Patches, heads: int) -> Placement:

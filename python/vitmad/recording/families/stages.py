@@ -28,7 +28,7 @@ from torch import nn
 from ..module_index import module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
-__all__ = ["embeddings_above", "matching_design", "reduction_before", "Stage", "StageGrid", "StagePlacer", "KeyLayout",
+__all__ = ["matching_design", "reduction_before", "Stage", "StageGrid", "StagePlacer", "KeyLayout",
            "global_keys", "strided_modules", "strided_centres", "strided_module_centres", "adaptive_centres",
            "grid_placement", "pair", "defined_in", "owner_of"]
 
@@ -45,25 +45,6 @@ def defined_in(module: nn.Module, class_name: str, module_suffix: str) -> bool:
     (timm and transformers reuse class names such as ``Attention`` across families)."""
     cls = type(module)
     return cls.__name__ == class_name and cls.__module__.rpartition(".")[2] == module_suffix
-
-
-def embeddings_above(model: nn.Module, name: str, designs) -> tuple[str, nn.Module] | None:
-    """The ``embeddings`` module of a tower on the path to module ``name`` (a sibling of one of its ancestors, never
-    ``name`` itself or a module inside it) whose class is one of ``designs`` (``(class name, defining module's
-    suffix)`` pairs), with its qualified name, or None: the tower's embeddings whose output a hook reads to place
-    the tokens of ``name``."""
-    parts = name.split(".")
-    for depth in range(len(parts)):
-        embeddings_name = ".".join(parts[:depth] + ["embeddings"])
-        if name == embeddings_name or name.startswith(embeddings_name + "."):
-            continue
-        try:
-            embeddings = model.get_submodule(embeddings_name)
-        except AttributeError:
-            continue
-        if any(defined_in(embeddings, *design) for design in designs):
-            return embeddings_name, embeddings
-    return None
 
 
 def owner_of(model: nn.Module, class_name: str, module_suffix: str) -> nn.Module | None:

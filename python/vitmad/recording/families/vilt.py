@@ -28,16 +28,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, per_call
-from .stages import embeddings_above
+from ..placement import CallContext, LayerGeometry, NotPlaceable, Placement, cell_centres
+from .embeddings import EmbeddingsPlacer, embeddings_above
 
 __all__ = ["placer", "ViltPlacer"]
 
 _SELECTED = "vilt.selected."  # + the embeddings' name: the _Selected of the current call
-_PLACED = "vilt.placement."  # + the embeddings' name and the head count: the Placement of the current call
 
 
-def placer(model: nn.Module, name: str, module: nn.Module) -> LayerPlacer | None:
+def placer(model: nn.Module, name: str, module: nn.Module) -> EmbeddingsPlacer | None:
     """A :class:`ViltPlacer` for the attention modules after a ``ViltEmbeddings`` (``ViltModel`` itself, ``vilt``
     in the task models), else None."""
     found = embeddings_above(model, name, (("ViltEmbeddings", "modeling_vilt"),))
@@ -113,7 +112,7 @@ class _Watch:
                 self.cls.visual_embed = _ORIGINAL.pop(self.cls)
 
 
-class ViltPlacer(LayerPlacer):
+class ViltPlacer(EmbeddingsPlacer):
     """Places the tokens of one ViLT layer (attention ``[B, H, T + 1 + L, T + 1 + L]``).
 
     Args:
@@ -121,11 +120,6 @@ class ViltPlacer(LayerPlacer):
         embeddings_name: qualified name of the ``ViltEmbeddings`` that built this layer's sequence.
         embeddings: that module.
     """
-
-    def __init__(self, model: nn.Module, embeddings_name: str, embeddings: nn.Module):
-        self.model = model
-        self.embeddings_name = embeddings_name
-        self.embeddings = embeddings
 
     def install(self, context: CallContext) -> list:
         key = _SELECTED + self.embeddings_name
@@ -151,8 +145,7 @@ class ViltPlacer(LayerPlacer):
                 f"layer attends [{batch}, H, T + {1 + patches}, T + {1 + patches}] with T text tokens"
             )
         heads = int(lead[-1])
-        return per_call(context, f"{_PLACED}{self.embeddings_name}.{heads}.{text}",
-                        lambda: _selected_placement(selected, text, heads))
+        return self.shared(context, f"{heads}.{text}", lambda: _selected_placement(selected, text, heads))
 
 
 def _selected_placement(selected: _Selected, text: int, heads: int) -> Placement:
