@@ -206,7 +206,7 @@ def test_vit_mae_layer_run_outside_the_model_is_refused():
     pixels, _, kwargs = _inputs(1, (40, 40), seed=9)
     with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match=re.escape(
             "layers.0.attention (ViTMAEAttention) of ViTMAEModel: its attention has shape [1, 2, 9, 9]; after "
-            "embeddings kept 6 of the 25 patches (and CLS), a ViTMAE encoder layer attends [1, H, 7, 7]")):
+            "embeddings kept 6 of the 25 patches (and CLS), a layer of this tower attends [1, H, 7, 7]")):
         model(pixels, **kwargs)
         model.layers[0](torch.randn(1, 9, 32))
 
