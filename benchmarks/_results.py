@@ -33,14 +33,27 @@ def machine() -> str:
 
 
 def logits_route() -> str:
-    """Which product gives mad_qk's float32 logits on the CPU in this process, as the kernel decides it
-    (csrc/cpu/panel_logits.h): VITMAD_CPU_LOGITS if set, else by the CPU (torch's capability stands in for it)."""
+    """Which product gives mad_qk's logits on the CPU in this process, as the kernel decides it
+    (csrc/cpu/panel_logits.h, tile_logits.h): VITMAD_CPU_LOGITS if set, else by the CPU (torch's capability stands
+    in for it; bfloat16 runs on AMX tiles where the CPU has AMX-BF16)."""
     chosen = os.environ.get("VITMAD_CPU_LOGITS", "")
     capability = torch.backends.cpu.get_cpu_capability()
+    amx = " and AMX-BF16" if cpu_has_amx_bf16() else ""
     if chosen:
-        return f"CPU logits VITMAD_CPU_LOGITS={chosen} (CPU capability {capability})"
+        return f"CPU logits VITMAD_CPU_LOGITS={chosen} (CPU capability {capability}{amx})"
     default = "AVX2 panels" if capability == "AVX2" else "ATen's GEMM"
-    return f"CPU logits: the default, {default} (CPU capability {capability})"
+    if amx:
+        default += " (bfloat16: AMX tiles)"
+    return f"CPU logits: the default, {default} (CPU capability {capability}{amx})"
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether the CPU reports AMX-BF16 (Linux's /proc/cpuinfo flags; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in info)
+    except OSError:
+        return False
 
 
 def time_once(fn: Callable[[], object], device: str, calls: int = 1) -> float:

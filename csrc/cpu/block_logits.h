@@ -1,7 +1,8 @@
 // The q_block @ k_block^T products of the mad_qk CPU kernel: scaled logits with float32 (float64 for float64)
 // accumulation in a per-thread buffer. Keys and queries are packed to the accumulation type, so every input
 // dtype and stride goes through one float32 / float64 product: panel_logits.h's AVX2 kernel for float32 where
-// it runs, else ATen's GEMM (MKL or OpenBLAS). (A bfloat16 micro-kernel on vdpbf16ps was tried: on an
+// it runs, else ATen's GEMM (MKL or OpenBLAS); except bfloat16 on CPUs with AMX-BF16, whose products run on the
+// AMX tiles unwidened (tile_logits.h). (A bfloat16 micro-kernel on vdpbf16ps, without AMX, was tried: on an
 // AVX512-BF16 Xeon it was slower than MKL's float32 GEMM on the widened blocks.)
 #pragma once
 
@@ -9,12 +10,33 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "panel_logits.h"
+#include "tile_logits.h"
 
 namespace vitmad {
+
+// Whether this block product runs bfloat16 input on the AMX tiles (tile_logits.h): by default where the CPU has
+// them; VITMAD_CPU_LOGITS=blas or =panels widen it to float32 as other dtypes, =amx insists (an error without AMX).
+// Decided per parallel task: oneDNN's micro-kernels also follow torch.backends.mkldnn.enabled.
+template <typename scalar_t>
+inline bool use_tile_logits() {
+  if constexpr (!std::is_same_v<scalar_t, c10::BFloat16>) {
+    return false;
+  } else {
+    const std::string& route = logits_route_choice();
+    if (route == "blas" || route == "panels") return false;
+    const bool runs = cpu_runs_tile_logits();
+    TORCH_CHECK(route != "amx" || runs,
+                "VITMAD_CPU_LOGITS=amx needs a CPU with AMX-BF16 and torch.backends.mkldnn enabled; this process "
+                "has not both");
+    return runs;
+  }
+}
 
 // Queries per block and keys per block: a block's logits stay in L2 (64 x 512 float32 = 128 KiB), and each
 // product is large enough that its call overhead is small against its work.
@@ -43,11 +65,20 @@ class GemmLogits {
       : head_dim_(head_dim),
         panels_(std::is_same_v<acc_t, float> && use_panel_logits()),
         q_(kQueryBlock * head_dim),
-        logits_(kQueryBlock * kKeyBlock) {}
+        logits_(kQueryBlock * kKeyBlock) {
+    if constexpr (std::is_same_v<acc_t, float>)
+      if (use_tile_logits<scalar_t>()) tiles_.emplace(head_dim);
+  }
 
   void set_keys(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64_t n) {
     if (src == keys_source_) return;
     keys_source_ = src;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (tiles_.has_value()) {
+        tiles_->set_keys(src, row_stride, col_stride, n);
+        return;
+      }
+    }
     if constexpr (std::is_same_v<acc_t, float>) {
       if (panels_) {
         k_.resize((n + kPanelKeys - 1) / kPanelKeys * kPanelKeys * head_dim_);
@@ -62,11 +93,24 @@ class GemmLogits {
   // The scale is folded into the packed queries, so the product yields scaled logits.
   void set_queries(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64_t rows, double scale) {
     rows_ = rows;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (tiles_.has_value()) {
+        tiles_->set_queries(src, row_stride, col_stride, rows, scale);
+        return;
+      }
+    }
     pack_block(src, row_stride, col_stride, rows, head_dim_, static_cast<acc_t>(scale), q_.data());
   }
 
   acc_t* logits(int64_t k_begin, int64_t cols) {
     if constexpr (std::is_same_v<acc_t, float>) {
+      if (tiles_.has_value()) {
+        // Whole 64-key panels, kKeyBlock floats apart, as the panel route.
+        static_assert(kKeyBlock % kTileKeys == 0, "key blocks start on a tile panel");
+        row_stride_ = kKeyBlock;
+        tiles_->logits(k_begin, cols, logits_.data(), kKeyBlock);
+        return logits_.data();
+      }
       if (panels_) {
         // Whole panels, kKeyBlock floats apart: the columns past `cols` are written but not read.
         row_stride_ = kKeyBlock;
@@ -92,6 +136,7 @@ class GemmLogits {
   int64_t row_stride_ = 0;
   const scalar_t* keys_source_ = nullptr;
   std::vector<acc_t> q_, k_, logits_;
+  std::optional<TileLogits> tiles_;  // bfloat16 on AMX tiles (then q_ and k_ stay unused)
 };
 
 }  // namespace vitmad

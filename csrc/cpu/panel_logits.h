@@ -132,17 +132,26 @@ inline bool cpu_has_avx512() { return false; }
 
 #endif
 
-// Whether float32 logits come from panel_logits: by default where the CPU has AVX2 and FMA but not AVX-512F;
-// VITMAD_CPU_LOGITS=blas chooses ATen's GEMM and =panels the panels (on any CPU with AVX2 and FMA), so that
-// either route can be timed or tested on one machine. Read once per process.
+// VITMAD_CPU_LOGITS, checked once per process: "" (unset), "blas", "panels" or "amx".
+inline const std::string& logits_route_choice() {
+  static const std::string route = [] {
+    const char* choice = std::getenv("VITMAD_CPU_LOGITS");
+    const std::string chosen = choice == nullptr ? "" : choice;
+    TORCH_CHECK(chosen.empty() || chosen == "blas" || chosen == "panels" || chosen == "amx",
+                "VITMAD_CPU_LOGITS must be 'blas', 'panels', 'amx' or unset, got '", chosen, "'");
+    return chosen;
+  }();
+  return route;
+}
+
+// Whether float32 logits (and widened 16-bit ones) come from panel_logits: by default where the CPU has AVX2 and
+// FMA but not AVX-512F; VITMAD_CPU_LOGITS=blas chooses ATen's GEMM and =panels the panels (on any CPU with AVX2
+// and FMA), so that either route can be timed or tested on one machine; =amx leaves this choice to the default.
 inline bool use_panel_logits() {
   static const bool use = [] {
-    const char* choice = std::getenv("VITMAD_CPU_LOGITS");
-    const std::string route = choice == nullptr ? "" : choice;
-    TORCH_CHECK(route.empty() || route == "blas" || route == "panels",
-                "VITMAD_CPU_LOGITS must be 'blas', 'panels' or unset, got '", route, "'");
+    const std::string& route = logits_route_choice();
     if (route == "blas") return false;
-    TORCH_CHECK(route.empty() || cpu_runs_panel_logits(),
+    TORCH_CHECK(route != "panels" || cpu_runs_panel_logits(),
                 "VITMAD_CPU_LOGITS=panels needs an x86-64 CPU with AVX2 and FMA, and this one has not both");
     return cpu_runs_panel_logits() && (route == "panels" || !cpu_has_avx512());
   }();

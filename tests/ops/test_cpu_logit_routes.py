@@ -1,9 +1,11 @@
-"""The two routes of the flash-MAD CPU kernels' float32 logits (csrc/cpu/block_logits.h): the AVX2 panel kernel
-(panel_logits.h, the default on AVX2 CPUs without AVX-512) and ATen's GEMM (the default elsewhere), each forced
-in a child process by VITMAD_CPU_LOGITS, against the float64 references. The cases cross what the panel kernel
-blocks by: 6-query strips (every remainder), 16-key panels (partial last panels), 512-key blocks, 128-wide chunks of
-the head dimension (D = 130, 257, 300), a bias read at the logits' row stride, 16-bit inputs, and the statistics
-pass with frames (the video recorder's)."""
+"""The routes of the flash-MAD CPU kernels' logits (csrc/cpu/block_logits.h): the AVX2 panel kernel
+(panel_logits.h, the default for float32 on AVX2 CPUs without AVX-512), ATen's GEMM (the default elsewhere) and,
+for bfloat16 on CPUs with AMX-BF16, oneDNN's tile micro-kernels (tile_logits.h, the default there), each forced
+in a child process by VITMAD_CPU_LOGITS, against the float64 references. The cases cross what the kernels block
+by: 6-query strips (every remainder), 16- and 64-key panels (partial last panels), 512-key blocks, 128-wide chunks
+of the head dimension (D = 130, 257, 300), odd head dimensions (the tiles pad them to even), scales that are and
+are not powers of two (the tiles fold only the former into the queries), a bias read at the logits' row stride,
+16-bit inputs, and the statistics pass with frames (the video recorder's)."""
 
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ GRID_CASES = [
     (1, 2, 530, 2, [24, 22], 64, torch.float32),
     (1, 1, 1031, 5, [38, 27], 130, torch.float32),
     (2, 2, 203, 3, [10, 20], 64, torch.bfloat16),
+    (1, 3, 530, 2, [24, 22], 33, torch.bfloat16),
+    (1, 2, 1031, 5, [38, 27], 80, torch.bfloat16),
     (1, 2, 101, 1, [10, 10], 40, torch.float16),
 ]
 # (B, H, N, D, bias kind) of the position form, with some keys without a position.
@@ -107,10 +111,15 @@ def has_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+NO_AMX = "VITMAD_CPU_LOGITS=amx needs a CPU with AMX-BF16"
+
+
 @pytest.mark.parametrize("route", [
-    "blas", pytest.param("panels", marks=pytest.mark.skipif(not has_avx2(), reason="needs AVX2 and FMA"))])
+    "blas", pytest.param("panels", marks=pytest.mark.skipif(not has_avx2(), reason="needs AVX2 and FMA")), "amx"])
 def test_route_matches_float64_reference(route, tmp_path):
     result = run_child(route, tmp_path)
+    if route == "amx" and result.returncode != 0 and NO_AMX in result.stderr:
+        pytest.skip("this CPU has no AMX-BF16 (the child refused VITMAD_CPU_LOGITS=amx, as it should)")
     assert result.returncode == 0, result.stderr[-3000:]
     got = torch.load(tmp_path / f"{route}.pt")
     all_cases = cases()
@@ -126,4 +135,24 @@ def test_route_matches_float64_reference(route, tmp_path):
 def test_unknown_route_is_refused(tmp_path):
     result = run_child("mkl", tmp_path)
     assert result.returncode != 0
-    assert "VITMAD_CPU_LOGITS must be 'blas', 'panels' or unset, got 'mkl'" in result.stderr
+    assert "VITMAD_CPU_LOGITS must be 'blas', 'panels', 'amx' or unset, got 'mkl'" in result.stderr
+
+
+def test_tiles_follow_mkldnn_switch(tmp_path):
+    # oneDNN's micro-kernels obey torch.backends.mkldnn: switched off, bfloat16 takes the widened float32 product
+    # (the default route) and still matches the reference; VITMAD_CPU_LOGITS=amx then refuses instead.
+    case = (1, 2, 203, 3, [10, 20], 40, torch.bfloat16)
+    kernel, reference = grid_case(case)
+    with torch.backends.mkldnn.flags(enabled=False):
+        out = kernel()
+    torch.testing.assert_close(out.double(), reference(), **tolerance(torch.float32), equal_nan=True)
+    script = textwrap.dedent("""
+        import torch, vitmad
+        q = torch.randn(1, 1, 5, 8).bfloat16()
+        with torch.backends.mkldnn.flags(enabled=False):
+            vitmad.mad_qk(q, q, 16, grid=[2, 2])
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=subprocess_env(VITMAD_CPU_LOGITS="amx"), timeout=300)
+    assert result.returncode != 0
+    assert NO_AMX in result.stderr
