@@ -75,9 +75,9 @@ __attribute__((always_inline)) inline double exp_nonpositive(double x) { return 
 // scalar one unvectorised inside the loop over a row's keys in the AVX2 clone (scalar FMAs, a third of mad_qk's
 // time on an AMD EPYC), whatever the `omp simd`. (An out-parameter, as load_lanes: a 32-byte vector returned from
 // a function of the baseline clone draws GCC's ABI warning, though every call is inlined.)
-__attribute__((always_inline)) inline void exp_nonpositive(const Lanes<float>& x, Lanes<float>& result) {
-  using V = Lanes<float>;
-  typedef int32_t VI __attribute__((vector_size(32)));
+template <typename V>
+__attribute__((always_inline)) inline void exp_nonpositive(const V& x, V& result) {
+  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
   constexpr float kLowest = kExpLowest<float>;
   const V lowest = V{} + kLowest;
   const V xc = x < lowest ? lowest : x;  // NaN stays NaN, as with std::max(x, kLowest)
@@ -115,30 +115,52 @@ struct Frames {
 // |difference| of two frames, 0 where it is NaN (a key without a frame adds nothing): the sign bit cleared,
 // then max(gap, 0), which x86's maxps turns into its second operand for a NaN first one (two instructions).
 // (An out-parameter, as load_lanes: see exp_nonpositive.)
-__attribute__((always_inline)) inline void frame_gap(const Lanes<float>& difference, Lanes<float>& gap) {
-  typedef int32_t VI __attribute__((vector_size(32)));
+template <typename V>
+__attribute__((always_inline)) inline void frame_gap(const V& difference, V& gap) {
+  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
   VI bits;
   __builtin_memcpy(&bits, &difference, sizeof(bits));
   bits &= 0x7fffffff;
   __builtin_memcpy(&gap, &bits, sizeof(gap));
-  gap = gap > 0 ? gap : Lanes<float>{};
+  gap = gap > 0 ? gap : V{};
+}
+
+// Sums of one vector of keys into the accumulators of exp_sums.
+template <bool kEntropy, bool kTime, typename V>
+__attribute__((always_inline)) inline void exp_sums_step(const V& l, const V& d, const V& f, const V& max,
+                                                         const V& query_frame, V& m, V& w, V& h, V& t) {
+  const V lowest = V{} + kExpLowest<float>;
+  const V x = l - max;
+  V p;
+  exp_nonpositive(x, p);
+  m += p;
+  w += p * d;
+  if constexpr (kEntropy) h += p * (x < lowest ? lowest : x);
+  if constexpr (kTime) {
+    V g;
+    frame_gap(query_frame - f, g);
+    t += p * g;
+  }
 }
 
 // sum_j exp(logits[j] - max) and sum_j exp(logits[j] - max) * dist[j] over `count` keys; with kEntropy also
 // sum_j exp(logits[j] - max) * (logits[j] - max), one more FMA per key, and with kTime
 // sum_j exp(logits[j] - max) * |frames.query - frames.keys[j]| (0 for a key without a frame), the temporal
-// distance's (each compiled in only where asked).
-template <bool kEntropy, bool kTime>
+// distance's (each compiled in only where asked). V is the vector: 32 bytes on AVX2 CPUs, 64 on AVX-512 ones
+// (online_softmax_update picks it). The last count % kVec keys go through one more vector padded with -inf
+// logits (weight 0), not a scalar loop: with 64-byte vectors the scalar tail was up to 31 keys a row, a fifth of
+// the update's time over 8 x 16 x 577 x 64 (Xeon, AVX-512).
+template <bool kEntropy, bool kTime, typename V>
 __attribute__((always_inline)) inline void exp_sums(const float* logits, const float* dist, Frames<float> frames,
                                                     int64_t count, float max, float& mass, float& weighted,
                                                     float& entropy, float& time_weighted) {
-  using V = Lanes<float>;
   constexpr int64_t kVec = sizeof(V) / sizeof(float);
-  const V lowest = V{} + kExpLowest<float>;
   // One entropy accumulator, not two: a sixth vector of sums spilled the mass sums to the stack (AVX2 has 16
   // registers), a store and reload in their dependency chain every iteration.
   V m0{}, m1{}, w0{}, w1{}, h{}, t{};
   const V query_frame = V{} + frames.query;
+  const V max_lanes = V{} + max;
+  V f0{}, f1{};
   int64_t j = 0;
   for (; j + 2 * kVec <= count; j += 2 * kVec) {
     V l0, l1, d0, d1;
@@ -146,50 +168,35 @@ __attribute__((always_inline)) inline void exp_sums(const float* logits, const f
     load_lanes(logits + j + kVec, l1);
     load_lanes(dist + j, d0);
     load_lanes(dist + j + kVec, d1);
-    V p0, p1;
-    const V x0 = l0 - max;
-    exp_nonpositive(x0, p0);
-    const V x1 = l1 - max;
-    exp_nonpositive(x1, p1);
-    m0 += p0;
-    m1 += p1;
-    w0 += p0 * d0;
-    w1 += p1 * d1;
-    if constexpr (kEntropy) {
-      h += p0 * (x0 < lowest ? lowest : x0);
-      h += p1 * (x1 < lowest ? lowest : x1);
-    }
     if constexpr (kTime) {
-      V f0, f1, g0, g1;
       load_lanes(frames.keys + j, f0);
       load_lanes(frames.keys + j + kVec, f1);
-      frame_gap(query_frame - f0, g0);
-      frame_gap(query_frame - f1, g1);
-      t += p0 * g0;
-      t += p1 * g1;
     }
+    exp_sums_step<kEntropy, kTime>(l0, d0, f0, max_lanes, query_frame, m0, w0, h, t);
+    exp_sums_step<kEntropy, kTime>(l1, d1, f1, max_lanes, query_frame, m1, w1, h, t);
   }
-  float m_tail = 0, w_tail = 0, h_tail = 0, t_tail = 0;
-  for (; j < count; ++j) {
-    const float x = logits[j] - max;
-    const float p = exp_nonpositive(x);
-    m_tail += p;
-    w_tail += p * dist[j];
-    keep_scalar(w_tail);  // the multiply-add stays fused in every instantiation (mad_cpu_common.h)
-    if constexpr (kEntropy) {
-      h_tail += p * clamp_exponent(x);
-      keep_scalar(h_tail);
+  for (; j < count; j += kVec) {
+    V l, d;
+    if (j + kVec <= count) {
+      load_lanes(logits + j, l);
+      load_lanes(dist + j, d);
+      if constexpr (kTime) load_lanes(frames.keys + j, f0);
+    } else {
+      l = V{} - std::numeric_limits<float>::infinity();
+      d = V{};
+      f0 = query_frame;
+      for (int64_t i = 0; i < count - j; ++i) {
+        l[i] = logits[j + i];
+        d[i] = dist[j + i];
+        if constexpr (kTime) f0[i] = frames.keys[j + i];
+      }
     }
-    if constexpr (kTime) {
-      const float gap = std::abs(frames.query - frames.keys[j]);
-      t_tail += p * (gap == gap ? gap : 0.0f);
-      keep_scalar(t_tail);
-    }
+    exp_sums_step<kEntropy, kTime>(l, d, f0, max_lanes, query_frame, m0, w0, h, t);
   }
-  mass = m_tail + lane_total<float>(m0 + m1);
-  weighted = w_tail + lane_total<float>(w0 + w1);
-  entropy = kEntropy ? h_tail + lane_total<float>(h) : 0.0f;
-  time_weighted = kTime ? t_tail + lane_total<float>(t) : 0.0f;
+  mass = lane_total<float, V>(m0 + m1);
+  weighted = lane_total<float, V>(w0 + w1);
+  entropy = kEntropy ? lane_total<float, V>(h) : 0.0f;
+  time_weighted = kTime ? lane_total<float, V>(t) : 0.0f;
 }
 
 template <bool kEntropy, bool kTime>
@@ -317,8 +324,23 @@ VITMAD_CPU_CLONES void online_softmax_update(const acc_t* logits, int64_t num_ke
   for (int64_t j = 0; j < num_prefix_keys; ++j) prefix_total += exp_nonpositive(logits[j] - new_max);
   acc_t mass, weighted, entropy, time_weighted;
   if constexpr (kTime) frames.keys += num_prefix_keys;
-  exp_sums<kEntropy, kTime>(logits + num_prefix_keys, dist, frames, num_keys - num_prefix_keys, new_max, mass,
-                            weighted, entropy, time_weighted);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // 64-byte vectors where the CPU has AVX-512 (this clone is then the x86-64-v4 one); with the padded tail,
+    // mad_qk took 0-19% less time than with 32-byte vectors and a scalar tail on a 2-core Xeon (Sapphire
+    // Rapids, one thread, two alternations, 2026-12-03): bfloat16 8x16x577x64 111 against 122-140 ms,
+    // 1x16x4097x64 453-463 against 464-539; float32 1x16x4097x64 826-983 against 1016-1019.
+    typedef float Wide __attribute__((vector_size(64)));
+    static const bool wide = cpu_has_avx512();
+    if (wide)
+      exp_sums<kEntropy, kTime, Wide>(logits + num_prefix_keys, dist, frames, num_keys - num_prefix_keys, new_max,
+                                      mass, weighted, entropy, time_weighted);
+    else
+      exp_sums<kEntropy, kTime, Lanes<float>>(logits + num_prefix_keys, dist, frames, num_keys - num_prefix_keys,
+                                              new_max, mass, weighted, entropy, time_weighted);
+  } else {
+    exp_sums<kEntropy, kTime>(logits + num_prefix_keys, dist, frames, num_keys - num_prefix_keys, new_max, mass,
+                              weighted, entropy, time_weighted);
+  }
   const acc_t rescale = exp_nonpositive(state.max - new_max);
   if constexpr (kEntropy) {
     // A loop of its own rather than a second reduction in prefix_total's: that one's summation order, hence
