@@ -147,8 +147,8 @@ __attribute__((always_inline)) inline void exp_sums_step(const V& l, const V& d,
 // sum_j exp(logits[j] - max) * (logits[j] - max), one more FMA per key, and with kTime
 // sum_j exp(logits[j] - max) * |frames.query - frames.keys[j]| (0 for a key without a frame), the temporal
 // distance's (each compiled in only where asked). V is the vector: 32 bytes on AVX2 CPUs, 64 on AVX-512 ones
-// (online_softmax_update picks it). The last count % kVec keys go through one more vector padded with -inf
-// logits (weight 0), not a scalar loop: with 64-byte vectors the scalar tail was up to 31 keys a row, a fifth of
+// (online_softmax_update picks it). The last count % kVec keys go through one more vector whose other lanes hold
+// -inf logits (weight 0), not a scalar loop: with 64-byte vectors the scalar tail was up to 31 keys a row, a fifth of
 // the update's time over 8 x 16 x 577 x 64 (Xeon, AVX-512).
 template <bool kEntropy, bool kTime, typename V>
 __attribute__((always_inline)) inline void exp_sums(const float* logits, const float* dist, Frames<float> frames,
@@ -181,6 +181,16 @@ __attribute__((always_inline)) inline void exp_sums(const float* logits, const f
       load_lanes(logits + j, l);
       load_lanes(dist + j, d);
       if constexpr (kTime) load_lanes(frames.keys + j, f0);
+    } else if (count >= kVec) {
+      // The last kVec keys, the lanes already summed (below j) masked to -inf: loads, not a copy (GCC made the
+      // copy a memcpy call, after which every constant of the loop was reloaded: 5% of the update's time).
+      const int64_t start = count - kVec;
+      load_lanes(logits + start, l);
+      load_lanes(dist + start, d);
+      if constexpr (kTime) load_lanes(frames.keys + start, f0);
+      V lane;
+      for (int i = 0; i < static_cast<int>(kVec); ++i) lane[i] = static_cast<float>(i);
+      l = lane < static_cast<float>(j - start) ? V{} - std::numeric_limits<float>::infinity() : l;
     } else {
       l = V{} - std::numeric_limits<float>::infinity();
       d = V{};
@@ -385,9 +395,15 @@ void positionless_update(const acc_t* logits, const Distances& keys, int64_t k_b
     std::copy(logits + first, logits + first + run, gathered + count);
     count += run;
   });
-  if (count > 0)
-    online_softmax_update<true, false, acc_t>(gathered, count, /*num_prefix_keys=*/0, kNoDistances<acc_t>.data(),
-                                              Frames<acc_t>{}, state);
+  if (count == 0) return;
+  // Padded with -inf logits (weight 0, the same sums) to whole 64-byte vectors, so that one CLS key is a vector
+  // load rather than exp_sums' copy into a vector (a memcpy call, after which the loop's constants are reloaded).
+  constexpr int64_t kPad = 64 / sizeof(acc_t);
+  static_assert(kKeyBlock % kPad == 0, "the padded keys fit the gathered block");
+  const int64_t padded = (count + kPad - 1) / kPad * kPad;
+  std::fill(gathered + count, gathered + padded, -std::numeric_limits<acc_t>::infinity());
+  online_softmax_update<true, false, acc_t>(gathered, padded, /*num_prefix_keys=*/0, kNoDistances<acc_t>.data(),
+                                            Frames<acc_t>{}, state);
 }
 
 // One query's statistics.
