@@ -104,6 +104,8 @@ constexpr int64_t kSerialElements = int64_t{1} << 17;
 // rows compete for the same L1; on AMD Zen the software prefetches cost a fifth of the streaming speed instead
 // (1.34x against 1.11x the time of one read, single core, 2026-11-30), so they are issued on Intel CPUs only.
 constexpr int64_t kPrefetchAheadBytes = 4096;
+template <typename acc_t>
+constexpr int64_t kPrefetchAheadValues = kPrefetchAheadBytes / sizeof(acc_t);
 #if defined(__x86_64__) && defined(__GNUC__)
 inline const bool kSoftwarePrefetch = __builtin_cpu_is("intel");
 #else
@@ -290,7 +292,7 @@ __attribute__((always_inline)) inline acc_t x_log_x_total(const V& sum, const V&
   return negative ? std::numeric_limits<acc_t>::quiet_NaN() : lane_total<acc_t, V>(sum);
 }
 
-// The lanes of one row's sum of x ln x in shared_distance_sums and range_sums: for float, vector_log.h's
+// The lanes of one row's sum of x ln x in contiguous_x_log_x and range_sums: for float, vector_log.h's
 // add_x_log_x_fast; a row for which exact_needed() holds (inf, NaN, a value with the sign bit) is summed again by
 // exact_x_log_x_sum, with add_x_log_x's special values. For double, add_x_log_x itself.
 template <typename acc_t>
@@ -300,17 +302,43 @@ template <>
 struct XLogXLanes<float> {
   using V = Lanes<float>;
   typedef uint32_t VU __attribute__((vector_size(sizeof(V))));
+  // Two vectors' lanes, for the body of a row: one logarithm's instructions on 64-byte registers (AVX-512), two on
+  // 32-byte ones (GCC splits the vector), the same lanes and so the same bits on every instruction set.
+  typedef float VPair __attribute__((vector_size(2 * sizeof(V))));
+  typedef uint32_t VUPair __attribute__((vector_size(2 * sizeof(V))));
+  VPair pair_sum{};
+  VUPair pair_top_bits{};
   V sum{};
   VU top_bits{};
 
-  __attribute__((always_inline)) void add(const V& x) { add_x_log_x_fast(x, sum, top_bits); }
-  __attribute__((always_inline)) bool exact_needed() const {
-    bool special = false;
-    for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(float)); ++i)
-      special |= top_bits[i] >= kXLogXFastLimitBits;
-    return special;
+  // The 2 * 8 values at p, or in x.
+  __attribute__((always_inline)) void add_pair(const float* p) {
+    VPair x;
+    load_lanes(p, x);
+    add_pair(x);
   }
-  __attribute__((always_inline)) float total() const { return lane_total<float>(sum); }
+  __attribute__((always_inline)) void add_pair(const VPair& x) { add_x_log_x_fast(x, pair_sum, pair_top_bits); }
+  __attribute__((always_inline)) void add(const V& x) { add_x_log_x_fast(x, sum, top_bits); }
+  // One comparison of the largest bit pattern, from a tree of vector maxima (a test per lane compiles to a chain
+  // of branches that cost a 197-key row a tenth of its time).
+  __attribute__((always_inline)) bool exact_needed() const {
+    const VU low = __builtin_shufflevector(pair_top_bits, pair_top_bits, 0, 1, 2, 3, 4, 5, 6, 7);
+    const VU high = __builtin_shufflevector(pair_top_bits, pair_top_bits, 8, 9, 10, 11, 12, 13, 14, 15);
+    VU top = low > high ? low : high;
+    top = top > top_bits ? top : top_bits;
+    VU swapped = __builtin_shufflevector(top, top, 4, 5, 6, 7, 0, 1, 2, 3);
+    top = top > swapped ? top : swapped;
+    swapped = __builtin_shufflevector(top, top, 2, 3, 0, 1, 6, 7, 4, 5);
+    top = top > swapped ? top : swapped;
+    swapped = __builtin_shufflevector(top, top, 1, 0, 3, 2, 5, 4, 7, 6);
+    top = top > swapped ? top : swapped;
+    return top[0] >= kXLogXFastLimitBits;
+  }
+  __attribute__((always_inline)) float total() const {
+    const V low = __builtin_shufflevector(pair_sum, pair_sum, 0, 1, 2, 3, 4, 5, 6, 7);
+    const V high = __builtin_shufflevector(pair_sum, pair_sum, 8, 9, 10, 11, 12, 13, 14, 15);
+    return lane_total<float>((low + high) + sum);
+  }
 };
 
 template <>
@@ -318,6 +346,16 @@ struct XLogXLanes<double> {
   using V = Lanes<double>;
   V sum{}, lowest{};
 
+  typedef double VPair __attribute__((vector_size(2 * sizeof(V))));
+  __attribute__((always_inline)) void add_pair(const double* p) {
+    VPair x;
+    load_lanes(p, x);
+    add_pair(x);
+  }
+  __attribute__((always_inline)) void add_pair(const VPair& x) {
+    add(__builtin_shufflevector(x, x, 0, 1, 2, 3));
+    add(__builtin_shufflevector(x, x, 4, 5, 6, 7));
+  }
   __attribute__((always_inline)) void add(const V& x) { add_x_log_x<double>(x, sum, lowest); }
   __attribute__((always_inline)) bool exact_needed() const { return false; }
   __attribute__((always_inline)) double total() const { return x_log_x_total<double>(sum, lowest); }
@@ -338,25 +376,63 @@ __attribute__((noinline)) acc_t exact_x_log_x_sum(const scalar_t* a, int64_t str
   return x_log_x_total<acc_t>(sum, lowest);
 }
 
+// The sum of x ln x over a contiguous a[0, n) in the accumulation type: the entropy of a whole attention row (or
+// of a whole matrix read as one stream), every key with or without a position. A pass of its own after the
+// distance-weighted sums, which have just brought the data into cache: the logarithm's arithmetic, not the read,
+// bounds it, so it prefetches (on Intel, as contiguous_sums) what the next reads will need and memory streams while
+// it computes: ahead[s] for each a[s], into L1 with kLocality 3, L2 with 2. Fused into the distance loop instead,
+// with rows of a group interleaved and no prefetch, it took twice as long as this over [64, 12, 197, 197] float32
+// (Xeon, Sapphire Rapids, one core). The last values, fewer than two vectors, are one load of the last two vectors
+// with the lanes already counted zeroed (0 ln 0 adds exactly nothing): one more logarithm of the pair's width, not
+// a second set of lanes with its own final tree.
+template <typename acc_t, int kLocality = 3>
+__attribute__((always_inline)) inline acc_t contiguous_x_log_x(const acc_t* a, int64_t n, const acc_t* ahead) {
+  using V = Lanes<acc_t>;
+  constexpr int64_t kVec = sizeof(V) / sizeof(acc_t);
+  XLogXLanes<acc_t> lanes;
+  int64_t s = 0;
+  const bool prefetch = kSoftwarePrefetch && ahead != nullptr;
+  for (; s + 2 * kVec <= n; s += 2 * kVec) {
+    if (prefetch) __builtin_prefetch(ahead + s, 0, kLocality);
+    lanes.add_pair(a + s);
+  }
+  typedef std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t> lane_int;
+  if (s < n && n >= 2 * kVec) {
+    // The last values: the row's last two vectors, the lanes already counted zeroed.
+    typedef acc_t VPair __attribute__((vector_size(2 * sizeof(V))));
+    typedef lane_int VIPair __attribute__((vector_size(2 * sizeof(V))));
+    VIPair index;
+    for (int i = 0; i < static_cast<int>(2 * kVec); ++i) index[i] = i;
+    VPair x;
+    load_lanes(a + n - 2 * kVec, x);
+    lanes.add_pair(index >= static_cast<lane_int>(2 * kVec - (n - s)) ? x : VPair{});
+  } else if (s < n) {
+    // A row shorter than two vectors: a vector, then the rest padded with zeros.
+    if (s + kVec <= n) {
+      V x;
+      load_lanes(a + s, x);
+      lanes.add(x);
+      s += kVec;
+    }
+    V x{};
+    for (int64_t j = s; j < n; ++j) x[j - s] = a[j];
+    lanes.add(x);
+  }
+  return lanes.exact_needed() ? exact_x_log_x_sum<acc_t, acc_t>(a, 1, n) : lanes.total();
+}
+
 // contiguous_sums for kRows attention rows that share one distance row (query t of kRows matrices): each
 // distance vector is loaded once for all of them, so the distances cost 1 / kRows of the loads and of the L2 to L1
 // traffic that the attention itself takes. Per row, two vector accumulators, then one vector, half a vector and
-// scalars, in an order that does not depend on kRows (a row gives the same bits alone or in a group). With kEntropy,
-// x_log_x[g] also receives the sum of x ln x (XLogXLanes) over row g's n values, from the same loads, and over
-// the num_extra values extra[g][0, num_extra) (keys outside the distance-weighted run, such as prefix tokens), which
-// fill the lanes the row's last values leave free: a 196-key row and its CLS key take 25 logarithms of 8 lanes.
-template <int kRows, typename acc_t, bool kMass, bool kEntropy = false>
+// scalars, in an order that does not depend on kRows (a row gives the same bits alone or in a group).
+template <int kRows, typename acc_t, bool kMass>
 __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* const* a, const acc_t* dist, int64_t n,
-                                                                acc_t* weighted, acc_t* mass,
-                                                                acc_t* x_log_x = nullptr,
-                                                                const acc_t* const* extra = nullptr,
-                                                                int64_t num_extra = 0) {
+                                                                acc_t* weighted, acc_t* mass) {
   using V = Lanes<acc_t>;
   using H = HalfLanes<acc_t>;
   constexpr int64_t kVec = sizeof(V) / sizeof(acc_t);
   constexpr int64_t kHalf = sizeof(H) / sizeof(acc_t);
   V w0[kRows], w1[kRows], m0[kRows], m1[kRows];
-  XLogXLanes<acc_t> e[kRows];
 #pragma GCC unroll 8
   for (int g = 0; g < kRows; ++g) w0[g] = w1[g] = m0[g] = m1[g] = V{};
   int64_t s = 0;
@@ -375,10 +451,6 @@ __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* con
         m0[g] += x0;
         m1[g] += x1;
       }
-      if constexpr (kEntropy) {
-        e[g].add(x0);
-        e[g].add(x1);
-      }
     }
   }
   if (s + kVec <= n) {
@@ -390,7 +462,6 @@ __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* con
       load_lanes(a[g] + s, x);
       w0[g] += x * d;
       if constexpr (kMass) m0[g] += x;
-      if constexpr (kEntropy) e[g].add(x);
     }
     s += kVec;
   }
@@ -428,25 +499,6 @@ __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* con
     }
     weighted[g] = (w_tail + lane_total<acc_t, H>(hw)) + totals[g];
     if constexpr (kMass) mass[g] = (m_tail + lane_total<acc_t, H>(hm)) + lane_total<acc_t>(m0[g] + m1[g]);
-    if constexpr (kEntropy) {
-      // The last values (fewer than a vector) and the extra ones, a vector at a time, padded with zeros (which add
-      // exactly nothing).
-      V rest{};
-      int64_t lanes = n - s;
-      for (int64_t j = s; j < n; ++j) rest[j - s] = a[g][j];
-      for (int64_t k = 0; k < num_extra; ++k) {
-        if (lanes == kVec) {
-          e[g].add(rest);
-          rest = V{};
-          lanes = 0;
-        }
-        rest[lanes++] = extra[g][k];
-      }
-      if (lanes > 0) e[g].add(rest);
-      x_log_x[g] = !e[g].exact_needed() ? e[g].total()
-                   : exact_x_log_x_sum<acc_t, acc_t>(a[g], 1, n) +
-                         (num_extra > 0 ? exact_x_log_x_sum<acc_t, acc_t>(extra[g], 1, num_extra) : acc_t(0));
-    }
   }
 }
 

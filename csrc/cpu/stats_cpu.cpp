@@ -4,10 +4,10 @@
 //
 // The distances and the walk over rows are those of the mad and mad_pos kernels (grid_distances.h,
 // position_distances.h), and so is the summation order of the distance-weighted sums: the "mad" row equals what
-// vitmad::mad / mad_pos return, bit for bit. The entropy's x ln x is added in the same loop from the same loads
-// (shared_distance_sums' kEntropy), the keys without a position (the prefix tokens of the grid form, the gaps
-// between runs of positioned keys of the position form) are summed beside it, and the self element is read
-// directly. Entropy is a template flag: a call that does not ask for it runs the MAD loop with no logarithm in it.
+// vitmad::mad / mad_pos return, bit for bit. The entropy's x ln x is summed over the whole row right after, while
+// the row is in L1 (contiguous_x_log_x), the keys without a position (the prefix tokens of the grid form, the gaps
+// between runs of positioned keys of the position form) are summed beside the distance-weighted runs, and the self
+// element is read directly. Entropy is a template flag: a call that does not ask for it runs no logarithm.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,10 +33,6 @@ namespace {
 
 // The name users call: vitmad.attention_stats wraps both ops.
 constexpr const char* kOpName = "vitmad.attention_stats";
-
-// Matrices read together per query with entropy: the log's temporaries take the registers that two more rows'
-// accumulators would need (AVX2 has sixteen).
-constexpr int64_t kMatricesPerGroupWithEntropy = 2;
 
 // Where one matrix's per-query values of each statistic go; nullptr for a statistic not asked for.
 template <typename acc_t>
@@ -130,19 +126,17 @@ __attribute__((always_inline)) inline void grid_shared_rows(const acc_t* const* 
       patches[g] = rows[g] + l.num_prefix;
     }
     const acc_t* dist = distances.row(l, query, buffer);
-    acc_t weighted[kRows], mass[kRows] = {}, x_log_x[kRows] = {};
+    acc_t weighted[kRows], mass[kRows] = {};
     if (l.renormalize)
-      shared_distance_sums<kRows, acc_t, true, kEntropy>(patches, dist, l.num_patches, weighted, mass, x_log_x,
-                                                         rows, l.num_prefix);
+      shared_distance_sums<kRows, acc_t, true>(patches, dist, l.num_patches, weighted, mass);
     else
-      shared_distance_sums<kRows, acc_t, false, kEntropy>(patches, dist, l.num_patches, weighted, mass, x_log_x,
-                                                          rows, l.num_prefix);
+      shared_distance_sums<kRows, acc_t, false>(patches, dist, l.num_patches, weighted, mass);
     for (int g = 0; g < kRows; ++g) {
       RowSums<acc_t> r;
       for (int64_t s = 0; s < l.num_prefix; ++s) r.unplaced += rows[g][s];
       r.weighted = weighted[g];
       r.mass = mass[g];
-      r.x_log_x = x_log_x[g];
+      if constexpr (kEntropy) r.x_log_x = contiguous_x_log_x(rows[g], l.num_tokens, rows[g] + kPrefetchAheadValues<acc_t>);
       r.self = patches[g][t];
       store(out[g], t, r, l.renormalize);
     }
@@ -275,10 +269,7 @@ void grid_stats_typed(const at::Tensor& attn, const MadLayout& l, acc_t patch, c
     return;
   }
   const bool grouped = std::is_same_v<scalar_t, acc_t> && key_stride == 1;
-  const int64_t group = !grouped ? 1
-                        : kEntropy ? kMatricesPerGroupWithEntropy
-                        : l.renormalize ? kMatricesPerGroupWithMass
-                                        : kMatricesPerGroup;
+  const int64_t group = !grouped ? 1 : l.renormalize ? kMatricesPerGroupWithMass : kMatricesPerGroup;
   for_each_query_run<acc_t>(l, patch, group, [&](int64_t b, int64_t count, int64_t t_begin, int64_t t_end,
                                                  const ColumnDistances<acc_t>& distances, acc_t* row_buffer) {
     const scalar_t* matrices[kMatricesPerGroup];
@@ -334,22 +325,22 @@ at::Tensor stats_cpu(const at::Tensor& attn, int64_t patch, c10::ArrayRef<std::s
 
 // Position form --------------------------------------------------------------------------------------------------
 
-// Adds the keys [first, last) without a position of kRows contiguous rows to their sums.
-template <int kRows, typename acc_t, bool kEntropy>
+// Adds the mass of the keys [first, last) without a position of kRows contiguous rows to their sums.
+template <int kRows, typename acc_t>
 __attribute__((always_inline)) inline void add_unplaced(const acc_t* const* rows, int64_t first, int64_t last,
                                                         RowSums<acc_t>* sums) {
   if (first == last) return;
   for (int g = 0; g < kRows; ++g) {
-    acc_t mass, x_log_x;
-    range_sums<acc_t, acc_t, kEntropy>(rows[g] + first, 1, last - first, mass, x_log_x);
+    acc_t mass, no_entropy;
+    range_sums<acc_t, acc_t, false>(rows[g] + first, 1, last - first, mass, no_entropy);
     sums[g].unplaced += mass;
-    sums[g].x_log_x += x_log_x;
   }
 }
 
 // The statistics of the queries [t_begin, t_end) of kRows matrices that share their positions, with contiguous
 // rows in the accumulation type (as mad_pos's shared_position_rows): each run of keys with a position through
-// shared_distance_sums, the gaps between runs beside it; NaN for a query without a position.
+// shared_distance_sums, the gaps between runs beside it, the entropy over the whole row after them
+// (contiguous_x_log_x); NaN for a query without a position.
 template <int kRows, typename acc_t, bool kEntropy>
 __attribute__((always_inline)) inline void position_shared_rows(const acc_t* const* matrices, int64_t query_stride,
                                                                 const PositionLayout& l,
@@ -370,23 +361,23 @@ __attribute__((always_inline)) inline void position_shared_rows(const acc_t* con
     RowSums<acc_t> sums[kRows];
     int64_t unplaced_from = 0;
     for (const auto& [first, last] : runs) {
-      add_unplaced<kRows, acc_t, kEntropy>(rows, unplaced_from, first, sums);
+      add_unplaced<kRows, acc_t>(rows, unplaced_from, first, sums);
       const acc_t* run_rows[kRows];
       for (int g = 0; g < kRows; ++g) run_rows[g] = rows[g] + first;
-      acc_t w[kRows], m[kRows] = {}, e[kRows] = {};
+      acc_t w[kRows], m[kRows] = {};
       if (l.renormalize)
-        shared_distance_sums<kRows, acc_t, true, kEntropy>(run_rows, dist + first, last - first, w, m, e);
+        shared_distance_sums<kRows, acc_t, true>(run_rows, dist + first, last - first, w, m);
       else
-        shared_distance_sums<kRows, acc_t, false, kEntropy>(run_rows, dist + first, last - first, w, m, e);
+        shared_distance_sums<kRows, acc_t, false>(run_rows, dist + first, last - first, w, m);
       for (int g = 0; g < kRows; ++g) {
         sums[g].weighted += w[g];
         if (l.renormalize) sums[g].mass += m[g];
-        sums[g].x_log_x += e[g];
       }
       unplaced_from = last;
     }
-    add_unplaced<kRows, acc_t, kEntropy>(rows, unplaced_from, l.num_keys, sums);
+    add_unplaced<kRows, acc_t>(rows, unplaced_from, l.num_keys, sums);
     for (int g = 0; g < kRows; ++g) {
+      if constexpr (kEntropy) sums[g].x_log_x = contiguous_x_log_x(rows[g], l.num_keys, rows[g] + kPrefetchAheadValues<acc_t>);
       if (out[g].self_mass != nullptr) sums[g].self = rows[g][t];  // Nq == Nk: check_stats
       store(out[g], t, sums[g], l.renormalize);
     }
@@ -434,9 +425,7 @@ void position_stats_precomputed(const at::Tensor& attn, const PositionArgs& args
                                 const PrecomputedDistances<acc_t>& distances, const StatsBuffer<acc_t>& buffer) {
   const PositionLayout& l = args.layout;
   const auto queries = position_rows<acc_t>(args.queries, l.dims);
-  const int64_t max_group = kEntropy ? kMatricesPerGroupWithEntropy
-                            : l.renormalize ? kMatricesPerGroupWithMass
-                                            : kMatricesPerGroup;
+  const int64_t max_group = l.renormalize ? kMatricesPerGroupWithMass : kMatricesPerGroup;
   const std::vector<int64_t> group_starts = position_groups(distances, l.num_matrices, max_group);
   const auto num_groups = static_cast<int64_t>(group_starts.size()) - 1;
   const acc_t* data = attn.const_data_ptr<acc_t>();
@@ -463,16 +452,20 @@ void position_stats_precomputed(const at::Tensor& attn, const PositionArgs& args
   });
 }
 
+// next[i]: the matrix that the next group reads where this one reads matrices[i] (or nullptr), prefetched into L2
+// while the entropy pass computes, so that the next group's distance pass finds it there.
 template <typename acc_t, bool kEntropy>
-VITMAD_CPU_CLONES void whole_matrix_stats_sums(const acc_t* const* matrices, int64_t count, const acc_t* dist,
-                                               int64_t n, acc_t* weighted, acc_t* x_log_x) {
+VITMAD_CPU_CLONES void whole_matrix_stats_sums(const acc_t* const* matrices, const acc_t* const* next, int64_t count,
+                                               const acc_t* dist, int64_t n, acc_t* weighted, acc_t* x_log_x) {
   acc_t mass[kMatricesPerGroup];
   switch (count) {
-    case 4: return shared_distance_sums<4, acc_t, false, kEntropy>(matrices, dist, n, weighted, mass, x_log_x);
-    case 3: return shared_distance_sums<3, acc_t, false, kEntropy>(matrices, dist, n, weighted, mass, x_log_x);
-    case 2: return shared_distance_sums<2, acc_t, false, kEntropy>(matrices, dist, n, weighted, mass, x_log_x);
-    default: return shared_distance_sums<1, acc_t, false, kEntropy>(matrices, dist, n, weighted, mass, x_log_x);
+    case 4: shared_distance_sums<4, acc_t, false>(matrices, dist, n, weighted, mass); break;
+    case 3: shared_distance_sums<3, acc_t, false>(matrices, dist, n, weighted, mass); break;
+    case 2: shared_distance_sums<2, acc_t, false>(matrices, dist, n, weighted, mass); break;
+    default: shared_distance_sums<1, acc_t, false>(matrices, dist, n, weighted, mass); break;
   }
+  if constexpr (kEntropy)
+    for (int64_t i = 0; i < count; ++i) x_log_x[i] = contiguous_x_log_x<acc_t, 2>(matrices[i], n, next[i]);
 }
 
 // "mean" without renormalisation where every query and key has a position and each matrix is contiguous (as
@@ -490,7 +483,7 @@ bool position_stats_whole_matrices(const at::Tensor& attn, const PositionArgs& a
     return false;
   for (const char complete : distances.complete)
     if (!complete) return false;
-  const int64_t max_group = kEntropy ? kMatricesPerGroupWithEntropy : kMatricesPerGroup;
+  const int64_t max_group = kMatricesPerGroup;
   const std::vector<int64_t> group_starts = position_groups(distances, l.num_matrices, max_group);
   const auto num_groups = static_cast<int64_t>(group_starts.size()) - 1;
   const acc_t* data = attn.const_data_ptr<acc_t>();
@@ -508,10 +501,14 @@ bool position_stats_whole_matrices(const at::Tensor& attn, const PositionArgs& a
       const int64_t b = group_starts[group];
       const int64_t count = group_starts[group + 1] - b;
       const acc_t* matrices[kMatricesPerGroup];
+      const acc_t* next[kMatricesPerGroup] = {};
       for (int64_t i = 0; i < count; ++i) matrices[i] = data + matrix_offset(b + i);
+      if (group + 1 < end)
+        for (int64_t i = 0; i < count && b + count + i < group_starts[group + 2]; ++i)
+          next[i] = data + matrix_offset(b + count + i);
       acc_t weighted[kMatricesPerGroup], x_log_x[kMatricesPerGroup] = {};
-      whole_matrix_stats_sums<acc_t, kEntropy>(matrices, count, distances.row(b, 0, l.num_queries, l.num_keys), n,
-                                               weighted, x_log_x);
+      whole_matrix_stats_sums<acc_t, kEntropy>(matrices, next, count,
+                                               distances.row(b, 0, l.num_queries, l.num_keys), n, weighted, x_log_x);
       for (int64_t i = 0; i < count; ++i) {
         if (mad != nullptr) mad[b + i] = weighted[i] / num_queries;
         if (entropy != nullptr) entropy[b + i] = -x_log_x[i] / num_queries;

@@ -259,18 +259,20 @@ def test_positions_match_fallback():
                                        equal_nan=True, **tol(torch.float32))
 
 
-@pytest.mark.parametrize("nk", [64, 67])
-def test_entropy_of_single_values(nk):
+@pytest.mark.parametrize("specials_last", [False, True])
+@pytest.mark.parametrize("nk", [13, 29, 64, 67])
+def test_entropy_of_single_values(nk, specials_last):
     """A row whose only nonzero value x sits at column t (a diagonal) has entropy -x ln x exactly as the kernel's
     log gives it: every lane of the vectors and of the padded tail sees denormals, 1, values above 1, NaN and
-    negatives. Within 2 ulp of float64 (the log's ulp and the product's rounding) where the kernels' clones fuse
-    multiply-adds (AVX2 CPUs), 2.5 on CPUs without (log_check's bounds)."""
+    negatives, at the start of the rows and at their end (the last values, which the contiguous rows read as the
+    row's last two vectors with the lanes already counted zeroed: 67 = 4 * 16 + 3 keys), and in rows shorter
+    than two vectors (13). Within 2 ulp of float64 (the log's ulp and the product's rounding) where the kernels'
+    clones fuse multiply-adds (AVX2 CPUs), 2.5 on CPUs without (log_check's bounds)."""
     gen = torch.Generator().manual_seed(60)
-    values = torch.cat([
-        torch.tensor([0.0, 1.0, 1e-45, 1e-40, 1.17549435e-38, 0.5, 2.0, 0.70710677, 1.4142135, math.nan, -0.25,
-                      1 - 2**-24, 3.0e38], dtype=torch.float64),
-        torch.exp(torch.empty(nk - 13, dtype=torch.float64).uniform_(-100, 0.5, generator=gen)),
-    ]).float().double()
+    specials = torch.tensor([0.0, 1.0, 1e-45, 1e-40, 1.17549435e-38, 0.5, 2.0, 0.70710677, 1.4142135, math.nan,
+                             -0.25, 1 - 2**-24, 3.0e38], dtype=torch.float64)
+    others = torch.exp(torch.empty(nk - 13, dtype=torch.float64).uniform_(-100, 0.5, generator=gen))
+    values = (torch.cat([others, specials]) if specials_last else torch.cat([specials, others])).float().double()
     attn = torch.diag(values).float()
     pos = _positions(nk, 1, 61)
     want = -torch.special.xlogy(values, values)
