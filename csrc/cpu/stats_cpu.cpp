@@ -136,7 +136,8 @@ __attribute__((always_inline)) inline void grid_shared_rows(const acc_t* const* 
       for (int64_t s = 0; s < l.num_prefix; ++s) r.unplaced += rows[g][s];
       r.weighted = weighted[g];
       r.mass = mass[g];
-      if constexpr (kEntropy) r.x_log_x = contiguous_x_log_x(rows[g], l.num_tokens, rows[g] + kPrefetchAheadValues<acc_t>);
+      if constexpr (kEntropy)
+        r.x_log_x = contiguous_x_log_x(rows[g], l.num_tokens, rows[g] + kPrefetchAheadValues<acc_t>);
       r.self = patches[g][t];
       store(out[g], t, r, l.renormalize);
     }
@@ -145,8 +146,8 @@ __attribute__((always_inline)) inline void grid_shared_rows(const acc_t* const* 
 
 // The statistics of the patch queries [t_begin, t_end) of `count` matrices (their rows in out[i]): grouped rows
 // where they are contiguous in the accumulation type, else row by row in any dtype and stride, MAD through mad's
-// own weighted_sums (as mad_rows), the other statistics from a second pass over the row, which the first has just brought into
-// cache.
+// own weighted_sums (as mad_rows), the other statistics from a second pass over the row, which the first has just
+// brought into cache.
 template <typename scalar_t, typename acc_t, bool kEntropy>
 VITMAD_CPU_CLONES void grid_stats_rows(const scalar_t* const* matrices, int64_t count, int64_t query_stride,
                                        int64_t key_stride, const MadLayout& l,
@@ -377,7 +378,8 @@ __attribute__((always_inline)) inline void position_shared_rows(const acc_t* con
     }
     add_unplaced<kRows, acc_t>(rows, unplaced_from, l.num_keys, sums);
     for (int g = 0; g < kRows; ++g) {
-      if constexpr (kEntropy) sums[g].x_log_x = contiguous_x_log_x(rows[g], l.num_keys, rows[g] + kPrefetchAheadValues<acc_t>);
+      if constexpr (kEntropy)
+        sums[g].x_log_x = contiguous_x_log_x(rows[g], l.num_keys, rows[g] + kPrefetchAheadValues<acc_t>);
       if (out[g].self_mass != nullptr) sums[g].self = rows[g][t];  // Nq == Nk: check_stats
       store(out[g], t, sums[g], l.renormalize);
     }
