@@ -95,11 +95,6 @@ std::shared_ptr<const ColumnDistances<acc_t>> column_distances(const MadLayout& 
   return last;
 }
 
-// Matrices whose rows of one query are read together by mad_rows, sharing the query's distances (registers: four
-// rows' accumulators, two with renormalisation, whose mass accumulators take as many more).
-constexpr int64_t kMatricesPerGroup = 4;
-constexpr int64_t kMatricesPerGroupWithMass = 2;
-
 // Runs fn(b, count, t_begin, t_end, distances, buffer) over runs of patch queries [t_begin, t_end) of the `count`
 // matrices b, b + 1, ..., that together cover every matrix; matrices go in groups of `group` (the last one may be
 // smaller), and `buffer` holds num_patches values for ColumnDistances::row. Each thread takes one contiguous range

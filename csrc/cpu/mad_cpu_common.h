@@ -421,6 +421,12 @@ __attribute__((always_inline)) inline acc_t contiguous_x_log_x(const acc_t* a, i
   return lanes.exact_needed() ? exact_x_log_x_sum<acc_t, acc_t>(a, 1, n) : lanes.total();
 }
 
+// Matrices whose rows of one query are read together through shared_distance_sums, sharing the query's distances
+// (the grid form's mad_rows and stats rows; the position form's consecutive matrices that share their positions):
+// registers for four rows' accumulators, two with renormalisation, whose mass accumulators take as many more.
+constexpr int64_t kMatricesPerGroup = 4;
+constexpr int64_t kMatricesPerGroupWithMass = 2;
+
 // contiguous_sums for kRows attention rows that share one distance row (query t of kRows matrices): each
 // distance vector is loaded once for all of them, so the distances cost 1 / kRows of the loads and of the L2 to L1
 // traffic that the attention itself takes. Per row, two vector accumulators, then one vector, half a vector and
@@ -499,6 +505,21 @@ __attribute__((always_inline)) inline void shared_distance_sums(const acc_t* con
     }
     weighted[g] = (w_tail + lane_total<acc_t, H>(hw)) + totals[g];
     if constexpr (kMass) mass[g] = (m_tail + lane_total<acc_t, H>(hm)) + lane_total<acc_t>(m0[g] + m1[g]);
+  }
+}
+
+// shared_distance_sums of `count` (at most four) whole matrices read as streams of n values each, without the
+// mass: the "mean" of mad_pos and stats_pos where every query and key has a position (mad_pos_whole_matrices and
+// position_stats_whole_matrices, whose MAD rows are equal bit for bit through it).
+template <typename acc_t>
+VITMAD_CPU_CLONES void whole_matrix_sums(const acc_t* const* matrices, int64_t count, const acc_t* dist, int64_t n,
+                                         acc_t* weighted) {
+  acc_t mass[kMatricesPerGroup];
+  switch (count) {
+    case 4: return shared_distance_sums<4, acc_t, false>(matrices, dist, n, weighted, mass);
+    case 3: return shared_distance_sums<3, acc_t, false>(matrices, dist, n, weighted, mass);
+    case 2: return shared_distance_sums<2, acc_t, false>(matrices, dist, n, weighted, mass);
+    default: return shared_distance_sums<1, acc_t, false>(matrices, dist, n, weighted, mass);
   }
 }
 

@@ -103,11 +103,6 @@ VITMAD_CPU_CLONES void mad_pos_shared_rows(const acc_t* const* matrices, int64_t
   }
 }
 
-// Matrices whose rows of one query are read together (see mad_cpu.cpp): up to four consecutive matrices that
-// share their positions, two with renormalisation.
-constexpr int64_t kMatricesPerGroup = 4;
-constexpr int64_t kMatricesPerGroupWithMass = 2;
-
 // mad_pos's forward for contiguous keys in the accumulation type with precomputed distances: the attention is
 // read in memory order, each thread a contiguous range of (group, query) rows, each group up to four consecutive
 // matrices with the same positions reading each distance row once.
@@ -146,18 +141,6 @@ void mad_pos_precomputed(const at::Tensor& attn, const PositionArgs& args,
       row += t_end - t_begin;
     }
   });
-}
-
-template <typename acc_t>
-VITMAD_CPU_CLONES void whole_matrix_sums(const acc_t* const* matrices, int64_t count, const acc_t* dist, int64_t n,
-                                         acc_t* weighted) {
-  acc_t mass[kMatricesPerGroup];
-  switch (count) {
-    case 4: return shared_distance_sums<4, acc_t, false>(matrices, dist, n, weighted, mass);
-    case 3: return shared_distance_sums<3, acc_t, false>(matrices, dist, n, weighted, mass);
-    case 2: return shared_distance_sums<2, acc_t, false>(matrices, dist, n, weighted, mass);
-    default: return shared_distance_sums<1, acc_t, false>(matrices, dist, n, weighted, mass);
-  }
 }
 
 // "mean" without renormalisation where every query and key has a position and each matrix is contiguous: the mean

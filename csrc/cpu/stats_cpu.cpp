@@ -459,13 +459,7 @@ void position_stats_precomputed(const at::Tensor& attn, const PositionArgs& args
 template <typename acc_t, bool kEntropy>
 VITMAD_CPU_CLONES void whole_matrix_stats_sums(const acc_t* const* matrices, const acc_t* const* next, int64_t count,
                                                const acc_t* dist, int64_t n, acc_t* weighted, acc_t* x_log_x) {
-  acc_t mass[kMatricesPerGroup];
-  switch (count) {
-    case 4: shared_distance_sums<4, acc_t, false>(matrices, dist, n, weighted, mass); break;
-    case 3: shared_distance_sums<3, acc_t, false>(matrices, dist, n, weighted, mass); break;
-    case 2: shared_distance_sums<2, acc_t, false>(matrices, dist, n, weighted, mass); break;
-    default: shared_distance_sums<1, acc_t, false>(matrices, dist, n, weighted, mass); break;
-  }
+  whole_matrix_sums<acc_t>(matrices, count, dist, n, weighted);
   if constexpr (kEntropy)
     for (int64_t i = 0; i < count; ++i) x_log_x[i] = contiguous_x_log_x<acc_t, 2>(matrices[i], n, next[i]);
 }
