@@ -34,6 +34,7 @@
 #include "../mad_args.h"
 #include "../stats_args.h"
 #include "block_logits.h"
+#include "grid_distances.h"
 #include "mad_cpu_common.h"
 
 namespace vitmad {
@@ -474,14 +475,16 @@ StridedView<T> view_of(const at::Tensor& t, const char* op_name, const char* arg
 }
 
 // Where the queries and keys of the grid form are and how far apart: queries are the patch tokens P, P + 1, ...;
-// the first P keys of each row are prefix tokens, the rest patches at grid distances. The distances are a copy
-// from the small distance table, so a task takes one matrix.
+// the first P keys of each row are prefix tokens, the rest patches at grid distances. A query's distances are a
+// row of the column tables mad uses (grid_distances.h), read in place: copying them from the distance table, a
+// run per grid row, took a quarter of mad_qk's time over 32 x 12 x 197 x 64 on a Xeon (the copies, and a division
+// per run). So a task takes one matrix.
 template <typename acc_t>
 struct GridDistances {
   static constexpr int64_t kMatricesPerTask = 1;
   // The keys without a position are the prefix keys, which the online update sums apart (RowState::prefix).
   static constexpr bool kPositionlessArePrefix = true;
-  const acc_t* table;
+  const ColumnDistances<acc_t>* columns;
   const MadLayout* l;
 
   int64_t matrices_per_task(int64_t /*key_bytes*/) const { return 1; }
@@ -493,11 +496,15 @@ struct GridDistances {
   int64_t prefix_keys(int64_t k_begin, int64_t cols) const {
     return std::clamp<int64_t>(l->num_prefix - k_begin, 0, cols);
   }
-  // dist = the distances from query t to the patch keys of the key block.
-  void fill(int64_t t, int64_t k_begin, int64_t cols, acc_t* dist) const {
+  // The distances from query t to the patch keys of the key block: a row of the column tables, or that row
+  // written into `buffer` (kKeyBlock values) where the tables were too large to build.
+  const acc_t* distances(int64_t t, int64_t k_begin, int64_t cols, acc_t* buffer) const {
     const int64_t first_patch_key = k_begin + prefix_keys(k_begin, cols) - l->num_prefix;  // among the patches
     const int64_t last_patch_key = k_begin + cols - l->num_prefix;
-    if (first_patch_key < last_patch_key) fill_distances(table, *l, t, first_patch_key, last_patch_key, dist);
+    if (first_patch_key >= last_patch_key) return buffer;  // prefix keys only: no distance is read
+    if (!columns->needs_buffer()) return columns->row(*l, QueryWalk(t, l->grid_w), nullptr) + first_patch_key;
+    fill_distances(columns->table(), *l, t, first_patch_key, last_patch_key, buffer);
+    return buffer;
   }
   // Renormalised MAD is the mean distance under the softmax over patch keys alone, so prefix keys are masked
   // out (counting them would only shrink the patch mass, down to 0 / 0 for a query that puts nearly all its
@@ -556,10 +563,12 @@ struct PositionDistances {
     return q[0];
   }
   int64_t prefix_keys(int64_t /*k_begin*/, int64_t /*cols*/) const { return 0; }
-  void fill(int64_t t, int64_t k_begin, int64_t cols, acc_t* dist) const {
+  // The distances from query t to the keys of the key block, written into `buffer` (kKeyBlock values).
+  const acc_t* distances(int64_t t, int64_t k_begin, int64_t cols, acc_t* buffer) const {
     acc_t q[3];
     queries.position(q_matrix, t, q);
-    packed.distances(q, k_begin, cols, /*zero_missing=*/true, dist);
+    packed.distances(q, k_begin, cols, /*zero_missing=*/true, buffer);
+    return buffer;
   }
   void mask(int64_t k_begin, int64_t cols, acc_t* logits) const {
     if (!renormalize) return;
@@ -633,7 +642,9 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
     Distances keys = distances;
     std::optional<Distances> key_times;
     if constexpr (kTime) key_times.emplace(*times);
+    // Each row's distances: in `dist` (zero where MAD is not wanted) or a row of the grid form's column tables.
     std::vector<acc_t> dist(kQueryBlock * kKeyBlock);
+    std::vector<const acc_t*> row_distances(kQueryBlock);
     std::vector<RowState<acc_t, kEntropy, kTime>> states(kGroup * kQueryBlock);
     std::vector<StatsRowState<acc_t>> stats_states(kStats ? kGroup * kQueryBlock : 0);
     std::vector<acc_t> positionless_logits(kStats ? kKeyBlock : 0);
@@ -658,9 +669,10 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
       for (int64_t k_begin = 0; k_begin < num_keys; k_begin += kKeyBlock) {
         const int64_t cols = std::min(kKeyBlock, num_keys - k_begin);
         const int64_t prefix_keys = keys.prefix_keys(k_begin, cols);
-        if (needs_distances)
-          for (int64_t i = 0; i < rows; ++i)
-            if (keys.has_query(t_begin + i)) keys.fill(t_begin + i, k_begin, cols, dist.data() + i * kKeyBlock);
+        for (int64_t i = 0; i < rows; ++i)
+          row_distances[i] = needs_distances && keys.has_query(t_begin + i)
+                                 ? keys.distances(t_begin + i, k_begin, cols, dist.data() + i * kKeyBlock)
+                                 : dist.data() + i * kKeyBlock;
         for (int64_t g = 0; g < group_size; ++g) {
           acc_t* logits = products[g].logits(k_begin, cols);
           const bias_t* bias_matrix = bias.has_value() ? bv.matrix(first_matrix + g) : nullptr;
@@ -681,7 +693,7 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
             keys.mask(k_begin, cols, row);
             Frames<acc_t> frames;
             if constexpr (kTime) frames = {key_times->packed.x.data() + k_begin, key_times->query_x(t_begin + i)};
-            online_softmax_update<kEntropy, kTime>(row, cols, prefix_keys, dist.data() + i * kKeyBlock, frames,
+            online_softmax_update<kEntropy, kTime>(row, cols, prefix_keys, row_distances[i], frames,
                                                    states[g * kQueryBlock + i]);
           }
         }
@@ -737,8 +749,8 @@ at::Tensor mad_qk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t patch, i
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "vitmad_mad_qk_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* rows = per_query.mutable_data_ptr<acc_t>();
-    const auto table = distance_table<acc_t>(l, static_cast<acc_t>(patch));
-    const GridDistances<acc_t> distances{table.data(), &l};
+    const auto columns = column_distances<acc_t>(l, static_cast<acc_t>(patch));
+    const GridDistances<acc_t> distances{columns.get(), &l};
     with_bias<scalar_t>(attn_bias, q, k, [&](const std::optional<at::Tensor>& bias, auto* bias_type) {
       using bias_t = std::remove_pointer_t<decltype(bias_type)>;
       online_mad_cpu<false, false, false, scalar_t, acc_t, bias_t>(q, k, bias, shape, l.num_prefix, l.num_patches,
@@ -847,8 +859,8 @@ at::Tensor stats_qk_cpu(const at::Tensor& q, const at::Tensor& k, int64_t patch,
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "vitmad_stats_qk_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto table = distance_table<acc_t>(l, static_cast<acc_t>(patch));
-    const GridDistances<acc_t> distances{table.data(), &l};
+    const auto columns = column_distances<acc_t>(l, static_cast<acc_t>(patch));
+    const GridDistances<acc_t> distances{columns.get(), &l};
     online_stats_cpu<scalar_t, acc_t>(q, k, attn_bias, shape, l.num_prefix, l.num_patches, distances, nullptr,
                                       request, per_query);
     if (l.reduce_mean) mean_of_stats<acc_t>(per_query, l.num_matrices, l.num_patches, AllQueries{}, out);

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import vitmad
+from conftest import tolerance
+from vitmad.ops.reference import mad_qk_reference, mad_reference
 
 
 @pytest.mark.slow
@@ -49,3 +51,20 @@ def test_mad_qk_bias_of_more_than_2_pow_31_elements():
     per_query = vitmad.mad_qk(q, k, 16, num_prefix_tokens=0, grid=grid, attn_bias=mask, reduction="none")
     expected = _distances(grid, rows, keys)
     torch.testing.assert_close(per_query[0, 0].double(), expected, rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grid_too_wide_for_the_column_tables(dtype):
+    # A 1 x 4200 grid: its column tables (4200^2 distances, 71 MB in float32) exceed the 64 MB the CPU kernels
+    # build, so each row's distances are written into a buffer from the distance table instead. Three prefix
+    # tokens and 4203 keys: mad_qk's key blocks (512 keys) do not start on a grid row.
+    n, prefix, grid = 4203, 3, [1, 4200]
+    gen = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(1, 2, n, 8, generator=gen, dtype=dtype) for _ in range(2))
+    options = dict(num_prefix_tokens=prefix, grid=grid, reduction="none")
+    per_query = vitmad.mad_qk(q, k, 16, **options)
+    expected = mad_qk_reference(q, k, 16, **options)
+    torch.testing.assert_close(per_query.double(), expected, **tolerance(dtype))
+    attn = torch.softmax((q @ k.transpose(-1, -2)) * 8**-0.5, dim=-1)
+    torch.testing.assert_close(vitmad.mad(attn, 16, **options).double(), mad_reference(attn, 16, **options),
+                               **tolerance(dtype))
