@@ -1,9 +1,9 @@
 // The q_block @ k_block^T products of the mad_qk CPU kernel: scaled logits with float32 (float64 for float64)
 // accumulation in a per-thread buffer. Keys and queries are packed to the accumulation type, so every input
-// dtype and stride goes through one float32 / float64 product: panel_logits.h's AVX2 kernel for float32 where
-// it runs, else ATen's GEMM (MKL or OpenBLAS); except bfloat16 on CPUs with AMX-BF16, whose products run on the
-// AMX tiles unwidened (tile_logits.h). (A bfloat16 micro-kernel on vdpbf16ps, without AMX, was tried: on an
-// AVX512-BF16 Xeon it was slower than MKL's float32 GEMM on the widened blocks.)
+// dtype and stride goes through one float32 / float64 product: panel_logits.h's AVX-512 or AVX2 kernel for
+// float32 where it runs, else ATen's GEMM (MKL or OpenBLAS); except bfloat16 on CPUs with AMX-BF16, whose
+// products run on the AMX tiles unwidened (tile_logits.h). (A bfloat16 micro-kernel on vdpbf16ps, without AMX,
+// was tried: on an AVX512-BF16 Xeon it was slower than MKL's float32 GEMM on the widened blocks.)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,7 +21,8 @@
 namespace vitmad {
 
 // Whether this block product runs bfloat16 input on the AMX tiles (tile_logits.h): by default where the CPU has
-// them; VITMAD_CPU_LOGITS=blas or =panels widen it to float32 as other dtypes, =amx insists (an error without AMX).
+// them; VITMAD_CPU_LOGITS=blas, =panels or =panels-avx2 widen it to float32 as other dtypes, =amx insists (an error
+// without AMX).
 // Decided per parallel task: oneDNN's micro-kernels also follow torch.backends.mkldnn.enabled.
 template <typename scalar_t>
 inline bool use_tile_logits() {
@@ -29,7 +30,7 @@ inline bool use_tile_logits() {
     return false;
   } else {
     const std::string& route = logits_route_choice();
-    if (route == "blas" || route == "panels") return false;
+    if (route == "blas" || route == "panels" || route == "panels-avx2") return false;
     const bool runs = cpu_runs_tile_logits();
     TORCH_CHECK(route != "amx" || runs,
                 "VITMAD_CPU_LOGITS=amx needs a CPU with AMX-BF16 and torch.backends.mkldnn enabled; this process "
@@ -42,6 +43,7 @@ inline bool use_tile_logits() {
 // product is large enough that its call overhead is small against its work.
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyBlock = 512;
+static_assert(kQueryBlock % kWideStrip == 0, "query blocks are whole strips of the AVX-512 panels");
 static_assert(kKeyBlock % kPanelKeys == 0, "key blocks start on a panel");
 
 // dst[r * cols + c] = factor * src[r * row_stride + c * col_stride]: a contiguous block in the GEMM's dtype.
@@ -64,6 +66,7 @@ class GemmLogits {
   explicit GemmLogits(int64_t head_dim)
       : head_dim_(head_dim),
         panels_(std::is_same_v<acc_t, float> && use_panel_logits()),
+        wide_panels_(panels_ && use_wide_panels()),
         q_(kQueryBlock * head_dim),
         logits_(kQueryBlock * kKeyBlock) {
     if constexpr (std::is_same_v<acc_t, float>)
@@ -99,6 +102,12 @@ class GemmLogits {
         return;
       }
     }
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (wide_panels_) {
+        pack_query_strips(src, row_stride, col_stride, rows, head_dim_, static_cast<float>(scale), q_.data());
+        return;
+      }
+    }
     pack_block(src, row_stride, col_stride, rows, head_dim_, static_cast<acc_t>(scale), q_.data());
   }
 
@@ -114,8 +123,13 @@ class GemmLogits {
       if (panels_) {
         // Whole panels, kKeyBlock floats apart: the columns past `cols` are written but not read.
         row_stride_ = kKeyBlock;
-        panel_logits(q_.data(), rows_, head_dim_, k_.data() + k_begin * head_dim_,
-                     (cols + kPanelKeys - 1) / kPanelKeys, logits_.data(), kKeyBlock);
+        const int64_t panels = (cols + kPanelKeys - 1) / kPanelKeys;
+        if (wide_panels_)
+          wide_panel_logits(q_.data(), rows_, head_dim_, k_.data() + k_begin * head_dim_, panels, logits_.data(),
+                            kKeyBlock);
+        else
+          panel_logits(q_.data(), rows_, head_dim_, k_.data() + k_begin * head_dim_, panels, logits_.data(),
+                       kKeyBlock);
         return logits_.data();
       }
     }
@@ -131,7 +145,8 @@ class GemmLogits {
 
  private:
   int64_t head_dim_;
-  bool panels_;  // float32 through panel_logits (keys in panels), else ATen's GEMM (keys row-major)
+  bool panels_;       // float32 through the panels (keys in panels), else ATen's GEMM (keys row-major)
+  bool wide_panels_;  // the panels on wide_panel_logits (AVX-512F), else on panel_logits
   int64_t rows_ = 0;
   int64_t row_stride_ = 0;
   const scalar_t* keys_source_ = nullptr;

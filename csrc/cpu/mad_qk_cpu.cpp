@@ -610,7 +610,8 @@ template <bool kStats, bool kEntropy, bool kTime, typename scalar_t, typename ac
           typename Distances>
 void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& bias,
                     const QkShape& shape, int64_t first_query, int64_t num_queries, const Distances& distances,
-                    const std::type_identity_t<Distances>* times, const StatRows<acc_t>& rows_out, const char* op_name) {
+                    const std::type_identity_t<Distances>* times, const StatRows<acc_t>& rows_out,
+                    const char* op_name) {
   static_assert(kStats || !(kEntropy || kTime), "entropy and the temporal MAD are statistics");
   constexpr int64_t kGroup = Distances::kMatricesPerTask;
   const int64_t num_keys = shape.num_keys;
@@ -828,7 +829,8 @@ void with_flag(bool flag, Fn fn) {
 template <typename scalar_t, typename acc_t, typename Distances>
 void online_stats_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& attn_bias,
                       const QkShape& shape, int64_t first_query, int64_t num_queries, const Distances& distances,
-                      const std::type_identity_t<Distances>* times, const StatsRequest& request, const at::Tensor& per_query) {
+                      const std::type_identity_t<Distances>* times, const StatsRequest& request,
+                      const at::Tensor& per_query) {
   const StatRows<acc_t> rows = stat_rows<acc_t>(per_query, request);
   with_bias<scalar_t>(attn_bias, q, k, [&](const std::optional<at::Tensor>& bias, auto* bias_type) {
     using bias_t = std::remove_pointer_t<decltype(bias_type)>;
@@ -839,8 +841,8 @@ void online_stats_cpu(const at::Tensor& q, const at::Tensor& k, const std::optio
               q, k, bias, shape, first_query, num_queries, distances, times, rows, kStatsQkOp);
         });
       } else {
-        online_mad_cpu<true, decltype(entropy)::value, false, scalar_t, acc_t, bias_t>(q, k, bias, shape, first_query, num_queries,
-                                                                        distances, nullptr, rows, kStatsQkOp);
+        online_mad_cpu<true, decltype(entropy)::value, false, scalar_t, acc_t, bias_t>(
+            q, k, bias, shape, first_query, num_queries, distances, nullptr, rows, kStatsQkOp);
       }
     });
   });

@@ -1,13 +1,16 @@
-// float32 logit blocks q_block @ k_block^T for the mad_qk CPU kernel on AVX2 + FMA CPUs (block_logits.h), from
-// keys packed once per matrix in panels of 16 keys.
+// float32 logit blocks q_block @ k_block^T for the mad_qk CPU kernel on x86-64 CPUs with AVX2 + FMA
+// (block_logits.h), from keys packed once per matrix in panels of 16 keys: an 8-lane kernel (panel_logits) and,
+// where the CPU has AVX-512F, a 16-lane one (wide_panel_logits) that gives the same bits.
 //
 // Why not ATen's GEMM, as before: MKL packs its right-hand matrix on every call, and the kernel calls it once per
 // 64-query x 512-key block, each time with a different query block against the same keys. On VideoMAE-B's pass
 // (2 x 12 x 1568 x 64, one thread, AMD EPYC Zen 3, perf) MKL's packing (`sgemm_scopy_right16`) and the zeroing of
 // its output (`sgemm_mscale`) took 18% of the pass against 46% for its arithmetic; the keys here are packed once
 // per matrix, and these blocks run at 1.3-1.6x MKL's speed (64-84 against 39-65 GFLOP/s, C++ harness, same VM).
-// On CPUs with AVX-512 MKL's kernels are twice as wide as this one, so the kernel keeps ATen's GEMM there (and on
-// anything but x86-64); use_panel_logits() says which, VITMAD_CPU_LOGITS overrides it.
+// On a Xeon (Sapphire Rapids, one thread, perf over mad_qk of 32 x 12 x 197 x 64) MKL's AVX-512 kernel and its
+// packing took 33% of the pass, wide_panel_logits 25%; mad_qk over 8 x 16 x 577 x 64 took 93-101 ms against
+// 104-131 ms with MKL (three alternations). use_panel_logits() says which route runs; VITMAD_CPU_LOGITS
+// overrides it.
 //
 // Layout: panel p holds keys [16 p, 16 p + 16) as [head_dim][16] floats, zero past the last key. A block of logits
 // is written row by row with `ldc` floats between rows, in whole panels (the columns past the block's last key
@@ -111,13 +114,109 @@ __attribute__((target("avx2,fma"))) inline void panel_logits(const float* q, int
   }
 }
 
+// The AVX-512 kernel on the same panels: a panel is one 16-lane register per query row, and a tile takes P
+// consecutive panels (P = 2: 32 keys, 16 accumulators over 8 rows, of AVX-512's 32 registers) so that each
+// broadcast query value feeds P FMAs. The queries come in strips of kWideStrip rows stored depth-major
+// (pack_query_strips), so that a tile's broadcasts read one pointer at fixed offsets: with eight row pointers GCC
+// ran out of general registers and reloaded one from the stack at every step. Every logit is the same FMA chain
+// per 128-wide chunk as in panel_tile, so both kernels give the same bits.
+constexpr int64_t kWideStrip = 8;
+
+// dst[s * head_dim * 8 + d * 8 + r] = factor * src[(8 s + r) * row_stride + d * col_stride]: `rows` query rows as
+// depth-major strips of kWideStrip, the rows past the last zero.
+template <typename scalar_t>
+void pack_query_strips(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64_t rows, int64_t head_dim,
+                       float factor, float* dst) {
+  const int64_t strips = (rows + kWideStrip - 1) / kWideStrip;
+  for (int64_t s = 0; s < strips; ++s) {
+    float* strip = dst + s * head_dim * kWideStrip;
+    for (int64_t r = 0; r < kWideStrip; ++r) {
+      const int64_t row = s * kWideStrip + r;
+      if (row >= rows) {
+        for (int64_t d = 0; d < head_dim; ++d) strip[d * kWideStrip + r] = 0.0f;
+        continue;
+      }
+      const scalar_t* in = src + row * row_stride;
+      for (int64_t d = 0; d < head_dim; ++d)
+        strip[d * kWideStrip + r] = factor * static_cast<float>(in[d * col_stride]);
+    }
+  }
+}
+template <int R, int P>
+__attribute__((target("avx512f"), always_inline)) inline void wide_panel_tile(const float* q, int64_t head_dim,
+                                                                              const float* panel, float* c,
+                                                                              int64_t ldc) {
+  const int64_t panel_size = head_dim * kPanelKeys;
+  for (int64_t chunk = 0; chunk < head_dim; chunk += kDepthChunk) {
+    const int64_t chunk_end = chunk + kDepthChunk < head_dim ? chunk + kDepthChunk : head_dim;
+    __m512 sums[P][R];
+    for (int p = 0; p < P; ++p)
+      for (int r = 0; r < R; ++r) sums[p][r] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int64_t d = chunk; d < chunk_end; ++d) {
+      __m512 keys[P];
+      for (int p = 0; p < P; ++p) keys[p] = _mm512_loadu_ps(panel + p * panel_size + d * kPanelKeys);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512 query = _mm512_set1_ps(q[d * kWideStrip + r]);
+        for (int p = 0; p < P; ++p) sums[p][r] = _mm512_fmadd_ps(query, keys[p], sums[p][r]);
+      }
+    }
+    for (int p = 0; p < P; ++p)
+      for (int r = 0; r < R; ++r) {
+        float* out = c + r * ldc + p * kPanelKeys;
+        if (chunk > 0) sums[p][r] = _mm512_add_ps(_mm512_loadu_ps(out), sums[p][r]);
+        _mm512_storeu_ps(out, sums[p][r]);
+      }
+  }
+}
+
+// The `rows` (< 8) last rows of a strip through wide_panel_tile<rows, P>.
+template <int P>
+__attribute__((target("avx512f"))) inline void wide_panel_rows(const float* q, int64_t rows, int64_t head_dim,
+                                                               const float* panel, float* c, int64_t ldc) {
+  switch (rows) {
+    case 7: wide_panel_tile<7, P>(q, head_dim, panel, c, ldc); break;
+    case 6: wide_panel_tile<6, P>(q, head_dim, panel, c, ldc); break;
+    case 5: wide_panel_tile<5, P>(q, head_dim, panel, c, ldc); break;
+    case 4: wide_panel_tile<4, P>(q, head_dim, panel, c, ldc); break;
+    case 3: wide_panel_tile<3, P>(q, head_dim, panel, c, ldc); break;
+    case 2: wide_panel_tile<2, P>(q, head_dim, panel, c, ldc); break;
+    case 1: wide_panel_tile<1, P>(q, head_dim, panel, c, ldc); break;
+    default: break;
+  }
+}
+
+// panel_logits on AVX-512, the queries packed by pack_query_strips: pairs of panels (16 KB at head_dim 128, in L1
+// while every 8-row strip passes over them), the odd last panel alone.
+__attribute__((target("avx512f"))) inline void wide_panel_logits(const float* q, int64_t rows, int64_t head_dim,
+                                                                 const float* panels_begin, int64_t panels, float* c,
+                                                                 int64_t ldc) {
+  const int64_t panel_size = head_dim * kPanelKeys;
+  int64_t p = 0;
+  for (; p + 2 <= panels; p += 2) {
+    const float* panel = panels_begin + p * panel_size;
+    float* column = c + p * kPanelKeys;
+    int64_t r = 0;
+    for (; r + 8 <= rows; r += 8) wide_panel_tile<8, 2>(q + r * head_dim, head_dim, panel, column + r * ldc, ldc);
+    wide_panel_rows<2>(q + r * head_dim, rows - r, head_dim, panel, column + r * ldc, ldc);  // strip r / 8
+  }
+  if (p < panels) {
+    const float* panel = panels_begin + p * panel_size;
+    float* column = c + p * kPanelKeys;
+    int64_t r = 0;
+    for (; r + 8 <= rows; r += 8) wide_panel_tile<8, 1>(q + r * head_dim, head_dim, panel, column + r * ldc, ldc);
+    wide_panel_rows<1>(q + r * head_dim, rows - r, head_dim, panel, column + r * ldc, ldc);
+  }
+}
+
 // Whether the CPU has what panel_logits needs.
 inline bool cpu_runs_panel_logits() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-// Whether the CPU also has AVX-512F, where MKL's kernels are twice as wide as panel_logits.
+// Whether the CPU also has AVX-512F (wide_panel_logits, and 64-byte vectors in the online update).
 inline bool cpu_has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f");
@@ -127,34 +226,43 @@ inline bool cpu_has_avx512() {
 
 // Never called: use_panel_logits() is false where these stand in.
 inline void panel_logits(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t) {}
+inline void wide_panel_logits(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t) {}
 inline bool cpu_runs_panel_logits() { return false; }
 inline bool cpu_has_avx512() { return false; }
 
 #endif
 
-// VITMAD_CPU_LOGITS, checked once per process: "" (unset), "blas", "panels" or "amx".
+// VITMAD_CPU_LOGITS, checked once per process: "" (unset), "blas", "panels", "panels-avx2" or "amx".
 inline const std::string& logits_route_choice() {
   static const std::string route = [] {
     const char* choice = std::getenv("VITMAD_CPU_LOGITS");
     const std::string chosen = choice == nullptr ? "" : choice;
-    TORCH_CHECK(chosen.empty() || chosen == "blas" || chosen == "panels" || chosen == "amx",
-                "VITMAD_CPU_LOGITS must be 'blas', 'panels', 'amx' or unset, got '", chosen, "'");
+    TORCH_CHECK(chosen.empty() || chosen == "blas" || chosen == "panels" || chosen == "panels-avx2" ||
+                    chosen == "amx",
+                "VITMAD_CPU_LOGITS must be 'blas', 'panels', 'panels-avx2', 'amx' or unset, got '", chosen, "'");
     return chosen;
   }();
   return route;
 }
 
-// Whether float32 logits (and widened 16-bit ones) come from panel_logits: by default where the CPU has AVX2 and
-// FMA but not AVX-512F; VITMAD_CPU_LOGITS=blas chooses ATen's GEMM and =panels the panels (on any CPU with AVX2
-// and FMA), so that either route can be timed or tested on one machine; =amx leaves this choice to the default.
+// Whether float32 logits (and widened 16-bit ones) come from the panels: by default wherever the CPU has AVX2 and
+// FMA; VITMAD_CPU_LOGITS=blas chooses ATen's GEMM instead, =panels and =panels-avx2 insist on the panels, so that
+// every route can be timed or tested on one machine; =amx leaves this choice to the default.
 inline bool use_panel_logits() {
   static const bool use = [] {
     const std::string& route = logits_route_choice();
     if (route == "blas") return false;
-    TORCH_CHECK(route != "panels" || cpu_runs_panel_logits(),
-                "VITMAD_CPU_LOGITS=panels needs an x86-64 CPU with AVX2 and FMA, and this one has not both");
-    return cpu_runs_panel_logits() && (route == "panels" || !cpu_has_avx512());
+    TORCH_CHECK((route != "panels" && route != "panels-avx2") || cpu_runs_panel_logits(), "VITMAD_CPU_LOGITS=",
+                route, " needs an x86-64 CPU with AVX2 and FMA, and this one has not both");
+    return cpu_runs_panel_logits();
   }();
+  return use;
+}
+
+// Whether the panels run on wide_panel_logits (AVX-512F) rather than panel_logits: wherever the CPU has AVX-512F,
+// unless VITMAD_CPU_LOGITS=panels-avx2.
+inline bool use_wide_panels() {
+  static const bool use = cpu_has_avx512() && logits_route_choice() != "panels-avx2";
   return use;
 }
 

@@ -1,11 +1,13 @@
-"""The routes of the flash-MAD CPU kernels' logits (csrc/cpu/block_logits.h): the AVX2 panel kernel
-(panel_logits.h, the default for float32 on AVX2 CPUs without AVX-512), ATen's GEMM (the default elsewhere) and,
-for bfloat16 on CPUs with AMX-BF16, oneDNN's tile micro-kernels (tile_logits.h, the default there), each forced
-in a child process by VITMAD_CPU_LOGITS, against the float64 references. The cases cross what the kernels block
-by: 6-query strips (every remainder), 16- and 64-key panels (partial last panels), 512-key blocks, 128-wide chunks
-of the head dimension (D = 130, 257, 300), odd head dimensions (the tiles pad them to even), scales that are and
-are not powers of two (the tiles fold only the former into the queries), a bias read at the logits' row stride,
-16-bit inputs, and the statistics pass with frames (the video recorder's)."""
+"""The routes of the flash-MAD CPU kernels' logits (csrc/cpu/block_logits.h): the register-tile kernels on keys
+packed in 16-key panels (panel_logits.h: AVX-512's, the default on AVX-512 CPUs, and AVX2's, the default on the
+others with AVX2 and FMA), ATen's GEMM (the default elsewhere) and, for bfloat16 on CPUs with AMX-BF16, oneDNN's
+tile micro-kernels (tile_logits.h, the default there), each forced in a child process by VITMAD_CPU_LOGITS,
+against the float64 references; and the two panel kernels against each other, bit for bit. The cases cross what
+the kernels block by: 6- and 8-query strips (every remainder), 16-, 32- and 64-key panels (partial last panels, odd
+panel counts), 512-key blocks, 128-wide chunks of the head dimension (D = 130, 257, 300), odd head dimensions (the
+tiles pad them to even), scales that are and are not powers of two (the tiles fold only the former into the
+queries), a bias read at the logits' row stride, 16-bit inputs, and the statistics pass with frames (the video
+recorder's)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from vitmad.ops.reference import attention_stats_qk_reference, mad_qk_positions_
 pytestmark = pytest.mark.skipif(not compiled_kernel_available("mad_qk", "cpu"),
                                 reason="the routes are the compiled CPU kernel's")
 
-# (B, H, N, prefix tokens, grid, D, dtype): patch counts N - prefix of every remainder modulo 6.
+# (B, H, N, prefix tokens, grid, D, dtype): patch counts N - prefix of every remainder modulo 6 and 8.
 GRID_CASES = [
     (1, 1, 2, 1, [1, 1], 1, torch.float32),
     (2, 3, 17, 1, [4, 4], 5, torch.float32),
@@ -36,6 +38,9 @@ GRID_CASES = [
     (1, 3, 530, 2, [24, 22], 33, torch.bfloat16),
     (1, 2, 1031, 5, [38, 27], 80, torch.bfloat16),
     (1, 2, 101, 1, [10, 10], 40, torch.float16),
+    (2, 2, 40, 1, [3, 13], 16, torch.float32),
+    (1, 3, 150, 3, [7, 21], 64, torch.float32),
+    (1, 1, 70, 3, [67, 1], 96, torch.float32),
 ]
 # (B, H, N, D, bias kind) of the position form, with some keys without a position.
 POSITION_CASES = [
@@ -114,8 +119,15 @@ def has_avx2() -> bool:
 NO_AMX = "VITMAD_CPU_LOGITS=amx needs a CPU with AMX-BF16"
 
 
+def has_avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+NEEDS_AVX2 = pytest.mark.skipif(not has_avx2(), reason="needs AVX2 and FMA")
+
+
 @pytest.mark.parametrize("route", [
-    "blas", pytest.param("panels", marks=pytest.mark.skipif(not has_avx2(), reason="needs AVX2 and FMA")), "amx"])
+    "blas", pytest.param("panels", marks=NEEDS_AVX2), pytest.param("panels-avx2", marks=NEEDS_AVX2), "amx"])
 def test_route_matches_float64_reference(route, tmp_path):
     result = run_child(route, tmp_path)
     if route == "amx" and result.returncode != 0 and NO_AMX in result.stderr:
@@ -132,10 +144,24 @@ def test_route_matches_float64_reference(route, tmp_path):
                                    msg=lambda m, case=case: f"{route}, {case}: {m}")
 
 
+@pytest.mark.skipif(not has_avx512(), reason="the AVX-512 panel kernel needs AVX-512F")
+def test_panel_kernels_agree_bit_for_bit(tmp_path):
+    # Both kernels sum each logit as the same FMA chain per 128-wide chunk of the head dimension, so a model's MAD
+    # does not depend on which of them the CPU runs. (Both routes widen 16-bit inputs, bfloat16 included.)
+    results = {}
+    for route in ("panels", "panels-avx2"):
+        result = run_child(route, tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[route] = torch.load(tmp_path / f"{route}.pt")
+    for (case, _, _), wide, narrow in zip(cases(), results["panels"], results["panels-avx2"], strict=True):
+        assert torch.equal(wide.nan_to_num(-1.0), narrow.nan_to_num(-1.0)), case
+
+
 def test_unknown_route_is_refused(tmp_path):
     result = run_child("mkl", tmp_path)
     assert result.returncode != 0
-    assert "VITMAD_CPU_LOGITS must be 'blas', 'panels', 'amx' or unset, got 'mkl'" in result.stderr
+    assert ("VITMAD_CPU_LOGITS must be 'blas', 'panels', 'panels-avx2', 'amx' or unset, got 'mkl'"
+            in result.stderr)
 
 
 def test_tiles_follow_mkldnn_switch(tmp_path):
