@@ -110,11 +110,17 @@ def test_logits_that_overflow_a_naive_exp(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_explicit_scale_and_strided_inputs(device):
-    # [B, N, H, D] viewed as [B, H, N, D], as models produce them; a bias given as an expanded view.
+@pytest.mark.parametrize("layout", ["heads_inner", "dims_outer"])
+def test_explicit_scale_and_strided_inputs(device, layout):
+    # [B, N, H, D] viewed as [B, H, N, D], as models produce them, or [B, H, D, N] transposed (the head dimension
+    # strided, which the CPU packs read value by value); a bias given as an expanded view.
     gen = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 197, 3, 40, generator=gen).to(device).transpose(1, 2)
-    k = torch.randn(2, 197, 3, 40, generator=gen).to(device).transpose(1, 2)
+    if layout == "heads_inner":
+        q = torch.randn(2, 197, 3, 40, generator=gen).to(device).transpose(1, 2)
+        k = torch.randn(2, 197, 3, 40, generator=gen).to(device).transpose(1, 2)
+    else:
+        q = torch.randn(2, 3, 43, 197, generator=gen).to(device).transpose(-1, -2)
+        k = torch.randn(2, 3, 43, 197, generator=gen).to(device).transpose(-1, -2)
     bias = torch.randn(3, 1, 197, generator=gen).to(device).expand(2, 3, 197, 197)
     out = vitmad.mad_qk(q, k, 16, scale=0.3, attn_bias=bias)
     assert_matches_reference(out, mad_qk_reference(q, k, 16, scale=0.3, attn_bias=bias), torch.float32)
