@@ -41,7 +41,7 @@ def logits_route() -> str:
     amx = " and AMX-BF16" if cpu_has_amx_bf16() else ""
     if chosen:
         return f"CPU logits VITMAD_CPU_LOGITS={chosen} (CPU capability {capability}{amx})"
-    default = "AVX2 panels" if capability == "AVX2" else "ATen's GEMM"
+    default = {"AVX2": "AVX2 panels", "AVX512": "AVX-512 panels"}.get(capability, "ATen's GEMM")
     if amx:
         default += " (bfloat16: AMX tiles)"
     return f"CPU logits: the default, {default} (CPU capability {capability}{amx})"
