@@ -97,6 +97,16 @@ __attribute__((always_inline)) inline void exp_nonpositive(const V& x, V& result
   result = x < lowest ? V{} : y * two_to_n;
 }
 
+// exp(from - to) for the factor that moves sums taken under a max `from` to a larger max `to`: exactly what
+// exp_nonpositive gives, without its polynomial in the two common cases, no keys yet (from = -inf: 0) and an
+// unchanged max (1). Called once per row and key block, where a ViT-B row has only 197 keys to sum.
+template <typename acc_t>
+__attribute__((always_inline)) inline acc_t rescale_factor(acc_t from, acc_t to) {
+  if (from == -std::numeric_limits<acc_t>::infinity()) return 0;
+  if (from == to) return 1;
+  return exp_nonpositive(from - to);
+}
+
 // max(x, kExpLowest), NaN staying NaN: the logit difference an entropy term multiplies.
 template <typename acc_t>
 __attribute__((always_inline)) inline acc_t clamp_exponent(acc_t x) {
@@ -353,7 +363,7 @@ VITMAD_CPU_CLONES void online_softmax_update(const acc_t* logits, int64_t num_ke
     exp_sums<kEntropy, kTime>(logits + num_prefix_keys, dist, frames, num_keys - num_prefix_keys, new_max, mass,
                               weighted, entropy, time_weighted);
   }
-  const acc_t rescale = exp_nonpositive(state.max - new_max);
+  const acc_t rescale = rescale_factor(state.max, new_max);
   if constexpr (kEntropy) {
     // A loop of its own rather than a second reduction in prefix_total's: that one's summation order, hence
     // MAD's bits, stays mad_qk's. Prefix keys are few.
@@ -422,7 +432,7 @@ struct QueryStats {
 // the positionless state. MAD is mad_qk's weighted / total either way, bit for bit.
 template <typename acc_t, bool kEntropy, bool kTime>
 QueryStats<acc_t> query_stats(const RowState<acc_t, kEntropy, kTime>& keyed, const StatsRowState<acc_t>& extra,
-                              bool renormalize, bool prefix_in_keyed) {
+                              bool renormalize, bool prefix_in_keyed, bool wants_self_mass) {
   constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
   const RowState<acc_t, true>& positionless = extra.positionless;
   acc_t temporal = kNaN;
@@ -431,8 +441,8 @@ QueryStats<acc_t> query_stats(const RowState<acc_t, kEntropy, kTime>& keyed, con
   const acc_t max = nan_max(keyed.max, positionless.max);
   // Every key masked (or none at all), or a NaN / +inf logit: softmax gives NaN.
   if (!(std::abs(max) < std::numeric_limits<acc_t>::infinity())) return out;
-  const acc_t keyed_scale = exp_nonpositive(keyed.max - max);  // 0 for a side without keys (max -inf)
-  const acc_t positionless_scale = exp_nonpositive(positionless.max - max);
+  const acc_t keyed_scale = rescale_factor(keyed.max, max);  // 0 for a side without keys (max -inf)
+  const acc_t positionless_scale = rescale_factor(positionless.max, max);
   acc_t total = keyed.total * keyed_scale;
   if (renormalize) total += positionless.total * positionless_scale;
   if constexpr (kEntropy) {
@@ -444,7 +454,7 @@ QueryStats<acc_t> query_stats(const RowState<acc_t, kEntropy, kTime>& keyed, con
     out.entropy = std::log(total) - sum / total;
   }
   out.prefix_mass = (prefix_in_keyed ? keyed.prefix * keyed_scale : positionless.total * positionless_scale) / total;
-  out.self_mass = exp_nonpositive(extra.own_logit - max) / total;
+  if (wants_self_mass) out.self_mass = exp_nonpositive(extra.own_logit - max) / total;
   return out;
 }
 
@@ -630,6 +640,7 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
   // which sums them apart (RowState::prefix): the prefix mass needs no second update of them per row and block,
   // 5-10% of the statistics' pass over 8x16x577x64 (Xeon, one thread).
   const bool prefix_in_keyed = Distances::kPositionlessArePrefix && !distances.renormalizes();
+  const bool wants_self_mass = rows_out[static_cast<int>(Stat::kSelfMass)] != nullptr;
   std::vector<int64_t> group_starts{0};
   for (int64_t b = 1; b < shape.num_matrices; ++b)
     if (b - group_starts.back() == group_limit || !distances.shares_distances(b - 1, b) ||
@@ -712,7 +723,8 @@ void online_mad_cpu(const at::Tensor& q, const at::Tensor& k, const std::optiona
             constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
             const QueryStats<acc_t> stats =
                 keys.has_query(t_begin + i)
-                    ? query_stats(state, stats_states[g * kQueryBlock + i], keys.renormalizes(), prefix_in_keyed)
+                    ? query_stats(state, stats_states[g * kQueryBlock + i], keys.renormalizes(), prefix_in_keyed,
+                                  wants_self_mass)
                     : QueryStats<acc_t>{kNaN, kNaN, kNaN, kNaN, kNaN};
             const acc_t values[kNumStats] = {stats.mad, stats.entropy, stats.prefix_mass, stats.self_mass,
                                              stats.temporal_mad};
