@@ -46,8 +46,9 @@ MadLayout check_mad_options(int64_t n, int64_t num_matrices, int64_t patch, int6
     int64_t grid_patches = 0;
     const bool overflows = c10::mul_overflows(g[0], g[1], &grid_patches);
     TORCH_CHECK_VALUE(!overflows && grid_patches == num_patches, op_name, ": grid ", g, " has ",
-                      overflows ? std::string("more than 2^63") : std::to_string(grid_patches), " patches but ", tokens_arg, " has N - num_prefix_tokens = ", n, " - ", num_prefix_tokens, " = ",
-                      num_patches, " patch tokens");
+                      overflows ? std::string("more than 2^63") : std::to_string(grid_patches), " patches but ",
+                      tokens_arg, " has N - num_prefix_tokens = ", n, " - ", num_prefix_tokens, " = ", num_patches,
+                      " patch tokens");
     grid_h = g[0];
     grid_w = g[1];
   } else {

@@ -1,6 +1,6 @@
 // Index and distance math shared by every kernel (CPU and CUDA), so the CPU tests exercise the same
-// formulas the GPU runs. See docs/definition.md, "Definition": patch token t sits at row t / gw, column t % gw, and the distance
-// between two patches is patch * sqrt(drow^2 + dcol^2) pixels.
+// formulas the GPU runs. See docs/definition.md, "Definition": patch token t sits at row t / gw, column t % gw,
+// and the distance between two patches is patch * sqrt(drow^2 + dcol^2) pixels.
 #pragma once
 
 #include <cmath>

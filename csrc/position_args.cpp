@@ -213,7 +213,8 @@ PositionArgs check_time_args(const at::Tensor& tokens, const PositionArgs& posit
   TORCH_CHECK_VALUE(key_times.has_value() == key_positions.has_value(), op_name,
                     key_positions.has_value()
                         ? ": key_positions is given, so the keys' frames are needed too: pass key_times [..., Nk, 1]"
-                        : ": key_times is given without key_positions; the keys are the queries, whose times are times");
+                        : ": key_times is given without key_positions; the keys are the queries, whose times are "
+                          "times");
   if (key_times.has_value()) {
     check_side(*key_times, "key_times", lead, tokens, qk ? "k" : "attn", l.num_keys, "keys", "Nk", op_name);
     TORCH_CHECK_VALUE(key_times->size(-1) == 1, op_name,
@@ -224,7 +225,8 @@ PositionArgs check_time_args(const at::Tensor& tokens, const PositionArgs& posit
       key_times.has_value() ? prepare_side(*key_times, lead, acc_dtype, check_values, "key_times", op_name) : queries;
   if (check_values) {
     check_same_tokens(times, positions, lead, "times", "positions", op_name);
-    if (key_times.has_value()) check_same_tokens(*key_times, *key_positions, lead, "key_times", "key_positions", op_name);
+    if (key_times.has_value())
+      check_same_tokens(*key_times, *key_positions, lead, "key_times", "key_positions", op_name);
   }
   PositionLayout layout = l;
   layout.dims = 1;

@@ -616,7 +616,8 @@ at::Tensor mad_cuda(const at::Tensor& attn, int64_t patch, int64_t num_prefix_to
     acc_t* rows = per_query.mutable_data_ptr<acc_t>();
     launch_mad<scalar_t, acc_t>(attn, l, static_cast<acc_t>(patch), rows, stream);
     if (l.reduce_mean) {
-      launch_mean_over_queries(rows, l.num_matrices, l.num_patches, AllQueries{}, out.mutable_data_ptr<acc_t>(), stream);
+      launch_mean_over_queries(rows, l.num_matrices, l.num_patches, AllQueries{}, out.mutable_data_ptr<acc_t>(),
+                               stream);
     }
   });
   return out;

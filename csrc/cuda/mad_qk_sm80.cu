@@ -12,9 +12,9 @@
 //
 // On an H200 it takes 0.7x to 1.45x the time of SDPA's flash kernel on the same q and k, against 2.7x to 6.4x at
 // N >= 577 for the portable kernel in mad_qk_cuda.cu (WMMA through shared memory, element-wise tile loads that
-// divide per element, no overlap of loads and arithmetic); benchmarks/RESULTS.md. Hardware approximations: exp2 and sqrt are the MUFU instructions (ex2.approx,
-// sqrt.approx, about 2 ulp); squared distances below 2^-126 flush to 0, i.e. positions closer than 1e-19 count as
-// one place. The logits and every sum stay float32.
+// divide per element, no overlap of loads and arithmetic); benchmarks/RESULTS.md. Hardware approximations: exp2
+// and sqrt are the MUFU instructions (ex2.approx, sqrt.approx, about 2 ulp); squared distances below 2^-126 flush
+// to 0, i.e. positions closer than 1e-19 count as one place. The logits and every sum stay float32.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
