@@ -30,7 +30,7 @@ inline bool use_tile_logits() {
     return false;
   } else {
     const std::string& route = logits_route_choice();
-    if (route == "blas" || route == "panels" || route == "panels-avx2") return false;
+    if (route == "blas" || route_is_panels(route)) return false;
     const bool runs = cpu_runs_tile_logits();
     TORCH_CHECK(route != "amx" || runs,
                 "VITMAD_CPU_LOGITS=amx needs a CPU with AMX-BF16 and torch.backends.mkldnn enabled; this process "

@@ -175,15 +175,9 @@ __attribute__((target("avx2,fma"))) inline void panel_logits(const float* q, int
   }
 }
 
-// The AVX-512 kernel on the same panels: a panel is one 16-lane register per query row, and a tile takes P
-// consecutive panels (P = 2: 32 keys, 16 accumulators over 8 rows, of AVX-512's 32 registers) so that each
-// broadcast query value feeds P FMAs. The queries come in strips of kWideStrip rows stored depth-major
-// (pack_query_strips), so that a tile's broadcasts read one pointer at fixed offsets: with eight row pointers GCC
-// ran out of general registers and reloaded one from the stack at every step. Every logit is the same FMA chain
-// per 128-wide chunk as in panel_tile, so both kernels give the same bits.
-
 // dst[s * head_dim * 8 + d * 8 + r] = factor * src[(8 s + r) * row_stride + d * col_stride]: `rows` query rows as
-// depth-major strips of kWideStrip, the rows past the last zero.
+// depth-major strips of kWideStrip (the last strip's missing rows are left as they are: wide_panel_logits reads
+// only the rows it is given).
 template <typename scalar_t>
 void pack_query_strips(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64_t rows, int64_t head_dim,
                        float factor, float* dst) {
@@ -195,20 +189,21 @@ void pack_query_strips(const scalar_t* src, int64_t row_stride, int64_t col_stri
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (col_stride == 1) {  // the usual [..., N, D] queries: transposed in registers
         transpose_rows(first, row_stride, strip_rows, head_dim, factor, strip, kWideStrip);
-      } else {
-        for (int64_t r = 0; r < strip_rows; ++r)
-          for (int64_t d = 0; d < head_dim; ++d)
-            strip[d * kWideStrip + r] = factor * first[r * row_stride + d * col_stride];
+        continue;
       }
-    } else {
-      for (int64_t r = 0; r < strip_rows; ++r)
-        for (int64_t d = 0; d < head_dim; ++d)
-          strip[d * kWideStrip + r] = factor * static_cast<float>(first[r * row_stride + d * col_stride]);
     }
-    for (int64_t r = strip_rows; r < kWideStrip; ++r)
-      for (int64_t d = 0; d < head_dim; ++d) strip[d * kWideStrip + r] = 0.0f;
+    for (int64_t r = 0; r < strip_rows; ++r)
+      for (int64_t d = 0; d < head_dim; ++d)
+        strip[d * kWideStrip + r] = factor * static_cast<float>(first[r * row_stride + d * col_stride]);
   }
 }
+
+// The AVX-512 kernel on the same panels: a panel is one 16-lane register per query row, and a tile takes P
+// consecutive panels (P = 2: 32 keys, 16 accumulators over 8 rows, of AVX-512's 32 registers) so that each
+// broadcast query value feeds P FMAs. The queries come in strips of kWideStrip rows stored depth-major
+// (pack_query_strips), so that a tile's broadcasts read one pointer at fixed offsets: with eight row pointers GCC
+// ran out of general registers and reloaded one from the stack at every step. Every logit is the same FMA chain
+// per 128-wide chunk as in panel_tile, so both kernels give the same bits.
 template <int R, int P>
 __attribute__((target("avx512f"), always_inline)) inline void wide_panel_tile(const float* q, int64_t head_dim,
                                                                               const float* panel, float* c,
@@ -238,11 +233,17 @@ __attribute__((target("avx512f"), always_inline)) inline void wide_panel_tile(co
   }
 }
 
-// The `rows` (< 8) last rows of a strip through wide_panel_tile<rows, P>.
+// Every query row's logits against the P panels at `panel` (their 16 P columns at c): whole strips through
+// wide_panel_tile<kWideStrip, P>, the last rows of a partial strip through wide_panel_tile<rows, P>.
 template <int P>
-__attribute__((target("avx512f"))) inline void wide_panel_rows(const float* q, int64_t rows, int64_t head_dim,
-                                                               const float* panel, float* c, int64_t ldc) {
-  switch (rows) {
+__attribute__((target("avx512f"))) inline void wide_panel_columns(const float* q, int64_t rows, int64_t head_dim,
+                                                                  const float* panel, float* c, int64_t ldc) {
+  int64_t r = 0;
+  for (; r + kWideStrip <= rows; r += kWideStrip)
+    wide_panel_tile<kWideStrip, P>(q + r * head_dim, head_dim, panel, c + r * ldc, ldc);
+  q += r * head_dim;  // strip r / 8
+  c += r * ldc;
+  switch (rows - r) {
     case 7: wide_panel_tile<7, P>(q, head_dim, panel, c, ldc); break;
     case 6: wide_panel_tile<6, P>(q, head_dim, panel, c, ldc); break;
     case 5: wide_panel_tile<5, P>(q, head_dim, panel, c, ldc); break;
@@ -261,20 +262,9 @@ __attribute__((target("avx512f"))) inline void wide_panel_logits(const float* q,
                                                                  int64_t ldc) {
   const int64_t panel_size = head_dim * kPanelKeys;
   int64_t p = 0;
-  for (; p + 2 <= panels; p += 2) {
-    const float* panel = panels_begin + p * panel_size;
-    float* column = c + p * kPanelKeys;
-    int64_t r = 0;
-    for (; r + 8 <= rows; r += 8) wide_panel_tile<8, 2>(q + r * head_dim, head_dim, panel, column + r * ldc, ldc);
-    wide_panel_rows<2>(q + r * head_dim, rows - r, head_dim, panel, column + r * ldc, ldc);  // strip r / 8
-  }
-  if (p < panels) {
-    const float* panel = panels_begin + p * panel_size;
-    float* column = c + p * kPanelKeys;
-    int64_t r = 0;
-    for (; r + 8 <= rows; r += 8) wide_panel_tile<8, 1>(q + r * head_dim, head_dim, panel, column + r * ldc, ldc);
-    wide_panel_rows<1>(q + r * head_dim, rows - r, head_dim, panel, column + r * ldc, ldc);
-  }
+  for (; p + 2 <= panels; p += 2)
+    wide_panel_columns<2>(q, rows, head_dim, panels_begin + p * panel_size, c + p * kPanelKeys, ldc);
+  if (p < panels) wide_panel_columns<1>(q, rows, head_dim, panels_begin + p * panel_size, c + p * kPanelKeys, ldc);
 }
 
 // Whether the CPU has what panel_logits needs.
@@ -314,6 +304,9 @@ inline const std::string& logits_route_choice() {
   return route;
 }
 
+// Whether VITMAD_CPU_LOGITS names one of the panel kernels (which also keeps bfloat16 off the AMX tiles).
+inline bool route_is_panels(const std::string& route) { return route == "panels" || route == "panels-avx2"; }
+
 // Whether float32 logits (and widened 16-bit ones) come from the panels: by default wherever the CPU has AVX2 and
 // FMA; VITMAD_CPU_LOGITS=blas chooses ATen's GEMM instead, =panels and =panels-avx2 insist on the panels, so that
 // every route can be timed or tested on one machine; =amx leaves this choice to the default.
@@ -321,8 +314,8 @@ inline bool use_panel_logits() {
   static const bool use = [] {
     const std::string& route = logits_route_choice();
     if (route == "blas") return false;
-    TORCH_CHECK((route != "panels" && route != "panels-avx2") || cpu_runs_panel_logits(), "VITMAD_CPU_LOGITS=",
-                route, " needs an x86-64 CPU with AVX2 and FMA, and this one has not both");
+    TORCH_CHECK(!route_is_panels(route) || cpu_runs_panel_logits(), "VITMAD_CPU_LOGITS=", route,
+                " needs an x86-64 CPU with AVX2 and FMA, and this one has not both");
     return cpu_runs_panel_logits();
   }();
   return use;

@@ -41,6 +41,8 @@ GRID_CASES = [
     (2, 2, 40, 1, [3, 13], 16, torch.float32),
     (1, 3, 150, 3, [7, 21], 64, torch.float32),
     (1, 1, 70, 3, [67, 1], 96, torch.float32),
+    (1, 2, 55, 1, [6, 9], 24, torch.float32),
+    (2, 1, 30, 1, [1, 29], 8, torch.float32),
 ]
 # (B, H, N, D, bias kind) of the position form, with some keys without a position.
 POSITION_CASES = [
