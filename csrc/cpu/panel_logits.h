@@ -93,7 +93,9 @@ template <typename scalar_t>
 void pack_key_panels(const scalar_t* src, int64_t row_stride, int64_t col_stride, int64_t n, int64_t head_dim,
                      float* dst) {
   const int64_t panels = (n + kPanelKeys - 1) / kPanelKeys;
-  std::memset(dst, 0, sizeof(float) * panels * head_dim * kPanelKeys);
+  // Only a partial last panel has values past the last key (zeros); every other value is written below.
+  if (n % kPanelKeys != 0)
+    std::memset(dst + (panels - 1) * head_dim * kPanelKeys, 0, sizeof(float) * head_dim * kPanelKeys);
 #if VITMAD_PANEL_LOGITS
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (col_stride == 1) {  // the usual [..., N, D] keys: transposed in registers
