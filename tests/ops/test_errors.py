@@ -128,6 +128,29 @@ def test_errors_of_the_kernels_are_not_turned_into_type_errors():
         vitmad.mad_qk(_Q, _Q, 16, scale=float("inf"))
 
 
+@pytest.mark.parametrize("stats", [["mad"], ["prefix_maps"]])
+@pytest.mark.parametrize("kwargs,name,value", [
+    ({"patch": 2**63}, "patch", 2**63),
+    ({"patch": 16, "num_prefix_tokens": 2**64}, "num_prefix_tokens", 2**64),
+    ({"patch": 16, "num_prefix_tokens": -(2**63) - 1}, "num_prefix_tokens", -(2**63) - 1),
+    ({"patch": 16, "grid": [2**63, 1]}, "grid", 2**63),
+])
+def test_integers_beyond_64_bits_are_out_of_range_not_of_the_wrong_type(stats, kwargs, name, value):
+    """The dispatcher answers an int it cannot hold as it answers a str ("expected int but got int"): the entry
+    points say it is out of range, with the value, whatever is asked for."""
+    q = torch.randn(2, 197, 8)
+    calls = {
+        "vitmad.attention_stats": lambda: vitmad.attention_stats(A197, stats=stats, **kwargs),
+        "vitmad.attention_stats_qk": lambda: vitmad.attention_stats_qk(q, q, stats=stats, **kwargs),
+    }
+    if stats == ["mad"]:
+        calls["vitmad.mad"] = lambda: vitmad.mad(A197, **kwargs)
+        calls["vitmad.mad_qk"] = lambda: vitmad.mad_qk(q, q, **kwargs)
+    for op_name, call in calls.items():
+        with pytest.raises(ValueError, match=re.escape(f"{op_name}: {name} must fit in a 64-bit integer, got {value}")):
+            call()
+
+
 @pytest.mark.parametrize("args,kwargs,message", [
     ((4.5, 3, 16), {}, "grid_h must be an int, got 4.5"),
     ((4, True, 16), {}, "grid_w must be an int, got True"),

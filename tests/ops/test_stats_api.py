@@ -122,6 +122,22 @@ def test_statistics_are_measurements_not_differentiable():
         vitmad.attention_stats_qk(q, q.detach(), 8, grid=(2, 2))
 
 
+@pytest.mark.parametrize("stats", [["mad"], ["prefix_maps"], ["entropy", "prefix_maps"]])
+@pytest.mark.parametrize("which", ["positions", "key_positions"])
+def test_positions_that_require_grad_are_refused_whatever_is_asked(stats, which):
+    """A request for the maps alone runs no kernel; it refuses what the kernels refuse all the same."""
+    attn, q = _attention(1, 1, 5, 5), torch.randn(1, 5, 4)
+    positions = {"positions": torch.rand(5, 2), "key_positions": torch.rand(5, 2)}
+    positions[which] = positions[which].requires_grad_()
+    with pytest.raises(RuntimeError, match=f"attention_stats is not differentiable, but {which} requires grad"):
+        vitmad.attention_stats(attn, stats=stats, **positions)
+    with pytest.raises(RuntimeError, match=f"attention_stats_qk is not differentiable, but {which} requires grad"):
+        vitmad.attention_stats_qk(q, q, stats=stats, **positions)
+    with torch.no_grad():
+        maps = vitmad.attention_stats(attn, stats=stats, **positions)
+    assert list(maps) == stats
+
+
 def test_fake_tensors_get_the_output_shapes():
     with FakeTensorMode():
         attn = torch.empty(2, 3, 17, 17)

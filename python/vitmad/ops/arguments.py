@@ -131,10 +131,22 @@ def call_op(op, op_name: str, *args, **kwargs):
 
 
 def check_not_bool(op_name: str, **values) -> None:
-    """TypeError for a bool where a size or count is expected: the dispatcher takes ``True`` for the int 1."""
+    """TypeError for a bool where a size or count is expected: the dispatcher takes ``True`` for the int 1; and
+    check_int64's ValueError for an int beyond the ops' 64-bit ints."""
     for name, value in values.items():
         if isinstance(value, bool):
             raise TypeError(f"{op_name}: {name} must be an int, got the bool {value}")
+        check_int64(op_name, name, value)
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_int64(op_name: str, name: str, value) -> None:
+    """ValueError for a Python int that the ops' ``int`` (int64) cannot hold: the dispatcher refuses it with the
+    same words as a value of the wrong type ("expected int but got int"), which says nothing of the range."""
+    if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{op_name}: {name} must fit in a 64-bit integer, got {value}")
 
 
 def check_renormalize(value, op_name: str) -> None:
@@ -169,6 +181,8 @@ def grid_ints(grid, op_name: str) -> list[int] | None:
     values = [index_int(g) for g in grid]
     if None in values:
         raise TypeError(f"{op_name}: grid must hold integers, got {list(grid)!r}")
+    for value in values:
+        check_int64(op_name, "grid", value)
     return values
 
 
@@ -232,6 +246,7 @@ def check_mad_options(
     for name, value in (("patch", patch), ("num_prefix_tokens", num_prefix_tokens)):
         if not is_int(value) and not (isinstance(value, torch.SymInt)):
             raise TypeError(f"{op_name}: {name} must be an int, got {value!r}")
+        check_int64(op_name, name, value)
     if patch <= 0:
         raise ValueError(f"{op_name}: patch must be a positive patch size in pixels, got {patch}")
     if not 0 <= num_prefix_tokens < n:

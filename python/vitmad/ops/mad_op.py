@@ -103,6 +103,9 @@ def mad(
         try:  # call_op's work, inline: a function call more would be a few percent of a small call
             return torch.ops.vitmad.mad.default(attn, patch, **options)
         except RuntimeError as error:
+            # An int beyond int64 draws the same words from the dispatcher as a str: the range, checked only
+            # once the call has failed, costs a good call nothing.
+            check_not_bool("vitmad.mad", patch=patch, num_prefix_tokens=num_prefix_tokens)
             raise schema_type_error(error, "vitmad.mad") from None
     check_one_form("vitmad.mad", positions, key_positions,
                     {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})

@@ -239,7 +239,8 @@ def attention_stats(
         if maps:
             rows, cols = _map_tokens(positions, key_positions, _OP)
     if maps:
-        _refuse_grad(_OP, {"attn": attn})  # as the kernels do: the maps are measurements too
+        # As the kernels do, for every tensor they would have taken: the maps are measurements too.
+        _refuse_grad(_OP, {"attn": attn, "positions": positions, "key_positions": key_positions})
         out = _in_order(stats, out, attn.detach()[..., rows, :][..., cols].to(mad_output_dtype(attn.dtype),
                                                                               copy=True))
     elif temporal:
@@ -312,7 +313,8 @@ def attention_stats_qk(
         if maps:
             rows, cols = _map_tokens(positions, key_positions, _OP_QK)
     if maps:
-        _refuse_grad(_OP_QK, {"q": q, "k": k, "attn_bias": attn_bias})
+        _refuse_grad(_OP_QK, {"q": q, "k": k, "attn_bias": attn_bias, "positions": positions,
+                              "key_positions": key_positions})
         acc = mad_output_dtype(q.dtype)
         with torch.no_grad():
             logits = (q[..., rows, :].to(acc) * scale_value) @ k.to(acc).transpose(-1, -2)
