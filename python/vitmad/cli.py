@@ -20,6 +20,16 @@ __all__ = ["main", "build_parser"]
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+def output_names() -> set[str]:
+    """Every file ``vitmad profile`` may write in ``--out`` besides its checkpoints, whatever the run's
+    statistics: what an earlier run left there (_profile_command replaces it and removes the rest), and what a
+    folder search for images leaves out."""
+    from .profiling.options import PROFILE_STATS
+
+    figures = {f"{name}.png" for name in PROFILE_STATS}  # mad.png, entropy.png, ..., prefix_maps.png
+    return {"mad.json", "mad.csv", "prefix_maps.npz", "mad_map.png", "prefix_map_image.png", *figures}
+
+
 def checkpoint_path(out: Path, run) -> Path:
     """``OUT/checkpoint.pt`` for one process; ``OUT/checkpoint.rank<R>-of-<W>.pt`` per rank under torchrun."""
     if run is None:
@@ -137,7 +147,13 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     from .profiling.images import find_images, parse_image_size
     from .profiling.maps import image_prefix_maps
     from .profiling.models import load_model
-    from .profiling.options import check_loader_threads, import_optional, resolve_device, resolve_stats
+    from .profiling.options import (
+        OptionError,
+        check_loader_threads,
+        import_optional,
+        resolve_device,
+        resolve_stats,
+    )
     from .profiling.plotting import plot_image_prefix_maps, plot_mad_maps
     from .profiling.videos import find_videos, is_video_source, model_frames
 
@@ -146,10 +162,18 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     out = Path(args.out)
     size = parse_image_size(args.image_size)
     stats = resolve_stats(args.stats)
+    # An earlier run's outputs, known by its mad.json (a user's own photo named entropy.png is not ours): with
+    # --out inside an image folder, they are no photographs to profile.
+    ours = [out / name for name in output_names()] if (out / "mad.json").is_file() else []
     videos = args.images != ["builtin"] and all(is_video_source(source) for source in args.images)
-    files = find_videos(args.images) if videos else find_images(args.images)
+    files = find_videos(args.images, exclude=ours) if videos else find_images(args.images, exclude=ours)
     device = resolve_device(args.device)
     check_writable(out)  # a read-only or full disk fails now, not after the run
+    main_process = run is None or run.is_main
+    earlier = {p.name for p in ours if p.is_file()}
+    if earlier and main_process and not args.resume:
+        warnings.warn(f"{out} holds an earlier run's outputs ({', '.join(sorted(earlier))}): this run replaces them "
+                      "(pass another --out to keep them)", stacklevel=1)
     check_loader_threads(args.loader_threads)
     if not args.no_figures:
         import_optional("matplotlib", "profile", "vitmad profile's figures (or pass --no-figures)")
@@ -160,11 +184,14 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     # The model decides what the sources hold (the check above could only guess from the files).
     if not videos and model_frames(loaded.module) is not None:
         # Folders of image files are frame folders to a video model.
-        files = find_videos(args.images)
+        files = find_videos(args.images, exclude=ours)
     elif videos and model_frames(loaded.module) is None:
         # An image model takes the image files among them; a clip beside images made the folder a video
         # source, and its images were dropped (or read as frames of one video).
-        files = find_images(args.images)
+        files = find_images(args.images, exclude=ours)
+    if model_frames(loaded.module) is not None and out.resolve() in files:
+        # Its frames are every image in it: this run's figures would join them.
+        raise OptionError("out", f"{out} is a folder of frames among --images; pass another folder")
     result = profile(
         loaded,
         files,
@@ -213,8 +240,15 @@ def _profile_command(args: argparse.Namespace, run) -> None:
             plot_image_prefix_maps(token_maps, pixels, name, out / "prefix_map_image.png", geometry=layer,
                                    mean=prep.mean, std=prep.std)
             written.append("prefix_map_image.png")
+    # What an earlier run wrote and this one does not (another model's maps, a statistic not asked for now)
+    # would sit beside this run's results as if they were its own.
+    stale = sorted(earlier - set(written))
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
     _print_summary(result)
     print(f"wrote {', '.join(str(out / name) for name in written)}")
+    if stale:
+        print(f"removed the earlier run's {', '.join(str(out / name) for name in stale)}")
 
 
 def _print_summary(result) -> None:

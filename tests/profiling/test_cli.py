@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -212,13 +213,13 @@ def test_hierarchical_models_end_to_end(image_folder, tmp_path, capsys):
                                                     image_size=64, patch_size=8, window_size=4, mlp_dim=64,
                                                     global_attn_indexes=[1], output_channels=16))
     transformers.SamModel(sam).save_pretrained(tmp_path / "hf_sam")  # profiled through its vision encoder
-    for model, extra, heads, strides in [
+    for i, (model, extra, heads, strides) in enumerate([
         (f"hf:{tmp_path / 'hf_sam'}", [], [2, 2], [8, 8]),
         ("timm:swin_tiny_patch4_window7_224", ["--weights", weights, "--image-size", "64"],
          [3, 3, 6, 6] + [12] * 6 + [24, 24], [4] * 2 + [8] * 2 + [16] * 6 + [32] * 2),
         (f"hf:{tmp_path / 'hf_swin'}", [], [1, 2], [4, 8]),
-    ]:
-        out = tmp_path / model.split(":")[0]
+    ]):
+        out = tmp_path / f"out{i}"
         code, stdout, err = _run(["profile", "--model", model, "--images", image_folder, "--max-images", "2",
                                   "--device", "cpu", "--out", out, *extra], capsys)
         assert code == 0, err
@@ -251,3 +252,53 @@ def test_an_image_size_of_partial_timm_patches_is_refused_before_any_image(image
                                            depth=1, embed_dim=16, num_heads=1, dynamic_img_size=True,
                                            dynamic_img_pad=True), "timm:p", prep)
     assert vitmad.profile(padded, image_folder, device="cpu", image_size=(36, 44), max_images=2).count == 2
+
+
+def test_an_earlier_runs_outputs_are_replaced_with_a_warning_and_what_is_not_rewritten_is_removed(
+        tiny_model, image_folder, tmp_path, capsys):
+    """A second run into one --out once left the first run's maps beside its own results, as if they were its."""
+    out = tmp_path / "out"
+    base = ["profile", "--model", f"hf:{tiny_model}", "--images", image_folder, "--device", "cpu", "--out", out,
+            "--no-figures"]
+    assert _run([*base, "--stats", "all"], capsys)[0] == 0
+    assert (out / "prefix_maps.npz").is_file()
+    with pytest.warns(UserWarning, match=f"{out} holds an earlier run's outputs .*mad.json.*prefix_maps.npz.*: this "
+                                         "run replaces them"):
+        code, stdout, _ = _run(base, capsys)
+    assert code == 0 and f"removed the earlier run's {out / 'prefix_maps.npz'}" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "mad.csv", "mad.json"]
+    assert "statistics" not in json.loads((out / "mad.json").read_text())
+    mine = out / "notes.txt"  # a file vitmad does not write is never touched
+    mine.write_text("mine")
+    with pytest.warns(UserWarning, match="holds an earlier run's outputs"):
+        assert _run(base, capsys)[0] == 0
+    assert mine.read_text() == "mine"
+
+
+def test_out_inside_the_image_folder_does_not_profile_its_own_figures(tiny_model, image_folder, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(image_folder, images)
+    out = images / "out"
+    argv = ["profile", "--model", f"hf:{tiny_model}", "--images", images, "--device", "cpu", "--out", out]
+    assert _run(argv, capsys)[0] == 0
+    assert {"mad.png", "mad_map.png"} <= {p.name for p in out.iterdir()}
+    with pytest.warns(UserWarning, match="holds an earlier run's outputs"):
+        code, stdout, _ = _run(argv, capsys)
+    assert code == 0 and f"{IMAGE_COUNT} images (0 skipped)" in stdout
+    doc = json.loads((out / "mad.json").read_text())
+    assert doc["count"] == IMAGE_COUNT and not any(str(out) in path for path in doc["images"])
+
+
+def test_a_model_without_attention_is_a_model_error_before_any_checkpoint(image_folder, tmp_path, capsys):
+    """Named as --model, with what the command line can do about it, and no empty checkpoint left in --out."""
+    timm = pytest.importorskip("timm")
+    torch = pytest.importorskip("torch")
+    weights = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), weights)
+    out = tmp_path / "out"
+    code, _, err = _run(["profile", "--model", "timm:test_resnet", "--weights", weights, "--images", image_folder,
+                         "--max-images", "2", "--device", "cpu", "--out", out], capsys)
+    assert code == 2
+    assert err.strip().startswith("vitmad: error: --model: found no attention layer in ResNet: ")
+    assert "vitmad.profile(..., layers=[their qualified names]) records them" in err
+    assert not (out / "checkpoint.pt").exists()

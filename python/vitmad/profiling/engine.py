@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..recording.recorder import image_channels
+from ..recording.recorder import NoLayerError, Recording, image_channels
 from .checkpoint import (
     check_checkpoint_path,
     files_digest,
@@ -385,9 +385,22 @@ def plan_run(
     recorded = (*statistics, *(["prefix_maps"] if "prefix_maps" in stats and maps_skipped is None else []))
     if recorded:
         record_options["stats"] = ["mad", *recorded]
+    _check_recordable(loaded.module, record_options, layers)
     return RunPlan(loaded, device, torch_dtype, names, load, batches, settings, run_id,
                    None if checkpoint is None else Path(checkpoint), checkpoint_every, record_options, run, native,
                    statistics, "prefix_maps" in stats, maps_skipped)
+
+
+def _check_recordable(module: torch.nn.Module, record_options: dict, layers: Sequence[str] | None) -> None:
+    """A model with nothing to record fails here, as a bad ``model`` (or ``layers``), before a checkpoint is
+    written: a Recording finds its layers when made, and installs nothing until it is entered."""
+    try:
+        Recording(module, **record_options)
+    except NoLayerError as err:
+        if layers:
+            raise OptionError("layers", err.finding) from None
+        raise OptionError("model", f"{err.finding}; if some of its modules compute softmax attention, "
+                                   "vitmad.profile(..., layers=[their qualified names]) records them") from None
 
 
 def resume_state(plan: RunPlan, resume: bool) -> RunState:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,12 +69,15 @@ def builtin_image_paths() -> list[Path]:
     return [folder / name for name in BUILTIN_IMAGES if (folder / name).is_file()]
 
 
-def find_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+def find_images(sources: str | os.PathLike | Sequence[str | os.PathLike],
+                exclude: Collection[str | os.PathLike] = ()) -> list[Path]:
     """Resolve the ``images`` option to a list of files.
 
     Args:
         sources: ``"builtin"``, a folder (searched recursively for :data:`IMAGE_EXTENSIONS`), a file, or a
             list of folders and files. Files named explicitly are kept whatever their extension.
+        exclude: files a folder search leaves out (``vitmad profile``'s own figures, where ``--out`` lies in an
+            image folder: a second run would otherwise profile them as photographs).
 
     Returns:
         Files in a deterministic order: sorted within each folder, sources in the order given, no duplicates.
@@ -85,6 +88,7 @@ def find_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
+    excluded = exclusion(exclude)
     found: list[Path] = []
     for source in sources:
         if str(source) == "builtin":
@@ -93,7 +97,8 @@ def find_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
         path = Path(source).expanduser()  # "~/val" from Python, as the shell expands it for the command
         if path.is_dir():
             files = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                p for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not excluded(p)
             )
             if not files:
                 raise OptionError(
@@ -108,6 +113,14 @@ def find_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     if not unique:
         raise OptionError("images", "no images given")
     return unique
+
+
+def exclusion(files: Collection[str | os.PathLike]) -> Callable[[Path], bool]:
+    """Whether a path found by a folder search is one of ``files``: by name first, so that a search of a large
+    folder resolves only the few paths that share a name with them."""
+    resolved = {Path(f).resolve() for f in files}
+    names = {f.name for f in resolved}
+    return lambda path: path.name in names and path.resolve() in resolved
 
 
 def parse_image_size(text: str | int | Sequence[int] | None) -> tuple[int, int] | str | None:

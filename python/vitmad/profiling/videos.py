@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 
 import torch
 
-from .images import IMAGE_EXTENSIONS, Preprocessing, load_each, load_image
+from .images import IMAGE_EXTENSIONS, Preprocessing, exclusion, load_each, load_image
 from .options import MissingPathError, OptionError, import_optional
 
 __all__ = ["VIDEO_EXTENSIONS", "model_frames", "find_videos", "is_video_source", "sample_indices", "load_video",
@@ -60,9 +60,10 @@ def frame_files(path: Path) -> list[Path]:
                    and p.suffix.lower() in IMAGE_EXTENSIONS), key=_natural_key)
 
 
-def _is_frame_folder(path: Path) -> bool:
-    """A folder of frames: image files and no clip or folder beside them (hidden entries and other files aside)."""
-    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+def _is_frame_folder(path: Path, excluded: Callable[[Path], bool] = lambda p: False) -> bool:
+    """A folder of frames: image files and no clip or folder beside them (hidden entries, other files and the
+    ``excluded`` ones aside)."""
+    entries = [p for p in path.iterdir() if not p.name.startswith(".") and not excluded(p)]
     return (any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in entries)
             and not any(p.is_dir() or p.suffix.lower() in VIDEO_EXTENSIONS for p in entries))
 
@@ -75,14 +76,18 @@ def is_video_source(path: str | os.PathLike) -> bool:
     return path.is_dir() and any(p.suffix.lower() in VIDEO_EXTENSIONS for p in path.rglob("*"))
 
 
-def find_videos(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Every clip file and frame folder under ``sources`` (files or folders), absolute and sorted.
+def find_videos(sources: str | os.PathLike | Sequence[str | os.PathLike],
+                exclude: Collection[str | os.PathLike] = ()) -> list[Path]:
+    """Every clip file and frame folder under ``sources`` (files or folders), absolute and sorted; a folder
+    search leaves the ``exclude`` files out (as find_images), so a folder of ``vitmad profile``'s figures is no
+    folder of frames.
 
     Raises:
         MissingPathError: a source does not exist.
         OptionError: no video was found.
     """
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    excluded = exclusion(exclude)
     found: set[Path] = set()
     for source in sources:
         path = Path(source).expanduser()
@@ -92,12 +97,12 @@ def find_videos(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
             if path.suffix.lower() not in VIDEO_EXTENSIONS:
                 raise OptionError("images", f"{source} is not a video file ({', '.join(VIDEO_EXTENSIONS)})")
             found.add(path)
-        elif _is_frame_folder(path):
+        elif _is_frame_folder(path, excluded):
             found.add(path)
         else:
             for sub in [path, *(p for p in path.rglob("*") if p.is_dir())]:
                 found.update(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
-                if sub != path and _is_frame_folder(sub):
+                if sub != path and _is_frame_folder(sub, excluded):
                     found.add(sub)
     if not found:
         shown = ", ".join(map(str, sources))

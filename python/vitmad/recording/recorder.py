@@ -334,6 +334,16 @@ def _not_recorded() -> bool:
     return _in_backward()
 
 
+class NoLayerError(ValueError):
+    """vitmad.record found nothing to record in the model. ``finding`` says what it found, without the advice
+    that follows it in the message (``layers=...``), which only a caller of record can act on: the profiler words
+    its own (engine.plan_run)."""
+
+    def __init__(self, finding: str, advice: str = ""):
+        self.finding = finding
+        super().__init__(f"vitmad.record: {finding}{advice}")
+
+
 class _RecordingHook:
     """A hook of a recording, as the model holds it. A copy of the model (``copy.deepcopy``, pickling) made while
     the recording is active gets an inert hook in its place: the copy runs as it would without vitmad, and never
@@ -521,15 +531,15 @@ class Recording:
         if not modules:
             if self.skipped:
                 reasons = "; ".join(f"{n}: {r}" for n, r in list(self.skipped.items())[:3])
-                raise ValueError(
-                    f"vitmad.record: {type(model).__name__} has no layer with spatial softmax attention over "
-                    f"positioned tokens, so MAD is not defined for it ({reasons})"
+                raise NoLayerError(
+                    f"{type(model).__name__} has no layer with spatial softmax attention over positioned tokens, so "
+                    f"MAD is not defined for it ({reasons})"
                 )
-            raise ValueError(
-                f"vitmad.record: found no attention layer in {type(model).__name__}: none of its modules has "
-                "transformers' query/key projections, timm's fused_attn switch or a layout vitmad knows. If some "
-                "of its modules compute softmax attention (F.scaled_dot_product_attention or an explicit "
-                "softmax), pass layers=[their qualified names]"
+            raise NoLayerError(
+                f"found no attention layer in {type(model).__name__}: none of its modules has transformers' "
+                "query/key projections, timm's fused_attn switch or a layout vitmad knows",
+                ". If some of its modules compute softmax attention (F.scaled_dot_product_attention or an explicit "
+                "softmax), pass layers=[their qualified names]",
             )
         return modules
 
