@@ -249,7 +249,10 @@ def test_videomae_with_dropped_tubelets_is_refused():
     model, argument = _build("videomae")
     mask = torch.zeros(BATCH, (FRAMES // TUBELET) * GRID * GRID, dtype=torch.bool)
     mask[:, ::2] = True
-    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="VideoMAEModel.*masked or dropped"):
+    # The layout the layer was expected to have, in words: no "0 tokens then" for a model without prefix tokens.
+    expected = f"over {BATCH} videos of the {FRAMES // TUBELET}x{GRID}x{GRID} tubelets gives"
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError,
+                                                              match=f"VideoMAEModel.* {expected}.*masked or dropped"):
         model(pixel_values=_video(), bool_masked_pos=mask)
 
 

@@ -206,7 +206,8 @@ class VideoPlacer(LayerPlacer):
         patches = grid.size[0] * grid.size[1]
         groups, tokens, described = {
             "space-time": (1, self.prefix + grid.frames * patches,
-                           f"{self.prefix} tokens then the {grid.frames}x{grid.size[0]}x{grid.size[1]} tubelets"),
+                           (f"{self.prefix} prefix tokens then " if self.prefix else "")
+                           + f"the {grid.frames}x{grid.size[0]}x{grid.size[1]} tubelets"),
             "space-time, frames fastest": (1, 1 + grid.frames * patches,
                                            f"CLS then the {grid.size[0]}x{grid.size[1]}x{grid.frames} patches"),
             "time": (patches, grid.frames, f"{grid.frames} frames of each of the {patches} patch positions"),
@@ -215,7 +216,7 @@ class VideoPlacer(LayerPlacer):
         if len(lead) != 2 or num_queries != num_keys or num_queries != tokens or lead[0] != grid.batch * groups:
             raise NotPlaceable(
                 f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; its "
-                f"{self.kind} attention over {grid.batch} videos of {described} gives "
+                f"{self.kind} attention over {grid.batch} video{'s' if grid.batch != 1 else ''} of {described} gives "
                 f"[{grid.batch * groups}, heads, {tokens}, {tokens}]"
                 + (" (masked or dropped tubelets are not supported)" if self.kind == "space-time" else "")
             )
