@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: mad)")
     run.add_argument("--out", default="vitmad_out", help="output folder (default: %(default)s)")
     run.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME}")
-    run.add_argument("--no-figures", action="store_true", help="write mad.json and mad.csv only")
+    run.add_argument("--no-figures", action="store_true",
+                     help="draw nothing: write mad.json, mad.csv (and prefix_maps.npz) only")
     run.add_argument("--workers", dest="loader_threads", type=int, default=4,
                      help="threads decoding images (default: 4)")
     run.add_argument("--checkpoint-every", type=int, default=8, help="batches between checkpoints (default: 8)")

@@ -975,7 +975,7 @@ def record(
         with vitmad.record(model) as rec:
             model(pixel_values)
         rec.mad     # [L, B, H] float32, pixels
-        rec.layers  # ["encoder.layer.0.attention", ...]
+        rec.layers  # ["layers.0.attention", ...] for transformers 5's ViTModel: the model's own module names
 
     Works with transformers ``PreTrainedModel``s that use ``AttentionInterface`` (ViT, DeiT, BEiT, DINOv2 with
     and without registers, ViTMAE at any ``mask_ratio``, CLIP and SigLIP vision towers, ...) in any attention
@@ -1021,6 +1021,7 @@ def record(
         ValueError: an option is invalid, or the layout cannot be detected: the message names the model class
             and what to pass by hand.
         TypeError: ``positions`` is neither a floating tensor nor a callable.
+        RuntimeError: on entering the block, the model is already being recorded (here or in another thread).
     """
     return Recording(
         model, layers=layers, patch=patch, grid=grid, num_prefix_tokens=num_prefix_tokens,
