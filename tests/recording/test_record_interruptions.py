@@ -71,6 +71,26 @@ def test_a_forward_that_raised_halfway_leaves_no_call():
     torch.testing.assert_close(rec.mad, _clean_mad(model, pixels), rtol=0, atol=0)
 
 
+def test_a_wrapper_whose_forward_returns_none_keeps_its_calls():
+    """A forward that returned None was read as one that raised: its calls were dropped, and rec.mad said the
+    model had not run."""
+
+    class FeatureTap(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.features = model, None
+
+        def forward(self, x):
+            self.features = self.model.forward_features(x)
+
+    model, pixels = _vit(), _pixels()
+    tap = FeatureTap(model)
+    with torch.no_grad(), vitmad.record(tap) as rec:
+        assert tap(pixels) is None
+    assert len(rec.calls) == 1
+    torch.testing.assert_close(rec.mad, _clean_mad(model, pixels), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("library", ["timm", "transformers"])
 def test_gradient_checkpointing_records_each_layer_once(library):
     """backward runs a checkpointed layer's forward again: it was recorded as more layers (6 for 3, the last ones

@@ -460,6 +460,7 @@ class Recording:
         self._registered = False  # in _RECORDING
         self._calls_before_forward: int | None = None  # len(calls) when the model's forward began
         self._forwards = 0  # forwards of the model that ended in this recording
+        self._returned = False  # the model's current forward has returned (not raised)
         # The user's positions replace the layout of every recorded layer (families/masked.py).
         self._given = None if positions is None else GivenPositionsPlacer(positions)
         self.model = model
@@ -912,6 +913,9 @@ class Recording:
             hooks.install()
         # Last, so that it runs after every layer's own end: a forward that raised leaves no half call behind.
         self._handles.append(self.model.register_forward_pre_hook(self._begin_forward))
+        # A forward that returned runs both hooks below, one that raised only the second: the output cannot tell
+        # them apart (a wrapper's forward may return None).
+        self._handles.append(self.model.register_forward_hook(self._forward_returned))
         self._handles.append(self.model.register_forward_hook(self._end_forward, always_call=True))
 
     def _begin_forward(self, module: nn.Module, args) -> None:
@@ -928,12 +932,16 @@ class Recording:
             del self.calls[self._calls_before_forward:]
             self._calls_before_forward = None
 
+    def _forward_returned(self, module: nn.Module, args, output) -> None:
+        self._returned = True
+
     def _end_forward(self, module: nn.Module, args, output) -> None:
-        """A forward of the model ended; one that raised (no output) drops the calls it started, whose layers
-        stopped where the error was (an out-of-memory error the caller catches, say)."""
-        if output is None and not _in_backward():
+        """A forward of the model ended; one that raised drops the calls it started, whose layers stopped where
+        the error was (an out-of-memory error the caller catches, say)."""
+        returned, self._returned = self._returned, False
+        if not returned and not _in_backward():
             self._drop_unfinished()
-        elif output is not None and not _in_backward() and not _not_recorded():
+        elif returned and not _in_backward() and not _not_recorded():
             self._forwards += 1
         self._calls_before_forward = None
 
