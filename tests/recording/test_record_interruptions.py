@@ -7,6 +7,8 @@ normally, or with the model's state before the block."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitmad
+from conftest import subprocess_env
 
 timm = pytest.importorskip("timm")
 
@@ -143,6 +146,32 @@ def test_a_copy_made_inside_the_block_runs_as_without_vitmad():
     assert len(rec.calls) == 1
     torch.testing.assert_close(_clean_mad(hf_twin, pixels), rec.mad, rtol=0, atol=0)
     assert hf_twin.config._attn_implementation == hf.config._attn_implementation == "sdpa"
+
+
+def test_a_transformers_model_saved_inside_the_block_loads_and_runs_in_a_new_process(tmp_path):
+    """torch.save(model) mid-recording stored the wrapper's name as the attention implementation: registered in
+    that process only, so the checkpoint failed at its first forward anywhere else (KeyError)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                      intermediate_size=64, image_size=64, patch_size=16),
+                               add_pooling_layer=False).eval()
+    pixels = _pixels()
+    with torch.no_grad(), vitmad.record(hf):
+        hf(pixels)
+        torch.save(hf, tmp_path / "model.pt")
+        assert hf.config._attn_implementation.startswith("vitmad_record_")  # still recording
+    torch.save(pixels, tmp_path / "pixels.pt")
+    with torch.no_grad():
+        expected = hf(pixels).last_hidden_state
+    code = ("import torch; m = torch.load('model.pt', weights_only=False); "
+            "print(type(m.config._attn_implementation_internal).__name__, m.config._attn_implementation_internal); "
+            "torch.save(m(torch.load('pixels.pt')).last_hidden_state.detach(), 'out.pt')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["str", "sdpa"]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=0)
 
 
 # torch's own: jit.trace is deprecated, and timm's shape asserts read sizes as Python numbers.

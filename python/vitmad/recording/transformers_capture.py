@@ -116,6 +116,26 @@ def _original_function(implementation: str, module: nn.Module) -> Callable:
     )
 
 
+class _WrapperName(str):
+    """The wrapper's name as a recorded config holds it. A copy or a pickle of that config (``copy.deepcopy`` of
+    the model, ``torch.save`` of the whole model inside the block) takes the implementation the config had before
+    instead: a checkpoint saved mid-recording loads and runs in a process without vitmad, as the model it was,
+    where it once named an implementation that only this process had registered."""
+
+    original: str | None
+
+    def __new__(cls, name: str, original: str | None):
+        self = super().__new__(cls, name)
+        self.original = original
+        return self
+
+    def __reduce_ex__(self, protocol):
+        return (str, (self.original,)) if self.original is not None else (type(None), ())
+
+    def __deepcopy__(self, memo):
+        return self.original
+
+
 def _register_wrapper(implementation: str) -> str:
     """Registers (once per process) the recording wrapper of ``implementation``; returns its name."""
     from transformers import AttentionInterface
@@ -202,7 +222,7 @@ class HFAttentionHooks:
         for config in configs:
             original = config._attn_implementation_internal
             self._saved.append((config, original))
-            config._attn_implementation_internal = _register_wrapper(original or "eager")
+            config._attn_implementation_internal = _WrapperName(_register_wrapper(original or "eager"), original)
 
     def before_forward(self) -> None:
         """At each forward of the model: an implementation the user set inside the block
@@ -213,7 +233,7 @@ class HFAttentionHooks:
             if not str(current).startswith(_WRAPPER_PREFIX):
                 attention_semantics(current or "eager", type(self.model).__name__)
                 self._saved[i] = (config, current)
-                config._attn_implementation_internal = _register_wrapper(current or "eager")
+                config._attn_implementation_internal = _WrapperName(_register_wrapper(current or "eager"), current)
 
     def remove(self) -> None:
         for module in self.modules.values():
