@@ -117,6 +117,24 @@ def test_record_matches_eager_maps_and_keeps_outputs(family, size):
     torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
 
 
+@pytest.mark.parametrize("wrapper", ["Sequential", "DataParallel"])
+@pytest.mark.parametrize("family", ["vit", "dinov2_registers"])
+def test_a_model_inside_a_wrapper_is_recorded_as_itself(family, wrapper):
+    """vitmad.record(nn.DataParallel(model)) found no attention layer: transformers' modules were looked for only
+    when the model passed was a PreTrainedModel."""
+    model, prefix, _ = _build(family)
+    wrapped = getattr(torch.nn, wrapper)(model)  # DataParallel without a GPU runs the module itself
+    pixels = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), vitmad.record(wrapped) as rec:
+        wrapped(pixels)
+    outer = "0" if wrapper == "Sequential" else "module"
+    assert rec.layers == [f"{outer}.{name}" for name in hf_hooks.hf_attention_modules(model)]
+    maps, _ = _eager_maps(model, pixels, {})
+    grid = (IMAGE // 8, IMAGE // 8)
+    expected = torch.stack([vitmad.mad_reference(a, 8, num_prefix_tokens=prefix, grid=grid) for a in maps])
+    torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
+
+
 @pytest.mark.parametrize("family", ["vit", "beit_relative_bias"])
 def test_record_per_query_and_renormalized(family):
     model, prefix, kwargs = _build(family)

@@ -238,7 +238,9 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     A module inside another one found is left to the outer one."""
     with shared_walks():
         found = {}
-        if is_hf_model(model):
+        # A transformers model inside a wrapper (nn.Sequential, nn.DataParallel, a user's module) too: its modules
+        # are then recorded as any module that computes attention (module_capture), not through its config.
+        if any(is_hf_model(m) for m in module_list(model)):
             found.update(hf_attention_modules(model))
         found.update(timm_attention_modules(model))
         found.update(source_attention_modules(model))
