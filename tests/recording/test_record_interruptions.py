@@ -28,6 +28,14 @@ def _vit(**options):
                              num_heads=2, **options).eval()
 
 
+def _hf_vit(num_hidden_layers: int = 2):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=num_hidden_layers, num_attention_heads=2,
+                                    intermediate_size=64, image_size=64, patch_size=16)
+    return transformers.ViTModel(config, add_pooling_layer=False).eval()
+
+
 def _pixels(batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
@@ -102,11 +110,7 @@ def test_gradient_checkpointing_records_each_layer_once(library):
         model, pixels = _vit(), _pixels()
         model.set_grad_checkpointing(True)
     else:
-        transformers = pytest.importorskip("transformers")
-        torch.manual_seed(0)
-        model = transformers.ViTModel(transformers.ViTConfig(
-            hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=64,
-            patch_size=16), add_pooling_layer=False).eval()
+        model = _hf_vit(num_hidden_layers=3)
         model.gradient_checkpointing_enable()
         pixels = _pixels()
     model.train()  # transformers checkpoints in training only; dropout is 0
@@ -133,11 +137,7 @@ def test_a_copy_made_inside_the_block_runs_as_without_vitmad():
     assert len(rec.calls) == 1 and _function_modes() == 0
     torch.testing.assert_close(_clean_mad(twin, pixels), rec.mad, rtol=0, atol=0)
 
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                      intermediate_size=64, image_size=64, patch_size=16),
-                               add_pooling_layer=False).eval()
+    hf = _hf_vit()
     with torch.no_grad(), vitmad.record(hf) as rec:
         hf(pixels)
         hf_twin = copy.deepcopy(hf)
@@ -151,11 +151,7 @@ def test_a_copy_made_inside_the_block_runs_as_without_vitmad():
 def test_a_transformers_model_saved_inside_the_block_loads_and_runs_in_a_new_process(tmp_path):
     """torch.save(model) mid-recording stored the wrapper's name as the attention implementation: registered in
     that process only, so the checkpoint failed at its first forward anywhere else (KeyError)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                      intermediate_size=64, image_size=64, patch_size=16),
-                               add_pooling_layer=False).eval()
+    hf = _hf_vit()
     pixels = _pixels()
     with torch.no_grad(), vitmad.record(hf):
         hf(pixels)
@@ -235,11 +231,7 @@ def test_the_call_starts_at_the_convolution_on_the_image_not_a_head_declared_bef
 def test_an_attention_implementation_set_inside_the_block_is_recorded_and_kept():
     """model.set_attn_implementation inside the block stopped the recording (rec.mad then said no module computed
     attention) and was undone at exit."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                         intermediate_size=64, image_size=64, patch_size=16),
-                                  add_pooling_layer=False).eval()
+    model = _hf_vit()
     pixels = _pixels()
     with torch.no_grad(), vitmad.record(model) as rec:
         model(pixels)
