@@ -239,3 +239,20 @@ def test_an_attention_implementation_set_inside_the_block_is_recorded_and_kept()
         model(pixels)
     assert len(rec.calls) == 2 and model.config._attn_implementation == "eager"
     torch.testing.assert_close(rec.calls[1].mad, rec.calls[0].mad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_users_forward_hook_that_takes_a_softmax_is_not_read_as_attention(fused):
+    """A probe registered on an attention module before the block ran inside the capture: its softmax of the
+    module's output [B, N, C] was taken for the attention, and the model's forward raised."""
+    model, pixels = _vit(), _pixels()
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    expected = _clean_mad(model, pixels)
+    probes = []
+    model.blocks[0].attn.register_forward_hook(lambda module, args, output: probes.append(output.softmax(-1)))
+    model.blocks[1].attn.register_forward_pre_hook(lambda module, args: probes.append(args[0].softmax(-1)))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    assert len(probes) == 2 and _function_modes() == 0
+    torch.testing.assert_close(rec.mad, expected, rtol=0, atol=0)

@@ -177,7 +177,14 @@ class ModuleAttentionHooks:
                 # A forward that raised reaches this hook with no output: its calls are dropped, not recorded.
                 self.done(name, module, output is not None)
 
+            def stop(module, args, output, mode=mode) -> None:
+                self._leave(mode)
+
             self._handles.append(module.register_forward_pre_hook(enter))
+            # The capture ends with the module's own forward, before the forward hooks that were there first (a
+            # user's probe that takes a softmax of the output was read as the attention); `leave` runs after them
+            # all, so that done() sees what every hook saw.
+            self._handles.append(module.register_forward_hook(stop, prepend=True, always_call=True))
             self._handles.append(module.register_forward_hook(leave, always_call=True))
 
     def _leave(self, mode: TorchFunctionMode) -> None:
