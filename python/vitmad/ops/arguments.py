@@ -39,7 +39,7 @@ __all__ = [
     "check_time_args",
     "mad_output_dtype",
     "SUPPORTED_DTYPES",
-    "check_not_bool",
+    "check_int_args",
     "check_renormalize",
     "index_int",
     "call_op",
@@ -130,7 +130,7 @@ def call_op(op, op_name: str, *args, **kwargs):
         raise schema_type_error(error, op_name) from None
 
 
-def check_not_bool(op_name: str, **values) -> None:
+def check_int_args(op_name: str, **values) -> None:
     """TypeError for a bool where a size or count is expected: the dispatcher takes ``True`` for the int 1; and
     check_int64's ValueError for an int beyond the ops' 64-bit ints."""
     for name, value in values.items():

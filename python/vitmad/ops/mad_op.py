@@ -15,9 +15,9 @@ from . import library  # noqa: F401  (defines torch.ops.vitmad before anything i
 from .arguments import (
     call_op,
     check_attn_tensor,
+    check_int_args,
     check_mad_args,
     check_mad_grad,
-    check_not_bool,
     check_one_form,
     check_position_args,
     check_renormalize,
@@ -99,13 +99,13 @@ def mad(
         if reduction != "mean":
             options["reduction"] = reduction
         if patch.__class__ is bool or num_prefix_tokens.__class__ is bool:  # the dispatcher takes True for 1
-            check_not_bool("vitmad.mad", patch=patch, num_prefix_tokens=num_prefix_tokens)
+            check_int_args("vitmad.mad", patch=patch, num_prefix_tokens=num_prefix_tokens)
         try:  # call_op's work, inline: a function call more would be a few percent of a small call
             return torch.ops.vitmad.mad.default(attn, patch, **options)
         except RuntimeError as error:
             # An int beyond int64 draws the same words from the dispatcher as a str: the range, checked only
             # once the call has failed, costs a good call nothing.
-            check_not_bool("vitmad.mad", patch=patch, num_prefix_tokens=num_prefix_tokens)
+            check_int_args("vitmad.mad", patch=patch, num_prefix_tokens=num_prefix_tokens)
             raise schema_type_error(error, "vitmad.mad") from None
     check_one_form("vitmad.mad", positions, key_positions,
                     {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})

@@ -16,8 +16,8 @@ import torch
 from . import library  # noqa: F401  (defines torch.ops.vitmad before anything is registered on it)
 from .arguments import (
     call_op,
+    check_int_args,
     check_mad_qk_args,
-    check_not_bool,
     check_one_form,
     check_position_args,
     check_qk_tensors,
@@ -85,7 +85,7 @@ def mad_qk(
     check_renormalize(renormalize, "vitmad.mad_qk")
     check_one_form("vitmad.mad_qk", positions, key_positions,
                     {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
-    check_not_bool("vitmad.mad_qk", patch=patch, num_prefix_tokens=num_prefix_tokens)
+    check_int_args("vitmad.mad_qk", patch=patch, num_prefix_tokens=num_prefix_tokens)
     options = {"scale": scale_float(scale, "vitmad.mad_qk"), "attn_bias": attn_bias, "renormalize": renormalize,
                "reduction": reduction}
     if positions is not None:

@@ -29,11 +29,11 @@ from .arguments import (
     TEMPORAL_MAD,
     call_op,
     check_attn_tensor,
+    check_int_args,
     check_key_times_need_times,
     check_mad_args,
     check_mad_qk_args,
     check_no_times,
-    check_not_bool,
     check_one_form,
     check_position_args,
     check_qk_tensors,
@@ -210,7 +210,7 @@ def attention_stats(
         prefix = 1 if num_prefix_tokens is None else num_prefix_tokens
         grid_list = grid_ints(grid, _OP)
         if names:
-            check_not_bool(_OP, patch=patch, num_prefix_tokens=prefix)
+            check_int_args(_OP, patch=patch, num_prefix_tokens=prefix)
             values = call_op(torch.ops.vitmad.stats.default, _OP, attn, patch, list(names), num_prefix_tokens=prefix,
                              grid=grid_list, renormalize=renormalize, reduction=reduction)
             out.update(_by_name(names, values))
@@ -287,7 +287,7 @@ def attention_stats_qk(
         prefix = 1 if num_prefix_tokens is None else num_prefix_tokens
         grid_list = grid_ints(grid, _OP_QK)
         if names:
-            check_not_bool(_OP_QK, patch=patch, num_prefix_tokens=prefix)
+            check_int_args(_OP_QK, patch=patch, num_prefix_tokens=prefix)
             values = call_op(torch.ops.vitmad.stats_qk.default, _OP_QK, q, k, patch, list(names),
                              num_prefix_tokens=prefix, grid=grid_list, **options)
             out.update(_by_name(names, values))
