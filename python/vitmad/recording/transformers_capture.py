@@ -119,8 +119,9 @@ def _original_function(implementation: str, module: nn.Module) -> Callable:
 class _WrapperName(str):
     """The wrapper's name as a recorded config holds it. A copy or a pickle of that config (``copy.deepcopy`` of
     the model, ``torch.save`` of the whole model inside the block) takes the implementation the config had before
-    instead: a checkpoint saved mid-recording loads and runs in a process without vitmad, as the model it was,
-    where it once named an implementation that only this process had registered."""
+    instead: a checkpoint saved mid-recording runs in another process as the model it was, where it once named an
+    implementation that only this process had registered. (Loading it still imports vitmad: the model's hook dicts
+    hold the recording's inert stand-ins, _RecordingHook.)"""
 
     original: str | None
 
@@ -134,6 +135,11 @@ class _WrapperName(str):
 
     def __deepcopy__(self, memo):
         return self.original
+
+
+def _recording_name(original: str | None) -> _WrapperName:
+    """The name a recorded config holds for its implementation ``original`` (None: transformers' default)."""
+    return _WrapperName(_register_wrapper(original or "eager"), original)
 
 
 def _register_wrapper(implementation: str) -> str:
@@ -199,8 +205,9 @@ class HFAttentionHooks:
             if implementation.startswith(_WRAPPER_PREFIX):
                 if recorded:
                     raise RuntimeError(f"vitmad.record: {type(self.model).__name__} is already being recorded")
-                # A copy (copy.deepcopy) made while the original was recorded took its config as it was then; the
-                # wrapper runs the original implementation for modules no recording holds: that implementation.
+                # A config copied while recorded by other means than copy.deepcopy or pickling (which give the
+                # original name, _WrapperName), copy.copy say, holds the wrapper's name; the wrapper runs the
+                # original implementation for modules no recording holds: that implementation.
                 config._attn_implementation_internal = implementation[len(_WRAPPER_PREFIX):]
         return list(configs.values())
 
@@ -222,7 +229,7 @@ class HFAttentionHooks:
         for config in configs:
             original = config._attn_implementation_internal
             self._saved.append((config, original))
-            config._attn_implementation_internal = _WrapperName(_register_wrapper(original or "eager"), original)
+            config._attn_implementation_internal = _recording_name(original)
 
     def before_forward(self) -> None:
         """At each forward of the model: an implementation the user set inside the block
@@ -233,7 +240,7 @@ class HFAttentionHooks:
             if not str(current).startswith(_WRAPPER_PREFIX):
                 attention_semantics(current or "eager", type(self.model).__name__)
                 self._saved[i] = (config, current)
-                config._attn_implementation_internal = _WrapperName(_register_wrapper(current or "eager"), current)
+                config._attn_implementation_internal = _recording_name(current)
 
     def remove(self) -> None:
         for module in self.modules.values():
