@@ -395,7 +395,9 @@ def _check_recordable(module: torch.nn.Module, record_options: dict, layers: Seq
     """A model with nothing to record fails here, as a bad ``model`` (or ``layers``), before a checkpoint is
     written: a Recording finds its layers when made, and installs nothing until it is entered."""
     try:
-        Recording(module, **record_options)
+        with warnings.catch_warnings():  # a compiled model's warning: each batch's recording gives it
+            warnings.simplefilter("ignore")
+            Recording(module, **record_options)
     except NoLayerError as err:
         if layers:
             raise OptionError("layers", err.finding) from None
