@@ -90,3 +90,81 @@ def test_ops_and_record_from_eight_threads_match_single_threaded_runs():
     from vitmad.recording import transformers_capture as hf_hooks
 
     assert not hf_hooks._ACTIVE
+
+
+def _one_model(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "transformers":
+        transformers = pytest.importorskip("transformers")
+        config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                        intermediate_size=64, image_size=64, patch_size=16)
+        return transformers.ViTModel(config, add_pooling_layer=False).eval()
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3, embed_dim=32,
+                              num_heads=2).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = kind == "timm-fused"  # the capture by SDPA call, or by softmax (a mode per layer)
+    return model
+
+
+def _attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    if hasattr(model, "blocks"):
+        return [block.attn for block in model.blocks]
+    return [layer.attention for layer in model.layers]  # transformers 5's ViT
+
+
+@pytest.mark.parametrize("kind", ["timm-fused", "timm-explicit", "transformers"])
+def test_a_second_thread_is_refused_while_another_runs_the_recorded_model(kind):
+    """One recorded model, two threads: while a worker thread is inside its forward (held in its second attention
+    layer), a forward from this thread is refused with a clear error and leaves the worker's call intact; once the
+    worker is done, this thread's forward is recorded as the next call."""
+    model = _one_model(kind)
+    gen = torch.Generator().manual_seed(3)
+    pixels_a, pixels_b = torch.randn(2, 3, 64, 64, generator=gen), torch.randn(3, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        expected_out = model(pixels_a)
+        expected = {}
+        for name, pixels in (("a", pixels_a), ("b", pixels_b)):
+            with vitmad.record(model) as alone:
+                model(pixels)
+            expected[name] = alone.mad
+    inside, release = threading.Event(), threading.Event()
+    worker_out: list = []
+    layers = _attention_layers(model)
+
+    def hold(module, args) -> None:
+        if threading.current_thread().name == "worker":
+            inside.set()
+            release.wait(30)
+
+    holding = layers[1].register_forward_pre_hook(hold)
+
+    def work() -> None:
+        with torch.no_grad():
+            worker_out.append(model(pixels_a))
+
+    try:
+        with torch.no_grad(), vitmad.record(model) as rec:
+            worker = threading.Thread(target=work, name="worker")
+            worker.start()
+            assert inside.wait(30), "the worker never reached its second attention layer"
+            with pytest.raises(RuntimeError, match=r"thread 'worker' is inside a forward of it.*one thread at a time"):
+                model(pixels_b)
+            if kind != "transformers":  # a recorded layer called on its own is refused as well
+                tokens = torch.randn(3, 17, 32, generator=gen)
+                with pytest.raises(RuntimeError, match="one thread at a time"):
+                    layers[0](tokens)
+            release.set()
+            worker.join(30)
+            assert not worker.is_alive() and len(worker_out) == 1
+            assert len(rec.calls) == 1
+            torch.testing.assert_close(rec.mad, expected["a"], rtol=0, atol=0)
+            model(pixels_b)  # one thread after another: recorded
+    finally:
+        release.set()
+        holding.remove()
+    torch.testing.assert_close(worker_out[0], expected_out, rtol=0, atol=0)
+    assert len(rec.calls) == 2
+    torch.testing.assert_close(rec.calls[0].mad, expected["a"], rtol=0, atol=0)
+    torch.testing.assert_close(rec.calls[1].mad, expected["b"], rtol=0, atol=0)
+    assert torch._C._len_torch_function_stack() == 0

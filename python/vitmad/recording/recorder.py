@@ -63,6 +63,8 @@ from .families.plain import (
     is_embedding_projection,
     keeps_image_layout,
 )
+from .forward_owner import ForwardOwner
+from .forward_owner import in_backward as _in_backward
 from .mha_capture import MultiheadAttentionHooks, mha_modules
 from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
 from .module_index import module_list, named_module_list, shared_walks
@@ -317,12 +319,6 @@ def _first_convolution(model: nn.Module) -> nn.Module | None:
     return naflex_call_start(model)
 
 
-def _in_backward() -> bool:
-    """Whether autograd is running a backward pass: gradient checkpointing runs a layer's forward again there,
-    which is no new attention of the model to record."""
-    return torch._C._current_graph_task_id() != -1
-
-
 def _not_recorded() -> bool:
     """Whether this forward is no attention of the model to record: a checkpointed layer run again by backward
     (:func:`_in_backward`), or ``torch.jit.trace`` running the model inside the block, where vitmad's ops would
@@ -349,14 +345,22 @@ class NoLayerError(ValueError):
 class _RecordingHook:
     """A hook of a recording, as the model holds it. A copy of the model (``copy.deepcopy``, pickling) made while
     the recording is active gets an inert hook in its place: the copy runs as it would without vitmad, and never
-    into this recording (an EMA or teacher copy made inside the block)."""
+    into this recording (an EMA or teacher copy made inside the block).
 
-    __slots__ = ("hook",)
+    While another thread is inside a forward of the recorded model (:class:`.forward_owner.ForwardOwner`), a
+    pre-hook (``pre``) refuses this thread's forward and any other hook does nothing: those are the hooks torch
+    runs as the refused forward unwinds, and the recording's state is the other thread's."""
 
-    def __init__(self, hook: Callable):
-        self.hook = hook
+    __slots__ = ("hook", "owner", "pre")
+
+    def __init__(self, hook: Callable, owner: ForwardOwner, pre: bool):
+        self.hook, self.owner, self.pre = hook, owner, pre
 
     def __call__(self, *args, **kwargs):
+        if self.owner.busy_elsewhere():
+            if self.pre:
+                raise self.owner.refusal()
+            return None
         return self.hook(*args, **kwargs)
 
     def __deepcopy__(self, memo):
@@ -374,16 +378,17 @@ def _inert_hook_factory():
     return _inert_hook
 
 
-def _wrap_hooks(handles) -> None:
-    """The hooks behind ``handles`` as :class:`_RecordingHook`, in the dicts that hold them (no walk over the
-    model): the handles still remove them, by id; copies of the modules hold inert ones."""
+def _wrap_hooks(handles, owner: ForwardOwner, model: nn.Module) -> None:
+    """The hooks behind ``handles`` as :class:`_RecordingHook`, in the dicts that hold them: the handles still
+    remove them, by id; copies of the modules hold inert ones."""
+    pre_hook_dicts = {id(module._forward_pre_hooks) for _, module in named_module_list(model)}
     for handle in handles:
         if not hasattr(handle, "hooks_dict_ref"):
             continue  # not a hook (ViLT's watch of visual_embed, inert in copies by design)
         for hooks in (handle.hooks_dict_ref(), *(ref() for ref in getattr(handle, "extra_dict_ref", ()))):
             if hooks is not None and handle.id in hooks and callable(hooks[handle.id]) \
                     and not isinstance(hooks[handle.id], _RecordingHook):
-                hooks[handle.id] = _RecordingHook(hooks[handle.id])
+                hooks[handle.id] = _RecordingHook(hooks[handle.id], owner, id(hooks) in pre_hook_dicts)
 
 
 # id(model) of the models being recorded: one recording of a model at a time, in any thread (two would mix their
@@ -463,6 +468,7 @@ class Recording:
         self._calls_before_forward: int | None = None  # len(calls) when the model's forward began
         self._forwards = 0  # forwards of the model that ended in this recording
         self._returned = False  # the model's current forward has returned (not raised)
+        self._owner = ForwardOwner(type(model).__name__)  # the thread inside a forward of the model, if any
         # The user's positions replace the layout of every recorded layer (families/masked.py).
         self._given = None if positions is None else GivenPositionsPlacer(positions)
         self.model = model
@@ -895,7 +901,8 @@ class Recording:
         try:
             with shared_walks():
                 self._install()
-            _wrap_hooks([*self._handles, *(h for hooks in self._hooks for h in getattr(hooks, "_handles", ()))])
+                _wrap_hooks([*self._handles, *(h for hooks in self._hooks for h in getattr(hooks, "_handles", ()))],
+                            self._owner, self.model)
         except BaseException:
             self._remove()
             raise
@@ -903,6 +910,12 @@ class Recording:
 
     def _install(self) -> None:
         """The hooks of the call start, of the layout, of the placers and of the attention capture."""
+        # One thread at a time inside the model or a recorded layer (forward_owner.py): taken before any other
+        # hook of the forward runs, given back after all of them.
+        scopes = list({id(m): m for m in (self.model, *self._modules.values())}.values())
+        for module in scopes:
+            self._handles.append(module.register_forward_pre_hook(
+                lambda *_, restart=module is self.model: self._owner.enter(restart), prepend=True))
         first = _first_convolution(self.model)
         if first is not None:
             self._handles.append(first.register_forward_pre_hook(self._start_call))
@@ -919,6 +932,8 @@ class Recording:
         # them apart (a wrapper's forward may return None).
         self._handles.append(self.model.register_forward_hook(self._forward_returned))
         self._handles.append(self.model.register_forward_hook(self._end_forward, always_call=True))
+        for module in scopes:
+            self._handles.append(module.register_forward_hook(lambda *_: self._owner.leave(), always_call=True))
 
     def _begin_forward(self, module: nn.Module, args) -> None:
         if not _in_backward():
@@ -955,6 +970,7 @@ class Recording:
         for hooks in self._hooks:
             hooks.remove()
         self._pending.clear()
+        self._owner.reset()
         if self._eager:
             self._eager = False
             EagerWhileRecording.leave()
@@ -1031,7 +1047,9 @@ def record(
         ValueError: an option is invalid, or the layout cannot be detected: the message names the model class
             and what to pass by hand.
         TypeError: ``positions`` is neither a floating tensor nor a callable.
-        RuntimeError: on entering the block, the model is already being recorded (here or in another thread).
+        RuntimeError: on entering the block, the model is already being recorded (here or in another thread);
+            inside it, a forward of the model (or of a recorded layer) from one thread while another thread is
+            inside one (a recorded model runs in one thread at a time; :mod:`.forward_owner`).
     """
     return Recording(
         model, layers=layers, patch=patch, grid=grid, num_prefix_tokens=num_prefix_tokens,
