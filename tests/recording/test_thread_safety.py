@@ -7,6 +7,7 @@ torch-function modes), so concurrent recordings of different models must not see
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -168,3 +169,150 @@ def test_a_second_thread_is_refused_while_another_runs_the_recorded_model(kind):
     torch.testing.assert_close(rec.calls[0].mad, expected["a"], rtol=0, atol=0)
     torch.testing.assert_close(rec.calls[1].mad, expected["b"], rtol=0, atol=0)
     assert torch._C._len_torch_function_stack() == 0
+
+
+def _held_worker(model: torch.nn.Module, where: torch.nn.Module, run, when=lambda: True) -> tuple[
+        threading.Thread, threading.Event, threading.Event, list]:
+    """A thread named "worker" that runs ``run()`` and waits at the forward pre-hook of ``where`` (the first time
+    ``when()`` holds there), until released."""
+    inside, release, outcome = threading.Event(), threading.Event(), []
+
+    def hold(module, args) -> None:
+        if threading.current_thread().name == "worker" and when() and not inside.is_set():
+            inside.set()
+            release.wait(30)
+
+    handle = where.register_forward_pre_hook(hold)
+
+    def work() -> None:
+        try:
+            with torch.no_grad():
+                outcome.append(run())
+        except Exception as error:  # noqa: BLE001 (the test reads it)
+            outcome.append(error)
+        finally:
+            handle.remove()
+
+    return threading.Thread(target=work, name="worker"), inside, release, outcome
+
+
+def _alone(model: torch.nn.Module, run) -> torch.Tensor:
+    with torch.no_grad(), vitmad.record(model) as alone:
+        run()
+    return alone.mad
+
+
+@pytest.mark.parametrize("kind", ["timm-fused", "timm-explicit"])
+def test_forward_features_and_intermediates_from_two_threads_never_mix(kind):
+    """Forwards that bypass the model's own call: a worker inside forward_features (between two blocks) keeps
+    another thread out; a worker paused outside every recorded module in forward_intermediates (after its patch
+    embedding) lets the other thread's forward run, and is then refused at its next layer, its half call dropped."""
+    model = _one_model(kind)
+    gen = torch.Generator().manual_seed(5)
+    pixels_a, pixels_b = torch.randn(2, 3, 64, 64, generator=gen), torch.randn(2, 3, 64, 64, generator=gen)
+    expected_b = _alone(model, lambda: model.forward_features(pixels_b))
+
+    worker, inside, release, outcome = _held_worker(model, model.blocks[1], lambda: model.forward_features(pixels_a))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        worker.start()
+        assert inside.wait(30)
+        with pytest.raises(RuntimeError, match="thread 'worker' is inside a forward of it"):
+            model.forward_features(pixels_b)
+        release.set()
+        worker.join(30)
+    assert isinstance(outcome[0], torch.Tensor) and len(rec.calls) == 1
+    torch.testing.assert_close(rec.mad, _alone(model, lambda: model.forward_features(pixels_a)), rtol=0, atol=0)
+
+    worker, inside, release, outcome = _held_worker(model, model.norm_pre,
+                                                    lambda: model.forward_intermediates(pixels_a))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        worker.start()
+        assert inside.wait(30)
+        model.forward_features(pixels_b)  # the worker holds nothing of the recording here
+        release.set()
+        worker.join(30)
+    assert isinstance(outcome[0], RuntimeError)
+    assert "thread 'MainThread' started the forward in progress" in str(outcome[0])
+    assert len(rec.calls) == 1
+    torch.testing.assert_close(rec.mad, expected_b, rtol=0, atol=0)
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_a_reentrant_call_keeps_the_thread_inside_until_the_outer_forward_ends():
+    model = _one_model("timm-fused")
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    state = {}
+
+    def reenter(module, args, output) -> None:
+        if threading.current_thread().name == "worker" and not state:
+            state["entered"] = True
+            state["inner"] = model(pixels)  # the whole model again, inside its own forward
+
+    handle = model.blocks[0].register_forward_hook(reenter)
+    # Held in the outer forward's last block, once the inner forward has ended.
+    worker, inside, release, outcome = _held_worker(model, model.blocks[2], lambda: model(pixels),
+                                                    when=lambda: "inner" in state)
+    try:
+        with torch.no_grad(), vitmad.record(model):
+            worker.start()
+            assert inside.wait(30)
+            assert "inner" in state  # the inner forward ended; the outer one is still running
+            with pytest.raises(RuntimeError, match="one thread at a time"):
+                model(pixels)
+            release.set()
+            worker.join(30)
+    finally:
+        release.set()
+        handle.remove()
+    assert isinstance(outcome[0], torch.Tensor)
+
+
+@pytest.mark.parametrize("kind", ["timm-fused", "timm-explicit"])
+def test_a_checkpointed_backward_while_another_thread_runs_a_forward(kind):
+    """The backward recomputes the checkpointed layers in this thread (not recorded) while a worker is inside a
+    recorded forward: each thread's capture stays on its own stack, and the worker's call is exact."""
+    model = _one_model(kind).train()
+    model.set_grad_checkpointing(True)
+    gen = torch.Generator().manual_seed(7)
+    pixels_a, pixels_b = torch.randn(2, 3, 64, 64, generator=gen), torch.randn(2, 3, 64, 64, generator=gen)
+    expected_b = _alone(model, lambda: model(pixels_b))
+    worker, inside, release, outcome = _held_worker(model, model.blocks[1].attn.proj, lambda: model(pixels_b))
+    with vitmad.record(model) as rec:
+        loss = model(pixels_a).pow(2).mean()
+        worker.start()
+        assert inside.wait(30)
+        loss.backward()
+        assert torch._C._len_torch_function_stack() == 0
+        release.set()
+        worker.join(30)
+    assert isinstance(outcome[0], torch.Tensor)
+    assert [len(call.layers) for call in rec.calls] == [3, 3]
+    torch.testing.assert_close(rec.calls[1].mad, expected_b, rtol=0, atol=0)
+    assert all(p.grad is not None for p in model.blocks[0].attn.qkv.parameters())
+
+
+def test_a_worker_stopped_by_keyboard_interrupt_leaves_nothing_to_the_next_thread():
+    model = _one_model("timm-fused")
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    expected = _alone(model, lambda: model(pixels))
+
+    def interrupt(module, args, output) -> None:
+        if threading.current_thread().name == "worker":
+            raise KeyboardInterrupt  # torch skips the always_call hooks: the worker's capture mode stays behind
+
+    def work() -> None:
+        with contextlib.suppress(KeyboardInterrupt), torch.no_grad():
+            model(pixels)
+
+    handle = model.blocks[1].attn.qkv.register_forward_hook(interrupt)
+    try:
+        with torch.no_grad(), vitmad.record(model) as rec:
+            worker = threading.Thread(target=work, name="worker")
+            worker.start()
+            worker.join(30)
+            model(pixels)
+            assert torch._C._len_torch_function_stack() == 0
+    finally:
+        handle.remove()
+    assert len(rec.calls) == 1
+    torch.testing.assert_close(rec.mad, expected, rtol=0, atol=0)

@@ -1,20 +1,26 @@
 """One thread at a time inside a recorded model.
 
-A recording's state (the call being filled, each layer's pending attention calls, the layout the placers read,
-the torch-function modes of :mod:`.module_capture`) describes one forward. Two threads running the recorded model
-at once (a thread pool serving requests, ``nn.DataParallel`` over several GPUs, whose replicas share the model's
-hooks) would mix their layers into each other's calls, or leave a mode on the wrong thread's stack. So the
-thread that enters a forward of the model, or of one of its recorded attention modules, owns the recording until
-that forward ends; the same modules' hooks in any other thread meanwhile refuse to run (pre-hooks raise, so that
-the other forward stops before it reaches anything recorded) or do nothing (the hooks torch runs as that refused
-forward unwinds). One thread after another is fine: ownership ends with the forward.
+A recording's state (the call being filled, each layer's pending attention calls, the layout the placers read)
+describes one forward. Two threads running the recorded model at once (a thread pool serving requests,
+``nn.DataParallel`` over several GPUs, whose replicas share the model's hooks) would mix their layers into each
+other's calls. So the thread that enters a forward of the model, of one of its recorded attention modules or of a
+module holding one (``forward_features`` runs the blocks without the model's own call), owns the recording until
+that forward ends; the recording's hooks in any other thread meanwhile refuse to run (pre-hooks raise, so that the
+other forward stops before it reaches anything recorded) or do nothing (the hooks torch runs as that refused
+forward unwinds). One thread after another is fine: ownership ends with the forward. A thread paused between such
+modules (a loop over the blocks) holds nothing: the recorder then refuses its next layer if another thread has
+started a call meanwhile (``Recording._check_call_thread``). The capture modes of :mod:`.module_capture` are kept
+per thread, as torch's mode stacks are.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+from types import FrameType
 
 import torch
+from torch import nn
 
 __all__ = ["ForwardOwner", "in_backward"]
 
@@ -26,20 +32,48 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+# The frame of torch's module call that runs a hook: a forward is "entered" while that frame is on its thread's
+# stack, which stays true through re-entrant calls and becomes false when a KeyboardInterrupt (which skips the
+# hooks that end it) unwinds it.
+_CALL_IMPL = nn.Module._call_impl.__code__
+
+
+def _module_call_frame() -> FrameType | None:
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code is not _CALL_IMPL:
+        frame = frame.f_back
+    return frame
+
+
+def _live_among(top: FrameType | None, frame_ids: list[int]) -> set[int]:
+    """The ids of ``frame_ids`` that are on the stack from ``top`` down."""
+    wanted, live = set(frame_ids), set()
+    while top is not None and len(live) < len(wanted):
+        if id(top) in wanted:
+            live.add(id(top))
+        top = top.f_back
+    return live
+
+
 class ForwardOwner:
-    """The thread inside a forward of the recorded model, and how many recorded forwards it is inside."""
+    """The thread inside a forward of the recorded model, and the forwards it is inside (by the frame of each
+    module call, so that a re-entrant call nests and a forward a KeyboardInterrupt left unfinished no longer
+    counts once its frames are gone)."""
 
     def __init__(self, model_name: str):
         self.model_name = model_name
         self._thread: threading.Thread | None = None
-        self._depth = 0
+        self._frames: list[int] = []  # ids of the module-call frames of the forwards the owner entered
         self._lock = threading.Lock()  # the check and the taking of ownership, as one step
 
     def busy_elsewhere(self) -> bool:
         """Whether another thread, still alive, is inside a forward of the recorded model."""
         thread = self._thread
-        return (self._depth > 0 and thread is not None and thread is not threading.current_thread()
-                and thread.is_alive() and not in_backward())
+        if not self._frames or thread is None or thread is threading.current_thread() or in_backward():
+            return False
+        if not thread.is_alive():
+            return False
+        return bool(_live_among(sys._current_frames().get(thread.ident), self._frames))
 
     def refusal(self) -> RuntimeError:
         thread = self._thread
@@ -48,31 +82,35 @@ class ForwardOwner:
             f"inside a forward of it, so this thread ('{threading.current_thread().name}') cannot run it now: a "
             "recorded model runs in one thread at a time (its calls would mix). Run the forwards one after "
             "another, or record a separate copy of the model in each thread; nn.DataParallel over several GPUs "
-            "runs a replica per GPU in threads: record one GPU's model, or use DistributedDataParallel (torchrun). "
-            "(A forward that a KeyboardInterrupt stopped counts as running until its thread runs the model again.)"
+            "runs a replica per GPU in threads: record one GPU's model, or use DistributedDataParallel (torchrun)"
         )
 
     def enter(self, restart: bool = False) -> None:
-        """A forward of the model (``restart``: of the whole model, which ends whatever forward this thread left
-        unfinished, a KeyboardInterrupt skipping the hooks that end it) or of a recorded module begins."""
+        """A forward of the model or of a module of it begins (called from its pre-hook); ``restart``: of the
+        whole model, when the forwards the owner left unfinished are forgotten."""
         if in_backward():
             return
+        frame = _module_call_frame()
         me = threading.current_thread()
         with self._lock:
             if self.busy_elsewhere():
                 raise self.refusal()
-            if self._thread is not me or restart:
-                self._thread, self._depth = me, 0
-            self._depth += 1
+            if self._thread is not me:
+                self._thread, self._frames = me, []
+            elif restart and self._frames:
+                self._frames = [f for f in self._frames if f in _live_among(frame, self._frames)]
+            self._frames.append(id(frame))
 
     def leave(self) -> None:
-        """That forward ended, returning or raising."""
+        """That forward ended, returning or raising (called from its always_call forward hook)."""
         if in_backward():
             return
+        frame_id = id(_module_call_frame())
         with self._lock:
-            if self._thread is threading.current_thread() and self._depth > 0:
-                self._depth -= 1
+            if self._thread is threading.current_thread() and frame_id in self._frames:
+                # The last entry of this frame: the forwards entered after it are within it and ended first.
+                del self._frames[len(self._frames) - 1 - self._frames[::-1].index(frame_id):]
 
     def reset(self) -> None:
         with self._lock:
-            self._thread, self._depth = None, 0
+            self._thread, self._frames = None, []

@@ -20,6 +20,7 @@ recorded as one layer.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 
 import torch
@@ -108,9 +109,12 @@ class _CaptureAttention(TorchFunctionMode):
     def __init__(self, layer: str, module: nn.Module, on_qk: AttentionCallback, on_probs: ProbabilitiesCallback | None):
         super().__init__()
         self.layer, self.module, self.on_qk, self.on_probs = layer, module, on_qk, on_probs
+        self.active = True  # False once the recording has ended
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self.active:
+            return func(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
             query, key, mask, is_causal, scale, enable_gqa = _sdpa_arguments(args, kwargs)
             if is_causal:
@@ -153,12 +157,23 @@ class ModuleAttentionHooks:
         self.done = done
         self.probabilities_from = probabilities_from or {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._entered: list[TorchFunctionMode] = []  # the modes active now, in the order they were entered
+        self._modes: list[_CaptureAttention] = []
+        # Per thread, as torch's mode stacks are: the modes active now, in the order they were entered (a backward
+        # recomputing a checkpointed layer in one thread must not leave the mode another thread's forward holds).
+        self._local = threading.local()
+
+    @property
+    def _entered(self) -> list[TorchFunctionMode]:
+        entered = getattr(self._local, "entered", None)
+        if entered is None:
+            entered = self._local.entered = []
+        return entered
 
     def install(self) -> None:
         for name, module in self.modules.items():
             source = self.probabilities_from.get(name)
             mode = _CaptureAttention(name, module, self.on_qk, self.on_probs if source is None else None)
+            self._modes.append(mode)
             if source is not None:
                 self._handles.append(source.register_forward_pre_hook(
                     lambda _, args, name=name: self.on_probs(name, args[0].detach())))
@@ -190,10 +205,11 @@ class ModuleAttentionHooks:
     def _leave(self, mode: TorchFunctionMode) -> None:
         """Leave ``mode`` and any mode of ours entered after it and still active (interrupted forwards inside it):
         the modes are a stack, so they come off in reverse order."""
-        if mode not in self._entered:
+        entered = self._entered
+        if mode not in entered:
             return
-        while self._entered:
-            last = self._entered.pop()
+        while entered:
+            last = entered.pop()
             last.__exit__(None, None, None)
             if last is mode:
                 return
@@ -202,6 +218,12 @@ class ModuleAttentionHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        # Modes a KeyboardInterrupt left active (see enter): every later call of the process would go through them.
-        while self._entered:
-            self._entered.pop().__exit__(None, None, None)
+        # Modes a KeyboardInterrupt left active (see enter): every later call of the thread would go through them.
+        entered = self._entered
+        while entered:
+            entered.pop().__exit__(None, None, None)
+        # Those another thread left (stopped by a BaseException it caught) cannot be popped from here: they pass
+        # every call through from now on.
+        for mode in self._modes:
+            mode.active = False
+        self._modes.clear()

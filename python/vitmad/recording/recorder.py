@@ -30,6 +30,7 @@ image) are the rows of the tokens without a position, computed beside it (:mod:`
 from __future__ import annotations
 
 import fnmatch
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -469,6 +470,7 @@ class Recording:
         self._forwards = 0  # forwards of the model that ended in this recording
         self._returned = False  # the model's current forward has returned (not raised)
         self._owner = ForwardOwner(type(model).__name__)  # the thread inside a forward of the model, if any
+        self._starters: dict[int, threading.Thread] = {}  # id(call) -> the thread that started it, until it ends
         # The user's positions replace the layout of every recorded layer (families/masked.py).
         self._given = None if positions is None else GivenPositionsPlacer(positions)
         self.model = model
@@ -654,8 +656,33 @@ class Recording:
         self._context.image_size = None if image is None else (int(image.shape[-2]), int(image.shape[-1]))
         self._context.values.clear()
         self.calls.append(RecordedCall())
+        self._starters[id(self.calls[-1])] = threading.current_thread()
+
+    def _check_call_thread(self) -> None:
+        """A layer joins the call in progress only from the thread that started it (or after that thread ended):
+        forwards that bypass the model's own call (forward_features, blocks called one by one) hold ownership only
+        while inside a module, and another thread may start its call in between."""
+        if not self.calls:
+            return
+        starter = self._starters.get(id(self.calls[-1]))
+        me = threading.current_thread()
+        if starter is None or starter is me or not starter.is_alive():
+            return
+        # This thread's own call, if it started one, stopped halfway: none of it stays.
+        mine = [call for call in self.calls if self._starters.get(id(call)) is me]
+        if mine:
+            self.calls.remove(mine[-1])
+            self._starters.pop(id(mine[-1]), None)
+        self._pending.clear()
+        raise RuntimeError(
+            f"vitmad.record: {type(self.model).__name__} is being recorded and thread '{starter.name}' started the "
+            f"forward in progress while this thread ('{me.name}') ran one: a recorded model runs in one thread at a "
+            "time (their calls would mix); run the forwards one after another, or record a separate copy of the "
+            "model in each thread"
+        )
 
     def _place(self, name: str, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        self._check_call_thread()
         if not self.calls:
             self.calls.append(RecordedCall())
         try:
@@ -868,6 +895,7 @@ class Recording:
                 "chunk of a packed sequence (Qwen2-VL); leave this module out with layers=[the other attention "
                 "modules]"
             )
+        self._check_call_thread()
         call = self.calls[-1]
         call.layers.append(name)
         if self._stats:
@@ -910,13 +938,19 @@ class Recording:
 
     def _install(self) -> None:
         """The hooks of the call start, of the layout, of the placers and of the attention capture."""
-        # One thread at a time inside the model or a recorded layer (forward_owner.py): taken before any other
-        # hook of the forward runs, given back after all of them.
-        scopes = list({id(m): m for m in (self.model, *self._modules.values())}.values())
+        # One thread at a time inside the model (forward_owner.py): ownership is taken before any other hook of a
+        # forward runs and given back after all of them, by the model, each recorded layer and every module that
+        # holds one or the first convolution, so that a forward through forward_features or stage by stage holds
+        # it across the layers too.
+        first = _first_convolution(self.model)
+        recorded = {id(module) for module in self._modules.values()}
+        held = [name for name, module in named_module_list(self.model) if module is first or id(module) in recorded]
+        inside = {name.rsplit(".", i)[0] for name in held for i in range(name.count(".") + 1)}
+        scopes = [self.model, *(module for name, module in named_module_list(self.model)
+                                if name in inside and module is not self.model)]
         for module in scopes:
             self._handles.append(module.register_forward_pre_hook(
                 lambda *_, restart=module is self.model: self._owner.enter(restart), prepend=True))
-        first = _first_convolution(self.model)
         if first is not None:
             self._handles.append(first.register_forward_pre_hook(self._start_call))
         else:
@@ -946,6 +980,8 @@ class Recording:
     def _drop_unfinished(self) -> None:
         """Drop the calls of a forward that began and never ended: a KeyboardInterrupt skips _end_forward."""
         if self._calls_before_forward is not None:
+            for call in self.calls[self._calls_before_forward:]:
+                self._starters.pop(id(call), None)
             del self.calls[self._calls_before_forward:]
             self._calls_before_forward = None
 
@@ -956,6 +992,9 @@ class Recording:
         """A forward of the model ended; one that raised drops the calls it started, whose layers stopped where
         the error was (an out-of-memory error the caller catches, say)."""
         returned, self._returned = self._returned, False
+        if self._calls_before_forward is not None:
+            for call in self.calls[self._calls_before_forward:]:
+                self._starters.pop(id(call), None)  # ended: any thread may run the model now
         if not returned and not _in_backward():
             self._drop_unfinished()
         elif returned and not _in_backward() and not _not_recorded():
@@ -971,6 +1010,7 @@ class Recording:
             hooks.remove()
         self._pending.clear()
         self._owner.reset()
+        self._starters.clear()
         if self._eager:
             self._eager = False
             EagerWhileRecording.leave()
