@@ -82,6 +82,48 @@ def test_a_forward_that_raised_halfway_leaves_no_call():
     torch.testing.assert_close(rec.mad, _clean_mad(model, pixels), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_forward_features_that_raised_halfway_leaves_no_call_and_a_retry_is_recorded(fused):
+    """forward_features never calls the model, whose hooks drop a call that raised: a forward that ran out of
+    memory in the second block's MLP left a call of one layer; it is now taken back, and the retry made inside the
+    ``except`` block is recorded. A recorded block called alone that raises takes nothing from the calls."""
+    model, pixels = _vit(), _pixels()
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    expected = _alone_features(model, pixels)
+    runs = []
+
+    def out_of_memory(module, args) -> None:
+        runs.append(1)
+        if len(runs) == 2:  # the second forward_features
+            raise RuntimeError("out of memory")
+
+    fail = model.blocks[1].mlp.register_forward_pre_hook(out_of_memory)
+    try:
+        with torch.no_grad(), vitmad.record(model) as rec:
+            model.forward_features(pixels)
+            try:
+                model.forward_features(pixels)
+            except RuntimeError:
+                assert len(rec.calls) == 1
+                model.forward_features(pixels)  # the retry, while the error is being handled
+            with pytest.raises(RuntimeError, match="size"):
+                model.blocks[1](torch.zeros(2, 17, 5))  # wrong width
+    finally:
+        fail.remove()
+    assert len(runs) == 3 and len(rec.calls) == 2
+    for call in rec.calls:
+        assert call.layers == ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]
+        torch.testing.assert_close(call.mad, expected, rtol=0, atol=0)
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def _alone_features(model, pixels) -> torch.Tensor:
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model.forward_features(pixels)
+    return rec.mad
+
+
 def test_a_wrapper_whose_forward_returns_none_keeps_its_calls():
     """A forward that returned None was read as one that raised: its calls were dropped, and rec.mad said the
     model had not run."""

@@ -75,6 +75,10 @@ class ForwardOwner:
             return False
         return bool(_live_among(sys._current_frames().get(thread.ident), self._frames))
 
+    def held_here(self) -> bool:
+        """Whether this thread is inside a forward it entered (or one a KeyboardInterrupt left behind)."""
+        return self._thread is threading.current_thread() and bool(self._frames)
+
     def refusal(self) -> RuntimeError:
         thread = self._thread
         return RuntimeError(

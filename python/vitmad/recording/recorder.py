@@ -30,6 +30,7 @@ image) are the rows of the tokens without a position, computed beside it (:mod:`
 from __future__ import annotations
 
 import fnmatch
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -120,6 +121,14 @@ class RecordedCall:
     temporal: list[torch.Tensor | None] = field(default_factory=list)
     statistics: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     prefix_maps: list[torch.Tensor | None] = field(default_factory=list)
+
+    def _keep_layers(self, count: int) -> None:
+        """Keep the first ``count`` layers (a forward that raised after them: the rest is taken back)."""
+        for name in set(self.layers[count:]) - set(self.layers[:count]):
+            self.components.pop(name, None)
+        for values in (self.layers, self.per_layer, self.geometry, self.temporal, self.prefix_maps,
+                       *self.statistics.values()):
+            del values[count:]
 
     @property
     def heads(self) -> list[int]:
@@ -471,6 +480,7 @@ class Recording:
         self._returned = False  # the model's current forward has returned (not raised)
         self._owner = ForwardOwner(type(model).__name__)  # the thread inside a forward of the model, if any
         self._starters: dict[int, threading.Thread] = {}  # id(call) -> the thread that started it, until it ends
+        self._outermost: tuple | None = None  # _enter_scope's record of the calls before an outermost forward
         # The user's positions replace the layout of every recorded layer (families/masked.py).
         self._given = None if positions is None else GivenPositionsPlacer(positions)
         self.model = model
@@ -950,7 +960,7 @@ class Recording:
                                 if name in inside and module is not self.model)]
         for module in scopes:
             self._handles.append(module.register_forward_pre_hook(
-                lambda *_, restart=module is self.model: self._owner.enter(restart), prepend=True))
+                lambda *_, restart=module is self.model: self._enter_scope(restart), prepend=True))
         if first is not None:
             self._handles.append(first.register_forward_pre_hook(self._start_call))
         else:
@@ -967,7 +977,38 @@ class Recording:
         self._handles.append(self.model.register_forward_hook(self._forward_returned))
         self._handles.append(self.model.register_forward_hook(self._end_forward, always_call=True))
         for module in scopes:
-            self._handles.append(module.register_forward_hook(lambda *_: self._owner.leave(), always_call=True))
+            self._handles.append(module.register_forward_hook(
+                lambda *_, whole=module is self.model: self._leave_scope(whole), always_call=True))
+
+    def _enter_scope(self, whole_model: bool) -> None:
+        """A forward of the model or of a module holding recorded layers begins: ownership, and for the outermost
+        such forward outside the model's own call (forward_features), what the calls held before it."""
+        outermost = not self._owner.held_here()
+        self._owner.enter(whole_model)
+        if outermost and not whole_model and not _in_backward():
+            call = self.calls[-1] if self.calls else None
+            self._outermost = (len(self.calls), call, 0 if call is None else len(call.layers), sys.exc_info()[1])
+
+    def _leave_scope(self, whole_model: bool) -> None:
+        """That forward ended. When the outermost one outside the model's own call raised (an exception other
+        than the one being handled when it began: a retry inside an ``except`` block), what it added to the calls
+        is taken back, as the model's own call drops a call that raised (_end_forward): a forward_features that
+        ran out of memory halfway leaves no half call."""
+        self._owner.leave()
+        if whole_model or self._outermost is None or self._owner.held_here():
+            return
+        count, call, kept, handled = self._outermost
+        self._outermost = None
+        raised = sys.exc_info()[1]
+        if raised is None or raised is handled or self._calls_before_forward is not None or _in_backward():
+            return
+        for dropped in self.calls[count:]:
+            self._starters.pop(id(dropped), None)
+        del self.calls[count:]
+        if call is not None and self.calls and self.calls[-1] is call:
+            call._keep_layers(kept)
+            if not call.layers:  # begun by this forward's convolution, nothing of it stays
+                self._starters.pop(id(self.calls.pop()), None)
 
     def _begin_forward(self, module: nn.Module, args) -> None:
         if not _in_backward():
