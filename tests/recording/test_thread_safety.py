@@ -232,10 +232,58 @@ def test_forward_features_and_intermediates_from_two_threads_never_mix(kind):
         release.set()
         worker.join(30)
     assert isinstance(outcome[0], RuntimeError)
-    assert "thread 'MainThread' started the forward in progress" in str(outcome[0])
+    assert "another thread ran a forward of it while this thread's ('worker') was in progress" in str(outcome[0])
     assert len(rec.calls) == 1
     torch.testing.assert_close(rec.mad, expected_b, rtol=0, atol=0)
     assert torch._C._len_torch_function_stack() == 0
+
+
+@pytest.mark.parametrize("overtaking", ["model", "forward_features in a thread that ends"])
+def test_a_paused_forward_overtaken_by_a_whole_one_is_refused_not_mixed(overtaking):
+    """The paused worker's next layer would have joined the other thread's finished call: the call that ended
+    with the model's own forward, or one whose thread has ended."""
+    model = _one_model("timm-fused")
+    gen = torch.Generator().manual_seed(9)
+    pixels_a, pixels_b = torch.randn(2, 3, 64, 64, generator=gen), torch.randn(2, 3, 64, 64, generator=gen)
+    run_b = (lambda: model(pixels_b)) if overtaking == "model" else (lambda: model.forward_features(pixels_b))
+    expected_b = _alone(model, run_b)
+    # forward_intermediates calls the blocks one by one, and the final norm on the first block's output between
+    # them: paused there, after one layer, the worker holds nothing of the recording.
+    worker, inside, release, outcome = _held_worker(
+        model, model.norm, lambda: model.forward_intermediates(pixels_a, indices=[0], norm=True))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        worker.start()
+        assert inside.wait(30)
+        if overtaking == "model":
+            model(pixels_b)
+        else:
+            other = threading.Thread(target=lambda: torch.no_grad()(run_b)())
+            other.start()
+            other.join(30)
+        release.set()
+        worker.join(30)
+    assert isinstance(outcome[0], RuntimeError) and "was in progress" in str(outcome[0])
+    assert len(rec.calls) == 1 and rec.calls[0].layers == ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]
+    torch.testing.assert_close(rec.mad, expected_b, rtol=0, atol=0)
+
+
+def test_threads_one_after_another_through_forward_features_keep_every_call():
+    """Sequential use through forward_features from a thread pool, then a recorded block called alone in the
+    first thread: nothing is refused and no call is taken back."""
+    model = _one_model("timm-fused")
+    gen = torch.Generator().manual_seed(10)
+    pixels = [torch.randn(1 + i, 3, 64, 64, generator=gen) for i in range(3)]
+    expected = [_alone(model, lambda p=p: model.forward_features(p)) for p in pixels]
+    tokens = torch.randn(3, 17, 32, generator=gen)  # the batch of the latest call, which it joins
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model.forward_features(pixels[0])
+        with ThreadPoolExecutor(1) as pool:  # its thread alive throughout
+            for p in pixels[1:]:
+                pool.submit(model.forward_features, p).result()
+            model.blocks[0](tokens)  # joins the latest call, as a block called alone always has
+    assert [len(call.layers) for call in rec.calls] == [3, 3, 4]
+    for call, mad in zip(rec.calls, expected, strict=True):
+        torch.testing.assert_close(torch.stack(call.per_layer[:3]), mad, rtol=0, atol=0)
 
 
 def test_a_reentrant_call_keeps_the_thread_inside_until_the_outer_forward_ends():

@@ -9,7 +9,8 @@ that forward ends; the recording's hooks in any other thread meanwhile refuse to
 other forward stops before it reaches anything recorded) or do nothing (the hooks torch runs as that refused
 forward unwinds). One thread after another is fine: ownership ends with the forward. A thread paused between such
 modules (a loop over the blocks) holds nothing: the recorder then refuses its next layer if another thread has
-started a call meanwhile (``Recording._check_call_thread``). The capture modes of :mod:`.module_capture` are kept
+run a forward meanwhile, as long as the paused forward is in progress (the frame that runs it, forward_caller_frame,
+is on its stack: ``Recording._check_call_thread``). The capture modes of :mod:`.module_capture` are kept
 per thread, as torch's mode stacks are.
 """
 
@@ -22,7 +23,7 @@ from types import FrameType
 import torch
 from torch import nn
 
-__all__ = ["ForwardOwner", "in_backward"]
+__all__ = ["ForwardOwner", "forward_caller_frame", "frame_live", "in_backward"]
 
 
 def in_backward() -> bool:
@@ -53,6 +54,32 @@ def _live_among(top: FrameType | None, frame_ids: list[int]) -> set[int]:
             live.add(id(top))
         top = top.f_back
     return live
+
+
+_WRAPPED_CALL_IMPL = nn.Module._wrapped_call_impl.__code__
+
+
+def forward_caller_frame() -> FrameType | None:
+    """The frame that called the outermost module call on this thread's stack: ``forward_features`` for the
+    calls it makes one after another (patch embedding, blocks, norm), the user's code for ``model(...)``. While
+    it is on the stack, the forward it runs is in progress."""
+    frame, outermost = sys._getframe(1), None
+    while frame is not None:
+        if frame.f_code is _CALL_IMPL:
+            outermost = frame
+        frame = frame.f_back
+    caller = None if outermost is None else outermost.f_back
+    while caller is not None and caller.f_code is _WRAPPED_CALL_IMPL:
+        caller = caller.f_back
+    return caller
+
+
+def frame_live(thread: threading.Thread, frame_id: int) -> bool:
+    """Whether the frame of id ``frame_id`` is on ``thread``'s stack (a live thread's)."""
+    if not thread.is_alive():
+        return False
+    top = sys._getframe() if thread is threading.current_thread() else sys._current_frames().get(thread.ident)
+    return bool(_live_among(top, [frame_id]))
 
 
 class ForwardOwner:

@@ -65,7 +65,7 @@ from .families.plain import (
     is_embedding_projection,
     keeps_image_layout,
 )
-from .forward_owner import ForwardOwner
+from .forward_owner import ForwardOwner, forward_caller_frame, frame_live
 from .forward_owner import in_backward as _in_backward
 from .mha_capture import MultiheadAttentionHooks, mha_modules
 from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
@@ -479,7 +479,10 @@ class Recording:
         self._forwards = 0  # forwards of the model that ended in this recording
         self._returned = False  # the model's current forward has returned (not raised)
         self._owner = ForwardOwner(type(model).__name__)  # the thread inside a forward of the model, if any
-        self._starters: dict[int, threading.Thread] = {}  # id(call) -> the thread that started it, until it ends
+        # id(call) -> (the thread that started it, the id of the frame whose forward it is, see _in_progress), until
+        # the model's own call that made it ends; by thread, the call it started last.
+        self._starters: dict[int, tuple[threading.Thread, int | None]] = {}
+        self._started: dict[threading.Thread, RecordedCall] = {}
         self._outermost: tuple | None = None  # _enter_scope's record of the calls before an outermost forward
         # The user's positions replace the layout of every recorded layer (families/masked.py).
         self._given = None if positions is None else GivenPositionsPlacer(positions)
@@ -665,31 +668,48 @@ class Recording:
                       if isinstance(a, torch.Tensor) and a.dim() >= 4), None)
         self._context.image_size = None if image is None else (int(image.shape[-2]), int(image.shape[-1]))
         self._context.values.clear()
-        self.calls.append(RecordedCall())
-        self._starters[id(self.calls[-1])] = threading.current_thread()
+        call = RecordedCall()
+        self.calls.append(call)
+        me, caller = threading.current_thread(), forward_caller_frame()
+        self._starters[id(call)] = (me, None if caller is None else id(caller))
+        self._started[me] = call
+
+    def _in_progress(self, call: RecordedCall) -> bool:
+        """Whether the forward that started ``call`` is still running: its model call has not ended, and the frame
+        that runs it (forward_features', see forward_caller_frame) is still on its thread's stack."""
+        started = self._starters.get(id(call))
+        return started is not None and started[1] is not None and frame_live(*started)
 
     def _check_call_thread(self) -> None:
-        """A layer joins the call in progress only from the thread that started it (or after that thread ended):
-        forwards that bypass the model's own call (forward_features, blocks called one by one) hold ownership only
-        while inside a module, and another thread may start its call in between."""
-        if not self.calls:
-            return
-        starter = self._starters.get(id(self.calls[-1]))
+        """A layer joins the latest call, as always, but never across threads' forwards in progress. Forwards that
+        bypass the model's own call (forward_features, the blocks called one by one) hold ownership only while
+        inside a module, so another thread may start and even finish a call in between: the paused forward is then
+        refused at its next layer (and its half call dropped), as is a layer from another thread while the latest
+        call's forward is in progress."""
         me = threading.current_thread()
-        if starter is None or starter is me or not starter.is_alive():
-            return
-        # This thread's own call, if it started one, stopped halfway: none of it stays.
-        mine = [call for call in self.calls if self._starters.get(id(call)) is me]
-        if mine:
-            self.calls.remove(mine[-1])
-            self._starters.pop(id(mine[-1]), None)
-        self._pending.clear()
-        raise RuntimeError(
-            f"vitmad.record: {type(self.model).__name__} is being recorded and thread '{starter.name}' started the "
-            f"forward in progress while this thread ('{me.name}') ran one: a recorded model runs in one thread at a "
-            "time (their calls would mix); run the forwards one after another, or record a separate copy of the "
-            "model in each thread"
-        )
+        mine = self._started.get(me)
+        if mine is not None and self.calls and mine is not self.calls[-1] and self._in_progress(mine):
+            if any(call is mine for call in self.calls):
+                self.calls.remove(mine)
+            self._starters.pop(id(mine), None)
+            del self._started[me]
+            self._pending.clear()
+            raise RuntimeError(
+                f"vitmad.record: {type(self.model).__name__} is being recorded and another thread ran a forward of "
+                f"it while this thread's ('{me.name}') was in progress (paused between its recorded modules): a "
+                "recorded model runs in one thread at a time (their calls would mix); run the forwards one after "
+                "another, or record a separate copy of the model in each thread"
+            )
+        latest = self.calls[-1] if self.calls else None
+        starter = None if latest is None else self._starters.get(id(latest), (None,))[0]
+        if starter is not None and starter is not me and self._in_progress(latest):
+            self._pending.clear()
+            raise RuntimeError(
+                f"vitmad.record: {type(self.model).__name__} is being recorded and thread '{starter.name}' is in the "
+                f"middle of a forward of it, so this thread ('{me.name}') cannot run a recorded layer now: a "
+                "recorded model runs in one thread at a time (their calls would mix); run the forwards one after "
+                "another, or record a separate copy of the model in each thread"
+            )
 
     def _place(self, name: str, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         self._check_call_thread()
@@ -1052,6 +1072,7 @@ class Recording:
         self._pending.clear()
         self._owner.reset()
         self._starters.clear()
+        self._started.clear()
         if self._eager:
             self._eager = False
             EagerWhileRecording.leave()
