@@ -8,6 +8,7 @@ torch-function modes), so concurrent recordings of different models must not see
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -364,3 +365,17 @@ def test_a_worker_stopped_by_keyboard_interrupt_leaves_nothing_to_the_next_threa
         handle.remove()
     assert len(rec.calls) == 1
     torch.testing.assert_close(rec.mad, expected, rtol=0, atol=0)
+
+
+def test_a_finished_forwards_frame_address_taken_by_another_function_is_not_in_progress():
+    """A call's forward is found by the id of its frame and that frame's code: an address an ended frame left to
+    another function's frame (a thread that finished forward_features and now waits) is not the forward."""
+    from vitmad.recording.forward_owner import frame_live
+
+    frame = sys._getframe()
+    assert frame_live(threading.current_thread(), id(frame), frame.f_code)
+    assert not frame_live(threading.current_thread(), id(frame), _held_worker.__code__)
+    ended = threading.Thread(target=lambda: None)
+    ended.start()
+    ended.join()
+    assert not frame_live(ended, id(frame), frame.f_code)

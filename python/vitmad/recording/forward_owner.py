@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from types import FrameType
+from types import CodeType, FrameType
 
 import torch
 from torch import nn
@@ -74,12 +74,18 @@ def forward_caller_frame() -> FrameType | None:
     return caller
 
 
-def frame_live(thread: threading.Thread, frame_id: int) -> bool:
-    """Whether the frame of id ``frame_id`` is on ``thread``'s stack (a live thread's)."""
+def frame_live(thread: threading.Thread, frame_id: int, code: CodeType) -> bool:
+    """Whether the frame of id ``frame_id`` running ``code`` is on ``thread``'s stack (a live thread's). The code
+    is checked too because a frame that has ended leaves its address to new frames (a thread that finished
+    ``forward_features`` and now waits on an event): only the same function, called again, could take it."""
     if not thread.is_alive():
         return False
     top = sys._getframe() if thread is threading.current_thread() else sys._current_frames().get(thread.ident)
-    return bool(_live_among(top, [frame_id]))
+    while top is not None:
+        if id(top) == frame_id and top.f_code is code:
+            return True
+        top = top.f_back
+    return False
 
 
 class ForwardOwner:

@@ -479,9 +479,9 @@ class Recording:
         self._forwards = 0  # forwards of the model that ended in this recording
         self._returned = False  # the model's current forward has returned (not raised)
         self._owner = ForwardOwner(type(model).__name__)  # the thread inside a forward of the model, if any
-        # id(call) -> (the thread that started it, the id of the frame whose forward it is, see _in_progress), until
-        # the model's own call that made it ends; by thread, the call it started last.
-        self._starters: dict[int, tuple[threading.Thread, int | None]] = {}
+        # id(call) -> (the thread that started it, (id, code) of the frame whose forward it is, see _in_progress),
+        # until the model's own call that made it ends; by thread, the call it started last.
+        self._starters: dict[int, tuple[threading.Thread, tuple | None]] = {}
         self._started: dict[threading.Thread, RecordedCall] = {}
         self._outermost: tuple | None = None  # _enter_scope's record of the calls before an outermost forward
         # The user's positions replace the layout of every recorded layer (families/masked.py).
@@ -671,14 +671,14 @@ class Recording:
         call = RecordedCall()
         self.calls.append(call)
         me, caller = threading.current_thread(), forward_caller_frame()
-        self._starters[id(call)] = (me, None if caller is None else id(caller))
+        self._starters[id(call)] = (me, None if caller is None else (id(caller), caller.f_code))
         self._started[me] = call
 
     def _in_progress(self, call: RecordedCall) -> bool:
         """Whether the forward that started ``call`` is still running: its model call has not ended, and the frame
         that runs it (forward_features', see forward_caller_frame) is still on its thread's stack."""
         started = self._starters.get(id(call))
-        return started is not None and started[1] is not None and frame_live(*started)
+        return started is not None and started[1] is not None and frame_live(started[0], *started[1])
 
     def _check_call_thread(self) -> None:
         """A layer joins the latest call, as always, but never across threads' forwards in progress. Forwards that
