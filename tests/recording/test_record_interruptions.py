@@ -99,6 +99,7 @@ def test_forward_features_that_raised_halfway_leaves_no_call_and_a_retry_is_reco
             raise RuntimeError("out of memory")
 
     fail = model.blocks[1].mlp.register_forward_pre_hook(out_of_memory)
+    before_blocks = None
     try:
         with torch.no_grad(), vitmad.record(model) as rec:
             model.forward_features(pixels)
@@ -109,8 +110,15 @@ def test_forward_features_that_raised_halfway_leaves_no_call_and_a_retry_is_reco
                 model.forward_features(pixels)  # the retry, while the error is being handled
             with pytest.raises(RuntimeError, match="size"):
                 model.blocks[1](torch.zeros(2, 17, 5))  # wrong width
+            # After the patch embedding, before any layer: the call its convolution began is dropped too.
+            before_blocks = model.pos_drop.register_forward_pre_hook(
+                lambda *_: (_ for _ in ()).throw(ValueError("bad")))
+            with pytest.raises(ValueError, match="bad"):
+                model.forward_features(pixels)
     finally:
         fail.remove()
+        if before_blocks is not None:
+            before_blocks.remove()
     assert len(runs) == 3 and len(rec.calls) == 2
     for call in rec.calls:
         assert call.layers == ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]

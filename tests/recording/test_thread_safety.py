@@ -203,11 +203,21 @@ def _alone(model: torch.nn.Module, run) -> torch.Tensor:
     return alone.mad
 
 
+def _block_by_block(model: torch.nn.Module, pixels: torch.Tensor, gap: torch.nn.Module, before: int) -> torch.Tensor:
+    """A timm ViT's forward_features as a user's loop over the blocks, calling ``gap`` (no module of the model)
+    before block ``before``."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(pixels))))
+    for i, block in enumerate(model.blocks):
+        x = block(gap(x) if i == before else x)
+    return model.norm(x)
+
+
 @pytest.mark.parametrize("kind", ["timm-fused", "timm-explicit"])
-def test_forward_features_and_intermediates_from_two_threads_never_mix(kind):
+def test_forward_features_and_block_loops_from_two_threads_never_mix(kind):
     """Forwards that bypass the model's own call: a worker inside forward_features (between two blocks) keeps
-    another thread out; a worker paused outside every recorded module in forward_intermediates (after its patch
-    embedding) lets the other thread's forward run, and is then refused at its next layer, its half call dropped."""
+    another thread out; a worker paused outside every module of the model in a loop over the blocks (after its
+    patch embedding) lets the other thread's forward run, and is then refused at its next layer, its half call
+    dropped."""
     model = _one_model(kind)
     gen = torch.Generator().manual_seed(5)
     pixels_a, pixels_b = torch.randn(2, 3, 64, 64, generator=gen), torch.randn(2, 3, 64, 64, generator=gen)
@@ -224,8 +234,8 @@ def test_forward_features_and_intermediates_from_two_threads_never_mix(kind):
     assert isinstance(outcome[0], torch.Tensor) and len(rec.calls) == 1
     torch.testing.assert_close(rec.mad, _alone(model, lambda: model.forward_features(pixels_a)), rtol=0, atol=0)
 
-    worker, inside, release, outcome = _held_worker(model, model.norm_pre,
-                                                    lambda: model.forward_intermediates(pixels_a))
+    gap = torch.nn.Identity()  # no module of the model: paused there, the worker holds nothing
+    worker, inside, release, outcome = _held_worker(model, gap, lambda: _block_by_block(model, pixels_a, gap, 0))
     with torch.no_grad(), vitmad.record(model) as rec:
         worker.start()
         assert inside.wait(30)
@@ -248,10 +258,9 @@ def test_a_paused_forward_overtaken_by_a_whole_one_is_refused_not_mixed(overtaki
     pixels_a, pixels_b = torch.randn(2, 3, 64, 64, generator=gen), torch.randn(2, 3, 64, 64, generator=gen)
     run_b = (lambda: model(pixels_b)) if overtaking == "model" else (lambda: model.forward_features(pixels_b))
     expected_b = _alone(model, run_b)
-    # forward_intermediates calls the blocks one by one, and the final norm on the first block's output between
-    # them: paused there, after one layer, the worker holds nothing of the recording.
-    worker, inside, release, outcome = _held_worker(
-        model, model.norm, lambda: model.forward_intermediates(pixels_a, indices=[0], norm=True))
+    # Paused between the first two blocks, outside every module of the model: the worker holds nothing.
+    gap = torch.nn.Identity()
+    worker, inside, release, outcome = _held_worker(model, gap, lambda: _block_by_block(model, pixels_a, gap, 1))
     with torch.no_grad(), vitmad.record(model) as rec:
         worker.start()
         assert inside.wait(30)

@@ -3,15 +3,15 @@
 A recording's state (the call being filled, each layer's pending attention calls, the layout the placers read)
 describes one forward. Two threads running the recorded model at once (a thread pool serving requests,
 ``nn.DataParallel`` over several GPUs, whose replicas share the model's hooks) would mix their layers into each
-other's calls. So the thread that enters a forward of the model, of one of its recorded attention modules or of a
-module holding one (``forward_features`` runs the blocks without the model's own call), owns the recording until
-that forward ends; the recording's hooks in any other thread meanwhile refuse to run (pre-hooks raise, so that the
-other forward stops before it reaches anything recorded) or do nothing (the hooks torch runs as that refused
-forward unwinds). One thread after another is fine: ownership ends with the forward. A thread paused between such
-modules (a loop over the blocks) holds nothing: the recorder then refuses its next layer if another thread has
-run a forward meanwhile, as long as the paused forward is in progress (the frame that runs it, forward_caller_frame,
-is on its stack: ``Recording._check_call_thread``). The capture modes of :mod:`.module_capture` are kept
-per thread, as torch's mode stacks are.
+other's calls. So the thread that enters a forward of the model, of one of its recorded attention modules, of a
+module holding one or of a child of the model (``forward_features`` runs them without the model's own call) owns
+the recording until that forward ends; the recording's hooks in any other thread meanwhile refuse to run
+(pre-hooks raise, so that the other forward stops before it reaches anything recorded) or do nothing (the hooks
+torch runs as that refused forward unwinds). One thread after another is fine: ownership ends with the forward.
+A thread paused outside all such modules (a user's loop over the blocks) holds nothing: the recorder then refuses
+its next layer if another thread has run a forward meanwhile, as long as the paused forward is in progress (the
+frame that runs it, forward_caller_frame, is on its stack: ``Recording._check_call_thread``). The capture modes of
+:mod:`.module_capture` are kept per thread, as torch's mode stacks are.
 """
 
 from __future__ import annotations

@@ -976,6 +976,9 @@ class Recording:
         recorded = {id(module) for module in self._modules.values()}
         held = [name for name, module in named_module_list(self.model) if module is first or id(module) in recorded]
         inside = {name.rsplit(".", i)[0] for name in held for i in range(name.count(".") + 1)}
+        # And the model's own children: a forward_features that raises between its patch embedding and its blocks
+        # (position embedding, dropout) leaves no empty call (_leave_scope).
+        inside.update(name for name, _ in self.model.named_children())
         scopes = [self.model, *(module for name, module in named_module_list(self.model)
                                 if name in inside and module is not self.model)]
         for module in scopes:
