@@ -228,9 +228,11 @@ def test_a_trace_made_inside_the_block_holds_no_vitmad_op():
     model, pixels = _vit(), _pixels()
     with torch.no_grad(), vitmad.record(model) as rec:
         model(pixels)
-        with pytest.warns(UserWarning, match="torch.jit.trace ran a recorded model; that forward is not recorded"):
+        with pytest.warns(UserWarning, match="torch.jit.trace ran a recorded model; that forward is not recorded") \
+                as caught:
             traced = torch.jit.trace(model, pixels, check_trace=False)
         model(pixels)
+    assert sum("torch.jit.trace ran" in str(w.message) for w in caught) == 1  # once per trace, not per hook
     assert len(rec.calls) == 2
     assert "vitmad::" not in str(traced.inlined_graph)  # no op of ours (source lines of the capture may show)
     with torch.no_grad():

@@ -334,12 +334,18 @@ def _not_recorded() -> bool:
     (:func:`_in_backward`), or ``torch.jit.trace`` running the model inside the block, where vitmad's ops would
     become part of the traced graph and run in every call of the traced module, recording or not."""
     if torch.jit.is_tracing():
-        # Once per process where Python's default filter rules (the same line), not once per layer.
-        warnings.warn("vitmad.record: torch.jit.trace ran a recorded model; that forward is not recorded (vitmad's "
-                      "ops would be traced into the module's graph). Trace outside the record block.",
-                      stacklevel=2)
+        # Once per trace, not once per hook that asks (eight for a three-block ViT), whatever the warning filters.
+        state = id(torch._C._get_tracing_state())
+        if _TRACE_WARNED[0] != state:
+            _TRACE_WARNED[0] = state
+            warnings.warn("vitmad.record: torch.jit.trace ran a recorded model; that forward is not recorded "
+                          "(vitmad's ops would be traced into the module's graph). Trace outside the record block.",
+                          stacklevel=2)
         return True
     return _in_backward()
+
+
+_TRACE_WARNED: list[int | None] = [None]  # id of the tracing state last warned about
 
 
 class NoLayerError(ValueError):
