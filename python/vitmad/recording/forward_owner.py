@@ -135,7 +135,8 @@ class ForwardOwner:
             if self._thread is not me:
                 self._thread, self._frames = me, []
             elif restart and self._frames:
-                self._frames = [f for f in self._frames if f in _live_among(frame, self._frames)]
+                live = _live_among(frame, self._frames)
+                self._frames = [f for f in self._frames if f in live]
             self._frames.append(id(frame))
 
     def leave(self) -> None:

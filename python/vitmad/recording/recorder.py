@@ -680,6 +680,12 @@ class Recording:
         self._starters[id(call)] = (me, None if caller is None else (id(caller), caller.f_code))
         self._started[me] = call
 
+    def _forget_starts(self, calls: list[RecordedCall]) -> None:
+        """``calls`` ended or were dropped: their forwards are no longer in progress (and their ids, free again,
+        must not lend a new call their thread)."""
+        for call in calls:
+            self._starters.pop(id(call), None)
+
     def _in_progress(self, call: RecordedCall) -> bool:
         """Whether the forward that started ``call`` is still running: its model call has not ended, and the frame
         that runs it (forward_features', see forward_caller_frame) is still on its thread's stack."""
@@ -697,7 +703,7 @@ class Recording:
         if mine is not None and self.calls and mine is not self.calls[-1] and self._in_progress(mine):
             if any(call is mine for call in self.calls):
                 self.calls.remove(mine)
-            self._starters.pop(id(mine), None)
+            self._forget_starts([mine])
             del self._started[me]
             self._pending.clear()
             raise RuntimeError(
@@ -1031,13 +1037,12 @@ class Recording:
         raised = sys.exc_info()[1]
         if raised is None or raised is handled or self._calls_before_forward is not None or _in_backward():
             return
-        for dropped in self.calls[count:]:
-            self._starters.pop(id(dropped), None)
+        self._forget_starts(self.calls[count:])
         del self.calls[count:]
         if call is not None and self.calls and self.calls[-1] is call:
             call._keep_layers(kept)
             if not call.layers:  # begun by this forward's convolution, nothing of it stays
-                self._starters.pop(id(self.calls.pop()), None)
+                self._forget_starts([self.calls.pop()])
 
     def _begin_forward(self, module: nn.Module, args) -> None:
         if not _in_backward():
@@ -1050,8 +1055,7 @@ class Recording:
     def _drop_unfinished(self) -> None:
         """Drop the calls of a forward that began and never ended: a KeyboardInterrupt skips _end_forward."""
         if self._calls_before_forward is not None:
-            for call in self.calls[self._calls_before_forward:]:
-                self._starters.pop(id(call), None)
+            self._forget_starts(self.calls[self._calls_before_forward:])
             del self.calls[self._calls_before_forward:]
             self._calls_before_forward = None
 
@@ -1062,9 +1066,8 @@ class Recording:
         """A forward of the model ended; one that raised drops the calls it started, whose layers stopped where
         the error was (an out-of-memory error the caller catches, say)."""
         returned, self._returned = self._returned, False
-        if self._calls_before_forward is not None:
-            for call in self.calls[self._calls_before_forward:]:
-                self._starters.pop(id(call), None)  # ended: any thread may run the model now
+        if self._calls_before_forward is not None:  # ended: any thread may run the model now
+            self._forget_starts(self.calls[self._calls_before_forward:])
         if not returned and not _in_backward():
             self._drop_unfinished()
         elif returned and not _in_backward() and not _not_recorded():
