@@ -70,6 +70,69 @@ def test_a_keyboard_interrupt_inside_attention_leaves_nothing_active():
     assert len(rec.calls) == 1 and not rec._pending
 
 
+def _run(model, pixels, entry: str) -> None:
+    if entry == "model":
+        model(pixels)
+    elif entry == "forward_features":
+        model.forward_features(pixels)
+    else:  # the first two blocks only, by timm's loop over them
+        model.forward_intermediates(pixels, indices=[1], stop_early=True, intermediates_only=True)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("entry", ["model", "forward_features", "forward_intermediates"])
+def test_after_a_keyboard_interrupt_inside_attention_no_half_call_and_no_stale_capture(fused, entry):
+    """Interrupted inside the third attention (after its capture began): the half call of the first two layers
+    stayed in rec.calls until the next model(...) (read as the latest forward meanwhile) and then took a
+    forward_features run after it down with it, leaving nothing at the end of the block; the third layer's capture
+    mode, still on the stack, read an unrelated softmax of the user as that layer's attention (a placement error
+    in the user's code) and saw the next forward's softmax calls of the other layers too."""
+    model, pixels = _vit(), _pixels()
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    with torch.no_grad(), vitmad.record(model) as clean:
+        _run(model, pixels, entry)
+    expected = clean.mad
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    hook = model.blocks[2].attn.qkv.register_forward_hook(interrupt)
+    probabilities = torch.rand(2, 2, 5, 7, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        with pytest.raises(KeyboardInterrupt):
+            model(pixels)
+        hook.remove()
+        assert rec.calls == []
+        torch.testing.assert_close(torch.softmax(probabilities, -1), F.softmax(probabilities, dim=-1))
+        _run(model, pixels, entry)
+        torch.softmax(probabilities, dim=-1)
+        assert len(rec.calls) == 1
+        torch.testing.assert_close(rec.mad, expected, rtol=0, atol=0)
+    assert _function_modes() == 0
+    assert len(rec.calls) == 1 and rec.layers == clean.layers
+    torch.testing.assert_close(rec.mad, expected, rtol=0, atol=0)
+
+
+def test_after_a_keyboard_interrupt_in_a_transformers_model_no_half_call():
+    model, pixels = _hf_vit(num_hidden_layers=3), _pixels()
+    expected = _clean_mad(model, pixels)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    hook = model.layers[2].attention.k_proj.register_forward_hook(interrupt)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        with pytest.raises(KeyboardInterrupt):
+            model(pixels)
+        hook.remove()
+        assert rec.calls == []
+        with pytest.raises(RuntimeError, match="has not run"):
+            _ = rec.mad
+        model(pixels)
+    torch.testing.assert_close(rec.mad, expected, rtol=0, atol=0)
+
+
 def test_a_forward_that_raised_halfway_leaves_no_call():
     model, pixels = _vit(), _pixels()
     fail = model.blocks[2].register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("out of memory")))

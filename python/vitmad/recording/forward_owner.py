@@ -23,7 +23,8 @@ from types import CodeType, FrameType
 import torch
 from torch import nn
 
-__all__ = ["ForwardOwner", "forward_caller_frame", "frame_live", "in_backward"]
+__all__ = ["ForwardOwner", "ModuleCall", "current_module_call", "forward_caller_frame", "frame_live", "in_backward",
+           "module_call_live"]
 
 
 def in_backward() -> bool:
@@ -84,6 +85,33 @@ def frame_live(thread: threading.Thread, frame_id: int, code: CodeType) -> bool:
     while top is not None:
         if id(top) == frame_id and top.f_code is code:
             return True
+        top = top.f_back
+    return False
+
+
+# A module's forward in progress, taken from one of its hooks: (the thread, the id of its _call_impl frame).
+ModuleCall = tuple[threading.Thread, int]
+
+
+def current_module_call() -> ModuleCall | None:
+    """The innermost module call of this thread, from one of that module's hooks (called from the hook itself,
+    directly or through vitmad's hook wrapper)."""
+    frame = _module_call_frame()
+    return None if frame is None else (threading.current_thread(), id(frame))
+
+
+def module_call_live(call: ModuleCall, module: nn.Module) -> bool:
+    """Whether ``call`` (current_module_call) still runs ``module``'s forward: a KeyboardInterrupt ends a forward
+    without the hooks that say so. The frame at that address must also be a call of ``module``: an ended frame
+    leaves its address to new ones, other modules' calls among them (only ``module`` called again could take it,
+    and its pre-hooks then start over)."""
+    thread, frame_id = call
+    if not thread.is_alive():
+        return False
+    top = sys._getframe() if thread is threading.current_thread() else sys._current_frames().get(thread.ident)
+    while top is not None:
+        if id(top) == frame_id:
+            return top.f_code is _CALL_IMPL and top.f_locals.get("self") is module
         top = top.f_back
     return False
 

@@ -12,9 +12,10 @@ While a recorded module runs, a ``TorchFunctionMode`` sees each of its calls:
 
 The calls themselves run unchanged, so the model's outputs do not change. The mode is entered and left by
 forward hooks (the post hook with ``always_call=True``), so it is left even when the forward raises (and, after
-a KeyboardInterrupt, which skips that hook, at the module's next forward or when the recording ends); when the
-module's forward returns, ``done`` is told, so that a module making several calls (differential attention) is
-recorded as one layer.
+a KeyboardInterrupt, which skips that hook, at the module's next forward or when the recording ends, and until
+then it records nothing, since it checks that its module's forward still runs); when the module's forward
+returns, ``done`` is told, so that a module making several calls (differential attention) is recorded as one
+layer.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .forward_owner import ModuleCall, current_module_call, module_call_live
 from .module_index import named_module_list
 from .transformers_capture import AttentionCallback, forward_source
 
@@ -110,12 +112,20 @@ class _CaptureAttention(TorchFunctionMode):
         super().__init__()
         self.layer, self.module, self.on_qk, self.on_probs = layer, module, on_qk, on_probs
         self.active = True  # False once the recording has ended
+        self.call: ModuleCall | None = None  # the module's forward this mode was entered for
+
+    def _in_forward(self) -> bool:
+        """Whether the module's forward that entered this mode is still running. One that a KeyboardInterrupt
+        ended leaves the mode on its thread's stack until the module's next forward: the calls it sees meanwhile
+        (a user's softmax after catching the interrupt, another recorded module's attention) are not its module's.
+        Checked only at the calls it would record, since it walks the stack."""
+        return self.call is None or module_call_live(self.call, self.module)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not self.active:
             return func(*args, **kwargs)
-        if func is F.scaled_dot_product_attention:
+        if func is F.scaled_dot_product_attention and self._in_forward():
             query, key, mask, is_causal, scale, enable_gqa = _sdpa_arguments(args, kwargs)
             if is_causal:
                 raise ValueError(
@@ -131,7 +141,7 @@ class _CaptureAttention(TorchFunctionMode):
             return result
         if func in _SOFTMAX_FUNCTIONS and isinstance(result, torch.Tensor) and result.dim() >= 3:
             dim = _softmax_dim(args, kwargs)
-            if dim is not None and dim % result.dim() == result.dim() - 1:
+            if dim is not None and dim % result.dim() == result.dim() - 1 and self._in_forward():
                 self.on_probs(self.layer, result.detach())
         return result
 
@@ -184,6 +194,7 @@ class ModuleAttentionHooks:
                     # KeyboardInterrupt. Its mode is left and its calls dropped before this forward starts.
                     self._leave(mode)
                     self.done(name, module, False)
+                mode.call = current_module_call()
                 mode.__enter__()
                 self._entered.append(mode)
 

@@ -65,7 +65,14 @@ from .families.plain import (
     is_embedding_projection,
     keeps_image_layout,
 )
-from .forward_owner import ForwardOwner, forward_caller_frame, frame_live
+from .forward_owner import (
+    ForwardOwner,
+    ModuleCall,
+    current_module_call,
+    forward_caller_frame,
+    frame_live,
+    module_call_live,
+)
 from .forward_owner import in_backward as _in_backward
 from .mha_capture import MultiheadAttentionHooks, mha_modules
 from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
@@ -482,6 +489,7 @@ class Recording:
         self._eager = False
         self._registered = False  # in _RECORDING
         self._calls_before_forward: int | None = None  # len(calls) when the model's forward began
+        self._model_call: ModuleCall | None = None  # that forward (whether a KeyboardInterrupt ended it)
         self._forwards = 0  # forwards of the model that ended in this recording
         self._returned = False  # the model's current forward has returned (not raised)
         self._owner = ForwardOwner(type(model).__name__)  # the thread inside a forward of the model, if any
@@ -495,7 +503,7 @@ class Recording:
         self.model = model
         self.renormalize = bool(renormalize)
         self.reduction = reduction
-        self.calls: list[RecordedCall] = []
+        self._calls: list[RecordedCall] = []  # rec.calls, which first drops a forward a KeyboardInterrupt ended
         self.skipped: dict[str, str] = {}
         self._context = CallContext()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -575,9 +583,16 @@ class Recording:
 
     # What was recorded -------------------------------------------------------------------------------------
 
+    @property
+    def calls(self) -> list[RecordedCall]:
+        """Every forward call recorded so far, oldest first (the list itself: a caller may clear it between
+        batches). A forward of the model that a KeyboardInterrupt stopped halfway is not among them."""
+        self._drop_interrupted()
+        return self._calls
+
     def _latest(self) -> RecordedCall:
         name = type(self.model).__name__
-        if not self.calls and self._forwards:
+        if not self._calls and self._forwards:
             shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
             raise RuntimeError(
                 f"vitmad.record: {name} ran {self._forwards} time(s) in this recording, but not through the "
@@ -586,20 +601,20 @@ class Recording:
                 "vitmad.record(<that tower>), while the whole model runs), or it was compiled with torch.compile only "
                 "inside the block, which is not seen (compile it before: it then runs eagerly while recorded)"
             )
-        if not self.calls:
+        if not self._calls:
             raise RuntimeError(
                 f"vitmad.record: {name} has not run in this recording; call the model inside the "
                 "`with vitmad.record(model) as rec:` block (a model compiled with torch.compile only inside the block "
                 "is not seen: compile it before, and it runs eagerly while recorded)"
             )
-        if not self.calls[-1].per_layer:
+        if not self._calls[-1].per_layer:
             shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
             raise RuntimeError(
                 f"vitmad.record: {name} ran, but none of the {len(self._modules)} modules being recorded ({shown}) "
                 "computed attention (F.scaled_dot_product_attention, transformers' AttentionInterface or a softmax) "
                 "in that forward call; pass layers=[the modules that compute its attention]"
             )
-        return self.calls[-1]
+        return self._calls[-1]
 
     @property
     def mad(self) -> torch.Tensor:
@@ -643,19 +658,19 @@ class Recording:
     @property
     def geometry(self) -> list[LayerGeometry]:
         """Each recorded layer's token grid, pixel stride, attention kind and head count (latest call)."""
-        return list(self.calls[-1].geometry) if self.calls else []
+        return list(self._calls[-1].geometry) if self._calls else []
 
     @property
     def layers(self) -> list[str]:
         """The recorded attention modules' qualified names in execution order (latest call)."""
-        return list(self.calls[-1].layers) if self.calls else []
+        return list(self._calls[-1].layers) if self._calls else []
 
     @property
     def layout(self) -> ModelLayout | None:
         """Patch size, grid and prefix tokens of the latest call when every layer attends over one plain ViT
         layout (None otherwise: read :attr:`geometry`); before a call, the given or detected values."""
-        if self.calls and self.calls[-1].geometry:
-            return self.calls[-1].layout
+        if self._calls and self._calls[-1].geometry:
+            return self._calls[-1].layout
         patch = self._plain.patch
         if patch is None and self._plain.embedding is not None:
             kernel = self._plain.embedding[1].kernel_size
@@ -667,6 +682,7 @@ class Recording:
     def _start_call(self, module: nn.Module, args, kwargs=None) -> None:
         if _not_recorded():
             return
+        self._drop_interrupted()
         # What a forward interrupted inside an attention module left (a KeyboardInterrupt skips the hooks that end
         # it): not part of this call.
         self._pending.clear()
@@ -675,7 +691,7 @@ class Recording:
         self._context.image_size = None if image is None else (int(image.shape[-2]), int(image.shape[-1]))
         self._context.values.clear()
         call = RecordedCall()
-        self.calls.append(call)
+        self._calls.append(call)
         me, caller = threading.current_thread(), forward_caller_frame()
         self._starters[id(call)] = (me, None if caller is None else (id(caller), caller.f_code))
         self._started[me] = call
@@ -700,9 +716,9 @@ class Recording:
         call's forward is in progress."""
         me = threading.current_thread()
         mine = self._started.get(me)
-        if mine is not None and self.calls and mine is not self.calls[-1] and self._in_progress(mine):
-            if any(call is mine for call in self.calls):
-                self.calls.remove(mine)
+        if mine is not None and self._calls and mine is not self._calls[-1] and self._in_progress(mine):
+            if any(call is mine for call in self._calls):
+                self._calls.remove(mine)
             self._forget_starts([mine])
             del self._started[me]
             self._pending.clear()
@@ -712,7 +728,7 @@ class Recording:
                 "recorded model runs in one thread at a time (their calls would mix); run the forwards one after "
                 "another, or record a separate copy of the model in each thread"
             )
-        latest = self.calls[-1] if self.calls else None
+        latest = self._calls[-1] if self._calls else None
         starter = None if latest is None else self._starters.get(id(latest), (None,))[0]
         if starter is not None and starter is not me and self._in_progress(latest):
             self._pending.clear()
@@ -725,8 +741,8 @@ class Recording:
 
     def _place(self, name: str, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         self._check_call_thread()
-        if not self.calls:
-            self.calls.append(RecordedCall())
+        if not self._calls:
+            self._calls.append(RecordedCall())
         try:
             return self._placers[name].place(self._context, lead, num_queries, num_keys)
         except NotPlaceable as error:
@@ -938,7 +954,7 @@ class Recording:
                 "modules]"
             )
         self._check_call_thread()
-        call = self.calls[-1]
+        call = self._calls[-1]
         call.layers.append(name)
         if self._stats:
             folded = [self._fold(name, placement, value) for value in per_query.unbind(0)]
@@ -1021,8 +1037,9 @@ class Recording:
         outermost = not self._owner.held_here()
         self._owner.enter(whole_model)
         if outermost and not whole_model and not _in_backward():
-            call = self.calls[-1] if self.calls else None
-            self._outermost = (len(self.calls), call, 0 if call is None else len(call.layers), sys.exc_info()[1])
+            self._drop_interrupted()
+            call = self._calls[-1] if self._calls else None
+            self._outermost = (len(self._calls), call, 0 if call is None else len(call.layers), sys.exc_info()[1])
 
     def _leave_scope(self, whole_model: bool) -> None:
         """That forward ended. When the outermost one outside the model's own call raised (an exception other
@@ -1037,17 +1054,18 @@ class Recording:
         raised = sys.exc_info()[1]
         if raised is None or raised is handled or self._calls_before_forward is not None or _in_backward():
             return
-        self._forget_starts(self.calls[count:])
-        del self.calls[count:]
-        if call is not None and self.calls and self.calls[-1] is call:
+        self._forget_starts(self._calls[count:])
+        del self._calls[count:]
+        if call is not None and self._calls and self._calls[-1] is call:
             call._keep_layers(kept)
             if not call.layers:  # begun by this forward's convolution, nothing of it stays
-                self._forget_starts([self.calls.pop()])
+                self._forget_starts([self._calls.pop()])
 
     def _begin_forward(self, module: nn.Module, args) -> None:
         if not _in_backward():
             self._drop_unfinished()
-            self._calls_before_forward = len(self.calls)
+            self._calls_before_forward = len(self._calls)
+            self._model_call = current_module_call()
             for hooks in self._hooks:
                 if hasattr(hooks, "before_forward"):
                     hooks.before_forward()
@@ -1055,9 +1073,17 @@ class Recording:
     def _drop_unfinished(self) -> None:
         """Drop the calls of a forward that began and never ended: a KeyboardInterrupt skips _end_forward."""
         if self._calls_before_forward is not None:
-            self._forget_starts(self.calls[self._calls_before_forward:])
-            del self.calls[self._calls_before_forward:]
-            self._calls_before_forward = None
+            self._forget_starts(self._calls[self._calls_before_forward:])
+            del self._calls[self._calls_before_forward:]
+            self._calls_before_forward = self._model_call = None
+
+    def _drop_interrupted(self) -> None:
+        """Drop the calls of a forward of the model that a KeyboardInterrupt ended (its frame is gone) before
+        anything else starts a call or reads them: its half call was read as the latest forward, and a
+        forward_features run after it was dropped with it at the next model call or the end of the block."""
+        if self._calls_before_forward is not None and self._model_call is not None \
+                and not module_call_live(self._model_call, self.model):
+            self._drop_unfinished()
 
     def _forward_returned(self, module: nn.Module, args, output) -> None:
         self._returned = True
@@ -1067,12 +1093,12 @@ class Recording:
         the error was (an out-of-memory error the caller catches, say)."""
         returned, self._returned = self._returned, False
         if self._calls_before_forward is not None:  # ended: any thread may run the model now
-            self._forget_starts(self.calls[self._calls_before_forward:])
+            self._forget_starts(self._calls[self._calls_before_forward:])
         if not returned and not _in_backward():
             self._drop_unfinished()
         elif returned and not _in_backward() and not _not_recorded():
             self._forwards += 1
-        self._calls_before_forward = None
+        self._calls_before_forward = self._model_call = None
 
     def _remove(self) -> None:
         self._drop_unfinished()
