@@ -114,6 +114,49 @@ def test_after_a_keyboard_interrupt_inside_attention_no_half_call_and_no_stale_c
     torch.testing.assert_close(rec.mad, expected, rtol=0, atol=0)
 
 
+def _blocks_one_by_one(model, pixels) -> torch.Tensor:
+    tokens = model._pos_embed(model.patch_embed(pixels))
+    for block in model.blocks:
+        tokens = block(tokens)
+    return tokens
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("entry", ["forward_features", "forward_intermediates", "blocks one by one"])
+@pytest.mark.parametrize("where", ["blocks.1.attn.proj", "blocks.2.attn.qkv", "blocks.2.mlp"])
+def test_a_loop_over_the_blocks_that_stopped_halfway_leaves_no_call(where, entry, error):
+    """timm's forward_intermediates and a user's loop call each block as a forward of its own: one that raised
+    in the third block (an out-of-memory error) left a call of the layers before it, and a KeyboardInterrupt
+    anywhere left what it had; forward_features left one after a KeyboardInterrupt too. Every such loop now
+    leaves nothing, and a retry is recorded as alone."""
+    model, pixels = _vit(), _pixels()
+
+    def run() -> None:
+        if entry == "forward_features":
+            model.forward_features(pixels)
+        elif entry == "forward_intermediates":
+            model.forward_intermediates(pixels, indices=[2], intermediates_only=True)
+        else:
+            _blocks_one_by_one(model, pixels)
+
+    with torch.no_grad(), vitmad.record(model) as clean:
+        run()
+
+    def fail(*_):
+        raise error("out of memory")
+
+    hook = model.get_submodule(where).register_forward_pre_hook(fail)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        with pytest.raises(error):
+            run()
+        hook.remove()
+        assert rec.calls == []
+        run()
+    assert _function_modes() == 0
+    assert [call.layers for call in rec.calls] == [clean.layers]
+    torch.testing.assert_close(rec.mad, clean.mad, rtol=0, atol=0)
+
+
 def test_after_a_keyboard_interrupt_in_a_transformers_model_no_half_call():
     model, pixels = _hf_vit(num_hidden_layers=3), _pixels()
     expected = _clean_mad(model, pixels)

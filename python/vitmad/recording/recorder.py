@@ -497,7 +497,7 @@ class Recording:
         # until the model's own call that made it ends; by thread, the call it started last.
         self._starters: dict[int, tuple[threading.Thread, tuple | None]] = {}
         self._started: dict[threading.Thread, RecordedCall] = {}
-        self._outermost: tuple | None = None  # _enter_scope's record of the calls before an outermost forward
+        self._outermost: _Outermost | None = None  # the outermost forward in progress outside the model's call
         # The user's positions replace the layout of every recorded layer (families/masked.py).
         self._given = None if positions is None else GivenPositionsPlacer(positions)
         self.model = model
@@ -1011,7 +1011,7 @@ class Recording:
                                 if name in inside and module is not self.model)]
         for module in scopes:
             self._handles.append(module.register_forward_pre_hook(
-                lambda *_, restart=module is self.model: self._enter_scope(restart), prepend=True))
+                lambda scope, *_, restart=module is self.model: self._enter_scope(scope, restart), prepend=True))
         if first is not None:
             self._handles.append(first.register_forward_pre_hook(self._start_call))
         else:
@@ -1031,7 +1031,7 @@ class Recording:
             self._handles.append(module.register_forward_hook(
                 lambda *_, whole=module is self.model: self._leave_scope(whole), always_call=True))
 
-    def _enter_scope(self, whole_model: bool) -> None:
+    def _enter_scope(self, scope: nn.Module, whole_model: bool) -> None:
         """A forward of the model or of a module holding recorded layers begins: ownership, and for the outermost
         such forward outside the model's own call (forward_features), what the calls held before it."""
         outermost = not self._owner.held_here()
@@ -1039,7 +1039,11 @@ class Recording:
         if outermost and not whole_model and not _in_backward():
             self._drop_interrupted()
             call = self._calls[-1] if self._calls else None
-            self._outermost = (len(self._calls), call, 0 if call is None else len(call.layers), sys.exc_info()[1])
+            caller = forward_caller_frame()
+            self._outermost = _Outermost(
+                len(self._calls), call, 0 if call is None else len(call.layers), sys.exc_info()[1], scope,
+                current_module_call(), None if caller is None else (threading.current_thread(),
+                                                                    (id(caller), caller.f_code)))
 
     def _leave_scope(self, whole_model: bool) -> None:
         """That forward ended. When the outermost one outside the model's own call raised (an exception other
@@ -1049,16 +1053,25 @@ class Recording:
         self._owner.leave()
         if whole_model or self._outermost is None or self._owner.held_here():
             return
-        count, call, kept, handled = self._outermost
-        self._outermost = None
+        outermost, self._outermost = self._outermost, None
         raised = sys.exc_info()[1]
-        if raised is None or raised is handled or self._calls_before_forward is not None or _in_backward():
+        if raised is None or raised is outermost.handled or self._calls_before_forward is not None \
+                or _in_backward():
             return
-        self._forget_starts(self._calls[count:])
-        del self._calls[count:]
+        self._take_back(outermost)
+
+    def _take_back(self, outermost: _Outermost) -> None:
+        """Undo what an outermost forward outside the model's call added to the calls, as it did not end."""
+        self._forget_starts(self._calls[outermost.count:])
+        del self._calls[outermost.count:]
+        call = outermost.call
         if call is not None and self._calls and self._calls[-1] is call:
-            call._keep_layers(kept)
-            if not call.layers:  # begun by this forward's convolution, nothing of it stays
+            call._keep_layers(outermost.kept)
+            # Begun by this forward's convolution, nothing of it stays; begun by the loop that called this forward
+            # (timm's forward_intermediates, a user's loop over the blocks, each block an outermost forward), the
+            # loop stopped there too, its call unfinished.
+            if not call.layers or (outermost.caller is not None
+                                   and self._starters.get(id(call)) == outermost.caller):
                 self._forget_starts([self._calls.pop()])
 
     def _begin_forward(self, module: nn.Module, args) -> None:
@@ -1080,10 +1093,17 @@ class Recording:
     def _drop_interrupted(self) -> None:
         """Drop the calls of a forward of the model that a KeyboardInterrupt ended (its frame is gone) before
         anything else starts a call or reads them: its half call was read as the latest forward, and a
-        forward_features run after it was dropped with it at the next model call or the end of the block."""
+        forward_features run after it was dropped with it at the next model call or the end of the block. An
+        outermost forward outside the model's call that a KeyboardInterrupt ended is taken back as one that
+        raised (_leave_scope)."""
         if self._calls_before_forward is not None and self._model_call is not None \
                 and not module_call_live(self._model_call, self.model):
             self._drop_unfinished()
+        outermost = self._outermost
+        if outermost is not None and outermost.module_call is not None \
+                and not module_call_live(outermost.module_call, outermost.scope):
+            self._outermost = None
+            self._take_back(outermost)
 
     def _forward_returned(self, module: nn.Module, args, output) -> None:
         self._returned = True
@@ -1120,6 +1140,21 @@ class Recording:
 
     def __exit__(self, *exc_info) -> None:
         self._remove()
+
+
+@dataclass
+class _Outermost:
+    """An outermost forward of a module holding recorded layers, outside the model's own call (forward_features,
+    a block called by timm's forward_intermediates or a user's loop): what the calls held before it, so that what
+    it added is taken back if it does not end (Recording._take_back)."""
+
+    count: int  # len(calls)
+    call: RecordedCall | None  # the latest call then
+    kept: int  # its layers then
+    handled: BaseException | None  # the exception being handled when it began (a retry inside `except`)
+    scope: nn.Module
+    module_call: ModuleCall | None  # the scope's forward (whether a KeyboardInterrupt ended it)
+    caller: tuple | None  # (thread, (id, code)) of the frame that called it, as Recording._starters holds
 
 
 def record(
