@@ -6,7 +6,10 @@ Runs ``cuobjdump --dump-sass`` and ``--dump-resource-usage`` on a .so or .o hold
 vitmad::mad and prints a markdown table with one line per instantiation of ``mad_rows_kernel`` (and of
 ``mad_rows_direct_kernel``, the fallback for strided keys and long rows): the instructions of its steady-state
 loop, the elements one pass of that loop consumes, instructions per element and registers. No GPU is needed,
-only the machine code, so the instruction diet of the kernel can be checked where it is built.
+only the machine code, so the instruction diet of the kernel can be checked where it is built. A toolkit without
+cuobjdump (this project's CI machines have nvcc alone) can take it and the nvdisasm it calls from PyPI
+(``pip install --target DIR nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm``, then ``--cuobjdump`` and ``PATH``);
+a CMake build's object file ``csrc/cuda/mad_cuda.cu.o`` is enough.
 
 The steady-state loop is the innermost loop (a backward branch with no other backward branch inside it) that
 holds the 16-byte vector loads (LDG.E.128); each such load brings 16 / element-size elements. Where several
