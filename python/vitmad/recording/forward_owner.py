@@ -167,15 +167,18 @@ class ForwardOwner:
                 self._frames = [f for f in self._frames if f in live]
             self._frames.append(id(frame))
 
-    def leave(self) -> None:
-        """That forward ended, returning or raising (called from its always_call forward hook)."""
+    def leave(self) -> bool:
+        """That forward ended, returning or raising (called from its always_call forward hook); whether it had
+        entered (a forward pre-hook that raised before enter(), a global one say, ends it without)."""
         if in_backward():
-            return
+            return True
         frame_id = id(_module_call_frame())
         with self._lock:
             if self._thread is threading.current_thread() and frame_id in self._frames:
                 # The last entry of this frame: the forwards entered after it are within it and ended first.
                 del self._frames[len(self._frames) - 1 - self._frames[::-1].index(frame_id):]
+                return True
+            return False
 
     def reset(self) -> None:
         with self._lock:

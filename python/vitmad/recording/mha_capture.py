@@ -109,6 +109,7 @@ class MultiheadAttentionHooks:
         self.on_qk = on_qk
         self.done = done
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.trailing: list[torch.utils.hooks.RemovableHandle] = []  # hooks the recording keeps after the user's
 
     def install(self) -> None:
         for name, module in self.modules.items():
@@ -121,8 +122,10 @@ class MultiheadAttentionHooks:
 
             self._handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
             self._handles.append(module.register_forward_hook(leave, always_call=True))
+            self.trailing.append(self._handles[-1])
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.trailing.clear()

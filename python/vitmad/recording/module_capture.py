@@ -167,6 +167,7 @@ class ModuleAttentionHooks:
         self.done = done
         self.probabilities_from = probabilities_from or {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.trailing: list[torch.utils.hooks.RemovableHandle] = []  # hooks the recording keeps after the user's
         self._modes: list[_CaptureAttention] = []
         # Per thread, as torch's mode stacks are: the modes active now, in the order they were entered (a backward
         # recomputing a checkpointed layer in one thread must not leave the mode another thread's forward holds).
@@ -212,6 +213,7 @@ class ModuleAttentionHooks:
             # all, so that done() sees what every hook saw.
             self._handles.append(module.register_forward_hook(stop, prepend=True, always_call=True))
             self._handles.append(module.register_forward_hook(leave, always_call=True))
+            self.trailing.append(self._handles[-1])
 
     def _leave(self, mode: TorchFunctionMode) -> None:
         """Leave ``mode`` and any mode of ours entered after it and still active (interrupted forwards inside it):
@@ -229,6 +231,7 @@ class ModuleAttentionHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.trailing.clear()
         # Modes a KeyboardInterrupt left active (see enter): every later call of the thread would go through them.
         entered = self._entered
         while entered:

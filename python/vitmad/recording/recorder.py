@@ -498,6 +498,8 @@ class Recording:
         self._starters: dict[int, tuple[threading.Thread, tuple | None]] = {}
         self._started: dict[threading.Thread, RecordedCall] = {}
         self._outermost: _Outermost | None = None  # the outermost forward in progress outside the model's call
+        self._trailing_handles: list = []  # _order_trailing
+        self._trailing: dict[int, tuple] = {}
         # The user's positions replace the layout of every recorded layer (families/masked.py).
         self._given = None if positions is None else GivenPositionsPlacer(positions)
         self.model = model
@@ -592,6 +594,7 @@ class Recording:
 
     def _latest(self) -> RecordedCall:
         name = type(self.model).__name__
+        self._drop_interrupted()
         if not self._calls and self._forwards:
             shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
             raise RuntimeError(
@@ -658,19 +661,22 @@ class Recording:
     @property
     def geometry(self) -> list[LayerGeometry]:
         """Each recorded layer's token grid, pixel stride, attention kind and head count (latest call)."""
-        return list(self._calls[-1].geometry) if self._calls else []
+        calls = self.calls
+        return list(calls[-1].geometry) if calls else []
 
     @property
     def layers(self) -> list[str]:
         """The recorded attention modules' qualified names in execution order (latest call)."""
-        return list(self._calls[-1].layers) if self._calls else []
+        calls = self.calls
+        return list(calls[-1].layers) if calls else []
 
     @property
     def layout(self) -> ModelLayout | None:
         """Patch size, grid and prefix tokens of the latest call when every layer attends over one plain ViT
         layout (None otherwise: read :attr:`geometry`); before a call, the given or detected values."""
-        if self._calls and self._calls[-1].geometry:
-            return self._calls[-1].layout
+        calls = self.calls
+        if calls and calls[-1].geometry:
+            return calls[-1].layout
         patch = self._plain.patch
         if patch is None and self._plain.embedding is not None:
             kernel = self._plain.embedding[1].kernel_size
@@ -989,6 +995,7 @@ class Recording:
                 self._install()
                 _wrap_hooks([*self._handles, *(h for hooks in self._hooks for h in getattr(hooks, "_handles", ()))],
                             self._owner, self.model)
+                self._order_trailing()
         except BaseException:
             self._remove()
             raise
@@ -1027,15 +1034,44 @@ class Recording:
         # them apart (a wrapper's forward may return None).
         self._handles.append(self.model.register_forward_hook(self._forward_returned))
         self._handles.append(self.model.register_forward_hook(self._end_forward, always_call=True))
+        self._trailing_handles = self._handles[-2:]
         for module in scopes:
             self._handles.append(module.register_forward_hook(
                 lambda *_, whole=module is self.model: self._leave_scope(whole), always_call=True))
+            self._trailing_handles.append(self._handles[-1])
+
+    def _order_trailing(self) -> None:
+        """By hook dict, the hooks that must run after every forward hook of the module, the user's too, in the
+        order they were registered: those that tell whether the forward ended (_forward_returned, _end_forward,
+        _leave_scope, the captures' leave). A user's forward hook registered inside the block that raised ran
+        after them, so a forward ended by it kept its call."""
+        self._trailing = {}
+        handles = [*self._trailing_handles, *(h for hooks in self._hooks for h in getattr(hooks, "trailing", ()))]
+        for handle in handles:
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None:
+                self._trailing.setdefault(id(hooks), (hooks, []))[1].append(handle.id)
+        for hooks, ids in self._trailing.values():
+            order = {hook_id: i for i, hook_id in enumerate(hooks)}
+            ids.sort(key=lambda hook_id: order.get(hook_id, -1))
+
+    def _keep_trailing_last(self, module: nn.Module) -> None:
+        """Moves the recording's trailing forward hooks of ``module`` behind any registered since (from a
+        pre-hook: torch reads the forward hooks only after the forward)."""
+        entry = self._trailing.get(id(module._forward_hooks))
+        if entry is not None:
+            hooks, ids = entry
+            if next(reversed(hooks), None) != ids[-1]:
+                for hook_id in ids:
+                    if hook_id in hooks:
+                        hooks.move_to_end(hook_id)
 
     def _enter_scope(self, scope: nn.Module, whole_model: bool) -> None:
         """A forward of the model or of a module holding recorded layers begins: ownership, and for the outermost
         such forward outside the model's own call (forward_features), what the calls held before it."""
         outermost = not self._owner.held_here()
         self._owner.enter(whole_model)
+        self._keep_trailing_last(scope)
         if outermost and not whole_model and not _in_backward():
             self._drop_interrupted()
             call = self._calls[-1] if self._calls else None
@@ -1050,7 +1086,18 @@ class Recording:
         than the one being handled when it began: a retry inside an ``except`` block), what it added to the calls
         is taken back, as the model's own call drops a call that raised (_end_forward): a forward_features that
         ran out of memory halfway leaves no half call."""
-        self._owner.leave()
+        entered = self._owner.leave()
+        if not entered and not whole_model and self._outermost is None and not self._owner.held_here() \
+                and sys.exc_info()[1] is not None and self._calls_before_forward is None and not _in_backward():
+            # Its forward raised before _enter_scope ran (a global forward pre-hook; torch then runs the
+            # always_call hooks alone): outermost, it stopped the loop that called it (the final norm of
+            # forward_features, a block of forward_intermediates).
+            call = self._calls[-1] if self._calls else None
+            caller = forward_caller_frame()
+            if call is not None and caller is not None \
+                    and self._starters.get(id(call)) == (threading.current_thread(), (id(caller), caller.f_code)):
+                self._forget_starts([self._calls.pop()])
+            return
         if whole_model or self._outermost is None or self._owner.held_here():
             return
         outermost, self._outermost = self._outermost, None
@@ -1095,7 +1142,7 @@ class Recording:
         anything else starts a call or reads them: its half call was read as the latest forward, and a
         forward_features run after it was dropped with it at the next model call or the end of the block. An
         outermost forward outside the model's call that a KeyboardInterrupt ended is taken back as one that
-        raised (_leave_scope)."""
+        raised (_leave_scope), and the empty call of one that ended before its first layer is dropped."""
         if self._calls_before_forward is not None and self._model_call is not None \
                 and not module_call_live(self._model_call, self.model):
             self._drop_unfinished()
@@ -1104,6 +1151,14 @@ class Recording:
                 and not module_call_live(outermost.module_call, outermost.scope):
             self._outermost = None
             self._take_back(outermost)
+        latest = self._calls[-1] if self._calls else None
+        started = None if latest is None else self._starters.get(id(latest))
+        if latest is not None and not latest.layers and started is not None and started[1] is not None \
+                and not frame_live(started[0], *started[1]):
+            # Begun by a forward outside the model's call (forward_features) that ended before its first recorded
+            # layer, with no module holding the layers around to say whether it raised (timm's _pos_embed between
+            # the patch embedding and the blocks raising): an empty call, which no layer joins any more.
+            self._forget_starts([self._calls.pop()])
 
     def _forward_returned(self, module: nn.Module, args, output) -> None:
         self._returned = True
@@ -1128,6 +1183,7 @@ class Recording:
         for hooks in self._hooks:
             hooks.remove()
         self._pending.clear()
+        self._trailing = {}
         self._owner.reset()
         self._starters.clear()
         self._started.clear()

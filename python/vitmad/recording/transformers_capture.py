@@ -191,6 +191,7 @@ class HFAttentionHooks:
         self.done = done
         self._saved: list[tuple] = []  # (config, its attention implementation before the recording)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.trailing: list[torch.utils.hooks.RemovableHandle] = []  # hooks the recording keeps after the user's
 
     def _configs(self) -> list:
         """The configs that choose the recorded modules' attention implementation (each module reads its own
@@ -224,6 +225,7 @@ class HFAttentionHooks:
                 self.done(name, module, output is not None)
 
             self._handles.append(module.register_forward_hook(leave, always_call=True))
+            self.trailing.append(self._handles[-1])
         for config in configs:  # before any change: an implementation vitmad cannot read is refused here
             attention_semantics(config._attn_implementation_internal or "eager", type(self.model).__name__)
         for config in configs:
@@ -256,3 +258,4 @@ class HFAttentionHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.trailing.clear()
