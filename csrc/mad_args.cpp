@@ -5,6 +5,7 @@
 #include <c10/util/safe_numerics.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 namespace vitmad {
@@ -149,6 +150,11 @@ QkShape check_qk_tensors(const at::Tensor& q, const at::Tensor& k, std::optional
                     k.device());
   TORCH_CHECK_VALUE(!scale.has_value() || std::isfinite(*scale), op_name, ": scale must be finite, got ",
                     scale.value_or(0.0));
+  // The logits of 16-bit and float32 q are computed in float32, where such a scale is infinite.
+  TORCH_CHECK_VALUE(!scale.has_value() || q.scalar_type() == at::kDouble ||
+                        std::abs(*scale) <= static_cast<double>(std::numeric_limits<float>::max()),
+                    op_name, ": scale must be finite in float32, the precision of the logits of ", q.scalar_type(),
+                    " q (|scale| <= ", std::numeric_limits<float>::max(), "), got ", *scale);
   if (attn_bias.has_value()) {
     const at::Tensor& bias = *attn_bias;
     TORCH_CHECK_VALUE(bias.layout() == at::kStrided, op_name,

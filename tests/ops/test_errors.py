@@ -4,6 +4,7 @@ identically from the compiled kernels and from the pure-PyTorch fallback."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -126,6 +127,53 @@ def test_errors_of_the_kernels_are_not_turned_into_type_errors():
         vitmad.mad(A197, 0)
     with pytest.raises(ValueError, match="vitmad.mad_qk: scale must be finite, got inf"):
         vitmad.mad_qk(_Q, _Q, 16, scale=float("inf"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e39, -1e300])
+def test_a_scale_beyond_float32_is_refused_for_logits_computed_in_float32(dtype, scale):
+    """Finite as a Python float, infinite in float32, where the logits of 16-bit and float32 q are computed:
+    MAD and every statistic came out NaN where the float64 reference is finite."""
+    q = _Q.to(dtype)
+    # The C++ check names the dtype as c10 spells it (Float, Half), the Python fallback as torch does.
+    message = (r"scale must be finite in float32, the precision of the logits of \S+ q "
+               r"\(\|scale\| <= 3\.40282\d*e\+38\), got ")
+    for call in (lambda: vitmad.mad_qk(q, q, 16, scale=scale),
+                 lambda: vitmad.attention_stats_qk(q, q, 16, scale=scale, stats=["mad", "entropy"]),
+                 lambda: vitmad.mad_qk(q, q, positions=vitmad.grid_positions(14, 14, 16, num_prefix_tokens=1),
+                                       scale=scale),
+                 lambda: _fallback.mad_qk(q, q, 16, scale=scale)):
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_a_scale_beyond_float32_is_taken_for_float64_logits():
+    q = _Q.double()
+    value = vitmad.mad_qk(q, q, 16, scale=1e39)
+    expected = vitmad.mad(torch.softmax(q @ q.transpose(-1, -2) * 1e39, -1), 16)
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)
+    assert value.isfinite().all()
+
+
+_DENSE = torch.rand(2, 17, 17).softmax(-1)
+
+
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "nested"])
+def test_sparse_and_nested_tensors_are_refused_naming_the_argument(kind):
+    """They reached the dispatcher, which answered with its own NotImplementedError ("Could not run 'vitmad::mad'
+    with arguments from the 'SparseCPU' backend ...") or, for a nested tensor, "Internal error: NestedTensorImpl
+    doesn't support sizes. Please file an issue"."""
+    with warnings.catch_warnings():  # torch warns once that CSR and nested tensors are beta/prototype
+        warnings.simplefilter("ignore", UserWarning)
+        attn = {"sparse_coo": lambda: _DENSE.to_sparse(), "sparse_csr": lambda: _DENSE.to_sparse_csr(),
+                "nested": lambda: torch.nested.nested_tensor(list(_DENSE))}[kind]()
+    got = "a nested tensor" if kind == "nested" else f"layout torch.{kind}"
+    positions = vitmad.grid_positions(4, 4, 1, num_prefix_tokens=1)
+    for name, call in (("vitmad.mad", lambda: vitmad.mad(attn, 1)),
+                       ("vitmad.attention_stats", lambda: vitmad.attention_stats(attn, 1, stats=["entropy"])),
+                       ("vitmad.mad", lambda: vitmad.mad(attn, positions=positions))):
+        with pytest.raises(ValueError, match=re.escape(f"{name}: attn must be a dense (strided) tensor, got {got}")):
+            call()
 
 
 @pytest.mark.parametrize("stats", [["mad"], ["prefix_maps"]])

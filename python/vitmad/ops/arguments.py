@@ -24,6 +24,7 @@ __all__ = [
     "check_mad_qk_args",
     "check_qk_tensors",
     "check_attn_tensor",
+    "not_dense_error",
     "check_one_form",
     "check_position_args",
     "check_position_values",
@@ -121,13 +122,28 @@ def schema_type_error(error: RuntimeError, op_name: str) -> BaseException:
     return TypeError(f"{op_name}: {found['arg']} must be {expected}, got {found['given']}")
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def not_dense_error(op, op_name: str, args: tuple, kwargs: dict) -> ValueError | None:
+    """The ValueError for a sparse or nested tensor among an op call's arguments, naming it (the dispatcher finds
+    no kernel of that backend, or the kernel cannot read its sizes); None when there is none. Checked only once a
+    call has failed, so that a good call pays nothing."""
+    names = [argument.name for argument in op._schema.arguments]
+    for name, value in [*zip(names, args), *kwargs.items()]:
+        if isinstance(value, torch.Tensor) and (value.is_nested or value.layout != torch.strided):
+            kind = "a nested tensor" if value.is_nested else f"layout {value.layout}"
+            return ValueError(f"{op_name}: {name} must be a dense (strided) tensor, got {kind}")
+    return None
+
+
 def call_op(op, op_name: str, *args, **kwargs):
     """``op(*args, **kwargs)``, with the dispatcher's RuntimeError about an argument of the wrong type raised as
-    :func:`schema_type_error`'s TypeError."""
+    :func:`schema_type_error`'s TypeError, and about a sparse or nested tensor as :func:`not_dense_error`'s."""
     try:
         return op(*args, **kwargs)
     except RuntimeError as error:
-        raise schema_type_error(error, op_name) from None
+        raise not_dense_error(op, op_name, args, kwargs) or schema_type_error(error, op_name) from None
 
 
 def check_int_args(op_name: str, **values) -> None:
@@ -348,6 +364,10 @@ def check_qk_tensors(
         raise ValueError(f"{op_name}: k must be on q's device {q.device}, got {k.device}")
     if scale is not None and not math.isfinite(scale):
         raise ValueError(f"{op_name}: scale must be finite, got {scale}")
+    if scale is not None and q.dtype != torch.float64 and abs(scale) > _FLOAT32_MAX:
+        # The logits of 16-bit and float32 q are computed in float32, where such a scale is infinite.
+        raise ValueError(f"{op_name}: scale must be finite in float32, the precision of the logits of {q.dtype} q "
+                         f"(|scale| <= {_FLOAT32_MAX:.8g}), got {scale}")
     if attn_bias is not None:
         if attn_bias.layout != torch.strided:
             raise ValueError(f"{op_name}: attn_bias must be a dense (strided) tensor, got layout {attn_bias.layout}")
@@ -430,6 +450,8 @@ def check_attn_tensor(attn: torch.Tensor, shape_text: str, op_name: str) -> None
     """The checks of ``attn`` itself shared by both forms (mirrors ``check_attn_tensor``)."""
     if not isinstance(attn, torch.Tensor):
         raise TypeError(f"{op_name}: attn must be a torch.Tensor {shape_text}, got {type(attn).__name__}")
+    if attn.is_nested:
+        raise ValueError(f"{op_name}: attn must be a dense (strided) tensor, got a nested tensor")
     if attn.layout != torch.strided:
         raise ValueError(f"{op_name}: attn must be a dense (strided) tensor, got layout {attn.layout}")
     if attn.dtype not in SUPPORTED_DTYPES:

@@ -23,6 +23,7 @@ from .arguments import (
     check_renormalize,
     grid_ints,
     mad_output_dtype,
+    not_dense_error,
     schema_type_error,
 )
 
@@ -106,7 +107,8 @@ def mad(
             # An int beyond int64 draws the same words from the dispatcher as a str: the range, checked only
             # once the call has failed, costs a good call nothing.
             check_int_args("vitmad.mad", patch=patch, num_prefix_tokens=num_prefix_tokens)
-            raise schema_type_error(error, "vitmad.mad") from None
+            raise not_dense_error(torch.ops.vitmad.mad.default, "vitmad.mad", (attn, patch), options) \
+                or schema_type_error(error, "vitmad.mad") from None
     check_one_form("vitmad.mad", positions, key_positions,
                     {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
     return call_op(torch.ops.vitmad.mad_pos.default, "vitmad.mad", attn, positions, key_positions,
