@@ -37,6 +37,63 @@ def checkpoint_path(out: Path, run) -> Path:
     return out / f"checkpoint.rank{run.rank}-of-{run.world_size}.pt"
 
 
+def _holds_profile(folder: Path) -> bool:
+    """Whether ``folder`` holds the mad.json of a ``vitmad profile`` run (not a user's file of that name)."""
+    import json
+
+    try:
+        doc = json.loads((folder / "mad.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and str(doc.get("format", "")).startswith("vitmad-profile/")
+
+
+def _check_output_paths(out: Path, ours: list[Path]) -> None:
+    """Before the model loads: every file the run may write in ``out`` can be written, and none of them is a
+    user's. A folder at such a path failed after the whole run, with a traceback and half the results; a file
+    there without an earlier run's mad.json beside it is not ours to replace.
+
+    Raises:
+        OptionError: naming ``out``.
+    """
+    from .profiling.options import OptionError
+
+    folders = sorted(name for name in output_names() if (out / name).is_dir())
+    if folders:
+        raise OptionError("out", f"{out} holds folders where this run writes files ({', '.join(folders)}); "
+                                 "pass another folder")
+    if not ours:
+        theirs = sorted(name for name in output_names() if (out / name).exists())
+        if theirs:
+            raise OptionError("out", f"{out} holds {', '.join(theirs)}, which this run would write over, and no "
+                                     "mad.json of an earlier vitmad profile run (so not an earlier run's outputs: "
+                                     "perhaps yours); pass another folder")
+
+
+def _images(sources: list[str], ours: list[Path]) -> list[Path]:
+    """``find_images`` of the sources, without the outputs of earlier runs that a folder search found (the
+    figures of ``--out run_a`` when profiling the folder that holds run_a). Files named on the command line are
+    kept."""
+    from .profiling.images import find_images
+    from .profiling.options import OptionError
+
+    files = find_images(sources, exclude=ours)
+    named = {Path(s).expanduser().resolve() for s in sources if s != "builtin"}
+    names = output_names()
+    folders: dict[Path, bool] = {}
+    earlier = [f for f in files if f.name in names and f not in named
+               and folders.setdefault(f.parent, _holds_profile(f.parent))]
+    if not earlier:
+        return files
+    kept = [f for f in files if f not in set(earlier)]
+    shown = ", ".join(str(f) for f in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+    if not kept:
+        raise OptionError("images", f"found only the outputs of earlier vitmad profile runs ({shown})")
+    warnings.warn(f"left out {len(earlier)} outputs of earlier vitmad profile runs found under --images: {shown}",
+                  stacklevel=1)
+    return kept
+
+
 def _check_resume_world_size(out: Path, run) -> None:
     """Refuse to resume checkpoints written by a different number of processes (their shards differ)."""
     world = 1 if run is None else run.world_size
@@ -145,7 +202,7 @@ def _quiet_transformers() -> None:
 def _profile_command(args: argparse.Namespace, run) -> None:
     from .profiling import mad_maps, profile
     from .profiling.files import check_writable
-    from .profiling.images import find_images, parse_image_size
+    from .profiling.images import parse_image_size
     from .profiling.maps import image_prefix_maps
     from .profiling.models import load_model
     from .profiling.options import (
@@ -160,14 +217,17 @@ def _profile_command(args: argparse.Namespace, run) -> None:
 
     # Every flag is resolved into the object profile() takes, cheapest and most likely mistakes first: a
     # wrong folder, size or device fails at once, before the model loads.
+    if not str(args.out).strip():  # Path("") is the working folder: an unset variable in a job script
+        raise OptionError("out", f"expected a folder, got {args.out!r}")
     out = Path(args.out)
     size = parse_image_size(args.image_size)
     stats = resolve_stats(args.stats)
     # An earlier run's outputs, known by its mad.json (a user's own photo named entropy.png is not ours): with
     # --out inside an image folder, they are no photographs to profile.
-    ours = [out / name for name in output_names()] if (out / "mad.json").is_file() else []
+    ours = [out / name for name in output_names()] if _holds_profile(out) else []
+    _check_output_paths(out, ours)
     videos = args.images != ["builtin"] and all(is_video_source(source) for source in args.images)
-    files = find_videos(args.images, exclude=ours) if videos else find_images(args.images, exclude=ours)
+    files = find_videos(args.images, exclude=ours) if videos else _images(args.images, ours)
     device = resolve_device(args.device)
     check_writable(out)  # a read-only or full disk fails now, not after the run
     main_process = run is None or run.is_main
@@ -189,7 +249,7 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     elif videos and model_frames(loaded.module) is None:
         # An image model takes the image files among them; a clip beside images made the folder a video
         # source, and its images were dropped (or read as frames of one video).
-        files = find_images(args.images, exclude=ours)
+        files = _images(args.images, ours)
     if model_frames(loaded.module) is not None and out.resolve() in files:
         # Its frames are every image in it: this run's figures would join them.
         raise OptionError("out", f"{out} is a folder of frames among --images; pass another folder")
@@ -360,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"vitmad: error: {where}{_message(err, _flags(parser))}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a permission changed mid-run: the message names the file
+        print(f"vitmad: error: {where}{err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # Only a profile run saves progress, and only once a batch has finished (or an earlier run's checkpoint
         # is there): before that there is nothing to resume.

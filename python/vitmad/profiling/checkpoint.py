@@ -17,7 +17,7 @@ import torch
 from .files import atomic_file, check_writable
 from .options import OptionError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "fingerprint", "files_digest", "tensors_digest"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "fingerprint", "files_digest", "tensors_digest"]
 
 FORMAT = "vitmad-checkpoint/1"
 
@@ -87,6 +87,32 @@ def _read_state(path: Path) -> dict | None:
     return state if isinstance(state, dict) and state.get("format") == FORMAT else None
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict | None:
+    """The state in the vitmad checkpoint at ``path``; None where there is none (no file, another file)."""
+    path = Path(path).expanduser()
+    return _read_state(path) if path.is_file() else None
+
+
+# identity key -> the option that sets it, for saying what changed since a checkpoint was written.
+_OPTIONS = {"model": "model", "weights": "model weights (weights, model_checkpoint)", "renormalize": "renormalize",
+            "dtype": "dtype", "image_size": "image_size", "preprocessing": "the model's preprocessing",
+            "batch_size": "batch_size", "layers": "layers", "stats": "stats", "profiled": "the part profiled",
+            "rank": "the process layout (torchrun)", "world_size": "the process layout (torchrun)",
+            "files": "the images' files (contents or times)", "pixels": "the pixel tensor",
+            "images": "the images (max_images, the folder's files)"}
+
+
+def _changes(saved: dict | None, identity: dict | None) -> str:
+    """``; changed: stats, batch_size`` for the keys whose values differ, or "" when either side is unknown."""
+    if not isinstance(saved, dict) or not identity:
+        return ""
+    keys = [key for key in sorted(saved.keys() | identity.keys()) if saved.get(key) != identity.get(key)]
+    if "images" in keys and "files" in keys:  # other files have other sizes and times: one change, said once
+        keys.remove("files")
+    changed = dict.fromkeys(_OPTIONS.get(key, key) for key in keys)
+    return f" (changed since: {', '.join(changed)})" if changed else ""
+
+
 def check_checkpoint_path(path: str | os.PathLike) -> None:
     """Check, before the model loads, that ``path`` can take the run's checkpoints.
 
@@ -103,8 +129,12 @@ def check_checkpoint_path(path: str | os.PathLike) -> None:
     check_writable(path.parent, "checkpoint")
 
 
-def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str) -> dict | None:
+def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str, identity: dict | None = None) -> dict | None:
     """Read a checkpoint written by :func:`save_checkpoint` for the same run.
+
+    Args:
+        identity: what the fingerprint digests, by key: a refusal names the keys that differ from those the
+            checkpoint holds (checkpoints since 2026-12-04 hold them).
 
     Returns:
         The state, or ``None`` when there is no checkpoint at ``path``.
@@ -121,7 +151,8 @@ def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str) -> dict 
     if state["fingerprint"] != expected_fingerprint:
         raise OptionError(
             "resume",
-            f"{path} was written by a run with other settings, other model weights or other images; rerun "
-            "with the same model, weights, images and options, or without resume to start over",
+            f"{path} was written by a run with other settings, other model weights or other images"
+            f"{_changes(state.get('identity'), identity)}; rerun with the same model, weights, images and options, "
+            "or without resume to start over",
         )
     return state

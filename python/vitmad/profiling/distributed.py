@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import math
 import os
 from dataclasses import dataclass
 
@@ -87,8 +88,12 @@ def init_from_env(
         The run, or ``None`` outside ``torchrun`` (``WORLD_SIZE`` unset or 1).
 
     Raises:
-        ValueError: an unknown backend, or NCCL without CUDA.
+        ValueError: an unknown backend, NCCL without CUDA, or a timeout that is not a positive number.
     """
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) \
+            or timeout_s <= 0:
+        # Checked outside torchrun too: the same command line must not fail only once it runs on several ranks.
+        raise OptionError("dist_timeout", f"expected a positive number of seconds, got {timeout_s!r}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 and not torch.distributed.is_initialized():
         return None

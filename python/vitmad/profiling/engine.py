@@ -18,7 +18,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from .checkpoint import (
     files_digest,
     fingerprint,
     load_checkpoint,
+    read_checkpoint,
     save_checkpoint,
     tensors_digest,
     weights_digest,
@@ -80,6 +81,7 @@ class RunPlan:
         statistics: the statistics profiled besides MAD (``"entropy"``, ``"prefix_mass"``, ``"self_mass"``).
         prefix_maps: the CLS / register maps are averaged over the images.
         maps_skipped: why no layer can have mean prefix maps in this run (the images have no common grid), or None.
+        identity: the settings, model, process layout and image digests the fingerprint is made of.
     """
 
     loaded: LoadedModel
@@ -98,6 +100,12 @@ class RunPlan:
     statistics: tuple[str, ...] = ()
     prefix_maps: bool = False
     maps_skipped: str | None = None
+    identity: dict = field(default_factory=dict)
+
+    def checkpoint_state(self, state: RunState) -> dict:
+        """What the checkpoint of ``state`` holds: its sums, and what a later command needs to say what it finds
+        there (the settings the fingerprint digests, how many batches the run has)."""
+        return {**state.state_dict(self.fingerprint), "identity": self.identity, "batches_total": len(self.batches)}
 
 
 @dataclass(frozen=True)
@@ -157,13 +165,15 @@ def prepare_model(model, image_size: tuple[int, int] | str | None, model_checkpo
 
 def _check_patches_fit(module: torch.nn.Module, image_size: tuple[int, int]) -> None:
     """Refuse, before any image is read, an input size the model's patch embedding cannot take: smaller than one
-    patch, or (timm, whose patch embedding asserts it unless it pads) not a whole number of patches.
+    patch, or not a whole number of patches where the patch embedding neither pads nor asserts
+    (:func:`_pads_partial_patches`).
 
     Raises:
         OptionError: naming ``image_size``.
     """
     from ..recording.families.plain import find_patch_embedding
     from ..recording.module_index import named_module_list
+    from .packed_towers import find_packed_tower
 
     found = find_patch_embedding(module)
     first_conv = next((m for _, m in named_module_list(module) if isinstance(m, torch.nn.Conv2d)), None)
@@ -175,10 +185,27 @@ def _check_patches_fit(module: torch.nn.Module, image_size: tuple[int, int]) -> 
         raise OptionError("image_size", f"expected at least one {kh}x{kw} patch of the model ({name}), got "
                                         f"{height}x{width}")
     owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
-    if getattr(owner, "dynamic_img_pad", True) is False and (height % kh or width % kw):
+    if (height % kh or width % kw) and not _pads_partial_patches(owner, conv) and find_packed_tower(module) is None:
+        # (A packed tower's own check says more: Qwen's merge factor, Pixtral's longest side.)
         fit = f"{max(kh, height // kh * kh)}x{max(kw, width // kw * kw)}"
         raise OptionError("image_size", f"expected whole {kh}x{kw} patches of the model ({name} takes no "
                                         f"partial patch), got {height}x{width}; for example {fit}")
+
+
+def _pads_partial_patches(owner: torch.nn.Module, conv: torch.nn.Conv2d) -> bool:
+    """Whether a patch embedding takes an image that is not a whole number of patches without losing pixels.
+    timm's says so (``dynamic_img_pad``; without it, it asserts whole patches); transformers' Swin family pads in
+    its forward (``maybe_pad``). Any other patchifying convolution (kernel = stride, no padding: transformers'
+    ViT, DINOv2, BEiT, SigLIP with ``interpolate_pos_encoding``) floors, and the partial patches at the right
+    and bottom edges are never seen while the run would state the size it was given. A convolution with
+    overlapping or padded windows is not a patchify, and is left to the model."""
+    from ..recording.transformers_capture import forward_source
+
+    if hasattr(owner, "dynamic_img_pad"):
+        return bool(owner.dynamic_img_pad)
+    if tuple(conv.stride) != tuple(conv.kernel_size) or any(conv.padding if isinstance(conv.padding, tuple) else [1]):
+        return True
+    return hasattr(owner, "maybe_pad") or "pad(" in forward_source(type(owner))
 
 
 def _own_model_dtype(model: torch.nn.Module, dtype, resolved: torch.dtype) -> torch.dtype:
@@ -388,7 +415,7 @@ def plan_run(
     _check_recordable(loaded.module, record_options, layers)
     return RunPlan(loaded, device, torch_dtype, names, load, batches, settings, run_id,
                    None if checkpoint is None else Path(checkpoint), checkpoint_every, record_options, run, native,
-                   statistics, "prefix_maps" in stats, maps_skipped)
+                   statistics, "prefix_maps" in stats, maps_skipped, identity={**identity, "images": names})
 
 
 def _check_recordable(module: torch.nn.Module, record_options: dict, layers: Sequence[str] | None) -> None:
@@ -407,13 +434,34 @@ def _check_recordable(module: torch.nn.Module, record_options: dict, layers: Seq
 
 def resume_state(plan: RunPlan, resume: bool) -> RunState:
     """The state saved in the plan's checkpoint when resuming (and one exists), else a fresh one."""
-    if not (resume and plan.checkpoint):
+    if plan.checkpoint is None:
         return RunState()
-    saved = load_checkpoint(plan.checkpoint, plan.fingerprint)
+    if not resume:
+        _warn_unfinished(plan)
+        return RunState()
+    saved = load_checkpoint(plan.checkpoint, plan.fingerprint, plan.identity)
     if saved is None:  # said, not silent: a mistyped --out resumes nothing and runs every image again
         warnings.warn(f"resume: no checkpoint at {plan.checkpoint}; starting from the first image", stacklevel=2)
         return RunState()
     return RunState.from_state_dict(saved)
+
+
+def _warn_unfinished(plan: RunPlan) -> None:
+    """A run started over where an interrupted one left its progress says so: the first checkpoint of this run
+    replaces that progress."""
+    if plan.run is not None and not plan.run.is_main:
+        return
+    saved = read_checkpoint(plan.checkpoint)
+    if saved is None:
+        return
+    done = saved.get("batches_done", 0)
+    total = saved.get("batches_total")
+    if total is None and saved.get("fingerprint") == plan.fingerprint:
+        total = len(plan.batches)  # written before checkpoints said how many batches their run had
+    if total is not None and done < total:
+        warnings.warn(f"{plan.checkpoint} holds an interrupted run's progress ({done} of {total} batches); this run "
+                      "starts over and replaces it (--resume, or resume=True, continues that run instead)",
+                      stacklevel=3)
 
 
 def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
@@ -473,7 +521,7 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
 
     def save(current: RunState) -> None:
         if plan.checkpoint is not None:
-            save_checkpoint(plan.checkpoint, current.state_dict(plan.fingerprint))
+            save_checkpoint(plan.checkpoint, plan.checkpoint_state(current))
 
     rank = plan.run.rank if plan.run else 0
     counter = GlobalProgress(plan.run)

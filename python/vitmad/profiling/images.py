@@ -8,6 +8,7 @@ same batches, which is what makes ``--resume`` and sharding over processes exact
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Executor
@@ -94,25 +95,43 @@ def find_images(sources: str | os.PathLike | Sequence[str | os.PathLike],
         if str(source) == "builtin":
             found.extend(builtin_image_paths())
             continue
+        if not str(source).strip():
+            # Path("") is the working folder: an unset variable in a job script must not profile it.
+            raise OptionError("images", f"expected a folder, a file or builtin, got {str(source)!r}")
         path = Path(source).expanduser()  # "~/val" from Python, as the shell expands it for the command
         if path.is_dir():
-            files = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not excluded(p)
-            )
+            files = sorted(p for p in folder_files(path) if p.suffix.lower() in IMAGE_EXTENSIONS and not excluded(p))
             if not files:
                 raise OptionError(
                     "images", f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in folder {path}"
                 )
             found.extend(files)
-        elif path.is_file():
+        elif path.is_file() or path.is_symlink():  # a dangling link is listed as skipped, with the reason
             found.append(path)
         else:
             raise MissingPathError("images", f"no such file or folder: {path}")
-    unique = list(dict.fromkeys(p.resolve() for p in found))
+    # A dangling link stays itself: resolved, it would name a file that is not there.
+    unique = list(dict.fromkeys(p.resolve() if p.exists() else p.absolute() for p in found))
     if not unique:
         raise OptionError("images", "no images given")
     return unique
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """Every file under ``folder``, following linked folders (a dataset whose class folders are symbolic links,
+    as torchvision's ``ImageFolder`` reads them), each real folder once (a link to a folder above it is no
+    loop). A dangling link is kept: loading it fails, and the run lists it among the skipped files with the
+    reason instead of dropping it unseen."""
+    found, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found.extend(Path(root) / name for name in names)
+    return found
 
 
 def exclusion(files: Collection[str | os.PathLike]) -> Callable[[Path], bool]:
@@ -132,8 +151,8 @@ def parse_image_size(text: str | int | Sequence[int] | None) -> tuple[int, int] 
     """
     if text is None or text == NATIVE:
         return text
-    if isinstance(text, int):
-        parts = [text, text]
+    if _is_integer(text):
+        parts = [int(text), int(text)]
     elif isinstance(text, str):
         try:
             parts = [int(p) for p in text.lower().split("x")]
@@ -141,12 +160,20 @@ def parse_image_size(text: str | int | Sequence[int] | None) -> tuple[int, int] 
             parts = []
         if len(parts) == 1:
             parts = parts * 2
-    else:
+    elif isinstance(text, Sequence) and all(_is_integer(p) for p in text):
         parts = [int(p) for p in text]
+    else:
+        # A float (32.5, or 32.7 in a pair) is refused, not truncated: the run would state a size it never used.
+        parts = []
     if len(parts) != 2 or min(parts) <= 0:
         raise OptionError("image_size",
                           f"expected S or HxW with positive integers (e.g. 224 or 224x320) or native, got {text!r}")
     return parts[0], parts[1]
+
+
+def _is_integer(value) -> bool:
+    """An int (numpy's too), not a bool: True is no image size."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,216 @@
+"""What ``vitmad profile`` reads and writes, where a user's files or options were taken at face value: empty paths,
+files of the user's under output names, folders at output paths, linked image folders, earlier runs' outputs
+found by a folder search, a partial patch the model floors, a restart over an interrupted run, a resume refused
+without saying what changed, a process-group timeout that is no time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import IMAGE_COUNT, save_tiny_hf_vit
+from vitmad.cli import main
+from vitmad.profiling.images import find_images, parse_image_size
+from vitmad.profiling.options import OptionError
+
+pytest.importorskip("transformers")
+
+
+def _run(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _profile(tiny_model, images, out):
+    return ["profile", "--model", f"hf:{tiny_model}", "--images", images, "--device", "cpu", "--no-figures",
+            "--out", out]
+
+
+@pytest.mark.parametrize("size", [32.5, [32.7, 32], (32, 32.0), True, [True, 32], "32.5"])
+def test_an_image_size_that_is_not_whole_numbers_is_refused_not_truncated(size):
+    """32.5 failed with "'float' object is not iterable"; [32.7, 32] ran as 32x32; True read as 1x1."""
+    with pytest.raises(OptionError, match=r"image_size: expected S or HxW with positive integers .* got "):
+        parse_image_size(size)
+
+
+def test_whole_image_sizes_of_any_integer_type_are_taken():
+    np = pytest.importorskip("numpy")
+    assert parse_image_size(np.int64(48)) == (48, 48)
+    assert parse_image_size([np.int32(32), 48]) == (32, 48)
+    assert parse_image_size("32x48") == (32, 48)
+
+
+def test_empty_paths_are_refused_not_taken_for_the_working_folder(tiny_model, image_folder, tmp_path, capsys,
+                                                                  monkeypatch):
+    """Path("") is ".": an unset $OUT in a job script wrote the results (and removed an earlier run's) in the
+    working folder, and --images "" profiled it recursively."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(_profile(tiny_model, image_folder, ""), capsys)
+    assert code == 2 and err.strip() == "vitmad: error: --out: expected a folder, got ''"
+    code, _, err = _run(_profile(tiny_model, " ", tmp_path / "out"), capsys)
+    assert code == 2 and err.strip() == "vitmad: error: --images: expected a folder, a file or builtin, got ' '"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_users_files_under_output_names_are_refused_and_kept(tiny_model, image_folder, tmp_path, capsys):
+    """Without an earlier run's mad.json beside them they are not vitmad's: they were written over silently,
+    an input photo named mad.png included (profiled, then replaced by the figure)."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "mad.csv").write_text("my,own,table\n")
+    shutil.copy(next(p for p in Path(image_folder).iterdir() if p.suffix == ".png"), out / "mad.png")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for images in (image_folder, out):
+        code, _, err = _run(_profile(tiny_model, images, out), capsys)
+        assert code == 2
+        assert err.strip() == (f"vitmad: error: --out: {out} holds mad.csv, mad.png, which this run would write over, "
+                               "and no mad.json of an earlier vitmad profile run (so not an earlier run's outputs: "
+                               "perhaps yours); pass another folder")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (out / "mad.json").write_text('{"my": "own json"}')  # not a profile's: refused as well, kept
+    assert _run(_profile(tiny_model, image_folder, out), capsys)[0] == 2
+    assert json.loads((out / "mad.json").read_text()) == {"my": "own json"}
+
+
+def test_a_folder_at_an_output_path_is_refused_before_the_run(tiny_model, image_folder, tmp_path, capsys):
+    """It failed after the whole run with IsADirectoryError's traceback, mad.json written and the rest not."""
+    out = tmp_path / "out"
+    (out / "mad.csv").mkdir(parents=True)
+    code, stdout, err = _run(_profile(tiny_model, image_folder, out), capsys)
+    assert code == 2 and stdout == ""
+    assert err.strip() == (f"vitmad: error: --out: {out} holds folders where this run writes files (mad.csv); pass "
+                           "another folder")
+    assert sorted(p.name for p in out.iterdir()) == ["mad.csv"]
+
+
+def test_linked_class_folders_are_searched_and_a_dangling_link_is_listed_as_skipped(tiny_model, image_folder,
+                                                                                     tmp_path, capsys):
+    """rglob did not follow linked folders (a dataset of linked class folders profiled one image, or none), and
+    a dangling link was dropped without a word."""
+    real = tmp_path / "real"
+    shutil.copytree(image_folder, real)
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "class_a").symlink_to(real, target_is_directory=True)
+    (dataset / "class_b").symlink_to(real, target_is_directory=True)  # the same folder twice: its images once
+    (dataset / "loop").symlink_to(dataset, target_is_directory=True)
+    (dataset / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    expected = find_images(real)
+    assert len(expected) == IMAGE_COUNT
+    found = find_images(dataset)
+    assert sorted(p for p in found if p.exists()) == sorted(expected)
+    assert [p.name for p in found if not p.exists()] == ["gone.png"]
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="skipping image .*gone.png"):
+        code, stdout, _ = _run(_profile(tiny_model, dataset, out), capsys)
+    assert code == 0 and f"{IMAGE_COUNT} images (1 skipped)" in stdout
+    doc = json.loads((out / "mad.json").read_text())
+    assert [Path(s["path"]).name for s in doc["skipped"]] == ["gone.png"]
+    assert doc["skipped"][0]["reason"].startswith("FileNotFoundError")
+
+
+def test_earlier_runs_outputs_under_the_images_are_not_profiled(tiny_model, image_folder, tmp_path, capsys):
+    """--out data/run_a, then --out data/run_b: run_a's figures were profiled as photographs. Named on the
+    command line, such a file is taken as asked."""
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    run = ["profile", "--model", f"hf:{tiny_model}", "--images", data, "--device", "cpu"]
+    assert _run([*run, "--out", data / "run_a"], capsys)[0] == 0
+    assert (data / "run_a" / "mad.png").is_file()
+    with pytest.warns(UserWarning, match=r"left out \d+ outputs of earlier vitmad profile runs found under --images"):
+        code, stdout, _ = _run([*run, "--out", data / "run_b", "--no-figures"], capsys)
+    assert code == 0 and f"{IMAGE_COUNT} images (0 skipped)" in stdout
+    doc = json.loads((data / "run_b" / "mad.json").read_text())
+    assert not any("run_a" in path for path in doc["images"])
+    code, stdout, _ = _run(["profile", "--model", f"hf:{tiny_model}", "--images", data / "run_a" / "mad.png",
+                            "--device", "cpu", "--no-figures", "--out", tmp_path / "one"], capsys)
+    assert code == 0 and "1 images (0 skipped)" in stdout
+    code, _, err = _run(["profile", "--model", f"hf:{tiny_model}", "--images", data / "run_a", "--device", "cpu",
+                         "--out", tmp_path / "none"], capsys)
+    assert code == 2 and "--images: found only the outputs of earlier vitmad profile runs" in err
+
+
+def test_a_partial_patch_a_transformers_vit_floors_is_refused(image_folder, tmp_path):
+    """transformers' ViT patch embedding (kernel = stride, no padding) drops the partial patches at the right and
+    bottom edges: at 30 px with 8 px patches the model saw 24 x 24 px while mad.json said 30 x 30."""
+    import vitmad
+
+    model = save_tiny_hf_vit(tmp_path / "vit")
+    with pytest.raises(OptionError, match=r"image_size: expected whole 8x8 patches of the model "
+                                          r"\(embeddings.patch_embeddings.projection takes no partial patch\), got "
+                                          r"30x30; for example 24x24"):
+        vitmad.profile(f"hf:{model}", image_folder, device="cpu", image_size=30)
+    assert vitmad.profile(f"hf:{model}", image_folder, device="cpu", image_size=(24, 40), max_images=2).count == 2
+
+
+def test_a_swin_that_pads_partial_patches_is_not_refused(image_folder):
+    """transformers' Swin pads the image to whole patches (maybe_pad): nothing is lost, the size stands."""
+    import torch
+    from transformers import SwinConfig, SwinModel
+
+    import vitmad
+    from vitmad.profiling.images import Preprocessing
+    from vitmad.profiling.models import wrap_module
+
+    torch.manual_seed(0)
+    config = SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=2)
+    prep = Preprocessing((32, 32), ("exact", 32, 32), False, (0.5,) * 3, (0.5,) * 3)
+    model = wrap_module(SwinModel(config).eval(), "hf:swin", prep)
+    assert vitmad.profile(model, image_folder, device="cpu", image_size=(30, 34), max_images=2).count == 2
+
+
+def test_a_restart_over_an_interrupted_run_says_so(tiny_model, image_folder, tmp_path, capsys, monkeypatch):
+    """Rerunning without --resume replaced the interrupted run's progress without a word."""
+    import vitmad.profiling.engine as engine
+
+    out = tmp_path / "out"
+    base = [*_profile(tiny_model, image_folder, out), "--batch-size", "1"]
+    real_add, added = engine.RunningStats.add, []
+
+    def add_then_interrupt(self, mad):
+        added.append(1)
+        if len(added) == 3:
+            raise KeyboardInterrupt
+        return real_add(self, mad)
+
+    monkeypatch.setattr(engine.RunningStats, "add", add_then_interrupt)
+    assert _run(base, capsys)[0] == 130
+    monkeypatch.setattr(engine.RunningStats, "add", real_add)
+    with pytest.warns(UserWarning, match=rf"{out / 'checkpoint.pt'} holds an interrupted run's progress \(2 of "
+                                         rf"{IMAGE_COUNT} batches\); this run starts over and replaces it"):
+        assert _run(base, capsys)[0] == 0
+    # A finished run's checkpoint is no progress to lose: no warning.
+    with pytest.warns(UserWarning, match="holds an earlier run's outputs") as warned:
+        assert _run(base, capsys)[0] == 0
+    assert not any("interrupted" in str(w.message) for w in warned)
+
+
+def test_a_refused_resume_names_what_changed(tiny_model, image_folder, tmp_path, capsys, monkeypatch):
+    """Every mismatch read "other settings, other model weights or other images", whichever it was."""
+    import vitmad.profiling.engine as engine
+
+    out = tmp_path / "out"
+    base = [*_profile(tiny_model, image_folder, out), "--batch-size", "1", "--stats", "entropy"]
+    real_add = engine.RunningStats.add
+    monkeypatch.setattr(engine.RunningStats, "add", lambda self, mad: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert _run(base, capsys)[0] == 130
+    monkeypatch.setattr(engine.RunningStats, "add", real_add)
+    assert (out / "checkpoint.pt").is_file()
+    code, _, err = _run([*base, "--resume", "--stats", "entropy,self_mass", "--max-images", "3"], capsys)
+    assert code == 2
+    assert "(changed since: the images (max_images, the folder's files), stats); rerun with the same" in err
+    code, _, err = _run([*base, "--resume", "--renormalize"], capsys)
+    assert code == 2 and "(changed since: renormalize); rerun" in err
+
+
+@pytest.mark.parametrize("timeout", ["-5", "0", "nan", "inf"])
+def test_a_process_group_timeout_that_is_no_time_is_refused(tiny_model, image_folder, tmp_path, capsys, timeout):
+    """Under torchrun, -5 or 0 gave gloo's DistNetworkError tracebacks on every rank; outside it, any value ran."""
+    code, _, err = _run([*_profile(tiny_model, image_folder, tmp_path / "out"), "--dist-timeout", timeout], capsys)
+    assert code == 2
+    assert err.strip() == (f"vitmad: error: --dist-timeout: expected a positive number of seconds, got "
+                           f"{float(timeout)!r}")
