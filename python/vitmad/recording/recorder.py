@@ -117,8 +117,9 @@ class RecordedCall:
             queries).
         prefix_maps: with ``"prefix_maps"`` asked for, one entry per layer: ``[B, H, Q, T]``, the attention of each
             of the layer's ``Q`` tokens without a position (CLS, registers, in token order) over its ``T``
-            positioned tokens (row-major grid order, as ``per_layer``); None for a layer whose keys are not its
-            queries (windows, pooled keys), that has no such token, or whose attention is differential.
+            positioned tokens (row-major grid order, as ``per_layer``; with ``positions=`` given by hand, the
+            sequence's tokens in order, NaN in the columns of those without a position); None for a layer whose keys
+            are not its queries (windows, pooled keys), that has no such token, or whose attention is differential.
     """
 
     layers: list[str] = field(default_factory=list)
@@ -643,7 +644,9 @@ class Recording:
         """With ``stats=[..., "prefix_maps"]``: per layer of the latest call, ``[B, H, Q, T]``, the attention of the
         ``Q`` tokens without a position (CLS, registers) over the ``T`` positioned tokens in row-major grid order
         (reshape to ``[B, H, Q, grid_h, grid_w]`` with ``rec.geometry[l].grid``); None for a layer whose keys are
-        not its queries (windows, pooled keys), without such tokens, or where they differ between images.
+        not its queries (windows, pooled keys), without such tokens, or where they differ between images. With
+        ``positions=`` given by hand there is no grid to fold onto: ``T`` is then the sequence's ``N`` tokens in
+        token order, NaN in the columns of the tokens without a position.
 
         Raises:
             KeyError: the prefix maps were not asked for.
