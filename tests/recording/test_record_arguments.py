@@ -61,3 +61,41 @@ def test_a_grid_that_is_not_the_patch_embeddings_is_refused():
     with torch.no_grad(), vitmad.record(model) as detected:
         model(pixel_values=pixels)
     torch.testing.assert_close(rec.mad, detected.mad, rtol=0, atol=0)
+
+
+def test_a_call_the_model_cannot_make_fails_with_the_models_error_not_vitmads():
+    """A transformers Swin run where a stage is smaller than its window (its relative bias no longer fits the
+    logits) fails without vitmad; recorded, vitmad's refusal of the same bias came first and read as vitmad's
+    fault. Fused timm-style attention alike: torch's own error for an attn_mask that does not fit."""
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(image_size=64, patch_size=4, window_size=7, depths=[1, 1], embed_dim=8,
+                                     num_heads=[1, 2])
+    swin = transformers.SwinModel(config).eval()
+    pixels = torch.randn(1, 3, 24, 24)
+    with pytest.raises(RuntimeError) as plain:
+        swin(pixels)
+    with vitmad.record(swin), pytest.raises(RuntimeError) as recorded:
+        swin(pixels)
+    assert str(recorded.value) == str(plain.value)
+
+    class MaskedAttention(torch.nn.Module):
+        fused_attn = True
+
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 1, 8).permute(2, 0, 3, 1, 4)
+            mask = torch.zeros(x.shape[1] + 1, x.shape[1] + 1)  # one key too many
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    block = MaskedAttention()
+    tokens = torch.randn(2, 17, 8)
+    with pytest.raises(RuntimeError) as plain:
+        block(tokens)
+    with vitmad.record(block, positions=torch.zeros(17, 2)), pytest.raises(RuntimeError) as recorded:
+        block(tokens)
+    assert str(recorded.value) == str(plain.value)

@@ -132,10 +132,12 @@ class _CaptureAttention(TorchFunctionMode):
                     f"vitmad.record: {self.layer} ({type(self.module).__name__}) runs causal attention; MAD is "
                     "defined for a vision transformer's bidirectional attention"
                 )
+            # The call itself first: arguments it cannot take fail with torch's error, not with vitmad's refusal.
+            result = func(*args, **kwargs)
             if enable_gqa and key.shape[-3] != query.shape[-3]:
                 key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
             self.on_qk(self.layer, query, key, scale, mask)
-            return func(*args, **kwargs)
+            return result
         result = func(*args, **kwargs)
         if self.on_probs is None:  # the module's attention is read elsewhere (probabilities_from)
             return result

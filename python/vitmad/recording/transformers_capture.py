@@ -156,6 +156,9 @@ def _register_wrapper(implementation: str) -> str:
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         original = _original_function(implementation, module)
+        # The model's own attention first: a call it cannot make (a Swin stage smaller than its window, whose bias
+        # does not fit the logits) fails with the model's error, not with vitmad's refusal of the same arguments.
+        result = original(module, query, key, value, attention_mask, *args, **kwargs)
         active = _ACTIVE.get(id(module))
         if active is not None:
             layer, callback = active
@@ -163,7 +166,7 @@ def _register_wrapper(implementation: str) -> str:
             named = bound_arguments(original, module, query, key, value, attention_mask, args, kwargs)
             measured_key, bias = call_bias(semantics, layer, named, query, key, attention_mask)
             callback(layer, query, measured_key, named.get("scaling"), bias)
-        return original(module, query, key, value, attention_mask, *args, **kwargs)
+        return result
 
     AttentionInterface.register(name, attention)
     # The mask the model builds depends on the implementation's name: build the one the original gets.
