@@ -234,3 +234,26 @@ def test_native_refuses_a_hierarchy(images, tmp_path):
     transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "swin")
     with pytest.raises(OptionError, match=r"image_size: native: the layers of SwinModel attend at strides"):
         vitmad.profile(f"hf:{tmp_path / 'swin'}", images, image_size="native", device="cpu", max_images=2)
+
+
+@pytest.mark.parametrize("budget", [16, 196, 256, 1024])
+def test_native_grids_are_the_largest_the_budget_allows(budget):
+    """Scaled by one factor s = sqrt(budget / (h w)) in patches, a side of h patches has floor(h s) = the largest g
+    with g^2 w <= budget h. The float product landed just below whole numbers: a 300 px square at ViT-B's budget
+    of 196 got 13 x 13 patches (255 square sizes up to 2048 px did), 65 px at 16 got 3 x 3."""
+    from vitmad.profiling.native import native_grid
+
+    def largest(a: int, b: int) -> int:  # by counting, not by a square root
+        g = 0
+        while (g + 1) ** 2 * b <= budget * a:
+            g += 1
+        return g
+
+    sizes = [*range(1, 130), 224, 299, 300, 384, 518, 1000, 2047, 2048]
+    for height in sizes:
+        for width in sizes[::5] + [height, 3 * height, height * 7 // 2 + 1]:
+            grid_h, grid_w = native_grid(height, width, 16, budget)
+            expected_h = max(1, min(budget, largest(height, width)))
+            assert (grid_h, grid_w) == (expected_h, max(1, min(budget // expected_h, largest(width, height)))), \
+                (height, width)
+            assert grid_h * grid_w <= budget
