@@ -227,7 +227,11 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     ours = [out / name for name in output_names()] if _holds_profile(out) else []
     _check_output_paths(out, ours)
     videos = args.images != ["builtin"] and all(is_video_source(source) for source in args.images)
-    files = find_videos(args.images, exclude=ours) if videos else _images(args.images, ours)
+    # --out itself too: created below, it would make the frame folder it lies in a folder holding a folder.
+    # What the search says is held back until the model tells whether its guess (videos or images) stands.
+    with warnings.catch_warnings(record=True) as guessed:
+        warnings.simplefilter("always")
+        files = find_videos(args.images, exclude=[*ours, out]) if videos else _images(args.images, ours)
     device = resolve_device(args.device)
     check_writable(out)  # a read-only or full disk fails now, not after the run
     main_process = run is None or run.is_main
@@ -243,9 +247,15 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     _quiet_transformers()
     loaded = load_model(args.model, model_checkpoint=args.model_checkpoint, image_size=size)
     # The model decides what the sources hold (the check above could only guess from the files).
+    if videos == (model_frames(loaded.module) is not None):
+        for warning in guessed:
+            warnings.warn(warning.message, stacklevel=1)
     if not videos and model_frames(loaded.module) is not None:
         # Folders of image files are frame folders to a video model.
-        files = find_videos(args.images, exclude=ours)
+        if args.images == ["builtin"]:
+            raise OptionError("images", f"{args.model} is a video model and the built-in images are still photographs: "
+                                        "pass --videos with clips or folders of frames")
+        files = find_videos(args.images, exclude=[*ours, out])
     elif videos and model_frames(loaded.module) is None:
         # An image model takes the image files among them; a clip beside images made the folder a video
         # source, and its images were dropped (or read as frames of one video).

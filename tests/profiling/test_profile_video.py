@@ -258,8 +258,12 @@ def test_frame_folders_take_their_images_only_in_the_order_of_their_numbers(tmp_
     assert find_videos(root) == [root / "x", root / "y", root / "z"]
     picked, reason = load_video(root / "x", 4)
     assert reason is None and [image.getpixel((0, 0))[0] for image in picked] == [0, 40, 70, 110]  # 0, 4, 7, 11
-    (root / "x" / "sub").mkdir()  # a folder beside the frames: then it is a folder of videos, not of frames
-    assert root / "x" not in find_videos(root)
+    (root / "x" / "sub").mkdir()  # an empty folder (as --out is when a run starts) makes no video
+    assert find_videos(root) == [root / "x", root / "y", root / "z"]
+    Image.new("RGB", (8, 8)).save(root / "x" / "sub" / "frame_0.png")
+    # A folder of frames beside the frames: then x is a folder of videos, and its own images are no video's.
+    with pytest.warns(UserWarning, match=r"x: 12 image files beside clips or folders are left out"):
+        assert find_videos(root) == [root / "x" / "sub", root / "y", root / "z"]
 
 
 def test_a_video_tensor_of_another_frame_count_is_refused_by_name(video_model):
@@ -267,3 +271,81 @@ def test_a_video_tensor_of_another_frame_count_is_refused_by_name(video_model):
     with pytest.raises(ValueError, match=rf"images: the video model takes {FRAMES} frames a video, \[B, {FRAMES}, 3, "
                                          rf"H, W\]; got a tensor of shape \[2, {FRAMES + 2}, 3, {SIZE}, {SIZE}\]"):
         vitmad.profile(f"hf:{video_model}", pixels, device="cpu")
+
+
+def _frame_folder(folder, count: int, seed: int, name=lambda i: f"{i:03d}.png") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, array in enumerate(_frames(count, seed=seed)):
+        Image.fromarray(array).save(folder / name(i))
+
+
+def test_linked_video_folders_are_searched_and_a_dangling_clip_is_listed_as_skipped(video_model, tmp_path,
+                                                                                    capsys):
+    """rglob did not follow a linked folder of frame folders (one video of six was profiled, nothing said), and a
+    link to a clip that is gone was dropped unseen."""
+    shared = tmp_path / "shared"
+    for name, seed in (("a", 3), ("b", 4)):
+        _frame_folder(shared / name, 5, seed)
+    root = tmp_path / "root"
+    _frame_folder(root / "own", 5, 5)
+    (root / "linked").symlink_to(shared, target_is_directory=True)
+    (root / "again").symlink_to(shared, target_is_directory=True)  # the same real folder: its videos once
+    (root / "gone.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    with pytest.warns(UserWarning, match="skipping .*gone.mp4"):
+        assert main(["profile", "--model", f"hf:{video_model}", "--videos", str(root), "--out", str(tmp_path / "out"),
+                     "--device", "cpu", "--no-figures"]) == 0
+    document = json.loads((tmp_path / "out" / "mad.json").read_text())
+    assert sorted(p.rsplit("/", 2)[-1] for p in document["images"]) == ["a", "b", "own"]
+    assert [s["path"].rsplit("/", 1)[-1] for s in document["skipped"]] == ["gone.mp4"]
+    assert document["skipped"][0]["reason"].startswith("FileNotFoundError")
+
+
+def test_images_beside_clips_or_folders_are_left_out_with_a_warning(video_model, tmp_path):
+    """They are no video's frames: they were dropped without a word."""
+    root = tmp_path / "root"
+    _frame_folder(root / "clip", 5, 3)
+    _frame_folder(root, 2, 4, name=lambda i: f"loose_{i}.png")
+    with pytest.warns(UserWarning, match=rf"{root}: 2 image files beside clips or folders are left out"):
+        result = vitmad.profile(f"hf:{video_model}", root, device="cpu")
+    assert result.count == 1 and result.images[0].endswith("clip")
+
+
+def test_out_inside_a_frame_folder_keeps_that_video(video_model, tmp_path, capsys):
+    """--out clip/out made clip a folder holding a folder, no longer a video: it was dropped silently, and named
+    alone it was "no video"."""
+    root = tmp_path / "root"
+    _frame_folder(root / "clip", 5, 3)
+    _frame_folder(root / "clip2", 5, 4)
+    for sources, out, count in (([root], root / "clip" / "out", 2), ([root / "clip"], root / "clip" / "out2", 1)):
+        assert main(["profile", "--model", f"hf:{video_model}", "--videos", *map(str, sources), "--out", str(out),
+                     "--device", "cpu", "--no-figures"]) == 0
+        assert json.loads((out / "mad.json").read_text())["count"] == count
+    assert main(["profile", "--model", f"hf:{video_model}", "--videos", str(root), "--out",
+                 str(root / "clip" / "out"), "--device", "cpu", "--no-figures", "--resume"]) == 0
+
+
+def test_frame_names_with_digit_characters_int_refuses_are_sorted(tmp_path):
+    """"²" is a digit to str.isdigit, and int("²") raised: one such frame name ended the whole run. It is text
+    between the numbers 1 and 3."""
+    from vitmad.profiling.videos import frame_files
+
+    _frame_folder(tmp_path / "f", 3, 1, name=lambda i: ["shot_1²3.png", "shot_2.png", "shot_10.png"][i])
+    assert [p.name for p in frame_files(tmp_path / "f")] == ["shot_1²3.png", "shot_2.png", "shot_10.png"]
+
+
+def test_a_video_model_with_the_built_in_stills_and_an_audio_only_clip_say_what_they_are(video_model, tmp_path,
+                                                                                         capsys):
+    assert main(["profile", "--model", f"hf:{video_model}", "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"vitmad: error: --images: hf:{video_model} is a video model and the built-in images are still photographs: "
+        "pass --videos with clips or folders of frames")
+    from vitmad.profiling.videos import load_video
+
+    with av.open(str(tmp_path / "audio.mkv"), mode="w") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), dtype=np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        container.mux(stream.encode())
+    assert load_video(tmp_path / "audio.mkv", 4) == (None, "no video stream (audio or data only)")

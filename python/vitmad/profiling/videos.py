@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 
 import torch
 
-from .images import IMAGE_EXTENSIONS, Preprocessing, exclusion, load_each, load_image
+from .images import IMAGE_EXTENSIONS, Preprocessing, exclusion, folder_files, load_each, load_image
 from .options import MissingPathError, OptionError, import_optional
 
 __all__ = ["VIDEO_EXTENSIONS", "model_frames", "find_videos", "is_video_source", "sample_indices", "load_video",
@@ -49,14 +50,16 @@ def video_processor_settings(folder: str) -> dict:
 def _natural_key(path: Path) -> list:
     """Sort key of a frame's name with its numbers by value: frame_2 before frame_10 (and frame_002 before
     frame_010, as a plain sort already has them)."""
-    return [(0, int(part), part) if part.isdigit() else (1, 0, part)
+    # isdecimal, not isdigit: "²" is a digit that int() refuses, and a frame named so ended the run.
+    return [(0, int(part), part) if part.isdecimal() else (1, 0, part)
             for part in re.split(r"(\d+)", path.name) if part]
 
 
 def frame_files(path: Path) -> list[Path]:
     """The frames of a frame folder: its image files in name order, numbers by value (:func:`_natural_key`);
     hidden files and files of other kinds (a macOS ``.DS_Store``, a ``readme.txt``) are no frames."""
-    return sorted((p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+    # A dangling link is a frame that cannot be read (the video is skipped naming it), not one left out unseen.
+    return sorted((p for p in path.iterdir() if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
                    and p.suffix.lower() in IMAGE_EXTENSIONS), key=_natural_key)
 
 
@@ -65,7 +68,15 @@ def _is_frame_folder(path: Path, excluded: Callable[[Path], bool] = lambda p: Fa
     ``excluded`` ones aside)."""
     entries = [p for p in path.iterdir() if not p.name.startswith(".") and not excluded(p)]
     return (any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in entries)
-            and not any(p.is_dir() or p.suffix.lower() in VIDEO_EXTENSIONS for p in entries))
+            and not any((p.is_dir() and not _holds_no_video(p)) or p.suffix.lower() in VIDEO_EXTENSIONS
+                        for p in entries))
+
+
+def _holds_no_video(folder: Path) -> bool:
+    """An empty folder, or a ``vitmad profile`` output folder (its mad.json or checkpoints): inside a frame
+    folder (``--out clip/out``) it does not make the frames those of several videos."""
+    names = [p.name for p in folder.iterdir() if not p.name.startswith(".")]
+    return not names or "mad.json" in names or any(n.startswith("checkpoint") and n.endswith(".pt") for n in names)
 
 
 def is_video_source(path: str | os.PathLike) -> bool:
@@ -73,7 +84,21 @@ def is_video_source(path: str | os.PathLike) -> bool:
     path = Path(path)
     if path.is_file():
         return path.suffix.lower() in VIDEO_EXTENSIONS
-    return path.is_dir() and any(p.suffix.lower() in VIDEO_EXTENSIONS for p in path.rglob("*"))
+    return path.is_dir() and any(p.suffix.lower() in VIDEO_EXTENSIONS for p in folder_files(path))
+
+
+def _folders(path: Path) -> list[Path]:
+    """``path`` and every folder under it, following linked folders (each real folder once), in sorted order."""
+    found, seen = [], set()
+    for root, dirs, _ in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found.append(Path(root))
+    return found
 
 
 def find_videos(sources: str | os.PathLike | Sequence[str | os.PathLike],
@@ -91,24 +116,40 @@ def find_videos(sources: str | os.PathLike | Sequence[str | os.PathLike],
     found: set[Path] = set()
     for source in sources:
         path = Path(source).expanduser()
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             raise MissingPathError("images", f"no such file or folder: {source}")
-        if path.is_file():
+        if path.is_file() or path.is_symlink() and not path.exists():  # a dangling link: skipped with the reason
             if path.suffix.lower() not in VIDEO_EXTENSIONS:
                 raise OptionError("images", f"{source} is not a video file ({', '.join(VIDEO_EXTENSIONS)})")
             found.add(path)
         elif _is_frame_folder(path, excluded):
             found.add(path)
         else:
-            for sub in [path, *(p for p in path.rglob("*") if p.is_dir())]:
-                found.update(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+            for sub in _folders(path):
+                # A dangling link to a clip is listed as skipped with its reason, not dropped unseen.
+                found.update(p for p in sub.iterdir() if (p.is_file() or p.is_symlink())
+                             and p.suffix.lower() in VIDEO_EXTENSIONS)
                 if sub != path and _is_frame_folder(sub, excluded):
                     found.add(sub)
+                else:
+                    _warn_loose_images(sub, excluded)
     if not found:
         shown = ", ".join(map(str, sources))
         raise OptionError("images", f"found no video ({', '.join(VIDEO_EXTENSIONS)} files or folders of frames) "
                                     f"in {shown}")
-    return sorted({p.resolve() for p in found})  # absolute, as find_images gives: the same clip once
+    # Absolute, as find_images gives: the same clip once; a dangling link stays itself (resolved, it would name a
+    # file that is not there).
+    return sorted({p.resolve() if p.exists() else p.absolute() for p in found})
+
+
+def _warn_loose_images(folder: Path, excluded: Callable[[Path], bool]) -> None:
+    """Image files beside clips or folders are no video's frames: said, as they are left out."""
+    images = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+              and p.suffix.lower() in IMAGE_EXTENSIONS and not excluded(p)]
+    if images:
+        warnings.warn(f"{folder}: {len(images)} image files beside clips or folders are left out (a folder of "
+                      "frames holds image files only; give each video's frames a folder of their own)",
+                      stacklevel=3)
 
 
 def sample_indices(available: int, frames: int) -> list[int]:
@@ -139,6 +180,8 @@ def load_video(path: Path, frames: int):
         # 1.8 GiB). The frame count comes from the packets (no decoding); where the decoder gives another count,
         # the frames are picked again by the true one, so the sample is always that of the decoded clip.
         with av.open(str(path)) as container:
+            if not container.streams.video:  # (demux(video=0) says "IndexError: tuple index out of range")
+                return None, "no video stream (audio or data only)"
             count = sum(1 for packet in container.demux(video=0) if packet.size > 0)
         picked, decoded = _decode_frames(av, path, sample_indices(count, frames) if count else [])
         if decoded != count and decoded > 0:
