@@ -349,3 +349,29 @@ def test_a_video_model_with_the_built_in_stills_and_an_audio_only_clip_say_what_
             container.mux(packet)
         container.mux(stream.encode())
     assert load_video(tmp_path / "audio.mkv", 4) == (None, "no video stream (audio or data only)")
+
+
+def test_a_clip_stored_sideways_is_decoded_upright(tmp_path):
+    """A clip with a display rotation (a phone's portrait video) was profiled sideways, while a still with the same
+    EXIF orientation is turned upright. PyAV's frame.rotation is the counterclockwise angle of the display matrix."""
+    from vitmad.profiling.videos import load_video
+
+    stored = np.zeros((32, 64, 3), dtype=np.uint8)
+    stored[:8, :8] = 255  # a white corner at the stored frame's top left
+    path = tmp_path / "sideways.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(90)
+        for _ in range(3):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        angle = next(container.decode(video=0)).rotation
+    assert angle in (90, -90)
+    frames, reason = load_video(path, 2)
+    assert reason is None and frames[0].size == (32, 64)  # (width, height): upright
+    pixels = np.asarray(frames[0])
+    # Turned counterclockwise by 90, the top-left corner goes to the bottom left; by -90, to the top right.
+    corner = pixels[-8:, :8] if angle == 90 else pixels[:8, -8:]
+    assert corner.mean() > 200 and pixels[:8, :8].mean() < 60

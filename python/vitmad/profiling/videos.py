@@ -202,9 +202,19 @@ def _decode_frames(av, path: Path, indices: Sequence[int]):
     with av.open(str(path)) as container:
         for index, frame in enumerate(container.decode(video=0)):
             if index in wanted:
-                kept[index] = frame.to_image().convert("RGB")
+                kept[index] = _upright(frame)
             decoded = index + 1
     return [kept[i] for i in indices if i in kept], decoded
+
+
+def _upright(frame):
+    """The RGB ``PIL.Image`` of a decoded frame as it is shown: a clip stored sideways (a phone's portrait video)
+    carries a display matrix, as a still carries its EXIF orientation, and is turned as a player turns it.
+    PyAV's ``rotation`` is the angle the matrix turns the frame counterclockwise, as ``Image.rotate``'s angle is.
+    (A flip in the matrix is not applied: players ignore it too.)"""
+    image = frame.to_image().convert("RGB")
+    angle = getattr(frame, "rotation", 0) or 0  # PyAV 14+; older versions had no side data here
+    return image.rotate(angle, expand=True) if angle % 360 else image
 
 
 def load_video_batch(
