@@ -375,3 +375,17 @@ def test_a_clip_stored_sideways_is_decoded_upright(tmp_path):
     # Turned counterclockwise by 90, the top-left corner goes to the bottom left; by -90, to the top right.
     corner = pixels[-8:, :8] if angle == 90 else pixels[:8, -8:]
     assert corner.mean() > 200 and pixels[:8, :8].mean() < 60
+
+
+def test_a_size_the_video_model_refuses_is_refused_naming_the_option_before_any_checkpoint(video_model, videos,
+                                                                                         tmp_path, capsys):
+    """VideoMAE's patch embedding raises at any size but its own (its position table is fixed): the error came
+    from the first forward, naming no option, with a checkpoint left behind."""
+    out = tmp_path / "out"
+    assert main(["profile", "--model", f"hf:{video_model}", "--videos", str(videos), "--out", str(out),
+                 "--device", "cpu", "--image-size", "48"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"vitmad: error: --image-size: VideoMAEModel takes {SIZE}x{SIZE} px only (embeddings.patch_embeddings checks "
+        "its input against its image_size, and the model does not interpolate its position embeddings), got 48x48")
+    assert not (out / "checkpoint.pt").exists()
+    assert vitmad.profile(f"hf:{video_model}", videos, device="cpu", image_size=SIZE).count == 2

@@ -159,6 +159,7 @@ def prepare_model(model, image_size: tuple[int, int] | str | None, model_checkpo
     preprocessing = loaded.preprocessing
     if image_size not in (None, NATIVE) and preprocessing is not None:
         _check_patches_fit(loaded.module, image_size)
+        _check_size_the_model_checks(loaded, image_size)
         preprocessing = preprocessing.with_size(image_size)
     return loaded, preprocessing
 
@@ -190,6 +191,36 @@ def _check_patches_fit(module: torch.nn.Module, image_size: tuple[int, int]) -> 
         fit = f"{max(kh, height // kh * kh)}x{max(kw, width // kw * kw)}"
         raise OptionError("image_size", f"expected whole {kh}x{kw} patches of the model ({name} takes no "
                                         f"partial patch), got {height}x{width}; for example {fit}")
+
+
+def _check_size_the_model_checks(loaded: LoadedModel, image_size: tuple[int, int]) -> None:
+    """Refuse, before any input is read, a size the model's own forward refuses: a patch embedding that raises
+    when its input differs from its ``image_size`` (transformers' VideoMAE, whose position table is fixed), in a
+    model that does not interpolate. Its error came from the first batch's forward, naming no option, after a
+    checkpoint was written.
+
+    Raises:
+        OptionError: naming ``image_size``.
+    """
+    from ..recording.module_index import named_module_list
+    from ..recording.transformers_capture import forward_source
+
+    if loaded.accepts_any_size:
+        return
+    for name, module in named_module_list(loaded.module):
+        own = getattr(module, "image_size", None)
+        if isinstance(own, int) and not isinstance(own, bool):
+            own = (own, own)
+        if not (isinstance(own, (tuple, list)) and len(own) == 2 and all(isinstance(v, int) for v in own)):
+            continue
+        source = forward_source(type(module))
+        if "self.image_size" in source and "raise" in source:
+            if tuple(own) != tuple(image_size):
+                raise OptionError("image_size", f"{type(loaded.module).__name__} takes {own[0]}x{own[1]} px only "
+                                                f"({name} checks its input against its image_size, and the model does "
+                                                f"not interpolate its position embeddings), got "
+                                                f"{image_size[0]}x{image_size[1]}")
+            return
 
 
 def _pads_partial_patches(owner: torch.nn.Module, conv: torch.nn.Conv2d) -> bool:
