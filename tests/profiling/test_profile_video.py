@@ -389,3 +389,41 @@ def test_a_size_the_video_model_refuses_is_refused_naming_the_option_before_any_
         "its input against its image_size, and the model does not interpolate its position embeddings), got 48x48")
     assert not (out / "checkpoint.pt").exists()
     assert vitmad.profile(f"hf:{video_model}", videos, device="cpu", image_size=SIZE).count == 2
+
+
+def test_the_pixel_limit_of_stills_holds_for_the_frames_of_a_clip(videos, monkeypatch):
+    """A still or a frame folder over PIL.Image.MAX_IMAGE_PIXELS is refused before decoding; a clip's frames were
+    decoded whatever their size."""
+    from vitmad.profiling.videos import load_video
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", SIZE * SIZE - 1)
+    frames, reason = load_video(videos / "clip.mp4", 2)
+    assert frames is None
+    assert reason == (f"DecompressionBombError: frame size ({SIZE}x{SIZE} pixels) exceeds PIL.Image.MAX_IMAGE_PIXELS "
+                      f"= {SIZE * SIZE - 1}")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", SIZE * SIZE)
+    assert load_video(videos / "clip.mp4", 2)[1] is None
+
+
+@pytest.mark.parametrize("container_format, codec", [("mkv", "ffv1"), ("mp4", "mpeg4")])
+def test_a_clip_cut_short_is_skipped_with_the_reason(tmp_path, container_format, codec):
+    """An interrupted copy of a clip decoded what survived, and its sample was taken over that shorter span (frames
+    0, 2, 5, 7 of a 12-frame clip instead of 0, 4, 7, 11), silently; a truncated still is skipped."""
+    from vitmad.profiling.videos import load_video
+
+    whole = tmp_path / f"whole.{container_format}"
+    with av.open(str(whole), mode="w") as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height = SIZE, SIZE
+        stream.pix_fmt = "yuv420p" if codec == "mpeg4" else stream.pix_fmt
+        for array in _frames(12, seed=7):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())
+    frames, reason = load_video(whole, 4)
+    assert reason is None and len(frames) == 4
+    cut = tmp_path / f"cut.{container_format}"
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
+    frames, reason = load_video(cut, 4)
+    assert frames is None
+    # mp4 keeps its index at the end: cut, it does not open at all; Matroska's header gives the duration.
+    assert reason.startswith("truncated: ") if container_format == "mkv" else reason.startswith("InvalidDataError")

@@ -182,6 +182,14 @@ def load_video(path: Path, frames: int):
         with av.open(str(path)) as container:
             if not container.streams.video:  # (demux(video=0) says "IndexError: tuple index out of range")
                 return None, "no video stream (audio or data only)"
+            # The stills' limit on decoded pixels holds for frames too (load_image): refused before decoding.
+            from PIL import Image
+
+            stream, limit = container.streams.video[0], Image.MAX_IMAGE_PIXELS
+            if limit and stream.codec_context.width * stream.codec_context.height > limit:
+                return None, (f"DecompressionBombError: frame size ({stream.codec_context.width}x"
+                              f"{stream.codec_context.height} pixels) exceeds PIL.Image.MAX_IMAGE_PIXELS = {limit}")
+            announced = _announced_frames(container)
             count = sum(1 for packet in container.demux(video=0) if packet.size > 0)
         picked, decoded = _decode_frames(av, path, sample_indices(count, frames) if count else [])
         if decoded != count and decoded > 0:
@@ -190,7 +198,29 @@ def load_video(path: Path, frames: int):
         return None, f"{type(err).__name__}: {err}"
     if not decoded:
         return None, "no video frame"
+    if announced is not None and announced - decoded >= max(2, 0.05 * announced):
+        # A clip cut short (an interrupted copy) decodes what survives: sampled over that span, its frames would be
+        # others than the clip's, so it is skipped, as a truncated still is.
+        return None, f"truncated: {decoded} of the {announced} frames its header announces could be decoded"
     return picked, None
+
+
+def _announced_frames(container) -> int | None:
+    """How many frames the container's header says its first video stream has: its frame count where the header
+    has one (mp4, avi, mov), else its duration times its frame rate, from the stream or, for a file holding that
+    stream alone, from the container (Matroska, WebM); None where neither is known. Used only to tell a clip cut
+    short: a header that says too little (MPEG program streams) hides nothing but never refuses a clip."""
+    stream = container.streams.video[0]
+    if stream.frames:
+        return int(stream.frames)
+    rate = stream.average_rate or stream.guessed_rate
+    if not rate:
+        return None
+    if stream.duration and stream.time_base:
+        return round(float(stream.duration * stream.time_base * rate))
+    if container.duration and len(container.streams) == 1:  # no audio track to lengthen it
+        return round(container.duration / 1_000_000 * float(rate))
+    return None
 
 
 def _decode_frames(av, path: Path, indices: Sequence[int]):
