@@ -80,12 +80,18 @@ def _images(sources: list[str], ours: list[Path]) -> list[Path]:
     files = find_images(sources, exclude=ours)
     named = {Path(s).expanduser().resolve() for s in sources if s != "builtin"}
     names = output_names()
-    folders: dict[Path, bool] = {}
-    earlier = [f for f in files if f.name in names and f not in named
-               and folders.setdefault(f.parent, _holds_profile(f.parent))]
+    profile_folders: dict[Path, bool] = {}  # each folder's mad.json read once
+
+    def in_profile_folder(file: Path) -> bool:
+        if file.parent not in profile_folders:
+            profile_folders[file.parent] = _holds_profile(file.parent)
+        return profile_folders[file.parent]
+
+    earlier = [f for f in files if f.name in names and f not in named and in_profile_folder(f)]
     if not earlier:
         return files
-    kept = [f for f in files if f not in set(earlier)]
+    left_out = set(earlier)
+    kept = [f for f in files if f not in left_out]
     shown = ", ".join(str(f) for f in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
     if not kept:
         raise OptionError("images", f"found only the outputs of earlier vitmad profile runs ({shown})")

@@ -234,7 +234,8 @@ def _pads_partial_patches(owner: torch.nn.Module, conv: torch.nn.Conv2d) -> bool
 
     if hasattr(owner, "dynamic_img_pad"):
         return bool(owner.dynamic_img_pad)
-    if tuple(conv.stride) != tuple(conv.kernel_size) or any(conv.padding if isinstance(conv.padding, tuple) else [1]):
+    # Padding given as a string ("same", "valid") is left to the model as well.
+    if tuple(conv.stride) != tuple(conv.kernel_size) or conv.padding != (0, 0):
         return True
     return hasattr(owner, "maybe_pad") or "pad(" in forward_source(type(owner))
 

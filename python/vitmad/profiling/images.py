@@ -117,12 +117,11 @@ def find_images(sources: str | os.PathLike | Sequence[str | os.PathLike],
     return unique
 
 
-def folder_files(folder: Path) -> list[Path]:
-    """Every file under ``folder``, following linked folders (a dataset whose class folders are symbolic links,
-    as torchvision's ``ImageFolder`` reads them), each real folder once (a link to a folder above it is no
-    loop). A dangling link is kept: loading it fails, and the run lists it among the skipped files with the
-    reason instead of dropping it unseen."""
-    found, seen = [], set()
+def walk_folders(folder: Path):
+    """``(folder, names of its non-folder entries)`` for ``folder`` and every folder under it, in sorted order,
+    following linked folders (a dataset whose class folders are symbolic links, as torchvision's ``ImageFolder``
+    reads them), each real folder once (a link to a folder above it is no loop)."""
+    seen = set()
     for root, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:
@@ -130,8 +129,13 @@ def folder_files(folder: Path) -> list[Path]:
             continue
         seen.add(real)
         dirs.sort()
-        found.extend(Path(root) / name for name in names)
-    return found
+        yield Path(root), names
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """Every file under ``folder`` (:func:`walk_folders`). A dangling link is kept: loading it fails, and the run
+    lists it among the skipped files with the reason instead of dropping it unseen."""
+    return [root / name for root, names in walk_folders(folder) for name in names]
 
 
 def exclusion(files: Collection[str | os.PathLike]) -> Callable[[Path], bool]:

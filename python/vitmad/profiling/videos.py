@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .images import IMAGE_EXTENSIONS, Preprocessing, exclusion, folder_files, load_each, load_image
+from .images import IMAGE_EXTENSIONS, Preprocessing, exclusion, folder_files, load_each, load_image, walk_folders
 from .options import MissingPathError, OptionError, import_optional
 
 __all__ = ["VIDEO_EXTENSIONS", "model_frames", "find_videos", "is_video_source", "sample_indices", "load_video",
@@ -89,16 +89,7 @@ def is_video_source(path: str | os.PathLike) -> bool:
 
 def _folders(path: Path) -> list[Path]:
     """``path`` and every folder under it, following linked folders (each real folder once), in sorted order."""
-    found, seen = [], set()
-    for root, dirs, _ in os.walk(path, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs.sort()
-        found.append(Path(root))
-    return found
+    return [root for root, _ in walk_folders(path)]
 
 
 def find_videos(sources: str | os.PathLike | Sequence[str | os.PathLike],
