@@ -33,7 +33,7 @@ import fnmatch
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +44,7 @@ from ..ops.arguments import (
     STAT_NAMES,
     TEMPORAL_MAD,
     grid_ints,
+    index_int,
     is_int,
     is_trusted_positions,
     is_trusted_same_tokens,
@@ -251,6 +252,11 @@ def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn
     return {name: m for name, m in candidates.items() if name in selected}
 
 
+def _holds(outer: str, inner: str) -> bool:
+    """Whether module ``inner`` is inside module ``outer``, by qualified name ('' is the model itself)."""
+    return inner != outer and (outer == "" or inner.startswith(outer + "."))
+
+
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every module vitmad recognises as attention, by qualified name in module order: transformers' attention
     modules (query and key projections), timm's (a ``fused_attn`` switch and an input projection), modules whose
@@ -350,10 +356,23 @@ def _not_recorded() -> bool:
                           "(vitmad's ops would be traced into the module's graph). Trace outside the record block.",
                           stacklevel=2)
         return True
+    # (torch.compile's tracing, which stands for a transform of its own there, is the compiled route's business.)
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        # Inside torch.func's vmap, grad, jacrev, ...: the tensors are the transform's wrappers, and the values
+        # recorded from them would be too, unusable once the transform returns (torch.stack of them fails inside
+        # torch). Warned once per forward of the model (_end_forward), not per hook.
+        if not _TRANSFORM_WARNED[0]:
+            _TRANSFORM_WARNED[0] = True
+            warnings.warn("vitmad.record: a torch.func transform (vmap, grad, jacrev, ...) ran a recorded model; that "
+                          "forward is not recorded (its tensors are the transform's wrappers). Run the model itself "
+                          "inside the record block to record it.", stacklevel=2)
+        return True
+    _TRANSFORM_WARNED[0] = False
     return _in_backward()
 
 
 _TRACE_WARNED: list[int | None] = [None]  # id of the tracing state last warned about
+_TRANSFORM_WARNED = [False]  # warned in this forward of the model or since a hook ran outside a torch.func transform
 
 
 class NoLayerError(ValueError):
@@ -465,16 +484,25 @@ class Recording:
             raise ValueError(f"vitmad.record: reduction must be 'mean' or 'none', got '{reduction}'")
         if not isinstance(renormalize, bool):  # "no" would be true
             raise TypeError(f"vitmad.record: renormalize must be True or False, got {renormalize!r}")
-        if patch is not None and (not is_int(patch) or patch <= 0):
-            raise ValueError(f"vitmad.record: patch must be a positive int (pixels), got {patch!r}")
+        if patch is not None:  # an integer of any kind (NumPy's, a 0-d tensor's), as grid takes
+            if index_int(patch) is None or index_int(patch) <= 0:
+                raise ValueError(f"vitmad.record: patch must be a positive int (pixels), got {patch!r}")
+            patch = index_int(patch)
         if grid is not None:
             grid = grid_ints(grid, "vitmad.record")  # integers, never floats rounded toward zero
             if len(grid) != 2 or any(g <= 0 for g in grid):
                 raise ValueError(f"vitmad.record: grid must be [grid_h, grid_w] of positive ints, got {grid}")
-        if num_prefix_tokens is not None and (not is_int(num_prefix_tokens) or num_prefix_tokens < 0):
-            raise ValueError(f"vitmad.record: num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+        if num_prefix_tokens is not None:
+            if index_int(num_prefix_tokens) is None or index_int(num_prefix_tokens) < 0:
+                raise ValueError(f"vitmad.record: num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+            num_prefix_tokens = index_int(num_prefix_tokens)
         if isinstance(layers, str):
             raise TypeError(f"vitmad.record: layers must be a list of names or patterns, got the string '{layers}'")
+        if layers is not None:  # any iterable of names (a generator is read once, here)
+            if not isinstance(layers, Iterable) or isinstance(layers, (bytes, Mapping)):
+                raise TypeError(f"vitmad.record: layers must be a list of names or patterns (strings), got "
+                                f"{type(layers).__name__} {layers!r}")
+            layers = list(layers)
         if layers is not None and not all(isinstance(name, str) for name in layers):
             raise TypeError(f"vitmad.record: layers must be a list of names or patterns (strings), got {layers!r}")
         if layers is not None and len(layers) == 0:  # else "found no attention layer", of a model that has some
@@ -492,6 +520,7 @@ class Recording:
         self._calls_before_forward: int | None = None  # len(calls) when the model's forward began
         self._model_call: ModuleCall | None = None  # that forward (whether a KeyboardInterrupt ended it)
         self._forwards = 0  # forwards of the model that ended in this recording
+        self._last_done: RecordedCall | None = None  # the call of the latest of them (gone: the user cleared calls)
         self._returned = False  # the model's current forward has returned (not raised)
         self._owner = ForwardOwner(type(model).__name__)  # the thread inside a forward of the model, if any
         # id(call) -> (the thread that started it, (id, code) of the frame whose forward it is, see _in_progress),
@@ -545,7 +574,16 @@ class Recording:
             # attention) would record the same attention calls again as a layer of its own: the inner one is kept.
             inner = [name for name in chosen if name in found]
             chosen = {name: m for name, m in chosen.items()
-                      if not any(other.startswith(name + ".") for other in inner)}
+                      if not any(_holds(name, other) for other in inner)}
+            if "" in chosen and "" not in found:
+                # The model itself, named by layers=[""], is no attention layer: its forward runs them all.
+                inside = [name for name in found if name]
+                shown = ", ".join(inside[:4]) + (", ..." if len(inside) > 4 else "")
+                raise ValueError(
+                    f"vitmad.record: layers names '' (the model itself), but {type(model).__name__} is not one "
+                    f"attention layer; name its attention modules ({shown or 'none found'}), or pass layers=None "
+                    "to record every one"
+                )
         prefix = _encoder_prefix(model)
         if layers is None:
             chosen = {n: m for n, m in found.items() if n.startswith(prefix)}
@@ -596,6 +634,12 @@ class Recording:
     def _latest(self) -> RecordedCall:
         name = type(self.model).__name__
         self._drop_interrupted()
+        if not self._calls and self._last_done is not None:
+            raise RuntimeError(
+                f"vitmad.record: {name} ran {self._forwards} time(s) in this recording, but its recorded calls were "
+                "removed from rec.calls (rec.calls.clear() between batches, say) and none ran since; run the model "
+                "again before reading the results"
+            )
         if not self._calls and self._forwards:
             shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
             raise RuntimeError(
@@ -756,8 +800,8 @@ class Recording:
             return self._placers[name].place(self._context, lead, num_queries, num_keys)
         except NotPlaceable as error:
             raise ValueError(
-                f"vitmad.record: {name} ({type(self._modules[name]).__name__}) of {type(self.model).__name__}: "
-                f"{error}"
+                f"vitmad.record: {name or 'the model itself'} ({type(self._modules[name]).__name__}) of "
+                f"{type(self.model).__name__}: {error}"
             ) from None
 
     def _on_attention(self, name, query, key, scale, mask) -> None:
@@ -956,8 +1000,8 @@ class Recording:
             )
         else:
             raise ValueError(
-                f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__} made "
-                f"{len(pending)} attention calls in one forward; vitmad knows how several calls combine only for "
+                f"vitmad.record: {name or 'the model itself'} ({type(module).__name__}) of {type(self.model).__name__} "
+                f"made {len(pending)} attention calls in one forward; vitmad knows how several calls combine only for "
                 "differential attention (two calls, A1 - lambda * A2), one call per head (EfficientViT) and one per "
                 "chunk of a packed sequence (Qwen2-VL); leave this module out with layers=[the other attention "
                 "modules]"
@@ -1176,7 +1220,9 @@ class Recording:
             self._drop_unfinished()
         elif returned and not _in_backward() and not _not_recorded():
             self._forwards += 1
+            self._last_done = self._calls[-1] if self._calls else None
         self._calls_before_forward = self._model_call = None
+        _TRANSFORM_WARNED[0] = False
 
     def _remove(self) -> None:
         self._drop_unfinished()

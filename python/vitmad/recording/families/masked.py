@@ -159,6 +159,9 @@ def check_positions(positions, source: str = "positions") -> torch.Tensor:
         raise TypeError(f"vitmad.record: {source} must be {_EXPECTED}; got {given}")
     if positions.dim() not in (2, 3) or positions.shape[-1] != 2:
         raise ValueError(f"vitmad.record: {source} must be {_EXPECTED}; got shape {list(positions.shape)}")
+    if positions.device.type == "meta":  # its values, read below, do not exist
+        raise ValueError(f"vitmad.record: {source} must be {_EXPECTED}; got a tensor on the meta device, which holds "
+                         "no values")
     positions = positions.detach()
     nan = positions.isnan()
     if bool((nan.any(-1) & ~nan.all(-1)).any()):
