@@ -183,3 +183,26 @@ def test_audio_spectrogram_transformer_on_its_stride_cells(frames, bins):
         maps = model(spectrogram, output_attentions=True).attentions
     for layer, attn in enumerate(maps):
         torch.testing.assert_close(rec.mad[layer].double(), _expected_mad(attn, grid, 10.0, 2, 0), **RECORD_TOL)
+
+
+def test_tokens_a_hook_appends_after_a_timm_grid_are_refused_unless_placed():
+    """A timm ViT declares its extra tokens (num_prefix_tokens): tokens a user's hook adds after the grid were
+    counted as prefix tokens (every patch then one place off: 25.68 px for 25.72 in helper-55's reproduction); now
+    refused with the way out, and measured right with positions= placing them."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2).eval()
+    trailing = torch.randn(1, 3, model.embed_dim)
+    model.pos_drop.register_forward_hook(lambda _, args, out: torch.cat([out, trailing.expand(len(out), -1, -1)], 1))
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        with pytest.raises(ValueError, match=r"the 4x4 = 16 patches of the patch embedding leave 4 extra tokens, but "
+                                             r"VisionTransformer declares num_prefix_tokens=1"):
+            model(pixels)
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    cells = (torch.stack([rows, cols], -1).reshape(16, 2) + 0.5) * 16
+    nan = torch.full((1, 2), float("nan"))
+    positions = torch.cat([nan, cells, nan.expand(3, 2)])
+    with torch.no_grad(), vitmad.record(model, positions=positions) as rec:
+        model(pixels)
+    expected = torch.stack([_expected_mad(a, (4, 4), 16, 1, 3) for a in _timm_eager_maps(model, pixels)])
+    torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)

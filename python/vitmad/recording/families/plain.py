@@ -85,6 +85,21 @@ def num_suffix_tokens(model: nn.Module) -> int:
     return int(getattr(config, "num_detection_tokens", 0) or 0)
 
 
+def declared_prefix_tokens(model: nn.Module, embedding: tuple[str, nn.Module] | None) -> tuple[str, int] | None:
+    """The count of tokens before the grid that the model holding the patch embedding declares, as timm's models
+    do (``num_prefix_tokens``: class, distillation and register tokens), with that model's name; None where no
+    module above the embedding declares one."""
+    if embedding is None:
+        return None
+    parts = embedding[0].split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        owner = model.get_submodule(".".join(parts[:depth]))
+        declared = getattr(owner, "num_prefix_tokens", None)
+        if isinstance(declared, int) and not isinstance(declared, bool) and declared >= 0:
+            return type(owner).__name__, declared
+    return None
+
+
 def appended_tokens(model: nn.Module, name: str) -> int:
     """Tokens one layer appends after the grid besides the model's own (:func:`num_suffix_tokens`): X-CLIP's
     cross-frame blocks append each frame's message token to [CLS, patches] before their self-attention."""
@@ -130,6 +145,7 @@ class PlainLayout:
         self.embedding = find_patch_embedding(model) or overlapping_patch_embedding(model)
         self.patch, self.grid, self.num_prefix_tokens = patch, grid, num_prefix_tokens
         self.suffix = num_suffix_tokens(model)
+        self.declared_prefix = declared_prefix_tokens(model, self.embedding)
         name = type(model).__name__
         if self.embedding is None and (patch is None or grid is None):
             self.unavailable = (f"found no patch-embedding Conv2d (kernel == stride) in {name} and vitmad knows no "
@@ -231,6 +247,18 @@ class PlainPlacer(LayerPlacer):
                     + (f" plus {suffix} tokens after them" if suffix else "")
                     + " (windows, pooled tokens or dropped patches?), so its tokens cannot be placed; pass "
                     "grid=[grid_h, grid_w] if its tokens are a full grid of that size"
+                )
+            declared = layout.declared_prefix
+            if declared is not None and declared[1] != prefix and layout.grid is None:
+                # Counted from the grid, the extra tokens would all be taken to come first: tokens a user's hook
+                # appends after the grid would shift every patch's position by their number.
+                raise NotPlaceable(
+                    f"it attends over {num_queries} tokens: the {grid[0]}x{grid[1]} = {patches} patches of the "
+                    f"{source}{f' and {suffix} tokens after them' if suffix else ''} leave {prefix} extra tokens, but "
+                    f"{declared[0]} declares num_prefix_tokens={declared[1]} (tokens added after the grid or "
+                    "between its patches?), so vitmad does not know where they are; pass num_prefix_tokens=<tokens "
+                    "before the grid> if the extra tokens all come first, or positions=<[N, 2] pixel position of "
+                    "each token, NaN rows for tokens off the image>"
                 )
         if prefix + patches + suffix != num_queries:
             raise NotPlaceable(
