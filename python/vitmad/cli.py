@@ -362,7 +362,49 @@ def _default_labels(profiles, paths) -> list[str]:
     return [f"{model} ({path})" for model, path in zip(models, paths)]
 
 
+def _check_labels(labels: list[str]) -> None:
+    """A label matplotlib would draw as mathematics (an even number of unescaped $) must parse as such: said
+    here naming --labels, not as matplotlib's four-line parser error."""
+    from matplotlib.mathtext import MathTextParser
+
+    for label in labels:
+        dollars = label.count("$") - label.count(r"\$")
+        if dollars and dollars % 2 == 0:
+            try:
+                MathTextParser("path").parse(label)
+            except ValueError as err:
+                found = str(err).strip().splitlines()[-1]
+                raise ValueError(f"--labels: matplotlib cannot draw {label!r} as mathematics ({found}); escape "
+                                 r"its dollar signs as \$ for plain text") from None
+
+
+def _compare_figures(out: Path, names: list[str]) -> tuple[list[Path], list[Path]]:
+    """Of the per-statistic figures beside ``out``: those this comparison writes (``names``), each checked to be
+    free or an earlier comparison's figure, and the earlier comparison's figures of other statistics (stale,
+    to remove). A file vitmad compare did not write is never replaced: a user's plot named cmp_entropy.png beside
+    cmp.png is refused before anything is drawn. Formats without metadata (.jpg, ...) cannot carry compare's
+    mark: their figures count as an earlier comparison's where ``out`` itself exists."""
+    from .ops.arguments import STAT_NAMES
+    from .profiling.plotting import marks, written_by_compare
+
+    def earlier(path: Path) -> bool:
+        return path.is_file() and (written_by_compare(path) if marks(path) else out.is_file())
+
+    figures = {name: out.with_name(f"{out.stem}_{name}{out.suffix}") for name in STAT_NAMES if name != "mad"}
+    for name in names:
+        path = figures[name]
+        if path.is_dir():
+            raise ValueError(f"--out: {path}, where the {name} figure goes, is a folder; remove it or choose "
+                             "another --out")
+        if (path.exists() or path.is_symlink()) and not earlier(path):
+            raise ValueError(f"--out: {path}, where the {name} figure goes, exists and was not written by vitmad "
+                             "compare; move it, or choose another --out")
+    stale = [path for name, path in figures.items() if name not in names and earlier(path)]
+    return [figures[name] for name in names], stale
+
+
 def _compare_command(args: argparse.Namespace, run) -> None:
+    from .ops.arguments import STAT_NAMES
     from .profiling import Profile
     from .profiling.files import check_writable
     from .profiling.plotting import plot_compare
@@ -371,22 +413,45 @@ def _compare_command(args: argparse.Namespace, run) -> None:
     labels = args.labels or _default_labels(profiles, args.results)
     if len(labels) != len(profiles):
         raise ValueError(f"--labels: expected {len(profiles)} labels (one per result), got {len(labels)}")
+    _check_labels(labels)
+    seen: dict[Path, int] = {}
+    for i, path in enumerate(args.results):
+        first = seen.setdefault(Path(path).expanduser().resolve(), i)
+        if first != i:
+            warnings.warn(f"results {first + 1} and {i + 1} are the same file, {path}: its curves are drawn twice",
+                          stacklevel=2)
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise ValueError(f"--out: {out} is a folder; name the figure file, such as {out / 'compare.png'}")
     if not out.suffix:  # matplotlib would add ".png" itself: name the file it writes
         out = out.with_name(out.name + ".png")
     check_writable(out.parent)  # a path through a file, or a read-only folder: said now, by name
+    # Every statistic all the results have, each in its own figure beside the MAD one; the others said.
+    names = [name for name in STAT_NAMES if name != "mad" and any(name in p.statistics for p in profiles)]
+    common, lacking_by_files = [], {}
+    for name in names:
+        lacking = tuple(path for path, p in zip(args.results, profiles) if name not in p.statistics)
+        if lacking:
+            lacking_by_files.setdefault(lacking, []).append(name)
+        elif not any(p.has_values(name) for p in profiles):
+            warnings.warn(f"no {name} figure: no result has a value of it (not defined in their layers)",
+                          stacklevel=2)
+        else:
+            common.append(name)
+    for lacking, missing in lacking_by_files.items():
+        warnings.warn(f"no {', '.join(missing)} figure{'s' if len(missing) > 1 else ''}: {', '.join(lacking)} "
+                      f"{'was' if len(lacking) == 1 else 'were'} profiled without "
+                      f"{', '.join(missing[:-1]) + ' or ' if len(missing) > 1 else ''}{missing[-1]}",
+                      stacklevel=2)
+    paths, stale = _compare_figures(out, common)
     plot_compare(profiles, labels, out)
-    written = [str(out)]
-    # Every statistic all the results have, each in its own figure beside the MAD one.
-    common = [name for name in profiles[0].statistics if all(name in p.statistics for p in profiles[1:])
-              and any(p.has_values(name) for p in profiles)]
-    for name in common:
-        path = out.with_name(f"{out.stem}_{name}{out.suffix}")
+    for name, path in zip(common, paths):
         plot_compare(profiles, labels, path, statistic=name)
-        written.append(str(path))
-    print(f"wrote {', '.join(written)}")
+    for path in stale:
+        path.unlink()
+    print(f"wrote {', '.join(map(str, [out, *paths]))}")
+    if stale:
+        print(f"removed an earlier comparison's {', '.join(map(str, stale))}")
 
 
 def _bench_command(args: argparse.Namespace, run) -> None:

@@ -157,6 +157,10 @@ def _edited(doc: dict, edit: str) -> dict | list | str:
         doc["count"], doc["sums"]["total"] = "many", "lots"
     elif edit == "ragged_sums":
         doc["sums"]["total"][0] = doc["sums"]["total"][0][:1]
+    elif edit == "statistics_null":
+        doc["statistics"] = None
+    elif edit == "model_list":
+        doc["model"] = ["x"]
     elif edit == "a_list":
         return [doc]
     return doc
@@ -170,6 +174,8 @@ def _edited(doc: dict, edit: str) -> dict | list | str:
     ("missing_sums", "malformed vitmad profile (KeyError: 'sums')"),
     ("missing_layer_field", "malformed vitmad profile (KeyError: 'min')"),
     ("wrong_types", "malformed vitmad profile"),
+    ("statistics_null", "malformed vitmad profile (TypeError: statistics must be a dict, got NoneType)"),
+    ("model_list", "malformed vitmad profile (TypeError: model must be a str, got list)"),
     ("ragged_sums", "malformed vitmad profile"),
 ])
 def test_compare_refuses_other_versions_and_edited_results(good_result, tmp_path, capsys, edit, message):
@@ -480,12 +486,16 @@ def test_images_of_the_wrong_kind_are_named(images, message):
         vitmad.profile(_tiny_vit_module(), torch.randn(1, 3, 32, 32), device="cpu", progress="yes")
 
 
+@pytest.mark.filterwarnings("ignore:results 1 and 2 are the same file")
 def test_compare_names_an_output_it_cannot_write_and_labels_runs_of_one_model_apart(good_result, tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     code = main(["compare", str(good_result), str(good_result), "--out", str(tmp_path / "afile" / "cmp.png")])
     assert code == 2 and capsys.readouterr().err.startswith("vitmad: error: --out: cannot write to")
     code = main(["compare", str(good_result), str(good_result), "--out", str(tmp_path)])
     assert code == 2 and "is a folder; name the figure file" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=f"results 1 and 2 are the same file, {good_result}: its curves are drawn "
+                                         "twice"):
+        assert main(["compare", str(good_result), str(good_result), "--out", str(tmp_path / "twice.png")]) == 0
     from vitmad.cli import _default_labels
 
     profile = vitmad.Profile.from_json(good_result)

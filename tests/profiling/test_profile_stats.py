@@ -229,12 +229,43 @@ def test_cli_figures_and_compare(tiny_model, images, tmp_path, capsys):
 
     # compare: MAD, and a figure per statistic every profile has.
     results = [str(tmp_path / run / "mad.json") for run in ("all", "some")]
-    assert main(["compare", *results, "--out", str(tmp_path / "cmp.png")]) == 0
+    with pytest.warns(UserWarning, match=r"^no prefix_mass, self_mass figures: .*some/mad.json was profiled without "
+                                         r"prefix_mass or self_mass$"):
+        assert main(["compare", *results, "--out", str(tmp_path / "cmp.png")]) == 0
     assert (tmp_path / "cmp.png").exists() and (tmp_path / "cmp_entropy.png").exists()
     assert not (tmp_path / "cmp_prefix_mass.png").exists()
-    assert main(["compare", results[0], str(tmp_path / "mad_only" / "mad.json"), "--out",
-                 str(tmp_path / "old.svg")]) == 0
+    with pytest.warns(UserWarning, match=r"no entropy, prefix_mass, self_mass figures: .*mad_only/mad.json was "
+                                         r"profiled without entropy, prefix_mass or self_mass"):
+        assert main(["compare", results[0], str(tmp_path / "mad_only" / "mad.json"), "--out",
+                     str(tmp_path / "old.svg")]) == 0
     assert (tmp_path / "old.svg").exists() and not (tmp_path / "old_entropy.svg").exists()
+
+    # The same --out again with other results: the earlier comparison's figure of a statistic not drawn now is
+    # removed (was: left beside the new cmp.png, drawn from other results), and said.
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="no entropy, prefix_mass, self_mass figures"):
+        assert main(["compare", results[0], str(tmp_path / "mad_only" / "mad.json"), "--out",
+                     str(tmp_path / "cmp.png")]) == 0
+    assert not (tmp_path / "cmp_entropy.png").exists()
+    assert f"removed an earlier comparison's {tmp_path / 'cmp_entropy.png'}" in capsys.readouterr().out
+    # A user's file under a statistic figure's name is not compare's to replace: refused before any figure.
+    (tmp_path / "mine_entropy.png").write_text("my notes")
+    with pytest.warns(UserWarning, match="no prefix_mass, self_mass figures"):
+        assert main(["compare", *results, "--out", str(tmp_path / "mine.png")]) == 2
+    assert f"vitmad: error: --out: {tmp_path / 'mine_entropy.png'}, where the entropy figure goes, exists and was " \
+           "not written by vitmad compare" in capsys.readouterr().err
+    assert (tmp_path / "mine_entropy.png").read_text() == "my notes" and not (tmp_path / "mine.png").exists()
+    # A label matplotlib cannot draw is an error naming --labels, in one line.
+    assert main(["compare", *results, "--labels", r"$\notasymbol$", "b", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vitmad: error: --labels: matplotlib cannot draw") and "\n" not in err
+    with pytest.warns(UserWarning, match="no prefix_mass, self_mass figures"):
+        assert main(["compare", *results, "--labels", r"$\alpha$ = 1", "costs $5", "--out",
+                     str(tmp_path / "x.pdf")]) == 0
+    from vitmad.profiling.plotting import written_by_compare
+
+    assert all(written_by_compare(tmp_path / name) for name in ("x.pdf", "x_entropy.pdf", "cmp.png", "old.svg"))
+    assert not written_by_compare(tmp_path / "all" / "entropy.png")
 
 
 def test_bad_stats_are_refused_naming_the_option(registers_vit, tmp_path, capsys):

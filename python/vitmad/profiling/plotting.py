@@ -57,6 +57,32 @@ def _save(fig, path, **options) -> None:
     fig.savefig(path, **options)
 
 
+# What marks a figure as written by `vitmad compare`, so that a later comparison at the same --out replaces or
+# removes it, and never a user's file that only has its name. Written in each format's metadata (matplotlib
+# writes these fields as plain text: PNG tEXt chunks, the PDF Info dictionary, SVG's RDF, the PostScript header).
+COMPARE_MARK = "vitmad compare"
+_MARKED_FIELDS = {"png": "Software", "pdf": "Creator", "svg": "Creator", "eps": "Creator", "ps": "Creator"}
+
+
+def marks(path: str | os.PathLike) -> bool:
+    """Whether the figure file format of ``path`` (by its suffix) carries the compare mark."""
+    return Path(path).suffix.lower().lstrip(".") in _MARKED_FIELDS
+
+
+def written_by_compare(path: str | os.PathLike) -> bool:
+    """Whether the file at ``path`` is a figure that `vitmad compare` wrote (its mark in the first or last 64 KiB,
+    where each format keeps its metadata)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(1 << 16)
+            file.seek(max(0, file.seek(0, os.SEEK_END) - (1 << 16)))
+            tail = file.read()
+    except OSError:
+        return False
+    mark = COMPARE_MARK.encode()
+    return mark in head or mark in tail
+
+
 def _describe_grids(profile) -> str:
     """"14x14 patches of 16 px", or the stages of a hierarchy: "56x56 @ 4 px ... 7x7 @ 32 px"."""
     if profile.geometry is None:
@@ -212,6 +238,8 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
         x = torch.arange(1, num_layers + 1, dtype=torch.float64)
         if not same_depth:
             x = (x - 1) / max(num_layers - 1, 1)
+        if bool(missing.all()):  # in the legend all the same, saying why it has no points
+            label = f"{label} (no values: not defined in its layers)"
         line = ax.plot(x, per_head.nanmean(1), marker="o", markersize=3, label=label)[0]
         # A layer without any value gets no band (NaN), rather than an infinite one.
         empty = missing.all(1)
@@ -225,7 +253,8 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path, dpi=150)
+    field = _MARKED_FIELDS.get(Path(path).suffix.lower().lstrip("."))
+    _save(fig, path, dpi=150, **({"metadata": {field: COMPARE_MARK}} if field else {}))
     plt.close(fig)
 
 

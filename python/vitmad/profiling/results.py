@@ -349,6 +349,9 @@ class Profile:
                     padded(_numbers([layer["temporal"]["max"] for layer in layers])),
                     int(doc["count"]),
                 )
+            for field_name, kind in (("model", str), ("statistics", dict), ("settings", dict)):
+                if field_name in doc and not isinstance(doc[field_name], kind):
+                    raise TypeError(f"{field_name} must be a {kind.__name__}, got {type(doc[field_name]).__name__}")
             statistics = {}
             for name, entry in doc.get("statistics", {}).items():  # absent in MAD-only profiles
                 statistics[name] = RunningStats(
@@ -362,7 +365,7 @@ class Profile:
                            doc["images"], doc["skipped"], doc["settings"], doc.get("processes", 1),
                            geometry, skipped_layers, temporal=temporal, image_grids=doc.get("image_grids"),
                            statistics=statistics)
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
             raise ValueError(f"{path}: malformed vitmad profile ({type(err).__name__}: {err})") from err
 
     def to_csv(self, path: str | os.PathLike) -> None:
