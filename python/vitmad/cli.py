@@ -163,11 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "sorted (an unreadable one among them counts, listed as skipped)")
     run.add_argument("--renormalize", action="store_true",
                      help="divide each query's distance by its attention mass on patches")
-    run.add_argument("--stats", default="mad", metavar="NAMES",
+    run.add_argument("--stats", action="append", metavar="NAMES",
                      help="comma list of what to profile from the same forward: mad (always), entropy, prefix_mass, "
                           "self_mass (each: mad.json, mad.csv columns, NAME.png), prefix_maps (CLS / register maps "
-                          "over the grid, mean over images: prefix_maps.npz, prefix_maps.png); all for every one "
-                          "(default: mad)")
+                          "over the grid, mean over images: prefix_maps.npz, prefix_maps.png); all for every one; "
+                          "given twice, both lists (default: mad)")
     run.add_argument("--out", default="vitmad_out", help="output folder (default: %(default)s)")
     run.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME}")
     run.add_argument("--no-figures", action="store_true",
@@ -227,7 +227,7 @@ def _profile_command(args: argparse.Namespace, run) -> None:
         raise OptionError("out", f"expected a folder, got {args.out!r}")
     out = Path(args.out)
     size = parse_image_size(args.image_size)
-    stats = resolve_stats(args.stats)
+    stats = resolve_stats("mad" if args.stats is None else ",".join(args.stats))  # --stats a --stats b: both
     # An earlier run's outputs, known by its mad.json (a user's own photo named entropy.png is not ours): with
     # --out inside an image folder, they are no photographs to profile.
     ours = [out / name for name in output_names()] if _holds_profile(out) else []

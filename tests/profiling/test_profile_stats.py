@@ -143,6 +143,21 @@ def test_registers_vit_files_equal_a_direct_recording(registers_vit, images, tmp
     for name in again.stat_names:
         for part in ("total", "total_sq", "low", "high"):
             assert torch.equal(getattr(again.running(name), part), getattr(result.running(name), part))
+    # mad.json lists the maps' layers, not the maps: read back, the profile says where they are, and writes the
+    # list out again (was: "profile with stats=[..., 'prefix_maps']", and the entry dropped).
+    with pytest.raises(ValueError, match="read from mad.json, which lists the layers with prefix maps but not the "
+                                         "maps: they are in prefix_maps.npz"):
+        again.plot_prefix_maps(tmp_path / "maps.png")
+    again.to_json(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text())["prefix_maps"] == \
+        json.loads((tmp_path / "mad.json").read_text())["prefix_maps"]
+    # The names a user may try: the maps are no per-head statistic; statistics are lower case.
+    with pytest.raises(KeyError, match="'prefix_maps' are maps, not a per-head statistic: read profile.prefix_maps"):
+        result.stat("prefix_maps")
+    with pytest.raises(KeyError, match="no statistic 'Entropy': the names are lower case"):
+        result.stat("Entropy")
+    with pytest.raises(KeyError, match="no statistic 'sink': vitmad profiles mad, entropy, prefix_mass, self_mass"):
+        result.stat("sink")
 
 
 def test_swin_has_no_prefix_tokens_and_no_maps(swin, images, tmp_path):
@@ -290,6 +305,13 @@ def test_bad_stats_are_refused_naming_the_option(registers_vit, tmp_path, capsys
     mad_only = vitmad.profile(registers_vit, torch.zeros(1, 3, 32, 32), device="cpu")
     with pytest.raises(KeyError, match="'entropy' was not profiled"):
         mad_only.stat("entropy")
+    assert resolve_stats({"self_mass", "entropy"}) == ("mad", "entropy", "self_mass")  # a set, in the usual order
+    # --stats given twice asks for both lists (was: the last one alone, silently).
+    from vitmad.cli import build_parser
+
+    args = build_parser().parse_args(["profile", "--stats", "entropy", "--stats", "self_mass,prefix_maps"])
+    assert resolve_stats(",".join(args.stats)) == ("mad", "entropy", "self_mass", "prefix_maps")
+    assert build_parser().parse_args(["profile"]).stats is None
 
 
 def test_torchrun_equals_one_process(tiny_model, images, tmp_path, restore_threads):

@@ -346,8 +346,9 @@ def plot_image_prefix_maps(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{name}: attention of token 0 (CLS) and the other tokens without a position over the image",
-                 fontsize=9)
+    # Which of them is a CLS token is the model's business (a register-only ViT has none): their order is known.
+    fig.suptitle(f"{name}: attention of each token without a position (class, distillation or register tokens, in "
+                 "sequence order) over the image", fontsize=9)
     _save(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -369,9 +370,8 @@ def plot_prefix_maps(profile, path: str | os.PathLike, *, layers: Sequence[int] 
     Raises:
         ValueError: no prefix maps, no layer with a mean map, or a chosen layer without one.
     """
+    profile.check_prefix_maps()
     maps = profile.prefix_maps
-    if maps is None:
-        raise ValueError("this profile has no prefix maps; profile with stats=[..., 'prefix_maps']")
     if not maps.layers:
         reasons = sorted(set(maps.skipped.values()))
         raise ValueError(f"no layer has mean prefix maps ({'; '.join(reasons) or 'no layer recorded'})")

@@ -106,6 +106,9 @@ class Profile:
     image_grids: dict[str, dict] | None = None
     statistics: dict[str, RunningStats] = field(default_factory=dict)
     prefix_maps: PrefixMapSums | None = None
+    # mad.json's "prefix_maps" entry (layers, grids, counts) of a profile read back with from_json, which does not
+    # hold the maps themselves (prefix_maps.npz beside it does): written out again as it was.
+    prefix_map_summary: dict | None = None
 
     @property
     def stat_names(self) -> list[str]:
@@ -121,6 +124,15 @@ class Profile:
         if name == "mad":
             return self.stats
         if name not in self.statistics:
+            if name == "prefix_maps":
+                raise KeyError("'prefix_maps' are maps, not a per-head statistic: read profile.prefix_maps "
+                               "(mean(layer) gives [H, Q, grid_h, grid_w]) or prefix_maps.npz")
+            if name not in STAT_UNITS and name.lower() in (*STAT_UNITS, "mad"):
+                raise KeyError(f"no statistic '{name}': the names are lower case ({', '.join(self.stat_names)} "
+                               "in this profile)")
+            if name not in STAT_UNITS:
+                raise KeyError(f"no statistic '{name}': vitmad profiles mad, {', '.join(STAT_UNITS)} (this profile: "
+                               f"{', '.join(self.stat_names)})")
             raise KeyError(f"the statistic '{name}' was not profiled (profiled: {', '.join(self.stat_names)}); "
                            f"profile with stats=[..., '{name}'] (vitmad profile --stats {name})")
         return self.statistics[name]
@@ -281,6 +293,8 @@ class Profile:
             for name, stats in self.statistics.items():
                 sums[f"{name}_total"] = per_head(stats.total)
                 sums[f"{name}_total_sq"] = per_head(stats.total_sq)
+        if self.prefix_maps is None and self.prefix_map_summary is not None:
+            found["prefix_maps"] = self.prefix_map_summary
         if self.prefix_maps is not None:
             maps = self.prefix_maps
             found["prefix_maps"] = {
@@ -330,14 +344,16 @@ class Profile:
                     raise ValueError(f"expected one value per head of each of the {len(layers)} layers")
                 return torch.tensor([list(r) + [fill] * (width - len(r)) for r in rows], dtype=torch.float64)
 
-            if int(doc["count"]) < 1:  # every profile written has profiled at least one image
-                raise ValueError(f"count must be a positive number of images, got {doc['count']!r}")
+            count = doc["count"]
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                # every profile written has profiled at least one image, and counted them in a JSON integer
+                raise ValueError(f"count must be a positive number of images, got {count!r}")
             stats = RunningStats(
                 padded(_numbers(doc["sums"]["total"])),
                 padded(_numbers(doc["sums"]["total_sq"])),
                 padded(_numbers([layer["min"] for layer in layers])),
                 padded(_numbers([layer["max"] for layer in layers])),
-                int(doc["count"]),
+                count,
             )
             skipped_layers = {e["name"]: e["reason"] for e in doc.get("skipped_layers", [])}
             temporal = None
@@ -347,7 +363,7 @@ class Profile:
                     padded(_numbers(doc["sums"]["temporal_total_sq"])),
                     padded(_numbers([layer["temporal"]["min"] for layer in layers])),
                     padded(_numbers([layer["temporal"]["max"] for layer in layers])),
-                    int(doc["count"]),
+                    count,
                 )
             for field_name, kind in (("model", str), ("statistics", dict), ("settings", dict)):
                 if field_name in doc and not isinstance(doc[field_name], kind):
@@ -359,12 +375,15 @@ class Profile:
                     padded(_numbers(doc["sums"][f"{name}_total_sq"])),
                     padded(_numbers(entry["min"])),
                     padded(_numbers(entry["max"])),
-                    int(doc["count"]),
+                    count,
                 )
+            summary = doc.get("prefix_maps")
+            if summary is not None and not isinstance(summary, dict):
+                raise TypeError(f"prefix_maps must be a dict, got {type(summary).__name__}")
             return Profile(doc["model"], [layer["name"] for layer in layers], doc["layout"], stats,
                            doc["images"], doc["skipped"], doc["settings"], doc.get("processes", 1),
                            geometry, skipped_layers, temporal=temporal, image_grids=doc.get("image_grids"),
-                           statistics=statistics)
+                           statistics=statistics, prefix_map_summary=summary)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
             raise ValueError(f"{path}: malformed vitmad profile ({type(err).__name__}: {err})") from err
 
@@ -411,9 +430,18 @@ class Profile:
         Raises:
             ValueError: the profile has no prefix maps.
         """
-        if self.prefix_maps is None:
-            raise ValueError("this profile has no prefix maps; profile with stats=[..., 'prefix_maps']")
+        self.check_prefix_maps()
         self.prefix_maps.save(path, self.layers)
+
+    def check_prefix_maps(self) -> None:
+        """Raise the ValueError that says why this profile holds no prefix maps, if it holds none."""
+        if self.prefix_maps is not None:
+            return
+        if self.prefix_map_summary is not None:
+            raise ValueError("this profile was read from mad.json, which lists the layers with prefix maps but not "
+                             "the maps: they are in prefix_maps.npz beside it (numpy.load; layer_<i> is "
+                             "[H, Q, grid_h, grid_w])")
+        raise ValueError("this profile has no prefix maps; profile with stats=[..., 'prefix_maps']")
 
     def plot_prefix_maps(self, path: str | os.PathLike, **options) -> None:
         """Draw the mean CLS / register maps of a few layers beside the average input image

@@ -281,7 +281,7 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def split_stat_names(stats) -> tuple[frozenset[str], list[str]] | None:
     """What ``stats`` asks for, in the forms ``record`` and ``vitmad.profile`` take: None (nothing besides MAD), one
-    name or a comma list, or a list or tuple of names; spaces around a name ignored, a name given twice asked for
+    name or a comma list, or a list, tuple or set of names; spaces around a name ignored, a name given twice asked for
     once, ``"all"`` standing for every one of :data:`RECORD_STATS`. Returns the names among them and the unknown
     ones (sorted), for the caller to refuse in its own words; None when ``stats`` is none of those forms, or a
     string that names nothing (``--stats ""``, ``--stats " , "``: an empty shell variable, more likely than a wish
@@ -289,7 +289,7 @@ def split_stat_names(stats) -> tuple[frozenset[str], list[str]] | None:
     if stats is None:
         return frozenset(), []
     names = stats.split(",") if isinstance(stats, str) else stats
-    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+    if not isinstance(names, (list, tuple, set, frozenset)) or not all(isinstance(name, str) for name in names):
         return None
     names = {name.strip() for name in names} - {""}
     if isinstance(stats, str) and not names:
