@@ -155,6 +155,9 @@ def test_a_forward_inside_a_torch_func_transform_is_not_recorded():
                                                               "forward is not recorded"):
             batched = torch.vmap(lambda x: model(pixel_values=x).last_hidden_state)(pixels)
         assert rec.calls == []
+        with pytest.raises(RuntimeError, match=r"ran 1 time\(s\) in this recording, each inside a torch.func "
+                                               r"transform \(vmap, grad, ...\), whose forwards are not recorded"):
+            _ = rec.mad
         with pytest.warns(UserWarning, match="a torch.func transform"):
             torch.func.grad(lambda x: model(pixel_values=x).last_hidden_state.sum())(pixels[0])
         assert rec.calls == []

@@ -356,8 +356,7 @@ def _not_recorded() -> bool:
                           "(vitmad's ops would be traced into the module's graph). Trace outside the record block.",
                           stacklevel=2)
         return True
-    # (torch.compile's tracing, which stands for a transform of its own there, is the compiled route's business.)
-    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+    if _in_transform():
         # Inside torch.func's vmap, grad, jacrev, ...: the tensors are the transform's wrappers, and the values
         # recorded from them would be too, unusable once the transform returns (torch.stack of them fails inside
         # torch). Warned once per forward of the model (_end_forward), not per hook.
@@ -369,6 +368,12 @@ def _not_recorded() -> bool:
         return True
     _TRANSFORM_WARNED[0] = False
     return _in_backward()
+
+
+def _in_transform() -> bool:
+    """Whether a torch.func transform (vmap, grad, ...) runs this code. (torch.compile's tracing, which stands for
+    a transform of its own there, is the compiled route's business.)"""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 _TRACE_WARNED: list[int | None] = [None]  # id of the tracing state last warned about
@@ -521,6 +526,7 @@ class Recording:
         self._model_call: ModuleCall | None = None  # that forward (whether a KeyboardInterrupt ended it)
         self._forwards = 0  # forwards of the model that ended in this recording
         self._last_done: RecordedCall | None = None  # the call of the latest of them (gone: the user cleared calls)
+        self._transformed = 0  # forwards of the model inside a torch.func transform (not recorded)
         self._returned = False  # the model's current forward has returned (not raised)
         self._owner = ForwardOwner(type(model).__name__)  # the thread inside a forward of the model, if any
         # id(call) -> (the thread that started it, (id, code) of the frame whose forward it is, see _in_progress),
@@ -639,6 +645,12 @@ class Recording:
                 f"vitmad.record: {name} ran {self._forwards} time(s) in this recording, but its recorded calls were "
                 "removed from rec.calls (rec.calls.clear() between batches, say) and none ran since; run the model "
                 "again before reading the results"
+            )
+        if not self._calls and self._transformed and not self._forwards:
+            raise RuntimeError(
+                f"vitmad.record: {name} ran {self._transformed} time(s) in this recording, each inside a torch.func "
+                "transform (vmap, grad, ...), whose forwards are not recorded (their tensors are the transform's "
+                "wrappers); run the model itself inside the block"
             )
         if not self._calls and self._forwards:
             shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
@@ -1221,6 +1233,8 @@ class Recording:
         elif returned and not _in_backward() and not _not_recorded():
             self._forwards += 1
             self._last_done = self._calls[-1] if self._calls else None
+        elif returned and _in_transform():
+            self._transformed += 1
         self._calls_before_forward = self._model_call = None
         _TRANSFORM_WARNED[0] = False
 
