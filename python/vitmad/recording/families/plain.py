@@ -249,9 +249,10 @@ class PlainPlacer(LayerPlacer):
                     "grid=[grid_h, grid_w] if its tokens are a full grid of that size"
                 )
             declared = layout.declared_prefix
-            if declared is not None and declared[1] != prefix and layout.grid is None:
+            if declared is not None and prefix > declared[1] and layout.grid is None:
                 # Counted from the grid, the extra tokens would all be taken to come first: tokens a user's hook
-                # appends after the grid would shift every patch's position by their number.
+                # appends after the grid would shift every patch's position by their number. Fewer is no sign of
+                # that: CaiT and ConViT declare the class token their first blocks run without.
                 raise NotPlaceable(
                     f"it attends over {num_queries} tokens: the {grid[0]}x{grid[1]} = {patches} patches of the "
                     f"{source}{f' and {suffix} tokens after them' if suffix else ''} leave {prefix} extra tokens, but "
