@@ -166,3 +166,12 @@ def test_a_forward_inside_a_torch_func_transform_is_not_recorded():
     torch.testing.assert_close(batched, plain)
     assert rec.mad.shape == (2, 1, 2) and len(rec.calls) == 2
     torch.testing.assert_close(rec.mad, _recorded_mad(model, pixels[1]))
+
+
+def test_positions_of_another_length_name_both_shapes_and_the_packed_case():
+    model, pixels = _tiny_vit(), torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), vitmad.record(model, positions=torch.zeros(16, 2)):
+        with pytest.raises(ValueError, match=r"attends over 1 images of 17 tokens, so positions must be \[17, 2\] or "
+                                             r"\[1, 17, 2\]; got shape \[16, 2\] \(if this module attends over parts "
+                                             r"of a packed sequence one call at a time"):
+            model(pixel_values=pixels)

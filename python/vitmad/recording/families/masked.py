@@ -212,8 +212,13 @@ class GivenPositionsPlacer(LayerPlacer):
             )
         if num_tokens != num_queries or (positions.dim() == 3 and positions.shape[0] != lead[0]):
             expected = f"[{num_queries}, 2] or [{lead[0]}, {num_queries}, 2]"
+            # A tower that packs several images into one sequence and attends image by image (Qwen2-VL's) calls its
+            # attention once per image: no one shape of positions fits all its calls.
+            chunks = (" (if this module attends over parts of a packed sequence one call at a time, as Qwen2-VL's "
+                      "vision tower does per image, positions= cannot place those calls: record it without "
+                      "positions=, and vitmad places the images itself where it knows the tower)")
             raise NotPlaceable(f"it attends over {lead[0]} images of {num_queries} tokens, so positions must be "
-                               f"{expected}; got shape {list(positions.shape)}")
+                               f"{expected}; got shape {list(positions.shape)}{chunks if lead[0] == 1 else ''}")
         present = ~positions[..., 0].isnan()
         placed = positions if positions.dim() == 2 else positions.unsqueeze(1)  # [B, 1, N, 2]: shared by the heads
         geometry = LayerGeometry(None, (1.0, 1.0), "global, positions given", int(lead[-1]))
