@@ -388,7 +388,9 @@ def test_mobilevit_refuses_maps_it_resizes_to_whole_patches():
 
 
 def test_mobilevitv2_and_coat_are_refused_with_their_skipped_layers_reasons():
-    for name, reason in (("mobilevitv2_050", "linear self-attention"), ("coat_lite_tiny", "factorized attention")):
+    # efficientvit_b0 (MIT): was "found no attention layer ... pass layers=[...]".
+    for name, reason in (("mobilevitv2_050", "linear self-attention"), ("coat_lite_tiny", "factorized attention"),
+                         ("efficientvit_b0", r"ReLU linear attention \(EfficientViT-MIT's LiteMLA\)")):
         model = timm.create_model(name, pretrained=False)
         with pytest.raises(ValueError, match=f"no layer with spatial softmax attention.*{reason}"):
             vitmad.record(model)

@@ -22,6 +22,7 @@ from . import (
     csatv2,
     davit,
     efficientformer,
+    efficientvit_mit,
     efficientvit_msra,
     fastvit,
     gcvit,
@@ -68,8 +69,8 @@ class Skip:
 _FAMILIES = (
     packed, non_spatial, unplaced, masked, vilt, padded_patches, swin, windowed_vit, hiera, pooled, mvit, levit,
     efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin,
-    mobilevit, coat, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex,
-    shvit, convit, torchvision_maxvit,
+    mobilevit, coat, efficientvit_mit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer,
+    lowformer, video, naflex, shvit, convit, torchvision_maxvit,
 )
 
 
