@@ -137,8 +137,8 @@ def _heads_against_depth(plt, values: torch.Tensor):
 
 
 def _finish_depth_figure(plt, fig, ax, profile, statistic: str, depth: list[int], num_heads: int, path,
-                         title: str | None) -> None:
-    ax.set_xlabel("Network depth (layer)")
+                         title: str | None, note: str | None = None) -> None:
+    ax.set_xlabel("Network depth (layer)" + ("" if note is None else "\n" + textwrap.fill(note, 72)))
     ax.set_ylabel(STAT_LABELS.get(statistic, statistic))
     ax.set_xticks(depth if len(depth) <= 24 else depth[::max(1, len(depth) // 12)])
     ax.set_ylim(bottom=0)
@@ -171,7 +171,22 @@ def plot_statistic(profile, statistic: str, path: str | os.PathLike, *, title: s
     fig, ax, depth, num_heads = _heads_against_depth(plt, values)
     if statistic in ("prefix_mass", "self_mass"):
         ax.set_ylim(top=max(1e-3, float(values.nan_to_num(0).max()) * 1.05))
-    _finish_depth_figure(plt, fig, ax, profile, statistic, depth, num_heads, path, title)
+    empty = [layer + 1 for layer in range(values.shape[0]) if bool(values[layer].isnan().all())]
+    note = None
+    if empty:  # said on the figure, under the axis: a blank column is no zero
+        why = " (keys that are not the queries, such as pooled keys)" if statistic == "self_mass" else ""
+        note = f"no value in layer{'s' if len(empty) > 1 else ''} {_spans(empty)}: not defined there{why}"
+    _finish_depth_figure(plt, fig, ax, profile, statistic, depth, num_heads, path, title, note)
+
+
+def _spans(numbers: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3, 5"."""
+    spans, start = [], numbers[0]
+    for previous, number in zip(numbers, numbers[1:] + [None]):
+        if number is None or number != previous + 1:
+            spans.append(f"{start}-{previous}" if previous != start else f"{start}")
+            start = number
+    return ", ".join(spans)
 
 
 def plot_space_time(profile, path: str | os.PathLike, *, title: str | None = None) -> None:
