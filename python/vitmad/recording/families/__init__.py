@@ -16,19 +16,18 @@ from torch import nn
 
 from . import (
     byoanet,
-    coat,
     conv_stages,
     convit,
     csatv2,
     davit,
     efficientformer,
-    efficientvit_mit,
     efficientvit_msra,
     fastvit,
     gcvit,
     hiera,
     iformer,
     levit,
+    linear_attention,
     lowformer,
     map_attention,
     masked,
@@ -69,7 +68,7 @@ class Skip:
 _FAMILIES = (
     packed, non_spatial, unplaced, masked, vilt, padded_patches, swin, windowed_vit, hiera, pooled, mvit, levit,
     efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin,
-    mobilevit, coat, efficientvit_mit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer,
+    mobilevit, linear_attention, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer,
     lowformer, video, naflex, shvit, convit, torchvision_maxvit,
 )
 
