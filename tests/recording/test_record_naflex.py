@@ -350,3 +350,25 @@ def test_gemma4_vision_tower_places_each_image_by_its_position_ids(implementatio
     for handle in handles:
         handle.remove()
     torch.testing.assert_close(rec.mad.double(), _expected(maps, 0, grids), **RECORD_TOL)
+
+
+def test_padding_slots_are_no_prefix_map_rows():
+    """Images of one grid padded to a longer sequence: the maps' rows are the class and register tokens alone,
+    equal to their eager rows over the patches (was: the padding slots' rows too, [B, H, 3 + 5, T] here, and a
+    SigLIP2 batch without any extra token got maps of its padding)."""
+    model = _timm_model()
+    inputs = _naflex_batch(_images([(32, 40)] * 3), slots=25)  # 4 x 5 patches and 5 padding slots each
+    with torch.no_grad(), vitmad.record(model, stats=["prefix_maps"]) as rec:
+        model(inputs)
+    maps = _timm_eager_maps(model, inputs)
+    assert rec.geometry[0].grid == (4, 5)
+    for recorded, eager in zip(rec.prefix_maps, maps):
+        assert recorded.shape == (3, 2, 3, 20)
+        torch.testing.assert_close(recorded.double(), eager.double()[:, :, :3, 3:23], **RECORD_TOL)
+
+    siglip, _ = _siglip2_vision("sdpa")
+    inputs = _siglip2_inputs([(40, 40)] * 2, max_num_patches=24)
+    assert inputs["pixel_attention_mask"].sum(-1).tolist() == [16, 16]  # 4 x 4 patches and 8 padding slots each
+    with torch.no_grad(), vitmad.record(siglip, stats=["prefix_maps"]) as rec:
+        siglip(**inputs)
+    assert rec.prefix_maps == [None, None]

@@ -880,7 +880,7 @@ class Recording:
                 # From stored probabilities, a second read for the temporal distance.
                 temporal = measure(times["times"], times["key_times"], self.renormalize)
             if self._maps and placement.key_positions is None and not differential:
-                maps = self._prefix_rows(measure, positions)
+                maps = self._prefix_rows(measure, positions, placement.geometry)
             if video and fused:
                 # From q and k, the temporal distance is a second sum of the same online-softmax pass
                 # (benchmarks/bench_video.py: two passes cost 1.8x one).
@@ -935,13 +935,27 @@ class Recording:
         return value if times is None else (value, rows[TEMPORAL_MAD])
 
     @staticmethod
-    def _prefix_rows(measure: Callable, positions: torch.Tensor) -> torch.Tensor | None:
+    def _prefix_rows(measure: Callable, positions: torch.Tensor, geometry: LayerGeometry) -> torch.Tensor | None:
         """``[*lead, Q, Nk]``: the attention rows of the ``Q`` queries without a position over every key (NaN at
-        the keys without one), or None when there is no such query or they differ between matrices."""
+        the keys without one), or None when there is no such query or they differ between matrices.
+
+        Where the layout counts its extra tokens (``geometry.num_prefix_tokens``, and the suffix tokens after the
+        grid), the rows are theirs alone: the other tokens without a position are padding slots (a NaFlex batch
+        padded to one length), which stand for nothing (docs/definition.md) and have no map."""
         columns = derived_once(positions, None, "prefix_rows", lambda: _common_prefix_columns(positions))
         if columns is None:
             return None
         values = measure(positions, None, False, (MAP_NAME,))[MAP_NAME]
+        if geometry.num_prefix_tokens is not None:
+            # The op's rows are the queries without a position, in token order; keep the extra tokens' rows.
+            count = positions.shape[-2]
+            suffix = geometry.num_suffix_tokens or 0
+            unplaced = positions[..., 0].isnan().reshape(-1, count)[0].nonzero().squeeze(-1)
+            extra = (unplaced < geometry.num_prefix_tokens) | (unplaced >= count - suffix)
+            if not bool(extra.any()):
+                return None
+            if not bool(extra.all()):
+                values = values[..., extra.nonzero().squeeze(-1).to(values.device), :]
         rows = values.new_full((*values.shape[:-1], positions.shape[-2]), float("nan"))
         return rows.index_copy_(-1, columns, values)
 
