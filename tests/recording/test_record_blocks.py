@@ -381,10 +381,25 @@ def test_mobilevit_attention_across_patches_is_a_dilated_grid():
         torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
 
 
-def test_mobilevit_refuses_maps_it_resizes_to_whole_patches():
+def test_mobilevit_measures_maps_it_resizes_to_whole_patches_on_the_resized_grid():
+    """At 224 px the last stage's 7 x 7 map (stride 32) is resized bilinearly, corners not aligned, to 8 x 8 before
+    the 2 x 2 unfolding: its tokens sample the map at the centres of an 8 x 8 grid over the same image, 28 px
+    apart (was: refused). At 72 x 88 px every stage is resized: 9 x 11 -> 10 x 12, 5 x 6 -> 6 x 6, 3 x 3 -> 4 x 4."""
+    torch.manual_seed(10)
     model = timm.create_model("mobilevit_xxs", pretrained=False).eval()
-    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="resizes its 9x9 map"):
-        model(torch.randn(1, 3, 72, 72))  # stage 2 map 9 x 9: not a whole number of 2 x 2 patches
+    for size in ((224, 224), (72, 88)):
+        pixels = torch.randn(1, 3, *size)
+        rec, maps, unchanged = _record_and_reference(model, pixels, ("Attention",))
+        assert unchanged
+        strides = [8] * 2 + [16] * 4 + [32] * 3
+        for index, (attn, stride) in enumerate(zip(maps, strides, strict=True)):
+            height, width = -(-size[0] // stride), -(-size[1] // stride)  # the strided convolutions pad up
+            resized = (-(-height // 2) * 2, -(-width // 2) * 2)
+            step = (stride * height / resized[0], stride * width / resized[1])
+            centres = _pixel_map(*resized, 1.0) * torch.tensor(step, dtype=torch.float64)
+            windows = _across_patches(centres, 2, 2)
+            assert rec.geometry[index].grid == resized and rec.geometry[index].stride == step
+            torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
 
 
 def test_mobilevitv2_and_coat_are_refused_with_their_skipped_layers_reasons():

@@ -153,12 +153,26 @@ def test_mobilevit_attention_across_patches_in_pixels(size):
     assert rec.geometry[0].grid == (size // 8, size // 8)
 
 
-def test_mobilevit_map_not_a_whole_number_of_patches_is_refused():
+def test_mobilevit_map_not_a_whole_number_of_patches_is_measured_on_the_resized_grid():
+    """72 px: maps of 9 x 9, 5 x 5 and 3 x 3 (strides 8, 16, 32; the convolutions pad up), each resized bilinearly
+    (corners not aligned) to 10 x 10, 6 x 6 and 4 x 4 before unfolding: the tokens sample the map at the centres of
+    the resized grid, whose cells are stride * side / resized pixels (was: refused)."""
+    torch.manual_seed(1)
     config = transformers.MobileViTConfig(image_size=64, hidden_sizes=[16, 24, 32],
                                           neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32], num_attention_heads=2)
     model = transformers.MobileViTModel(config).eval()
-    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="interpolated"):
-        model(torch.randn(1, 3, 72, 72))  # a 9 x 9 map at stride 8: resized to 10 x 10 before unfolding
+    sharpen(model, "query", "key")
+    pixels = torch.randn(2, 3, 72, 72)
+    rec = record(model, pixels)
+    maps = dropout_maps(model, pixels, "MobileViTSelfAttention")
+    layers = [(8, 9)] * 2 + [(16, 5)] * 4 + [(32, 3)] * 3
+    assert len(maps) == len(rec.per_layer) == len(layers)
+    for recorded, attn, (stride, side), geometry in zip(rec.per_layer, maps, layers, rec.geometry, strict=True):
+        resized = -(-side // 2) * 2
+        sequences = mobilevit_sequences(resized, stride * side / resized)
+        per_sequence = mad_positions_reference(attn, sequences.repeat(2, 1, 1).unsqueeze(1))  # [B * 4, H]
+        torch.testing.assert_close(recorded.double(), per_sequence.view(2, 4, -1).mean(1), **TOL)
+        assert geometry.grid == (resized, resized) and geometry.stride[0] == stride * side / resized
 
 
 def test_mobilevitv2_linear_attention_is_skipped_with_its_reason():

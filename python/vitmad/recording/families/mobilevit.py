@@ -7,8 +7,9 @@ over the ``ph x pw`` positions, image-major in the batch) holds, for patch ``(a,
 map row ``a * ph + i``, column ``b * pw + j``. So the attention ``[B * ph * pw, heads, N, N]`` runs over a grid of
 ``H / ph x W / pw`` tokens spaced ``ph x pw`` apart: MaxViT's grid attention with ``H / ph x W / pw`` cells.
 
-A map that is not a whole number of patches is resized (bilinear) to one before unfolding, so its tokens are
-interpolated samples rather than cells of the map: such calls are refused.
+A map that is not a whole number of patches is resized (bilinear, without aligned corners) up to one before
+unfolding (``ceil(H / ph) * ph`` rows): its tokens are samples of the map at the centres of the resized grid's
+bins, and are placed there (``docs/definition.md``, resized maps): the stage's stride times ``H / H'``.
 
 transformers' ``MobileViTModel`` unfolds the same way (``MobileViTLayer.unfolding``: sequence ``(i, j)`` of each
 image holds the token at map row ``a * patch + i`` of patch ``(a, b)``), and ``MobileViTV2Model`` has the linear
@@ -19,10 +20,11 @@ order in ``MobileViTModel``), checked against each call's map like timm's.
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from ..module_index import named_module_list
-from ..placement import NotPlaceable
 from .stages import defined_in, reduction_before
 from .windows import PartitionPlacer, grid_partition, nchw
 
@@ -81,15 +83,14 @@ def _patch_placer(model: nn.Module, name: str, conv_1x1: nn.Module, patch_size, 
 
     def partition(grid):
         ph, pw = (int(p) for p in patch_size)
-        if grid[0] % ph or grid[1] % pw:
-            raise NotPlaceable(
-                f"{type(model).__name__}'s MobileViT block resizes its {grid[0]}x{grid[1]} map to whole {ph}x{pw} "
-                "patches (bilinear) before attending, so its tokens are interpolated, not cells of the map; use an "
-                f"input size whose map at this stage is a multiple of {ph}x{pw}"
-            )
-        cells = (grid[0] // ph, grid[1] // pw)
+        # Both libraries resize to whole patches first, as math.ceil(H / ph) * ph (bilinear, corners not aligned).
+        resized = (math.ceil(grid[0] / ph) * ph, math.ceil(grid[1] / pw) * pw)
+        cells = (resized[0] // ph, resized[1] // pw)
         attention = f"across {ph}x{pw} patches: grid {cells[0]}x{cells[1]}, dilated every {ph}x{pw}"
-        return grid_partition(grid, cells), attention
+        if resized == tuple(grid):
+            return grid_partition(grid, cells), attention
+        attention += f", map resized {grid[0]}x{grid[1]} -> {resized[0]}x{resized[1]}"
+        return grid_partition(resized, cells), attention, resized
 
     return PartitionPlacer(model, name, conv_1x1, nchw, partition, "windows in batch", output=True,
                            reduction=reduction)

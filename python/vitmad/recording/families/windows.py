@@ -239,7 +239,10 @@ class PartitionPlacer(LayerPlacer):
         watch: the module whose input (``output=False``) or output (``output=True``) is the stage's map.
         read_map: ``(batch, grid_h, grid_w)`` of that tensor, or None when it is not such a map.
         partition: ``grid -> (cells, attention)``: the windows of the map (see :func:`window_placement`) and their
-            description; read when each call is placed, so partition sizes changed on the model are followed.
+            description; read when each call is placed, so partition sizes changed on the model are followed. A
+            model that resizes its map before partitioning it (MobileViT, to whole patches) returns ``(cells,
+            attention, resized)``: the cells are of the ``resized`` grid, which covers the same image, each token
+            at the centre of its bin (bilinear resizing without aligned corners samples there).
         order: where the windows are in the call's leading dims (see :func:`window_placement`).
         output: the map is ``watch``'s output rather than its input.
         reduction: the stage's nominal pixel stride, for models without timm's ``feature_info``.
@@ -275,7 +278,10 @@ class PartitionPlacer(LayerPlacer):
         batch, *grid = seen
         grid = (int(grid[0]), int(grid[1]))
         stride = stage_stride(self.model, self.name, context.image_size, grid, self.reduction)
-        cells, attention = self.partition(grid)
+        cells, attention, *resized = self.partition(grid)
+        if resized:  # the same image area in more (or fewer) tokens: the stride scales by the ratio of the sizes
+            stride = (stride[0] * grid[0] / resized[0][0], stride[1] * grid[1] / resized[0][1])
+            grid = (int(resized[0][0]), int(resized[0][1]))
         if _batch(lead, cells.shape[0], self.order) != batch:
             raise NotPlaceable(f"its attention has leading dims {list(lead)} for a batch of {batch} maps")
         key = (grid, stride, tuple(lead), num_queries, num_keys, attention)
