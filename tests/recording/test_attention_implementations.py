@@ -354,3 +354,27 @@ def test_phi4_multimodal_vision_tower_is_causal_under_sdpa_only():
     assert torch.equal(plain, recorded)
     expected = torch.stack([vitmad.mad_reference(a, 14, num_prefix_tokens=0, grid=(4, 4)) for a in maps])
     torch.testing.assert_close(rec.mad.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_sdpa_replaced_by_a_wrapper_that_calls_it_is_still_recorded(monkeypatch):
+    """A profiler or library that wraps F.scaled_dot_product_attention (and calls torch's) left every layer
+    unrecorded, and rec.mad then advised naming the layers (helper-61)."""
+    import torch.nn.functional as F
+
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    original, wrapped = F.scaled_dot_product_attention, []
+
+    def wrapper(*args, **kwargs):
+        wrapped.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", wrapper)
+    with torch.no_grad(), vitmad.record(model) as again:
+        model(pixels)
+    assert len(wrapped) == 2 and again.layers == rec.layers
+    torch.testing.assert_close(again.mad, rec.mad, rtol=0, atol=0)

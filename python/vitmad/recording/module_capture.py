@@ -46,6 +46,10 @@ ProbabilitiesCallback = Callable[[str, torch.Tensor], None]
 # submodule).
 _SELF_ATTENTION_PROJECTIONS = ("qkv", "q_proj", "in_proj", "q")
 _SOFTMAX_FUNCTIONS = (torch.softmax, F.softmax, torch.Tensor.softmax)
+# torch's own function (the builtin F's attribute is, unless replaced): a library or profiler that replaces
+# F.scaled_dot_product_attention with a wrapper calling it still reaches the mode with this one (compared with F's
+# attribute at call time, nothing was recorded), whether it did so before or after vitmad was imported.
+_SDPA = getattr(torch._C._nn, "scaled_dot_product_attention", F.scaled_dot_product_attention)
 
 
 def timm_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -125,7 +129,7 @@ class _CaptureAttention(TorchFunctionMode):
         kwargs = kwargs or {}
         if not self.active:
             return func(*args, **kwargs)
-        if func is F.scaled_dot_product_attention and self._in_forward():
+        if func is _SDPA and self._in_forward():
             query, key, mask, is_causal, scale, enable_gqa = _sdpa_arguments(args, kwargs)
             if is_causal:
                 raise ValueError(
