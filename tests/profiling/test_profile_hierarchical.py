@@ -82,3 +82,39 @@ def test_resume_from_a_finished_checkpoint_keeps_heads_and_geometry(swin_and_ima
     resumed = vitmad.profile(model, pixels, batch_size=2, device="cpu", checkpoint=checkpoint, resume=True)
     assert resumed.heads == first.heads and resumed.geometry == first.geometry
     assert torch.equal(resumed.stats.total.nan_to_num(-1), first.stats.total.nan_to_num(-1))
+
+
+def _weights(tmp_path, name: str):
+    path = tmp_path / f"{name}.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model(name, pretrained=False).state_dict(), path)
+    return path
+
+
+def test_timm_hierarchies_take_another_image_size_or_say_why_before_any_image(tmp_path):
+    """--image-size on a timm model without dynamic_img_size (PVT v2, MViTv2, EfficientFormer, MaxViT, Hiera,
+    LeViT, ...) was refused outright ("cannot take other input sizes"). Now: built for the size where the model
+    takes img_size, as it is where it takes no size option, and a size it cannot run is said by name before any
+    image is read."""
+    from vitmad.profiling.models import load_model
+    from vitmad.profiling.options import OptionError
+
+    loaded = load_model("timm:pvt_v2_b0", model_checkpoint=_weights(tmp_path, "pvt_v2_b0"), image_size=(96, 128))
+    pixels = torch.randn(1, 3, 96, 128)
+    with torch.no_grad(), vitmad.record(loaded.module) as rec:
+        loaded.forward(pixels)
+    assert rec.geometry[0].grid == (24, 32) and rec.geometry[-1].grid == (3, 4)
+    # Its constructor refuses the size (MViTv2 pools square maps only).
+    with pytest.raises(OptionError, match=r"image_size: timm model mvitv2_tiny cannot be built for 96x128 px "
+                                          r"\(AssertionError"):
+        load_model("timm:mvitv2_tiny", model_checkpoint=_weights(tmp_path, "mvitv2_tiny"), image_size=(96, 128))
+    # Built, it does not run there (EfficientFormer's attention biases are sized for 224 px whatever img_size says).
+    with pytest.raises(OptionError, match=r"image_size: timm model efficientformer_l1 does not run at 96x128 px "
+                                          r"\(RuntimeError: The size of tensor"):
+        load_model("timm:efficientformer_l1", model_checkpoint=_weights(tmp_path, "efficientformer_l1"),
+                   image_size=(96, 128))
+    # Built for the size, its relative-position tables no longer have the checkpoint's shapes.
+    with pytest.raises(OptionError, match=r"image_size: timm model coatnet_nano_rw_224 built for 96x128 px does "
+                                          r"not take the weights of .*use the size it was trained at"):
+        load_model("timm:coatnet_nano_rw_224", model_checkpoint=_weights(tmp_path, "coatnet_nano_rw_224"),
+                   image_size=(96, 128))

@@ -305,6 +305,60 @@ def _load_hf(spec: str, name: str) -> LoadedModel:
     return loaded
 
 
+def _create_timm(timm, name: str, model_checkpoint: Path | None, tries: list[dict], weights: dict):
+    """``timm.create_model`` with the first of ``tries`` (size options) the model's constructor takes, and those
+    options.
+
+    Raises:
+        OptionError: naming ``image_size``, when it takes none of them.
+    """
+    for attempt, options in enumerate(tries):
+        try:
+            return timm.create_model(name, pretrained=model_checkpoint is None,
+                                     checkpoint_path=str(model_checkpoint or ""), **options, **weights), options
+        except TypeError as err:  # an option its constructor does not have; any other TypeError is the model's
+            if not any(f"'{option}'" in str(err) for option in options):
+                raise
+            if attempt == len(tries) - 1:
+                raise OptionError("image_size", f"timm model {name} cannot take other input sizes ({err})") from err
+        except (AssertionError, ValueError) as err:  # built for the size asked, its constructor refuses it
+            if "img_size" not in options:
+                raise
+            found = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
+            raise OptionError("image_size", f"timm model {name} cannot be built for "
+                                            f"{'x'.join(map(str, options['img_size']))} px ({type(err).__name__}: "
+                                            f"{found}); use its own size, or one it takes") from err
+        except RuntimeError as err:
+            if "img_size" not in options or model_checkpoint is None:
+                raise
+            # Built for the size asked, its size-dependent tables (relative positions, attention biases) no
+            # longer have the checkpoint's shapes.
+            size = "x".join(map(str, options["img_size"]))
+            raise OptionError("image_size", f"timm model {name} built for {size} px does not take the weights of "
+                                            f"{model_checkpoint}, whose size-dependent tables are for another size; "
+                                            f"use the size it was trained at ({_first_line(err)})") from err
+    raise AssertionError("unreachable: tries is never empty")
+
+
+def _check_runs_at(module: torch.nn.Module, name: str, image_size: tuple[int, int]) -> None:
+    """One forward of a blank image at ``image_size``, for a timm model built for that size (or taking no size
+    option): whether it runs there is known only by running it (MViTv2 asserts square maps, EfficientFormer's
+    attention biases are sized for 224 px whatever img_size says). Said now, naming the option, rather than at
+    the first batch, after a checkpoint.
+
+    Raises:
+        OptionError: naming ``image_size``.
+    """
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, *image_size))
+    except (RuntimeError, AssertionError, ValueError, IndexError, TypeError) as err:
+        found = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
+        raise OptionError("image_size", f"timm model {name} does not run at {image_size[0]}x{image_size[1]} px "
+                                        f"({type(err).__name__}: {found}); use its own size, or one it "
+                                        "takes") from err
+
+
 def _load_timm(
     spec: str, name: str, model_checkpoint: str | os.PathLike | None, image_size: tuple[int, int] | str | None
 ) -> LoadedModel:
@@ -322,15 +376,18 @@ def _load_timm(
         raise MissingPathError("model_checkpoint", f"no such file: {model_checkpoint}")
     # NaFlexViT follows any input size by itself (and takes no such option).
     naflex = timm.models.model_entrypoint(name).__module__.endswith(".naflexvit")
-    options = {"dynamic_img_size": True} if image_size is not None and not naflex else {}
-    if model_checkpoint is None:
-        options.update(_timm_weights_options(pretrained_cfg, spec, name))
+    weights = {} if model_checkpoint is not None else _timm_weights_options(pretrained_cfg, spec, name)
+    # The ways a timm model takes another size, in order: any size (the ViTs: dynamic_img_size); built for this
+    # size (hierarchies whose position tables or attention biases are sized at construction: MViTv2, MaxViT,
+    # CoAtNet, LeViT, Hiera, EfficientFormer: img_size); neither option at all (PVT v2, DaViT: no table tied to a
+    # size). Only a model that takes none of them is refused here.
+    tries = [{}]
+    if image_size is not None and not naflex:
+        tries = [{"dynamic_img_size": True}]
+        if image_size != NATIVE:
+            tries += [{"img_size": tuple(image_size)}, {}]
     try:
-        module = timm.create_model(
-            name, pretrained=model_checkpoint is None, checkpoint_path=str(model_checkpoint or ""), **options
-        )
-    except TypeError as err:
-        raise OptionError("image_size", f"timm model {name} cannot take other input sizes ({err})") from err
+        module, options = _create_timm(timm, name, model_checkpoint, tries, weights)
     except OSError as err:  # the pretrained weights could not be downloaded (offline, unknown tag)
         raise OptionError("model", f"{spec}: cannot load its pretrained weights: {_first_line(err)}") from err
     except RuntimeError as err:  # load_state_dict: missing, unexpected or mis-shaped weights
@@ -339,6 +396,8 @@ def _load_timm(
         raise OptionError(
             "model_checkpoint", f"{model_checkpoint} does not fit timm model {name}: {_first_line(err)}"
         ) from err
+    if image_size not in (None, NATIVE) and "dynamic_img_size" not in options:
+        _check_runs_at(module.eval(), name, image_size)
     data_config = timm.data.resolve_model_data_config(module)
     try:
         preprocessing = Preprocessing.from_timm(data_config)
