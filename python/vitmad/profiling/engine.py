@@ -557,7 +557,8 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
 
     rank = plan.run.rank if plan.run else 0
     counter = GlobalProgress(plan.run)
-    bar = tqdm(total=len(plan.names), unit="img", disable=not (progress and rank == 0), desc="vitmad profile",
+    unit = "video" if model_frames(plan.loaded.module) is not None else "img"
+    bar = tqdm(total=len(plan.names), unit=unit, disable=not (progress and rank == 0), desc="vitmad profile",
                dynamic_ncols=True)
     bar.update(counter.add(len(state.images) + len(state.skipped)))
     plan.loaded.module.to(device=plan.device, dtype=plan.dtype)

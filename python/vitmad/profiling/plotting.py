@@ -142,9 +142,11 @@ def _finish_depth_figure(plt, fig, ax, profile, statistic: str, depth: list[int]
     ax.set_ylabel(STAT_LABELS.get(statistic, statistic))
     ax.set_xticks(depth if len(depth) <= 24 else depth[::max(1, len(depth) // 12)])
     ax.set_ylim(bottom=0)
-    ax.set_title(title or textwrap.fill(f"{profile.model}: {profile.count} images, {_describe_grids(profile)}", 80),
-                 fontsize=10 if profile.geometry is None else 8)
-    ax.legend(fontsize=7, ncol=2 if num_heads > 8 else 1, loc="lower right")
+    inputs = "videos" if profile.temporal is not None else "images"
+    ax.set_title(title or textwrap.fill(f"{profile.model}: {profile.count} {inputs}, {_describe_grids(profile)}",
+                                        80), fontsize=10 if profile.geometry is None else 8)
+    if ax.get_legend_handles_labels()[0]:  # heads are labelled up to 16 of them; else nothing to list
+        ax.legend(fontsize=7, ncol=2 if num_heads > 8 else 1, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path, dpi=150)

@@ -28,8 +28,10 @@ def _missing_reason(geometry) -> str:
         return "no token without a position (CLS, registers) in this layer"
     if geometry.grid is None:
         return "the images have token grids of their own"
-    if any(word in geometry.attention for word in ("pooled", "window")):
+    if "pooled" in geometry.attention:
         return f"no prefix maps: the layer's keys are not its queries ({geometry.attention})"
+    if "window" in geometry.attention:
+        return f"no prefix maps: no token without a position (CLS, registers) in its windows ({geometry.attention})"
     return ("no prefix maps: the layer's keys are not its queries (windows, pooled keys), it has no CLS or register "
             "token, or those differ between images")
 
