@@ -208,7 +208,7 @@ def _quiet_transformers() -> None:
 def _profile_command(args: argparse.Namespace, run) -> None:
     from .profiling import mad_maps, profile
     from .profiling.files import check_writable
-    from .profiling.images import parse_image_size
+    from .profiling.images import NATIVE, parse_image_size
     from .profiling.maps import image_prefix_maps
     from .profiling.models import load_model
     from .profiling.options import (
@@ -310,13 +310,20 @@ def _profile_command(args: argparse.Namespace, run) -> None:
         prep = loaded.preprocessing
         plot_mad_maps(maps, pixels, names, out / "mad_map.png", geometry=geometry, mean=prep.mean, std=prep.std)
         written.append("mad_map.png")
-        if result.prefix_maps is not None and result.prefix_maps.layers:
-            # The mean maps blur what each image's CLS looks at: one image, every head, as in the DINO paper.
-            token_maps, pixels, name, layer = image_prefix_maps(loaded, result.images[0], image_size=size,
-                                                                device=device)
-            plot_image_prefix_maps(token_maps, pixels, name, out / "prefix_map_image.png", geometry=layer,
-                                   mean=prep.mean, std=prep.std)
-            written.append("prefix_map_image.png")
+        # The mean maps blur what each image's CLS looks at: one image, every head, as in the DINO paper. A native
+        # run has no mean maps (each image its own grid), but one image's maps are on its own grid.
+        native_maps = "prefix_maps" in stats and size == NATIVE
+        if (result.prefix_maps is not None and result.prefix_maps.layers) or native_maps:
+            try:
+                token_maps, pixels, name, layer = image_prefix_maps(loaded, result.images[0], image_size=size,
+                                                                    device=device)
+            except OptionError:  # a native model without a class or register token (SigLIP2): nothing to draw
+                if not native_maps:
+                    raise
+            else:
+                plot_image_prefix_maps(token_maps, pixels, name, out / "prefix_map_image.png", geometry=layer,
+                                       mean=prep.mean, std=prep.std)
+                written.append("prefix_map_image.png")
     # What an earlier run wrote and this one does not (another model's maps, a statistic not asked for now)
     # would sit beside this run's results as if they were its own.
     stale = sorted(earlier - set(written))

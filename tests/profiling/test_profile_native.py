@@ -257,3 +257,17 @@ def test_native_grids_are_the_largest_the_budget_allows(budget):
             assert (grid_h, grid_w) == (expected_h, max(1, min(budget // expected_h, largest(width, height)))), \
                 (height, width)
             assert grid_h * grid_w <= budget
+
+
+def test_cli_native_draws_one_images_prefix_maps(siglip2_folder, tiny_model, images, tmp_path, capsys):
+    """A native run has no mean maps (each image its own grid), but the first image's CLS maps are on its own grid:
+    prefix_map_image.png is drawn (was: never, in a native run); a model without a class or register token
+    (SigLIP2) has none to draw, and the run says why there are no maps, as before."""
+    base = ["profile", "--images", str(images), "--image-size", "native", "--stats", "prefix_maps", "--device",
+            "cpu", "--max-images", "2", "--workers", "0"]
+    assert main([*base, "--model", f"hf:{tiny_model}", "--out", str(tmp_path / "vit")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "vit" / "prefix_map_image.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "vit" / "prefix_maps.npz").exists()
+    assert main([*base, "--model", f"hf:{siglip2_folder}", "--out", str(tmp_path / "siglip2")]) == 0
+    assert "native resolution: every image has its own token grid" in capsys.readouterr().out
+    assert not (tmp_path / "siglip2" / "prefix_map_image.png").exists()

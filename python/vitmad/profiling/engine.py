@@ -438,7 +438,8 @@ def plan_run(
     statistics = tuple(name for name in stats if name not in ("mad", "prefix_maps"))
     maps_skipped = None
     if "prefix_maps" in stats and native is not None:
-        maps_skipped = "native resolution: every image has its own token grid, so maps do not average"
+        maps_skipped = ("native resolution: every image has its own token grid, so maps do not average "
+                        "(prefix_map_image.png: the first image's, where the model has class or register tokens)")
     elif "prefix_maps" in stats and model_frames(loaded.module) is not None:
         maps_skipped = "video model: prefix maps are averaged for image models only"
     recorded = (*statistics, *(["prefix_maps"] if "prefix_maps" in stats and maps_skipped is None else []))
