@@ -233,7 +233,9 @@ def test_native_refuses_a_hierarchy(images, tmp_path):
     transformers.SwinModel(config).save_pretrained(tmp_path / "swin")
     transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "swin")
     with pytest.raises(OptionError, match=r"image_size: native: the layers of SwinModel attend at strides"):
-        vitmad.profile(f"hf:{tmp_path / 'swin'}", images, image_size="native", device="cpu", max_images=2)
+        vitmad.profile(f"hf:{tmp_path / 'swin'}", images, image_size="native", device="cpu", max_images=2,
+                       checkpoint=tmp_path / "checkpoint.pt")
+    assert not (tmp_path / "checkpoint.pt").exists()  # refused at its first batch: no checkpoint of nothing
 
 
 @pytest.mark.parametrize("budget", [16, 196, 256, 1024])

@@ -575,8 +575,12 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
             if state.batches_done % plan.checkpoint_every == 0:
                 save(state)
         save(state)
-    except BaseException:
-        save(state)  # Ctrl-C or a failure: keep every batch finished so far for resume
+    except BaseException as err:
+        # Ctrl-C or a failure: keep every batch finished so far for resume. A run refused at its first batch
+        # (--image-size native on a hierarchy) has nothing to keep, and its checkpoint of nothing would stand in
+        # --out, over an earlier run's, for a run that cannot be resumed as it is.
+        if state.batches_done or not isinstance(err, OptionError):
+            save(state)
         raise
     finally:
         bar.close()
