@@ -466,6 +466,16 @@ def _common_prefix_columns(positions: torch.Tensor) -> torch.Tensor | None:
     return common_tokens(~missing) if bool(missing.any()) else None
 
 
+def _extra_token_rows(positions: torch.Tensor, prefix: int, suffix: int) -> torch.Tensor | None:
+    """Of the op's prefix-map rows (the queries without a position, in token order), the indices of the extra
+    tokens' (the first ``prefix`` tokens and the last ``suffix``); None when they are every row. The others are
+    padding slots. The pattern is the same in every matrix (:func:`_common_prefix_columns` holds it so)."""
+    count = positions.shape[-2]
+    unplaced = positions[..., 0].isnan().reshape(-1, count)[0].nonzero().squeeze(-1)
+    extra = (unplaced < prefix) | (unplaced >= count - suffix)
+    return None if bool(extra.all()) else extra.nonzero().squeeze(-1).cpu()
+
+
 class Recording:
     """The context manager :func:`record` returns; see there. Readable during and after the ``with`` block."""
 
@@ -945,17 +955,16 @@ class Recording:
         columns = derived_once(positions, None, "prefix_rows", lambda: _common_prefix_columns(positions))
         if columns is None:
             return None
-        values = measure(positions, None, False, (MAP_NAME,))[MAP_NAME]
+        kept = None
         if geometry.num_prefix_tokens is not None:
-            # The op's rows are the queries without a position, in token order; keep the extra tokens' rows.
-            count = positions.shape[-2]
-            suffix = geometry.num_suffix_tokens or 0
-            unplaced = positions[..., 0].isnan().reshape(-1, count)[0].nonzero().squeeze(-1)
-            extra = (unplaced < geometry.num_prefix_tokens) | (unplaced >= count - suffix)
-            if not bool(extra.any()):
+            prefix, suffix = geometry.num_prefix_tokens, geometry.num_suffix_tokens or 0
+            kept = derived_once(positions, None, f"prefix_map_rows.{prefix}.{suffix}",
+                                lambda: _extra_token_rows(positions, prefix, suffix))
+            if kept is not None and kept.numel() == 0:
                 return None
-            if not bool(extra.all()):
-                values = values[..., extra.nonzero().squeeze(-1).to(values.device), :]
+        values = measure(positions, None, False, (MAP_NAME,))[MAP_NAME]
+        if kept is not None:
+            values = values.index_select(-2, kept.to(values.device))
         rows = values.new_full((*values.shape[:-1], positions.shape[-2]), float("nan"))
         return rows.index_copy_(-1, columns, values)
 
