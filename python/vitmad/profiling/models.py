@@ -305,6 +305,13 @@ def _load_hf(spec: str, name: str) -> LoadedModel:
     return loaded
 
 
+def _said(err: BaseException) -> str:
+    """``Type: first line`` of an exception, for messages that quote a model's own error (a bare ``assert``
+    has no message)."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else 'no message'}"
+
+
 def _create_timm(timm, name: str, model_checkpoint: Path | None, tries: list[dict], weights: dict):
     """``timm.create_model`` with the first of ``tries`` (size options) the model's constructor takes, and those
     options.
@@ -324,10 +331,9 @@ def _create_timm(timm, name: str, model_checkpoint: Path | None, tries: list[dic
         except (AssertionError, ValueError) as err:  # built for the size asked, its constructor refuses it
             if "img_size" not in options:
                 raise
-            found = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
             raise OptionError("image_size", f"timm model {name} cannot be built for "
-                                            f"{'x'.join(map(str, options['img_size']))} px ({type(err).__name__}: "
-                                            f"{found}); use its own size, or one it takes") from err
+                                            f"{'x'.join(map(str, options['img_size']))} px ({_said(err)}); use its "
+                                            "own size, or one it takes") from err
         except RuntimeError as err:
             if "img_size" not in options or model_checkpoint is None:
                 raise
@@ -353,10 +359,8 @@ def _check_runs_at(module: torch.nn.Module, name: str, image_size: tuple[int, in
         with torch.no_grad():
             module(torch.zeros(1, 3, *image_size))
     except (RuntimeError, AssertionError, ValueError, IndexError, TypeError) as err:
-        found = str(err).strip().splitlines()[0] if str(err).strip() else "no message"
         raise OptionError("image_size", f"timm model {name} does not run at {image_size[0]}x{image_size[1]} px "
-                                        f"({type(err).__name__}: {found}); use its own size, or one it "
-                                        "takes") from err
+                                        f"({_said(err)}); use its own size, or one it takes") from err
 
 
 def _load_timm(

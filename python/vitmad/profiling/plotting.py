@@ -64,9 +64,14 @@ COMPARE_MARK = "vitmad compare"
 _MARKED_FIELDS = {"png": "Software", "pdf": "Creator", "svg": "Creator", "eps": "Creator", "ps": "Creator"}
 
 
+def _mark_field(path: str | os.PathLike) -> str | None:
+    """The metadata field that carries the compare mark in the figure format of ``path`` (by its suffix)."""
+    return _MARKED_FIELDS.get(Path(path).suffix.lower().lstrip("."))
+
+
 def marks(path: str | os.PathLike) -> bool:
     """Whether the figure file format of ``path`` (by its suffix) carries the compare mark."""
-    return Path(path).suffix.lower().lstrip(".") in _MARKED_FIELDS
+    return _mark_field(path) is not None
 
 
 def written_by_compare(path: str | os.PathLike) -> bool:
@@ -270,7 +275,7 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    field = _MARKED_FIELDS.get(Path(path).suffix.lower().lstrip("."))
+    field = _mark_field(path)
     _save(fig, path, dpi=150, **({"metadata": {field: COMPARE_MARK}} if field else {}))
     plt.close(fig)
 
