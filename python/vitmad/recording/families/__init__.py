@@ -27,7 +27,6 @@ from . import (
     hiera,
     iformer,
     levit,
-    linear_attention,
     lowformer,
     map_attention,
     masked,
@@ -68,7 +67,7 @@ class Skip:
 _FAMILIES = (
     packed, non_spatial, unplaced, masked, vilt, padded_patches, swin, windowed_vit, hiera, pooled, mvit, levit,
     efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin,
-    mobilevit, linear_attention, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer,
+    mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer,
     lowformer, video, naflex, shvit, convit, torchvision_maxvit,
 )
 

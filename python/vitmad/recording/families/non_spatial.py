@@ -1,7 +1,8 @@
 """Attention layers that are not spatial softmax attention over positioned tokens: skipped, with the reason.
 
 Their MAD is not defined (``docs/definition.md``): the softmax runs over channels, over a token's own
-neighbourhood without a query-key product, or from queries that have no place on the image (a class token
+neighbourhood without a query-key product, over the keys alone (CoaT's factorized attention), or not at all (ReLU
+linear attention), or from queries that have no place on the image (a class token
 attending to the patches in CaiT's class-attention layers; the learned latent query of attention pooling).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..module_index import named_module_list
 from .windows import parent_module
 
 # class name -> why its attention has no MAD.
@@ -28,7 +30,27 @@ _REASONS = {
 # Class names too common to match alone: (class name, defining module's suffix) -> reason.
 _REASONS_IN = {
     ("CrossAttention", "crossvit"): "cross-attention from one branch's class token to the other branch (CrossViT)",
+    # Attention that forms no softmax row per query over the tokens.
+    ("FactorAttnConvRelPosEnc", "coat"): "factorized attention (CoaT): softmax(k)^T v is applied to the queries, so "
+                                         "no query has attention weights over the tokens",
+    ("LiteMLA", "efficientvit_mit"): "ReLU linear attention (EfficientViT-MIT's LiteMLA): relu(k)^T v is applied to "
+                                     "relu(q), so no softmax over the tokens is formed",
 }
+# Of those, the ones the generic discovery does not find (no fused_attn switch, no query/key projections it
+# knows): attention_modules lists them, so that they are skipped with the reason rather than the model refused
+# as having no attention at all.
+_UNDISCOVERED = {("FactorAttnConvRelPosEnc", "coat"), ("LiteMLA", "efficientvit_mit")}
+
+
+def _class_key(module: nn.Module) -> tuple[str, str]:
+    cls = type(module)
+    return cls.__name__, cls.__module__.rpartition(".")[2]
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """CoaT's factorized and EfficientViT-MIT's ReLU linear attention, by qualified name, to list them as
+    skipped."""
+    return {name: m for name, m in named_module_list(model) if _class_key(m) in _UNDISCOVERED}
 
 
 _POOLING_QUERY = "attention pooling: a learned query without a position on the image"
@@ -60,7 +82,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
     cls = type(module)
-    reason = _REASONS.get(cls.__name__) or _REASONS_IN.get((cls.__name__, cls.__module__.rpartition(".")[2]))
+    reason = _REASONS.get(cls.__name__) or _REASONS_IN.get(_class_key(module))
     if reason is None:
         reason = _REASONS_AS.get((type(parent_module(model, name)).__name__, name.rpartition(".")[2]))
     if reason is None and _pools_with_learned_query(model, name, module):
