@@ -174,3 +174,35 @@ def test_torchrun_with_heads_and_grids_that_change_with_depth(tmp_path):
     doc = json.loads((tmp_path / "two" / "mad.json").read_text())
     assert [layer["heads"] for layer in doc["layers"]] == [1, 2] and doc["num_heads"] == [1, 2]
     _assert_same_profile(tmp_path / "two" / "mad.json", tmp_path / "single" / "mad.json")
+
+
+# Run by torchrun: joins the group as the CLI does, loads a transformers model, tears the group down.
+GROUP_LIFETIME = """
+import sys, weakref
+import torch.distributed as dist
+from vitmad.profiling.distributed import init_from_env
+from vitmad.profiling.models import load_model
+
+run = init_from_env(None, "cpu", 60)
+group = weakref.ref(dist.group.WORLD)
+load_model("hf:" + sys.argv[1])
+run.close(wait_for_all=True)
+print(f"rank {run.rank}: group {'alive' if group() is not None else 'freed'} after close")
+"""
+
+
+def test_the_process_group_is_freed_when_a_rank_closes_after_loading_a_transformers_model(tmp_path):
+    """transformers imports torch.distributed.nn while it loads a model; imported after the group exists, its
+    ``group=group.WORLD`` defaults kept the group (and its gloo threads) alive until Python finalised, where a
+    thread still freeing the last collective's tensors aborted the rank now and then (SIGABRT, about 1 run in
+    40). The group must be gone once ``close`` returns."""
+    model = save_tiny_hf_vit(tmp_path / "model")
+    script = tmp_path / "group_lifetime.py"
+    script.write_text(GROUP_LIFETIME)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+               str(model)]
+    done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"),
+                          timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank ")) == [
+        "rank 0: group freed after close", "rank 1: group freed after close"]
