@@ -414,8 +414,11 @@ def _compare_command(args: argparse.Namespace, run) -> None:
     from .ops.arguments import STAT_NAMES
     from .profiling import Profile
     from .profiling.files import check_writable
+    from .profiling.options import import_optional
     from .profiling.plotting import plot_compare
 
+    # A comparison is only figures: a missing matplotlib is said first, with the extra that brings it.
+    import_optional("matplotlib", "profile", "vitmad compare")
     profiles = [Profile.from_json(path) for path in args.results]
     labels = args.labels or _default_labels(profiles, args.results)
     if len(labels) != len(profiles):

@@ -150,6 +150,18 @@ def test_missing_figure_dependency_names_the_extra_before_the_run(tiny_model, im
     assert code == 0 and (tmp_path / "out" / "mad.json").is_file()
 
 
+def test_compare_without_matplotlib_names_the_extra(tiny_model, image_folder, tmp_path, capsys, monkeypatch):
+    code, _, _ = _run(["profile", "--model", f"hf:{tiny_model}", "--images", image_folder, "--device", "cpu",
+                       "--no-figures", "--out", tmp_path / "out"], capsys)
+    assert code == 0
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, stdout, err = _run(["compare", tmp_path / "out" / "mad.json", "--out", tmp_path / "compare.png"], capsys)
+    assert code == 2 and stdout == ""
+    assert err.strip() == ("vitmad: error: vitmad compare needs the package matplotlib, which is not installed: "
+                           'pip install "vitmad[profile]"')
+    assert not (tmp_path / "compare.png").exists()
+
+
 def test_unreachable_hub_fails_at_once(image_folder, tmp_path):
     """Offline, a hub id that is not cached is refused after one quick connection test, not five retries."""
     env = subprocess_env(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
