@@ -1,0 +1,209 @@
+"""vitmad.record on more packed native-resolution vision towers, each proven the same as a tower of
+test_record_packed.py: Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, Qwen4-Exp and Qwen3-Omni-MoE (Qwen3-VL's tower),
+Qwen2.5-Omni (Qwen2.5-VL's windows and full-attention blocks), ERNIE-4.5-VL (Qwen2-VL's order, a linear patch
+embedding); GLM-Image refused by name.
+
+Tiny random-weight towers get three images of different sizes (odd numbers of merge blocks a side) packed in one
+call. The reference is each model's own eager attention probabilities, captured call by call from its modeling
+file's ``eager_attention_forward``, placed by geometry written here with explicit loops (not the code under test):
+tokens in spatial-merge blocks of ``MERGE x MERGE`` patches, blocks row-major over the image and patches row-major
+in a block; for Qwen2.5-Omni the blocks regrouped by windows of ``WINDOW x WINDOW`` blocks (windows row-major,
+blocks row-major in each, edge windows smaller), one call per window in its window blocks and one per image over
+the same order in its full-attention block. Each patch sits at ``(row + 0.5, col + 0.5) * PATCH`` pixels of its
+own image; a query's MAD is over the keys of its own call, in float64.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import vitmad
+
+transformers = pytest.importorskip("transformers")
+
+# Recorded float32 MAD against float64 on the eager float32 probabilities; MADs here are 4 to 40 px.
+TOL = {"rtol": 1e-5, "atol": 1e-4}
+PATCH, MERGE, WINDOW = 4, 2, 2  # 4 px patches, 2 x 2 merge blocks, windows of 2 x 2 merge blocks (16 px)
+# (h, w) patches: 3 x 2, 5 x 5 and 1 x 7 merge blocks; windows at the bottom / right edges hold one block row or
+# column, and the strip is three windows wide with a one-block window at its end.
+GRIDS = [(6, 4), (10, 10), (2, 14)]
+
+# name -> (modeling module, config class, tower class, attention class, windows)
+TOWERS = {
+    "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeVisionConfig", "Qwen3VLMoeVisionModel", "Qwen3VLMoeVisionAttention",
+                     False),
+    "qwen3_5": ("qwen3_5", "Qwen3_5VisionConfig", "Qwen3_5VisionModel", "Qwen3_5VisionAttention", False),
+    "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeVisionConfig", "Qwen3_5MoeVisionModel", "Qwen3_5MoeVisionAttention",
+                    False),
+    "qwen4_exp": ("qwen4_exp", "Qwen4ExpVisionConfig", "Qwen4ExpVisionModel", "Qwen4ExpVisionAttention", False),
+    "qwen3_omni_moe": ("qwen3_omni_moe", "Qwen3OmniMoeVisionEncoderConfig", "Qwen3OmniMoeVisionEncoder",
+                       "Qwen3OmniMoeVisionAttention", False),
+    "qwen2_5_omni": ("qwen2_5_omni", "Qwen2_5OmniVisionEncoderConfig", "Qwen2_5OmniVisionEncoder",
+                     "Qwen2_5OmniVisionAttention", True),
+    "ernie4_5_vl_moe": ("ernie4_5_vl_moe", "Ernie4_5_VLMoeVisionConfig",
+                        "Ernie4_5_VLMoeVisionTransformerPretrainedModel", "Ernie4_5_VLMoeVisionAttention", False),
+}
+
+
+def _modeling(name: str):
+    module = TOWERS[name][0]
+    return importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+
+
+def _tower(name: str) -> torch.nn.Module:
+    module, config_name, tower_name, attention_name, windows = TOWERS[name]
+    settings = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
+                    spatial_merge_size=MERGE, attn_implementation="eager")
+    if name != "ernie4_5_vl_moe":
+        settings.update(temporal_patch_size=2, out_hidden_size=32)
+    if name.startswith("qwen3") or name == "qwen4_exp":
+        settings["num_position_embeddings"] = 16
+    if name in ("qwen3_vl_moe", "qwen3_omni_moe"):
+        settings["deepstack_visual_indexes"] = []
+    if windows:  # block 0 attends in windows, block 1 per image
+        settings.update(window_size=WINDOW * MERGE * PATCH, fullatt_block_indexes=[1])
+    config = getattr(transformers, config_name)(**settings)
+    modeling = _modeling(name)
+    model = getattr(modeling, tower_name)(config)
+    assert type(model.blocks[0].attn).__name__ == attention_name
+    torch.manual_seed(0)
+    with torch.no_grad():  # weights large enough that attention is far from uniform
+        for sub in model.modules():
+            if isinstance(sub, torch.nn.Linear):
+                sub.weight.normal_(std=0.25)
+    return model.eval()
+
+
+def _inputs(name: str):
+    grid_thw = torch.tensor([[1, h, w] for h, w in GRIDS])
+    temporal = 1 if name == "ernie4_5_vl_moe" else 2
+    torch.manual_seed(1)
+    return torch.randn(sum(h * w for h, w in GRIDS), 3 * temporal * PATCH * PATCH), grid_thw
+
+
+# Geometry written here -------------------------------------------------------------------------------------------
+
+def _chunks(grid: tuple[int, int], window: int | None) -> list[list[tuple[int, int]]]:
+    """One image's tokens as (row, col) in sequence order, cut into its attention calls: the whole image
+    (``window=None``), or windows of ``window x window`` merge blocks."""
+    h, w = grid
+    blocks_h, blocks_w = h // MERGE, w // MERGE
+    side_h, side_w = (window, window) if window else (blocks_h, blocks_w)
+    chunks = []
+    for top in range(0, blocks_h, side_h):
+        for left in range(0, blocks_w, side_w):
+            chunk = []
+            for block_row in range(top, min(top + side_h, blocks_h)):
+                for block_col in range(left, min(left + side_w, blocks_w)):
+                    for i in range(MERGE):
+                        for j in range(MERGE):
+                            chunk.append((block_row * MERGE + i, block_col * MERGE + j))
+            chunks.append(chunk)
+    return chunks
+
+
+def _eager_calls(monkeypatch, name, model, *inputs, **kwargs) -> list:
+    """``[(attention module, probabilities [1, H, n, n] float64)]`` of every eager attention call of one forward."""
+    modeling = _modeling(name)
+    original = modeling.eager_attention_forward
+    calls = []
+
+    def capture(module, *args, **kw):
+        output, probabilities = original(module, *args, **kw)
+        calls.append((module, probabilities.detach().double()))
+        return output, probabilities
+
+    model.set_attn_implementation("eager")
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling, "eager_attention_forward", capture)
+        with torch.no_grad():
+            model(*inputs, **kwargs)
+    return calls
+
+
+def _per_token_mad(probabilities: torch.Tensor, chunk: list[tuple[int, int]]) -> torch.Tensor:
+    """``[H, n]`` MAD of each query of one call over its keys."""
+    centres = torch.tensor([[(r + 0.5) * PATCH, (c + 0.5) * PATCH] for r, c in chunk], dtype=torch.float64)
+    return (probabilities[0] * torch.cdist(centres, centres)).sum(-1)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", list(TOWERS))
+def test_packed_images_match_eager_attention(monkeypatch, name, attn_implementation):
+    model = _tower(name)
+    windows = TOWERS[name][4]
+    patches, grid_thw = _inputs(name)
+
+    # The order written here is the one the tower's own rotary / position ids assume (merge-block order).
+    from transformers.vision_utils import get_vision_position_ids
+    cells = [cell for grid in GRIDS for cell in _chunks(grid, None)[0]]
+    assert get_vision_position_ids(grid_thw, MERGE).tolist() == [list(c) for c in cells]
+
+    calls = _eager_calls(monkeypatch, name, model, patches, grid_thw=grid_thw)
+    expected_per_layer, used = [], 0
+    for layer in range(2):
+        windowed = windows and layer == 0
+        expected = [torch.full((2, h * w), float("nan"), dtype=torch.float64) for h, w in GRIDS]
+        for image, grid in enumerate(GRIDS):
+            chunks = _chunks(grid, WINDOW if windows else None)
+            if not windowed:  # one call per image, over the (window-ordered, for Qwen2.5-Omni) sequence
+                chunks = [[cell for chunk in chunks for cell in chunk]]
+            for chunk in chunks:
+                module, probabilities = calls[used]
+                used += 1
+                assert module is model.blocks[layer].attn and probabilities.shape[-1] == len(chunk)
+                for q, (r, c) in enumerate(chunk):
+                    expected[image][:, r * grid[1] + c] = _per_token_mad(probabilities, chunk)[:, q]
+        assert all(not e.isnan().any() for e in expected)
+        expected_per_layer.append(expected)
+    assert used == len(calls)
+
+    model.set_attn_implementation(attn_implementation)
+    with torch.no_grad():
+        plain = model(patches, grid_thw=grid_thw).last_hidden_state
+        with vitmad.record(model, reduction="none") as rec:
+            recorded = model(patches, grid_thw=grid_thw).last_hidden_state
+        with vitmad.record(model) as rec_mean:
+            model(patches, grid_thw=grid_thw)
+    assert torch.equal(plain, recorded)
+    assert rec.layers == ["blocks.0.attn", "blocks.1.attn"]
+    kinds = ["window 4x4 patches" if windows else "global per image", "global per image"]
+    for layer, (expected, values, geometry) in enumerate(zip(expected_per_layer, rec.per_layer, rec.geometry)):
+        assert values.shape == (len(GRIDS), 2, max(h * w for h, w in GRIDS))
+        assert geometry.grid is None and geometry.image_grids == tuple(GRIDS)
+        assert geometry.attention.startswith(kinds[layer])
+        for image, (h, w) in enumerate(GRIDS):
+            torch.testing.assert_close(values[image, :, :h * w].double(), expected[image], **TOL)
+            assert values[image, :, h * w:].isnan().all()
+    means = torch.stack([torch.stack([e.mean(-1) for e in layer]) for layer in expected_per_layer])
+    torch.testing.assert_close(rec_mean.mad.double(), means, **TOL)  # [L, n_images, H]
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen2_5_omni", "ernie4_5_vl_moe"])
+def test_video_is_refused(name):
+    model = _tower(name)
+    model.set_attn_implementation("sdpa")
+    temporal = 1 if name == "ernie4_5_vl_moe" else 2
+    patches = torch.randn(2 * 4 * 4, 3 * temporal * PATCH * PATCH)
+    with vitmad.record(model) as rec, pytest.raises(ValueError, match=r"blocks\.0\.attn.*video \(t > 1\)"):
+        model(patches, grid_thw=torch.tensor([[2, 4, 4]]))
+    # Nothing is recorded. (ERNIE's tower has no convolution, so its call starts at the tower's own forward, and a
+    # forward that raised leaves that call, empty, in rec.calls: the recorder's way with convolution-less models.)
+    assert all(call.layers == [] for call in rec.calls)
+    assert len(rec.calls) == (name == "ernie4_5_vl_moe")
+
+
+def test_glm_image_is_refused_by_name():
+    from transformers.models.glm_image import modeling_glm_image
+
+    config = transformers.GlmImageVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                               patch_size=PATCH, spatial_merge_size=MERGE, image_size=16)
+    model = modeling_glm_image.GlmImageVisionModel(config).eval()
+    patches = torch.randn(sum(h * w for h, w in GRIDS), 3 * PATCH * PATCH)
+    with vitmad.record(model) as rec, pytest.raises(
+            ValueError, match=r"blocks\.0\.attn \(GlmImageVisionAttention\).*GLM-Image.*does not record this tower"):
+        model(patches, grid_thw=torch.tensor([[1, h, w] for h, w in GRIDS]))
+    assert rec.calls == []
