@@ -1,16 +1,16 @@
 """vitmad.record on more packed native-resolution vision towers, each proven the same as a tower of
 test_record_packed.py: Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, Qwen4-Exp and Qwen3-Omni-MoE (Qwen3-VL's tower),
-Qwen2.5-Omni (Qwen2.5-VL's windows and full-attention blocks), ERNIE-4.5-VL (Qwen2-VL's order, a linear patch
-embedding); GLM-Image refused by name.
+Qwen2.5-Omni and EXAONE 4.5 (Qwen2.5-VL's windows and full-attention blocks; EXAONE with grouped-query
+attention), ERNIE-4.5-VL (Qwen2-VL's order, a linear patch embedding); GLM-Image refused by name.
 
 Tiny random-weight towers get three images of different sizes (odd numbers of merge blocks a side) packed in one
 call. The reference is each model's own eager attention probabilities, captured call by call from its modeling
 file's ``eager_attention_forward``, placed by geometry written here with explicit loops (not the code under test):
 tokens in spatial-merge blocks of ``MERGE x MERGE`` patches, blocks row-major over the image and patches row-major
-in a block; for Qwen2.5-Omni the blocks regrouped by windows of ``WINDOW x WINDOW`` blocks (windows row-major,
-blocks row-major in each, edge windows smaller), one call per window in its window blocks and one per image over
-the same order in its full-attention block. Each patch sits at ``(row + 0.5, col + 0.5) * PATCH`` pixels of its
-own image; a query's MAD is over the keys of its own call, in float64.
+in a block; for the windowed towers the blocks regrouped by windows of ``WINDOW x WINDOW`` blocks (windows
+row-major, blocks row-major in each, edge windows smaller), one call per window in their window blocks and one per
+image over the same order in their full-attention block. Each patch sits at ``(row + 0.5, col + 0.5) * PATCH``
+pixels of its own image; a query's MAD is over the keys of its own call, in float64.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ TOWERS = {
                        "Qwen3OmniMoeVisionAttention", False),
     "qwen2_5_omni": ("qwen2_5_omni", "Qwen2_5OmniVisionEncoderConfig", "Qwen2_5OmniVisionEncoder",
                      "Qwen2_5OmniVisionAttention", True),
+    "exaone4_5": ("exaone4_5", "Exaone4_5_VisionConfig", "Exaone4_5_VisionModel", "Exaone4_5_VisionAttention", True),
     "ernie4_5_vl_moe": ("ernie4_5_vl_moe", "Ernie4_5_VLMoeVisionConfig",
                         "Ernie4_5_VLMoeVisionTransformerPretrainedModel", "Ernie4_5_VLMoeVisionAttention", False),
 }
@@ -63,6 +64,8 @@ def _tower(name: str) -> torch.nn.Module:
         settings["num_position_embeddings"] = 16
     if name in ("qwen3_vl_moe", "qwen3_omni_moe"):
         settings["deepstack_visual_indexes"] = []
+    if name == "exaone4_5":  # grouped-query attention: one key head for the two query heads
+        settings["num_key_value_heads"] = 1
     if windows:  # block 0 attends in windows, block 1 per image
         settings.update(window_size=WINDOW * MERGE * PATCH, fullatt_block_indexes=[1])
     config = getattr(transformers, config_name)(**settings)
@@ -149,7 +152,7 @@ def test_packed_images_match_eager_attention(monkeypatch, name, attn_implementat
         expected = [torch.full((2, h * w), float("nan"), dtype=torch.float64) for h, w in GRIDS]
         for image, grid in enumerate(GRIDS):
             chunks = _chunks(grid, WINDOW if windows else None)
-            if not windowed:  # one call per image, over the (window-ordered, for Qwen2.5-Omni) sequence
+            if not windowed:  # one call per image, over the (window-ordered, for the windowed towers) sequence
                 chunks = [[cell for chunk in chunks for cell in chunk]]
             for chunk in chunks:
                 module, probabilities = calls[used]
@@ -182,7 +185,7 @@ def test_packed_images_match_eager_attention(monkeypatch, name, attn_implementat
     torch.testing.assert_close(rec_mean.mad.double(), means, **TOL)  # [L, n_images, H]
 
 
-@pytest.mark.parametrize("name", ["qwen3_5", "qwen2_5_omni", "ernie4_5_vl_moe"])
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen2_5_omni", "exaone4_5", "ernie4_5_vl_moe"])
 def test_video_is_refused(name):
     model = _tower(name)
     model.set_attn_implementation("sdpa")

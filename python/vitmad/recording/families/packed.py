@@ -20,7 +20,8 @@
 - Qwen3-VL's tower under other names, the same modules line for line: Qwen3-VL-MoE (``Qwen3VLMoeVisionModel``),
   Qwen3.5 (``Qwen3_5VisionModel``), Qwen3.5-MoE (``Qwen3_5MoeVisionModel``), Qwen4-Exp (``Qwen4ExpVisionModel``)
   and Qwen3-Omni-MoE (``Qwen3OmniMoeVisionEncoder``); Qwen2.5-VL's, windows included: Qwen2.5-Omni
-  (``Qwen2_5OmniVisionEncoder``, its attention with ``q``, ``k``, ``v`` projections, found by this family).
+  (``Qwen2_5OmniVisionEncoder``, its attention with ``q``, ``k``, ``v`` projections, found by this family) and
+  EXAONE 4.5 (``Exaone4_5_VisionModel``, grouped-query attention).
 - Pixtral (``PixtralVisionModel``): image ``i`` of ``image_sizes`` is ``h // p x w // p`` patches, row-major, and
   the images are concatenated into one sequence ``[1, N, C]``; the attention gets a block-diagonal mask, so a
   token of another image has probability 0.
@@ -108,6 +109,10 @@ _DESIGNS = (
     # with three linears instead of one qkv: the same calls per chunk).
     _Design("transformers.models.qwen2_5_omni.modeling_qwen2_5_omni", "Qwen2_5OmniVisionEncoder",
             "Qwen2_5OmniVisionAttention", "qwen", windows=True),
+    # EXAONE 4.5: Qwen2.5-VL's tower line for line but for grouped-query attention (fewer key heads, repeated per
+    # query head by transformers' attention functions).
+    _Design("transformers.models.exaone4_5.modeling_exaone4_5", "Exaone4_5_VisionModel", "Exaone4_5_VisionAttention",
+            "qwen", windows=True),
     # ERNIE-4.5-VL: Qwen2-VL's merge-block order and per-image chunks (its patch embedding is a linear over each
     # patch, without a temporal patch).
     _Design("transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe",
