@@ -1,7 +1,8 @@
 """vitmad.record on more packed native-resolution vision towers, each proven the same as a tower of
 test_record_packed.py: Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, Qwen4-Exp and Qwen3-Omni-MoE (Qwen3-VL's tower),
 Qwen2.5-Omni and EXAONE 4.5 (Qwen2.5-VL's windows and full-attention blocks; EXAONE with grouped-query
-attention), ERNIE-4.5-VL (Qwen2-VL's order, a linear patch embedding); GLM-Image refused by name.
+attention), ERNIE-4.5-VL and dots3 (Qwen2-VL's order; ERNIE with a linear patch embedding, dots3 with q / k norms and
+a mixture-of-experts MLP); GLM-Image refused by name.
 
 Tiny random-weight towers get three images of different sizes (odd numbers of merge blocks a side) packed in one
 call. The reference is each model's own eager attention probabilities, captured call by call from its modeling
@@ -44,6 +45,7 @@ TOWERS = {
     "qwen2_5_omni": ("qwen2_5_omni", "Qwen2_5OmniVisionEncoderConfig", "Qwen2_5OmniVisionEncoder",
                      "Qwen2_5OmniVisionAttention", True),
     "exaone4_5": ("exaone4_5", "Exaone4_5_VisionConfig", "Exaone4_5_VisionModel", "Exaone4_5_VisionAttention", True),
+    "dots3_note": ("dots3_note", "Dots3NoteVisionConfig", "Dots3NoteVisionModel", "Dots3NoteVisionAttention", False),
     "ernie4_5_vl_moe": ("ernie4_5_vl_moe", "Ernie4_5_VLMoeVisionConfig",
                         "Ernie4_5_VLMoeVisionTransformerPretrainedModel", "Ernie4_5_VLMoeVisionAttention", False),
 }
@@ -58,7 +60,11 @@ def _tower(name: str) -> torch.nn.Module:
     module, config_name, tower_name, attention_name, windows = TOWERS[name]
     settings = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
                     spatial_merge_size=MERGE, attn_implementation="eager")
-    if name != "ernie4_5_vl_moe":
+    if name == "dots3_note":  # its own names; one dense and one mixture-of-experts MLP
+        settings.update(num_hidden_layers=settings.pop("depth"), num_attention_heads=settings.pop("num_heads"),
+                        moe_intermediate_size=32, mlp_layer_types=["dense", "sparse"], num_local_experts=2,
+                        num_experts_per_tok=1, per_layer_config={}, adapter_in_dim=32, adapter_out_dim=32)
+    elif name != "ernie4_5_vl_moe":
         settings.update(temporal_patch_size=2, out_hidden_size=32)
     if name.startswith("qwen3") or name == "qwen4_exp":
         settings["num_position_embeddings"] = 16
@@ -82,7 +88,7 @@ def _tower(name: str) -> torch.nn.Module:
 
 def _inputs(name: str):
     grid_thw = torch.tensor([[1, h, w] for h, w in GRIDS])
-    temporal = 1 if name == "ernie4_5_vl_moe" else 2
+    temporal = 1 if name in ("ernie4_5_vl_moe", "dots3_note") else 2
     torch.manual_seed(1)
     return torch.randn(sum(h * w for h, w in GRIDS), 3 * temporal * PATCH * PATCH), grid_thw
 
@@ -189,7 +195,7 @@ def test_packed_images_match_eager_attention(monkeypatch, name, attn_implementat
 def test_video_is_refused(name):
     model = _tower(name)
     model.set_attn_implementation("sdpa")
-    temporal = 1 if name == "ernie4_5_vl_moe" else 2
+    temporal = 1 if name in ("ernie4_5_vl_moe", "dots3_note") else 2
     patches = torch.randn(2 * 4 * 4, 3 * temporal * PATCH * PATCH)
     with vitmad.record(model) as rec, pytest.raises(ValueError, match=r"blocks\.0\.attn.*video \(t > 1\)"):
         model(patches, grid_thw=torch.tensor([[2, 4, 4]]))

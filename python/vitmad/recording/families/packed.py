@@ -15,8 +15,9 @@
   blocks per image, both over the window-ordered sequence.
 - GLM-4.1V / GLM-4.5V / GLM-4.6V (``Glm4vVisionModel``, ``Glm4vMoeVisionModel``; GLM-4.6V's ``visual`` is a
   ``Glm4vVisionModel``), GLM-OCR (``GlmOcrVisionModel``) and ERNIE-4.5-VL
-  (``Ernie4_5_VLMoeVisionTransformerPretrainedModel``, a linear patch embedding without temporal patch): the same
-  ``grid_thw``, merge-block order and per-image chunks as Qwen2-VL.
+  (``Ernie4_5_VLMoeVisionTransformerPretrainedModel``, a linear patch embedding without temporal patch) and dots3
+  (``Dots3NoteVisionModel``, a 2D patch embedding): the same ``grid_thw``, merge-block order and per-image chunks
+  as Qwen2-VL.
 - Qwen3-VL's tower under other names, the same modules line for line: Qwen3-VL-MoE (``Qwen3VLMoeVisionModel``),
   Qwen3.5 (``Qwen3_5VisionModel``), Qwen3.5-MoE (``Qwen3_5MoeVisionModel``), Qwen4-Exp (``Qwen4ExpVisionModel``)
   and Qwen3-Omni-MoE (``Qwen3OmniMoeVisionEncoder``); Qwen2.5-VL's, windows included: Qwen2.5-Omni
@@ -117,6 +118,10 @@ _DESIGNS = (
     # patch, without a temporal patch).
     _Design("transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe",
             "Ernie4_5_VLMoeVisionTransformerPretrainedModel", "Ernie4_5_VLMoeVisionAttention", "qwen"),
+    # dots3 (Dots3NoteVisionModel): Qwen2-VL's merge-block order and per-image chunks (its attention normalises q
+    # and k per head before the rotary embedding; some blocks' MLPs are mixtures of experts).
+    _Design("transformers.models.dots3_note.modeling_dots3_note", "Dots3NoteVisionModel", "Dots3NoteVisionAttention",
+            "qwen"),
     # Refused by name: packed like Qwen2-VL, but where each token lies on the image is not settled.
     _Design("transformers.models.glm_image.modeling_glm_image", "GlmImageVisionModel", "GlmImageVisionAttention",
             "refused", reason=(
