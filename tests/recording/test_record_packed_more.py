@@ -1,8 +1,8 @@
 """vitmad.record on more packed native-resolution vision towers, each proven the same as a tower of
-test_record_packed.py: Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, Qwen4-Exp and Qwen3-Omni-MoE (Qwen3-VL's tower),
-Qwen2.5-Omni and EXAONE 4.5 (Qwen2.5-VL's windows and full-attention blocks; EXAONE with grouped-query
-attention), ERNIE-4.5-VL and dots3 (Qwen2-VL's order; ERNIE with a linear patch embedding, dots3 with q / k norms and
-a mixture-of-experts MLP); GLM-Image refused by name.
+test_record_packed.py: Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, Qwen4-Exp, Qwen3-Omni-MoE and Cohere Compass (Qwen3-VL's
+tower); Qwen2.5-Omni and EXAONE 4.5 (Qwen2.5-VL's windows and full-attention blocks; EXAONE with grouped-query
+attention); GLM-5-Next, ERNIE-4.5-VL and dots3 (Qwen2-VL's order; ERNIE with a linear patch embedding, GLM-5-Next
+and dots3 with q / k norms). GLM-Image is refused by name.
 
 Tiny random-weight towers get three images of different sizes (odd numbers of merge blocks a side) packed in one
 call. The reference is each model's own eager attention probabilities, captured call by call from its modeling
@@ -42,6 +42,9 @@ TOWERS = {
     "qwen4_exp": ("qwen4_exp", "Qwen4ExpVisionConfig", "Qwen4ExpVisionModel", "Qwen4ExpVisionAttention", False),
     "qwen3_omni_moe": ("qwen3_omni_moe", "Qwen3OmniMoeVisionEncoderConfig", "Qwen3OmniMoeVisionEncoder",
                        "Qwen3OmniMoeVisionAttention", False),
+    "cohere_compass": ("cohere_compass", "CohereCompassVisionConfig", "CohereCompassVisionModel",
+                       "CohereCompassVisionAttention", False),
+    "glm5_next": ("glm5_next", "Glm5NextVisionConfig", "Glm5NextVisionModel", "Glm5NextVisionAttention", False),
     "qwen2_5_omni": ("qwen2_5_omni", "Qwen2_5OmniVisionEncoderConfig", "Qwen2_5OmniVisionEncoder",
                      "Qwen2_5OmniVisionAttention", True),
     "exaone4_5": ("exaone4_5", "Exaone4_5_VisionConfig", "Exaone4_5_VisionModel", "Exaone4_5_VisionAttention", True),
@@ -66,9 +69,11 @@ def _tower(name: str) -> torch.nn.Module:
                         num_experts_per_tok=1, per_layer_config={}, adapter_in_dim=32, adapter_out_dim=32)
     elif name != "ernie4_5_vl_moe":
         settings.update(temporal_patch_size=2, out_hidden_size=32)
-    if name.startswith("qwen3") or name == "qwen4_exp":
+    if name.startswith("qwen3") or name in ("qwen4_exp", "cohere_compass"):
         settings["num_position_embeddings"] = 16
-    if name in ("qwen3_vl_moe", "qwen3_omni_moe"):
+    if name == "glm5_next":
+        settings["projection_intermediate_size"] = 64
+    if name in ("qwen3_vl_moe", "qwen3_omni_moe", "cohere_compass"):
         settings["deepstack_visual_indexes"] = []
     if name == "exaone4_5":  # grouped-query attention: one key head for the two query heads
         settings["num_key_value_heads"] = 1

@@ -14,15 +14,15 @@
   partition, so no padding is attended). Its window blocks attend per window, its ``fullatt_block_indexes``
   blocks per image, both over the window-ordered sequence.
 - GLM-4.1V / GLM-4.5V / GLM-4.6V (``Glm4vVisionModel``, ``Glm4vMoeVisionModel``; GLM-4.6V's ``visual`` is a
-  ``Glm4vVisionModel``), GLM-OCR (``GlmOcrVisionModel``) and ERNIE-4.5-VL
+  ``Glm4vVisionModel``), GLM-OCR (``GlmOcrVisionModel``), GLM-5-Next (``Glm5NextVisionModel``), ERNIE-4.5-VL
   (``Ernie4_5_VLMoeVisionTransformerPretrainedModel``, a linear patch embedding without temporal patch) and dots3
   (``Dots3NoteVisionModel``, a 2D patch embedding): the same ``grid_thw``, merge-block order and per-image chunks
   as Qwen2-VL.
 - Qwen3-VL's tower under other names, the same modules line for line: Qwen3-VL-MoE (``Qwen3VLMoeVisionModel``),
-  Qwen3.5 (``Qwen3_5VisionModel``), Qwen3.5-MoE (``Qwen3_5MoeVisionModel``), Qwen4-Exp (``Qwen4ExpVisionModel``)
-  and Qwen3-Omni-MoE (``Qwen3OmniMoeVisionEncoder``); Qwen2.5-VL's, windows included: Qwen2.5-Omni
-  (``Qwen2_5OmniVisionEncoder``, its attention with ``q``, ``k``, ``v`` projections, found by this family) and
-  EXAONE 4.5 (``Exaone4_5_VisionModel``, grouped-query attention).
+  Qwen3.5 (``Qwen3_5VisionModel``), Qwen3.5-MoE (``Qwen3_5MoeVisionModel``), Qwen4-Exp (``Qwen4ExpVisionModel``),
+  Qwen3-Omni-MoE (``Qwen3OmniMoeVisionEncoder``) and Cohere Compass (``CohereCompassVisionModel``). Qwen2.5-VL's,
+  windows included: Qwen2.5-Omni (``Qwen2_5OmniVisionEncoder``, its attention with ``q``, ``k``, ``v``
+  projections, found by this family) and EXAONE 4.5 (``Exaone4_5_VisionModel``, grouped-query attention).
 - Pixtral (``PixtralVisionModel``): image ``i`` of ``image_sizes`` is ``h // p x w // p`` patches, row-major, and
   the images are concatenated into one sequence ``[1, N, C]``; the attention gets a block-diagonal mask, so a
   token of another image has probability 0.
@@ -106,6 +106,8 @@ _DESIGNS = (
             "qwen"),
     _Design("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe", "Qwen3OmniMoeVisionEncoder",
             "Qwen3OmniMoeVisionAttention", "qwen"),
+    _Design("transformers.models.cohere_compass.modeling_cohere_compass", "CohereCompassVisionModel",
+            "CohereCompassVisionAttention", "qwen"),
     # Qwen2.5-Omni's vision encoder: Qwen2.5-VL's windows and fullatt_block_indexes (its attention projects q, k, v
     # with three linears instead of one qkv: the same calls per chunk).
     _Design("transformers.models.qwen2_5_omni.modeling_qwen2_5_omni", "Qwen2_5OmniVisionEncoder",
@@ -118,6 +120,9 @@ _DESIGNS = (
     # patch, without a temporal patch).
     _Design("transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe",
             "Ernie4_5_VLMoeVisionTransformerPretrainedModel", "Ernie4_5_VLMoeVisionAttention", "qwen"),
+    # GLM-5-Next: GLM-4.1V's tower without its learned position embedding, q/k norms before the rotary embedding.
+    _Design("transformers.models.glm5_next.modeling_glm5_next", "Glm5NextVisionModel", "Glm5NextVisionAttention",
+            "qwen"),
     # dots3 (Dots3NoteVisionModel): Qwen2-VL's merge-block order and per-image chunks (its attention normalises q
     # and k per head before the rotary embedding; some blocks' MLPs are mixtures of experts).
     _Design("transformers.models.dots3_note.modeling_dots3_note", "Dots3NoteVisionModel", "Dots3NoteVisionAttention",
