@@ -35,7 +35,10 @@ probability 0 under the mask). The per-query values of the sequence fold onto ``
 
 Refused (a ``ValueError`` naming the layer): GLM-Image's tower (``GlmImageVisionModel``), by name: packed like
 Qwen2-VL, but its config's ``spatial_merge_size`` (default 1) and its image processor's ``merge_size`` (default 2)
-need not agree, so where a token lies on the image is not settled; Qwen videos (``grid_thw`` with ``t > 1``:
+need not agree, so where a token lies on the image is not settled; by name too, packed towers that differ:
+LLaVA-OneVision-1.5 and Inkling2 (a class token per image in its chunk), Ovis2.5, Muse Glimmer and Muse Spark
+(window or full attention per layer by ``layer_types``), PaddleOCR-VL (row-major, its own embeddings), Kimi-K2.5
+(row-major, per-clip chunks), VideoLLaMA3 (a merge size per image); Qwen videos (``grid_thw`` with ``t > 1``:
 each temporal patch of two frames is a chunk of its own, and vitmad gives no temporal placement to these towers);
 flash attention over more than one chunk (one variable-length call whose chunks the capture does not receive);
 a tower given precomputed ``position_ids`` or ``window_index`` (vitmad rebuilds the token order from
@@ -134,6 +137,34 @@ _DESIGNS = (
                 "while its image processor orders the patches in merge_size blocks (default 2), so where each token "
                 "lies on the image depends on how the checkpoint pairs the two, which vitmad cannot check; vitmad "
                 "does not record this tower")),
+    _Design("transformers.models.llava_onevision1_5.modeling_llava_onevision1_5", "LlavaOnevision15VisionModel",
+            "LlavaOnevision15VisionAttention", "refused", reason=(
+                "LLaVA-OneVision-1.5's vision tower prepends a class token to each image inside its cu_seqlens "
+                "chunks, and vitmad's packed placement has no extra tokens; vitmad does not record this tower")),
+    _Design("transformers.models.inkling2.modeling_inkling2", "Inkling2VisionModel", "Inkling2VisionAttention",
+            "refused", reason=(
+                "Inkling2's vision tower puts a class token in front of each image inside its cu_seqlens chunks, "
+                "and vitmad's packed placement has no extra tokens; vitmad does not record this tower")),
+    *(_Design(f"transformers.models.{module}.modeling_{module}", f"{prefix}VisionModel", f"{prefix}VisionAttention",
+              "refused", reason=(
+                  f"{model}'s vision tower chooses window or full attention per layer by its config's layer_types, "
+                  "which vitmad does not read (it knows Qwen2.5-VL's fullatt_block_indexes); vitmad does not record "
+                  "this tower"))
+      for module, prefix, model in (("ovis2_5", "Ovis2_5", "Ovis2.5"), ("muse_glimmer", "MuseGlimmer", "Muse Glimmer"),
+                                    ("muse_spark", "MuseSpark", "Muse Spark"))),
+    _Design("transformers.models.paddleocr_vl.modeling_paddleocr_vl", "PaddleOCRVisionModel",
+            "PaddleOCRVisionAttention", "refused", reason=(
+                "PaddleOCR-VL's vision encoder orders each image's patches row-major (merge size 1: it merges after "
+                "the encoder), with its own embeddings and an optional attention mask, a packing vitmad's placement "
+                "is not checked against; vitmad does not record this tower")),
+    _Design("transformers.models.kimi_k25.modeling_kimi_k25", "Kimi_K25VisionModel", "Kimi_K25VisionAttention",
+            "refused", reason=(
+                "Kimi-K2.5's vision tower orders each image's patches row-major (no merge blocks) and attends per "
+                "clip, a packing vitmad does not place; vitmad does not record this tower")),
+    _Design("transformers.models.video_llama_3.modeling_video_llama_3", "VideoLlama3VisionModel",
+            "VideoLlama3VisionAttention", "refused", reason=(
+                "VideoLLaMA3's vision tower takes a merge size per image (merge_sizes), which vitmad does not "
+                "read; vitmad does not record this tower")),
 )
 
 
