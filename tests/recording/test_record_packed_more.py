@@ -275,3 +275,28 @@ def test_every_refused_design_names_its_model():
         placer = packed.placer(module, "", module)
         with pytest.raises(NotPlaceable, match="does not record this tower"):
             placer.place(None, torch.Size([1, 2]), 4, 4)
+
+
+def test_qwen3_5_vision_language_model_records_its_vision_tower_only():
+    config = transformers.Qwen3_5Config(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=100, head_dim=16, layer_types=["full_attention"],
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 1e4}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
+                           spatial_merge_size=MERGE, temporal_patch_size=2, out_hidden_size=32,
+                           num_position_embeddings=16),
+        attn_implementation="sdpa")
+    model = transformers.Qwen3_5Model(config).eval()
+    patches, grid_thw = _inputs("qwen3_5")
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model.get_image_features(patches, image_grid_thw=grid_thw)
+    assert rec.layers == ["visual.blocks.0.attn", "visual.blocks.1.attn"]
+    assert rec.mad.shape == (2, 3, 2)
+
+
+def test_glm46v_vision_tower_is_glm4v():
+    """GLM-4.6V adds no tower of its own: its ``visual`` is GLM-4.1V's ``Glm4vVisionModel``, recorded as such."""
+    config = transformers.Glm46VConfig(vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                          out_hidden_size=32))
+    assert type(config.vision_config).__name__ == "Glm4vVisionConfig"
+    assert type(transformers.AutoModel.from_config(config.vision_config)).__name__ == "Glm4vVisionModel"
