@@ -300,3 +300,26 @@ def test_glm46v_vision_tower_is_glm4v():
                                                           out_hidden_size=32))
     assert type(config.vision_config).__name__ == "Glm4vVisionConfig"
     assert type(transformers.AutoModel.from_config(config.vision_config)).__name__ == "Glm4vVisionModel"
+
+
+def test_ernie_vision_language_model_records_its_tower_as_the_tower_alone():
+    """ERNIE-4.5-VL has no convolution anywhere (its patch embedding is a linear): the whole model's recording of
+    its tower equals the tower's own."""
+    config = transformers.Ernie4_5_VLMoeConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=100, head_dim=16, moe_intermediate_size=[32, 32],
+                         moe_num_experts=2, moe_k=1, moe_layer_start_index=1,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [3, 3, 2]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
+                           spatial_merge_size=MERGE),
+        attn_implementation="sdpa")
+    model = transformers.Ernie4_5_VLMoeModel(config).eval()
+    patches, grid_thw = _inputs("ernie4_5_vl_moe")
+    with torch.no_grad():
+        with vitmad.record(model, reduction="none") as rec:
+            model.get_image_features(patches, image_grid_thw=grid_thw)
+        with vitmad.record(model.vision_tower, reduction="none") as alone:
+            model.vision_tower(patches, grid_thw=grid_thw)
+    assert rec.layers == ["vision_tower.blocks.0.attn", "vision_tower.blocks.1.attn"] and len(rec.calls) == 1
+    for whole, own in zip(rec.per_layer, alone.per_layer):
+        torch.testing.assert_close(whole, own, equal_nan=True)
