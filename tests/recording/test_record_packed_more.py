@@ -226,17 +226,20 @@ def test_glm_image_is_refused_by_name():
 
 # Towers packed alike that differ: refused by name ----------------------------------------------------------------
 
-# name -> (config class, tower class, what the refusal names)
+# name -> (config class, tower class, attention class, what the refusal names)
 REFUSED_RUN = {
-    "llava_onevision1_5": ("LlavaOnevision15VisionConfig", "LlavaOnevision15VisionModel", "class token"),
-    "ovis2_5": ("Ovis2_5VisionConfig", "Ovis2_5VisionModel", "layer_types"),
-    "muse_glimmer": ("MuseGlimmerVisionConfig", "MuseGlimmerVisionModel", "layer_types"),
+    "llava_onevision1_5": ("LlavaOnevision15VisionConfig", "LlavaOnevision15VisionModel",
+                           "LlavaOnevision15VisionAttention", "class token"),
+    "ovis2_5": ("Ovis2_5VisionConfig", "Ovis2_5VisionModel", "Ovis2_5VisionAttention", "layer_types"),
+    "muse_glimmer": ("MuseGlimmerVisionConfig", "MuseGlimmerVisionModel", "MuseGlimmerVisionAttention",
+                     "layer_types"),
+    "hunyuan_vl": ("HunYuanVLVisionConfig", "HunYuanVLVisionTransformer", "HunYuanVLVisionAttention", "row-major"),
 }
 
 
 @pytest.mark.parametrize("name", list(REFUSED_RUN))
 def test_packed_towers_that_differ_are_refused_by_name(name):
-    config_name, tower_name, reason = REFUSED_RUN[name]
+    config_name, tower_name, attention_name, reason = REFUSED_RUN[name]
     modeling = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
     config_class = getattr(importlib.import_module(f"transformers.models.{name}.configuration_{name}"), config_name)
     known = config_class().to_dict()
@@ -252,8 +255,8 @@ def test_packed_towers_that_differ_are_refused_by_name(name):
     grid_thw = torch.tensor([[1, h, w] for h, w in GRIDS])
     with torch.no_grad():
         model(patches, grid_thw=grid_thw)  # the model runs on these inputs
-        with vitmad.record(model) as rec, pytest.raises(ValueError, match=rf"\({tower_name[:-5]}Attention\).*{reason}.*"
-                                                                          "does not record this tower"):
+        with vitmad.record(model) as rec, pytest.raises(
+                ValueError, match=rf"\({attention_name}\) of {tower_name}: .*{reason}.*does not record this tower"):
             model(patches, grid_thw=grid_thw)
     assert all(call.layers == [] for call in rec.calls)
 
@@ -266,7 +269,7 @@ def test_every_refused_design_names_its_model():
 
     refused = [d for d in packed._DESIGNS if d.kind == "refused"]
     names = ["GLM-Image", "LLaVA-OneVision-1.5", "Inkling2", "Ovis2.5", "Muse Glimmer", "Muse Spark", "PaddleOCR-VL",
-             "Kimi-K2.5", "VideoLLaMA3"]
+             "Kimi-K2.5", "VideoLLaMA3", "HunYuanVL", "HY-V4-VL"]
     assert [d.reason.split("'s ")[0] for d in refused] == names
     for design in refused:
         cls = getattr(importlib.import_module(design.module), design.attention)

@@ -38,11 +38,12 @@ Qwen2-VL, but its config's ``spatial_merge_size`` (default 1) and its image proc
 need not agree, so where a token lies on the image is not settled; by name too, packed towers that differ:
 LLaVA-OneVision-1.5 and Inkling2 (a class token per image in its chunk), Ovis2.5, Muse Glimmer and Muse Spark
 (window or full attention per layer by ``layer_types``), PaddleOCR-VL (row-major, its own embeddings), Kimi-K2.5
-(row-major, per-clip chunks), VideoLLaMA3 (a merge size per image); Qwen videos (``grid_thw`` with ``t > 1``:
-each temporal patch of two frames is a chunk of its own, and vitmad gives no temporal placement to these towers);
-flash attention over more than one chunk (one variable-length call whose chunks the capture does not receive);
-a tower given precomputed ``position_ids`` or ``window_index`` (vitmad rebuilds the token order from
-``grid_thw``); ``cu_seqlens`` or attention shapes that are not the chunks rebuilt here.
+(row-major, per-clip chunks), VideoLLaMA3 (a merge size per image), HunYuanVL and HY-V4-VL (row-major); Qwen
+videos (``grid_thw`` with ``t > 1``: each temporal patch of two frames is a chunk of its own, and vitmad gives no
+temporal placement to these towers); flash attention over more than one chunk (one variable-length call whose
+chunks the capture does not receive); a tower given precomputed ``position_ids`` or ``window_index`` (vitmad
+rebuilds the token order from ``grid_thw``); ``cu_seqlens`` or attention shapes that are not the chunks rebuilt
+here.
 """
 
 from __future__ import annotations
@@ -165,6 +166,13 @@ _DESIGNS = (
             "VideoLlama3VisionAttention", "refused", reason=(
                 "VideoLLaMA3's vision tower takes a merge size per image (merge_sizes), which vitmad does not "
                 "read; vitmad does not record this tower")),
+    *(_Design(f"transformers.models.{module}.modeling_{module}", tower, attention, "refused", reason=(
+        f"{model}'s vision tower orders each image's patches row-major (its learned position grid interpolated to "
+        "the image's h x w), not in Qwen's merge blocks, a packing vitmad does not place; vitmad does not record "
+        "this tower"))
+      for module, tower, attention, model in (
+          ("hunyuan_vl", "HunYuanVLVisionTransformer", "HunYuanVLVisionAttention", "HunYuanVL"),
+          ("hy_v4_vl", "HYV4VLVisionModel", "HYV4VLVisionAttention", "HY-V4-VL"))),
 )
 
 
