@@ -14,8 +14,9 @@ budget; its MAD is in pixels of that resized image (``docs/definition.md``, nati
   (:func:`native_grid`); one image per forward, since images of different sizes do not stack.
 
 - Packed native-resolution towers (``profiling/packed_towers.py``): the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision
-  towers take the model's own ``Qwen2VLImageProcessor`` (``smart_resize``: sides multiples of ``patch * merge``,
-  ``min_pixels <= H * W <= max_pixels``; its patches in spatial-merge block order with the image's ``grid_thw``),
+  towers (and Qwen3-VL-MoE's, Qwen3.5's, Qwen3.5-MoE's) take the model's own ``Qwen2VLImageProcessor``
+  (``smart_resize``: sides multiples of ``patch * merge``, ``min_pixels <= H * W <= max_pixels``; its patches
+  in spatial-merge block order with the image's ``grid_thw``),
   Pixtral the model's own ``PixtralImageProcessor`` (the longest edge at most ``longest_edge``, each side rounded
   up to whole patches; ``image_sizes``). Every image of a batch goes into one packed forward, several grids in it;
   images only (a Qwen video, ``t > 1``, is never fed). With a fixed ``image_size`` these towers get every image

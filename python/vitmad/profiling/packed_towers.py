@@ -1,16 +1,20 @@
-"""Packed native-resolution vision towers in ``vitmad profile``: the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision
-towers and Pixtral's (``recording/families/packed.py`` records them).
+"""Packed native-resolution vision towers in ``vitmad profile``: the Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE,
+Qwen3.5 and Qwen3.5-MoE vision towers and Pixtral's (``recording/families/packed.py`` records them, and more towers
+that ``vitmad profile`` does not load: GLM, ERNIE-4.5-VL, dots3, the Omni models, EXAONE 4.5, Cohere Compass,
+Qwen4-Exp, whose checkpoint layouts or image processors are not checked here).
 
 Loading (``hf:<id or folder>``):
 
 - a whole vision-language checkpoint (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
-  ``Qwen3VLForConditionalGeneration``, their ``*Model``, and ``LlavaForConditionalGeneration`` /
+  ``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``, ``Qwen3_5ForConditionalGeneration``,
+  ``Qwen3_5MoeForConditionalGeneration``, their ``*Model``, and ``LlavaForConditionalGeneration`` /
   ``Mistral3ForConditionalGeneration`` whose ``vision_config`` is Pixtral's): only its vision tower is built and
   loaded, from the checkpoint's ``visual.*`` / ``model.visual.*`` (Qwen) or ``vision_tower.*`` /
   ``model.vision_tower.*`` (LLaVA, Mistral 3) weights; the language model is never loaded. A tower weight the
   checkpoint lacks is an error, never a random weight.
 - a vision tower saved alone (``save_pretrained`` of a ``Qwen2VisionTransformerPretrainedModel``,
-  ``Qwen2_5_VisionTransformerPretrainedModel``, ``Qwen3VLVisionModel`` or ``PixtralVisionModel``).
+  ``Qwen2_5_VisionTransformerPretrainedModel``, ``Qwen3VLVisionModel``, ``Qwen3VLMoeVisionModel``,
+  ``Qwen3_5VisionModel``, ``Qwen3_5MoeVisionModel`` or ``PixtralVisionModel``).
 
 ``LoadedModel.description`` (``mad.json``'s ``settings.profiled``) says which tower was profiled.
 
@@ -46,6 +50,12 @@ PACKED_TOWERS = {
     "Qwen2_5_VisionTransformerPretrainedModel": ("qwen", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
                                                  "Qwen2_5_VLVisionConfig"),
     "Qwen3VLVisionModel": ("qwen", "transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionConfig"),
+    # Qwen3-VL's tower under other names; their checkpoints keep it under model.visual, their processor is
+    # Qwen2VLImageProcessor (transformers' image processor auto map).
+    "Qwen3VLMoeVisionModel": ("qwen", "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
+                              "Qwen3VLMoeVisionConfig"),
+    "Qwen3_5VisionModel": ("qwen", "transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5VisionConfig"),
+    "Qwen3_5MoeVisionModel": ("qwen", "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeVisionConfig"),
     "PixtralVisionModel": ("pixtral", "transformers.models.pixtral.modeling_pixtral", "PixtralVisionConfig"),
 }
 _BY_CONFIG = {config: tower for tower, (_, _, config) in PACKED_TOWERS.items()}

@@ -13,8 +13,16 @@
   window at the bottom or right edge holds only the blocks that exist: the model drops the padding of its window
   partition, so no padding is attended). Its window blocks attend per window, its ``fullatt_block_indexes``
   blocks per image, both over the window-ordered sequence.
-- GLM-4.1V / GLM-4.5V (``Glm4vVisionModel``, ``Glm4vMoeVisionModel``) and GLM-OCR (``GlmOcrVisionModel``): the same
-  ``grid_thw``, merge-block order and per-image chunks as Qwen2-VL.
+- GLM-4.1V / GLM-4.5V / GLM-4.6V (``Glm4vVisionModel``, ``Glm4vMoeVisionModel``; GLM-4.6V's ``visual`` is a
+  ``Glm4vVisionModel``), GLM-OCR (``GlmOcrVisionModel``), GLM-5-Next (``Glm5NextVisionModel``), ERNIE-4.5-VL
+  (``Ernie4_5_VLMoeVisionTransformerPretrainedModel``, a linear patch embedding without temporal patch) and dots3
+  (``Dots3NoteVisionModel``, a 2D patch embedding): the same ``grid_thw``, merge-block order and per-image chunks
+  as Qwen2-VL.
+- Qwen3-VL's tower under other names, the same modules line for line: Qwen3-VL-MoE (``Qwen3VLMoeVisionModel``),
+  Qwen3.5 (``Qwen3_5VisionModel``), Qwen3.5-MoE (``Qwen3_5MoeVisionModel``), Qwen4-Exp (``Qwen4ExpVisionModel``),
+  Qwen3-Omni-MoE (``Qwen3OmniMoeVisionEncoder``) and Cohere Compass (``CohereCompassVisionModel``). Qwen2.5-VL's,
+  windows included: Qwen2.5-Omni (``Qwen2_5OmniVisionEncoder``, its attention with ``q``, ``k``, ``v``
+  projections, found by this family) and EXAONE 4.5 (``Exaone4_5_VisionModel``, grouped-query attention).
 - Pixtral (``PixtralVisionModel``): image ``i`` of ``image_sizes`` is ``h // p x w // p`` patches, row-major, and
   the images are concatenated into one sequence ``[1, N, C]``; the attention gets a block-diagonal mask, so a
   token of another image has probability 0.
@@ -25,11 +33,17 @@ probability 0 under the mask). The per-query values of the sequence fold onto ``
 ``i``'s tokens row-major on its own grid first, NaN after them (``Placement.present``,
 ``LayerGeometry.image_grids``); the layer's MAD of an image is the mean over its own tokens.
 
-Refused (a ``ValueError`` naming the layer): Qwen videos (``grid_thw`` with ``t > 1``: each temporal patch of two
-frames is a chunk of its own, and vitmad gives no temporal placement to these towers); flash attention over more
-than one chunk (one variable-length call whose chunks the capture does not receive); a tower given precomputed
-``position_ids`` or ``window_index`` (vitmad rebuilds the token order from ``grid_thw``); ``cu_seqlens`` or
-attention shapes that are not the chunks rebuilt here.
+Refused (a ``ValueError`` naming the layer): GLM-Image's tower (``GlmImageVisionModel``), by name: packed like
+Qwen2-VL, but its config's ``spatial_merge_size`` (default 1) and its image processor's ``merge_size`` (default 2)
+need not agree, so where a token lies on the image is not settled; by name too, packed towers that differ:
+LLaVA-OneVision-1.5 and Inkling2 (a class token per image in its chunk), Ovis2.5, Muse Glimmer and Muse Spark
+(window or full attention per layer by ``layer_types``), PaddleOCR-VL (row-major, its own embeddings), Kimi-K2.5
+(row-major, per-clip chunks), VideoLLaMA3 (a merge size per image), HunYuanVL and HY-V4-VL (row-major); Qwen
+videos (``grid_thw`` with ``t > 1``: each temporal patch of two frames is a chunk of its own, and vitmad gives no
+temporal placement to these towers); flash attention over more than one chunk (one variable-length call whose
+chunks the capture does not receive); a tower given precomputed ``position_ids`` or ``window_index`` (vitmad
+rebuilds the token order from ``grid_thw``); ``cu_seqlens`` or attention shapes that are not the chunks rebuilt
+here.
 """
 
 from __future__ import annotations
@@ -46,7 +60,8 @@ from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, on_device
 from .stages import matching_design
 
-__all__ = ["placer", "PackedSequence", "packed_sequence", "qwen_token_cells", "QwenPlacer", "PixtralPlacer"]
+__all__ = ["placer", "attention_modules", "PackedSequence", "packed_sequence", "qwen_token_cells", "QwenPlacer",
+           "PixtralPlacer"]
 
 
 @dataclass(frozen=True)
@@ -57,8 +72,10 @@ class _Design:
         module: the module that defines the classes.
         tower: class name of the vision tower (it receives the images' sizes).
         attention: class name of its attention module (the one recorded).
-        kind: ``"qwen"`` (merge-block order, ``cu_seqlens``) or ``"pixtral"`` (row-major, block-diagonal mask).
+        kind: ``"qwen"`` (merge-block order, ``cu_seqlens``), ``"pixtral"`` (row-major, block-diagonal mask), or
+            ``"refused"`` (a tower packed alike whose token positions vitmad does not know: ``reason``).
         windows: the tower has window blocks besides its ``fullatt_block_indexes`` blocks (Qwen2.5-VL).
+        reason: why a ``"refused"`` tower is refused.
     """
 
     module: str
@@ -66,6 +83,7 @@ class _Design:
     attention: str
     kind: str
     windows: bool = False
+    reason: str = ""
 
 
 _DESIGNS = (
@@ -80,6 +98,81 @@ _DESIGNS = (
     _Design("transformers.models.glm4v_moe.modeling_glm4v_moe", "Glm4vMoeVisionModel", "Glm4vMoeVisionAttention",
             "qwen"),
     _Design("transformers.models.glm_ocr.modeling_glm_ocr", "GlmOcrVisionModel", "GlmOcrVisionAttention", "qwen"),
+    # Qwen3-VL's tower under other names (their vision model, attention, block, patch embedding and rotary
+    # embedding are Qwen3-VL's line for line; Qwen3.5 and Qwen4-Exp only drop the deepstack mergers, which run
+    # after the blocks and do not reorder the tokens).
+    _Design("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeVisionModel",
+            "Qwen3VLMoeVisionAttention", "qwen"),
+    _Design("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5VisionModel", "Qwen3_5VisionAttention", "qwen"),
+    _Design("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeVisionModel",
+            "Qwen3_5MoeVisionAttention", "qwen"),
+    _Design("transformers.models.qwen4_exp.modeling_qwen4_exp", "Qwen4ExpVisionModel", "Qwen4ExpVisionAttention",
+            "qwen"),
+    _Design("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe", "Qwen3OmniMoeVisionEncoder",
+            "Qwen3OmniMoeVisionAttention", "qwen"),
+    _Design("transformers.models.cohere_compass.modeling_cohere_compass", "CohereCompassVisionModel",
+            "CohereCompassVisionAttention", "qwen"),
+    # Qwen2.5-Omni's vision encoder: Qwen2.5-VL's windows and fullatt_block_indexes (its attention projects q, k, v
+    # with three linears instead of one qkv: the same calls per chunk).
+    _Design("transformers.models.qwen2_5_omni.modeling_qwen2_5_omni", "Qwen2_5OmniVisionEncoder",
+            "Qwen2_5OmniVisionAttention", "qwen", windows=True),
+    # EXAONE 4.5: Qwen2.5-VL's tower line for line but for grouped-query attention (fewer key heads, repeated per
+    # query head by transformers' attention functions).
+    _Design("transformers.models.exaone4_5.modeling_exaone4_5", "Exaone4_5_VisionModel", "Exaone4_5_VisionAttention",
+            "qwen", windows=True),
+    # ERNIE-4.5-VL: Qwen2-VL's merge-block order and per-image chunks (its patch embedding is a linear over each
+    # patch, without a temporal patch).
+    _Design("transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe",
+            "Ernie4_5_VLMoeVisionTransformerPretrainedModel", "Ernie4_5_VLMoeVisionAttention", "qwen"),
+    # GLM-5-Next: GLM-4.1V's tower without its learned position embedding, q/k norms before the rotary embedding.
+    _Design("transformers.models.glm5_next.modeling_glm5_next", "Glm5NextVisionModel", "Glm5NextVisionAttention",
+            "qwen"),
+    # dots3 (Dots3NoteVisionModel): Qwen2-VL's merge-block order and per-image chunks (its attention normalises q
+    # and k per head before the rotary embedding; some blocks' MLPs are mixtures of experts).
+    _Design("transformers.models.dots3_note.modeling_dots3_note", "Dots3NoteVisionModel", "Dots3NoteVisionAttention",
+            "qwen"),
+    # Refused by name: packed like Qwen2-VL, but where each token lies on the image is not settled.
+    _Design("transformers.models.glm_image.modeling_glm_image", "GlmImageVisionModel", "GlmImageVisionAttention",
+            "refused", reason=(
+                "GLM-Image's vision tower places its tokens by its config's spatial_merge_size (default 1: row-major) "
+                "while its image processor orders the patches in merge_size blocks (default 2), so where each token "
+                "lies on the image depends on how the checkpoint pairs the two, which vitmad cannot check; vitmad "
+                "does not record this tower")),
+    _Design("transformers.models.llava_onevision1_5.modeling_llava_onevision1_5", "LlavaOnevision15VisionModel",
+            "LlavaOnevision15VisionAttention", "refused", reason=(
+                "LLaVA-OneVision-1.5's vision tower prepends a class token to each image inside its cu_seqlens "
+                "chunks, and vitmad's packed placement has no extra tokens; vitmad does not record this tower")),
+    _Design("transformers.models.inkling2.modeling_inkling2", "Inkling2VisionModel", "Inkling2VisionAttention",
+            "refused", reason=(
+                "Inkling2's vision tower puts a class token in front of each image inside its cu_seqlens chunks, "
+                "and vitmad's packed placement has no extra tokens; vitmad does not record this tower")),
+    *(_Design(f"transformers.models.{module}.modeling_{module}", f"{prefix}VisionModel", f"{prefix}VisionAttention",
+              "refused", reason=(
+                  f"{model}'s vision tower chooses window or full attention per layer by its config's layer_types, "
+                  "which vitmad does not read (it knows Qwen2.5-VL's fullatt_block_indexes); vitmad does not record "
+                  "this tower"))
+      for module, prefix, model in (("ovis2_5", "Ovis2_5", "Ovis2.5"), ("muse_glimmer", "MuseGlimmer", "Muse Glimmer"),
+                                    ("muse_spark", "MuseSpark", "Muse Spark"))),
+    _Design("transformers.models.paddleocr_vl.modeling_paddleocr_vl", "PaddleOCRVisionModel",
+            "PaddleOCRVisionAttention", "refused", reason=(
+                "PaddleOCR-VL's vision encoder orders each image's patches row-major (merge size 1: it merges after "
+                "the encoder), with its own embeddings and an optional attention mask, a packing vitmad's placement "
+                "is not checked against; vitmad does not record this tower")),
+    _Design("transformers.models.kimi_k25.modeling_kimi_k25", "Kimi_K25VisionModel", "Kimi_K25VisionAttention",
+            "refused", reason=(
+                "Kimi-K2.5's vision tower orders each image's patches row-major (no merge blocks) and attends per "
+                "clip, a packing vitmad does not place; vitmad does not record this tower")),
+    _Design("transformers.models.video_llama_3.modeling_video_llama_3", "VideoLlama3VisionModel",
+            "VideoLlama3VisionAttention", "refused", reason=(
+                "VideoLLaMA3's vision tower takes a merge size per image (merge_sizes), which vitmad does not "
+                "read; vitmad does not record this tower")),
+    *(_Design(f"transformers.models.{module}.modeling_{module}", tower, attention, "refused", reason=(
+        f"{model}'s vision tower orders each image's patches row-major (its learned position grid interpolated to "
+        "the image's h x w), not in Qwen's merge blocks, a packing vitmad does not place; vitmad does not record "
+        "this tower"))
+      for module, tower, attention, model in (
+          ("hunyuan_vl", "HunYuanVLVisionTransformer", "HunYuanVLVisionAttention", "HunYuanVL"),
+          ("hy_v4_vl", "HYV4VLVisionModel", "HYV4VLVisionAttention", "HY-V4-VL"))),
 )
 
 
@@ -381,6 +474,12 @@ class PixtralPlacer(_PackedPlacer):
 
 
 
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The packed towers' attention modules, by qualified name: transformers' discovery finds those with
+    ``qkv`` or ``q_proj`` / ``k_proj``, not Qwen2.5-Omni's, whose projections are named ``q``, ``k`` and ``v``."""
+    return {name: m for name, m in named_module_list(model) if _design_of(m, "attention") is not None}
+
+
 def _towers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in named_module_list(model) if _design_of(m, "tower") is not None}
 
@@ -398,6 +497,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
             return Skip(f"outside the vision tower {next(iter(towers)) or type(model).__name__}: a language model's "
                         "attention over text tokens, which have no position on the image")
         return None
+    if design.kind == "refused":
+        return RefusingPlacer(design.reason)
     if tower_name is None:
         return RefusingPlacer(f"it is not inside a {design.tower}, which gives the sizes of the packed images")
     tower = model.get_submodule(tower_name)

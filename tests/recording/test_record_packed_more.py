@@ -1,0 +1,328 @@
+"""vitmad.record on more packed native-resolution vision towers, each proven the same as a tower of
+test_record_packed.py: Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, Qwen4-Exp, Qwen3-Omni-MoE and Cohere Compass (Qwen3-VL's
+tower); Qwen2.5-Omni and EXAONE 4.5 (Qwen2.5-VL's windows and full-attention blocks; EXAONE with grouped-query
+attention); GLM-5-Next, ERNIE-4.5-VL and dots3 (Qwen2-VL's order; ERNIE with a linear patch embedding, GLM-5-Next
+and dots3 with q / k norms). GLM-Image and the packed towers that differ (a class token per image, windows chosen
+by ``layer_types``, row-major packings, a merge size per image) are refused by name.
+
+Tiny random-weight towers get three images of different sizes (odd numbers of merge blocks a side) packed in one
+call. The reference is each model's own eager attention probabilities, captured call by call from its modeling
+file's ``eager_attention_forward``, placed by geometry written here with explicit loops (not the code under test):
+tokens in spatial-merge blocks of ``MERGE x MERGE`` patches, blocks row-major over the image and patches row-major
+in a block; for the windowed towers the blocks regrouped by windows of ``WINDOW x WINDOW`` blocks (windows
+row-major, blocks row-major in each, edge windows smaller), one call per window in their window blocks and one per
+image over the same order in their full-attention block. Each patch sits at ``(row + 0.5, col + 0.5) * PATCH``
+pixels of its own image; a query's MAD is over the keys of its own call, in float64.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import vitmad
+
+transformers = pytest.importorskip("transformers")
+
+# Recorded float32 MAD against float64 on the eager float32 probabilities; MADs here are 4 to 40 px.
+TOL = {"rtol": 1e-5, "atol": 1e-4}
+PATCH, MERGE, WINDOW = 4, 2, 2  # 4 px patches, 2 x 2 merge blocks, windows of 2 x 2 merge blocks (16 px)
+# (h, w) patches: 3 x 2, 5 x 5 and 1 x 7 merge blocks; windows at the bottom / right edges hold one block row or
+# column, and the strip is three windows wide with a one-block window at its end.
+GRIDS = [(6, 4), (10, 10), (2, 14)]
+
+# name -> (modeling module, config class, tower class, attention class, windows)
+TOWERS = {
+    "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeVisionConfig", "Qwen3VLMoeVisionModel", "Qwen3VLMoeVisionAttention",
+                     False),
+    "qwen3_5": ("qwen3_5", "Qwen3_5VisionConfig", "Qwen3_5VisionModel", "Qwen3_5VisionAttention", False),
+    "qwen3_5_moe": ("qwen3_5_moe", "Qwen3_5MoeVisionConfig", "Qwen3_5MoeVisionModel", "Qwen3_5MoeVisionAttention",
+                    False),
+    "qwen4_exp": ("qwen4_exp", "Qwen4ExpVisionConfig", "Qwen4ExpVisionModel", "Qwen4ExpVisionAttention", False),
+    "qwen3_omni_moe": ("qwen3_omni_moe", "Qwen3OmniMoeVisionEncoderConfig", "Qwen3OmniMoeVisionEncoder",
+                       "Qwen3OmniMoeVisionAttention", False),
+    "cohere_compass": ("cohere_compass", "CohereCompassVisionConfig", "CohereCompassVisionModel",
+                       "CohereCompassVisionAttention", False),
+    "glm5_next": ("glm5_next", "Glm5NextVisionConfig", "Glm5NextVisionModel", "Glm5NextVisionAttention", False),
+    "qwen2_5_omni": ("qwen2_5_omni", "Qwen2_5OmniVisionEncoderConfig", "Qwen2_5OmniVisionEncoder",
+                     "Qwen2_5OmniVisionAttention", True),
+    "exaone4_5": ("exaone4_5", "Exaone4_5_VisionConfig", "Exaone4_5_VisionModel", "Exaone4_5_VisionAttention", True),
+    "dots3_note": ("dots3_note", "Dots3NoteVisionConfig", "Dots3NoteVisionModel", "Dots3NoteVisionAttention", False),
+    "ernie4_5_vl_moe": ("ernie4_5_vl_moe", "Ernie4_5_VLMoeVisionConfig",
+                        "Ernie4_5_VLMoeVisionTransformerPretrainedModel", "Ernie4_5_VLMoeVisionAttention", False),
+}
+
+
+def _modeling(name: str):
+    module = TOWERS[name][0]
+    return importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+
+
+def _tower(name: str) -> torch.nn.Module:
+    module, config_name, tower_name, attention_name, windows = TOWERS[name]
+    settings = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
+                    spatial_merge_size=MERGE, attn_implementation="eager")
+    if name == "dots3_note":  # its own names; one dense and one mixture-of-experts MLP
+        settings.update(num_hidden_layers=settings.pop("depth"), num_attention_heads=settings.pop("num_heads"),
+                        moe_intermediate_size=32, mlp_layer_types=["dense", "sparse"], num_local_experts=2,
+                        num_experts_per_tok=1, per_layer_config={}, adapter_in_dim=32, adapter_out_dim=32)
+    elif name != "ernie4_5_vl_moe":
+        settings.update(temporal_patch_size=2, out_hidden_size=32)
+    if name.startswith("qwen3") or name in ("qwen4_exp", "cohere_compass"):
+        settings["num_position_embeddings"] = 16
+    if name == "glm5_next":
+        settings["projection_intermediate_size"] = 64
+    if name in ("qwen3_vl_moe", "qwen3_omni_moe", "cohere_compass"):
+        settings["deepstack_visual_indexes"] = []
+    if name == "exaone4_5":  # grouped-query attention: one key head for the two query heads
+        settings["num_key_value_heads"] = 1
+    if windows:  # block 0 attends in windows, block 1 per image
+        settings.update(window_size=WINDOW * MERGE * PATCH, fullatt_block_indexes=[1])
+    config = getattr(transformers, config_name)(**settings)
+    modeling = _modeling(name)
+    model = getattr(modeling, tower_name)(config)
+    assert type(model.blocks[0].attn).__name__ == attention_name
+    torch.manual_seed(0)
+    with torch.no_grad():  # weights large enough that attention is far from uniform
+        for sub in model.modules():
+            if isinstance(sub, torch.nn.Linear):
+                sub.weight.normal_(std=0.25)
+    return model.eval()
+
+
+def _inputs(name: str):
+    grid_thw = torch.tensor([[1, h, w] for h, w in GRIDS])
+    temporal = 1 if name in ("ernie4_5_vl_moe", "dots3_note") else 2
+    torch.manual_seed(1)
+    return torch.randn(sum(h * w for h, w in GRIDS), 3 * temporal * PATCH * PATCH), grid_thw
+
+
+# Geometry written here -------------------------------------------------------------------------------------------
+
+def _chunks(grid: tuple[int, int], window: int | None) -> list[list[tuple[int, int]]]:
+    """One image's tokens as (row, col) in sequence order, cut into its attention calls: the whole image
+    (``window=None``), or windows of ``window x window`` merge blocks."""
+    h, w = grid
+    blocks_h, blocks_w = h // MERGE, w // MERGE
+    side_h, side_w = (window, window) if window else (blocks_h, blocks_w)
+    chunks = []
+    for top in range(0, blocks_h, side_h):
+        for left in range(0, blocks_w, side_w):
+            chunk = []
+            for block_row in range(top, min(top + side_h, blocks_h)):
+                for block_col in range(left, min(left + side_w, blocks_w)):
+                    for i in range(MERGE):
+                        for j in range(MERGE):
+                            chunk.append((block_row * MERGE + i, block_col * MERGE + j))
+            chunks.append(chunk)
+    return chunks
+
+
+def _eager_calls(monkeypatch, name, model, *inputs, **kwargs) -> list:
+    """``[(attention module, probabilities [1, H, n, n] float64)]`` of every eager attention call of one forward."""
+    modeling = _modeling(name)
+    original = modeling.eager_attention_forward
+    calls = []
+
+    def capture(module, *args, **kw):
+        output, probabilities = original(module, *args, **kw)
+        calls.append((module, probabilities.detach().double()))
+        return output, probabilities
+
+    model.set_attn_implementation("eager")
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling, "eager_attention_forward", capture)
+        with torch.no_grad():
+            model(*inputs, **kwargs)
+    return calls
+
+
+def _per_token_mad(probabilities: torch.Tensor, chunk: list[tuple[int, int]]) -> torch.Tensor:
+    """``[H, n]`` MAD of each query of one call over its keys."""
+    centres = torch.tensor([[(r + 0.5) * PATCH, (c + 0.5) * PATCH] for r, c in chunk], dtype=torch.float64)
+    return (probabilities[0] * torch.cdist(centres, centres)).sum(-1)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", list(TOWERS))
+def test_packed_images_match_eager_attention(monkeypatch, name, attn_implementation):
+    model = _tower(name)
+    windows = TOWERS[name][4]
+    patches, grid_thw = _inputs(name)
+
+    # The order written here is the one the tower's own rotary / position ids assume (merge-block order).
+    from transformers.vision_utils import get_vision_position_ids
+    cells = [cell for grid in GRIDS for cell in _chunks(grid, None)[0]]
+    assert get_vision_position_ids(grid_thw, MERGE).tolist() == [list(c) for c in cells]
+
+    calls = _eager_calls(monkeypatch, name, model, patches, grid_thw=grid_thw)
+    expected_per_layer, used = [], 0
+    for layer in range(2):
+        windowed = windows and layer == 0
+        expected = [torch.full((2, h * w), float("nan"), dtype=torch.float64) for h, w in GRIDS]
+        for image, grid in enumerate(GRIDS):
+            chunks = _chunks(grid, WINDOW if windows else None)
+            if not windowed:  # one call per image, over the (window-ordered, for the windowed towers) sequence
+                chunks = [[cell for chunk in chunks for cell in chunk]]
+            for chunk in chunks:
+                module, probabilities = calls[used]
+                used += 1
+                assert module is model.blocks[layer].attn and probabilities.shape[-1] == len(chunk)
+                for q, (r, c) in enumerate(chunk):
+                    expected[image][:, r * grid[1] + c] = _per_token_mad(probabilities, chunk)[:, q]
+        assert all(not e.isnan().any() for e in expected)
+        expected_per_layer.append(expected)
+    assert used == len(calls)
+
+    model.set_attn_implementation(attn_implementation)
+    with torch.no_grad():
+        plain = model(patches, grid_thw=grid_thw).last_hidden_state
+        with vitmad.record(model, reduction="none") as rec:
+            recorded = model(patches, grid_thw=grid_thw).last_hidden_state
+        with vitmad.record(model) as rec_mean:
+            model(patches, grid_thw=grid_thw)
+    assert torch.equal(plain, recorded)
+    assert rec.layers == ["blocks.0.attn", "blocks.1.attn"]
+    kinds = ["window 4x4 patches" if windows else "global per image", "global per image"]
+    for layer, (expected, values, geometry) in enumerate(zip(expected_per_layer, rec.per_layer, rec.geometry)):
+        assert values.shape == (len(GRIDS), 2, max(h * w for h, w in GRIDS))
+        assert geometry.grid is None and geometry.image_grids == tuple(GRIDS)
+        assert geometry.attention.startswith(kinds[layer])
+        for image, (h, w) in enumerate(GRIDS):
+            torch.testing.assert_close(values[image, :, :h * w].double(), expected[image], **TOL)
+            assert values[image, :, h * w:].isnan().all()
+    means = torch.stack([torch.stack([e.mean(-1) for e in layer]) for layer in expected_per_layer])
+    torch.testing.assert_close(rec_mean.mad.double(), means, **TOL)  # [L, n_images, H]
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen2_5_omni", "exaone4_5", "ernie4_5_vl_moe"])
+def test_video_is_refused(name):
+    model = _tower(name)
+    model.set_attn_implementation("sdpa")
+    temporal = 1 if name in ("ernie4_5_vl_moe", "dots3_note") else 2
+    patches = torch.randn(2 * 4 * 4, 3 * temporal * PATCH * PATCH)
+    with vitmad.record(model) as rec, pytest.raises(ValueError, match=r"blocks\.0\.attn.*video \(t > 1\)"):
+        model(patches, grid_thw=torch.tensor([[2, 4, 4]]))
+    # Nothing is recorded. (ERNIE's tower has no convolution, so its call starts at the tower's own forward, and a
+    # forward that raised leaves that call, empty, in rec.calls: the recorder's way with convolution-less models.)
+    assert all(call.layers == [] for call in rec.calls)
+    assert len(rec.calls) == (name == "ernie4_5_vl_moe")
+
+
+def test_glm_image_is_refused_by_name():
+    from transformers.models.glm_image import modeling_glm_image
+
+    config = transformers.GlmImageVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                               patch_size=PATCH, spatial_merge_size=MERGE, image_size=16)
+    model = modeling_glm_image.GlmImageVisionModel(config).eval()
+    patches = torch.randn(sum(h * w for h, w in GRIDS), 3 * PATCH * PATCH)
+    with vitmad.record(model) as rec, pytest.raises(
+            ValueError, match=r"blocks\.0\.attn \(GlmImageVisionAttention\).*GLM-Image.*does not record this tower"):
+        model(patches, grid_thw=torch.tensor([[1, h, w] for h, w in GRIDS]))
+    assert rec.calls == []
+
+
+# Towers packed alike that differ: refused by name ----------------------------------------------------------------
+
+# name -> (config class, tower class, attention class, what the refusal names)
+REFUSED_RUN = {
+    "llava_onevision1_5": ("LlavaOnevision15VisionConfig", "LlavaOnevision15VisionModel",
+                           "LlavaOnevision15VisionAttention", "class token"),
+    "ovis2_5": ("Ovis2_5VisionConfig", "Ovis2_5VisionModel", "Ovis2_5VisionAttention", "layer_types"),
+    "muse_glimmer": ("MuseGlimmerVisionConfig", "MuseGlimmerVisionModel", "MuseGlimmerVisionAttention",
+                     "layer_types"),
+    "hunyuan_vl": ("HunYuanVLVisionConfig", "HunYuanVLVisionTransformer", "HunYuanVLVisionAttention", "row-major"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED_RUN))
+def test_packed_towers_that_differ_are_refused_by_name(name):
+    config_name, tower_name, attention_name, reason = REFUSED_RUN[name]
+    modeling = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    config_class = getattr(importlib.import_module(f"transformers.models.{name}.configuration_{name}"), config_name)
+    known = config_class().to_dict()
+    small = dict(depth=1, num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                 num_attention_heads=2, num_key_value_heads=2, patch_size=PATCH, spatial_merge_size=MERGE)
+    config = config_class(**{k: v for k, v in small.items() if k in known})
+    config._attn_implementation = "sdpa"
+    model = getattr(modeling, tower_name)(config).eval()
+    first = next(m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)))
+    width = (first.in_features if isinstance(first, torch.nn.Linear)
+             else first.in_channels * int(torch.tensor(first.kernel_size).prod()))
+    patches = torch.randn(sum(h * w for h, w in GRIDS), width)
+    grid_thw = torch.tensor([[1, h, w] for h, w in GRIDS])
+    with torch.no_grad():
+        model(patches, grid_thw=grid_thw)  # the model runs on these inputs
+        with vitmad.record(model) as rec, pytest.raises(
+                ValueError, match=rf"\({attention_name}\) of {tower_name}: .*{reason}.*does not record this tower"):
+            model(patches, grid_thw=grid_thw)
+    assert all(call.layers == [] for call in rec.calls)
+
+
+def test_every_refused_design_names_its_model():
+    """Each refused design's attention module gets a placer that refuses with its reason (built without a config:
+    the placer reads only the module's class)."""
+    from vitmad.recording.families import packed
+    from vitmad.recording.placement import NotPlaceable
+
+    refused = [d for d in packed._DESIGNS if d.kind == "refused"]
+    names = ["GLM-Image", "LLaVA-OneVision-1.5", "Inkling2", "Ovis2.5", "Muse Glimmer", "Muse Spark", "PaddleOCR-VL",
+             "Kimi-K2.5", "VideoLLaMA3", "HunYuanVL", "HY-V4-VL"]
+    assert [d.reason.split("'s ")[0] for d in refused] == names
+    for design in refused:
+        cls = getattr(importlib.import_module(design.module), design.attention)
+        module = cls.__new__(cls)
+        torch.nn.Module.__init__(module)
+        placer = packed.placer(module, "", module)
+        with pytest.raises(NotPlaceable, match="does not record this tower"):
+            placer.place(None, torch.Size([1, 2]), 4, 4)
+
+
+def test_qwen3_5_vision_language_model_records_its_vision_tower_only():
+    config = transformers.Qwen3_5Config(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=100, head_dim=16, layer_types=["full_attention"],
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 1e4}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
+                           spatial_merge_size=MERGE, temporal_patch_size=2, out_hidden_size=32,
+                           num_position_embeddings=16),
+        attn_implementation="sdpa")
+    model = transformers.Qwen3_5Model(config).eval()
+    patches, grid_thw = _inputs("qwen3_5")
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model.get_image_features(patches, image_grid_thw=grid_thw)
+    assert rec.layers == ["visual.blocks.0.attn", "visual.blocks.1.attn"]
+    assert rec.mad.shape == (2, 3, 2)
+
+
+def test_glm46v_vision_tower_is_glm4v():
+    """GLM-4.6V adds no tower of its own: its ``visual`` is GLM-4.1V's ``Glm4vVisionModel``, recorded as such."""
+    config = transformers.Glm46VConfig(vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                          out_hidden_size=32))
+    assert type(config.vision_config).__name__ == "Glm4vVisionConfig"
+    assert type(transformers.AutoModel.from_config(config.vision_config)).__name__ == "Glm4vVisionModel"
+
+
+def test_ernie_vision_language_model_records_its_tower_as_the_tower_alone():
+    """ERNIE-4.5-VL has no convolution anywhere (its patch embedding is a linear): the whole model's recording of
+    its tower equals the tower's own."""
+    config = transformers.Ernie4_5_VLMoeConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=100, head_dim=16, moe_intermediate_size=[32, 32],
+                         moe_num_experts=2, moe_k=1, moe_layer_start_index=1,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [3, 3, 2]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=PATCH,
+                           spatial_merge_size=MERGE),
+        attn_implementation="sdpa")
+    model = transformers.Ernie4_5_VLMoeModel(config).eval()
+    patches, grid_thw = _inputs("ernie4_5_vl_moe")
+    with torch.no_grad():
+        with vitmad.record(model, reduction="none") as rec:
+            model.get_image_features(patches, image_grid_thw=grid_thw)
+        with vitmad.record(model.vision_tower, reduction="none") as alone:
+            model.vision_tower(patches, grid_thw=grid_thw)
+    assert rec.layers == ["vision_tower.blocks.0.attn", "vision_tower.blocks.1.attn"] and len(rec.calls) == 1
+    for whole, own in zip(rec.per_layer, alone.per_layer):
+        torch.testing.assert_close(whole, own, equal_nan=True)
