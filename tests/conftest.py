@@ -186,6 +186,25 @@ def qwen_token_chunks(grid: tuple[int, int], merge: int, window: int | None) -> 
     return chunks
 
 
+def eager_attention_calls(monkeypatch, modeling, model: torch.nn.Module, *inputs, **kwargs) -> list:
+    """``[(attention module, probabilities [1, H, n, n] float64)]`` of every call of ``modeling``'s
+    ``eager_attention_forward`` in one forward of ``model`` (switched to eager attention), in call order."""
+    original = modeling.eager_attention_forward
+    calls = []
+
+    def capture(module, *args, **kw):
+        output, probabilities = original(module, *args, **kw)
+        calls.append((module, probabilities.detach().double()))
+        return output, probabilities
+
+    model.set_attn_implementation("eager")
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling, "eager_attention_forward", capture)
+        with torch.no_grad():
+            model(*inputs, **kwargs)
+    return calls
+
+
 def write_images(folder: Path, count: int, *, seed: int = 0, nested: bool = True) -> list[Path]:
     """``count`` random RGB images of varied sizes and formats (some in a subfolder), sorted by path."""
     from PIL import Image

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import qwen_token_chunks
+from conftest import eager_attention_calls, qwen_token_chunks
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.glm4v import modeling_glm4v  # noqa: E402
@@ -81,21 +81,7 @@ _MODELING = {"qwen2_vl": modeling_qwen2_vl, "qwen2_5_vl": modeling_qwen2_5_vl, "
 
 def _eager_probabilities(monkeypatch, name: str, model: torch.nn.Module, *inputs, **kwargs) -> list:
     """``[(attention module, probabilities [1, H, n, n])]`` of every eager attention call of one forward."""
-    modeling = _MODELING[name]
-    original = modeling.eager_attention_forward
-    calls = []
-
-    def capture(module, *args, **kw):
-        output, probabilities = original(module, *args, **kw)
-        calls.append((module, probabilities.detach().double()))
-        return output, probabilities
-
-    model.set_attn_implementation("eager")
-    with monkeypatch.context() as patch:
-        patch.setattr(modeling, "eager_attention_forward", capture)
-        with torch.no_grad():
-            model(*inputs, **kwargs)
-    return calls
+    return eager_attention_calls(monkeypatch, _MODELING[name], model, *inputs, **kwargs)
 
 
 # Geometry written in the tests (the chunks: conftest.qwen_token_chunks) ------------------------------------------

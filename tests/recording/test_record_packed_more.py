@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import vitmad
+from conftest import eager_attention_calls, qwen_token_chunks
 
 transformers = pytest.importorskip("transformers")
 
@@ -104,39 +105,12 @@ def _inputs(name: str):
 def _chunks(grid: tuple[int, int], window: int | None) -> list[list[tuple[int, int]]]:
     """One image's tokens as (row, col) in sequence order, cut into its attention calls: the whole image
     (``window=None``), or windows of ``window x window`` merge blocks."""
-    h, w = grid
-    blocks_h, blocks_w = h // MERGE, w // MERGE
-    side_h, side_w = (window, window) if window else (blocks_h, blocks_w)
-    chunks = []
-    for top in range(0, blocks_h, side_h):
-        for left in range(0, blocks_w, side_w):
-            chunk = []
-            for block_row in range(top, min(top + side_h, blocks_h)):
-                for block_col in range(left, min(left + side_w, blocks_w)):
-                    for i in range(MERGE):
-                        for j in range(MERGE):
-                            chunk.append((block_row * MERGE + i, block_col * MERGE + j))
-            chunks.append(chunk)
-    return chunks
+    return qwen_token_chunks(grid, MERGE, window)
 
 
 def _eager_calls(monkeypatch, name, model, *inputs, **kwargs) -> list:
     """``[(attention module, probabilities [1, H, n, n] float64)]`` of every eager attention call of one forward."""
-    modeling = _modeling(name)
-    original = modeling.eager_attention_forward
-    calls = []
-
-    def capture(module, *args, **kw):
-        output, probabilities = original(module, *args, **kw)
-        calls.append((module, probabilities.detach().double()))
-        return output, probabilities
-
-    model.set_attn_implementation("eager")
-    with monkeypatch.context() as patch:
-        patch.setattr(modeling, "eager_attention_forward", capture)
-        with torch.no_grad():
-            model(*inputs, **kwargs)
-    return calls
+    return eager_attention_calls(monkeypatch, _modeling(name), model, *inputs, **kwargs)
 
 
 def _per_token_mad(probabilities: torch.Tensor, chunk: list[tuple[int, int]]) -> torch.Tensor:
