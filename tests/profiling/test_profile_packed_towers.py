@@ -1,6 +1,6 @@
 """vitmad profile on packed native-resolution vision towers: Qwen2-VL (a whole vision-language checkpoint),
-Qwen2.5-VL (windows) and Qwen3-VL (towers saved alone), Pixtral (inside a LLaVA checkpoint, and saved alone without
-an image processor).
+Qwen2.5-VL (windows) and Qwen3-VL (towers saved alone), Qwen3-VL's tower inside whole Qwen3-VL-MoE, Qwen3.5 and
+Qwen3.5-MoE checkpoints, Pixtral (inside a LLaVA checkpoint, and saved alone without an image processor).
 
 Tiny random-weight towers, their weights scaled so that attention is far from uniform, are saved to folders with
 their image processors. The reference is written here, independently of vitmad: each image through the model's
@@ -36,7 +36,10 @@ pytest.importorskip("torchvision")  # transformers' Qwen2-VL and Pixtral image p
 from transformers.models.pixtral import modeling_pixtral  # noqa: E402
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl  # noqa: E402
 from transformers.models.qwen2_vl import modeling_qwen2_vl  # noqa: E402
+from transformers.models.qwen3_5 import modeling_qwen3_5  # noqa: E402
+from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe  # noqa: E402
 from transformers.models.qwen3_vl import modeling_qwen3_vl  # noqa: E402
+from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe  # noqa: E402
 
 PATCH, MERGE, WINDOW_PX = 4, 2, 16  # Qwen: 4 px patches, 2 x 2 merge blocks, windows of 2 x 2 merge blocks
 PIXTRAL_PATCH = 8
@@ -45,7 +48,19 @@ QWEN_PROCESSOR = dict(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,
 PIXTRAL_PROCESSOR = dict(patch_size={"height": PIXTRAL_PATCH, "width": PIXTRAL_PATCH}, size={"longest_edge": 48})
 TOL = {"rtol": 1e-5, "atol": 1e-4}
 _MODELING = {"qwen2_vl": modeling_qwen2_vl, "qwen2_5_vl": modeling_qwen2_5_vl, "qwen3_vl": modeling_qwen3_vl,
-             "pixtral": modeling_pixtral}
+             "pixtral": modeling_pixtral, "qwen3_vl_moe": modeling_qwen3_vl_moe, "qwen3_5": modeling_qwen3_5,
+             "qwen3_5_moe": modeling_qwen3_5_moe}
+# Qwen3-VL's tower under other names, in whole checkpoints (under model.visual, fed by Qwen2VLImageProcessor):
+# name -> (config class, model class, tower class, extra text settings)
+QWEN3_KIN = {
+    "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeVisionModel",
+                     dict(moe_intermediate_size=32, num_experts=2, num_experts_per_tok=1)),
+    "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", "Qwen3_5VisionModel",
+                dict(layer_types=["full_attention"])),
+    "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeVisionModel",
+                    dict(layer_types=["full_attention"], moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                         num_experts=2, num_experts_per_tok=1)),
+}
 
 
 def _sharpen(tower: torch.nn.Module, seed: int) -> None:
@@ -97,6 +112,23 @@ def _save_qwen_tower(folder, name: str):
     transformers.Qwen2VLImageProcessor(**QWEN_PROCESSOR).save_pretrained(folder)
 
 
+def _save_qwen3_kin_checkpoint(folder, name: str):
+    """A whole vision-language checkpoint of ``QWEN3_KIN``: a one-layer language model beside the tower."""
+    config_name, model_name, _, text = QWEN3_KIN[name]
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=100, head_dim=16,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 1e4}, **text)
+    vision = _qwen_vision("qwen3_vl")
+    if name != "qwen3_vl_moe":  # Qwen3.5's towers have no deepstack mergers
+        del vision["deepstack_visual_indexes"]
+    config = getattr(transformers, config_name)(text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config)
+    _sharpen(model.model.visual, 1)
+    model.save_pretrained(folder)
+    transformers.Qwen2VLImageProcessor(**QWEN_PROCESSOR).save_pretrained(folder)
+
+
 def _pixtral_config():
     return transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=2, image_size=64, patch_size=PIXTRAL_PATCH)
@@ -137,6 +169,9 @@ CASES = {
     "pixtral": ("pixtral", lambda f: modeling_pixtral.PixtralVisionModel.from_pretrained(
         f, attn_implementation="eager"), lambda f: transformers.PixtralImageProcessor(
         patch_size={"height": PIXTRAL_PATCH, "width": PIXTRAL_PATCH}, size={"longest_edge": 64})),
+    **{name: (name, lambda f, model=model: getattr(transformers, model).from_pretrained(
+        f, attn_implementation="eager").model.visual, lambda f: transformers.Qwen2VLImageProcessor.from_pretrained(f))
+       for name, (_, model, _, _) in QWEN3_KIN.items()},
 }
 
 
@@ -148,6 +183,8 @@ def folders(tmp_path_factory):
     _save_qwen_tower(root / "qwen3_vl", "qwen3_vl")
     _save_llava_pixtral(root / "llava_pixtral")
     _save_pixtral_tower(root / "pixtral")
+    for name in QWEN3_KIN:
+        _save_qwen3_kin_checkpoint(root / name, name)
     return root
 
 
@@ -300,6 +337,18 @@ def test_loading_profiles_the_vision_tower_and_says_so(folders):
     model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(folders / "qwen2_vl")
     wrapped = vitmad.profiling.models.wrap_module(model)
     assert wrapped.module is model.model.visual and wrapped.description.startswith("model.visual ")
+
+
+@pytest.mark.parametrize("name", list(QWEN3_KIN))
+def test_a_whole_qwen3_kin_checkpoint_loads_its_tower_alone(folders, name):
+    _, model_name, tower_name, _ = QWEN3_KIN[name]
+    loaded = load_model(f"hf:{folders / name}")
+    assert type(loaded.module).__name__ == tower_name
+    assert loaded.description.startswith(f"visual ({tower_name}) of {model_name}")
+    own = CASES[name][1](folders / name)
+    assert type(own).__name__ == tower_name
+    for (key, value), expected in zip(loaded.module.state_dict().items(), own.state_dict().values()):
+        assert torch.equal(value, expected), key  # the checkpoint's weights, not a fresh initialisation
 
 
 def test_a_checkpoint_missing_tower_weights_is_refused(folders, tmp_path):
