@@ -205,6 +205,32 @@ def eager_attention_calls(monkeypatch, modeling, model: torch.nn.Module, *inputs
     return calls
 
 
+def record_packed_forward(model: torch.nn.Module, *inputs, **kwargs):
+    """One forward of a transformers vision tower as it is, one recorded with ``reduction="none"`` and one with
+    the mean; the recorded output must be the plain one, bit for bit. Returns the two recordings."""
+    with torch.no_grad():
+        plain = model(*inputs, **kwargs).last_hidden_state
+        with vitmad.record(model, reduction="none") as rec:
+            recorded = model(*inputs, **kwargs).last_hidden_state
+        with vitmad.record(model) as rec_mean:
+            model(*inputs, **kwargs)
+    assert torch.equal(plain, recorded)
+    return rec, rec_mean
+
+
+def check_packed_values(rec, expected_per_layer, grids, attention_kinds, tol: dict) -> None:
+    """A packed recording (``reduction="none"``) against the reference ``expected_per_layer[layer][image]``
+    ``[H, h * w]``: per image its own tokens first, NaN after them, on its own grid."""
+    assert len(rec.layers) == len(expected_per_layer)
+    for layer, (expected, values, geometry) in enumerate(zip(expected_per_layer, rec.per_layer, rec.geometry)):
+        assert values.shape == (len(grids), expected[0].shape[0], max(h * w for h, w in grids))
+        assert geometry.grid is None and geometry.image_grids == tuple(grids)
+        assert geometry.attention.startswith(attention_kinds[layer])
+        for image, (h, w) in enumerate(grids):
+            torch.testing.assert_close(values[image, :, :h * w].double(), expected[image], **tol)
+            assert values[image, :, h * w:].isnan().all()
+
+
 def write_images(folder: Path, count: int, *, seed: int = 0, nested: bool = True) -> list[Path]:
     """``count`` random RGB images of varied sizes and formats (some in a subfolder), sorted by path."""
     from PIL import Image

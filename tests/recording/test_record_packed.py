@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import eager_attention_calls, qwen_token_chunks
+from conftest import check_packed_values, eager_attention_calls, qwen_token_chunks, record_packed_forward
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.glm4v import modeling_glm4v  # noqa: E402
@@ -107,18 +107,6 @@ def _expected(chunks: list[tuple[torch.Tensor, int, list[tuple[int, int]]]], gri
     return expected
 
 
-def _check(rec, expected_per_layer, grids, attention_kinds):
-    """rec (reduction="none") against the reference: per image its own tokens first, NaN after them."""
-    assert len(rec.layers) == len(expected_per_layer)
-    for layer, (expected, values, geometry) in enumerate(zip(expected_per_layer, rec.per_layer, rec.geometry)):
-        assert values.shape == (len(grids), expected[0].shape[0], max(h * w for h, w in grids))
-        assert geometry.grid is None and geometry.image_grids == tuple(grids)
-        assert geometry.attention.startswith(attention_kinds[layer])
-        for image, (h, w) in enumerate(grids):
-            torch.testing.assert_close(values[image, :, :h * w].double(), expected[image], **TOL)
-            assert values[image, :, h * w:].isnan().all()
-
-
 def _qwen_inputs(grids):
     grid_thw = torch.tensor([[1, h, w] for h, w in grids])
     torch.manual_seed(1)
@@ -154,15 +142,9 @@ def test_qwen_packed_images_match_eager_attention(monkeypatch, name, attn_implem
     assert used == len(calls)
 
     model.set_attn_implementation(attn_implementation)
-    with torch.no_grad():
-        plain = model(patches, grid_thw=grid_thw).last_hidden_state
-        with vitmad.record(model, reduction="none") as rec:
-            recorded = model(patches, grid_thw=grid_thw).last_hidden_state
-        with vitmad.record(model) as rec_mean:
-            model(patches, grid_thw=grid_thw)
-    assert torch.equal(plain, recorded)
+    rec, rec_mean = record_packed_forward(model, patches, grid_thw=grid_thw)
     kinds = ["window 4x4 patches" if w else "global per image" for w in windowed]
-    _check(rec, expected_per_layer, QWEN_GRIDS, kinds)
+    check_packed_values(rec, expected_per_layer, QWEN_GRIDS, kinds, TOL)
     means = torch.stack([torch.stack([e.mean(-1) for e in layer]) for layer in expected_per_layer])
     torch.testing.assert_close(rec_mean.mad.double(), means, **TOL)  # [L, n_images, H]
 
@@ -249,12 +231,8 @@ def test_pixtral_packed_images_match_eager_attention(monkeypatch, attn_implement
         expected_per_layer.append(_expected(chunks, grids, PIXTRAL_PATCH))
 
     model.set_attn_implementation(attn_implementation)
-    with torch.no_grad():
-        plain = model(pixels, image_sizes=sizes).last_hidden_state
-        with vitmad.record(model, reduction="none") as rec:
-            recorded = model(pixels, image_sizes=sizes).last_hidden_state
-    assert torch.equal(plain, recorded)
-    _check(rec, expected_per_layer, grids, ["global per image"] * 2)
+    rec, _ = record_packed_forward(model, pixels, image_sizes=sizes)
+    check_packed_values(rec, expected_per_layer, grids, ["global per image"] * 2, TOL)
 
 
 def test_pixtral_image_alone_equals_packed():

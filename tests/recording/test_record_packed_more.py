@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import eager_attention_calls, qwen_token_chunks
+from conftest import check_packed_values, eager_attention_calls, qwen_token_chunks, record_packed_forward
 
 transformers = pytest.importorskip("transformers")
 
@@ -151,22 +151,10 @@ def test_packed_images_match_eager_attention(monkeypatch, name, attn_implementat
     assert used == len(calls)
 
     model.set_attn_implementation(attn_implementation)
-    with torch.no_grad():
-        plain = model(patches, grid_thw=grid_thw).last_hidden_state
-        with vitmad.record(model, reduction="none") as rec:
-            recorded = model(patches, grid_thw=grid_thw).last_hidden_state
-        with vitmad.record(model) as rec_mean:
-            model(patches, grid_thw=grid_thw)
-    assert torch.equal(plain, recorded)
+    rec, rec_mean = record_packed_forward(model, patches, grid_thw=grid_thw)
     assert rec.layers == ["blocks.0.attn", "blocks.1.attn"]
     kinds = ["window 4x4 patches" if windows else "global per image", "global per image"]
-    for layer, (expected, values, geometry) in enumerate(zip(expected_per_layer, rec.per_layer, rec.geometry)):
-        assert values.shape == (len(GRIDS), 2, max(h * w for h, w in GRIDS))
-        assert geometry.grid is None and geometry.image_grids == tuple(GRIDS)
-        assert geometry.attention.startswith(kinds[layer])
-        for image, (h, w) in enumerate(GRIDS):
-            torch.testing.assert_close(values[image, :, :h * w].double(), expected[image], **TOL)
-            assert values[image, :, h * w:].isnan().all()
+    check_packed_values(rec, expected_per_layer, GRIDS, kinds, TOL)
     means = torch.stack([torch.stack([e.mean(-1) for e in layer]) for layer in expected_per_layer])
     torch.testing.assert_close(rec_mean.mad.double(), means, **TOL)  # [L, n_images, H]
 
