@@ -308,8 +308,7 @@ def _load_hf(spec: str, name: str) -> LoadedModel:
 def _said(err: BaseException) -> str:
     """``Type: first line`` of an exception, for messages that quote a model's own error (a bare ``assert``
     has no message)."""
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else 'no message'}"
+    return f"{type(err).__name__}: {_first_line(err) if str(err).strip() else 'no message'}"
 
 
 def _create_timm(timm, name: str, model_checkpoint: Path | None, tries: list[dict], weights: dict):
