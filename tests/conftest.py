@@ -186,7 +186,7 @@ def qwen_token_chunks(grid: tuple[int, int], merge: int, window: int | None) -> 
     return chunks
 
 
-def eager_attention_calls(monkeypatch, modeling, model: torch.nn.Module, *inputs, **kwargs) -> list:
+def eager_attention_calls(modeling, model: torch.nn.Module, *inputs, **kwargs) -> list:
     """``[(attention module, probabilities [1, H, n, n] float64)]`` of every call of ``modeling``'s
     ``eager_attention_forward`` in one forward of ``model`` (switched to eager attention), in call order."""
     original = modeling.eager_attention_forward
@@ -198,7 +198,7 @@ def eager_attention_calls(monkeypatch, modeling, model: torch.nn.Module, *inputs
         return output, probabilities
 
     model.set_attn_implementation("eager")
-    with monkeypatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:
         patch.setattr(modeling, "eager_attention_forward", capture)
         with torch.no_grad():
             model(*inputs, **kwargs)

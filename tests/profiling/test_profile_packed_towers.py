@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import qwen_token_chunks, subprocess_env, write_images
+from conftest import eager_attention_calls, qwen_token_chunks, subprocess_env, write_images
 from vitmad.cli import main
 from vitmad.profiling.images import find_images, load_image
 from vitmad.profiling.maps import mad_maps
@@ -205,20 +205,7 @@ def _call_mad(probabilities: torch.Tensor, cells: list[tuple[int, int]], patch: 
 
 def _eager_calls(modeling, tower, *args, **kwargs) -> list[torch.Tensor]:
     """The probabilities of every eager attention call of one forward of ``tower``."""
-    original, calls = modeling.eager_attention_forward, []
-
-    def capture(module, *a, **kw):
-        output, probabilities = original(module, *a, **kw)
-        calls.append(probabilities.detach())
-        return output, probabilities
-
-    modeling.eager_attention_forward = capture
-    try:
-        with torch.no_grad():
-            tower(*args, **kwargs)
-    finally:
-        modeling.eager_attention_forward = original
-    return calls
+    return [probabilities for _, probabilities in eager_attention_calls(modeling, tower, *args, **kwargs)]
 
 
 def _image_mad(case: str, tower, inputs) -> np.ndarray:

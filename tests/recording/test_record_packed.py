@@ -79,9 +79,9 @@ _MODELING = {"qwen2_vl": modeling_qwen2_vl, "qwen2_5_vl": modeling_qwen2_5_vl, "
              "pixtral": modeling_pixtral}
 
 
-def _eager_probabilities(monkeypatch, name: str, model: torch.nn.Module, *inputs, **kwargs) -> list:
+def _eager_probabilities(name: str, model: torch.nn.Module, *inputs, **kwargs) -> list:
     """``[(attention module, probabilities [1, H, n, n])]`` of every eager attention call of one forward."""
-    return eager_attention_calls(monkeypatch, _MODELING[name], model, *inputs, **kwargs)
+    return eager_attention_calls(_MODELING[name], model, *inputs, **kwargs)
 
 
 # Geometry written in the tests (the chunks: conftest.qwen_token_chunks) ------------------------------------------
@@ -118,10 +118,10 @@ def _qwen_inputs(grids):
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "glm4v_moe", "glm_ocr"])
-def test_qwen_packed_images_match_eager_attention(monkeypatch, name, attn_implementation):
+def test_qwen_packed_images_match_eager_attention(name, attn_implementation):
     model = _qwen(name, "eager")
     patches, grid_thw = _qwen_inputs(QWEN_GRIDS)
-    calls = _eager_probabilities(monkeypatch, name, model, patches, grid_thw=grid_thw)
+    calls = _eager_probabilities(name, model, patches, grid_thw=grid_thw)
 
     # Qwen2.5-VL: block 0 attends in windows, block 1 (fullatt_block_indexes) per image, both over the window
     # order; the others per image in merge-block order.
@@ -212,11 +212,11 @@ def _pixtral_inputs():
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_pixtral_packed_images_match_eager_attention(monkeypatch, attn_implementation):
+def test_pixtral_packed_images_match_eager_attention(attn_implementation):
     model = _pixtral("eager")
     pixels, sizes = _pixtral_inputs()
     grids = [(h // PIXTRAL_PATCH, w // PIXTRAL_PATCH) for h, w in PIXTRAL_SIZES]
-    calls = _eager_probabilities(monkeypatch, "pixtral", model, pixels, image_sizes=sizes)
+    calls = _eager_probabilities("pixtral", model, pixels, image_sizes=sizes)
     assert len(calls) == 2
     expected_per_layer = []
     for probabilities in (p for _, p in calls):

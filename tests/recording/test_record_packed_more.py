@@ -108,9 +108,9 @@ def _chunks(grid: tuple[int, int], window: int | None) -> list[list[tuple[int, i
     return qwen_token_chunks(grid, MERGE, window)
 
 
-def _eager_calls(monkeypatch, name, model, *inputs, **kwargs) -> list:
+def _eager_calls(name, model, *inputs, **kwargs) -> list:
     """``[(attention module, probabilities [1, H, n, n] float64)]`` of every eager attention call of one forward."""
-    return eager_attention_calls(monkeypatch, _modeling(name), model, *inputs, **kwargs)
+    return eager_attention_calls(_modeling(name), model, *inputs, **kwargs)
 
 
 def _per_token_mad(probabilities: torch.Tensor, chunk: list[tuple[int, int]]) -> torch.Tensor:
@@ -121,7 +121,7 @@ def _per_token_mad(probabilities: torch.Tensor, chunk: list[tuple[int, int]]) ->
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", list(TOWERS))
-def test_packed_images_match_eager_attention(monkeypatch, name, attn_implementation):
+def test_packed_images_match_eager_attention(name, attn_implementation):
     model = _tower(name)
     windows = TOWERS[name][4]
     patches, grid_thw = _inputs(name)
@@ -131,7 +131,7 @@ def test_packed_images_match_eager_attention(monkeypatch, name, attn_implementat
     cells = [cell for grid in GRIDS for cell in _chunks(grid, None)[0]]
     assert get_vision_position_ids(grid_thw, MERGE).tolist() == [list(c) for c in cells]
 
-    calls = _eager_calls(monkeypatch, name, model, patches, grid_thw=grid_thw)
+    calls = _eager_calls(name, model, patches, grid_thw=grid_thw)
     expected_per_layer, used = [], 0
     for layer in range(2):
         windowed = windows and layer == 0
