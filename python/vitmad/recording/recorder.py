@@ -54,7 +54,8 @@ from ..ops.arguments import (
 from ..ops.stats_op import MAP_NAME, common_tokens, derived_once
 from .compiled import EagerWhileRecording, check_compiled, uncompiled
 from .differential import CallSums, combine, differential_lambda, is_differential
-from .families import Skip, family_modules, family_placer, probabilities_source
+from .families import ClassQueries, Skip, family_modules, family_placer, probabilities_source
+from .families.class_attention import ClassQueryPlacer
 from .families.masked import GivenPositionsPlacer
 from .families.naflex import call_start as naflex_call_start
 from .families.naflex import towers as naflex_towers
@@ -121,6 +122,12 @@ class RecordedCall:
             positioned tokens (row-major grid order, as ``per_layer``; with ``positions=`` given by hand, the
             sequence's tokens in order, NaN in the columns of those without a position); None for a layer whose keys
             are not its queries (windows, pooled keys), that has no such token, or whose attention is differential.
+        class_layers: with ``"prefix_maps"`` asked for, the class-attention layers that ran (their queries have no
+            position, so no MAD: they are in no other list), in execution order.
+        class_maps: one entry per ``class_layers``: ``[B, H, Q, T]``, the attention of the layer's ``Q`` queries
+            (the class token) over the ``T`` positioned keys, in row-major order of ``class_geometry``'s grid.
+        class_geometry: one :class:`~vitmad.recording.placement.LayerGeometry` per ``class_layers``: the grid and
+            stride of its keys.
     """
 
     layers: list[str] = field(default_factory=list)
@@ -130,14 +137,37 @@ class RecordedCall:
     temporal: list[torch.Tensor | None] = field(default_factory=list)
     statistics: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     prefix_maps: list[torch.Tensor | None] = field(default_factory=list)
+    class_layers: list[str] = field(default_factory=list)
+    class_maps: list[torch.Tensor] = field(default_factory=list)
+    class_geometry: list[LayerGeometry] = field(default_factory=list)
 
-    def _keep_layers(self, count: int) -> None:
-        """Keep the first ``count`` layers (a forward that raised after them: the rest is taken back)."""
+    def _keep_layers(self, count: int, class_count: int) -> None:
+        """Keep the first ``count`` layers and ``class_count`` class-attention layers (a forward that raised after
+        them: the rest is taken back)."""
         for name in set(self.layers[count:]) - set(self.layers[:count]):
             self.components.pop(name, None)
         for values in (self.layers, self.per_layer, self.geometry, self.temporal, self.prefix_maps,
                        *self.statistics.values()):
             del values[count:]
+        for values in (self.class_layers, self.class_maps, self.class_geometry):
+            del values[class_count:]
+
+    def _is_empty(self) -> bool:
+        """No layer of this call has run yet (a MAD layer or, with the prefix maps, a class-attention layer)."""
+        return not self.layers and not self.class_layers
+
+    @property
+    def class_attention_maps(self) -> dict[str, torch.Tensor]:
+        """``{class-attention layer: [B, H, Q, T]}``, from ``class_layers`` and ``class_maps``.
+
+        Raises:
+            ValueError: a class-attention module ran more than once in this call (read the lists).
+        """
+        if len(set(self.class_layers)) != len(self.class_layers):
+            again = sorted({n for n in self.class_layers if self.class_layers.count(n) > 1})
+            raise ValueError(f"vitmad.record: the class-attention module(s) {', '.join(again)} ran more than once in "
+                             "one forward call; read rec.calls[-1].class_layers and .class_maps, one entry per run")
+        return dict(zip(self.class_layers, self.class_maps))
 
     @property
     def heads(self) -> list[int]:
@@ -185,6 +215,12 @@ class RecordedCall:
         return self._stack(self.statistics[name], f"rec.calls[-1].statistics['{name}']", f"rec.stat('{name}')")
 
     def _stack(self, values: list[torch.Tensor], per_layer: str, stacked: str) -> torch.Tensor:
+        if not values:
+            # Only class-attention layers ran (XCiT: every other layer attends over channels).
+            raise ValueError(
+                f"vitmad.record: no layer with a MAD ran in this call, only class attention, whose queries have no "
+                f"position ({', '.join(self.class_layers)}); its maps are in rec.class_attention_maps"
+            )
         shapes = {tuple(t.shape[2:]) for t in values}
         if len(shapes) > 1:
             raise ValueError(
@@ -556,6 +592,8 @@ class Recording:
         self._context = CallContext()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._placers: dict[str, LayerPlacer] = {}
+        # Class-attention modules whose class-token maps are recorded (prefix maps asked for): no MAD of theirs.
+        self._class_layers: set[str] = set()
         # Every family asks the module tree its own questions: one walk per root serves them all.
         with shared_walks():
             self._plain = PlainLayout(model, patch, None if grid is None else (int(grid[0]), int(grid[1])),
@@ -617,7 +655,16 @@ class Recording:
                     "before the grid> if its sequence is exactly [those tokens][the full row-major patch grid], or "
                     "positions=<[N, 2] pixel position of each token, NaN rows for tokens off the image>"
                 )
-            if isinstance(placer, Skip):
+            if isinstance(placer, ClassQueries) and self._maps and self._given is None:
+                # Skipped as a MAD layer, recorded for its class token's maps.
+                self.skipped[name] = placer.reason
+                self._class_layers.add(name)
+                modules[name] = module
+                self._placers[name] = ClassQueryPlacer(placer.keys or PlainPlacer(self._plain), placer.what)
+            elif isinstance(placer, ClassQueries) and self._given is not None:
+                self.skipped[name] = (f"{placer.reason.split(';')[0]}; its maps are not recorded with positions= "
+                                      "given by hand, which place the self-attention layers' tokens")
+            elif isinstance(placer, Skip):
                 self.skipped[name] = placer.reason
             else:
                 modules[name] = module
@@ -626,9 +673,12 @@ class Recording:
         if not modules:
             if self.skipped:
                 reasons = "; ".join(f"{n}: {r}" for n, r in list(self.skipped.items())[:3])
+                classes = [n for n, r in self.skipped.items() if r.startswith("class attention")]
                 raise NoLayerError(
                     f"{type(model).__name__} has no layer with spatial softmax attention over positioned tokens, so "
-                    f"MAD is not defined for it ({reasons})"
+                    f"MAD is not defined for it ({reasons})",
+                    f"; the class token's maps of its class attention ({', '.join(classes)}) are recorded with "
+                    "stats=['prefix_maps'] (rec.class_attention_maps)" if classes and self._given is None else "",
                 )
             raise NoLayerError(
                 f"found no attention layer in {type(model).__name__}: none of its modules has transformers' "
@@ -677,7 +727,7 @@ class Recording:
                 "`with vitmad.record(model) as rec:` block (a model compiled with torch.compile only inside the block "
                 "is not seen: compile it before, and it runs eagerly while recorded)"
             )
-        if not self._calls[-1].per_layer:
+        if self._calls[-1]._is_empty():
             shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
             raise RuntimeError(
                 f"vitmad.record: {name} ran, but none of the {len(self._modules)} modules being recorded ({shown}) "
@@ -721,6 +771,21 @@ class Recording:
             raise KeyError("vitmad.record: the prefix maps were not recorded; pass stats=[..., 'prefix_maps'] to "
                            "vitmad.record")
         return list(self._latest().prefix_maps)
+
+    @property
+    def class_attention_maps(self) -> dict[str, torch.Tensor]:
+        """With ``stats=[..., "prefix_maps"]``: ``{layer: [B, H, Q, T]}`` for the class-attention layers of the
+        latest call (CaiT, XCiT, VOLO; in ``rec.skipped``, as they have no MAD): the attention of the ``Q`` class
+        tokens over the ``T`` positioned keys in row-major grid order (reshape with
+        ``rec.calls[-1].class_geometry[i].grid``). Empty for a model without class attention.
+
+        Raises:
+            KeyError: the prefix maps were not asked for.
+        """
+        if not self._maps:
+            raise KeyError("vitmad.record: the class-attention maps were not recorded; pass "
+                           "stats=[..., 'prefix_maps'] to vitmad.record")
+        return self._latest().class_attention_maps
 
     @property
     def per_layer(self) -> list[torch.Tensor]:
@@ -878,6 +943,11 @@ class Recording:
         differential = is_differential(self._modules[name])
         temporal = None
         maps = None
+        if name in self._class_layers:
+            with torch.no_grad():
+                maps = self._class_rows(measure, positions, key_positions, placement.key_positions)
+            self._pending.setdefault(name, []).append((placement, None, fused, None, maps))
+            return
         with torch.no_grad():
             if video:
                 key_times = placement.time_key_positions
@@ -968,6 +1038,18 @@ class Recording:
         rows = values.new_full((*values.shape[:-1], positions.shape[-2]), float("nan"))
         return rows.index_copy_(-1, columns, values)
 
+    @staticmethod
+    def _class_rows(measure: Callable, positions: torch.Tensor, key_positions: torch.Tensor,
+                    host_keys: torch.Tensor) -> torch.Tensor:
+        """``[*lead, Q, Nk]``: the attention rows of a class-attention layer's queries (none has a position) over
+        every key, NaN at the keys without one (ClassQueryPlacer: the keys are ``[Nk, 2]``). The keys with a
+        position are found in the host copy ``host_keys``: on a GPU, no wait for the work queued before."""
+        values = measure(positions, key_positions, False, (MAP_NAME,))[MAP_NAME]
+        columns = derived_once(host_keys, None, "class_key_columns",
+                               lambda: (~host_keys[:, 0].isnan()).nonzero().squeeze(1))
+        rows = values.new_full((*values.shape[:-1], host_keys.shape[-2]), float("nan"))
+        return rows.index_copy_(-1, on_device(columns, values.device), values)
+
     def _fold(self, name: str, placement: Placement, per_query: torch.Tensor) -> torch.Tensor:
         try:
             folded = placement.fold(per_query)
@@ -1007,6 +1089,9 @@ class Recording:
                           "in layers, ran without computing attention (F.scaled_dot_product_attention, transformers' "
                           "AttentionInterface or a softmax); it is not recorded", stacklevel=2)
         if not completed or not pending:
+            return
+        if name in self._class_layers:
+            self._record_class_maps(name, module, pending)
             return
         temporal = pending[0][3] if len(pending) == 1 else None
         placement = pending[0][0]
@@ -1059,6 +1144,21 @@ class Recording:
         call.temporal.append(None if temporal is None else self._fold(name, placement, temporal))
         if components is not None:
             call.components[name] = components
+
+    def _record_class_maps(self, name: str, module: nn.Module, pending: list) -> None:
+        """A class-attention layer's forward ended: its class token's maps join the call (no MAD of its own)."""
+        if len(pending) != 1:
+            raise ValueError(
+                f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__} is class attention "
+                f"that made {len(pending)} attention calls in one forward, where vitmad knows one; leave it out with "
+                "layers=[the other attention modules], or record without 'prefix_maps'"
+            )
+        placement, _, _, _, maps = pending[0]
+        self._check_call_thread()
+        call = self._calls[-1]
+        call.class_layers.append(name)
+        call.class_maps.append(torch.stack([self._fold_map(name, placement, row) for row in maps.unbind(-2)], -2))
+        call.class_geometry.append(placement.geometry)
 
     def __enter__(self) -> Recording:
         if self._handles:  # its hooks are in: entering again would remove them at the inner exit
@@ -1159,7 +1259,8 @@ class Recording:
             call = self._calls[-1] if self._calls else None
             caller = forward_caller_frame()
             self._outermost = _Outermost(
-                len(self._calls), call, 0 if call is None else len(call.layers), sys.exc_info()[1], scope,
+                len(self._calls), call, 0 if call is None else len(call.layers),
+                0 if call is None else len(call.class_layers), sys.exc_info()[1], scope,
                 current_module_call(), None if caller is None else (threading.current_thread(),
                                                                     (id(caller), caller.f_code)))
 
@@ -1195,12 +1296,14 @@ class Recording:
         del self._calls[outermost.count:]
         call = outermost.call
         if call is not None and self._calls and self._calls[-1] is call:
-            call._keep_layers(outermost.kept)
+            call._keep_layers(outermost.kept, outermost.kept_class)
             # Begun by this forward's convolution, nothing of it stays; begun by the loop that called this forward
-            # (timm's forward_intermediates, a user's loop over the blocks, each block an outermost forward), the
-            # loop stopped there too, its call unfinished.
-            if not call.layers or (outermost.caller is not None
-                                   and self._starters.get(id(call)) == outermost.caller):
+            # (timm's forward_intermediates, a user's loop over the blocks, each block an outermost forward), or by
+            # a frame further up this thread's stack (CaiT's forward_features, whose forward_cls calls the class
+            # blocks), the error stops that frame too, its call unfinished.
+            started = self._starters.get(id(call))
+            if call._is_empty() or (outermost.caller is not None and started == outermost.caller) or (
+                    started is not None and started[0] is threading.current_thread() and self._in_progress(call)):
                 self._forget_starts([self._calls.pop()])
 
     def _begin_forward(self, module: nn.Module, args) -> None:
@@ -1235,7 +1338,7 @@ class Recording:
             self._take_back(outermost)
         latest = self._calls[-1] if self._calls else None
         started = None if latest is None else self._starters.get(id(latest))
-        if latest is not None and not latest.layers and started is not None and started[1] is not None \
+        if latest is not None and latest._is_empty() and started is not None and started[1] is not None \
                 and not frame_live(started[0], *started[1]):
             # Begun by a forward outside the model's call (forward_features) that ended before its first recorded
             # layer, with no module holding the layers around to say whether it raised (timm's _pos_embed between
@@ -1293,6 +1396,7 @@ class _Outermost:
     count: int  # len(calls)
     call: RecordedCall | None  # the latest call then
     kept: int  # its layers then
+    kept_class: int  # its class-attention layers then
     handled: BaseException | None  # the exception being handled when it began (a retry inside `except`)
     scope: nn.Module
     module_call: ModuleCall | None  # the scope's forward (whether a KeyboardInterrupt ended it)
@@ -1350,7 +1454,8 @@ def record(
             distance"): ``"entropy"`` (of each query's attention row, nats), ``"prefix_mass"`` (the attention on
             the tokens without a position: CLS, registers, the "attention sink"), ``"self_mass"`` (on the query's
             own token; NaN in layers whose keys are not the queries, such as pooled keys), ``"prefix_maps"`` (the
-            CLS and register rows over the positioned tokens: ``rec.prefix_maps``); ``"all"`` for every one. A
+            CLS and register rows over the positioned tokens: ``rec.prefix_maps``; and the class token's rows of
+            class attention, which has no MAD: ``rec.class_attention_maps``); ``"all"`` for every one. A
             list, a comma list or one name, as :func:`vitmad.profile` takes them; None or ``("mad",)``: MAD only.
             Read them with ``rec.stats`` (``{name: [L, B, H]}``, MAD included) or ``rec.calls[i].stat(name)``. MAD
             is always recorded; a differential-attention layer (``A1 - lambda * A2``, not a probability

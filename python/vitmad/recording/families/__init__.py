@@ -16,6 +16,7 @@ from torch import nn
 
 from . import (
     byoanet,
+    class_attention,
     conv_stages,
     convit,
     csatv2,
@@ -53,7 +54,7 @@ from . import (
     windowed_vit,
 )
 
-__all__ = ["Skip", "family_placer", "family_modules", "probabilities_source"]
+__all__ = ["Skip", "ClassQueries", "family_placer", "family_modules", "probabilities_source"]
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,27 @@ class Skip:
     reason: str
 
 
+@dataclass(frozen=True)
+class ClassQueries(Skip):
+    """A layer whose queries are tokens without a position (class attention): skipped, as it has no MAD, but
+    with ``stats=[..., "prefix_maps"]`` the attention of those queries over the positioned keys is recorded
+    (``rec.class_attention_maps``, :mod:`.class_attention`).
+
+    Attributes:
+        keys: places the layer's keys as a self-attention layer over them would be placed; None for the model's
+            plain ViT layout.
+        what: the keys, in words (for errors).
+    """
+
+    keys: object | None = None
+    what: str = ""
+
+
 # Tried in order; the first family that claims a module places it.
 _FAMILIES = (
-    packed, non_spatial, unplaced, masked, vilt, padded_patches, swin, windowed_vit, hiera, pooled, mvit, levit,
-    efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin,
-    mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer,
+    packed, class_attention, non_spatial, unplaced, masked, vilt, padded_patches, swin, windowed_vit, hiera, pooled,
+    mvit, levit, efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit,
+    vitamin, mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer,
     lowformer, video, naflex, shvit, convit, torchvision_maxvit,
 )
 

@@ -2,7 +2,7 @@
 
 - VOLO (``volo_*``): after the outlooker stage (outlook attention, skipped: it has no query-key softmax), the
   ``Attention`` of the transformer stages takes the ``[B, H, W, C]`` map itself and attends over all of it,
-  row-major. Its class-attention blocks at the end are skipped (only the class token queries).
+  row-major. Its class-attention blocks at the end are :mod:`.class_attention`'s.
 - MetaFormer (``caformer_*``, ``metaformer``-style models with attention token mixers): the stage flattens the
   ``[B, C, H, W]`` output of its downsampling row-major before the blocks, whose ``Attention`` attends over all
   of it; the map is read at that downsampling's output.
@@ -22,10 +22,6 @@ __all__ = ["placer"]
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
-    from . import Skip
-
-    if defined_in(module, "ClassAttention", "volo"):
-        return Skip("class attention: only the class token queries the patches (VOLO)")
     if defined_in(module, "Attention", "volo"):
         return PartitionPlacer(model, name, module, nhwc, whole_map, "windows in batch")
     if defined_in(module, "Attention", "metaformer"):

@@ -2,8 +2,8 @@
 
 Their MAD is not defined (``docs/definition.md``): the softmax runs over channels, over a token's own
 neighbourhood without a query-key product, over the keys alone (CoaT's factorized attention), or not at all (ReLU
-linear attention), or from queries that have no place on the image (a class token
-attending to the patches in CaiT's class-attention layers; the learned latent query of attention pooling).
+linear attention), or from queries that have no place on the image (the learned latent query of attention
+pooling; class attention, whose class-token maps :mod:`.class_attention` records on request).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from .windows import parent_module
 
 # class name -> why its attention has no MAD.
 _REASONS = {
-    "ClassAttn": "class attention: only the class token queries the patches (CaiT, XCiT class-attention blocks)",
     "AttentionPoolLatent": "attention pooling: learned latent queries without a position on the image",
     "Aimv2AttentionPoolingHead": "attention pooling: a learned query without a position on the image",
     "AttentionPool2d": "attention pooling: one pooled query without a position on the image",

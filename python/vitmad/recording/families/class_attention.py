@@ -1,0 +1,126 @@
+"""Class attention: only the class token queries, over itself and the positioned tokens (CaiT, XCiT, VOLO).
+
+The query has no place on the image, so the layer has no MAD (``docs/definition.md``), and it is listed in
+``rec.skipped``; but where the class token looks over the image is exactly what these layers are read for (the
+CaiT and XCiT papers draw their class-attention maps). With ``stats=[..., "prefix_maps"]``, vitmad records that
+row, ``rec.class_attention_maps``, folded onto the grid of the keys, which are the class token followed by the
+positioned tokens of the model's layout:
+
+- CaiT (timm ``cait_*``, ``ClassAttn``): the class token, then the patch grid of the self-attention blocks, which
+  run without it (the plain layout: the patch embedding's grid).
+- XCiT (timm ``xcit_*``, the same ``ClassAttn``): the class token, then the ``Hp x Wp`` grid that the
+  convolutional patch embedding returns, ``patch_size`` pixels per token.
+- VOLO (timm ``volo_*``, ``ClassAttention``): the class token, then the row-major ``[B, H, W, C]`` map of the
+  last stage of ``network``, at that stage's ``feature_info`` reduction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement
+from .stages import defined_in, grid_placement, owner_of
+from .windows import stage_stride
+
+__all__ = ["placer", "ClassQueryPlacer"]
+
+_REASON = "class attention: only the class token queries the patches ({}); its attention over the patches is " \
+          "recorded with stats=[..., 'prefix_maps'] (rec.class_attention_maps)"
+
+
+class ClassQueryPlacer(LayerPlacer):
+    """The queries of class attention: ``[B, H, Q, N]`` attention of ``Q`` tokens without a position over the ``N``
+    tokens that ``keys`` places as a self-attention layer over them would be placed.
+
+    The placement's positions are the queries' (all NaN), its key positions the keys', and its ``fold`` the keys'
+    fold, which folds a row over the keys onto their grid: the maps are folded with it, and no per-query value
+    exists to fold."""
+
+    def __init__(self, keys: LayerPlacer, what: str):
+        self.keys, self.what = keys, what
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        return self.keys.install(context)
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        keys = self.keys.place(context, lead, num_keys, num_keys)
+        if keys.key_positions is not None or keys.time_positions is not None:
+            raise NotPlaceable(f"the keys of its class attention ({self.what}) are not one image's token grid")
+        positions = keys.positions
+        if positions.dim() != 2 or num_queries > positions.shape[0] \
+                or not bool(positions[:num_queries].isnan().all()):
+            raise NotPlaceable(
+                f"its {num_queries} queries are not the tokens without a position that its {num_keys} keys begin "
+                f"with ({self.what}), so vitmad does not know which tokens query"
+            )
+        queries = positions.new_full((num_queries, positions.shape[-1]), float("nan"))
+        geometry = dataclasses.replace(keys.geometry, attention=f"class attention over {keys.geometry.attention}")
+        return Placement(queries, positions, keys.fold, geometry, present=keys.present)
+
+
+class _XcitKeys(LayerPlacer):
+    """XCiT's class-attention keys: the class token, then the ``Hp x Wp`` grid of its patch embedding's call."""
+
+    _KEY = "class_attention.xcit_grid"
+
+    def __init__(self, model: nn.Module, xcit: nn.Module, name: str):
+        self.model, self.xcit, self.name = model, xcit, name
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def see(module, args, output) -> None:
+            context.values[self._KEY] = (int(output[1][0]), int(output[1][1]))
+
+        return [self.xcit.patch_embed.register_forward_hook(see)]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        grid = context.values.get(self._KEY)
+        if grid is None:
+            raise NotPlaceable("its patch embedding had not run in this call, so the grid of its keys is unknown")
+        patch = int(self.xcit.patch_embed.patch_size)
+        stride = stage_stride(self.model, self.name, context.image_size, grid, reduction=patch)
+        return grid_placement(lead, num_queries, num_keys, grid=grid, stride=stride, attention="global", prefix=1)
+
+
+class _VoloKeys(LayerPlacer):
+    """VOLO's class-attention keys: the class token, then the last ``network`` stage's ``[B, H, W, C]`` map."""
+
+    _KEY = "class_attention.volo_grid"
+
+    def __init__(self, model: nn.Module, volo: nn.Module, name: str):
+        self.model, self.volo, self.name = model, volo, name
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def see(module, args, output) -> None:
+            context.values[self._KEY] = (int(output.shape[1]), int(output.shape[2]))
+
+        return [self.volo.network[-1].register_forward_hook(see)]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        grid = context.values.get(self._KEY)
+        if grid is None:
+            raise NotPlaceable("the last stage of its network had not run in this call, so the grid of its keys "
+                               "is unknown")
+        reduction = int(self.volo.feature_info[-1]["reduction"])
+        stride = stage_stride(self.model, self.name, context.image_size, grid, reduction=reduction)
+        return grid_placement(lead, num_queries, num_keys, grid=grid, stride=stride, attention="global", prefix=1)
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    from . import ClassQueries
+
+    if defined_in(module, "ClassAttn", "cait"):
+        xcit = owner_of(model, "Xcit", "xcit")
+        if xcit is not None:
+            return ClassQueries(_REASON.format("XCiT"), _XcitKeys(model, xcit, name), "the class token and XCiT's "
+                                "patch grid")
+        return ClassQueries(_REASON.format("CaiT"), None, "the class token and the patch grid")
+    if defined_in(module, "ClassAttention", "volo"):
+        volo = owner_of(model, "VOLO", "volo")
+        if volo is None:
+            return None
+        return ClassQueries(_REASON.format("VOLO"), _VoloKeys(model, volo, name), "the class token and the last "
+                            "stage's map")
+    return None
