@@ -457,12 +457,22 @@ def _check_recordable(module: torch.nn.Module, record_options: dict, layers: Seq
     try:
         with warnings.catch_warnings():  # a compiled model's warning: each batch's recording gives it
             warnings.simplefilter("ignore")
-            Recording(module, **record_options)
+            recording = Recording(module, **record_options)
     except NoLayerError as err:
         if layers:
             raise OptionError("layers", err.finding) from None
         raise OptionError("model", f"{err.finding}; if some of its modules compute softmax attention, "
                                    "vitmad.profile(..., layers=[their qualified names]) records them") from None
+    classes = recording._class_layers
+    if classes and classes == set(recording._modules):
+        # XCiT: every other layer attends over channels. A profile is per-layer MAD first; the maps alone are
+        # vitmad.record's.
+        raise OptionError(
+            "layers" if layers else "model",
+            f"{type(module).__name__}: no chosen layer has a MAD, only class attention ({', '.join(sorted(classes))}), "
+            "whose queries have no position; vitmad profile needs one layer with a MAD. Its class token's maps are "
+            "recorded by vitmad.record(model, stats=['prefix_maps']) (rec.class_attention_maps)"
+        )
 
 
 def resume_state(plan: RunPlan, resume: bool) -> RunState:
@@ -535,10 +545,17 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
         stats = (stats or RunningStats.empty(*mad.shape[::2])).add(mad)
         if plan.prefix_maps and plan.maps_skipped is None:
             differential = [i for i, name in enumerate(rec.layers) if name in rec.calls[-1].components]
-            maps = (maps or PrefixMapSums()).add(rec.prefix_maps, rec.geometry, pixels, differential=differential)
+            # The class-attention layers' maps (CaiT, VOLO) follow the layers' own, as map indices L, L + 1, ...
+            call = rec.calls[-1]
+            maps = (maps or PrefixMapSums()).add([*rec.prefix_maps, *call.class_maps],
+                                                 [*rec.geometry, *call.class_geometry], pixels,
+                                                 differential=differential)
         meta = {"layers": list(rec.layers), "layout": layout_dict(rec.layout),
                 "geometry": [g.as_dict() for g in rec.geometry], "skipped_layers": dict(rec.skipped),
                 "temporal": video}
+        if rec.calls[-1].class_layers:  # only with the maps; a profile without any keeps its checkpoint's meta
+            meta.update(class_layers=list(rec.calls[-1].class_layers),
+                        class_geometry=[g.as_dict() for g in rec.calls[-1].class_geometry])
     skipped = tuple({"path": p, "reason": r} for p, r in batch_skipped)
     return RunState(stats, meta, state.images + tuple(loaded_names), state.skipped + skipped,
                     state.batches_done + 1, maps)
@@ -615,7 +632,8 @@ def finish(plan: RunPlan, state: RunState) -> Profile:
         image_grids = {name: image_grids[name] for name in images}
     return Profile(plan.loaded.spec, meta["layers"], meta["layout"], stats, images, skipped, plan.settings, world,
                    meta.get("geometry"), meta.get("skipped_layers", {}),  # absent in checkpoints of vitmad 0.1
-                   temporal=temporal, image_grids=image_grids, statistics=split, prefix_maps=maps)
+                   temporal=temporal, image_grids=image_grids, statistics=split, prefix_maps=maps,
+                   class_layers=meta.get("class_layers", []), class_geometry=meta.get("class_geometry", []))
 
 
 def profile(

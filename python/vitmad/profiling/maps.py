@@ -106,7 +106,8 @@ def image_prefix_maps(
 
     Args:
         model, image, image_size, device: as for :func:`mad_maps`.
-        layer: a layer index; by default the last layer that has such maps.
+        layer: a layer index; the class-attention layers (CaiT, VOLO: their class token's maps) follow the
+            recorded layers, ``len(rec.layers) + i``; by default the last layer that has maps.
 
     Returns:
         ``(maps, pixels, name, geometry)``: ``maps`` ``[H, Q, grid_h, grid_w]`` float32 (head, prefix token in
@@ -117,17 +118,20 @@ def image_prefix_maps(
             queries), or ``layer`` has none.
     """
     rec, pixels = _record_one_image(model, image, image_size, device, stats=["prefix_maps"])
-    with_maps = [i for i, m in enumerate(rec.prefix_maps) if m is not None]
+    call = rec.calls[-1]
+    all_maps, names = [*rec.prefix_maps, *call.class_maps], [*rec.layers, *call.class_layers]
+    all_geometry = [*rec.geometry, *call.class_geometry]
+    with_maps = [i for i, m in enumerate(all_maps) if m is not None]
     if not with_maps:
         raise OptionError("stats", "prefix_maps: no recorded layer has tokens without a position (CLS, registers) "
-                          "attending over its own grid")
+                          "attending over its own grid, and no class attention")
     if layer is None:
         layer = with_maps[-1]
-    layer = _layer_index(layer, len(rec.layers), "layer")
+    layer = _layer_index(layer, len(all_maps), "layer")
     if layer not in with_maps:
         raise OptionError("layer", f"layer {layer} has no prefix maps; layers with maps: {with_maps}")
-    geometry = rec.geometry[layer]
+    geometry = all_geometry[layer]
     grid = geometry.grid or geometry.image_grids[0]
-    maps = rec.prefix_maps[layer][0].float().cpu()  # [H, Q, T] of the one image
+    maps = all_maps[layer][0].float().cpu()  # [H, Q, T] of the one image
     maps = maps[..., :grid[0] * grid[1]].reshape(*maps.shape[:2], *grid)
-    return maps, pixels, rec.layers[layer], geometry.as_dict()
+    return maps, pixels, names[layer], geometry.as_dict()

@@ -386,7 +386,8 @@ def plot_prefix_maps(profile, path: str | os.PathLike, *, layers: Sequence[int] 
     Args:
         profile: a :class:`vitmad.Profile` profiled with ``stats=[..., "prefix_maps"]``.
         path: image file to write.
-        layers: layer indices among those with maps; by default the first, middle and last of them.
+        layers: indices of ``profile.map_layers`` (the layers, then the class-attention layers) among those with
+            maps; by default the first, middle and last of them.
         max_tokens: draw at most this many prefix tokens (rows), in token order.
 
     Raises:
@@ -415,7 +416,8 @@ def plot_prefix_maps(profile, path: str | os.PathLike, *, layers: Sequence[int] 
         axes[0, 0].imshow(image)
         axes[0, 0].set_title(f"mean input ({maps.pixels_count} images)", fontsize=8)
     for column, layer in enumerate(layers, start=1):
-        stride = profile.geometry[layer]["stride"] if profile.geometry else [profile.layout["patch"]] * 2
+        geometry = profile.map_geometry
+        stride = geometry[layer]["stride"] if geometry else [profile.layout["patch"]] * 2
         for row in range(tokens):
             ax = axes[row, column]
             ax.axis("off")
@@ -425,7 +427,7 @@ def plot_prefix_maps(profile, path: str | os.PathLike, *, layers: Sequence[int] 
             grid_h, grid_w = token_map.shape
             ax.imshow(token_map.numpy(), cmap="viridis", interpolation="nearest",
                       extent=(0, grid_w * stride[1], grid_h * stride[0], 0))
-            name = profile.layers[layer]
+            name = profile.map_layers[layer]
             short = name if len(name) < 22 else "..." + name[-19:]
             ax.set_title(f"{short}\ntoken {row}: {float(token_map.min()):.2g} to {float(token_map.max()):.2g}",
                          fontsize=7)

@@ -89,7 +89,11 @@ class Profile:
             ``"prefix_mass"``, ``"self_mass"``), ``[L, H_max]`` like ``stats``; empty for a MAD-only profile.
         prefix_maps: with ``stats=[..., "prefix_maps"]``: the sums of the CLS / register maps over the images
             (:class:`~vitmad.profiling.prefix_maps.PrefixMapSums`); None otherwise, and in a profile read back
-            from ``mad.json`` (the maps are in ``prefix_maps.npz``).
+            from ``mad.json`` (the maps are in ``prefix_maps.npz``). Its layer indices ``0 .. L - 1`` are
+            ``layers``; ``L, L + 1, ...`` are ``class_layers``.
+        class_layers: with the prefix maps, the class-attention layers (CaiT, VOLO) whose class token's maps follow
+            the layers' own in ``prefix_maps``; they have no MAD (``skipped_layers`` says why).
+        class_geometry: one geometry dict per ``class_layers``: the grid and stride of its keys.
     """
 
     model: str
@@ -109,6 +113,18 @@ class Profile:
     # mad.json's "prefix_maps" entry (layers, grids, counts) of a profile read back with from_json, which does not
     # hold the maps themselves (prefix_maps.npz beside it does): written out again as it was.
     prefix_map_summary: dict | None = None
+    class_layers: list[str] = field(default_factory=list)
+    class_geometry: list[dict] = field(default_factory=list)
+
+    @property
+    def map_layers(self) -> list[str]:
+        """The names of ``prefix_maps``' layer indices: ``layers``, then ``class_layers``."""
+        return [*self.layers, *self.class_layers]
+
+    @property
+    def map_geometry(self) -> list[dict] | None:
+        """The geometry of ``prefix_maps``' layer indices (None in format-1 files, which have no maps)."""
+        return None if self.geometry is None else [*self.geometry, *self.class_geometry]
 
     @property
     def stat_names(self) -> list[str]:
@@ -298,12 +314,16 @@ class Profile:
         if self.prefix_maps is not None:
             maps = self.prefix_maps
             found["prefix_maps"] = {
-                "layers": [{"index": i, "name": self.layers[i], "grid": list(maps.grids[i]),
+                "layers": [{"index": i, "name": self.map_layers[i], "grid": list(maps.grids[i]),
                             "tokens": int(maps.total[i].shape[1]), "count": int(maps.count[i].max())}
                            for i in maps.layers],
                 "skipped_layers": [{"name": name, "reason": reason}
-                                   for name, reason in maps.skipped_by_name(self.layers).items()],
+                                   for name, reason in maps.skipped_by_name(self.map_layers).items()],
             }
+            if self.class_layers:  # indices len(layers), ... of "layers" above
+                found["prefix_maps"]["class_attention_layers"] = [
+                    {"name": name, "geometry": geometry} for name, geometry in zip(self.class_layers,
+                                                                                  self.class_geometry)]
         return found
 
     def to_json(self, path: str | os.PathLike) -> None:
@@ -380,10 +400,15 @@ class Profile:
             summary = doc.get("prefix_maps")
             if summary is not None and not isinstance(summary, dict):
                 raise TypeError(f"prefix_maps must be a dict, got {type(summary).__name__}")
+            classes = (summary or {}).get("class_attention_layers", [])
+            if not isinstance(classes, list):
+                raise TypeError(f"prefix_maps.class_attention_layers must be a list, got {type(classes).__name__}")
             return Profile(doc["model"], [layer["name"] for layer in layers], doc["layout"], stats,
                            doc["images"], doc["skipped"], doc["settings"], doc.get("processes", 1),
                            geometry, skipped_layers, temporal=temporal, image_grids=doc.get("image_grids"),
-                           statistics=statistics, prefix_map_summary=summary)
+                           statistics=statistics, prefix_map_summary=summary,
+                           class_layers=[str(entry["name"]) for entry in classes],
+                           class_geometry=[dict(entry["geometry"]) for entry in classes])
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
             raise ValueError(f"{path}: malformed vitmad profile ({type(err).__name__}: {err})") from err
 
@@ -431,7 +456,7 @@ class Profile:
             ValueError: the profile has no prefix maps.
         """
         self.check_prefix_maps()
-        self.prefix_maps.save(path, self.layers)
+        self.prefix_maps.save(path, self.map_layers)
 
     def check_prefix_maps(self) -> None:
         """Raise the ValueError that says why this profile holds no prefix maps, if it holds none."""
