@@ -574,6 +574,7 @@ class Recording:
         self._last_done: RecordedCall | None = None  # the call of the latest of them (gone: the user cleared calls)
         self._transformed = 0  # forwards of the model inside a torch.func transform (not recorded)
         self._returned = False  # the model's current forward has returned (not raised)
+        self._model_started: RecordedCall | None = None  # a call begun by the model's own pre-hook (_begin_forward)
         self._owner = ForwardOwner(type(model).__name__)  # the thread inside a forward of the model, if any
         # id(call) -> (the thread that started it, (id, code) of the frame whose forward it is, see _in_progress),
         # until the model's own call that made it ends; by thread, the call it started last.
@@ -835,6 +836,7 @@ class Recording:
         me, caller = threading.current_thread(), forward_caller_frame()
         self._starters[id(call)] = (me, None if caller is None else (id(caller), caller.f_code))
         self._started[me] = call
+        self._model_started = call if module is self.model else None
 
     def _forget_starts(self, calls: list[RecordedCall]) -> None:
         """``calls`` ended or were dropped: their forwards are no longer in progress (and their ids, free again,
@@ -1308,8 +1310,17 @@ class Recording:
 
     def _begin_forward(self, module: nn.Module, args) -> None:
         if not _in_backward():
+            # A model without a convolution begins its call in its own forward pre-hook, which runs before this
+            # one: that call is this forward's, so it is counted as begun by it (and dropped if it raises), and is
+            # not a call left by an interrupted forward before it.
+            started, self._model_started = self._model_started, None
+            own = started is not None and bool(self._calls) and self._calls[-1] is started
+            if own:
+                self._calls.pop()
             self._drop_unfinished()
             self._calls_before_forward = len(self._calls)
+            if own:
+                self._calls.append(started)
             self._model_call = current_module_call()
             for hooks in self._hooks:
                 if hasattr(hooks, "before_forward"):
