@@ -124,6 +124,15 @@ def _statistics_problem(rec) -> str | None:
         if maps is not None and (not bool(maps.isfinite().all()) or float(maps.min()) < -slack
                                  or float(maps.sum(-1).max()) > 1 + slack):
             return f"prefix maps of {name} not rows of probabilities"
+    return _class_maps_problem(rec)
+
+
+def _class_maps_problem(rec) -> str | None:
+    """What is wrong with the class-attention maps (--stats), if anything: each is part of a row of
+    probabilities (the class token's own key is left out)."""
+    for name, maps in zip(rec.calls[-1].class_layers, rec.calls[-1].class_maps):
+        if not bool(maps.isfinite().all()) or float(maps.min()) < -1e-4 or float(maps.sum(-1).max()) > 1 + 1e-4:
+            return f"class-attention maps of {name} not rows of probabilities"
     return None
 
 
@@ -143,9 +152,17 @@ def _check(model: torch.nn.Module, pixels: torch.Tensor, forward) -> str:
             if "found no attention layer" in message:
                 return "no attention"
             if "has no layer with spatial softmax attention" in message:
-                return "no spatial attention: " + message.split("(", 1)[-1].rstrip(")")
+                # The finding alone (NoLayerError): the advice after it is no part of the table's reasons.
+                finding = getattr(err, "finding", message)
+                return "no spatial attention: " + finding.split("(", 1)[-1].rstrip(")")
             return "refused: " + message.replace("vitmad.record: ", "")
     same = all(torch.equal(a, b) for a, b in zip(_tensors(plain), _tensors(recorded)))
+    if not rec.layers:  # XCiT with --stats: class attention alone, whose maps are recorded
+        problem = _class_maps_problem(rec)
+        line = (f"no spatial attention: class-attention maps in {len(rec.calls[-1].class_layers)} layers"
+                + ("" if problem is None else f" (ERROR: {problem})") + " and no layer with a MAD; "
+                + "; ".join(f"{n}: {r}" for n, r in list(rec.skipped.items())[:2]))
+        return line if same else "ERROR: output changed by recording; " + line
     diagonal = math.hypot(*pixels.shape[-2:])
     values = torch.cat([t.flatten().float() for t in rec.per_layer])
     sane = bool(values.isfinite().all()) and float(values.min()) >= 0 and float(values.max()) <= diagonal
@@ -158,8 +175,10 @@ def _check(model: torch.nn.Module, pixels: torch.Tensor, forward) -> str:
         line += "; skipped " + "; ".join(f"{count} x {reason}" for reason, count in reasons.items())
     if len(_record_stats) > 1:
         maps = sum(m is not None for m in rec.calls[-1].prefix_maps)
+        classes = len(rec.calls[-1].class_layers)
         problem = _statistics_problem(rec)
         line += f"; statistics ok, prefix maps in {maps} layers" if problem is None else ""
+        line += f", class-attention maps in {classes} layers" if problem is None and classes else ""
         if problem is not None:
             line = f"ERROR: {problem}; " + line
     if not same:
