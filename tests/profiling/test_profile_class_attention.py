@@ -157,3 +157,35 @@ def test_a_model_whose_only_spatial_attention_is_class_attention_is_refused(imag
         vitmad.profile(loaded, images, device="cpu", stats=["prefix_maps"])
     with pytest.raises(OptionError, match="model: Xcit has no layer with spatial softmax attention"):
         vitmad.profile(loaded, images, device="cpu")
+
+
+def test_a_pooling_heads_map_is_averaged_where_no_layer_has_a_cls(images):
+    """A timm ViT with attention pooling and no class token: no layer had prefix maps; the head's learned query
+    over the 4 x 4 grid now has its mean map."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, patch_size=8,
+                              embed_dim=32, num_heads=2, global_pool="map", class_token=False).eval()
+    loaded = wrap_module(model, "timm:tiny-vit-map", PREP)
+    result = vitmad.profile(loaded, images, batch_size=2, device="cpu", stats=["prefix_maps"])
+    assert result.class_layers == ["attn_pool"] and result.prefix_maps.layers == [2]
+    assert result.class_geometry[0]["attention"] == "attention pooling over global"
+    # The head's eager softmax (fused path off) in a float64 copy: [B, 2 heads, 1 query, 16 patches].
+    eager, rows = copy.deepcopy(model).double(), []
+    eager.attn_pool.fused_attn = False
+    real = torch.Tensor.softmax
+
+    def spy(tensor, *args, **kwargs):
+        out = real(tensor, *args, **kwargs)
+        if inside:
+            rows.append(out)
+        return out
+
+    inside = []
+    eager.attn_pool.register_forward_pre_hook(lambda *_: inside.append(True))
+    eager.attn_pool.register_forward_hook(lambda *_: inside.clear())
+    pixels, _, _ = load_batch(find_images(images), PREP)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "softmax", spy)
+        eager(pixels.double())
+    assert len(rows) == 1 and rows[0].shape == (5, 2, 1, 16)
+    torch.testing.assert_close(result.prefix_maps.mean(2), rows[0].mean(0).reshape(2, 1, 4, 4), **TOL)

@@ -180,3 +180,114 @@ def test_a_forward_that_raises_in_class_attention_leaves_no_half_call():
     assert len(rec.calls) == 2
     for name, maps in rec.class_attention_maps.items():
         torch.testing.assert_close(maps, before[name], rtol=0, atol=0)
+
+
+# Attention pooling: learned queries apart from the keys, which are the tokens the head pools.
+def _pooling_models():
+    import transformers
+
+    siglip = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=8)
+    aimv2 = transformers.Aimv2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=8, use_head=True)
+    return {
+        # timm ViT, global_pool="map": the head pools the 4 x 6 patches alone (the prefix tokens are cut off) ...
+        "vit_map": (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=SIZE,
+                                              global_pool="map", class_token=False), "attn_pool", SIZE, 3, 0),
+        # ... or CLS, two registers and the patches with pool_include_prefix.
+        "vit_map_prefix": (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=SIZE,
+                                                     global_pool="map", reg_tokens=2, pool_include_prefix=True),
+                           "attn_pool", SIZE, 3, 3),
+        # EVA-02 pools every token, CLS first: 14-pixel patches of 56 x 84 pixels.
+        "eva_map": (lambda: timm.create_model("eva02_tiny_patch14_224", pretrained=False, depth=1, img_size=(56, 84),
+                                              global_pool="map"), "attn_pool", (56, 84), 3, 1),
+        # SigLIP's MultiheadAttention with the probe as its query; 32 x 48 pixels, position embedding interpolated.
+        "siglip": (lambda: transformers.SiglipVisionModel(siglip), "head.attention", (32, 48), 2, 0),
+        # AIMv2's learned query through SDPA; its position embedding takes only its own 32 x 32 input.
+        "aimv2": (lambda: transformers.Aimv2VisionModel(aimv2), "head", (32, 32), 2, 0),
+    }
+
+
+# (case, fused): SigLIP's MultiheadAttention and AIMv2's head have one attention path each.
+POOLING = [(case, fused) for case in _pooling_models() for fused in (True, False)
+           if fused or case not in ("siglip", "aimv2")]
+
+
+def _run(model, pixels):
+    import transformers
+
+    if isinstance(model, transformers.PreTrainedModel):
+        extra = {"interpolate_pos_encoding": True} if "Siglip" in type(model).__name__ else {}
+        return model(pixel_values=pixels, **extra).pooler_output
+    return model(pixels)
+
+
+def _pooling_rows(model, name: str, pixels) -> torch.Tensor:
+    """``[B, H, Q, N]`` float64: the head's own attention probabilities over the N tokens it pools, from the queries
+    and keys its F.scaled_dot_product_attention receives (timm, AIMv2) or its MultiheadAttention's own per-head
+    weights (SigLIP), in a float64 copy of the model."""
+    model = copy.deepcopy(model).double()
+    head, rows = model.get_submodule(name), []
+    if isinstance(head, torch.nn.MultiheadAttention):
+        def weights(module, args, kwargs, output):
+            query, key, value = args
+            # forward itself: calling the module would run this hook again.
+            rows.append(torch.nn.MultiheadAttention.forward(module, query, key, value, need_weights=True,
+                                                            average_attn_weights=False)[1])
+
+        head.register_forward_hook(weights, with_kwargs=True)
+        with torch.no_grad():
+            _run(model, pixels.double())
+        return rows[0]
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def probabilities(q, k, v, attn_mask=None, scale=None, **kwargs):
+        assert attn_mask is None
+        rows.append(((q @ k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)).softmax(-1))
+        return real(q, k, v, scale=scale, **kwargs)
+
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = True
+    head.register_forward_pre_hook(lambda *_: setattr(torch.nn.functional, "scaled_dot_product_attention",
+                                                      probabilities))
+    head.register_forward_hook(lambda *_: setattr(torch.nn.functional, "scaled_dot_product_attention", real))
+    try:
+        with torch.no_grad():
+            _run(model, pixels.double())
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+    assert len(rows) == 1
+    return rows[0]
+
+
+@pytest.mark.parametrize(("case", "fused"), POOLING, ids=[f"{c}-{'fused' if f else 'eager'}" for c, f in POOLING])
+def test_attention_pooling_maps_are_the_heads_rows_over_the_grid(case, fused):
+    make, name, size, heads, prefix = _pooling_models()[case]
+    torch.manual_seed(0)
+    model = make().eval()
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+    grid = (size[0] // (14 if case == "eva_map" else 16 if case.startswith("vit") else 8),
+            size[1] // (14 if case == "eva_map" else 16 if case.startswith("vit") else 8))
+    stride = size[0] / grid[0]
+    pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = _run(model, pixels)
+        with vitmad.record(model, stats=["mad", "prefix_maps"]) as rec:
+            assert torch.equal(_run(model, pixels), plain)
+    maps = rec.class_attention_maps
+    assert list(maps) == [name]
+    assert maps[name].shape == (2, heads, 1, grid[0] * grid[1])
+    # The keys: `prefix` tokens without a position, then the row-major grid.
+    expected = _pooling_rows(model, name, pixels)
+    assert expected.shape == (2, heads, 1, prefix + grid[0] * grid[1])
+    torch.testing.assert_close(maps[name].double(), expected[..., prefix:], **TOL)
+    geometry = rec.calls[-1].class_geometry[0]
+    assert geometry.grid == grid and geometry.stride == (stride, stride)
+    assert geometry.attention == "attention pooling over global" and geometry.num_prefix_tokens == prefix
+    assert name in rec.skipped and "attention pooling" in rec.skipped[name]
+    with torch.no_grad(), vitmad.record(model) as alone:
+        _run(model, pixels)
+    assert torch.equal(rec.mad, alone.mad) and alone.layers == rec.layers

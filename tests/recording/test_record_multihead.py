@@ -175,5 +175,6 @@ def test_a_pooling_head_with_a_learned_query_is_skipped_with_its_reason():
             recorded = model(pixels).pooler_output
     assert torch.equal(plain, recorded)
     assert rec.layers == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
-    assert rec.skipped == {"head.attention": "attention pooling: a learned query without a position "
-                                            "on the image"}
+    assert rec.skipped == {"head.attention": "attention pooling: a learned query (SigLIP's probe) without a "
+                                            "position on the image; its attention over the tokens is recorded with "
+                                            "stats=[..., 'prefix_maps'] (rec.class_attention_maps)"}

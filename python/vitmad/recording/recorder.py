@@ -122,10 +122,11 @@ class RecordedCall:
             positioned tokens (row-major grid order, as ``per_layer``; with ``positions=`` given by hand, the
             sequence's tokens in order, NaN in the columns of those without a position); None for a layer whose keys
             are not its queries (windows, pooled keys), that has no such token, or whose attention is differential.
-        class_layers: with ``"prefix_maps"`` asked for, the class-attention layers that ran (their queries have no
-            position, so no MAD: they are in no other list), in execution order.
+        class_layers: with ``"prefix_maps"`` asked for, the class-attention and attention-pooling layers that ran
+            (their queries have no position, so no MAD: they are in no other list), in execution order.
         class_maps: one entry per ``class_layers``: ``[B, H, Q, T]``, the attention of the layer's ``Q`` queries
-            (the class token) over the ``T`` positioned keys, in row-major order of ``class_geometry``'s grid.
+            (the class token, a pooling head's learned queries) over the ``T`` positioned keys, in row-major order
+            of ``class_geometry``'s grid.
         class_geometry: one :class:`~vitmad.recording.placement.LayerGeometry` per ``class_layers``: the grid and
             stride of its keys.
     """
@@ -661,7 +662,8 @@ class Recording:
                 self.skipped[name] = placer.reason
                 self._class_layers.add(name)
                 modules[name] = module
-                self._placers[name] = ClassQueryPlacer(placer.keys or PlainPlacer(self._plain), placer.what)
+                self._placers[name] = ClassQueryPlacer(placer.keys or PlainPlacer(self._plain), placer.what,
+                                                       placer.queries_in_keys)
             elif isinstance(placer, ClassQueries) and self._given is not None:
                 self.skipped[name] = (f"{placer.reason.split(';')[0]}; its maps are not recorded with positions= "
                                       "given by hand, which place the self-attention layers' tokens")
@@ -775,10 +777,11 @@ class Recording:
 
     @property
     def class_attention_maps(self) -> dict[str, torch.Tensor]:
-        """With ``stats=[..., "prefix_maps"]``: ``{layer: [B, H, Q, T]}`` for the class-attention layers of the
-        latest call (CaiT, XCiT, VOLO; in ``rec.skipped``, as they have no MAD): the attention of the ``Q`` class
-        tokens over the ``T`` positioned keys in row-major grid order (reshape with
-        ``rec.calls[-1].class_geometry[i].grid``). Empty for a model without class attention.
+        """With ``stats=[..., "prefix_maps"]``: ``{layer: [B, H, Q, T]}`` for the class-attention layers (CaiT,
+        XCiT, VOLO) and attention-pooling heads (timm ViT / EVA ``global_pool="map"``, SigLIP, AIMv2) of the latest
+        call, which are in ``rec.skipped`` as they have no MAD: the attention of their ``Q`` queries (the class
+        token, the learned queries) over the ``T`` positioned keys in row-major grid order (reshape with
+        ``rec.calls[-1].class_geometry[i].grid``). Empty for a model without either.
 
         Raises:
             KeyError: the prefix maps were not asked for.

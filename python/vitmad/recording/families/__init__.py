@@ -74,10 +74,12 @@ class ClassQueries(Skip):
         keys: places the layer's keys as a self-attention layer over them would be placed; None for the model's
             plain ViT layout.
         what: the keys, in words (for errors).
+        queries_in_keys: the queries are the first keys (a class token); False for learned queries (pooling).
     """
 
     keys: object | None = None
     what: str = ""
+    queries_in_keys: bool = True
 
 
 # Tried in order; the first family that claims a module places it.

@@ -1,10 +1,11 @@
-"""Class attention: only the class token queries, over itself and the positioned tokens (CaiT, XCiT, VOLO).
+"""Class attention: only a class token or learned queries attend, over the positioned tokens (CaiT, XCiT, VOLO;
+the attention-pooling heads of timm's ViT and EVA, SigLIP and AIMv2).
 
 The query has no place on the image, so the layer has no MAD (``docs/definition.md``), and it is listed in
 ``rec.skipped``; but where the class token looks over the image is exactly what these layers are read for (the
-CaiT and XCiT papers draw their class-attention maps). With ``stats=[..., "prefix_maps"]``, vitmad records that
-row, ``rec.class_attention_maps``, folded onto the grid of the keys, which are the class token followed by the
-positioned tokens of the model's layout:
+CaiT and XCiT papers draw their class-attention maps; a pooling head's map shows what the embedding is pooled
+from). With ``stats=[..., "prefix_maps"]``, vitmad records that row, ``rec.class_attention_maps``, folded onto
+the grid of the keys, which are the class token followed by the positioned tokens of the model's layout:
 
 - CaiT (timm ``cait_*``, ``ClassAttn``): the class token, then the patch grid of the self-attention blocks, which
   run without it (the plain layout: the patch embedding's grid).
@@ -12,6 +13,17 @@ positioned tokens of the model's layout:
   convolutional patch embedding returns, ``patch_size`` pixels per token.
 - VOLO (timm ``volo_*``, ``ClassAttention``): the class token, then the row-major ``[B, H, W, C]`` map of the
   last stage of ``network``, at that stage's ``feature_info`` reduction.
+
+and, for attention pooling, whose learned queries are not among the keys, the tokens the head pools, placed
+by the model's plain layout (the patch grid, after the extra tokens when the head takes them too):
+
+- timm ``AttentionPoolLatent`` as the ``attn_pool`` of a ``VisionTransformer`` (``global_pool="map"``: the
+  patches, or every token with ``pool_include_prefix``) or of an ``Eva`` (every token);
+- transformers SigLIP's ``SiglipMultiheadAttentionPoolingHead`` (its ``nn.MultiheadAttention`` with the learned
+  probe as the query) and AIMv2's ``Aimv2AttentionPoolingHead`` (its learned query), over the patch grid.
+
+Other pooling heads (NaFlexViT's and SigLIP2's over padded batches, CLIP-style ``AttentionPool2d`` over a CNN's
+map) stay skipped (:mod:`.non_spatial`).
 """
 
 from __future__ import annotations
@@ -37,10 +49,11 @@ class ClassQueryPlacer(LayerPlacer):
 
     The placement's positions are the queries' (all NaN), its key positions the keys', and its ``fold`` the keys'
     fold, which folds a row over the keys onto their grid: the maps are folded with it, and no per-query value
-    exists to fold."""
+    exists to fold. With ``queries_in_keys`` the queries are the first keys (the class token attends to itself
+    too); without, they are learned queries apart from the keys (attention pooling)."""
 
-    def __init__(self, keys: LayerPlacer, what: str):
-        self.keys, self.what = keys, what
+    def __init__(self, keys: LayerPlacer, what: str, queries_in_keys: bool = True):
+        self.keys, self.what, self.queries_in_keys = keys, what, queries_in_keys
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         return self.keys.install(context)
@@ -50,14 +63,17 @@ class ClassQueryPlacer(LayerPlacer):
         if keys.key_positions is not None or keys.time_positions is not None:
             raise NotPlaceable(f"the keys of its class attention ({self.what}) are not one image's token grid")
         positions = keys.positions
-        if positions.dim() != 2 or num_queries > positions.shape[0] \
-                or not bool(positions[:num_queries].isnan().all()):
+        if positions.dim() != 2:
+            raise NotPlaceable(f"the keys of its class attention ({self.what}) are not one token sequence")
+        if self.queries_in_keys and (num_queries > positions.shape[0]
+                                     or not bool(positions[:num_queries].isnan().all())):
             raise NotPlaceable(
                 f"its {num_queries} queries are not the tokens without a position that its {num_keys} keys begin "
                 f"with ({self.what}), so vitmad does not know which tokens query"
             )
         queries = positions.new_full((num_queries, positions.shape[-1]), float("nan"))
-        geometry = dataclasses.replace(keys.geometry, attention=f"class attention over {keys.geometry.attention}")
+        kind = "class attention" if self.queries_in_keys else "attention pooling"
+        geometry = dataclasses.replace(keys.geometry, attention=f"{kind} over {keys.geometry.attention}")
         return Placement(queries, positions, keys.fold, geometry, present=keys.present)
 
 
@@ -108,8 +124,33 @@ class _VoloKeys(LayerPlacer):
         return grid_placement(lead, num_queries, num_keys, grid=grid, stride=stride, attention="global", prefix=1)
 
 
+_POOLING = "attention pooling: {} without a position on the image; {} attention over the tokens is recorded with " \
+           "stats=[..., 'prefix_maps'] (rec.class_attention_maps)"
+
+
+def _pooling(model: nn.Module, name: str, module: nn.Module) -> str | None:
+    """The reason of an attention-pooling head whose keys are the model's plain layout, or None."""
+    if defined_in(module, "AttentionPoolLatent", "attention_pool"):
+        owner = owner_of(model, "VisionTransformer", "vision_transformer") or owner_of(model, "Eva", "eva")
+        if owner is not None and getattr(owner, "attn_pool", None) is module:
+            return _POOLING.format("learned latent queries", "their")
+        return None
+    if isinstance(module, nn.MultiheadAttention) and "." in name:
+        head = model.get_submodule(name.rpartition(".")[0])
+        if defined_in(head, "SiglipMultiheadAttentionPoolingHead", "modeling_siglip") and head.attention is module:
+            return _POOLING.format("a learned query (SigLIP's probe)", "its")
+        return None
+    if defined_in(module, "Aimv2AttentionPoolingHead", "modeling_aimv2"):
+        return _POOLING.format("a learned query (AIMv2's)", "its")
+    return None
+
+
 def placer(model: nn.Module, name: str, module: nn.Module):
     from . import ClassQueries
+
+    pooling = _pooling(model, name, module)
+    if pooling is not None:
+        return ClassQueries(pooling, None, "the tokens it pools", queries_in_keys=False)
 
     if defined_in(module, "ClassAttn", "cait"):
         xcit = owner_of(model, "Xcit", "xcit")
