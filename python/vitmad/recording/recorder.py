@@ -59,6 +59,7 @@ from .families.class_attention import ClassQueryPlacer
 from .families.masked import GivenPositionsPlacer
 from .families.naflex import call_start as naflex_call_start
 from .families.naflex import towers as naflex_towers
+from .families.packed import token_convolutions
 from .families.plain import (
     PlainLayout,
     PlainPlacer,
@@ -371,8 +372,10 @@ def _first_convolution(model: nn.Module) -> nn.Module | None:
     """The first convolution in module order that takes the image's channels: it runs on the image, so a forward
     call starts there (a wrapper may declare a head that convolves the features before its backbone); the first
     convolution of all where none does; without any, a NaFlex tower (its patches come cut, and a text tower beside
-    it must not start a call)."""
-    convolutions = [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    it must not start a call). A packed tower's convolutions over its tokens (LFM3-VL's, run once per image) are none
+    of these: a model without any other starts its calls as one without convolutions."""
+    on_tokens = token_convolutions(model)
+    convolutions = [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d)) and id(m) not in on_tokens]
     channels = image_channels(model) or 3
     on_image = next((m for m in convolutions if m.in_channels == channels), None)
     if on_image is not None or convolutions:

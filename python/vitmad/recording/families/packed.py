@@ -23,6 +23,12 @@
   Qwen3-Omni-MoE (``Qwen3OmniMoeVisionEncoder``) and Cohere Compass (``CohereCompassVisionModel``). Qwen2.5-VL's,
   windows included: Qwen2.5-Omni (``Qwen2_5OmniVisionEncoder``, its attention with ``q``, ``k``, ``v``
   projections, found by this family) and EXAONE 4.5 (``Exaone4_5_VisionModel``, grouped-query attention).
+- Qwen2-VL's merge-block order and per-image chunks, their towers examined line for line: MiniMax-M3-VL
+  (``MiniMaxM3VLVisionModel``, Qwen2.5-VL's 3D patch embedding under ``embeddings``, a 3D rotary embedding),
+  Cosmos3-Edge (``Cosmos3EdgeVisionModel``, SigLIP2 layers, a linear patch embedding, its learned position grid
+  interpolated per image and laid out block-major) and LFM3-VL (``Lfm3VlVisionModel``, a linear patch embedding,
+  attention layers between gated convolution layers that refold each image from the merge-block order); each model's
+  image processor patchifies in that order (LFM3-VL's is Qwen2-VL's).
 - Pixtral (``PixtralVisionModel``): image ``i`` of ``image_sizes`` is ``h // p x w // p`` patches, row-major, and
   the images are concatenated into one sequence ``[1, N, C]``; the attention gets a block-diagonal mask, so a
   token of another image has probability 0.
@@ -76,6 +82,9 @@ class _Design:
             ``"refused"`` (a tower packed alike whose token positions vitmad does not know: ``reason``).
         windows: the tower has window blocks besides its ``fullatt_block_indexes`` blocks (Qwen2.5-VL).
         reason: why a ``"refused"`` tower is refused.
+        patch: where the tower keeps its patch size, a dotted attribute path from the tower (``"qwen"`` kind).
+        token_convolution: class name of the tower's modules whose convolutions run on its tokens, once per image,
+            not on the image (LFM3-VL's gated convolution layers): no call of the recorder starts there.
     """
 
     module: str
@@ -84,6 +93,8 @@ class _Design:
     kind: str
     windows: bool = False
     reason: str = ""
+    patch: str = "patch_embed.patch_size"
+    token_convolution: str = ""
 
 
 _DESIGNS = (
@@ -131,6 +142,21 @@ _DESIGNS = (
     # and k per head before the rotary embedding; some blocks' MLPs are mixtures of experts).
     _Design("transformers.models.dots3_note.modeling_dots3_note", "Dots3NoteVisionModel", "Dots3NoteVisionAttention",
             "qwen"),
+    # MiniMax-M3-VL (MiniMaxM3VLVisionModel): Qwen2.5-VL's Conv3d patch embedding (under embeddings), the tokens in
+    # merge blocks as get_vision_position_ids lays them out (its processor patchifies the same way), one cu_seqlens
+    # chunk per image (merge_temporal joins a video's frames only), no windows; a 3D rotary embedding.
+    _Design("transformers.models.minimax_m3_vl.modeling_minimax_m3_vl", "MiniMaxM3VLVisionModel",
+            "MiniMaxM3VLVisionAttention", "qwen", patch="embeddings.patch_size"),
+    # Cosmos3-Edge (Cosmos3EdgeVisionModel): SigLIP2 layers over the same merge-block order (its learned position
+    # grid is interpolated per image and laid out block-major; its processor patchifies block-major), one chunk per
+    # image; a linear patch embedding.
+    _Design("transformers.models.cosmos3_edge.modeling_cosmos3_edge", "Cosmos3EdgeVisionModel",
+            "Cosmos3EdgeVisionAttention", "qwen", patch="embeddings.patch_size"),
+    # LFM3-VL (Lfm3VlVisionModel): a linear patch embedding, the merge-block order (rotary position ids from
+    # get_vision_position_ids; its gated convolutions unfold and refold each image from that order; its image
+    # processor is Qwen2VLImageProcessor), one chunk per image in every attention layer (the others convolve).
+    _Design("transformers.models.lfm3_vl.modeling_lfm3_vl", "Lfm3VlVisionModel", "Lfm3VlVisionAttention", "qwen",
+            patch="config.patch_size", token_convolution="Lfm3VlVisionShortConv"),
     # Refused by name: packed like Qwen2-VL, but where each token lies on the image is not settled.
     _Design("transformers.models.glm_image.modeling_glm_image", "GlmImageVisionModel", "GlmImageVisionAttention",
             "refused", reason=(
@@ -357,11 +383,12 @@ class QwenPlacer(_PackedPlacer):
 
     _attention_argument = ("cu_seqlens", 1)
 
-    def __init__(self, model: nn.Module, tower_name: str, tower: nn.Module, module: nn.Module, windowed: bool):
+    def __init__(self, model: nn.Module, tower_name: str, tower: nn.Module, module: nn.Module, windowed: bool,
+                 patch_attribute: str = "patch_embed.patch_size"):
         super().__init__(model, tower_name, tower, module)
         self.windowed = windowed
         self.merge = int(tower.spatial_merge_size)
-        patch = int(tower.patch_embed.patch_size)
+        patch = int(functools.reduce(getattr, patch_attribute.split("."), tower))
         self.stride = (float(patch), float(patch))
         self.window = int(tower.window_size) // self.merge // patch if windowed else None
         # Qwen2.5-VL reorders the whole sequence by windows once, before its first block: its full-attention
@@ -385,8 +412,9 @@ class QwenPlacer(_PackedPlacer):
         grid_thw = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
         if any(t != 1 for t, _, _ in grid_thw):
             raise NotPlaceable(
-                f"grid_thw {grid_thw} holds a video (t > 1): each temporal patch is a chunk of its own, and vitmad "
-                "gives these towers no temporal placement; record images (t = 1) only"
+                f"grid_thw {grid_thw} holds a video (t > 1): each temporal patch is a chunk of its own (MiniMax-M3-VL: "
+                "the whole clip one chunk), and vitmad gives these towers no temporal placement; record images (t = 1) "
+                "only"
             )
         odd = [(h, w) for _, h, w in grid_thw if h % self.merge or w % self.merge]
         if odd:
@@ -480,6 +508,19 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in named_module_list(model) if _design_of(m, "attention") is not None}
 
 
+def token_convolutions(model: nn.Module) -> set[int]:
+    """Ids of the convolutions inside packed towers that run on the tower's tokens, once per image (LFM3-VL's gated
+    convolution layers), not on the image: the recorder starts no call at them."""
+    found = set()
+    for tower in _towers(model).values():
+        design = _design_of(tower, "tower")
+        if design.token_convolution:
+            for module in tower.modules():
+                if type(module).__name__ == design.token_convolution and type(module).__module__ == design.module:
+                    found.update(id(m) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
+    return found
+
+
 def _towers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in named_module_list(model) if _design_of(m, "tower") is not None}
 
@@ -511,4 +552,4 @@ def placer(model: nn.Module, name: str, module: nn.Module):
             return RefusingPlacer(
                 f"it is not in {design.tower}.blocks, whose index says whether it attends in windows")
         windowed = int(block[1]) not in tower.fullatt_block_indexes
-    return QwenPlacer(model, tower_name, tower, module, windowed)
+    return QwenPlacer(model, tower_name, tower, module, windowed, design.patch)

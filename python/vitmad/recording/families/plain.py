@@ -29,6 +29,7 @@ from ..placement import (
     read_only,
     select_tokens,
 )
+from .unplaced import radio_layout_unknown
 from .windows import parent_module
 
 __all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "is_embedding_projection", "keeps_image_layout",
@@ -148,11 +149,12 @@ class PlainLayout:
         self.declared_prefix = declared_prefix_tokens(model, self.embedding)
         name = type(model).__name__
         if self.embedding is None and (patch is None or grid is None):
-            self.unavailable = (f"found no patch-embedding Conv2d (kernel == stride) in {name} and vitmad knows no "
-                                "other layout of this module's tokens; pass positions=<[N, 2] pixel position of "
-                                "each token>, or, only if they are a plain ViT grid (extra tokens first), "
-                                "patch=<pixels per patch> and grid=[grid_h, grid_w], with layers=[the modules that "
-                                "attend over those tokens] where others (a decoder's queries) attend too")
+            # RADIO cuts its patches without a convolution: its refusal names the layout of its dense forward.
+            self.unavailable = radio_layout_unknown(model) or (
+                f"found no patch-embedding Conv2d (kernel == stride) in {name} and vitmad knows no other layout of "
+                "this module's tokens; pass positions=<[N, 2] pixel position of each token>, or, only if they are a "
+                "plain ViT grid (extra tokens first), patch=<pixels per patch> and grid=[grid_h, grid_w], with "
+                "layers=[the modules that attend over those tokens] where others (a decoder's queries) attend too")
         else:
             self.unavailable = None
 

@@ -1,0 +1,266 @@
+"""vitmad.record on the transformers 5.25.0 vision towers examined after the packed towers: MiniMax-M3-VL,
+Cosmos3-Edge and LFM3-VL are packed in Qwen2-VL's merge-block order with one ``cu_seqlens`` chunk per image (each
+proven here against its own eager attention and its own image processor). RADIO is refused by name unless the
+layout of its dense forward is stated (``patch=``, ``grid=``), then checked against its eager attention too (its
+packed forward of several images stays refused). Cosmos3-Omni adds no tower (its ``visual`` is Qwen3-VL's);
+lara_mini and olmo_hybrid are text-only models.
+
+Tiny random-weight towers get three images of different sizes (odd numbers of merge blocks a side) packed in one
+call. The reference is each model's own eager attention probabilities, captured call by call from its modeling
+file's ``eager_attention_forward``, placed by geometry written here (conftest's ``qwen_token_chunks``, loops written
+from transformers' modeling files, not vitmad's placer): tokens in spatial-merge blocks of ``MERGE x MERGE``
+patches, blocks row-major over the image and patches row-major in a block, one call per image; each patch at
+``(row + 0.5, col + 0.5) * PATCH`` pixels of its own image; a query's MAD over the keys of its own call, in float64.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+import vitmad
+from conftest import check_packed_values, eager_attention_calls, qwen_token_chunks, record_packed_forward
+
+transformers = pytest.importorskip("transformers")
+
+# Recorded float32 MAD against float64 on the eager float32 probabilities; MADs here are 4 to 40 px.
+TOL = {"rtol": 1e-5, "atol": 1e-4}
+PATCH, MERGE = 4, 2  # 4 px patches, 2 x 2 merge blocks
+# (h, w) patches: 3 x 2, 5 x 5 and 1 x 7 merge blocks.
+GRIDS = [(6, 4), (10, 10), (2, 14)]
+
+# name -> (modeling module, tower class, attention class, qualified names of its attention modules, temporal patch)
+TOWERS = {
+    "minimax_m3_vl": ("minimax_m3_vl", "MiniMaxM3VLVisionModel", "MiniMaxM3VLVisionAttention",
+                      ["layers.0.self_attn", "layers.1.self_attn"], 2),
+    "cosmos3_edge": ("cosmos3_edge", "Cosmos3EdgeVisionModel", "Cosmos3EdgeVisionAttention",
+                     ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"], 1),
+    # An attention layer, a gated convolution layer (its Conv2d runs once per image), an attention layer.
+    "lfm3_vl": ("lfm3_vl", "Lfm3VlVisionModel", "Lfm3VlVisionAttention", ["layers.0.self_attn", "layers.2.self_attn"],
+                2),
+}
+
+
+def _modeling(name: str):
+    module = TOWERS[name][0]
+    return importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+
+
+def _config(name: str):
+    common = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, patch_size=PATCH,
+                  spatial_merge_size=MERGE)
+    if name == "minimax_m3_vl":
+        # head_dim 24: its 3D rotary embedding rotates 2 * (24 // 3 // 2) = 8 dims per axis
+        return transformers.MiniMaxM3VLVisionConfig(**{**common, "hidden_size": 48}, num_hidden_layers=2,
+                                                    temporal_patch_size=2)
+    if name == "cosmos3_edge":
+        return transformers.Cosmos3EdgeVisionConfig(**common, num_hidden_layers=2, num_patches=16)
+    # grouped-query attention: one key head for the two query heads
+    return transformers.Lfm3VlVisionConfig(**common, num_hidden_layers=3, num_key_value_heads=1, temporal_patch_size=2,
+                                           layer_types=["full_attention", "conv", "full_attention"])
+
+
+def _tower(name: str) -> torch.nn.Module:
+    _, tower_name, attention_name, layers, _ = TOWERS[name]
+    model = getattr(_modeling(name), tower_name)(_config(name))
+    assert [type(model.get_submodule(layer)).__name__ for layer in layers] == [attention_name] * 2
+    torch.manual_seed(0)
+    with torch.no_grad():  # weights large enough that attention is far from uniform
+        for sub in model.modules():
+            if isinstance(sub, torch.nn.Linear):
+                sub.weight.normal_(std=0.25)
+    return model.eval()
+
+
+def _inputs(name: str):
+    grid_thw = torch.tensor([[1, h, w] for h, w in GRIDS])
+    torch.manual_seed(1)
+    return torch.randn(sum(h * w for h, w in GRIDS), 3 * TOWERS[name][4] * PATCH * PATCH), grid_thw
+
+
+def _per_token_mad(probabilities: torch.Tensor, chunk: list[tuple[int, int]], patch: int = PATCH) -> torch.Tensor:
+    """``[H, n]`` MAD of each query of one call over its keys, the tokens at the cells ``chunk``."""
+    centres = torch.tensor([[(r + 0.5) * patch, (c + 0.5) * patch] for r, c in chunk], dtype=torch.float64)
+    return (probabilities[0] * torch.cdist(centres, centres)).sum(-1)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", list(TOWERS))
+def test_packed_images_match_eager_attention(name, attn_implementation):
+    model = _tower(name)
+    layers = TOWERS[name][3]
+    patches, grid_thw = _inputs(name)
+    chunks = [qwen_token_chunks(grid, MERGE, None)[0] for grid in GRIDS]  # one chunk: the whole image
+
+    # The order written here is the one the rotary position ids of MiniMax-M3-VL and LFM3-VL assume.
+    if name != "cosmos3_edge":
+        from transformers.vision_utils import get_vision_position_ids
+        positions = get_vision_position_ids(grid_thw, MERGE, include_temporal=name == "minimax_m3_vl")
+        assert positions[:, -2:].tolist() == [list(cell) for chunk in chunks for cell in chunk]
+
+    calls = eager_attention_calls(_modeling(name), model, patches, grid_thw=grid_thw)
+    assert len(calls) == len(layers) * len(GRIDS)  # one call per image and attention layer
+    expected_per_layer = []
+    for layer, layer_name in enumerate(layers):
+        expected = []
+        for image, (grid, chunk) in enumerate(zip(GRIDS, chunks)):
+            module, probabilities = calls[layer * len(GRIDS) + image]
+            assert module is model.get_submodule(layer_name) and probabilities.shape[-1] == len(chunk)
+            values = torch.full((2, grid[0] * grid[1]), float("nan"), dtype=torch.float64)
+            per_token = _per_token_mad(probabilities, chunk)
+            for q, (r, c) in enumerate(chunk):
+                values[:, r * grid[1] + c] = per_token[:, q]
+            assert not values.isnan().any()
+            expected.append(values)
+        expected_per_layer.append(expected)
+
+    model.set_attn_implementation(attn_implementation)
+    rec, rec_mean = record_packed_forward(model, patches, grid_thw=grid_thw)
+    assert rec.layers == layers and len(rec.calls) == 1
+    check_packed_values(rec, expected_per_layer, GRIDS, ["global per image"] * 2, TOL)
+    means = torch.stack([torch.stack([e.mean(-1) for e in layer]) for layer in expected_per_layer])
+    torch.testing.assert_close(rec_mean.mad.double(), means, **TOL)  # [L, n_images, H]
+
+
+def _processor(name: str):
+    """The image processor each model's checkpoints use (LFM3-VL's, per transformers' auto map, Qwen2-VL's), without
+    resizing or rescaling, so that a patch's values come through as they are."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    if name == "minimax_m3_vl":
+        from transformers.models.minimax_m3_vl.image_processing_minimax_m3_vl import MiniMaxM3VLImageProcessor as cls
+    elif name == "cosmos3_edge":
+        from transformers.models.cosmos3_edge.image_processing_cosmos3_edge import Cosmos3EdgeImageProcessor as cls
+    else:
+        assert IMAGE_PROCESSOR_MAPPING_NAMES["lfm3_vl"]["torchvision"] == "Qwen2VLImageProcessor"
+        cls = transformers.Qwen2VLImageProcessor
+    return cls(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TOWERS[name][4], do_resize=False,
+               do_rescale=False, do_normalize=False)
+
+
+@pytest.mark.parametrize("name", list(TOWERS))
+def test_image_processor_orders_the_patches_in_merge_blocks(name):
+    """The model's image processor feeds the tower the order its attention is checked against above: each patch of
+    the image, filled with a value naming its (row, col), comes out where the merge-block order puts it."""
+    pixels = [np.zeros((h * PATCH, w * PATCH, 3), dtype=np.uint8) for h, w in GRIDS]
+    for image, (h, w) in zip(pixels, GRIDS):
+        for r in range(h):
+            for c in range(w):
+                image[r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH] = r * 16 + c
+    out = _processor(name)(images=pixels, return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == [[1, h, w] for h, w in GRIDS]
+    values = out["pixel_values"]
+    assert values.shape[-1] == 3 * TOWERS[name][4] * PATCH * PATCH
+    assert torch.equal(values.amin(-1), values.amax(-1))  # one value per patch
+    cells = [(r * 16 + c) for grid in GRIDS for r, c in qwen_token_chunks(grid, MERGE, None)[0]]
+    assert values[:, 0].long().tolist() == cells
+
+
+@pytest.mark.parametrize("name", list(TOWERS))
+def test_video_is_refused(name):
+    model = _tower(name)
+    model.set_attn_implementation("sdpa")
+    patches = torch.randn(2 * 4 * 4, 3 * TOWERS[name][4] * PATCH * PATCH)
+    with vitmad.record(model) as rec, pytest.raises(ValueError, match=rf"{TOWERS[name][3][0]}.*video \(t > 1\)"):
+        model(patches, grid_thw=torch.tensor([[2, 4, 4]]))
+    assert all(call.layers == [] for call in rec.calls)
+
+
+def test_lfm3_vision_language_model_records_its_vision_tower_as_the_tower_alone():
+    """A whole LFM3-VL model (its language model's short convolutions and attention beside the tower) records the
+    tower's attention layers only, in one call per forward, as the tower alone does."""
+    config = transformers.Lfm3VlConfig(
+        vision_config=_config("lfm3_vl").to_dict(),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=100, layer_types=["conv", "full_attention"],
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        projector_hidden_size=32)
+    torch.manual_seed(0)
+    model = transformers.Lfm3VlModel(config).eval()
+    model.set_attn_implementation("sdpa")
+    patches, grid_thw = _inputs("lfm3_vl")
+    with torch.no_grad():
+        with vitmad.record(model, reduction="none") as rec:
+            model.get_image_features(patches, image_grid_thw=grid_thw)
+        with vitmad.record(model.vision_tower, reduction="none") as alone:
+            model.vision_tower(patches, grid_thw=grid_thw)
+    assert rec.layers == ["vision_tower.layers.0.self_attn", "vision_tower.layers.2.self_attn"]
+    assert len(rec.calls) == 1 and len(alone.calls) == 1
+    for whole, own in zip(rec.per_layer, alone.per_layer, strict=True):
+        torch.testing.assert_close(whole, own, equal_nan=True)
+
+
+def test_cosmos3_omni_vision_tower_is_qwen3_vl():
+    """Cosmos3-Omni adds no tower of its own: its ``visual`` is Qwen3-VL's ``Qwen3VLVisionModel``, recorded as such
+    (test_record_packed.py)."""
+    config = transformers.Cosmos3OmniConfig(vision_config=dict(depth=1, hidden_size=32, intermediate_size=64,
+                                                               num_heads=2, out_hidden_size=32))
+    assert type(config.vision_config).__name__ == "Qwen3VLVisionConfig"
+    assert type(transformers.AutoModel.from_config(config.vision_config)).__name__ == "Qwen3VLVisionModel"
+
+
+# RADIO -----------------------------------------------------------------------------------------------------------
+
+RADIO_PREFIX = 3  # num_cls_tokens + num_registers
+
+
+def _radio() -> torch.nn.Module:
+    config = transformers.RadioConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=PATCH,
+                                      max_img_size=64, num_cls_tokens=2, num_registers=1)
+    model = transformers.RadioModel(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for sub in model.modules():
+            if isinstance(sub, torch.nn.Linear):
+                sub.weight.normal_(std=0.25)
+    return model.eval()
+
+
+def test_radio_is_refused_by_name_without_its_layout():
+    model = _radio()
+    with pytest.raises(ValueError, match=r"encoder\.layer\.0\.attention \(RadioAttention\) of RadioModel: RADIO .*"
+                                         r"summary tokens.*patch=4 and grid=\[H // 4, W // 4\].*image_grid_hw"):
+        with vitmad.record(model):
+            model(torch.randn(1, 3, 24, 16))
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_radio_dense_forward_with_its_layout_given_matches_eager_attention(attn_implementation):
+    """Its dense forward, [B, 3, H, W]: 3 summary tokens, then the H/4 x W/4 patches row-major."""
+    from transformers.models.radio import modeling_radio
+
+    model = _radio()
+    torch.manual_seed(2)
+    for h, w in GRIDS:
+        pixels = torch.rand(2, 3, h * PATCH, w * PATCH)
+        calls = eager_attention_calls(modeling_radio, model, pixels)
+        assert len(calls) == 2
+        cells = [(r, c) for r in range(h) for c in range(w)]
+        expected = []
+        for layer, (module, probabilities) in enumerate(calls):
+            assert module is model.encoder.layer[layer].attention
+            assert probabilities.shape == (2, 2, RADIO_PREFIX + h * w, RADIO_PREFIX + h * w)
+            grid = probabilities[:, :, RADIO_PREFIX:, RADIO_PREFIX:]  # queries and keys of the patches
+            expected.append(torch.stack([_per_token_mad(grid[b:b + 1], cells) for b in range(2)]).mean(-1))
+        model.set_attn_implementation(attn_implementation)
+        with torch.no_grad(), vitmad.record(model, patch=PATCH, grid=[h, w]) as rec:
+            model(pixels)
+        assert rec.layers == ["encoder.layer.0.attention", "encoder.layer.1.attention"]
+        assert rec.geometry[0].num_prefix_tokens == RADIO_PREFIX and rec.geometry[0].grid == (h, w)
+        torch.testing.assert_close(rec.mad.double(), torch.stack(expected), **TOL)  # [L, B, H]
+
+
+def test_radio_packed_forward_of_several_images_is_refused():
+    """Several images through image_grid_hw: each image's summary tokens in its own cu_seqlens chunk, one attention
+    call per image, which the plain layout the user states does not place."""
+    model = _radio()
+    model.set_attn_implementation("sdpa")
+    grids = torch.tensor(GRIDS[:2])
+    patches = torch.randn(int(grids.prod(-1).sum()), 3 * PATCH * PATCH)
+    with torch.no_grad(), vitmad.record(model, patch=PATCH, grid=list(GRIDS[0])) as rec, \
+            pytest.raises(ValueError, match=r"encoder\.layer\.0\.attention \(RadioAttention\).*2 attention calls"):
+        model(patches, image_grid_hw=grids)
+    assert all(call.layers == [] for call in rec.calls)
