@@ -122,6 +122,10 @@ def test_one_image_class_token_maps(cait, images):
     torch.testing.assert_close(first.double(), expected[0][0, :, :, 1:].reshape(4, 1, 4, 4), **TOL)
     with pytest.raises(OptionError, match=r"layer 0 has no prefix maps; layers with maps: \[2, 3\]"):
         image_prefix_maps(cait, path, layer=0, device="cpu")
+    with pytest.raises(OptionError, match=r"layer: expected a layer index in \[0, 4\) \(negative from the end\) "
+                                          r"of the 2 recorded layers and, after them, the 2 class-attention or "
+                                          r"pooling layers, got 4"):
+        image_prefix_maps(cait, path, layer=4, device="cpu")
 
 
 def test_resumed_class_attention_maps_equal_an_uninterrupted_run(cait, images, tmp_path, monkeypatch):

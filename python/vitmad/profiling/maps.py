@@ -127,6 +127,10 @@ def image_prefix_maps(
                           "attending over its own grid, and no class attention")
     if layer is None:
         layer = with_maps[-1]
+    if call.class_layers and not (is_int(layer) and -len(all_maps) <= layer < len(all_maps)):
+        raise OptionError("layer", f"expected a layer index in [0, {len(all_maps)}) (negative from the end) of the "
+                                   f"{len(rec.layers)} recorded layers and, after them, the "
+                                   f"{len(call.class_layers)} class-attention or pooling layers, got {layer!r}")
     layer = _layer_index(layer, len(all_maps), "layer")
     if layer not in with_maps:
         raise OptionError("layer", f"layer {layer} has no prefix maps; layers with maps: {with_maps}")
