@@ -193,3 +193,22 @@ def test_a_pooling_heads_map_is_averaged_where_no_layer_has_a_cls(images):
         eager(pixels.double())
     assert len(rows) == 1 and rows[0].shape == (5, 2, 1, 16)
     torch.testing.assert_close(result.prefix_maps.mean(2), rows[0].mean(0).reshape(2, 1, 4, 4), **TOL)
+
+
+def test_the_maps_figure_names_each_layer_whole(cait, images, tmp_path, monkeypatch):
+    """Its titles break long names after their dots instead of cutting them short (the two class-attention
+    layers' names differ only past the cut: "...n_only.0.attn")."""
+    from vitmad.profiling import plotting
+
+    result = vitmad.profile(cait, images, batch_size=5, device="cpu", stats=["prefix_maps"])
+    titles, real_save = [], plotting._save
+
+    def save(fig, path, **options):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        real_save(fig, path, **options)
+
+    monkeypatch.setattr(plotting, "_save", save)
+    result.plot_prefix_maps(tmp_path / "prefix_maps.png")
+    named = [title.split("\ntoken")[0].replace("\n", "") for title in titles if "token 0" in title]
+    assert named == CLASS_LAYERS
+    assert all(len(line) <= 24 for title in titles for line in title.split("\ntoken")[0].split("\n"))

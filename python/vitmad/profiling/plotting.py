@@ -34,6 +34,18 @@ STAT_LABELS = {
 }
 
 
+def _wrapped_name(name: str, width: int) -> str:
+    """A layer's qualified name on lines of at most ``width`` characters, broken after its dots (a part longer
+    than a line keeps a line of its own): cut short, the names of two layers could read the same
+    ("...n_only.1.attn")."""
+    lines = [""]
+    for part in name.replace(".", ".\0").split("\0"):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
+
+
 def _pyplot():
     matplotlib = import_optional("matplotlib", "profile", "drawing figures")
 
@@ -314,7 +326,7 @@ def plot_mad_maps(
         shown = ax.imshow(layer_map.numpy(), cmap="viridis", alpha=0.55, vmin=low, vmax=high,
                           extent=(0, layer_map.shape[1] * stride_x, layer_map.shape[0] * stride_y, 0),
                           interpolation="nearest")
-        ax.set_title(name if len(name) < 28 else "..." + name[-25:], fontsize=8)
+        ax.set_title(_wrapped_name(name, 28), fontsize=8)
     for ax in axes:
         ax.axis("off")
     fig.colorbar(shown, ax=list(axes), shrink=0.9, label="MAD (px), mean over heads")
@@ -428,8 +440,8 @@ def plot_prefix_maps(profile, path: str | os.PathLike, *, layers: Sequence[int] 
             ax.imshow(token_map.numpy(), cmap="viridis", interpolation="nearest",
                       extent=(0, grid_w * stride[1], grid_h * stride[0], 0))
             name = profile.map_layers[layer]
-            short = name if len(name) < 22 else "..." + name[-19:]
-            ax.set_title(f"{short}\ntoken {row}: {float(token_map.min()):.2g} to {float(token_map.max()):.2g}",
+            wrapped = _wrapped_name(name, 24)
+            ax.set_title(f"{wrapped}\ntoken {row}: {float(token_map.min()):.2g} to {float(token_map.max()):.2g}",
                          fontsize=7)
     fig.suptitle(textwrap.fill(f"{profile.model}: attention of the tokens without a position (rows, in token "
                                "order) over the grid, mean over images and heads", 90), fontsize=8)
