@@ -355,8 +355,10 @@ def _print_summary(result) -> None:
                   "keys): null in mad.json, no figure")
     if result.prefix_maps is not None:
         maps = result.prefix_maps
-        classes = f" and {len(result.class_layers)} class-attention layers" if result.class_layers else ""
-        print(f"prefix maps: {len(maps.layers)} of {len(result.layers)} layers{classes}")
+        total = len(result.layers) + len(result.class_layers)
+        classes = (f" ({len(result.layers)} recorded, {len(result.class_layers)} class-attention or pooling)"
+                   if result.class_layers else "")
+        print(f"prefix maps: {len(maps.layers)} of {total} layers{classes}")
         for reason in sorted(set(maps.skipped.values())):
             count = sum(1 for found in maps.skipped.values() if found == reason)
             print(f"  no maps in {count} layer{'s' if count != 1 else ''}: {reason}")

@@ -212,3 +212,26 @@ def test_the_maps_figure_names_each_layer_whole(cait, images, tmp_path, monkeypa
     named = [title.split("\ntoken")[0].replace("\n", "") for title in titles if "token 0" in title]
     assert named == CLASS_LAYERS
     assert all(len(line) <= 24 for title in titles for line in title.split("\ntoken")[0].split("\n"))
+
+
+def test_cli_profiles_a_pooling_heads_map_from_a_checkpoint(images, tmp_path, capsys):
+    """`vitmad profile --stats prefix_maps` on a SigLIP checkpoint: its tower has no CLS, so the pooling head's
+    probe is its only map; the summary counts it apart from the recorded layers."""
+    transformers = pytest.importorskip("transformers")
+    from vitmad.cli import main
+
+    torch.manual_seed(0)
+    config = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=32, patch_size=8)
+    transformers.SiglipVisionModel(config).save_pretrained(tmp_path / "siglip")
+    out = tmp_path / "out"
+    code = main(["profile", "--model", f"hf:{tmp_path / 'siglip'}", "--images", str(images), "--device", "cpu",
+                 "--stats", "prefix_maps", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert "prefix maps: 1 of 3 layers (2 recorded, 1 class-attention or pooling)" in stdout
+    saved = np.load(out / "prefix_maps.npz")
+    assert list(saved["layer_names"]) == ["head.attention"] and saved["layer_2"].shape == (2, 1, 4, 4)
+    doc = json.loads((out / "mad.json").read_text())
+    assert [e["name"] for e in doc["prefix_maps"]["class_attention_layers"]] == ["head.attention"]
+    assert {"prefix_maps.png", "prefix_map_image.png"} <= {p.name for p in out.iterdir()}

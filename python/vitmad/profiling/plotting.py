@@ -382,7 +382,7 @@ def plot_image_prefix_maps(
         ax.set_yticks([])
     # Which of them is a CLS token is the model's business (a register-only ViT has none): their order is known.
     fig.suptitle(f"{name}: attention of each token without a position (class, distillation or register tokens, in "
-                 "sequence order) over the image", fontsize=9)
+                 "sequence order; a pooling head's queries) over the image", fontsize=9)
     _save(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -444,7 +444,8 @@ def plot_prefix_maps(profile, path: str | os.PathLike, *, layers: Sequence[int] 
             ax.set_title(f"{wrapped}\ntoken {row}: {float(token_map.min()):.2g} to {float(token_map.max()):.2g}",
                          fontsize=7)
     fig.suptitle(textwrap.fill(f"{profile.model}: attention of the tokens without a position (rows, in token "
-                               "order) over the grid, mean over images and heads", 90), fontsize=8)
+                               "order; a class-attention or pooling layer's queries) over the grid, mean over images "
+                               "and heads", 90), fontsize=8)
     _save(fig, path, dpi=120)
     plt.close(fig)
 
