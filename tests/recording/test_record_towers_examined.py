@@ -1,9 +1,8 @@
 """vitmad.record on the transformers 5.25.0 vision towers examined after the packed towers: MiniMax-M3-VL,
 Cosmos3-Edge and LFM3-VL are packed in Qwen2-VL's merge-block order with one ``cu_seqlens`` chunk per image (each
-proven here against its own eager attention and its own image processor). RADIO is refused by name unless the
-layout of its dense forward is stated (``patch=``, ``grid=``), then checked against its eager attention too (its
-packed forward of several images stays refused). Cosmos3-Omni adds no tower (its ``visual`` is Qwen3-VL's);
-lara_mini and olmo_hybrid are text-only models.
+proven here against its own eager attention and its own image processor). Cosmos3-Omni adds no tower (its
+``visual`` is Qwen3-VL's); lara_mini and olmo_hybrid are text-only models. RADIO, examined with them, has its own
+family and tests (test_record_radio.py).
 
 Tiny random-weight towers get three images of different sizes (odd numbers of merge blocks a side) packed in one
 call. The reference is each model's own eager attention probabilities, captured call by call from its modeling
@@ -200,67 +199,3 @@ def test_cosmos3_omni_vision_tower_is_qwen3_vl():
                                                                num_heads=2, out_hidden_size=32))
     assert type(config.vision_config).__name__ == "Qwen3VLVisionConfig"
     assert type(transformers.AutoModel.from_config(config.vision_config)).__name__ == "Qwen3VLVisionModel"
-
-
-# RADIO -----------------------------------------------------------------------------------------------------------
-
-RADIO_PREFIX = 3  # num_cls_tokens + num_registers
-
-
-def _radio() -> torch.nn.Module:
-    config = transformers.RadioConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=PATCH,
-                                      max_img_size=64, num_cls_tokens=2, num_registers=1)
-    model = transformers.RadioModel(config)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for sub in model.modules():
-            if isinstance(sub, torch.nn.Linear):
-                sub.weight.normal_(std=0.25)
-    return model.eval()
-
-
-def test_radio_is_refused_by_name_without_its_layout():
-    model = _radio()
-    with pytest.raises(ValueError, match=r"encoder\.layer\.0\.attention \(RadioAttention\) of RadioModel: RADIO .*"
-                                         r"summary tokens.*patch=4 and grid=\[H // 4, W // 4\].*image_grid_hw"):
-        with vitmad.record(model):
-            model(torch.randn(1, 3, 24, 16))
-
-
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_radio_dense_forward_with_its_layout_given_matches_eager_attention(attn_implementation):
-    """Its dense forward, [B, 3, H, W]: 3 summary tokens, then the H/4 x W/4 patches row-major."""
-    from transformers.models.radio import modeling_radio
-
-    model = _radio()
-    torch.manual_seed(2)
-    for h, w in GRIDS:
-        pixels = torch.rand(2, 3, h * PATCH, w * PATCH)
-        calls = eager_attention_calls(modeling_radio, model, pixels)
-        assert len(calls) == 2
-        cells = [(r, c) for r in range(h) for c in range(w)]
-        expected = []
-        for layer, (module, probabilities) in enumerate(calls):
-            assert module is model.encoder.layer[layer].attention
-            assert probabilities.shape == (2, 2, RADIO_PREFIX + h * w, RADIO_PREFIX + h * w)
-            grid = probabilities[:, :, RADIO_PREFIX:, RADIO_PREFIX:]  # queries and keys of the patches
-            expected.append(torch.stack([_per_token_mad(grid[b:b + 1], cells) for b in range(2)]).mean(-1))
-        model.set_attn_implementation(attn_implementation)
-        with torch.no_grad(), vitmad.record(model, patch=PATCH, grid=[h, w]) as rec:
-            model(pixels)
-        assert rec.layers == ["encoder.layer.0.attention", "encoder.layer.1.attention"]
-        assert rec.geometry[0].num_prefix_tokens == RADIO_PREFIX and rec.geometry[0].grid == (h, w)
-        torch.testing.assert_close(rec.mad.double(), torch.stack(expected), **TOL)  # [L, B, H]
-
-
-def test_radio_packed_forward_of_several_images_is_refused():
-    """Several images through image_grid_hw: each image's summary tokens in its own cu_seqlens chunk, one attention
-    call per image, which the plain layout the user states does not place."""
-    model = _radio()
-    model.set_attn_implementation("sdpa")
-    grids = torch.tensor(GRIDS[:2])
-    patches = torch.randn(int(grids.prod(-1).sum()), 3 * PATCH * PATCH)
-    with torch.no_grad(), vitmad.record(model, patch=PATCH, grid=list(GRIDS[0])) as rec, \
-            pytest.raises(ValueError, match=r"encoder\.layer\.0\.attention \(RadioAttention\).*2 attention calls"):
-        model(patches, image_grid_hw=grids)
-    assert all(call.layers == [] for call in rec.calls)

@@ -158,7 +158,14 @@ class LayerPlacer:
 
     Subclasses implement :meth:`place`; :meth:`install` may add hooks that collect what :meth:`place` needs
     into the :class:`CallContext` (removed with the recording).
+
+    A family placer that places a plain layout read its own way (RADIO's: no patch-embedding convolution) sets
+    ``defers_to_given_layout``: when the user gives the plain layout by hand (``patch=``, ``grid=``,
+    ``num_prefix_tokens=``), the recorder sets its ``given_layout`` to the plain placer of that layout, which the
+    user's values make win.
     """
+
+    defers_to_given_layout = False
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         return []

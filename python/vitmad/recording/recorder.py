@@ -674,6 +674,8 @@ class Recording:
                 self.skipped[name] = placer.reason
             else:
                 modules[name] = module
+                if getattr(placer, "defers_to_given_layout", False) and self._plain.given_by_hand:
+                    placer.given_layout = PlainPlacer(self._plain, appended_tokens(model, name))
                 self._placers[name] = self._given or (
                     PlainPlacer(self._plain, appended_tokens(model, name)) if placer is None else placer)
         if not modules:

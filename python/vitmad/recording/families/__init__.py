@@ -41,6 +41,7 @@ from . import (
     packed,
     padded_patches,
     pooled,
+    radio,
     shvit,
     swin,
     tiny_vit,
@@ -84,9 +85,9 @@ class ClassQueries(Skip):
 
 # Tried in order; the first family that claims a module places it.
 _FAMILIES = (
-    packed, class_attention, non_spatial, unplaced, masked, vilt, padded_patches, swin, windowed_vit, hiera, pooled,
-    mvit, levit, efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit,
-    vitamin, mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer,
+    packed, class_attention, non_spatial, unplaced, radio, masked, vilt, padded_patches, swin, windowed_vit, hiera,
+    pooled, mvit, levit, efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit,
+    fastvit, vitamin, mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer,
     lowformer, video, naflex, shvit, convit, torchvision_maxvit,
 )
 

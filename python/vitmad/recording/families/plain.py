@@ -145,12 +145,15 @@ class PlainLayout:
         self.model = model
         self.embedding = find_patch_embedding(model) or overlapping_patch_embedding(model)
         self.patch, self.grid, self.num_prefix_tokens = patch, grid, num_prefix_tokens
+        # The user stated (part of) the layout: families that read a plain layout their own way defer to it.
+        self.given_by_hand = (patch, grid, num_prefix_tokens) != (None, None, None)
         self.suffix = num_suffix_tokens(model)
         self.declared_prefix = declared_prefix_tokens(model, self.embedding)
         name = type(model).__name__
         if self.embedding is None and (patch is None or grid is None):
-            # RADIO cuts its patches without a convolution: its refusal names the layout of its dense forward.
-            self.unavailable = radio_layout_unknown(model) or (
+            # RADIO cuts its patches without a convolution (its family places them): a partial layout given by hand
+            # for it is refused with the layout of its dense forward.
+            self.unavailable = (radio_layout_unknown(model) if self.given_by_hand else None) or (
                 f"found no patch-embedding Conv2d (kernel == stride) in {name} and vitmad knows no other layout of "
                 "this module's tokens; pass positions=<[N, 2] pixel position of each token>, or, only if they are a "
                 "plain ViT grid (extra tokens first), patch=<pixels per patch> and grid=[grid_h, grid_w], with "
@@ -235,9 +238,11 @@ class PlainPlacer(LayerPlacer):
             # The extra tokens are counted from the grid: a grid that is not the embedding's would count some
             # patches as extra tokens and measure the rest on the wrong grid. A hybrid whose first kernel ==
             # stride convolution is not the patch embedding says num_prefix_tokens too.
+            # RADIO's family reports the grid its patch embeddings cut (no convolution: layout.embedding is None).
+            embedding = layout.embedding[0] if layout.embedding is not None else "read by its family"
             raise NotPlaceable(
                 f"the given grid={list(layout.grid)} is not the {seen[0]}x{seen[1]} grid of its patch embedding "
-                f"({layout.embedding[0]}) in this call, and its extra tokens would be counted from it; leave grid "
+                f"({embedding}) in this call, and its extra tokens would be counted from it; leave grid "
                 "unset, or pass num_prefix_tokens too if that convolution is not the patch embedding"
             )
         if prefix is None:

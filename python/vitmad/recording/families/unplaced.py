@@ -15,10 +15,9 @@ comparing with each model's eager attention placed by its own geometry):
 SAM3's windowed blocks (a padded window partition the plain layout took, with one window, for 7 extra tokens and a
 3 x 3 grid) are skipped with the reason; its global blocks are a plain grid and are recorded.
 
-RADIO (``RadioModel``) cuts its patches with a reshape and a ``Linear``: no patch-embedding convolution gives the plain
-layout their grid, and its refusal names the layout of its dense forward (summary tokens, then the row-major patch
-grid), which ``patch=`` and ``grid=`` state; its packed forward of several images (``image_grid_hw``: each image's
-summary tokens inside its own ``cu_seqlens`` chunk) is not placed (:func:`radio_layout_unknown`).
+RADIO (``RadioModel``) cuts its patches with a reshape and a ``Linear``: its family (:mod:`.radio`) places its dense
+forward; a layout given by hand for it without both ``patch=`` and ``grid=`` is refused with
+:func:`radio_layout_unknown` (the plain layout has no patch-embedding convolution to complete it from).
 
 DepthPro's patch encoder runs a ViT on overlapping crops of a multi-scale pyramid of the image, the crops of every
 scale batched together: its layers are skipped with the reason (its per-crop values are in each crop's own pixels,
@@ -71,19 +70,18 @@ _SAM3_WINDOWS = ("SAM3's windowed blocks attend within windows of the patch map 
 
 
 def radio_layout_unknown(model: nn.Module) -> str | None:
-    """Why the plain layout cannot place RADIO's tokens by itself (no patch-embedding convolution gives their grid),
-    and what to pass; None for a model without RADIO's patch embeddings."""
+    """Why the plain layout cannot complete a partial layout given by hand for RADIO's tokens (no patch-embedding
+    convolution gives their grid), and what to pass; None for a model without RADIO's patch embeddings."""
     embeddings = next((m for m in module_list(model) if type(m).__name__ == "RadioPatchEmbeddings"
                        and type(m).__module__.rpartition(".")[2] == "modeling_radio"), None)
     if embeddings is None:
         return None
     p, summary = int(embeddings.patch_size), int(embeddings.cls_register_token.shape[0])
     return (f"RADIO ({type(model).__name__}) cuts its patches with a reshape and a Linear, no patch-embedding Conv2d "
-            f"from which vitmad would read their grid: its dense forward (pixel_values [B, C, H, W]) attends over "
-            f"{summary} summary tokens (num_cls_tokens + num_registers), then the row-major H/{p} x W/{p} patch grid; "
-            f"pass patch={p} and grid=[H // {p}, W // {p}] for such a forward (or positions=<[N, 2] pixel position of "
-            "each token, NaN rows for the summary tokens>). Its packed forward of several images (image_grid_hw) "
-            "puts each image's summary tokens inside its own cu_seqlens chunk, which vitmad does not place")
+            "from which vitmad would complete a layout given by hand: vitmad places its dense forward (pixel_values "
+            f"[B, C, H, W]: {summary} summary tokens, then the row-major H/{p} x W/{p} patch grid) by itself, so "
+            f"leave patch=, grid= and num_prefix_tokens= unset, or give both patch={p} and grid=[H // {p}, W // {p}] "
+            "(or positions=<[N, 2] pixel position of each token, NaN rows for the summary tokens>)")
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
