@@ -57,6 +57,7 @@ HF_FAMILIES = [
     ("SigLIP vision", "SiglipVisionConfig", "SiglipVisionModel", {}),
     ("SigLIP2 vision", "Siglip2VisionConfig", "Siglip2VisionModel", {}),
     ("AIMv2 vision", "Aimv2VisionConfig", "Aimv2VisionModel", {}),
+    ("RADIO", "RadioConfig", "RadioModel", {}),
     ("Swin", "SwinConfig", "SwinModel", {}),
     ("Swinv2", "Swinv2Config", "Swinv2Model", {}),
     ("DonutSwin", "DonutSwinConfig", "DonutSwinModel", {}),
