@@ -1,17 +1,22 @@
 """Packed native-resolution vision towers in ``vitmad profile``: the Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE,
-Qwen3.5 and Qwen3.5-MoE vision towers and Pixtral's (``recording/families/packed.py`` records them, and more towers
-that ``vitmad profile`` does not load: GLM, ERNIE-4.5-VL, dots3, the Omni models, EXAONE 4.5, Cohere Compass,
-Qwen4-Exp, whose checkpoint layouts or image processors are not checked here).
+Qwen3.5 and Qwen3.5-MoE vision towers, MiniMax-M3-VL's, Cosmos3-Edge's, LFM3-VL's and Pixtral's
+(``recording/families/packed.py`` records them, and more towers that ``vitmad profile`` does not load: GLM,
+ERNIE-4.5-VL, dots3, the Omni models, EXAONE 4.5, Cohere Compass, Qwen4-Exp, whose checkpoint layouts or image
+processors are not checked here).
 
 Loading (``hf:<id or folder>``):
 
 - a whole vision-language checkpoint (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
   ``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``, ``Qwen3_5ForConditionalGeneration``,
-  ``Qwen3_5MoeForConditionalGeneration``, their ``*Model``, and ``LlavaForConditionalGeneration`` /
-  ``Mistral3ForConditionalGeneration`` whose ``vision_config`` is Pixtral's): only its vision tower is built and
-  loaded, from the checkpoint's ``visual.*`` / ``model.visual.*`` (Qwen) or ``vision_tower.*`` /
-  ``model.vision_tower.*`` (LLaVA, Mistral 3) weights; the language model is never loaded. A tower weight the
-  checkpoint lacks is an error, never a random weight.
+  ``Qwen3_5MoeForConditionalGeneration``, ``MiniMaxM3SparseForConditionalGeneration``,
+  ``Cosmos3EdgeForConditionalGeneration``, ``Lfm3VlForConditionalGeneration``, their ``*Model``, and
+  ``LlavaForConditionalGeneration`` / ``Mistral3ForConditionalGeneration`` whose ``vision_config`` is Pixtral's):
+  only its vision tower is built and loaded, from the checkpoint's ``visual.*`` / ``model.visual.*`` (Qwen,
+  Cosmos3-Edge) or ``vision_tower.*`` / ``model.vision_tower.*`` (MiniMax-M3-VL, LFM3-VL, LLaVA, Mistral 3)
+  weights, the module names of the layouts transformers converts renamed as it renames them
+  (:attr:`PackedTower.renames`: MiniMax-M3-VL's original ``vision_tower.vision_model.*``, Cosmos3-Edge's
+  ``to_q`` / ``up_proj``; LFM3-VL's tower renames its own); the language model is never loaded. A tower weight
+  the checkpoint lacks is an error, never a random weight.
 - a vision tower saved alone (``save_pretrained`` of a ``Qwen2VisionTransformerPretrainedModel``,
   ``Qwen2_5_VisionTransformerPretrainedModel``, ``Qwen3VLVisionModel``, ``Qwen3VLMoeVisionModel``,
   ``Qwen3_5VisionModel``, ``Qwen3_5MoeVisionModel`` or ``PixtralVisionModel``).
@@ -19,8 +24,13 @@ Loading (``hf:<id or folder>``):
 ``LoadedModel.description`` (``mad.json``'s ``settings.profiled``) says which tower was profiled.
 
 Feeding: the image processor of the checkpoint (its ``preprocessor_config.json``; without one, the defaults of
-transformers' ``Qwen2VLImageProcessor`` / ``PixtralImageProcessor`` with the tower's patch, merge and temporal
-patch sizes, and for Pixtral the tower's largest image side as ``longest_edge``) resizes each image; several images
+transformers' ``Qwen2VLImageProcessor`` / ``PixtralImageProcessor``, or of the model's own processor class, with
+the tower's patch, merge and temporal patch sizes, and for Pixtral the tower's largest image side as
+``longest_edge``) resizes each image. MiniMax-M3-VL is fed by ``MiniMaxM3VLImageProcessor``, Cosmos3-Edge by
+``Cosmos3EdgeImageProcessor`` (or its ``...Pil`` twin; each patch ``(p, p, C)``, no temporal patch), LFM3-VL by
+``Qwen2VLImageProcessor`` (or ``...Pil``): a checkpoint whose processor is of another class is refused, and so is
+one whose patch, merge or temporal patch size is not the tower's config's (the processor orders the patches by
+its ``merge_size``, the tower places them by its ``spatial_merge_size``); several images
 of different sizes go into one packed forward (:class:`~.native.NativeFeed`). A fixed ``image_size`` resizes every
 image to exactly that size (cover and centre crop, as for any model), which must be whole patches: multiples of
 ``patch * spatial_merge_size`` for Qwen, of ``patch`` (and at most the tower's ``image_size``) for Pixtral; no
