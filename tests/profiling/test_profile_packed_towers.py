@@ -1,15 +1,18 @@
 """vitmad profile on packed native-resolution vision towers: Qwen2-VL (a whole vision-language checkpoint),
 Qwen2.5-VL (windows) and Qwen3-VL (towers saved alone), Qwen3-VL's tower inside whole Qwen3-VL-MoE, Qwen3.5 and
-Qwen3.5-MoE checkpoints, Pixtral (inside a LLaVA checkpoint, and saved alone without an image processor).
+Qwen3.5-MoE checkpoints, Pixtral (inside a LLaVA checkpoint, and saved alone without an image processor), and the
+towers of whole MiniMax-M3-VL (saved in its original layout), Cosmos3-Edge and LFM3-VL checkpoints, each fed by its
+own image processor (Cosmos3-Edge's lays each patch out channels last, without a temporal patch).
 
 Tiny random-weight towers, their weights scaled so that attention is far from uniform, are saved to folders with
 their image processors. The reference is written here, independently of vitmad: each image through the model's
 own processor, then alone through the tower loaded by transformers with eager attention, its softmax
 probabilities captured from the modeling file's ``eager_attention_forward``; tokens placed by geometry written
-here with explicit loops (Qwen: spatial-merge blocks row-major, the patches of a block row-major; Qwen2.5-VL: the
-same blocks reordered by windows, each window's blocks row-major, one call per window in window blocks and one per
-image in its full-attention blocks; Pixtral: row-major), each patch at ``(row + 0.5, col + 0.5) * patch`` pixels;
-a query's MAD over the keys of its call, the image's MAD the mean over its tokens, in float64.
+here with explicit loops (Qwen and the towers packed like it: spatial-merge blocks row-major, the patches of a
+block row-major, one call per image and attention layer; Qwen2.5-VL: the same blocks reordered by windows, each
+window's blocks row-major, one call per window in window blocks and one per image in its full-attention blocks;
+Pixtral: row-major), each patch at ``(row + 0.5, col + 0.5) * patch`` pixels; a query's MAD over the keys of its
+call, the image's MAD the mean over its tokens, in float64.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from vitmad.profiling.options import OptionError
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("torchvision")  # transformers' Qwen2-VL and Pixtral image processors
+from transformers.models.cosmos3_edge import modeling_cosmos3_edge  # noqa: E402
+from transformers.models.lfm3_vl import modeling_lfm3_vl  # noqa: E402
+from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl  # noqa: E402
 from transformers.models.pixtral import modeling_pixtral  # noqa: E402
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl  # noqa: E402
 from transformers.models.qwen2_vl import modeling_qwen2_vl  # noqa: E402
@@ -49,7 +55,8 @@ PIXTRAL_PROCESSOR = dict(patch_size={"height": PIXTRAL_PATCH, "width": PIXTRAL_P
 TOL = {"rtol": 1e-5, "atol": 1e-4}
 _MODELING = {"qwen2_vl": modeling_qwen2_vl, "qwen2_5_vl": modeling_qwen2_5_vl, "qwen3_vl": modeling_qwen3_vl,
              "pixtral": modeling_pixtral, "qwen3_vl_moe": modeling_qwen3_vl_moe, "qwen3_5": modeling_qwen3_5,
-             "qwen3_5_moe": modeling_qwen3_5_moe}
+             "qwen3_5_moe": modeling_qwen3_5_moe, "minimax_m3_vl": modeling_minimax_m3_vl,
+             "cosmos3_edge": modeling_cosmos3_edge, "lfm3_vl": modeling_lfm3_vl}
 # Qwen3-VL's tower under other names, in whole checkpoints (under model.visual, fed by Qwen2VLImageProcessor):
 # name -> (config class, model class, tower class, extra text settings)
 QWEN3_KIN = {
@@ -60,6 +67,19 @@ QWEN3_KIN = {
     "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeVisionModel",
                     dict(layer_types=["full_attention"], moe_intermediate_size=32, shared_expert_intermediate_size=32,
                          num_experts=2, num_experts_per_tok=1)),
+}
+
+
+# Towers packed in Qwen2-VL's merge-block order, one chunk per image, in whole checkpoints with their own image
+# processors: name -> (model class, the tower in it, tower class, attention class, image processor class, temporal
+# patch of the tower)
+KIN = {
+    "minimax_m3_vl": ("MiniMaxM3SparseForConditionalGeneration", "model.vision_tower", "MiniMaxM3VLVisionModel",
+                      "MiniMaxM3VLVisionAttention", "MiniMaxM3VLImageProcessor", 2),
+    "cosmos3_edge": ("Cosmos3EdgeForConditionalGeneration", "model.visual", "Cosmos3EdgeVisionModel",
+                     "Cosmos3EdgeVisionAttention", "Cosmos3EdgeImageProcessor", 1),
+    "lfm3_vl": ("Lfm3VlForConditionalGeneration", "model.vision_tower", "Lfm3VlVisionModel", "Lfm3VlVisionAttention",
+                "Qwen2VLImageProcessor", 2),
 }
 
 
@@ -129,6 +149,66 @@ def _save_qwen3_kin_checkpoint(folder, name: str):
     transformers.Qwen2VLImageProcessor(**QWEN_PROCESSOR).save_pretrained(folder)
 
 
+def _kin_config(name: str):
+    """A whole model of ``KIN`` with a one-layer language model beside its two-attention-layer tower."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, patch_size=PATCH,
+                  spatial_merge_size=MERGE)
+    if name == "minimax_m3_vl":  # head_dim 24: its 3D rotary embedding rotates 8 dims per axis
+        text = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=16, vocab_size=100, dense_intermediate_size=64,
+                    shared_intermediate_size=32, num_local_experts=2, num_experts_per_tok=1, rotary_dim=8,
+                    index_head_dim=16, index_n_heads=1, bos_token_id=0, eos_token_id=1)
+        return transformers.MiniMaxM3VLConfig(vision_config=dict(vision, hidden_size=48, num_hidden_layers=2,
+                                                                 temporal_patch_size=2),
+                                              text_config=text, projector_hidden_size=32)
+    if name == "cosmos3_edge":
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=16, vocab_size=100,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]})
+        return transformers.Cosmos3EdgeConfig(vision_config=dict(vision, num_hidden_layers=2, num_patches=16),
+                                              text_config=text, projector_hidden_size=32)
+    # An attention layer, a gated convolution layer, an attention layer; grouped-query attention.
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=100, layer_types=["conv", "full_attention"], pad_token_id=0,
+                bos_token_id=1, eos_token_id=2)
+    return transformers.Lfm3VlConfig(vision_config=dict(vision, num_hidden_layers=3, num_key_value_heads=1,
+                                                        temporal_patch_size=2,
+                                                        layer_types=["full_attention", "conv", "full_attention"]),
+                                     text_config=text, projector_hidden_size=32)
+
+
+def _kin_processor(name: str, **changes):
+    """The model's own image processor with the tiny towers' sizes (Qwen's: 64 to 576 pixels an image; Cosmos3-Edge's
+    takes them as size only, min_pixels and max_pixels being no settings of it)."""
+    settings = {**QWEN_PROCESSOR, "temporal_patch_size": KIN[name][5]}
+    if name == "cosmos3_edge":
+        settings["size"] = {"shortest_edge": settings.pop("min_pixels"), "longest_edge": settings.pop("max_pixels")}
+    return getattr(transformers, KIN[name][4])(**{**settings, **changes})
+
+
+def _save_kin_checkpoint(folder, name: str):
+    model_name, where, tower_name = KIN[name][:3]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(_kin_config(name))
+    tower = model.get_submodule(where)
+    assert type(tower).__name__ == tower_name
+    _sharpen(tower, 5)
+    # LFM3-VL normalises its queries and keys per head, which undoes _sharpen, and Cosmos3-Edge has no rotary
+    # embedding to make attention local: each query head gets the key head's projection (LFM3-VL's norms scaled up a
+    # little), so that a token attends most to itself and to tokens like it.
+    with torch.no_grad():
+        for module in tower.modules():
+            if type(module).__name__ == "Lfm3VlVisionAttention":
+                module.q_proj.weight.copy_(module.k_proj.weight.repeat(module.num_key_value_groups, 1))
+                module.q_norm.weight.fill_(1.3)
+                module.k_norm.weight.fill_(1.3)
+            elif type(module).__name__ == "Cosmos3EdgeVisionAttention":
+                module.q_proj.weight.copy_(module.k_proj.weight)
+                module.q_proj.bias.copy_(module.k_proj.bias)
+    model.save_pretrained(folder)
+    _kin_processor(name).save_pretrained(folder)
+
+
 def _pixtral_config():
     return transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=2, image_size=64, patch_size=PIXTRAL_PATCH)
@@ -172,6 +252,10 @@ CASES = {
     **{name: (name, lambda f, model=model: getattr(transformers, model).from_pretrained(
         f, attn_implementation="eager").model.visual, lambda f: transformers.Qwen2VLImageProcessor.from_pretrained(f))
        for name, (_, model, _, _) in QWEN3_KIN.items()},
+    **{name: (name, lambda f, model=model, where=where: getattr(transformers, model).from_pretrained(
+        f, attn_implementation="eager").get_submodule(where),
+        lambda f, processor=processor: getattr(transformers, processor).from_pretrained(f))
+       for name, (model, where, _, _, processor, _) in KIN.items()},
 }
 
 
@@ -185,6 +269,8 @@ def folders(tmp_path_factory):
     _save_pixtral_tower(root / "pixtral")
     for name in QWEN3_KIN:
         _save_qwen3_kin_checkpoint(root / name, name)
+    for name in KIN:
+        _save_kin_checkpoint(root / name, name)
     return root
 
 
@@ -221,7 +307,12 @@ def _image_mad(case: str, tower, inputs) -> np.ndarray:
     patches, grid = inputs
     calls = _eager_calls(_MODELING[modeling], tower, patches, grid_thw=torch.tensor([[1, *grid]]))
     layers, used = [], 0
-    for index in range(len(tower.blocks)):
+    if modeling in KIN:  # its attention layers (LFM3-VL's convolution layers between them make no call)
+        blocks = sum(type(m).__name__ == KIN[modeling][3] for m in tower.modules())
+        assert blocks == 2
+    else:
+        blocks = len(tower.blocks)
+    for index in range(blocks):
         if modeling == "qwen2_5_vl":
             windows = qwen_token_chunks(grid, MERGE, WINDOW_PX // MERGE // PATCH)
             # Window blocks: one call per window; full-attention blocks: the image in the same window order.
@@ -336,6 +427,125 @@ def test_a_whole_qwen3_kin_checkpoint_loads_its_tower_alone(folders, name):
     assert type(own).__name__ == tower_name
     for (key, value), expected in zip(loaded.module.state_dict().items(), own.state_dict().values()):
         assert torch.equal(value, expected), key  # the checkpoint's weights, not a fresh initialisation
+
+
+@pytest.mark.parametrize("name", list(KIN))
+def test_a_whole_checkpoint_of_a_kin_tower_loads_its_tower_alone_fed_by_its_own_processor(folders, images, name):
+    model_name, where, tower_name, _, processor, _ = KIN[name]
+    loaded = load_model(f"hf:{folders / name}")
+    assert type(loaded.module).__name__ == tower_name
+    assert loaded.description == (f"{where.split('.')[-1]} ({tower_name}) of {model_name}, its vision tower alone "
+                                  "(the language model is not loaded)")
+    own = CASES[name][1](folders / name)  # transformers' own loading of the whole model (its conversion mapping)
+    assert type(own).__name__ == tower_name
+    expected = own.state_dict()
+    assert loaded.module.state_dict().keys() == expected.keys()
+    for key, value in loaded.module.state_dict().items():
+        assert torch.equal(value, expected[key]), key  # the checkpoint's weights, not a fresh initialisation
+    result = vitmad.profile(loaded, find_images(images)[:1], image_size="native", device="cpu")
+    assert result.settings["profiled"] == loaded.description
+    fed = result.settings["preprocessing"]
+    assert fed["native"] == "qwen" and fed["processor"]["image_processor_type"] == processor
+    assert fed["processor"]["size"] == {"shortest_edge": 64, "longest_edge": 576}
+
+
+def _kin_folder(folders, tmp_path, name: str, weights: dict | None = None, **processor) -> str:
+    """``name``'s checkpoint copied with another processor (``processor``: its changes, or ``cls``: another
+    class) and, given ``weights``, other weights."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text((folders / name / "config.json").read_text())
+    if weights is None:
+        (folder / "model.safetensors").write_bytes((folders / name / "model.safetensors").read_bytes())
+    else:
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    cls = processor.pop("cls", None)
+    if cls is None:
+        _kin_processor(name, **processor).save_pretrained(folder)
+    else:
+        cls(**{**QWEN_PROCESSOR, "temporal_patch_size": KIN[name][5]}).save_pretrained(folder)
+        assert json.loads((folder / "preprocessor_config.json").read_text())["image_processor_type"] == cls.__name__
+    return f"hf:{folder}"
+
+
+@pytest.mark.parametrize("name", list(KIN))
+def test_a_kin_processor_merging_otherwise_than_its_tower_is_refused(folders, tmp_path, name):
+    """The processor orders the patches in its merge_size blocks, the tower places them (rotary positions, position
+    grid, convolutions) by its config's spatial_merge_size: where they disagree, no token's place is known."""
+    spec = _kin_folder(folders, tmp_path, name, merge_size=1)
+    with pytest.raises(OptionError, match=rf"model: the image processor has merge_size=1, but the vision tower "
+                                          rf"{KIN[name][2]} takes 2"):
+        load_model(spec)
+
+
+@pytest.mark.parametrize(("name", "cls", "message"), [
+    ("minimax_m3_vl", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, but "
+                                               r"the vision tower MiniMaxM3VLVisionModel is fed by "
+                                               r"MiniMaxM3VLImageProcessor \(its model's processor"),
+    ("cosmos3_edge", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, but "
+                                              r"the vision tower Cosmos3EdgeVisionModel is fed by "
+                                              r"Cosmos3EdgeImageProcessor or Cosmos3EdgeImageProcessorPil"),
+    ("lfm3_vl", "MiniMaxM3VLImageProcessor", r"model: the checkpoint's image processor is MiniMaxM3VLImageProcessor, "
+                                             r"but the vision tower Lfm3VlVisionModel is fed by Qwen2VLImageProcessor "
+                                             r"or Qwen2VLImageProcessorPil"),
+])
+def test_a_kin_checkpoint_with_another_models_processor_is_refused(folders, tmp_path, name, cls, message):
+    with pytest.raises(OptionError, match=message):
+        load_model(_kin_folder(folders, tmp_path, name, cls=getattr(transformers, cls)))
+
+
+def test_a_cosmos3_edge_processor_with_a_temporal_patch_is_refused(folders, tmp_path):
+    """Its tower embeds C * p * p values per patch: a processor repeating each image over two frames does not fit."""
+    with pytest.raises(OptionError, match="model: the image processor has temporal_patch_size=2, but the vision tower "
+                                          "Cosmos3EdgeVisionModel takes 1"):
+        load_model(_kin_folder(folders, tmp_path, "cosmos3_edge", temporal_patch_size=2))
+
+
+def test_a_minimax_checkpoint_missing_tower_weights_is_refused(folders, tmp_path):
+    """Its tower saved in the original layout (vision_tower.vision_model.encoder.layers...), one layer missing."""
+    from safetensors.torch import load_file
+
+    weights = load_file(folders / "minimax_m3_vl" / "model.safetensors")
+    assert any(k.startswith("vision_tower.vision_model.encoder.layers.1.") for k in weights)
+    kept = {k: v for k, v in weights.items() if not k.startswith("vision_tower.vision_model.encoder.layers.1.")}
+    with pytest.raises(OptionError, match=r"model: .*no weights for \d+ parameters of its vision tower "
+                                          r"MiniMaxM3VLVisionModel \(e\.g\. layers\.1\..*model\.vision_tower\. or "
+                                          r"vision_tower\., their modules renamed"):
+        load_model(_kin_folder(folders, tmp_path, "minimax_m3_vl", weights=kept))
+
+
+def test_fixed_size_cosmos3_edge_patches_are_its_processors_channels_last(folders, images):
+    """A fixed size: the tower gets the resized images patched as Cosmos3EdgeImageProcessor patches them, each patch
+    (p, p, C); the map's image is the image behind those patches."""
+    from vitmad.profiling.packed_towers import qwen_patches, qwen_unpatch
+
+    folder = folders / "cosmos3_edge"
+    loaded = load_model(f"hf:{folder}")
+    calls = []
+    handle = loaded.module.register_forward_pre_hook(lambda _, args, kwargs: calls.append((args, kwargs)),
+                                                     with_kwargs=True)
+    result = vitmad.profile(loaded, images, image_size="16x24", batch_size=4, device="cpu")
+    handle.remove()
+    (args, kwargs), = calls
+    assert kwargs["grid_thw"].tolist() == [[1, 4, 6]] * 4
+    prep = loaded.preprocessing.with_size((16, 24))
+    pixels = [prep(load_image(f)[0]) for f in find_images(images)]
+    processor = _kin_processor("cosmos3_edge", do_resize=False, do_rescale=False, do_normalize=False)
+    expected = torch.cat([processor([p], return_tensors="pt")["pixel_values"] for p in pixels])
+    torch.testing.assert_close(args[0], expected)
+    patches, grid = qwen_patches(pixels[0][None], PATCH, MERGE, 1, channels_last=True)
+    assert torch.equal(patches[0], expected[:24]) and grid == (4, 6)
+    assert torch.equal(qwen_unpatch(patches[0], grid, PATCH, MERGE, 1, channels_last=True), pixels[0])
+    tower = CASES["cosmos3_edge"][1](folder).eval()
+    reference = [_image_mad("cosmos3_edge", tower, (expected[i * 24:(i + 1) * 24], (4, 6))) for i in range(4)]
+    torch.testing.assert_close(result.mad, torch.tensor(np.array(reference)).mean(0), **TOL)
+    # Native: the map's image is what the processor resized, its patches put back in place.
+    maps, shown, _, _ = mad_maps(loaded, find_images(images)[0], image_size="native", device="cpu")
+    own = _kin_processor("cosmos3_edge")
+    fed, grid = _processed("cosmos3_edge", own, load_image(find_images(images)[0])[0])
+    assert torch.equal(qwen_patches(shown[None], PATCH, MERGE, 1, channels_last=True)[0][0], fed)
 
 
 def test_a_checkpoint_missing_tower_weights_is_refused(folders, tmp_path):

@@ -114,7 +114,14 @@ def wrap_packed_tower(model: torch.nn.Module, packed: tuple[str, torch.nn.Module
         OptionError: (``model``) the processor settings do not fit the tower.
     """
     from .native import _filter_name
-    from .packed_towers import nominal_size, packed_forward, packed_processor, processor_settings, tower_kind
+    from .packed_towers import (
+        nominal_size,
+        packed_forward,
+        packed_processor,
+        processor_settings,
+        tower_kind,
+        tower_sizes,
+    )
 
     name, tower = packed
     kind = tower_kind(tower)
@@ -124,15 +131,15 @@ def wrap_packed_tower(model: torch.nn.Module, packed: tuple[str, torch.nn.Module
         mean, std = tuple(own.image_mean), tuple(own.image_std)
         if not own.do_normalize:
             mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        multiple = (int(tower.patch_embed.patch_size) * int(tower.spatial_merge_size) if kind == "qwen"
-                    else int(tower.patch_size))
+        patch, merge, _ = tower_sizes(tower)
+        multiple = patch * merge
         size = nominal_size(kind, settings, multiple)
         preprocessing = Preprocessing(size, ("exact", *size), False, mean, std, _filter_name(own.resample),
                                       rescale=hf_rescale(own))
     if description is None and name:
         description = f"{name} ({type(tower).__name__}) of {type(model).__name__}, its vision tower"
     tower.eval()
-    return LoadedModel(spec or type(model).__name__, tower, preprocessing, packed_forward(kind, tower),
+    return LoadedModel(spec or type(model).__name__, tower, preprocessing, packed_forward(kind, tower, settings),
                        processor=settings, description=description)
 
 

@@ -16,7 +16,8 @@ budget; its MAD is in pixels of that resized image (``docs/definition.md``, nati
 - Packed native-resolution towers (``profiling/packed_towers.py``): the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision
   towers (and Qwen3-VL-MoE's, Qwen3.5's, Qwen3.5-MoE's) take the model's own ``Qwen2VLImageProcessor``
   (``smart_resize``: sides multiples of ``patch * merge``, ``min_pixels <= H * W <= max_pixels``; its patches
-  in spatial-merge block order with the image's ``grid_thw``),
+  in spatial-merge block order with the image's ``grid_thw``), MiniMax-M3-VL, Cosmos3-Edge and LFM3-VL their
+  models' own processors (the same order; Cosmos3-Edge's patches channels last, without a temporal patch),
   Pixtral the model's own ``PixtralImageProcessor`` (the longest edge at most ``longest_edge``, each side rounded
   up to whole patches; ``image_sizes``). Every image of a batch goes into one packed forward, several grids in it;
   images only (a Qwen video, ``t > 1``, is never fed). With a fixed ``image_size`` these towers get every image
@@ -39,7 +40,15 @@ import torch
 from .images import hf_rescale, load_each, load_image, rescaled
 from .models import LoadedModel
 from .options import OptionError
-from .packed_towers import check_packed_size, find_packed_tower, packed_processor, qwen_unpatch, tower_kind
+from .packed_towers import (
+    channels_last,
+    check_packed_size,
+    find_packed_tower,
+    packed_processor,
+    qwen_unpatch,
+    tower_kind,
+    tower_sizes,
+)
 
 __all__ = ["NativeFeed", "native_feed", "native_grid", "load_native_batch", "native_geometry", "check_fixed_size"]
 
@@ -97,8 +106,9 @@ class NativeFeed:
         found = {"native": self.kind, "patch": self.patch, "max_patches": self.max_patches, "mean": list(self.mean),
                  "std": list(self.std), "interpolation": self.interpolation}
         if self.kind in ("qwen", "pixtral"):  # the processor's size rule (min / max pixels, longest edge)
-            found["processor"] = {k: v for k, v in self.processor.items() if k in ("size", "min_pixels",
-                                                                                   "max_pixels", "merge_size")}
+            # and the processor's class where the tower names its own (MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL)
+            found["processor"] = {k: v for k, v in self.processor.items() if k in (
+                "size", "min_pixels", "max_pixels", "merge_size", "image_processor_type")}
         if self.rescale is not None:  # only then: other runs keep their settings and fingerprints
             found["rescale"] = self.rescale
         return found
@@ -133,7 +143,7 @@ class NativeFeed:
         if self.kind == "qwen":
             patches, grid = self._packed(image)
             return qwen_unpatch(patches, grid, self.patch, int(self.processor["merge_size"]),
-                                int(self.processor["temporal_patch_size"]))
+                                int(self.processor["temporal_patch_size"]), channels_last(self.processor))
         if self.kind == "siglip2":
             from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
 
@@ -210,8 +220,8 @@ def check_fixed_size(loaded: LoadedModel, size: tuple[int, int] | None = None, p
         if size is not None:
             check_packed_size(kind, tower, *size, "image_size")
         elif not pixels:
-            multiple = (int(tower.patch_embed.patch_size) * int(tower.spatial_merge_size) if kind == "qwen"
-                        else int(tower.patch_size))
+            patch, merge, _ = tower_sizes(tower)
+            multiple = patch * merge
             raise OptionError("image_size", f"{type(tower).__name__} has no input size of its own: use "
                                             "image_size='native' (--image-size native) to feed each image at its own "
                                             f"aspect ratio, or a fixed S or HxW (multiples of {multiple} px)")

@@ -1,17 +1,22 @@
 """Packed native-resolution vision towers in ``vitmad profile``: the Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE,
-Qwen3.5 and Qwen3.5-MoE vision towers and Pixtral's (``recording/families/packed.py`` records them, and more towers
-that ``vitmad profile`` does not load: GLM, ERNIE-4.5-VL, dots3, the Omni models, EXAONE 4.5, Cohere Compass,
-Qwen4-Exp, whose checkpoint layouts or image processors are not checked here).
+Qwen3.5 and Qwen3.5-MoE vision towers, MiniMax-M3-VL's, Cosmos3-Edge's, LFM3-VL's and Pixtral's
+(``recording/families/packed.py`` records them, and more towers that ``vitmad profile`` does not load: GLM,
+ERNIE-4.5-VL, dots3, the Omni models, EXAONE 4.5, Cohere Compass, Qwen4-Exp, whose checkpoint layouts or image
+processors are not checked here).
 
 Loading (``hf:<id or folder>``):
 
 - a whole vision-language checkpoint (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
   ``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``, ``Qwen3_5ForConditionalGeneration``,
-  ``Qwen3_5MoeForConditionalGeneration``, their ``*Model``, and ``LlavaForConditionalGeneration`` /
-  ``Mistral3ForConditionalGeneration`` whose ``vision_config`` is Pixtral's): only its vision tower is built and
-  loaded, from the checkpoint's ``visual.*`` / ``model.visual.*`` (Qwen) or ``vision_tower.*`` /
-  ``model.vision_tower.*`` (LLaVA, Mistral 3) weights; the language model is never loaded. A tower weight the
-  checkpoint lacks is an error, never a random weight.
+  ``Qwen3_5MoeForConditionalGeneration``, ``MiniMaxM3SparseForConditionalGeneration``,
+  ``Cosmos3EdgeForConditionalGeneration``, ``Lfm3VlForConditionalGeneration``, their ``*Model``, and
+  ``LlavaForConditionalGeneration`` / ``Mistral3ForConditionalGeneration`` whose ``vision_config`` is Pixtral's):
+  only its vision tower is built and loaded, from the checkpoint's ``visual.*`` / ``model.visual.*`` (Qwen,
+  Cosmos3-Edge) or ``vision_tower.*`` / ``model.vision_tower.*`` (MiniMax-M3-VL, LFM3-VL, LLaVA, Mistral 3)
+  weights, the module names of the layouts transformers converts renamed as it renames them
+  (:attr:`PackedTower.renames`: MiniMax-M3-VL's original ``vision_tower.vision_model.*``, Cosmos3-Edge's
+  ``to_q`` / ``up_proj``; LFM3-VL's tower renames its own); the language model is never loaded. A tower weight
+  the checkpoint lacks is an error, never a random weight.
 - a vision tower saved alone (``save_pretrained`` of a ``Qwen2VisionTransformerPretrainedModel``,
   ``Qwen2_5_VisionTransformerPretrainedModel``, ``Qwen3VLVisionModel``, ``Qwen3VLMoeVisionModel``,
   ``Qwen3_5VisionModel``, ``Qwen3_5MoeVisionModel`` or ``PixtralVisionModel``).
@@ -19,8 +24,13 @@ Loading (``hf:<id or folder>``):
 ``LoadedModel.description`` (``mad.json``'s ``settings.profiled``) says which tower was profiled.
 
 Feeding: the image processor of the checkpoint (its ``preprocessor_config.json``; without one, the defaults of
-transformers' ``Qwen2VLImageProcessor`` / ``PixtralImageProcessor`` with the tower's patch, merge and temporal
-patch sizes, and for Pixtral the tower's largest image side as ``longest_edge``) resizes each image; several images
+transformers' ``Qwen2VLImageProcessor`` / ``PixtralImageProcessor``, or of the model's own processor class, with
+the tower's patch, merge and temporal patch sizes, and for Pixtral the tower's largest image side as
+``longest_edge``) resizes each image. MiniMax-M3-VL is fed by ``MiniMaxM3VLImageProcessor``, Cosmos3-Edge by
+``Cosmos3EdgeImageProcessor`` (or its ``...Pil`` twin; each patch ``(p, p, C)``, no temporal patch), LFM3-VL by
+``Qwen2VLImageProcessor`` (or ``...Pil``): a checkpoint whose processor is of another class is refused, and so is
+one whose patch, merge or temporal patch size is not the tower's config's (the processor orders the patches by
+its ``merge_size``, the tower places them by its ``spatial_merge_size``); several images
 of different sizes go into one packed forward (:class:`~.native.NativeFeed`). A fixed ``image_size`` resizes every
 image to exactly that size (cover and centre crop, as for any model), which must be whole patches: multiples of
 ``patch * spatial_merge_size`` for Qwen, of ``patch`` (and at most the tower's ``image_size``) for Pixtral; no
@@ -34,39 +44,112 @@ import importlib
 import json
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .options import OptionError
 
-__all__ = ["tower_kind", "find_packed_tower", "load_packed_tower", "packed_forward", "packed_processor",
-           "processor_settings", "check_packed_size", "PACKED_TOWERS"]
+__all__ = ["tower_kind", "tower_sizes", "find_packed_tower", "load_packed_tower", "packed_forward", "packed_processor",
+           "processor_settings", "check_packed_size", "channels_last", "PackedTower", "PACKED_TOWERS"]
 
-# Tower class -> (kind, modeling module, config class of the tower).
+@dataclass(frozen=True)
+class PackedTower:
+    """One packed tower ``vitmad profile`` loads.
+
+    Attributes:
+        kind: ``"qwen"`` (merge-block patches and ``grid_thw``) or ``"pixtral"`` (pixels and ``image_sizes``).
+        module: the modeling module that defines the tower class.
+        config: class name of the tower's config.
+        where: the tower's attribute in the whole model (named in the description).
+        prefixes: where a whole vision-language checkpoint keeps the tower's weights (transformers 5's layout, and
+            the one ``save_pretrained`` writes or the original checkpoints use).
+        renames: ``(pattern, replacement)`` of the tower's keys in the layouts whose module names differ from
+            transformers' (the original checkpoint's, or what ``save_pretrained`` writes), applied before ``prefixes``.
+        patch: where the tower keeps its patch size, a dotted attribute path from the tower.
+        temporal: where it keeps its temporal patch size; None: it has none (1).
+        processors: the image processor classes of the model (transformers' auto map), the first its default; a
+            checkpoint's processor of another class is refused. Empty: the kind's (Qwen2VLImageProcessor,
+            PixtralImageProcessor), the saved ``image_processor_type`` not read.
+    """
+
+    kind: str
+    module: str
+    config: str
+    where: str
+    prefixes: tuple[str, ...]
+    renames: tuple[tuple[str, str], ...] = ()
+    patch: str = "patch_embed.patch_size"
+    temporal: str | None = "patch_embed.temporal_patch_size"
+    processors: tuple[str, ...] = ()
+
+
+_QWEN_PREFIXES = ("model.visual.", "visual.")
+_TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
+
+# Tower class -> how it is loaded and fed.
 PACKED_TOWERS = {
-    "Qwen2VisionTransformerPretrainedModel": ("qwen", "transformers.models.qwen2_vl.modeling_qwen2_vl",
-                                              "Qwen2VLVisionConfig"),
-    "Qwen2_5_VisionTransformerPretrainedModel": ("qwen", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
-                                                 "Qwen2_5_VLVisionConfig"),
-    "Qwen3VLVisionModel": ("qwen", "transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionConfig"),
+    "Qwen2VisionTransformerPretrainedModel": PackedTower(
+        "qwen", "transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLVisionConfig", "visual", _QWEN_PREFIXES),
+    "Qwen2_5_VisionTransformerPretrainedModel": PackedTower(
+        "qwen", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLVisionConfig", "visual",
+        _QWEN_PREFIXES),
+    "Qwen3VLVisionModel": PackedTower("qwen", "transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionConfig",
+                                      "visual", _QWEN_PREFIXES),
     # Qwen3-VL's tower under other names; their checkpoints keep it under model.visual, their processor is
     # Qwen2VLImageProcessor (transformers' image processor auto map).
-    "Qwen3VLMoeVisionModel": ("qwen", "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
-                              "Qwen3VLMoeVisionConfig"),
-    "Qwen3_5VisionModel": ("qwen", "transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5VisionConfig"),
-    "Qwen3_5MoeVisionModel": ("qwen", "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeVisionConfig"),
-    "PixtralVisionModel": ("pixtral", "transformers.models.pixtral.modeling_pixtral", "PixtralVisionConfig"),
+    "Qwen3VLMoeVisionModel": PackedTower("qwen", "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
+                                         "Qwen3VLMoeVisionConfig", "visual", _QWEN_PREFIXES),
+    "Qwen3_5VisionModel": PackedTower("qwen", "transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5VisionConfig",
+                                      "visual", _QWEN_PREFIXES),
+    "Qwen3_5MoeVisionModel": PackedTower("qwen", "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
+                                         "Qwen3_5MoeVisionConfig", "visual", _QWEN_PREFIXES),
+    "PixtralVisionModel": PackedTower("pixtral", "transformers.models.pixtral.modeling_pixtral", "PixtralVisionConfig",
+                                      "vision_tower", _TOWER_PREFIXES),
+    # MiniMax-M3-VL: MiniMaxM3SparseForConditionalGeneration keeps the tower under model.vision_tower; the original
+    # checkpoint (and save_pretrained, which reverses transformers' conversion mapping) under
+    # vision_tower.vision_model with the patch embedding named patch_embedding and the layers under encoder. Its
+    # processor is Qwen2VLImageProcessor line for line (smart_resize, the patches (C, t, p, p) in merge blocks) with
+    # other defaults (3136 to 451584 pixels).
+    "MiniMaxM3VLVisionModel": PackedTower(
+        "qwen", "transformers.models.minimax_m3_vl.modeling_minimax_m3_vl", "MiniMaxM3VLVisionConfig", "vision_tower",
+        _TOWER_PREFIXES, renames=(
+            (r"^vision_tower\.vision_model\.embeddings\.patch_embedding\.", "embeddings.proj."),
+            (r"^vision_tower\.vision_model\.encoder\.layers\.", "layers."),
+            (r"^vision_tower\.vision_model\.pre_layrnorm\.", "pre_layrnorm.")),
+        patch="embeddings.patch_size", temporal="embeddings.temporal_patch_size",
+        processors=("MiniMaxM3VLImageProcessor",)),
+    # Cosmos3-Edge: Cosmos3EdgeModel keeps the tower under model.visual. transformers' conversion mapping of the
+    # model renames the text layers' to_q / to_k / to_v and up_proj / down_proj anywhere in a key, so
+    # save_pretrained writes the tower's q_proj ... as to_q ... too: both are read. Its processor cuts each patch
+    # (p, p, C) with no temporal patch, in merge blocks; its smart_resize first scales an image with a side under
+    # patch * merge up.
+    "Cosmos3EdgeVisionModel": PackedTower(
+        "qwen", "transformers.models.cosmos3_edge.modeling_cosmos3_edge", "Cosmos3EdgeVisionConfig", "visual",
+        _QWEN_PREFIXES, renames=((r"\.self_attn\.to_q\.", ".self_attn.q_proj."),
+                                 (r"\.self_attn\.to_k\.", ".self_attn.k_proj."),
+                                 (r"\.self_attn\.to_v\.", ".self_attn.v_proj."),
+                                 (r"\.mlp\.up_proj\.", ".mlp.fc1."), (r"\.mlp\.down_proj\.", ".mlp.fc2.")),
+        patch="embeddings.patch_size", temporal=None,
+        processors=("Cosmos3EdgeImageProcessor", "Cosmos3EdgeImageProcessorPil")),
+    # LFM3-VL: Lfm3VlModel keeps the tower under model.vision_tower (the tower's own conversion mapping renames
+    # patchifier, q_layernorm and k_layernorm); its processor is Qwen2VLImageProcessor (transformers' auto map).
+    "Lfm3VlVisionModel": PackedTower(
+        "qwen", "transformers.models.lfm3_vl.modeling_lfm3_vl", "Lfm3VlVisionConfig", "vision_tower", _TOWER_PREFIXES,
+        patch="config.patch_size", temporal="config.temporal_patch_size",
+        processors=("Qwen2VLImageProcessor", "Qwen2VLImageProcessorPil")),
 }
-_BY_CONFIG = {config: tower for tower, (_, _, config) in PACKED_TOWERS.items()}
-# Where a vision-language checkpoint keeps its tower's weights (transformers 5 and original layouts).
-_PREFIXES = {"qwen": ("model.visual.", "visual."), "pixtral": ("model.vision_tower.", "vision_tower.")}
+_BY_CONFIG = {spec.config: tower for tower, spec in PACKED_TOWERS.items()}
+# Image processors whose patch vectors are (p, p, C, t) (channels last), not Qwen2-VL's (C, t, p, p).
+_CHANNELS_LAST = ("Cosmos3EdgeImageProcessor", "Cosmos3EdgeImageProcessorPil")
+_DEFAULT_PROCESSOR = {"qwen": "Qwen2VLImageProcessor", "pixtral": "PixtralImageProcessor"}
 
 
 def tower_kind(module: nn.Module) -> str | None:
     """``"qwen"`` or ``"pixtral"`` for a packed tower of transformers, else None."""
     found = PACKED_TOWERS.get(type(module).__name__)
-    return found[0] if found and type(module).__module__ == found[1] else None
+    return found.kind if found and type(module).__module__ == found.module else None
 
 
 def find_packed_tower(module: nn.Module) -> tuple[str, nn.Module] | None:
@@ -78,7 +161,19 @@ def find_packed_tower(module: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def _tower_class(name: str) -> type:
-    return getattr(importlib.import_module(PACKED_TOWERS[name][1]), name)
+    return getattr(importlib.import_module(PACKED_TOWERS[name].module), name)
+
+
+def _attribute(tower: nn.Module, path: str | None) -> int:
+    return 1 if path is None else int(functools.reduce(getattr, path.split("."), tower))
+
+
+def tower_sizes(tower: nn.Module) -> tuple[int, int, int]:
+    """``(patch, spatial merge, temporal patch)`` of a packed tower (Pixtral: merge and temporal patch 1)."""
+    spec = PACKED_TOWERS[type(tower).__name__]
+    if spec.kind == "pixtral":
+        return int(tower.patch_size), 1, 1
+    return _attribute(tower, spec.patch), int(tower.spatial_merge_size), _attribute(tower, spec.temporal)
 
 
 def load_packed_tower(spec: str, name: str, config, options: dict) -> tuple[nn.Module, str] | None:
@@ -96,8 +191,9 @@ def load_packed_tower(spec: str, name: str, config, options: dict) -> tuple[nn.M
     tower_name = _BY_CONFIG.get(type(vision).__name__)
     if tower_name is None:
         return None
-    kind = PACKED_TOWERS[tower_name][0]
-    mapping = {"^" + re.escape(prefix): "" for prefix in _PREFIXES[kind]}
+    spec = PACKED_TOWERS[tower_name]
+    # The original layout's renames first: once renamed, a key no longer starts with a prefix.
+    mapping = dict(spec.renames) | {"^" + re.escape(prefix): "" for prefix in spec.prefixes}
     tower, info = _tower_class(tower_name).from_pretrained(name, config=vision, key_mapping=mapping,
                                                            output_loading_info=True, **options)
     missing = sorted(info.get("missing_keys", ()))
@@ -105,20 +201,18 @@ def load_packed_tower(spec: str, name: str, config, options: dict) -> tuple[nn.M
         raise OptionError(
             "model",
             f"{spec}: the checkpoint has no weights for {len(missing)} parameters of its vision tower {tower_name} "
-            f"(e.g. {missing[0]}; looked for them under {' or '.join(_PREFIXES[kind])})",
+            f"(e.g. {missing[0]}; looked for them under {' or '.join(spec.prefixes)}"
+            f"{', their modules renamed as transformers renames them' if spec.renames else ''})",
         )
     architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
-    where = "visual" if kind == "qwen" else "vision_tower"
-    return tower.eval(), (f"{where} ({tower_name}) of {architecture}, its vision tower alone (the language model "
+    return tower.eval(), (f"{spec.where} ({tower_name}) of {architecture}, its vision tower alone (the language model "
                           "is not loaded)")
 
 
 def _sizes(kind: str, tower: nn.Module) -> tuple[int, int]:
     """``(patch, factor)``: pixels per patch, and the multiple every side must be (Qwen: patch * merge)."""
-    if kind == "qwen":
-        patch = int(tower.patch_embed.patch_size)
-        return patch, patch * int(tower.spatial_merge_size)
-    return int(tower.patch_size), int(tower.patch_size)
+    patch, merge, _ = tower_sizes(tower)
+    return patch, patch * merge
 
 
 def check_packed_size(kind: str, tower: nn.Module, height: int, width: int, parameter: str) -> None:
@@ -139,9 +233,11 @@ def check_packed_size(kind: str, tower: nn.Module, height: int, width: int, para
                                      f"(its config's image_size), got {height}x{width}")
 
 
-def packed_forward(kind: str, tower: nn.Module):
+def packed_forward(kind: str, tower: nn.Module, settings: dict | None = None):
     """Calls ``tower`` on ``[B, 3, H, W]`` normalised pixels of one size: Qwen's patches and ``grid_thw`` (the
-    image repeated over the temporal patch, as its processor does for an image), Pixtral's ``image_sizes``."""
+    image repeated over the temporal patch, as its processor does for an image; each patch laid out as the
+    processor of ``settings`` lays it out), Pixtral's ``image_sizes``."""
+    last = channels_last(settings)
 
     def forward(pixels: torch.Tensor):
         if pixels.dim() != 4:
@@ -151,29 +247,43 @@ def packed_forward(kind: str, tower: nn.Module):
         check_packed_size(kind, tower, height, width, "images")
         if kind == "pixtral":
             return tower(pixels, image_sizes=torch.tensor([[height, width]] * batch, device=pixels.device))
-        patches, grid = qwen_patches(pixels, int(tower.patch_embed.patch_size), int(tower.spatial_merge_size),
-                                     int(tower.patch_embed.temporal_patch_size))
+        patches, grid = qwen_patches(pixels, *tower_sizes(tower), channels_last=last)
         grid_thw = torch.tensor([[1, *grid]] * batch, device=pixels.device)
         return tower(patches.reshape(-1, patches.shape[-1]), grid_thw=grid_thw)
 
     return forward
 
 
-def qwen_patches(pixels: torch.Tensor, patch: int, merge: int, temporal: int) -> tuple[torch.Tensor, tuple]:
+def channels_last(settings: dict | None) -> bool:
+    """Whether the image processor of ``settings`` lays each patch out ``(p, p, C, t)`` (Cosmos3-Edge's), not
+    Qwen2-VL's ``(C, t, p, p)``."""
+    return (settings or {}).get("image_processor_type") in _CHANNELS_LAST
+
+
+def qwen_patches(pixels: torch.Tensor, patch: int, merge: int, temporal: int, channels_last: bool = False
+                 ) -> tuple[torch.Tensor, tuple]:
     """``([B, h * w, C * temporal * patch * patch], (h, w))``: Qwen2VLImageProcessor's ``patchify`` of images
-    ``[B, C, H, W]`` (tokens in merge-block order, each image repeated over the temporal patch)."""
+    ``[B, C, H, W]`` (tokens in merge-block order, each image repeated over the temporal patch); with
+    ``channels_last``, Cosmos3EdgeImageProcessor's (each patch ``(p, p, C, t)``)."""
     batch, channels, height, width = pixels.shape
     grid_h, grid_w = height // patch, width // patch
     blocks = pixels.reshape(batch, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
-    blocks = blocks.permute(0, 2, 5, 3, 6, 1, 4, 7)  # [B, h/m, w/m, m, m, C, p, p]
-    flat = blocks.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, temporal, -1, -1)
+    if channels_last:
+        blocks = blocks.permute(0, 2, 5, 3, 6, 4, 7, 1)  # [B, h/m, w/m, m, m, p, p, C]
+        flat = blocks.unsqueeze(-1).expand(*blocks.shape, temporal)
+    else:
+        blocks = blocks.permute(0, 2, 5, 3, 6, 1, 4, 7)  # [B, h/m, w/m, m, m, C, p, p]
+        flat = blocks.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, temporal, -1, -1)
     return flat.reshape(batch, grid_h * grid_w, channels * temporal * patch * patch), (grid_h, grid_w)
 
 
-def qwen_unpatch(patches: torch.Tensor, grid: tuple[int, int], patch: int, merge: int, temporal: int
-                 ) -> torch.Tensor:
+def qwen_unpatch(patches: torch.Tensor, grid: tuple[int, int], patch: int, merge: int, temporal: int,
+                 channels_last: bool = False) -> torch.Tensor:
     """``[C, H, W]``: the image behind one image's Qwen patches (the inverse of :func:`qwen_patches`)."""
     grid_h, grid_w = grid
+    if channels_last:
+        blocks = patches.reshape(grid_h // merge, grid_w // merge, merge, merge, patch, patch, -1, temporal)[..., 0]
+        return blocks.permute(6, 0, 2, 4, 1, 3, 5).reshape(-1, grid_h * patch, grid_w * patch)
     blocks = patches.reshape(grid_h // merge, grid_w // merge, merge, merge, -1, temporal, patch, patch)[:, :, :, :,
                                                                                                         :, 0]
     return blocks.permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, grid_h * patch, grid_w * patch)
@@ -184,18 +294,27 @@ _DROPPED = ("image_processor_type", "processor_class", "auto_map", "_processor_c
 
 def processor_settings(kind: str, tower: nn.Module, saved: dict | None) -> dict:
     """The image processor's settings: the checkpoint's (``saved``), else transformers' defaults with the tower's
-    sizes; checked against the tower.
+    sizes; checked against the tower. For a tower with its own processor classes (``PackedTower.processors``),
+    ``image_processor_type`` names the class that feeds it.
 
     Raises:
-        OptionError: (``model``) the checkpoint's processor cuts patches of another size than the tower's, or
-            (Pixtral) resizes beyond the tower's largest image.
+        OptionError: (``model``) the checkpoint's processor is of a class the tower is not fed by, cuts patches of
+            another size than the tower's (or of another spatial merge or temporal patch: tokens would lie
+            elsewhere than the tower places them), or (Pixtral) resizes beyond the tower's largest image.
     """
     settings = {k: v for k, v in (saved or {}).items() if k not in _DROPPED}
     patch, factor = _sizes(kind, tower)
     name = type(tower).__name__
+    own = PACKED_TOWERS[name].processors
+    if own:
+        named = (saved or {}).get("image_processor_type") or own[0]
+        if named not in own:
+            raise OptionError("model", f"the checkpoint's image processor is {named}, but the vision tower {name} is "
+                                       f"fed by {' or '.join(own)} (its model's processor in transformers), whose "
+                                       f"resizing and patch order vitmad checked; {named}'s it did not")
+        settings["image_processor_type"] = named
     if kind == "qwen":
-        expected = {"patch_size": patch, "merge_size": factor // patch,
-                    "temporal_patch_size": int(tower.patch_embed.temporal_patch_size)}
+        expected = {"patch_size": patch, "merge_size": factor // patch, "temporal_patch_size": tower_sizes(tower)[2]}
         for key, value in expected.items():
             settings.setdefault(key, value)
             if int(settings[key]) != value:
@@ -219,10 +338,11 @@ def processor_settings(kind: str, tower: nn.Module, saved: dict | None) -> dict:
 
 @functools.lru_cache(maxsize=8)
 def _processor(kind: str, settings_json: str):
-    from transformers import PixtralImageProcessor, Qwen2VLImageProcessor
+    import transformers
 
     settings = json.loads(settings_json)
-    return (Qwen2VLImageProcessor if kind == "qwen" else PixtralImageProcessor)(**settings)
+    name = settings.pop("image_processor_type", None) or _DEFAULT_PROCESSOR[kind]
+    return getattr(transformers, name)(**settings)
 
 
 def packed_processor(kind: str, settings: dict):
