@@ -268,6 +268,13 @@ def _with_class_defaults(transformers, name: str, processor: dict, options: dict
     return {**built, **processor}
 
 
+def _normalizes_its_input(module: torch.nn.Module) -> bool:
+    """Whether a transformers model normalises its pixel values itself (RADIO's ``input_conditioner``)."""
+    cls = type(module)
+    return cls.__name__ == "RadioModel" and cls.__module__.endswith("modeling_radio") \
+        and hasattr(module, "input_conditioner")
+
+
 def _load_hf(spec: str, name: str) -> LoadedModel:
     transformers = import_optional("transformers", "hf", f"model {spec!r}")
     from transformers.image_processing_base import ImageProcessingMixin
@@ -297,8 +304,12 @@ def _load_hf(spec: str, name: str) -> LoadedModel:
         if packed is not None:  # no processor saved: transformers' defaults for the tower
             return wrap_packed_tower(module, ("", module), spec, description=packed[1])
         # A transformers 5 video processor has its own file with the same settings; else a bare saved model:
-        # the defaults of ViTImageProcessor at the config's image size.
+        # the defaults of ViTImageProcessor at the config's image size, without their normalisation for a model
+        # that normalises its pixels itself (RADIO's input conditioner takes [0, 1]; its checkpoints' processors
+        # say do_normalize false).
         processor = video_processor_settings(name)
+        if not processor and _normalizes_its_input(module):
+            processor = {"do_normalize": False}
     if packed is not None:
         return wrap_packed_tower(module, ("", module), spec, processor=processor, description=packed[1])
     processor = _with_class_defaults(transformers, name, processor, options)
