@@ -214,6 +214,13 @@ def test_the_maps_figure_names_each_layer_whole(cait, images, tmp_path, monkeypa
     assert all(len(line) <= 24 for title in titles for line in title.split("\ntoken")[0].split("\n"))
 
 
+def _siglip_config():
+    """A tiny SigLIP vision tower: 2 layers of 2 heads over a 4 x 4 grid of 8 px, and its pooling head."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8)
+
+
 def test_cli_profiles_a_pooling_heads_map_from_a_checkpoint(images, tmp_path, capsys):
     """`vitmad profile --stats prefix_maps` on a SigLIP checkpoint: its tower has no CLS, so the pooling head's
     probe is its only map; the summary counts it apart from the recorded layers."""
@@ -221,9 +228,7 @@ def test_cli_profiles_a_pooling_heads_map_from_a_checkpoint(images, tmp_path, ca
     from vitmad.cli import main
 
     torch.manual_seed(0)
-    config = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=2, image_size=32, patch_size=8)
-    transformers.SiglipVisionModel(config).save_pretrained(tmp_path / "siglip")
+    transformers.SiglipVisionModel(_siglip_config()).save_pretrained(tmp_path / "siglip")
     out = tmp_path / "out"
     code = main(["profile", "--model", f"hf:{tmp_path / 'siglip'}", "--images", str(images), "--device", "cpu",
                  "--stats", "prefix_maps", "--out", str(out)])
@@ -235,3 +240,32 @@ def test_cli_profiles_a_pooling_heads_map_from_a_checkpoint(images, tmp_path, ca
     doc = json.loads((out / "mad.json").read_text())
     assert [e["name"] for e in doc["prefix_maps"]["class_attention_layers"]] == ["head.attention"]
     assert {"prefix_maps.png", "prefix_map_image.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_torchrun_pooling_maps_equal_one_process(images, tmp_path, restore_threads):
+    """Two ranks share the images; the pooling head's map sums are merged like the layers' own."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    from vitmad.cli import main
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    transformers.SiglipVisionModel(_siglip_config()).save_pretrained(tmp_path / "siglip")
+    args = ["--model", f"hf:{tmp_path / 'siglip'}", "--images", str(images), "--device", "cpu", "--no-figures",
+            "--batch-size", "2", "--stats", "prefix_maps"]
+    torch.set_num_threads(1)  # as the ranks run: float32 products round with the thread count
+    assert main(["profile", *args, "--out", str(tmp_path / "one")]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "vitmad",
+               "profile", *args, "--out", str(tmp_path / "two")]
+    done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"),
+                          timeout=240)
+    assert done.returncode == 0, done.stderr
+    docs = [json.loads((tmp_path / run / "mad.json").read_text()) for run in ("one", "two")]
+    assert docs[1]["processes"] == 2 and docs[0]["prefix_maps"] == docs[1]["prefix_maps"]
+    assert [e["name"] for e in docs[1]["prefix_maps"]["class_attention_layers"]] == ["head.attention"]
+    one, two = (np.load(tmp_path / run / "prefix_maps.npz") for run in ("one", "two"))
+    assert sorted(one.files) == sorted(two.files) and "layer_2" in one.files
+    np.testing.assert_allclose(two["layer_2"], one["layer_2"], rtol=1e-6, atol=1e-7)
+    assert list(two["layer_names"]) == ["head.attention"] and list(two["counts"]) == [5]
