@@ -164,6 +164,46 @@ def save_tiny_hf_vit(folder: Path, *, image_size: int = 32, patch: int = 8, laye
     return folder
 
 
+def sharpened(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``model`` in eval mode with every Linear weight drawn anew, std 0.25 (after ``torch.manual_seed(seed)``):
+    attention far from uniform, which the default init makes every head of a tiny model look, so that a token at a
+    wrong position changes the MAD."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(std=0.25)
+    return model.eval()
+
+
+def interrupted_profile(monkeypatch, run, *, at_batch: int) -> None:
+    """Runs ``run()`` (a checkpointed ``vitmad.profile``) with a KeyboardInterrupt at the ``at_batch``-th batch's
+    prefix-map sums (PrefixMapSums.add): the batches before it are checkpointed, as a Ctrl-C leaves them."""
+    from vitmad.profiling.prefix_maps import PrefixMapSums
+
+    real_add, calls = PrefixMapSums.add, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_batch:
+            raise KeyboardInterrupt
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(PrefixMapSums, "add", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    finally:
+        monkeypatch.setattr(PrefixMapSums, "add", real_add)
+
+
+def chunk_token_mad(probabilities: torch.Tensor, chunk: list[tuple[int, int]], patch: int) -> torch.Tensor:
+    """``[H, n]`` float64 MAD of each query of one packed call (``probabilities`` ``[1, H, n, n]``) over its keys,
+    the tokens at the ``(row, column)`` cells ``chunk`` of ``patch``-pixel patches, at their cell centres."""
+    centres = torch.tensor([[(r + 0.5) * patch, (c + 0.5) * patch] for r, c in chunk], dtype=torch.float64)
+    return (probabilities[0].double() * torch.cdist(centres, centres)).sum(-1)
+
+
 def qwen_token_chunks(grid: tuple[int, int], merge: int, window: int | None) -> list[list[tuple[int, int]]]:
     """The (row, col) of each token of one Qwen-VL image in the vision tower's sequence order, cut into the
     chunks its attention runs over: windows of ``window`` merge blocks a side (Qwen2.5-VL's windowed blocks), or,

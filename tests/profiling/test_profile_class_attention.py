@@ -19,12 +19,11 @@ timm = pytest.importorskip("timm")
 pytest.importorskip("matplotlib")
 
 import vitmad  # noqa: E402
-from conftest import write_images  # noqa: E402
+from conftest import interrupted_profile, write_images  # noqa: E402
 from vitmad.profiling import image_prefix_maps  # noqa: E402
 from vitmad.profiling.images import Preprocessing, find_images, load_batch  # noqa: E402
 from vitmad.profiling.models import wrap_module  # noqa: E402
 from vitmad.profiling.options import OptionError  # noqa: E402
-from vitmad.profiling.prefix_maps import PrefixMapSums  # noqa: E402
 
 PREP = Preprocessing((32, 32), ("exact", 32, 32), False, (0.5,) * 3, (0.5,) * 3)
 CLASS_LAYERS = ["blocks_token_only.0.attn", "blocks_token_only.1.attn"]
@@ -132,18 +131,7 @@ def test_resumed_class_attention_maps_equal_an_uninterrupted_run(cait, images, t
     options = dict(batch_size=1, device="cpu", stats=["prefix_maps"], checkpoint_every=1)
     whole = vitmad.profile(cait, images, **options)
     checkpoint = tmp_path / "run.pt"
-    real_add, calls = PrefixMapSums.add, []
-
-    def interrupted(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_add(self, *args, **kwargs)
-
-    monkeypatch.setattr(PrefixMapSums, "add", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        vitmad.profile(cait, images, checkpoint=checkpoint, **options)
-    monkeypatch.setattr(PrefixMapSums, "add", real_add)
+    interrupted_profile(monkeypatch, lambda: vitmad.profile(cait, images, checkpoint=checkpoint, **options), at_batch=3)
     resumed = vitmad.profile(cait, images, checkpoint=checkpoint, resume=True, **options)
     assert resumed.class_layers == CLASS_LAYERS and resumed.prefix_maps.layers == whole.prefix_maps.layers == [2, 3]
     for index in (2, 3):

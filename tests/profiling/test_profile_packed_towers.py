@@ -516,6 +516,19 @@ def test_a_minimax_checkpoint_missing_tower_weights_is_refused(folders, tmp_path
         load_model(_kin_folder(folders, tmp_path, "minimax_m3_vl", weights=kept))
 
 
+def _profile_one_forward(loaded, images, **options):
+    """``vitmad.profile`` of ``loaded`` on the CPU, and the ``(args, kwargs)`` of the one forward of its tower."""
+    calls = []
+    handle = loaded.module.register_forward_pre_hook(lambda _, args, kwargs: calls.append((args, kwargs)),
+                                                     with_kwargs=True)
+    try:
+        result = vitmad.profile(loaded, images, device="cpu", **options)
+    finally:
+        handle.remove()
+    (call,) = calls
+    return result, call
+
+
 def test_fixed_size_cosmos3_edge_patches_are_its_processors_channels_last(folders, images):
     """A fixed size: the tower gets the resized images patched as Cosmos3EdgeImageProcessor patches them, each patch
     (p, p, C); the map's image is the image behind those patches."""
@@ -523,12 +536,7 @@ def test_fixed_size_cosmos3_edge_patches_are_its_processors_channels_last(folder
 
     folder = folders / "cosmos3_edge"
     loaded = load_model(f"hf:{folder}")
-    calls = []
-    handle = loaded.module.register_forward_pre_hook(lambda _, args, kwargs: calls.append((args, kwargs)),
-                                                     with_kwargs=True)
-    result = vitmad.profile(loaded, images, image_size="16x24", batch_size=4, device="cpu")
-    handle.remove()
-    (args, kwargs), = calls
+    result, (args, kwargs) = _profile_one_forward(loaded, images, image_size="16x24", batch_size=4)
     assert kwargs["grid_thw"].tolist() == [[1, 4, 6]] * 4
     prep = loaded.preprocessing.with_size((16, 24))
     pixels = [prep(load_image(f)[0]) for f in find_images(images)]
@@ -594,13 +602,8 @@ def test_resume_after_interrupt_equals_uninterrupted_run(folders, images, tmp_pa
 def test_fixed_size_resizes_every_image_to_that_grid(folders, images):
     folder = folders / "qwen2_5_vl"
     loaded = load_model(f"hf:{folder}")
-    calls = []
-    handle = loaded.module.register_forward_pre_hook(lambda _, args, kwargs: calls.append((args, kwargs)),
-                                                     with_kwargs=True)
-    result = vitmad.profile(loaded, images, image_size="16x24", batch_size=4, device="cpu")
-    handle.remove()
+    result, (args, kwargs) = _profile_one_forward(loaded, images, image_size="16x24", batch_size=4)
     assert result.image_grids is None and result.geometry[0]["grid"] == [4, 6]
-    (args, kwargs), = calls
     assert kwargs["grid_thw"].tolist() == [[1, 4, 6]] * 4
     # The tower got the image files cover-resized and centre-cropped to 16 x 24, in the processor's patch order.
     prep = loaded.preprocessing.with_size((16, 24))

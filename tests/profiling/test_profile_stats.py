@@ -23,12 +23,11 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("transformers")
 
 import vitmad  # noqa: E402
-from conftest import subprocess_env, write_images  # noqa: E402
+from conftest import interrupted_profile, subprocess_env, write_images  # noqa: E402
 from vitmad.cli import main  # noqa: E402
 from vitmad.profiling.images import Preprocessing, find_images, load_batch  # noqa: E402
 from vitmad.profiling.models import wrap_module  # noqa: E402
 from vitmad.profiling.options import OptionError, resolve_stats  # noqa: E402
-from vitmad.profiling.prefix_maps import PrefixMapSums  # noqa: E402
 
 ALL = ["mad", "entropy", "prefix_mass", "self_mass", "prefix_maps"]
 PER_HEAD = ["mad", "entropy", "prefix_mass", "self_mass"]
@@ -187,18 +186,8 @@ def test_resume_equals_an_uninterrupted_run_and_refuses_other_stats(registers_vi
     whole = vitmad.profile(registers_vit, images, **options)
 
     checkpoint = tmp_path / "run.pt"
-    real_add, calls = PrefixMapSums.add, []
-
-    def interrupted(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_add(self, *args, **kwargs)
-
-    monkeypatch.setattr(PrefixMapSums, "add", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        vitmad.profile(registers_vit, images, checkpoint=checkpoint, **options)
-    monkeypatch.setattr(PrefixMapSums, "add", real_add)
+    interrupted_profile(monkeypatch, lambda: vitmad.profile(registers_vit, images, checkpoint=checkpoint, **options),
+                        at_batch=3)
     assert torch.load(checkpoint, weights_only=True)["batches_done"] == 2
 
     resumed = vitmad.profile(registers_vit, images, checkpoint=checkpoint, resume=True, **options)

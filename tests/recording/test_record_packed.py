@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import check_packed_values, eager_attention_calls, qwen_token_chunks, record_packed_forward
+from conftest import check_packed_values, eager_attention_calls, qwen_token_chunks, record_packed_forward, sharpened
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.glm4v import modeling_glm4v  # noqa: E402
@@ -39,27 +39,17 @@ PIXTRAL_PATCH = 8
 PIXTRAL_SIZES = [(52, 36), (32, 64), (24, 40)]  # pixels; 52 x 36 is floored by the model to 6 x 4 patches
 
 
-def _sharpen(model: torch.nn.Module) -> torch.nn.Module:
-    """Weights large enough that attention is far from uniform (the default init makes every head look global)."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.normal_(std=0.25)
-    return model.eval()
-
-
 def _qwen(name: str, attn_implementation: str) -> torch.nn.Module:
     common = dict(depth=2, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2,
                   attn_implementation=attn_implementation)
     if name == "qwen2_vl":
         config = transformers.Qwen2VLConfig(vision_config=dict(embed_dim=32, hidden_size=32, mlp_ratio=2, **common))
-        return _sharpen(modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel(config.vision_config))
+        return sharpened(modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel(config.vision_config))
     if name == "qwen2_5_vl":
         config = transformers.Qwen2_5_VLConfig(vision_config=dict(
             hidden_size=32, out_hidden_size=32, intermediate_size=64, window_size=WINDOW_PX,
             fullatt_block_indexes=[1], **common))
-        return _sharpen(modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel(config.vision_config))
+        return sharpened(modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel(config.vision_config))
     if name.startswith("glm"):
         glm = dict(hidden_size=32, intermediate_size=64, out_hidden_size=32, image_size=16, **common)
         config_cls, model_cls = {
@@ -67,11 +57,11 @@ def _qwen(name: str, attn_implementation: str) -> torch.nn.Module:
             "glm4v_moe": (transformers.Glm4vMoeVisionConfig, modeling_glm4v_moe.Glm4vMoeVisionModel),
             "glm_ocr": (transformers.GlmOcrVisionConfig, modeling_glm_ocr.GlmOcrVisionModel),
         }[name]
-        return _sharpen(model_cls(config_cls(**glm)))
+        return sharpened(model_cls(config_cls(**glm)))
     config = transformers.Qwen3VLConfig(vision_config=dict(
         hidden_size=32, intermediate_size=64, out_hidden_size=32, num_position_embeddings=16,
         deepstack_visual_indexes=[], **common))
-    return _sharpen(modeling_qwen3_vl.Qwen3VLVisionModel(config.vision_config))
+    return sharpened(modeling_qwen3_vl.Qwen3VLVisionModel(config.vision_config))
 
 
 _MODELING = {"qwen2_vl": modeling_qwen2_vl, "qwen2_5_vl": modeling_qwen2_5_vl, "qwen3_vl": modeling_qwen3_vl,
@@ -182,7 +172,7 @@ def test_qwen_vision_language_model_records_its_vision_tower_only():
         vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, patch_size=PATCH,
                            spatial_merge_size=MERGE, temporal_patch_size=2, mlp_ratio=2),
         attn_implementation="sdpa")
-    model = _sharpen(transformers.Qwen2VLModel(config))
+    model = sharpened(transformers.Qwen2VLModel(config))
     patches, grid_thw = _qwen_inputs(QWEN_GRIDS)
     with torch.no_grad(), vitmad.record(model) as rec:
         model.get_image_features(patches, image_grid_thw=grid_thw)
@@ -199,7 +189,7 @@ def _pixtral(attn_implementation: str) -> torch.nn.Module:
     config = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                               num_attention_heads=2, image_size=64, patch_size=PIXTRAL_PATCH,
                                               attn_implementation=attn_implementation)
-    return _sharpen(modeling_pixtral.PixtralVisionModel(config))
+    return sharpened(modeling_pixtral.PixtralVisionModel(config))
 
 
 def _pixtral_inputs():

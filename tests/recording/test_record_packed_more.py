@@ -23,7 +23,14 @@ import pytest
 import torch
 
 import vitmad
-from conftest import check_packed_values, eager_attention_calls, qwen_token_chunks, record_packed_forward
+from conftest import (
+    check_packed_values,
+    chunk_token_mad,
+    eager_attention_calls,
+    qwen_token_chunks,
+    record_packed_forward,
+    sharpened,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,12 +92,7 @@ def _tower(name: str) -> torch.nn.Module:
     modeling = _modeling(name)
     model = getattr(modeling, tower_name)(config)
     assert type(model.blocks[0].attn).__name__ == attention_name
-    torch.manual_seed(0)
-    with torch.no_grad():  # weights large enough that attention is far from uniform
-        for sub in model.modules():
-            if isinstance(sub, torch.nn.Linear):
-                sub.weight.normal_(std=0.25)
-    return model.eval()
+    return sharpened(model)
 
 
 def _inputs(name: str):
@@ -111,12 +113,6 @@ def _chunks(grid: tuple[int, int], window: int | None) -> list[list[tuple[int, i
 def _eager_calls(name, model, *inputs, **kwargs) -> list:
     """``[(attention module, probabilities [1, H, n, n] float64)]`` of every eager attention call of one forward."""
     return eager_attention_calls(_modeling(name), model, *inputs, **kwargs)
-
-
-def _per_token_mad(probabilities: torch.Tensor, chunk: list[tuple[int, int]]) -> torch.Tensor:
-    """``[H, n]`` MAD of each query of one call over its keys."""
-    centres = torch.tensor([[(r + 0.5) * PATCH, (c + 0.5) * PATCH] for r, c in chunk], dtype=torch.float64)
-    return (probabilities[0] * torch.cdist(centres, centres)).sum(-1)
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
@@ -145,7 +141,7 @@ def test_packed_images_match_eager_attention(name, attn_implementation):
                 used += 1
                 assert module is model.blocks[layer].attn and probabilities.shape[-1] == len(chunk)
                 for q, (r, c) in enumerate(chunk):
-                    expected[image][:, r * grid[1] + c] = _per_token_mad(probabilities, chunk)[:, q]
+                    expected[image][:, r * grid[1] + c] = chunk_token_mad(probabilities, chunk, PATCH)[:, q]
         assert all(not e.isnan().any() for e in expected)
         expected_per_layer.append(expected)
     assert used == len(calls)

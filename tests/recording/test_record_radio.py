@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import eager_attention_calls
+from conftest import eager_attention_calls, sharpened
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.radio import modeling_radio  # noqa: E402
@@ -35,13 +35,7 @@ def _radio(**config) -> torch.nn.Module:
     config = transformers.RadioConfig(**{**dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                 patch_size=PATCH, max_img_size=64, num_cls_tokens=2,
                                                 num_registers=1), **config})
-    model = transformers.RadioModel(config)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for sub in model.modules():
-            if isinstance(sub, torch.nn.Linear):
-                sub.weight.normal_(std=0.25)  # attention far from uniform
-    return model.eval()
+    return sharpened(transformers.RadioModel(config))
 
 
 def _positions(h: int, w: int) -> torch.Tensor:

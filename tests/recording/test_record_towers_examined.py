@@ -21,7 +21,14 @@ import pytest
 import torch
 
 import vitmad
-from conftest import check_packed_values, eager_attention_calls, qwen_token_chunks, record_packed_forward
+from conftest import (
+    check_packed_values,
+    chunk_token_mad,
+    eager_attention_calls,
+    qwen_token_chunks,
+    record_packed_forward,
+    sharpened,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,24 +73,13 @@ def _tower(name: str) -> torch.nn.Module:
     _, tower_name, attention_name, layers, _ = TOWERS[name]
     model = getattr(_modeling(name), tower_name)(_config(name))
     assert [type(model.get_submodule(layer)).__name__ for layer in layers] == [attention_name] * 2
-    torch.manual_seed(0)
-    with torch.no_grad():  # weights large enough that attention is far from uniform
-        for sub in model.modules():
-            if isinstance(sub, torch.nn.Linear):
-                sub.weight.normal_(std=0.25)
-    return model.eval()
+    return sharpened(model)
 
 
 def _inputs(name: str):
     grid_thw = torch.tensor([[1, h, w] for h, w in GRIDS])
     torch.manual_seed(1)
     return torch.randn(sum(h * w for h, w in GRIDS), 3 * TOWERS[name][4] * PATCH * PATCH), grid_thw
-
-
-def _per_token_mad(probabilities: torch.Tensor, chunk: list[tuple[int, int]], patch: int = PATCH) -> torch.Tensor:
-    """``[H, n]`` MAD of each query of one call over its keys, the tokens at the cells ``chunk``."""
-    centres = torch.tensor([[(r + 0.5) * patch, (c + 0.5) * patch] for r, c in chunk], dtype=torch.float64)
-    return (probabilities[0] * torch.cdist(centres, centres)).sum(-1)
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
@@ -109,7 +105,7 @@ def test_packed_images_match_eager_attention(name, attn_implementation):
             module, probabilities = calls[layer * len(GRIDS) + image]
             assert module is model.get_submodule(layer_name) and probabilities.shape[-1] == len(chunk)
             values = torch.full((2, grid[0] * grid[1]), float("nan"), dtype=torch.float64)
-            per_token = _per_token_mad(probabilities, chunk)
+            per_token = chunk_token_mad(probabilities, chunk, PATCH)
             for q, (r, c) in enumerate(chunk):
                 values[:, r * grid[1] + c] = per_token[:, q]
             assert not values.isnan().any()

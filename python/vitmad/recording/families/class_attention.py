@@ -77,51 +77,45 @@ class ClassQueryPlacer(LayerPlacer):
         return Placement(queries, positions, keys.fold, geometry, present=keys.present)
 
 
-class _XcitKeys(LayerPlacer):
-    """XCiT's class-attention keys: the class token, then the ``Hp x Wp`` grid of its patch embedding's call."""
+class _GridKeys(LayerPlacer):
+    """Class-attention keys: the class token, then the grid a module of the model outputs in each call.
 
-    _KEY = "class_attention.xcit_grid"
+    Args:
+        model, name: the model and the class-attention module's name (for the stride's checks and errors).
+        source: the module whose output gives the grid; ``grid_of`` reads ``(grid_h, grid_w)`` from that output.
+        reduction: pixels of the input image per cell of that grid (checked against the call's image).
+        what: the source, in words (for the error of a call in which it did not run).
+    """
 
-    def __init__(self, model: nn.Module, xcit: nn.Module, name: str):
-        self.model, self.xcit, self.name = model, xcit, name
-
-    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
-        def see(module, args, output) -> None:
-            context.values[self._KEY] = (int(output[1][0]), int(output[1][1]))
-
-        return [self.xcit.patch_embed.register_forward_hook(see)]
-
-    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        grid = context.values.get(self._KEY)
-        if grid is None:
-            raise NotPlaceable("its patch embedding had not run in this call, so the grid of its keys is unknown")
-        patch = int(self.xcit.patch_embed.patch_size)
-        stride = stage_stride(self.model, self.name, context.image_size, grid, reduction=patch)
-        return grid_placement(lead, num_queries, num_keys, grid=grid, stride=stride, attention="global", prefix=1)
-
-
-class _VoloKeys(LayerPlacer):
-    """VOLO's class-attention keys: the class token, then the last ``network`` stage's ``[B, H, W, C]`` map."""
-
-    _KEY = "class_attention.volo_grid"
-
-    def __init__(self, model: nn.Module, volo: nn.Module, name: str):
-        self.model, self.volo, self.name = model, volo, name
+    def __init__(self, model: nn.Module, name: str, source: nn.Module, grid_of, reduction: int, what: str):
+        self.model, self.name, self.source, self.grid_of = model, name, source, grid_of
+        self.reduction, self.what = reduction, what
+        self.key = f"class_attention.grid.{id(source)}"
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         def see(module, args, output) -> None:
-            context.values[self._KEY] = (int(output.shape[1]), int(output.shape[2]))
+            context.values[self.key] = tuple(int(side) for side in self.grid_of(output))
 
-        return [self.volo.network[-1].register_forward_hook(see)]
+        return [self.source.register_forward_hook(see)]
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        grid = context.values.get(self._KEY)
+        grid = context.values.get(self.key)
         if grid is None:
-            raise NotPlaceable("the last stage of its network had not run in this call, so the grid of its keys "
-                               "is unknown")
-        reduction = int(self.volo.feature_info[-1]["reduction"])
-        stride = stage_stride(self.model, self.name, context.image_size, grid, reduction=reduction)
+            raise NotPlaceable(f"{self.what} had not run in this call, so the grid of its keys is unknown")
+        stride = stage_stride(self.model, self.name, context.image_size, grid, reduction=self.reduction)
         return grid_placement(lead, num_queries, num_keys, grid=grid, stride=stride, attention="global", prefix=1)
+
+
+def _xcit_keys(model: nn.Module, xcit: nn.Module, name: str) -> _GridKeys:
+    """XCiT's: its patch embedding returns ``(tokens, (Hp, Wp))``, ``patch_size`` pixels per token."""
+    return _GridKeys(model, name, xcit.patch_embed, lambda output: output[1], int(xcit.patch_embed.patch_size),
+                     "its patch embedding")
+
+
+def _volo_keys(model: nn.Module, volo: nn.Module, name: str) -> _GridKeys:
+    """VOLO's: the last ``network`` stage's ``[B, H, W, C]`` map, at its ``feature_info`` reduction."""
+    return _GridKeys(model, name, volo.network[-1], lambda output: output.shape[1:3],
+                     int(volo.feature_info[-1]["reduction"]), "the last stage of its network")
 
 
 _POOLING = "attention pooling: {} without a position on the image; {} attention over the tokens is recorded with " \
@@ -155,13 +149,13 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     if defined_in(module, "ClassAttn", "cait"):
         xcit = owner_of(model, "Xcit", "xcit")
         if xcit is not None:
-            return ClassQueries(_REASON.format("XCiT"), _XcitKeys(model, xcit, name), "the class token and XCiT's "
+            return ClassQueries(_REASON.format("XCiT"), _xcit_keys(model, xcit, name), "the class token and XCiT's "
                                 "patch grid")
         return ClassQueries(_REASON.format("CaiT"), None, "the class token and the patch grid")
     if defined_in(module, "ClassAttention", "volo"):
         volo = owner_of(model, "VOLO", "volo")
         if volo is None:
             return None
-        return ClassQueries(_REASON.format("VOLO"), _VoloKeys(model, volo, name), "the class token and the last "
+        return ClassQueries(_REASON.format("VOLO"), _volo_keys(model, volo, name), "the class token and the last "
                             "stage's map")
     return None
