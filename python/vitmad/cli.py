@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image-size", default=None,
                      help="S or HxW instead of the model's input size, or native: each image at its own aspect "
                           "ratio (NaFlex models such as SigLIP2 and timm naflexvit_*, the Qwen2-VL, Qwen2.5-VL, "
-                          "Qwen3-VL and Pixtral vision towers, which need native or a size, and ViTs whose position "
-                          "embedding follows the input)")
+                          "Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL and Pixtral vision "
+                          "towers, which need native or a size, and ViTs whose position embedding follows the input)")
     run.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -348,6 +348,8 @@ def _print_summary(result) -> None:
         temporal = "" if result.temporal is None else f"  ({result.temporal_mad[i, :heads].mean():.2f} frames)"
         print(f"{i:>5}  {row.mean():7.1f}  {row.min():8.1f}  {row.max():8.1f}  {name}{temporal}")
     for name, reason in result.skipped_layers.items():
+        if name in result.class_layers:  # the recorder's advice (rec.class_attention_maps) is not this run's
+            reason = f"{reason.split(';')[0]}; no MAD, its queries' mean map is in prefix_maps.npz"
         print(f"skipped {name}: {reason}")
     for name in result.statistics:
         if not result.has_values(name):

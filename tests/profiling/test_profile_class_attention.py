@@ -143,8 +143,8 @@ def test_a_model_whose_only_spatial_attention_is_class_attention_is_refused(imag
     torch.manual_seed(0)
     model = timm.create_model("xcit_nano_12_p8_224", pretrained=False, depth=1, img_size=32).eval()
     loaded = wrap_module(model, "timm:tiny-xcit", PREP)
-    with pytest.raises(OptionError, match=r"model: Xcit: no chosen layer has a MAD, only class attention "
-                                          r"\(cls_attn_blocks.0.attn, cls_attn_blocks.1.attn\).*"
+    with pytest.raises(OptionError, match=r"model: Xcit: no chosen layer has a MAD, only class attention or "
+                                          r"attention pooling \(cls_attn_blocks.0.attn, cls_attn_blocks.1.attn\).*"
                                           r"vitmad.record\(model, stats=\['prefix_maps'\]\)"):
         vitmad.profile(loaded, images, device="cpu", stats=["prefix_maps"])
     with pytest.raises(OptionError, match="model: Xcit has no layer with spatial softmax attention"):
@@ -223,6 +223,9 @@ def test_cli_profiles_a_pooling_heads_map_from_a_checkpoint(images, tmp_path, ca
     stdout = capsys.readouterr().out
     assert code == 0
     assert "prefix maps: 1 of 3 layers (2 recorded, 1 class-attention or pooling)" in stdout
+    # The skip line points to this run's file, not to the recorder's attribute.
+    assert ("skipped head.attention: attention pooling: a learned query (SigLIP's probe) without a position on the "
+            "image; no MAD, its queries' mean map is in prefix_maps.npz") in stdout
     saved = np.load(out / "prefix_maps.npz")
     assert list(saved["layer_names"]) == ["head.attention"] and saved["layer_2"].shape == (2, 1, 4, 4)
     doc = json.loads((out / "mad.json").read_text())

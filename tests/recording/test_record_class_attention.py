@@ -122,7 +122,8 @@ def test_a_model_of_class_attention_alone_records_its_maps_and_says_it_has_no_ma
         model(pixels)
     assert list(rec.class_attention_maps) == CASES["xcit"][1]
     assert rec.layers == [] and rec.prefix_maps == []
-    with pytest.raises(ValueError, match="no layer with a MAD ran in this call, only class attention"):
+    with pytest.raises(ValueError, match=r"no layer with a MAD ran in this call, only class attention or attention "
+                                         r"pooling \(cls_attn_blocks.0.attn, cls_attn_blocks.1.attn\), whose queries"):
         _ = rec.mad
 
 

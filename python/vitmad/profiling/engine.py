@@ -469,9 +469,10 @@ def _check_recordable(module: torch.nn.Module, record_options: dict, layers: Seq
         # vitmad.record's.
         raise OptionError(
             "layers" if layers else "model",
-            f"{type(module).__name__}: no chosen layer has a MAD, only class attention ({', '.join(sorted(classes))}), "
-            "whose queries have no position; vitmad profile needs one layer with a MAD. Its class token's maps are "
-            "recorded by vitmad.record(model, stats=['prefix_maps']) (rec.class_attention_maps)"
+            f"{type(module).__name__}: no chosen layer has a MAD, only class attention or attention pooling "
+            f"({', '.join(sorted(classes))}), whose queries (a class token, learned queries) have no position; "
+            "vitmad profile needs one layer with a MAD. The maps of those queries are recorded by "
+            "vitmad.record(model, stats=['prefix_maps']) (rec.class_attention_maps)"
         )
 
 

@@ -36,14 +36,17 @@ STAT_LABELS = {
 
 def _wrapped_name(name: str, width: int) -> str:
     """A layer's qualified name on lines of at most ``width`` characters, broken after its dots (a part longer
-    than a line keeps a line of its own): cut short, the names of two layers could read the same
-    ("...n_only.1.attn")."""
+    than a line is cut into lines of its own): cut short, the names of two layers could read the same
+    ("...n_only.1.attn"); left long, a title runs into its neighbour's."""
     lines = [""]
     for part in name.replace(".", ".\0").split("\0"):
         if lines[-1] and len(lines[-1]) + len(part) > width:
             lines.append("")
+        while len(part) > width:
+            lines[-1], part = part[:width], part[width:]
+            lines.append("")
         lines[-1] += part
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if line)
 
 
 def _pyplot():
@@ -381,8 +384,8 @@ def plot_image_prefix_maps(
         ax.set_xticks([])
         ax.set_yticks([])
     # Which of them is a CLS token is the model's business (a register-only ViT has none): their order is known.
-    fig.suptitle(f"{name}: attention of each token without a position (class, distillation or register tokens, in "
-                 "sequence order; a pooling head's queries) over the image", fontsize=9)
+    fig.suptitle(textwrap.fill(f"{name}: attention of each token without a position (class, distillation or register "
+                               "tokens, in sequence order; a pooling head's queries) over the image", 100), fontsize=9)
     _save(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 

@@ -218,10 +218,11 @@ class RecordedCall:
 
     def _stack(self, values: list[torch.Tensor], per_layer: str, stacked: str) -> torch.Tensor:
         if not values:
-            # Only class-attention layers ran (XCiT: every other layer attends over channels).
+            # Only class-attention or pooling layers ran (XCiT: every other layer attends over channels).
             raise ValueError(
-                f"vitmad.record: no layer with a MAD ran in this call, only class attention, whose queries have no "
-                f"position ({', '.join(self.class_layers)}); its maps are in rec.class_attention_maps"
+                f"vitmad.record: no layer with a MAD ran in this call, only class attention or attention pooling "
+                f"({', '.join(self.class_layers)}), whose queries (a class token, learned queries) have no position; "
+                "their maps are in rec.class_attention_maps"
             )
         shapes = {tuple(t.shape[2:]) for t in values}
         if len(shapes) > 1:
