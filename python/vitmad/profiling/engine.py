@@ -534,8 +534,8 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
         module = plan.loaded.module
         with torch.inference_mode(), record(module, **plan.record_options) as rec:
             plan.loaded.forward(pixels.to(device=plan.device, dtype=plan.dtype, non_blocking=True))
-        mad = rec.mad
-        video = all(t is not None for t in rec.calls[-1].temporal)
+        mad, call = rec.mad, rec.calls[-1]
+        video = all(t is not None for t in call.temporal)
         if video:
             # The temporal statistics ride as L more rows of the same sums, so checkpoints and the merge across
             # processes carry them unchanged; finish() splits them off.
@@ -545,18 +545,15 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
             mad = torch.cat([mad, *(recorded[name] for name in plan.statistics)])
         stats = (stats or RunningStats.empty(*mad.shape[::2])).add(mad)
         if plan.prefix_maps and plan.maps_skipped is None:
-            differential = [i for i, name in enumerate(rec.layers) if name in rec.calls[-1].components]
-            # The class-attention layers' maps (CaiT, VOLO) follow the layers' own, as map indices L, L + 1, ...
-            call = rec.calls[-1]
-            maps = (maps or PrefixMapSums()).add([*rec.prefix_maps, *call.class_maps],
-                                                 [*rec.geometry, *call.class_geometry], pixels,
-                                                 differential=differential)
+            differential = [i for i, name in enumerate(rec.layers) if name in call.components]
+            # The class-attention and pooling layers' maps follow the layers' own, as map indices L, L + 1, ...
+            _, layer_maps, layer_geometry = zip(*call.map_layers)
+            maps = (maps or PrefixMapSums()).add(layer_maps, layer_geometry, pixels, differential=differential)
         meta = {"layers": list(rec.layers), "layout": layout_dict(rec.layout),
                 "geometry": [g.as_dict() for g in rec.geometry], "skipped_layers": dict(rec.skipped),
                 "temporal": video}
-        if rec.calls[-1].class_layers:  # only with the maps; a profile without any keeps its checkpoint's meta
-            meta.update(class_layers=list(rec.calls[-1].class_layers),
-                        class_geometry=[g.as_dict() for g in rec.calls[-1].class_geometry])
+        if call.class_layers:  # only with the maps; a profile without any keeps its checkpoint's meta
+            meta.update(class_layers=list(call.class_layers), class_geometry=[g.as_dict() for g in call.class_geometry])
     skipped = tuple({"path": p, "reason": r} for p, r in batch_skipped)
     return RunState(stats, meta, state.images + tuple(loaded_names), state.skipped + skipped,
                     state.batches_done + 1, maps)

@@ -45,12 +45,13 @@ def _record_one_image(model, image, image_size, device, **record_options):
     return rec, pixels
 
 
-def _layer_index(value, num_layers: int, parameter: str) -> int:
-    """``value`` as an index into the ``num_layers`` recorded layers (negative from the end, as Python's)."""
+def _layer_index(value, num_layers: int, parameter: str, layers: str | None = None) -> int:
+    """``value`` as an index into the ``num_layers`` recorded layers (negative from the end, as Python's);
+    ``layers`` says what they are where they are not just the recorded layers."""
     if not is_int(value) or not -num_layers <= value < num_layers:
         what = "a layer index" if parameter == "layer" else "layer indices"
         raise OptionError(parameter, f"expected {what} in [0, {num_layers}) (negative from the end) of the "
-                                     f"{num_layers} recorded layers, got {value!r}")
+                                     f"{layers or f'{num_layers} recorded layers'}, got {value!r}")
     return value % num_layers
 
 
@@ -119,19 +120,16 @@ def image_prefix_maps(
     """
     rec, pixels = _record_one_image(model, image, image_size, device, stats=["prefix_maps"])
     call = rec.calls[-1]
-    all_maps, names = [*rec.prefix_maps, *call.class_maps], [*rec.layers, *call.class_layers]
-    all_geometry = [*rec.geometry, *call.class_geometry]
+    names, all_maps, all_geometry = zip(*call.map_layers)
     with_maps = [i for i, m in enumerate(all_maps) if m is not None]
     if not with_maps:
         raise OptionError("stats", "prefix_maps: no recorded layer has tokens without a position (CLS, registers) "
                           "attending over its own grid, and no class attention")
     if layer is None:
         layer = with_maps[-1]
-    if call.class_layers and not (is_int(layer) and -len(all_maps) <= layer < len(all_maps)):
-        raise OptionError("layer", f"expected a layer index in [0, {len(all_maps)}) (negative from the end) of the "
-                                   f"{len(rec.layers)} recorded layers and, after them, the "
-                                   f"{len(call.class_layers)} class-attention or pooling layers, got {layer!r}")
-    layer = _layer_index(layer, len(all_maps), "layer")
+    described = (f"{len(rec.layers)} recorded layers and, after them, the {len(call.class_layers)} class-attention "
+                 "or pooling layers") if call.class_layers else None
+    layer = _layer_index(layer, len(all_maps), "layer", described)
     if layer not in with_maps:
         raise OptionError("layer", f"layer {layer} has no prefix maps; layers with maps: {with_maps}")
     geometry = all_geometry[layer]

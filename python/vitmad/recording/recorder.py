@@ -172,6 +172,14 @@ class RecordedCall:
         return dict(zip(self.class_layers, self.class_maps))
 
     @property
+    def map_layers(self) -> list[tuple[str, torch.Tensor | None, LayerGeometry]]:
+        """``(name, maps, geometry)`` of every layer that may have maps, in the order of a profile's map indices:
+        the recorded layers (``prefix_maps``, None where a layer has none), then the class-attention and pooling
+        layers (``class_maps``)."""
+        return [*zip(self.layers, self.prefix_maps, self.geometry),
+                *zip(self.class_layers, self.class_maps, self.class_geometry)]
+
+    @property
     def heads(self) -> list[int]:
         """Each layer's head count."""
         return [g.heads for g in self.geometry]
@@ -1309,9 +1317,10 @@ class Recording:
         if call is not None and self._calls and self._calls[-1] is call:
             call._keep_layers(outermost.kept, outermost.kept_class)
             # Begun by this forward's convolution, nothing of it stays; begun by the loop that called this forward
-            # (timm's forward_intermediates, a user's loop over the blocks, each block an outermost forward), or by
-            # a frame further up this thread's stack (CaiT's forward_features, whose forward_cls calls the class
-            # blocks), the error stops that frame too, its call unfinished.
+            # (timm's forward_intermediates, a user's loop over the blocks, each block an outermost forward: its
+            # frame may be gone already, a KeyboardInterrupt taken back later), or by a frame further up this
+            # thread's stack (CaiT's forward_features, whose forward_cls calls the class blocks), the error stops
+            # that frame too, its call unfinished.
             started = self._starters.get(id(call))
             if call._is_empty() or (outermost.caller is not None and started == outermost.caller) or (
                     started is not None and started[0] is threading.current_thread() and self._in_progress(call)):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..placement import LayerPlacer
 from . import (
     byoanet,
     class_attention,
@@ -78,7 +79,7 @@ class ClassQueries(Skip):
         queries_in_keys: the queries are the first keys (a class token); False for learned queries (pooling).
     """
 
-    keys: object | None = None
+    keys: LayerPlacer | None = None
     what: str = ""
     queries_in_keys: bool = True
 

@@ -36,6 +36,7 @@ from ..placement import CallContext, LayerGeometry, NotPlaceable, Placement, sel
 from .embeddings import EmbeddingsPlacer, embeddings_above
 from .plain import _GRID as _PLAIN_GRID
 from .plain import _plain_positions
+from .stages import defined_in
 
 __all__ = ["placer", "RadioPlacer", "EMBEDDINGS"]
 
@@ -61,8 +62,7 @@ class _Seen:
 
 def placer(model: nn.Module, name: str, module: nn.Module) -> RadioPlacer | None:
     """A :class:`RadioPlacer` for the ``RadioAttention`` modules of a ``RadioModel``, else None."""
-    cls = type(module)
-    if cls.__name__ != "RadioAttention" or cls.__module__.rpartition(".")[2] != "modeling_radio":
+    if not defined_in(module, "RadioAttention", "modeling_radio"):
         return None
     found = embeddings_above(model, name, EMBEDDINGS)
     return None if found is None else RadioPlacer(model, *found)

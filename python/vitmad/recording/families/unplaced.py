@@ -30,6 +30,7 @@ from torch import nn
 
 from ..module_index import module_list
 from ..placement import RefusingPlacer
+from .stages import defined_in
 
 _NO_POSITIONS = ("; vitmad does not know where its tokens are on the image. If you do, pass positions=<[N, 2] pixel "
                  "position of each token of the sequence, NaN rows for tokens without one>")
@@ -72,8 +73,8 @@ _SAM3_WINDOWS = ("SAM3's windowed blocks attend within windows of the patch map 
 def radio_layout_unknown(model: nn.Module) -> str | None:
     """Why the plain layout cannot complete a partial layout given by hand for RADIO's tokens (no patch-embedding
     convolution gives their grid), and what to pass; None for a model without RADIO's patch embeddings."""
-    embeddings = next((m for m in module_list(model) if type(m).__name__ == "RadioPatchEmbeddings"
-                       and type(m).__module__.rpartition(".")[2] == "modeling_radio"), None)
+    embeddings = next((m for m in module_list(model) if defined_in(m, "RadioPatchEmbeddings", "modeling_radio")),
+                      None)
     if embeddings is None:
         return None
     p, summary = int(embeddings.patch_size), int(embeddings.cls_register_token.shape[0])
