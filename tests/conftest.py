@@ -176,6 +176,51 @@ def sharpened(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def pooling_rows(model: torch.nn.Module, name: str, run) -> torch.Tensor:
+    """``[B, H, Q, N]`` float64: the attention probabilities of the head ``name`` over the N tokens it pools, in a
+    float64 copy of ``model`` run by ``run(copy)``: from the queries, keys and mask its
+    F.scaled_dot_product_attention receives (timm, AIMv2), or its MultiheadAttention's own per-head weights (SigLIP,
+    SigLIP2: its key_padding_mask too)."""
+    import copy
+
+    model = copy.deepcopy(model).double()
+    head, rows = model.get_submodule(name), []
+    if isinstance(head, torch.nn.MultiheadAttention):
+        def weights(module, args, kwargs, output):
+            query, key, value = args
+            # forward itself: calling the module would run this hook again.
+            rows.append(torch.nn.MultiheadAttention.forward(module, query, key, value, need_weights=True,
+                                                            average_attn_weights=False, **kwargs)[1])
+
+        head.register_forward_hook(weights, with_kwargs=True)
+        with torch.no_grad():
+            run(model)
+        return rows[0]
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def probabilities(q, k, v, attn_mask=None, scale=None, **kwargs):
+        logits = (q @ k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
+        if attn_mask is not None:  # SDPA's: a boolean False hides a key, a float one adds
+            logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+                else logits + attn_mask
+        rows.append(logits.softmax(-1))
+        return real(q, k, v, attn_mask=attn_mask, scale=scale, **kwargs)
+
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = True
+    head.register_forward_pre_hook(lambda *_: setattr(torch.nn.functional, "scaled_dot_product_attention",
+                                                      probabilities))
+    head.register_forward_hook(lambda *_: setattr(torch.nn.functional, "scaled_dot_product_attention", real))
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
+    assert len(rows) == 1
+    return rows[0]
+
+
 def interrupted_profile(monkeypatch, run, *, at_batch: int) -> None:
     """Runs ``run()`` (a checkpointed ``vitmad.profile``) with a KeyboardInterrupt at the ``at_batch``-th batch's
     prefix-map sums (PrefixMapSums.add): the batches before it are checkpointed, as a Ctrl-C leaves them."""

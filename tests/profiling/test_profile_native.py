@@ -263,8 +263,9 @@ def test_native_grids_are_the_largest_the_budget_allows(budget):
 
 def test_cli_native_draws_one_images_prefix_maps(siglip2_folder, tiny_model, images, tmp_path, capsys):
     """A native run has no mean maps (each image its own grid), but the first image's CLS maps are on its own grid:
-    prefix_map_image.png is drawn (was: never, in a native run); a model without a class or register token
-    (SigLIP2) has none to draw, and the run says why there are no maps, as before."""
+    prefix_map_image.png is drawn (was: never, in a native run). SigLIP2 has no class or register token: the run
+    says why there are no mean maps, as before, and draws its pooling head's map over the first image's grid (was:
+    nothing, when the head had no maps)."""
     base = ["profile", "--images", str(images), "--image-size", "native", "--stats", "prefix_maps", "--device",
             "cpu", "--max-images", "2", "--workers", "0"]
     assert main([*base, "--model", f"hf:{tiny_model}", "--out", str(tmp_path / "vit")]) == 0, capsys.readouterr().err
@@ -272,4 +273,10 @@ def test_cli_native_draws_one_images_prefix_maps(siglip2_folder, tiny_model, ima
     assert not (tmp_path / "vit" / "prefix_maps.npz").exists()
     assert main([*base, "--model", f"hf:{siglip2_folder}", "--out", str(tmp_path / "siglip2")]) == 0
     assert "native resolution: every image has its own token grid" in capsys.readouterr().out
-    assert not (tmp_path / "siglip2" / "prefix_map_image.png").exists()
+    assert (tmp_path / "siglip2" / "prefix_map_image.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "siglip2" / "prefix_maps.npz").exists()
+    loaded = vitmad.profiling.models.load_model(f"hf:{siglip2_folder}")
+    maps, _, name, geometry = vitmad.profiling.image_prefix_maps(loaded, find_images(images)[0], image_size="native",
+                                                                 device="cpu")
+    assert name == "head.attention" and maps.shape == (2, 1, *geometry["grid"])
+    torch.testing.assert_close(maps.sum((-1, -2)), torch.ones(2, 1))  # the probe's row over the image's patches

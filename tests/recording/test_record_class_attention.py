@@ -16,6 +16,7 @@ import torch
 timm = pytest.importorskip("timm")
 
 import vitmad  # noqa: E402
+from conftest import pooling_rows  # noqa: E402
 from vitmad.recording.recorder import NoLayerError  # noqa: E402
 
 TOL = {"rtol": 1e-5, "atol": 1e-7}  # probabilities: a float32 forward against a float64 one
@@ -223,45 +224,6 @@ def _run(model, pixels):
     return model(pixels)
 
 
-def _pooling_rows(model, name: str, pixels) -> torch.Tensor:
-    """``[B, H, Q, N]`` float64: the head's own attention probabilities over the N tokens it pools, from the queries
-    and keys its F.scaled_dot_product_attention receives (timm, AIMv2) or its MultiheadAttention's own per-head
-    weights (SigLIP), in a float64 copy of the model."""
-    model = copy.deepcopy(model).double()
-    head, rows = model.get_submodule(name), []
-    if isinstance(head, torch.nn.MultiheadAttention):
-        def weights(module, args, kwargs, output):
-            query, key, value = args
-            # forward itself: calling the module would run this hook again.
-            rows.append(torch.nn.MultiheadAttention.forward(module, query, key, value, need_weights=True,
-                                                            average_attn_weights=False)[1])
-
-        head.register_forward_hook(weights, with_kwargs=True)
-        with torch.no_grad():
-            _run(model, pixels.double())
-        return rows[0]
-    real = torch.nn.functional.scaled_dot_product_attention
-
-    def probabilities(q, k, v, attn_mask=None, scale=None, **kwargs):
-        assert attn_mask is None
-        rows.append(((q @ k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)).softmax(-1))
-        return real(q, k, v, scale=scale, **kwargs)
-
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = True
-    head.register_forward_pre_hook(lambda *_: setattr(torch.nn.functional, "scaled_dot_product_attention",
-                                                      probabilities))
-    head.register_forward_hook(lambda *_: setattr(torch.nn.functional, "scaled_dot_product_attention", real))
-    try:
-        with torch.no_grad():
-            _run(model, pixels.double())
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = real
-    assert len(rows) == 1
-    return rows[0]
-
-
 @pytest.mark.parametrize(("case", "fused"), POOLING, ids=[f"{c}-{'fused' if f else 'eager'}" for c, f in POOLING])
 def test_attention_pooling_maps_are_the_heads_rows_over_the_grid(case, fused):
     make, name, size, heads, prefix = _pooling_models()[case]
@@ -282,7 +244,7 @@ def test_attention_pooling_maps_are_the_heads_rows_over_the_grid(case, fused):
     assert list(maps) == [name]
     assert maps[name].shape == (2, heads, 1, grid[0] * grid[1])
     # The keys: `prefix` tokens without a position, then the row-major grid.
-    expected = _pooling_rows(model, name, pixels)
+    expected = pooling_rows(model, name, lambda double: _run(double, pixels.double()))
     assert expected.shape == (2, heads, 1, prefix + grid[0] * grid[1])
     torch.testing.assert_close(maps[name].double(), expected[..., prefix:], **TOL)
     geometry = rec.calls[-1].class_geometry[0]

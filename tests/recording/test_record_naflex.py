@@ -15,6 +15,7 @@ timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
 import vitmad  # noqa: E402
+from conftest import pooling_rows, sharpened  # noqa: E402
 from vitmad.recording.module_capture import timm_attention_modules  # noqa: E402
 
 # Recorded (float32 flash-MAD on q/k, or the fused op on probabilities) vs float64 geometry on eager maps.
@@ -253,8 +254,7 @@ def test_siglip2_packed_batch_equals_the_mad_of_its_eager_maps(implementation):
     torch.testing.assert_close(recorded.pooler_output, plain.pooler_output, rtol=0, atol=0)
     assert model.config._attn_implementation == implementation
     assert rec.layers == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
-    assert rec.skipped == {"head": "attention pooling: a learned query without a position on the image "
-                                   "(SigLIP2 head)"}
+    assert list(rec.skipped) == ["head.attention"] and "attention pooling" in rec.skipped["head.attention"]
     assert rec.geometry[0].image_grids == tuple(grids) and rec.geometry[0].num_prefix_tokens == 0
     expected = _expected(_siglip2_eager_maps(model, inputs), 0, grids)
     torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
@@ -306,7 +306,7 @@ def test_siglip2_model_records_its_vision_tower_once_per_image_call():
         model.get_image_features(**_siglip2_inputs(SIGLIP2_SOURCES[3:]))
     assert len(rec.calls) == 2
     assert rec.calls[0].layers == ["vision_model.encoder.layers.0.self_attn", "vision_model.encoder.layers.1.self_attn"]
-    assert list(rec.skipped) == ["vision_model.head"]
+    assert list(rec.skipped) == ["vision_model.head.attention"]
     assert rec.calls[0].mad.shape == (2, 3, 2) and rec.mad.shape == (2, 1, 2)
     grids = [tuple(g) for g in inputs["spatial_shapes"].tolist()]
     expected = _expected(_siglip2_eager_maps(model.vision_model, inputs), 0, grids)
@@ -372,3 +372,105 @@ def test_padding_slots_are_no_prefix_map_rows():
     with torch.no_grad(), vitmad.record(siglip, stats=["prefix_maps"]) as rec:
         siglip(**inputs)
     assert rec.prefix_maps == [None, None]
+
+
+# Prefix maps and pooling-head maps over images with grids of their own -----------------------------------------
+
+# Recorded float32 probabilities against float64 ones.
+MAP_TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _check_image_rows(recorded: torch.Tensor, expected: torch.Tensor, grids, prefix: int) -> None:
+    """``recorded`` ``[B, H, Q, T]`` holds each image's rows over its own ``h * w`` grid first, then NaN, and those
+    are ``expected`` ``[B, H, Q, N]``'s columns after the ``prefix`` tokens without a position."""
+    assert recorded.shape[-1] == max(h * w for h, w in grids)
+    for i, (h, w) in enumerate(grids):
+        n = h * w
+        torch.testing.assert_close(recorded[i, ..., :n].double(), expected[i, ..., prefix:prefix + n].double(),
+                                   **MAP_TOL)
+        assert recorded[i, ..., n:].isnan().all()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "eager"])
+def test_timm_naflex_prefix_maps_of_images_with_grids_of_their_own(fused):
+    """Each image's class and register rows over its own grid, NaN past it (was: no maps at all once the images'
+    padding differed, as the op's maps want the same tokens without a position in every matrix)."""
+    model = sharpened(_timm_model())
+    for module in timm_attention_modules(model).values():
+        module.fused_attn = fused
+    inputs = _naflex_batch(_images(SIZES), slots=20)
+    grids = [(h // PATCH, w // PATCH) for h, w in SIZES]
+    with torch.no_grad(), vitmad.record(model, stats=["mad", "prefix_maps"]) as rec:
+        model(inputs)
+    eager = _timm_eager_maps(model, inputs)
+    for recorded, probabilities in zip(rec.prefix_maps, eager, strict=True):
+        assert recorded.shape == (len(SIZES), 2, 3, 15)
+        _check_image_rows(recorded, probabilities[:, :, :3], grids, 3)
+    with torch.no_grad(), vitmad.record(model) as alone:
+        model(inputs)
+    assert torch.equal(alone.mad, rec.mad)
+
+
+def _double_inputs(inputs: dict) -> dict:
+    return {k: v.double() if v is not None and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "eager"])
+@pytest.mark.parametrize("include_prefix", [False, True], ids=["patches", "with-prefix"])
+def test_timm_naflex_pooling_head_maps_follow_each_image_grid(include_prefix, fused):
+    """The latent query's row over the tokens attn_pool pools: the patch slots (or the class and register tokens
+    then the patch slots, with pool_include_prefix), the padding masked out by the model."""
+    model = sharpened(_timm_model(pool_include_prefix=include_prefix))
+    model.attn_pool.fused_attn = fused
+    inputs = _naflex_batch(_images(SIZES), slots=20)
+    grids = [(h // PATCH, w // PATCH) for h, w in SIZES]
+    with torch.no_grad():
+        plain = model(inputs)
+        with vitmad.record(model, stats=["prefix_maps"]) as rec:
+            assert torch.equal(model(inputs), plain)
+    prefix = 3 if include_prefix else 0
+    expected = pooling_rows(model, "attn_pool", lambda double: double(_double_inputs(inputs)))
+    assert expected.shape == (len(SIZES), 2, 1, prefix + 20)
+    for i, (h, w) in enumerate(grids):
+        assert float(expected[i, ..., prefix + h * w:].abs().max()) == 0  # the model hides the padding
+    maps = rec.class_attention_maps
+    assert list(maps) == ["attn_pool"] and maps["attn_pool"].shape == (len(SIZES), 2, 1, 15)
+    _check_image_rows(maps["attn_pool"], expected, grids, prefix)
+    geometry = rec.calls[-1].class_geometry[0]
+    assert geometry.grid is None and geometry.image_grids == tuple(grids) and geometry.stride == (PATCH, PATCH)
+    assert geometry.num_prefix_tokens == prefix and geometry.attention == "attention pooling over global"
+
+
+def test_timm_naflex_pooling_head_maps_of_a_standard_image_batch():
+    model = sharpened(_timm_model())
+    pixels = torch.randn(2, 3, 24, 40, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), vitmad.record(model, stats=["prefix_maps"]) as rec:
+        model(pixels)
+    expected = pooling_rows(model, "attn_pool", lambda double: double(pixels.double()))
+    assert rec.class_attention_maps["attn_pool"].shape == (2, 2, 1, 15)
+    torch.testing.assert_close(rec.class_attention_maps["attn_pool"].double(), expected, **MAP_TOL)
+    assert rec.calls[-1].class_geometry[0].grid == (3, 5)
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "no-mask"])
+def test_siglip2_pooling_head_maps_follow_each_image_grid(masked):
+    """The probe's row over each image's grid; without a pixel_attention_mask the head attends the padding too,
+    which has no position (NaN), and the image's columns keep their probabilities."""
+    model, _ = _siglip2_vision("sdpa")
+    sharpened(model)
+    inputs = _siglip2_inputs(SIGLIP2_SOURCES)
+    if not masked:
+        inputs["pixel_attention_mask"] = None
+    grids = [tuple(g) for g in inputs["spatial_shapes"].tolist()]
+    with torch.no_grad():
+        plain = model(**inputs).pooler_output
+        with vitmad.record(model, stats=["mad", "prefix_maps"]) as rec:
+            assert torch.equal(model(**inputs).pooler_output, plain)
+    expected = pooling_rows(model, "head.attention", lambda double: double(**_double_inputs(inputs)))
+    assert expected.shape == (len(grids), 2, 1, 24)
+    padding = expected[3, ..., grids[3][0] * grids[3][1]:]
+    assert float(padding.abs().max()) == 0 if masked else float(padding.sum()) > 0.01
+    assert list(rec.class_attention_maps) == ["head.attention"]
+    _check_image_rows(rec.class_attention_maps["head.attention"], expected, grids, 0)
+    assert rec.calls[-1].class_geometry[0].image_grids == tuple(grids)
+    assert rec.prefix_maps == [None, None]  # no class or register token in its blocks

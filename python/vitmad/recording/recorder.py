@@ -964,7 +964,7 @@ class Recording:
         maps = None
         if name in self._class_layers:
             with torch.no_grad():
-                maps = self._class_rows(measure, positions, key_positions, placement.key_positions)
+                maps = self._class_rows(measure, positions, key_positions, placement.key_positions, device)
             self._pending.setdefault(name, []).append((placement, None, fused, None, maps))
             return
         with torch.no_grad():
@@ -979,7 +979,7 @@ class Recording:
                 # From stored probabilities, a second read for the temporal distance.
                 temporal = measure(times["times"], times["key_times"], self.renormalize)
             if self._maps and placement.key_positions is None and not differential:
-                maps = self._prefix_rows(measure, positions, placement.geometry)
+                maps = self._prefix_rows(measure, positions, placement, device)
             if video and fused:
                 # From q and k, the temporal distance is a second sum of the same online-softmax pass
                 # (benchmarks/bench_video.py: two passes cost 1.8x one).
@@ -1033,17 +1033,18 @@ class Recording:
             [rows[n] if n in rows else torch.full_like(rows["mad"], float("nan")) for n in ("mad", *self._stats)])
         return value if times is None else (value, rows[TEMPORAL_MAD])
 
-    @staticmethod
-    def _prefix_rows(measure: Callable, positions: torch.Tensor, geometry: LayerGeometry) -> torch.Tensor | None:
+    def _prefix_rows(self, measure: Callable, positions: torch.Tensor, placement: Placement,
+                     device: torch.device) -> torch.Tensor | None:
         """``[*lead, Q, Nk]``: the attention rows of the ``Q`` queries without a position over every key (NaN at
         the keys without one), or None when there is no such query or they differ between matrices.
 
         Where the layout counts its extra tokens (``geometry.num_prefix_tokens``, and the suffix tokens after the
         grid), the rows are theirs alone: the other tokens without a position are padding slots (a NaFlex batch
         padded to one length), which stand for nothing (docs/definition.md) and have no map."""
+        geometry = placement.geometry
         columns = derived_once(positions, None, "prefix_rows", lambda: _common_prefix_columns(positions))
         if columns is None:
-            return None
+            return self._padded_prefix_rows(measure, positions, placement, device)
         kept = None
         if geometry.num_prefix_tokens is not None:
             prefix, suffix = geometry.num_prefix_tokens, geometry.num_suffix_tokens or 0
@@ -1057,17 +1058,40 @@ class Recording:
         rows = values.new_full((*values.shape[:-1], positions.shape[-2]), float("nan"))
         return rows.index_copy_(-1, columns, values)
 
-    @staticmethod
-    def _class_rows(measure: Callable, positions: torch.Tensor, key_positions: torch.Tensor,
-                    host_keys: torch.Tensor) -> torch.Tensor:
+    def _padded_prefix_rows(self, measure: Callable, positions: torch.Tensor, placement: Placement,
+                            device: torch.device) -> torch.Tensor | None:
+        """The extra tokens' rows, as :meth:`_prefix_rows`, where the padding slots differ between matrices (a
+        NaFlex batch of images with grids of their own), or None where the layout does not count its extra tokens.
+
+        The op's maps want the same tokens without a position in every matrix. So for this one measurement each
+        padding slot stands in as a token at pixel (0, 0): its row is not a map's, and its column, kept as a key's,
+        is set to NaN after. The rows are the raw probabilities (``renormalize=False``), which no position
+        changes, so a stand-in changes no value of the image's keys."""
+        geometry = placement.geometry
+        if geometry.num_prefix_tokens is None:
+            return None
+        host, count = placement.positions, placement.positions.shape[-2]
+        prefix, suffix = geometry.num_prefix_tokens, geometry.num_suffix_tokens or 0
+        token = torch.arange(count, device=host.device)
+        extra = (token < prefix) | (token >= count - suffix)
+        if not bool(extra.any()):
+            return None
+        stand_in = torch.where(host[..., :1].isnan() & ~extra[:, None], 0.0, host)
+        values = measure(self._to_device(stand_in, device), None, False, (MAP_NAME,))[MAP_NAME]
+        rows = values.new_full((*values.shape[:-1], count), float("nan"))
+        rows.index_copy_(-1, on_device((~extra).nonzero().squeeze(-1), values.device), values)
+        return rows.masked_fill_(positions[..., 0].isnan().unsqueeze(-2), float("nan"))
+
+    def _class_rows(self, measure: Callable, positions: torch.Tensor, key_positions: torch.Tensor,
+                    host_keys: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``[*lead, Q, Nk]``: the attention rows of a class-attention layer's queries (none has a position) over
-        every key, NaN at the keys without one (ClassQueryPlacer: the keys are ``[Nk, 2]``). The keys with a
-        position are found in the host copy ``host_keys``: on a GPU, no wait for the work queued before."""
-        values = measure(positions, key_positions, False, (MAP_NAME,))[MAP_NAME]
-        columns = derived_once(host_keys, None, "class_key_columns",
-                               lambda: (~host_keys[:, 0].isnan()).nonzero().squeeze(1))
-        rows = values.new_full((*values.shape[:-1], host_keys.shape[-2]), float("nan"))
-        return rows.index_copy_(-1, on_device(columns, values.device), values)
+        every key, NaN at the keys without one (ClassQueryPlacer). The keys may differ between matrices (a NaFlex
+        batch's padding slots), which the op's maps do not take: each key without a position stands in at pixel
+        (0, 0) for this measurement, which changes no probability, and its column is set to NaN after. The
+        stand-ins are built from the host copy ``host_keys``: on a GPU, no wait for the work queued before."""
+        stand_in = torch.where(host_keys.isnan(), 0.0, host_keys)
+        values = measure(positions, self._to_device(stand_in, device), False, (MAP_NAME,))[MAP_NAME]
+        return values.masked_fill_(key_positions[..., 0].isnan().unsqueeze(-2), float("nan"))
 
     def _fold(self, name: str, placement: Placement, per_query: torch.Tensor) -> torch.Tensor:
         try:

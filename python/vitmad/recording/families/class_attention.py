@@ -20,10 +20,11 @@ by the model's plain layout (the patch grid, after the extra tokens when the hea
 - timm ``AttentionPoolLatent`` as the ``attn_pool`` of a ``VisionTransformer`` (``global_pool="map"``: the
   patches, or every token with ``pool_include_prefix``) or of an ``Eva`` (every token);
 - transformers SigLIP's ``SiglipMultiheadAttentionPoolingHead`` (its ``nn.MultiheadAttention`` with the learned
-  probe as the query) and AIMv2's ``Aimv2AttentionPoolingHead`` (its learned query), over the patch grid.
+  probe as the query) and AIMv2's ``Aimv2AttentionPoolingHead`` (its learned query), over the patch grid;
+- the heads of the NaFlex towers (timm ``NaFlexVit``'s ``attn_pool``, SigLIP2's pooling head), whose keys are
+  each image's own grid padded into one batch, placed by :mod:`.naflex`.
 
-Other pooling heads (NaFlexViT's and SigLIP2's over padded batches, CLIP-style ``AttentionPool2d`` over a CNN's
-map) stay skipped (:mod:`.non_spatial`).
+CLIP-style ``AttentionPool2d`` over a CNN's map stays skipped (:mod:`.non_spatial`).
 """
 
 from __future__ import annotations
@@ -62,16 +63,17 @@ class ClassQueryPlacer(LayerPlacer):
         keys = self.keys.place(context, lead, num_keys, num_keys)
         if keys.key_positions is not None or keys.time_positions is not None:
             raise NotPlaceable(f"the keys of its class attention ({self.what}) are not one image's token grid")
+        # [Nk, 2] (one sequence for every matrix), or [B, 1, Nk, 2] (per image: a NaFlex batch's own grids).
         positions = keys.positions
-        if positions.dim() != 2:
+        if positions.dim() != 2 and not (positions.dim() == 4 and positions.shape[1] == 1):
             raise NotPlaceable(f"the keys of its class attention ({self.what}) are not one token sequence")
-        if self.queries_in_keys and (num_queries > positions.shape[0]
-                                     or not bool(positions[:num_queries].isnan().all())):
+        if self.queries_in_keys and (num_queries > positions.shape[-2]
+                                     or not bool(positions[..., :num_queries, :].isnan().all())):
             raise NotPlaceable(
                 f"its {num_queries} queries are not the tokens without a position that its {num_keys} keys begin "
                 f"with ({self.what}), so vitmad does not know which tokens query"
             )
-        queries = positions.new_full((num_queries, positions.shape[-1]), float("nan"))
+        queries = positions.new_full((*positions.shape[:-2], num_queries, positions.shape[-1]), float("nan"))
         kind = "class attention" if self.queries_in_keys else "attention pooling"
         geometry = dataclasses.replace(keys.geometry, attention=f"{kind} over {keys.geometry.attention}")
         return Placement(queries, positions, keys.fold, geometry, present=keys.present)
@@ -125,14 +127,17 @@ _POOLING = "attention pooling: {} without a position on the image; {} attention 
 def _pooling(model: nn.Module, name: str, module: nn.Module) -> str | None:
     """The reason of an attention-pooling head whose keys are the model's plain layout, or None."""
     if defined_in(module, "AttentionPoolLatent", "attention_pool"):
-        owner = owner_of(model, "VisionTransformer", "vision_transformer") or owner_of(model, "Eva", "eva")
+        owner = (owner_of(model, "VisionTransformer", "vision_transformer") or owner_of(model, "Eva", "eva")
+                 or owner_of(model, "NaFlexVit", "naflexvit"))
         if owner is not None and getattr(owner, "attn_pool", None) is module:
             return _POOLING.format("learned latent queries", "their")
         return None
     if isinstance(module, nn.MultiheadAttention) and "." in name:
         head = model.get_submodule(name.rpartition(".")[0])
-        if defined_in(head, "SiglipMultiheadAttentionPoolingHead", "modeling_siglip") and head.attention is module:
-            return _POOLING.format("a learned query (SigLIP's probe)", "its")
+        for head_class, defined, what in (("SiglipMultiheadAttentionPoolingHead", "modeling_siglip", "SigLIP's"),
+                                          ("Siglip2MultiheadAttentionPoolingHead", "modeling_siglip2", "SigLIP2's")):
+            if defined_in(head, head_class, defined) and head.attention is module:
+                return _POOLING.format(f"a learned query ({what} probe)", "its")
         return None
     if defined_in(module, "Aimv2AttentionPoolingHead", "modeling_aimv2"):
         return _POOLING.format("a learned query (AIMv2's)", "its")
@@ -140,11 +145,13 @@ def _pooling(model: nn.Module, name: str, module: nn.Module) -> str | None:
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
-    from . import ClassQueries
+    from . import ClassQueries, naflex
 
     pooling = _pooling(model, name, module)
     if pooling is not None:
-        return ClassQueries(pooling, None, "the tokens it pools", queries_in_keys=False)
+        # A NaFlex tower's head pools each image's own grid, padded: its keys are placed by that tower's inputs.
+        return naflex.pooling_head(model, name, module, pooling) or ClassQueries(
+            pooling, None, "the tokens it pools", queries_in_keys=False)
 
     if defined_in(module, "ClassAttn", "cait"):
         xcit = owner_of(model, "Xcit", "xcit")

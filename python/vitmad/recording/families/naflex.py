@@ -22,8 +22,12 @@ neither query nor key. Every layer folds onto ``[B, H, T]`` with ``T`` the large
 they differ. A layout vitmad cannot read (image tokens out of row-major order, padding inside an image, a
 ``pixel_attention_mask`` that disagrees with ``spatial_shapes``, patch dropout) is refused.
 
-Attention pooling heads (timm ``AttentionPoolLatent``, SigLIP2's ``Siglip2MultiheadAttentionPoolingHead``) are
-skipped: their query is a learned latent with no place on the image.
+Attention pooling heads (timm ``AttentionPoolLatent`` as a ``NaFlexVit``'s ``attn_pool``, the
+``nn.MultiheadAttention`` of SigLIP2's ``Siglip2MultiheadAttentionPoolingHead``) have no MAD: their query is a
+learned latent with no place on the image. They are skipped with the reason, and with ``stats=[...,
+"prefix_maps"]`` their query's attention over the tokens it pools is recorded (:mod:`.class_attention`), folded as
+the blocks' values are: image ``i``'s grid first, NaN after. Its keys are the tower's tokens after the blocks, the
+padding slots masked out by the model: timm's without the prefix tokens unless ``pool_include_prefix``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
 from .stages import defined_in
 
-__all__ = ["placer", "attention_modules", "towers", "call_start", "NaFlexPlacer"]
+__all__ = ["placer", "pooling_head", "towers", "call_start", "NaFlexPlacer"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,6 @@ _GEMMA4 = _Design("gemma4_vit", "Gemma4VitEncoder", "patch_embed", "blocks.")
 _SIGLIP2 = _Design("modeling_siglip2", "Siglip2VisionModel", "embeddings", "encoder.layers.")
 _GEMMA4_HF = _Design("modeling_gemma4", "Gemma4VisionModel", "patch_embedder", "encoder.layers.")
 _DESIGNS = (_TIMM, _GEMMA4, _SIGLIP2, _GEMMA4_HF)
-_POOLING_HEAD = "attention pooling: a learned query without a position on the image (SigLIP2 head)"
 
 
 def _design_of(module: nn.Module) -> _Design | None:
@@ -86,13 +89,6 @@ def call_start(model: nn.Module) -> nn.Module | None:
     return tower if design in (_SIGLIP2, _GEMMA4_HF) else getattr(tower, design.embedding)
 
 
-def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """SigLIP2's attention pooling heads: their ``nn.MultiheadAttention`` is found by no generic discovery, and
-    they are listed so that the recording says why they are skipped."""
-    return {name: m for name, m in named_module_list(model)
-            if defined_in(m, "Siglip2MultiheadAttentionPoolingHead", "modeling_siglip2")}
-
-
 def _tower_of(model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
     """The innermost NaFlex tower on the path to module ``name``, with its qualified name."""
     found = None
@@ -105,11 +101,30 @@ def _tower_of(model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
     return found
 
 
-def placer(model: nn.Module, name: str, module: nn.Module):
-    from . import Skip
+def pooling_head(model: nn.Module, name: str, module: nn.Module, reason: str):
+    """The :class:`~.ClassQueries` of a NaFlex tower's attention-pooling head (timm's ``attn_pool``, the
+    ``MultiheadAttention`` of SigLIP2's head), or None when ``module`` is none. ``reason`` is the skip's, in the
+    words of :mod:`.class_attention`."""
+    from . import ClassQueries
 
-    if defined_in(module, "Siglip2MultiheadAttentionPoolingHead", "modeling_siglip2"):
-        return Skip(_POOLING_HEAD)
+    tower = _tower_of(model, name)
+    if tower is None:
+        return None
+    tower_name, tower_module = tower
+    design = _design_of(tower_module)
+    if design is _TIMM and tower_module.attn_pool is module:
+        return ClassQueries(reason, NaFlexPlacer(model, tower_module, design,
+                                                 with_prefix=bool(tower_module.pool_include_prefix)),
+                            "the NaFlexViT tokens it pools", queries_in_keys=False)
+    if design is _SIGLIP2 and "." in name:
+        head = model.get_submodule(name.rpartition(".")[0])
+        if defined_in(head, "Siglip2MultiheadAttentionPoolingHead", "modeling_siglip2") and head.attention is module:
+            return ClassQueries(reason, NaFlexPlacer(model, tower_module, design), "the SigLIP2 tokens it pools",
+                                queries_in_keys=False)
+    return None
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
     tower = _tower_of(model, name)
     if tower is None:
         return None
@@ -199,10 +214,12 @@ class NaFlexPlacer(LayerPlacer):
         model: the recorded model (named in messages).
         tower: the ``NaFlexVit`` or ``Siglip2VisionModel`` that holds the layer.
         design: the tower's design.
+        with_prefix: whether the attention's tokens begin with the tower's prefix tokens; False for the keys of
+            timm's pooling head without ``pool_include_prefix``, which pools the tokens after them.
     """
 
-    def __init__(self, model: nn.Module, tower: nn.Module, design: _Design):
-        self.model, self.tower, self.design = model, tower, design
+    def __init__(self, model: nn.Module, tower: nn.Module, design: _Design, with_prefix: bool = True):
+        self.model, self.tower, self.design, self.with_prefix = model, tower, design, with_prefix
         self.key = ("naflex.inputs", id(tower))
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
@@ -295,15 +312,17 @@ class NaFlexPlacer(LayerPlacer):
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         tokens = self._call_tokens(context)
-        batch, total = tokens.positions.shape[0], tokens.positions.shape[2]
+        prefix = tokens.prefix if self.with_prefix else 0
+        positions = tokens.positions[..., tokens.prefix - prefix:, :]
+        batch, total = positions.shape[0], positions.shape[2]
         # Standard-mode positions are built for one image and broadcast over the batch.
         if num_queries != num_keys or len(lead) != 2 or num_queries != total or batch not in (1, lead[0]):
             raise NotPlaceable(
                 f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; expected "
-                f"[{batch}, heads, {total}, {total}]: {tokens.prefix} prefix tokens and the patch slots of its "
+                f"[{batch}, heads, {total}, {total}]: {prefix} prefix tokens and the patch slots of its "
                 f"{self.design.tower}'s input (patch dropout in training mode changes them; call model.eval())"
             )
-        prefix, longest = tokens.prefix, max(h * w for h, w in tokens.grids)
+        longest = max(h * w for h, w in tokens.grids)
         same = len(set(tokens.grids)) == 1
         geometry = LayerGeometry(tokens.grids[0] if same else None, tokens.stride, "global", int(lead[-1]), prefix,
                                  None if same else tokens.grids)
@@ -311,4 +330,4 @@ class NaFlexPlacer(LayerPlacer):
         def fold(values: torch.Tensor) -> torch.Tensor:
             return values[..., prefix:prefix + longest]
 
-        return Placement(tokens.positions, None, fold, geometry, present=tokens.present)
+        return Placement(positions, None, fold, geometry, present=tokens.present)
