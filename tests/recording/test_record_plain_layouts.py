@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 
 import vitmad  # noqa: E402
+from conftest import sharpened  # noqa: E402
 
 RECORD_TOL = {"rtol": 1e-5, "atol": 1e-4}  # float32 softmax from two kernels; atol in pixels
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -146,6 +147,27 @@ def test_timm_hybrid_vit_measures_in_input_pixels(size):
     grid = (size[0] // 32, size[1] // 32)
     expected = torch.stack([_expected_mad(a, grid, 32, 1, 0) for a in _timm_eager_maps(model, pixels)])
     assert [g.stride for g in rec.geometry] == [(32.0, 32.0)] * 2
+    torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
+
+
+@pytest.mark.parametrize(("variant", "size", "stride", "grid"), [
+    # A ResNet-50 stem of stride 16 (1 x 1 patches) at 232 px: 15 cells, each 16 px of the image, not 232 / 15.
+    ("vit_base_r50_s16_224", (232, 232), 16, (15, 15)),
+    # A ResNet-26 stem of stride 32 at 200 x 136 px: 7 x 5 cells of 32 px (were 29 x 27 px apart).
+    ("vit_small_r26_s32_224", (200, 136), 32, (7, 5)),
+], ids=["r50-232", "r26-200x136"])
+def test_timm_hybrid_vit_stem_that_rounds_its_maps_keeps_its_stride(variant, size, stride, grid):
+    """A stem whose maps round up (232 -> 116 -> 58 -> 29 -> 15): the token stride is the product of the strides
+    the image went through, not the rounded ratio of the image to the stem's output (was: 6 to 9 % too small a
+    MAD, silently)."""
+    torch.manual_seed(0)
+    model = sharpened(timm.create_model(variant, pretrained=False, img_size=224, depth=1, num_heads=2, embed_dim=32,
+                                        dynamic_img_size=True))
+    pixels = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    expected = torch.stack([_expected_mad(a, grid, stride, 1, 0) for a in _timm_eager_maps(model, pixels)])
+    assert [(g.grid, g.stride) for g in rec.geometry] == [(grid, (float(stride), float(stride)))]
     torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
 
 

@@ -13,7 +13,6 @@ is read from the image size over the patch embedding's input size.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import nn
@@ -35,7 +34,7 @@ from .windows import parent_module
 __all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "is_embedding_projection", "keeps_image_layout",
            "num_suffix_tokens"]
 
-_GRID, _EMBED_INPUT, _EMBED_BATCH = "plain.grid", "plain.embedding_input", "plain.embedding_batch"
+_GRID, _EMBED_INPUT, _EMBED_BATCH, _STEM = "plain.grid", "plain.embedding_input", "plain.embedding_batch", "plain.stem"
 
 
 _PROJECTION_NAMES = ("proj", "projection", "patch_embedding", "patch_embed")
@@ -124,17 +123,52 @@ def keeps_image_layout(model: nn.Module, name: str) -> bool:
     return False
 
 
-def _stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module) -> int:
-    """The stride of what ran on the image before the patch embedding (1 without a stem)."""
+def _stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module,
+                 steps: list[tuple[int, int, int]] | None) -> int:
+    """The stride of what ran on the image before the patch embedding (1 without a stem), on one axis.
+
+    ``steps`` are the ``(input size, output size, stride)`` on this axis of the strided convolutions and pools that
+    ran before the patch embedding in this call (None where the model has none). The stride is the product of the
+    strides along the chain of sizes from the image to the embedding's input: a stem that rounds its maps up or down
+    (232 px through a ResNet stem of stride 16 gives 15 cells, not 232 / 15 = 15.5 px apart) is followed exactly, as
+    the ratio of the sizes is not. Without such a chain (a stem that resizes with no strided module), only a ratio
+    that divides exactly is taken."""
     if embedding_input == image:
         return 1
+    if steps:
+        stride, size = 1, image
+        for _ in range(len(steps)):
+            taken = {(out, step) for seen, out, step in steps if seen == size and out < size}
+            if len(taken) != 1:
+                break
+            (size, step), = taken
+            stride *= step
+            if size == embedding_input:
+                return stride
     stride = round(image / embedding_input)
-    if stride < 1 or embedding_input not in (math.floor(image / stride), math.ceil(image / stride)):
+    if stride < 1 or embedding_input * stride != image:
         raise NotPlaceable(
             f"the patch embedding of {type(model).__name__} sees a {axis} of {embedding_input} from an image "
-            f"{axis} of {image}, which is no integer stride; pass patch=<pixels per token>"
+            f"{axis} of {image}, and vitmad cannot follow the strides in between to tell how many pixels apart its "
+            "tokens are; pass patch=<pixels per token>"
         )
     return stride
+
+
+def _strided_stem(model: nn.Module, embedding: nn.Module) -> list[nn.Module]:
+    """The strided convolutions and pools registered before the patch-embedding convolution ``embedding``: the
+    modules a CNN stem (hybrid ViTs) downsamples the image with, when the model has one."""
+    found = []
+    for _, module in named_module_list(model):
+        if module is embedding:
+            return found
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and max(_pair(module.stride)) > 1:
+            found.append(module)
+    return found
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 class PlainLayout:
@@ -160,10 +194,18 @@ class PlainLayout:
                 "layers=[the modules that attend over those tokens] where others (a decoder's queries) attend too")
         else:
             self.unavailable = None
+        self.stem = [] if self.embedding is None else _strided_stem(model, self.embedding[1])
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         if self.embedding is None:
             return []
+
+        def see_stem(module, args, output) -> None:
+            # (input size, output size, stride) per axis of each strided stem module that ran in this call.
+            if isinstance(output, torch.Tensor) and output.dim() == 4 and args and args[0].dim() == 4:
+                stride = _pair(module.stride)
+                context.values.setdefault(_STEM, []).append(tuple(
+                    (int(args[0].shape[a]), int(output.shape[a]), stride[a]) for a in (-2, -1)))
 
         def see(module, args, output) -> None:
             if output.dim() != 4:
@@ -175,7 +217,8 @@ class PlainLayout:
             context.values[_EMBED_INPUT] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
             context.values[_EMBED_BATCH] = int(output.shape[0])
 
-        return [self.embedding[1].register_forward_hook(see)]
+        return [self.embedding[1].register_forward_hook(see),
+                *(module.register_forward_hook(see_stem) for module in self.stem)]
 
     def stride(self, context: CallContext) -> tuple[float, float]:
         if self.patch is not None:
@@ -186,8 +229,9 @@ class PlainLayout:
         image, seen = context.image_size, context.values.get(_EMBED_INPUT)
         if image is None or seen is None:
             return float(step[0]), float(step[1])
-        return tuple(float(k * _stem_stride(i, s, axis, self.model))
-                     for k, i, s, axis in zip(step, image, seen, ("height", "width")))
+        steps = context.values.get(_STEM)
+        return tuple(float(k * _stem_stride(i, s, axis, self.model, None if steps is None else [t[a] for t in steps]))
+                     for a, (k, i, s, axis) in enumerate(zip(step, image, seen, ("height", "width"))))
 
     def call_grid(self, context: CallContext) -> tuple[int, int]:
         grid = self.grid or context.values.get(_GRID)
