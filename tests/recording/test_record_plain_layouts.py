@@ -171,6 +171,66 @@ def test_timm_hybrid_vit_stem_that_rounds_its_maps_keeps_its_stride(variant, siz
     torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
 
 
+def _bit_fixed_stem_vit():
+    """A ViT on a BiT "fixed" stem (stride-2 convolution, ConstantPad2d(1), max pool of stride 2 without padding),
+    1 x 1 patches: the pad, which no hook sees, grows the map between the two strided modules."""
+    import functools
+
+    from timm.layers import HybridEmbed
+    from timm.models.resnetv2 import ResNetV2
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    stem = ResNetV2(layers=(), stem_type="fixed", num_classes=0, global_pool="", preact=False)
+    return sharpened(VisionTransformer(img_size=64, patch_size=1, embed_dim=16, depth=1, num_heads=2,
+                                       dynamic_img_size=True, embed_layer=functools.partial(HybridEmbed, backbone=stem)))
+
+
+@pytest.mark.parametrize(("make", "size", "stride", "grid"), [
+    # 66 -> 33, padded to 35 -> 17 (70 -> 35 -> 37 -> 18): 4 px per token (was refused after the chain, and right
+    # before it by the rounded ratio).
+    (_bit_fixed_stem_vit, (66, 70), 4, (17, 18)),
+    # A stem of stride 4 gives 12 cells of 48 px, which HybridEmbed pads to 16 for its 8 x 8 patches: 2 tokens,
+    # 32 px apart (was 24 px: 48 / 2).
+    (lambda: sharpened(timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=224, depth=1,
+                                         dynamic_img_size=True, dynamic_img_pad=True)), (48, 48), 32, (2, 2)),
+], ids=["bit-fixed-stem-66x70", "dynamic-img-pad-48"])
+def test_timm_hybrid_vit_stem_padded_before_a_pool_or_the_embedding(make, size, stride, grid):
+    model = make()
+    pixels = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    expected = torch.stack([_expected_mad(a, grid, stride, 1, 0) for a in _timm_eager_maps(model, pixels)])
+    assert [(g.grid, g.stride) for g in rec.geometry] == [(grid, (float(stride), float(stride)))] * len(rec.layers)
+    torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
+
+
+def test_a_stem_vitmad_cannot_follow_is_refused():
+    """A crop between the stem and the patch embedding: the map the embedding sees is no map the strided modules
+    made, and no stride is guessed from the ratio of the sizes."""
+    import functools
+
+    from timm.layers import HybridEmbed
+    from timm.models.vision_transformer import VisionTransformer
+
+    class CroppingStem(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, 2, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y[..., : y.shape[-2] // 2, : y.shape[-1] // 2]
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=1, embed_dim=16, depth=1, num_heads=2, dynamic_img_size=True,
+                              embed_layer=functools.partial(HybridEmbed, backbone=CroppingStem())).eval()
+    with pytest.raises(ValueError, match=r"take the image height of 64 to 32, but the embedding sees 16 .*"
+                                         r"pass patch=<pixels per token>"):
+        with torch.no_grad(), vitmad.record(model):
+            model(torch.randn(1, 3, 64, 48))
+
+
 def test_timm_vit_with_non_square_patches_is_measured_on_its_cells():
     """patch_size=(16, 8): refused with advice (pass patch=) that gave wrong numbers (patch=16: 60.8 px for 34.4)."""
     from timm.models.vision_transformer import VisionTransformer

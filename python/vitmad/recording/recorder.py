@@ -1076,7 +1076,8 @@ class Recording:
         extra = (token < prefix) | (token >= count - suffix)
         if not bool(extra.any()):
             return None
-        stand_in = torch.where(host[..., :1].isnan() & ~extra[:, None], 0.0, host)
+        stand_in = derived_once(host, None, f"prefix_stand_in.{prefix}.{suffix}",
+                                lambda: torch.where(host[..., :1].isnan() & ~extra[:, None], 0.0, host))
         values = measure(self._to_device(stand_in, device), None, False, (MAP_NAME,))[MAP_NAME]
         rows = values.new_full((*values.shape[:-1], count), float("nan"))
         rows.index_copy_(-1, on_device((~extra).nonzero().squeeze(-1), values.device), values)
@@ -1089,7 +1090,8 @@ class Recording:
         batch's padding slots), which the op's maps do not take: each key without a position stands in at pixel
         (0, 0) for this measurement, which changes no probability, and its column is set to NaN after. The
         stand-ins are built from the host copy ``host_keys``: on a GPU, no wait for the work queued before."""
-        stand_in = torch.where(host_keys.isnan(), 0.0, host_keys)
+        stand_in = derived_once(host_keys, None, "class_key_stand_in",
+                                lambda: torch.where(host_keys.isnan(), 0.0, host_keys))
         values = measure(positions, self._to_device(stand_in, device), False, (MAP_NAME,))[MAP_NAME]
         return values.masked_fill_(key_positions[..., 0].isnan().unsqueeze(-2), float("nan"))
 

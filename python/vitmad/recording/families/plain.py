@@ -124,40 +124,58 @@ def keeps_image_layout(model: nn.Module, name: str) -> bool:
 
 
 def _stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module,
-                 steps: list[tuple[int, int, int]] | None) -> int:
+                 steps: list[tuple[int, int, int, int]] | None, patch: int) -> int:
     """The stride of what ran on the image before the patch embedding (1 without a stem), on one axis.
 
-    ``steps`` are the ``(input size, output size, stride)`` on this axis of the strided convolutions and pools that
-    ran before the patch embedding in this call (None where the model has none). The stride is the product of the
-    strides along the chain of sizes from the image to the embedding's input: a stem that rounds its maps up or down
-    (232 px through a ResNet stem of stride 16 gives 15 cells, not 232 / 15 = 15.5 px apart) is followed exactly, as
-    the ratio of the sizes is not. Without such a chain (a stem that resizes with no strided module), only a ratio
-    that divides exactly is taken."""
+    ``steps`` are the ``(input size, output size, stride, kernel)`` on this axis of the strided convolutions and
+    pools that ran before the patch embedding in this call, in the order they ran (None where the model has none).
+    The stride is the product of the strides along the chain of maps from the image to the embedding's input: a
+    stem that rounds its maps up (232 px through a ResNet stem of stride 16 gives 15 cells, which are 16 px apart,
+    not 232 / 15) is followed exactly, as the ratio of the sizes is not. Without such modules (a stem that resizes
+    by functions alone), only a ratio that divides exactly is taken; anything else is refused rather than guessed.
+    ``patch`` is the embedding's stride on this axis."""
     if embedding_input == image:
         return 1
     if steps:
         stride, size = 1, image
-        for _ in range(len(steps)):
-            taken = {(out, step) for seen, out, step in steps if seen == size and out < size}
-            if len(taken) != 1:
-                break
-            (size, step), = taken
-            stride *= step
-            if size == embedding_input:
-                return stride
+        for seen, out, step, kernel in steps:
+            if out == size:
+                continue  # another module making the same map: a residual branch's strided shortcut
+            # On the chain, a module reads the current map, or that map padded by what no hook sees (BiT's fixed
+            # stem pads before its max pool: at most kernel - 1), and makes a smaller one. A module off it (a
+            # branch from an earlier map) is not guessed around.
+            if out > size or not size <= seen <= size + kernel - 1:
+                raise NotPlaceable(
+                    f"the strided modules before the patch embedding of {type(model).__name__} do not make one chain "
+                    f"of maps from the image {axis} of {image}: after a map of {size}, one reads {seen} and makes "
+                    f"{out}, so vitmad cannot tell how many pixels apart its tokens are; pass patch=<pixels per token>"
+                )
+            stride, size = stride * step, out
+        # The embedding sees that map, or that map padded up to a multiple of its patch (timm's HybridEmbed with
+        # dynamic_img_pad): its tokens then cover the padded map, each `stride` pixels of the image per cell.
+        if size <= embedding_input < size + patch:
+            return stride
+        raise NotPlaceable(
+            f"the strided modules before the patch embedding of {type(model).__name__} take the image {axis} of "
+            f"{image} to {size}, but the embedding sees {embedding_input} (a crop or resize vitmad does not see), so "
+            "vitmad cannot tell how many pixels apart its tokens are; pass patch=<pixels per token>"
+        )
     stride = round(image / embedding_input)
     if stride < 1 or embedding_input * stride != image:
         raise NotPlaceable(
             f"the patch embedding of {type(model).__name__} sees a {axis} of {embedding_input} from an image "
-            f"{axis} of {image}, and vitmad cannot follow the strides in between to tell how many pixels apart its "
-            "tokens are; pass patch=<pixels per token>"
+            f"{axis} of {image}, which is no whole stride of the image, and no strided convolution or pool before it "
+            "tells how many pixels apart its tokens are; pass patch=<pixels per token>"
         )
     return stride
 
 
 def _strided_stem(model: nn.Module, embedding: nn.Module) -> list[nn.Module]:
     """The strided convolutions and pools registered before the patch-embedding convolution ``embedding``: the
-    modules a CNN stem (hybrid ViTs) downsamples the image with, when the model has one."""
+    modules a CNN stem (hybrid ViTs) downsamples the image with, when the model has one. Those of another tower
+    registered first do not run before the embedding in its calls, or run on other maps, and are passed over by
+    :func:`_stem_stride`'s chain only if they make no map of its sizes; a stem that downsamples by functions
+    (``F.avg_pool2d``), pixel unshuffle or adaptive pools makes no chain, and only an exact ratio is taken."""
     found = []
     for _, module in named_module_list(model):
         if module is embedding:
@@ -203,9 +221,9 @@ class PlainLayout:
         def see_stem(module, args, output) -> None:
             # (input size, output size, stride) per axis of each strided stem module that ran in this call.
             if isinstance(output, torch.Tensor) and output.dim() == 4 and args and args[0].dim() == 4:
-                stride = _pair(module.stride)
+                stride, kernel = _pair(module.stride), _pair(module.kernel_size)
                 context.values.setdefault(_STEM, []).append(tuple(
-                    (int(args[0].shape[a]), int(output.shape[a]), stride[a]) for a in (-2, -1)))
+                    (int(args[0].shape[a]), int(output.shape[a]), stride[a], kernel[a]) for a in (-2, -1)))
 
         def see(module, args, output) -> None:
             if output.dim() != 4:
@@ -230,7 +248,8 @@ class PlainLayout:
         if image is None or seen is None:
             return float(step[0]), float(step[1])
         steps = context.values.get(_STEM)
-        return tuple(float(k * _stem_stride(i, s, axis, self.model, None if steps is None else [t[a] for t in steps]))
+        return tuple(float(k * _stem_stride(i, s, axis, self.model, None if steps is None else [t[a] for t in steps],
+                                            k))
                      for a, (k, i, s, axis) in enumerate(zip(step, image, seen, ("height", "width"))))
 
     def call_grid(self, context: CallContext) -> tuple[int, int]:
