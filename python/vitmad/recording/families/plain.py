@@ -34,7 +34,9 @@ from .windows import parent_module
 __all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "is_embedding_projection", "keeps_image_layout",
            "num_suffix_tokens"]
 
-_GRID, _EMBED_INPUT, _EMBED_BATCH, _STEM = "plain.grid", "plain.embedding_input", "plain.embedding_batch", "plain.stem"
+_GRID, _EMBED_INPUT, _EMBED_BATCH = "plain.grid", "plain.embedding_input", "plain.embedding_batch"
+# The stem steps seen since the patch embedding last ran, and those that led to its latest run.
+_STEM, _STEM_OF_EMBEDDING = "plain.stem", "plain.stem_of_embedding"
 
 
 _PROJECTION_NAMES = ("proj", "projection", "patch_embedding", "patch_embed")
@@ -233,6 +235,9 @@ class PlainLayout:
                 )
             context.values[_GRID] = (int(output.shape[-2]), int(output.shape[-1]))
             context.values[_EMBED_INPUT] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+            # A forward that embeds twice (several crops in one call) pairs each embedding with its own stem steps.
+            if self.stem:
+                context.values[_STEM_OF_EMBEDDING] = context.values.pop(_STEM, None)
             context.values[_EMBED_BATCH] = int(output.shape[0])
 
         return [self.embedding[1].register_forward_hook(see),
@@ -247,7 +252,7 @@ class PlainLayout:
         image, seen = context.image_size, context.values.get(_EMBED_INPUT)
         if image is None or seen is None:
             return float(step[0]), float(step[1])
-        steps = context.values.get(_STEM)
+        steps = context.values.get(_STEM_OF_EMBEDDING)
         return tuple(float(k * _stem_stride(i, s, axis, self.model, None if steps is None else [t[a] for t in steps],
                                             k))
                      for a, (k, i, s, axis) in enumerate(zip(step, image, seen, ("height", "width"))))
