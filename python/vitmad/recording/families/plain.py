@@ -174,10 +174,11 @@ def _stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module,
 
 def _strided_stem(model: nn.Module, embedding: nn.Module) -> list[nn.Module]:
     """The strided convolutions and pools registered before the patch-embedding convolution ``embedding``: the
-    modules a CNN stem (hybrid ViTs) downsamples the image with, when the model has one. Those of another tower
-    registered first do not run before the embedding in its calls, or run on other maps, and are passed over by
-    :func:`_stem_stride`'s chain only if they make no map of its sizes; a stem that downsamples by functions
-    (``F.avg_pool2d``), pixel unshuffle or adaptive pools makes no chain, and only an exact ratio is taken."""
+    modules a CNN stem (hybrid ViTs) downsamples the image with, when the model has one. Those registered here that
+    do not run before the embedding in a call are not seen in it; one of another part of the model that does run
+    before it, on maps off the stem's chain, makes :func:`_stem_stride` refuse the call rather than guess. A stem
+    that downsamples by functions (``F.avg_pool2d``), pixel unshuffle or adaptive pools makes no chain, and only an
+    exact ratio is taken."""
     found = []
     for _, module in named_module_list(model):
         if module is embedding:
@@ -221,7 +222,7 @@ class PlainLayout:
             return []
 
         def see_stem(module, args, output) -> None:
-            # (input size, output size, stride) per axis of each strided stem module that ran in this call.
+            # (input size, output size, stride, kernel) per axis of each strided stem module that ran in this call.
             if isinstance(output, torch.Tensor) and output.dim() == 4 and args and args[0].dim() == 4:
                 stride, kernel = _pair(module.stride), _pair(module.kernel_size)
                 context.values.setdefault(_STEM, []).append(tuple(
