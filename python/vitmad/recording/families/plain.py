@@ -7,7 +7,9 @@ are the rest, unless the model puts some after it (YOLOS' detection tokens, ``co
 
 Pixel scale: one token covers the patch-embedding stride times the stride of whatever ran before it on the
 image (a CNN stem in hybrid ViTs such as ``vit_tiny_r_s16_p8_224``, ViT-hybrid or DPT-hybrid): the stem's stride
-is read from the image size over the patch embedding's input size.
+is the product of the strides of its convolutions and pools, followed from the image's size to the patch
+embedding's input in each call (:func:`_stem_stride`); the ratio of those sizes alone is ambiguous where the stem
+rounds its maps.
 """
 
 from __future__ import annotations
