@@ -182,8 +182,9 @@ def _bit_fixed_stem_vit():
 
     torch.manual_seed(0)
     stem = ResNetV2(layers=(), stem_type="fixed", num_classes=0, global_pool="", preact=False)
+    embed = functools.partial(HybridEmbed, backbone=stem)
     return sharpened(VisionTransformer(img_size=64, patch_size=1, embed_dim=16, depth=1, num_heads=2,
-                                       dynamic_img_size=True, embed_layer=functools.partial(HybridEmbed, backbone=stem)))
+                                       dynamic_img_size=True, embed_layer=embed))
 
 
 @pytest.mark.parametrize(("make", "size", "stride", "grid"), [
