@@ -1,9 +1,11 @@
-"""The class token's maps of class attention (CaiT, XCiT, VOLO), recorded with ``stats=[..., "prefix_maps"]``.
+"""The class token's maps of class attention (CaiT, XCiT, VOLO) and the queries' maps of attention-pooling heads
+(timm ViT / EVA / NaFlexViT, SigLIP, AIMv2, the CLIP ResNets' AttentionPool2d), recorded with
+``stats=[..., "prefix_maps"]``.
 
 Reference: each class-attention layer's own eager probabilities (the input of its attention dropout, fused path
 off) in a float64 copy of the model, placed by the geometry written here: key 0 is the class token, keys 1.. the
 row-major grid of the last feature map, ``grid_h x grid_w`` cells of 16 pixels (8 for XCiT-p8) for a 64 x 96
-input.
+input. Pooling heads: the probabilities from the q and k their attention receives, in a float64 copy.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 timm = pytest.importorskip("timm")
 
 import vitmad  # noqa: E402
-from conftest import pooling_rows  # noqa: E402
+from conftest import pooling_rows, sharpened  # noqa: E402
 from vitmad.recording.recorder import NoLayerError  # noqa: E402
 
 TOL = {"rtol": 1e-5, "atol": 1e-7}  # probabilities: a float32 forward against a float64 one
@@ -254,3 +256,178 @@ def test_attention_pooling_maps_are_the_heads_rows_over_the_grid(case, fused):
     with torch.no_grad(), vitmad.record(model) as alone:
         _run(model, pixels)
     assert torch.equal(rec.mad, alone.mad) and alone.layers == rec.layers
+
+
+# CLIP-style attention pooling over a CNN's final map (timm's AttentionPool2d, RotAttentionPool2d): the pooled token
+# (the map's mean, or a class token) then the H x W map tokens, row-major; every token queries, and the output keeps
+# the pooled token's row (pool_type "token") or the map tokens' rows ("").
+MAP_GRID, MAP_STRIDE = (4, 6), 16.0  # the 64 x 96 input's final map: 4 x 6 cells of 16 pixels
+
+
+def _clip_resnet(head_type: str = "attn_abs", *, self_attention: bool = False, **kwargs):
+    """A tiny ByobNet of resnet50_clip's design (its stem, average-pool downsampling), whose final map is 16 pixels a
+    cell (stem 2, stem pool 2, two stages of stride 2), pooled by a 2-head attention pool; a BoTNet block before the
+    head with ``self_attention``. ``kwargs`` go to ByobNet (``global_pool``, ``output_stride``)."""
+    from dataclasses import replace
+
+    from timm.models.byobnet import ByoBlockCfg, ByobNet, model_cfgs
+
+    blocks = [ByoBlockCfg(type="bottle", d=1, c=32, s=2, br=0.25), ByoBlockCfg(type="bottle", d=1, c=64, s=2, br=0.25)]
+    if self_attention:
+        blocks.append(ByoBlockCfg(type="self_attn", d=1, c=64, s=1, br=0.25))
+    cfg = replace(model_cfgs["resnet50_clip"], blocks=tuple(blocks), stem_chs=(8, 8, 16), head_type=head_type,
+                  head_hidden_size=128, self_attn_layer="bottleneck")
+    torch.manual_seed(0)
+    return ByobNet(cfg, img_size=SIZE, num_classes=10, **kwargs)
+
+
+def _with_class_token():
+    """The absolute head with a learned class token in place of the map's mean (``class_token=True``, which timm
+    builds only as wide as the map: two heads of 32)."""
+    model = _clip_resnet(self_attention=True)
+    model.head = timm.layers.AttentionPool2d(64, feat_size=MAP_GRID, out_features=10, head_dim=32,
+                                             qkv_separate=True, class_token=True)
+    with torch.no_grad():
+        model.head.cls_token.normal_()
+    return model
+
+
+# case -> (model, its final map's grid and stride in pixels)
+POOL2D = {
+    "abs": (lambda: _clip_resnet("attn_abs", self_attention=True), MAP_GRID, MAP_STRIDE),
+    "rot": (lambda: _clip_resnet("attn_rot", self_attention=True), MAP_GRID, MAP_STRIDE),
+    "abs_class_token": (_with_class_token, MAP_GRID, MAP_STRIDE),
+    # Dilated last stage: the map stays at 8 pixels a cell, 8 x 12 (feature_info's reduction follows).
+    "abs_output_stride_8": (lambda: _clip_resnet("attn_abs", self_attention=True, output_stride=8), (8, 12), 8.0),
+}
+
+
+def _sharp(model):
+    """``sharpened``, and the head's query and key projections drawn at std 1: over the small features of the tiny
+    CNN's map, std 0.25 leaves the pooled token's attention close to uniform (every cell near 1 / 25)."""
+    model = sharpened(model)
+    with torch.no_grad():
+        for projection in (model.head.q, model.head.k):
+            projection.weight.normal_(std=1.0)
+    return model
+
+
+def _recorded(model, fused: bool, pixels: torch.Tensor, stats=("mad", "prefix_maps")):
+    model.head.fused_attn = fused
+    with torch.no_grad():
+        plain = model(pixels)
+        with vitmad.record(model, stats=list(stats)) as rec:
+            assert torch.equal(model(pixels), plain)
+    return rec
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+@pytest.mark.parametrize("case", list(POOL2D))
+def test_clip_attention_pool_maps_are_the_pooled_tokens_row_over_the_map(case, fused):
+    make, grid, stride = POOL2D[case]
+    model = _sharp(make())
+    pixels = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(1))
+    rec = _recorded(model, fused, pixels)
+    tokens = grid[0] * grid[1]
+    expected = pooling_rows(model, "head", lambda double: double(pixels.double()))
+    # Every token queries: [B, heads, 1 + H * W, 1 + H * W], the pooled token first.
+    assert expected.shape == (2, 2, 1 + tokens, 1 + tokens)
+    maps = rec.class_attention_maps
+    assert list(maps) == ["head"] and maps["head"].shape == (2, 2, 1, tokens) and maps["head"].dtype == torch.float32
+    # The pooled token's row alone; key 0 is the pooled token, key 1 + grid_w * r + c the map's cell (r, c).
+    on_grid = maps["head"].double().reshape(2, 2, *grid)
+    for r in range(grid[0]):
+        for c in range(grid[1]):
+            torch.testing.assert_close(on_grid[..., r, c], expected[:, :, 0, 1 + grid[1] * r + c], **TOL)
+    # What the map leaves to 1 is the pooled token's attention on itself (its key has no position).
+    torch.testing.assert_close(1 - maps["head"].double().sum(-1), expected[:, :, :1, 0], **TOL)
+    geometry = rec.calls[-1].class_geometry[0]
+    assert geometry.grid == grid and geometry.stride == (stride, stride) and geometry.heads == 2
+    assert geometry.num_prefix_tokens == 1 and geometry.attention == "attention pooling over global"
+    pooled = "its class token" if case == "abs_class_token" else "the mean of the map's tokens"
+    assert rec.skipped["head"].startswith(f"attention pooling: one pooled query without a position on the image "
+                                          f"({pooled}); its attention over the map is recorded with stats=[..., "
+                                          "'prefix_maps'] (rec.class_attention_maps)")
+    # The BoTNet layer before it: the same MAD layers and values as a recording without the maps.
+    with torch.no_grad(), vitmad.record(model) as alone:
+        model(pixels)
+    assert rec.layers == alone.layers == ["stages.2.0.self_attn"]
+    assert torch.equal(rec.mad, alone.mad) and alone.skipped == rec.skipped
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+@pytest.mark.parametrize("head_type", ["attn_abs", "attn_rot"])
+def test_clip_attention_pool_whose_output_is_the_map_has_a_mad_over_the_map(head_type, fused):
+    # global_pool="": the map tokens' rows are the output, so they are queries with a position.
+    model = _sharp(_clip_resnet(head_type, global_pool=""))
+    pixels = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(1))
+    rec = _recorded(model, fused, pixels, stats=("mad", "entropy", "prefix_maps"))
+    tokens = MAP_GRID[0] * MAP_GRID[1]
+    expected = pooling_rows(model, "head", lambda double: double(pixels.double()))
+    assert expected.shape == (2, 2, 1 + tokens, 1 + tokens)
+    # Cell (r, c) of the map at ((r + 0.5) * 16, (c + 0.5) * 16) pixels, token 1 + 6 r + c; the pooled token (0)
+    # has no position: neither query nor key of the MAD.
+    cells = torch.tensor([[(r + 0.5) * MAP_STRIDE, (c + 0.5) * MAP_STRIDE]
+                          for r in range(MAP_GRID[0]) for c in range(MAP_GRID[1])], dtype=torch.float64)
+    distance = torch.cdist(cells, cells)
+    map_rows = expected[:, :, 1:, :]
+    mad = (map_rows[..., 1:] * distance).sum(-1).mean(-1)
+    entropy = -(map_rows * map_rows.log()).sum(-1).mean(-1)
+    assert rec.layers == ["head"] and rec.skipped == {} and rec.class_attention_maps == {}
+    torch.testing.assert_close(rec.mad[0].double(), mad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(rec.stats["entropy"][0].double(), entropy, rtol=1e-5, atol=1e-6)
+    # The pooled token's row is the layer's prefix map.
+    assert rec.prefix_maps[0].shape == (2, 2, 1, tokens)
+    torch.testing.assert_close(rec.prefix_maps[0].double(), expected[:, :, :1, 1:], **TOL)
+    geometry = rec.geometry[0]
+    assert geometry.grid == MAP_GRID and geometry.stride == (MAP_STRIDE, MAP_STRIDE)
+    assert geometry.attention == "global" and geometry.num_prefix_tokens == 1
+    with torch.no_grad(), vitmad.record(model) as alone:
+        model(pixels)
+    assert torch.equal(rec.mad, alone.mad)
+
+
+def test_a_clip_resnet_has_only_its_attention_pool_map_and_says_where_it_is():
+    model = _clip_resnet().eval()
+    with pytest.raises(NoLayerError, match=r"head: attention pooling: .* recorded with stats=\[\.\.\., "
+                                           r"'prefix_maps'\] \(rec.class_attention_maps\)"):
+        vitmad.record(model)
+    with torch.no_grad(), vitmad.record(model, stats=["prefix_maps"]) as rec:
+        model(torch.randn(1, 3, *SIZE))
+    assert list(rec.class_attention_maps) == ["head"] and rec.layers == []
+    with pytest.raises(ValueError, match=r"no layer with a MAD ran in this call, only class attention or attention "
+                                         r"pooling \(head\)"):
+        _ = rec.mad
+
+
+def test_clip_attention_pool_whose_pool_type_changes_while_recorded_is_refused():
+    model = _clip_resnet().eval()
+    with torch.no_grad(), vitmad.record(model, stats=["prefix_maps"]) as rec:
+        model(torch.randn(1, 3, *SIZE))
+        model.reset_classifier(10, "")  # the map tokens' rows are now the output
+        with pytest.raises(ValueError, match=r"head \(AttentionPool2d\) of ByobNet: its pool_type changed from "
+                                             r"'token' to '' after the recording began"):
+            model(torch.randn(1, 3, *SIZE))
+    assert list(rec.class_attention_maps) == ["head"]
+
+
+class _PoolOverConv(torch.nn.Module):
+    """An AttentionPool2d over a convolution's map, outside a ByobNet: the map's pixel stride is not known."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 64, 16, stride=16)
+        self.head = timm.layers.AttentionPool2d(64, feat_size=MAP_GRID, embed_dim=128)
+
+    def forward(self, x):
+        return self.head(self.conv(x))
+
+
+@pytest.mark.parametrize("pool_type", ["token", ""])
+def test_attention_pool_over_a_map_of_unknown_stride_is_skipped_with_the_reason(pool_type):
+    model = _PoolOverConv().eval()
+    model.head.pool_type = pool_type
+    with pytest.raises(NoLayerError, match=r"head: attention pooling over a CNN's feature map whose pixel stride "
+                                           r"vitmad does not know: .* this AttentionPool2d is not the head of a "
+                                           r"ByobNet \(in _PoolOverConv\); neither its map nor a MAD is recorded"):
+        vitmad.record(model, stats=["prefix_maps"])

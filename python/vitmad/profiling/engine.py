@@ -470,8 +470,8 @@ def _check_recordable(module: torch.nn.Module, record_options: dict, layers: Seq
         raise OptionError(
             "layers" if layers else "model",
             f"{type(module).__name__}: no chosen layer has a MAD, only class attention or attention pooling "
-            f"({', '.join(sorted(classes))}), whose queries (a class token, learned queries) have no position; "
-            "vitmad profile needs one layer with a MAD. The maps of those queries are recorded by "
+            f"({', '.join(sorted(classes))}), whose queries (a class token, learned queries, a pooled token) have no "
+            "position; vitmad profile needs one layer with a MAD. The maps of those queries are recorded by "
             "vitmad.record(model, stats=['prefix_maps']) (rec.class_attention_maps)"
         )
 

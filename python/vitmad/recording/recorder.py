@@ -229,8 +229,8 @@ class RecordedCall:
             # Only class-attention or pooling layers ran (XCiT: every other layer attends over channels).
             raise ValueError(
                 f"vitmad.record: no layer with a MAD ran in this call, only class attention or attention pooling "
-                f"({', '.join(self.class_layers)}), whose queries (a class token, learned queries) have no position; "
-                "their maps are in rec.class_attention_maps"
+                f"({', '.join(self.class_layers)}), whose queries (a class token, learned queries, a pooled token) "
+                "have no position; their maps are in rec.class_attention_maps"
             )
         shapes = {tuple(t.shape[2:]) for t in values}
         if len(shapes) > 1:
@@ -675,7 +675,7 @@ class Recording:
                 self._class_layers.add(name)
                 modules[name] = module
                 self._placers[name] = ClassQueryPlacer(placer.keys or PlainPlacer(self._plain), placer.what,
-                                                       placer.queries_in_keys)
+                                                       placer.queries_in_keys, placer.self_attention)
             elif isinstance(placer, ClassQueries) and self._given is not None:
                 self.skipped[name] = (f"{placer.reason.split(';')[0]}; its maps are not recorded with positions= "
                                       "given by hand, which place the self-attention layers' tokens")
@@ -792,9 +792,10 @@ class Recording:
     @property
     def class_attention_maps(self) -> dict[str, torch.Tensor]:
         """With ``stats=[..., "prefix_maps"]``: ``{layer: [B, H, Q, T]}`` for the class-attention layers (CaiT,
-        XCiT, VOLO) and attention-pooling heads (timm ViT / EVA ``global_pool="map"``, SigLIP, AIMv2) of the latest
-        call, which are in ``rec.skipped`` as they have no MAD: the attention of their ``Q`` queries (the class
-        token, the learned queries) over the ``T`` positioned keys in row-major grid order (reshape with
+        XCiT, VOLO) and attention-pooling heads (timm ViT / EVA ``global_pool="map"``, SigLIP, AIMv2, the
+        ``AttentionPool2d`` of timm's CLIP ResNets) of the latest call, which are in ``rec.skipped`` as they have no
+        MAD: the attention of their ``Q`` queries (the class token, the learned queries, the pooled token) over the
+        ``T`` positioned keys in row-major grid order (reshape with
         ``rec.calls[-1].class_geometry[i].grid``). Empty for a model without either.
 
         Raises:

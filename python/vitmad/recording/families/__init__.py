@@ -16,6 +16,7 @@ from torch import nn
 
 from ..placement import LayerPlacer
 from . import (
+    attention_pool2d,
     byoanet,
     class_attention,
     conv_stages,
@@ -77,19 +78,23 @@ class ClassQueries(Skip):
             plain ViT layout.
         what: the keys, in words (for errors).
         queries_in_keys: the queries are the first keys (a class token); False for learned queries (pooling).
+        self_attention: every key queries too (timm's ``AttentionPool2d``, whose output keeps the pooled token's row
+            alone): the queries are placed as the keys are, and only the rows of those without a position are
+            recorded.
     """
 
     keys: LayerPlacer | None = None
     what: str = ""
     queries_in_keys: bool = True
+    self_attention: bool = False
 
 
 # Tried in order; the first family that claims a module places it.
 _FAMILIES = (
-    packed, class_attention, non_spatial, unplaced, radio, masked, vilt, padded_patches, swin, windowed_vit, hiera,
-    pooled, mvit, levit, efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit,
-    fastvit, vitamin, mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer,
-    lowformer, video, naflex, shvit, convit, torchvision_maxvit,
+    packed, class_attention, attention_pool2d, non_spatial, unplaced, radio, masked, vilt, padded_patches, swin,
+    windowed_vit, hiera, pooled, mvit, levit, efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit,
+    davit, tiny_vit, fastvit, vitamin, mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query,
+    iformer, lowformer, video, naflex, shvit, convit, torchvision_maxvit,
 )
 
 

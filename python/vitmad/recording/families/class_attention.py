@@ -24,7 +24,8 @@ by the model's plain layout (the patch grid, after the extra tokens when the hea
 - the heads of the NaFlex towers (timm ``NaFlexVit``'s ``attn_pool``, SigLIP2's pooling head), whose keys are
   each image's own grid padded into one batch, placed by :mod:`.naflex`.
 
-CLIP-style ``AttentionPool2d`` over a CNN's map stays skipped (:mod:`.non_spatial`).
+timm's CLIP-style ``AttentionPool2d`` over a CNN's map, whose queries are its keys, is placed by
+:mod:`.attention_pool2d` (with ``ClassQueryPlacer``'s ``self_attention``).
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ class ClassQueryPlacer(LayerPlacer):
     The placement's positions are the queries' (all NaN), its key positions the keys', and its ``fold`` the keys'
     fold, which folds a row over the keys onto their grid: the maps are folded with it, and no per-query value
     exists to fold. With ``queries_in_keys`` the queries are the first keys (the class token attends to itself
-    too); without, they are learned queries apart from the keys (attention pooling)."""
+    too); without, they are learned queries apart from the keys (attention pooling). With ``self_attention`` every
+    key is a query too, placed as a key (timm's ``AttentionPool2d``: the pooled token and the map's tokens), and
+    the maps are the rows of the queries without a position alone."""
 
-    def __init__(self, keys: LayerPlacer, what: str, queries_in_keys: bool = True):
-        self.keys, self.what, self.queries_in_keys = keys, what, queries_in_keys
+    def __init__(self, keys: LayerPlacer, what: str, queries_in_keys: bool = True, self_attention: bool = False):
+        self.keys, self.what, self.queries_in_keys, self.self_attention = keys, what, queries_in_keys, self_attention
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         return self.keys.install(context)
@@ -67,6 +70,14 @@ class ClassQueryPlacer(LayerPlacer):
         positions = keys.positions
         if positions.dim() != 2 and not (positions.dim() == 4 and positions.shape[1] == 1):
             raise NotPlaceable(f"the keys of its class attention ({self.what}) are not one token sequence")
+        if self.self_attention:
+            if num_queries != num_keys or not bool(positions[..., :1, :].isnan().all()):
+                raise NotPlaceable(
+                    f"its attention has {num_queries} queries over {num_keys} keys, where every key queries too "
+                    f"({self.what}, the first without a position)"
+                )
+            geometry = dataclasses.replace(keys.geometry, attention=f"attention pooling over {keys.geometry.attention}")
+            return Placement(positions, positions, keys.fold, geometry, present=keys.present)
         if self.queries_in_keys and (num_queries > positions.shape[-2]
                                      or not bool(positions[..., :num_queries, :].isnan().all())):
             raise NotPlaceable(

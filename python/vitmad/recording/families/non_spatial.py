@@ -13,7 +13,8 @@ from torch import nn
 from ..module_index import named_module_list
 from .windows import parent_module
 
-# class name -> why its attention has no MAD.
+# class name -> why its attention has no MAD. (timm's AttentionPool2d and RotAttentionPool2d are placed by
+# .attention_pool2d first; these reasons are those of other classes so named, OpenAI's and open_clip's.)
 _REASONS = {
     "AttentionPoolLatent": "attention pooling: learned latent queries without a position on the image",
     "Aimv2AttentionPoolingHead": "attention pooling: a learned query without a position on the image",
