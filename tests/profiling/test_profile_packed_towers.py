@@ -1,8 +1,9 @@
 """vitmad profile on packed native-resolution vision towers: Qwen2-VL (a whole vision-language checkpoint),
 Qwen2.5-VL (windows) and Qwen3-VL (towers saved alone), Qwen3-VL's tower inside whole Qwen3-VL-MoE, Qwen3.5 and
 Qwen3.5-MoE checkpoints, Pixtral (inside a LLaVA checkpoint, and saved alone without an image processor), and the
-towers of whole MiniMax-M3-VL (saved in its original layout), Cosmos3-Edge and LFM3-VL checkpoints, each fed by its
-own image processor (Cosmos3-Edge's lays each patch out channels last, without a temporal patch).
+MiniMax-M3-VL, Cosmos3-Edge and LFM3-VL towers, in whole checkpoints (MiniMax-M3-VL's in its original layout) and
+saved alone, each fed by its own image processor (Cosmos3-Edge's lays each patch out channels last, without a
+temporal patch).
 
 Tiny random-weight towers, their weights scaled so that attention is far from uniform, are saved to folders with
 their image processors. The reference is written here, independently of vitmad: each image through the model's
@@ -186,13 +187,9 @@ def _kin_processor(name: str, **changes):
     return getattr(transformers, KIN[name][4])(**{**settings, **changes})
 
 
-def _save_kin_checkpoint(folder, name: str):
-    model_name, where, tower_name = KIN[name][:3]
-    torch.manual_seed(0)
-    model = getattr(transformers, model_name)(_kin_config(name))
-    tower = model.get_submodule(where)
-    assert type(tower).__name__ == tower_name
-    _sharpen(tower, 5)
+def _sharpen_kin(tower: torch.nn.Module, seed: int) -> None:
+    """:func:`_sharpen` for a tower of ``KIN``."""
+    _sharpen(tower, seed)
     # LFM3-VL normalises its queries and keys per head, which undoes _sharpen, and Cosmos3-Edge has no rotary
     # embedding to make attention local: each query head gets the key head's projection (LFM3-VL's norms scaled up a
     # little), so that a token attends most to itself and to tokens like it.
@@ -205,7 +202,27 @@ def _save_kin_checkpoint(folder, name: str):
             elif type(module).__name__ == "Cosmos3EdgeVisionAttention":
                 module.q_proj.weight.copy_(module.k_proj.weight)
                 module.q_proj.bias.copy_(module.k_proj.bias)
+
+
+def _save_kin_checkpoint(folder, name: str):
+    model_name, where, tower_name = KIN[name][:3]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(_kin_config(name))
+    tower = model.get_submodule(where)
+    assert type(tower).__name__ == tower_name
+    _sharpen_kin(tower, 5)
     model.save_pretrained(folder)
+    _kin_processor(name).save_pretrained(folder)
+
+
+def _save_kin_tower(folder, name: str):
+    """A tower of ``KIN`` saved alone (its own config.json, its weights under its own module names), with its
+    model's image processor."""
+    tower_name = KIN[name][2]
+    torch.manual_seed(0)
+    tower = getattr(_MODELING[name], tower_name)(_kin_config(name).vision_config)
+    _sharpen_kin(tower, 6)
+    tower.save_pretrained(folder)
     _kin_processor(name).save_pretrained(folder)
 
 
@@ -256,6 +273,11 @@ CASES = {
         f, attn_implementation="eager").get_submodule(where),
         lambda f, processor=processor: getattr(transformers, processor).from_pretrained(f))
        for name, (model, where, _, _, processor, _) in KIN.items()},
+    # The towers of KIN saved alone: transformers loads them by their own class.
+    **{f"{name}_alone": (name, lambda f, name=name, tower=tower: getattr(_MODELING[name], tower).from_pretrained(
+        f, attn_implementation="eager"),
+        lambda f, processor=processor: getattr(transformers, processor).from_pretrained(f))
+       for name, (_, _, tower, _, processor, _) in KIN.items()},
 }
 
 
@@ -271,6 +293,7 @@ def folders(tmp_path_factory):
         _save_qwen3_kin_checkpoint(root / name, name)
     for name in KIN:
         _save_kin_checkpoint(root / name, name)
+        _save_kin_tower(root / f"{name}_alone", name)
     return root
 
 
@@ -447,6 +470,36 @@ def test_a_whole_checkpoint_of_a_kin_tower_loads_its_tower_alone_fed_by_its_own_
     fed = result.settings["preprocessing"]
     assert fed["native"] == "qwen" and fed["processor"]["image_processor_type"] == processor
     assert fed["processor"]["size"] == {"shortest_edge": 64, "longest_edge": 576}
+
+
+@pytest.mark.parametrize("name", list(KIN))
+def test_cli_profiles_a_kin_tower_saved_alone(folders, images, tmp_path, capsys, name):
+    """``vitmad profile --model hf:<folder> --image-size native`` on the tower saved by itself, no vision-language
+    model around it: the tower of its config.json with its weights as saved, fed by its model's own processor; each
+    image's MAD is its MAD alone through the eager tower."""
+    tower_name, processor = KIN[name][2], KIN[name][4]
+    folder = folders / f"{name}_alone"
+    loaded = load_model(f"hf:{folder}")
+    assert type(loaded.module).__name__ == tower_name
+    assert loaded.description == f"{tower_name} (a vision tower saved alone)"
+    expected = CASES[f"{name}_alone"][1](folder).state_dict()
+    assert loaded.module.state_dict().keys() == expected.keys()
+    for key, value in loaded.module.state_dict().items():
+        assert torch.equal(value, expected[key]), key  # the saved weights, not a fresh initialisation
+    out = tmp_path / "out"
+    code = main(["profile", "--model", f"hf:{folder}", "--images", str(images), "--image-size", "native",
+                 "--batch-size", "4", "--device", "cpu", "--out", str(out), "--workers", "0", "--no-figures"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"profiled: {tower_name} (a vision tower saved alone)" in captured.out
+    document = json.loads((out / "mad.json").read_text())
+    fed = document["settings"]["preprocessing"]
+    assert fed["native"] == "qwen" and fed["processor"]["image_processor_type"] == processor
+    files = find_images(images)
+    grids, reference = _references(f"{name}_alone", folder, files)
+    assert [tuple(document["image_grids"][str(f)]["grid"]) for f in files] == grids and len(set(grids)) > 1
+    profile = vitmad.Profile.from_json(out / "mad.json")
+    torch.testing.assert_close(profile.mad, torch.tensor(np.array(reference)).mean(0), **TOL)
 
 
 def _kin_folder(folders, tmp_path, name: str, weights: dict | None = None, **processor) -> str:

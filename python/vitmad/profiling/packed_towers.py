@@ -19,7 +19,8 @@ Loading (``hf:<id or folder>``):
   the checkpoint lacks is an error, never a random weight.
 - a vision tower saved alone (``save_pretrained`` of a ``Qwen2VisionTransformerPretrainedModel``,
   ``Qwen2_5_VisionTransformerPretrainedModel``, ``Qwen3VLVisionModel``, ``Qwen3VLMoeVisionModel``,
-  ``Qwen3_5VisionModel``, ``Qwen3_5MoeVisionModel`` or ``PixtralVisionModel``).
+  ``Qwen3_5VisionModel``, ``Qwen3_5MoeVisionModel``, ``MiniMaxM3VLVisionModel``, ``Cosmos3EdgeVisionModel``,
+  ``Lfm3VlVisionModel`` or ``PixtralVisionModel``), under its own module names.
 
 ``LoadedModel.description`` (``mad.json``'s ``settings.profiled``) says which tower was profiled.
 
