@@ -1,8 +1,9 @@
 """vitmad profile on packed native-resolution vision towers: Qwen2-VL (a whole vision-language checkpoint),
 Qwen2.5-VL (windows) and Qwen3-VL (towers saved alone), Qwen3-VL's tower inside whole Qwen3-VL-MoE, Qwen3.5 and
 Qwen3.5-MoE checkpoints, Pixtral (inside a LLaVA checkpoint, and saved alone without an image processor), and the
-towers of whole MiniMax-M3-VL (saved in its original layout), Cosmos3-Edge and LFM3-VL checkpoints, each fed by its
-own image processor (Cosmos3-Edge's lays each patch out channels last, without a temporal patch).
+MiniMax-M3-VL, Cosmos3-Edge and LFM3-VL towers, in whole checkpoints (MiniMax-M3-VL's in its original layout) and
+saved alone, each fed by its own image processor (Cosmos3-Edge's lays each patch out channels last, without a
+temporal patch), of the class its checkpoint names (a ``...Pil`` twin followed, another class refused).
 
 Tiny random-weight towers, their weights scaled so that attention is far from uniform, are saved to folders with
 their image processors. The reference is written here, independently of vitmad: each image through the model's
@@ -186,13 +187,9 @@ def _kin_processor(name: str, **changes):
     return getattr(transformers, KIN[name][4])(**{**settings, **changes})
 
 
-def _save_kin_checkpoint(folder, name: str):
-    model_name, where, tower_name = KIN[name][:3]
-    torch.manual_seed(0)
-    model = getattr(transformers, model_name)(_kin_config(name))
-    tower = model.get_submodule(where)
-    assert type(tower).__name__ == tower_name
-    _sharpen(tower, 5)
+def _sharpen_kin(tower: torch.nn.Module, seed: int) -> None:
+    """:func:`_sharpen` for a tower of ``KIN``."""
+    _sharpen(tower, seed)
     # LFM3-VL normalises its queries and keys per head, which undoes _sharpen, and Cosmos3-Edge has no rotary
     # embedding to make attention local: each query head gets the key head's projection (LFM3-VL's norms scaled up a
     # little), so that a token attends most to itself and to tokens like it.
@@ -205,7 +202,27 @@ def _save_kin_checkpoint(folder, name: str):
             elif type(module).__name__ == "Cosmos3EdgeVisionAttention":
                 module.q_proj.weight.copy_(module.k_proj.weight)
                 module.q_proj.bias.copy_(module.k_proj.bias)
+
+
+def _save_kin_checkpoint(folder, name: str):
+    model_name, where, tower_name = KIN[name][:3]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(_kin_config(name))
+    tower = model.get_submodule(where)
+    assert type(tower).__name__ == tower_name
+    _sharpen_kin(tower, 5)
     model.save_pretrained(folder)
+    _kin_processor(name).save_pretrained(folder)
+
+
+def _save_kin_tower(folder, name: str):
+    """A tower of ``KIN`` saved alone (its own config.json, its weights under its own module names), with its
+    model's image processor."""
+    tower_name = KIN[name][2]
+    torch.manual_seed(0)
+    tower = getattr(_MODELING[name], tower_name)(_kin_config(name).vision_config)
+    _sharpen_kin(tower, 6)
+    tower.save_pretrained(folder)
     _kin_processor(name).save_pretrained(folder)
 
 
@@ -256,6 +273,11 @@ CASES = {
         f, attn_implementation="eager").get_submodule(where),
         lambda f, processor=processor: getattr(transformers, processor).from_pretrained(f))
        for name, (model, where, _, _, processor, _) in KIN.items()},
+    # The towers of KIN saved alone: transformers loads them by their own class.
+    **{f"{name}_alone": (name, lambda f, name=name, tower=tower: getattr(_MODELING[name], tower).from_pretrained(
+        f, attn_implementation="eager"),
+        lambda f, processor=processor: getattr(transformers, processor).from_pretrained(f))
+       for name, (_, _, tower, _, processor, _) in KIN.items()},
 }
 
 
@@ -271,6 +293,7 @@ def folders(tmp_path_factory):
         _save_qwen3_kin_checkpoint(root / name, name)
     for name in KIN:
         _save_kin_checkpoint(root / name, name)
+        _save_kin_tower(root / f"{name}_alone", name)
     return root
 
 
@@ -447,6 +470,158 @@ def test_a_whole_checkpoint_of_a_kin_tower_loads_its_tower_alone_fed_by_its_own_
     fed = result.settings["preprocessing"]
     assert fed["native"] == "qwen" and fed["processor"]["image_processor_type"] == processor
     assert fed["processor"]["size"] == {"shortest_edge": 64, "longest_edge": 576}
+
+
+@pytest.mark.parametrize("name", list(KIN))
+def test_cli_profiles_a_kin_tower_saved_alone(folders, images, tmp_path, capsys, name):
+    """``vitmad profile --model hf:<folder> --image-size native`` on the tower saved by itself, no vision-language
+    model around it: the tower of its config.json with its weights as saved, fed by its model's own processor; each
+    image's MAD is its MAD alone through the eager tower."""
+    tower_name, processor = KIN[name][2], KIN[name][4]
+    folder = folders / f"{name}_alone"
+    loaded = load_model(f"hf:{folder}")
+    assert type(loaded.module).__name__ == tower_name
+    assert loaded.description == f"{tower_name} (a vision tower saved alone)"
+    expected = CASES[f"{name}_alone"][1](folder).state_dict()
+    assert loaded.module.state_dict().keys() == expected.keys()
+    for key, value in loaded.module.state_dict().items():
+        assert torch.equal(value, expected[key]), key  # the saved weights, not a fresh initialisation
+    out = tmp_path / "out"
+    code = main(["profile", "--model", f"hf:{folder}", "--images", str(images), "--image-size", "native",
+                 "--batch-size", "4", "--device", "cpu", "--out", str(out), "--workers", "0", "--no-figures"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"profiled: {tower_name} (a vision tower saved alone)" in captured.out
+    document = json.loads((out / "mad.json").read_text())
+    fed = document["settings"]["preprocessing"]
+    assert fed["native"] == "qwen" and fed["processor"]["image_processor_type"] == processor
+    files = find_images(images)
+    grids, reference = _references(f"{name}_alone", folder, files)
+    assert [tuple(document["image_grids"][str(f)]["grid"]) for f in files] == grids and len(set(grids)) > 1
+    profile = vitmad.Profile.from_json(out / "mad.json")
+    torch.testing.assert_close(profile.mad, torch.tensor(np.array(reference)).mean(0), **TOL)
+
+
+def _with_processor_class(folders, tmp_path, case: str, cls: str):
+    """``case``'s checkpoint copied, its preprocessor_config.json naming ``cls``, its settings as saved. Written by
+    hand: transformers 5 saves a ``...Pil`` processor under its base name, transformers 4 saved ``...Fast``."""
+    folder = tmp_path / f"{case}_{cls}"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((folders / case / name).read_bytes())
+    settings = json.loads((folders / case / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**settings, "image_processor_type": cls}))
+    return folder
+
+
+def _fed(case: str, args, kwargs) -> list:
+    """Each image's input in one packed forward of the tower: Qwen ``(patches, (h, w))``, Pixtral ``[3, H, W]``."""
+    if CASES[case][0] == "pixtral":
+        return [args[0][i, :, :h, :w] for i, (h, w) in enumerate(kwargs["image_sizes"].tolist())]
+    grids = [tuple(g) for g in kwargs["grid_thw"][:, 1:].tolist()]
+    return list(zip(args[0].split([h * w for h, w in grids]), grids))
+
+
+def _pixels(case: str, inputs) -> torch.Tensor:
+    """The pixel values of one image's input (Qwen: its patches)."""
+    return inputs if CASES[case][0] == "pixtral" else inputs[0]
+
+
+@pytest.mark.parametrize(("case", "cls"), [("qwen3_vl", "Qwen2VLImageProcessorPil"),
+                                           ("llava_pixtral", "PixtralImageProcessorPil")])
+def test_a_checkpoint_naming_the_pil_processor_is_fed_by_it(folders, images, tmp_path, case, cls):
+    """The ``...Pil`` twin of the Qwen and Pixtral processors resizes through PIL: the default's grid, pixels one
+    level in 255 apart in places. The tower gets the pixels of the class the checkpoint names (until the class
+    was read, the default's), mad.json says which, and the MAD is theirs."""
+    folder = _with_processor_class(folders, tmp_path, case, cls)
+    loaded = load_model(f"hf:{folder}")
+    result, (args, kwargs) = _profile_one_forward(loaded, images, image_size="native", batch_size=4)
+    assert result.settings["preprocessing"]["processor"]["image_processor_type"] == cls
+    named, default = getattr(transformers, cls).from_pretrained(folder), CASES[case][2](folder)
+    assert type(default).__name__ == cls.removesuffix("Pil")
+    pictures = [load_image(f)[0] for f in find_images(images)]
+    own = [_processed(case, named, picture) for picture in pictures]
+    others = [_processed(case, default, picture) for picture in pictures]
+    fed = _fed(case, args, kwargs)
+    assert [_grid(case, x) for x in fed] == [_grid(case, x) for x in own] == [_grid(case, x) for x in others]
+    assert all(torch.equal(_pixels(case, x), _pixels(case, y)) for x, y in zip(fed, own))
+    # The default's pixels are not those: a tower fed by it would be seen here.
+    assert not all(torch.equal(_pixels(case, x), _pixels(case, y)) for x, y in zip(own, others))
+    tower = CASES[case][1](folder).eval()
+    reference = torch.tensor(np.array([_image_mad(case, tower, x) for x in own]))
+    torch.testing.assert_close(result.mad, reference.mean(0), **TOL)
+
+
+@pytest.mark.parametrize(("case", "cls", "tower", "fed_by"), [
+    ("qwen3_vl", "Glm4vImageProcessor", "Qwen3VLVisionModel", "Qwen2VLImageProcessor or Qwen2VLImageProcessorPil"),
+    ("qwen2_vl", "SiglipImageProcessor", "Qwen2VisionTransformerPretrainedModel",
+     "Qwen2VLImageProcessor or Qwen2VLImageProcessorPil"),
+    ("llava_pixtral", "Qwen2VLImageProcessor", "PixtralVisionModel",
+     "PixtralImageProcessor or PixtralImageProcessorPil"),
+])
+def test_a_checkpoint_naming_another_processor_class_is_refused(folders, images, tmp_path, case, cls, tower, fed_by):
+    """The class a checkpoint names is its processor (transformers' AutoImageProcessor builds it): fed by Qwen2-VL's
+    instead, a tower saved with GLM-4.1V's would see other grids than its own processor cuts (GLM's budget counts
+    both temporal patches: fewer tokens here). Refused by name, never fed otherwise."""
+    folder = _with_processor_class(folders, tmp_path, case, cls)
+    if cls == "Glm4vImageProcessor":
+        own = transformers.AutoImageProcessor.from_pretrained(folder)
+        assert type(own).__name__ == cls
+        grids = [[_processed(case, p, load_image(f)[0])[1] for f in find_images(images)]
+                 for p in (own, CASES[case][2](folder))]
+        assert grids[0] != grids[1]
+    with pytest.raises(OptionError, match=rf"model: the checkpoint's image processor is {cls}, but the vision tower "
+                                          rf"{tower} is fed by {fed_by} \(its model's processor in transformers\)"):
+        load_model(f"hf:{folder}")
+
+
+@pytest.mark.parametrize(("case", "cls"), [("qwen3_vl", "Qwen2VLImageProcessorFast"),
+                                           ("llava_pixtral", "PixtralImageProcessorFast"),
+                                           ("lfm3_vl", "Qwen2VLImageProcessorFast"),
+                                           ("cosmos3_edge", "Cosmos3EdgeImageProcessorFast")])
+def test_a_transformers_4_fast_processor_is_its_transformers_5_class(folders, tmp_path, case, cls):
+    """transformers 4 saved its torchvision processors as ``...Fast`` (Qwen3-VL's checkpoints name
+    Qwen2VLImageProcessorFast); transformers 5 loads them as the base class: fed as the checkpoint saved with the
+    base name is, with the same settings (mad.json, the run's fingerprint)."""
+    folder = _with_processor_class(folders, tmp_path, case, cls)
+    assert type(transformers.AutoImageProcessor.from_pretrained(folder)).__name__ == cls.removesuffix("Fast")
+    assert load_model(f"hf:{folder}").processor == load_model(f"hf:{folders / case}").processor
+
+
+def test_the_processor_class_keeps_or_changes_the_runs_fingerprint(folders, images, tmp_path):
+    """A Qwen tower fed by the default class has the preprocessing settings it had before the class was read (no
+    image_processor_type): its runs keep their fingerprints and resume their checkpoints, also once the file names
+    transformers 4's Qwen2VLImageProcessorFast, the same class. Named ...Pil, it is fed other pixels: another run,
+    whose resume of that checkpoint is refused, naming the preprocessing."""
+    folder = _with_processor_class(folders, tmp_path, "qwen3_vl", "Qwen2VLImageProcessor")
+    spec, checkpoint = f"hf:{folder}", tmp_path / "run.pt"
+    full = vitmad.profile(spec, images, image_size="native", batch_size=1, device="cpu")
+    assert full.settings["preprocessing"]["processor"] == {"size": {"shortest_edge": 64, "longest_edge": 576},
+                                                           "merge_size": 2}
+    loaded = load_model(spec)
+    calls = []
+
+    def interrupt(module, args, kwargs):
+        calls.append(kwargs["grid_thw"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    handle = loaded.module.register_forward_pre_hook(interrupt, with_kwargs=True)
+    with pytest.raises(KeyboardInterrupt):
+        vitmad.profile(loaded, images, image_size="native", batch_size=1, device="cpu", checkpoint=checkpoint,
+                       checkpoint_every=5)
+    handle.remove()
+    config = folder / "preprocessor_config.json"
+    saved = json.loads(config.read_text())
+    config.write_text(json.dumps({**saved, "image_processor_type": "Qwen2VLImageProcessorPil"}))
+    with pytest.raises(OptionError, match=r"resume: .*other settings.*\(changed since: the model's preprocessing\)"):
+        vitmad.profile(spec, images, image_size="native", batch_size=1, device="cpu", checkpoint=checkpoint,
+                       resume=True)
+    config.write_text(json.dumps({**saved, "image_processor_type": "Qwen2VLImageProcessorFast"}))
+    resumed = vitmad.profile(spec, images, image_size="native", batch_size=1, device="cpu", checkpoint=checkpoint,
+                             resume=True)
+    assert resumed.settings == full.settings and resumed.images == full.images
+    assert torch.equal(resumed.stats.total, full.stats.total)
 
 
 def _kin_folder(folders, tmp_path, name: str, weights: dict | None = None, **processor) -> str:

@@ -19,22 +19,27 @@ Loading (``hf:<id or folder>``):
   the checkpoint lacks is an error, never a random weight.
 - a vision tower saved alone (``save_pretrained`` of a ``Qwen2VisionTransformerPretrainedModel``,
   ``Qwen2_5_VisionTransformerPretrainedModel``, ``Qwen3VLVisionModel``, ``Qwen3VLMoeVisionModel``,
-  ``Qwen3_5VisionModel``, ``Qwen3_5MoeVisionModel`` or ``PixtralVisionModel``).
+  ``Qwen3_5VisionModel``, ``Qwen3_5MoeVisionModel``, ``MiniMaxM3VLVisionModel``, ``Cosmos3EdgeVisionModel``,
+  ``Lfm3VlVisionModel`` or ``PixtralVisionModel``), under its own module names.
 
 ``LoadedModel.description`` (``mad.json``'s ``settings.profiled``) says which tower was profiled.
 
 Feeding: the image processor of the checkpoint (its ``preprocessor_config.json``; without one, the defaults of
-transformers' ``Qwen2VLImageProcessor`` / ``PixtralImageProcessor``, or of the model's own processor class, with
-the tower's patch, merge and temporal patch sizes, and for Pixtral the tower's largest image side as
-``longest_edge``) resizes each image. MiniMax-M3-VL is fed by ``MiniMaxM3VLImageProcessor``, Cosmos3-Edge by
-``Cosmos3EdgeImageProcessor`` (or its ``...Pil`` twin; each patch ``(p, p, C)``, no temporal patch), LFM3-VL by
-``Qwen2VLImageProcessor`` (or ``...Pil``): a checkpoint whose processor is of another class is refused, and so is
-one whose patch, merge or temporal patch size is not the tower's config's (the processor orders the patches by
-its ``merge_size``, the tower places them by its ``spatial_merge_size``); several images
-of different sizes go into one packed forward (:class:`~.native.NativeFeed`). A fixed ``image_size`` resizes every
-image to exactly that size (cover and centre crop, as for any model), which must be whole patches: multiples of
-``patch * spatial_merge_size`` for Qwen, of ``patch`` (and at most the tower's ``image_size``) for Pixtral; no
-``image_size`` is refused, since these towers have no input size of their own.
+the model's processor class, with the tower's patch, merge and temporal patch sizes, and for Pixtral the tower's
+largest image side as ``longest_edge``) resizes each image, of the class its ``image_processor_type`` names. The
+Qwen towers are fed by ``Qwen2VLImageProcessor`` (or its ``...Pil`` twin), Pixtral by ``PixtralImageProcessor``
+(or ``...Pil``), MiniMax-M3-VL by ``MiniMaxM3VLImageProcessor``, Cosmos3-Edge by ``Cosmos3EdgeImageProcessor`` (or
+``...Pil``; each patch ``(p, p, C)``, no temporal patch), LFM3-VL by ``Qwen2VLImageProcessor`` (or ``...Pil``);
+transformers 4's ``...Fast`` name is read as transformers 5 reads it, the base class. A checkpoint whose processor
+is of another class is refused (another class resizes by other rules: ``Glm4vImageProcessor`` counts both
+temporal patches against ``max_pixels``, and cuts a 1200 x 900 image into 58 x 42 patches at Qwen2-VL's settings
+where ``Qwen2VLImageProcessor`` cuts 82 x 60), and so is one whose patch, merge or temporal patch size is not the
+tower's config's (the processor orders the patches by its ``merge_size``, the tower places them by its
+``spatial_merge_size``); several images of different sizes go into one packed forward
+(:class:`~.native.NativeFeed`). A fixed ``image_size`` resizes every image to exactly that size (cover and centre
+crop, as for any model), which must be whole patches: multiples of ``patch * spatial_merge_size`` for Qwen, of
+``patch`` (and at most the tower's ``image_size``) for Pixtral; no ``image_size`` is refused, since these towers
+have no input size of their own.
 """
 
 from __future__ import annotations
@@ -69,9 +74,10 @@ class PackedTower:
             transformers' (the original checkpoint's, or what ``save_pretrained`` writes), applied before ``prefixes``.
         patch: where the tower keeps its patch size, a dotted attribute path from the tower.
         temporal: where it keeps its temporal patch size; None: it has none (1).
-        processors: the image processor classes of the model (transformers' auto map), the first its default; a
-            checkpoint's processor of another class is refused. Empty: the kind's (Qwen2VLImageProcessor,
-            PixtralImageProcessor), the saved ``image_processor_type`` not read.
+        processors: the image processor classes of the model (transformers' auto map), the first its default,
+            always named in the processor settings (and so in ``mad.json`` and the run's fingerprint). Empty: the
+            kind's (:data:`_KIND_PROCESSORS`), its default left out of the settings. Either way a checkpoint's
+            processor of another class is refused.
     """
 
     kind: str
@@ -143,7 +149,12 @@ PACKED_TOWERS = {
 _BY_CONFIG = {spec.config: tower for tower, spec in PACKED_TOWERS.items()}
 # Image processors whose patch vectors are (p, p, C, t) (channels last), not Qwen2-VL's (C, t, p, p).
 _CHANNELS_LAST = ("Cosmos3EdgeImageProcessor", "Cosmos3EdgeImageProcessorPil")
-_DEFAULT_PROCESSOR = {"qwen": "Qwen2VLImageProcessor", "pixtral": "PixtralImageProcessor"}
+# The processor classes of the Qwen and Pixtral towers (transformers' auto map of their models), the default
+# (torchvision backend) first. The ...Pil twin resizes through PIL: the same grid, pixels that round otherwise (up
+# to one level in 255). transformers 5 saves either as the base name, so a file naming the twin asks for it, and
+# it feeds the tower, as it does Cosmos3-Edge's and LFM3-VL's.
+_KIND_PROCESSORS = {"qwen": ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorPil"),
+                    "pixtral": ("PixtralImageProcessor", "PixtralImageProcessorPil")}
 
 
 def tower_kind(module: nn.Module) -> str | None:
@@ -294,8 +305,9 @@ _DROPPED = ("image_processor_type", "processor_class", "auto_map", "_processor_c
 
 def processor_settings(kind: str, tower: nn.Module, saved: dict | None) -> dict:
     """The image processor's settings: the checkpoint's (``saved``), else transformers' defaults with the tower's
-    sizes; checked against the tower. For a tower with its own processor classes (``PackedTower.processors``),
-    ``image_processor_type`` names the class that feeds it.
+    sizes; checked against the tower. ``image_processor_type`` names the class that feeds it, where the tower has
+    processor classes of its own (``PackedTower.processors``) or the checkpoint names the ``...Pil`` twin of the
+    Qwen or Pixtral default.
 
     Raises:
         OptionError: (``model``) the checkpoint's processor is of a class the tower is not fed by, cuts patches of
@@ -305,13 +317,20 @@ def processor_settings(kind: str, tower: nn.Module, saved: dict | None) -> dict:
     settings = {k: v for k, v in (saved or {}).items() if k not in _DROPPED}
     patch, factor = _sizes(kind, tower)
     name = type(tower).__name__
-    own = PACKED_TOWERS[name].processors
-    if own:
-        named = (saved or {}).get("image_processor_type") or own[0]
-        if named not in own:
-            raise OptionError("model", f"the checkpoint's image processor is {named}, but the vision tower {name} is "
-                                       f"fed by {' or '.join(own)} (its model's processor in transformers), whose "
-                                       f"resizing and patch order vitmad checked; {named}'s it did not")
+    spec = PACKED_TOWERS[name]
+    own = spec.processors or _KIND_PROCESSORS[kind]
+    given = (saved or {}).get("image_processor_type") or own[0]
+    # transformers 4 saved its torchvision processors as ...Fast; transformers 5 loads them as the base class.
+    named = given.removesuffix("Fast")
+    if named not in own:
+        raise OptionError("model", f"the checkpoint's image processor is {given}, but the vision tower {name} is "
+                                   f"fed by {' or '.join(own)} (its model's processor in transformers), whose "
+                                   f"resizing and patch order vitmad checked; {given}'s it did not")
+    # Until the class was read, the Qwen and Pixtral towers were fed by the default whatever the checkpoint named:
+    # their settings (mad.json, the run's fingerprint) leave the default out, so a run fed as before keeps its
+    # fingerprint and resumes its checkpoints, and one now fed by the ...Pil twin gets another and resumes none
+    # written while it was fed by the default.
+    if spec.processors or named != own[0]:
         settings["image_processor_type"] = named
     if kind == "qwen":
         expected = {"patch_size": patch, "merge_size": factor // patch, "temporal_patch_size": tower_sizes(tower)[2]}
@@ -341,7 +360,7 @@ def _processor(kind: str, settings_json: str):
     import transformers
 
     settings = json.loads(settings_json)
-    name = settings.pop("image_processor_type", None) or _DEFAULT_PROCESSOR[kind]
+    name = settings.pop("image_processor_type", None) or _KIND_PROCESSORS[kind][0]
     return getattr(transformers, name)(**settings)
 
 
