@@ -256,6 +256,27 @@ def test_videomae_with_dropped_tubelets_is_refused():
         model(pixel_values=_video(), bool_masked_pos=mask)
 
 
+def test_videomae_pretraining_decoder_is_skipped_with_its_token_order():
+    """Its tokens are the visible tubelets, then the mask tokens, in bool_masked_pos's order: their count is the
+    whole grid, and it was placed in (frame, row, column) order, silently (12 % off in space, 21 % in time)."""
+    config = transformers.VideoMAEConfig(image_size=IMAGE, patch_size=PATCH, num_frames=FRAMES, tubelet_size=TUBELET,
+                                         hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=48, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                                         decoder_num_attention_heads=2, decoder_intermediate_size=48)
+    torch.manual_seed(0)
+    model = transformers.VideoMAEForPreTraining(config).eval()
+    decoder = "decoder.decoder_layers.0.attention.attention"
+    with pytest.raises(ValueError, match=r"VideoMAE pretraining decoder: the visible tubelets, then the mask tokens"):
+        vitmad.record(model, layers=[decoder])
+    # Its encoder is recorded as VideoMAEModel's (and refuses dropped tubelets, test above); the decoder is skipped.
+    with vitmad.record(model, layers=["videomae.encoder.layer.*.attention.attention", decoder]) as rec:
+        pass
+    assert list(rec.skipped) == [decoder]
+    with torch.no_grad(), vitmad.record(model.videomae) as encoder:
+        model.videomae(pixel_values=_video())
+    assert encoder.layers == ["encoder.layer.0.attention.attention"]
+
+
 def test_image_layers_have_no_temporal_mad_and_keep_their_geometry_keys():
     config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=1,
                                     num_attention_heads=2, intermediate_size=48)

@@ -20,7 +20,8 @@ The grid is read from the tubelet (or, for TimeSformer, patch) embedding's outpu
 blocks reshape with ``config.num_frames``, which is its frame count. Left out, with the reason
 (``rec.skipped`` when named): V-JEPA 2's predictor (context tokens chosen by masks, then mask tokens) and its
 attentive pooler (learned queries; its self-attention layers belong to the classification head, not the
-encoder). VideoMAE with ``bool_masked_pos`` (dropped tubelets) is refused.
+encoder), and VideoMAE's pretraining decoder (the visible tubelets, then the mask tokens). VideoMAE with
+``bool_masked_pos`` (dropped tubelets) is refused.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ _SKIPPED = {
                                             "video encoder",
 }
 _PREDICTOR = (_VJEPA2, "VJEPA2Predictor")
+# VideoMAEForPreTraining's decoder attends over the visible tubelets in index order, then the mask tokens in index
+# order (each with its own cell's position embedding): per video by bool_masked_pos, not the (frame, row, column)
+# order of the encoder, which its token count (the whole grid) would pass for.
+_VIDEOMAE_DECODER = (_VIDEOMAE, "VideoMAEDecoder")
 _GRID = "video.grid"
 
 
@@ -273,6 +278,10 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     ancestors = [modules[".".join(parts[:i])] for i in range(len(parts))]
     if any(_key(a) == _PREDICTOR for a in ancestors):
         return Skip("V-JEPA 2 predictor: context tokens chosen by masks and mask tokens, not the encoder's tubelets")
+    if any(_key(a) == _VIDEOMAE_DECODER for a in ancestors):
+        return Skip("VideoMAE pretraining decoder: the visible tubelets, then the mask tokens, each in the order "
+                    "bool_masked_pos leaves them, not the encoder's (frame, row, column) order; vitmad does not "
+                    "place it")
     if key in _JOINT:
         embedding = _embedding(model, None)
         return None if embedding is None else VideoPlacer(model, embedding, "space-time", _JOINT[key])
