@@ -50,6 +50,14 @@ def test_language_model_layer_is_not_placed_as_the_patch_grid():
     with torch.no_grad(), vitmad.record(model) as default:
         model(**inputs)
     torch.testing.assert_close(rec.mad, default.mad, rtol=0, atol=0)
+    # A wildcard over a whole language model skips its attention modules alone, not its norms and projections (were
+    # listed too, each "outside the tower"); a module named whole is the user's choice, attention found in it or not.
+    with vitmad.record(model, layers=["model.vision_tower.*", "model.language_model.layers.0.*"]) as wide:
+        pass
+    assert list(wide.skipped) == ["model.vision_tower.head.attention", "model.language_model.layers.0.self_attn"]
+    with vitmad.record(model, layers=["model.vision_tower.*", "model.language_model.layers.0.mlp"]) as whole:
+        pass
+    assert list(whole.skipped) == ["model.vision_tower.head.attention", "model.language_model.layers.0.mlp"]
 
 
 def test_text_encoder_of_git_is_skipped_unless_its_layout_is_given():

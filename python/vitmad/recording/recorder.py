@@ -656,10 +656,15 @@ class Recording:
         if layers is None:
             chosen = {n: m for n, m in found.items() if n.startswith(prefix)}
         modules = {}
+        # Names given whole, not through a wildcard: a module so named is the user's choice even where vitmad found
+        # no attention in it.
+        named = set() if layers is None else {p for p in layers if not any(c in p for c in "*?[")}
         for name, module in chosen.items():
             placer = family_placer(model, name, module)
             if placer is None and not name.startswith(prefix) and self._given is None \
                     and self._plain.num_prefix_tokens is None and not keeps_image_layout(model, name):
+                if name not in found and name not in named:
+                    continue  # a wildcard's match that is no attention module (a norm, a projection): no layer
                 # Named in layers= (the default takes the tower alone): skipped, as packed towers skip a
                 # language model's layers, so that a wildcard over a whole vision-language model records its tower.
                 placer = Skip(
