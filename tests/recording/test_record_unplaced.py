@@ -153,3 +153,18 @@ def test_sam3_windowed_blocks_are_skipped_and_its_global_block_recorded():
     centres = (torch.stack([rows, cols], -1).reshape(9, 2).double() + 0.5) * 8
     expected = (probabilities * torch.cdist(centres, centres)).sum(-1).mean(-1)
     torch.testing.assert_close(rec.mad[0].double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_attention_with_batch_and_heads_merged_is_refused_saying_so():
+    """GroupViT attends [B * H, N, N] over its patches then its group tokens: refused, and the message says how the
+    shape differs from a plain ViT's (was only that the layout is unknown)."""
+    config = transformers.GroupViTVisionConfig(hidden_size=32, intermediate_size=64, depths=[1, 1],
+                                               num_hidden_layers=2, num_group_tokens=[4, 0],
+                                               num_output_groups=[2, 2], num_attention_heads=2, image_size=32,
+                                               patch_size=8)
+    torch.manual_seed(0)
+    model = transformers.GroupViTVisionModel(config).eval()
+    with pytest.raises(ValueError, match=r"stages\.0\.layers\.0\.self_attn .*shape \[2, 20, 20\] \(batch and heads "
+                                         r"merged in one dim\).*pass positions="):
+        with torch.no_grad(), vitmad.record(model):
+            model(pixel_values=torch.randn(1, 3, 32, 32))

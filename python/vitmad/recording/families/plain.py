@@ -285,10 +285,16 @@ class PlainPlacer(LayerPlacer):
         if layout.unavailable is not None:
             raise NotPlaceable(layout.unavailable)
         if num_queries != num_keys or len(lead) != 2:
+            # Say which way it differs: a user reading it learns whether the layer merges batch and heads (GroupViT,
+            # SegGPT), attends from other queries than its keys, or has dims of its own.
+            shape = f"[{', '.join(map(str, lead))}, {num_queries}, {num_keys}]"
+            how = ("its queries are not its keys" if num_queries != num_keys else
+                   "batch and heads merged in one dim" if len(lead) == 1 else f"{len(lead)} leading dims")
             raise NotPlaceable(
-                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; "
-                "a plain ViT layer attends [B, H, N, N] over the patch grid and its extra tokens, and vitmad "
-                f"does not know the token layout of {type(layout.model).__name__}'s other attention"
+                f"its attention has shape {shape} ({how}); a plain ViT layer attends [B, H, N, N] over the patch "
+                f"grid and its extra tokens, and vitmad does not know the token layout of "
+                f"{type(layout.model).__name__}'s other attention; pass positions=<[N, 2] pixel position of each "
+                "token, NaN rows for tokens off the image> if you know it"
             )
         grid = layout.call_grid(context)
         patches = grid[0] * grid[1]
