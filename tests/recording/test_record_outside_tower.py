@@ -121,3 +121,34 @@ def test_a_forward_through_the_other_tower_is_named_as_such():
     with torch.no_grad(), vitmad.record(model.model.image_tower) as rec:
         model(input_ids=ids, pixel_values_images=torch.randn(1, 3, 32, 32))
     assert rec.mad.shape == (1, 1, 2)
+
+
+def test_a_second_image_tower_is_named_in_skipped_and_records_on_its_own():
+    """DeepSeek-VL-Hybrid embeds the image in a high-resolution SAM encoder and a low-resolution SigLIP tower. A
+    recording places one tower's tokens (the first): the other's layers were left out silently; they are now in
+    rec.skipped with the reason, and a second recording on that tower, at the same time, records them."""
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=32, patch_size=8)
+    high = dict(model_type="sam_vision_model", hidden_size=32, output_channels=16, num_hidden_layers=2,
+                num_attention_heads=4, image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1], mlp_dim=64)
+    text = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=64)
+    config = transformers.DeepseekVLHybridConfig(vision_config=vision, high_res_vision_config=high, text_config=text,
+                                                 image_token_id=63)
+    torch.manual_seed(0)
+    model = transformers.DeepseekVLHybridForConditionalGeneration(config).eval()
+    ids = torch.cat([torch.tensor([[1, 2]]), torch.full((1, 16), 63), torch.tensor([[3, 4]])], 1)
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32),
+                  high_res_pixel_values=torch.randn(1, 3, 64, 64))
+    low = model.get_submodule("model.vision_model")
+    with torch.no_grad(), vitmad.record(model) as rec, vitmad.record(low) as second:
+        model(**inputs)
+    assert rec.layers == [f"model.high_res_vision_model.vision_encoder.layers.{i}.attn" for i in range(2)]
+    assert list(rec.skipped) == ["model.vision_model.encoder.layers.0.self_attn",
+                                 "model.vision_model.encoder.layers.1.self_attn", "model.vision_model.head.attention"]
+    assert all("second tower that embeds the image" in r and "model.get_submodule('model.vision_model')" in r
+               for r in rec.skipped.values())
+    assert second.layers == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
+    with torch.no_grad(), vitmad.record(low) as alone:
+        low(pixel_values=inputs["pixel_values"])
+    torch.testing.assert_close(second.mad, alone.mad, rtol=0, atol=0)

@@ -272,6 +272,11 @@ def _encoder_prefix(model: nn.Module) -> str:
         # NaFlex towers embed pre-cut patches with a Linear: the tower itself (SigLIP2's vision_model).
         tower = next(iter(naflex_towers(model)), None)
         return "" if not tower else tower + "."
+    return _tower_of_embedding(embedding)
+
+
+def _tower_of_embedding(embedding: str) -> str:
+    """The qualified-name prefix of the tower that holds the patch embedding named ``embedding``."""
     parts = embedding.split(".")
     for i, part in enumerate(parts):
         if "embed" in part:
@@ -282,6 +287,20 @@ def _encoder_prefix(model: nn.Module) -> str:
                 tower = tower[:-2]
             return "".join(p + "." for p in tower)
     return ""
+
+
+def _other_image_towers(model: nn.Module, prefix: str) -> list[str]:
+    """The prefixes of the towers that embed the image besides the one at ``prefix`` (DeepSeek-VL-Hybrid's
+    low-resolution SigLIP beside its high-resolution SAM encoder), in module order."""
+    if not prefix:
+        return []
+    towers = []
+    for name, module in named_module_list(model):
+        if not name.startswith(prefix) and is_embedding_projection(name, module):
+            tower = _tower_of_embedding(name)
+            if tower and not prefix.startswith(tower) and tower not in towers:
+                towers.append(tower)
+    return towers
 
 
 def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn.Module,
@@ -655,6 +674,17 @@ class Recording:
         prefix = _encoder_prefix(model)
         if layers is None:
             chosen = {n: m for n, m in found.items() if n.startswith(prefix)}
+            # A second tower that embeds the image is named, not left out silently: one recording places the tokens
+            # of one tower (its patch embedding's grid), so the other's layers are its own recording's.
+            for tower in _other_image_towers(model, prefix):
+                for name in found:
+                    if name.startswith(tower):
+                        self.skipped[name] = (
+                            f"in {tower[:-1]}, a second tower that embeds the image beside {prefix[:-1]}, the one "
+                            "this recording places (the first in module order); record it on its own, "
+                            f"vitmad.record(model.get_submodule('{tower[:-1]}')), or both at once with one "
+                            "recording per tower"
+                        )
         modules = {}
         # Names given whole, not through a wildcard: a module so named is the user's choice even where vitmad found
         # no attention in it.
