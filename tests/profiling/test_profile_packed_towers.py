@@ -598,19 +598,7 @@ def test_the_processor_class_keeps_or_changes_the_runs_fingerprint(folders, imag
     full = vitmad.profile(spec, images, image_size="native", batch_size=1, device="cpu")
     assert full.settings["preprocessing"]["processor"] == {"size": {"shortest_edge": 64, "longest_edge": 576},
                                                            "merge_size": 2}
-    loaded = load_model(spec)
-    calls = []
-
-    def interrupt(module, args, kwargs):
-        calls.append(kwargs["grid_thw"])
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-
-    handle = loaded.module.register_forward_pre_hook(interrupt, with_kwargs=True)
-    with pytest.raises(KeyboardInterrupt):
-        vitmad.profile(loaded, images, image_size="native", batch_size=1, device="cpu", checkpoint=checkpoint,
-                       checkpoint_every=5)
-    handle.remove()
+    _interrupted_native_run(load_model(spec), images, checkpoint)
     config = folder / "preprocessor_config.json"
     saved = json.loads(config.read_text())
     config.write_text(json.dumps({**saved, "image_processor_type": "Qwen2VLImageProcessorPil"}))
@@ -746,10 +734,9 @@ def test_a_checkpoint_missing_tower_weights_is_refused(folders, tmp_path):
         load_model(f"hf:{folder}")
 
 
-def test_resume_after_interrupt_equals_uninterrupted_run(folders, images, tmp_path):
-    spec = f"hf:{folders / 'qwen2_5_vl'}"
-    full = vitmad.profile(spec, images, image_size="native", batch_size=1, device="cpu")
-    loaded = load_model(spec)
+def _interrupted_native_run(loaded, images, checkpoint) -> None:
+    """A native profile of ``loaded``, one image per batch, checkpointed, stopped by a KeyboardInterrupt as the
+    third batch's packed forward begins: two batches are in the checkpoint."""
     calls = []
 
     def interrupt(module, args, kwargs):
@@ -758,11 +745,19 @@ def test_resume_after_interrupt_equals_uninterrupted_run(folders, images, tmp_pa
             raise KeyboardInterrupt
 
     handle = loaded.module.register_forward_pre_hook(interrupt, with_kwargs=True)
-    checkpoint = tmp_path / "run.pt"
-    with pytest.raises(KeyboardInterrupt):
-        vitmad.profile(loaded, images, image_size="native", batch_size=1, device="cpu", checkpoint=checkpoint,
-                       checkpoint_every=5)
-    handle.remove()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            vitmad.profile(loaded, images, image_size="native", batch_size=1, device="cpu", checkpoint=checkpoint,
+                           checkpoint_every=5)
+    finally:
+        handle.remove()
+
+
+def test_resume_after_interrupt_equals_uninterrupted_run(folders, images, tmp_path):
+    spec = f"hf:{folders / 'qwen2_5_vl'}"
+    full = vitmad.profile(spec, images, image_size="native", batch_size=1, device="cpu")
+    loaded, checkpoint = load_model(spec), tmp_path / "run.pt"
+    _interrupted_native_run(loaded, images, checkpoint)
     state = torch.load(checkpoint, weights_only=True)
     assert state["batches_done"] == 2 and len(state["images"]) == 2
     assert len(state["meta"]["image_grids"]) == 2
