@@ -161,7 +161,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     pooling = _pooling(model, name, module)
     if pooling is not None:
         # A NaFlex tower's head pools each image's own grid, padded: its keys are placed by that tower's inputs.
-        return naflex.pooling_head(model, name, module, pooling) or ClassQueries(
+        return naflex.pooling_head(model, name, pooling) or ClassQueries(
             pooling, None, "the tokens it pools", queries_in_keys=False)
 
     if defined_in(module, "ClassAttn", "cait"):

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..module_index import module_list, named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, on_device
+from .stages import innermost_on_path
 
 __all__ = ["placer", "attention_modules", "unrolled_cells"]
 
@@ -54,14 +55,7 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 def _owner(model: nn.Module, name: str, owner_classes: tuple[str, ...]) -> tuple[str, nn.Module] | None:
     """The Hiera model (timm ``Hiera``, transformers ``HieraModel``) that holds the attention module ``name``: the
     innermost module of an owner class on the path to it (the path's prefixes only, not every module)."""
-    found = None
-    parts = name.split(".")
-    for depth in range(len(parts)):
-        owner_name = ".".join(parts[:depth])
-        module = model.get_submodule(owner_name) if owner_name else model
-        if type(module).__name__ in owner_classes:
-            found = owner_name, module
-    return found
+    return innermost_on_path(model, name, lambda module: type(module).__name__ in owner_classes)
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):

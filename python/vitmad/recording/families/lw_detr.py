@@ -14,28 +14,20 @@ from __future__ import annotations
 from torch import nn
 
 from ..placement import NotPlaceable
-from .stages import defined_in
+from .stages import defined_in, innermost_on_path
 from .windows import PartitionPlacer, block_partition, nchw, parent_module
 
 __all__ = ["placer"]
 
 
-def _backbone_of(model: nn.Module, name: str) -> nn.Module | None:
-    """The innermost ``LwDetrViTBackbone`` holding module ``name``."""
-    parts, found = name.split("."), None
-    for depth in range(len(parts)):
-        owner = model.get_submodule(".".join(parts[:depth]))
-        if defined_in(owner, "LwDetrViTBackbone", "modeling_lw_detr"):
-            found = owner
-    return found
-
-
 def placer(model: nn.Module, name: str, module: nn.Module):
     if not defined_in(module, "LwDetrViTAttention", "modeling_lw_detr"):
         return None
-    backbone, layer = _backbone_of(model, name), parent_module(model, name)
-    if backbone is None or layer is None or not hasattr(layer, "window"):
+    found = innermost_on_path(model, name, lambda owner: defined_in(owner, "LwDetrViTBackbone", "modeling_lw_detr"))
+    layer = parent_module(model, name)
+    if found is None or layer is None or not hasattr(layer, "window"):
         return None
+    backbone = found[1]
     side, windowed = int(backbone.config.num_windows_side), bool(layer.window)
 
     def partition(grid: tuple[int, int]):

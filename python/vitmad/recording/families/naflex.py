@@ -40,7 +40,7 @@ from torch import nn
 
 from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
-from .stages import defined_in
+from .stages import defined_in, innermost_on_path
 
 __all__ = ["placer", "pooling_head", "towers", "call_start", "NaFlexPlacer"]
 
@@ -91,36 +91,23 @@ def call_start(model: nn.Module) -> nn.Module | None:
 
 def _tower_of(model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
     """The innermost NaFlex tower on the path to module ``name``, with its qualified name."""
-    found = None
-    parts = name.split(".")
-    for depth in range(len(parts)):
-        tower_name = ".".join(parts[:depth])
-        module = model.get_submodule(tower_name) if tower_name else model
-        if _design_of(module) is not None:
-            found = tower_name, module
-    return found
+    return innermost_on_path(model, name, lambda module: _design_of(module) is not None)
 
 
-def pooling_head(model: nn.Module, name: str, module: nn.Module, reason: str):
-    """The :class:`~.ClassQueries` of a NaFlex tower's attention-pooling head (timm's ``attn_pool``, the
-    ``MultiheadAttention`` of SigLIP2's head), or None when ``module`` is none. ``reason`` is the skip's, in the
-    words of :mod:`.class_attention`."""
+def pooling_head(model: nn.Module, name: str, reason: str):
+    """The :class:`~.ClassQueries` of the attention-pooling head ``name``, which :mod:`.class_attention` found
+    (timm's ``attn_pool``, the ``MultiheadAttention`` of SigLIP2's head; ``reason`` is its skip's), when a NaFlex
+    tower holds it; else None (the head pools a plain layout)."""
     from . import ClassQueries
 
-    tower = _tower_of(model, name)
-    if tower is None:
-        return None
-    tower_name, tower_module = tower
-    design = _design_of(tower_module)
-    if design is _TIMM and tower_module.attn_pool is module:
-        return ClassQueries(reason, NaFlexPlacer(model, tower_module, design,
-                                                 with_prefix=bool(tower_module.pool_include_prefix)),
-                            "the NaFlexViT tokens it pools", queries_in_keys=False)
-    if design is _SIGLIP2 and "." in name:
-        head = model.get_submodule(name.rpartition(".")[0])
-        if defined_in(head, "Siglip2MultiheadAttentionPoolingHead", "modeling_siglip2") and head.attention is module:
-            return ClassQueries(reason, NaFlexPlacer(model, tower_module, design), "the SigLIP2 tokens it pools",
-                                queries_in_keys=False)
+    _, tower = _tower_of(model, name) or (None, None)
+    design = None if tower is None else _design_of(tower)
+    if design is _TIMM:
+        keys = NaFlexPlacer(model, tower, design, with_prefix=bool(tower.pool_include_prefix))
+        return ClassQueries(reason, keys, "the NaFlexViT tokens it pools", queries_in_keys=False)
+    if design is _SIGLIP2:
+        return ClassQueries(reason, NaFlexPlacer(model, tower, design), "the SigLIP2 tokens it pools",
+                            queries_in_keys=False)
     return None
 
 

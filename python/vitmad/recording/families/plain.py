@@ -30,6 +30,7 @@ from ..placement import (
     read_only,
     select_tokens,
 )
+from .stages import pair
 from .unplaced import radio_layout_unknown
 from .windows import parent_module
 
@@ -185,13 +186,9 @@ def _strided_stem(model: nn.Module, embedding: nn.Module) -> list[nn.Module]:
     for _, module in named_module_list(model):
         if module is embedding:
             return found
-        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and max(_pair(module.stride)) > 1:
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and max(pair(module.stride)) > 1:
             found.append(module)
     return found
-
-
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 class PlainLayout:
@@ -226,7 +223,7 @@ class PlainLayout:
         def see_stem(module, args, output) -> None:
             # (input size, output size, stride, kernel) per axis of each strided stem module that ran in this call.
             if isinstance(output, torch.Tensor) and output.dim() == 4 and args and args[0].dim() == 4:
-                stride, kernel = _pair(module.stride), _pair(module.kernel_size)
+                stride, kernel = pair(module.stride), pair(module.kernel_size)
                 context.values.setdefault(_STEM, []).append(tuple(
                     (int(args[0].shape[a]), int(output.shape[a]), stride[a], kernel[a]) for a in (-2, -1)))
 

@@ -28,7 +28,7 @@ from torch import nn
 from ..module_index import module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
-__all__ = ["matching_design", "reduction_before", "Stage", "StageGrid", "StagePlacer", "KeyLayout",
+__all__ = ["matching_design", "reduction_before", "innermost_on_path", "Stage", "StageGrid", "StagePlacer", "KeyLayout",
            "global_keys", "strided_modules", "strided_centres", "strided_module_centres", "adaptive_centres",
            "grid_placement", "pair", "defined_in", "owner_of"]
 
@@ -45,6 +45,20 @@ def defined_in(module: nn.Module, class_name: str, module_suffix: str) -> bool:
     (timm and transformers reuse class names such as ``Attention`` across families)."""
     cls = type(module)
     return cls.__name__ == class_name and cls.__module__.rpartition(".")[2] == module_suffix
+
+
+def innermost_on_path(model: nn.Module, name: str, test) -> tuple[str, nn.Module] | None:
+    """The innermost module on the path to module ``name`` (its ancestors, the model itself included, not ``name``)
+    for which ``test(module)`` holds, with its qualified name, or None: the tower or backbone that holds an
+    attention module."""
+    found = None
+    parts = name.split(".")
+    for depth in range(len(parts)):
+        owner_name = ".".join(parts[:depth])
+        module = model.get_submodule(owner_name) if owner_name else model
+        if test(module):
+            found = owner_name, module
+    return found
 
 
 def owner_of(model: nn.Module, class_name: str, module_suffix: str) -> nn.Module | None:
