@@ -56,6 +56,7 @@ from .compiled import EagerWhileRecording, check_compiled, uncompiled
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import ClassQueries, Skip, family_modules, family_placer, probabilities_source
 from .families.class_attention import ClassQueryPlacer
+from .families.llama4 import towers as llama4_towers
 from .families.masked import GivenPositionsPlacer
 from .families.naflex import call_start as naflex_call_start
 from .families.naflex import towers as naflex_towers
@@ -269,8 +270,9 @@ def _encoder_prefix(model: nn.Module) -> str:
         found = find_patch_embedding(model)
         embedding = None if found is None else found[0]
     if embedding is None:
-        # NaFlex towers embed pre-cut patches with a Linear: the tower itself (SigLIP2's vision_model).
-        tower = next(iter(naflex_towers(model)), None)
+        # NaFlex towers embed pre-cut patches with a Linear, Llama 4's unfolds the image into one: the tower
+        # itself (SigLIP2's vision_model, Llama4ForConditionalGeneration's vision_model).
+        tower = next(iter({**naflex_towers(model), **llama4_towers(model)}), None)
         return "" if not tower else tower + "."
     return _tower_of_embedding(embedding)
 

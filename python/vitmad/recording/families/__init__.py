@@ -30,6 +30,7 @@ from . import (
     hiera,
     iformer,
     levit,
+    llama4,
     lowformer,
     lw_detr,
     map_attention,
@@ -92,7 +93,7 @@ class ClassQueries(Skip):
 
 # Tried in order; the first family that claims a module places it.
 _FAMILIES = (
-    packed, class_attention, attention_pool2d, non_spatial, unplaced, radio, masked, vilt, padded_patches, swin,
+    packed, class_attention, attention_pool2d, non_spatial, unplaced, radio, llama4, masked, vilt, padded_patches, swin,
     windowed_vit, hiera, pooled, mvit, levit, lw_detr, efficientformer, conv_stages, csatv2, vit_stages, maxxvit,
     nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, efficientvit_msra, map_attention, tnt, byoanet,
     multi_query, iformer, lowformer, video, naflex, shvit, convit, torchvision_maxvit,
