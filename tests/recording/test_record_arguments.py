@@ -175,3 +175,21 @@ def test_positions_of_another_length_name_both_shapes_and_the_packed_case():
                                              r"\[1, 17, 2\]; got shape \[16, 2\] \(if this module attends over parts "
                                              r"of a packed sequence one call at a time"):
             model(pixel_values=pixels)
+
+
+def test_a_plain_layout_given_for_a_model_without_one_warns_that_it_is_not_used():
+    """Swin's family reads its own windows and stages: patch= given for it changed nothing, silently."""
+    config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                                     window_size=4)
+    swin = transformers.SwinModel(config).eval()
+    with pytest.warns(UserWarning, match=r"patch=8, grid=\[8, 8\] given, but no recorded layer of SwinModel has a "
+                                         r"plain ViT layout: .* these values are not used") as warned:
+        recording = vitmad.record(swin, patch=8, grid=[8, 8])
+    assert warned[0].filename == __file__  # pointed at the user's call
+    with recording as rec, torch.no_grad():
+        swin(torch.rand(1, 3, 32, 32))
+    assert rec.geometry[0].stride == (4.0, 4.0)
+    # A plain ViT takes them: no warning (warnings are errors in the tests).
+    with vitmad.record(_tiny_vit(), patch=8, grid=[4, 4]) as rec, torch.no_grad():
+        rec.model(torch.rand(1, 3, 32, 32))
+    assert rec.layout.patch == 8

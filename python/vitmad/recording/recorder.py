@@ -277,6 +277,13 @@ def _encoder_prefix(model: nn.Module) -> str:
     return _tower_of_embedding(embedding)
 
 
+def _uses_plain_layout(placer: LayerPlacer) -> bool:
+    """Whether ``placer`` places its tokens by the plain layout (the one ``patch=``, ``grid=`` and
+    ``num_prefix_tokens=`` give by hand)."""
+    return (isinstance(placer, PlainPlacer) or getattr(placer, "given_layout", None) is not None
+            or (isinstance(placer, ClassQueryPlacer) and isinstance(placer.keys, PlainPlacer)))
+
+
 def _tower_of_embedding(embedding: str) -> str:
     """The qualified-name prefix of the tower that holds the patch embedding named ``embedding``."""
     parts = embedding.split(".")
@@ -635,6 +642,15 @@ class Recording:
                                       num_prefix_tokens)
             self._modules = self._choose_layers(layers)
             self._compiled = check_compiled(model, given)
+        if self._plain.given_by_hand and not any(map(_uses_plain_layout, self._placers.values())):
+            # Families read their own layouts (windows, stages, a class token after the grid): values meant for a
+            # plain ViT would change nothing, and the user would believe they had.
+            given_values = ", ".join(f"{k}={v}" for k, v in (("patch", patch), ("grid", grid),
+                                                             ("num_prefix_tokens", num_prefix_tokens)) if v is not None)
+            warnings.warn(f"vitmad.record: {given_values} given, but no recorded layer of {type(model).__name__} has "
+                          "a plain ViT layout: each is placed by its family's own layout, so these values are not "
+                          "used; pass positions=<[N, 2] pixel position of each token> to replace a layout",
+                          stacklevel=3)
         # Per module, the calls of its current forward not yet recorded (several for differential attention).
         self._pending: dict[str, list] = {}
         # Modules the user named exactly (no wildcard): one that runs without computing attention is said so once.
