@@ -168,3 +168,15 @@ def test_attention_with_batch_and_heads_merged_is_refused_saying_so():
                                          r"merged in one dim\).*pass positions="):
         with torch.no_grad(), vitmad.record(model):
             model(pixel_values=torch.randn(1, 3, 32, 32))
+
+
+def test_fuyu_is_refused_as_a_model_without_a_vision_encoder():
+    """Fuyu projects its patches with one Linear straight into its language model: the refusal says so (it said
+    "found no attention layer", which its language model does have)."""
+    config = transformers.FuyuConfig(
+        text_config=dict(model_type="persimmon", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, vocab_size=64), hidden_size=32, patch_size=4, vocab_size=64)
+    model = transformers.FuyuForCausalLM(config).eval()
+    with pytest.raises(ValueError, match=r"FuyuForCausalLM has no vision encoder: its image patches go through one "
+                                         r"Linear \(vision_embed_tokens\) straight into its language model"):
+        vitmad.record(model)

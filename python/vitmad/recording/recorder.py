@@ -750,6 +750,14 @@ class Recording:
                     f"; the class token's maps of its class attention ({', '.join(classes)}) are recorded with "
                     "stats=['prefix_maps'] (rec.class_attention_maps)" if classes and self._given is None else "",
                 )
+            if type(model).__module__.rpartition(".")[2] == "modeling_fuyu":
+                # Its language model does attend (a fused query_key_value projection vitmad does not look for), but
+                # over text and patches causally: "no attention layer" would send the user looking for one.
+                raise NoLayerError(
+                    f"{type(model).__name__} has no vision encoder: its image patches go through one Linear "
+                    "(vision_embed_tokens) straight into its language model, which attends over them and the text "
+                    "causally; MAD is defined for a vision transformer's attention over an image's patches"
+                )
             raise NoLayerError(
                 f"found no attention layer in {type(model).__name__}: none of its modules has transformers' "
                 "query/key projections, timm's fused_attn switch or a layout vitmad knows",
