@@ -460,8 +460,16 @@ template <typename acc_t, bool kEntropy>
 VITMAD_CPU_CLONES void whole_matrix_stats_sums(const acc_t* const* matrices, const acc_t* const* next, int64_t count,
                                                const acc_t* dist, int64_t n, acc_t* weighted, acc_t* x_log_x) {
   whole_matrix_sums<acc_t>(matrices, count, dist, n, weighted);
-  if constexpr (kEntropy)
-    for (int64_t i = 0; i < count; ++i) x_log_x[i] = contiguous_x_log_x<acc_t, 2>(matrices[i], n, next[i]);
+  if constexpr (kEntropy) {
+    // In chunks, their totals added in double, as whole_matrix_sums sums the distances and for the same reason.
+    for (int64_t i = 0; i < count; ++i) {
+      double total = 0;
+      for (int64_t start = 0; start < n; start += kWholeMatrixChunk)
+        total += static_cast<double>(contiguous_x_log_x<acc_t, 2>(
+            matrices[i] + start, std::min(kWholeMatrixChunk, n - start), next[i] ? next[i] + start : nullptr));
+      x_log_x[i] = static_cast<acc_t>(total);
+    }
+  }
 }
 
 // "mean" without renormalisation where every query and key has a position and each matrix is contiguous (as
