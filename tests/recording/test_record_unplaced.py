@@ -157,17 +157,26 @@ def test_sam3_windowed_blocks_are_skipped_and_its_global_block_recorded():
 
 def test_attention_with_batch_and_heads_merged_is_refused_saying_so():
     """GroupViT attends [B * H, N, N] over its patches then its group tokens: refused, and the message says how the
-    shape differs from a plain ViT's (was only that the layout is unknown)."""
+    shape differs from a plain ViT's (was only that the layout is unknown), and that positions= cannot place it
+    either, which is what positions= then says (it advised positions=, which refused the layer in turn)."""
     config = transformers.GroupViTVisionConfig(hidden_size=32, intermediate_size=64, depths=[1, 1],
                                                num_hidden_layers=2, num_group_tokens=[4, 0],
                                                num_output_groups=[2, 2], num_attention_heads=2, image_size=32,
                                                patch_size=8)
     torch.manual_seed(0)
     model = transformers.GroupViTVisionModel(config).eval()
+    pixels = torch.randn(1, 3, 32, 32)
     with pytest.raises(ValueError, match=r"stages\.0\.layers\.0\.self_attn .*shape \[2, 20, 20\] \(batch and heads "
-                                         r"merged in one dim\).*pass positions="):
+                                         r"merged in one dim\).*positions= cannot place it either .*leave this module "
+                                         r"out with layers=") as refused:
         with torch.no_grad(), vitmad.record(model):
-            model(pixel_values=torch.randn(1, 3, 32, 32))
+            model(pixel_values=pixels)
+    assert "pass positions=" not in str(refused.value)
+    positions = torch.rand(20, 2)
+    with pytest.raises(ValueError, match=r"stages\.0\.layers\.0\.self_attn .*shape \[2, 20, 20\]; positions= places "
+                                         r"the tokens of self-attention \[B, H, N, N\]"):
+        with torch.no_grad(), vitmad.record(model, positions=positions):
+            model(pixel_values=pixels)
 
 
 def test_fuyu_is_refused_as_a_model_without_a_vision_encoder():

@@ -287,11 +287,14 @@ class PlainPlacer(LayerPlacer):
             shape = f"[{', '.join(map(str, lead))}, {num_queries}, {num_keys}]"
             how = ("its queries are not its keys" if num_queries != num_keys else
                    "batch and heads merged in one dim" if len(lead) == 1 else f"{len(lead)} leading dims")
+            # positions= places self-attention [B, H, N, N] only (GivenPositionsPlacer): advising it here would send
+            # the user to a second refusal.
             raise NotPlaceable(
                 f"its attention has shape {shape} ({how}); a plain ViT layer attends [B, H, N, N] over the patch "
                 f"grid and its extra tokens, and vitmad does not know the token layout of "
-                f"{type(layout.model).__name__}'s other attention; pass positions=<[N, 2] pixel position of each "
-                "token, NaN rows for tokens off the image> if you know it"
+                f"{type(layout.model).__name__}'s other attention; positions= cannot place it either (it places "
+                "self-attention [B, H, N, N] over each image's tokens); leave this module out with layers=[the other "
+                "attention modules]"
             )
         grid = layout.call_grid(context)
         patches = grid[0] * grid[1]

@@ -1,4 +1,5 @@
-"""Windowed attention on a 2-D token grid: SAM's and ViTDet's plain ViTs, SAM2's HieraDet.
+"""Windowed attention on a 2-D token grid: SAM's and ViTDet's plain ViTs, SAM2's HieraDet; SAM's encoder also where
+transformers' GOT-OCR2 (and PP-Chart2Table), PP-FormulaNet and SLANeXt carry a copy of it as their vision tower.
 
 Each block holds its tokens as a ``[B, H, W, C]`` map (ViTDet: ``[B, C, H, W]``). A windowed block pads the map
 at the bottom and right to a multiple of its window, partitions it into windows in row-major window order and
@@ -68,6 +69,14 @@ _DESIGNS = {
     ("SamVisionSdpaAttention", "modeling_sam"): _SAM,
     ("SamHQVisionAttention", "modeling_sam_hq"): _SAM_HQ,
     ("SamHQVisionSdpaAttention", "modeling_sam_hq"): _SAM_HQ,
+    # SAM's encoder copied into other models (transformers' modular copies of SamVisionAttention and
+    # SamVisionLayer, eager attention only): GOT-OCR2's vision tower (also PP-Chart2Table's, which builds
+    # GotOcr2ForConditionalGeneration), PP-FormulaNet's and SLANeXt's. Same windows, padding, global blocks,
+    # merged batch and heads; their necks and projectors after the blocks are convolutions.
+    ("GotOcr2VisionAttention", "modeling_got_ocr2"): _Design("GotOcr2VisionLayer", "num_attention_heads"),
+    ("PPFormulaNetVisionAttention", "modeling_pp_formulanet"): _Design("PPFormulaNetVisionLayer",
+                                                                       "num_attention_heads"),
+    ("SLANeXtVisionAttention", "modeling_slanext"): _Design("SLANeXtVisionLayer", "num_attention_heads"),
     ("VitDetAttention", "modeling_vitdet"): _Design("VitDetLayer", "num_heads", channels_first=True),
     ("MultiScaleAttention", "hieradet_sam2"): _Design("MultiScaleBlock", "num_heads", "q_stride"),
     ("Sam2MultiScaleAttention", "modeling_sam2"): _Design("Sam2MultiScaleBlock", "num_attention_heads",
@@ -95,7 +104,7 @@ def _pair(value) -> tuple[int, int]:
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The attention modules of these families that the generic discovery misses (no q/k projections, no
-    ``fused_attn``): transformers' SAM, SAM-HQ, ViTDet and Sam2 vision attention."""
+    ``fused_attn``): transformers' SAM, SAM-HQ (and SAM's copies), ViTDet and Sam2 vision attention."""
     return {name: m for name, m in named_module_list(model) if _key(m) in _DESIGNS}
 
 

@@ -1,0 +1,227 @@
+"""vitmad.record on SAM's windowed ViT encoder where other transformers models carry a copy of it: GOT-OCR2's vision
+tower (``GotOcr2VisionEncoder``, also PP-Chart2Table's: its config builds ``GotOcr2ForConditionalGeneration``),
+PP-FormulaNet's (``PPFormulaNetVisionModel``) and SLANeXt's (``SLANeXtVisionEncoder``).
+
+Their attention and block classes are SAM's ``SamVisionAttention`` and ``SamVisionLayer`` copied by transformers'
+modular converter (renamed, same code): each block pads its ``H x W`` token map at the bottom and right to a
+multiple of its window, partitions it into windows in row-major window order, tokens row-major within a window,
+and attends within each window, or, in a global block (``global_attn_indexes``), over the whole map; the padding
+is not masked. The attention computes its own softmax (eager only: none of them has an SDPA class) over
+``[B * windows * heads, N, N]``, batch, then window, then head, and returns those probabilities as its second
+output, which is the reference here. A padding slot is a key at its cell of the padded grid, past the image edge,
+and no query (docs/definition.md, windows). Tokens are ``patch_size`` pixels apart; the neck and the projectors
+after the blocks are convolutions, no attention.
+
+The patch embedding takes only the configured square image size, so padding comes from a map that the window does
+not divide (80 px / 8 = 10 tokens, windows of 4: padded to 12; 56 px: 7 tokens, windows of 3: padded to 9).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vitmad
+from conftest import sharpened
+
+transformers = pytest.importorskip("transformers")
+
+TOL = {"rtol": 1e-5, "atol": 1e-4}  # float32 probabilities, float32 accumulation in the ops
+STATS = ["entropy", "self_mass"]
+HEADS, BATCH = 2, 2
+
+
+def _tower(image: int, window: int) -> dict:
+    # Blocks 0 and 2 windowed, block 1 global.
+    return dict(hidden_size=32, output_channels=16, num_hidden_layers=3, num_attention_heads=HEADS, image_size=image,
+                patch_size=8, window_size=window, global_attn_indexes=[1], mlp_dim=64)
+
+
+def _formula_tower(image: int, window: int) -> dict:
+    return dict(_tower(image, window), post_conv_in_channels=16, post_conv_out_channels=32, post_conv_mid_channels=16,
+                decoder_hidden_size=32)
+
+
+def _modeling(name: str):
+    return pytest.importorskip(f"transformers.models.{name}.modeling_{name}")
+
+
+# name -> (build(image, window, implementation) -> the tower, its attention class name)
+TOWERS = {
+    "got_ocr2": (lambda i, w, impl: _modeling("got_ocr2").GotOcr2VisionEncoder._from_config(
+        transformers.GotOcr2VisionConfig(**_tower(i, w)), attn_implementation=impl), "GotOcr2VisionAttention"),
+    "pp_chart2table": (lambda i, w, impl: _modeling("got_ocr2").GotOcr2VisionEncoder._from_config(
+        transformers.PPChart2TableVisionConfig(**_tower(i, w)), attn_implementation=impl), "GotOcr2VisionAttention"),
+    "pp_formulanet": (lambda i, w, impl: _modeling("pp_formulanet").PPFormulaNetVisionModel._from_config(
+        transformers.PPFormulaNetVisionConfig(**_formula_tower(i, w)), attn_implementation=impl),
+        "PPFormulaNetVisionAttention"),
+    "slanext": (lambda i, w, impl: _modeling("slanext").SLANeXtVisionEncoder._from_config(
+        transformers.SLANeXtVisionConfig(**_tower(i, w)), attn_implementation=impl), "SLANeXtVisionAttention"),
+}
+# The attention implementations each tower accepts: PP-FormulaNet's model class takes "sdpa" (for its text
+# decoder), and its vision blocks still build the eager attention; the others refuse "sdpa".
+IMPLEMENTATIONS = {"got_ocr2": ["eager"], "pp_chart2table": ["eager"], "pp_formulanet": ["eager", "sdpa"],
+                   "slanext": ["eager"]}
+SIZES = {"padded-10-in-4": (80, 4), "padded-7-in-3": (56, 3), "whole-8-in-4": (64, 4)}
+
+
+def _random_tables(model: torch.nn.Module) -> torch.nn.Module:
+    """Sharpened attention (conftest), random relative-position tables and absolute position embedding (zeros at
+    init), and a random patch embedding (std 1e-10 at init: every image would give the same tokens), so that a token
+    at a wrong place, a head in a wrong slot or one image's values given to another change the values."""
+    sharpened(model)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "rel_pos" in name or name.endswith("pos_embed"):
+                parameter.normal_()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.normal_(std=0.25)
+    return model
+
+
+def _probabilities(model: torch.nn.Module, attention_class: str, run) -> list[torch.Tensor]:
+    """Each attention call's own softmax probabilities (its second output), float64, in call order."""
+    maps, handles = [], []
+    for module in model.modules():
+        if type(module).__name__ == attention_class:
+            handles.append(module.register_forward_hook(lambda m, a, out: maps.append(out[1].detach().double())))
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return maps
+
+
+def _windows(size: int, window: int, patch: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """The pixel centre ``[nW, N, 2]`` of every slot of every window of a ``size x size`` map (0: one global window
+    over the map), windows and slots row-major over the map padded to whole windows, and each slot's token index in
+    the row-major map (-1: padding, a key without a query)."""
+    window = window or size
+    per_side = math.ceil(size / window)
+    centres, tokens = [], []
+    for wi in range(per_side):
+        for wj in range(per_side):
+            rows = [wi * window + t // window for t in range(window * window)]
+            cols = [wj * window + t % window for t in range(window * window)]
+            centres.append([[(r + 0.5) * patch, (c + 0.5) * patch] for r, c in zip(rows, cols)])
+            tokens.append([r * size + c if r < size and c < size else -1 for r, c in zip(rows, cols)])
+    return torch.tensor(centres, dtype=torch.float64), tokens
+
+
+def _reference(probabilities: torch.Tensor, size: int, window: int, patch: int) -> dict[str, torch.Tensor]:
+    """Per statistic, ``[B, H, size * size]`` per image token (row-major), from one call's probabilities
+    ``[B * nW * H, N, N]`` (batch, then window, then head) placed by :func:`_windows`."""
+    centres, tokens = _windows(size, window, patch)
+    windows, slots = centres.shape[:2]
+    attn = probabilities.reshape(BATCH, windows, HEADS, slots, slots)
+    distance = torch.cdist(centres, centres)  # [nW, N, N]: query slot to key slot, padding keys included
+    per_slot = {
+        "mad": (attn * distance[None, :, None]).sum(-1),
+        "entropy": -torch.special.xlogy(attn, attn).sum(-1),
+        "self_mass": attn.diagonal(dim1=-2, dim2=-1),  # slot i's own key is slot i, in every window
+    }
+    out = {name: torch.full((BATCH, HEADS, size * size), float("nan"), dtype=torch.float64) for name in per_slot}
+    for w in range(windows):
+        for slot, token in enumerate(tokens[w]):
+            if token >= 0:
+                for name, values in per_slot.items():
+                    out[name][:, :, token] = values[:, w, :, slot]
+    assert not out["mad"].isnan().any()  # every image token is the query of exactly one slot
+    return out
+
+
+def _check(model, attention_class: str, run, output, size: int, window: int, *, layers: list[str]) -> None:
+    """The recording of ``model`` (every statistic, both reductions) against its attention's own probabilities
+    placed by :func:`_reference`; the output unchanged, bit for bit."""
+    with torch.no_grad():
+        plain = output(run(model))
+        with vitmad.record(model, stats=STATS) as rec:
+            recorded = output(run(model))
+        with vitmad.record(model, stats=STATS, reduction="none") as rec_tokens:
+            run(model)
+    assert torch.equal(plain, recorded)
+    maps = _probabilities(model, attention_class, run)
+    assert rec.layers == rec_tokens.layers == layers and len(maps) == 3
+    windows = [window, 0, window]
+    padded = math.ceil(size / window) * window
+    for i, (probabilities, w) in enumerate(zip(maps, windows, strict=True)):
+        expected = _reference(probabilities, size, w, 8)
+        geometry = rec.geometry[i]
+        assert geometry.grid == (size, size) and geometry.stride == (8.0, 8.0) and geometry.heads == HEADS
+        assert geometry.attention == ("global" if w == 0 else f"window {w}x{w}" + (
+            f" (map {size}x{size} padded to {padded}x{padded})" if padded != size else ""))
+        for name, values in expected.items():
+            torch.testing.assert_close(rec.stats[name][i].double(), values.mean(-1), **TOL)
+            torch.testing.assert_close(rec_tokens.stats[name][i].double(), values, **TOL)
+
+
+@pytest.mark.parametrize("size_window", list(SIZES.values()), ids=list(SIZES))
+@pytest.mark.parametrize("name,implementation",
+                         [(n, impl) for n, impls in IMPLEMENTATIONS.items() for impl in impls])
+def test_sam_like_tower_matches_its_own_attention(name, implementation, size_window):
+    image, window = size_window
+    build, attention_class = TOWERS[name]
+    torch.manual_seed(0)
+    model = _random_tables(build(image, window, implementation))
+    assert all(type(m).__name__ == attention_class for n, m in model.named_modules() if n.endswith(".attn"))
+    pixels = torch.randn(BATCH, 3, image, image)
+    _check(model, attention_class, lambda m: m(pixels), lambda out: out.last_hidden_state, image // 8, window,
+           layers=[f"layers.{i}.attn" for i in range(3)])
+
+
+def _text() -> dict:
+    return dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=64)
+
+
+def _got_ocr2(config_class):
+    # 80 px: a 10 x 10 map, the neck keeps it, the projector's two stride-2 convolutions make 3 x 3 image tokens.
+    config = config_class(vision_config=_tower(80, 4), text_config=_text(), image_token_index=5, image_seq_length=9)
+    model = transformers.GotOcr2ForConditionalGeneration(config)
+    ids = torch.tensor([[1, 2] + [5] * 9 + [3, 4]] * BATCH)
+    return model, lambda pixels: (lambda m: m(input_ids=ids, pixel_values=pixels)), "model.vision_tower"
+
+
+def _pp_formulanet():
+    text = dict(vocab_size=64, d_model=32, decoder_layers=1, decoder_ffn_dim=64, decoder_attention_heads=2,
+                max_position_embeddings=64)
+    config = transformers.PPFormulaNetConfig(vision_config=_formula_tower(80, 4), text_config=text)
+    model = transformers.PPFormulaNetForConditionalGeneration(config)
+    ids = torch.tensor([[2, 7, 8]] * BATCH)
+    return model, lambda pixels: (lambda m: m(pixel_values=pixels, decoder_input_ids=ids)), "model.encoder"
+
+
+def _slanext():
+    config = transformers.SLANeXtConfig(vision_config=_tower(80, 4), post_conv_in_channels=16,
+                                        post_conv_out_channels=32, hidden_size=32, out_channels=10, max_text_length=5)
+    model = transformers.SLANeXtForTableRecognition(config)
+    return model, lambda pixels: (lambda m: m(pixel_values=pixels)), "backbone.vision_tower"
+
+
+FULL_MODELS = {
+    "got_ocr2": (lambda: _got_ocr2(transformers.GotOcr2Config), "GotOcr2VisionAttention", "logits"),
+    "pp_chart2table": (lambda: _got_ocr2(transformers.PPChart2TableConfig), "GotOcr2VisionAttention", "logits"),
+    "pp_formulanet": (_pp_formulanet, "PPFormulaNetVisionAttention", "logits"),
+    "slanext": (_slanext, "SLANeXtVisionAttention", "last_hidden_state"),
+}
+
+
+@pytest.mark.parametrize("name", list(FULL_MODELS))
+def test_full_model_records_its_image_tower_alone(name):
+    """The whole model (a language model, a formula decoder, a table head beside the tower): its image tower's
+    blocks are recorded, placed as the tower alone is, and nothing else (no other layer is skipped either: the
+    decoders' attention is not the tower's, and is not taken for it)."""
+    build, attention_class, field = FULL_MODELS[name]
+    torch.manual_seed(0)
+    model, call, tower = build()
+    _random_tables(model)
+    _check(model, attention_class, call(torch.randn(BATCH, 3, 80, 80)), lambda out: getattr(out, field), 10, 4,
+           layers=[f"{tower}.layers.{i}.attn" for i in range(3)])
+    with torch.no_grad(), vitmad.record(model) as rec:
+        call(torch.randn(BATCH, 3, 80, 80))(model)
+    assert rec.skipped == {}
