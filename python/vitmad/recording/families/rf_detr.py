@@ -115,19 +115,19 @@ def _placement(grid: tuple[int, int], stride: tuple[float, float], side: int, wi
                lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
     cells = window_cells(grid, side)
     windows, size = side * side, cells.shape[1]
-    if windowed:
-        expected_lead, length, attention = [batch * windows], 1 + size, f"window {_describe(grid, side)}"
-    else:
-        expected_lead, length = [batch], windows * (1 + size)
-        attention = f"global, over {side}x{side} windows of {_describe(grid, side)}"
     if side == 1:  # one window, the whole map: the plain layout, whichever kind the block is
         attention = "global"
+    elif windowed:
+        attention = f"window {'' if grid[0] == grid[1] else 'of '}{_describe(grid, side)}, each with its own class " \
+                    "token copy"
+    else:
+        attention = f"global, over {side}x{side} windows of {_describe(grid, side)}, each with its own class token copy"
+    rows, length = (batch * windows, 1 + size) if windowed else (batch, windows * (1 + size))
     shape = [int(d) for d in lead]
-    if len(shape) != 2 or shape[0] != expected_lead[0] or num_queries != length or num_keys != length:
+    if len(shape) != 2 or shape[0] != rows or num_queries != length or num_keys != length:
         raise NotPlaceable(
-            f"its attention is [{', '.join(map(str, shape))}, {num_queries}, {num_keys}], expected "
-            f"[{expected_lead[0]}, heads, {length}, {length}] ({attention}, each window after its own class token "
-            f"copy, over a {grid[0]}x{grid[1]} patch map, batch of {batch})"
+            f"its attention is [{', '.join(map(str, shape))}, {num_queries}, {num_keys}], expected [{rows}, heads, "
+            f"{length}, {length}] ({attention}, over a {grid[0]}x{grid[1]} patch map, batch of {batch})"
         )
     heads = shape[1]
     centres = ((cells.double() + 0.5) * torch.tensor(stride, dtype=torch.float64)).float()
@@ -146,8 +146,9 @@ def _placement(grid: tuple[int, int], stride: tuple[float, float], side: int, wi
         values = values.reshape(batch, heads, windows, 1 + size)[..., 1:].reshape(batch, heads, windows * size)
         return values.index_select(-1, on_device(inverse, values.device))
 
-    geometry = LayerGeometry(grid, stride, f"{attention}, each with its own class token copy" if side > 1
-                             else attention, heads, num_prefix_tokens=1 if side == 1 else None)
+    # Counting no prefix tokens keeps every copy's row in the prefix maps (one counted would keep the first copy's
+    # alone, the others taken for padding slots); one window is the plain layout, its class token first.
+    geometry = LayerGeometry(grid, stride, attention, heads, num_prefix_tokens=1 if side == 1 else None)
     return Placement(positions, None, fold, geometry)
 
 
