@@ -114,6 +114,63 @@ def test_timm_model_wrapped_by_transformers_is_recorded_like_the_timm_model():
     torch.testing.assert_close(rec.mad.double(), expected, **TOL)
 
 
+
+def test_hierarchical_timm_model_wrapped_by_transformers_reads_its_stage_strides():
+    """The timm families read the stage strides from the timm model's feature_info, whose module names
+    (stages.3) are its own: wrapped (transformers' TimmWrapperModel, FastVLM's tower), they were looked up on the
+    wrapper under its names (timm_model.stages.3) and every FastViT, MaxViT, CoAtNet, TinyViT, GCViT and NesT layer
+    was refused. FastViT's last-stage attention against its unfused probabilities, placed here: a global map of
+    32 px cells, ceil(64 / 32) x ceil(96 / 32)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    config = transformers.TimmWrapperConfig(architecture="fastvit_sa12", model_args=dict(
+        embed_dims=(16, 32, 64, 128), layers=(1, 1, 1, 1)))
+    wrapped = transformers.TimmWrapperModel(config).eval()
+    pixels = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        plain = wrapped(pixels).last_hidden_state
+        with vitmad.record(wrapped, reduction="none") as rec:
+            recorded = wrapped(pixels).last_hidden_state
+    assert torch.equal(plain, recorded)
+    assert rec.layers == ["timm_model.stages.3.blocks.0.token_mixer"]
+    assert rec.geometry[0].grid == (2, 3) and rec.geometry[0].stride == (32.0, 32.0)
+    eager = copy.deepcopy(wrapped.timm_model)
+    maps = []
+    for module in eager.modules():
+        if type(module).__name__ == "Attention":
+            module.fused_attn = False
+            module.attn_drop.register_forward_pre_hook(lambda m, args: maps.append(args[0].double()))
+    with torch.no_grad():
+        eager.forward_features(pixels)
+    rows, cols = torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij")
+    centres = (torch.stack([rows, cols], -1).reshape(6, 2).double() + 0.5) * 32
+    expected = (maps[0] * torch.cdist(centres, centres)).sum(-1)  # [B, H, 6], row-major
+    torch.testing.assert_close(rec.per_layer[0].double(), expected, **TOL)
+
+
+@pytest.mark.parametrize("architecture, args, size", [
+    ("maxvit_nano_rw_256", dict(img_size=64), 64),
+    ("coatnet_nano_rw_224", dict(img_size=64), 64),
+    ("tiny_vit_5m_224", dict(embed_dims=(16, 32, 64, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2)), 224),
+    ("gcvit_xxtiny", dict(img_size=64), 64),
+    ("nest_tiny", dict(img_size=64), 64),
+])
+def test_timm_families_wrapped_by_transformers_equal_the_timm_model(architecture, args, size):
+    """Each of these families is checked against its eager attention in its own tests; wrapped, it must give the
+    very same recording (it was refused)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(4)
+    wrapped = transformers.TimmWrapperModel(transformers.TimmWrapperConfig(architecture=architecture,
+                                                                           model_args=args)).eval()
+    pixels = torch.randn(1, 3, size, size)
+    with torch.no_grad(), vitmad.record(wrapped.timm_model) as alone:
+        wrapped.timm_model.forward_features(pixels)
+    with torch.no_grad(), vitmad.record(wrapped) as rec:
+        wrapped(pixels)
+    assert rec.layers == ["timm_model." + name for name in alone.layers] and rec.skipped == {}
+    assert [g.stride for g in rec.geometry] == [g.stride for g in alone.geometry]
+    assert torch.equal(rec.mad.nan_to_num(-1), alone.mad.nan_to_num(-1))
+
 class _PatchEmbedding(nn.Module):
     def __init__(self):
         super().__init__()

@@ -113,11 +113,32 @@ def family_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def family_placer(model: nn.Module, name: str, module: nn.Module):
     """The family placer or :class:`Skip` of one attention module, or None when no family claims it."""
+    model, name = _timm_model_holding(model, name)
     for family in _FAMILIES:
         placer = family.placer(model, name, module)
         if placer is not None:
             return placer
     return None
+
+
+def _timm_model_holding(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The outermost timm model on the path to module ``name`` and the name relative to it, where ``model`` is not
+    one itself (transformers' ``TimmWrapperModel`` holds it as ``timm_model``, FastVLM's tower, Gemma 3n's); else
+    ``(model, name)``. The timm families read the model's ``feature_info`` and its module names (``stages.3``),
+    which the timm model keeps, named from itself, wherever it is held."""
+    if _is_timm_model(model):
+        return model, name
+    parts = name.split(".")
+    for depth in range(1, len(parts)):
+        owner = model.get_submodule(".".join(parts[:depth]))
+        if _is_timm_model(owner):
+            return owner, ".".join(parts[depth:])
+    return model, name
+
+
+def _is_timm_model(module: nn.Module) -> bool:
+    # A timm model, not one of its layers: the models carry their pretrained config.
+    return type(module).__module__.startswith("timm.models.") and hasattr(module, "pretrained_cfg")
 
 
 def probabilities_source(module: nn.Module) -> nn.Module | None:
