@@ -233,3 +233,41 @@ def test_nested_record_of_the_same_model_is_refused_and_leaves_the_outer_one_wor
         model(torch.randn(1, 3, 32, 32))
     assert outer.mad.shape == (2, 1, 2)
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_a_transformers_tower_that_is_no_pretrained_model_is_found_alone(attn_implementation):
+    """Idefics' IdeficsVisionTransformer is a plain nn.Module of transformers (the IdeficsModel holds it): recorded
+    alone, its q_proj / k_proj attention went unfound ("found no attention layer"). Against its own eager
+    probabilities on a 5 x 7 grid of 8 px patches after its class token, placed here."""
+    from transformers.models.idefics.vision import IdeficsVisionAttention, IdeficsVisionTransformer
+
+    config = transformers.IdeficsVisionConfig(embed_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                                              intermediate_size=64, image_size=32, patch_size=8)
+    config._attn_implementation = "eager"
+    torch.manual_seed(5)
+    tower = IdeficsVisionTransformer(config).eval()
+    with torch.no_grad():
+        for name, parameter in tower.named_parameters():
+            if "position" in name or "class" in name or name.endswith("proj.weight"):
+                parameter.normal_(std=0.5 if name.endswith("proj.weight") else 1.0)
+    pixels = torch.randn(2, 3, 40, 56)
+    maps = []
+    hooks = [m.register_forward_hook(lambda m, args, out: maps.append(out[1].double()))
+             for m in tower.modules() if isinstance(m, IdeficsVisionAttention)]
+    with torch.no_grad():
+        tower(pixels, interpolate_pos_encoding=True)
+    for hook in hooks:
+        hook.remove()
+    config._attn_implementation = attn_implementation
+    with torch.no_grad():
+        plain = tower(pixels, interpolate_pos_encoding=True).last_hidden_state
+        with vitmad.record(tower) as rec:
+            recorded = tower(pixels, interpolate_pos_encoding=True).last_hidden_state
+    assert torch.equal(plain, recorded)
+    assert rec.layers == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
+    rows, cols = torch.meshgrid(torch.arange(5), torch.arange(7), indexing="ij")
+    centres = (torch.stack([rows, cols], -1).reshape(35, 2).double() + 0.5) * 8
+    expected = torch.stack([(m[:, :, 1:, 1:] * torch.cdist(centres, centres)).sum(-1).mean(-1) for m in maps])
+    assert float(expected.std()) > 1.0  # heads far apart: a misplaced token would show
+    torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)

@@ -340,8 +340,9 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     with shared_walks():
         found = {}
         # A transformers model inside a wrapper (nn.Sequential, nn.DataParallel, a user's module) too: its modules
-        # are then recorded as any module that computes attention (module_capture), not through its config.
-        if any(is_hf_model(m) for m in module_list(model)):
+        # are then recorded as any module that computes attention (module_capture), not through its config. So
+        # too a transformers tower that is no PreTrainedModel (Idefics' IdeficsVisionTransformer, recorded alone).
+        if any(is_hf_model(m) or type(m).__module__.startswith("transformers.models.") for m in module_list(model)):
             found.update(hf_attention_modules(model))
         found.update(timm_attention_modules(model))
         found.update(source_attention_modules(model))
