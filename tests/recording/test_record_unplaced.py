@@ -167,8 +167,8 @@ def test_attention_with_batch_and_heads_merged_is_refused_saying_so():
     model = transformers.GroupViTVisionModel(config).eval()
     pixels = torch.randn(1, 3, 32, 32)
     with pytest.raises(ValueError, match=r"stages\.0\.layers\.0\.self_attn .*shape \[2, 20, 20\] \(batch and heads "
-                                         r"merged in one dim\).*positions= cannot place it either .*leave this module "
-                                         r"out with layers=") as refused:
+                                         r"merged in one dim, or no head dim\).*positions= cannot place it either "
+                                         r".*leave this module out with layers=") as refused:
         with torch.no_grad(), vitmad.record(model):
             model(pixel_values=pixels)
     assert "pass positions=" not in str(refused.value)

@@ -286,7 +286,8 @@ class PlainPlacer(LayerPlacer):
             # SegGPT), attends from other queries than its keys, or has dims of its own.
             shape = f"[{', '.join(map(str, lead))}, {num_queries}, {num_keys}]"
             how = ("its queries are not its keys" if num_queries != num_keys else
-                   "batch and heads merged in one dim" if len(lead) == 1 else f"{len(lead)} leading dims")
+                   "batch and heads merged in one dim, or no head dim" if len(lead) == 1 else
+                   f"{len(lead)} leading dims")
             # positions= places self-attention [B, H, N, N] only (GivenPositionsPlacer): advising it here would send
             # the user to a second refusal.
             raise NotPlaceable(
