@@ -33,6 +33,9 @@ def _tiny_vit():
      "vitmad.record: layers must be a list of names or patterns (strings), got dict"),
     (None, {"layers": [""]}, ValueError, "vitmad.record: layers names '' (the model itself), but ViTModel is not one "
                                          "attention layer; name its attention modules (layers.0.attention"),
+    (None, {"stats": ["entropy", "temporal_mad"]}, ValueError,
+     "vitmad.record: stats must be among 'mad', 'entropy', 'prefix_mass', 'self_mass', 'prefix_maps' (or 'all'), got "
+     "'temporal_mad'; the temporal MAD of video layers needs no asking: it is always in rec.temporal_mad"),
     (None, {"positions": torch.zeros(5, 2, device="meta")}, ValueError,
      "vitmad.record: positions must be a floating tensor [N, 2]"),
 ])

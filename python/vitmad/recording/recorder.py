@@ -384,8 +384,11 @@ def _check_record_stats(stats) -> tuple[tuple[str, ...], bool]:
                     f"(or 'all'), a comma list of them or None, got {stats!r}")
     names, unknown = found
     if unknown:
+        # The ops take "temporal_mad" with times=; a recording measures it on every video layer unasked.
+        temporal = ("; the temporal MAD of video layers needs no asking: it is always in rec.temporal_mad"
+                    if "temporal_mad" in unknown else "")
         raise ValueError(f"vitmad.record: stats must be among {', '.join(map(repr, RECORD_STATS))} (or 'all'), got "
-                         f"{', '.join(map(repr, unknown))}")
+                         f"{', '.join(map(repr, unknown))}{temporal}")
     return tuple(n for n in STAT_NAMES if n in names and n != "mad"), MAP_NAME in names
 
 
