@@ -152,3 +152,43 @@ def test_a_second_image_tower_is_named_in_skipped_and_records_on_its_own():
     with torch.no_grad(), vitmad.record(low) as alone:
         low(pixel_values=inputs["pixel_values"])
     torch.testing.assert_close(second.mad, alone.mad, rtol=0, atol=0)
+
+
+def test_a_tower_held_by_a_module_named_embedder_is_the_tower():
+    """PE-Video (``PeVideoEncoder``) holds its per-frame vision tower in ``embedder.vision_model``, then runs a
+    temporal encoder over the frames' embeddings and a CLS. The tower was found from the first path part with
+    "embed" in its name: "embedder", which made the whole model the tower, and the temporal encoder was placed as
+    the image's patches (refused at best: 2 tokens "fewer than the 2 x 2 patches"). Now the frames are recorded, one
+    row per frame, each against its own eager attention: CLS without a position, then 2 x 2 patches of 14 px."""
+    vision = dict(architecture="vit_pe_core_large_patch14_336", do_pooling=True, num_classes=16, num_labels=16,
+                  global_pool="map", model_args=dict(embed_dim=32, depth=2, num_heads=2, img_size=28, mlp_ratio=2.0))
+    config = transformers.PeVideoEncoderConfig(vision_config=vision, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, head_dim=16)
+    from transformers.models.pe_video.modeling_pe_video import PeVideoEncoder
+
+    torch.manual_seed(6)
+    model = PeVideoEncoder(config).eval()
+    with torch.no_grad():
+        for parameter in model.embedder.vision_model.parameters():
+            parameter.normal_(std=0.3)
+    video = torch.randn(2, 3, 3, 28, 28)  # 2 videos of 3 frames
+    tower = model.embedder.vision_model.timm_model
+    maps = []
+    for module in tower.modules():
+        if type(module).__name__ == "AttentionRope":
+            module.fused_attn = False
+            module.attn_drop.register_forward_pre_hook(lambda m, args: maps.append(args[0].double()))
+    with torch.no_grad():
+        plain = model(pixel_values_videos=video).last_hidden_state
+    for module in tower.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = True
+    with torch.no_grad(), vitmad.record(model) as rec:
+        recorded = model(pixel_values_videos=video).last_hidden_state
+    torch.testing.assert_close(plain, recorded, rtol=1e-5, atol=1e-6)  # eager against fused: float32 rounding
+    assert rec.layers == [f"embedder.vision_model.timm_model.blocks.{i}.attn" for i in (0, 1)]
+    assert not any(name.startswith("layers.") for name in rec.skipped)
+    centres = (torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=torch.float64) + 0.5) * 14
+    expected = torch.stack([(m[:, :, 1:, 1:] * torch.cdist(centres, centres)).sum(-1).mean(-1) for m in maps[:2]])
+    assert rec.mad.shape == (2, 6, 2)  # a row per frame
+    torch.testing.assert_close(rec.mad.double(), expected, rtol=1e-5, atol=1e-4)

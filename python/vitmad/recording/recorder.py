@@ -30,6 +30,7 @@ image) are the rows of the tokens without a position, computed beside it (:mod:`
 from __future__ import annotations
 
 import fnmatch
+import re
 import sys
 import threading
 import warnings
@@ -288,7 +289,10 @@ def _tower_of_embedding(embedding: str) -> str:
     """The qualified-name prefix of the tower that holds the patch embedding named ``embedding``."""
     parts = embedding.split(".")
     for i, part in enumerate(parts):
-        if "embed" in part:
+        # An embedding's own name (embeddings, patch_embed, patch_embedding, ...), not a module that holds a whole
+        # tower under another word: PE-Video's "embedder" holds its vision tower, and taken for the embedding it
+        # made the whole model the tower (its temporal encoder's layers were then placed as the image's).
+        if re.search(r"(^|_)embed(s|ding|dings)?(_|$)", part):
             tower = parts[:i]
             # A hierarchy embeds in every stage (PVT v2's encoder.layers.0.patch_embedding, Segformer's
             # stages.0.patch_embeddings): the tower is what holds the list of stages.
