@@ -193,3 +193,38 @@ def test_sdpa_broadcast_key_and_mask_of_another_dtype(mask_kind):
     # mad_qk adds the float mask rounded to bfloat16 (q's dtype), as the reference does; accumulation is float32.
     expected = vitmad.mad_reference(model[0].probs, 4, grid=[2, 3])
     torch.testing.assert_close(rec.mad[0].double(), expected, **RECORD_TOL)
+
+
+class _GlobalViewAndCrops(torch.nn.Module):
+    """A tower run twice in one forward, as Step3's global view and then its crops (or LLaVA-NeXT-Video's images
+    and then a video): two runs on grids of their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.tower = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=64,
+                                       dynamic_img_size=True).eval()
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        crops = torch.cat([image[..., :32, :32], image[..., 32:, 32:]])
+        return torch.cat([self.tower(image), self.tower(crops)])
+
+
+def test_a_tower_run_twice_in_one_forward_warns_and_keeps_both_runs():
+    """rec.mad read the last run alone, silently (found by QA on Step3 and LLaVA-NeXT-Video): the recording warns
+    once, and each run stays in rec.calls on its own grid, equal to that run recorded alone."""
+    model = _GlobalViewAndCrops()
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), vitmad.record(model.tower) as alone:
+        model.tower(image)
+        model.tower(torch.cat([image[..., :32, :32], image[..., 32:, 32:]]))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        with pytest.warns(UserWarning, match=r"one forward of _GlobalViewAndCrops ran its recorded layers 2 times .*"
+                                             r"rec.mad, rec.layers, rec.per_layer read the last one alone: read "
+                                             r"rec.calls\[-2:\]"):
+            model(image)
+        model(image)  # once per recording: warnings are errors in the tests
+    assert len(rec.calls) == 4
+    assert [call.geometry[0].grid for call in rec.calls[:2]] == [(4, 4), (2, 2)]
+    for recorded, expected in zip(rec.calls[:2], alone.calls):
+        assert torch.equal(recorded.mad, expected.mad)
+    assert torch.equal(rec.mad, alone.calls[1].mad)

@@ -618,6 +618,7 @@ class Recording:
         self._eager = False
         self._registered = False  # in _RECORDING
         self._calls_before_forward: int | None = None  # len(calls) when the model's forward began
+        self._warned_runs = False  # _warn_several_runs
         self._model_call: ModuleCall | None = None  # that forward (whether a KeyboardInterrupt ended it)
         self._forwards = 0  # forwards of the model that ended in this recording
         self._last_done: RecordedCall | None = None  # the call of the latest of them (gone: the user cleared calls)
@@ -1486,10 +1487,25 @@ class Recording:
         elif returned and not _in_backward() and not _not_recorded():
             self._forwards += 1
             self._last_done = self._calls[-1] if self._calls else None
+            self._warn_several_runs()
         elif returned and _in_transform():
             self._transformed += 1
         self._calls_before_forward = self._model_call = None
         _TRANSFORM_WARNED[0] = False
+
+    def _warn_several_runs(self) -> None:
+        """Once per recording: one forward of the model ran its image tower more than once (Step3's global view,
+        then its crops; LLaVA-NeXT-Video's images, then its video). Each run is a call of its own, on its own grid,
+        and the properties that read the latest call would show the last run alone, silently (found by QA)."""
+        began = self._calls_before_forward
+        runs = 0 if began is None else len(self._calls) - began
+        if runs > 1 and not self._warned_runs:
+            self._warned_runs = True
+            warnings.warn(f"vitmad.record: one forward of {type(self.model).__name__} ran its recorded layers "
+                          f"{runs} times (the tower run on several inputs, e.g. a global view and its crops, or "
+                          "images and a video); each run is its own entry of rec.calls, and rec.mad, rec.layers, "
+                          f"rec.per_layer read the last one alone: read rec.calls[-{runs}:] for all of them",
+                          stacklevel=2)
 
     def _remove(self) -> None:
         self._drop_unfinished()
