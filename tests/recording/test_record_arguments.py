@@ -71,6 +71,16 @@ def test_a_grid_that_is_not_the_patch_embeddings_is_refused():
     with torch.no_grad(), vitmad.record(model) as detected:
         model(pixel_values=pixels)
     torch.testing.assert_close(rec.mad, detected.mad, rtol=0, atol=0)
+    # With num_prefix_tokens too, the tokens are counted as given, but the cells of another grid than the
+    # embedding's are not its stride: patch= is needed (Unlimited-OCR's CLIP stage after SAM's strided convolutions
+    # was measured at SAM's 8 px for 32 px cells, found by QA).
+    with pytest.raises(ValueError, match=r"the given grid=\[3, 3\] is not the 4x4 grid of its patch embedding .*so "
+                                         r"the pixels per token are not that embedding's stride; pass patch="):
+        with torch.no_grad(), vitmad.record(model, grid=[3, 3], num_prefix_tokens=8):
+            model(pixel_values=pixels)
+    with torch.no_grad(), vitmad.record(model, grid=[3, 3], num_prefix_tokens=8, patch=10) as given:
+        model(pixel_values=pixels)
+    assert given.geometry[0].stride == (10.0, 10.0) and given.geometry[0].grid == (3, 3)
 
 
 def test_a_call_the_model_cannot_make_fails_with_the_models_error_not_vitmads():

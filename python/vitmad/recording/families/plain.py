@@ -349,7 +349,16 @@ class PlainPlacer(LayerPlacer):
         if prefix + patches + suffix != num_queries:
             raise NotPlaceable(
                 f"it attends over {num_queries} tokens, not the {grid[0]}x{grid[1]} = {patches} patches "
-                f"plus the num_prefix_tokens={prefix} given; pass the num_prefix_tokens and grid of its tokens"
+                f"plus the num_prefix_tokens={prefix} given; pass the num_prefix_tokens and grid of its tokens (and "
+                "patch=<pixels per token> where its cells are not the patch embedding's)"
+            )
+        if layout.patch is None and layout.grid and seen is not None and tuple(seen) != tuple(layout.grid):
+            # The stride is the embedding's: a grid given by hand that is not its grid has cells of another size (a
+            # stage after strided convolutions, Unlimited-OCR's CLIP stage on SAM's map: 4x too small, found by QA).
+            raise NotPlaceable(
+                f"the given grid={list(layout.grid)} is not the {seen[0]}x{seen[1]} grid of its patch embedding "
+                f"({layout.embedding[0]}) in this call, so the pixels per token are not that embedding's stride; "
+                "pass patch=<pixels per token of the given grid> too"
             )
         stride = layout.stride(context)
         positions, index = _plain_positions(grid, stride, prefix, suffix)
