@@ -176,6 +176,18 @@ def sharpened(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def unfused_maps(model: torch.nn.Module, class_name: str) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+    """``[(module, softmax probabilities)]`` of every timm attention module of ``class_name`` in ``model``, switched
+    to its unfused path (``fused_attn = False``): the input of its ``attn_drop``, in call order, filled as the model
+    runs."""
+    maps = []
+    for module in model.modules():
+        if type(module).__name__ == class_name:
+            module.fused_attn = False
+            module.attn_drop.register_forward_pre_hook(lambda m, args, owner=module: maps.append((owner, args[0])))
+    return maps
+
+
 def pooling_rows(model: torch.nn.Module, name: str, run) -> torch.Tensor:
     """``[B, H, Q, N]`` float64: the attention probabilities of the head ``name`` over the N tokens it pools, in a
     float64 copy of ``model`` run by ``run(copy)``: from the queries, keys and mask its

@@ -14,23 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitmad
+from conftest import unfused_maps
 from vitmad.ops.reference import mad_reference
 
 timm = pytest.importorskip("timm")
 
 TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels
 TINY = dict(depth=2, embed_dim=32, num_heads=2, img_size=32, patch_size=8)  # a 4 x 4 grid of 8-pixel patches
-
-
-def _unfused_maps(model, class_name: str) -> list[tuple[nn.Module, torch.Tensor]]:
-    """(module, softmax probabilities) of every module of ``class_name``, from its unfused path: the input of
-    its attn_drop."""
-    maps = []
-    for module in model.modules():
-        if type(module).__name__ == class_name:
-            module.fused_attn = False
-            module.attn_drop.register_forward_pre_hook(lambda m, args, owner=module: maps.append((owner, args[0])))
-    return maps
 
 
 # model, the class computing its differential attention, the layers' names
@@ -59,7 +49,7 @@ def test_differential_attention_is_one_layer_with_the_mad_of_the_applied_attenti
     assert rec.layers == layers  # one entry per layer, not per softmax call
 
     eager = copy.deepcopy(model)
-    maps = _unfused_maps(eager, class_name)
+    maps = unfused_maps(eager, class_name)
     with torch.no_grad():
         eager(pixels)
     assert len(maps) == 2
@@ -89,7 +79,7 @@ def test_parallel_scaling_blocks_are_found_and_recorded(name):
         torch.testing.assert_close(model(pixels), plain)
     assert rec.layers == ["blocks.0", "blocks.1"]
     eager = copy.deepcopy(model)
-    maps = _unfused_maps(eager, "ParallelScalingBlock")
+    maps = unfused_maps(eager, "ParallelScalingBlock")
     with torch.no_grad():
         eager(pixels)
     prefix = model.num_prefix_tokens
@@ -107,7 +97,7 @@ def test_timm_model_wrapped_by_transformers_is_recorded_like_the_timm_model():
         wrapped(pixels)
     assert rec.layers == ["timm_model.blocks.0.attn", "timm_model.blocks.1.attn"]
     eager = copy.deepcopy(wrapped.timm_model)
-    maps = _unfused_maps(eager, "Attention")
+    maps = unfused_maps(eager, "Attention")
     with torch.no_grad():
         eager(pixels)
     expected = torch.stack([mad_reference(m, 8, num_prefix_tokens=1, grid=[4, 4]) for _, m in maps])
@@ -135,16 +125,12 @@ def test_hierarchical_timm_model_wrapped_by_transformers_reads_its_stage_strides
     assert rec.layers == ["timm_model.stages.3.blocks.0.token_mixer"]
     assert rec.geometry[0].grid == (2, 3) and rec.geometry[0].stride == (32.0, 32.0)
     eager = copy.deepcopy(wrapped.timm_model)
-    maps = []
-    for module in eager.modules():
-        if type(module).__name__ == "Attention":
-            module.fused_attn = False
-            module.attn_drop.register_forward_pre_hook(lambda m, args: maps.append(args[0].double()))
+    maps = unfused_maps(eager, "Attention")
     with torch.no_grad():
         eager.forward_features(pixels)
     rows, cols = torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij")
     centres = (torch.stack([rows, cols], -1).reshape(6, 2).double() + 0.5) * 32
-    expected = (maps[0] * torch.cdist(centres, centres)).sum(-1)  # [B, H, 6], row-major
+    expected = (maps[0][1].double() * torch.cdist(centres, centres)).sum(-1)  # [B, H, 6], row-major
     torch.testing.assert_close(rec.per_layer[0].double(), expected, **TOL)
 
 

@@ -158,3 +158,21 @@ def test_encoder_called_on_hidden_states_is_refused():
     hidden = torch.randn(1, 17, 32)
     with vitmad.record(model), pytest.raises(ValueError, match="patch embedding .* did not run"):
         model.model(hidden, freqs_ci=model.rotary_embedding(hidden))
+
+
+class _Resizing(torch.nn.Module):
+    def __init__(self, tower: torch.nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.tower(torch.nn.functional.interpolate(pixels, size=(56, 56))).last_hidden_state
+
+
+def test_pixels_resized_before_the_patch_embedding_are_refused():
+    wrapper = _Resizing(_tower(56)).eval()
+    wrapper.tower.set_attn_implementation("sdpa")
+    with torch.no_grad(), vitmad.record(wrapper), \
+            pytest.raises(ValueError, match=r"Llama 4's patch embedding \(tower.patch_embedding\) cut 56x56 pixels "
+                                            r"from an input of 112x112 \(resized before it\?\)"):
+        wrapper(torch.rand(1, 3, 112, 112))

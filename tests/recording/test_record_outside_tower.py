@@ -18,6 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import vitmad  # noqa: E402
+from conftest import unfused_maps  # noqa: E402
 
 PATCH = 16
 
@@ -173,11 +174,7 @@ def test_a_tower_held_by_a_module_named_embedder_is_the_tower():
             parameter.normal_(std=0.3)
     video = torch.randn(2, 3, 3, 28, 28)  # 2 videos of 3 frames
     tower = model.embedder.vision_model.timm_model
-    maps = []
-    for module in tower.modules():
-        if type(module).__name__ == "AttentionRope":
-            module.fused_attn = False
-            module.attn_drop.register_forward_pre_hook(lambda m, args: maps.append(args[0].double()))
+    maps = unfused_maps(tower, "AttentionRope")
     with torch.no_grad():
         plain = model(pixel_values_videos=video).last_hidden_state
     for module in tower.modules():
@@ -187,8 +184,9 @@ def test_a_tower_held_by_a_module_named_embedder_is_the_tower():
         recorded = model(pixel_values_videos=video).last_hidden_state
     torch.testing.assert_close(plain, recorded, rtol=1e-5, atol=1e-6)  # eager against fused: float32 rounding
     assert rec.layers == [f"embedder.vision_model.timm_model.blocks.{i}.attn" for i in (0, 1)]
-    assert not any(name.startswith("layers.") for name in rec.skipped)
+    assert not any(name.startswith("layers.") for name in rec.skipped) and len(maps) == 2  # the unfused forward
     centres = (torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=torch.float64) + 0.5) * 14
-    expected = torch.stack([(m[:, :, 1:, 1:] * torch.cdist(centres, centres)).sum(-1).mean(-1) for m in maps[:2]])
+    distance = torch.cdist(centres, centres)
+    expected = torch.stack([(m.double()[:, :, 1:, 1:] * distance).sum(-1).mean(-1) for _, m in maps[:2]])
     assert rec.mad.shape == (2, 6, 2)  # a row per frame
     torch.testing.assert_close(rec.mad.double(), expected, rtol=1e-5, atol=1e-4)

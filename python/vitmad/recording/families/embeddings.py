@@ -12,7 +12,7 @@ from torch import nn
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement
 from .stages import defined_in
 
-__all__ = ["EmbeddingsPlacer", "embeddings_above", "conv_grid"]
+__all__ = ["EmbeddingsPlacer", "embeddings_above", "conv_grid", "check_cut_from_input"]
 
 
 def embeddings_above(model: nn.Module, name: str, designs) -> tuple[str, nn.Module] | None:
@@ -37,6 +37,20 @@ def conv_grid(pixels: torch.Tensor, projection: nn.Conv2d) -> tuple[int, int]:
     """``(gh, gw)`` of the patch grid an unpadded patch projection makes of ``pixels``."""
     return tuple((int(size) - k) // s + 1 for size, k, s in zip(pixels.shape[-2:], projection.kernel_size,
                                                                 projection.stride))
+
+
+def check_cut_from_input(context: CallContext, cutter: str, height: int, width: int, record: str,
+                         unplaced: str) -> None:
+    """Refuses a call whose patch embedding (``cutter``, in words) cut pixels of another size than the model's input
+    (resized by a wrapper between them): its patches are then no cells of the input image. ``record`` names the
+    module to record instead, ``unplaced`` the tokens without a position, for the advice."""
+    image = context.image_size
+    if image is not None and tuple(image) != (height, width):
+        raise NotPlaceable(
+            f"{cutter} cut {height}x{width} pixels from an input of {image[0]}x{image[1]} (resized before it?), so "
+            f"its patches are not cells of the input image; record the {record} on the pixels it cuts, or pass "
+            f"positions=<[N, 2] pixel position of each token, NaN rows for {unplaced}>"
+        )
 
 
 class EmbeddingsPlacer(LayerPlacer):

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, select_tokens
+from .embeddings import check_cut_from_input
 from .plain import _plain_positions
 from .stages import defined_in, innermost_on_path, pair
 
@@ -98,13 +99,8 @@ class Llama4Placer(LayerPlacer):
                 "(kernel == stride, no padding, no dilation) only"
             )
         batch, height, width = cut
-        image = context.image_size
-        if image is not None and tuple(image) != (height, width):
-            raise NotPlaceable(
-                f"Llama 4's patch embedding ({where}) cut {height}x{width} pixels from an input of "
-                f"{image[0]}x{image[1]} (resized before it?), so its patches are not cells of the input image; "
-                "record the tower on the pixels it cuts, or pass positions=<[N, 2] pixel position of each token>"
-            )
+        check_cut_from_input(context, f"Llama 4's patch embedding ({where})", height, width, "tower",
+                             "the class token, which comes last")
         grid = ((height - kernel[0]) // stride[0] + 1, (width - kernel[1]) // stride[1] + 1)
         tokens = grid[0] * grid[1] + 1
         if len(lead) != 2 or int(lead[0]) != batch or num_queries != tokens or num_keys != tokens:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerGeometry, NotPlaceable, Placement, select_tokens
-from .embeddings import EmbeddingsPlacer, embeddings_above
+from .embeddings import EmbeddingsPlacer, check_cut_from_input, embeddings_above
 from .plain import _GRID as _PLAIN_GRID
 from .plain import _plain_positions
 from .stages import defined_in
@@ -142,14 +142,8 @@ class RadioPlacer(EmbeddingsPlacer):
         if height % p or width % p:  # the model's reshape fails first; never placed on a guessed grid
             raise NotPlaceable(f"RADIO's patch embeddings cut {height}x{width} pixels, which its {p} px patches do "
                                "not divide")
-        image = context.image_size
-        if image is not None and tuple(image) != (height, width):
-            raise NotPlaceable(
-                f"RADIO's patch embeddings ({self.embeddings_name}) cut {height}x{width} pixels from an input of "
-                f"{image[0]}x{image[1]} (resized before them?), so its patches are not p x p cells of the input "
-                "image; record the RadioModel on the pixels it cuts, or pass positions=<[N, 2] pixel position of "
-                "each token, NaN rows for the summary tokens>"
-            )
+        check_cut_from_input(context, f"RADIO's patch embeddings ({self.embeddings_name})", height, width,
+                             "RadioModel", "the summary tokens")
         grid = (height // p, width // p)
         summary = int(self.embeddings.cls_register_token.shape[0])
         self.check_sequence(lead, num_queries, num_keys, batch, summary + grid[0] * grid[1],
