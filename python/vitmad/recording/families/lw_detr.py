@@ -14,8 +14,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..placement import NotPlaceable
-from .stages import defined_in, innermost_on_path
-from .windows import PartitionPlacer, block_partition, nchw, parent_module
+from .stages import backbone_layer, defined_in
+from .windows import PartitionPlacer, block_partition, nchw
 
 __all__ = ["placer"]
 
@@ -23,11 +23,9 @@ __all__ = ["placer"]
 def placer(model: nn.Module, name: str, module: nn.Module):
     if not defined_in(module, "LwDetrViTAttention", "modeling_lw_detr"):
         return None
-    found = innermost_on_path(model, name, lambda owner: defined_in(owner, "LwDetrViTBackbone", "modeling_lw_detr"))
-    layer = parent_module(model, name)
-    if found is None or layer is None or not hasattr(layer, "window"):
+    backbone, layer = backbone_layer(model, name, "LwDetrViTBackbone", "modeling_lw_detr")
+    if backbone is None or layer is None or not hasattr(layer, "window"):
         return None
-    backbone = found[1]
     side, windowed = int(backbone.config.num_windows_side), bool(layer.window)
 
     def partition(grid: tuple[int, int]):

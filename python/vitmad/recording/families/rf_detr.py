@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, on_device
-from .stages import defined_in, innermost_on_path
-from .windows import block_partition, nchw, parent_module, stage_stride
+from .stages import backbone_layer, defined_in
+from .windows import block_partition, nchw, stage_stride
 
 __all__ = ["placer", "window_cells"]
 
@@ -48,16 +48,15 @@ __all__ = ["placer", "window_cells"]
 def placer(model: nn.Module, name: str, module: nn.Module):
     if not defined_in(module, "RfDetrDinov2Attention", "modeling_rf_detr"):
         return None
-    found = innermost_on_path(model, name, lambda owner: defined_in(owner, "RfDetrDinov2Backbone", "modeling_rf_detr"))
-    layer = parent_module(model, name)
-    if found is None or layer is None or not hasattr(layer, "global_attention"):
+    backbone, layer = backbone_layer(model, name, "RfDetrDinov2Backbone", "modeling_rf_detr")
+    if backbone is None or layer is None or not hasattr(layer, "global_attention"):
         # Its embeddings (which cut the windows and copy the class token) are outside the recorded model.
         return RefusingPlacer(
             "it is an RF-DETR DINOv2 attention recorded without the RfDetrDinov2Backbone that embeds its tokens "
             "(windows, each with its own class token copy), so their layout is unknown; record the backbone or "
             "the detector that holds it"
         )
-    return _BackbonePlacer(model, name, found[1], layer)
+    return _BackbonePlacer(model, name, backbone, layer)
 
 
 def window_cells(grid: tuple[int, int], side: int) -> torch.Tensor:

@@ -47,6 +47,16 @@ def defined_in(module: nn.Module, class_name: str, module_suffix: str) -> bool:
     return cls.__name__ == class_name and cls.__module__.rpartition(".")[2] == module_suffix
 
 
+def backbone_layer(model: nn.Module, name: str, backbone_class: str,
+                   module_suffix: str) -> tuple[nn.Module | None, nn.Module | None]:
+    """``(backbone, layer)`` of the attention module ``name``: the innermost ``backbone_class`` (defined in
+    ``*module_suffix``) on its path and the module holding it (its block, whose flags say window or global), each
+    None where there is none."""
+    found = innermost_on_path(model, name, lambda owner: defined_in(owner, backbone_class, module_suffix))
+    parent = name.rpartition(".")[0]
+    return None if found is None else found[1], model.get_submodule(parent) if parent else None
+
+
 def innermost_on_path(model: nn.Module, name: str, test) -> tuple[str, nn.Module] | None:
     """The innermost module on the path to module ``name`` (its ancestors, the model itself included, not ``name``)
     for which ``test(module)`` holds, with its qualified name, or None: the tower or backbone that holds an
