@@ -4,17 +4,19 @@ to it)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 __all__ = [
+    "without_autocast",
     "MadLayout",
     "MadQkLayout",
     "QkShape",
@@ -782,3 +784,15 @@ def check_time_args(tokens: torch.Tensor, layout: PositionLayout, positions: tor
             has = "a time and no position" if bool(no_position[row]) else "a position and no time (NaN)"
             raise ValueError(f"{op_name}: {times_arg} must be NaN exactly at the tokens without a position in "
                              f"{pos_arg}, but token {row % n} of matrix {row // n} has {has}")
+
+
+@contextlib.contextmanager
+def without_autocast() -> Iterator[None]:
+    """The caller's autocast off (CPU and CUDA) for vitmad's own products: they run in the accumulation dtype the
+    ops' contract states (float32, float64 for float64 input), not in bfloat16 or float16. Under a user's CPU
+    bfloat16 autocast the pure-PyTorch kernels and the prefix maps were 1e-3 relative off (found by QA)."""
+    devices = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
+    with contextlib.ExitStack() as stack:
+        for device in devices:
+            stack.enter_context(torch.autocast(device, enabled=False))
+        yield

@@ -22,6 +22,7 @@ from .arguments import (
     check_stats,
     check_stats_and_times,
     mad_output_dtype,
+    without_autocast,
 )
 from .reference import biased_logits, pixel_distances
 
@@ -66,6 +67,7 @@ def _query_chunks(num_patches: int, row_elements: int | None = None):
         yield slice(start, min(start + rows, num_patches))
 
 
+@without_autocast()
 def mad(
     attn: torch.Tensor,
     patch: int,
@@ -90,6 +92,7 @@ def mad(
     return per_query
 
 
+@without_autocast()
 def mad_backward(
     grad: torch.Tensor,
     attn: torch.Tensor,
@@ -124,6 +127,7 @@ def mad_backward(
     return grad_attn
 
 
+@without_autocast()
 def mad_qk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -197,6 +201,7 @@ class _Sides:
         return (total / self.has_query.sum(-1)).to(per_query.dtype)
 
 
+@without_autocast()
 def mad_pos(
     attn: torch.Tensor,
     positions: torch.Tensor,
@@ -219,6 +224,7 @@ def mad_pos(
     return sides.reduce(per_query, layout.reduce_mean)
 
 
+@without_autocast()
 def mad_pos_backward(
     grad: torch.Tensor,
     attn: torch.Tensor,
@@ -255,6 +261,7 @@ def mad_pos_backward(
     return grad_attn
 
 
+@without_autocast()
 def mad_qk_pos(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -344,6 +351,7 @@ def _collect(names, num_queries: int, chunk_rows, row_stats) -> dict:
     return {name: torch.cat(values, -1) for name, values in parts.items()}
 
 
+@without_autocast()
 def stats(
     attn: torch.Tensor,
     patch: int,
@@ -370,6 +378,7 @@ def stats(
     return _reduce_stats(names, mad_value, per_query, has_query, layout.reduce_mean)
 
 
+@without_autocast()
 def stats_pos(
     attn: torch.Tensor,
     positions: torch.Tensor,
@@ -400,6 +409,7 @@ def _softmax_rows(q, keys_t, scale, bias, rows: slice) -> torch.Tensor:
     return biased_logits(logits, None if bias is None else bias[..., rows, :]).softmax(-1)
 
 
+@without_autocast()
 def stats_qk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -433,6 +443,7 @@ def stats_qk(
     return _reduce_stats(names, mad_value, per_query, has_query, layout.reduce_mean)
 
 
+@without_autocast()
 def stats_qk_pos(
     q: torch.Tensor,
     k: torch.Tensor,

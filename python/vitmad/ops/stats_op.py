@@ -46,6 +46,7 @@ from .arguments import (
     mad_output_dtype,
     scale_float,
     tensor_version,
+    without_autocast,
 )
 from .mad_op import mad
 from .reference import biased_logits
@@ -316,7 +317,7 @@ def attention_stats_qk(
         _refuse_grad(_OP_QK, {"q": q, "k": k, "attn_bias": attn_bias, "positions": positions,
                               "key_positions": key_positions})
         acc = mad_output_dtype(q.dtype)
-        with torch.no_grad():
+        with torch.no_grad(), without_autocast():
             logits = (q[..., rows, :].to(acc) * scale_value) @ k.to(acc).transpose(-1, -2)
             bias = None
             if attn_bias is not None:

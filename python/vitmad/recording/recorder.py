@@ -278,6 +278,22 @@ def _encoder_prefix(model: nn.Module) -> str:
     return _tower_of_embedding(embedding)
 
 
+def _as_autocast_casts(query: torch.Tensor, key: torch.Tensor, mask):
+    """``(query, key, mask)`` as the attention kernel receives them: under autocast, SDPA runs on its float32 inputs
+    cast to the autocast dtype, below where vitmad sees the call. Measured as given, a model whose q and k reach SDPA
+    in float32 (DINOv3's rotary embedding in the pixels' dtype) was measured on other logits than the kernel's, 1e-4
+    to 2e-3 relative under bfloat16 (found by QA)."""
+    device = query.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return query, key, mask
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(tensor):
+        return tensor.to(dtype) if tensor is not None and tensor.dtype == torch.float32 else tensor
+
+    return cast(query), cast(key), cast(mask)
+
+
 def _uses_plain_layout(placer: LayerPlacer) -> bool:
     """Whether ``placer`` places its tokens by the plain layout (the one ``patch=``, ``grid=`` and
     ``num_prefix_tokens=`` give by hand)."""
@@ -987,6 +1003,7 @@ class Recording:
         """One ``F.scaled_dot_product_attention`` / ``AttentionInterface`` call of module ``name``."""
         if _not_recorded():  # a checkpointed layer's forward run again by backward: recorded once, in the forward
             return
+        query, key, mask = _as_autocast_casts(query, key, mask)
         # SDPA broadcasts the leading dims of q and k and adds a float mask of any float dtype; mad_qk takes
         # equal leading dims (a stride-0 view costs nothing) and a bias in q's dtype, or a bool mask as is.
         lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
