@@ -57,10 +57,10 @@ from .compiled import EagerWhileRecording, check_compiled, uncompiled
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import ClassQueries, Skip, family_modules, family_placer, probabilities_source
 from .families.class_attention import ClassQueryPlacer
-from .families.llama4 import towers as llama4_towers
+from .families.llama4 import is_tower as is_llama4_tower
 from .families.masked import GivenPositionsPlacer
 from .families.naflex import call_start as naflex_call_start
-from .families.naflex import towers as naflex_towers
+from .families.naflex import is_tower as is_naflex_tower
 from .families.packed import token_convolutions
 from .families.plain import (
     PlainLayout,
@@ -273,7 +273,8 @@ def _encoder_prefix(model: nn.Module) -> str:
     if embedding is None:
         # NaFlex towers embed pre-cut patches with a Linear, Llama 4's unfolds the image into one: the tower
         # itself (SigLIP2's vision_model, Llama4ForConditionalGeneration's vision_model).
-        tower = next(iter({**naflex_towers(model), **llama4_towers(model)}), None)
+        tower = next((name for name, module in named_module_list(model)
+                      if is_naflex_tower(module) or is_llama4_tower(module)), None)
         return "" if not tower else tower + "."
     return _tower_of_embedding(embedding)
 

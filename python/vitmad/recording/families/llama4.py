@@ -27,32 +27,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, select_tokens
 from .embeddings import check_cut_from_input
 from .plain import _plain_positions
 from .stages import defined_in, innermost_on_path, pair
 
-__all__ = ["placer", "towers", "Llama4Placer"]
+__all__ = ["placer", "is_tower", "Llama4Placer"]
 
 _CUT = "llama4.cut."  # + the tower's name: (batch, height, width) of the pixels its patch embedding cut
 
 
-def _is_tower(module: nn.Module) -> bool:
+def is_tower(module: nn.Module) -> bool:
+    """Whether ``module`` is a Llama 4 vision tower: for the recorder, the tower that embeds the image, which it
+    finds by a patch-embedding convolution in other models."""
     return defined_in(module, "Llama4VisionModel", "modeling_llama4")
-
-
-def towers(model: nn.Module) -> dict[str, nn.Module]:
-    """The Llama 4 vision towers of ``model`` by qualified name ("" for the model itself), in module order: the
-    recorder's tower that embeds the image, which it finds by a patch-embedding convolution in other models."""
-    return {name: module for name, module in named_module_list(model) if _is_tower(module)}
 
 
 def placer(model: nn.Module, name: str, module: nn.Module) -> Llama4Placer | None:
     """A :class:`Llama4Placer` for the ``Llama4VisionAttention`` modules of a ``Llama4VisionModel``, else None."""
     if not defined_in(module, "Llama4VisionAttention", "modeling_llama4"):
         return None
-    found = innermost_on_path(model, name, _is_tower)
+    found = innermost_on_path(model, name, is_tower)
     return None if found is None else Llama4Placer(model, *found)
 
 

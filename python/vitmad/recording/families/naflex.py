@@ -42,7 +42,7 @@ from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
 from .stages import defined_in, innermost_on_path
 
-__all__ = ["placer", "pooling_head", "towers", "call_start", "NaFlexPlacer"]
+__all__ = ["placer", "pooling_head", "is_tower", "towers", "call_start", "NaFlexPlacer"]
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,14 @@ def _design_of(module: nn.Module) -> _Design | None:
     return next((d for d in _DESIGNS if defined_in(module, d.tower, d.module_suffix)), None)
 
 
+def is_tower(module: nn.Module) -> bool:
+    """Whether ``module`` is a NaFlex tower (timm ``NaFlexVit``, Gemma 4's ViTs, SigLIP2's vision model)."""
+    return _design_of(module) is not None
+
+
 def towers(model: nn.Module) -> dict[str, nn.Module]:
     """The NaFlex towers of ``model`` by qualified name ("" for the model itself), in module order."""
-    return {name: module for name, module in named_module_list(model) if _design_of(module) is not None}
+    return {name: module for name, module in named_module_list(model) if is_tower(module)}
 
 
 def call_start(model: nn.Module) -> nn.Module | None:
@@ -91,7 +96,7 @@ def call_start(model: nn.Module) -> nn.Module | None:
 
 def _tower_of(model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
     """The innermost NaFlex tower on the path to module ``name``, with its qualified name."""
-    return innermost_on_path(model, name, lambda module: _design_of(module) is not None)
+    return innermost_on_path(model, name, is_tower)
 
 
 def pooling_head(model: nn.Module, name: str, reason: str):

@@ -28,9 +28,9 @@ from torch import nn
 from ..module_index import module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
-__all__ = ["matching_design", "reduction_before", "innermost_on_path", "Stage", "StageGrid", "StagePlacer", "KeyLayout",
-           "global_keys", "strided_modules", "strided_centres", "strided_module_centres", "adaptive_centres",
-           "grid_placement", "pair", "defined_in", "owner_of"]
+__all__ = ["matching_design", "reduction_before", "innermost_on_path", "backbone_layer", "Stage", "StageGrid",
+           "StagePlacer", "KeyLayout", "global_keys", "strided_modules", "strided_centres", "strided_module_centres",
+           "adaptive_centres", "grid_placement", "pair", "defined_in", "owner_of"]
 
 
 def pair(value) -> tuple[int, int]:
