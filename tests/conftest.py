@@ -283,10 +283,12 @@ def qwen_token_chunks(grid: tuple[int, int], merge: int, window: int | None) -> 
     return chunks
 
 
-def eager_attention_calls(modeling, model: torch.nn.Module, *inputs, **kwargs) -> list:
-    """``[(attention module, probabilities [1, H, n, n] float64)]`` of every call of ``modeling``'s
-    ``eager_attention_forward`` in one forward of ``model`` (switched to eager attention), in call order."""
-    original = modeling.eager_attention_forward
+def eager_attention_calls(modeling, model: torch.nn.Module, *inputs,
+                          eager_function: str = "eager_attention_forward", **kwargs) -> list:
+    """``[(attention module, probabilities [1, H, n, n] float64)]`` of every call of ``modeling``'s eager attention
+    function (``eager_function``: Llama 4's vision attention has its own, ``vision_eager_attention_forward``) in one
+    forward of ``model`` (switched to eager attention), in call order."""
+    original = getattr(modeling, eager_function)
     calls = []
 
     def capture(module, *args, **kw):
@@ -296,7 +298,7 @@ def eager_attention_calls(modeling, model: torch.nn.Module, *inputs, **kwargs) -
 
     model.set_attn_implementation("eager")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(modeling, "eager_attention_forward", capture)
+        patch.setattr(modeling, eager_function, capture)
         with torch.no_grad():
             model(*inputs, **kwargs)
     return calls

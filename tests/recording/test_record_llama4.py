@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import sharpened
+from conftest import eager_attention_calls, sharpened
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama4 import modeling_llama4  # noqa: E402
@@ -54,22 +54,10 @@ def _positions(side: int) -> torch.Tensor:
     return torch.cat([torch.tensor(cells, dtype=torch.float64), torch.full((1, 2), float("nan"), dtype=torch.float64)])
 
 
-def _eager_probabilities(model: torch.nn.Module, pixels: torch.Tensor, run=None) -> list[torch.Tensor]:
+def _eager_probabilities(model: torch.nn.Module, pixels: torch.Tensor) -> list[torch.Tensor]:
     """Every vision layer's eager probabilities ``[B, H, N, N]`` (float64) in one forward, in call order."""
-    original = modeling_llama4.vision_eager_attention_forward
-    calls = []
-
-    def capture(module, *args, **kwargs):
-        output, probabilities = original(module, *args, **kwargs)
-        calls.append(probabilities.detach().double())
-        return output, probabilities
-
-    model.set_attn_implementation("eager")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(modeling_llama4, "vision_eager_attention_forward", capture)
-        with torch.no_grad():
-            (run or model)(pixels)
-    return calls
+    calls = eager_attention_calls(modeling_llama4, model, pixels, eager_function="vision_eager_attention_forward")
+    return [probabilities for _, probabilities in calls]
 
 
 def _reference(probabilities: torch.Tensor, side: int) -> dict[str, torch.Tensor]:
@@ -97,8 +85,9 @@ def test_tower_places_its_class_token_last_and_matches_eager_attention(image_siz
     side = image_size // PATCH
     torch.manual_seed(1)
     pixels = torch.rand(2, 3, image_size, image_size)
-    expected = [_reference(p, side) for p in _eager_probabilities(model, pixels)]
-    assert [p.shape for p in _eager_probabilities(model, pixels)] == [(2, 2, side * side + 1, side * side + 1)] * 2
+    probabilities = _eager_probabilities(model, pixels)
+    assert [p.shape for p in probabilities] == [(2, 2, side * side + 1, side * side + 1)] * 2
+    expected = [_reference(p, side) for p in probabilities]
     model.set_attn_implementation(attn_implementation)
     with torch.no_grad():
         plain = model(pixels).last_hidden_state
