@@ -77,6 +77,22 @@ _REASONS_AS = {
                                                  "(X-CLIP): one token per frame, no position on the image",
 }
 
+# (grandparent class name, parent attribute) -> reason: attention modules held by a wrapper whose own name in its
+# owner says what it attends to (EfficientLoFTR's self- and cross-attention are the same two classes).
+_REASONS_UNDER = {
+    ("EfficientLoFTRLocalFeatureTransformerLayer", "cross_attention"):
+        "cross-attention from one image of a pair to the other (EfficientLoFTR): the keys lie on another image, so "
+        "no distance on the query's image is defined",
+}
+
+
+def _reason_under(model: nn.Module, name: str) -> str | None:
+    parts = name.split(".")
+    if len(parts) < 3:
+        return None
+    grandparent = model.get_submodule(".".join(parts[:-2]))
+    return _REASONS_UNDER.get((type(grandparent).__name__, parts[-2]))
+
 
 def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
@@ -85,6 +101,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     reason = _REASONS.get(cls.__name__) or _REASONS_IN.get(_class_key(module))
     if reason is None:
         reason = _REASONS_AS.get((type(parent_module(model, name)).__name__, name.rpartition(".")[2]))
+    if reason is None:
+        reason = _reason_under(model, name)
     if reason is None and _pools_with_learned_query(model, name, module):
         reason = _POOLING_QUERY
     if reason is None and cls.__name__.lower().endswith("multiscaledeformableattention") \
