@@ -94,6 +94,43 @@ def test_mvitv2_pooled_queries_and_keys(cls_token, mode):
     assert [g.heads for g in rec.geometry] == [1, 2, 2, 4, 8]
 
 
+@pytest.mark.parametrize("cls_token, mode", [(False, "conv"), (True, "avg")])
+def test_mvitv2_self_mass_and_cls_map_where_keys_are_pooled_onto_the_queries_cells(cls_token, mode):
+    """The second block pools queries and keys by the same stride 2: key i is query i's cell, so the self mass and
+    the CLS row over the grid are measured there; the other blocks' keys are other cells (NaN, no map)."""
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    torch.manual_seed(0)
+    config = MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=8, num_heads=1, use_cls_token=cls_token, mode=mode)
+    model = MultiScaleVit(config, img_size=64, num_classes=10).eval()
+    with torch.no_grad():  # logits of width 8 need weights of std 1 for attention far from uniform
+        for linear in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
+            linear.weight.normal_()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = model(pixels)
+    with torch.no_grad(), vitmad.record(model, stats=["mad", "self_mass", "prefix_maps"]) as rec:
+        assert torch.equal(model(pixels), plain)
+    maps = softmax_maps(model, pixels)
+    prefix = int(cls_token)
+    same_cells = 1  # (16, 4, q step 2, k step 2) in the table of the test above: an 8 x 8 grid of both
+    for index, probabilities in enumerate(maps):
+        self_mass = rec.stats["self_mass"][index, :, :probabilities.shape[1]]
+        if index != same_cells:
+            assert torch.isnan(self_mass).all() and rec.prefix_maps[index] is None
+            continue
+        p = probabilities.double()
+        assert p.shape[-2:] == (prefix + 64, prefix + 64)
+        own = p[:, :, prefix:, prefix:].diagonal(dim1=-2, dim2=-1).mean(-1)
+        neighbour = p[:, :, prefix:, prefix:].roll(1, -1).diagonal(dim1=-2, dim2=-1).mean(-1)
+        assert (own - neighbour).abs().min() > 1e-5  # a key one cell off would show, far past the tolerance
+        torch.testing.assert_close(self_mass.double(), own, rtol=1e-5, atol=1e-7)
+        if cls_token:
+            torch.testing.assert_close(rec.prefix_maps[index].double(), p[:, :, :1, 1:], rtol=1e-5, atol=1e-7)
+        else:
+            assert rec.prefix_maps[index] is None
+
+
 @pytest.mark.parametrize("name, prefix", [("pit_ti_224", 1), ("pit_ti_distilled_224", 2)])
 def test_pit_stages_at_their_own_stride(name, prefix):
     torch.manual_seed(1)

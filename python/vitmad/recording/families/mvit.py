@@ -7,7 +7,9 @@ stride 4, 2 or 1 by stage), then attends ``[B, H, 1 + Nq, 1 + Nk]`` with a relat
 a strided operation: its output ``i`` sits at the centre of its stride cell, ``(i + 0.5) * stride`` cells of the
 block's grid, whatever its kernel and padding (docs/definition.md, "Beyond one grid";
 :func:`.stages.strided_module_centres`), so pooled queries sit where the next blocks' tokens do; the queries'
-grid, and its stride, is what the layer is folded onto.
+grid, and its stride, is what the layer is folded onto. A block whose keys are pooled onto the queries' own cells
+(``pool_q`` and ``pool_k`` of the same stride) is self-attention over one grid: its self mass and its CLS row (the
+prefix map) are measured; elsewhere the keys are other cells, and both are left out (NaN, None).
 
 These modules have no ``fused_attn`` switch, so :func:`attention_modules` finds them.
 """
@@ -83,6 +85,11 @@ class PoolingAttentionPlacer(LayerPlacer):
         if module.pool_q is not None and pair(module.pool_q.stride) != (1, 1):
             words += f"; queries pooled, stride {'x'.join(map(str, pair(module.pool_q.stride)))}"
         prefix = int(module.has_cls_token)
+        if key_grid == query_grid and torch.equal(keys, queries):
+            # Keys pooled onto the queries' own cells (both of stride 1, or of the same stride): key i is query
+            # i's token, pooled as the query is, so the layer is self-attention over one grid: its self mass and
+            # the CLS token's row (prefix maps) are measured as any such layer's.
+            keys = None
         return grid_placement(lead, num_queries, num_keys, grid=query_grid, stride=query_stride, attention=words,
                               prefix=prefix, queries=queries, keys=keys, key_prefix=prefix)
 
