@@ -1,5 +1,6 @@
 """Windowed attention on a 2-D token grid: SAM's and ViTDet's plain ViTs, SAM2's HieraDet; SAM's encoder also where
-transformers' GOT-OCR2 (and PP-Chart2Table), PP-FormulaNet and SLANeXt carry a copy of it as their vision tower.
+transformers' GOT-OCR2 (and PP-Chart2Table), PP-FormulaNet, SLANeXt, DeepSeek-OCR-2 and Unlimited-OCR carry a copy
+of it as their vision tower.
 
 Each block holds its tokens as a ``[B, H, W, C]`` map (ViTDet: ``[B, C, H, W]``). A windowed block pads the map
 at the bottom and right to a multiple of its window, partitions it into windows in row-major window order and
@@ -82,7 +83,8 @@ _DESIGNS = {
     # DeepSeek-OCR-2's and Unlimited-OCR's SAM encoders: SAM's attention (eager and SDPA) and block copied whole.
     # Their patch embedding takes any image size and the absolute position embedding is resized (bicubic) to the
     # map the convolution made: a value added per cell, the grid unchanged. Their neck and projector are
-    # convolutions; the second tower on the projector's map is a tower of its own (no convolution of its own).
+    # convolutions; the second tower (on the projector's map, cells of 4 patches) embeds no image, so the recorder
+    # leaves it out of this tower's recording (skipped with the reason when named).
     ("DeepseekOcr2SamVisionAttention", "modeling_deepseek_ocr2"): _DEEPSEEK_OCR2,
     ("DeepseekOcr2SamVisionSdpaAttention", "modeling_deepseek_ocr2"): _DEEPSEEK_OCR2,
     ("UnlimitedOcrSamVisionAttention", "modeling_unlimited_ocr"): _UNLIMITED_OCR,
