@@ -3,8 +3,9 @@ name (or skipped, for DepthPro's crops), never measured as a grid.
 
 Each case here was measured wrongly, silently, before (against the model's eager attention placed by its own
 geometry): Mllama's concatenated tiles (2.7 px for 22 px), MiniCPM-V's patches packed in one row (a 4 x 6 image
-measured as 1 x 24), DeepSeek-OCR-2's SAM encoder with one padded window (96 "extra tokens" and a 10 x 10 grid),
-DepthPro's crops (one value per crop, in crop pixels).
+measured as 1 x 24), DepthPro's crops (one value per crop, in crop pixels). DeepSeek-OCR-2's and Unlimited-OCR's
+SAM encoders, refused here before (one padded window measured as 96 "extra tokens" and a 10 x 10 grid), are placed
+as SAM's now: tests/recording/test_record_deepseek_ocr_sam.py.
 """
 
 from __future__ import annotations
@@ -44,16 +45,6 @@ def test_minicpm_packed_patches_are_refused(version):
     # One image of 4 x 6 patches, packed side by side as its processor does: [1, 3, 8, 24 * 8].
     _refused(tower, "packed side by side", torch.randn(1, 3, 8, 24 * 8), target_sizes=torch.tensor([[4, 6]]),
              use_vit_merger=False)
-
-
-def test_deepseek_ocr2_sam_windows_are_refused():
-    modeling = pytest.importorskip("transformers.models.deepseek_ocr2.modeling_deepseek_ocr2")
-    config = transformers.DeepseekOcr2SamVisionConfig(
-        hidden_size=32, output_channels=16, num_hidden_layers=1, num_attention_heads=2, image_size=80, patch_size=8,
-        window_size=14, global_attn_indexes=[], mlp_dim=64, downsample_channels=[16, 32])
-    torch.manual_seed(0)
-    encoder = modeling.DeepseekOcr2SamVisionEncoder(config).eval()
-    _refused(encoder, "padded windows", torch.randn(1, 3, 80, 80))
 
 
 def test_depth_pro_crops_are_skipped_and_its_image_encoder_records():

@@ -8,9 +8,6 @@ comparing with each model's eager attention placed by its own geometry):
   tokens, tiles masked by the aspect ratio (a 2 x 2-tile image gave 2.7 px where its tiles give 22 px).
 - MiniCPM-V 4.6 and 4.7 (and MiniCPM OCR, the same tower): the patches of its images packed side by side in one row of
   pixels, each image's grid given by ``target_sizes`` (one image of 4 x 6 patches was measured as a 1 x 24 row).
-- The SAM encoders of DeepSeek-OCR-2 and Unlimited-OCR: windowed attention over a padded window partition that
-  vitmad's SAM placement does not read from these classes (one padded window was measured as 96 extra tokens
-  and a 10 x 10 grid).
 
 SAM3's windowed blocks (a padded window partition the plain layout took, with one window, for 7 extra tokens and a
 3 x 3 grid) are skipped with the reason; its global blocks are a plain grid and are recorded.
@@ -49,14 +46,6 @@ _REFUSED = {
     ("MiniCPMOcrVisionAttention", "modeling_minicpm_ocr"):
         "MiniCPM's vision tower takes the patches of its images packed side by side in one row of pixels (each "
         "image's grid comes in target_sizes)",
-    ("DeepseekOcr2SamVisionAttention", "modeling_deepseek_ocr2"):
-        "DeepSeek-OCR-2's SAM encoder attends within padded windows",
-    ("DeepseekOcr2SamVisionSdpaAttention", "modeling_deepseek_ocr2"):
-        "DeepSeek-OCR-2's SAM encoder attends within padded windows",
-    ("UnlimitedOcrSamVisionAttention", "modeling_unlimited_ocr"):
-        "Unlimited-OCR's SAM encoder attends within padded windows",
-    ("UnlimitedOcrSamVisionSdpaAttention", "modeling_unlimited_ocr"):
-        "Unlimited-OCR's SAM encoder attends within padded windows",
 }
 
 _DEPTH_PRO_CROPS = (

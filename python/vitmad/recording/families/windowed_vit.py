@@ -1,5 +1,6 @@
 """Windowed attention on a 2-D token grid: SAM's and ViTDet's plain ViTs, SAM2's HieraDet; SAM's encoder also where
-transformers' GOT-OCR2 (and PP-Chart2Table), PP-FormulaNet and SLANeXt carry a copy of it as their vision tower.
+transformers' GOT-OCR2 (and PP-Chart2Table), PP-FormulaNet, SLANeXt, DeepSeek-OCR-2 and Unlimited-OCR carry a copy
+of it as their vision tower.
 
 Each block holds its tokens as a ``[B, H, W, C]`` map (ViTDet: ``[B, C, H, W]``). A windowed block pads the map
 at the bottom and right to a multiple of its window, partitions it into windows in row-major window order and
@@ -62,6 +63,8 @@ class _Design:
 
 _SAM = _Design("SamVisionLayer", "num_attention_heads")
 _SAM_HQ = _Design("SamHQVisionLayer", "num_attention_heads")
+_DEEPSEEK_OCR2 = _Design("DeepseekOcr2SamVisionLayer", "num_attention_heads")
+_UNLIMITED_OCR = _Design("UnlimitedOcrSamVisionLayer", "num_attention_heads")
 # (attention class name, defining module's suffix) -> design.
 _DESIGNS = {
     ("Attention", "vision_transformer_sam"): _Design("Block", "num_heads"),
@@ -77,6 +80,15 @@ _DESIGNS = {
     ("PPFormulaNetVisionAttention", "modeling_pp_formulanet"): _Design("PPFormulaNetVisionLayer",
                                                                        "num_attention_heads"),
     ("SLANeXtVisionAttention", "modeling_slanext"): _Design("SLANeXtVisionLayer", "num_attention_heads"),
+    # DeepSeek-OCR-2's and Unlimited-OCR's SAM encoders: SAM's attention (eager and SDPA) and block copied whole.
+    # Their patch embedding takes any image size and the absolute position embedding is resized (bicubic) to the
+    # map the convolution made: a value added per cell, the grid unchanged. Their neck and projector are
+    # convolutions; the second tower (on the projector's map, cells of 4 patches) embeds no image, so the recorder
+    # leaves it out of this tower's recording (skipped with the reason when named).
+    ("DeepseekOcr2SamVisionAttention", "modeling_deepseek_ocr2"): _DEEPSEEK_OCR2,
+    ("DeepseekOcr2SamVisionSdpaAttention", "modeling_deepseek_ocr2"): _DEEPSEEK_OCR2,
+    ("UnlimitedOcrSamVisionAttention", "modeling_unlimited_ocr"): _UNLIMITED_OCR,
+    ("UnlimitedOcrSamVisionSdpaAttention", "modeling_unlimited_ocr"): _UNLIMITED_OCR,
     ("VitDetAttention", "modeling_vitdet"): _Design("VitDetLayer", "num_heads", channels_first=True),
     ("MultiScaleAttention", "hieradet_sam2"): _Design("MultiScaleBlock", "num_heads", "q_stride"),
     ("Sam2MultiScaleAttention", "modeling_sam2"): _Design("Sam2MultiScaleBlock", "num_attention_heads",
