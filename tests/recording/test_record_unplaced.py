@@ -2,10 +2,11 @@
 name (or skipped, for DepthPro's crops), never measured as a grid.
 
 Each case here was measured wrongly, silently, before (against the model's eager attention placed by its own
-geometry): Mllama's concatenated tiles (2.7 px for 22 px), MiniCPM-V's patches packed in one row (a 4 x 6 image
-measured as 1 x 24), DepthPro's crops (one value per crop, in crop pixels). DeepSeek-OCR-2's and Unlimited-OCR's
-SAM encoders, refused here before (one padded window measured as 96 "extra tokens" and a 10 x 10 grid), are placed
-as SAM's now: tests/recording/test_record_deepseek_ocr_sam.py.
+geometry): MiniCPM-V's patches packed in one row (a 4 x 6 image measured as 1 x 24), DepthPro's crops (one value
+per crop, in crop pixels). DeepSeek-OCR-2's and Unlimited-OCR's SAM encoders, refused here before (one padded
+window measured as 96 "extra tokens" and a 10 x 10 grid), are placed as SAM's now:
+tests/recording/test_record_deepseek_ocr_sam.py; so are Mllama's concatenated tiles (2.7 px for 22 px before):
+tests/recording/test_record_mllama.py.
 """
 
 from __future__ import annotations
@@ -22,16 +23,6 @@ def _refused(model, match: str, *args, **kwargs) -> None:
     with torch.no_grad(), vitmad.record(model):
         with pytest.raises(ValueError, match=match + ".*pass positions="):
             model(*args, **kwargs)
-
-
-def test_mllama_tiles_are_refused():
-    config = transformers.MllamaVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1, attention_heads=2,
-        image_size=32, patch_size=8, max_num_tiles=4, intermediate_layers_indices=[0], vision_output_dim=64)
-    torch.manual_seed(0)
-    tower = transformers.models.mllama.modeling_mllama.MllamaVisionModel(config).eval()
-    _refused(tower, "MllamaVisionAttention.*tiles", pixel_values=torch.randn(1, 1, 4, 3, 32, 32),
-             aspect_ratio_ids=torch.tensor([[6]]), aspect_ratio_mask=torch.tensor([[[1, 1, 1, 1]]]))
 
 
 @pytest.mark.parametrize("version", ["4_6", "4_7"])

@@ -125,6 +125,12 @@ class Placement:
         padded_keys: True when ``key_positions`` differs from ``positions`` only at padding slots (a window cut
             past the map's edge: a key where the query has none): key ``i`` is query ``i``'s token, so each query's
             attention on its own token (the self mass) is measured; False for any other key set (pooled, halo).
+        map_tokens: ``[Q]`` token indices, in token order, of the tokens whose attention rows are the layer's prefix
+            maps, where those are neither every token without a position nor the counted prefix and suffix tokens
+            (Mllama: each tile's class token, among padding tokens and padding tiles); each without a position in
+            every matrix. None: the maps' rows are found from the geometry.
+        map_present: ``[B, Q]`` bool, which of the ``map_tokens`` each image has (its rows are NaN where not: the
+            class token of a padding tile), or None when every image has all.
     """
 
     positions: torch.Tensor
@@ -137,6 +143,8 @@ class Placement:
     time_positions: torch.Tensor | None = None
     time_key_positions: torch.Tensor | None = None
     padded_keys: bool = False
+    map_tokens: torch.Tensor | None = None
+    map_present: torch.Tensor | None = None
 
 
 @dataclass

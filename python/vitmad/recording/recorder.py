@@ -1132,6 +1132,8 @@ class Recording:
         Where the layout counts its extra tokens (``geometry.num_prefix_tokens``, and the suffix tokens after the
         grid), the rows are theirs alone: the other tokens without a position are padding slots (a NaFlex batch
         padded to one length), which stand for nothing (docs/definition.md) and have no map."""
+        if placement.map_tokens is not None:
+            return self._chosen_prefix_rows(measure, positions, placement, device)
         geometry = placement.geometry
         columns = derived_once(positions, None, "prefix_rows", lambda: _common_prefix_columns(positions))
         if columns is None:
@@ -1173,6 +1175,32 @@ class Recording:
         rows = values.new_full((*values.shape[:-1], count), float("nan"))
         rows.index_copy_(-1, on_device((~extra).nonzero().squeeze(-1), values.device), values)
         return rows.masked_fill_(positions[..., 0].isnan().unsqueeze(-2), float("nan"))
+
+    def _chosen_prefix_rows(self, measure: Callable, positions: torch.Tensor, placement: Placement,
+                            device: torch.device) -> torch.Tensor:
+        """The rows of the tokens the placement names (``Placement.map_tokens``), as :meth:`_prefix_rows`, where
+        other tokens without a position lie among them (Mllama's padding tokens and padding tiles, which may differ
+        between images). As in :meth:`_padded_prefix_rows`, each of those others stands in as a token at pixel
+        (0, 0) for this measurement, which changes no probability, and its column is set to NaN after; the rows of
+        tokens an image does not have (``Placement.map_present``) are NaN."""
+        host, chosen = placement.positions, placement.map_tokens
+        count = host.shape[-2]
+
+        def stand_in() -> torch.Tensor:
+            named = torch.zeros(count, dtype=torch.bool, device=host.device)
+            named[chosen.to(host.device)] = True
+            return torch.where(host[..., :1].isnan() & ~named[:, None], 0.0, host)
+
+        values = measure(self._to_device(derived_once(host, None, "map_token_stand_in", stand_in), device), None,
+                         False, (MAP_NAME,))[MAP_NAME]
+        others = torch.ones(count, dtype=torch.bool)
+        others[chosen.cpu()] = False
+        rows = values.new_full((*values.shape[:-1], count), float("nan"))
+        rows.index_copy_(-1, on_device(others.nonzero().squeeze(-1), values.device), values)
+        rows.masked_fill_(positions[..., 0].isnan().unsqueeze(-2), float("nan"))
+        if placement.map_present is not None:
+            rows.masked_fill_(~on_device(placement.map_present, values.device)[:, None, :, None], float("nan"))
+        return rows
 
     def _class_rows(self, measure: Callable, positions: torch.Tensor, key_positions: torch.Tensor,
                     host_keys: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -4,8 +4,6 @@ The plain layout takes any sequence of at least ``gh x gw`` tokens as extra toke
 these towers pass that test with tokens that are not such a grid, and were measured wrongly, silently (found by
 comparing with each model's eager attention placed by its own geometry):
 
-- Mllama's vision tower: the tiles of an image in one sequence, each with its CLS and padded to a multiple of 8
-  tokens, tiles masked by the aspect ratio (a 2 x 2-tile image gave 2.7 px where its tiles give 22 px).
 - MiniCPM-V 4.6 and 4.7 (and MiniCPM OCR, the same tower): the patches of its images packed side by side in one row of
   pixels, each image's grid given by ``target_sizes`` (one image of 4 x 6 patches was measured as a 1 x 24 row).
 
@@ -34,9 +32,6 @@ _NO_POSITIONS = ("; vitmad does not know where its tokens are on the image. If y
 
 # (attention class, defining module's suffix) -> what its tokens are.
 _REFUSED = {
-    ("MllamaVisionAttention", "modeling_mllama"):
-        "Mllama's vision tower attends over the tiles of an image in one sequence (a CLS per tile, each tile "
-        "padded to a multiple of 8 tokens, tiles masked by the aspect ratio)",
     ("MiniCPMV4_6VisionAttention", "modeling_minicpmv4_6"):
         "MiniCPM-V's vision tower takes the patches of its images packed side by side in one row of pixels (each "
         "image's grid comes in target_sizes)",
