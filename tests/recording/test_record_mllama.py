@@ -255,3 +255,23 @@ def test_tiles_the_patch_does_not_divide_are_refused():
     with torch.no_grad(), vitmad.record(model), \
             pytest.raises(ValueError, match=r"got tiles of 36x36 pixels, which its 8 px patches do not divide"):
         model(**inputs)
+
+
+@pytest.mark.parametrize("height, width, layout", [(32, 64, (1, 2)), (64, 32, (2, 1)), (64, 64, (2, 2)),
+                                                   (96, 32, (3, 1))])
+def test_the_processor_cuts_its_canvas_into_tiles_row_major(height, width, layout):
+    """The geometry above, read off MllamaImageProcessor itself: an image already of a canvas' size is cut, not
+    resized; tile t is the canvas' tile (t // C, t % C), and its id is 1 + the index of (R, C) in LAYOUTS."""
+    pytest.importorskip("torchvision")
+    processor = transformers.MllamaImageProcessor(size={"height": TILE, "width": TILE}, max_image_tiles=TILES,
+                                                  do_rescale=False, do_normalize=False)
+    torch.manual_seed(0)
+    image = torch.rand(3, height, width) * 255
+    out = processor(images=[[image]], return_tensors="pt")
+    rows, cols = layout
+    assert out["aspect_ratio_ids"].tolist() == [[LAYOUTS.index(layout) + 1]]
+    assert out["aspect_ratio_mask"].tolist() == [[[1] * (rows * cols) + [0] * (TILES - rows * cols)]]
+    for t in range(rows * cols):
+        tile = image[:, (t // cols) * TILE:(t // cols + 1) * TILE, (t % cols) * TILE:(t % cols + 1) * TILE]
+        assert torch.equal(out["pixel_values"][0, 0, t], tile)
+    assert not out["pixel_values"][0, 0, rows * cols:].any()
