@@ -29,6 +29,13 @@
   interpolated per image and laid out block-major) and LFM3-VL (``Lfm3VlVisionModel``, a linear patch embedding,
   attention layers between gated convolution layers that refold each image from the merge-block order); each model's
   image processor patchifies in that order (LFM3-VL's is Qwen2-VL's).
+- A class token first in each image's ``cu_seqlens`` chunk, then Qwen2-VL's merge-block order: LLaVA-OneVision-1.5
+  (``LlavaOnevision15VisionModel``, its chunks shifted to hold the class token) and Inkling2
+  (``Inkling2VisionModel``, one input row per merge block, ``image_grid_thw`` counted in merge blocks). The class
+  token has no position (``PackedSequence.prefix``): a query's prefix mass is its attention on its own image's class
+  token, the one its call holds, and the prefix maps are each image's class-token row over its own grid (the
+  recorder joins the calls' rows along the keys). RADIO's packed forward (``families/radio.py``) uses the same
+  sequence with its summary tokens and row-major patches.
 - Pixtral (``PixtralVisionModel``): image ``i`` of ``image_sizes`` is ``h // p x w // p`` patches, row-major, and
   the images are concatenated into one sequence ``[1, N, C]``; the attention gets a block-diagonal mask, so a
   token of another image has probability 0.
@@ -42,14 +49,13 @@ probability 0 under the mask). The per-query values of the sequence fold onto ``
 Refused (a ``ValueError`` naming the layer): GLM-Image's tower (``GlmImageVisionModel``), by name: packed like
 Qwen2-VL, but its config's ``spatial_merge_size`` (default 1) and its image processor's ``merge_size`` (default 2)
 need not agree, so where a token lies on the image is not settled; by name too, packed towers that differ:
-LLaVA-OneVision-1.5 and Inkling2 (a class token per image in its chunk), Ovis2.5, Muse Glimmer and Muse Spark
-(window or full attention per layer by ``layer_types``), PaddleOCR-VL (row-major, its own embeddings), Kimi-K2.5
-(row-major, per-clip chunks), VideoLLaMA3 (a merge size per image), HunYuanVL and HY-V4-VL (row-major); Qwen
-videos (``grid_thw`` with ``t > 1``: each temporal patch of two frames is a chunk of its own, and vitmad gives no
-temporal placement to these towers); flash attention over more than one chunk (one variable-length call whose
-chunks the capture does not receive); a tower given precomputed ``position_ids`` or ``window_index`` (vitmad
-rebuilds the token order from ``grid_thw``); ``cu_seqlens`` or attention shapes that are not the chunks rebuilt
-here.
+Ovis2.5, Muse Glimmer and Muse Spark (window or full attention per layer by ``layer_types``), PaddleOCR-VL
+(row-major, its own embeddings), Kimi-K2.5 (row-major, per-clip chunks), VideoLLaMA3 (a merge size per image),
+HunYuanVL and HY-V4-VL (row-major); videos (``grid_thw`` with ``t > 1``: each temporal patch of two frames is a
+chunk of its own, or the whole clip, and vitmad gives no temporal placement to these towers); flash attention over
+more than one chunk (one variable-length call whose chunks the capture does not receive); a tower given precomputed
+``position_ids`` or ``window_index`` (vitmad rebuilds the token order from ``grid_thw``); ``cu_seqlens`` or
+attention shapes that are not the chunks rebuilt here.
 """
 
 from __future__ import annotations
