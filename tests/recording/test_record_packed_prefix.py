@@ -134,6 +134,7 @@ def _radio(**config) -> torch.nn.Module:
     config = transformers.RadioConfig(**{**dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                 patch_size=RADIO_PATCH, max_img_size=64, num_cls_tokens=2,
                                                 num_registers=1), **config})
+    torch.manual_seed(0)
     return sharpened(transformers.RadioModel(config))
 
 
@@ -267,6 +268,7 @@ def _nemotron() -> torch.nn.Module:
                          vocab_size=100, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8,
                          n_groups=1, head_dim=16, layers_block_type=["mamba", "attention"]),
         vision_hidden_size=32, projector_hidden_size=32, image_token_id=5)
+    torch.manual_seed(0)
     model = modeling_nemotron_h_omni.NemotronH_Omni_Reasoning_V3(config)
     model.vision_model.config.torch_dtype = torch.float32  # what get_image_features casts the patches to
     return sharpened(model)
@@ -310,12 +312,22 @@ def test_nemotron_h_omni_video_refusal_names_its_radio_tower():
     assert all(call.layers == [] for call in rec.calls)
 
 
+def test_nemotron_h_omni_partial_layout_refusal_names_its_radio_tower():
+    """A partial layout given by hand cannot be completed without a patch-embedding convolution; the refusal names
+    the tower, not the whole model, as RADIO."""
+    model = _nemotron()
+    with pytest.raises(ValueError, match=r"RADIO \(vision_model, a RadioModel\) cuts its patches with a reshape"):
+        with torch.no_grad(), vitmad.record(model, patch=RADIO_PATCH):
+            model.vision_model(torch.rand(1, 3, 4 * RADIO_PATCH, 6 * RADIO_PATCH))
+
+
 # LLaVA-OneVision-1.5 and Inkling2: a class token, then the merge-block order -------------------------------------
 
 def _llava() -> torch.nn.Module:
     config = transformers.LlavaOnevision15VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                                                        patch_size=MERGE_PATCH, spatial_merge_size=MERGE,
                                                        out_hidden_size=32)
+    torch.manual_seed(0)  # the weights sharpened leaves (embeddings, class token) drawn the same in any test order
     return sharpened(modeling_llava_onevision1_5.LlavaOnevision15VisionModel(config))
 
 
@@ -324,6 +336,7 @@ def _inkling() -> torch.nn.Module:
                                                num_attention_heads=2, patch_size=MERGE_PATCH,
                                                spatial_merge_size=MERGE, posemb_grid_size=8, projection_hidden_dim=32,
                                                text_hidden_size=32)
+    torch.manual_seed(0)
     return sharpened(modeling_inkling2.Inkling2VisionModel(config))
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..module_index import module_list
+from ..module_index import named_module_list
 from ..placement import RefusingPlacer
 from .stages import defined_in
 
@@ -62,12 +62,16 @@ _SAM3_WINDOWS = ("SAM3's windowed blocks attend within windows of the patch map 
 def radio_layout_unknown(model: nn.Module) -> str | None:
     """Why the plain layout cannot complete a partial layout given by hand for RADIO's tokens (no patch-embedding
     convolution gives their grid), and what to pass; None for a model without RADIO's patch embeddings."""
-    embeddings = next((m for m in module_list(model) if defined_in(m, "RadioPatchEmbeddings", "modeling_radio")),
-                      None)
+    name, embeddings = next(((n, m) for n, m in named_module_list(model)
+                             if defined_in(m, "RadioPatchEmbeddings", "modeling_radio")), (None, None))
     if embeddings is None:
         return None
     p, summary = int(embeddings.patch_size), int(embeddings.cls_register_token.shape[0])
-    return (f"RADIO ({type(model).__name__}) cuts its patches with a reshape and a Linear, no patch-embedding Conv2d "
+    # Named as the tower: inside a vision-language model (Nemotron-H-Omni's vision_model) the model is not RADIO.
+    tower_name = name.rpartition(".")[0]
+    tower = type(model).__name__ if not tower_name else \
+        f"{tower_name}, a {type(model.get_submodule(tower_name)).__name__}"
+    return (f"RADIO ({tower}) cuts its patches with a reshape and a Linear, no patch-embedding Conv2d "
             "from which vitmad would complete a layout given by hand: vitmad places its dense forward (pixel_values "
             f"[B, C, H, W]: {summary} summary tokens, then the row-major H/{p} x W/{p} patch grid) by itself, so "
             f"leave patch=, grid= and num_prefix_tokens= unset, or give both patch={p} and grid=[H // {p}, W // {p}] "
