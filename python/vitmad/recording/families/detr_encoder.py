@@ -37,7 +37,16 @@ import torch
 from torch import nn
 
 from ..module_index import module_list
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, cell_centres
+from ..placement import (
+    CallContext,
+    LayerGeometry,
+    LayerPlacer,
+    NotPlaceable,
+    Placement,
+    RefusingPlacer,
+    cell_centres,
+    read_only,
+)
 from .stages import defined_in, innermost_on_path
 
 __all__ = ["placer"]
@@ -161,6 +170,9 @@ class _MapPlacer(LayerPlacer):
         self.watch, self.read, self.stride, self.source = watch, read, stride, source
         self.merged_heads = merged_heads
         self.key = f"detr_encoder.map.{id(watch)}"
+        # The latest placement of a map without padding, by (grid, heads, batch): reused while they stay the same,
+        # its positions copied to a device once.
+        self._unmasked: tuple[tuple, Placement] | None = None
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         def see_input(module, args) -> None:
@@ -222,19 +234,22 @@ class _MapPlacer(LayerPlacer):
 
     def _placement(self, seen: _Map, heads: int) -> Placement:
         stride = (float(self.stride), float(self.stride))
+        tokens, batch, merged = seen.grid[0] * seen.grid[1], seen.batch, self.merged_heads is not None
+
+        def fold(values: torch.Tensor) -> torch.Tensor:  # [B, heads, N], or [B * heads, N] batch-major
+            return values.reshape(batch, heads, tokens) if merged else values
+
         mask = seen.mask
-        cells = cell_centres(*seen.grid, stride, device=None if mask is None else mask.device).reshape(-1, 2)
-        tokens = cells.shape[0]
-        if self.merged_heads is None:
-            def fold(values: torch.Tensor) -> torch.Tensor:
-                return values
-        else:
-            def fold(values: torch.Tensor) -> torch.Tensor:  # [B * heads, N], batch-major
-                return values.reshape(seen.batch, heads, tokens)
         if mask is None or bool(mask.all()):
-            return Placement(cells, None, fold, LayerGeometry(seen.grid, stride, "global", heads, 0))
+            key = (seen.grid, heads, batch)
+            if self._unmasked is None or self._unmasked[0] != key:
+                positions, = read_only(cell_centres(*seen.grid, stride).reshape(-1, 2), positions=1)
+                geometry = LayerGeometry(seen.grid, stride, "global", heads, 0)
+                self._unmasked = key, Placement(positions, None, fold, geometry)
+            return self._unmasked[1]
+        cells = cell_centres(*seen.grid, stride, device=mask.device).reshape(-1, 2)
         positions = torch.where(mask.unsqueeze(-1), cells, float("nan")).unsqueeze(1)  # [B, 1, N, 2]
-        if self.merged_heads is not None:
-            positions = positions.expand(-1, heads, -1, -1).reshape(seen.batch * heads, tokens, 2)
+        if merged:
+            positions = positions.expand(-1, heads, -1, -1).reshape(batch * heads, tokens, 2)
         geometry = LayerGeometry(seen.grid, stride, "global, padding tokens (pixel_mask) without a position", heads, 0)
         return Placement(positions, None, fold, geometry, present=mask)
