@@ -30,8 +30,10 @@ onto ``[n_views, H, T]``, view ``i``'s tokens row-major on its own grid first, N
 Refused (a ``ValueError`` naming the layer): pixels that are not one strip ``[1, C, p, p * sum(h * w)]`` with the
 ``target_sizes`` of its views, a window merger given precomputed ``window_index`` and ``cu_window_seqlens``,
 ``cu_seqlens`` or attention shapes that are not the chunks rebuilt here, and flash attention over more than one
-chunk (one variable-length call whose chunks the capture does not receive). The towers' video path
-(``get_video_features``) hands the tower a strip too; it is placed as the image processors lay one out.
+chunk (one variable-length call whose chunks the capture does not receive). The models' video path
+(``get_video_features``) hands the tower a strip too, placed as the image processors lay one out; the 4.6 video
+processor (transformers 5.25) interleaves a clip's frames column by column of pixels, so a patch of its strip holds
+columns of several frames: those tokens are placed as the tower numbers them, which vitmad cannot check.
 """
 
 from __future__ import annotations
