@@ -63,7 +63,7 @@ def _strip(grids, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 # Geometry written in the tests ---------------------------------------------------------------------------------
 
-def _view_chunks(grids, cell: int) -> list[list[tuple[int, int, int]]]:
+def _view_chunks(grids) -> list[list[tuple[int, int, int]]]:
     """One chunk per view: its tokens (view, row, col) row-major."""
     return [[(view, r, c) for r in range(h) for c in range(w)] for view, (h, w) in enumerate(grids)]
 
@@ -107,12 +107,12 @@ def _reference(version: str, tower, pixels, sizes, grids, use_merger: bool):
     calls = eager_attention_calls(MODELING[version], tower, pixels, target_sizes=sizes, use_vit_merger=use_merger)
     merged = [(h // WINDOW, w // WINDOW) for h, w in grids]
     if use_merger:
-        layers = [("encoder.layers.0.self_attn", "global per view", grids, PATCH, _view_chunks(grids, PATCH)),
+        layers = [("encoder.layers.0.self_attn", "global per view", grids, PATCH, _view_chunks(grids)),
                   ("vit_merger.self_attn", "window 2x2 patches", grids, PATCH, _window_chunks(grids))]
         layers += [(f"encoder.layers.{i}.self_attn", "global per view, 2x2-patch windows merged", merged,
-                    WINDOW * PATCH, _view_chunks(merged, WINDOW * PATCH)) for i in (1, 2)]
+                    WINDOW * PATCH, _view_chunks(merged)) for i in (1, 2)]
     else:
-        layers = [(f"encoder.layers.{i}.self_attn", "global per view", grids, PATCH, _view_chunks(grids, PATCH))
+        layers = [(f"encoder.layers.{i}.self_attn", "global per view", grids, PATCH, _view_chunks(grids))
                   for i in range(3)]
     found, used = [], 0
     for name, kind, layer_grids, cell, chunks in layers:

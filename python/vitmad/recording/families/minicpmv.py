@@ -98,12 +98,12 @@ class _Strip:
 
     Attributes:
         shape: the shape of ``pixel_values``.
-        grids: ``target_sizes``, per view ``(h, w)`` patches (None when not given).
+        grids: ``target_sizes``, per view ``(h, w)`` patches.
         tokens: the tokens the embeddings returned.
     """
 
     shape: tuple[int, ...]
-    grids: tuple[tuple[int, int], ...] | None
+    grids: tuple[tuple[int, int], ...]
     tokens: int
 
 
@@ -154,8 +154,9 @@ class MiniCPMPlacer(LayerPlacer):
         self._key = f"minicpmv.attention.{id(module)}"
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
-        # Every placer of the tower stores the same facts (each forward of the tower's embeddings starts a call,
-        # which clears them): the strip and the sizes, and whether the window merger has run.
+        # Every placer of the tower stores the same facts: the strip and the sizes, read after the embeddings ran
+        # (their convolution starts the recorder's call, which clears the facts of the last one), and whether the
+        # window merger has run.
         name = self.tower_name
 
         def see_strip(module, args, kwargs, output) -> None:
@@ -190,12 +191,12 @@ class MiniCPMPlacer(LayerPlacer):
             raise NotPlaceable(f"the embeddings of its tower {tower} did not run in this call before it attended, so "
                                "the grids of its tokens are unknown; run the tower on pixel_values and target_sizes")
         p = self.patch
-        count = None if strip.grids is None else sum(h * w for h, w in strip.grids)
-        if (strip.grids is None or len(strip.shape) != 4 or strip.shape[0] != 1 or strip.shape[2] != p
+        count = sum(h * w for h, w in strip.grids)
+        if (len(strip.shape) != 4 or strip.shape[0] != 1 or strip.shape[2] != p
                 or strip.shape[3] != p * count or strip.tokens != count or any(h < 1 or w < 1 for h, w in strip.grids)):
-            sizes = None if strip.grids is None else [list(g) for g in strip.grids]
             raise NotPlaceable(
-                f"its tower {tower} was given pixel_values {list(strip.shape)} and target_sizes {sizes}; vitmad "
+                f"its tower {tower} was given pixel_values {list(strip.shape)} and target_sizes "
+                f"{[list(g) for g in strip.grids]}; vitmad "
                 f"places the strip its image processor packs, [1, C, {p}, {p} * sum(h * w)]: the {p} px patches of "
                 "each view (h x w of target_sizes) row-major, one view after the other"
             )
