@@ -2,10 +2,10 @@
 name (or skipped, for DepthPro's crops), never measured as a grid.
 
 Each case here was measured wrongly, silently, before (against the model's eager attention placed by its own
-geometry): Mllama's concatenated tiles (2.7 px for 22 px), MiniCPM-V's patches packed in one row (a 4 x 6 image
-measured as 1 x 24), DepthPro's crops (one value per crop, in crop pixels). DeepSeek-OCR-2's and Unlimited-OCR's
-SAM encoders, refused here before (one padded window measured as 96 "extra tokens" and a 10 x 10 grid), are placed
-as SAM's now: tests/recording/test_record_deepseek_ocr_sam.py.
+geometry): Mllama's concatenated tiles (2.7 px for 22 px), DepthPro's crops (one value per crop, in crop pixels).
+DeepSeek-OCR-2's and Unlimited-OCR's SAM encoders, refused here before (one padded window measured as 96 "extra
+tokens" and a 10 x 10 grid), are placed as SAM's now: tests/recording/test_record_deepseek_ocr_sam.py; so are
+MiniCPM-V's slices packed in one row (a 4 x 6 image was measured as 1 x 24): tests/recording/test_record_minicpmv.py.
 """
 
 from __future__ import annotations
@@ -32,19 +32,6 @@ def test_mllama_tiles_are_refused():
     tower = transformers.models.mllama.modeling_mllama.MllamaVisionModel(config).eval()
     _refused(tower, "MllamaVisionAttention.*tiles", pixel_values=torch.randn(1, 1, 4, 3, 32, 32),
              aspect_ratio_ids=torch.tensor([[6]]), aspect_ratio_mask=torch.tensor([[[1, 1, 1, 1]]]))
-
-
-@pytest.mark.parametrize("version", ["4_6", "4_7"])
-def test_minicpm_packed_patches_are_refused(version):
-    modeling = pytest.importorskip(f"transformers.models.minicpmv{version}.modeling_minicpmv{version}")
-    config = getattr(transformers, f"MiniCPMV{version}VisionConfig")(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
-        insert_layer_id=-1)
-    torch.manual_seed(0)
-    tower = getattr(modeling, f"MiniCPMV{version}VisionModel")(config).eval()
-    # One image of 4 x 6 patches, packed side by side as its processor does: [1, 3, 8, 24 * 8].
-    _refused(tower, "packed side by side", torch.randn(1, 3, 8, 24 * 8), target_sizes=torch.tensor([[4, 6]]),
-             use_vit_merger=False)
 
 
 def test_depth_pro_crops_are_skipped_and_its_image_encoder_records():

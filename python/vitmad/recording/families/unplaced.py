@@ -6,8 +6,6 @@ comparing with each model's eager attention placed by its own geometry):
 
 - Mllama's vision tower: the tiles of an image in one sequence, each with its CLS and padded to a multiple of 8
   tokens, tiles masked by the aspect ratio (a 2 x 2-tile image gave 2.7 px where its tiles give 22 px).
-- MiniCPM-V 4.6 and 4.7 (and MiniCPM OCR, the same tower): the patches of its images packed side by side in one row of
-  pixels, each image's grid given by ``target_sizes`` (one image of 4 x 6 patches was measured as a 1 x 24 row).
 
 SAM3's windowed blocks (a padded window partition the plain layout took, with one window, for 7 extra tokens and a
 3 x 3 grid) are skipped with the reason; its global blocks are a plain grid and are recorded.
@@ -37,15 +35,6 @@ _REFUSED = {
     ("MllamaVisionAttention", "modeling_mllama"):
         "Mllama's vision tower attends over the tiles of an image in one sequence (a CLS per tile, each tile "
         "padded to a multiple of 8 tokens, tiles masked by the aspect ratio)",
-    ("MiniCPMV4_6VisionAttention", "modeling_minicpmv4_6"):
-        "MiniCPM-V's vision tower takes the patches of its images packed side by side in one row of pixels (each "
-        "image's grid comes in target_sizes)",
-    ("MiniCPMV4_7VisionAttention", "modeling_minicpmv4_7"):
-        "MiniCPM-V's vision tower takes the patches of its images packed side by side in one row of pixels (each "
-        "image's grid comes in target_sizes)",
-    ("MiniCPMOcrVisionAttention", "modeling_minicpm_ocr"):
-        "MiniCPM's vision tower takes the patches of its images packed side by side in one row of pixels (each "
-        "image's grid comes in target_sizes)",
 }
 
 _DEPTH_PRO_CROPS = (
