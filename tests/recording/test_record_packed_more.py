@@ -2,8 +2,9 @@
 test_record_packed.py: Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, Qwen4-Exp, Qwen3-Omni-MoE and Cohere Compass (Qwen3-VL's
 tower); Qwen2.5-Omni and EXAONE 4.5 (Qwen2.5-VL's windows and full-attention blocks; EXAONE with grouped-query
 attention); GLM-5-Next, ERNIE-4.5-VL and dots3 (Qwen2-VL's order; ERNIE with a linear patch embedding, GLM-5-Next
-and dots3 with q / k norms). GLM-Image and the packed towers that differ (a class token per image, windows chosen
-by ``layer_types``, row-major packings, a merge size per image) are refused by name.
+and dots3 with q / k norms). GLM-Image and the packed towers that differ (windows chosen by ``layer_types``,
+row-major packings, a merge size per image) are refused by name; those with a class token per image:
+test_record_packed_prefix.py.
 
 Tiny random-weight towers get three images of different sizes (odd numbers of merge blocks a side) packed in one
 call. The reference is each model's own eager attention probabilities, captured call by call from its modeling
@@ -185,8 +186,6 @@ def test_glm_image_is_refused_by_name():
 
 # name -> (config class, tower class, attention class, what the refusal names)
 REFUSED_RUN = {
-    "llava_onevision1_5": ("LlavaOnevision15VisionConfig", "LlavaOnevision15VisionModel",
-                           "LlavaOnevision15VisionAttention", "class token"),
     "ovis2_5": ("Ovis2_5VisionConfig", "Ovis2_5VisionModel", "Ovis2_5VisionAttention", "layer_types"),
     "muse_glimmer": ("MuseGlimmerVisionConfig", "MuseGlimmerVisionModel", "MuseGlimmerVisionAttention",
                      "layer_types"),
@@ -225,7 +224,7 @@ def test_every_refused_design_names_its_model():
     from vitmad.recording.placement import NotPlaceable
 
     refused = [d for d in packed._DESIGNS if d.kind == "refused"]
-    names = ["GLM-Image", "LLaVA-OneVision-1.5", "Inkling2", "Ovis2.5", "Muse Glimmer", "Muse Spark", "PaddleOCR-VL",
+    names = ["GLM-Image", "Ovis2.5", "Muse Glimmer", "Muse Spark", "PaddleOCR-VL",
              "Kimi-K2.5", "VideoLLaMA3", "HunYuanVL", "HY-V4-VL"]
     assert [d.reason.split("'s ")[0] for d in refused] == names
     for design in refused:

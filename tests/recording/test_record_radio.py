@@ -158,37 +158,16 @@ def test_partial_layout_given_by_hand_is_refused_by_name():
             model(torch.rand(1, 3, 24, 40))
 
 
-def _packed(grids: list[tuple[int, int]]):
-    grid_hw = torch.tensor(grids)
-    return torch.randn(int(grid_hw.prod(-1).sum()), 3 * PATCH * PATCH), grid_hw
-
-
-@pytest.mark.parametrize("layout", [{}, {"patch": PATCH, "grid": list(GRIDS[0])}])
-def test_packed_forward_of_several_images_is_refused_by_name(layout):
-    """Several images through image_grid_hw: each image's summary tokens inside its own cu_seqlens chunk (one
-    attention call per image without flash attention). Refused at the first call, a layout given by hand or not."""
-    model = _radio()
-    model.set_attn_implementation("sdpa")
-    patches, grid_hw = _packed(GRIDS)
-    with torch.no_grad(), vitmad.record(model, **layout) as rec, \
-            pytest.raises(ValueError, match=r"encoder\.layer\.0\.attention \(RadioAttention\) of RadioModel: RADIO "
-                                            r"\(RadioModel\) was given image_grid_hw \(2 image\(s\)\).*cu_seqlens"):
-        model(patches, image_grid_hw=grid_hw)
-    assert all(call.layers == [] for call in rec.calls)
-
-
-def test_packed_forward_of_one_image_is_refused_by_its_family_and_placed_by_a_layout_given_by_hand():
-    """One image through image_grid_hw is one plain sequence (no cu_seqlens): the family does not place packed
-    inputs; the user's patch= and grid= do, and match the dense forward of the same image."""
+def test_packed_forward_of_one_image_placed_by_a_layout_given_by_hand_matches_the_dense_forward():
+    """One image through image_grid_hw is one plain sequence (no cu_seqlens): the user's patch= and grid= place it
+    instead of the family (the packed forward of several images: tests/recording/test_record_packed_prefix.py), and
+    match the dense forward of the same image."""
     model = _radio()
     model.set_attn_implementation("sdpa")
     h, w = GRIDS[0]
     pixels = torch.rand(1, 3, h * PATCH, w * PATCH)
     patches = modeling_radio.RadioPatchEmbeddings._image_to_patches(model.embeddings, pixels)[0]
     grid_hw = torch.tensor([[h, w]])
-    with torch.no_grad(), vitmad.record(model), \
-            pytest.raises(ValueError, match=r"RADIO \(RadioModel\) was given image_grid_hw \(1 image\(s\)\)"):
-        model(patches, image_grid_hw=grid_hw)
     with torch.no_grad():
         with vitmad.record(model, patch=PATCH, grid=[h, w]) as packed:
             model(patches, image_grid_hw=grid_hw)

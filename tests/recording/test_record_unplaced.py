@@ -1,11 +1,11 @@
-"""Towers whose tokens pass the plain layout's count test without being extra tokens and a patch grid: refused by
-name (or skipped, for DepthPro's crops), never measured as a grid.
+"""Towers whose tokens pass the plain layout's count test without being extra tokens and a patch grid: skipped with
+the reason (DepthPro's crops, SAM3's windows) or refused, never measured as a grid.
 
 Each case here was measured wrongly, silently, before (against the model's eager attention placed by its own
-geometry): MiniCPM-V's patches packed in one row (a 4 x 6 image measured as 1 x 24), DepthPro's crops (one value
-per crop, in crop pixels). DeepSeek-OCR-2's and Unlimited-OCR's SAM encoders, refused here before (one padded
-window measured as 96 "extra tokens" and a 10 x 10 grid), are placed as SAM's now:
-tests/recording/test_record_deepseek_ocr_sam.py; so are Mllama's concatenated tiles (2.7 px for 22 px before):
+geometry): DepthPro's crops (one value per crop, in crop pixels). DeepSeek-OCR-2's and Unlimited-OCR's SAM encoders,
+refused here before (one padded window measured as 96 "extra tokens" and a 10 x 10 grid), are placed as SAM's now:
+tests/recording/test_record_deepseek_ocr_sam.py; so are MiniCPM-V's slices packed in one row (a 4 x 6 image was
+measured as 1 x 24): tests/recording/test_record_minicpmv.py, and Mllama's concatenated tiles (2.7 px for 22 px):
 tests/recording/test_record_mllama.py.
 """
 
@@ -17,25 +17,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import vitmad  # noqa: E402
-
-
-def _refused(model, match: str, *args, **kwargs) -> None:
-    with torch.no_grad(), vitmad.record(model):
-        with pytest.raises(ValueError, match=match + ".*pass positions="):
-            model(*args, **kwargs)
-
-
-@pytest.mark.parametrize("version", ["4_6", "4_7"])
-def test_minicpm_packed_patches_are_refused(version):
-    modeling = pytest.importorskip(f"transformers.models.minicpmv{version}.modeling_minicpmv{version}")
-    config = getattr(transformers, f"MiniCPMV{version}VisionConfig")(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
-        insert_layer_id=-1)
-    torch.manual_seed(0)
-    tower = getattr(modeling, f"MiniCPMV{version}VisionModel")(config).eval()
-    # One image of 4 x 6 patches, packed side by side as its processor does: [1, 3, 8, 24 * 8].
-    _refused(tower, "packed side by side", torch.randn(1, 3, 8, 24 * 8), target_sizes=torch.tensor([[4, 6]]),
-             use_vit_merger=False)
 
 
 def test_depth_pro_crops_are_skipped_and_its_image_encoder_records():

@@ -70,6 +70,7 @@ from .families.plain import (
     is_embedding_projection,
     keeps_image_layout,
 )
+from .families.radio import is_tower as is_radio_tower
 from .forward_owner import (
     ForwardOwner,
     ModuleCall,
@@ -271,10 +272,11 @@ def _encoder_prefix(model: nn.Module) -> str:
         found = find_patch_embedding(model)
         embedding = None if found is None else found[0]
     if embedding is None:
-        # NaFlex towers embed pre-cut patches with a Linear, Llama 4's unfolds the image into one: the tower
-        # itself (SigLIP2's vision_model, Llama4ForConditionalGeneration's vision_model).
+        # NaFlex towers embed pre-cut patches with a Linear, Llama 4's unfolds the image into one, RADIO's cuts it
+        # with a reshape: the tower itself (SigLIP2's vision_model, Llama4ForConditionalGeneration's vision_model,
+        # Nemotron-H-Omni's vision_model, whose language model's layers are then left out).
         tower = next((name for name, module in named_module_list(model)
-                      if is_naflex_tower(module) or is_llama4_tower(module)), None)
+                      if is_naflex_tower(module) or is_llama4_tower(module) or is_radio_tower(module)), None)
         return "" if not tower else tower + "."
     return _tower_of_embedding(embedding)
 
@@ -1302,6 +1304,12 @@ class Recording:
             call.per_layer.append(self._fold(name, placement, per_query))
         if self._maps:
             maps = pending[0][4] if len(pending) == 1 else None
+            rows = {None if entry[4] is None else entry[4].shape[-2] for entry in pending}
+            if len(pending) > 1 and placement.consecutive_chunks and len(rows) == 1 and None not in rows:
+                # One call per chunk, each chunk led by the same tokens without a position (RADIO's summary tokens,
+                # a class token per image): each chunk's rows cover its own keys, so joined along the keys they
+                # fold, like per-query values, onto each image's own grid. Chunks without such rows have no maps.
+                maps = torch.cat([entry[4] for entry in pending], dim=-1)
             call.prefix_maps.append(None if maps is None else torch.stack(
                 [self._fold_map(name, placement, row) for row in maps.unbind(-2)], dim=-2))
         call.geometry.append(placement.geometry)

@@ -29,6 +29,13 @@
   interpolated per image and laid out block-major) and LFM3-VL (``Lfm3VlVisionModel``, a linear patch embedding,
   attention layers between gated convolution layers that refold each image from the merge-block order); each model's
   image processor patchifies in that order (LFM3-VL's is Qwen2-VL's).
+- A class token first in each image's ``cu_seqlens`` chunk, then Qwen2-VL's merge-block order: LLaVA-OneVision-1.5
+  (``LlavaOnevision15VisionModel``, its chunks shifted to hold the class token) and Inkling2
+  (``Inkling2VisionModel``, one input row per merge block, ``image_grid_thw`` counted in merge blocks). The class
+  token has no position (``PackedSequence.prefix``): a query's prefix mass is its attention on its own image's class
+  token, the one its call holds, and the prefix maps are each image's class-token row over its own grid (the
+  recorder joins the calls' rows along the keys). RADIO's packed forward (``families/radio.py``) uses the same
+  sequence with its summary tokens and row-major patches.
 - Pixtral (``PixtralVisionModel``): image ``i`` of ``image_sizes`` is ``h // p x w // p`` patches, row-major, and
   the images are concatenated into one sequence ``[1, N, C]``; the attention gets a block-diagonal mask, so a
   token of another image has probability 0.
@@ -42,14 +49,13 @@ probability 0 under the mask). The per-query values of the sequence fold onto ``
 Refused (a ``ValueError`` naming the layer): GLM-Image's tower (``GlmImageVisionModel``), by name: packed like
 Qwen2-VL, but its config's ``spatial_merge_size`` (default 1) and its image processor's ``merge_size`` (default 2)
 need not agree, so where a token lies on the image is not settled; by name too, packed towers that differ:
-LLaVA-OneVision-1.5 and Inkling2 (a class token per image in its chunk), Ovis2.5, Muse Glimmer and Muse Spark
-(window or full attention per layer by ``layer_types``), PaddleOCR-VL (row-major, its own embeddings), Kimi-K2.5
-(row-major, per-clip chunks), VideoLLaMA3 (a merge size per image), HunYuanVL and HY-V4-VL (row-major); Qwen
-videos (``grid_thw`` with ``t > 1``: each temporal patch of two frames is a chunk of its own, and vitmad gives no
-temporal placement to these towers); flash attention over more than one chunk (one variable-length call whose
-chunks the capture does not receive); a tower given precomputed ``position_ids`` or ``window_index`` (vitmad
-rebuilds the token order from ``grid_thw``); ``cu_seqlens`` or attention shapes that are not the chunks rebuilt
-here.
+Ovis2.5, Muse Glimmer and Muse Spark (window or full attention per layer by ``layer_types``), PaddleOCR-VL
+(row-major, its own embeddings), Kimi-K2.5 (row-major, per-clip chunks), VideoLLaMA3 (a merge size per image),
+HunYuanVL and HY-V4-VL (row-major); videos (``grid_thw`` with ``t > 1``: each temporal patch of two frames is a
+chunk of its own, or the whole clip, and vitmad gives no temporal placement to these towers); flash attention over
+more than one chunk (one variable-length call whose chunks the capture does not receive); a tower given precomputed
+``position_ids`` or ``window_index`` (vitmad rebuilds the token order from ``grid_thw``); ``cu_seqlens`` or
+attention shapes that are not the chunks rebuilt here.
 """
 
 from __future__ import annotations
@@ -85,6 +91,12 @@ class _Design:
         patch: where the tower keeps its patch size, a dotted attribute path from the tower (``"qwen"`` kind).
         token_convolution: class name of the tower's modules whose convolutions run on its tokens, once per image,
             not on the image (LFM3-VL's gated convolution layers): no call of the recorder starts there.
+        class_tokens: tokens without a position the tower puts before each image's patches, inside the image's
+            ``cu_seqlens`` chunk (LLaVA-OneVision-1.5, Inkling2: one class token); 0 for none.
+        merge: where the tower keeps its spatial merge size, a dotted attribute path from the tower.
+        grid_argument: the tower's argument holding the images' ``(t, h, w)`` grids.
+        grid_unit: what that argument's ``h`` and ``w`` count: ``"patch"``, or ``"merge"`` blocks (Inkling2's
+            ``image_grid_thw``, in language-model image tokens).
     """
 
     module: str
@@ -95,6 +107,10 @@ class _Design:
     reason: str = ""
     patch: str = "patch_embed.patch_size"
     token_convolution: str = ""
+    class_tokens: int = 0
+    merge: str = "spatial_merge_size"
+    grid_argument: str = "grid_thw"
+    grid_unit: str = "patch"
 
 
 _DESIGNS = (
@@ -164,14 +180,20 @@ _DESIGNS = (
                 "while its image processor orders the patches in merge_size blocks (default 2), so where each token "
                 "lies on the image depends on how the checkpoint pairs the two, which vitmad cannot check; vitmad "
                 "does not record this tower")),
+    # LLaVA-OneVision-1.5 (LlavaOnevision15VisionModel): Qwen2-VL's merge-block order (its patches come "in spatial
+    # merge order", its rotary position ids from get_vision_position_ids, its merger joins m*m consecutive tokens),
+    # one class token prepended to each image's run (LlavaOnevision15VisionClassEmbeddings.prepend_cls), each
+    # image's cu_seqlens chunk shifted to hold it; one call per chunk without flash attention.
     _Design("transformers.models.llava_onevision1_5.modeling_llava_onevision1_5", "LlavaOnevision15VisionModel",
-            "LlavaOnevision15VisionAttention", "refused", reason=(
-                "LLaVA-OneVision-1.5's vision tower prepends a class token to each image inside its cu_seqlens "
-                "chunks, and vitmad's packed placement has no extra tokens; vitmad does not record this tower")),
+            "LlavaOnevision15VisionAttention", "qwen", class_tokens=1),
+    # Inkling2 (Inkling2VisionModel): one input row per merge block, blocks row-major ("raster order within each
+    # image"), unfolded by its embeddings into m*m patches row-major (the merge-block order; its rotary position ids
+    # from get_vision_position_ids, its learned position grid interpolated block-major), a class token in front of
+    # each image (embeddings[patch_index] skips it), one cu_seqlens chunk per image; image_grid_thw counts merge
+    # blocks.
     _Design("transformers.models.inkling2.modeling_inkling2", "Inkling2VisionModel", "Inkling2VisionAttention",
-            "refused", reason=(
-                "Inkling2's vision tower puts a class token in front of each image inside its cu_seqlens chunks, "
-                "and vitmad's packed placement has no extra tokens; vitmad does not record this tower")),
+            "qwen", patch="embeddings.patch_size", class_tokens=1, merge="embeddings.merge_size",
+            grid_argument="image_grid_thw", grid_unit="merge"),
     *(_Design(f"transformers.models.{module}.modeling_{module}", f"{prefix}VisionModel", f"{prefix}VisionAttention",
               "refused", reason=(
                   f"{model}'s vision tower chooses window or full attention per layer by its config's layer_types, "
@@ -212,22 +234,31 @@ class PackedSequence:
 
     Attributes:
         grids: per image, ``(grid_h, grid_w)`` of its patch tokens.
-        cells: ``[N, 2]`` (row, column) of each sequence token in its own image's grid.
-        target: ``[N]`` index of each sequence token in the folded ``[n_images * T_max]`` (image-major, each image
-            row-major on its own grid), ``T_max`` the largest image's token count.
+        cells: ``[N_placed, 2]`` (row, column) of each positioned sequence token in its own image's grid.
+        target: ``[N_placed]`` index of each positioned sequence token in the folded ``[n_images * T_max]``
+            (image-major, each image row-major on its own grid), ``T_max`` the largest image's token count.
+        prefix: tokens without a position at the start of each image's run (RADIO's summary tokens, the class
+            token of LLaVA-OneVision-1.5 and Inkling2), inside the image's chunk; 0 for none.
+        placed: ``[N_placed]`` sequence index of each positioned token; None when every token has a position.
     """
 
     grids: tuple[tuple[int, int], ...]
     cells: torch.Tensor
     target: torch.Tensor
+    prefix: int = 0
+    placed: torch.Tensor | None = None
 
     @property
     def tokens_max(self) -> int:
         return max(h * w for h, w in self.grids)
 
     def positions(self, stride: tuple[float, float]) -> torch.Tensor:
-        """``[N, 2]`` float32 pixel centres of the sequence tokens."""
-        return ((self.cells.double() + 0.5) * torch.tensor(stride, dtype=torch.float64)).float()
+        """``[N, 2]`` float32 pixel centres of the sequence tokens, NaN rows for the tokens without a position."""
+        centres = ((self.cells.double() + 0.5) * torch.tensor(stride, dtype=torch.float64)).float()
+        if self.placed is None:
+            return centres
+        length = self.prefix * len(self.grids) + int(centres.shape[0])
+        return centres.new_full((length, 2), float("nan")).index_copy_(0, self.placed, centres)
 
     def present(self) -> torch.Tensor | None:
         """``[n_images, T_max]`` bool, the folded tokens each image has; None when the images are the same size."""
@@ -237,17 +268,22 @@ class PackedSequence:
         return torch.arange(self.tokens_max) < counts[:, None]
 
     def geometry(self, stride: tuple[float, float], attention: str, heads: int) -> LayerGeometry:
+        # The prefix tokens are counted per image (each chunk starts with them), as a plain ViT's per image.
+        prefix = self.prefix if self.prefix else None
         if len(set(self.grids)) == 1:
-            return LayerGeometry(self.grids[0], stride, attention, heads)
-        return LayerGeometry(None, stride, attention, heads, image_grids=self.grids)
+            return LayerGeometry(self.grids[0], stride, attention, heads, prefix)
+        return LayerGeometry(None, stride, attention, heads, prefix, image_grids=self.grids)
 
     def fold(self, heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Maps per-query values ``[1, heads, N]`` (sequence order) to ``[n_images, heads, T_max]``."""
+        """Maps per-query values ``[1, heads, N]`` (sequence order; also one prefix token's row over the keys) to
+        ``[n_images, heads, T_max]``: the values at the tokens without a position are dropped."""
         images, tokens = len(self.grids), self.tokens_max
-        target = self.target
+        target, placed = self.target, self.placed
 
         def fold(values: torch.Tensor) -> torch.Tensor:
             values = values.reshape(heads, -1)
+            if placed is not None:
+                values = values.index_select(-1, on_device(placed, values.device))
             folded = values.new_full((heads, images * tokens), float("nan"))
             folded[:, on_device(target, values.device)] = values
             return folded.view(heads, images, tokens).transpose(0, 1)
@@ -255,12 +291,17 @@ class PackedSequence:
         return fold
 
 
-def packed_sequence(grids: tuple[tuple[int, int], ...], cells: list[torch.Tensor]) -> PackedSequence:
-    """The packed sequence of images whose tokens, in sequence order, sit at ``cells[i]`` (``[h_i * w_i, 2]``)."""
+def packed_sequence(grids: tuple[tuple[int, int], ...], cells: list[torch.Tensor], prefix: int = 0) -> PackedSequence:
+    """The packed sequence of images whose positioned tokens, in sequence order, sit at ``cells[i]``
+    (``[h_i * w_i, 2]``), each image's run led by ``prefix`` tokens without a position."""
     tokens = max(h * w for h, w in grids)
     target = torch.cat([image * tokens + c[:, 0] * grid[1] + c[:, 1] for image, (grid, c) in
                         enumerate(zip(grids, cells))])
-    return PackedSequence(grids, torch.cat(cells), target)
+    placed = None
+    if prefix:
+        starts = torch.tensor([0, *(prefix + h * w for h, w in grids)]).cumsum(0)[:-1]
+        placed = torch.cat([start + prefix + torch.arange(h * w) for start, (h, w) in zip(starts.tolist(), grids)])
+    return PackedSequence(grids, torch.cat(cells), target, prefix, placed)
 
 
 def qwen_token_cells(grid: tuple[int, int], merge: int, window: int | None) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -302,16 +343,17 @@ class _QwenLayout:
 # A model sees few image-size combinations; the blocks of one kind share them (read-only tensors).
 @functools.lru_cache(maxsize=64)
 def _qwen_layout(grids: tuple[tuple[int, int], ...], merge: int, window: int | None,
-                 stride: tuple[float, float], per_window: bool = True) -> _QwenLayout:
+                 stride: tuple[float, float], per_window: bool = True, class_tokens: int = 0) -> _QwenLayout:
     """``per_window=False``: the tokens in window order (``window``) but one chunk per image (Qwen2.5-VL's
-    ``fullatt_block_indexes`` blocks attend over the window-ordered sequence)."""
+    ``fullatt_block_indexes`` blocks attend over the window-ordered sequence). ``class_tokens``: tokens without a
+    position before each image's patches, in its chunk (no tower has them with windows)."""
     cells, boundaries = [], [0]
     for grid in grids:
         image_cells, chunks = qwen_token_cells(grid, merge, window)
         cells.append(image_cells)
         for length in (chunks if per_window else (grid[0] * grid[1],)):
-            boundaries.append(boundaries[-1] + length)
-    sequence = packed_sequence(grids, cells)
+            boundaries.append(boundaries[-1] + class_tokens + length)
+    sequence = packed_sequence(grids, cells, class_tokens)
     return _QwenLayout(sequence, sequence.positions(stride), tuple(boundaries))
 
 
@@ -384,11 +426,12 @@ class QwenPlacer(_PackedPlacer):
     _attention_argument = ("cu_seqlens", 1)
 
     def __init__(self, model: nn.Module, tower_name: str, tower: nn.Module, module: nn.Module, windowed: bool,
-                 patch_attribute: str = "patch_embed.patch_size"):
+                 design: _Design):
         super().__init__(model, tower_name, tower, module)
         self.windowed = windowed
-        self.merge = int(tower.spatial_merge_size)
-        patch = int(functools.reduce(getattr, patch_attribute.split("."), tower))
+        self.design = design
+        self.merge = int(functools.reduce(getattr, design.merge.split("."), tower))
+        patch = int(functools.reduce(getattr, design.patch.split("."), tower))
         self.stride = (float(patch), float(patch))
         self.window = int(tower.window_size) // self.merge // patch if windowed else None
         # Qwen2.5-VL reorders the whole sequence by windows once, before its first block: its full-attention
@@ -400,36 +443,46 @@ class QwenPlacer(_PackedPlacer):
         """The layout of the tower's images and the kind of this block's chunks, checked against the
         ``cu_seqlens`` the block received."""
         tower = type(self.tower).__name__
+        argument = self.design.grid_argument
         given = [k for k in ("position_ids", "window_index", "cu_window_seqlens") if kwargs.get(k) is not None]
         if given:
             raise NotPlaceable(
                 f"its tower {tower} was given precomputed {', '.join(given)}; vitmad places the tokens by the order "
-                "the tower derives from grid_thw: call it with grid_thw only"
+                f"the tower derives from {argument}: call it with {argument} only"
             )
-        grid_thw = _argument(args, kwargs, "grid_thw", 1)
+        grid_thw = _argument(args, kwargs, argument, 1)
         if grid_thw is None or cu_seqlens is None:
-            raise NotPlaceable(f"its tower {tower} ran without grid_thw or the block without cu_seqlens")
-        grid_thw = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
+            raise NotPlaceable(f"its tower {tower} ran without {argument} or the block without cu_seqlens")
+        # Inkling2 counts merge blocks (its language model's image tokens): m x m patches each.
+        unit = self.merge if self.design.grid_unit == "merge" else 1
+        grid_thw = [(int(t), int(h) * unit, int(w) * unit) for t, h, w in grid_thw.tolist()]
         if any(t != 1 for t, _, _ in grid_thw):
             raise NotPlaceable(
-                f"grid_thw {grid_thw} holds a video (t > 1): each temporal patch is a chunk of its own (MiniMax-M3-VL: "
-                "the whole clip one chunk), and vitmad gives these towers no temporal placement; record images (t = 1) "
-                "only"
+                f"{argument} (t, h, w patches: {grid_thw}) holds a video (t > 1): each temporal patch is a chunk of "
+                "its own (MiniMax-M3-VL, Inkling2: the whole clip one chunk; LLaVA-OneVision-1.5: a class token per "
+                "frame), and vitmad gives these towers no temporal placement; record images (t = 1) only"
             )
         odd = [(h, w) for _, h, w in grid_thw if h % self.merge or w % self.merge]
         if odd:
-            raise NotPlaceable(f"grid_thw has grids {odd} that are not multiples of the merge size {self.merge}")
+            raise NotPlaceable(f"{argument} has grids {odd} (patches) that are not multiples of the merge size "
+                               f"{self.merge}")
         grids = tuple((h, w) for _, h, w in grid_thw)
-        layout = _qwen_layout(grids, self.merge, self.order_window, self.stride, self.windowed)
+        layout = _qwen_layout(grids, self.merge, self.order_window, self.stride, self.windowed,
+                              self.design.class_tokens)
         kind = (f"window {self.window * self.merge}x{self.window * self.merge} patches ({self.window}x{self.window} "
                 f"merge blocks)" if self.windowed else "global per image")
         received = tuple(int(v) for v in cu_seqlens.tolist())
         if received != layout.boundaries:
             raise NotPlaceable(
-                f"it received cu_seqlens {list(received)}, but the {kind} chunks of grid_thw {grid_thw} are "
-                f"{list(layout.boundaries)}; vitmad does not know this tower's token order"
+                f"it received cu_seqlens {list(received)}, but the {kind} chunks of {argument} (t, h, w patches: "
+                f"{grid_thw}{self._class_tokens_said()}) are {list(layout.boundaries)}; vitmad does not know this "
+                "tower's token order"
             )
         return layout, kind
+
+    def _class_tokens_said(self) -> str:
+        count = self.design.class_tokens
+        return f", each after {count} class token(s)" if count else ""
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         args, kwargs, seen = self._seen(context)
@@ -552,4 +605,4 @@ def placer(model: nn.Module, name: str, module: nn.Module):
             return RefusingPlacer(
                 f"it is not in {design.tower}.blocks, whose index says whether it attends in windows")
         windowed = int(block[1]) not in tower.fullatt_block_indexes
-    return QwenPlacer(model, tower_name, tower, module, windowed, design.patch)
+    return QwenPlacer(model, tower_name, tower, module, windowed, design)

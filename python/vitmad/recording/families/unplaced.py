@@ -1,11 +1,10 @@
-"""Token layouts vitmad knows it does not place: refused by name, so that the plain layout never guesses them.
+"""Token layouts vitmad knows it does not place: skipped with the reason, or refused, so that the plain layout never
+guesses them.
 
-The plain layout takes any sequence of at least ``gh x gw`` tokens as extra tokens followed by the patch grid;
-these towers pass that test with tokens that are not such a grid, and were measured wrongly, silently (found by
-comparing with each model's eager attention placed by its own geometry):
-
-- MiniCPM-V 4.6 and 4.7 (and MiniCPM OCR, the same tower): the patches of its images packed side by side in one row of
-  pixels, each image's grid given by ``target_sizes`` (one image of 4 x 6 patches was measured as a 1 x 24 row).
+The plain layout takes any sequence of at least ``gh x gw`` tokens as extra tokens followed by the patch grid. The
+towers once refused here by name because they pass that test with tokens that are no such grid (Mllama's tiles in
+one sequence, MiniCPM-V's patches packed in one row) have families of their own now (:mod:`.mllama`,
+:mod:`.minicpmv`).
 
 SAM3's windowed blocks (a padded window partition the plain layout took, with one window, for 7 extra tokens and a
 3 x 3 grid) are skipped with the reason; its global blocks are a plain grid and are recorded.
@@ -23,25 +22,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..module_index import module_list
-from ..placement import RefusingPlacer
+from ..module_index import named_module_list
 from .stages import defined_in
-
-_NO_POSITIONS = ("; vitmad does not know where its tokens are on the image. If you do, pass positions=<[N, 2] pixel "
-                 "position of each token of the sequence, NaN rows for tokens without one>")
-
-# (attention class, defining module's suffix) -> what its tokens are.
-_REFUSED = {
-    ("MiniCPMV4_6VisionAttention", "modeling_minicpmv4_6"):
-        "MiniCPM-V's vision tower takes the patches of its images packed side by side in one row of pixels (each "
-        "image's grid comes in target_sizes)",
-    ("MiniCPMV4_7VisionAttention", "modeling_minicpmv4_7"):
-        "MiniCPM-V's vision tower takes the patches of its images packed side by side in one row of pixels (each "
-        "image's grid comes in target_sizes)",
-    ("MiniCPMOcrVisionAttention", "modeling_minicpm_ocr"):
-        "MiniCPM's vision tower takes the patches of its images packed side by side in one row of pixels (each "
-        "image's grid comes in target_sizes)",
-}
 
 _DEPTH_PRO_CROPS = (
     "DepthPro's patch encoder attends within overlapping crops of a multi-scale pyramid of the image, the crops of "
@@ -57,12 +39,16 @@ _SAM3_WINDOWS = ("SAM3's windowed blocks attend within windows of the patch map 
 def radio_layout_unknown(model: nn.Module) -> str | None:
     """Why the plain layout cannot complete a partial layout given by hand for RADIO's tokens (no patch-embedding
     convolution gives their grid), and what to pass; None for a model without RADIO's patch embeddings."""
-    embeddings = next((m for m in module_list(model) if defined_in(m, "RadioPatchEmbeddings", "modeling_radio")),
-                      None)
+    name, embeddings = next(((n, m) for n, m in named_module_list(model)
+                             if defined_in(m, "RadioPatchEmbeddings", "modeling_radio")), (None, None))
     if embeddings is None:
         return None
     p, summary = int(embeddings.patch_size), int(embeddings.cls_register_token.shape[0])
-    return (f"RADIO ({type(model).__name__}) cuts its patches with a reshape and a Linear, no patch-embedding Conv2d "
+    # Named as the tower: inside a vision-language model (Nemotron-H-Omni's vision_model) the model is not RADIO.
+    tower_name = name.rpartition(".")[0]
+    tower = type(model).__name__ if not tower_name else \
+        f"{tower_name}, a {type(model.get_submodule(tower_name)).__name__}"
+    return (f"RADIO ({tower}) cuts its patches with a reshape and a Linear, no patch-embedding Conv2d "
             "from which vitmad would complete a layout given by hand: vitmad places its dense forward (pixel_values "
             f"[B, C, H, W]: {summary} summary tokens, then the row-major H/{p} x W/{p} patch grid) by itself, so "
             f"leave patch=, grid= and num_prefix_tokens= unset, or give both patch={p} and grid=[H // {p}, W // {p}] "
@@ -70,14 +56,9 @@ def radio_layout_unknown(model: nn.Module) -> str | None:
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
-    """A refusing placer for the attention modules above, a Skip for SAM3's windowed blocks and DepthPro's patch
-    encoder, else None."""
+    """A Skip for SAM3's windowed blocks and DepthPro's patch encoder, else None."""
     from . import Skip
 
-    cls = type(module)
-    reason = _REFUSED.get((cls.__name__, cls.__module__.rpartition(".")[2]))
-    if reason is not None:
-        return RefusingPlacer(reason + _NO_POSITIONS)
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     if type(parent).__name__ == "Sam3ViTLayer" and int(getattr(parent, "window_size", 0) or 0) > 0:
         return Skip(_SAM3_WINDOWS)

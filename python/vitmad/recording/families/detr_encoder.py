@@ -1,0 +1,255 @@
+"""The transformer encoders of DETR-style detectors over a CNN backbone's feature map (transformers).
+
+Two designs flatten a ``[B, C, h, w]`` map row-major (``flatten(2).transpose(1, 2)``) into ``h * w`` tokens, no
+other token, and run self-attention over them:
+
+- The AIFI layers of the hybrid encoders of RT-DETR, RT-DETRv2, D-FINE and DEIMv2 (``<X>AIFILayer``, one per entry
+  of ``config.encode_proj_layers``): layer ``i`` of ``encoder.aifi`` takes the map of level
+  ``encode_proj_layers[i]`` (the backbone's map of that level, through a 1x1 projection), whose stride is
+  ``config.feat_strides`` of that level. They attend without a mask (``attention_mask=None``): every token is a
+  query and a key, also where the image was padded (these models do not pass ``pixel_mask`` to their encoder).
+- The encoders of DETR, Conditional DETR, DAB-DETR and Table Transformer: their ``<X>ConvEncoder`` returns the
+  backbone's maps, each with ``pixel_mask`` downsampled to it (nearest), and the encoder takes the last one, its mask
+  flattened as the attention mask of the keys. A token the mask drops stands for padding, no image content: it
+  has no position, neither query nor key, and an image's MAD is the mean over its own tokens (``Placement.present``).
+  The stride is the backbone's last reduction as its timm ``feature_info`` reports it (timm backbones, also with
+  ``dilation=True``: ``output_stride=16``); a backbone that reports none is refused.
+
+Token ``(r, c)`` of a map of stride ``s`` sits at ``((r + 0.5) s, (c + 0.5) s)`` pixels of the model input, the
+centre of its stride cell (``docs/definition.md``, "Pooled or strided keys"). The stride is checked in every call
+against the image and the map the layer receives: each side of the map must be the floor or the ceiling of the
+image's side over ``s``, else the call is refused (a backbone whose maps vitmad cannot follow). (DEIMv2's DINOv3
+encoder resamples the ViT's 16 px patch grid bilinearly to each level, 2x up to stride 8, 2x down to stride 32, which
+samples at the same cell centres, and concatenates it with a strided-convolution branch: the model runs only on
+sides that are multiples of 32, where the two agree.)
+
+The decoders' attention (self-attention among the object queries, cross-attention from them to the map; the
+queries are learned slots, no place on the image) is skipped with that reason; their deformable attention is
+skipped by :mod:`.non_spatial`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..module_index import module_list
+from ..placement import (
+    CallContext,
+    LayerGeometry,
+    LayerPlacer,
+    NotPlaceable,
+    Placement,
+    RefusingPlacer,
+    cell_centres,
+    read_only,
+)
+from .stages import defined_in, innermost_on_path
+
+__all__ = ["placer"]
+
+# modeling module suffix -> the class name prefix of its models.
+_AIFI_MODELS = {"modeling_rt_detr": "RTDetr", "modeling_rt_detr_v2": "RTDetrV2", "modeling_d_fine": "DFine",
+                "modeling_deimv2": "Deimv2"}
+_DETR_MODELS = {"modeling_detr": "Detr", "modeling_conditional_detr": "ConditionalDetr",
+                "modeling_dab_detr": "DabDetr", "modeling_table_transformer": "TableTransformer"}
+
+_DECODER = ("DETR decoder attention: its queries are the object queries, learned slots without a position on the "
+            "image (self-attention among them, or cross-attention from them to the encoder's map), so it has no MAD")
+_MASK_HEAD = ("the segmentation head's attention map (MHAttentionMap): each object query's attention over the "
+              "encoder's map; its queries are the decoder's object queries, without a position, so it has no MAD")
+
+
+def _suffix(module: nn.Module) -> str:
+    cls = type(module)
+    return cls.__module__.rpartition(".")[2] if cls.__module__.startswith("transformers.") else ""
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    from . import Skip
+
+    suffix = _suffix(module)
+    prefix = _AIFI_MODELS.get(suffix) or _DETR_MODELS.get(suffix)
+    if prefix is None or "Attention" not in type(module).__name__:  # a layer named among others (layers=["*"])
+        return None
+    if innermost_on_path(model, name, lambda m: defined_in(m, f"{prefix}Decoder", suffix)) is not None:
+        return Skip(_DECODER)
+    if defined_in(module, f"{prefix}MHAttentionMap", suffix):
+        return Skip(_MASK_HEAD)
+    if suffix in _AIFI_MODELS:
+        found = innermost_on_path(model, name, lambda m: defined_in(m, f"{prefix}AIFILayer", suffix))
+        return None if found is None else _aifi_placer(model, found, prefix, suffix)
+    found = innermost_on_path(model, name, lambda m: defined_in(m, f"{prefix}Encoder", suffix))
+    return None if found is None else _detr_placer(model, found[0], module, prefix, suffix)
+
+
+def _reported_reductions(root: nn.Module) -> list[int] | None:
+    """The reductions of the maps a timm backbone in ``root`` returns, as its ``feature_info`` reports them (one per
+    output, in order), or None where ``root`` holds no timm backbone."""
+    for module in module_list(root):
+        info = getattr(module, "feature_info", None)
+        if callable(getattr(info, "reduction", None)):
+            return [int(r) for r in info.reduction()]
+    return None
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+
+
+def _aifi_placer(model: nn.Module, found: tuple[str, nn.Module], prefix: str, suffix: str):
+    aifi_name, aifi = found
+    layers = _parent(model, aifi_name)  # encoder.aifi, a ModuleList
+    encoder_name = aifi_name.rpartition(".")[0].rpartition(".")[0]
+    encoder = model.get_submodule(encoder_name) if encoder_name else model
+    if not defined_in(encoder, f"{prefix}HybridEncoder", suffix) or getattr(encoder, "aifi", None) is not layers:
+        return RefusingPlacer(f"it is an AIFI layer recorded without the {prefix}HybridEncoder that gives it its "
+                              "feature map, so the map's stride is unknown; record the detector that holds it")
+    index = next(i for i, layer in enumerate(layers) if layer is aifi)
+    level = int(encoder.encode_proj_layers[index])
+    stride = int(encoder.feat_strides[level])
+    source = f"config.feat_strides[{level}] (the level of encode_proj_layers[{index}])"
+    detector = _parent(model, encoder_name) if encoder_name else None
+    reported = None if detector is None else _reported_reductions(detector)
+    if reported is not None and (len(reported) != len(encoder.feat_strides) or reported[level] != stride):
+        return RefusingPlacer(
+            f"its map is level {level}, of stride {stride} by {source}, but the model's timm backbone reports "
+            f"the reductions {reported} for its maps, so the map's stride is unknown"
+        )
+    return _MapPlacer(aifi, "input", stride, source)
+
+
+def _detr_placer(model: nn.Module, encoder_name: str, module: nn.Module, prefix: str, suffix: str):
+    detector = _parent(model, encoder_name) if encoder_name else None
+    conv = None if detector is None else next(
+        (m for m in module_list(detector) if defined_in(m, f"{prefix}ConvEncoder", suffix)), None)
+    if conv is None:
+        return RefusingPlacer(f"it is an encoder layer recorded without the {prefix}ConvEncoder that makes its "
+                              "feature map and mask, so its tokens are unknown; record the detector that holds it")
+    reported = _reported_reductions(conv)
+    if not reported:
+        return RefusingPlacer(
+            f"its backbone ({type(conv.model).__name__}) does not report the stride of its feature maps (vitmad "
+            "reads it from a timm backbone's feature_info: use_timm_backbone=True), so the pixel stride of the map "
+            "its encoder attends over is unknown; pass positions=<[B, N, 2] pixel position of each token, NaN rows "
+            "for the padding> with layers=[its encoder's self-attention modules]"
+        )
+    source = f"the last reduction its timm backbone's feature_info reports ({type(conv.model).__name__})"
+    # Table Transformer's attention computes its own softmax over [B * heads, N, N].
+    merged = int(module.num_heads) if prefix == "TableTransformer" else None
+    return _MapPlacer(conv, "last output", reported[-1], source, merged_heads=merged)
+
+
+@dataclass(frozen=True)
+class _Map:
+    """The map a layer attends over in this call: ``batch``, ``grid`` ``(h, w)``, ``mask`` ``[B, h * w]`` (True: a
+    token of the image) or None where every token is."""
+
+    batch: int
+    grid: tuple[int, int]
+    mask: torch.Tensor | None
+
+
+class _MapPlacer(LayerPlacer):
+    """Places the ``h * w`` row-major tokens of the map ``watch`` hands over in this call: its input ``[B, C, h, w]``
+    (an AIFI layer's), or the last ``(map, mask)`` pair of its output (a DETR ``ConvEncoder``'s).
+
+    Args:
+        watch: the module whose input or output is the map.
+        read: ``"input"`` or ``"last output"``.
+        stride: the map's nominal pixel stride, checked in each call.
+        source: where ``stride`` comes from, in words (for errors).
+        merged_heads: the module's head count where its attention is ``[B * heads, N, N]``, batch-major (Table
+            Transformer's); None for ``[B, heads, N, N]``.
+    """
+
+    def __init__(self, watch: nn.Module, read: str, stride: int, source: str, *, merged_heads: int | None = None):
+        self.watch, self.read, self.stride, self.source = watch, read, stride, source
+        self.merged_heads = merged_heads
+        self.key = f"detr_encoder.map.{id(watch)}"
+        # The latest placement of a map without padding, by (grid, heads, batch): reused while they stay the same,
+        # its positions copied to a device once.
+        self._unmasked: tuple[tuple, Placement] | None = None
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def see_input(module, args) -> None:
+            x = args[0] if args else None
+            context.values[self.key] = _Map(int(x.shape[0]), (int(x.shape[2]), int(x.shape[3])), None) \
+                if isinstance(x, torch.Tensor) and x.dim() == 4 else None
+
+        def see_output(module, args, output) -> None:
+            last = output[-1] if isinstance(output, (list, tuple)) and output else None
+            if not (isinstance(last, (list, tuple)) and len(last) == 2 and isinstance(last[0], torch.Tensor)
+                    and last[0].dim() == 4 and isinstance(last[1], torch.Tensor)):
+                context.values[self.key] = None
+                return
+            feature_map, mask = last
+            batch, grid = int(feature_map.shape[0]), (int(feature_map.shape[2]), int(feature_map.shape[3]))
+            mask = mask.reshape(mask.shape[0], -1).bool() if tuple(mask.shape) == (batch, *grid) else None
+            context.values[self.key] = _Map(batch, grid, mask) if mask is not None else None
+
+        if self.read == "input":
+            return [self.watch.register_forward_pre_hook(see_input)]
+        return [self.watch.register_forward_hook(see_output)]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        seen: _Map | None = context.values.get(self.key)
+        if seen is None:
+            what = "input" if self.read == "input" else "last (feature map, mask) output"
+            raise NotPlaceable(f"{type(self.watch).__name__} gave no [B, C, h, w] map as its {what} before it ran "
+                               "(a forward from inputs_embeds?), so its tokens are unknown")
+        self._check_stride(context.image_size, seen.grid)
+        tokens, merged = seen.grid[0] * seen.grid[1], self.merged_heads
+        expected = [seen.batch, "H"] if merged is None else [seen.batch * merged]
+        shape = [int(d) for d in lead]
+        fits = len(shape) == 2 and shape[0] == seen.batch if merged is None else shape == expected
+        if not fits or num_queries != tokens or num_keys != tokens:
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; expected "
+                f"[{', '.join(map(str, expected))}, {tokens}, {tokens}]: self-attention over the "
+                f"{seen.grid[0]}x{seen.grid[1]} map {type(self.watch).__name__} handed over"
+                + ("" if merged is None else f" ({merged} heads merged with the batch)")
+            )
+        heads = int(lead[1]) if merged is None else merged
+        key = f"{self.key}.placement.{heads}"
+        placement = context.values.get(key)  # the layers of one call share it
+        if placement is None:
+            placement = context.values[key] = self._placement(seen, heads)
+        return placement
+
+    def _check_stride(self, image: tuple[int, int] | None, grid: tuple[int, int]) -> None:
+        if image is None:
+            raise NotPlaceable("it ran before any convolution saw the image, so its pixel scale is unknown")
+        s = self.stride
+        for size, side, axis in zip(image, grid, ("height", "width")):
+            if side not in (math.floor(size / s), math.ceil(size / s)):
+                raise NotPlaceable(
+                    f"its feature map has {axis} {side} for an image {axis} of {size}, but a stride of {s} px, "
+                    f"{self.source}, gives {math.floor(size / s)} or {math.ceil(size / s)}: a backbone whose maps "
+                    "vitmad cannot follow; pass positions=<[N, 2] pixel position of each token>"
+                )
+
+    def _placement(self, seen: _Map, heads: int) -> Placement:
+        stride = (float(self.stride), float(self.stride))
+        tokens, batch, merged = seen.grid[0] * seen.grid[1], seen.batch, self.merged_heads is not None
+
+        def fold(values: torch.Tensor) -> torch.Tensor:  # [B, heads, N], or [B * heads, N] batch-major
+            return values.reshape(batch, heads, tokens) if merged else values
+
+        mask = seen.mask
+        if mask is None or bool(mask.all()):
+            key = (seen.grid, heads, batch)
+            if self._unmasked is None or self._unmasked[0] != key:
+                positions, = read_only(cell_centres(*seen.grid, stride).reshape(-1, 2), positions=1)
+                geometry = LayerGeometry(seen.grid, stride, "global", heads, 0)
+                self._unmasked = key, Placement(positions, None, fold, geometry)
+            return self._unmasked[1]
+        cells = cell_centres(*seen.grid, stride, device=mask.device).reshape(-1, 2)
+        positions = torch.where(mask.unsqueeze(-1), cells, float("nan")).unsqueeze(1)  # [B, 1, N, 2]
+        if merged:
+            positions = positions.expand(-1, heads, -1, -1).reshape(batch * heads, tokens, 2)
+        geometry = LayerGeometry(seen.grid, stride, "global, padding tokens (pixel_mask) without a position", heads, 0)
+        return Placement(positions, None, fold, geometry, present=mask)
