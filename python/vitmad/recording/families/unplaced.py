@@ -7,9 +7,6 @@ comparing with each model's eager attention placed by its own geometry):
 - Mllama's vision tower: the tiles of an image in one sequence, each with its CLS and padded to a multiple of 8
   tokens, tiles masked by the aspect ratio (a 2 x 2-tile image gave 2.7 px where its tiles give 22 px).
 
-SAM3's windowed blocks (a padded window partition the plain layout took, with one window, for 7 extra tokens and a
-3 x 3 grid) are skipped with the reason; its global blocks are a plain grid and are recorded.
-
 RADIO (``RadioModel``) cuts its patches with a reshape and a ``Linear``: its family (:mod:`.radio`) places its dense
 forward; a layout given by hand for it without both ``patch=`` and ``grid=`` is refused with
 :func:`radio_layout_unknown` (the plain layout has no patch-embedding convolution to complete it from).
@@ -44,10 +41,6 @@ _DEPTH_PRO_CROPS = (
 )
 
 
-_SAM3_WINDOWS = ("SAM3's windowed blocks attend within windows of the patch map zero-padded to whole windows, which "
-                 "vitmad does not place for this model (its global blocks are recorded)")
-
-
 def radio_layout_unknown(model: nn.Module) -> str | None:
     """Why the plain layout cannot complete a partial layout given by hand for RADIO's tokens (no patch-embedding
     convolution gives their grid), and what to pass; None for a model without RADIO's patch embeddings."""
@@ -68,17 +61,13 @@ def radio_layout_unknown(model: nn.Module) -> str | None:
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
-    """A refusing placer for the attention modules above, a Skip for SAM3's windowed blocks and DepthPro's patch
-    encoder, else None."""
+    """A refusing placer for the attention modules above, a Skip for DepthPro's patch encoder, else None."""
     from . import Skip
 
     cls = type(module)
     reason = _REFUSED.get((cls.__name__, cls.__module__.rpartition(".")[2]))
     if reason is not None:
         return RefusingPlacer(reason + _NO_POSITIONS)
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    if type(parent).__name__ == "Sam3ViTLayer" and int(getattr(parent, "window_size", 0) or 0) > 0:
-        return Skip(_SAM3_WINDOWS)
     parts = name.split(".")
     for depth in range(len(parts)):
         owner = model.get_submodule(".".join(parts[:depth]))
