@@ -5,8 +5,9 @@ Each case here was measured wrongly, silently, before (against the model's eager
 geometry): DepthPro's crops (one value per crop, in crop pixels). DeepSeek-OCR-2's and Unlimited-OCR's SAM encoders,
 refused here before (one padded window measured as 96 "extra tokens" and a 10 x 10 grid), are placed as SAM's now:
 tests/recording/test_record_deepseek_ocr_sam.py; so are MiniCPM-V's slices packed in one row (a 4 x 6 image was
-measured as 1 x 24): tests/recording/test_record_minicpmv.py, and Mllama's concatenated tiles (2.7 px for 22 px):
-tests/recording/test_record_mllama.py.
+measured as 1 x 24): tests/recording/test_record_minicpmv.py, Mllama's concatenated tiles (2.7 px for 22 px):
+tests/recording/test_record_mllama.py, and SAM3's windowed blocks, skipped here before (one padded window was read as
+7 extra tokens and a 3 x 3 grid): tests/recording/test_record_sam3.py.
 """
 
 from __future__ import annotations
@@ -85,37 +86,6 @@ def test_deformable_attention_is_skipped_with_its_reason():
     with pytest.raises(ValueError, match=r"model\.encoder\.layers\.0\.self_attn: deformable attention: each query's "
                                          r"softmax runs over a few points sampled"):
         vitmad.record(model, layers=["model.encoder.layers.0.self_attn"])
-
-
-def test_sam3_windowed_blocks_are_skipped_and_its_global_block_recorded():
-    """A 3 x 3 patch map in windows of 4: one zero-padded window of 16 tokens, which the plain layout took for 7
-    extra tokens and the grid. The global block attends over the 3 x 3 map row-major (8 px patches)."""
-    modeling = pytest.importorskip("transformers.models.sam3.modeling_sam3")
-    config = modeling.Sam3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                    patch_size=8, image_size=[24, 24], pretrain_image_size=32, window_size=4,
-                                    global_attn_indexes=[1])
-    torch.manual_seed(0)
-    model = modeling.Sam3ViTModel(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() > 1:
-                parameter.normal_(0, 0.3)
-    pixels = torch.randn(2, 3, 24, 24)
-    with torch.no_grad(), vitmad.record(model) as rec:
-        model(pixels)
-    assert rec.layers == ["layers.1.attention"] and list(rec.skipped) == ["layers.0.attention"]
-    assert "windowed blocks" in rec.skipped["layers.0.attention"]
-    model.set_attn_implementation("eager")
-    seen = []
-    handle = model.layers[1].attention.register_forward_hook(lambda module, args, output: seen.append(output[1]))
-    with torch.no_grad():
-        model(pixels)
-    handle.remove()
-    probabilities = seen[0].double()  # [2, H, 9, 9]
-    rows, cols = torch.meshgrid(torch.arange(3), torch.arange(3), indexing="ij")
-    centres = (torch.stack([rows, cols], -1).reshape(9, 2).double() + 0.5) * 8
-    expected = (probabilities * torch.cdist(centres, centres)).sum(-1).mean(-1)
-    torch.testing.assert_close(rec.mad[0].double(), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_attention_with_batch_and_heads_merged_is_refused_saying_so():

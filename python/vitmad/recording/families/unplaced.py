@@ -6,9 +6,6 @@ towers once refused here by name because they pass that test with tokens that ar
 one sequence, MiniCPM-V's patches packed in one row) have families of their own now (:mod:`.mllama`,
 :mod:`.minicpmv`).
 
-SAM3's windowed blocks (a padded window partition the plain layout took, with one window, for 7 extra tokens and a
-3 x 3 grid) are skipped with the reason; its global blocks are a plain grid and are recorded.
-
 RADIO (``RadioModel``) cuts its patches with a reshape and a ``Linear``: its family (:mod:`.radio`) places its dense
 forward; a layout given by hand for it without both ``patch=`` and ``grid=`` is refused with
 :func:`radio_layout_unknown` (the plain layout has no patch-embedding convolution to complete it from).
@@ -32,10 +29,6 @@ _DEPTH_PRO_CROPS = (
 )
 
 
-_SAM3_WINDOWS = ("SAM3's windowed blocks attend within windows of the patch map zero-padded to whole windows, which "
-                 "vitmad does not place for this model (its global blocks are recorded)")
-
-
 def radio_layout_unknown(model: nn.Module) -> str | None:
     """Why the plain layout cannot complete a partial layout given by hand for RADIO's tokens (no patch-embedding
     convolution gives their grid), and what to pass; None for a model without RADIO's patch embeddings."""
@@ -56,12 +49,9 @@ def radio_layout_unknown(model: nn.Module) -> str | None:
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
-    """A Skip for SAM3's windowed blocks and DepthPro's patch encoder, else None."""
+    """A Skip for DepthPro's patch encoder, else None."""
     from . import Skip
 
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    if type(parent).__name__ == "Sam3ViTLayer" and int(getattr(parent, "window_size", 0) or 0) > 0:
-        return Skip(_SAM3_WINDOWS)
     parts = name.split(".")
     for depth in range(len(parts)):
         owner = model.get_submodule(".".join(parts[:depth]))

@@ -1,6 +1,6 @@
-"""Windowed attention on a 2-D token grid: SAM's and ViTDet's plain ViTs, SAM2's HieraDet; SAM's encoder also where
-transformers' GOT-OCR2 (and PP-Chart2Table), PP-FormulaNet, SLANeXt, DeepSeek-OCR-2 and Unlimited-OCR carry a copy
-of it as their vision tower.
+"""Windowed attention on a 2-D token grid: SAM's, SAM3's and ViTDet's plain ViTs, SAM2's HieraDet; SAM's encoder
+also where transformers' GOT-OCR2 (and PP-Chart2Table), PP-FormulaNet, SLANeXt, DeepSeek-OCR-2 and Unlimited-OCR
+carry a copy of it as their vision tower.
 
 Each block holds its tokens as a ``[B, H, W, C]`` map (ViTDet: ``[B, C, H, W]``). A windowed block pads the map
 at the bottom and right to a multiple of its window, partitions it into windows in row-major window order and
@@ -18,9 +18,9 @@ the unpadded map (floor), and has no such row.
 
 Capture: timm's modules call ``F.scaled_dot_product_attention`` (the relative position bias as its mask) or,
 unfused, compute the softmax themselves; transformers' SAM and ViTDet compute the softmax themselves (SAM's
-``sdpa`` class calls SDPA), Sam2's attention goes through ``AttentionInterface``. Heads are either merged into
-the batch (``[B * nW * heads, N, N]``: timm SAM, SAM eager, ViTDet) or their own dimension (``[B * nW, heads,
-...]``); both are placed.
+``sdpa`` class calls SDPA), Sam2's and SAM3's attention goes through ``AttentionInterface``. Heads are either
+merged into the batch (``[B * nW * heads, N, N]``: timm SAM, SAM eager, ViTDet) or their own dimension
+(``[B * nW, heads, ...]``: SAM3, Sam2, SAM's SDPA class); both are placed.
 
 Pixel scale: the patch embedding's stride times the query strides of the blocks before (HieraDet's stages are
 4, 8, 16 and 32 pixels per token).
@@ -89,6 +89,12 @@ _DESIGNS = {
     ("DeepseekOcr2SamVisionSdpaAttention", "modeling_deepseek_ocr2"): _DEEPSEEK_OCR2,
     ("UnlimitedOcrSamVisionAttention", "modeling_unlimited_ocr"): _UNLIMITED_OCR,
     ("UnlimitedOcrSamVisionSdpaAttention", "modeling_unlimited_ocr"): _UNLIMITED_OCR,
+    # SAM3's ViT (Sam3ViTModel; the backbone of Sam3VisionModel, built into Sam3Model, Sam3TrackerModel,
+    # Sam3TrackerVideoModel and Sam3VideoModel through AutoModel): SAM's window_partition copied (bottom/right zero
+    # padding, windows and tokens row-major, the padding unmasked), [B * windows, heads, N, N] (eager and SDPA),
+    # global blocks with window_size 0. Its 2-D RoPE (window-local positions in a windowed block) and its position
+    # embedding (tiled, a value added per cell) change the scores, not where a token is on the image.
+    ("Sam3ViTRoPEAttention", "modeling_sam3"): _Design("Sam3ViTLayer", "num_attention_heads"),
     ("VitDetAttention", "modeling_vitdet"): _Design("VitDetLayer", "num_heads", channels_first=True),
     ("MultiScaleAttention", "hieradet_sam2"): _Design("MultiScaleBlock", "num_heads", "q_stride"),
     ("Sam2MultiScaleAttention", "modeling_sam2"): _Design("Sam2MultiScaleBlock", "num_attention_heads",
