@@ -1,5 +1,6 @@
 """vitmad.record on models compiled with torch.compile: compiled code does not call vitmad's hooks, so while a
-compiled model is recorded, compiled code runs eagerly (recording/compiled.py). Held against MAD from each
+compiled model is recorded, compiled code runs eagerly (recording/compiled.py); a model compiled inside the block
+breaks its graphs at vitmad's hooks, which run eagerly. Held against MAD from each
 model's own eager attention probabilities, on a fixed patch grid written here."""
 
 from __future__ import annotations
@@ -90,13 +91,44 @@ def test_module_compiled_in_place_is_recorded():
     assert len(warned) == 1
 
 
-def test_compiled_only_inside_the_block_is_reported_not_seen():
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_only_inside_the_block_is_recorded(backend):
+    """Compiled inside the block, the model traces vitmad's hooks: disabled for dynamo, each is a graph break that
+    runs eagerly, whatever dynamo compiled before in this process (reset: the outcome depended on its caches)."""
+    torch._dynamo.reset()
     model = _timm_vit()
     pixels = _pixels()
+    expected = _timm_reference(model, pixels)
+    with torch.no_grad():
+        plain = model(pixels)
+    rec, out, warned = _record(model, torch.compile(model, backend=backend), pixels)
+    assert rec.layers == ["blocks.0.attn", "blocks.1.attn"] and warned == []
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)  # compiled graphs may fuse and round otherwise
+
+
+def test_compiled_inside_the_block_with_fullgraph_fails_with_vitmads_reason():
+    torch._dynamo.reset()
+    model = _timm_vit()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="vitmad.record's hooks run eagerly, between compiled "
+                                                            r"graphs.*fullgraph=True"):
+        with torch.no_grad(), vitmad.record(model):
+            torch.compile(model, backend="eager", fullgraph=True)(_pixels())
+
+
+def test_code_compiled_before_the_block_and_reused_inside_it_is_reported_not_seen():
+    """A wrapper made inside the block over a model compiled and run before reuses that code, which calls no hooks:
+    the recording says the model ran without its layers, and names what to do."""
+    torch._dynamo.reset()
+    model = _timm_vit()
+    pixels = _pixels()
+    with torch.no_grad():
+        torch.compile(model, backend="eager")(pixels)
     with torch.no_grad(), vitmad.record(model) as rec:
         torch.compile(model, backend="eager")(pixels)
-    with pytest.raises(RuntimeError, match="ran 1 time.*but not through the modules being recorded.*compiled with "
-                                           "torch.compile only inside"):
+    with pytest.raises(RuntimeError, match="ran 1 time.*but not through the modules being recorded.*code "
+                                           "torch.compile generated before the block.*give vitmad.record the "
+                                           "compiled model"):
         _ = rec.mad
 
 

@@ -10,8 +10,11 @@ epilogues round differently), and the compiled code is used again after the bloc
 
 Only then: a model that is not compiled keeps the compiled kernels it calls itself (transformers'
 ``flex_attention`` is a compiled function; forced eager it would run flex's slow reference path and round
-differently), so its outputs stay bit-identical. A model compiled only inside the block is not seen (its
-recording reports that it has not run).
+differently), so its outputs stay bit-identical. A model compiled only inside the block is recorded: the
+recording's hooks and its captures' calls into it are disabled for dynamo (``torch.compiler.disable``), so each is a
+graph break that runs eagerly, and ``fullgraph=True`` fails with the reason. Code compiled before the block from the
+same model, reused by a wrapper made inside it, calls no hooks: the recording then reports the model as run but not
+through the recorded modules.
 
 The stance is process-wide, not per thread: recordings that overlap in several threads share it (a count under
 a lock), and it is restored when the last one ends, to what it was before the first.

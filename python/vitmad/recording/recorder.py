@@ -494,6 +494,16 @@ class NoLayerError(ValueError):
         super().__init__(f"vitmad.record: {finding}{advice}")
 
 
+# A model compiled with torch.compile inside the block traces its forward hooks and the captures' calls into the
+# recording: dynamo would inline vitmad's bookkeeping (threads, frames, the recording's lists) and, with
+# fullgraph=True, fail inside the user's forward on a thread identity call that names nothing of vitmad. Disabled for
+# dynamo, each of them is a graph break that runs eagerly (the model's own code between them still compiled), and
+# fullgraph=True fails with this reason.
+_COMPILED_INSIDE = ("vitmad.record's hooks run eagerly, between compiled graphs: a model compiled with "
+                    "torch.compile(fullgraph=True) inside the recording block cannot be recorded; compile it before "
+                    "the block (it then runs eagerly while recorded), or inside it without fullgraph=True")
+
+
 class _RecordingHook:
     """A hook of a recording, as the model holds it. A copy of the model (``copy.deepcopy``, pickling) made while
     the recording is active gets an inert hook in its place: the copy runs as it would without vitmad, and never
@@ -508,6 +518,7 @@ class _RecordingHook:
     def __init__(self, hook: Callable, owner: ForwardOwner, pre: bool):
         self.hook, self.owner, self.pre = hook, owner, pre
 
+    @torch.compiler.disable(reason=_COMPILED_INSIDE)
     def __call__(self, *args, **kwargs):
         if self.owner.busy_elsewhere():
             if self.pre:
@@ -824,14 +835,16 @@ class Recording:
                 f"vitmad.record: {name} ran {self._forwards} time(s) in this recording, but not through the "
                 f"modules being recorded ({shown}): its forward took a path without them (a model with two image "
                 "towers, say, recorded in the one that did not run: record the module that ran instead, "
-                "vitmad.record(<that tower>), while the whole model runs), or it was compiled with torch.compile only "
-                "inside the block, which is not seen (compile it before: it then runs eagerly while recorded)"
+                "vitmad.record(<that tower>), while the whole model runs), or it ran code torch.compile generated "
+                "before the block, which calls no hooks (a torch.compile wrapper made inside the block reuses the code "
+                "of an earlier compile of the same model): give vitmad.record the compiled model, which then runs "
+                "eagerly while recorded"
             )
         if not self._calls:
             raise RuntimeError(
                 f"vitmad.record: {name} has not run in this recording; call the model inside the "
-                "`with vitmad.record(model) as rec:` block (a model compiled with torch.compile only inside the block "
-                "is not seen: compile it before, and it runs eagerly while recorded)"
+                "`with vitmad.record(model) as rec:` block (code torch.compile generated before the block calls no "
+                "hooks: give vitmad.record the compiled model, which then runs eagerly while recorded)"
             )
         if self._calls[-1]._is_empty():
             shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
@@ -1002,6 +1015,7 @@ class Recording:
                 f"{type(self.model).__name__}: {error}"
             ) from None
 
+    @torch.compiler.disable(reason=_COMPILED_INSIDE)  # called from the model's own forward
     def _on_attention(self, name, query, key, scale, mask) -> None:
         """One ``F.scaled_dot_product_attention`` / ``AttentionInterface`` call of module ``name``."""
         if _not_recorded():  # a checkpointed layer's forward run again by backward: recorded once, in the forward
@@ -1026,6 +1040,7 @@ class Recording:
 
         self._measure(name, placement, query.device, measure, fused=True)
 
+    @torch.compiler.disable(reason=_COMPILED_INSIDE)  # called from the model's own forward
     def _on_probabilities(self, name: str, attn: torch.Tensor) -> None:
         """The attention probabilities ``[..., Nq, Nk]`` a module computed itself."""
         if _not_recorded():
@@ -1239,6 +1254,7 @@ class Recording:
         except NotPlaceable as error:
             raise ValueError(f"vitmad.record: {name} of {type(self.model).__name__}: {error}") from None
 
+    @torch.compiler.disable(reason=_COMPILED_INSIDE)  # called from the model's own forward
     def _on_module_done(self, name: str, module: nn.Module, completed: bool) -> None:
         """Record what module ``name`` computed in the forward that just ended: one entry per layer."""
         if _not_recorded():
