@@ -307,3 +307,198 @@ def test_detr_with_a_backbone_that_reports_no_stride_is_refused():
         with pytest.raises(ValueError, match=r"model\.encoder\.layers\.0\.self_attn .*its backbone \(ResNetBackbone\) "
                                              r"does not report the stride of its feature maps"):
             model(_pixels(1, (64, 64)))
+
+
+# --- PP-DocLayoutV2 / V3 / V4: RT-DETR's AIFI; decoders, reading order and order scores skipped -------------------
+
+def _pp_doclayout(version: str, backbone=None, channels=(16, 32, 32), **overrides):
+    """Tiny PP-DocLayout detectors on the HGNetV2 backbone above (maps of stride 8, 16, 32). V3 also takes the
+    stride-4 map, first (its mask head's), which it drops before the encoder's levels."""
+    if backbone is None:
+        stages = ["stage1", "stage2", "stage3", "stage4"] if version == "v3" else ["stage2", "stage3", "stage4"]
+        backbone = transformers.HGNetV2Config(**{**_backbone("hgnet_v2").to_dict(), "out_features": stages,
+                                                 "out_indices": None})
+    settings = dict(backbone_config=backbone, encoder_in_channels=list(channels), encoder_hidden_dim=32, d_model=32,
+                    encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
+                    encoder_layers=2, decoder_layers=1, num_queries=5, num_denoising=0,
+                    decoder_in_channels=[32, 32, 32])
+    if version == "v2":  # its reading-order encoder runs on the detected boxes after the detector
+        settings.update(num_labels=2, class_thresholds=[0.5, 0.5], class_order=[0, 1], reading_order_config=dict(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, coordinate_size=8,
+            shape_size=8, num_classes=2, global_pointer_head_size=8))
+    if version == "v3":
+        settings.update(x4_feat_dim=16, mask_feature_channels=[16, 16], num_prototypes=8)
+    if version == "v4":
+        settings.update(global_pointer_head_size=8)
+    settings.update(overrides)
+    name = f"PPDocLayout{version.upper()}"
+    torch.manual_seed(0)
+    return sharpened(getattr(transformers, f"{name}ForObjectDetection")(getattr(transformers, f"{name}Config")(
+        **settings)))
+
+
+_PP_SKIPPED = {  # version: (skipped layer, words of its reason)
+    "v2": [("model.decoder.layers.0.self_attn", "object queries"),
+           ("reading_order.encoder.layer.0.attention.self", "reading-order encoder")],
+    "v3": [("model.decoder.layers.0.self_attn", "object queries")],
+    "v4": [("model.decoder.layers.0.self_attn", "object queries"),
+           ("model.decoder.successor_order_head.global_pointer", "reading-order scores"),
+           ("model.decoder.relative_order_head.global_pointer", "reading-order scores")],
+}
+
+
+@pytest.mark.parametrize("version", ["v2", "v3", "v4"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_pp_doclayout_aifi_layers_equal_their_eager_attention(version, attn_implementation):
+    """190 x 122 gives a 6 x 4 map at stride 32 (V3's mask head needs sides that are multiples of 32: 192 x 128, the
+    same map); the decoder's query attention, V2's reading-order encoder and V4's order scores are skipped."""
+    model = _pp_doclayout(version)
+    size = (192, 128) if version == "v3" else (190, 122)
+    pixels = _pixels(2, size)
+    modeling = importlib.import_module(f"transformers.models.pp_doclayout_{version}.modeling_pp_doclayout_{version}")
+    calls = eager_attention_calls(modeling, model, pixels)
+    aifi = [layer.self_attn for layer in model.model.encoder.aifi[0].layers]
+    encoder = [p for module, p in calls if any(module is attention for attention in aifi)]
+    model.set_attn_implementation({"": attn_implementation, "backbone_config": "eager"})
+    rec = _record(model, pixels)
+    assert rec.layers == [f"model.encoder.aifi.0.layers.{i}.self_attn" for i in range(2)] and len(encoder) == 2
+    assert all(g.grid == (6, 4) and g.stride == (32.0, 32.0) and g.attention == "global" for g in rec.geometry)
+    _check(rec, [_expected(p, (6, 4), 32) for p in encoder])
+    for layer, words in _PP_SKIPPED[version]:
+        assert words in rec.skipped[layer]
+
+
+def test_pp_doclayout_v3_with_a_timm_backbone_drops_its_first_map_before_the_levels():
+    """The timm backbone reports 4, 8, 16, 32 for its four maps; the levels are the last three, so the AIFI layer's
+    level 2 is stride 32, as config.feat_strides says (no refusal for four reductions against three strides)."""
+    backbone = transformers.TimmBackboneConfig(backbone="resnet10t", out_indices=[1, 2, 3, 4])
+    model = _pp_doclayout("v3", backbone=backbone, channels=(128, 256, 512), x4_feat_dim=64)
+    pixels = _pixels(1, (192, 128))
+    modeling = importlib.import_module("transformers.models.pp_doclayout_v3.modeling_pp_doclayout_v3")
+    calls = eager_attention_calls(modeling, model, pixels)
+    aifi = [layer.self_attn for layer in model.model.encoder.aifi[0].layers]
+    model.set_attn_implementation({"": "sdpa", "backbone_config": "eager"})
+    rec = _record(model, pixels)
+    assert [(g.grid, g.stride) for g in rec.geometry] == [((6, 4), (32.0, 32.0))] * 2
+    _check(rec, [_expected(p, (6, 4), 32) for module, p in calls if any(module is a for a in aifi)])
+
+
+def test_pp_doclayout_given_a_plain_layout_by_hand_still_skips_its_decoder():
+    """The refusal PP-DocLayout got before its family was known advised patch= and grid=; followed, the decoder's
+    object queries were measured as 8 extra tokens and the grid (found by QA). Now the family places the AIFI
+    layer and skips the decoder, and the values given are said to be unused."""
+    model = _pp_doclayout("v3", num_queries=20)
+    pixels = _pixels(1, (128, 96))
+    with torch.no_grad():
+        with vitmad.record(model) as rec:
+            model(pixels)
+        with pytest.warns(UserWarning, match=r"patch=32, grid=\[4, 3\] given, but no recorded layer"):
+            with vitmad.record(model, patch=32, grid=[4, 3]) as given:
+                model(pixels)
+    assert given.layers == rec.layers == [f"model.encoder.aifi.0.layers.{i}.self_attn" for i in range(2)]
+    assert torch.equal(given.mad, rec.mad) and "object queries" in given.skipped["model.decoder.layers.0.self_attn"]
+
+
+# --- OmDet-Turbo: RT-DETR's encoder design over its timm Swin's stride-32 map --------------------------------------
+
+def _omdet(size: tuple[int, int]):
+    config = transformers.OmDetTurboConfig(
+        image_size=list(size), text_config=dict(model_type="clip_text_model", vocab_size=100, hidden_size=64,
+                                                intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                                max_position_embeddings=16, projection_dim=32),
+        text_projection_in_dim=64, text_projection_out_dim=64, task_encoder_hidden_dim=64, class_embed_dim=64,
+        encoder_hidden_dim=32, vision_features_channels=[32, 32, 32], encoder_attention_heads=2,
+        encoder_dim_feedforward=32, encoder_layers=2, decoder_hidden_dim=32, decoder_num_heads=2,
+        decoder_num_layers=1, decoder_dim_feedforward=32, num_queries=10, disable_custom_kernels=True)
+    torch.manual_seed(0)
+    return sharpened(transformers.OmDetTurboForObjectDetection(config))
+
+
+def _omdet_inputs(pixels: torch.Tensor) -> dict:
+    generator = torch.Generator().manual_seed(2)
+    return dict(pixel_values=pixels, classes_input_ids=torch.randint(0, 100, (2, 5), generator=generator),
+                classes_attention_mask=torch.ones(2, 5, dtype=torch.long),
+                tasks_input_ids=torch.randint(0, 100, (1, 6), generator=generator),
+                tasks_attention_mask=torch.ones(1, 6, dtype=torch.long), classes_structure=torch.tensor([2]))
+
+
+def test_omdet_turbo_encoder_named_is_placed_on_its_swin_stride_32_map():
+    """The Swin backbone (timm, feature_info reductions 8, 16, 32) makes a 6 x 4 map at stride 32 of 192 x 128
+    pixels; encoder_projection_indices=[2] takes it, flattened row-major, without a mask. By default the recording
+    takes the Swin tower, which embeds the image; named, the encoder's layers are placed, its decoder skipped."""
+    model = _omdet((192, 128))
+    inputs = _omdet_inputs(_pixels(1, (192, 128)))
+    attentions = [layer.self_attn for layer in model.encoder.encoder[0].layers]
+    probabilities = []
+    hooks = [a.register_forward_hook(lambda m, args, out: probabilities.append(out[1].double())) for a in attentions]
+    with torch.no_grad():
+        model(**inputs, output_attentions=True)  # the attention returns its own softmax
+    for hook in hooks:
+        hook.remove()
+    layers = [f"encoder.encoder.0.layers.{i}.self_attn" for i in range(2)]
+    with torch.no_grad():
+        plain = model(**inputs).decoder_coord_logits
+        with vitmad.record(model) as default:
+            model(**inputs)
+        with vitmad.record(model, layers=[*layers, "decoder.layers.0.self_attn"],
+                           stats=["mad", "entropy", "prefix_mass"]) as rec:
+            assert torch.equal(model(**inputs).decoder_coord_logits, plain)
+    assert all(name.startswith("vision_backbone.") for name in default.layers)
+    assert rec.layers == layers and len(probabilities) == 2
+    assert all(g.grid == (6, 4) and g.stride == (32.0, 32.0) for g in rec.geometry)
+    _check(rec, [_expected(p, (6, 4), 32) for p in probabilities])
+    assert "object queries" in rec.skipped["decoder.layers.0.self_attn"]
+
+
+# --- SAM3: its DETR encoder over the FPN level Sam3Model hands it -------------------------------------------------
+
+def _sam3(scale_factors=None):
+    vit = dict(model_type="sam3_vit_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=2, patch_size=8, image_size=[48, 32], pretrain_image_size=16, window_size=3,
+               global_attn_indexes=[1])
+    config = transformers.Sam3Config(
+        vision_config=dict(backbone_config=vit, fpn_hidden_size=32, scale_factors=scale_factors),
+        text_config=dict(model_type="clip_text_model", vocab_size=100, hidden_size=32, intermediate_size=64,
+                         projection_dim=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        geometry_encoder_config=dict(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     roi_size=2),
+        detr_encoder_config=dict(hidden_size=32, num_layers=2, num_attention_heads=2, intermediate_size=64),
+        detr_decoder_config=dict(hidden_size=32, num_layers=1, num_queries=5, num_attention_heads=2,
+                                 intermediate_size=64),
+        mask_decoder_config=dict(hidden_size=32, num_upsampling_stages=2, num_attention_heads=2))
+    torch.manual_seed(0)
+    return sharpened(transformers.Sam3Model(config))
+
+
+@pytest.mark.parametrize(("scale_factors", "grid", "stride"), [
+    (None, (6, 4), 8.0),  # [4, 2, 1, 0.5]: the 1x level, on the ViT's 8 px patches
+    ([4.0, 2.0, 0.5], (12, 8), 4.0),  # the 2x level: each patch's 2 x 2 cells of 4 px
+])
+def test_sam3_detr_encoder_named_is_placed_on_its_fpn_level(scale_factors, grid, stride):
+    """48 x 32 pixels, 8 px patches: a 6 x 4 patch grid. Sam3Model drops the neck's last level and hands the last of
+    the others to its DETR encoder, flattened row-major; the encoder's cross-attention to the prompt, the geometry
+    encoder, the DETR decoder and the mask decoder are skipped with their reasons."""
+    model = _sam3(scale_factors)
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    boxes = torch.tensor([[[0.5, 0.5, 0.3, 0.3]], [[0.3, 0.6, 0.2, 0.4]]])
+    inputs = dict(pixel_values=_pixels(2, (48, 32)), input_ids=ids, attention_mask=mask, input_boxes=boxes)
+    calls = eager_attention_calls(importlib.import_module("transformers.models.sam3.modeling_sam3"), model, **inputs)
+    own = [layer.self_attn for layer in model.detr_encoder.layers]
+    probabilities = [p for module, p in calls if any(module is a for a in own)]
+    model.set_attn_implementation("sdpa")
+    layers = [f"detr_encoder.layers.{i}.self_attn" for i in range(2)]
+    with torch.no_grad():
+        plain = model(**inputs).pred_masks
+        with vitmad.record(model, layers=["detr_encoder.*", "detr_decoder.*", "geometry_encoder.*", "mask_decoder.*"],
+                           stats=["mad", "entropy", "prefix_mass"]) as rec:
+            assert torch.equal(model(**inputs).pred_masks, plain)
+    assert rec.layers == layers and len(probabilities) == 2
+    assert all(g.grid == grid and g.stride == (stride, stride) for g in rec.geometry)
+    _check(rec, [_expected(p, grid, stride) for p in probabilities])
+    assert "prompt's text and geometry tokens" in rec.skipped["detr_encoder.layers.0.cross_attn"]
+    assert "object queries" in rec.skipped["detr_decoder.layers.0.self_attn"]
+    assert "geometry encoder" in rec.skipped["geometry_encoder.layers.0.self_attn"]
+    assert "mask decoder" in rec.skipped["mask_decoder.prompt_cross_attn"]

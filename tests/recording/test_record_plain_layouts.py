@@ -289,3 +289,47 @@ def test_tokens_a_hook_appends_after_a_timm_grid_are_refused_unless_placed():
         model(pixels)
     expected = torch.stack([_expected_mad(a, (4, 4), 16, 1, 3) for a in _timm_eager_maps(model, pixels)])
     torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
+
+
+class _EncoderDecoder(torch.nn.Module):
+    """No patch embedding (a 9 x 9 convolution of stride 8): an encoder attends over the 4 x 3 map of a 32 x 24
+    image, then a decoder among 20 learned queries, as a detector's (PP-DocLayout's before its family was known)."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import Attention
+
+        self.stem = torch.nn.Conv2d(3, 16, kernel_size=9, stride=8, padding=4)
+        self.encoder = Attention(16, num_heads=2)
+        self.queries = torch.nn.Parameter(torch.randn(1, 20, 16))
+        self.decoder = Attention(16, num_heads=2)
+
+    def forward(self, pixels):
+        tokens = self.stem(pixels).flatten(2).transpose(1, 2)
+        tokens = tokens + self.encoder(tokens)
+        return self.decoder(self.queries.expand(len(tokens), -1, -1) + tokens.mean(1, keepdim=True)), tokens
+
+
+def test_a_grid_given_by_hand_refuses_layers_of_one_call_over_other_token_counts():
+    """With grid= given and num_prefix_tokens unset, each layer's extra tokens are its tokens less the grid's cells:
+    the decoder's 20 queries were taken for 8 extra tokens and a 4 x 3 grid and measured (found by QA). Layers of one
+    call that count differently cannot all be [extra tokens][that grid]: refused; named alone, the encoder is
+    placed."""
+    torch.manual_seed(0)
+    model = sharpened(_EncoderDecoder())
+    pixels = torch.randn(2, 3, 32, 24, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vitmad.record(model, patch=8, grid=[4, 3]):
+        with pytest.raises(ValueError, match=r"decoder \(Attention\).*it attends over 20 tokens, 8 more than the "
+                                             r"given grid=\[4, 3\] has cells, but a layer recorded before it in this "
+                                             r"call attends over 12 \(0 more\).*pass layers="):
+            model(pixels)
+    maps = []
+    model.encoder.fused_attn = False
+    model.encoder.attn_drop.register_forward_pre_hook(lambda _, args: maps.append(args[0]))
+    with torch.no_grad():
+        plain = model(pixels)
+        with vitmad.record(model, layers=["encoder"], patch=8, grid=[4, 3]) as rec:
+            recorded = model(pixels)
+    assert all(torch.equal(a, b) for a, b in zip(plain, recorded))
+    assert rec.layers == ["encoder"] and rec.geometry[0].num_prefix_tokens == 0
+    torch.testing.assert_close(rec.mad[0].double(), _expected_mad(maps[0], (4, 3), 8, 0, 0), **RECORD_TOL)

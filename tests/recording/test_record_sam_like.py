@@ -225,3 +225,60 @@ def test_full_model_records_its_image_tower_alone(name):
     with torch.no_grad(), vitmad.record(model) as rec:
         call(torch.randn(BATCH, 3, 80, 80))(model)
     assert rec.skipped == {}
+
+
+# --- SAM-style models whose mask convolutions are no patch embedding ---------------------------------------------
+
+def _edgetam():
+    """EdgeTAM: a RepViT image encoder (timm, convolutions only) and SAM2's prompt encoder and mask decoder."""
+    backbone = transformers.TimmWrapperConfig(architecture="repvit_m0_9", model_args={
+        "in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]})
+    config = transformers.EdgeTamConfig(
+        vision_config=dict(model_type="edgetam_vision_model", backbone_config=backbone,
+                           backbone_channel_list=[384, 192, 96, 48], backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]],
+                           fpn_hidden_size=32),
+        prompt_encoder_config=dict(hidden_size=32, image_size=64, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                                 iou_head_hidden_dim=32))
+    torch.manual_seed(0)
+    return transformers.EdgeTamModel(config).eval()
+
+
+def test_edgetam_says_its_attention_all_lies_outside_its_image_tower():
+    """The prompt encoder's mask convolution (2 x 2, stride 2) was taken for the patch embedding, its prompt encoder
+    for the image tower, and the model said it had no attention layer at all (found by QA). Its image tower is the
+    RepViT, without attention; its mask decoder's two-way transformer is skipped with the reason when named."""
+    model = _edgetam()
+    with pytest.raises(ValueError, match=r"found no attention layer in vision_encoder, the tower of EdgeTamModel that "
+                                         r"embeds the image; its attention layers \(mask_decoder\.transformer\.layers"
+                                         r"\.0\.self_attn, .*\) all lie outside it"):
+        vitmad.record(model)
+    with pytest.raises(ValueError, match=r"EdgeTamModel has no layer with spatial softmax attention .*"
+                                         r"mask_decoder\.transformer\.layers\.0\.self_attn: two-way transformer of the "
+                                         r"mask decoder"):
+        vitmad.record(model, layers=["mask_decoder.*"])
+
+
+def test_sam2_video_plain_layout_never_takes_a_mask_convolution_for_the_patch_embedding():
+    """SAM2-video embeds the image with HieraDet's overlapping 7 x 7 convolution of stride 4; its prompt encoder's
+    mask_embed.conv1 (2 x 2, stride 2) and its mask_downsample (4 x 4, stride 4) embed masks. A layout given by hand
+    (num_prefix_tokens=) named the prompt encoder's convolution as the patch embedding in its refusal (found by QA)."""
+    from vitmad.recording.families.plain import PlainLayout
+
+    hiera = dict(model_type="sam2_hiera_det_model", hidden_size=16, num_attention_heads=1, image_size=[64, 64],
+                 blocks_per_stage=[1, 1, 1, 1], embed_dim_per_stage=[16, 32, 64, 128],
+                 num_attention_heads_per_stage=[1, 1, 2, 2], window_size_per_stage=[4, 4, 4, 4],
+                 global_attention_blocks=[2], window_positional_embedding_background_size=[4, 4])
+    config = transformers.Sam2VideoConfig(
+        vision_config=dict(model_type="sam2_vision_model", backbone_config=hiera,
+                           backbone_channel_list=[128, 64, 32, 16], backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]],
+                           fpn_hidden_size=32),
+        prompt_encoder_config=dict(hidden_size=32, image_size=64, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                                 iou_head_hidden_dim=32),
+        image_size=64, memory_attention_hidden_size=32, memory_attention_num_layers=1,
+        memory_attention_rope_feat_sizes=[4, 4], memory_encoder_hidden_size=32, mask_downsampler_embed_dim=32,
+        memory_fuser_embed_dim=32, memory_fuser_intermediate_dim=64)
+    model = transformers.Sam2VideoModel(config).eval()
+    embedding = PlainLayout(model, None, None, 0).embedding
+    assert embedding is not None and embedding[0] == "vision_encoder.backbone.patch_embed.projection"

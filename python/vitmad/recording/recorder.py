@@ -277,6 +277,11 @@ def _encoder_prefix(model: nn.Module) -> str:
         # Nemotron-H-Omni's vision_model, whose language model's layers are then left out).
         tower = next((name for name, module in named_module_list(model)
                       if is_naflex_tower(module) or is_llama4_tower(module) or is_radio_tower(module)), None)
+        if tower is None and any(type(m).__name__.endswith("PromptEncoder") for m in module_list(model)):
+            # A SAM-style model whose image encoder embeds with a CNN (EdgeTAM's RepViT): its vision encoder is the
+            # tower; the mask decoder, memory attention and perceiver around it are named in layers=.
+            tower = next((name for name, module in named_module_list(model)
+                          if name and type(module).__name__.endswith(("VisionModel", "VisionEncoder"))), None)
         return "" if not tower else tower + "."
     return _tower_of_embedding(embedding)
 
@@ -796,6 +801,16 @@ class Recording:
                     f"{type(model).__name__} has no vision encoder: its image patches go through one Linear "
                     "(vision_embed_tokens) straight into its language model, which attends over them and the text "
                     "causally; MAD is defined for a vision transformer's attention over an image's patches"
+                )
+            outside = [name for name in found if not name.startswith(prefix)] if layers is None else []
+            if outside:
+                shown = ", ".join(outside[:4]) + (", ..." if len(outside) > 4 else "")
+                raise NoLayerError(
+                    f"found no attention layer in {prefix[:-1]}, the tower of {type(model).__name__} that embeds the "
+                    f"image; its attention layers ({shown}) all lie outside it (a mask decoder, memory attention, a "
+                    "detector's decoder), where its tokens need not be the image's",
+                    "; name them in layers= to have each placed where vitmad knows its layout, or skipped with the "
+                    "reason",
                 )
             raise NoLayerError(
                 f"found no attention layer in {type(model).__name__}: none of its modules has transformers' "

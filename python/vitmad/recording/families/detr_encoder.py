@@ -1,13 +1,23 @@
 """The transformer encoders of DETR-style detectors over a CNN backbone's feature map (transformers).
 
-Two designs flatten a ``[B, C, h, w]`` map row-major (``flatten(2).transpose(1, 2)``) into ``h * w`` tokens, no
+These designs flatten a ``[B, C, h, w]`` map row-major (``flatten(2).transpose(1, 2)``) into ``h * w`` tokens, no
 other token, and run self-attention over them:
 
-- The AIFI layers of the hybrid encoders of RT-DETR, RT-DETRv2, D-FINE and DEIMv2 (``<X>AIFILayer``, one per entry
-  of ``config.encode_proj_layers``): layer ``i`` of ``encoder.aifi`` takes the map of level
-  ``encode_proj_layers[i]`` (the backbone's map of that level, through a 1x1 projection), whose stride is
-  ``config.feat_strides`` of that level. They attend without a mask (``attention_mask=None``): every token is a
-  query and a key, also where the image was padded (these models do not pass ``pixel_mask`` to their encoder).
+- The AIFI layers of the hybrid encoders of RT-DETR, RT-DETRv2, D-FINE, DEIMv2 and PP-DocLayoutV2 / V3 / V4
+  (``<X>AIFILayer``, one per entry of ``config.encode_proj_layers``; PP-DocLayout's AIFI layer, hybrid encoder,
+  encoder layer and self-attention are RT-DETR's line for line in transformers 5.25): layer ``i`` of
+  ``encoder.aifi`` takes the map of level ``encode_proj_layers[i]`` (the backbone's map of that level, through a
+  1x1 projection), whose stride is ``config.feat_strides`` of that level (PP-DocLayoutV3 takes the backbone's first
+  map, stride 4, off to its mask head before the levels). They attend without a mask (``attention_mask=None``):
+  every token is a query and a key, also where the image was padded (these models do not pass ``pixel_mask`` to
+  their encoder).
+- OmDet-Turbo's encoder (``OmDetTurboHybridEncoder``, RT-DETR's design under other names): encoder ``i`` takes the
+  channel projection of the backbone's map ``encoder_projection_indices[i]``, without a mask; the stride is the
+  reduction its timm backbone (a Swin) reports for that map.
+- SAM3's DETR encoder (``Sam3DetrEncoder``): ``Sam3Model`` drops the vision neck's last FPN level and hands the
+  last of the others to it, one level, without a mask; that level resamples the ViT's patch grid by its scale factor,
+  so its stride is ``patch_size / scale_factor``. Its cross-attention to the prompt's tokens, the geometry
+  encoder, the DETR decoder and the mask decoder's cross-attention are skipped with their reasons.
 - The encoders of DETR, Conditional DETR, DAB-DETR and Table Transformer: their ``<X>ConvEncoder`` returns the
   backbone's maps, each with ``pixel_mask`` downsampled to it (nearest), and the encoder takes the last one, its mask
   flattened as the attention mask of the keys. A token the mask drops stands for padding, no image content: it
@@ -25,7 +35,9 @@ sides that are multiples of 32, where the two agree.)
 
 The decoders' attention (self-attention among the object queries, cross-attention from them to the map; the
 queries are learned slots, no place on the image) is skipped with that reason; their deformable attention is
-skipped by :mod:`.non_spatial`.
+skipped by :mod:`.non_spatial`. PP-DocLayoutV2's reading-order encoder (a LayoutLMv3-style encoder over the
+detected boxes' tokens) and PP-DocLayout's GlobalPointer reading-order scores are skipped too: their tokens are
+boxes or object queries, no cells of the image.
 """
 
 from __future__ import annotations
@@ -53,14 +65,37 @@ __all__ = ["placer"]
 
 # modeling module suffix -> the class name prefix of its models.
 _AIFI_MODELS = {"modeling_rt_detr": "RTDetr", "modeling_rt_detr_v2": "RTDetrV2", "modeling_d_fine": "DFine",
-                "modeling_deimv2": "Deimv2"}
+                "modeling_deimv2": "Deimv2", "modeling_pp_doclayout_v2": "PPDocLayoutV2",
+                "modeling_pp_doclayout_v3": "PPDocLayoutV3", "modeling_pp_doclayout_v4": "PPDocLayoutV4"}
+# Backbone maps a model takes off before its encoder's levels: PP-DocLayoutV3's first (stride 4) feeds its mask head.
+_MAPS_BEFORE_LEVELS = {"modeling_pp_doclayout_v3": 1}
+_OMDET_MODELS = {"modeling_omdet_turbo": "OmDetTurbo"}
 _DETR_MODELS = {"modeling_detr": "Detr", "modeling_conditional_detr": "ConditionalDetr",
                 "modeling_dab_detr": "DabDetr", "modeling_table_transformer": "TableTransformer"}
 
 _DECODER = ("DETR decoder attention: its queries are the object queries, learned slots without a position on the "
             "image (self-attention among them, or cross-attention from them to the encoder's map), so it has no MAD")
+_READING_ORDER = ("PP-DocLayoutV2's reading-order encoder: it attends among the tokens of the boxes the detector "
+                  "found (and a start and an end token), embedded from their coordinates, no token of a place on "
+                  "the image's grid, so it has no MAD")
+_ORDER_SCORES = ("PP-DocLayout's reading-order scores (GlobalPointer): pairwise logits between the decoder's object "
+                 "queries, learned slots without a position on the image, and no softmax attention, so it has no MAD")
 _MASK_HEAD = ("the segmentation head's attention map (MHAttentionMap): each object query's attention over the "
               "encoder's map; its queries are the decoder's object queries, without a position, so it has no MAD")
+
+
+_SAM3 = "modeling_sam3"
+_SAM3_PARTS = {  # a module of Sam3Model on the path -> why its attention is no layer to record
+    "Sam3DetrDecoder": _DECODER,
+    "Sam3GeometryEncoder": (
+        "SAM3's geometry encoder: its queries are the tokens of the box and point prompts, no cells of the image's "
+        "grid (self-attention among them, cross-attention from them to the image), so it has no MAD"),
+    "Sam3MaskDecoder": (
+        "SAM3's mask decoder cross-attention: the image's tokens attend to the prompt's text and geometry tokens, "
+        "keys without a position on the image, so it has no MAD"),
+}
+_SAM3_PROMPT = ("SAM3's DETR encoder cross-attention: the image's tokens attend to the prompt's text and geometry "
+                "tokens, keys without a position on the image, so it has no MAD")
 
 
 def _suffix(module: nn.Module) -> str:
@@ -72,17 +107,25 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
     suffix = _suffix(module)
-    prefix = _AIFI_MODELS.get(suffix) or _DETR_MODELS.get(suffix)
+    if suffix == _SAM3:
+        return _sam3(model, name, module) if defined_in(module, "Sam3Attention", suffix) else None
+    prefix = _AIFI_MODELS.get(suffix) or _OMDET_MODELS.get(suffix) or _DETR_MODELS.get(suffix)
+    if prefix is not None and defined_in(module, f"{prefix}GlobalPointer", suffix):  # its q_proj and k_proj
+        return Skip(_ORDER_SCORES)
     if prefix is None or "Attention" not in type(module).__name__:  # a layer named among others (layers=["*"])
         return None
     if innermost_on_path(model, name, lambda m: defined_in(m, f"{prefix}Decoder", suffix)) is not None:
         return Skip(_DECODER)
     if defined_in(module, f"{prefix}MHAttentionMap", suffix):
         return Skip(_MASK_HEAD)
+    if innermost_on_path(model, name, lambda m: defined_in(m, f"{prefix}ReadingOrder", suffix)) is not None:
+        return Skip(_READING_ORDER)
     if suffix in _AIFI_MODELS:
         found = innermost_on_path(model, name, lambda m: defined_in(m, f"{prefix}AIFILayer", suffix))
         return None if found is None else _aifi_placer(model, found, prefix, suffix)
     found = innermost_on_path(model, name, lambda m: defined_in(m, f"{prefix}Encoder", suffix))
+    if found is not None and suffix in _OMDET_MODELS:
+        return _omdet_placer(model, found, prefix, suffix)
     return None if found is None else _detr_placer(model, found[0], module, prefix, suffix)
 
 
@@ -114,12 +157,70 @@ def _aifi_placer(model: nn.Module, found: tuple[str, nn.Module], prefix: str, su
     source = f"config.feat_strides[{level}] (the level of encode_proj_layers[{index}])"
     detector = _parent(model, encoder_name) if encoder_name else None
     reported = None if detector is None else _reported_reductions(detector)
+    reported = None if reported is None else reported[_MAPS_BEFORE_LEVELS.get(suffix, 0):]
     if reported is not None and (len(reported) != len(encoder.feat_strides) or reported[level] != stride):
         return RefusingPlacer(
             f"its map is level {level}, of stride {stride} by {source}, but the model's timm backbone reports "
             f"the reductions {reported} for its maps, so the map's stride is unknown"
         )
     return _MapPlacer(aifi, "input", stride, source)
+
+
+def _omdet_placer(model: nn.Module, found: tuple[str, nn.Module], prefix: str, suffix: str):
+    encoder_name, encoder = found
+    hybrid_name = encoder_name.rpartition(".")[0].rpartition(".")[0]
+    hybrid = model.get_submodule(hybrid_name) if hybrid_name else model
+    if not defined_in(hybrid, f"{prefix}HybridEncoder", suffix) \
+            or not any(layer is encoder for layer in getattr(hybrid, "encoder", ())):
+        return RefusingPlacer(f"it is an encoder layer recorded without the {prefix}HybridEncoder that gives it its "
+                              "feature map, so the map's stride is unknown; record the detector that holds it")
+    index = next(i for i, layer in enumerate(hybrid.encoder) if layer is encoder)
+    level = int(hybrid.encoder_projection_indices[index])
+    detector = _parent(model, hybrid_name) if hybrid_name else None
+    backbone = getattr(detector, "vision_backbone", None)
+    reported = None if not isinstance(backbone, nn.Module) else _reported_reductions(backbone)
+    if not reported or len(reported) != len(hybrid.channel_projection_layers):
+        return RefusingPlacer(
+            f"its map is the backbone's map {level} (encoder_projection_indices[{index}]), but the model's backbone "
+            f"reports {'no reductions' if not reported else f'the reductions {reported}'} for its "
+            f"{len(hybrid.channel_projection_layers)} maps (vitmad reads them from a timm backbone's feature_info), "
+            "so the map's stride is unknown; pass positions=<[B, N, 2] pixel position of each token> with "
+            "layers=[its encoder's self-attention modules]"
+        )
+    source = f"the reduction its timm backbone's feature_info reports for map {level} (encoder_projection_indices)"
+    return _MapPlacer(hybrid.channel_projection_layers[level], "output", reported[level], source)
+
+
+def _sam3(model: nn.Module, name: str, module: nn.Module):
+    from . import Skip
+
+    for part, reason in _SAM3_PARTS.items():
+        if innermost_on_path(model, name, lambda m, part=part: defined_in(m, part, _SAM3)) is not None:
+            return Skip(reason)
+    found = innermost_on_path(model, name, lambda m: defined_in(m, "Sam3DetrEncoderLayer", _SAM3))
+    if found is None:
+        return None  # the ViT's attention (windowed_vit.py)
+    if module is found[1].cross_attn:
+        return Skip(_SAM3_PROMPT)
+    if module is not found[1].self_attn:
+        return None
+    encoder_name = found[0].rpartition(".")[0].rpartition(".")[0]  # detr_encoder.layers.<i>
+    detector = _parent(model, encoder_name) if encoder_name else None
+    vision = getattr(detector, "vision_encoder", None)
+    if encoder_name == "" or not isinstance(vision, nn.Module) or not defined_in(vision, "Sam3VisionModel", _SAM3) \
+            or not defined_in(model.get_submodule(encoder_name), "Sam3DetrEncoder", _SAM3) \
+            or len(vision.neck.fpn_layers) < 2:
+        return RefusingPlacer("it is a DETR encoder layer recorded without the Sam3VisionModel whose FPN level it "
+                              "attends over, so the level's stride is unknown; record the Sam3Model that holds it")
+    # Sam3Model drops the neck's last level (fpn_hidden_states[:-1]) and hands the last of the rest to its DETR
+    # encoder. That level resamples the ViT's patch grid by its scale factor (2x2 transposed convolutions up, a 2x2
+    # max pool down): its cells are patch_size / scale pixels.
+    level = len(vision.neck.fpn_layers) - 2
+    fpn = vision.neck.fpn_layers[level]
+    stride = vision.config.backbone_config.patch_size / float(fpn.scale_factor)
+    source = (f"the ViT's patch_size ({vision.config.backbone_config.patch_size}) over the scale factor "
+              f"({fpn.scale_factor}) of neck.fpn_layers.{level}, the level Sam3Model hands its DETR encoder")
+    return _MapPlacer(fpn, "output", stride, source)
 
 
 def _detr_placer(model: nn.Module, encoder_name: str, module: nn.Module, prefix: str, suffix: str):
@@ -155,18 +256,20 @@ class _Map:
 
 class _MapPlacer(LayerPlacer):
     """Places the ``h * w`` row-major tokens of the map ``watch`` hands over in this call: its input ``[B, C, h, w]``
-    (an AIFI layer's), or the last ``(map, mask)`` pair of its output (a DETR ``ConvEncoder``'s).
+    (an AIFI layer's), its output (OmDet-Turbo's channel projection of the level), or the last ``(map, mask)`` pair
+    of its output (a DETR ``ConvEncoder``'s).
 
     Args:
         watch: the module whose input or output is the map.
-        read: ``"input"`` or ``"last output"``.
-        stride: the map's nominal pixel stride, checked in each call.
+        read: ``"input"``, ``"output"`` or ``"last output"``.
+        stride: the map's nominal pixel stride (a fraction of a pixel where a map is upsampled: SAM3), checked in
+            each call.
         source: where ``stride`` comes from, in words (for errors).
         merged_heads: the module's head count where its attention is ``[B * heads, N, N]``, batch-major (Table
             Transformer's); None for ``[B, heads, N, N]``.
     """
 
-    def __init__(self, watch: nn.Module, read: str, stride: int, source: str, *, merged_heads: int | None = None):
+    def __init__(self, watch: nn.Module, read: str, stride: float, source: str, *, merged_heads: int | None = None):
         self.watch, self.read, self.stride, self.source = watch, read, stride, source
         self.merged_heads = merged_heads
         self.key = f"detr_encoder.map.{id(watch)}"
@@ -191,14 +294,17 @@ class _MapPlacer(LayerPlacer):
             mask = mask.reshape(mask.shape[0], -1).bool() if tuple(mask.shape) == (batch, *grid) else None
             context.values[self.key] = _Map(batch, grid, mask) if mask is not None else None
 
+        def see_map(module, args, output) -> None:
+            see_input(module, (output,))
+
         if self.read == "input":
             return [self.watch.register_forward_pre_hook(see_input)]
-        return [self.watch.register_forward_hook(see_output)]
+        return [self.watch.register_forward_hook(see_map if self.read == "output" else see_output)]
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         seen: _Map | None = context.values.get(self.key)
         if seen is None:
-            what = "input" if self.read == "input" else "last (feature map, mask) output"
+            what = "last (feature map, mask) output" if self.read == "last output" else self.read
             raise NotPlaceable(f"{type(self.watch).__name__} gave no [B, C, h, w] map as its {what} before it ran "
                                "(a forward from inputs_embeds?), so its tokens are unknown")
         self._check_stride(context.image_size, seen.grid)
@@ -227,7 +333,7 @@ class _MapPlacer(LayerPlacer):
         for size, side, axis in zip(image, grid, ("height", "width")):
             if side not in (math.floor(size / s), math.ceil(size / s)):
                 raise NotPlaceable(
-                    f"its feature map has {axis} {side} for an image {axis} of {size}, but a stride of {s} px, "
+                    f"its feature map has {axis} {side} for an image {axis} of {size}, but a stride of {s:g} px, "
                     f"{self.source}, gives {math.floor(size / s)} or {math.ceil(size / s)}: a backbone whose maps "
                     "vitmad cannot follow; pass positions=<[N, 2] pixel position of each token>"
                 )

@@ -3,7 +3,8 @@
 Their MAD is not defined (``docs/definition.md``): the softmax runs over channels, over a token's own
 neighbourhood without a query-key product, over the keys alone (CoaT's factorized attention), or not at all (ReLU
 linear attention), or from queries that have no place on the image (the learned latent query of attention
-pooling; class attention, whose class-token maps :mod:`.class_attention` records on request).
+pooling; class attention, whose class-token maps :mod:`.class_attention` records on request), or between a SAM-style
+mask decoder's prompt tokens and the image embedding.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..module_index import named_module_list
+from .stages import innermost_on_path
 from .windows import parent_module
 
 # class name -> why its attention has no MAD. (timm's AttentionPool2d and RotAttentionPool2d are placed by
@@ -94,6 +96,19 @@ def _reason_under(model: nn.Module, name: str) -> str | None:
     return _REASONS_UNDER.get((type(grandparent).__name__, parts[-2]))
 
 
+# The two-way transformer of a SAM-style mask decoder (SAM, SAM-HQ, SAM2, SAM2-video, EdgeTAM, EdgeTAM-video, SAM3's
+# tracker; every transformers class named *TwoWayTransformer): prompt tokens and the image embedding attend to each
+# other, and the prompt tokens' self-attention has no token of the image. (Some of these classes are also skipped
+# by .windowed_vit, with the same words.)
+_TWO_WAY = ("two-way transformer of the mask decoder: prompt (point/box) tokens and the image embedding attend to "
+            "each other, not image self-attention")
+
+
+def _in_two_way_transformer(model: nn.Module, name: str) -> bool:
+    return innermost_on_path(model, name, lambda m: type(m).__name__.endswith("TwoWayTransformer")
+                             and type(m).__module__.startswith("transformers.")) is not None
+
+
 def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
@@ -103,6 +118,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         reason = _REASONS_AS.get((type(parent_module(model, name)).__name__, name.rpartition(".")[2]))
     if reason is None:
         reason = _reason_under(model, name)
+    if reason is None and _in_two_way_transformer(model, name):
+        reason = _TWO_WAY
     if reason is None and _pools_with_learned_query(model, name, module):
         reason = _POOLING_QUERY
     if reason is None and cls.__name__.lower().endswith("multiscaledeformableattention") \

@@ -40,6 +40,8 @@ __all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "is_embedding_p
 _GRID, _EMBED_INPUT, _EMBED_BATCH = "plain.grid", "plain.embedding_input", "plain.embedding_batch"
 # The stem steps seen since the patch embedding last ran, and those that led to its latest run.
 _STEM, _STEM_OF_EMBEDDING = "plain.stem", "plain.stem_of_embedding"
+# (extra tokens, tokens) of the first layer of a call whose extra tokens were counted from a grid given by hand.
+_HAND_PREFIX = "plain.hand_prefix"
 
 
 _PROJECTION_NAMES = ("proj", "projection", "patch_embedding", "patch_embed")
@@ -61,10 +63,18 @@ def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
     First choice, a ``Conv2d`` with kernel equal to its stride named as the projection of a patch embedding
     (``patch_embed.proj`` in timm, ``embeddings.patch_embeddings.projection`` or ``embeddings.patch_embedding``
     in transformers, ``embeddings.projection`` after DPT-hybrid's BiT stem), 1x1 included; else the first
-    ``Conv2d`` whose kernel (larger than 1) equals its stride.
+    ``Conv2d`` whose kernel (larger than 1) equals its stride. A prompt encoder's convolutions and one named for a
+    mask (``mask_downsample``) are never taken.
     """
     fallback = None
+    # A prompt encoder's mask embedding (SAM's, SAM2's, EdgeTAM's prompt_encoder.mask_embed.conv1: 2x2, stride 2) and
+    # a video model's mask_downsample (4x4, stride 4, of the predicted mask for its memory) embed a mask, never the
+    # image: taken for the patch embedding, they made EdgeTAM's prompt encoder its image tower (found by QA).
+    prompts = [name + "." for name, module in named_module_list(model)
+               if type(module).__name__.endswith("PromptEncoder")]
     for name, module in named_module_list(model):
+        if any(name.startswith(prompt) for prompt in prompts) or "mask" in name.rpartition(".")[2]:
+            continue
         if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == tuple(module.stride):
             if is_embedding_projection(name, module):
                 return name, module
@@ -211,7 +221,8 @@ class PlainLayout:
                 f"found no patch-embedding Conv2d (kernel == stride) in {name} and vitmad knows no other layout of "
                 "this module's tokens; pass positions=<[N, 2] pixel position of each token>, or, only if they are a "
                 "plain ViT grid (extra tokens first), patch=<pixels per patch> and grid=[grid_h, grid_w], with "
-                "layers=[the modules that attend over those tokens] where others (a decoder's queries) attend too")
+                "layers=[the modules that attend over those tokens] where others (a decoder's queries) attend too "
+                "(layers over other token counts in one call are refused)")
         else:
             self.unavailable = None
         self.stem = [] if self.embedding is None else _strided_stem(model, self.embedding[1])
@@ -323,7 +334,8 @@ class PlainPlacer(LayerPlacer):
                 f"({embedding}) in this call, and its extra tokens would be counted from it; leave grid "
                 "unset, or pass num_prefix_tokens too if that convolution is not the patch embedding"
             )
-        if prefix is None:
+        counted = prefix is None
+        if counted:
             prefix = num_queries - patches - suffix
             if prefix < 0:
                 raise NotPlaceable(
@@ -346,6 +358,8 @@ class PlainPlacer(LayerPlacer):
                     "before the grid> if the extra tokens all come first, or positions=<[N, 2] pixel position of "
                     "each token, NaN rows for tokens off the image>"
                 )
+        if counted and layout.grid and seen is None:
+            self._check_same_extra_tokens(context, grid, prefix, num_queries)
         if prefix + patches + suffix != num_queries:
             raise NotPlaceable(
                 f"it attends over {num_queries} tokens, not the {grid[0]}x{grid[1]} = {patches} patches "
@@ -365,6 +379,22 @@ class PlainPlacer(LayerPlacer):
         geometry = LayerGeometry(grid, stride, "global", int(lead[-1]), prefix,
                                  num_suffix_tokens=suffix or None)
         return Placement(positions, None, select_tokens(index), geometry)
+
+    @staticmethod
+    def _check_same_extra_tokens(context: CallContext, grid: tuple[int, int], prefix: int, num_queries: int) -> None:
+        """With the grid given by hand and no patch embedding's grid to check it against, each layer's extra tokens
+        are counted as its tokens less the grid's: layers of one call that attend over different counts cannot all be
+        [extra tokens][that grid]. A detector's decoder attends among its object queries (PP-DocLayout's 300 taken
+        for 288 class tokens and a grid, found by QA): one of them is something else, and neither count is trusted."""
+        first = context.values.setdefault(_HAND_PREFIX, (prefix, num_queries))
+        if first[0] != prefix:
+            raise NotPlaceable(
+                f"it attends over {num_queries} tokens, {prefix} more than the given grid={list(grid)} has cells, but "
+                f"a layer recorded before it in this call attends over {first[1]} ({first[0]} more): a grid given by "
+                "hand, with num_prefix_tokens unset, is one layout, [extra tokens][that grid], for every recorded "
+                "layer, and these are not both that (a decoder's object queries?); pass layers=[the modules that "
+                "attend over the image's tokens] and num_prefix_tokens=<tokens before the grid>"
+            )
 
 
 # Every layer of a plain ViT, in every call at one input size, has the same positions: built once (read-only).
