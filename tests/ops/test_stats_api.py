@@ -81,11 +81,12 @@ def test_maps_refused_when_the_tokens_without_a_position_differ_between_images()
 
 
 @pytest.mark.parametrize("stats, error, match", [
-    ((), ValueError, "at least one of"),
+    ((), ValueError, "at least one of 'mad', 'entropy', 'prefix_mass', 'self_mass', 'temporal_mad', 'prefix_maps', "
+                     "got none"),
     (("mad", "mad"), ValueError, "names 'mad' twice"),
     (("prefix_maps", "prefix_maps"), ValueError, "names 'prefix_maps' twice"),
-    (("distance",), ValueError,
-     "must be among 'mad', 'entropy', 'prefix_mass', 'self_mass', 'temporal_mad', got 'distance'"),
+    (("distance",), ValueError,  # the maps are a valid name here, and the message says so
+     "must be among 'mad', 'entropy', 'prefix_mass', 'self_mass', 'temporal_mad', 'prefix_maps', got 'distance'"),
     ("entropy", TypeError, "got the string 'entropy'"),
     (None, TypeError, "stats must be a sequence of names .* got None"),
     (("mad", 1), TypeError, r"stats must be a sequence of names .* got \('mad', 1\)"),

@@ -363,6 +363,20 @@ def test_a_profile_written_onto_a_folder_is_refused_before_writing(good_result, 
     assert list(tmp_path.iterdir()) == []  # no temporary file left
 
 
+def test_map_image_tensor_of_another_shape_is_named():
+    """A batch of one, [1, 3, H, W], failed inside the model ("too many values to unpack"; found by QA)."""
+    from vitmad.profiling import image_prefix_maps, mad_maps
+
+    model, pixels = _tiny_vit_module(), torch.randn(1, 3, 32, 32)
+    for maps in (mad_maps, image_prefix_maps):
+        with pytest.raises(ValueError, match=r"^image: expected one image's preprocessed pixels, a floating-point "
+                                             r"\[C, H, W\] tensor \(or an image file\), got a torch.float32 tensor "
+                                             r"of shape \[1, 3, 32, 32\]: drop the batch dim, image\[0\]$"):
+            maps(model, pixels, device="cpu")
+    with pytest.raises(ValueError, match=r"^image: .* got a torch.uint8 tensor of shape \[3, 32, 32\]$"):
+        mad_maps(model, (pixels[0] * 255).to(torch.uint8), device="cpu")
+
+
 def test_map_layers_are_indices_of_the_recorded_layers(tmp_path):
     from vitmad.profiling import image_prefix_maps, mad_maps
 

@@ -228,3 +228,22 @@ def test_a_tower_run_twice_in_one_forward_warns_and_keeps_both_runs():
     for recorded, expected in zip(rec.calls[:2], alone.calls):
         assert torch.equal(recorded.mad, expected.mad)
     assert torch.equal(rec.mad, alone.calls[1].mad)
+
+
+@pytest.mark.parametrize("reg_tokens, drop_rate", [(0, 0.5), (4, 0.1)])
+def test_patch_dropout_in_training_mode_is_refused_by_name(reg_tokens, drop_rate):
+    """timm's PatchDropout keeps a random subset of the patches: never placed. With 4 registers and 2 of 16 patches
+    dropped, the 19 tokens passed for 3 extra tokens and the full grid, measured silently (found by QA)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, embed_dim=32, num_heads=2,
+                              patch_size=8, img_size=32, reg_tokens=reg_tokens, patch_drop_rate=drop_rate).train()
+    pixels = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn .*timm's PatchDropout \(patch_drop, prob "
+                                         rf"{drop_rate:g}\) keeps a random subset of the 4x4 = 16 patches in training "
+                                         r"mode.*model\.eval\(\)"):
+        with vitmad.record(model):
+            model(pixels)
+    model.eval()  # PatchDropout is off in eval mode: recorded
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    assert rec.geometry[0].num_prefix_tokens == 1 + reg_tokens and rec.geometry[0].grid == (4, 4)

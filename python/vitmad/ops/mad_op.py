@@ -181,8 +181,8 @@ def _mad_pos_setup_context(ctx, inputs, keyword_only_inputs, output):
     attn, positions, key_positions = inputs
     for name, t in (("positions", positions), ("key_positions", key_positions)):
         if t is not None and t.requires_grad:
-            raise RuntimeError(
-                f"vitmad.mad is differentiable with respect to attn only, but {name} requires grad; pass "
+            raise ValueError(  # an invalid argument, as the README's guarantees name them
+                f"vitmad.mad: {name} requires grad, but vitmad.mad is differentiable with respect to attn only; pass "
                 f"{name}.detach()"
             )
     ctx.save_for_backward(attn, positions, key_positions)

@@ -73,9 +73,12 @@ def _split(stats: Sequence[str], op_name: str) -> tuple[tuple[str, ...], bool]:
     if names.count(MAP_NAME) > 1:
         raise ValueError(f"{op_name}: stats names '{MAP_NAME}' twice")
     rest = tuple(n for n in names if n != MAP_NAME)
+    known = ", ".join(repr(n) for n in (*STAT_NAMES, TEMPORAL_MAD, MAP_NAME))
     if not rest and not maps:
-        known = ", ".join(repr(n) for n in (*STAT_NAMES, TEMPORAL_MAD))
-        raise ValueError(f"{op_name}: stats must name at least one of {known} or '{MAP_NAME}', got none")
+        raise ValueError(f"{op_name}: stats must name at least one of {known}, got none")
+    unknown = next((n for n in rest if n not in (*STAT_NAMES, TEMPORAL_MAD)), None)
+    if unknown is not None:  # named here, where the maps are a valid name too (check_stats knows the kernels')
+        raise ValueError(f"{op_name}: stats must be among {known}, got '{unknown}'")
     return rest, maps
 
 

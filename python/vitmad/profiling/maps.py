@@ -26,6 +26,12 @@ def _record_one_image(model, image, image_size, device, **record_options):
     if isinstance(image, torch.Tensor):
         if native is not None:
             raise OptionError("image", "image_size='native' resizes the image itself: pass an image file")
+        if image.dim() != 3 or not image.is_floating_point():
+            shape = "[" + ", ".join(map(str, image.shape)) + "]"
+            raise OptionError("image", f"expected one image's preprocessed pixels, a floating-point [C, H, W] tensor "
+                                       f"(or an image file), got a {image.dtype} tensor of shape {shape}"
+                                       + (": drop the batch dim, image[0]" if image.dim() == 4 and
+                                          image.shape[0] == 1 else ""))
         pixels = image
     else:
         if native is None and preprocessing is None:  # as profile says it (a model built in Python)

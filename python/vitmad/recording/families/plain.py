@@ -280,6 +280,15 @@ class PlainLayout:
         return grid
 
 
+def _dropping_patches(model: nn.Module) -> str | None:
+    """``"timm's PatchDropout (<name>, prob p)"`` for a timm ``PatchDropout`` of the model that drops patches in this
+    forward (training mode, ``prob > 0``), else None: the cause to name when a layer sees fewer tokens than the grid."""
+    for name, module in named_module_list(model):
+        if type(module).__name__ == "PatchDropout" and module.training and float(getattr(module, "prob", 0)) > 0:
+            return f"timm's PatchDropout ({name}, prob {float(module.prob):g})"
+    return None
+
+
 class PlainPlacer(LayerPlacer):
     """Places the tokens of one attention layer of a plain ViT (attention ``[B, H, N, N]``)."""
 
@@ -310,6 +319,15 @@ class PlainPlacer(LayerPlacer):
             )
         grid = layout.call_grid(context)
         patches = grid[0] * grid[1]
+        dropping = _dropping_patches(layout.model)
+        if dropping is not None:
+            # It drops at least one patch per image (int(L * (1 - prob)) < L kept): the rest could still pass for a
+            # grid after fewer extra tokens (registers outnumbering the dropped patches), so it is never counted.
+            raise NotPlaceable(
+                f"it attends over {num_queries} tokens while {dropping} keeps a random subset of the "
+                f"{grid[0]}x{grid[1]} = {patches} patches in training mode, and vitmad does not place the kept ones; "
+                "record the model in eval mode (model.eval()), or with its patch dropout off"
+            )
         embedded = context.values.get(_EMBED_BATCH)
         if embedded is not None and layout.grid is None and int(lead[0]) != embedded:
             # Tiles, crops or windows batched apart from the images the patch embedding saw: its tokens are not
