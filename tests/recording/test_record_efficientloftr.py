@@ -80,3 +80,15 @@ def test_self_attention_is_a_grid_of_32_px_cells_and_cross_attention_is_skipped(
         torch.testing.assert_close(rec.stats["entropy"][layer].double(), entropy, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(rec.stats["self_mass"][layer].double(), self_mass, rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_a_wildcard_over_the_transformer_skips_the_cross_attention_modules_alone():
+    """The cross-attention is recognised by where it sits (the layer's cross_attention); a wildcard also names the
+    modules around it (its aggregation, norms, MLP), which are no attention to skip."""
+    pixels = torch.randn(1, 2, 3, 64, 64)
+    model = _model(pixels)
+    with torch.no_grad(), vitmad.record(model, layers=["efficientloftr.local_feature_transformer.*"]) as rec:
+        model(pixel_values=pixels)
+    layers = [f"efficientloftr.local_feature_transformer.layers.{i}" for i in range(2)]
+    assert rec.layers == [f"{layer}.self_attention.attention" for layer in layers]
+    assert list(rec.skipped) == [f"{layer}.cross_attention.attention" for layer in layers]

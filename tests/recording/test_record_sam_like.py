@@ -282,3 +282,24 @@ def test_sam2_video_plain_layout_never_takes_a_mask_convolution_for_the_patch_em
     model = transformers.Sam2VideoModel(config).eval()
     embedding = PlainLayout(model, None, None, 0).embedding
     assert embedding is not None and embedding[0] == "vision_encoder.backbone.patch_embed.projection"
+
+
+def test_mask_decoder_named_by_a_wildcard_skips_its_attention_modules_alone():
+    """SAM's two-way transformer is skipped with the reason; a wildcard over the mask decoder also names its norms,
+    projections and MLPs, which were listed as skipped too (every module under the two-way transformer)."""
+    config = transformers.SamConfig(
+        vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=64, patch_size=8, window_size=4, global_attn_indexes=[1], mlp_dim=64,
+                           num_pos_feats=8),
+        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=16, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16))
+    torch.manual_seed(0)
+    model = transformers.SamModel(config).eval()
+    with torch.no_grad(), vitmad.record(model, layers=["vision_encoder.*", "mask_decoder.*"]) as rec:
+        model(pixel_values=torch.randn(1, 3, 64, 64), input_points=torch.rand(1, 1, 1, 2) * 64)
+    assert rec.layers == ["vision_encoder.layers.0.attn", "vision_encoder.layers.1.attn"]
+    two_way = "mask_decoder.transformer"
+    assert list(rec.skipped) == [f"{two_way}.layers.{i}.{attention}" for i in range(2) for attention in
+                                 ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")] + [
+        f"{two_way}.final_attn_token_to_image"]
+    assert all(reason.startswith("two-way transformer of the mask decoder") for reason in rec.skipped.values())

@@ -98,8 +98,7 @@ def _reason_under(model: nn.Module, name: str) -> str | None:
 
 # The two-way transformer of a SAM-style mask decoder (SAM, SAM-HQ, SAM2, SAM2-video, EdgeTAM, EdgeTAM-video, SAM3's
 # tracker; every transformers class named *TwoWayTransformer): prompt tokens and the image embedding attend to each
-# other, and the prompt tokens' self-attention has no token of the image. (Some of these classes are also skipped
-# by .windowed_vit, with the same words.)
+# other, and the prompt tokens' self-attention has no token of the image.
 _TWO_WAY = ("two-way transformer of the mask decoder: prompt (point/box) tokens and the image embedding attend to "
             "each other, not image self-attention")
 
@@ -116,10 +115,12 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     reason = _REASONS.get(cls.__name__) or _REASONS_IN.get(_class_key(module))
     if reason is None:
         reason = _REASONS_AS.get((type(parent_module(model, name)).__name__, name.rpartition(".")[2]))
-    if reason is None:
+    # By where they sit: only the attention modules there (a wildcard in layers= names their norms, projections and
+    # blocks too, which are no attention to skip).
+    if reason is None and cls.__name__.endswith("Attention"):
         reason = _reason_under(model, name)
-    if reason is None and _in_two_way_transformer(model, name):
-        reason = _TWO_WAY
+        if reason is None and _in_two_way_transformer(model, name):
+            reason = _TWO_WAY
     if reason is None and _pools_with_learned_query(model, name, module):
         reason = _POOLING_QUERY
     if reason is None and cls.__name__.lower().endswith("multiscaledeformableattention") \

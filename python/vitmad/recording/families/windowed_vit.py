@@ -27,7 +27,7 @@ Pixel scale: the patch embedding's stride times the query strides of the blocks 
 
 SAM's mask decoder (a two-way transformer between prompt tokens and the image embedding) is not image
 self-attention; it lies outside the vision encoder that owns the patch embedding, so it is not recorded by
-default, and skipped with the reason when named in ``layers``.
+default, and skipped with the reason when named in ``layers`` (by :mod:`.non_spatial`, which runs first).
 """
 
 from __future__ import annotations
@@ -100,11 +100,6 @@ _DESIGNS = {
     ("Sam2MultiScaleAttention", "modeling_sam2"): _Design("Sam2MultiScaleBlock", "num_attention_heads",
                                                           "query_stride"),
 }
-# Attention between prompt tokens and the image embedding in SAM-style mask decoders.
-_DECODER_REASON = ("two-way transformer of the mask decoder: prompt (point/box) tokens and the image embedding "
-                   "attend to each other, not image self-attention")
-_DECODER = {("SamAttention", "modeling_sam"), ("SamHQAttention", "modeling_sam_hq"),
-            ("Sam2Attention", "modeling_sam2")}
 
 
 def _key(module: nn.Module) -> tuple[str, str]:
@@ -127,11 +122,7 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
-    from . import Skip
-
     key = _key(module)
-    if key in _DECODER:
-        return Skip(_DECODER_REASON)
     design = _DESIGNS.get(key)
     if design is None:
         return None
