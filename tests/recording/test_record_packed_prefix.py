@@ -381,3 +381,18 @@ def test_llava_onevision1_5_video_is_refused():
         with vitmad.record(model) as rec, pytest.raises(ValueError, match=r"grid_thw .* holds a video \(t > 1\)"):
             model(patches, grid_thw=grid_thw)
     assert all(call.layers == [] for call in rec.calls)
+
+
+def test_inkling2_video_refusal_quotes_the_merge_blocks_given():
+    """Inkling2's image_grid_thw counts merge blocks: the refusal quotes what the user passed, in those units."""
+    model = _inkling()
+    side = MERGE * MERGE_PATCH
+    grid_thw = torch.tensor([[2, 2, 1]])
+    blocks = torch.rand(4, side, side, 3) * 2 - 1  # t * h * w merge blocks, one row each
+    with torch.no_grad():
+        model(blocks, image_grid_thw=grid_thw)  # the model runs it
+        with vitmad.record(model) as rec, pytest.raises(
+                ValueError, match=r"image_grid_thw \(t, h, w in merge blocks: \[\(2, 2, 1\)\]\) holds a video "
+                                  r"\(t > 1\), and vitmad gives Inkling2VisionModel no temporal placement"):
+            model(blocks, image_grid_thw=grid_thw)
+    assert all(call.layers == [] for call in rec.calls)

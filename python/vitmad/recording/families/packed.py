@@ -455,12 +455,13 @@ class QwenPlacer(_PackedPlacer):
             raise NotPlaceable(f"its tower {tower} ran without {argument} or the block without cu_seqlens")
         # Inkling2 counts merge blocks (its language model's image tokens): m x m patches each.
         unit = self.merge if self.design.grid_unit == "merge" else 1
-        grid_thw = [(int(t), int(h) * unit, int(w) * unit) for t, h, w in grid_thw.tolist()]
+        given_thw = [tuple(int(v) for v in row) for row in grid_thw.tolist()]  # as the user gave it, for messages
+        grid_thw = [(t, h * unit, w * unit) for t, h, w in given_thw]
         if any(t != 1 for t, _, _ in grid_thw):
+            counted = "merge blocks" if unit != 1 else "patches"
             raise NotPlaceable(
-                f"{argument} (t, h, w patches: {grid_thw}) holds a video (t > 1): each temporal patch is a chunk of "
-                "its own (MiniMax-M3-VL, Inkling2: the whole clip one chunk; LLaVA-OneVision-1.5: a class token per "
-                "frame), and vitmad gives these towers no temporal placement; record images (t = 1) only"
+                f"{argument} (t, h, w in {counted}: {given_thw}) holds a video (t > 1), and vitmad gives {tower} no "
+                "temporal placement (its frames' tokens are not one image's grid); record images (t = 1) only"
             )
         odd = [(h, w) for _, h, w in grid_thw if h % self.merge or w % self.merge]
         if odd:
