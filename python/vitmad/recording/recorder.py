@@ -772,7 +772,7 @@ class Recording:
                 self._class_layers.add(name)
                 modules[name] = module
                 self._placers[name] = ClassQueryPlacer(placer.keys or PlainPlacer(self._plain), placer.what,
-                                                       placer.queries_in_keys, placer.self_attention)
+                                                       placer.queries_in_keys, placer.self_attention, placer.queries)
             elif isinstance(placer, ClassQueries) and self._given is not None:
                 self.skipped[name] = (f"{placer.reason.split(';')[0]}; its maps are not recorded with positions= "
                                       "given by hand, which place the self-attention layers' tokens")

@@ -87,12 +87,15 @@ class ClassQueries(Skip):
         self_attention: every key queries too (timm's ``AttentionPool2d``, whose output keeps the pooled token's row
             alone): the queries are placed as the keys are, and only the rows of those without a position are
             recorded.
+        queries: the kind of attention, in words, for the maps' geometry (a DETR decoder's "cross-attention of the
+            object queries"); empty for "class attention" or "attention pooling", as ``queries_in_keys`` says.
     """
 
     keys: LayerPlacer | None = None
     what: str = ""
     queries_in_keys: bool = True
     self_attention: bool = False
+    queries: str = ""
 
 
 # Tried in order; the first family that claims a module places it.

@@ -54,10 +54,13 @@ class ClassQueryPlacer(LayerPlacer):
     exists to fold. With ``queries_in_keys`` the queries are the first keys (the class token attends to itself
     too); without, they are learned queries apart from the keys (attention pooling). With ``self_attention`` every
     key is a query too, placed as a key (timm's ``AttentionPool2d``: the pooled token and the map's tokens), and
-    the maps are the rows of the queries without a position alone."""
+    the maps are the rows of the queries without a position alone. ``kind`` names the attention in the maps'
+    geometry (default: class attention, or attention pooling without ``queries_in_keys``)."""
 
-    def __init__(self, keys: LayerPlacer, what: str, queries_in_keys: bool = True, self_attention: bool = False):
+    def __init__(self, keys: LayerPlacer, what: str, queries_in_keys: bool = True, self_attention: bool = False,
+                 kind: str = ""):
         self.keys, self.what, self.queries_in_keys, self.self_attention = keys, what, queries_in_keys, self_attention
+        self.kind = kind or ("class attention" if queries_in_keys else "attention pooling")
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         return self.keys.install(context)
@@ -66,9 +69,11 @@ class ClassQueryPlacer(LayerPlacer):
         keys = self.keys.place(context, lead, num_keys, num_keys)
         if keys.key_positions is not None or keys.time_positions is not None:
             raise NotPlaceable(f"the keys of its class attention ({self.what}) are not one image's token grid")
-        # [Nk, 2] (one sequence for every matrix), or [B, 1, Nk, 2] (per image: a NaFlex batch's own grids).
+        # [Nk, 2] (one sequence for every matrix), [B, 1, Nk, 2] (per image: a NaFlex batch's own grids), or
+        # [B * H, Nk, 2] (per image, its heads merged with the batch: Table Transformer's DETR decoder).
         positions = keys.positions
-        if positions.dim() != 2 and not (positions.dim() == 4 and positions.shape[1] == 1):
+        if positions.dim() != 2 and not (positions.dim() == 4 and positions.shape[1] == 1) \
+                and not (len(lead) == 1 and tuple(positions.shape[:-2]) == tuple(lead)):
             raise NotPlaceable(f"the keys of its class attention ({self.what}) are not one token sequence")
         if self.self_attention:
             if num_queries != num_keys or not bool(positions[..., :1, :].isnan().all()):
@@ -85,8 +90,7 @@ class ClassQueryPlacer(LayerPlacer):
                 f"with ({self.what}), so vitmad does not know which tokens query"
             )
         queries = positions.new_full((*positions.shape[:-2], num_queries, positions.shape[-1]), float("nan"))
-        kind = "class attention" if self.queries_in_keys else "attention pooling"
-        geometry = dataclasses.replace(keys.geometry, attention=f"{kind} over {keys.geometry.attention}")
+        geometry = dataclasses.replace(keys.geometry, attention=f"{self.kind} over {keys.geometry.attention}")
         return Placement(queries, positions, keys.fold, geometry, present=keys.present)
 
 

@@ -35,9 +35,18 @@ sides that are multiples of 32, where the two agree.)
 
 The decoders' attention (self-attention among the object queries, cross-attention from them to the map; the
 queries are learned slots, no place on the image) is skipped with that reason; their deformable attention is
-skipped by :mod:`.non_spatial`. PP-DocLayoutV2's reading-order encoder (a LayoutLMv3-style encoder over the
-detected boxes' tokens) and PP-DocLayout's GlobalPointer reading-order scores are skipped too: their tokens are
-boxes or object queries, no cells of the image.
+skipped by :mod:`.non_spatial`. The cross-attention of DETR, Conditional DETR, DAB-DETR and Table Transformer
+(``encoder_attn``; DAB-DETR's ``cross_attn.cross_attn``) attends over the encoder's output, the map's tokens in the
+encoder's order, with the encoder's mask: with ``stats=[..., "prefix_maps"]`` its object queries' rows are recorded
+as class-attention maps (``rec.class_attention_maps``, ``[B, heads, num_queries, h * w]``, the maps the DETR paper
+draws), the keys placed as the encoder's tokens are, a padded key NaN. Conditional DETR and DAB-DETR concatenate
+content and positional parts of each head's q and k, which changes the dot product, not the softmax over the map's
+tokens. The segmentation head's ``MHAttentionMap`` stays skipped: its softmax runs over heads and tokens jointly
+(``softmax(weights.flatten(2))``), so no head's row is a distribution over the tokens.
+
+PP-DocLayoutV2's reading-order encoder (a LayoutLMv3-style encoder over the detected boxes' tokens) and
+PP-DocLayout's GlobalPointer reading-order scores are skipped too: their tokens are boxes or object queries, no cells
+of the image.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..module_index import module_list
+from ..module_index import module_list, named_module_list
 from ..placement import (
     CallContext,
     LayerGeometry,
@@ -75,13 +84,22 @@ _DETR_MODELS = {"modeling_detr": "Detr", "modeling_conditional_detr": "Condition
 
 _DECODER = ("DETR decoder attention: its queries are the object queries, learned slots without a position on the "
             "image (self-attention among them, or cross-attention from them to the encoder's map), so it has no MAD")
+_CROSS = ("DETR decoder cross-attention: its queries are the object queries, learned slots without a position on the "
+          "image, so it has no MAD; their attention over the encoder's map is recorded with stats=[..., "
+          "'prefix_maps'] (rec.class_attention_maps)")
+# The decoder attention modules of these models that the generic discovery does not find (attention_modules).
+_UNDISCOVERED = {"modeling_conditional_detr": ("ConditionalDetrDecoderSelfAttention",
+                                               "ConditionalDetrDecoderCrossAttention"),
+                 "modeling_dab_detr": ("DabDetrAttention",)}
 _READING_ORDER = ("PP-DocLayoutV2's reading-order encoder: it attends among the tokens of the boxes the detector "
                   "found (and a start and an end token), embedded from their coordinates, no token of a place on "
                   "the image's grid, so it has no MAD")
 _ORDER_SCORES = ("PP-DocLayout's reading-order scores (GlobalPointer): pairwise logits between the decoder's object "
                  "queries, learned slots without a position on the image, and no softmax attention, so it has no MAD")
 _MASK_HEAD = ("the segmentation head's attention map (MHAttentionMap): each object query's attention over the "
-              "encoder's map; its queries are the decoder's object queries, without a position, so it has no MAD")
+              "encoder's map; its queries are the decoder's object queries, without a position, so it has no MAD, "
+              "and its softmax runs over the heads and the map's tokens jointly (softmax(weights.flatten(2))), so "
+              "no head's row is a distribution over the tokens: no class-attention map either")
 
 
 _SAM3 = "modeling_sam3"
@@ -114,7 +132,10 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return Skip(_ORDER_SCORES)
     if prefix is None or "Attention" not in type(module).__name__:  # a layer named among others (layers=["*"])
         return None
-    if innermost_on_path(model, name, lambda m: defined_in(m, f"{prefix}Decoder", suffix)) is not None:
+    decoder = innermost_on_path(model, name, lambda m: defined_in(m, f"{prefix}Decoder", suffix))
+    if decoder is not None:
+        if suffix in _DETR_MODELS and _is_cross_attention(model, name, module, prefix, suffix):
+            return _object_queries(model, decoder[0], module, prefix, suffix)
         return Skip(_DECODER)
     if defined_in(module, f"{prefix}MHAttentionMap", suffix):
         return Skip(_MASK_HEAD)
@@ -126,7 +147,48 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     found = innermost_on_path(model, name, lambda m: defined_in(m, f"{prefix}Encoder", suffix))
     if found is not None and suffix in _OMDET_MODELS:
         return _omdet_placer(model, found, prefix, suffix)
-    return None if found is None else _detr_placer(model, found[0], module, prefix, suffix)
+    if found is None:
+        return None
+    # Table Transformer's attention computes its own softmax over [B * heads, N, N].
+    return _detr_placer(model, found[0], prefix, suffix,
+                        int(module.num_heads) if prefix == "TableTransformer" else None)
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The decoder attention of Conditional DETR and DAB-DETR, which the generic discovery does not find (their
+    query and key projections are content and positional pairs), by qualified name: listed as skipped, and the
+    cross-attention's maps recorded with 'prefix_maps'."""
+    found = {}
+    for name, module in named_module_list(model):
+        suffix = _suffix(module)
+        if type(module).__name__ in _UNDISCOVERED.get(suffix, ()) and innermost_on_path(
+                model, name, lambda m, s=suffix: defined_in(m, f"{_DETR_MODELS[s]}Decoder", s)) is not None:
+            found[name] = module
+    return found
+
+
+def _is_cross_attention(model: nn.Module, name: str, module: nn.Module, prefix: str, suffix: str) -> bool:
+    """Whether ``module`` computes a DETR decoder layer's cross-attention from its object queries to the encoder's
+    map: the layer's ``encoder_attn`` (DETR, Conditional DETR, Table Transformer), or the attention inside its
+    ``cross_attn`` (DAB-DETR)."""
+    found = innermost_on_path(model, name, lambda m: defined_in(m, f"{prefix}DecoderLayer", suffix))
+    if found is None:
+        return False
+    layer = found[1]
+    if suffix == "modeling_dab_detr":
+        return getattr(getattr(layer, "cross_attn", None), "cross_attn", None) is module
+    return getattr(layer, "encoder_attn", None) is module
+
+
+def _object_queries(model: nn.Module, decoder_name: str, module: nn.Module, prefix: str, suffix: str):
+    """A DETR decoder layer's cross-attention: its object queries have no MAD, their attention over the encoder's
+    map is recorded with 'prefix_maps', its keys placed as the encoder's tokens are."""
+    from . import ClassQueries
+
+    heads = int(module.num_heads) if prefix == "TableTransformer" else None
+    keys = _detr_placer(model, decoder_name, prefix, suffix, heads)
+    return ClassQueries(_CROSS, keys, "the encoder's map tokens", queries_in_keys=False,
+                        queries="cross-attention of the object queries")
 
 
 def _reported_reductions(root: nn.Module) -> list[int] | None:
@@ -223,25 +285,28 @@ def _sam3(model: nn.Module, name: str, module: nn.Module):
     return _MapPlacer(fpn, "output", stride, source)
 
 
-def _detr_placer(model: nn.Module, encoder_name: str, module: nn.Module, prefix: str, suffix: str):
-    detector = _parent(model, encoder_name) if encoder_name else None
+def _detr_placer(model: nn.Module, holder_name: str, prefix: str, suffix: str, merged_heads: int | None):
+    """The tokens of the last map of the ``ConvEncoder`` beside ``holder_name`` (the encoder, or the decoder whose
+    cross-attention attends over the encoder's output, with the same mask): ``merged_heads`` where the attention
+    is ``[B * heads, N, N]``."""
+    detector = _parent(model, holder_name) if holder_name else None
     conv = None if detector is None else next(
         (m for m in module_list(detector) if defined_in(m, f"{prefix}ConvEncoder", suffix)), None)
     if conv is None:
-        return RefusingPlacer(f"it is an encoder layer recorded without the {prefix}ConvEncoder that makes its "
-                              "feature map and mask, so its tokens are unknown; record the detector that holds it")
+        return RefusingPlacer(f"it attends over the encoder's map, recorded without the {prefix}ConvEncoder that "
+                              "makes that map and its mask, so its tokens are unknown; record the detector that "
+                              "holds it")
     reported = _reported_reductions(conv)
     if not reported:
         return RefusingPlacer(
             f"its backbone ({type(conv.model).__name__}) does not report the stride of its feature maps (vitmad "
             "reads it from a timm backbone's feature_info: use_timm_backbone=True), so the pixel stride of the map "
             "its encoder attends over is unknown; pass positions=<[B, N, 2] pixel position of each token, NaN rows "
-            "for the padding> with layers=[its encoder's self-attention modules]"
+            "for the padding> with layers=[its encoder's self-attention modules] (the maps of its decoder's "
+            "cross-attention are not recorded with positions given by hand)"
         )
     source = f"the last reduction its timm backbone's feature_info reports ({type(conv.model).__name__})"
-    # Table Transformer's attention computes its own softmax over [B * heads, N, N].
-    merged = int(module.num_heads) if prefix == "TableTransformer" else None
-    return _MapPlacer(conv, "last output", reported[-1], source, merged_heads=merged)
+    return _MapPlacer(conv, "last output", reported[-1], source, merged_heads=merged_heads)
 
 
 @dataclass(frozen=True)
