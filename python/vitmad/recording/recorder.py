@@ -126,11 +126,12 @@ class RecordedCall:
             positioned tokens (row-major grid order, as ``per_layer``; with ``positions=`` given by hand, the
             sequence's tokens in order, NaN in the columns of those without a position); None for a layer whose keys
             are not its queries (windows, pooled keys), that has no such token, or whose attention is differential.
-        class_layers: with ``"prefix_maps"`` asked for, the class-attention and attention-pooling layers that ran
-            (their queries have no position, so no MAD: they are in no other list), in execution order.
+        class_layers: with ``"prefix_maps"`` asked for, the class-attention and attention-pooling layers and the
+            DETR decoders' cross-attention that ran (their queries have no position, so no MAD: they are in no other
+            list), in execution order.
         class_maps: one entry per ``class_layers``: ``[B, H, Q, T]``, the attention of the layer's ``Q`` queries
-            (the class token, a pooling head's learned queries) over the ``T`` positioned keys, in row-major order
-            of ``class_geometry``'s grid.
+            (the class token, a pooling head's learned queries, a DETR decoder's object queries) over the ``T``
+            positioned keys, in row-major order of ``class_geometry``'s grid (NaN at a key without a position).
         class_geometry: one :class:`~vitmad.recording.placement.LayerGeometry` per ``class_layers``: the grid and
             stride of its keys.
     """
@@ -912,10 +913,11 @@ class Recording:
     def class_attention_maps(self) -> dict[str, torch.Tensor]:
         """With ``stats=[..., "prefix_maps"]``: ``{layer: [B, H, Q, T]}`` for the class-attention layers (CaiT,
         XCiT, VOLO) and attention-pooling heads (timm ViT / EVA ``global_pool="map"``, SigLIP, AIMv2, the
-        ``AttentionPool2d`` of timm's CLIP ResNets) of the latest call, which are in ``rec.skipped`` as they have no
-        MAD: the attention of their ``Q`` queries (the class token, the learned queries, the pooled token) over the
-        ``T`` positioned keys in row-major grid order (reshape with
-        ``rec.calls[-1].class_geometry[i].grid``). Empty for a model without either.
+        ``AttentionPool2d`` of timm's CLIP ResNets) and the DETR decoders' cross-attention (DETR, Conditional DETR,
+        DAB-DETR, Table Transformer) of the latest call, which are in ``rec.skipped`` as they have no MAD: the
+        attention of their ``Q`` queries (the class token, the learned queries, the pooled token, the object queries)
+        over the ``T`` positioned keys in row-major grid order (reshape with
+        ``rec.calls[-1].class_geometry[i].grid``). Empty for a model without any.
 
         Raises:
             KeyError: the prefix maps were not asked for.
