@@ -140,6 +140,11 @@ def test_memory_self_attention_equals_its_eager_attention_on_the_stride_16_map(n
         expected = _expected(probabilities)
         torch.testing.assert_close(call.mad.double(), expected["mad"][None], **TOL)
         torch.testing.assert_close(call.stat("entropy").double(), expected["entropy"][None], **TOL)
+        # The attention is far from uniform: the tokens read in another order (no isometry of the grid, as a
+        # transpose would be) give MADs pixels away.
+        order = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+        shuffled = _expected(probabilities[..., order][..., order, :])["mad"][None]
+        assert (shuffled - call.mad.double()).abs().max() > 1.0
 
 
 @pytest.mark.parametrize("name", list(_MODELS))
@@ -167,3 +172,42 @@ def test_a_frame_whose_features_come_from_the_cache_is_refused():
     _, session = _run(model, session_cls)
     with vitmad.record(model, layers=[SELF]), pytest.raises(ValueError, match="did not run in this call"):
         _run(model, session_cls, frames=[2], session=session)
+
+
+def test_two_objects_each_run_the_self_attention_on_the_frame_in_one_call():
+    """The model runs each object alone (batch_size=1): per frame the layer runs once per object, kept as two
+    entries of the call (the same frame's tokens, each at its cell)."""
+    model, modeling, session_cls = _sam2_video()
+    video = torch.randn(FRAMES, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+    def run(model):
+        session = session_cls(video=video, video_height=SIZE, video_width=SIZE, dtype=torch.float32)
+        for obj_id, point in ((1, [20.0, 30.0]), (2, [90.0, 100.0])):
+            session.add_point_inputs(session.obj_id_to_idx(obj_id), 0, {
+                "point_coords": torch.tensor([[[point]]]), "point_labels": torch.ones(1, 1, 1, dtype=torch.int32)})
+        session.obj_with_new_inputs = [1, 2]
+        with torch.no_grad():
+            return [model(inference_session=session, frame_idx=f).pred_masks for f in range(FRAMES)]
+
+    original, reference = modeling.eager_attention_forward, []
+
+    def capture(module, *args, **kwargs):
+        output, probabilities = original(module, *args, **kwargs)
+        if module is model.get_submodule(SELF):
+            reference.append(probabilities.detach().double())
+        return output, probabilities
+
+    model.set_attn_implementation("eager")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(modeling, "eager_attention_forward", capture)
+        run(model)
+    model.set_attn_implementation("sdpa")
+    plain = run(model)
+    with vitmad.record(model, layers=[SELF]) as rec:
+        recorded = run(model)
+    assert all(torch.equal(a, b) for a, b in zip(plain, recorded, strict=True))
+    ran = [call for call in rec.calls if call.layers]
+    assert len(ran) == 2 and len(reference) == 4
+    for index, call in enumerate(ran):
+        expected = torch.stack([_expected(p)["mad"] for p in reference[2 * index:2 * index + 2]])
+        torch.testing.assert_close(call.mad.double(), expected, **TOL)
