@@ -1,13 +1,15 @@
-"""vitmad.record on the memory attention of SAM2-video and EdgeTAM-video, against their own eager attention.
+"""vitmad.record on the memory attention of SAM2-video, EdgeTAM-video and SAM3-tracker-video, against their own eager
+attention.
 
 The reference places the tokens by the geometry written here from the modeling files (transformers 5.25): on a frame
 that is not a conditioning frame, ``memory_attention.layers.<i>.self_attn`` attends over ``current_vision_feats[-1]``,
 the vision encoder's last ``fpn_hidden_states`` map flattened row-major (``flatten(2).permute(2, 0, 1)``), one object
 at a time (batch 1). That map is backbone stage ``num_feature_levels - 1`` = 2 of the FPN: a 128 x 128 frame gives
 ``8 x 8`` tokens at stride 16 (Hiera: patch stride 4, then 2x query pooling at stages 1 and 2; RepViT: reductions
-4, 8, 16, 32). Token ``(r, c)`` sits at ``((r + 0.5) 16, (c + 0.5) 16)`` pixels. Per query, float64, from the
-probabilities the model's eager attention computed. ``cross_attn_image`` attends to other frames' memories and
-object pointers: skipped.
+4, 8, 16, 32). SAM3-tracker-video drops the vision encoder's last FPN level (scale 0.5) first: its map is the
+scale-1 level, the ViT's 16 px patch grid, 8 x 8 too. Token ``(r, c)`` sits at ``((r + 0.5) 16, (c + 0.5) 16)``
+pixels. Per query, float64, from the probabilities the model's eager attention computed. ``cross_attn_image`` attends
+to other frames' memories and object pointers: skipped.
 """
 
 from __future__ import annotations
@@ -74,7 +76,22 @@ def _edgetam_video():
     return sharpened(modeling.EdgeTamVideoModel(cfg)), modeling, modeling.EdgeTamVideoInferenceSession
 
 
-_MODELS = {"sam2_video": _sam2_video, "edgetam_video": _edgetam_video}
+def _sam3_tracker_video():
+    from transformers.models.sam3_tracker_video import configuration_sam3_tracker_video as config
+    from transformers.models.sam3_tracker_video import modeling_sam3_tracker_video as modeling
+
+    vit = dict(model_type="sam3_vit_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=2, patch_size=16, image_size=[SIZE, SIZE], pretrain_image_size=64, window_size=3,
+               global_attn_indexes=[1])
+    cfg = config.Sam3TrackerVideoConfig(
+        vision_config=dict(model_type="sam3_vision_model", backbone_config=vit, fpn_hidden_size=128,
+                           backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]]),
+        memory_attention_feed_forward_hidden_size=64, **_COMMON)
+    torch.manual_seed(0)
+    return sharpened(modeling.Sam3TrackerVideoModel(cfg)), modeling, modeling.Sam3TrackerVideoInferenceSession
+
+
+_MODELS = {"sam2_video": _sam2_video, "edgetam_video": _edgetam_video, "sam3_tracker_video": _sam3_tracker_video}
 
 
 def _run(model, session_cls, frames=range(FRAMES), session=None):

@@ -1,4 +1,5 @@
-"""The memory attention of SAM2-video and EdgeTAM-video (transformers ``Sam2VideoModel``, ``EdgeTamVideoModel``).
+"""The memory attention of SAM2-video, EdgeTAM-video and SAM3-tracker-video (transformers ``Sam2VideoModel``,
+``EdgeTamVideoModel``, ``Sam3TrackerVideoModel``; SAM3's memory attention is SAM2's line for line).
 
 On a frame that is not a conditioning frame, ``<X>MemoryAttention`` conditions the current frame's image tokens on
 the memory bank. Each of its layers runs
@@ -8,20 +9,19 @@ the memory bank. Each of its layers runs
   row-major (``flatten(2).permute(2, 0, 1)``, its 1x1 ``conv_s0`` / ``conv_s1`` touch only levels 0 and 1), and the
   memory attention only adds a position embedding, moves the batch first and splits the heads; its 2-D RoPE
   rotates q and k, it moves no token. The vision encoder's FPN keeps its last ``num_feature_levels`` levels from
-  high to low resolution, so that map is the one of backbone stage ``num_feature_levels - 1`` (stride 16 in every
-  released checkpoint; the neck's top-down sum adds the next stage's map upsampled 2x nearest, on the same grid).
-  Placed, when named in ``layers=`` (the default records the vision encoder alone), at the centre of each cell of
+  high to low resolution, so that map is the one of backbone stage ``num_feature_levels - 1`` (the neck's top-down
+  sum adds the next stage's map upsampled 2x nearest, on the same grid). Placed, when named in ``layers=`` (the
+  default searches the vision encoder alone: the memory attention is outside it), at the centre of each cell of
   that map, the stride read from the backbone: Hiera's ``patch_stride`` times its ``query_stride`` for each
   pooling stage up to that stage (SAM2), the reduction a timm backbone's ``feature_info`` reports for that stage
   (EdgeTAM's RepViT), checked in every call against the image the vision encoder ran on (``detr_encoder.py``'s
   map placer). The model runs each object alone (``batch_size=1``), so an object's call has batch 1.
+  Sam3TrackerVideo's ``get_image_features`` drops the vision encoder's last FPN level first, so its map is the
+  neck's last but one level, which resamples the ViT's patch grid by its scale factor: stride ``patch_size /
+  scale_factor`` (as SAM3's DETR encoder, ``detr_encoder.py``).
 - ``cross_attn_image``: cross-attention from those tokens to the memory bank: the memory tokens of other frames
   (their maps through the memory encoder, EdgeTAM's compressed by its perceiver) followed by object-pointer
   tokens. Its keys are no cells of the current frame: skipped with that reason.
-
-Sam3TrackerVideo's memory attention is SAM2-video's line for line, but its ``get_image_features`` drops the vision
-encoder's last FPN level first (a map of another stride, from the ViT's patch grid by the neck's scale factors): not
-placed here, it stays outside the tower the recording places.
 """
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ from .stages import defined_in, innermost_on_path
 __all__ = ["placer"]
 
 # modeling module suffix -> the class name prefix of its video model.
-_MODELS = {"modeling_sam2_video": "Sam2Video", "modeling_edgetam_video": "EdgeTamVideo"}
+_MODELS = {"modeling_sam2_video": "Sam2Video", "modeling_edgetam_video": "EdgeTamVideo",
+           "modeling_sam3_tracker_video": "Sam3TrackerVideo"}
 # The vision encoder each video model holds (transformers builds it from its config: AutoModel).
 _VISION = {"modeling_sam2_video": ("Sam2VisionModel", "modeling_sam2"),
-           "modeling_edgetam_video": ("EdgeTamVisionModel", "modeling_edgetam")}
+           "modeling_edgetam_video": ("EdgeTamVisionModel", "modeling_edgetam"),
+           "modeling_sam3_tracker_video": ("Sam3VisionModel", "modeling_sam3")}
 
 _CROSS = ("memory attention cross-attention (cross_attn_image): the current frame's tokens attend to the memory "
           "bank, the memory tokens of other frames (their maps through the memory encoder) and object-pointer "
@@ -78,6 +80,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return RefusingPlacer(f"it is a memory attention layer recorded without the {prefix}Model and its "
                               f"{vision_class} that give it the current frame's map, so the map's stride is "
                               f"unknown; record the {prefix}Model that holds it")
+    if suffix == "modeling_sam3_tracker_video":
+        return _sam3_placer(vision)
     levels, convs = int(vision.num_feature_levels), len(vision.neck.convs)
     if not 1 <= levels <= convs:
         return RefusingPlacer(f"its vision encoder keeps {levels} FPN levels of its neck's {convs}, so vitmad does "
@@ -96,7 +100,22 @@ def placer(model: nn.Module, name: str, module: nn.Module):
                                            f"{stage} (the vision encoder's last kept FPN level)")
     if stride is None:
         return RefusingPlacer(source)
-    return _FpnMapPlacer(vision, stride, source)
+    return _FpnMapPlacer(vision, -1, stride, source)
+
+
+def _sam3_placer(vision: nn.Module):
+    # Sam3TrackerVideoModel.get_image_features keeps fpn_hidden_states[:-1]: the memory attention's map is the
+    # neck's last but one level, the ViT's patch grid resampled by that level's scale factor.
+    layers = vision.neck.fpn_layers
+    if len(layers) < 2:
+        return RefusingPlacer(f"its vision encoder's neck has {len(layers)} FPN level(s); Sam3TrackerVideoModel drops "
+                              "the last and hands the last of the others to the memory attention, so its map is "
+                              "unknown")
+    level = len(layers) - 2
+    patch, scale = vision.config.backbone_config.patch_size, float(layers[level].scale_factor)
+    source = (f"the ViT's patch_size ({patch}) over the scale factor ({scale:g}) of neck.fpn_layers.{level}, the "
+              "level Sam3TrackerVideoModel hands its memory attention")
+    return _FpnMapPlacer(vision, -2, patch / scale, source)
 
 
 def _hiera_stride(config, stage: int) -> tuple[int | None, str]:
@@ -116,15 +135,16 @@ def _hiera_stride(config, stage: int) -> tuple[int | None, str]:
 
 
 class _FpnMapPlacer(_MapPlacer):
-    """The map of the vision encoder's last ``fpn_hidden_states`` level, seen as the encoder returns it."""
+    """The map of the vision encoder's ``fpn_hidden_states[level]`` (-1: the last), seen as the encoder returns it."""
 
-    def __init__(self, vision: nn.Module, stride: int, source: str):
+    def __init__(self, vision: nn.Module, level: int, stride: float, source: str):
         super().__init__(vision, "output", stride, source)
+        self.level = level
 
     def install(self, context: CallContext):
         def see_output(module, args, output) -> None:
             maps = getattr(output, "fpn_hidden_states", None)
-            last = maps[-1] if isinstance(maps, (list, tuple)) and maps else None
+            last = maps[self.level] if isinstance(maps, (list, tuple)) and len(maps) >= -self.level else None
             context.values[self.key] = None
             if isinstance(last, torch.Tensor) and last.dim() == 4:
                 context.values[self.key] = _Map(int(last.shape[0]), (int(last.shape[2]), int(last.shape[3])), None)
