@@ -228,3 +228,11 @@ def test_two_objects_each_run_the_self_attention_on_the_frame_in_one_call():
     for index, call in enumerate(ran):
         expected = torch.stack([_expected(p)["mad"] for p in reference[2 * index:2 * index + 2]])
         torch.testing.assert_close(call.mad.double(), expected, **TOL)
+
+
+def test_the_memory_attention_recorded_without_its_video_model_is_refused():
+    """Recorded alone, the memory attention has no vision encoder beside it to tell its map's stride."""
+    model, _, session_cls = _sam2_video()
+    with vitmad.record(model.memory_attention, layers=["layers.0.self_attn"]), \
+            pytest.raises(ValueError, match="recorded without the Sam2VideoModel and its Sam2VisionModel"):
+        _run(model, session_cls)
