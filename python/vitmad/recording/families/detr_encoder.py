@@ -51,7 +51,6 @@ of the image.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +68,7 @@ from ..placement import (
     read_only,
 )
 from .stages import defined_in, innermost_on_path
+from .windows import stride_mismatch
 
 __all__ = ["placer"]
 
@@ -116,7 +116,8 @@ _SAM3_PROMPT = ("SAM3's DETR encoder cross-attention: the image's tokens attend 
                 "tokens, keys without a position on the image, so it has no MAD")
 
 
-def _suffix(module: nn.Module) -> str:
+def modeling_suffix(module: nn.Module) -> str:
+    """The last part of the transformers module defining ``module``'s class (``"modeling_detr"``), else ""."""
     cls = type(module)
     return cls.__module__.rpartition(".")[2] if cls.__module__.startswith("transformers.") else ""
 
@@ -124,7 +125,7 @@ def _suffix(module: nn.Module) -> str:
 def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
-    suffix = _suffix(module)
+    suffix = modeling_suffix(module)
     if suffix == _SAM3:
         return _sam3(model, name, module) if defined_in(module, "Sam3Attention", suffix) else None
     prefix = _AIFI_MODELS.get(suffix) or _OMDET_MODELS.get(suffix) or _DETR_MODELS.get(suffix)
@@ -160,7 +161,7 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     cross-attention's maps recorded with 'prefix_maps'."""
     found = {}
     for name, module in named_module_list(model):
-        suffix = _suffix(module)
+        suffix = modeling_suffix(module)
         if type(module).__name__ in _UNDISCOVERED.get(suffix, ()) and innermost_on_path(
                 model, name, lambda m, s=suffix: defined_in(m, f"{_DETR_MODELS[s]}Decoder", s)) is not None:
             found[name] = module
@@ -394,14 +395,11 @@ class _MapPlacer(LayerPlacer):
     def _check_stride(self, image: tuple[int, int] | None, grid: tuple[int, int]) -> None:
         if image is None:
             raise NotPlaceable("it ran before any convolution saw the image, so its pixel scale is unknown")
-        s = self.stride
-        for size, side, axis in zip(image, grid, ("height", "width")):
-            if side not in (math.floor(size / s), math.ceil(size / s)):
-                raise NotPlaceable(
-                    f"its feature map has {axis} {side} for an image {axis} of {size}, but a stride of {s:g} px, "
-                    f"{self.source}, gives {math.floor(size / s)} or {math.ceil(size / s)}: a backbone whose maps "
-                    "vitmad cannot follow; pass positions=<[N, 2] pixel position of each token>"
-                )
+        mismatch = stride_mismatch(image, grid, self.stride)
+        if mismatch is not None:
+            raise NotPlaceable(mismatch.format(f"a stride of {self.stride:g} px, {self.source},")
+                               + ": a backbone whose maps vitmad cannot follow; pass positions=<[N, 2] pixel position "
+                               "of each token>")
 
     def _placement(self, seen: _Map, heads: int) -> Placement:
         stride = (float(self.stride), float(self.stride))

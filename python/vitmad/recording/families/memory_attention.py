@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, NotPlaceable, Placement, RefusingPlacer
-from .detr_encoder import _Map, _MapPlacer, _reported_reductions
+from .detr_encoder import _Map, _MapPlacer, _reported_reductions, modeling_suffix
 from .stages import defined_in, innermost_on_path
 
 __all__ = ["placer"]
@@ -48,15 +48,10 @@ _CROSS = ("memory attention cross-attention (cross_attn_image): the current fram
           "tokens, keys that are no cells of the current frame's map, so it has no MAD")
 
 
-def _suffix(module: nn.Module) -> str:
-    cls = type(module)
-    return cls.__module__.rpartition(".")[2] if cls.__module__.startswith("transformers.") else ""
-
-
 def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
-    suffix = _suffix(module)
+    suffix = modeling_suffix(module)
     prefix = _MODELS.get(suffix)
     if prefix is None:
         return None

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, RefusingPlacer
-from .packed import PackedSequence, packed_sequence, qwen_token_cells
+from .packed import PackedSequence, chunk_placement, packed_sequence, qwen_token_cells
 from .stages import innermost_on_path
 
 __all__ = ["placer", "is_tower", "MiniCPMPlacer"]
@@ -239,24 +239,4 @@ class MiniCPMPlacer(LayerPlacer):
         if "layout" not in seen:  # once per forward of the module, not per chunk
             seen["layout"] = self._chunks(context, seen["cu_seqlens"])
         layout, kind, stride = seen["layout"]
-        chunk = seen["calls"]
-        seen["calls"] += 1
-        chunks = len(layout.boundaries) - 1
-        if chunk >= chunks:
-            raise NotPlaceable(f"it made more attention calls than its {chunks} chunks of cu_seqlens")
-        start, end = layout.boundaries[chunk], layout.boundaries[chunk + 1]
-        if len(lead) != 2 or lead[0] != 1 or num_queries != num_keys or num_queries != end - start:
-            shape = f"[{', '.join(map(str, lead))}, {num_queries}, {num_keys}]"
-            if num_queries == layout.boundaries[-1] and chunks > 1:
-                raise NotPlaceable(
-                    f"its attention is one call {shape} over the whole packed sequence of {chunks} chunks "
-                    "(flash attention's variable-length call, whose chunks vitmad's capture does not receive); "
-                    "load the model with attn_implementation='sdpa' or 'eager'"
-                )
-            raise NotPlaceable(f"its attention call {chunk} has shape {shape}, but chunk {chunk} of cu_seqlens is "
-                               f"[1, heads, {end - start}, {end - start}]")
-        heads = int(lead[1])
-        sequence = layout.sequence
-        return Placement(layout.positions[start:end], None, sequence.fold(heads),
-                         sequence.geometry((stride, stride), kind, heads), present=sequence.present(),
-                         consecutive_chunks=True)
+        return chunk_placement(seen, layout, (stride, stride), kind, lead, num_queries, num_keys)

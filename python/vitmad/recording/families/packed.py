@@ -490,29 +490,36 @@ class QwenPlacer(_PackedPlacer):
         if "layout" not in seen:  # once per forward of the block, not per chunk
             seen["layout"] = self._layout(args, kwargs, seen["input"])
         layout, kind = seen["layout"]
-        chunk = seen["calls"]
-        seen["calls"] += 1
-        chunks = len(layout.boundaries) - 1
-        if chunk >= chunks:
-            raise NotPlaceable(f"it made more attention calls than its {chunks} chunks of cu_seqlens")
-        start, end = layout.boundaries[chunk], layout.boundaries[chunk + 1]
-        if len(lead) != 2 or lead[0] != 1 or num_queries != num_keys or num_queries != end - start:
-            shape = f"[{', '.join(map(str, lead))}, {num_queries}, {num_keys}]"
-            if num_queries == layout.boundaries[-1] and chunks > 1:
-                raise NotPlaceable(
-                    f"its attention is one call {shape} over the whole packed sequence of {chunks} chunks "
-                    "(flash attention's variable-length call, whose chunks vitmad's capture does not receive); "
-                    "load the model with attn_implementation='sdpa' or 'eager'"
-                )
+        return chunk_placement(seen, layout, self.stride, kind, lead, num_queries, num_keys)
+
+
+def chunk_placement(seen: dict, layout, stride: tuple[float, float], kind: str, lead: torch.Size, num_queries: int,
+                    num_keys: int) -> Placement:
+    """The placement of the next of a block's one-call-per-chunk attention calls in this forward (``seen["calls"]``
+    counts them): the chunk's tokens, checked against its ``cu_seqlens`` bounds (``layout.boundaries``), folded
+    over the whole packed ``layout.sequence``. Shared by the Qwen-like towers and MiniCPM-V's."""
+    chunk = seen["calls"]
+    seen["calls"] += 1
+    chunks = len(layout.boundaries) - 1
+    if chunk >= chunks:
+        raise NotPlaceable(f"it made more attention calls than its {chunks} chunks of cu_seqlens")
+    start, end = layout.boundaries[chunk], layout.boundaries[chunk + 1]
+    if len(lead) != 2 or lead[0] != 1 or num_queries != num_keys or num_queries != end - start:
+        shape = f"[{', '.join(map(str, lead))}, {num_queries}, {num_keys}]"
+        if num_queries == layout.boundaries[-1] and chunks > 1:
             raise NotPlaceable(
-                f"its attention call {chunk} has shape {shape}, but chunk {chunk} of cu_seqlens is "
-                f"[1, heads, {end - start}, {end - start}]"
+                f"its attention is one call {shape} over the whole packed sequence of {chunks} chunks "
+                "(flash attention's variable-length call, whose chunks vitmad's capture does not receive); "
+                "load the model with attn_implementation='sdpa' or 'eager'"
             )
-        heads = int(lead[1])
-        sequence = layout.sequence
-        return Placement(layout.positions[start:end], None, sequence.fold(heads),
-                         sequence.geometry(self.stride, kind, heads), present=sequence.present(),
-                         consecutive_chunks=True)
+        raise NotPlaceable(
+            f"its attention call {chunk} has shape {shape}, but chunk {chunk} of cu_seqlens is "
+            f"[1, heads, {end - start}, {end - start}]"
+        )
+    heads = int(lead[1])
+    sequence = layout.sequence
+    return Placement(layout.positions[start:end], None, sequence.fold(heads), sequence.geometry(stride, kind, heads),
+                     present=sequence.present(), consecutive_chunks=True)
 
 
 class PixtralPlacer(_PackedPlacer):

@@ -77,14 +77,22 @@ def stage_stride(model: nn.Module, name: str, image: tuple[int, int] | None,
             f"{type(model).__name__}.feature_info names no stage holding it, so the pixel stride of its "
             f"{grid[0]}x{grid[1]} map is unknown"
         )
-    for size, side, axis in zip(image, grid, ("height", "width")):
-        if side not in (math.floor(size / reduction), math.ceil(size / reduction)):
-            raise NotPlaceable(
-                f"its feature map has {axis} {side} for an image {axis} of {size}, but its stage's feature_info "
-                f"reduction {reduction} gives {math.floor(size / reduction)} or {math.ceil(size / reduction)}, so "
-                "the map's pixel stride is unknown"
-            )
+    mismatch = stride_mismatch(image, grid, reduction)
+    if mismatch is not None:
+        source = f"its stage's feature_info reduction {reduction}"
+        raise NotPlaceable(mismatch.format(source) + ", so the map's pixel stride is unknown")
     return float(reduction), float(reduction)
+
+
+def stride_mismatch(image: tuple[int, int], grid: tuple[int, int], stride: float) -> str | None:
+    """None when each side of the map ``grid`` is the floor or the ceiling of the image's side over ``stride`` (a
+    convolution with padding rounds up, a pool down); else the first side that is not, in words, with ``{}`` where
+    the caller names the stride's source."""
+    for size, side, axis in zip(image, grid, ("height", "width")):
+        if side not in (math.floor(size / stride), math.ceil(size / stride)):
+            return (f"its feature map has {axis} {side} for an image {axis} of {size}, but {{}} gives "
+                    f"{math.floor(size / stride)} or {math.ceil(size / stride)}")
+    return None
 
 
 class InputMapPlacer(LayerPlacer):
