@@ -283,6 +283,48 @@ def qwen_token_chunks(grid: tuple[int, int], merge: int, window: int | None) -> 
     return chunks
 
 
+def padded_window_slots(height: int, width: int, window: int, patch: float) -> tuple[torch.Tensor, list[list[int]]]:
+    """SAM-style windows: the pixel centre ``[nW, N, 2]`` of every slot of every window of a ``height x width`` map of
+    ``patch`` px cells (window 0: one global window over the map), windows and slots row-major over the map padded at
+    the bottom and right to whole windows, and each slot's token index in the row-major map (-1: padding, a key
+    without a query)."""
+    wh, ww = (window, window) if window else (height, width)
+    centres, tokens = [], []
+    for wi in range(math.ceil(height / wh)):
+        for wj in range(math.ceil(width / ww)):
+            rows = [wi * wh + t // ww for t in range(wh * ww)]
+            cols = [wj * ww + t % ww for t in range(wh * ww)]
+            centres.append([[(r + 0.5) * patch, (c + 0.5) * patch] for r, c in zip(rows, cols)])
+            tokens.append([r * width + c if r < height and c < width else -1 for r, c in zip(rows, cols)])
+    return torch.tensor(centres, dtype=torch.float64), tokens
+
+
+def padded_window_reference(probabilities: torch.Tensor, height: int, width: int, window: int, patch: float,
+                            batch: int, heads: int) -> dict[str, torch.Tensor]:
+    """Per statistic (MAD, entropy, self mass, prefix mass), ``[batch, heads, height * width]`` per image token
+    (row-major), from one windowed call's probabilities (batch, then window, then head: ``[B * nW * H, N, N]`` or
+    ``[B * nW, H, N, N]``) placed by :func:`padded_window_slots`. Every key has a cell (padding keys past the map's
+    edge), so the prefix mass is 0."""
+    centres, tokens = padded_window_slots(height, width, window, patch)
+    windows, slots = centres.shape[:2]
+    attn = probabilities.reshape(batch, windows, heads, slots, slots)
+    distance = torch.cdist(centres, centres)  # [nW, N, N]: query slot to key slot, padding keys included
+    per_slot = {
+        "mad": (attn * distance[None, :, None]).sum(-1),
+        "entropy": -torch.special.xlogy(attn, attn).sum(-1),
+        "self_mass": attn.diagonal(dim1=-2, dim2=-1),  # slot i's own key is slot i, in every window
+        "prefix_mass": torch.zeros(attn.shape[:-1], dtype=torch.float64),
+    }
+    out = {name: torch.full((batch, heads, height * width), float("nan"), dtype=torch.float64) for name in per_slot}
+    for w in range(windows):
+        for slot, token in enumerate(tokens[w]):
+            if token >= 0:
+                for name, values in per_slot.items():
+                    out[name][:, :, token] = values[:, w, :, slot]
+    assert not out["mad"].isnan().any()  # every image token is the query of exactly one slot
+    return out
+
+
 def eager_attention_calls(modeling, model: torch.nn.Module, *inputs,
                           eager_function: str = "eager_attention_forward", **kwargs) -> list:
     """``[(attention module, probabilities [1, H, n, n] float64)]`` of every call of ``modeling``'s eager attention

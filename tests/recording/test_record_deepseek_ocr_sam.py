@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import sharpened
+from conftest import padded_window_reference, sharpened
 
 transformers = pytest.importorskip("transformers")
 
@@ -99,44 +99,6 @@ def _sam_probabilities(model: torch.nn.Module, run) -> list[torch.Tensor]:
     return maps
 
 
-def _windows(height: int, width: int, window: int) -> tuple[torch.Tensor, list[list[int]]]:
-    """The pixel centre ``[nW, N, 2]`` of every slot of every window of a ``height x width`` map (window 0: one global
-    window over the map), windows and slots row-major over the map padded to whole windows, and each slot's token
-    index in the row-major map (-1: padding, a key without a query)."""
-    wh, ww = (window, window) if window else (height, width)
-    centres, tokens = [], []
-    for wi in range(math.ceil(height / wh)):
-        for wj in range(math.ceil(width / ww)):
-            rows = [wi * wh + t // ww for t in range(wh * ww)]
-            cols = [wj * ww + t % ww for t in range(wh * ww)]
-            centres.append([[(r + 0.5) * PATCH, (c + 0.5) * PATCH] for r, c in zip(rows, cols)])
-            tokens.append([r * width + c if r < height and c < width else -1 for r, c in zip(rows, cols)])
-    return torch.tensor(centres, dtype=torch.float64), tokens
-
-
-def _sam_reference(probabilities: torch.Tensor, height: int, width: int, window: int) -> dict[str, torch.Tensor]:
-    """Per statistic, ``[B, H, height * width]`` per image token (row-major), from one call's probabilities
-    ``[B * nW * H, N, N]`` (batch, then window, then head) placed by :func:`_windows`."""
-    centres, tokens = _windows(height, width, window)
-    windows, slots = centres.shape[:2]
-    attn = probabilities.reshape(BATCH, windows, HEADS, slots, slots)
-    distance = torch.cdist(centres, centres)  # [nW, N, N]: query slot to key slot, padding keys included
-    per_slot = {
-        "mad": (attn * distance[None, :, None]).sum(-1),
-        "entropy": -torch.special.xlogy(attn, attn).sum(-1),
-        "self_mass": attn.diagonal(dim1=-2, dim2=-1),  # slot i's own key is slot i, in every window
-        "prefix_mass": torch.zeros(attn.shape[:-1], dtype=torch.float64),
-    }
-    out = {name: torch.full((BATCH, HEADS, height * width), float("nan"), dtype=torch.float64) for name in per_slot}
-    for w in range(windows):
-        for slot, token in enumerate(tokens[w]):
-            if token >= 0:
-                for name, values in per_slot.items():
-                    out[name][:, :, token] = values[:, w, :, slot]
-    assert not out["mad"].isnan().any()  # every image token is the query of exactly one slot
-    return out
-
-
 def _record(model, run, output, **kwargs):
     """``(mean recording, per-token recording)`` of ``model``; its output unchanged by recording, bit for bit."""
     with torch.no_grad():
@@ -162,7 +124,7 @@ def _check_sam(rec, rec_tokens, maps, height: int, width: int, window: int, firs
     assert len(maps) == 3
     padded = (math.ceil(height / window) * window, math.ceil(width / window) * window)
     for i, (probabilities, w) in enumerate(zip(maps, [window, 0, window], strict=True)):
-        expected = _sam_reference(probabilities, height, width, w)
+        expected = padded_window_reference(probabilities, height, width, w, PATCH, BATCH, HEADS)
         geometry = rec.geometry[first + i]
         assert geometry.grid == (height, width) and geometry.stride == (PATCH, PATCH) and geometry.heads == HEADS
         assert geometry.attention == ("global" if w == 0 else f"window {w}x{w}" + (

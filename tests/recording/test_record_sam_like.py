@@ -24,12 +24,12 @@ import pytest
 import torch
 
 import vitmad
-from conftest import sharpened
+from conftest import padded_window_reference, sharpened
 
 transformers = pytest.importorskip("transformers")
 
 TOL = {"rtol": 1e-5, "atol": 1e-4}  # float32 probabilities, float32 accumulation in the ops
-STATS = ["entropy", "self_mass"]
+STATS = ["entropy", "self_mass", "prefix_mass"]
 HEADS, BATCH = 2, 2
 
 
@@ -97,47 +97,9 @@ def _probabilities(model: torch.nn.Module, attention_class: str, run) -> list[to
     return maps
 
 
-def _windows(size: int, window: int, patch: int) -> tuple[torch.Tensor, list[list[int]]]:
-    """The pixel centre ``[nW, N, 2]`` of every slot of every window of a ``size x size`` map (0: one global window
-    over the map), windows and slots row-major over the map padded to whole windows, and each slot's token index in
-    the row-major map (-1: padding, a key without a query)."""
-    window = window or size
-    per_side = math.ceil(size / window)
-    centres, tokens = [], []
-    for wi in range(per_side):
-        for wj in range(per_side):
-            rows = [wi * window + t // window for t in range(window * window)]
-            cols = [wj * window + t % window for t in range(window * window)]
-            centres.append([[(r + 0.5) * patch, (c + 0.5) * patch] for r, c in zip(rows, cols)])
-            tokens.append([r * size + c if r < size and c < size else -1 for r, c in zip(rows, cols)])
-    return torch.tensor(centres, dtype=torch.float64), tokens
-
-
-def _reference(probabilities: torch.Tensor, size: int, window: int, patch: int) -> dict[str, torch.Tensor]:
-    """Per statistic, ``[B, H, size * size]`` per image token (row-major), from one call's probabilities
-    ``[B * nW * H, N, N]`` (batch, then window, then head) placed by :func:`_windows`."""
-    centres, tokens = _windows(size, window, patch)
-    windows, slots = centres.shape[:2]
-    attn = probabilities.reshape(BATCH, windows, HEADS, slots, slots)
-    distance = torch.cdist(centres, centres)  # [nW, N, N]: query slot to key slot, padding keys included
-    per_slot = {
-        "mad": (attn * distance[None, :, None]).sum(-1),
-        "entropy": -torch.special.xlogy(attn, attn).sum(-1),
-        "self_mass": attn.diagonal(dim1=-2, dim2=-1),  # slot i's own key is slot i, in every window
-    }
-    out = {name: torch.full((BATCH, HEADS, size * size), float("nan"), dtype=torch.float64) for name in per_slot}
-    for w in range(windows):
-        for slot, token in enumerate(tokens[w]):
-            if token >= 0:
-                for name, values in per_slot.items():
-                    out[name][:, :, token] = values[:, w, :, slot]
-    assert not out["mad"].isnan().any()  # every image token is the query of exactly one slot
-    return out
-
-
 def _check(model, attention_class: str, run, output, size: int, window: int, *, layers: list[str]) -> None:
     """The recording of ``model`` (every statistic, both reductions) against its attention's own probabilities
-    placed by :func:`_reference`; the output unchanged, bit for bit."""
+    placed by conftest's :func:`padded_window_reference`; the output unchanged, bit for bit."""
     with torch.no_grad():
         plain = output(run(model))
         with vitmad.record(model, stats=STATS) as rec:
@@ -150,7 +112,7 @@ def _check(model, attention_class: str, run, output, size: int, window: int, *, 
     windows = [window, 0, window]
     padded = math.ceil(size / window) * window
     for i, (probabilities, w) in enumerate(zip(maps, windows, strict=True)):
-        expected = _reference(probabilities, size, w, 8)
+        expected = padded_window_reference(probabilities, size, size, w, 8, BATCH, HEADS)
         geometry = rec.geometry[i]
         assert geometry.grid == (size, size) and geometry.stride == (8.0, 8.0) and geometry.heads == HEADS
         assert geometry.attention == ("global" if w == 0 else f"window {w}x{w}" + (
