@@ -325,6 +325,24 @@ def padded_window_reference(probabilities: torch.Tensor, height: int, width: int
     return out
 
 
+def pad_second_image(pixels: torch.Tensor, kept: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DETR-style padded batch of two: the first image whole, the second ``kept`` px at the top left, zeros past
+    it; and its ``pixel_mask`` ``[2, H, W]`` (1 on the image)."""
+    mask = torch.ones(2, *pixels.shape[-2:], dtype=torch.long)
+    mask[1, kept[0]:] = 0
+    mask[1, :, kept[1]:] = 0
+    return pixels * mask[:, None], mask
+
+
+def mask_on_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``[B, h * w]``: nearest sampling of ``pixel_mask`` at each token of an ``h x w`` map, as DETR's models
+    downsample it (token ``(r, c)`` reads pixel ``(floor(r H / h), floor(c W / w))``)."""
+    height, width = mask.shape[-2:]
+    rows = [math.floor(r * height / grid[0]) for r in range(grid[0])]
+    cols = [math.floor(c * width / grid[1]) for c in range(grid[1])]
+    return mask[:, rows][:, :, cols].reshape(mask.shape[0], -1).bool()
+
+
 def eager_attention_calls(modeling, model: torch.nn.Module, *inputs,
                           eager_function: str = "eager_attention_forward", **kwargs) -> list:
     """``[(attention module, probabilities [1, H, n, n] float64)]`` of every call of ``modeling``'s eager attention

@@ -19,7 +19,6 @@ a position.
 from __future__ import annotations
 
 import importlib
-import math
 
 import pytest
 import torch
@@ -28,7 +27,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 import vitmad  # noqa: E402
-from conftest import eager_attention_calls, sharpened  # noqa: E402
+from conftest import eager_attention_calls, mask_on_grid, pad_second_image, sharpened  # noqa: E402
 
 TOL = {"rtol": 1e-5, "atol": 1e-4}  # atol in pixels or nats; MADs here are 20 to 110 px
 
@@ -223,20 +222,7 @@ def _detr_model(name: str, **overrides):
 
 def _padded_batch(size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Two images: the first whole, the second 150 x 100 px at the top left, padded with zeros to ``size``."""
-    pixels = _pixels(2, size)
-    mask = torch.ones(2, *size, dtype=torch.long)
-    mask[1, 150:] = 0
-    mask[1, :, 100:] = 0
-    pixels[1] *= mask[1]
-    return pixels, mask
-
-
-def _valid_tokens(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``[B, h * w]``: nearest sampling of ``pixel_mask`` at each token, as the model downsamples it."""
-    height, width = mask.shape[-2:]
-    rows = [math.floor(r * height / grid[0]) for r in range(grid[0])]
-    cols = [math.floor(c * width / grid[1]) for c in range(grid[1])]
-    return mask[:, rows][:, :, cols].reshape(mask.shape[0], -1).bool()
+    return pad_second_image(_pixels(2, size), (150, 100))
 
 
 def _detr_probabilities(name: str, model, pixels, mask) -> list[torch.Tensor]:
@@ -266,7 +252,7 @@ def test_detr_encoders_place_the_last_map_and_leave_the_padding_without_a_positi
     if _DETR[name][2] is not None:
         model.set_attn_implementation(attn_implementation)
     rec = _record(model, pixels, pixel_mask=mask)
-    valid = _valid_tokens(mask, (7, 5))
+    valid = mask_on_grid(mask, (7, 5))
     assert valid[0].all() and valid[1].reshape(7, 5)[:6, :4].all() and valid[1].sum() == 24
     assert rec.layers == [f"model.encoder.layers.{i}.self_attn" for i in range(2)] and len(probabilities) == 2
     assert all(g.grid == (7, 5) and g.stride == (32.0, 32.0) for g in rec.geometry)

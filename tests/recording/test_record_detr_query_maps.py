@@ -14,7 +14,6 @@ DAB-DETR concatenate content and positional parts of q and k, but their softmax 
 from __future__ import annotations
 
 import importlib
-import math
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 import vitmad  # noqa: E402
-from conftest import eager_attention_calls, sharpened  # noqa: E402
+from conftest import eager_attention_calls, mask_on_grid, pad_second_image, sharpened  # noqa: E402
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}  # probabilities; float32 model against its own float32 probabilities
 
@@ -60,20 +59,7 @@ def _layer_names(name: str, prefix: str = "model.") -> list[str]:
 
 def _padded_batch(size: tuple[int, int], kept: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Two images: the first whole, the second ``kept`` px at the top left, padded with zeros to ``size``."""
-    pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(2, *size, dtype=torch.long)
-    mask[1, kept[0]:] = 0
-    mask[1, :, kept[1]:] = 0
-    pixels[1] *= mask[1]
-    return pixels, mask
-
-
-def _valid_keys(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``[B, h * w]``: nearest sampling of ``pixel_mask`` at each token, as the model downsamples it."""
-    height, width = mask.shape[-2:]
-    rows = [math.floor(r * height / grid[0]) for r in range(grid[0])]
-    cols = [math.floor(c * width / grid[1]) for c in range(grid[1])]
-    return mask[:, rows][:, :, cols].reshape(mask.shape[0], -1).bool()
+    return pad_second_image(torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1)), kept)
 
 
 def _cross_probabilities(name: str, model, pixels, mask) -> list[torch.Tensor]:
@@ -111,7 +97,7 @@ def test_decoder_cross_attention_maps_equal_the_models_own_on_the_encoders_grid(
     probabilities = _cross_probabilities(name, model, pixels, mask)
     if _DETR[name][2] is not None:
         model.set_attn_implementation(attn_implementation)
-    valid = _valid_keys(mask, (7, 5))
+    valid = mask_on_grid(mask, (7, 5))
     assert valid[0].all() and valid[1].reshape(7, 5)[:6, :4].all() and valid[1].sum() == 24
     rec = _record(model, pixels, pixel_mask=mask, stats=("mad", "entropy", "prefix_maps"))
     assert len(probabilities) == 2 and all(p.shape == (2, 2, _QUERIES, 35) for p in probabilities)
