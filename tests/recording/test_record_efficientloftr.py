@@ -45,23 +45,32 @@ def _grid(size: int) -> int:
     return (size - 4) // 4 + 1
 
 
+def _record(model, pixels):
+    """One recording of the model's forward, whose output must be the forward's without it, bit for bit."""
+    with torch.no_grad():
+        plain = model(pixel_values=pixels)
+        with vitmad.record(model, stats=["mad", "entropy", "self_mass"]) as rec:
+            recorded = model(pixel_values=pixels)
+    torch.testing.assert_close(recorded.matches, plain.matches, rtol=0, atol=0)
+    torch.testing.assert_close(recorded.matching_scores, plain.matching_scores, rtol=0, atol=0)
+    return rec
+
+
 @pytest.mark.parametrize("size", [(96, 128), (64, 160)])
 def test_self_attention_is_a_grid_of_32_px_cells_and_cross_attention_is_skipped(size):
     pixels = torch.randn(1, 2, 3, *size)
     model = _model(pixels)
-    with torch.no_grad():
-        plain = model(pixel_values=pixels)
-    with torch.no_grad(), vitmad.record(model, stats=["mad", "entropy", "self_mass"]) as rec:
-        recorded = model(pixel_values=pixels)
-    torch.testing.assert_close(recorded.matches, plain.matches, rtol=0, atol=0)
-    torch.testing.assert_close(recorded.matching_scores, plain.matching_scores, rtol=0, atol=0)
-    layers = [f"efficientloftr.local_feature_transformer.layers.{i}" for i in range(2)]
-    assert rec.layers == [f"{layer}.self_attention.attention" for layer in layers]
-    assert list(rec.skipped) == [f"{layer}.cross_attention.attention" for layer in layers]
-    assert all("another image" in reason for reason in rec.skipped.values())
-
+    sdpa = _record(model, pixels)
     from transformers.models.efficientloftr import modeling_efficientloftr
-    calls = eager_attention_calls(modeling_efficientloftr, model, pixel_values=pixels)
+    calls = eager_attention_calls(modeling_efficientloftr, model, pixel_values=pixels)  # the model is eager now
+    # Against the probabilities of the same (eager) forward; the sdpa recording's first layer has the same inputs,
+    # its second layer those of sdpa's first (its own rounding, up to 4e-6 nats of entropy apart: first layer only).
+    eager = _record(model, pixels)
+    layers = [f"efficientloftr.local_feature_transformer.layers.{i}" for i in range(2)]
+    for rec in (eager, sdpa):
+        assert rec.layers == [f"{layer}.self_attention.attention" for layer in layers]
+        assert list(rec.skipped) == [f"{layer}.cross_attention.attention" for layer in layers]
+        assert all("another image" in reason for reason in rec.skipped.values())
     # Per layer: the self-attention of both images in one call, then the two cross-attention calls.
     self_calls = [p for module, p in calls if p.shape[0] == 2]
     assert len(self_calls) == 2
@@ -71,15 +80,15 @@ def test_self_attention_is_a_grid_of_32_px_cells_and_cross_attention_is_skipped(
     distance = torch.cdist(centres, centres)
     for layer, p in enumerate(self_calls):
         assert p.shape[-1] == gh * gw
-        assert rec.geometry[layer].grid == (gh, gw) and rec.geometry[layer].stride == (CELL, CELL)
-        mad = (p * distance).sum(-1).mean(-1)
-        entropy = -(p * p.clamp_min(1e-300).log()).sum(-1).mean(-1)
-        self_mass = p.diagonal(dim1=-2, dim2=-1).mean(-1)
-        assert (entropy < math.log(gh * gw) - 0.1).all()  # far from uniform: a misplaced token would show
-        torch.testing.assert_close(rec.stats["mad"][layer].double(), mad, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(rec.stats["entropy"][layer].double(), entropy, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(rec.stats["self_mass"][layer].double(), self_mass, rtol=1e-5,
-                                   atol=1e-6)
+        expected = {"mad": (p * distance).sum(-1).mean(-1),
+                    "entropy": -(p * p.clamp_min(1e-300).log()).sum(-1).mean(-1),
+                    "self_mass": p.diagonal(dim1=-2, dim2=-1).mean(-1)}
+        assert (expected["entropy"] < math.log(gh * gw) - 0.1).all()  # far from uniform: a misplaced token shows
+        for rec in (eager, sdpa) if layer == 0 else (eager,):
+            assert rec.geometry[layer].grid == (gh, gw) and rec.geometry[layer].stride == (CELL, CELL)
+            for name, value in expected.items():
+                torch.testing.assert_close(rec.stats[name][layer].double(), value, rtol=1e-5,
+                                           atol=1e-4 if name == "mad" else 1e-6)
 
 
 def test_a_wildcard_over_the_transformer_skips_the_cross_attention_modules_alone():
