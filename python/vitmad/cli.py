@@ -129,11 +129,20 @@ class _RenamedFlag(argparse.Action):
         parser.error(self.message)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own mistakes (an unknown flag, a value of the wrong type or outside the choices) end as vitmad's
+    others do: one ``vitmad: error: ...`` line and exit status 2, not argparse's usage block and its own prefix. The
+    subcommands' parsers are of this class too (``add_subparsers`` makes them of the parent's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"vitmad: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .profiling.models import MODEL_SPEC_HELP
 
-    parser = argparse.ArgumentParser(prog="vitmad", description="Mean attention distance of Vision Transformer heads.",
-                                     allow_abbrev=False)
+    parser = _Parser(prog="vitmad", description="Mean attention distance of Vision Transformer heads.",
+                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
     # allow_abbrev=False: a prefix such as --checkpoint must never be read as --checkpoint-every.

@@ -127,6 +127,21 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(tiny_model, tmp_
     assert code == 2 and err.strip() == "vitmad: error: --batch-size: expected a positive integer, got 0"
 
 
+@pytest.mark.parametrize("args, message", [
+    (["profile", "--dist-timeout", "soon"], "argument --dist-timeout: invalid float value: 'soon'"),
+    (["profile", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (["profile", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+])
+def test_argparse_mistakes_end_with_one_vitmad_error_line(args, message, capsys):
+    """Values argparse itself refuses (type, choice, unknown flag) printed its usage block and 'vitmad profile:
+    error:'; every user mistake ends with one 'vitmad: error:' line and exit status 2 (QA)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith(f"vitmad: error: {message}") and err.count("\n") == 1, err
+
+
 def test_old_checkpoint_flag_says_it_was_renamed(capsys):
     """--checkpoint meant timm weights; it must neither be taken for --checkpoint-every nor silently ignored."""
     with pytest.raises(SystemExit) as exit_info:
