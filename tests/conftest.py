@@ -325,6 +325,57 @@ def padded_window_reference(probabilities: torch.Tensor, height: int, width: int
     return out
 
 
+def record_both_reductions(model: torch.nn.Module, run, output, stats, **kwargs) -> tuple:
+    """``(mean recording, per-token recording)`` of ``run(model)`` with ``stats``; the output (``output`` of what
+    ``run`` returns) unchanged by recording, bit for bit."""
+    with torch.no_grad():
+        plain = output(run(model))
+        with vitmad.record(model, stats=stats, **kwargs) as rec:
+            recorded = output(run(model))
+        with vitmad.record(model, stats=stats, reduction="none", **kwargs) as rec_tokens:
+            run(model)
+    assert torch.equal(plain, recorded)
+    assert rec.layers == rec_tokens.layers
+    return rec, rec_tokens
+
+
+def attention_outputs(model: torch.nn.Module, accepts, run) -> list[torch.Tensor]:
+    """The second output (its softmax probabilities), float64, of each call of the modules ``accepts`` takes, in
+    call order, in one ``run(model)`` without grad: attention classes that return their probabilities."""
+    maps, handles = [], []
+    for module in model.modules():
+        if accepts(module):
+            handles.append(module.register_forward_hook(lambda m, a, out: maps.append(out[1].detach().double())))
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return maps
+
+
+def check_sam_windows(rec, rec_tokens, maps, height: int, width: int, window: int, patch: float, batch: int,
+                      heads: int, first: int = 0) -> None:
+    """Layers ``first`` to ``first + 2`` of the recordings (SAM-style blocks: windowed, global, windowed) against
+    their probabilities ``maps``, placed by :func:`padded_window_reference`: geometry, mean and per-token values of
+    every statistic of the reference. Per-token values are read per call (layers on other grids do not stack)."""
+    assert len(maps) == 3
+    padded = (math.ceil(height / window) * window, math.ceil(width / window) * window)
+    tol = {"rtol": 1e-5, "atol": 1e-4}  # float32 probabilities, float32 accumulation in the ops
+    tokens = rec_tokens.calls[-1]
+    for i, (probabilities, w) in enumerate(zip(maps, [window, 0, window], strict=True)):
+        expected = padded_window_reference(probabilities, height, width, w, patch, batch, heads)
+        geometry = rec.geometry[first + i]
+        assert geometry.grid == (height, width) and geometry.stride == (patch, patch) and geometry.heads == heads
+        assert geometry.attention == ("global" if w == 0 else f"window {w}x{w}" + (
+            f" (map {height}x{width} padded to {padded[0]}x{padded[1]})" if padded != (height, width) else ""))
+        for name, values in expected.items():
+            per_token = tokens.per_layer if name == "mad" else tokens.statistics[name]
+            torch.testing.assert_close(rec.stats[name][first + i].double(), values.mean(-1), **tol)
+            torch.testing.assert_close(per_token[first + i].double(), values, **tol)
+
+
 def pad_second_image(pixels: torch.Tensor, kept: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """A DETR-style padded batch of two: the first image whole, the second ``kept`` px at the top left, zeros past
     it; and its ``pixel_mask`` ``[2, H, W]`` (1 on the image)."""

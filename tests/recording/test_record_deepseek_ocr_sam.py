@@ -26,13 +26,11 @@ named, and Unlimited-OCR's are placed when its layout is given (``num_prefix_tok
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import vitmad
-from conftest import padded_window_reference, sharpened
+from conftest import attention_outputs, check_sam_windows, record_both_reductions, sharpened
 
 transformers = pytest.importorskip("transformers")
 
@@ -84,32 +82,13 @@ def _eager_twin(model: torch.nn.Module, build_eager) -> torch.nn.Module:
     return eager.eval()
 
 
+def _record(model, run, output, **kwargs):
+    return record_both_reductions(model, run, output, STATS, **kwargs)
+
+
 def _sam_probabilities(model: torch.nn.Module, run) -> list[torch.Tensor]:
     """Each SAM attention call's own softmax probabilities (the eager class's second output), float64, call order."""
-    maps, handles = [], []
-    for module in model.modules():
-        if type(module).__name__.endswith("SamVisionAttention"):
-            handles.append(module.register_forward_hook(lambda m, a, out: maps.append(out[1].detach().double())))
-    try:
-        with torch.no_grad():
-            run(model)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return maps
-
-
-def _record(model, run, output, **kwargs):
-    """``(mean recording, per-token recording)`` of ``model``; its output unchanged by recording, bit for bit."""
-    with torch.no_grad():
-        plain = output(run(model))
-        with vitmad.record(model, stats=STATS, **kwargs) as rec:
-            recorded = output(run(model))
-        with vitmad.record(model, stats=STATS, reduction="none", **kwargs) as rec_tokens:
-            run(model)
-    assert torch.equal(plain, recorded)
-    assert rec.layers == rec_tokens.layers
-    return rec, rec_tokens
+    return attention_outputs(model, lambda m: type(m).__name__.endswith("SamVisionAttention"), run)
 
 
 def _tokens(rec, name: str) -> list[torch.Tensor]:
@@ -121,17 +100,7 @@ def _tokens(rec, name: str) -> list[torch.Tensor]:
 
 def _check_sam(rec, rec_tokens, maps, height: int, width: int, window: int, first: int = 0) -> None:
     """Layers ``first`` to ``first + 2`` of the recordings against the SAM blocks' probabilities ``maps``."""
-    assert len(maps) == 3
-    padded = (math.ceil(height / window) * window, math.ceil(width / window) * window)
-    for i, (probabilities, w) in enumerate(zip(maps, [window, 0, window], strict=True)):
-        expected = padded_window_reference(probabilities, height, width, w, PATCH, BATCH, HEADS)
-        geometry = rec.geometry[first + i]
-        assert geometry.grid == (height, width) and geometry.stride == (PATCH, PATCH) and geometry.heads == HEADS
-        assert geometry.attention == ("global" if w == 0 else f"window {w}x{w}" + (
-            f" (map {height}x{width} padded to {padded[0]}x{padded[1]})" if padded != (height, width) else ""))
-        for name, values in expected.items():
-            torch.testing.assert_close(rec.stats[name][first + i].double(), values.mean(-1), **TOL)
-            torch.testing.assert_close(_tokens(rec_tokens, name)[first + i].double(), values, **TOL)
+    check_sam_windows(rec, rec_tokens, maps, height, width, window, PATCH, BATCH, HEADS, first)
 
 
 @pytest.mark.parametrize("size", list(SIZES.values()), ids=list(SIZES))

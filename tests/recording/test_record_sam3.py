@@ -22,18 +22,14 @@ divides (4 x 6 in windows of 2).
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-import vitmad
-from conftest import eager_attention_calls, padded_window_reference, sharpened
+from conftest import check_sam_windows, eager_attention_calls, record_both_reductions, sharpened
 
 transformers = pytest.importorskip("transformers")
 modeling = pytest.importorskip("transformers.models.sam3.modeling_sam3")
 
-TOL = {"rtol": 1e-5, "atol": 1e-4}  # float32 probabilities, float32 accumulation in the ops
 STATS = ["entropy", "self_mass", "prefix_mass"]
 HEADS, BATCH, PATCH = 2, 2, 8
 # name -> (image height, image width, window); the tiny position table is 3 x 3 (24 px), tiled over the map.
@@ -62,16 +58,7 @@ def _random_tables(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _record(model, run, output):
-    """``(mean recording, per-token recording)`` of ``model``; its output unchanged by recording, bit for bit."""
-    with torch.no_grad():
-        plain = output(run(model))
-        with vitmad.record(model, stats=STATS) as rec:
-            recorded = output(run(model))
-        with vitmad.record(model, stats=STATS, reduction="none") as rec_tokens:
-            run(model)
-    assert torch.equal(plain, recorded)
-    assert rec.layers == rec_tokens.layers
-    return rec, rec_tokens
+    return record_both_reductions(model, run, output, STATS)
 
 
 def _vit_maps(calls) -> list[torch.Tensor]:
@@ -89,16 +76,7 @@ def _check(rec, rec_tokens, maps, height: int, width: int, window: int, layers: 
     """The recordings' ``layers`` (the ViT's blocks 0 to 2) against the blocks' probabilities ``maps``."""
     first = rec.layers.index(layers[0])
     assert rec.layers[first:first + 3] == layers and not set(layers) & set(rec.skipped)
-    padded = (math.ceil(height / window) * window, math.ceil(width / window) * window)
-    for i, (probabilities, w) in enumerate(zip(maps, [window, 0, window], strict=True)):
-        expected = padded_window_reference(probabilities, height, width, w, PATCH, BATCH, HEADS)
-        geometry = rec.geometry[first + i]
-        assert geometry.grid == (height, width) and geometry.stride == (PATCH, PATCH) and geometry.heads == HEADS
-        assert geometry.attention == ("global" if w == 0 else f"window {w}x{w}" + (
-            f" (map {height}x{width} padded to {padded[0]}x{padded[1]})" if padded != (height, width) else ""))
-        for name, values in expected.items():
-            torch.testing.assert_close(rec.stats[name][first + i].double(), values.mean(-1), **TOL)
-            torch.testing.assert_close(rec_tokens.stats[name][first + i].double(), values, **TOL)
+    check_sam_windows(rec, rec_tokens, maps, height, width, window, PATCH, BATCH, HEADS, first)
 
 
 @pytest.mark.parametrize("size", list(SIZES.values()), ids=list(SIZES))

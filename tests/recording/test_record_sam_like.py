@@ -18,17 +18,14 @@ not divide (80 px / 8 = 10 tokens, windows of 4: padded to 12; 56 px: 7 tokens, 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import vitmad
-from conftest import padded_window_reference, sharpened
+from conftest import attention_outputs, check_sam_windows, record_both_reductions, sharpened
 
 transformers = pytest.importorskip("transformers")
 
-TOL = {"rtol": 1e-5, "atol": 1e-4}  # float32 probabilities, float32 accumulation in the ops
 STATS = ["entropy", "self_mass", "prefix_mass"]
 HEADS, BATCH = 2, 2
 
@@ -82,44 +79,13 @@ def _random_tables(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _probabilities(model: torch.nn.Module, attention_class: str, run) -> list[torch.Tensor]:
-    """Each attention call's own softmax probabilities (its second output), float64, in call order."""
-    maps, handles = [], []
-    for module in model.modules():
-        if type(module).__name__ == attention_class:
-            handles.append(module.register_forward_hook(lambda m, a, out: maps.append(out[1].detach().double())))
-    try:
-        with torch.no_grad():
-            run(model)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return maps
-
-
 def _check(model, attention_class: str, run, output, size: int, window: int, *, layers: list[str]) -> None:
     """The recording of ``model`` (every statistic, both reductions) against its attention's own probabilities
     placed by conftest's :func:`padded_window_reference`; the output unchanged, bit for bit."""
-    with torch.no_grad():
-        plain = output(run(model))
-        with vitmad.record(model, stats=STATS) as rec:
-            recorded = output(run(model))
-        with vitmad.record(model, stats=STATS, reduction="none") as rec_tokens:
-            run(model)
-    assert torch.equal(plain, recorded)
-    maps = _probabilities(model, attention_class, run)
-    assert rec.layers == rec_tokens.layers == layers and len(maps) == 3
-    windows = [window, 0, window]
-    padded = math.ceil(size / window) * window
-    for i, (probabilities, w) in enumerate(zip(maps, windows, strict=True)):
-        expected = padded_window_reference(probabilities, size, size, w, 8, BATCH, HEADS)
-        geometry = rec.geometry[i]
-        assert geometry.grid == (size, size) and geometry.stride == (8.0, 8.0) and geometry.heads == HEADS
-        assert geometry.attention == ("global" if w == 0 else f"window {w}x{w}" + (
-            f" (map {size}x{size} padded to {padded}x{padded})" if padded != size else ""))
-        for name, values in expected.items():
-            torch.testing.assert_close(rec.stats[name][i].double(), values.mean(-1), **TOL)
-            torch.testing.assert_close(rec_tokens.stats[name][i].double(), values, **TOL)
+    rec, rec_tokens = record_both_reductions(model, run, output, STATS)
+    maps = attention_outputs(model, lambda m: type(m).__name__ == attention_class, run)
+    assert rec.layers == layers
+    check_sam_windows(rec, rec_tokens, maps, size, size, window, 8.0, BATCH, HEADS)
 
 
 @pytest.mark.parametrize("size_window", list(SIZES.values()), ids=list(SIZES))
