@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, RefusingPlacer
-from .packed import PackedSequence, chunk_placement, packed_sequence, qwen_token_cells
+from .packed import ChunkLayout, chunk_placement, packed_sequence, qwen_token_cells
 from .stages import innermost_on_path
 
 __all__ = ["placer", "is_tower", "MiniCPMPlacer"]
@@ -107,16 +107,9 @@ class _Strip:
     tokens: int
 
 
-@dataclass(frozen=True)
-class _Layout:
-    sequence: PackedSequence
-    positions: torch.Tensor  # [N, 2] float32
-    boundaries: tuple[int, ...]  # chunk starts and the sequence end, as cu_seqlens gives them
-
-
 # A model sees few slice-size combinations; the layers of one kind share them (read-only tensors).
 @functools.lru_cache(maxsize=64)
-def _layout(grids: tuple[tuple[int, int], ...], window: int | None, stride: float) -> _Layout:
+def _layout(grids: tuple[tuple[int, int], ...], window: int | None, stride: float) -> ChunkLayout:
     """The tokens of the views of ``grids`` in sequence order: row-major per view, one chunk per view; or, with
     ``window``, in windows of ``window x window`` tokens, one chunk per window (edge windows smaller)."""
     cells, boundaries = [], [0]
@@ -126,7 +119,7 @@ def _layout(grids: tuple[tuple[int, int], ...], window: int | None, stride: floa
         for length in chunks:
             boundaries.append(boundaries[-1] + length)
     sequence = packed_sequence(grids, cells)
-    return _Layout(sequence, sequence.positions((stride, stride)), tuple(boundaries))
+    return ChunkLayout(sequence, sequence.positions((stride, stride)), tuple(boundaries))
 
 
 def _argument(args: tuple, kwargs: dict, name: str, index: int):
@@ -202,7 +195,7 @@ class MiniCPMPlacer(LayerPlacer):
             )
         return strip.grids
 
-    def _chunks(self, context: CallContext, cu_seqlens: torch.Tensor | None) -> tuple[_Layout, str, float]:
+    def _chunks(self, context: CallContext, cu_seqlens: torch.Tensor | None) -> tuple[ChunkLayout, str, float]:
         grids = self._strip_grids(context)
         merged = bool(context.values.get(_MERGED + self.tower_name))
         if (self.in_merger or merged) and self.window is None:

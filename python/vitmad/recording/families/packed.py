@@ -334,7 +334,9 @@ def qwen_token_cells(grid: tuple[int, int], merge: int, window: int | None) -> t
 
 
 @dataclass(frozen=True)
-class _QwenLayout:
+class ChunkLayout:
+    """A packed sequence attended one chunk per call (:func:`chunk_placement`): Qwen-like towers', MiniCPM-V's."""
+
     sequence: PackedSequence
     positions: torch.Tensor  # [N, 2] float32
     boundaries: tuple[int, ...]  # chunk starts and the sequence end, as cu_seqlens gives them
@@ -343,7 +345,7 @@ class _QwenLayout:
 # A model sees few image-size combinations; the blocks of one kind share them (read-only tensors).
 @functools.lru_cache(maxsize=64)
 def _qwen_layout(grids: tuple[tuple[int, int], ...], merge: int, window: int | None,
-                 stride: tuple[float, float], per_window: bool = True, class_tokens: int = 0) -> _QwenLayout:
+                 stride: tuple[float, float], per_window: bool = True, class_tokens: int = 0) -> ChunkLayout:
     """``per_window=False``: the tokens in window order (``window``) but one chunk per image (Qwen2.5-VL's
     ``fullatt_block_indexes`` blocks attend over the window-ordered sequence). ``class_tokens``: tokens without a
     position before each image's patches, in its chunk (no tower has them with windows)."""
@@ -354,7 +356,7 @@ def _qwen_layout(grids: tuple[tuple[int, int], ...], merge: int, window: int | N
         for length in (chunks if per_window else (grid[0] * grid[1],)):
             boundaries.append(boundaries[-1] + class_tokens + length)
     sequence = packed_sequence(grids, cells, class_tokens)
-    return _QwenLayout(sequence, sequence.positions(stride), tuple(boundaries))
+    return ChunkLayout(sequence, sequence.positions(stride), tuple(boundaries))
 
 
 @functools.lru_cache(maxsize=64)
@@ -439,7 +441,7 @@ class QwenPlacer(_PackedPlacer):
         self.order_window = (int(tower.window_size) // self.merge // patch
                              if hasattr(tower, "fullatt_block_indexes") else None)
 
-    def _layout(self, args: tuple, kwargs: dict, cu_seqlens: torch.Tensor | None) -> tuple[_QwenLayout, str]:
+    def _layout(self, args: tuple, kwargs: dict, cu_seqlens: torch.Tensor | None) -> tuple[ChunkLayout, str]:
         """The layout of the tower's images and the kind of this block's chunks, checked against the
         ``cu_seqlens`` the block received."""
         tower = type(self.tower).__name__
@@ -493,8 +495,8 @@ class QwenPlacer(_PackedPlacer):
         return chunk_placement(seen, layout, self.stride, kind, lead, num_queries, num_keys)
 
 
-def chunk_placement(seen: dict, layout, stride: tuple[float, float], kind: str, lead: torch.Size, num_queries: int,
-                    num_keys: int) -> Placement:
+def chunk_placement(seen: dict, layout: ChunkLayout, stride: tuple[float, float], kind: str, lead: torch.Size,
+                    num_queries: int, num_keys: int) -> Placement:
     """The placement of the next of a block's one-call-per-chunk attention calls in this forward (``seen["calls"]``
     counts them): the chunk's tokens, checked against its ``cu_seqlens`` bounds (``layout.boundaries``), folded
     over the whole packed ``layout.sequence``. Shared by the Qwen-like towers and MiniCPM-V's."""
