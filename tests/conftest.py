@@ -325,6 +325,17 @@ def padded_window_reference(probabilities: torch.Tensor, height: int, width: int
     return out
 
 
+def record_logits_unchanged(model: torch.nn.Module, *inputs, stats, **kwargs):
+    """One recording of ``model(*inputs, **kwargs)`` with ``stats``; its ``logits`` must be the plain forward's, bit
+    for bit."""
+    with torch.no_grad():
+        plain = model(*inputs, **kwargs).logits
+        with vitmad.record(model, stats=list(stats)) as rec:
+            recorded = model(*inputs, **kwargs).logits
+    assert torch.equal(plain, recorded)
+    return rec
+
+
 def record_both_reductions(model: torch.nn.Module, run, output, stats, **kwargs) -> tuple:
     """``(mean recording, per-token recording)`` of ``run(model)`` with ``stats``; the output (``output`` of what
     ``run`` returns) unchanged by recording, bit for bit."""

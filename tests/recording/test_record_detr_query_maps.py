@@ -22,7 +22,13 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 import vitmad  # noqa: E402
-from conftest import eager_attention_calls, mask_on_grid, pad_second_image, sharpened  # noqa: E402
+from conftest import (  # noqa: E402
+    eager_attention_calls,
+    mask_on_grid,
+    pad_second_image,
+    record_logits_unchanged,
+    sharpened,
+)
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}  # probabilities; float32 model against its own float32 probabilities
 
@@ -76,13 +82,7 @@ def _cross_probabilities(name: str, model, pixels, mask) -> list[torch.Tensor]:
 
 
 def _record(model, *inputs, stats, **kwargs):
-    """Records one forward; the output must be the plain forward's, bit for bit."""
-    with torch.no_grad():
-        plain = model(*inputs, **kwargs).logits
-        with vitmad.record(model, stats=list(stats)) as rec:
-            recorded = model(*inputs, **kwargs).logits
-    assert torch.equal(plain, recorded)
-    return rec
+    return record_logits_unchanged(model, *inputs, stats=stats, **kwargs)
 
 
 @pytest.mark.parametrize(("name", "attn_implementation"), [
