@@ -226,6 +226,9 @@ class PlainLayout:
         else:
             self.unavailable = None
         self.stem = [] if self.embedding is None else _strided_stem(model, self.embedding[1])
+        # Found once: every layer's placement asks whether one drops patches in this forward (train or eval mode
+        # may change between forwards), and a walk of the model per layer call would cost the hot path.
+        self.patch_dropouts = [(n, m) for n, m in named_module_list(model) if type(m).__name__ == "PatchDropout"]
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         if self.embedding is None:
@@ -280,11 +283,11 @@ class PlainLayout:
         return grid
 
 
-def _dropping_patches(model: nn.Module) -> str | None:
-    """``"timm's PatchDropout (<name>, prob p)"`` for a timm ``PatchDropout`` of the model that drops patches in this
-    forward (training mode, ``prob > 0``), else None: the cause to name when a layer sees fewer tokens than the grid."""
-    for name, module in named_module_list(model):
-        if type(module).__name__ == "PatchDropout" and module.training and float(getattr(module, "prob", 0)) > 0:
+def _dropping_patches(patch_dropouts: list[tuple[str, nn.Module]]) -> str | None:
+    """``"timm's PatchDropout (<name>, prob p)"`` for the first of the model's timm ``PatchDropout`` modules
+    (``PlainLayout.patch_dropouts``) that drops patches in this forward (training mode, ``prob > 0``), else None."""
+    for name, module in patch_dropouts:
+        if module.training and float(getattr(module, "prob", 0)) > 0:
             return f"timm's PatchDropout ({name}, prob {float(module.prob):g})"
     return None
 
@@ -319,7 +322,7 @@ class PlainPlacer(LayerPlacer):
             )
         grid = layout.call_grid(context)
         patches = grid[0] * grid[1]
-        dropping = _dropping_patches(layout.model)
+        dropping = _dropping_patches(layout.patch_dropouts)
         if dropping is not None:
             # It drops at least one patch per image (int(L * (1 - prob)) < L kept): the rest could still pass for a
             # grid after fewer extra tokens (registers outnumbering the dropped patches), so it is never counted.
