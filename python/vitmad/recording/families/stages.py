@@ -34,10 +34,11 @@ __all__ = ["matching_design", "reduction_before", "innermost_on_path", "backbone
 
 
 def pair(value) -> tuple[int, int]:
-    """``(v, v)`` for an int, the pair itself for a pair (conv and pool kernel, stride and padding)."""
-    if isinstance(value, int):
-        return value, value
-    return int(value[0]), int(value[1])
+    """``(v, v)`` for a number, the pair itself for a pair (conv and pool kernel, stride and padding, window and
+    shift sizes; a config may hold a NumPy or tensor scalar)."""
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
 
 
 def defined_in(module: nn.Module, class_name: str, module_suffix: str) -> bool:

@@ -38,7 +38,7 @@ from torch import nn
 from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, on_device
 from .plain import find_patch_embedding
-from .stages import matching_design
+from .stages import matching_design, pair
 
 __all__ = ["placer", "attention_modules", "SwinPlacer"]
 
@@ -103,12 +103,6 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     listed too, so that each block's attention is found by its design, not by its projections' names.
     """
     return {name: module for name, module in named_module_list(model) if _design_of(module, "attention") is not None}
-
-
-def _pair(value) -> tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
 
 
 @dataclass(frozen=True)
@@ -223,8 +217,8 @@ class SwinPlacer(LayerPlacer):
                 "[B, H, W, C] map or (H, W) dimensions, so its windows cannot be placed"
             )
         batch, size = seen
-        window = _pair(self.window_holder.window_size)
-        shift = _pair(self.window_holder.shift_size)
+        window = pair(self.window_holder.window_size)
+        shift = pair(self.window_holder.shift_size)
         if self.design.covering_window_unshifted:
             shift = tuple(0 if w >= math.ceil(n / w) * w else s for n, w, s in zip(size, window, shift))
         num_windows = math.ceil(size[0] / window[0]) * math.ceil(size[1] / window[1])
@@ -277,5 +271,5 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         if type(other).__module__ == design.module and type(other).__name__ == design.merging:
             merges += 1
     embedding = find_patch_embedding(model)
-    patch = None if embedding is None else _pair(embedding[1].kernel_size)
+    patch = None if embedding is None else pair(embedding[1].kernel_size)
     return SwinPlacer(model, design, block_name, modules[block_name], patch, merges, module)

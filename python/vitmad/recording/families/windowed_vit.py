@@ -40,6 +40,7 @@ from torch import nn
 
 from ..module_index import module_list, named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
+from .stages import pair
 
 __all__ = ["placer", "attention_modules"]
 
@@ -108,11 +109,8 @@ def _key(module: nn.Module) -> tuple[str, str]:
 
 
 def _pair(value) -> tuple[int, int]:
-    if value is None:
-        return 1, 1
-    if isinstance(value, int):
-        return value, value
-    return int(value[0]), int(value[1])
+    """stages.pair, with no stride (None) read as 1."""
+    return (1, 1) if value is None else pair(value)
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
