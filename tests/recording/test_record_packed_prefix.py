@@ -301,15 +301,32 @@ def test_nemotron_h_omni_records_its_radio_tower_inside_the_whole_model(attn_imp
     _check(features, references, NEMOTRON_GRIDS, SUMMARY)
 
 
-def test_nemotron_h_omni_video_refusal_names_its_radio_tower():
+def test_nemotron_h_omni_video_tubelets_are_placed_each_on_its_spatial_grid():
+    """Its video path: each tubelet of 2 frames (stacked on the channels) a batch entry of the RADIO tower, cut into
+    the frame's row-major grid after the summary tokens and attending within itself, so placed in space alone."""
     model = _nemotron()
-    tubelets = torch.rand(1, 2, 2 * 3, 4 * RADIO_PATCH, 4 * RADIO_PATCH)
-    with torch.no_grad(), vitmad.record(model) as rec, \
-            pytest.raises(ValueError, match=r"vision_model\.encoder\.layer\.0\.attention \(RadioAttention\) of "
-                                            r"NemotronH_Omni_Reasoning_V3: RADIO \(vision_model, a RadioModel\) was "
-                                            r"given 6 channels where its images have 3"):
-        model.get_video_features(tubelets)
-    assert all(call.layers == [] for call in rec.calls)
+    h, w = 4, 6
+    torch.manual_seed(4)
+    tubelets = torch.randn(1, 2, 2 * 3, h * RADIO_PATCH, w * RADIO_PATCH)  # 1 video of 2 tubelets, normalized
+    calls = eager_attention_calls(modeling_radio, model.vision_model, tubelets.flatten(0, 1))
+    assert [module for module, _ in calls] == _radio_layers(model.vision_model)
+    references = [[_chunk_reference(probabilities[t:t + 1], SUMMARY, _row_major(h, w), (h, w), RADIO_PATCH)
+                   for t in range(2)] for _, probabilities in calls]
+    _far_from_uniform(references, SUMMARY, [(h, w)] * 2)
+    with torch.no_grad():
+        plain = model.get_video_features(tubelets)
+        with vitmad.record(model, stats=STATS) as rec:
+            recorded = model.get_video_features(tubelets)
+    for field in ("pooler_output", "last_hidden_state"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(plain, field), getattr(recorded, field), strict=True))
+    assert rec.layers == VISION_LAYERS and rec.skipped == {}
+    for stat in ("mad", "entropy", "prefix_mass"):
+        expected = torch.stack([torch.stack([tubelet[stat] for tubelet in layer]) for layer in references])
+        torch.testing.assert_close(rec.stats[stat].double(), expected, **TOL, msg=lambda m, s=stat: f"{s}: {m}")
+    for maps, geometry, layer in zip(rec.prefix_maps, rec.geometry, references):
+        assert (geometry.grid, geometry.num_prefix_tokens, geometry.attention) == ((h, w), SUMMARY, "global")
+        torch.testing.assert_close(maps.double(), torch.stack([tubelet["prefix_maps"] for tubelet in layer]),
+                                   **MAP_TOL)
 
 
 def test_nemotron_h_omni_partial_layout_refusal_names_its_radio_tower():

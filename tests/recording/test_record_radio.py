@@ -176,18 +176,34 @@ def test_packed_forward_of_one_image_placed_by_a_layout_given_by_hand_matches_th
     torch.testing.assert_close(packed.mad, dense.mad, rtol=1e-6, atol=1e-5)
 
 
-def test_temporally_packed_video_forward_is_refused_by_name():
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_temporally_packed_video_forward_is_placed_per_tubelet_on_its_spatial_grid(attn_implementation):
+    """Nemotron-H-Omni's video path: each batch entry a tubelet of 2 frames stacked on the channels, cut into the
+    image's row-major grid after the summary tokens and attending within itself; its tokens all span the same frames,
+    so they are placed in space alone, as a dense image's (was refused until every statistic was checked here)."""
     model = _radio(video_temporal_patch_size=2)
     model.make_preprocessor_external()  # as Nemotron-H-Omni does: its conditioner normalizes 3 channels
-    tubelets = torch.rand(2, 2 * 3, 3 * PATCH, 5 * PATCH)
+    torch.manual_seed(3)
+    h, w = 3, 5
+    # Normalized frames (centred, as the external conditioner leaves them): all-positive pixels make every patch
+    # token alike and the attention near uniform.
+    tubelets = torch.randn(2, 2 * 3, h * PATCH, w * PATCH)
+    expected = _eager_reference(model, tubelets, h, w)
+    model.set_attn_implementation(attn_implementation)
     with torch.no_grad():
-        model(tubelets)  # the model runs it
-        with vitmad.record(model) as rec, \
-                pytest.raises(ValueError, match=r"encoder\.layer\.0\.attention \(RadioAttention\) of RadioModel: "
-                                                r"RADIO \(RadioModel\) was given 6 channels where its images have 3: "
-                                                r"temporally-packed video frames"):
-            model(tubelets)
-    assert all(call.layers == [] for call in rec.calls)
+        plain = model(tubelets)
+        with vitmad.record(model, stats=["mad", "entropy", "prefix_mass", "prefix_maps"]) as rec:
+            recorded = model(tubelets)
+    assert torch.equal(plain.last_hidden_state, recorded.last_hidden_state)
+    assert rec.layers == LAYERS and rec.skipped == {}
+    for geometry in rec.geometry:
+        assert (geometry.grid, geometry.stride, geometry.num_prefix_tokens) == ((h, w), (8.0, 8.0), SUMMARY)
+    for stat in ("mad", "entropy", "prefix_mass"):
+        torch.testing.assert_close(rec.stats[stat].double(), torch.stack([e[stat] for e in expected]), **TOL,
+                                   msg=lambda m, stat=stat: f"{stat}: {m}")
+    assert float(torch.stack([e["entropy"] for e in expected]).max()) < 0.8 * math.log(SUMMARY + h * w)
+    for maps, e in zip(rec.prefix_maps, expected):
+        torch.testing.assert_close(maps.double(), e["prefix_maps"], rtol=1e-5, atol=1e-6)
 
 
 class _Resizing(torch.nn.Module):

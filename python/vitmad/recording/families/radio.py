@@ -28,9 +28,15 @@ chunk is placed as the dense forward's image: its summary tokens without a posit
 its own image's summary tokens (the only ones its call holds), and the prefix maps are each image's summary tokens'
 rows over that image's own grid, NaN past it.
 
+The temporally-packed video forward (Nemotron-H-Omni's video path: ``video_temporal_patch_size`` frames stacked on
+the channels, ``[B, C * T, H, W]``) cuts each batch entry, a tubelet of ``T`` frames, into the same row-major grid
+of ``p x p`` cells after the same summary tokens (``_embed_dense_patches`` with the video projection), and each
+entry attends within itself: it is placed as a dense image of ``H x W`` pixels. Every token of a tubelet spans
+the same ``T`` frames, so tokens are apart in space alone (no time distance, unlike the video family's tubelets
+in a sequence of them).
+
 Refused (a ``ValueError`` naming the layer): flash attention over several packed images (one variable-length call
-whose chunks the capture does not receive), the temporally-packed video forward (``video_temporal_patch_size``
-frames stacked on the channels: each batch entry a tubelet of frames, not an image), a call in which the patch
+whose chunks the capture does not receive), a call in which the patch
 embeddings did not run or cut pixels of another size than the model's input (resized by a wrapper), and an
 attention whose shape or ``cu_seqlens`` is not that sequence's. A layout given by hand (``patch=`` and ``grid=``,
 ``num_prefix_tokens=``) places the dense forward, and the packed forward of one image, instead of the family, as
@@ -127,9 +133,9 @@ class RadioPlacer(EmbeddingsPlacer):
             else:
                 # The module's own test (forward): other channel counts are temporally-packed video frames.
                 seen = _Seen("dense" if shape[1] == num_channels else "video", shape)
-                if seen.kind == "dense":
-                    # The grid the model cuts (_image_to_patches), for the plain layout's check of a grid given by
-                    # hand, as its patch-embedding hook reports a convolution's.
+                if len(shape) == 4:
+                    # The grid the model cuts (_image_to_patches, also of a tubelet), for the plain layout's check
+                    # of a grid given by hand, as its patch-embedding hook reports a convolution's.
                     context.values[_PLAIN_GRID] = (shape[-2] // patch, shape[-1] // patch)
             context.values[key] = seen
 
@@ -161,14 +167,9 @@ class RadioPlacer(EmbeddingsPlacer):
             )
         if seen.kind == "packed":
             return self._place_packed(context, seen, lead, num_queries, num_keys)
-        if seen.kind == "video":
-            raise NotPlaceable(
-                f"{self.tower} was given {seen.shape[1]} channels where its images have "
-                f"{int(self.embeddings.num_channels)}: temporally-packed video frames (video_temporal_patch_size "
-                "frames on the channels), each batch entry a tubelet of frames rather than an image, which vitmad "
-                "does not place for this model; pass positions=<[N, 2] pixel position of each token, NaN rows for "
-                "the summary tokens> if you mean one spatial grid per tubelet"
-            )
+        if len(seen.shape) != 4:
+            raise NotPlaceable(f"{self.tower}'s patch embeddings were given pixels of shape {list(seen.shape)} "
+                               "without image_grid_hw, where they take [B, C, H, W] images (or tubelets)")
         batch, height, width = seen.shape[0], seen.shape[-2], seen.shape[-1]
         p = int(self.embeddings.patch_size)
         if height % p or width % p:  # the model's reshape fails first; never placed on a guessed grid
@@ -179,7 +180,8 @@ class RadioPlacer(EmbeddingsPlacer):
         grid = (height // p, width // p)
         summary = int(self.embeddings.cls_register_token.shape[0])
         self.check_sequence(lead, num_queries, num_keys, batch, summary + grid[0] * grid[1],
-                            f"{self.embeddings_name} cut {batch} images of {height}x{width} pixels into "
+                            f"{self.embeddings_name} cut {batch} {'tubelets' if seen.kind == 'video' else 'images'} of "
+                            f"{height}x{width} pixels into "
                             f"{grid[0]}x{grid[1]} patches of {p} px after {summary} summary tokens")
         heads = int(lead[-1])
         return self.shared(context, f"{heads}.{grid}.{p}.{summary}",
