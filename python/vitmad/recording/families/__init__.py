@@ -104,9 +104,9 @@ class ClassQueries(Skip):
 _FAMILIES = (
     packed, class_attention, attention_pool2d, non_spatial, unplaced, radio, llama4, minicpmv, mllama, masked, vilt,
     padded_patches, swin, windowed_vit, sam_map_encoder, hiera, pooled, mvit, levit, lw_detr, rf_detr, detr_encoder,
-    memory_attention, efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin,
-    mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit,
-    convit, torchvision_maxvit,
+    memory_attention, efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit,
+    fastvit, vitamin, mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer, lowformer, video,
+    naflex, shvit, convit, torchvision_maxvit,
 )
 
 

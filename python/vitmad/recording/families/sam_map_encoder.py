@@ -20,11 +20,12 @@ every strided map (a map rounded up has its last cell reach past the image edge)
   (the interface call's mask, as for every masked layer), so a map token's row is its softmax over the map.
   The 1-D rotary embedding over the sequence changes the scores, not where a token is on the image.
 
-Hooks read, in each call, the map the patch embedding made, the map ``proj`` received and made, and the sequence
-the second encoder received; each must be the one above (the neck keeps the map's size, ``proj`` rounds up, the
-second encoder takes ``proj``'s map, DeepSeek-OCR-2's ``num_patches`` is its cell count), else the layer is refused
-with what was seen. A second encoder run without the SAM encoder before it (recorded alone, on a map) is not claimed
-here.
+Hooks read, in each forward of the vision model, the map the patch embedding made, the map ``proj`` received and
+made, and the sequence the second encoder received (forgotten when that forward ends); each must be the one above
+(the neck keeps the map's size, ``proj`` rounds up, the second encoder takes ``proj``'s map, DeepSeek-OCR-2's
+``num_patches`` is its cell count), else the layer is refused with what was seen; so is the second encoder run on
+its own, outside a forward of its vision model (on a map whose image vitmad did not see). Recorded alone
+(``vitmad.record(vision_model.vision_encoder)``), with no SAM encoder around it, it is not claimed here.
 """
 
 from __future__ import annotations
@@ -141,7 +142,14 @@ class SamMapEncoderPlacer(LayerPlacer):
             num_patches = kwargs.get("num_patches", args[1] if len(args) > 1 else None)
             context.values[key + ".encoder"] = (shape, None if num_patches is None else int(num_patches))
 
-        return [sam.patch_embed.register_forward_hook(see_patches), sam.proj.register_forward_hook(see_proj),
+        def forget(module, *_) -> None:
+            # The facts hold within one forward of the vision model: a second encoder run on its own after it (on
+            # a map of another image) must not be placed on the last image's map.
+            for what in (".pixels", ".patches", ".proj", ".encoder"):
+                context.values.pop(key + what, None)
+
+        return [self.vision.register_forward_pre_hook(forget), self.vision.register_forward_hook(forget),
+                sam.patch_embed.register_forward_hook(see_patches), sam.proj.register_forward_hook(see_proj),
                 self.vision.vision_encoder.register_forward_pre_hook(see_encoder, with_kwargs=True)]
 
     def _map(self, context: CallContext) -> tuple[int, tuple[int, int], float]:
@@ -151,9 +159,10 @@ class SamMapEncoderPlacer(LayerPlacer):
         patches, proj = values.get(self._key + ".patches"), values.get(self._key + ".proj")
         if patches is None or proj is None:
             raise NotPlaceable(
-                f"{where}.sam_encoder did not run its patch embedding and projector in this call before this layer "
-                "attended (the second encoder run on a map of its own?), so the cells of its tokens are unknown; run "
-                "the vision model on pixel_values, or pass positions=<[N, 2] pixel position of each token>"
+                f"{where}.sam_encoder did not run its patch embedding and projector before this layer attended, in "
+                f"the same forward of {where} (the second encoder run on a map of its own?), so the cells of its "
+                f"tokens are unknown; run {where} on pixel_values, or pass positions=<[N, 2] pixel position of each "
+                "token>"
             )
         conv = sam.patch_embed.projection
         kernel, stride = pair(conv.kernel_size), pair(conv.stride)
