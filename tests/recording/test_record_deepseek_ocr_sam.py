@@ -16,12 +16,13 @@ embedding (8 x 8 here) is resized to the map the convolution made, a value per c
 convolution's. Padding comes from a map the window does not divide (10 x 7 in windows of 4: 12 x 8), or one window
 larger than the map (10 x 10 in one window of 14).
 
-The second tower runs on the SAM projector's map, whose two convolutions of stride 2 make cells of 4 patches
-(32 px here): Unlimited-OCR's is a CLIP encoder over a class token and that map, row-major; DeepSeek-OCR-2's a
-Qwen2 decoder over that map then learned queries, causal over the queries. Neither embeds the image itself, so a
-recording of the whole model places the SAM tower alone; the second tower's layers are skipped with the reason when
-named, and Unlimited-OCR's are placed when its layout is given (``num_prefix_tokens=1``, the map's ``grid`` and
-``patch=32``).
+The second tower runs on the SAM projector's map, whose two convolutions (kernel 3, stride 2, padding 1: ``ceil(n /
+2)`` of ``n``, twice) make cells of 4 x 4 patches (32 px here): Unlimited-OCR's is a CLIP encoder over a class token,
+then that map row-major; DeepSeek-OCR-2's a Qwen2 decoder over that map row-major, then learned queries (144 up to
+144 map tokens, else 256), its mask bidirectional over the map and causal over the queries (``block_sequence_ids``).
+A recording of the vision model or the whole model places both towers: the map tokens at the centres of their
+cells, the class token and the learned queries without a position (their rows the prefix maps). The geometry is
+written here from the modeling files, the reference is each model's own eager probabilities.
 """
 
 from __future__ import annotations
