@@ -65,7 +65,7 @@ _DESIGNS = (
     _Design("UnlimitedOcrAttention", "UnlimitedOcrVisionModel", "modeling_unlimited_ocr", True),
     _Design("DeepseekOcr2VisionAttention", "DeepseekOcr2VisionModel", "modeling_deepseek_ocr2", False),
 )
-_SEEN = "sam_map_encoder."  # + the vision model's name + what: facts of the current call
+_SEEN = "sam_map_encoder."  # + the vision model's name + what: facts of its forward in progress
 
 
 def _vision_model(model: nn.Module, name: str, module: nn.Module) -> tuple[_Design, str, nn.Module] | None:
