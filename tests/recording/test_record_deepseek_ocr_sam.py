@@ -16,12 +16,13 @@ embedding (8 x 8 here) is resized to the map the convolution made, a value per c
 convolution's. Padding comes from a map the window does not divide (10 x 7 in windows of 4: 12 x 8), or one window
 larger than the map (10 x 10 in one window of 14).
 
-The second tower runs on the SAM projector's map, whose two convolutions of stride 2 make cells of 4 patches
-(32 px here): Unlimited-OCR's is a CLIP encoder over a class token and that map, row-major; DeepSeek-OCR-2's a
-Qwen2 decoder over that map then learned queries, causal over the queries. Neither embeds the image itself, so a
-recording of the whole model places the SAM tower alone; the second tower's layers are skipped with the reason when
-named, and Unlimited-OCR's are placed when its layout is given (``num_prefix_tokens=1``, the map's ``grid`` and
-``patch=32``).
+The second tower runs on the SAM projector's map, whose two convolutions (kernel 3, stride 2, padding 1: ``ceil(n /
+2)`` of ``n``, twice) make cells of 4 x 4 patches (32 px here): Unlimited-OCR's is a CLIP encoder over a class token,
+then that map row-major; DeepSeek-OCR-2's a Qwen2 decoder over that map row-major, then learned queries (144 up to
+144 map tokens, else 256), its mask bidirectional over the map and causal over the queries (``block_sequence_ids``).
+A recording of the vision model or the whole model places both towers: the map tokens at the centres of their
+cells, the class token and the learned queries without a position (their rows the prefix maps). The geometry is
+written here from the modeling files, the reference is each model's own eager probabilities.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import attention_outputs, check_sam_windows, record_both_reductions, sharpened
+from conftest import attention_outputs, check_sam_windows, eager_attention_calls, record_both_reductions, sharpened
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,8 +83,8 @@ def _eager_twin(model: torch.nn.Module, build_eager) -> torch.nn.Module:
     return eager.eval()
 
 
-def _record(model, run, output, **kwargs):
-    return record_both_reductions(model, run, output, STATS, **kwargs)
+def _record(model, run, output, stats=tuple(STATS), **kwargs):
+    return record_both_reductions(model, run, output, list(stats), **kwargs)
 
 
 def _sam_probabilities(model: torch.nn.Module, run) -> list[torch.Tensor]:
@@ -142,93 +143,162 @@ def _vision_model(name: str, window: int, implementation: str) -> torch.nn.Modul
         _vision_config(name, window), attn_implementation=implementation)
 
 
-SECOND_TOWER = {"deepseek_ocr2": "vision_encoder.layers", "unlimited_ocr": "vision_encoder.encoder.layers"}
+# The second encoder's attention class and where its layers are in the vision model.
+SECOND = {"deepseek_ocr2": ("DeepseekOcr2VisionAttention", "vision_encoder.layers"),
+          "unlimited_ocr": ("UnlimitedOcrAttention", "vision_encoder.encoder.layers")}
+# name -> (image height, image width, the projector's map): the 8 px patches' map, then ceil(n / 2) twice
+# (kernel 3, stride 2, padding 1). 392 x 360 px: 49 x 45 patches, 13 x 12 = 156 cells, past DeepSeek-OCR-2's 144.
+MAP_SIZES = {"square-4x4": (128, 128, (4, 4)), "non-square-3x2": (80, 56, (3, 2)),
+             "many-cells-13x12": (392, 360, (13, 12))}
+CELL = 4.0 * PATCH  # a cell of 4 x 4 patches
+MAP_STATS = [*STATS, "prefix_maps"]
 
 
-@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_vision_model_records_the_sam_tower_and_skips_the_second_when_named(name, implementation):
-    """The vision model (SAM, then the second tower on its projector's map): by default its SAM blocks are recorded,
-    placed as the encoder alone is, and nothing else; the second tower's layers, named, are skipped with the reason
-    (its tokens are not the patch embedding's grid), never placed on SAM's grid."""
-    torch.manual_seed(0)
-    model = _random_tables(_vision_model(name, 4, implementation))
-    pixels = torch.randn(BATCH, 3, 80, 56)
-    run = lambda m: m(pixels)  # noqa: E731
-    rec, rec_tokens = _record(model, run, lambda out: out.last_hidden_state)
-    assert rec.layers == [f"sam_encoder.layers.{i}.attn" for i in range(3)] and rec.skipped == {}
-    maps = _sam_probabilities(_eager_twin(model, lambda: _vision_model(name, 4, "eager")), run)
-    _check_sam(rec, rec_tokens, maps, 10, 7, 4)
-    with torch.no_grad(), vitmad.record(model, layers=["*attn"]) as named:
-        run(model)
-    second = [f"{SECOND_TOWER[name]}.{i}.self_attn" for i in range(2)]
-    assert named.layers == rec.layers and sorted(named.skipped) == second
-    assert all("outside sam_encoder, the tower that embeds the image" in named.skipped[n] for n in second)
+def _second_layers(name: str, owner: str = "") -> list[str]:
+    return [f"{owner}{SECOND[name][1]}.{i}.self_attn" for i in range(2)]
 
 
-@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_second_tower_layout_without_its_cells_is_refused(name, implementation):
-    """A layout given for the second tower that is not its tokens is refused, never placed on SAM's cells:
-    DeepSeek-OCR-2's 16 map tokens come with 144 learned queries (no plain layout), and Unlimited-OCR's 4 x 4 map
-    given without patch= would take the patch embedding's 8 px for its 32 px cells."""
-    torch.manual_seed(0)
-    model = _vision_model(name, 4, implementation).eval()
-    layers = [f"{SECOND_TOWER[name]}.*.self_attn"]
-    given = dict(num_prefix_tokens=0) if name == "deepseek_ocr2" else dict(num_prefix_tokens=1, grid=[4, 4])
-    match = "attends over 160 tokens" if name == "deepseek_ocr2" else r"grid=\[4, 4\] is not the 16x16 grid.*patch="
-    with torch.no_grad(), vitmad.record(model, layers=layers, **given):
-        with pytest.raises(ValueError, match=match):
-            model(torch.randn(1, 3, 128, 128))
+def _map_tokens(name: str, grid: tuple[int, int], num_tokens: int) -> torch.Tensor:
+    """Indices of the map tokens in the second encoder's sequence (from the modeling file): Unlimited-OCR's CLIP
+    embeddings put the class token first (``torch.cat([class_embeds, patch_embeds])``), DeepSeek-OCR-2's vision
+    model the map first, its learned queries after (``torch.cat([hidden_states, queries])``)."""
+    first = 1 if name == "unlimited_ocr" else 0
+    index = torch.arange(first, first + grid[0] * grid[1])
+    assert num_tokens == (1 + grid[0] * grid[1] if name == "unlimited_ocr"
+                          else grid[0] * grid[1] + (144 if grid[0] * grid[1] <= 144 else 256))
+    return index
 
 
-def _clip_reference(probabilities: torch.Tensor, grid: tuple[int, int], cell: float) -> dict[str, torch.Tensor]:
-    """Per statistic, ``[B, H, gh * gw]`` per map token, from the CLIP attention's probabilities ``[B, H, 1 + gh * gw,
-    1 + gh * gw]``: the class token first (no position), then the projector's map row-major, ``cell`` px apart."""
+def _map_reference(name: str, probabilities: torch.Tensor, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Per statistic, ``[B, H, gh * gw]`` per map token, and the prefix maps ``[B, H, Q, gh * gw]`` (the rows of the
+    tokens without a position, in token order), from the second encoder's probabilities ``[B, H, N, N]``: the map
+    row-major, each token at the centre of its ``CELL``-pixel cell."""
+    index = _map_tokens(name, grid, probabilities.shape[-1])
+    others = torch.ones(probabilities.shape[-1], dtype=torch.bool)
+    others[index] = False
     rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64),
                                 indexing="ij")
-    centres = torch.stack([(rows.flatten() + 0.5) * cell, (cols.flatten() + 0.5) * cell], -1)
-    grid_rows = probabilities[:, :, 1:]  # the map tokens' rows
-    on_map = grid_rows[..., 1:]
+    centres = torch.stack([(rows.flatten() + 0.5) * CELL, (cols.flatten() + 0.5) * CELL], -1)
+    map_rows = probabilities[:, :, index]
+    on_map = map_rows[..., index]
     return {
-        # The class token's mass drops out, not renormalised (docs/definition.md).
+        # The mass on tokens without a position drops out, not renormalised (docs/definition.md).
         "mad": (on_map * torch.cdist(centres, centres)).sum(-1),
-        "entropy": -torch.special.xlogy(grid_rows, grid_rows).sum(-1),
-        "prefix_mass": grid_rows[..., 0],
+        "entropy": -torch.special.xlogy(map_rows, map_rows).sum(-1),
+        "prefix_mass": map_rows[..., others].sum(-1),
         "self_mass": on_map.diagonal(dim1=-2, dim2=-1),
+        "prefix_maps": probabilities[:, :, others][..., index],
     }
 
 
-@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-def test_unlimited_ocr_second_tower_placed_when_its_layout_is_given(implementation, monkeypatch):
-    """Unlimited-OCR's CLIP tower with its layout given (class token, the projector's 4 x 4 map, 32 px cells: patch 8
-    times the projector's two strides of 2), recorded in one recording with the SAM blocks, which keep their own
-    placement: every statistic against the CLIP eager attention's own probabilities."""
-    modeling = _modeling("unlimited_ocr")
-    torch.manual_seed(0)
-    model = _random_tables(_vision_model("unlimited_ocr", 4, implementation))
-    pixels = torch.randn(BATCH, 3, 128, 128)
-    run = lambda m: m(pixels)  # noqa: E731
-    rec, rec_tokens = _record(model, run, lambda out: out.last_hidden_state, num_prefix_tokens=1, grid=[4, 4],
-                              patch=32, layers=["*attn"])
-    clip = [f"vision_encoder.encoder.layers.{i}.self_attn" for i in range(2)]
-    assert rec.layers == [f"sam_encoder.layers.{i}.attn" for i in range(3)] + clip
-    eager = _eager_twin(model, lambda: _vision_model("unlimited_ocr", 4, "eager"))
-    calls = []
-    original = modeling.eager_attention_forward
-    monkeypatch.setattr(modeling, "eager_attention_forward",
-                        lambda *args, **kwargs: calls.append(original(*args, **kwargs)) or calls[-1])
-    maps = _sam_probabilities(eager, run)
-    _check_sam(rec, rec_tokens, maps, 16, 16, 4)
-    assert len(calls) == 2
-    for i, (_, probabilities) in enumerate(calls):
-        expected = _clip_reference(probabilities.double(), (4, 4), 32.0)
-        geometry = rec.geometry[3 + i]
-        assert geometry.grid == (4, 4) and geometry.stride == (32.0, 32.0) and geometry.heads == HEADS
-        for stat, values in expected.items():
-            torch.testing.assert_close(rec.stats[stat][3 + i].double(), values.mean(-1), **TOL)
-            torch.testing.assert_close(_tokens(rec_tokens, stat)[3 + i].double(), values, **TOL)
+def _check_deepseek_mask(probabilities: torch.Tensor, cells: int) -> None:
+    """DeepSeek-OCR-2's mask as its modeling file builds it (``block_sequence_ids``: map tokens 0, queries -1, over a
+    causal mask): a map token sees every map token and no query, a query the map and the queries up to itself."""
+    assert bool((probabilities[:, :, :cells, :cells] > 0).all())
+    assert bool((probabilities[:, :, :cells, cells:] == 0).all())
+    queries = probabilities[:, :, cells:, cells:]
+    assert bool((queries.triu(1) == 0).all()) and bool((queries.diagonal(dim1=-2, dim2=-1) > 0).all())
 
+
+def _second_probabilities(name: str, model: torch.nn.Module, *inputs, **kwargs) -> list[torch.Tensor]:
+    """The second encoder's eager probabilities ``[B, H, N, N]``, float64, per layer (the language model's calls
+    of the same eager function left out)."""
+    calls = eager_attention_calls(_modeling(name), model, *inputs, **kwargs)
+    return [p for module, p in calls if type(module).__name__ == SECOND[name][0]]
+
+
+def _check_second(name: str, rec, rec_tokens, maps: list[torch.Tensor], grid: tuple[int, int], first: int) -> None:
+    """Layers ``first`` and ``first + 1`` of the recordings against the second encoder's probabilities ``maps``."""
+    assert len(maps) == 2
+    cells = grid[0] * grid[1]
+    for i, probabilities in enumerate(maps):
+        if name == "deepseek_ocr2":
+            _check_deepseek_mask(probabilities, cells)
+        expected = _map_reference(name, probabilities, grid)
+        geometry = rec.geometry[first + i]
+        queries = probabilities.shape[-1] - cells
+        assert geometry.grid == grid and geometry.stride == (CELL, CELL) and geometry.heads == HEADS
+        assert (geometry.num_prefix_tokens, geometry.num_suffix_tokens) == (
+            (1, None) if name == "unlimited_ocr" else (0, queries))
+        for stat, values in expected.items():
+            if stat == "prefix_maps":
+                torch.testing.assert_close(rec.prefix_maps[first + i].double(), values, **TOL)
+                continue
+            torch.testing.assert_close(rec.stats[stat][first + i].double(), values.mean(-1), **TOL)
+            torch.testing.assert_close(_tokens(rec_tokens, stat)[first + i].double(), values, **TOL)
+
+
+@pytest.mark.parametrize("size", list(MAP_SIZES.values()), ids=list(MAP_SIZES))
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_vision_model_records_both_towers_against_their_own_attention(name, implementation, size):
+    """The vision model (SAM, then the second encoder on its projector's map): by default both are recorded, the
+    SAM blocks placed as the encoder alone is, the second encoder's map tokens at the centres of their 32 px cells
+    (the class token, or the learned queries, without a position), read per call at each size: every statistic
+    and the prefix maps against the model's own eager probabilities, the output unchanged."""
+    image_h, image_w, grid = size
+    torch.manual_seed(0)
+    model = _random_tables(_vision_model(name, 4, implementation))
+    pixels = torch.randn(BATCH, 3, image_h, image_w)
+    run = lambda m: m(pixels)  # noqa: E731
+    rec, rec_tokens = _record(model, run, lambda out: out.last_hidden_state, stats=MAP_STATS)
+    assert rec.layers == [f"sam_encoder.layers.{i}.attn" for i in range(3)] + _second_layers(name)
+    assert rec.skipped == {}
+    eager = _eager_twin(model, lambda: _vision_model(name, 4, "eager"))
+    _check_sam(rec, rec_tokens, _sam_probabilities(eager, run), image_h // PATCH, image_w // PATCH, 4)
+    _check_second(name, rec, rec_tokens, _second_probabilities(name, eager, pixels), grid, 3)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_second_encoder_named_alone_is_placed_per_call_and_a_layout_given_by_hand_is_not_used(name):
+    """Named in layers=, the second encoder alone is placed on the map of each call (two sizes in one recording,
+    each call against its own eager probabilities); a plain layout given by hand (num_prefix_tokens, grid, patch)
+    is not used, and said so."""
+    torch.manual_seed(0)
+    model = _random_tables(_vision_model(name, 4, "sdpa"))
+    eager = _eager_twin(model, lambda: _vision_model(name, 4, "eager"))
+    layers, sizes = _second_layers(name), list(MAP_SIZES.values())[:2]
+    images = [torch.randn(BATCH, 3, image_h, image_w) for image_h, image_w, _ in sizes]
+    with torch.no_grad(), vitmad.record(model, layers=[f"{SECOND[name][1]}.*.self_attn"], stats=MAP_STATS) as rec:
+        for pixels in images:
+            model(pixels)
+    assert rec.layers == layers and rec.skipped == {} and len(rec.calls) == 2
+    for call, pixels, (_, _, grid) in zip(rec.calls, images, sizes, strict=True):
+        for i, probabilities in enumerate(_second_probabilities(name, eager, pixels)):
+            expected = _map_reference(name, probabilities, grid)
+            assert call.geometry[i].grid == grid
+            torch.testing.assert_close(call.per_layer[i].double(), expected["mad"].mean(-1), **TOL)
+            torch.testing.assert_close(call.prefix_maps[i].double(), expected["prefix_maps"], **TOL)
+    with pytest.warns(UserWarning, match="no recorded layer of .* has a plain ViT layout"):
+        given = vitmad.record(model, layers=layers, num_prefix_tokens=1, grid=[4, 4], patch=32)
+    with torch.no_grad(), given:
+        model(torch.randn(BATCH, 3, 128, 128))
+    assert given.geometry[0].stride == (CELL, CELL) and given.geometry[0].grid == (4, 4)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_projector_of_another_layout_is_refused(name):
+    """A projector whose convolutions do not round the map up as the verified one does (kernel 2, no padding: floor)
+    is refused with the convolution named, never placed on cells of another size; a second encoder run without the
+    SAM encoder before it in the call (on a map of its own) is refused too."""
+    torch.manual_seed(0)
+    model = _vision_model(name, 4, "sdpa").eval()
+    model.sam_encoder.proj.conv2 = torch.nn.Conv2d(*model.sam_encoder.proj.conv2.weight.shape[1::-1], kernel_size=2,
+                                                   stride=2, bias=False)
+    with torch.no_grad(), vitmad.record(model):
+        with pytest.raises(ValueError, match=r"sam_encoder\.proj has a convolution of kernel \(2, 2\), padding"):
+            model(torch.randn(1, 3, 80, 56))
+    # The second encoder run on its own after a forward of the vision model: the map it is given is no image's that
+    # vitmad saw.
+    model = _vision_model(name, 4, "sdpa").eval()
+    map_ = torch.randn(1, 32, 4, 4)
+    run_alone = ((lambda: model.vision_encoder(map_)) if name == "unlimited_ocr" else
+                 (lambda: model.vision_encoder(inputs_embeds=torch.randn(1, 16 + 144, 32), num_patches=16)))
+    with torch.no_grad(), vitmad.record(model):
+        model(torch.randn(1, 3, 128, 128))
+        with pytest.raises(ValueError, match=r"did not run its patch embedding and projector before this layer "
+                                             r"attended, in the same forward"):
+            run_alone()
 
 # A one-layer dense text model (the MoE layers are beside the point).
 TEXT = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -239,12 +309,13 @@ TEXT = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_
 IMAGE_TOKENS = {"deepseek_ocr2": 144 + 1, "unlimited_ocr": 4 * 5 + 1}
 
 
+
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_full_model_records_its_sam_tower_alone(name, implementation):
-    """The whole model (SAM, the second tower, a language model): its SAM blocks are recorded, placed as the encoder
-    alone is, and nothing else; named, the second tower's and the language model's layers are skipped with the
-    reason."""
+def test_full_model_records_both_towers(name, implementation):
+    """The whole model (SAM, the second encoder, a language model): its SAM blocks and its second encoder are
+    recorded, each placed as in the vision model, against the model's own eager probabilities, the logits unchanged;
+    named, the language model's layer is skipped with the reason."""
     prefix = FAMILIES[name][1]
     config = getattr(transformers, f"{prefix}Config")(vision_config=_vision_config(name, 4), text_config=TEXT,
                                                       image_token_id=5)
@@ -254,13 +325,16 @@ def test_full_model_records_its_sam_tower_alone(name, implementation):
     ids = torch.tensor([[1, 2] + [5] * IMAGE_TOKENS[name] + [3]] * BATCH)
     pixels = torch.randn(BATCH, 3, 128, 128)
     run = lambda m: m(input_ids=ids, pixel_values=pixels)  # noqa: E731
-    rec, rec_tokens = _record(model, run, lambda out: out.logits)
-    assert rec.layers == [f"model.vision_tower.sam_encoder.layers.{i}.attn" for i in range(3)] and rec.skipped == {}
+    rec, rec_tokens = _record(model, run, lambda out: out.logits, stats=MAP_STATS)
+    tower = "model.vision_tower."
+    assert rec.layers == [f"{tower}sam_encoder.layers.{i}.attn" for i in range(3)] + _second_layers(name, tower)
+    assert rec.skipped == {}
     eager = _eager_twin(model, lambda: build(config, attn_implementation="eager"))
     _check_sam(rec, rec_tokens, _sam_probabilities(eager, run), 16, 16, 4)
+    _check_second(name, rec, rec_tokens, _second_probabilities(name, eager, input_ids=ids, pixel_values=pixels),
+                  (4, 4), 3)
     with torch.no_grad(), vitmad.record(model, layers=["*attn"]) as named:
         run(model)
-    outside = [f"model.vision_tower.{SECOND_TOWER[name]}.{i}.self_attn" for i in range(2)]
-    assert named.layers == rec.layers and sorted(named.skipped) == sorted([*outside, "model.language_model.layers.0."
-                                                                                       "self_attn"])
-    assert all("the tower that embeds the image" in reason for reason in named.skipped.values())
+    assert named.layers == rec.layers and list(named.skipped) == ["model.language_model.layers.0.self_attn"]
+    assert "outside model.vision_tower.sam_encoder, the tower that embeds the image" in named.skipped[
+        "model.language_model.layers.0.self_attn"]

@@ -71,6 +71,7 @@ from .families.plain import (
     keeps_image_layout,
 )
 from .families.radio import is_tower as is_radio_tower
+from .families.sam_map_encoder import is_second_encoder_of
 from .forward_owner import (
     ForwardOwner,
     ModuleCall,
@@ -736,7 +737,10 @@ class Recording:
                 )
         prefix = _encoder_prefix(model)
         if layers is None:
-            chosen = {n: m for n, m in found.items() if n.startswith(prefix)}
+            # DeepSeek-OCR-2's and Unlimited-OCR's second encoder, on the map their SAM tower projects, is part of
+            # the vision model that makes the image's features, and its cells are known: recorded with the tower.
+            chosen = {n: m for n, m in found.items()
+                      if n.startswith(prefix) or is_second_encoder_of(model, n, m, prefix)}
             # A second tower that embeds the image is named, not left out silently: one recording places the tokens
             # of one tower (its patch embedding's grid), so the other's layers are its own recording's.
             for tower in _other_image_towers(model, prefix):

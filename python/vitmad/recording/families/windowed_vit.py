@@ -84,8 +84,7 @@ _DESIGNS = {
     # DeepSeek-OCR-2's and Unlimited-OCR's SAM encoders: SAM's attention (eager and SDPA) and block copied whole.
     # Their patch embedding takes any image size and the absolute position embedding is resized (bicubic) to the
     # map the convolution made: a value added per cell, the grid unchanged. Their neck and projector are
-    # convolutions; the second tower (on the projector's map, cells of 4 patches) embeds no image, so the recorder
-    # leaves it out of this tower's recording (skipped with the reason when named).
+    # convolutions; the second tower runs on the projector's map (cells of 4 patches): :mod:`.sam_map_encoder`.
     ("DeepseekOcr2SamVisionAttention", "modeling_deepseek_ocr2"): _DEEPSEEK_OCR2,
     ("DeepseekOcr2SamVisionSdpaAttention", "modeling_deepseek_ocr2"): _DEEPSEEK_OCR2,
     ("UnlimitedOcrSamVisionAttention", "modeling_unlimited_ocr"): _UNLIMITED_OCR,
