@@ -205,6 +205,15 @@ def test_timm_naflex_refuses_tokens_it_cannot_place():
     with pytest.raises(ValueError, match=r"image 1 .*4x2 grid.*first 8 of 16 slots.*7 slots are marked valid"):
         with torch.no_grad(), vitmad.record(model):
             model(holes)
+    # Padding slots given coordinates past the image enlarge the grid the model reads (its largest coordinate + 1
+    # over every slot): the refusal says where that grid comes from.
+    beyond = dict(inputs, patch_coord=inputs["patch_coord"].clone())
+    beyond["patch_coord"][1, 8:] = torch.tensor([4, 6])
+    with pytest.raises(ValueError, match=r"image 1 .*5x7 grid by patch_coord \(its largest row and column \+ 1 "
+                                         r"over every slot, padding slots' coordinates included.*: 35 cells, more "
+                                         r"than its 16 slots"):
+        with torch.no_grad(), vitmad.record(model):
+            model(beyond)
 
 
 # transformers SigLIP2 -----------------------------------------------------------------------------------------

@@ -168,10 +168,12 @@ def _tokens(sizes: torch.Tensor, valid: torch.Tensor, coord: torch.Tensor | None
     if bool(wrong.any()):
         bad = int(wrong.nonzero()[0, 0])
         count, marked = int(counts[bad]), int(valid[bad].sum())
+        grid = f"image {bad} of the batch has a {int(sizes[bad, 0])}x{int(sizes[bad, 1])} grid by {what}"
+        if count > slots:
+            raise NotPlaceable(f"{grid}: {count} cells, more than its {slots} slots ({marked} marked valid)")
         raise NotPlaceable(
-            f"image {bad} of the batch has a {int(sizes[bad, 0])}x{int(sizes[bad, 1])} grid by {what}, so its "
-            f"{count} patches must be the first {count} of {slots} slots and the rest padding, but {marked} slots "
-            "are marked valid" + (", not the first ones" if marked == count else "")
+            f"{grid}, so its {count} patches must be the first {count} of {slots} slots and the rest padding, but "
+            f"{marked} slots are marked valid" + (", not the first ones" if marked == count else "")
         )
     rows = torch.div(index[None], sizes[:, 1:], rounding_mode="floor")  # [B, N]
     cols = index[None] - rows * sizes[:, 1:]
@@ -272,7 +274,9 @@ class NaFlexPlacer(LayerPlacer):
         # The grid the model reads (timm.models.naflexvit.calculate_naflex_grid_sizes): largest coordinate + 1
         # over every slot, padding included.
         sizes = coord.amax(dim=1) + 1
-        return _tokens(sizes, valid.bool(), coord, prefix, patch, "patch_coord")
+        return _tokens(sizes, valid.bool(), coord, prefix, patch,
+                       "patch_coord (its largest row and column + 1 over every slot, padding slots' coordinates "
+                       "included, as the model reads it)")
 
     def _gemma4_tokens(self, coord, valid) -> _Tokens:
         if coord is None:
