@@ -7,6 +7,12 @@ digit pair (the ``2 x 2`` cell), so after ``k`` poolings the row is ``r * 2**(n-
 over the remaining pairs, in cells of ``4 * 2**k`` pixels. Mask-unit attention puts token ``t`` in window
 ``t % nW``. The geometry below is written from that closed form; the reference probabilities are the models'
 own eager softmax.
+
+A masked forward (transformers' MAE pretraining, timm's ``mask=``) keeps the tokens of the kept mask units: both
+models tile the bool mask ``[B, U]`` over the sequence (token ``t`` is in unit ``t % U``, the trailing ``(r, c)``
+digits) and index with it, so the sequence keeps its digit order with the dropped units' tokens taken out: the
+digits become ``(sy1, sx1, ..., u)`` over the kept units ``u`` in ascending order. Mask-unit attention then has one
+window per kept unit.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from test_record_windowed_vit import TOL, eager_maps
 
 import vitmad
+from conftest import attention_outputs, record_both_reductions, sharpened
 from vitmad.ops.reference import mad_positions_reference
 
 timm = pytest.importorskip("timm")
@@ -27,13 +34,16 @@ transformers = pytest.importorskip("transformers")
 NUM_STRIDES = 3  # unroll strides: one per stage change of a 4-stage Hiera
 
 
-def sequence_cells(gh: int, gw: int, pooled: int) -> torch.Tensor:
-    """``[N, 2]`` (row, col) at the pooled level of each token, in Hiera's order after ``pooled`` poolings."""
+def sequence_cells(gh: int, gw: int, pooled: int, units=None) -> torch.Tensor:
+    """``[N, 2]`` (row, col) at the pooled level of each token, in Hiera's order after ``pooled`` poolings;
+    ``units``: the kept mask units (row-major over the ``gh / 8 x gw / 8`` units, ascending), all by default."""
     remaining = NUM_STRIDES - pooled
     size = 2**NUM_STRIDES
+    units = range((gh // size) * (gw // size)) if units is None else units
     cells = []
-    for digits in itertools.product(*[range(2)] * (2 * remaining), range(gh // size), range(gw // size)):
-        *pairs, r, c = digits
+    for digits in itertools.product(*[range(2)] * (2 * remaining), units):
+        *pairs, unit = digits
+        r, c = divmod(unit, gw // size)
         row, col = r * 2**remaining, c * 2**remaining
         for j in range(remaining):  # pairs[2j], pairs[2j+1]: the (sy, sx) of the (pooled + j + 1)-th unroll
             row += pairs[2 * j] * 2**j
@@ -116,10 +126,12 @@ def test_timm_hiera_mask_units_and_pooled_queries_match_eager_attention(size, q_
     assert recorded[0].mad.shape == (5, 2, 8)
 
 
-def test_timm_hiera_with_dropped_mask_units_is_refused():
+@pytest.mark.filterwarnings("ignore:indexing with dtype torch.uint8:UserWarning")
+def test_timm_hiera_with_a_mask_not_bool_is_refused():
     model = _timm_hiera((64, 64))
-    mask = torch.tensor([[True, False, True, False]])  # 2 of the 4 mask units kept
-    with pytest.raises(ValueError, match="mask units dropped"), torch.no_grad(), vitmad.record(model):
+    mask = torch.tensor([[1, 0, 1, 0]], dtype=torch.uint8)  # timm indexes its tokens with it as with a bool one
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn.*its mask is torch\.uint8; vitmad places the mask units "
+                       "a bool mask keeps"), torch.no_grad(), vitmad.record(model):
         model.forward_features(torch.randn(1, 3, 64, 64), mask=mask)
 
 
@@ -138,3 +150,160 @@ def test_hf_hiera_matches_its_attention_weights(size):
     with torch.no_grad():
         model(pixels, output_attentions=True)
     check(maps, recorded, plain, LAYERS[3], size)
+
+
+STATS = ["mad", "entropy", "prefix_mass", "self_mass"]
+
+
+def masked_reference(probabilities: torch.Tensor, gh: int, gw: int, key_level: int, query_level: int,
+                     kept: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Per statistic, ``[B, H, T]`` float64 on the row-major query grid (NaN at the dropped units' cells) of one
+    Hiera layer of a masked call, image ``b`` keeping the mask units ``kept[b]``."""
+    attn = probabilities.double() if probabilities.dim() == 5 else probabilities.double().unsqueeze(2)
+    batch, heads, windows = attn.shape[:3]
+    qh, qw = gh // 2**query_level, gw // 2**query_level
+    out = {name: torch.full((batch, heads, qh * qw), float("nan"), dtype=torch.float64) for name in STATS}
+    for b, units in enumerate(kept):
+        keys = (sequence_cells(gh, gw, key_level, units) + 0.5) * 4 * 2**key_level
+        query_cells = sequence_cells(gh, gw, query_level, units)
+        queries = (query_cells + 0.5) * 4 * 2**query_level
+        # Token t is in window t % nW, at place t // nW.
+        key_positions = keys.view(-1, windows, 2).transpose(0, 1)
+        positions = queries.view(-1, windows, 2).transpose(0, 1)
+        p = attn[b]  # [H, nW, Nq, Nk]
+        per_query = {
+            "mad": (p * torch.cdist(positions, key_positions)).sum(-1),
+            "entropy": -torch.special.xlogy(p, p).sum(-1),
+            "prefix_mass": torch.zeros(p.shape[:-1], dtype=torch.float64),  # every token has a position
+            # A pooled layer's keys are not its queries: no own token.
+            "self_mass": p.diagonal(dim1=-2, dim2=-1) if key_level == query_level
+            else torch.full(p.shape[:-1], float("nan"), dtype=torch.float64),
+        }
+        cells = query_cells.view(-1, windows, 2).transpose(0, 1).reshape(-1, 2).long()
+        index = cells[:, 0] * qw + cells[:, 1]
+        for name, values in per_query.items():
+            out[name][b][:, index] = values.reshape(heads, -1)
+    return out
+
+
+def check_masked(maps, recorded, layers, size, kept, units):
+    gh, gw = size[0] // 4, size[1] // 4
+    rec, rec_tokens = recorded
+    assert len(rec.per_layer) == len(layers) == len(maps)
+    tokens = rec_tokens.calls[-1]
+    for i, (key_level, query_level, heads, windowed) in enumerate(layers):
+        if windowed:
+            assert maps[i].shape[2] == len(kept[0])  # one window per kept mask unit
+        expected = masked_reference(maps[i], gh, gw, key_level, query_level, kept)
+        geometry = rec.geometry[i]
+        stride = 4.0 * 2**query_level
+        assert geometry.stride == (stride, stride) and geometry.heads == heads
+        assert geometry.grid == (gh // 2**query_level, gw // 2**query_level)
+        assert geometry.attention.startswith("mask units" if windowed else "global")
+        assert geometry.attention.endswith(f"({len(kept[0])} of {units} mask units kept)")
+        for name, values in expected.items():
+            per_token = tokens.per_layer if name == "mad" else tokens.statistics[name]
+            torch.testing.assert_close(per_token[i].double(), values, equal_nan=True, **TOL)
+            mean = values.mean(-1) if name == "self_mass" and key_level != query_level else values.nanmean(-1)
+            torch.testing.assert_close(rec.stats[name][i].double()[..., :heads], mean, equal_nan=True, **TOL)
+
+
+MASKED = [((64, 64), 0.5), ((96, 128), 0.5), ((64, 64), 0.75), ((96, 128), 0.25)]
+MASKED_IDS = ["square-half", "wide-half", "square-three-quarters", "wide-quarter"]
+
+
+@pytest.mark.parametrize("size, mask_ratio", MASKED, ids=MASKED_IDS)
+def test_timm_hiera_masked_keeps_each_unit_at_its_cells(size, mask_ratio):
+    model = sharpened(_timm_hiera(size))
+    units = (size[0] // 32) * (size[1] // 32)
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randn(2, 3, *size, generator=generator)
+    keep = int(units * (1 - mask_ratio))
+    mask = torch.zeros(2, units, dtype=torch.bool)
+    for b in range(2):
+        mask[b, torch.randperm(units, generator=generator)[:keep]] = True
+    kept = [mask[b].nonzero()[:, 0].tolist() for b in range(2)]
+    assert kept[0] != kept[1]
+    recorded = record_both_reductions(model, lambda m: m.forward_features(pixels, mask=mask), lambda x: x, STATS)
+    eager = copy.deepcopy(model)
+    for module in eager.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    maps = eager_maps(eager, {"MaskUnitAttention"})
+    with torch.no_grad():
+        eager.forward_features(pixels, mask=mask)
+    check_masked(maps, recorded, LAYERS[3], size, kept, units)
+
+
+def _hf_pretraining(size, mask_ratio):
+    torch.manual_seed(0)
+    config = transformers.HieraConfig(embed_dim=16, image_size=list(size), num_heads=[1, 2, 4, 8],
+                                      depths=[1, 1, 2, 1], num_query_pool=3, mask_ratio=mask_ratio,
+                                      decoder_hidden_size=16, decoder_depth=1, decoder_num_heads=1)
+    return sharpened(transformers.HieraForPreTraining(config))
+
+
+@pytest.mark.parametrize("size, mask_ratio", MASKED, ids=MASKED_IDS)
+def test_hf_hiera_pretraining_keeps_each_unit_at_its_cells(size, mask_ratio):
+    model = _hf_pretraining(size, mask_ratio)
+    units = (size[0] // 32) * (size[1] // 32)
+    pixels = torch.randn(2, 3, *size)
+    noise = torch.rand(units)
+    noise = torch.stack([noise, 1 - noise])  # argsort(noise) keeps the smallest: the images keep other units
+    run = lambda m: m(pixels, noise=noise)  # noqa: E731
+    recorded = record_both_reductions(model, run, lambda out: out.logits, STATS)
+    with torch.no_grad():
+        bool_masked_pos = run(model).bool_masked_pos  # the model's own mask: True where a unit is kept
+    kept = [bool_masked_pos[b].nonzero()[:, 0].tolist() for b in range(2)]
+    assert len(kept[0]) == int(units * (1 - mask_ratio)) and kept[0] != kept[1]
+    maps = attention_outputs(model, lambda m: type(m).__name__ == "HieraMaskUnitAttention" and m is not
+                             model.decoder.decoder_block.layers[0].attn, lambda m: m(pixels, noise=noise,
+                                                                                      output_attentions=True))
+    check_masked(maps, recorded, LAYERS[3], size, kept, units)
+
+
+def test_hf_hiera_pretraining_reads_the_mask_of_each_call():
+    """Without ``noise`` the model draws a new mask in every call: each call is placed by its own."""
+    model = _hf_pretraining((64, 96), 0.5)
+    pixels = torch.randn(2, 3, 64, 96)
+    masks, maps = [], []
+    for module in model.hiera.modules():
+        if type(module).__name__ == "HieraMaskUnitAttention":
+            module.register_forward_hook(lambda m, a, out: maps.append(out[1].detach()))
+    with torch.no_grad(), vitmad.record(model, stats=STATS, reduction="none") as rec:
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            masks.append(model(pixels, output_attentions=True).bool_masked_pos)
+    assert not torch.equal(masks[0], masks[1])
+    for call, mask in enumerate(masks):
+        kept = [mask[b].nonzero()[:, 0].tolist() for b in range(2)]
+        for i, (key_level, query_level, _, _) in enumerate(LAYERS[3]):
+            expected = masked_reference(maps[5 * call + i], 16, 24, key_level, query_level, kept)
+            torch.testing.assert_close(rec.calls[call].per_layer[i].double(), expected["mad"], equal_nan=True,
+                                       **TOL)
+
+
+def test_timm_hiera_patch_drop_in_training_keeps_the_units_it_drew():
+    """timm's ``patch_drop_rate`` draws the mask inside ``forward_features`` (``get_random_mask``) in training mode."""
+    torch.manual_seed(0)
+    model = timm.create_model("hiera_tiny_224", pretrained=False, img_size=(96, 128), embed_dim=16, num_heads=1,
+                              stages=(1, 1, 2, 1), patch_drop_rate=0.5)
+    model = sharpened(model).train()
+    pixels = torch.randn(2, 3, 96, 128)
+
+    def run(m):
+        torch.manual_seed(1)
+        return m(pixels)
+
+    recorded = record_both_reductions(model, run, lambda x: x, STATS)
+    eager = copy.deepcopy(model)
+    for module in eager.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    maps, masks, draw = eager_maps(eager, {"MaskUnitAttention"}), [], eager.get_random_mask
+    eager.get_random_mask = lambda *args, **kwargs: masks.append(draw(*args, **kwargs)) or masks[-1]
+    with torch.no_grad():
+        run(eager)
+    kept = [masks[0][b].nonzero()[:, 0].tolist() for b in range(2)]
+    assert len(kept[0]) == 6 and kept[0] != kept[1]
+    check_masked(maps, recorded, LAYERS[3], (96, 128), kept, 12)

@@ -17,8 +17,17 @@ keys. This module replays the unroll on the cells' integer ``(row, col)`` and fo
 the tokens pooled together are one ``sy x sx`` cell (else it refuses), then places each token at its cell's
 centre in input pixels: the patch stride (4) times the pooling so far (stages at 4, 8, 16, 32 pixels).
 
-Masked inputs (MAE pretraining, ``mask=`` in timm) drop mask units; the token count then no longer matches the
-patch grid and the call is refused.
+**Masked inputs** (transformers' MAE pretraining, ``HieraForPreTraining`` / ``HieraModel(is_mae=True)``: a mask
+drawn per image as ``argsort(noise)``; timm's ``mask=`` and its training-time ``patch_drop_rate``) drop whole mask
+units. Both models take a bool ``mask [B, U]`` over the ``U`` mask units (True: kept), tile it over the unrolled
+sequence (token ``t`` belongs to unit ``t % U``, the unroll's last digits) and keep the tokens it marks, in
+sequence order: ``tokens_per_unit x K`` tokens for ``K`` kept units. A hook on the module that receives the mask
+(timm's ``PatchEmbed``, its ``mask=`` argument; transformers' ``HieraPatchEmbeddings``, its returned
+``bool_masked_pos``) reads it in every call; the kept tokens' cells are selected from the unrolled cells the same
+way, and the poolings and windows that follow are applied to them per image (mask-unit attention then has one
+window per kept unit). Each kept token sits at its own cell; the per-query values fold onto the full query grid
+with the dropped cells absent (NaN, ``Placement.present`` False), so an image's MAD is the mean over its kept
+tokens.
 """
 
 from __future__ import annotations
@@ -40,6 +49,10 @@ _DESIGNS = {
                                                    ("num_heads", "query_stride", "window_size", "use_mask_unit_attn")),
 }
 _GRID = "hiera.grid"
+_MASK = "hiera.mask"  # + id(owner): the bool [B, U] mask of the current call, None for an unmasked one
+# The modules that receive the mask (module suffix of the class): timm's as its ``mask=`` argument, transformers'
+# in its output ``(embeddings, bool_masked_pos, ids_restore)``.
+_MASK_READERS = {("PatchEmbed", "hiera"): "argument", ("HieraPatchEmbeddings", "modeling_hiera"): "output"}
 
 
 def _key(module: nn.Module) -> tuple[str, str]:
@@ -103,6 +116,7 @@ class HieraPlacer(LayerPlacer):
                     break
         self.pools_before, self.query_stride = [s for s in strides[:-1] if s > 1], strides[-1]
         self.conv = next((m for m in module_list(owner) if isinstance(m, nn.Conv2d)), None)
+        self.masking = next((m for m in module_list(owner) if _key(m) in _MASK_READERS), None)
         self._cache: dict = {}
         self._placed: dict = {}
 
@@ -119,10 +133,20 @@ class HieraPlacer(LayerPlacer):
         def see(module, args, output) -> None:
             context.values[_GRID, id(self.owner)] = (int(output.shape[-2]), int(output.shape[-1]))
 
-        return [self.conv.register_forward_hook(see)]
+        def read_mask(module, args, kwargs, output) -> None:
+            if _MASK_READERS[_key(module)] == "argument":
+                mask = kwargs.get("mask", args[1] if len(args) > 1 else None)  # timm: [B, 1, U_h, U_w]
+            else:
+                mask = output[1]  # transformers: bool_masked_pos [B, U]
+            context.values[_MASK, id(self.owner)] = None if mask is None else mask.detach().reshape(mask.shape[0], -1)
 
-    def _layout(self, grid: tuple[int, int]):
-        """(key cells, query cells, key stride, query stride factor) of this layer for a patch grid."""
+        handles = [self.conv.register_forward_hook(see)]
+        if self.masking is not None:
+            handles.append(self.masking.register_forward_hook(read_mask, with_kwargs=True))
+        return handles
+
+    def _unrolled(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``[gh * gw, 2]`` the cells of the model's unrolled sequence for a patch grid."""
         schedule = self._schedule()
         total = (1, 1)
         for sy, sx in schedule:
@@ -130,7 +154,14 @@ class HieraPlacer(LayerPlacer):
         if grid[0] % total[0] or grid[1] % total[1]:
             raise NotPlaceable(f"its patch grid {grid[0]}x{grid[1]} does not divide by the unroll schedule "
                                f"{schedule} ({total[0]}x{total[1]})")
-        cells, factor, remaining = unrolled_cells(grid, schedule), (1, 1), list(schedule)
+        return unrolled_cells(grid, schedule)
+
+    def _layout(self, cells: torch.Tensor):
+        """(key cells, query cells, key stride factor, query stride factor) of this layer: the cells ``[B, N, 2]``
+        of the sequence that enters the first block (B = 1 when every image has them all) followed through the
+        poolings up to this layer."""
+        schedule = self._schedule()
+        factor, remaining = (1, 1), list(schedule)
         for flat in self.pools_before + ([self.query_stride] if self.query_stride > 1 else []):
             if not remaining or remaining[0][0] * remaining[0][1] != flat:
                 raise NotPlaceable(
@@ -147,10 +178,11 @@ class HieraPlacer(LayerPlacer):
 
     @staticmethod
     def _pool(cells: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
-        members = cells.view(stride[0] * stride[1], -1, 2) // torch.tensor(stride)
-        if not bool((members == members[:1]).all()):
+        # The model pools x.view(B, sy * sx, -1, C).amax(1): token j with j + N / (sy * sx), ...
+        members = cells.view(cells.shape[0], stride[0] * stride[1], -1, 2) // torch.tensor(stride)
+        if not bool((members == members[:, :1]).all()):
             raise NotPlaceable(f"the tokens its query pooling groups are not {stride[0]}x{stride[1]} cells")
-        return members[0]
+        return members[:, 0]
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         grid = context.values.get((_GRID, id(self.owner)))
@@ -159,53 +191,112 @@ class HieraPlacer(LayerPlacer):
         heads_name, _, window_name, masked_name = self.attributes
         heads = int(getattr(self.attention, heads_name))
         windowed = bool(getattr(self.attention, masked_name))
-        # The placement of a call depends on nothing else: built once, reused by every call of the same shape.
+        mask = context.values.get((_MASK, id(self.owner)))
+        if mask is not None and mask.dtype != torch.bool:
+            raise NotPlaceable(f"its mask is {mask.dtype}; vitmad places the mask units a bool mask keeps (True: "
+                               "kept), the mask Hiera draws and indexes its tokens with")
+        if mask is not None and not bool(mask.all()):
+            key = (_MASK + ".cells", id(self.owner))
+            if key not in context.values:  # the layers of one call share the kept cells
+                context.values[key] = self._kept_cells(grid, mask)
+            kept = (int(mask[0].sum()), int(mask.shape[1]))
+            return self._placement(grid, self._layout(context.values[key]), lead, num_queries, num_keys, heads,
+                                   windowed, kept)
+        # The placement of an unmasked call depends on nothing else: built once, reused by every call of the shape.
         window = int(getattr(self.attention, window_name))
         placed_key = (grid, tuple(lead), num_queries, num_keys, heads, windowed, window)
         if placed_key not in self._placed:
-            self._placed[placed_key] = self._placement(grid, lead, num_queries, num_keys, heads, windowed)
+            if grid not in self._cache:
+                self._cache[grid] = self._layout(self._unrolled(grid).unsqueeze(0))
+            self._placed[placed_key] = self._placement(grid, self._cache[grid], lead, num_queries, num_keys, heads,
+                                                       windowed)
         return self._placed[placed_key]
 
-    def _placement(self, grid: tuple[int, int], lead: torch.Size, num_queries: int, num_keys: int, heads: int,
-                   windowed: bool) -> Placement:
+    def _kept_cells(self, grid: tuple[int, int], mask: torch.Tensor) -> torch.Tensor:
+        """``[B, M, 2]`` the cells of the tokens a bool ``mask [B, U]`` keeps, in the model's sequence order."""
+        cells = self._unrolled(grid)
+        tokens, units = cells.shape[0], mask.shape[1]
+        if tokens % units:
+            raise NotPlaceable(f"its mask covers {units} mask units, which do not divide the {tokens} tokens of its "
+                               f"{grid[0]}x{grid[1]} patch grid")
+        counts = mask.sum(1).tolist()
+        if len(set(counts)) > 1:
+            raise NotPlaceable(f"its mask keeps {counts} mask units in the images of the batch; Hiera keeps as many "
+                               "in every image")
+        # The model tiles the mask over the unrolled sequence (token t is in mask unit t % U, the unroll's last
+        # digits) and keeps the tokens it marks, in sequence order.
+        keep = mask.cpu().repeat(1, tokens // units)
+        return cells[keep.nonzero()[:, 1].view(mask.shape[0], -1)]
+
+    def _placement(self, grid: tuple[int, int], layout, lead: torch.Size, num_queries: int, num_keys: int,
+                   heads: int, windowed: bool, kept: tuple[int, int] | None = None) -> Placement:
+        """The placement of a call from its layout (:meth:`_layout`); ``kept`` is (kept, all) mask units of each
+        image of a masked call (the layout's cells then per image), None for an unmasked one."""
         _, _, window_name, _ = self.attributes
-        if grid not in self._cache:
-            self._cache[grid] = self._layout(grid)
-        keys, queries, key_factor, query_factor = self._cache[grid]
-        num_windows = keys.shape[0] // (self.query_stride * int(getattr(self.attention, window_name))) \
+        keys, queries, key_factor, query_factor = layout
+        images = keys.shape[0]
+        num_windows = keys.shape[1] // (self.query_stride * int(getattr(self.attention, window_name))) \
             if windowed else 1
-        tokens_k, tokens_q = keys.shape[0] // num_windows, queries.shape[0] // num_windows
+        tokens_k, tokens_q = keys.shape[1] // max(num_windows, 1), queries.shape[1] // max(num_windows, 1)
         batch = int(lead[0]) if len(lead) else 0
         shapes = [(batch, heads, num_windows)] + ([(batch, heads)] if num_windows == 1 else [])
-        if tuple(lead) not in shapes or (num_queries, num_keys) != (tokens_q, tokens_k):
+        if (tuple(lead) not in shapes or (num_queries, num_keys) != (tokens_q, tokens_k)
+                or tokens_k * num_windows != keys.shape[1] or (kept is not None and batch != images)):
+            seen = (f"its mask keeps {kept[0]} of the {kept[1]} mask units of each of {images} images" if kept
+                    else "vitmad saw no mask units dropped in this call")
             raise NotPlaceable(
                 f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; from the "
                 f"{grid[0]}x{grid[1]} patch grid vitmad expects [B, {heads}, {num_windows}, {tokens_q}, {tokens_k}] "
-                f"({'mask units' if windowed else 'global'}, query stride {self.query_stride}); were mask units "
-                "dropped (a mask or MAE pretraining)?"
+                f"({'mask units' if windowed else 'global'}, query stride {self.query_stride}): {seen}"
             )
         patch = tuple(float(s) for s in self.conv.stride)
         key_stride = (patch[0] * key_factor[0], patch[1] * key_factor[1])
         query_stride = (patch[0] * query_factor[0], patch[1] * query_factor[1])
         # Token t of the sequence is in window t % nW, at place t // nW within it.
-        key_positions = _centres(keys, key_stride).view(tokens_k, num_windows, 2).transpose(0, 1)
-        positions = _centres(queries, query_stride).view(tokens_q, num_windows, 2).transpose(0, 1)
+        key_positions = _centres(keys, key_stride).view(images, tokens_k, num_windows, 2).transpose(1, 2)
+        positions = _centres(queries, query_stride).view(images, tokens_q, num_windows, 2).transpose(1, 2)
+        if kept is None:  # [nW, T, 2], every image's
+            key_positions, positions = key_positions[0], positions[0]
+        else:  # [B, 1, nW, T, 2] (or [B, 1, T, 2] for a call without a window dim): each image's, every head's
+            key_positions, positions = key_positions.unsqueeze(1), positions.unsqueeze(1)
+            if len(lead) == 2:
+                key_positions, positions = key_positions.squeeze(2), positions.squeeze(2)
         query_grid = (grid[0] // query_factor[0], grid[1] // query_factor[1])
-        flat = queries.view(tokens_q, num_windows, 2).transpose(0, 1).reshape(-1, 2)
-        index = flat[:, 0] * query_grid[1] + flat[:, 1]
-        order = torch.argsort(index)
-        if not torch.equal(index[order], torch.arange(index.numel())):
-            raise NotPlaceable(f"its queries do not cover the {query_grid[0]}x{query_grid[1]} grid once each")
-
-        def fold(values: torch.Tensor) -> torch.Tensor:
-            values = values.reshape(values.shape[0], values.shape[1], -1)
-            return values.index_select(-1, on_device(order, values.device))
-
+        num_cells = query_grid[0] * query_grid[1]
+        # The per-query values come window by window: the cells in that order, as grid indices.
+        flat = queries.view(images, tokens_q, num_windows, 2).transpose(1, 2).reshape(images, -1, 2)
+        index = flat[..., 0] * query_grid[1] + flat[..., 1]
         attention = "mask units" if windowed else "global"
         if self.query_stride > 1:
             attention += f", queries pooled {query_factor[0] // key_factor[0]}x{query_factor[1] // key_factor[1]}"
-        geometry = LayerGeometry(query_grid, query_stride, attention, heads)
-        return Placement(positions, None if queries is keys else key_positions, fold, geometry)
+        if kept is None:
+            order = torch.argsort(index[0])
+            if not torch.equal(index[0, order], torch.arange(num_cells)):
+                raise NotPlaceable(f"its queries do not cover the {query_grid[0]}x{query_grid[1]} grid once each")
+
+            def fold(values: torch.Tensor) -> torch.Tensor:
+                values = values.reshape(values.shape[0], values.shape[1], -1)
+                return values.index_select(-1, on_device(order, values.device))
+
+            geometry = LayerGeometry(query_grid, query_stride, attention, heads)
+            return Placement(positions, None if queries is keys else key_positions, fold, geometry)
+        ordered = index.sort(1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()) or int(ordered.min()) < 0 or \
+                int(ordered.max()) >= num_cells:
+            raise NotPlaceable(f"its queries do not fall on distinct cells of the {query_grid[0]}x{query_grid[1]} "
+                               "grid")
+
+        def fold_kept(values: torch.Tensor) -> torch.Tensor:
+            # values [B, H, nW, T] -> [B, H, cells]: each kept query at its own cell, the dropped ones NaN.
+            values = values.reshape(values.shape[0], values.shape[1], -1)
+            cells = on_device(index, values.device).unsqueeze(1).expand(values.shape[0], values.shape[1], -1)
+            return values.new_full((*values.shape[:2], num_cells), float("nan")).scatter(-1, cells, values)
+
+        present = torch.zeros(images, num_cells, dtype=torch.bool).scatter_(1, index, True)
+        geometry = LayerGeometry(query_grid, query_stride, f"{attention} ({kept[0]} of {kept[1]} mask units kept)",
+                                 heads)
+        return Placement(positions, None if queries is keys else key_positions, fold_kept, geometry,
+                         present=present)
 
 
 def _centres(cells: torch.Tensor, stride: tuple[float, float]) -> torch.Tensor:
