@@ -310,3 +310,16 @@ def test_frame_count_follows_the_input():
     assert [g.frames for g in rec.geometry] == [4, 4]
     assert rec.temporal_mad.shape == (2, 1, 2)
 
+
+def test_a_recording_entered_again_places_video_layers_again():
+    """Its embedding hook was installed once per recording (keyed by the recording's context): the exit removed it,
+    and in the second entry every layer refused, "it ran before the video embedding"."""
+    model, argument = _build("videomae")
+    rec = vitmad.record(model)
+    with torch.no_grad():
+        with rec:
+            model(**{argument: _video()})
+        first = rec.mad
+        with rec:
+            model(**{argument: _video()})
+    assert len(rec.calls) == 2 and torch.equal(rec.mad, first)

@@ -114,16 +114,18 @@ class _Embedding:
 
     def __init__(self, model: nn.Module, conv: nn.Module, frames: int | None, video_module: nn.Module | None = None):
         self.model, self.conv, self.frames, self.video_module = model, conv, frames, video_module
-        self._context: CallContext | None = None
+        # The recording whose hook is on the convolution, and that hook.
+        self._installed: tuple[CallContext, torch.utils.hooks.RemovableHandle] | None = None
         # (B, T) of the video video_module took last, until the convolution reads it. Not in the context's values:
         # the call starts at the convolution (recorder._first_convolution), which clears them.
         self._video_shape: tuple[int, int] | None = None
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
-        # Every layer's placer shares this hook: one per recording.
-        if self._context is context:
+        # Every layer's placer shares this hook: one per recording. A recording entered again installs it again (its
+        # exit removed the hook): keyed by the context alone, the second entry had no grid, and every layer refused.
+        installed = self._installed
+        if installed is not None and installed[0] is context and installed[1].id in self.conv._forward_hooks:
             return []
-        self._context = context
 
         def see(module, args, output) -> None:
             kernel, stride = tuple(module.kernel_size), tuple(module.stride)
@@ -147,6 +149,7 @@ class _Embedding:
                                           (float(kernel[-2]), float(kernel[-1])), frame_stride)
 
         handles = [self.conv.register_forward_hook(see)]
+        self._installed = (context, handles[0])
         if self.video_module is not None:
             def see_video(module, args, kwargs) -> None:
                 video = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
