@@ -220,6 +220,18 @@ def test_videomae_with_counts_that_differ_between_videos_is_refused():
             model(_video((24, 40), 1), bool_masked_pos=mask)
 
 
+@pytest.mark.filterwarnings("ignore:indexing with dtype torch.uint8 is now deprecated")
+def test_videomae_with_a_mask_that_is_not_bool_is_refused():
+    """~ of a uint8 mask is 255 or 254, which torch's deprecated uint8 indexing takes as True: every tubelet is kept,
+    not those marked 0."""
+    model = _videomae(transformers.VideoMAEModel, (32, 32))
+    mask = _mask(32, 16, 1).to(torch.uint8)
+    with torch.no_grad():
+        assert model(_video((32, 32), 1), bool_masked_pos=mask).last_hidden_state.shape[1] == 32
+        with vitmad.record(model), pytest.raises(ValueError, match="bool_masked_pos is a torch.uint8 tensor"):
+            model(_video((32, 32), 1), bool_masked_pos=mask)
+
+
 def test_videomae_decoder_outside_its_pretraining_forward_is_refused():
     model = _videomae(transformers.VideoMAEForPreTraining, (32, 32))
     decoder = "decoder.decoder_layers.0.attention.attention"
