@@ -426,7 +426,7 @@ class VideoMAEDecoderPlacer(LayerPlacer):
             if refusal is None:
                 masked, tubelets = int(given[0][0].sum()), grid.frames * grid.size[0] * grid.size[1]
                 shape = list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-                if shape[:2] != [grid.batch, tubelets] or int(returned) != masked:
+                if shape[:2] != [grid.batch, tubelets] or not isinstance(returned, int) or returned != masked:
                     refusal = (f"VideoMAEDecoder took hidden states {shape} and return_token_num {returned}, where "
                                f"bool_masked_pos masks {masked} of {tubelets} tubelets of each of {grid.batch} "
                                f"video(s): [{grid.batch}, {tubelets}, C] and {masked}")
