@@ -17,11 +17,23 @@ frames (tubelet 2: frames 1, 3, 5, ...; docs/definition.md, video). Every call i
   of ``B * frames`` images), as a space call.
 
 The grid is read from the tubelet (or, for TimeSformer, patch) embedding's output in each call; TimeSformer's
-blocks reshape with ``config.num_frames``, which is its frame count. Left out, with the reason
-(``rec.skipped`` when named): V-JEPA 2's predictor (context tokens chosen by masks, then mask tokens) and its
-attentive pooler (learned queries; its self-attention layers belong to the classification head, not the
-encoder), and VideoMAE's pretraining decoder (the visible tubelets, then the mask tokens). VideoMAE with
-``bool_masked_pos`` (dropped tubelets) is refused.
+blocks reshape with ``config.num_frames``, which is its frame count.
+
+Masked calls, each token at its own tubelet's cell, read per call from what the model received (hooks), and folded
+onto the whole grid with the tubelets a call lacks absent (``Placement.present``):
+
+- VideoMAE with ``bool_masked_pos``: ``VideoMAEEmbeddings`` keeps ``embeddings[~bool_masked_pos]`` reshaped to
+  ``[B, K, C]``, each video's kept tubelets in index order (refused unless every video keeps the same count:
+  the reshape would mix videos);
+- ``VideoMAEForPreTraining``'s decoder (named in ``layers=``): the ``K`` visible tubelets in index order, then
+  the mask tokens in index order, each with its own cell's position embedding: every tubelet once;
+- V-JEPA 2's predictor (named in ``layers=``): the context tokens its ``context_mask`` chose and a mask token
+  per index of its ``target_mask``, in the order of the ``position_mask`` its attention takes (sorted by index):
+  index ``i`` is tubelet ``i`` of the encoder's sequence (refused where an index appears twice: context and
+  target overlap, as in the default forward, and one tubelet cannot hold two values).
+
+Left out, with the reason (``rec.skipped`` when named): V-JEPA 2's attentive pooler (learned queries; its
+self-attention layers belong to the classification head, not the encoder).
 """
 
 from __future__ import annotations
@@ -46,7 +58,7 @@ from ..placement import (
 )
 from .plain import is_embedding_projection
 
-__all__ = ["placer", "VideoPlacer"]
+__all__ = ["placer", "VideoPlacer", "MaskedVideoMAEPlacer", "VideoMAEDecoderPlacer", "VJEPA2PredictorPlacer"]
 
 _VIDEOMAE = "transformers.models.videomae.modeling_videomae"
 _VIVIT = "transformers.models.vivit.modeling_vivit"
@@ -61,11 +73,15 @@ _SKIPPED = {
                                             "video encoder",
 }
 _PREDICTOR = (_VJEPA2, "VJEPA2Predictor")
+_VIDEOMAE_MODEL = (_VIDEOMAE, "VideoMAEModel")
+_VIDEOMAE_PRETRAINING = (_VIDEOMAE, "VideoMAEForPreTraining")
 # VideoMAEForPreTraining's decoder attends over the visible tubelets in index order, then the mask tokens in index
 # order (each with its own cell's position embedding): per video by bool_masked_pos, not the (frame, row, column)
 # order of the encoder, which its token count (the whole grid) would pass for.
 _VIDEOMAE_DECODER = (_VIDEOMAE, "VideoMAEDecoder")
 _GRID = "video.grid"
+# + a module's name: the tubelet index of each token of its call, [B, n] (or why it is not known), read this call.
+_CELLS = "video.cells."
 
 
 def _key(module: nn.Module) -> tuple[str, str]:
@@ -98,16 +114,18 @@ class _Embedding:
 
     def __init__(self, model: nn.Module, conv: nn.Module, frames: int | None, video_module: nn.Module | None = None):
         self.model, self.conv, self.frames, self.video_module = model, conv, frames, video_module
-        self._context: CallContext | None = None
+        # The recording whose hook is on the convolution, and that hook.
+        self._installed: tuple[CallContext, torch.utils.hooks.RemovableHandle] | None = None
         # (B, T) of the video video_module took last, until the convolution reads it. Not in the context's values:
         # the call starts at the convolution (recorder._first_convolution), which clears them.
         self._video_shape: tuple[int, int] | None = None
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
-        # Every layer's placer shares this hook: one per recording.
-        if self._context is context:
+        # Every layer's placer shares this hook: one per recording. A recording entered again installs it again (its
+        # exit removed the hook): keyed by the context alone, the second entry had no grid, and every layer refused.
+        installed = self._installed
+        if installed is not None and installed[0] is context and installed[1].id in self.conv._forward_hooks:
             return []
-        self._context = context
 
         def see(module, args, output) -> None:
             kernel, stride = tuple(module.kernel_size), tuple(module.stride)
@@ -131,6 +149,7 @@ class _Embedding:
                                           (float(kernel[-2]), float(kernel[-1])), frame_stride)
 
         handles = [self.conv.register_forward_hook(see)]
+        self._installed = (context, handles[0])
         if self.video_module is not None:
             def see_video(module, args, kwargs) -> None:
                 video = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
@@ -244,6 +263,283 @@ class VideoPlacer(LayerPlacer):
         return Placement(positions, None, fold, geometry, time_positions=time_positions)
 
 
+def _by_index(mask: torch.Tensor, chosen: bool) -> torch.Tensor:
+    """``[B, K]``: each video's tubelet indices where ``mask`` is ``chosen``, ascending, the order in which
+    boolean indexing takes them (every video has the same count: :func:`_mask_refusal`)."""
+    return (mask == chosen).nonzero()[:, 1].view(mask.shape[0], -1).cpu()
+
+
+def _mask_refusal(mask, grid: _Grid | None, selector: str) -> str | None:
+    """Why ``bool_masked_pos`` does not name the same count of this call's tubelets in every video (None when it
+    does): ``selector`` takes ``tensor[~bool_masked_pos]`` and reshapes it to ``[B, -1, C]``."""
+    if grid is None:
+        return f"{selector} ran before the video embedding, so the tubelet grid bool_masked_pos indexes is unknown"
+    tubelets = grid.frames * grid.size[0] * grid.size[1]
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        given = f"a {mask.dtype} tensor" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        return (f"bool_masked_pos is {given}; {selector} keeps tensor[~bool_masked_pos], the tubelets marked False "
+                "only for a torch.bool mask: pass one")
+    if tuple(mask.shape) != (grid.batch, tubelets):
+        return (f"bool_masked_pos has shape {list(mask.shape)}; over {grid.batch} video(s) of "
+                f"{grid.frames}x{grid.size[0]}x{grid.size[1]} tubelets it is [{grid.batch}, {tubelets}]")
+    masked = mask.sum(1).cpu()
+    if bool((masked != masked[0]).any()):
+        return (f"bool_masked_pos masks {masked.tolist()} tubelets of the {grid.batch} videos; {selector} reshapes "
+                "the kept tubelets of all videos to [B, -1, C], so where the counts differ a row holds tubelets of "
+                "two videos: mask the same count in every video (as transformers asks)")
+    return None
+
+
+def _cells_placement(grid: _Grid, cells: torch.Tensor, heads: int, attention: str) -> Placement:
+    """The placement of a call whose token ``j`` of video ``b`` is tubelet ``cells[b, j]`` (its (frame, row,
+    column) index; ``cells`` ``[B, n]`` on the host, each tubelet at most once per video), folded onto the whole
+    grid with the tubelets a video lacks absent."""
+    patches = grid.size[0] * grid.size[1]
+    tubelets = grid.frames * patches
+    batch, count = cells.shape
+    spatial = cell_centres(*grid.size, grid.stride).reshape(patches, 2).repeat(grid.frames, 1)
+    times = ((torch.arange(grid.frames, dtype=torch.float64) + 0.5) * grid.frame_stride).repeat_interleave(patches)
+    positions = spatial[cells].unsqueeze(1)  # [B, 1, n, 2]: shared by the heads
+    time_positions = times.to(torch.float32)[cells][..., None].unsqueeze(1)  # [B, 1, n, 1]
+
+    def fold(values: torch.Tensor) -> torch.Tensor:
+        # values [B, H, n] -> [B, H, tubelets]: token j of video b goes to tubelet cells[b, j].
+        index = cells.to(values.device).unsqueeze(1).expand(values.shape[0], values.shape[1], count)
+        return values.new_full((*values.shape[:2], tubelets), float("nan")).scatter(-1, index, values)
+
+    present = None
+    if count < tubelets:
+        present = torch.zeros(batch, tubelets, dtype=torch.bool).scatter_(1, cells, True)
+    geometry = LayerGeometry(grid.size, grid.stride, attention, heads, frames=grid.frames,
+                             frame_stride=float(grid.frame_stride))
+    return Placement(positions, None, fold, geometry, present=present, time_positions=time_positions)
+
+
+def _shared(context: CallContext, key: str, cells: torch.Tensor, heads: int, build) -> Placement:
+    """The placement the layers of this call share for the same ``cells`` and head count, built once."""
+    known = context.values.get(key)
+    if known is not None and known[0] is cells and known[1] == heads:
+        return known[2]
+    placement = build()
+    context.values[key] = (cells, heads, placement)
+    return placement
+
+
+def _call_shape(lead: torch.Size, num_queries: int, num_keys: int) -> str:
+    return f"[{', '.join(map(str, lead))}, {num_queries}, {num_keys}]"
+
+
+class MaskedVideoMAEPlacer(VideoPlacer):
+    """VideoMAE's encoder (``VideoMAEModel``, also inside ``VideoMAEForPreTraining``): the whole grid as
+    :class:`VideoPlacer` places it, or, in a call given ``bool_masked_pos``, the ``K`` tubelets each video kept,
+    in index order, at their own cells.
+
+    Args:
+        model: the model, named in messages.
+        embedding: the hook that reads each call's tubelet grid.
+        embeddings_name: qualified name of the ``VideoMAEEmbeddings`` that drop the masked tubelets.
+        embeddings: that module.
+    """
+
+    def __init__(self, model: nn.Module, embedding: _Embedding, embeddings_name: str, embeddings: nn.Module):
+        super().__init__(model, embedding, "space-time")
+        self.embeddings_name, self.embeddings = embeddings_name, embeddings
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        key = _CELLS + self.embeddings_name
+
+        def keep(module, args, kwargs, output) -> None:
+            # Every layer's placer hooks the same embeddings: the first hook of the call reads them.
+            if key in context.values:
+                return
+            mask = args[1] if len(args) > 1 else kwargs.get("bool_masked_pos")
+            if mask is None:  # the whole grid, in (frame, row, column) order
+                context.values[key] = None
+                return
+            grid = context.values.get(_GRID)
+            refusal = _mask_refusal(mask, grid, type(module).__name__)
+            if refusal is None:
+                kept = grid.frames * grid.size[0] * grid.size[1] - int(mask[0].sum())
+                if tuple(output.shape[:2]) != (grid.batch, kept):
+                    refusal = (f"{type(module).__name__} returned {list(output.shape)} where bool_masked_pos keeps "
+                               f"{kept} tubelets of each of {grid.batch} video(s)")
+            context.values[key] = refusal or _by_index(mask, False)
+
+        return [*super().install(context), self.embeddings.register_forward_hook(keep, with_kwargs=True)]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        kept = context.values.get(_CELLS + self.embeddings_name)
+        if kept is None:
+            return super().place(context, lead, num_queries, num_keys)
+        if isinstance(kept, str):
+            raise NotPlaceable(f"it attends over the tubelets {self.embeddings_name} kept, and {kept}")
+        grid = context.values[_GRID]
+        batch, count = kept.shape
+        tubelets = grid.frames * grid.size[0] * grid.size[1]
+        if len(lead) != 2 or lead[0] != batch or num_queries != count or num_keys != count:
+            raise NotPlaceable(f"its attention has shape {_call_shape(lead, num_queries, num_keys)}; over the {count} "
+                               f"of {tubelets} tubelets bool_masked_pos keeps in each of {batch} video(s) it is "
+                               f"[{batch}, heads, {count}, {count}]")
+        heads = int(lead[1])
+        return _shared(context, "video.kept.placement", kept, heads, lambda: _cells_placement(
+            grid, kept, heads, f"space-time over the {count} of {tubelets} tubelets kept"))
+
+
+class VideoMAEDecoderPlacer(LayerPlacer):
+    """A layer of ``VideoMAEForPreTraining``'s decoder: per video the visible tubelets in index order, then the
+    mask tokens in index order, by the ``bool_masked_pos`` of the pretraining forward that runs it.
+
+    Args:
+        model: the model, named in messages.
+        embedding: the hook that reads each call's tubelet grid.
+        pretraining: the ``VideoMAEForPreTraining`` whose forward builds the decoder's tokens.
+        decoder_name: qualified name of its ``VideoMAEDecoder``.
+        decoder: that module.
+    """
+
+    def __init__(self, model: nn.Module, embedding: _Embedding, pretraining: nn.Module, decoder_name: str,
+                 decoder: nn.Module):
+        self.model, self.embedding, self.pretraining = model, embedding, pretraining
+        self.decoder_name, self.decoder = decoder_name, decoder
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        key = _CELLS + self.decoder_name
+        given: list = []  # the bool_masked_pos of the pretraining forward in progress
+
+        def enter(module, args, kwargs) -> None:
+            given[:] = [args[1] if len(args) > 1 else kwargs.get("bool_masked_pos")]
+
+        def leave(*_) -> None:
+            given.clear()
+
+        def decode(module, args, kwargs) -> None:
+            if key in context.values:  # every layer's placer hooks the decoder: the first of the call reads it
+                return
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            returned = args[1] if len(args) > 1 else kwargs.get("return_token_num")
+            grid = context.values.get(_GRID)
+            if not given:
+                refusal = ("VideoMAEDecoder ran outside a forward of VideoMAEForPreTraining, so which of its tokens "
+                           "are mask tokens, and of which tubelets, is unknown")
+            else:
+                refusal = _mask_refusal(given[0], grid, "VideoMAEForPreTraining")
+            if refusal is None:
+                masked, tubelets = int(given[0][0].sum()), grid.frames * grid.size[0] * grid.size[1]
+                shape = list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+                if shape[:2] != [grid.batch, tubelets] or not isinstance(returned, int) or returned != masked:
+                    refusal = (f"VideoMAEDecoder took hidden states {shape} and return_token_num {returned}, where "
+                               f"bool_masked_pos masks {masked} of {tubelets} tubelets of each of {grid.batch} "
+                               f"video(s): [{grid.batch}, {tubelets}, C] and {masked}")
+            if refusal is not None:
+                context.values[key] = refusal
+                return
+            visible = _by_index(given[0], False)
+            context.values[key] = (torch.cat([visible, _by_index(given[0], True)], 1), int(visible.shape[1]))
+
+        return [*self.embedding.install(context),
+                self.pretraining.register_forward_pre_hook(enter, with_kwargs=True),
+                self.pretraining.register_forward_hook(leave, always_call=True),
+                self.decoder.register_forward_pre_hook(decode, with_kwargs=True)]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        order = context.values.get(_CELLS + self.decoder_name)
+        if order is None:
+            raise NotPlaceable(f"it ran before {self.decoder_name} in this call, so the order of its tokens is unknown")
+        if isinstance(order, str):
+            raise NotPlaceable(order)
+        order, visible = order
+        grid = context.values[_GRID]
+        batch, count = order.shape
+        if len(lead) != 2 or lead[0] != batch or num_queries != count or num_keys != count:
+            raise NotPlaceable(f"its attention has shape {_call_shape(lead, num_queries, num_keys)}; over the "
+                               f"visible tubelets and the mask tokens of {batch} video(s) it is "
+                               f"[{batch}, heads, {count}, {count}]")
+        heads = int(lead[1])
+        return _shared(context, "video.decoded.placement", order, heads, lambda: _cells_placement(
+            grid, order, heads, f"space-time over the {visible} visible tubelets, then the {count - visible} mask "
+                                "tokens"))
+
+
+class VJEPA2PredictorPlacer(LayerPlacer):
+    """A layer of V-JEPA 2's predictor: each token at the tubelet its index in the ``position_mask`` the layer's
+    attention takes names (the index of the encoder's sequence its context token was gathered from, or its mask
+    token predicts), in that order.
+
+    Args:
+        model: the model, named in messages.
+        embedding: the hook that reads each call's tubelet grid (the encoder's).
+        predictor: the ``VJEPA2Predictor``, whose ``encoder_hidden_states`` the indices select from.
+        predictor_name: its qualified name.
+        attention_name: qualified name of this layer's ``VJEPA2RopeAttention``.
+        attention: that module.
+    """
+
+    def __init__(self, model: nn.Module, embedding: _Embedding, predictor: nn.Module, predictor_name: str,
+                 attention_name: str, attention: nn.Module):
+        self.model, self.embedding, self.predictor, self.predictor_name = model, embedding, predictor, predictor_name
+        self.attention_name, self.attention = attention_name, attention
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        states_key, ids_key = _CELLS + self.predictor_name, _CELLS + self.attention_name
+
+        def predict(module, args, kwargs) -> None:
+            states = args[0] if args else kwargs.get("encoder_hidden_states")
+            context.values[states_key] = list(states.shape) if isinstance(states, torch.Tensor) else None
+
+        def attend(module, args, kwargs) -> None:
+            context.values[ids_key] = args[1] if len(args) > 1 else kwargs.get("position_mask")
+
+        return [*self.embedding.install(context),
+                self.predictor.register_forward_pre_hook(predict, with_kwargs=True),
+                self.attention.register_forward_pre_hook(attend, with_kwargs=True)]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        grid = context.values.get(_GRID)
+        if grid is None:
+            raise NotPlaceable("it ran before the video embedding, so the tubelet grid its indices name is unknown")
+        tubelets = grid.frames * grid.size[0] * grid.size[1]
+        states = context.values.get(_CELLS + self.predictor_name)
+        if states is None or states[:2] != [grid.batch, tubelets]:
+            raise NotPlaceable(
+                f"{self.predictor_name} took encoder_hidden_states {states}, not the [{grid.batch}, {tubelets}, C] of "
+                f"the {grid.frames}x{grid.size[0]}x{grid.size[1]} tubelets the encoder embedded in this call, so the "
+                "tubelets its indices name are unknown"
+            )
+        ids = context.values.get(_CELLS + self.attention_name)
+        if not isinstance(ids, torch.Tensor):
+            raise NotPlaceable(f"its position_mask is {type(ids).__name__}, not the index of each token: which "
+                               "tubelet each token stands for is unknown")
+        if len(lead) != 2 or num_queries != num_keys or list(ids.shape) != [lead[0], num_queries]:
+            raise NotPlaceable(f"its attention has shape {_call_shape(lead, num_queries, num_keys)} and its "
+                               f"position_mask {list(ids.shape)}; vitmad places self-attention [B, heads, n, n] "
+                               "with one index per token, [B, n]")
+        if lead[0] != grid.batch:
+            raise NotPlaceable(
+                f"it attends over {lead[0]} sequences for {grid.batch} video(s): one per video and mask of "
+                "context_mask and target_mask, and a video's values fold onto its tubelets once; pass one context "
+                "mask and one target mask"
+            )
+
+        def build() -> Placement:
+            cells = ids.detach().to("cpu", torch.long)
+            if bool(((cells < 0) | (cells >= tubelets)).any()):
+                raise NotPlaceable(f"its position_mask holds indices from {int(cells.min())} to {int(cells.max())}, "
+                                   f"beyond the {tubelets} tubelets of the encoder's sequence")
+            ordered = cells.sort(dim=1).values
+            twice = (ordered[:, 1:] == ordered[:, :-1]).nonzero()
+            if twice.numel():
+                video, at = int(twice[0, 0]), int(ordered[twice[0, 0], twice[0, 1]])
+                raise NotPlaceable(
+                    f"tubelet {at} of video {video} is the index of two of its tokens (the context and target masks "
+                    "overlap, as in VJEPA2Model's default forward, where both are every tubelet), and a tubelet holds "
+                    "one value: pass context_mask and target_mask that share no index"
+                )
+            return _cells_placement(grid, cells, int(lead[1]),
+                                    f"space-time over {num_queries} of {tubelets} tubelets, context and mask tokens")
+
+        return _shared(context, "video.predicted.placement", ids, int(lead[1]), build)
+
+
 # One embedding hook per model, shared by its layers' placers.
 _EMBEDDINGS: weakref.WeakKeyDictionary[nn.Module, _Embedding] = weakref.WeakKeyDictionary()
 
@@ -265,7 +561,7 @@ def _embedding(model: nn.Module, frames: int | None) -> _Embedding | None:
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
-    """The placer of a video transformer's attention module, a Skip for its predictor and pooler, or None."""
+    """The placer of a video transformer's attention module, a Skip for V-JEPA 2's attentive pooler, or None."""
     from . import Skip
 
     key = _key(module)
@@ -275,16 +571,29 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return Skip(_SKIPPED[key])
     modules = dict(named_module_list(model))
     parts = name.split(".")
-    ancestors = [modules[".".join(parts[:i])] for i in range(len(parts))]
-    if any(_key(a) == _PREDICTOR for a in ancestors):
-        return Skip("V-JEPA 2 predictor: context tokens chosen by masks and mask tokens, not the encoder's tubelets")
-    if any(_key(a) == _VIDEOMAE_DECODER for a in ancestors):
-        return Skip("VideoMAE pretraining decoder: the visible tubelets, then the mask tokens, each in the order "
-                    "bool_masked_pos leaves them, not the encoder's (frame, row, column) order; vitmad does not "
-                    "place it")
+    names = [".".join(parts[:i]) for i in range(len(parts))]
+    ancestors = [modules[n] for n in names]
+
+    def nearest(kind: tuple[str, str]) -> int | None:
+        return next((i for i in reversed(range(len(ancestors))) if _key(ancestors[i]) == kind), None)
+
     if key in _JOINT:
         embedding = _embedding(model, None)
-        return None if embedding is None else VideoPlacer(model, embedding, "space-time", _JOINT[key])
+        if embedding is None:
+            return None
+        predictor, decoder, videomae = nearest(_PREDICTOR), nearest(_VIDEOMAE_DECODER), nearest(_VIDEOMAE_MODEL)
+        if predictor is not None:
+            return VJEPA2PredictorPlacer(model, embedding, ancestors[predictor], names[predictor], name, module)
+        pretraining = None if decoder is None else nearest(_VIDEOMAE_PRETRAINING)
+        if pretraining is not None and pretraining < decoder:
+            return VideoMAEDecoderPlacer(model, embedding, ancestors[pretraining], names[decoder], ancestors[decoder])
+        if decoder is not None:
+            return Skip("VideoMAE pretraining decoder outside VideoMAEForPreTraining: its tokens are the visible "
+                        "tubelets, then the mask tokens, by the bool_masked_pos of that model's forward")
+        if videomae is not None:
+            embeddings = ancestors[videomae].embeddings
+            return MaskedVideoMAEPlacer(model, embedding, f"{names[videomae]}.embeddings".lstrip("."), embeddings)
+        return VideoPlacer(model, embedding, "space-time", _JOINT[key])
     # TimeSformer: the block's attention type and the attribute the module hangs from say what it attends over.
     block = ancestors[-2] if len(ancestors) >= 2 else None
     if block is None or not hasattr(block, "attention_type"):
