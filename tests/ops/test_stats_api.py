@@ -255,3 +255,24 @@ def test_maps_from_q_and_k_under_dynamic_shapes():
         torch.testing.assert_close(compiled[name], expected[name])
     torch.testing.assert_close(expected["prefix_maps"][..., 0, :],
                                (q[..., 0:1, :] @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1)[..., 0, 1:])
+
+
+def test_position_form_maps_from_q_and_k_compile_with_inductor():
+    """torch.compile(fullgraph=True) with inductor: the map rows (the tokens without a position) are found by
+    nonzero, a data-dependent count that inductor's matmul lowering refused to guard on ("could not guard on
+    data-dependent expression Eq(u0, 1)", QA); the logits of those rows come from a fused multiply and sum there."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 1 + 6 * 7, 16), torch.randn(2, 3, 1 + 6 * 7, 16)
+    cells = torch.stack(torch.meshgrid(torch.arange(6.0), torch.arange(7.0), indexing="ij"), -1).reshape(-1, 2)
+    positions = torch.cat([torch.full((1, 2), float("nan")), (cells + 0.5) * 16])
+
+    def stats(q, k, positions):
+        return vitmad.attention_stats_qk(q, k, positions=positions, stats=["mad", "prefix_maps"])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(stats, fullgraph=True)(q, k, positions)
+    expected = stats(q, k, positions)
+    for name in expected:
+        torch.testing.assert_close(compiled[name], expected[name])
+    torch.testing.assert_close(expected["prefix_maps"][..., 0, :],
+                               (q[..., 0:1, :] @ k.transpose(-1, -2) / 4).softmax(-1)[..., 0, 1:])

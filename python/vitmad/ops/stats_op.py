@@ -321,7 +321,14 @@ def attention_stats_qk(
                               "key_positions": key_positions})
         acc = mad_output_dtype(q.dtype)
         with torch.no_grad(), without_autocast():
-            logits = (q[..., rows, :].to(acc) * scale_value) @ k.to(acc).transpose(-1, -2)
+            rows_q = q[..., rows, :].to(acc) * scale_value
+            if torch.compiler.is_compiling():
+                # The map rows' count is data-dependent (the tokens without a position), and inductor's matmul
+                # lowering cannot decide whether it is 1 ("could not guard on data-dependent expression"): a
+                # multiply and a sum, which it fuses into one reduction, give the same logits.
+                logits = (rows_q.unsqueeze(-2) * k.to(acc).unsqueeze(-3)).sum(-1)
+            else:
+                logits = rows_q @ k.to(acc).transpose(-1, -2)
             bias = None
             if attn_bias is not None:
                 bias = attn_bias.expand(*q.shape[:-1], k.shape[-2])[..., rows, :]
