@@ -387,3 +387,9 @@ def test_hf_hiera_decoder_run_outside_its_pretraining_forward_is_refused():
     with torch.no_grad(), vitmad.record(model.decoder), pytest.raises(
             ValueError, match="a HieraDecoder, recorded without the HieraForPreTraining around it"):
         model.decoder(fused, encoded.bool_masked_pos)
+    # The decoder's blocks run in the model's forward, but not through the decoder, which lays out their tokens.
+    block = model.decoder.decoder_block
+    model.encoder_norm.register_forward_hook(lambda m, args, out: block(torch.randn(2, 24, 16)))
+    with torch.no_grad(), vitmad.record(model, layers=layers), pytest.raises(
+            ValueError, match=r"it ran outside the forward of decoder \(HieraDecoder\), which lays out its tokens"):
+        model(pixels)
