@@ -307,3 +307,89 @@ def test_timm_hiera_patch_drop_in_training_keeps_the_units_it_drew():
     kept = [masks[0][b].nonzero()[:, 0].tolist() for b in range(2)]
     assert len(kept[0]) == 6 and kept[0] != kept[1]
     check_masked(maps, recorded, LAYERS[3], (96, 128), kept, 12)
+
+
+# transformers' MAE decoder (HieraDecoder), named in layers=. Read from modeling_hiera: HieraDecoder.forward scatters
+# the kept units' tokens into [B, U, uh, uw, C] (mask tokens elsewhere), and undo_windowing views the U units as
+# their U_h x U_w grid, permutes to [B, U_h, uh, U_w, uw, C] and flattens: token n is cell divmod(n, gw') of the
+# gh' x gw' grid, gh' = gh / 2**num_query_pool, each cell 4 * 2**num_query_pool pixels (patch stride 4, query
+# stride 2 per pooling). Every cell is a token (a kept one or a mask token).
+DECODER_STATS = ["mad", "entropy", "self_mass"]
+DECODER = [((64, 96), 2, 0.5), ((96, 128), 3, 0.5), ((64, 96), 2, 0.75), ((96, 128), 2, 0.75)]
+
+
+def _hf_decoder_model(size, num_query_pool, mask_ratio):
+    torch.manual_seed(0)
+    config = transformers.HieraConfig(embed_dim=16, image_size=list(size), num_heads=[1, 2, 4, 8],
+                                      depths=[1, 1, 2, 1], num_query_pool=num_query_pool, mask_ratio=mask_ratio,
+                                      decoder_hidden_size=16, decoder_depth=2, decoder_num_heads=2)
+    return sharpened(transformers.HieraForPreTraining(config))
+
+
+@pytest.mark.parametrize("size, num_query_pool, mask_ratio", DECODER,
+                         ids=["half-two-poolings", "half-three-poolings", "three-quarters", "wide-three-quarters"])
+def test_hf_hiera_pretraining_decoder_attends_every_cell_row_major(size, num_query_pool, mask_ratio):
+    model = _hf_decoder_model(size, num_query_pool, mask_ratio)
+    cell = 4 * 2**num_query_pool
+    gh, gw = size[0] // cell, size[1] // cell
+    unit = 8 // 2**num_query_pool  # an 8 x 8 mask unit of patches, pooled
+    units_h, units_w = gh // unit, gw // unit
+    pixels = torch.randn(2, 3, *size)
+    noise = torch.rand(units_h * units_w)
+    noise = torch.stack([noise, 1 - noise])
+    run = lambda m: m(pixels, noise=noise)  # noqa: E731
+    layers = ["decoder.decoder_block.layers.*.attn"]
+    recorded = record_both_reductions(model, run, lambda out: out.logits, DECODER_STATS, layers=layers)
+    rec, tokens = recorded[0], recorded[1].calls[-1]
+    assert rec.layers == ["decoder.decoder_block.layers.0.attn", "decoder.decoder_block.layers.1.attn"]
+    with torch.no_grad():
+        out = run(model)
+    # The decoder's own bool_masked_pos, undone as its tokens are: unit u's cells in the row-major grid.
+    units = model.hiera.embeddings.patch_embeddings.random_masking(pixels, noise=noise)[0]
+    on_grid = units.view(2, units_h, 1, units_w, 1).expand(2, units_h, unit, units_w, unit).reshape(2, -1)
+    assert torch.equal(out.bool_masked_pos, on_grid) and 0 < int(on_grid[0].sum()) < gh * gw
+    maps = attention_outputs(model, lambda m: m in [layer.attn for layer in model.decoder.decoder_block.layers],
+                             lambda m: m(pixels, noise=noise, output_attentions=True))
+    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    positions = (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * cell
+    distance = torch.cdist(positions, positions)
+    for i, p in enumerate(maps):
+        assert p.shape == (2, 2, 1, gh * gw, gh * gw)
+        p = p[:, :, 0]
+        expected = {"mad": (p * distance).sum(-1), "entropy": -torch.special.xlogy(p, p).sum(-1),
+                    "self_mass": p.diagonal(dim1=-2, dim2=-1)}
+        geometry = rec.geometry[i]
+        assert geometry.grid == (gh, gw) and geometry.stride == (cell, cell) and geometry.heads == 2
+        for name, values in expected.items():
+            per_token = tokens.per_layer if name == "mad" else tokens.statistics[name]
+            torch.testing.assert_close(per_token[i].double(), values, **TOL)
+            torch.testing.assert_close(rec.stats[name][i].double(), values.mean(-1), **TOL)
+
+
+def test_hf_hiera_decoder_is_not_recorded_by_default():
+    model = _hf_decoder_model((64, 96), 2, 0.5)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.randn(1, 3, 64, 96))
+    assert not any(name.startswith("decoder.") for name in rec.layers) and len(rec.layers) == 5
+
+
+def test_hf_hiera_decoder_run_outside_its_pretraining_forward_is_refused():
+    model = _hf_decoder_model((64, 96), 2, 0.5)
+    pixels = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        encoded = model.hiera(pixels)
+    fused = torch.randn(2, 3, 2, 2, 128)  # 3 of the 6 mask units, 2 x 2 cells each, the encoder's 128 channels
+    layers = ["decoder.decoder_block.layers.*.attn"]
+    with torch.no_grad(), vitmad.record(model, layers=layers), pytest.raises(
+            ValueError, match=r"decoder\.decoder_block\.layers\.0\.attn.*the patch embedding of the "
+            "HieraForPreTraining's encoder did not run.*call the HieraForPreTraining itself"):
+        model.decoder(fused, encoded.bool_masked_pos)
+    with torch.no_grad(), vitmad.record(model.decoder), pytest.raises(
+            ValueError, match="a HieraDecoder, recorded without the HieraForPreTraining around it"):
+        model.decoder(fused, encoded.bool_masked_pos)
+    # The decoder's blocks run in the model's forward, but not through the decoder, which lays out their tokens.
+    block = model.decoder.decoder_block
+    model.encoder_norm.register_forward_hook(lambda m, args, out: block(torch.randn(2, 24, 16)))
+    with torch.no_grad(), vitmad.record(model, layers=layers), pytest.raises(
+            ValueError, match=r"it ran outside the forward of decoder \(HieraDecoder\), which lays out its tokens"):
+        model(pixels)

@@ -5,8 +5,8 @@ over ``[image tokens][text]``, GIT's text encoder over ``[CLS + patches][text]``
 whatever comes before the last ``gh * gw`` tokens as extra tokens and measure text as patches; such a layer is
 skipped with the reason unless the user states its layout. The layers that do keep the image tower's tokens in
 order are still recorded: BridgeTower's cross-modal image self-attention (checked here against its eager
-attention, CLS without a position, then the 4 x 4 grid of 16 px patches) and ViTMAE's decoder
-(``test_record_masked.py``).
+attention, CLS without a position, then the 4 x 4 grid of 16 px patches), ViTMAE's decoder
+(``test_record_masked.py``) and Hiera's (``test_record_hiera.py``).
 """
 
 from __future__ import annotations

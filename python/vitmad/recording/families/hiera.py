@@ -28,6 +28,19 @@ way, and the poolings and windows that follow are applied to them per image (mas
 window per kept unit). Each kept token sits at its own cell; the per-query values fold onto the full query grid
 with the dropped cells absent (NaN, ``Placement.present`` False), so an image's MAD is the mean over its kept
 tokens.
+
+**The MAE decoder** (``HieraForPreTraining.decoder``, a ``HieraDecoder``; recorded when named in ``layers=``, as
+``decoder.decoder_block.layers.*.attn``, not by default) attends globally (no mask units, query stride 1) over the
+full final-stage grid, row-major. ``HieraDecoder.forward`` embeds the encoder's kept tokens, rerolled per kept mask
+unit ``[B, K, uh, uw, C]``, scatters them into ``[B, U, uh, uw, C]`` at the units ``bool_masked_pos`` keeps (the
+others get the mask token), and ``undo_windowing`` views the ``U`` units as their ``U_h x U_w`` grid (unit ``u`` at
+``divmod(u, U_w)``, as the patch embedding views the mask) and interleaves them to ``[B, U_h * uh, U_w * uw, C]``,
+flattened row-major: token ``n`` is cell ``divmod(n, gw')`` of the ``gh' x gw'`` grid
+(``tokens_spatial_shape_final``, the patch grid over ``query_stride ** num_query_pool``). Its position embeddings
+are indexed so, and its prediction of token ``n`` is compared with the ``pred_stride``-pixel patch ``n`` of the
+image, row-major. Every cell is a token: a kept one or a mask token, which stands for its cell as ViTMAE's do. A
+cell is ``patch stride x query_stride ** num_query_pool`` pixels. Each call is checked against what hooks saw in that
+forward: the patch grid of the encoder's embedding (the decoder's grid must be it pooled) and the decoder's input.
 """
 
 from __future__ import annotations
@@ -36,7 +49,17 @@ import torch
 from torch import nn
 
 from ..module_index import module_list, named_module_list
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, on_device
+from ..placement import (
+    CallContext,
+    LayerGeometry,
+    LayerPlacer,
+    NotPlaceable,
+    Placement,
+    RefusingPlacer,
+    cell_centres,
+    on_device,
+    read_only,
+)
 from .stages import innermost_on_path
 
 __all__ = ["placer", "attention_modules", "unrolled_cells"]
@@ -53,6 +76,8 @@ _MASK = "hiera.mask"  # + id(owner): the bool [B, U] mask of the current call, N
 # The modules that receive the mask (module suffix of the class): timm's as its ``mask=`` argument, transformers'
 # in its output ``(embeddings, bool_masked_pos, ids_restore)``.
 _MASK_READERS = {("PatchEmbed", "hiera"): "argument", ("HieraPatchEmbeddings", "modeling_hiera"): "output"}
+_DECODER = ("HieraDecoder", "modeling_hiera")
+_DECODER_INPUT = "hiera.decoder"  # + id(decoder): (encoder_hidden_states shape, bool_masked_pos shape) of the call
 
 
 def _key(module: nn.Module) -> tuple[str, str]:
@@ -76,13 +101,16 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     if design is None:
         return None
     owner_classes, attributes = design
+    decoder = innermost_on_path(model, name, lambda m: _key(m) == _DECODER)
+    if decoder is not None:
+        return _decoder_placer(model, name, module, *decoder)
     owner = _owner(model, name, owner_classes)
     if owner is None:
         return None
     owner_name, owner_module = owner
     relative = name[len(owner_name) + 1:] if owner_name else name
     if not relative.startswith("blocks." if type(owner_module).__name__ == "Hiera" else "encoder."):
-        return None  # transformers' MAE decoder runs on rerolled tokens: not this layout
+        return None  # outside the blocks that run on the unrolled tokens: not this layout
     return HieraPlacer(model, name, owner_module, attributes)
 
 
@@ -301,3 +329,107 @@ class HieraPlacer(LayerPlacer):
 
 def _centres(cells: torch.Tensor, stride: tuple[float, float]) -> torch.Tensor:
     return (cells.double() + 0.5).mul(torch.tensor(stride, dtype=torch.float64)).float()
+
+
+def _decoder_placer(model: nn.Module, name: str, module: nn.Module, decoder_name: str,
+                    decoder: nn.Module) -> LayerPlacer:
+    """The placer of an attention module of transformers' ``HieraDecoder``, or one that refuses every call where
+    the decoder is not in a ``HieraForPreTraining`` or does not attend globally at query stride 1."""
+    pretraining = innermost_on_path(model, decoder_name, lambda m: type(m).__name__ == "HieraForPreTraining")
+    if pretraining is None:
+        return RefusingPlacer(
+            f"it is in {f'{decoder_name} (a HieraDecoder)' if decoder_name else 'a HieraDecoder'}, recorded "
+            "without the HieraForPreTraining around it, whose patch embedding gives the image grid the decoder's "
+            "tokens stand for; record the HieraForPreTraining and name this layer in layers="
+        )
+    if module.use_mask_unit_attn or module.query_stride != 1:
+        return RefusingPlacer(
+            f"it is in {decoder_name} (HieraDecoder) with use_mask_unit_attn={module.use_mask_unit_attn} and "
+            f"query_stride={module.query_stride}; vitmad places the decoder's global attention at query stride 1, "
+            "over the final-stage grid"
+        )
+    return HieraDecoderPlacer(module, decoder_name, decoder, pretraining[1])
+
+
+class HieraDecoderPlacer(LayerPlacer):
+    """Places the calls of one attention module of ``HieraForPreTraining``'s decoder: every cell of the final-stage
+    grid, row-major, at its centre (see the module docstring).
+
+    Args:
+        attention: the attention module.
+        decoder_name: qualified name of its ``HieraDecoder``.
+        decoder: that module.
+        pretraining: the ``HieraForPreTraining`` holding it (its ``hiera`` embeds the image).
+    """
+
+    def __init__(self, attention: nn.Module, decoder_name: str, decoder: nn.Module, pretraining: nn.Module):
+        self.heads, self.decoder_name, self.decoder = int(attention.num_heads), decoder_name, decoder
+        self.encoder = pretraining.hiera
+        self.conv = next(m for m in module_list(self.encoder) if isinstance(m, nn.Conv2d))
+        config = pretraining.config
+        self.pooling = tuple(int(s) ** int(config.num_query_pool) for s in config.query_stride)
+        self._placed: dict = {}
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def see(module, args, output) -> None:
+            context.values[_GRID, id(self.encoder)] = (int(output.shape[-2]), int(output.shape[-1]))
+
+        def read_input(module, args, kwargs) -> None:
+            encoded = args[0] if args else kwargs["encoder_hidden_states"]
+            mask = args[1] if len(args) > 1 else kwargs["bool_masked_pos"]
+            context.values[_DECODER_INPUT, id(self.decoder)] = (tuple(encoded.shape), tuple(mask.shape))
+
+        return [self.conv.register_forward_hook(see),
+                self.decoder.register_forward_pre_hook(read_input, with_kwargs=True)]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        grid = context.values.get((_GRID, id(self.encoder)))
+        if grid is None:
+            raise NotPlaceable(
+                "it ran in a forward call where the patch embedding of the HieraForPreTraining's encoder did not "
+                f"run (the decoder called outside the model's forward), so vitmad does not know the image grid "
+                f"{self.decoder_name}'s tokens stand for; call the HieraForPreTraining itself"
+            )
+        seen = context.values.get((_DECODER_INPUT, id(self.decoder)))
+        if seen is None:
+            raise NotPlaceable(f"it ran outside the forward of {self.decoder_name} (HieraDecoder), which lays out "
+                               "its tokens; vitmad places the decoder's attention in its own forward")
+        final = tuple(int(s) for s in self.decoder.tokens_spatial_shape_final)
+        unit = tuple(int(s) for s in self.decoder.mask_unit_spatial_shape_final)
+        if grid != (final[0] * self.pooling[0], final[1] * self.pooling[1]):
+            raise NotPlaceable(
+                f"the encoder's patch embedding made a {grid[0]}x{grid[1]} grid in this call, but "
+                f"{self.decoder_name} lays its tokens on a {final[0]}x{final[1]} grid, which pooled "
+                f"{self.pooling[0]}x{self.pooling[1]} (query_stride ** num_query_pool) comes from a "
+                f"{final[0] * self.pooling[0]}x{final[1] * self.pooling[1]} one"
+            )
+        encoded, mask = seen
+        units = (final[0] // unit[0]) * (final[1] // unit[1])
+        batch = int(lead[0]) if len(lead) else 0
+        if len(encoded) != 5 or encoded[2:4] != unit or mask != (batch, units):
+            raise NotPlaceable(
+                f"{self.decoder_name} received encoder_hidden_states of shape {list(encoded)} and bool_masked_pos "
+                f"of shape {list(mask)}; with its attention's batch of {batch}, vitmad places [{batch}, K, "
+                f"{unit[0]}, {unit[1]}, C] kept mask units and a [{batch}, {units}] mask"
+            )
+        heads = self.heads
+        tokens = final[0] * final[1]
+        if tuple(lead) not in ((batch, heads, 1), (batch, heads)) or (num_queries, num_keys) != (tokens, tokens):
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; over the "
+                f"{final[0]}x{final[1]} grid of {self.decoder_name} vitmad expects [{batch}, {heads}, 1, {tokens}, "
+                f"{tokens}] (global, every cell a kept token or a mask token)"
+            )
+        stride = (float(self.conv.stride[0]) * self.pooling[0], float(self.conv.stride[1]) * self.pooling[1])
+        key = (final, stride, heads)
+        if key not in self._placed:
+            positions, = read_only(cell_centres(*final, stride).reshape(tokens, 2), positions=1)
+            geometry = LayerGeometry(final, stride, "global over every cell, mask tokens at the dropped mask units",
+                                     heads, 0)
+            self._placed[key] = Placement(positions, None, _per_image_head, geometry)
+        return self._placed[key]
+
+
+def _per_image_head(values: torch.Tensor) -> torch.Tensor:
+    # [B, H, 1, N] or [B, H, N] -> [B, H, N]: the tokens are already the grid, row-major.
+    return values.reshape(values.shape[0], values.shape[1], -1)
