@@ -283,6 +283,14 @@ def test_vjepa2_predictor_with_context_and_target_sharing_tubelets_is_refused():
     with torch.no_grad(), vitmad.record(model, layers=["predictor.layer.*.attention"]), pytest.raises(
             ValueError, match="predictor.layer.0.attention .*tubelet 0 of video 0 is the index of two of its tokens"):
         model(_video((32, 32), 1))
+    # An index repeated within the context mask alone, the target sharing none (QA helper-104): refused alike, the
+    # message not blaming an overlap of the two masks.
+    context = torch.tensor([[0, 3, 3, 7, 9, 11]] * BATCH)
+    target = torch.tensor([[1, 2, 20]] * BATCH)
+    with torch.no_grad(), vitmad.record(model, layers=["predictor.layer.*.attention"]), pytest.raises(
+            ValueError, match=r"tubelet 3 of video 0 is the index of two of its tokens \(an index repeated in "
+                              r"context_mask or target_mask"):
+        model(_video((32, 32), 1), context_mask=[context], target_mask=[target])
 
 
 def test_vjepa2_default_recording_takes_the_encoder_alone():

@@ -530,9 +530,9 @@ class VJEPA2PredictorPlacer(LayerPlacer):
             if twice.numel():
                 video, at = int(twice[0, 0]), int(ordered[twice[0, 0], twice[0, 1]])
                 raise NotPlaceable(
-                    f"tubelet {at} of video {video} is the index of two of its tokens (the context and target masks "
-                    "overlap, as in VJEPA2Model's default forward, where both are every tubelet), and a tubelet holds "
-                    "one value: pass context_mask and target_mask that share no index"
+                    f"tubelet {at} of video {video} is the index of two of its tokens (an index repeated in "
+                    "context_mask or target_mask, or in both: VJEPA2Model's default forward gives both every "
+                    "tubelet), and a tubelet holds one value: pass masks whose indices are all distinct"
                 )
             return _cells_placement(grid, cells, int(lead[1]),
                                     f"space-time over {num_queries} of {tubelets} tubelets, context and mask tokens")
