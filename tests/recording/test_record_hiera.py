@@ -99,6 +99,16 @@ def _timm_hiera(size, q_pool=3):
                              stages=(1, 1, 2, 1), q_pool=q_pool).eval()
 
 
+def _unfused_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a timm Hiera on its explicit softmax path (``fused_attn = False``), whose probabilities
+    eager_maps reads."""
+    eager = copy.deepcopy(model)
+    for module in eager.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return eager
+
+
 def _record(model, run):
     with torch.no_grad():
         plain = run(model)
@@ -115,10 +125,7 @@ def test_timm_hiera_mask_units_and_pooled_queries_match_eager_attention(size, q_
     model = _timm_hiera(size, q_pool)
     pixels = torch.randn(2, 3, *size)
     plain, recorded = _record(model, lambda m: [m(pixels)])
-    eager = copy.deepcopy(model)
-    for module in eager.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
+    eager = _unfused_copy(model)
     maps = eager_maps(eager, {"MaskUnitAttention"})
     with torch.no_grad():
         eager(pixels)
@@ -225,10 +232,7 @@ def test_timm_hiera_masked_keeps_each_unit_at_its_cells(size, mask_ratio):
     kept = [mask[b].nonzero()[:, 0].tolist() for b in range(2)]
     assert kept[0] != kept[1]
     recorded = record_both_reductions(model, lambda m: m.forward_features(pixels, mask=mask), lambda x: x, STATS)
-    eager = copy.deepcopy(model)
-    for module in eager.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
+    eager = _unfused_copy(model)
     maps = eager_maps(eager, {"MaskUnitAttention"})
     with torch.no_grad():
         eager.forward_features(pixels, mask=mask)
@@ -296,10 +300,7 @@ def test_timm_hiera_patch_drop_in_training_keeps_the_units_it_drew():
         return m(pixels)
 
     recorded = record_both_reductions(model, run, lambda x: x, STATS)
-    eager = copy.deepcopy(model)
-    for module in eager.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
+    eager = _unfused_copy(model)
     maps, masks, draw = eager_maps(eager, {"MaskUnitAttention"}), [], eager.get_random_mask
     eager.get_random_mask = lambda *args, **kwargs: masks.append(draw(*args, **kwargs)) or masks[-1]
     with torch.no_grad():
