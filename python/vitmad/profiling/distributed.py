@@ -176,7 +176,12 @@ def merge_across_ranks(
     for tensor, op in ((sums, dist.ReduceOp.SUM), (count, dist.ReduceOp.SUM),
                        (low, dist.ReduceOp.MIN), (high, dist.ReduceOp.MAX)):
         dist.all_reduce(tensor, op=op)
-    merged = RunningStats(sums[0].cpu(), sums[1].cpu(), low.cpu(), high.cpu(), int(count.item()))
+    # The squared deviations, by Chan's formula as RunningStats.add merges batches: each rank's own m2 and its count
+    # times its mean's squared distance from the job's mean, added up (never the job's sums subtracted).
+    mean = sums[0] / max(float(count.item()), 1.0)
+    deviations = local.m2.to(device) + local.count * (local.mean.to(device) - mean).square()
+    dist.all_reduce(deviations, op=dist.ReduceOp.SUM)
+    merged = RunningStats(sums[0].cpu(), sums[1].cpu(), low.cpu(), high.cpu(), int(count.item()), deviations.cpu())
     return merged, meta, all_processed, all_skipped
 
 

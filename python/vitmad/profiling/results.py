@@ -1,7 +1,9 @@
 """The result of :func:`vitmad.profile`: :class:`Profile`, its files (``mad.json``, ``mad.csv``) and figure.
 
 ``mad.json`` keeps the exact float64 sums beside the summary, so results can be reloaded and merged
-losslessly; reading checks the format tag and names the file in every error.
+losslessly (``m2``, the sum of squared deviations from the mean that the std comes from, is derived from
+``total`` and ``total_sq`` in files written before it was kept); reading checks the format tag and names the
+file in every error.
 
 Models whose head count or token grid changes with depth (Swin: 3, 6, 12, 24 heads on grids of stride 4 to
 32 px) keep, per layer, its own heads and geometry: in memory the statistics are ``[L, H_max]`` with NaN for
@@ -9,15 +11,15 @@ the heads a layer does not have; the files list each layer's own heads only. For
 geometry, heads and the layers skipped; format 1 files (plain ViTs) are still read.
 
 Video models add, in the same format, the temporal MAD in frames beside the spatial one: per layer a
-``"temporal"`` entry (mean, std, min, max per head), ``"temporal_total"`` and ``"temporal_total_sq"`` among the
-sums, and ``tmad_*`` columns in ``mad.csv``; files without them are image profiles.
+``"temporal"`` entry (mean, std, min, max per head), ``"temporal_total"``, ``"temporal_total_sq"`` and
+``"temporal_m2"`` among the sums, and ``tmad_*`` columns in ``mad.csv``; files without them are image profiles.
 
 Other statistics (``vitmad profile --stats``), in the same format: ``"statistics"``, by name, the unit and per
 layer and head the mean, std, min and max over images (null where a layer has no value: self mass beside
-pooled keys), ``"<name>_total"`` and ``"<name>_total_sq"`` among the sums, and ``<name>_mean``, ``_std``,
-``_min``, ``_max`` columns in ``mad.csv``; ``"prefix_maps"`` lists the layers with mean CLS / register maps
-(the maps themselves are in ``prefix_maps.npz``) and those without, with the reason. Files without them hold
-MAD only.
+pooled keys), ``"<name>_total"``, ``"<name>_total_sq"`` and ``"<name>_m2"`` among the sums, and
+``<name>_mean``, ``_std``, ``_min``, ``_max`` columns in ``mad.csv``; ``"prefix_maps"`` lists the layers with
+mean CLS / register maps (the maps themselves are in ``prefix_maps.npz``) and those without, with the reason.
+Files without them hold MAD only.
 """
 
 from __future__ import annotations
@@ -265,11 +267,12 @@ class Profile:
                 layers[-1]["temporal"] = {key: rows[i][:heads] for key, rows in temporal.items()}
         heads = self.heads
         sums = {"total": [row[:h] for row, h in zip(total, heads)],
-                "total_sq": [row[:h] for row, h in zip(total_sq, heads)]}
+                "total_sq": [row[:h] for row, h in zip(total_sq, heads)],
+                "m2": [row[:h] for row, h in zip(_nullable(self.stats.m2.tolist()), heads)]}
         if self.temporal is not None:
-            sums["temporal_total"] = _nullable([row[:h] for row, h in zip(self.temporal.total.tolist(), heads)])
-            sums["temporal_total_sq"] = _nullable([row[:h] for row, h in zip(self.temporal.total_sq.tolist(),
-                                                                             heads)])
+            for part in ("total", "total_sq", "m2"):
+                sums[f"temporal_{part}"] = _nullable([row[:h] for row, h in zip(getattr(self.temporal, part).tolist(),
+                                                                                 heads)])
         return {
             "format": FORMAT,
             "vitmad_version": __version__,
@@ -309,6 +312,7 @@ class Profile:
             for name, stats in self.statistics.items():
                 sums[f"{name}_total"] = per_head(stats.total)
                 sums[f"{name}_total_sq"] = per_head(stats.total_sq)
+                sums[f"{name}_m2"] = per_head(stats.m2)
         if self.prefix_maps is None and self.prefix_map_summary is not None:
             found["prefix_maps"] = self.prefix_map_summary
         if self.prefix_maps is not None:
@@ -368,12 +372,18 @@ class Profile:
             if not isinstance(count, int) or isinstance(count, bool) or count < 1:
                 # every profile written has profiled at least one image, and counted them in a JSON integer
                 raise ValueError(f"count must be a positive number of images, got {count!r}")
+            def deviations(key: str) -> torch.Tensor | None:
+                # The sums of squared deviations, absent in files written before vitmad kept them: then derived
+                # from the sums (RunningStats).
+                return padded(_numbers(doc["sums"][key])) if key in doc["sums"] else None
+
             stats = RunningStats(
                 padded(_numbers(doc["sums"]["total"])),
                 padded(_numbers(doc["sums"]["total_sq"])),
                 padded(_numbers([layer["min"] for layer in layers])),
                 padded(_numbers([layer["max"] for layer in layers])),
                 count,
+                deviations("m2"),
             )
             skipped_layers = {e["name"]: e["reason"] for e in doc.get("skipped_layers", [])}
             temporal = None
@@ -384,6 +394,7 @@ class Profile:
                     padded(_numbers([layer["temporal"]["min"] for layer in layers])),
                     padded(_numbers([layer["temporal"]["max"] for layer in layers])),
                     count,
+                    deviations("temporal_m2"),
                 )
             for field_name, kind in (("model", str), ("statistics", dict), ("settings", dict)):
                 if field_name in doc and not isinstance(doc[field_name], kind):
@@ -396,6 +407,7 @@ class Profile:
                     padded(_numbers(entry["min"])),
                     padded(_numbers(entry["max"])),
                     count,
+                    deviations(f"{name}_m2"),
                 )
             summary = doc.get("prefix_maps")
             if summary is not None and not isinstance(summary, dict):
