@@ -156,12 +156,141 @@ def test_qwen_image_alone_equals_packed(name):
                 torch.testing.assert_close(alone[0], packed[layer][image, :, :h * w], **TOL)
 
 
-def test_qwen_video_is_refused():
+# A video packed between two images: (t, h, w) patches per grid_thw row. The video's 3 x 5 merge blocks make
+# windows of one block row / column at its edges; each of its 3 temporal slices is a chunk of its own.
+VIDEO_ROWS = [(1, 4, 6), (3, 6, 10), (1, 2, 4)]
+# The fold's entries: each image, and each temporal slice of the video in time order, where its row is.
+VIDEO_ENTRIES = [(h, w) for t, h, w in VIDEO_ROWS for _ in range(t)]
+VIDEO_STATS = ["mad", "entropy", "self_mass"]
+
+
+def _video_inputs():
+    torch.manual_seed(3)  # every slice of the video its own patches: a slice placed at another's entry would show
+    patches = torch.randn(sum(t * h * w for t, h, w in VIDEO_ROWS), 3 * 2 * PATCH * PATCH)
+    return patches, torch.tensor(VIDEO_ROWS)
+
+
+def _video_reference(name: str, model: torch.nn.Module, patches, grid_thw) -> list[dict[str, list[torch.Tensor]]]:
+    """Per layer, per statistic, per entry ``[H, h * w]`` float64 on the entry's grid row-major, from the tower's
+    eager probabilities: the transformers modeling files give each temporal slice of a video its own cu_seqlens
+    chunk (repeat_interleave(h * w, t)), its tokens in an image's merge-block order, and Qwen2.5-VL's window index
+    cuts each slice into windows as an image (vision_utils.get_vision_window_index, per grid_t)."""
+    calls = _eager_probabilities(name, model, patches, grid_thw=grid_thw)
+    window = WINDOW_PX // MERGE // PATCH if name == "qwen2_5_vl" else None
+    layers, used = [], 0
+    for layer, block in enumerate(model.blocks):
+        windowed = name == "qwen2_5_vl" and layer not in model.fullatt_block_indexes
+        stats = {stat: [torch.full((2, h * w), float("nan"), dtype=torch.float64) for h, w in VIDEO_ENTRIES]
+                 for stat in VIDEO_STATS}
+        for entry, (h, w) in enumerate(VIDEO_ENTRIES):
+            chunks = qwen_token_chunks((h, w), MERGE, window)
+            if not windowed:
+                chunks = [[cell for chunk in chunks for cell in chunk]]
+            for chunk in chunks:
+                module, probabilities = calls[used]
+                used += 1
+                assert module is block.attn and probabilities.shape[-1] == len(chunk)
+                rows = probabilities[0]  # [H, n, n]
+                centres = torch.tensor([[(r + 0.5) * PATCH, (c + 0.5) * PATCH] for r, c in chunk],
+                                       dtype=torch.float64)
+                values = {"mad": (rows * torch.cdist(centres, centres)).sum(-1),
+                          "entropy": -torch.special.xlogy(rows, rows).sum(-1),
+                          "self_mass": rows.diagonal(dim1=-2, dim2=-1)}
+                for q, (r, c) in enumerate(chunk):
+                    for stat in VIDEO_STATS:
+                        stats[stat][entry][:, r * w + c] = values[stat][:, q]
+        assert all(not e.isnan().any() for values in stats.values() for e in values)
+        layers.append(stats)
+    assert used == len(calls)
+    return layers
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm_ocr"])
+def test_qwen_video_slices_are_placed_as_images(name, attn_implementation):
+    model = _qwen(name, "eager")
+    patches, grid_thw = _video_inputs()
+    reference = _video_reference(name, model, patches, grid_thw)
+    tokens = max(h * w for h, w in VIDEO_ENTRIES)
+
+    model.set_attn_implementation(attn_implementation)
+    with torch.no_grad():
+        plain = model(patches, grid_thw=grid_thw).last_hidden_state
+        with vitmad.record(model, stats=VIDEO_STATS, reduction="none") as rec:
+            recorded = model(patches, grid_thw=grid_thw).last_hidden_state
+        with vitmad.record(model, stats=VIDEO_STATS) as rec_mean:
+            model(patches, grid_thw=grid_thw)
+    assert torch.equal(plain, recorded)
+    windowed = [name == "qwen2_5_vl" and layer not in model.fullatt_block_indexes for layer in range(2)]
+    for layer, geometry in enumerate(rec.geometry):
+        assert geometry.grid is None and geometry.image_grids == tuple(VIDEO_ENTRIES)
+        assert geometry.attention.startswith("window 4x4 patches" if windowed[layer] else "global per image")
+    for stat in VIDEO_STATS:
+        values, means = rec.stats[stat], rec_mean.stats[stat]
+        assert values.shape == (2, len(VIDEO_ENTRIES), 2, tokens) and means.shape == (2, len(VIDEO_ENTRIES), 2)
+        for layer, expected in enumerate(reference):
+            for entry, (h, w) in enumerate(VIDEO_ENTRIES):
+                torch.testing.assert_close(values[layer, entry, :, :h * w].double(), expected[stat][entry], **TOL)
+                assert values[layer, entry, :, h * w:].isnan().all()
+                torch.testing.assert_close(means[layer, entry].double(), expected[stat][entry].mean(-1), **TOL)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_video_slice_alone_is_the_image(name):
+    """A temporal slice attends only within itself: recorded from a video, it is the image of its patches."""
+    model = _qwen(name, "sdpa")
+    patches, grid_thw = _video_inputs()
+    t, h, w = VIDEO_ROWS[1]
+    start = VIDEO_ROWS[0][1] * VIDEO_ROWS[0][2]
+    with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
+        model(patches, grid_thw=grid_thw)
+        packed = rec.per_layer
+        for frame in range(t):
+            model(patches[start + frame * h * w:start + (frame + 1) * h * w], grid_thw=torch.tensor([[1, h, w]]))
+            for layer, alone in enumerate(rec.per_layer):
+                torch.testing.assert_close(alone[0], packed[layer][1 + frame, :, :h * w], **TOL)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vision_language_model_places_a_video_as_its_tower_does(name):
+    """The whole model's get_video_features (pixel_values_videos, video_grid_thw) records its tower's video forward:
+    the same entries, one per temporal slice, as the tower alone given the same rows."""
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=100, bos_token_id=0, eos_token_id=1,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 1e4})
+    vision = dict(depth=2, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2)
+    if name == "qwen2_vl":
+        config = transformers.Qwen2VLConfig(text_config=text, attn_implementation="sdpa", vision_config=dict(
+            embed_dim=32, hidden_size=32, mlp_ratio=2, **vision))
+        model = sharpened(transformers.Qwen2VLModel(config))
+    else:
+        config = transformers.Qwen2_5_VLConfig(text_config=text, attn_implementation="sdpa", vision_config=dict(
+            hidden_size=32, out_hidden_size=32, intermediate_size=64, window_size=WINDOW_PX,
+            fullatt_block_indexes=[1], **vision))
+        model = sharpened(transformers.Qwen2_5_VLModel(config))
+    patches, grid_thw = _video_inputs()
+    with torch.no_grad():
+        plain = model.get_video_features(patches, video_grid_thw=grid_thw).pooler_output
+        with vitmad.record(model, reduction="none") as rec:
+            recorded = model.get_video_features(patches, video_grid_thw=grid_thw).pooler_output
+        with vitmad.record(model.visual, reduction="none") as alone:
+            model.visual(patches, grid_thw=grid_thw)
+    assert all(torch.equal(p, r) for p, r in zip(plain, recorded, strict=True))
+    assert rec.layers == ["visual.blocks.0.attn", "visual.blocks.1.attn"]
+    assert [g.image_grids for g in rec.geometry] == [tuple(VIDEO_ENTRIES)] * 2
+    for whole, own in zip(rec.per_layer, alone.per_layer, strict=True):
+        torch.testing.assert_close(whole, own, equal_nan=True)
+
+
+def test_qwen_video_chunks_that_are_not_per_slice_are_refused():
+    """A cu_seqlens that joins a video's slices (attention across frames) is not the placement's: refused."""
     model = _qwen("qwen2_vl", "sdpa")
     patches = torch.randn(2 * 4 * 4, 3 * 2 * PATCH * PATCH)
-    with vitmad.record(model) as rec, pytest.raises(ValueError, match=r"blocks\.0\.attn.*video \(t > 1\)"):
-        model(patches, grid_thw=torch.tensor([[2, 4, 4]]))
-    assert rec.calls == []  # the forward that raised leaves no call
+    joined = torch.tensor([0, 2 * 4 * 4], dtype=torch.int32)
+    with vitmad.record(model) as rec, pytest.raises(
+            ValueError, match=r"blocks\.0\.attn.*received cu_seqlens \[0, 32\].*are \[0, 16, 32\]"):
+        model(patches, grid_thw=torch.tensor([[2, 4, 4]]), cu_seqlens=joined)
+    assert rec.calls == []
 
 
 def test_qwen_vision_language_model_records_its_vision_tower_only():

@@ -156,17 +156,48 @@ def test_packed_images_match_eager_attention(name, attn_implementation):
     torch.testing.assert_close(rec_mean.mad.double(), means, **TOL)  # [L, n_images, H]
 
 
-@pytest.mark.parametrize("name", ["qwen3_5", "qwen2_5_omni", "exaone4_5", "ernie4_5_vl_moe"])
-def test_video_is_refused(name):
+# A video of 3 temporal slices of 5 x 3 merge blocks between two images: (t, h, w) patches per grid_thw row.
+VIDEO_ROWS = [(1, 6, 4), (3, 10, 6), (1, 2, 14)]
+VIDEO_ENTRIES = [(h, w) for t, h, w in VIDEO_ROWS for _ in range(t)]  # each image, each slice in time order
+
+
+@pytest.mark.parametrize("name", list(TOWERS))
+def test_video_slices_match_eager_attention(name):
+    """Each temporal slice of a video is a cu_seqlens chunk of its own (windowed as an image in the windowed
+    towers' window blocks), its tokens in an image's merge-block order: placed as an image, one fold entry per
+    slice."""
     model = _tower(name)
-    model.set_attn_implementation("sdpa")
+    windows = TOWERS[name][4]
     temporal = 1 if name in ("ernie4_5_vl_moe", "dots3_note") else 2
-    patches = torch.randn(2 * 4 * 4, 3 * temporal * PATCH * PATCH)
-    with vitmad.record(model) as rec, pytest.raises(ValueError, match=r"blocks\.0\.attn.*video \(t > 1\)"):
-        model(patches, grid_thw=torch.tensor([[2, 4, 4]]))
-    # Nothing is recorded: no call either (ERNIE's tower has no convolution, so its call starts at the tower's own
-    # forward, and is dropped with the forward that raised, as a call begun by a convolution is).
-    assert rec.calls == []
+    grid_thw = torch.tensor(VIDEO_ROWS)
+    torch.manual_seed(4)
+    patches = torch.randn(sum(t * h * w for t, h, w in VIDEO_ROWS), 3 * temporal * PATCH * PATCH)
+
+    calls = _eager_calls(name, model, patches, grid_thw=grid_thw)
+    expected_per_layer, used = [], 0
+    for layer in range(2):
+        windowed = windows and layer == 0
+        expected = [torch.full((2, h * w), float("nan"), dtype=torch.float64) for h, w in VIDEO_ENTRIES]
+        for entry, grid in enumerate(VIDEO_ENTRIES):
+            chunks = _chunks(grid, WINDOW if windows else None)
+            if not windowed:
+                chunks = [[cell for chunk in chunks for cell in chunk]]
+            for chunk in chunks:
+                module, probabilities = calls[used]
+                used += 1
+                assert module is model.blocks[layer].attn and probabilities.shape[-1] == len(chunk)
+                for q, (r, c) in enumerate(chunk):
+                    expected[entry][:, r * grid[1] + c] = chunk_token_mad(probabilities, chunk, PATCH)[:, q]
+        assert all(not e.isnan().any() for e in expected)
+        expected_per_layer.append(expected)
+    assert used == len(calls)
+
+    model.set_attn_implementation("sdpa")
+    rec, rec_mean = record_packed_forward(model, patches, grid_thw=grid_thw)
+    kinds = ["window 4x4 patches" if windows else "global per image", "global per image"]
+    check_packed_values(rec, expected_per_layer, VIDEO_ENTRIES, kinds, TOL)
+    means = torch.stack([torch.stack([e.mean(-1) for e in layer]) for layer in expected_per_layer])
+    torch.testing.assert_close(rec_mean.mad.double(), means, **TOL)  # [L, n_entries, H]
 
 
 def test_glm_image_is_refused_by_name():

@@ -97,6 +97,11 @@ class _Design:
         grid_argument: the tower's argument holding the images' ``(t, h, w)`` grids.
         grid_unit: what that argument's ``h`` and ``w`` count: ``"patch"``, or ``"merge"`` blocks (Inkling2's
             ``image_grid_thw``, in language-model image tokens).
+        video_slices: the tower attends a video (a ``grid_thw`` row with ``t > 1``) one temporal slice at a time:
+            each temporal patch its own ``cu_seqlens`` chunk (``repeat_interleave(h * w, t)``, windowed per slice
+            as an image), its ``h x w`` tokens in the merge-block order of an image, so each slice is placed as an
+            image of its own. False: a video is refused.
+        video_refusal: why a video is refused, where more is known than that its chunks were not checked.
     """
 
     module: str
@@ -111,58 +116,70 @@ class _Design:
     merge: str = "spatial_merge_size"
     grid_argument: str = "grid_thw"
     grid_unit: str = "patch"
+    video_slices: bool = False
+    video_refusal: str = ""
 
+
+# Why a video is refused, for the towers where more is known than that their video chunks were not checked.
+_WHOLE_CLIP = "it attends a whole clip in one cu_seqlens chunk, whose frames' tokens are not one image's grid"
 
 _DESIGNS = (
     _Design("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VisionTransformerPretrainedModel",
-            "VisionAttention", "qwen"),
+            "VisionAttention", "qwen", video_slices=True),
     _Design("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel",
-            "Qwen2_5_VLVisionAttention", "qwen", windows=True),
-    _Design("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionModel", "Qwen3VLVisionAttention", "qwen"),
+            "Qwen2_5_VLVisionAttention", "qwen", windows=True, video_slices=True),
+    _Design("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionModel", "Qwen3VLVisionAttention", "qwen",
+            video_slices=True),
     _Design("transformers.models.pixtral.modeling_pixtral", "PixtralVisionModel", "PixtralAttention", "pixtral"),
-    # GLM-4.1V / GLM-4.5V (and GLM-OCR): Qwen2-VL's token order and per-image chunks.
+    # GLM-4.1V / GLM-4.5V (and GLM-OCR): Qwen2-VL's token order and per-image chunks. GLM-4.1V's and GLM-4.5V's
+    # towers do not run a video row (t > 1: their embeddings index grid_thw by cu_seqlens chunk); their models'
+    # get_video_features give the tower a video as one t = 1 row per temporal patch, placed as images.
     _Design("transformers.models.glm4v.modeling_glm4v", "Glm4vVisionModel", "Glm4vVisionAttention", "qwen"),
     _Design("transformers.models.glm4v_moe.modeling_glm4v_moe", "Glm4vMoeVisionModel", "Glm4vMoeVisionAttention",
             "qwen"),
-    _Design("transformers.models.glm_ocr.modeling_glm_ocr", "GlmOcrVisionModel", "GlmOcrVisionAttention", "qwen"),
+    _Design("transformers.models.glm_ocr.modeling_glm_ocr", "GlmOcrVisionModel", "GlmOcrVisionAttention", "qwen",
+            video_slices=True),
     # Qwen3-VL's tower under other names (their vision model, attention, block, patch embedding and rotary
     # embedding are Qwen3-VL's line for line; Qwen3.5 and Qwen4-Exp only drop the deepstack mergers, which run
     # after the blocks and do not reorder the tokens).
     _Design("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeVisionModel",
-            "Qwen3VLMoeVisionAttention", "qwen"),
-    _Design("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5VisionModel", "Qwen3_5VisionAttention", "qwen"),
+            "Qwen3VLMoeVisionAttention", "qwen", video_slices=True),
+    _Design("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5VisionModel", "Qwen3_5VisionAttention", "qwen",
+            video_slices=True),
     _Design("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeVisionModel",
-            "Qwen3_5MoeVisionAttention", "qwen"),
+            "Qwen3_5MoeVisionAttention", "qwen", video_slices=True),
     _Design("transformers.models.qwen4_exp.modeling_qwen4_exp", "Qwen4ExpVisionModel", "Qwen4ExpVisionAttention",
-            "qwen"),
+            "qwen", video_slices=True),
     _Design("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe", "Qwen3OmniMoeVisionEncoder",
-            "Qwen3OmniMoeVisionAttention", "qwen"),
+            "Qwen3OmniMoeVisionAttention", "qwen", video_slices=True),
     _Design("transformers.models.cohere_compass.modeling_cohere_compass", "CohereCompassVisionModel",
-            "CohereCompassVisionAttention", "qwen"),
+            "CohereCompassVisionAttention", "qwen", video_slices=True),
     # Qwen2.5-Omni's vision encoder: Qwen2.5-VL's windows and fullatt_block_indexes (its attention projects q, k, v
     # with three linears instead of one qkv: the same calls per chunk).
     _Design("transformers.models.qwen2_5_omni.modeling_qwen2_5_omni", "Qwen2_5OmniVisionEncoder",
-            "Qwen2_5OmniVisionAttention", "qwen", windows=True),
+            "Qwen2_5OmniVisionAttention", "qwen", windows=True, video_slices=True),
     # EXAONE 4.5: Qwen2.5-VL's tower line for line but for grouped-query attention (fewer key heads, repeated per
     # query head by transformers' attention functions).
     _Design("transformers.models.exaone4_5.modeling_exaone4_5", "Exaone4_5_VisionModel", "Exaone4_5_VisionAttention",
-            "qwen", windows=True),
+            "qwen", windows=True, video_slices=True),
     # ERNIE-4.5-VL: Qwen2-VL's merge-block order and per-image chunks (its patch embedding is a linear over each
     # patch, without a temporal patch).
     _Design("transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe",
-            "Ernie4_5_VLMoeVisionTransformerPretrainedModel", "Ernie4_5_VLMoeVisionAttention", "qwen"),
+            "Ernie4_5_VLMoeVisionTransformerPretrainedModel", "Ernie4_5_VLMoeVisionAttention", "qwen",
+            video_slices=True),
     # GLM-5-Next: GLM-4.1V's tower without its learned position embedding, q/k norms before the rotary embedding.
     _Design("transformers.models.glm5_next.modeling_glm5_next", "Glm5NextVisionModel", "Glm5NextVisionAttention",
-            "qwen"),
+            "qwen", video_slices=True),
     # dots3 (Dots3NoteVisionModel): Qwen2-VL's merge-block order and per-image chunks (its attention normalises q
     # and k per head before the rotary embedding; some blocks' MLPs are mixtures of experts).
     _Design("transformers.models.dots3_note.modeling_dots3_note", "Dots3NoteVisionModel", "Dots3NoteVisionAttention",
-            "qwen"),
+            "qwen", video_slices=True),
     # MiniMax-M3-VL (MiniMaxM3VLVisionModel): Qwen2.5-VL's Conv3d patch embedding (under embeddings), the tokens in
     # merge blocks as get_vision_position_ids lays them out (its processor patchifies the same way), one cu_seqlens
     # chunk per image (merge_temporal joins a video's frames only), no windows; a 3D rotary embedding.
     _Design("transformers.models.minimax_m3_vl.modeling_minimax_m3_vl", "MiniMaxM3VLVisionModel",
-            "MiniMaxM3VLVisionAttention", "qwen", patch="embeddings.patch_size"),
+            "MiniMaxM3VLVisionAttention", "qwen", patch="embeddings.patch_size",
+            video_refusal=_WHOLE_CLIP),
     # Cosmos3-Edge (Cosmos3EdgeVisionModel): SigLIP2 layers over the same merge-block order (its learned position
     # grid is interpolated per image and laid out block-major; its processor patchifies block-major), one chunk per
     # image; a linear patch embedding.
@@ -193,7 +210,8 @@ _DESIGNS = (
     # blocks.
     _Design("transformers.models.inkling2.modeling_inkling2", "Inkling2VisionModel", "Inkling2VisionAttention",
             "qwen", patch="embeddings.patch_size", class_tokens=1, merge="embeddings.merge_size",
-            grid_argument="image_grid_thw", grid_unit="merge"),
+            grid_argument="image_grid_thw", grid_unit="merge",
+            video_refusal=_WHOLE_CLIP),
     *(_Design(f"transformers.models.{module}.modeling_{module}", f"{prefix}VisionModel", f"{prefix}VisionAttention",
               "refused", reason=(
                   f"{model}'s vision tower chooses window or full attention per layer by its config's layer_types, "
@@ -459,17 +477,21 @@ class QwenPlacer(_PackedPlacer):
         unit = self.merge if self.design.grid_unit == "merge" else 1
         given_thw = [tuple(int(v) for v in row) for row in grid_thw.tolist()]  # as the user gave it, for messages
         grid_thw = [(t, h * unit, w * unit) for t, h, w in given_thw]
-        if any(t != 1 for t, _, _ in grid_thw):
+        if not self.design.video_slices and any(t != 1 for t, _, _ in grid_thw):
             counted = "merge blocks" if unit != 1 else "patches"
+            why = self.design.video_refusal or ("vitmad places a video's temporal slices as images only in the "
+                                                "towers whose per-slice chunks it was checked against")
             raise NotPlaceable(
                 f"{argument} (t, h, w in {counted}: {given_thw}) holds a video (t > 1), and vitmad gives {tower} no "
-                "temporal placement (its frames' tokens are not one image's grid); record images (t = 1) only"
+                f"temporal placement ({why}); record images (t = 1) only"
             )
         odd = [(h, w) for _, h, w in grid_thw if h % self.merge or w % self.merge]
         if odd:
             raise NotPlaceable(f"{argument} has grids {odd} (patches) that are not multiples of the merge size "
                                f"{self.merge}")
-        grids = tuple((h, w) for _, h, w in grid_thw)
+        # A video's temporal slices attend each within itself (checked below against cu_seqlens): each is an entry
+        # of the fold, as an image of h x w patches, in time order where the video's row is.
+        grids = tuple((h, w) for t, h, w in grid_thw for _ in range(t))
         layout = _qwen_layout(grids, self.merge, self.order_window, self.stride, self.windowed,
                               self.design.class_tokens)
         kind = (f"window {self.window * self.merge}x{self.window * self.merge} patches ({self.window}x{self.window} "
