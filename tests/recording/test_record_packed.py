@@ -8,7 +8,9 @@ block order, Qwen2.5-VL's sequence in windows of merge blocks (edge windows smal
 full-attention blocks attend per image over the same window-ordered sequence, which the tower reorders once
 before its first block), Pixtral's
 images row-major one after the other under a block-diagonal mask; each patch at ``(row + 0.5, col + 0.5) * patch``
-pixels of its own image; each query's MAD over the keys of its own image (or window), in float64.
+pixels of its own image; each query's MAD over the keys of its own image (or window), in float64. A video
+(``grid_thw`` row with ``t > 1``) packed between images: each temporal slice is a chunk of its own, in an image's
+merge-block order (windows per slice), so the reference places each slice as an image of its own.
 """
 
 from __future__ import annotations

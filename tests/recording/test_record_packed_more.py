@@ -13,7 +13,8 @@ tokens in spatial-merge blocks of ``MERGE x MERGE`` patches, blocks row-major ov
 in a block; for the windowed towers the blocks regrouped by windows of ``WINDOW x WINDOW`` blocks (windows
 row-major, blocks row-major in each, edge windows smaller), one call per window in their window blocks and one per
 image over the same order in their full-attention block. Each patch sits at ``(row + 0.5, col + 0.5) * PATCH``
-pixels of its own image; a query's MAD is over the keys of its own call, in float64.
+pixels of its own image; a query's MAD is over the keys of its own call, in float64. A video between two images is
+placed slice by slice, each temporal slice a call (or windows) of its own, as an image.
 """
 
 from __future__ import annotations

@@ -40,6 +40,13 @@
   the images are concatenated into one sequence ``[1, N, C]``; the attention gets a block-diagonal mask, so a
   token of another image has probability 0.
 
+Videos (a ``grid_thw`` row ``(t, h, w)`` with ``t > 1``): Qwen2-VL, Qwen2.5-VL, Qwen3-VL and the towers built as
+them whose designs say ``video_slices`` give each of the ``t`` temporal slices (a temporal patch of
+``temporal_patch_size`` frames) its own ``cu_seqlens`` chunk (``repeat_interleave(h * w, t)``; Qwen2.5-VL's windows
+cut each slice as an image), its ``h * w`` tokens in an image's merge-block order: each slice attends only within
+itself, so it is placed as an image, an entry of its own in the fold, in ``grid_thw`` order (a video's slices in time
+order). There is no attention across slices, hence no temporal distance: a slice's MAD is spatial.
+
 Every token is the centre of its patch in pixels of the image as the processor resized it, ``(row + 0.5) * p``;
 a token of another image is neither query nor key of an image's attention (in a separate call, or at
 probability 0 under the mask). The per-query values of the sequence fold onto ``[n_images, H, T_max]``: image
@@ -51,8 +58,9 @@ Qwen2-VL, but its config's ``spatial_merge_size`` (default 1) and its image proc
 need not agree, so where a token lies on the image is not settled; by name too, packed towers that differ:
 Ovis2.5, Muse Glimmer and Muse Spark (window or full attention per layer by ``layer_types``), PaddleOCR-VL
 (row-major, its own embeddings), Kimi-K2.5 (row-major, per-clip chunks), VideoLLaMA3 (a merge size per image),
-HunYuanVL and HY-V4-VL (row-major); videos (``grid_thw`` with ``t > 1``: each temporal patch of two frames is a
-chunk of its own, or the whole clip, and vitmad gives no temporal placement to these towers); flash attention over
+HunYuanVL and HY-V4-VL (row-major); videos in the other towers (MiniMax-M3-VL and Inkling2 attend a whole clip in
+one chunk; GLM-4.1V's and GLM-4.5V's towers cannot run a ``t > 1`` row, their models pass ``t = 1`` rows;
+Cosmos3-Edge, LFM3-VL and LLaVA-OneVision-1.5 not checked); flash attention over
 more than one chunk (one variable-length call whose chunks the capture does not receive); a tower given precomputed
 ``position_ids`` or ``window_index`` (vitmad rebuilds the token order from ``grid_thw``); ``cu_seqlens`` or
 attention shapes that are not the chunks rebuilt here.
