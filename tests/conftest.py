@@ -176,6 +176,23 @@ def sharpened(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def self_similar_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every LFM3-VL and Cosmos3-Edge vision attention given its key projection as query projection
+    (per query head), LFM3-VL's per-head q / k norms scaled up a little: LFM3-VL's norms undo :func:`sharpened` and
+    Cosmos3-Edge has no rotary embedding to make attention local, so a token attends most to itself and to tokens
+    like it, far from uniform."""
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "Lfm3VlVisionAttention":
+                module.q_proj.weight.copy_(module.k_proj.weight.repeat(module.num_key_value_groups, 1))
+                module.q_norm.weight.fill_(1.3)
+                module.k_norm.weight.fill_(1.3)
+            elif type(module).__name__ == "Cosmos3EdgeVisionAttention":
+                module.q_proj.weight.copy_(module.k_proj.weight)
+                module.q_proj.bias.copy_(module.k_proj.bias)
+    return model
+
+
 def unfused_maps(model: torch.nn.Module, class_name: str) -> list[tuple[torch.nn.Module, torch.Tensor]]:
     """``[(module, softmax probabilities)]`` of every timm attention module of ``class_name`` in ``model``, switched
     to its unfused path (``fused_attn = False``): the input of its ``attn_drop``, in call order, filled as the model

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import eager_attention_calls, qwen_token_chunks, subprocess_env, write_images
+from conftest import eager_attention_calls, qwen_token_chunks, self_similar_attention, subprocess_env, write_images
 from vitmad.cli import main
 from vitmad.profiling.images import find_images, load_image
 from vitmad.profiling.maps import mad_maps
@@ -190,18 +190,7 @@ def _kin_processor(name: str, **changes):
 def _sharpen_kin(tower: torch.nn.Module, seed: int) -> None:
     """:func:`_sharpen` for a tower of ``KIN``."""
     _sharpen(tower, seed)
-    # LFM3-VL normalises its queries and keys per head, which undoes _sharpen, and Cosmos3-Edge has no rotary
-    # embedding to make attention local: each query head gets the key head's projection (LFM3-VL's norms scaled up a
-    # little), so that a token attends most to itself and to tokens like it.
-    with torch.no_grad():
-        for module in tower.modules():
-            if type(module).__name__ == "Lfm3VlVisionAttention":
-                module.q_proj.weight.copy_(module.k_proj.weight.repeat(module.num_key_value_groups, 1))
-                module.q_norm.weight.fill_(1.3)
-                module.k_norm.weight.fill_(1.3)
-            elif type(module).__name__ == "Cosmos3EdgeVisionAttention":
-                module.q_proj.weight.copy_(module.k_proj.weight)
-                module.q_proj.bias.copy_(module.k_proj.bias)
+    self_similar_attention(tower)
 
 
 def _save_kin_checkpoint(folder, name: str):
