@@ -1,6 +1,7 @@
 """vitmad.record on packed native-resolution towers whose per-image chunks begin with tokens without a position:
 RADIO's packed forward (``RadioModel`` with ``image_grid_hw``, also as Nemotron-H-Omni's ``vision_model``),
-LLaVA-OneVision-1.5's and Inkling2's vision towers (a class token per image).
+LLaVA-OneVision-1.5's and Inkling2's vision towers (a class token per image; LLaVA-OneVision-1.5 one per temporal
+slice of a video too, each slice placed as an image).
 
 Each tower gets three images of different grids packed into one sequence; without flash attention each layer
 attends once per image over its chunk. The reference is the model's own eager attention probabilities (float32,
@@ -389,15 +390,30 @@ def test_class_token_merge_order_towers_match_eager_attention(name, attn_impleme
     _check_tokens(per_query, references, MERGE_GRIDS)
 
 
-def test_llava_onevision1_5_video_is_refused():
+# A video of 3 temporal slices of 3 x 5 merge blocks between two images: (t, h, w) patches per grid_thw row.
+LLAVA_VIDEO_ROWS = [(1, 4, 6), (3, 6, 10), (1, 2, 6)]
+LLAVA_VIDEO_ENTRIES = [(h, w) for t, h, w in LLAVA_VIDEO_ROWS for _ in range(t)]  # each slice in time order
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_llava_onevision1_5_video_slices_match_eager_attention(attn_implementation):
+    """LLaVA-OneVision-1.5 prepends a class token to each temporal slice of a video (get_vision_frame_lengths
+    repeats h * w per slice; cu_seqlens shifted by one per slice), each slice its own chunk in an image's layout:
+    each slice is placed as an image, its class token its prefix."""
     model = _llava()
-    grid_thw = torch.tensor([[2, 4, 4]])
-    patches = torch.randn(32, 3 * MERGE_PATCH * MERGE_PATCH)
-    with torch.no_grad():
-        model(patches, grid_thw=grid_thw)  # the model runs it
-        with vitmad.record(model) as rec, pytest.raises(ValueError, match=r"grid_thw .* holds a video \(t > 1\)"):
-            model(patches, grid_thw=grid_thw)
-    assert all(call.layers == [] for call in rec.calls)
+    grid_thw = torch.tensor(LLAVA_VIDEO_ROWS)
+    torch.manual_seed(2)
+    patches = torch.randn(sum(t * h * w for t, h, w in LLAVA_VIDEO_ROWS), 3 * MERGE_PATCH * MERGE_PATCH)
+    calls = eager_attention_calls(modeling_llava_onevision1_5, model, patches, grid_thw=grid_thw)
+    # one call per slice (or image) and block, each of one class token then the slice's patches in merge blocks
+    references = _references(calls, [b.attn for b in model.blocks], 1, LLAVA_VIDEO_ENTRIES, _merge_blocks,
+                             MERGE_PATCH)
+    _far_from_uniform(references, 1, LLAVA_VIDEO_ENTRIES)
+    model.set_attn_implementation(attn_implementation)
+    rec, per_query = _record(model, (patches,), {"grid_thw": grid_thw}, ("last_hidden_state", "pooler_output"))
+    assert rec.skipped == {} and len(rec.layers) == 2
+    _check(rec, references, LLAVA_VIDEO_ENTRIES, 1)
+    _check_tokens(per_query, references, LLAVA_VIDEO_ENTRIES)
 
 
 def test_inkling2_video_refusal_quotes_the_merge_blocks_given():

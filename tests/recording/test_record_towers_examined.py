@@ -1,6 +1,8 @@
 """vitmad.record on the transformers 5.25.0 vision towers examined after the packed towers: MiniMax-M3-VL,
 Cosmos3-Edge and LFM3-VL are packed in Qwen2-VL's merge-block order with one ``cu_seqlens`` chunk per image (each
-proven here against its own eager attention and its own image processor). Cosmos3-Omni adds no tower (its
+proven here against its own eager attention and its own image processor); Cosmos3-Edge and LFM3-VL give each
+temporal slice of a video a chunk of its own, each slice placed as an image (proven the same way, and against their
+video processors), MiniMax-M3-VL attends a whole clip in one chunk (refused). Cosmos3-Omni adds no tower (its
 ``visual`` is Qwen3-VL's); lara_mini and olmo_hybrid are text-only models. RADIO, examined with them, has its own
 family and tests (test_record_radio.py).
 
@@ -15,6 +17,7 @@ patches, blocks row-major over the image and patches row-major in a block, one c
 from __future__ import annotations
 
 import importlib
+import math
 
 import numpy as np
 import pytest
@@ -27,6 +30,7 @@ from conftest import (
     eager_attention_calls,
     qwen_token_chunks,
     record_packed_forward,
+    self_similar_attention,
     sharpened,
 )
 
@@ -154,19 +158,103 @@ def test_image_processor_orders_the_patches_in_merge_blocks(name):
     assert values[:, 0].long().tolist() == cells
 
 
-@pytest.mark.parametrize("name", list(TOWERS))
-def test_video_is_refused(name):
-    model = _tower(name)
+# A video of 3 temporal slices of 5 x 3 merge blocks between two images: (t, h, w) patches per grid_thw row.
+VIDEO_ROWS = [(1, 6, 4), (3, 10, 6), (1, 2, 14)]
+VIDEO_ENTRIES = [(h, w) for t, h, w in VIDEO_ROWS for _ in range(t)]  # each image, each slice in time order
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["cosmos3_edge", "lfm3_vl"])
+def test_video_slices_match_eager_attention(name, attn_implementation):
+    """Cosmos3-Edge and LFM3-VL attend a video one temporal slice at a time (transformers' get_vision_cu_seqlens:
+    one chunk of h * w tokens per slice, in an image's merge-block order; Cosmos3-Edge repeats its position grid per
+    frame, LFM3-VL's rotary position ids repeat per slice and its convolutions run per slice): each slice is placed
+    as an image, one entry per slice."""
+    model = self_similar_attention(_tower(name))  # each slice's attention its own: a slice misplaced would show
+    layers = TOWERS[name][3]
+    grid_thw = torch.tensor(VIDEO_ROWS)
+    torch.manual_seed(3)
+    patches = torch.randn(sum(t * h * w for t, h, w in VIDEO_ROWS), 3 * TOWERS[name][4] * PATCH * PATCH)
+    chunks = [qwen_token_chunks(grid, MERGE, None)[0] for grid in VIDEO_ENTRIES]  # one chunk: the whole slice
+
+    if name == "lfm3_vl":  # its rotary position ids: each slice's cells in the order written here
+        from transformers.vision_utils import get_vision_position_ids
+        positions = get_vision_position_ids(grid_thw, MERGE)
+        assert positions.tolist() == [list(cell) for chunk in chunks for cell in chunk]
+
+    calls = eager_attention_calls(_modeling(name), model, patches, grid_thw=grid_thw)
+    assert len(calls) == len(layers) * len(VIDEO_ENTRIES)  # one call per slice (or image) and attention layer
+    expected_per_layer = []
+    for layer, layer_name in enumerate(layers):
+        expected = []
+        for entry, (grid, chunk) in enumerate(zip(VIDEO_ENTRIES, chunks)):
+            module, probabilities = calls[layer * len(VIDEO_ENTRIES) + entry]
+            assert module is model.get_submodule(layer_name) and probabilities.shape[-1] == len(chunk)
+            entropy = -(probabilities * probabilities.clamp_min(1e-300).log()).sum(-1).mean()
+            assert float(entropy) < 0.6 * math.log(len(chunk))  # far from uniform
+            values = torch.full((2, grid[0] * grid[1]), float("nan"), dtype=torch.float64)
+            per_token = chunk_token_mad(probabilities, chunk, PATCH)
+            for q, (r, c) in enumerate(chunk):
+                values[:, r * grid[1] + c] = per_token[:, q]
+            assert not values.isnan().any()
+            expected.append(values)
+        expected_per_layer.append(expected)
+
+    model.set_attn_implementation(attn_implementation)
+    rec, rec_mean = record_packed_forward(model, patches, grid_thw=grid_thw)  # the output bit-identical
+    assert rec.layers == layers and len(rec.calls) == 1
+    check_packed_values(rec, expected_per_layer, VIDEO_ENTRIES, ["global per image"] * 2, TOL)
+    means = torch.stack([torch.stack([e.mean(-1) for e in layer]) for layer in expected_per_layer])
+    torch.testing.assert_close(rec_mean.mad.double(), means, **TOL)  # [L, n_entries, H]
+
+
+@pytest.mark.parametrize("name", ["cosmos3_edge", "lfm3_vl"])
+def test_video_processor_orders_each_slice_as_an_image(name):
+    """The model's video processor (LFM3-VL's, per transformers' auto map, Qwen3-VL's) feeds the tower the order its
+    attention is checked against above: slice after slice, each in the merge-block order of an image. Each patch of
+    each frame is filled with a value naming its (slice, row, col)."""
+    from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
+
+    if name == "cosmos3_edge":
+        from transformers.models.cosmos3_edge.video_processing_cosmos3_edge import Cosmos3EdgeVideoProcessor as cls
+        options = {}
+    else:
+        assert VIDEO_PROCESSOR_MAPPING_NAMES["lfm3_vl"]["torchvision"] == "Qwen3VLVideoProcessor"
+        cls, options = transformers.Qwen3VLVideoProcessor, {"cap_pixels_per_frame": False}
+    temporal = TOWERS[name][4]
+    t, h, w = VIDEO_ROWS[1]
+    frames = np.zeros((t * temporal, h * PATCH, w * PATCH, 3), dtype=np.uint8)
+    for frame in range(t * temporal):
+        for r in range(h):
+            for c in range(w):
+                frames[frame, r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH] = frame // temporal * 80 + r * 8 + c
+    processor = cls(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=temporal, do_resize=False,
+                    do_rescale=False, do_normalize=False, do_sample_frames=False, **options)
+    out = processor(videos=[frames], return_tensors="pt")
+    assert out["video_grid_thw"].tolist() == [[t, h, w]]
+    values = out["pixel_values_videos"]
+    assert values.shape[-1] == 3 * temporal * PATCH * PATCH
+    assert torch.equal(values.amin(-1), values.amax(-1))  # one value per patch
+    cells = [s * 80 + r * 8 + c for s in range(t) for r, c in qwen_token_chunks((h, w), MERGE, None)[0]]
+    assert values[:, 0].long().tolist() == cells
+
+
+def test_minimax_m3_vl_video_is_refused_as_a_whole_clip():
+    """MiniMax-M3-VL attends a video's frames jointly (merge_temporal): no slice is an image."""
+    model = _tower("minimax_m3_vl")
     model.set_attn_implementation("sdpa")
-    patches = torch.randn(2 * 4 * 4, 3 * TOWERS[name][4] * PATCH * PATCH)
-    with vitmad.record(model) as rec, pytest.raises(ValueError, match=rf"{TOWERS[name][3][0]}.*video \(t > 1\)"):
+    patches = torch.randn(2 * 4 * 4, 3 * TOWERS["minimax_m3_vl"][4] * PATCH * PATCH)
+    with vitmad.record(model) as rec, pytest.raises(
+            ValueError, match=r"layers\.0\.self_attn.*video \(t > 1\).*attends a whole clip in one cu_seqlens chunk"):
         model(patches, grid_thw=torch.tensor([[2, 4, 4]]))
     assert all(call.layers == [] for call in rec.calls)
 
 
-def test_lfm3_vision_language_model_records_its_vision_tower_as_the_tower_alone():
+@pytest.mark.parametrize("video", [False, True])
+def test_lfm3_vision_language_model_records_its_vision_tower_as_the_tower_alone(video):
     """A whole LFM3-VL model (its language model's short convolutions and attention beside the tower) records the
-    tower's attention layers only, in one call per forward, as the tower alone does."""
+    tower's attention layers only, in one call per forward, as the tower alone does: images (get_image_features),
+    and a video between two images (get_video_features, one entry per slice)."""
     config = transformers.Lfm3VlConfig(
         vision_config=_config("lfm3_vl").to_dict(),
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -177,13 +265,20 @@ def test_lfm3_vision_language_model_records_its_vision_tower_as_the_tower_alone(
     model = transformers.Lfm3VlModel(config).eval()
     model.set_attn_implementation("sdpa")
     patches, grid_thw = _inputs("lfm3_vl")
+    if video:
+        grid_thw = torch.tensor(VIDEO_ROWS)
+        patches = torch.randn(sum(t * h * w for t, h, w in VIDEO_ROWS), patches.shape[-1])
     with torch.no_grad():
         with vitmad.record(model, reduction="none") as rec:
-            model.get_image_features(patches, image_grid_thw=grid_thw)
+            if video:
+                model.get_video_features(patches, video_grid_thw=grid_thw)
+            else:
+                model.get_image_features(patches, image_grid_thw=grid_thw)
         with vitmad.record(model.vision_tower, reduction="none") as alone:
             model.vision_tower(patches, grid_thw=grid_thw)
     assert rec.layers == ["vision_tower.layers.0.self_attn", "vision_tower.layers.2.self_attn"]
     assert len(rec.calls) == 1 and len(alone.calls) == 1
+    assert [g.image_grids for g in rec.geometry] == [tuple(VIDEO_ENTRIES if video else GRIDS)] * 2
     for whole, own in zip(rec.per_layer, alone.per_layer, strict=True):
         torch.testing.assert_close(whole, own, equal_nan=True)
 

@@ -40,12 +40,13 @@
   the images are concatenated into one sequence ``[1, N, C]``; the attention gets a block-diagonal mask, so a
   token of another image has probability 0.
 
-Videos (a ``grid_thw`` row ``(t, h, w)`` with ``t > 1``): Qwen2-VL, Qwen2.5-VL, Qwen3-VL and the towers built as
-them whose designs say ``video_slices`` give each of the ``t`` temporal slices (a temporal patch of
-``temporal_patch_size`` frames) its own ``cu_seqlens`` chunk (``repeat_interleave(h * w, t)``; Qwen2.5-VL's windows
-cut each slice as an image), its ``h * w`` tokens in an image's merge-block order: each slice attends only within
-itself, so it is placed as an image, an entry of its own in the fold, in ``grid_thw`` order (a video's slices in time
-order). There is no attention across slices, hence no temporal distance: a slice's MAD is spatial.
+Videos (a ``grid_thw`` row ``(t, h, w)`` with ``t > 1``): Qwen2-VL, Qwen2.5-VL, Qwen3-VL, the towers built as them,
+Cosmos3-Edge, LFM3-VL and LLaVA-OneVision-1.5, whose designs say ``video_slices``, give each of the ``t`` temporal
+slices (a temporal patch of ``temporal_patch_size`` frames) its own ``cu_seqlens`` chunk (``repeat_interleave(h * w,
+t)``; Qwen2.5-VL's windows cut each slice as an image; LLaVA-OneVision-1.5 a class token first in each slice's, as in
+an image's), its ``h * w`` tokens in an image's merge-block order: each slice attends only within itself, so it is
+placed as an image, an entry of its own in the fold, in ``grid_thw`` order (a video's slices in time order). There is
+no attention across slices, hence no temporal distance: a slice's MAD is spatial.
 
 Every token is the centre of its patch in pixels of the image as the processor resized it, ``(row + 0.5) * p``;
 a token of another image is neither query nor key of an image's attention (in a separate call, or at
@@ -59,11 +60,10 @@ need not agree, so where a token lies on the image is not settled; by name too, 
 Ovis2.5, Muse Glimmer and Muse Spark (window or full attention per layer by ``layer_types``), PaddleOCR-VL
 (row-major, its own embeddings), Kimi-K2.5 (row-major, per-clip chunks), VideoLLaMA3 (a merge size per image),
 HunYuanVL and HY-V4-VL (row-major); videos in the other towers (MiniMax-M3-VL and Inkling2 attend a whole clip in
-one chunk; GLM-4.1V's and GLM-4.5V's towers cannot run a ``t > 1`` row, their models pass ``t = 1`` rows;
-Cosmos3-Edge, LFM3-VL and LLaVA-OneVision-1.5 not checked); flash attention over
-more than one chunk (one variable-length call whose chunks the capture does not receive); a tower given precomputed
-``position_ids`` or ``window_index`` (vitmad rebuilds the token order from ``grid_thw``); ``cu_seqlens`` or
-attention shapes that are not the chunks rebuilt here.
+one chunk; GLM-4.1V's and GLM-4.5V's towers cannot run a ``t > 1`` row, their models pass ``t = 1`` rows); flash
+attention over more than one chunk (one variable-length call whose chunks the capture does not receive); a tower
+given precomputed ``position_ids`` or ``window_index`` (vitmad rebuilds the token order from ``grid_thw``);
+``cu_seqlens`` or attention shapes that are not the chunks rebuilt here.
 """
 
 from __future__ import annotations
@@ -190,14 +190,17 @@ _DESIGNS = (
             video_refusal=_WHOLE_CLIP),
     # Cosmos3-Edge (Cosmos3EdgeVisionModel): SigLIP2 layers over the same merge-block order (its learned position
     # grid is interpolated per image and laid out block-major; its processor patchifies block-major), one chunk per
-    # image; a linear patch embedding.
+    # image; a linear patch embedding. A video: one chunk per frame (get_vision_cu_seqlens per frame, no temporal
+    # patch), the position grid repeated per frame, its video processor time-major then block-major.
     _Design("transformers.models.cosmos3_edge.modeling_cosmos3_edge", "Cosmos3EdgeVisionModel",
-            "Cosmos3EdgeVisionAttention", "qwen", patch="embeddings.patch_size"),
+            "Cosmos3EdgeVisionAttention", "qwen", patch="embeddings.patch_size", video_slices=True),
     # LFM3-VL (Lfm3VlVisionModel): a linear patch embedding, the merge-block order (rotary position ids from
     # get_vision_position_ids; its gated convolutions unfold and refold each image from that order; its image
-    # processor is Qwen2VLImageProcessor), one chunk per image in every attention layer (the others convolve).
+    # processor is Qwen2VLImageProcessor), one chunk per image in every attention layer (the others convolve). A
+    # video: one chunk per temporal patch (get_vision_cu_seqlens), each convolved as a frame of its own, its video
+    # processor Qwen3VLVideoProcessor (time-major, then Qwen2-VL's merge blocks).
     _Design("transformers.models.lfm3_vl.modeling_lfm3_vl", "Lfm3VlVisionModel", "Lfm3VlVisionAttention", "qwen",
-            patch="config.patch_size", token_convolution="Lfm3VlVisionShortConv"),
+            patch="config.patch_size", token_convolution="Lfm3VlVisionShortConv", video_slices=True),
     # Refused by name: packed like Qwen2-VL, but where each token lies on the image is not settled.
     _Design("transformers.models.glm_image.modeling_glm_image", "GlmImageVisionModel", "GlmImageVisionAttention",
             "refused", reason=(
@@ -208,9 +211,10 @@ _DESIGNS = (
     # LLaVA-OneVision-1.5 (LlavaOnevision15VisionModel): Qwen2-VL's merge-block order (its patches come "in spatial
     # merge order", its rotary position ids from get_vision_position_ids, its merger joins m*m consecutive tokens),
     # one class token prepended to each image's run (LlavaOnevision15VisionClassEmbeddings.prepend_cls), each
-    # image's cu_seqlens chunk shifted to hold it; one call per chunk without flash attention.
+    # image's cu_seqlens chunk shifted to hold it; one call per chunk without flash attention. A video: a class token
+    # and a chunk per temporal slice (get_vision_frame_lengths repeats h * w per slice), as an image's.
     _Design("transformers.models.llava_onevision1_5.modeling_llava_onevision1_5", "LlavaOnevision15VisionModel",
-            "LlavaOnevision15VisionAttention", "qwen", class_tokens=1),
+            "LlavaOnevision15VisionAttention", "qwen", class_tokens=1, video_slices=True),
     # Inkling2 (Inkling2VisionModel): one input row per merge block, blocks row-major ("raster order within each
     # image"), unfolded by its embeddings into m*m patches row-major (the merge-block order; its rotary position ids
     # from get_vision_position_ids, its learned position grid interpolated block-major), a class token in front of
