@@ -276,3 +276,36 @@ def test_position_form_maps_from_q_and_k_compile_with_inductor():
         torch.testing.assert_close(compiled[name], expected[name])
     torch.testing.assert_close(expected["prefix_maps"][..., 0, :],
                                (q[..., 0:1, :] @ k.transpose(-1, -2) / 4).softmax(-1)[..., 0, 1:])
+
+
+@pytest.mark.parametrize("form", ["qk", "probabilities"])
+def test_per_image_position_maps_compile_with_inductor(form):
+    """Positions per image ([B, 1, N, 2], the documented per-image form) under torch.compile(fullgraph=True) with
+    inductor: whether every matrix has the same tokens without a position cannot be a Python bool in the graph (QA),
+    so there the maps of a matrix whose tokens differ from the first's are NaN, where eager raises."""
+    torch.manual_seed(0)
+    batch, n = 2, 2 + 12
+    q, k = torch.randn(batch, 2, n, 16), torch.randn(batch, 2, n, 16)
+    cells = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(3.0), indexing="ij"), -1).reshape(-1, 2)
+    positions = torch.cat([torch.full((2, 2), float("nan")), (cells + 0.5) * 16]).expand(batch, 1, n, 2).clone()
+    attn = (q @ k.transpose(-1, -2) / 4).softmax(-1)
+
+    def stats(positions):
+        if form == "qk":
+            return vitmad.attention_stats_qk(q, k, positions=positions, stats=["mad", "prefix_maps"])
+        return vitmad.attention_stats(attn, positions=positions, stats=["mad", "prefix_maps"])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(stats, fullgraph=True)
+    expected = stats(positions)
+    got = compiled(positions)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])
+    torch.testing.assert_close(expected["prefix_maps"], attn[..., :2, 2:])
+    differing = positions.clone()
+    differing[1, 0, 1] = torch.tensor([8.0, 8.0])  # image 1: one token without a position, not two
+    with pytest.raises(ValueError, match="prefix maps need the same tokens without a position in every matrix"):
+        stats(differing)
+    maps = compiled(differing)["prefix_maps"]
+    assert maps[1].isnan().all() and not maps[0].isnan().any()
+    torch.testing.assert_close(maps[0], expected["prefix_maps"][0])

@@ -109,13 +109,29 @@ def common_tokens(has: torch.Tensor) -> torch.Tensor | None:
     return flat[0].nonzero().flatten() if flat.shape[0] else has.new_zeros(0, dtype=torch.long)
 
 
-def _same_everywhere(has: torch.Tensor, arg: str, op_name: str) -> torch.Tensor:
-    """The token indices where ``has`` (``[..., N]``) is True, which must be the same in every matrix."""
+def _same_everywhere(has: torch.Tensor, arg: str, op_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The token indices where ``has`` (``[..., N]``) is True, which must be the same in every matrix, and None;
+    while torch.compile traces, the first matrix's indices and ``[...]`` bool, the matrices whose tokens differ."""
+    flat = has.flatten(0, -2) if has.dim() > 1 else has.unsqueeze(0)
+    if torch.compiler.is_compiling() and flat.shape[0] > 1:
+        # A Python bool of the values cannot be traced (inductor: "could not guard on data-dependent expression",
+        # QA), and an assertion in the graph ends the process from inductor's CPU code: the maps of the matrices
+        # whose tokens differ from the first's are NaN instead (masked by the caller).
+        return flat[0].nonzero().flatten(), (flat != flat[:1]).any(-1).reshape(has.shape[:-1])
     tokens = common_tokens(has)
     if tokens is None:
         raise ValueError(f"{op_name}: prefix maps need the same tokens without a position in every matrix, but "
                          f"{arg} marks different tokens in different matrices; ask for them per image")
-    return tokens
+    return tokens, None
+
+
+def _masked_maps(maps: torch.Tensor, differ: list) -> torch.Tensor:
+    """``maps`` ``[..., P, T]`` with NaN in the matrices ``differ`` flags (each ``[...]`` bool, broadcast to the
+    maps' leading dims, or None)."""
+    for flags in differ:
+        if flags is not None:
+            maps = maps.masked_fill(flags[..., None, None], float("nan"))
+    return maps
 
 
 # The attribute of trusted positions that keeps what the maps derive from them (token indices), with the versions
@@ -151,10 +167,10 @@ def _map_tokens(positions, key_positions, op_name):
 
     def compute():
         keys = positions if key_positions is None else key_positions
-        rows = _same_everywhere(positions[..., 0].isnan(), "positions", op_name)
-        cols = _same_everywhere(~keys[..., 0].isnan(),
-                                "key_positions" if key_positions is not None else "positions", op_name)
-        return rows, cols
+        rows, rows_differ = _same_everywhere(positions[..., 0].isnan(), "positions", op_name)
+        cols, cols_differ = _same_everywhere(~keys[..., 0].isnan(),
+                                             "key_positions" if key_positions is not None else "positions", op_name)
+        return rows, cols, [rows_differ, cols_differ]
 
     return derived_once(positions, key_positions, "map_tokens", compute)
 
@@ -221,7 +237,7 @@ def attention_stats(
         else:
             check_attn_tensor(attn, "[..., N, N]", _OP)
             check_mad_args(attn.shape, attn.dtype, patch, prefix, grid_list, renormalize, reduction, _OP)
-        rows, cols = slice(0, prefix), slice(prefix, None)
+        rows, cols, differ = slice(0, prefix), slice(prefix, None), []
     else:
         kernel_names = [n for n in names if n != TEMPORAL_MAD]
         if temporal or not kernel_names:
@@ -241,12 +257,12 @@ def attention_stats(
                 out[TEMPORAL_MAD] = mad(attn.detach(), positions=times, key_positions=key_times,
                                         renormalize=renormalize, reduction=reduction)
         if maps:
-            rows, cols = _map_tokens(positions, key_positions, _OP)
+            rows, cols, differ = _map_tokens(positions, key_positions, _OP)
     if maps:
         # As the kernels do, for every tensor they would have taken: the maps are measurements too.
         _refuse_grad(_OP, {"attn": attn, "positions": positions, "key_positions": key_positions})
-        out = _in_order(stats, out, attn.detach()[..., rows, :][..., cols].to(mad_output_dtype(attn.dtype),
-                                                                              copy=True))
+        out = _in_order(stats, out, _masked_maps(attn.detach()[..., rows, :][..., cols].to(
+            mad_output_dtype(attn.dtype), copy=True), differ))
     elif temporal:
         out = {name: out[name] for name in names}
     return out
@@ -301,7 +317,7 @@ def attention_stats_qk(
             # The op's scale: given, or D ** -0.5 (not from the checks, which torch.compile cannot trace with
             # symbolic sizes).
             scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-            rows, cols = torch.arange(prefix, device=q.device), slice(prefix, None)
+            rows, cols, differ = torch.arange(prefix, device=q.device), slice(prefix, None), []
     else:
         if names:
             if times is not None:
@@ -315,7 +331,7 @@ def attention_stats_qk(
                                 reduction, _OP_QK, check_values=not names)
             scale_value = shape.scale
         if maps:
-            rows, cols = _map_tokens(positions, key_positions, _OP_QK)
+            rows, cols, differ = _map_tokens(positions, key_positions, _OP_QK)
     if maps:
         _refuse_grad(_OP_QK, {"q": q, "k": k, "attn_bias": attn_bias, "positions": positions,
                               "key_positions": key_positions})
@@ -332,7 +348,7 @@ def attention_stats_qk(
             bias = None
             if attn_bias is not None:
                 bias = attn_bias.expand(*q.shape[:-1], k.shape[-2])[..., rows, :]
-            out = _in_order(stats, out, biased_logits(logits, bias).softmax(-1)[..., cols])
+            out = _in_order(stats, out, _masked_maps(biased_logits(logits, bias).softmax(-1)[..., cols], differ))
     return out
 
 
