@@ -1327,7 +1327,8 @@ class Recording:
                 f"made {len(pending)} attention calls in one forward; vitmad knows how several calls combine only for "
                 "differential attention (two calls, A1 - lambda * A2), one call per head (EfficientViT) and one per "
                 "chunk of a packed sequence (Qwen2-VL); leave this module out with layers=[the other attention "
-                "modules]"
+                "modules] (a softmax over the last dim run inside its forward counts as an attention call, also one "
+                "a hook of yours on one of its submodules runs)"
             )
         self._check_call_thread()
         call = self._calls[-1]
