@@ -21,8 +21,10 @@ The second tower runs on the SAM projector's map, whose two convolutions (kernel
 then that map row-major; DeepSeek-OCR-2's a Qwen2 decoder over that map row-major, then learned queries (144 up to
 144 map tokens, else 256), its mask bidirectional over the map and causal over the queries (``block_sequence_ids``).
 A recording of the vision model or the whole model places both towers: the map tokens at the centres of their
-cells, the class token and the learned queries without a position (their rows the prefix maps). The geometry is
-written here from the modeling files, the reference is each model's own eager probabilities.
+cells, the class token and the learned queries without a position (their rows the prefix maps). The full model given
+local crops (``pixel_values_local``) runs the vision model on the global views, then on the crops, of another size:
+each run is its own entry of ``rec.calls``, on its own maps. The geometry is written here from the modeling files,
+the reference is each model's own eager probabilities.
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ import pytest
 import torch
 
 import vitmad
-from conftest import attention_outputs, check_sam_windows, eager_attention_calls, record_both_reductions, sharpened
+from conftest import (
+    attention_outputs,
+    check_sam_windows,
+    eager_attention_calls,
+    padded_window_reference,
+    record_both_reductions,
+    sharpened,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -92,10 +101,9 @@ def _sam_probabilities(model: torch.nn.Module, run) -> list[torch.Tensor]:
     return attention_outputs(model, lambda m: type(m).__name__.endswith("SamVisionAttention"), run)
 
 
-def _tokens(rec, name: str) -> list[torch.Tensor]:
-    """Per layer, ``[B, H, T]`` of statistic ``name`` in a ``reduction="none"`` recording (layers on different grids
-    do not stack)."""
-    call = rec.calls[-1]
+def _stat(call, name: str) -> list[torch.Tensor]:
+    """Per layer of one entry of ``rec.calls``, statistic ``name``: ``[B, H]`` (``reduction="mean"``) or
+    ``[B, H, T]`` (``"none"``; read per call, as layers on different grids do not stack)."""
     return call.per_layer if name == "mad" else call.statistics[name]
 
 
@@ -207,25 +215,26 @@ def _second_probabilities(name: str, model: torch.nn.Module, *inputs, **kwargs) 
     return [p for module, p in calls if type(module).__name__ == SECOND[name][0]]
 
 
-def _check_second(name: str, rec, rec_tokens, maps: list[torch.Tensor], grid: tuple[int, int], first: int) -> None:
-    """Layers ``first`` and ``first + 1`` of the recordings against the second encoder's probabilities ``maps``."""
+def _check_second(name: str, call, call_tokens, maps: list[torch.Tensor], grid: tuple[int, int], first: int) -> None:
+    """Layers ``first`` and ``first + 1`` of one entry of ``rec.calls`` (the mean and the per-token recording's)
+    against the second encoder's probabilities ``maps`` in that run."""
     assert len(maps) == 2
     cells = grid[0] * grid[1]
     for i, probabilities in enumerate(maps):
         if name == "deepseek_ocr2":
             _check_deepseek_mask(probabilities, cells)
         expected = _map_reference(name, probabilities, grid)
-        geometry = rec.geometry[first + i]
+        geometry = call.geometry[first + i]
         queries = probabilities.shape[-1] - cells
         assert geometry.grid == grid and geometry.stride == (CELL, CELL) and geometry.heads == HEADS
         assert (geometry.num_prefix_tokens, geometry.num_suffix_tokens) == (
             (1, None) if name == "unlimited_ocr" else (0, queries))
         for stat, values in expected.items():
             if stat == "prefix_maps":
-                torch.testing.assert_close(rec.prefix_maps[first + i].double(), values, **TOL)
+                torch.testing.assert_close(call.prefix_maps[first + i].double(), values, **TOL)
                 continue
-            torch.testing.assert_close(rec.stats[stat][first + i].double(), values.mean(-1), **TOL)
-            torch.testing.assert_close(_tokens(rec_tokens, stat)[first + i].double(), values, **TOL)
+            torch.testing.assert_close(_stat(call, stat)[first + i].double(), values.mean(-1), **TOL)
+            torch.testing.assert_close(_stat(call_tokens, stat)[first + i].double(), values, **TOL)
 
 
 @pytest.mark.parametrize("size", list(MAP_SIZES.values()), ids=list(MAP_SIZES))
@@ -246,7 +255,7 @@ def test_vision_model_records_both_towers_against_their_own_attention(name, impl
     assert rec.skipped == {}
     eager = _eager_twin(model, lambda: _vision_model(name, 4, "eager"))
     _check_sam(rec, rec_tokens, _sam_probabilities(eager, run), image_h // PATCH, image_w // PATCH, 4)
-    _check_second(name, rec, rec_tokens, _second_probabilities(name, eager, pixels), grid, 3)
+    _check_second(name, rec.calls[-1], rec_tokens.calls[-1], _second_probabilities(name, eager, pixels), grid, 3)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -331,10 +340,82 @@ def test_full_model_records_both_towers(name, implementation):
     assert rec.skipped == {}
     eager = _eager_twin(model, lambda: build(config, attn_implementation="eager"))
     _check_sam(rec, rec_tokens, _sam_probabilities(eager, run), 16, 16, 4)
-    _check_second(name, rec, rec_tokens, _second_probabilities(name, eager, input_ids=ids, pixel_values=pixels),
-                  (4, 4), 3)
+    _check_second(name, rec.calls[-1], rec_tokens.calls[-1],
+                  _second_probabilities(name, eager, input_ids=ids, pixel_values=pixels), (4, 4), 3)
     with torch.no_grad(), vitmad.record(model, layers=["*attn"]) as named:
         run(model)
     assert named.layers == rec.layers and list(named.skipped) == ["model.language_model.layers.0.self_attn"]
     assert "outside model.vision_tower.sam_encoder, the tower that embeds the image" in named.skipped[
         "model.language_model.layers.0.self_attn"]
+
+
+# Local crops beside the global view: ``get_image_features`` runs the vision tower on ``pixel_values`` (the global
+# views), then on ``pixel_values_local`` (every image's crops, flattened over the batch), two runs of the tower in one
+# forward. name -> (global view px, crop px, the crop's projector map, crops per image). Unlimited-OCR folds the
+# projector's output into a square (``int(shape[1] ** 0.5)`` rows), so its views and crops are square; 72 px is a
+# 9 x 9 map (padded to 12 x 12 in windows of 4) rounded up to 5 x 5, then 3 x 3. DeepSeek-OCR-2's crops are 80 x 56
+# px (10 x 7 patches, padded to 12 x 8; 3 x 2 cells).
+CROPS = {"deepseek_ocr2": ((128, 128), (80, 56), (3, 2), [2, 1]),
+         "unlimited_ocr": ((128, 128), (72, 72), (3, 3), [2, 1])}
+PATCHES_GRID = [[2, 1], [1, 1]]  # Unlimited-OCR's (columns, rows) of each image's crops
+
+
+def _image_tokens(name: str, global_grid: tuple[int, int], crop_grid: tuple[int, int], crops: int) -> int:
+    """One image's placeholder tokens, from ``get_image_features``: DeepSeek-OCR-2 puts each crop's learned queries
+    (144 up to 144 cells), the global view's, then the view separator; Unlimited-OCR each row of the crops' cells
+    (``rows * side`` rows of ``columns * side`` cells, a newline after each), the global view's rows of cells with a
+    newline each, then the separator."""
+    if name == "deepseek_ocr2":
+        queries = lambda grid: 144 if grid[0] * grid[1] <= 144 else 256  # noqa: E731
+        return crops * queries(crop_grid) + queries(global_grid) + 1
+    columns, rows = PATCHES_GRID[0] if crops == 2 else PATCHES_GRID[1]
+    local = rows * crop_grid[0] * (columns * crop_grid[1] + 1)
+    return local + global_grid[0] * (global_grid[1] + 1) + 1
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_full_model_with_local_crops_places_each_run_on_its_own_map(name, implementation):
+    """The whole model given local crops of another size than the global view runs its vision tower twice in one
+    forward (the global views, then the crops, three of them for two images): vitmad warns once per recording and
+    records each run as its own entry of rec.calls, its SAM blocks on the patch map of that run's images and its
+    second encoder on that run's projected map, each against the model's own eager probabilities of that run; the
+    logits unchanged."""
+    (global_h, global_w), (crop_h, crop_w), crop_grid, per_image = CROPS[name]
+    global_grid = (4, 4)  # 128 px: 16 x 16 patches, 8 x 8, then 4 x 4 cells
+    prefix = FAMILIES[name][1]
+    config = getattr(transformers, f"{prefix}Config")(vision_config=_vision_config(name, 4), text_config=TEXT,
+                                                      image_token_id=5)
+    build = getattr(transformers, f"{prefix}ForConditionalGeneration")._from_config
+    torch.manual_seed(0)
+    model = _random_tables(build(config, attn_implementation=implementation))
+    counts = [_image_tokens(name, global_grid, crop_grid, n) for n in per_image]
+    ids = torch.tensor([[1, 2] + [5] * n + [3] * (1 + max(counts) - n) for n in counts])
+    pixels, local = torch.randn(BATCH, 3, global_h, global_w), torch.randn(sum(per_image), 3, crop_h, crop_w)
+    inputs = dict(input_ids=ids, pixel_values=pixels, pixel_values_local=local, num_local_patches=per_image)
+    if name == "unlimited_ocr":
+        inputs["patches_grid"] = PATCHES_GRID
+    run = lambda m: m(**inputs)  # noqa: E731
+    with pytest.warns(UserWarning, match=r"ran its recorded layers 2 times .* read rec\.calls\[-2:\]") as caught:
+        rec, rec_tokens = _record(model, run, lambda out: out.logits, stats=MAP_STATS)
+    assert sum("ran its recorded layers" in str(w.message) for w in caught) == 2  # once per recording
+    tower = "model.vision_tower."
+    layers = [f"{tower}sam_encoder.layers.{i}.attn" for i in range(3)] + _second_layers(name, tower)
+    assert len(rec.calls) == len(rec_tokens.calls) == 2 and rec.skipped == {}
+    eager = _eager_twin(model, lambda: build(config, attn_implementation="eager"))
+    sam = _sam_probabilities(eager, run)
+    second = _second_probabilities(name, eager, **inputs)
+    # In the order get_image_features runs them: the global views, then the crops.
+    runs = [(BATCH, (global_h, global_w), global_grid), (sum(per_image), (crop_h, crop_w), crop_grid)]
+    assert len(sam) == 3 * len(runs) and len(second) == 2 * len(runs)
+    for r, (call, call_tokens, (batch, (image_h, image_w), grid)) in enumerate(
+            zip(rec.calls[-2:], rec_tokens.calls[-2:], runs, strict=True)):
+        assert call.layers == call_tokens.layers == layers
+        for i, (probabilities, window) in enumerate(zip(sam[3 * r:3 * r + 3], [4, 0, 4], strict=True)):
+            height, width = image_h // PATCH, image_w // PATCH
+            expected = padded_window_reference(probabilities, height, width, window, PATCH, batch, HEADS)
+            assert call.geometry[i].grid == (height, width) and call.geometry[i].stride == (PATCH, PATCH)
+            for stat, values in expected.items():
+                torch.testing.assert_close(_stat(call, stat)[i].double(), values.mean(-1), **TOL)
+                torch.testing.assert_close(_stat(call_tokens, stat)[i].double(), values, **TOL)
+        _check_second(name, call, call_tokens, second[2 * r:2 * r + 2], grid, 3)
