@@ -319,18 +319,23 @@ IMAGE_TOKENS = {"deepseek_ocr2": 144 + 1, "unlimited_ocr": 4 * 5 + 1}
 
 
 
+def _full_model(name: str, implementation: str) -> torch.nn.Module:
+    """The whole model (SAM, the second encoder, a small language model), random tables as the towers' tests."""
+    prefix = FAMILIES[name][1]
+    config = getattr(transformers, f"{prefix}Config")(vision_config=_vision_config(name, 4), text_config=TEXT,
+                                                      image_token_id=5)
+    build = getattr(transformers, f"{prefix}ForConditionalGeneration")._from_config
+    torch.manual_seed(0)
+    return _random_tables(build(config, attn_implementation=implementation))
+
+
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_full_model_records_both_towers(name, implementation):
     """The whole model (SAM, the second encoder, a language model): its SAM blocks and its second encoder are
     recorded, each placed as in the vision model, against the model's own eager probabilities, the logits unchanged;
     named, the language model's layer is skipped with the reason."""
-    prefix = FAMILIES[name][1]
-    config = getattr(transformers, f"{prefix}Config")(vision_config=_vision_config(name, 4), text_config=TEXT,
-                                                      image_token_id=5)
-    build = getattr(transformers, f"{prefix}ForConditionalGeneration")._from_config
-    torch.manual_seed(0)
-    model = _random_tables(build(config, attn_implementation=implementation))
+    model = _full_model(name, implementation)
     ids = torch.tensor([[1, 2] + [5] * IMAGE_TOKENS[name] + [3]] * BATCH)
     pixels = torch.randn(BATCH, 3, 128, 128)
     run = lambda m: m(input_ids=ids, pixel_values=pixels)  # noqa: E731
@@ -338,7 +343,7 @@ def test_full_model_records_both_towers(name, implementation):
     tower = "model.vision_tower."
     assert rec.layers == [f"{tower}sam_encoder.layers.{i}.attn" for i in range(3)] + _second_layers(name, tower)
     assert rec.skipped == {}
-    eager = _eager_twin(model, lambda: build(config, attn_implementation="eager"))
+    eager = _eager_twin(model, lambda: _full_model(name, "eager"))
     _check_sam(rec, rec_tokens, _sam_probabilities(eager, run), 16, 16, 4)
     _check_second(name, rec.calls[-1], rec_tokens.calls[-1],
                   _second_probabilities(name, eager, input_ids=ids, pixel_values=pixels), (4, 4), 3)
@@ -383,12 +388,7 @@ def test_full_model_with_local_crops_places_each_run_on_its_own_map(name, implem
     logits unchanged."""
     (global_h, global_w), (crop_h, crop_w), crop_grid, per_image = CROPS[name]
     global_grid = (4, 4)  # 128 px: 16 x 16 patches, 8 x 8, then 4 x 4 cells
-    prefix = FAMILIES[name][1]
-    config = getattr(transformers, f"{prefix}Config")(vision_config=_vision_config(name, 4), text_config=TEXT,
-                                                      image_token_id=5)
-    build = getattr(transformers, f"{prefix}ForConditionalGeneration")._from_config
-    torch.manual_seed(0)
-    model = _random_tables(build(config, attn_implementation=implementation))
+    model = _full_model(name, implementation)
     counts = [_image_tokens(name, global_grid, crop_grid, n) for n in per_image]
     ids = torch.tensor([[1, 2] + [5] * n + [3] * (1 + max(counts) - n) for n in counts])
     pixels, local = torch.randn(BATCH, 3, global_h, global_w), torch.randn(sum(per_image), 3, crop_h, crop_w)
@@ -402,7 +402,7 @@ def test_full_model_with_local_crops_places_each_run_on_its_own_map(name, implem
     tower = "model.vision_tower."
     layers = [f"{tower}sam_encoder.layers.{i}.attn" for i in range(3)] + _second_layers(name, tower)
     assert len(rec.calls) == len(rec_tokens.calls) == 2 and rec.skipped == {}
-    eager = _eager_twin(model, lambda: build(config, attn_implementation="eager"))
+    eager = _eager_twin(model, lambda: _full_model(name, "eager"))
     sam = _sam_probabilities(eager, run)
     second = _second_probabilities(name, eager, **inputs)
     # In the order get_image_features runs them: the global views, then the crops.

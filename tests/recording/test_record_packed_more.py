@@ -117,6 +117,31 @@ def _eager_calls(name, model, *inputs, **kwargs) -> list:
     return eager_attention_calls(_modeling(name), model, *inputs, **kwargs)
 
 
+def _expected_per_layer(model, calls: list, grids, windows: bool) -> list[list[torch.Tensor]]:
+    """Per layer (two), per fold entry (an image or a video's slice, each ``grids[i]`` patches), the per-query
+    float64 MAD ``[2 heads, h * w]`` row-major from the eager ``calls`` in call order: the windowed towers' first
+    layer one call per window of each entry, every other layer one call per entry over its (window-ordered, for the
+    windowed towers) sequence."""
+    expected_per_layer, used = [], 0
+    for layer in range(2):
+        windowed = windows and layer == 0
+        expected = [torch.full((2, h * w), float("nan"), dtype=torch.float64) for h, w in grids]
+        for entry, grid in enumerate(grids):
+            chunks = _chunks(grid, WINDOW if windows else None)
+            if not windowed:
+                chunks = [[cell for chunk in chunks for cell in chunk]]
+            for chunk in chunks:
+                module, probabilities = calls[used]
+                used += 1
+                assert module is model.blocks[layer].attn and probabilities.shape[-1] == len(chunk)
+                for q, (r, c) in enumerate(chunk):
+                    expected[entry][:, r * grid[1] + c] = chunk_token_mad(probabilities, chunk, PATCH)[:, q]
+        assert all(not e.isnan().any() for e in expected)
+        expected_per_layer.append(expected)
+    assert used == len(calls)
+    return expected_per_layer
+
+
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", list(TOWERS))
 def test_packed_images_match_eager_attention(name, attn_implementation):
@@ -130,23 +155,7 @@ def test_packed_images_match_eager_attention(name, attn_implementation):
     assert get_vision_position_ids(grid_thw, MERGE).tolist() == [list(c) for c in cells]
 
     calls = _eager_calls(name, model, patches, grid_thw=grid_thw)
-    expected_per_layer, used = [], 0
-    for layer in range(2):
-        windowed = windows and layer == 0
-        expected = [torch.full((2, h * w), float("nan"), dtype=torch.float64) for h, w in GRIDS]
-        for image, grid in enumerate(GRIDS):
-            chunks = _chunks(grid, WINDOW if windows else None)
-            if not windowed:  # one call per image, over the (window-ordered, for the windowed towers) sequence
-                chunks = [[cell for chunk in chunks for cell in chunk]]
-            for chunk in chunks:
-                module, probabilities = calls[used]
-                used += 1
-                assert module is model.blocks[layer].attn and probabilities.shape[-1] == len(chunk)
-                for q, (r, c) in enumerate(chunk):
-                    expected[image][:, r * grid[1] + c] = chunk_token_mad(probabilities, chunk, PATCH)[:, q]
-        assert all(not e.isnan().any() for e in expected)
-        expected_per_layer.append(expected)
-    assert used == len(calls)
+    expected_per_layer = _expected_per_layer(model, calls, GRIDS, windows)
 
     model.set_attn_implementation(attn_implementation)
     rec, rec_mean = record_packed_forward(model, patches, grid_thw=grid_thw)
@@ -175,23 +184,7 @@ def test_video_slices_match_eager_attention(name):
     patches = torch.randn(sum(t * h * w for t, h, w in VIDEO_ROWS), 3 * temporal * PATCH * PATCH)
 
     calls = _eager_calls(name, model, patches, grid_thw=grid_thw)
-    expected_per_layer, used = [], 0
-    for layer in range(2):
-        windowed = windows and layer == 0
-        expected = [torch.full((2, h * w), float("nan"), dtype=torch.float64) for h, w in VIDEO_ENTRIES]
-        for entry, grid in enumerate(VIDEO_ENTRIES):
-            chunks = _chunks(grid, WINDOW if windows else None)
-            if not windowed:
-                chunks = [[cell for chunk in chunks for cell in chunk]]
-            for chunk in chunks:
-                module, probabilities = calls[used]
-                used += 1
-                assert module is model.blocks[layer].attn and probabilities.shape[-1] == len(chunk)
-                for q, (r, c) in enumerate(chunk):
-                    expected[entry][:, r * grid[1] + c] = chunk_token_mad(probabilities, chunk, PATCH)[:, q]
-        assert all(not e.isnan().any() for e in expected)
-        expected_per_layer.append(expected)
-    assert used == len(calls)
+    expected_per_layer = _expected_per_layer(model, calls, VIDEO_ENTRIES, windows)
 
     model.set_attn_implementation("sdpa")
     rec, rec_mean = record_packed_forward(model, patches, grid_thw=grid_thw)

@@ -86,6 +86,26 @@ def _inputs(name: str):
     return torch.randn(sum(h * w for h, w in GRIDS), 3 * TOWERS[name][4] * PATCH * PATCH), grid_thw
 
 
+def _expected_per_layer(model, calls: list, layers: list, grids, chunks) -> list[list[torch.Tensor]]:
+    """Per layer, per fold entry (an image or a video's slice of ``grids[i]`` patches, its tokens ``chunks[i]``),
+    the per-query float64 MAD ``[2 heads, h * w]`` row-major from the eager ``calls``: one call per entry and
+    layer, layer after layer."""
+    expected_per_layer = []
+    for layer, layer_name in enumerate(layers):
+        expected = []
+        for entry, (grid, chunk) in enumerate(zip(grids, chunks)):
+            module, probabilities = calls[layer * len(grids) + entry]
+            assert module is model.get_submodule(layer_name) and probabilities.shape[-1] == len(chunk)
+            values = torch.full((2, grid[0] * grid[1]), float("nan"), dtype=torch.float64)
+            per_token = chunk_token_mad(probabilities, chunk, PATCH)
+            for q, (r, c) in enumerate(chunk):
+                values[:, r * grid[1] + c] = per_token[:, q]
+            assert not values.isnan().any()
+            expected.append(values)
+        expected_per_layer.append(expected)
+    return expected_per_layer
+
+
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", list(TOWERS))
 def test_packed_images_match_eager_attention(name, attn_implementation):
@@ -102,19 +122,7 @@ def test_packed_images_match_eager_attention(name, attn_implementation):
 
     calls = eager_attention_calls(_modeling(name), model, patches, grid_thw=grid_thw)
     assert len(calls) == len(layers) * len(GRIDS)  # one call per image and attention layer
-    expected_per_layer = []
-    for layer, layer_name in enumerate(layers):
-        expected = []
-        for image, (grid, chunk) in enumerate(zip(GRIDS, chunks)):
-            module, probabilities = calls[layer * len(GRIDS) + image]
-            assert module is model.get_submodule(layer_name) and probabilities.shape[-1] == len(chunk)
-            values = torch.full((2, grid[0] * grid[1]), float("nan"), dtype=torch.float64)
-            per_token = chunk_token_mad(probabilities, chunk, PATCH)
-            for q, (r, c) in enumerate(chunk):
-                values[:, r * grid[1] + c] = per_token[:, q]
-            assert not values.isnan().any()
-            expected.append(values)
-        expected_per_layer.append(expected)
+    expected_per_layer = _expected_per_layer(model, calls, layers, GRIDS, chunks)
 
     model.set_attn_implementation(attn_implementation)
     rec, rec_mean = record_packed_forward(model, patches, grid_thw=grid_thw)
@@ -184,21 +192,10 @@ def test_video_slices_match_eager_attention(name, attn_implementation):
 
     calls = eager_attention_calls(_modeling(name), model, patches, grid_thw=grid_thw)
     assert len(calls) == len(layers) * len(VIDEO_ENTRIES)  # one call per slice (or image) and attention layer
-    expected_per_layer = []
-    for layer, layer_name in enumerate(layers):
-        expected = []
-        for entry, (grid, chunk) in enumerate(zip(VIDEO_ENTRIES, chunks)):
-            module, probabilities = calls[layer * len(VIDEO_ENTRIES) + entry]
-            assert module is model.get_submodule(layer_name) and probabilities.shape[-1] == len(chunk)
-            entropy = -(probabilities * probabilities.clamp_min(1e-300).log()).sum(-1).mean()
-            assert float(entropy) < 0.6 * math.log(len(chunk))  # far from uniform
-            values = torch.full((2, grid[0] * grid[1]), float("nan"), dtype=torch.float64)
-            per_token = chunk_token_mad(probabilities, chunk, PATCH)
-            for q, (r, c) in enumerate(chunk):
-                values[:, r * grid[1] + c] = per_token[:, q]
-            assert not values.isnan().any()
-            expected.append(values)
-        expected_per_layer.append(expected)
+    for _, probabilities in calls:
+        entropy = -(probabilities * probabilities.clamp_min(1e-300).log()).sum(-1).mean()
+        assert float(entropy) < 0.6 * math.log(probabilities.shape[-1])  # far from uniform
+    expected_per_layer = _expected_per_layer(model, calls, layers, VIDEO_ENTRIES, chunks)
 
     model.set_attn_implementation(attn_implementation)
     rec, rec_mean = record_packed_forward(model, patches, grid_thw=grid_thw)  # the output bit-identical
