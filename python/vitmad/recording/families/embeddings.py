@@ -12,7 +12,7 @@ from torch import nn
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement
 from .stages import defined_in
 
-__all__ = ["EmbeddingsPlacer", "embeddings_above", "conv_grid", "check_cut_from_input"]
+__all__ = ["EmbeddingsPlacer", "embeddings_above", "conv_grid", "check_cut_from_input", "check_sequence"]
 
 
 def embeddings_above(model: nn.Module, name: str, designs) -> tuple[str, nn.Module] | None:
@@ -53,6 +53,14 @@ def check_cut_from_input(context: CallContext, cutter: str, height: int, width: 
         )
 
 
+def check_sequence(lead: torch.Size, num_queries: int, num_keys: int, batch: int, tokens: int, built: str) -> None:
+    """Refuses a call that is not self-attention ``[batch, H, tokens, tokens]`` over the sequence the tower built
+    in this call (``built`` says how, for the message)."""
+    if len(lead) != 2 or lead[0] != batch or num_queries != tokens or num_keys != tokens:
+        raise NotPlaceable(f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; "
+                           f"after {built}, a layer of this tower attends [{batch}, H, {tokens}, {tokens}]")
+
+
 class EmbeddingsPlacer(LayerPlacer):
     """Places the tokens of one layer from what a hook read on its tower's embeddings in the current call.
 
@@ -75,11 +83,4 @@ class EmbeddingsPlacer(LayerPlacer):
             placement = context.values[key] = build()
         return placement
 
-    @staticmethod
-    def check_sequence(lead: torch.Size, num_queries: int, num_keys: int, batch: int, tokens: int,
-                       built: str) -> None:
-        """Refuses a call that is not self-attention ``[batch, H, tokens, tokens]`` over the sequence the tower
-        built in this call (``built`` says how, for the message)."""
-        if len(lead) != 2 or lead[0] != batch or num_queries != tokens or num_keys != tokens:
-            raise NotPlaceable(f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; "
-                               f"after {built}, a layer of this tower attends [{batch}, H, {tokens}, {tokens}]")
+    check_sequence = staticmethod(check_sequence)

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, select_tokens
-from .embeddings import check_cut_from_input
+from .embeddings import check_cut_from_input, check_sequence
 from .plain import _plain_positions
 from .stages import defined_in, innermost_on_path, pair
 
@@ -214,12 +214,9 @@ class SamMapEncoderPlacer(LayerPlacer):
             prefix, suffix = 0, shape[1] - cells
             attention = f"map tokens both ways, then {suffix} learned queries (causal)"
         tokens = prefix + cells + suffix
-        if len(lead) != 2 or int(lead[0]) != batch or (num_queries, num_keys) != (tokens, tokens):
-            raise NotPlaceable(
-                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; over SAM's "
-                f"{grid[0]}x{grid[1]} projected map of {batch} images vitmad expects [{batch}, H, {tokens}, {tokens}] "
-                f"({prefix} class token, {cells} map tokens, {suffix} learned queries)"
-            )
+        check_sequence(lead, num_queries, num_keys, batch, tokens,
+                       f"{prefix} class token, the {cells} tokens of SAM's {grid[0]}x{grid[1]} projected map of "
+                       f"{batch} images and {suffix} learned queries")
         strides = (cell, cell)
         positions, index = _plain_positions(grid, strides, prefix, suffix)
         geometry = LayerGeometry(grid, strides, attention, int(lead[-1]), prefix, num_suffix_tokens=suffix or None)

@@ -29,8 +29,8 @@ onto the whole grid with the tubelets a call lacks absent (``Placement.present``
   the mask tokens in index order, each with its own cell's position embedding: every tubelet once;
 - V-JEPA 2's predictor (named in ``layers=``): the context tokens its ``context_mask`` chose and a mask token
   per index of its ``target_mask``, in the order of the ``position_mask`` its attention takes (sorted by index):
-  index ``i`` is tubelet ``i`` of the encoder's sequence (refused where an index appears twice: context and
-  target overlap, as in the default forward, and one tubelet cannot hold two values).
+  index ``i`` is tubelet ``i`` of the encoder's sequence (refused where an index appears twice, in one mask or
+  in both, as in the default forward: one tubelet cannot hold two values).
 
 Left out, with the reason (``rec.skipped`` when named): V-JEPA 2's attentive pooler (learned queries; its
 self-attention layers belong to the classification head, not the encoder).
@@ -56,6 +56,7 @@ from ..placement import (
     on_device,
     read_only,
 )
+from .embeddings import check_sequence
 from .plain import is_embedding_projection
 
 __all__ = ["placer", "VideoPlacer", "MaskedVideoMAEPlacer", "VideoMAEDecoderPlacer", "VJEPA2PredictorPlacer"]
@@ -325,10 +326,6 @@ def _shared(context: CallContext, key: str, cells: torch.Tensor, heads: int, bui
     return placement
 
 
-def _call_shape(lead: torch.Size, num_queries: int, num_keys: int) -> str:
-    return f"[{', '.join(map(str, lead))}, {num_queries}, {num_keys}]"
-
-
 class MaskedVideoMAEPlacer(VideoPlacer):
     """VideoMAE's encoder (``VideoMAEModel``, also inside ``VideoMAEForPreTraining``): the whole grid as
     :class:`VideoPlacer` places it, or, in a call given ``bool_masked_pos``, the ``K`` tubelets each video kept,
@@ -376,10 +373,9 @@ class MaskedVideoMAEPlacer(VideoPlacer):
         grid = context.values[_GRID]
         batch, count = kept.shape
         tubelets = grid.frames * grid.size[0] * grid.size[1]
-        if len(lead) != 2 or lead[0] != batch or num_queries != count or num_keys != count:
-            raise NotPlaceable(f"its attention has shape {_call_shape(lead, num_queries, num_keys)}; over the {count} "
-                               f"of {tubelets} tubelets bool_masked_pos keeps in each of {batch} video(s) it is "
-                               f"[{batch}, heads, {count}, {count}]")
+        check_sequence(lead, num_queries, num_keys, batch, count,
+                       f"{self.embeddings_name} kept the {count} of {tubelets} tubelets bool_masked_pos leaves in "
+                       f"each of {batch} video(s)")
         heads = int(lead[1])
         return _shared(context, "video.kept.placement", kept, heads, lambda: _cells_placement(
             grid, kept, heads, f"space-time over the {count} of {tubelets} tubelets kept"))
@@ -450,10 +446,8 @@ class VideoMAEDecoderPlacer(LayerPlacer):
         order, visible = order
         grid = context.values[_GRID]
         batch, count = order.shape
-        if len(lead) != 2 or lead[0] != batch or num_queries != count or num_keys != count:
-            raise NotPlaceable(f"its attention has shape {_call_shape(lead, num_queries, num_keys)}; over the "
-                               f"visible tubelets and the mask tokens of {batch} video(s) it is "
-                               f"[{batch}, heads, {count}, {count}]")
+        check_sequence(lead, num_queries, num_keys, batch, count,
+                       f"{self.decoder_name} took the visible tubelets and the mask tokens of {batch} video(s)")
         heads = int(lead[1])
         return _shared(context, "video.decoded.placement", order, heads, lambda: _cells_placement(
             grid, order, heads, f"space-time over the {visible} visible tubelets, then the {count - visible} mask "
@@ -510,9 +504,9 @@ class VJEPA2PredictorPlacer(LayerPlacer):
             raise NotPlaceable(f"its position_mask is {type(ids).__name__}, not the index of each token: which "
                                "tubelet each token stands for is unknown")
         if len(lead) != 2 or num_queries != num_keys or list(ids.shape) != [lead[0], num_queries]:
-            raise NotPlaceable(f"its attention has shape {_call_shape(lead, num_queries, num_keys)} and its "
-                               f"position_mask {list(ids.shape)}; vitmad places self-attention [B, heads, n, n] "
-                               "with one index per token, [B, n]")
+            shape = f"[{', '.join(map(str, lead))}, {num_queries}, {num_keys}]"
+            raise NotPlaceable(f"its attention has shape {shape} and its position_mask {list(ids.shape)}; vitmad "
+                               "places self-attention [B, heads, n, n] with one index per token, [B, n]")
         if lead[0] != grid.batch:
             raise NotPlaceable(
                 f"it attends over {lead[0]} sequences for {grid.batch} video(s): one per video and mask of "
