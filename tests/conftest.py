@@ -404,6 +404,33 @@ def check_sam_windows(rec, rec_tokens, maps, height: int, width: int, window: in
             torch.testing.assert_close(per_token[first + i].double(), values, **tol)
 
 
+# DETR-style detectors over a timm ResNet: name -> (config class, model class, modeling module whose
+# eager_attention_forward computes their softmax, or None where the attention computes it itself and returns it).
+DETR_MODELS = {
+    "detr": ("DetrConfig", "DetrForObjectDetection", "detr.modeling_detr"),
+    "conditional_detr": ("ConditionalDetrConfig", "ConditionalDetrForObjectDetection",
+                         "conditional_detr.modeling_conditional_detr"),
+    "dab_detr": ("DabDetrConfig", "DabDetrForObjectDetection", None),
+    "table_transformer": ("TableTransformerConfig", "TableTransformerForObjectDetection", None),
+}
+
+
+def tiny_detr(name: str, **overrides) -> torch.nn.Module:
+    """A tiny ``DETR_MODELS[name]`` detector (32 wide, 2 heads, 5 object queries, timm's resnet10t), sharpened
+    after a seed; ``overrides`` set the config (layer counts, heads, backbone)."""
+    import transformers
+
+    config_cls, model_cls, _ = DETR_MODELS[name]
+    settings = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                    decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5,
+                    use_timm_backbone=True, backbone="resnet10t")
+    if name == "dab_detr":
+        settings["hidden_size"] = settings.pop("d_model")
+    settings.update(overrides)
+    torch.manual_seed(0)
+    return sharpened(getattr(transformers, model_cls)(getattr(transformers, config_cls)(**settings)))
+
+
 def pad_second_image(pixels: torch.Tensor, kept: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """A DETR-style padded batch of two: the first image whole, the second ``kept`` px at the top left, zeros past
     it; and its ``pixel_mask`` ``[2, H, W]`` (1 on the image)."""

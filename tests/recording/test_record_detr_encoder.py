@@ -28,11 +28,13 @@ pytest.importorskip("timm")
 
 import vitmad  # noqa: E402
 from conftest import (  # noqa: E402
+    DETR_MODELS,
     eager_attention_calls,
     mask_on_grid,
     pad_second_image,
     record_logits_unchanged,
     sharpened,
+    tiny_detr,
 )
 
 TOL = {"rtol": 1e-5, "atol": 1e-4}  # atol in pixels or nats; MADs here are 20 to 110 px
@@ -199,25 +201,8 @@ def test_the_decoder_and_its_deformable_attention_stay_out_named():
 
 # --- DETR, Conditional DETR, DAB-DETR, Table Transformer: the last map, pixel_mask ---------------------------------
 
-_DETR = {  # name: (config class, model class, modeling module or None where its softmax is its own)
-    "detr": ("DetrConfig", "DetrForObjectDetection", "detr.modeling_detr"),
-    "conditional_detr": ("ConditionalDetrConfig", "ConditionalDetrForObjectDetection",
-                         "conditional_detr.modeling_conditional_detr"),
-    "dab_detr": ("DabDetrConfig", "DabDetrForObjectDetection", None),
-    "table_transformer": ("TableTransformerConfig", "TableTransformerForObjectDetection", None),
-}
-
-
 def _detr_model(name: str, **overrides):
-    config_cls, model_cls, _ = _DETR[name]
-    settings = dict(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
-                    decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5,
-                    use_timm_backbone=True, backbone="resnet10t")
-    if name == "dab_detr":
-        settings["hidden_size"] = settings.pop("d_model")
-    settings.update(overrides)
-    torch.manual_seed(0)
-    return sharpened(getattr(transformers, model_cls)(getattr(transformers, config_cls)(**settings)))
+    return tiny_detr(name, **{"encoder_layers": 2, **overrides})
 
 
 def _padded_batch(size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +212,7 @@ def _padded_batch(size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _detr_probabilities(name: str, model, pixels, mask) -> list[torch.Tensor]:
     """The encoder layers' own probabilities ``[B, H, N, N]`` float64, in order."""
-    modeling = _DETR[name][2]
+    modeling = DETR_MODELS[name][2]
     if modeling is not None:
         calls = eager_attention_calls(importlib.import_module(f"transformers.models.{modeling}"), model, pixels,
                                       pixel_mask=mask)
@@ -249,7 +234,7 @@ def test_detr_encoders_place_the_last_map_and_leave_the_padding_without_a_positi
     model = _detr_model(name)
     pixels, mask = _padded_batch((200, 136))
     probabilities = _detr_probabilities(name, model, pixels, mask)
-    if _DETR[name][2] is not None:
+    if DETR_MODELS[name][2] is not None:
         model.set_attn_implementation(attn_implementation)
     rec = _record(model, pixels, pixel_mask=mask)
     valid = mask_on_grid(mask, (7, 5))

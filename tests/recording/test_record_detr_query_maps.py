@@ -23,35 +23,22 @@ pytest.importorskip("timm")
 
 import vitmad  # noqa: E402
 from conftest import (  # noqa: E402
+    DETR_MODELS,
     eager_attention_calls,
     mask_on_grid,
     pad_second_image,
     record_logits_unchanged,
     sharpened,
+    tiny_detr,
 )
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}  # probabilities; float32 model against its own float32 probabilities
 
-_DETR = {  # name: (config class, model class, modeling module or None where its attention computes its softmax)
-    "detr": ("DetrConfig", "DetrForObjectDetection", "detr.modeling_detr"),
-    "conditional_detr": ("ConditionalDetrConfig", "ConditionalDetrForObjectDetection",
-                         "conditional_detr.modeling_conditional_detr"),
-    "dab_detr": ("DabDetrConfig", "DabDetrForObjectDetection", None),
-    "table_transformer": ("TableTransformerConfig", "TableTransformerForObjectDetection", None),
-}
 _QUERIES = 5
 
 
 def _model(name: str, **overrides):
-    config_cls, model_cls, _ = _DETR[name]
-    settings = dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
-                    decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=_QUERIES,
-                    use_timm_backbone=True, backbone="resnet10t")
-    if name == "dab_detr":
-        settings["hidden_size"] = settings.pop("d_model")
-    settings.update(overrides)
-    torch.manual_seed(0)
-    return sharpened(getattr(transformers, model_cls)(getattr(transformers, config_cls)(**settings)))
+    return tiny_detr(name, **{"decoder_layers": 2, "num_queries": _QUERIES, **overrides})
 
 
 def _cross_attention(name: str, layer):
@@ -70,7 +57,7 @@ def _padded_batch(size: tuple[int, int], kept: tuple[int, int]) -> tuple[torch.T
 
 def _cross_probabilities(name: str, model, pixels, mask) -> list[torch.Tensor]:
     """The decoder layers' own cross-attention probabilities ``[B, H, Q, N]`` float64, in order."""
-    modeling = _DETR[name][2]
+    modeling = DETR_MODELS[name][2]
     if modeling is not None:
         calls = eager_attention_calls(importlib.import_module(f"transformers.models.{modeling}"), model, pixels,
                                       pixel_mask=mask)
@@ -95,7 +82,7 @@ def test_decoder_cross_attention_maps_equal_the_models_own_on_the_encoders_grid(
     model = _model(name)
     pixels, mask = _padded_batch((200, 136), (150, 100))
     probabilities = _cross_probabilities(name, model, pixels, mask)
-    if _DETR[name][2] is not None:
+    if DETR_MODELS[name][2] is not None:
         model.set_attn_implementation(attn_implementation)
     valid = mask_on_grid(mask, (7, 5))
     assert valid[0].all() and valid[1].reshape(7, 5)[:6, :4].all() and valid[1].sum() == 24
