@@ -72,7 +72,8 @@ _DESIGNS = {
                                                    ("num_heads", "query_stride", "window_size", "use_mask_unit_attn")),
 }
 _GRID = "hiera.grid"
-_MASK = "hiera.mask"  # + id(owner): the bool [B, U] mask of the current call, None for an unmasked one
+# + id(owner): the bool [B, U] mask of the current call; None for an unmasked one, or one keeping every unit.
+_MASK = "hiera.mask"
 # The modules that receive the mask (module suffix of the class): timm's as its ``mask=`` argument, transformers'
 # in its output ``(embeddings, bool_masked_pos, ids_restore)``.
 _MASK_READERS = {("PatchEmbed", "hiera"): "argument", ("HieraPatchEmbeddings", "modeling_hiera"): "output"}
@@ -162,11 +163,18 @@ class HieraPlacer(LayerPlacer):
             context.values[_GRID, id(self.owner)] = (int(output.shape[-2]), int(output.shape[-1]))
 
         def read_mask(module, args, kwargs, output) -> None:
+            key = (_MASK, id(self.owner))
+            if key in context.values:  # every layer's placer hooks the same module: the first hook of the call reads it
+                return
             if _MASK_READERS[_key(module)] == "argument":
                 mask = kwargs.get("mask", args[1] if len(args) > 1 else None)  # timm: [B, 1, U_h, U_w]
             else:
                 mask = output[1]  # transformers: bool_masked_pos [B, U]
-            context.values[_MASK, id(self.owner)] = None if mask is None else mask.detach().reshape(mask.shape[0], -1)
+            if mask is not None:
+                mask = mask.detach().reshape(mask.shape[0], -1)
+                if mask.dtype == torch.bool and bool(mask.all()):
+                    mask = None  # every unit kept: the unmasked layout (read once per call, not once per layer)
+            context.values[key] = mask
 
         handles = [self.conv.register_forward_hook(see)]
         if self.masking is not None:
@@ -223,15 +231,21 @@ class HieraPlacer(LayerPlacer):
         if mask is not None and mask.dtype != torch.bool:
             raise NotPlaceable(f"its mask is {mask.dtype}; vitmad places the mask units a bool mask keeps (True: "
                                "kept), the mask Hiera draws and indexes its tokens with")
-        if mask is not None and not bool(mask.all()):
-            key = (_MASK + ".cells", id(self.owner))
-            if key not in context.values:  # the layers of one call share the kept cells
-                context.values[key] = self._kept_cells(grid, mask)
-            kept = (int(mask[0].sum()), int(mask.shape[1]))
-            return self._placement(grid, self._layout(context.values[key]), lead, num_queries, num_keys, heads,
-                                   windowed, kept)
-        # The placement of an unmasked call depends on nothing else: built once, reused by every call of the shape.
         window = int(getattr(self.attention, window_name))
+        if mask is not None:
+            # The layers of one call share the kept cells, and those of one layout (the poolings before, the query
+            # stride, the windows, the call's shape) their placement.
+            cells_key = (_MASK + ".cells", id(self.owner))
+            if cells_key not in context.values:
+                context.values[cells_key] = (self._kept_cells(grid, mask), (int(mask[0].sum()), int(mask.shape[1])))
+            cells, kept = context.values[cells_key]
+            layout_key = (_MASK + ".placed", id(self.owner), tuple(self.pools_before), self.query_stride, tuple(lead),
+                          num_queries, num_keys, heads, windowed, window)
+            if layout_key not in context.values:
+                context.values[layout_key] = self._placement(grid, self._layout(cells), lead, num_queries, num_keys,
+                                                             heads, windowed, kept)
+            return context.values[layout_key]
+        # The placement of an unmasked call depends on nothing else: built once, reused by every call of the shape.
         placed_key = (grid, tuple(lead), num_queries, num_keys, heads, windowed, window)
         if placed_key not in self._placed:
             if grid not in self._cache:
