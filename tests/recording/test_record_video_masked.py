@@ -244,14 +244,18 @@ def test_videomae_decoder_outside_its_pretraining_forward_is_refused():
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("seed", [1, 2])
-def test_vjepa2_predictor_places_context_and_mask_tokens_at_their_cells(seed, implementation):
+def test_vjepa2_predictor_places_context_and_mask_tokens_at_their_cells(seed, size, implementation):
+    # The frames need not be the configured square crop: the model's RoPE then numbers the tokens on the crop's
+    # grid, but each token's tubelet is still the one its index names on the video's own grid, where MAD is taken.
     model = _vjepa2(implementation)
-    grid, tubelets = (4, 4), (FRAMES // TUBELET) * 16
+    grid = (size[0] // PATCH, size[1] // PATCH)
+    tubelets = (FRAMES // TUBELET) * grid[0] * grid[1]
     generator = torch.Generator().manual_seed(seed)
     drawn = torch.stack([torch.randperm(tubelets, generator=generator) for _ in range(BATCH)])
-    context, target = [drawn[:, :11]], [drawn[:, 11:20]]  # 11 context and 9 target tubelets, 12 in neither
-    video = _video((32, 32), seed)
+    context, target = [drawn[:, :11]], [drawn[:, 11:20]]  # 11 context and 9 target tubelets, the rest in neither
+    video = _video(size, seed)
     layers = ["encoder.layer.*.attention", "predictor.layer.*.attention"]
 
     def outputs(out):
