@@ -177,9 +177,10 @@ class EomtPlacer(LayerPlacer):
         parts = 1
         if design.video:
             if video is None or video[0] * video[1] != embedded:
-                raise NotPlaceable(f"its patch projection embedded {embedded} frames, not the frames of the "
-                                   f"{'missing ' if video is None else ''}pixel_values_videos"
-                                   f"{'' if video is None else f' of {video[0]} videos x {video[1]} frames'}")
+                given = "no 5-D pixel_values_videos" if video is None else \
+                    f"pixel_values_videos of {video[0]} videos x {video[1]} frames"
+                raise NotPlaceable(f"its patch projection embedded {embedded} frames in a forward of {where} given "
+                                   f"{given}, so vitmad does not know which frame each sequence is")
             batch, parts = (video[0], video[1]) if joined else (embedded, 1)
             what = f"frame by frame ({video[1]} frames of {video[0]} videos)" if joined else \
                 f"{video[0]} videos x {video[1]} frames as {embedded} images"
