@@ -131,6 +131,10 @@ class Placement:
             every matrix. None: the maps' rows are found from the geometry.
         map_present: ``[B, Q]`` bool, which of the ``map_tokens`` each image has (its rows are NaN where not: the
             class token of a padding tile), or None when every image has all.
+        batch_parts: the module's forward runs this many times in one forward of the model, each over the next part
+            of the batch (VidEoMT's query blocks: once per frame, over that frame of every video), its calls all
+            placed alike: the per-query values (and prefix rows) of those forwards are concatenated along the batch
+            dim, in the order they ran, before ``fold``, and the layer is recorded once, when the last has ended.
     """
 
     positions: torch.Tensor
@@ -145,6 +149,7 @@ class Placement:
     padded_keys: bool = False
     map_tokens: torch.Tensor | None = None
     map_present: torch.Tensor | None = None
+    batch_parts: int = 1
 
 
 @dataclass

@@ -1293,6 +1293,10 @@ class Recording:
                           "AttentionInterface or a softmax); it is not recorded", stacklevel=2)
         if not completed or not pending:
             return
+        if 1 < pending[0][0].batch_parts and len(pending) < pending[0][0].batch_parts:
+            # One of the forwards over a part of the batch (Placement.batch_parts): the layer waits for the rest.
+            self._pending[name] = pending
+            return
         if name in self._class_layers:
             self._record_class_maps(name, module, pending)
             return
@@ -1311,6 +1315,8 @@ class Recording:
             per_query = torch.stack([value for _, value, *_ in pending], dim=-2)
         elif placement.consecutive_chunks and all(entry[0].consecutive_chunks for entry in pending):
             per_query = torch.cat([value for _, value, *_ in pending], dim=-1)
+        elif 1 < placement.batch_parts == len(pending) and all(e[0].batch_parts == len(pending) for e in pending):
+            per_query = torch.cat([value for _, value, *_ in pending], dim=-3)  # [..., B, H, Nq]: the batch dim
         elif len(pending) == 1 and not is_differential(module):
             per_query = pending[0][1]
         elif is_differential(module):
@@ -1348,6 +1354,8 @@ class Recording:
                 # a class token per image): each chunk's rows cover its own keys, so joined along the keys they
                 # fold, like per-query values, onto each image's own grid. Chunks without such rows have no maps.
                 maps = torch.cat([entry[4] for entry in pending], dim=-1)
+            elif 1 < placement.batch_parts == len(pending) and len(rows) == 1 and None not in rows:
+                maps = torch.cat([entry[4] for entry in pending], dim=-4)  # [B, H, Q, Nk]: the batch dim
             call.prefix_maps.append(None if maps is None else torch.stack(
                 [self._fold_map(name, placement, row) for row in maps.unbind(-2)], dim=-2))
         call.geometry.append(placement.geometry)
