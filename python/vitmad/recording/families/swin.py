@@ -2,8 +2,9 @@
 
 timm ``swin_transformer`` (Swin, S3), ``swin_transformer_v2`` (cosine attention, log-spaced continuous position
 bias) and ``swin_transformer_v2_cr``; transformers ``SwinModel``, ``Swinv2Model``, ``DonutSwinModel`` and
-``MaskFormerSwinModel``; torchvision ``swin_t`` ... ``swin_v2_b``. Each block attends within windows of its
-stage's token map ``H x W``:
+``MaskFormerSwinModel``; torchvision ``swin_t`` ... ``swin_v2_b``; transformers ``Swin2SRModel`` (Swin2SR's residual
+groups of Swinv2 blocks on the full-resolution map, one token per pixel, no merging). Each block attends within
+windows of its stage's token map ``H x W``:
 
 1. the map is cyclically shifted up and left by ``shift`` (``torch.roll(x, -shift)``) and padded at the bottom
    and right to a multiple of the window. timm rolls the ``H x W`` map and pads after; transformers and torchvision
@@ -24,6 +25,12 @@ Pixel scale: a token of stage ``s`` covers ``patch * 2 ** m`` pixels, with ``m``
 ran before its block; each call checks that the block's map size is what the input image gives through the
 patch embedding and those mergings (odd sizes are padded before a merging), so that a layout vitmad does not
 know is refused, not measured at a wrong scale.
+
+Swin2SR pads the image itself: ``Swin2SRModel.pad_and_normalize`` reflects it at the bottom and right to a multiple
+of ``config.window_size`` before its first convolution, so its blocks run on the padded image's map. The image is
+what ``Swin2SRModel`` receives (read by a hook in each call): the tokens of its own pixels are queries and keys; the
+tokens of the reflected rows and columns are keys at their cells past the image edge and no query, as the padding
+slots of a window are (docs/definition.md, windows).
 """
 
 from __future__ import annotations
@@ -59,6 +66,9 @@ class _Design:
             the block.
         covering_window_unshifted: no shift along an axis whose padded map one window covers, decided in each
             call without changing the attribute (torchvision's ``shifted_window_attention``).
+        image_model: class name of the model that pads its input image to a multiple of its
+            ``config.window_size`` before embedding it (Swin2SR's ``pad_and_normalize``), defined in ``module``;
+            empty where the image reaches the patch embedding as it is.
     """
 
     module: str
@@ -69,6 +79,7 @@ class _Design:
     dims_argument: bool
     window_in_attention: bool = False
     covering_window_unshifted: bool = False
+    image_model: str = ""
 
 
 _DESIGNS = (
@@ -89,6 +100,9 @@ _DESIGNS = (
             False, False, True, True),
     _Design("torchvision.models.swin_transformer", "SwinTransformerBlockV2", "ShiftedWindowAttentionV2",
             "PatchMergingV2", False, False, True, True),
+    # Swinv2's block; its patch merging is defined but never built (every group keeps the full-resolution map).
+    _Design("transformers.models.swin2sr.modeling_swin2sr", "Swin2SRLayer", "Swin2SRSelfAttention",
+            "Swin2SRPatchMerging", False, True, image_model="Swin2SRModel"),
 )
 
 
@@ -111,15 +125,16 @@ class _Windows:
 
     positions: torch.Tensor  # [nW * N, 2] pixel centres of the slots as queries, window-major; NaN for padding
     key_positions: torch.Tensor  # [nW * N, 2] as keys: padding at its cell of the padded grid, past the image
-    index: torch.Tensor  # [H * W] the slot of each token of the unshifted map, row-major
+    index: torch.Tensor  # [h * w] the slot of each image token of the unshifted map, row-major
     padded: tuple[int, int]
 
 
 # Blocks of one stage share their partitions, and a model sees few input sizes: keep them (read-only tensors).
 @functools.lru_cache(maxsize=64)
 def _windows(size: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], roll_first: bool,
-             stride: tuple[float, float]) -> _Windows:
-    """The slot of every token when an ``H x W`` map is shifted by ``-shift``, padded and cut into windows."""
+             stride: tuple[float, float], content: tuple[int, int]) -> _Windows:
+    """The slot of every token when an ``H x W`` map is shifted by ``-shift``, padded and cut into windows; the
+    image's tokens are its first ``content`` rows and columns (the others, padding the model added to its image)."""
     (height, width), (win_h, win_w) = size, window
     padded_h, padded_w = math.ceil(height / win_h) * win_h, math.ceil(width / win_w) * win_w
 
@@ -135,14 +150,14 @@ def _windows(size: tuple[int, int], window: tuple[int, int], shift: tuple[int, i
     cols = source(width, padded_w, shift[1]).view(1, padded_w // win_w, 1, win_w)
     rows, cols = torch.broadcast_tensors(rows, cols)  # [nW_h, nW_w, win_h, win_w]: window-major slot order
     rows, cols = rows.reshape(-1), cols.reshape(-1)
-    real = (rows < height) & (cols < width)
+    real = (rows < content[0]) & (cols < content[1])
     # docs/definition.md, windows: padding the model attends is a key at its cell of the padded grid (past the
     # image edge), and no query: it stands for no image content.
     key_positions = torch.stack([(rows + 0.5) * stride[0], (cols + 0.5) * stride[1]], dim=-1).to(torch.float32)
     positions = key_positions.clone()
     positions[~real] = float("nan")
-    index = torch.empty(height * width, dtype=torch.long)
-    index[rows[real] * width + cols[real]] = torch.arange(rows.numel())[real]
+    index = torch.empty(content[0] * content[1], dtype=torch.long)
+    index[rows[real] * content[1] + cols[real]] = torch.arange(rows.numel())[real]
     return _Windows(positions, key_positions, index, (padded_h, padded_w))
 
 
@@ -163,14 +178,20 @@ class SwinPlacer(LayerPlacer):
         block: the block; its ``window_size`` and ``shift_size`` are read during each attention call.
         patch: ``(height, width)`` pixels of the patch embedding, or None when the model has none found.
         merges: 2 x 2 patch mergings before the block.
+        attention: the block's window attention (holds the window and shift where the design says so).
+        image_model: ``(qualified name, module, patch embedding)`` of the model that pads its input image before
+            embedding it (the design's ``image_model``), or None.
     """
 
     def __init__(self, model: nn.Module, design: _Design, block_name: str, block: nn.Module,
-                 patch: tuple[int, int] | None, merges: int, attention: nn.Module | None = None):
+                 patch: tuple[int, int] | None, merges: int, attention: nn.Module | None = None,
+                 image_model: tuple[str, nn.Module, nn.Module | None] | None = None):
         self.model, self.design, self.block_name, self.block = model, design, block_name, block
         self.window_holder = attention if design.window_in_attention else block
         self.patch, self.merges = patch, merges
+        self.image_model = image_model
         self._key = f"swin.{block_name}"
+        self._image_key = None if image_model is None else f"swin.image.{image_model[0]}"
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         def see(module, args, kwargs) -> None:
@@ -186,8 +207,29 @@ class SwinPlacer(LayerPlacer):
             # The block's map is known only while it runs: its attention called on its own is refused.
             context.values.pop(self._key, None)
 
-        return [self.block.register_forward_pre_hook(see, with_kwargs=True),
-                self.block.register_forward_hook(forget, always_call=True)]
+        handles = [self.block.register_forward_pre_hook(see, with_kwargs=True),
+                   self.block.register_forward_hook(forget, always_call=True)]
+        if self.image_model is not None and self.image_model[2] is not None:
+            # The image is read before the model pads it, and kept here until its patch embedding runs: the call
+            # starts (and its values are cleared) at the first convolution, on the padded image.
+            waiting = {}
+
+            def see_image(module, args, kwargs) -> None:
+                pixels = args[0] if args else kwargs.get("pixel_values")
+                waiting["image"] = (int(pixels.shape[-2]), int(pixels.shape[-1])) \
+                    if isinstance(pixels, torch.Tensor) and pixels.dim() == 4 else None
+
+            def embed(module, args) -> None:
+                context.values[self._image_key] = waiting.pop("image", None)
+
+            def forget_image(module, args, output) -> None:
+                waiting.pop("image", None)
+                context.values.pop(self._image_key, None)
+
+            handles += [self.image_model[1].register_forward_pre_hook(see_image, with_kwargs=True),
+                        self.image_model[2].register_forward_pre_hook(embed),
+                        self.image_model[1].register_forward_hook(forget_image, always_call=True)]
+        return handles
 
     def _stride(self, context: CallContext, size: tuple[int, int]) -> tuple[float, float]:
         if self.patch is None:
@@ -208,6 +250,35 @@ class SwinPlacer(LayerPlacer):
                     f"{' or '.join(map(str, sorted(expected)))}; vitmad does not know what ran in between"
                 )
         return float(self.patch[0] * scale), float(self.patch[1] * scale)
+
+    def _padded_image(self, context: CallContext, size: tuple[int, int]) -> tuple[tuple[float, float],
+                                                                                  tuple[int, int], tuple[int, int]]:
+        """``(stride, image tokens, padded image)`` of a block of a model that pads its image itself: the pixels
+        per token, the rows and columns of the map that hold the image, and the padded image's size in pixels."""
+        name, image_model, _ = self.image_model
+        image = context.values.get(self._image_key)
+        if image is None:
+            raise NotPlaceable(
+                f"its block {self.block_name} ran outside a forward of {name or 'the model'} "
+                f"({self.design.image_model}) given a [B, C, H, W] image, whose size says where its tokens are"
+            )
+        if self.patch is None:
+            raise NotPlaceable(f"found no patch-embedding Conv2d (kernel == stride) in {self.design.image_model}, "
+                               "so the pixel size of its tokens is unknown")
+        # Swin2SRModel.pad_and_normalize reads the multiple from its config in every call.
+        multiple = int(image_model.config.window_size)
+        padded = tuple(-(-n // multiple) * multiple for n in image)
+        for length, pixels, full, patch, axis in zip(size, image, padded, self.patch, ("height", "width")):
+            if length != full // patch:
+                raise NotPlaceable(
+                    f"its block {self.block_name} sees a map {axis} of {length} tokens, but "
+                    f"{self.design.image_model} pads an image {axis} of {pixels} px to {full} px (a multiple of its "
+                    f"config.window_size, {multiple}), which its {patch} px patches make {full // patch} tokens; "
+                    "vitmad does not know what ran in between"
+                )
+        # A token whose cell holds a pixel of the image carries image content: a query (docs/definition.md).
+        content = tuple(-(-n // patch) for n, patch in zip(image, self.patch))
+        return (float(self.patch[0]), float(self.patch[1])), content, padded
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         seen = context.values.get(self._key)
@@ -230,12 +301,15 @@ class SwinPlacer(LayerPlacer):
                 f"windows of {window[0]}x{window[1]}, which gives [{batch * num_windows}, heads, "
                 f"{window[0] * window[1]}, {window[0] * window[1]}]"
             )
-        stride = self._stride(context, size)
-        windows = _windows(size, window, shift, self.design.roll_first, stride)
+        if self.image_model is None:
+            stride, content, padded_image = self._stride(context, size), size, None
+        else:
+            stride, content, padded_image = self._padded_image(context, size)
+        windows = _windows(size, window, shift, self.design.roll_first, stride, content)
         heads, tokens = int(lead[1]), num_queries
         positions = windows.positions.view(num_windows, tokens, 2).repeat(batch, 1, 1).unsqueeze(1)
         key_positions = None
-        if windows.padded != size:
+        if windows.padded != content:
             key_positions = windows.key_positions.view(num_windows, tokens, 2).repeat(batch, 1, 1).unsqueeze(1)
         index = windows.index
 
@@ -248,9 +322,10 @@ class SwinPlacer(LayerPlacer):
             attention += f", shift {shift[0]}x{shift[1]}"
         if windows.padded != size:
             attention += f", padded to {windows.padded[0]}x{windows.padded[1]}"
-        geometry = LayerGeometry(size, stride, attention, heads)
+        if content != size:
+            attention += f", image padded to {padded_image[0]}x{padded_image[1]} px by reflection"
+        geometry = LayerGeometry(content, stride, attention, heads)
         return Placement(positions, key_positions, fold, geometry, padded_keys=key_positions is not None)
-
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
@@ -270,6 +345,17 @@ def placer(model: nn.Module, name: str, module: nn.Module):
             break
         if type(other).__module__ == design.module and type(other).__name__ == design.merging:
             merges += 1
-    embedding = find_patch_embedding(model)
+    if not design.image_model:
+        embedding = find_patch_embedding(model)
+        patch = None if embedding is None else pair(embedding[1].kernel_size)
+        return SwinPlacer(model, design, block_name, modules[block_name], patch, merges, module)
+    parts = block_name.split(".")
+    owners = (".".join(parts[:depth]) for depth in range(len(parts) - 1, -1, -1))  # "" is the model itself
+    image_name = next((owner for owner in owners if type(modules[owner]).__module__ == design.module
+                       and type(modules[owner]).__name__ == design.image_model), None)
+    if image_name is None:
+        return RefusingPlacer(f"it is not inside a {design.image_model}, whose input image says where its tokens are")
+    embedding = find_patch_embedding(modules[image_name])
     patch = None if embedding is None else pair(embedding[1].kernel_size)
-    return SwinPlacer(model, design, block_name, modules[block_name], patch, merges, module)
+    image_model = image_name, modules[image_name], None if embedding is None else embedding[1]
+    return SwinPlacer(model, design, block_name, modules[block_name], patch, merges, module, image_model)
