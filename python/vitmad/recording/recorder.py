@@ -881,9 +881,7 @@ class Recording:
             raise RuntimeError(
                 f"vitmad.record: {name} ran, but none of the {len(self._modules)} modules being recorded ({shown}) "
                 "computed attention (F.scaled_dot_product_attention, transformers' AttentionInterface or a softmax) "
-                "in that forward call; pass layers=[the modules that compute its attention]. (A transformers module "
-                "that calls its eager attention function itself, past ALL_ATTENTION_FUNCTIONS, is not seen: "
-                "Kosmos-2.5's vision attention in transformers 5.25 does, whatever attn_implementation says)"
+                "in that forward call; pass layers=[the modules that compute its attention]"
             )
         return self._calls[-1]
 
