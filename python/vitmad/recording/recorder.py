@@ -1681,7 +1681,9 @@ def record(
             exactly (no wildcard) that runs without computing attention is named in ``rec.skipped``, with a warning.
             A layer outside the tower that embeds the image (a language model's) is skipped with the reason unless
             ``num_prefix_tokens`` or ``positions`` states its layout.
-        patch: pixel size of a patch; by default the patch-embedding convolution's kernel size.
+        patch: pixel size of a patch; by default the patch-embedding convolution's kernel size. Also the side of the
+            square patches of Pix2Struct's and Kosmos-2.5's vision towers (their image processor's ``patch_size``),
+            which have no convolution: by default 16 for a ``patch_projection`` of 768 inputs, else required.
         grid: ``[grid_h, grid_w]``; by default the patch embedding's output size in each call.
         num_prefix_tokens: tokens before the patches; by default ``N - grid_h * grid_w`` in each call.
         renormalize: see :func:`vitmad.mad`.
