@@ -62,6 +62,8 @@ from .families.masked import GivenPositionsPlacer
 from .families.naflex import call_start as naflex_call_start
 from .families.naflex import is_tower as is_naflex_tower
 from .families.packed import token_convolutions
+from .families.pix2struct import call_start as flattened_patches_call_start
+from .families.pix2struct import is_tower as is_flattened_patches_tower
 from .families.plain import (
     PlainLayout,
     PlainPlacer,
@@ -275,10 +277,12 @@ def _encoder_prefix(model: nn.Module) -> str:
         embedding = None if found is None else found[0]
     if embedding is None:
         # NaFlex towers embed pre-cut patches with a Linear, Llama 4's unfolds the image into one, RADIO's cuts it
-        # with a reshape: the tower itself (SigLIP2's vision_model, Llama4ForConditionalGeneration's vision_model,
-        # Nemotron-H-Omni's vision_model, whose language model's layers are then left out).
+        # with a reshape, Pix2Struct's and Kosmos-2.5's get flattened_patches: the tower itself (SigLIP2's
+        # vision_model, Llama4ForConditionalGeneration's vision_model, Nemotron-H-Omni's vision_model, whose language
+        # model's layers are then left out; Pix2StructForConditionalGeneration's encoder, not its text decoder).
         tower = next((name for name, module in named_module_list(model)
-                      if is_naflex_tower(module) or is_llama4_tower(module) or is_radio_tower(module)), None)
+                      if is_naflex_tower(module) or is_llama4_tower(module) or is_radio_tower(module)
+                      or is_flattened_patches_tower(module)), None)
         if tower is None and any(type(m).__name__.endswith("PromptEncoder") for m in module_list(model)):
             # A SAM-style model whose image encoder embeds with a CNN (EdgeTAM's RepViT): its vision encoder is the
             # tower; the mask decoder, memory attention and perceiver around it are named in layers=.
@@ -442,16 +446,17 @@ def image_channels(model: nn.Module) -> int | None:
 def _first_convolution(model: nn.Module) -> nn.Module | None:
     """The first convolution in module order that takes the image's channels: it runs on the image, so a forward
     call starts there (a wrapper may declare a head that convolves the features before its backbone); the first
-    convolution of all where none does; without any, a NaFlex tower (its patches come cut, and a text tower beside
-    it must not start a call). A packed tower's convolutions over its tokens (LFM3-VL's, run once per image) are none
-    of these: a model without any other starts its calls as one without convolutions."""
+    convolution of all where none does; without any, a NaFlex tower or one fed flattened_patches (their patches come
+    cut, and a text tower beside them must not start a call). A packed tower's convolutions over its tokens
+    (LFM3-VL's, run once per image) are none of these: a model without any other starts its calls as one without
+    convolutions."""
     on_tokens = token_convolutions(model)
     convolutions = [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d)) and id(m) not in on_tokens]
     channels = image_channels(model) or 3
     on_image = next((m for m in convolutions if m.in_channels == channels), None)
     if on_image is not None or convolutions:
         return on_image or convolutions[0]
-    return naflex_call_start(model)
+    return naflex_call_start(model) or flattened_patches_call_start(model)
 
 
 def _not_recorded() -> bool:
@@ -688,11 +693,14 @@ class Recording:
                                       num_prefix_tokens)
             self._modules = self._choose_layers(layers)
             self._compiled = check_compiled(model, given)
-        if self._plain.given_by_hand and not any(map(_uses_plain_layout, self._placers.values())):
+        # A tower fed flattened_patches takes patch= alone (the pixel size of its patches is not in the model).
+        patch_used = any(getattr(p, "takes_given_patch", False) for p in self._placers.values())
+        unused = [(k, v) for k, v in (("patch", None if patch_used else patch), ("grid", grid),
+                                      ("num_prefix_tokens", num_prefix_tokens)) if v is not None]
+        if unused and not any(map(_uses_plain_layout, self._placers.values())):
             # Families read their own layouts (windows, stages, a class token after the grid): values meant for a
             # plain ViT would change nothing, and the user would believe they had.
-            given_values = ", ".join(f"{k}={v}" for k, v in (("patch", patch), ("grid", grid),
-                                                             ("num_prefix_tokens", num_prefix_tokens)) if v is not None)
+            given_values = ", ".join(f"{k}={v}" for k, v in unused)
             warnings.warn(f"vitmad.record: {given_values} given, but no recorded layer of {type(model).__name__} has "
                           "a plain ViT layout: each is placed by its family's own layout, so these values are not "
                           "used; pass positions=<[N, 2] pixel position of each token> to replace a layout",
@@ -787,6 +795,8 @@ class Recording:
                 modules[name] = module
                 if getattr(placer, "defers_to_given_layout", False) and self._plain.given_by_hand:
                     placer.given_layout = PlainPlacer(self._plain, appended_tokens(model, name))
+                if getattr(placer, "takes_given_patch", False) and self._given is None:
+                    placer.use_patch(self._plain.patch)  # refuses a patch size it cannot know or that cannot fit
                 self._placers[name] = self._given or (
                     PlainPlacer(self._plain, appended_tokens(model, name)) if placer is None else placer)
         if not modules:
@@ -871,9 +881,7 @@ class Recording:
             raise RuntimeError(
                 f"vitmad.record: {name} ran, but none of the {len(self._modules)} modules being recorded ({shown}) "
                 "computed attention (F.scaled_dot_product_attention, transformers' AttentionInterface or a softmax) "
-                "in that forward call; pass layers=[the modules that compute its attention]. (A transformers module "
-                "that calls its eager attention function itself, past ALL_ATTENTION_FUNCTIONS, is not seen: "
-                "Kosmos-2.5's vision attention in transformers 5.25 does, whatever attn_implementation says)"
+                "in that forward call; pass layers=[the modules that compute its attention]"
             )
         return self._calls[-1]
 
@@ -1681,7 +1689,9 @@ def record(
             exactly (no wildcard) that runs without computing attention is named in ``rec.skipped``, with a warning.
             A layer outside the tower that embeds the image (a language model's) is skipped with the reason unless
             ``num_prefix_tokens`` or ``positions`` states its layout.
-        patch: pixel size of a patch; by default the patch-embedding convolution's kernel size.
+        patch: pixel size of a patch; by default the patch-embedding convolution's kernel size. Also the side of the
+            square patches of Pix2Struct's and Kosmos-2.5's vision towers (their image processor's ``patch_size``),
+            which have no convolution: by default 16 for a ``patch_projection`` of 768 inputs, else required.
         grid: ``[grid_h, grid_w]``; by default the patch embedding's output size in each call.
         num_prefix_tokens: tokens before the patches; by default ``N - grid_h * grid_w`` in each call.
         renormalize: see :func:`vitmad.mad`.
