@@ -326,6 +326,6 @@ def test_a_model_without_attention_is_a_model_error_before_any_checkpoint(image_
     code, _, err = _run(["profile", "--model", "timm:test_resnet", "--weights", weights, "--images", image_folder,
                          "--max-images", "2", "--device", "cpu", "--out", out], capsys)
     assert code == 2
-    assert err.strip().startswith("vitmad: error: --model: found no attention layer in ResNet: ")
+    assert err.strip().startswith("vitmad: error: --model: found no attention layer vitmad knows in ResNet: ")
     assert "vitmad.profile(..., layers=[their qualified names]) records them" in err
     assert not (out / "checkpoint.pt").exists()

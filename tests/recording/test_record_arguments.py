@@ -206,3 +206,15 @@ def test_a_plain_layout_given_for_a_model_without_one_warns_that_it_is_not_used(
     with vitmad.record(_tiny_vit(), patch=8, grid=[4, 4]) as rec, torch.no_grad():
         rec.model(torch.rand(1, 3, 32, 32))
     assert rec.layout.patch == 8
+
+
+def test_layers_matching_no_attention_name_what_they_matched():
+    """A wildcard in layers= that matches only modules without attention outside the tower (QA helper-115:
+    OneFormer's task encoder, an MLP) is refused with what it matched, not as a model without attention."""
+    transformers = pytest.importorskip("transformers")
+    tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=tower, vision_config=dict(
+        tower, image_size=32, patch_size=8)))
+    with pytest.raises(ValueError, match=r"found no attention layer vitmad knows in the modules of CLIPModel that "
+                                         r"layers=\['text_model.embeddings\*'\] names \(text_model.embeddings, "):
+        vitmad.record(model, layers=["text_model.embeddings*"])

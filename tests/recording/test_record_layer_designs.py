@@ -134,6 +134,41 @@ def test_hierarchical_timm_model_wrapped_by_transformers_reads_its_stage_strides
     torch.testing.assert_close(rec.per_layer[0].double(), expected, **TOL)
 
 
+def test_whole_fastvlm_records_its_tower_alone():
+    """FastVLM's FastViT tower embeds with a convolutional stem (no patch embedding to find the tower by): the whole
+    model's recording took every attention module, the Qwen2 language model's causal one too, and the user's forward
+    raised there (QA helper-115). The tower is the module the model names vision_tower: its attention is recorded
+    alone, against its unfused probabilities placed here (two stages of 32 and 64 px cells over 128 x 160 px)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(5)
+    vision = transformers.TimmWrapperConfig(architecture="fastvit_mci3", do_pooling=True, global_pool="avg",
+                                            hidden_size=128, model_args={"inference_mode": True, "layers": (
+                                                1, 1, 1, 1, 1), "embed_dims": (8, 16, 32, 32, 64)})
+    text = transformers.Qwen2Config(hidden_size=32, vocab_size=100, intermediate_size=32, num_attention_heads=2,
+                                    num_key_value_heads=1, num_hidden_layers=1)
+    model = transformers.FastVlmForConditionalGeneration(transformers.FastVlmConfig(
+        vision_config=vision, text_config=text, image_token_index=99)).eval()
+    pixels = torch.randn(1, 3, 128, 160)
+    ids = torch.cat([torch.full((1, 6), 99), torch.randint(1, 90, (1, 5))], 1)  # the 2 x 3 map's 6 image tokens
+    with torch.no_grad():
+        plain = model(input_ids=ids, pixel_values=pixels).logits
+        with vitmad.record(model, reduction="none") as rec:
+            recorded = model(input_ids=ids, pixel_values=pixels).logits
+    assert torch.equal(plain, recorded)
+    tower = "model.vision_tower.timm_model."
+    assert rec.layers == [tower + "stages.3.blocks.0.token_mixer", tower + "stages.4.blocks.0.token_mixer"]
+    eager = copy.deepcopy(model.model.vision_tower.timm_model)
+    maps = unfused_maps(eager, "Attention")
+    with torch.no_grad():
+        eager.forward_features(pixels)
+    assert len(maps) == 2
+    for index, (stride, (rows, cols)) in enumerate([(32, (4, 5)), (64, (2, 3))]):
+        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        centres = (torch.stack([r, c], -1).reshape(-1, 2).double() + 0.5) * stride
+        expected = (maps[index][1].double() * torch.cdist(centres, centres)).sum(-1)  # [B, H, T], row-major
+        torch.testing.assert_close(rec.per_layer[index].double(), expected, **TOL)
+
+
 @pytest.mark.parametrize("architecture, args, size", [
     ("maxvit_nano_rw_256", dict(img_size=64), 64),
     ("coatnet_nano_rw_224", dict(img_size=64), 64),
@@ -236,6 +271,7 @@ def test_module_of_any_design_calling_sdpa_is_found_without_layers():
 
 def test_model_without_attention_is_refused_with_advice_that_works():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 8, stride=8), torch.nn.Flatten(2))
-    with pytest.raises(ValueError, match="found no attention layer in Sequential: .* pass layers=") as info:
+    with pytest.raises(ValueError,
+                       match="found no attention layer vitmad knows in Sequential: .* pass layers=") as info:
         vitmad.record(model)
     assert "ViTMAE" not in str(info.value)

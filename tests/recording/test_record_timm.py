@@ -129,9 +129,9 @@ def test_restored_after_exception_and_unfused_recorded_from_its_softmax():
 
 def test_unsupported_model_names_class_and_what_to_pass():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.Flatten(2))
-    with pytest.raises(ValueError, match="found no attention layer in Sequential.*pass layers="):
+    with pytest.raises(ValueError, match="found no attention layer vitmad knows in Sequential.*pass layers="):
         vitmad.record(model)
-    with pytest.raises(ValueError, match="found no attention layer in Linear"):
+    with pytest.raises(ValueError, match="found no attention layer vitmad knows in Linear"):
         vitmad.record(torch.nn.Linear(3, 3))
 
 

@@ -264,6 +264,10 @@ class RecordedCall:
         return ModelLayout(int(stride[0]), grid, prefix)
 
 
+# The attribute names transformers' vision-language models give their vision tower.
+_TOWER_ATTRIBUTES = ("vision_tower", "vision_model", "visual", "vision_encoder")
+
+
 def _encoder_prefix(model: nn.Module) -> str:
     """The qualified-name prefix of the tower that embeds the image ("vision_model." in CLIPModel).
 
@@ -283,6 +287,12 @@ def _encoder_prefix(model: nn.Module) -> str:
         tower = next((name for name, module in named_module_list(model)
                       if is_naflex_tower(module) or is_llama4_tower(module) or is_radio_tower(module)
                       or is_flattened_patches_tower(module)), None)
+        if tower is None:
+            # A vision-language model whose tower embeds with a CNN stem (FastVLM's FastViT, a TimmWrapperModel):
+            # the module its model class names as the tower (transformers' vision_tower / vision_model / visual),
+            # so that the language model's causal attention is not taken for the tower's.
+            tower = next((name for name, module in named_module_list(model)
+                          if name.rsplit(".", 1)[-1] in _TOWER_ATTRIBUTES), None)
         if tower is None and any(type(m).__name__.endswith("PromptEncoder") for m in module_list(model)):
             # A SAM-style model whose image encoder embeds with a CNN (EdgeTAM's RepViT): its vision encoder is the
             # tower; the mask decoder, memory attention and perceiver around it are named in layers=.
@@ -827,9 +837,16 @@ class Recording:
                     "; name them in layers= to have each placed where vitmad knows its layout, or skipped with the "
                     "reason",
                 )
+            # Attention vitmad does not recognise may still be there (UDOP's T5 attention names its projections q
+            # and k): say what was searched, and, with layers= given, what it matched (QA helper-115: OneFormer's
+            # task encoder, an MLP, was reported as the model having no attention).
+            searched = type(model).__name__ if layers is None else (
+                f"the modules of {type(model).__name__} that layers={list(layers)!r} names ("
+                + (", ".join(list(chosen)[:4]) + (", ..." if len(chosen) > 4 else "") if chosen else "none")
+                + ")")
             raise NoLayerError(
-                f"found no attention layer in {type(model).__name__}: none of its modules has transformers' "
-                "query/key projections, timm's fused_attn switch or a layout vitmad knows",
+                f"found no attention layer vitmad knows in {searched}: none has transformers' query/key "
+                "projections, timm's fused_attn switch or a layout vitmad knows",
                 ". If some of its modules compute softmax attention (F.scaled_dot_product_attention or an explicit "
                 "softmax), pass layers=[their qualified names]",
             )
