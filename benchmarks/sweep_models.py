@@ -77,6 +77,9 @@ HF_FAMILIES = [
     ("MobileViT", "MobileViTConfig", "MobileViTModel", {}),
     ("CvT", "CvtConfig", "CvtModel", {}),
     ("MobileViTV2", "MobileViTV2Config", "MobileViTV2Model", {}),
+    ("EoMT", "EomtConfig", "EomtForUniversalSegmentation", {"num_blocks": 1}),
+    ("Swin2SR", "Swin2SRConfig", "Swin2SRModel", {}),
+    ("Pix2Struct vision", "Pix2StructVisionConfig", "Pix2StructVisionModel", {}),
 ]
 
 
@@ -249,6 +252,18 @@ def _naflex_forward(config):
     return forward
 
 
+def _flattened_patches_forward(model, pixels):
+    """Pix2Struct takes its processor's flattened_patches: each 16 x 16 patch's row and column id (from 1), then its
+    pixels; every slot a patch here, none padding."""
+    patch = 16
+    batch, channels, height, width = pixels.shape
+    rows, cols = height // patch, width // patch
+    patches = pixels.unfold(2, patch, patch).unfold(3, patch, patch)  # [B, C, rows, cols, p, p]
+    patches = patches.permute(0, 2, 3, 4, 5, 1).reshape(batch, rows * cols, patch * patch * channels)
+    ids = torch.cartesian_prod(torch.arange(1.0, rows + 1), torch.arange(1.0, cols + 1)).expand(batch, -1, -1)
+    return model(flattened_patches=torch.cat([ids, patches], -1), attention_mask=torch.ones(batch, rows * cols))
+
+
 def sweep_transformers(pattern: str) -> list[tuple[str, str, str]]:
     import transformers
 
@@ -269,8 +284,9 @@ def sweep_transformers(pattern: str) -> list[tuple[str, str, str]]:
             size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
             channels = getattr(config, "num_channels", 3)
             pixels = torch.randn(1, channels, *size, generator=torch.Generator().manual_seed(0))
-            verdict = _check(model, pixels, _naflex_forward(config) if label.startswith("SigLIP2") else
-                             lambda m, x: m(pixel_values=x))
+            forward = (_naflex_forward(config) if label.startswith("SigLIP2") else _flattened_patches_forward
+                       if label.startswith("Pix2Struct") else lambda m, x: m(pixel_values=x))
+            verdict = _check(model, pixels, forward)
         except Exception as err:  # noqa: BLE001 - the sweep reports every failure, it never stops
             verdict = f"ERROR: {type(err).__name__}: {str(err)[:300]}"
         rows.append(("transformers", label, verdict))
