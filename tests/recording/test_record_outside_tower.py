@@ -122,6 +122,11 @@ def test_a_forward_through_the_other_tower_is_named_as_such():
     with torch.no_grad(), vitmad.record(model.model.image_tower) as rec:
         model(input_ids=ids, pixel_values_images=torch.randn(1, 3, 32, 32))
     assert rec.mad.shape == (1, 1, 2)
+    # Text alone runs neither tower: the message names that case first (QA helper-114, on Gemma 3).
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(input_ids=torch.full((1, 5), 7))
+    with pytest.raises(RuntimeError, match=r"took a path without them \(a vision-language model given text alone"):
+        _ = rec.mad
 
 
 def test_a_second_image_tower_is_named_in_skipped_and_records_on_its_own():

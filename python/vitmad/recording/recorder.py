@@ -880,7 +880,8 @@ class Recording:
             shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
             raise RuntimeError(
                 f"vitmad.record: {name} ran {self._forwards} time(s) in this recording, but not through the "
-                f"modules being recorded ({shown}): its forward took a path without them (a model with two image "
+                f"modules being recorded ({shown}): its forward took a path without them (a vision-language "
+                "model given text alone, with no image for its tower to embed; a model with two image "
                 "towers, say, recorded in the one that did not run: record the module that ran instead, "
                 "vitmad.record(<that tower>), while the whole model runs), or it ran code torch.compile generated "
                 "before the block, which calls no hooks (a torch.compile wrapper made inside the block reuses the code "
