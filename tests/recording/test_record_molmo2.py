@@ -140,6 +140,8 @@ def test_per_query_values_fold_onto_a_non_square_config_grid_row_major():
     for values, e in zip(rec.per_layer, expected):
         assert values.shape == (3, 2, 15)
         torch.testing.assert_close(values.double(), e["per_query"], **TOL)
+    # Far from uniform: a transposed (5 x 3) grid would move the reference MAD by about 9 px.
+    assert float(torch.stack([e["entropy"] for e in expected]).max()) < 0.8 * math.log(15)
     with torch.no_grad(), vitmad.record(tower, stats=STATS) as rec:
         tower(pixels)
     _check_statistics(rec, expected)
@@ -225,6 +227,18 @@ def test_layout_given_by_hand_wins_and_a_grid_other_than_the_configs_is_refused(
         with vitmad.record(tower, grid=[5, 3], patch=PATCH), \
                 pytest.raises(ValueError, match=r"the given grid=\[5, 3\] is not the 3x5 grid"):
             tower(pixels)
+
+
+@pytest.mark.parametrize("given", [{"patch": PATCH}, {"grid": [3, 5]}, {"num_prefix_tokens": 0}])
+def test_partial_layout_given_by_hand_is_refused_with_the_layout_vitmad_places(given):
+    tower = _tower(image_size=(42, 70))
+    tower.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn \(Molmo2VisionAttention\) of Molmo2VisionModel: "
+                                         r"Molmo2's vision tower .*on the 3x5 grid of 14 px patches .*leave patch=, "
+                                         r"grid= and num_prefix_tokens= unset, or give both patch=14 and "
+                                         r"grid=\[3, 5\]"):
+        with torch.no_grad(), vitmad.record(tower, **given):
+            tower(torch.rand(1, 15, PATCH * PATCH * 3))
 
 
 def test_views_it_cannot_place_are_refused_by_layer():

@@ -1,6 +1,6 @@
 """Molmo2's vision tower (transformers ``Molmo2VisionModel``, the ``vision_tower`` of ``Molmo2Model`` and
-``Molmo2ForConditionalGeneration``): crops fed as pre-cut patches, embedded by a ``Linear``, on the one square grid
-its position table fixes.
+``Molmo2ForConditionalGeneration``): crops fed as pre-cut patches, embedded by a ``Linear``, on the one grid its
+config and position table fix.
 
 ``Molmo2ImageProcessor`` resizes each image twice: once to ``size x size`` pixels (the global view, the whole image
 squashed) and once onto a canvas that overlapping ``size x size`` crops tile (``overlap_margins`` patches shared
@@ -25,8 +25,9 @@ the layer): pixel values that are not ``[views, N, p * p * C]`` with ``N`` the g
 broadcasts a single patch over the whole table), a config whose position table is not that grid
 (``num_position_embeddings`` set apart from ``image_size``) or whose ``patch_embedding`` takes other than
 ``p * p * C`` values, a layer that attends over another shape, and a layer run outside a forward of the tower. A
-layout given by hand (``patch=``, ``grid=``) places the tower instead, as for any plain ViT (a grid other than the
-config's is refused).
+layout given by hand (both ``patch=`` and ``grid=``) places the tower instead, as for any plain ViT (a grid other
+than the config's is refused); a partial one is refused with the layout vitmad places
+(:func:`.unplaced.molmo2_layout_unknown`).
 
 The adapter's pooling attention (``Molmo2Adapter.image_pooling_2d``, outside the tower, not recorded by default) is
 skipped with its reason when named in ``layers=``: each of its queries is the mean of one ``pool_h x pool_w``
