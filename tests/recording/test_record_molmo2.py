@@ -27,7 +27,7 @@ from conftest import eager_attention_calls, sharpened
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("torchvision")  # Molmo2ImageProcessor is a TorchvisionBackend
-from transformers.models.molmo2 import image_processing_molmo2, modeling_molmo2  # noqa: E402
+from transformers.models.molmo2 import image_processing_molmo2, modeling_molmo2, video_processing_molmo2  # noqa: E402
 
 # Recorded float32 values against float64 on the eager float32 probabilities; MADs here are 5 to 40 px.
 TOL = {"rtol": 1e-5, "atol": 1e-4}
@@ -184,6 +184,27 @@ def test_full_model_records_its_vision_tower_alone_one_row_per_view():
     # Neither the adapter's pooling nor the language model: not recorded, not listed.
     assert rec.layers == ["model.vision_tower." + name for name in LAYERS] and rec.skipped == {}
     assert len(rec.calls) == 1 and rec.mad.shape == (2, 9, 2)
+    _check_statistics(rec, expected)
+
+
+def test_full_model_given_a_video_records_one_row_per_frame():
+    # Molmo2VideoProcessor: each of the 3 frames resized to one 56 x 56 view (no crops), 4 x 4 patches row-major.
+    processor = video_processing_molmo2.Molmo2VideoProcessor(size={"height": CROP, "width": CROP}, patch_size=PATCH,
+                                                             pooling_size=[2, 2], do_sample_frames=False)
+    video = np.random.default_rng(1).integers(0, 256, (3, 40, 60, 3), dtype=np.uint8)
+    inputs = dict(processor(videos=[video], return_tensors="pt"))
+    assert tuple(inputs["pixel_values_videos"].shape) == (3, 16, PATCH * PATCH * 3)
+    inputs["input_ids"] = torch.tensor([[1, *[IMAGE_PATCH_ID] * inputs["video_token_pooling"].shape[0], 2]])
+    model = _full_model()
+    tower = model.model.vision_tower
+    expected = [_reference(p, (4, 4)) for p in _eager_probabilities(tower, inputs["pixel_values_videos"])]
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with vitmad.record(model, stats=STATS) as rec:
+            recorded = model(**inputs).logits
+    assert torch.equal(plain, recorded)
+    assert rec.layers == ["model.vision_tower." + name for name in LAYERS] and rec.mad.shape == (2, 3, 2)
     _check_statistics(rec, expected)
 
 
