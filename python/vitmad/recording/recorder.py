@@ -59,6 +59,8 @@ from .families import ClassQueries, Skip, family_modules, family_placer, probabi
 from .families.class_attention import ClassQueryPlacer
 from .families.llama4 import is_tower as is_llama4_tower
 from .families.masked import GivenPositionsPlacer
+from .families.molmo2 import call_start as molmo2_call_start
+from .families.molmo2 import is_tower as is_molmo2_tower
 from .families.naflex import call_start as naflex_call_start
 from .families.naflex import is_tower as is_naflex_tower
 from .families.packed import token_convolutions
@@ -281,12 +283,13 @@ def _encoder_prefix(model: nn.Module) -> str:
         embedding = None if found is None else found[0]
     if embedding is None:
         # NaFlex towers embed pre-cut patches with a Linear, Llama 4's unfolds the image into one, RADIO's cuts it
-        # with a reshape, Pix2Struct's and Kosmos-2.5's get flattened_patches: the tower itself (SigLIP2's
-        # vision_model, Llama4ForConditionalGeneration's vision_model, Nemotron-H-Omni's vision_model, whose language
-        # model's layers are then left out; Pix2StructForConditionalGeneration's encoder, not its text decoder).
+        # with a reshape, Pix2Struct's and Kosmos-2.5's get flattened_patches, Molmo2's pre-cut crops: the tower
+        # itself (SigLIP2's vision_model, Llama4ForConditionalGeneration's vision_model, Nemotron-H-Omni's
+        # vision_model, Molmo2's vision_tower, whose language model's layers are then left out;
+        # Pix2StructForConditionalGeneration's encoder, not its text decoder).
         tower = next((name for name, module in named_module_list(model)
                       if is_naflex_tower(module) or is_llama4_tower(module) or is_radio_tower(module)
-                      or is_flattened_patches_tower(module)), None)
+                      or is_flattened_patches_tower(module) or is_molmo2_tower(module)), None)
         if tower is None:
             # A vision-language model whose tower embeds with a CNN stem (FastVLM's FastViT, a TimmWrapperModel):
             # the module its model class names as the tower (transformers' vision_tower / vision_model / visual),
@@ -456,17 +459,17 @@ def image_channels(model: nn.Module) -> int | None:
 def _first_convolution(model: nn.Module) -> nn.Module | None:
     """The first convolution in module order that takes the image's channels: it runs on the image, so a forward
     call starts there (a wrapper may declare a head that convolves the features before its backbone); the first
-    convolution of all where none does; without any, a NaFlex tower or one fed flattened_patches (their patches come
-    cut, and a text tower beside them must not start a call). A packed tower's convolutions over its tokens
-    (LFM3-VL's, run once per image) are none of these: a model without any other starts its calls as one without
-    convolutions."""
+    convolution of all where none does; without any, a NaFlex tower, one fed flattened_patches or Molmo2's (their
+    patches come cut, and a text tower beside them must not start a call). A packed tower's convolutions over its
+    tokens (LFM3-VL's, run once per image) are none of these: a model without any other starts its calls as one
+    without convolutions."""
     on_tokens = token_convolutions(model)
     convolutions = [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d)) and id(m) not in on_tokens]
     channels = image_channels(model) or 3
     on_image = next((m for m in convolutions if m.in_channels == channels), None)
     if on_image is not None or convolutions:
         return on_image or convolutions[0]
-    return naflex_call_start(model) or flattened_patches_call_start(model)
+    return naflex_call_start(model) or flattened_patches_call_start(model) or molmo2_call_start(model)
 
 
 def _not_recorded() -> bool:

@@ -42,6 +42,7 @@ from . import (
     minicpmv,
     mllama,
     mobilevit,
+    molmo2,
     multi_query,
     mvit,
     naflex,
@@ -104,11 +105,11 @@ class ClassQueries(Skip):
 
 # Tried in order; the first family that claims a module places it.
 _FAMILIES = (
-    packed, class_attention, attention_pool2d, non_spatial, unplaced, radio, llama4, minicpmv, mllama, pix2struct,
-    eomt, masked, vilt, padded_patches, swin, windowed_vit, sam_map_encoder, hiera, pooled, mvit, levit, lw_detr,
-    rf_detr, detr_encoder, memory_attention, efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit,
-    davit, tiny_vit, fastvit, vitamin, mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query,
-    iformer, lowformer, video, naflex, shvit, convit, torchvision_maxvit,
+    packed, class_attention, attention_pool2d, non_spatial, unplaced, radio, llama4, molmo2, minicpmv, mllama,
+    pix2struct, eomt, masked, vilt, padded_patches, swin, windowed_vit, sam_map_encoder, hiera, pooled, mvit, levit,
+    lw_detr, rf_detr, detr_encoder, memory_attention, efficientformer, conv_stages, csatv2, vit_stages, maxxvit,
+    nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, efficientvit_msra, map_attention, tnt, byoanet,
+    multi_query, iformer, lowformer, video, naflex, shvit, convit, torchvision_maxvit,
 )
 
 

@@ -31,7 +31,7 @@ from ..placement import (
     select_tokens,
 )
 from .stages import pair
-from .unplaced import radio_layout_unknown
+from .unplaced import molmo2_layout_unknown, radio_layout_unknown
 from .windows import parent_module
 
 __all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "is_embedding_projection", "keeps_image_layout",
@@ -215,9 +215,10 @@ class PlainLayout:
         self.declared_prefix = declared_prefix_tokens(model, self.embedding)
         name = type(model).__name__
         if self.embedding is None and (patch is None or grid is None):
-            # RADIO cuts its patches without a convolution (its family places them): a partial layout given by hand
-            # for it is refused with the layout of its dense forward.
-            self.unavailable = (radio_layout_unknown(model) if self.given_by_hand else None) or (
+            # RADIO and Molmo2 cut their patches without a convolution (their families place them): a partial layout
+            # given by hand for them is refused with the layout vitmad places.
+            self.unavailable = (radio_layout_unknown(model) or molmo2_layout_unknown(model) if self.given_by_hand
+                                else None) or (
                 f"found no patch-embedding Conv2d (kernel == stride) in {name} and vitmad knows no other layout of "
                 "this module's tokens; pass positions=<[N, 2] pixel position of each token>, or, only if they are a "
                 "plain ViT grid (extra tokens first), patch=<pixels per patch> and grid=[grid_h, grid_w], with "

@@ -8,7 +8,8 @@ one sequence, MiniCPM-V's patches packed in one row) have families of their own 
 
 RADIO (``RadioModel``) cuts its patches with a reshape and a ``Linear``: its family (:mod:`.radio`) places its dense
 forward; a layout given by hand for it without both ``patch=`` and ``grid=`` is refused with
-:func:`radio_layout_unknown` (the plain layout has no patch-embedding convolution to complete it from).
+:func:`radio_layout_unknown` (the plain layout has no patch-embedding convolution to complete it from). So is one for
+Molmo2's vision tower (:mod:`.molmo2`, pre-cut patches embedded by a ``Linear``), with :func:`molmo2_layout_unknown`.
 
 DepthPro's patch encoder runs a ViT on overlapping crops of a multi-scale pyramid of the image, the crops of every
 scale batched together: its layers are skipped with the reason (its per-crop values are in each crop's own pixels,
@@ -46,6 +47,24 @@ def radio_layout_unknown(model: nn.Module) -> str | None:
             f"[B, C, H, W]: {summary} summary tokens, then the row-major H/{p} x W/{p} patch grid) by itself, so "
             f"leave patch=, grid= and num_prefix_tokens= unset, or give both patch={p} and grid=[H // {p}, W // {p}] "
             "(or positions=<[N, 2] pixel position of each token, NaN rows for the summary tokens>)")
+
+
+def molmo2_layout_unknown(model: nn.Module) -> str | None:
+    """Why the plain layout cannot complete a partial layout given by hand for Molmo2's vision tower (pre-cut patches
+    embedded by a Linear: no patch-embedding convolution gives their grid), and what to pass; None for a model
+    without that tower."""
+    name, tower = next(((n, m) for n, m in named_module_list(model)
+                        if defined_in(m, "Molmo2VisionModel", "modeling_molmo2")), (None, None))
+    if tower is None:
+        return None
+    p = int(tower.config.patch_size)
+    grid = [int(s) // p for s in tower.config.image_size]
+    where = type(model).__name__ if not name else f"{name}, a Molmo2VisionModel"
+    return (f"Molmo2's vision tower ({where}) embeds pre-cut patches with a Linear, no patch-embedding Conv2d from "
+            "which vitmad would complete a layout given by hand: vitmad places each view of its pixel_values on the "
+            f"{grid[0]}x{grid[1]} grid of {p} px patches its config fixes by itself, so leave patch=, grid= and "
+            f"num_prefix_tokens= unset, or give both patch={p} and grid={grid} (or positions=<[N, 2] pixel position "
+            "of each token>)")
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
