@@ -238,3 +238,17 @@ def test_generate_records_the_tower_once():
     assert len(rec.calls) == 1
     assert rec.layers == ["model." + name for name in rec_forward.layers]
     torch.testing.assert_close(rec.mad, rec_forward.mad, rtol=0, atol=0, equal_nan=True)
+
+
+def test_stage_map_that_is_not_the_strides_is_refused():
+    """Unpadded embeddings (``patch_padding`` 0) make a 12 x 18 first map of a 53 x 75 image: neither the floor nor
+    the ceiling of the image over the stride 4 the convolutions give, so no cell size is taken for it."""
+    torch.manual_seed(0)
+    config = transformers.Florence2VisionConfig(**VISION, patch_padding=[0, 1, 1, 1])
+    model = _random(modeling.Florence2VisionBackbone._from_config(config, attn_implementation="sdpa"))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        with pytest.raises(ValueError, match=r"blocks\.0\.0\.spatial_block\.window_attn.*height 12 for an image "
+                                             r"height of 53, but its stage's stride 4, read from the model, gives 13 "
+                                             "or 14"):
+            model(torch.randn(BATCH, 3, 53, 75))
+    assert rec.calls == []
