@@ -35,7 +35,7 @@ from conftest import padded_window_reference, record_both_reductions, sharpened
 transformers = pytest.importorskip("transformers")
 modeling = pytest.importorskip("transformers.models.florence2.modeling_florence2")
 
-TOL = {"rtol": 1e-5, "atol": 1e-4}  # float32 probabilities, float32 accumulation in the ops; MADs here 4 to 60 px
+TOL = {"rtol": 1e-5, "atol": 1e-4}  # float32 logits and sums in the ops, float64 reference; MADs here 5 to 60 px
 STATS = ["entropy", "prefix_mass", "self_mass"]
 WINDOW, BATCH = 3, 2
 HEADS = (1, 2, 2, 4)  # per stage
