@@ -26,6 +26,8 @@ _REASONS = {
     "CrossCovarianceAttn": "cross-covariance attention: the softmax runs over channels, not tokens (EdgeNeXt)",
     "ChannelAttention": "channel attention: the softmax runs over channels, not tokens (DaViT)",
     "ChannelAttentionV2": "channel attention: the softmax runs over channels, not tokens (DaViT)",
+    "Florence2VisionChannelAttention": "channel attention: the softmax runs over channels, not tokens (Florence-2's "
+                                       "DaViT)",
     "OutlookAttention": "outlook attention: each token's weights over its neighbourhood come from a linear "
                         "layer, not a query-key softmax (VOLO)",
 }

@@ -70,8 +70,12 @@ def stage_stride(model: nn.Module, name: str, image: tuple[int, int] | None,
     """
     if image is None:
         raise NotPlaceable("it ran before any convolution saw the image, so its pixel scale is unknown")
+    # The family's own reading of the stride (its convolutions, its config) is named as such in a refusal: a model
+    # without feature_info is not to be told its feature_info disagrees.
+    source = "its stage's stride {}, read from the model,"
     if reduction is None:
         reduction = _feature_reduction(model, name)
+        source = "its stage's feature_info reduction {}"
     if reduction is None:
         raise NotPlaceable(
             f"{type(model).__name__}.feature_info names no stage holding it, so the pixel stride of its "
@@ -79,8 +83,7 @@ def stage_stride(model: nn.Module, name: str, image: tuple[int, int] | None,
         )
     mismatch = stride_mismatch(image, grid, reduction)
     if mismatch is not None:
-        source = f"its stage's feature_info reduction {reduction}"
-        raise NotPlaceable(mismatch.format(source) + ", so the map's pixel stride is unknown")
+        raise NotPlaceable(mismatch.format(source.format(reduction)) + ", so the map's pixel stride is unknown")
     return float(reduction), float(reduction)
 
 
