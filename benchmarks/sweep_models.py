@@ -91,6 +91,7 @@ HF_FAMILIES = [
     ("Pixio", "PixioConfig", "PixioModel", {}),
     ("Sapiens2", "Sapiens2Config", "Sapiens2Model", {}),
     ("VitPose backbone", "VitPoseBackboneConfig", "VitPoseBackbone", {}),
+    ("Florence-2 vision", "Florence2VisionConfig", "Florence2VisionBackbone", {}),
     ("EoMT", "EomtConfig", "EomtForUniversalSegmentation", {"num_blocks": 1}),
     ("Swin2SR", "Swin2SRConfig", "Swin2SRModel", {}),
     ("Pix2Struct vision", "Pix2StructVisionConfig", "Pix2StructVisionModel", {}),
@@ -299,7 +300,8 @@ def sweep_transformers(pattern: str) -> list[tuple[str, str, str]]:
             channels = getattr(config, "num_channels", 3)
             pixels = torch.randn(1, channels, *size, generator=torch.Generator().manual_seed(0))
             forward = (_naflex_forward(config) if label.startswith("SigLIP2") else _flattened_patches_forward
-                       if label.startswith("Pix2Struct") else lambda m, x: m(pixel_values=x))
+                       if label.startswith("Pix2Struct") else lambda m, x: m(x)  # its argument: hidden_states
+                       if label.startswith("Florence-2") else lambda m, x: m(pixel_values=x))
             verdict = _check(model, pixels, forward)
         except Exception as err:  # noqa: BLE001 - the sweep reports every failure, it never stops
             verdict = f"ERROR: {type(err).__name__}: {str(err)[:300]}"
