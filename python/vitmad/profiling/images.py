@@ -189,7 +189,9 @@ class Preprocessing:
         resize: ``("shortest", S)`` resizes the short side to ``S`` keeping the aspect ratio; ``("exact", H, W)``
             resizes to ``H x W``; ``("keep_ratio", H, W)`` keeps the aspect ratio and just covers ``H x W`` (timm's
             ``ResizeKeepRatio``); ``("fit", H, W)`` keeps the aspect ratio and just fits inside ``H x W`` (the same
-            at ``longest=1``, timm's "border" crop mode); ``("cover",)`` scales so the image just covers ``size``;
+            at ``longest=1``, timm's "border" crop mode); ``("longest", S, M)`` scales the long side to ``S``, the
+            short one to ``round(short * S / long)``, at least ``M`` (the Janus and DeepSeek-VL processors, which then
+            pad to a square); ``("cover",)`` scales so the image just covers ``size``;
             ``("none",)`` keeps the image's size (a transformers processor with ``do_resize=false``): an image that
             does not come at ``size`` (or, with the centre crop, at least ``size``) is refused.
         center_crop: crop the centre ``size`` after resizing.
@@ -242,32 +244,45 @@ class Preprocessing:
         return settings
 
     @staticmethod
-    def from_hf(processor: dict, config_image_size: int | Sequence[int] | None = None) -> Preprocessing:
+    def from_hf(processor: dict, config_image_size: int | Sequence[int] | None = None, *,
+                own_geometry: bool = True) -> Preprocessing:
         """From a transformers image processor's settings (the ``preprocessor_config.json`` dict).
 
+        Args:
+            own_geometry: False when an image size replaces the processor's resize, crop and padding
+                (:meth:`with_size`): its statistics, filter and rescaling are all that is read, and a geometry
+                this class does not reproduce is no reason to refuse.
+
         Raises:
-            OptionError: a ``size`` form this function does not know, or a processor that does not resize
-                (``do_resize=false``: the images would have to come at the model's size).
+            OptionError: (``model``) a processor whose resize, crop or padding this class does not reproduce
+                (:func:`hf_geometry_refusal`), or whose pixel values it does not (:func:`hf_values_refusal`).
         """
+        refusal = hf_values_refusal(processor) or (hf_geometry_refusal(processor, config_image_size)
+                                                     if own_geometry else None)
+        if refusal:
+            raise OptionError("model", refusal)
         rescale = hf_rescale(processor)
         mean = tuple(processor.get("image_mean", (0.5, 0.5, 0.5)))
         std = tuple(processor.get("image_std", (0.5, 0.5, 0.5)))
         if not processor.get("do_normalize", True):
             mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         interpolation = _RESAMPLE.get(processor.get("resample", 2), "bilinear")
-        size = processor.get("size", config_image_size or 224)
-        if isinstance(size, int) or (isinstance(size, Sequence) and not isinstance(size, dict)):
-            size = {"height": _pair(size)[0], "width": _pair(size)[1]}
+        size = hf_size(processor, config_image_size)
         crop = processor.get("crop_size")
         do_crop = bool(processor.get("do_center_crop", False)) and crop is not None
+        if not own_geometry and not ("height" in size and "width" in size or "shortest_edge" in size):
+            size = {"height": 224, "width": 224}  # replaced by the image size: only a placeholder
+        if _pads_to_a_centred_square(processor):
+            side = int(size["height"])
+            return Preprocessing((side, side), ("longest", side, int(processor.get("min_size", 14))), False, mean,
+                                 std, interpolation, pad_fill=_janus_background(processor), rescale=rescale,
+                                 rescale_offset=hf_rescale_offset(processor))
         if "height" in size and "width" in size:
             resize = ("exact", int(size["height"]), int(size["width"]))
             final = (int(size["height"]), int(size["width"]))
-        elif "shortest_edge" in size:
+        else:  # {"shortest_edge": S}: hf_geometry_refusal refused the other forms
             resize = ("shortest", int(size["shortest_edge"]))
             final = (int(size["shortest_edge"]),) * 2
-        else:
-            raise OptionError("model", f"image processor size {size} is not supported; pass an image size")
         if not processor.get("do_resize", True):
             resize = ("none",)  # as the processor: each image at its own size (then the centre crop, if any)
         if do_crop:
@@ -345,6 +360,9 @@ class Preprocessing:
                 raise ValueError(f"the model's image processor does not resize (do_resize=false) and this image is "
                                  f"{h}x{w} px, not the model's {height}x{width}; pass an image size (--image-size, "
                                  "image_size=) to have it scaled")
+        elif self.resize[0] == "longest":  # as the Janus processor's resize, in its arithmetic
+            scale = self.resize[1] / max(w, h)
+            new = (max(round(w * scale), self.resize[2]), max(round(h * scale), self.resize[2]))
         elif self.resize[0] in ("keep_ratio", "fit"):  # timm's ResizeKeepRatio at longest=0 / 1, in its arithmetic
             ratios = (h / self.resize[1], w / self.resize[2])
             ratio = min(ratios) if self.resize[0] == "keep_ratio" else max(ratios)
@@ -362,7 +380,8 @@ class Preprocessing:
         if new != (w, h):
             image = image.resize(new, resample)
         if self.pad_fill is not None and (new[0] < width or new[1] < height):
-            # As timm's center_crop_or_pad: the odd pixel of a margin goes right and below.
+            # As timm's center_crop_or_pad and the Janus processor's pad_to_square: the odd pixel of a margin goes
+            # right and below.
             left, top = max(0, (width - new[0]) // 2), max(0, (height - new[1]) // 2)
             padded = Image.new("RGB", (max(width, new[0]), max(height, new[1])), self.pad_fill)
             padded.paste(image, (left, top))
@@ -396,6 +415,196 @@ def hf_rescale_offset(processor: dict) -> float | None:
     if not processor.get("do_rescale", True) or not processor.get("offset", False):
         return None
     return 1.0
+
+
+# What transformers 5.25 image processors with code of their own do to the geometry that Preprocessing does not
+# reproduce (class names as saved in preprocessor_config.json, without the "Pil" of their PIL backend). A class with
+# its own resize, pad or pipeline that is neither here nor in _CHECKED_OWN_CODE is refused too, in general words.
+_PADS_TO_A_CENTRED_SQUARE = ("JanusImageProcessor", "DeepseekVLImageProcessor")
+_DETR_LIKE = ("resizes each image to a shortest and a longest edge at its own aspect ratio and pads the batch to its "
+              "largest image (bottom and right)")
+_TILES = "cuts each image into tiles or patches of its own grid"
+_OWN_GEOMETRY = {
+    "Owlv2ImageProcessor": "pads each image at the bottom and right to a square, then resizes it with a Gaussian "
+                           "anti-aliasing filter and scipy's zoom, not PIL",
+    "DeepseekVLHybridImageProcessor": "fits each image in high_res_size and pads it to a square, then resizes that "
+                                      "square to size (two resizes)",
+    "DepthProImageProcessor": "resizes normalised floats without anti-aliasing",
+    **dict.fromkeys(("DetrImageProcessor", "ConditionalDetrImageProcessor", "DeformableDetrImageProcessor",
+                     "GroundingDinoImageProcessor", "YolosImageProcessor", "RfDetrImageProcessor",
+                     "MaskFormerImageProcessor", "Mask2FormerImageProcessor", "OneFormerImageProcessor"), _DETR_LIKE),
+    "EomtImageProcessor": "resizes the longest edge and pads, or splits the image into square crops",
+    "ViltImageProcessor": "resizes to a shortest edge with a cap on the longest, to a multiple of size_divisor, and "
+                          "pads the batch to its largest image",
+    "BridgeTowerImageProcessor": "resizes to a shortest edge with a cap on the longest, to a multiple of "
+                                 "size_divisor, and pads the batch to its largest image",
+    "DonutImageProcessor": "turns an image to align its long axis, shrinks it to a thumbnail and pads it to the size",
+    "NougatImageProcessor": "crops the margins, shrinks the image to a thumbnail and pads it to the size",
+    "ZoeDepthImageProcessor": "resizes at the image's aspect ratio to a multiple of ensure_multiple_of and pads by "
+                              "reflection",
+    "GLPNImageProcessor": "rounds each image's size down to a multiple of size_divisor",
+    "Swin2SRImageProcessor": "pads each image by reflection to a multiple of its window size",
+    "VitMatteImageProcessor": "pads each image to a multiple of size_divisor and takes a trimap as a fourth channel",
+    "TextNetImageProcessor": "resizes to a shortest edge, rounding the other to a multiple of size_divisor",
+    "PerceiverImageProcessor": "crops the centre at crop_size / size of the shorter side before resizing",
+    "LevitImageProcessor": "resizes the shortest edge to 256 / 224 of the size before its centre crop",
+    "ConvNextImageProcessor": "resizes the shortest edge to size / crop_pct and crops below 384 px, and squashes to "
+                              "a square from 384 px",
+    "PoolFormerImageProcessor": "resizes the shortest edge to size / crop_pct before its centre crop",
+    "SuperPointImageProcessor": "turns images grey",
+    "DeepseekOcr2ImageProcessor": "pads to a square and cuts tiles",
+    **dict.fromkeys(("LlavaNextImageProcessor", "LlavaOnevisionImageProcessor", "MllamaImageProcessor",
+                     "Idefics2ImageProcessor", "Idefics3ImageProcessor", "SmolVLMImageProcessor",
+                     "AriaImageProcessor", "FuyuImageProcessor", "GraniteDoclingImageProcessor",
+                     "Llama4ImageProcessor", "Cohere2VisionImageProcessor"), _TILES),
+}
+# Processors with code of their own whose geometry this library checked to be its own, on images of odd sizes
+# (tests/profiling/test_profile_hf_processors.py; ViViT and SigLIP2 with their video and native paths), as long as
+# the settings _GEOMETRY_SETTINGS names, and do_pad, are off.
+_CHECKED_OWN_CODE = frozenset({
+    "BeitImageProcessor", "FlavaImageProcessor", "SegformerImageProcessor", "SegGptImageProcessor",
+    "MobileNetV2ImageProcessor", "VideoMAEImageProcessor", "VivitImageProcessor", "RTDetrImageProcessor",
+    "Gemma3ImageProcessor", "GotOcr2ImageProcessor", "Ovis2ImageProcessor", "LlavaImageProcessor",
+    "DPTImageProcessor", "PromptDepthAnythingImageProcessor", "Siglip2ImageProcessor", *_PADS_TO_A_CENTRED_SQUARE,
+    # torchvision only (no PIL backend): resized from floats, within one level in 255 of PIL's resize
+    "DINOv3ViTImageProcessor", "Sam2ImageProcessor", "Sam3ImageProcessor", "Sapiens2ImageProcessor",
+})
+# Settings that, on, change the geometry in a way Preprocessing does not reproduce, whatever the class.
+_GEOMETRY_SETTINGS = {
+    "keep_aspect_ratio": "resizes at each image's aspect ratio",
+    "do_thumbnail": "shrinks each image to a thumbnail",
+    "do_align_long_axis": "turns images to align their long axis",
+    "do_pan_and_scan": "adds crops of each image (pan and scan)",
+    "crop_to_patches": "cuts each image into patches",
+    "do_image_splitting": "splits each image into tiles",
+    "size_divisor": "rounds the size to a multiple of size_divisor",
+}
+
+
+def hf_processor_class_name(processor: dict) -> str:
+    """The class a processor's settings name (``"ViTImageProcessor"``), without the ``Pil`` or ``Fast`` of a
+    backend; ``""`` when none is named."""
+    name = str(processor.get("image_processor_type") or "")
+    for suffix in ("Pil", "Fast"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _own_code(name: str) -> list[str] | None:
+    """The preprocessing steps a transformers image processor class (its PIL backend where it has one, which vitmad
+    follows) defines itself instead of inheriting the generic ones; None when transformers has no such class."""
+    try:
+        import transformers
+        from transformers.image_processing_backends import PilBackend, TorchvisionBackend
+        from transformers.image_processing_utils import BaseImageProcessor
+        from transformers.models.auto.image_processing_auto import get_image_processor_class_from_name
+    except ImportError:
+        return None
+    cls = getattr(transformers, name + "Pil", None) or get_image_processor_class_from_name(name)
+    if cls is None:
+        return None
+    # A legacy class (BaseImageProcessor, no backend) holds its whole pipeline in preprocess; a backend class
+    # overrides preprocess only to document it.
+    steps = ("resize", "pad", "center_crop", "_preprocess", "_preprocess_image_like_inputs")
+    if not issubclass(cls, (PilBackend, TorchvisionBackend)):
+        steps += ("preprocess",)
+    own = []
+    for base in cls.__mro__:
+        if base in (PilBackend, TorchvisionBackend, BaseImageProcessor):
+            break
+        own += [step for step in steps if step in vars(base) and step not in own]
+    return own
+
+
+def hf_size(processor: dict, config_image_size: int | Sequence[int] | None = None) -> dict:
+    """A processor's ``size`` as a dict (an int or pair from older files as ``height`` and ``width``); the model
+    config's image size, else 224, when it has none."""
+    size = processor.get("size") or config_image_size or 224
+    if isinstance(size, int) or (isinstance(size, Sequence) and not isinstance(size, dict)):
+        size = {"height": _pair(size)[0], "width": _pair(size)[1]}
+    return {key: value for key, value in size.items() if value is not None}
+
+
+def _pads_to_a_centred_square(processor: dict) -> bool:
+    return hf_processor_class_name(processor) in _PADS_TO_A_CENTRED_SQUARE and bool(processor.get("do_pad", True))
+
+
+def _janus_background(processor: dict) -> tuple[int, int, int]:
+    """The colour the Janus and DeepSeek-VL processors pad with: ``int(255 * mean)`` of their ``image_mean``, which
+    their constructor derives it from whatever ``background_color`` says; grey 127 without a mean."""
+    mean = processor.get("image_mean")
+    return (127, 127, 127) if mean is None else tuple(int(x * 255) for x in mean)
+
+
+def hf_geometry_refusal(processor: dict, config_image_size: int | Sequence[int] | None = None) -> str | None:
+    """Why :class:`Preprocessing` cannot resize, crop and pad as a transformers image processor does (its settings
+    dict), in a message saying what to do instead; None when it can."""
+    name = hf_processor_class_name(processor)
+    label = name or "image processor"
+    size = hf_size(processor, config_image_size)
+    what = None
+    if name in _OWN_GEOMETRY:
+        what = f"{_OWN_GEOMETRY[name]}"
+    elif name:
+        own = _own_code(name)
+        if own is None and processor.get("do_pad"):
+            what = "pads with code this library does not know (do_pad=true; a class transformers does not have)"
+        elif own and name not in _CHECKED_OWN_CODE:
+            what = f"preprocesses with code of its own ({', '.join(own)}) that this library does not reproduce"
+    if what is None:
+        on = [key for key in _GEOMETRY_SETTINGS if processor.get(key)]
+        if on:
+            what = f"{_GEOMETRY_SETTINGS[on[0]]} ({on[0]}={processor[on[0]]!r})"
+    if what is None and processor.get("ensure_multiple_of", 1) not in (None, 1) and (
+            "height" not in size or size["height"] % processor["ensure_multiple_of"]
+            or size["width"] % processor["ensure_multiple_of"]):
+        what = f"rounds the size {size} to a multiple of {processor['ensure_multiple_of']} (ensure_multiple_of)"
+    if what is None and not ("height" in size and "width" in size or list(size) == ["shortest_edge"]):
+        what = (f"resizes each image at its own aspect ratio (size {size})" if "longest_edge" in size or
+                "max_height" in size else f"has a size {size} this library does not know")
+    if what is None and name in _PADS_TO_A_CENTRED_SQUARE and not processor.get("do_pad", True):
+        what = "fits each image's longest side to the size and leaves it at its own aspect ratio (do_pad=false)"
+    elif what is None and _pads_to_a_centred_square(processor):
+        side = size.get("height")
+        if not processor.get("do_resize", True):
+            what = "pads each image to a square of its own longest side (do_pad=true without do_resize)"
+        elif side != size.get("width") or side < int(processor.get("min_size", 14)):
+            what = f"pads to a square of another size than {size} (do_pad=true, min_size={processor.get('min_size')})"
+    elif what is None and processor.get("do_pad") and name not in _PADS_TO_A_CENTRED_SQUARE:
+        # The generic pad (no code of the class's own) fills the bottom and right up to pad_size, or to the batch's
+        # largest image, which at one size for all is none.
+        pad = processor.get("pad_size")
+        final = processor.get("crop_size") if processor.get("do_center_crop") else size
+        if name == "LlavaImageProcessor":
+            what = "pads each image to a square with its background colour before resizing (do_pad=true)"
+        elif name and _own_code(name):
+            what = "pads each image in a way of its own (do_pad=true)"
+        elif pad and hf_size({"size": pad}) != hf_size({"size": final}):
+            what = f"pads each image at the bottom and right to {pad} (do_pad=true, pad_size)"
+    if what is None:
+        return None
+    return (f"the {label} {what}, which vitmad does not reproduce: pass an image size (--image-size, image_size=) "
+            "to scale the images to cover it and crop the centre instead, with the processor's mean, std and filter "
+            "(not the model's own preprocessing), or profile the model's own processor output "
+            "from Python: vitmad.profile(model, pixel_values) with the module and "
+            "processor(images=..., return_tensors='pt')['pixel_values']")
+
+
+def hf_values_refusal(processor: dict) -> str | None:
+    """Why :class:`Preprocessing` cannot give the pixel values a transformers image processor gives (other than
+    by its geometry), in a message saying what to do instead; None when it can."""
+    name = hf_processor_class_name(processor)
+    what = None
+    if processor.get("do_flip_channel_order"):
+        what = "flips the channels to BGR (do_flip_channel_order=true)"
+    elif name == "EfficientNetImageProcessor" and (processor.get("include_top", True)
+                                                   or processor.get("rescale_offset")):
+        what = "normalises twice (include_top=true) or rescales to [-1, 1] (rescale_offset=true)"
+    if what is None:
+        return None
+    return (f"the {name or 'image processor'} {what}, which vitmad does not reproduce: profile the model's own "
+            "processor output from Python: vitmad.profile(model, pixel_values) with the module and "
+            "processor(images=..., return_tensors='pt')['pixel_values']")
 
 
 def rescaled(pixels: torch.Tensor, rescale: float | None, offset: float | None = None) -> torch.Tensor:

@@ -166,13 +166,13 @@ def load_model(
     if model_checkpoint is not None and kind != "timm":
         raise OptionError("model_checkpoint", f"only timm: models take local weights, got model {spec!r}")
     if kind == "hf":
-        return _load_hf(spec, name)
+        return _load_hf(spec, name, image_size)
     if kind == "timm":
         return _load_timm(spec, name, model_checkpoint, image_size)
     if kind == "builtin":
         from .builtin_model import builtin_model_dir
 
-        return _load_hf(spec, str(builtin_model_dir(name)))
+        return _load_hf(spec, str(builtin_model_dir(name)), image_size)
     raise OptionError("model", f"unknown model kind {kind!r} in {spec!r}; expected {MODEL_SPEC_HELP}")
 
 
@@ -275,7 +275,7 @@ def _normalizes_its_input(module: torch.nn.Module) -> bool:
         and hasattr(module, "input_conditioner")
 
 
-def _load_hf(spec: str, name: str) -> LoadedModel:
+def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = None) -> LoadedModel:
     transformers = import_optional("transformers", "hf", f"model {spec!r}")
     from transformers.image_processing_base import ImageProcessingMixin
 
@@ -314,7 +314,10 @@ def _load_hf(spec: str, name: str) -> LoadedModel:
         return wrap_packed_tower(module, ("", module), spec, processor=processor, description=packed[1])
     processor = _with_class_defaults(transformers, name, processor, options)
     vision = getattr(config, "vision_config", config)
-    preprocessing = Preprocessing.from_hf(processor, getattr(vision, "image_size", None))
+    # An image size replaces the processor's resize, crop and padding (Preprocessing.with_size): a geometry this
+    # library does not reproduce is then no reason to refuse the model.
+    preprocessing = Preprocessing.from_hf(processor, getattr(vision, "image_size", None),
+                                          own_geometry=image_size in (None, NATIVE))
     module, prefix = vision_tower(module)
     loaded = wrap_module(module, spec, preprocessing)
     loaded.processor = processor
