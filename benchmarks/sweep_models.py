@@ -299,9 +299,14 @@ def sweep_transformers(pattern: str) -> list[tuple[str, str, str]]:
             size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
             channels = getattr(config, "num_channels", 3)
             pixels = torch.randn(1, channels, *size, generator=torch.Generator().manual_seed(0))
-            forward = (_naflex_forward(config) if label.startswith("SigLIP2") else _flattened_patches_forward
-                       if label.startswith("Pix2Struct") else lambda m, x: m(x)  # its argument: hidden_states
-                       if label.startswith("Florence-2") else lambda m, x: m(pixel_values=x))
+            if label.startswith("SigLIP2"):
+                forward = _naflex_forward(config)
+            elif label.startswith("Pix2Struct"):
+                forward = _flattened_patches_forward
+            elif label.startswith("Florence-2"):
+                forward = lambda m, x: m(x)  # noqa: E731 - its argument is named hidden_states
+            else:
+                forward = lambda m, x: m(pixel_values=x)  # noqa: E731
             verdict = _check(model, pixels, forward)
         except Exception as err:  # noqa: BLE001 - the sweep reports every failure, it never stops
             verdict = f"ERROR: {type(err).__name__}: {str(err)[:300]}"
