@@ -300,6 +300,32 @@ def qwen_token_chunks(grid: tuple[int, int], merge: int, window: int | None) -> 
     return chunks
 
 
+def grid_centres(grid: tuple[int, int], patch: float) -> torch.Tensor:
+    """``[h * w, 2]`` float64: the pixel centre ``((r + 0.5) * patch, (c + 0.5) * patch)`` of every cell of an
+    ``h x w`` grid, row-major."""
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    return (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * patch
+
+
+def statistics_reference(probabilities: torch.Tensor, positions: torch.Tensor,
+                         is_query: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The statistics of docs/definition.md in float64, from the probabilities ``[B, H, N, N]`` of N tokens at
+    ``positions`` ``[N, 2]`` pixels (a NaN row: a token without a position, a CLS or a register). The queries are
+    ``is_query`` ``[N]`` (default: every token with a position; a window's padding slot is a key at its cell past
+    the image edge and no query). Per statistic ``[B, H, T]``, one value per query in token order: ``"mad"`` over
+    the keys with a position, ``"entropy"`` of the whole row, ``"prefix_mass"`` on the keys without one; and
+    ``"prefix_maps"`` ``[B, H, P, T]``, the rows of the P tokens without a position over the queries' columns."""
+    probabilities = probabilities.double()
+    placed = ~positions[:, 0].isnan()
+    queries = placed if is_query is None else is_query
+    rows = probabilities[:, :, queries]
+    distance = torch.cdist(positions[queries], positions[placed])
+    return {"mad": (rows[..., placed] * distance).sum(-1),
+            "entropy": -torch.special.xlogy(rows, rows).sum(-1),
+            "prefix_mass": rows[..., ~placed].sum(-1),
+            "prefix_maps": probabilities[:, :, ~placed][..., queries]}
+
+
 def padded_window_slots(height: int, width: int, window: int, patch: float) -> tuple[torch.Tensor, list[list[int]]]:
     """SAM-style windows: the pixel centre ``[nW, N, 2]`` of every slot of every window of a ``height x width`` map of
     ``patch`` px cells (window 0: one global window over the map), windows and slots row-major over the map padded at
