@@ -8,26 +8,20 @@ Tiny random-weight towers (32 wide, 2 layers, 2 heads), sharpened so that attent
 is each model's own eager attention probabilities (its modeling file's ``eager_attention_forward``), placed by the
 layout written here from each embeddings' source: ``prefix`` tokens without a position first (the class token, then
 the registers, ``torch.cat([cls, registers, patches])``), then the patches row-major, patch ``(r, c)`` at
-``((r + 0.5) * p, (c + 0.5) * p)`` pixels; reduced in float64 by conftest's ``statistics_reference``.
+``((r + 0.5) * p, (c + 0.5) * p)`` pixels; reduced in float64 by conftest's ``check_prefix_and_grid``.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
 
 import pytest
 import torch
 
-import vitmad
-from conftest import eager_attention_calls, grid_centres, sharpened, statistics_reference
+from conftest import check_prefix_and_grid, eager_attention_calls, record_both_reductions, sharpened
 
 transformers = pytest.importorskip("transformers")
 
-# Recorded float32 (flash-MAD on the fused path's q / k) against float64 on the eager float32 probabilities: the two
-# softmaxes differ by float32 rounding. MADs here are 5 to 40 px; entropies 0.5 to 3.5 nats; masses and maps <= 1.
-TOL = {"rtol": 1e-5, "atol": 1e-4}  # atol in pixels
-STAT_TOL = {"rtol": 1e-5, "atol": 1e-6}
 STATS = ["entropy", "prefix_mass", "prefix_maps"]
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
 # Built for 48 x 48, run at 43 x 61 px: a 5 x 7 grid of 8 px patches, the bottom and right edges cut off (not whole
@@ -101,42 +95,6 @@ def _peaked(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _check(rec, rec_tokens, calls, grid, patch, prefix) -> None:
-    """Both recordings against the eager ``calls`` ``[(module, [B, H, N, N])]``, one per recorded layer, placed as
-    ``prefix`` tokens without a position, then the row-major ``grid`` of ``patch`` px patches."""
-    positions = torch.cat([torch.full((prefix, 2), math.nan, dtype=torch.float64), grid_centres(grid, patch)])
-    assert len(rec.layers) == len(calls) == 2 and rec.skipped == {}
-    for layer, (_, probabilities) in enumerate(calls):
-        geometry = rec.geometry[layer]
-        assert geometry.grid == grid and geometry.stride == (patch, patch) and geometry.num_prefix_tokens == prefix
-        expected = statistics_reference(probabilities, positions)
-        # Far from uniform attention: a token placed at a wrong cell would change the MAD.
-        assert float(expected["entropy"].mean()) < 0.75 * math.log(probabilities.shape[-1])
-        torch.testing.assert_close(rec_tokens.per_layer[layer].double(), expected["mad"], **TOL)
-        torch.testing.assert_close(rec.per_layer[layer].double(), expected["mad"].mean(-1), **TOL)
-        for stat in ("entropy", "prefix_mass"):
-            torch.testing.assert_close(rec_tokens.stats[stat][layer].double(), expected[stat], **STAT_TOL)
-            torch.testing.assert_close(rec.stats[stat][layer].double(), expected[stat].mean(-1), **STAT_TOL)
-        if prefix:
-            torch.testing.assert_close(rec.prefix_maps[layer].double(), expected["prefix_maps"], **STAT_TOL)
-        else:
-            assert rec.prefix_maps[layer] is None
-
-
-def _record(model, run, output):
-    """``(mean recording, per-token recording)`` of ``run(model)`` with STATS; the output (``output`` of what ``run``
-    returns) the plain forward's, bit for bit."""
-    with torch.no_grad():
-        plain = output(run(model))
-        with vitmad.record(model, stats=STATS) as rec:
-            recorded = output(run(model))
-        with vitmad.record(model, stats=STATS, reduction="none") as rec_tokens:
-            run(model)
-    assert torch.equal(plain, recorded)
-    assert rec.layers == rec_tokens.layers
-    return rec, rec_tokens
-
-
 @pytest.mark.parametrize("name", list(TOWERS))
 def test_tower_tokens_after_their_prefix_match_eager_attention(name):
     module, _, _, _, prefix, patch, pixels, kwargs = TOWERS[name]
@@ -144,12 +102,13 @@ def test_tower_tokens_after_their_prefix_match_eager_attention(name):
     images = torch.randn(2, 3, *pixels, generator=torch.Generator().manual_seed(1))
     calls = eager_attention_calls(_modeling(module), model, images, **kwargs)
     model.set_attn_implementation("eager" if name == "vitpose" else "sdpa")  # VitPose has no SDPA path
-    rec, rec_tokens = _record(model, lambda m: m(images, **kwargs),
-                              lambda out: out.feature_maps[-1] if name == "vitpose" else out.last_hidden_state)
+    rec, rec_tokens = record_both_reductions(
+        model, lambda m: m(images, **kwargs),
+        lambda out: out.feature_maps[-1] if name == "vitpose" else out.last_hidden_state, STATS)
     assert [model.get_submodule(layer) for layer in rec.layers] == [m for m, _ in calls]
     grid = ((pixels[0] + 4 - 16) // 16 + 1, (pixels[1] + 4 - 16) // 16 + 1) if name == "vitpose" else (
         pixels[0] // patch, pixels[1] // patch)
-    _check(rec, rec_tokens, calls, grid, patch, prefix)
+    check_prefix_and_grid(rec, rec_tokens, [p for _, p in calls], grid, patch, prefix)
 
 
 # Whole models: the tower that embeds the image is recorded, nothing else (text towers, decoders, language model).
@@ -207,7 +166,7 @@ def test_whole_model_records_its_image_tower_against_eager_attention(name):
     tower_modules = set(model.get_submodule(tower).modules())
     calls = [c for c in eager_attention_calls(_modeling(module), model, **inputs) if c[0] in tower_modules]
     model.set_attn_implementation("sdpa")
-    rec, rec_tokens = _record(model, lambda m: m(**inputs), output)
+    rec, rec_tokens = record_both_reductions(model, lambda m: m(**inputs), output, STATS)
     assert all(layer.startswith(tower + ".") for layer in rec.layers)
     assert [model.get_submodule(layer) for layer in rec.layers] == [m for m, _ in calls]
-    _check(rec, rec_tokens, calls, (6, 6), 8, prefix)
+    check_prefix_and_grid(rec, rec_tokens, [p for _, p in calls], (6, 6), 8, prefix)
