@@ -300,6 +300,60 @@ def qwen_token_chunks(grid: tuple[int, int], merge: int, window: int | None) -> 
     return chunks
 
 
+def grid_centres(grid: tuple[int, int], patch: float) -> torch.Tensor:
+    """``[h * w, 2]`` float64: the pixel centre ``((r + 0.5) * patch, (c + 0.5) * patch)`` of every cell of an
+    ``h x w`` grid, row-major."""
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    return (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * patch
+
+
+def statistics_reference(probabilities: torch.Tensor, positions: torch.Tensor,
+                         is_query: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The statistics of docs/definition.md in float64, from the probabilities ``[B, H, N, N]`` of N tokens at
+    ``positions`` ``[N, 2]`` pixels (a NaN row: a token without a position, a CLS or a register). The queries are
+    ``is_query`` ``[N]`` (default: every token with a position; a window's padding slot is a key at its cell past
+    the image edge and no query). Per statistic ``[B, H, T]``, one value per query in token order: ``"mad"`` over
+    the keys with a position, ``"entropy"`` of the whole row, ``"prefix_mass"`` on the keys without one; and
+    ``"prefix_maps"`` ``[B, H, P, T]``, the rows of the P tokens without a position over the queries' columns."""
+    probabilities = probabilities.double()
+    placed = ~positions[:, 0].isnan()
+    queries = placed if is_query is None else is_query
+    rows = probabilities[:, :, queries]
+    distance = torch.cdist(positions[queries], positions[placed])
+    return {"mad": (rows[..., placed] * distance).sum(-1),
+            "entropy": -torch.special.xlogy(rows, rows).sum(-1),
+            "prefix_mass": rows[..., ~placed].sum(-1),
+            "prefix_maps": probabilities[:, :, ~placed][..., queries]}
+
+
+def check_prefix_and_grid(rec, rec_tokens, maps: list[torch.Tensor], grid: tuple[int, int], patch: float,
+                          prefix: int) -> None:
+    """A recording with ``stats=["entropy", "prefix_mass", "prefix_maps"]`` (and ``rec_tokens``, the same with
+    ``reduction="none"``) against the probabilities ``maps`` ``[B, H, N, N]`` of its global layers, one per layer,
+    their tokens placed as ``prefix`` tokens without a position, then the row-major ``grid`` of ``patch`` px cells:
+    geometry, MAD (mean and per token), entropy, prefix mass and prefix maps, by :func:`statistics_reference`."""
+    # float32 recordings (flash-MAD on the fused q / k, or the fused ops) against float64 on the eager float32
+    # probabilities: the two softmaxes differ by float32 rounding. MADs are in pixels; masses and maps <= 1.
+    tol, stat_tol = {"rtol": 1e-5, "atol": 1e-4}, {"rtol": 1e-5, "atol": 1e-6}
+    positions = torch.cat([torch.full((prefix, 2), math.nan, dtype=torch.float64), grid_centres(grid, patch)])
+    assert len(rec.layers) == len(maps) and rec.skipped == {}
+    for layer, probabilities in enumerate(maps):
+        geometry = rec.geometry[layer]
+        assert geometry.grid == grid and geometry.stride == (patch, patch) and geometry.num_prefix_tokens == prefix
+        expected = statistics_reference(probabilities, positions)
+        # Far from uniform attention: a token placed at a wrong cell would change the MAD.
+        assert float(expected["entropy"].mean()) < 0.75 * math.log(probabilities.shape[-1])
+        torch.testing.assert_close(rec_tokens.per_layer[layer].double(), expected["mad"], **tol)
+        torch.testing.assert_close(rec.per_layer[layer].double(), expected["mad"].mean(-1), **tol)
+        for stat in ("entropy", "prefix_mass"):
+            torch.testing.assert_close(rec_tokens.stats[stat][layer].double(), expected[stat], **stat_tol)
+            torch.testing.assert_close(rec.stats[stat][layer].double(), expected[stat].mean(-1), **stat_tol)
+        if prefix:
+            torch.testing.assert_close(rec.prefix_maps[layer].double(), expected["prefix_maps"], **stat_tol)
+        else:
+            assert rec.prefix_maps[layer] is None
+
+
 def padded_window_slots(height: int, width: int, window: int, patch: float) -> tuple[torch.Tensor, list[list[int]]]:
     """SAM-style windows: the pixel centre ``[nW, N, 2]`` of every slot of every window of a ``height x width`` map of
     ``patch`` px cells (window 0: one global window over the map), windows and slots row-major over the map padded at
@@ -450,10 +504,12 @@ def mask_on_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def eager_attention_calls(modeling, model: torch.nn.Module, *inputs,
-                          eager_function: str = "eager_attention_forward", **kwargs) -> list:
+                          eager_function: str = "eager_attention_forward", switched: torch.nn.Module | None = None,
+                          **kwargs) -> list:
     """``[(attention module, probabilities [1, H, n, n] float64)]`` of every call of ``modeling``'s eager attention
     function (``eager_function``: Llama 4's vision attention has its own, ``vision_eager_attention_forward``) in one
-    forward of ``model`` (switched to eager attention), in call order."""
+    forward of ``model`` (switched to eager attention, or its submodule ``switched`` alone: Depth Anything and
+    UperNet take no implementation but their backbone's), in call order."""
     original = getattr(modeling, eager_function)
     calls = []
 
@@ -462,7 +518,7 @@ def eager_attention_calls(modeling, model: torch.nn.Module, *inputs,
         calls.append((module, probabilities.detach().double()))
         return output, probabilities
 
-    model.set_attn_implementation("eager")
+    (model if switched is None else switched).set_attn_implementation("eager")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(modeling, eager_function, capture)
         with torch.no_grad():
