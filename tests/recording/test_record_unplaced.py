@@ -122,3 +122,18 @@ def test_fuyu_is_refused_as_a_model_without_a_vision_encoder():
     with pytest.raises(ValueError, match=r"FuyuForCausalLM has no vision encoder: its image patches go through one "
                                          r"Linear \(vision_embed_tokens\) straight into its language model"):
         vitmad.record(model)
+
+
+def test_an_encoder_free_model_is_refused_with_what_it_may_be():
+    """NeoMME embeds image patches with a Linear into its language model: the layers found are the language
+    model's, over text and patches mixed. The refusal said only "pass positions=" (QA helper-120); it now names
+    the text vocabulary the model embeds and what an encoder-free model is."""
+    config = transformers.AutoConfig.for_model(
+        "neomme", vocab_size=300, embedding_rank=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, patch_size=8, embedding_dim=16, sliding_window=8)
+    model = transformers.NeoMMEForMaskedLM(config).eval()
+    ids = torch.tensor([[1, 2] + [6] * 4 + [3]])  # four image placeholders, one per 8 x 8 patch given
+    with torch.no_grad(), vitmad.record(model), pytest.raises(
+            ValueError, match=r"NeoMMEForMaskedLM embeds text tokens, model.embed_tokens.word_embeddings: 300 of "
+                              r"them; if it is an encoder-free multimodal model"):
+        model(input_ids=ids, pixel_values=torch.randn(4, 3 * 8 * 8))

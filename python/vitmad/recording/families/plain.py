@@ -201,6 +201,20 @@ def _strided_stem(model: nn.Module, embedding: nn.Module) -> list[nn.Module]:
     return found
 
 
+def _text_vocabulary_clause(model: nn.Module) -> str:
+    """Where a model with no patch embedding embeds text tokens (transformers' embed_tokens / word_embeddings, GPT's
+    wte), a clause saying what such a model may be: an encoder-free multimodal model (NeoMME, Gemma 4 Unified, Fuyu)
+    puts its image patches through a Linear into its language model, whose layers were taken for the tower's (QA
+    helper-120: the refusal invited placing them)."""
+    found = next(((n, m) for n, m in named_module_list(model) if isinstance(m, nn.Embedding)
+                  and n.rsplit(".", 1)[-1] in ("embed_tokens", "word_embeddings", "wte")), None)
+    if found is None:
+        return ""
+    return (f" ({type(model).__name__} embeds text tokens, {found[0]}: {found[1].num_embeddings} of them; if it is "
+            "an encoder-free multimodal model, whose image patches go through a Linear straight into its language "
+            "model and are attended mixed with text, it has no vision transformer whose MAD vitmad measures)")
+
+
 class PlainLayout:
     """The patch embedding, the user's overrides and the per-call grid shared by a model's plain placers."""
 
@@ -220,7 +234,8 @@ class PlainLayout:
             self.unavailable = (radio_layout_unknown(model) or molmo2_layout_unknown(model) if self.given_by_hand
                                 else None) or (
                 f"found no patch-embedding Conv2d (kernel == stride) in {name} and vitmad knows no other layout of "
-                "this module's tokens; pass positions=<[N, 2] pixel position of each token>, or, only if they are a "
+                "this module's tokens" + _text_vocabulary_clause(model)
+                + "; pass positions=<[N, 2] pixel position of each token>, or, only if they are a "
                 "plain ViT grid (extra tokens first), patch=<pixels per patch> and grid=[grid_h, grid_w], with "
                 "layers=[the modules that attend over those tokens] where others (a decoder's queries) attend too "
                 "(layers over other token counts in one call are refused)")
