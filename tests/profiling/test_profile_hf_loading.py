@@ -65,6 +65,27 @@ def test_eomt_loads_by_the_class_its_config_names(tmp_path, image_folder):
     assert result.count == 2 and result.mad.shape == (2, 2) and bool(torch.isfinite(result.mad).all())
 
 
+def test_videomt_profiles_each_image_as_a_clip_of_one_frame(tmp_path, image_folder):
+    """VidEoMT (no AutoModel class either) takes clips [B, F, 3, H, W] and crashed on images ("only supports 5D
+    video inputs"); it attends within each frame only, so each image is fed as a clip of one frame: the MAD
+    vitmad.record gives on the model fed those clips."""
+    torch.manual_seed(0)
+    config = transformers.VideomtConfig(**_LAYERS, image_size=32, patch_size=8, num_blocks=1, num_queries=4,
+                                        num_register_tokens=1)
+    transformers.VideomtForUniversalSegmentation(config).save_pretrained(tmp_path)
+    transformers.VideomtVideoProcessor(size={"shortest_edge": 32, "longest_edge": 32}).save_pretrained(tmp_path)
+    with pytest.raises(OptionError, match="resizes each image at its own aspect ratio"):
+        load_model(f"hf:{tmp_path}")
+    result = vitmad.profile(f"hf:{tmp_path}", image_folder, image_size=32, device="cpu", max_images=2)
+    loaded = load_model(f"hf:{tmp_path}", image_size=(32, 32))
+    pixels, _, _ = load_batch(find_images(image_folder)[:2], loaded.preprocessing.with_size((32, 32)))
+    model = transformers.VideomtForUniversalSegmentation.from_pretrained(tmp_path).eval()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels[:, None])
+    assert result.count == 2 and rec.mad.shape == (2, 2, 2)
+    torch.testing.assert_close(result.mad, rec.mad.mean(1).double(), rtol=1e-6, atol=1e-6)
+
+
 def test_a_config_transformers_cannot_load_is_still_said(tmp_path):
     """Neither AutoModel nor the architectures named (none here) load it: transformers' own error is quoted."""
     _eomt(tmp_path)

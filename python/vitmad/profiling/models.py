@@ -138,7 +138,13 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
     # transformers' DINOv2 interpolates its position embedding at every forward, with no flag to ask for it.
     always_interpolates = type(module).__name__ in ("Dinov2Model", "Dinov2WithRegistersModel")
 
+    # VidEoMT takes clips [B, F, 3, H, W] and attends within each frame only (its frames are images of the batch
+    # to the recorder): each image is a clip of one frame.
+    one_frame_clips = type(module).__name__ == "VideomtForUniversalSegmentation"
+
     def forward(pixels: torch.Tensor):
+        if one_frame_clips:
+            return module(pixels[:, None])
         if accepts_interpolate:
             return module(pixels, interpolate_pos_encoding=True)
         return module(pixels)
