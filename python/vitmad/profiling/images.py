@@ -550,7 +550,7 @@ def hf_geometry_refusal(processor: dict, config_image_size: int | Sequence[int] 
         if own is None and processor.get("do_pad"):
             what = "pads with code this library does not know (do_pad=true; a class transformers does not have)"
         elif own and name not in _CHECKED_OWN_CODE:
-            what = f"preprocesses with code of its own ({', '.join(own)}) that this library does not reproduce"
+            what = f"preprocesses with code of its own ({', '.join(own)})"
     if what is None:
         on = [key for key in _GEOMETRY_SETTINGS if processor.get(key)]
         if on:

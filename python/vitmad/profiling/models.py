@@ -54,15 +54,61 @@ class LoadedModel:
     unloaded: frozenset[str] = frozenset()
 
 
+# Names of a forward's first argument that are an image (Florence2VisionBackbone's is hidden_states).
+_IMAGE_ARGUMENTS = ("pixel_values", "hidden_states", "x", "images", "image", "pixels")
+
+
+def _takes_images(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s forward takes an image batch as its first argument (by the argument's name)."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return bool(parameters) and parameters[0].name in _IMAGE_ARGUMENTS and parameters[0].kind in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
 def vision_tower(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     """A transformers model's vision tower and its qualified-name prefix (``"vision_model."``), or the model and
-    ``""``: image-text models (CLIP, SigLIP, ...) need text for their forward, promptable segmenters (SAM, SAM 2)
-    prompts for their mask decoder, so their vision tower is profiled alone."""
+    ``""``: image-text models (CLIP, SigLIP, ...) and vision-language models (Florence-2) need text for their
+    forward, promptable segmenters (SAM, SAM 2) prompts for their mask decoder, so their vision tower is profiled
+    alone. The tower is found by the names the recorder knows (``_TOWER_ATTRIBUTES``), if its forward takes
+    images."""
+    from ..recording.recorder import _TOWER_ATTRIBUTES
+
     prefix = ""
-    for tower in ("vision_model", "vision_encoder"):
-        if isinstance(getattr(module, tower, None), torch.nn.Module):
-            module, prefix = getattr(module, tower), f"{prefix}{tower}."
+    for tower in _TOWER_ATTRIBUTES:
+        found = getattr(module, tower, None)
+        if isinstance(found, torch.nn.Module) and _takes_images(found):
+            module, prefix = found, f"{prefix}{tower}."
     return module, prefix
+
+
+def _refuse_pre_cut_patches(module: torch.nn.Module) -> None:
+    """Refuse a model whose vision tower takes the patches its processor cuts (Pix2Struct's and Kosmos-2.5's
+    ``flattened_patches``, Molmo2's crops), not ``[B, 3, H, W]`` images: profiling feeds images.
+
+    Raises:
+        OptionError: (``model``) naming the model and what records it instead.
+    """
+    from ..recording.families.molmo2 import is_tower as is_molmo2_tower
+    from ..recording.families.pix2struct import is_tower as is_flattened_patches_tower
+    from ..recording.module_index import named_module_list
+
+    for name, tower in named_module_list(module):
+        if is_flattened_patches_tower(tower):
+            inputs = "flattened_patches=, attention_mask="
+        elif is_molmo2_tower(tower):
+            inputs = "pixel_values="
+        else:
+            continue
+        call = f"model.{name}" if name else "model"
+        raise OptionError(
+            "model",
+            f"{type(module).__name__}: its vision tower ({type(tower).__name__}) takes the patches its own image "
+            "processor cuts, not [B, 3, H, W] images, so vitmad profile cannot feed it; record it around a forward on "
+            f"that processor's output instead: with vitmad.record(model) as rec: {call}({inputs} from "
+            "image_processor(images=..., return_tensors='pt'))")
 
 
 def wrap_module(module: torch.nn.Module, spec: str | None = None,
@@ -80,6 +126,7 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
         return wrap_packed_tower(module, packed, spec, preprocessing)
     # An image-text model (CLIP, SigLIP, ...) built in Python: its vision tower, as an hf: spec of it profiles (its
     # forward wants text: pixels passed alone landed in input_ids).
+    _refuse_pre_cut_patches(module)
     outer, tower_path = module, ""
     if type(module).__module__.startswith("transformers."):
         module, tower_path = vision_tower(module)
@@ -91,7 +138,13 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
     # transformers' DINOv2 interpolates its position embedding at every forward, with no flag to ask for it.
     always_interpolates = type(module).__name__ in ("Dinov2Model", "Dinov2WithRegistersModel")
 
+    # VidEoMT takes clips [B, F, 3, H, W] and attends within each frame only (its frames are images of the batch
+    # to the recorder): each image is a clip of one frame.
+    one_frame_clips = type(module).__name__ == "VideomtForUniversalSegmentation"
+
     def forward(pixels: torch.Tensor):
+        if one_frame_clips:
+            return module(pixels[:, None])
         if accepts_interpolate:
             return module(pixels, interpolate_pos_encoding=True)
         return module(pixels)
@@ -275,6 +328,21 @@ def _normalizes_its_input(module: torch.nn.Module) -> bool:
         and hasattr(module, "input_conditioner")
 
 
+def _auto_model(transformers, config):
+    """The class to load a checkpoint with: ``AutoModel``, or, for a config it has no class for (EoMT, Pix2Struct),
+    the class the checkpoint's ``config.json`` names in ``architectures``, when transformers has it (else
+    ``AutoModel``, whose error then says the config is not loadable)."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    if type(config) in MODEL_MAPPING:
+        return transformers.AutoModel
+    for architecture in getattr(config, "architectures", None) or ():
+        found = getattr(transformers, architecture, None)
+        if isinstance(found, type) and hasattr(found, "from_pretrained"):
+            return found
+    return transformers.AutoModel
+
+
 def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = None) -> LoadedModel:
     transformers = import_optional("transformers", "hf", f"model {spec!r}")
     from transformers.image_processing_base import ImageProcessingMixin
@@ -290,7 +358,8 @@ def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = No
         packed = load_packed_tower(spec, name, config, options)
         missing: set[str] = set()
         if packed is None:
-            module, info = transformers.AutoModel.from_pretrained(name, output_loading_info=True, **options)
+            module, info = _auto_model(transformers, config).from_pretrained(name, output_loading_info=True,
+                                                                            **options)
             missing = set(info.get("missing_keys", ()))
         else:
             module = packed[0]
@@ -298,6 +367,8 @@ def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = No
         raise
     except (OSError, ValueError, KeyError) as err:
         raise OptionError("model", f"{spec}: cannot load it with transformers: {_first_line(err)}") from err
+    if packed is None:  # before its processor, whose refusal would advise an image size
+        _refuse_pre_cut_patches(module)
     try:
         processor, _ = ImageProcessingMixin.get_image_processor_dict(name, **options)
     except OSError:

@@ -1,0 +1,158 @@
+"""``hf:`` checkpoints that AutoModel alone did not load right: Florence-2 (its vision tower, not the BART that took
+pixels as input_ids), EoMT (no AutoModel class: the class its config names in ``architectures``), and the models
+whose tower takes the patches its processor cuts (Pix2Struct, Kosmos-2.5, Molmo2), refused at load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitmad
+from vitmad.profiling.images import Preprocessing, find_images, load_batch
+from vitmad.profiling.models import load_model
+from vitmad.profiling.options import OptionError
+
+transformers = pytest.importorskip("transformers")
+
+_LAYERS = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def test_florence2_is_profiled_through_its_vision_tower(tmp_path, image_folder):
+    """AutoModel gives Florence2Model, whose forward wants input_ids: its vision_tower (Florence2VisionBackbone,
+    fed the image positionally) is profiled, with the MAD vitmad.record gives on that tower for the same pixels."""
+    torch.manual_seed(0)
+    config = transformers.Florence2Config(
+        vision_config=dict(embed_dim=[16, 32], depths=[1, 1], num_heads=[1, 2], num_groups=[1, 2], window_size=4,
+                           patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1], patch_prenorm=[False, True],
+                           projection_dim=32),
+        text_config=dict(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                         max_position_embeddings=64))
+    transformers.Florence2ForConditionalGeneration(config).save_pretrained(tmp_path)
+    transformers.CLIPImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64},
+                                    do_center_crop=False).save_pretrained(tmp_path)
+    result = vitmad.profile(f"hf:{tmp_path}", image_folder, device="cpu", max_images=2)
+    assert result.count == 2 and len(result.layers) == 2  # the window attention; channel attention is skipped
+    loaded = load_model(f"hf:{tmp_path}")
+    assert type(loaded.module).__name__ == "Florence2VisionBackbone"
+    pixels, _, _ = load_batch(find_images(image_folder)[:2], loaded.preprocessing)
+    tower = transformers.AutoModel.from_pretrained(tmp_path).vision_tower.eval()
+    with torch.no_grad(), vitmad.record(tower) as rec:
+        tower(pixels)
+    # The first stage has one head (num_heads=[1, 2]): its second column is NaN in both.
+    assert torch.isnan(result.mad[0, 1]) and bool(torch.isfinite(result.mad).sum() == 3)
+    torch.testing.assert_close(result.mad, rec.mad.mean(1).double(), rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def _eomt(folder):
+    torch.manual_seed(0)
+    config = transformers.EomtConfig(**_LAYERS, image_size=32, patch_size=8, num_blocks=1, num_queries=4,
+                                     num_register_tokens=1)
+    transformers.EomtForUniversalSegmentation(config).save_pretrained(folder)
+    transformers.EomtImageProcessor(size={"shortest_edge": 32, "longest_edge": 32}).save_pretrained(folder)
+
+
+def test_eomt_loads_by_the_class_its_config_names(tmp_path, image_folder):
+    """AutoModel has no class for EomtConfig ("Unrecognized configuration class"): the checkpoint's architectures
+    (EomtForUniversalSegmentation) loads it; its processor is then refused as any other, and an image size
+    profiles it."""
+    _eomt(tmp_path)
+    with pytest.raises(OptionError, match="model: the EomtImageProcessor resizes the longest edge and pads"):
+        load_model(f"hf:{tmp_path}")
+    loaded = load_model(f"hf:{tmp_path}", image_size=(32, 32))
+    assert type(loaded.module).__name__ == "EomtForUniversalSegmentation"
+    result = vitmad.profile(f"hf:{tmp_path}", image_folder, image_size=32, device="cpu", max_images=2)
+    assert result.count == 2 and result.mad.shape == (2, 2) and bool(torch.isfinite(result.mad).all())
+
+
+def test_videomt_profiles_each_image_as_a_clip_of_one_frame(tmp_path, image_folder):
+    """VidEoMT (no AutoModel class either) takes clips [B, F, 3, H, W] and crashed on images ("only supports 5D
+    video inputs"); it attends within each frame only, so each image is fed as a clip of one frame: the MAD
+    vitmad.record gives on the model fed those clips."""
+    torch.manual_seed(0)
+    config = transformers.VideomtConfig(**_LAYERS, image_size=32, patch_size=8, num_blocks=1, num_queries=4,
+                                        num_register_tokens=1)
+    transformers.VideomtForUniversalSegmentation(config).save_pretrained(tmp_path)
+    transformers.VideomtVideoProcessor(size={"shortest_edge": 32, "longest_edge": 32}).save_pretrained(tmp_path)
+    with pytest.raises(OptionError, match="resizes each image at its own aspect ratio"):
+        load_model(f"hf:{tmp_path}")
+    result = vitmad.profile(f"hf:{tmp_path}", image_folder, image_size=32, device="cpu", max_images=2)
+    loaded = load_model(f"hf:{tmp_path}", image_size=(32, 32))
+    pixels, _, _ = load_batch(find_images(image_folder)[:2], loaded.preprocessing.with_size((32, 32)))
+    model = transformers.VideomtForUniversalSegmentation.from_pretrained(tmp_path).eval()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels[:, None])
+    assert result.count == 2 and rec.mad.shape == (2, 2, 2)
+    torch.testing.assert_close(result.mad, rec.mad.mean(1).double(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_config_transformers_cannot_load_is_still_said(tmp_path):
+    """Neither AutoModel nor the architectures named (none here) load it: transformers' own error is quoted."""
+    _eomt(tmp_path)
+    config = (tmp_path / "config.json").read_text().replace('"EomtForUniversalSegmentation"', '"NoSuchModel"')
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(OptionError, match="cannot load it with transformers: Unrecognized configuration class"):
+        load_model(f"hf:{tmp_path}")
+
+
+def _pix2struct():
+    return transformers.Pix2StructForConditionalGeneration(transformers.Pix2StructConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, d_ff=64, d_kv=16,
+                           patch_embed_hidden_size=768),
+        text_config=dict(vocab_size=100, hidden_size=32, num_layers=1, num_heads=2, d_ff=64, d_kv=16)))
+
+
+def _kosmos25():
+    return transformers.Kosmos2_5ForConditionalGeneration(transformers.Kosmos2_5Config(
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                           head_dim=16, patch_embed_hidden_size=768),
+        text_config=dict(vocab_size=100, embed_dim=32, layers=1, attention_heads=2, ffn_dim=64), latent_query_num=4))
+
+
+def _molmo2():
+    return transformers.Molmo2ForConditionalGeneration(transformers.Molmo2Config(
+        vit_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                        intermediate_size=64, head_dim=16, image_patch_size=14, image_default_input_size=[56, 56]),
+        text_config=dict(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, head_dim=16)))
+
+
+PRE_CUT = [
+    # builder, image processor, what hf: loads, the tower's path in it, the tower, the inputs named
+    (_pix2struct, "Pix2StructImageProcessor", "Pix2StructForConditionalGeneration", "encoder", "Pix2StructVisionModel",
+     "flattened_patches=, attention_mask="),
+    (_kosmos25, "Kosmos2_5ImageProcessor", "Kosmos2_5Model", "vision_model", "Kosmos2_5VisionModel",
+     "flattened_patches=, attention_mask="),
+    (_molmo2, "Molmo2ImageProcessor", "Molmo2Model", "vision_tower", "Molmo2VisionModel", "pixel_values="),
+]
+
+
+@pytest.mark.parametrize("build, processor, loaded, path, tower, inputs", PRE_CUT,
+                         ids=["pix2struct", "kosmos2_5", "molmo2"])
+def test_towers_fed_pre_cut_patches_are_refused_at_load(tmp_path, build, processor, loaded, path, tower, inputs):
+    """Their processor was refused advising --image-size or vitmad.profile(model, pixel_values), and both crashed
+    in the model (pixels are not patches): refused at load instead, before the processor, saying what records
+    them."""
+    torch.manual_seed(0)
+    model = build().eval()
+    model.save_pretrained(tmp_path)
+    getattr(transformers, processor)().save_pretrained(tmp_path)
+    said = (f"model: {loaded}: its vision tower ({tower}) takes the patches its own image processor cuts, not "
+            f"[B, 3, H, W] images, so vitmad profile cannot feed it; record it around a forward on that processor's "
+            f"output instead: with vitmad.record(model) as rec: model.{path}({inputs} from image_processor(")
+    for image_size in (None, (32, 32)):
+        with pytest.raises(OptionError) as refused:
+            load_model(f"hf:{tmp_path}", image_size=image_size)
+        assert str(refused.value).startswith(said)
+    with pytest.raises(OptionError, match=f"its vision tower \\({tower}\\) takes the patches"):
+        vitmad.profile(model, torch.zeros(1, 3, 32, 32), device="cpu")
+
+
+def test_the_processor_refusal_says_it_once():
+    """"... code of its own (_preprocess) that this library does not reproduce, which vitmad does not reproduce"."""
+    with pytest.raises(OptionError) as refused:
+        Preprocessing.from_hf(transformers.Kosmos2_5ImageProcessor().to_dict())
+    message = str(refused.value)
+    assert message.startswith("model: the Kosmos2_5ImageProcessor preprocesses with code of its own (_preprocess), "
+                              "which vitmad does not reproduce: pass an image size")
+    assert message.count("not reproduce") == 1
