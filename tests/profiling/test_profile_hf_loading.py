@@ -9,7 +9,7 @@ import torch
 
 import vitmad
 from vitmad.profiling.images import Preprocessing, find_images, load_batch
-from vitmad.profiling.models import load_model
+from vitmad.profiling.models import load_model, vision_tower
 from vitmad.profiling.options import OptionError
 
 transformers = pytest.importorskip("transformers")
@@ -42,6 +42,13 @@ def test_florence2_is_profiled_through_its_vision_tower(tmp_path, image_folder):
     # The first stage has one head (num_heads=[1, 2]): its second column is NaN in both.
     assert torch.isnan(result.mad[0, 1]) and bool(torch.isfinite(result.mad).sum() == 3)
     torch.testing.assert_close(result.mad, rec.mad.mean(1).double(), rtol=1e-6, atol=1e-6, equal_nan=True)
+    # From Python, the whole Florence2ForConditionalGeneration: its tower lies under its base model
+    # (model.vision_tower), found through it.
+    whole = transformers.Florence2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    found, prefix = vision_tower(whole)
+    assert found is whole.model.vision_tower and prefix == "model.vision_tower."
+    from_module = vitmad.profile(whole, pixels, device="cpu")
+    torch.testing.assert_close(from_module.mad, rec.mad.mean(1).double(), rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
 def _eomt(folder):

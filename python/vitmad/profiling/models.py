@@ -77,6 +77,14 @@ def vision_tower(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     from ..recording.recorder import _TOWER_ATTRIBUTES
 
     prefix = ""
+    base = getattr(module, "base_model", module)
+    if isinstance(base, torch.nn.Module) and base is not module and not any(
+            isinstance(getattr(module, tower, None), torch.nn.Module) for tower in _TOWER_ATTRIBUTES):
+        # A head over a base model (Florence2ForConditionalGeneration's tower is model.vision_tower): its tower.
+        inner, inner_prefix = vision_tower(base)
+        if inner is not base:
+            name = next(n for n, m in module.named_children() if m is base)
+            return inner, f"{name}.{inner_prefix}"
     for tower in _TOWER_ATTRIBUTES:
         found = getattr(module, tower, None)
         if isinstance(found, torch.nn.Module) and _takes_images(found):
