@@ -170,17 +170,23 @@ def _model_inputs() -> dict[str, torch.Tensor]:
     return inputs
 
 
-def test_full_model_records_its_vision_tower_alone_one_row_per_view():
-    model = _full_model()
-    inputs = _model_inputs()
-    tower = model.model.vision_tower
-    expected = [_reference(p, (4, 4)) for p in _eager_probabilities(tower, inputs["pixel_values"])]
+def _record_whole(model, inputs: dict):
+    """The whole model recorded under sdpa, its logits bit-identical to a forward without recording."""
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
         plain = model(**inputs).logits
         with vitmad.record(model, stats=STATS) as rec:
             recorded = model(**inputs).logits
     assert torch.equal(plain, recorded)
+    return rec
+
+
+def test_full_model_records_its_vision_tower_alone_one_row_per_view():
+    model = _full_model()
+    inputs = _model_inputs()
+    tower = model.model.vision_tower
+    expected = [_reference(p, (4, 4)) for p in _eager_probabilities(tower, inputs["pixel_values"])]
+    rec = _record_whole(model, inputs)
     # Neither the adapter's pooling nor the language model: not recorded, not listed.
     assert rec.layers == ["model.vision_tower." + name for name in LAYERS] and rec.skipped == {}
     assert len(rec.calls) == 1 and rec.mad.shape == (2, 9, 2)
@@ -198,12 +204,7 @@ def test_full_model_given_a_video_records_one_row_per_frame():
     model = _full_model()
     tower = model.model.vision_tower
     expected = [_reference(p, (4, 4)) for p in _eager_probabilities(tower, inputs["pixel_values_videos"])]
-    model.set_attn_implementation("sdpa")
-    with torch.no_grad():
-        plain = model(**inputs).logits
-        with vitmad.record(model, stats=STATS) as rec:
-            recorded = model(**inputs).logits
-    assert torch.equal(plain, recorded)
+    rec = _record_whole(model, inputs)
     assert rec.layers == ["model.vision_tower." + name for name in LAYERS] and rec.mad.shape == (2, 3, 2)
     _check_statistics(rec, expected)
 
