@@ -32,7 +32,6 @@ padding slots masked out by the model: timm's without the prefix tokens unless `
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +39,7 @@ from torch import nn
 
 from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
-from .stages import defined_in, innermost_on_path
+from .stages import defined_in, forward_arguments, innermost_on_path
 
 __all__ = ["placer", "pooling_head", "is_tower", "towers", "call_start", "NaFlexPlacer"]
 
@@ -196,11 +195,6 @@ def _tokens(sizes: torch.Tensor, valid: torch.Tensor, coord: torch.Tensor | None
                    (float(patch[0]), float(patch[1])))
 
 
-def _bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """A forward call's arguments by parameter name (defaults left out)."""
-    return inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
-
-
 class NaFlexPlacer(LayerPlacer):
     """Places the tokens of one self-attention layer of a NaFlex tower (attention ``[B, H, N, N]``).
 
@@ -220,7 +214,7 @@ class NaFlexPlacer(LayerPlacer):
         # Each placer of the tower stores the same inputs; the tokens are built once per call, in place().
         if self.design is _TIMM:
             def see_timm(module, args, kwargs, output) -> None:
-                arguments = _bound_arguments(module, args, kwargs)
+                arguments = forward_arguments(module, args, kwargs)
                 context.values[self.key] = (arguments.get("patch_coord"), arguments.get("patch_valid"), output[1])
 
             embedding = getattr(self.tower, self.design.embedding)
@@ -236,13 +230,13 @@ class NaFlexPlacer(LayerPlacer):
         if self.design is _GEMMA4_HF:
             # Gemma4VisionModel's pixel_position_ids: (x, y) of every slot, (-1, -1) for padding.
             def see_gemma4_hf(module, args, kwargs) -> None:
-                ids = _bound_arguments(module, args, kwargs).get("pixel_position_ids")
+                ids = forward_arguments(module, args, kwargs).get("pixel_position_ids")
                 context.values[self.key] = (None, None) if ids is None else (ids.flip(-1), ~(ids == -1).all(-1))
 
             return [self.tower.register_forward_pre_hook(see_gemma4_hf, with_kwargs=True)]
 
         def see_siglip2(module, args, kwargs) -> None:
-            arguments = _bound_arguments(module, args, kwargs)
+            arguments = forward_arguments(module, args, kwargs)
             context.values[self.key] = (arguments.get("spatial_shapes"), arguments.get("pixel_attention_mask"),
                                         arguments.get("pixel_values"))
 

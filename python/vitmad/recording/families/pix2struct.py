@@ -38,7 +38,6 @@ tower's forward.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +45,7 @@ from torch import nn
 
 from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
-from .stages import defined_in, innermost_on_path
+from .stages import defined_in, forward_arguments, innermost_on_path
 
 __all__ = ["placer", "is_tower", "call_start", "FlattenedPatchesPlacer", "DEFAULT_PATCH"]
 
@@ -145,7 +144,7 @@ class FlattenedPatchesPlacer(LayerPlacer):
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         def see(module, args, kwargs) -> None:
-            arguments = inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
+            arguments = forward_arguments(module, args, kwargs)
             context.values[self.key] = (arguments.get("flattened_patches"), arguments.get("attention_mask"))
 
         return [self.tower.register_forward_pre_hook(see, with_kwargs=True)]

@@ -18,6 +18,7 @@ embeddings, stems, downsampling layers) made from the image: PVT, Segformer, Twi
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, P
 
 __all__ = ["matching_design", "reduction_before", "innermost_on_path", "backbone_layer", "Stage", "StageGrid",
            "StagePlacer", "KeyLayout", "global_keys", "strided_modules", "strided_centres", "strided_module_centres",
-           "adaptive_centres", "grid_placement", "pair", "defined_in", "owner_of"]
+           "adaptive_centres", "grid_placement", "pair", "defined_in", "owner_of", "forward_arguments"]
 
 
 def pair(value) -> tuple[int, int]:
@@ -39,6 +40,11 @@ def pair(value) -> tuple[int, int]:
     if isinstance(value, (tuple, list)):
         return int(value[0]), int(value[1])
     return int(value), int(value)
+
+
+def forward_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A forward call's arguments by parameter name (defaults left out), as a pre-hook ``with_kwargs`` sees them."""
+    return inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
 
 
 def defined_in(module: nn.Module, class_name: str, module_suffix: str) -> bool:
