@@ -59,12 +59,10 @@ from .families import ClassQueries, Skip, family_modules, family_placer, probabi
 from .families.class_attention import ClassQueryPlacer
 from .families.llama4 import is_tower as is_llama4_tower
 from .families.masked import GivenPositionsPlacer
-from .families.molmo2 import call_start as molmo2_call_start
 from .families.molmo2 import is_tower as is_molmo2_tower
 from .families.naflex import call_start as naflex_call_start
 from .families.naflex import is_tower as is_naflex_tower
 from .families.packed import token_convolutions
-from .families.pix2struct import call_start as flattened_patches_call_start
 from .families.pix2struct import is_tower as is_flattened_patches_tower
 from .families.plain import (
     PlainLayout,
@@ -469,7 +467,10 @@ def _first_convolution(model: nn.Module) -> nn.Module | None:
     on_image = next((m for m in convolutions if m.in_channels == channels), None)
     if on_image is not None or convolutions:
         return on_image or convolutions[0]
-    return naflex_call_start(model) or flattened_patches_call_start(model) or molmo2_call_start(model)
+    # A tower fed its processor's pre-cut patches: its own forward starts the call (generate runs Pix2Struct's
+    # encoder, and Molmo2's tower in its first step alone, without the model's forward).
+    return naflex_call_start(model) or next(
+        (m for m in module_list(model) if is_flattened_patches_tower(m) or is_molmo2_tower(m)), None)
 
 
 def _not_recorded() -> bool:

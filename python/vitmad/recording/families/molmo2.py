@@ -41,13 +41,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, select_tokens
 from .plain import _GRID as _PLAIN_GRID
 from .plain import _plain_positions
 from .stages import defined_in, innermost_on_path
 
-__all__ = ["placer", "is_tower", "call_start", "Molmo2Placer"]
+__all__ = ["placer", "is_tower", "Molmo2Placer"]
 
 _SEEN = "molmo2.pixel_values."  # + the tower's name: the shape of the pixel_values of its current call
 
@@ -56,12 +55,6 @@ def is_tower(module: nn.Module) -> bool:
     """Whether ``module`` is Molmo2's vision tower: for the recorder, the tower that embeds the image, which it finds
     by a patch-embedding convolution in other models."""
     return defined_in(module, "Molmo2VisionModel", "modeling_molmo2")
-
-
-def call_start(model: nn.Module) -> nn.Module | None:
-    """The first Molmo2 vision tower of ``model``, whose forward starts a call (the model has no convolution, and
-    ``generate`` runs the model's forward once per new token, the tower in the first alone), or None."""
-    return next((module for _, module in named_module_list(model) if is_tower(module)), None)
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):

@@ -43,11 +43,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
 from .stages import defined_in, forward_arguments, innermost_on_path
 
-__all__ = ["placer", "is_tower", "call_start", "FlattenedPatchesPlacer", "DEFAULT_PATCH"]
+__all__ = ["placer", "is_tower", "FlattenedPatchesPlacer", "DEFAULT_PATCH"]
 
 # The image processors' default patch_size (16 x 16) on RGB images: the input size of every released projection.
 DEFAULT_PATCH = 16
@@ -60,12 +59,6 @@ def is_tower(module: nn.Module) -> bool:
     """Whether ``module`` is a tower fed ``flattened_patches`` (Pix2Struct's or Kosmos-2.5's vision model): for the
     recorder, the tower that embeds the image, which it finds by a patch-embedding convolution in other models."""
     return any(defined_in(module, name, suffix) for name, suffix in _TOWERS)
-
-
-def call_start(model: nn.Module) -> nn.Module | None:
-    """The first such tower of ``model`` (its forward starts a call: ``generate`` runs Pix2Struct's encoder without
-    the model's forward), or None."""
-    return next((module for _, module in named_module_list(model) if is_tower(module)), None)
 
 
 def placer(model: nn.Module, name: str, module: nn.Module) -> FlattenedPatchesPlacer | None:
