@@ -33,6 +33,9 @@ def test_florence2_is_profiled_through_its_vision_tower(tmp_path, image_folder):
                                     do_center_crop=False).save_pretrained(tmp_path)
     result = vitmad.profile(f"hf:{tmp_path}", image_folder, device="cpu", max_images=2)
     assert result.count == 2 and len(result.layers) == 2  # the window attention; channel attention is skipped
+    # mad.json says which part of the checkpoint was profiled, as for the model given from Python.
+    assert result.settings["profiled"] == (
+        "vision_tower (Florence2VisionBackbone) of Florence2Model, its vision tower")
     loaded = load_model(f"hf:{tmp_path}")
     assert type(loaded.module).__name__ == "Florence2VisionBackbone"
     pixels, _, _ = load_batch(find_images(image_folder)[:2], loaded.preprocessing)
@@ -163,3 +166,20 @@ def test_the_processor_refusal_says_it_once():
     assert message.startswith("model: the Kosmos2_5ImageProcessor preprocesses with code of its own (_preprocess), "
                               "which vitmad does not reproduce: pass an image size")
     assert message.count("not reproduce") == 1
+
+
+def test_an_image_text_checkpoint_names_the_tower_profiled(tmp_path, image_folder):
+    """An hf: CLIP is profiled through its vision tower, and mad.json's settings.profiled names it (it did only for
+    a model given from Python); a checkpoint of the tower alone names nothing more than the spec."""
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(text_config=dict(_LAYERS, vocab_size=100, bos_token_id=0, eos_token_id=1),
+                                     vision_config=dict(_LAYERS, image_size=32, patch_size=8), projection_dim=16)
+    transformers.CLIPModel(config).save_pretrained(tmp_path / "clip")
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(tmp_path / "clip")
+    result = vitmad.profile(f"hf:{tmp_path / 'clip'}", image_folder, device="cpu", max_images=1)
+    assert result.settings["profiled"] == "vision_model (CLIPVisionModel) of CLIPModel, its vision tower"
+    transformers.CLIPVisionModel(config.vision_config).save_pretrained(tmp_path / "tower")
+    processor.save_pretrained(tmp_path / "tower")
+    tower = vitmad.profile(f"hf:{tmp_path / 'tower'}", image_folder, device="cpu", max_images=1)
+    assert "profiled" not in tower.settings

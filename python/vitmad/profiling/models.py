@@ -397,9 +397,12 @@ def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = No
     # library does not reproduce is then no reason to refuse the model.
     preprocessing = Preprocessing.from_hf(processor, getattr(vision, "image_size", None),
                                           own_geometry=image_size in (None, NATIVE))
+    outer = module
     module, prefix = vision_tower(module)
     loaded = wrap_module(module, spec, preprocessing)
     loaded.processor = processor
+    if prefix:  # mad.json's settings.profiled names the part of the checkpoint profiled, as for a module given
+        loaded.description = f"{prefix[:-1]} ({type(module).__name__}) of {type(outer).__name__}, its vision tower"
     # Weights the checkpoint lacks (a pooler, a head) are drawn anew at every load: not part of the run's identity.
     loaded.unloaded = frozenset(key[len(prefix):] for key in missing if key.startswith(prefix))
     return loaded
