@@ -104,7 +104,8 @@ REFUSED = [
     ("DPTImageProcessorPil", {"keep_aspect_ratio": True, "ensure_multiple_of": 14},
      r"resizes at each image's aspect ratio \(keep_aspect_ratio=True\)"),
     ("DPTImageProcessorPil", {"ensure_multiple_of": 14}, "rounds the size .* to a multiple of 14"),
-    ("DPTImageProcessorPil", {"do_pad": True, "size_divisor": 32}, "rounds the size to a multiple of size_divisor"),
+    ("DPTImageProcessorPil", {"do_pad": True, "size_divisor": 32},
+     r"pads each image at its centre to a multiple of size_divisor \(do_pad=true\)"),
     ("Gemma3ImageProcessorPil", {"do_pan_and_scan": True}, r"adds crops of each image \(pan and scan\)"),
     ("GotOcr2ImageProcessorPil", {"crop_to_patches": True}, "cuts each image into patches"),
     ("ViTImageProcessorPil", {"size": {"height": 28, "width": 36}, "do_pad": True,
@@ -262,4 +263,20 @@ def test_processors_with_code_of_their_own_that_is_the_generic_geometry_are_foll
         image = _image(*size)
         theirs = torch.as_tensor(processor(images=image, return_tensors="pt")["pixel_values"])
         theirs = theirs.reshape(-1, *theirs.shape[-3:])[0]  # VideoMAE's: one clip of one frame
+        torch.testing.assert_close(ours(image), theirs.float(), rtol=0, atol=1.01 / 255 / std)
+
+
+@pytest.mark.parametrize("name", ["DPT", "PromptDepthAnything"])
+def test_a_size_divisor_that_only_sets_the_pad_is_nothing_to_reproduce_without_do_pad(name):
+    """DPT's and Prompt Depth Anything's size_divisor is read only by their centred pad (do_pad), never by the
+    resize: with do_pad off (their default) the processor was refused for it all the same; now followed, within one
+    level in 255 of its output."""
+    cls = getattr(transformers, f"{name}ImageProcessorPil")
+    processor = cls(size={"height": 40, "width": 36}, size_divisor=32, do_pad=False)
+    ours = Preprocessing.from_hf(processor.to_dict())
+    std = min(processor.image_std)
+    for size in ODD_SIZES:
+        image = _image(*size)
+        theirs = torch.as_tensor(processor(images=image, return_tensors="pt")["pixel_values"])[0]
+        assert theirs.shape[-2:] == (40, 36)
         torch.testing.assert_close(ours(image), theirs.float(), rtol=0, atol=1.01 / 255 / std)

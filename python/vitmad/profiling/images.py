@@ -479,6 +479,9 @@ _GEOMETRY_SETTINGS = {
     "do_image_splitting": "splits each image into tiles",
     "size_divisor": "rounds the size to a multiple of size_divisor",
 }
+# Classes whose size_divisor only sets the multiple their centred pad reaches (do_pad), never the resize: with
+# do_pad off it changes nothing.
+_SIZE_DIVISOR_ONLY_PADS = frozenset({"DPTImageProcessor", "PromptDepthAnythingImageProcessor"})
 
 
 def hf_processor_class_name(processor: dict) -> str:
@@ -551,8 +554,11 @@ def hf_geometry_refusal(processor: dict, config_image_size: int | Sequence[int] 
             what = "pads with code this library does not know (do_pad=true; a class transformers does not have)"
         elif own and name not in _CHECKED_OWN_CODE:
             what = f"preprocesses with code of its own ({', '.join(own)})"
+    if what is None and name in _SIZE_DIVISOR_ONLY_PADS and processor.get("do_pad"):
+        what = "pads each image at its centre to a multiple of size_divisor (do_pad=true)"
     if what is None:
-        on = [key for key in _GEOMETRY_SETTINGS if processor.get(key)]
+        on = [key for key in _GEOMETRY_SETTINGS if processor.get(key)
+              and not (key == "size_divisor" and name in _SIZE_DIVISOR_ONLY_PADS)]
         if on:
             what = f"{_GEOMETRY_SETTINGS[on[0]]} ({on[0]}={processor[on[0]]!r})"
     if what is None and processor.get("ensure_multiple_of", 1) not in (None, 1) and (
