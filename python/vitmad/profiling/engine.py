@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..recording.recorder import NoLayerError, Recording, image_channels
+from ..recording.recorder import NoLayerError, Recording
+from ..recording.towers import image_channels
 from .checkpoint import (
     check_checkpoint_path,
     files_digest,
@@ -287,7 +288,7 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
                    input_size: tuple[int, int] | None = None):
     """Image (or, for a video model taking ``frames`` frames, video) names and a function loading global batch
     ``i``; ``native``: each image at its own aspect ratio; ``channels``, ``input_size``: what a pixel tensor must
-    have, where the model says (:func:`~vitmad.recording.recorder.image_channels`, :func:`model_input_size`)."""
+    have, where the model says (:func:`~vitmad.recording.towers.image_channels`, :func:`model_input_size`)."""
     if native is not None and (isinstance(images, torch.Tensor) or frames is not None):
         raise OptionError("images", "image_size='native' resizes each image itself: pass image files (of an image "
                                     "model), not a tensor or videos")

@@ -72,20 +72,20 @@ def vision_tower(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     """A transformers model's vision tower and its qualified-name prefix (``"vision_model."``), or the model and
     ``""``: image-text models (CLIP, SigLIP, ...) and vision-language models (Florence-2) need text for their
     forward, promptable segmenters (SAM, SAM 2) prompts for their mask decoder, so their vision tower is profiled
-    alone. The tower is found by the names the recorder knows (``_TOWER_ATTRIBUTES``), if its forward takes
+    alone. The tower is found by the names the recorder knows (``TOWER_ATTRIBUTES``), if its forward takes
     images."""
-    from ..recording.recorder import _TOWER_ATTRIBUTES
+    from ..recording.towers import TOWER_ATTRIBUTES
 
     prefix = ""
     base = getattr(module, "base_model", module)
     if isinstance(base, torch.nn.Module) and base is not module and not any(
-            isinstance(getattr(module, tower, None), torch.nn.Module) for tower in _TOWER_ATTRIBUTES):
+            isinstance(getattr(module, tower, None), torch.nn.Module) for tower in TOWER_ATTRIBUTES):
         # A head over a base model (Florence2ForConditionalGeneration's tower is model.vision_tower): its tower.
         inner, inner_prefix = vision_tower(base)
         if inner is not base:
             name = next(n for n, m in module.named_children() if m is base)
             return inner, f"{name}.{inner_prefix}"
-    for tower in _TOWER_ATTRIBUTES:
+    for tower in TOWER_ATTRIBUTES:
         found = getattr(module, tower, None)
         if isinstance(found, torch.nn.Module) and _takes_images(found):
             module, prefix = found, f"{prefix}{tower}."

@@ -30,7 +30,6 @@ image) are the rows of the tokens without a position, computed beside it (:mod:`
 from __future__ import annotations
 
 import fnmatch
-import re
 import sys
 import threading
 import warnings
@@ -46,7 +45,6 @@ from ..ops.arguments import (
     TEMPORAL_MAD,
     grid_ints,
     index_int,
-    is_int,
     is_trusted_positions,
     is_trusted_same_tokens,
     same_tokens,
@@ -57,22 +55,13 @@ from .compiled import EagerWhileRecording, check_compiled, uncompiled
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import ClassQueries, Skip, family_modules, family_placer, probabilities_source
 from .families.class_attention import ClassQueryPlacer
-from .families.llama4 import is_tower as is_llama4_tower
 from .families.masked import GivenPositionsPlacer
-from .families.molmo2 import is_tower as is_molmo2_tower
-from .families.naflex import call_start as naflex_call_start
-from .families.naflex import is_tower as is_naflex_tower
-from .families.packed import token_convolutions
-from .families.pix2struct import is_tower as is_flattened_patches_tower
 from .families.plain import (
     PlainLayout,
     PlainPlacer,
     appended_tokens,
-    find_patch_embedding,
-    is_embedding_projection,
     keeps_image_layout,
 )
-from .families.radio import is_tower as is_radio_tower
 from .families.sam_map_encoder import is_second_encoder_of
 from .forward_owner import (
     ForwardOwner,
@@ -97,6 +86,7 @@ from .placement import (
     is_read_only,
     on_device,
 )
+from .towers import encoder_prefix, first_convolution, other_image_towers
 from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model, uses_attention_interface
 
 __all__ = ["record", "Recording", "RecordedCall", "RECORD_STATS", "split_stat_names"]
@@ -265,44 +255,6 @@ class RecordedCall:
 
 
 # The attribute names transformers' vision-language models give their vision tower.
-_TOWER_ATTRIBUTES = ("vision_tower", "vision_model", "visual", "vision_encoder")
-
-
-def _encoder_prefix(model: nn.Module) -> str:
-    """The qualified-name prefix of the tower that embeds the image ("vision_model." in CLIPModel).
-
-    The image embedding is the first convolution named as a patch embedding's projection (any kernel: SAM2's
-    HieraDet embeds with 7x7 of stride 4), else the plain patch embedding; a prompt encoder's mask convolution
-    or a text tower never comes first.
-    """
-    embedding = next((name for name, module in named_module_list(model) if is_embedding_projection(name, module)), None)
-    if embedding is None:
-        found = find_patch_embedding(model)
-        embedding = None if found is None else found[0]
-    if embedding is None:
-        # NaFlex towers embed pre-cut patches with a Linear, Llama 4's unfolds the image into one, RADIO's cuts it
-        # with a reshape, Pix2Struct's and Kosmos-2.5's get flattened_patches, Molmo2's pre-cut crops: the tower
-        # itself (SigLIP2's vision_model, Llama4ForConditionalGeneration's vision_model, Nemotron-H-Omni's
-        # vision_model, Molmo2's vision_tower, whose language model's layers are then left out;
-        # Pix2StructForConditionalGeneration's encoder, not its text decoder).
-        tower = next((name for name, module in named_module_list(model)
-                      if is_naflex_tower(module) or is_llama4_tower(module) or is_radio_tower(module)
-                      or is_flattened_patches_tower(module) or is_molmo2_tower(module)), None)
-        if tower is None:
-            # A vision-language model whose tower embeds with a CNN stem (FastVLM's FastViT, a TimmWrapperModel):
-            # the module its model class names as the tower (transformers' vision_tower / vision_model / visual),
-            # so that the language model's causal attention is not taken for the tower's.
-            tower = next((name for name, module in named_module_list(model)
-                          if name.rsplit(".", 1)[-1] in _TOWER_ATTRIBUTES), None)
-        if tower is None and any(type(m).__name__.endswith("PromptEncoder") for m in module_list(model)):
-            # A SAM-style model whose image encoder embeds with a CNN (EdgeTAM's RepViT): its vision encoder is the
-            # tower; the mask decoder, memory attention and perceiver around it are named in layers=.
-            tower = next((name for name, module in named_module_list(model)
-                          if name and type(module).__name__.endswith(("VisionModel", "VisionEncoder"))), None)
-        return "" if not tower else tower + "."
-    return _tower_of_embedding(embedding)
-
-
 def _as_autocast_casts(query: torch.Tensor, key: torch.Tensor, mask):
     """``(query, key, mask)`` as the attention kernel receives them: under autocast, SDPA runs on its float32 inputs
     cast to the autocast dtype, below where vitmad sees the call. Measured as given, a model whose q and k reach SDPA
@@ -324,37 +276,6 @@ def _uses_plain_layout(placer: LayerPlacer) -> bool:
     ``num_prefix_tokens=`` give by hand)."""
     return (isinstance(placer, PlainPlacer) or getattr(placer, "given_layout", None) is not None
             or (isinstance(placer, ClassQueryPlacer) and isinstance(placer.keys, PlainPlacer)))
-
-
-def _tower_of_embedding(embedding: str) -> str:
-    """The qualified-name prefix of the tower that holds the patch embedding named ``embedding``."""
-    parts = embedding.split(".")
-    for i, part in enumerate(parts):
-        # An embedding's own name (embeddings, patch_embed, patch_embedding, ...), not a module that holds a whole
-        # tower under another word: PE-Video's "embedder" holds its vision tower, and taken for the embedding it
-        # made the whole model the tower (its temporal encoder's layers were then placed as the image's).
-        if re.search(r"(^|_)embed(s|ding|dings)?(_|$)", part):
-            tower = parts[:i]
-            # A hierarchy embeds in every stage (PVT v2's encoder.layers.0.patch_embedding, Segformer's
-            # stages.0.patch_embeddings): the tower is what holds the list of stages.
-            while len(tower) >= 2 and tower[-1].isdigit():
-                tower = tower[:-2]
-            return "".join(p + "." for p in tower)
-    return ""
-
-
-def _other_image_towers(model: nn.Module, prefix: str) -> list[str]:
-    """The prefixes of the towers that embed the image besides the one at ``prefix`` (DeepSeek-VL-Hybrid's
-    low-resolution SigLIP beside its high-resolution SAM encoder), in module order."""
-    if not prefix:
-        return []
-    towers = []
-    for name, module in named_module_list(model):
-        if not name.startswith(prefix) and is_embedding_projection(name, module):
-            tower = _tower_of_embedding(name)
-            if tower and not prefix.startswith(tower) and tower not in towers:
-                towers.append(tower)
-    return towers
 
 
 def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn.Module,
@@ -435,42 +356,6 @@ def _check_record_stats(stats) -> tuple[tuple[str, ...], bool]:
         raise ValueError(f"vitmad.record: stats must be among {', '.join(map(repr, RECORD_STATS))} (or 'all'), got "
                          f"{', '.join(map(repr, unknown))}{temporal}")
     return tuple(n for n in STAT_NAMES if n in names and n != "mad"), MAP_NAME in names
-
-
-def image_channels(model: nn.Module) -> int | None:
-    """The colour channels of a model's pixels, where the model says so: a transformers config's
-    ``num_channels``, or the first convolution of a timm patch embedding (its stem where it has one, as VOLO's:
-    the ``proj`` after it takes the stem's channels); None where it does not."""
-    config = getattr(model, "config", None)
-    for holder in (config, getattr(config, "vision_config", None)):
-        channels = getattr(holder, "num_channels", None)
-        if is_int(channels) and channels > 0:
-            return channels
-    embed = getattr(model, "patch_embed", None)
-    if isinstance(embed, nn.Module):
-        first = next((m for m in embed.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
-        if first is not None:
-            return first.in_channels
-    return None
-
-
-def _first_convolution(model: nn.Module) -> nn.Module | None:
-    """The first convolution in module order that takes the image's channels: it runs on the image, so a forward
-    call starts there (a wrapper may declare a head that convolves the features before its backbone); the first
-    convolution of all where none does; without any, a NaFlex tower, one fed flattened_patches or Molmo2's (their
-    patches come cut, and a text tower beside them must not start a call). A packed tower's convolutions over its
-    tokens (LFM3-VL's, run once per image) are none of these: a model without any other starts its calls as one
-    without convolutions."""
-    on_tokens = token_convolutions(model)
-    convolutions = [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d)) and id(m) not in on_tokens]
-    channels = image_channels(model) or 3
-    on_image = next((m for m in convolutions if m.in_channels == channels), None)
-    if on_image is not None or convolutions:
-        return on_image or convolutions[0]
-    # A tower fed its processor's pre-cut patches: its own forward starts the call (generate runs Pix2Struct's
-    # encoder, and Molmo2's tower in its first step alone, without the model's forward).
-    return naflex_call_start(model) or next(
-        (m for m in module_list(model) if is_flattened_patches_tower(m) or is_molmo2_tower(m)), None)
 
 
 def _not_recorded() -> bool:
@@ -757,7 +642,7 @@ class Recording:
                     f"attention layer; name its attention modules ({shown or 'none found'}), or pass layers=None "
                     "to record every one"
                 )
-        prefix = _encoder_prefix(model)
+        prefix = encoder_prefix(model)
         if layers is None:
             # DeepSeek-OCR-2's and Unlimited-OCR's second encoder, on the map their SAM tower projects, is part of
             # the vision model that makes the image's features, and its cells are known: recorded with the tower.
@@ -765,7 +650,7 @@ class Recording:
                       if n.startswith(prefix) or is_second_encoder_of(model, n, m, prefix)}
             # A second tower that embeds the image is named, not left out silently: one recording places the tokens
             # of one tower (its patch embedding's grid), so the other's layers are its own recording's.
-            for tower in _other_image_towers(model, prefix):
+            for tower in other_image_towers(model, prefix):
                 for name in found:
                     if name.startswith(tower):
                         self.skipped[name] = (
@@ -1437,7 +1322,7 @@ class Recording:
         # forward runs and given back after all of them, by the model, each recorded layer and every module that
         # holds one or the first convolution, so that a forward through forward_features or stage by stage holds
         # it across the layers too.
-        first = _first_convolution(self.model)
+        first = first_convolution(self.model)
         recorded = {id(module) for module in self._modules.values()}
         held = [name for name, module in named_module_list(self.model) if module is first or id(module) in recorded]
         inside = {name.rsplit(".", i)[0] for name in held for i in range(name.count(".") + 1)}

@@ -118,7 +118,7 @@ class _Embedding:
         # The recording whose hook is on the convolution, and that hook.
         self._installed: tuple[CallContext, torch.utils.hooks.RemovableHandle] | None = None
         # (B, T) of the video video_module took last, until the convolution reads it. Not in the context's values:
-        # the call starts at the convolution (recorder._first_convolution), which clears them.
+        # the call starts at the convolution (towers.first_convolution), which clears them.
         self._video_shape: tuple[int, int] | None = None
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:

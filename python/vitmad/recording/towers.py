@@ -1,0 +1,130 @@
+"""Where a model's vision tower is, and where a forward call on it starts.
+
+The recorder places the attention of one tower, the one that embeds the image: found by its patch embedding, or,
+where the image is embedded otherwise (pre-cut patches, a CNN stem), by the tower families and the attribute
+names transformers gives vision towers. ``vitmad profile`` finds the tower to feed by the same names.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ..ops.arguments import is_int
+from .families.llama4 import is_tower as is_llama4_tower
+from .families.molmo2 import is_tower as is_molmo2_tower
+from .families.naflex import call_start as naflex_call_start
+from .families.naflex import is_tower as is_naflex_tower
+from .families.packed import token_convolutions
+from .families.pix2struct import is_tower as is_flattened_patches_tower
+from .families.plain import find_patch_embedding, is_embedding_projection
+from .families.radio import is_tower as is_radio_tower
+from .module_index import module_list, named_module_list
+
+__all__ = ["TOWER_ATTRIBUTES", "encoder_prefix", "tower_of_embedding", "other_image_towers", "image_channels",
+           "first_convolution"]
+
+TOWER_ATTRIBUTES = ("vision_tower", "vision_model", "visual", "vision_encoder")
+
+
+def encoder_prefix(model: nn.Module) -> str:
+    """The qualified-name prefix of the tower that embeds the image ("vision_model." in CLIPModel).
+
+    The image embedding is the first convolution named as a patch embedding's projection (any kernel: SAM2's
+    HieraDet embeds with 7x7 of stride 4), else the plain patch embedding; a prompt encoder's mask convolution
+    or a text tower never comes first.
+    """
+    embedding = next((name for name, module in named_module_list(model) if is_embedding_projection(name, module)), None)
+    if embedding is None:
+        found = find_patch_embedding(model)
+        embedding = None if found is None else found[0]
+    if embedding is None:
+        # NaFlex towers embed pre-cut patches with a Linear, Llama 4's unfolds the image into one, RADIO's cuts it
+        # with a reshape, Pix2Struct's and Kosmos-2.5's get flattened_patches, Molmo2's pre-cut crops: the tower
+        # itself (SigLIP2's vision_model, Llama4ForConditionalGeneration's vision_model, Nemotron-H-Omni's
+        # vision_model, Molmo2's vision_tower, whose language model's layers are then left out;
+        # Pix2StructForConditionalGeneration's encoder, not its text decoder).
+        tower = next((name for name, module in named_module_list(model)
+                      if is_naflex_tower(module) or is_llama4_tower(module) or is_radio_tower(module)
+                      or is_flattened_patches_tower(module) or is_molmo2_tower(module)), None)
+        if tower is None:
+            # A vision-language model whose tower embeds with a CNN stem (FastVLM's FastViT, a TimmWrapperModel):
+            # the module its model class names as the tower (transformers' vision_tower / vision_model / visual),
+            # so that the language model's causal attention is not taken for the tower's.
+            tower = next((name for name, module in named_module_list(model)
+                          if name.rsplit(".", 1)[-1] in TOWER_ATTRIBUTES), None)
+        if tower is None and any(type(m).__name__.endswith("PromptEncoder") for m in module_list(model)):
+            # A SAM-style model whose image encoder embeds with a CNN (EdgeTAM's RepViT): its vision encoder is the
+            # tower; the mask decoder, memory attention and perceiver around it are named in layers=.
+            tower = next((name for name, module in named_module_list(model)
+                          if name and type(module).__name__.endswith(("VisionModel", "VisionEncoder"))), None)
+        return "" if not tower else tower + "."
+    return tower_of_embedding(embedding)
+
+
+def tower_of_embedding(embedding: str) -> str:
+    """The qualified-name prefix of the tower that holds the patch embedding named ``embedding``."""
+    parts = embedding.split(".")
+    for i, part in enumerate(parts):
+        # An embedding's own name (embeddings, patch_embed, patch_embedding, ...), not a module that holds a whole
+        # tower under another word: PE-Video's "embedder" holds its vision tower, and taken for the embedding it
+        # made the whole model the tower (its temporal encoder's layers were then placed as the image's).
+        if re.search(r"(^|_)embed(s|ding|dings)?(_|$)", part):
+            tower = parts[:i]
+            # A hierarchy embeds in every stage (PVT v2's encoder.layers.0.patch_embedding, Segformer's
+            # stages.0.patch_embeddings): the tower is what holds the list of stages.
+            while len(tower) >= 2 and tower[-1].isdigit():
+                tower = tower[:-2]
+            return "".join(p + "." for p in tower)
+    return ""
+
+
+def other_image_towers(model: nn.Module, prefix: str) -> list[str]:
+    """The prefixes of the towers that embed the image besides the one at ``prefix`` (DeepSeek-VL-Hybrid's
+    low-resolution SigLIP beside its high-resolution SAM encoder), in module order."""
+    if not prefix:
+        return []
+    towers = []
+    for name, module in named_module_list(model):
+        if not name.startswith(prefix) and is_embedding_projection(name, module):
+            tower = tower_of_embedding(name)
+            if tower and not prefix.startswith(tower) and tower not in towers:
+                towers.append(tower)
+    return towers
+
+
+def image_channels(model: nn.Module) -> int | None:
+    """The colour channels of a model's pixels, where the model says so: a transformers config's
+    ``num_channels``, or the first convolution of a timm patch embedding (its stem where it has one, as VOLO's:
+    the ``proj`` after it takes the stem's channels); None where it does not."""
+    config = getattr(model, "config", None)
+    for holder in (config, getattr(config, "vision_config", None)):
+        channels = getattr(holder, "num_channels", None)
+        if is_int(channels) and channels > 0:
+            return channels
+    embed = getattr(model, "patch_embed", None)
+    if isinstance(embed, nn.Module):
+        first = next((m for m in embed.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
+        if first is not None:
+            return first.in_channels
+    return None
+
+
+def first_convolution(model: nn.Module) -> nn.Module | None:
+    """The first convolution in module order that takes the image's channels: it runs on the image, so a forward
+    call starts there (a wrapper may declare a head that convolves the features before its backbone); the first
+    convolution of all where none does; without any, a NaFlex tower, one fed flattened_patches or Molmo2's (their
+    patches come cut, and a text tower beside them must not start a call). A packed tower's convolutions over its
+    tokens (LFM3-VL's, run once per image) are none of these: a model without any other starts its calls as one
+    without convolutions."""
+    on_tokens = token_convolutions(model)
+    convolutions = [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d)) and id(m) not in on_tokens]
+    channels = image_channels(model) or 3
+    on_image = next((m for m in convolutions if m.in_channels == channels), None)
+    if on_image is not None or convolutions:
+        return on_image or convolutions[0]
+    # A tower fed its processor's pre-cut patches: its own forward starts the call (generate runs Pix2Struct's
+    # encoder, and Molmo2's tower in its first step alone, without the model's forward).
+    return naflex_call_start(model) or next(
+        (m for m in module_list(model) if is_flattened_patches_tower(m) or is_molmo2_tower(m)), None)
