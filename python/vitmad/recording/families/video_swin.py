@@ -150,7 +150,6 @@ class VideoSwinPlacer(LayerPlacer):
     """Places the tokens of one ``ShiftedWindowAttention3d`` call (``[B * nW, heads, N, N]``) on the tubelets.
 
     Args:
-        model: the model, named in messages.
         name: qualified name of the attention module.
         attention: that module; its ``window_size`` and ``shift_size`` are read in each call.
         embedding_name: qualified name of the ``PatchEmbed3d`` of its ``SwinTransformer3d``.
@@ -159,9 +158,9 @@ class VideoSwinPlacer(LayerPlacer):
         merges: torchvision ``PatchMerging`` modules of that model before the block.
     """
 
-    def __init__(self, model: nn.Module, name: str, attention: nn.Module, embedding_name: str, embedding: nn.Module,
-                 owner: nn.Module, merges: int):
-        self.model, self.name, self.attention = model, name, attention
+    def __init__(self, name: str, attention: nn.Module, embedding_name: str, embedding: nn.Module, owner: nn.Module,
+                 merges: int):
+        self.attention = attention
         self.embedding_name, self.embedding, self.owner, self.merges = embedding_name, embedding, owner, merges
         self._tubelets_key, self._map_key = _TUBELETS + embedding_name, _MAP + name
 
@@ -277,4 +276,4 @@ def placer(model: nn.Module, name: str, module: nn.Module):
             break
         if other_name.startswith(f"{owner}.".lstrip(".")) and _key(other) in _MERGINGS:
             merges += 1
-    return VideoSwinPlacer(model, name, module, embedding_name, embedding, modules[owner], merges)
+    return VideoSwinPlacer(name, module, embedding_name, embedding, modules[owner], merges)
