@@ -15,7 +15,7 @@ configuration with two layers per stage where the config allows.
     python benchmarks/sweep_models.py --library timm --filter 'swin*'
     python benchmarks/sweep_models.py --write         # also writes the table into benchmarks/RESULTS.md
     python benchmarks/sweep_models.py --stats         # records every statistic and the prefix maps too
-    python benchmarks/sweep_models.py --library torchvision   # its ViT, Swin, Swin V2 and MaxViT
+    python benchmarks/sweep_models.py --library torchvision   # its ViT, Swin, Swin V2, MaxViT and video Swin
 
 With ``--stats`` each recording also asks for entropy, prefix mass, self mass and the prefix maps, and the line
 says ERROR where one is outside its range (entropy in [0, ln N], masses and maps in [0, 1], self mass NaN only in
@@ -189,6 +189,11 @@ def _check(model: torch.nn.Module, pixels: torch.Tensor, forward) -> str:
     strides = sorted({g.stride[0] for g in rec.geometry})
     line = (f"recorded {len(rec.layers)} layers, heads {'/'.join(map(str, heads))}, "
             f"stride {'/'.join(f'{s:g}' for s in strides)} px, MAD {values.min():.1f}-{values.max():.1f} px")
+    if all(g.frames is not None for g in rec.geometry):  # a video model ([B, C, T, H, W]): frames apart, too
+        times = torch.cat([t.flatten().float() for t in rec.calls[-1].temporal])
+        sane = (sane and bool(times.isfinite().all()) and float(times.min()) >= 0
+                and float(times.max()) <= pixels.shape[-3])
+        line += f", temporal MAD {times.min():.2f}-{times.max():.2f} frames"
     if rec.skipped:
         reasons = Counter(rec.skipped.values())
         line += "; skipped " + "; ".join(f"{count} x {reason}" for reason, count in reasons.items())
@@ -203,7 +208,7 @@ def _check(model: torch.nn.Module, pixels: torch.Tensor, forward) -> str:
     if not same:
         line = "ERROR: output changed by recording; " + line
     if not sane:
-        line = "ERROR: MAD not finite or outside [0, image diagonal]; " + line
+        line = "ERROR: MAD not finite or outside [0, image diagonal] (temporal MAD: [0, frames]); " + line
     return line
 
 
@@ -315,9 +320,10 @@ def sweep_transformers(pattern: str) -> list[tuple[str, str, str]]:
     return rows
 
 
-# torchvision's classification models with attention: the smallest of each family (the rest are CNNs).
-# (maxvit_t was refused until 2026-12-01.)
-TORCHVISION_MODELS = ("vit_b_16", "swin_t", "swin_v2_t", "maxvit_t")
+# torchvision's classification models with attention: the smallest of each family (the rest are CNNs), and its
+# video Swin, given a clip of 16 frames [B, C, T, H, W]. (maxvit_t was refused until 2026-12-01, swin3d_t until
+# 2026-12-05.)
+TORCHVISION_MODELS = ("vit_b_16", "swin_t", "swin_v2_t", "maxvit_t", "swin3d_t")
 
 
 def sweep_torchvision(pattern: str) -> list[tuple[str, str, str]]:
@@ -331,7 +337,8 @@ def sweep_torchvision(pattern: str) -> list[tuple[str, str, str]]:
         try:
             model = torchvision.models.get_model(name).eval()
             size = 256 if name.startswith("swin_v2") else 224
-            pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+            frames = (16,) if name.startswith("swin3d") else ()
+            pixels = torch.randn(1, 3, *frames, size, size, generator=torch.Generator().manual_seed(0))
             verdict = _check(model, pixels, lambda m, x: m(x))
         except Exception as err:  # noqa: BLE001 - the sweep reports every failure, it never stops
             verdict = f"ERROR: {type(err).__name__}: {str(err)[:300]}"
@@ -358,7 +365,7 @@ def summarise(rows: list[tuple[str, str, str]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--library", choices=("timm", "transformers", "both", "torchvision"), default="both",
-                        help="both: timm and transformers; torchvision: its ViT, Swin and MaxViT")
+                        help="both: timm and transformers; torchvision: its ViT, Swin, MaxViT and video Swin")
     parser.add_argument("--per", choices=("module", "model"), default="module",
                         help="timm: the smallest model of each module, or every model name")
     parser.add_argument("--filter", default="*", help="model names (timm) or family labels (transformers)")
