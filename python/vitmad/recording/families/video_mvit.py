@@ -120,7 +120,7 @@ class _Embedding:
 
         def see(module, args, output) -> None:
             made = tuple(int(s) for s in output.shape[-3:])
-            context.values[self.key] = made if made == self.configured else (
+            context.values[self.key] = (made, int(args[0].shape[-3])) if made == self.configured else (
                 f"its patch embedding (conv_proj) made a {'x'.join(map(str, made))} grid of tokens (frames x rows "
                 f"x columns), and MViT's blocks reshape them as the {'x'.join(map(str, self.configured))} grid it "
                 "was built for (temporal_size and spatial_size floor divided by the embedding's stride), so its "
@@ -215,11 +215,12 @@ class MultiscaleAttentionPlacer(LayerPlacer):
         return [*self.embedding.install(context), self.module.register_forward_pre_hook(see, with_kwargs=True)]
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        made = context.values.get(self.embedding.key)
-        if made is None:
+        embedded = context.values.get(self.embedding.key)
+        if embedded is None:
             raise NotPlaceable("it ran before MViT's patch embedding (conv_proj), so its token grid is unknown")
-        if isinstance(made, str):
-            raise NotPlaceable(made)
+        if isinstance(embedded, str):
+            raise NotPlaceable(embedded)
+        video = embedded[1] > 1
         grid = context.values.get(self.key)
         if grid is None or len(grid) != 3:
             raise NotPlaceable(f"its forward was given thw={grid}, not the (frames, rows, columns) of its grid")
@@ -237,11 +238,15 @@ class MultiscaleAttentionPlacer(LayerPlacer):
                 f"{self.queries.words()} and keys {self.keys.words()}, it is [B, heads, {expected[0]}, {expected[1]}]"
             )
         own_cells = layout.key_positions is None
+        # One input frame (an image, which MViT takes as a clip of one): every token is of that frame, an image
+        # layer. Its frame positions, the centres of stride cells in time, would differ between pooled grids.
         geometry = LayerGeometry(layout.grid[1:], layout.stride[1:], words, int(lead[1]),
-                                 num_prefix_tokens=1 if own_cells else None, frames=layout.grid[0],
-                                 frame_stride=layout.stride[0])
+                                 num_prefix_tokens=1 if own_cells else None,
+                                 frames=layout.grid[0] if video else None,
+                                 frame_stride=layout.stride[0] if video else None)
         return Placement(layout.positions, layout.key_positions, select_tokens(layout.index), geometry,
-                         time_positions=layout.times, time_key_positions=layout.key_times)
+                         time_positions=layout.times if video else None,
+                         time_key_positions=layout.key_times if video else None)
 
 
 def _input_strides(owner: nn.Module) -> dict[int, tuple[float, float, float] | None]:
