@@ -333,3 +333,15 @@ def test_layers_after_a_query_pooling_not_placed_are_refused():
                               ("blocks.3.attn", "an attention module before it pools its queries")):
             with vitmad.record(model, layers=[name]), pytest.raises(ValueError, match=message):
                 model(pixels)
+
+
+def test_a_one_frame_clip_padded_to_several_frames_is_refused():
+    """A 1-frame kernel padded by 1 in time makes 3 frames of one: two of them padding, no frame of the clip."""
+    embedding = dict(patch_embed_kernel=(1, 7, 7), patch_embed_stride=(1, 4, 4), patch_embed_padding=(1, 3, 3))
+    model = build("v1", 3, 40, 56, embedding)
+    pixels = video(1, 40, 56)
+    with torch.no_grad():
+        model(pixels)
+        with vitmad.record(model), pytest.raises(
+                ValueError, match=r"blocks\.0\.attn .*clip of one frame makes 3 frames of queries and 3 of keys"):
+            model(pixels)

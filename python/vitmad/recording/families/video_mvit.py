@@ -237,6 +237,9 @@ class MultiscaleAttentionPlacer(LayerPlacer):
                 f"{'x'.join(map(str, grid))} grid (frames x rows x columns) after a CLS token, with queries "
                 f"{self.queries.words()} and keys {self.keys.words()}, it is [B, heads, {expected[0]}, {expected[1]}]"
             )
+        if not video and (layout.grid[0], layout.keys[0]) != (1, 1):
+            raise NotPlaceable(f"its clip of one frame makes {layout.grid[0]} frames of queries and {layout.keys[0]} "
+                               "of keys (padding in time): they are neither one frame nor frames of the clip")
         own_cells = layout.key_positions is None
         # One input frame (an image, which MViT takes as a clip of one): every token is of that frame, an image
         # layer. Its frame positions, the centres of stride cells in time, would differ between pooled grids.
