@@ -234,16 +234,15 @@ def test_pooled_queries_and_keys_in_space_and_time_equal_the_mad_of_its_own_soft
     pixels = video(frames, height, width)
     rec, tokens_rec = recorded(model, pixels)
     maps = softmax_maps(model, pixels)
-    check(rec, tokens_rec, maps, layer_tokens(frames, height, width, embedding, blocks(version)))
+    layers = layer_tokens(frames, height, width, embedding, blocks(version))
+    check(rec, tokens_rec, maps, layers)
     assert tokens_rec.layers == [f"blocks.{i}.attn" for i in range(4)]
+    keys = ["x".join(map(str, k.grid)) for _, k in layers]
     assert [g.attention for g in rec.geometry] == [
-        "keys pooled 3x3x3, stride 1x4x4 to " + "x".join(map(str, layer_tokens(
-            frames, height, width, embedding, blocks(version))[0][1].grid)),
-        "keys pooled 3x3x3, stride 1x1x1 to " + "x".join(map(str, layer_tokens(
-            frames, height, width, embedding, blocks(version))[1][1].grid)) + "; queries pooled, stride 2x2x2",
-        rec.geometry[2].attention,  # queries and keys convolved at stride 1: keys on the queries' cells
-        "keys pooled 3x3x3, stride 2x2x2 to " + "x".join(map(str, layer_tokens(
-            frames, height, width, embedding, blocks(version))[3][1].grid)),
+        f"keys pooled 3x3x3, stride 1x4x4 to {keys[0]}",
+        f"keys pooled 3x3x3, stride 1x1x1 to {keys[1]}; queries pooled, stride 2x2x2",
+        f"keys pooled 3x3x3, stride 1x1x1 to {keys[2]}",
+        f"keys pooled 3x3x3, stride 2x2x2 to {keys[3]}",
     ]
 
 
