@@ -15,7 +15,7 @@ configuration with two layers per stage where the config allows.
     python benchmarks/sweep_models.py --library timm --filter 'swin*'
     python benchmarks/sweep_models.py --write         # also writes the table into benchmarks/RESULTS.md
     python benchmarks/sweep_models.py --stats         # records every statistic and the prefix maps too
-    python benchmarks/sweep_models.py --library torchvision   # its ViT, Swin, Swin V2, MaxViT and video Swin
+    python benchmarks/sweep_models.py --library torchvision   # its ViT, Swin, Swin V2, MaxViT, video Swin and MViT
 
 With ``--stats`` each recording also asks for entropy, prefix mass, self mass and the prefix maps, and the line
 says ERROR where one is outside its range (entropy in [0, ln N], masses and maps in [0, 1], self mass NaN only in
@@ -321,9 +321,9 @@ def sweep_transformers(pattern: str) -> list[tuple[str, str, str]]:
 
 
 # torchvision's classification models with attention: the smallest of each family (the rest are CNNs), and its
-# video Swin, given a clip of 16 frames [B, C, T, H, W]. (maxvit_t was refused until 2026-12-01, swin3d_t until
-# 2026-12-05.)
-TORCHVISION_MODELS = ("vit_b_16", "swin_t", "swin_v2_t", "maxvit_t", "swin3d_t")
+# video Swin and video MViT, given a clip of 16 frames [B, C, T, H, W] (224 x 224, the size the MViT is built for).
+# (maxvit_t was refused until 2026-12-01, swin3d_t and mvit_v2_s until 2026-12-05.)
+TORCHVISION_MODELS = ("vit_b_16", "swin_t", "swin_v2_t", "maxvit_t", "swin3d_t", "mvit_v2_s")
 
 
 def sweep_torchvision(pattern: str) -> list[tuple[str, str, str]]:
@@ -337,7 +337,7 @@ def sweep_torchvision(pattern: str) -> list[tuple[str, str, str]]:
         try:
             model = torchvision.models.get_model(name).eval()
             size = 256 if name.startswith("swin_v2") else 224
-            frames = (16,) if name.startswith("swin3d") else ()
+            frames = (16,) if name.startswith(("swin3d", "mvit")) else ()  # a video: [B, 3, T, H, W]
             pixels = torch.randn(1, 3, *frames, size, size, generator=torch.Generator().manual_seed(0))
             verdict = _check(model, pixels, lambda m, x: m(x))
         except Exception as err:  # noqa: BLE001 - the sweep reports every failure, it never stops
@@ -365,7 +365,7 @@ def summarise(rows: list[tuple[str, str, str]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--library", choices=("timm", "transformers", "both", "torchvision"), default="both",
-                        help="both: timm and transformers; torchvision: its ViT, Swin, MaxViT and video Swin")
+                        help="both: timm and transformers; torchvision: its ViT, Swin, MaxViT, video Swin and MViT")
     parser.add_argument("--per", choices=("module", "model"), default="module",
                         help="timm: the smallest model of each module, or every model name")
     parser.add_argument("--filter", default="*", help="model names (timm) or family labels (transformers)")

@@ -30,8 +30,9 @@ from ..module_index import module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
 __all__ = ["matching_design", "reduction_before", "innermost_on_path", "backbone_layer", "Stage", "StageGrid",
-           "StagePlacer", "KeyLayout", "global_keys", "strided_modules", "strided_centres", "strided_module_centres",
-           "adaptive_centres", "grid_placement", "pair", "defined_in", "owner_of", "forward_arguments"]
+           "StagePlacer", "KeyLayout", "global_keys", "strided_modules", "strided_centres", "strided_axis",
+           "strided_module_centres", "adaptive_centres", "grid_placement", "pair", "defined_in", "owner_of",
+           "forward_arguments"]
 
 
 def pair(value) -> tuple[int, int]:
@@ -180,18 +181,24 @@ def strided_centres(grid: tuple[int, int], stride: tuple[float, float], kernel, 
     (docs/definition.md, "Beyond one grid"): so it lands on the cell centres of the ``step``-times coarser grid
     the model's next stage runs on, also where rounding lets a cell pass the image edge.
     """
-    sizes, axes = [], []
-    for n, s, k, st, p, d in zip(grid, stride, pair(kernel), pair(step), pair(padding), pair(dilation)):
-        span = n + 2 * p - d * (k - 1) - 1
-        out = (-(-span // st) if ceil_mode else span // st) + 1
-        if ceil_mode and (out - 1) * st >= n + p:
-            out -= 1  # PyTorch drops a last window that would start in the right padding
-        if out < 1:
-            raise NotPlaceable(f"a {k}-wide pooling with stride {st} and padding {p} leaves no token of {n}")
-        sizes.append(out)
-        axes.append((torch.arange(out, dtype=torch.float64) + 0.5) * st * s)
+    sizes, axes = zip(*(strided_axis(n, s, k, st, p, d, ceil_mode) for n, s, k, st, p, d in zip(
+        grid, stride, pair(kernel), pair(step), pair(padding), pair(dilation))))
     centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
     return (sizes[0], sizes[1]), centres.reshape(-1, 2).float()
+
+
+def strided_axis(n: int, stride: float, kernel: int, step: int, padding: int, dilation: int = 1,
+                 ceil_mode: bool = False) -> tuple[int, torch.Tensor]:
+    """One axis of :func:`strided_centres`: the output count of a strided operation over ``n`` cells of
+    ``stride`` pixels (or frames, for a video's time axis), and the centre of each output's stride cell, float64
+    ``[count]``."""
+    span = n + 2 * padding - dilation * (kernel - 1) - 1
+    out = (-(-span // step) if ceil_mode else span // step) + 1
+    if ceil_mode and (out - 1) * step >= n + padding:
+        out -= 1  # PyTorch drops a last window that would start in the right padding
+    if out < 1:
+        raise NotPlaceable(f"a {kernel}-wide pooling with stride {step} and padding {padding} leaves no token of {n}")
+    return out, (torch.arange(out, dtype=torch.float64) + 0.5) * step * stride
 
 
 def strided_module_centres(grid: tuple[int, int], stride: tuple[float, float], pool: nn.Module) -> tuple[
