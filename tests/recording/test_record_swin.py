@@ -165,6 +165,22 @@ def test_timm_swin_mean_is_the_mean_over_the_tokens_and_stacks_with_nan_heads():
     assert [g.heads for g in rec.geometry] == [1, 1, 2, 2]
 
 
+def test_per_token_statistics_on_several_grids_are_refused_naming_where_each_is_per_layer():
+    """Per-token values of a hierarchy's stages do not stack; rec.stats pointed to rec.per_layer alone, which holds
+    MAD only (QA helper-125): the refusal names where every statistic is, per layer."""
+    model, pixels, _ = _timm_case("swin_tiny_patch4_window7_224", "padded", False)
+    with torch.no_grad(), vitmad.record(model, reduction="none", stats=["entropy", "self_mass"]) as rec:
+        model(pixels)
+    with pytest.raises(ValueError, match=r"different token grids .*read rec.per_layer \(MAD\) and "
+                                         r"rec.calls\[-1\].statistics\['entropy'\] and "
+                                         r"rec.calls\[-1\].statistics\['self_mass'\] .* instead of rec.stats"):
+        _ = rec.stats
+    # Where the refusal points: one [B, H, T] per layer, per statistic, on each stage's grid.
+    entropy = rec.calls[-1].statistics["entropy"]
+    assert [tuple(t.shape) for t in entropy] == [tuple(t.shape) for t in rec.per_layer]
+    assert len({t.shape[-1] for t in entropy}) == 2
+
+
 def test_timm_swin_follows_the_input_size_in_each_forward():
     model, pixels, _ = _timm_case("swin_tiny_patch4_window7_224", "dynamic", False)
     square = torch.randn(2, 3, 32, 32)

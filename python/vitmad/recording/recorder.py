@@ -809,7 +809,11 @@ class Recording:
         """Every statistic recorded in the latest call, by name (``"mad"`` first), each stacked like :attr:`mad`:
         ``[L, B, H]`` (``reduction="mean"``) or ``[L, B, H, T]``."""
         call = self._latest()
-        return {"mad": call.mad, **{name: call.stat(name) for name in self._stats}}
+        # Layers on different grids stack for none of the statistics: the refusal names where each one is per layer.
+        per_layer = " and ".join(["rec.per_layer (MAD)", *(f"rec.calls[-1].statistics['{name}']"
+                                                           for name in self._stats)])
+        values = {"mad": call.per_layer, **{name: call.statistics[name] for name in self._stats}}
+        return {name: call._stack(layers, per_layer, "rec.stats") for name, layers in values.items()}
 
     @property
     def prefix_maps(self) -> list[torch.Tensor | None]:
