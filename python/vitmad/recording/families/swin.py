@@ -47,7 +47,7 @@ from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, P
 from .plain import find_patch_embedding
 from .stages import matching_design, pair
 
-__all__ = ["placer", "attention_modules", "SwinPlacer"]
+__all__ = ["placer", "attention_modules", "SwinPlacer", "merged_length"]
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def _windows(size: tuple[int, int], window: tuple[int, int], shift: tuple[int, i
     return _Windows(positions, key_positions, index, (padded_h, padded_w))
 
 
-def _merged(length: int, merges: int) -> int:
+def merged_length(length: int, merges: int) -> int:
     """The map size after ``merges`` 2 x 2 mergings; each pads an odd size by one first."""
     for _ in range(merges):
         length = (length + 1) // 2
@@ -242,7 +242,7 @@ class SwinPlacer(LayerPlacer):
         scale = 2 ** self.merges
         for image, patch, length, axis in zip(context.image_size, self.patch, size, ("height", "width")):
             # The patch embedding floors (timm) or pads the image to whole patches (transformers).
-            expected = {_merged(image // patch, self.merges), _merged(-(-image // patch), self.merges)}
+            expected = {merged_length(image // patch, self.merges), merged_length(-(-image // patch), self.merges)}
             if length not in expected:
                 raise NotPlaceable(
                     f"its block {self.block_name} sees a map {axis} of {length} tokens, but an image {axis} of "

@@ -46,7 +46,7 @@ from ..placement import (
     on_device,
     read_only,
 )
-from .swin import _merged
+from .swin import merged_length
 
 __all__ = ["placer", "attention_modules", "VideoSwinPlacer"]
 
@@ -207,7 +207,7 @@ class VideoSwinPlacer(LayerPlacer):
                 f"{_dims(tubelets.video)} (frames x height x width) with {_dims(tubelets.patch)} patches, where "
                 f"PatchEmbed3d's padding to whole patches gives {_dims(padded)}; vitmad does not know what ran"
             )
-        expected = (tubelets.tokens[0], *(_merged(n, self.merges) for n in tubelets.tokens[1:]))
+        expected = (tubelets.tokens[0], *(merged_length(n, self.merges) for n in tubelets.tokens[1:]))
         if size != expected:
             raise NotPlaceable(
                 f"it sees a map of {_dims(size)} tubelets (frames x rows x columns), but the {_dims(tubelets.tokens)} "
