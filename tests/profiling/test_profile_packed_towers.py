@@ -220,7 +220,7 @@ def _pixtral_config():
                                             num_attention_heads=2, image_size=64, patch_size=PIXTRAL_PATCH)
 
 
-def _save_llava_pixtral(folder):
+def _save_llava_pixtral(folder, processor=PIXTRAL_PROCESSOR):
     config = transformers.LlavaConfig(
         vision_config=_pixtral_config().to_dict(), image_token_index=10,
         text_config=dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -229,7 +229,7 @@ def _save_llava_pixtral(folder):
     model = transformers.LlavaForConditionalGeneration(config)
     _sharpen(model.model.vision_tower, 3)
     model.save_pretrained(folder)
-    transformers.PixtralImageProcessor(**PIXTRAL_PROCESSOR).save_pretrained(folder)
+    transformers.PixtralImageProcessor(**processor).save_pretrained(folder)
 
 
 def _save_pixtral_tower(folder):
@@ -248,6 +248,11 @@ CASES = {
     "qwen3_vl": ("qwen3_vl", lambda f: modeling_qwen3_vl.Qwen3VLVisionModel.from_pretrained(
         f, attn_implementation="eager"), lambda f: transformers.Qwen2VLImageProcessor.from_pretrained(f)),
     "llava_pixtral": ("pixtral", lambda f: transformers.LlavaForConditionalGeneration.from_pretrained(
+        f, attn_implementation="eager").model.vision_tower,
+        lambda f: transformers.PixtralImageProcessor.from_pretrained(f)),
+    # Its processor saved with patch_size as one int, which transformers takes as well as a dict (crashed the
+    # native feed, QA helper-124).
+    "llava_pixtral_int_patch": ("pixtral", lambda f: transformers.LlavaForConditionalGeneration.from_pretrained(
         f, attn_implementation="eager").model.vision_tower,
         lambda f: transformers.PixtralImageProcessor.from_pretrained(f)),
     # Saved without a processor: transformers' PixtralImageProcessor defaults, the patch and the longest edge
@@ -277,6 +282,7 @@ def folders(tmp_path_factory):
     _save_qwen_tower(root / "qwen2_5_vl", "qwen2_5_vl")
     _save_qwen_tower(root / "qwen3_vl", "qwen3_vl")
     _save_llava_pixtral(root / "llava_pixtral")
+    _save_llava_pixtral(root / "llava_pixtral_int_patch", PIXTRAL_PROCESSOR | {"patch_size": PIXTRAL_PATCH})
     _save_pixtral_tower(root / "pixtral")
     for name in QWEN3_KIN:
         _save_qwen3_kin_checkpoint(root / name, name)

@@ -294,7 +294,10 @@ def _packed_feed(loaded: LoadedModel, tower) -> NativeFeed:
         settings = settings | {"merge_size": int(processor.merge_size),
                                "temporal_patch_size": int(processor.temporal_patch_size)}
     else:
-        patch = int(processor.patch_size["height"])
+        # PixtralImageProcessor takes patch_size as {"height", "width"} or one int (checked square against the
+        # tower by processor_settings).
+        given = processor.patch_size
+        patch = int(given["height"] if isinstance(given, dict) else given)
         budget = (int(processor.size["longest_edge"]) // patch) ** 2
     mean, std = tuple(processor.image_mean), tuple(processor.image_std)
     if not processor.do_normalize:
