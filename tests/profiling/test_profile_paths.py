@@ -10,11 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import IMAGE_COUNT, save_tiny_hf_vit
 from vitmad.cli import main
 from vitmad.profiling.images import find_images, parse_image_size
-from vitmad.profiling.options import OptionError
+from vitmad.profiling.options import MissingPathError, OptionError
 
 pytest.importorskip("transformers")
 
@@ -145,6 +146,22 @@ def test_a_partial_patch_a_transformers_vit_floors_is_refused(image_folder, tmp_
                                           r"30x30; for example 24x24"):
         vitmad.profile(f"hf:{model}", image_folder, device="cpu", image_size=30)
     assert vitmad.profile(f"hf:{model}", image_folder, device="cpu", image_size=(24, 40), max_images=2).count == 2
+
+
+def test_a_model_folder_under_the_home_folder_is_loaded_from_a_tilde_path(tiny_model, image_folder, tmp_path,
+                                                                           monkeypatch):
+    """hf:~/folder (unexpanded: from Python, or quoted in a shell) was checked as a folder and then handed to
+    transformers as written, which refused it as a hub id (QA helper-124). The spec stays as given in mad.json."""
+    import vitmad
+
+    shutil.copytree(tiny_model, tmp_path / "models" / "vit")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = vitmad.profile("hf:~/models/vit", image_folder, device="cpu", max_images=2)
+    assert result.count == 2 and result.model == "hf:~/models/vit"
+    expected = vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", max_images=2)
+    torch.testing.assert_close(result.mad, expected.mad, rtol=0, atol=0)
+    with pytest.raises(MissingPathError, match="no such model folder ~/models/none"):
+        vitmad.profile("hf:~/models/none", image_folder, device="cpu")
 
 
 def test_a_swin_that_pads_partial_patches_is_not_refused(image_folder):

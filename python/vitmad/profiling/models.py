@@ -357,6 +357,8 @@ def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = No
 
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
         raise MissingPathError("model", f"{spec}: no such model folder {name}")
+    if name.startswith("~"):  # transformers takes "~/x" for a hub id; the spec (mad.json's model) keeps it as given
+        name = str(Path(name).expanduser())
     options = _hub_loading_options(spec, name)
     from .packed_towers import load_packed_tower
 
