@@ -363,7 +363,7 @@ def summarise(rows: list[tuple[str, str, str]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--library", choices=("timm", "transformers", "both", "torchvision"), default="both",
                         help="both: timm and transformers; torchvision: its ViT, Swin, MaxViT, video Swin and MViT")
     parser.add_argument("--per", choices=("module", "model"), default="module",

@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time the fused op against plain PyTorch (short form)",
                                 allow_abbrev=False)
-    bench.add_argument("--device", default="auto")
-    bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    bench.add_argument("--repeats", type=int, default=10, help="timed runs per shape, after one warm-up run")
     return parser
 
 
@@ -480,8 +480,9 @@ def _compare_command(args: argparse.Namespace, run) -> None:
 
 def _bench_command(args: argparse.Namespace, run) -> None:
     from .ops.bench import run_op_bench
-    from .profiling.options import resolve_device
+    from .profiling.options import check_positive, resolve_device
 
+    check_positive("repeats", args.repeats)  # (0 divided the time by zero)
     run_op_bench(resolve_device(args.device), repeats=args.repeats)
 
 

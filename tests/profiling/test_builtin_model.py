@@ -47,3 +47,14 @@ def test_converted_attention_matches_onnxruntime(tmp_path):
 def test_unknown_builtin_name_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown builtin model 'builtin:vit-h14'.*builtin:dinov2-s14"):
         builtin_model_dir("vit-h14", cache=tmp_path)
+
+
+def test_a_missing_onnx_names_the_extra_that_brings_it(tmp_path, monkeypatch):
+    """Converting the builtin model needs onnx (vitmad[builtin]); without it the error was a bare "No module named
+    'onnx'" (QA helper-124)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ModuleNotFoundError
+    with pytest.raises(ModuleNotFoundError, match=r'model "builtin:dinov2-s14" needs the package onnx, which is not '
+                                                  r'installed: pip install "vitmad\[builtin\]"'):
+        builtin_model_dir(cache=tmp_path)

@@ -226,6 +226,14 @@ def test_bench_prints_a_row_per_shape(capsys, monkeypatch):
     assert all(float(line.split()[1]) > 0 and line.endswith("x") for line in lines[2:])
 
 
+@pytest.mark.parametrize("repeats", ["0", "-3"])
+def test_bench_refuses_a_repeat_count_that_is_not_positive(capsys, repeats):
+    """--repeats 0 divided the time by zero (a traceback)."""
+    code, stdout, err = _run(["bench", "--device", "cpu", "--repeats", repeats], capsys)
+    assert code == 2 and stdout == ""
+    assert err.strip() == f"vitmad: error: --repeats: expected a positive integer, got {int(repeats)}"
+
+
 def test_hierarchical_models_end_to_end(image_folder, tmp_path, capsys):
     """timm Swin with local weights and a transformers Swin folder: every stage's heads, in input pixels."""
     timm = pytest.importorskip("timm")

@@ -161,6 +161,24 @@ def test_an_image_model_takes_every_image_of_a_folder_that_also_holds_a_clip(tin
     assert document["skipped"] == []
 
 
+def test_a_missing_video_decoder_names_the_extra_before_the_run(video_model, videos, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Without PyAV the refusal came at the first batch, after a checkpoint of no batch was written (QA
+    helper-124); now before the run, and frame folders alone need no decoder."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now raises ModuleNotFoundError
+    status = main(["profile", "--model", f"hf:{video_model}", "--videos", str(videos), "--out", str(tmp_path / "out"),
+                   "--device", "cpu", "--no-figures"])
+    captured = capsys.readouterr()
+    assert status == 2 and captured.out == ""
+    assert captured.err.strip() == ("vitmad: error: decoding video files needs the package av, which is not "
+                                    'installed: pip install "vitmad[profile]"')
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert main(["profile", "--model", f"hf:{video_model}", "--videos", str(videos / "frames"), "--out",
+                 str(tmp_path / "frames_out"), "--device", "cpu", "--no-figures"]) == 0
+
+
 def test_a_video_the_preprocessing_cannot_take_is_skipped_by_name(video_model, tmp_path):
     """A processor that does not resize and a video of another size ended the whole run with the image message
     and no video named; an image of another size is skipped by name."""

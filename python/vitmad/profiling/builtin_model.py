@@ -123,10 +123,14 @@ def convert_onnx_to_dinov2(onnx_path: str | os.PathLike):
     Raises:
         ValueError: a backbone parameter is missing from the ONNX file or has an unexpected shape.
     """
-    import onnx
     import torch
-    from onnx import numpy_helper
-    from transformers import Dinov2Config, Dinov2Model
+
+    from .options import import_optional
+
+    onnx = import_optional("onnx", "builtin", 'model "builtin:dinov2-s14"')
+    numpy_helper = import_optional("onnx.numpy_helper", "builtin", 'model "builtin:dinov2-s14"')
+    transformers = import_optional("transformers", "builtin", 'model "builtin:dinov2-s14"')
+    Dinov2Config, Dinov2Model = transformers.Dinov2Config, transformers.Dinov2Model
 
     graph = onnx.load(str(onnx_path)).graph
     arrays = {init.name: init for init in graph.initializer}

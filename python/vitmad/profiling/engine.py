@@ -46,6 +46,7 @@ from .options import (
     check_layers,
     check_loader_threads,
     check_positive,
+    import_optional,
     resolve_device,
     resolve_dtype,
     resolve_stats,
@@ -344,6 +345,9 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
     files = find_images(images) if frames is None else find_videos(images)
     if max_images:
         files = files[:max_images]
+    if frames is not None and any(not f.is_dir() for f in files):
+        # Said before the run starts: at its first batch, a checkpoint of no batch was already written.
+        import_optional("av", "profile", "decoding video files")
     names = [str(f) for f in files]
 
     def load_files(i: int) -> Batch:
