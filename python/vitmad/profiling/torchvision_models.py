@@ -126,8 +126,8 @@ def _build(models, spec: str, name: str, family: str, settings: dict, image_size
         # MaxViT's constructor refuses an input whose blocks' maps are not whole partitions.
         raise OptionError("image_size", f"torchvision's MaxVit ({name}) cannot be built for "
                                         f"{image_size[0]}x{image_size[1]} px: {str(err).splitlines()[0]} (every "
-                                        "block's map must be a whole number of partitions; maxvit_t: multiples of "
-                                        "224 px)") from err
+                                        "block's map must be a whole number of partitions: e.g. 448 or 672 px)"
+                                        ) from err
 
 
 def _state_dict(spec: str, weights, model_checkpoint: Path | None) -> dict:
