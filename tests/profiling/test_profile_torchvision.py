@@ -23,11 +23,12 @@ import pytest
 import torch
 
 import vitmad
+from conftest import interrupted_profile
 from vitmad.cli import main
 from vitmad.profiling import OptionError
 from vitmad.profiling.checkpoint import weights_digest
 from vitmad.profiling.models import load_model
-from vitmad.profiling.torchvision_models import MODELS
+from vitmad.profiling.torchvision_models import MODELS, preprocessing_of
 
 torchvision = pytest.importorskip("torchvision")
 Image = pytest.importorskip("PIL.Image")
@@ -82,6 +83,10 @@ def tiny(monkeypatch):
 
 def _weights(name: str):
     return torchvision.models.get_model_weights(name).DEFAULT
+
+
+def _preprocessing(name: str):
+    return preprocessing_of(f"torchvision:{name}", _weights(name))
 
 
 def _built(name: str, state: dict | None = None, **override) -> torch.nn.Module:
@@ -146,7 +151,7 @@ def test_the_preprocessing_is_the_weights_own_transforms(name):
     no value differs (0 levels in 255)."""
     weights = _weights(name)
     transform = weights.transforms()
-    preprocessing = load_preprocessing(name)
+    preprocessing = _preprocessing(name)
     rng = np.random.default_rng(2)
     for h, w in [*IMAGE_SIZES, (1000, 517), (256, 256)]:
         array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -158,12 +163,6 @@ def test_the_preprocessing_is_the_weights_own_transforms(name):
         assert ours.shape == theirs.shape
         levels = (ours - theirs).abs() * torch.tensor(transform.std)[:, None, None] * 255
         assert levels.max() <= 1.0 + 1e-4, (name, h, w)
-
-
-def load_preprocessing(name: str):
-    from vitmad.profiling.torchvision_models import preprocessing_of
-
-    return preprocessing_of(f"torchvision:{name}", _weights(name))
 
 
 def _recorded_mad(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -230,7 +229,7 @@ def test_maxvit_is_built_for_another_size_of_whole_partitions(weights_file, imag
     result = vitmad.profile("torchvision:maxvit_t", images, model_checkpoint=path, device="cpu", image_size=448,
                             max_images=2)
     model = _built("maxvit_t", state, input_size=(448, 448))
-    preprocessing = load_preprocessing("maxvit_t").with_size((448, 448))
+    preprocessing = _preprocessing("maxvit_t").with_size((448, 448))
     pixels = torch.stack([preprocessing(Image.open(p).convert("RGB")) for p in sorted(images.iterdir())[:2]])
     expected, _ = _recorded_mad(model, pixels)
     torch.testing.assert_close(result.mad, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
@@ -242,7 +241,7 @@ def test_the_video_swin_takes_another_size(weights_file, frames):
     result = vitmad.profile("torchvision:swin3d_t", [frames], model_checkpoint=path, device="cpu",
                             image_size=(40, 56))
     files = sorted(frames.iterdir())
-    preprocessing = load_preprocessing("swin3d_t").with_size((40, 56))
+    preprocessing = _preprocessing("swin3d_t").with_size((40, 56))
     assert not preprocessing.antialias
     clip = torch.stack([preprocessing(Image.open(files[round(i * 19 / 31)]).convert("RGB")) for i in range(32)])
     expected, temporal = _recorded_mad(_built("swin3d_t", state), clip.permute(1, 0, 2, 3)[None])
@@ -298,7 +297,8 @@ def test_a_weights_tag_selects_the_architecture_and_the_transforms_of_those_weig
                                                      r"one input size"),
 ])
 def test_what_the_spec_cannot_take_is_refused_before_any_image(weights_file, images, spec, options, message):
-    path, _ = weights_file(spec.partition(":")[2].partition(".")[0]) if "resnet" not in spec else (None, None)
+    name = spec.partition(":")[2].partition(".")[0]
+    path = weights_file(name)[0] if name in TINY else None
     with pytest.raises(OptionError, match=message):
         vitmad.profile(spec, images, model_checkpoint=path, device="cpu", **options)
 
@@ -320,6 +320,23 @@ def test_without_torchvision_the_spec_names_the_package(monkeypatch, images):
     with pytest.raises(OptionError, match=r"model: torchvision:swin_t needs the package torchvision, which is not "
                                           r"installed: pip install torchvision"):
         vitmad.profile("torchvision:swin_t", images, device="cpu")
+
+
+def test_a_resumed_run_ends_as_the_whole_and_other_weights_are_refused(weights_file, images, tmp_path, monkeypatch):
+    path, _ = weights_file("vit_b_16")
+    options = dict(model_checkpoint=path, device="cpu", batch_size=1, stats=["prefix_maps"])
+    whole = vitmad.profile("torchvision:vit_b_16", images, **options)
+    checkpoint = tmp_path / "checkpoint.pt"
+    interrupted_profile(monkeypatch, lambda: vitmad.profile("torchvision:vit_b_16", images, checkpoint=checkpoint,
+                                                            **options), at_batch=3)
+    other = tmp_path / "other.pt"
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in torch.load(path).items()}, other)
+    with pytest.raises(OptionError, match=r"changed since: model weights"):
+        vitmad.profile("torchvision:vit_b_16", images, checkpoint=checkpoint, resume=True,
+                       **{**options, "model_checkpoint": other})
+    resumed = vitmad.profile("torchvision:vit_b_16", images, checkpoint=checkpoint, resume=True, **options)
+    assert resumed.images == whole.images
+    assert torch.equal(resumed.running("mad").total, whole.running("mad").total)
 
 
 def test_the_command_profiles_a_torchvision_spec_with_local_weights(weights_file, images, tmp_path, capsys):

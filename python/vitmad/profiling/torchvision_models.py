@@ -24,7 +24,7 @@ import torch
 from .images import NATIVE, Preprocessing
 from .options import MissingPathError, OptionError
 
-__all__ = ["MODELS", "SWIN3D_FRAMES", "load_torchvision", "video_frames", "video_forward"]
+__all__ = ["MODELS", "SWIN3D_FRAMES", "load_torchvision", "preprocessing_of", "video_frames", "video_forward"]
 
 # The models vitmad.record places, by the family that places them (recording/families and mha_capture).
 MODELS = {
@@ -121,7 +121,7 @@ def _build(models, spec: str, name: str, family: str, settings: dict, image_size
     try:
         return models.get_model(name, weights=None, **settings)
     except ValueError as err:
-        if family != "MaxVit" or "input_size" not in settings:
+        if family != "MaxVit" or image_size is None:
             raise
         # MaxViT's constructor refuses an input whose blocks' maps are not whole partitions.
         raise OptionError("image_size", f"torchvision's MaxVit ({name}) cannot be built for "
@@ -140,7 +140,8 @@ def _state_dict(spec: str, weights, model_checkpoint: Path | None) -> dict:
     if model_checkpoint is None:
         try:
             return weights.get_state_dict(progress=True, check_hash=True)
-        except OSError as err:  # offline (URLError), a download cut short: torch's hub cache is read first
+        except (OSError, RuntimeError) as err:  # offline (URLError), a download cut short or corrupt (its hash):
+            # torch's hub cache is read first
             raise OptionError("model", f"{spec}: cannot download its weights ({weights.url}): "
                                        f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
                                        "; download them on a connected machine (into torch's hub cache) or pass "
@@ -219,7 +220,9 @@ def load_torchvision(spec: str, name: str, model_checkpoint: str | os.PathLike |
         module.load_state_dict(_state_dict(spec, weights, model_checkpoint))
     except RuntimeError as err:  # missing, unexpected or mis-shaped weights
         source = model_checkpoint or weights.url
+        # torch's first line names only the class; the second, the first keys that differ (a long list, cut).
+        said = " ".join(line.strip() for line in str(err).splitlines()[:2] if line.strip())
         raise OptionError("model_checkpoint" if model_checkpoint else "model",
                           f"{source} does not fit torchvision's {name} built for {weights}: "
-                          f"{str(err).strip().splitlines()[0]}") from err
+                          f"{said[:400]}{'...' if len(said) > 400 else ''}") from err
     return wrap_module(module, spec, preprocessing)
