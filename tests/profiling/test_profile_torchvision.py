@@ -28,7 +28,7 @@ from vitmad.cli import main
 from vitmad.profiling import OptionError
 from vitmad.profiling.checkpoint import weights_digest
 from vitmad.profiling.models import load_model
-from vitmad.profiling.torchvision_models import MODELS, preprocessing_of
+from vitmad.profiling.torchvision_models import MODELS, build, preprocessing_of
 
 torchvision = pytest.importorskip("torchvision")
 Image = pytest.importorskip("PIL.Image")
@@ -37,8 +37,9 @@ from torchvision.models.video import mvit  # noqa: E402
 from torchvision.models.video import swin_transformer as video_swin  # noqa: E402
 
 MSBlock = mvit.MSBlockConfig
-# Few, narrow layers of each real class; the builder's settings from the weights' meta (classes, image size, clip
-# size) are passed through, so the model is built as the loader asks.
+# Few, narrow layers of each real class; the builder's settings from the weights' meta (classes, image size) are
+# passed through, so the model is built as the loader asks; what the real builder fixes (MViT's clip size) is fixed
+# here too, so that a setting the real one refuses fails alike.
 TINY = {
     "vit_b_16": lambda **kw: torchvision.models.VisionTransformer(patch_size=16, num_layers=2, num_heads=2,
                                                                   hidden_dim=32, mlp_dim=64, **kw),
@@ -55,11 +56,13 @@ TINY = {
     "mvit_v1_b": lambda **kw: mvit.MViT(block_setting=[MSBlock(1, 8, 8, [3, 3, 3], [3, 3, 3], [1, 1, 1], [1, 8, 8]),
                                                        MSBlock(2, 8, 16, [3, 3, 3], [3, 3, 3], [1, 2, 2], [1, 4, 4])],
                                         residual_pool=False, residual_with_cls_embed=False, rel_pos_embed=False,
-                                        proj_after_attn=False, **kw),
+                                        proj_after_attn=False,
+                                        spatial_size=(224, 224), temporal_size=16, **kw),
     "mvit_v2_s": lambda **kw: mvit.MViT(block_setting=[MSBlock(1, 8, 8, [3, 3, 3], [3, 3, 3], [1, 1, 1], [1, 8, 8]),
                                                        MSBlock(2, 8, 16, [3, 3, 3], [3, 3, 3], [1, 2, 2], [1, 4, 4])],
                                         residual_pool=True, residual_with_cls_embed=False, rel_pos_embed=True,
-                                        proj_after_attn=True, **kw),
+                                        proj_after_attn=True,
+                                        spatial_size=(224, 224), temporal_size=16, **kw),
     "swin3d_t": lambda **kw: video_swin.SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=16, depths=[1, 1],
                                                           num_heads=[1, 2], window_size=[8, 7, 7],
                                                           stochastic_depth_prob=0.0, **kw),
@@ -99,8 +102,6 @@ def _built(name: str, state: dict | None = None, **override) -> torch.nn.Module:
         settings["image_size"] = meta["min_size"][0]
     elif kind == "MaxVit":
         settings["input_size"] = meta["min_size"]
-    elif kind == "MViT":
-        settings.update(spatial_size=meta["min_size"], temporal_size=meta["min_temporal_size"])
     model = torchvision.models.get_model(name, weights=None, **{**settings, **override})
     if state is not None:
         model.load_state_dict(state)
@@ -247,6 +248,16 @@ def test_the_video_swin_takes_another_size(weights_file, frames):
     expected, temporal = _recorded_mad(_built("swin3d_t", state), clip.permute(1, 0, 2, 3)[None])
     torch.testing.assert_close(result.mad, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(result.temporal_mad, temporal, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["vit_b_32", "vit_b_16.IMAGENET1K_SWAG_E2E_V1", "swin_t", "swin_v2_t", "maxvit_t",
+                                  "mvit_v1_b", "mvit_v2_s", "swin3d_t"])
+def test_the_real_builders_take_the_settings_the_loader_passes(name):
+    """torchvision's own builders (not the tiny ones): the settings read from the weights' meta are ones they take,
+    and the model is the one the weights are for, its parameter count theirs (no weights loaded)."""
+    model, weights = build(f"torchvision:{name}")
+    assert type(model).__name__ == MODELS[name.partition(".")[0]]
+    assert sum(p.numel() for p in model.parameters()) == weights.meta["num_params"]
 
 
 def test_the_default_weights_are_torchvisions_download(tiny, monkeypatch):

@@ -240,7 +240,7 @@ def load_model(
     if kind == "timm":
         return _load_timm(spec, name, model_checkpoint, image_size)
     if kind == "torchvision":
-        return load_torchvision(spec, name, model_checkpoint, image_size)
+        return load_torchvision(spec, model_checkpoint, image_size)
     if kind == "builtin":
         from .builtin_model import builtin_model_dir
 

@@ -3,10 +3,11 @@
 
 A spec names the model and, optionally, its weights: ``torchvision:vit_b_16`` (the weights torchvision calls
 ``DEFAULT``) or ``torchvision:vit_b_16.IMAGENET1K_SWAG_E2E_V1``. The model is built as torchvision's builder builds
-it for those weights (the settings it reads from their meta: the class count, ViT's image size, MaxViT's input size,
-MViT's clip size), without weights, and then given their state dict: the pretrained one (downloaded by torchvision
-into torch's hub cache on first use) or a local file (``model_checkpoint``, ``--weights FILE``). Building first lets
-MaxViT be built for another input size: its relative position tables depend on its partition only.
+it for those weights (the settings it reads from their meta: the class count, ViT's image size, MaxViT's input
+size; MViT's builders fix their clip size themselves), without weights, and then given their state dict: the
+pretrained one (downloaded by torchvision into torch's hub cache on first use) or a local file
+(``model_checkpoint``, ``--weights FILE``). Building first lets MaxViT be built for another input size: its
+relative position tables depend on its partition only.
 
 Video models (MViT, the video Swin) take clips ``[B, 3, frames, H, W]``; the profiler's video batches are
 ``[B, frames, 3, H, W]`` (:mod:`vitmad.profiling.videos`), turned as torchvision's ``VideoClassification`` turns
@@ -24,7 +25,7 @@ import torch
 from .images import NATIVE, Preprocessing
 from .options import MissingPathError, OptionError
 
-__all__ = ["MODELS", "SWIN3D_FRAMES", "load_torchvision", "preprocessing_of", "video_frames", "video_forward"]
+__all__ = ["MODELS", "SWIN3D_FRAMES", "build", "load_torchvision", "preprocessing_of", "video_frames", "video_forward"]
 
 # The models vitmad.record places, by the family that places them (recording/families and mha_capture).
 MODELS = {
@@ -108,8 +109,7 @@ def _architecture(family: str, weights, image_size: tuple[int, int] | str | None
                                             "torchvision:vit_b_16.IMAGENET1K_SWAG_E2E_V1, 384 px)")
     elif family == "MaxVit":
         settings["input_size"] = tuple(image_size) if other else own
-    elif family == "MViT":
-        settings.update(spatial_size=own, temporal_size=meta["min_temporal_size"])
+    elif family == "MViT":  # its builders set the clip size of their weights themselves (and take no other)
         if other:
             raise OptionError("image_size", f"torchvision's MViT takes {own[0]}x{own[1]} px only (its blocks reshape "
                                             "the tokens by the grid it was built for), got "
@@ -117,9 +117,26 @@ def _architecture(family: str, weights, image_size: tuple[int, int] | str | None
     return settings
 
 
-def _build(models, spec: str, name: str, family: str, settings: dict, image_size) -> torch.nn.Module:
+def build(spec: str, image_size: tuple[int, int] | str | None = None):
+    """The model of a ``torchvision:<name>[.<WEIGHTS>]`` spec as torchvision's builder builds it for those weights
+    (at ``image_size`` where the model is built for a size), without weights; and the weights.
+
+    Raises:
+        OptionError: torchvision is not installed; a model vitmad does not profile, unknown weights, or an image
+            size the model does not take (each naming its parameter).
+    """
+    models = _import_torchvision(spec)
+    name, _, tag = spec.partition(":")[2].partition(".")
+    family = MODELS.get(name)
+    if family is None:
+        raise OptionError("model", f"{spec}: vitmad profiles torchvision's {', '.join(MODELS)}; got {name!r}")
+    if image_size == NATIVE:
+        raise OptionError("image_size", f"{spec}: torchvision's models take one input size for a whole batch, not "
+                                        "each image at its own (native); pass S or HxW, or leave it unset")
+    weights = _weights(models, spec, name, tag)
+    settings = _architecture(family, weights, image_size)
     try:
-        return models.get_model(name, weights=None, **settings)
+        module = models.get_model(name, weights=None, **settings)
     except ValueError as err:
         if family != "MaxVit" or image_size is None:
             raise
@@ -128,6 +145,7 @@ def _build(models, spec: str, name: str, family: str, settings: dict, image_size
                                         f"{image_size[0]}x{image_size[1]} px: {str(err).splitlines()[0]} (every "
                                         "block's map must be a whole number of partitions: e.g. 448 or 672 px)"
                                         ) from err
+    return module, weights
 
 
 def _state_dict(spec: str, weights, model_checkpoint: Path | None) -> dict:
@@ -189,7 +207,7 @@ def preprocessing_of(spec: str, weights) -> Preprocessing:
                          interpolation, "round", antialias=kind == "ImageClassification")
 
 
-def load_torchvision(spec: str, name: str, model_checkpoint: str | os.PathLike | None,
+def load_torchvision(spec: str, model_checkpoint: str | os.PathLike | None,
                      image_size: tuple[int, int] | str | None):
     """Load a ``torchvision:<name>[.<WEIGHTS>]`` spec (the module's docstring).
 
@@ -200,22 +218,12 @@ def load_torchvision(spec: str, name: str, model_checkpoint: str | os.PathLike |
     """
     from .models import wrap_module
 
-    models = _import_torchvision(spec)
-    name, _, tag = name.partition(".")
-    family = MODELS.get(name)
-    if family is None:
-        raise OptionError("model", f"{spec}: vitmad profiles torchvision's {', '.join(MODELS)}; got {name!r}")
     if model_checkpoint is not None:
         model_checkpoint = Path(model_checkpoint).expanduser()
         if not model_checkpoint.is_file():
             raise MissingPathError("model_checkpoint", f"no such file: {model_checkpoint}")
-    if image_size == NATIVE:
-        raise OptionError("image_size", f"{spec}: torchvision's models take one input size for a whole batch, not "
-                                        "each image at its own (native); pass S or HxW, or leave it unset")
-    weights = _weights(models, spec, name, tag)
+    module, weights = build(spec, image_size)
     preprocessing = preprocessing_of(spec, weights)
-    settings = _architecture(family, weights, image_size)
-    module = _build(models, spec, name, family, settings, image_size)
     try:
         module.load_state_dict(_state_dict(spec, weights, model_checkpoint))
     except RuntimeError as err:  # missing, unexpected or mis-shaped weights
@@ -223,6 +231,7 @@ def load_torchvision(spec: str, name: str, model_checkpoint: str | os.PathLike |
         # torch's first line names only the class; the second, the first keys that differ (a long list, cut).
         said = " ".join(line.strip() for line in str(err).splitlines()[:2] if line.strip())
         raise OptionError("model_checkpoint" if model_checkpoint else "model",
-                          f"{source} does not fit torchvision's {name} built for {weights}: "
+                          f"{source} does not fit torchvision's {spec.partition(':')[2].partition('.')[0]} built "
+                          f"for {weights}: "
                           f"{said[:400]}{'...' if len(said) > 400 else ''}") from err
     return wrap_module(module, spec, preprocessing)
