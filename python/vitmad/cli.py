@@ -150,15 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Profile the mean attention distance of every head over an image set.")
     run.add_argument("--model", default="builtin:dinov2-s14", help=f"{MODEL_SPEC_HELP} (default: %(default)s)")
     run.add_argument("--weights", dest="model_checkpoint", default=None, metavar="FILE",
-                     help="local weights file for a timm: model (instead of its pretrained download)")
+                     help="local weights file for a timm: or torchvision: model (instead of its pretrained "
+                          "download)")
     run.add_argument("--checkpoint", action=_RenamedFlag,
-                     message=f"--checkpoint was renamed --weights (local weights of a timm: model); the run's own "
-                             f"checkpoint is OUT/{CHECKPOINT_NAME}, used by --resume")
+                     message="--checkpoint was renamed --weights (local weights of a timm: or torchvision: model); "
+                             f"the run's own checkpoint is OUT/{CHECKPOINT_NAME}, used by --resume")
     run.add_argument("--images", "--videos", nargs="+", default=["builtin"],
                      help="folders (searched recursively), files, or 'builtin': photographs shipped with "
-                          "scikit-image (default). A video model (VideoMAE, ViViT, TimeSformer, V-JEPA 2) takes "
-                          "videos: clips (.mp4, .webm, .avi, ...; decoded with PyAV), folders of frames (images "
-                          "in name order), or folders of those; each is sampled evenly to the model's frame count")
+                          "scikit-image (default). A video model (VideoMAE, ViViT, TimeSformer, V-JEPA 2, "
+                          "torchvision's MViT and video Swin) takes videos: clips (.mp4, .webm, .avi, ...; decoded "
+                          "with PyAV), folders of frames (images in name order), or folders of those; each is sampled "
+                          "evenly to the model's frame count")
     run.add_argument("--image-size", default=None,
                      help="S or HxW instead of the model's input size, or native: each image at its own aspect "
                           "ratio (NaFlex models such as SigLIP2 and timm naflexvit_*, the Qwen2-VL, Qwen2.5-VL, "

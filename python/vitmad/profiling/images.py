@@ -207,6 +207,9 @@ class Preprocessing:
             processor's ``rescale_factor``, 1 with ``do_rescale=false``); ``None``: divided by 255.
         rescale_offset: subtracted after the rescaling (ViViT's processor, ``offset=True``: ``x / 127.5 - 1``);
             ``None``: nothing.
+        antialias: resize with PIL (which low-pass filters when it shrinks); False: interpolate the 0-255 values
+            as floats without that filter, rounded back to integers, as torchvision's video presets
+            (``VideoClassification``) resize the uint8 frames of a video tensor (``antialias=False``).
     """
 
     size: tuple[int, int]
@@ -219,11 +222,13 @@ class Preprocessing:
     pad_fill: tuple[int, int, int] | None = None
     rescale: float | None = None
     rescale_offset: float | None = None
+    antialias: bool = True
 
     def with_size(self, size: tuple[int, int]) -> Preprocessing:
         """The same statistics and filter for another input size (``image_size``): scale to cover, crop."""
         return Preprocessing(tuple(size), ("cover",), True, self.mean, self.std, self.interpolation,
-                             self.crop_rounding, rescale=self.rescale, rescale_offset=self.rescale_offset)
+                             self.crop_rounding, rescale=self.rescale, rescale_offset=self.rescale_offset,
+                             antialias=self.antialias)
 
     def to_dict(self) -> dict:
         settings = {
@@ -241,6 +246,8 @@ class Preprocessing:
             settings["rescale"] = self.rescale
         if self.rescale_offset is not None:
             settings["rescale_offset"] = self.rescale_offset
+        if not self.antialias:
+            settings["antialias"] = False
         return settings
 
     @staticmethod
@@ -338,7 +345,6 @@ class Preprocessing:
         Returns:
             ``[3, H, W]`` float32, normalised.
         """
-        import numpy as np
         from PIL import Image
 
         resample = getattr(Image.Resampling, self.interpolation.upper(), Image.Resampling.BICUBIC)
@@ -377,26 +383,55 @@ class Preprocessing:
             raise ValueError(f"the model's preprocessing resizes this {h}x{w} px image to {new[1]}x{new[0]} px "
                              f"({new[0] * new[1]} pixels, over PIL.Image.MAX_IMAGE_PIXELS = {limit}): its aspect "
                              "ratio is too extreme; crop it first")
-        if new != (w, h):
-            image = image.resize(new, resample)
-        if self.pad_fill is not None and (new[0] < width or new[1] < height):
-            # As timm's center_crop_or_pad and the Janus processor's pad_to_square: the odd pixel of a margin goes
-            # right and below.
-            left, top = max(0, (width - new[0]) // 2), max(0, (height - new[1]) // 2)
-            padded = Image.new("RGB", (max(width, new[0]), max(height, new[1])), self.pad_fill)
-            padded.paste(image, (left, top))
-            image, new = padded, padded.size
-        if self.center_crop:
-            if self.crop_rounding == "round":
-                left, top = int(round((new[0] - width) / 2.0)), int(round((new[1] - height) / 2.0))
-            else:
-                left, top = (new[0] - width) // 2, (new[1] - height) // 2
-            image = image.crop((left, top, left + width, top + height))
-        pixels = rescaled(torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1),
-                          self.rescale, self.rescale_offset)
+        if new != (w, h) and not self.antialias:
+            # As torchvision's video presets resize a uint8 video tensor: the values interpolated as floats without
+            # PIL's low-pass filter, rounded back to integers; then its centre crop.
+            pixels = _interpolated(_pixel_values(image), new, self.interpolation)
+            if self.center_crop:
+                left, top = self._crop_origin(new)
+                pixels = pixels[:, top:top + height, left:left + width]
+        else:
+            if new != (w, h):
+                image = image.resize(new, resample)
+            if self.pad_fill is not None and (new[0] < width or new[1] < height):
+                # As timm's center_crop_or_pad and the Janus processor's pad_to_square: the odd pixel of a margin
+                # goes right and below.
+                left, top = max(0, (width - new[0]) // 2), max(0, (height - new[1]) // 2)
+                padded = Image.new("RGB", (max(width, new[0]), max(height, new[1])), self.pad_fill)
+                padded.paste(image, (left, top))
+                image, new = padded, padded.size
+            if self.center_crop:
+                left, top = self._crop_origin(new)
+                image = image.crop((left, top, left + width, top + height))
+            pixels = _pixel_values(image)
+        pixels = rescaled(pixels, self.rescale, self.rescale_offset)
         mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
         std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
         return (pixels - mean) / std
+
+    def _crop_origin(self, resized: tuple[int, int]) -> tuple[int, int]:
+        """The top-left corner of the centre crop in an image of ``resized`` (width, height)."""
+        height, width = self.size
+        if self.crop_rounding == "round":
+            return int(round((resized[0] - width) / 2.0)), int(round((resized[1] - height) / 2.0))
+        return (resized[0] - width) // 2, (resized[1] - height) // 2
+
+
+def _pixel_values(image) -> torch.Tensor:
+    """An RGB ``PIL.Image`` as ``[3, H, W]`` float32 values 0-255."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+
+
+def _interpolated(pixels: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """``[3, H, W]`` 0-255 values resized to ``size`` (width, height) as torchvision resizes a uint8 tensor with
+    ``antialias=False``: ``interpolate`` on floats (half-pixel centres), clamped to 0-255 (bicubic overshoots),
+    rounded to integers."""
+    corners = None if interpolation == "nearest" else False
+    resized = torch.nn.functional.interpolate(pixels[None], size=(size[1], size[0]), mode=interpolation,
+                                              align_corners=corners, antialias=False)[0]
+    return resized.clamp(0, 255).round()
 
 
 def hf_rescale(processor) -> float | None:

@@ -1,4 +1,5 @@
-"""Model specs of ``vitmad profile --model``: ``hf:<hub id or folder>``, ``timm:<name>``, ``builtin:<name>``.
+"""Model specs of ``vitmad profile --model``: ``hf:<hub id or folder>``, ``timm:<name>``, ``torchvision:<name>``,
+``builtin:<name>``.
 
 Each spec loads to a :class:`LoadedModel`: the module in eval mode, how to call it on a pixel batch, and the
 preprocessing its authors use.
@@ -18,11 +19,12 @@ import torch
 
 from .images import NATIVE, Preprocessing, hf_rescale
 from .options import MissingPathError, OptionError, import_optional
+from .torchvision_models import load_torchvision, video_forward
 from .videos import video_processor_settings
 
 __all__ = ["LoadedModel", "load_model", "wrap_module", "MODEL_SPEC_HELP"]
 
-MODEL_SPEC_HELP = "hf:<hub id or local folder>, timm:<name> or builtin:dinov2-s14"
+MODEL_SPEC_HELP = "hf:<hub id or local folder>, timm:<name>, torchvision:<name>[.<WEIGHTS>] or builtin:dinov2-s14"
 
 
 @dataclass
@@ -149,8 +151,12 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
     # VidEoMT takes clips [B, F, 3, H, W] and attends within each frame only (its frames are images of the batch
     # to the recorder): each image is a clip of one frame.
     one_frame_clips = type(module).__name__ == "VideomtForUniversalSegmentation"
+    # torchvision's video models take [B, 3, frames, H, W].
+    clips = video_forward(module)
 
     def forward(pixels: torch.Tensor):
+        if clips is not None:
+            return clips(pixels)
         if one_frame_clips:
             return module(pixels[:, None])
         if accepts_interpolate:
@@ -210,8 +216,10 @@ def load_model(
     """Load a model from its spec.
 
     Args:
-        spec: ``hf:<hub id or local folder>``, ``timm:<name>`` or ``builtin:dinov2-s14``.
-        model_checkpoint: local weights file for a ``timm:`` model (instead of its pretrained download).
+        spec: ``hf:<hub id or local folder>``, ``timm:<name>``, ``torchvision:<name>[.<WEIGHTS>]`` (see
+            :mod:`vitmad.profiling.torchvision_models`) or ``builtin:dinov2-s14``.
+        model_checkpoint: local weights file for a ``timm:`` or ``torchvision:`` model (instead of its pretrained
+            download).
         image_size: ``(height, width)`` the model will be fed, or ``"native"`` (each image at its own size),
             when not its default size: timm ViTs are then built with ``dynamic_img_size=True`` so their
             position embedding follows the input.
@@ -224,12 +232,15 @@ def load_model(
     kind, _, name = spec.partition(":")
     if not name:
         raise OptionError("model", f"expected {MODEL_SPEC_HELP}, got {spec!r}")
-    if model_checkpoint is not None and kind != "timm":
-        raise OptionError("model_checkpoint", f"only timm: models take local weights, got model {spec!r}")
+    if model_checkpoint is not None and kind not in ("timm", "torchvision"):
+        raise OptionError("model_checkpoint", f"only timm: and torchvision: models take local weights, got model "
+                                              f"{spec!r}")
     if kind == "hf":
         return _load_hf(spec, name, image_size)
     if kind == "timm":
         return _load_timm(spec, name, model_checkpoint, image_size)
+    if kind == "torchvision":
+        return load_torchvision(spec, model_checkpoint, image_size)
     if kind == "builtin":
         from .builtin_model import builtin_model_dir
 

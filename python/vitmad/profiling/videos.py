@@ -7,7 +7,8 @@ searched recursively. Every source resolves to a sorted list, so runs are determ
 
 Sampling: ``frames`` indices spread evenly over the whole clip, ``round(i * (n - 1) / (frames - 1))`` (the first
 and the last frame included); a clip shorter than ``frames`` repeats frames. The model's frame count is its
-config's ``num_frames`` (VideoMAE, ViViT, TimeSformer) or ``frames_per_clip`` (V-JEPA 2).
+config's ``num_frames`` (VideoMAE, ViViT, TimeSformer) or ``frames_per_clip`` (V-JEPA 2); torchvision's MViT takes
+the clip length it was built for, its video Swin the length its weights are evaluated at (32).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from .images import IMAGE_EXTENSIONS, Preprocessing, exclusion, folder_files, load_each, load_image, walk_folders
 from .options import MissingPathError, OptionError, import_optional
+from .torchvision_models import video_frames
 
 __all__ = ["VIDEO_EXTENSIONS", "model_frames", "find_videos", "is_video_source", "sample_indices", "load_video",
            "load_video_batch", "video_processor_settings"]
@@ -32,7 +34,11 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".m
 
 
 def model_frames(module: torch.nn.Module) -> int | None:
-    """The number of frames a video model takes (from its config), or None for an image model."""
+    """The number of frames a video model takes (from its config; torchvision's video models:
+    :func:`~vitmad.profiling.torchvision_models.video_frames`), or None for an image model."""
+    frames = video_frames(module)
+    if frames is not None:
+        return frames
     config = getattr(module, "config", None)
     for key in ("num_frames", "frames_per_clip"):
         value = getattr(config, key, None)
