@@ -209,10 +209,12 @@ class VideoSwinPlacer(LayerPlacer):
             )
         expected = (tubelets.tokens[0], *(merged_length(n, self.merges) for n in tubelets.tokens[1:]))
         if size != expected:
+            path = (f"through {self.merges} 2x2 patch merging{'s' if self.merges > 1 else ''} before this block "
+                    f"gives {_dims(expected)}" if self.merges else "with no patch merging before this block")
             raise NotPlaceable(
                 f"it sees a map of {_dims(size)} tubelets (frames x rows x columns), but the {_dims(tubelets.tokens)} "
-                f"map of {self.embedding_name} through {self.merges} 2x2 patch mergings gives {_dims(expected)}; "
-                "vitmad does not know what ran in between"
+                f"map of {self.embedding_name} {path}; vitmad does not know what ran in between (a downsampling "
+                "other than torchvision's PatchMerging)"
             )
         return tubelets
 
