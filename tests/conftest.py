@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -621,3 +622,17 @@ class SoftmaxOutputs(torch.overrides.TorchFunctionMode):
         if func is torch.nn.functional.softmax and result.dim() == self.rank:
             self.maps.append(result)
         return result
+
+
+def tensor_softmax_maps(model, *inputs) -> list[torch.Tensor]:
+    """Every ``Tensor.softmax`` result of one forward of ``model`` without grad, in order: the probabilities of
+    modules that call the method themselves (MViT's pooling attention in timm and torchvision, LowFormer's)."""
+    maps, original = [], torch.Tensor.softmax
+
+    def spy(self, *args, **kwargs):
+        maps.append(original(self, *args, **kwargs))
+        return maps[-1]
+
+    with torch.no_grad(), mock.patch.object(torch.Tensor, "softmax", spy):
+        model(*inputs)
+    return maps

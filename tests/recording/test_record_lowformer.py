@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import copy
 import math
-from unittest import mock
 
 import pytest
 import torch
 
 import vitmad
-from conftest import batch_norms_on, output_spreads
+from conftest import batch_norms_on, output_spreads, tensor_softmax_maps
 from vitmad.ops.reference import mad_positions_reference
 
 timm = pytest.importorskip("timm")
@@ -52,15 +51,7 @@ def eager_maps(model, pixels) -> list[torch.Tensor]:
     for module in model.modules():
         if type(module).__name__ == "ConvAttention":
             module.fused_attn = False
-    maps, original = [], torch.Tensor.softmax
-
-    def spy(self, *args, **kwargs):
-        maps.append(original(self, *args, **kwargs))
-        return maps[-1]
-
-    with torch.no_grad(), mock.patch.object(torch.Tensor, "softmax", spy):
-        model(pixels)
-    return maps
+    return tensor_softmax_maps(model, pixels)
 
 
 @pytest.mark.parametrize("size", [(224, 192), (160, 160)])

@@ -8,12 +8,12 @@ References: each layer's own eager softmax probabilities (the ``softmax`` calls 
 from __future__ import annotations
 
 import copy
-from unittest import mock
 
 import pytest
 import torch
 
 import vitmad
+from conftest import tensor_softmax_maps
 from vitmad.ops.reference import mad_positions_reference
 
 timm = pytest.importorskip("timm")
@@ -33,18 +33,6 @@ def grid(rows: torch.Tensor, cols: torch.Tensor, prefix: int = 0) -> torch.Tenso
     """[prefix + len(rows) * len(cols), 2]: ``prefix`` rows of NaN, then the row-major grid."""
     return torch.cat([torch.full((prefix, 2), float("nan"), dtype=torch.float64), torch.cartesian_prod(rows, cols)])
 
-
-def softmax_maps(model, pixels) -> list[torch.Tensor]:
-    """Every ``Tensor.softmax`` result of an eager forward, in order."""
-    maps, original = [], torch.Tensor.softmax
-
-    def spy(self, *args, **kwargs):
-        maps.append(original(self, *args, **kwargs))
-        return maps[-1]
-
-    with torch.no_grad(), mock.patch.object(torch.Tensor, "softmax", spy):
-        model(pixels)
-    return maps
 
 
 def dropout_maps(model, pixels, owner) -> list[torch.Tensor]:
@@ -77,7 +65,7 @@ def test_mvitv2_pooled_queries_and_keys(cls_token, mode):
     model = MultiScaleVit(config, img_size=64, num_classes=10).eval()  # MViTv2 runs at its own size only
     pixels = torch.randn(2, 3, 64, 64)
     rec = record(model, pixels)
-    maps = softmax_maps(model, pixels)
+    maps = tensor_softmax_maps(model, pixels)
     # Per layer: the grid side it receives and its stride (a stride-4 patch embedding, then each stage's first
     # block pools the queries by 2), its query step and its key step (keys pooled to stride 32 until stage 3).
     # The poolings are 3 x 3 with padding 1; a pooled token sits at the centre of its stride cell.
@@ -111,7 +99,7 @@ def test_mvitv2_self_mass_and_cls_map_where_keys_are_pooled_onto_the_queries_cel
         plain = model(pixels)
     with torch.no_grad(), vitmad.record(model, stats=["mad", "self_mass", "prefix_maps"]) as rec:
         assert torch.equal(model(pixels), plain)
-    maps = softmax_maps(model, pixels)
+    maps = tensor_softmax_maps(model, pixels)
     prefix = int(cls_token)
     same_cells = 1  # (16, 4, q step 2, k step 2) in the table of the test above: an 8 x 8 grid of both
     for index, probabilities in enumerate(maps):
@@ -175,7 +163,7 @@ def test_cait_talking_heads_recorded_and_class_attention_skipped():
     with torch.no_grad(), vitmad.record(model) as rec:
         assert torch.equal(model(pixels), plain)
     # The self-attention blocks: a 4 x 6 grid of 16-pixel patches, no CLS token yet; each head's softmax.
-    maps = [m for m in softmax_maps(model, pixels) if m.shape[-1] == m.shape[-2] == 24]
+    maps = [m for m in tensor_softmax_maps(model, pixels) if m.shape[-1] == m.shape[-2] == 24]
     positions = grid(axis(4, 1, 16), axis(6, 1, 16))
     expected = torch.stack([mad_positions_reference(m, positions) for m in maps])
     torch.testing.assert_close(rec.mad.double(), expected, **TOL)
@@ -191,7 +179,7 @@ def test_levit_subsampled_queries_on_its_fixed_grid(name):
                               depth=(1, 1, 1), key_dim=8).eval()
     pixels = torch.randn(2, 3, 64, 96)
     rec = record(model, pixels)
-    maps = softmax_maps(model, pixels)
+    maps = tensor_softmax_maps(model, pixels)
     # A stride-16 stem: a 4 x 6 grid; each downsampling attention queries rows and columns 0, 2, 4, ... of its
     # grid (keys: all of it), a subsampling of stride 2 whose query i sits at the centre of cells 2i, 2i + 1,
     # where the next grid's token i sits: 2 x 3 at 32 px, then 1 x 2 at 64 px.
@@ -213,7 +201,7 @@ def test_efficientformer_v1_flattened_last_stage():
                               num_vit=1).eval()
     pixels = torch.randn(1, 3, 224, 224)  # its attention bias is for a 7 x 7 grid: 224 px at stride 32
     rec = record(model, pixels)
-    (attn,) = softmax_maps(model, pixels)
+    (attn,) = tensor_softmax_maps(model, pixels)
     expected = mad_positions_reference(attn, grid(axis(7, 1, 32), axis(7, 1, 32)))
     torch.testing.assert_close(rec.per_layer[0].double(), expected, **TOL)
     assert rec.geometry[0].stride == (32, 32)
@@ -225,7 +213,7 @@ def test_efficientformer_v2_subsampled_grids_and_queries():
                               embed_dims=(8, 16, 24, 32)).eval()
     pixels = torch.randn(2, 3, 64, 96)
     rec = record(model, pixels)
-    maps = softmax_maps(model, pixels)
+    maps = tensor_softmax_maps(model, pixels)
     # Stage 3 (stride 16, 4 x 6): attention over the tokens of a stride-2 depthwise convolution (kernel 3,
     # padding 1), 2 x 3 of them, each at the centre of its 2 x 2 stride cell (not of its 3 x 3 window). Stage
     # 4's downsampling attention: queries of a stride-2 convolution and pool alike, keys the whole 4 x 6 grid;

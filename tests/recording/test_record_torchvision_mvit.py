@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import vitmad
+from conftest import tensor_softmax_maps
 
 mvit = pytest.importorskip("torchvision.models.video.mvit")
 
@@ -81,18 +82,6 @@ def sharpen(model):
 def video(frames: int, height: int, width: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(BATCH, 3, frames, height, width, generator=torch.Generator().manual_seed(seed))
 
-
-def softmax_maps(model, pixels) -> list[torch.Tensor]:
-    """Every ``Tensor.softmax`` result of an eager forward, in order: MultiscaleAttention's probabilities."""
-    maps, original = [], torch.Tensor.softmax
-
-    def spy(self, *args, **kwargs):
-        maps.append(original(self, *args, **kwargs))
-        return maps[-1]
-
-    with torch.no_grad(), mock.patch.object(torch.Tensor, "softmax", spy):
-        model(pixels)
-    return maps
 
 
 # Geometry, written here --------------------------------------------------------------------------------------------
@@ -178,7 +167,7 @@ def test_the_geometry_written_here_is_torchvisions():
     layers = layer_tokens(6, 40, 56, {}, blocks("v1"))
     assert [(q.grid, k.grid, q.stride) for q, k in layers] == DEFAULT_LAYERS
     model = build("v1", *SIZES["6x40x56"])
-    maps = softmax_maps(model, video(6, 40, 56))
+    maps = tensor_softmax_maps(model, video(6, 40, 56))
     assert [tuple(m.shape[-2:]) for m in maps] == [(1 + math.prod(q), 1 + math.prod(k)) for q, k, _ in DEFAULT_LAYERS]
 
 
@@ -233,7 +222,7 @@ def test_pooled_queries_and_keys_in_space_and_time_equal_the_mad_of_its_own_soft
     model = build(version, frames, height, width, embedding)
     pixels = video(frames, height, width)
     rec, tokens_rec = recorded(model, pixels)
-    maps = softmax_maps(model, pixels)
+    maps = tensor_softmax_maps(model, pixels)
     layers = layer_tokens(frames, height, width, embedding, blocks(version))
     check(rec, tokens_rec, maps, layers)
     assert tokens_rec.layers == [f"blocks.{i}.attn" for i in range(4)]
@@ -262,7 +251,7 @@ def test_torchvisions_models_at_a_small_size(builder):
     model = sharpen(mvit.MViT(**arguments))
     pixels = video(4, 64, 64)
     rec, tokens_rec = recorded(model, pixels)
-    maps = softmax_maps(model, pixels)
+    maps = tensor_softmax_maps(model, pixels)
     tokens = Tokens((2, 16, 16), (2.0, 4.0, 4.0))
     layers = []
     for block in model.blocks:
@@ -287,7 +276,7 @@ def test_an_image_is_placed_as_an_image(shape):
     if shape == "image":
         pixels = pixels[:, :, 0]
     rec, tokens_rec = recorded(model, pixels)
-    maps = softmax_maps(model, pixels)
+    maps = tensor_softmax_maps(model, pixels)
     check(rec, tokens_rec, maps, layer_tokens(1, 40, 56, {}, blocks("v1")), video=False)
     with pytest.raises(ValueError, match="temporal_mad is defined for video layers only"):
         _ = rec.temporal_mad
