@@ -284,6 +284,24 @@ def test_timm_errors_name_the_option(tmp_path, image_folder):
         vitmad.profile("timm:vit_tiny_patch16_224", image_folder, model_checkpoint=tmp_path / "none.pth")
 
 
+@pytest.mark.parametrize("image_size", [None, 64])
+def test_a_timm_weights_file_that_cannot_be_read_is_refused_as_unreadable(tmp_path, image_folder, image_size):
+    """An empty file crashed with a bare EOFError, a cut one was said not to fit the model (or, built for a size,
+    to hold tables of another size): each is a file torch cannot read (QA helper-130)."""
+    timm = pytest.importorskip("timm")
+    torch.save(timm.create_model("test_vit").state_dict(), tmp_path / "whole.pth")
+    data = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[:len(data) // 2])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for name, said in (("empty", "EOFError: no message"), ("cut", "RuntimeError: PytorchStreamReader failed")):
+        with pytest.raises(ValueError, match=rf"model_checkpoint: .*{name}.pth cannot be read as a torch checkpoint "
+                                             rf"\({said}"):
+            vitmad.profile("timm:test_vit", image_folder, model_checkpoint=tmp_path / f"{name}.pth",
+                           image_size=image_size)
+    assert vitmad.profile("timm:test_vit", image_folder, model_checkpoint=tmp_path / "whole.pth", max_images=1,
+                          image_size=image_size).count == 1
+
+
 def test_image_text_model_profiles_its_vision_tower(tmp_path, image_folder):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 

@@ -284,6 +284,25 @@ def test_the_default_weights_are_torchvisions_download(tiny, monkeypatch):
         load_model("torchvision:swin_t")
 
 
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint"])
+def test_a_weights_file_or_cached_download_that_cannot_be_read_is_refused_naming_it(tiny, tmp_path, monkeypatch,
+                                                                                   content):
+    """An empty --weights file crashed with an IndexError (its EOFError has no message), and a bad file in torch's
+    hub cache with an EOFError or UnpicklingError (QA helper-130): each is one error naming the file."""
+    (tmp_path / "bad.pth").write_bytes(content)
+    with pytest.raises(OptionError, match=r"model_checkpoint: .*bad.pth cannot be read as a torch state dict "
+                                          r"\((EOFError|UnpicklingError)"):
+        load_model("torchvision:swin_t", model_checkpoint=tmp_path / "bad.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / _weights("swin_t").url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(content)
+    with pytest.raises(OptionError, match=r"model: torchvision:swin_t: cannot read its weights cached at .*"
+                                          r"swin_t-.*\.pth \((EOFError|UnpicklingError).*remove that file to "
+                                          r"download them again, or pass local weights"):
+        load_model("torchvision:swin_t")
+
+
 def test_a_weights_tag_selects_the_architecture_and_the_transforms_of_those_weights(tiny, tmp_path):
     """vit_b_16's SWAG weights are for 384 px: the model is built for 384, its images cropped to 384."""
     model = _built("vit_b_16", image_size=384)
@@ -296,6 +315,8 @@ def test_a_weights_tag_selects_the_architecture_and_the_transforms_of_those_weig
 @pytest.mark.parametrize(("spec", "options", "message"), [
     ("torchvision:resnet50", {}, r"model: torchvision:resnet50: vitmad profiles torchvision's vit_b_16, .*, "
                                  r"swin3d_b; got 'resnet50'"),
+    ("torchvision:swin_t.", {}, r"model: torchvision:swin_t.: expected torchvision:<name> or "
+                                r"torchvision:<name>.<WEIGHTS>, got nothing after the dot"),
     ("torchvision:swin_t.IMAGENET22K", {}, r"model: torchvision:swin_t.IMAGENET22K: torchvision has no weights "
                                           r"'IMAGENET22K' for swin_t; its weights: IMAGENET1K_V1"),
     ("torchvision:vit_b_16", {"image_size": 256}, r"image_size: torchvision's VisionTransformer takes 224x224 px only "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 import socket
 import urllib.parse
 from collections.abc import Callable
@@ -427,6 +428,16 @@ def _said(err: BaseException) -> str:
     return f"{type(err).__name__}: {_first_line(err) if str(err).strip() else 'no message'}"
 
 
+def _raised_reading(err: BaseException) -> bool:
+    """Whether ``err`` was raised while a checkpoint file was read (in ``torch.load``), not by what was read."""
+    traceback = err.__traceback__
+    while traceback is not None:
+        if Path(traceback.tb_frame.f_code.co_filename).parts[-2:] == ("torch", "serialization.py"):
+            return True
+        traceback = traceback.tb_next
+    return isinstance(err.__cause__, pickle.UnpicklingError)  # timm's own message for pickled objects
+
+
 def _create_timm(timm, name: str, model_checkpoint: Path | None, tries: list[dict], weights: dict):
     """``timm.create_model`` with the first of ``tries`` (size options) the model's constructor takes, and those
     options.
@@ -450,7 +461,7 @@ def _create_timm(timm, name: str, model_checkpoint: Path | None, tries: list[dic
                                             f"{'x'.join(map(str, options['img_size']))} px ({_said(err)}); use its "
                                             "own size, or one it takes") from err
         except RuntimeError as err:
-            if "img_size" not in options or model_checkpoint is None:
+            if "img_size" not in options or model_checkpoint is None or _raised_reading(err):
                 raise
             # Built for the size asked, its size-dependent tables (relative positions, attention biases) no
             # longer have the checkpoint's shapes.
@@ -509,9 +520,13 @@ def _load_timm(
         module, options = _create_timm(timm, name, model_checkpoint, tries, weights)
     except OSError as err:  # the pretrained weights could not be downloaded (offline, unknown tag)
         raise OptionError("model", f"{spec}: cannot load its pretrained weights: {_first_line(err)}") from err
-    except RuntimeError as err:  # load_state_dict: missing, unexpected or mis-shaped weights
+    except (RuntimeError, EOFError) as err:  # the file unreadable; or load_state_dict: missing, unexpected or
+        # mis-shaped weights
         if model_checkpoint is None:
             raise
+        if _raised_reading(err):  # an empty file (EOFError without a message), a cut zip, pickled objects
+            raise OptionError("model_checkpoint", f"{model_checkpoint} cannot be read as a torch checkpoint "
+                                                  f"({_said(err)})") from err
         raise OptionError(
             "model_checkpoint", f"{model_checkpoint} does not fit timm model {name}: {_first_line(err)}"
         ) from err

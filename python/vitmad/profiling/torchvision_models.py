@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -126,7 +127,10 @@ def build(spec: str, image_size: tuple[int, int] | str | None = None):
             size the model does not take (each naming its parameter).
     """
     models = _import_torchvision(spec)
-    name, _, tag = spec.partition(":")[2].partition(".")
+    name, dot, tag = spec.partition(":")[2].partition(".")
+    if dot and not tag:  # "torchvision:swin_t." ran as the default weights, the dot kept in mad.json's model
+        raise OptionError("model", f"{spec}: expected torchvision:<name> or torchvision:<name>.<WEIGHTS>, got "
+                                   "nothing after the dot")
     family = MODELS.get(name)
     if family is None:
         raise OptionError("model", f"{spec}: vitmad profiles torchvision's {', '.join(MODELS)}; got {name!r}")
@@ -148,6 +152,12 @@ def build(spec: str, image_size: tuple[int, int] | str | None = None):
     return module, weights
 
 
+def _reason(err: BaseException) -> str:
+    """``Type: first line`` of an error; its type alone where it has no message (torch.load of an empty file)."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
 def _state_dict(spec: str, weights, model_checkpoint: Path | None) -> dict:
     """The weights' state dict: ``model_checkpoint``'s (a state dict, or a training checkpoint holding one under
     ``"model"``, as torchvision's reference scripts save, or ``"state_dict"``), else the pretrained one.
@@ -156,19 +166,23 @@ def _state_dict(spec: str, weights, model_checkpoint: Path | None) -> dict:
         OptionError: the file is no state dict, or the pretrained weights cannot be downloaded.
     """
     if model_checkpoint is None:
+        # torch's hub cache is read first, without its hash: a file there that cannot be read is that file's fault.
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
         try:
             return weights.get_state_dict(progress=True, check_hash=True)
-        except (OSError, RuntimeError) as err:  # offline (URLError), a download cut short or corrupt (its hash):
-            # torch's hub cache is read first
-            raise OptionError("model", f"{spec}: cannot download its weights ({weights.url}): "
-                                       f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
-                                       "; download them on a connected machine (into torch's hub cache) or pass "
+        except Exception as err:  # noqa: BLE001  (offline, a download cut short or corrupt, a bad cached file)
+            if cached.is_file():
+                raise OptionError("model", f"{spec}: cannot read its weights cached at {cached} ({_reason(err)}); "
+                                           "remove that file to download them again, or pass local weights "
+                                           "(--weights FILE, model_checkpoint=)") from err
+            raise OptionError("model", f"{spec}: cannot download its weights ({weights.url}): {_reason(err)}; "
+                                       "download them on a connected machine (into torch's hub cache) or pass "
                                        "local weights (--weights FILE, model_checkpoint=)") from err
     try:
         loaded = torch.load(model_checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  (pickle, zip and torch errors alike: the file is not a state dict)
         raise OptionError("model_checkpoint", f"{model_checkpoint} cannot be read as a torch state dict "
-                                              f"({type(err).__name__}: {str(err).strip().splitlines()[0]})") from err
+                                              f"({_reason(err)})") from err
     for key in ("model", "state_dict"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
