@@ -27,6 +27,7 @@ from conftest import interrupted_profile
 from vitmad.cli import main
 from vitmad.profiling import OptionError
 from vitmad.profiling.checkpoint import weights_digest
+from vitmad.profiling.images import Preprocessing
 from vitmad.profiling.models import load_model
 from vitmad.profiling.torchvision_models import MODELS, build, preprocessing_of
 
@@ -381,3 +382,11 @@ def test_the_command_profiles_a_torchvision_spec_with_local_weights(weights_file
     assert doc["model"] == "torchvision:swin_t"
     assert doc["settings"]["weights"] == weights_digest(_built("swin_t", state))
     assert len(doc["images"]) == len(IMAGE_SIZES)
+
+
+def test_the_float_resize_of_video_presets_takes_no_padding():
+    """antialias=False resizes as torchvision's video presets do, a path without the padding step: a pad_fill
+    with it would be ignored, so it is refused (QA helper-130: latent, no preset sets both)."""
+    with pytest.raises(ValueError, match=r"antialias=False resizes as torchvision's video presets do, which pad "
+                                         r"nothing; got pad_fill=\(0, 0, 0\)"):
+        Preprocessing((8, 8), ("shortest", 8), True, (0.5,) * 3, (0.5,) * 3, pad_fill=(0, 0, 0), antialias=False)

@@ -209,7 +209,8 @@ class Preprocessing:
             ``None``: nothing.
         antialias: resize with PIL (which low-pass filters when it shrinks); False: interpolate the 0-255 values
             as floats without that filter, rounded back to integers, as torchvision's video presets
-            (``VideoClassification``) resize the uint8 frames of a video tensor (``antialias=False``).
+            (``VideoClassification``) resize the uint8 frames of a video tensor (``antialias=False``); no
+            ``pad_fill`` with it (that path pads nothing).
     """
 
     size: tuple[int, int]
@@ -223,6 +224,12 @@ class Preprocessing:
     rescale: float | None = None
     rescale_offset: float | None = None
     antialias: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.antialias and self.pad_fill is not None:
+            # The float resize of torchvision's video presets has no padding step: this would be a silent no-pad.
+            raise ValueError("Preprocessing: antialias=False resizes as torchvision's video presets do, which pad "
+                             f"nothing; got pad_fill={self.pad_fill}")
 
     def with_size(self, size: tuple[int, int]) -> Preprocessing:
         """The same statistics and filter for another input size (``image_size``): scale to cover, crop."""
