@@ -344,8 +344,9 @@ def test_given_positions_that_do_not_fit_the_call():
         vitmad.record(model, positions=torch.zeros(10, 2), patch=8)
     for shape in ((9, 2), (3, 10, 2)):
         with torch.no_grad(), vitmad.record(model, positions=torch.zeros(shape)), pytest.raises(
-                ValueError, match=re.escape("layers.0.attention (ViTAttention) of ViTModel: it attends over 2 images "
-                                            "of 10 tokens, so positions must be [10, 2] or [2, 10, 2]; got shape "
+                ValueError, match=re.escape("layers.0.attention (ViTAttention) of ViTModel: its attention runs over "
+                                            "2 sequences of 10 tokens (images, or windows of them), so positions "
+                                            "must be [10, 2] or [2, 10, 2]; got shape "
                                             f"{list(shape)}")):
             model(pixels)
     with torch.no_grad(), vitmad.record(model, positions=lambda: [[0.0, 0.0]] * 10), pytest.raises(

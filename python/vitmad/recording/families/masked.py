@@ -217,7 +217,9 @@ class GivenPositionsPlacer(LayerPlacer):
             chunks = (" (if this module attends over parts of a packed sequence one call at a time, as Qwen2-VL's "
                       "vision tower does per image, positions= cannot place those calls: record it without "
                       "positions=, and vitmad places the images itself where it knows the tower)")
-            raise NotPlaceable(f"it attends over {lead[0]} images of {num_queries} tokens, so positions must be "
+            # Rows of the batch, not always images: a windowed model's windows are its attention's batch too.
+            raise NotPlaceable(f"its attention runs over {lead[0]} sequences of {num_queries} tokens (images, or "
+                               f"windows of them), so positions must be "
                                f"{expected}; got shape {list(positions.shape)}{chunks if lead[0] == 1 else ''}")
         present = ~positions[..., 0].isnan()
         placed = positions if positions.dim() == 2 else positions.unsqueeze(1)  # [B, 1, N, 2]: shared by the heads
