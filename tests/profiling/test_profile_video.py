@@ -118,6 +118,32 @@ def test_the_uniform_line_stays_on_the_spatial_panel_when_every_head_is_below_it
     assert spatial.get_ylim()[1] > result.uniform_mads[0] > result.mad.max().item()
 
 
+@pytest.mark.parametrize("kinds, labelled", [(["time", "space"], True), (["keys pooled 3x3x3, stride 1x2x2",
+                                                                            "keys pooled 3x3x3, stride 1x4x4"], False)])
+@pytest.mark.parametrize("num_layers", [8, 30])
+def test_the_kind_of_each_layer_is_named_under_the_ticks_shown_when_short(tmp_path, monkeypatch, kinds, labelled,
+                                                                          num_layers):
+    """Beyond 24 layers (a deep TimeSformer's divided attention, two layers a block) every layer's label went to
+    fewer ticks, which matplotlib refuses; MViT's long pooling descriptions ran into each other under the ticks."""
+    from types import SimpleNamespace
+
+    from vitmad.profiling import plotting
+
+    geometry = [{"attention": kinds[i % 2], "grid": [4, 4], "stride": [16.0, 16.0]} for i in range(num_layers)]
+    profile = SimpleNamespace(mad=torch.rand(num_layers, 2) * 50, temporal_mad=torch.rand(num_layers, 2),
+                              geometry=geometry, uniform_mads=[30.0] * num_layers, model="m", count=1)
+    figures = []
+    monkeypatch.setattr(plotting, "_save", lambda fig, path, dpi: figures.append(fig))
+    plotting.plot_space_time(profile, tmp_path / "mad.png")
+    for ax in figures[0].axes[:2]:
+        ticks = [int(t) for t in ax.get_xticks()]
+        labels = [label.get_text() for label in ax.get_xticklabels()]
+        assert len(labels) == len(ticks) and (len(ticks) == num_layers) == (num_layers <= 24)
+        expected = [f"{t}\n{kinds[(t - 1) % 2]}" for t in ticks] if labelled else [str(t) for t in ticks]
+        if labelled or labels[0]:  # unlabelled ticks keep matplotlib's numbers (drawn when the figure is saved)
+            assert labels == expected
+
+
 def test_the_command_takes_videos_and_draws_both_figures(video_model, videos, tmp_path, capsys):
     (videos / "broken.mp4").write_bytes(b"not a video")
     try:

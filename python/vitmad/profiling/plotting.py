@@ -211,6 +211,10 @@ def _spans(numbers: list[int]) -> str:
     return ", ".join(spans)
 
 
+# The longest kind of attention named under a layer's tick (TimeSformer's "time", "space", "space-time").
+_KIND_LABEL_CHARS = 12
+
+
 def plot_space_time(profile, path: str | os.PathLike, *, title: str | None = None) -> None:
     """Draw a video model's spatial MAD (pixels) and temporal MAD (frames) per head against layer depth.
 
@@ -231,9 +235,12 @@ def plot_space_time(profile, path: str | os.PathLike, *, title: str | None = Non
                        label=f"head {head}" if num_heads <= 16 else None)
         ax.set_xlabel("Network depth (layer)")
         ax.set_ylabel(label)
-        ax.set_xticks(depth if num_layers <= 24 else depth[::max(1, num_layers // 12)])
-        if len(set(kinds)) > 1:  # divided attention: name each layer's kind under its tick
-            ax.set_xticklabels([f"{d}\n{k}" for d, k in zip(depth, kinds)], fontsize=6)
+        ticks = depth if num_layers <= 24 else depth[::max(1, num_layers // 12)]
+        ax.set_xticks(ticks)
+        # Divided attention (TimeSformer's "time" and "space"): each shown tick names its layer's kind. A longer
+        # description (MViT's poolings) is no label: side by side under every tick, they ran into each other.
+        if len(set(kinds)) > 1 and all(len(kind) <= _KIND_LABEL_CHARS for kind in kinds):
+            ax.set_xticklabels([f"{d}\n{kinds[d - 1]}" for d in ticks], fontsize=6)
         if ax is axes[0]:  # before the limits are set: above every head, it was left off the plot
             ax.axhline(profile.uniform_mads[0], color="0.4", linestyle="--", linewidth=1,
                        label=f"uniform attention ({profile.uniform_mads[0]:.0f} px)")
