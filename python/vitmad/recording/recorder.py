@@ -254,7 +254,6 @@ class RecordedCall:
         return ModelLayout(int(stride[0]), grid, prefix)
 
 
-# The attribute names transformers' vision-language models give their vision tower.
 def _as_autocast_casts(query: torch.Tensor, key: torch.Tensor, mask):
     """``(query, key, mask)`` as the attention kernel receives them: under autocast, SDPA runs on its float32 inputs
     cast to the autocast dtype, below where vitmad sees the call. Measured as given, a model whose q and k reach SDPA

@@ -25,6 +25,7 @@ from .module_index import module_list, named_module_list
 __all__ = ["TOWER_ATTRIBUTES", "encoder_prefix", "tower_of_embedding", "other_image_towers", "image_channels",
            "first_convolution"]
 
+# The attribute names transformers' vision-language models give their vision tower.
 TOWER_ATTRIBUTES = ("vision_tower", "vision_model", "visual", "vision_encoder")
 
 

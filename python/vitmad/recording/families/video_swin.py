@@ -46,6 +46,7 @@ from ..placement import (
     on_device,
     read_only,
 )
+from .stages import innermost_on_path
 from .swin import merged_length
 
 __all__ = ["placer", "attention_modules", "VideoSwinPlacer"]
@@ -258,13 +259,11 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     """The placer of a ``ShiftedWindowAttention3d``, or None for any other module."""
     if _key(module) != _ATTENTION:
         return None
-    modules = dict(named_module_list(model))
-    parts = name.split(".")
-    owners = (".".join(parts[:depth]) for depth in range(len(parts) - 1, -1, -1))  # "" is the model itself
-    owner = next((o for o in owners if _key(modules[o]) == _MODEL), None)
-    if owner is None:
+    found = innermost_on_path(model, name, lambda candidate: _key(candidate) == _MODEL)
+    if found is None:
         return RefusingPlacer("it is not inside a SwinTransformer3d, whose PatchEmbed3d says where its tubelets are")
-    embedding = getattr(modules[owner], "patch_embed", None)
+    owner, owner_module = found
+    embedding = getattr(owner_module, "patch_embed", None)
     embedding_name = f"{owner}.patch_embed".lstrip(".")
     if embedding is None or _key(embedding) != _EMBEDDING:
         found = type(embedding).__name__
@@ -273,9 +272,9 @@ def placer(model: nn.Module, name: str, module: nn.Module):
             "whose padding to whole patches vitmad places"
         )
     merges = 0
-    for other_name, other in modules.items():
+    for other_name, other in named_module_list(model):
         if other_name == name:
             break
         if other_name.startswith(f"{owner}.".lstrip(".")) and _key(other) in _MERGINGS:
             merges += 1
-    return VideoSwinPlacer(name, module, embedding_name, embedding, modules[owner], merges)
+    return VideoSwinPlacer(name, module, embedding_name, embedding, owner_module, merges)
