@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .images import NATIVE, Preprocessing, hf_rescale
-from .options import MissingPathError, OptionError, import_optional
+from .options import MissingPathError, OptionError, error_said, first_line, import_optional
 from .torchvision_models import load_torchvision, video_forward
 from .videos import video_processor_settings
 
@@ -249,11 +249,6 @@ def load_model(
     raise OptionError("model", f"unknown model kind {kind!r} in {spec!r}; expected {MODEL_SPEC_HELP}")
 
 
-def _first_line(err: BaseException) -> str:
-    """The first line of an exception's message: library errors can run to pages."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether a TCP connection to the Hugging Face hub's endpoint opens within ``timeout_s``."""
@@ -388,7 +383,7 @@ def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = No
     except OptionError:
         raise
     except (OSError, ValueError, KeyError) as err:
-        raise OptionError("model", f"{spec}: cannot load it with transformers: {_first_line(err)}") from err
+        raise OptionError("model", f"{spec}: cannot load it with transformers: {first_line(err)}") from err
     if packed is None:  # before its processor, whose refusal would advise an image size
         _refuse_pre_cut_patches(module)
     try:
@@ -422,11 +417,6 @@ def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = No
     return loaded
 
 
-def _said(err: BaseException) -> str:
-    """``Type: first line`` of an exception, for messages that quote a model's own error (a bare ``assert``
-    has no message)."""
-    return f"{type(err).__name__}: {_first_line(err) if str(err).strip() else 'no message'}"
-
 
 def _raised_reading(err: BaseException) -> bool:
     """Whether ``err`` was raised while a checkpoint file was read (in ``torch.load``), not by what was read."""
@@ -458,8 +448,8 @@ def _create_timm(timm, name: str, model_checkpoint: Path | None, tries: list[dic
             if "img_size" not in options:
                 raise
             raise OptionError("image_size", f"timm model {name} cannot be built for "
-                                            f"{'x'.join(map(str, options['img_size']))} px ({_said(err)}); use its "
-                                            "own size, or one it takes") from err
+                                            f"{'x'.join(map(str, options['img_size']))} px ({error_said(err)}); "
+                                            "use its own size, or one it takes") from err
         except RuntimeError as err:
             if "img_size" not in options or model_checkpoint is None or _raised_reading(err):
                 raise
@@ -468,7 +458,7 @@ def _create_timm(timm, name: str, model_checkpoint: Path | None, tries: list[dic
             size = "x".join(map(str, options["img_size"]))
             raise OptionError("image_size", f"timm model {name} built for {size} px does not take the weights of "
                                             f"{model_checkpoint}, whose size-dependent tables are for another size; "
-                                            f"use the size it was trained at ({_first_line(err)})") from err
+                                            f"use the size it was trained at ({first_line(err)})") from err
     raise AssertionError("unreachable: tries is never empty")
 
 
@@ -486,7 +476,7 @@ def _check_runs_at(module: torch.nn.Module, name: str, image_size: tuple[int, in
             module(torch.zeros(1, 3, *image_size))
     except (RuntimeError, AssertionError, ValueError, IndexError, TypeError) as err:
         raise OptionError("image_size", f"timm model {name} does not run at {image_size[0]}x{image_size[1]} px "
-                                        f"({_said(err)}); use its own size, or one it takes") from err
+                                        f"({error_said(err)}); use its own size, or one it takes") from err
 
 
 def _load_timm(
@@ -519,16 +509,16 @@ def _load_timm(
     try:
         module, options = _create_timm(timm, name, model_checkpoint, tries, weights)
     except OSError as err:  # the pretrained weights could not be downloaded (offline, unknown tag)
-        raise OptionError("model", f"{spec}: cannot load its pretrained weights: {_first_line(err)}") from err
+        raise OptionError("model", f"{spec}: cannot load its pretrained weights: {first_line(err)}") from err
     except (RuntimeError, EOFError) as err:  # the file unreadable; or load_state_dict: missing, unexpected or
         # mis-shaped weights
         if model_checkpoint is None:
             raise
         if _raised_reading(err):  # an empty file (EOFError without a message), a cut zip, pickled objects
             raise OptionError("model_checkpoint", f"{model_checkpoint} cannot be read as a torch checkpoint "
-                                                  f"({_said(err)})") from err
+                                                  f"({error_said(err)})") from err
         raise OptionError(
-            "model_checkpoint", f"{model_checkpoint} does not fit timm model {name}: {_first_line(err)}"
+            "model_checkpoint", f"{model_checkpoint} does not fit timm model {name}: {first_line(err)}"
         ) from err
     if image_size not in (None, NATIVE) and "dynamic_img_size" not in options:
         _check_runs_at(module.eval(), name, image_size)

@@ -23,6 +23,8 @@ __all__ = [
     "resolve_dtype",
     "resolve_stats",
     "import_optional",
+    "first_line",
+    "error_said",
     "DTYPES",
     "PROFILE_STATS",
 ]
@@ -30,6 +32,18 @@ __all__ = [
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What ``profile(stats=...)`` / ``--stats`` takes, in the order results list them (vitmad.record's names).
 PROFILE_STATS = RECORD_STATS
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to pages); its type where it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def error_said(err: BaseException) -> str:
+    """``Type: first line`` of an exception, for messages that quote another library's error (a bare ``assert``,
+    ``torch.load`` of an empty file: no message)."""
+    return f"{type(err).__name__}: {first_line(err) if str(err).strip() else 'no message'}"
 
 
 class OptionError(ValueError):

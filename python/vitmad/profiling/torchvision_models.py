@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import torch
 
 from .images import NATIVE, Preprocessing
-from .options import MissingPathError, OptionError
+from .options import MissingPathError, OptionError, error_said, first_line
 
 __all__ = ["MODELS", "SWIN3D_FRAMES", "build", "load_torchvision", "preprocessing_of", "video_frames", "video_forward"]
 
@@ -146,16 +146,11 @@ def build(spec: str, image_size: tuple[int, int] | str | None = None):
             raise
         # MaxViT's constructor refuses an input whose blocks' maps are not whole partitions.
         raise OptionError("image_size", f"torchvision's MaxVit ({name}) cannot be built for "
-                                        f"{image_size[0]}x{image_size[1]} px: {str(err).splitlines()[0]} (every "
+                                        f"{image_size[0]}x{image_size[1]} px: {first_line(err)} (every "
                                         "block's map must be a whole number of partitions: e.g. 448 or 672 px)"
                                         ) from err
     return module, weights
 
-
-def _reason(err: BaseException) -> str:
-    """``Type: first line`` of an error; its type alone where it has no message (torch.load of an empty file)."""
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _state_dict(spec: str, weights, model_checkpoint: Path | None) -> dict:
@@ -172,17 +167,17 @@ def _state_dict(spec: str, weights, model_checkpoint: Path | None) -> dict:
             return weights.get_state_dict(progress=True, check_hash=True)
         except Exception as err:  # noqa: BLE001  (offline, a download cut short or corrupt, a bad cached file)
             if cached.is_file():
-                raise OptionError("model", f"{spec}: cannot read its weights cached at {cached} ({_reason(err)}); "
-                                           "remove that file to download them again, or pass local weights "
-                                           "(--weights FILE, model_checkpoint=)") from err
-            raise OptionError("model", f"{spec}: cannot download its weights ({weights.url}): {_reason(err)}; "
-                                       "download them on a connected machine (into torch's hub cache) or pass "
-                                       "local weights (--weights FILE, model_checkpoint=)") from err
+                raise OptionError("model", f"{spec}: cannot read its weights cached at {cached} "
+                                           f"({error_said(err)}); remove that file to download them again, or pass "
+                                           "local weights (--weights FILE, model_checkpoint=)") from err
+            raise OptionError("model", f"{spec}: cannot download its weights ({weights.url}): "
+                                       f"{error_said(err)}; download them on a connected machine (into torch's hub "
+                                       "cache) or pass local weights (--weights FILE, model_checkpoint=)") from err
     try:
         loaded = torch.load(model_checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  (pickle, zip and torch errors alike: the file is not a state dict)
         raise OptionError("model_checkpoint", f"{model_checkpoint} cannot be read as a torch state dict "
-                                              f"({_reason(err)})") from err
+                                              f"({error_said(err)})") from err
     for key in ("model", "state_dict"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
