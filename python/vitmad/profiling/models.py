@@ -95,6 +95,12 @@ def vision_tower(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     return module, prefix
 
 
+def tower_description(name: str, tower: torch.nn.Module, model: torch.nn.Module) -> str:
+    """What ``mad.json``'s ``settings.profiled`` says of a vision tower profiled alone: its name in ``model``, both
+    classes."""
+    return f"{name} ({type(tower).__name__}) of {type(model).__name__}, its vision tower"
+
+
 def _refuse_pre_cut_patches(module: torch.nn.Module) -> None:
     """Refuse a model whose vision tower takes the patches its processor cuts (Pix2Struct's and Kosmos-2.5's
     ``flattened_patches``, Molmo2's crops), not ``[B, 3, H, W]`` images: profiling feeds images.
@@ -143,7 +149,7 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
         module, tower_path = vision_tower(module)
     description = None
     if outer is not module and spec is None:
-        description = f"{tower_path[:-1]} ({type(module).__name__}) of {type(outer).__name__}, its vision tower"
+        description = tower_description(tower_path[:-1], module, outer)
     module.eval()
     accepts_interpolate = "interpolate_pos_encoding" in inspect.signature(module.forward).parameters
     # transformers' DINOv2 interpolates its position embedding at every forward, with no flag to ask for it.
@@ -205,7 +211,7 @@ def wrap_packed_tower(model: torch.nn.Module, packed: tuple[str, torch.nn.Module
         preprocessing = Preprocessing(size, ("exact", *size), False, mean, std, _filter_name(own.resample),
                                       rescale=hf_rescale(own))
     if description is None and name:
-        description = f"{name} ({type(tower).__name__}) of {type(model).__name__}, its vision tower"
+        description = tower_description(name, tower, model)
     tower.eval()
     return LoadedModel(spec or type(model).__name__, tower, preprocessing, packed_forward(kind, tower, settings),
                        processor=settings, description=description)
@@ -411,7 +417,7 @@ def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = No
     loaded = wrap_module(module, spec, preprocessing)
     loaded.processor = processor
     if prefix:  # mad.json's settings.profiled names the part of the checkpoint profiled, as for a module given
-        loaded.description = f"{prefix[:-1]} ({type(module).__name__}) of {type(outer).__name__}, its vision tower"
+        loaded.description = tower_description(prefix[:-1], module, outer)
     # Weights the checkpoint lacks (a pooler, a head) are drawn anew at every load: not part of the run's identity.
     loaded.unloaded = frozenset(key[len(prefix):] for key in missing if key.startswith(prefix))
     return loaded
