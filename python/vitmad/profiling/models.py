@@ -95,6 +95,20 @@ def vision_tower(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     return module, prefix
 
 
+def local_weights(model_checkpoint: str | os.PathLike | None) -> Path | None:
+    """``--weights FILE`` (``model_checkpoint``) as a path, ``~`` expanded; None for none.
+
+    Raises:
+        MissingPathError: there is no such file.
+    """
+    if model_checkpoint is None:
+        return None
+    model_checkpoint = Path(model_checkpoint).expanduser()
+    if not model_checkpoint.is_file():
+        raise MissingPathError("model_checkpoint", f"no such file: {model_checkpoint}")
+    return model_checkpoint
+
+
 def tower_description(name: str, tower: torch.nn.Module, model: torch.nn.Module) -> str:
     """What ``mad.json``'s ``settings.profiled`` says of a vision tower profiled alone: its name in ``model``, both
     classes."""
@@ -496,10 +510,7 @@ def _load_timm(
         pretrained_cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError as err:
         raise OptionError("model", f"{spec}: {str(err).rstrip('.')} (see timm.list_pretrained())") from err
-    if model_checkpoint is not None:
-        model_checkpoint = Path(model_checkpoint).expanduser()
-    if model_checkpoint is not None and not model_checkpoint.is_file():
-        raise MissingPathError("model_checkpoint", f"no such file: {model_checkpoint}")
+    model_checkpoint = local_weights(model_checkpoint)
     # NaFlexViT follows any input size by itself (and takes no such option).
     naflex = timm.models.model_entrypoint(name).__module__.endswith(".naflexvit")
     weights = {} if model_checkpoint is not None else _timm_weights_options(pretrained_cfg, spec, name)

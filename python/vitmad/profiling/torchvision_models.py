@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import torch
 
 from .images import NATIVE, Preprocessing
-from .options import MissingPathError, OptionError, error_said, first_line
+from .options import OptionError, error_said, first_line
 
 __all__ = ["MODELS", "SWIN3D_FRAMES", "build", "load_torchvision", "preprocessing_of", "video_frames", "video_forward"]
 
@@ -225,12 +225,9 @@ def load_torchvision(spec: str, model_checkpoint: str | os.PathLike | None,
             does not fit, or an image size the model does not take (each naming its parameter).
         MissingPathError: ``model_checkpoint`` does not exist.
     """
-    from .models import wrap_module
+    from .models import local_weights, wrap_module
 
-    if model_checkpoint is not None:
-        model_checkpoint = Path(model_checkpoint).expanduser()
-        if not model_checkpoint.is_file():
-            raise MissingPathError("model_checkpoint", f"no such file: {model_checkpoint}")
+    model_checkpoint = local_weights(model_checkpoint)
     module, weights = build(spec, image_size)
     preprocessing = preprocessing_of(spec, weights)
     try:
