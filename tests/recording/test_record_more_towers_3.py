@@ -1,0 +1,248 @@
+"""vitmad.record on transformers 5.25.0 towers that no other test named (QA helper h132 checked them by hand):
+Step3p7's vision tower (alone and inside the whole model, its global view and local crops), Gemma 3n's MobileNetV5
+tower (through transformers' TimmWrapperModel and inside Gemma3nForConditionalGeneration, its audio conformer never
+taken for the image), Apertus 1.5's VQGAN vision tokenizer, TVP's text-visual encoder and the PE-Video / PE-Audio-Video
+models.
+
+Tiny random-weight models, sharpened so that attention is far from uniform. The reference is each model's own eager
+attention probabilities (its modeling file's eager attention function, timm's unfused path, or the probabilities the
+model returns), placed by the layout written here from each model's source, reduced in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vitmad
+from conftest import (
+    check_prefix_and_grid,
+    eager_attention_calls,
+    record_both_reductions,
+    sharpened,
+    statistics_reference,
+    unfused_maps,
+)
+from vitmad.ops.reference import mad_positions_reference
+from vitmad.recording.recorder import NoLayerError
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+STATS = ["entropy", "prefix_mass", "prefix_maps"]
+TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels: float32 attention against a float64 reference
+
+
+def _centres(rows: int, cols: int, stride: float) -> torch.Tensor:
+    """``[rows * cols, 2]`` float64: the centre ``((r + 0.5) * stride, (c + 0.5) * stride)`` of each cell, row-major."""
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return (torch.stack([r, c], -1).reshape(-1, 2).double() + 0.5) * stride
+
+
+# Step3p7 -------------------------------------------------------------------------------------------------------------
+# Step3p7VisionModel (modeling_step3p7.py): a bias-free patch convolution, a learned position table interpolated to the
+# grid (no class token), pre-norm layers with an axial 2-D RoPE over the row-major grid (it rotates q and k, it moves
+# no token), then two stride-2 convolutions after the last layer that the attention never sees. Every token is patch
+# (r, c) of the row-major H // p x W // p grid, at ((r + 0.5) p, (c + 0.5) p) px.
+
+STEP3_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=48, patch_size=8,
+                    mlp_ratio=2.0, max_position_embeddings=36)
+
+
+def _step3p7_modeling():
+    from transformers.models.step3p7 import modeling_step3p7
+
+    return modeling_step3p7
+
+
+def _peaked_positions(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its patch convolution and position table drawn anew (the initial ones make tokens alike)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "patch_embedding" in name:
+                parameter.normal_(std=parameter[0].numel() ** -0.5)
+            elif "position_embedding" in name:
+                parameter.normal_()
+    return model
+
+
+def test_step3p7_vision_tower_alone_matches_its_eager_attention():
+    torch.manual_seed(0)
+    model = _peaked_positions(sharpened(transformers.Step3p7VisionModel(
+        transformers.Step3p7VisionConfig(**STEP3_VISION))))
+    images = torch.randn(2, 3, 43, 61, generator=torch.Generator().manual_seed(1))  # 5 x 7 patches, edges cut off
+    calls = eager_attention_calls(_step3p7_modeling(), model, images)
+    model.set_attn_implementation("sdpa")
+    rec, rec_tokens = record_both_reductions(model, lambda m: m(images), lambda out: out.last_hidden_state, STATS)
+    assert [model.get_submodule(layer) for layer in rec.layers] == [m for m, _ in calls]
+    check_prefix_and_grid(rec, rec_tokens, [p for _, p in calls], (5, 7), 8, 0)
+
+
+def _step3p7_model():
+    text = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, moe_intermediate_size=16, n_routed_experts=4,
+                num_experts_per_tok=2, share_expert_dim=16, mlp_layer_types=["dense"], pad_token_id=0,
+                sliding_window=8)
+    config = transformers.Step3p7Config(vision_config=STEP3_VISION, text_config=text, image_token_id=90)
+    torch.manual_seed(0)
+    return _peaked_positions(sharpened(transformers.Step3p7ForConditionalGeneration(config)))
+
+
+def test_step3p7_whole_model_records_its_global_view_and_its_crops_each_on_its_own_grid():
+    """Step3p7Model.get_image_features runs the tower on the global view (48 x 48: 6 x 6 patches, 2 x 2 tokens after
+    the downsamplers), then on the local crops (32 x 32: 4 x 4 patches, one token each): two runs in one forward, each
+    its own entry of rec.calls on its own grid; the language model is not recorded."""
+    model = _step3p7_model()
+    gen = torch.Generator().manual_seed(1)
+    inputs = dict(input_ids=torch.tensor([[2] + [90] * 6 + [10, 11]]), pixel_values=torch.randn(1, 3, 48, 48,
+                                                                                               generator=gen),
+                  pixel_values_local=torch.randn(2, 3, 32, 32, generator=gen), num_local_patches=[2])
+    calls = eager_attention_calls(_step3p7_modeling(), model, **inputs)
+    tower = set(model.model.vision_model.modules())
+    calls = [(m, p) for m, p in calls if m in tower]
+    assert len(calls) == 4  # two layers on the global view, then two on the crops
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        for reduction in ("mean", "none"):
+            with vitmad.record(model, stats=["entropy"], reduction=reduction) as rec:
+                with pytest.warns(UserWarning, match=r"ran its recorded layers 2 times"):
+                    recorded = model(**inputs).logits
+            assert torch.equal(plain, recorded)
+            assert rec.layers == [f"model.vision_model.layers.{i}.self_attn" for i in (0, 1)] and rec.skipped == {}
+            assert len(rec.calls) == 2
+            for call, grid, maps in zip(rec.calls, [(6, 6), (4, 4)], [calls[:2], calls[2:]], strict=True):
+                for layer, (_, probabilities) in enumerate(maps):
+                    assert call.geometry[layer].grid == grid and call.geometry[layer].stride == (8.0, 8.0)
+                    expected = statistics_reference(probabilities, _centres(*grid, 8))
+                    assert float(expected["entropy"].mean()) < 0.75 * math.log(probabilities.shape[-1])
+                    values = {"mad": call.per_layer[layer], "entropy": call.statistics["entropy"][layer]}
+                    for stat, value in values.items():
+                        want = expected[stat] if reduction == "none" else expected[stat].mean(-1)
+                        torch.testing.assert_close(value.double(), want, **TOL)
+
+
+# Gemma 3n ------------------------------------------------------------------------------------------------------------
+# Gemma3nVisionConfig builds transformers' TimmWrapperModel around timm's mobilenetv5_300m_enc (padding "same"), here
+# with a small block list of the same kinds. Every strided convolution pads "same": ceil(n / 2) outputs. The stem and
+# the first three stages halve the map four times (stride 16): stage 2's MultiQueryAttention2d blocks attend from every
+# cell of that map to the keys of a stride-2 depthwise convolution (kv_stride 2, "v2"): ceil(n / 2) per axis, each at
+# the centre of its 32 px cell; stage 3 (stride 32) attends from every cell to every cell. The attention is taken from
+# timm's unfused path (the input of its attn_drop).
+
+GEMMA3N_BLOCKS = [["er_r1_k3_s2_e4_c16"], ["uir_r1_a3_k5_s2_e6_c16"],
+                  ["uir_r1_a5_k5_s2_e6_c32", "mqa_r1_k3_h2_v2_s1_d8_c32", "uir_r1_a0_k0_s1_e2_c32"],
+                  ["uir_r1_a5_k5_s2_e6_c32", "mqa_r1_k3_h2_s1_d8_c32", "uir_r1_a0_k0_s1_e2_c32"]]
+GEMMA3N_PIXELS = (72, 104)  # 36 x 52, 18 x 26, 9 x 13, then 5 x 7 (stride 16) and 3 x 4 (stride 32)
+
+
+def _gemma3n_vision() -> dict:
+    from timm.models._efficientnet_builder import decode_arch_def
+
+    return dict(model_args=dict(block_args=decode_arch_def(GEMMA3N_BLOCKS), stem_size=16, msfa_output_resolution=2))
+
+
+def _gemma3n_layers() -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, int], float]]:
+    """(query centres, key centres, query grid, stride) of the two attention blocks, written from the block list."""
+    h16, w16 = [math.ceil(n / 16) for n in GEMMA3N_PIXELS]
+    h32, w32 = math.ceil(h16 / 2), math.ceil(w16 / 2)
+    return [(_centres(h16, w16, 16), _centres(h32, w32, 32), (h16, w16), 16.0),
+            (_centres(h32, w32, 32), _centres(h32, w32, 32), (h32, w32), 32.0)]
+
+
+def _sharpen_multi_query(model: torch.nn.Module, run) -> list:
+    """Each MultiQueryAttention2d's query and key projections scaled to outputs of standard deviation 3 (peaked
+    attention; a tiny MobileNetV5's are far smaller), then switched to the unfused path: its probabilities in call
+    order, filled as ``run()`` runs."""
+    attention = [m for m in model.modules() if type(m).__name__ == "MultiQueryAttention2d"]
+    spreads = {}
+    handles = [p.register_forward_hook(lambda m, a, out: spreads.__setitem__(m, out.std()))
+               for m in attention for p in (m.query.proj, m.key.proj)]
+    with torch.no_grad():
+        run()
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad():
+        for module in attention:
+            module.query.proj.weight.mul_(3.0 / spreads[module.query.proj])
+            module.key.proj.weight.mul_(3.0 / spreads[module.key.proj])
+    maps = unfused_maps(model, "MultiQueryAttention2d")
+    with torch.no_grad():
+        run()
+    for module in attention:
+        module.fused_attn = True
+    return [p.double() for _, p in maps]
+
+
+def _check_gemma3n(rec, maps) -> None:
+    assert len(rec.per_layer) == len(maps) == 2 and rec.skipped == {}
+    for recorded, geometry, probabilities, (queries, keys, grid, stride) in zip(
+            rec.per_layer, rec.geometry, maps, _gemma3n_layers(), strict=True):
+        assert probabilities.shape[-2:] == (len(queries), len(keys))
+        assert float(probabilities.amax(-1).mean()) > 3.0 / probabilities.shape[-1]  # far from uniform
+        assert geometry.grid == grid and geometry.stride == (stride, stride)
+        torch.testing.assert_close(recorded.double(), mad_positions_reference(probabilities, queries, keys), **TOL)
+
+
+def test_gemma3n_vision_tower_through_timm_wrapper_matches_its_unfused_attention():
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(transformers.Gemma3nVisionConfig(**_gemma3n_vision())).eval()
+    pixels = torch.randn(2, 3, *GEMMA3N_PIXELS, generator=torch.Generator().manual_seed(1))
+    maps = _sharpen_multi_query(model, lambda: model(pixel_values=pixels, do_pooling=False))
+    with torch.no_grad():
+        plain = model(pixel_values=pixels, do_pooling=False).last_hidden_state
+        with vitmad.record(model) as rec:
+            recorded = model(pixel_values=pixels, do_pooling=False).last_hidden_state
+    assert torch.equal(plain, recorded)
+    assert rec.layers == ["timm_model.blocks.2.1.attn", "timm_model.blocks.3.1.attn"]
+    _check_gemma3n(rec, maps)
+
+
+def _gemma3n_model():
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=16, hidden_size_per_layer_input=8, laurel_rank=4, num_kv_shared_layers=0, altup_num_inputs=2,
+                sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                activation_sparsity_pattern=[0.0, 0.0])
+    audio = dict(hidden_size=32, conf_num_attention_heads=2, conf_num_hidden_layers=1, input_feat_size=16,
+                 sscp_conv_channel_size=[8, 8], conf_attention_chunk_size=4, conf_attention_context_left=5)
+    config = transformers.Gemma3nConfig(text_config=text, vision_config=_gemma3n_vision(), audio_config=audio,
+                                        vision_soft_tokens_per_image=4, audio_soft_tokens_per_image=8)
+    torch.manual_seed(0)
+    model = transformers.Gemma3nForConditionalGeneration(config).eval()
+    ids = torch.tensor([[2, config.boi_token_id] + [config.image_token_id] * 4 + [config.eoi_token_id,
+                         config.boa_token_id] + [config.audio_token_id] * 8 + [config.eoa_token_id, 10, 11]])
+    gen = torch.Generator().manual_seed(1)
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(1, 3, *GEMMA3N_PIXELS, generator=gen),
+                  input_features=torch.randn(1, 40, 16, generator=gen),
+                  input_features_mask=torch.ones(1, 40, dtype=torch.bool))
+    return model, inputs
+
+
+def test_gemma3n_whole_model_records_its_vision_tower_and_never_its_audio_attention():
+    """Gemma3nForConditionalGeneration given an image and audio: the MobileNetV5 tower is recorded as alone; the
+    audio conformer's attention (chunked local attention over time frames, logits soft-capped) is not recorded by
+    default and, named in layers= (with positions= or num_prefix_tokens= too), is skipped as audio, never placed as
+    image tokens; the audio encoder recorded alone is refused with that reason."""
+    model, inputs = _gemma3n_model()
+    maps = _sharpen_multi_query(model, lambda: model(**inputs))
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with vitmad.record(model) as rec:
+            recorded = model(**inputs).logits
+    assert torch.equal(plain, recorded)
+    assert rec.layers == [f"model.vision_tower.timm_model.blocks.{i}.1.attn" for i in (2, 3)]
+    _check_gemma3n(rec, maps)
+    audio = "model.audio_tower.conformer.0.attention.attn"
+    with torch.no_grad(), vitmad.record(model, layers=["model.vision_tower.*", audio]) as named:
+        model(**inputs)
+    assert named.layers == rec.layers and list(named.skipped) == [audio]
+    assert named.skipped[audio].startswith("attention over audio frames (Gemma 3n's audio conformer")
+    for given in ({"num_prefix_tokens": 0}, {"positions": torch.zeros(4, 2)}, {"patch": 16, "grid": (2, 5)}):
+        with pytest.raises(NoLayerError, match=r"conformer\.0\.attention\.attn: attention over audio frames"):
+            with vitmad.record(model, layers=[audio], **given):
+                model(**inputs)
+    with pytest.raises(NoLayerError, match=r"conformer\.0\.attention\.attn: attention over audio frames"):
+        with vitmad.record(model.model.audio_tower):
+            model(**inputs)
