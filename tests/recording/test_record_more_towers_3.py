@@ -246,3 +246,88 @@ def test_gemma3n_whole_model_records_its_vision_tower_and_never_its_audio_attent
     with pytest.raises(NoLayerError, match=r"conformer\.0\.attention\.attn: attention over audio frames"):
         with vitmad.record(model.model.audio_tower):
             model(**inputs)
+
+
+# Apertus 1.5 ---------------------------------------------------------------------------------------------------------
+# Apertus1p5VisionTokenizerModel (modeling_apertus1p5.py) is a VQGAN encoder: conv_in (3 x 3, stride 1, padding 1),
+# stages of ResNet blocks (3 x 3, padding 1; 1 x 1 shortcuts), each stage but the last ending in a downsampling that
+# pads the bottom and right by one and convolves 3 x 3 with stride 2 (floor(n / 2) outputs), then a middle block. The
+# stages at a resolution in attn_resolutions and the middle block hold Apertus1p5VisionTokenizerAttnBlock: one head
+# over every cell of its [B, C, H, W] map, row-major, its own F.softmax [B, N, N] (the reference, caught as it runs).
+# Here the third stage (two downsamplings: stride 4) and the middle block attend.
+
+APERTUS_VISION = dict(codebook_size=64, embed_dim=32, latent_channels=32, base_channels=32,
+                      channel_multiplier=(1, 1, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=64)
+
+
+def _apertus_maps(model: torch.nn.Module, run) -> list[torch.Tensor]:
+    """Each attention block's query and key convolutions scaled 4 times (peaked attention), then the [B, N, N]
+    softmax of every block in one ``run()``, float64, in call order."""
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "Apertus1p5VisionTokenizerAttnBlock":
+                module.q.weight.mul_(4.0)
+                module.k.weight.mul_(4.0)
+    from conftest import SoftmaxOutputs
+
+    with torch.no_grad(), SoftmaxOutputs(rank=3) as spy:
+        run()
+    return [p.double() for p in spy.maps]
+
+
+def _check_single_head(call, maps, grid: tuple[int, int], stride: float) -> None:
+    centres = _centres(*grid, stride)
+    assert len(call.per_layer) == len(maps) == 2
+    for recorded, geometry, probabilities in zip(call.per_layer, call.geometry, maps, strict=True):
+        assert probabilities.shape[-1] == grid[0] * grid[1]
+        expected = statistics_reference(probabilities[:, None], centres)
+        assert float(expected["entropy"].mean()) < 0.75 * math.log(probabilities.shape[-1])
+        assert geometry.grid == grid and geometry.stride == (stride, stride) and geometry.heads == 1
+        torch.testing.assert_close(recorded.double(), expected["mad"].mean(-1), **TOL)
+
+
+def test_apertus1p5_vision_tokenizer_attention_blocks_on_their_stage_map():
+    """74 x 90 px: 37 x 45 after the first downsampling, 18 x 22 after the second (stride 4), where both blocks
+    attend; the tokenizer has no forward, its encode runs the encoder."""
+    torch.manual_seed(0)
+    model = transformers.Apertus1p5VisionTokenizerModel(
+        transformers.Apertus1p5VisionTokenizerConfig(**APERTUS_VISION)).eval()
+    pixels = torch.randn(2, 3, 74, 90, generator=torch.Generator().manual_seed(1))
+    maps = _apertus_maps(model, lambda: model.encode(pixels))
+    with torch.no_grad():
+        plain = model.encode(pixels).image_tokens
+        with vitmad.record(model) as rec:
+            recorded = model.encode(pixels).image_tokens
+    assert torch.equal(plain, recorded)
+    assert rec.layers == ["encoder.stages.2.layers.0.attention", "encoder.mid.attn_1"] and rec.skipped == {}
+    _check_single_head(rec.calls[0], maps, (18, 22), 4.0)
+
+
+def test_apertus1p5_whole_model_records_its_vision_tokenizer_per_image_not_its_language_model():
+    """Apertus1p5ForConditionalGeneration tokenizes each image alone, cropped to its image_sizes (32 x 48: 8 x 12
+    cells; 24 x 40: 6 x 10): one run of the tokenizer per image, each its own entry of rec.calls; the language model
+    (causal) is not the tower and is not recorded."""
+    text = dict(vocab_size=200, pad_token_id=3, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1)
+    audio = dict(model_type="wavtokenizer_encoder", num_filters=4, upsampling_ratios=[2, 2], hidden_size=16,
+                 codebook_size=8, codebook_dim=16, num_lstm_layers=1)
+    config = transformers.Apertus1p5Config(text_config=text, vision_config=APERTUS_VISION, audio_config=audio,
+                                           image_token_id=5, audio_token_id=6, image_token_offset=100,
+                                           audio_token_offset=164)
+    torch.manual_seed(0)
+    model = transformers.Apertus1p5ForConditionalGeneration(config).eval()
+    inputs = dict(input_ids=torch.tensor([[1] + [5] * (8 * 12 + 6 * 10) + [10, 11]]),
+                  pixel_values=torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1)),
+                  image_sizes=torch.tensor([[32, 48], [24, 40]]))
+    maps = _apertus_maps(model, lambda: model(**inputs))
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with vitmad.record(model) as rec:
+            with pytest.warns(UserWarning, match=r"ran its recorded layers 2 times"):
+                recorded = model(**inputs).logits
+    assert torch.equal(plain, recorded)
+    assert rec.layers == ["model.vision_tokenizer.encoder.stages.2.layers.0.attention",
+                          "model.vision_tokenizer.encoder.mid.attn_1"] and rec.skipped == {}
+    assert len(rec.calls) == 2
+    _check_single_head(rec.calls[0], maps[:2], (8, 12), 4.0)
+    _check_single_head(rec.calls[1], maps[2:], (6, 10), 4.0)
