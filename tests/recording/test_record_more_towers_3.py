@@ -331,3 +331,180 @@ def test_apertus1p5_whole_model_records_its_vision_tokenizer_per_image_not_its_l
     assert len(rec.calls) == 2
     _check_single_head(rec.calls[0], maps[:2], (8, 12), 4.0)
     _check_single_head(rec.calls[1], maps[2:], (6, 10), 4.0)
+
+
+# TVP -----------------------------------------------------------------------------------------------------------------
+# TvpModel.forward (modeling_tvp.py): the frames, their borders replaced by learned visual prompts (pixels, no
+# tokens), go through the ResNet backbone (its stage4 map: stride 32) and a 3 x 3 convolution, are max-pooled 2 x 2
+# (stride 64) and averaged over the frames; the encoder then attends over [10 learned text-prompt tokens][the text
+# tokens][that h x w grid, row-major]. Text in the sequence: vitmad does not place it by itself (the grid's stride
+# would be read from a transformers ResNet, which reports none), so the encoder is refused by default, skipped with
+# the reason when named, and recorded exactly when its layout is stated. (transformers 5.25's TVP runs one video at a
+# time: its column position embeddings are viewed with the batch size.)
+
+def _tvp(cls):
+    backbone = dict(model_type="resnet", out_features=["stage4"], embedding_size=8, hidden_sizes=[8, 8, 8, 16],
+                    depths=[1, 1, 1, 1])
+    config = transformers.TvpConfig(backbone_config=backbone, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=2, max_img_size=256,
+                                    visual_prompt_size=32, num_frames=2, vocab_size=100, pad_token_id=0)
+    torch.manual_seed(0)
+    model = sharpened(cls(config))
+    tvp = model if isinstance(model, transformers.TvpModel) else model.model
+    with torch.no_grad():  # grid cells told apart, queries and keys larger: attention far from uniform
+        tvp.visual_embeddings.row_position_embeddings.weight.normal_()
+        tvp.visual_embeddings.col_position_embeddings.weight.normal_()
+        for layer in tvp.encoder.layer:
+            layer.attention.query.weight.mul_(2.0)
+            layer.attention.key.weight.mul_(2.0)
+    gen = torch.Generator().manual_seed(1)
+    inputs = dict(input_ids=torch.randint(1, 100, (1, 5), generator=gen),
+                  pixel_values=torch.randn(1, 2, 3, 256, 256, generator=gen),
+                  attention_mask=torch.tensor([[1, 1, 1, 1, 0]]))  # the last text token padding
+    return model, inputs
+
+
+@pytest.mark.parametrize("cls", ["TvpModel", "TvpForVideoGrounding"])
+def test_tvp_text_visual_encoder_is_refused_unless_its_layout_is_stated(cls):
+    model, inputs = _tvp(getattr(transformers, cls))
+    encoder = "encoder" if cls == "TvpModel" else "model.encoder"
+    layers = [f"{encoder}.layer.{i}.attention" for i in (0, 1)]
+    with pytest.raises(NoLayerError, match=rf"no attention layer in .*vision_model.* \({layers[0]}, {layers[1]}\) "
+                                           r"all lie outside it"):
+        with torch.no_grad(), vitmad.record(model):
+            model(**inputs)
+    with pytest.raises(NoLayerError, match=rf"{layers[0]}: outside .*vision_model, the tower that embeds the image.*"
+                                           r"pass num_prefix_tokens="):
+        with torch.no_grad(), vitmad.record(model, layers=[f"{encoder}.*"]):
+            model(**inputs)
+    # Stated: 10 text prompts and 5 text tokens without a position, then the 4 x 4 grid of 64 px cells (256 px frames:
+    # an 8 x 8 stage4 map, pooled 2 x 2). The reference: the probabilities the model returns (its own softmax, the
+    # padding text token hidden by its mask).
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+    maps = [p.double() for p in out.attentions]
+    assert [p.shape[-1] for p in maps] == [10 + 5 + 16] * 2
+    rec, rec_tokens = record_both_reductions(
+        model, lambda m: m(**inputs), lambda o: o.last_hidden_state if cls == "TvpModel" else o.logits, STATS,
+        layers=[f"{encoder}.*"], num_prefix_tokens=15, patch=64, grid=(4, 4))
+    assert rec.layers == layers
+    check_prefix_and_grid(rec, rec_tokens, maps, (4, 4), 64, 15)
+
+
+# PE-Video, PE-Audio-Video --------------------------------------------------------------------------------------------
+# PeVideoEncoder (modeling_pe_video.py) runs its frame tower, timm's PE ViT (an Eva: a class token, then the row-major
+# grid of 14 px patches, 2-D RoPE; a map-pooling head) in a TimmWrapperModel, on every frame as an image of its own
+# (pixel_values_videos.view(-1, C, H, W): frame f of video b is image b * F + f), then a temporal encoder over one token
+# per frame after a class token. PeAudioVideoEncoder runs a PeAudioEncoder (audio frames) and a PeVideoEncoder, then an
+# encoder over the fused frames. Only the frame tower attends over the image; the reference is its unfused attention.
+
+PE_FRAME_TOWER = dict(architecture="vit_pe_core_large_patch14_336", do_pooling=True, num_classes=16, num_labels=16,
+                      global_pool="map", model_args=dict(embed_dim=32, depth=2, num_heads=2, img_size=42,
+                                                         mlp_ratio=2.0))
+PE_ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, head_dim=16)
+PE_TEXT = dict(model_type="modernbert", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=2, vocab_size=100, pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=2,
+               sep_token_id=1)
+PE_AUDIO = dict(model_type="pe_audio_encoder", **PE_ENCODER,
+                dac_config=dict(downsampling_ratios=[2, 4], encoder_hidden_size=8, codebook_dim=8, hidden_size=16))
+
+
+def _check_frames(rec, tower_name: str, maps) -> None:
+    """Each frame of the 2 videos of 3 frames an image (6 rows), the class token without a position, then 3 x 3
+    patches of 14 px: the MAD of each layer against its unfused probabilities."""
+    assert rec.layers == [f"{tower_name}.timm_model.blocks.{i}.attn" for i in (0, 1)]
+    assert rec.mad.shape == (2, 6, 2)
+    positions = torch.cat([torch.full((1, 2), math.nan, dtype=torch.float64), _centres(3, 3, 14)])
+    for layer, (geometry, probabilities) in enumerate(zip(rec.geometry, maps, strict=True)):
+        assert geometry.grid == (3, 3) and geometry.stride == (14.0, 14.0) and geometry.num_prefix_tokens == 1
+        expected = statistics_reference(probabilities, positions)
+        assert float(expected["entropy"].mean()) < 0.75 * math.log(probabilities.shape[-1])
+        torch.testing.assert_close(rec.mad[layer].double(), expected["mad"].mean(-1), **TOL)
+
+
+def _pe_frame_maps(tower: torch.nn.Module, run) -> list[torch.Tensor]:
+    """The frame tower's weights drawn anew (std 0.3, its norms the identity, its q, k and v projections 0.9: peaked
+    attention), then its unfused probabilities in one
+    ``run()``; the tower switched back to its fused path."""
+    with torch.no_grad():
+        for name, parameter in tower.named_parameters():
+            if "norm" in name:
+                parameter.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                parameter.normal_(std=0.3)
+            if name.endswith("qkv.weight"):
+                parameter.mul_(3.0)
+    maps = unfused_maps(tower, "AttentionRope")
+    with torch.no_grad():
+        run()
+    for module in tower.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = True
+    return [p.double() for _, p in maps[:2]]
+
+
+def _pe_inputs(gen) -> dict:
+    return dict(input_ids=torch.randint(3, 100, (2, 5), generator=gen),
+                pixel_values_videos=torch.randn(2, 3, 3, 42, 42, generator=gen))
+
+
+def test_pe_video_model_records_its_frame_tower_and_skips_its_temporal_encoder():
+    torch.manual_seed(0)
+    model = transformers.PeVideoModel(transformers.PeVideoConfig(
+        text_config=PE_TEXT, video_config=dict(vision_config=PE_FRAME_TOWER, **PE_ENCODER))).eval()
+    inputs = _pe_inputs(torch.Generator().manual_seed(1))
+    tower = "video_encoder.embedder.vision_model"
+    maps = _pe_frame_maps(model.get_submodule(tower), lambda: model(**inputs))
+    with torch.no_grad():
+        plain = model(**inputs).logits_video_text
+        with vitmad.record(model, layers=[f"{tower}.*", "video_encoder.layers.*"]) as rec:
+            recorded = model(**inputs).logits_video_text
+    # The fused frame tower against its unfused forward: float32 rounding.
+    torch.testing.assert_close(plain, recorded, rtol=1e-5, atol=1e-5)
+    _check_frames(rec, tower, maps)
+    assert rec.skipped[f"{tower}.timm_model.attn_pool"].startswith("attention pooling")
+    assert rec.skipped["video_encoder.layers.0.self_attn"].startswith("attention over a video's frames (PE-Video")
+
+
+def test_pe_audio_video_encoder_records_its_frame_tower_never_its_audio_or_fused_frames():
+    """PeAudioVideoEncoder: the frame tower recorded; the audio encoder's, the temporal encoder's and the fused
+    encoder's attention named in layers= are skipped as such. The whole PeAudioVideoModel holds two copies of the
+    tower (video_model's, first in module order, and the encoder's, which its forward runs): the recording of the first
+    says it did not run and names the other, whose own recording gives the frames."""
+    audio_video = dict(audio_config=PE_AUDIO, video_config=dict(model_type="pe_video_encoder",
+                                                                 vision_config=PE_FRAME_TOWER, **PE_ENCODER),
+                       **PE_ENCODER)
+    from transformers.models.pe_audio_video.modeling_pe_audio_video import PeAudioVideoEncoder
+
+    torch.manual_seed(0)
+    encoder = PeAudioVideoEncoder(transformers.PeAudioVideoEncoderConfig(**audio_video)).eval()
+    gen = torch.Generator().manual_seed(1)
+    inputs = dict(input_values=torch.randn(2, 1, 192, generator=gen), **_pe_inputs(gen))
+    del inputs["input_ids"]
+    tower = "embedder.video_encoder.embedder.vision_model"
+    maps = _pe_frame_maps(encoder.get_submodule(tower), lambda: encoder(**inputs))
+    with torch.no_grad(), vitmad.record(encoder, layers=["*attn*"]) as rec:
+        encoder(**inputs)
+    _check_frames(rec, tower, maps)
+    assert rec.skipped["embedder.audio_encoder.layers.0.self_attn"].startswith("attention over audio frames")
+    assert rec.skipped["embedder.video_encoder.layers.0.self_attn"].startswith("attention over a video's frames")
+    assert rec.skipped["layers.0.self_attn"].startswith("attention over audio-video frames")
+    with pytest.raises(NoLayerError, match=r"layers\.0\.self_attn: attention over audio frames"):
+        with vitmad.record(encoder.embedder.audio_encoder):
+            pass
+
+    model = transformers.PeAudioVideoModel(transformers.PeAudioVideoConfig(
+        text_config=PE_TEXT, audio_video_config=audio_video)).eval()
+    model.audio_video_encoder.load_state_dict(encoder.state_dict())
+    inputs["input_ids"] = torch.randint(3, 100, (2, 5), generator=gen)
+    ran = f"audio_video_encoder.{tower}"
+    with torch.no_grad(), vitmad.record(model) as first, vitmad.record(model.get_submodule(ran)) as second:
+        model(**inputs)
+    assert all("a second tower that embeds the image" in first.skipped[name] for name in first.skipped
+               if name.startswith(ran))
+    with pytest.raises(RuntimeError, match=r"PeAudioVideoModel ran 1 time\(s\) in this recording, but not through "
+                                           r"the modules being recorded \(video_model\.video_encoder"):
+        _ = first.mad
+    with torch.no_grad(), vitmad.record(encoder.get_submodule(tower)) as alone:
+        encoder(**inputs)
+    torch.testing.assert_close(second.mad, alone.mad, rtol=0, atol=0)
