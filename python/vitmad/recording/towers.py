@@ -20,6 +20,7 @@ from .families.packed import token_convolutions
 from .families.pix2struct import is_tower as is_flattened_patches_tower
 from .families.plain import find_patch_embedding, is_embedding_projection
 from .families.radio import is_tower as is_radio_tower
+from .families.vq_tokenizer import is_tower as is_vq_tokenizer
 from .module_index import module_list, named_module_list
 
 __all__ = ["TOWER_ATTRIBUTES", "encoder_prefix", "tower_of_embedding", "other_image_towers", "image_channels",
@@ -42,13 +43,15 @@ def encoder_prefix(model: nn.Module) -> str:
         embedding = None if found is None else found[0]
     if embedding is None:
         # NaFlex towers embed pre-cut patches with a Linear, Llama 4's unfolds the image into one, RADIO's cuts it
-        # with a reshape, Pix2Struct's and Kosmos-2.5's get flattened_patches, Molmo2's pre-cut crops: the tower
-        # itself (SigLIP2's vision_model, Llama4ForConditionalGeneration's vision_model, Nemotron-H-Omni's
-        # vision_model, Molmo2's vision_tower, whose language model's layers are then left out;
+        # with a reshape, Pix2Struct's and Kosmos-2.5's get flattened_patches, Molmo2's pre-cut crops, Apertus 1.5's
+        # VQGAN tokenizer a 3 x 3 convolution of stride 1: the tower itself (SigLIP2's vision_model,
+        # Llama4ForConditionalGeneration's vision_model, Nemotron-H-Omni's vision_model, Molmo2's vision_tower,
+        # Apertus 1.5's vision_tokenizer, whose language model's layers are then left out;
         # Pix2StructForConditionalGeneration's encoder, not its text decoder).
         tower = next((name for name, module in named_module_list(model)
                       if is_naflex_tower(module) or is_llama4_tower(module) or is_radio_tower(module)
-                      or is_flattened_patches_tower(module) or is_molmo2_tower(module)), None)
+                      or is_flattened_patches_tower(module) or is_molmo2_tower(module)
+                      or is_vq_tokenizer(module)), None)
         if tower is None:
             # A vision-language model whose tower embeds with a CNN stem (FastVLM's FastViT, a TimmWrapperModel):
             # the module its model class names as the tower (transformers' vision_tower / vision_model / visual),

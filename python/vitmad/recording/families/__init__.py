@@ -67,6 +67,7 @@ from . import (
     vilt,
     vit_stages,
     vitamin,
+    vq_tokenizer,
     windowed_vit,
 )
 
@@ -111,7 +112,7 @@ _FAMILIES = (
     pix2struct, eomt, masked, vilt, padded_patches, swin, video_swin, windowed_vit, sam_map_encoder, hiera, pooled,
     mvit, video_mvit, levit, lw_detr, rf_detr, detr_encoder, memory_attention, efficientformer, conv_stages, csatv2,
     vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, efficientvit_msra, map_attention,
-    tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit, convit, torchvision_maxvit,
+    tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit, convit, torchvision_maxvit, vq_tokenizer,
 )
 
 

@@ -4,7 +4,8 @@ Their MAD is not defined (``docs/definition.md``): the softmax runs over channel
 neighbourhood without a query-key product, over the keys alone (CoaT's factorized attention), or not at all (ReLU
 linear attention), or from queries that have no place on the image (the learned latent query of attention
 pooling; class attention, whose class-token maps :mod:`.class_attention` records on request), or between a SAM-style
-mask decoder's prompt tokens and the image embedding.
+mask decoder's prompt tokens and the image embedding; or its tokens are not the image's at all (audio frames, one
+token per video frame).
 """
 
 from __future__ import annotations
@@ -30,6 +31,17 @@ _REASONS = {
                                        "DaViT)",
     "OutlookAttention": "outlook attention: each token's weights over its neighbourhood come from a linear "
                         "layer, not a query-key softmax (VOLO)",
+    # Beside an image tower in one model, and named in layers= (or recorded alone): their tokens are audio frames or
+    # whole video frames, never cells of an image, whatever layout is given by hand.
+    "Gemma3nAudioAttention": "attention over audio frames (Gemma 3n's audio conformer: chunked local attention over "
+                             "time with soft-capped logits): no token has a position on the image",
+    "PeAudioEncoderAttention": "attention over audio frames (PE-Audio's encoder, a class token first): no token has "
+                               "a position on the image",
+    "PeVideoEncoderAttention": "attention over a video's frames (PE-Video's temporal encoder: one token per frame, "
+                               "a class token first): no token has a position on the image",
+    "PeAudioVideoEncoderAttention": "attention over audio-video frames (PE-Audio-Video's encoder: audio frames fused "
+                                    "with the video's frames, a class token first): no token has a position on the "
+                                    "image",
 }
 # Class names too common to match alone: (class name, defining module's suffix) -> reason.
 _REASONS_IN = {
