@@ -260,12 +260,13 @@ APERTUS_VISION = dict(codebook_size=64, embed_dim=32, latent_channels=32, base_c
                       channel_multiplier=(1, 1, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=64)
 
 
-def _apertus_maps(model: torch.nn.Module, run) -> list[torch.Tensor]:
-    """Each attention block's query and key convolutions scaled 4 times (peaked attention), then the [B, N, N]
-    softmax of every block in one ``run()``, float64, in call order."""
+def _apertus_maps(model: torch.nn.Module, run,
+                  block: str = "Apertus1p5VisionTokenizerAttnBlock") -> list[torch.Tensor]:
+    """Each attention block's (class ``block``) query and key convolutions scaled 4 times (peaked attention), then
+    the [B, N, N] softmax of every block in one ``run()``, float64, in call order."""
     with torch.no_grad():
         for module in model.modules():
-            if type(module).__name__ == "Apertus1p5VisionTokenizerAttnBlock":
+            if type(module).__name__ == block:
                 module.q.weight.mul_(4.0)
                 module.k.weight.mul_(4.0)
     from conftest import SoftmaxOutputs
@@ -331,6 +332,67 @@ def test_apertus1p5_whole_model_records_its_vision_tokenizer_per_image_not_its_l
     assert len(rec.calls) == 2
     _check_single_head(rec.calls[0], maps[:2], (8, 12), 4.0)
     _check_single_head(rec.calls[1], maps[2:], (6, 10), 4.0)
+
+
+# Chameleon -----------------------------------------------------------------------------------------------------------
+# ChameleonVQVAE's encoder (modeling_chameleon.py) is the same VQGAN design, line for line: conv_in (3 x 3, stride 1,
+# padding 1), down[i].block ResNet blocks, down[i].attn blocks at a resolution in attn_resolutions, a downsampling
+# that pads bottom and right by one and convolves 3 x 3 with stride 2 (floor(n / 2)), then mid.attn_1;
+# ChameleonVQVAEEncoderAttnBlock is one head over the map's cells row-major, its own F.softmax [B, N, N].
+
+CHAMELEON_VQ = dict(embed_dim=32, num_embeddings=64, latent_channels=32, base_channels=32, channel_multiplier=[1, 1, 2],
+                    num_res_blocks=1, attn_resolutions=[16], resolution=64)
+
+
+def _unit_convolutions(model: torch.nn.Module) -> torch.nn.Module:
+    """Every Conv2d weight drawn with std fan_in^-1/2: Chameleon initialises them all at std 0.02, which leaves the
+    maps so faint that attention is near uniform."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.normal_(std=module.weight[0].numel() ** -0.5)
+    return model
+
+
+def test_chameleon_vq_vae_attention_blocks_on_their_stage_map():
+    """74 x 90 px: 37 x 45, then 18 x 22 at stride 4, where both blocks attend (Chameleon's VQ-VAE was refused for
+    want of a patch embedding before 2026-12-05)."""
+    torch.manual_seed(0)
+    model = _unit_convolutions(transformers.models.chameleon.modeling_chameleon.ChameleonVQVAE(
+        transformers.ChameleonVQVAEConfig(**CHAMELEON_VQ)).eval())
+    pixels = torch.randn(2, 3, 74, 90, generator=torch.Generator().manual_seed(1))
+    maps = _apertus_maps(model, lambda: model.encode(pixels), block="ChameleonVQVAEEncoderAttnBlock")
+    with torch.no_grad():
+        plain = model.encode(pixels).image_tokens
+        with vitmad.record(model) as rec:
+            recorded = model.encode(pixels).image_tokens
+    assert torch.equal(plain, recorded)
+    assert rec.layers == ["encoder.down.2.attn.0", "encoder.mid.attn_1"] and rec.skipped == {}
+    _check_single_head(rec.calls[0], maps, (18, 22), 4.0)
+
+
+def test_chameleon_whole_model_records_its_vq_vae_not_its_language_model():
+    """ChameleonForConditionalGeneration encodes the images with its vqmodel (64 x 64 px: 16 x 16 cells at stride 4)
+    and replaces its <image> tokens by their codes; the language model (causal) is not the tower."""
+    # Image tokens named IMGIMG<code in letters A-J>Z (ChameleonImageVocabularyMapping), one per codebook entry.
+    vocabulary = {"<image>": 5, **{f"IMGIMG{''.join(chr(65 + int(d)) for d in str(code))}Z": 100 + code
+                                   for code in range(CHAMELEON_VQ["num_embeddings"])}}
+    config = transformers.ChameleonConfig(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, vq_config=CHAMELEON_VQ,
+                                          vocabulary_map=vocabulary)
+    torch.manual_seed(0)
+    model = _unit_convolutions(transformers.ChameleonForConditionalGeneration(config).eval())
+    inputs = dict(input_ids=torch.tensor([[1] + [5] * (16 * 16) + [10, 11]]),
+                  pixel_values=torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    maps = _apertus_maps(model, lambda: model(**inputs), block="ChameleonVQVAEEncoderAttnBlock")
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with vitmad.record(model) as rec:
+            recorded = model(**inputs).logits
+    assert torch.equal(plain, recorded)
+    assert rec.layers == ["model.vqmodel.encoder.down.2.attn.0", "model.vqmodel.encoder.mid.attn_1"]
+    assert rec.skipped == {}
+    _check_single_head(rec.calls[0], maps, (16, 16), 4.0)
 
 
 # TVP -----------------------------------------------------------------------------------------------------------------
