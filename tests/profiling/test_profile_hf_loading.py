@@ -249,3 +249,19 @@ def test_granite_docling_is_profiled_through_its_tower_at_its_tile_size_only(tmp
                                           r"adds one position embedding per patch of its image_size, and the model "
                                           r"does not interpolate its position embeddings\), got 96x96$"):
         vitmad.profile(f"hf:{tmp_path}", image_folder, device="cpu", max_images=2, image_size=96)
+
+
+def test_trocr_is_profiled_through_its_image_encoder(tmp_path, image_folder):
+    """An hf: VisionEncoderDecoderModel (a ViT encoder, TrOCR's text decoder) is profiled through its encoder: its
+    forward wanted decoder_input_ids ("You have to specify either decoder_input_ids or decoder_inputs_embeds")."""
+    torch.manual_seed(0)
+    decoder = transformers.TrOCRConfig(vocab_size=100, d_model=32, decoder_layers=1, decoder_attention_heads=2,
+                                       decoder_ffn_dim=64, max_position_embeddings=32)
+    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        transformers.ViTConfig(**_LAYERS, image_size=48, patch_size=8), decoder)
+    model = transformers.VisionEncoderDecoderModel(config)
+    model.save_pretrained(tmp_path)
+    transformers.ViTImageProcessor(size={"height": 48, "width": 48}).save_pretrained(tmp_path)
+    result = _whole_model_profile(tmp_path, image_folder, model)
+    assert result.settings["profiled"] == "encoder (ViTModel) of VisionEncoderDecoderModel, its vision tower"
+    assert result.layout == {"patch": 8, "grid": [6, 6], "num_prefix_tokens": 1}
