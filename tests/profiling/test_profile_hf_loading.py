@@ -183,3 +183,85 @@ def test_an_image_text_checkpoint_names_the_tower_profiled(tmp_path, image_folde
     processor.save_pretrained(tmp_path / "tower")
     tower = vitmad.profile(f"hf:{tmp_path / 'tower'}", image_folder, device="cpu", max_images=1)
     assert "profiled" not in tower.settings
+
+
+_TEXT = dict(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+
+
+def _whole_model_profile(folder, image_folder, model, image_size=None):
+    """The profile of ``hf:folder``, a whole vision-language model ``model`` saved with its processor, at
+    ``image_size`` (None: the processor's own): it is profiled through its tower, which must give the MAD
+    vitmad.record gives on that tower fed the same preprocessed images."""
+    result = vitmad.profile(f"hf:{folder}", image_folder, device="cpu", max_images=2, image_size=image_size)
+    preprocessing = load_model(f"hf:{folder}", image_size=image_size).preprocessing
+    if image_size is not None:
+        preprocessing = preprocessing.with_size(image_size)
+    pixels, _, _ = load_batch(find_images(image_folder)[:2], preprocessing)
+    tower = vision_tower(model)[0].eval()
+    with torch.no_grad(), vitmad.record(tower) as rec:
+        tower(pixels)
+    assert result.count == 2
+    torch.testing.assert_close(result.mad, rec.mad.mean(1).double(), rtol=1e-6, atol=1e-6)
+    return result
+
+
+def test_internvl_is_profiled_through_its_vision_tower_at_any_size(tmp_path, image_folder):
+    """An hf: InternVL (vision-language model) is profiled through its InternVLVisionModel: the class token, then
+    the patch grid (its position embedding interpolated at every size its input takes, without a flag); the pixel
+    shuffle after the tower changes nothing. Its processor's crops (crop_to_patches) are refused, as any tiling."""
+    torch.manual_seed(0)
+    config = transformers.InternVLConfig(vision_config=dict(_LAYERS, image_size=48, patch_size=8),
+                                         text_config=dict(_TEXT, model_type="qwen2"), image_token_id=150,
+                                         downsample_ratio=0.5)
+    model = transformers.InternVLForConditionalGeneration(config)
+    model.save_pretrained(tmp_path)
+    size = {"height": 48, "width": 48}
+    transformers.GotOcr2ImageProcessor(size=size, crop_to_patches=True).save_pretrained(tmp_path)
+    with pytest.raises(OptionError, match=r"GotOcr2ImageProcessor cuts each image into patches \(crop_to_patches"):
+        load_model(f"hf:{tmp_path}")
+    transformers.GotOcr2ImageProcessor(size=size, crop_to_patches=False).save_pretrained(tmp_path)
+    result = _whole_model_profile(tmp_path, image_folder, model)
+    assert result.settings["profiled"] == "vision_tower (InternVLVisionModel) of InternVLModel, its vision tower"
+    assert result.layout == {"patch": 8, "grid": [6, 6], "num_prefix_tokens": 1}
+    wide = _whole_model_profile(tmp_path, image_folder, model, (40, 56))
+    assert wide.layout == {"patch": 8, "grid": [5, 7], "num_prefix_tokens": 1}
+
+
+def test_granite_docling_is_profiled_through_its_tower_at_its_tile_size_only(tmp_path, image_folder):
+    """An hf: Granite Docling: its processor's tiles are refused (pass a size); at its tile size, its tower (no class
+    token, the row-major patch grid); at another size refused up front, naming the option: its embeddings add their
+    fixed table of positions and its forward takes no interpolate_pos_encoding (a shape error inside the model at
+    the first batch before)."""
+    torch.manual_seed(0)
+    vision = dict(_LAYERS, image_size=64, patch_size=8, out_hidden_size=32, deepstack_visual_indexes=[0])
+    config = transformers.GraniteDoclingConfig(vision_config=vision, text_config=_TEXT, image_token_id=150)
+    model = transformers.GraniteDoclingForConditionalGeneration(config)
+    model.save_pretrained(tmp_path)
+    transformers.GraniteDoclingImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path)
+    with pytest.raises(OptionError, match="GraniteDoclingImageProcessor cuts each image into tiles"):
+        load_model(f"hf:{tmp_path}")
+    result = _whole_model_profile(tmp_path, image_folder, model, (64, 64))
+    assert result.settings["profiled"] == ("vision_model (GraniteDoclingVisionModel) of GraniteDoclingModel, its "
+                                           "vision tower")
+    assert result.layout == {"patch": 8, "grid": [8, 8], "num_prefix_tokens": 0}
+    with pytest.raises(OptionError, match=r"^image_size: GraniteDoclingVisionModel takes 64x64 px only \(embeddings "
+                                          r"adds one position embedding per patch of its image_size, and the model "
+                                          r"does not interpolate its position embeddings\), got 96x96$"):
+        vitmad.profile(f"hf:{tmp_path}", image_folder, device="cpu", max_images=2, image_size=96)
+
+
+def test_trocr_is_profiled_through_its_image_encoder(tmp_path, image_folder):
+    """An hf: VisionEncoderDecoderModel (a ViT encoder, TrOCR's text decoder) is profiled through its encoder: its
+    forward wanted decoder_input_ids ("You have to specify either decoder_input_ids or decoder_inputs_embeds")."""
+    torch.manual_seed(0)
+    decoder = transformers.TrOCRConfig(vocab_size=100, d_model=32, decoder_layers=1, decoder_attention_heads=2,
+                                       decoder_ffn_dim=64, max_position_embeddings=32)
+    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        transformers.ViTConfig(**_LAYERS, image_size=48, patch_size=8), decoder)
+    model = transformers.VisionEncoderDecoderModel(config)
+    model.save_pretrained(tmp_path)
+    transformers.ViTImageProcessor(size={"height": 48, "width": 48}).save_pretrained(tmp_path)
+    result = _whole_model_profile(tmp_path, image_folder, model)
+    assert result.settings["profiled"] == "encoder (ViTModel) of VisionEncoderDecoderModel, its vision tower"
+    assert result.layout == {"patch": 8, "grid": [6, 6], "num_prefix_tokens": 1}

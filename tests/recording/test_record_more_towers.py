@@ -65,7 +65,7 @@ TOWERS = {
 }
 
 
-def _modeling(module: str):
+def modeling(module: str):
     return importlib.import_module(f"transformers.models.{module}.modeling_{module}")
 
 
@@ -73,10 +73,10 @@ def _tower(name: str) -> torch.nn.Module:
     module, config_name, model_name, extra, _, patch, _, _ = TOWERS[name]
     config = getattr(transformers, config_name)(**{**SMALL, "image_size": 48, "patch_size": patch, **extra})
     torch.manual_seed(0)
-    return _peaked(sharpened(getattr(transformers, model_name)(config)))
+    return peaked(sharpened(getattr(transformers, model_name)(config)))
 
 
-def _peaked(model: torch.nn.Module) -> torch.nn.Module:
+def peaked(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` (sharpened) with its patch convolution and its position, class and register embeddings drawn anew
     (BLIP-2's and InstructBLIP's initial ones make every token alike: uniform attention), its query and key
     projections 1.5 times larger (VitPose's second layer stays near uniform otherwise) and Sapiens2's query and key
@@ -100,7 +100,7 @@ def test_tower_tokens_after_their_prefix_match_eager_attention(name):
     module, _, _, _, prefix, patch, pixels, kwargs = TOWERS[name]
     model = _tower(name)
     images = torch.randn(2, 3, *pixels, generator=torch.Generator().manual_seed(1))
-    calls = eager_attention_calls(_modeling(module), model, images, **kwargs)
+    calls = eager_attention_calls(modeling(module), model, images, **kwargs)
     model.set_attn_implementation("eager" if name == "vitpose" else "sdpa")  # VitPose has no SDPA path
     rec, rec_tokens = record_both_reductions(
         model, lambda m: m(images, **kwargs),
@@ -160,11 +160,11 @@ def test_whole_model_records_its_image_tower_against_eager_attention(name):
     build, prefix = WHOLE_MODELS[name]
     torch.manual_seed(0)
     model, inputs, module, tower, output = build()
-    model = _peaked(sharpened(model))
+    model = peaked(sharpened(model))
     torch.manual_seed(1)
     inputs = {k: torch.randn_like(v) if k == "pixel_values" else v for k, v in inputs.items()}
     tower_modules = set(model.get_submodule(tower).modules())
-    calls = [c for c in eager_attention_calls(_modeling(module), model, **inputs) if c[0] in tower_modules]
+    calls = [c for c in eager_attention_calls(modeling(module), model, **inputs) if c[0] in tower_modules]
     model.set_attn_implementation("sdpa")
     rec, rec_tokens = record_both_reductions(model, lambda m: m(**inputs), output, STATS)
     assert all(layer.startswith(tower + ".") for layer in rec.layers)

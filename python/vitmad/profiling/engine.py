@@ -197,9 +197,10 @@ def _check_patches_fit(module: torch.nn.Module, image_size: tuple[int, int]) -> 
 
 def _check_size_the_model_checks(loaded: LoadedModel, image_size: tuple[int, int]) -> None:
     """Refuse, before any input is read, a size the model's own forward refuses: a patch embedding that raises
-    when its input differs from its ``image_size`` (transformers' VideoMAE, whose position table is fixed), in a
-    model that does not interpolate. Its error came from the first batch's forward, naming no option, after a
-    checkpoint was written.
+    when its input differs from its ``image_size`` (transformers' VideoMAE, whose position table is fixed), or
+    that adds its table of ``image_size``'s positions without a check (Granite Docling's tower, whose forward
+    has no ``interpolate_pos_encoding``: a shape error inside the model), in a model that does not interpolate.
+    Its error came from the first batch's forward, naming no option, after a checkpoint was written.
 
     Raises:
         OptionError: naming ``image_size``.
@@ -216,12 +217,14 @@ def _check_size_the_model_checks(loaded: LoadedModel, image_size: tuple[int, int
         if not (isinstance(own, (tuple, list)) and len(own) == 2 and all(isinstance(v, int) for v in own)):
             continue
         source = forward_source(type(module))
-        if "self.image_size" in source and "raise" in source:
+        checks = "self.image_size" in source and "raise" in source
+        if checks or "+ self.position_embedding(self.position_ids)" in source:
             if tuple(own) != tuple(image_size):
+                what = ("checks its input against its image_size" if checks else
+                        "adds one position embedding per patch of its image_size")
                 raise OptionError("image_size", f"{type(loaded.module).__name__} takes {own[0]}x{own[1]} px only "
-                                                f"({name} checks its input against its image_size, and the model does "
-                                                f"not interpolate its position embeddings), got "
-                                                f"{image_size[0]}x{image_size[1]}")
+                                                f"({name} {what}, and the model does not interpolate its position "
+                                                f"embeddings), got {image_size[0]}x{image_size[1]}")
             return
 
 

@@ -76,9 +76,12 @@ def vision_tower(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     ``""``: image-text models (CLIP, SigLIP, ...) and vision-language models (Florence-2) need text for their
     forward, promptable segmenters (SAM, SAM 2) prompts for their mask decoder, so their vision tower is profiled
     alone. The tower is found by the names the recorder knows (``TOWER_ATTRIBUTES``), if its forward takes
-    images."""
+    images. A ``VisionEncoderDecoderModel`` (TrOCR, Donut, ...), whose forward wants the text decoder's inputs,
+    is profiled through its image ``encoder``."""
     from ..recording.towers import TOWER_ATTRIBUTES
 
+    if getattr(getattr(module, "config", None), "model_type", None) == "vision-encoder-decoder":
+        return module.encoder, "encoder."
     prefix = ""
     base = getattr(module, "base_model", module)
     if isinstance(base, torch.nn.Module) and base is not module and not any(
