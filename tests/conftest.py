@@ -569,6 +569,7 @@ def packed_chunk_references(calls: list, layers: list[tuple[torch.nn.Module, lis
     for module, chunks in layers:
         values = {stat: [torch.full((calls[0][1].shape[1], h * w), math.nan, dtype=torch.float64) for h, w in grids]
                   for stat in ("mad", "entropy", "prefix_mass")}
+        entropies, uniform = 0.0, 0.0
         for entry, cells in chunks:
             called, probabilities = calls[used]
             used += 1
@@ -576,13 +577,15 @@ def packed_chunk_references(calls: list, layers: list[tuple[torch.nn.Module, lis
             probabilities = probabilities[0]  # [H, n, n]
             centres = torch.tensor([[(r + 0.5) * patch, (c + 0.5) * patch] for r, c in cells], dtype=torch.float64)
             entropy = -torch.special.xlogy(probabilities, probabilities).sum(-1)
-            # Far from uniform attention (entropy ln n), so that a token placed wrongly would show.
-            assert len(cells) == 1 or float(entropy.mean()) < 0.8 * math.log(len(cells))
+            entropies, uniform = entropies + float(entropy.sum()), uniform + entropy.numel() * math.log(len(cells))
             order = torch.tensor([r * grids[entry][1] + c for r, c in cells])  # sequence -> row-major index
             values["mad"][entry][:, order] = (probabilities * torch.cdist(centres, centres)).sum(-1)
             values["entropy"][entry][:, order] = entropy
             values["prefix_mass"][entry][:, order] = 0.0
         assert all(not v.isnan().any() for stat in values.values() for v in stat), "the geometry misses a token"
+        # Far from uniform attention (entropy ln n over its n keys, summed over the layer's queries), so that a token
+        # placed wrongly would show.
+        assert entropies < 0.8 * uniform
         references.append(values)
     assert used == len(calls)
     return references

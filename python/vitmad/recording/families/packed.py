@@ -697,14 +697,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
             return RefusingPlacer(
                 f"it is not in {design.tower}.{design.blocks}, whose index says whether it attends in windows")
         index = int(block[1])
-        if not design.layer_types:
-            windowed = index not in tower.fullatt_block_indexes
-        else:
-            kinds = list(getattr(tower.config, "layer_types", None) or [])
-            kind = kinds[index] if index < len(kinds) else None
-            if kind not in ("window_attention", "full_attention"):
-                return RefusingPlacer(
-                    f"its tower's config.layer_types says {kind!r} for block {index} (of {kinds}), neither "
-                    "'window_attention' nor 'full_attention', the attentions vitmad places")
-            windowed = kind == "window_attention"
+        # Either way, each call's cu_seqlens are checked against the chunks this choice makes.
+        windowed = (tower.config.layer_types[index] == "window_attention" if design.layer_types
+                    else index not in tower.fullatt_block_indexes)
     return QwenPlacer(model, tower_name, tower, module, windowed, design)
