@@ -20,7 +20,9 @@ import importlib
 import pytest
 import torch
 
+import vitmad
 from conftest import (
+    PACKED_STATS,
     check_packed_statistics,
     eager_attention_calls,
     packed_chunk_references,
@@ -154,3 +156,44 @@ def test_video_slices_match_eager_attention(name):
     model.set_attn_implementation("sdpa")
     rec, per_query = record_packed_statistics(model, patches, grid_thw=grid_thw)
     check_packed_statistics(rec, per_query, references, VIDEO_ENTRIES, _kinds(name, LAYER_TYPES), PATCH)
+
+
+# Whole vision-language models -----------------------------------------------------------------------------------
+
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            vocab_size=100, head_dim=16)
+MUSE = dict(out_hidden_size=4 * 32, projector_hidden_size=32)  # the adapter takes pixel_shuffle's 2 x 2 x hidden
+# name -> (config class, model class, the model's config beyond the vision config)
+VLMS = {
+    "ovis2_5": ("Ovis2_5Config", "Ovis2_5Model", dict(text_config=TEXT)),
+    "muse_glimmer": ("MuseGlimmerConfig", "MuseGlimmerModel",
+                     dict(text_config=dict(TEXT, bos_token_id=None, eos_token_id=None), **MUSE)),
+    "muse_spark": ("MuseSparkConfig", "MuseSparkModel", dict(
+        text_config=dict(TEXT, moe_intermediate_size=32, num_local_experts=2, bos_token_id=None, eos_token_id=None),
+        audio_config=dict(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], out_hidden_size=32), **MUSE)),
+}
+
+
+@pytest.mark.parametrize("name", list(VLMS))
+def test_vision_language_model_records_its_tower_as_the_tower_alone(name):
+    """The whole model's get_image_features records its ``vision_tower`` only (the text layers skipped), the same
+    as the tower alone on the same inputs."""
+    config_name, model_name, settings = VLMS[name]
+    config = getattr(transformers, config_name)(vision_config=_tower(name).config.to_dict(),
+                                                attn_implementation="sdpa", **settings)
+    torch.manual_seed(0)
+    model = sharpened(getattr(transformers, model_name)(config))
+    rows = [(1, h, w) for h, w in GRIDS]
+    patches, grid_thw = _patches(name, rows, seed=1), torch.tensor(rows)
+    with torch.no_grad():
+        plain = model.get_image_features(patches, image_grid_thw=grid_thw).pooler_output
+        with vitmad.record(model, reduction="none", stats=PACKED_STATS) as whole:
+            recorded = model.get_image_features(patches, image_grid_thw=grid_thw).pooler_output
+        with vitmad.record(model.vision_tower, reduction="none", stats=PACKED_STATS) as alone:
+            model.vision_tower(patches, grid_thw=grid_thw)
+    assert all(torch.equal(a, b) for a, b in zip(plain, recorded))
+    assert whole.layers == [f"vision_tower.{layer}" for layer in alone.layers] and len(alone.layers) == 3
+    assert [g.attention for g in whole.geometry] == _kinds(name, LAYER_TYPES) and len(whole.calls) == 1
+    for stat in ("mad", "entropy", "prefix_mass"):
+        for mine, own in zip(whole.stats[stat], alone.stats[stat]):
+            torch.testing.assert_close(mine, own, equal_nan=True)

@@ -26,6 +26,7 @@ import torch
 
 import vitmad
 from conftest import (
+    PACKED_STATS,
     check_packed_statistics,
     eager_attention_calls,
     packed_chunk_references,
@@ -229,3 +230,56 @@ def test_flash_attention_over_several_images_is_refused():
                               r"3 chunks \(flash attention"):
         model(*args, **kwargs)
     assert all(call.layers == [] for call in rec.calls)
+
+
+# Whole vision-language models ----------------------------------------------------------------------------------
+
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            vocab_size=100, head_dim=16)
+# name -> (config class, model class, its tower's attribute, the model's config beyond the two sub-configs)
+VLMS = {
+    "paddleocr_vl": ("PaddleOCRVLConfig", "PaddleOCRVLModel", "visual", dict(text_config=TEXT)),
+    "hunyuan_vl": ("HunYuanVLConfig", "HunYuanVLModel", "vision_tower", dict(text_config=TEXT)),
+    "hy_v4_vl": ("HYV4VLConfig", "HYV4VLModel", "vision_tower", dict(text_config=dict(
+        TEXT, moe_intermediate_size=32, n_routed_experts=2, num_experts_per_tok=1, q_lora_rank=16, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, index_topk=4, index_head_dim=8, index_n_heads=2,
+        pad_token_id=0, bos_token_id=None, eos_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]}),
+        attn_implementation={"text_config": "eager", "vision_config": "sdpa"})),  # its text attention: eager only
+    "kimi_k25": ("Kimi_K25Config", "Kimi_K25Model", "vision_tower",
+                 dict(text_config=dict(TEXT, model_type="llama"), projection_hidden_size=32)),
+    "video_llama_3": ("VideoLlama3Config", "VideoLlama3Model", "vision_model", dict(text_config=TEXT)),
+}
+
+
+@pytest.mark.parametrize("name", list(VLMS))
+def test_vision_language_model_records_its_tower_as_the_tower_alone(name):
+    """The whole model's get_image_features records its vision tower only (the text layers skipped), the same as
+    the tower alone on the inputs the model gives it."""
+    config_name, model_name, tower, settings = VLMS[name]
+    vision = _tower(name).config.to_dict()
+    config = getattr(transformers, config_name)(vision_config=vision, **{"attn_implementation": "sdpa", **settings})
+    torch.manual_seed(0)
+    model = sharpened(getattr(transformers, model_name)(config))
+    tower = getattr(model, tower)
+    rows = [(1, h, w) for h, w in GRIDS]
+    (pixels,), kwargs = _inputs(name, rows, MERGE_SIZES)
+    features = {"pixel_values": pixels.reshape(-1, *pixels.shape[2:]) if name == "paddleocr_vl" else pixels,
+                "image_grid_thw": kwargs["grid_thw"]}
+    if name == "video_llama_3":
+        features["image_merge_sizes"] = kwargs["merge_sizes"]
+    given = []
+    hook = tower.register_forward_pre_hook(lambda module, args, kw: given.append((args, kw)), with_kwargs=True)
+    with torch.no_grad():
+        plain = model.get_image_features(**features).last_hidden_state
+        hook.remove()
+        with vitmad.record(model, reduction="none", stats=PACKED_STATS) as whole:
+            recorded = model.get_image_features(**features).last_hidden_state
+        with vitmad.record(tower, reduction="none", stats=PACKED_STATS) as alone:
+            tower(*given[0][0], **given[0][1])
+    assert torch.equal(plain, recorded)
+    assert whole.layers == [f"{VLMS[name][2]}.{layer}" for layer in alone.layers] and len(alone.layers) == 2
+    assert whole.geometry[0].image_grids == tuple(GRIDS) and len(whole.calls) == 1
+    for stat in ("mad", "entropy", "prefix_mass"):
+        for mine, own in zip(whole.stats[stat], alone.stats[stat]):
+            torch.testing.assert_close(mine, own, equal_nan=True)
