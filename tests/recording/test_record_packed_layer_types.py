@@ -109,9 +109,12 @@ def test_packed_images_match_eager_attention(name, attn_implementation):
 def test_window_order_is_the_towers_own():
     """The window order written here is transformers' get_vision_window_index, which the towers apply to their
     sequence (Ovis2.5 over merge blocks, the Muse towers over patches), and the processors' patch order is the one
-    the tower's get_vision_position_ids assumes (Ovis2.5: merge blocks; Muse Glimmer: row-major)."""
+    the tower's get_vision_position_ids assumes (Ovis2.5: merge blocks; Muse Glimmer: row-major), frame after frame
+    in a video."""
     from transformers.models.muse_glimmer.image_processing_muse_glimmer import MuseGlimmerImageProcessor
+    from transformers.models.muse_glimmer.video_processing_muse_glimmer import MuseGlimmerVideoProcessor
     from transformers.models.ovis2_5.image_processing_ovis2_5 import Ovis2_5ImageProcessor
+    from transformers.models.ovis2_5.video_processing_ovis2_5 import Ovis2_5VideoProcessor
     from transformers.vision_utils import get_vision_window_index
 
     grid_thw = torch.tensor([[1, h, w] for h, w in GRIDS])
@@ -126,18 +129,23 @@ def test_window_order_is_the_towers_own():
             start += len(blocks)
         assert index.tolist() == cells and torch.diff(cu_window).tolist() == lengths, name
 
-    h, w = 4, 6
+    h, w, frames = 4, 6, 3
     image = torch.zeros(1, 3, h * PATCH, w * PATCH)
     for r in range(h):  # each patch holds its row-major index in every pixel
         for c in range(w):
             image[..., r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH] = r * w + c
-    for processor, merge in ((Ovis2_5ImageProcessor(), 2), (MuseGlimmerImageProcessor(), 1)):
-        arguments = dict(patch_size=PATCH, temporal_patch_size=1)
-        if merge > 1:
-            arguments["merge_size"] = merge
-        patches = processor.patchify(image, **arguments)[0]
-        order = patches.reshape(h * w, -1)[:, 0].long().tolist()
-        assert order == [r * w + c for r, c in qwen_token_chunks((h, w), merge, None)[0]], type(processor).__name__
+    video = torch.stack([image[0] + 100 * f for f in range(frames)])[None]  # [1, T, C, H, W], frame f adds 100 f
+    merged = dict(patch_size=PATCH, merge_size=2, temporal_patch_size=1)
+    single = dict(patch_size=PATCH, temporal_patch_size=1)
+    # (processor, its input, patchify's arguments, the merge size of the order it makes)
+    cases = [(Ovis2_5ImageProcessor(), image, merged, 2), (Ovis2_5VideoProcessor(), video, merged, 2),
+             (MuseGlimmerImageProcessor(), image, single, 1), (MuseGlimmerVideoProcessor(), video, single, 1)]
+    for processor, pixels, arguments, merge in cases:
+        patches = processor.patchify(pixels, **arguments)[0]
+        frame_count = frames if pixels is video else 1
+        order = patches.reshape(frame_count * h * w, -1)[:, 0].long().tolist()
+        cells = qwen_token_chunks((h, w), merge, None)[0]
+        assert order == [100 * f + r * w + c for f in range(frame_count) for r, c in cells], type(processor).__name__
 
 
 # A video of 3 temporal slices between two images: (t, h, w) patches per grid_thw row.

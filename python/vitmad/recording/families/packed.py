@@ -36,12 +36,29 @@
   token, the one its call holds, and the prefix maps are each image's class-token row over its own grid (the
   recorder joins the calls' rows along the keys). RADIO's packed forward (``families/radio.py``) uses the same
   sequence with its summary tokens and row-major patches.
+- Row-major per image, one ``cu_seqlens`` chunk per image (``"row_major"``: Qwen2-VL's placement with merge blocks
+  of one patch; each tower merges, if at all, after its encoder): PaddleOCR-VL (``PaddleOCRVisionModel``; rotary
+  position ids ``get_vision_position_ids(grid_thw, 1)``, a learned position grid interpolated row-major; its
+  ``attention_mask`` reaches no attention call), HunYuanVL (``HunYuanVLVisionTransformer``) and HY-V4-VL
+  (``HYV4VLVisionModel``), without rotary embedding, their learned position grids interpolated to each image's
+  ``h x w`` and their patch mergers folding each image's run row-major, and Kimi-K2.5 (``Kimi_K25VisionModel``);
+  each model's image processor cuts the patches row-major (Kimi-K2.5's pads the resized image to whole merge
+  blocks: those patches are tokens, in pixels of the padded image).
+- A merge size per image: VideoLLaMA3 (``VideoLlama3VisionModel``) takes ``merge_sizes``, one per ``grid_thw``
+  row (its image processor's default 1: row-major; its video processor's 2), each image's tokens in Qwen2-VL's
+  merge-block order of its own size, read in every call.
+- Qwen2.5-VL's windows, each block attending per window or per image as its config's ``layer_types`` says
+  (``"window_attention"`` / ``"full_attention"``) instead of ``fullatt_block_indexes``: Ovis2.5
+  (``Ovis2_5VisionModel``, windows of ``window_size // merge // patch`` merge blocks) and Muse Glimmer / Muse Spark
+  (``MuseGlimmerVisionModel``, ``MuseSparkVisionModel``: ``spatial_merge_size`` 1 in the tower, so the windows are
+  of ``pos_emb_height`` single patches and the patches row-major, as their processor cuts them).
 - Pixtral (``PixtralVisionModel``): image ``i`` of ``image_sizes`` is ``h // p x w // p`` patches, row-major, and
   the images are concatenated into one sequence ``[1, N, C]``; the attention gets a block-diagonal mask, so a
   token of another image has probability 0.
 
 Videos (a ``grid_thw`` row ``(t, h, w)`` with ``t > 1``): Qwen2-VL, Qwen2.5-VL, Qwen3-VL, the towers built as them,
-Cosmos3-Edge, LFM3-VL and LLaVA-OneVision-1.5, whose designs say ``video_slices``, give each of the ``t`` temporal
+Cosmos3-Edge, LFM3-VL, LLaVA-OneVision-1.5, HY-V4-VL, VideoLLaMA3, Ovis2.5 and the Muse towers, whose designs say
+``video_slices``, give each of the ``t`` temporal
 slices (a temporal patch of ``temporal_patch_size`` frames) its own ``cu_seqlens`` chunk (``repeat_interleave(h * w,
 t)``; Qwen2.5-VL's windows cut each slice as an image; LLaVA-OneVision-1.5 a class token first in each slice's, as in
 an image's), its ``h * w`` tokens in an image's merge-block order: each slice attends only within itself, so it is
@@ -56,14 +73,15 @@ probability 0 under the mask). The per-query values of the sequence fold onto ``
 
 Refused (a ``ValueError`` naming the layer): GLM-Image's tower (``GlmImageVisionModel``), by name: packed like
 Qwen2-VL, but its config's ``spatial_merge_size`` (default 1) and its image processor's ``merge_size`` (default 2)
-need not agree, so where a token lies on the image is not settled; by name too, packed towers that differ:
-Ovis2.5, Muse Glimmer and Muse Spark (window or full attention per layer by ``layer_types``), PaddleOCR-VL
-(row-major, its own embeddings), Kimi-K2.5 (row-major, per-clip chunks), VideoLLaMA3 (a merge size per image),
-HunYuanVL and HY-V4-VL (row-major); videos in the other towers (MiniMax-M3-VL and Inkling2 attend a whole clip in
-one chunk; GLM-4.1V's and GLM-4.5V's towers cannot run a ``t > 1`` row, their models pass ``t = 1`` rows); flash
-attention over more than one chunk (one variable-length call whose chunks the capture does not receive); a tower
-given precomputed ``position_ids`` or ``window_index`` (vitmad rebuilds the token order from ``grid_thw``);
-``cu_seqlens`` or attention shapes that are not the chunks rebuilt here.
+need not agree, so where a token lies on the image is not settled; videos in the other towers (MiniMax-M3-VL,
+Inkling2 and Kimi-K2.5 attend a whole clip in one chunk, across its frames, which this placement has no time axis
+for; HunYuanVL's patch merger folds a whole row into one ``h x w`` map, so it runs no video; PaddleOCR-VL has no
+video processor and its per-frame chunks were not checked; GLM-4.1V's and GLM-4.5V's towers cannot run a ``t > 1``
+row, their models pass ``t = 1`` rows); flash attention over more than one chunk (one variable-length call whose
+chunks the capture does not receive); a tower given precomputed ``position_ids``, ``window_index`` or
+``cu_window_seqlens`` (vitmad rebuilds the token order from ``grid_thw``); ``cu_seqlens`` or attention shapes that
+are not the chunks rebuilt here (checked in every call, so a block whose ``layer_types`` or merge size did not
+make the chunks it received is refused).
 """
 
 from __future__ import annotations
