@@ -208,6 +208,23 @@ def test_video_rows_are_refused(name, reason):
 
 # Refusals ---------------------------------------------------------------------------------------------------------
 
+def test_precomputed_position_ids_are_refused():
+    """VideoLLaMA3's tower takes precomputed rotary position ids (get_vision_position_ids pops them): the token order
+    is then the caller's, not the one merge_sizes makes, so it is refused."""
+    from transformers.vision_utils import get_vision_position_ids
+
+    model = _tower("video_llama_3")
+    args, kwargs = _inputs("video_llama_3", [(1, h, w) for h, w in GRIDS], MERGE_SIZES)
+    position_ids = get_vision_position_ids(kwargs["grid_thw"], kwargs["merge_sizes"])
+    with torch.no_grad():
+        model(*args, **kwargs, position_ids=position_ids)  # the model runs it
+        with vitmad.record(model) as rec, pytest.raises(
+                ValueError, match=r"VideoLlama3VisionModel was given precomputed position_ids; vitmad places the "
+                                  r"tokens by the order the tower derives from grid_thw"):
+            model(*args, **kwargs, position_ids=position_ids)
+    assert all(call.layers == [] for call in rec.calls)
+
+
 def test_flash_attention_over_several_images_is_refused():
     """Flash attention attends the packed images in one variable-length call whose chunks vitmad's capture does
     not receive: refused. Simulated on the CPU by an attention function registered under a flash name."""

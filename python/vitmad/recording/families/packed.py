@@ -525,10 +525,10 @@ class QwenPlacer(_PackedPlacer):
         if sizes is None:
             raise NotPlaceable(f"its tower {type(self.tower).__name__} ran without {name}")
         sizes = [int(v) for v in (sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)]
-        if len(sizes) != rows or min(sizes, default=1) < 1:
-            raise NotPlaceable(f"its tower {type(self.tower).__name__} was given {name} {sizes}, not one merge size "
-                               f"(>= 1) per each of the {rows} rows of {self.design.grid_argument}")
-        return sizes
+        if len(sizes) < rows:
+            raise NotPlaceable(f"its tower {type(self.tower).__name__} was given {name} {sizes}, fewer than the "
+                               f"{rows} rows of {self.design.grid_argument}")
+        return sizes[:rows]  # the tower pairs them with the rows by zip
 
     def _layout(self, args: tuple, kwargs: dict, cu_seqlens: torch.Tensor | None) -> tuple[ChunkLayout, str]:
         """The layout of the tower's images and the kind of this block's chunks, checked against the
