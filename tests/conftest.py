@@ -553,6 +553,86 @@ def check_packed_values(rec, expected_per_layer, grids, attention_kinds, tol: di
             assert values[image, :, h * w:].isnan().all()
 
 
+PACKED_STATS = ["mad", "entropy", "prefix_mass", "prefix_maps"]
+
+
+def packed_chunk_references(calls: list, layers: list[tuple[torch.nn.Module, list]], grids, patch: int) -> list[dict]:
+    """The float64 reference of a packed tower without prefix tokens, from its eager ``calls`` (conftest
+    :func:`eager_attention_calls`): per layer, ``"mad"``, ``"entropy"`` and ``"prefix_mass"`` (zero), each a list
+    per fold entry (an image or a video's slice, ``grids[i]``) of ``[H, h * w]`` row-major on its grid.
+
+    Args:
+        layers: per layer, its attention module and its calls' chunks in call order, each ``(entry, cells)``: the
+            fold entry and the ``(row, col)`` of its tokens in sequence order; a query's keys are its own chunk's.
+    """
+    references, used = [], 0
+    for module, chunks in layers:
+        values = {stat: [torch.full((calls[0][1].shape[1], h * w), math.nan, dtype=torch.float64) for h, w in grids]
+                  for stat in ("mad", "entropy", "prefix_mass")}
+        entropies, uniform = 0.0, 0.0
+        for entry, cells in chunks:
+            called, probabilities = calls[used]
+            used += 1
+            assert called is module and probabilities.shape[-1] == len(cells)
+            probabilities = probabilities[0]  # [H, n, n]
+            centres = torch.tensor([[(r + 0.5) * patch, (c + 0.5) * patch] for r, c in cells], dtype=torch.float64)
+            entropy = -torch.special.xlogy(probabilities, probabilities).sum(-1)
+            entropies, uniform = entropies + float(entropy.sum()), uniform + entropy.numel() * math.log(len(cells))
+            order = torch.tensor([r * grids[entry][1] + c for r, c in cells])  # sequence -> row-major index
+            values["mad"][entry][:, order] = (probabilities * torch.cdist(centres, centres)).sum(-1)
+            values["entropy"][entry][:, order] = entropy
+            values["prefix_mass"][entry][:, order] = 0.0
+        assert all(not v.isnan().any() for stat in values.values() for v in stat), "the geometry misses a token"
+        # Far from uniform attention (entropy ln n over its n keys, summed over the layer's queries), so that a token
+        # placed wrongly would show.
+        assert entropies < 0.8 * uniform
+        references.append(values)
+    assert used == len(calls)
+    return references
+
+
+def record_packed_statistics(model: torch.nn.Module, *inputs, **kwargs) -> tuple:
+    """Two recordings of one forward of a packed tower, with every statistic: the means, and per query. Their
+    outputs (``last_hidden_state``, and ``pooler_output`` where the tower has one) must be the plain one, bit for
+    bit."""
+    with torch.no_grad():
+        plain = model(*inputs, **kwargs)
+        with vitmad.record(model, stats=PACKED_STATS) as rec:
+            recorded = model(*inputs, **kwargs)
+        with vitmad.record(model, reduction="none", stats=PACKED_STATS) as per_query:
+            again = model(*inputs, **kwargs)
+    for field in ("last_hidden_state", "pooler_output"):
+        if getattr(plain, field, None) is not None:
+            assert torch.equal(getattr(plain, field), getattr(recorded, field)), field
+            assert torch.equal(getattr(plain, field), getattr(again, field)), field
+    return rec, per_query
+
+
+def check_packed_statistics(rec, per_query, references: list[dict], grids, kinds: list[str], patch: int) -> None:
+    """Recordings of :func:`record_packed_statistics` against :func:`packed_chunk_references`: geometry, then MAD,
+    entropy and prefix mass per query (image ``i``'s on its own grid row-major, NaN after) and their means."""
+    # float32 recordings against float64 on the eager float32 probabilities; MADs are 4 to 40 px, the others <= 5.
+    tol, stat_tol = {"rtol": 1e-5, "atol": 1e-4}, {"rtol": 1e-5, "atol": 1e-5}
+    assert rec.skipped == {} and len(rec.layers) == len(references) == len(kinds)
+    longest = max(h * w for h, w in grids)
+    for layer, (expected, kind) in enumerate(zip(references, kinds)):
+        geometry = per_query.geometry[layer]
+        assert geometry.grid is None and geometry.image_grids == tuple(grids)
+        assert geometry.stride == (patch, patch) and geometry.attention == kind
+        assert geometry.num_prefix_tokens is None and rec.prefix_maps[layer] is None
+        for stat, close in (("mad", tol), ("entropy", stat_tol), ("prefix_mass", stat_tol)):
+            tokens = per_query.stats[stat][layer]
+            assert tokens.shape == (len(grids), expected[stat][0].shape[0], longest)
+            for image, (h, w) in enumerate(grids):
+                torch.testing.assert_close(tokens[image, :, :h * w].double(), expected[stat][image], **close,
+                                           msg=lambda m, s=stat: f"layer {layer} {s}: {m}")
+                assert tokens[image, :, h * w:].isnan().all()
+            means = torch.stack([values.mean(-1) for values in expected[stat]])  # [n_images, H]
+            torch.testing.assert_close(rec.stats[stat][layer].double(), means, **close)
+        torch.testing.assert_close(per_query.per_layer[layer], per_query.stats["mad"][layer], equal_nan=True)
+        torch.testing.assert_close(rec.mad[layer], rec.stats["mad"][layer])
+
+
 def write_images(folder: Path, count: int, *, seed: int = 0, nested: bool = True) -> list[Path]:
     """``count`` random RGB images of varied sizes and formats (some in a subfolder), sorted by path."""
     from PIL import Image

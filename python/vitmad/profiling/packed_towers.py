@@ -1,8 +1,9 @@
 """Packed native-resolution vision towers in ``vitmad profile``: the Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE,
 Qwen3.5 and Qwen3.5-MoE vision towers, MiniMax-M3-VL's, Cosmos3-Edge's, LFM3-VL's and Pixtral's
 (``recording/families/packed.py`` records them, and more towers that ``vitmad profile`` does not load: GLM,
-ERNIE-4.5-VL, dots3, the Omni models, EXAONE 4.5, Cohere Compass, Qwen4-Exp, whose checkpoint layouts or image
-processors are not checked here).
+ERNIE-4.5-VL, dots3, the Omni models, EXAONE 4.5, Cohere Compass, Qwen4-Exp, PaddleOCR-VL, HunYuanVL, HY-V4-VL,
+Kimi-K2.5, VideoLLaMA3, Ovis2.5, Muse Glimmer and Muse Spark, whose checkpoint layouts or image processors are not
+checked here).
 
 Loading (``hf:<id or folder>``):
 

@@ -36,12 +36,29 @@
   token, the one its call holds, and the prefix maps are each image's class-token row over its own grid (the
   recorder joins the calls' rows along the keys). RADIO's packed forward (``families/radio.py``) uses the same
   sequence with its summary tokens and row-major patches.
+- Row-major per image, one ``cu_seqlens`` chunk per image (``"row_major"``: Qwen2-VL's placement with merge blocks
+  of one patch; each tower merges, if at all, after its encoder): PaddleOCR-VL (``PaddleOCRVisionModel``; rotary
+  position ids ``get_vision_position_ids(grid_thw, 1)``, a learned position grid interpolated row-major; its
+  ``attention_mask`` reaches no attention call), HunYuanVL (``HunYuanVLVisionTransformer``) and HY-V4-VL
+  (``HYV4VLVisionModel``), without rotary embedding, their learned position grids interpolated to each image's
+  ``h x w`` and their patch mergers folding each image's run row-major, and Kimi-K2.5 (``Kimi_K25VisionModel``);
+  each model's image processor cuts the patches row-major (Kimi-K2.5's pads the resized image to whole merge
+  blocks: those patches are tokens, in pixels of the padded image).
+- A merge size per image: VideoLLaMA3 (``VideoLlama3VisionModel``) takes ``merge_sizes``, one per ``grid_thw``
+  row (its image processor's default 1: row-major; its video processor's 2), each image's tokens in Qwen2-VL's
+  merge-block order of its own size, read in every call.
+- Qwen2.5-VL's windows, each block attending per window or per image as its config's ``layer_types`` says
+  (``"window_attention"`` / ``"full_attention"``) instead of ``fullatt_block_indexes``: Ovis2.5
+  (``Ovis2_5VisionModel``, windows of ``window_size // merge // patch`` merge blocks) and Muse Glimmer / Muse Spark
+  (``MuseGlimmerVisionModel``, ``MuseSparkVisionModel``: ``spatial_merge_size`` 1 in the tower, so the windows are
+  of ``pos_emb_height`` single patches and the patches row-major, as their processor cuts them).
 - Pixtral (``PixtralVisionModel``): image ``i`` of ``image_sizes`` is ``h // p x w // p`` patches, row-major, and
   the images are concatenated into one sequence ``[1, N, C]``; the attention gets a block-diagonal mask, so a
   token of another image has probability 0.
 
 Videos (a ``grid_thw`` row ``(t, h, w)`` with ``t > 1``): Qwen2-VL, Qwen2.5-VL, Qwen3-VL, the towers built as them,
-Cosmos3-Edge, LFM3-VL and LLaVA-OneVision-1.5, whose designs say ``video_slices``, give each of the ``t`` temporal
+Cosmos3-Edge, LFM3-VL, LLaVA-OneVision-1.5, HY-V4-VL, VideoLLaMA3, Ovis2.5 and the Muse towers, whose designs say
+``video_slices``, give each of the ``t`` temporal
 slices (a temporal patch of ``temporal_patch_size`` frames) its own ``cu_seqlens`` chunk (``repeat_interleave(h * w,
 t)``; Qwen2.5-VL's windows cut each slice as an image; LLaVA-OneVision-1.5 a class token first in each slice's, as in
 an image's), its ``h * w`` tokens in an image's merge-block order: each slice attends only within itself, so it is
@@ -56,14 +73,15 @@ probability 0 under the mask). The per-query values of the sequence fold onto ``
 
 Refused (a ``ValueError`` naming the layer): GLM-Image's tower (``GlmImageVisionModel``), by name: packed like
 Qwen2-VL, but its config's ``spatial_merge_size`` (default 1) and its image processor's ``merge_size`` (default 2)
-need not agree, so where a token lies on the image is not settled; by name too, packed towers that differ:
-Ovis2.5, Muse Glimmer and Muse Spark (window or full attention per layer by ``layer_types``), PaddleOCR-VL
-(row-major, its own embeddings), Kimi-K2.5 (row-major, per-clip chunks), VideoLLaMA3 (a merge size per image),
-HunYuanVL and HY-V4-VL (row-major); videos in the other towers (MiniMax-M3-VL and Inkling2 attend a whole clip in
-one chunk; GLM-4.1V's and GLM-4.5V's towers cannot run a ``t > 1`` row, their models pass ``t = 1`` rows); flash
-attention over more than one chunk (one variable-length call whose chunks the capture does not receive); a tower
-given precomputed ``position_ids`` or ``window_index`` (vitmad rebuilds the token order from ``grid_thw``);
-``cu_seqlens`` or attention shapes that are not the chunks rebuilt here.
+need not agree, so where a token lies on the image is not settled; videos in the other towers (MiniMax-M3-VL,
+Inkling2 and Kimi-K2.5 attend a whole clip in one chunk, across its frames, which this placement has no time axis
+for; HunYuanVL's patch merger folds a whole row into one ``h x w`` map, so it runs no video; PaddleOCR-VL has no
+video processor and its per-frame chunks were not checked; GLM-4.1V's and GLM-4.5V's towers cannot run a ``t > 1``
+row, their models pass ``t = 1`` rows); flash attention over more than one chunk (one variable-length call whose
+chunks the capture does not receive); a tower given precomputed ``position_ids``, ``window_index`` or
+``cu_window_seqlens`` (vitmad rebuilds the token order from ``grid_thw``); ``cu_seqlens`` or attention shapes that
+are not the chunks rebuilt here (checked in every call, so a block whose ``layer_types`` or merge size did not
+make the chunks it received is refused).
 """
 
 from __future__ import annotations
@@ -92,9 +110,15 @@ class _Design:
         module: the module that defines the classes.
         tower: class name of the vision tower (it receives the images' sizes).
         attention: class name of its attention module (the one recorded).
-        kind: ``"qwen"`` (merge-block order, ``cu_seqlens``), ``"pixtral"`` (row-major, block-diagonal mask), or
-            ``"refused"`` (a tower packed alike whose token positions vitmad does not know: ``reason``).
-        windows: the tower has window blocks besides its ``fullatt_block_indexes`` blocks (Qwen2.5-VL).
+        kind: ``"qwen"`` (merge-block order, ``cu_seqlens``), ``"row_major"`` (the same chunks, each image's
+            patches row-major: merge blocks of one patch, the tower merging after its encoder if at all),
+            ``"pixtral"`` (row-major, block-diagonal mask), or ``"refused"`` (a tower packed alike whose token
+            positions vitmad does not know: ``reason``).
+        windows: the tower has window blocks besides its full-attention blocks (Qwen2.5-VL's
+            ``fullatt_block_indexes``; the blocks its config's ``layer_types`` names, with ``layer_types``).
+        layer_types: the tower's config says per block ``"window_attention"`` or ``"full_attention"``
+            (``config.layer_types``, Ovis2.5 and the Muse towers), instead of ``fullatt_block_indexes``.
+        blocks: the tower's list of blocks, whose index says whether a block attends in windows.
         reason: why a ``"refused"`` tower is refused.
         patch: where the tower keeps its patch size, a dotted attribute path from the tower (``"qwen"`` kind).
         token_convolution: class name of the tower's modules whose convolutions run on its tokens, once per image,
@@ -102,6 +126,8 @@ class _Design:
         class_tokens: tokens without a position the tower puts before each image's patches, inside the image's
             ``cu_seqlens`` chunk (LLaVA-OneVision-1.5, Inkling2: one class token); 0 for none.
         merge: where the tower keeps its spatial merge size, a dotted attribute path from the tower.
+        merge_argument: the tower's argument holding a merge size per ``grid_thw`` row (VideoLLaMA3's
+            ``merge_sizes``), read in every call instead of ``merge``; empty for one merge size.
         grid_argument: the tower's argument holding the images' ``(t, h, w)`` grids.
         grid_unit: what that argument's ``h`` and ``w`` count: ``"patch"``, or ``"merge"`` blocks (Inkling2's
             ``image_grid_thw``, in language-model image tokens).
@@ -117,11 +143,14 @@ class _Design:
     attention: str
     kind: str
     windows: bool = False
+    layer_types: bool = False
+    blocks: str = "blocks"
     reason: str = ""
     patch: str = "patch_embed.patch_size"
     token_convolution: str = ""
     class_tokens: int = 0
     merge: str = "spatial_merge_size"
+    merge_argument: str = ""
     grid_argument: str = "grid_thw"
     grid_unit: str = "patch"
     video_slices: bool = False
@@ -224,33 +253,45 @@ _DESIGNS = (
             "qwen", patch="embeddings.patch_size", class_tokens=1, merge="embeddings.merge_size",
             grid_argument="image_grid_thw", grid_unit="merge",
             video_refusal=_WHOLE_CLIP),
-    *(_Design(f"transformers.models.{module}.modeling_{module}", f"{prefix}VisionModel", f"{prefix}VisionAttention",
-              "refused", reason=(
-                  f"{model}'s vision tower chooses window or full attention per layer by its config's layer_types, "
-                  "which vitmad does not read (it knows Qwen2.5-VL's fullatt_block_indexes); vitmad does not record "
-                  "this tower"))
-      for module, prefix, model in (("ovis2_5", "Ovis2_5", "Ovis2.5"), ("muse_glimmer", "MuseGlimmer", "Muse Glimmer"),
-                                    ("muse_spark", "MuseSpark", "Muse Spark"))),
+    # PaddleOCR-VL (PaddleOCRVisionModel, around its PaddleOCRVisionTransformer): its image processor cuts each
+    # image's patches row-major (merge_size only rounds the resize: the projector merges after the encoder); the
+    # encoder's rotary position ids are get_vision_position_ids(grid_thw, 1), row-major, its learned position grid
+    # interpolated row-major; one cu_seqlens chunk per grid_thw row (the VLM passes t = 1 rows; no video processor).
+    # Its attention_mask argument reaches no attention call: the encoder builds a mask and passes it to no layer.
     _Design("transformers.models.paddleocr_vl.modeling_paddleocr_vl", "PaddleOCRVisionModel",
-            "PaddleOCRVisionAttention", "refused", reason=(
-                "PaddleOCR-VL's vision encoder orders each image's patches row-major (merge size 1: it merges after "
-                "the encoder), with its own embeddings and an optional attention mask, a packing vitmad's placement "
-                "is not checked against; vitmad does not record this tower")),
+            "PaddleOCRVisionAttention", "row_major", patch="vision_model.embeddings.patch_size"),
+    # HunYuanVL (HunYuanVLVisionTransformer) and HY-V4-VL (HYV4VLVisionModel): no rotary embedding; a learned
+    # position grid interpolated to each image's h x w and added row-major; the patch merger folds each image's
+    # run row-major into h x w; their image processors cut patches row-major ("in comparison to Qwen"). One
+    # cu_seqlens chunk per temporal slice. HunYuanVL's merger folds a whole grid_thw row into one h x w map, so it
+    # runs no video; HY-V4-VL's video processor cuts each frame row-major, time-major (temporal_patch_size 1: its
+    # patch embedding takes one frame's channels), merged frame by frame, each frame its own chunk.
+    _Design("transformers.models.hunyuan_vl.modeling_hunyuan_vl", "HunYuanVLVisionTransformer",
+            "HunYuanVLVisionAttention", "row_major", patch="embeddings.patch_size",
+            video_refusal="its patch merger folds a whole grid_thw row into one h x w map, so it runs no video"),
+    _Design("transformers.models.hy_v4_vl.modeling_hy_v4_vl", "HYV4VLVisionModel", "HYV4VLVisionAttention",
+            "row_major", patch="embeddings.patch_size", video_slices=True),
+    # Kimi-K2.5 (Kimi_K25VisionModel): each image's patches row-major (its image processor; rotary position ids
+    # get_vision_position_ids(grid_thw, 1)), one chunk per image. A video row is one chunk over all its frames
+    # (get_vision_attention_seqlens(merge_temporal=True)), attended across time: refused.
     _Design("transformers.models.kimi_k25.modeling_kimi_k25", "Kimi_K25VisionModel", "Kimi_K25VisionAttention",
-            "refused", reason=(
-                "Kimi-K2.5's vision tower orders each image's patches row-major (no merge blocks) and attends per "
-                "clip, a packing vitmad does not place; vitmad does not record this tower")),
+            "row_major", patch="config.patch_size", video_refusal=_WHOLE_CLIP),
+    # VideoLLaMA3 (VideoLlama3VisionModel): a merge size per grid_thw row (merge_sizes: its image processor's 1,
+    # row-major, its video processor's 2), each row's patches in Qwen2-VL's merge-block order of that size
+    # (get_vision_position_ids(grid_thw, merge_sizes); pixel_unshuffle folds them back block-major), one
+    # cu_seqlens chunk per temporal slice (a video's frames time-major, temporal_patch_size 1).
     _Design("transformers.models.video_llama_3.modeling_video_llama_3", "VideoLlama3VisionModel",
-            "VideoLlama3VisionAttention", "refused", reason=(
-                "VideoLLaMA3's vision tower takes a merge size per image (merge_sizes), which vitmad does not "
-                "read; vitmad does not record this tower")),
-    *(_Design(f"transformers.models.{module}.modeling_{module}", tower, attention, "refused", reason=(
-        f"{model}'s vision tower orders each image's patches row-major (its learned position grid interpolated to "
-        "the image's h x w), not in Qwen's merge blocks, a packing vitmad does not place; vitmad does not record "
-        "this tower"))
-      for module, tower, attention, model in (
-          ("hunyuan_vl", "HunYuanVLVisionTransformer", "HunYuanVLVisionAttention", "HunYuanVL"),
-          ("hy_v4_vl", "HYV4VLVisionModel", "HYV4VLVisionAttention", "HY-V4-VL"))),
+            "VideoLlama3VisionAttention", "qwen", patch="embeddings.patch_size", merge_argument="merge_sizes",
+            video_slices=True),
+    # Ovis2.5 (Ovis2_5VisionModel): Qwen2.5-VL's window order (get_vision_window_index over merge blocks, the
+    # sequence reordered once before the first layer), each layer attending per window or per image as its
+    # config's layer_types says; its processors patchify in merge-block order. Muse Glimmer and Muse Spark
+    # (MuseGlimmerVisionModel, MuseSparkVisionModel; Spark uses Glimmer's processors): the same windows over single
+    # patches (spatial_merge_size 1, the merge deferred to pixel_shuffle; windows of pos_emb_height patches), their
+    # processors row-major. A video: one chunk (or windows) per temporal slice, as an image.
+    *(_Design(f"transformers.models.{module}.modeling_{module}", f"{prefix}VisionModel", f"{prefix}VisionAttention",
+              "qwen", windows=True, layer_types=True, blocks="layers", patch="patch_size", video_slices=True)
+      for module, prefix in (("ovis2_5", "Ovis2_5"), ("muse_glimmer", "MuseGlimmer"), ("muse_spark", "MuseSpark"))),
 )
 
 
@@ -374,13 +415,14 @@ class ChunkLayout:
 
 # A model sees few image-size combinations; the blocks of one kind share them (read-only tensors).
 @functools.lru_cache(maxsize=64)
-def _qwen_layout(grids: tuple[tuple[int, int], ...], merge: int, window: int | None,
+def _qwen_layout(grids: tuple[tuple[int, int], ...], merges: tuple[int, ...], window: int | None,
                  stride: tuple[float, float], per_window: bool = True, class_tokens: int = 0) -> ChunkLayout:
-    """``per_window=False``: the tokens in window order (``window``) but one chunk per image (Qwen2.5-VL's
-    ``fullatt_block_indexes`` blocks attend over the window-ordered sequence). ``class_tokens``: tokens without a
-    position before each image's patches, in its chunk (no tower has them with windows)."""
+    """``merges``: the merge size of each of ``grids`` (VideoLLaMA3's differ per image). ``per_window=False``: the
+    tokens in window order (``window``) but one chunk per image (Qwen2.5-VL's ``fullatt_block_indexes`` blocks
+    attend over the window-ordered sequence). ``class_tokens``: tokens without a position before each image's
+    patches, in its chunk (no tower has them with windows)."""
     cells, boundaries = [], [0]
-    for grid in grids:
+    for grid, merge in zip(grids, merges):
         image_cells, chunks = qwen_token_cells(grid, merge, window)
         cells.append(image_cells)
         for length in (chunks if per_window else (grid[0] * grid[1],)):
@@ -448,8 +490,9 @@ class _PackedPlacer(LayerPlacer):
 
 
 class QwenPlacer(_PackedPlacer):
-    """Places one attention block of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower: one call per chunk of
-    ``cu_seqlens`` (``[1, heads, n_chunk, n_chunk]``), or one call when the sequence is one chunk.
+    """Places one attention block of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower, or of a tower packed alike
+    (``"qwen"`` and ``"row_major"`` designs): one call per chunk of ``cu_seqlens`` (``[1, heads, n_chunk,
+    n_chunk]``), or one call when the sequence is one chunk.
 
     Args:
         windowed: the block attends within Qwen2.5-VL's windows (else per image).
@@ -462,14 +505,30 @@ class QwenPlacer(_PackedPlacer):
         super().__init__(model, tower_name, tower, module)
         self.windowed = windowed
         self.design = design
-        self.merge = int(functools.reduce(getattr, design.merge.split("."), tower))
-        patch = int(functools.reduce(getattr, design.patch.split("."), tower))
-        self.stride = (float(patch), float(patch))
-        self.window = int(tower.window_size) // self.merge // patch if windowed else None
-        # Qwen2.5-VL reorders the whole sequence by windows once, before its first block: its full-attention
-        # blocks attend per image over that same window order.
-        self.order_window = (int(tower.window_size) // self.merge // patch
-                             if hasattr(tower, "fullatt_block_indexes") else None)
+        # One merge size for the tower (1: row-major), or None: read per grid_thw row in every call.
+        self.merge = (1 if design.kind == "row_major" else None if design.merge_argument
+                      else int(functools.reduce(getattr, design.merge.split("."), tower)))
+        patch = functools.reduce(getattr, design.patch.split("."), tower)
+        patch_h, patch_w = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
+        self.stride = (float(patch_h), float(patch_w))
+        # Qwen2.5-VL (and the towers with windows) reorders the whole sequence by windows once, before its first
+        # block: its full-attention blocks attend per image over that same window order.
+        self.order_window = int(tower.window_size) // self.merge // patch_h if design.windows else None
+        self.window = self.order_window if windowed else None
+
+    def _merges(self, args: tuple, kwargs: dict, rows: int) -> list[int]:
+        """The merge size of each of the ``rows`` grid_thw rows: the tower's one, or its argument's per row."""
+        if self.merge is not None:
+            return [self.merge] * rows
+        name = self.design.merge_argument
+        sizes = _argument(args, kwargs, name, 2)
+        if sizes is None:
+            raise NotPlaceable(f"its tower {type(self.tower).__name__} ran without {name}")
+        sizes = [int(v) for v in (sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)]
+        if len(sizes) < rows:
+            raise NotPlaceable(f"its tower {type(self.tower).__name__} was given {name} {sizes}, fewer than the "
+                               f"{rows} rows of {self.design.grid_argument}")
+        return sizes[:rows]  # the tower pairs them with the rows by zip
 
     def _layout(self, args: tuple, kwargs: dict, cu_seqlens: torch.Tensor | None) -> tuple[ChunkLayout, str]:
         """The layout of the tower's images and the kind of this block's chunks, checked against the
@@ -485,9 +544,10 @@ class QwenPlacer(_PackedPlacer):
         grid_thw = _argument(args, kwargs, argument, 1)
         if grid_thw is None or cu_seqlens is None:
             raise NotPlaceable(f"its tower {tower} ran without {argument} or the block without cu_seqlens")
+        given_thw = [tuple(int(v) for v in row) for row in grid_thw.tolist()]  # as the user gave it, for messages
+        merges = self._merges(args, kwargs, len(given_thw))
         # Inkling2 counts merge blocks (its language model's image tokens): m x m patches each.
         unit = self.merge if self.design.grid_unit == "merge" else 1
-        given_thw = [tuple(int(v) for v in row) for row in grid_thw.tolist()]  # as the user gave it, for messages
         grid_thw = [(t, h * unit, w * unit) for t, h, w in given_thw]
         if not self.design.video_slices and any(t != 1 for t, _, _ in grid_thw):
             counted = "merge blocks" if unit != 1 else "patches"
@@ -497,23 +557,29 @@ class QwenPlacer(_PackedPlacer):
                 f"{argument} (t, h, w in {counted}: {given_thw}) holds a video (t > 1), and vitmad gives {tower} no "
                 f"temporal placement ({why}); record images (t = 1) only"
             )
-        odd = [(h, w) for _, h, w in grid_thw if h % self.merge or w % self.merge]
+        odd = [(h, w) for (_, h, w), m in zip(grid_thw, merges) if h % m or w % m]
         if odd:
+            said = merges[0] if len(set(merges)) == 1 else f"of each row, {merges}"
             raise NotPlaceable(f"{argument} has grids {odd} (patches) that are not multiples of the merge size "
-                               f"{self.merge}")
+                               f"{said}")
         # A video's temporal slices attend each within itself (checked below against cu_seqlens): each is an entry
         # of the fold, as an image of h x w patches, in time order where the video's row is.
         grids = tuple((h, w) for t, h, w in grid_thw for _ in range(t))
-        layout = _qwen_layout(grids, self.merge, self.order_window, self.stride, self.windowed,
+        entry_merges = tuple(m for (t, _, _), m in zip(grid_thw, merges) for _ in range(t))
+        layout = _qwen_layout(grids, entry_merges, self.order_window, self.stride, self.windowed,
                               self.design.class_tokens)
-        kind = (f"window {self.window * self.merge}x{self.window * self.merge} patches ({self.window}x{self.window} "
-                f"merge blocks)" if self.windowed else "global per image")
+        kind = "global per image"
+        if self.windowed:
+            side = self.window * self.merge
+            kind = f"window {side}x{side} patches" + (
+                f" ({self.window}x{self.window} merge blocks)" if self.merge > 1 else "")
         received = tuple(int(v) for v in cu_seqlens.tolist())
         if received != layout.boundaries:
+            merged = "" if len(set(merges)) == 1 else f", merge sizes {merges}"
             raise NotPlaceable(
                 f"it received cu_seqlens {list(received)}, but the {kind} chunks of {argument} (t, h, w patches: "
-                f"{grid_thw}{self._class_tokens_said()}) are {list(layout.boundaries)}; vitmad does not know this "
-                "tower's token order"
+                f"{grid_thw}{merged}{self._class_tokens_said()}) are {list(layout.boundaries)}; vitmad does not "
+                "know this tower's token order"
             )
         return layout, kind
 
@@ -645,8 +711,11 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     windowed = False
     if design.windows:
         block = name[len(tower_name):].lstrip(".").split(".")
-        if len(block) < 2 or block[0] != "blocks" or not block[1].isdigit():
+        if len(block) < 2 or block[0] != design.blocks or not block[1].isdigit():
             return RefusingPlacer(
-                f"it is not in {design.tower}.blocks, whose index says whether it attends in windows")
-        windowed = int(block[1]) not in tower.fullatt_block_indexes
+                f"it is not in {design.tower}.{design.blocks}, whose index says whether it attends in windows")
+        index = int(block[1])
+        # Either way, each call's cu_seqlens are checked against the chunks this choice makes.
+        windowed = (tower.config.layer_types[index] == "window_attention" if design.layer_types
+                    else index not in tower.fullatt_block_indexes)
     return QwenPlacer(model, tower_name, tower, module, windowed, design)
