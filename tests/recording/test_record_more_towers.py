@@ -1,8 +1,8 @@
 """vitmad.record on transformers 5.25.0 ViT-like towers that no other test names (QA helper-111 checked them by hand):
-AltCLIP, Chinese-CLIP, MetaCLIP 2, MLCD (2-D RoPE), OWL-ViT, OWLv2, CLIPSeg, BLIP-2, InstructBLIP, TIPSv2 (class token,
-then registers), Pixio (8 class tokens), Sapiens2 (class token and registers, grouped key heads), Janus and VitPose
-(no prefix token; VitPose's patch convolution pads 2 px), and Gemma 3's SigLIP tower inside the whole model. X-CLIP's
-tower is tested in test_record_plain_layouts.py.
+AltCLIP, Chinese-CLIP, MetaCLIP 2, MLCD (2-D RoPE), OWL-ViT, OWLv2, CLIPSeg, GIT, BLIP-2, InstructBLIP, TIPSv2 (class
+token, then registers), Pixio (8 class tokens), Sapiens2 (class token and registers, grouped key heads), Janus and
+VitPose (no prefix token; VitPose's patch convolution pads 2 px), and Gemma 3's SigLIP tower inside the whole model.
+X-CLIP's tower is tested in test_record_plain_layouts.py.
 
 Tiny random-weight towers (32 wide, 2 layers, 2 heads), sharpened so that attention is far from uniform. The reference
 is each model's own eager attention probabilities (its modeling file's ``eager_attention_forward``), placed by the
@@ -44,6 +44,9 @@ TOWERS = {
               {"interpolate_pos_encoding": True}),
     "clipseg": ("clipseg", "CLIPSegVisionConfig", "CLIPSegVisionModel", dict(intermediate_size=64), 1, 8, PIXELS,
                 {"interpolate_pos_encoding": True}),
+    # GIT's image encoder (GitVisionModel, CLIP's design: the class token, then the patches; eager only).
+    "git": ("git", "GitVisionConfig", "GitVisionModel", dict(intermediate_size=64), 1, 8, PIXELS,
+            {"interpolate_pos_encoding": True}),
     "blip_2": ("blip_2", "Blip2VisionConfig", "Blip2VisionModel", dict(intermediate_size=64), 1, 8, PIXELS,
                {"interpolate_pos_encoding": True}),
     "instructblip": ("instructblip", "InstructBlipVisionConfig", "InstructBlipVisionModel", dict(intermediate_size=64),
@@ -101,7 +104,7 @@ def test_tower_tokens_after_their_prefix_match_eager_attention(name):
     model = _tower(name)
     images = torch.randn(2, 3, *pixels, generator=torch.Generator().manual_seed(1))
     calls = eager_attention_calls(modeling(module), model, images, **kwargs)
-    model.set_attn_implementation("eager" if name == "vitpose" else "sdpa")  # VitPose has no SDPA path
+    model.set_attn_implementation("eager" if name in ("vitpose", "git") else "sdpa")  # they have no SDPA path
     rec, rec_tokens = record_both_reductions(
         model, lambda m: m(images, **kwargs),
         lambda out: out.feature_maps[-1] if name == "vitpose" else out.last_hidden_state, STATS)

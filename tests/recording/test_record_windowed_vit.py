@@ -174,22 +174,30 @@ def test_samvit_windows_and_global_blocks_match_eager_attention(size):
 # transformers SAM -------------------------------------------------------------------------------------------------
 
 
-def _sam_vision_config():
-    return transformers.SamVisionConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=80,
-                                        patch_size=8, window_size=4, global_attn_indexes=[1], output_channels=16,
-                                        mlp_dim=64, num_pos_feats=8)
+def _sam_vision_config(config_class: str = "SamVisionConfig"):
+    return getattr(transformers, config_class)(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                               image_size=80, patch_size=8, window_size=4, global_attn_indexes=[1],
+                                               output_channels=16, mlp_dim=64, num_pos_feats=8)
+
+
+# SAM-HQ's vision encoder is SAM's (its own classes, SamHQVisionAttention; it also returns the first global block's
+# input for its mask decoder).
+SAM_ENCODERS = {"sam": ("SamVisionConfig", "SamVisionModel", "SamVisionAttention"),
+                "sam_hq": ("SamHQVisionConfig", "SamHQVisionModel", "SamHQVisionAttention")}
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-def test_hf_sam_vision_encoder_matches_eager_attention(implementation):
+@pytest.mark.parametrize("encoder", list(SAM_ENCODERS))
+def test_hf_sam_vision_encoder_matches_eager_attention(encoder, implementation):
     # SAM's vision encoder takes only its configured square size (80 px: a 10 x 10 map, windows padded to 12).
+    config_class, model_class, attention_class = SAM_ENCODERS[encoder]
     torch.manual_seed(0)
-    config = _sam_vision_config()
-    model = transformers.SamVisionModel._from_config(config, attn_implementation=implementation)
-    eager = transformers.SamVisionModel._from_config(config, attn_implementation="eager")
+    config = _sam_vision_config(config_class)
+    model = getattr(transformers, model_class)._from_config(config, attn_implementation=implementation)
+    eager = getattr(transformers, model_class)._from_config(config, attn_implementation="eager")
     eager.load_state_dict(model.state_dict())
     specs = [(10, 10, 4, 8, 1), (10, 10, 0, 8, 1), (10, 10, 4, 8, 1)]
-    check(model, eager, {"SamVisionAttention"}, torch.randn(2, 3, 80, 80), specs, [2, 2, 2])
+    check(model, eager, {attention_class}, torch.randn(2, 3, 80, 80), specs, [2, 2, 2])
 
 
 def test_hf_sam_model_records_the_vision_encoder_and_skips_the_mask_decoder():
