@@ -95,6 +95,15 @@ HF_FAMILIES = [
     ("EoMT", "EomtConfig", "EomtForUniversalSegmentation", {"num_blocks": 1}),
     ("Swin2SR", "Swin2SRConfig", "Swin2SRModel", {}),
     ("Pix2Struct vision", "Pix2StructVisionConfig", "Pix2StructVisionModel", {}),
+    # Tested since 2026-12-05 (tests/recording/test_record_more_towers*.py, test_record_windowed_vit.py).
+    ("SAM-HQ vision", "SamHQVisionConfig", "SamHQVisionModel", {}),
+    ("GIT vision", "GitVisionConfig", "GitVisionModel", {}),
+    ("InternVL vision", "InternVLVisionConfig", "InternVLVisionModel", {}),
+    ("Qianfan-OCR vision", "QianfanOCRVisionConfig", "QianfanOCRVisionModel", {}),
+    ("Granite Docling vision", "GraniteDoclingVisionConfig", "GraniteDoclingVisionModel", {}),
+    ("InstructBLIP-Video vision", "InstructBlipVideoVisionConfig", "InstructBlipVideoVisionModel", {}),
+    ("Step3p7 vision", "Step3p7VisionConfig", "Step3p7VisionModel", {}),
+    ("MGP-STR", "MgpstrConfig", "MgpstrForSceneTextRecognition", {}),
 ]
 
 
