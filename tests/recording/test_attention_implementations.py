@@ -303,6 +303,70 @@ def test_flex_model_is_recorded_as_its_eager_attention():
     torch.testing.assert_close(rec.mad.double(), expected, rtol=1e-5, atol=1e-4)
 
 
+def _stand_in_flash_attn(monkeypatch) -> None:
+    """A pure-torch ``flash_attn`` package (its two functions by SDPA, on [B, N, H, D] tensors), so that
+    transformers' own ``flash_attention_2`` path, its lazy kernel import included, runs on the CPU; transformers'
+    loaded-kernel globals are restored after the test."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import transformers.modeling_flash_attention_utils as flash_utils
+
+    def attend(q, k, v, scale, causal):
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2), scale=scale, is_causal=causal)
+        return out.transpose(1, 2)
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **_):
+        return attend(q, k, v, softmax_scale, causal)
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False, **_):
+        bounds = cu_seqlens_q.tolist()
+        return torch.cat([attend(q[None, a:b], k[None, a:b], v[None, a:b], softmax_scale, causal)[0]
+                          for a, b in zip(bounds[:-1], bounds[1:])])
+
+    package = types.ModuleType("flash_attn")
+    package.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    package.flash_attn_func, package.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func
+    package.flash_attn_with_kvcache = None
+    padding = types.ModuleType("flash_attn.bert_padding")
+    padding.pad_input, padding.unpad_input = flash_utils._pad_input, flash_utils._unpad_input
+    package.bert_padding = padding
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.bert_padding", padding)
+    monkeypatch.setattr(flash_utils, "is_flash_attn_2_available", lambda: True)
+    monkeypatch.setattr(flash_utils, "is_flash_attn_3_available", lambda: False)
+    monkeypatch.setattr(flash_utils, "is_flash_attn_4_available", lambda: False)
+    for name in ("_loaded_implementation", "_flash_fn", "_flash_varlen_fn", "_flash_with_kvcache_fn", "_pad_fn",
+                 "_unpad_fn", "_process_flash_kwargs_fn", "_process_with_kvcache_kwargs_fn"):
+        if hasattr(flash_utils, name):
+            monkeypatch.setattr(flash_utils, name, getattr(flash_utils, name))
+
+
+def test_flash_attention_model_runs_its_own_kernel_while_recorded(monkeypatch):
+    """transformers' flash_attention_forward chooses the kernel it imports by ``module.config._attn_implementation``;
+    while recorded that named vitmad's wrapper, and the call failed ("Could not find the currently requested flash
+    attention implementation at 'vitmad_record_flash_attention_2'"; found by QA helper-136). The model runs its
+    flash kernel (here a stand-in over SDPA) and the recording equals the SDPA model's."""
+    _stand_in_flash_attn(monkeypatch)
+    model, reference = _vit("sdpa"), _vit("sdpa")
+    # Set after the build: building with it checks for a CUDA device and the real package.
+    model.config._attn_implementation = "flash_attention_2"
+    pixels = _pixels()
+    with torch.no_grad():
+        plain = model(pixels).last_hidden_state
+        with vitmad.record(model) as rec:
+            recorded = model(pixels).last_hidden_state
+        with vitmad.record(reference) as expected:
+            reference(pixels)
+    assert torch.equal(plain, recorded)
+    assert model.config._attn_implementation == "flash_attention_2"
+    assert rec.layers == expected.layers and len(rec.layers) == 2
+    torch.testing.assert_close(rec.mad, expected.mad, rtol=1e-6, atol=1e-5)
+
+
 def test_an_implementation_vitmad_cannot_read_is_refused_before_any_change():
     model = _vit("sdpa")
     model.config._attn_implementation = "paged|eager"

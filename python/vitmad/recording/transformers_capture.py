@@ -8,6 +8,7 @@ the very same arguments, so the model's outputs do not change. Modules not being
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import re
@@ -147,6 +148,25 @@ def _recording_name(original: str | None) -> _WrapperName:
     return _WrapperName(_register_wrapper(original or "eager"), original)
 
 
+@contextlib.contextmanager
+def _original_name_during(module: nn.Module, implementation: str):
+    """The module's config names ``implementation`` again while its original function runs: transformers'
+    ``flash_attention_forward`` reads ``module.config._attn_implementation`` to choose the kernel it imports
+    (``flash_attention_2``, ``_3``, ``_4`` or a hub kernel), and under the recording's name it looked for a hub
+    kernel of that name and failed (found by QA with a stand-in ``flash_attn``; no GPU here). Set back after the
+    call, also when it raises; a config the recording does not hold (another name) is left alone."""
+    config = getattr(module, "config", None)
+    held = getattr(config, "_attn_implementation_internal", None)
+    if not (isinstance(held, str) and held.startswith(_WRAPPER_PREFIX)):
+        yield
+        return
+    config._attn_implementation_internal = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = held
+
+
 def _register_wrapper(implementation: str) -> str:
     """Registers (once per process) the recording wrapper of ``implementation``; returns its name."""
     from transformers import AttentionInterface
@@ -163,7 +183,8 @@ def _register_wrapper(implementation: str) -> str:
         original = _original_function(implementation, module)
         # The model's own attention first: a call it cannot make (a Swin stage smaller than its window, whose bias
         # does not fit the logits) fails with the model's error, not with vitmad's refusal of the same arguments.
-        result = original(module, query, key, value, attention_mask, *args, **kwargs)
+        with _original_name_during(module, implementation):
+            result = original(module, query, key, value, attention_mask, *args, **kwargs)
         active = _ACTIVE.get(id(module))
         if active is not None:
             layer, callback = active
