@@ -37,7 +37,9 @@ TOL, STAT_TOL = {"rtol": 1e-5, "atol": 1e-4}, {"rtol": 1e-5, "atol": 1e-6}
 STATS = ["entropy", "prefix_mass", "prefix_maps"]
 WIDTH, HEADS = 32, 2
 TINY = dict(layers=2, width=WIDTH, head_width=WIDTH // HEADS, patch_size=8, image_size=32)
-TEXT = dict(context_length=8, vocab_size=64, width=WIDTH, heads=HEADS, layers=2)
+# 20 text tokens: more than the 4 x 4 patches, as a real CLIP's 77 are more than ViT-B/32's 7 x 7, so that the text
+# transformer's causal attention, taken for the tower's, would pass for 4 extra tokens and the grid (as it did).
+TEXT = dict(context_length=20, vocab_size=64, width=WIDTH, heads=HEADS, layers=2)
 
 
 @pytest.fixture(autouse=True)
