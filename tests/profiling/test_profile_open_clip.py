@@ -231,6 +231,9 @@ def test_another_image_size_is_built_by_open_clip_with_its_position_embedding_re
                                      r"for ViT-B-32; its tags: openai, laion400m_e31, .*laion2b_s34b_b79k, "),
     ("open_clip:vitmad-tiny-ViT.other", {}, r"OpenCLIP has no pretrained weights 'other' for vitmad-tiny-ViT; its "
                                             r"tags: squashed$"),
+    ("open_clip:RN50.openai", {"model_checkpoint": None}, r"model: open_clip:RN50.openai: its image tower is "
+                                                          r"OpenCLIP's ModifiedResNet \(a CNN\), whose one attention "
+                                                          r"is its attention pool"),
     ("open_clip:ViT-B-32.", {}, r"model: open_clip:ViT-B-32.: expected open_clip:<model> or "
                                 r"open_clip:<model>.<pretrained tag>, got nothing after the dot"),
     ("open_clip:vitmad-tiny-SigLIP", {"model_checkpoint": None}, r"model: open_clip:vitmad-tiny-SigLIP: name its "

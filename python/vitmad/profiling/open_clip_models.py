@@ -113,6 +113,13 @@ def load_open_clip(spec: str, model_checkpoint: str | os.PathLike | None,
         raise OptionError("model", f"{spec}: name its pretrained weights, open_clip:{name}.<tag> (its tags: "
                                    f"{', '.join(tags) or 'none'}), or pass local weights (--weights FILE, "
                                    "model_checkpoint=)")
+    vision = open_clip.get_model_config(name)["vision_cfg"]
+    if isinstance(vision.get("layers"), list | tuple) and not vision.get("timm_model_name"):
+        # Said before any download: a ModifiedResNet's one attention is its pool's.
+        raise OptionError("model", f"{spec}: its image tower is OpenCLIP's ModifiedResNet (a CNN), whose one "
+                                   "attention is its attention pool, the mean token's query over the final map: no "
+                                   "self-attention over positioned tokens, so MAD is not defined for it; profile one "
+                                   "of OpenCLIP's ViTs")
     if image_size == NATIVE:
         raise OptionError("image_size", f"{spec}: OpenCLIP's image towers take one input size for a whole batch, not "
                                         "each image at its own (native); pass S or HxW, or leave it unset")
