@@ -38,6 +38,10 @@ TEXT = dict(context_length=20, vocab_size=64, width=32, heads=2, layers=2)
 CONFIGS = {
     "vitmad-tiny-ViT": {"embed_dim": 16, "text_cfg": TEXT,
                         "vision_cfg": dict(layers=2, width=32, head_width=16, patch_size=8, image_size=32)},
+    # A fixed 2-D sin-cos position embedding, which OpenCLIP builds for square grids only.
+    "vitmad-tiny-sincos": {"embed_dim": 16, "text_cfg": TEXT,
+                           "vision_cfg": dict(layers=1, width=32, head_width=16, patch_size=8, image_size=32,
+                                              pos_embed_type="sin_cos_2d")},
     # SigLIP's configs: a timm trunk pooled by timm's attention pooling, no projection after it.
     "vitmad-tiny-SigLIP": {"embed_dim": 16, "text_cfg": TEXT, "custom_text": True,
                            "vision_cfg": dict(image_size=224, timm_model_name="vit_tiny_patch16_224", timm_pool="map",
@@ -204,7 +208,7 @@ def test_a_tags_weights_come_through_open_clips_own_download(weights_file, monke
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
-    with pytest.raises(OptionError, match=r"model: open_clip:vitmad-tiny-ViT.squashed: cannot download its weights "
+    with pytest.raises(OptionError, match=r"model: open_clip:vitmad-tiny-ViT.squashed: cannot load its weights "
                                           r"through OpenCLIP \(RuntimeError: Failed to download weights for tag "
                                           r"'squashed': We couldn't connect .*\); download them on a connected "
                                           r"machine .* or pass local weights \(--weights FILE"):
@@ -241,6 +245,9 @@ def test_another_image_size_is_built_by_open_clip_with_its_position_embedding_re
                                                                  r"<tag> \(its tags: none\), or pass local weights"),
     ("open_clip:vitmad-tiny-ViT", {"image_size": "native"}, r"image_size: open_clip:vitmad-tiny-ViT: OpenCLIP's image "
                                                             r"towers take one input size"),
+    ("open_clip:vitmad-tiny-sincos", {"image_size": (32, 48)},
+     r"image_size: OpenCLIP's vitmad-tiny-sincos cannot be built for 32x48 px \(AssertionError: currently sin cos 2d "
+     r"pos embedding only supports square input\)"),
     ("open_clip:vitmad-tiny-ViT", {"image_size": 44}, r"image_size: expected whole 8x8 patches of the model "
                                                       r"\(conv1 takes no partial patch\), got 44x44"),
 ])

@@ -40,8 +40,8 @@ def _import_open_clip(spec: str):
     return open_clip
 
 
-def _names(open_clip, spec: str) -> tuple[str, str]:
-    """The model config and the pretrained tag (empty: none) a spec names.
+def _names(open_clip, spec: str) -> tuple[str, str, list[str]]:
+    """The model config and the pretrained tag (empty: none) a spec names, and the model's tags.
 
     Raises:
         OptionError: (``model``) nothing after a dot, a name OpenCLIP has no config for (with the closest names), or
@@ -61,7 +61,7 @@ def _names(open_clip, spec: str) -> tuple[str, str]:
     if tag and not open_clip.pretrained.is_pretrained_cfg(name, tag):
         raise OptionError("model", f"{spec}: OpenCLIP has no pretrained weights {tag!r} for {name}; its tags: "
                                    + (", ".join(tags) if tags else "none (pass local weights: --weights FILE)"))
-    return name, tag
+    return name, tag, tags
 
 
 def preprocessing_of(spec: str, cfg: dict) -> Preprocessing:
@@ -106,9 +106,8 @@ def load_open_clip(spec: str, model_checkpoint: str | os.PathLike | None,
     from .models import _raised_reading, local_weights, tower_description, wrap_module
 
     open_clip = _import_open_clip(spec)
-    name, tag = _names(open_clip, spec)
+    name, tag, tags = _names(open_clip, spec)
     model_checkpoint = local_weights(model_checkpoint)
-    tags = open_clip.list_pretrained_tags_by_model(name)
     if not tag and model_checkpoint is None:
         raise OptionError("model", f"{spec}: name its pretrained weights, open_clip:{name}.<tag> (its tags: "
                                    f"{', '.join(tags) or 'none'}), or pass local weights (--weights FILE, "
@@ -139,8 +138,8 @@ def load_open_clip(spec: str, model_checkpoint: str | os.PathLike | None,
         raise OptionError("image_size", f"OpenCLIP's {name} cannot be built for {image_size[0]}x{image_size[1]} px "
                                         f"({error_said(err)}); use its own size, or one it takes") from err
     except Exception as err:  # noqa: BLE001  (a download, or torch.load and load_state_dict of a file)
-        if model_checkpoint is None:
-            raise OptionError("model", f"{spec}: cannot download its weights through OpenCLIP ({error_said(err)}); "
+        if model_checkpoint is None:  # OpenCLIP says a failed download as a RuntimeError of its own
+            raise OptionError("model", f"{spec}: cannot load its weights through OpenCLIP ({error_said(err)}); "
                                        "download them on a connected machine (OpenCLIP keeps them in the Hugging "
                                        "Face hub cache) or pass local weights (--weights FILE, model_checkpoint=)"
                               ) from err
