@@ -150,11 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Profile the mean attention distance of every head over an image set.")
     run.add_argument("--model", default="builtin:dinov2-s14", help=f"{MODEL_SPEC_HELP} (default: %(default)s)")
     run.add_argument("--weights", dest="model_checkpoint", default=None, metavar="FILE",
-                     help="local weights file for a timm: or torchvision: model (instead of its pretrained "
-                          "download)")
+                     help="local weights file for a timm:, torchvision: or open_clip: model (instead of its "
+                          "pretrained download)")
     run.add_argument("--checkpoint", action=_RenamedFlag,
-                     message="--checkpoint was renamed --weights (local weights of a timm: or torchvision: model); "
-                             f"the run's own checkpoint is OUT/{CHECKPOINT_NAME}, used by --resume")
+                     message="--checkpoint was renamed --weights (local weights of a timm:, torchvision: or "
+                             f"open_clip: model); the run's own checkpoint is OUT/{CHECKPOINT_NAME}, used by --resume")
     run.add_argument("--images", "--videos", nargs="+", default=["builtin"],
                      help="folders (searched recursively), files, or 'builtin': photographs shipped with "
                           "scikit-image (default). A video model (VideoMAE, ViViT, TimeSformer, V-JEPA 2, "

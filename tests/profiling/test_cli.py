@@ -99,7 +99,8 @@ def test_compare_overlays_results(tiny_model, image_folder, tmp_path, capsys):
     (["--max-images", "0"], "--max-images: expected a positive integer"),
     (["--device", "nonsense"], "--device: expected auto, cpu, cuda or cuda:N, got 'nonsense'"),
     (["--checkpoint-every", "0"], "--checkpoint-every: expected a positive number of batches, got 0"),
-    (["--weights", "{tmp}/none.pth"], "--weights: only timm: and torchvision: models take local weights"),
+    (["--weights", "{tmp}/none.pth"], "--weights: only timm:, torchvision: and open_clip: models take local "
+                                      "weights"),
     (["--model", "timm:vit_tiny_patch16_224", "--weights", "{tmp}/none.pth"], "--weights: no such file"),
     (["--image-size", "7"], "--image-size: expected at least one 8x8 patch of the model "
                             "(embeddings.patch_embeddings.projection), got 7x7"),
@@ -148,7 +149,7 @@ def test_old_checkpoint_flag_says_it_was_renamed(capsys):
         main(["profile", "--checkpoint", "weights.pth"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
-    assert "--checkpoint was renamed --weights (local weights of a timm: or torchvision: model)" in err
+    assert "--checkpoint was renamed --weights (local weights of a timm:, torchvision: or open_clip: model)" in err
     assert "--resume" in err
 
 
@@ -199,8 +200,8 @@ def test_python_dash_m_entry_point_reports_errors(tmp_path):
                           text=True, env=env, cwd=tmp_path, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip() == ("vitmad: error: --model: unknown model kind 'foo' in 'foo:bar'; expected "
-                                   "hf:<hub id or local folder>, timm:<name>, torchvision:<name>[.<WEIGHTS>] or "
-                                   "builtin:dinov2-s14")
+                                   "hf:<hub id or local folder>, timm:<name>, torchvision:<name>[.<WEIGHTS>], "
+                                   "open_clip:<name>[.<pretrained tag>] or builtin:dinov2-s14")
 
 
 def test_default_run_builtin_model_and_images(tmp_path, capsys, monkeypatch):

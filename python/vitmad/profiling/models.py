@@ -1,5 +1,5 @@
 """Model specs of ``vitmad profile --model``: ``hf:<hub id or folder>``, ``timm:<name>``, ``torchvision:<name>``,
-``builtin:<name>``.
+``open_clip:<name>``, ``builtin:<name>``.
 
 Each spec loads to a :class:`LoadedModel`: the module in eval mode, how to call it on a pixel batch, and the
 preprocessing its authors use.
@@ -19,13 +19,15 @@ from pathlib import Path
 import torch
 
 from .images import NATIVE, Preprocessing, hf_rescale
+from .open_clip_models import load_open_clip
 from .options import MissingPathError, OptionError, error_said, first_line, import_optional
 from .torchvision_models import load_torchvision, video_forward
 from .videos import video_processor_settings
 
 __all__ = ["LoadedModel", "load_model", "wrap_module", "MODEL_SPEC_HELP"]
 
-MODEL_SPEC_HELP = "hf:<hub id or local folder>, timm:<name>, torchvision:<name>[.<WEIGHTS>] or builtin:dinov2-s14"
+MODEL_SPEC_HELP = ("hf:<hub id or local folder>, timm:<name>, torchvision:<name>[.<WEIGHTS>], "
+                   "open_clip:<name>[.<pretrained tag>] or builtin:dinov2-s14")
 
 
 @dataclass
@@ -241,9 +243,10 @@ def load_model(
 
     Args:
         spec: ``hf:<hub id or local folder>``, ``timm:<name>``, ``torchvision:<name>[.<WEIGHTS>]`` (see
-            :mod:`vitmad.profiling.torchvision_models`) or ``builtin:dinov2-s14``.
-        model_checkpoint: local weights file for a ``timm:`` or ``torchvision:`` model (instead of its pretrained
-            download).
+            :mod:`vitmad.profiling.torchvision_models`), ``open_clip:<name>[.<pretrained tag>]`` (see
+            :mod:`vitmad.profiling.open_clip_models`) or ``builtin:dinov2-s14``.
+        model_checkpoint: local weights file for a ``timm:``, ``torchvision:`` or ``open_clip:`` model (instead of
+            its pretrained download).
         image_size: ``(height, width)`` the model will be fed, or ``"native"`` (each image at its own size),
             when not its default size: timm ViTs are then built with ``dynamic_img_size=True`` so their
             position embedding follows the input.
@@ -256,15 +259,17 @@ def load_model(
     kind, _, name = spec.partition(":")
     if not name:
         raise OptionError("model", f"expected {MODEL_SPEC_HELP}, got {spec!r}")
-    if model_checkpoint is not None and kind not in ("timm", "torchvision"):
-        raise OptionError("model_checkpoint", f"only timm: and torchvision: models take local weights, got model "
-                                              f"{spec!r}")
+    if model_checkpoint is not None and kind not in ("timm", "torchvision", "open_clip"):
+        raise OptionError("model_checkpoint", f"only timm:, torchvision: and open_clip: models take local weights, "
+                                              f"got model {spec!r}")
     if kind == "hf":
         return _load_hf(spec, name, image_size)
     if kind == "timm":
         return _load_timm(spec, name, model_checkpoint, image_size)
     if kind == "torchvision":
         return load_torchvision(spec, model_checkpoint, image_size)
+    if kind == "open_clip":
+        return load_open_clip(spec, model_checkpoint, image_size)
     if kind == "builtin":
         from .builtin_model import builtin_model_dir
 

@@ -780,7 +780,9 @@ class Recording:
             raise RuntimeError(
                 f"vitmad.record: {name} has not run in this recording; call the model inside the "
                 "`with vitmad.record(model) as rec:` block (code torch.compile generated before the block calls no "
-                "hooks: give vitmad.record the compiled model, which then runs eagerly while recorded)"
+                "hooks: give vitmad.record the compiled model, which then runs eagerly while recorded; a method "
+                "other than its forward that does not run its image tower, such as a CLIP model's encode_text, "
+                "records nothing)"
             )
         if self._calls[-1]._is_empty():
             shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")

@@ -81,6 +81,12 @@ def tower_of_embedding(embedding: str) -> str:
             while len(tower) >= 2 and tower[-1].isdigit():
                 tower = tower[:-2]
             return "".join(p + "." for p in tower)
+    # An embedding named otherwise (OpenCLIP's VisionTransformer embeds with visual.conv1): the outermost module on
+    # its path named as a vision tower, where there is one. Without it the whole CLIP model was the tower, and its
+    # text transformer's causal attention was taken for the image's layers.
+    for i, part in enumerate(parts[:-1]):
+        if part in TOWER_ATTRIBUTES:
+            return "".join(p + "." for p in parts[:i + 1])
     return ""
 
 

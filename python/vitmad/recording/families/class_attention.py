@@ -21,6 +21,9 @@ by the model's plain layout (the patch grid, after the extra tokens when the hea
   patches, or every token with ``pool_include_prefix``) or of an ``Eva`` (every token);
 - transformers SigLIP's ``SiglipMultiheadAttentionPoolingHead`` (its ``nn.MultiheadAttention`` with the learned
   probe as the query) and AIMv2's ``Aimv2AttentionPoolingHead`` (its learned query), over the patch grid;
+- OpenCLIP's ``AttentionalPooler`` (CoCa's ``attentional_pool``: an ``nn.MultiheadAttention`` with learned
+  queries) over every token of its ``VisionTransformer``, the class token, then the grid; in the
+  ``attentional_pool="cascade"`` setup its second pooler, over the first one's outputs, is skipped without maps;
 - the heads of the NaFlex towers (timm ``NaFlexVit``'s ``attn_pool``, SigLIP2's pooling head), whose keys are
   each image's own grid padded into one batch, placed by :mod:`.naflex`.
 
@@ -153,15 +156,38 @@ def _pooling(model: nn.Module, name: str, module: nn.Module) -> str | None:
                                           ("Siglip2MultiheadAttentionPoolingHead", "modeling_siglip2", "SigLIP2's")):
             if defined_in(head, head_class, defined) and head.attention is module:
                 return _POOLING.format(f"a learned query ({what} probe)", "its")
+        if defined_in(head, "AttentionalPooler", "transformer") and type(head).__module__.startswith("open_clip.") \
+                and head.attn is module:
+            count = int(head.query.shape[0])
+            return _POOLING.format(f"{count} learned {'query' if count == 1 else 'queries'} (OpenCLIP's "
+                                   "AttentionalPooler, CoCa's)", "its" if count == 1 else "their")
         return None
     if defined_in(module, "Aimv2AttentionPoolingHead", "modeling_aimv2"):
         return _POOLING.format("a learned query (AIMv2's)", "its")
     return None
 
 
-def placer(model: nn.Module, name: str, module: nn.Module):
-    from . import ClassQueries, naflex
+def _cascaded_pooler(model: nn.Module, name: str) -> str | None:
+    """The reason of OpenCLIP's second pooler in its ``attentional_pool="cascade"`` setup, which pools the first
+    pooler's outputs (learned queries, none with a position), or None for any other module."""
+    parts = name.split(".")
+    if len(parts) < 2 or parts[-2:] != ["attn_pool_contrastive", "attn"]:
+        return None
+    owner = model.get_submodule(".".join(parts[:-2]))
+    if not (defined_in(owner, "VisionTransformer", "transformer") and type(owner).__module__.startswith("open_clip.")
+            and getattr(owner, "attn_pool_type", "") == "cascade"):
+        return None
+    return ("attention pooling over pooled tokens: OpenCLIP's attentional_pool='cascade' pools the outputs of "
+            "attn_pool, learned queries none of which has a position on the image, so neither its queries nor its "
+            "keys can be placed")
 
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    from . import ClassQueries, Skip, naflex
+
+    cascaded = _cascaded_pooler(model, name)
+    if cascaded is not None:
+        return Skip(cascaded)
     pooling = _pooling(model, name, module)
     if pooling is not None:
         # A NaFlex tower's head pools each image's own grid, padded: its keys are placed by that tower's inputs.

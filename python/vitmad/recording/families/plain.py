@@ -300,11 +300,13 @@ class PlainLayout:
 
 
 def _dropping_patches(patch_dropouts: list[tuple[str, nn.Module]]) -> str | None:
-    """``"timm's PatchDropout (<name>, prob p)"`` for the first of the model's timm ``PatchDropout`` modules
-    (``PlainLayout.patch_dropouts``) that drops patches in this forward (training mode, ``prob > 0``), else None."""
+    """``"timm's PatchDropout (<name>, prob p)"`` for the first of the model's ``PatchDropout`` modules (timm's or
+    OpenCLIP's, ``PlainLayout.patch_dropouts``) that drops patches in this forward (training mode, ``prob > 0``),
+    else None. Neither says which patches it kept (OpenCLIP's draws them from the global generator)."""
     for name, module in patch_dropouts:
         if module.training and float(getattr(module, "prob", 0)) > 0:
-            return f"timm's PatchDropout ({name}, prob {float(module.prob):g})"
+            library = "OpenCLIP" if type(module).__module__.startswith("open_clip.") else "timm"
+            return f"{library}'s PatchDropout ({name}, prob {float(module.prob):g})"
     return None
 
 
