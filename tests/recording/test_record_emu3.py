@@ -209,6 +209,24 @@ def test_emu3_whole_model_records_its_vq_encoder_not_its_language_model(cls, out
     assert len(rec.calls) == 1
 
 
+def test_emu3_generate_records_the_encoder_once():
+    """generate encodes the image in its first step alone (32 x 40 px: 8 x 10 cells at stride 4): one call, the
+    generated tokens the same as without recording."""
+    config = transformers.Emu3Config(vq_config=VQ, text_config=TEXT, vocabulary_map=VOCABULARY)
+    torch.manual_seed(0)
+    model = _redraw(transformers.Emu3ForConditionalGeneration(config).eval())
+    inputs = dict(input_ids=torch.tensor([[1] + [5] * (8 * 11) + [10]]),
+                  pixel_values=torch.randn(1, 3, 32, 40, generator=torch.Generator().manual_seed(1)),
+                  image_sizes=torch.tensor([[32, 40]]))
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        with vitmad.record(model) as rec:
+            generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(plain, generated)
+    assert len(rec.calls) == 1 and rec.layers == ["model.vqmodel." + n for n in ENCODER_LAYERS]
+    assert rec.geometry[-1].grid == (8, 10) and rec.mad.shape == (5, 2, 2)
+
+
 def test_emu3_vq_vae_decoder_attention_is_skipped_when_named():
     """The decoder's blocks attend over a map decoded from codes, no input image's: outside the tower (the encoder),
     not recorded by default; named in layers=, skipped with that reason. decode runs unchanged under recording."""
