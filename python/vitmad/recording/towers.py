@@ -46,7 +46,8 @@ def encoder_prefix(model: nn.Module) -> str:
         # with a reshape, Pix2Struct's and Kosmos-2.5's get flattened_patches, Molmo2's pre-cut crops, Apertus 1.5's
         # VQGAN tokenizer a 3 x 3 convolution of stride 1: the tower itself (SigLIP2's vision_model,
         # Llama4ForConditionalGeneration's vision_model, Nemotron-H-Omni's vision_model, Molmo2's vision_tower,
-        # Apertus 1.5's vision_tokenizer, whose language model's layers are then left out;
+        # Apertus 1.5's vision_tokenizer, Emu3's vqmodel.encoder (not its decoder, which attends over no input
+        # image), whose language model's layers are then left out;
         # Pix2StructForConditionalGeneration's encoder, not its text decoder).
         tower = next((name for name, module in named_module_list(model)
                       if is_naflex_tower(module) or is_llama4_tower(module) or is_radio_tower(module)
