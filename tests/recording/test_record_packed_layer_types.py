@@ -106,6 +106,41 @@ def test_packed_images_match_eager_attention(name, attn_implementation):
     check_packed_statistics(rec, per_query, references, GRIDS, _kinds(name, LAYER_TYPES), PATCH)
 
 
+def test_layer_types_and_window_changed_inside_the_block_are_followed():
+    """Ovis2.5 reads its layer_types and window_size in every forward; so does vitmad: a second forward in the same
+    recording after both changed is placed by the new ones. (Read once at setup, a tower of full blocks whose window
+    grew kept its old window order, which its per-image cu_seqlens cannot show: MAD 6.8% off; found by QA
+    helper-136.)"""
+    name = "ovis2_5"
+    model = _tower(name, layer_types=["full_attention"] * 3)
+    rows = [(1, h, w) for h, w in GRIDS]
+    patches, grid_thw = _patches(name, rows, seed=1), torch.tensor(rows)
+    changed = LAYER_TYPES
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad(), vitmad.record(model, stats=PACKED_STATS) as rec:
+        model(patches, grid_thw=grid_thw)
+        model.config.layer_types = changed
+        model.window_size = 3 * 2 * PATCH  # windows of 3 x 3 merge blocks, 6 x 6 patches
+        model(patches, grid_thw=grid_thw)
+    assert [g.attention for g in rec.calls[-1].geometry] == [
+        "window 6x6 patches (3x3 merge blocks)", "global per image", "window 6x6 patches (3x3 merge blocks)"]
+    model.set_attn_implementation("eager")
+    calls = eager_attention_calls(_modeling(name), model, patches, grid_thw=grid_thw)
+    layers = []
+    for layer, kind in zip(model.layers, changed):
+        chunks = []
+        for entry, grid in enumerate(GRIDS):
+            windows = qwen_token_chunks(grid, 2, 3)
+            if kind == "full_attention":
+                windows = [[cell for chunk in windows for cell in chunk]]
+            chunks += [(entry, cells) for cells in windows]
+        layers.append((layer.self_attn if hasattr(layer, "self_attn") else layer.attn, chunks))
+    references = packed_chunk_references(calls, layers, GRIDS, PATCH)
+    for layer, reference in enumerate(references):
+        means = torch.stack([values.mean(-1) for values in reference["mad"]])  # [n_images, H]
+        torch.testing.assert_close(rec.calls[-1].per_layer[layer].double(), means, rtol=1e-5, atol=1e-4)
+
+
 def test_window_order_is_the_towers_own():
     """The window order written here is transformers' get_vision_window_index, which the towers apply to their
     sequence (Ovis2.5 over merge blocks, the Muse towers over patches), and the processors' patch order is the one

@@ -495,15 +495,16 @@ class QwenPlacer(_PackedPlacer):
     n_chunk]``), or one call when the sequence is one chunk.
 
     Args:
-        windowed: the block attends within Qwen2.5-VL's windows (else per image).
+        block: the block's index in the tower's blocks, where the design has windows: whether it attends within
+            Qwen2.5-VL's windows (else per image) is read from the tower in every call, as the tower reads it.
     """
 
     _attention_argument = ("cu_seqlens", 1)
 
-    def __init__(self, model: nn.Module, tower_name: str, tower: nn.Module, module: nn.Module, windowed: bool,
+    def __init__(self, model: nn.Module, tower_name: str, tower: nn.Module, module: nn.Module, block: int | None,
                  design: _Design):
         super().__init__(model, tower_name, tower, module)
-        self.windowed = windowed
+        self.block = block
         self.design = design
         # One merge size for the tower (1: row-major), or None: read per grid_thw row in every call.
         self.merge = (1 if design.kind == "row_major" else None if design.merge_argument
@@ -511,10 +512,18 @@ class QwenPlacer(_PackedPlacer):
         patch = functools.reduce(getattr, design.patch.split("."), tower)
         patch_h, patch_w = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
         self.stride = (float(patch_h), float(patch_w))
-        # Qwen2.5-VL (and the towers with windows) reorders the whole sequence by windows once, before its first
-        # block: its full-attention blocks attend per image over that same window order.
-        self.order_window = int(tower.window_size) // self.merge // patch_h if design.windows else None
-        self.window = self.order_window if windowed else None
+
+    def _windows(self) -> tuple[int | None, bool]:
+        """``(window, windowed)`` of this call, read from the tower as its forward reads them (a config changed
+        inside the recording block is followed, not refused or misplaced): the window side in merge blocks by
+        which the tower orders its whole sequence, once, before its first block (None: no windows), and whether
+        this block attends within those windows (else per image, over that same window order)."""
+        if not self.design.windows:
+            return None, False
+        window = int(self.tower.window_size) // self.merge // int(self.stride[0])
+        windowed = (self.tower.config.layer_types[self.block] == "window_attention" if self.design.layer_types
+                    else self.block not in self.tower.fullatt_block_indexes)
+        return window, windowed
 
     def _merges(self, args: tuple, kwargs: dict, rows: int) -> list[int]:
         """The merge size of each of the ``rows`` grid_thw rows: the tower's one, or its argument's per row."""
@@ -566,13 +575,13 @@ class QwenPlacer(_PackedPlacer):
         # of the fold, as an image of h x w patches, in time order where the video's row is.
         grids = tuple((h, w) for t, h, w in grid_thw for _ in range(t))
         entry_merges = tuple(m for (t, _, _), m in zip(grid_thw, merges) for _ in range(t))
-        layout = _qwen_layout(grids, entry_merges, self.order_window, self.stride, self.windowed,
-                              self.design.class_tokens)
+        window, windowed = self._windows()
+        layout = _qwen_layout(grids, entry_merges, window, self.stride, windowed, self.design.class_tokens)
         kind = "global per image"
-        if self.windowed:
-            side = self.window * self.merge
+        if windowed:
+            side = window * self.merge
             kind = f"window {side}x{side} patches" + (
-                f" ({self.window}x{self.window} merge blocks)" if self.merge > 1 else "")
+                f" ({window}x{window} merge blocks)" if self.merge > 1 else "")
         received = tuple(int(v) for v in cu_seqlens.tolist())
         if received != layout.boundaries:
             merged = "" if len(set(merges)) == 1 else f", merge sizes {merges}"
@@ -708,14 +717,13 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     tower = model.get_submodule(tower_name)
     if design.kind == "pixtral":
         return PixtralPlacer(model, tower_name, tower, module)
-    windowed = False
+    index = None
     if design.windows:
         block = name[len(tower_name):].lstrip(".").split(".")
         if len(block) < 2 or block[0] != design.blocks or not block[1].isdigit():
             return RefusingPlacer(
                 f"it is not in {design.tower}.{design.blocks}, whose index says whether it attends in windows")
+        # Whether it attends in windows is read per call; each call's cu_seqlens are checked against the chunks
+        # that choice makes.
         index = int(block[1])
-        # Either way, each call's cu_seqlens are checked against the chunks this choice makes.
-        windowed = (tower.config.layer_types[index] == "window_attention" if design.layer_types
-                    else index not in tower.fullatt_block_indexes)
-    return QwenPlacer(model, tower_name, tower, module, windowed, design)
+    return QwenPlacer(model, tower_name, tower, module, index, design)
