@@ -40,6 +40,8 @@ pytest.importorskip("torchvision")  # transformers' Qwen2-VL and Pixtral image p
 from transformers.models.cosmos3_edge import modeling_cosmos3_edge  # noqa: E402
 from transformers.models.lfm3_vl import modeling_lfm3_vl  # noqa: E402
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl  # noqa: E402
+from transformers.models.ovis2_5 import modeling_ovis2_5  # noqa: E402
+from transformers.models.paddleocr_vl import modeling_paddleocr_vl  # noqa: E402
 from transformers.models.pixtral import modeling_pixtral  # noqa: E402
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl  # noqa: E402
 from transformers.models.qwen2_vl import modeling_qwen2_vl  # noqa: E402
@@ -57,7 +59,8 @@ TOL = {"rtol": 1e-5, "atol": 1e-4}
 _MODELING = {"qwen2_vl": modeling_qwen2_vl, "qwen2_5_vl": modeling_qwen2_5_vl, "qwen3_vl": modeling_qwen3_vl,
              "pixtral": modeling_pixtral, "qwen3_vl_moe": modeling_qwen3_vl_moe, "qwen3_5": modeling_qwen3_5,
              "qwen3_5_moe": modeling_qwen3_5_moe, "minimax_m3_vl": modeling_minimax_m3_vl,
-             "cosmos3_edge": modeling_cosmos3_edge, "lfm3_vl": modeling_lfm3_vl}
+             "cosmos3_edge": modeling_cosmos3_edge, "lfm3_vl": modeling_lfm3_vl,
+             "paddleocr_vl": modeling_paddleocr_vl, "ovis2_5": modeling_ovis2_5}
 # Qwen3-VL's tower under other names, in whole checkpoints (under model.visual, fed by Qwen2VLImageProcessor):
 # name -> (config class, model class, tower class, extra text settings)
 QWEN3_KIN = {
@@ -71,9 +74,9 @@ QWEN3_KIN = {
 }
 
 
-# Towers packed in Qwen2-VL's merge-block order, one chunk per image, in whole checkpoints with their own image
-# processors: name -> (model class, the tower in it, tower class, attention class, image processor class, temporal
-# patch of the tower)
+# Towers packed in Qwen2-VL's merge-block order (PaddleOCR-VL's row-major, ROW_MAJOR), one chunk per image, in whole
+# checkpoints with their own image processors: name -> (model class, the tower in it, tower class, attention class,
+# image processor class, temporal patch of the tower)
 KIN = {
     "minimax_m3_vl": ("MiniMaxM3SparseForConditionalGeneration", "model.vision_tower", "MiniMaxM3VLVisionModel",
                       "MiniMaxM3VLVisionAttention", "MiniMaxM3VLImageProcessor", 2),
@@ -81,7 +84,17 @@ KIN = {
                      "Cosmos3EdgeVisionAttention", "Cosmos3EdgeImageProcessor", 1),
     "lfm3_vl": ("Lfm3VlForConditionalGeneration", "model.vision_tower", "Lfm3VlVisionModel", "Lfm3VlVisionAttention",
                 "Qwen2VLImageProcessor", 2),
+    "paddleocr_vl": ("PaddleOCRVLForConditionalGeneration", "model.visual", "PaddleOCRVisionModel",
+                     "PaddleOCRVisionAttention", "PaddleOCRVLImageProcessor", 1),
+    "ovis2_5": ("Ovis2_5ForConditionalGeneration", "model.vision_tower", "Ovis2_5VisionModel",
+                "Ovis2_5VisionAttention", "Ovis2_5ImageProcessor", 1),
 }
+# PaddleOCR-VL's processor cuts each image's patches row-major (patchify: grid_h, grid_w, then the pixels of a
+# patch), each patch (C, p, p); its model passes them to the tower as [1, N, C, p, p].
+ROW_MAJOR = ("paddleocr_vl",)
+# Ovis2.5's tower: Qwen2.5-VL's windows (WINDOW_PX, 2 x 2 merge blocks) before its first layer, each layer attending
+# per window or per image as layer_types says (here a window layer, then a full one).
+WINDOWED = {"ovis2_5": ("window_attention", "full_attention")}
 
 
 def _sharpen(tower: torch.nn.Module, seed: int) -> None:
@@ -162,6 +175,18 @@ def _kin_config(name: str):
         return transformers.MiniMaxM3VLConfig(vision_config=dict(vision, hidden_size=48, num_hidden_layers=2,
                                                                  temporal_patch_size=2),
                                               text_config=text, projector_hidden_size=32)
+    if name == "ovis2_5":  # a learned 4 x 4 position grid, interpolated to each image's grid in merge-block order
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=16, vocab_size=100)
+        return transformers.Ovis2_5Config(
+            vision_config=dict(vision, num_hidden_layers=2, image_size=16, window_size=WINDOW_PX,
+                               layer_types=list(WINDOWED[name]), vocab_size=64, num_visual_indicator_tokens=4),
+            text_config=text)
+    if name == "paddleocr_vl":  # a learned 4 x 4 position grid, interpolated to each image's grid
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=16, vocab_size=100)
+        return transformers.PaddleOCRVLConfig(vision_config=dict(vision, num_hidden_layers=2, image_size=16),
+                                              text_config=text)
     if name == "cosmos3_edge":
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                     num_key_value_heads=1, head_dim=16, vocab_size=100,
@@ -180,17 +205,25 @@ def _kin_config(name: str):
 
 def _kin_processor(name: str, **changes):
     """The model's own image processor with the tiny towers' sizes (Qwen's: 64 to 576 pixels an image; Cosmos3-Edge's
-    takes them as size only, min_pixels and max_pixels being no settings of it)."""
+    and Ovis2.5's take them as size only: min_pixels and max_pixels are no settings of the first, and the second
+    keeps them without resizing by them)."""
     settings = {**QWEN_PROCESSOR, "temporal_patch_size": KIN[name][5]}
-    if name == "cosmos3_edge":
+    if name in ("cosmos3_edge", "ovis2_5"):
         settings["size"] = {"shortest_edge": settings.pop("min_pixels"), "longest_edge": settings.pop("max_pixels")}
     return getattr(transformers, KIN[name][4])(**{**settings, **changes})
 
 
 def _sharpen_kin(tower: torch.nn.Module, seed: int) -> None:
-    """:func:`_sharpen` for a tower of ``KIN``."""
+    """:func:`_sharpen` for a tower of ``KIN``; PaddleOCR-VL's attention given its key projection as query
+    projection too (a token attends most to itself and tokens like it: its rotary embedding alone left attention
+    within 1 px of uniform)."""
     _sharpen(tower, seed)
     self_similar_attention(tower)
+    with torch.no_grad():
+        for module in tower.modules():
+            if type(module).__name__ == "PaddleOCRVisionAttention":
+                module.q_proj.weight.copy_(module.k_proj.weight)
+                module.q_proj.bias.copy_(module.k_proj.bias)
 
 
 def _save_kin_checkpoint(folder, name: str):
@@ -323,6 +356,8 @@ def _image_mad(case: str, tower, inputs) -> np.ndarray:
         assert len(calls) == len(tower.transformer.layers)
         return np.array([_call_mad(p, cells, PIXTRAL_PATCH).mean(-1).numpy() for p in calls])
     patches, grid = inputs
+    if modeling in ROW_MAJOR:  # as its model passes the processor's [N, C, p, p]
+        patches = patches[None]
     calls = _eager_calls(_MODELING[modeling], tower, patches, grid_thw=torch.tensor([[1, *grid]]))
     layers, used = [], 0
     if modeling in KIN:  # its attention layers (LFM3-VL's convolution layers between them make no call)
@@ -335,6 +370,11 @@ def _image_mad(case: str, tower, inputs) -> np.ndarray:
             windows = qwen_token_chunks(grid, MERGE, WINDOW_PX // MERGE // PATCH)
             # Window blocks: one call per window; full-attention blocks: the image in the same window order.
             chunks = [sum(windows, [])] if index in tower.fullatt_block_indexes else windows
+        elif modeling in WINDOWED:  # the sequence in window order from the first layer on
+            windows = qwen_token_chunks(grid, MERGE, WINDOW_PX // MERGE // PATCH)
+            chunks = windows if WINDOWED[modeling][index] == "window_attention" else [sum(windows, [])]
+        elif modeling in ROW_MAJOR:  # one chunk per image, its patches row-major
+            chunks = [[(r, c) for r in range(grid[0]) for c in range(grid[1])]]
         else:
             chunks = qwen_token_chunks(grid, MERGE, None)
         per_query = []
@@ -514,7 +554,8 @@ def _fed(case: str, args, kwargs) -> list:
     if CASES[case][0] == "pixtral":
         return [args[0][i, :, :h, :w] for i, (h, w) in enumerate(kwargs["image_sizes"].tolist())]
     grids = [tuple(g) for g in kwargs["grid_thw"][:, 1:].tolist()]
-    return list(zip(args[0].split([h * w for h, w in grids]), grids))
+    patches = args[0][0] if CASES[case][0] in ROW_MAJOR else args[0]  # PaddleOCR-VL's [1, N, C, p, p]
+    return list(zip(patches.split([h * w for h, w in grids]), grids))
 
 
 def _pixels(case: str, inputs) -> torch.Tensor:
@@ -523,7 +564,9 @@ def _pixels(case: str, inputs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("case", "cls"), [("qwen3_vl", "Qwen2VLImageProcessorPil"),
-                                           ("llava_pixtral", "PixtralImageProcessorPil")])
+                                           ("llava_pixtral", "PixtralImageProcessorPil"),
+                                           ("paddleocr_vl", "PaddleOCRVLImageProcessorPil"),
+                                           ("ovis2_5", "Ovis2_5ImageProcessorPil")])
 def test_a_checkpoint_naming_the_pil_processor_is_fed_by_it(folders, images, tmp_path, case, cls):
     """The ``...Pil`` twin of the Qwen and Pixtral processors resizes through PIL: the default's grid, pixels one
     level in 255 apart in places. The tower gets the pixels of the class the checkpoint names (until the class
@@ -648,6 +691,13 @@ def test_a_kin_processor_merging_otherwise_than_its_tower_is_refused(folders, tm
     ("lfm3_vl", "MiniMaxM3VLImageProcessor", r"model: the checkpoint's image processor is MiniMaxM3VLImageProcessor, "
                                              r"but the vision tower Lfm3VlVisionModel is fed by Qwen2VLImageProcessor "
                                              r"or Qwen2VLImageProcessorPil"),
+    # Qwen2-VL's processor resizes alike but cuts merge blocks, and another smart_resize: refused by class.
+    ("ovis2_5", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, but "
+                                         r"the vision tower Ovis2_5VisionModel is fed by Ovis2_5ImageProcessor or "
+                                         r"Ovis2_5ImageProcessorPil"),
+    ("paddleocr_vl", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, but "
+                                              r"the vision tower PaddleOCRVisionModel is fed by "
+                                              r"PaddleOCRVLImageProcessor or PaddleOCRVLImageProcessorPil"),
 ])
 def test_a_kin_checkpoint_with_another_models_processor_is_refused(folders, tmp_path, name, cls, message):
     with pytest.raises(OptionError, match=message):
@@ -712,6 +762,61 @@ def test_fixed_size_cosmos3_edge_patches_are_its_processors_channels_last(folder
     own = _kin_processor("cosmos3_edge")
     fed, grid = _processed("cosmos3_edge", own, load_image(find_images(images)[0])[0])
     assert torch.equal(qwen_patches(shown[None], PATCH, MERGE, 1, channels_last=True)[0][0], fed)
+
+
+@pytest.mark.parametrize("name", list(KIN))
+def test_a_kin_tower_is_fed_exactly_its_own_processors_pixels(folders, images, name):
+    """Native: each image's patches in the packed forward are, bit for bit, what the model's own processor (loaded
+    by transformers from the checkpoint) gives for that image, with its grid."""
+    folder = folders / name
+    loaded = load_model(f"hf:{folder}")
+    _, (args, kwargs) = _profile_one_forward(loaded, images, image_size="native", batch_size=4)
+    own = CASES[name][2](folder)
+    assert type(own).__name__ == KIN[name][4]
+    expected = [_processed(name, own, load_image(f)[0]) for f in find_images(images)]
+    fed = _fed(name, args, kwargs)
+    assert [g for _, g in fed] == [g for _, g in expected] and len({g for _, g in expected}) > 1
+    for (found, _), (pixels, _) in zip(fed, expected):
+        assert torch.equal(found, pixels)
+
+
+def _row_major_patches(pixels: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[h * w, C, p, p]``: the patches of one image ``[C, H, W]`` row-major, written out patch by patch."""
+    channels, height, width = pixels.shape
+    return torch.stack([pixels[:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+                        for r in range(height // patch) for c in range(width // patch)])
+
+
+def test_paddleocr_vl_is_fed_its_processors_row_major_patches(folders, images):
+    """Native: the tower gets, as [1, N, C, p, p], exactly the pixels PaddleOCRVLImageProcessor gives for each image
+    (its own smart_resize, its row-major patches), and the map's image is the image behind them. A fixed size: the
+    resized images cut row-major as that processor cuts them (not in merge blocks)."""
+    folder = folders / "paddleocr_vl"
+    loaded = load_model(f"hf:{folder}")
+    assert type(loaded.module).__name__ == "PaddleOCRVisionModel"
+    assert not any("language_model" in key or "embed_tokens" in key for key in loaded.module.state_dict())
+    files = find_images(images)
+    result, (args, kwargs) = _profile_one_forward(loaded, images, image_size="native", batch_size=4)
+    assert args[0].dim() == 5 and args[0].shape[0] == 1 and tuple(args[0].shape[2:]) == (3, PATCH, PATCH)
+    own = transformers.PaddleOCRVLImageProcessor.from_pretrained(folder)
+    expected = [_processed("paddleocr_vl", own, load_image(f)[0]) for f in files]
+    fed = _fed("paddleocr_vl", args, kwargs)
+    assert [g for _, g in fed] == [g for _, g in expected] and len({g for _, g in expected}) > 1
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(fed, expected))  # 0 difference
+    maps, shown, _, _ = mad_maps(loaded, files[0], image_size="native", device="cpu")
+    assert torch.equal(_row_major_patches(shown, PATCH), expected[0][0])
+
+    result, (args, kwargs) = _profile_one_forward(loaded, images, image_size="16x24", batch_size=4)
+    assert kwargs["grid_thw"].tolist() == [[1, 4, 6]] * 4
+    prep = loaded.preprocessing.with_size((16, 24))
+    pixels = [prep(load_image(f)[0]) for f in files]
+    processor = _kin_processor("paddleocr_vl", do_resize=False, do_rescale=False, do_normalize=False)
+    cut = torch.cat([processor([p], return_tensors="pt")["pixel_values"] for p in pixels])
+    assert torch.equal(cut, torch.cat([_row_major_patches(p, PATCH) for p in pixels]))
+    torch.testing.assert_close(args[0][0], cut)
+    tower = CASES["paddleocr_vl"][1](folder).eval()
+    reference = [_image_mad("paddleocr_vl", tower, (cut[i * 24:(i + 1) * 24], (4, 6))) for i in range(4)]
+    torch.testing.assert_close(result.mad, torch.tensor(np.array(reference)).mean(0), **TOL)
 
 
 def test_a_checkpoint_missing_tower_weights_is_refused(folders, tmp_path):

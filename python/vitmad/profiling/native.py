@@ -41,11 +41,13 @@ from .images import hf_rescale, load_each, load_image, rescaled
 from .models import LoadedModel
 from .options import OptionError
 from .packed_towers import (
+    call_packed,
     channels_last,
     check_packed_size,
     find_packed_tower,
     packed_processor,
     qwen_unpatch,
+    row_major,
     tower_kind,
     tower_sizes,
 )
@@ -142,7 +144,8 @@ class NativeFeed:
             return self._packed(image)
         if self.kind == "qwen":
             patches, grid = self._packed(image)
-            return qwen_unpatch(patches, grid, self.patch, int(self.processor["merge_size"]),
+            merge = 1 if row_major(self.processor) else int(self.processor["merge_size"])
+            return qwen_unpatch(patches.reshape(patches.shape[0], -1), grid, self.patch, merge,
                                 int(self.processor["temporal_patch_size"]), channels_last(self.processor))
         if self.kind == "siglip2":
             from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
@@ -172,7 +175,7 @@ class NativeFeed:
         elif self.kind == "qwen":  # the images' patches one after the other, each image's grid in grid_thw
             patches = torch.cat([p for p, _ in items])
             grid_thw = torch.tensor([[1, h, w] for _, (h, w) in items])
-            loaded.module(patches.to(device=device, dtype=dtype), grid_thw=grid_thw.to(device))
+            call_packed(loaded.module, patches.to(device=device, dtype=dtype), grid_thw.to(device))
         elif self.kind == "pixtral":  # padded at the bottom and right, as PixtralImageProcessor pads a batch
             height, width = max(p.shape[1] for p in items), max(p.shape[2] for p in items)
             pixels = torch.zeros(len(items), 3, height, width)

@@ -58,7 +58,8 @@ from torch import nn
 from .options import OptionError
 
 __all__ = ["tower_kind", "tower_sizes", "find_packed_tower", "load_packed_tower", "packed_forward", "packed_processor",
-           "processor_settings", "check_packed_size", "channels_last", "PackedTower", "PACKED_TOWERS"]
+           "processor_settings", "check_packed_size", "channels_last", "row_major", "call_packed", "PackedTower",
+           "PACKED_TOWERS"]
 
 @dataclass(frozen=True)
 class PackedTower:
@@ -75,6 +76,10 @@ class PackedTower:
             transformers' (the original checkpoint's, or what ``save_pretrained`` writes), applied before ``prefixes``.
         patch: where the tower keeps its patch size, a dotted attribute path from the tower.
         temporal: where it keeps its temporal patch size; None: it has none (1).
+        merge: where it keeps its spatial merge size (the processor's ``merge_size`` must be it: the tower, or
+            the projector after it, merges blocks of that many patches a side).
+        layout: how the tower takes the packed patches: ``"flat"`` ``[N, C * t * p * p]``, ``"patches"``
+            ``[1, N, C * t, p, p]`` (PaddleOCR-VL's, as its model passes its processor's output).
         processors: the image processor classes of the model (transformers' auto map), the first its default,
             always named in the processor settings (and so in ``mad.json`` and the run's fingerprint). Empty: the
             kind's (:data:`_KIND_PROCESSORS`), its default left out of the settings. Either way a checkpoint's
@@ -90,6 +95,8 @@ class PackedTower:
     patch: str = "patch_embed.patch_size"
     temporal: str | None = "patch_embed.temporal_patch_size"
     processors: tuple[str, ...] = ()
+    merge: str = "spatial_merge_size"
+    layout: str = "flat"
 
 
 _QWEN_PREFIXES = ("model.visual.", "visual.")
@@ -146,10 +153,36 @@ PACKED_TOWERS = {
         "qwen", "transformers.models.lfm3_vl.modeling_lfm3_vl", "Lfm3VlVisionConfig", "vision_tower", _TOWER_PREFIXES,
         patch="config.patch_size", temporal="config.temporal_patch_size",
         processors=("Qwen2VLImageProcessor", "Qwen2VLImageProcessorPil")),
+    # PaddleOCR-VL: PaddleOCRVLForConditionalGeneration keeps the tower under model.visual (save_pretrained writes
+    # visual.*, as the original checkpoint). Its processor resizes by its own smart_resize (sides multiples of
+    # patch * merge_size, as Qwen2-VL's, but an image with a side under that factor first scaled up to it) and cuts
+    # the patches row-major, each (C, p, p) with no temporal patch (merge_size only rounds the resize: the
+    # projector merges after the encoder, by the vision config's spatial_merge_size). Its model passes the
+    # processor's [N, C, p, p] as [1, N, C, p, p].
+    "PaddleOCRVisionModel": PackedTower(
+        "qwen", "transformers.models.paddleocr_vl.modeling_paddleocr_vl", "PaddleOCRVisionConfig", "visual",
+        _QWEN_PREFIXES, patch="config.patch_size", temporal=None, merge="config.spatial_merge_size",
+        layout="patches", processors=("PaddleOCRVLImageProcessor", "PaddleOCRVLImageProcessorPil")),
+    # Ovis2.5: Ovis2_5ForConditionalGeneration keeps the tower under model.vision_tower; the original checkpoint (and
+    # save_pretrained, which reverses transformers' conversion mapping) under visual_tokenizer.vit.vision_model with
+    # the layers under encoder. Its processor resizes by its own smart_resize (Qwen2-VL's rounding to patch *
+    # merge_size within size's shortest_edge / longest_edge pixels, a side under that factor first scaled up, ratios
+    # clamped at 200) and patchifies as Qwen2VLImageProcessor does: merge blocks, each patch (C, t, p, p), t 1 by
+    # default. Its windows (layer_types) are the recorder's: they follow from grid_thw.
+    "Ovis2_5VisionModel": PackedTower(
+        "qwen", "transformers.models.ovis2_5.modeling_ovis2_5", "Ovis2_5VisionConfig", "vision_tower",
+        _TOWER_PREFIXES, renames=(
+            (r"^visual_tokenizer\.vit\.vision_model\.embeddings\.", "embeddings."),
+            (r"^visual_tokenizer\.vit\.vision_model\.encoder\.layers\.", "layers."),
+            (r"^visual_tokenizer\.vit\.vision_model\.post_layernorm\.", "post_layernorm.")),
+        patch="patch_size", temporal="config.temporal_patch_size",
+        processors=("Ovis2_5ImageProcessor", "Ovis2_5ImageProcessorPil")),
 }
 _BY_CONFIG = {spec.config: tower for tower, spec in PACKED_TOWERS.items()}
 # Image processors whose patch vectors are (p, p, C, t) (channels last), not Qwen2-VL's (C, t, p, p).
 _CHANNELS_LAST = ("Cosmos3EdgeImageProcessor", "Cosmos3EdgeImageProcessorPil")
+# Image processors that cut each image's patches row-major, not in Qwen2-VL's merge blocks.
+_ROW_MAJOR = ("PaddleOCRVLImageProcessor", "PaddleOCRVLImageProcessorPil")
 # The processor classes of the Qwen and Pixtral towers (transformers' auto map of their models), the default
 # (torchvision backend) first. The ...Pil twin resizes through PIL: the same grid, pixels that round otherwise (up
 # to one level in 255). transformers 5 saves either as the base name, so a file naming the twin asks for it, and
@@ -185,7 +218,7 @@ def tower_sizes(tower: nn.Module) -> tuple[int, int, int]:
     spec = PACKED_TOWERS[type(tower).__name__]
     if spec.kind == "pixtral":
         return int(tower.patch_size), 1, 1
-    return _attribute(tower, spec.patch), int(tower.spatial_merge_size), _attribute(tower, spec.temporal)
+    return _attribute(tower, spec.patch), _attribute(tower, spec.merge), _attribute(tower, spec.temporal)
 
 
 def load_packed_tower(spec: str, name: str, config, options: dict) -> tuple[nn.Module, str] | None:
@@ -234,9 +267,9 @@ def check_packed_size(kind: str, tower: nn.Module, height: int, width: int, para
         OptionError: (``parameter``) a side is not a multiple of the patch (Qwen: patch * merge) or, for Pixtral,
             longer than the tower's ``image_size``.
     """
-    _, factor = _sizes(kind, tower)
-    what = (f"multiples of {factor} px (patch {factor // int(tower.spatial_merge_size)} x spatial merge "
-            f"{int(tower.spatial_merge_size)})" if kind == "qwen" else f"multiples of the {factor} px patch")
+    patch, factor = _sizes(kind, tower)
+    what = (f"multiples of {factor} px (patch {patch} x spatial merge {factor // patch})" if kind == "qwen"
+            else f"multiples of the {factor} px patch")
     if height % factor or width % factor:
         raise OptionError(parameter, f"{type(tower).__name__} takes whole patches: height and width must be {what}, "
                                      f"got {height}x{width}")
@@ -249,7 +282,7 @@ def packed_forward(kind: str, tower: nn.Module, settings: dict | None = None):
     """Calls ``tower`` on ``[B, 3, H, W]`` normalised pixels of one size: Qwen's patches and ``grid_thw`` (the
     image repeated over the temporal patch, as its processor does for an image; each patch laid out as the
     processor of ``settings`` lays it out), Pixtral's ``image_sizes``."""
-    last = channels_last(settings)
+    last, merge_order = channels_last(settings), not row_major(settings)
 
     def forward(pixels: torch.Tensor):
         if pixels.dim() != 4:
@@ -259,9 +292,10 @@ def packed_forward(kind: str, tower: nn.Module, settings: dict | None = None):
         check_packed_size(kind, tower, height, width, "images")
         if kind == "pixtral":
             return tower(pixels, image_sizes=torch.tensor([[height, width]] * batch, device=pixels.device))
-        patches, grid = qwen_patches(pixels, *tower_sizes(tower), channels_last=last)
+        patch, merge, temporal = tower_sizes(tower)
+        patches, grid = qwen_patches(pixels, patch, merge if merge_order else 1, temporal, channels_last=last)
         grid_thw = torch.tensor([[1, *grid]] * batch, device=pixels.device)
-        return tower(patches.reshape(-1, patches.shape[-1]), grid_thw=grid_thw)
+        return call_packed(tower, patches.reshape(-1, patches.shape[-1]), grid_thw)
 
     return forward
 
@@ -270,6 +304,21 @@ def channels_last(settings: dict | None) -> bool:
     """Whether the image processor of ``settings`` lays each patch out ``(p, p, C, t)`` (Cosmos3-Edge's), not
     Qwen2-VL's ``(C, t, p, p)``."""
     return (settings or {}).get("image_processor_type") in _CHANNELS_LAST
+
+
+def row_major(settings: dict | None) -> bool:
+    """Whether the image processor of ``settings`` cuts the patches row-major (PaddleOCR-VL's), not in Qwen2-VL's
+    merge blocks."""
+    return (settings or {}).get("image_processor_type") in _ROW_MAJOR
+
+
+def call_packed(tower: nn.Module, patches: torch.Tensor, grid_thw: torch.Tensor):
+    """Calls a Qwen-kind ``tower`` on the packed patches of its images (``[N, ...]``, one row per patch, as the
+    processor gives them) in the layout the tower takes (:attr:`PackedTower.layout`)."""
+    if PACKED_TOWERS[type(tower).__name__].layout == "patches":
+        patch = tower_sizes(tower)[0]
+        return tower(patches.reshape(1, patches.shape[0], -1, patch, patch), grid_thw=grid_thw)
+    return tower(patches.reshape(patches.shape[0], -1), grid_thw=grid_thw)
 
 
 def qwen_patches(pixels: torch.Tensor, patch: int, merge: int, temporal: int, channels_last: bool = False
