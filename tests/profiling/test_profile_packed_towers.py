@@ -40,6 +40,8 @@ pytest.importorskip("torchvision")  # transformers' Qwen2-VL and Pixtral image p
 from transformers.models.cosmos3_edge import modeling_cosmos3_edge  # noqa: E402
 from transformers.models.lfm3_vl import modeling_lfm3_vl  # noqa: E402
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl  # noqa: E402
+from transformers.models.muse_glimmer import modeling_muse_glimmer  # noqa: E402
+from transformers.models.muse_spark import modeling_muse_spark  # noqa: E402
 from transformers.models.ovis2_5 import modeling_ovis2_5  # noqa: E402
 from transformers.models.paddleocr_vl import modeling_paddleocr_vl  # noqa: E402
 from transformers.models.pixtral import modeling_pixtral  # noqa: E402
@@ -60,7 +62,8 @@ _MODELING = {"qwen2_vl": modeling_qwen2_vl, "qwen2_5_vl": modeling_qwen2_5_vl, "
              "pixtral": modeling_pixtral, "qwen3_vl_moe": modeling_qwen3_vl_moe, "qwen3_5": modeling_qwen3_5,
              "qwen3_5_moe": modeling_qwen3_5_moe, "minimax_m3_vl": modeling_minimax_m3_vl,
              "cosmos3_edge": modeling_cosmos3_edge, "lfm3_vl": modeling_lfm3_vl,
-             "paddleocr_vl": modeling_paddleocr_vl, "ovis2_5": modeling_ovis2_5}
+             "paddleocr_vl": modeling_paddleocr_vl, "ovis2_5": modeling_ovis2_5,
+             "muse_glimmer": modeling_muse_glimmer, "muse_spark": modeling_muse_spark}
 # Qwen3-VL's tower under other names, in whole checkpoints (under model.visual, fed by Qwen2VLImageProcessor):
 # name -> (config class, model class, tower class, extra text settings)
 QWEN3_KIN = {
@@ -88,13 +91,26 @@ KIN = {
                      "PaddleOCRVisionAttention", "PaddleOCRVLImageProcessor", 1),
     "ovis2_5": ("Ovis2_5ForConditionalGeneration", "model.vision_tower", "Ovis2_5VisionModel",
                 "Ovis2_5VisionAttention", "Ovis2_5ImageProcessor", 1),
+    "muse_glimmer": ("MuseGlimmerForConditionalGeneration", "model.vision_tower", "MuseGlimmerVisionModel",
+                     "MuseGlimmerVisionAttention", "MuseGlimmerImageProcessor", 2),
+    "muse_spark": ("MuseSparkForConditionalGeneration", "model.vision_tower", "MuseSparkVisionModel",
+                   "MuseSparkVisionAttention", "MuseGlimmerImageProcessor", 2),
 }
 # PaddleOCR-VL's processor cuts each image's patches row-major (patchify: grid_h, grid_w, then the pixels of a
-# patch), each patch (C, p, p); its model passes them to the tower as [1, N, C, p, p].
-ROW_MAJOR = ("paddleocr_vl",)
-# Ovis2.5's tower: Qwen2.5-VL's windows (WINDOW_PX, 2 x 2 merge blocks) before its first layer, each layer attending
-# per window or per image as layer_types says (here a window layer, then a full one).
-WINDOWED = {"ovis2_5": ("window_attention", "full_attention")}
+# patch), each patch (C, p, p); its model passes them to the tower as [1, N, C, p, p]. Muse Glimmer's cuts them
+# row-major too, each (t, C, p, p).
+ROW_MAJOR = ("paddleocr_vl", "muse_glimmer", "muse_spark")
+PATCHES_5D = ("paddleocr_vl",)
+# Towers that reorder the sequence by Qwen2.5-VL's windows before their first layer, each layer attending per window
+# or per image as layer_types says (LAYER_TYPES: a window layer, then a full one): name -> (the blocks the windows
+# are cut in, patches a side; blocks a window side). Ovis2.5: merge blocks, windows of WINDOW_PX; Muse Glimmer: single
+# patches (its tower's spatial_merge_size is 1), windows of pos_emb_height (4) patches.
+LAYER_TYPES = ("window_attention", "full_attention")
+MUSE_POSITIONS = 4
+WINDOWED = {"ovis2_5": (MERGE, WINDOW_PX // MERGE // PATCH), "muse_glimmer": (1, MUSE_POSITIONS),
+            "muse_spark": (1, MUSE_POSITIONS)}
+# The processor's budget: Qwen's 64 to 576 pixels; Muse Glimmer's at most 9 tokens of 2 x 2 patches (576 pixels).
+BUDGET = {"muse_glimmer": {"max_image_tokens": 9}, "muse_spark": {"max_image_tokens": 9}}
 
 
 def _sharpen(tower: torch.nn.Module, seed: int) -> None:
@@ -180,8 +196,23 @@ def _kin_config(name: str):
                     num_key_value_heads=1, head_dim=16, vocab_size=100)
         return transformers.Ovis2_5Config(
             vision_config=dict(vision, num_hidden_layers=2, image_size=16, window_size=WINDOW_PX,
-                               layer_types=list(WINDOWED[name]), vocab_size=64, num_visual_indicator_tokens=4),
+                               layer_types=list(LAYER_TYPES), vocab_size=64, num_visual_indicator_tokens=4),
             text_config=text)
+    if name in ("muse_glimmer", "muse_spark"):  # a learned 4 x 4 position grid; the tower merges nothing (its
+        # pixel_shuffle does). Muse Spark: a mixture-of-experts language model and an audio tower beside it.
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=16, vocab_size=100, bos_token_id=0, eos_token_id=1)
+        vision = {k: v for k, v in vision.items() if k != "spatial_merge_size"}
+        vision = dict(vision, num_hidden_layers=2, pos_emb_height=MUSE_POSITIONS, pos_emb_width=MUSE_POSITIONS,
+                      max_position_embeddings=MUSE_POSITIONS ** 2, merge_size=MERGE, patch_temporal=2,
+                      layer_types=list(LAYER_TYPES))
+        if name == "muse_glimmer":
+            return transformers.MuseGlimmerConfig(vision_config=vision, text_config=text)
+        return transformers.MuseSparkConfig(
+            vision_config=vision, text_config=dict(text, moe_intermediate_size=32, num_local_experts=2,
+                                                   num_experts_per_tok=1, moe_hidden_size=32),
+            audio_config=dict(out_hidden_size=32, num_hidden_layers=1, patch_sizes=[2], hidden_sizes=[16],
+                              depths=[1]))
     if name == "paddleocr_vl":  # a learned 4 x 4 position grid, interpolated to each image's grid
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                     num_key_value_heads=1, head_dim=16, vocab_size=100)
@@ -210,6 +241,9 @@ def _kin_processor(name: str, **changes):
     settings = {**QWEN_PROCESSOR, "temporal_patch_size": KIN[name][5]}
     if name in ("cosmos3_edge", "ovis2_5"):
         settings["size"] = {"shortest_edge": settings.pop("min_pixels"), "longest_edge": settings.pop("max_pixels")}
+    if name in BUDGET:
+        del settings["min_pixels"], settings["max_pixels"]
+        settings.update(BUDGET[name])
     return getattr(transformers, KIN[name][4])(**{**settings, **changes})
 
 
@@ -356,7 +390,7 @@ def _image_mad(case: str, tower, inputs) -> np.ndarray:
         assert len(calls) == len(tower.transformer.layers)
         return np.array([_call_mad(p, cells, PIXTRAL_PATCH).mean(-1).numpy() for p in calls])
     patches, grid = inputs
-    if modeling in ROW_MAJOR:  # as its model passes the processor's [N, C, p, p]
+    if modeling in PATCHES_5D:  # as its model passes the processor's [N, C, p, p]
         patches = patches[None]
     calls = _eager_calls(_MODELING[modeling], tower, patches, grid_thw=torch.tensor([[1, *grid]]))
     layers, used = [], 0
@@ -371,8 +405,8 @@ def _image_mad(case: str, tower, inputs) -> np.ndarray:
             # Window blocks: one call per window; full-attention blocks: the image in the same window order.
             chunks = [sum(windows, [])] if index in tower.fullatt_block_indexes else windows
         elif modeling in WINDOWED:  # the sequence in window order from the first layer on
-            windows = qwen_token_chunks(grid, MERGE, WINDOW_PX // MERGE // PATCH)
-            chunks = windows if WINDOWED[modeling][index] == "window_attention" else [sum(windows, [])]
+            windows = qwen_token_chunks(grid, *WINDOWED[modeling])
+            chunks = windows if LAYER_TYPES[index] == "window_attention" else [sum(windows, [])]
         elif modeling in ROW_MAJOR:  # one chunk per image, its patches row-major
             chunks = [[(r, c) for r in range(grid[0]) for c in range(grid[1])]]
         else:
@@ -504,7 +538,10 @@ def test_a_whole_checkpoint_of_a_kin_tower_loads_its_tower_alone_fed_by_its_own_
     assert result.settings["profiled"] == loaded.description
     fed = result.settings["preprocessing"]
     assert fed["native"] == "qwen" and fed["processor"]["image_processor_type"] == processor
-    assert fed["processor"]["size"] == {"shortest_edge": 64, "longest_edge": 576}
+    if name in BUDGET:
+        assert {k: fed["processor"][k] for k in BUDGET[name]} == BUDGET[name] and "size" not in fed["processor"]
+    else:
+        assert fed["processor"]["size"] == {"shortest_edge": 64, "longest_edge": 576}
 
 
 @pytest.mark.parametrize("name", list(KIN))
@@ -554,7 +591,7 @@ def _fed(case: str, args, kwargs) -> list:
     if CASES[case][0] == "pixtral":
         return [args[0][i, :, :h, :w] for i, (h, w) in enumerate(kwargs["image_sizes"].tolist())]
     grids = [tuple(g) for g in kwargs["grid_thw"][:, 1:].tolist()]
-    patches = args[0][0] if CASES[case][0] in ROW_MAJOR else args[0]  # PaddleOCR-VL's [1, N, C, p, p]
+    patches = args[0][0] if CASES[case][0] in PATCHES_5D else args[0]  # PaddleOCR-VL's [1, N, C, p, p]
     return list(zip(patches.split([h * w for h, w in grids]), grids))
 
 
@@ -695,6 +732,10 @@ def test_a_kin_processor_merging_otherwise_than_its_tower_is_refused(folders, tm
     ("ovis2_5", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, but "
                                          r"the vision tower Ovis2_5VisionModel is fed by Ovis2_5ImageProcessor or "
                                          r"Ovis2_5ImageProcessorPil"),
+    # Qwen2-VL's processor would cut merge blocks (C, t, p, p) where Muse Spark's tower takes row-major (t, C, p, p).
+    ("muse_spark", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, but "
+                                            r"the vision tower MuseSparkVisionModel is fed by "
+                                            r"MuseGlimmerImageProcessor \(its model's processor"),
     ("paddleocr_vl", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, but "
                                               r"the vision tower PaddleOCRVisionModel is fed by "
                                               r"PaddleOCRVLImageProcessor or PaddleOCRVLImageProcessorPil"),
@@ -780,42 +821,49 @@ def test_a_kin_tower_is_fed_exactly_its_own_processors_pixels(folders, images, n
         assert torch.equal(found, pixels)
 
 
-def _row_major_patches(pixels: torch.Tensor, patch: int) -> torch.Tensor:
-    """``[h * w, C, p, p]``: the patches of one image ``[C, H, W]`` row-major, written out patch by patch."""
+def _row_major_patches(pixels: torch.Tensor, patch: int, name: str) -> torch.Tensor:
+    """The patches of one image ``[C, H, W]`` row-major, written out patch by patch, as ``name``'s processor lays
+    each out: PaddleOCR-VL ``[h * w, C, p, p]``, Muse Glimmer ``[h * w, t * C * p * p]`` (the patch repeated over
+    the temporal patch, time first)."""
     channels, height, width = pixels.shape
-    return torch.stack([pixels[:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
-                        for r in range(height // patch) for c in range(width // patch)])
+    patches = torch.stack([pixels[:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+                           for r in range(height // patch) for c in range(width // patch)])
+    if name in ("muse_glimmer", "muse_spark"):
+        return torch.stack([patches] * KIN[name][5], dim=1).reshape(len(patches), -1)
+    return patches
 
 
-def test_paddleocr_vl_is_fed_its_processors_row_major_patches(folders, images):
-    """Native: the tower gets, as [1, N, C, p, p], exactly the pixels PaddleOCRVLImageProcessor gives for each image
-    (its own smart_resize, its row-major patches), and the map's image is the image behind them. A fixed size: the
-    resized images cut row-major as that processor cuts them (not in merge blocks)."""
-    folder = folders / "paddleocr_vl"
+@pytest.mark.parametrize("name", ROW_MAJOR)
+def test_a_row_major_tower_is_fed_its_processors_row_major_patches(folders, images, name):
+    """Native: the tower gets exactly the pixels its model's processor gives for each image (its own resize rule,
+    its row-major patches; PaddleOCR-VL's as [1, N, C, p, p]), and the map's image is the image behind them. A fixed
+    size: the resized images cut row-major as that processor cuts them (not in merge blocks)."""
+    folder = folders / name
     loaded = load_model(f"hf:{folder}")
-    assert type(loaded.module).__name__ == "PaddleOCRVisionModel"
+    assert type(loaded.module).__name__ == KIN[name][2]
     assert not any("language_model" in key or "embed_tokens" in key for key in loaded.module.state_dict())
     files = find_images(images)
     result, (args, kwargs) = _profile_one_forward(loaded, images, image_size="native", batch_size=4)
-    assert args[0].dim() == 5 and args[0].shape[0] == 1 and tuple(args[0].shape[2:]) == (3, PATCH, PATCH)
-    own = transformers.PaddleOCRVLImageProcessor.from_pretrained(folder)
-    expected = [_processed("paddleocr_vl", own, load_image(f)[0]) for f in files]
-    fed = _fed("paddleocr_vl", args, kwargs)
+    if name in PATCHES_5D:
+        assert args[0].dim() == 5 and args[0].shape[0] == 1 and tuple(args[0].shape[2:]) == (3, PATCH, PATCH)
+    own = CASES[name][2](folder)
+    expected = [_processed(name, own, load_image(f)[0]) for f in files]
+    fed = _fed(name, args, kwargs)
     assert [g for _, g in fed] == [g for _, g in expected] and len({g for _, g in expected}) > 1
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(fed, expected))  # 0 difference
     maps, shown, _, _ = mad_maps(loaded, files[0], image_size="native", device="cpu")
-    assert torch.equal(_row_major_patches(shown, PATCH), expected[0][0])
+    assert torch.equal(_row_major_patches(shown, PATCH, name), expected[0][0])
 
     result, (args, kwargs) = _profile_one_forward(loaded, images, image_size="16x24", batch_size=4)
     assert kwargs["grid_thw"].tolist() == [[1, 4, 6]] * 4
     prep = loaded.preprocessing.with_size((16, 24))
     pixels = [prep(load_image(f)[0]) for f in files]
-    processor = _kin_processor("paddleocr_vl", do_resize=False, do_rescale=False, do_normalize=False)
+    processor = _kin_processor(name, do_resize=False, do_rescale=False, do_normalize=False)
     cut = torch.cat([processor([p], return_tensors="pt")["pixel_values"] for p in pixels])
-    assert torch.equal(cut, torch.cat([_row_major_patches(p, PATCH) for p in pixels]))
-    torch.testing.assert_close(args[0][0], cut)
-    tower = CASES["paddleocr_vl"][1](folder).eval()
-    reference = [_image_mad("paddleocr_vl", tower, (cut[i * 24:(i + 1) * 24], (4, 6))) for i in range(4)]
+    assert torch.equal(cut, torch.cat([_row_major_patches(p, PATCH, name) for p in pixels]))
+    torch.testing.assert_close(args[0][0] if name in PATCHES_5D else args[0], cut)
+    tower = CASES[name][1](folder).eval()
+    reference = [_image_mad(name, tower, (cut[i * 24:(i + 1) * 24], (4, 6))) for i in range(4)]
     torch.testing.assert_close(result.mad, torch.tensor(np.array(reference)).mean(0), **TOL)
 
 

@@ -48,6 +48,7 @@ from .packed_towers import (
     packed_processor,
     qwen_unpatch,
     row_major,
+    temporal_first,
     tower_kind,
     tower_sizes,
 )
@@ -110,7 +111,7 @@ class NativeFeed:
         if self.kind in ("qwen", "pixtral"):  # the processor's size rule (min / max pixels, longest edge)
             # and the processor's class where the tower names its own (MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL)
             found["processor"] = {k: v for k, v in self.processor.items() if k in (
-                "size", "min_pixels", "max_pixels", "merge_size", "image_processor_type")}
+                "size", "min_pixels", "max_pixels", "max_image_tokens", "merge_size", "image_processor_type")}
         if self.rescale is not None:  # only then: other runs keep their settings and fingerprints
             found["rescale"] = self.rescale
         return found
@@ -146,7 +147,8 @@ class NativeFeed:
             patches, grid = self._packed(image)
             merge = 1 if row_major(self.processor) else int(self.processor["merge_size"])
             return qwen_unpatch(patches.reshape(patches.shape[0], -1), grid, self.patch, merge,
-                                int(self.processor["temporal_patch_size"]), channels_last(self.processor))
+                                int(self.processor["temporal_patch_size"]), channels_last(self.processor),
+                                temporal_first(self.processor))
         if self.kind == "siglip2":
             from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
 
@@ -289,11 +291,16 @@ def _packed_feed(loaded: LoadedModel, tower) -> NativeFeed:
     kind = tower_kind(tower)
     settings = processor_settings(kind, tower, loaded.processor)
     processor = packed_processor(kind, settings)
-    size = {k: int(processor.size[k]) for k in ("shortest_edge", "longest_edge") if processor.size.get(k)}
-    settings = settings | {"size": size}  # the effective size rule, whichever keys the checkpoint used
+    tokens = getattr(processor, "max_image_tokens", None) if kind == "qwen" else None
+    if tokens is None:
+        size = {k: int(processor.size[k]) for k in ("shortest_edge", "longest_edge") if processor.size.get(k)}
+        settings = settings | {"size": size}  # the effective size rule, whichever keys the checkpoint used
+    else:  # Muse Glimmer's: no size, a cap on merged tokens
+        settings = settings | {"max_image_tokens": int(tokens)}
     if kind == "qwen":
         patch = int(processor.patch_size)
-        budget = int(processor.size["longest_edge"]) // (patch * patch)
+        budget = (int(processor.size["longest_edge"]) // (patch * patch) if tokens is None
+                  else int(tokens) * int(processor.merge_size) ** 2)
         settings = settings | {"merge_size": int(processor.merge_size),
                                "temporal_patch_size": int(processor.temporal_patch_size)}
     else:

@@ -58,7 +58,8 @@ from torch import nn
 from .options import OptionError
 
 __all__ = ["tower_kind", "tower_sizes", "find_packed_tower", "load_packed_tower", "packed_forward", "packed_processor",
-           "processor_settings", "check_packed_size", "channels_last", "row_major", "call_packed", "PackedTower",
+           "processor_settings", "check_packed_size", "channels_last", "row_major", "temporal_first", "call_packed",
+           "PackedTower",
            "PACKED_TOWERS"]
 
 @dataclass(frozen=True)
@@ -177,12 +178,24 @@ PACKED_TOWERS = {
             (r"^visual_tokenizer\.vit\.vision_model\.post_layernorm\.", "post_layernorm.")),
         patch="patch_size", temporal="config.temporal_patch_size",
         processors=("Ovis2_5ImageProcessor", "Ovis2_5ImageProcessorPil")),
+    # Muse Glimmer and Muse Spark: their models keep the tower under model.vision_tower (no conversion mapping). The
+    # tower runs unmerged (spatial_merge_size 1: windows of pos_emb_height patches, positions per patch; its
+    # pixel_shuffle merges merge_size blocks at the end), so the processor (MuseGlimmerImageProcessor for both,
+    # transformers' auto map) cuts the patches row-major, each (t, C, p, p); its smart_resize picks the grid of
+    # patch * merge_size blocks closest to the image's ratio within max_image_tokens merged tokens.
+    **{f"{prefix}VisionModel": PackedTower(
+        "qwen", f"transformers.models.{module}.modeling_{module}", f"{prefix}VisionConfig", "vision_tower",
+        _TOWER_PREFIXES, patch="patch_size", temporal="config.patch_temporal", merge="merge_size",
+        processors=("MuseGlimmerImageProcessor",))
+       for module, prefix in (("muse_glimmer", "MuseGlimmer"), ("muse_spark", "MuseSpark"))},
 }
 _BY_CONFIG = {spec.config: tower for tower, spec in PACKED_TOWERS.items()}
 # Image processors whose patch vectors are (p, p, C, t) (channels last), not Qwen2-VL's (C, t, p, p).
 _CHANNELS_LAST = ("Cosmos3EdgeImageProcessor", "Cosmos3EdgeImageProcessorPil")
 # Image processors that cut each image's patches row-major, not in Qwen2-VL's merge blocks.
-_ROW_MAJOR = ("PaddleOCRVLImageProcessor", "PaddleOCRVLImageProcessorPil")
+_ROW_MAJOR = ("PaddleOCRVLImageProcessor", "PaddleOCRVLImageProcessorPil", "MuseGlimmerImageProcessor")
+# Image processors whose patch vectors are (t, C, p, p), not Qwen2-VL's (C, t, p, p).
+_TEMPORAL_FIRST = ("MuseGlimmerImageProcessor",)
 # The processor classes of the Qwen and Pixtral towers (transformers' auto map of their models), the default
 # (torchvision backend) first. The ...Pil twin resizes through PIL: the same grid, pixels that round otherwise (up
 # to one level in 255). transformers 5 saves either as the base name, so a file naming the twin asks for it, and
@@ -282,7 +295,7 @@ def packed_forward(kind: str, tower: nn.Module, settings: dict | None = None):
     """Calls ``tower`` on ``[B, 3, H, W]`` normalised pixels of one size: Qwen's patches and ``grid_thw`` (the
     image repeated over the temporal patch, as its processor does for an image; each patch laid out as the
     processor of ``settings`` lays it out), Pixtral's ``image_sizes``."""
-    last, merge_order = channels_last(settings), not row_major(settings)
+    last, merge_order, first = channels_last(settings), not row_major(settings), temporal_first(settings)
 
     def forward(pixels: torch.Tensor):
         if pixels.dim() != 4:
@@ -293,7 +306,8 @@ def packed_forward(kind: str, tower: nn.Module, settings: dict | None = None):
         if kind == "pixtral":
             return tower(pixels, image_sizes=torch.tensor([[height, width]] * batch, device=pixels.device))
         patch, merge, temporal = tower_sizes(tower)
-        patches, grid = qwen_patches(pixels, patch, merge if merge_order else 1, temporal, channels_last=last)
+        patches, grid = qwen_patches(pixels, patch, merge if merge_order else 1, temporal, channels_last=last,
+                                     temporal_first=first)
         grid_thw = torch.tensor([[1, *grid]] * batch, device=pixels.device)
         return call_packed(tower, patches.reshape(-1, patches.shape[-1]), grid_thw)
 
@@ -312,6 +326,11 @@ def row_major(settings: dict | None) -> bool:
     return (settings or {}).get("image_processor_type") in _ROW_MAJOR
 
 
+def temporal_first(settings: dict | None) -> bool:
+    """Whether the image processor of ``settings`` lays each patch out ``(t, C, p, p)`` (Muse Glimmer's)."""
+    return (settings or {}).get("image_processor_type") in _TEMPORAL_FIRST
+
+
 def call_packed(tower: nn.Module, patches: torch.Tensor, grid_thw: torch.Tensor):
     """Calls a Qwen-kind ``tower`` on the packed patches of its images (``[N, ...]``, one row per patch, as the
     processor gives them) in the layout the tower takes (:attr:`PackedTower.layout`)."""
@@ -321,11 +340,12 @@ def call_packed(tower: nn.Module, patches: torch.Tensor, grid_thw: torch.Tensor)
     return tower(patches.reshape(patches.shape[0], -1), grid_thw=grid_thw)
 
 
-def qwen_patches(pixels: torch.Tensor, patch: int, merge: int, temporal: int, channels_last: bool = False
-                 ) -> tuple[torch.Tensor, tuple]:
+def qwen_patches(pixels: torch.Tensor, patch: int, merge: int, temporal: int, channels_last: bool = False,
+                 temporal_first: bool = False) -> tuple[torch.Tensor, tuple]:
     """``([B, h * w, C * temporal * patch * patch], (h, w))``: Qwen2VLImageProcessor's ``patchify`` of images
     ``[B, C, H, W]`` (tokens in merge-block order, each image repeated over the temporal patch); with
-    ``channels_last``, Cosmos3EdgeImageProcessor's (each patch ``(p, p, C, t)``)."""
+    ``channels_last``, Cosmos3EdgeImageProcessor's (each patch ``(p, p, C, t)``); with ``temporal_first``, each
+    patch ``(t, C, p, p)`` (MuseGlimmerImageProcessor's, with ``merge`` 1: row-major)."""
     batch, channels, height, width = pixels.shape
     grid_h, grid_w = height // patch, width // patch
     blocks = pixels.reshape(batch, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
@@ -334,17 +354,22 @@ def qwen_patches(pixels: torch.Tensor, patch: int, merge: int, temporal: int, ch
         flat = blocks.unsqueeze(-1).expand(*blocks.shape, temporal)
     else:
         blocks = blocks.permute(0, 2, 5, 3, 6, 1, 4, 7)  # [B, h/m, w/m, m, m, C, p, p]
-        flat = blocks.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, temporal, -1, -1)
+        at = 5 if temporal_first else 6
+        flat = blocks.unsqueeze(at).expand(*blocks.shape[:at], temporal, *blocks.shape[at:])
     return flat.reshape(batch, grid_h * grid_w, channels * temporal * patch * patch), (grid_h, grid_w)
 
 
 def qwen_unpatch(patches: torch.Tensor, grid: tuple[int, int], patch: int, merge: int, temporal: int,
-                 channels_last: bool = False) -> torch.Tensor:
+                 channels_last: bool = False, temporal_first: bool = False) -> torch.Tensor:
     """``[C, H, W]``: the image behind one image's Qwen patches (the inverse of :func:`qwen_patches`)."""
     grid_h, grid_w = grid
     if channels_last:
         blocks = patches.reshape(grid_h // merge, grid_w // merge, merge, merge, patch, patch, -1, temporal)[..., 0]
         return blocks.permute(6, 0, 2, 4, 1, 3, 5).reshape(-1, grid_h * patch, grid_w * patch)
+    if temporal_first:
+        blocks = patches.reshape(grid_h // merge, grid_w // merge, merge, merge, temporal, -1, patch, patch)[:, :, :, :,
+                                                                                                            0]
+        return blocks.permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, grid_h * patch, grid_w * patch)
     blocks = patches.reshape(grid_h // merge, grid_w // merge, merge, merge, -1, temporal, patch, patch)[:, :, :, :,
                                                                                                         :, 0]
     return blocks.permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, grid_h * patch, grid_w * patch)
@@ -428,7 +453,9 @@ def nominal_size(kind: str, settings: dict, factor: int) -> tuple[int, int]:
     """A square of whole patches within the processor's budget: the ``size`` of :class:`~.images.Preprocessing`
     for towers that take no input size of their own (never used to resize: ``image_size`` is required)."""
     processor = packed_processor(kind, settings)
-    if kind == "qwen":
+    if kind == "qwen" and getattr(processor, "max_image_tokens", None) is not None:  # Muse: merged tokens
+        side = max(1, math.isqrt(int(processor.max_image_tokens))) * factor
+    elif kind == "qwen":
         side = max(factor, math.isqrt(int(processor.size["longest_edge"])) // factor * factor)
     else:
         side = int(processor.size["longest_edge"]) // factor * factor
