@@ -1,9 +1,11 @@
 """vitmad profile on packed native-resolution vision towers: Qwen2-VL (a whole vision-language checkpoint),
 Qwen2.5-VL (windows) and Qwen3-VL (towers saved alone), Qwen3-VL's tower inside whole Qwen3-VL-MoE, Qwen3.5 and
 Qwen3.5-MoE checkpoints, Pixtral (inside a LLaVA checkpoint, and saved alone without an image processor), and the
-MiniMax-M3-VL, Cosmos3-Edge and LFM3-VL towers, in whole checkpoints (MiniMax-M3-VL's in its original layout) and
-saved alone, each fed by its own image processor (Cosmos3-Edge's lays each patch out channels last, without a
-temporal patch), of the class its checkpoint names (a ``...Pil`` twin followed, another class refused).
+MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL, PaddleOCR-VL, Ovis2.5, Muse Glimmer and Muse Spark towers, in whole
+checkpoints (MiniMax-M3-VL's and Ovis2.5's in their original layouts) and saved alone, each fed by its own image
+processor (Cosmos3-Edge's lays each patch out channels last, without a temporal patch; PaddleOCR-VL's and Muse
+Glimmer's cut the patches row-major, Muse Glimmer's each (t, C, p, p); Ovis2.5 and the Muse towers attend in windows
+as layer_types says), of the class its checkpoint names (a ``...Pil`` twin followed, another class refused).
 
 Tiny random-weight towers, their weights scaled so that attention is far from uniform, are saved to folders with
 their image processors. The reference is written here, independently of vitmad: each image through the model's
@@ -12,8 +14,10 @@ probabilities captured from the modeling file's ``eager_attention_forward``; tok
 here with explicit loops (Qwen and the towers packed like it: spatial-merge blocks row-major, the patches of a
 block row-major, one call per image and attention layer; Qwen2.5-VL: the same blocks reordered by windows, each
 window's blocks row-major, one call per window in window blocks and one per image in its full-attention blocks;
-Pixtral: row-major), each patch at ``(row + 0.5, col + 0.5) * patch`` pixels; a query's MAD over the keys of its
-call, the image's MAD the mean over its tokens, in float64.
+Ovis2.5 and the Muse towers: the same windows, chosen per layer by layer_types, the Muse towers' over single patches
+(windows of pos_emb_height patches); PaddleOCR-VL: row-major, one call per image; Pixtral: row-major), each patch
+at ``(row + 0.5, col + 0.5) * patch`` pixels; a query's MAD over the keys of its call, the image's MAD the mean over
+its tokens, in float64.
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ budget; its MAD is in pixels of that resized image (``docs/definition.md``, nati
 - Packed native-resolution towers (``profiling/packed_towers.py``): the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision
   towers (and Qwen3-VL-MoE's, Qwen3.5's, Qwen3.5-MoE's) take the model's own ``Qwen2VLImageProcessor``
   (``smart_resize``: sides multiples of ``patch * merge``, ``min_pixels <= H * W <= max_pixels``; its patches
-  in spatial-merge block order with the image's ``grid_thw``), MiniMax-M3-VL, Cosmos3-Edge and LFM3-VL their
-  models' own processors (the same order; Cosmos3-Edge's patches channels last, without a temporal patch),
+  in spatial-merge block order with the image's ``grid_thw``), MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL, Ovis2.5,
+  PaddleOCR-VL and Muse Glimmer / Spark their models' own processors (the same order; Cosmos3-Edge's patches
+  channels last, without a temporal patch; PaddleOCR-VL's and the Muse towers' row-major, the Muse towers' time
+  first, their budget ``max_image_tokens`` merged tokens),
   Pixtral the model's own ``PixtralImageProcessor`` (the longest edge at most ``longest_edge``, each side rounded
   up to whole patches; ``image_sizes``). Every image of a batch goes into one packed forward, several grids in it;
   images only (a Qwen video, ``t > 1``, is never fed). With a fixed ``image_size`` these towers get every image
@@ -109,7 +111,7 @@ class NativeFeed:
         found = {"native": self.kind, "patch": self.patch, "max_patches": self.max_patches, "mean": list(self.mean),
                  "std": list(self.std), "interpolation": self.interpolation}
         if self.kind in ("qwen", "pixtral"):  # the processor's size rule (min / max pixels, longest edge)
-            # and the processor's class where the tower names its own (MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL)
+            # and the processor's class where the tower names its own (MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL, ...)
             found["processor"] = {k: v for k, v in self.processor.items() if k in (
                 "size", "min_pixels", "max_pixels", "max_image_tokens", "merge_size", "image_processor_type")}
         if self.rescale is not None:  # only then: other runs keep their settings and fingerprints
