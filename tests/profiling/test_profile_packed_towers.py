@@ -1,11 +1,12 @@
 """vitmad profile on packed native-resolution vision towers: Qwen2-VL (a whole vision-language checkpoint),
 Qwen2.5-VL (windows) and Qwen3-VL (towers saved alone), Qwen3-VL's tower inside whole Qwen3-VL-MoE, Qwen3.5 and
 Qwen3.5-MoE checkpoints, Pixtral (inside a LLaVA checkpoint, and saved alone without an image processor), and the
-MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL, PaddleOCR-VL, Ovis2.5, Muse Glimmer and Muse Spark towers, in whole
-checkpoints (MiniMax-M3-VL's and Ovis2.5's in their original layouts) and saved alone, each fed by its own image
-processor (Cosmos3-Edge's lays each patch out channels last, without a temporal patch; PaddleOCR-VL's and Muse
-Glimmer's cut the patches row-major, Muse Glimmer's each (t, C, p, p); Ovis2.5 and the Muse towers attend in windows
-as layer_types says), of the class its checkpoint names (a ``...Pil`` twin followed, another class refused).
+MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL, PaddleOCR-VL, Ovis2.5, Muse Glimmer, Muse Spark and VideoLLaMA3 towers, in
+whole checkpoints (MiniMax-M3-VL's and Ovis2.5's in their original layouts) and saved alone, each fed by its own
+image processor (Cosmos3-Edge's lays each patch out channels last, without a temporal patch; PaddleOCR-VL's, Muse
+Glimmer's and VideoLLaMA3's (merge_size 1) cut the patches row-major, Muse Glimmer's each (t, C, p, p); Ovis2.5 and
+the Muse towers attend in windows as layer_types says), of the class its checkpoint names (a ``...Pil`` twin
+followed, another class refused).
 
 Tiny random-weight towers, their weights scaled so that attention is far from uniform, are saved to folders with
 their image processors. The reference is written here, independently of vitmad: each image through the model's
@@ -55,6 +56,7 @@ from transformers.models.qwen3_5 import modeling_qwen3_5  # noqa: E402
 from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe  # noqa: E402
 from transformers.models.qwen3_vl import modeling_qwen3_vl  # noqa: E402
 from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe  # noqa: E402
+from transformers.models.video_llama_3 import modeling_video_llama_3  # noqa: E402
 
 PATCH, MERGE, WINDOW_PX = 4, 2, 16  # Qwen: 4 px patches, 2 x 2 merge blocks, windows of 2 x 2 merge blocks
 PIXTRAL_PATCH = 8
@@ -67,7 +69,8 @@ _MODELING = {"qwen2_vl": modeling_qwen2_vl, "qwen2_5_vl": modeling_qwen2_5_vl, "
              "qwen3_5_moe": modeling_qwen3_5_moe, "minimax_m3_vl": modeling_minimax_m3_vl,
              "cosmos3_edge": modeling_cosmos3_edge, "lfm3_vl": modeling_lfm3_vl,
              "paddleocr_vl": modeling_paddleocr_vl, "ovis2_5": modeling_ovis2_5,
-             "muse_glimmer": modeling_muse_glimmer, "muse_spark": modeling_muse_spark}
+             "muse_glimmer": modeling_muse_glimmer, "muse_spark": modeling_muse_spark,
+             "video_llama_3": modeling_video_llama_3}
 # Qwen3-VL's tower under other names, in whole checkpoints (under model.visual, fed by Qwen2VLImageProcessor):
 # name -> (config class, model class, tower class, extra text settings)
 QWEN3_KIN = {
@@ -99,11 +102,13 @@ KIN = {
                      "MuseGlimmerVisionAttention", "MuseGlimmerImageProcessor", 2),
     "muse_spark": ("MuseSparkForConditionalGeneration", "model.vision_tower", "MuseSparkVisionModel",
                    "MuseSparkVisionAttention", "MuseGlimmerImageProcessor", 2),
+    "video_llama_3": ("VideoLlama3ForConditionalGeneration", "model.vision_model", "VideoLlama3VisionModel",
+                      "VideoLlama3VisionAttention", "VideoLlama3ImageProcessor", 1),
 }
 # PaddleOCR-VL's processor cuts each image's patches row-major (patchify: grid_h, grid_w, then the pixels of a
 # patch), each patch (C, p, p); its model passes them to the tower as [1, N, C, p, p]. Muse Glimmer's cuts them
 # row-major too, each (t, C, p, p).
-ROW_MAJOR = ("paddleocr_vl", "muse_glimmer", "muse_spark")
+ROW_MAJOR = ("paddleocr_vl", "muse_glimmer", "muse_spark", "video_llama_3")
 PATCHES_5D = ("paddleocr_vl",)
 # Towers that reorder the sequence by Qwen2.5-VL's windows before their first layer, each layer attending per window
 # or per image as layer_types says (LAYER_TYPES: a window layer, then a full one): name -> (the blocks the windows
@@ -113,6 +118,9 @@ LAYER_TYPES = ("window_attention", "full_attention")
 MUSE_POSITIONS = 4
 WINDOWED = {"ovis2_5": (MERGE, WINDOW_PX // MERGE // PATCH), "muse_glimmer": (1, MUSE_POSITIONS),
             "muse_spark": (1, MUSE_POSITIONS)}
+# VideoLLaMA3's tower takes a merge size per image (merge_sizes): its image processor's default 1, blocks of one
+# patch, so its patches come row-major (ROW_MAJOR), each (C, t, p, p) flat.
+MERGE_SIZES = {"video_llama_3": 1}
 # The processor's budget: Qwen's 64 to 576 pixels; Muse Glimmer's at most 9 tokens of 2 x 2 patches (576 pixels).
 BUDGET = {"muse_glimmer": {"max_image_tokens": 9}, "muse_spark": {"max_image_tokens": 9}}
 
@@ -217,6 +225,11 @@ def _kin_config(name: str):
                                                    num_experts_per_tok=1, moe_hidden_size=32),
             audio_config=dict(out_hidden_size=32, num_hidden_layers=1, patch_sizes=[2], hidden_sizes=[16],
                               depths=[1]))
+    if name == "video_llama_3":  # rotary positions only; a Qwen2 language model
+        text = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, vocab_size=100)
+        vision = {k: v for k, v in vision.items() if k != "spatial_merge_size"}
+        return transformers.VideoLlama3Config(vision_config=dict(vision, num_hidden_layers=2), text_config=text)
     if name == "paddleocr_vl":  # a learned 4 x 4 position grid, interpolated to each image's grid
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                     num_key_value_heads=1, head_dim=16, vocab_size=100)
@@ -248,6 +261,8 @@ def _kin_processor(name: str, **changes):
     if name in BUDGET:
         del settings["min_pixels"], settings["max_pixels"]
         settings.update(BUDGET[name])
+    if name in MERGE_SIZES:
+        settings["merge_size"] = MERGE_SIZES[name]
     return getattr(transformers, KIN[name][4])(**{**settings, **changes})
 
 
@@ -396,7 +411,8 @@ def _image_mad(case: str, tower, inputs) -> np.ndarray:
     patches, grid = inputs
     if modeling in PATCHES_5D:  # as its model passes the processor's [N, C, p, p]
         patches = patches[None]
-    calls = _eager_calls(_MODELING[modeling], tower, patches, grid_thw=torch.tensor([[1, *grid]]))
+    extra = {"merge_sizes": torch.tensor([MERGE_SIZES[modeling]])} if modeling in MERGE_SIZES else {}
+    calls = _eager_calls(_MODELING[modeling], tower, patches, grid_thw=torch.tensor([[1, *grid]]), **extra)
     layers, used = [], 0
     if modeling in KIN:  # its attention layers (LFM3-VL's convolution layers between them make no call)
         blocks = sum(type(m).__name__ == KIN[modeling][3] for m in tower.modules())
@@ -607,7 +623,8 @@ def _pixels(case: str, inputs) -> torch.Tensor:
 @pytest.mark.parametrize(("case", "cls"), [("qwen3_vl", "Qwen2VLImageProcessorPil"),
                                            ("llava_pixtral", "PixtralImageProcessorPil"),
                                            ("paddleocr_vl", "PaddleOCRVLImageProcessorPil"),
-                                           ("ovis2_5", "Ovis2_5ImageProcessorPil")])
+                                           ("ovis2_5", "Ovis2_5ImageProcessorPil"),
+                                           ("video_llama_3", "VideoLlama3ImageProcessorPil")])
 def test_a_checkpoint_naming_the_pil_processor_is_fed_by_it(folders, images, tmp_path, case, cls):
     """The ``...Pil`` twin of the Qwen and Pixtral processors resizes through PIL: the default's grid, pixels one
     level in 255 apart in places. The tower gets the pixels of the class the checkpoint names (until the class
@@ -712,7 +729,7 @@ def _kin_folder(folders, tmp_path, name: str, weights: dict | None = None, **pro
     return f"hf:{folder}"
 
 
-@pytest.mark.parametrize("name", list(KIN))
+@pytest.mark.parametrize("name", [name for name in KIN if name not in MERGE_SIZES])
 def test_a_kin_processor_merging_otherwise_than_its_tower_is_refused(folders, tmp_path, name):
     """The processor orders the patches in its merge_size blocks, the tower places them (rotary positions, position
     grid, convolutions) by its config's spatial_merge_size: where they disagree, no token's place is known."""
@@ -740,6 +757,9 @@ def test_a_kin_processor_merging_otherwise_than_its_tower_is_refused(folders, tm
     ("muse_spark", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, but "
                                             r"the vision tower MuseSparkVisionModel is fed by "
                                             r"MuseGlimmerImageProcessor \(its model's processor"),
+    ("video_llama_3", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, "
+                                               r"but the vision tower VideoLlama3VisionModel is fed by "
+                                               r"VideoLlama3ImageProcessor or VideoLlama3ImageProcessorPil"),
     ("paddleocr_vl", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, but "
                                               r"the vision tower PaddleOCRVisionModel is fed by "
                                               r"PaddleOCRVLImageProcessor or PaddleOCRVLImageProcessorPil"),
@@ -747,6 +767,15 @@ def test_a_kin_processor_merging_otherwise_than_its_tower_is_refused(folders, tm
 def test_a_kin_checkpoint_with_another_models_processor_is_refused(folders, tmp_path, name, cls, message):
     with pytest.raises(OptionError, match=message):
         load_model(_kin_folder(folders, tmp_path, name, cls=getattr(transformers, cls)))
+
+
+def test_a_video_llama_3_processor_merging_blocks_is_refused(folders, tmp_path):
+    """Its tower would take merge_sizes 2 and merge-block patches (its video processor's); fed with its image
+    processor's default only (merge_sizes 1, row-major), another merge size is refused by name."""
+    spec = _kin_folder(folders, tmp_path, "video_llama_3", merge_size=2)
+    with pytest.raises(OptionError, match=r"model: the image processor has merge_size=2, but the vision tower "
+                                          r"VideoLlama3VisionModel is fed here with merge_size 1 only"):
+        load_model(spec)
 
 
 def test_a_cosmos3_edge_processor_with_a_temporal_patch_is_refused(folders, tmp_path):
@@ -832,6 +861,8 @@ def _row_major_patches(pixels: torch.Tensor, patch: int, name: str) -> torch.Ten
     channels, height, width = pixels.shape
     patches = torch.stack([pixels[:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
                            for r in range(height // patch) for c in range(width // patch)])
+    if name == "video_llama_3":
+        return patches.reshape(len(patches), -1)
     if name in ("muse_glimmer", "muse_spark"):
         return torch.stack([patches] * KIN[name][5], dim=1).reshape(len(patches), -1)
     return patches

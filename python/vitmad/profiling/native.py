@@ -17,9 +17,9 @@ budget; its MAD is in pixels of that resized image (``docs/definition.md``, nati
   towers (and Qwen3-VL-MoE's, Qwen3.5's, Qwen3.5-MoE's) take the model's own ``Qwen2VLImageProcessor``
   (``smart_resize``: sides multiples of ``patch * merge``, ``min_pixels <= H * W <= max_pixels``; its patches
   in spatial-merge block order with the image's ``grid_thw``), MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL, Ovis2.5,
-  PaddleOCR-VL and Muse Glimmer / Spark their models' own processors (the same order; Cosmos3-Edge's patches
-  channels last, without a temporal patch; PaddleOCR-VL's and the Muse towers' row-major, the Muse towers' time
-  first, their budget ``max_image_tokens`` merged tokens),
+  PaddleOCR-VL, Muse Glimmer / Spark and VideoLLaMA3 (``merge_sizes`` 1) their models' own processors (the same
+  order; Cosmos3-Edge's patches channels last, without a temporal patch; PaddleOCR-VL's, the Muse towers' and
+  VideoLLaMA3's row-major, the Muse towers' time first, their budget ``max_image_tokens`` merged tokens),
   Pixtral the model's own ``PixtralImageProcessor`` (the longest edge at most ``longest_edge``, each side rounded
   up to whole patches; ``image_sizes``). Every image of a batch goes into one packed forward, several grids in it;
   images only (a Qwen video, ``t > 1``, is never fed). With a fixed ``image_size`` these towers get every image

@@ -1,9 +1,9 @@
 """Packed native-resolution vision towers in ``vitmad profile``: the Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE,
 Qwen3.5 and Qwen3.5-MoE vision towers, MiniMax-M3-VL's, Cosmos3-Edge's, LFM3-VL's, PaddleOCR-VL's, Ovis2.5's,
-Muse Glimmer's, Muse Spark's and Pixtral's (``recording/families/packed.py`` records them, and more towers that
-``vitmad profile`` does not load: GLM, ERNIE-4.5-VL, dots3, the Omni models, EXAONE 4.5, Cohere Compass, Qwen4-Exp,
-HunYuanVL, HY-V4-VL, Kimi-K2.5 and VideoLLaMA3, whose checkpoint layouts or image processors are not checked here:
-VideoLLaMA3's tower takes its processor's merge size as an argument, Kimi-K2.5's processor pads each image).
+Muse Glimmer's, Muse Spark's, VideoLLaMA3's and Pixtral's (``recording/families/packed.py`` records them, and more
+towers that ``vitmad profile`` does not load: GLM, ERNIE-4.5-VL, dots3, the Omni models, EXAONE 4.5, Cohere
+Compass, Qwen4-Exp, HunYuanVL, HY-V4-VL and Kimi-K2.5, whose checkpoint layouts or image processors are not checked
+here: Kimi-K2.5's processor pads each image).
 
 Loading (``hf:<id or folder>``):
 
@@ -12,20 +12,21 @@ Loading (``hf:<id or folder>``):
   ``Qwen3_5MoeForConditionalGeneration``, ``MiniMaxM3SparseForConditionalGeneration``,
   ``Cosmos3EdgeForConditionalGeneration``, ``Lfm3VlForConditionalGeneration``,
   ``PaddleOCRVLForConditionalGeneration``, ``Ovis2_5ForConditionalGeneration``,
-  ``MuseGlimmerForConditionalGeneration``, ``MuseSparkForConditionalGeneration``, their ``*Model``, and
+  ``MuseGlimmerForConditionalGeneration``, ``MuseSparkForConditionalGeneration``,
+  ``VideoLlama3ForConditionalGeneration``, their ``*Model``, and
   ``LlavaForConditionalGeneration`` / ``Mistral3ForConditionalGeneration`` whose ``vision_config`` is Pixtral's):
   only its vision tower is built and loaded, from the checkpoint's ``visual.*`` / ``model.visual.*`` (Qwen,
   Cosmos3-Edge, PaddleOCR-VL) or ``vision_tower.*`` / ``model.vision_tower.*`` (MiniMax-M3-VL, LFM3-VL, Ovis2.5,
-  the Muse models, LLaVA, Mistral 3) weights, the module names of the layouts transformers converts renamed as it
-  renames them (:attr:`PackedTower.renames`: MiniMax-M3-VL's original ``vision_tower.vision_model.*``, Ovis2.5's
-  ``visual_tokenizer.vit.vision_model.*``, Cosmos3-Edge's ``to_q`` / ``up_proj``; LFM3-VL's tower renames its
-  own); the language model (and Muse Spark's audio tower) is never loaded. A tower weight the checkpoint lacks is
-  an error, never a random weight.
+  the Muse models, LLaVA, Mistral 3) or ``vision_model.*`` / ``model.vision_model.*`` (VideoLLaMA3) weights, the
+  module names of the layouts transformers converts renamed as it renames them (:attr:`PackedTower.renames`:
+  MiniMax-M3-VL's original ``vision_tower.vision_model.*``, Ovis2.5's ``visual_tokenizer.vit.vision_model.*``,
+  Cosmos3-Edge's ``to_q`` / ``up_proj``; LFM3-VL's tower renames its own); the language model (and Muse Spark's
+  audio tower) is never loaded. A tower weight the checkpoint lacks is an error, never a random weight.
 - a vision tower saved alone (``save_pretrained`` of a ``Qwen2VisionTransformerPretrainedModel``,
   ``Qwen2_5_VisionTransformerPretrainedModel``, ``Qwen3VLVisionModel``, ``Qwen3VLMoeVisionModel``,
   ``Qwen3_5VisionModel``, ``Qwen3_5MoeVisionModel``, ``MiniMaxM3VLVisionModel``, ``Cosmos3EdgeVisionModel``,
   ``Lfm3VlVisionModel``, ``PaddleOCRVisionModel``, ``Ovis2_5VisionModel``, ``MuseGlimmerVisionModel``,
-  ``MuseSparkVisionModel`` or ``PixtralVisionModel``), under its own module names.
+  ``MuseSparkVisionModel``, ``VideoLlama3VisionModel`` or ``PixtralVisionModel``), under its own module names.
 
 ``LoadedModel.description`` (``mad.json``'s ``settings.profiled``) says which tower was profiled.
 
@@ -39,7 +40,9 @@ PaddleOCR-VL by ``PaddleOCRVLImageProcessor`` (or ``...Pil``: its own ``smart_re
 ``(C, p, p)``, passed to the tower as ``[1, N, C, p, p]``), Ovis2.5 by ``Ovis2_5ImageProcessor`` (or ``...Pil``: its
 own ``smart_resize``, Qwen2-VL's merge-block patches), Muse Glimmer and Muse Spark by ``MuseGlimmerImageProcessor``
 (the grid of ``patch * merge_size`` blocks nearest the image's ratio within ``max_image_tokens`` merged tokens, the
-patches row-major, each ``(t, C, p, p)``; their towers merge nothing before their last layer); transformers 4's
+patches row-major, each ``(t, C, p, p)``; their towers merge nothing before their last layer), VideoLLaMA3 by
+``VideoLlama3ImageProcessor`` (or ``...Pil``) with its default ``merge_size`` 1 only (row-major patches; the tower
+told ``merge_sizes`` 1 per image; another ``merge_size``, its video processor's 2, is refused); transformers 4's
 ``...Fast`` name is read as transformers 5 reads it, the base class. A checkpoint whose processor
 is of another class is refused (another class resizes by other rules: ``Glm4vImageProcessor`` counts both
 temporal patches against ``max_pixels``, and cuts a 1200 x 900 image into 58 x 42 patches at Qwen2-VL's settings
@@ -88,7 +91,9 @@ class PackedTower:
         patch: where the tower keeps its patch size, a dotted attribute path from the tower.
         temporal: where it keeps its temporal patch size; None: it has none (1).
         merge: where it keeps its spatial merge size (the processor's ``merge_size`` must be it: the tower, or
-            the projector after it, merges blocks of that many patches a side).
+            the projector after it, merges blocks of that many patches a side); None: the tower takes a merge size
+            per image as an argument (``merge_argument``), fed here as 1 only.
+        merge_argument: the tower's argument of per-image merge sizes (VideoLLaMA3's ``merge_sizes``), else None.
         layout: how the tower takes the packed patches: ``"flat"`` ``[N, C * t * p * p]``, ``"patches"``
             ``[1, N, C * t, p, p]`` (PaddleOCR-VL's, as its model passes its processor's output).
         processors: the image processor classes of the model (transformers' auto map), the first its default,
@@ -106,8 +111,9 @@ class PackedTower:
     patch: str = "patch_embed.patch_size"
     temporal: str | None = "patch_embed.temporal_patch_size"
     processors: tuple[str, ...] = ()
-    merge: str = "spatial_merge_size"
+    merge: str | None = "spatial_merge_size"
     layout: str = "flat"
+    merge_argument: str | None = None
 
 
 _QWEN_PREFIXES = ("model.visual.", "visual.")
@@ -198,6 +204,16 @@ PACKED_TOWERS = {
         _TOWER_PREFIXES, patch="patch_size", temporal="config.patch_temporal", merge="merge_size",
         processors=("MuseGlimmerImageProcessor",))
        for module, prefix in (("muse_glimmer", "MuseGlimmer"), ("muse_spark", "MuseSpark"))},
+    # VideoLLaMA3: VideoLlama3Model keeps the tower under model.vision_model (no conversion mapping). The tower takes
+    # a merge size per grid_thw row (merge_sizes), its patches in merge blocks of that size; its image processor's
+    # default merge_size is 1 (row-major patches, (C, t, p, p), t 1; its video processor's is 2), and it says so in
+    # image_merge_sizes. Fed here with merge_size 1 only (merge_sizes all 1): a processor saved with another is
+    # refused, never fed other blocks than the tower is told.
+    "VideoLlama3VisionModel": PackedTower(
+        "qwen", "transformers.models.video_llama_3.modeling_video_llama_3", "VideoLlama3VisionConfig",
+        "vision_model", ("model.vision_model.", "vision_model."), patch="embeddings.patch_size", temporal=None,
+        merge=None, merge_argument="merge_sizes",
+        processors=("VideoLlama3ImageProcessor", "VideoLlama3ImageProcessorPil")),
 }
 _BY_CONFIG = {spec.config: tower for tower, spec in PACKED_TOWERS.items()}
 # Image processors whose patch vectors are (p, p, C, t) (channels last), not Qwen2-VL's (C, t, p, p).
@@ -344,10 +360,14 @@ def temporal_first(settings: dict | None) -> bool:
 def call_packed(tower: nn.Module, patches: torch.Tensor, grid_thw: torch.Tensor):
     """Calls a Qwen-kind ``tower`` on the packed patches of its images (``[N, ...]``, one row per patch, as the
     processor gives them) in the layout the tower takes (:attr:`PackedTower.layout`)."""
-    if PACKED_TOWERS[type(tower).__name__].layout == "patches":
+    spec = PACKED_TOWERS[type(tower).__name__]
+    extra = {}
+    if spec.merge_argument is not None:  # VideoLLaMA3: its processor's image_merge_sizes, 1 (processor_settings)
+        extra[spec.merge_argument] = torch.ones(len(grid_thw), dtype=torch.long, device=grid_thw.device)
+    if spec.layout == "patches":
         patch = tower_sizes(tower)[0]
-        return tower(patches.reshape(1, patches.shape[0], -1, patch, patch), grid_thw=grid_thw)
-    return tower(patches.reshape(patches.shape[0], -1), grid_thw=grid_thw)
+        return tower(patches.reshape(1, patches.shape[0], -1, patch, patch), grid_thw=grid_thw, **extra)
+    return tower(patches.reshape(patches.shape[0], -1), grid_thw=grid_thw, **extra)
 
 
 def qwen_patches(pixels: torch.Tensor, patch: int, merge: int, temporal: int, channels_last: bool = False,
@@ -421,6 +441,10 @@ def processor_settings(kind: str, tower: nn.Module, saved: dict | None) -> dict:
         expected = {"patch_size": patch, "merge_size": factor // patch, "temporal_patch_size": tower_sizes(tower)[2]}
         for key, value in expected.items():
             settings.setdefault(key, value)
+            if key == "merge_size" and spec.merge is None and int(settings[key]) != value:
+                raise OptionError("model", f"the image processor has merge_size={settings[key]}, but the vision "
+                                           f"tower {name} is fed here with merge_size 1 only (its image processor's "
+                                           f"default: row-major patches, {spec.merge_argument} 1)")
             if int(settings[key]) != value:
                 raise OptionError("model", f"the image processor has {key}={settings[key]}, but the vision tower "
                                            f"{name} takes {value}")
