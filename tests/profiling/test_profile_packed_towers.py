@@ -43,6 +43,8 @@ from vitmad.profiling.options import OptionError
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("torchvision")  # transformers' Qwen2-VL and Pixtral image processors
 from transformers.models.cosmos3_edge import modeling_cosmos3_edge  # noqa: E402
+from transformers.models.hunyuan_vl import modeling_hunyuan_vl  # noqa: E402
+from transformers.models.hy_v4_vl import modeling_hy_v4_vl  # noqa: E402
 from transformers.models.lfm3_vl import modeling_lfm3_vl  # noqa: E402
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl  # noqa: E402
 from transformers.models.muse_glimmer import modeling_muse_glimmer  # noqa: E402
@@ -70,7 +72,8 @@ _MODELING = {"qwen2_vl": modeling_qwen2_vl, "qwen2_5_vl": modeling_qwen2_5_vl, "
              "cosmos3_edge": modeling_cosmos3_edge, "lfm3_vl": modeling_lfm3_vl,
              "paddleocr_vl": modeling_paddleocr_vl, "ovis2_5": modeling_ovis2_5,
              "muse_glimmer": modeling_muse_glimmer, "muse_spark": modeling_muse_spark,
-             "video_llama_3": modeling_video_llama_3}
+             "video_llama_3": modeling_video_llama_3, "hunyuan_vl": modeling_hunyuan_vl,
+             "hy_v4_vl": modeling_hy_v4_vl}
 # Qwen3-VL's tower under other names, in whole checkpoints (under model.visual, fed by Qwen2VLImageProcessor):
 # name -> (config class, model class, tower class, extra text settings)
 QWEN3_KIN = {
@@ -104,11 +107,15 @@ KIN = {
                    "MuseSparkVisionAttention", "MuseGlimmerImageProcessor", 2),
     "video_llama_3": ("VideoLlama3ForConditionalGeneration", "model.vision_model", "VideoLlama3VisionModel",
                       "VideoLlama3VisionAttention", "VideoLlama3ImageProcessor", 1),
+    "hunyuan_vl": ("HunYuanVLForConditionalGeneration", "model.vision_tower", "HunYuanVLVisionTransformer",
+                   "HunYuanVLVisionAttention", "HunYuanVLImageProcessor", 1),
+    "hy_v4_vl": ("HYV4VLForConditionalGeneration", "model.vision_tower", "HYV4VLVisionModel", "HYV4VLVisionAttention",
+                 "HYV4VLImageProcessor", 1),
 }
 # PaddleOCR-VL's processor cuts each image's patches row-major (patchify: grid_h, grid_w, then the pixels of a
 # patch), each patch (C, p, p); its model passes them to the tower as [1, N, C, p, p]. Muse Glimmer's cuts them
 # row-major too, each (t, C, p, p).
-ROW_MAJOR = ("paddleocr_vl", "muse_glimmer", "muse_spark", "video_llama_3")
+ROW_MAJOR = ("paddleocr_vl", "muse_glimmer", "muse_spark", "video_llama_3", "hunyuan_vl", "hy_v4_vl")
 PATCHES_5D = ("paddleocr_vl",)
 # Towers that reorder the sequence by Qwen2.5-VL's windows before their first layer, each layer attending per window
 # or per image as layer_types says (LAYER_TYPES: a window layer, then a full one): name -> (the blocks the windows
@@ -225,6 +232,24 @@ def _kin_config(name: str):
                                                    num_experts_per_tok=1, moe_hidden_size=32),
             audio_config=dict(out_hidden_size=32, num_hidden_layers=1, patch_sizes=[2], hidden_sizes=[16],
                               depths=[1]))
+    if name == "hunyuan_vl":  # a learned 4 x 4 position grid (max_image_size 16 px), no rotary positions
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, vocab_size=100, head_dim=16, eod_token_id=3, sep_token_id=4)
+        return transformers.HunYuanVLConfig(
+            vision_config=dict(vision, num_hidden_layers=2, num_key_value_heads=2, out_hidden_size=32,
+                               text_hidden_size=32, max_image_size=16, min_image_size=8),
+            text_config=text, image_token_id=10, im_start_id=11, im_end_id=12, im_newline_id=13)
+    if name == "hy_v4_vl":  # HunYuanVL's tower; a one-layer mixture-of-experts language model with mHC
+        text = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=100, pad_token_id=0,
+                    bos_token_id=1, eos_token_id=2, n_routed_experts=2, n_shared_experts=1, num_experts_per_tok=1,
+                    q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
+                    index_topk=4, index_head_dim=8, index_n_heads=1,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]})
+        return transformers.HYV4VLConfig(
+            vision_config=dict(vision, num_hidden_layers=2, num_key_value_heads=2, out_hidden_size=32,
+                               max_image_size=16),
+            text_config=text, image_token_id=10, video_token_id=11)
     if name == "video_llama_3":  # rotary positions only; a Qwen2 language model
         text = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                     num_attention_heads=2, num_key_value_heads=1, vocab_size=100)
@@ -267,14 +292,15 @@ def _kin_processor(name: str, **changes):
 
 
 def _sharpen_kin(tower: torch.nn.Module, seed: int) -> None:
-    """:func:`_sharpen` for a tower of ``KIN``; PaddleOCR-VL's attention given its key projection as query
-    projection too (a token attends most to itself and tokens like it: its rotary embedding alone left attention
-    within 1 px of uniform)."""
+    """:func:`_sharpen` for a tower of ``KIN``; PaddleOCR-VL's, HunYuanVL's and HY-V4-VL's attention given its key
+    projection as query projection too (a token attends most to itself and tokens like it: PaddleOCR-VL's rotary
+    embedding alone left attention within 1 px of uniform, and the other two have none)."""
     _sharpen(tower, seed)
     self_similar_attention(tower)
     with torch.no_grad():
         for module in tower.modules():
-            if type(module).__name__ == "PaddleOCRVisionAttention":
+            if type(module).__name__ in ("PaddleOCRVisionAttention", "HunYuanVLVisionAttention",
+                                         "HYV4VLVisionAttention"):
                 module.q_proj.weight.copy_(module.k_proj.weight)
                 module.q_proj.bias.copy_(module.k_proj.bias)
 
@@ -624,7 +650,9 @@ def _pixels(case: str, inputs) -> torch.Tensor:
                                            ("llava_pixtral", "PixtralImageProcessorPil"),
                                            ("paddleocr_vl", "PaddleOCRVLImageProcessorPil"),
                                            ("ovis2_5", "Ovis2_5ImageProcessorPil"),
-                                           ("video_llama_3", "VideoLlama3ImageProcessorPil")])
+                                           ("video_llama_3", "VideoLlama3ImageProcessorPil"),
+                                           ("hunyuan_vl", "HunYuanVLImageProcessorPil"),
+                                           ("hy_v4_vl", "HYV4VLImageProcessorPil")])
 def test_a_checkpoint_naming_the_pil_processor_is_fed_by_it(folders, images, tmp_path, case, cls):
     """The ``...Pil`` twin of the Qwen and Pixtral processors resizes through PIL: the default's grid, pixels one
     level in 255 apart in places. The tower gets the pixels of the class the checkpoint names (until the class
@@ -760,6 +788,13 @@ def test_a_kin_processor_merging_otherwise_than_its_tower_is_refused(folders, tm
     ("video_llama_3", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, "
                                                r"but the vision tower VideoLlama3VisionModel is fed by "
                                                r"VideoLlama3ImageProcessor or VideoLlama3ImageProcessorPil"),
+    ("hunyuan_vl", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, but "
+                                            r"the vision tower HunYuanVLVisionTransformer is fed by "
+                                            r"HunYuanVLImageProcessor or HunYuanVLImageProcessorPil"),
+    # HunYuanVL's processor line for line, but another model's class: refused by class, as every other.
+    ("hy_v4_vl", "HunYuanVLImageProcessor", r"model: the checkpoint's image processor is HunYuanVLImageProcessor, "
+                                            r"but the vision tower HYV4VLVisionModel is fed by HYV4VLImageProcessor "
+                                            r"or HYV4VLImageProcessorPil"),
     ("paddleocr_vl", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, but "
                                               r"the vision tower PaddleOCRVisionModel is fed by "
                                               r"PaddleOCRVLImageProcessor or PaddleOCRVLImageProcessorPil"),
@@ -861,7 +896,7 @@ def _row_major_patches(pixels: torch.Tensor, patch: int, name: str) -> torch.Ten
     channels, height, width = pixels.shape
     patches = torch.stack([pixels[:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
                            for r in range(height // patch) for c in range(width // patch)])
-    if name == "video_llama_3":
+    if name in ("video_llama_3", "hunyuan_vl", "hy_v4_vl"):
         return patches.reshape(len(patches), -1)
     if name in ("muse_glimmer", "muse_spark"):
         return torch.stack([patches] * KIN[name][5], dim=1).reshape(len(patches), -1)

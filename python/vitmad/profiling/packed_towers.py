@@ -119,6 +119,22 @@ class PackedTower:
 _QWEN_PREFIXES = ("model.visual.", "visual.")
 _TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
 
+# HunYuanVL's original layout (what save_pretrained writes), as transformers' conversion mapping renames it. Its
+# language model is saved as model.layers.*: moved out of the way first, since from_pretrained strips the base
+# model prefix "model." and would read its layers as the tower's.
+_HUNYUAN_RENAMES = (
+    (r"^model\.(?!vision_tower\.)", "language_model."),
+    (r"^vit\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.layer_norm1."),
+    (r"^vit\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.layer_norm2."),
+    (r"^vit\.layers\.(\d+)\.mlp\.dense_h_to_4h\.", r"layers.\1.mlp.fc1."),
+    (r"^vit\.layers\.(\d+)\.mlp\.dense_4h_to_h\.", r"layers.\1.mlp.fc2."),
+    (r"^vit\.perceive\.proj\.0\.", "patch_merger.proj_conv."),
+    (r"^vit\.perceive\.proj\.2\.", "patch_merger.proj_out."),
+    (r"^vit\.perceive\.", "patch_merger."))
+# HY-V4-VL's: HunYuanVL's, its patch merger's first norm saved as norm (before_rms in transformers).
+_HY_V4_RENAMES = (*_HUNYUAN_RENAMES[:-1], (r"^vit\.perceive\.norm\.", "patch_merger.before_rms."),
+                  _HUNYUAN_RENAMES[-1])
+
 # Tower class -> how it is loaded and fed.
 PACKED_TOWERS = {
     "Qwen2VisionTransformerPretrainedModel": PackedTower(
@@ -214,12 +230,29 @@ PACKED_TOWERS = {
         "vision_model", ("model.vision_model.", "vision_model."), patch="embeddings.patch_size", temporal=None,
         merge=None, merge_argument="merge_sizes",
         processors=("VideoLlama3ImageProcessor", "VideoLlama3ImageProcessorPil")),
+    # HunYuanVL: HunYuanVLForConditionalGeneration keeps the tower under model.vision_tower; the original checkpoint
+    # (and save_pretrained, which reverses transformers' conversion mapping) under vit, with Megatron's MLP and norm
+    # names and the patch merger as perceive. Its processor cuts the patches row-major ("in comparison to Qwen"),
+    # each (C, t, p, p), t 1; merge_size only rounds the resize (the patch merger merges after the last layer).
+    "HunYuanVLVisionTransformer": PackedTower(
+        "qwen", "transformers.models.hunyuan_vl.modeling_hunyuan_vl", "HunYuanVLVisionConfig", "vision_tower",
+        (*_TOWER_PREFIXES, "vit."), renames=_HUNYUAN_RENAMES, patch="embeddings.patch_size",
+        temporal="config.temporal_patch_size", merge="config.spatial_merge_size",
+        processors=("HunYuanVLImageProcessor", "HunYuanVLImageProcessorPil")),
+    # HY-V4-VL: HunYuanVL's tower and layout (its patch merger's norm renamed too), its processor HunYuanVL's line
+    # for line (row-major, t 1; its tower has no temporal patch).
+    "HYV4VLVisionModel": PackedTower(
+        "qwen", "transformers.models.hy_v4_vl.modeling_hy_v4_vl", "HYV4VLVisionConfig", "vision_tower",
+        (*_TOWER_PREFIXES, "vit."), renames=_HY_V4_RENAMES, patch="embeddings.patch_size", temporal=None,
+        merge="config.spatial_merge_size", processors=("HYV4VLImageProcessor", "HYV4VLImageProcessorPil")),
 }
 _BY_CONFIG = {spec.config: tower for tower, spec in PACKED_TOWERS.items()}
 # Image processors whose patch vectors are (p, p, C, t) (channels last), not Qwen2-VL's (C, t, p, p).
 _CHANNELS_LAST = ("Cosmos3EdgeImageProcessor", "Cosmos3EdgeImageProcessorPil")
 # Image processors that cut each image's patches row-major, not in Qwen2-VL's merge blocks.
-_ROW_MAJOR = ("PaddleOCRVLImageProcessor", "PaddleOCRVLImageProcessorPil", "MuseGlimmerImageProcessor")
+_ROW_MAJOR = ("PaddleOCRVLImageProcessor", "PaddleOCRVLImageProcessorPil", "MuseGlimmerImageProcessor",
+              "HunYuanVLImageProcessor", "HunYuanVLImageProcessorPil", "HYV4VLImageProcessor",
+              "HYV4VLImageProcessorPil")
 # Image processors whose patch vectors are (t, C, p, p), not Qwen2-VL's (C, t, p, p).
 _TEMPORAL_FIRST = ("MuseGlimmerImageProcessor",)
 # The processor classes of the Qwen and Pixtral towers (transformers' auto map of their models), the default
