@@ -1,12 +1,12 @@
-"""vitmad profile on packed native-resolution vision towers: Qwen2-VL (a whole vision-language checkpoint),
-Qwen2.5-VL (windows) and Qwen3-VL (towers saved alone), Qwen3-VL's tower inside whole Qwen3-VL-MoE, Qwen3.5 and
-Qwen3.5-MoE checkpoints, Pixtral (inside a LLaVA checkpoint, and saved alone without an image processor), and the
-MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL, PaddleOCR-VL, Ovis2.5, Muse Glimmer, Muse Spark and VideoLLaMA3 towers, in
-whole checkpoints (MiniMax-M3-VL's and Ovis2.5's in their original layouts) and saved alone, each fed by its own
-image processor (Cosmos3-Edge's lays each patch out channels last, without a temporal patch; PaddleOCR-VL's, Muse
-Glimmer's and VideoLLaMA3's (merge_size 1) cut the patches row-major, Muse Glimmer's each (t, C, p, p); Ovis2.5 and
-the Muse towers attend in windows as layer_types says), of the class its checkpoint names (a ``...Pil`` twin
-followed, another class refused).
+"""vitmad profile on packed native-resolution vision towers: Qwen2-VL (a whole vision-language checkpoint), Qwen2.5-VL
+(windows) and Qwen3-VL (towers saved alone), Qwen3-VL's tower inside whole Qwen3-VL-MoE, Qwen3.5 and Qwen3.5-MoE
+checkpoints, Pixtral (inside a LLaVA checkpoint, and saved alone without an image processor), and the MiniMax-M3-VL,
+Cosmos3-Edge, LFM3-VL, PaddleOCR-VL, Ovis2.5, Muse Glimmer, Muse Spark, VideoLLaMA3, HunYuanVL and HY-V4-VL towers, in
+whole checkpoints (MiniMax-M3-VL's, Ovis2.5's, HunYuanVL's and HY-V4-VL's in their original layouts) and saved alone,
+each fed by its own image processor (Cosmos3-Edge's lays each patch out channels last, without a temporal patch;
+PaddleOCR-VL's, Muse Glimmer's, VideoLLaMA3's (merge_size 1), HunYuanVL's and HY-V4-VL's cut the patches row-major, Muse
+Glimmer's each (t, C, p, p); Ovis2.5 and the Muse towers attend in windows as layer_types says), of the class its
+checkpoint names (a ``...Pil`` twin followed, another class refused).
 
 Tiny random-weight towers, their weights scaled so that attention is far from uniform, are saved to folders with
 their image processors. The reference is written here, independently of vitmad: each image through the model's

@@ -13,18 +13,17 @@ budget; its MAD is in pixels of that resized image (``docs/definition.md``, nati
   own ratio as whole patches allow and ``gh * gw`` at most the patches of the model's input size
   (:func:`native_grid`); one image per forward, since images of different sizes do not stack.
 
-- Packed native-resolution towers (``profiling/packed_towers.py``): the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision
-  towers (and Qwen3-VL-MoE's, Qwen3.5's, Qwen3.5-MoE's) take the model's own ``Qwen2VLImageProcessor``
-  (``smart_resize``: sides multiples of ``patch * merge``, ``min_pixels <= H * W <= max_pixels``; its patches
-  in spatial-merge block order with the image's ``grid_thw``), MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL, Ovis2.5,
-  PaddleOCR-VL, Muse Glimmer / Spark and VideoLLaMA3 (``merge_sizes`` 1) their models' own processors (the same
-  order; Cosmos3-Edge's patches channels last, without a temporal patch; PaddleOCR-VL's, the Muse towers' and
-  VideoLLaMA3's row-major, the Muse towers' time first, their budget ``max_image_tokens`` merged tokens),
-  Pixtral the model's own ``PixtralImageProcessor`` (the longest edge at most ``longest_edge``, each side rounded
-  up to whole patches; ``image_sizes``). Every image of a batch goes into one packed forward, several grids in it;
-  images only (a Qwen video, ``t > 1``, is never fed). With a fixed ``image_size`` these towers get every image
-  resized to that size (its sides whole patches), and without one they are refused: they have no input size of
-  their own.
+- Packed native-resolution towers (``profiling/packed_towers.py``): the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision towers
+  (and Qwen3-VL-MoE's, Qwen3.5's, Qwen3.5-MoE's) take the model's own ``Qwen2VLImageProcessor`` (``smart_resize``: sides
+  multiples of ``patch * merge``, ``min_pixels <= H * W <= max_pixels``; its patches in spatial-merge block order with
+  the image's ``grid_thw``), MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL, Ovis2.5, PaddleOCR-VL, Muse Glimmer / Spark,
+  VideoLLaMA3 (``merge_sizes`` 1), HunYuanVL and HY-V4-VL their models' own processors (the same order; Cosmos3-Edge's
+  patches channels last, without a temporal patch; PaddleOCR-VL's, the Muse towers', VideoLLaMA3's, HunYuanVL's and
+  HY-V4-VL's row-major, the Muse towers' time first, their budget ``max_image_tokens`` merged tokens), Pixtral the
+  model's own ``PixtralImageProcessor`` (the longest edge at most ``longest_edge``, each side rounded up to whole
+  patches; ``image_sizes``). Every image of a batch goes into one packed forward, several grids in it; images only (a
+  Qwen video, ``t > 1``, is never fed). With a fixed ``image_size`` these towers get every image resized to that size
+  (its sides whole patches), and without one they are refused: they have no input size of their own.
 
 Any other model is refused. ``mad.json`` lists each image's grid and size in ``image_grids``.
 """

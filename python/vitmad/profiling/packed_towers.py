@@ -1,59 +1,62 @@
 """Packed native-resolution vision towers in ``vitmad profile``: the Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE,
 Qwen3.5 and Qwen3.5-MoE vision towers, MiniMax-M3-VL's, Cosmos3-Edge's, LFM3-VL's, PaddleOCR-VL's, Ovis2.5's,
-Muse Glimmer's, Muse Spark's, VideoLLaMA3's and Pixtral's (``recording/families/packed.py`` records them, and more
-towers that ``vitmad profile`` does not load: GLM, ERNIE-4.5-VL, dots3, the Omni models, EXAONE 4.5, Cohere
-Compass, Qwen4-Exp, HunYuanVL, HY-V4-VL and Kimi-K2.5, whose checkpoint layouts or image processors are not checked
-here: Kimi-K2.5's processor pads each image).
+Muse Glimmer's, Muse Spark's, VideoLLaMA3's, HunYuanVL's, HY-V4-VL's and Pixtral's (``recording/families/packed.py``
+records them, and more towers that ``vitmad profile`` does not load: GLM, ERNIE-4.5-VL, dots3, the Omni models,
+EXAONE 4.5, Cohere Compass, Qwen4-Exp and Kimi-K2.5, whose checkpoint layouts or image processors are not checked
+here: Kimi-K2.5's processor pads each image, its checkpoint swaps norm names).
 
 Loading (``hf:<id or folder>``):
 
 - a whole vision-language checkpoint (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
   ``Qwen3VLForConditionalGeneration``, ``Qwen3VLMoeForConditionalGeneration``, ``Qwen3_5ForConditionalGeneration``,
   ``Qwen3_5MoeForConditionalGeneration``, ``MiniMaxM3SparseForConditionalGeneration``,
-  ``Cosmos3EdgeForConditionalGeneration``, ``Lfm3VlForConditionalGeneration``,
-  ``PaddleOCRVLForConditionalGeneration``, ``Ovis2_5ForConditionalGeneration``,
-  ``MuseGlimmerForConditionalGeneration``, ``MuseSparkForConditionalGeneration``,
-  ``VideoLlama3ForConditionalGeneration``, their ``*Model``, and
-  ``LlavaForConditionalGeneration`` / ``Mistral3ForConditionalGeneration`` whose ``vision_config`` is Pixtral's):
-  only its vision tower is built and loaded, from the checkpoint's ``visual.*`` / ``model.visual.*`` (Qwen,
-  Cosmos3-Edge, PaddleOCR-VL) or ``vision_tower.*`` / ``model.vision_tower.*`` (MiniMax-M3-VL, LFM3-VL, Ovis2.5,
-  the Muse models, LLaVA, Mistral 3) or ``vision_model.*`` / ``model.vision_model.*`` (VideoLLaMA3) weights, the
-  module names of the layouts transformers converts renamed as it renames them (:attr:`PackedTower.renames`:
-  MiniMax-M3-VL's original ``vision_tower.vision_model.*``, Ovis2.5's ``visual_tokenizer.vit.vision_model.*``,
-  Cosmos3-Edge's ``to_q`` / ``up_proj``; LFM3-VL's tower renames its own); the language model (and Muse Spark's
-  audio tower) is never loaded. A tower weight the checkpoint lacks is an error, never a random weight.
+  ``Cosmos3EdgeForConditionalGeneration``, ``Lfm3VlForConditionalGeneration``, ``PaddleOCRVLForConditionalGeneration``,
+  ``Ovis2_5ForConditionalGeneration``, ``MuseGlimmerForConditionalGeneration``, ``MuseSparkForConditionalGeneration``,
+  ``VideoLlama3ForConditionalGeneration``, ``HunYuanVLForConditionalGeneration``, ``HYV4VLForConditionalGeneration``,
+  their ``*Model``, and ``LlavaForConditionalGeneration`` / ``Mistral3ForConditionalGeneration`` whose ``vision_config``
+  is Pixtral's): only its vision tower is built and loaded, from the checkpoint's ``visual.*`` / ``model.visual.*``
+  (Qwen, Cosmos3-Edge, PaddleOCR-VL) or ``vision_tower.*`` / ``model.vision_tower.*`` (MiniMax-M3-VL, LFM3-VL, Ovis2.5,
+  the Muse models, LLaVA, Mistral 3) or ``vision_model.*`` / ``model.vision_model.*`` (VideoLLaMA3) weights, the module
+  names of the layouts transformers converts renamed as it renames them (:attr:`PackedTower.renames`: MiniMax-M3-VL's
+  original ``vision_tower.vision_model.*``, Ovis2.5's ``visual_tokenizer.vit.vision_model.*``, HunYuanVL's and
+  HY-V4-VL's ``vit.*`` with Megatron's names and ``perceive``, Cosmos3-Edge's ``to_q`` / ``up_proj``; LFM3-VL's tower
+  renames its own); the language model (and Muse Spark's audio tower) is never loaded (HunYuanVL's and HY-V4-VL's
+  ``model.layers.*`` moved aside, since ``from_pretrained`` strips ``model.``). A tower weight the checkpoint lacks is
+  an error, never a random weight.
 - a vision tower saved alone (``save_pretrained`` of a ``Qwen2VisionTransformerPretrainedModel``,
   ``Qwen2_5_VisionTransformerPretrainedModel``, ``Qwen3VLVisionModel``, ``Qwen3VLMoeVisionModel``,
   ``Qwen3_5VisionModel``, ``Qwen3_5MoeVisionModel``, ``MiniMaxM3VLVisionModel``, ``Cosmos3EdgeVisionModel``,
   ``Lfm3VlVisionModel``, ``PaddleOCRVisionModel``, ``Ovis2_5VisionModel``, ``MuseGlimmerVisionModel``,
-  ``MuseSparkVisionModel``, ``VideoLlama3VisionModel`` or ``PixtralVisionModel``), under its own module names.
+  ``MuseSparkVisionModel``, ``VideoLlama3VisionModel``, ``HunYuanVLVisionTransformer``, ``HYV4VLVisionModel`` or
+  ``PixtralVisionModel``), under its own module names.
 
 ``LoadedModel.description`` (``mad.json``'s ``settings.profiled``) says which tower was profiled.
 
-Feeding: the image processor of the checkpoint (its ``preprocessor_config.json``; without one, the defaults of
-the model's processor class, with the tower's patch, merge and temporal patch sizes, and for Pixtral the tower's
-largest image side as ``longest_edge``) resizes each image, of the class its ``image_processor_type`` names. The
-Qwen towers are fed by ``Qwen2VLImageProcessor`` (or its ``...Pil`` twin), Pixtral by ``PixtralImageProcessor``
-(or ``...Pil``), MiniMax-M3-VL by ``MiniMaxM3VLImageProcessor``, Cosmos3-Edge by ``Cosmos3EdgeImageProcessor`` (or
-``...Pil``; each patch ``(p, p, C)``, no temporal patch), LFM3-VL by ``Qwen2VLImageProcessor`` (or ``...Pil``),
-PaddleOCR-VL by ``PaddleOCRVLImageProcessor`` (or ``...Pil``: its own ``smart_resize``, the patches row-major, each
-``(C, p, p)``, passed to the tower as ``[1, N, C, p, p]``), Ovis2.5 by ``Ovis2_5ImageProcessor`` (or ``...Pil``: its
-own ``smart_resize``, Qwen2-VL's merge-block patches), Muse Glimmer and Muse Spark by ``MuseGlimmerImageProcessor``
-(the grid of ``patch * merge_size`` blocks nearest the image's ratio within ``max_image_tokens`` merged tokens, the
-patches row-major, each ``(t, C, p, p)``; their towers merge nothing before their last layer), VideoLLaMA3 by
-``VideoLlama3ImageProcessor`` (or ``...Pil``) with its default ``merge_size`` 1 only (row-major patches; the tower
-told ``merge_sizes`` 1 per image; another ``merge_size``, its video processor's 2, is refused); transformers 4's
-``...Fast`` name is read as transformers 5 reads it, the base class. A checkpoint whose processor
-is of another class is refused (another class resizes by other rules: ``Glm4vImageProcessor`` counts both
-temporal patches against ``max_pixels``, and cuts a 1200 x 900 image into 58 x 42 patches at Qwen2-VL's settings
-where ``Qwen2VLImageProcessor`` cuts 82 x 60), and so is one whose patch, merge or temporal patch size is not the
-tower's config's (the processor orders the patches by its ``merge_size``, the tower places them by its
-``spatial_merge_size``; PaddleOCR-VL's and the Muse towers' processors round the resize to it, and the projector
-after the tower merges by it: ``merge_size`` there); several images of different sizes go into one packed forward
-(:class:`~.native.NativeFeed`). A fixed ``image_size`` resizes every image to exactly that size (cover and centre
-crop, as for any model), which must be whole patches: multiples of ``patch * spatial_merge_size`` for Qwen, of
-``patch`` (and at most the tower's ``image_size``) for Pixtral; no ``image_size`` is refused, since these towers
-have no input size of their own.
+Feeding: the image processor of the checkpoint (its ``preprocessor_config.json``; without one, the defaults of the
+model's processor class, with the tower's patch, merge and temporal patch sizes, and for Pixtral the tower's largest
+image side as ``longest_edge``) resizes each image, of the class its ``image_processor_type`` names. The Qwen towers are
+fed by ``Qwen2VLImageProcessor`` (or its ``...Pil`` twin), Pixtral by ``PixtralImageProcessor`` (or ``...Pil``),
+MiniMax-M3-VL by ``MiniMaxM3VLImageProcessor``, Cosmos3-Edge by ``Cosmos3EdgeImageProcessor`` (or ``...Pil``; each patch
+``(p, p, C)``, no temporal patch), LFM3-VL by ``Qwen2VLImageProcessor`` (or ``...Pil``), PaddleOCR-VL by
+``PaddleOCRVLImageProcessor`` (or ``...Pil``: its own ``smart_resize``, the patches row-major, each ``(C, p, p)``,
+passed to the tower as ``[1, N, C, p, p]``), Ovis2.5 by ``Ovis2_5ImageProcessor`` (or ``...Pil``: its own
+``smart_resize``, Qwen2-VL's merge-block patches), Muse Glimmer and Muse Spark by ``MuseGlimmerImageProcessor`` (the
+grid of ``patch * merge_size`` blocks nearest the image's ratio within ``max_image_tokens`` merged tokens, the patches
+row-major, each ``(t, C, p, p)``; their towers merge nothing before their last layer), VideoLLaMA3 by
+``VideoLlama3ImageProcessor`` (or ``...Pil``) with its default ``merge_size`` 1 only (row-major patches; the tower told
+``merge_sizes`` 1 per image; another ``merge_size``, its video processor's 2, is refused), HunYuanVL by
+``HunYuanVLImageProcessor`` and HY-V4-VL by ``HYV4VLImageProcessor`` (or ``...Pil``: Qwen2-VL's ``smart_resize``, the
+patches row-major, each ``(C, p, p)``); transformers 4's ``...Fast`` name is read as transformers 5 reads it, the base
+class. A checkpoint whose processor is of another class is refused (another class resizes by other rules:
+``Glm4vImageProcessor`` counts both temporal patches against ``max_pixels``, and cuts a 1200 x 900 image into 58 x 42
+patches at Qwen2-VL's settings where ``Qwen2VLImageProcessor`` cuts 82 x 60), and so is one whose patch, merge or
+temporal patch size is not the tower's config's (the processor orders the patches by its ``merge_size``, the tower
+places them by its ``spatial_merge_size``; PaddleOCR-VL's, HunYuanVL's, HY-V4-VL's and the Muse towers' processors round
+the resize to it, and what follows the tower merges by it: ``merge_size`` there); several images of different sizes go
+into one packed forward (:class:`~.native.NativeFeed`). A fixed ``image_size`` resizes every image to exactly that size
+(cover and centre crop, as for any model), which must be whole patches: multiples of ``patch * spatial_merge_size`` for
+Qwen, of ``patch`` (and at most the tower's ``image_size``) for Pixtral; no ``image_size`` is refused, since these
+towers have no input size of their own.
 """
 
 from __future__ import annotations
