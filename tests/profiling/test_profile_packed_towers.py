@@ -813,6 +813,17 @@ def test_a_video_llama_3_processor_merging_blocks_is_refused(folders, tmp_path):
         load_model(spec)
 
 
+@pytest.mark.parametrize("alone", [False, True])
+def test_a_kimi_k25_checkpoint_is_refused_before_any_weight_is_read(tmp_path, alone):
+    """Kimi-K2.5's tower is recorded, not loaded (its checkpoint fuses q, k, v as rope-permuted wqkv; its processor
+    pads): the whole checkpoint, or the tower's config alone, is refused from config.json, no weights present."""
+    config = transformers.Kimi_K25Config()
+    (config.vision_config if alone else config).save_pretrained(tmp_path)
+    with pytest.raises(OptionError, match=r"model: .*Kimi-K2\.5's vision tower \(Kimi_K25VisionModel\) is recorded "
+                                          r"by vitmad\.record but not loaded by vitmad profile: .*wqkv"):
+        load_model(f"hf:{tmp_path}")
+
+
 def test_a_cosmos3_edge_processor_with_a_temporal_patch_is_refused(folders, tmp_path):
     """Its tower embeds C * p * p values per patch: a processor repeating each image over two frames does not fit."""
     with pytest.raises(OptionError, match="model: the image processor has temporal_patch_size=2, but the vision tower "

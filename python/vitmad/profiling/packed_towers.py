@@ -250,6 +250,16 @@ PACKED_TOWERS = {
         merge="config.spatial_merge_size", processors=("HYV4VLImageProcessor", "HYV4VLImageProcessorPil")),
 }
 _BY_CONFIG = {spec.config: tower for tower, spec in PACKED_TOWERS.items()}
+# Packed towers vitmad.record records that vitmad profile does not load, by their config class: why, said before any
+# weight is read (else the whole model, language model included, would be loaded only to be refused).
+_NOT_LOADED = {
+    "Kimi_K25VisionConfig": (
+        "Kimi-K2.5's vision tower (Kimi_K25VisionModel) is recorded by vitmad.record but not loaded by vitmad profile: "
+        "its checkpoint keeps each layer's q, k and v fused as wqkv, permuted for its rotary embedding, which "
+        "transformers unfuses on loading the whole model, and its image processor pads each image to whole merge "
+        "blocks, which vitmad has not checked; record the tower in Python (vitmad.record(model.model.vision_tower) "
+        "around the model's forward)"),
+}
 # Image processors whose patch vectors are (p, p, C, t) (channels last), not Qwen2-VL's (C, t, p, p).
 _CHANNELS_LAST = ("Cosmos3EdgeImageProcessor", "Cosmos3EdgeImageProcessorPil")
 # Image processors that cut each image's patches row-major, not in Qwen2-VL's merge blocks.
@@ -301,8 +311,13 @@ def load_packed_tower(spec: str, name: str, config, options: dict) -> tuple[nn.M
     one (its vision tower alone is loaded), else None.
 
     Raises:
-        OptionError: (``model``) the checkpoint lacks some of the tower's weights.
+        OptionError: (``model``) the checkpoint lacks some of the tower's weights, or its tower is one vitmad profile
+            does not load (Kimi-K2.5's).
     """
+    for found in (config, getattr(config, "vision_config", None)):
+        reason = _NOT_LOADED.get(type(found).__name__)
+        if reason is not None:
+            raise OptionError("model", f"{spec}: {reason}")
     tower_name = _BY_CONFIG.get(type(config).__name__)
     if tower_name is not None:
         tower = _tower_class(tower_name).from_pretrained(name, **options)
