@@ -3,7 +3,7 @@ Qwen3.5 and Qwen3.5-MoE vision towers, MiniMax-M3-VL's, Cosmos3-Edge's, LFM3-VL'
 Muse Glimmer's, Muse Spark's, VideoLLaMA3's, HunYuanVL's, HY-V4-VL's and Pixtral's (``recording/families/packed.py``
 records them, and more towers that ``vitmad profile`` does not load: GLM, ERNIE-4.5-VL, dots3, the Omni models,
 EXAONE 4.5, Cohere Compass, Qwen4-Exp and Kimi-K2.5, whose checkpoint layouts or image processors are not checked
-here: Kimi-K2.5's processor pads each image, its checkpoint swaps norm names).
+here; a Kimi-K2.5 checkpoint is refused from its config, :data:`_NOT_LOADED` says why).
 
 Loading (``hf:<id or folder>``):
 
