@@ -1,9 +1,12 @@
-"""vitmad profile on packed native-resolution vision towers: Qwen2-VL (a whole vision-language checkpoint),
-Qwen2.5-VL (windows) and Qwen3-VL (towers saved alone), Qwen3-VL's tower inside whole Qwen3-VL-MoE, Qwen3.5 and
-Qwen3.5-MoE checkpoints, Pixtral (inside a LLaVA checkpoint, and saved alone without an image processor), and the
-MiniMax-M3-VL, Cosmos3-Edge and LFM3-VL towers, in whole checkpoints (MiniMax-M3-VL's in its original layout) and
-saved alone, each fed by its own image processor (Cosmos3-Edge's lays each patch out channels last, without a
-temporal patch), of the class its checkpoint names (a ``...Pil`` twin followed, another class refused).
+"""vitmad profile on packed native-resolution vision towers: Qwen2-VL (a whole vision-language checkpoint), Qwen2.5-VL
+(windows) and Qwen3-VL (towers saved alone), Qwen3-VL's tower inside whole Qwen3-VL-MoE, Qwen3.5 and Qwen3.5-MoE
+checkpoints, Pixtral (inside a LLaVA checkpoint, and saved alone without an image processor), and the MiniMax-M3-VL,
+Cosmos3-Edge, LFM3-VL, PaddleOCR-VL, Ovis2.5, Muse Glimmer, Muse Spark, VideoLLaMA3, HunYuanVL and HY-V4-VL towers, in
+whole checkpoints (MiniMax-M3-VL's, Ovis2.5's, HunYuanVL's and HY-V4-VL's in their original layouts) and saved alone,
+each fed by its own image processor (Cosmos3-Edge's lays each patch out channels last, without a temporal patch;
+PaddleOCR-VL's, Muse Glimmer's, VideoLLaMA3's (merge_size 1), HunYuanVL's and HY-V4-VL's cut the patches row-major, Muse
+Glimmer's each (t, C, p, p); Ovis2.5 and the Muse towers attend in windows as layer_types says), of the class its
+checkpoint names (a ``...Pil`` twin followed, another class refused).
 
 Tiny random-weight towers, their weights scaled so that attention is far from uniform, are saved to folders with
 their image processors. The reference is written here, independently of vitmad: each image through the model's
@@ -12,8 +15,10 @@ probabilities captured from the modeling file's ``eager_attention_forward``; tok
 here with explicit loops (Qwen and the towers packed like it: spatial-merge blocks row-major, the patches of a
 block row-major, one call per image and attention layer; Qwen2.5-VL: the same blocks reordered by windows, each
 window's blocks row-major, one call per window in window blocks and one per image in its full-attention blocks;
-Pixtral: row-major), each patch at ``(row + 0.5, col + 0.5) * patch`` pixels; a query's MAD over the keys of its
-call, the image's MAD the mean over its tokens, in float64.
+Ovis2.5 and the Muse towers: the same windows, chosen per layer by layer_types, the Muse towers' over single patches
+(windows of pos_emb_height patches); PaddleOCR-VL: row-major, one call per image; Pixtral: row-major), each patch
+at ``(row + 0.5, col + 0.5) * patch`` pixels; a query's MAD over the keys of its call, the image's MAD the mean over
+its tokens, in float64.
 """
 
 from __future__ import annotations
@@ -38,8 +43,14 @@ from vitmad.profiling.options import OptionError
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("torchvision")  # transformers' Qwen2-VL and Pixtral image processors
 from transformers.models.cosmos3_edge import modeling_cosmos3_edge  # noqa: E402
+from transformers.models.hunyuan_vl import modeling_hunyuan_vl  # noqa: E402
+from transformers.models.hy_v4_vl import modeling_hy_v4_vl  # noqa: E402
 from transformers.models.lfm3_vl import modeling_lfm3_vl  # noqa: E402
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl  # noqa: E402
+from transformers.models.muse_glimmer import modeling_muse_glimmer  # noqa: E402
+from transformers.models.muse_spark import modeling_muse_spark  # noqa: E402
+from transformers.models.ovis2_5 import modeling_ovis2_5  # noqa: E402
+from transformers.models.paddleocr_vl import modeling_paddleocr_vl  # noqa: E402
 from transformers.models.pixtral import modeling_pixtral  # noqa: E402
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl  # noqa: E402
 from transformers.models.qwen2_vl import modeling_qwen2_vl  # noqa: E402
@@ -47,6 +58,7 @@ from transformers.models.qwen3_5 import modeling_qwen3_5  # noqa: E402
 from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe  # noqa: E402
 from transformers.models.qwen3_vl import modeling_qwen3_vl  # noqa: E402
 from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe  # noqa: E402
+from transformers.models.video_llama_3 import modeling_video_llama_3  # noqa: E402
 
 PATCH, MERGE, WINDOW_PX = 4, 2, 16  # Qwen: 4 px patches, 2 x 2 merge blocks, windows of 2 x 2 merge blocks
 PIXTRAL_PATCH = 8
@@ -57,7 +69,11 @@ TOL = {"rtol": 1e-5, "atol": 1e-4}
 _MODELING = {"qwen2_vl": modeling_qwen2_vl, "qwen2_5_vl": modeling_qwen2_5_vl, "qwen3_vl": modeling_qwen3_vl,
              "pixtral": modeling_pixtral, "qwen3_vl_moe": modeling_qwen3_vl_moe, "qwen3_5": modeling_qwen3_5,
              "qwen3_5_moe": modeling_qwen3_5_moe, "minimax_m3_vl": modeling_minimax_m3_vl,
-             "cosmos3_edge": modeling_cosmos3_edge, "lfm3_vl": modeling_lfm3_vl}
+             "cosmos3_edge": modeling_cosmos3_edge, "lfm3_vl": modeling_lfm3_vl,
+             "paddleocr_vl": modeling_paddleocr_vl, "ovis2_5": modeling_ovis2_5,
+             "muse_glimmer": modeling_muse_glimmer, "muse_spark": modeling_muse_spark,
+             "video_llama_3": modeling_video_llama_3, "hunyuan_vl": modeling_hunyuan_vl,
+             "hy_v4_vl": modeling_hy_v4_vl}
 # Qwen3-VL's tower under other names, in whole checkpoints (under model.visual, fed by Qwen2VLImageProcessor):
 # name -> (config class, model class, tower class, extra text settings)
 QWEN3_KIN = {
@@ -71,9 +87,9 @@ QWEN3_KIN = {
 }
 
 
-# Towers packed in Qwen2-VL's merge-block order, one chunk per image, in whole checkpoints with their own image
-# processors: name -> (model class, the tower in it, tower class, attention class, image processor class, temporal
-# patch of the tower)
+# Towers packed in Qwen2-VL's merge-block order (PaddleOCR-VL's row-major, ROW_MAJOR), one chunk per image, in whole
+# checkpoints with their own image processors: name -> (model class, the tower in it, tower class, attention class,
+# image processor class, temporal patch of the tower)
 KIN = {
     "minimax_m3_vl": ("MiniMaxM3SparseForConditionalGeneration", "model.vision_tower", "MiniMaxM3VLVisionModel",
                       "MiniMaxM3VLVisionAttention", "MiniMaxM3VLImageProcessor", 2),
@@ -81,7 +97,39 @@ KIN = {
                      "Cosmos3EdgeVisionAttention", "Cosmos3EdgeImageProcessor", 1),
     "lfm3_vl": ("Lfm3VlForConditionalGeneration", "model.vision_tower", "Lfm3VlVisionModel", "Lfm3VlVisionAttention",
                 "Qwen2VLImageProcessor", 2),
+    "paddleocr_vl": ("PaddleOCRVLForConditionalGeneration", "model.visual", "PaddleOCRVisionModel",
+                     "PaddleOCRVisionAttention", "PaddleOCRVLImageProcessor", 1),
+    "ovis2_5": ("Ovis2_5ForConditionalGeneration", "model.vision_tower", "Ovis2_5VisionModel",
+                "Ovis2_5VisionAttention", "Ovis2_5ImageProcessor", 1),
+    "muse_glimmer": ("MuseGlimmerForConditionalGeneration", "model.vision_tower", "MuseGlimmerVisionModel",
+                     "MuseGlimmerVisionAttention", "MuseGlimmerImageProcessor", 2),
+    "muse_spark": ("MuseSparkForConditionalGeneration", "model.vision_tower", "MuseSparkVisionModel",
+                   "MuseSparkVisionAttention", "MuseGlimmerImageProcessor", 2),
+    "video_llama_3": ("VideoLlama3ForConditionalGeneration", "model.vision_model", "VideoLlama3VisionModel",
+                      "VideoLlama3VisionAttention", "VideoLlama3ImageProcessor", 1),
+    "hunyuan_vl": ("HunYuanVLForConditionalGeneration", "model.vision_tower", "HunYuanVLVisionTransformer",
+                   "HunYuanVLVisionAttention", "HunYuanVLImageProcessor", 1),
+    "hy_v4_vl": ("HYV4VLForConditionalGeneration", "model.vision_tower", "HYV4VLVisionModel", "HYV4VLVisionAttention",
+                 "HYV4VLImageProcessor", 1),
 }
+# PaddleOCR-VL's processor cuts each image's patches row-major (patchify: grid_h, grid_w, then the pixels of a
+# patch), each patch (C, p, p); its model passes them to the tower as [1, N, C, p, p]. Muse Glimmer's cuts them
+# row-major too, each (t, C, p, p).
+ROW_MAJOR = ("paddleocr_vl", "muse_glimmer", "muse_spark", "video_llama_3", "hunyuan_vl", "hy_v4_vl")
+PATCHES_5D = ("paddleocr_vl",)
+# Towers that reorder the sequence by Qwen2.5-VL's windows before their first layer, each layer attending per window
+# or per image as layer_types says (LAYER_TYPES: a window layer, then a full one): name -> (the blocks the windows
+# are cut in, patches a side; blocks a window side). Ovis2.5: merge blocks, windows of WINDOW_PX; Muse Glimmer: single
+# patches (its tower's spatial_merge_size is 1), windows of pos_emb_height (4) patches.
+LAYER_TYPES = ("window_attention", "full_attention")
+MUSE_POSITIONS = 4
+WINDOWED = {"ovis2_5": (MERGE, WINDOW_PX // MERGE // PATCH), "muse_glimmer": (1, MUSE_POSITIONS),
+            "muse_spark": (1, MUSE_POSITIONS)}
+# VideoLLaMA3's tower takes a merge size per image (merge_sizes): its image processor's default 1, blocks of one
+# patch, so its patches come row-major (ROW_MAJOR), each (C, t, p, p) flat.
+MERGE_SIZES = {"video_llama_3": 1}
+# The processor's budget: Qwen's 64 to 576 pixels; Muse Glimmer's at most 9 tokens of 2 x 2 patches (576 pixels).
+BUDGET = {"muse_glimmer": {"max_image_tokens": 9}, "muse_spark": {"max_image_tokens": 9}}
 
 
 def _sharpen(tower: torch.nn.Module, seed: int) -> None:
@@ -162,6 +210,56 @@ def _kin_config(name: str):
         return transformers.MiniMaxM3VLConfig(vision_config=dict(vision, hidden_size=48, num_hidden_layers=2,
                                                                  temporal_patch_size=2),
                                               text_config=text, projector_hidden_size=32)
+    if name == "ovis2_5":  # a learned 4 x 4 position grid, interpolated to each image's grid in merge-block order
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=16, vocab_size=100)
+        return transformers.Ovis2_5Config(
+            vision_config=dict(vision, num_hidden_layers=2, image_size=16, window_size=WINDOW_PX,
+                               layer_types=list(LAYER_TYPES), vocab_size=64, num_visual_indicator_tokens=4),
+            text_config=text)
+    if name in ("muse_glimmer", "muse_spark"):  # a learned 4 x 4 position grid; the tower merges nothing (its
+        # pixel_shuffle does). Muse Spark: a mixture-of-experts language model and an audio tower beside it.
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=16, vocab_size=100, bos_token_id=0, eos_token_id=1)
+        vision = {k: v for k, v in vision.items() if k != "spatial_merge_size"}
+        vision = dict(vision, num_hidden_layers=2, pos_emb_height=MUSE_POSITIONS, pos_emb_width=MUSE_POSITIONS,
+                      max_position_embeddings=MUSE_POSITIONS ** 2, merge_size=MERGE, patch_temporal=2,
+                      layer_types=list(LAYER_TYPES))
+        if name == "muse_glimmer":
+            return transformers.MuseGlimmerConfig(vision_config=vision, text_config=text)
+        return transformers.MuseSparkConfig(
+            vision_config=vision, text_config=dict(text, moe_intermediate_size=32, num_local_experts=2,
+                                                   num_experts_per_tok=1, moe_hidden_size=32),
+            audio_config=dict(out_hidden_size=32, num_hidden_layers=1, patch_sizes=[2], hidden_sizes=[16],
+                              depths=[1]))
+    if name == "hunyuan_vl":  # a learned 4 x 4 position grid (max_image_size 16 px), no rotary positions
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, vocab_size=100, head_dim=16, eod_token_id=3, sep_token_id=4)
+        return transformers.HunYuanVLConfig(
+            vision_config=dict(vision, num_hidden_layers=2, num_key_value_heads=2, out_hidden_size=32,
+                               text_hidden_size=32, max_image_size=16, min_image_size=8),
+            text_config=text, image_token_id=10, im_start_id=11, im_end_id=12, im_newline_id=13)
+    if name == "hy_v4_vl":  # HunYuanVL's tower; a one-layer mixture-of-experts language model with mHC
+        text = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=100, pad_token_id=0,
+                    bos_token_id=1, eos_token_id=2, n_routed_experts=2, n_shared_experts=1, num_experts_per_tok=1,
+                    q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
+                    index_topk=4, index_head_dim=8, index_n_heads=1,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]})
+        return transformers.HYV4VLConfig(
+            vision_config=dict(vision, num_hidden_layers=2, num_key_value_heads=2, out_hidden_size=32,
+                               max_image_size=16),
+            text_config=text, image_token_id=10, video_token_id=11)
+    if name == "video_llama_3":  # rotary positions only; a Qwen2 language model
+        text = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, vocab_size=100)
+        vision = {k: v for k, v in vision.items() if k != "spatial_merge_size"}
+        return transformers.VideoLlama3Config(vision_config=dict(vision, num_hidden_layers=2), text_config=text)
+    if name == "paddleocr_vl":  # a learned 4 x 4 position grid, interpolated to each image's grid
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=16, vocab_size=100)
+        return transformers.PaddleOCRVLConfig(vision_config=dict(vision, num_hidden_layers=2, image_size=16),
+                                              text_config=text)
     if name == "cosmos3_edge":
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                     num_key_value_heads=1, head_dim=16, vocab_size=100,
@@ -180,17 +278,31 @@ def _kin_config(name: str):
 
 def _kin_processor(name: str, **changes):
     """The model's own image processor with the tiny towers' sizes (Qwen's: 64 to 576 pixels an image; Cosmos3-Edge's
-    takes them as size only, min_pixels and max_pixels being no settings of it)."""
+    and Ovis2.5's take them as size only: min_pixels and max_pixels are no settings of the first, and the second
+    keeps them without resizing by them)."""
     settings = {**QWEN_PROCESSOR, "temporal_patch_size": KIN[name][5]}
-    if name == "cosmos3_edge":
+    if name in ("cosmos3_edge", "ovis2_5"):
         settings["size"] = {"shortest_edge": settings.pop("min_pixels"), "longest_edge": settings.pop("max_pixels")}
+    if name in BUDGET:
+        del settings["min_pixels"], settings["max_pixels"]
+        settings.update(BUDGET[name])
+    if name in MERGE_SIZES:
+        settings["merge_size"] = MERGE_SIZES[name]
     return getattr(transformers, KIN[name][4])(**{**settings, **changes})
 
 
 def _sharpen_kin(tower: torch.nn.Module, seed: int) -> None:
-    """:func:`_sharpen` for a tower of ``KIN``."""
+    """:func:`_sharpen` for a tower of ``KIN``; PaddleOCR-VL's, HunYuanVL's and HY-V4-VL's attention given its key
+    projection as query projection too (a token attends most to itself and tokens like it: PaddleOCR-VL's rotary
+    embedding alone left attention within 1 px of uniform, and the other two have none)."""
     _sharpen(tower, seed)
     self_similar_attention(tower)
+    with torch.no_grad():
+        for module in tower.modules():
+            if type(module).__name__ in ("PaddleOCRVisionAttention", "HunYuanVLVisionAttention",
+                                         "HYV4VLVisionAttention"):
+                module.q_proj.weight.copy_(module.k_proj.weight)
+                module.q_proj.bias.copy_(module.k_proj.bias)
 
 
 def _save_kin_checkpoint(folder, name: str):
@@ -323,7 +435,10 @@ def _image_mad(case: str, tower, inputs) -> np.ndarray:
         assert len(calls) == len(tower.transformer.layers)
         return np.array([_call_mad(p, cells, PIXTRAL_PATCH).mean(-1).numpy() for p in calls])
     patches, grid = inputs
-    calls = _eager_calls(_MODELING[modeling], tower, patches, grid_thw=torch.tensor([[1, *grid]]))
+    if modeling in PATCHES_5D:  # as its model passes the processor's [N, C, p, p]
+        patches = patches[None]
+    extra = {"merge_sizes": torch.tensor([MERGE_SIZES[modeling]])} if modeling in MERGE_SIZES else {}
+    calls = _eager_calls(_MODELING[modeling], tower, patches, grid_thw=torch.tensor([[1, *grid]]), **extra)
     layers, used = [], 0
     if modeling in KIN:  # its attention layers (LFM3-VL's convolution layers between them make no call)
         blocks = sum(type(m).__name__ == KIN[modeling][3] for m in tower.modules())
@@ -335,6 +450,11 @@ def _image_mad(case: str, tower, inputs) -> np.ndarray:
             windows = qwen_token_chunks(grid, MERGE, WINDOW_PX // MERGE // PATCH)
             # Window blocks: one call per window; full-attention blocks: the image in the same window order.
             chunks = [sum(windows, [])] if index in tower.fullatt_block_indexes else windows
+        elif modeling in WINDOWED:  # the sequence in window order from the first layer on
+            windows = qwen_token_chunks(grid, *WINDOWED[modeling])
+            chunks = windows if LAYER_TYPES[index] == "window_attention" else [sum(windows, [])]
+        elif modeling in ROW_MAJOR:  # one chunk per image, its patches row-major
+            chunks = [[(r, c) for r in range(grid[0]) for c in range(grid[1])]]
         else:
             chunks = qwen_token_chunks(grid, MERGE, None)
         per_query = []
@@ -464,7 +584,10 @@ def test_a_whole_checkpoint_of_a_kin_tower_loads_its_tower_alone_fed_by_its_own_
     assert result.settings["profiled"] == loaded.description
     fed = result.settings["preprocessing"]
     assert fed["native"] == "qwen" and fed["processor"]["image_processor_type"] == processor
-    assert fed["processor"]["size"] == {"shortest_edge": 64, "longest_edge": 576}
+    if name in BUDGET:
+        assert {k: fed["processor"][k] for k in BUDGET[name]} == BUDGET[name] and "size" not in fed["processor"]
+    else:
+        assert fed["processor"]["size"] == {"shortest_edge": 64, "longest_edge": 576}
 
 
 @pytest.mark.parametrize("name", list(KIN))
@@ -514,7 +637,8 @@ def _fed(case: str, args, kwargs) -> list:
     if CASES[case][0] == "pixtral":
         return [args[0][i, :, :h, :w] for i, (h, w) in enumerate(kwargs["image_sizes"].tolist())]
     grids = [tuple(g) for g in kwargs["grid_thw"][:, 1:].tolist()]
-    return list(zip(args[0].split([h * w for h, w in grids]), grids))
+    patches = args[0][0] if CASES[case][0] in PATCHES_5D else args[0]  # PaddleOCR-VL's [1, N, C, p, p]
+    return list(zip(patches.split([h * w for h, w in grids]), grids))
 
 
 def _pixels(case: str, inputs) -> torch.Tensor:
@@ -523,7 +647,12 @@ def _pixels(case: str, inputs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("case", "cls"), [("qwen3_vl", "Qwen2VLImageProcessorPil"),
-                                           ("llava_pixtral", "PixtralImageProcessorPil")])
+                                           ("llava_pixtral", "PixtralImageProcessorPil"),
+                                           ("paddleocr_vl", "PaddleOCRVLImageProcessorPil"),
+                                           ("ovis2_5", "Ovis2_5ImageProcessorPil"),
+                                           ("video_llama_3", "VideoLlama3ImageProcessorPil"),
+                                           ("hunyuan_vl", "HunYuanVLImageProcessorPil"),
+                                           ("hy_v4_vl", "HYV4VLImageProcessorPil")])
 def test_a_checkpoint_naming_the_pil_processor_is_fed_by_it(folders, images, tmp_path, case, cls):
     """The ``...Pil`` twin of the Qwen and Pixtral processors resizes through PIL: the default's grid, pixels one
     level in 255 apart in places. The tower gets the pixels of the class the checkpoint names (until the class
@@ -628,7 +757,7 @@ def _kin_folder(folders, tmp_path, name: str, weights: dict | None = None, **pro
     return f"hf:{folder}"
 
 
-@pytest.mark.parametrize("name", list(KIN))
+@pytest.mark.parametrize("name", [name for name in KIN if name not in MERGE_SIZES])
 def test_a_kin_processor_merging_otherwise_than_its_tower_is_refused(folders, tmp_path, name):
     """The processor orders the patches in its merge_size blocks, the tower places them (rotary positions, position
     grid, convolutions) by its config's spatial_merge_size: where they disagree, no token's place is known."""
@@ -648,10 +777,51 @@ def test_a_kin_processor_merging_otherwise_than_its_tower_is_refused(folders, tm
     ("lfm3_vl", "MiniMaxM3VLImageProcessor", r"model: the checkpoint's image processor is MiniMaxM3VLImageProcessor, "
                                              r"but the vision tower Lfm3VlVisionModel is fed by Qwen2VLImageProcessor "
                                              r"or Qwen2VLImageProcessorPil"),
+    # Qwen2-VL's processor resizes alike but cuts merge blocks, and another smart_resize: refused by class.
+    ("ovis2_5", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, but "
+                                         r"the vision tower Ovis2_5VisionModel is fed by Ovis2_5ImageProcessor or "
+                                         r"Ovis2_5ImageProcessorPil"),
+    # Qwen2-VL's processor would cut merge blocks (C, t, p, p) where Muse Spark's tower takes row-major (t, C, p, p).
+    ("muse_spark", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, but "
+                                            r"the vision tower MuseSparkVisionModel is fed by "
+                                            r"MuseGlimmerImageProcessor \(its model's processor"),
+    ("video_llama_3", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, "
+                                               r"but the vision tower VideoLlama3VisionModel is fed by "
+                                               r"VideoLlama3ImageProcessor or VideoLlama3ImageProcessorPil"),
+    ("hunyuan_vl", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, but "
+                                            r"the vision tower HunYuanVLVisionTransformer is fed by "
+                                            r"HunYuanVLImageProcessor or HunYuanVLImageProcessorPil"),
+    # HunYuanVL's processor line for line, but another model's class: refused by class, as every other.
+    ("hy_v4_vl", "HunYuanVLImageProcessor", r"model: the checkpoint's image processor is HunYuanVLImageProcessor, "
+                                            r"but the vision tower HYV4VLVisionModel is fed by HYV4VLImageProcessor "
+                                            r"or HYV4VLImageProcessorPil"),
+    ("paddleocr_vl", "Qwen2VLImageProcessor", r"model: the checkpoint's image processor is Qwen2VLImageProcessor, but "
+                                              r"the vision tower PaddleOCRVisionModel is fed by "
+                                              r"PaddleOCRVLImageProcessor or PaddleOCRVLImageProcessorPil"),
 ])
 def test_a_kin_checkpoint_with_another_models_processor_is_refused(folders, tmp_path, name, cls, message):
     with pytest.raises(OptionError, match=message):
         load_model(_kin_folder(folders, tmp_path, name, cls=getattr(transformers, cls)))
+
+
+def test_a_video_llama_3_processor_merging_blocks_is_refused(folders, tmp_path):
+    """Its tower would take merge_sizes 2 and merge-block patches (its video processor's); fed with its image
+    processor's default only (merge_sizes 1, row-major), another merge size is refused by name."""
+    spec = _kin_folder(folders, tmp_path, "video_llama_3", merge_size=2)
+    with pytest.raises(OptionError, match=r"model: the image processor has merge_size=2, but the vision tower "
+                                          r"VideoLlama3VisionModel is fed here with merge_size 1 only"):
+        load_model(spec)
+
+
+@pytest.mark.parametrize("alone", [False, True])
+def test_a_kimi_k25_checkpoint_is_refused_before_any_weight_is_read(tmp_path, alone):
+    """Kimi-K2.5's tower is recorded, not loaded (its checkpoint fuses q, k, v as rope-permuted wqkv; its processor
+    pads): the whole checkpoint, or the tower's config alone, is refused from config.json, no weights present."""
+    config = transformers.Kimi_K25Config()
+    (config.vision_config if alone else config).save_pretrained(tmp_path)
+    with pytest.raises(OptionError, match=r"model: .*Kimi-K2\.5's vision tower \(Kimi_K25VisionModel\) is recorded "
+                                          r"by vitmad\.record but not loaded by vitmad profile: .*wqkv"):
+        load_model(f"hf:{tmp_path}")
 
 
 def test_a_cosmos3_edge_processor_with_a_temporal_patch_is_refused(folders, tmp_path):
@@ -712,6 +882,70 @@ def test_fixed_size_cosmos3_edge_patches_are_its_processors_channels_last(folder
     own = _kin_processor("cosmos3_edge")
     fed, grid = _processed("cosmos3_edge", own, load_image(find_images(images)[0])[0])
     assert torch.equal(qwen_patches(shown[None], PATCH, MERGE, 1, channels_last=True)[0][0], fed)
+
+
+@pytest.mark.parametrize("name", list(KIN))
+def test_a_kin_tower_is_fed_exactly_its_own_processors_pixels(folders, images, name):
+    """Native: each image's patches in the packed forward are, bit for bit, what the model's own processor (loaded
+    by transformers from the checkpoint) gives for that image, with its grid."""
+    folder = folders / name
+    loaded = load_model(f"hf:{folder}")
+    _, (args, kwargs) = _profile_one_forward(loaded, images, image_size="native", batch_size=4)
+    own = CASES[name][2](folder)
+    assert type(own).__name__ == KIN[name][4]
+    expected = [_processed(name, own, load_image(f)[0]) for f in find_images(images)]
+    fed = _fed(name, args, kwargs)
+    assert [g for _, g in fed] == [g for _, g in expected] and len({g for _, g in expected}) > 1
+    for (found, _), (pixels, _) in zip(fed, expected):
+        assert torch.equal(found, pixels)
+
+
+def _row_major_patches(pixels: torch.Tensor, patch: int, name: str) -> torch.Tensor:
+    """The patches of one image ``[C, H, W]`` row-major, written out patch by patch, as ``name``'s processor lays
+    each out: PaddleOCR-VL ``[h * w, C, p, p]``, Muse Glimmer ``[h * w, t * C * p * p]`` (the patch repeated over
+    the temporal patch, time first)."""
+    channels, height, width = pixels.shape
+    patches = torch.stack([pixels[:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+                           for r in range(height // patch) for c in range(width // patch)])
+    if name in ("video_llama_3", "hunyuan_vl", "hy_v4_vl"):
+        return patches.reshape(len(patches), -1)
+    if name in ("muse_glimmer", "muse_spark"):
+        return torch.stack([patches] * KIN[name][5], dim=1).reshape(len(patches), -1)
+    return patches
+
+
+@pytest.mark.parametrize("name", ROW_MAJOR)
+def test_a_row_major_tower_is_fed_its_processors_row_major_patches(folders, images, name):
+    """Native: the tower gets exactly the pixels its model's processor gives for each image (its own resize rule,
+    its row-major patches; PaddleOCR-VL's as [1, N, C, p, p]), and the map's image is the image behind them. A fixed
+    size: the resized images cut row-major as that processor cuts them (not in merge blocks)."""
+    folder = folders / name
+    loaded = load_model(f"hf:{folder}")
+    assert type(loaded.module).__name__ == KIN[name][2]
+    assert not any("language_model" in key or "embed_tokens" in key for key in loaded.module.state_dict())
+    files = find_images(images)
+    result, (args, kwargs) = _profile_one_forward(loaded, images, image_size="native", batch_size=4)
+    if name in PATCHES_5D:
+        assert args[0].dim() == 5 and args[0].shape[0] == 1 and tuple(args[0].shape[2:]) == (3, PATCH, PATCH)
+    own = CASES[name][2](folder)
+    expected = [_processed(name, own, load_image(f)[0]) for f in files]
+    fed = _fed(name, args, kwargs)
+    assert [g for _, g in fed] == [g for _, g in expected] and len({g for _, g in expected}) > 1
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(fed, expected))  # 0 difference
+    maps, shown, _, _ = mad_maps(loaded, files[0], image_size="native", device="cpu")
+    assert torch.equal(_row_major_patches(shown, PATCH, name), expected[0][0])
+
+    result, (args, kwargs) = _profile_one_forward(loaded, images, image_size="16x24", batch_size=4)
+    assert kwargs["grid_thw"].tolist() == [[1, 4, 6]] * 4
+    prep = loaded.preprocessing.with_size((16, 24))
+    pixels = [prep(load_image(f)[0]) for f in files]
+    processor = _kin_processor(name, do_resize=False, do_rescale=False, do_normalize=False)
+    cut = torch.cat([processor([p], return_tensors="pt")["pixel_values"] for p in pixels])
+    assert torch.equal(cut, torch.cat([_row_major_patches(p, PATCH, name) for p in pixels]))
+    torch.testing.assert_close(args[0][0] if name in PATCHES_5D else args[0], cut)
+    tower = CASES[name][1](folder).eval()
+    reference = [_image_mad(name, tower, (cut[i * 24:(i + 1) * 24], (4, 6))) for i in range(4)]
+    torch.testing.assert_close(result.mad, torch.tensor(np.array(reference)).mean(0), **TOL)
 
 
 def test_a_checkpoint_missing_tower_weights_is_refused(folders, tmp_path):

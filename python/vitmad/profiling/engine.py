@@ -680,7 +680,8 @@ def profile(
         image_size: ``S``, ``"HxW"`` or ``(H, W)`` instead of the model's own input size, or ``"native"``: each
             image at its own aspect ratio, resized to whole patches within the model's token budget, for
             NaFlex models (SigLIP2, timm NaFlexViT: packed batches), the packed vision towers of Qwen2-VL,
-            Qwen2.5-VL, Qwen3-VL (and their kin), MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL and Pixtral (the model's
+            Qwen2.5-VL, Qwen3-VL (and their kin), MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL, PaddleOCR-VL, Ovis2.5,
+            Muse Glimmer / Spark, VideoLLaMA3, HunYuanVL, HY-V4-VL and Pixtral (the model's
             own image processor; one packed forward per batch) and
             ViTs whose position embedding follows the input (one image per forward); ``mad.json`` then lists
             every image's grid. The Qwen and Pixtral towers take ``"native"`` or a size of whole patches.

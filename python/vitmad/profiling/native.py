@@ -13,16 +13,17 @@ budget; its MAD is in pixels of that resized image (``docs/definition.md``, nati
   own ratio as whole patches allow and ``gh * gw`` at most the patches of the model's input size
   (:func:`native_grid`); one image per forward, since images of different sizes do not stack.
 
-- Packed native-resolution towers (``profiling/packed_towers.py``): the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision
-  towers (and Qwen3-VL-MoE's, Qwen3.5's, Qwen3.5-MoE's) take the model's own ``Qwen2VLImageProcessor``
-  (``smart_resize``: sides multiples of ``patch * merge``, ``min_pixels <= H * W <= max_pixels``; its patches
-  in spatial-merge block order with the image's ``grid_thw``), MiniMax-M3-VL, Cosmos3-Edge and LFM3-VL their
-  models' own processors (the same order; Cosmos3-Edge's patches channels last, without a temporal patch),
-  Pixtral the model's own ``PixtralImageProcessor`` (the longest edge at most ``longest_edge``, each side rounded
-  up to whole patches; ``image_sizes``). Every image of a batch goes into one packed forward, several grids in it;
-  images only (a Qwen video, ``t > 1``, is never fed). With a fixed ``image_size`` these towers get every image
-  resized to that size (its sides whole patches), and without one they are refused: they have no input size of
-  their own.
+- Packed native-resolution towers (``profiling/packed_towers.py``): the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision towers
+  (and Qwen3-VL-MoE's, Qwen3.5's, Qwen3.5-MoE's) take the model's own ``Qwen2VLImageProcessor`` (``smart_resize``: sides
+  multiples of ``patch * merge``, ``min_pixels <= H * W <= max_pixels``; its patches in spatial-merge block order with
+  the image's ``grid_thw``), MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL, Ovis2.5, PaddleOCR-VL, Muse Glimmer / Spark,
+  VideoLLaMA3 (``merge_sizes`` 1), HunYuanVL and HY-V4-VL their models' own processors (the same order; Cosmos3-Edge's
+  patches channels last, without a temporal patch; PaddleOCR-VL's, the Muse towers', VideoLLaMA3's, HunYuanVL's and
+  HY-V4-VL's row-major, the Muse towers' time first, their budget ``max_image_tokens`` merged tokens), Pixtral the
+  model's own ``PixtralImageProcessor`` (the longest edge at most ``longest_edge``, each side rounded up to whole
+  patches; ``image_sizes``). Every image of a batch goes into one packed forward, several grids in it; images only (a
+  Qwen video, ``t > 1``, is never fed). With a fixed ``image_size`` these towers get every image resized to that size
+  (its sides whole patches), and without one they are refused: they have no input size of their own.
 
 Any other model is refused. ``mad.json`` lists each image's grid and size in ``image_grids``.
 """
@@ -41,11 +42,14 @@ from .images import hf_rescale, load_each, load_image, rescaled
 from .models import LoadedModel
 from .options import OptionError
 from .packed_towers import (
+    call_packed,
     channels_last,
     check_packed_size,
     find_packed_tower,
     packed_processor,
     qwen_unpatch,
+    row_major,
+    temporal_first,
     tower_kind,
     tower_sizes,
 )
@@ -106,9 +110,9 @@ class NativeFeed:
         found = {"native": self.kind, "patch": self.patch, "max_patches": self.max_patches, "mean": list(self.mean),
                  "std": list(self.std), "interpolation": self.interpolation}
         if self.kind in ("qwen", "pixtral"):  # the processor's size rule (min / max pixels, longest edge)
-            # and the processor's class where the tower names its own (MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL)
+            # and the processor's class where the tower names its own (MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL, ...)
             found["processor"] = {k: v for k, v in self.processor.items() if k in (
-                "size", "min_pixels", "max_pixels", "merge_size", "image_processor_type")}
+                "size", "min_pixels", "max_pixels", "max_image_tokens", "merge_size", "image_processor_type")}
         if self.rescale is not None:  # only then: other runs keep their settings and fingerprints
             found["rescale"] = self.rescale
         return found
@@ -142,8 +146,10 @@ class NativeFeed:
             return self._packed(image)
         if self.kind == "qwen":
             patches, grid = self._packed(image)
-            return qwen_unpatch(patches, grid, self.patch, int(self.processor["merge_size"]),
-                                int(self.processor["temporal_patch_size"]), channels_last(self.processor))
+            merge = 1 if row_major(self.processor) else int(self.processor["merge_size"])
+            return qwen_unpatch(patches.reshape(patches.shape[0], -1), grid, self.patch, merge,
+                                int(self.processor["temporal_patch_size"]), channels_last(self.processor),
+                                temporal_first(self.processor))
         if self.kind == "siglip2":
             from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
 
@@ -172,7 +178,7 @@ class NativeFeed:
         elif self.kind == "qwen":  # the images' patches one after the other, each image's grid in grid_thw
             patches = torch.cat([p for p, _ in items])
             grid_thw = torch.tensor([[1, h, w] for _, (h, w) in items])
-            loaded.module(patches.to(device=device, dtype=dtype), grid_thw=grid_thw.to(device))
+            call_packed(loaded.module, patches.to(device=device, dtype=dtype), grid_thw.to(device))
         elif self.kind == "pixtral":  # padded at the bottom and right, as PixtralImageProcessor pads a batch
             height, width = max(p.shape[1] for p in items), max(p.shape[2] for p in items)
             pixels = torch.zeros(len(items), 3, height, width)
@@ -286,11 +292,16 @@ def _packed_feed(loaded: LoadedModel, tower) -> NativeFeed:
     kind = tower_kind(tower)
     settings = processor_settings(kind, tower, loaded.processor)
     processor = packed_processor(kind, settings)
-    size = {k: int(processor.size[k]) for k in ("shortest_edge", "longest_edge") if processor.size.get(k)}
-    settings = settings | {"size": size}  # the effective size rule, whichever keys the checkpoint used
+    tokens = getattr(processor, "max_image_tokens", None) if kind == "qwen" else None
+    if tokens is None:
+        size = {k: int(processor.size[k]) for k in ("shortest_edge", "longest_edge") if processor.size.get(k)}
+        settings = settings | {"size": size}  # the effective size rule, whichever keys the checkpoint used
+    else:  # Muse Glimmer's: no size, a cap on merged tokens
+        settings = settings | {"max_image_tokens": int(tokens)}
     if kind == "qwen":
         patch = int(processor.patch_size)
-        budget = int(processor.size["longest_edge"]) // (patch * patch)
+        budget = (int(processor.size["longest_edge"]) // (patch * patch) if tokens is None
+                  else int(tokens) * int(processor.merge_size) ** 2)
         settings = settings | {"merge_size": int(processor.merge_size),
                                "temporal_patch_size": int(processor.temporal_patch_size)}
     else:
