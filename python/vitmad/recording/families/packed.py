@@ -65,6 +65,16 @@ an image's), its ``h * w`` tokens in an image's merge-block order: each slice at
 placed as an image, an entry of its own in the fold, in ``grid_thw`` order (a video's slices in time order). There is
 no attention across slices, hence no temporal distance: a slice's MAD is spatial.
 
+Videos attended a whole clip at a time (``whole_clip``): MiniMax-M3-VL and Kimi-K2.5 give each ``grid_thw`` row one
+``cu_seqlens`` chunk of its ``t * h * w`` tokens (``get_vision_cu_seqlens(merge_temporal=True)``), time-major, each
+temporal slice's ``h * w`` tokens in an image's order (MiniMax-M3-VL's merge blocks, Kimi-K2.5's row-major; their
+video processors patchify so and cut a video into rows of at most 4 temporal patches). In a call holding a video,
+every row is a clip, an entry of the fold: token ``(s, r, c)`` at its cell's pixel centre and at ``(s + 0.5) *
+frame_stride`` frames from the row's first (``Placement.time_positions``; ``frame_stride`` the frames a token spans:
+MiniMax-M3-VL's ``temporal_patch_size``, 1 for Kimi-K2.5's one-frame ``Conv2d`` patches), folded onto ``[n_rows,
+H, T_max]`` in (frame, row, column) order (``LayerGeometry.image_frames``); its spatial and temporal MAD are over
+the keys of its whole row. An image row in such a call is a clip of one temporal patch; images alone stay images.
+
 Every token is the centre of its patch in pixels of the image as the processor resized it, ``(row + 0.5) * p``;
 a token of another image is neither query nor key of an image's attention (in a separate call, or at
 probability 0 under the mask). The per-query values of the sequence fold onto ``[n_images, H, T_max]``: image
@@ -73,9 +83,9 @@ probability 0 under the mask). The per-query values of the sequence fold onto ``
 
 Refused (a ``ValueError`` naming the layer): GLM-Image's tower (``GlmImageVisionModel``), by name: packed like
 Qwen2-VL, but its config's ``spatial_merge_size`` (default 1) and its image processor's ``merge_size`` (default 2)
-need not agree, so where a token lies on the image is not settled; videos in the other towers (MiniMax-M3-VL,
-Inkling2 and Kimi-K2.5 attend a whole clip in one chunk, across its frames, which this placement has no time axis
-for; HunYuanVL's patch merger folds a whole row into one ``h x w`` map, so it runs no video; PaddleOCR-VL has no
+need not agree, so where a token lies on the image is not settled; videos in the other towers (Inkling2 would
+attend a row whole, but has no video processor and no ``get_video_features``, so what frames a row holds is not
+settled; HunYuanVL's patch merger folds a whole row into one ``h x w`` map, so it runs no video; PaddleOCR-VL has no
 video processor and its per-frame chunks were not checked; GLM-4.1V's and GLM-4.5V's towers cannot run a ``t > 1``
 row, their models pass ``t = 1`` rows); flash attention over more than one chunk (one variable-length call whose
 chunks the capture does not receive); a tower given precomputed ``position_ids``, ``window_index`` or
