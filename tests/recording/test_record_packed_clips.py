@@ -140,6 +140,9 @@ def _check(name: str, rows, rec, per_query, references) -> None:
             assert geometry.grid is None and geometry.frames is None
             assert geometry.image_grids == grids and geometry.image_frames == frames
         assert rec.prefix_maps[layer] is None
+        written = geometry.as_dict()  # mad.json's layer geometry
+        assert written["frame_stride"] == TOWERS[name][3]
+        assert written.get("image_frames", [written.get("frames")] * len(rows)) == list(frames)
         recorded = {stat: per_query.stats[stat][layer] for stat in ("mad", "entropy", "prefix_mass")}
         recorded["temporal"] = per_query.temporal_mad[layer]
         means = {stat: rec.stats[stat][layer] for stat in ("mad", "entropy", "prefix_mass")}

@@ -630,9 +630,8 @@ class QwenPlacer(_PackedPlacer):
         # Inkling2 counts merge blocks (its language model's image tokens): m x m patches each.
         unit = self.merge if self.design.grid_unit == "merge" else 1
         grid_thw = [(t, h * unit, w * unit) for t, h, w in given_thw]
-        if self.design.whole_clip and any(t != 1 for t, _, _ in grid_thw):
-            return self._clip_layout(grid_thw, merges, cu_seqlens)
-        if not self.design.video_slices and any(t != 1 for t, _, _ in grid_thw):
+        video = any(t != 1 for t, _, _ in grid_thw)
+        if video and not (self.design.video_slices or self.design.whole_clip):
             counted = "merge blocks" if unit != 1 else "patches"
             why = self.design.video_refusal or ("vitmad places a video's temporal slices as images only in the "
                                                 "towers whose per-slice chunks it was checked against")
@@ -645,6 +644,8 @@ class QwenPlacer(_PackedPlacer):
             said = merges[0] if len(set(merges)) == 1 else f"of each row, {merges}"
             raise NotPlaceable(f"{argument} has grids {odd} (patches) that are not multiples of the merge size "
                                f"{said}")
+        if video and self.design.whole_clip:
+            return self._clip_layout(grid_thw, merges, cu_seqlens)
         # A video's temporal slices attend each within itself (checked below against cu_seqlens): each is an entry
         # of the fold, as an image of h x w patches, in time order where the video's row is.
         grids = tuple((h, w) for t, h, w in grid_thw for _ in range(t))
@@ -671,10 +672,6 @@ class QwenPlacer(_PackedPlacer):
         """A call holding a video in a tower that attends each grid_thw row whole: every row a clip (an image row a
         clip of one temporal slice), one chunk each, checked against ``cu_seqlens``."""
         argument = self.design.grid_argument
-        odd = [(h, w) for (_, h, w), m in zip(grid_thw, merges) if h % m or w % m]
-        if odd:
-            raise NotPlaceable(f"{argument} has grids {odd} (patches) that are not multiples of the merge size "
-                               f"{merges[0]}")
         path = self.design.temporal_patch
         frame_stride = float(functools.reduce(getattr, path.split("."), self.tower)) if path else 1.0
         layout = _clip_layout(tuple(grid_thw), tuple(merges), self.stride, frame_stride)
