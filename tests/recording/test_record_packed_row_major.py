@@ -14,7 +14,7 @@ patches to row-major; Kimi-K2.5's processor cuts them row-major and its rotary i
 in a block (``get_vision_position_ids(grid_thw, merge_sizes)``, ``pixel_unshuffle`` undoing it). Each patch sits at
 ``(row + 0.5, col + 0.5) * PATCH`` pixels of its own image; a query's MAD, entropy and prefix mass are over the keys
 of its own call, in float64. A video's frames are chunks of their own in HY-V4-VL and VideoLLaMA3 (placed as
-images); Kimi-K2.5 attends a whole clip in one chunk and HunYuanVL runs no video: both refused.
+images); HunYuanVL runs no video: refused (Kimi-K2.5 attends a whole clip in one chunk: test_record_packed_clips.py).
 """
 
 from __future__ import annotations
@@ -189,16 +189,12 @@ def test_video_frames_match_eager_attention(name):
 
 
 @pytest.mark.parametrize("name, reason", [
-    ("kimi_k25", r"attends a whole clip in one cu_seqlens chunk"),
     ("hunyuan_vl", r"its patch merger folds a whole grid_thw row into one h x w map, so it runs no video"),
 ])
 def test_video_rows_are_refused(name, reason):
     model = _tower(name)
     args, kwargs = _inputs(name, VIDEO_ROWS)
     attention = type(_attention_modules(name, model)[0]).__name__
-    if name == "kimi_k25":
-        with torch.no_grad():
-            model(*args, **kwargs)  # the model runs it, one chunk per clip
     with torch.no_grad(), vitmad.record(model) as rec, pytest.raises(
             ValueError, match=rf"\({attention}\).*grid_thw \(t, h, w in patches: \[\(1, 6, 4\), \(3, 4, 6\), "
                               rf"\(1, 2, 14\)\]\) holds a video \(t > 1\).*{reason}.*record images"):

@@ -2,7 +2,8 @@
 Cosmos3-Edge and LFM3-VL are packed in Qwen2-VL's merge-block order with one ``cu_seqlens`` chunk per image (each
 proven here against its own eager attention and its own image processor); Cosmos3-Edge and LFM3-VL give each
 temporal slice of a video a chunk of its own, each slice placed as an image (proven the same way, and against their
-video processors), MiniMax-M3-VL attends a whole clip in one chunk (refused). Cosmos3-Omni adds no tower (its
+video processors); MiniMax-M3-VL attends a whole clip in one chunk, placed in space and time
+(test_record_packed_clips.py). Cosmos3-Omni adds no tower (its
 ``visual`` is Qwen3-VL's); lara_mini and olmo_hybrid are text-only models. RADIO, examined with them, has its own
 family and tests (test_record_radio.py).
 
@@ -234,17 +235,6 @@ def test_video_processor_orders_each_slice_as_an_image(name):
     assert torch.equal(values.amin(-1), values.amax(-1))  # one value per patch
     cells = [s * 80 + r * 8 + c for s in range(t) for r, c in qwen_token_chunks((h, w), MERGE, None)[0]]
     assert values[:, 0].long().tolist() == cells
-
-
-def test_minimax_m3_vl_video_is_refused_as_a_whole_clip():
-    """MiniMax-M3-VL attends a video's frames jointly (merge_temporal): no slice is an image."""
-    model = _tower("minimax_m3_vl")
-    model.set_attn_implementation("sdpa")
-    patches = torch.randn(2 * 4 * 4, 3 * TOWERS["minimax_m3_vl"][4] * PATCH * PATCH)
-    with vitmad.record(model) as rec, pytest.raises(
-            ValueError, match=r"layers\.0\.self_attn.*video \(t > 1\).*attends a whole clip in one cu_seqlens chunk"):
-        model(patches, grid_thw=torch.tensor([[2, 4, 4]]))
-    assert all(call.layers == [] for call in rec.calls)
 
 
 @pytest.mark.parametrize("video", [False, True])

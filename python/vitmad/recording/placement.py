@@ -69,6 +69,9 @@ class LayerGeometry:
         frames: video layers: the tubelets' frame count (the grid is then ``frames x grid_h x grid_w``, folded in
             (frame, row, column) order); None for image layers.
         frame_stride: video layers: input frames per tubelet (its temporal size); None for image layers.
+        image_frames: packed clips of their own sizes (``image_grids``): per entry, its tubelets' frame count; entry
+            ``i``'s values are the first ``image_frames[i] * grid_h * grid_w`` of its ``T`` in (frame, row, column)
+            order, NaN after them (``frames`` is None then, ``frame_stride`` the tubelets' temporal size).
     """
 
     grid: tuple[int, int] | None
@@ -80,6 +83,7 @@ class LayerGeometry:
     frames: int | None = None
     frame_stride: float | None = None
     num_suffix_tokens: int | None = None
+    image_frames: tuple[int, ...] | None = None
 
     def as_dict(self) -> dict:
         found = {"grid": None if self.grid is None else list(self.grid), "stride": [float(s) for s in self.stride],
@@ -89,6 +93,8 @@ class LayerGeometry:
             found["image_grids"] = [list(g) for g in self.image_grids]
         if self.frames is not None:
             found.update(frames=int(self.frames), frame_stride=float(self.frame_stride))
+        if self.image_frames is not None:
+            found.update(image_frames=[int(f) for f in self.image_frames], frame_stride=float(self.frame_stride))
         if self.num_suffix_tokens:
             found["num_suffix_tokens"] = int(self.num_suffix_tokens)
         return found

@@ -1235,6 +1235,8 @@ class Recording:
             per_query = torch.stack([value for _, value, *_ in pending], dim=-2)
         elif placement.consecutive_chunks and all(entry[0].consecutive_chunks for entry in pending):
             per_query = torch.cat([value for _, value, *_ in pending], dim=-1)
+            if all(entry[3] is not None for entry in pending):  # packed clips: each chunk's temporal MAD too
+                temporal = torch.cat([entry[3] for entry in pending], dim=-1)
         elif 1 < placement.batch_parts == len(pending) and all(e[0].batch_parts == len(pending) for e in pending):
             per_query = torch.cat([value for _, value, *_ in pending], dim=-3)  # [..., B, H, Nq]: the batch dim
         elif len(pending) == 1 and not is_differential(module):

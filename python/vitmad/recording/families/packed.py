@@ -65,6 +65,16 @@ an image's), its ``h * w`` tokens in an image's merge-block order: each slice at
 placed as an image, an entry of its own in the fold, in ``grid_thw`` order (a video's slices in time order). There is
 no attention across slices, hence no temporal distance: a slice's MAD is spatial.
 
+Videos attended a whole clip at a time (``whole_clip``): MiniMax-M3-VL and Kimi-K2.5 give each ``grid_thw`` row one
+``cu_seqlens`` chunk of its ``t * h * w`` tokens (``get_vision_cu_seqlens(merge_temporal=True)``), time-major, each
+temporal slice's ``h * w`` tokens in an image's order (MiniMax-M3-VL's merge blocks, Kimi-K2.5's row-major; their
+video processors patchify so and cut a video into rows of at most 4 temporal patches). In a call holding a video,
+every row is a clip, an entry of the fold: token ``(s, r, c)`` at its cell's pixel centre and at ``(s + 0.5) *
+frame_stride`` frames from the row's first (``Placement.time_positions``; ``frame_stride`` the frames a token spans:
+MiniMax-M3-VL's ``temporal_patch_size``, 1 for Kimi-K2.5's one-frame ``Conv2d`` patches), folded onto ``[n_rows,
+H, T_max]`` in (frame, row, column) order (``LayerGeometry.image_frames``); its spatial and temporal MAD are over
+the keys of its whole row. An image row in such a call is a clip of one temporal patch; images alone stay images.
+
 Every token is the centre of its patch in pixels of the image as the processor resized it, ``(row + 0.5) * p``;
 a token of another image is neither query nor key of an image's attention (in a separate call, or at
 probability 0 under the mask). The per-query values of the sequence fold onto ``[n_images, H, T_max]``: image
@@ -73,9 +83,9 @@ probability 0 under the mask). The per-query values of the sequence fold onto ``
 
 Refused (a ``ValueError`` naming the layer): GLM-Image's tower (``GlmImageVisionModel``), by name: packed like
 Qwen2-VL, but its config's ``spatial_merge_size`` (default 1) and its image processor's ``merge_size`` (default 2)
-need not agree, so where a token lies on the image is not settled; videos in the other towers (MiniMax-M3-VL,
-Inkling2 and Kimi-K2.5 attend a whole clip in one chunk, across its frames, which this placement has no time axis
-for; HunYuanVL's patch merger folds a whole row into one ``h x w`` map, so it runs no video; PaddleOCR-VL has no
+need not agree, so where a token lies on the image is not settled; videos in the other towers (Inkling2 would
+attend a row whole, but has no video processor and no ``get_video_features``, so what frames a row holds is not
+settled; HunYuanVL's patch merger folds a whole row into one ``h x w`` map, so it runs no video; PaddleOCR-VL has no
 video processor and its per-frame chunks were not checked; GLM-4.1V's and GLM-4.5V's towers cannot run a ``t > 1``
 row, their models pass ``t = 1`` rows); flash attention over more than one chunk (one variable-length call whose
 chunks the capture does not receive); a tower given precomputed ``position_ids``, ``window_index`` or
@@ -136,6 +146,11 @@ class _Design:
             as an image), its ``h x w`` tokens in the merge-block order of an image, so each slice is placed as an
             image of its own. False: a video is refused.
         video_refusal: why a video is refused, where more is known than that its chunks were not checked.
+        whole_clip: the tower attends each ``grid_thw`` row in one ``cu_seqlens`` chunk over all its ``t`` temporal
+            patches (``merge_temporal``), time-major, each temporal slice's ``h * w`` tokens in an image's order:
+            a call holding a video places every row as a clip over its frames (space and time).
+        temporal_patch: where the tower keeps the frames each token spans (its patch embedding's temporal size), a
+            dotted attribute path from the tower; empty for one frame a token (a 2D patch embedding).
     """
 
     module: str
@@ -155,10 +170,15 @@ class _Design:
     grid_unit: str = "patch"
     video_slices: bool = False
     video_refusal: str = ""
+    whole_clip: bool = False
+    temporal_patch: str = ""
 
 
-# Why a video is refused, for the towers where more is known than that their video chunks were not checked.
-_WHOLE_CLIP = "it attends a whole clip in one cu_seqlens chunk, whose frames' tokens are not one image's grid"
+# Why Inkling2's video rows are refused: its tower would attend such a row in one chunk, but nothing says what it is.
+_INKLING2_VIDEO = (
+    "its tower attends a t > 1 row in one cu_seqlens chunk across its slices, but transformers gives Inkling2 no "
+    "video processor and its models no get_video_features (input_modalities: image), so which frames such a row "
+    "holds, in what order, is not settled (its rotary ids and position grid carry no time)")
 
 _DESIGNS = (
     _Design("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VisionTransformerPretrainedModel",
@@ -214,9 +234,13 @@ _DESIGNS = (
     # MiniMax-M3-VL (MiniMaxM3VLVisionModel): Qwen2.5-VL's Conv3d patch embedding (under embeddings), the tokens in
     # merge blocks as get_vision_position_ids lays them out (its processor patchifies the same way), one cu_seqlens
     # chunk per image (merge_temporal joins a video's frames only), no windows; a 3D rotary embedding.
+    # A video: one chunk per grid_thw row over its t temporal patches (merge_temporal=True; its video processor cuts
+    # a video into rows of at most vision_segment_max_frames temporal patches), time-major, each slice in merge
+    # blocks (get_vision_position_ids(include_temporal=True); the processor's permute), a Conv3d token spanning
+    # temporal_patch_size frames: placed as a clip.
     _Design("transformers.models.minimax_m3_vl.modeling_minimax_m3_vl", "MiniMaxM3VLVisionModel",
-            "MiniMaxM3VLVisionAttention", "qwen", patch="embeddings.patch_size",
-            video_refusal=_WHOLE_CLIP),
+            "MiniMaxM3VLVisionAttention", "qwen", patch="embeddings.patch_size", whole_clip=True,
+            temporal_patch="embeddings.temporal_patch_size"),
     # Cosmos3-Edge (Cosmos3EdgeVisionModel): SigLIP2 layers over the same merge-block order (its learned position
     # grid is interpolated per image and laid out block-major; its processor patchifies block-major), one chunk per
     # image; a linear patch embedding. A video: one chunk per frame (get_vision_cu_seqlens per frame, no temporal
@@ -252,7 +276,7 @@ _DESIGNS = (
     _Design("transformers.models.inkling2.modeling_inkling2", "Inkling2VisionModel", "Inkling2VisionAttention",
             "qwen", patch="embeddings.patch_size", class_tokens=1, merge="embeddings.merge_size",
             grid_argument="image_grid_thw", grid_unit="merge",
-            video_refusal=_WHOLE_CLIP),
+            video_refusal=_INKLING2_VIDEO),
     # PaddleOCR-VL (PaddleOCRVisionModel, around its PaddleOCRVisionTransformer): its image processor cuts each
     # image's patches row-major (merge_size only rounds the resize: the projector merges after the encoder); the
     # encoder's rotary position ids are get_vision_position_ids(grid_thw, 1), row-major, its learned position grid
@@ -272,10 +296,12 @@ _DESIGNS = (
     _Design("transformers.models.hy_v4_vl.modeling_hy_v4_vl", "HYV4VLVisionModel", "HYV4VLVisionAttention",
             "row_major", patch="embeddings.patch_size", video_slices=True),
     # Kimi-K2.5 (Kimi_K25VisionModel): each image's patches row-major (its image processor; rotary position ids
-    # get_vision_position_ids(grid_thw, 1)), one chunk per image. A video row is one chunk over all its frames
-    # (get_vision_attention_seqlens(merge_temporal=True)), attended across time: refused.
+    # get_vision_position_ids(grid_thw, 1)), one chunk per image. A video row is one chunk over all its t frames
+    # (get_vision_attention_seqlens(merge_temporal=True); its video processor cuts a video into rows of
+    # temporal_patch_size frames), time-major, each frame row-major (the processor's permute; a frame index per
+    # token for the time embedding), a Conv2d token of one frame: placed as a clip.
     _Design("transformers.models.kimi_k25.modeling_kimi_k25", "Kimi_K25VisionModel", "Kimi_K25VisionAttention",
-            "row_major", patch="config.patch_size", video_refusal=_WHOLE_CLIP),
+            "row_major", patch="config.patch_size", whole_clip=True),
     # VideoLLaMA3 (VideoLlama3VisionModel): a merge size per grid_thw row (merge_sizes: its image processor's 1,
     # row-major, its video processor's 2), each row's patches in Qwen2-VL's merge-block order of that size
     # (get_vision_position_ids(grid_thw, merge_sizes); pixel_unshuffle folds them back block-major), one
@@ -311,6 +337,8 @@ class PackedSequence:
         prefix: tokens without a position at the start of each image's run (RADIO's summary tokens, the class
             token of LLaVA-OneVision-1.5 and Inkling2), inside the image's chunk; 0 for none.
         placed: ``[N_placed]`` sequence index of each positioned token; None when every token has a position.
+        frames: packed clips: per entry, its temporal patches (its tokens time-major, ``grids[i]`` per slice,
+            folded in (frame, row, column) order); None for images.
     """
 
     grids: tuple[tuple[int, int], ...]
@@ -318,10 +346,17 @@ class PackedSequence:
     target: torch.Tensor
     prefix: int = 0
     placed: torch.Tensor | None = None
+    frames: tuple[int, ...] | None = None
+
+    @property
+    def _counts(self) -> list[int]:
+        """Each entry's positioned tokens."""
+        frames = self.frames or (1,) * len(self.grids)
+        return [t * h * w for t, (h, w) in zip(frames, self.grids)]
 
     @property
     def tokens_max(self) -> int:
-        return max(h * w for h, w in self.grids)
+        return max(self._counts)
 
     def positions(self, stride: tuple[float, float]) -> torch.Tensor:
         """``[N, 2]`` float32 pixel centres of the sequence tokens, NaN rows for the tokens without a position."""
@@ -333,17 +368,36 @@ class PackedSequence:
 
     def present(self) -> torch.Tensor | None:
         """``[n_images, T_max]`` bool, the folded tokens each image has; None when the images are the same size."""
-        if len(set(self.grids)) == 1:
+        if len(set(self._counts)) == 1 and len(set(self.grids)) == 1:
             return None
-        counts = torch.tensor([h * w for h, w in self.grids])
-        return torch.arange(self.tokens_max) < counts[:, None]
+        return torch.arange(self.tokens_max) < torch.tensor(self._counts)[:, None]
 
-    def geometry(self, stride: tuple[float, float], attention: str, heads: int) -> LayerGeometry:
+    def geometry(self, stride: tuple[float, float], attention: str, heads: int,
+                 frame_stride: float | None = None) -> LayerGeometry:
+        """``frame_stride``: packed clips, the frames each token spans."""
         # The prefix tokens are counted per image (each chunk starts with them), as a plain ViT's per image.
         prefix = self.prefix if self.prefix else None
-        if len(set(self.grids)) == 1:
+        same = len(set(self.grids)) == 1 and (self.frames is None or len(set(self.frames)) == 1)
+        if self.frames is not None:
+            if same:
+                return LayerGeometry(self.grids[0], stride, attention, heads, prefix, frames=self.frames[0],
+                                     frame_stride=frame_stride)
+            return LayerGeometry(None, stride, attention, heads, prefix, image_grids=self.grids,
+                                 frame_stride=frame_stride, image_frames=self.frames)
+        if same:
             return LayerGeometry(self.grids[0], stride, attention, heads, prefix)
         return LayerGeometry(None, stride, attention, heads, prefix, image_grids=self.grids)
+
+    def times(self, frame_stride: float) -> torch.Tensor:
+        """``[N, 1]`` float32 frame of each sequence token of packed clips, the centre of its temporal patch in
+        frames counted from its own row's first, ``(slice + 0.5) * frame_stride``; NaN for the prefix tokens."""
+        counts = [h * w for h, w in self.grids]
+        slices = torch.cat([torch.arange(t).repeat_interleave(n) for t, n in zip(self.frames, counts)])
+        centres = ((slices.double() + 0.5) * frame_stride).float()[:, None]
+        if self.placed is None:
+            return centres
+        length = self.prefix * len(self.grids) + int(centres.shape[0])
+        return centres.new_full((length, 1), float("nan")).index_copy_(0, self.placed, centres)
 
     def fold(self, heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """Maps per-query values ``[1, heads, N]`` (sequence order; also one prefix token's row over the keys) to
@@ -362,17 +416,22 @@ class PackedSequence:
         return fold
 
 
-def packed_sequence(grids: tuple[tuple[int, int], ...], cells: list[torch.Tensor], prefix: int = 0) -> PackedSequence:
+def packed_sequence(grids: tuple[tuple[int, int], ...], cells: list[torch.Tensor], prefix: int = 0,
+                    frames: tuple[int, ...] | None = None) -> PackedSequence:
     """The packed sequence of images whose positioned tokens, in sequence order, sit at ``cells[i]``
-    (``[h_i * w_i, 2]``), each image's run led by ``prefix`` tokens without a position."""
-    tokens = max(h * w for h, w in grids)
-    target = torch.cat([image * tokens + c[:, 0] * grid[1] + c[:, 1] for image, (grid, c) in
-                        enumerate(zip(grids, cells))])
+    (``[h_i * w_i, 2]``), each image's run led by ``prefix`` tokens without a position. ``frames``: packed clips,
+    entry ``i`` of ``frames[i]`` temporal slices, time-major, ``cells[i]`` ``[t_i * h_i * w_i, 2]`` (slice after
+    slice), folded in (frame, row, column) order."""
+    counts = [t * h * w for t, (h, w) in zip(frames or (1,) * len(grids), grids)]
+    tokens = max(counts)
+    # A token's slice is its index in the entry's run over the slice's h * w tokens (time-major).
+    target = torch.cat([entry * tokens + torch.arange(n) // (h * w) * (h * w) + c[:, 0] * w + c[:, 1]
+                        for entry, ((h, w), c, n) in enumerate(zip(grids, cells, counts))])
     placed = None
     if prefix:
-        starts = torch.tensor([0, *(prefix + h * w for h, w in grids)]).cumsum(0)[:-1]
-        placed = torch.cat([start + prefix + torch.arange(h * w) for start, (h, w) in zip(starts.tolist(), grids)])
-    return PackedSequence(grids, torch.cat(cells), target, prefix, placed)
+        starts = torch.tensor([0, *(prefix + n for n in counts)]).cumsum(0)[:-1]
+        placed = torch.cat([start + prefix + torch.arange(n) for start, n in zip(starts.tolist(), counts)])
+    return PackedSequence(grids, torch.cat(cells), target, prefix, placed, frames)
 
 
 def qwen_token_cells(grid: tuple[int, int], merge: int, window: int | None) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -411,6 +470,8 @@ class ChunkLayout:
     sequence: PackedSequence
     positions: torch.Tensor  # [N, 2] float32
     boundaries: tuple[int, ...]  # chunk starts and the sequence end, as cu_seqlens gives them
+    times: torch.Tensor | None = None  # packed clips: [N, 1] float32 frames (PackedSequence.times)
+    frame_stride: float | None = None  # packed clips: the frames each token spans
 
 
 # A model sees few image-size combinations; the blocks of one kind share them (read-only tensors).
@@ -429,6 +490,17 @@ def _qwen_layout(grids: tuple[tuple[int, int], ...], merges: tuple[int, ...], wi
             boundaries.append(boundaries[-1] + class_tokens + length)
     sequence = packed_sequence(grids, cells, class_tokens)
     return ChunkLayout(sequence, sequence.positions(stride), tuple(boundaries))
+
+
+@functools.lru_cache(maxsize=64)
+def _clip_layout(rows: tuple[tuple[int, int, int], ...], merges: tuple[int, ...], stride: tuple[float, float],
+                 frame_stride: float) -> ChunkLayout:
+    """Packed clips attended whole (``whole_clip`` designs): row ``(t, h, w)`` one chunk of ``t`` temporal slices,
+    time-major, each slice's ``h * w`` tokens in an image's merge-block order of ``merges[i]`` (1: row-major)."""
+    cells = [qwen_token_cells((h, w), merge, None)[0].repeat(t, 1) for (t, h, w), merge in zip(rows, merges)]
+    sequence = packed_sequence(tuple((h, w) for _, h, w in rows), cells, frames=tuple(t for t, _, _ in rows))
+    boundaries = tuple(torch.tensor([0, *(t * h * w for t, h, w in rows)]).cumsum(0).tolist())
+    return ChunkLayout(sequence, sequence.positions(stride), boundaries, sequence.times(frame_stride), frame_stride)
 
 
 @functools.lru_cache(maxsize=64)
@@ -558,7 +630,8 @@ class QwenPlacer(_PackedPlacer):
         # Inkling2 counts merge blocks (its language model's image tokens): m x m patches each.
         unit = self.merge if self.design.grid_unit == "merge" else 1
         grid_thw = [(t, h * unit, w * unit) for t, h, w in given_thw]
-        if not self.design.video_slices and any(t != 1 for t, _, _ in grid_thw):
+        video = any(t != 1 for t, _, _ in grid_thw)
+        if video and not (self.design.video_slices or self.design.whole_clip):
             counted = "merge blocks" if unit != 1 else "patches"
             why = self.design.video_refusal or ("vitmad places a video's temporal slices as images only in the "
                                                 "towers whose per-slice chunks it was checked against")
@@ -571,6 +644,8 @@ class QwenPlacer(_PackedPlacer):
             said = merges[0] if len(set(merges)) == 1 else f"of each row, {merges}"
             raise NotPlaceable(f"{argument} has grids {odd} (patches) that are not multiples of the merge size "
                                f"{said}")
+        if video and self.design.whole_clip:
+            return self._clip_layout(grid_thw, merges, cu_seqlens)
         # A video's temporal slices attend each within itself (checked below against cu_seqlens): each is an entry
         # of the fold, as an image of h x w patches, in time order where the video's row is.
         grids = tuple((h, w) for t, h, w in grid_thw for _ in range(t))
@@ -591,6 +666,23 @@ class QwenPlacer(_PackedPlacer):
                 "know this tower's token order"
             )
         return layout, kind
+
+    def _clip_layout(self, grid_thw: list[tuple[int, int, int]], merges: list[int],
+                     cu_seqlens: torch.Tensor) -> tuple[ChunkLayout, str]:
+        """A call holding a video in a tower that attends each grid_thw row whole: every row a clip (an image row a
+        clip of one temporal slice), one chunk each, checked against ``cu_seqlens``."""
+        argument = self.design.grid_argument
+        path = self.design.temporal_patch
+        frame_stride = float(functools.reduce(getattr, path.split("."), self.tower)) if path else 1.0
+        layout = _clip_layout(tuple(grid_thw), tuple(merges), self.stride, frame_stride)
+        received = tuple(int(v) for v in cu_seqlens.tolist())
+        if received != layout.boundaries:
+            raise NotPlaceable(
+                f"it received cu_seqlens {list(received)}, but the chunks of {argument} (t, h, w patches: {grid_thw}) "
+                f"attended a clip (a row) at a time are {list(layout.boundaries)}; vitmad does not know this tower's "
+                "token order"
+            )
+        return layout, "space-time per clip"
 
     def _class_tokens_said(self) -> str:
         count = self.design.class_tokens
@@ -629,8 +721,9 @@ def chunk_placement(seen: dict, layout: ChunkLayout, stride: tuple[float, float]
         )
     heads = int(lead[1])
     sequence = layout.sequence
-    return Placement(layout.positions[start:end], None, sequence.fold(heads), sequence.geometry(stride, kind, heads),
-                     present=sequence.present(), consecutive_chunks=True)
+    return Placement(layout.positions[start:end], None, sequence.fold(heads),
+                     sequence.geometry(stride, kind, heads, layout.frame_stride), present=sequence.present(),
+                     consecutive_chunks=True, time_positions=None if layout.times is None else layout.times[start:end])
 
 
 class PixtralPlacer(_PackedPlacer):
