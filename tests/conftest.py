@@ -504,6 +504,23 @@ def mask_on_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return mask[:, rows][:, :, cols].reshape(mask.shape[0], -1).bool()
 
 
+def register_flash_like(name: str) -> str:
+    """Registers under ``name`` (a flash name: vitmad reads it with flash attention's rules) an attention function
+    that attends the packed chunks of ``cu_seq_lens_q`` as flash attention's variable-length call does, with SDPA
+    and a block-diagonal mask, so that a packed tower's flash path runs on the CPU; returns ``name``."""
+    from transformers import AttentionInterface
+
+    def flash_like(module, query, key, value, attention_mask=None, cu_seq_lens_q=None, **kwargs):
+        lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+        mask = torch.block_diag(*[torch.ones(n, n, dtype=torch.bool) for n in lengths])
+        output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                                                  scale=kwargs.get("scaling"))
+        return output.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(name, flash_like)
+    return name
+
+
 def eager_attention_calls(modeling, model: torch.nn.Module, *inputs,
                           eager_function: str = "eager_attention_forward", switched: torch.nn.Module | None = None,
                           **kwargs) -> list:

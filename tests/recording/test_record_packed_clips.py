@@ -30,7 +30,14 @@ import pytest
 import torch
 
 import vitmad
-from conftest import PACKED_STATS, eager_attention_calls, qwen_token_chunks, record_packed_statistics, sharpened
+from conftest import (
+    PACKED_STATS,
+    eager_attention_calls,
+    qwen_token_chunks,
+    record_packed_statistics,
+    register_flash_like,
+    sharpened,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -256,17 +263,7 @@ def test_kimi_video_processor_order():
 
 def test_flash_attention_over_several_clips_is_refused():
     """Flash attention attends every clip in one variable-length call whose chunks the capture does not receive."""
-    from transformers import AttentionInterface
-
-    def flash_like(module, query, key, value, attention_mask=None, cu_seq_lens_q=None, **kwargs):
-        lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
-        mask = torch.block_diag(*[torch.ones(n, n, dtype=torch.bool) for n in lengths])
-        output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                                                  scale=kwargs.get("scaling"))
-        return output.transpose(1, 2).contiguous(), None
-
-    flash = "flash_attention_vitmad_clips_test"
-    AttentionInterface.register(flash, flash_like)
+    flash = register_flash_like("flash_attention_vitmad_clips_test")
     model = _tower("kimi_k25")
     model.config._attn_implementation = flash
     rows = CALLS["two clips"]

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import eager_attention_calls, qwen_token_chunks, sharpened
+from conftest import eager_attention_calls, qwen_token_chunks, register_flash_like, sharpened
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.inkling2 import modeling_inkling2  # noqa: E402
@@ -238,17 +238,7 @@ def test_radio_packed_flash_attention_over_several_images_is_refused():
     """Flash attention attends the packed images in one variable-length call; vitmad's capture does not receive its
     chunks, so the call is refused. Simulated on the CPU by an attention function registered under a flash name
     that computes the same block-diagonal attention with SDPA."""
-    from transformers import AttentionInterface
-
-    def flash_like(module, query, key, value, attention_mask=None, cu_seq_lens_q=None, **kwargs):
-        lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
-        mask = torch.block_diag(*[torch.ones(n, n, dtype=torch.bool) for n in lengths])
-        output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                                                  scale=kwargs.get("scaling"))
-        return output.transpose(1, 2).contiguous(), None
-
-    name = "flash_attention_vitmad_test"
-    AttentionInterface.register(name, flash_like)
+    name = register_flash_like("flash_attention_vitmad_test")
     model = _radio()
     model.config._attn_implementation = name
     patches, grid_hw = _radio_packed(RADIO_GRIDS)

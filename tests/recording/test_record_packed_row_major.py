@@ -32,6 +32,7 @@ from conftest import (
     packed_chunk_references,
     qwen_token_chunks,
     record_packed_statistics,
+    register_flash_like,
     sharpened,
 )
 
@@ -224,17 +225,7 @@ def test_precomputed_position_ids_are_refused():
 def test_flash_attention_over_several_images_is_refused():
     """Flash attention attends the packed images in one variable-length call whose chunks vitmad's capture does
     not receive: refused. Simulated on the CPU by an attention function registered under a flash name."""
-    from transformers import AttentionInterface
-
-    def flash_like(module, query, key, value, attention_mask=None, cu_seq_lens_q=None, **kwargs):
-        lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
-        mask = torch.block_diag(*[torch.ones(n, n, dtype=torch.bool) for n in lengths])
-        output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                                                  scale=kwargs.get("scaling"))
-        return output.transpose(1, 2).contiguous(), None
-
-    name = "flash_attention_vitmad_test"
-    AttentionInterface.register(name, flash_like)
+    name = register_flash_like("flash_attention_vitmad_test")
     model = _tower("paddleocr_vl")
     model.config._attn_implementation = name
     args, kwargs = _inputs("paddleocr_vl", [(1, h, w) for h, w in GRIDS])
