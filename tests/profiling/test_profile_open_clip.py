@@ -42,6 +42,9 @@ CONFIGS = {
     "vitmad-tiny-sincos": {"embed_dim": 16, "text_cfg": TEXT,
                            "vision_cfg": dict(layers=1, width=32, head_width=16, patch_size=8, image_size=32,
                                               pos_embed_type="sin_cos_2d")},
+    # Built for a non-square size: OpenCLIP resizes position embeddings only from square grids.
+    "vitmad-tiny-wide": {"embed_dim": 16, "text_cfg": TEXT,
+                         "vision_cfg": dict(layers=1, width=32, head_width=16, patch_size=8, image_size=[32, 48])},
     # SigLIP's configs: a timm trunk pooled by timm's attention pooling, no projection after it.
     "vitmad-tiny-SigLIP": {"embed_dim": 16, "text_cfg": TEXT, "custom_text": True,
                            "vision_cfg": dict(image_size=224, timm_model_name="vit_tiny_patch16_224", timm_pool="map",
@@ -176,6 +179,19 @@ def test_a_model_is_profiled_through_its_image_tower_on_the_pixels_of_open_clips
     assert doc["settings"]["preprocessing"]["resize"] == ["shortest", size]  # OpenCLIP's default for a file
 
 
+def test_a_whole_open_clip_model_given_as_a_module_is_profiled_through_its_image_tower(tiny, images):
+    """vitmad.profile(<an OpenCLIP CLIP module>, pixels) profiles its visual, as the open_clip: spec does, and says
+    so in settings.profiled (it profiled the whole model, its layers named visual.*, with no description: QA
+    helper-138); the numbers equal recording visual alone."""
+    model = _built("vitmad-tiny-ViT")
+    preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    pixels = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in sorted(images.iterdir())])
+    result = vitmad.profile(model, pixels, device="cpu")
+    assert result.settings["profiled"] == "visual (VisionTransformer) of CLIP, its vision tower"
+    assert result.layers[0].startswith("transformer.resblocks.0")
+    torch.testing.assert_close(result.mad, _recorded_mad(model.visual, pixels), rtol=1e-6, atol=1e-6)
+
+
 def test_a_tag_with_local_weights_keeps_the_tags_preprocessing_and_activation(weights_file):
     """A fine-tune of the tag's weights: its squash resize, bilinear filter and statistics, and the QuickGELU it was
     trained with (OpenCLIP itself would build this config with GELU and warn)."""
@@ -250,6 +266,10 @@ def test_another_image_size_is_built_by_open_clip_with_its_position_embedding_re
      r"pos embedding only supports square input\)"),
     ("open_clip:vitmad-tiny-ViT", {"image_size": 44}, r"image_size: expected whole 8x8 patches of the model "
                                                       r"\(conv1 takes no partial patch\), got 44x44"),
+    # Its weights failed to load with a reshape error, said as weights that do not fit (QA helper-138).
+    ("open_clip:vitmad-tiny-wide", {"image_size": (24, 40)},
+     r"image_size: open_clip:vitmad-tiny-wide: OpenCLIP resizes the weights' position embedding to another size only "
+     r"from a square grid .* vitmad-tiny-wide is built for 32x48 px; leave --image-size unset"),
 ])
 def test_what_the_spec_cannot_take_is_refused_before_any_image(weights_file, images, spec, options, message):
     path = weights_file("vitmad-tiny-ViT")[0]

@@ -74,9 +74,9 @@ def _takes_images(module: torch.nn.Module) -> bool:
 
 
 def vision_tower(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
-    """A transformers model's vision tower and its qualified-name prefix (``"vision_model."``), or the model and
-    ``""``: image-text models (CLIP, SigLIP, ...) and vision-language models (Florence-2) need text for their
-    forward, promptable segmenters (SAM, SAM 2) prompts for their mask decoder, so their vision tower is profiled
+    """A transformers (or OpenCLIP) model's vision tower and its qualified-name prefix (``"vision_model."``), or the
+    model and ``""``: image-text models (CLIP, SigLIP, ...) and vision-language models (Florence-2) need text for
+    their forward, promptable segmenters (SAM, SAM 2) prompts for their mask decoder, so their vision tower is profiled
     alone. The tower is found by the names the recorder knows (``TOWER_ATTRIBUTES``), if its forward takes
     images. A ``VisionEncoderDecoderModel`` (TrOCR, Donut, ...), whose forward wants the text decoder's inputs,
     is profiled through its image ``encoder``."""
@@ -161,10 +161,11 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
     if packed is not None:
         return wrap_packed_tower(module, packed, spec, preprocessing)
     # An image-text model (CLIP, SigLIP, ...) built in Python: its vision tower, as an hf: spec of it profiles (its
-    # forward wants text: pixels passed alone landed in input_ids).
+    # forward wants text: pixels passed alone landed in input_ids); OpenCLIP's CLIP, CustomTextCLIP and CoCa too
+    # (their visual), as an open_clip: spec profiles them.
     _refuse_pre_cut_patches(module)
     outer, tower_path = module, ""
-    if type(module).__module__.startswith("transformers."):
+    if type(module).__module__.startswith(("transformers.", "open_clip.")):
         module, tower_path = vision_tower(module)
     description = None
     if outer is not module and spec is None:

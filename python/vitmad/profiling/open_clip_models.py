@@ -15,7 +15,12 @@ tag trained with QuickGELU (the ``openai`` ones) builds the model with QuickGELU
 Preprocessing is OpenCLIP's eval ``preprocess`` for the model (``image_transform_v2`` of its ``preprocess_cfg``):
 ``shortest`` (the short side resized, centre crop; for a non-square size its ``ResizeKeepRatio``, which resizes
 bicubic whatever the tag's filter), ``squash`` (resized to the size) and ``longest`` (fitted inside, padded with its
-``fill_color``), its mean, std and filter (bicubic or bilinear).
+``fill_color``), its mean, std and filter (bicubic or bilinear). One difference, on purpose: vitmad converts every
+image to RGB when it reads it (a palette image through its palette, an alpha channel dropped, 16-bit scaled to 8,
+the EXIF orientation applied: README, "Profile a model"), before resizing; OpenCLIP's transform resizes first and
+converts after, so a palette image is resized by nearest neighbour there and a 16-bit one is not scaled. The two
+agree on RGB and grayscale images (0 levels in 255) and on any image converted to RGB before OpenCLIP's
+``preprocess``.
 """
 
 from __future__ import annotations
@@ -122,6 +127,14 @@ def load_open_clip(spec: str, model_checkpoint: str | os.PathLike | None,
     if image_size == NATIVE:
         raise OptionError("image_size", f"{spec}: OpenCLIP's image towers take one input size for a whole batch, not "
                                         "each image at its own (native); pass S or HxW, or leave it unset")
+    built = ((open_clip.get_model_config(name) or {}).get("vision_cfg") or {}).get("image_size")
+    if image_size is not None and isinstance(built, (list, tuple)) and len(built) == 2 and built[0] != built[1] \
+            and tuple(image_size) != tuple(built):
+        # Its weights would fail to load with a reshape error that reads as weights that do not fit.
+        raise OptionError("image_size", f"{spec}: OpenCLIP resizes the weights' position embedding to another size "
+                                        "only from a square grid (open_clip.model.resize_pos_embed takes its side as "
+                                        f"the square root of its length), and {name} is built for {built[0]}x"
+                                        f"{built[1]} px; leave --image-size unset")
     pretrained = open_clip.pretrained.get_pretrained_cfg(name, tag) if tag else {}
     options = {"force_quick_gelu": bool(pretrained.get("quick_gelu", False)), "weights_only": True}
     if image_size is not None:
