@@ -720,8 +720,8 @@ class Recording:
                 shown = ", ".join(outside[:4]) + (", ..." if len(outside) > 4 else "")
                 raise NoLayerError(
                     f"found no attention layer in {prefix[:-1]}, the tower of {type(model).__name__} that embeds the "
-                    f"image; its attention layers ({shown}) all lie outside it (a mask decoder, memory attention, a "
-                    "detector's decoder), where its tokens need not be the image's",
+                    f"image; its attention layers ({shown}) all lie outside it (a text transformer, a mask decoder, "
+                    "memory attention, a detector's decoder), where its tokens need not be the image's",
                     "; name them in layers= to have each placed where vitmad knows its layout, or skipped with the "
                     "reason",
                 )
