@@ -27,6 +27,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -961,6 +962,56 @@ def test_a_checkpoint_missing_tower_weights_is_refused(folders, tmp_path):
     with pytest.raises(OptionError, match=r"model: .*no weights for \d+ parameters of its vision tower "
                                           r"Qwen2VisionTransformerPretrainedModel \(e\.g\. blocks\.1\."):
         load_model(f"hf:{folder}")
+
+
+@pytest.mark.parametrize("name", ["hunyuan_vl", "hy_v4_vl"])
+def test_a_hunyuan_base_model_checkpoint_loads_its_tower(tmp_path, name):
+    """save_pretrained of HunYuanVLModel / HYV4VLModel (no head) writes the tower under vision_tower.* with its
+    original module names (mlp.dense_h_to_4h, perceive): read as transformers reads it. It was refused as lacking
+    those weights (QA helper-140)."""
+    model_name = KIN[name][0].replace("ForConditionalGeneration", "Model")
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(_kin_config(name))
+    _sharpen_kin(model.vision_tower, 5)
+    model.save_pretrained(tmp_path)
+    _kin_processor(name).save_pretrained(tmp_path)
+    loaded = load_model(f"hf:{tmp_path}")
+    expected = getattr(transformers, model_name).from_pretrained(tmp_path).vision_tower.state_dict()
+    assert loaded.module.state_dict().keys() == expected.keys()
+    for key, value in loaded.module.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_a_tower_saved_alone_missing_a_weight_is_refused(folders, tmp_path):
+    """A weight the saved tower lacks would be drawn at random: it ran without a word, its MAD off by up to 11 px
+    and different at every load (QA helper-140)."""
+    from safetensors.torch import load_file, save_file
+
+    for name in ("config.json", "preprocessor_config.json"):
+        (tmp_path / name).write_text((folders / "paddleocr_vl_alone" / name).read_text())
+    weights = load_file(folders / "paddleocr_vl_alone" / "model.safetensors")
+    dropped = next(k for k in weights if k.endswith("layers.1.self_attn.k_proj.weight"))
+    save_file({k: v for k, v in weights.items() if k != dropped}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(OptionError, match=r"model: .*the saved vision tower PaddleOCRVisionModel has no weights for 1 "
+                                          r"of its parameters \(e\.g\. .*layers\.1\.self_attn\.k_proj\.weight\)"):
+        load_model(f"hf:{tmp_path}")
+
+
+def test_an_image_the_processor_refuses_is_skipped_with_its_reason(folders, tmp_path):
+    """Ovis2.5's own processor cannot take a 10 x 200 px image (its smart_resize makes it 0 px wide, then refuses
+    it): that image is set aside with the processor's reason, the others profiled; the run stopped there (QA
+    helper-140)."""
+    from PIL import Image
+
+    Image.new("RGB", (200, 10), (40, 90, 200)).save(tmp_path / "a_thin.png")
+    Image.new("RGB", (48, 40), (200, 90, 40)).save(tmp_path / "b_plain.png")
+    with pytest.warns(UserWarning, match=r"skipping image .*a_thin\.png: the model's image processor refuses it"):
+        result = vitmad.profile(f"hf:{folders / 'ovis2_5'}", tmp_path, image_size="native", device="cpu")
+    assert [Path(path).name for path in result.images] == ["b_plain.png"]
+    (skipped,) = result.skipped
+    assert Path(skipped["path"]).name == "a_thin.png"
+    assert skipped["reason"].startswith("the model's image processor refuses it (ValueError: ")
 
 
 def _interrupted_native_run(loaded, images, checkpoint) -> None:

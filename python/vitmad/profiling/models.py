@@ -437,6 +437,8 @@ def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = No
                                           own_geometry=image_size in (None, NATIVE))
     outer = module
     module, prefix = vision_tower(module)
+    _refuse_random_weights_before_attention(spec, module, {key[len(prefix):] for key in missing
+                                                           if key.startswith(prefix)})
     loaded = wrap_module(module, spec, preprocessing)
     loaded.processor = processor
     if prefix:  # mad.json's settings.profiled names the part of the checkpoint profiled, as for a module given
@@ -445,6 +447,39 @@ def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = No
     loaded.unloaded = frozenset(key[len(prefix):] for key in missing if key.startswith(prefix))
     return loaded
 
+
+
+def _refuse_random_weights_before_attention(spec: str, module: torch.nn.Module, missing: set[str]) -> None:
+    """Refuse a checkpoint that lacks weights of ``module`` (the part profiled) that run before or in its last
+    attention layer: transformers initialises them at random, and the MAD would be that of random weights, different
+    at every load (a tower saved with a weight deleted ran without a word, QA helper-140). Weights after it (a final
+    norm, a pooler, a head) change no attention: they stay allowed, as they were. Modules are taken to run in the
+    order they are registered, as in every transformers vision model; a ``mask_token`` is used only when a mask is
+    passed, which profiling never does.
+
+    Raises:
+        OptionError: (``model``) naming the first such weight.
+    """
+    from ..recording.recorder import attention_modules
+
+    missing = {key for key in missing if key.rpartition(".")[2] != "mask_token"}
+    if not missing:
+        return
+    names = [name for name, _ in module.named_modules()]
+    attention = attention_modules(module)
+    if not attention:
+        return
+    position = {name: i for i, name in enumerate(names)}
+    last = max(position[name] for name in attention)
+    end = last + 1  # past the last attention module and everything inside it
+    while end < len(names) and names[end].startswith(names[last] + "."):
+        end += 1
+    harmful = sorted(key for key in missing if position.get(key.rpartition(".")[0], len(names)) < end)
+    if harmful:
+        raise OptionError("model", f"{spec}: the checkpoint has no weights for {len(harmful)} parameters of "
+                                   f"{type(module).__name__} that run before or in its attention layers (e.g. "
+                                   f"{harmful[0]}), which transformers would initialise at random: the MAD would be "
+                                   "that of random weights")
 
 
 def _raised_reading(err: BaseException) -> bool:

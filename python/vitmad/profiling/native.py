@@ -40,7 +40,7 @@ import torch
 
 from .images import hf_rescale, load_each, load_image, rescaled
 from .models import LoadedModel
-from .options import OptionError
+from .options import OptionError, error_said
 from .packed_towers import (
     call_packed,
     channels_last,
@@ -328,7 +328,15 @@ def load_native_batch(paths: Sequence[Path], feed: NativeFeed, pool: Executor | 
 
     def one(path: Path):
         image, reason = load_image(path)
-        return (None, reason) if image is None else (feed.prepare(image), None)
+        if image is None:
+            return None, reason
+        try:
+            return feed.prepare(image), None
+        except ValueError as err:
+            # An image the model's own processor cannot take (Ovis2.5's smart_resize makes a 10 x 200 px image 0
+            # px wide, then refuses it): set aside with the processor's reason, as load_batch does for the fixed
+            # preprocessing, not the end of the run (QA helper-140).
+            return None, f"the model's image processor refuses it ({error_said(err)})"
 
     items, loaded, skipped = load_each(paths, one, pool)
     return (items or None), loaded, skipped

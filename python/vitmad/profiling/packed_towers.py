@@ -122,20 +122,24 @@ class PackedTower:
 _QWEN_PREFIXES = ("model.visual.", "visual.")
 _TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
 
-# HunYuanVL's original layout (what save_pretrained writes), as transformers' conversion mapping renames it. Its
-# language model is saved as model.layers.*: moved out of the way first, since from_pretrained strips the base
-# model prefix "model." and would read its layers as the tower's.
+# HunYuanVL's original layout (what save_pretrained of the whole model writes), as transformers' conversion mapping
+# renames it: the tower under vit.*; save_pretrained of HunYuanVLModel (no head) writes it under vision_tower.*, its
+# module names still the original ones (mlp.dense_h_to_4h, perceive), so the same renames take either prefix (the
+# model\.vision_tower\. and vision_tower\. prefixes are PackedTower.prefixes, dropped after). Its language model
+# is saved as model.layers.*: moved out of the way first, since from_pretrained strips the base model prefix
+# "model." and would read its layers as the tower's.
+_HUNYUAN_TOWER = r"^(?:vit|vision_tower|model\.vision_tower)\."
 _HUNYUAN_RENAMES = (
     (r"^model\.(?!vision_tower\.)", "language_model."),
-    (r"^vit\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.layer_norm1."),
-    (r"^vit\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.layer_norm2."),
-    (r"^vit\.layers\.(\d+)\.mlp\.dense_h_to_4h\.", r"layers.\1.mlp.fc1."),
-    (r"^vit\.layers\.(\d+)\.mlp\.dense_4h_to_h\.", r"layers.\1.mlp.fc2."),
-    (r"^vit\.perceive\.proj\.0\.", "patch_merger.proj_conv."),
-    (r"^vit\.perceive\.proj\.2\.", "patch_merger.proj_out."),
-    (r"^vit\.perceive\.", "patch_merger."))
+    (_HUNYUAN_TOWER + r"layers\.(\d+)\.input_layernorm\.", r"layers.\1.layer_norm1."),
+    (_HUNYUAN_TOWER + r"layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.layer_norm2."),
+    (_HUNYUAN_TOWER + r"layers\.(\d+)\.mlp\.dense_h_to_4h\.", r"layers.\1.mlp.fc1."),
+    (_HUNYUAN_TOWER + r"layers\.(\d+)\.mlp\.dense_4h_to_h\.", r"layers.\1.mlp.fc2."),
+    (_HUNYUAN_TOWER + r"perceive\.proj\.0\.", "patch_merger.proj_conv."),
+    (_HUNYUAN_TOWER + r"perceive\.proj\.2\.", "patch_merger.proj_out."),
+    (_HUNYUAN_TOWER + r"perceive\.", "patch_merger."))
 # HY-V4-VL's: HunYuanVL's, its patch merger's first norm saved as norm (before_rms in transformers).
-_HY_V4_RENAMES = (*_HUNYUAN_RENAMES[:-1], (r"^vit\.perceive\.norm\.", "patch_merger.before_rms."),
+_HY_V4_RENAMES = (*_HUNYUAN_RENAMES[:-1], (_HUNYUAN_TOWER + r"perceive\.norm\.", "patch_merger.before_rms."),
                   _HUNYUAN_RENAMES[-1])
 
 # Tower class -> how it is loaded and fed.
@@ -320,15 +324,21 @@ def load_packed_tower(spec: str, name: str, config, options: dict) -> tuple[nn.M
             raise OptionError("model", f"{spec}: {reason}")
     tower_name = _BY_CONFIG.get(type(config).__name__)
     if tower_name is not None:
-        tower = _tower_class(tower_name).from_pretrained(name, **options)
+        tower, info = _tower_class(tower_name).from_pretrained(name, output_loading_info=True, **options)
+        # A weight the file lacks would be drawn at random, a MAD of random weights (it ran without a word: QA
+        # helper-140).
+        missing = sorted(info.get("missing_keys", ()))
+        if missing:
+            raise OptionError("model", f"{spec}: the saved vision tower {tower_name} has no weights for "
+                                       f"{len(missing)} of its parameters (e.g. {missing[0]})")
         return tower.eval(), f"{tower_name} (a vision tower saved alone)"
     vision = getattr(config, "vision_config", None)
     tower_name = _BY_CONFIG.get(type(vision).__name__)
     if tower_name is None:
         return None
-    spec = PACKED_TOWERS[tower_name]
+    packed = PACKED_TOWERS[tower_name]
     # The original layout's renames first: once renamed, a key no longer starts with a prefix.
-    mapping = dict(spec.renames) | {"^" + re.escape(prefix): "" for prefix in spec.prefixes}
+    mapping = dict(packed.renames) | {"^" + re.escape(prefix): "" for prefix in packed.prefixes}
     tower, info = _tower_class(tower_name).from_pretrained(name, config=vision, key_mapping=mapping,
                                                            output_loading_info=True, **options)
     missing = sorted(info.get("missing_keys", ()))
@@ -336,12 +346,12 @@ def load_packed_tower(spec: str, name: str, config, options: dict) -> tuple[nn.M
         raise OptionError(
             "model",
             f"{spec}: the checkpoint has no weights for {len(missing)} parameters of its vision tower {tower_name} "
-            f"(e.g. {missing[0]}; looked for them under {' or '.join(spec.prefixes)}"
-            f"{', their modules renamed as transformers renames them' if spec.renames else ''})",
+            f"(e.g. {missing[0]}; looked for them under {' or '.join(packed.prefixes)}"
+            f"{', their modules renamed as transformers renames them' if packed.renames else ''})",
         )
     architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
-    return tower.eval(), (f"{spec.where} ({tower_name}) of {architecture}, its vision tower alone (the language model "
-                          "is not loaded)")
+    return tower.eval(), (f"{packed.where} ({tower_name}) of {architecture}, its vision tower alone (the language "
+                          "model is not loaded)")
 
 
 def _sizes(kind: str, tower: nn.Module) -> tuple[int, int]:
