@@ -650,6 +650,21 @@ def check_packed_statistics(rec, per_query, references: list[dict], grids, kinds
         torch.testing.assert_close(rec.mad[layer], rec.stats["mad"][layer])
 
 
+# Odd sides, upscaled and downscaled to a model's size: the preprocessing tests of the library specs (torchvision:,
+# open_clip:) compare vitmad's resizing with the library's own on these.
+ODD_IMAGE_SIZES = [(301, 227), (97, 143), (260, 500), (255, 257)]
+
+
+def write_sized_images(folder: Path, sizes=ODD_IMAGE_SIZES, seed: int = 0) -> Path:
+    """Random RGB PNGs ``0.png``, ``1.png``, ... of ``sizes`` (``(height, width)``) in ``folder``; returns it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
 def write_images(folder: Path, count: int, *, seed: int = 0, nested: bool = True) -> list[Path]:
     """``count`` random RGB images of varied sizes and formats (some in a subfolder), sorted by path."""
     from PIL import Image

@@ -27,7 +27,7 @@ Image = pytest.importorskip("PIL.Image")
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict  # noqa: E402
 
 import vitmad  # noqa: E402
-from conftest import interrupted_profile  # noqa: E402
+from conftest import ODD_IMAGE_SIZES, interrupted_profile, write_sized_images  # noqa: E402
 from vitmad.cli import main  # noqa: E402
 from vitmad.profiling import OptionError  # noqa: E402
 from vitmad.profiling.checkpoint import weights_digest  # noqa: E402
@@ -53,7 +53,7 @@ CONFIGS = {
 # A tag of the test's: squashed to the size, bilinear, SigLIP's statistics, trained with QuickGELU.
 TAG = {"hf_hub": "vitmad-test/none/", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear",
        "resize_mode": "squash", "quick_gelu": True}
-IMAGE_SIZES = [(301, 227), (97, 143), (260, 500), (255, 257)]  # odd sides, upscaled and downscaled
+IMAGE_SIZES = ODD_IMAGE_SIZES
 
 
 @pytest.fixture(autouse=True)
@@ -99,11 +99,7 @@ def weights_file(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("oc_images")
-    rng = np.random.default_rng(0)
-    for i, (h, w) in enumerate(IMAGE_SIZES):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+    return write_sized_images(tmp_path_factory.mktemp("oc_images"))
 
 
 def _assert_same_pixels(cfg: dict) -> None:

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import interrupted_profile
+from conftest import ODD_IMAGE_SIZES, interrupted_profile, write_sized_images
 from vitmad.cli import main
 from vitmad.profiling import OptionError
 from vitmad.profiling.checkpoint import weights_digest
@@ -69,7 +69,7 @@ TINY = {
                                                           stochastic_depth_prob=0.0, **kw),
 }
 VIDEO = ("mvit_v1_b", "mvit_v2_s", "swin3d_t")
-IMAGE_SIZES = [(301, 227), (97, 143), (260, 500), (255, 257)]  # odd sides, upscaled and downscaled
+IMAGE_SIZES = ODD_IMAGE_SIZES
 
 
 @pytest.fixture
@@ -128,11 +128,7 @@ def weights_file(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tv_images")
-    rng = np.random.default_rng(0)
-    for i, (h, w) in enumerate(IMAGE_SIZES):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
+    return write_sized_images(tmp_path_factory.mktemp("tv_images"))
 
 
 @pytest.fixture(scope="module")
