@@ -454,8 +454,9 @@ def _refuse_random_weights_before_attention(spec: str, module: torch.nn.Module, 
     attention layer: transformers initialises them at random, and the MAD would be that of random weights, different
     at every load (a tower saved with a weight deleted ran without a word, QA helper-140). Weights after it (a final
     norm, a pooler, a head) change no attention: they stay allowed, as they were. Modules are taken to run in the
-    order they are registered, as in every transformers vision model; a ``mask_token`` is used only when a mask is
-    passed, which profiling never does.
+    order they are registered, as transformers' vision models register them (a weight registered after the last
+    attention layer but run before it would go unnoticed, as every missing weight did before); a ``mask_token`` is
+    used only when a mask is passed, which profiling never does.
 
     Raises:
         OptionError: (``model``) naming the first such weight.
