@@ -73,10 +73,13 @@ def _patches(name: str, rows: list[tuple[int, int, int]], seed: int) -> torch.Te
     return torch.randn(sum(t * h * w for t, h, w in rows), channels * PATCH * PATCH)
 
 
-def _references(name: str, model, calls: list, entries: list[tuple[int, int]], layer_types: list[str]) -> list:
+def _references(name: str, model, calls: list, entries: list[tuple[int, int]], layer_types: list[str],
+                window: int | None = None) -> list:
     """Per block, its calls' chunks: per fold entry (an image or a video's slice) in order, its windows (window
-    blocks) or all its windows' tokens in window order (full blocks)."""
-    _, _, merge, window = TOWERS[name]
+    blocks) or all its windows' tokens in window order (full blocks). ``window``: the window side in merge blocks,
+    where not the tower's configured one."""
+    _, _, merge, configured = TOWERS[name]
+    window = configured if window is None else window
     layers = []
     for layer, kind in zip(model.layers, layer_types):
         chunks = []
@@ -126,16 +129,7 @@ def test_layer_types_and_window_changed_inside_the_block_are_followed():
         "window 6x6 patches (3x3 merge blocks)", "global per image", "window 6x6 patches (3x3 merge blocks)"]
     model.set_attn_implementation("eager")
     calls = eager_attention_calls(_modeling(name), model, patches, grid_thw=grid_thw)
-    layers = []
-    for layer, kind in zip(model.layers, changed):
-        chunks = []
-        for entry, grid in enumerate(GRIDS):
-            windows = qwen_token_chunks(grid, 2, 3)
-            if kind == "full_attention":
-                windows = [[cell for chunk in windows for cell in chunk]]
-            chunks += [(entry, cells) for cells in windows]
-        layers.append((layer.self_attn if hasattr(layer, "self_attn") else layer.attn, chunks))
-    references = packed_chunk_references(calls, layers, GRIDS, PATCH)
+    references = _references(name, model, calls, GRIDS, changed, window=3)
     for layer, reference in enumerate(references):
         means = torch.stack([values.mean(-1) for values in reference["mad"]])  # [n_images, H]
         torch.testing.assert_close(rec.calls[-1].per_layer[layer].double(), means, rtol=1e-5, atol=1e-4)
