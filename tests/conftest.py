@@ -504,6 +504,18 @@ def mask_on_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return mask[:, rows][:, :, cols].reshape(mask.shape[0], -1).bool()
 
 
+def patch_indexed_image_and_video(h: int, w: int, frames: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image [1, 3, h * patch, w * patch], video [1, frames, 3, ...])`` whose every pixel of patch ``(r, c)``
+    holds its row-major index ``r * w + c`` (plus ``100 f`` in frame ``f``): the patch order a processor makes
+    reads off its output."""
+    image = torch.zeros(1, 3, h * patch, w * patch)
+    for r in range(h):
+        for c in range(w):
+            image[..., r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = r * w + c
+    video = torch.stack([image[0] + 100 * f for f in range(frames)])[None]
+    return image, video
+
+
 def register_flash_like(name: str) -> str:
     """Registers under ``name`` (a flash name: vitmad reads it with flash attention's rules) an attention function
     that attends the packed chunks of ``cu_seq_lens_q`` as flash attention's variable-length call does, with SDPA

@@ -30,6 +30,7 @@ from conftest import (
     check_packed_statistics,
     eager_attention_calls,
     packed_chunk_references,
+    patch_indexed_image_and_video,
     qwen_token_chunks,
     record_packed_statistics,
     register_flash_like,
@@ -145,11 +146,7 @@ def test_row_major_order_is_the_towers_own():
     from transformers.models.video_llama_3.video_processing_video_llama_3 import VideoLlama3VideoProcessor
 
     h, w, frames = 4, 6, 3
-    image = torch.zeros(1, 3, h * PATCH, w * PATCH)
-    for r in range(h):  # each patch holds its row-major index in every pixel
-        for c in range(w):
-            image[..., r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH] = r * w + c
-    video = torch.stack([image[0] + 100 * f for f in range(frames)])[None]  # [1, T, C, H, W], frame f adds 100 f
+    image, video = patch_indexed_image_and_video(h, w, frames, PATCH)  # [1, T, C, H, W] for the video
     merged = dict(patch_size=PATCH, merge_size=2, temporal_patch_size=1)
     # (processor, its input, patchify's arguments, the merge size of the order it makes)
     cases = [(PaddleOCRVLImageProcessor(), image, merged, 1), (HunYuanVLImageProcessor(), image, merged, 1),
