@@ -29,20 +29,9 @@ import difflib
 import os
 
 from .images import NATIVE, Preprocessing
-from .options import OptionError, error_said
+from .options import OptionError, error_said, import_for_spec
 
 __all__ = ["load_open_clip", "preprocessing_of"]
-
-
-def _import_open_clip(spec: str):
-    try:
-        import open_clip
-    except ModuleNotFoundError as err:
-        if err.name != "open_clip":
-            raise
-        raise OptionError("model", f"{spec} needs OpenCLIP, which is not installed: pip install open_clip_torch"
-                          ) from err
-    return open_clip
 
 
 def _names(open_clip, spec: str) -> tuple[str, str, list[str]]:
@@ -110,7 +99,7 @@ def load_open_clip(spec: str, model_checkpoint: str | os.PathLike | None,
     """
     from .models import _raised_reading, local_weights, tower_description, wrap_module
 
-    open_clip = _import_open_clip(spec)
+    open_clip = import_for_spec(spec, "open_clip", "OpenCLIP, which is not installed: pip install open_clip_torch")
     name, tag, tags = _names(open_clip, spec)
     model_checkpoint = local_weights(model_checkpoint)
     if not tag and model_checkpoint is None:

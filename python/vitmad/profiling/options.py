@@ -148,6 +148,26 @@ def resolve_stats(stats) -> tuple[str, ...]:
     return tuple(name for name in PROFILE_STATS if name in names or name == "mad")
 
 
+def import_for_spec(spec: str, module: str, needs: str) -> ModuleType:
+    """Import the library a ``--model`` spec loads through (``torchvision.models`` for ``torchvision:``,
+    ``open_clip`` for ``open_clip:``), or refuse the spec saying what to install.
+
+    Raises:
+        OptionError: (``model``) ``"<spec> needs <needs>"`` when the library itself is not installed; a module
+            missing inside it is raised as it is.
+    """
+    top = module.split(".")[0]
+    try:
+        # The package first, as an import statement does: a submodule already in sys.modules would be found
+        # without it.
+        importlib.import_module(top)
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != top:
+            raise
+        raise OptionError("model", f"{spec} needs {needs}") from err
+
+
 def import_optional(module: str, extra: str, purpose: str) -> ModuleType:
     """Import an optional dependency, or say which extra of vitmad brings it.
 

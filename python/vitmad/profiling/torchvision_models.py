@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import torch
 
 from .images import NATIVE, Preprocessing
-from .options import OptionError, error_said, first_line
+from .options import OptionError, error_said, first_line, import_for_spec
 
 __all__ = ["MODELS", "SWIN3D_FRAMES", "build", "load_torchvision", "preprocessing_of", "video_frames", "video_forward"]
 
@@ -65,17 +65,6 @@ def video_forward(module: torch.nn.Module) -> Callable[[torch.Tensor], object] |
     if not _is_video_class(module):
         return None
     return lambda clips: module(clips.permute(0, 2, 1, 3, 4))
-
-
-def _import_torchvision(spec: str):
-    try:
-        import torchvision.models
-    except ModuleNotFoundError as err:
-        if err.name != "torchvision":
-            raise
-        raise OptionError("model", f"{spec} needs the package torchvision, which is not installed: pip install "
-                                   "torchvision (the build that matches your torch, see pytorch.org)") from err
-    return torchvision.models
 
 
 def _weights(models, spec: str, name: str, tag: str):
@@ -126,7 +115,9 @@ def build(spec: str, image_size: tuple[int, int] | str | None = None):
         OptionError: torchvision is not installed; a model vitmad does not profile, unknown weights, or an image
             size the model does not take (each naming its parameter).
     """
-    models = _import_torchvision(spec)
+    models = import_for_spec(spec, "torchvision.models", "the package torchvision, which is not installed: pip "
+                                                         "install torchvision (the build that matches your torch, "
+                                                         "see pytorch.org)")
     name, dot, tag = spec.partition(":")[2].partition(".")
     if dot and not tag:  # "torchvision:swin_t." ran as the default weights, the dot kept in mad.json's model
         raise OptionError("model", f"{spec}: expected torchvision:<name> or torchvision:<name>.<WEIGHTS>, got "
