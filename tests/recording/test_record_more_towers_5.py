@@ -375,6 +375,7 @@ def test_sam3_lite_text_text_encoder_alone_is_refused_its_pointwise_convolutions
     alone, its attention is refused, never placed on a grid of them."""
     model = _sam3_lite_text()
     with pytest.raises(ValueError, match=r"layers\.1\.self_attn \(Sam3LiteTextTextAttention\) of "
-                                         r"Sam3LiteTextTextModel: found no patch-embedding"):
+                                         r"Sam3LiteTextTextModel: found no patch-embedding .*embeds text tokens, "
+                                         r"embeddings\.token_embedding: 64 of them"):
         with torch.no_grad(), vitmad.record(model.text_encoder):
             model.text_encoder(input_ids=torch.tensor([[1, 5, 6, 2]]))
