@@ -203,11 +203,12 @@ def _strided_stem(model: nn.Module, embedding: nn.Module) -> list[nn.Module]:
 
 def _text_vocabulary_clause(model: nn.Module) -> str:
     """Where a model with no patch embedding embeds text tokens (transformers' embed_tokens / word_embeddings, GPT's
-    wte), a clause saying what such a model may be: an encoder-free multimodal model (NeoMME, Gemma 4 Unified, Fuyu)
-    puts its image patches through a Linear into its language model, whose layers were taken for the tower's (QA
-    helper-120: the refusal invited placing them)."""
+    wte, CLIP-style text encoders' token_embedding: SAM3 LiteText's, whose refusal said no more than that it found no
+    patch embedding), a clause saying what such a model may be: an encoder-free multimodal model (NeoMME, Gemma 4
+    Unified, Fuyu) puts its image patches through a Linear into its language model, whose layers were taken for the
+    tower's (QA helper-120: the refusal invited placing them)."""
     found = next(((n, m) for n, m in named_module_list(model) if isinstance(m, nn.Embedding)
-                  and n.rsplit(".", 1)[-1] in ("embed_tokens", "word_embeddings", "wte")), None)
+                  and n.rsplit(".", 1)[-1] in ("embed_tokens", "word_embeddings", "wte", "token_embedding")), None)
     if found is None:
         return ""
     return (f" ({type(model).__name__} embeds text tokens, {found[0]}: {found[1].num_embeddings} of them; if it is "
