@@ -3,10 +3,10 @@
 tower, on the images it is given, and nothing else (never a language model, an action expert or a text encoder).
 
 SigLIP towers: Aya Vision, ShieldGemma 2 (a Gemma 3 inside a classifier), ColPali (PaliGemma), ModernVBERT and
-ColModernVBERT, PI0 and PI0.5 (PaliGemma and a Gemma action expert), VisionTextDualEncoder. CLIP towers: VipLLaVA
-(which reads several of its tower's layers), LLaVA-NeXT-Video (frames of the videos folded into the tower's batch),
-VisionTextDualEncoder (also with a ViT). Packed towers: ColQwen2 (Qwen2-VL's), HyperCLOVA X Vision V2 (Qwen2.5-VL's
-windows), LightOnOCR and Mistral Large 4 (Pixtral's).
+ColModernVBERT (ModernVBERT also with an Idefics3 tower, which masks padding patches), PI0 and PI0.5 (PaliGemma and a
+Gemma action expert). CLIP towers: VipLLaVA (which reads several of its tower's layers), LLaVA-NeXT-Video (frames of
+the videos folded into the tower's batch), VisionTextDualEncoder (also with a ViT). Packed towers: ColQwen2
+(Qwen2-VL's), HyperCLOVA X Vision V2 (Qwen2.5-VL's windows), LightOnOCR and Mistral Large 4 (Pixtral's).
 
 Tiny random-weight models, sharpened so that attention is far from uniform. The reference is the tower's own eager
 attention probabilities (its modeling file's ``eager_attention_forward``), the calls of the tower's modules alone,
@@ -17,6 +17,7 @@ images, in which order) and where each token of an image lies.
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -257,6 +258,39 @@ def test_modernvbert_skips_its_siglip_pooling_head_and_ignores_the_patch_mask_si
     assert rec.skipped["vision_model.head.attention"].startswith("attention pooling")
     rec.skipped.clear()
     check_prefix_and_grid(rec, rec_tokens, [p for _, p in calls], (6, 6), 8, 0)
+
+
+def test_modernvbert_with_an_idefics3_tower_leaves_the_patches_its_mask_hides_unplaced():
+    """ModernVBERT's forward is written for Idefics3's tower too (vision_config model_type "idefics3_vision"), which
+    applies the patch_attention_mask: the first image's right third is padding, no query and a key no query
+    attends; the MAD of that image is over its 6 x 4 real patches."""
+    config = transformers.ModernVBertConfig(text_config=MODERNBERT, vision_config=dict(VISION,
+                                                                                     model_type="idefics3_vision"),
+                                            image_token_id=IMAGE, pixel_shuffle_factor=2)
+    torch.manual_seed(0)
+    model = _peaked(sharpened(transformers.ModernVBertModel(config)))
+    inputs = _modernvbert_inputs()
+    mask = torch.ones(2, 2, 48, 48, dtype=torch.bool)
+    mask[0, 0, :, 32:] = False
+    inputs["pixel_attention_mask"] = mask
+    calls = eager_attention_calls(_modeling("idefics3"), model, **inputs)
+    model.set_attn_implementation("sdpa")
+    rec, rec_tokens = record_both_reductions(model, lambda m: m(**inputs), lambda out: out.last_hidden_state, STATS)
+    assert [model.get_submodule(layer) for layer in rec.layers] == [m for m, _ in calls]
+    real = torch.ones(3, 36, dtype=torch.bool)
+    real[0] = (torch.arange(36) % 6 < 4)  # row-major 6 x 6: columns 4 and 5 padding
+    for layer, (_, probabilities) in enumerate(calls):
+        assert probabilities[0][..., ~real[0]].abs().max() == 0  # no query attends to the padding
+        for image in range(3):
+            expected = statistics_reference(probabilities[image:image + 1], grid_centres((6, 6), 8), real[image])
+            assert float(expected["entropy"].mean()) < 0.75 * math.log(int(real[image].sum()))  # far from uniform
+            tokens = rec_tokens.per_layer[layer][image:image + 1]
+            assert tokens[..., ~real[image]].isnan().all()
+            torch.testing.assert_close(tokens[..., real[image]].double(), expected["mad"], rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(rec.per_layer[layer][image].double(), expected["mad"][0].mean(-1),
+                                       rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(rec.stats["entropy"][layer][image].double(), expected["entropy"][0].mean(-1),
+                                       rtol=1e-5, atol=1e-6)
 
 
 def test_pi0_sample_actions_records_the_tower_once_and_refuses_its_action_expert():
