@@ -315,6 +315,29 @@ def test_pi0_sample_actions_records_the_tower_once_and_refuses_its_action_expert
             model.sample_actions(**inputs)
 
 
+# name -> (builder, the module recorded alone: a language model or an action expert, what the refusal says)
+NOT_TOWERS = {
+    "pi0_action_expert": (lambda: _robot_policy("PI0"), "model.dit",
+                          r"layers\.0\.self_attn \(GemmaAttention\) of GemmaModel: found no patch-embedding Conv2d"),
+    "modernvbert_text_encoder": (_modernvbert, "model.text_model",
+                                 r"found no attention layer vitmad knows in ModernBertModel"),
+    "mistral_large4_language_model": (lambda: _mistral_large4(), "model.language_model",
+                                      r"found no attention layer vitmad knows in MistralLarge4TextModel"),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_TOWERS))
+def test_language_model_recorded_alone_is_refused_never_placed_as_an_image(name):
+    """The modules that attend over text and image tokens mixed (a bidirectional text encoder, a causal language
+    model, PI0's action expert over the prefix cache), given to vitmad.record by themselves: refused by name."""
+    build, module, message = NOT_TOWERS[name]
+    torch.manual_seed(0)
+    model, inputs = build()[:2]
+    with pytest.raises((NoLayerError, ValueError), match=message):
+        with torch.no_grad(), vitmad.record(model.eval().get_submodule(module)):
+            model(**inputs)
+
+
 def test_colpali_text_query_ran_without_its_tower_says_so_at_read():
     """A retrieval query is text alone: the tower does not run, and reading the MAD says why there is none."""
     torch.manual_seed(0)
