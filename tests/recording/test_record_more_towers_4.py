@@ -2,11 +2,12 @@
 (QA helper h143): each wraps a tower covered elsewhere, so what is tested here is that the whole model records that
 tower, on the images it is given, and nothing else (never a language model, an action expert or a text encoder).
 
-SigLIP towers: Aya Vision, ShieldGemma 2 (a Gemma 3 inside a classifier), ColPali (PaliGemma), ModernVBERT and
-ColModernVBERT (ModernVBERT also with an Idefics3 tower, which masks padding patches), PI0 and PI0.5 (PaliGemma and a
-Gemma action expert). CLIP towers: VipLLaVA (which reads several of its tower's layers), LLaVA-NeXT-Video (frames of
-the videos folded into the tower's batch), VisionTextDualEncoder (also with a ViT). Packed towers: ColQwen2
-(Qwen2-VL's), HyperCLOVA X Vision V2 (Qwen2.5-VL's windows), LightOnOCR and Mistral Large 4 (Pixtral's).
+SigLIP towers: Aya Vision, ShieldGemma 2 (a Gemma 3 inside a classifier), ColPali (PaliGemma), ModernVBERT,
+ColModernVBERT and UltraVBERT (ModernVBERT also with an Idefics3 tower, which masks padding patches), PI0 and PI0.5
+(PaliGemma and a Gemma action expert). CLIP towers: VipLLaVA (which reads several of its tower's layers),
+LLaVA-NeXT-Video (frames of the videos folded into the tower's batch), VisionTextDualEncoder (also with a ViT).
+Packed towers: ColQwen2 (Qwen2-VL's), HyperCLOVA X Vision V2 (Qwen2.5-VL's windows), LightOnOCR and Mistral Large 4
+(Pixtral's).
 
 Tiny random-weight models, sharpened so that attention is far from uniform. The reference is the tower's own eager
 attention probabilities (its modeling file's ``eager_attention_forward``), the calls of the tower's modules alone,
@@ -95,8 +96,9 @@ def _ids(*rows: list[int]) -> torch.Tensor:
 # - PI0Model.embed_prefix / PI05Model.embed_prefix: pixel_values [B, cameras, 3, H, W] flattened (camera c of sample b
 #   is image b * cameras + c), every camera through the tower, those pixel_attention_mask marks absent too (their
 #   features dropped after it); 36 tokens a camera.
-# - ModernVBertModel.get_image_features: pixel_values [B, images, 3, H, W] flattened, the all-zero padding images
-#   dropped before the tower (sample-major order of the rest); a pixel shuffle of 2 after it: 9 tokens an image.
+# - ModernVBertModel.get_image_features (UltraVBertModel's is the same): pixel_values [B, images, 3, H, W]
+#   flattened, the all-zero padding images dropped before the tower (sample-major order of the rest); a pixel shuffle
+#   of 2 after it: 9 tokens an image.
 # - VipLlavaModel.get_image_features: the tower whole (every layer runs), the hidden states of vision_feature_layers
 #   concatenated after it.
 # - LlavaNextVideoModel.get_video_features: pixel_values_videos [B, F, 3, H, W] reshaped to [B * F, 3, H, W] (frame f
@@ -170,6 +172,13 @@ def _colmodernvbert():
     return transformers.ColModernVBertForRetrieval(config), _modernvbert_inputs(), 3
 
 
+def _ultravbert():
+    """UltraVBERT: ModernVBERT's design (the same get_image_features) around an UltraBERT text encoder."""
+    config = transformers.UltraVBertConfig(text_config=dict(MODERNBERT, model_type="ultrabert"), vision_config=SIGLIP,
+                                           image_token_id=IMAGE, pixel_shuffle_factor=2)
+    return transformers.UltraVBertForMaskedLM(config), _modernvbert_inputs(), 3
+
+
 def _vipllava():
     """Four layers, two of whose hidden states (the third's output and the first's) the projector reads."""
     config = transformers.VipLlavaConfig(vision_config=dict(CLIP, num_hidden_layers=4), text_config=LLAMA,
@@ -214,6 +223,7 @@ WHOLE_MODELS = {
     "pi05": (lambda: _robot_policy("PI05"), "siglip", "model.vlm.vision_tower", 0, 2),
     "modernvbert": (_modernvbert, "siglip", "model.vision_model", 0, 2),
     "colmodernvbert": (_colmodernvbert, "siglip", "vlm.vision_model", 0, 2),
+    "ultravbert": (_ultravbert, "siglip", "model.vision_model", 0, 2),
     "vipllava": (_vipllava, "clip", "model.vision_tower", 1, 4),
     "llava_next_video": (_llava_next_video, "clip", "model.vision_tower", 1, 2),
     "dual_encoder_vit": (_dual_encoder(dict(VISION, model_type="vit")), "vit", "vision_model", 1, 2),
@@ -321,6 +331,8 @@ NOT_TOWERS = {
                           r"layers\.0\.self_attn \(GemmaAttention\) of GemmaModel: found no patch-embedding Conv2d"),
     "modernvbert_text_encoder": (_modernvbert, "model.text_model",
                                  r"found no attention layer vitmad knows in ModernBertModel"),
+    "ultravbert_text_encoder": (_ultravbert, "model.text_model",
+                               r"UltrabertModel embeds text tokens"),
     "mistral_large4_language_model": (lambda: _mistral_large4(), "model.language_model",
                                       r"found no attention layer vitmad knows in MistralLarge4TextModel"),
 }
