@@ -423,15 +423,21 @@ def test_omdet_turbo_encoder_named_is_placed_on_its_swin_stride_32_map():
 
 # --- SAM3: its DETR encoder over the FPN level Sam3Model hands it -------------------------------------------------
 
-def _sam3(scale_factors=None):
+def _sam3(detector: str, scale_factors=None):
+    """Sam3Model, or Sam3LiteTextModel: SAM3 LiteText's copy of its detector (the same Sam3VisionModel, DETR encoder
+    and decoders under its own class names) around a MobileCLIP text encoder."""
     vit = dict(model_type="sam3_vit_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=2, patch_size=8, image_size=[48, 32], pretrain_image_size=16, window_size=3,
                global_attn_indexes=[1])
-    config = transformers.Sam3Config(
+    text = dict(vocab_size=100, hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16)
+    if detector == "Sam3":
+        text.update(model_type="clip_text_model", bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    else:
+        text.update(num_hidden_layers=2, repmixer_kernel_size=3)  # a RepMixer block, then an attention block
+    config = getattr(transformers, f"{detector}Config")(
         vision_config=dict(backbone_config=vit, fpn_hidden_size=32, scale_factors=scale_factors),
-        text_config=dict(model_type="clip_text_model", vocab_size=100, hidden_size=32, intermediate_size=64,
-                         projection_dim=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        text_config=text,
         geometry_encoder_config=dict(hidden_size=32, num_layers=1, num_attention_heads=2, intermediate_size=64,
                                      roi_size=2),
         detr_encoder_config=dict(hidden_size=32, num_layers=2, num_attention_heads=2, intermediate_size=64),
@@ -439,24 +445,27 @@ def _sam3(scale_factors=None):
                                  intermediate_size=64),
         mask_decoder_config=dict(hidden_size=32, num_upsampling_stages=2, num_attention_heads=2))
     torch.manual_seed(0)
-    return sharpened(transformers.Sam3Model(config))
+    return sharpened(getattr(transformers, f"{detector}Model")(config))
 
 
+@pytest.mark.parametrize("detector", ["Sam3", "Sam3LiteText"])
 @pytest.mark.parametrize(("scale_factors", "grid", "stride"), [
     (None, (6, 4), 8.0),  # [4, 2, 1, 0.5]: the 1x level, on the ViT's 8 px patches
     ([4.0, 2.0, 0.5], (12, 8), 4.0),  # the 2x level: each patch's 2 x 2 cells of 4 px
 ])
-def test_sam3_detr_encoder_named_is_placed_on_its_fpn_level(scale_factors, grid, stride):
-    """48 x 32 pixels, 8 px patches: a 6 x 4 patch grid. Sam3Model drops the neck's last level and hands the last of
-    the others to its DETR encoder, flattened row-major; the encoder's cross-attention to the prompt, the geometry
+def test_sam3_detr_encoder_named_is_placed_on_its_fpn_level(detector, scale_factors, grid, stride):
+    """48 x 32 pixels, 8 px patches: a 6 x 4 patch grid. Sam3Model (and SAM3 LiteText's copy of it, placed alike
+    since 2026-12-05, refused as outside the tower before) drops the neck's last level and hands the last of the
+    others to its DETR encoder, flattened row-major; the encoder's cross-attention to the prompt, the geometry
     encoder, the DETR decoder and the mask decoder are skipped with their reasons."""
-    model = _sam3(scale_factors)
+    model = _sam3(detector, scale_factors)
     ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(3))
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, 4:] = 0
     boxes = torch.tensor([[[0.5, 0.5, 0.3, 0.3]], [[0.3, 0.6, 0.2, 0.4]]])
     inputs = dict(pixel_values=_pixels(2, (48, 32)), input_ids=ids, attention_mask=mask, input_boxes=boxes)
-    calls = eager_attention_calls(importlib.import_module("transformers.models.sam3.modeling_sam3"), model, **inputs)
+    modeling = "sam3.modeling_sam3" if detector == "Sam3" else "sam3_lite_text.modeling_sam3_lite_text"
+    calls = eager_attention_calls(importlib.import_module(f"transformers.models.{modeling}"), model, **inputs)
     own = [layer.self_attn for layer in model.detr_encoder.layers]
     probabilities = [p for module, p in calls if any(module is a for a in own)]
     model.set_attn_implementation("sdpa")

@@ -103,12 +103,17 @@ _MASK_HEAD = ("the segmentation head's attention map (MHAttentionMap): each obje
 
 
 _SAM3 = "modeling_sam3"
-_SAM3_PARTS = {  # a module of Sam3Model on the path -> why its attention is no layer to record
-    "Sam3DetrDecoder": _DECODER,
-    "Sam3GeometryEncoder": (
+# The modeling files of SAM3's detector -> the prefix of their classes: SAM3 LiteText's Sam3LiteTextModel (a MobileCLIP
+# text encoder instead of CLIP's) copies Sam3Model's DETR encoder, decoders and geometry encoder under its own names,
+# around the same Sam3VisionModel (of modeling_sam3), and hands its DETR encoder the same FPN level.
+_SAM3_DETECTORS = {_SAM3: "Sam3", "modeling_sam3_lite_text": "Sam3LiteText"}
+_SAM3_PARTS = {  # a module of Sam3Model on the path (its class name without the prefix) -> why its attention is no
+    # layer to record
+    "DetrDecoder": _DECODER,
+    "GeometryEncoder": (
         "SAM3's geometry encoder: its queries are the tokens of the box and point prompts, no cells of the image's "
         "grid (self-attention among them, cross-attention from them to the image), so it has no MAD"),
-    "Sam3MaskDecoder": (
+    "MaskDecoder": (
         "SAM3's mask decoder cross-attention: the image's tokens attend to the prompt's text and geometry tokens, "
         "keys without a position on the image, so it has no MAD"),
 }
@@ -126,8 +131,10 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
     suffix = modeling_suffix(module)
-    if suffix == _SAM3:
-        return _sam3(model, name, module) if defined_in(module, "Sam3Attention", suffix) else None
+    if suffix in _SAM3_DETECTORS:
+        detector = _SAM3_DETECTORS[suffix]
+        return _sam3(model, name, module, detector, suffix) if defined_in(module, f"{detector}Attention", suffix) \
+            else None
     prefix = _AIFI_MODELS.get(suffix) or _OMDET_MODELS.get(suffix) or _DETR_MODELS.get(suffix)
     if prefix is not None and defined_in(module, f"{prefix}GlobalPointer", suffix):  # its q_proj and k_proj
         return Skip(_ORDER_SCORES)
@@ -254,13 +261,14 @@ def _omdet_placer(model: nn.Module, found: tuple[str, nn.Module], prefix: str, s
     return _MapPlacer(hybrid.channel_projection_layers[level], "output", reported[level], source)
 
 
-def _sam3(model: nn.Module, name: str, module: nn.Module):
+def _sam3(model: nn.Module, name: str, module: nn.Module, detector: str, suffix: str):
+    """A ``Sam3Attention`` (``detector`` "Sam3") or ``Sam3LiteTextAttention`` of SAM3's detector."""
     from . import Skip
 
     for part, reason in _SAM3_PARTS.items():
-        if innermost_on_path(model, name, lambda m, part=part: defined_in(m, part, _SAM3)) is not None:
+        if innermost_on_path(model, name, lambda m, part=part: defined_in(m, detector + part, suffix)) is not None:
             return Skip(reason)
-    found = innermost_on_path(model, name, lambda m: defined_in(m, "Sam3DetrEncoderLayer", _SAM3))
+    found = innermost_on_path(model, name, lambda m: defined_in(m, f"{detector}DetrEncoderLayer", suffix))
     if found is None:
         return None  # the ViT's attention (windowed_vit.py)
     if module is found[1].cross_attn:
@@ -268,13 +276,14 @@ def _sam3(model: nn.Module, name: str, module: nn.Module):
     if module is not found[1].self_attn:
         return None
     encoder_name = found[0].rpartition(".")[0].rpartition(".")[0]  # detr_encoder.layers.<i>
-    detector = _parent(model, encoder_name) if encoder_name else None
-    vision = getattr(detector, "vision_encoder", None)
+    holder = _parent(model, encoder_name) if encoder_name else None
+    vision = getattr(holder, "vision_encoder", None)
     if encoder_name == "" or not isinstance(vision, nn.Module) or not defined_in(vision, "Sam3VisionModel", _SAM3) \
-            or not defined_in(model.get_submodule(encoder_name), "Sam3DetrEncoder", _SAM3) \
+            or not defined_in(model.get_submodule(encoder_name), f"{detector}DetrEncoder", suffix) \
             or len(vision.neck.fpn_layers) < 2:
         return RefusingPlacer("it is a DETR encoder layer recorded without the Sam3VisionModel whose FPN level it "
-                              "attends over, so the level's stride is unknown; record the Sam3Model that holds it")
+                              "attends over, so the level's stride is unknown; record the "
+                              f"{detector}Model that holds it")
     # Sam3Model drops the neck's last level (fpn_hidden_states[:-1]) and hands the last of the rest to its DETR
     # encoder. That level resamples the ViT's patch grid by its scale factor (2x2 transposed convolutions up, a 2x2
     # max pool down): its cells are patch_size / scale pixels.
@@ -282,7 +291,7 @@ def _sam3(model: nn.Module, name: str, module: nn.Module):
     fpn = vision.neck.fpn_layers[level]
     stride = vision.config.backbone_config.patch_size / float(fpn.scale_factor)
     source = (f"the ViT's patch_size ({vision.config.backbone_config.patch_size}) over the scale factor "
-              f"({fpn.scale_factor}) of neck.fpn_layers.{level}, the level Sam3Model hands its DETR encoder")
+              f"({fpn.scale_factor}) of neck.fpn_layers.{level}, the level {detector}Model hands its DETR encoder")
     return _MapPlacer(fpn, "output", stride, source)
 
 
