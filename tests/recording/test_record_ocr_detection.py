@@ -172,14 +172,15 @@ def test_mm_grounding_dino_records_its_swin_backbone_alone():
     assert all(layer.startswith("model.backbone.conv_encoder.model.swin.encoder.") for layer in rec.layers)
     assert [model.get_submodule(layer) for layer in rec.layers] == [m for m, _ in calls]
     _check_windows(rec, rec_tokens, [p for _, p in calls], SWIN_4_TABLE, 2)
-    # Named in layers=: the deformable attention, the text backbone's and the text enhancer's, and the decoder's
-    # object queries, each skipped with its reason.
+    # Named in layers=: the deformable attention, the text backbone's, the text enhancer's, the image-text fusion and
+    # the decoder's object queries, each skipped with its reason.
     named = {"model.encoder.layers.0.deformable_layer.self_attn": r"deformable attention: each query's softmax runs "
                                                                   r"over a few points sampled",
              "model.decoder.layers.0.encoder_attn": r"deformable attention",
              "model.text_backbone.encoder.layer.0.attention.self": r"outside model\.backbone\.conv_encoder\.model\."
                                                                    r"swin, the tower that embeds the image",
              "model.encoder.layers.0.text_enhancer_layer.self_attn": r"outside model\.backbone",
+             "model.encoder.layers.0.fusion_layer.attn": r"outside model\.backbone",
              "model.decoder.layers.0.self_attn": r"outside model\.backbone"}
     with torch.no_grad(), vitmad.record(model, layers=[*rec.layers, *named]) as named_rec:
         model(**inputs)
