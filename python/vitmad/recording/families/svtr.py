@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..module_index import module_list
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, RefusingPlacer
 from .detr_encoder import modeling_suffix
 from .stages import defined_in, grid_placement, innermost_on_path, pair
@@ -85,7 +86,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     recogniser = None if found is None else found[1]
     encoder = getattr(getattr(recogniser, "head", None), "encoder", None)
     backbone = getattr(getattr(recogniser, "model", None), "backbone", None)
-    if encoder is None or backbone is None or not any(m is module for m in encoder.modules()):
+    if encoder is None or backbone is None or not any(m is module for m in module_list(encoder)):
         return RefusingPlacer(
             f"it is an SVTR block recorded without the {prefix}ForTextRecognition whose backbone and pooling make "
             f"the map it attends over, so the map's pixel stride is unknown; record the {prefix}ForTextRecognition "
