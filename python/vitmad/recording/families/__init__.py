@@ -56,6 +56,7 @@ from . import (
     rf_detr,
     sam_map_encoder,
     shvit,
+    svtr,
     swin,
     tiny_vit,
     tnt,
@@ -113,6 +114,7 @@ _FAMILIES = (
     mvit, video_mvit, levit, lw_detr, rf_detr, detr_encoder, memory_attention, efficientformer, conv_stages, csatv2,
     vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit, efficientvit_msra, map_attention,
     tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit, convit, torchvision_maxvit, vq_tokenizer,
+    svtr,
 )
 
 

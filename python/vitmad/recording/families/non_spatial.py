@@ -42,6 +42,17 @@ _REASONS = {
     "PeAudioVideoEncoderAttention": "attention over audio-video frames (PE-Audio-Video's encoder: audio frames fused "
                                     "with the video's frames, a class token first): no token has a position on the "
                                     "image",
+    "ClapAudioSelfAttention": "attention over an audio clip's mel spectrogram (CLAP's HTSAT audio encoder: Swin "
+                              "windows over spectrogram patches, the clip's time folded into rows of a square "
+                              "image): no token has a position on an image",
+    # Keypoint matchers: the tokens are the keypoints a detector found in each image of a pair, a varying set at
+    # sub-pixel places, no cells of a grid; the cross layers' keys lie on the other image.
+    "SuperGlueSelfAttention": "attention among keypoints (SuperGlue's graph network: self-attention among one "
+                              "image's keypoints, cross-attention to the other image's): its tokens are the "
+                              "keypoints the detector found, not cells of the image's grid",
+    "LightGlueAttention": "attention among keypoints (LightGlue: self-attention among one image's keypoints, "
+                          "cross-attention to the other image's): its tokens are the keypoints the detector found, "
+                          "not cells of the image's grid",
 }
 # Class names too common to match alone: (class name, defining module's suffix) -> reason.
 _REASONS_IN = {
@@ -51,11 +62,15 @@ _REASONS_IN = {
                                          "no query has attention weights over the tokens",
     ("LiteMLA", "efficientvit_mit"): "ReLU linear attention (EfficientViT-MIT's LiteMLA): relu(k)^T v is applied to "
                                      "relu(q), so no softmax over the tokens is formed",
+    ("SLANetAttentionGRUCell", "modeling_slanet"): "additive attention of SLANet's table-structure decoder: each "
+                                                   "step's query is the GRU's state, without a position on the "
+                                                   "image, scoring the map's tokens through tanh",
 }
 # Of those, the ones the generic discovery does not find (no fused_attn switch, no query/key projections it
 # knows): attention_modules lists them, so that they are skipped with the reason rather than the model refused
 # as having no attention at all.
-_UNDISCOVERED = {("FactorAttnConvRelPosEnc", "coat"), ("LiteMLA", "efficientvit_mit")}
+_UNDISCOVERED = {("FactorAttnConvRelPosEnc", "coat"), ("LiteMLA", "efficientvit_mit"),
+                 ("SLANetAttentionGRUCell", "modeling_slanet")}
 
 
 def _class_key(module: nn.Module) -> tuple[str, str]:
@@ -64,8 +79,8 @@ def _class_key(module: nn.Module) -> tuple[str, str]:
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """CoaT's factorized and EfficientViT-MIT's ReLU linear attention, by qualified name, to list them as
-    skipped."""
+    """CoaT's factorized, EfficientViT-MIT's ReLU linear and SLANet's additive attention, by qualified name, to list
+    them as skipped."""
     return {name: m for name, m in named_module_list(model) if _class_key(m) in _UNDISCOVERED}
 
 
