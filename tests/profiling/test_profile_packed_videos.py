@@ -1,7 +1,7 @@
 """vitmad profile on the videos of packed native-resolution towers: Qwen2-VL (a whole vision-language checkpoint, its
 video processor taking every frame), Qwen2.5-VL (a tower saved alone, windows; its processor sampling 4 frames a
-second) and Qwen3-VL (a tower saved alone, Qwen3VLVideoProcessor), and Qwen3-VL's tower inside a whole Qwen3.5
-checkpoint, each clip through the model's own video processor.
+second) and Qwen3-VL (a tower saved alone, Qwen3VLVideoProcessor), and Qwen3-VL's tower inside whole Qwen3.5,
+Qwen3-VL-MoE and Qwen3.5-MoE checkpoints, each clip through the model's own video processor.
 
 Tiny random-weight towers, their attention far from uniform, are saved to folders with their video processors (built
 from their classes with explicit settings). The reference is written here, independently of vitmad: each clip decoded
@@ -38,7 +38,9 @@ pytest.importorskip("torchvision")  # transformers' Qwen video processors
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl  # noqa: E402
 from transformers.models.qwen2_vl import modeling_qwen2_vl  # noqa: E402
 from transformers.models.qwen3_5 import modeling_qwen3_5  # noqa: E402
+from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe  # noqa: E402
 from transformers.models.qwen3_vl import modeling_qwen3_vl  # noqa: E402
+from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe  # noqa: E402
 from transformers.video_utils import VideoMetadata  # noqa: E402
 
 PATCH, MERGE, TEMPORAL, WINDOW_PX, RATE = 4, 2, 2, 16, 8  # clips written at 8 frames a second
@@ -58,6 +60,19 @@ CASES = {
     # int(9 / 8 * 4) = 4 frames spread over 0 .. 8 (np.linspace, rounded)
     "qwen3_vl": (modeling_qwen3_vl, ("Qwen3VLVideoProcessor", QWEN3_VIDEO), [0, 3, 5, 8]),
     "qwen3_5": (modeling_qwen3_5, ("Qwen3VLVideoProcessor", QWEN3_VIDEO), [0, 3, 5, 8]),
+    "qwen3_vl_moe": (modeling_qwen3_vl_moe, ("Qwen3VLVideoProcessor", QWEN3_VIDEO), [0, 3, 5, 8]),
+    "qwen3_5_moe": (modeling_qwen3_5_moe, ("Qwen3VLVideoProcessor", QWEN3_VIDEO), [0, 3, 5, 8]),
+}
+# Qwen3-VL's tower in whole checkpoints of other models (under model.visual): name -> (config class, model class,
+# its language model's settings)
+WHOLE = {
+    "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", dict(bos_token_id=0, eos_token_id=1)),
+    "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", dict(layer_types=["full_attention"])),
+    "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration",
+                     dict(moe_intermediate_size=32, num_experts=2, num_experts_per_tok=1)),
+    "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration",
+                    dict(layer_types=["full_attention"], moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                         num_experts=2, num_experts_per_tok=1)),
 }
 # (frames, height, width) of the clips: 9 frames (an odd count: the last frame repeated to whole temporal patches where
 # the processor keeps them all), and 7 frames of another size.
@@ -84,7 +99,8 @@ def _vision(name: str) -> dict:
         return dict(hidden_size=32, out_hidden_size=32, intermediate_size=64, window_size=WINDOW_PX,
                     fullatt_block_indexes=[1], **common)
     vision = dict(hidden_size=32, intermediate_size=64, out_hidden_size=32, num_position_embeddings=16, **common)
-    return vision if name == "qwen3_5" else dict(vision, deepstack_visual_indexes=[])
+    # Qwen3.5's towers have no deepstack mergers
+    return vision if name.startswith("qwen3_5") else dict(vision, deepstack_visual_indexes=[])
 
 
 def _text(**extra) -> dict:
@@ -94,18 +110,13 @@ def _text(**extra) -> dict:
 
 
 def _save(folder: Path, name: str) -> None:
-    """Qwen2-VL and Qwen3.5: a whole vision-language checkpoint (a one-layer language model beside the tower);
-    Qwen2.5-VL and Qwen3-VL: the tower saved alone. With the model's video processor and image processor."""
+    """``WHOLE``: a whole vision-language checkpoint (a one-layer language model beside the tower); Qwen2.5-VL and
+    Qwen3-VL: the tower saved alone. With the model's video processor and image processor."""
     torch.manual_seed(0)
-    if name in ("qwen2_vl", "qwen3_5"):
-        if name == "qwen2_vl":
-            config = transformers.Qwen2VLConfig(text_config=_text(bos_token_id=0, eos_token_id=1),
-                                                vision_config=_vision(name))
-            model = transformers.Qwen2VLForConditionalGeneration(config)
-        else:
-            config = transformers.Qwen3_5Config(text_config=_text(layer_types=["full_attention"]),
-                                                vision_config=_vision(name))
-            model = transformers.Qwen3_5ForConditionalGeneration(config)
+    if name in WHOLE:
+        config_name, model_name, text = WHOLE[name]
+        config = getattr(transformers, config_name)(text_config=_text(**text), vision_config=_vision(name))
+        model = getattr(transformers, model_name)(config)
         _sharpen(model.model.visual, 1)
         model.save_pretrained(folder)
     else:
@@ -123,10 +134,8 @@ def _save(folder: Path, name: str) -> None:
 
 def _tower(folder: Path, name: str) -> torch.nn.Module:
     """The tower as transformers loads it from the folder (the whole model's visual for a whole checkpoint)."""
-    if name == "qwen2_vl":
-        return transformers.Qwen2VLForConditionalGeneration.from_pretrained(folder).model.visual.eval()
-    if name == "qwen3_5":
-        return transformers.Qwen3_5ForConditionalGeneration.from_pretrained(folder).model.visual.eval()
+    if name in WHOLE:
+        return getattr(transformers, WHOLE[name][1]).from_pretrained(folder).model.visual.eval()
     cls = {"qwen2_5_vl": modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel,
            "qwen3_vl": modeling_qwen3_vl.Qwen3VLVisionModel}[name]
     return cls.from_pretrained(folder).eval()
