@@ -129,6 +129,15 @@ class _RenamedFlag(argparse.Action):
         parser.error(self.message)
 
 
+class _Sources(argparse.Action):
+    """``--images`` / ``--videos``: the sources; ``--videos`` also says they are videos, which a packed vision tower
+    (it takes either) needs for folders of frames."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.as_videos = option_string == "--videos"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's own mistakes (an unknown flag, a value of the wrong type or outside the choices) end as vitmad's
     others do: one ``vitmad: error: ...`` line and exit status 2, not argparse's usage block and its own prefix. The
@@ -155,12 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", action=_RenamedFlag,
                      message="--checkpoint was renamed --weights (local weights of a timm:, torchvision: or "
                              f"open_clip: model); the run's own checkpoint is OUT/{CHECKPOINT_NAME}, used by --resume")
-    run.add_argument("--images", "--videos", nargs="+", default=["builtin"],
+    run.add_argument("--images", "--videos", nargs="+", default=["builtin"], action=_Sources,
                      help="folders (searched recursively), files, or 'builtin': photographs shipped with "
                           "scikit-image (default). A video model (VideoMAE, ViViT, TimeSformer, V-JEPA 2, "
                           "torchvision's MViT and video Swin) takes videos: clips (.mp4, .webm, .avi, ...; decoded "
                           "with PyAV), folders of frames (images in name order), or folders of those; each is sampled "
-                          "evenly to the model's frame count")
+                          "evenly to the model's frame count. The Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision towers "
+                          "(and Qwen3-VL's kin) take clips too, or with --videos folders of frames, each through "
+                          "the model's own video processor")
+    run.set_defaults(as_videos=False)
     run.add_argument("--image-size", default=None,
                      help="S or HxW instead of the model's input size, or native: each image at its own aspect "
                           "ratio (NaFlex models such as SigLIP2 and timm naflexvit_*, the Qwen2-VL, Qwen2.5-VL, "
@@ -231,6 +243,7 @@ def _profile_command(args: argparse.Namespace, run) -> None:
         resolve_device,
         resolve_stats,
     )
+    from .profiling.packed_towers import find_packed_tower
     from .profiling.plotting import plot_image_prefix_maps, plot_mad_maps
     from .profiling.videos import find_videos, is_video_source, model_frames
 
@@ -246,6 +259,8 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     ours = [out / name for name in output_names()] if _holds_profile(out) else []
     _check_output_paths(out, ours)
     videos = args.images != ["builtin"] and all(is_video_source(source) for source in args.images)
+    # Whether a packed tower (which takes images and videos) is given videos: clips, or what --videos names.
+    packed_videos = args.images != ["builtin"] and (videos or args.as_videos)
     # --out itself too: created below, it would make the frame folder it lies in a folder holding a folder.
     # What the search says is held back until the model tells whether its guess (videos or images) stands.
     with warnings.catch_warnings(record=True) as guessed:
@@ -265,21 +280,25 @@ def _profile_command(args: argparse.Namespace, run) -> None:
         _check_resume_world_size(out, run)
     _quiet_transformers()
     loaded = load_model(args.model, model_checkpoint=args.model_checkpoint, image_size=size)
+    video_model = model_frames(loaded.module) is not None
+    packed_videos = packed_videos and not video_model and find_packed_tower(loaded.module) is not None
     # The model decides what the sources hold (the check above could only guess from the files).
-    if videos == (model_frames(loaded.module) is not None):
+    if videos == (video_model or packed_videos):
         for warning in guessed:
             warnings.warn(warning.message, stacklevel=1)
-    if not videos and model_frames(loaded.module) is not None:
+    if packed_videos and not videos:  # folders of frames, said by --videos, to a packed tower
+        files = find_videos(args.images, exclude=[*ours, out])
+    elif not videos and video_model:
         # Folders of image files are frame folders to a video model.
         if args.images == ["builtin"]:
             raise OptionError("images", f"{args.model} is a video model and the built-in images are still photographs: "
                                         "pass --videos with clips or folders of frames")
         files = find_videos(args.images, exclude=[*ours, out])
-    elif videos and model_frames(loaded.module) is None:
+    elif videos and not video_model and not packed_videos:
         # An image model takes the image files among them; a clip beside images made the folder a video
         # source, and its images were dropped (or read as frames of one video).
         files = _images(args.images, ours)
-    if model_frames(loaded.module) is not None and out.resolve() in files:
+    if (video_model or packed_videos) and out.resolve() in files:
         # Its frames are every image in it: this run's figures would join them.
         raise OptionError("out", f"{out} is a folder of frames among --images; pass another folder")
     result = profile(
@@ -298,6 +317,7 @@ def _profile_command(args: argparse.Namespace, run) -> None:
         progress=True,
         distributed=run,
         stats=stats,
+        videos=packed_videos or None,
     )
     if run is not None and not run.is_main:
         return
@@ -317,7 +337,7 @@ def _profile_command(args: argparse.Namespace, run) -> None:
         if result.prefix_maps is not None and result.prefix_maps.layers:
             result.plot_prefix_maps(out / "prefix_maps.png")
             written.append("prefix_maps.png")
-    if not args.no_figures and result.temporal is None:  # per-token maps are drawn over one image
+    if not args.no_figures and result.temporal is None and not packed_videos:  # maps over one image
         maps, pixels, names, geometry = mad_maps(loaded, result.images[0], image_size=size,
                                                  renormalize=args.renormalize, device=device)
         prep = loaded.preprocessing
@@ -350,7 +370,9 @@ def _profile_command(args: argparse.Namespace, run) -> None:
 
 def _print_summary(result) -> None:
     mad = result.mad
-    inputs = "images" if result.temporal is None else "videos"  # a video model's profile has the temporal MAD
+    # A video model's profile has the temporal MAD; a packed tower's clips, their video processor's settings.
+    packed_videos = (result.settings.get("preprocessing") or {}).get("videos")
+    inputs = "images" if result.temporal is None and not packed_videos else "videos"
     print(f"{result.model}: {result.count} {inputs} ({len(result.skipped)} skipped), "
           f"uniform attention {result.uniform_mad:.1f} px")
     if result.settings.get("profiled"):  # a part of the checkpoint (a vision-language model's vision tower)

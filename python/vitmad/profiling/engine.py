@@ -51,10 +51,12 @@ from .options import (
     resolve_dtype,
     resolve_stats,
 )
+from .packed_towers import find_packed_tower
+from .packed_videos import PackedVideoFeed, load_packed_video_batch, packed_video_feed
 from .prefix_maps import PrefixMapSums
 from .results import Profile, layout_dict
 from .stats import RunningStats
-from .videos import find_videos, load_video_batch, model_frames
+from .videos import find_videos, is_video_source, load_video_batch, model_frames
 
 __all__ = ["profile", "plan_run", "run_batches", "finish", "RunPlan", "RunState", "prepare_model"]
 
@@ -79,7 +81,8 @@ class RunPlan:
         checkpoint_every: batches between checkpoints.
         record_options: keyword arguments of :func:`vitmad.record`.
         run: the ``torch.distributed`` job, or None for one process.
-        native: how the model takes each image at its own aspect ratio (``image_size="native"``), else None.
+        native: how the model takes each image at its own aspect ratio (``image_size="native"``), or how a packed
+            tower takes clips (its video processor), else None.
         statistics: the statistics profiled besides MAD (``"entropy"``, ``"prefix_mass"``, ``"self_mass"``).
         prefix_maps: the CLS / register maps are averaged over the images.
         maps_skipped: why no layer can have mean prefix maps in this run (the images have no common grid), or None.
@@ -98,7 +101,7 @@ class RunPlan:
     checkpoint_every: int
     record_options: dict
     run: DistributedRun | None
-    native: NativeFeed | None = None
+    native: NativeFeed | PackedVideoFeed | None = None
     statistics: tuple[str, ...] = ()
     prefix_maps: bool = False
     maps_skipped: str | None = None
@@ -288,12 +291,18 @@ def model_input_size(module: torch.nn.Module) -> tuple[int, int] | None:
 
 
 def _image_batches(images, preprocessing, batch_size: int, max_images: int | None, pool: Executor | None,
-                   frames: int | None = None, native: NativeFeed | None = None, channels: int | None = None,
-                   input_size: tuple[int, int] | None = None):
+                   frames: int | None = None, native: NativeFeed | PackedVideoFeed | None = None,
+                   channels: int | None = None, input_size: tuple[int, int] | None = None):
     """Image (or, for a video model taking ``frames`` frames, video) names and a function loading global batch
-    ``i``; ``native``: each image at its own aspect ratio; ``channels``, ``input_size``: what a pixel tensor must
-    have, where the model says (:func:`~vitmad.recording.towers.image_channels`, :func:`model_input_size`)."""
-    if native is not None and (isinstance(images, torch.Tensor) or frames is not None):
+    ``i``; ``native``: each image at its own aspect ratio, or (:class:`PackedVideoFeed`) each clip through a packed
+    tower's video processor; ``channels``, ``input_size``: what a pixel tensor must have, where the model says
+    (:func:`~vitmad.recording.towers.image_channels`, :func:`model_input_size`)."""
+    packed_videos = isinstance(native, PackedVideoFeed)
+    if packed_videos and isinstance(images, torch.Tensor):
+        raise OptionError("images", "a packed vision tower's videos go through its model's video processor, which "
+                                    "samples, resizes and cuts each clip: pass clip files or frame folders, not a "
+                                    "tensor")
+    if native is not None and not packed_videos and (isinstance(images, torch.Tensor) or frames is not None):
         raise OptionError("images", "image_size='native' resizes each image itself: pass image files (of an image "
                                     "model), not a tensor or videos")
     if isinstance(images, torch.Tensor):
@@ -345,17 +354,19 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
                                             else ""))
     if preprocessing is None:
         raise no_known_preprocessing("images", "[B, 3, H, W]")
-    files = find_images(images) if frames is None else find_videos(images)
+    files = find_images(images) if frames is None and not packed_videos else find_videos(images)
     if max_images:
         files = files[:max_images]
-    if frames is not None and any(not f.is_dir() for f in files):
+    if (frames is not None or packed_videos) and any(not f.is_dir() for f in files):
         # Said before the run starts: at its first batch, a checkpoint of no batch was already written.
         import_optional("av", "profile", "decoding video files")
     names = [str(f) for f in files]
 
     def load_files(i: int) -> Batch:
         paths = files[i * batch_size:(i + 1) * batch_size]
-        if native is not None:
+        if packed_videos:
+            pixels, loaded, skipped = load_packed_video_batch(paths, native, pool)
+        elif native is not None:
             pixels, loaded, skipped = load_native_batch(paths, native, pool)
         elif frames is None:
             pixels, loaded, skipped = load_batch(paths, preprocessing, pool)
@@ -383,6 +394,7 @@ def plan_run(
     decoders: Executor | None,
     distributed: DistributedRun | None,
     stats: str | Sequence[str] | None = None,
+    videos: bool | None = None,
 ) -> RunPlan:
     """Check the options (cheap checks first: a bad one fails before the model loads) and plan the run.
 
@@ -394,6 +406,8 @@ def plan_run(
     check_positive("checkpoint_every", checkpoint_every, "a positive number of batches", optional=False)
     check_flag("renormalize", renormalize)
     check_layers(layers)
+    if videos is not None:
+        check_flag("videos", videos)
     stats = resolve_stats(stats)
     run = distributed if distributed is not None else current_run()
     rank, world = (run.rank, run.world_size) if run else (0, 1)
@@ -407,9 +421,16 @@ def plan_run(
     loaded, preprocessing = prepare_model(model, size, model_checkpoint)
     if isinstance(model, torch.nn.Module):
         torch_dtype = _own_model_dtype(model, dtype, torch_dtype)
-    native = native_feed(loaded) if size == NATIVE else None
-    if native is None:
-        check_fixed_size(loaded, size, isinstance(images, torch.Tensor))
+    if _packed_videos(loaded, images, videos):
+        if size not in (None, NATIVE):
+            raise OptionError("image_size", f"{size[0]}x{size[1]} given, but a packed vision tower's video processor "
+                                            "resizes each clip by its own rule (sides multiples of patch x merge "
+                                            "within its pixel budget): leave image_size unset")
+        native = packed_video_feed(loaded)
+    else:
+        native = native_feed(loaded) if size == NATIVE else None
+        if native is None:
+            check_fixed_size(loaded, size, isinstance(images, torch.Tensor))
     if isinstance(images, torch.Tensor) and size not in (None, NATIVE) and tuple(images.shape[-2:]) != tuple(size):
         # The size resizes image files; a tensor is fed as it is, and its size is the run's.
         raise OptionError("image_size", f"{size[0]}x{size[1]} given, but the pixel tensor is "
@@ -445,7 +466,9 @@ def plan_run(
     record_options = {"renormalize": bool(renormalize), **({"layers": list(layers)} if layers else {})}
     statistics = tuple(name for name in stats if name not in ("mad", "prefix_maps"))
     maps_skipped = None
-    if "prefix_maps" in stats and native is not None:
+    if "prefix_maps" in stats and isinstance(native, PackedVideoFeed):
+        maps_skipped = "packed videos: every clip has its own token grid, so maps do not average"
+    elif "prefix_maps" in stats and native is not None:
         maps_skipped = ("native resolution: every image has its own token grid, so maps do not average "
                         "(prefix_map_image.png: the first image's, where the model has class or register tokens)")
     elif "prefix_maps" in stats and model_frames(loaded.module) is not None:
@@ -457,6 +480,27 @@ def plan_run(
     return RunPlan(loaded, device, torch_dtype, names, load, batches, settings, run_id,
                    None if checkpoint is None else Path(checkpoint), checkpoint_every, record_options, run, native,
                    statistics, "prefix_maps" in stats, maps_skipped, identity={**identity, "images": names})
+
+
+def _packed_videos(loaded: LoadedModel, images, videos: bool | None) -> bool:
+    """Whether the run feeds clips to a packed tower through its video processor: ``videos`` True (the sources are
+    clips or frame folders) for a model that is no video model of the fixed frame count; None (the default) where
+    the model holds a packed tower and every source is a clip file or a folder holding clips.
+
+    Raises:
+        OptionError: (``videos``) ``videos`` True for a model that takes images only.
+    """
+    if model_frames(loaded.module) is not None or videos is False:
+        return False
+    packed = find_packed_tower(loaded.module) is not None
+    if videos:
+        if not packed:
+            raise OptionError("videos", f"{type(loaded.module).__name__} is no video model (no frame count in its "
+                                        "config) and no packed vision tower: it takes images")
+        return True
+    sources = [images] if isinstance(images, (str, os.PathLike)) else images
+    return (packed and isinstance(sources, (list, tuple)) and bool(sources)
+            and all(isinstance(s, (str, os.PathLike)) and is_video_source(s) for s in sources))
 
 
 def _check_recordable(module: torch.nn.Module, record_options: dict, layers: Sequence[str] | None) -> None:
@@ -522,7 +566,7 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
 
     pixels, loaded_names, batch_skipped = batch
     if batch_skipped:
-        kind = "image" if model_frames(plan.loaded.module) is None else "video"
+        kind = "video" if _takes_videos(plan) else "image"
         for path, reason in batch_skipped:
             warnings.warn(f"skipping {kind} {path}: {reason}", stacklevel=3)
     stats, meta, maps = state.stats, state.meta, state.maps
@@ -535,6 +579,8 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
             # The other statistics ride as more blocks of L rows of the same sums, as the temporal MAD does.
             mad = torch.cat([mad, *(torch.cat([call.stat(name) for call in rec.calls], dim=1)
                                     for name in plan.statistics)])
+        if isinstance(plan.native, PackedVideoFeed):  # the entries are the clips' temporal slices: one row a clip
+            mad, grids = plan.native.per_clip(mad, grids, pixels)
         stats = (stats or RunningStats.empty(*mad.shape[::2])).add(mad)
         meta = {"layers": list(rec.layers), "layout": None, "geometry": geometry, "skipped_layers": dict(rec.skipped),
                 "image_grids": {**(meta or {}).get("image_grids", {}), **dict(zip(loaded_names, grids))}}
@@ -567,6 +613,11 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
                     state.batches_done + 1, maps)
 
 
+def _takes_videos(plan: RunPlan) -> bool:
+    """Whether the run's inputs are videos (a video model's, or a packed tower's through its video processor)."""
+    return model_frames(plan.loaded.module) is not None or isinstance(plan.native, PackedVideoFeed)
+
+
 def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
     """Run the plan's remaining batches, checkpointing every ``checkpoint_every`` batches and at the end.
 
@@ -581,7 +632,7 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
 
     rank = plan.run.rank if plan.run else 0
     counter = GlobalProgress(plan.run)
-    unit = "video" if model_frames(plan.loaded.module) is not None else "img"
+    unit = "video" if _takes_videos(plan) else "img"
     bar = tqdm(total=len(plan.names), unit=unit, disable=not (progress and rank == 0), desc="vitmad profile",
                dynamic_ncols=True)
     bar.update(counter.add(len(state.images) + len(state.skipped)))
@@ -661,6 +712,7 @@ def profile(
     loader_threads: int = 4,
     distributed=None,
     stats: str | Sequence[str] | None = None,
+    videos: bool | None = None,
 ) -> Profile:
     """Profile the mean attention distance of every head of ``model`` over ``images``.
 
@@ -704,6 +756,10 @@ def profile(
             ``"entropy"`` (nats), ``"prefix_mass"``, ``"self_mass"`` (running statistics per layer and head like
             MAD's), ``"prefix_maps"`` (the CLS / register maps, mean over images); a list, a comma list, or
             ``"all"``. MAD only by default.
+        videos: the sources are videos (clips, frame folders) for a packed vision tower (Qwen2-VL, Qwen2.5-VL,
+            Qwen3-VL and Qwen3-VL's kin), each fed through its model's own video processor
+            (:mod:`vitmad.profiling.packed_videos`); None: so where every source is a clip or a folder holding
+            clips; False: images. A video model takes videos either way.
 
     Returns:
         The :class:`Profile` (``.mad`` and ``.std`` are ``[L, H]``; video models add ``.temporal_mad``, frames;
@@ -726,7 +782,7 @@ def profile(
             model, images, batch_size=batch_size, device=device, dtype=dtype, renormalize=renormalize,
             image_size=image_size, max_images=max_images, layers=layers, checkpoint=checkpoint,
             checkpoint_every=checkpoint_every, model_checkpoint=model_checkpoint, decoders=decoders,
-            distributed=distributed, stats=stats,
+            distributed=distributed, stats=stats, videos=videos,
         )
         state = run_batches(plan, resume_state(plan, resume), progress=progress)
         return finish(plan, state)

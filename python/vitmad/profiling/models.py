@@ -47,6 +47,8 @@ class LoadedModel:
             model's vision tower), else None; ``mad.json`` reports it as ``settings.profiled``.
         unloaded: state-dict keys of ``module`` that the checkpoint did not hold (initialised at random when
             loaded, such as a transformers pooler): left out of the weights' digest (``settings.weights``).
+        video_processor: a packed tower's checkpoint's video processor settings, as transformers reads them
+            (:func:`~.packed_videos.video_processor_dict`); None: none saved, or not a packed tower.
     """
 
     spec: str
@@ -57,6 +59,7 @@ class LoadedModel:
     processor: dict | None = None
     description: str | None = None
     unloaded: frozenset[str] = frozenset()
+    video_processor: dict | None = None
 
 
 # Names of a forward's first argument that are an image (Florence2VisionBackbone's is hidden_states).
@@ -415,11 +418,17 @@ def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = No
         raise OptionError("model", f"{spec}: cannot load it with transformers: {first_line(err)}") from err
     if packed is None:  # before its processor, whose refusal would advise an image size
         _refuse_pre_cut_patches(module)
+    if packed is not None:  # its videos, if vitmad profile feeds them, go through its own video processor
+        from .packed_videos import video_processor_dict
+
+        videos = video_processor_dict(name, options)
     try:
         processor, _ = ImageProcessingMixin.get_image_processor_dict(name, **options)
     except OSError:
         if packed is not None:  # no processor saved: transformers' defaults for the tower
-            return wrap_packed_tower(module, ("", module), spec, description=packed[1])
+            loaded = wrap_packed_tower(module, ("", module), spec, description=packed[1])
+            loaded.video_processor = videos
+            return loaded
         # A transformers 5 video processor has its own file with the same settings; else a bare saved model:
         # the defaults of ViTImageProcessor at the config's image size, without their normalisation for a model
         # that normalises its pixels itself (RADIO's input conditioner takes [0, 1]; its checkpoints' processors
@@ -428,7 +437,9 @@ def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = No
         if not processor and _normalizes_its_input(module):
             processor = {"do_normalize": False}
     if packed is not None:
-        return wrap_packed_tower(module, ("", module), spec, processor=processor, description=packed[1])
+        loaded = wrap_packed_tower(module, ("", module), spec, processor=processor, description=packed[1])
+        loaded.video_processor = videos
+        return loaded
     processor = _with_class_defaults(transformers, name, processor, options)
     vision = getattr(config, "vision_config", config)
     # An image size replaces the processor's resize, crop and padding (Preprocessing.with_size): a geometry this

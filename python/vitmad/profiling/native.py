@@ -22,8 +22,9 @@ budget; its MAD is in pixels of that resized image (``docs/definition.md``, nati
   HY-V4-VL's row-major, the Muse towers' time first, their budget ``max_image_tokens`` merged tokens), Pixtral the
   model's own ``PixtralImageProcessor`` (the longest edge at most ``longest_edge``, each side rounded up to whole
   patches; ``image_sizes``). Every image of a batch goes into one packed forward, several grids in it; images only (a
-  Qwen video, ``t > 1``, is never fed). With a fixed ``image_size`` these towers get every image resized to that size
-  (its sides whole patches), and without one they are refused: they have no input size of their own.
+  Qwen video, ``t > 1``, goes through the model's video processor: ``profiling/packed_videos.py``). With a fixed
+  ``image_size`` these towers get every image resized to that size (its sides whole patches), and without one they
+  are refused: they have no input size of their own.
 
 Any other model is refused. ``mad.json`` lists each image's grid and size in ``image_grids``.
 """

@@ -56,7 +56,8 @@ the resize to it, and what follows the tower merges by it: ``merge_size`` there)
 into one packed forward (:class:`~.native.NativeFeed`). A fixed ``image_size`` resizes every image to exactly that size
 (cover and centre crop, as for any model), which must be whole patches: multiples of ``patch * spatial_merge_size`` for
 Qwen, of ``patch`` (and at most the tower's ``image_size``) for Pixtral; no ``image_size`` is refused, since these
-towers have no input size of their own.
+towers have no input size of their own. Clips go to the Qwen towers through their models' video processors instead
+(``packed_videos.py``).
 """
 
 from __future__ import annotations

@@ -156,16 +156,23 @@ def sample_indices(available: int, frames: int) -> list[int]:
     return [round(i * (available - 1) / (frames - 1)) for i in range(frames)]
 
 
-def load_video(path: Path, frames: int):
-    """Decode ``frames`` evenly sampled RGB frames (``PIL.Image``) of a clip or a frame folder.
+def load_video(path: Path, frames: int | Callable[[int, float | None], Sequence[int]]):
+    """Decode ``frames`` evenly sampled RGB frames (``PIL.Image``) of a clip or a frame folder; or, where ``frames``
+    is a function, the frames it picks given the clip's frame count and frame rate (None for a frame folder, or a
+    clip whose header gives none), as a packed tower's video processor samples them (``packed_videos``).
 
     Returns:
-        ``(frames, None)``, or ``(None, reason)`` when it cannot be read.
+        ``(frames, None)``, or ``(None, reason)`` when it cannot be read or ``frames`` refuses it (a ``ValueError``).
     """
+    pick = frames if callable(frames) else lambda count, rate: sample_indices(count, frames)
     if path.is_dir():
         files = frame_files(path)
+        try:
+            indices = pick(len(files), None)
+        except ValueError as err:
+            return None, f"ValueError: {err}"
         picked = []
-        for index in sample_indices(len(files), frames):
+        for index in indices:
             image, reason = load_image(files[index])
             if image is None:
                 return None, f"frame {files[index].name}: {reason}"
@@ -187,10 +194,12 @@ def load_video(path: Path, frames: int):
                 return None, (f"DecompressionBombError: frame size ({stream.codec_context.width}x"
                               f"{stream.codec_context.height} pixels) exceeds PIL.Image.MAX_IMAGE_PIXELS = {limit}")
             announced = _announced_frames(container)
+            rate = stream.average_rate or stream.guessed_rate
+            rate = float(rate) if rate else None
             count = sum(1 for packet in container.demux(video=0) if packet.size > 0)
-        picked, decoded = _decode_frames(av, path, sample_indices(count, frames) if count else [])
+        picked, decoded = _decode_frames(av, path, pick(count, rate) if count else [])
         if decoded != count and decoded > 0:
-            picked, _ = _decode_frames(av, path, sample_indices(decoded, frames))
+            picked, _ = _decode_frames(av, path, pick(decoded, rate))
     except (av.error.FFmpegError, OSError, ValueError, IndexError) as err:
         return None, f"{type(err).__name__}: {err}"
     if not decoded:

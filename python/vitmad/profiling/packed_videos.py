@@ -1,0 +1,266 @@
+"""Videos of packed native-resolution towers in ``vitmad profile``: the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision towers
+(and Qwen3-VL's tower in Qwen3-VL-MoE, Qwen3.5 and Qwen3.5-MoE), each clip through the model's own video processor.
+
+Each clip goes through the checkpoint's video processor (``Qwen2VLVideoProcessor`` for Qwen2-VL and Qwen2.5-VL,
+``Qwen3VLVideoProcessor`` for the Qwen3-VL towers: transformers' auto map), read as transformers reads it
+(``processor_config.json``'s ``video_processor``, else ``video_preprocessor_config.json``, else the image processor's
+``preprocessor_config.json``; without any, the class's defaults with the tower's sizes), so the model's own rules
+decide what the tower sees, not the fixed frame count of the video models' path (``videos.py``):
+
+- frames: the processor's ``sample_frames`` given the clip's frame count and frame rate, where its
+  ``do_sample_frames`` is set (Qwen3-VL's default: ``fps`` frames a second within ``min_frames`` and
+  ``max_frames``); else every frame, as the processor takes the frames it is given (Qwen2-VL's default). Only the
+  picked frames are decoded. A clip the processor cannot sample (fewer frames than it asks, Qwen3-VL's fewer than a
+  temporal patch) is skipped with the processor's reason; a frame folder has no frame rate (Qwen3-VL's processor then
+  takes 24 frames a second).
+- size and patches: the processor's ``smart_resize`` (sides multiples of ``patch * merge``, the pixel budget per
+  frame, Qwen3-VL's over the whole clip), its normalisation, and its ``patchify``: the frames padded with the last to
+  whole temporal patches, ``grid_thw = (t, h, w)``, each temporal slice's ``h * w`` patches in merge-block order,
+  each patch ``(C, temporal_patch, p, p)``.
+
+Every clip of a batch goes into one packed forward of the tower (``pixel_values_videos`` and ``video_grid_thw`` as the
+model's ``get_video_features`` passes them). These towers attend each temporal slice (a temporal patch of
+``temporal_patch_size`` frames) within itself (``cu_seqlens`` per slice): the recorder places each slice as an image
+of its own, and a clip's MAD is the mean over its tokens, every slice's (the slices are alike, so the mean of their
+MADs). No attention crosses slices, so there is no temporal MAD: ``mad.json`` has none, and lists each clip's grid,
+size and the frames its temporal patches hold in ``image_grids``.
+
+Refused by name: the other packed towers (their videos are attended otherwise, or their video processors are not
+checked here: :data:`_NO_VIDEOS`), a processor of another class or of another patch, merge or temporal patch size
+than the tower's, a fixed ``image_size`` (the processor resizes each clip), and pixel tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .images import load_each
+from .models import LoadedModel
+from .options import OptionError, error_said
+from .packed_towers import _plain, call_packed, find_packed_tower, tower_sizes
+from .videos import load_video
+
+__all__ = ["PackedVideoFeed", "packed_video_feed", "video_processor_dict", "load_packed_video_batch",
+           "VIDEO_PROCESSORS"]
+
+# Tower class -> its model's video processor (transformers' auto map), the towers whose videos vitmad profile feeds:
+# they attend each temporal slice within itself, in an image's merge-block order (recording/families/packed.py).
+VIDEO_PROCESSORS = {
+    "Qwen2VisionTransformerPretrainedModel": "Qwen2VLVideoProcessor",
+    "Qwen2_5_VisionTransformerPretrainedModel": "Qwen2VLVideoProcessor",
+    "Qwen3VLVisionModel": "Qwen3VLVideoProcessor",
+    "Qwen3VLMoeVisionModel": "Qwen3VLVideoProcessor",
+    "Qwen3_5VisionModel": "Qwen3VLVideoProcessor",
+    "Qwen3_5MoeVisionModel": "Qwen3VLVideoProcessor",
+}
+# The other packed towers vitmad profile loads: why their videos are not fed.
+_UNCHECKED = "its video processor's frames and patch order were not checked against the tower here"
+_NO_VIDEOS = {
+    "MiniMaxM3VLVisionModel": "it attends a whole clip at a time and its video processor cuts a clip into rows of at "
+                              "most 4 temporal patches, " + _UNCHECKED,
+    "Cosmos3EdgeVisionModel": _UNCHECKED + " (one frame a slice, no temporal patch)",
+    "Lfm3VlVisionModel": _UNCHECKED + " (its gated convolutions run on each slice)",
+    "PaddleOCRVisionModel": "its model has no video processor",
+    "Ovis2_5VisionModel": _UNCHECKED,
+    "MuseGlimmerVisionModel": _UNCHECKED,
+    "MuseSparkVisionModel": _UNCHECKED,
+    "VideoLlama3VisionModel": "its video processor cuts merge blocks of 2 where vitmad profile feeds the tower merge "
+                              "size 1 only",
+    "HunYuanVLVisionTransformer": "its patch merger folds a whole grid_thw row into one map: it runs no video",
+    "HYV4VLVisionModel": _UNCHECKED,
+    "PixtralVisionModel": "it takes images only",
+}
+# Video processor settings that are no setting of the video processor itself.
+_DROPPED = ("image_processor_type", "video_processor_type", "processor_class", "auto_map", "_processor_class")
+# The settings that shape a result: mad.json's settings.preprocessing (and so the run's fingerprint).
+_SHOWN = ("size", "patch_size", "merge_size", "temporal_patch_size", "do_sample_frames", "fps", "num_frames",
+          "min_frames", "max_frames", "cap_pixels_per_frame", "max_video_tokens", "image_mean", "image_std",
+          "do_normalize", "do_rescale", "rescale_factor", "resample")
+
+
+def video_processor_dict(name: str, options: dict) -> dict | None:
+    """The video processor settings of the checkpoint ``name`` as transformers reads them (a nested
+    ``processor_config.json``, ``video_preprocessor_config.json``, else ``preprocessor_config.json``), or None where
+    it has none."""
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    try:
+        found, _ = BaseVideoProcessor.get_video_processor_dict(name, **options)
+    except OSError:
+        return None
+    return found
+
+
+@functools.lru_cache(maxsize=8)
+def _processor(settings_json: str):
+    import transformers
+
+    settings = json.loads(settings_json)
+    return getattr(transformers, settings.pop("video_processor_type"))(**settings)
+
+
+def _video_processor(settings: dict):
+    """The transformers video processor of ``settings`` (one per settings: shared, read-only)."""
+    return _processor(json.dumps(settings, sort_keys=True, default=_plain))
+
+
+def video_settings(tower: torch.nn.Module, saved: dict | None) -> dict:
+    """The checked video processor settings of ``tower``: the checkpoint's (``saved``), else its class's defaults,
+    with the tower's patch, merge and temporal patch sizes; ``video_processor_type`` names the class.
+
+    Raises:
+        OptionError: (``images``) the tower's videos are not fed by vitmad profile; (``model``) the processor is of
+            another class than the tower's model's, or cuts other patches than the tower takes.
+    """
+    name = type(tower).__name__
+    own = VIDEO_PROCESSORS.get(name)
+    if own is None:
+        reason = _NO_VIDEOS.get(name, "its videos were not checked")
+        fed = ", ".join(sorted(VIDEO_PROCESSORS))
+        raise OptionError("images", f"the vision tower {name} is profiled on images only: {reason}; vitmad profile "
+                                    f"takes the videos of {fed}")
+    saved = saved or {}
+    # A video processor's file names its class; an image processor's file (transformers' fallback) the image
+    # processor's, from which transformers builds the model's video processor.
+    given = saved.get("video_processor_type") or own
+    if given != own:
+        raise OptionError("model", f"the checkpoint's video processor is {given}, but the vision tower {name} is fed "
+                                   f"by {own} (its model's video processor in transformers), whose sampling, "
+                                   f"resizing and patch order vitmad checked; {given}'s it did not")
+    settings = {k: v for k, v in saved.items() if k not in _DROPPED}
+    patch, merge, temporal = tower_sizes(tower)
+    for key, value in {"patch_size": patch, "merge_size": merge, "temporal_patch_size": temporal}.items():
+        settings.setdefault(key, value)
+        if int(settings[key]) != value:
+            raise OptionError("model", f"the video processor has {key}={settings[key]}, but the vision tower {name} "
+                                       f"takes {value}")
+    return {**settings, "video_processor_type": own}
+
+
+@dataclass(frozen=True)
+class PackedVideoFeed:
+    """How a packed tower takes clips: its model's video processor.
+
+    Attributes:
+        processor: the checked video processor settings (:func:`video_settings`), its class in
+            ``video_processor_type``.
+    """
+
+    processor: dict
+
+    @property
+    def _own(self):
+        return _video_processor(self.processor)
+
+    def to_dict(self) -> dict:
+        """The settings that shape the result (``mad.json``'s ``settings.preprocessing``): the processor's class and
+        its effective settings of sampling, size and normalisation."""
+        own = self._own
+        shown = {key: getattr(own, key, None) for key in _SHOWN}
+        if dataclasses.is_dataclass(shown["size"]):  # transformers' SizeDict: the keys it has
+            shown["size"] = {k: v for k, v in dataclasses.asdict(shown["size"]).items() if v is not None}
+        shown = json.loads(json.dumps(shown, default=_plain))  # PIL filters, tuples: plain values
+        return {"native": "qwen", "videos": True, "video_processor": self.processor["video_processor_type"],
+                "processor": shown}
+
+    def pick(self, count: int, rate: float | None) -> list[int]:
+        """The frames of a clip of ``count`` frames at ``rate`` frames a second the processor takes: its
+        ``sample_frames`` where it samples, else every frame."""
+        own = self._own
+        if not own.do_sample_frames:
+            return list(range(count))
+        from transformers.video_utils import VideoMetadata
+
+        settings = own._merge_and_standardize_kwargs()  # what its preprocess passes sample_frames
+        for key in ("input_data_format", "do_convert_rgb", "do_sample_frames", "device", "video_metadata"):
+            settings.pop(key, None)
+        try:
+            chosen = own.sample_frames(VideoMetadata(total_num_frames=count, fps=rate), **settings)
+        except ZeroDivisionError as err:  # Qwen2VLVideoProcessor asked for 0 frames (a clip of 1 frame)
+            raise ValueError(f"{type(own).__name__} samples no frame of a clip of {count} ({err})") from err
+        return [int(i) for i in chosen]
+
+    def prepare(self, frames: list) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """The processor on one clip's frames (RGB ``PIL.Image``): its patches ``[t * h * w, D]`` and ``(t, h, w)``."""
+        import numpy as np
+
+        clip = torch.from_numpy(np.stack([np.asarray(frame, dtype=np.uint8) for frame in frames])).permute(0, 3, 1, 2)
+        found = self._own(videos=[clip], do_sample_frames=False, return_tensors="pt")
+        t, h, w = (int(v) for v in found["video_grid_thw"][0])
+        return found["pixel_values_videos"], (t, h, w)
+
+    def forwards(self, loaded: LoadedModel, items: list, device: torch.device, dtype: torch.dtype) -> None:
+        """One packed forward of the tower on a batch of prepared clips, each clip a ``grid_thw`` row."""
+        patches = torch.cat([p for p, _ in items])
+        grid_thw = torch.tensor([list(thw) for _, thw in items])
+        call_packed(loaded.module, patches.to(device=device, dtype=dtype), grid_thw.to(device))
+
+    def per_clip(self, values: torch.Tensor, entries: list[dict], items: list) -> tuple[torch.Tensor, list[dict]]:
+        """``values`` ``[S, n_slices, H]`` (the recording's entries: every clip's temporal slices, in order) as
+        ``[S, n_clips, H]``, each clip the mean of its slices, and each clip's ``{"grid", "size", "frames"}``.
+
+        Raises:
+            RuntimeError: the recording's entries are not the clips' slices (each on its clip's grid).
+        """
+        slices = [(h, w) for _, (t, h, w) in items for _ in range(t)]
+        if [tuple(entry["grid"]) for entry in entries] != slices:
+            raise RuntimeError(f"the recording placed {len(entries)} entries on grids "
+                               f"{[entry['grid'] for entry in entries]}, not the clips' temporal slices {slices}")
+        temporal = int(self.processor["temporal_patch_size"])
+        clips, grids, start = [], [], 0
+        for _, (t, h, w) in items:
+            clips.append(values[:, start:start + t].mean(1))
+            grids.append({"grid": [h, w], "size": entries[start]["size"], "frames": t * temporal})
+            start += t
+        return torch.stack(clips, 1), grids
+
+
+def packed_video_feed(loaded: LoadedModel) -> PackedVideoFeed:
+    """The way ``loaded`` (a packed tower, or a model holding one) takes clips.
+
+    Raises:
+        OptionError: the model holds no packed tower, or its tower's videos are not fed (:func:`video_settings`).
+    """
+    packed = find_packed_tower(loaded.module)
+    if packed is None:
+        raise OptionError("images", f"{type(loaded.module).__name__} is no video model and no packed vision tower: "
+                                    "it takes images")
+    feed = PackedVideoFeed(video_settings(packed[1], loaded.video_processor))
+    try:  # sampling settings it cannot sample by would fail every clip: said once, now
+        feed.pick(64, 30.0)
+    except TypeError as err:  # Qwen2VLVideoProcessor told to sample with neither fps nor num_frames
+        raise OptionError("model", f"the video processor {feed.processor['video_processor_type']} samples frames "
+                                   f"(do_sample_frames) but cannot by its settings ({err}): give it fps or num_frames, "
+                                   "or do_sample_frames false (every frame)") from err
+    except ValueError:  # a refusal of this clip length only
+        pass
+    return feed
+
+
+def load_packed_video_batch(paths: Sequence[Path], feed: PackedVideoFeed, pool: Executor | None = None
+                            ) -> tuple[list | None, list[Path], list[tuple[Path, str]]]:
+    """Decode the frames the processor picks of a batch of clips and prepare them, setting unreadable ones aside.
+
+    Returns:
+        ``(items, loaded, skipped)`` as :func:`~.native.load_native_batch`.
+    """
+
+    def one(path: Path):
+        frames, reason = load_video(path, feed.pick)
+        if frames is None:
+            return None, reason
+        try:
+            return feed.prepare(frames), None
+        except ValueError as err:  # a clip the processor cannot take (Qwen3-VL's: fewer frames than a temporal patch)
+            return None, f"the model's video processor refuses it ({error_said(err)})"
+
+    items, loaded, skipped = load_each(paths, one, pool)
+    return (items or None), loaded, skipped
