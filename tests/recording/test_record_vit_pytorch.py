@@ -377,8 +377,65 @@ def test_recorder_and_extractor_wrappers_record_the_model_they_hold():
     _check_layers(tokens, mean, _attend_maps(model, lambda: model(pixels)), positions, (2, 3), (8, 8), 1, 0)
 
 
+def _sdpa_probabilities(module, run) -> list[torch.Tensor]:
+    """The probabilities of every ``F.scaled_dot_product_attention`` call of ``module`` (a source file that calls it
+    through ``torch.nn.functional``) during ``run``, from the q, k, mask and scale it receives (float64)."""
+    import torch.nn.functional as F
+
+    maps, original = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        logits = q.double() @ k.double().transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        if attn_mask is not None:
+            logits = logits.masked_fill(~attn_mask, -math.inf)
+        maps.append(logits.softmax(-1))
+        return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
+
+    assert module.F is F
+    with torch.no_grad(), mock.patch.object(F, "scaled_dot_product_attention", spy):
+        run()
+    return maps
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_navit_places_each_packed_image_on_its_own_grid(grouped):
+    from vit_pytorch import na_vit
+
+    torch.manual_seed(0)
+    model = _sharp(na_vit.NaViT(image_size=32, patch_size=8, num_classes=3, dim=32, depth=2, heads=2, mlp_dim=32))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, na_vit.RMSNorm):
+                module.gamma.fill_(2.0)  # q and k normalised to unit vectors: scaled up, far from uniform
+    generator = torch.Generator().manual_seed(16)
+    sizes = [(16, 16), (8, 24), (32, 16)]
+    images = [torch.randn(3, *size, generator=generator) for size in sizes]
+    # Rows: [image 0 (2x2), image 1 (1x3)], [image 2 (4x2)], padded to 8 tokens; grouped by the model with a
+    # budget of 8 tokens the same.
+    batch = images if grouped else [images[:2], images[2:]]
+    kwargs = {"group_images": True, "group_max_seq_len": 8} if grouped else {}
+    _, tokens, mean = _record(model, lambda: model(batch, **kwargs), stats=STATS)
+    maps = _sdpa_probabilities(na_vit, lambda: model(batch, **kwargs))[:2]  # the transformer's, then the pool's
+    assert list(mean.skipped) == ["attn_pool"]
+    where = [(0, 0), (0, 4), (1, 0)]  # (row, first token) of each image
+    grids = [(2, 2), (1, 3), (4, 2)]
+    for layer, probabilities in enumerate(maps):
+        assert probabilities.shape == (2, 2, 8, 8)
+        assert tokens.geometry[layer].image_grids == tuple(grids)
+        expected = torch.full((3, 2, 8), math.nan, dtype=torch.float64)
+        for image, ((row, start), grid) in enumerate(zip(where, grids)):
+            count = grid[0] * grid[1]
+            block = probabilities[row, :, start:start + count]  # [H, count, 8]: zero outside its own block
+            assert block[..., start:start + count].sum(-1).sub(1).abs().max() < 1e-12
+            assert block.max(-1).values.mean() > 2 / count  # far from uniform over the image's patches
+            cells = _cells(grid, (8, 8))
+            expected[image, :, :count] = (block[..., start:start + count] * torch.cdist(cells, cells)).sum(-1)
+        torch.testing.assert_close(tokens.per_layer[layer].double(), expected, equal_nan=True, **TOL)
+        torch.testing.assert_close(mean.per_layer[layer].double(), expected.nanmean(-1), **TOL)
+        assert (mean.stats["prefix_mass"][layer] == 0).all()  # the padding is masked: no key
+
+
 def test_unknown_designs_and_bare_transformer_calls_are_refused_by_name():
-    from vit_pytorch.na_vit import NaViT
     from vit_pytorch.vit_with_patch_merger import ViT as MergerViT
 
     torch.manual_seed(0)
@@ -386,8 +443,11 @@ def test_unknown_designs_and_bare_transformer_calls_are_refused_by_name():
     with torch.no_grad(), vitmad.record(merger), pytest.raises(ValueError, match="ViT of vit_pytorch.vit_with_patch_"
                                                                                  "merger: vitmad does not know"):
         merger(torch.randn(1, 3, 16, 16))
-    navit = NaViT(image_size=16, patch_size=8, num_classes=3, dim=32, depth=1, heads=2, mlp_dim=32).eval()
-    with torch.no_grad(), vitmad.record(navit), pytest.raises(ValueError, match="NaViT of vit_pytorch.na_vit"):
+    from vit_pytorch.na_vit import NaViT
+
+    navit = NaViT(image_size=16, patch_size=8, num_classes=3, dim=32, depth=1, heads=2, mlp_dim=32,
+                  token_dropout_prob=0.5).train()
+    with vitmad.record(navit), pytest.raises(ValueError, match="NaViT drops a random subset"):
         navit([torch.randn(3, 16, 16), torch.randn(3, 8, 16)])
     model = vit.ViT(image_size=16, patch_size=8, num_classes=3, **SMALL).eval()
     with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="did not run on images"):

@@ -27,6 +27,9 @@ places the tokens the way each model's ``forward`` builds its sequence:
   _dropout`` in training: the patches each image kept. The kept patches are drawn inside the model's forward and
   handed to no module: they are read per call by matching the rows the model gathered to the rows it gathered them
   from (exact copies), and refused where two rows are equal (no single cell);
+- ``na_vit.NaViT``: images of their own sizes packed in rows (``patch_size`` cells, row-major, one image after the
+  other, the rows padded), a block-diagonal mask keeping each image to itself: each image on its own grid, one MAD
+  per image; its attention pooling (a learned query per image) skipped; token dropout in training refused;
 - ``extractor.Extractor``, ``recorder.Recorder`` and ``distill.DistillWrapper`` hold a model: it is placed as above.
 
 DeepViT's re-attention mixes the heads' softmax outputs and normalises them over the heads (``reattn_norm``), and
@@ -91,6 +94,9 @@ _IMAGE_DESIGNS = {
 _VIDEO_DESIGNS = {("vit_3d", "ViT"): "3-D ViT", ("simple_vit_3d", "SimpleViT"): "3-D SimpleViT",
                   ("vivit", "ViViT"): "ViViT"}
 _WRAPPERS = {("simmim", "SimMIM"), ("mae", "MAE")}
+_NAVIT = ("na_vit", "NaViT")
+_NAVIT_POOL = ("attention pooling: NaViT's learned query per image, without a position on the image, over that image's "
+               "patches")
 _CLASS_ATTENTION = ("class attention: only the class token queries the patches (vit_pytorch's CaiT); its attention "
                     "over the patches is recorded with stats=[..., 'prefix_maps'] (rec.class_attention_maps)")
 _FRAME_TOKENS = ("attention over one token per video frame (ViViT's temporal transformer, over each frame's class "
@@ -458,13 +464,13 @@ def _refusal(path: list[nn.Module], module: nn.Module) -> RefusingPlacer:
     return RefusingPlacer(
         f"{design[1]} of vit_pytorch.{design[0]}: vitmad does not know how it lays out its tokens (vitmad places "
         "vit_pytorch's ViT, SimpleViT and its variants with the same sequence, DeepViT, CaiT, DistillableViT, the "
-        "ViT for small datasets, the 3-D ViTs, ViViT, SimMIM, MAE and the hierarchical designs); pass "
+        "ViT for small datasets, the 3-D ViTs, ViViT, SimMIM, MAE, NaViT and the hierarchical designs); pass "
         "positions=<[N, 2] pixel position of each token, NaN rows for tokens off the image>"
     )
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
-    from . import ClassQueries
+    from . import ClassQueries, Skip
 
     if _design(module) is None or not _is_attention(module):
         return None
@@ -480,6 +486,9 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     else:
         decoder = False
     if owner is None:
+        navit = next((m for m in reversed(path[:-1]) if _design(m) == _NAVIT), None)
+        if navit is not None:
+            return Skip(_NAVIT_POOL) if module is navit.attn_pool else _NaVitPlacer(navit)
         return _refusal(path, module)
     rearrange, pattern = _cut_of(owner)
     design = _design(owner)
@@ -516,3 +525,99 @@ class _CaitKeys(LayerPlacer):
                                "attention's keys is unknown")
         stride = (float(cut.patch[0]), float(cut.patch[1]))
         return self.patches._grid(lead, num_queries, num_keys, cut, stride, 1, 0, "global")
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """NaViT's packing of one call: per image its grid, and where its tokens sit in the call's rows."""
+
+    grids: tuple[tuple[int, int], ...]
+    rows: int
+    length: int  # tokens per row, padding included
+    positions: torch.Tensor  # [rows, 1, length, 2], NaN at padding
+    slots: torch.Tensor  # [images, T_max]: index of each image token in the rows' [rows * length], rows * length absent
+    present: torch.Tensor | None
+
+
+class _NaVitPlacer(LayerPlacer):
+    """NaViT's transformer: images of their own sizes packed in rows (``batched_images``, a list of groups, or grouped
+    by ``group_images_by_max_seq_len``), each image's patches row-major after the previous image's, the rows padded
+    to the longest; a block-diagonal mask keeps each image to its own patches. Each image is placed on its own grid,
+    in its own pixels, and folded onto ``[images, H, T_max]`` in the order of the model's logits."""
+
+    def __init__(self, navit: nn.Module):
+        self.navit = navit
+        self.patch = int(navit.patch_size)
+
+    def install(self, context: CallContext) -> list:
+        return [_install_ran(context, self.navit, with_kwargs=True)]
+
+    def _packed(self, context: CallContext) -> _Packed:
+        from .stages import forward_arguments
+
+        ran = context.values.get(_key(self.navit, "ran"))
+        if ran is None:
+            raise NotPlaceable("its transformer ran outside NaViT's forward in this call, so the images it packs are "
+                               "unknown")
+        known = context.values.get(_key(self.navit, "packed"))
+        if known is not None and known[0] is ran:
+            return known[1]
+        navit = self.navit
+        if navit.training and navit.calc_token_dropout is not None:
+            raise NotPlaceable(
+                "NaViT drops a random subset of each image's patches in training (token_dropout_prob), drawn inside "
+                "its forward and handed to no module, so which patches remain is not known; record it in eval mode"
+            )
+        arguments = forward_arguments(navit, *ran)
+        images = arguments["batched_images"]
+        if arguments.get("group_images", False):
+            from vit_pytorch.na_vit import group_images_by_max_seq_len
+
+            images = group_images_by_max_seq_len(images, patch_size=self.patch, calc_token_dropout=None,
+                                                 max_seq_len=arguments.get("group_max_seq_len", 2048))
+        if torch.is_tensor(images[0]):
+            images = [images]
+        grids, starts, lengths = [], [], []
+        for row, group in enumerate(images):
+            offset = 0
+            for image in group:
+                grid = (int(image.shape[-2]) // self.patch, int(image.shape[-1]) // self.patch)
+                grids.append(grid)
+                starts.append((row, offset))
+                offset += grid[0] * grid[1]
+            lengths.append(offset)
+        length, stride = max(lengths), (float(self.patch), float(self.patch))
+        positions = torch.full((len(images), 1, length, 2), float("nan"))
+        counts = [h * w for h, w in grids]
+        slots = torch.full((len(grids), max(counts)), len(images) * length, dtype=torch.long)
+        for index, ((row, offset), grid, count) in enumerate(zip(starts, grids, counts)):
+            positions[row, 0, offset:offset + count] = cell_centres(*grid, stride).reshape(count, 2)
+            slots[index, :count] = row * length + offset + torch.arange(count)
+        present = None if len(set(grids)) == 1 else torch.arange(max(counts)) < torch.tensor(counts)[:, None]
+        packed = _Packed(tuple(grids), len(images), length, positions, slots, present)
+        context.values[_key(self.navit, "packed")] = (ran, packed)
+        return packed
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        packed = self._packed(context)
+        if len(lead) != 2 or int(lead[0]) != packed.rows or num_queries != packed.length or num_keys != packed.length:
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; NaViT packs "
+                f"{len(packed.grids)} image(s) of grids {[list(g) for g in packed.grids]} into [{packed.rows}, H, "
+                f"{packed.length}, {packed.length}]"
+            )
+        heads, slots = int(lead[1]), packed.slots
+
+        def fold(values: torch.Tensor) -> torch.Tensor:
+            # [rows, H, length] -> [H, rows * length + 1] (a NaN slot for the absent tokens) -> [images, H, T_max]
+            flat = values.transpose(0, 1).reshape(heads, -1)
+            flat = torch.cat([flat, flat.new_full((heads, 1), float("nan"))], dim=1)
+            index = on_device(slots, values.device)
+            return flat.index_select(1, index.reshape(-1)).view(heads, *index.shape).transpose(0, 1)
+
+        stride = (float(self.patch), float(self.patch))
+        attention = "global per image (block-diagonal mask)"
+        same = len(set(packed.grids)) == 1
+        geometry = LayerGeometry(packed.grids[0] if same else None, stride, attention, heads, 0,
+                                 image_grids=None if same else packed.grids)
+        return Placement(packed.positions, None, fold, geometry, present=packed.present)
