@@ -11,8 +11,10 @@ places the tokens the way each model's ``forward`` builds its sequence:
   ``pool='mean'`` has none: its ``cls_token`` has 0 rows), then the row-major ``h x w`` patches;
   ``distill.DistillableViT`` the same, then its distillation token LAST in a call given ``distill_token``;
 - ``simple_vit.SimpleViT`` and its variants with the same sequence (``simple_vit_with_qk_norm``,
-  ``simple_vit_with_value_residual``, ``simple_vit_orthog_residual_update``, ``simple_vit_with_patch_dropout``): the
-  patches alone; ``simple_vit_with_register_tokens``: the patches, then the register tokens (``pack([x, r])``);
+  ``simple_vit_with_value_residual``, ``simple_vit_orthog_residual_update``, ``simple_vit_with_patch_dropout``,
+  ``simple_vit_with_relative_proj_pos_bias``): the patches alone; ``simple_vit_with_register_tokens``: the patches,
+  then the register tokens (``pack([x, r])``); ``simple_vit_with_sparse_gating``: the register tokens, then the
+  patches (``pack([r, x])``); ``simple_vit_with_specialized_cls``: one class token, then the patches;
 - ``cait.CaiT``: its ``patch_transformer`` over the patches alone; its ``cls_transformer`` is class attention (the
   class token the only query, over the class token then the patches): skipped, its maps recorded with
   ``stats=[..., 'prefix_maps']``;
@@ -81,7 +83,9 @@ _CUTS = {
     "bc(fpf)(hp1)(wp2)->bf(hw)(pfp1p2c)": True,
 }
 _SIMPLE = ("simple_vit", "simple_vit_with_qk_norm", "simple_vit_with_value_residual",
-           "simple_vit_orthog_residual_update", "simple_vit_with_patch_dropout", "simple_vit_with_register_tokens")
+           "simple_vit_orthog_residual_update", "simple_vit_with_patch_dropout", "simple_vit_with_register_tokens",
+           "simple_vit_with_relative_proj_pos_bias", "simple_vit_with_specialized_cls")
+_SPARSE_GATING = ("simple_vit_with_sparse_gating", "SimpleViTWithSparseGating")
 # Models whose forward builds [prefix][row-major grid][suffix] over one image: (module, class) -> in words.
 _IMAGE_DESIGNS = {
     ("vit", "ViT"): "ViT",
@@ -90,6 +94,7 @@ _IMAGE_DESIGNS = {
     ("vit_for_small_dataset", "ViT"): "ViT for small datasets",
     ("cait", "CaiT"): "CaiT",
     **{(module, "SimpleViT"): f"SimpleViT ({module})" for module in _SIMPLE},
+    _SPARSE_GATING: "SimpleViTWithSparseGating",
 }
 _VIDEO_DESIGNS = {("vit_3d", "ViT"): "3-D ViT", ("simple_vit_3d", "SimpleViT"): "3-D SimpleViT",
                   ("vivit", "ViViT"): "ViViT"}
@@ -122,7 +127,7 @@ def _is_attention(module: nn.Module) -> bool:
     design = _design(module)
     if design is None or not ("Attention" in design[1] or design[1] == "LSA"):
         return False
-    return any(isinstance(getattr(module, p, None), nn.Module) for p in ("to_qkv", "to_q", "to_qk"))
+    return any(isinstance(getattr(module, p, None), nn.Module) for p in ("to_qkv", "to_q", "to_qk", "to_qkv_and_mask"))
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -247,6 +252,26 @@ def _subset_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[
     return Placement(positions, None, fold, LayerGeometry(grid, stride, attention, heads, 0), present=present)
 
 
+def _extra_tokens(owner: nn.Module, ran: tuple) -> tuple[int, int]:
+    """The tokens without a position before and after the patches of an image model's layers, as its forward (which
+    ran with the arguments ``ran``) builds its sequence."""
+    design = _design(owner)
+    registers = int(owner.register_tokens.shape[0]) if hasattr(owner, "register_tokens") else 0
+    if design == ("cait", "CaiT"):
+        return 0, 0  # its patch transformer runs before the class token joins
+    if design == ("simple_vit_with_register_tokens", "SimpleViT"):
+        return 0, registers  # pack([x, r])
+    if design == _SPARSE_GATING:
+        return registers, 0  # pack([r, x])
+    if design == ("simple_vit_with_specialized_cls", "SimpleViT"):
+        return 1, 0  # cls_token is one [D] vector
+    prefix = int(owner.cls_token.shape[-2]) if hasattr(owner, "cls_token") else 0  # [n, D] or [1, n, D]
+    if design == ("distill", "DistillableViT"):
+        args, kwargs = ran
+        return prefix, int((args[1] if len(args) > 1 else kwargs.get("distill_token")) is not None)
+    return prefix, 0
+
+
 class _ImagePlacer(LayerPlacer):
     """One layer of a vit_pytorch image model: the tokens its forward (or SimMIM's, MAE's around it) built in this
     call from the patches its ``Rearrange`` cut.
@@ -335,15 +360,7 @@ class _ImagePlacer(LayerPlacer):
             cells = _kept_cells(*dropped, f"{self.what}'s PatchDropout (training)")
             self._check(lead, num_queries, num_keys, cut.batch, cells.shape[1], "the patches each image kept")
             return _subset_placement(cells, cut.grid, stride, heads, "global over the kept patches (patch dropout)")
-        prefix = int(self.owner.cls_token.shape[-2]) if hasattr(self.owner, "cls_token") else 0
-        suffix = 0
-        if _design(self.owner) == ("distill", "DistillableViT"):
-            args, kwargs = context.values[_key(self.owner, "ran")]
-            suffix = int((args[1] if len(args) > 1 else kwargs.get("distill_token")) is not None)
-        elif hasattr(self.owner, "register_tokens"):
-            suffix = int(self.owner.register_tokens.shape[0])
-        if _design(self.owner) == ("cait", "CaiT"):
-            prefix = 0  # its patch transformer runs before the class token joins
+        prefix, suffix = _extra_tokens(self.owner, context.values[_key(self.owner, "ran")])
         return self._grid(lead, num_queries, num_keys, cut, stride, prefix, suffix, "global")
 
     def _grid(self, lead, num_queries, num_keys, cut: _Cut, stride, prefix: int, suffix: int,
