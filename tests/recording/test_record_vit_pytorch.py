@@ -461,3 +461,6 @@ def test_unknown_designs_and_bare_transformer_calls_are_refused_by_name():
     model = vit.ViT(image_size=16, patch_size=8, num_classes=3, **SMALL).eval()
     with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="did not run on images"):
         model.transformer(torch.randn(1, 5, 32))
+    with torch.no_grad(), vitmad.record(model.transformer), pytest.raises(ValueError, match="without the vit_pytorch "
+                                                                                            "model whose forward"):
+        model.transformer(torch.randn(1, 5, 32))

@@ -162,13 +162,12 @@ def _cut_of(owner: nn.Module) -> tuple[nn.Module | None, str]:
 
 @dataclass(frozen=True)
 class _Cut:
-    """The pixels a ``Rearrange`` cut in this call: ``[B, C, (F,) H, W]`` and its patch sides."""
+    """The pixels a ``Rearrange`` cut in this call: the batch and ``(H, W)`` of ``[B, C, (F,) H, W]``, and the patch
+    sides."""
 
     batch: int
-    frames: int | None
     size: tuple[int, int]
     patch: tuple[int, int]
-    frame_patch: int | None
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -187,11 +186,10 @@ def _install_cut(context: CallContext, rearrange: nn.Module, video: bool) -> tor
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != (5 if video else 4):
             context.values.pop(_key(rearrange), None)
             return
-        frames = int(pixels.shape[2]) if video else None
-        cut = _Cut(int(pixels.shape[0]), frames, (int(pixels.shape[-2]), int(pixels.shape[-1])), patch, frame_patch)
+        cut = _Cut(int(pixels.shape[0]), (int(pixels.shape[-2]), int(pixels.shape[-1])), patch)
         context.values[_key(rearrange)] = cut
         if video:
-            context.values[_GRID] = _Grid(cut.batch, frames // frame_patch, cut.grid,
+            context.values[_GRID] = _Grid(cut.batch, int(pixels.shape[2]) // frame_patch, cut.grid,
                                           (float(patch[0]), float(patch[1])), frame_patch)
 
     return rearrange.register_forward_pre_hook(see)
@@ -215,9 +213,13 @@ def _grid_layout(grid: tuple[int, int], stride: tuple[float, float], prefix: int
     return _plain_positions(grid, stride, prefix, suffix)
 
 
-def _kept_cells(full: torch.Tensor, kept: torch.Tensor, what: str) -> torch.Tensor:
+def _kept_cells(context: CallContext, full: torch.Tensor, kept: torch.Tensor, what: str) -> torch.Tensor:
     """``[B, K]`` on the host: for each row of ``kept`` ``[B, K, D]``, the index of the row of ``full`` ``[B, N, D]``
-    it is an exact copy of (the model gathered it by index). Refused where a row matches no row or several."""
+    it is an exact copy of (the model gathered it by index), found once per call. Refused where a row matches no row
+    or several."""
+    known = context.values.get(_key(kept, "cells"))
+    if known is not None and known[0] is kept:
+        return known[1]
     if kept.dim() != 3 or full.dim() != 3 or kept.shape[0] != full.shape[0] or kept.shape[2] != full.shape[2]:
         raise NotPlaceable(f"{what} gathered rows of shape {list(kept.shape)} from {list(full.shape)}, not a subset "
                            "of each image's patch tokens")
@@ -233,7 +235,9 @@ def _kept_cells(full: torch.Tensor, kept: torch.Tensor, what: str) -> torch.Tens
                 "position of each kept token>"
             )
         cells.append(same.float().argmax(-1))
-    return torch.stack(cells).cpu()
+    cells = torch.stack(cells).cpu()
+    context.values[_key(kept, "cells")] = (kept, cells)  # the layers of this call share it
+    return cells
 
 
 def _subset_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[float, float], heads: int,
@@ -289,7 +293,6 @@ class _ImagePlacer(LayerPlacer):
         self.model, self.owner, self.what, self.rearrange = model, owner, what, rearrange
         self.wrapper, self.decoder = wrapper, decoder
         self.dropout = getattr(owner, "patch_dropout", None)
-        self.encoder_input = None  # MAE: the module whose input is the kept tokens
 
     def install(self, context: CallContext) -> list:
         handles = [_install_cut(context, self.rearrange, video=False),
@@ -346,7 +349,7 @@ class _ImagePlacer(LayerPlacer):
             if kept is None:
                 raise NotPlaceable("MAE's patch embedding did not run before its encoder in this call, so which "
                                    "patches the encoder keeps is unknown")
-            cells = _kept_cells(*kept, "MAE")
+            cells = _kept_cells(context, *kept, "MAE")
             self._check(lead, num_queries, num_keys, cut.batch, cells.shape[1], "the patches each image kept")
             return _subset_placement(cells, cut.grid, stride, heads, "global over the kept patches (MAE)")
         if not owner_ran:
@@ -357,7 +360,7 @@ class _ImagePlacer(LayerPlacer):
             )
         dropped = context.values.get(_key(self.dropout, "dropped")) if self.dropout is not None else None
         if dropped is not None:
-            cells = _kept_cells(*dropped, f"{self.what}'s PatchDropout (training)")
+            cells = _kept_cells(context, *dropped, f"{self.what}'s PatchDropout (training)")
             self._check(lead, num_queries, num_keys, cut.batch, cells.shape[1], "the patches each image kept")
             return _subset_placement(cells, cut.grid, stride, heads, "global over the kept patches (patch dropout)")
         prefix, suffix = _extra_tokens(self.owner, context.values[_key(self.owner, "ran")])
@@ -476,8 +479,15 @@ def _vivit_placer(model: nn.Module, vivit: nn.Module, rearrange: nn.Module, name
 
 def _refusal(path: list[nn.Module], module: nn.Module) -> RefusingPlacer:
     models = [m for m in path[:-1] if _design(m) is not None and hasattr(m, "to_patch_embedding")]
-    outer = models[-1] if models else next((m for m in path[:-1] if _design(m) is not None), module)
-    design = _design(outer)
+    if not models:
+        design = _design(path[0]) or _design(module)
+        return RefusingPlacer(
+            f"it is recorded inside {type(path[0]).__name__}" + (f" of vit_pytorch.{design[0]}" if design else "")
+            + ", without the vit_pytorch model whose forward builds its tokens (a transformer recorded alone?), so "
+            "vitmad does not know their layout; record the whole model, or pass positions=<[N, 2] pixel position of "
+            "each token, NaN rows for tokens off the image>"
+        )
+    design = _design(models[-1])
     return RefusingPlacer(
         f"{design[1]} of vit_pytorch.{design[0]}: vitmad does not know how it lays out its tokens (vitmad places "
         "vit_pytorch's ViT, SimpleViT and its variants with the same sequence, DeepViT, CaiT, DistillableViT, the "
