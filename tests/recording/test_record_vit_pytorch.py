@@ -340,31 +340,44 @@ def test_simmim_encoder_places_every_patch_and_mae_the_patches_each_image_kept()
     torch.testing.assert_close(tokens.per_layer[2].double(), decoder, **TOL)
 
 
-def test_patch_dropout_in_training_places_the_patches_each_image_kept():
+@pytest.mark.parametrize("design", ["simple_vit", "vit"])
+def test_patch_dropout_in_training_places_the_patches_each_image_kept(design):
+    from vit_pytorch import vit_with_patch_dropout
+
     torch.manual_seed(0)
-    model = _sharp(simple_vit_with_patch_dropout.SimpleViT(image_size=(16, 32), patch_size=8, num_classes=3,
-                                                           patch_dropout=0.5, **SMALL)).train()
+    args = dict(image_size=(16, 32), patch_size=8, num_classes=3, patch_dropout=0.5, **SMALL)
+    model = (simple_vit_with_patch_dropout.SimpleViT(**args) if design == "simple_vit"
+             else vit_with_patch_dropout.ViT(dropout=0.0, **args))
+    model = _sharp(model).train()
+    prefix = int(design == "vit")  # vit_with_patch_dropout puts its class token before the kept patches
     pixels = torch.randn(2, 3, 16, 32, generator=torch.Generator().manual_seed(13))
 
     def run():
         torch.manual_seed(14)
         return model(pixels)
 
-    _, tokens, mean = _record(model, run)
+    _, tokens, mean = _record(model, run, stats=STATS)
     maps = _attend_maps(model, run)
     torch.manual_seed(14)
     kept = torch.randn(2, 8).topk(4, dim=-1).indices  # PatchDropout's draw, in its order
     for layer, probabilities in enumerate(maps):
+        assert probabilities.shape[-1] == prefix + 4
         expected = torch.full((2, 2, 8), math.nan, dtype=torch.float64)
+        maps_expected = torch.full((2, 2, prefix, 8), math.nan, dtype=torch.float64)
         for image in range(2):
             cells = _cells((2, 4), (8, 8))[kept[image]]
-            expected[image][:, kept[image]] = (probabilities[image] * torch.cdist(cells, cells)).sum(-1)
+            rows = probabilities[image][:, prefix:, prefix:]
+            expected[image][:, kept[image]] = (rows * torch.cdist(cells, cells)).sum(-1)
+            maps_expected[image][..., kept[image]] = probabilities[image][:, :prefix, prefix:]
         torch.testing.assert_close(tokens.per_layer[layer].double(), expected, equal_nan=True, **TOL)
         torch.testing.assert_close(mean.per_layer[layer].double(), expected.nanmean(-1), **TOL)
+        if prefix:
+            torch.testing.assert_close(tokens.prefix_maps[layer].double(), maps_expected, equal_nan=True, **STAT_TOL)
     # In eval mode it keeps every patch: the plain grid.
     model.eval()
     _, tokens, mean = _record(model, lambda: model(pixels))
     assert tokens.per_layer[0].shape == (2, 2, 8) and not tokens.per_layer[0].isnan().any()
+    assert tokens.geometry[0].num_prefix_tokens == prefix
 
 
 def test_recorder_and_extractor_wrappers_record_the_model_they_hold():

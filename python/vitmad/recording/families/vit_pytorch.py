@@ -15,6 +15,7 @@ places the tokens the way each model's ``forward`` builds its sequence:
   ``simple_vit_with_relative_proj_pos_bias``): the patches alone; ``simple_vit_with_register_tokens``: the patches,
   then the register tokens (``pack([x, r])``); ``simple_vit_with_sparse_gating``: the register tokens, then the
   patches (``pack([r, x])``); ``simple_vit_with_specialized_cls``: one class token, then the patches;
+  ``vit_with_patch_dropout.ViT``: the class token, then the patches;
 - ``cait.CaiT``: its ``patch_transformer`` over the patches alone; its ``cls_transformer`` is class attention (the
   class token the only query, over the class token then the patches): skipped, its maps recorded with
   ``stats=[..., 'prefix_maps']``;
@@ -25,10 +26,11 @@ places the tokens the way each model's ``forward`` builds its sequence:
   ``factorized_self_attention``: each block's spatial attention as above, its temporal attention over the frames of
   each token (the class tokens' rows without a position);
 - ``simmim.SimMIM``: its encoder's transformer over every patch (mask tokens at their cells, no class token);
-  ``mae.MAE``: its encoder over the patches each image kept, its decoder over every patch; ``simple_vit_with_patch
-  _dropout`` in training: the patches each image kept. The kept patches are drawn inside the model's forward and
-  handed to no module: they are read per call by matching the rows the model gathered to the rows it gathered them
-  from (exact copies), and refused where two rows are equal (no single cell);
+  ``mae.MAE``: its encoder over the patches each image kept, its decoder over every patch; the patch-dropout designs
+  in training: the patches each image kept (after the class token in ``vit_with_patch_dropout``). The kept patches
+  are drawn inside the model's forward and handed to no module: they are read per call by matching the rows the
+  model gathered to the rows it gathered them from (exact copies), and refused where a row matches none or several
+  (no single cell);
 - ``na_vit.NaViT``: images of their own sizes packed in rows (``patch_size`` cells, row-major, one image after the
   other, the rows padded), a block-diagonal mask keeping each image to itself: each image on its own grid, one MAD
   per image; its attention pooling (a learned query per image) skipped; token dropout in training refused;
@@ -92,6 +94,7 @@ _IMAGE_DESIGNS = {
     ("distill", "DistillableViT"): "DistillableViT",
     ("deepvit", "DeepViT"): "DeepViT",
     ("vit_for_small_dataset", "ViT"): "ViT for small datasets",
+    ("vit_with_patch_dropout", "ViT"): "ViT with patch dropout",
     ("cait", "CaiT"): "CaiT",
     **{(module, "SimpleViT"): f"SimpleViT ({module})" for module in _SIMPLE},
     _SPARSE_GATING: "SimpleViTWithSparseGating",
@@ -241,19 +244,21 @@ def _kept_cells(context: CallContext, full: torch.Tensor, kept: torch.Tensor, wh
 
 
 def _subset_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[float, float], heads: int,
-                      attention: str) -> Placement:
-    """Token ``j`` of image ``b`` at cell ``cells[b, j]`` of the row-major grid, folded onto the whole grid with the
-    cells an image lacks absent."""
+                      attention: str, prefix: int) -> Placement:
+    """``prefix`` tokens without a position, then token ``j`` of image ``b`` at cell ``cells[b, j]`` of the row-major
+    grid, folded onto the whole grid with the cells an image lacks absent."""
     batch, count = cells.shape
     total = grid[0] * grid[1]
-    positions = cell_centres(*grid, stride).reshape(total, 2)[cells].unsqueeze(1)  # [B, 1, K, 2]
+    kept = cell_centres(*grid, stride).reshape(total, 2)[cells]  # [B, K, 2]
+    positions = torch.cat([kept.new_full((batch, prefix, 2), float("nan")), kept], dim=1).unsqueeze(1)
 
     def fold(values: torch.Tensor) -> torch.Tensor:
+        # values [B, H, prefix + K] -> [B, H, gh * gw]: kept token j of image b goes to cell cells[b, j].
         index = cells.to(values.device).unsqueeze(1).expand(values.shape[0], values.shape[1], count)
-        return values.new_full((*values.shape[:2], total), float("nan")).scatter(-1, index, values)
+        return values.new_full((*values.shape[:2], total), float("nan")).scatter(-1, index, values[..., prefix:])
 
     present = torch.zeros(batch, total, dtype=torch.bool).scatter_(1, cells, True)
-    return Placement(positions, None, fold, LayerGeometry(grid, stride, attention, heads, 0), present=present)
+    return Placement(positions, None, fold, LayerGeometry(grid, stride, attention, heads, prefix), present=present)
 
 
 def _extra_tokens(owner: nn.Module, ran: tuple) -> tuple[int, int]:
@@ -351,19 +356,21 @@ class _ImagePlacer(LayerPlacer):
                                    "patches the encoder keeps is unknown")
             cells = _kept_cells(context, *kept, "MAE")
             self._check(lead, num_queries, num_keys, cut.batch, cells.shape[1], "the patches each image kept")
-            return _subset_placement(cells, cut.grid, stride, heads, "global over the kept patches (MAE)")
+            return _subset_placement(cells, cut.grid, stride, heads, "global over the kept patches (MAE)", 0)
         if not owner_ran:
             raise NotPlaceable(
                 f"its transformer ran outside {self.what}'s forward in this call, so vitmad does not know which "
                 "tokens it was given; record the model whose forward runs it, or pass positions=<[N, 2] pixel "
                 "position of each token>"
             )
-        dropped = context.values.get(_key(self.dropout, "dropped")) if self.dropout is not None else None
-        if dropped is not None:
-            cells = _kept_cells(context, *dropped, f"{self.what}'s PatchDropout (training)")
-            self._check(lead, num_queries, num_keys, cut.batch, cells.shape[1], "the patches each image kept")
-            return _subset_placement(cells, cut.grid, stride, heads, "global over the kept patches (patch dropout)")
         prefix, suffix = _extra_tokens(self.owner, context.values[_key(self.owner, "ran")])
+        dropped = context.values.get(_key(self.dropout, "dropped")) if self.dropout is not None else None
+        if dropped is not None:  # the class token joins after the dropout (vit_with_patch_dropout)
+            cells = _kept_cells(context, *dropped, f"{self.what}'s PatchDropout (training)")
+            self._check(lead, num_queries, num_keys, cut.batch, prefix + cells.shape[1],
+                        (f"{prefix} token(s), then " if prefix else "") + "the patches each image kept")
+            return _subset_placement(cells, cut.grid, stride, heads, "global over the kept patches (patch dropout)",
+                                     prefix)
         return self._grid(lead, num_queries, num_keys, cut, stride, prefix, suffix, "global")
 
     def _grid(self, lead, num_queries, num_keys, cut: _Cut, stride, prefix: int, suffix: int,
