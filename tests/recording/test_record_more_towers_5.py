@@ -306,6 +306,13 @@ def test_inkling2_loop_records_its_inkling2_tower_never_its_language_model():
                                            r"model\.vision_tower: a language model's attention"):
         with torch.no_grad(), vitmad.record(model, layers=language, num_prefix_tokens=1):
             model(**inputs)
+    # A wildcard over the whole model: the tower recorded, the language model's attention layers skipped, and its
+    # other modules (embeddings, norms, projections, gates) no layers at all (until 2026-12-05 each was listed among
+    # rec.skipped as "a language model's attention").
+    with torch.no_grad(), vitmad.record(model, layers=[f"{tower}.*", "model.language_model.*"]) as rec:
+        model(**inputs)
+    assert rec.layers == [f"{tower}.layers.{i}.self_attn" for i in range(2)]
+    assert list(rec.skipped) == [f"model.language_model.layers.{i}.self_attn" for i in range(2)]
 
 
 # TIPSv2-DPT: TIPSv2's tower under a DPT head -----------------------------------------------------------------------
