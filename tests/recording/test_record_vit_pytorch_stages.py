@@ -353,6 +353,33 @@ def test_t2t_soft_splits_and_final_grid(size):
                                **STAT_TOL)
 
 
+@pytest.mark.parametrize("window", [2, None])
+def test_scalable_vit_pooled_keys_and_windows(window):
+    from vit_pytorch.scalable_vit import ScalableViT
+
+    torch.manual_seed(0)
+    model = _sharpen(ScalableViT(num_classes=5, dim=8, depth=(1, 1), heads=2, reduction_factor=(2, 1),
+                                 window_size=window, iwsa_dim_key=8, iwsa_dim_value=8, ssa_dim_key=8,
+                                 ssa_dim_value=8), 2 * STD)
+    pixels = torch.randn(2, 3, 30, 46, generator=torch.Generator().manual_seed(1))
+    maps, rec, rec_tokens = _run(model, pixels)
+    # to_patches 7x7 stride 4 pad 3: 8x12 (4 px); Downsample 3x3 stride 2 pad 1: 4x6 (8 px). SSA keys: a 2x2 conv of
+    # stride 2 (4x6 at 8 px), then 1x1 (the map itself). IWSA: 'b (h d) (x w1) (y w2) -> (b x y) h (w1 w2) d'.
+    expected = []
+    for (gh, gw), stride, reduction, attn_ssa, attn_iwsa in zip([(8, 12), (4, 6)], [4, 8], [2, 1], maps[0::2],
+                                                                  maps[1::2]):
+        keys = grid_centres((gh // reduction, gw // reduction), stride * reduction)
+        expected.append(_mad(attn_ssa, grid_centres((gh, gw), stride), keys))
+        wh, ww = (gh, gw) if window is None else (window, window)
+        x, y, w1, w2 = torch.meshgrid(torch.arange(gh // wh), torch.arange(gw // ww), torch.arange(wh),
+                                      torch.arange(ww), indexing="ij")
+        cells = torch.stack([x * wh + w1, y * ww + w2], -1).reshape(-1, wh * ww, 2)
+        expected.append(_windows_reference(attn_iwsa.view(2, -1, 2, wh * ww, wh * ww), cells, (gh, gw), stride))
+    _far_from_uniform(maps[0])
+    _far_from_uniform(maps[1])
+    _compare(rec, rec_tokens, expected, [(8, 12)] * 2 + [(4, 6)] * 2, [4, 4, 8, 8])
+
+
 def test_refused_designs_are_named():
     from vit_pytorch.sep_vit import DSSA
 

@@ -37,12 +37,16 @@ modules (patch sizes, einops patterns, strides), read in each call:
   at the centre of its stride cell); the T2T module's transformer after split ``i`` attends over that grid, the
   ViT's layers over the last one after a class token. ``RearrangeImage`` folds the tokens back to a map of
   ``int(sqrt(n))`` rows: a grid with other rows is refused.
+- ``scalable_vit.ScalableViT``: ``to_patches`` (7x7, stride 4) then a 3x3 convolution of stride 2 per stage make
+  the map; ``ScalableSelfAttention`` from every token over keys pooled by a ``reduction_factor`` convolution of that
+  stride, ``InteractiveWindowedSelfAttention`` within ``window_size`` windows (``(b x y) h (w1 w2) d``; the whole
+  map without a window size).
 - ``mobile_vit.MobileViT``: each ``MobileViTBlock`` unfolds its ``conv2`` output into ``ph x pw`` patches
   (``b d (h ph) (w pw) -> b (ph pw) (h w) d``): one sequence per pixel offset in a patch, attending across the
   patches, ``[B, ph * pw, heads, N, N]``: a grid of ``H / ph x W / pw`` tokens spaced ``ph x pw`` apart.
 
-The attention modules of ``regionvit``, ``crossformer``, ``scalable_vit``, ``sep_vit`` and
-``max_vit_with_registers`` are refused by name (:data:`_REFUSED`).
+The attention modules of ``regionvit``, ``crossformer``, ``sep_vit`` and ``max_vit_with_registers`` are refused
+by name (:data:`_REFUSED`).
 """
 
 from __future__ import annotations
@@ -73,7 +77,8 @@ __all__ = ["placer", "attention_modules"]
 # this family's).
 _ATTENTION = {("max_vit", "Attention"), ("twins_svt", "LocalAttention"), ("twins_svt", "GlobalAttention"),
               ("pit", "Attention"), ("levit", "Attention"), ("cvt", "Attention"), ("cross_vit", "Attention"),
-              ("nest", "Attention"), ("cct", "Attention"), ("mobile_vit", "Attention")}
+              ("nest", "Attention"), ("cct", "Attention"), ("mobile_vit", "Attention"),
+              ("scalable_vit", "ScalableSelfAttention"), ("scalable_vit", "InteractiveWindowedSelfAttention")}
 
 _REFUSED = {
     ("regionvit", "Attention"): "RegionViT's regional-to-local attention: each local window's sequence is its "
@@ -81,10 +86,6 @@ _REFUSED = {
                                 "place vit_pytorch's RegionViT yet",
     ("crossformer", "Attention"): "CrossFormer's long- and short-distance attention with dynamic position bias: "
                                   "vitmad does not place vit_pytorch's CrossFormer yet",
-    ("scalable_vit", "ScalableSelfAttention"): "ScalableViT's scalable self-attention (keys reduced by a strided "
-                                               "convolution): vitmad does not place vit_pytorch's ScalableViT yet",
-    ("scalable_vit", "InteractiveWindowedSelfAttention"): "ScalableViT's interactive windowed self-attention: "
-                                                          "vitmad does not place vit_pytorch's ScalableViT yet",
     ("sep_vit", "DSSA"): "SepViT's depthwise-separable self-attention (a learned window token per window, then "
                          "attention between the window tokens): vitmad does not place vit_pytorch's SepViT yet",
     ("max_vit_with_registers", "Attention"): "MaxViT with register tokens (registers packed beside each window's "
@@ -532,6 +533,26 @@ def _t2t(model: nn.Module, name: str) -> LayerPlacer | None:
     return RefusingPlacer(f"it is neither in T2T-ViT's to_patch_embedding nor in its transformer ({name})")
 
 
+# ScalableViT ----------------------------------------------------------------------------------------------------
+
+def _scalable_vit(model: nn.Module, name: str, module: nn.Module) -> LayerPlacer | None:
+    found = _owner(model, name, "scalable_vit", "ScalableViT")
+    if found is None:
+        return None
+    scalable = found[1]
+    stages = StageGrid(scalable, [scalable.to_patches] + [downsample.conv for _, downsample in scalable.layers
+                                                           if downsample is not None])
+    if _is(module, "scalable_vit", "ScalableSelfAttention"):
+        return StagePlacer(stages, _pooled_keys(module.to_k))
+    size = module.window_size
+
+    def partition(grid):
+        window = grid if size is None else (int(size), int(size))
+        return block_partition(grid, window), f"window {window[0]}x{window[1]}"
+
+    return _Windows(stages, partition)
+
+
 # MobileViT ------------------------------------------------------------------------------------------------------
 
 def _mobilevit(model: nn.Module, name: str) -> LayerPlacer | None:
@@ -589,6 +610,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return _nest(model, name)
     if file == "cct":
         return _cct(model, name)
+    if file == "scalable_vit":
+        return _scalable_vit(model, name, module)
     if file == "mobile_vit":
         return _mobilevit(model, name)
     if key == ("vit", "Attention"):
