@@ -380,6 +380,32 @@ def test_scalable_vit_pooled_keys_and_windows(window):
     _compare(rec, rec_tokens, expected, [(8, 12)] * 2 + [(4, 6)] * 2, [4, 4, 8, 8])
 
 
+def test_crossformer_short_and_long_distance_windows():
+    from vit_pytorch.crossformer import CrossFormer
+
+    torch.manual_seed(0)
+    model = _sharpen(CrossFormer(dim=(32, 32, 32, 32), depth=(1, 1, 1, 1), global_window_size=(2, 2, 2, 2),
+                                 local_window_size=2, cross_embed_kernel_sizes=((4, 8), (2, 4), (2, 4), (2, 4)),
+                                 num_classes=5), STD)
+    pixels = torch.randn(2, 3, 64, 128, generator=torch.Generator().manual_seed(1))
+    maps, rec, rec_tokens = _run(model, pixels)
+    # CrossEmbedLayer strides 4, 2, 2, 2: maps 16x32 (4 px), 8x16, 4x8, 2x4. Short: 'b d (h s1) (w s2) -> (b h w) d s1
+    # s2'; long: 'b d (l1 h) (l2 w) -> (b h w) d l1 l2' (token (l1, l2) of window (h, w) at (l1 * H / 2 + h, ...)).
+    expected, grids, strides = [], [], []
+    for stage, (gh, gw) in enumerate([(16, 32), (8, 16), (4, 8), (2, 4)]):
+        h, w, i, j = torch.meshgrid(torch.arange(gh // 2), torch.arange(gw // 2), torch.arange(2), torch.arange(2),
+                                    indexing="ij")
+        for cells in (torch.stack([h * 2 + i, w * 2 + j], -1), torch.stack([i * (gh // 2) + h, j * (gw // 2) + w], -1)):
+            attn = maps[len(expected)]
+            expected.append(_windows_reference(attn.view(2, -1, attn.shape[1], 4, 4), cells.reshape(-1, 4, 2),
+                                               (gh, gw), 4 * 2 ** stage))
+            grids.append((gh, gw))
+            strides.append(4 * 2 ** stage)
+    _far_from_uniform(maps[0])
+    _far_from_uniform(maps[1])
+    _compare(rec, rec_tokens, expected, grids, strides)
+
+
 def test_refused_designs_are_named():
     from vit_pytorch.sep_vit import DSSA
 

@@ -41,12 +41,17 @@ modules (patch sizes, einops patterns, strides), read in each call:
   the map; ``ScalableSelfAttention`` from every token over keys pooled by a ``reduction_factor`` convolution of that
   stride, ``InteractiveWindowedSelfAttention`` within ``window_size`` windows (``(b x y) h (w1 w2) d``; the whole
   map without a window size).
+- ``crossformer.CrossFormer``: each stage's ``CrossEmbedLayer`` (convolutions of one stride, their maps
+  concatenated) makes the map; short-distance attention within ``window_size`` blocks (``b d (h s1) (w s2) -> (b h w)
+  d s1 s2``), long-distance attention over a ``window_size`` grid dilated across the map (``b d (l1 h) (l2 w) -> (b h
+  w) d l1 l2``: token ``(l1, l2)`` of window ``(h, w)`` at row ``l1 * H / window_size + h``), ``[B * windows, heads,
+  N, N]``.
 - ``mobile_vit.MobileViT``: each ``MobileViTBlock`` unfolds its ``conv2`` output into ``ph x pw`` patches
   (``b d (h ph) (w pw) -> b (ph pw) (h w) d``): one sequence per pixel offset in a patch, attending across the
   patches, ``[B, ph * pw, heads, N, N]``: a grid of ``H / ph x W / pw`` tokens spaced ``ph x pw`` apart.
 
-The attention modules of ``regionvit``, ``crossformer``, ``sep_vit`` and ``max_vit_with_registers`` are refused
-by name (:data:`_REFUSED`).
+The attention modules of ``regionvit``, ``sep_vit`` and ``max_vit_with_registers`` are refused by name
+(:data:`_REFUSED`).
 """
 
 from __future__ import annotations
@@ -78,14 +83,13 @@ __all__ = ["placer", "attention_modules"]
 _ATTENTION = {("max_vit", "Attention"), ("twins_svt", "LocalAttention"), ("twins_svt", "GlobalAttention"),
               ("pit", "Attention"), ("levit", "Attention"), ("cvt", "Attention"), ("cross_vit", "Attention"),
               ("nest", "Attention"), ("cct", "Attention"), ("mobile_vit", "Attention"),
-              ("scalable_vit", "ScalableSelfAttention"), ("scalable_vit", "InteractiveWindowedSelfAttention")}
+              ("scalable_vit", "ScalableSelfAttention"), ("scalable_vit", "InteractiveWindowedSelfAttention"),
+              ("crossformer", "Attention")}
 
 _REFUSED = {
     ("regionvit", "Attention"): "RegionViT's regional-to-local attention: each local window's sequence is its "
                                 "regional token then its window's tokens, regrouped per layer; vitmad does not "
                                 "place vit_pytorch's RegionViT yet",
-    ("crossformer", "Attention"): "CrossFormer's long- and short-distance attention with dynamic position bias: "
-                                  "vitmad does not place vit_pytorch's CrossFormer yet",
     ("sep_vit", "DSSA"): "SepViT's depthwise-separable self-attention (a learned window token per window, then "
                          "attention between the window tokens): vitmad does not place vit_pytorch's SepViT yet",
     ("max_vit_with_registers", "Attention"): "MaxViT with register tokens (registers packed beside each window's "
@@ -553,6 +557,27 @@ def _scalable_vit(model: nn.Module, name: str, module: nn.Module) -> LayerPlacer
     return _Windows(stages, partition)
 
 
+# CrossFormer ----------------------------------------------------------------------------------------------------
+
+def _crossformer(model: nn.Module, name: str, module: nn.Module) -> LayerPlacer | None:
+    found = _owner(model, name, "crossformer", "CrossFormer")
+    if found is None:
+        return None
+    crossformer = found[1]
+    # Each CrossEmbedLayer's convolutions share one stride and output size: its first one gives the stage's map.
+    stages = StageGrid(crossformer, [embed.convs[0] for embed, _ in crossformer.layers])
+    size, kind = int(module.window_size), module.attn_type  # "short" or "long" (its __init__ asserts so)
+
+    def partition(grid):
+        if kind == "short":
+            return block_partition(grid, (size, size)), f"window {size}x{size} (short distance)"
+        step = (grid[0] // size, grid[1] // size)
+        return grid_partition(grid, (size, size)), (f"grid {size}x{size}, dilated every {step[0]}x{step[1]} (long "
+                                                    "distance)")
+
+    return _Windows(stages, partition)
+
+
 # MobileViT ------------------------------------------------------------------------------------------------------
 
 def _mobilevit(model: nn.Module, name: str) -> LayerPlacer | None:
@@ -612,6 +637,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return _cct(model, name)
     if file == "scalable_vit":
         return _scalable_vit(model, name, module)
+    if file == "crossformer":
+        return _crossformer(model, name, module)
     if file == "mobile_vit":
         return _mobilevit(model, name)
     if key == ("vit", "Attention"):
