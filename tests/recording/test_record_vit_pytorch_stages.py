@@ -162,7 +162,7 @@ def test_twins_svt_local_windows_and_pooled_global_keys():
     model = _sharpen(TwinsSVT(num_classes=5, **stages), STD)
     pixels = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
     maps, rec, rec_tokens = _run(model, pixels)
-    # Patch sizes 2, 2, 2, 1: maps 16x12... per stage: 16x24 (2 px), 8x12 (4), 4x6 (8), 4x6 (8); the last stage has
+    # Patch sizes 2, 2, 2, 1: maps 16x24 (2 px), 8x12 (4), 4x6 (8), 4x6 (8); the last stage has
     # no local attention. Local: 2x2 windows, [(B x y heads), 4, 4]; global: keys by a 2x2 conv of stride 2.
     layout = [((16, 24), 2)] * 4 + [((8, 12), 4)] * 4 + [((4, 6), 8)] * 4 + [((4, 6), 8)] * 2
     local = [True, False] * 6 + [False, False]
@@ -228,6 +228,27 @@ def test_pit_refuses_a_grid_its_pool_folds_into_other_rows():
     with pytest.raises(ValueError, match=r"folds the 4x9 grid of tokens into 6 rows"), torch.no_grad():
         with vitmad.record(model):
             model(pixels)
+
+
+def test_calls_start_at_the_model_forward():
+    """PiT's, Twins-SVT's and NesT's first convolution runs after their patches are cut (PiT's in its first Pool):
+    each forward is one call holding every layer, as a forward recorded alone."""
+    from vit_pytorch.nest import NesT
+    from vit_pytorch.pit import PiT
+
+    pit = PiT(image_size=32, patch_size=8, num_classes=5, dim=16, depth=(1, 1), heads=2, mlp_dim=16, dim_head=8)
+    nest = NesT(image_size=32, patch_size=4, num_classes=5, dim=8, heads=1, num_hierarchies=2, block_repeats=1,
+                dim_head=8)
+    first, second = torch.randn(2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for model in (pit.eval(), nest.eval()):
+        with torch.no_grad():
+            with vitmad.record(model) as both:
+                model(first)
+                model(second)
+            with vitmad.record(model) as alone:
+                model(second)
+        assert [len(call.layers) for call in both.calls] == [2, 2]
+        assert all(torch.equal(a, b) for a, b in zip(both.per_layer, alone.per_layer))
 
 
 def test_levit_subsampled_queries():
