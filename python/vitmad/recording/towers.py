@@ -20,6 +20,7 @@ from .families.packed import token_convolutions
 from .families.pix2struct import is_tower as is_flattened_patches_tower
 from .families.plain import find_patch_embedding, is_embedding_projection
 from .families.radio import is_tower as is_radio_tower
+from .families.vit_pytorch_stages import token_convolutions as vit_pytorch_token_convolutions
 from .families.vq_tokenizer import is_tower as is_vq_tokenizer
 from .module_index import module_list, named_module_list
 
@@ -129,7 +130,7 @@ def first_convolution(model: nn.Module) -> nn.Module | None:
     patches come cut, and a text tower beside them must not start a call). A packed tower's convolutions over its
     tokens (LFM3-VL's, run once per image) are none of these: a model without any other starts its calls as one
     without convolutions."""
-    on_tokens = token_convolutions(model)
+    on_tokens = token_convolutions(model) | vit_pytorch_token_convolutions(model)
     convolutions = [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d)) and id(m) not in on_tokens]
     channels = image_channels(model) or 3
     on_image = next((m for m in convolutions if m.in_channels == channels), None)
