@@ -276,7 +276,8 @@ def test_attention_outside_an_image_encoder_is_refused_by_name():
     """A Block recorded alone has no PatchEmbed to give its stride: refused, saying what to record."""
     torch.manual_seed(0)
     block = _encoder(64, 3).blocks[0].eval()
-    with pytest.raises(ValueError, match=r"attn .*placed as a Block's attention inside an ImageEncoderViT.*"
-                                         r"outside any ImageEncoderViT: record the ImageEncoderViT or the Sam model"):
+    with pytest.raises(ValueError, match=r"attn .*placed only as the attention of a Block within ImageEncoderViT "
+                                         r".*held by Block, outside any ImageEncoderViT: record the ImageEncoderViT "
+                                         r"or the Sam model"):
         with torch.no_grad(), vitmad.record(block):
             block(torch.randn(1, 8, 8, 32))
