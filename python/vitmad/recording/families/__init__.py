@@ -55,6 +55,7 @@ from . import (
     radio,
     rf_detr,
     sam_map_encoder,
+    segment_anything,
     shvit,
     svtr,
     swin,
@@ -112,11 +113,11 @@ class ClassQueries(Skip):
 # Tried in order; the first family that claims a module places it.
 _FAMILIES = (
     packed, vit_pytorch_stages, class_attention, attention_pool2d, non_spatial, unplaced, radio, llama4, molmo2,
-    minicpmv, mllama, pix2struct, eomt, masked, vilt, padded_patches, swin, video_swin, windowed_vit, sam_map_encoder,
-    hiera, pooled, mvit, video_mvit, levit, lw_detr, rf_detr, detr_encoder, memory_attention, efficientformer,
-    conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin, mobilevit,
-    efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit, convit,
-    torchvision_maxvit, vq_tokenizer, svtr, vit_pytorch,
+    minicpmv, mllama, pix2struct, eomt, masked, vilt, padded_patches, swin, video_swin, windowed_vit, segment_anything,
+    sam_map_encoder, hiera, pooled, mvit, video_mvit, levit, lw_detr, rf_detr, detr_encoder, memory_attention,
+    efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin,
+    mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit,
+    convit, torchvision_maxvit, vq_tokenizer, svtr, vit_pytorch,
 )
 
 

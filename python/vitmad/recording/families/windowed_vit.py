@@ -42,11 +42,11 @@ from ..module_index import module_list, named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
 from .stages import pair
 
-__all__ = ["placer", "attention_modules"]
+__all__ = ["placer", "attention_modules", "WindowedDesign", "WindowedGridPlacer"]
 
 
 @dataclass(frozen=True)
-class _Design:
+class WindowedDesign:
     """How one family's attention module and its block read.
 
     Attributes:
@@ -62,13 +62,13 @@ class _Design:
     channels_first: bool = False
 
 
-_SAM = _Design("SamVisionLayer", "num_attention_heads")
-_SAM_HQ = _Design("SamHQVisionLayer", "num_attention_heads")
-_DEEPSEEK_OCR2 = _Design("DeepseekOcr2SamVisionLayer", "num_attention_heads")
-_UNLIMITED_OCR = _Design("UnlimitedOcrSamVisionLayer", "num_attention_heads")
+_SAM = WindowedDesign("SamVisionLayer", "num_attention_heads")
+_SAM_HQ = WindowedDesign("SamHQVisionLayer", "num_attention_heads")
+_DEEPSEEK_OCR2 = WindowedDesign("DeepseekOcr2SamVisionLayer", "num_attention_heads")
+_UNLIMITED_OCR = WindowedDesign("UnlimitedOcrSamVisionLayer", "num_attention_heads")
 # (attention class name, defining module's suffix) -> design.
 _DESIGNS = {
-    ("Attention", "vision_transformer_sam"): _Design("Block", "num_heads"),
+    ("Attention", "vision_transformer_sam"): WindowedDesign("Block", "num_heads"),
     ("SamVisionAttention", "modeling_sam"): _SAM,
     ("SamVisionSdpaAttention", "modeling_sam"): _SAM,
     ("SamHQVisionAttention", "modeling_sam_hq"): _SAM_HQ,
@@ -77,10 +77,10 @@ _DESIGNS = {
     # SamVisionLayer, eager attention only): GOT-OCR2's vision tower (also PP-Chart2Table's, which builds
     # GotOcr2ForConditionalGeneration), PP-FormulaNet's and SLANeXt's. Same windows, padding, global blocks,
     # merged batch and heads; their necks and projectors after the blocks are convolutions.
-    ("GotOcr2VisionAttention", "modeling_got_ocr2"): _Design("GotOcr2VisionLayer", "num_attention_heads"),
-    ("PPFormulaNetVisionAttention", "modeling_pp_formulanet"): _Design("PPFormulaNetVisionLayer",
-                                                                       "num_attention_heads"),
-    ("SLANeXtVisionAttention", "modeling_slanext"): _Design("SLANeXtVisionLayer", "num_attention_heads"),
+    ("GotOcr2VisionAttention", "modeling_got_ocr2"): WindowedDesign("GotOcr2VisionLayer", "num_attention_heads"),
+    ("PPFormulaNetVisionAttention", "modeling_pp_formulanet"): WindowedDesign("PPFormulaNetVisionLayer",
+                                                                             "num_attention_heads"),
+    ("SLANeXtVisionAttention", "modeling_slanext"): WindowedDesign("SLANeXtVisionLayer", "num_attention_heads"),
     # DeepSeek-OCR-2's and Unlimited-OCR's SAM encoders: SAM's attention (eager and SDPA) and block copied whole.
     # Their patch embedding takes any image size and the absolute position embedding is resized (bicubic) to the
     # map the convolution made: a value added per cell, the grid unchanged. Their neck and projector are
@@ -94,11 +94,11 @@ _DESIGNS = {
     # padding, windows and tokens row-major, the padding unmasked), [B * windows, heads, N, N] (eager and SDPA),
     # global blocks with window_size 0. Its 2-D RoPE (window-local positions in a windowed block) and its position
     # embedding (tiled, a value added per cell) change the scores, not where a token is on the image.
-    ("Sam3ViTRoPEAttention", "modeling_sam3"): _Design("Sam3ViTLayer", "num_attention_heads"),
-    ("VitDetAttention", "modeling_vitdet"): _Design("VitDetLayer", "num_heads", channels_first=True),
-    ("MultiScaleAttention", "hieradet_sam2"): _Design("MultiScaleBlock", "num_heads", "q_stride"),
-    ("Sam2MultiScaleAttention", "modeling_sam2"): _Design("Sam2MultiScaleBlock", "num_attention_heads",
-                                                          "query_stride"),
+    ("Sam3ViTRoPEAttention", "modeling_sam3"): WindowedDesign("Sam3ViTLayer", "num_attention_heads"),
+    ("VitDetAttention", "modeling_vitdet"): WindowedDesign("VitDetLayer", "num_heads", channels_first=True),
+    ("MultiScaleAttention", "hieradet_sam2"): WindowedDesign("MultiScaleBlock", "num_heads", "q_stride"),
+    ("Sam2MultiScaleAttention", "modeling_sam2"): WindowedDesign("Sam2MultiScaleBlock", "num_attention_heads",
+                                                                "query_stride"),
 }
 
 
@@ -130,7 +130,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     return WindowedGridPlacer(model, name, block, module, design)
 
 
-def _patch_stride_and_pooling(model: nn.Module, block: nn.Module, design: _Design) -> tuple[tuple[int, int],
+def _patch_stride_and_pooling(model: nn.Module, block: nn.Module, design: WindowedDesign) -> tuple[tuple[int, int],
                                                                                              tuple[int, int]]:
     """The stride of the patch embedding (the first convolution before the first block) and the product of
     the query strides of the blocks before ``block``."""
@@ -152,7 +152,7 @@ class WindowedGridPlacer(LayerPlacer):
     """Places one attention call of a block that attends within (padded) windows of its 2-D map, or globally,
     optionally with pooled queries."""
 
-    def __init__(self, model: nn.Module, name: str, block: nn.Module, attention: nn.Module, design: _Design):
+    def __init__(self, model: nn.Module, name: str, block: nn.Module, attention: nn.Module, design: WindowedDesign):
         self.model, self.name, self.block, self.attention, self.design = model, name, block, attention, design
         self._key = f"windowed_vit.{name}"
         self._scale: tuple[tuple[float, float], str | None] | None = None

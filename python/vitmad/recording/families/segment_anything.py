@@ -1,0 +1,129 @@
+"""Meta's Segment Anything packages: the original ``segment_anything`` (``ImageEncoderViT`` alone or inside ``Sam``)
+and ``sam2`` (its ``Hiera`` image encoder alone or inside ``SAM2Base``).
+
+``ImageEncoderViT`` is ViTDet's plain ViT on a ``[B, H, W, C]`` token map: ``PatchEmbed`` is a convolution with
+kernel = stride = ``patch_size`` and no padding (a remainder of the image past the last whole patch is dropped),
+then the map is permuted channels-last; the absolute position embedding and the decomposed relative position bias
+(``add_decomposed_rel_pos``, added to the scores before the softmax) change the scores, not where a token is. Each
+``Block`` with ``window_size > 0`` runs ``window_partition``: the map zero-padded at the bottom and right to a multiple
+of the window, windows row-major, tokens row-major within a window; the padding is not masked, so a padding slot is
+a key at its cell of the padded grid past the image edge and no query (docs/definition.md, windows). A block in
+``global_attn_indexes`` (``window_size`` 0) attends over the whole map. ``Attention`` splits heads with
+``reshape(3, B * heads, H * W, -1)``, so its softmax (``Tensor.softmax``, captured by vitmad's softmax capture)
+runs over ``[B * windows * heads, N, N]``: image, then window, then head; transformers' SAM and timm's
+``vision_transformer_sam`` merge them in the same order, so :class:`.windowed_vit.WindowedGridPlacer` places it,
+the patch stride read from ``PatchEmbed``'s convolution. Token centres are in the pixels of the image the encoder
+receives (``Sam.preprocess`` and ``SamPredictor`` resize the long side to ``img_size`` and pad the bottom and right
+with zeros, which the encoder embeds as image content).
+
+``Sam`` (and ``SamPredictor.set_image``, ``SamAutomaticMaskGenerator.generate``, which call
+``model.image_encoder`` as a module, once per image or crop) holds the encoder beside ``PromptEncoder`` (no
+attention) and ``MaskDecoder``, whose ``TwoWayTransformer`` runs ``transformer.Attention`` between the prompt
+tokens and the image embedding. That is no image self-attention: the prompt (point, box and output) tokens have no
+cell on the image. It lies outside the encoder that embeds the image, so it is not recorded by default, and is
+skipped with its reason when named in ``layers``.
+
+``sam2``'s ``Hiera`` (``modeling/backbones/hieradet.py``) is the code timm ports as ``hieradet_sam2``, which
+:mod:`.windowed_vit` places: ``PatchEmbed`` a 7 x 7 convolution of stride 4 (padding 3), ``MultiScaleBlock``s on a
+``[B, H, W, C]`` map with SAM's ``window_partition`` (``modeling/backbones/utils.py``: bottom/right zero padding,
+windows and tokens row-major, unmasked), global blocks (``global_att_blocks``, window 0), and at each stage change a
+``q_stride`` max-pool of the queries per window; ``MultiScaleAttention`` calls SDPA on ``[B * windows, heads, Nq,
+Nk]``. ``ImageEncoder`` (trunk and FPN neck of convolutions), ``SAM2Base.forward_image``, ``SAM2ImagePredictor`` and
+the automatic mask generator call the trunk as a module. SAM2's mask decoder runs the same two-way transformer
+(``sam/transformer.py``): skipped as SAM's. Its memory attention (``MemoryAttentionLayer``, video tracking) runs
+``cross_attn_image`` from the current frame's tokens to the memory bank (other frames' memories and object-pointer
+tokens: no cells of this frame), skipped with that reason; its ``self_attn`` over the current frame's map is spatial
+attention that vitmad does not place for this package (transformers' ``Sam2VideoModel``'s is placed, by
+:mod:`.memory_attention`): refused by name when named in ``layers``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..placement import RefusingPlacer
+from .stages import innermost_on_path
+from .windowed_vit import WindowedDesign, WindowedGridPlacer
+
+__all__ = ["placer"]
+
+_ENCODER_MODULE = "segment_anything.modeling.image_encoder"
+_DECODER_MODULE = "segment_anything.modeling.transformer"
+_BLOCK = WindowedDesign("Block", "num_heads")
+_SAM2_HIERA_MODULE = "sam2.modeling.backbones.hieradet"
+_SAM2_TRANSFORMER_MODULE = "sam2.modeling.sam.transformer"
+_SAM2_MEMORY_MODULE = "sam2.modeling.memory_attention"
+_SAM2_BLOCK = WindowedDesign("MultiScaleBlock", "num_heads", "q_stride")
+
+_TWO_WAY = "two-way transformer of the mask decoder ({} TwoWayTransformer): "
+# Attention attribute in its owner (TwoWayAttentionBlock, or the TwoWayTransformer itself) -> why it has no MAD.
+_TWO_WAY_REASONS = {
+    "self_attn": "self-attention of the prompt (point/box) and output tokens, none of which has a cell on the image",
+    "cross_attn_token_to_image": "cross-attention from the prompt tokens to the image embedding: its queries have "
+                                 "no cell on the image",
+    "final_attn_token_to_image": "cross-attention from the prompt tokens to the image embedding: its queries have "
+                                 "no cell on the image",
+    "cross_attn_image_to_token": "cross-attention from the image embedding to the prompt tokens: its keys have no "
+                                 "cell on the image",
+}
+_MEMORY_CROSS = ("memory attention cross-attention (sam2 MemoryAttentionLayer.cross_attn_image): the current frame's "
+                 "tokens attend to the memory bank, other frames' memories and object-pointer tokens, keys that are no "
+                 "cells of the current frame, so it has no MAD")
+
+
+def _is(module: nn.Module, class_name: str, defining_module: str) -> bool:
+    cls = type(module)
+    return cls.__name__ == class_name and cls.__module__ == defining_module
+
+
+def _two_way_skip(name: str, package: str):
+    from . import Skip
+
+    what = _TWO_WAY_REASONS.get(name.rpartition(".")[2], "attention between the prompt tokens and the image "
+                                                           "embedding, no image self-attention")
+    return Skip(_TWO_WAY.format(package) + what)
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    cls_module = type(module).__module__
+    if cls_module == _DECODER_MODULE and type(module).__name__ == "Attention":
+        return _two_way_skip(name, "segment_anything")
+    if cls_module == _SAM2_TRANSFORMER_MODULE and type(module).__name__ in ("Attention", "RoPEAttention"):
+        return _sam2_transformer_attention(model, name)
+    if _is(module, "Attention", _ENCODER_MODULE):
+        return _windowed(model, name, module, "Block", "ImageEncoderViT", _ENCODER_MODULE, _BLOCK,
+                         "segment_anything's image-encoder Attention", "the ImageEncoderViT or the Sam model")
+    if _is(module, "MultiScaleAttention", _SAM2_HIERA_MODULE):
+        return _windowed(model, name, module, "MultiScaleBlock", "Hiera", _SAM2_HIERA_MODULE, _SAM2_BLOCK,
+                         "sam2's MultiScaleAttention", "the Hiera trunk, its ImageEncoder or the SAM2Base model")
+    return None
+
+
+def _windowed(model: nn.Module, name: str, module: nn.Module, block_class: str, encoder_class: str,
+              defining_module: str, design: WindowedDesign, what: str, record: str):
+    block = model.get_submodule(name.rpartition(".")[0])
+    found = innermost_on_path(model, name, lambda m: _is(m, encoder_class, defining_module))
+    if not _is(block, block_class, defining_module) or found is None:
+        return RefusingPlacer(
+            f"{what} is placed only as the attention of a {block_class} within {encoder_class} (whose PatchEmbed "
+            f"gives the patch stride); {name} is held by {type(block).__name__}"
+            f"{'' if found is not None else f', outside any {encoder_class}'}: record {record} that holds it"
+        )
+    # The encoder, not the whole model, is searched for the patch embedding (its first convolution).
+    return WindowedGridPlacer(found[1], name, block, module, design)
+
+
+def _sam2_transformer_attention(model: nn.Module, name: str):
+    from . import Skip
+
+    if innermost_on_path(model, name, lambda m: _is(m, "TwoWayTransformer", _SAM2_TRANSFORMER_MODULE)):
+        return _two_way_skip(name, "sam2")
+    if innermost_on_path(model, name, lambda m: _is(m, "MemoryAttentionLayer", _SAM2_MEMORY_MODULE)):
+        if name.rpartition(".")[2] == "cross_attn_image":
+            return Skip(_MEMORY_CROSS)
+        return RefusingPlacer(
+            f"{name} is sam2's memory-attention self-attention over the current frame's map (square, RoPE): vitmad "
+            "does not place the sam2 package's memory attention (it places transformers' Sam2VideoModel's); leave "
+            "it out of layers= (the default records the image encoder)"
+        )
+    return None
