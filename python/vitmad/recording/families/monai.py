@@ -10,8 +10,8 @@ ViT then puts its class token first when it was built with ``classification=True
 added to each token and move none. Every ``SABlock`` attends over ``[class token][the grid]`` with its own softmax
 (``att_mat.softmax(dim=-1)``). A pre-hook on the patch embedding reads each call's input, so any size the model
 accepts is placed as cut (the position table fixes the patch count only: sides swapped also run). UNETR reshapes
-the hidden states of blocks 3, 6, 9 and the last onto the same grid row-major (``proj_feat``), so what it reads is
-what is placed.
+the outputs of blocks 3, 6 and 9 (from 0) and the normed last onto the same grid row-major (``proj_feat``), so what
+it reads is what is placed.
 
 Swin (``SwinTransformer`` in ``monai.networks.nets.swin_unetr``, SwinUNETR's ``swinViT``): ``PatchEmbed`` pads the
 input at the end of each axis to whole patches; each ``BasicLayer`` (a stage) runs its blocks on the map
