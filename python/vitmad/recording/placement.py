@@ -72,6 +72,11 @@ class LayerGeometry:
         image_frames: packed clips of their own sizes (``image_grids``): per entry, its tubelets' frame count; entry
             ``i``'s values are the first ``image_frames[i] * grid_h * grid_w`` of its ``T`` in (frame, row, column)
             order, NaN after them (``frames`` is None then, ``frame_stride`` the tubelets' temporal size).
+        depth: volume layers (a 3-D model's ``[B, C, D, H, W]`` input): the grid's cells along the first spatial
+            axis (the grid is then ``depth x grid_h x grid_w``, folded in (slice, row, column) order, and every
+            token is placed in all three axes: MAD is the distance over them, in voxels); None for image and
+            video layers.
+        depth_stride: volume layers: voxels of the input per token along that axis; None otherwise.
     """
 
     grid: tuple[int, int] | None
@@ -84,6 +89,18 @@ class LayerGeometry:
     frame_stride: float | None = None
     num_suffix_tokens: int | None = None
     image_frames: tuple[int, ...] | None = None
+    depth: int | None = None
+    depth_stride: float | None = None
+
+    @classmethod
+    def of_grid(cls, grid: tuple[int, ...], stride: tuple[float, ...], attention: str, heads: int,
+                num_prefix_tokens: int | None = None) -> LayerGeometry:
+        """The geometry of a layer over one grid of two axes ``(grid_h, grid_w)`` (an image) or three
+        ``(depth, grid_h, grid_w)`` (a volume), ``stride`` one entry per axis."""
+        if len(grid) == 3:
+            return cls(tuple(grid[1:]), tuple(stride[1:]), attention, heads, num_prefix_tokens, depth=int(grid[0]),
+                       depth_stride=float(stride[0]))
+        return cls(tuple(grid), tuple(stride), attention, heads, num_prefix_tokens)
 
     def as_dict(self) -> dict:
         found = {"grid": None if self.grid is None else list(self.grid), "stride": [float(s) for s in self.stride],
@@ -97,6 +114,8 @@ class LayerGeometry:
             found.update(image_frames=[int(f) for f in self.image_frames], frame_stride=float(self.frame_stride))
         if self.num_suffix_tokens:
             found["num_suffix_tokens"] = int(self.num_suffix_tokens)
+        if self.depth is not None:
+            found.update(depth=int(self.depth), depth_stride=float(self.depth_stride))
         return found
 
 
@@ -106,7 +125,8 @@ class Placement:
 
     Attributes:
         positions: ``[..., Nq, K]`` query positions in pixels (NaN rows: no position), broadcastable against the
-            call's leading dims.
+            call's leading dims; ``K = 2`` (row, column), or 3 (slice, row, column) in voxels for a volume layer
+            (``LayerGeometry.depth``).
         key_positions: ``[..., Nk, K]`` key positions, or None when the keys are the queries.
         fold: maps per-query values ``[*lead, Nq]`` (NaN at queries without a position) to ``[B, H, T]``, the
             layer's positioned tokens of each image in row-major grid order (video: ``T = frames * grid_h *

@@ -245,11 +245,12 @@ class RecordedCall:
     @property
     def layout(self) -> ModelLayout | None:
         """Patch size, grid and prefix tokens when every layer attends over the same plain ViT layout."""
-        plain = {(g.grid, g.stride, g.num_prefix_tokens) for g in self.geometry}
+        plain = {(g.grid, g.stride, g.num_prefix_tokens, g.depth) for g in self.geometry}
         if len(plain) != 1:
             return None
-        grid, stride, prefix = plain.pop()
-        if prefix is None or stride[0] != stride[1] or stride[0] != int(stride[0]):
+        grid, stride, prefix, depth = plain.pop()
+        # A volume's grid has a third axis (LayerGeometry.depth), which a plain ViT layout cannot state.
+        if prefix is None or depth is not None or stride[0] != stride[1] or stride[0] != int(stride[0]):
             return None
         return ModelLayout(int(stride[0]), grid, prefix)
 

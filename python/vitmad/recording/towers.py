@@ -14,6 +14,7 @@ from torch import nn
 from ..ops.arguments import is_int
 from .families.llama4 import is_tower as is_llama4_tower
 from .families.molmo2 import is_tower as is_molmo2_tower
+from .families.monai import call_start as monai_call_start
 from .families.naflex import call_start as naflex_call_start
 from .families.naflex import is_tower as is_naflex_tower
 from .families.packed import token_convolutions
@@ -129,7 +130,11 @@ def first_convolution(model: nn.Module) -> nn.Module | None:
     convolution of all where none does; without any, a NaFlex tower, one fed flattened_patches or Molmo2's (their
     patches come cut, and a text tower beside them must not start a call). A packed tower's convolutions over its
     tokens (LFM3-VL's, run once per image) are none of these: a model without any other starts its calls as one
-    without convolutions."""
+    without convolutions. A MONAI ViT or Swin transformer starts its calls at its patch embedding (UNETR convolves
+    its input only after its ViT)."""
+    start = monai_call_start(model)
+    if start is not None:
+        return start
     on_tokens = token_convolutions(model) | vit_pytorch_token_convolutions(model)
     convolutions = [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d)) and id(m) not in on_tokens]
     channels = image_channels(model) or 3

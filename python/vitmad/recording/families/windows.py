@@ -177,9 +177,11 @@ def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[f
 
     Args:
         cells: ``[num_windows, N, 2]`` (row, column) on the padded map of each window's tokens, windows in the
-            model's order, tokens in its order within a window.
-        grid: the stage's feature map ``(grid_h, grid_w)``; every token of it is in exactly one window.
-        stride: pixels per token of that map.
+            model's order, tokens in its order within a window; ``[num_windows, N, 3]`` (slice, row, column) for a
+            volume's map (3-D models: the positions are then in three axes, ``LayerGeometry.depth``).
+        grid: the stage's feature map ``(grid_h, grid_w)`` (a volume's: ``(depth, grid_h, grid_w)``); every token
+            of it is in exactly one window.
+        stride: pixels (voxels) per token of that map, one per axis.
         lead: the call's leading dims.
         num_queries, num_keys: the call's attention size; both must be ``N``.
         order: where the windows are in ``lead``: ``"windows in batch"`` (``[B * num_windows, H]``, image-major;
@@ -187,11 +189,12 @@ def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[f
             ``"windows before heads"`` (``[B, num_windows, H]``; torchvision's MaxViT).
         attention: the geometry's description.
     """
-    windows, size, _ = cells.shape
+    windows, size, axes = cells.shape
+    shown = "x".join(map(str, grid))
     if num_queries != size or num_keys != size:
         raise NotPlaceable(
             f"its attention is [{', '.join(map(str, lead))}, {num_queries}, {num_keys}], expected {size} queries "
-            f"and keys per window ({attention} over a {grid[0]}x{grid[1]} map)"
+            f"and keys per window ({attention} over a {shown} map)"
         )
     shape = [int(d) for d in lead]
     if order == "windows in batch" and len(shape) == 2 and shape[0] % windows == 0:
@@ -203,26 +206,27 @@ def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[f
     else:
         raise NotPlaceable(
             f"its attention has leading dims {shape}, expected {windows} windows ({order}) of {attention} over a "
-            f"{grid[0]}x{grid[1]} map"
+            f"{shown} map"
         )
-    flat = cells.reshape(-1, 2)
-    real = (flat[:, 0] < grid[0]) & (flat[:, 1] < grid[1])
-    index = flat[:, 0] * grid[1] + flat[:, 1]
-    tokens = grid[0] * grid[1]
+    flat = cells.reshape(-1, axes)
+    real = (flat < torch.tensor(grid)).all(-1)
+    index = torch.zeros_like(flat[:, 0])
+    for axis in range(axes):  # row-major over the map's axes
+        index = index * grid[axis] + flat[:, axis]
+    tokens = math.prod(grid)
     if not torch.equal(index[real].sort().values, torch.arange(tokens)):
-        raise NotPlaceable(f"its windows do not cover the {grid[0]}x{grid[1]} map exactly once")
+        raise NotPlaceable(f"its windows do not cover the {shown} map exactly once")
     centres = ((flat.double() + 0.5) * torch.tensor(stride, dtype=torch.float64)).float()
-    positions = torch.where(real[:, None], centres, float("nan")).view(windows, 1, size, 2)
-    key_positions = None if bool(real.all()) else centres.view(windows, 1, size, 2)
+    positions = torch.where(real[:, None], centres, float("nan")).view(windows, 1, size, axes)
+    key_positions = None if bool(real.all()) else centres.view(windows, 1, size, axes)
     if not bool(real.all()):
-        padded = (int(flat[:, 0].max()) + 1, int(flat[:, 1].max()) + 1)
-        attention += f", padded to {padded[0]}x{padded[1]}"
+        attention += f", padded to {'x'.join(str(int(n) + 1) for n in flat.max(0).values)}"
     if order == "windows in batch":
         positions = positions.repeat(batch, 1, 1, 1)
         key_positions = None if key_positions is None else key_positions.repeat(batch, 1, 1, 1)
     elif order == "windows after heads":
-        positions = positions.view(windows, size, 2)
-        key_positions = None if key_positions is None else key_positions.view(windows, size, 2)
+        positions = positions.view(windows, size, axes)
+        key_positions = None if key_positions is None else key_positions.view(windows, size, axes)
     # "windows before heads": [num_windows, 1, N, 2] broadcasts over [B, num_windows, H, N, 2] as it is.
     # Where each token of the map is among the window-major values of one image and head.
     inverse = torch.empty(tokens, dtype=torch.long)
@@ -237,7 +241,7 @@ def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[f
             values = values.reshape(batch, windows, heads, size).transpose(1, 2).reshape(batch, heads, -1)
         return values.index_select(-1, on_device(inverse, values.device))
 
-    return Placement(positions, key_positions, fold, LayerGeometry(grid, stride, attention, heads),
+    return Placement(positions, key_positions, fold, LayerGeometry.of_grid(grid, stride, attention, heads),
                      padded_keys=key_positions is not None)
 
 
