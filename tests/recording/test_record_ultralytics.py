@@ -18,7 +18,9 @@ The layouts, from ``ultralytics/nn/modules/block.py`` and ``transformer.py`` and
 
 Each cell sits at ``((r + 0.5) * s, (c + 0.5) * s)`` px; maps are ``ceil(side / s)`` (3x3 convolutions of stride 2,
 padded 1). Detection models concatenate upsampled maps with earlier ones, so they take sides divisible by 32; the
-classification model takes any (an odd, non-square image here).
+classification model takes any (an odd, non-square image here). Also: the CoreML export path of ``Attention``
+(SDPA), ultralytics' copy of SAM's ``ImageEncoderViT`` (padded windows and a global block), a graph whose strides
+vitmad cannot follow (refused), YOLO-World's image-pooling attention (skipped).
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics must never reach the n
 os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "vitmad-ultralytics-settings"))
 pytest.importorskip("ultralytics")
 
-from ultralytics.nn.modules.block import C2PSA  # noqa: E402
-from ultralytics.nn.tasks import ClassificationModel, DetectionModel, RTDETRDetectionModel  # noqa: E402
+from ultralytics.models.sam.modules.encoders import ImageEncoderViT  # noqa: E402
+from ultralytics.nn.modules.block import C2PSA, Attention  # noqa: E402
+from ultralytics.nn.tasks import ClassificationModel, DetectionModel, RTDETRDetectionModel, WorldModel  # noqa: E402
 
 import vitmad  # noqa: E402
-from conftest import batch_norms_on, statistics_reference  # noqa: E402
+from conftest import batch_norms_on, check_sam_windows, sharpened, statistics_reference  # noqa: E402
+from vitmad.recording.recorder import NoLayerError  # noqa: E402
 
 TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels: float32 recordings against float64 on the same probabilities
 STAT_TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -233,3 +237,62 @@ def test_attention_without_its_model_refused():
     with pytest.raises(ValueError, match=r"m\.0\.attn \(Attention\).*recorded without the ultralytics model"):
         with torch.no_grad(), vitmad.record(block):
             block(torch.rand(1, 128, 4, 5))
+
+
+def test_coreml_export_path_through_sdpa(monkeypatch):
+    # Attention.format == "coreml" (set at export) runs F.scaled_dot_product_attention on the same q, k: recorded
+    # from q and k (flash-MAD), equal to the eager path's probabilities placed on the same map.
+    pixels = torch.rand(2, 3, 160, 224)
+    model = _prepared(DetectionModel("yolo11n.yaml", verbose=False), pixels)
+    (probabilities,) = _softmax_maps(lambda: model(pixels))
+    monkeypatch.setattr(Attention, "format", "coreml")
+    assert _softmax_maps(lambda: model(pixels)) == []  # no softmax of its own on this path
+    rec, rec_tokens = _record(model, pixels)
+    _check(rec, rec_tokens, 0, _global_reference(probabilities, (5, 7), 32.0), (5, 7), 32.0, "global")
+
+
+def test_unknown_stride_refused():
+    # GhostBottleneck(s=2) downsamples in two branches (its main path and its shortcut): vitmad does not follow it.
+    cfg = {"nc": 10, "backbone": [[-1, 1, "Conv", [32, 3, 2]], [-1, 1, "GhostBottleneck", [64, 3, 2]],
+                                  [-1, 1, "C2PSA", [64]]], "head": [[-1, 1, "Classify", [10]]]}
+    model = ClassificationModel(cfg, verbose=False).eval()
+    with pytest.raises(ValueError, match=r"model\.2\.m\.0\.attn \(Attention\).*map of layer 2 \(C2PSA\).*unknown: "
+                                         r"layer 1 \(GhostBottleneck\)"):
+        with torch.no_grad(), vitmad.record(model):
+            model(torch.rand(1, 3, 64, 96))
+
+
+def test_yolo_world_image_pooling_skipped():
+    model = WorldModel("yolov8s-world.yaml", verbose=False).eval()
+    with pytest.raises(NoLayerError, match=r"model\.16: YOLO-World's image-pooling attention: its queries are "):
+        vitmad.record(model)
+
+
+def test_sam_image_encoder_windows():
+    # ultralytics' ImageEncoderViT (models/sam/modules/encoders.py, blocks.py): an 8 px patch convolution, a
+    # [B, H, W, C] map; Block pads it at the bottom and right to whole windows (window_partition), windows and their
+    # tokens row-major, REAttention over [B * nW * heads, N, N]; global_attn_indexes blocks attend over the map.
+    # 64 x 88 px: an 8 x 11 map, windows of 3 over 9 x 12.
+    encoder = sharpened(ImageEncoderViT(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, out_chans=16,
+                                        use_rel_pos=True, window_size=3, global_attn_indexes=(1,)))
+    pixels = torch.rand(2, 3, 64, 88)
+    maps = []
+    original = torch.Tensor.softmax
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        maps.append(out.double())
+        return out
+
+    with torch.no_grad(), mock.patch.object(torch.Tensor, "softmax", spy):
+        encoder(pixels)
+    stats = ["entropy", "self_mass", "prefix_mass"]
+    with torch.no_grad():
+        plain = encoder(pixels)
+        with vitmad.record(encoder, stats=stats) as rec:
+            recorded = encoder(pixels)
+        with vitmad.record(encoder, stats=stats, reduction="none") as rec_tokens:
+            encoder(pixels)
+    assert torch.equal(plain, recorded)
+    assert rec.layers == ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]
+    check_sam_windows(rec, rec_tokens, maps, 8, 11, 3, 8.0, batch=2, heads=2)

@@ -26,8 +26,10 @@ ceiling of the image's side over ``s``, else the call is refused.
 
 Skipped with their reason: RT-DETR's decoder (its self-attention among object queries; its deformable
 cross-attention, ``MSDeformAttn``, a softmax over sampled points) and YOLO-World's ``ImagePoolingAttn`` (text
-embeddings attending over pooled maps). Refused by name: the SAM image encoders of ``ultralytics.models.sam``
-(not yet placed).
+embeddings attending over pooled maps). Ultralytics' copy of SAM's image encoder (``ImageEncoderViT`` of
+``ultralytics.models.sam``, SAM ViT-B / L / H) is placed as the windowed ViT family places Meta's (padded windows and
+global blocks on the patch grid); its other SAM modules (MobileSAM's TinyViT, SAM 2's Hiera, SAM 3) are refused by
+name.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from torch import nn
 
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, RefusingPlacer
 from .stages import grid_placement, innermost_on_path, pair
+from .windowed_vit import WindowedGridPlacer, _Design
 from .windows import parent_module, stride_mismatch, window_placement
 
 __all__ = ["placer"]
@@ -44,7 +47,12 @@ __all__ = ["placer"]
 _PACKAGE = "ultralytics."
 _BLOCKS = "ultralytics.nn.modules.block"
 _TRANSFORMER = "ultralytics.nn.modules.transformer"
+_SAM_BLOCKS = "ultralytics.models.sam.modules.blocks"
 _POSITIONS = "pass positions=<[N, 2] pixel position of each token>"
+# ultralytics' copy of SAM's image encoder (ImageEncoderViT): its Block pads its [B, H, W, C] map to whole windows of
+# window_size (0: global), windows row-major in the batch, and REAttention merges batch and heads, [B * nW * heads,
+# N, N], as Meta's SAM does: the windowed ViT family's placement, the patch stride from patch_embed's convolution.
+_SAM_BLOCK = _Design("Block", "num_heads")
 
 
 def _is(module: nn.Module, class_name: str, module_name: str) -> bool:
@@ -119,9 +127,15 @@ def _graph_stride(model: nn.Module, name: str, module: nn.Module) -> tuple[float
     layer = graph_model.model[index]
     stride = _layer_strides(graph_model.model)[index]
     if stride is None or _own_stride(layer) != 1.0:
-        return (f"the pixel stride of layer {index} ({type(layer).__name__}) of its yaml graph is unknown: a layer on "
-                "its way from the image (or the layer itself) shrinks its map by modules vitmad cannot follow; "
-                + _POSITIONS)
+        if _own_stride(layer) != 1.0:
+            culprit = ": the layer itself changes the size of the map it gets, so its attention's map is not its input"
+        else:
+            unknown = next((i for i in range(index) if _own_stride(graph_model.model[i]) is None), None)
+            culprit = "" if unknown is None else (
+                f": layer {unknown} ({type(graph_model.model[unknown]).__name__}) changes the map's size by modules "
+                "vitmad cannot follow (several strided convolutions or pools)")
+        return (f"the pixel stride of the map of layer {index} ({type(layer).__name__}) of its yaml graph is "
+                f"unknown{culprit}; " + _POSITIONS)
     return stride, f"layer {index} ({type(layer).__name__}) of its yaml graph"
 
 
@@ -139,10 +153,14 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     if _is(module, "MSDeformAttn", _TRANSFORMER):
         return _skip("deformable attention (RT-DETR's decoder): a softmax over sampled points around each object "
                      "query's reference, not attention between tokens")
+    if _is(module, "REAttention", _SAM_BLOCKS):
+        block = parent_module(model, name)
+        if block is not None and _is(block, "Block", _SAM_BLOCKS):
+            return WindowedGridPlacer(model, name, block, module, _SAM_BLOCK)
     if cls.__module__.startswith("ultralytics.models.sam."):
         return RefusingPlacer(
-            f"ultralytics' SAM module {cls.__name__} is not placed by vitmad yet; record Meta's segment_anything or "
-            "transformers' SAM, or " + _POSITIONS)
+            f"ultralytics' SAM module {cls.__name__} is not placed by vitmad (its ImageEncoderViT's blocks are: SAM "
+            "ViT-B / L / H; not MobileSAM's TinyViT, SAM 2's Hiera or SAM 3); " + _POSITIONS)
     return None
 
 
