@@ -296,3 +296,22 @@ def test_sam_image_encoder_windows():
     assert torch.equal(plain, recorded)
     assert rec.layers == ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]
     check_sam_windows(rec, rec_tokens, maps, 8, 11, 3, 8.0, batch=2, heads=2)
+
+
+def test_c3tr_transformer_block():
+    # C3TR (block.py) holds a TransformerBlock (transformer.py): p = x.flatten(2).permute(2, 0, 1), the row-major cells
+    # sequence-first, plus a learned linear position, then TransformerLayer's nn.MultiheadAttention (not batch first).
+    # Two stride-2 convolutions before it: 4 px cells; 37 x 22 px: a 10 x 6 map (ceil).
+    cfg = {"nc": 10, "backbone": [[-1, 1, "Conv", [32, 3, 2]], [-1, 1, "Conv", [64, 3, 2]], [-1, 1, "C3TR", [64]]],
+           "head": [[-1, 1, "Classify", [10]]]}
+    pixels = torch.rand(2, 3, 37, 22)
+    model = sharpened(ClassificationModel(cfg, verbose=False))
+    batch_norms_on(model, pixels)
+    with torch.no_grad():
+        layer = model.model[2].m.tr[0]
+        layer.q.weight.mul_(3.0)
+        layer.k.weight.mul_(3.0)
+    maps = _multihead_maps(lambda: model(pixels))
+    rec, rec_tokens = _record(model, pixels)
+    assert rec.layers == ["model.2.m.tr.0.ma"] and len(maps) == 1
+    _check(rec, rec_tokens, 0, _global_reference(maps[0], (10, 6), 4.0), (10, 6), 4.0, "global")
