@@ -230,6 +230,10 @@ def test_yolo_wrapper_model():
     (probabilities,) = _softmax_maps(lambda: model(pixels))
     rec, rec_tokens = _record(model, pixels)
     _check(rec, rec_tokens, 0, _global_reference(probabilities, (4, 3), 32.0), (4, 3), 32.0, "global")
+    with torch.no_grad(), vitmad.record(yolo) as whole:  # the wrapper itself, its model run as the user runs it
+        yolo.model(pixels)
+    assert whole.layers == ["model.model.10.m.0.attn"]
+    assert torch.equal(whole.mad, rec.mad)
 
 
 def test_attention_without_its_model_refused():
