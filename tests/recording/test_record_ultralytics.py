@@ -319,3 +319,14 @@ def test_c3tr_transformer_block():
     rec, rec_tokens = _record(model, pixels)
     assert rec.layers == ["model.2.m.tr.0.ma"] and len(maps) == 1
     _check(rec, rec_tokens, 0, _global_reference(maps[0], (10, 6), 4.0), (10, 6), 4.0, "global")
+
+
+def test_profile_takes_the_model():
+    # vitmad.profile on the module and preprocessed pixels (ultralytics' own letterbox preprocessing is not vitmad's):
+    # the mean over the images of what the recording gives per image.
+    pixels = torch.rand(4, 3, 160, 224)
+    model = _prepared(DetectionModel("yolo11n.yaml", verbose=False), pixels)
+    result = vitmad.profile(model, pixels, batch_size=2, device="cpu")
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    torch.testing.assert_close(result.mad.double(), rec.mad.double().mean(1), **TOL)
