@@ -421,6 +421,39 @@ def test_a_clip_stored_sideways_is_decoded_upright(tmp_path):
     assert corner.mean() > 200 and pixels[:8, :8].mean() < 60
 
 
+@pytest.mark.parametrize("degrees", [0, 90, 180, 270])
+@pytest.mark.parametrize("hflip", [False, True], ids=["unmirrored", "mirrored"])
+def test_a_clip_in_any_of_the_eight_orientations_is_decoded_as_shown(tmp_path, degrees, hflip):
+    """The eight orientations a display matrix states (EXIF's eight), written by PyAV's set_display_rotation: the
+    stored frame turned counterclockwise by ``degrees``, then mirrored left to right. A mirrored clip was decoded
+    turned by PyAV's rotation alone, which for a mirror without a turn is 180 degrees: upside down (QA helper-152)."""
+    from vitmad.profiling.videos import load_video
+
+    # Coarse random blocks of 8 x 8 px: lossy coding keeps them, and no two of the eight orientations look alike.
+    stored = np.kron(np.random.default_rng(0).integers(0, 256, (4, 8, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    path = tmp_path / "oriented.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(degrees, hflip=hflip)
+        for _ in range(2):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")))
+        container.mux(stream.encode())
+    shown = np.rot90(stored, k=degrees // 90)  # counterclockwise
+    shown = shown[:, ::-1] if hflip else shown
+    frames, reason = load_video(path, 1)
+    decoded = np.asarray(frames[0]).astype(float)
+    assert reason is None and decoded.shape == shown.shape
+    errors = {}  # the mean error against each of the eight orientations: the shown one is far the closest
+    for k in range(4):
+        for mirrored in (False, True):
+            candidate = np.rot90(stored, k=k)
+            candidate = candidate[:, ::-1] if mirrored else candidate
+            if candidate.shape == decoded.shape:
+                errors[k * 90, mirrored] = np.abs(decoded - candidate).mean()
+    assert min(errors, key=errors.get) == (degrees, hflip) and errors[degrees, hflip] < 12
+
+
 def test_a_size_the_video_model_refuses_is_refused_naming_the_option_before_any_checkpoint(video_model, videos,
                                                                                          tmp_path, capsys):
     """VideoMAE's patch embedding raises at any size but its own (its position table is fixed): the error came

@@ -14,8 +14,10 @@ the clip length it was built for, its video Swin the length its weights are eval
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import struct
 import warnings
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Executor
@@ -244,13 +246,59 @@ def _decode_frames(av, path: Path, indices: Sequence[int]):
 
 
 def _upright(frame):
-    """The RGB ``PIL.Image`` of a decoded frame as it is shown: a clip stored sideways (a phone's portrait video)
-    carries a display matrix, as a still carries its EXIF orientation, and is turned as a player turns it.
-    PyAV's ``rotation`` is the angle the matrix turns the frame counterclockwise, as ``Image.rotate``'s angle is.
-    (A flip in the matrix is not applied: players ignore it too.)"""
+    """The RGB ``PIL.Image`` of a decoded frame as it is shown: a clip stored sideways or mirrored (a phone's portrait
+    video, a front camera's) carries a display matrix, as a still carries its EXIF orientation, and is turned and
+    mirrored as ffmpeg's players show it (:func:`_display_transforms`)."""
     image = frame.to_image().convert("RGB")
-    angle = getattr(frame, "rotation", 0) or 0  # PyAV 14+; older versions had no side data here
-    return image.rotate(angle, expand=True) if angle % 360 else image
+    for transform in _display_transforms(frame):
+        image = transform(image)
+    return image
+
+
+def _display_matrix(frame) -> tuple[int, ...] | None:
+    """The frame's display matrix (nine 16.16 fixed-point numbers, row-major), or None where it has none."""
+    for data in getattr(frame, "side_data", None) or ():
+        if getattr(getattr(data, "type", None), "name", None) == "DISPLAYMATRIX":
+            raw = bytes(data)
+            if len(raw) == 36:
+                return struct.unpack("=9i", raw)
+    return None
+
+
+def _display_transforms(frame) -> list:
+    """What to do to a frame's image, in order, to show it as ffmpeg does (its ``autorotate``, which ffplay and
+    ffmpeg apply; ``fftools/ffmpeg_filter.c``): the display matrix's rotation rounded to whole degrees, a quarter turn
+    a transpose whose direction says whether the matrix mirrors, a half turn the mirrors the matrix says (a matrix
+    that mirrors left to right reads as a half turn: turning it 180 degrees, as vitmad did until 2026-12-05, also
+    turned it upside down, QA helper-152), no turn the vertical mirror alone; any other angle turned as it is. Without
+    the matrix's bytes (PyAV before 14), PyAV's ``rotation``, the angle the matrix turns the frame counterclockwise."""
+    from PIL import Image
+
+    matrix = _display_matrix(frame)
+    if matrix is None:
+        angle = getattr(frame, "rotation", 0) or 0
+        return [lambda image: image.rotate(angle, expand=True)] if angle % 360 else []
+    a, b, c, d = (value / 65536.0 for value in (matrix[0], matrix[1], matrix[3], matrix[4]))
+    if math.hypot(a, c) == 0.0 or math.hypot(b, d) == 0.0:  # av_display_rotation_get's NaN: no rotation known
+        return []
+    # av_display_rotation_get (counterclockwise degrees), then fftools' get_rotation: clockwise, in [0, 360).
+    counterclockwise = -math.degrees(math.atan2(b / math.hypot(b, d), a / math.hypot(a, c)))
+    theta = -round(counterclockwise)
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+
+    def transposed(method):
+        return lambda image: image.transpose(method)
+
+    flip_lr, flip_tb = transposed(Image.Transpose.FLIP_LEFT_RIGHT), transposed(Image.Transpose.FLIP_TOP_BOTTOM)
+    if abs(theta - 90) < 1:  # transpose=cclock_flip (the main-diagonal transpose) or clock
+        return [transposed(Image.Transpose.TRANSPOSE if matrix[3] > 0 else Image.Transpose.ROTATE_270)]
+    if abs(theta - 180) < 1:
+        return [t for t, mirrored in ((flip_lr, matrix[0] < 0), (flip_tb, matrix[4] < 0)) if mirrored]
+    if abs(theta - 270) < 1:  # transpose=clock_flip (the anti-diagonal transpose) or cclock
+        return [transposed(Image.Transpose.TRANSVERSE if matrix[3] < 0 else Image.Transpose.ROTATE_90)]
+    if abs(theta) > 1:  # ffmpeg's rotate filter keeps the frame's size; vitmad keeps every pixel of the frame
+        return [lambda image: image.rotate(-theta, expand=True)]
+    return [flip_tb] if matrix[4] < 0 else []
 
 
 def load_video_batch(
