@@ -234,8 +234,8 @@ def _kept_cells(context: CallContext, full: torch.Tensor, kept: torch.Tensor, wh
             raise NotPlaceable(
                 f"{what} keeps a random subset of the patches, drawn inside its forward; vitmad finds each kept "
                 "patch by its token, which here matches no patch token or several (equal tokens: a constant image?), "
-                "so which cell it came from is not known; record in eval mode, or pass positions=<[B, N, 2] pixel "
-                "position of each kept token>"
+                "so which cell it came from is not known; pass positions=<[B, N, 2] pixel position of each kept "
+                "token> (a patch dropout keeps every patch in eval mode; MAE masks in eval mode too)"
             )
         cells.append(same.float().argmax(-1))
     cells = torch.stack(cells).cpu()
