@@ -293,7 +293,7 @@ def test_segment_anything_is_profiled_from_its_encoders_own_attention_on_its_pre
     preprocessing = doc["settings"]["preprocessing"]
     assert preprocessing["size"] == [64, 64] and preprocessing["resize"] == ["long_side", 64]
     assert preprocessing["pad_normalised"] is True and preprocessing["rescale"] == 1.0
-    assert preprocessing["mean"] == pytest.approx([123.675, 116.28, 103.53])
+    assert preprocessing["mean"] == [123.675, 116.28, 103.53] and preprocessing["std"] == [58.395, 57.12, 57.375]
 
 
 def test_sam2_is_profiled_from_its_trunks_own_attention_on_its_predictors_pixels(tiny_sam2, images, tmp_path):

@@ -117,7 +117,9 @@ def sam_preprocessing(model: torch.nn.Module) -> Preprocessing:
     """``SamPredictor.set_image``'s preprocessing for a segment_anything ``Sam``, from the model itself: its encoder's
     ``img_size``, its ``pixel_mean`` and ``pixel_std`` (0-255 units: the values are not divided by 255)."""
     side = int(model.image_encoder.img_size)
-    mean, std = (tuple(float(v) for v in buffer.flatten()) for buffer in (model.pixel_mean, model.pixel_std))
+    # Each float32 value as its shortest decimal (123.675, not 123.67500305175781), which is that float32 again.
+    mean, std = (tuple(float(str(v)) for v in buffer.flatten().numpy()) for buffer in (model.pixel_mean,
+                                                                                       model.pixel_std))
     return Preprocessing((side, side), ("long_side", side), False, mean, std, "bilinear", rescale=1.0,
                          pad_normalised=True)
 
