@@ -160,10 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default="builtin:dinov2-s14", help=f"{MODEL_SPEC_HELP} (default: %(default)s)")
     run.add_argument("--weights", dest="model_checkpoint", default=None, metavar="FILE",
                      help="local weights file for a timm:, torchvision: or open_clip: model (instead of its "
-                          "pretrained download)")
+                          "pretrained download); the checkpoint a segment_anything: or sam2: model requires")
     run.add_argument("--checkpoint", action=_RenamedFlag,
-                     message="--checkpoint was renamed --weights (local weights of a timm:, torchvision: or "
-                             f"open_clip: model); the run's own checkpoint is OUT/{CHECKPOINT_NAME}, used by --resume")
+                     message="--checkpoint was renamed --weights (local weights of a timm:, torchvision:, "
+                             "open_clip:, segment_anything: or sam2: model); the run's own checkpoint is "
+                             f"OUT/{CHECKPOINT_NAME}, used by --resume")
     run.add_argument("--images", "--videos", nargs="+", default=["builtin"], action=_Sources,
                      help="folders (searched recursively), files, or 'builtin': photographs shipped with "
                           "scikit-image (default). A video model (VideoMAE, ViViT, TimeSformer, V-JEPA 2, "

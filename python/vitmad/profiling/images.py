@@ -191,7 +191,9 @@ class Preprocessing:
             ``ResizeKeepRatio``); ``("fit", H, W)`` keeps the aspect ratio and just fits inside ``H x W`` (the same
             at ``longest=1``, timm's "border" crop mode); ``("longest", S, M)`` scales the long side to ``S``, the
             short one to ``round(short * S / long)``, at least ``M`` (the Janus and DeepSeek-VL processors, which then
-            pad to a square); ``("cover",)`` scales so the image just covers ``size``;
+            pad to a square); ``("long_side", S)`` scales the long side to ``S``, the short one to
+            ``int(short * S / long + 0.5)``, rounding half up (segment_anything's ``ResizeLongestSide``);
+            ``("cover",)`` scales so the image just covers ``size``;
             ``("none",)`` keeps the image's size (a transformers processor with ``do_resize=false``): an image that
             does not come at ``size`` (or, with the centre crop, at least ``size``) is refused.
         center_crop: crop the centre ``size`` after resizing.
@@ -211,6 +213,12 @@ class Preprocessing:
             as floats without that filter, rounded back to integers, as torchvision's video presets
             (``VideoClassification``) resize the uint8 frames of a video tensor (``antialias=False``); no
             ``pad_fill`` with it (that path pads nothing).
+        pad_normalised: pad the normalised image with zeros at the bottom and right up to ``size`` (segment_anything's
+            ``Sam.preprocess``, which pads after its normalisation: the padding is the mean colour, a value no 0-255
+            pixel has); only after a ``("long_side", S)`` resize to a square ``size`` of ``S``.
+        float_resize: rescale the 0-255 values first (``rescale``) and resize those floats with torch's
+            ``interpolate``, antialiased, not rounded back to integers (torchvision's ``Resize`` on the float tensor
+            ``ToTensor`` gives: SAM 2's ``SAM2Transforms``).
     """
 
     size: tuple[int, int]
@@ -224,18 +232,33 @@ class Preprocessing:
     rescale: float | None = None
     rescale_offset: float | None = None
     antialias: bool = True
+    pad_normalised: bool = False
+    float_resize: bool = False
 
     def __post_init__(self) -> None:
         if not self.antialias and self.pad_fill is not None:
             # The float resize of torchvision's video presets has no padding step: this would be a silent no-pad.
             raise ValueError("Preprocessing: antialias=False resizes as torchvision's video presets do, which pad "
                              f"nothing; got pad_fill={self.pad_fill}")
+        if self.float_resize and (not self.antialias or self.pad_fill is not None
+                                  or self.interpolation not in ("bilinear", "bicubic")):
+            # That path resizes antialiased (which torch's interpolate does for these two filters only) and pads
+            # nothing before normalising.
+            raise ValueError("Preprocessing: float_resize resizes antialiased floats, bilinear or bicubic, and pads "
+                             f"nothing; got antialias={self.antialias}, interpolation={self.interpolation!r}, "
+                             f"pad_fill={self.pad_fill}")
+        if self.pad_normalised and (self.resize[0] != "long_side" or self.size != (self.resize[1],) * 2
+                                    or self.center_crop or self.pad_fill is not None):
+            # Any other resize could leave the image larger than size, or padded twice.
+            raise ValueError("Preprocessing: pad_normalised pads a ('long_side', S) resize to an S x S size, "
+                             f"nothing else; got resize={self.resize}, size={self.size}, "
+                             f"center_crop={self.center_crop}, pad_fill={self.pad_fill}")
 
     def with_size(self, size: tuple[int, int]) -> Preprocessing:
         """The same statistics and filter for another input size (``image_size``): scale to cover, crop."""
         return Preprocessing(tuple(size), ("cover",), True, self.mean, self.std, self.interpolation,
                              self.crop_rounding, rescale=self.rescale, rescale_offset=self.rescale_offset,
-                             antialias=self.antialias)
+                             antialias=self.antialias, float_resize=self.float_resize)
 
     def to_dict(self) -> dict:
         settings = {
@@ -255,6 +278,10 @@ class Preprocessing:
             settings["rescale_offset"] = self.rescale_offset
         if not self.antialias:
             settings["antialias"] = False
+        if self.pad_normalised:
+            settings["pad_normalised"] = True
+        if self.float_resize:
+            settings["float_resize"] = True
         return settings
 
     @staticmethod
@@ -376,6 +403,13 @@ class Preprocessing:
         elif self.resize[0] == "longest":  # as the Janus processor's resize, in its arithmetic
             scale = self.resize[1] / max(w, h)
             new = (max(round(w * scale), self.resize[2]), max(round(h * scale), self.resize[2]))
+        elif self.resize[0] == "long_side":  # as ResizeLongestSide.get_preprocess_shape, in its arithmetic
+            scale = self.resize[1] * 1.0 / max(w, h)
+            new = (int(w * scale + 0.5), int(h * scale + 0.5))
+            if min(new) < 1:  # PIL cannot make it (and the package's own predictor fails on it)
+                raise ValueError(f"the model's preprocessing scales this {h}x{w} px image's long side to "
+                                 f"{self.resize[1]} px and its short side to 0 px: its aspect ratio is too extreme; "
+                                 "crop it first")
         elif self.resize[0] in ("keep_ratio", "fit"):  # timm's ResizeKeepRatio at longest=0 / 1, in its arithmetic
             ratios = (h / self.resize[1], w / self.resize[2])
             ratio = min(ratios) if self.resize[0] == "keep_ratio" else max(ratios)
@@ -390,7 +424,17 @@ class Preprocessing:
             raise ValueError(f"the model's preprocessing resizes this {h}x{w} px image to {new[1]}x{new[0]} px "
                              f"({new[0] * new[1]} pixels, over PIL.Image.MAX_IMAGE_PIXELS = {limit}): its aspect "
                              "ratio is too extreme; crop it first")
-        if new != (w, h) and not self.antialias:
+        if self.float_resize:
+            # As torchvision's Resize on ToTensor's output: the 0-1 floats resized, antialiased, not rounded (its
+            # resize returns an image already at the size as it is).
+            pixels = rescaled(_pixel_values(image), self.rescale, self.rescale_offset)
+            if new != (w, h):
+                pixels = torch.nn.functional.interpolate(pixels[None], size=(new[1], new[0]), mode=self.interpolation,
+                                                         align_corners=False, antialias=True)[0]
+            if self.center_crop:
+                left, top = self._crop_origin(new)
+                pixels = pixels[:, top:top + height, left:left + width]
+        elif new != (w, h) and not self.antialias:
             # As torchvision's video presets resize a uint8 video tensor: the values interpolated as floats without
             # PIL's low-pass filter, rounded back to integers; then its centre crop.
             pixels = _interpolated(_pixel_values(image), new, self.interpolation)
@@ -411,10 +455,14 @@ class Preprocessing:
                 left, top = self._crop_origin(new)
                 image = image.crop((left, top, left + width, top + height))
             pixels = _pixel_values(image)
-        pixels = rescaled(pixels, self.rescale, self.rescale_offset)
+        if not self.float_resize:
+            pixels = rescaled(pixels, self.rescale, self.rescale_offset)
         mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
         std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return (pixels - mean) / std
+        normalised = (pixels - mean) / std
+        if self.pad_normalised:
+            normalised = torch.nn.functional.pad(normalised, (0, width - new[0], 0, height - new[1]))
+        return normalised
 
     def _crop_origin(self, resized: tuple[int, int]) -> tuple[int, int]:
         """The top-left corner of the centre crop in an image of ``resized`` (width, height)."""

@@ -1,5 +1,5 @@
 """Model specs of ``vitmad profile --model``: ``hf:<hub id or folder>``, ``timm:<name>``, ``torchvision:<name>``,
-``open_clip:<name>``, ``builtin:<name>``.
+``open_clip:<name>``, ``segment_anything:<model type>``, ``sam2:<config>``, ``builtin:<name>``.
 
 Each spec loads to a :class:`LoadedModel`: the module in eval mode, how to call it on a pixel batch, and the
 preprocessing its authors use.
@@ -21,13 +21,17 @@ import torch
 from .images import NATIVE, Preprocessing, hf_rescale
 from .open_clip_models import load_open_clip
 from .options import MissingPathError, OptionError, error_said, first_line, import_optional
+from .sam_models import load_sam2, load_segment_anything
 from .torchvision_models import load_torchvision, video_forward
 from .videos import video_processor_settings
 
 __all__ = ["LoadedModel", "load_model", "wrap_module", "MODEL_SPEC_HELP"]
 
 MODEL_SPEC_HELP = ("hf:<hub id or local folder>, timm:<name>, torchvision:<name>[.<WEIGHTS>], "
-                   "open_clip:<name>[.<pretrained tag>] or builtin:dinov2-s14")
+                   "open_clip:<name>[.<pretrained tag>], segment_anything:<vit_b|vit_l|vit_h>, sam2:<config> or "
+                   "builtin:dinov2-s14")
+# The spec kinds that take a local weights file (model_checkpoint, --weights FILE); the last two require one.
+_TAKE_WEIGHTS = ("timm", "torchvision", "open_clip", "segment_anything", "sam2")
 
 
 @dataclass
@@ -248,9 +252,10 @@ def load_model(
     Args:
         spec: ``hf:<hub id or local folder>``, ``timm:<name>``, ``torchvision:<name>[.<WEIGHTS>]`` (see
             :mod:`vitmad.profiling.torchvision_models`), ``open_clip:<name>[.<pretrained tag>]`` (see
-            :mod:`vitmad.profiling.open_clip_models`) or ``builtin:dinov2-s14``.
+            :mod:`vitmad.profiling.open_clip_models`), ``segment_anything:<model type>`` or ``sam2:<config>`` (see
+            :mod:`vitmad.profiling.sam_models`) or ``builtin:dinov2-s14``.
         model_checkpoint: local weights file for a ``timm:``, ``torchvision:`` or ``open_clip:`` model (instead of
-            its pretrained download).
+            its pretrained download); required by ``segment_anything:`` and ``sam2:``.
         image_size: ``(height, width)`` the model will be fed, or ``"native"`` (each image at its own size),
             when not its default size: timm ViTs are then built with ``dynamic_img_size=True`` so their
             position embedding follows the input.
@@ -263,9 +268,9 @@ def load_model(
     kind, _, name = spec.partition(":")
     if not name:
         raise OptionError("model", f"expected {MODEL_SPEC_HELP}, got {spec!r}")
-    if model_checkpoint is not None and kind not in ("timm", "torchvision", "open_clip"):
-        raise OptionError("model_checkpoint", f"only timm:, torchvision: and open_clip: models take local weights, "
-                                              f"got model {spec!r}")
+    if model_checkpoint is not None and kind not in _TAKE_WEIGHTS:
+        raise OptionError("model_checkpoint", f"only {', '.join(k + ':' for k in _TAKE_WEIGHTS[:-1])} and "
+                                              f"{_TAKE_WEIGHTS[-1]}: models take local weights, got model {spec!r}")
     if kind == "hf":
         return _load_hf(spec, name, image_size)
     if kind == "timm":
@@ -274,6 +279,10 @@ def load_model(
         return load_torchvision(spec, model_checkpoint, image_size)
     if kind == "open_clip":
         return load_open_clip(spec, model_checkpoint, image_size)
+    if kind == "segment_anything":
+        return load_segment_anything(spec, model_checkpoint, image_size)
+    if kind == "sam2":
+        return load_sam2(spec, model_checkpoint, image_size)
     if kind == "builtin":
         from .builtin_model import builtin_model_dir
 
