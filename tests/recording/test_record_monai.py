@@ -372,3 +372,46 @@ def test_vit_blocks_called_on_hidden_states_are_refused():
         model(torch.randn(1, 1, 32, 32))
         with pytest.raises(ValueError, match=r"blocks\.0\.attn .*did not run .*before it attended"):
             model.blocks[0](torch.randn(1, 16, 32))
+
+
+class _TwoTowers(torch.nn.Module):
+    """A user's wrapper declaring a ViT before a Swin transformer and running them in ``order``."""
+
+    def __init__(self, order: str):
+        super().__init__()
+        self.order = order
+        self.vit = nets.ViT(in_channels=1, img_size=(16, 16), patch_size=4, hidden_size=32, mlp_dim=32, num_layers=1,
+                       num_heads=4, spatial_dims=2)
+        self.swin = swin_unetr.SwinTransformer(in_chans=1, embed_dim=8, window_size=(3, 3), patch_size=(2, 2),
+                                    depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), spatial_dims=2)
+
+    def forward(self, x):
+        return [self.vit(x)[0] if tower == "vit" else self.swin(x)[-1] for tower in self.order.split(",")]
+
+
+@pytest.mark.parametrize("order", ["vit,swin", "swin,vit"])
+def test_a_wrapper_of_two_towers_starts_each_call_at_the_recorded_towers_embedding(order):
+    """Each forward call starts at the patch embedding of the tower recorded (the wrapper's first in module order
+    recorded its calls split where the other tower's embedding ran: with the Swin run first, three calls of 4, 4 and
+    0 layers for two forwards, QA helper-153); layers named in both towers are refused (which runs first is not
+    known); one recording per tower gives each its values."""
+    torch.manual_seed(0)
+    model = _sharpen(_TwoTowers(order).eval(), 4.0)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vitmad.record(model.swin) as alone:
+        model.swin(x)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(x)
+        model(x)
+    assert [len(call.layers) for call in rec.calls] == [4, 4] and all(name.startswith("swin.") for name in rec.layers)
+    for call in rec.calls:
+        torch.testing.assert_close(call.mad, alone.mad, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"the layers recorded lie in 2 MONAI towers of _TwoTowers \(vit, swin\)"):
+        with vitmad.record(model, layers=["vit.blocks.*.attn", "swin.*.attn"]):
+            model(x)
+    with torch.no_grad(), vitmad.record(model.vit) as vit, vitmad.record(model.swin) as swin:
+        model(x)
+    torch.testing.assert_close(swin.mad, alone.mad, rtol=0, atol=0)
+    with torch.no_grad(), vitmad.record(model.vit) as vit_alone:
+        model.vit(x)
+    torch.testing.assert_close(vit.mad, vit_alone.mad, rtol=0, atol=0)

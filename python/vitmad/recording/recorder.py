@@ -1335,7 +1335,7 @@ class Recording:
         # forward runs and given back after all of them, by the model, each recorded layer and every module that
         # holds one or the first convolution, so that a forward through forward_features or stage by stage holds
         # it across the layers too.
-        first = first_convolution(self.model)
+        first = first_convolution(self.model, self._modules.values())
         recorded = {id(module) for module in self._modules.values()}
         held = [name for name, module in named_module_list(self.model) if module is first or id(module) in recorded]
         inside = {name.rsplit(".", i)[0] for name in held for i in range(name.count(".") + 1)}

@@ -124,15 +124,15 @@ def image_channels(model: nn.Module) -> int | None:
     return None
 
 
-def first_convolution(model: nn.Module) -> nn.Module | None:
+def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
     """The first convolution in module order that takes the image's channels: it runs on the image, so a forward
     call starts there (a wrapper may declare a head that convolves the features before its backbone); the first
     convolution of all where none does; without any, a NaFlex tower, one fed flattened_patches or Molmo2's (their
     patches come cut, and a text tower beside them must not start a call). A packed tower's convolutions over its
     tokens (LFM3-VL's, run once per image) are none of these: a model without any other starts its calls as one
     without convolutions. A MONAI ViT or Swin transformer starts its calls at its patch embedding (UNETR convolves
-    its input only after its ViT)."""
-    start = monai_call_start(model)
+    its input only after its ViT; of several, the one holding the ``recorded`` modules)."""
+    start = monai_call_start(model, recorded)
     if start is not None:
         return start
     on_tokens = token_convolutions(model) | vit_pytorch_token_convolutions(model)

@@ -80,16 +80,34 @@ def _is_vit(module: nn.Module) -> bool:
     return any(_is(module, where) for where in _VIT_MODELS)
 
 
-def call_start(model: nn.Module) -> nn.Module | None:
-    """The patch embedding of the first MONAI ViT or Swin transformer in ``model`` (module order), whose input is
-    the image or volume: a forward call starts there. UNETR's first convolution in module order runs on the input
-    only after its ViT (and a perceptron embedding has none), so the first convolution is no call boundary."""
-    for _, module in named_module_list(model):
+def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
+    """The patch embedding of the MONAI ViT or Swin transformer in ``model`` whose input is the image or volume: a
+    forward call starts there. UNETR's first convolution in module order runs on the input only after its ViT (and a
+    perceptron embedding has none), so the first convolution is no call boundary. Of several such towers, the one
+    holding the ``recorded`` modules (the first in module order where none does): a wrapper's other tower may run
+    before or after it, and its embedding split the calls where it ran (QA helper-153).
+
+    Raises:
+        ValueError: ``recorded`` modules in two of them: which runs first in a forward is not known, so neither
+            embedding marks where a call starts.
+    """
+    towers = []
+    for name, module in named_module_list(model):
         if _is_vit(module) or _is(module, _MASKED):
-            return module.patch_embedding
-        if _is(module, _SWIN):
-            return module.patch_embed
-    return None
+            towers.append((name, module, module.patch_embedding))
+        elif _is(module, _SWIN):
+            towers.append((name, module, module.patch_embed))
+    if not towers:
+        return None
+    inside = {id(m) for m in recorded}
+    holding = [(name, start) for name, tower, start in towers if any(id(m) in inside for m in tower.modules())]
+    if len(holding) > 1:
+        shown = ", ".join(name or type(model).__name__ for name, _ in holding)
+        raise ValueError(f"vitmad.record: the layers recorded lie in {len(holding)} MONAI towers of "
+                         f"{type(model).__name__} ({shown}), each starting a forward call at its own patch "
+                         "embedding, and which runs first is not known; record each tower in its own vitmad.record "
+                         "(both may be active around one forward)")
+    return (holding or [(None, towers[0][2])])[0][1]
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
