@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -748,9 +750,29 @@ class SoftmaxOutputs(torch.overrides.TorchFunctionMode):
         return result
 
 
-def tensor_softmax_maps(model, *inputs) -> list[torch.Tensor]:
-    """Every ``Tensor.softmax`` result of one forward of ``model`` without grad, in order: the probabilities of
-    modules that call the method themselves (MViT's pooling attention in timm and torchvision, LowFormer's)."""
+def profile_one_process_and_two_ranks(args: list[str], folder: Path, two_ranks_only=()) -> tuple[Path, Path]:
+    """``vitmad profile *args`` in this process into ``folder / "one"``, then under torchrun with two ranks into
+    ``folder / "two"`` (with ``two_ranks_only`` too); both folders. This process runs with one thread, as each rank
+    does, since float32 products round with the thread count; its thread count is restored after."""
+    from vitmad.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["profile", *args, "--out", str(folder / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "vitmad", "profile", *args, "--out", str(folder / "two"), *two_ranks_only],
+                          env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return folder / "one", folder / "two"
+
+
+def tensor_softmax_outputs(run) -> list[torch.Tensor]:
+    """Every ``Tensor.softmax`` result of ``run()`` without grad, in order: the probabilities of modules that call
+    the method themselves (MViT's pooling attention in timm and torchvision, LowFormer's, segment_anything's
+    encoder)."""
     maps, original = [], torch.Tensor.softmax
 
     def spy(self, *args, **kwargs):
@@ -758,5 +780,26 @@ def tensor_softmax_maps(model, *inputs) -> list[torch.Tensor]:
         return maps[-1]
 
     with torch.no_grad(), mock.patch.object(torch.Tensor, "softmax", spy):
-        model(*inputs)
+        run()
     return maps
+
+
+def tensor_softmax_maps(model, *inputs) -> list[torch.Tensor]:
+    """:func:`tensor_softmax_outputs` of one forward of ``model``."""
+    return tensor_softmax_outputs(lambda: model(*inputs))
+
+
+def sam_random_tables(model: torch.nn.Module) -> torch.nn.Module:
+    """A SAM-style encoder made to tell places apart: sharpened attention, random relative-position tables and
+    absolute position embedding (zeros at init), and a random patch embedding (std 1e-10 at init: every image would
+    give the same tokens), so that a token at a wrong place, a head in a wrong slot or one image's values given to
+    another change the values."""
+    sharpened(model)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "rel_pos" in name or name.endswith("pos_embed"):
+                parameter.normal_()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.normal_(std=0.25)
+    return model

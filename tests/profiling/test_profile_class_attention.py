@@ -235,24 +235,14 @@ def test_cli_profiles_a_pooling_heads_map_from_a_checkpoint(images, tmp_path, ca
 
 def test_torchrun_pooling_maps_equal_one_process(images, tmp_path, restore_threads):
     """Two ranks share the images; the pooling head's map sums are merged like the layers' own."""
-    import subprocess
-    import sys
-
-    from conftest import subprocess_env
-    from vitmad.cli import main
+    from conftest import profile_one_process_and_two_ranks
 
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     transformers.SiglipVisionModel(_siglip_config()).save_pretrained(tmp_path / "siglip")
     args = ["--model", f"hf:{tmp_path / 'siglip'}", "--images", str(images), "--device", "cpu", "--no-figures",
             "--batch-size", "2", "--stats", "prefix_maps"]
-    torch.set_num_threads(1)  # as the ranks run: float32 products round with the thread count
-    assert main(["profile", *args, "--out", str(tmp_path / "one")]) == 0
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "vitmad",
-               "profile", *args, "--out", str(tmp_path / "two")]
-    done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"),
-                          timeout=240)
-    assert done.returncode == 0, done.stderr
+    profile_one_process_and_two_ranks(args, tmp_path)
     docs = [json.loads((tmp_path / run / "mad.json").read_text()) for run in ("one", "two")]
     assert docs[1]["processes"] == 2 and docs[0]["prefix_maps"] == docs[1]["prefix_maps"]
     assert [e["name"] for e in docs[1]["prefix_maps"]["class_attention_layers"]] == ["head.attention"]

@@ -34,7 +34,14 @@ import pytest
 import torch
 
 import vitmad
-from conftest import eager_attention_calls, qwen_token_chunks, self_similar_attention, subprocess_env, write_images
+from conftest import (
+    eager_attention_calls,
+    profile_one_process_and_two_ranks,
+    qwen_token_chunks,
+    self_similar_attention,
+    subprocess_env,
+    write_images,
+)
 from vitmad.cli import main
 from vitmad.profiling.images import find_images, load_image
 from vitmad.profiling.maps import mad_maps
@@ -1134,19 +1141,10 @@ def test_python_m_vitmad_profile_on_a_llava_pixtral_checkpoint(folders, images, 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_torchrun_two_ranks_equal_one_process(folders, images, tmp_path):
-    args = ["profile", "--model", f"hf:{folders / 'qwen2_5_vl'}", "--images", str(images), "--image-size", "native",
+    args = ["--model", f"hf:{folders / 'qwen2_5_vl'}", "--images", str(images), "--image-size", "native",
             "--batch-size", "1", "--device", "cpu", "--no-figures"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks run: float32 products round alike
-    try:
-        assert main([*args, "--out", str(tmp_path / "single")]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "vitmad", *args, "--out", str(tmp_path / "two")],
-                          env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    single, two = (json.loads((tmp_path / name / "mad.json").read_text()) for name in ("single", "two"))
+    profile_one_process_and_two_ranks(args, tmp_path)
+    single, two = (json.loads((tmp_path / name / "mad.json").read_text()) for name in ("one", "two"))
     assert two["processes"] == 2 and two["images"] == single["images"]
     assert two["image_grids"] == single["image_grids"] and two["settings"] == single["settings"]
     np.testing.assert_allclose(np.array(two["sums"]["total"]), np.array(single["sums"]["total"]), rtol=1e-12)

@@ -36,7 +36,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import ODD_IMAGE_SIZES, sharpened, write_sized_images
+from conftest import ODD_IMAGE_SIZES, sharpened, tensor_softmax_outputs, write_sized_images
 from vitmad.cli import main
 from vitmad.profiling import OptionError
 from vitmad.profiling.checkpoint import weights_digest
@@ -218,19 +218,6 @@ def _windowed_mad(probabilities: torch.Tensor, batch: int, side: int, window: in
     return torch.stack(per_query, -1).mean(-1)
 
 
-def _softmax_maps(run) -> list[torch.Tensor]:
-    """Every ``Tensor.softmax`` output (float64) of ``run()``: segment_anything's encoder attention."""
-    maps, original = [], torch.Tensor.softmax
-
-    def spy(self, *args, **kwargs):
-        maps.append(original(self, *args, **kwargs))
-        return maps[-1]
-
-    with torch.no_grad(), mock.patch.object(torch.Tensor, "softmax", spy):
-        run()
-    return [m.double() for m in maps]
-
-
 def _sdpa_maps(run) -> list[torch.Tensor]:
     """``softmax(q k^T / sqrt(d))`` in float64 of every SDPA call of ``run()`` (no mask, default scale: Hiera's)."""
     maps, original = [], torch.nn.functional.scaled_dot_product_attention
@@ -279,7 +266,7 @@ def test_segment_anything_is_profiled_from_its_encoders_own_attention_on_its_pre
     doc = _profiled("segment_anything:vit_b", images, path, tmp_path)
 
     pixels = _their_pixels(SamPredictor(model), model, images)
-    maps = _softmax_maps(lambda: model.image_encoder(pixels))
+    maps = [m.double() for m in tensor_softmax_outputs(lambda: model.image_encoder(pixels))]
     assert len(maps) == len(SAM_BLOCKS) and [b.window_size for b in model.image_encoder.blocks] == [3, 0, 3]
     assert [layer["name"] for layer in doc["layers"]] == [f"blocks.{i}.attn" for i in range(3)]
     for layer, probabilities, (window, heads) in zip(doc["layers"], maps, SAM_BLOCKS, strict=True):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,7 +21,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("transformers")
 
 import vitmad  # noqa: E402
-from conftest import interrupted_profile, subprocess_env, write_images  # noqa: E402
+from conftest import interrupted_profile, profile_one_process_and_two_ranks, write_images  # noqa: E402
 from vitmad.cli import main  # noqa: E402
 from vitmad.profiling.images import Preprocessing, find_images, load_batch  # noqa: E402
 from vitmad.profiling.models import wrap_module  # noqa: E402
@@ -306,13 +304,7 @@ def test_bad_stats_are_refused_naming_the_option(registers_vit, tmp_path, capsys
 def test_torchrun_equals_one_process(tiny_model, images, tmp_path, restore_threads):
     args = ["--model", f"hf:{tiny_model}", "--images", str(images), "--device", "cpu", "--no-figures",
             "--batch-size", "2", "--stats", "all"]
-    torch.set_num_threads(1)  # as the ranks run: float32 products round with the thread count
-    assert main(["profile", *args, "--out", str(tmp_path / "one")]) == 0
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "vitmad",
-               "profile", *args, "--out", str(tmp_path / "two"), "--checkpoint-every", "1"]
-    done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1"),
-                          timeout=240)
-    assert done.returncode == 0, done.stderr
+    profile_one_process_and_two_ranks(args, tmp_path, ["--checkpoint-every", "1"])
     one, two = (vitmad.Profile.from_json(tmp_path / run / "mad.json") for run in ("one", "two"))
     assert two.processes == 2 and two.images == one.images
     for name in PER_HEAD:

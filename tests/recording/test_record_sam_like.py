@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import attention_outputs, check_sam_windows, record_both_reductions, sharpened
+from conftest import attention_outputs, check_sam_windows, record_both_reductions, sam_random_tables
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,21 +64,6 @@ IMPLEMENTATIONS = {"got_ocr2": ["eager"], "pp_chart2table": ["eager"], "pp_formu
 SIZES = {"padded-10-in-4": (80, 4), "padded-7-in-3": (56, 3), "whole-8-in-4": (64, 4)}
 
 
-def _random_tables(model: torch.nn.Module) -> torch.nn.Module:
-    """Sharpened attention (conftest), random relative-position tables and absolute position embedding (zeros at
-    init), and a random patch embedding (std 1e-10 at init: every image would give the same tokens), so that a token
-    at a wrong place, a head in a wrong slot or one image's values given to another change the values."""
-    sharpened(model)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "rel_pos" in name or name.endswith("pos_embed"):
-                parameter.normal_()
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                module.weight.normal_(std=0.25)
-    return model
-
-
 def _check(model, attention_class: str, run, output, size: int, window: int, *, layers: list[str]) -> None:
     """The recording of ``model`` (every statistic, both reductions) against its attention's own probabilities
     placed by conftest's :func:`padded_window_reference`; the output unchanged, bit for bit."""
@@ -95,7 +80,7 @@ def test_sam_like_tower_matches_its_own_attention(name, implementation, size_win
     image, window = size_window
     build, attention_class = TOWERS[name]
     torch.manual_seed(0)
-    model = _random_tables(build(image, window, implementation))
+    model = sam_random_tables(build(image, window, implementation))
     assert all(type(m).__name__ == attention_class for n, m in model.named_modules() if n.endswith(".attn"))
     pixels = torch.randn(BATCH, 3, image, image)
     _check(model, attention_class, lambda m: m(pixels), lambda out: out.last_hidden_state, image // 8, window,
@@ -147,7 +132,7 @@ def test_full_model_records_its_image_tower_alone(name):
     build, attention_class, field = FULL_MODELS[name]
     torch.manual_seed(0)
     model, call, tower = build()
-    _random_tables(model)
+    sam_random_tables(model)
     _check(model, attention_class, call(torch.randn(BATCH, 3, 80, 80)), lambda out: getattr(out, field), 10, 4,
            layers=[f"{tower}.layers.{i}.attn" for i in range(3)])
     with torch.no_grad(), vitmad.record(model) as rec:

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from unittest import mock
 
 import numpy
 import pytest
 import torch
 
 import vitmad
-from conftest import sharpened
+from conftest import sam_random_tables, tensor_softmax_outputs
 
 segment_anything = pytest.importorskip("segment_anything")
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor  # noqa: E402
@@ -49,35 +48,6 @@ def _encoder(img_size: int, window: int, *, use_abs_pos: bool = True) -> ImageEn
     return ImageEncoderViT(img_size=img_size, patch_size=PATCH, embed_dim=32, depth=3, num_heads=HEADS, mlp_ratio=2.0,
                            out_chans=16, use_abs_pos=use_abs_pos, use_rel_pos=True, window_size=window,
                            global_attn_indexes=(1,), norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
-
-
-def _random_tables(model: torch.nn.Module) -> torch.nn.Module:
-    """Sharpened projections (conftest), random relative-position tables and position embedding (zeros at init) and
-    a random patch embedding, so that a token at a wrong cell, a head in a wrong slot or one image's values given to
-    another would change the values."""
-    sharpened(model)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "rel_pos" in name or name.endswith("pos_embed"):
-                parameter.normal_()
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                module.weight.normal_(std=0.25)
-    return model
-
-
-def _softmax_maps(run) -> list[torch.Tensor]:
-    """Every ``Tensor.softmax`` output (float64) of ``run()`` without grad, in call order: the image encoder's
-    attention probabilities (the mask decoder calls ``torch.softmax``, not the method)."""
-    maps, original = [], torch.Tensor.softmax
-
-    def spy(self, *args, **kwargs):
-        maps.append(original(self, *args, **kwargs))
-        return maps[-1]
-
-    with torch.no_grad(), mock.patch.object(torch.Tensor, "softmax", spy):
-        run()
-    return [m.double() for m in maps]
 
 
 def _window_slots(height: int, width: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,9 +125,9 @@ ENCODERS = {
 def test_image_encoder_matches_its_own_attention(name):
     img_size, window, use_abs_pos, (h, w) = ENCODERS[name]
     torch.manual_seed(0)
-    encoder = _random_tables(_encoder(img_size, window, use_abs_pos=use_abs_pos))
+    encoder = sam_random_tables(_encoder(img_size, window, use_abs_pos=use_abs_pos))
     pixels = torch.randn(2, 3, h, w)
-    maps = _softmax_maps(lambda: encoder(pixels))
+    maps = [m.double() for m in tensor_softmax_outputs(lambda: encoder(pixels))]
     assert len(maps) == 3
     with torch.no_grad():
         plain = encoder(pixels)
@@ -177,7 +147,7 @@ def _sam() -> Sam:
     decoder = MaskDecoder(transformer_dim=16, transformer=TwoWayTransformer(depth=2, embedding_dim=16, mlp_dim=32,
                                                                             num_heads=2),
                           num_multimask_outputs=3, iou_head_depth=2, iou_head_hidden_dim=16)
-    return _random_tables(Sam(_encoder(64, 3), prompt, decoder))
+    return sam_random_tables(Sam(_encoder(64, 3), prompt, decoder))
 
 
 def _batched_input() -> list[dict]:
@@ -193,7 +163,7 @@ def test_sam_records_its_image_encoder_by_default():
     """Sam.forward runs the encoder once on the padded batch, then the prompt encoder and mask decoder per image:
     the encoder's blocks are recorded as the encoder alone is, the masks unchanged bit for bit."""
     sam, batched = _sam(), _batched_input()
-    maps = _softmax_maps(lambda: sam(batched, multimask_output=True))
+    maps = [m.double() for m in tensor_softmax_outputs(lambda: sam(batched, multimask_output=True))]
     plain = sam(batched, multimask_output=True)
     with vitmad.record(sam, stats=STATS) as rec:
         recorded = sam(batched, multimask_output=True)
@@ -238,7 +208,7 @@ def test_predictor_and_automatic_mask_generator_record_each_encoder_call():
     sam = _sam()
     image = (torch.rand(40, 56, 3) * 255).to(torch.uint8).numpy()
     predictor = SamPredictor(sam)
-    maps = _softmax_maps(lambda: predictor.set_image(image))
+    maps = [m.double() for m in tensor_softmax_outputs(lambda: predictor.set_image(image))]
     predictor.set_image(image)
     plain = predictor.predict(point_coords=numpy.array([[20, 12]]), point_labels=numpy.array([1]))
     with vitmad.record(sam, stats=STATS) as rec:
@@ -251,7 +221,7 @@ def test_predictor_and_automatic_mask_generator_record_each_encoder_call():
 
     generator = SamAutomaticMaskGenerator(sam, points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0,
                                           crop_n_layers=1)
-    maps = _softmax_maps(lambda: generator.generate(image))
+    maps = [m.double() for m in tensor_softmax_outputs(lambda: generator.generate(image))]
     assert len(maps) == 5 * 3
     with vitmad.record(sam, stats=STATS, reduction="none") as rec_tokens:
         generator.generate(image)
@@ -264,10 +234,10 @@ def test_profile_takes_the_image_encoder():
     """vitmad.profile on the encoder module with preprocessed pixels: per layer and head, the MAD over the images
     and their tokens, from the encoder's own attention."""
     torch.manual_seed(0)
-    encoder = _random_tables(_encoder(64, 3))
+    encoder = sam_random_tables(_encoder(64, 3))
     pixels = torch.randn(3, 3, 64, 64)
     prof = vitmad.profile(encoder, pixels, batch_size=3, device="cpu")
-    maps = _softmax_maps(lambda: encoder(pixels))
+    maps = [m.double() for m in tensor_softmax_outputs(lambda: encoder(pixels))]
     expected = torch.stack([_reference(p, 3, 8, 8, w)["mad"].mean((0, 2)) for p, w in zip(maps, [3, 0, 3])])
     torch.testing.assert_close(prof.mad, expected, **TOL)
 
