@@ -21,6 +21,7 @@ from .families.packed import token_convolutions
 from .families.pix2struct import is_tower as is_flattened_patches_tower
 from .families.plain import find_patch_embedding, is_embedding_projection
 from .families.radio import is_tower as is_radio_tower
+from .families.ultralytics import call_start as ultralytics_call_start
 from .families.vit_pytorch_stages import token_convolutions as vit_pytorch_token_convolutions
 from .families.vq_tokenizer import is_tower as is_vq_tokenizer
 from .module_index import module_list, named_module_list
@@ -131,8 +132,9 @@ def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
     patches come cut, and a text tower beside them must not start a call). A packed tower's convolutions over its
     tokens (LFM3-VL's, run once per image) are none of these: a model without any other starts its calls as one
     without convolutions. A MONAI ViT or Swin transformer starts its calls at its patch embedding (UNETR convolves
-    its input only after its ViT; of several, the one holding the ``recorded`` modules)."""
-    start = monai_call_start(model, recorded)
+    its input only after its ViT; of several, the one holding the ``recorded`` modules), an ultralytics model at
+    its yaml graph's first layer (YOLOv5's Focus halves the image before its convolution)."""
+    start = monai_call_start(model, recorded) or ultralytics_call_start(model)
     if start is not None:
         return start
     on_tokens = token_convolutions(model) | vit_pytorch_token_convolutions(model)

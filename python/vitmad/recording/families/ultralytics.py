@@ -42,10 +42,11 @@ from .stages import grid_placement, innermost_on_path, pair
 from .windowed_vit import WindowedDesign, WindowedGridPlacer
 from .windows import parent_module, stride_mismatch, window_placement
 
-__all__ = ["placer"]
+__all__ = ["placer", "call_start"]
 
 _PACKAGE = "ultralytics."
 _BLOCKS = "ultralytics.nn.modules.block"
+_CONV = "ultralytics.nn.modules.conv"
 _TRANSFORMER = "ultralytics.nn.modules.transformer"
 _SAM_BLOCKS = "ultralytics.models.sam.modules.blocks"
 _POSITIONS = "pass positions=<[N, 2] pixel position of each token>"
@@ -69,6 +70,16 @@ def _is_graph_model(module: nn.Module) -> bool:
 _STRIDED = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
 
 
+def call_start(model: nn.Module) -> nn.Module | None:
+    """The first layer of the first ultralytics yaml graph in ``model`` (module order), which the image enters: a
+    forward call starts there, and the image's size is its input's. The first convolution is no such start where
+    layer 0 changes the image before convolving it: YOLOv5's ``Focus`` stacks each 2 x 2 pixels as channels, so the
+    image read there was half the input and every stride counted from it half the map's (MAD halved, QA
+    helper-156); a first ``MaxPool2d`` made a refusal name the wrong image size."""
+    graph = next((module.model for module in model.modules() if _is_graph_model(module)), None)
+    return graph[0] if graph is not None and len(graph) else None
+
+
 def _own_stride(layer: nn.Module) -> float | None:
     """The factor by which one layer of the graph shrinks its input map (0.5 for a 2x upsampling), or None where
     vitmad cannot tell."""
@@ -77,6 +88,9 @@ def _own_stride(layer: nn.Module) -> float | None:
         scale = scale if isinstance(scale, (int, float)) else None if scale is None else (
             scale[0] if len(set(scale)) == 1 else None)
         return None if layer.size is not None or not scale else 1.0 / float(scale)
+    if _is(layer, "Focus", _CONV):  # the image's 2 x 2 pixels stacked as channels (YOLOv5's stem), then its Conv
+        stride = pair(layer.conv.conv.stride)
+        return None if stride[0] != stride[1] else 2.0 * stride[0]
     if _is(layer, "HGStem", _BLOCKS):  # stem1 then stem3, each 3x3 of stride 2; its pool keeps the size
         return float(pair(layer.stem1.conv.stride)[0] * pair(layer.stem3.conv.stride)[0])
     if _is(layer, "ResNetLayer", _BLOCKS):  # a 7x7 of stride 2 and a max pool of 2, or its first block's stride
