@@ -157,6 +157,30 @@ def test_load_batch_sets_broken_files_aside(tmp_path):
     assert load_batch(broken, PREP)[0] is None
 
 
+def test_a_file_pil_cannot_identify_is_skipped_under_another_librarys_replacement_of_pil_open(tmp_path, monkeypatch):
+    """Importing ultralytics replaces PIL.Image.open for the whole process: on a file PIL cannot identify it fetches
+    a HEIF plugin, and offline fails with ModuleNotFoundError, which ended the profile run (vitmad skipped decoding
+    errors only); now the file is skipped with that reason, naming the replacement. The opener here does what
+    ultralytics' does without its network."""
+    from PIL import Image
+
+    original = Image.open
+
+    def replaced(path, *args, **kwargs):
+        try:
+            return original(path, *args, **kwargs)
+        except Image.UnidentifiedImageError:
+            import pi_heif_not_installed  # noqa: F401  (as ultralytics imports pi_heif after its pip attempt)
+
+    monkeypatch.setattr(Image, "open", replaced)
+    good = write_images(tmp_path, 2, nested=False)
+    (tmp_path / "text.png").write_text("not an image")
+    pixels, loaded, skipped = load_batch([good[0], tmp_path / "text.png", good[1]], PREP)
+    assert pixels.shape == (2, 3, 24, 40) and loaded == good
+    assert skipped == [(tmp_path / "text.png", "ModuleNotFoundError: No module named 'pi_heif_not_installed' "
+                                               f"(raised by {__name__}'s replacement of PIL.Image.open)")]
+
+
 def test_running_stats_match_torch():
     mad = torch.rand(3, 11, 4, dtype=torch.float64) * 100  # [L, images, H]
     stats = RunningStats.empty(3, 4)

@@ -32,10 +32,16 @@ from unittest import mock
 
 import pytest
 import torch
+from PIL import Image
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics must never reach the network from these tests
 os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "vitmad-ultralytics-settings"))
+_PIL_OPEN = Image.open
 pytest.importorskip("ultralytics")
+# Importing ultralytics replaces PIL.Image.open for the whole process (a HEIF plugin fetched on the first file PIL
+# cannot identify). Collection imports this file before any test runs: the rest of the suite gets PIL's own opener
+# back (tests/profiling/test_profile_inputs.py checks vitmad under such a replacement).
+Image.open = _PIL_OPEN
 
 from ultralytics.models.sam.modules.encoders import ImageEncoderViT  # noqa: E402
 from ultralytics.nn.modules.block import C2PSA, Attention  # noqa: E402

@@ -761,6 +761,13 @@ def load_image(path: str | os.PathLike):
             return _to_rgb(image), None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return None, f"{type(err).__name__}: {err}"
+    except ImportError as err:
+        # Another library may have replaced PIL.Image.open for the whole process: importing ultralytics makes it
+        # fetch a HEIF plugin on the first file PIL cannot identify, and fail with the plugin missing (offline).
+        # The file is still one that cannot be decoded here, not the end of the run.
+        opener = getattr(Image.open, "__module__", None)
+        by = f" (raised by {opener}'s replacement of PIL.Image.open)" if opener and opener != Image.__name__ else ""
+        return None, f"{type(err).__name__}: {err}{by}"
 
 
 def load_batch(

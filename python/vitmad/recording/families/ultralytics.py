@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..module_index import module_list
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, RefusingPlacer
 from .stages import grid_placement, innermost_on_path, pair
 from .windowed_vit import WindowedDesign, WindowedGridPlacer
@@ -76,7 +77,7 @@ def call_start(model: nn.Module) -> nn.Module | None:
     layer 0 changes the image before convolving it: YOLOv5's ``Focus`` stacks each 2 x 2 pixels as channels, so the
     image read there was half the input and every stride counted from it half the map's (MAD halved, QA
     helper-156); a first ``MaxPool2d`` made a refusal name the wrong image size."""
-    graph = next((module.model for module in model.modules() if _is_graph_model(module)), None)
+    graph = next((module.model for module in module_list(model) if _is_graph_model(module)), None)
     return graph[0] if graph is not None and len(graph) else None
 
 
