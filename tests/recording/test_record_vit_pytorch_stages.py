@@ -286,6 +286,34 @@ def test_cvt_keys_pooled_by_strided_convolution():
     _compare(rec, rec_tokens, expected, [g for g, *_ in layout], [s for _, _, s, _ in layout])
 
 
+def test_a_model_run_twice_in_one_call_restarts_its_stages_from_the_image():
+    """A student CvT then a teacher CvT run twice (EsViT's trainer does so): one call, the teacher's second run placed
+    from the image again. Its stage strides went on from the last stage of its first run (64, 128, 256 px instead of
+    4, 8, 16: MAD beyond the image's diagonal; the benchmarks' vit-pytorch sweep, helper-157)."""
+    from vit_pytorch.cvt import CvT
+
+    class StudentTeacher(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            config = dict(num_classes=5, s1_emb_dim=8, s1_depth=1, s2_emb_dim=16, s2_heads=2, s2_depth=1,
+                          s3_emb_dim=16, s3_heads=2, s3_depth=1)
+            self.student, self.teacher = CvT(**config), CvT(**config)
+
+        def forward(self, x):
+            return self.student(x), self.teacher(x), self.teacher(x.flip(-1))
+
+    torch.manual_seed(0)
+    model = _sharpen(StudentTeacher(), STD).eval()
+    pixels = torch.randn(2, 3, 36, 52, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    with torch.no_grad(), vitmad.record(model.teacher) as alone:
+        model.teacher(pixels.flip(-1))
+    assert len(rec.calls) == 1 and len(rec.layers) == 9
+    assert [g.stride[0] for g in rec.geometry] == [4.0, 8.0, 16.0] * 3
+    torch.testing.assert_close(rec.mad[6:], alone.mad, rtol=0, atol=0, equal_nan=True)  # NaN: heads a stage lacks
+
+
 def test_crossvit_branches_and_cross_attention_maps():
     from vit_pytorch.cross_vit import CrossViT
 

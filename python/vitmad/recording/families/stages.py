@@ -145,7 +145,10 @@ class StageGrid:
                     f"{type(self.model).__name__} returned {shape}, expected [B, C, h, w]"
                 )
             previous = context.values.get(self.key)
-            stride = (1.0, 1.0) if previous is None else previous.stride
+            # The first embedding takes the image: a model run again within one call (an EsViT trainer runs its
+            # teacher CvT twice) starts from the image again, not from the last stage of its previous run (its
+            # second run was placed at 16 times its strides).
+            stride = (1.0, 1.0) if previous is None or index == 0 else previous.stride
             sy, sx = self.strides[index]
             grid = (int(output.shape[-2]), int(output.shape[-1]))
             context.values[self.key] = Stage(index, grid, (stride[0] * sy, stride[1] * sx))
