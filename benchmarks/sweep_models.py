@@ -1,5 +1,5 @@
-"""Sweep: try ``vitmad.record`` on every timm architecture, every transformers vision model family and
-torchvision's transformers.
+"""Sweep: try ``vitmad.record`` on every timm architecture, every transformers vision model family,
+torchvision's transformers, and the models of vit-pytorch, MONAI, Ultralytics and Segment Anything / SAM 2.
 
 One line per architecture: recorded (layers, heads, token strides; layers skipped with their reason), refused
 (vitmad's message), no attention (a CNN), or ERROR (anything else: a defect to fix). For every recorded model
@@ -16,6 +16,15 @@ configuration with two layers per stage where the config allows.
     python benchmarks/sweep_models.py --write         # also writes the table into benchmarks/RESULTS.md
     python benchmarks/sweep_models.py --stats         # records every statistic and the prefix maps too
     python benchmarks/sweep_models.py --library torchvision   # its ViT, Swin, Swin V2, MaxViT, video Swin and MViT
+    python benchmarks/sweep_models.py --library vit_pytorch   # also monai, ultralytics, segment_anything (+ sam2)
+
+``--library vit_pytorch``, ``monai``, ``ultralytics`` and ``segment_anything`` build the models listed in
+``benchmarks/_library_models.py``: every model class of vit-pytorch's modules, MONAI's nets with attention and four
+without, every packaged Ultralytics yaml (``YOLO_OFFLINE=1``; a yaml whose layers would download weights is listed as
+not run), Segment Anything's packaged ``vit_b`` model and each config's encoder, and every packaged SAM 2 config,
+each small or on a small image. A model that cannot be built, or whose own forward fails without vitmad, is
+listed as "not run" with the reason; a recording that names its modules but finds no attention in them is
+"refused when read" (the error reading ``rec.mad`` gives).
 
 With ``--stats`` each recording also asks for entropy, prefix mass, self mass and the prefix maps, and the line
 says ERROR where one is outside its range (entropy in [0, ln N], masses and maps in [0, 1], self mass NaN only in
@@ -27,6 +36,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import math
+import random
 import sys
 import time
 import warnings
@@ -36,6 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _library_models  # noqa: E402
 from _results import machine, markdown_table, write_section  # noqa: E402
 
 # Smaller first: the sweep runs one model per timm module, so it picks the cheapest name.
@@ -164,16 +175,24 @@ def _class_maps_problem(rec) -> str | None:
     return None
 
 
-def _check(model: torch.nn.Module, pixels: torch.Tensor, forward) -> str:
-    """Record one forward; the sweep line's verdict."""
+def _check(model: torch.nn.Module, pixels, forward, extent: tuple[int, ...] | None = None) -> str:
+    """Record one forward; the sweep line's verdict. ``extent``: the input's spatial size that bounds the MAD where
+    ``pixels`` is not one tensor of that shape (packed images); by default its last two dims, or three for volumes."""
     import vitmad
 
     with torch.inference_mode():
-        torch.manual_seed(0)  # models that draw noise in their forward (ViTMAE's shuffle) draw the same twice
-        plain = forward(model, pixels)
+        # Models that draw noise in their forward (ViTMAE's shuffle, vit-pytorch's Dino augmentations, which draw
+        # from Python's random) draw the same twice.
+        torch.manual_seed(0)
+        random.seed(0)
+        try:
+            plain = forward(model, pixels)
+        except Exception as err:  # noqa: BLE001 - a model that fails without vitmad is not vitmad's finding
+            return f"not run: its own forward fails without vitmad: {type(err).__name__}: {str(err)[:200]}"
         try:
             with vitmad.record(model, stats=_record_stats) as rec:
                 torch.manual_seed(0)
+                random.seed(0)
                 recorded = forward(model, pixels)
         except ValueError as err:
             message = str(err)
@@ -185,13 +204,21 @@ def _check(model: torch.nn.Module, pixels: torch.Tensor, forward) -> str:
                 return "no spatial attention: " + finding.split("(", 1)[-1].rstrip(")")
             return "refused: " + message.replace("vitmad.record: ", "")
     same = all(torch.equal(a, b) for a, b in zip(_tensors(plain), _tensors(recorded)))
+    if not rec.layers and not rec.calls[-1].class_layers and not rec.skipped:
+        try:  # modules taken for attention that computed none vitmad sees: refused when the recording is read
+            _ = rec.mad
+        except (RuntimeError, ValueError) as err:
+            return "refused when read: " + str(err).replace("vitmad.record: ", "")
     if not rec.layers:  # XCiT with --stats: class attention alone, whose maps are recorded
         problem = _class_maps_problem(rec)
         line = (f"no spatial attention: class-attention maps in {len(rec.calls[-1].class_layers)} layers"
                 + ("" if problem is None else f" (ERROR: {problem})") + " and no layer with a MAD; "
                 + "; ".join(f"{n}: {r}" for n, r in list(rec.skipped.items())[:2]))
         return line if same else "ERROR: output changed by recording; " + line
-    diagonal = math.hypot(*pixels.shape[-2:])
+    if extent is None:
+        volume = all(g.depth is not None for g in rec.geometry)  # MONAI's 3-D models: MAD over three axes
+        extent = tuple(pixels.shape[-3:] if volume else pixels.shape[-2:])
+    diagonal = math.hypot(*extent)
     values = torch.cat([t.flatten().float() for t in rec.per_layer])
     sane = bool(values.isfinite().all()) and float(values.min()) >= 0 and float(values.max()) <= diagonal
     heads = sorted(set(rec.geometry[i].heads for i in range(len(rec.layers))))
@@ -356,6 +383,43 @@ def sweep_torchvision(pattern: str) -> list[tuple[str, str, str]]:
     return rows
 
 
+# --library: (the catalogue in benchmarks/_library_models.py, the distributions whose versions the table names).
+LIBRARY_CASES = {
+    "vit_pytorch": ("vit_pytorch_cases", ("vit-pytorch", "einops")),
+    "monai": ("monai_cases", ("monai",)),
+    "ultralytics": ("ultralytics_cases", ("ultralytics",)),
+    "segment_anything": ("segment_anything_cases", ("segment_anything", "sam2")),
+}
+
+
+def sweep_cases(cases, pattern: str) -> list[tuple[str, str, str]]:
+    """vit-pytorch, MONAI, Ultralytics, Segment Anything: each ``Case`` of benchmarks/_library_models.py built,
+    put in eval mode (training mode where it is what is swept) and recorded once."""
+    rows = []
+    for case in cases:
+        if not (fnmatch.fnmatch(case.label, pattern) or fnmatch.fnmatch(case.module, pattern)):
+            continue
+        start = time.perf_counter()
+        if case.skip:
+            rows.append((case.module, case.label, f"not run: {case.skip}"))
+            print(f"{case.module:28s} {case.label:44s} {rows[-1][2]}", flush=True)
+            continue
+        try:
+            torch.manual_seed(0)
+            model = case.build()
+        except Exception as err:  # noqa: BLE001 - the sweep reports every failure, it never stops
+            verdict = f"not run: cannot be built: {type(err).__name__}: {str(err)[:200]}"
+        else:
+            try:
+                model.train(case.training)
+                verdict = _check(model, case.inputs(), case.forward, case.extent)
+            except Exception as err:  # noqa: BLE001 - the sweep reports every failure, it never stops
+                verdict = f"ERROR: {type(err).__name__}: {str(err)[:300]}"
+        rows.append((case.module, case.label, verdict))
+        print(f"{case.module:28s} {case.label:44s} {verdict}  [{time.perf_counter() - start:.1f} s]", flush=True)
+    return rows
+
+
 def summarise(rows: list[tuple[str, str, str]]) -> str:
     kinds = Counter()
     for _, _, verdict in rows:
@@ -373,8 +437,10 @@ def summarise(rows: list[tuple[str, str, str]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
-    parser.add_argument("--library", choices=("timm", "transformers", "both", "torchvision"), default="both",
-                        help="both: timm and transformers; torchvision: its ViT, Swin, MaxViT, video Swin and MViT")
+    parser.add_argument("--library", choices=("timm", "transformers", "both", "torchvision", *LIBRARY_CASES),
+                        default="both", help="both: timm and transformers; torchvision: its ViT, Swin, MaxViT, video "
+                        "Swin and MViT; vit_pytorch, monai, ultralytics, segment_anything (with sam2): "
+                        "benchmarks/_library_models.py")
     parser.add_argument("--per", choices=("module", "model"), default="module",
                         help="timm: the smallest model of each module, or every model name")
     parser.add_argument("--filter", default="*", help="model names (timm) or family labels (transformers)")
@@ -393,21 +459,29 @@ def main() -> None:
         rows += sweep_transformers(args.filter)
     if args.library == "torchvision":
         rows += sweep_torchvision(args.filter)
+    if args.library in LIBRARY_CASES:
+        rows += sweep_cases(getattr(_library_models, LIBRARY_CASES[args.library][0])(), args.filter)
     summary = summarise(rows)
     print(summary)
     if args.write:
-        import timm
-        import torchvision
-        import transformers
-
         table = markdown_table(["library / module", "model", "result"],
-                               [[m, n, v.replace("|", "/")] for m, n, v in rows])
+                               [[m, n, v.replace("|", "/").replace("\n", " ")] for m, n, v in rows])
         kind = "-stats" if args.stats else ""
-        write_section(f"sweep-{args.library}-{args.per}{kind}",
-                      f"## Sweep of vitmad.record{' with every statistic' if args.stats else ''} ({args.library}, "
-                      f"one model per {args.per}; "
-                      f"benchmarks/sweep_models.py)\n\n{machine()}; timm {timm.__version__}, transformers "
-                      f"{transformers.__version__}, torchvision {torchvision.__version__}\n\n{summary}\n\n{table}")
+        if args.library in LIBRARY_CASES:
+            name, title = f"sweep-{args.library}{kind}", f"{args.library}, every model of benchmarks/_library_models.py"
+        else:
+            name, title = f"sweep-{args.library}-{args.per}{kind}", f"{args.library}, one model per {args.per}"
+        write_section(name, f"## Sweep of vitmad.record{' with every statistic' if args.stats else ''} ({title}; "
+                      f"benchmarks/sweep_models.py)\n\n{machine()}; {_versions(args.library)}\n\n{summary}\n\n"
+                      f"{table}")
+
+
+def _versions(library: str) -> str:
+    """The versions of the libraries the sweep built its models with."""
+    from importlib.metadata import version
+
+    packages = LIBRARY_CASES[library][1] if library in LIBRARY_CASES else ("timm", "transformers", "torchvision")
+    return ", ".join(f"{package} {version(package)}" for package in packages)
 
 if __name__ == "__main__":
     main()
