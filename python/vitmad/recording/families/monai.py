@@ -29,9 +29,11 @@ the stride being the patch (times 2 per merging). A volume's tokens are placed i
 positions, ``(slice, row, column)``), so its MAD is the Euclidean distance over them; its layers fold onto
 ``depth x grid_h x grid_w`` (``LayerGeometry.depth``).
 
-Refused by name: ``MaskedAutoEncoderViT`` (a random subset of patches per forward), and any other MONAI attention
-(``SABlock``, ``CrossAttentionBlock``, ``WindowAttention`` outside those models: diffusion UNets, Restormer, NaViT,
-the generative transformers), whose tokens are not a patch grid vitmad knows.
+Refused by name: ``MaskedAutoEncoderViT`` (a random subset of patches per forward), and any other use of MONAI's
+attention blocks (``SABlock``, ``CrossAttentionBlock``, ``WindowAttention`` outside those models: diffusion UNets,
+the generative transformers), whose tokens are not a patch grid vitmad knows. (Restormer's attention runs over
+channels, which vitmad does not take for attention; MONAI's NaViT is refused by the generic rule, for want of a patch
+embedding.)
 """
 
 from __future__ import annotations
