@@ -308,51 +308,36 @@ def test_sam_image_encoder_windows():
     check_sam_windows(rec, rec_tokens, maps, 8, 11, 3, 8.0, batch=2, heads=2)
 
 
-def test_c3tr_transformer_block():
+@pytest.mark.parametrize(("stem", "size", "grid", "stride"), [
     # C3TR (block.py) holds a TransformerBlock (transformer.py): p = x.flatten(2).permute(2, 0, 1), the row-major cells
     # sequence-first, plus a learned linear position, then TransformerLayer's nn.MultiheadAttention (not batch first).
     # Two stride-2 convolutions before it: 4 px cells; 37 x 22 px: a 10 x 6 map (ceil).
-    cfg = {"nc": 10, "backbone": [[-1, 1, "Conv", [32, 3, 2]], [-1, 1, "Conv", [64, 3, 2]], [-1, 1, "C3TR", [64]]],
-           "head": [[-1, 1, "Classify", [10]]]}
-    pixels = torch.rand(2, 3, 37, 22)
-    model = sharpened(ClassificationModel(cfg, verbose=False))
-    batch_norms_on(model, pixels)
-    with torch.no_grad():
-        layer = model.model[2].m.tr[0]
-        layer.q.weight.mul_(3.0)
-        layer.k.weight.mul_(3.0)
-    maps = _multihead_maps(lambda: model(pixels))
-    rec, rec_tokens = _record(model, pixels)
-    assert rec.layers == ["model.2.m.tr.0.ma"] and len(maps) == 1
-    _check(rec, rec_tokens, 0, _global_reference(maps[0], (10, 6), 4.0), (10, 6), 4.0, "global")
-
-
-@pytest.mark.parametrize(("stem", "size", "grid", "stride"), [
-    # Focus (conv.py): x[..., ::2, ::2] and its three neighbours stacked as channels (even sides only: its slices of an
-    # odd side differ), then its Conv of stride 1: the cells of the 2 x 2 pixels it stacks, 19 x 11; then two
-    # stride-2 convolutions (ceil): 5 x 3 cells of 8 px.
+    (None, (37, 22), (10, 6), 4.0),
+    # YOLOv5's Focus stem (conv.py): x[..., ::2, ::2] and its three neighbours stacked as channels (even sides only:
+    # its slices of an odd side differ), then its Conv of stride 1: the cells of the 2 x 2 pixels it stacks, 19 x 11;
+    # then the two stride-2 convolutions (ceil): 5 x 3 cells of 8 px.
     ([-1, 1, "Focus", [16, 3]], (38, 22), (5, 3), 8.0),
     # A max pool of 2 before any convolution (floor: 18 x 11), the first convolution seeing half the image.
     ([-1, 1, "nn.MaxPool2d", [2, 2]], (37, 22), (5, 3), 8.0),
-])
-def test_a_stem_that_shrinks_the_image_before_its_first_convolution(stem, size, grid, stride):
-    """YOLOv5's Focus stem (and a first pool) change the image before any convolution: the call's image was read at
-    the first convolution, half the input, and Focus counted as stride 1, so every cell was placed at half its
-    distance (MAD halved, the per-call check passing) and a first pool's refusal named half the image (QA
-    helper-156)."""
-    cfg = {"nc": 10, "backbone": [stem, [-1, 1, "Conv", [32, 3, 2]], [-1, 1, "Conv", [64, 3, 2]],
-                                  [-1, 1, "C3TR", [64]]],
-           "head": [[-1, 1, "Classify", [10]]]}
+], ids=["c3tr", "focus-stem", "pool-stem"])
+def test_c3tr_transformer_block(stem, size, grid, stride):
+    """C3TR's transformer over its layer's map; after a stem that shrinks the image before its first convolution
+    (YOLOv5's Focus, a first pool) too: the call's image was read at the first convolution, half the input, and Focus
+    counted as stride 1, so every cell was placed at half its distance (MAD halved, the per-call check passing) and a
+    first pool's refusal named half the image (QA helper-156)."""
+    layers = [[-1, 1, "Conv", [32, 3, 2]], [-1, 1, "Conv", [64, 3, 2]], [-1, 1, "C3TR", [64]]]
+    cfg = {"nc": 10, "backbone": layers if stem is None else [stem, *layers], "head": [[-1, 1, "Classify", [10]]]}
+    index = len(cfg["backbone"]) - 1
     pixels = torch.rand(2, 3, *size)
     model = sharpened(ClassificationModel(cfg, verbose=False))
     batch_norms_on(model, pixels)
     with torch.no_grad():
-        layer = model.model[3].m.tr[0]
+        layer = model.model[index].m.tr[0]
         layer.q.weight.mul_(3.0)
         layer.k.weight.mul_(3.0)
     maps = _multihead_maps(lambda: model(pixels))
     rec, rec_tokens = _record(model, pixels)
-    assert rec.layers == ["model.3.m.tr.0.ma"] and len(maps) == 1
+    assert rec.layers == [f"model.{index}.m.tr.0.ma"] and len(maps) == 1
     _check(rec, rec_tokens, 0, _global_reference(maps[0], grid, stride), grid, stride, "global")
 
 

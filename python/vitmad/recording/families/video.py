@@ -161,6 +161,25 @@ class _Embedding:
         return handles
 
 
+def tubelet_positions(tokens: torch.Tensor, frames: int, size: tuple[int, int], stride: tuple[float, float],
+                      frame_stride: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the tokens of a video's groups are: ``tokens`` ``[G, n]`` holds each slot's tubelet index in (frame,
+    row, column) order, -1 for a token without a position (a class token). Returns ``[G, n, 2]`` pixel and
+    ``[G, n, 1]`` frame positions (NaN rows for those), tubelet ``(f, r, c)`` at ``((r + 0.5) s_h, (c + 0.5) s_w)``
+    px and ``(f + 0.5) frame_stride`` frames, and ``slot`` ``[frames * grid_h * grid_w]``: where each tubelet sits
+    among the ``G * n`` slots."""
+    patches = size[0] * size[1]
+    cells = cell_centres(*size, stride).reshape(patches, 2).repeat(frames, 1)
+    times = ((torch.arange(frames, dtype=torch.float64) + 0.5) * frame_stride).repeat_interleave(patches)[:, None]
+    known = tokens >= 0
+    at = tokens.clamp(min=0)
+    positions = torch.where(known[..., None], cells[at], float("nan"))
+    time_positions = torch.where(known[..., None], times.to(torch.float32)[at], float("nan"))
+    slot = torch.empty(frames * patches, dtype=torch.long)
+    slot[tokens[known]] = torch.arange(tokens.numel()).view(tokens.shape)[known]
+    return positions, time_positions, slot
+
+
 @functools.lru_cache(maxsize=64)
 def _layout(kind: str, frames: int, size: tuple[int, int], stride: tuple[float, float], frame_stride: int,
             prefix: int) -> tuple[torch.Tensor, ...]:
@@ -181,14 +200,7 @@ def _layout(kind: str, frames: int, size: tuple[int, int], stride: tuple[float, 
         "time": grid.t(),  # [hw, F]: one group per patch position
         "space": torch.cat([cls, grid], dim=1),  # [F, 1 + hw]: one group per frame, each with its CLS copy
     }[kind]
-    cells = cell_centres(*size, stride).reshape(patches, 2).repeat(frames, 1)
-    times = ((torch.arange(frames, dtype=torch.float64) + 0.5) * frame_stride).repeat_interleave(patches)[:, None]
-    known = tokens >= 0
-    at = tokens.clamp(min=0)
-    positions = torch.where(known[..., None], cells[at], float("nan"))
-    time_positions = torch.where(known[..., None], times.to(torch.float32)[at], float("nan"))
-    slot = torch.empty(frames * patches, dtype=torch.long)
-    slot[tokens[known]] = torch.arange(tokens.numel()).view(tokens.shape)[known]
+    positions, time_positions, slot = tubelet_positions(tokens, frames, size, stride, frame_stride)
     # With one group, every layer's call uses positions[0] and time_positions[0]: those views are made here, once,
     # so that a GPU gets one copy of them (on_device), not one per layer.
     group_positions, group_times = positions[0], time_positions[0]

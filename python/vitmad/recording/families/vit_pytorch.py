@@ -68,7 +68,7 @@ from ..placement import (
 )
 from .embeddings import check_cut_from_input
 from .plain import _plain_positions
-from .video import _GRID, VideoPlacer, _Grid
+from .video import _GRID, VideoPlacer, _Grid, tubelet_positions
 
 __all__ = ["placer", "attention_modules"]
 
@@ -417,15 +417,7 @@ def _divided_layout(kind: str, frames: int, size: tuple[int, int], stride: tuple
     tokens = torch.cat([torch.full((frames, 1), -1), grid], dim=1) if cls else grid  # [F, n]
     if kind == "time":
         tokens = tokens.t()  # [n, F]
-    cells = cell_centres(*size, stride).reshape(patches, 2).repeat(frames, 1)
-    times = ((torch.arange(frames, dtype=torch.float64) + 0.5) * frame_stride).repeat_interleave(patches)[:, None]
-    known = tokens >= 0
-    at = tokens.clamp(min=0)
-    positions = torch.where(known[..., None], cells[at], float("nan"))
-    time_positions = torch.where(known[..., None], times.to(torch.float32)[at], float("nan"))
-    slot = torch.empty(frames * patches, dtype=torch.long)
-    slot[tokens[known]] = torch.arange(tokens.numel()).view(tokens.shape)[known]
-    return read_only(positions, time_positions, slot, positions=2)
+    return read_only(*tubelet_positions(tokens, frames, size, stride, frame_stride), positions=2)
 
 
 class _VivitPlacer(LayerPlacer):
