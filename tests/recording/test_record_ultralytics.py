@@ -341,6 +341,19 @@ def test_c3tr_transformer_block(stem, size, grid, stride):
     _check(rec, rec_tokens, 0, _global_reference(maps[0], grid, stride), grid, stride, "global")
 
 
+def test_a_copy_that_ran_instead_is_named_when_the_recording_is_read():
+    """YOLO.predict runs the predictor's own copy of the model (AutoBackend's), which a recording of the model does
+    not see; reading the recording said nothing of copies (torch.compile, encode_text; QA helper-156)."""
+    import copy
+
+    model = DetectionModel("yolo11n.yaml", verbose=False).eval()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        copy.deepcopy(model)(torch.rand(1, 3, 64, 64))
+    with pytest.raises(RuntimeError, match=r"has not run in this recording; .* a copy of the model runs without "
+                                           r"vitmad, as a predictor's own copy does \(ultralytics' YOLO.predict"):
+        _ = rec.mad
+
+
 def test_profile_takes_the_model():
     # vitmad.profile on the module and preprocessed pixels (ultralytics' own letterbox preprocessing is not vitmad's):
     # the mean over the images of what the recording gives per image.

@@ -788,7 +788,9 @@ class Recording:
                 "`with vitmad.record(model) as rec:` block (code torch.compile generated before the block calls no "
                 "hooks: give vitmad.record the compiled model, which then runs eagerly while recorded; a method "
                 "other than its forward that does not run its image tower, such as a CLIP model's encode_text, "
-                "records nothing)"
+                "records nothing; a copy of the model runs without vitmad, as a predictor's own copy does "
+                "(ultralytics' YOLO.predict runs one: record the model it holds, yolo.predictor.model.model, or call "
+                "yolo.model itself))"
             )
         if self._calls[-1]._is_empty():
             shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
