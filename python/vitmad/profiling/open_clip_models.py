@@ -29,7 +29,7 @@ import difflib
 import os
 
 from .images import NATIVE, Preprocessing
-from .options import OptionError, error_said, import_for_spec
+from .options import OptionError, error_said, import_for_spec, state_dict_mismatch_said
 
 __all__ = ["load_open_clip", "preprocessing_of"]
 
@@ -148,9 +148,8 @@ def load_open_clip(spec: str, model_checkpoint: str | os.PathLike | None,
         if _raised_reading(err):
             raise OptionError("model_checkpoint", f"{model_checkpoint} cannot be read as a torch checkpoint "
                                                   f"({error_said(err)})") from err
-        said = " ".join(line.strip() for line in str(err).splitlines()[:2] if line.strip()) or type(err).__name__
         raise OptionError("model_checkpoint", f"{model_checkpoint} does not fit OpenCLIP's {name}: "
-                                              f"{said[:400]}{'...' if len(said) > 400 else ''}") from err
+                                              f"{state_dict_mismatch_said(err)}") from err
     visual = model.visual
     loaded = wrap_module(visual, spec, preprocessing_of(spec, dict(visual.preprocess_cfg)))
     loaded.description = tower_description("visual", visual, model)

@@ -46,6 +46,13 @@ def error_said(err: BaseException) -> str:
     return f"{type(err).__name__}: {first_line(err) if str(err).strip() else 'no message'}"
 
 
+def state_dict_mismatch_said(err: BaseException) -> str:
+    """``load_state_dict``'s error in a message: torch's first line names only the class, the second the first keys
+    that differ (a long list, cut at 400 characters)."""
+    said = " ".join(line.strip() for line in str(err).splitlines()[:2] if line.strip()) or type(err).__name__
+    return f"{said[:400]}{'...' if len(said) > 400 else ''}"
+
+
 class OptionError(ValueError):
     """A bad value of one parameter; ``str(err)`` starts with ``"<parameter>: "``.
 

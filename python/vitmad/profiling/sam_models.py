@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from .images import Preprocessing
-from .options import OptionError, error_said, import_for_spec
+from .options import OptionError, error_said, import_for_spec, state_dict_mismatch_said
 
 __all__ = ["load_segment_anything", "load_sam2", "sam2_configs", "sam_preprocessing", "sam2_preprocessing"]
 
@@ -98,10 +98,8 @@ def _load_into(model: torch.nn.Module, state: dict, model_checkpoint: Path, what
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        # torch's first line names only the class; the second, the first keys that differ (a long list, cut).
-        said = " ".join(line.strip() for line in str(err).splitlines()[:2] if line.strip())
         raise OptionError("model_checkpoint", f"{model_checkpoint} does not fit {what}: "
-                                              f"{said[:400]}{'...' if len(said) > 400 else ''}") from err
+                                              f"{state_dict_mismatch_said(err)}") from err
 
 
 def _wrapped(model: torch.nn.Module, spec: str, preprocessing: Preprocessing):
