@@ -769,6 +769,17 @@ def profile_one_process_and_two_ranks(args: list[str], folder: Path, two_ranks_o
     return folder / "one", folder / "two"
 
 
+def state_file_saver(build, folder: Path):
+    """``save(name)``: the state dict of ``build(name)`` saved to ``folder / f"{name}.pt"``; the file and the state
+    dict (a spec's local weights file: the torchvision: and open_clip: tests)."""
+    def save(name: str):
+        state = build(name).state_dict()
+        path = folder / f"{name}.pt"
+        torch.save(state, path)
+        return path, state
+    return save
+
+
 def tensor_softmax_outputs(run) -> list[torch.Tensor]:
     """Every ``Tensor.softmax`` result of ``run()`` without grad, in order: the probabilities of modules that call
     the method themselves (MViT's pooling attention in timm and torchvision, LowFormer's, segment_anything's

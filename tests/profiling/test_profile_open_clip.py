@@ -27,7 +27,7 @@ Image = pytest.importorskip("PIL.Image")
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict  # noqa: E402
 
 import vitmad  # noqa: E402
-from conftest import ODD_IMAGE_SIZES, interrupted_profile, write_sized_images  # noqa: E402
+from conftest import ODD_IMAGE_SIZES, interrupted_profile, state_file_saver, write_sized_images  # noqa: E402
 from vitmad.cli import main  # noqa: E402
 from vitmad.profiling import OptionError  # noqa: E402
 from vitmad.profiling.checkpoint import weights_digest  # noqa: E402
@@ -89,12 +89,7 @@ def _built(name: str, state: dict | None = None, **options) -> torch.nn.Module:
 @pytest.fixture
 def weights_file(tiny, tmp_path):
     """``weights_file(name)``: a saved state dict of the tiny ``name`` and that state dict."""
-    def save(name: str):
-        state = _built(name).state_dict()
-        path = tmp_path / f"{name}.pt"
-        torch.save(state, path)
-        return path, state
-    return save
+    return state_file_saver(_built, tmp_path)
 
 
 @pytest.fixture(scope="module")

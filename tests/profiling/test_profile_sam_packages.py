@@ -161,34 +161,31 @@ def _preprocessing_sizes(side: int) -> list[tuple[int, int]]:
     return [*ODD_IMAGE_SIZES, (1000, 517), (17, 9), (5, 2 * side), (side, side), (side + 1, side - 1)]
 
 
-@pytest.mark.parametrize("img_size", [64, 1024])
-def test_the_segment_anything_preprocessing_is_its_predictors(img_size):
-    """SamPredictor.set_image: ResizeLongestSide (PIL bilinear on the uint8 image), then Sam.preprocess (normalised
-    in 0-255 units, zeros at the bottom and right). Measured: no value differs at all (torch.equal)."""
-    model = _tiny_sam(img_size)
-    predictor, ours = SamPredictor(model), sam_preprocessing(model)
-    assert ours.size == (img_size, img_size)
-    rng = np.random.default_rng(2)
-    for h, w in _preprocessing_sizes(img_size):
+@pytest.mark.parametrize("size", [64, 1024])
+@pytest.mark.parametrize("package", ["segment_anything", "sam2"])
+def test_the_preprocessing_is_its_predictors(package, size):
+    """What the package's predictor's set_image hands the encoder. SamPredictor: ResizeLongestSide (PIL bilinear on
+    the uint8 image), then Sam.preprocess (normalised in 0-255 units, zeros at the bottom and right).
+    SAM2ImagePredictor: SAM2Transforms (ToTensor, Resize of the floats to a square, antialiased, Normalize).
+    Measured: no value differs at all (torch.equal)."""
+    build, predictor_class, preprocessing, seed = {
+        "segment_anything": (_tiny_sam, SamPredictor, sam_preprocessing, 2),
+        "sam2": (_tiny_sam2, SAM2ImagePredictor, sam2_preprocessing, 3),
+    }[package]
+    model = build(size)
+    predictor, ours = predictor_class(model), preprocessing(model)
+    assert ours.size == (size, size)
+    rng = np.random.default_rng(seed)
+    for h, w in _preprocessing_sizes(size):
         array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         assert torch.equal(ours(Image.fromarray(array)), _encoder_input(predictor, model, array)), (h, w)
-    # A short side scaled to 0 px, which PIL cannot make: the image is skipped by a run, with this reason.
+
+
+def test_an_image_segment_anything_scales_to_nothing_is_refused_with_the_reason():
+    """A short side scaled to 0 px, which PIL cannot make: the image is skipped by a run, with this reason."""
     with pytest.raises(ValueError, match=r"scales this 1x300 px image's long side to 64 px and its short side to 0 "
                                          r"px: its aspect ratio is too extreme"):
         sam_preprocessing(_tiny_sam(64))(Image.new("RGB", (300, 1)))
-
-
-@pytest.mark.parametrize("image_size", [64, 1024])
-def test_the_sam2_preprocessing_is_its_predictors(image_size):
-    """SAM2ImagePredictor.set_image: SAM2Transforms (ToTensor, Resize of the floats to a square, antialiased,
-    Normalize). Measured: no value differs at all (torch.equal)."""
-    model = _tiny_sam2(image_size)
-    predictor, ours = SAM2ImagePredictor(model), sam2_preprocessing(model)
-    assert ours.size == (image_size, image_size)
-    rng = np.random.default_rng(3)
-    for h, w in _preprocessing_sizes(image_size):
-        array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        assert torch.equal(ours(Image.fromarray(array)), _encoder_input(predictor, model, array)), (h, w)
 
 
 def _windowed_mad(probabilities: torch.Tensor, batch: int, side: int, window: int, q: int,

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import ODD_IMAGE_SIZES, interrupted_profile, write_sized_images
+from conftest import ODD_IMAGE_SIZES, interrupted_profile, state_file_saver, write_sized_images
 from vitmad.cli import main
 from vitmad.profiling import OptionError
 from vitmad.profiling.checkpoint import weights_digest
@@ -118,12 +118,7 @@ def _built(name: str, state: dict | None = None, **override) -> torch.nn.Module:
 @pytest.fixture
 def weights_file(tiny, tmp_path):
     """``weights_file(name)``: a saved state dict of the tiny ``name`` and that state dict."""
-    def save(name: str):
-        state = _built(name).state_dict()
-        path = tmp_path / f"{name}.pt"
-        torch.save(state, path)
-        return path, state
-    return save
+    return state_file_saver(_built, tmp_path)
 
 
 @pytest.fixture(scope="module")
