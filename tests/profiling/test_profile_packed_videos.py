@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import eager_attention_calls, profile_one_process_and_two_ranks, qwen_token_chunks
+from conftest import chunk_token_mad, eager_attention_calls, profile_one_process_and_two_ranks, qwen_token_chunks
 from vitmad.cli import main
 from vitmad.profiling.options import OptionError
 
@@ -206,9 +206,7 @@ def _clip_reference(name: str, tower, pixels, grid_thw) -> dict[str, torch.Tenso
                 used += 1
                 assert module is block.attn and probabilities.shape[-1] == len(chunk)
                 rows = probabilities[0]  # [H, n, n]
-                centres = torch.tensor([[(r + 0.5) * PATCH, (c + 0.5) * PATCH] for r, c in chunk],
-                                       dtype=torch.float64)
-                values["mad"].append((rows * torch.cdist(centres, centres)).sum(-1))
+                values["mad"].append(chunk_token_mad(probabilities, chunk, PATCH))
                 values["entropy"].append(-torch.special.xlogy(rows, rows).sum(-1))
         for stat, parts in values.items():
             layers[stat].append(torch.cat(parts, dim=1).mean(1))  # every token of the clip, [H]
