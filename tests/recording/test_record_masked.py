@@ -322,10 +322,10 @@ def test_given_positions_callable_per_call_on_a_model_without_a_grid():
 @pytest.mark.parametrize(("positions", "error", "match"), [
     ("grid", TypeError, r"positions must be a floating tensor \[N, 2\] .*; got str"),
     (torch.zeros(10, 2, dtype=torch.int64), TypeError, r"positions must be .*; got a torch.int64 tensor"),
-    (torch.zeros(10, 3), ValueError, r"positions must be .*; got shape \[10, 3\]"),
+    (torch.zeros(10, 4), ValueError, r"positions must be .*; got shape \[10, 4\]"),
     (torch.zeros(10), ValueError, r"positions must be .*; got shape \[10\]"),
     (torch.zeros(1, 2, 10, 2), ValueError, r"positions must be .*; got shape \[1, 2, 10, 2\]"),
-    (torch.tensor([[float("nan"), 1.0]] + [[0.0, 0.0]] * 9), ValueError, "one coordinate NaN and the other not"),
+    (torch.tensor([[float("nan"), 1.0]] + [[0.0, 0.0]] * 9), ValueError, "some coordinates NaN and others not"),
     (torch.tensor([[float("inf"), 1.0]] + [[0.0, 0.0]] * 9), ValueError, "positions has infinite coordinates"),
     # No token with a position: every value NaN, silently, before.
     (torch.full((10, 2), float("nan")), ValueError, r"positions gives no token a position \(every row NaN\)"),

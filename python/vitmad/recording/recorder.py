@@ -86,6 +86,7 @@ from .placement import (
     is_read_only,
     on_device,
 )
+from .spacing import Spacing, check_spacing
 from .towers import encoder_prefix, first_convolution, other_image_towers
 from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model, uses_attention_interface
 
@@ -517,6 +518,7 @@ class Recording:
         reduction: str = "mean",
         positions: torch.Tensor | Callable[[], torch.Tensor] | None = None,
         stats: Sequence[str] | str | None = ("mad",),
+        spacing: float | Sequence[float] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"vitmad.record: model must be an nn.Module (a spec string is for vitmad.profile), "
@@ -553,6 +555,8 @@ class Recording:
             raise ValueError("vitmad.record: positions places every token itself; pass either positions or "
                              "patch/grid/num_prefix_tokens, not both")
         self._stats, self._maps = _check_record_stats(stats)
+        self.spacing = check_spacing(spacing)
+        self._spacing = None if self.spacing is None else Spacing(self.spacing)
         # A torch.compile wrapper is recorded through the module it wraps; a compiled model runs eagerly inside
         # the block (compiled.py), so that the hooks below see every layer.
         given, model = model, uncompiled(model)
@@ -957,7 +961,8 @@ class Recording:
         if not self._calls:
             self._calls.append(RecordedCall())
         try:
-            return self._placers[name].place(self._context, lead, num_queries, num_keys)
+            placement = self._placers[name].place(self._context, lead, num_queries, num_keys)
+            return placement if self._spacing is None else self._spacing.apply(placement)
         except NotPlaceable as error:
             raise ValueError(
                 f"vitmad.record: {name or 'the model itself'} ({type(self._modules[name]).__name__}) of "
@@ -1587,6 +1592,7 @@ def record(
     reduction: str = "mean",
     positions: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     stats: Sequence[str] | str | None = ("mad",),
+    spacing: float | Sequence[float] | None = None,
 ) -> Recording:
     """Records the mean attention distance of every attention layer while ``model`` runs unchanged.
 
@@ -1620,8 +1626,9 @@ def record(
         reduction: ``"mean"`` gives ``rec.mad`` ``[L, B, H]``, ``"none"`` ``[L, B, H, N - P]``.
         positions: for a model whose token layout vitmad does not know, where its tokens are: ``[N, 2]`` (every
             image) or ``[B, N, 2]`` (per image) floating (row, column) pixel positions of the ``N`` tokens in the
-            model's token order, a NaN row for a token without a position; or a callable of no arguments returning
-            one, called once per forward call. It replaces the detected layout of every recorded layer, whose
+            model's token order (``[N, 3]`` / ``[B, N, 3]``: (slice, row, column) voxels of a volume), a NaN row
+            for a token without a position; or a callable of no arguments returning one, called once per forward
+            call. It replaces the detected layout of every recorded layer, whose
             attention must then be ``[B, H, N, N]``; ``reduction="none"`` gives ``[B, H, N]`` in token order, NaN
             at the tokens without a position, and the mean is over the tokens with one. Not combined with
             ``patch``, ``grid``, ``num_prefix_tokens``.
@@ -1635,6 +1642,12 @@ def record(
             Read them with ``rec.stats`` (``{name: [L, B, H]}``, MAD included) or ``rec.calls[i].stat(name)``. MAD
             is always recorded; a differential-attention layer (``A1 - lambda * A2``, not a probability
             distribution) records MAD alone, NaN for the other statistics and no maps.
+        spacing: the size of one input pixel (voxel) in a physical unit, to measure distances in that unit
+            (millimetres of a scan, micrometres of a micrograph) instead of pixels: one number for every axis, or
+            ``(row, column)``, or ``(slice, row, column)`` for a volume model. Every layer's positions are scaled
+            by it, axis by axis (``positions=`` given by hand too, which are then in input pixels); the other
+            statistics, ``rec.geometry`` (pixels) and a video's ``rec.temporal_mad`` (frames) are unchanged. A
+            layer whose tokens lie on another number of axes than given is refused. Kept as ``rec.spacing``.
 
     Returns:
         A :class:`Recording`: ``rec.mad`` / ``rec.layers`` / ``rec.layout`` of the latest forward call and
@@ -1650,5 +1663,5 @@ def record(
     """
     return Recording(
         model, layers=layers, patch=patch, grid=grid, num_prefix_tokens=num_prefix_tokens,
-        renormalize=renormalize, reduction=reduction, positions=positions, stats=stats,
+        renormalize=renormalize, reduction=reduction, positions=positions, stats=stats, spacing=spacing,
     )

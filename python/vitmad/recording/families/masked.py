@@ -139,12 +139,13 @@ def _kept_placement(kept: _Kept, heads: int) -> Placement:
 # Positions given by the user ---------------------------------------------------------------------------------
 
 _EXPECTED = ("a floating tensor [N, 2] (every image) or [B, N, 2] (per image) of token positions (row, column) "
-             "in pixels, in the model's token order, a NaN row for a token without a position, or a callable "
-             "returning one per forward call")
+             "in pixels, or [N, 3] / [B, N, 3] (slice, row, column) in voxels of a volume, in the model's token "
+             "order, a NaN row for a token without a position, or a callable returning one per forward call")
 
 
 def check_positions(positions, source: str = "positions") -> torch.Tensor:
-    """``positions`` checked and detached: ``[N, 2]`` or ``[B, N, 2]`` floating, each row finite or all NaN.
+    """``positions`` checked and detached: ``[N, K]`` or ``[B, N, K]`` floating, ``K`` 2 (row, column) or 3 (slice,
+    row, column), each row finite or all NaN.
 
     Args:
         positions: what the user gave (or what their callable returned).
@@ -157,7 +158,7 @@ def check_positions(positions, source: str = "positions") -> torch.Tensor:
     if not isinstance(positions, torch.Tensor) or not positions.is_floating_point():
         given = (f"a {positions.dtype} tensor" if isinstance(positions, torch.Tensor) else type(positions).__name__)
         raise TypeError(f"vitmad.record: {source} must be {_EXPECTED}; got {given}")
-    if positions.dim() not in (2, 3) or positions.shape[-1] != 2:
+    if positions.dim() not in (2, 3) or positions.shape[-1] not in (2, 3):
         raise ValueError(f"vitmad.record: {source} must be {_EXPECTED}; got shape {list(positions.shape)}")
     if positions.device.type == "meta":  # its values, read below, do not exist
         raise ValueError(f"vitmad.record: {source} must be {_EXPECTED}; got a tensor on the meta device, which holds "
@@ -165,7 +166,7 @@ def check_positions(positions, source: str = "positions") -> torch.Tensor:
     positions = positions.detach()
     nan = positions.isnan()
     if bool((nan.any(-1) & ~nan.all(-1)).any()):
-        raise ValueError(f"vitmad.record: {source} has a row with one coordinate NaN and the other not; a token "
+        raise ValueError(f"vitmad.record: {source} has a row with some coordinates NaN and others not; a token "
                          "without a position is a row of NaN")
     if bool(positions.isinf().any()):
         raise ValueError(f"vitmad.record: {source} has infinite coordinates; positions must be finite or NaN rows")
@@ -185,8 +186,8 @@ class GivenPositionsPlacer(LayerPlacer):
     form a grid) and its stride is 1: distances are in the unit of the given positions.
 
     Args:
-        positions: ``[N, 2]``, ``[B, N, 2]``, or a callable of no arguments returning one, called once per forward
-            call (at its first attention call) and used for every layer of that call.
+        positions: ``[N, K]``, ``[B, N, K]`` (``K`` 2 or 3), or a callable of no arguments returning one, called
+            once per forward call (at its first attention call) and used for every layer of that call.
     """
 
     def __init__(self, positions: torch.Tensor | Callable[[], torch.Tensor]):
@@ -211,7 +212,8 @@ class GivenPositionsPlacer(LayerPlacer):
                 "places the tokens of self-attention [B, H, N, N] over the whole sequence"
             )
         if num_tokens != num_queries or (positions.dim() == 3 and positions.shape[0] != lead[0]):
-            expected = f"[{num_queries}, 2] or [{lead[0]}, {num_queries}, 2]"
+            axes = positions.shape[-1]
+            expected = f"[{num_queries}, {axes}] or [{lead[0]}, {num_queries}, {axes}]"
             # A tower that packs several images into one sequence and attends image by image (Qwen2-VL's) calls its
             # attention once per image: no one shape of positions fits all its calls.
             chunks = (" (if this module attends over parts of a packed sequence one call at a time, as Qwen2-VL's "
@@ -222,7 +224,7 @@ class GivenPositionsPlacer(LayerPlacer):
                                f"windows of them), so positions must be "
                                f"{expected}; got shape {list(positions.shape)}{chunks if lead[0] == 1 else ''}")
         present = ~positions[..., 0].isnan()
-        placed = positions if positions.dim() == 2 else positions.unsqueeze(1)  # [B, 1, N, 2]: shared by the heads
+        placed = positions if positions.dim() == 2 else positions.unsqueeze(1)  # [B, 1, N, K]: shared by the heads
         geometry = LayerGeometry(None, (1.0, 1.0), "global, positions given", int(lead[-1]))
         return Placement(placed, None, _identity, geometry, present=None if bool(present.all()) else present)
 
