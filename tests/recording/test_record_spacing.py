@@ -125,6 +125,17 @@ def test_positions_given_over_three_axes():
             torch.testing.assert_close(values[..., 1:], expected, **TOL)
 
 
+def test_spacing_as_numbers_of_any_kind():
+    """A tensor or NumPy array (a NIfTI header's pixdim), NumPy scalars: taken as their numbers."""
+    np = pytest.importorskip("numpy")
+    model = _monai_vit(2, (16, 16), (8, 8))
+    for spacing in (torch.tensor([0.5, 2.0]), np.array([0.5, 2.0]), (np.float32(0.5), np.float64(2.0)),
+                    torch.tensor(0.5)):
+        with vitmad.record(model, spacing=spacing) as rec:
+            pass
+        assert rec.spacing in ((0.5, 2.0), (0.5,))
+
+
 @pytest.mark.parametrize(("spacing", "error", "message"), [
     ("1mm", TypeError, "vitmad.record: spacing must be one positive number"),
     ((1.0, "2"), TypeError, "vitmad.record: spacing must be one positive number"),

@@ -43,7 +43,8 @@ def check_spacing(spacing) -> tuple[float, ...] | None:
         return None
     expected = ("one positive number (the size of an input pixel on every axis) or 2 (row, column) or 3 (slice, "
                 "row, column) positive numbers, in the unit MAD is to be in")
-    values = spacing.tolist() if isinstance(spacing, torch.Tensor) else spacing
+    # A tensor or NumPy array (a header's pixdim) as its numbers; NumPy's scalars are numbers.Real already.
+    values = spacing.tolist() if isinstance(spacing, torch.Tensor) or type(spacing).__name__ == "ndarray" else spacing
     if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
         values = [values]
         single = True
