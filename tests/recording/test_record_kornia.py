@@ -43,6 +43,7 @@ from conftest import (
 )
 
 pytest.importorskip("kornia")
+from kornia.feature import LoFTR  # noqa: E402
 from kornia.feature.dedode.transformer.dinov2 import DinoVisionTransformer  # noqa: E402
 from kornia.feature.dedode.transformer.layers.attention import MemEffAttention  # noqa: E402
 from kornia.feature.dedode.transformer.layers.block import Block as DinoBlock  # noqa: E402
@@ -57,6 +58,8 @@ from kornia.models.sam.architecture.transformer import TwoWayTransformer  # noqa
 from kornia.models.sam.model import Sam  # noqa: E402
 from kornia.models.vit import VisionTransformer  # noqa: E402
 from kornia.models.vit_mobile import MobileViT  # noqa: E402
+
+from vitmad.recording.recorder import NoLayerError  # noqa: E402
 
 PREFIX_STATS = ["entropy", "prefix_mass", "prefix_maps"]
 TOL = {"rtol": 1e-5, "atol": 1e-4}  # float32 probabilities, float32 accumulation in vitmad's ops
@@ -226,3 +229,12 @@ def test_mobilevit_refused_by_name():
     with pytest.raises(ValueError, match="vitmad does not place kornia's MobileViT"):
         with torch.no_grad(), vitmad.record(model):
             model(torch.rand(1, 3, 64, 64))
+
+
+def test_loftr_linear_attention_skipped_with_its_reason():
+    model = LoFTR(pretrained=None).eval()  # random weights, nothing downloaded
+    pair = {"image0": torch.rand(1, 1, 64, 64), "image1": torch.rand(1, 1, 64, 64)}
+    with pytest.raises(NoLayerError, match=r"loftr_coarse\.layers\.0\.attention: LoFTR's linear attention: an ELU "
+                                           "feature map of queries and keys, no softmax attention probabilities"):
+        with torch.no_grad(), vitmad.record(model):
+            model(pair)

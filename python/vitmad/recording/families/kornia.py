@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..module_index import named_module_list
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, RefusingPlacer
 from .segment_anything import _two_way_skip, _windowed
 from .stages import grid_placement, innermost_on_path
@@ -107,7 +108,7 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """DINOv2's ``MemEffAttention`` (its forward calls its parent's, so no softmax shows in it) and the kornia
     attention classes this family skips or refuses by name, whose own forwards may not show theirs either
     (MobileViT's ``nn.Softmax``)."""
-    return {name: module for name, module in model.named_modules()
+    return {name: module for name, module in named_module_list(model)
             if (type(module).__module__ == _DINOV2_ATTENTION and type(module).__name__ in ("Attention",
                                                                                          "MemEffAttention"))
             or _key(module) in _SKIPPED or _key(module) in _REFUSED}
