@@ -1,0 +1,209 @@
+"""kornia's (0.9) vision transformers: its ViT, SAM's image encoder, DeDoDe's DINOv2 and RT-DETR's AIFI.
+
+- ``VisionTransformer`` (``kornia.models.vit``): ``PatchEmbedding`` cuts the image with a ``Conv2d`` of kernel = stride
+  = ``patch_size`` (the input must be ``image_size`` square), flattens its map row-major and puts the class token
+  first (``torch.cat([cls_tokens, x], dim=1)``); ``MultiHeadAttention`` takes ``.softmax(dim=-1)`` of ``[B, heads,
+  N, N]`` (captured by vitmad's softmax capture). The class token has no position; the patches sit at their cells, in
+  pixels of the image the ViT gets. With a ``backbone=`` (any module giving a ``[B, D, h, w]`` map) the map's stride
+  is the backbone's, which vitmad cannot read: refused.
+- DINOv2 of DeDoDe (``kornia.feature.dedode.transformer``, Meta's ``DinoVisionTransformer`` vendored): the class token,
+  then the row-major grid of ``PatchEmbed``'s ``Conv2d`` (kernel = stride = 14; the image must be whole patches),
+  no register tokens; ``mask_token`` replaces patches in place. ``Attention`` and ``MemEffAttention`` (the same
+  computation, whose forward does not show the softmax, so vitmad's discovery would miss it) take ``.softmax`` of
+  ``[B, heads, N, N]``. ``DeDoDe`` holds the backbone in a list (``encoder.frozen_dinov2.dinov2_vitl14[0]``, hidden
+  from DDP), so it is no submodule of ``DeDoDe``: record that ``DinoVisionTransformer`` and run the DeDoDe model, which
+  calls its ``forward_features``.
+- SAM's ``ImageEncoderViT`` (``kornia.models.sam.architecture.image_encoder``) is Meta's ``segment_anything`` encoder
+  copied (``PatchEmbed``, ``Block`` with ``window_partition`` from ``kornia.models.common``: bottom/right zero padding,
+  unmasked; ``Attention`` merging image, window and head in one dim): placed by :mod:`.segment_anything`'s code. The
+  mask decoder's two-way transformer is skipped with SAM's reasons.
+- RT-DETR (``kornia.models.rt_detr``): ``HybridEncoder`` runs one ``AIFI`` over the last of the backbone's maps
+  (after a 1 x 1 projection): ``x.permute(2, 3, 0, 1).flatten(0, 1)``, the row-major cells of the map, into a
+  sequence-first ``nn.MultiheadAttention`` (the 2-D sin-cos positions added to queries and keys change scores, not
+  places). The last map of its ``ResNetD`` and ``PPHGNetV2`` backbones has stride 32; the cells are placed as
+  :mod:`.ultralytics` places its AIFI's, the map checked per call against the image the ``RTDETR`` model gets.
+  ``HybridEncoder`` alone gets feature maps, not the image: refused. The decoder's self-attention (object queries)
+  and multi-scale deformable attention (a softmax over sampled points) are skipped.
+
+Skipped with their reason: LoFTR's linear attention (an ELU feature map, no softmax probabilities) and LightGlue's
+attention (among detected keypoints). Refused by name: kornia's MobileViT, TinyViT, Qwen2.5-VL tower, SigLIP2 (also
+PaliGemma's tower), Kimi-VL's MoonViT and LoFTR's full attention, whose layouts vitmad does not place for kornia.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..module_index import named_module_list
+from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, RefusingPlacer
+from .segment_anything import _two_way_skip, _windowed
+from .stages import grid_placement, innermost_on_path
+from .ultralytics import _MapPlacer
+from .windowed_vit import WindowedDesign
+from .windows import parent_module
+
+__all__ = ["placer", "attention_modules"]
+
+_VIT = "kornia.models.vit"
+_DINOV2 = "kornia.feature.dedode.transformer.dinov2"
+_DINOV2_ATTENTION = "kornia.feature.dedode.transformer.layers.attention"
+_SAM_ENCODER = "kornia.models.sam.architecture.image_encoder"
+_SAM_DECODER = "kornia.models.sam.architecture.transformer"
+_SAM_BLOCK = WindowedDesign("Block", "num_heads")
+_RT_DETR = "kornia.models.rt_detr.model"
+_RT_DETR_ENCODER = "kornia.models.rt_detr.architecture.hybrid_encoder"
+_RT_DETR_HEAD = "kornia.models.rt_detr.architecture.rtdetr_head"
+# The backbones RTDETR builds, whose last map (the one AIFI attends over) is 32 px per cell: ResNetD's stem (two
+# strides of 2) and three strided stages, PPHGNetV2's stem (4) and three strided stages.
+_RT_DETR_BACKBONES = {("kornia.models.rt_detr.architecture.resnet_d", "ResNetD"),
+                      ("kornia.models.rt_detr.architecture.hgnetv2", "PPHGNetV2")}
+_RT_DETR_STRIDE = 32.0
+_POSITIONS = "pass positions=<[N, 2] pixel position of each token>"
+
+_SKIPPED = {
+    ("kornia.feature.loftr.loftr_module.linear_attention", "LinearAttention"):
+        "LoFTR's linear attention: an ELU feature map of queries and keys, no softmax attention probabilities",
+    ("kornia.feature.lightglue", "Attention"):
+        "LightGlue's attention among detected keypoints (self-attention within an image's keypoints, "
+        "cross-attention to the other image's), no image grid",
+    ("kornia.models.paligemma.modeling_paligemma", "GemmaAttention"):
+        "PaliGemma's Gemma language model (attention over the image's projected tokens and the text), not the "
+        "vision tower",
+    (_RT_DETR_HEAD, "MultiScaleDeformableAttention"):
+        "deformable attention (RT-DETR's decoder): a softmax over sampled points around each object query's "
+        "reference, not attention between tokens",
+}
+_NOT_PLACED = "vitmad does not place kornia's {}; record the same model from {}"
+_REFUSED = {
+    ("kornia.models.vit_mobile", "Attention"): _NOT_PLACED.format(
+        "MobileViT (attention across the patches of unfolded pixels)", "timm or transformers"),
+    ("kornia.models.tiny_vit", "Attention"): _NOT_PLACED.format(
+        "TinyViT (MobileSAM's windowed stages)", "timm (tiny_vit_*)"),
+    ("kornia.models.qwen25.vision", "Qwen25VisionAttention"): _NOT_PLACED.format(
+        "Qwen2.5-VL tower (windows as a mask over tokens kept in place, 2 x 2 merged patch groups)",
+        "transformers (Qwen2_5_VisionTransformerPretrainedModel)"),
+    ("kornia.models.siglip2.attention", "SigLip2Attention"): _NOT_PLACED.format(
+        "SigLIP2 (also PaliGemma's vision tower)", "transformers (SiglipVisionModel, Siglip2VisionModel)"),
+    ("kornia.models.siglip2.vision_encoder", "SigLip2MultiheadAttentionPoolingHead"): _NOT_PLACED.format(
+        "SigLIP2 attention-pooling head", "transformers (SiglipVisionModel, Siglip2VisionModel)"),
+    ("kornia.models.kimi_vl.moonvit", "MoonViTAttention"): _NOT_PLACED.format(
+        "Kimi-VL MoonViT (packed images)", "transformers"),
+    ("kornia.feature.loftr.loftr_module.linear_attention", "FullAttention"): _NOT_PLACED.format(
+        "LoFTR full attention (the coarse maps of an image pair, self and cross)",
+        "transformers (EfficientLoFTRForKeypointMatching)"),
+}
+
+
+def _is(module: nn.Module, class_name: str, defining_module: str) -> bool:
+    cls = type(module)
+    return cls.__name__ == class_name and cls.__module__ == defining_module
+
+
+def _key(module: nn.Module) -> tuple[str, str]:
+    return type(module).__module__, type(module).__name__
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """DINOv2's ``MemEffAttention`` (its forward calls its parent's, so no softmax shows in it) and the kornia
+    attention classes this family skips or refuses by name, whose own forwards may not show theirs either
+    (MobileViT's ``nn.Softmax``)."""
+    return {name: module for name, module in named_module_list(model)
+            if (type(module).__module__ == _DINOV2_ATTENTION and type(module).__name__ in ("Attention",
+                                                                                         "MemEffAttention"))
+            or _key(module) in _SKIPPED or _key(module) in _REFUSED}
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    if isinstance(module, nn.MultiheadAttention):
+        return _multihead_placer(model, name)
+    if not type(module).__module__.startswith("kornia."):
+        return None
+    if _key(module) in _SKIPPED:
+        return _skip(_SKIPPED[_key(module)])
+    if _key(module) in _REFUSED:
+        return RefusingPlacer(f"{type(module).__name__} of {type(module).__module__}: {_REFUSED[_key(module)]}")
+    if _is(module, "MultiHeadAttention", _VIT):
+        return _vit_placer(model, name)
+    if type(module).__module__ == _DINOV2_ATTENTION:
+        found = innermost_on_path(model, name, lambda m: _is(m, "DinoVisionTransformer", _DINOV2))
+        if found is None:
+            return RefusingPlacer(f"kornia's DINOv2 {type(module).__name__} is placed only within a "
+                                  f"DinoVisionTransformer (whose patch embedding gives its grid); {name} is outside "
+                                  "one: record the DinoVisionTransformer, or " + _POSITIONS)
+        return _ClassTokenGridPlacer(found[1].patch_embed.proj, "DeDoDe's DINOv2")
+    if _is(module, "Attention", _SAM_DECODER):
+        return _two_way_skip(name, "kornia")
+    if _is(module, "Attention", _SAM_ENCODER):
+        return _windowed(model, name, module, "Block", "ImageEncoderViT", _SAM_ENCODER, _SAM_BLOCK,
+                         "kornia's SAM image-encoder Attention", "the ImageEncoderViT or the Sam model")
+    return None
+
+
+def _skip(reason: str):
+    from . import Skip  # the families' verdict lives in the package that imports this module
+
+    return Skip(reason)
+
+
+def _vit_placer(model: nn.Module, name: str):
+    found = innermost_on_path(model, name, lambda m: _is(m, "VisionTransformer", _VIT))
+    if found is None:
+        return RefusingPlacer(f"kornia's ViT MultiHeadAttention is placed only within its VisionTransformer (whose "
+                              f"PatchEmbedding gives the grid); {name} is outside one: record the VisionTransformer, "
+                              "or " + _POSITIONS)
+    embedding = found[1].patch_embedding
+    if embedding.custom_backbone:
+        return RefusingPlacer(
+            "kornia's VisionTransformer embeds its patches with a backbone= module "
+            f"({type(embedding.backbone).__name__}), whose map's pixel stride vitmad cannot read; pass "
+            "positions=<[N, 2] pixel position of each token: a NaN row for the class token first, then the "
+            "backbone's map row-major>")
+    return _ClassTokenGridPlacer(embedding.backbone, "kornia's VisionTransformer")
+
+
+def _multihead_placer(model: nn.Module, name: str):
+    parent = parent_module(model, name)
+    if parent is None:
+        return None
+    if _is(parent, "TransformerDecoderLayer", _RT_DETR_HEAD):
+        return _skip("RT-DETR's decoder self-attention: its queries are object queries, without a position in the "
+                     "image")
+    if not _is(parent, "AIFI", _RT_DETR_ENCODER):
+        return None
+    found = innermost_on_path(model, name, lambda m: _is(m, "RTDETR", _RT_DETR))
+    if found is None:
+        return RefusingPlacer(
+            f"kornia's AIFI ({name}) is placed only inside an RTDETR model, whose backbone gives the stride of the "
+            "map it attends over; recorded alone, its HybridEncoder gets feature maps, not the image: record the "
+            "RTDETR model, or " + _POSITIONS)
+    backbone = found[1].backbone
+    if _key(backbone) not in _RT_DETR_BACKBONES:
+        return RefusingPlacer(
+            f"kornia's RTDETR has a {type(backbone).__name__} backbone, whose last map's pixel stride vitmad does not "
+            "know (it knows ResNetD's and PPHGNetV2's, 32 px); " + _POSITIONS)
+    return _MapPlacer(parent, _RT_DETR_STRIDE, f"the last map of RT-DETR's {type(backbone).__name__} backbone", 1)
+
+
+class _ClassTokenGridPlacer(LayerPlacer):
+    """The class token without a position, then the row-major grid that ``embedding`` (a ``Conv2d`` of kernel =
+    stride, run on the image) gives in each call, in pixels of its input."""
+
+    def __init__(self, embedding: nn.Conv2d, what: str):
+        self.embedding, self.what = embedding, what
+        self.stride = (float(embedding.stride[0]), float(embedding.stride[1]))
+        self.key = f"kornia.grid.{id(embedding)}"
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def see(module, args, output) -> None:
+            context.values[self.key] = (int(output.shape[-2]), int(output.shape[-1]))
+
+        return [self.embedding.register_forward_hook(see)]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        grid = context.values.get(self.key)
+        if grid is None:
+            raise NotPlaceable(f"the patch embedding of {self.what} had not run in this call when it attended, so "
+                               "its grid is unknown; " + _POSITIONS)
+        return grid_placement(lead, num_queries, num_keys, grid=grid, stride=self.stride, attention="global",
+                              prefix=1)
