@@ -65,6 +65,13 @@ PREFIX_STATS = ["entropy", "prefix_mass", "prefix_maps"]
 TOL = {"rtol": 1e-5, "atol": 1e-4}  # float32 probabilities, float32 accumulation in vitmad's ops
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Fixed random weights and inputs: the far-from-uniform check of a random tiny model holds for most draws, not
+    all (seed 15 of 40 gave the ViT a mean entropy above 0.75 ln N), so a test must not depend on the draw."""
+    torch.manual_seed(0)
+
+
 def _vit() -> VisionTransformer:
     return sharpened(VisionTransformer(image_size=40, patch_size=8, embed_dim=32, depth=2, num_heads=2))
 
