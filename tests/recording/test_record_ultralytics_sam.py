@@ -96,6 +96,13 @@ def _tiny_vit_tables(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _tiny_vit() -> TinyViT:
+    """Three stages (the first convolutional) of 4, 8 and 16 px; windows 3 and 8 in the attention stages."""
+    torch.manual_seed(0)
+    return _tiny_vit_tables(TinyViT(img_size=128, embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=(1, 2, 2),
+                                    window_sizes=(4, 3, 8)))
+
+
 def _check_tiny_vit(rec, rec_tokens, maps, blocks, batch: int) -> None:
     """``blocks``: per recorded layer, ``(map height, map width, window, stride px)`` as the source gives them."""
     assert len(maps) == len(blocks) == len(rec.layers)
@@ -128,9 +135,7 @@ def _check_tiny_vit(rec, rec_tokens, maps, blocks, batch: int) -> None:
     ((96, 160), [(12, 20, 3, 8.0), (6, 10, 8, 16.0), (6, 10, 8, 16.0)]),
 ], ids=["square", "non-square-padded"])
 def test_tiny_vit_windows(image, blocks):
-    torch.manual_seed(0)
-    encoder = _tiny_vit_tables(TinyViT(img_size=128, embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=(1, 2, 2),
-                                       window_sizes=(4, 3, 8)))
+    encoder = _tiny_vit()
     encoder.set_imgsz(list(image))
     pixels = torch.rand(2, 3, *image)
     maps = tensor_softmax_outputs(lambda: encoder(pixels))
@@ -271,3 +276,14 @@ def test_yoloe_visual_prompt_pooling_skipped():
     with pytest.raises(NoLayerError, match=r"model\.23\.savpe: YOLOE's visual prompt embedding \(SAVPE\): a softmax "
                                            r"over each prompt mask's cells, whose queries are the visual prompts"):
         vitmad.record(model, layers=["model.23.savpe"])
+
+
+def test_profile_takes_the_encoder():
+    # vitmad.profile on the module and preprocessed pixels (SAMPredictor's resizing is not vitmad's): the mean over
+    # the images of what the recording gives per image.
+    encoder = _tiny_vit()
+    pixels = torch.rand(4, 3, 128, 128)
+    result = vitmad.profile(encoder, pixels, batch_size=2, device="cpu")
+    with torch.no_grad(), vitmad.record(encoder) as rec:
+        encoder(pixels)
+    torch.testing.assert_close(result.mad.double(), rec.mad.double().mean(1), **TOL)
