@@ -814,3 +814,50 @@ def sam_random_tables(model: torch.nn.Module) -> torch.nn.Module:
             if isinstance(module, torch.nn.Conv2d):
                 module.weight.normal_(std=0.25)
     return model
+
+
+def sdpa_probabilities(run) -> list[torch.Tensor]:
+    """``softmax(q k^T / sqrt(d))`` in float64 of every SDPA call of ``run()`` (no mask, default scale: sam2's and
+    ultralytics' Hiera, SAM 3's ViT), in call order; SDPA itself still computes the model's output."""
+    maps, original = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        assert not args and not kwargs.get("attn_mask") and kwargs.get("scale") is None
+        scores = q.double() @ k.double().transpose(-2, -1) / math.sqrt(q.shape[-1])
+        maps.append(scores.softmax(-1))
+        return original(q, k, v, *args, **kwargs)
+
+    with torch.no_grad(), mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", spy):
+        run()
+    return maps
+
+
+def pooled_window_reference(probabilities: torch.Tensor, batch: int, height: int, width: int, window: int, q: int,
+                            stride: int) -> tuple[tuple[int, int], torch.Tensor, torch.Tensor]:
+    """One call ``[B * nW, heads, Nq, Nk]`` of a SAM 2 Hiera block (sam2's, ultralytics' copy) on an ``height x width``
+    map of ``stride`` px cells: SAM's window_partition (zero padding at the bottom and right, windows and tokens
+    row-major; window 0: global), queries max-pooled by ``q`` in each window, each at the centre of the cells it
+    pools (none where they are all padding). The query grid, and MAD and entropy ``[B, heads, gh * gw]`` per query
+    of it, row-major."""
+    wh, ww = (window, window) if window else (height, width)
+    rows, cols = math.ceil(height / wh), math.ceil(width / ww)
+    pw = (wh // q, ww // q)
+    grid = (min(math.ceil(height / q), rows * pw[0]), min(math.ceil(width / q), cols * pw[1]))
+    heads = probabilities.shape[1]
+    attention = probabilities.reshape(batch, rows * cols, heads, pw[0] * pw[1], wh * ww)
+    mad = torch.full((batch, heads, grid[0] * grid[1]), math.nan, dtype=torch.float64)
+    entropy = mad.clone()
+    for n in range(rows * cols):
+        wr, wc = divmod(n, cols)
+        keys = torch.tensor([((wr * wh + t // ww + 0.5) * stride, (wc * ww + t % ww + 0.5) * stride)
+                             for t in range(wh * ww)], dtype=torch.float64)
+        for slot in range(pw[0] * pw[1]):
+            r, c = wr * pw[0] + slot // pw[1], wc * pw[1] + slot % pw[1]  # the pooled cell on the pooled grid
+            if r * q >= height or c * q >= width:  # its q x q cell is all padding: no query
+                continue
+            centre = torch.tensor([(r + 0.5) * stride * q, (c + 0.5) * stride * q], dtype=torch.float64)
+            row = attention[:, n, :, slot]
+            mad[..., r * grid[1] + c] = (row * (keys - centre).norm(dim=-1)).sum(-1)
+            entropy[..., r * grid[1] + c] = -torch.special.xlogy(row, row).sum(-1)
+    assert not mad.isnan().any()
+    return grid, mad, entropy

@@ -21,14 +21,13 @@ position embedding tiles over the first map, so the first map must be whole wind
 from __future__ import annotations
 
 import math
-from unittest import mock
 
 import numpy
 import pytest
 import torch
 
 import vitmad
-from conftest import sharpened
+from conftest import pooled_window_reference, sdpa_probabilities, sharpened
 
 pytest.importorskip("sam2")
 from sam2.modeling.backbones.hieradet import Hiera  # noqa: E402
@@ -70,50 +69,6 @@ def _random_tables(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _sdpa_probabilities(run) -> list[torch.Tensor]:
-    """``softmax(q k^T / sqrt(d))`` in float64 of every SDPA call of ``run()`` (no mask, default scale: Hiera's),
-    in call order; SDPA itself still computes the model's output."""
-    maps, original = [], torch.nn.functional.scaled_dot_product_attention
-
-    def spy(q, k, v, *args, **kwargs):
-        assert not args and not kwargs.get("attn_mask") and kwargs.get("scale") is None
-        scores = q.double() @ k.double().transpose(-2, -1) / math.sqrt(q.shape[-1])
-        maps.append(scores.softmax(-1))
-        return original(q, k, v, *args, **kwargs)
-
-    with torch.no_grad(), mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", spy):
-        run()
-    return maps
-
-
-def _reference(probabilities: torch.Tensor, batch: int, height: int, width: int, window: int, q: int,
-               stride: int) -> tuple[tuple[int, int], torch.Tensor, torch.Tensor]:
-    """One block's call ``[B * nW, heads, Nq, Nk]`` on an ``height x width`` map of ``stride`` px cells: the query
-    grid, and MAD and entropy ``[B, heads, gh * gw]`` per query of it, row-major."""
-    wh, ww = (window, window) if window else (height, width)
-    rows, cols = math.ceil(height / wh), math.ceil(width / ww)
-    pw = (wh // q, ww // q)
-    grid = (min(math.ceil(height / q), rows * pw[0]), min(math.ceil(width / q), cols * pw[1]))
-    heads = probabilities.shape[1]
-    attention = probabilities.reshape(batch, rows * cols, heads, pw[0] * pw[1], wh * ww)
-    mad = torch.full((batch, heads, grid[0] * grid[1]), math.nan, dtype=torch.float64)
-    entropy = mad.clone()
-    for n in range(rows * cols):
-        wr, wc = divmod(n, cols)
-        keys = torch.tensor([((wr * wh + t // ww + 0.5) * stride, (wc * ww + t % ww + 0.5) * stride)
-                             for t in range(wh * ww)], dtype=torch.float64)
-        for slot in range(pw[0] * pw[1]):
-            r, c = wr * pw[0] + slot // pw[1], wc * pw[1] + slot % pw[1]  # the pooled cell on the pooled grid
-            if r * q >= height or c * q >= width:  # its q x q cell is all padding: no query
-                continue
-            centre = torch.tensor([(r + 0.5) * stride * q, (c + 0.5) * stride * q], dtype=torch.float64)
-            row = attention[:, n, :, slot]
-            mad[..., r * grid[1] + c] = (row * (keys - centre).norm(dim=-1)).sum(-1)
-            entropy[..., r * grid[1] + c] = -torch.special.xlogy(row, row).sum(-1)
-    assert not mad.isnan().any()
-    return grid, mad, entropy
-
-
 def _check_trunk(rec, rec_tokens, maps, batch: int, image: tuple[int, int], prefix: str, call: int = -1) -> None:
     assert rec.layers == [f"{prefix}blocks.{i}.attn" for i in range(6)] and rec.skipped == {}
     assert len(maps) == 6
@@ -121,7 +76,7 @@ def _check_trunk(rec, rec_tokens, maps, batch: int, image: tuple[int, int], pref
     tokens = rec_tokens.calls[call]
     for layer, (probabilities, (window, q, heads), stride) in enumerate(zip(maps, BLOCKS, INPUT_STRIDES,
                                                                           strict=True)):
-        grid, mad, entropy = _reference(probabilities, batch, height, width, window, q, stride)
+        grid, mad, entropy = pooled_window_reference(probabilities, batch, height, width, window, q, stride)
         assert probabilities.shape[1] == heads
         # Far from uniform: a token at a wrong cell would change the values.
         assert float(entropy.mean()) < 0.75 * math.log(probabilities.shape[-1])
@@ -144,7 +99,7 @@ def test_hiera_trunk_matches_its_own_attention(image):
     torch.manual_seed(0)
     trunk = _random_tables(_trunk()).eval()
     pixels = torch.randn(2, 3, *image)
-    maps = _sdpa_probabilities(lambda: trunk(pixels))
+    maps = sdpa_probabilities(lambda: trunk(pixels))
     with torch.no_grad():
         plain = trunk(pixels)
         with vitmad.record(trunk, stats=STATS) as rec:
@@ -189,7 +144,7 @@ def test_sam2_base_and_image_predictor_record_the_trunk():
     features and the predicted masks unchanged, bit for bit."""
     model = _sam2()
     pixels = torch.randn(2, 3, 64, 64)
-    maps = _sdpa_probabilities(lambda: model.forward_image(pixels))
+    maps = sdpa_probabilities(lambda: model.forward_image(pixels))
     with torch.no_grad():
         plain = model.forward_image(pixels)["vision_features"]
         with vitmad.record(model, stats=STATS) as rec:
@@ -204,7 +159,7 @@ def test_sam2_base_and_image_predictor_record_the_trunk():
     predictor._bb_feat_sizes = [(16, 16), (8, 8), (4, 4)]
     image = (torch.rand(40, 56, 3) * 255).to(torch.uint8).numpy()
     points = dict(point_coords=numpy.array([[20, 12]]), point_labels=numpy.array([1]))
-    maps = _sdpa_probabilities(lambda: predictor.set_image(image))
+    maps = sdpa_probabilities(lambda: predictor.set_image(image))
     predictor.set_image(image)
     masks = predictor.predict(**points)
     with vitmad.record(model, stats=STATS, reduction="none") as rec_tokens:

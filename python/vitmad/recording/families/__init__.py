@@ -65,6 +65,7 @@ from . import (
     tnt,
     torchvision_maxvit,
     ultralytics,
+    ultralytics_sam,
     unplaced,
     video,
     video_mvit,
@@ -120,7 +121,7 @@ _FAMILIES = (
     sam_map_encoder, hiera, pooled, mvit, video_mvit, levit, lw_detr, rf_detr, detr_encoder, memory_attention,
     efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin,
     mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit,
-    convit, torchvision_maxvit, vq_tokenizer, svtr, vit_pytorch, monai, ultralytics,
+    convit, torchvision_maxvit, vq_tokenizer, svtr, vit_pytorch, monai, ultralytics, ultralytics_sam,
 )
 
 

@@ -45,7 +45,7 @@ from ..placement import RefusingPlacer
 from .stages import innermost_on_path
 from .windowed_vit import WindowedDesign, WindowedGridPlacer
 
-__all__ = ["placer"]
+__all__ = ["placer", "windowed_encoder_placer"]
 
 _ENCODER_MODULE = "segment_anything.modeling.image_encoder"
 _DECODER_MODULE = "segment_anything.modeling.transformer"
@@ -91,18 +91,25 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     if cls_module == _SAM2_TRANSFORMER_MODULE and type(module).__name__ in ("Attention", "RoPEAttention"):
         return _sam2_transformer_attention(model, name)
     if _is(module, "Attention", _ENCODER_MODULE):
-        return _windowed(model, name, module, "Block", "ImageEncoderViT", _ENCODER_MODULE, _BLOCK,
+        return windowed_encoder_placer(model, name, module, "Block", "ImageEncoderViT", _ENCODER_MODULE, _BLOCK,
                          "segment_anything's image-encoder Attention", "the ImageEncoderViT or the Sam model")
     if _is(module, "MultiScaleAttention", _SAM2_HIERA_MODULE):
-        return _windowed(model, name, module, "MultiScaleBlock", "Hiera", _SAM2_HIERA_MODULE, _SAM2_BLOCK,
+        return windowed_encoder_placer(model, name, module, "MultiScaleBlock", "Hiera", _SAM2_HIERA_MODULE, _SAM2_BLOCK,
                          "sam2's MultiScaleAttention", "the Hiera trunk, its ImageEncoder or the SAM2Base model")
     return None
 
 
-def _windowed(model: nn.Module, name: str, module: nn.Module, block_class: str, encoder_class: str,
-              defining_module: str, design: WindowedDesign, what: str, record: str):
+def windowed_encoder_placer(model: nn.Module, name: str, module: nn.Module, block_class: str, encoder_class: str,
+                            defining_module: str, design: WindowedDesign, what: str, record: str, *,
+                            encoder_module: str | None = None):
+    """The :class:`.windowed_vit.WindowedGridPlacer` of the attention ``name`` of a SAM-style windowed block
+    (``block_class``, defined in ``defining_module``) inside its image encoder (``encoder_class``, defined in
+    ``encoder_module``, by default the block's module), whose patch embedding gives the pixel scale; else a refusal
+    naming ``what`` was found and ``record``, what to record instead. Ultralytics' copies of these encoders
+    (:mod:`.ultralytics_sam`) define the block and the encoder in different files."""
     block = model.get_submodule(name.rpartition(".")[0])
-    found = innermost_on_path(model, name, lambda m: _is(m, encoder_class, defining_module))
+    encoder_module = defining_module if encoder_module is None else encoder_module
+    found = innermost_on_path(model, name, lambda m: _is(m, encoder_class, encoder_module))
     if not _is(block, block_class, defining_module) or found is None:
         return RefusingPlacer(
             f"{what} is placed only as the attention of a {block_class} within {encoder_class} (whose PatchEmbed "

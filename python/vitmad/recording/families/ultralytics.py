@@ -28,8 +28,8 @@ Skipped with their reason: RT-DETR's decoder (its self-attention among object qu
 cross-attention, ``MSDeformAttn``, a softmax over sampled points) and YOLO-World's ``ImagePoolingAttn`` (text
 embeddings attending over pooled maps). Ultralytics' copy of SAM's image encoder (``ImageEncoderViT`` of
 ``ultralytics.models.sam``, SAM ViT-B / L / H) is placed as the windowed ViT family places Meta's (padded windows and
-global blocks on the patch grid); its other SAM modules (MobileSAM's TinyViT, SAM 2's Hiera, SAM 3) are refused by
-name.
+global blocks on the patch grid); its other SAM modules (MobileSAM's TinyViT, SAM 2's Hiera, SAM 3) are
+:mod:`.ultralytics_sam`'s.
 """
 
 from __future__ import annotations
@@ -172,11 +172,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         block = parent_module(model, name)
         if block is not None and _is(block, "Block", _SAM_BLOCKS):
             return WindowedGridPlacer(model, name, block, module, _SAM_BLOCK)
-    if cls.__module__.startswith("ultralytics.models.sam."):
-        return RefusingPlacer(
-            f"ultralytics' SAM module {cls.__name__} is not placed by vitmad (its ImageEncoderViT's blocks are: SAM "
-            "ViT-B / L / H; not MobileSAM's TinyViT, SAM 2's Hiera or SAM 3); " + _POSITIONS)
-    return None
+    return None  # its other SAM modules: :mod:`.ultralytics_sam`, which comes after this family
 
 
 def _skip(reason: str):
