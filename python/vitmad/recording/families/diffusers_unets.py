@@ -95,9 +95,6 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return None
     unet_name, unet = found
     unet_class = type(unet).__name__
-    if getattr(module, "is_cross_attention", False):
-        return Skip(f"cross-attention of {unet_class}'s feature map to its conditioning (encoder_hidden_states: the "
-                    "text or an image prompt), whose keys have no position in the latent")
     if (type(unet).__module__, unet_class) not in _PLACED_UNETS:
         return RefusingPlacer(
             f"it is an attention layer of diffusers' {unet_class}, whose token layout vitmad does not know (it places "
@@ -113,6 +110,10 @@ def placer(model: nn.Module, name: str, module: nn.Module):
                 f"{unet_class}'s {block_name} is a {cls.__name__}, whose samplings or attention layout vitmad does not "
                 f"follow (it knows {', '.join(sorted(_KNOWN_BLOCKS))}); pass positions=<[N, 2] latent-pixel "
                 "position of each token> to place this layer by hand")
+    # After the blocks: a SimpleCrossAttn block's "cross-attention" appends the text's keys to the map's own.
+    if getattr(module, "is_cross_attention", False):
+        return Skip(f"cross-attention of {unet_class}'s feature map to its conditioning (encoder_hidden_states: the "
+                    "text or an image prompt), whose keys have no position in the latent")
     conv_in = getattr(unet, "conv_in", None)
     if not isinstance(conv_in, nn.Conv2d) or pair(conv_in.stride) != (1, 1):
         return RefusingPlacer(f"{unet_class}'s conv_in is not a Conv2d of stride 1, so its latent grid is not known")
