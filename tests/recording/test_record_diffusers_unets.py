@@ -1,5 +1,7 @@
 """vitmad.record on the self-attention inside Hugging Face diffusers' UNets: ``UNet2DConditionModel`` (Stable
-Diffusion 1.x / 2.x and SDXL layouts) and ``UNet2DModel`` (unconditional DDPM UNets).
+Diffusion 1.x / 2.x and SDXL layouts), ``UNet2DModel`` (unconditional DDPM UNets) and
+``UNetSpatioTemporalConditionModel`` (Stable Video Diffusion: attention per frame over the map, and per cell over the
+frames).
 
 Tiny random-weight UNets, sharpened (every Linear redrawn, the query and key projections scaled up) so that attention
 is far from uniform. The reference is each layer's own attention probabilities: ``AttnProcessor2_0`` calls
@@ -17,6 +19,10 @@ from diffusers' source:
   connection's size as ``upsample_size`` where a side is not a multiple of its total down-sampling, so up block ``j``
   runs on the map down block ``n - 1 - j`` ran on; the mid block on the last down block's. Level ``l`` has stride
   ``2 ** l`` latent pixels; its cell ``i`` is centred at ``(i + 0.5) * 2 ** l``.
+- Stable Video Diffusion: ``sample.flatten(0, 1)`` stacks each video's frames, videos outermost;
+  ``TransformerSpatioTemporalModel`` runs ``transformer_blocks`` per frame over its map, then
+  ``TemporalBasicTransformerBlock`` per cell over the frames (see ``_svd_reference``); latent frame ``f`` is at
+  ``f + 0.5`` frames. Its samplings are the 2-D blocks' (``Downsample2D``, ``Upsample2D`` to the skip's size).
 - ``attn2`` (cross-attention to ``encoder_hidden_states``) is skipped.
 """
 
@@ -220,3 +226,68 @@ def test_unknown_processor_and_blocks_are_refused_by_name():
     with pytest.raises(ValueError, match="down_blocks.0 is a SimpleCrossAttnDownBlock2D, whose samplings or attention"):
         with torch.no_grad(), vitmad.record(simple):
             simple(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 5, 12))
+
+
+def _svd_reference(probs: torch.Tensor, kind: str, batch: int, frames: int, grid: tuple[int, int], stride: float):
+    """Per statistic ``[B, heads, F * h * w]`` in (frame, row, column) order, from the call's ``[B * G, heads, n, n]``:
+    ``"space"`` groups are the frames of each video (``sample.flatten(0, 1)``), their tokens the map row-major;
+    ``"time"`` groups the cells of each video row-major (``TemporalBasicTransformerBlock``'s ``reshape(B, F, hw, C)
+    .permute(0, 2, 1, 3)``), their tokens the frames, frame ``f`` at ``f + 0.5``."""
+    cells = grid[0] * grid[1]
+    entropy = -torch.special.xlogy(probs, probs).sum(-1)
+    if kind == "space":
+        space = _reference(probs, grid, stride)["mad"]
+        time = torch.zeros_like(space)
+    else:
+        times = torch.arange(frames, dtype=torch.float64)[:, None] + 0.5
+        time = (probs * torch.cdist(times, times)).sum(-1)
+        space = torch.zeros_like(time)
+
+    def by_frame_row_column(values: torch.Tensor) -> torch.Tensor:
+        heads = values.shape[1]
+        if kind == "space":  # [B * F, heads, hw] -> [B, heads, F, hw]
+            values = values.reshape(batch, frames, heads, cells).transpose(1, 2)
+        else:  # [B * hw, heads, F] -> [B, heads, F, hw]
+            values = values.reshape(batch, cells, heads, frames).permute(0, 2, 3, 1)
+        return values.reshape(batch, heads, frames * cells)
+
+    return {"mad": by_frame_row_column(space), "temporal": by_frame_row_column(time),
+            "entropy": by_frame_row_column(entropy)}
+
+
+@pytest.mark.parametrize("latent", [(7, 5), (6, 8)], ids=["odd_7x5", "6x8"])
+def test_stable_video_diffusion_space_and_time_equal_their_own(latent, monkeypatch):
+    torch.manual_seed(0)
+    unet = _sharpen(diffusers.UNetSpatioTemporalConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12, cross_attention_dim=12, num_attention_heads=(2, 2), num_frames=3),
+        scale=6.0)
+    batch, frames = 2, 3
+    gen = torch.Generator().manual_seed(4)
+    sample = torch.randn(batch, frames, 4, *latent, generator=gen)
+    image, added = torch.randn(batch, 1, 12, generator=gen), torch.randn(batch, 3, generator=gen)
+
+    def run():
+        return unet(sample, 10, image, added).sample
+
+    own = _own_probabilities(unet, monkeypatch, run)
+    rec, tokens = _record(unet, run)
+    assert sorted(rec.layers) == sorted(n for n in own if n.endswith("attn1"))
+    assert set(rec.skipped) == {n for n in own if n.endswith("attn2")}
+    call = tokens.calls[-1]
+    for layer, name in enumerate(rec.layers):
+        kind = "time" if ".temporal_transformer_blocks." in name else "space"
+        level = _level(name, 2)
+        grid, stride = _map(latent, level, lambda n: -(-n // 2)), float(2 ** level)
+        probs = own[name][-1]
+        assert float((-torch.special.xlogy(probs, probs).sum(-1)).mean()) < 0.6 * math.log(probs.shape[-1])
+        expected = _svd_reference(probs, kind, batch, frames, grid, stride)
+        geometry = call.geometry[layer]
+        assert (geometry.grid, geometry.stride, geometry.attention, geometry.frames) == (
+            grid, (stride, stride), kind, frames)
+        torch.testing.assert_close(call.per_layer[layer].double(), expected["mad"], **TOL)
+        torch.testing.assert_close(call.temporal[layer].double(), expected["temporal"], **TOL)
+        torch.testing.assert_close(call.statistics["entropy"][layer].double(), expected["entropy"], **STAT_TOL)
+        torch.testing.assert_close(rec.calls[-1].per_layer[layer].double(), expected["mad"].mean(-1), **TOL)
