@@ -212,6 +212,27 @@ def test_unet2d_attention_blocks_equal_their_own(downsample, monkeypatch):
         unet(torch.randn(1, 3, 7, 10), 10)
 
 
+def test_gligen_fuser_is_refused_and_attn1_recorded_alone():
+    # GLIGEN's gated fuser attends over the map and the grounding tokens concatenated: refused by name.
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=12, attention_head_dim=2,
+        norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_type="gated")
+    gligen = {"gligen": {"boxes": torch.rand(1, 2, 4), "positive_embeddings": torch.randn(1, 2, 12),
+                         "masks": torch.ones(1, 2)}}
+
+    def run():
+        return unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 5, 12), cross_attention_kwargs=gligen)
+
+    with pytest.raises(ValueError, match=r"fuser.attn \(Attention\).*other than its blocks' attn1"):
+        with torch.no_grad(), vitmad.record(unet):
+            run()
+    with torch.no_grad(), vitmad.record(unet, layers=["*.attn1"]) as rec:
+        run()
+    assert rec.layers and all(name.endswith(".attn1") for name in rec.layers)
+
+
 def test_unknown_processor_and_blocks_are_refused_by_name():
     unet = _sd_unet(False)
     unet.set_attn_processor(attention_processor.AttnProcessor())

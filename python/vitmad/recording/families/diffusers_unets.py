@@ -155,7 +155,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     if holder is not None and not name.endswith(".attn1"):
         # GLIGEN's fuser attends over the map and its grounding tokens; double_self_attention's attn2 takes the text.
         return RefusingPlacer(f"it is an attention of {type(holder[1]).__name__} {holder[0]} other than its blocks' "
-                              "attn1 (their self-attention over the map), whose tokens vitmad does not know")
+                              "attn1 (their self-attention over the map), whose tokens vitmad does not know; pass "
+                              "layers=['*.attn1'] to record the self-attention alone")
     if _defined(unet, _SVD):
         temporal = innermost_on_path(unet, inner, lambda m: _defined(m, _TEMPORAL_BLOCK)) is not None
         if holder is None:
