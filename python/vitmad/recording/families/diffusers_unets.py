@@ -1,0 +1,295 @@
+"""The self-attention inside Hugging Face diffusers' UNets (``diffusers.models.unets``, 0.42).
+
+``UNet2DConditionModel`` (Stable Diffusion 1.x / 2.x, SDXL): each ``Transformer2DModel`` of a
+``CrossAttnDownBlock2D``, ``UNetMidBlock2DCrossAttn`` or ``CrossAttnUpBlock2D`` flattens its block's feature map
+``[B, C, h, w]`` row-major into ``h * w`` tokens (``permute(0, 2, 3, 1).reshape(B, h * w, C)``, before or after its
+``proj_in``), and every ``BasicTransformerBlock`` runs ``attn1``, self-attention over those tokens, and ``attn2``,
+cross-attention from them to the text (``encoder_hidden_states``). ``UNet2DModel`` (unconditional DDPM UNets): the
+``Attention`` of an ``AttnDownBlock2D``, ``AttnUpBlock2D`` or ``UNetMidBlock2D`` takes the map ``[B, C, h, w]``
+itself and its processor flattens it the same way. Each is one attention over the whole map: ``[B, heads, h * w,
+h * w]`` through ``F.scaled_dot_product_attention`` (``AttnProcessor2_0``, the default processor).
+
+Where the tokens are: a token is its cell of the block's feature map, at the cell's centre in *latent pixels* of the
+UNet's input (``sample``; an image pipeline's latent pixel is ``pipe.vae_scale_factor`` image pixels, which vitmad
+does not guess). The map's stride is followed in each forward call: ``conv_in`` (stride 1) starts at the latent
+grid; each entry of a down block's ``downsamplers`` (``Downsample2D``, or a ``ResnetBlock2D`` with ``down=True``)
+halves the map and doubles the stride; each entry of an up block's ``upsamplers`` doubles the map back (to the skip
+connection's size where ``UNet2DConditionModel`` passes ``upsample_size`` for sides not divisible by its total
+down-sampling) and halves the stride. Token ``i`` of a map at stride ``s`` sits at ``(i + 0.5) * s`` (the rule of
+strided operations, docs/definition.md "Beyond one grid"): a down block's map of ``ceil(H / 2)`` rows puts its last
+cell partly past an odd latent's edge, and an up block's map, the size of the down block's it is concatenated with,
+is placed where that one was. The map an attention receives (the ``Transformer2DModel``'s input, or the
+``Attention``'s own 4-D input) is read in each call and must be the map those samplings made, else the call is
+refused.
+
+Stable Video Diffusion (``UNetSpatioTemporalConditionModel``) flattens ``sample`` ``[B, F, C, H, W]`` to ``[B * F, C,
+H, W]`` (videos outermost) and samples as the 2-D UNets do; each ``TransformerSpatioTemporalModel`` runs a
+``BasicTransformerBlock`` per frame over the map (``"space"``, ``[B * F, heads, h * w, h * w]``), then a
+``TemporalBasicTransformerBlock`` per cell over the frames (``"time"``, ``[B * h * w, heads, F, F]``; the frame
+count from its ``image_only_indicator``). A token is its cell in its latent frame, at ``f + 0.5`` frames; both fold
+onto ``[B, heads, F * h * w]`` in (frame, row, column) order, as :mod:`.video` folds TimeSformer's divided attention:
+a space call's temporal MAD is 0, a time call's spatial MAD is 0, both measured.
+
+Skipped: ``attn2`` and every attention built as cross-attention (``Attention.is_cross_attention``: keys from the text
+or image prompt, which have no position in the latent). Refused by name: attention in any other UNet block
+(``SimpleCrossAttn*``'s text keys appended to the image's, the ``K*`` and ``*Skip*`` blocks' own samplings), any
+other diffusers UNet (``UNet3DConditionModel``, ``UNetMotionModel``, ...), and a processor other than diffusers'
+``AttnProcessor2_0`` / ``FusedAttnProcessor2_0`` (xFormers' attention calls no function vitmad sees; the classic
+``AttnProcessor`` merges batch and heads).
+
+Generic (shareable with other diffusers families): :func:`_is_diffusers_attention`, :func:`_defined`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..module_index import named_module_list
+from ..placement import (
+    CallContext,
+    LayerGeometry,
+    LayerPlacer,
+    NotPlaceable,
+    Placement,
+    RefusingPlacer,
+    on_device,
+    read_only,
+)
+from .stages import forward_arguments, grid_placement, innermost_on_path, pair
+from .video import tubelet_positions
+
+__all__ = ["placer", "attention_modules", "UNetMapPlacer", "FramesMapPlacer"]
+
+_ATTENTION = ("diffusers.models.attention_processor", "Attention")
+_UNETS_PACKAGE = "diffusers.models.unets."
+_2D_BLOCKS = "diffusers.models.unets.unet_2d_blocks"
+_3D_BLOCKS = "diffusers.models.unets.unet_3d_blocks"
+_SVD = ("diffusers.models.unets.unet_spatio_temporal_condition", "UNetSpatioTemporalConditionModel")
+# Per placed UNet, the blocks it may be built of: blocks whose samplings are their ``downsamplers`` / ``upsamplers``
+# entries, each a factor of 2 (or none), and whose attention runs over their whole map (per frame, and over frames).
+_PLACED_UNETS = {
+    ("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel"): (_2D_BLOCKS, (
+        "DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "UNetMidBlock2D", "UpBlock2D",
+        "CrossAttnUpBlock2D")),
+    ("diffusers.models.unets.unet_2d", "UNet2DModel"): (_2D_BLOCKS, (
+        "DownBlock2D", "AttnDownBlock2D", "UNetMidBlock2D", "UpBlock2D", "AttnUpBlock2D")),
+    _SVD: (_3D_BLOCKS, ("DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal", "UNetMidBlockSpatioTemporal",
+                        "UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal")),
+}
+# The modules that flatten a block's map into the tokens their attention runs over.
+_MAP_HOLDERS = {("diffusers.models.transformers.transformer_2d", "Transformer2DModel"),
+                ("diffusers.models.transformers.transformer_temporal", "TransformerSpatioTemporalModel")}
+_TEMPORAL_BLOCK = ("diffusers.models.attention", "TemporalBasicTransformerBlock")
+# Processors that hand F.scaled_dot_product_attention the queries and keys as [B, heads, N, d].
+_SDPA_PROCESSORS = {("diffusers.models.attention_processor", "AttnProcessor2_0"),
+                    ("diffusers.models.attention_processor", "FusedAttnProcessor2_0")}
+
+
+def _defined(module, where: tuple[str, str]) -> bool:
+    """Whether ``module`` is an instance of exactly the class ``where = (defining module, class name)``."""
+    cls = type(module)
+    return (cls.__module__, cls.__name__) == where
+
+
+def _is_diffusers_attention(module: nn.Module) -> bool:
+    """diffusers' ``Attention`` (``diffusers.models.attention_processor``), the module every UNet block and the
+    older transformers attend through; its ``processor`` computes the attention."""
+    return _defined(module, _ATTENTION)
+
+
+def _is_unet(module: nn.Module) -> bool:
+    return type(module).__module__.startswith(_UNETS_PACKAGE) and hasattr(module, "down_blocks")
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """diffusers' ``Attention`` modules inside a diffusers UNet, by qualified name (their forward calls a processor,
+    so the generic discovery does not see them)."""
+    return {name: module for name, module in named_module_list(model)
+            if _is_diffusers_attention(module) and innermost_on_path(model, name, _is_unet) is not None}
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    """The placer of an ``Attention`` inside a diffusers UNet (a :class:`Skip` for cross-attention, a refusal where
+    the layout is not known); None for any other module."""
+    from . import Skip
+
+    if not _is_diffusers_attention(module):
+        return None
+    found = innermost_on_path(model, name, _is_unet)
+    if found is None:
+        return None
+    unet_name, unet = found
+    unet_class = type(unet).__name__
+    design = _PLACED_UNETS.get((type(unet).__module__, unet_class))
+    if design is None:
+        return RefusingPlacer(
+            f"it is an attention layer of diffusers' {unet_class}, whose token layout vitmad does not know (it places "
+            f"the self-attention of {', '.join(c for _, c in _PLACED_UNETS)}); pass positions=<[N, 2] latent-pixel "
+            "position of each token> if its tokens are one feature map")
+    blocks_module, known = design
+    blocks = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
+    blocks += [("mid_block", unet.mid_block)] if unet.mid_block is not None else []
+    blocks += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    for block_name, block in blocks:
+        cls = type(block)
+        if cls.__module__ != blocks_module or cls.__name__ not in known:
+            return RefusingPlacer(
+                f"{unet_class}'s {block_name} is a {cls.__name__}, whose samplings or attention layout vitmad does not "
+                f"follow (it knows {', '.join(known)}); pass positions=<[N, 2] latent-pixel position of each token> "
+                "to place this layer by hand")
+    # After the blocks: a SimpleCrossAttn block's "cross-attention" appends the text's keys to the map's own.
+    if getattr(module, "is_cross_attention", False):
+        return Skip(f"cross-attention of {unet_class}'s feature map to its conditioning (encoder_hidden_states: the "
+                    "text or an image prompt), whose keys have no position in the latent")
+    conv_in = getattr(unet, "conv_in", None)
+    if not isinstance(conv_in, nn.Conv2d) or pair(conv_in.stride) != (1, 1):
+        return RefusingPlacer(f"{unet_class}'s conv_in is not a Conv2d of stride 1, so its latent grid is not known")
+    inner = name[len(unet_name) + 1:] if unet_name else name
+    holder = innermost_on_path(unet, inner, lambda m: (type(m).__module__, type(m).__name__) in _MAP_HOLDERS)
+    samplings = [(m, 2.0) for b in unet.down_blocks for m in (getattr(b, "downsamplers", None) or ())]
+    samplings += [(m, 0.5) for b in unet.up_blocks for m in (getattr(b, "upsamplers", None) or ())]
+    if holder is not None and not name.endswith(".attn1"):
+        # GLIGEN's fuser attends over the map and its grounding tokens; double_self_attention's attn2 takes the text.
+        return RefusingPlacer(f"it is an attention of {type(holder[1]).__name__} {holder[0]} other than its blocks' "
+                              "attn1 (their self-attention over the map), whose tokens vitmad does not know; pass "
+                              "layers=['*.attn1'] to record the self-attention alone")
+    if _defined(unet, _SVD):
+        temporal = innermost_on_path(unet, inner, lambda m: _defined(m, _TEMPORAL_BLOCK)) is not None
+        if holder is None:
+            return RefusingPlacer(f"it is no attention of a TransformerSpatioTemporalModel of {unet_class}, the ones "
+                                  "vitmad places in it")
+        return FramesMapPlacer(unet, module, holder[1], conv_in, samplings, "time" if temporal else "space")
+    return UNetMapPlacer(unet, module, module if holder is None else holder[1], conv_in, samplings)
+
+
+@dataclass(frozen=True)
+class _Map:
+    """The feature map the latest of the UNet's samplings made in this call: ``grid`` its ``(h, w)``, ``stride``
+    latent pixels per cell."""
+
+    grid: tuple[int, int]
+    stride: tuple[float, float]
+
+
+class UNetMapPlacer(LayerPlacer):
+    """Self-attention over a UNet block's whole feature map, row-major, placed at its cells' centres in latent pixels.
+
+    Args:
+        unet: the UNet (named in messages).
+        attention: the ``Attention`` module (its processor is checked in each call).
+        holder: the module whose input is the map the attention flattens: its ``Transformer2DModel``, or the
+            ``Attention`` itself where it takes the map (``UNet2DModel``'s blocks).
+        conv_in: the UNet's input convolution (stride 1): the latent grid.
+        samplings: the down- and up-samplings of the UNet, each with its stride factor (2 or 1/2).
+    """
+
+    def __init__(self, unet: nn.Module, attention: nn.Module, holder: nn.Module, conv_in: nn.Module,
+                 samplings: list[tuple[nn.Module, float]]):
+        self.unet, self.attention, self.holder, self.conv_in, self.samplings = (unet, attention, holder, conv_in,
+                                                                               samplings)
+        self.key = ("diffusers_unets.map", id(self))
+        self.input_key = ("diffusers_unets.input", id(self))
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def sampled(module, args, output, factor) -> None:
+            if not isinstance(output, torch.Tensor) or output.dim() != 4:
+                raise RuntimeError(f"vitmad.record: a sampling ({type(module).__name__}) of "
+                                   f"{type(self.unet).__name__} returned no [B, C, h, w] map")
+            previous = context.values.get(self.key)
+            stride = (1.0, 1.0) if factor is None or previous is None else tuple(s * factor for s in previous.stride)
+            context.values[self.key] = _Map((int(output.shape[-2]), int(output.shape[-1])), stride)
+
+        def received(module, args, kwargs) -> None:
+            arguments = forward_arguments(module, args, kwargs)
+            hidden, frames = arguments.get("hidden_states"), arguments.get("image_only_indicator")
+            context.values[self.input_key] = (
+                tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None,
+                int(frames.shape[-1]) if isinstance(frames, torch.Tensor) else None)
+
+        handles = [self.conv_in.register_forward_hook(lambda m, a, o: sampled(m, a, o, None))]
+        handles += [m.register_forward_hook(lambda m, a, o, f=f: sampled(m, a, o, f)) for m, f in self.samplings]
+        handles.append(self.holder.register_forward_pre_hook(received, with_kwargs=True))
+        return handles
+
+    def current_map(self, context: CallContext) -> tuple[_Map, tuple[int, ...], int | None]:
+        """The map of this call, the shape of the holder's input and the frames it was told (``image_only_indicator``'s
+        last side; None where it takes none), after checking the processor and that the input is that map."""
+        processor = type(getattr(self.attention, "processor", None))
+        if (processor.__module__, processor.__name__) not in _SDPA_PROCESSORS:
+            raise NotPlaceable(
+                f"its processor is {processor.__name__}, which vitmad does not place (it places diffusers' "
+                "AttnProcessor2_0 and FusedAttnProcessor2_0, which call F.scaled_dot_product_attention with the "
+                "heads apart); set it back with unet.set_attn_processor(AttnProcessor2_0()) while recording")
+        current = context.values.get(self.key)
+        if current is None:
+            raise NotPlaceable(f"it ran before {type(self.unet).__name__}'s conv_in, so its latent grid is unknown")
+        shape, frames = context.values.get(self.input_key, (None, None))
+        if shape is None or len(shape) != 4 or tuple(shape[-2:]) != current.grid:
+            raise NotPlaceable(
+                f"its block's input is {list(shape) if shape else 'no tensor'}, but the samplings of "
+                f"{type(self.unet).__name__} that ran in this call make a [B, C, {current.grid[0]}, "
+                f"{current.grid[1]}] map; vitmad places only the attention over that map")
+        return current, shape, frames
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        current, _, _ = self.current_map(context)
+        return grid_placement(lead, num_queries, num_keys, grid=current.grid, stride=current.stride,
+                              attention="global")
+
+
+@functools.lru_cache(maxsize=64)
+def _frames_layout(kind: str, frames: int, grid: tuple[int, int], stride: tuple[float, float]) -> tuple[
+        torch.Tensor, ...]:
+    """Where the tokens of each group of a Stable Video Diffusion call are (read-only, cached per map): ``[G, n, 2]``
+    latent pixels, ``[G, n, 1]`` frames and the slot of each (frame, row, column) token among the ``G * n`` of one
+    video (:func:`.video.tubelet_positions`). ``"space"``: one group per frame, its cells row-major; ``"time"``: one
+    group per cell (row-major), its frames in order."""
+    cells = torch.arange(frames * grid[0] * grid[1]).view(frames, grid[0] * grid[1])
+    positions, times, slot = tubelet_positions(cells if kind == "space" else cells.t(), frames, grid, stride, 1.0)
+    return read_only(positions, times, slot, positions=2)
+
+
+class FramesMapPlacer(UNetMapPlacer):
+    """Stable Video Diffusion's attention (``TransformerSpatioTemporalModel``): per frame over its block's map
+    (``"space"``: ``[B * F, heads, h * w, h * w]``, videos outermost, as ``sample.flatten(0, 1)`` stacks them), or
+    per cell over the frames (``"time"``: ``TemporalBasicTransformerBlock`` reshapes ``[B * F, h * w, C]`` to
+    ``[B, F, h * w, C]`` and permutes it to ``[B * h * w, F, C]``: ``[B * h * w, heads, F, F]``). A token is its cell
+    of the map, in latent pixels, in its latent frame, at ``f + 0.5`` frames; every call folds onto ``[B, heads, F *
+    h * w]`` in (frame, row, column) order, as :mod:`.video` folds divided space-time attention.
+
+    Args:
+        kind: ``"space"`` or ``"time"``; the others as :class:`UNetMapPlacer`'s (``holder``: the
+            ``TransformerSpatioTemporalModel``, whose ``image_only_indicator`` gives the frame count).
+    """
+
+    def __init__(self, unet: nn.Module, attention: nn.Module, holder: nn.Module, conv_in: nn.Module,
+                 samplings: list[tuple[nn.Module, float]], kind: str):
+        super().__init__(unet, attention, holder, conv_in, samplings)
+        self.kind = kind
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        current, shape, frames = self.current_map(context)
+        if frames is None or frames < 1 or shape[0] % frames:
+            raise NotPlaceable(f"its block's input is {list(shape)} and its image_only_indicator gives {frames} "
+                               "frames, which do not divide its batch into videos")
+        batch, cells = shape[0] // frames, current.grid[0] * current.grid[1]
+        groups, tokens = (frames, cells) if self.kind == "space" else (cells, frames)
+        if len(lead) != 2 or lead[0] != batch * groups or num_queries != tokens or num_keys != tokens:
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; its {self.kind} "
+                f"attention over {batch} video(s) of {frames} frames of a {current.grid[0]}x{current.grid[1]} map "
+                f"gives [{batch * groups}, heads, {tokens}, {tokens}]")
+        positions, times, slot = _frames_layout(self.kind, frames, current.grid, current.stride)
+        heads = int(lead[1])
+
+        def fold(values: torch.Tensor) -> torch.Tensor:
+            values = values.reshape(batch, groups, heads, tokens).transpose(1, 2).reshape(batch, heads, -1)
+            return values.index_select(-1, on_device(slot, values.device))
+
+        geometry = LayerGeometry(current.grid, current.stride, self.kind, heads, frames=frames, frame_stride=1.0)
+        return Placement(positions.repeat(batch, 1, 1).unsqueeze(1), None, fold, geometry,
+                         time_positions=times.repeat(batch, 1, 1).unsqueeze(1))
