@@ -32,9 +32,19 @@ Nk]``. ``ImageEncoder`` (trunk and FPN neck of convolutions), ``SAM2Base.forward
 the automatic mask generator call the trunk as a module. SAM2's mask decoder runs the same two-way transformer
 (``sam/transformer.py``): skipped as SAM's. Its memory attention (``MemoryAttentionLayer``, video tracking) runs
 ``cross_attn_image`` from the current frame's tokens to the memory bank (other frames' memories and object-pointer
-tokens: no cells of this frame), skipped with that reason; its ``self_attn`` over the current frame's map is spatial
-attention that vitmad does not place for this package (transformers' ``Sam2VideoModel``'s is placed, by
-:mod:`.memory_attention`): refused by name when named in ``layers``.
+tokens: no cells of this frame), skipped with that reason. Its ``self_attn`` (``RoPEAttention``: its RoPE rotates q
+and k, it moves no token) attends over the current frame's map, placed as transformers' ``Sam2VideoModel``'s is
+(:mod:`.memory_attention`'s ``FpnMapPlacer``): ``SAM2Base._prepare_memory_conditioned_features`` hands it
+``current_vision_feats[-1]``, the ``ImageEncoder``'s last ``backbone_fpn`` map (``feat_sizes[-1]``) flattened
+row-major, one object at a time in ``SAM2VideoPredictor``. ``ImageEncoder`` drops the last ``scalp`` of the trunk's
+maps (one per stage, or the last alone without ``return_interm_layers``), so the map is that of the Hiera stage
+left last: its stride the patch convolution's times ``q_stride`` for each pooling stage up to it (16 px for the
+released configs: stage 2 of 4, ``scalp`` 1), the FpnNeck's lateral convolutions checked to keep the trunk's grid,
+the map and stride checked in every call against the image the encoder ran on; a call whose frame features came
+from the predictor's cache (the encoder did not run) is refused, as is the layer outside a ``SAM2Base`` that holds
+it and a package ``ImageEncoder``, ``Hiera`` and ``FpnNeck``. The default records the trunk alone; record the
+memory attention with the trunk (``layers=["image_encoder.*", "memory_attention.*"]``): its patch embedding starts
+each frame's call, where ``forward_image`` returns before the memory attention runs.
 """
 
 from __future__ import annotations
