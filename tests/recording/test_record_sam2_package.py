@@ -174,8 +174,9 @@ SAM2_TWO_WAY = "two-way transformer of the mask decoder (sam2 TwoWayTransformer)
 
 def test_mask_decoder_and_memory_attention_named_in_layers():
     """The mask decoder's two-way attention and the memory attention's cross-attention to the memory bank are
-    skipped with their reasons; the memory attention's self-attention over the current frame, which vitmad does not
-    place for this package, is refused by name when it runs."""
+    skipped with their reasons; the memory attention's self-attention over the current frame, called without the
+    image encoder that gives it the frame's map, is refused when it runs (test_record_sam2_memory.py places it in
+    tracking)."""
     model = _sam2()
     pixels = torch.randn(1, 3, 64, 64)
     with torch.no_grad(), vitmad.record(model, layers=["image_encoder.*", "sam_mask_decoder.*",
@@ -202,7 +203,7 @@ def test_mask_decoder_and_memory_attention_named_in_layers():
     # flattened, sequence first, and 2 memory frames of it.
     current, position = torch.randn(16, 1, D), torch.randn(16, 1, D)
     memory, memory_position = torch.randn(32, 1, 16), torch.randn(32, 1, 16)
-    with pytest.raises(ValueError, match=r"memory_attention\.layers\.0\.self_attn is sam2's memory-attention "
-                                         r"self-attention over the current frame's map .*vitmad does not place"):
+    with pytest.raises(ValueError, match=r"memory_attention\.layers\.0\.self_attn \(RoPEAttention\) of SAM2Base: its "
+                                         r"ImageEncoder did not run in this call"):
         with torch.no_grad(), vitmad.record(model, layers=["memory_attention.*"]):
             model.memory_attention(curr=[current], curr_pos=[position], memory=memory, memory_pos=memory_position)

@@ -33,7 +33,7 @@ from ..placement import CallContext, NotPlaceable, Placement, RefusingPlacer
 from .detr_encoder import _Map, _MapPlacer, _reported_reductions, modeling_suffix
 from .stages import defined_in, innermost_on_path
 
-__all__ = ["placer"]
+__all__ = ["FpnMapPlacer", "hiera_stride", "placer"]
 
 # modeling module suffix -> the class name prefix of its video model.
 _MODELS = {"modeling_sam2_video": "Sam2Video", "modeling_edgetam_video": "EdgeTamVideo",
@@ -83,7 +83,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
                               "not know which backbone stage the memory attention's map comes from")
     stage = levels - 1  # the neck's levels run low to high resolution; the kept ones are reversed: the last is this
     if suffix == "modeling_sam2_video":
-        stride, source = _hiera_stride(vision.backbone.config, stage)
+        config = vision.backbone.config
+        stride, source = hiera_stride(config.patch_stride, config.query_stride, config.num_query_pool_stages, stage)
     else:
         reported = _reported_reductions(vision.backbone)
         if not reported or len(reported) != convs:
@@ -95,7 +96,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
                                            f"{stage} (the vision encoder's last kept FPN level)")
     if stride is None:
         return RefusingPlacer(source)
-    return _FpnMapPlacer(vision, -1, stride, source)
+    return FpnMapPlacer(vision, -1, stride, source)
 
 
 def _sam3_placer(vision: nn.Module):
@@ -110,35 +111,38 @@ def _sam3_placer(vision: nn.Module):
     patch, scale = vision.config.backbone_config.patch_size, float(layers[level].scale_factor)
     source = (f"the ViT's patch_size ({patch}) over the scale factor ({scale:g}) of neck.fpn_layers.{level}, the "
               "level Sam3TrackerVideoModel hands its memory attention")
-    return _FpnMapPlacer(vision, -2, patch / scale, source)
+    return FpnMapPlacer(vision, -2, patch / scale, source)
 
 
-def _hiera_stride(config, stage: int) -> tuple[int | None, str]:
-    """The stride of Hiera's (``Sam2HieraDetModel``) stage ``stage``: its patch embedding's stride times the
-    ``query_stride`` of each pooling stage up to it (stage ``s`` max-pools its first block's queries when
-    ``0 < s <= num_query_pool_stages``); None and the reason where a stride differs between the axes."""
-    patch, query = config.patch_stride, config.query_stride
+def hiera_stride(patch, query, pooling_stages: int, stage: int) -> tuple[int | None, str]:
+    """The stride of Hiera's stage ``stage`` (transformers' ``Sam2HieraDetModel``, the ``sam2`` package's
+    ``Hiera``): its patch embedding's stride ``patch`` times the query stride ``query`` of each pooling stage up to
+    it (stage ``s`` max-pools its first block's queries when ``0 < s <= pooling_stages``); None and the reason
+    where a stride differs between the axes. ``patch`` and ``query`` are ints or (height, width) pairs."""
     patch = [patch, patch] if isinstance(patch, int) else list(patch)
     query = [query, query] if isinstance(query, int) else list(query)
     if patch[0] != patch[1] or query[0] != query[1]:
         return None, (f"its backbone's strides differ between height and width (patch_stride {patch}, "
                       f"query_stride {query}), which vitmad does not place")
-    pools = min(stage, int(config.num_query_pool_stages))
+    pools = min(stage, int(pooling_stages))
     stride = int(patch[0]) * int(query[0]) ** pools
     return stride, (f"Hiera's patch_stride ({patch[0]}) times query_stride ({query[0]}) for each of the {pools} "
                     f"pooling stages up to stage {stage}, the vision encoder's last kept FPN level")
 
 
-class _FpnMapPlacer(_MapPlacer):
-    """The map of the vision encoder's ``fpn_hidden_states[level]`` (-1: the last), seen as the encoder returns it."""
+class FpnMapPlacer(_MapPlacer):
+    """The map of the vision encoder's ``fpn_hidden_states[level]`` (-1: the last), seen as the encoder returns it;
+    ``field`` names another entry of its output, read by key where the output is a dict (the ``sam2`` package's
+    ``ImageEncoder`` returns ``{"backbone_fpn": [...], ...}``)."""
 
-    def __init__(self, vision: nn.Module, level: int, stride: float, source: str):
+    def __init__(self, vision: nn.Module, level: int, stride: float, source: str, field: str = "fpn_hidden_states"):
         super().__init__(vision, "output", stride, source)
-        self.level = level
+        self.level, self.field = level, field
 
     def install(self, context: CallContext):
         def see_output(module, args, output) -> None:
-            maps = getattr(output, "fpn_hidden_states", None)
+            # transformers' ModelOutput is a dict too, holding the field as a key where it is set.
+            maps = output.get(self.field) if isinstance(output, dict) else getattr(output, self.field, None)
             last = maps[self.level] if isinstance(maps, (list, tuple)) and len(maps) >= -self.level else None
             context.values[self.key] = None
             if isinstance(last, torch.Tensor) and last.dim() == 4:

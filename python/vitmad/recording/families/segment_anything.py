@@ -32,9 +32,19 @@ Nk]``. ``ImageEncoder`` (trunk and FPN neck of convolutions), ``SAM2Base.forward
 the automatic mask generator call the trunk as a module. SAM2's mask decoder runs the same two-way transformer
 (``sam/transformer.py``): skipped as SAM's. Its memory attention (``MemoryAttentionLayer``, video tracking) runs
 ``cross_attn_image`` from the current frame's tokens to the memory bank (other frames' memories and object-pointer
-tokens: no cells of this frame), skipped with that reason; its ``self_attn`` over the current frame's map is spatial
-attention that vitmad does not place for this package (transformers' ``Sam2VideoModel``'s is placed, by
-:mod:`.memory_attention`): refused by name when named in ``layers``.
+tokens: no cells of this frame), skipped with that reason. Its ``self_attn`` (``RoPEAttention``: its RoPE rotates q
+and k, it moves no token) attends over the current frame's map, placed as transformers' ``Sam2VideoModel``'s is
+(:mod:`.memory_attention`'s ``FpnMapPlacer``): ``SAM2Base._prepare_memory_conditioned_features`` hands it
+``current_vision_feats[-1]``, the ``ImageEncoder``'s last ``backbone_fpn`` map (``feat_sizes[-1]``) flattened
+row-major, one object at a time in ``SAM2VideoPredictor``. ``ImageEncoder`` drops the last ``scalp`` of the trunk's
+maps (one per stage, or the last alone without ``return_interm_layers``), so the map is that of the Hiera stage
+left last: its stride the patch convolution's times ``q_stride`` for each pooling stage up to it (16 px for the
+released configs: stage 2 of 4, ``scalp`` 1), the FpnNeck's lateral convolutions checked to keep the trunk's grid,
+the map and stride checked in every call against the image the encoder ran on; a call whose frame features came
+from the predictor's cache (the encoder did not run) is refused, as is the layer outside a ``SAM2Base`` that holds
+it and a package ``ImageEncoder``, ``Hiera`` and ``FpnNeck``. The default records the trunk alone; record the
+memory attention with the trunk (``layers=["image_encoder.*", "memory_attention.*"]``): its patch embedding starts
+each frame's call, where ``forward_image`` returns before the memory attention runs.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..placement import RefusingPlacer
+from .memory_attention import FpnMapPlacer, hiera_stride
 from .stages import innermost_on_path
 from .windowed_vit import WindowedDesign, WindowedGridPlacer
 
@@ -53,6 +64,8 @@ _BLOCK = WindowedDesign("Block", "num_heads")
 _SAM2_HIERA_MODULE = "sam2.modeling.backbones.hieradet"
 _SAM2_TRANSFORMER_MODULE = "sam2.modeling.sam.transformer"
 _SAM2_MEMORY_MODULE = "sam2.modeling.memory_attention"
+_SAM2_IMAGE_ENCODER_MODULE = "sam2.modeling.backbones.image_encoder"
+_SAM2_BASE_MODULE = "sam2.modeling.sam2_base"
 _SAM2_BLOCK = WindowedDesign("MultiScaleBlock", "num_heads", "q_stride")
 
 _TWO_WAY = "two-way transformer of the mask decoder ({} TwoWayTransformer): "
@@ -89,7 +102,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     if cls_module == _DECODER_MODULE and type(module).__name__ == "Attention":
         return _two_way_skip(name, "segment_anything")
     if cls_module == _SAM2_TRANSFORMER_MODULE and type(module).__name__ in ("Attention", "RoPEAttention"):
-        return _sam2_transformer_attention(model, name)
+        return _sam2_transformer_attention(model, name, module)
     if _is(module, "Attention", _ENCODER_MODULE):
         return windowed_encoder_placer(model, name, module, "Block", "ImageEncoderViT", _ENCODER_MODULE, _BLOCK,
                          "segment_anything's image-encoder Attention", "the ImageEncoderViT or the Sam model")
@@ -120,17 +133,69 @@ def windowed_encoder_placer(model: nn.Module, name: str, module: nn.Module, bloc
     return WindowedGridPlacer(found[1], name, block, module, design)
 
 
-def _sam2_transformer_attention(model: nn.Module, name: str):
+def _sam2_transformer_attention(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
     if innermost_on_path(model, name, lambda m: _is(m, "TwoWayTransformer", _SAM2_TRANSFORMER_MODULE)):
         return _two_way_skip(name, "sam2")
-    if innermost_on_path(model, name, lambda m: _is(m, "MemoryAttentionLayer", _SAM2_MEMORY_MODULE)):
-        if name.rpartition(".")[2] == "cross_attn_image":
-            return Skip(_MEMORY_CROSS)
+    found = innermost_on_path(model, name, lambda m: _is(m, "MemoryAttentionLayer", _SAM2_MEMORY_MODULE))
+    if found is None:
+        return None
+    layer = found[1]
+    if module is getattr(layer, "cross_attn_image", None):
+        return Skip(_MEMORY_CROSS)
+    if module is not getattr(layer, "self_attn", None):
+        return None
+    return _memory_self_attention(model, name, layer)
+
+
+def _memory_self_attention(model: nn.Module, name: str, layer: nn.Module):
+    """The placer of ``layer.self_attn``: the current frame's map, ``backbone_fpn[-1]`` of the ``ImageEncoder`` of
+    the ``SAM2Base`` that holds the layer, at the stride of the Hiera stage it comes from."""
+    found = innermost_on_path(model, name, _is_sam2_base)
+    memory = getattr(found[1], "memory_attention", None) if found is not None else None
+    encoder = getattr(found[1], "image_encoder", None) if found is not None else None
+    if not isinstance(memory, nn.Module) or not any(other is layer for other in getattr(memory, "layers", ())):
         return RefusingPlacer(
-            f"{name} is sam2's memory-attention self-attention over the current frame's map (square, RoPE): vitmad "
-            "does not place the sam2 package's memory attention (it places transformers' Sam2VideoModel's); leave "
-            "it out of layers= (the default records the image encoder)"
-        )
-    return None
+            f"{name} is sam2's memory-attention self-attention recorded without the SAM2Base (or "
+            "SAM2VideoPredictor) whose memory_attention holds it and whose image encoder gives it the current "
+            "frame's map, so the map's stride is unknown; record the SAM2Base that holds it")
+    trunk, neck = getattr(encoder, "trunk", None), getattr(encoder, "neck", None)
+    if not _is(encoder, "ImageEncoder", _SAM2_IMAGE_ENCODER_MODULE) or not _is(trunk, "Hiera", _SAM2_HIERA_MODULE) \
+            or not _is(neck, "FpnNeck", _SAM2_IMAGE_ENCODER_MODULE):
+        return RefusingPlacer(
+            f"{name} is sam2's memory-attention self-attention over the map of the SAM2Base's image encoder, which "
+            f"is a {type(encoder).__name__} (trunk {type(trunk).__name__}, neck {type(neck).__name__}), not the "
+            "package's ImageEncoder of a Hiera trunk and an FpnNeck whose stages vitmad reads; pass "
+            "positions=<[N, 2] pixel position of each token> for that layer")
+    lateral = [branch.conv for branch in neck.convs]
+    if not all(_keeps_grid(conv) for conv in lateral):
+        return RefusingPlacer(
+            f"{name} attends over the map of the image encoder's FpnNeck, whose lateral convolutions (kernel, "
+            f"stride, padding {[(tuple(c.kernel_size), tuple(c.stride), tuple(c.padding)) for c in lateral]}) do "
+            "not all keep the trunk's grid, so vitmad does not know where its cells lie")
+    # Hiera returns one map per stage (only the last where return_interm_layers is off); the encoder drops the
+    # last `scalp` of them and SAM2Base hands the last of the rest (feat_sizes[-1]) to its memory attention.
+    stages, outputs = len(trunk.stage_ends), len(trunk.stage_ends) if trunk.return_interm_layers else 1
+    kept = outputs - int(encoder.scalp)
+    if kept < 1:
+        return RefusingPlacer(f"{name}: the image encoder drops {encoder.scalp} (scalp) of its trunk's {outputs} "
+                              "maps, leaving none for the memory attention")
+    stage = kept - 1 + stages - outputs
+    stride, source = hiera_stride(tuple(trunk.patch_embed.proj.stride), tuple(trunk.q_stride),
+                                  len(trunk.q_pool_blocks), stage)
+    if stride is None:
+        return RefusingPlacer(f"{name}: {source}")
+    return FpnMapPlacer(encoder, -1, stride, source, field="backbone_fpn")
+
+
+def _keeps_grid(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` maps each cell of its input to the same cell of its output (stride 1, centred kernel)."""
+    if tuple(conv.stride) != (1, 1) or tuple(conv.dilation) != (1, 1):
+        return False
+    return conv.padding == "same" or all(2 * p == k - 1 for p, k in zip(conv.padding, conv.kernel_size, strict=True))
+
+
+def _is_sam2_base(module: nn.Module) -> bool:
+    # SAM2VideoPredictor (sam2_video_predictor) and the training model subclass SAM2Base.
+    return any(cls.__name__ == "SAM2Base" and cls.__module__ == _SAM2_BASE_MODULE for cls in type(module).__mro__)
