@@ -37,7 +37,7 @@ from torch import nn
 
 from ..module_index import named_module_list
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, RefusingPlacer
-from .segment_anything import _two_way_skip, _windowed
+from .segment_anything import _two_way_skip, windowed_encoder_placer
 from .stages import grid_placement, innermost_on_path
 from .ultralytics import _MapPlacer
 from .windowed_vit import WindowedDesign
@@ -135,8 +135,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     if _is(module, "Attention", _SAM_DECODER):
         return _two_way_skip(name, "kornia")
     if _is(module, "Attention", _SAM_ENCODER):
-        return _windowed(model, name, module, "Block", "ImageEncoderViT", _SAM_ENCODER, _SAM_BLOCK,
-                         "kornia's SAM image-encoder Attention", "the ImageEncoderViT or the Sam model")
+        return windowed_encoder_placer(model, name, module, "Block", "ImageEncoderViT", _SAM_ENCODER, _SAM_BLOCK,
+                                       "kornia's SAM image-encoder Attention", "the ImageEncoderViT or the Sam model")
     return None
 
 
