@@ -24,6 +24,7 @@ from . import (
     csatv2,
     davit,
     detr_encoder,
+    diffusers_video,
     efficientformer,
     efficientvit_msra,
     eomt,
@@ -114,7 +115,7 @@ class ClassQueries(Skip):
 
 # Tried in order; the first family that claims a module places it.
 _FAMILIES = (
-    packed, vit_pytorch_stages, class_attention, attention_pool2d, non_spatial, unplaced, radio, llama4, molmo2,
+    packed, diffusers_video, vit_pytorch_stages, class_attention, attention_pool2d, non_spatial, unplaced, radio, llama4, molmo2,
     minicpmv, mllama, pix2struct, eomt, masked, vilt, padded_patches, swin, video_swin, windowed_vit, segment_anything,
     sam_map_encoder, hiera, pooled, mvit, video_mvit, levit, lw_detr, rf_detr, detr_encoder, memory_attention,
     efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin,
