@@ -16,9 +16,9 @@ import math
 
 import pytest
 import torch
-from conftest import statistics_reference
 
 import vitmad
+from conftest import statistics_reference
 
 diffusers = pytest.importorskip("diffusers")
 

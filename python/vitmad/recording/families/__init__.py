@@ -115,12 +115,12 @@ class ClassQueries(Skip):
 
 # Tried in order; the first family that claims a module places it.
 _FAMILIES = (
-    packed, diffusers_video, vit_pytorch_stages, class_attention, attention_pool2d, non_spatial, unplaced, radio, llama4, molmo2,
+    packed, vit_pytorch_stages, class_attention, attention_pool2d, non_spatial, unplaced, radio, llama4, molmo2,
     minicpmv, mllama, pix2struct, eomt, masked, vilt, padded_patches, swin, video_swin, windowed_vit, segment_anything,
     sam_map_encoder, hiera, pooled, mvit, video_mvit, levit, lw_detr, rf_detr, detr_encoder, memory_attention,
     efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin,
     mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit,
-    convit, torchvision_maxvit, vq_tokenizer, svtr, vit_pytorch, monai, ultralytics,
+    convit, torchvision_maxvit, vq_tokenizer, svtr, vit_pytorch, monai, ultralytics, diffusers_video,
 )
 
 
