@@ -224,11 +224,69 @@ def test_a_replaced_attention_processor_is_refused_by_name():
         model(torch.randn(1, 4, 2, 4, 4), torch.tensor([1]), torch.randn(1, TEXT, TEXT_DIM))
 
 
+def _latte():
+    torch.manual_seed(0)
+    return _sharpened(diffusers.LatteTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2, sample_size=8,
+        patch_size=2, cross_attention_dim=16, caption_channels=TEXT_DIM, video_length=3))
+
+
+def _factorised_reference(probabilities: torch.Tensor, kind: str, frames: int, grid: tuple[int, int], patch: int):
+    """Spatial (latent px) and temporal (latent frames) MAD per tubelet ``[B, H, frames * h * w]`` of one Latte
+    call: ``"space"`` ``[B * frames, H, hw, hw]`` (a video's frames consecutive), ``"time"`` ``[B * hw, H, frames,
+    frames]`` (a video's patch positions consecutive, row-major)."""
+    hw = grid[0] * grid[1]
+    cells = (torch.stack(torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij"), -1)
+             .reshape(-1, 2).double() + 0.5) * patch
+    heads = probabilities.shape[1]
+    spatial = torch.full((BATCH, heads, frames, hw), math.nan, dtype=torch.float64)
+    temporal = spatial.clone()
+    if kind == "space":
+        p = probabilities.view(BATCH, frames, heads, hw, hw)
+        spatial[:] = (p * torch.cdist(cells, cells)).sum(-1).transpose(1, 2)  # [B, H, frames, hw]
+        temporal[:] = 0.0  # one frame per call row
+    else:
+        p = probabilities.view(BATCH, hw, heads, frames, frames)
+        times = torch.arange(frames).double()[:, None]
+        temporal[:] = (p * torch.cdist(times, times)).sum(-1).permute(0, 2, 3, 1)  # [B, H, frames, hw]
+        spatial[:] = 0.0  # one patch position per call row
+    return spatial.flatten(2), temporal.flatten(2)
+
+
+def test_latte_spatial_and_temporal_blocks_are_placed_as_divided_attention():
+    """Latte over 3 latent frames of a 3x5 grid (6x10 latents): each spatial block's attn1 within a frame, each
+    temporal block's attn1 across the frames of a patch position; the caption cross-attention skipped."""
+    model = _latte()
+    torch.manual_seed(2)
+    inputs = dict(hidden_states=torch.randn(BATCH, 4, 3, 6, 10), timestep=torch.tensor([500, 500]),
+                  encoder_hidden_states=torch.randn(BATCH, TEXT, TEXT_DIM))
+    layers = ["transformer_blocks.0.attn1", "temporal_transformer_blocks.0.attn1", "transformer_blocks.1.attn1",
+              "temporal_transformer_blocks.1.attn1"]
+    plain = []
+    maps = _own_attention(model, layers, lambda: plain.append(model(**inputs).sample))
+    with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
+        recorded = model(**inputs).sample
+    assert torch.equal(recorded, plain[0]) and rec.layers == layers
+    assert set(rec.skipped) == {"transformer_blocks.0.attn2", "transformer_blocks.1.attn2"}
+    for layer, probabilities in enumerate(maps):
+        kind = "space" if layer % 2 == 0 else "time"
+        entropy = -torch.special.xlogy(probabilities, probabilities).sum(-1).mean()
+        assert float(entropy) < 0.75 * math.log(probabilities.shape[-1])
+        spatial, temporal = _factorised_reference(probabilities, kind, 3, (3, 5), 2)
+        torch.testing.assert_close(rec.per_layer[layer].double(), spatial, **TOL)
+        torch.testing.assert_close(rec.calls[0].temporal[layer].double(), temporal, **TOL)
+        geometry = rec.geometry[layer]
+        assert (geometry.grid, geometry.stride, geometry.attention) == ((3, 5), (2.0, 2.0), kind)
+        assert (geometry.frames, geometry.frame_stride) == (3, 1.0)
+    assert (rec.mad[1::2] == 0).all() and (rec.temporal_mad[0::2] == 0).all()
+
+
 def test_video_transformers_not_placed_are_refused_by_name():
     torch.manual_seed(0)
-    model = diffusers.LatteTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                              out_channels=4, num_layers=1, sample_size=8, patch_size=2,
-                                              cross_attention_dim=16, caption_channels=16, video_length=2).eval()
+    model = diffusers.MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8,
+                                              num_layers=1, pooled_projection_dim=8, in_channels=4,
+                                              text_embed_dim=TEXT_DIM, time_embed_dim=8).eval()
     with vitmad.record(model), torch.no_grad(), pytest.raises(
-            ValueError, match="LatteTransformer3DModel \\(diffusers\\) is not placed by vitmad: Latte's"):
-        model(torch.randn(1, 4, 2, 8, 8), timestep=torch.tensor([1]), encoder_hidden_states=torch.randn(1, 3, 16))
+            ValueError, match="MochiTransformer3DModel \\(diffusers\\) is not placed by vitmad: Mochi's"):
+        model(torch.randn(1, 4, 2, 4, 4), torch.randn(1, TEXT, TEXT_DIM), torch.tensor([1]),
+              torch.ones(1, TEXT, dtype=torch.long))

@@ -58,18 +58,19 @@ _LIBRARY = "diffusers."
 _WAN = ("diffusers.models.transformers.transformer_wan", "WanTransformer3DModel")
 _COGVIDEOX = ("diffusers.models.transformers.cogvideox_transformer_3d", "CogVideoXTransformer3DModel")
 _HUNYUAN = ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoTransformer3DModel")
+_LATTE = ("diffusers.models.transformers.latte_transformer_3d", "LatteTransformer3DModel")
 # The processor each placed attention module must run (module, class): another one may order the tokens otherwise.
 _PROCESSORS = {
     _WAN: ("diffusers.models.transformers.transformer_wan", "WanAttnProcessor"),
     _COGVIDEOX: ("diffusers.models.attention_processor", "CogVideoXAttnProcessor2_0"),
     _HUNYUAN: ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoAttnProcessor2_0"),
+    _LATTE: ("diffusers.models.attention_processor", "AttnProcessor2_0"),
 }
 # Video transformers of diffusers not placed here, by class name -> why.
 _REFUSED = {
     "LTXVideoTransformer3DModel": "LTX-Video takes its latents already packed into tokens [B, F*H*W, C] with the "
                                   "grid only as RoPE coordinates",
     "LTX2VideoTransformer3DModel": "LTX-2 attends over packed video and audio latents",
-    "LatteTransformer3DModel": "Latte's alternating spatial and temporal blocks are not placed yet",
     "MochiTransformer3DModel": "Mochi's joint attention drops padded text tokens per video and is not placed yet",
     "AllegroTransformer3DModel": "Allegro's sequence is not placed yet",
     "ConsisIDTransformer3DModel": "ConsisID adds identity tokens and is not placed yet",
@@ -147,6 +148,9 @@ class _LatentGrid:
         self.model, self.kind = model, kind
         self.grid_key, self.text_key = f"{_GRID_KEY}.{id(model)}", f"{_TEXT_KEY}.{id(model)}"
         self._installed: tuple[CallContext, torch.utils.hooks.RemovableHandle] | None = None
+        # Latte: (B, F) of the latent video its forward took last, until its per-frame convolution reads it. Not in
+        # the context's values: the call starts at that convolution (towers.first_convolution), which clears them.
+        self._video_shape: tuple[int, int] | None = None
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         installed = self._installed
@@ -157,6 +161,9 @@ class _LatentGrid:
         if self.kind == _COGVIDEOX:
             handles = [self.model.patch_embed.register_forward_hook(functools.partial(self._cogvideox, context),
                                                                      with_kwargs=True)]
+        elif self.kind == _LATTE:
+            handles = [self._hooked().register_forward_hook(functools.partial(self._latte, context)),
+                       self.model.register_forward_pre_hook(self._latte_video, with_kwargs=True)]
         else:
             handles = [self._hooked().register_forward_hook(functools.partial(self._conv3d, context))]
             if self.kind == _HUNYUAN:
@@ -168,6 +175,8 @@ class _LatentGrid:
     def _hooked(self) -> nn.Module:
         if self.kind == _COGVIDEOX:
             return self.model.patch_embed
+        if self.kind == _LATTE:
+            return self.model.pos_embed.proj
         return self.model.patch_embedding if self.kind == _WAN else self.model.x_embedder.proj
 
     def _conv3d(self, context: CallContext, module, args, output) -> None:
@@ -182,6 +191,24 @@ class _LatentGrid:
                                                     (int(output.shape[3]), int(output.shape[4])),
                                                     (float(kernel[1]), float(kernel[2])), int(kernel[0]))
         context.values[self.text_key] = 0
+
+    def _latte_video(self, module, args, kwargs) -> None:
+        """Latte's forward: the latents ``[B, C, F, H, W]`` it folds into ``B * F`` images."""
+        video = args[0] if args else kwargs.get("hidden_states")
+        self._video_shape = (int(video.shape[0]), int(video.shape[2])) if isinstance(video, torch.Tensor) else None
+
+    def _latte(self, context: CallContext, module, args, output) -> None:
+        """Latte's ``pos_embed.proj``: every latent frame a ``[D, H', W']`` patch map, ``[B * F, D, H', W']``."""
+        video, self._video_shape = self._video_shape, None
+        kernel, stride = tuple(module.kernel_size), tuple(module.stride)
+        if video is None or int(output.shape[0]) != video[0] * video[1] or kernel != stride:
+            context.values[self.grid_key] = (
+                f"its patch embedding (kernel {list(kernel)}, stride {list(stride)}) returned {list(output.shape)} "
+                f"outside a forward of {type(self.model).__name__} over [B, C, F, H, W] latents, or not one map per "
+                "latent frame of a kernel equal to its stride")
+            return
+        context.values[self.grid_key] = _Grid(video[0], video[1], (int(output.shape[2]), int(output.shape[3])),
+                                              (float(kernel[0]), float(kernel[1])), 1)
 
     def _refined_text(self, context: CallContext, module, args, output) -> None:
         """HunyuanVideo's ``context_embedder``: the text tokens its blocks put after the tubelets."""
@@ -218,6 +245,21 @@ def _layout(frames: int, size: tuple[int, int], stride: tuple[float, float], fra
     return read_only(positions[0], time_positions[0], slot, positions=2)
 
 
+def _call_grid(context: CallContext, grid: _LatentGrid, module: nn.Module) -> _Grid:
+    """This call's tubelet grid, once ``module`` is seen to run the processor whose token order was read."""
+    expected, seen = _PROCESSORS[grid.kind], _processor_name(module)
+    if seen != expected:
+        raise NotPlaceable(f"it runs the attention processor {seen[1]} ({seen[0]}), not {expected[1]}, whose "
+                           "token order vitmad read; restore it (set_default_attn_processor does not) or record "
+                           "the model as built")
+    found = context.values.get(grid.grid_key)
+    if found is None:
+        raise NotPlaceable("it ran before the patch embedding, so the latent tubelet grid is unknown")
+    if isinstance(found, str):
+        raise NotPlaceable(found)
+    return found
+
+
 class JointVideoPlacer(LayerPlacer):
     """Self-attention of a diffusers video transformer over text tokens (first or last, without a position) and the
     latent tubelets in (frame, row, column) order, ``[B, heads, n, n]``.
@@ -236,16 +278,7 @@ class JointVideoPlacer(LayerPlacer):
         return self.grid.install(context)
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        expected, seen = _PROCESSORS[self.grid.kind], _processor_name(self.module)
-        if seen != expected:
-            raise NotPlaceable(f"it runs the attention processor {seen[1]} ({seen[0]}), not {expected[1]}, whose "
-                               "token order vitmad read; restore it (set_default_attn_processor does not) or record "
-                               "the model as built")
-        grid = context.values.get(self.grid.grid_key)
-        if grid is None:
-            raise NotPlaceable("it ran before the patch embedding, so the latent tubelet grid is unknown")
-        if isinstance(grid, str):
-            raise NotPlaceable(grid)
+        grid = _call_grid(context, self.grid, self.module)
         text = int(context.values.get(self.grid.text_key, 0)) if self.text != "none" else 0
         prefix, suffix = (text, 0) if self.text == "first" else (0, text)
         patches = grid.size[0] * grid.size[1]
@@ -271,6 +304,61 @@ class JointVideoPlacer(LayerPlacer):
         return Placement(positions, None, fold, geometry, time_positions=time_positions)
 
 
+@functools.lru_cache(maxsize=64)
+def _factorised_layout(kind: str, frames: int, size: tuple[int, int], stride: tuple[float, float]
+                       ) -> tuple[torch.Tensor, ...]:
+    """Latte's calls: ``"space"``, one group per latent frame over its patches (row-major), or ``"time"``, one
+    group per patch position over its frames. Returns ``[G, n, 2]`` latent pixels, ``[G, n, 1]`` latent frames and
+    the slot of each tubelet (frame, row, column) among the ``G * n`` (read-only, cached per grid)."""
+    grid = torch.arange(frames * size[0] * size[1]).view(frames, size[0] * size[1])
+    tokens = grid if kind == "space" else grid.t()
+    positions, time_positions, slot = tubelet_positions(tokens, frames, size, stride, 1)
+    return read_only(positions, time_positions, slot, positions=2)
+
+
+class FactorisedVideoPlacer(LayerPlacer):
+    """Latte's factorised attention: a spatial block attends within each latent frame (``[B * F, heads, H'W',
+    H'W']``, the frames of a video consecutive), a temporal block over the frames of each patch position (``[B *
+    H'W', heads, F, F]``, the positions of a video consecutive, row-major); placed as :mod:`.video` places
+    TimeSformer's divided attention, without its class token.
+
+    Args:
+        grid: the model's hooks reading each call's grid.
+        module: the attention module, whose processor is checked at every call.
+        kind: ``"space"`` or ``"time"``.
+    """
+
+    def __init__(self, grid: _LatentGrid, module: nn.Module, kind: str):
+        self.grid, self.module, self.kind = grid, module, kind
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        return self.grid.install(context)
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        grid = _call_grid(context, self.grid, self.module)
+        patches = grid.size[0] * grid.size[1]
+        groups, tokens = (grid.frames, patches) if self.kind == "space" else (patches, grid.frames)
+        if len(lead) != 2 or num_queries != num_keys or num_queries != tokens or lead[0] != grid.batch * groups:
+            described = (f"the {grid.size[0]}x{grid.size[1]} patches of each of {grid.frames} latent frames"
+                         if self.kind == "space" else f"the {grid.frames} latent frames of each of {patches} patches")
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; {self.kind} "
+                f"attention over {grid.batch} video(s) of {described} gives [{grid.batch * groups}, heads, {tokens}, "
+                f"{tokens}]"
+            )
+        positions, time_positions, slot = _factorised_layout(self.kind, grid.frames, grid.size, grid.stride)
+        positions = positions.repeat(grid.batch, 1, 1).unsqueeze(1)  # [B * G, 1, n, 2]: one set per row of the call
+        time_positions = time_positions.repeat(grid.batch, 1, 1).unsqueeze(1)
+        batch, heads = grid.batch, int(lead[1])
+
+        def fold(values: torch.Tensor) -> torch.Tensor:
+            values = values.reshape(batch, groups, heads, tokens).transpose(1, 2).reshape(batch, heads, -1)
+            return values.index_select(-1, on_device(slot, values.device))
+
+        geometry = LayerGeometry(grid.size, grid.stride, self.kind, heads, frames=grid.frames, frame_stride=1.0)
+        return Placement(positions, None, fold, geometry, time_positions=time_positions)
+
+
 # One grid reader per model, shared by its layers' placers.
 _GRIDS: weakref.WeakKeyDictionary[nn.Module, _LatentGrid] = weakref.WeakKeyDictionary()
 
@@ -280,23 +368,36 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     text-only attention, a refusing placer for the video transformers not placed here, or None."""
     from . import Skip
 
-    if not _is_attention(module):
-        return None
     found = _video_model(model, name)
     if found is None:
         return None
     video, prefix = found
     kind, inner = _key(video), name[len(prefix):].lstrip(".") if prefix else name
+    if kind in _PROCESSORS and not _is_attention(module):
+        # Found by another discovery (it calls scaled_dot_product_attention or a softmax itself): not one of the
+        # processors' attention modules whose sequence was read.
+        return RefusingPlacer(f"{type(module).__name__} in {type(video).__name__} is no attention module whose "
+                              "tokens vitmad read; leave it out with layers=[the other attention modules]")
     if kind not in _PROCESSORS:
         return RefusingPlacer(f"{type(video).__name__} (diffusers) is not placed by vitmad: "
-                              f"{_REFUSED[type(video).__name__]}; record WanTransformer3DModel, "
-                              "CogVideoXTransformer3DModel or HunyuanVideoTransformer3DModel")
+                              f"{_REFUSED[type(video).__name__]}; vitmad places WanTransformer3DModel, "
+                              "CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel and "
+                              "LatteTransformer3DModel")
     parts = inner.split(".")
     if kind == _WAN:
         if parts[-1] == "attn2":
             return Skip("cross-attention of the latent tubelets to the text tokens (and, image-to-video, to the "
                         "CLIP image tokens): keys without a position on the latent video")
         text = "none"
+    elif kind == _LATTE:
+        if parts[-1] == "attn2":
+            return Skip("cross-attention of the latent patches to the caption tokens: keys without a position on "
+                        "the latent video")
+        if parts[-1] == "attn1" and parts[0] in ("transformer_blocks", "temporal_transformer_blocks"):
+            return FactorisedVideoPlacer(_reader(video, kind), module,
+                                         "space" if parts[0] == "transformer_blocks" else "time")
+        return RefusingPlacer(f"{inner} is no attention of Latte's spatial or temporal blocks, whose tokens vitmad "
+                              "read")
     elif kind == _HUNYUAN:
         if parts[0] == "context_embedder":
             return Skip("HunyuanVideo's text token refiner: self-attention among the text tokens, none with a "
@@ -304,7 +405,12 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         text = "last"
     else:
         text = "first"
-    grid = _GRIDS.get(video)
+    return JointVideoPlacer(_reader(video, kind), name, module, text)
+
+
+def _reader(model: nn.Module, kind: tuple[str, str]) -> _LatentGrid:
+    """The grid reader of ``model``, one per model, shared by its layers' placers."""
+    grid = _GRIDS.get(model)
     if grid is None:
-        grid = _GRIDS[video] = _LatentGrid(video, kind)
-    return JointVideoPlacer(grid, name, module, text)
+        grid = _GRIDS[model] = _LatentGrid(model, kind)
+    return grid
