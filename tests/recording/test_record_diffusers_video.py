@@ -41,11 +41,11 @@ def _sharpened(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def _wan():
+def _wan(**image_to_video):
     torch.manual_seed(0)
     return _sharpened(diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-        text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32))
+        text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32, **image_to_video))
 
 
 def _cogvideox(patch_t: int | None):
@@ -172,6 +172,25 @@ def test_wan_self_attention_is_joint_space_time_over_latent_tubelets_one_call_pe
     assert not torch.allclose(rec.calls[0].per_layer[1], rec.calls[1].per_layer[1])
 
 
+def test_wan_image_to_video_skips_both_cross_attentions():
+    """Wan 2.1 image-to-video: attn2 attends to the CLIP image tokens (added key / value projections) and to the
+    text (its processor takes the last 512 of encoder_hidden_states as text): skipped; attn1 placed as in
+    text-to-video."""
+    model = _wan(image_dim=8, added_kv_proj_dim=16)
+    torch.manual_seed(2)
+    inputs = (torch.randn(1, 4, 2, 4, 6), torch.tensor([500]), torch.randn(1, 512, TEXT_DIM))
+    image = torch.randn(1, 3, 8)
+    layers = ["blocks.0.attn1", "blocks.1.attn1"]
+    plain = []
+    maps = _own_attention(model, layers, lambda: plain.append(
+        model(*inputs, encoder_hidden_states_image=image).sample))
+    with torch.no_grad(), vitmad.record(model, reduction="none", stats=STATS) as rec:
+        recorded = model(*inputs, encoder_hidden_states_image=image).sample
+    assert torch.equal(recorded, plain[0]) and rec.layers == layers
+    assert "CLIP image tokens" in rec.skipped["blocks.1.attn2"]
+    _check(rec, 0, maps, frames=2, grid=(2, 3), patch=2, frame_size=1)
+
+
 @pytest.mark.parametrize("patch_t, frames", [(None, 3), (2, 4)])
 def test_cogvideox_text_tokens_come_first_without_a_position(patch_t, frames):
     """CogVideoX 1.0 (per-frame Conv2d, 3 latent frames) and 1.5 (Linear over patch_size_t = 2 latent frames, 4
@@ -222,6 +241,41 @@ def test_a_replaced_attention_processor_is_refused_by_name():
     with vitmad.record(model), torch.no_grad(), pytest.raises(ValueError, match=r"blocks\.0\.attn1.*LoggingProcessor.*"
                                                                                r"not WanAttnProcessor"):
         model(torch.randn(1, 4, 2, 4, 4), torch.tensor([1]), torch.randn(1, TEXT, TEXT_DIM))
+
+
+def _ltx():
+    torch.manual_seed(0)
+    return _sharpened(diffusers.LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        num_layers=2, caption_channels=TEXT_DIM))
+
+
+def _packed(latents: torch.Tensor) -> torch.Tensor:
+    """LTX's pipeline packing with patch 1 (``_pack_latents``): ``[B, C, F, H, W]`` -> ``[B, F * H * W, C]``, one
+    token per latent cell in (frame, row, column) order."""
+    return latents.permute(0, 2, 3, 4, 1).flatten(1, 3)
+
+
+def test_ltx_video_packed_latents_are_placed_on_the_grid_its_forward_is_given():
+    """LTX-Video takes its latents packed, one token per latent cell, the grid only as num_frames, height, width:
+    3 latent frames of 3x5 latent pixels; attn2 (cross-attention to text) skipped."""
+    model = _ltx()
+    torch.manual_seed(2)
+    inputs = (_packed(torch.randn(BATCH, 4, 3, 3, 5)), torch.randn(BATCH, TEXT, TEXT_DIM), torch.tensor([500, 500]),
+              torch.ones(BATCH, TEXT))
+    grid = dict(num_frames=3, height=3, width=5)
+    layers = ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    plain = []
+    maps = _own_attention(model, layers, lambda: plain.append(model(*inputs, **grid).sample))
+    with torch.no_grad(), vitmad.record(model, reduction="none", stats=STATS) as rec:
+        recorded = model(*inputs, **grid).sample
+    assert torch.equal(recorded, plain[0]) and rec.layers == layers
+    assert set(rec.skipped) == {"transformer_blocks.0.attn2", "transformer_blocks.1.attn2"}
+    _check(rec, 0, maps, frames=3, grid=(3, 5), patch=1, frame_size=1)
+    # Conditioning pipelines place tokens by video_coords of their own: refused, not guessed.
+    coords = torch.zeros(BATCH, 3, 45)
+    with vitmad.record(model), torch.no_grad(), pytest.raises(ValueError, match="video_coords"):
+        model(*inputs, **grid, video_coords=coords)
 
 
 def _latte():

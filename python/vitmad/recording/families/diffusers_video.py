@@ -59,17 +59,17 @@ _WAN = ("diffusers.models.transformers.transformer_wan", "WanTransformer3DModel"
 _COGVIDEOX = ("diffusers.models.transformers.cogvideox_transformer_3d", "CogVideoXTransformer3DModel")
 _HUNYUAN = ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoTransformer3DModel")
 _LATTE = ("diffusers.models.transformers.latte_transformer_3d", "LatteTransformer3DModel")
+_LTX = ("diffusers.models.transformers.transformer_ltx", "LTXVideoTransformer3DModel")
 # The processor each placed attention module must run (module, class): another one may order the tokens otherwise.
 _PROCESSORS = {
     _WAN: ("diffusers.models.transformers.transformer_wan", "WanAttnProcessor"),
     _COGVIDEOX: ("diffusers.models.attention_processor", "CogVideoXAttnProcessor2_0"),
     _HUNYUAN: ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoAttnProcessor2_0"),
     _LATTE: ("diffusers.models.attention_processor", "AttnProcessor2_0"),
+    _LTX: ("diffusers.models.transformers.transformer_ltx", "LTXVideoAttnProcessor"),
 }
 # Video transformers of diffusers not placed here, by class name -> why.
 _REFUSED = {
-    "LTXVideoTransformer3DModel": "LTX-Video takes its latents already packed into tokens [B, F*H*W, C] with the "
-                                  "grid only as RoPE coordinates",
     "LTX2VideoTransformer3DModel": "LTX-2 attends over packed video and audio latents",
     "MochiTransformer3DModel": "Mochi's joint attention drops padded text tokens per video and is not placed yet",
     "AllegroTransformer3DModel": "Allegro's sequence is not placed yet",
@@ -161,6 +161,9 @@ class _LatentGrid:
         if self.kind == _COGVIDEOX:
             handles = [self.model.patch_embed.register_forward_hook(functools.partial(self._cogvideox, context),
                                                                      with_kwargs=True)]
+        elif self.kind == _LTX:
+            handles = [self.model.rope.register_forward_pre_hook(functools.partial(self._ltx, context),
+                                                                 with_kwargs=True)]
         elif self.kind == _LATTE:
             handles = [self._hooked().register_forward_hook(functools.partial(self._latte, context)),
                        self.model.register_forward_pre_hook(self._latte_video, with_kwargs=True)]
@@ -177,6 +180,8 @@ class _LatentGrid:
             return self.model.patch_embed
         if self.kind == _LATTE:
             return self.model.pos_embed.proj
+        if self.kind == _LTX:
+            return self.model.rope
         return self.model.patch_embedding if self.kind == _WAN else self.model.x_embedder.proj
 
     def _conv3d(self, context: CallContext, module, args, output) -> None:
@@ -191,6 +196,31 @@ class _LatentGrid:
                                                     (int(output.shape[3]), int(output.shape[4])),
                                                     (float(kernel[1]), float(kernel[2])), int(kernel[0]))
         context.values[self.text_key] = 0
+
+    def _ltx(self, context: CallContext, module, args, kwargs) -> None:
+        """LTX-Video's ``rope(hidden_states, num_frames, height, width, ..., video_coords)``: the latents come packed,
+        ``[B, F * H * W, C]`` in (frame, row, column) order (its pipeline's ``_pack_latents``), the grid given only
+        as these numbers."""
+        names = ("hidden_states", "num_frames", "height", "width", "rope_interpolation_scale", "video_coords")
+        bound = dict(zip(names, args)) | kwargs
+        tokens, given = bound.get("hidden_states"), [bound.get(n) for n in ("num_frames", "height", "width")]
+        config = self.model.config
+        refusal = None
+        if bound.get("video_coords") is not None:
+            refusal = ("it was given video_coords (LTX's conditioning pipelines: conditioning tokens at coordinates "
+                       "of their own), not the grid num_frames x height x width, which is what vitmad places")
+        elif (config.patch_size, config.patch_size_t) != (1, 1):
+            refusal = (f"patch_size {config.patch_size} and patch_size_t {config.patch_size_t}: vitmad places the "
+                       "packing of every released LTX-Video model, one token per latent cell (1 and 1)")
+        elif not all(isinstance(n, int) for n in given) or not isinstance(tokens, torch.Tensor) or (
+                tokens.dim() != 3 or int(tokens.shape[1]) != given[0] * given[1] * given[2]):
+            shape = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            refusal = (f"it took hidden_states {shape} with num_frames, height, width = {given}: not [B, F * H * W, "
+                       "C] latents packed on that grid")
+        if refusal is not None:
+            context.values[self.grid_key] = refusal
+            return
+        context.values[self.grid_key] = _Grid(int(tokens.shape[0]), given[0], (given[1], given[2]), (1.0, 1.0), 1)
 
     def _latte_video(self, module, args, kwargs) -> None:
         """Latte's forward: the latents ``[B, C, F, H, W]`` it folds into ``B * F`` images."""
@@ -381,13 +411,17 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     if kind not in _PROCESSORS:
         return RefusingPlacer(f"{type(video).__name__} (diffusers) is not placed by vitmad: "
                               f"{_REFUSED[type(video).__name__]}; vitmad places WanTransformer3DModel, "
-                              "CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel and "
-                              "LatteTransformer3DModel")
+                              "CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, "
+                              "LTXVideoTransformer3DModel and LatteTransformer3DModel")
     parts = inner.split(".")
-    if kind == _WAN:
+    if kind in (_WAN, _LTX):
         if parts[-1] == "attn2":
-            return Skip("cross-attention of the latent tubelets to the text tokens (and, image-to-video, to the "
-                        "CLIP image tokens): keys without a position on the latent video")
+            extra = " (and, image-to-video, to the CLIP image tokens)" if kind == _WAN else ""
+            return Skip(f"cross-attention of the latent tubelets to the text tokens{extra}: keys without a position "
+                        "on the latent video")
+        if parts[-1] != "attn1":
+            return RefusingPlacer(f"{inner} is no attention of {type(video).__name__}'s blocks (attn1, attn2), "
+                                  "whose tokens vitmad read")
         text = "none"
     elif kind == _LATTE:
         if parts[-1] == "attn2":
