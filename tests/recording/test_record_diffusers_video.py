@@ -278,6 +278,30 @@ def test_ltx_video_packed_latents_are_placed_on_the_grid_its_forward_is_given():
         model(*inputs, **grid, video_coords=coords)
 
 
+def test_allegro_attends_over_the_tubelets_its_per_frame_embedding_cuts():
+    """Allegro: each latent frame cut by pos_embed's Conv2d, the frames then flattened frames outermost: joint
+    space-time attention over 3 latent frames of a 3x5 grid; the second video's last latent frame masked as keys
+    by the attention_mask the model takes (a bias SDPA adds); attn2 (cross-attention to text) skipped."""
+    torch.manual_seed(0)
+    model = _sharpened(diffusers.AllegroTransformer3DModel(
+        patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        num_layers=2, cross_attention_dim=16, sample_height=8, sample_width=8, sample_frames=9,
+        caption_channels=TEXT_DIM))
+    torch.manual_seed(2)
+    video_mask = torch.ones(BATCH, 3, 6, 10)
+    video_mask[1, -1] = 0
+    inputs = (torch.randn(BATCH, 4, 3, 6, 10), torch.randn(BATCH, TEXT, TEXT_DIM), torch.tensor([500, 500]))
+    layers = ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    plain = []
+    maps = _own_attention(model, layers, lambda: plain.append(model(*inputs, attention_mask=video_mask).sample))
+    assert float(maps[0][1, :, :, -15:].max()) < 1e-30  # the masked frame's keys hold no mass
+    with torch.no_grad(), vitmad.record(model, reduction="none", stats=STATS) as rec:
+        recorded = model(*inputs, attention_mask=video_mask).sample
+    assert torch.equal(recorded, plain[0]) and rec.layers == layers
+    assert set(rec.skipped) == {"transformer_blocks.0.attn2", "transformer_blocks.1.attn2"}
+    _check(rec, 0, maps, frames=3, grid=(3, 5), patch=2, frame_size=1)
+
+
 def _latte():
     torch.manual_seed(0)
     return _sharpened(diffusers.LatteTransformer3DModel(

@@ -60,6 +60,7 @@ _COGVIDEOX = ("diffusers.models.transformers.cogvideox_transformer_3d", "CogVide
 _HUNYUAN = ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoTransformer3DModel")
 _LATTE = ("diffusers.models.transformers.latte_transformer_3d", "LatteTransformer3DModel")
 _LTX = ("diffusers.models.transformers.transformer_ltx", "LTXVideoTransformer3DModel")
+_ALLEGRO = ("diffusers.models.transformers.transformer_allegro", "AllegroTransformer3DModel")
 # The processor each placed attention module must run (module, class): another one may order the tokens otherwise.
 _PROCESSORS = {
     _WAN: ("diffusers.models.transformers.transformer_wan", "WanAttnProcessor"),
@@ -67,12 +68,12 @@ _PROCESSORS = {
     _HUNYUAN: ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoAttnProcessor2_0"),
     _LATTE: ("diffusers.models.attention_processor", "AttnProcessor2_0"),
     _LTX: ("diffusers.models.transformers.transformer_ltx", "LTXVideoAttnProcessor"),
+    _ALLEGRO: ("diffusers.models.attention_processor", "AllegroAttnProcessor2_0"),
 }
 # Video transformers of diffusers not placed here, by class name -> why.
 _REFUSED = {
     "LTX2VideoTransformer3DModel": "LTX-2 attends over packed video and audio latents",
     "MochiTransformer3DModel": "Mochi's joint attention drops padded text tokens per video and is not placed yet",
-    "AllegroTransformer3DModel": "Allegro's sequence is not placed yet",
     "ConsisIDTransformer3DModel": "ConsisID adds identity tokens and is not placed yet",
     "EasyAnimateTransformer3DModel": "EasyAnimate's sequence is not placed yet",
     "CosmosTransformer3DModel": "Cosmos' sequence is not placed yet",
@@ -148,8 +149,9 @@ class _LatentGrid:
         self.model, self.kind = model, kind
         self.grid_key, self.text_key = f"{_GRID_KEY}.{id(model)}", f"{_TEXT_KEY}.{id(model)}"
         self._installed: tuple[CallContext, torch.utils.hooks.RemovableHandle] | None = None
-        # Latte: (B, F) of the latent video its forward took last, until its per-frame convolution reads it. Not in
-        # the context's values: the call starts at that convolution (towers.first_convolution), which clears them.
+        # Latte, Allegro: (B, F) of the latent video the forward took last, until the per-frame convolution reads it.
+        # Not in the context's values: the call starts at that convolution (towers.first_convolution), which clears
+        # them.
         self._video_shape: tuple[int, int] | None = None
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
@@ -164,9 +166,9 @@ class _LatentGrid:
         elif self.kind == _LTX:
             handles = [self.model.rope.register_forward_pre_hook(functools.partial(self._ltx, context),
                                                                  with_kwargs=True)]
-        elif self.kind == _LATTE:
-            handles = [self._hooked().register_forward_hook(functools.partial(self._latte, context)),
-                       self.model.register_forward_pre_hook(self._latte_video, with_kwargs=True)]
+        elif self.kind in (_LATTE, _ALLEGRO):
+            handles = [self._hooked().register_forward_hook(functools.partial(self._per_frame, context)),
+                       self.model.register_forward_pre_hook(self._video, with_kwargs=True)]
         else:
             handles = [self._hooked().register_forward_hook(functools.partial(self._conv3d, context))]
             if self.kind == _HUNYUAN:
@@ -178,7 +180,7 @@ class _LatentGrid:
     def _hooked(self) -> nn.Module:
         if self.kind == _COGVIDEOX:
             return self.model.patch_embed
-        if self.kind == _LATTE:
+        if self.kind in (_LATTE, _ALLEGRO):
             return self.model.pos_embed.proj
         if self.kind == _LTX:
             return self.model.rope
@@ -222,15 +224,21 @@ class _LatentGrid:
             return
         context.values[self.grid_key] = _Grid(int(tokens.shape[0]), given[0], (given[1], given[2]), (1.0, 1.0), 1)
 
-    def _latte_video(self, module, args, kwargs) -> None:
-        """Latte's forward: the latents ``[B, C, F, H, W]`` it folds into ``B * F`` images."""
+    def _video(self, module, args, kwargs) -> None:
+        """Latte's and Allegro's forward: the latents ``[B, C, F, H, W]`` it folds into ``B * F`` images."""
         video = args[0] if args else kwargs.get("hidden_states")
         self._video_shape = (int(video.shape[0]), int(video.shape[2])) if isinstance(video, torch.Tensor) else None
 
-    def _latte(self, context: CallContext, module, args, output) -> None:
-        """Latte's ``pos_embed.proj``: every latent frame a ``[D, H', W']`` patch map, ``[B * F, D, H', W']``."""
+    def _per_frame(self, context: CallContext, module, args, output) -> None:
+        """Latte's and Allegro's ``pos_embed.proj``: every latent frame a ``[D, H', W']`` patch map, ``[B * F, D,
+        H', W']`` (Allegro then flattens them to ``[B, F * H' * W', D]``, frames outermost)."""
         video, self._video_shape = self._video_shape, None
         kernel, stride = tuple(module.kernel_size), tuple(module.stride)
+        if self.kind == _ALLEGRO and self.model.config.patch_size_t != 1:
+            # Its forward divides the frames by patch_size_t for the output, but embeds and attends every frame.
+            context.values[self.grid_key] = (f"its patch_size_t is {self.model.config.patch_size_t}; its patch "
+                                             "embedding cuts every latent frame (patch_size_t 1, as released)")
+            return
         if video is None or int(output.shape[0]) != video[0] * video[1] or kernel != stride:
             context.values[self.grid_key] = (
                 f"its patch embedding (kernel {list(kernel)}, stride {list(stride)}) returned {list(output.shape)} "
@@ -412,7 +420,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return RefusingPlacer(f"{type(video).__name__} (diffusers) is not placed by vitmad: "
                               f"{_REFUSED[type(video).__name__]}; vitmad places WanTransformer3DModel, "
                               "CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, "
-                              "LTXVideoTransformer3DModel and LatteTransformer3DModel")
+                              "LTXVideoTransformer3DModel, LatteTransformer3DModel and AllegroTransformer3DModel")
     parts = inner.split(".")
     if kind in (_WAN, _LTX):
         if parts[-1] == "attn2":
@@ -422,6 +430,14 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         if parts[-1] != "attn1":
             return RefusingPlacer(f"{inner} is no attention of {type(video).__name__}'s blocks (attn1, attn2), "
                                   "whose tokens vitmad read")
+        text = "none"
+    elif kind == _ALLEGRO:
+        if parts[-1] == "attn2":
+            return Skip("cross-attention of the latent tubelets to the text tokens: keys without a position on the "
+                        "latent video")
+        if parts[-1] != "attn1":
+            return RefusingPlacer(f"{inner} is no attention of Allegro's blocks (attn1, attn2), whose tokens vitmad "
+                                  "read")
         text = "none"
     elif kind == _LATTE:
         if parts[-1] == "attn2":
