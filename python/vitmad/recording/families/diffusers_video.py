@@ -20,6 +20,18 @@ not guess the VAE. The grid is read from the patch embedding in every call, neve
   single-stream blocks attend over the tubelets, then the refined text tokens (suffix tokens without a position,
   their count read per call from ``context_embedder``'s output; padded text keys masked by the model). The text
   token refiner's self-attention (text alone) is skipped.
+- ``LTXVideoTransformer3DModel``: its pipeline packs the latents into tokens, one per latent cell (``patch_size`` and
+  ``patch_size_t`` 1 in every released model; others refused), ``[B, F * H * W, C]`` in (frame, row, column) order,
+  and hands the grid as ``num_frames``, ``height``, ``width``, read per call from its ``rope``'s arguments; ``attn1``
+  over those tokens, ``attn2`` (text) skipped. A call given ``video_coords`` (conditioning pipelines, whose tokens
+  carry coordinates of their own) is refused.
+- ``AllegroTransformer3DModel``: ``pos_embed.proj`` (``Conv2d``) cuts each latent frame, ``[B * F, ...]``, then the
+  frames are flattened frames outermost: ``attn1`` is joint space-time attention over the tubelets (its video
+  ``attention_mask`` read as SDPA reads it), ``attn2`` (text) skipped.
+- ``LatteTransformer3DModel``: ``pos_embed.proj`` cuts each latent frame; each spatial block's ``attn1`` attends
+  within one frame (``[B * F, heads, H'W', H'W']``, ``"space"``), each temporal block's ``attn1`` over the frames of
+  one patch position (``[B * H'W', heads, F, F]``, ``"time"``), as :mod:`.video` places TimeSformer's divided
+  attention (without a class token); the caption cross-attention ``attn2`` skipped.
 
 MAD is over the tubelet queries and keys only (keys without a position are never read); ``prefix_mass`` is then the
 mass the tubelet queries put on the text tokens. A module whose attention processor was replaced
@@ -27,8 +39,8 @@ mass the tubelet queries put on the text tokens. A module whose attention proces
 order or mask the tokens otherwise.
 
 Refused by name (:data:`_REFUSED`): the other video transformers of diffusers, whose sequences are not read here.
-Generic pieces (any diffusers model, not only video): :func:`_is_attention`, :func:`_processor_name`,
-:class:`_KnownProcessor`.
+Generic pieces (any diffusers model, not only video): :func:`_is_attention` (a diffusers attention module) and
+:func:`_processor_name` (its current processor, checked at every call by :func:`_call_grid`).
 """
 
 from __future__ import annotations
@@ -73,20 +85,34 @@ _PROCESSORS = {
 # Video transformers of diffusers not placed here, by class name -> why.
 _REFUSED = {
     "LTX2VideoTransformer3DModel": "LTX-2 attends over packed video and audio latents",
-    "MochiTransformer3DModel": "Mochi's joint attention drops padded text tokens per video and is not placed yet",
+    "MochiTransformer3DModel": "Mochi's joint attention runs one SDPA call per video over its tubelets and its own "
+                               "unpadded text tokens, which is not placed yet",
     "ConsisIDTransformer3DModel": "ConsisID adds identity tokens and is not placed yet",
     "EasyAnimateTransformer3DModel": "EasyAnimate's sequence is not placed yet",
     "CosmosTransformer3DModel": "Cosmos' sequence is not placed yet",
+    "Cosmos3OmniTransformer": "Cosmos 3's packed mixture-of-transformers sequence is not placed yet",
     "SkyReelsV2Transformer3DModel": "SkyReels-V2's diffusion forcing (per-frame timesteps, causal blocks) is not "
                                     "placed yet",
     "WanVACETransformer3DModel": "Wan-VACE's control blocks attend over their own control tokens and are not placed "
                                  "yet",
     "WanAnimateTransformer3DModel": "Wan-Animate adds pose and face conditioning and is not placed yet",
+    "WanAnimate2Transformer3DModel": "Wan-Animate 2 adds pose and face conditioning and is not placed yet",
+    "ChronoEditTransformer3DModel": "ChronoEdit's sequence is not placed yet",
     "HunyuanVideo15Transformer3DModel": "HunyuanVideo 1.5's sequence is not placed yet",
     "HunyuanVideoFramepackTransformer3DModel": "FramePack packs history latents of several strides and is not "
                                                "placed yet",
     "SanaVideoTransformer3DModel": "Sana-Video's linear attention has no softmax map",
+    "SanaWMTransformer3DModel": "Sana-WM's sequence is not placed yet",
+    "SanaWMLTX2RefinerTransformer3DModel": "Sana-WM's LTX-2 refiner attends over packed latents and is not placed "
+                                           "yet",
     "Kandinsky5Transformer3DModel": "Kandinsky 5's sequence is not placed yet",
+    "Kandinsky6Transformer3DModel": "Kandinsky 6's sequence is not placed yet",
+    "Kandinsky6SRTransformer3DModel": "Kandinsky 6's super-resolution sequence is not placed yet",
+    "AnyFlowTransformer3DModel": "AnyFlow's sequence is not placed yet",
+    "AnyFlowFARTransformer3DModel": "AnyFlow FAR's sequence is not placed yet",
+    "HeliosTransformer3DModel": "Helios' sequence is not placed yet",
+    "MiniMaxH3Transformer3DModel": "MiniMax-H3's sequence is not placed yet",
+    "MotifVideoTransformer3DModel": "Motif-Video's sequence is not placed yet",
 }
 _GRID_KEY = "diffusers_video.grid"  # + the model's id: its _Grid this call, or why it is unknown
 _TEXT_KEY = "diffusers_video.text"  # + the model's id: text tokens beside the tubelets this call
@@ -304,13 +330,12 @@ class JointVideoPlacer(LayerPlacer):
 
     Args:
         grid: the model's hooks reading each call's grid and text count.
-        layer: the module's qualified name, named in messages.
         module: the attention module, whose processor is checked at every call.
         text: ``"first"``, ``"last"`` or ``"none"``: where the text tokens are in the joint sequence.
     """
 
-    def __init__(self, grid: _LatentGrid, layer: str, module: nn.Module, text: str):
-        self.grid, self.layer, self.module, self.text = grid, layer, module, text
+    def __init__(self, grid: _LatentGrid, module: nn.Module, text: str):
+        self.grid, self.module, self.text = grid, module, text
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         return self.grid.install(context)
@@ -455,7 +480,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         text = "last"
     else:
         text = "first"
-    return JointVideoPlacer(_reader(video, kind), name, module, text)
+    return JointVideoPlacer(_reader(video, kind), module, text)
 
 
 def _reader(model: nn.Module, kind: tuple[str, str]) -> _LatentGrid:
