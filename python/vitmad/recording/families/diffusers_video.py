@@ -182,7 +182,11 @@ class _LatentGrid:
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         installed = self._installed
-        if installed is not None and installed[0] is context and installed[1].id in self._hooked()._forward_hooks:
+        # Every layer's placer shares these hooks: one set per recording (LTX's is a pre-hook). A recording entered
+        # again installs them again (its exit removed them).
+        hooked = self._hooked()
+        if installed is not None and installed[0] is context and (
+                installed[1].id in hooked._forward_hooks or installed[1].id in hooked._forward_pre_hooks):
             return []
         # Each hook writes this recording's context (bound with partial: a model recorded twice at once, in two
         # threads, keeps each recording's facts apart).
