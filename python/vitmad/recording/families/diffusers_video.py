@@ -188,8 +188,7 @@ class _LatentGrid:
         if installed is not None and installed[0] is context and (
                 installed[1].id in hooked._forward_hooks or installed[1].id in hooked._forward_pre_hooks):
             return []
-        # Each hook writes this recording's context (bound with partial: a model recorded twice at once, in two
-        # threads, keeps each recording's facts apart).
+        # Each hook writes the context of the recording that installed it (bound with partial).
         if self.kind == _COGVIDEOX:
             handles = [self.model.patch_embed.register_forward_hook(functools.partial(self._cogvideox, context),
                                                                      with_kwargs=True)]
@@ -221,12 +220,11 @@ class _LatentGrid:
         kernel, stride = tuple(module.kernel_size), tuple(module.stride)
         if kernel != stride:
             context.values[self.grid_key] = (f"its patch embedding has kernel {list(kernel)} and stride "
-                                                   f"{list(stride)}; vitmad places tubelets of a kernel equal to "
-                                                   "its stride")
+                                             f"{list(stride)}; vitmad places tubelets of a kernel equal to its stride")
             return
         context.values[self.grid_key] = _Grid(int(output.shape[0]), int(output.shape[2]),
-                                                    (int(output.shape[3]), int(output.shape[4])),
-                                                    (float(kernel[1]), float(kernel[2])), int(kernel[0]))
+                                              (int(output.shape[3]), int(output.shape[4])),
+                                              (float(kernel[1]), float(kernel[2])), int(kernel[0]))
         context.values[self.text_key] = 0
 
     def _ltx(self, context: CallContext, module, args, kwargs) -> None:
@@ -296,8 +294,7 @@ class _LatentGrid:
                 f"{list(video.shape)}, not the [{int(video.shape[0])}, {tokens}, C] of the text then "
                 f"{frames}x{size[0]}x{size[1]} tubelets")
             return
-        context.values[self.grid_key] = _Grid(int(video.shape[0]), frames, size, (float(p), float(p)),
-                                                    int(p_t or 1))
+        context.values[self.grid_key] = _Grid(int(video.shape[0]), frames, size, (float(p), float(p)), int(p_t or 1))
         context.values[self.text_key] = int(text.shape[1])
 
 
