@@ -25,6 +25,7 @@ from . import (
     davit,
     detr_encoder,
     diffusers_unets,
+    diffusers_video,
     efficientformer,
     efficientvit_msra,
     eomt,
@@ -123,6 +124,7 @@ _FAMILIES = (
     efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin,
     mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit,
     convit, torchvision_maxvit, vq_tokenizer, svtr, vit_pytorch, monai, ultralytics, ultralytics_sam, diffusers_unets,
+    diffusers_video,
 )
 
 

@@ -1,0 +1,492 @@
+"""diffusers' video diffusion transformers: joint space-time attention over latent tubelets, text tokens beside them.
+
+What is recorded is the transformer a video pipeline calls (``vitmad.record(pipe.transformer)``), one denoising
+step per forward call (``rec.calls``). Its input is the VAE's latent video ``[B, C, F, H, W]``, so positions are in
+latent pixels and latent frames: a tubelet of ``p_t`` latent frames by ``p x p`` latent pixels at (frame ``f``, row
+``r``, column ``c``) of the patch grid stands at ``((r + 0.5) p, (c + 0.5) p)`` latent pixels and ``(f + 0.5) p_t``
+latent frames, as :mod:`.video` places a ViViT tubelet in pixels and frames. A latent frame is the VAE's temporal
+compression of video frames (4 for CogVideoX, Wan, HunyuanVideo), a latent pixel its spatial one (8): vitmad does
+not guess the VAE. The grid is read from the patch embedding in every call, never from ``sample_size``.
+
+- ``WanTransformer3DModel`` (Wan 2.1 / 2.2): ``patch_embedding`` (``Conv3d``, kernel = stride = ``patch_size``) cuts
+  the latents; each block's ``attn1`` attends over the tubelets in (frame, row, column) order (``flatten(2)``), RoPE
+  in the logits only. ``attn2`` is cross-attention to the text (and, image-to-video, to the CLIP image tokens, a
+  second softmax in the same module): skipped.
+- ``CogVideoXTransformer3DModel`` (CogVideoX 1.0 and 1.5): ``patch_embed`` projects the text, then the tubelets
+  (``Conv2d`` per frame, or 1.5's ``Linear`` over ``patch_size_t`` frames), and concatenates them, text first; each
+  block's ``attn1`` attends over that joint sequence: the text tokens are prefix tokens without a position, their
+  count read per call from ``patch_embed``'s input.
+- ``HunyuanVideoTransformer3DModel``: ``x_embedder.proj`` (``Conv3d``) cuts the latents; the dual- and
+  single-stream blocks attend over the tubelets, then the refined text tokens (suffix tokens without a position,
+  their count read per call from ``context_embedder``'s output; padded text keys masked by the model). The text
+  token refiner's self-attention (text alone) is skipped.
+- ``LTXVideoTransformer3DModel``: its pipeline packs the latents into tokens, one per latent cell (``patch_size`` and
+  ``patch_size_t`` 1 in every released model; others refused), ``[B, F * H * W, C]`` in (frame, row, column) order,
+  and hands the grid as ``num_frames``, ``height``, ``width``, read per call from its ``rope``'s arguments; ``attn1``
+  over those tokens, ``attn2`` (text) skipped. A call given ``video_coords`` (conditioning pipelines, whose tokens
+  carry coordinates of their own) is refused.
+- ``AllegroTransformer3DModel``: ``pos_embed.proj`` (``Conv2d``) cuts each latent frame, ``[B * F, ...]``, then the
+  frames are flattened frames outermost: ``attn1`` is joint space-time attention over the tubelets (its video
+  ``attention_mask`` read as SDPA reads it), ``attn2`` (text) skipped.
+- ``LatteTransformer3DModel``: ``pos_embed.proj`` cuts each latent frame; each spatial block's ``attn1`` attends
+  within one frame (``[B * F, heads, H'W', H'W']``, ``"space"``), each temporal block's ``attn1`` over the frames of
+  one patch position (``[B * H'W', heads, F, F]``, ``"time"``), as :mod:`.video` places TimeSformer's divided
+  attention (without a class token); the caption cross-attention ``attn2`` skipped.
+
+MAD is over the tubelet queries and keys only (keys without a position are never read); ``prefix_mass`` is then the
+mass the tubelet queries put on the text tokens. A module whose attention processor was replaced
+(``set_attn_processor``) by one vitmad does not know is refused by name at its first call: another processor may
+order or mask the tokens otherwise.
+
+Refused by name (:data:`_REFUSED`): the other video transformers of diffusers, whose sequences are not read here.
+Generic pieces (any diffusers model, not only video): :func:`_is_attention` (a diffusers attention module) and
+:func:`_processor_name` (its current processor, checked at every call by :func:`_call_grid`).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+from torch import nn
+
+from ..module_index import named_module_list
+from ..placement import (
+    CallContext,
+    LayerGeometry,
+    LayerPlacer,
+    NotPlaceable,
+    Placement,
+    RefusingPlacer,
+    on_device,
+    read_only,
+)
+from .video import _Grid, tubelet_positions
+
+__all__ = ["placer", "attention_modules"]
+
+_LIBRARY = "diffusers."
+_WAN = ("diffusers.models.transformers.transformer_wan", "WanTransformer3DModel")
+_COGVIDEOX = ("diffusers.models.transformers.cogvideox_transformer_3d", "CogVideoXTransformer3DModel")
+_HUNYUAN = ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoTransformer3DModel")
+_LATTE = ("diffusers.models.transformers.latte_transformer_3d", "LatteTransformer3DModel")
+_LTX = ("diffusers.models.transformers.transformer_ltx", "LTXVideoTransformer3DModel")
+_ALLEGRO = ("diffusers.models.transformers.transformer_allegro", "AllegroTransformer3DModel")
+# The processor each placed attention module must run (module, class): another one may order the tokens otherwise.
+_PROCESSORS = {
+    _WAN: ("diffusers.models.transformers.transformer_wan", "WanAttnProcessor"),
+    _COGVIDEOX: ("diffusers.models.attention_processor", "CogVideoXAttnProcessor2_0"),
+    _HUNYUAN: ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoAttnProcessor2_0"),
+    _LATTE: ("diffusers.models.attention_processor", "AttnProcessor2_0"),
+    _LTX: ("diffusers.models.transformers.transformer_ltx", "LTXVideoAttnProcessor"),
+    _ALLEGRO: ("diffusers.models.attention_processor", "AllegroAttnProcessor2_0"),
+}
+# Video transformers of diffusers not placed here, by class name -> why.
+_REFUSED = {
+    "LTX2VideoTransformer3DModel": "LTX-2 attends over packed video and audio latents",
+    "MochiTransformer3DModel": "Mochi's joint attention runs one SDPA call per video over its tubelets and its own "
+                               "unpadded text tokens, which is not placed yet",
+    "ConsisIDTransformer3DModel": "ConsisID adds identity tokens and is not placed yet",
+    "EasyAnimateTransformer3DModel": "EasyAnimate's sequence is not placed yet",
+    "CosmosTransformer3DModel": "Cosmos' sequence is not placed yet",
+    "Cosmos3OmniTransformer": "Cosmos 3's packed mixture-of-transformers sequence is not placed yet",
+    "SkyReelsV2Transformer3DModel": "SkyReels-V2's diffusion forcing (per-frame timesteps, causal blocks) is not "
+                                    "placed yet",
+    "WanVACETransformer3DModel": "Wan-VACE's control blocks attend over their own control tokens and are not placed "
+                                 "yet",
+    "WanAnimateTransformer3DModel": "Wan-Animate adds pose and face conditioning and is not placed yet",
+    "WanAnimate2Transformer3DModel": "Wan-Animate 2 adds pose and face conditioning and is not placed yet",
+    "ChronoEditTransformer3DModel": "ChronoEdit's sequence is not placed yet",
+    "HunyuanVideo15Transformer3DModel": "HunyuanVideo 1.5's sequence is not placed yet",
+    "HunyuanVideoFramepackTransformer3DModel": "FramePack packs history latents of several strides and is not "
+                                               "placed yet",
+    "SanaVideoTransformer3DModel": "Sana-Video's linear attention has no softmax map",
+    "SanaWMTransformer3DModel": "Sana-WM's sequence is not placed yet",
+    "SanaWMLTX2RefinerTransformer3DModel": "Sana-WM's LTX-2 refiner attends over packed latents and is not placed "
+                                           "yet",
+    "Kandinsky5Transformer3DModel": "Kandinsky 5's sequence is not placed yet",
+    "Kandinsky6Transformer3DModel": "Kandinsky 6's sequence is not placed yet",
+    "Kandinsky6SRTransformer3DModel": "Kandinsky 6's super-resolution sequence is not placed yet",
+    "AnyFlowTransformer3DModel": "AnyFlow's sequence is not placed yet",
+    "AnyFlowFARTransformer3DModel": "AnyFlow FAR's sequence is not placed yet",
+    "HeliosTransformer3DModel": "Helios' sequence is not placed yet",
+    "MiniMaxH3Transformer3DModel": "MiniMax-H3's sequence is not placed yet",
+    "MotifVideoTransformer3DModel": "Motif-Video's sequence is not placed yet",
+}
+_GRID_KEY = "diffusers_video.grid"  # + the model's id: its _Grid this call, or why it is unknown
+_TEXT_KEY = "diffusers_video.text"  # + the model's id: text tokens beside the tubelets this call
+
+
+def _key(module: nn.Module) -> tuple[str, str]:
+    return type(module).__module__, type(module).__name__
+
+
+def _is_attention(module: nn.Module) -> bool:
+    """Generic: a diffusers attention module (``Attention``, ``WanAttention``, ...): defined in diffusers, with a
+    ``processor`` that computes its attention in its forward and a query projection (``to_q``, or the fused
+    ``to_qkv``)."""
+    return (type(module).__module__.startswith(_LIBRARY) and hasattr(module, "processor")
+            and any(isinstance(getattr(module, p, None), nn.Module) for p in ("to_q", "to_qkv")))
+
+
+def _processor_name(module: nn.Module) -> tuple[str, str]:
+    """Generic: (defining module, class name) of a diffusers attention module's current processor."""
+    processor = getattr(module, "processor", None)
+    return type(processor).__module__, type(processor).__name__
+
+
+def _video_model(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
+    """The outermost diffusers video transformer (placed or refused) on the path to module ``name``, and its
+    qualified name; None when there is none."""
+    path, parts = [("", model)], name.split(".") if name else []
+    for i in range(len(parts)):
+        sub = ".".join(parts[:i + 1])
+        path.append((sub, model.get_submodule(sub)))
+    for sub, module in path:
+        if type(module).__module__.startswith(_LIBRARY) and (
+                _key(module) in _PROCESSORS or type(module).__name__ in _REFUSED):
+            return module, sub
+    return None
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """diffusers' attention modules inside a video transformer this family places or refuses (their forward hands
+    the attention to a processor, so no ``scaled_dot_product_attention(`` is in it); one inside another is left to
+    the outer one. Image transformers and UNets are not claimed here."""
+    found = {}
+    for name, module in named_module_list(model):
+        if _is_attention(module) and not any(name.startswith(outer + ".") for outer in found):
+            if _video_model(model, name) is not None:
+                found[name] = module
+    return found
+
+
+class _LatentGrid:
+    """The hooks on one video transformer that put each call's tubelet grid (:class:`~.video._Grid`, in latent
+    pixels and latent frames) and its text token count in the context, shared by the model's layers.
+
+    Args:
+        model: the video transformer.
+        kind: its ``(module, class)`` key (:data:`_PROCESSORS`).
+    """
+
+    def __init__(self, model: nn.Module, kind: tuple[str, str]):
+        self.model, self.kind = model, kind
+        self.grid_key, self.text_key = f"{_GRID_KEY}.{id(model)}", f"{_TEXT_KEY}.{id(model)}"
+        self._installed: tuple[CallContext, torch.utils.hooks.RemovableHandle] | None = None
+        # Latte, Allegro: (B, F) of the latent video the forward took last, until the per-frame convolution reads it.
+        # Not in the context's values: the call starts at that convolution (towers.first_convolution), which clears
+        # them.
+        self._video_shape: tuple[int, int] | None = None
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        installed = self._installed
+        # Every layer's placer shares these hooks: one set per recording (LTX's is a pre-hook). A recording entered
+        # again installs them again (its exit removed them).
+        hooked = self._hooked()
+        if installed is not None and installed[0] is context and (
+                installed[1].id in hooked._forward_hooks or installed[1].id in hooked._forward_pre_hooks):
+            return []
+        # Each hook writes the context of the recording that installed it (bound with partial).
+        if self.kind == _COGVIDEOX:
+            handles = [self.model.patch_embed.register_forward_hook(functools.partial(self._cogvideox, context),
+                                                                     with_kwargs=True)]
+        elif self.kind == _LTX:
+            handles = [self.model.rope.register_forward_pre_hook(functools.partial(self._ltx, context),
+                                                                 with_kwargs=True)]
+        elif self.kind in (_LATTE, _ALLEGRO):
+            handles = [self._hooked().register_forward_hook(functools.partial(self._per_frame, context)),
+                       self.model.register_forward_pre_hook(self._video, with_kwargs=True)]
+        else:
+            handles = [self._hooked().register_forward_hook(functools.partial(self._conv3d, context))]
+            if self.kind == _HUNYUAN:
+                handles.append(self.model.context_embedder.register_forward_hook(
+                    functools.partial(self._refined_text, context)))
+        self._installed = (context, handles[0])
+        return handles
+
+    def _hooked(self) -> nn.Module:
+        if self.kind == _COGVIDEOX:
+            return self.model.patch_embed
+        if self.kind in (_LATTE, _ALLEGRO):
+            return self.model.pos_embed.proj
+        if self.kind == _LTX:
+            return self.model.rope
+        return self.model.patch_embedding if self.kind == _WAN else self.model.x_embedder.proj
+
+    def _conv3d(self, context: CallContext, module, args, output) -> None:
+        """Wan's ``patch_embedding``, HunyuanVideo's ``x_embedder.proj``: ``[B, C, F', H', W']`` tubelets."""
+        kernel, stride = tuple(module.kernel_size), tuple(module.stride)
+        if kernel != stride:
+            context.values[self.grid_key] = (f"its patch embedding has kernel {list(kernel)} and stride "
+                                             f"{list(stride)}; vitmad places tubelets of a kernel equal to its stride")
+            return
+        context.values[self.grid_key] = _Grid(int(output.shape[0]), int(output.shape[2]),
+                                              (int(output.shape[3]), int(output.shape[4])),
+                                              (float(kernel[1]), float(kernel[2])), int(kernel[0]))
+        context.values[self.text_key] = 0
+
+    def _ltx(self, context: CallContext, module, args, kwargs) -> None:
+        """LTX-Video's ``rope(hidden_states, num_frames, height, width, ..., video_coords)``: the latents come packed,
+        ``[B, F * H * W, C]`` in (frame, row, column) order (its pipeline's ``_pack_latents``), the grid given only
+        as these numbers."""
+        names = ("hidden_states", "num_frames", "height", "width", "rope_interpolation_scale", "video_coords")
+        bound = dict(zip(names, args)) | kwargs
+        tokens, given = bound.get("hidden_states"), [bound.get(n) for n in ("num_frames", "height", "width")]
+        config = self.model.config
+        refusal = None
+        if bound.get("video_coords") is not None:
+            refusal = ("it was given video_coords (LTX's conditioning pipelines: conditioning tokens at coordinates "
+                       "of their own), not the grid num_frames x height x width, which is what vitmad places")
+        elif (config.patch_size, config.patch_size_t) != (1, 1):
+            refusal = (f"patch_size {config.patch_size} and patch_size_t {config.patch_size_t}: vitmad places the "
+                       "packing of every released LTX-Video model, one token per latent cell (1 and 1)")
+        elif not all(isinstance(n, int) for n in given) or not isinstance(tokens, torch.Tensor) or (
+                tokens.dim() != 3 or int(tokens.shape[1]) != given[0] * given[1] * given[2]):
+            shape = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            refusal = (f"it took hidden_states {shape} with num_frames, height, width = {given}: not [B, F * H * W, "
+                       "C] latents packed on that grid")
+        if refusal is not None:
+            context.values[self.grid_key] = refusal
+            return
+        context.values[self.grid_key] = _Grid(int(tokens.shape[0]), given[0], (given[1], given[2]), (1.0, 1.0), 1)
+
+    def _video(self, module, args, kwargs) -> None:
+        """Latte's and Allegro's forward: the latents ``[B, C, F, H, W]`` it folds into ``B * F`` images."""
+        video = args[0] if args else kwargs.get("hidden_states")
+        self._video_shape = (int(video.shape[0]), int(video.shape[2])) if isinstance(video, torch.Tensor) else None
+
+    def _per_frame(self, context: CallContext, module, args, output) -> None:
+        """Latte's and Allegro's ``pos_embed.proj``: every latent frame a ``[D, H', W']`` patch map, ``[B * F, D,
+        H', W']`` (Allegro then flattens them to ``[B, F * H' * W', D]``, frames outermost)."""
+        video, self._video_shape = self._video_shape, None
+        kernel, stride = tuple(module.kernel_size), tuple(module.stride)
+        if self.kind == _ALLEGRO and self.model.config.patch_size_t != 1:
+            # Its forward divides the frames by patch_size_t for the output, but embeds and attends every frame.
+            context.values[self.grid_key] = (f"its patch_size_t is {self.model.config.patch_size_t}; its patch "
+                                             "embedding cuts every latent frame (patch_size_t 1, as released)")
+            return
+        if video is None or int(output.shape[0]) != video[0] * video[1] or kernel != stride:
+            context.values[self.grid_key] = (
+                f"its patch embedding (kernel {list(kernel)}, stride {list(stride)}) returned {list(output.shape)} "
+                f"outside a forward of {type(self.model).__name__} over [B, C, F, H, W] latents, or not one map per "
+                "latent frame of a kernel equal to its stride")
+            return
+        context.values[self.grid_key] = _Grid(video[0], video[1], (int(output.shape[2]), int(output.shape[3])),
+                                              (float(kernel[0]), float(kernel[1])), 1)
+
+    def _refined_text(self, context: CallContext, module, args, output) -> None:
+        """HunyuanVideo's ``context_embedder``: the text tokens its blocks put after the tubelets."""
+        context.values[self.text_key] = int(output.shape[1])
+
+    def _cogvideox(self, context: CallContext, module, args, kwargs, output) -> None:
+        """CogVideoX's ``patch_embed(text_embeds, image_embeds)``: text, then the tubelets of ``[B, F, C, H, W]``."""
+        bound = dict(zip(("text_embeds", "image_embeds"), args)) | kwargs
+        text, video = bound.get("text_embeds"), bound.get("image_embeds")
+        p, p_t = int(module.patch_size), module.patch_size_t
+        frames = int(video.shape[1]) // (p_t or 1)
+        size = (int(video.shape[3]) // p, int(video.shape[4]) // p)
+        tokens = int(text.shape[1]) + frames * size[0] * size[1]
+        if tuple(output.shape[:2]) != (int(video.shape[0]), tokens):
+            context.values[self.grid_key] = (
+                f"patch_embed returned {list(output.shape)} for text {list(text.shape)} and latents "
+                f"{list(video.shape)}, not the [{int(video.shape[0])}, {tokens}, C] of the text then "
+                f"{frames}x{size[0]}x{size[1]} tubelets")
+            return
+        context.values[self.grid_key] = _Grid(int(video.shape[0]), frames, size, (float(p), float(p)), int(p_t or 1))
+        context.values[self.text_key] = int(text.shape[1])
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(frames: int, size: tuple[int, int], stride: tuple[float, float], frame_stride: int, prefix: int,
+            suffix: int) -> tuple[torch.Tensor, ...]:
+    """``[n, 2]`` latent-pixel and ``[n, 1]`` latent-frame positions of ``prefix`` tokens without a position, the
+    tubelets in (frame, row, column) order, then ``suffix`` tokens without one (NaN rows), and the tubelets' slots
+    (read-only, cached per grid)."""
+    tubelets = frames * size[0] * size[1]
+    tokens = torch.cat([torch.full((prefix,), -1), torch.arange(tubelets), torch.full((suffix,), -1)])[None]
+    positions, time_positions, slot = tubelet_positions(tokens, frames, size, stride, frame_stride)
+    return read_only(positions[0], time_positions[0], slot, positions=2)
+
+
+def _call_grid(context: CallContext, grid: _LatentGrid, module: nn.Module) -> _Grid:
+    """This call's tubelet grid, once ``module`` is seen to run the processor whose token order was read."""
+    expected, seen = _PROCESSORS[grid.kind], _processor_name(module)
+    if seen != expected:
+        raise NotPlaceable(f"it runs the attention processor {seen[1]} ({seen[0]}), not {expected[1]}, whose "
+                           "token order vitmad read; restore it (set_default_attn_processor does not) or record "
+                           "the model as built")
+    found = context.values.get(grid.grid_key)
+    if found is None:
+        raise NotPlaceable("it ran before the patch embedding, so the latent tubelet grid is unknown")
+    if isinstance(found, str):
+        raise NotPlaceable(found)
+    return found
+
+
+class JointVideoPlacer(LayerPlacer):
+    """Self-attention of a diffusers video transformer over text tokens (first or last, without a position) and the
+    latent tubelets in (frame, row, column) order, ``[B, heads, n, n]``.
+
+    Args:
+        grid: the model's hooks reading each call's grid and text count.
+        module: the attention module, whose processor is checked at every call.
+        text: ``"first"``, ``"last"`` or ``"none"``: where the text tokens are in the joint sequence.
+    """
+
+    def __init__(self, grid: _LatentGrid, module: nn.Module, text: str):
+        self.grid, self.module, self.text = grid, module, text
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        return self.grid.install(context)
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        grid = _call_grid(context, self.grid, self.module)
+        text = int(context.values.get(self.grid.text_key, 0)) if self.text != "none" else 0
+        prefix, suffix = (text, 0) if self.text == "first" else (0, text)
+        patches = grid.size[0] * grid.size[1]
+        tokens = prefix + grid.frames * patches + suffix
+        if len(lead) != 2 or num_queries != num_keys or num_queries != tokens or lead[0] != grid.batch:
+            words = {"first": f"{text} text tokens then ", "last": "", "none": ""}[self.text]
+            after = f" then {text} text tokens" if self.text == "last" else ""
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; self-attention "
+                f"over {grid.batch} video(s) of {words}{grid.frames}x{grid.size[0]}x{grid.size[1]} tubelets{after} "
+                f"gives [{grid.batch}, heads, {tokens}, {tokens}]"
+            )
+        positions, time_positions, slot = _layout(grid.frames, grid.size, grid.stride, grid.frame_stride, prefix,
+                                                  suffix)
+        heads = int(lead[1])
+
+        def fold(values: torch.Tensor) -> torch.Tensor:
+            return values.index_select(-1, on_device(slot, values.device))
+
+        geometry = LayerGeometry(grid.size, grid.stride, "space-time", heads, frames=grid.frames,
+                                 frame_stride=float(grid.frame_stride), num_prefix_tokens=prefix or None,
+                                 num_suffix_tokens=suffix or None)
+        return Placement(positions, None, fold, geometry, time_positions=time_positions)
+
+
+@functools.lru_cache(maxsize=64)
+def _factorised_layout(kind: str, frames: int, size: tuple[int, int], stride: tuple[float, float]
+                       ) -> tuple[torch.Tensor, ...]:
+    """Latte's calls: ``"space"``, one group per latent frame over its patches (row-major), or ``"time"``, one
+    group per patch position over its frames. Returns ``[G, n, 2]`` latent pixels, ``[G, n, 1]`` latent frames and
+    the slot of each tubelet (frame, row, column) among the ``G * n`` (read-only, cached per grid)."""
+    grid = torch.arange(frames * size[0] * size[1]).view(frames, size[0] * size[1])
+    tokens = grid if kind == "space" else grid.t()
+    positions, time_positions, slot = tubelet_positions(tokens, frames, size, stride, 1)
+    return read_only(positions, time_positions, slot, positions=2)
+
+
+class FactorisedVideoPlacer(LayerPlacer):
+    """Latte's factorised attention: a spatial block attends within each latent frame (``[B * F, heads, H'W',
+    H'W']``, the frames of a video consecutive), a temporal block over the frames of each patch position (``[B *
+    H'W', heads, F, F]``, the positions of a video consecutive, row-major); placed as :mod:`.video` places
+    TimeSformer's divided attention, without its class token.
+
+    Args:
+        grid: the model's hooks reading each call's grid.
+        module: the attention module, whose processor is checked at every call.
+        kind: ``"space"`` or ``"time"``.
+    """
+
+    def __init__(self, grid: _LatentGrid, module: nn.Module, kind: str):
+        self.grid, self.module, self.kind = grid, module, kind
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        return self.grid.install(context)
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        grid = _call_grid(context, self.grid, self.module)
+        patches = grid.size[0] * grid.size[1]
+        groups, tokens = (grid.frames, patches) if self.kind == "space" else (patches, grid.frames)
+        if len(lead) != 2 or num_queries != num_keys or num_queries != tokens or lead[0] != grid.batch * groups:
+            described = (f"the {grid.size[0]}x{grid.size[1]} patches of each of {grid.frames} latent frames"
+                         if self.kind == "space" else f"the {grid.frames} latent frames of each of {patches} patches")
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; {self.kind} "
+                f"attention over {grid.batch} video(s) of {described} gives [{grid.batch * groups}, heads, {tokens}, "
+                f"{tokens}]"
+            )
+        positions, time_positions, slot = _factorised_layout(self.kind, grid.frames, grid.size, grid.stride)
+        positions = positions.repeat(grid.batch, 1, 1).unsqueeze(1)  # [B * G, 1, n, 2]: one set per row of the call
+        time_positions = time_positions.repeat(grid.batch, 1, 1).unsqueeze(1)
+        batch, heads = grid.batch, int(lead[1])
+
+        def fold(values: torch.Tensor) -> torch.Tensor:
+            values = values.reshape(batch, groups, heads, tokens).transpose(1, 2).reshape(batch, heads, -1)
+            return values.index_select(-1, on_device(slot, values.device))
+
+        geometry = LayerGeometry(grid.size, grid.stride, self.kind, heads, frames=grid.frames, frame_stride=1.0)
+        return Placement(positions, None, fold, geometry, time_positions=time_positions)
+
+
+# One grid reader per model, shared by its layers' placers.
+_GRIDS: weakref.WeakKeyDictionary[nn.Module, _LatentGrid] = weakref.WeakKeyDictionary()
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    """The placer of an attention module of a diffusers video transformer, a Skip for its cross-attention and
+    text-only attention, a refusing placer for the video transformers not placed here, or None."""
+    from . import Skip
+
+    found = _video_model(model, name)
+    if found is None:
+        return None
+    video, prefix = found
+    kind, inner = _key(video), name[len(prefix):].lstrip(".") if prefix else name
+    if kind in _PROCESSORS and not _is_attention(module):
+        # Found by another discovery (it calls scaled_dot_product_attention or a softmax itself): not one of the
+        # processors' attention modules whose sequence was read.
+        return RefusingPlacer(f"{type(module).__name__} in {type(video).__name__} is no attention module whose "
+                              "tokens vitmad read; leave it out with layers=[the other attention modules]")
+    if kind not in _PROCESSORS:
+        return RefusingPlacer(f"{type(video).__name__} (diffusers) is not placed by vitmad: "
+                              f"{_REFUSED[type(video).__name__]}; vitmad places WanTransformer3DModel, "
+                              "CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, "
+                              "LTXVideoTransformer3DModel, LatteTransformer3DModel and AllegroTransformer3DModel")
+    parts = inner.split(".")
+    if kind in (_WAN, _LTX):
+        if parts[-1] == "attn2":
+            extra = " (and, image-to-video, to the CLIP image tokens)" if kind == _WAN else ""
+            return Skip(f"cross-attention of the latent tubelets to the text tokens{extra}: keys without a position "
+                        "on the latent video")
+        if parts[-1] != "attn1":
+            return RefusingPlacer(f"{inner} is no attention of {type(video).__name__}'s blocks (attn1, attn2), "
+                                  "whose tokens vitmad read")
+        text = "none"
+    elif kind == _ALLEGRO:
+        if parts[-1] == "attn2":
+            return Skip("cross-attention of the latent tubelets to the text tokens: keys without a position on the "
+                        "latent video")
+        if parts[-1] != "attn1":
+            return RefusingPlacer(f"{inner} is no attention of Allegro's blocks (attn1, attn2), whose tokens vitmad "
+                                  "read")
+        text = "none"
+    elif kind == _LATTE:
+        if parts[-1] == "attn2":
+            return Skip("cross-attention of the latent patches to the caption tokens: keys without a position on "
+                        "the latent video")
+        if parts[-1] == "attn1" and parts[0] in ("transformer_blocks", "temporal_transformer_blocks"):
+            return FactorisedVideoPlacer(_reader(video, kind), module,
+                                         "space" if parts[0] == "transformer_blocks" else "time")
+        return RefusingPlacer(f"{inner} is no attention of Latte's spatial or temporal blocks, whose tokens vitmad "
+                              "read")
+    elif kind == _HUNYUAN:
+        if parts[0] == "context_embedder":
+            return Skip("HunyuanVideo's text token refiner: self-attention among the text tokens, none with a "
+                        "position on the latent video")
+        text = "last"
+    else:
+        text = "first"
+    return JointVideoPlacer(_reader(video, kind), module, text)
+
+
+def _reader(model: nn.Module, kind: tuple[str, str]) -> _LatentGrid:
+    """The grid reader of ``model``, one per model, shared by its layers' placers."""
+    grid = _GRIDS.get(model)
+    if grid is None:
+        grid = _GRIDS[model] = _LatentGrid(model, kind)
+    return grid
