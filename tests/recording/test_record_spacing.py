@@ -136,6 +136,22 @@ def test_spacing_as_numbers_of_any_kind():
         assert rec.spacing in ((0.5, 2.0), (0.5,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_positions_are_scaled_in_float32(dtype):
+    """Patch centres are exact in half precision, 0.7 and their products are not: the spacing is applied in
+    float32 (bfloat16 products were 0.5% off, QA helper-164)."""
+    model = _monai_vit(2, (24, 40), (8, 8))
+    x = torch.randn(2, 1, 24, 40, generator=torch.Generator().manual_seed(7))
+    maps = tensor_softmax_maps(model, x)
+    centres = _centres((3, 5), (8, 8))
+    given = torch.cat([torch.full((1, 2), float("nan"), dtype=torch.float64), centres]).to(dtype)
+    with torch.no_grad(), vitmad.record(model, positions=given, spacing=(0.7, 1.3), reduction="none") as rec:
+        model(x)
+    for layer, probs in enumerate(maps):
+        expected = _vit_reference(probs, centres * torch.tensor((0.7, 1.3), dtype=torch.float64))["mad"]
+        torch.testing.assert_close(rec.per_layer[layer][..., 1:].double(), expected, **TOL)
+
+
 @pytest.mark.parametrize(("spacing", "error", "message"), [
     ("1mm", TypeError, "vitmad.record: spacing must be one positive number"),
     ((1.0, "2"), TypeError, "vitmad.record: spacing must be one positive number"),
@@ -146,6 +162,11 @@ def test_spacing_as_numbers_of_any_kind():
     ((1.0, 0.0), ValueError, "vitmad.record: spacing must be one positive number"),
     ((1.0, float("nan")), ValueError, "vitmad.record: spacing must be one positive number"),
     (-0.5, ValueError, "vitmad.record: spacing must be one positive number"),
+    # The ops square distances in float32: 1e-30 gave 0 and 1e18 NaN, silently (QA helper-164).
+    (1e-30, ValueError, "vitmad.record: spacing must be between 1e-12 and 1e+12 units per pixel (distances are "
+                        "squared in float32); got 1e-30"),
+    ((1.0, 1e18), ValueError, "vitmad.record: spacing must be between 1e-12 and 1e+12 units per pixel"),
+    (torch.ones(2, device="meta"), ValueError, "vitmad.record: spacing must be one positive number"),
 ])
 def test_invalid_spacing_is_refused(spacing, error, message):
     model = _monai_vit(2, (16, 16), (8, 8))
@@ -163,5 +184,6 @@ def test_spacing_of_the_wrong_axis_count_names_the_layer():
             "tokens lie on a volume's 3 axes (slice, row, column): pass 3 values, or one for all") in str(raised.value)
     image = _monai_vit(2, (16, 16), (8, 8))
     with torch.no_grad(), vitmad.record(image, spacing=(1.0, 2.0, 3.0)), pytest.raises(ValueError, match=(
-            r"gives 3 values \(slice, row, column\), but this layer's tokens lie on an image's 2 axes")):
+            r"gives 3 values \(slice, row, column\), but this layer's tokens lie on an image's 2 axes \(row, "
+            r"column\) \(a video's time axis is never scaled: its frames are not space\)")):
         image(torch.randn(1, 1, 16, 16))

@@ -43,6 +43,9 @@ def check_spacing(spacing) -> tuple[float, ...] | None:
         return None
     expected = ("one positive number (the size of an input pixel on every axis) or 2 (row, column) or 3 (slice, "
                 "row, column) positive numbers, in the unit MAD is to be in")
+    if isinstance(spacing, torch.Tensor) and spacing.device.type == "meta":  # no values to read
+        raise ValueError(f"vitmad.record: spacing must be {expected}; got a tensor on the meta device, which holds "
+                         "no values")
     # A tensor or NumPy array (a header's pixdim) as its numbers; NumPy's scalars are numbers.Real already.
     values = spacing.tolist() if isinstance(spacing, torch.Tensor) or type(spacing).__name__ == "ndarray" else spacing
     if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
@@ -57,7 +60,17 @@ def check_spacing(spacing) -> tuple[float, ...] | None:
         raise ValueError(f"vitmad.record: spacing must be {expected}; got {len(values)} values {spacing!r}")
     if not all(math.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"vitmad.record: spacing must be {expected}; got {spacing!r}")
+    # The ops square distances in float32: a pixel of 1e-30 units underflows them to 0 and one of 1e20 overflows
+    # them to inf (NaN MAD). Between these bounds every distance of an image or volume of up to 1e5 pixels a side
+    # keeps float32's precision.
+    if not all(_SMALLEST <= v <= _LARGEST for v in values):
+        raise ValueError(f"vitmad.record: spacing must be between {_SMALLEST:g} and {_LARGEST:g} units per pixel "
+                         f"(distances are squared in float32); got {spacing!r}: choose a unit in which a pixel is "
+                         "within that range (micrometres rather than kilometres)")
     return tuple(float(v) for v in values)
+
+
+_SMALLEST, _LARGEST = 1e-12, 1e12
 
 
 class Spacing:
@@ -79,15 +92,23 @@ class Spacing:
             given = _AXES.get(len(self.axes), f"{len(self.axes)} axes")
             lying = _AXES.get(axes, f"{axes} axes")
             what = "a volume's" if axes == 3 else "an image's"
+            time = " (a video's time axis is never scaled: its frames are not space)" if axes == 2 else ""
             raise NotPlaceable(f"spacing={self.axes} gives {len(self.axes)} values {given}, but this layer's "
-                               f"tokens lie on {what} {axes} axes {lying}: pass {axes} values, or one for all")
+                               f"tokens lie on {what} {axes} axes {lying}{time}: pass {axes} values, or one for all")
         if not is_read_only(positions):
-            return positions * positions.new_tensor(self.axes)
+            return _times(positions, self.axes)
         kept = self._kept.get(id(positions))
         if kept is not None and kept[0]() is positions:
             return kept[1]
         if len(self._kept) >= 256:  # layouts of grids no longer used
             self._kept = {key: value for key, value in self._kept.items() if value[0]() is not None}
-        (scaled,) = read_only(positions * positions.new_tensor(self.axes), positions=1)
+        (scaled,) = read_only(_times(positions, self.axes), positions=1)
         self._kept[id(positions)] = (weakref.ref(positions), scaled)
         return scaled
+
+
+def _times(positions: torch.Tensor, axes: tuple[float, ...]) -> torch.Tensor:
+    """``positions`` times the spacing, in float32 at least: positions given in half precision are exact small
+    integers and halves, but 0.7 in bfloat16 is 0.6992 and the products would round again (0.4% off)."""
+    dtype = torch.promote_types(positions.dtype, torch.float32)
+    return positions.to(dtype) * torch.tensor(axes, dtype=dtype, device=positions.device)
