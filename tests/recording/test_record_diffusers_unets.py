@@ -29,6 +29,7 @@ from diffusers' source:
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -247,6 +248,30 @@ def test_unknown_processor_and_blocks_are_refused_by_name():
     with pytest.raises(ValueError, match="down_blocks.0 is a SimpleCrossAttnDownBlock2D, whose samplings or attention"):
         with torch.no_grad(), vitmad.record(simple):
             simple(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 5, 12))
+
+
+@pytest.mark.parametrize("where", ["up_blocks", ""], ids=["up_blocks_only", "every_layer"])
+def test_xformers_processor_is_refused_not_left_out(where, monkeypatch):
+    """xFormers' processor computes the attention where vitmad does not look: no call of it reached the placer,
+    and its layers were left out of the recording without a word (QA helper-166). Its kernel is stood in for by
+    the same arithmetic in torch (xformers is not installed); the real one calls nothing vitmad sees either."""
+    def memory_efficient_attention(q, k, v, attn_bias=None, op=None, scale=None):
+        logits = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        weights = (logits - logits.amax(-1, keepdim=True)).exp()
+        return weights / weights.sum(-1, keepdim=True) @ v
+
+    xformers = types.SimpleNamespace(ops=types.SimpleNamespace(memory_efficient_attention=memory_efficient_attention))
+    monkeypatch.setattr(attention_processor, "xformers", xformers, raising=False)
+    unet = _sd_unet(False)
+    unet.set_attn_processor({name: attention_processor.XFormersAttnProcessor() if name.startswith(where)
+                             else attention_processor.AttnProcessor2_0() for name in unet.attn_processors})
+    with pytest.raises(ValueError, match=r"vitmad.record: up_blocks\.\d\.attentions\.0\.transformer_blocks\.0\.attn1 "
+                       r"\(Attention\) of UNet2DConditionModel: its processor is XFormersAttnProcessor, which vitmad "
+                       r"does not place") if where else pytest.raises(
+                           ValueError, match=r"down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1 "
+                           r"\(Attention\) of UNet2DConditionModel: its processor is XFormersAttnProcessor"):
+        with torch.no_grad(), vitmad.record(unet):
+            unet(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 5, 12))
 
 
 def _svd_reference(probs: torch.Tensor, kind: str, batch: int, frames: int, grid: tuple[int, int], stride: float):

@@ -217,6 +217,14 @@ class LayerPlacer:
         """
         raise NotImplementedError
 
+    def refusal_without_attention(self, module: torch.nn.Module) -> str | None:
+        """Why ``module`` cannot be recorded, when one of its forwards ended without computing attention vitmad
+        sees; None when such a forward is not an error (a module that attends in some calls only). A module whose
+        attention runs where vitmad does not look (diffusers' xFormers processor, a softmax over another dim)
+        never reaches :meth:`place`, so its refusal would otherwise never be said: its layer would be missing from
+        the recording, silently."""
+        return None
+
 
 class RefusingPlacer(LayerPlacer):
     """The placer of a module whose tokens a family knows it cannot place: every call is refused with ``reason``."""
@@ -226,6 +234,9 @@ class RefusingPlacer(LayerPlacer):
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         raise NotPlaceable(self.reason)
+
+    def refusal_without_attention(self, module: torch.nn.Module) -> str | None:
+        return self.reason
 
 
 def cell_centres(

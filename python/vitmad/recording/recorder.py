@@ -1217,6 +1217,12 @@ class Recording:
         if any(entry[2] for entry in pending):
             # A module that calls the fused attention computes it there; a softmax beside it is something else.
             pending = [entry for entry in pending if entry[2]]
+        if completed and not pending and name in self._placers:
+            # A module a family refuses, or whose attention runs where vitmad does not look, refused all the same.
+            reason = self._placers[name].refusal_without_attention(module)
+            if reason is not None:
+                raise ValueError(f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__}: "
+                                 f"{reason}")
         if completed and not pending and name in self._named and name not in self.skipped:
             # Named by the user, it ran and computed no attention: it is in no call's layers, which is said here
             # rather than left to be found missing.

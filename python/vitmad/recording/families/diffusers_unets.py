@@ -215,15 +215,24 @@ class UNetMapPlacer(LayerPlacer):
         handles.append(self.holder.register_forward_pre_hook(received, with_kwargs=True))
         return handles
 
+    def refusal_without_attention(self, module: nn.Module) -> str | None:
+        # xFormers' processor computes the attention where vitmad does not look: no call reaches place().
+        return self._processor_refusal()
+
+    def _processor_refusal(self) -> str | None:
+        processor = type(getattr(self.attention, "processor", None))
+        if (processor.__module__, processor.__name__) in _SDPA_PROCESSORS:
+            return None
+        return (f"its processor is {processor.__name__}, which vitmad does not place (it places diffusers' "
+                "AttnProcessor2_0 and FusedAttnProcessor2_0, which call F.scaled_dot_product_attention with the "
+                "heads apart); set it back with unet.set_attn_processor(AttnProcessor2_0()) while recording")
+
     def current_map(self, context: CallContext) -> tuple[_Map, tuple[int, ...], int | None]:
         """The map of this call, the shape of the holder's input and the frames it was told (``image_only_indicator``'s
         last side; None where it takes none), after checking the processor and that the input is that map."""
-        processor = type(getattr(self.attention, "processor", None))
-        if (processor.__module__, processor.__name__) not in _SDPA_PROCESSORS:
-            raise NotPlaceable(
-                f"its processor is {processor.__name__}, which vitmad does not place (it places diffusers' "
-                "AttnProcessor2_0 and FusedAttnProcessor2_0, which call F.scaled_dot_product_attention with the "
-                "heads apart); set it back with unet.set_attn_processor(AttnProcessor2_0()) while recording")
+        refusal = self._processor_refusal()
+        if refusal is not None:
+            raise NotPlaceable(refusal)
         current = context.values.get(self.key)
         if current is None:
             raise NotPlaceable(f"it ran before {type(self.unet).__name__}'s conv_in, so its latent grid is unknown")

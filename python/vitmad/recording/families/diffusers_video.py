@@ -310,13 +310,20 @@ def _layout(frames: int, size: tuple[int, int], stride: tuple[float, float], fra
     return read_only(positions[0], time_positions[0], slot, positions=2)
 
 
+def _processor_refusal(grid: _LatentGrid, module: nn.Module) -> str | None:
+    """Why ``module`` is refused: it runs another processor than the one whose token order was read; else None."""
+    expected, seen = _PROCESSORS[grid.kind], _processor_name(module)
+    if seen == expected:
+        return None
+    return (f"it runs the attention processor {seen[1]} ({seen[0]}), not {expected[1]}, whose token order vitmad "
+            "read; restore it (set_default_attn_processor does not) or record the model as built")
+
+
 def _call_grid(context: CallContext, grid: _LatentGrid, module: nn.Module) -> _Grid:
     """This call's tubelet grid, once ``module`` is seen to run the processor whose token order was read."""
-    expected, seen = _PROCESSORS[grid.kind], _processor_name(module)
-    if seen != expected:
-        raise NotPlaceable(f"it runs the attention processor {seen[1]} ({seen[0]}), not {expected[1]}, whose "
-                           "token order vitmad read; restore it (set_default_attn_processor does not) or record "
-                           "the model as built")
+    refusal = _processor_refusal(grid, module)
+    if refusal is not None:
+        raise NotPlaceable(refusal)
     found = context.values.get(grid.grid_key)
     if found is None:
         raise NotPlaceable("it ran before the patch embedding, so the latent tubelet grid is unknown")
@@ -337,6 +344,10 @@ class JointVideoPlacer(LayerPlacer):
 
     def __init__(self, grid: _LatentGrid, module: nn.Module, text: str):
         self.grid, self.module, self.text = grid, module, text
+
+    def refusal_without_attention(self, module: nn.Module) -> str | None:
+        # A processor that computes the attention where vitmad does not look (xFormers) reaches no place().
+        return _processor_refusal(self.grid, self.module)
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         return self.grid.install(context)
@@ -394,6 +405,10 @@ class FactorisedVideoPlacer(LayerPlacer):
 
     def __init__(self, grid: _LatentGrid, module: nn.Module, kind: str):
         self.grid, self.module, self.kind = grid, module, kind
+
+    def refusal_without_attention(self, module: nn.Module) -> str | None:
+        # A processor that computes the attention where vitmad does not look (xFormers) reaches no place().
+        return _processor_refusal(self.grid, self.module)
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         return self.grid.install(context)
