@@ -24,6 +24,7 @@ from . import (
     csatv2,
     davit,
     detr_encoder,
+    diffusers_images,
     efficientformer,
     efficientvit_msra,
     eomt,
@@ -120,6 +121,7 @@ _FAMILIES = (
     efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin,
     mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit,
     convit, torchvision_maxvit, vq_tokenizer, svtr, vit_pytorch, monai, ultralytics,
+    diffusers_images,
 )
 
 

@@ -1,0 +1,245 @@
+"""Hugging Face diffusers' image diffusion transformers: the latent patch grid, read per call, and the caption's
+tokens without a position where they share the image's attention.
+
+The recorded module is the transformer a pipeline calls (``pipe.transformer``), whose input is the VAE's latent:
+positions and MAD are in latent pixels of that input (a pipeline's latent pixel is ``pipe.vae_scale_factor``
+image pixels; vitmad does not guess the VAE). Each forward is one denoising step, one of ``rec.calls``.
+
+- ``DiTTransformer2DModel`` (class-conditioned DiT) and ``PixArtTransformer2DModel``: ``PatchEmbed`` cuts the
+  latent ``[B, C, H, W]`` with a ``Conv2d`` of kernel = stride = ``patch_size`` and flattens it row-major; their
+  ``BasicTransformerBlock``'s ``attn1`` attends over that grid alone. PixArt's ``attn2`` attends from the patches
+  to the caption (``encoder_hidden_states``): its keys have no position in the latent, so it is skipped.
+- ``SD3Transformer2DModel`` (MMDiT): the same ``PatchEmbed`` grid; ``JointAttnProcessor2_0`` concatenates the image
+  tokens, THEN the caption's (``torch.cat([query, encoder_hidden_states_query_proj], dim=2)``): the caption's tokens
+  are suffix tokens without a position. SD3.5's dual-attention blocks' ``attn2`` attends over the image alone.
+- ``FluxTransformer2DModel``: its input comes packed, ``[B, (H/2)(W/2), C*4]`` (each token 2 x 2 latent pixels,
+  ``FluxPipeline._pack_latents``), its places named by ``img_ids`` ``[N, 3]`` (0, row, column). ``FluxAttnProcessor``
+  puts the caption's tokens FIRST (``torch.cat([encoder_query, query], dim=1)``), and the single-stream blocks
+  attend over ``cat([text, image])`` too: the caption's tokens are prefix tokens without a position. ``img_ids``
+  is read per call (from the ids ``pos_embed`` gets, past the caption's ``txt_ids``) and must be the row-major
+  grid ``FluxPipeline._prepare_latent_image_ids`` makes; any other (Flux Kontext's reference image, with a first
+  coordinate of 1) is refused. RoPE changes the logits, never the geometry.
+
+The caption's length is what the model's ``context_embedder`` gets in this call; the grid what ``PatchEmbed``'s
+convolution gets (any latent size, never ``sample_size``). MAD is over the image's queries and keys; with the
+caption in the attention, ``prefix_mass`` is the image queries' mass on the caption's tokens and
+``stats=[..., "prefix_maps"]`` gives each caption token's row over the grid.
+
+Refused: a processor vitmad has not read (IP-Adapter, PAG, fused projections, ``AttnProcessor``'s merged batch
+and heads): the layout of its call is its own. Skipped: cross-attention to a caption; Sana's linear attention (no
+softmax map). The other image transformers of diffusers are refused by name until their layouts are placed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, select_tokens
+from .diffusers_common import attention_under, is_attention, is_cross_attention, is_diffusers_class, processor_name
+from .plain import _plain_positions
+from .stages import innermost_on_path, pair
+
+__all__ = ["placer", "attention_modules", "LatentGridPlacer"]
+
+# The 2 x 2 latent pixels every Flux pipeline packs into one token (_pack_latents): the latent pixels per img_ids step.
+_FLUX_PACKING = 2
+
+# Per placed model class: where the caption's tokens sit in a joint attention ("first", "last"; None: no joint
+# attention), and the processors whose calls are read as that (their class names).
+_PLACED = {
+    "DiTTransformer2DModel": (None, ("AttnProcessor2_0",)),
+    "PixArtTransformer2DModel": (None, ("AttnProcessor2_0",)),
+    "SD3Transformer2DModel": ("last", ("JointAttnProcessor2_0",)),
+    "FluxTransformer2DModel": ("first", ("FluxAttnProcessor",)),
+}
+_LINEAR = ("SanaTransformer2DModel",)
+# diffusers' other image transformers: their layouts (packed ids of their own, reference images, learned tokens,
+# refiners) are not read yet.
+_NOT_PLACED = (
+    "AuraFlowTransformer2DModel", "BriaFibo2Transformer2DModel", "BriaFiboTransformer2DModel", "BriaTransformer2DModel",
+    "ChromaTransformer2DModel", "CogView3PlusTransformer2DModel", "CogView4Transformer2DModel",
+    "DreamLiteTransformer2DModel", "ErnieImageTransformer2DModel", "Flux2Transformer2DModel", "Flux3Transformer2DModel",
+    "GlmImageTransformer2DModel", "HiDreamImageTransformer2DModel", "HunyuanDiT2DModel",
+    "HunyuanImageTransformer2DModel", "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
+    "LongCatImageTransformer2DModel", "Lumina2Transformer2DModel", "LuminaNextDiT2DModel",
+    "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel", "OvisImageTransformer2DModel",
+    "PRXTransformer2DModel", "QwenImage21Transformer2DModel", "QwenImageTransformer2DModel",
+    "ZImageTransformer2DModel",
+)
+_KNOWN = (*_PLACED, *_LINEAR, *_NOT_PLACED)
+_CROSS = ("cross-attention of the latent patches to the caption's tokens (encoder_hidden_states): its keys have no "
+          "position in the latent, so it has no MAD")
+_LINEAR_REASON = ("Sana's linear attention (ReLU feature maps, no softmax): it makes no attention map, so MAD is not "
+                  "defined for it")
+_KEY = "diffusers_images."  # + the transformer's name + ".grid" / ".text": what this call's hooks saw
+
+
+def _owner(module: nn.Module) -> bool:
+    return is_diffusers_class(module, _KNOWN)
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The diffusers attention modules inside the image transformers this family knows (placed or refused by name);
+    those of other diffusers models (UNets, video transformers) are not this family's."""
+    return attention_under(model, _owner)
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    """The placer, :class:`Skip` or refusal of a diffusers attention module inside a known image transformer, else
+    None."""
+    from . import Skip
+
+    if not is_attention(module):
+        return None
+    found = innermost_on_path(model, name, _owner)
+    if found is None:
+        return None
+    owner_name, owner = found
+    kind = type(owner).__name__
+    if kind in _LINEAR:
+        return Skip(_CROSS if is_cross_attention(module) else _LINEAR_REASON)
+    if kind in _NOT_PLACED:
+        return RefusingPlacer(
+            f"vitmad does not place the tokens of diffusers' {kind} yet (it places DiTTransformer2DModel, "
+            "PixArtTransformer2DModel, SD3Transformer2DModel and FluxTransformer2DModel); pass positions=<[N, 2] "
+            "latent-pixel position of each token, NaN rows for text and other tokens off the latent>"
+        )
+    if is_cross_attention(module):
+        return Skip(_CROSS)
+    return LatentGridPlacer(owner_name, owner, module)
+
+
+class LatentGridPlacer(LayerPlacer):
+    """Places one self- or joint-attention layer of a diffusers image transformer: the latent patch grid of this
+    call in row-major order, with the caption's tokens (where the attention has them) first or last, without a
+    position.
+
+    Args:
+        owner_name: qualified name of the transformer (``DiTTransformer2DModel``, ...).
+        owner: that module.
+        attention: the recorded attention module (its processor is read per call).
+    """
+
+    def __init__(self, owner_name: str, owner: nn.Module, attention: nn.Module):
+        self.owner_name, self.owner, self.attention = owner_name, owner, attention
+        self.kind = type(owner).__name__
+        self.text_side, self.processors = _PLACED[self.kind]
+        self.packed = self.kind == "FluxTransformer2DModel"
+        self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def install(self, context: CallContext) -> list:
+        key = _KEY + self.owner_name
+        handles = []
+        context_embedder = getattr(self.owner, "context_embedder", None)
+        if isinstance(context_embedder, nn.Module):
+            def see_text(module, args) -> None:
+                text = args[0] if args else None
+                context.values[key + ".text"] = int(text.shape[-2]) if isinstance(text, torch.Tensor) else None
+
+            handles.append(context_embedder.register_forward_pre_hook(see_text))
+        if self.packed:
+            def see_ids(module, args) -> None:
+                context.values[key + ".grid"] = _grid_of_ids(args[0] if args else None,
+                                                             context.values.get(key + ".text"))
+
+            handles.append(self.owner.pos_embed.register_forward_pre_hook(see_ids))
+        else:
+            conv = self.owner.pos_embed.proj
+
+            def see_latent(module, args) -> None:
+                latent = args[0] if args else None
+                context.values[key + ".grid"] = None if not isinstance(latent, torch.Tensor) or latent.dim() != 4 \
+                    else (int(latent.shape[0]), int(latent.shape[-2]), int(latent.shape[-1]))
+
+            # On the convolution, not on PatchEmbed: the recorder starts a call there, clearing what came before.
+            handles.append(conv.register_forward_pre_hook(see_latent))
+        return handles
+
+    def _where(self) -> str:
+        return self.owner_name or type(self.owner).__name__
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        processor = processor_name(self.attention)
+        if processor not in self.processors:
+            raise NotPlaceable(
+                f"it runs the attention processor {processor}; vitmad has read the layout of {self.kind}'s calls "
+                f"through {', '.join(self.processors)} only (another processor may add IP-Adapter tokens, perturb "
+                f"the attention or merge batch and heads); set {', '.join(self.processors)} back "
+                "(model.set_attn_processor), or pass positions=<[N, 2] latent-pixel position of each token>"
+            )
+        key = _KEY + self.owner_name
+        seen = context.values.get(key + ".grid")
+        if seen is None:
+            what = "pos_embed (img_ids)" if self.packed else "pos_embed.proj (the latent)"
+            raise NotPlaceable(
+                f"{self.kind}'s {what} did not run in this call before it attended ({self._where()} recorded "
+                "from a block called alone?), so the latent grid is unknown; run the transformer's forward"
+            )
+        if isinstance(seen, str):
+            raise NotPlaceable(seen)
+        if self.packed:
+            batch, grid, stride = int(lead[0]) if len(lead) else 0, seen, (float(_FLUX_PACKING),) * 2
+        else:
+            batch, height, width = seen
+            grid, stride = self._patch_grid(height, width)
+        patches = grid[0] * grid[1]
+        text = num_keys - patches
+        joint = text > 0
+        if joint and self.text_side is not None:
+            expected = context.values.get(key + ".text")
+            if expected != text:
+                raise NotPlaceable(
+                    f"it attends over {num_keys} tokens: the {grid[0]}x{grid[1]} latent patches and {text} more, but "
+                    f"{self.kind}'s context_embedder got {expected} caption tokens in this call; vitmad places the "
+                    "patches and the caption's tokens alone"
+                )
+        if len(lead) != 2 or int(lead[0]) != batch or num_queries != num_keys or text < 0 \
+                or (joint and self.text_side is None):
+            sequence = "the latent patches" + (f", the caption's {self.text_side}" if self.text_side else "")
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; on a "
+                f"{grid[0]}x{grid[1]} latent patch grid ({batch} latents), a {self.kind} layer attends "
+                f"[{batch}, heads, N, N] over {sequence}"
+            )
+        prefix, suffix = (text, 0) if self.text_side == "first" else (0, text)
+        layout = (grid, stride, prefix, suffix)
+        if layout not in self._layouts:
+            self._layouts = {layout: _plain_positions(grid, stride, prefix, suffix)}
+        positions, index = self._layouts[layout]
+        attention = "global, caption " + ("first" if prefix else "last") if joint else "global"
+        geometry = LayerGeometry(grid, stride, attention, int(lead[-1]), prefix, num_suffix_tokens=suffix or None)
+        return Placement(positions, None, select_tokens(index), geometry)
+
+    def _patch_grid(self, height: int, width: int) -> tuple[tuple[int, int], tuple[float, float]]:
+        conv = self.owner.pos_embed.proj
+        kernel, stride = pair(conv.kernel_size), pair(conv.stride)
+        if kernel != stride or pair(conv.padding) != (0, 0) or pair(conv.dilation) != (1, 1):
+            raise NotPlaceable(
+                f"{self._where()}.pos_embed.proj cuts the latent with kernel {kernel}, stride {stride}, padding "
+                f"{pair(conv.padding)} and dilation {pair(conv.dilation)}; vitmad places whole patches (kernel == "
+                "stride, no padding, no dilation) only"
+            )
+        grid = ((height - kernel[0]) // stride[0] + 1, (width - kernel[1]) // stride[1] + 1)
+        return grid, (float(stride[0]), float(stride[1]))
+
+
+def _grid_of_ids(ids, text: int | None) -> tuple[int, int] | str:
+    """The ``(rows, columns)`` grid of Flux's ``img_ids``: the rows of ``ids`` (``cat([txt_ids, img_ids])``) past the
+    ``text`` caption tokens; or, where they are no grid vitmad understands, the reason (a string)."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[-1] != 3 or text is None:
+        return (f"Flux's position ids are {None if not isinstance(ids, torch.Tensor) else list(ids.shape)} with "
+                f"{text} caption tokens; vitmad places the [N, 3] (0, row, column) img_ids of FluxPipeline")
+    image = ids[text:].detach().to("cpu", torch.float64)
+    rows = int(image[:, 1].max()) + 1 if len(image) else 0
+    columns = len(image) // rows if rows else 0
+    if rows and rows * columns == len(image):
+        r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(columns, dtype=torch.float64),
+                              indexing="ij")
+        expected = torch.stack([torch.zeros(rows * columns, dtype=torch.float64), r.reshape(-1), c.reshape(-1)], -1)
+        if torch.equal(image, expected):
+            return rows, columns
+    return (f"Flux's img_ids ({len(image)} rows) are not the row-major grid of (0, row, column) ids FluxPipeline "
+            "makes for one latent (Flux Kontext's reference image has a first id of 1, an edit pipeline may offset "
+            "them): vitmad does not know where those tokens are; pass positions=<[N, 2] latent-pixel position of "
+            "each token, NaN rows for the caption's tokens, which come first>")
