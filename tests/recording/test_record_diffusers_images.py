@@ -1,0 +1,249 @@
+"""vitmad.record on Hugging Face diffusers' image diffusion transformers: DiT, PixArt, SD3 (MMDiT, with SD3.5's
+dual attention) and Flux (packed latents, RoPE, double and single stream blocks); Sana, the processors vitmad has not
+read and Flux ids it does not know refused or skipped.
+
+Tiny random-weight models, sharpened (every Linear redrawn, the query projections scaled up) so that attention is far
+from uniform. The reference is the model's own attention: every ``F.scaled_dot_product_attention`` its processors
+call (``AttnProcessor2_0`` and ``JointAttnProcessor2_0`` directly, ``FluxAttnProcessor`` through
+``dispatch_attention_fn``'s native backend) is wrapped here, and its softmax computed in float64 from the ``q`` and
+``k`` it was given (RoPE and q / k norms already applied). The tokens are placed by geometry written here from
+diffusers' source, in latent pixels of the transformer's input:
+
+- ``PatchEmbed``: a ``Conv2d`` of kernel = stride = ``patch_size`` over the latent ``[B, C, H, W]``, flattened
+  row-major (``flatten(2).transpose(1, 2)``): patch ``t`` at ``((t // gw + 0.5) p, (t % gw + 0.5) p)``, a side the
+  patch does not divide floored.
+- ``JointAttnProcessor2_0`` (SD3): ``cat([image, caption])``: the caption's tokens last, without a position.
+- ``FluxAttnProcessor``: ``cat([caption, image])`` in the double blocks, and the single blocks attend over
+  ``cat([encoder_hidden_states, hidden_states])``: the caption's tokens first. Image token ``i`` is at the
+  ``(row, column)`` of ``img_ids[i]``, each step 2 latent pixels (``FluxPipeline._pack_latents`` packs 2 x 2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitmad
+from conftest import grid_centres, sharpened, statistics_reference
+from vitmad.recording.recorder import NoLayerError
+
+diffusers = pytest.importorskip("diffusers")
+
+TOL = {"rtol": 1e-5, "atol": 1e-4}  # float32 flash-MAD against float64 on the same q and k; atol in latent pixels
+STAT_TOL = {"rtol": 1e-5, "atol": 1e-6}
+STATS = ["entropy", "prefix_mass", "prefix_maps"]
+
+
+def _sharpen(model: torch.nn.Module, scale: float = 4.0) -> torch.nn.Module:
+    """Every Linear redrawn (``sharpened``), the queries ``scale`` times larger: by their projection, or by the RMS
+    norm after it where there is one (Flux's ``norm_q``, which would undo a larger projection)."""
+    model = sharpened(model)  # after torch.manual_seed(0): the draws below are the same in every run
+    with torch.no_grad():
+        for module in model.modules():
+            for projection, norm in (("to_q", "norm_q"), ("add_q_proj", "norm_added_q")):
+                weight = getattr(getattr(module, norm, None), "weight", None)
+                if weight is None:
+                    weight = getattr(getattr(module, projection, None), "weight", None)
+                if weight is not None:
+                    weight.mul_(scale)
+    return model
+
+
+def _attention_maps(monkeypatch, run) -> tuple[list[torch.Tensor], object]:
+    """The float64 softmax of every SDPA call of ``run()`` (no grad), in call order, and what ``run`` returned."""
+    maps = []
+    original = F.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        assert attn_mask is None and not is_causal and not kwargs.get("enable_gqa", False)
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        maps.append(torch.softmax(query.double() @ key.double().transpose(-1, -2) * scale, -1))
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(F, "scaled_dot_product_attention", spy)
+        returned = run()
+    return maps, returned
+
+
+def _record(model, run, **kwargs):
+    """``(mean recording, per-token recording)`` of ``run()`` with the statistics; the model's output unchanged by
+    recording, bit for bit."""
+    with torch.no_grad():
+        plain = run().sample
+        with vitmad.record(model, stats=STATS, **kwargs) as rec:
+            recorded = run().sample
+        with vitmad.record(model, stats=STATS, reduction="none", **kwargs) as rec_tokens:
+            run()
+    assert torch.equal(plain, recorded)
+    return rec, rec_tokens
+
+
+def _positions(grid, stride: float, before: int, after: int) -> torch.Tensor:
+    nan = torch.full((1, 2), math.nan, dtype=torch.float64)
+    return torch.cat([nan.expand(before, 2), grid_centres(grid, stride), nan.expand(after, 2)])
+
+
+def _check(mean, tokens, layer: int, probabilities, positions, grid, stride: float, before: int, after: int) -> None:
+    """Layer ``layer`` of a call of the mean and per-token recordings (``RecordedCall``) against its map
+    ``[B, H, N, N]``, its tokens at ``positions`` (NaN rows: the caption's)."""
+    expected = statistics_reference(probabilities, positions)
+    assert float(expected["entropy"].mean()) < 0.75 * math.log(probabilities.shape[-1])  # far from uniform
+    geometry = mean.geometry[layer]
+    assert geometry.grid == grid and geometry.stride == (stride, stride)
+    assert geometry.num_prefix_tokens == before and (geometry.num_suffix_tokens or 0) == after
+    torch.testing.assert_close(tokens.per_layer[layer].double(), expected["mad"], **TOL)
+    torch.testing.assert_close(mean.per_layer[layer].double(), expected["mad"].mean(-1), **TOL)
+    for stat in ("entropy", "prefix_mass"):
+        torch.testing.assert_close(tokens.statistics[stat][layer].double(), expected[stat], **STAT_TOL)
+        torch.testing.assert_close(mean.statistics[stat][layer].double(), expected[stat].mean(-1), **STAT_TOL)
+    if before or after:
+        torch.testing.assert_close(mean.prefix_maps[layer].double(), expected["prefix_maps"], **STAT_TOL)
+    else:
+        assert mean.prefix_maps[layer] is None
+
+
+def _dit():
+    torch.manual_seed(0)
+    return _sharpen(diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2, sample_size=8, patch_size=2,
+        norm_num_groups=1, num_embeds_ada_norm=10), scale=6.0)  # its adaLN-zero scales the normed tokens down
+
+
+@pytest.mark.parametrize("side", [10, 11])  # 5 x 5 patches; 11 latent pixels: the convolution drops the last
+def test_dit_two_denoising_steps(monkeypatch, side):
+    model = _dit()
+    latent = torch.randn(2, 4, side, side)
+    labels = torch.tensor([1, 7])
+    steps = [torch.tensor([900, 900]), torch.tensor([20, 20])]
+
+    def run_steps():
+        return [model(latent, timestep=t, class_labels=labels) for t in steps][-1]
+
+    maps, _ = _attention_maps(monkeypatch, run_steps)
+    rec, rec_tokens = _record(model, run_steps)
+    assert len(rec.calls) == len(rec_tokens.calls) == 2 and rec.skipped == {}
+    assert rec.layers == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    grid, positions = (5, 5), _positions((5, 5), 2.0, 0, 0)
+    for call in range(2):
+        for layer in range(2):
+            _check(rec.calls[call], rec_tokens.calls[call], layer, maps[2 * call + layer], positions, grid, 2.0, 0, 0)
+    # The timestep changes the attention: each step keeps its own MAD.
+    assert not torch.equal(rec.calls[0].mad, rec.calls[1].mad)
+
+
+def test_pixart_self_attention_placed_cross_attention_skipped(monkeypatch):
+    torch.manual_seed(0)
+    model = _sharpen(diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2, sample_size=8,
+        patch_size=2, cross_attention_dim=16, caption_channels=12, norm_num_groups=1, num_embeds_ada_norm=10))
+    latent, caption = torch.randn(1, 4, 10, 14), torch.randn(1, 3, 12)
+    extra = {"resolution": torch.tensor([[80.0, 112.0]]), "aspect_ratio": torch.tensor([[1.4]])}
+
+    def run():
+        return model(latent, encoder_hidden_states=caption, timestep=torch.tensor([500]),
+                     added_cond_kwargs=extra)
+
+    maps, _ = _attention_maps(monkeypatch, run)
+    self_maps = [m for m in maps if m.shape[-1] == m.shape[-2]]  # the cross-attention's keys are the 3 caption tokens
+    assert len(self_maps) == 2 and len(maps) == 4
+    rec, rec_tokens = _record(model, run)
+    assert rec.layers == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert set(rec.skipped) == {"transformer_blocks.0.attn2", "transformer_blocks.1.attn2"}
+    assert all("cross-attention" in reason for reason in rec.skipped.values())
+    for layer, probabilities in enumerate(self_maps):
+        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, _positions((5, 7), 2.0, 0, 0), (5, 7), 2.0, 0,
+               0)
+
+
+def test_sd3_joint_attention_caption_last_and_dual_attention(monkeypatch):
+    torch.manual_seed(0)
+    model = _sharpen(diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=6, out_channels=4,
+        pos_embed_max_size=16, dual_attention_layers=(0,)))
+    latent, caption, pooled = torch.randn(2, 4, 10, 15), torch.randn(2, 3, 12), torch.randn(2, 6)
+
+    def run():
+        return model(latent, encoder_hidden_states=caption, pooled_projections=pooled, timestep=torch.tensor([3, 3]))
+
+    maps, _ = _attention_maps(monkeypatch, run)
+    rec, rec_tokens = _record(model, run)
+    # Block 0 is an SD3.5 dual-attention block: its attn2 attends over the image alone.
+    assert rec.layers == ["transformer_blocks.0.attn", "transformer_blocks.0.attn2", "transformer_blocks.1.attn"]
+    assert rec.skipped == {}
+    grid = (5, 7)
+    joint, alone = _positions(grid, 2.0, 0, 3), _positions(grid, 2.0, 0, 0)
+    for layer, positions, after in ((0, joint, 3), (1, alone, 0), (2, joint, 3)):
+        _check(rec.calls[0], rec_tokens.calls[0], layer, maps[layer], positions, grid, 2.0, 0, after)
+
+
+def _flux():
+    torch.manual_seed(0)
+    return _sharpen(diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, pooled_projection_dim=6, axes_dims_rope=(2, 2, 4)))
+
+
+def _flux_ids(rows: int, columns: int, first: float = 0.0) -> torch.Tensor:
+    # FluxPipeline._prepare_latent_image_ids: (0, row, column), row-major.
+    r, c = torch.meshgrid(torch.arange(rows).float(), torch.arange(columns).float(), indexing="ij")
+    return torch.stack([torch.full_like(r, first), r, c], -1).reshape(-1, 3)
+
+
+def test_flux_packed_latents_caption_first(monkeypatch):
+    model = _flux()
+    rows, columns, text = 3, 5, 4
+    inputs = {"hidden_states": torch.randn(2, rows * columns, 16), "encoder_hidden_states": torch.randn(2, text, 12),
+              "pooled_projections": torch.randn(2, 6), "timestep": torch.tensor([0.7, 0.7]),
+              "img_ids": _flux_ids(rows, columns), "txt_ids": torch.zeros(text, 3)}
+
+    def run():
+        return model(**inputs)
+
+    maps, _ = _attention_maps(monkeypatch, run)
+    rec, rec_tokens = _record(model, run)
+    assert rec.layers == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"] and rec.skipped == {}
+    positions = _positions((rows, columns), 2.0, text, 0)
+    for layer, probabilities in enumerate(maps):
+        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, positions, (rows, columns), 2.0, text, 0)
+
+
+def test_flux_refuses_ids_it_does_not_know():
+    model = _flux()
+    # Flux Kontext: the reference image's tokens after the latent's, their first id 1.
+    ids = torch.cat([_flux_ids(2, 3), _flux_ids(2, 3, first=1.0)])
+    inputs = {"hidden_states": torch.randn(1, 12, 16), "encoder_hidden_states": torch.randn(1, 2, 12),
+              "pooled_projections": torch.randn(1, 6), "timestep": torch.tensor([0.5]), "img_ids": ids,
+              "txt_ids": torch.zeros(2, 3)}
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="Flux Kontext's reference image"):
+        model(**inputs)
+
+
+def test_processor_not_read_is_refused():
+    model = _dit()
+    for block in model.transformer_blocks:
+        block.attn1.set_processor(diffusers.models.attention_processor.AttnProcessor())
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="processor AttnProcessor;"):
+        model(torch.randn(1, 4, 8, 8), timestep=torch.tensor([1]), class_labels=torch.tensor([0]))
+
+
+def test_sana_linear_attention_has_no_mad():
+    model = diffusers.SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=12,
+        sample_size=8, patch_size=2)
+    with pytest.raises(NoLayerError, match="linear attention"):
+        vitmad.record(model)
+
+
+def test_other_image_transformer_refused_by_name():
+    model = diffusers.AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
+        out_channels=4, pos_embed_max_size=16)
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="AuraFlowTransformer2DModel yet"):
+        model(torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 3, 12), timestep=torch.tensor([1]))
