@@ -58,9 +58,13 @@ def _attention_maps(monkeypatch, run) -> tuple[list[torch.Tensor], object]:
     original = F.scaled_dot_product_attention
 
     def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-        assert attn_mask is None and not is_causal and not kwargs.get("enable_gqa", False)
+        assert not is_causal and not kwargs.get("enable_gqa", False)
         scale = query.shape[-1] ** -0.5 if scale is None else scale
-        maps.append(torch.softmax(query.double() @ key.double().transpose(-1, -2) * scale, -1))
+        logits = query.double() @ key.double().transpose(-1, -2) * scale
+        if attn_mask is not None:  # Chroma's padding mask of the caption: bool, keys kept where True
+            assert attn_mask.dtype == torch.bool
+            logits = logits.masked_fill(~attn_mask, -math.inf)
+        maps.append(torch.softmax(logits, -1))
         return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
 
     with monkeypatch.context() as patch, torch.no_grad():
@@ -101,7 +105,9 @@ def _check(mean, tokens, layer: int, probabilities, positions, grid, stride: flo
         torch.testing.assert_close(tokens.statistics[stat][layer].double(), expected[stat], **STAT_TOL)
         torch.testing.assert_close(mean.statistics[stat][layer].double(), expected[stat].mean(-1), **STAT_TOL)
     if before or after:
-        torch.testing.assert_close(mean.prefix_maps[layer].double(), expected["prefix_maps"], **STAT_TOL)
+        # A caption token masked out as padding (Chroma) attends to nothing: its row is NaN, as the model's own.
+        torch.testing.assert_close(mean.prefix_maps[layer].double(), expected["prefix_maps"], equal_nan=True,
+                                   **STAT_TOL)
     else:
         assert mean.prefix_maps[layer] is None
 
@@ -210,6 +216,62 @@ def test_flux_packed_latents_caption_first(monkeypatch):
     positions = _positions((rows, columns), 2.0, text, 0)
     for layer, probabilities in enumerate(maps):
         _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, positions, (rows, columns), 2.0, text, 0)
+
+
+def test_chroma_packed_latents_caption_first_padding_masked(monkeypatch):
+    torch.manual_seed(0)
+    model = _sharpen(diffusers.ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, axes_dims_rope=(2, 2, 4), approximator_num_channels=8, approximator_hidden_dim=16,
+        approximator_layers=1))
+    rows, columns, text = 4, 3, 3
+    # ChromaPipeline._prepare_attention_mask: the caption's padding masked out, every image token kept.
+    kept = torch.ones(2, text + rows * columns, dtype=torch.bool)
+    kept[1, text - 1] = False
+    inputs = {"hidden_states": torch.randn(2, rows * columns, 16), "encoder_hidden_states": torch.randn(2, text, 12),
+              "timestep": torch.tensor([0.3, 0.3]), "img_ids": _flux_ids(rows, columns),
+              "txt_ids": torch.zeros(text, 3), "attention_mask": kept}
+
+    def run():
+        return model(**inputs)
+
+    maps, _ = _attention_maps(monkeypatch, run)
+    rec, rec_tokens = _record(model, run)
+    assert rec.layers == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"] and rec.skipped == {}
+    positions = _positions((rows, columns), 2.0, text, 0)
+    for layer, probabilities in enumerate(maps):
+        assert float(probabilities[1, :, text:, text - 1].abs().max()) == 0.0  # the padding token is no key
+        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, positions, (rows, columns), 2.0, text, 0)
+
+
+def test_hunyuan_dit_rotary_self_attention_cross_attention_skipped(monkeypatch):
+    torch.manual_seed(0)
+    model = _sharpen(diffusers.HunyuanDiT2DModel(
+        num_attention_heads=2, attention_head_dim=8, hidden_size=16, in_channels=4, patch_size=2, num_layers=2,
+        sample_size=8, cross_attention_dim=16, pooled_projection_dim=16, text_len=3, text_len_t5=2,
+        cross_attention_dim_t5=16, use_style_cond_and_image_meta_size=False))  # HunyuanDiT v1.2
+    latent = torch.randn(1, 4, 8, 12)
+    grid = (4, 6)
+    # HunyuanDiTPipeline: the 2-D rotary embedding of the patch grid, resized into its base grid.
+    base = 4
+    crops = diffusers.pipelines.hunyuandit.pipeline_hunyuandit.get_resize_crop_region_for_grid(grid, base)
+    rotary = diffusers.models.embeddings.get_2d_rotary_pos_embed(8, crops, grid, output_type="pt")
+    inputs = {"encoder_hidden_states": torch.randn(1, 3, 16), "text_embedding_mask": torch.ones(1, 3),
+              "encoder_hidden_states_t5": torch.randn(1, 2, 16), "text_embedding_mask_t5": torch.ones(1, 2),
+              "image_rotary_emb": rotary}
+
+    def run():
+        return model(latent, torch.tensor([400.0]), **inputs)  # its timestep's dtype is its embeddings'
+
+    maps, _ = _attention_maps(monkeypatch, run)
+    # Besides: the cross-attention over the 3 + 2 caption tokens and the text pooler's attention (no layer).
+    self_maps = [m for m in maps if m.shape[-2:] == (24, 24)]
+    assert len(self_maps) == 2 and len(maps) == 5
+    rec, rec_tokens = _record(model, run)
+    assert rec.layers == ["blocks.0.attn1", "blocks.1.attn1"]
+    assert set(rec.skipped) == {"blocks.0.attn2", "blocks.1.attn2"}
+    for layer, probabilities in enumerate(self_maps):
+        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, _positions(grid, 2.0, 0, 0), grid, 2.0, 0, 0)
 
 
 def test_flux_refuses_ids_it_does_not_know():

@@ -12,7 +12,10 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
 - ``SD3Transformer2DModel`` (MMDiT): the same ``PatchEmbed`` grid; ``JointAttnProcessor2_0`` concatenates the image
   tokens, THEN the caption's (``torch.cat([query, encoder_hidden_states_query_proj], dim=2)``): the caption's tokens
   are suffix tokens without a position. SD3.5's dual-attention blocks' ``attn2`` attends over the image alone.
-- ``FluxTransformer2DModel``: its input comes packed, ``[B, (H/2)(W/2), C*4]`` (each token 2 x 2 latent pixels,
+- ``HunyuanDiT2DModel``: the same ``PatchEmbed`` grid; ``attn1`` attends over it alone (its 2-D RoPE, given by the
+  pipeline, changes the logits only), ``attn2`` to the caption (skipped).
+- ``FluxTransformer2DModel`` and ``ChromaTransformer2DModel`` (Flux's blocks, attention and ids; a padding mask over
+  the caption, measured as given): its input comes packed, ``[B, (H/2)(W/2), C*4]`` (each token 2 x 2 latent pixels,
   ``FluxPipeline._pack_latents``), its places named by ``img_ids`` ``[N, 3]`` (0, row, column). ``FluxAttnProcessor``
   puts the caption's tokens FIRST (``torch.cat([encoder_query, query], dim=1)``), and the single-stream blocks
   attend over ``cat([text, image])`` too: the caption's tokens are prefix tokens without a position. ``img_ids``
@@ -52,16 +55,20 @@ _PLACED = {
     "PixArtTransformer2DModel": (None, ("AttnProcessor2_0",)),
     "SD3Transformer2DModel": ("last", ("JointAttnProcessor2_0",)),
     "FluxTransformer2DModel": ("first", ("FluxAttnProcessor",)),
+    "ChromaTransformer2DModel": ("first", ("FluxAttnProcessor",)),
+    "HunyuanDiT2DModel": (None, ("HunyuanAttnProcessor2_0",)),
 }
+# Those fed packed latents whose places img_ids names (Flux's layout), the others the latent PatchEmbed cuts.
+_PACKED = ("FluxTransformer2DModel", "ChromaTransformer2DModel")
 _LINEAR = ("SanaTransformer2DModel",)
 # diffusers' other image transformers: their layouts (packed ids of their own, reference images, learned tokens,
 # refiners) are not read yet.
 _NOT_PLACED = (
     "AuraFlowTransformer2DModel", "BriaFibo2Transformer2DModel", "BriaFiboTransformer2DModel", "BriaTransformer2DModel",
-    "ChromaTransformer2DModel", "CogView3PlusTransformer2DModel", "CogView4Transformer2DModel",
+    "CogView3PlusTransformer2DModel", "CogView4Transformer2DModel",
     "DreamLiteTransformer2DModel", "ErnieImageTransformer2DModel", "Flux2Transformer2DModel", "Flux3Transformer2DModel",
-    "GlmImageTransformer2DModel", "HiDreamImageTransformer2DModel", "HunyuanDiT2DModel",
-    "HunyuanImageTransformer2DModel", "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
+    "GlmImageTransformer2DModel", "HiDreamImageTransformer2DModel", "HunyuanImageTransformer2DModel",
+    "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
     "LongCatImageTransformer2DModel", "Lumina2Transformer2DModel", "LuminaNextDiT2DModel",
     "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel", "OvisImageTransformer2DModel",
     "PRXTransformer2DModel", "QwenImage21Transformer2DModel", "QwenImageTransformer2DModel",
@@ -101,9 +108,9 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return Skip(_CROSS if is_cross_attention(module) else _LINEAR_REASON)
     if kind in _NOT_PLACED:
         return RefusingPlacer(
-            f"vitmad does not place the tokens of diffusers' {kind} yet (it places DiTTransformer2DModel, "
-            "PixArtTransformer2DModel, SD3Transformer2DModel and FluxTransformer2DModel); pass positions=<[N, 2] "
-            "latent-pixel position of each token, NaN rows for text and other tokens off the latent>"
+            f"vitmad does not place the tokens of diffusers' {kind} yet (it places {', '.join(_PLACED)}); pass "
+            "positions=<[N, 2] latent-pixel position of each token, NaN rows for text and other tokens off the "
+            "latent>"
         )
     if is_cross_attention(module):
         return Skip(_CROSS)
@@ -125,7 +132,7 @@ class LatentGridPlacer(LayerPlacer):
         self.owner_name, self.owner, self.attention = owner_name, owner, attention
         self.kind = type(owner).__name__
         self.text_side, self.processors = _PLACED[self.kind]
-        self.packed = self.kind == "FluxTransformer2DModel"
+        self.packed = self.kind in _PACKED
         self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def install(self, context: CallContext) -> list:
