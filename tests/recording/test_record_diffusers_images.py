@@ -38,17 +38,26 @@ STATS = ["entropy", "prefix_mass", "prefix_maps"]
 
 
 def _sharpen(model: torch.nn.Module, scale: float = 4.0) -> torch.nn.Module:
-    """Every Linear redrawn (``sharpened``), the queries ``scale`` times larger: by their projection, or by the RMS
-    norm after it where there is one (Flux's ``norm_q``, which would undo a larger projection)."""
+    """Every Linear redrawn (``sharpened``), the logits ``scale`` times larger: by the query projections, or where a
+    norm follows them (which would undo that) by the norm's weight (Flux's RMS ``norm_q``), or by the attention's
+    own ``scale`` where the norm has none (AuraFlow's ``fp32_layer_norm``)."""
     model = sharpened(model)  # after torch.manual_seed(0): the draws below are the same in every run
     with torch.no_grad():
         for module in model.modules():
-            for projection, norm in (("to_q", "norm_q"), ("add_q_proj", "norm_added_q")):
-                weight = getattr(getattr(module, norm, None), "weight", None)
-                if weight is None:
-                    weight = getattr(getattr(module, projection, None), "weight", None)
-                if weight is not None:
-                    weight.mul_(scale)
+            if not isinstance(getattr(module, "to_q", None), torch.nn.Linear):
+                continue
+            norm = getattr(module, "norm_q", None)
+            if norm is None:
+                for name in ("to_q", "add_q_proj"):
+                    projection = getattr(module, name, None)
+                    if projection is not None:
+                        projection.weight.mul_(scale)
+            elif getattr(norm, "weight", None) is not None:
+                for name in ("norm_q", "norm_added_q"):
+                    if getattr(getattr(module, name, None), "weight", None) is not None:
+                        getattr(module, name).weight.mul_(scale)
+            else:
+                module.scale *= scale
     return model
 
 
@@ -59,13 +68,14 @@ def _attention_maps(monkeypatch, run) -> tuple[list[torch.Tensor], object]:
 
     def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
         assert not is_causal and not kwargs.get("enable_gqa", False)
-        scale = query.shape[-1] ** -0.5 if scale is None else scale
-        logits = query.double() @ key.double().transpose(-1, -2) * scale
+        factor = query.shape[-1] ** -0.5 if scale is None else scale
+        logits = query.double() @ key.double().transpose(-1, -2) * factor
         if attn_mask is not None:  # Chroma's padding mask of the caption: bool, keys kept where True
             assert attn_mask.dtype == torch.bool
             logits = logits.masked_fill(~attn_mask, -math.inf)
         maps.append(torch.softmax(logits, -1))
-        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        **kwargs)
 
     with monkeypatch.context() as patch, torch.no_grad():
         patch.setattr(F, "scaled_dot_product_attention", spy)
@@ -73,15 +83,16 @@ def _attention_maps(monkeypatch, run) -> tuple[list[torch.Tensor], object]:
     return maps, returned
 
 
-def _record(model, run, **kwargs):
+def _record(model, run, spied):
     """``(mean recording, per-token recording)`` of ``run()`` with the statistics; the model's output unchanged by
-    recording, bit for bit."""
+    recording, bit for bit, and the same as ``spied``'s, the run whose attention was read."""
     with torch.no_grad():
         plain = run().sample
-        with vitmad.record(model, stats=STATS, **kwargs) as rec:
+        with vitmad.record(model, stats=STATS) as rec:
             recorded = run().sample
-        with vitmad.record(model, stats=STATS, reduction="none", **kwargs) as rec_tokens:
+        with vitmad.record(model, stats=STATS, reduction="none") as rec_tokens:
             run()
+    assert torch.equal(plain, spied.sample)
     assert torch.equal(plain, recorded)
     return rec, rec_tokens
 
@@ -129,8 +140,8 @@ def test_dit_two_denoising_steps(monkeypatch, side):
     def run_steps():
         return [model(latent, timestep=t, class_labels=labels) for t in steps][-1]
 
-    maps, _ = _attention_maps(monkeypatch, run_steps)
-    rec, rec_tokens = _record(model, run_steps)
+    maps, spied = _attention_maps(monkeypatch, run_steps)
+    rec, rec_tokens = _record(model, run_steps, spied)
     assert len(rec.calls) == len(rec_tokens.calls) == 2 and rec.skipped == {}
     assert rec.layers == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
     grid, positions = (5, 5), _positions((5, 5), 2.0, 0, 0)
@@ -153,10 +164,10 @@ def test_pixart_self_attention_placed_cross_attention_skipped(monkeypatch):
         return model(latent, encoder_hidden_states=caption, timestep=torch.tensor([500]),
                      added_cond_kwargs=extra)
 
-    maps, _ = _attention_maps(monkeypatch, run)
+    maps, spied = _attention_maps(monkeypatch, run)
     self_maps = [m for m in maps if m.shape[-1] == m.shape[-2]]  # the cross-attention's keys are the 3 caption tokens
     assert len(self_maps) == 2 and len(maps) == 4
-    rec, rec_tokens = _record(model, run)
+    rec, rec_tokens = _record(model, run, spied)
     assert rec.layers == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
     assert set(rec.skipped) == {"transformer_blocks.0.attn2", "transformer_blocks.1.attn2"}
     assert all("cross-attention" in reason for reason in rec.skipped.values())
@@ -176,8 +187,8 @@ def test_sd3_joint_attention_caption_last_and_dual_attention(monkeypatch):
     def run():
         return model(latent, encoder_hidden_states=caption, pooled_projections=pooled, timestep=torch.tensor([3, 3]))
 
-    maps, _ = _attention_maps(monkeypatch, run)
-    rec, rec_tokens = _record(model, run)
+    maps, spied = _attention_maps(monkeypatch, run)
+    rec, rec_tokens = _record(model, run, spied)
     # Block 0 is an SD3.5 dual-attention block: its attn2 attends over the image alone.
     assert rec.layers == ["transformer_blocks.0.attn", "transformer_blocks.0.attn2", "transformer_blocks.1.attn"]
     assert rec.skipped == {}
@@ -210,8 +221,8 @@ def test_flux_packed_latents_caption_first(monkeypatch):
     def run():
         return model(**inputs)
 
-    maps, _ = _attention_maps(monkeypatch, run)
-    rec, rec_tokens = _record(model, run)
+    maps, spied = _attention_maps(monkeypatch, run)
+    rec, rec_tokens = _record(model, run, spied)
     assert rec.layers == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"] and rec.skipped == {}
     positions = _positions((rows, columns), 2.0, text, 0)
     for layer, probabilities in enumerate(maps):
@@ -235,8 +246,8 @@ def test_chroma_packed_latents_caption_first_padding_masked(monkeypatch):
     def run():
         return model(**inputs)
 
-    maps, _ = _attention_maps(monkeypatch, run)
-    rec, rec_tokens = _record(model, run)
+    maps, spied = _attention_maps(monkeypatch, run)
+    rec, rec_tokens = _record(model, run, spied)
     assert rec.layers == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"] and rec.skipped == {}
     positions = _positions((rows, columns), 2.0, text, 0)
     for layer, probabilities in enumerate(maps):
@@ -263,11 +274,11 @@ def test_hunyuan_dit_rotary_self_attention_cross_attention_skipped(monkeypatch):
     def run():
         return model(latent, torch.tensor([400.0]), **inputs)  # its timestep's dtype is its embeddings'
 
-    maps, _ = _attention_maps(monkeypatch, run)
+    maps, spied = _attention_maps(monkeypatch, run)
     # Besides: the cross-attention over the 3 + 2 caption tokens and the text pooler's attention (no layer).
     self_maps = [m for m in maps if m.shape[-2:] == (24, 24)]
     assert len(self_maps) == 2 and len(maps) == 5
-    rec, rec_tokens = _record(model, run)
+    rec, rec_tokens = _record(model, run, spied)
     assert rec.layers == ["blocks.0.attn1", "blocks.1.attn1"]
     assert set(rec.skipped) == {"blocks.0.attn2", "blocks.1.attn2"}
     for layer, probabilities in enumerate(self_maps):
@@ -302,10 +313,33 @@ def test_sana_linear_attention_has_no_mad():
         vitmad.record(model)
 
 
-def test_other_image_transformer_refused_by_name():
-    model = diffusers.AuraFlowTransformer2DModel(
+def test_auraflow_registers_and_caption_first(monkeypatch):
+    torch.manual_seed(0)
+    model = _sharpen(diffusers.AuraFlowTransformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
-        out_channels=4, pos_embed_max_size=16)
-    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="AuraFlowTransformer2DModel yet"):
-        model(torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 3, 12), timestep=torch.tensor([1]))
+        out_channels=4, pos_embed_max_size=64))
+    latent, caption = torch.randn(2, 4, 6, 10), torch.randn(2, 3, 12)
+    # AuraFlowTransformer2DModel.forward: cat([its 8 register tokens, the caption]) before the image, in both kinds of
+    # block; AuraFlowPatchEmbed views the latent as whole 2 x 2 patches, row-major.
+    before, grid = 8 + 3, (3, 5)
+
+    def run():
+        return model(latent, encoder_hidden_states=caption, timestep=torch.tensor([0.4, 0.4]))
+
+    maps, spied = _attention_maps(monkeypatch, run)
+    rec, rec_tokens = _record(model, run, spied)
+    assert rec.layers == ["joint_transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+    assert rec.skipped == {}
+    positions = _positions(grid, 2.0, before, 0)
+    for layer, probabilities in enumerate(maps):
+        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, positions, grid, 2.0, before, 0)
+
+
+def test_other_image_transformer_refused_by_name():
+    model = diffusers.Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=1, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=2, multiple_of=16, axes_dim_rope=(4, 2, 2), axes_lens=(16, 16, 16),
+        cap_feat_dim=12)
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="Lumina2Transformer2DModel yet"):
+        model(torch.randn(1, 4, 8, 8), torch.tensor([0.5]), torch.randn(1, 3, 12), torch.ones(1, 3, dtype=torch.bool))

@@ -12,6 +12,10 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
 - ``SD3Transformer2DModel`` (MMDiT): the same ``PatchEmbed`` grid; ``JointAttnProcessor2_0`` concatenates the image
   tokens, THEN the caption's (``torch.cat([query, encoder_hidden_states_query_proj], dim=2)``): the caption's tokens
   are suffix tokens without a position. SD3.5's dual-attention blocks' ``attn2`` attends over the image alone.
+- ``AuraFlowTransformer2DModel``: ``AuraFlowPatchEmbed`` views the latent as whole patches (``view`` + ``permute``,
+  row-major) and projects them with a ``Linear`` (no convolution: the model's forward starts the call); its 8 learned
+  ``register_tokens`` lead the caption (``cat([registers, caption])``), and ``AuraFlowAttnProcessor2_0`` and its
+  single blocks put that text first: registers and caption are prefix tokens without a position.
 - ``HunyuanDiT2DModel``: the same ``PatchEmbed`` grid; ``attn1`` attends over it alone (its 2-D RoPE, given by the
   pipeline, changes the logits only), ``attn2`` to the caption (skipped).
 - ``FluxTransformer2DModel`` and ``ChromaTransformer2DModel`` (Flux's blocks, attention and ids; a padding mask over
@@ -48,23 +52,24 @@ __all__ = ["placer", "attention_modules", "LatentGridPlacer"]
 # The 2 x 2 latent pixels every Flux pipeline packs into one token (_pack_latents): the latent pixels per img_ids step.
 _FLUX_PACKING = 2
 
-# Per placed model class: where the caption's tokens sit in a joint attention ("first", "last"; None: no joint
-# attention), and the processors whose calls are read as that (their class names).
+# Per placed model class: how its tokens are cut ("conv": PatchEmbed's convolution of the latent; "view": AuraFlow's
+# reshape of the latent into whole patches and a Linear; "ids": packed latents at the places img_ids name), where
+# the caption's tokens sit in a joint attention ("first", "last"; None: no joint attention), and the processors whose
+# calls are read as that (their class names).
 _PLACED = {
-    "DiTTransformer2DModel": (None, ("AttnProcessor2_0",)),
-    "PixArtTransformer2DModel": (None, ("AttnProcessor2_0",)),
-    "SD3Transformer2DModel": ("last", ("JointAttnProcessor2_0",)),
-    "FluxTransformer2DModel": ("first", ("FluxAttnProcessor",)),
-    "ChromaTransformer2DModel": ("first", ("FluxAttnProcessor",)),
-    "HunyuanDiT2DModel": (None, ("HunyuanAttnProcessor2_0",)),
+    "DiTTransformer2DModel": ("conv", None, ("AttnProcessor2_0",)),
+    "PixArtTransformer2DModel": ("conv", None, ("AttnProcessor2_0",)),
+    "HunyuanDiT2DModel": ("conv", None, ("HunyuanAttnProcessor2_0",)),
+    "SD3Transformer2DModel": ("conv", "last", ("JointAttnProcessor2_0",)),
+    "AuraFlowTransformer2DModel": ("view", "first", ("AuraFlowAttnProcessor2_0",)),
+    "FluxTransformer2DModel": ("ids", "first", ("FluxAttnProcessor",)),
+    "ChromaTransformer2DModel": ("ids", "first", ("FluxAttnProcessor",)),
 }
-# Those fed packed latents whose places img_ids names (Flux's layout), the others the latent PatchEmbed cuts.
-_PACKED = ("FluxTransformer2DModel", "ChromaTransformer2DModel")
 _LINEAR = ("SanaTransformer2DModel",)
 # diffusers' other image transformers: their layouts (packed ids of their own, reference images, learned tokens,
 # refiners) are not read yet.
 _NOT_PLACED = (
-    "AuraFlowTransformer2DModel", "BriaFibo2Transformer2DModel", "BriaFiboTransformer2DModel", "BriaTransformer2DModel",
+    "BriaFibo2Transformer2DModel", "BriaFiboTransformer2DModel", "BriaTransformer2DModel",
     "CogView3PlusTransformer2DModel", "CogView4Transformer2DModel",
     "DreamLiteTransformer2DModel", "ErnieImageTransformer2DModel", "Flux2Transformer2DModel", "Flux3Transformer2DModel",
     "GlmImageTransformer2DModel", "HiDreamImageTransformer2DModel", "HunyuanImageTransformer2DModel",
@@ -131,8 +136,8 @@ class LatentGridPlacer(LayerPlacer):
     def __init__(self, owner_name: str, owner: nn.Module, attention: nn.Module):
         self.owner_name, self.owner, self.attention = owner_name, owner, attention
         self.kind = type(owner).__name__
-        self.text_side, self.processors = _PLACED[self.kind]
-        self.packed = self.kind in _PACKED
+        self.cut, self.text_side, self.processors = _PLACED[self.kind]
+        self.packed = self.cut == "ids"
         self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def install(self, context: CallContext) -> list:
@@ -151,6 +156,14 @@ class LatentGridPlacer(LayerPlacer):
                                                              context.values.get(key + ".text"))
 
             handles.append(self.owner.pos_embed.register_forward_pre_hook(see_ids))
+        elif self.cut == "view":
+            def see_view(module, args) -> None:
+                latent = args[0] if args else None
+                context.values[key + ".grid"] = None if not isinstance(latent, torch.Tensor) or latent.dim() != 4 \
+                    else (int(latent.shape[0]), int(latent.shape[-2]), int(latent.shape[-1]))
+
+            # AuraFlow has no convolution: the model's forward starts the call, before its patch embedding runs.
+            handles.append(self.owner.pos_embed.register_forward_pre_hook(see_view))
         else:
             conv = self.owner.pos_embed.proj
 
@@ -178,7 +191,8 @@ class LatentGridPlacer(LayerPlacer):
         key = _KEY + self.owner_name
         seen = context.values.get(key + ".grid")
         if seen is None:
-            what = "pos_embed (img_ids)" if self.packed else "pos_embed.proj (the latent)"
+            what = {"ids": "pos_embed (img_ids)", "view": "pos_embed (the latent)"}.get(self.cut,
+                                                                                       "pos_embed.proj (the latent)")
             raise NotPlaceable(
                 f"{self.kind}'s {what} did not run in this call before it attended ({self._where()} recorded "
                 "from a block called alone?), so the latent grid is unknown; run the transformer's forward"
@@ -194,12 +208,14 @@ class LatentGridPlacer(LayerPlacer):
         text = num_keys - patches
         joint = text > 0
         if joint and self.text_side is not None:
-            expected = context.values.get(key + ".text")
-            if expected != text:
+            caption = context.values.get(key + ".text")
+            registers = self._registers()
+            if caption is None or caption + registers != text:
+                extra = f" and its {registers} register tokens" if registers else ""
                 raise NotPlaceable(
                     f"it attends over {num_keys} tokens: the {grid[0]}x{grid[1]} latent patches and {text} more, but "
-                    f"{self.kind}'s context_embedder got {expected} caption tokens in this call; vitmad places the "
-                    "patches and the caption's tokens alone"
+                    f"{self.kind}'s context_embedder got {caption} caption tokens in this call{extra}; vitmad places "
+                    "the patches and the caption's tokens alone"
                 )
         if len(lead) != 2 or int(lead[0]) != batch or num_queries != num_keys or text < 0 \
                 or (joint and self.text_side is None):
@@ -218,7 +234,16 @@ class LatentGridPlacer(LayerPlacer):
         geometry = LayerGeometry(grid, stride, attention, int(lead[-1]), prefix, num_suffix_tokens=suffix or None)
         return Placement(positions, None, select_tokens(index), geometry)
 
+    def _registers(self) -> int:
+        """AuraFlow's learned register tokens, which lead the caption's (``cat([register_tokens, caption])``)."""
+        registers = getattr(self.owner, "register_tokens", None)
+        return int(registers.shape[1]) if isinstance(registers, torch.Tensor) and registers.dim() == 3 else 0
+
     def _patch_grid(self, height: int, width: int) -> tuple[tuple[int, int], tuple[float, float]]:
+        if self.cut == "view":
+            # AuraFlowPatchEmbed views the latent as whole patches (a side the patch does not divide fails there).
+            patch = int(self.owner.pos_embed.patch_size)
+            return (height // patch, width // patch), (float(patch), float(patch))
         conv = self.owner.pos_embed.proj
         kernel, stride = pair(conv.kernel_size), pair(conv.stride)
         if kernel != stride or pair(conv.padding) != (0, 0) or pair(conv.dilation) != (1, 1):
