@@ -336,6 +336,47 @@ def test_auraflow_registers_and_caption_first(monkeypatch):
         _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, positions, grid, 2.0, before, 0)
 
 
+def _qwen_image():
+    torch.manual_seed(0)
+    return _sharpen(diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, axes_dims_rope=(2, 2, 4)))
+
+
+def _qwen_inputs(rows: int, columns: int, text: int, shapes) -> dict:
+    kept = torch.ones(2, text, dtype=torch.bool)
+    kept[0, -1] = False  # the caption's padding (QwenImagePipeline's prompt_embeds_mask)
+    return {"hidden_states": torch.randn(2, rows * columns, 16), "encoder_hidden_states": torch.randn(2, text, 12),
+            "encoder_hidden_states_mask": kept, "timestep": torch.tensor([0.6, 0.6]), "img_shapes": shapes}
+
+
+def test_qwen_image_packed_shapes_caption_first(monkeypatch):
+    model = _qwen_image()
+    rows, columns, text = 5, 3, 4
+    # QwenImagePipeline: img_shapes = [[(1, rows, columns)]] * batch; its latents packed 2 x 2 as Flux's, row-major;
+    # QwenDoubleStreamAttnProcessor2_0: cat([caption, image]).
+    inputs = _qwen_inputs(rows, columns, text, [[(1, rows, columns)]] * 2)
+
+    def run():
+        return model(**inputs)
+
+    maps, spied = _attention_maps(monkeypatch, run)
+    rec, rec_tokens = _record(model, run, spied)
+    assert rec.layers == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"] and rec.skipped == {}
+    positions = _positions((rows, columns), 2.0, text, 0)
+    for layer, probabilities in enumerate(maps):
+        assert float(probabilities[0, :, :, text - 1].abs().max()) == 0.0  # the padding token is no key
+        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, positions, (rows, columns), 2.0, text, 0)
+
+
+def test_qwen_image_refuses_several_images():
+    model = _qwen_image()
+    # QwenImageEditPipeline: the image to edit packed after the latent's tokens.
+    inputs = _qwen_inputs(2, 3, 3, [[(1, 1, 3), (1, 1, 3)]] * 2)
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="one image of one frame"):
+        model(**inputs)
+
+
 def test_other_image_transformer_refused_by_name():
     model = diffusers.Lumina2Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=1, num_refiner_layers=1,

@@ -26,6 +26,10 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
   is read per call (from the ids ``pos_embed`` gets, past the caption's ``txt_ids``) and must be the row-major
   grid ``FluxPipeline._prepare_latent_image_ids`` makes; any other (Flux Kontext's reference image, with a first
   coordinate of 1) is refused. RoPE changes the logits, never the geometry.
+- ``QwenImageTransformer2DModel``: packed as Flux's (``QwenImagePipeline._pack_latents``), its grid the
+  ``(1, rows, columns)`` of ``img_shapes`` (read per call from what ``pos_embed`` gets), which must name one image
+  of one frame per batch entry, all the same (an edit pipeline's several images are refused);
+  ``QwenDoubleStreamAttnProcessor2_0`` puts the caption first (its length what ``txt_in`` gets), its padding masked.
 
 The caption's length is what the model's ``context_embedder`` gets in this call; the grid what ``PatchEmbed``'s
 convolution gets (any latent size, never ``sample_size``). MAD is over the image's queries and keys; with the
@@ -53,7 +57,8 @@ __all__ = ["placer", "attention_modules", "LatentGridPlacer"]
 _FLUX_PACKING = 2
 
 # Per placed model class: how its tokens are cut ("conv": PatchEmbed's convolution of the latent; "view": AuraFlow's
-# reshape of the latent into whole patches and a Linear; "ids": packed latents at the places img_ids name), where
+# reshape of the latent into whole patches and a Linear; "ids": packed latents at the places img_ids name;
+# "shapes": packed latents of the (frames, rows, columns) img_shapes names, row-major), where
 # the caption's tokens sit in a joint attention ("first", "last"; None: no joint attention), and the processors whose
 # calls are read as that (their class names).
 _PLACED = {
@@ -64,7 +69,10 @@ _PLACED = {
     "AuraFlowTransformer2DModel": ("view", "first", ("AuraFlowAttnProcessor2_0",)),
     "FluxTransformer2DModel": ("ids", "first", ("FluxAttnProcessor",)),
     "ChromaTransformer2DModel": ("ids", "first", ("FluxAttnProcessor",)),
+    "QwenImageTransformer2DModel": ("shapes", "first", ("QwenDoubleStreamAttnProcessor2_0",)),
 }
+# The module that embeds the caption, whose input's length is the caption's token count, where not context_embedder.
+_CAPTION_EMBEDDER = {"QwenImageTransformer2DModel": "txt_in"}
 _LINEAR = ("SanaTransformer2DModel",)
 # diffusers' other image transformers: their layouts (packed ids of their own, reference images, learned tokens,
 # refiners) are not read yet.
@@ -76,7 +84,7 @@ _NOT_PLACED = (
     "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
     "LongCatImageTransformer2DModel", "Lumina2Transformer2DModel", "LuminaNextDiT2DModel",
     "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel", "OvisImageTransformer2DModel",
-    "PRXTransformer2DModel", "QwenImage21Transformer2DModel", "QwenImageTransformer2DModel",
+    "PRXTransformer2DModel", "QwenImage21Transformer2DModel",
     "ZImageTransformer2DModel",
 )
 _KNOWN = (*_PLACED, *_LINEAR, *_NOT_PLACED)
@@ -137,20 +145,25 @@ class LatentGridPlacer(LayerPlacer):
         self.owner_name, self.owner, self.attention = owner_name, owner, attention
         self.kind = type(owner).__name__
         self.cut, self.text_side, self.processors = _PLACED[self.kind]
-        self.packed = self.cut == "ids"
+        self.packed = self.cut in ("ids", "shapes")
         self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def install(self, context: CallContext) -> list:
         key = _KEY + self.owner_name
         handles = []
-        context_embedder = getattr(self.owner, "context_embedder", None)
+        context_embedder = getattr(self.owner, _CAPTION_EMBEDDER.get(self.kind, "context_embedder"), None)
         if isinstance(context_embedder, nn.Module):
             def see_text(module, args) -> None:
                 text = args[0] if args else None
                 context.values[key + ".text"] = int(text.shape[-2]) if isinstance(text, torch.Tensor) else None
 
             handles.append(context_embedder.register_forward_pre_hook(see_text))
-        if self.packed:
+        if self.cut == "shapes":
+            def see_shapes(module, args, kwargs) -> None:
+                context.values[key + ".grid"] = _grid_of_shapes(args[0] if args else kwargs.get("video_fhw"))
+
+            handles.append(self.owner.pos_embed.register_forward_pre_hook(see_shapes, with_kwargs=True))
+        elif self.packed:
             def see_ids(module, args) -> None:
                 context.values[key + ".grid"] = _grid_of_ids(args[0] if args else None,
                                                              context.values.get(key + ".text"))
@@ -191,7 +204,8 @@ class LatentGridPlacer(LayerPlacer):
         key = _KEY + self.owner_name
         seen = context.values.get(key + ".grid")
         if seen is None:
-            what = {"ids": "pos_embed (img_ids)", "view": "pos_embed (the latent)"}.get(self.cut,
+            what = {"ids": "pos_embed (img_ids)", "view": "pos_embed (the latent)",
+                    "shapes": "pos_embed (img_shapes)"}.get(self.cut,
                                                                                        "pos_embed.proj (the latent)")
             raise NotPlaceable(
                 f"{self.kind}'s {what} did not run in this call before it attended ({self._where()} recorded "
@@ -254,6 +268,24 @@ class LatentGridPlacer(LayerPlacer):
             )
         grid = ((height - kernel[0]) // stride[0] + 1, (width - kernel[1]) // stride[1] + 1)
         return grid, (float(stride[0]), float(stride[1]))
+
+
+def _grid_of_shapes(shapes) -> tuple[int, int] | str:
+    """The ``(rows, columns)`` grid of QwenImage's ``img_shapes`` (per batch entry, the ``(frames, rows, columns)``
+    of each image packed in its sequence), where every entry packs one image of one frame and all the same size (as
+    ``QwenImagePipeline`` makes them); else the reason (a string)."""
+    entries = shapes if isinstance(shapes, (list, tuple)) else [shapes]
+    entries = [entry if isinstance(entry, list) else [entry] for entry in entries]
+    found = {tuple(int(v) for v in image) for entry in entries for image in entry
+             if isinstance(image, (list, tuple)) and len(image) == 3}
+    if entries and all(len(entry) == 1 for entry in entries) and len(found) == 1:
+        frames, rows, columns = next(iter(found))
+        if frames == 1:
+            return rows, columns
+    return (f"QwenImage's img_shapes are {shapes!r}; vitmad places one image of one frame per batch entry, all the "
+            "same size, as QwenImagePipeline packs them (an edit pipeline's several images, or images of different "
+            "sizes, are not placed); pass positions=<[N, 2] latent-pixel position of each token, NaN rows for the "
+            "caption's tokens, which come first>")
 
 
 def _grid_of_ids(ids, text: int | None) -> tuple[int, int] | str:
