@@ -44,17 +44,16 @@ def _sharpen(model: torch.nn.Module, scale: float = 4.0) -> torch.nn.Module:
     model = sharpened(model)  # after torch.manual_seed(0): the draws below are the same in every run
     with torch.no_grad():
         for module in model.modules():
-            if not isinstance(getattr(module, "to_q", None), torch.nn.Linear):
+            if not hasattr(module, "processor"):  # not one of diffusers' attention modules
                 continue
             norm = getattr(module, "norm_q", None)
-            if norm is None:
-                for name in ("to_q", "add_q_proj"):
-                    projection = getattr(module, name, None)
-                    if projection is not None:
-                        projection.weight.mul_(scale)
-            elif getattr(norm, "weight", None) is not None:
+            if getattr(norm, "weight", None) is not None:
                 for name in ("norm_q", "norm_added_q"):
                     if getattr(getattr(module, name, None), "weight", None) is not None:
+                        getattr(module, name).weight.mul_(scale)
+            elif norm is None and isinstance(getattr(module, "to_q", None), torch.nn.Linear):
+                for name in ("to_q", "add_q_proj"):
+                    if getattr(module, name, None) is not None:
                         getattr(module, name).weight.mul_(scale)
             else:
                 module.scale *= scale
@@ -294,6 +293,49 @@ def test_flux_refuses_ids_it_does_not_know():
               "txt_ids": torch.zeros(2, 3)}
     with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="Flux Kontext's reference image"):
         model(**inputs)
+
+
+def _flux2():
+    torch.manual_seed(0)
+    return _sharpen(diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, timestep_guidance_channels=16, mlp_ratio=2.0, axes_dims_rope=(2, 2, 2, 2)))
+
+
+def _flux2_ids(rows: int, columns: int, time: int = 0) -> torch.Tensor:
+    # Flux2Pipeline._prepare_latent_ids: cartesian_prod(t, h, w, l), batched; a reference image's t is 10 * (i + 1).
+    grid = torch.cartesian_prod(torch.tensor([time]), torch.arange(rows), torch.arange(columns), torch.arange(1))
+    return grid.unsqueeze(0).expand(2, -1, -1)
+
+
+def _flux2_inputs(ids: torch.Tensor, text: int) -> dict:
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(text))
+    return {"hidden_states": torch.randn(2, ids.shape[1], 16), "encoder_hidden_states": torch.randn(2, text, 12),
+            "timestep": torch.tensor([0.2, 0.2]), "guidance": torch.tensor([4.0, 4.0]), "img_ids": ids,
+            "txt_ids": txt_ids.unsqueeze(0).expand(2, -1, -1)}
+
+
+def test_flux2_packed_latents_caption_first(monkeypatch):
+    model = _flux2()
+    rows, columns, text = 3, 4, 5
+    inputs = _flux2_inputs(_flux2_ids(rows, columns), text)
+
+    def run():
+        return model(**inputs)
+
+    maps, spied = _attention_maps(monkeypatch, run)
+    rec, rec_tokens = _record(model, run, spied)
+    assert rec.layers == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"] and rec.skipped == {}
+    positions = _positions((rows, columns), 2.0, text, 0)
+    for layer, probabilities in enumerate(maps):
+        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, positions, (rows, columns), 2.0, text, 0)
+
+
+def test_flux2_refuses_reference_images():
+    model = _flux2()
+    ids = torch.cat([_flux2_ids(2, 2), _flux2_ids(2, 2, time=10)], dim=1)  # Flux2Pipeline with an image to edit
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="a reference image's"):
+        model(**_flux2_inputs(ids, 2))
 
 
 def test_processor_not_read_is_refused():

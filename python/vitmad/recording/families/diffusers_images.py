@@ -26,6 +26,9 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
   is read per call (from the ids ``pos_embed`` gets, past the caption's ``txt_ids``) and must be the row-major
   grid ``FluxPipeline._prepare_latent_image_ids`` makes; any other (Flux Kontext's reference image, with a first
   coordinate of 1) is refused. RoPE changes the logits, never the geometry.
+- ``Flux2Transformer2DModel``: Flux's layout with ids of four coordinates, ``(0, row, column, 0)``
+  (``Flux2Pipeline._prepare_latent_ids``), read per call from its forward's ``img_ids``; a reference image's ids
+  (a first coordinate of 10 or more) and its reference KV cache are refused.
 - ``QwenImageTransformer2DModel``: packed as Flux's (``QwenImagePipeline._pack_latents``), its grid the
   ``(1, rows, columns)`` of ``img_shapes`` (read per call from what ``pos_embed`` gets), which must name one image
   of one frame per batch entry, all the same (an edit pipeline's several images are refused);
@@ -43,6 +46,8 @@ softmax map). The other image transformers of diffusers are refused by name unti
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -58,7 +63,8 @@ _FLUX_PACKING = 2
 
 # Per placed model class: how its tokens are cut ("conv": PatchEmbed's convolution of the latent; "view": AuraFlow's
 # reshape of the latent into whole patches and a Linear; "ids": packed latents at the places img_ids name;
-# "shapes": packed latents of the (frames, rows, columns) img_shapes names, row-major), where
+# "shapes": packed latents of the (frames, rows, columns) img_shapes names, row-major; "ids4": Flux2's img_ids of
+# four coordinates, read from its forward's arguments), where
 # the caption's tokens sit in a joint attention ("first", "last"; None: no joint attention), and the processors whose
 # calls are read as that (their class names).
 _PLACED = {
@@ -70,6 +76,7 @@ _PLACED = {
     "FluxTransformer2DModel": ("ids", "first", ("FluxAttnProcessor",)),
     "ChromaTransformer2DModel": ("ids", "first", ("FluxAttnProcessor",)),
     "QwenImageTransformer2DModel": ("shapes", "first", ("QwenDoubleStreamAttnProcessor2_0",)),
+    "Flux2Transformer2DModel": ("ids4", "first", ("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor")),
 }
 # The module that embeds the caption, whose input's length is the caption's token count, where not context_embedder.
 _CAPTION_EMBEDDER = {"QwenImageTransformer2DModel": "txt_in"}
@@ -79,7 +86,7 @@ _LINEAR = ("SanaTransformer2DModel",)
 _NOT_PLACED = (
     "BriaFibo2Transformer2DModel", "BriaFiboTransformer2DModel", "BriaTransformer2DModel",
     "CogView3PlusTransformer2DModel", "CogView4Transformer2DModel",
-    "DreamLiteTransformer2DModel", "ErnieImageTransformer2DModel", "Flux2Transformer2DModel", "Flux3Transformer2DModel",
+    "DreamLiteTransformer2DModel", "ErnieImageTransformer2DModel", "Flux3Transformer2DModel",
     "GlmImageTransformer2DModel", "HiDreamImageTransformer2DModel", "HunyuanImageTransformer2DModel",
     "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
     "LongCatImageTransformer2DModel", "Lumina2Transformer2DModel", "LuminaNextDiT2DModel",
@@ -145,7 +152,7 @@ class LatentGridPlacer(LayerPlacer):
         self.owner_name, self.owner, self.attention = owner_name, owner, attention
         self.kind = type(owner).__name__
         self.cut, self.text_side, self.processors = _PLACED[self.kind]
-        self.packed = self.cut in ("ids", "shapes")
+        self.packed = self.cut in ("ids", "shapes", "ids4")
         self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def install(self, context: CallContext) -> list:
@@ -158,7 +165,18 @@ class LatentGridPlacer(LayerPlacer):
                 context.values[key + ".text"] = int(text.shape[-2]) if isinstance(text, torch.Tensor) else None
 
             handles.append(context_embedder.register_forward_pre_hook(see_text))
-        if self.cut == "shapes":
+        if self.cut == "ids4":
+            def see_flux2_ids(module, args, kwargs) -> None:
+                try:
+                    given = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+                except TypeError:
+                    given = None  # a call its forward itself refuses
+                context.values[key + ".grid"] = "Flux2's forward got arguments it does not take" if given is None \
+                    else _grid_of_flux2_ids(given)
+
+            # Flux2 has no convolution: the recorded model's forward starts the call before this runs.
+            handles.append(self.owner.register_forward_pre_hook(see_flux2_ids, with_kwargs=True))
+        elif self.cut == "shapes":
             def see_shapes(module, args, kwargs) -> None:
                 context.values[key + ".grid"] = _grid_of_shapes(args[0] if args else kwargs.get("video_fhw"))
 
@@ -204,7 +222,7 @@ class LatentGridPlacer(LayerPlacer):
         key = _KEY + self.owner_name
         seen = context.values.get(key + ".grid")
         if seen is None:
-            what = {"ids": "pos_embed (img_ids)", "view": "pos_embed (the latent)",
+            what = {"ids": "pos_embed (img_ids)", "view": "pos_embed (the latent)", "ids4": "forward (img_ids)",
                     "shapes": "pos_embed (img_shapes)"}.get(self.cut,
                                                                                        "pos_embed.proj (the latent)")
             raise NotPlaceable(
@@ -289,21 +307,46 @@ def _grid_of_shapes(shapes) -> tuple[int, int] | str:
 
 
 def _grid_of_ids(ids, text: int | None) -> tuple[int, int] | str:
-    """The ``(rows, columns)`` grid of Flux's ``img_ids``: the rows of ``ids`` (``cat([txt_ids, img_ids])``) past the
-    ``text`` caption tokens; or, where they are no grid vitmad understands, the reason (a string)."""
+    """The ``(rows, columns)`` grid of Flux's ``img_ids``: the rows of ``ids`` (``cat([txt_ids, img_ids])``, what its
+    ``pos_embed`` gets) past the ``text`` caption tokens; or, where they are no grid vitmad understands, the reason
+    (a string)."""
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[-1] != 3 or text is None:
         return (f"Flux's position ids are {None if not isinstance(ids, torch.Tensor) else list(ids.shape)} with "
                 f"{text} caption tokens; vitmad places the [N, 3] (0, row, column) img_ids of FluxPipeline")
-    image = ids[text:].detach().to("cpu", torch.float64)
+    return _grid_of_image_ids(ids[text:], "Flux", "(0, row, column)", "FluxPipeline",
+                              "Flux Kontext's reference image has a first id of 1")
+
+
+def _grid_of_image_ids(image, model: str, form: str, pipeline: str, example: str) -> tuple[int, int] | str:
+    """The ``(rows, columns)`` grid of image ids ``[N, K]`` whose columns 1 and 2 are the row and column of a
+    row-major grid from 0 and every other column 0; else the reason (a string)."""
+    image = image.detach().to("cpu", torch.float64)
     rows = int(image[:, 1].max()) + 1 if len(image) else 0
     columns = len(image) // rows if rows else 0
     if rows and rows * columns == len(image):
         r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(columns, dtype=torch.float64),
                               indexing="ij")
-        expected = torch.stack([torch.zeros(rows * columns, dtype=torch.float64), r.reshape(-1), c.reshape(-1)], -1)
+        expected = torch.zeros_like(image)
+        expected[:, 1], expected[:, 2] = r.reshape(-1), c.reshape(-1)
         if torch.equal(image, expected):
             return rows, columns
-    return (f"Flux's img_ids ({len(image)} rows) are not the row-major grid of (0, row, column) ids FluxPipeline "
-            "makes for one latent (Flux Kontext's reference image has a first id of 1, an edit pipeline may offset "
-            "them): vitmad does not know where those tokens are; pass positions=<[N, 2] latent-pixel position of "
-            "each token, NaN rows for the caption's tokens, which come first>")
+    return (f"{model}'s img_ids ({len(image)} rows) are not the row-major grid of {form} ids {pipeline} makes for "
+            f"one latent ({example}; an edit pipeline may offset them): vitmad does not know where those tokens are; "
+            "pass positions=<[N, 2] latent-pixel position of each token, NaN rows for the caption's tokens, which "
+            "come first>")
+
+
+def _grid_of_flux2_ids(kwargs: dict) -> tuple[int, int] | str:
+    """The ``(rows, columns)`` grid of the ``img_ids`` a ``Flux2Transformer2DModel`` forward gets (``[N, 4]`` or
+    ``[B, N, 4]``, of which it reads the first), from its arguments by name, or the reason (a string)."""
+    if kwargs.get("kv_cache_mode") is not None or kwargs.get("kv_cache") is not None or kwargs.get("num_ref_tokens"):
+        return ("Flux2's reference-image KV cache is in use (kv_cache / kv_cache_mode / num_ref_tokens): its reference "
+                "tokens are not places of this latent; vitmad places one latent's tokens and the caption's")
+    ids = kwargs.get("img_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() == 3:
+        ids = ids[0]  # as Flux2Transformer2DModel.forward reads them
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[-1] != 4:
+        return (f"Flux2's img_ids are {None if not isinstance(ids, torch.Tensor) else list(ids.shape)}; vitmad places "
+                "the [N, 4] (0, row, column, 0) img_ids of Flux2Pipeline")
+    return _grid_of_image_ids(ids, "Flux2", "(0, row, column, 0)", "Flux2Pipeline",
+                              "a reference image's have a first id of 10 or more")
