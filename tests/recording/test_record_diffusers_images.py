@@ -1,6 +1,7 @@
 """vitmad.record on Hugging Face diffusers' image diffusion transformers: DiT, PixArt, SD3 (MMDiT, with SD3.5's
-dual attention) and Flux (packed latents, RoPE, double and single stream blocks); Sana, the processors vitmad has not
-read and Flux ids it does not know refused or skipped.
+dual attention), Flux, Chroma and Flux2 (packed latents, RoPE, double and single stream blocks), HunyuanDiT, AuraFlow
+(register tokens), QwenImage and CogView4; Sana, Lumina2, the processors vitmad has not read and ids of several images
+refused or skipped.
 
 Tiny random-weight models, sharpened (every Linear redrawn, the query projections scaled up) so that attention is far
 from uniform. The reference is the model's own attention: every ``F.scaled_dot_product_attention`` its processors
@@ -16,6 +17,9 @@ diffusers' source, in latent pixels of the transformer's input:
 - ``FluxAttnProcessor``: ``cat([caption, image])`` in the double blocks, and the single blocks attend over
   ``cat([encoder_hidden_states, hidden_states])``: the caption's tokens first. Image token ``i`` is at the
   ``(row, column)`` of ``img_ids[i]``, each step 2 latent pixels (``FluxPipeline._pack_latents`` packs 2 x 2).
+  Chroma and Flux2 (ids ``(0, row, column, 0)``) alike; QwenImage's packed tokens row-major on its ``img_shapes``.
+- AuraFlow and CogView4 view the latent as whole patches, row-major, and put the caption (AuraFlow: after its 8
+  register tokens) before the image.
 """
 
 from __future__ import annotations
@@ -39,15 +43,24 @@ STATS = ["entropy", "prefix_mass", "prefix_maps"]
 
 def _sharpen(model: torch.nn.Module, scale: float = 4.0) -> torch.nn.Module:
     """Every Linear redrawn (``sharpened``), the logits ``scale`` times larger: by the query projections, or where a
-    norm follows them (which would undo that) by the norm's weight (Flux's RMS ``norm_q``), or by the attention's
-    own ``scale`` where the norm has none (AuraFlow's ``fp32_layer_norm``)."""
+    norm follows them (which would undo that) by the norm's weight (Flux's RMS ``norm_q``; CogView4's LayerNorm given
+    one), or by the attention's own ``scale`` where the norm has none (AuraFlow's ``fp32_layer_norm``)."""
     model = sharpened(model)  # after torch.manual_seed(0): the draws below are the same in every run
     with torch.no_grad():
         for module in model.modules():
             if not hasattr(module, "processor"):  # not one of diffusers' attention modules
                 continue
             norm = getattr(module, "norm_q", None)
-            if getattr(norm, "weight", None) is not None:
+            if type(norm) is torch.nn.LayerNorm and norm.weight is None:
+                # CogView4's, without weights, before an SDPA at its default scale: the same norm, with weights.
+                for name in ("norm_q", "norm_added_q"):
+                    plain = getattr(module, name, None)
+                    if type(plain) is torch.nn.LayerNorm:
+                        weighted = torch.nn.LayerNorm(plain.normalized_shape, eps=plain.eps)
+                        weighted.weight.fill_(scale)
+                        weighted.bias.zero_()
+                        setattr(module, name, weighted)
+            elif getattr(norm, "weight", None) is not None:
                 for name in ("norm_q", "norm_added_q"):
                     if getattr(getattr(module, name, None), "weight", None) is not None:
                         getattr(module, name).weight.mul_(scale)
@@ -69,9 +82,10 @@ def _attention_maps(monkeypatch, run) -> tuple[list[torch.Tensor], object]:
         assert not is_causal and not kwargs.get("enable_gqa", False)
         factor = query.shape[-1] ** -0.5 if scale is None else scale
         logits = query.double() @ key.double().transpose(-1, -2) * factor
-        if attn_mask is not None:  # Chroma's padding mask of the caption: bool, keys kept where True
-            assert attn_mask.dtype == torch.bool
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # a caption's padding: keys kept where True
             logits = logits.masked_fill(~attn_mask, -math.inf)
+        elif attn_mask is not None:  # CogView4's 0 / 1 float mask, added as SDPA adds a float mask
+            logits = logits + attn_mask.double()
         maps.append(torch.softmax(logits, -1))
         return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                         **kwargs)
@@ -336,6 +350,30 @@ def test_flux2_refuses_reference_images():
     ids = torch.cat([_flux2_ids(2, 2), _flux2_ids(2, 2, time=10)], dim=1)  # Flux2Pipeline with an image to edit
     with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="a reference image's"):
         model(**_flux2_inputs(ids, 2))
+
+
+def test_cogview4_caption_first_padding_as_its_bias(monkeypatch):
+    torch.manual_seed(0)
+    model = _sharpen(diffusers.CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=12, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16, sample_size=8,
+        rope_axes_dim=(4, 4)))
+    latent, text = torch.randn(2, 4, 6, 8), 4
+    kept = torch.ones(2, text)
+    kept[1, -1] = 0  # CogView4AttnProcessor's text_attn_mask: the caption's padding
+    sizes = torch.tensor([[48.0, 64.0], [48.0, 64.0]])
+
+    def run():
+        return model(latent, torch.randn(2, text, 12, generator=torch.Generator().manual_seed(1)),
+                     torch.tensor([300, 300]), sizes, sizes, torch.zeros(2, 2), attention_mask=kept)
+
+    maps, spied = _attention_maps(monkeypatch, run)
+    rec, rec_tokens = _record(model, run, spied)
+    assert rec.layers == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"] and rec.skipped == {}
+    # CogView4PatchEmbed: whole 2 x 2 patches, row-major, after the caption.
+    positions = _positions((3, 4), 2.0, text, 0)
+    for layer, probabilities in enumerate(maps):
+        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, positions, (3, 4), 2.0, text, 0)
 
 
 def test_processor_not_read_is_refused():

@@ -16,6 +16,9 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
   row-major) and projects them with a ``Linear`` (no convolution: the model's forward starts the call); its 8 learned
   ``register_tokens`` lead the caption (``cat([registers, caption])``), and ``AuraFlowAttnProcessor2_0`` and its
   single blocks put that text first: registers and caption are prefix tokens without a position.
+- ``CogView4Transformer2DModel``: ``CogView4PatchEmbed`` cuts whole patches the same way (and gets the caption, its
+  second argument); ``CogView4AttnProcessor`` attends over ``cat([caption, image])``: the caption first. Its padding
+  mask is made a float 0 / 1 bias (``(attn_mask_matrix > 0).to(query.dtype)``), measured as the model adds it.
 - ``HunyuanDiT2DModel``: the same ``PatchEmbed`` grid; ``attn1`` attends over it alone (its 2-D RoPE, given by the
   pipeline, changes the logits only), ``attn2`` to the caption (skipped).
 - ``FluxTransformer2DModel`` and ``ChromaTransformer2DModel`` (Flux's blocks, attention and ids; a padding mask over
@@ -77,15 +80,18 @@ _PLACED = {
     "ChromaTransformer2DModel": ("ids", "first", ("FluxAttnProcessor",)),
     "QwenImageTransformer2DModel": ("shapes", "first", ("QwenDoubleStreamAttnProcessor2_0",)),
     "Flux2Transformer2DModel": ("ids4", "first", ("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor")),
+    "CogView4Transformer2DModel": ("view", "first", ("CogView4AttnProcessor",)),
 }
-# The module that embeds the caption, whose input's length is the caption's token count, where not context_embedder.
-_CAPTION_EMBEDDER = {"QwenImageTransformer2DModel": "txt_in"}
+# The module whose input (which argument) is the caption, its length the caption's token count, where not
+# context_embedder's first; and the patch embedding, where not pos_embed.
+_CAPTION_EMBEDDER = {"QwenImageTransformer2DModel": ("txt_in", 0), "CogView4Transformer2DModel": ("patch_embed", 1)}
+_PATCH_EMBEDDING = {"CogView4Transformer2DModel": "patch_embed"}
 _LINEAR = ("SanaTransformer2DModel",)
 # diffusers' other image transformers: their layouts (packed ids of their own, reference images, learned tokens,
 # refiners) are not read yet.
 _NOT_PLACED = (
     "BriaFibo2Transformer2DModel", "BriaFiboTransformer2DModel", "BriaTransformer2DModel",
-    "CogView3PlusTransformer2DModel", "CogView4Transformer2DModel",
+    "CogView3PlusTransformer2DModel",
     "DreamLiteTransformer2DModel", "ErnieImageTransformer2DModel", "Flux3Transformer2DModel",
     "GlmImageTransformer2DModel", "HiDreamImageTransformer2DModel", "HunyuanImageTransformer2DModel",
     "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
@@ -158,10 +164,11 @@ class LatentGridPlacer(LayerPlacer):
     def install(self, context: CallContext) -> list:
         key = _KEY + self.owner_name
         handles = []
-        context_embedder = getattr(self.owner, _CAPTION_EMBEDDER.get(self.kind, "context_embedder"), None)
+        embedder, argument = _CAPTION_EMBEDDER.get(self.kind, ("context_embedder", 0))
+        context_embedder = getattr(self.owner, embedder, None)
         if isinstance(context_embedder, nn.Module):
             def see_text(module, args) -> None:
-                text = args[0] if args else None
+                text = args[argument] if len(args) > argument else None
                 context.values[key + ".text"] = int(text.shape[-2]) if isinstance(text, torch.Tensor) else None
 
             handles.append(context_embedder.register_forward_pre_hook(see_text))
@@ -193,8 +200,8 @@ class LatentGridPlacer(LayerPlacer):
                 context.values[key + ".grid"] = None if not isinstance(latent, torch.Tensor) or latent.dim() != 4 \
                     else (int(latent.shape[0]), int(latent.shape[-2]), int(latent.shape[-1]))
 
-            # AuraFlow has no convolution: the model's forward starts the call, before its patch embedding runs.
-            handles.append(self.owner.pos_embed.register_forward_pre_hook(see_view))
+            # AuraFlow and CogView4 have no convolution: the model's forward starts the call, before this runs.
+            handles.append(self._patch_embedding().register_forward_pre_hook(see_view))
         else:
             conv = self.owner.pos_embed.proj
 
@@ -222,9 +229,9 @@ class LatentGridPlacer(LayerPlacer):
         key = _KEY + self.owner_name
         seen = context.values.get(key + ".grid")
         if seen is None:
-            what = {"ids": "pos_embed (img_ids)", "view": "pos_embed (the latent)", "ids4": "forward (img_ids)",
-                    "shapes": "pos_embed (img_shapes)"}.get(self.cut,
-                                                                                       "pos_embed.proj (the latent)")
+            what = {"ids": "pos_embed (img_ids)", "ids4": "forward (img_ids)", "shapes": "pos_embed (img_shapes)",
+                    "view": f"{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')} (the latent)"}.get(
+                self.cut, "pos_embed.proj (the latent)")
             raise NotPlaceable(
                 f"{self.kind}'s {what} did not run in this call before it attended ({self._where()} recorded "
                 "from a block called alone?), so the latent grid is unknown; run the transformer's forward"
@@ -266,6 +273,9 @@ class LatentGridPlacer(LayerPlacer):
         geometry = LayerGeometry(grid, stride, attention, int(lead[-1]), prefix, num_suffix_tokens=suffix or None)
         return Placement(positions, None, select_tokens(index), geometry)
 
+    def _patch_embedding(self) -> nn.Module:
+        return getattr(self.owner, _PATCH_EMBEDDING.get(self.kind, "pos_embed"))
+
     def _registers(self) -> int:
         """AuraFlow's learned register tokens, which lead the caption's (``cat([register_tokens, caption])``)."""
         registers = getattr(self.owner, "register_tokens", None)
@@ -273,8 +283,9 @@ class LatentGridPlacer(LayerPlacer):
 
     def _patch_grid(self, height: int, width: int) -> tuple[tuple[int, int], tuple[float, float]]:
         if self.cut == "view":
-            # AuraFlowPatchEmbed views the latent as whole patches (a side the patch does not divide fails there).
-            patch = int(self.owner.pos_embed.patch_size)
+            # AuraFlowPatchEmbed and CogView4PatchEmbed view the latent as whole patches (a side the patch does not
+            # divide fails there).
+            patch = int(self._patch_embedding().patch_size)
             return (height // patch, width // patch), (float(patch), float(patch))
         conv = self.owner.pos_embed.proj
         kernel, stride = pair(conv.kernel_size), pair(conv.stride)
