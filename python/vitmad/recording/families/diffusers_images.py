@@ -64,12 +64,11 @@ __all__ = ["placer", "attention_modules", "LatentGridPlacer"]
 # The 2 x 2 latent pixels every Flux pipeline packs into one token (_pack_latents): the latent pixels per img_ids step.
 _FLUX_PACKING = 2
 
-# Per placed model class: how its tokens are cut ("conv": PatchEmbed's convolution of the latent; "view": AuraFlow's
-# reshape of the latent into whole patches and a Linear; "ids": packed latents at the places img_ids name;
-# "shapes": packed latents of the (frames, rows, columns) img_shapes names, row-major; "ids4": Flux2's img_ids of
-# four coordinates, read from its forward's arguments), where
-# the caption's tokens sit in a joint attention ("first", "last"; None: no joint attention), and the processors whose
-# calls are read as that (their class names).
+# Per placed model class: how its tokens are cut, where the caption's tokens sit in a joint attention ("first",
+# "last"; None: no joint attention), and the processors whose calls are read as that (their class names). The cuts:
+# "conv", PatchEmbed's convolution of the latent; "view", the latent viewed as whole patches and a Linear (AuraFlow,
+# CogView4); "ids", packed latents at the places img_ids name (Flux); "ids4", Flux2's img_ids of four coordinates,
+# read from its forward's arguments; "shapes", packed latents on the (1, rows, columns) img_shapes names (QwenImage).
 _PLACED = {
     "DiTTransformer2DModel": ("conv", None, ("AttnProcessor2_0",)),
     "PixArtTransformer2DModel": ("conv", None, ("AttnProcessor2_0",)),
@@ -91,14 +90,12 @@ _LINEAR = ("SanaTransformer2DModel",)
 # refiners) are not read yet.
 _NOT_PLACED = (
     "BriaFibo2Transformer2DModel", "BriaFiboTransformer2DModel", "BriaTransformer2DModel",
-    "CogView3PlusTransformer2DModel",
-    "DreamLiteTransformer2DModel", "ErnieImageTransformer2DModel", "Flux3Transformer2DModel",
-    "GlmImageTransformer2DModel", "HiDreamImageTransformer2DModel", "HunyuanImageTransformer2DModel",
-    "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
+    "CogView3PlusTransformer2DModel", "DreamLiteTransformer2DModel", "ErnieImageTransformer2DModel",
+    "Flux3Transformer2DModel", "GlmImageTransformer2DModel", "HiDreamImageTransformer2DModel",
+    "HunyuanImageTransformer2DModel", "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
     "LongCatImageTransformer2DModel", "Lumina2Transformer2DModel", "LuminaNextDiT2DModel",
     "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel", "OvisImageTransformer2DModel",
-    "PRXTransformer2DModel", "QwenImage21Transformer2DModel",
-    "ZImageTransformer2DModel",
+    "PRXTransformer2DModel", "QwenImage21Transformer2DModel", "ZImageTransformer2DModel",
 )
 _KNOWN = (*_PLACED, *_LINEAR, *_NOT_PLACED)
 _CROSS = ("cross-attention of the latent patches to the caption's tokens (encoder_hidden_states): its keys have no "
@@ -159,13 +156,14 @@ class LatentGridPlacer(LayerPlacer):
         self.kind = type(owner).__name__
         self.cut, self.text_side, self.processors = _PLACED[self.kind]
         self.packed = self.cut in ("ids", "shapes", "ids4")
+        self.caption_embedder = _CAPTION_EMBEDDER.get(self.kind, ("context_embedder", 0))[0]
         self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def install(self, context: CallContext) -> list:
         key = _KEY + self.owner_name
         handles = []
-        embedder, argument = _CAPTION_EMBEDDER.get(self.kind, ("context_embedder", 0))
-        context_embedder = getattr(self.owner, embedder, None)
+        argument = _CAPTION_EMBEDDER.get(self.kind, ("context_embedder", 0))[1]
+        context_embedder = getattr(self.owner, self.caption_embedder, None)
         if isinstance(context_embedder, nn.Module):
             def see_text(module, args) -> None:
                 text = args[argument] if len(args) > argument else None
@@ -253,8 +251,8 @@ class LatentGridPlacer(LayerPlacer):
                 extra = f" and its {registers} register tokens" if registers else ""
                 raise NotPlaceable(
                     f"it attends over {num_keys} tokens: the {grid[0]}x{grid[1]} latent patches and {text} more, but "
-                    f"{self.kind}'s context_embedder got {caption} caption tokens in this call{extra}; vitmad places "
-                    "the patches and the caption's tokens alone"
+                    f"{self.kind}'s {self.caption_embedder} got {caption} caption tokens in this call{extra}; vitmad "
+                    "places the patches and the caption's tokens alone"
                 )
         if len(lead) != 2 or int(lead[0]) != batch or num_queries != num_keys or text < 0 \
                 or (joint and self.text_side is None):
