@@ -1,7 +1,7 @@
 """vitmad.record on Hugging Face diffusers' image diffusion transformers: DiT, PixArt, SD3 (MMDiT, with SD3.5's
 dual attention), Flux, Chroma and Flux2 (packed latents, RoPE, double and single stream blocks), HunyuanDiT, AuraFlow
-(register tokens), QwenImage and CogView4; Sana, Lumina2, the processors vitmad has not read and ids of several images
-refused or skipped.
+(register tokens), QwenImage, CogView4 and Lumina2; Sana, CogView3Plus, the processors vitmad has not read and ids of
+several images refused or skipped.
 
 Tiny random-weight models, sharpened (every Linear redrawn, the query projections scaled up) so that attention is far
 from uniform. The reference is the model's own attention: every ``F.scaled_dot_product_attention`` its processors
@@ -18,8 +18,8 @@ diffusers' source, in latent pixels of the transformer's input:
   ``cat([encoder_hidden_states, hidden_states])``: the caption's tokens first. Image token ``i`` is at the
   ``(row, column)`` of ``img_ids[i]``, each step 2 latent pixels (``FluxPipeline._pack_latents`` packs 2 x 2).
   Chroma and Flux2 (ids ``(0, row, column, 0)``) alike; QwenImage's packed tokens row-major on its ``img_shapes``.
-- AuraFlow and CogView4 view the latent as whole patches, row-major, and put the caption (AuraFlow: after its 8
-  register tokens) before the image.
+- AuraFlow, CogView4 and Lumina2 view the latent as whole patches, row-major, and put the caption (AuraFlow: after its
+  8 register tokens) before the image.
 """
 
 from __future__ import annotations
@@ -457,10 +457,50 @@ def test_qwen_image_refuses_several_images():
         model(**inputs)
 
 
-def test_other_image_transformer_refused_by_name():
-    model = diffusers.Lumina2Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=1, num_refiner_layers=1,
+def _lumina2():
+    torch.manual_seed(0)
+    return _sharpen(diffusers.Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=2, num_refiner_layers=1,
         num_attention_heads=2, num_kv_heads=2, multiple_of=16, axes_dim_rope=(4, 2, 2), axes_lens=(16, 16, 16),
-        cap_feat_dim=12)
-    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="Lumina2Transformer2DModel yet"):
-        model(torch.randn(1, 4, 8, 8), torch.tensor([0.5]), torch.randn(1, 3, 12), torch.ones(1, 3, dtype=torch.bool))
+        cap_feat_dim=12))
+
+
+def test_lumina2_refiners_and_joint_layers_caption_first(monkeypatch):
+    model = _lumina2()
+    latent, caption = torch.randn(1, 4, 6, 10), torch.randn(1, 5, 12)
+    kept = torch.tensor([[True, True, True, False, False]])  # Lumina2Pipeline's padded prompt: 3 tokens of 5
+
+    def run():
+        return model(latent, torch.tensor([0.5]), caption, kept)
+
+    maps, spied = _attention_maps(monkeypatch, run)
+    rec, rec_tokens = _record(model, run, spied)
+    # Lumina2Transformer2DModel.forward: context_refiner (the caption alone, skipped), noise_refiner (the image alone),
+    # then its layers over [the caption's 3 kept tokens, the image] (Lumina2RotaryPosEmbed: whole 2 x 2 patches,
+    # row-major).
+    assert rec.layers == ["noise_refiner.0.attn", "layers.0.attn", "layers.1.attn"]
+    assert list(rec.skipped) == ["context_refiner.0.attn"] and "caption's tokens alone" in rec.skipped[
+        "context_refiner.0.attn"]
+    grid = (3, 5)
+    image_maps = [m for m in maps if m.shape[-1] != 5]  # the context refiner's map is over the 5 caption slots
+    assert [m.shape[-1] for m in image_maps] == [15, 18, 18]
+    for layer, (probabilities, before) in enumerate(zip(image_maps, (0, 3, 3))):
+        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, _positions(grid, 2.0, before, 0), grid, 2.0,
+               before, 0)
+
+
+def test_lumina2_refuses_captions_of_different_lengths():
+    model = _lumina2()
+    kept = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="different lengths"):
+        model(torch.randn(2, 4, 4, 4), torch.tensor([0.5, 0.5]), torch.randn(2, 4, 12), kept)
+
+
+def test_other_image_transformer_refused_by_name():
+    torch.manual_seed(0)
+    model = diffusers.CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2, out_channels=4,
+        text_embed_dim=12, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16, sample_size=8)
+    sizes = torch.tensor([[32.0, 32.0]])
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="CogView3PlusTransformer2DModel yet"):
+        model(torch.randn(1, 4, 4, 4), torch.randn(1, 3, 12), torch.tensor([10]), sizes, sizes, torch.zeros(1, 2))

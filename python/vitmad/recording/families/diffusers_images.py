@@ -19,6 +19,10 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
 - ``CogView4Transformer2DModel``: ``CogView4PatchEmbed`` cuts whole patches the same way (and gets the caption, its
   second argument); ``CogView4AttnProcessor`` attends over ``cat([caption, image])``: the caption first. Its padding
   mask is made a float 0 / 1 bias (``(attn_mask_matrix > 0).to(query.dtype)``), measured as the model adds it.
+- ``Lumina2Transformer2DModel``: ``Lumina2RotaryPosEmbed`` cuts whole patches the same way; its ``noise_refiner``
+  attends over the image alone, its ``context_refiner`` over the caption alone (skipped), its layers over
+  ``[caption, image]`` with the caption's padding dropped (its length the sum of ``encoder_attention_mask``); a
+  batch whose captions differ in length (each entry's image then starts at its own place) is refused.
 - ``HunyuanDiT2DModel``: the same ``PatchEmbed`` grid; ``attn1`` attends over it alone (its 2-D RoPE, given by the
   pipeline, changes the logits only), ``attn2`` to the caption (skipped).
 - ``FluxTransformer2DModel`` and ``ChromaTransformer2DModel`` (Flux's blocks, attention and ids; a padding mask over
@@ -80,11 +84,16 @@ _PLACED = {
     "QwenImageTransformer2DModel": ("shapes", "first", ("QwenDoubleStreamAttnProcessor2_0",)),
     "Flux2Transformer2DModel": ("ids4", "first", ("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor")),
     "CogView4Transformer2DModel": ("view", "first", ("CogView4AttnProcessor",)),
+    "Lumina2Transformer2DModel": ("view", "first", ("Lumina2AttnProcessor2_0",)),
 }
 # The module whose input (which argument) is the caption, its length the caption's token count, where not
-# context_embedder's first; and the patch embedding, where not pos_embed.
-_CAPTION_EMBEDDER = {"QwenImageTransformer2DModel": ("txt_in", 0), "CogView4Transformer2DModel": ("patch_embed", 1)}
-_PATCH_EMBEDDING = {"CogView4Transformer2DModel": "patch_embed"}
+# context_embedder's first (Lumina2's: the caption's mask, whose sum per entry is the caption's length); and the
+# patch embedding, where not pos_embed.
+_CAPTION_EMBEDDER = {"QwenImageTransformer2DModel": ("txt_in", 0), "CogView4Transformer2DModel": ("patch_embed", 1),
+                     "Lumina2Transformer2DModel": ("rope_embedder", 1)}
+_PATCH_EMBEDDING = {"CogView4Transformer2DModel": "patch_embed", "Lumina2Transformer2DModel": "rope_embedder"}
+# Blocks that attend over the caption alone (Lumina2's context_refiner), by attribute of the model.
+_CAPTION_ONLY = {"Lumina2Transformer2DModel": "context_refiner"}
 _LINEAR = ("SanaTransformer2DModel",)
 # diffusers' other image transformers: their layouts (packed ids of their own, reference images, learned tokens,
 # refiners) are not read yet.
@@ -93,7 +102,7 @@ _NOT_PLACED = (
     "CogView3PlusTransformer2DModel", "DreamLiteTransformer2DModel", "ErnieImageTransformer2DModel",
     "Flux3Transformer2DModel", "GlmImageTransformer2DModel", "HiDreamImageTransformer2DModel",
     "HunyuanImageTransformer2DModel", "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
-    "LongCatImageTransformer2DModel", "Lumina2Transformer2DModel", "LuminaNextDiT2DModel",
+    "LongCatImageTransformer2DModel", "LuminaNextDiT2DModel",
     "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel", "OvisImageTransformer2DModel",
     "PRXTransformer2DModel", "QwenImage21Transformer2DModel", "ZImageTransformer2DModel",
 )
@@ -137,6 +146,10 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         )
     if is_cross_attention(module):
         return Skip(_CROSS)
+    caption_only = _CAPTION_ONLY.get(kind)
+    if caption_only is not None and name.startswith(".".join(filter(None, (owner_name, caption_only))) + "."):
+        return Skip(f"self-attention of the caption's tokens alone ({kind}'s {caption_only}): they have no position "
+                    "in the latent, so it has no MAD")
     return LatentGridPlacer(owner_name, owner, module)
 
 
@@ -167,7 +180,10 @@ class LatentGridPlacer(LayerPlacer):
         if isinstance(context_embedder, nn.Module):
             def see_text(module, args) -> None:
                 text = args[argument] if len(args) > argument else None
-                context.values[key + ".text"] = int(text.shape[-2]) if isinstance(text, torch.Tensor) else None
+                if self.kind == "Lumina2Transformer2DModel":
+                    context.values[key + ".text"] = _lumina2_caption(text)
+                else:
+                    context.values[key + ".text"] = int(text.shape[-2]) if isinstance(text, torch.Tensor) else None
 
             handles.append(context_embedder.register_forward_pre_hook(see_text))
         if self.cut == "ids4":
@@ -246,6 +262,8 @@ class LatentGridPlacer(LayerPlacer):
         joint = text > 0
         if joint and self.text_side is not None:
             caption = context.values.get(key + ".text")
+            if isinstance(caption, str):
+                raise NotPlaceable(caption)
             registers = self._registers()
             if caption is None or caption + registers != text:
                 extra = f" and its {registers} register tokens" if registers else ""
@@ -295,6 +313,21 @@ class LatentGridPlacer(LayerPlacer):
             )
         grid = ((height - kernel[0]) // stride[0] + 1, (width - kernel[1]) // stride[1] + 1)
         return grid, (float(stride[0]), float(stride[1]))
+
+
+def _lumina2_caption(mask) -> int | str | None:
+    """The caption's token count of a ``Lumina2Transformer2DModel`` call from its mask ``[B, S]``: the sum of each
+    entry's, which ``Lumina2RotaryPosEmbed`` puts first (the padding dropped); where entries differ, each entry's
+    image starts at its own place, and the reason (a string) is returned."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    lengths = {int(v) for v in mask.sum(dim=1).tolist()}
+    if len(lengths) == 1:
+        return lengths.pop()
+    return (f"its batch holds captions of {len(lengths)} different lengths (encoder_attention_mask sums "
+            f"{sorted(lengths)}): Lumina2 then starts each entry's image after its own caption, and vitmad places a "
+            "batch whose captions have one length (Lumina2Pipeline runs each prompt, and the negative one, alone); "
+            "record the entries one at a time")
 
 
 def _grid_of_shapes(shapes) -> tuple[int, int] | str:
