@@ -1,0 +1,66 @@
+"""What the diffusers families share: recognising Hugging Face diffusers' attention modules and their processors.
+
+diffusers computes attention in two kinds of module: ``diffusers.models.attention_processor.Attention`` (DiT,
+PixArt, SD3, the UNets' transformer blocks) and the per-model classes that mix in
+``diffusers.models.attention.AttentionModuleMixin`` (``FluxAttention``, ``WanAttention``, ...). Neither computes
+attention in its own ``forward``: it hands its inputs to ``self.processor``, an object swapped at run time
+(``set_attn_processor``, IP-Adapters, PAG, fused projections), whose ``__call__`` calls
+``F.scaled_dot_product_attention`` or ``dispatch_attention_fn`` (whose native backend calls it), computes a softmax
+itself over merged batch and heads (``AttnProcessor``), or no softmax at all (Sana's linear attention). So vitmad's
+source search finds none of them, and what a call attends over is the processor's choice: a family reads the
+processor's class by name in each call (:func:`processor_name`) and refuses one it has not read.
+
+Classes are recognised by their defining module, so that no other library's ``Attention`` changes behaviour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from ..module_index import named_module_list
+
+__all__ = ["is_attention", "is_cross_attention", "processor_name", "attention_under", "is_diffusers_class"]
+
+
+def is_diffusers_class(module: nn.Module, names) -> bool:
+    """Whether ``module``'s class is one of ``names`` (class names) and is defined in diffusers."""
+    cls = type(module)
+    return cls.__name__ in names and cls.__module__.startswith("diffusers.")
+
+
+def is_attention(module: nn.Module) -> bool:
+    """Whether ``module`` is a diffusers attention module: an ``attention_processor.Attention`` or a class that
+    mixes in ``attention.AttentionModuleMixin`` (subclasses included)."""
+    for cls in type(module).__mro__:
+        if cls.__module__ == "diffusers.models.attention_processor" and cls.__name__ == "Attention":
+            return True
+        if cls.__module__ == "diffusers.models.attention" and cls.__name__ == "AttentionModuleMixin":
+            return True
+    return False
+
+
+def is_cross_attention(module: nn.Module) -> bool:
+    """Whether a diffusers ``Attention`` was built for cross-attention (``cross_attention_dim`` given: its keys are
+    ``encoder_hidden_states``, a caption's or another condition's tokens, never the queries' own)."""
+    return getattr(module, "is_cross_attention", False) is True
+
+
+def processor_name(module: nn.Module) -> str:
+    """The class name of the processor a diffusers attention module runs now (it may change between calls)."""
+    return type(getattr(module, "processor", None)).__name__
+
+
+def attention_under(model: nn.Module, owner: Callable[[nn.Module], bool]) -> dict[str, nn.Module]:
+    """The diffusers attention modules of ``model`` inside a module for which ``owner`` holds (the model itself
+    included), by qualified name in module order; one inside another is left to the outer one."""
+    owners: list[str] = []
+    found = {}
+    for name, module in named_module_list(model):
+        if owner(module):
+            owners.append(name)
+        elif is_attention(module) and any(o == "" or name.startswith(o + ".") for o in owners) \
+                and not any(name.startswith(outer + ".") for outer in found):
+            found[name] = module
+    return found

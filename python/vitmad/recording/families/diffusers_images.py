@@ -1,0 +1,394 @@
+"""Hugging Face diffusers' image diffusion transformers: the latent patch grid, read per call, and the caption's
+tokens without a position where they share the image's attention.
+
+The recorded module is the transformer a pipeline calls (``pipe.transformer``), whose input is the VAE's latent:
+positions and MAD are in latent pixels of that input (a pipeline's latent pixel is ``pipe.vae_scale_factor``
+image pixels; vitmad does not guess the VAE). Each forward is one denoising step, one of ``rec.calls``.
+
+- ``DiTTransformer2DModel`` (class-conditioned DiT) and ``PixArtTransformer2DModel``: ``PatchEmbed`` cuts the
+  latent ``[B, C, H, W]`` with a ``Conv2d`` of kernel = stride = ``patch_size`` and flattens it row-major; their
+  ``BasicTransformerBlock``'s ``attn1`` attends over that grid alone. PixArt's ``attn2`` attends from the patches
+  to the caption (``encoder_hidden_states``): its keys have no position in the latent, so it is skipped.
+- ``SD3Transformer2DModel`` (MMDiT): the same ``PatchEmbed`` grid; ``JointAttnProcessor2_0`` concatenates the image
+  tokens, THEN the caption's (``torch.cat([query, encoder_hidden_states_query_proj], dim=2)``): the caption's tokens
+  are suffix tokens without a position. SD3.5's dual-attention blocks' ``attn2`` attends over the image alone.
+- ``AuraFlowTransformer2DModel``: ``AuraFlowPatchEmbed`` views the latent as whole patches (``view`` + ``permute``,
+  row-major) and projects them with a ``Linear`` (no convolution: the model's forward starts the call); its 8 learned
+  ``register_tokens`` lead the caption (``cat([registers, caption])``), and ``AuraFlowAttnProcessor2_0`` and its
+  single blocks put that text first: registers and caption are prefix tokens without a position.
+- ``CogView4Transformer2DModel``: ``CogView4PatchEmbed`` cuts whole patches the same way (and gets the caption, its
+  second argument); ``CogView4AttnProcessor`` attends over ``cat([caption, image])``: the caption first. Its padding
+  mask is made a float 0 / 1 bias (``(attn_mask_matrix > 0).to(query.dtype)``), measured as the model adds it.
+- ``Lumina2Transformer2DModel``: ``Lumina2RotaryPosEmbed`` cuts whole patches the same way; its ``noise_refiner``
+  attends over the image alone, its ``context_refiner`` over the caption alone (skipped), its layers over
+  ``[caption, image]`` with the caption's padding dropped (its length the sum of ``encoder_attention_mask``); a
+  batch whose captions differ in length (each entry's image then starts at its own place) is refused.
+- ``HunyuanDiT2DModel``: the same ``PatchEmbed`` grid; ``attn1`` attends over it alone (its 2-D RoPE, given by the
+  pipeline, changes the logits only), ``attn2`` to the caption (skipped).
+- ``FluxTransformer2DModel`` and ``ChromaTransformer2DModel`` (Flux's blocks, attention and ids; a padding mask over
+  the caption, measured as given): its input comes packed, ``[B, (H/2)(W/2), C*4]`` (each token 2 x 2 latent pixels,
+  ``FluxPipeline._pack_latents``), its places named by ``img_ids`` ``[N, 3]`` (0, row, column). ``FluxAttnProcessor``
+  puts the caption's tokens FIRST (``torch.cat([encoder_query, query], dim=1)``), and the single-stream blocks
+  attend over ``cat([text, image])`` too: the caption's tokens are prefix tokens without a position. ``img_ids``
+  is read per call (from the ids ``pos_embed`` gets, past the caption's ``txt_ids``) and must be the row-major
+  grid ``FluxPipeline._prepare_latent_image_ids`` makes; any other (Flux Kontext's reference image, with a first
+  coordinate of 1) is refused. RoPE changes the logits, never the geometry.
+- ``Flux2Transformer2DModel``: Flux's layout with ids of four coordinates, ``(0, row, column, 0)``
+  (``Flux2Pipeline._prepare_latent_ids``), read per call from its forward's ``img_ids``; a reference image's ids
+  (a first coordinate of 10 or more) and its reference KV cache are refused.
+- ``QwenImageTransformer2DModel``: packed as Flux's (``QwenImagePipeline._pack_latents``), its grid the
+  ``(1, rows, columns)`` of ``img_shapes`` (read per call from what ``pos_embed`` gets), which must name one image
+  of one frame per batch entry, all the same (an edit pipeline's several images are refused);
+  ``QwenDoubleStreamAttnProcessor2_0`` puts the caption first (its length what ``txt_in`` gets), its padding masked.
+
+The caption's length is what the model's ``context_embedder`` gets in this call; the grid what ``PatchEmbed``'s
+convolution gets (any latent size, never ``sample_size``). MAD is over the image's queries and keys; with the
+caption in the attention, ``prefix_mass`` is the image queries' mass on the caption's tokens and
+``stats=[..., "prefix_maps"]`` gives each caption token's row over the grid.
+
+Refused: a processor vitmad has not read (IP-Adapter, PAG, fused projections, ``AttnProcessor``'s merged batch
+and heads): the layout of its call is its own. Skipped: cross-attention to a caption; Sana's linear attention (no
+softmax map). The other image transformers of diffusers are refused by name until their layouts are placed.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, select_tokens
+from .diffusers_common import attention_under, is_attention, is_cross_attention, is_diffusers_class, processor_name
+from .plain import _plain_positions
+from .stages import innermost_on_path, pair
+
+__all__ = ["placer", "attention_modules", "LatentGridPlacer"]
+
+# The 2 x 2 latent pixels every Flux pipeline packs into one token (_pack_latents): the latent pixels per img_ids step.
+_FLUX_PACKING = 2
+
+# Per placed model class: how its tokens are cut, where the caption's tokens sit in a joint attention ("first",
+# "last"; None: no joint attention), and the processors whose calls are read as that (their class names). The cuts:
+# "conv", PatchEmbed's convolution of the latent; "view", the latent viewed as whole patches and a Linear (AuraFlow,
+# CogView4); "ids", packed latents at the places img_ids name (Flux); "ids4", Flux2's img_ids of four coordinates,
+# read from its forward's arguments; "shapes", packed latents on the (1, rows, columns) img_shapes names (QwenImage).
+_PLACED = {
+    "DiTTransformer2DModel": ("conv", None, ("AttnProcessor2_0",)),
+    "PixArtTransformer2DModel": ("conv", None, ("AttnProcessor2_0",)),
+    "HunyuanDiT2DModel": ("conv", None, ("HunyuanAttnProcessor2_0",)),
+    "SD3Transformer2DModel": ("conv", "last", ("JointAttnProcessor2_0",)),
+    "AuraFlowTransformer2DModel": ("view", "first", ("AuraFlowAttnProcessor2_0",)),
+    "FluxTransformer2DModel": ("ids", "first", ("FluxAttnProcessor",)),
+    "ChromaTransformer2DModel": ("ids", "first", ("FluxAttnProcessor",)),
+    "QwenImageTransformer2DModel": ("shapes", "first", ("QwenDoubleStreamAttnProcessor2_0",)),
+    "Flux2Transformer2DModel": ("ids4", "first", ("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor")),
+    "CogView4Transformer2DModel": ("view", "first", ("CogView4AttnProcessor",)),
+    "Lumina2Transformer2DModel": ("view", "first", ("Lumina2AttnProcessor2_0",)),
+}
+# The module whose input (which argument) is the caption, its length the caption's token count, where not
+# context_embedder's first (Lumina2's: the caption's mask, whose sum per entry is the caption's length); and the
+# patch embedding, where not pos_embed.
+_CAPTION_EMBEDDER = {"QwenImageTransformer2DModel": ("txt_in", 0), "CogView4Transformer2DModel": ("patch_embed", 1),
+                     "Lumina2Transformer2DModel": ("rope_embedder", 1)}
+_PATCH_EMBEDDING = {"CogView4Transformer2DModel": "patch_embed", "Lumina2Transformer2DModel": "rope_embedder"}
+# Blocks that attend over the caption alone (Lumina2's context_refiner), by attribute of the model.
+_CAPTION_ONLY = {"Lumina2Transformer2DModel": "context_refiner"}
+_LINEAR = ("SanaTransformer2DModel",)
+# diffusers' other image transformers: their layouts (packed ids of their own, reference images, learned tokens,
+# refiners) are not read yet.
+_NOT_PLACED = (
+    "BriaFibo2Transformer2DModel", "BriaFiboTransformer2DModel", "BriaTransformer2DModel",
+    "CogView3PlusTransformer2DModel", "DreamLiteTransformer2DModel", "ErnieImageTransformer2DModel",
+    "Flux3Transformer2DModel", "GlmImageTransformer2DModel", "HiDreamImageTransformer2DModel",
+    "HunyuanImageTransformer2DModel", "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
+    "LongCatImageTransformer2DModel", "LuminaNextDiT2DModel",
+    "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel", "OvisImageTransformer2DModel",
+    "PRXTransformer2DModel", "QwenImage21Transformer2DModel", "ZImageTransformer2DModel",
+)
+_KNOWN = (*_PLACED, *_LINEAR, *_NOT_PLACED)
+_CROSS = ("cross-attention of the latent patches to the caption's tokens (encoder_hidden_states): its keys have no "
+          "position in the latent, so it has no MAD")
+_LINEAR_REASON = ("Sana's linear attention (ReLU feature maps, no softmax): it makes no attention map, so MAD is not "
+                  "defined for it")
+_KEY = "diffusers_images."  # + the transformer's name + ".grid" / ".text": what this call's hooks saw
+
+
+def _owner(module: nn.Module) -> bool:
+    return is_diffusers_class(module, _KNOWN)
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The diffusers attention modules inside the image transformers this family knows (placed or refused by name);
+    those of other diffusers models (UNets, video transformers) are not this family's."""
+    return attention_under(model, _owner)
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    """The placer, :class:`Skip` or refusal of a diffusers attention module inside a known image transformer, else
+    None."""
+    from . import Skip
+
+    if not is_attention(module):
+        return None
+    found = innermost_on_path(model, name, _owner)
+    if found is None:
+        return None
+    owner_name, owner = found
+    kind = type(owner).__name__
+    if kind in _LINEAR:
+        return Skip(_CROSS if is_cross_attention(module) else _LINEAR_REASON)
+    if kind in _NOT_PLACED:
+        return RefusingPlacer(
+            f"vitmad does not place the tokens of diffusers' {kind} yet (it places {', '.join(_PLACED)}); pass "
+            "positions=<[N, 2] latent-pixel position of each token, NaN rows for text and other tokens off the "
+            "latent>"
+        )
+    if is_cross_attention(module):
+        return Skip(_CROSS)
+    caption_only = _CAPTION_ONLY.get(kind)
+    if caption_only is not None and name.startswith(".".join(filter(None, (owner_name, caption_only))) + "."):
+        return Skip(f"self-attention of the caption's tokens alone ({kind}'s {caption_only}): they have no position "
+                    "in the latent, so it has no MAD")
+    return LatentGridPlacer(owner_name, owner, module)
+
+
+class LatentGridPlacer(LayerPlacer):
+    """Places one self- or joint-attention layer of a diffusers image transformer: the latent patch grid of this
+    call in row-major order, with the caption's tokens (where the attention has them) first or last, without a
+    position.
+
+    Args:
+        owner_name: qualified name of the transformer (``DiTTransformer2DModel``, ...).
+        owner: that module.
+        attention: the recorded attention module (its processor is read per call).
+    """
+
+    def __init__(self, owner_name: str, owner: nn.Module, attention: nn.Module):
+        self.owner_name, self.owner, self.attention = owner_name, owner, attention
+        self.kind = type(owner).__name__
+        self.cut, self.text_side, self.processors = _PLACED[self.kind]
+        self.packed = self.cut in ("ids", "shapes", "ids4")
+        self.caption_embedder = _CAPTION_EMBEDDER.get(self.kind, ("context_embedder", 0))[0]
+        self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def install(self, context: CallContext) -> list:
+        key = _KEY + self.owner_name
+        handles = []
+        argument = _CAPTION_EMBEDDER.get(self.kind, ("context_embedder", 0))[1]
+        context_embedder = getattr(self.owner, self.caption_embedder, None)
+        if isinstance(context_embedder, nn.Module):
+            def see_text(module, args) -> None:
+                text = args[argument] if len(args) > argument else None
+                if self.kind == "Lumina2Transformer2DModel":
+                    context.values[key + ".text"] = _lumina2_caption(text)
+                else:
+                    context.values[key + ".text"] = int(text.shape[-2]) if isinstance(text, torch.Tensor) else None
+
+            handles.append(context_embedder.register_forward_pre_hook(see_text))
+        if self.cut == "ids4":
+            def see_flux2_ids(module, args, kwargs) -> None:
+                try:
+                    given = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+                except TypeError:
+                    given = None  # a call its forward itself refuses
+                context.values[key + ".grid"] = "Flux2's forward got arguments it does not take" if given is None \
+                    else _grid_of_flux2_ids(given)
+
+            # Flux2 has no convolution: the recorded model's forward starts the call before this runs.
+            handles.append(self.owner.register_forward_pre_hook(see_flux2_ids, with_kwargs=True))
+        elif self.cut == "shapes":
+            def see_shapes(module, args, kwargs) -> None:
+                context.values[key + ".grid"] = _grid_of_shapes(args[0] if args else kwargs.get("video_fhw"))
+
+            handles.append(self.owner.pos_embed.register_forward_pre_hook(see_shapes, with_kwargs=True))
+        elif self.packed:
+            def see_ids(module, args) -> None:
+                context.values[key + ".grid"] = _grid_of_ids(args[0] if args else None,
+                                                             context.values.get(key + ".text"))
+
+            handles.append(self.owner.pos_embed.register_forward_pre_hook(see_ids))
+        elif self.cut == "view":
+            def see_view(module, args) -> None:
+                latent = args[0] if args else None
+                context.values[key + ".grid"] = None if not isinstance(latent, torch.Tensor) or latent.dim() != 4 \
+                    else (int(latent.shape[0]), int(latent.shape[-2]), int(latent.shape[-1]))
+
+            # AuraFlow and CogView4 have no convolution: the model's forward starts the call, before this runs.
+            handles.append(self._patch_embedding().register_forward_pre_hook(see_view))
+        else:
+            conv = self.owner.pos_embed.proj
+
+            def see_latent(module, args) -> None:
+                latent = args[0] if args else None
+                context.values[key + ".grid"] = None if not isinstance(latent, torch.Tensor) or latent.dim() != 4 \
+                    else (int(latent.shape[0]), int(latent.shape[-2]), int(latent.shape[-1]))
+
+            # On the convolution, not on PatchEmbed: the recorder starts a call there, clearing what came before.
+            handles.append(conv.register_forward_pre_hook(see_latent))
+        return handles
+
+    def _where(self) -> str:
+        return self.owner_name or type(self.owner).__name__
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        processor = processor_name(self.attention)
+        if processor not in self.processors:
+            raise NotPlaceable(
+                f"it runs the attention processor {processor}; vitmad has read the layout of {self.kind}'s calls "
+                f"through {', '.join(self.processors)} only (another processor may add IP-Adapter tokens, perturb "
+                f"the attention or merge batch and heads); set {', '.join(self.processors)} back "
+                "(model.set_attn_processor), or pass positions=<[N, 2] latent-pixel position of each token>"
+            )
+        key = _KEY + self.owner_name
+        seen = context.values.get(key + ".grid")
+        if seen is None:
+            what = {"ids": "pos_embed (img_ids)", "ids4": "forward (img_ids)", "shapes": "pos_embed (img_shapes)",
+                    "view": f"{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')} (the latent)"}.get(
+                self.cut, "pos_embed.proj (the latent)")
+            raise NotPlaceable(
+                f"{self.kind}'s {what} did not run in this call before it attended ({self._where()} recorded "
+                "from a block called alone?), so the latent grid is unknown; run the transformer's forward"
+            )
+        if isinstance(seen, str):
+            raise NotPlaceable(seen)
+        if self.packed:
+            batch, grid, stride = int(lead[0]) if len(lead) else 0, seen, (float(_FLUX_PACKING),) * 2
+        else:
+            batch, height, width = seen
+            grid, stride = self._patch_grid(height, width)
+        patches = grid[0] * grid[1]
+        text = num_keys - patches
+        joint = text > 0
+        if joint and self.text_side is not None:
+            caption = context.values.get(key + ".text")
+            if isinstance(caption, str):
+                raise NotPlaceable(caption)
+            registers = self._registers()
+            if caption is None or caption + registers != text:
+                extra = f" and its {registers} register tokens" if registers else ""
+                raise NotPlaceable(
+                    f"it attends over {num_keys} tokens: the {grid[0]}x{grid[1]} latent patches and {text} more, but "
+                    f"{self.kind}'s {self.caption_embedder} got {caption} caption tokens in this call{extra}; vitmad "
+                    "places the patches and the caption's tokens alone"
+                )
+        if len(lead) != 2 or int(lead[0]) != batch or num_queries != num_keys or text < 0 \
+                or (joint and self.text_side is None):
+            sequence = "the latent patches" + (f", the caption's {self.text_side}" if self.text_side else "")
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; on a "
+                f"{grid[0]}x{grid[1]} latent patch grid ({batch} latents), a {self.kind} layer attends "
+                f"[{batch}, heads, N, N] over {sequence}"
+            )
+        prefix, suffix = (text, 0) if self.text_side == "first" else (0, text)
+        layout = (grid, stride, prefix, suffix)
+        if layout not in self._layouts:
+            self._layouts = {layout: _plain_positions(grid, stride, prefix, suffix)}
+        positions, index = self._layouts[layout]
+        attention = "global, caption " + ("first" if prefix else "last") if joint else "global"
+        geometry = LayerGeometry(grid, stride, attention, int(lead[-1]), prefix, num_suffix_tokens=suffix or None)
+        return Placement(positions, None, select_tokens(index), geometry)
+
+    def _patch_embedding(self) -> nn.Module:
+        return getattr(self.owner, _PATCH_EMBEDDING.get(self.kind, "pos_embed"))
+
+    def _registers(self) -> int:
+        """AuraFlow's learned register tokens, which lead the caption's (``cat([register_tokens, caption])``)."""
+        registers = getattr(self.owner, "register_tokens", None)
+        return int(registers.shape[1]) if isinstance(registers, torch.Tensor) and registers.dim() == 3 else 0
+
+    def _patch_grid(self, height: int, width: int) -> tuple[tuple[int, int], tuple[float, float]]:
+        if self.cut == "view":
+            # AuraFlowPatchEmbed and CogView4PatchEmbed view the latent as whole patches (a side the patch does not
+            # divide fails there).
+            patch = int(self._patch_embedding().patch_size)
+            return (height // patch, width // patch), (float(patch), float(patch))
+        conv = self.owner.pos_embed.proj
+        kernel, stride = pair(conv.kernel_size), pair(conv.stride)
+        if kernel != stride or pair(conv.padding) != (0, 0) or pair(conv.dilation) != (1, 1):
+            raise NotPlaceable(
+                f"{self._where()}.pos_embed.proj cuts the latent with kernel {kernel}, stride {stride}, padding "
+                f"{pair(conv.padding)} and dilation {pair(conv.dilation)}; vitmad places whole patches (kernel == "
+                "stride, no padding, no dilation) only"
+            )
+        grid = ((height - kernel[0]) // stride[0] + 1, (width - kernel[1]) // stride[1] + 1)
+        return grid, (float(stride[0]), float(stride[1]))
+
+
+def _lumina2_caption(mask) -> int | str | None:
+    """The caption's token count of a ``Lumina2Transformer2DModel`` call from its mask ``[B, S]``: the sum of each
+    entry's, which ``Lumina2RotaryPosEmbed`` puts first (the padding dropped); where entries differ, each entry's
+    image starts at its own place, and the reason (a string) is returned."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    lengths = {int(v) for v in mask.sum(dim=1).tolist()}
+    if len(lengths) == 1:
+        return lengths.pop()
+    return (f"its batch holds captions of {len(lengths)} different lengths (encoder_attention_mask sums "
+            f"{sorted(lengths)}): Lumina2 then starts each entry's image after its own caption, and vitmad places a "
+            "batch whose captions have one length (Lumina2Pipeline runs each prompt, and the negative one, alone); "
+            "record the entries one at a time")
+
+
+def _grid_of_shapes(shapes) -> tuple[int, int] | str:
+    """The ``(rows, columns)`` grid of QwenImage's ``img_shapes`` (per batch entry, the ``(frames, rows, columns)``
+    of each image packed in its sequence), where every entry packs one image of one frame and all the same size (as
+    ``QwenImagePipeline`` makes them); else the reason (a string)."""
+    entries = shapes if isinstance(shapes, (list, tuple)) else [shapes]
+    entries = [entry if isinstance(entry, list) else [entry] for entry in entries]
+    found = {tuple(int(v) for v in image) for entry in entries for image in entry
+             if isinstance(image, (list, tuple)) and len(image) == 3}
+    if entries and all(len(entry) == 1 for entry in entries) and len(found) == 1:
+        frames, rows, columns = next(iter(found))
+        if frames == 1:
+            return rows, columns
+    return (f"QwenImage's img_shapes are {shapes!r}; vitmad places one image of one frame per batch entry, all the "
+            "same size, as QwenImagePipeline packs them (an edit pipeline's several images, or images of different "
+            "sizes, are not placed); pass positions=<[N, 2] latent-pixel position of each token, NaN rows for the "
+            "caption's tokens, which come first>")
+
+
+def _grid_of_ids(ids, text: int | None) -> tuple[int, int] | str:
+    """The ``(rows, columns)`` grid of Flux's ``img_ids``: the rows of ``ids`` (``cat([txt_ids, img_ids])``, what its
+    ``pos_embed`` gets) past the ``text`` caption tokens; or, where they are no grid vitmad understands, the reason
+    (a string)."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[-1] != 3 or text is None:
+        return (f"Flux's position ids are {None if not isinstance(ids, torch.Tensor) else list(ids.shape)} with "
+                f"{text} caption tokens; vitmad places the [N, 3] (0, row, column) img_ids of FluxPipeline")
+    return _grid_of_image_ids(ids[text:], "Flux", "(0, row, column)", "FluxPipeline",
+                              "Flux Kontext's reference image has a first id of 1")
+
+
+def _grid_of_image_ids(image, model: str, form: str, pipeline: str, example: str) -> tuple[int, int] | str:
+    """The ``(rows, columns)`` grid of image ids ``[N, K]`` whose columns 1 and 2 are the row and column of a
+    row-major grid from 0 and every other column 0; else the reason (a string)."""
+    image = image.detach().to("cpu", torch.float64)
+    rows = int(image[:, 1].max()) + 1 if len(image) else 0
+    columns = len(image) // rows if rows else 0
+    if rows and rows * columns == len(image):
+        r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(columns, dtype=torch.float64),
+                              indexing="ij")
+        expected = torch.zeros_like(image)
+        expected[:, 1], expected[:, 2] = r.reshape(-1), c.reshape(-1)
+        if torch.equal(image, expected):
+            return rows, columns
+    return (f"{model}'s img_ids ({len(image)} rows) are not the row-major grid of {form} ids {pipeline} makes for "
+            f"one latent ({example}; an edit pipeline may offset them): vitmad does not know where those tokens are; "
+            "pass positions=<[N, 2] latent-pixel position of each token, NaN rows for the caption's tokens, which "
+            "come first>")
+
+
+def _grid_of_flux2_ids(kwargs: dict) -> tuple[int, int] | str:
+    """The ``(rows, columns)`` grid of the ``img_ids`` a ``Flux2Transformer2DModel`` forward gets (``[N, 4]`` or
+    ``[B, N, 4]``, of which it reads the first), from its arguments by name, or the reason (a string)."""
+    if kwargs.get("kv_cache_mode") is not None or kwargs.get("kv_cache") is not None or kwargs.get("num_ref_tokens"):
+        return ("Flux2's reference-image KV cache is in use (kv_cache / kv_cache_mode / num_ref_tokens): its reference "
+                "tokens are not places of this latent; vitmad places one latent's tokens and the caption's")
+    ids = kwargs.get("img_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() == 3:
+        ids = ids[0]  # as Flux2Transformer2DModel.forward reads them
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[-1] != 4:
+        return (f"Flux2's img_ids are {None if not isinstance(ids, torch.Tensor) else list(ids.shape)}; vitmad places "
+                "the [N, 4] (0, row, column, 0) img_ids of Flux2Pipeline")
+    return _grid_of_image_ids(ids, "Flux2", "(0, row, column, 0)", "Flux2Pipeline",
+                              "a reference image's have a first id of 10 or more")
