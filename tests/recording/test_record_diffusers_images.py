@@ -384,6 +384,24 @@ def test_processor_not_read_is_refused():
         model(torch.randn(1, 4, 8, 8), timestep=torch.tensor([1]), class_labels=torch.tensor([0]))
 
 
+class _AttentionVitmadDoesNotSee:
+    """A processor that attends where vitmad does not look (xFormers' kernel, a custom CUDA kernel): here it
+    computes nothing, so no attention call reaches vitmad at all."""
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def test_processor_that_attends_out_of_sight_is_refused_not_left_out():
+    """Such a layer never reached the placer's processor check: it was left out of the recording, silently."""
+    model = _dit()
+    model.transformer_blocks[1].attn1.set_processor(_AttentionVitmadDoesNotSee())
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match=(
+            r"transformer_blocks\.1\.attn1 \(Attention\) of DiTTransformer2DModel: it runs the attention processor "
+            "_AttentionVitmadDoesNotSee;")):
+        model(torch.randn(1, 4, 8, 8), timestep=torch.tensor([1]), class_labels=torch.tensor([0]))
+
+
 def test_sana_linear_attention_has_no_mad():
     model = diffusers.SanaTransformer2DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,

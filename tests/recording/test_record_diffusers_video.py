@@ -172,6 +172,24 @@ def test_wan_self_attention_is_joint_space_time_over_latent_tubelets_one_call_pe
     assert not torch.allclose(rec.calls[0].per_layer[1], rec.calls[1].per_layer[1])
 
 
+class _AttentionVitmadDoesNotSee:
+    """A processor that attends where vitmad does not look (xFormers' kernel, a custom CUDA kernel): here it
+    computes nothing, so no attention call reaches vitmad at all."""
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def test_processor_that_attends_out_of_sight_is_refused_not_left_out():
+    """Such a layer never reached the placer's processor check: it was left out of the recording, silently."""
+    model = _wan()
+    model.blocks[0].attn1.set_processor(_AttentionVitmadDoesNotSee())
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match=(
+            r"blocks\.0\.attn1 \(WanAttention\) of WanTransformer3DModel: it runs the attention processor "
+            "_AttentionVitmadDoesNotSee")):
+        model(torch.randn(1, 4, 2, 4, 6), torch.tensor([500]), torch.randn(1, TEXT, TEXT_DIM))
+
+
 def test_wan_image_to_video_skips_both_cross_attentions():
     """Wan 2.1 image-to-video: attn2 attends to the CLIP image tokens (added key / value projections) and to the
     text (its processor takes the last 512 of encoder_hidden_states as text): skipped; attn1 placed as in

@@ -231,15 +231,23 @@ class LatentGridPlacer(LayerPlacer):
     def _where(self) -> str:
         return self.owner_name or type(self.owner).__name__
 
-    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+    def _processor_refusal(self) -> str | None:
         processor = processor_name(self.attention)
-        if processor not in self.processors:
-            raise NotPlaceable(
-                f"it runs the attention processor {processor}; vitmad has read the layout of {self.kind}'s calls "
+        if processor in self.processors:
+            return None
+        return (f"it runs the attention processor {processor}; vitmad has read the layout of {self.kind}'s calls "
                 f"through {', '.join(self.processors)} only (another processor may add IP-Adapter tokens, perturb "
                 f"the attention or merge batch and heads); set {', '.join(self.processors)} back "
-                "(model.set_attn_processor), or pass positions=<[N, 2] latent-pixel position of each token>"
-            )
+                "(model.set_attn_processor), or pass positions=<[N, 2] latent-pixel position of each token>")
+
+    def refusal_without_attention(self, module: nn.Module) -> str | None:
+        # A processor that computes the attention where vitmad does not look (xFormers) reaches no place().
+        return self._processor_refusal()
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        refusal = self._processor_refusal()
+        if refusal is not None:
+            raise NotPlaceable(refusal)
         key = _KEY + self.owner_name
         seen = context.values.get(key + ".grid")
         if seen is None:

@@ -48,7 +48,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..module_index import named_module_list
 from ..placement import (
     CallContext,
     LayerGeometry,
@@ -59,12 +58,12 @@ from ..placement import (
     on_device,
     read_only,
 )
+from .diffusers_common import attention_under, is_attention
 from .stages import forward_arguments, grid_placement, innermost_on_path, pair
 from .video import tubelet_positions
 
 __all__ = ["placer", "attention_modules", "UNetMapPlacer", "FramesMapPlacer"]
 
-_ATTENTION = ("diffusers.models.attention_processor", "Attention")
 _UNETS_PACKAGE = "diffusers.models.unets."
 _2D_BLOCKS = "diffusers.models.unets.unet_2d_blocks"
 _3D_BLOCKS = "diffusers.models.unets.unet_3d_blocks"
@@ -95,21 +94,14 @@ def _defined(module, where: tuple[str, str]) -> bool:
     return (cls.__module__, cls.__name__) == where
 
 
-def _is_diffusers_attention(module: nn.Module) -> bool:
-    """diffusers' ``Attention`` (``diffusers.models.attention_processor``), the module every UNet block and the
-    older transformers attend through; its ``processor`` computes the attention."""
-    return _defined(module, _ATTENTION)
-
-
 def _is_unet(module: nn.Module) -> bool:
     return type(module).__module__.startswith(_UNETS_PACKAGE) and hasattr(module, "down_blocks")
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """diffusers' ``Attention`` modules inside a diffusers UNet, by qualified name (their forward calls a processor,
+    """diffusers' attention modules inside a diffusers UNet, by qualified name (their forward calls a processor,
     so the generic discovery does not see them)."""
-    return {name: module for name, module in named_module_list(model)
-            if _is_diffusers_attention(module) and innermost_on_path(model, name, _is_unet) is not None}
+    return attention_under(model, _is_unet)
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
@@ -117,7 +109,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     the layout is not known); None for any other module."""
     from . import Skip
 
-    if not _is_diffusers_attention(module):
+    if not is_attention(module):
         return None
     found = innermost_on_path(model, name, _is_unet)
     if found is None:

@@ -39,8 +39,8 @@ mass the tubelet queries put on the text tokens. A module whose attention proces
 order or mask the tokens otherwise.
 
 Refused by name (:data:`_REFUSED`): the other video transformers of diffusers, whose sequences are not read here.
-Generic pieces (any diffusers model, not only video): :func:`_is_attention` (a diffusers attention module) and
-:func:`_processor_name` (its current processor, checked at every call by :func:`_call_grid`).
+Its attention modules are recognised as the other diffusers families recognise theirs (:mod:`.diffusers_common`);
+:func:`_processor_name` gives the current processor's module and class, checked at every call by :func:`_call_grid`.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from ..placement import (
     on_device,
     read_only,
 )
+from .diffusers_common import is_attention
 from .video import _Grid, tubelet_positions
 
 __all__ = ["placer", "attention_modules"]
@@ -122,16 +123,8 @@ def _key(module: nn.Module) -> tuple[str, str]:
     return type(module).__module__, type(module).__name__
 
 
-def _is_attention(module: nn.Module) -> bool:
-    """Generic: a diffusers attention module (``Attention``, ``WanAttention``, ...): defined in diffusers, with a
-    ``processor`` that computes its attention in its forward and a query projection (``to_q``, or the fused
-    ``to_qkv``)."""
-    return (type(module).__module__.startswith(_LIBRARY) and hasattr(module, "processor")
-            and any(isinstance(getattr(module, p, None), nn.Module) for p in ("to_q", "to_qkv")))
-
-
 def _processor_name(module: nn.Module) -> tuple[str, str]:
-    """Generic: (defining module, class name) of a diffusers attention module's current processor."""
+    """(defining module, class name) of a diffusers attention module's current processor."""
     processor = getattr(module, "processor", None)
     return type(processor).__module__, type(processor).__name__
 
@@ -156,7 +149,7 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     the outer one. Image transformers and UNets are not claimed here."""
     found = {}
     for name, module in named_module_list(model):
-        if _is_attention(module) and not any(name.startswith(outer + ".") for outer in found):
+        if is_attention(module) and not any(name.startswith(outer + ".") for outer in found):
             if _video_model(model, name) is not None:
                 found[name] = module
     return found
@@ -452,7 +445,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return None
     video, prefix = found
     kind, inner = _key(video), name[len(prefix):].lstrip(".") if prefix else name
-    if kind in _PROCESSORS and not _is_attention(module):
+    if kind in _PROCESSORS and not is_attention(module):
         # Found by another discovery (it calls scaled_dot_product_attention or a softmax itself): not one of the
         # processors' attention modules whose sequence was read.
         return RefusingPlacer(f"{type(module).__name__} in {type(video).__name__} is no attention module whose "
