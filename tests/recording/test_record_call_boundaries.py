@@ -5,8 +5,9 @@ layers that run until the next start. A predictor that runs the tower in one met
 another, after the first has returned (sam2's ``SAM2VideoPredictor``: ``forward_image``, then the memory attention),
 left that start's call empty when the method ended; an empty call whose forward had ended was dropped (a forward
 that raised between its tower and its layers must leave no call), and the layers then joined the call before it:
-every tracked frame's memory attention in one call. Each image the tower embeds now keeps its call for the layers
-that follow, the call listed once a layer joins it.
+every tracked frame's memory attention in one call (transformers' ``Sam3Model`` too, its DETR encoder run on the
+``vision_embeds`` of ``get_vision_features``, where rec.calls was read between the two). Each image the tower embeds
+now keeps its call for the layers that follow, the call listed once a layer joins it.
 
 References: each attention's float64 probabilities from the q and k the model computes (the synthetic tracker's
 own projections of the tokens its layers receive, sam2's and transformers' as their tests read them), the tokens
@@ -16,6 +17,7 @@ convolution, each token at its cell's centre, given to vitmad as ``positions=``)
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -266,3 +268,38 @@ def test_transformers_sam2_video_is_a_call_per_frame_through_propagate_in_video_
     for call, probabilities in zip(rec.calls[1:], reference, strict=True):
         assert call.layers == [memory_attention.SELF]
         torch.testing.assert_close(call.mad.double(), memory_attention._expected(probabilities)["mad"][None], **TOL)
+
+
+def test_transformers_sam3_detr_encoder_on_precomputed_vision_features_is_a_call_per_image():
+    """``Sam3Model.get_vision_features`` runs the ViT (its patch embedding starts the call) and returns; the model
+    called on those ``vision_embeds`` runs its DETR encoder. With rec.calls read between the two, the encoder of
+    every image joined one call; each image is now its own, equal to that image's eager reference (the model run on
+    its pixels)."""
+    detr_encoder = pytest.importorskip("test_record_detr_encoder")
+    model = detr_encoder._sam3("Sam3")
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(1, 6, dtype=torch.long)
+    generator = torch.Generator().manual_seed(4)
+    images = [torch.randn(1, 3, 48, 32, generator=generator) for _ in range(2)]
+    modeling = importlib.import_module("transformers.models.sam3.modeling_sam3")
+    own = list(model.detr_encoder.layers)
+    references = []
+    for image in images:
+        calls = detr_encoder.eager_attention_calls(modeling, model, pixel_values=image, input_ids=ids,
+                                                   attention_mask=mask)
+        references.append([detr_encoder._expected(p, (6, 4), 8) for module, p in calls
+                           if any(module is layer.self_attn for layer in own)])
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        plain = [model(pixel_values=image, input_ids=ids, attention_mask=mask).pred_masks for image in images]
+        with vitmad.record(model, layers=["detr_encoder.*"]) as rec:
+            recorded = []
+            for index, image in enumerate(images):
+                features = model.get_vision_features(pixel_values=image)
+                assert len(rec.calls) == index
+                recorded.append(model(vision_embeds=features, input_ids=ids, attention_mask=mask).pred_masks)
+    assert all(torch.equal(a, b) for a, b in zip(plain, recorded, strict=True))
+    assert len(rec.calls) == len(images)
+    for call, reference in zip(rec.calls, references, strict=True):
+        assert call.layers == [f"detr_encoder.layers.{i}.self_attn" for i in range(2)] and len(reference) == 2
+        torch.testing.assert_close(call.mad.double(), torch.stack([e["mad"] for e in reference]), **TOL)
