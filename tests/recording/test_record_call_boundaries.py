@@ -204,9 +204,11 @@ def test_the_forward_holding_both_is_a_call_per_frame():
 
 
 def _jpeg_frames(folder: str, count: int) -> str:
+    """``count`` 96 x 120 JPEG frames, ``<index>.jpg`` as sam2 reads them."""
+    image = pytest.importorskip("PIL.Image")
     pixels = numpy.random.default_rng(0).integers(0, 256, (count, 96, 120, 3), dtype=numpy.uint8)
     for index, frame in enumerate(pixels):
-        pytest.importorskip("PIL.Image").fromarray(frame).save(os.path.join(folder, f"{index:05d}.jpg"))
+        image.fromarray(frame).save(os.path.join(folder, f"{index:05d}.jpg"))
     return folder
 
 
