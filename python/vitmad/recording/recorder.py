@@ -14,7 +14,9 @@ without a position anywhere) and folds the per-query values back onto the layer'
 
 Repeated forwards: every forward call inside one ``record`` block is kept as a :class:`RecordedCall` in
 ``rec.calls`` (a call starts when the model's first convolution runs on the image, or its NaFlex tower where
-it has none); ``rec.mad``, ``rec.layers``, ``rec.geometry`` and ``rec.layout`` describe the latest call.
+it has none, and holds the recorded layers that run until the next start, also those a predictor runs after the
+method that ran the tower has returned); ``rec.mad``, ``rec.layers``, ``rec.geometry`` and ``rec.layout`` describe
+the latest call.
 
 One layer, one entry: a module that computes its attention in several calls (differential attention, two
 softmax maps) is recorded once, with the MAD of the attention it applies (:mod:`.differential`).
@@ -575,6 +577,11 @@ class Recording:
         # until the model's own call that made it ends; by thread, the call it started last.
         self._starters: dict[int, tuple[threading.Thread, tuple | None]] = {}
         self._started: dict[threading.Thread, RecordedCall] = {}
+        # The call of the latest call start, when the forward that started it (outside the model's own call) ended
+        # before any recorded layer ran: out of rec.calls (a forward that raised there leaves no call), but the
+        # layers that run before the next start join it, not the call before it (sam2's SAM2VideoPredictor runs
+        # the memory attention after forward_image, which starts each frame's call, has returned).
+        self._vacant: RecordedCall | None = None
         self._outermost: _Outermost | None = None  # the outermost forward in progress outside the model's call
         self._trailing_handles: list = []  # _order_trailing
         self._trailing: dict[int, tuple] = {}
@@ -908,6 +915,7 @@ class Recording:
         self._context.values.clear()
         call = RecordedCall()
         self._calls.append(call)
+        self._vacant = None
         me, caller = threading.current_thread(), forward_caller_frame()
         self._starters[id(call)] = (me, None if caller is None else (id(caller), caller.f_code))
         self._started[me] = call
@@ -956,10 +964,18 @@ class Recording:
                 "another, or record a separate copy of the model in each thread"
             )
 
+    def _open_call(self) -> None:
+        """The last of rec.calls is the call a layer joins: the vacant call (_drop_interrupted), listed again where
+        this layer is the first since its start, or a new call where there is none."""
+        vacant = self._vacant
+        if vacant is not None and vacant._is_empty() and not any(call is vacant for call in self._calls):
+            self._calls.append(vacant)
+        elif not self._calls:
+            self._calls.append(RecordedCall())
+
     def _place(self, name: str, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         self._check_call_thread()
-        if not self._calls:
-            self._calls.append(RecordedCall())
+        self._open_call()
         try:
             placement = self._placers[name].place(self._context, lead, num_queries, num_keys)
             return placement if self._spacing is None else self._spacing.apply(placement)
@@ -1449,10 +1465,18 @@ class Recording:
             return
         self._take_back(outermost)
 
+    def _remove_calls(self, start: int) -> None:
+        """Drop the calls from index ``start`` on, those of a forward that did not end. The vacant call among
+        them is emptied: the layers of a retry, which no new start precedes, join it again."""
+        removed = self._calls[start:]
+        self._forget_starts(removed)
+        del self._calls[start:]
+        if any(call is self._vacant for call in removed):
+            self._vacant._keep_layers(0, 0)
+
     def _take_back(self, outermost: _Outermost) -> None:
         """Undo what an outermost forward outside the model's call added to the calls, as it did not end."""
-        self._forget_starts(self._calls[outermost.count:])
-        del self._calls[outermost.count:]
+        self._remove_calls(outermost.count)
         call = outermost.call
         if call is not None and self._calls and self._calls[-1] is call:
             call._keep_layers(outermost.kept, outermost.kept_class)
@@ -1487,8 +1511,7 @@ class Recording:
     def _drop_unfinished(self) -> None:
         """Drop the calls of a forward that began and never ended: a KeyboardInterrupt skips _end_forward."""
         if self._calls_before_forward is not None:
-            self._forget_starts(self._calls[self._calls_before_forward:])
-            del self._calls[self._calls_before_forward:]
+            self._remove_calls(self._calls_before_forward)
             self._calls_before_forward = self._model_call = None
 
     def _drop_interrupted(self) -> None:
@@ -1496,7 +1519,8 @@ class Recording:
         anything else starts a call or reads them: its half call was read as the latest forward, and a
         forward_features run after it was dropped with it at the next model call or the end of the block. An
         outermost forward outside the model's call that a KeyboardInterrupt ended is taken back as one that
-        raised (_leave_scope), and the empty call of one that ended before its first layer is dropped."""
+        raised (_leave_scope), and the empty call of one that ended before its first layer leaves rec.calls (kept
+        aside for the layers that may run after it: _open_call)."""
         if self._calls_before_forward is not None and self._model_call is not None \
                 and not module_call_live(self._model_call, self.model):
             self._drop_unfinished()
@@ -1509,10 +1533,13 @@ class Recording:
         started = None if latest is None else self._starters.get(id(latest))
         if latest is not None and latest._is_empty() and started is not None and started[1] is not None \
                 and not frame_live(started[0], *started[1]):
-            # Begun by a forward outside the model's call (forward_features) that ended before its first recorded
-            # layer, with no module holding the layers around to say whether it raised (timm's _pos_embed between
-            # the patch embedding and the blocks raising): an empty call, which no layer joins any more.
-            self._forget_starts([self._calls.pop()])
+            # Begun by a forward outside the model's call (forward_features, sam2's forward_image) that ended before
+            # its first recorded layer, with no module holding the layers around to say whether it raised (timm's
+            # _pos_embed between the patch embedding and the blocks raising) or returned (the recorded layers run
+            # after it, outside it: sam2's memory attention): no entry of rec.calls while empty, but the call that
+            # the layers run before the next start join (_open_call).
+            self._vacant = self._calls.pop()
+            self._forget_starts([self._vacant])
 
     def _forward_returned(self, module: nn.Module, args, output) -> None:
         self._returned = True
@@ -1549,6 +1576,9 @@ class Recording:
                           stacklevel=2)
 
     def _remove(self) -> None:
+        # Before the starts are forgotten: the empty call of a tower run whose layers never came (the last frame
+        # encoded, a forward_features that raised) is no entry after the block either.
+        self._drop_interrupted()
         self._drop_unfinished()
         for handle in self._handles:
             handle.remove()
@@ -1560,6 +1590,7 @@ class Recording:
         self._owner.reset()
         self._starters.clear()
         self._started.clear()
+        self._vacant = None
         if self._eager:
             self._eager = False
             EagerWhileRecording.leave()

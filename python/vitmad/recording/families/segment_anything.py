@@ -42,9 +42,9 @@ left last: its stride the patch convolution's times ``q_stride`` for each poolin
 released configs: stage 2 of 4, ``scalp`` 1), the FpnNeck's lateral convolutions checked to keep the trunk's grid,
 the map and stride checked in every call against the image the encoder ran on; a call whose frame features came
 from the predictor's cache (the encoder did not run) is refused, as is the layer outside a ``SAM2Base`` that holds
-it and a package ``ImageEncoder``, ``Hiera`` and ``FpnNeck``. The default records the trunk alone; record the
-memory attention with the trunk (``layers=["image_encoder.*", "memory_attention.*"]``): its patch embedding starts
-each frame's call, where ``forward_image`` returns before the memory attention runs.
+it and a package ``ImageEncoder``, ``Hiera`` and ``FpnNeck``. The default records the trunk alone; the memory
+attention is recorded alone or with the trunk: the trunk's patch embedding starts each frame's call, which the memory
+attention joins after ``forward_image`` has returned (the recorder keeps that call for it).
 """
 
 from __future__ import annotations

@@ -1,0 +1,307 @@
+"""Where vitmad.record's calls begin and end when the recorded layers run outside the method that runs the tower.
+
+A call starts where the tower embeds an image (its first convolution on the image's channels) and holds the recorded
+layers that run until the next start. A predictor that runs the tower in one method and the recorded layers in
+another, after the first has returned (sam2's ``SAM2VideoPredictor``: ``forward_image``, then the memory attention),
+left that start's call empty when the method ended; an empty call whose forward had ended was dropped (a forward
+that raised between its tower and its layers must leave no call), and the layers then joined the call before it:
+every tracked frame's memory attention in one call (transformers' ``Sam3Model`` too, its DETR encoder run on the
+``vision_embeds`` of ``get_vision_features``, where rec.calls was read between the two). Each image the tower embeds
+now keeps its call for the layers that follow, the call listed once a layer joins it.
+
+References: each attention's float64 probabilities from the q and k the model computes (the synthetic tracker's
+own projections of the tokens its layers receive, sam2's and transformers' as their tests read them), the tokens
+placed by the geometry written here (the synthetic tracker's: the row-major 4 x 6 grid of its 8 px patch
+convolution, each token at its cell's centre, given to vitmad as ``positions=``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import numpy
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional
+
+import vitmad
+
+TOL = {"rtol": 1e-5, "atol": 1e-4}  # atol in pixels; float32 q and k
+PATCH, GRID, DIM, HEADS = 8, (4, 6), 8, 2
+FRAMES = 3
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention through SDPA, with a residual: the layer after it still sees the position code."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(DIM, DIM, bias=False) for _ in range(3))
+
+    def heads(self, projection: nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
+        return projection(tokens).unflatten(-1, (HEADS, DIM // HEADS)).transpose(1, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self.heads(projection, tokens) for projection in (self.q, self.k, self.v))
+        return tokens + functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+class _Tracker(nn.Module):
+    """A frame encoder (an 8 px patch convolution, which starts vitmad's calls, plus a position code) and a
+    two-layer memory over its tokens, run by two methods one after the other, as sam2's predictor runs
+    ``forward_image``, then its memory attention; ``forward`` runs both."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, DIM, PATCH, stride=PATCH)
+        self.memory = nn.Sequential(_Attention(), _Attention())
+        # Head h reads cos and sin of w_h r and w_h c: its scores 9 (cos(w_h dr) + cos(w_h dc)) / 2 make each token
+        # attend to its neighbours, far from uniform.
+        rows, cols = torch.meshgrid(torch.arange(GRID[0]), torch.arange(GRID[1]), indexing="ij")
+        rows, cols = rows.reshape(-1, 1).float(), cols.reshape(-1, 1).float()
+        code = [torch.cat([(w * rows).cos(), (w * rows).sin(), (w * cols).cos(), (w * cols).sin()], -1)
+                for w in (0.5, 1.0)]
+        self.register_buffer("code", 3 * torch.cat(code, -1))
+
+    def encode(self, frame: torch.Tensor) -> torch.Tensor:
+        return self.patch(frame).flatten(2).transpose(1, 2) + self.code
+
+    def attend(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.memory(tokens)
+
+    def forward(self, frame: torch.Tensor) -> torch.Tensor:
+        return self.attend(self.encode(frame))
+
+
+def _tracker() -> _Tracker:
+    torch.manual_seed(0)
+    model = _Tracker().eval()
+    with torch.no_grad():
+        model.patch.weight.normal_(std=0.05)
+        for layer in model.memory:
+            layer.q.weight.copy_(torch.eye(DIM))
+            layer.k.weight.copy_(torch.eye(DIM))
+    return model
+
+
+def _frames() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(1, 3, GRID[0] * PATCH, GRID[1] * PATCH, generator=generator) for _ in range(FRAMES)]
+
+
+def _centres() -> torch.Tensor:
+    """Token ``(r, c)`` of the row-major grid at ``((r + 0.5) 8, (c + 0.5) 8)`` pixels."""
+    rows, cols = torch.meshgrid(torch.arange(GRID[0]), torch.arange(GRID[1]), indexing="ij")
+    return (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * PATCH
+
+
+def _mad(probabilities: torch.Tensor) -> torch.Tensor:
+    """``[B, H]`` of ``[B, H, N, N]`` probabilities over the grid."""
+    return (probabilities * torch.cdist(_centres(), _centres())).sum(-1).mean(-1)
+
+
+def _reference(model: _Tracker, frame: torch.Tensor) -> list[torch.Tensor]:
+    """``[1, H]`` MAD of each memory layer on ``frame``, in float64 from the q and k its projections make of the
+    tokens it receives (read by a pre-hook in a plain run)."""
+    inputs = []
+    handles = [layer.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach())) for layer in
+               model.memory]
+    with torch.no_grad():
+        model.attend(model.encode(frame))
+    for handle in handles:
+        handle.remove()
+    mads = []
+    for layer, tokens in zip(model.memory, inputs, strict=True):
+        q = tokens.double() @ layer.q.weight.double().T
+        k = tokens.double() @ layer.k.weight.double().T
+        q, k = (x.unflatten(-1, (HEADS, DIM // HEADS)).transpose(1, 2) for x in (q, k))
+        probabilities = (q @ k.transpose(-2, -1) / math.sqrt(DIM // HEADS)).softmax(-1)
+        uniform = _mad(torch.full_like(probabilities, 1 / probabilities.shape[-1]))
+        assert (uniform - _mad(probabilities)).abs().min() > 3.0  # far from uniform
+        mads.append(_mad(probabilities))
+    return mads
+
+
+def _check(call, references: list[list[torch.Tensor]]) -> None:
+    """One call holds ``references``' runs of the memory, each with its layers' MADs."""
+    layers = ["memory.0", "memory.1"]
+    assert call.layers == layers * len(references)
+    for recorded, expected in zip(call.mad, [mad for run in references for mad in run], strict=True):
+        torch.testing.assert_close(recorded.double(), expected, **TOL)
+
+
+@pytest.mark.parametrize("runs", [1, 2])
+@pytest.mark.parametrize("read_between", [False, True])
+def test_each_frame_is_a_call_when_its_layers_run_after_the_encoder_returned(runs, read_between):
+    """Each frame's memory (run once, or twice as per tracked object) is that frame's call; reading rec.calls
+    between the encoder and the memory (which lists no call for the frame yet) changes nothing. The calls were
+    one, holding every frame's layers."""
+    model, frames = _tracker(), _frames()
+    references = [_reference(model, frame) for frame in frames]
+    with torch.no_grad():
+        plain = [model(frame) for frame in frames]
+    outputs = []
+    with torch.no_grad(), vitmad.record(model, layers=["memory.*"], positions=_centres()) as rec:
+        for index, frame in enumerate(frames):
+            tokens = model.encode(frame)
+            if read_between:
+                assert len(rec.calls) == index
+            outputs.extend(model.attend(tokens) for _ in range(runs))
+    assert all(torch.equal(a, b) for a, b in zip(plain, outputs[::runs], strict=True))
+    assert len(rec.calls) == FRAMES
+    for call, reference in zip(rec.calls, references, strict=True):
+        _check(call, [reference] * runs)
+
+
+def test_a_frame_encoded_without_its_layers_is_no_call():
+    """A frame whose memory does not run (sam2's clicked frame) is no entry, and the next frame's layers are that
+    frame's call, not the skipped one's."""
+    model, frames = _tracker(), _frames()
+    with torch.no_grad(), vitmad.record(model, layers=["memory.*"], positions=_centres()) as rec:
+        model.encode(frames[0])
+        model.attend(model.encode(frames[1]))
+        model.encode(frames[2])
+    assert len(rec.calls) == 1
+    _check(rec.calls[0], [_reference(model, frames[1])])
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_memory_that_raised_is_taken_back_and_its_retry_joins_its_frame(error):
+    """The second layer of frame 1's memory raised (out of memory, Ctrl-C): the first layer's entry is taken back,
+    and the retry, which no encoder run precedes (sam2 reads the frame's cached features), is frame 1's call, not
+    frame 0's."""
+    model, frames = _tracker(), _frames()
+
+    def fail(*_):
+        raise error("out of memory")
+
+    with torch.no_grad(), vitmad.record(model, layers=["memory.*"], positions=_centres()) as rec:
+        model.attend(model.encode(frames[0]))
+        tokens = model.encode(frames[1])
+        hook = model.memory[1].register_forward_pre_hook(fail)
+        with pytest.raises(error):
+            model.attend(tokens)
+        hook.remove()
+        assert len(rec.calls) == 1
+        model.attend(tokens)
+    assert len(rec.calls) == 2
+    for call, frame in zip(rec.calls, frames[:2], strict=True):
+        _check(call, [_reference(model, frame)])
+
+
+def test_the_forward_holding_both_is_a_call_per_frame():
+    """Run by the model's own forward, as before: one call per forward."""
+    model, frames = _tracker(), _frames()
+    with torch.no_grad(), vitmad.record(model, layers=["memory.*"], positions=_centres()) as rec:
+        for frame in frames:
+            model(frame)
+    assert len(rec.calls) == FRAMES
+    for call, frame in zip(rec.calls, frames, strict=True):
+        _check(call, [_reference(model, frame)])
+
+
+def _jpeg_frames(folder: str, count: int) -> str:
+    """``count`` 96 x 120 JPEG frames, ``<index>.jpg`` as sam2 reads them."""
+    image = pytest.importorskip("PIL.Image")
+    pixels = numpy.random.default_rng(0).integers(0, 256, (count, 96, 120, 3), dtype=numpy.uint8)
+    for index, frame in enumerate(pixels):
+        image.fromarray(frame).save(os.path.join(folder, f"{index:05d}.jpg"))
+    return folder
+
+
+@pytest.mark.parametrize("objects", [1, 2])
+def test_sam2_tracking_records_the_memory_attention_alone_one_call_per_frame(tmp_path, objects):
+    """sam2's ``SAM2VideoPredictor`` runs ``forward_image`` (the trunk's patch embedding starts the call) and returns
+    before ``_prepare_memory_conditioned_features`` runs the memory attention. Recorded alone, the memory attention
+    of the three propagated frames was one call; it is now a call per frame (the clicked frame 0 runs none: no
+    entry), each holding its frame's self-attention layers once per object, equal to that frame's reference, also
+    with rec.calls read as each frame is yielded."""
+    sam2_memory = pytest.importorskip("test_record_sam2_memory")
+    video = _jpeg_frames(str(tmp_path), sam2_memory.FRAMES)
+    reference = sam2_memory._self_attention_probabilities(video, objects)
+    model = sam2_memory._predictor()
+    plain = sam2_memory._track(model, video, objects)
+    with vitmad.record(model, layers=["memory_attention.*"]) as rec:
+        state = model.init_state(video)
+        for obj_id, point in list(zip((1, 2), ([30.0, 40.0], [90.0, 70.0]), strict=True))[:objects]:
+            model.add_new_points_or_box(state, frame_idx=0, obj_id=obj_id,
+                                        points=numpy.array([point], numpy.float32),
+                                        labels=numpy.array([1], numpy.int32))
+        recorded, seen = [], []
+        for _, _, masks in model.propagate_in_video(state):
+            recorded.append(masks.clone())
+            seen.append(len(rec.calls))
+    assert all(torch.equal(a, b) for a, b in zip(plain, recorded, strict=True))
+    assert seen == list(range(sam2_memory.FRAMES))
+    assert len(rec.calls) == sam2_memory.FRAMES - 1
+    probabilities = iter(reference)
+    for call in rec.calls:
+        assert call.layers == [name for _ in range(objects) for name in sam2_memory.SELF]
+        for i in range(len(call.layers)):
+            expected = sam2_memory._expected(next(probabilities), (sam2_memory.MAP, sam2_memory.MAP),
+                                             sam2_memory.STRIDE)
+            torch.testing.assert_close(call.mad[i].double(), expected["mad"], **sam2_memory.TOL)
+    assert next(probabilities, None) is None
+
+
+def test_transformers_sam2_video_is_a_call_per_frame_through_propagate_in_video_iterator():
+    """transformers' ``Sam2VideoModel`` runs each frame through its own forward (``propagate_in_video_iterator``
+    calls the model): the memory attention recorded alone is a call per frame (frame 0, the clicked frame, an empty
+    one, as every forward of the model is kept), each equal to that frame's eager reference."""
+    memory_attention = pytest.importorskip("test_record_memory_attention")
+    model, modeling, session_cls = memory_attention._sam2_video()
+    reference = memory_attention._eager_self_attention(model, modeling, session_cls)
+    model.set_attn_implementation("sdpa")
+    frames = memory_attention.FRAMES
+    video = torch.randn(frames, 3, memory_attention.SIZE, memory_attention.SIZE,
+                        generator=torch.Generator().manual_seed(1))
+    session = session_cls(video=video, video_height=memory_attention.SIZE, video_width=memory_attention.SIZE,
+                          dtype=torch.float32)
+    session.add_point_inputs(session.obj_id_to_idx(1), 0, {"point_coords": torch.tensor([[[[20.0, 30.0]]]]),
+                                                            "point_labels": torch.ones(1, 1, 1, dtype=torch.int32)})
+    session.obj_with_new_inputs = [1]
+    with torch.no_grad(), vitmad.record(model, layers=[memory_attention.SELF]) as rec:
+        model(inference_session=session, frame_idx=0)
+        seen = [len(rec.calls) for _ in model.propagate_in_video_iterator(session, start_frame_idx=1)]
+    assert seen == [2, 3] and len(rec.calls) == frames and rec.calls[0].layers == []
+    for call, probabilities in zip(rec.calls[1:], reference, strict=True):
+        assert call.layers == [memory_attention.SELF]
+        torch.testing.assert_close(call.mad.double(), memory_attention._expected(probabilities)["mad"][None], **TOL)
+
+
+def test_transformers_sam3_detr_encoder_on_precomputed_vision_features_is_a_call_per_image():
+    """``Sam3Model.get_vision_features`` runs the ViT (its patch embedding starts the call) and returns; the model
+    called on those ``vision_embeds`` runs its DETR encoder. With rec.calls read between the two, the encoder of
+    every image joined one call; each image is now its own, equal to that image's eager reference (the model run on
+    its pixels)."""
+    detr_encoder = pytest.importorskip("test_record_detr_encoder")
+    model = detr_encoder._sam3("Sam3")
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(1, 6, dtype=torch.long)
+    generator = torch.Generator().manual_seed(4)
+    images = [torch.randn(1, 3, 48, 32, generator=generator) for _ in range(2)]
+    modeling = importlib.import_module("transformers.models.sam3.modeling_sam3")
+    own = list(model.detr_encoder.layers)
+    references = []
+    for image in images:
+        calls = detr_encoder.eager_attention_calls(modeling, model, pixel_values=image, input_ids=ids,
+                                                   attention_mask=mask)
+        references.append([detr_encoder._expected(p, (6, 4), 8) for module, p in calls
+                           if any(module is layer.self_attn for layer in own)])
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        plain = [model(pixel_values=image, input_ids=ids, attention_mask=mask).pred_masks for image in images]
+        with vitmad.record(model, layers=["detr_encoder.*"]) as rec:
+            recorded = []
+            for index, image in enumerate(images):
+                features = model.get_vision_features(pixel_values=image)
+                assert len(rec.calls) == index
+                recorded.append(model(vision_embeds=features, input_ids=ids, attention_mask=mask).pred_masks)
+    assert all(torch.equal(a, b) for a, b in zip(plain, recorded, strict=True))
+    assert len(rec.calls) == len(images)
+    for call, reference in zip(rec.calls, references, strict=True):
+        assert call.layers == [f"detr_encoder.layers.{i}.self_attn" for i in range(2)] and len(reference) == 2
+        torch.testing.assert_close(call.mad.double(), torch.stack([e["mad"] for e in reference]), **TOL)
