@@ -74,36 +74,58 @@ _FLUX_PACKING = 2
 # CogView4); "ids", packed latents at the places img_ids name (Flux); "ids4", Flux2's img_ids of four coordinates,
 # read from its forward's arguments; "shapes", packed latents on the (1, rows, columns) img_shapes names (QwenImage).
 _PLACED = {
-    "DiTTransformer2DModel": ("conv", None, ("AttnProcessor2_0",)),
-    "PixArtTransformer2DModel": ("conv", None, ("AttnProcessor2_0",)),
-    "HunyuanDiT2DModel": ("conv", None, ("HunyuanAttnProcessor2_0",)),
-    "SD3Transformer2DModel": ("conv", "last", ("JointAttnProcessor2_0",)),
-    "AuraFlowTransformer2DModel": ("view", "first", ("AuraFlowAttnProcessor2_0",)),
+    "DiTTransformer2DModel": ("conv", None, ("AttnProcessor2_0", "FusedAttnProcessor2_0")),
+    "PixArtTransformer2DModel": ("conv", None, ("AttnProcessor2_0", "FusedAttnProcessor2_0")),
+    "HunyuanDiT2DModel": ("conv", None, ("HunyuanAttnProcessor2_0", "FusedHunyuanAttnProcessor2_0")),
+    "SD3Transformer2DModel": ("conv", "last", ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")),
+    "SD3ControlNetModel": ("conv", "last", ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")),
+    "AuraFlowTransformer2DModel": ("view", "first", ("AuraFlowAttnProcessor2_0", "FusedAuraFlowAttnProcessor2_0")),
     "FluxTransformer2DModel": ("ids", "first", ("FluxAttnProcessor",)),
     "ChromaTransformer2DModel": ("ids", "first", ("FluxAttnProcessor",)),
+    "FluxControlNetModel": ("ids", "first", ("FluxAttnProcessor",)),
+    "BriaTransformer2DModel": ("ids", "first", ("BriaAttnProcessor",)),
+    "OvisImageTransformer2DModel": ("ids", "first", ("OvisImageAttnProcessor",)),
+    "LongCatImageTransformer2DModel": ("ids", "first", ("LongCatImageAttnProcessor",)),
     "QwenImageTransformer2DModel": ("shapes", "first", ("QwenDoubleStreamAttnProcessor2_0",)),
     "Flux2Transformer2DModel": ("ids4", "first", ("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor")),
+    "CogView3PlusTransformer2DModel": ("view", "first",
+                                       ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")),
     "CogView4Transformer2DModel": ("view", "first", ("CogView4AttnProcessor",)),
     "Lumina2Transformer2DModel": ("view", "first", ("Lumina2AttnProcessor2_0",)),
+}
+# The img_ids of the "ids" models: (the model's name, the first coordinate of one latent's ids, whether the grid may
+# start at any row and column, the pipeline that makes them, what another image's ids look like). LongCatImagePipeline
+# numbers the image after the caption's 512 places ((1, 512 + row, 512 + column)): a shifted grid is the same grid.
+_IDS = {
+    "FluxTransformer2DModel": ("Flux", 0, False, "FluxPipeline", "Flux Kontext's reference image has a first id of 1"),
+    "ChromaTransformer2DModel": ("Chroma", 0, False, "ChromaPipeline", "a reference image's would have another"),
+    "FluxControlNetModel": ("FluxControlNetModel", 0, False, "FluxControlNetPipeline",
+                            "Flux Kontext's reference image has a first id of 1"),
+    "BriaTransformer2DModel": ("Bria", 0, False, "BriaPipeline", "a reference image's would have another"),
+    "OvisImageTransformer2DModel": ("OvisImage", 0, False, "OvisImagePipeline",
+                                    "a reference image's would have another"),
+    "LongCatImageTransformer2DModel": ("LongCatImage", 1, True, "LongCatImagePipeline",
+                                       "LongCatImageEditPipeline's reference image has a first id of 2"),
 }
 # The module whose input (which argument) is the caption, its length the caption's token count, where not
 # context_embedder's first (Lumina2's: the caption's mask, whose sum per entry is the caption's length); and the
 # patch embedding, where not pos_embed.
 _CAPTION_EMBEDDER = {"QwenImageTransformer2DModel": ("txt_in", 0), "CogView4Transformer2DModel": ("patch_embed", 1),
+                     "CogView3PlusTransformer2DModel": ("patch_embed", 1),
                      "Lumina2Transformer2DModel": ("rope_embedder", 1)}
-_PATCH_EMBEDDING = {"CogView4Transformer2DModel": "patch_embed", "Lumina2Transformer2DModel": "rope_embedder"}
+_PATCH_EMBEDDING = {"CogView4Transformer2DModel": "patch_embed", "CogView3PlusTransformer2DModel": "patch_embed",
+                    "Lumina2Transformer2DModel": "rope_embedder"}
 # Blocks that attend over the caption alone (Lumina2's context_refiner), by attribute of the model.
 _CAPTION_ONLY = {"Lumina2Transformer2DModel": "context_refiner"}
 _LINEAR = ("SanaTransformer2DModel",)
 # diffusers' other image transformers: their layouts (packed ids of their own, reference images, learned tokens,
 # refiners) are not read yet.
 _NOT_PLACED = (
-    "BriaFibo2Transformer2DModel", "BriaFiboTransformer2DModel", "BriaTransformer2DModel",
-    "CogView3PlusTransformer2DModel", "DreamLiteTransformer2DModel", "ErnieImageTransformer2DModel",
+    "BriaFibo2Transformer2DModel", "BriaFiboTransformer2DModel", "DreamLiteTransformer2DModel",
+    "ErnieImageTransformer2DModel",
     "Flux3Transformer2DModel", "GlmImageTransformer2DModel", "HiDreamImageTransformer2DModel",
     "HunyuanImageTransformer2DModel", "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
-    "LongCatImageTransformer2DModel", "LuminaNextDiT2DModel",
-    "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel", "OvisImageTransformer2DModel",
+    "LuminaNextDiT2DModel", "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel",
     "PRXTransformer2DModel", "QwenImage21Transformer2DModel", "ZImageTransformer2DModel",
 )
 _KNOWN = (*_PLACED, *_LINEAR, *_NOT_PLACED)
@@ -146,6 +168,12 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         )
     if is_cross_attention(module):
         return Skip(_CROSS)
+    if kind == "SD3ControlNetModel" and owner.pos_embed is None:
+        return RefusingPlacer(
+            "this SD3ControlNetModel has no pos_embed (SD3.5's large ControlNet): its input is the transformer's "
+            "patch embedding, already cut, so vitmad does not see the latent grid; pass positions=<[N, 2] "
+            "latent-pixel position of each token>"
+        )
     caption_only = _CAPTION_ONLY.get(kind)
     if caption_only is not None and name.startswith(".".join(filter(None, (owner_name, caption_only))) + "."):
         return Skip(f"self-attention of the caption's tokens alone ({kind}'s {caption_only}): they have no position "
@@ -204,8 +232,10 @@ class LatentGridPlacer(LayerPlacer):
             handles.append(self.owner.pos_embed.register_forward_pre_hook(see_shapes, with_kwargs=True))
         elif self.packed:
             def see_ids(module, args) -> None:
-                context.values[key + ".grid"] = _grid_of_ids(args[0] if args else None,
-                                                             context.values.get(key + ".text"))
+                text = context.values.get(key + ".text")
+                context.values[key + ".grid"] = _grid_of_ids(
+                    args[0] if args else None, None if not isinstance(text, int) else text + self._registers(),
+                    _IDS[self.kind])
 
             handles.append(self.owner.pos_embed.register_forward_pre_hook(see_ids))
         elif self.cut == "view":
@@ -274,7 +304,7 @@ class LatentGridPlacer(LayerPlacer):
                 raise NotPlaceable(caption)
             registers = self._registers()
             if caption is None or caption + registers != text:
-                extra = f" and its {registers} register tokens" if registers else ""
+                extra = f" and its {registers} register or mode tokens" if registers else ""
                 raise NotPlaceable(
                     f"it attends over {num_keys} tokens: the {grid[0]}x{grid[1]} latent patches and {text} more, but "
                     f"{self.kind}'s {self.caption_embedder} got {caption} caption tokens in this call{extra}; vitmad "
@@ -301,7 +331,11 @@ class LatentGridPlacer(LayerPlacer):
         return getattr(self.owner, _PATCH_EMBEDDING.get(self.kind, "pos_embed"))
 
     def _registers(self) -> int:
-        """AuraFlow's learned register tokens, which lead the caption's (``cat([register_tokens, caption])``)."""
+        """The tokens before the caption's that its embedder does not count: AuraFlow's learned register tokens
+        (``cat([register_tokens, caption])``); a union FluxControlNetModel's one control-mode token
+        (``cat([controlnet_mode_emb, caption])``, its ``txt_ids`` repeated for it)."""
+        if self.kind == "FluxControlNetModel":
+            return 1 if getattr(self.owner, "union", False) is True else 0
         registers = getattr(self.owner, "register_tokens", None)
         return int(registers.shape[1]) if isinstance(registers, torch.Tensor) and registers.dim() == 3 else 0
 
@@ -356,28 +390,33 @@ def _grid_of_shapes(shapes) -> tuple[int, int] | str:
             "caption's tokens, which come first>")
 
 
-def _grid_of_ids(ids, text: int | None) -> tuple[int, int] | str:
-    """The ``(rows, columns)`` grid of Flux's ``img_ids``: the rows of ``ids`` (``cat([txt_ids, img_ids])``, what its
-    ``pos_embed`` gets) past the ``text`` caption tokens; or, where they are no grid vitmad understands, the reason
-    (a string)."""
+def _grid_of_ids(ids, text: int | None, spec: tuple) -> tuple[int, int] | str:
+    """The ``(rows, columns)`` grid of a Flux-like model's ``img_ids``: the rows of ``ids``
+    (``cat([txt_ids, img_ids])``, what its ``pos_embed`` gets) past the ``text`` tokens before the image; or, where
+    they are no grid vitmad understands, the reason (a string). ``spec``: the model's entry of ``_IDS``."""
+    model, first, shifted, pipeline, example = spec
+    form = f"({first}, row, column)"
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[-1] != 3 or text is None:
-        return (f"Flux's position ids are {None if not isinstance(ids, torch.Tensor) else list(ids.shape)} with "
-                f"{text} caption tokens; vitmad places the [N, 3] (0, row, column) img_ids of FluxPipeline")
-    return _grid_of_image_ids(ids[text:], "Flux", "(0, row, column)", "FluxPipeline",
-                              "Flux Kontext's reference image has a first id of 1")
+        return (f"{model}'s position ids are {None if not isinstance(ids, torch.Tensor) else list(ids.shape)} with "
+                f"{text} caption tokens; vitmad places the [N, 3] {form} img_ids of {pipeline}")
+    return _grid_of_image_ids(ids[text:], model, form, pipeline, example, first, shifted)
 
 
-def _grid_of_image_ids(image, model: str, form: str, pipeline: str, example: str) -> tuple[int, int] | str:
+def _grid_of_image_ids(image, model: str, form: str, pipeline: str, example: str, first: float = 0.0,
+                       shifted: bool = False) -> tuple[int, int] | str:
     """The ``(rows, columns)`` grid of image ids ``[N, K]`` whose columns 1 and 2 are the row and column of a
-    row-major grid from 0 and every other column 0; else the reason (a string)."""
+    row-major grid from 0 (``shifted``: from the first id's row and column), column 0 ``first`` and every other
+    column 0; else the reason (a string)."""
     image = image.detach().to("cpu", torch.float64)
-    rows = int(image[:, 1].max()) + 1 if len(image) else 0
-    columns = len(image) // rows if rows else 0
-    if rows and rows * columns == len(image):
+    origin = image[0, 1:3].clone() if shifted and len(image) else torch.zeros(2, dtype=torch.float64)
+    rows = int(image[:, 1].max() - origin[0]) + 1 if len(image) else 0
+    columns = len(image) // rows if rows > 0 else 0
+    if rows > 0 and rows * columns == len(image):
         r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(columns, dtype=torch.float64),
                               indexing="ij")
         expected = torch.zeros_like(image)
-        expected[:, 1], expected[:, 2] = r.reshape(-1), c.reshape(-1)
+        expected[:, 0] = first
+        expected[:, 1], expected[:, 2] = r.reshape(-1) + origin[0], c.reshape(-1) + origin[1]
         if torch.equal(image, expected):
             return rows, columns
     return (f"{model}'s img_ids ({len(image)} rows) are not the row-major grid of {form} ids {pipeline} makes for "
