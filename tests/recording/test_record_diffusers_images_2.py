@@ -292,3 +292,33 @@ def test_flux_fused_qkv_projections_measure_the_unfused_attention(monkeypatch):
     for layer, (probabilities, reference) in enumerate(zip(maps, unfused, strict=True)):
         _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, positions, (rows, columns), 2.0, text, 0)
         _check(rec.calls[0], rec_tokens.calls[0], layer, reference, positions, (rows, columns), 2.0, text, 0)
+
+
+def test_hunyuan_image_caption_and_glyph_tokens_last_refiner_skipped(monkeypatch):
+    torch.manual_seed(0)
+    model = _sharpen(diffusers.HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=(2, 2), text_embed_dim=12, text_embed_2_dim=10, rope_axes_dim=(4, 4)))
+    latent = torch.randn(2, 4, 7, 10)  # 7: the convolution drops the last row
+    kept, glyphs_kept = torch.ones(2, 4), torch.ones(2, 3)
+    kept[1, -1] = 0  # the caption's padding
+    glyphs_kept[0, -2:] = 0
+    inputs = {"encoder_hidden_states": torch.randn(2, 4, 12), "encoder_attention_mask": kept,
+              "encoder_hidden_states_2": torch.randn(2, 3, 10), "encoder_attention_mask_2": glyphs_kept}
+
+    def run():
+        return model(latent, torch.tensor([300.0, 300.0]), **inputs)
+
+    maps, spied = _attention_maps(monkeypatch, run)
+    # HunyuanImagePatchEmbed: a Conv2d, row-major; HunyuanImageAttnProcessor: cat([image, text]) in both kinds of
+    # block, the text the 4 caption and 3 ByT5 tokens (reordered among themselves, padding masked); the token
+    # refiner attends over the caption alone.
+    grid, after = (3, 5), 4 + 3
+    image_maps = [m for m in maps if m.shape[-1] == 15 + after]
+    assert len(image_maps) == 2 and len(maps) == 3
+    rec, rec_tokens = _record(model, run, spied)
+    assert rec.layers == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+    assert list(rec.skipped) == ["context_embedder.token_refiner.refiner_blocks.0.attn"]
+    for layer, probabilities in enumerate(image_maps):
+        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, _positions(grid, 2.0, 0, after), grid, 2.0, 0,
+               after)

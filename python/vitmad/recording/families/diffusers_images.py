@@ -79,6 +79,7 @@ _PLACED = {
     "HunyuanDiT2DModel": ("conv", None, ("HunyuanAttnProcessor2_0", "FusedHunyuanAttnProcessor2_0")),
     "SD3Transformer2DModel": ("conv", "last", ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")),
     "SD3ControlNetModel": ("conv", "last", ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")),
+    "HunyuanImageTransformer2DModel": ("conv", "last", ("HunyuanImageAttnProcessor",)),
     "AuraFlowTransformer2DModel": ("view", "first", ("AuraFlowAttnProcessor2_0", "FusedAuraFlowAttnProcessor2_0")),
     "FluxTransformer2DModel": ("ids", "first", ("FluxAttnProcessor",)),
     "ChromaTransformer2DModel": ("ids", "first", ("FluxAttnProcessor",)),
@@ -114,9 +115,13 @@ _CAPTION_EMBEDDER = {"QwenImageTransformer2DModel": ("txt_in", 0), "CogView4Tran
                      "CogView3PlusTransformer2DModel": ("patch_embed", 1),
                      "Lumina2Transformer2DModel": ("rope_embedder", 1)}
 _PATCH_EMBEDDING = {"CogView4Transformer2DModel": "patch_embed", "CogView3PlusTransformer2DModel": "patch_embed",
-                    "Lumina2Transformer2DModel": "rope_embedder"}
-# Blocks that attend over the caption alone (Lumina2's context_refiner), by attribute of the model.
-_CAPTION_ONLY = {"Lumina2Transformer2DModel": "context_refiner"}
+                    "Lumina2Transformer2DModel": "rope_embedder", "HunyuanImageTransformer2DModel": "x_embedder"}
+# A second caption embedder whose tokens join the first's (HunyuanImage's ByT5 glyph tokens, which it reorders with
+# the caption's: all of them after the image), by attribute of the model; its first argument the tokens.
+_SECOND_CAPTION = {"HunyuanImageTransformer2DModel": "context_embedder_2"}
+# Blocks that attend over the caption alone (Lumina2's context_refiner, HunyuanImage's token refiner), by attribute
+# of the model.
+_CAPTION_ONLY = {"Lumina2Transformer2DModel": "context_refiner", "HunyuanImageTransformer2DModel": "context_embedder"}
 _LINEAR = ("SanaTransformer2DModel",)
 # diffusers' other image transformers: their layouts (packed ids of their own, reference images, learned tokens,
 # refiners) are not read yet.
@@ -124,7 +129,7 @@ _NOT_PLACED = (
     "BriaFibo2Transformer2DModel", "BriaFiboTransformer2DModel", "DreamLiteTransformer2DModel",
     "ErnieImageTransformer2DModel",
     "Flux3Transformer2DModel", "GlmImageTransformer2DModel", "HiDreamImageTransformer2DModel",
-    "HunyuanImageTransformer2DModel", "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
+    "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
     "LuminaNextDiT2DModel", "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel",
     "PRXTransformer2DModel", "QwenImage21Transformer2DModel", "ZImageTransformer2DModel",
 )
@@ -214,6 +219,13 @@ class LatentGridPlacer(LayerPlacer):
                     context.values[key + ".text"] = int(text.shape[-2]) if isinstance(text, torch.Tensor) else None
 
             handles.append(context_embedder.register_forward_pre_hook(see_text))
+        second = getattr(self.owner, _SECOND_CAPTION.get(self.kind, ""), None)
+        if isinstance(second, nn.Module):
+            def see_second_text(module, args) -> None:
+                text = args[0] if args else None
+                context.values[key + ".text2"] = int(text.shape[-2]) if isinstance(text, torch.Tensor) else None
+
+            handles.append(second.register_forward_pre_hook(see_second_text))
         if self.cut == "ids4":
             def see_flux2_ids(module, args, kwargs) -> None:
                 try:
@@ -247,7 +259,7 @@ class LatentGridPlacer(LayerPlacer):
             # AuraFlow and CogView4 have no convolution: the model's forward starts the call, before this runs.
             handles.append(self._patch_embedding().register_forward_pre_hook(see_view))
         else:
-            conv = self.owner.pos_embed.proj
+            conv = self._patch_embedding().proj
 
             def see_latent(module, args) -> None:
                 latent = args[0] if args else None
@@ -283,7 +295,7 @@ class LatentGridPlacer(LayerPlacer):
         if seen is None:
             what = {"ids": "pos_embed (img_ids)", "ids4": "forward (img_ids)", "shapes": "pos_embed (img_shapes)",
                     "view": f"{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')} (the latent)"}.get(
-                self.cut, "pos_embed.proj (the latent)")
+                self.cut, f"{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')}.proj (the latent)")
             raise NotPlaceable(
                 f"{self.kind}'s {what} did not run in this call before it attended ({self._where()} recorded "
                 "from a block called alone?), so the latent grid is unknown; run the transformer's forward"
@@ -302,6 +314,8 @@ class LatentGridPlacer(LayerPlacer):
             caption = context.values.get(key + ".text")
             if isinstance(caption, str):
                 raise NotPlaceable(caption)
+            if caption is not None and context.values.get(key + ".text2") is not None:
+                caption += context.values[key + ".text2"]
             registers = self._registers()
             if caption is None or caption + registers != text:
                 extra = f" and its {registers} register or mode tokens" if registers else ""
@@ -345,11 +359,15 @@ class LatentGridPlacer(LayerPlacer):
             # divide fails there).
             patch = int(self._patch_embedding().patch_size)
             return (height // patch, width // patch), (float(patch), float(patch))
-        conv = self.owner.pos_embed.proj
+        conv = self._patch_embedding().proj
+        where = f"{self._where()}.{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')}.proj"
+        if not isinstance(conv, nn.Conv2d):
+            raise NotPlaceable(f"{where} is a {type(conv).__name__}; vitmad places the patches of a Conv2d over a "
+                               "[B, C, H, W] latent (an image), not a video's")
         kernel, stride = pair(conv.kernel_size), pair(conv.stride)
         if kernel != stride or pair(conv.padding) != (0, 0) or pair(conv.dilation) != (1, 1):
             raise NotPlaceable(
-                f"{self._where()}.pos_embed.proj cuts the latent with kernel {kernel}, stride {stride}, padding "
+                f"{where} cuts the latent with kernel {kernel}, stride {stride}, padding "
                 f"{pair(conv.padding)} and dilation {pair(conv.dilation)}; vitmad places whole patches (kernel == "
                 "stride, no padding, no dilation) only"
             )
