@@ -322,3 +322,28 @@ def test_hunyuan_image_caption_and_glyph_tokens_last_refiner_skipped(monkeypatch
     for layer, probabilities in enumerate(image_maps):
         _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, _positions(grid, 2.0, 0, after), grid, 2.0, 0,
                after)
+
+
+def test_lumina_next_self_attention_placed_cross_attention_skipped(monkeypatch):
+    torch.manual_seed(0)
+    model = _sharpen(diffusers.LuminaNextDiT2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=2, num_attention_heads=2,
+        num_kv_heads=1, multiple_of=16, cross_attention_dim=12))
+    latent, caption = torch.randn(2, 4, 6, 10), torch.randn(2, 3, 12)  # LuminaPatchEmbed's view needs whole patches
+    # LuminaText2ImgPipeline: the 2-D rotary embedding of a large grid, which LuminaPatchEmbed cuts to the latent's.
+    rotary = diffusers.models.embeddings.get_2d_rotary_pos_embed_lumina(8, 16, 16)
+
+    def run():
+        return model(latent, torch.tensor([0.5, 0.5]), caption, torch.ones(2, 3), rotary, cross_attention_kwargs={})
+
+    maps, spied = _attention_maps(monkeypatch, run)
+    # LuminaPatchEmbed: whole 2 x 2 patches, row-major (view + permute + flatten); attn1 over them alone (its one
+    # key head repeated for both query heads), attn2 to the caption.
+    self_maps = [m for m in maps if m.shape[-1] == 15]
+    assert len(self_maps) == 2 and len(maps) == 4
+    rec, rec_tokens = _record(model, run, spied)
+    assert rec.layers == ["layers.0.attn1", "layers.1.attn1"]
+    assert set(rec.skipped) == {"layers.0.attn2", "layers.1.attn2"}
+    for layer, probabilities in enumerate(self_maps):
+        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, _positions((3, 5), 2.0, 0, 0), (3, 5), 2.0,
+               0, 0)

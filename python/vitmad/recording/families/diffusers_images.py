@@ -93,6 +93,7 @@ _PLACED = {
                                        ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")),
     "CogView4Transformer2DModel": ("view", "first", ("CogView4AttnProcessor",)),
     "Lumina2Transformer2DModel": ("view", "first", ("Lumina2AttnProcessor2_0",)),
+    "LuminaNextDiT2DModel": ("view", None, ("LuminaAttnProcessor2_0",)),
 }
 # The img_ids of the "ids" models: (the model's name, the first coordinate of one latent's ids, whether the grid may
 # start at any row and column, the pipeline that makes them, what another image's ids look like). LongCatImagePipeline
@@ -115,7 +116,8 @@ _CAPTION_EMBEDDER = {"QwenImageTransformer2DModel": ("txt_in", 0), "CogView4Tran
                      "CogView3PlusTransformer2DModel": ("patch_embed", 1),
                      "Lumina2Transformer2DModel": ("rope_embedder", 1)}
 _PATCH_EMBEDDING = {"CogView4Transformer2DModel": "patch_embed", "CogView3PlusTransformer2DModel": "patch_embed",
-                    "Lumina2Transformer2DModel": "rope_embedder", "HunyuanImageTransformer2DModel": "x_embedder"}
+                    "Lumina2Transformer2DModel": "rope_embedder", "HunyuanImageTransformer2DModel": "x_embedder",
+                    "LuminaNextDiT2DModel": "patch_embedder"}
 # A second caption embedder whose tokens join the first's (HunyuanImage's ByT5 glyph tokens, which it reorders with
 # the caption's: all of them after the image), by attribute of the model; its first argument the tokens.
 _SECOND_CAPTION = {"HunyuanImageTransformer2DModel": "context_embedder_2"}
@@ -130,7 +132,7 @@ _NOT_PLACED = (
     "ErnieImageTransformer2DModel",
     "Flux3Transformer2DModel", "GlmImageTransformer2DModel", "HiDreamImageTransformer2DModel",
     "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
-    "LuminaNextDiT2DModel", "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel",
+    "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel",
     "PRXTransformer2DModel", "QwenImage21Transformer2DModel", "ZImageTransformer2DModel",
 )
 _KNOWN = (*_PLACED, *_LINEAR, *_NOT_PLACED)
