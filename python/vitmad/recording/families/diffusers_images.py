@@ -125,16 +125,36 @@ _SECOND_CAPTION = {"HunyuanImageTransformer2DModel": "context_embedder_2"}
 # of the model.
 _CAPTION_ONLY = {"Lumina2Transformer2DModel": "context_refiner", "HunyuanImageTransformer2DModel": "context_embedder"}
 _LINEAR = ("SanaTransformer2DModel",)
-# diffusers' other image transformers: their layouts (packed ids of their own, reference images, learned tokens,
-# refiners) are not read yet.
-_NOT_PLACED = (
-    "BriaFibo2Transformer2DModel", "BriaFiboTransformer2DModel", "DreamLiteTransformer2DModel",
-    "ErnieImageTransformer2DModel",
-    "Flux3Transformer2DModel", "GlmImageTransformer2DModel", "HiDreamImageTransformer2DModel",
-    "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
-    "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel",
-    "PRXTransformer2DModel", "QwenImage21Transformer2DModel", "ZImageTransformer2DModel",
-)
+# diffusers' other image transformers, refused by name with what keeps vitmad from placing their tokens (read from
+# their source, diffusers 0.42.1); those not read yet say so.
+_NOT_READ = "its layout has not been read yet"
+_NOT_PLACED = {
+    "HiDreamImageTransformer2DModel": (
+        "a non-square latent's tokens are padded to max_seq with tokens whose keys are zeroed (attended with logit 0, "
+        "not masked) between the image and the caption, and each block's caption is the T5 tokens plus one Llama "
+        "layer's, another count per block"),
+    "ZImageTransformer2DModel": (
+        "it takes each image as a tensor of a list and pads its tokens to a multiple of 32 with copies of the last "
+        "(its x_pad_token), and each entry's [image, caption] sequence to the batch's longest (Omni: [caption, image, "
+        "SigLIP tokens] with condition images)"),
+    "OmniGenTransformer2DModel": (
+        "it attends over one Phi-3 sequence of the prompt's text, its input images' patches and the latent's, under "
+        "the attention_mask and position_ids the pipeline builds: several images in one sequence"),
+    "BriaFiboTransformer2DModel": (
+        "BriaFiboPipeline packs its latent 2 x 2 or not at all (do_patching): a step of img_ids is 2 latent pixels or "
+        "1, which the transformer's inputs do not tell"),
+    "ErnieImageTransformer2DModel": (
+        "its caption (text_bth, padded, text_lens long) reaches its attention through no module vitmad can watch, "
+        "so the caption's length is not checked against the keys"),
+    "GlmImageTransformer2DModel": (
+        "its attention can prepend cached keys of earlier images (its KV cache), tokens of another image"),
+    "Krea2Transformer2DModel": (
+        "its positions come as one position_ids tensor over the caption and the image, from the pipeline"),
+    "BriaFibo2Transformer2DModel": _NOT_READ, "DreamLiteTransformer2DModel": _NOT_READ,
+    "Flux3Transformer2DModel": _NOT_READ, "Ideogram4Transformer2DModel": _NOT_READ,
+    "NucleusMoEImageTransformer2DModel": _NOT_READ, "PRXTransformer2DModel": _NOT_READ,
+    "QwenImage21Transformer2DModel": _NOT_READ,
+}
 _KNOWN = (*_PLACED, *_LINEAR, *_NOT_PLACED)
 _CROSS = ("cross-attention of the latent patches to the caption's tokens (encoder_hidden_states): its keys have no "
           "position in the latent, so it has no MAD")
@@ -169,9 +189,9 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return Skip(_CROSS if is_cross_attention(module) else _LINEAR_REASON)
     if kind in _NOT_PLACED:
         return RefusingPlacer(
-            f"vitmad does not place the tokens of diffusers' {kind} yet (it places {', '.join(_PLACED)}); pass "
-            "positions=<[N, 2] latent-pixel position of each token, NaN rows for text and other tokens off the "
-            "latent>"
+            f"vitmad does not place the tokens of diffusers' {kind} yet: {_NOT_PLACED[kind]} (it places "
+            f"{', '.join(_PLACED)}); pass positions=<[N, 2] latent-pixel position of each token, NaN rows for text "
+            "and other tokens off the latent>"
         )
     if is_cross_attention(module):
         return Skip(_CROSS)
