@@ -347,3 +347,23 @@ def test_lumina_next_self_attention_placed_cross_attention_skipped(monkeypatch):
     for layer, probabilities in enumerate(self_maps):
         _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, _positions((3, 5), 2.0, 0, 0), (3, 5), 2.0,
                0, 0)
+
+
+def test_generic_transformer2d_with_patches_placed_as_dit(monkeypatch):
+    torch.manual_seed(0)
+    # The generic class with patch_size: PatchEmbed's Conv2d grid, BasicTransformerBlock's attn1 over it alone (a
+    # DiT checkpoint of the older format).
+    model = _sharpen(diffusers.Transformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2, sample_size=8, patch_size=2,
+        norm_type="ada_norm_zero", num_embeds_ada_norm=10, norm_num_groups=1), scale=12.0)
+    latent = torch.randn(2, 4, 10, 10)
+
+    def run():
+        return model(latent, timestep=torch.tensor([5, 5]), class_labels=torch.tensor([1, 3]))
+
+    maps, spied = _attention_maps(monkeypatch, run)
+    rec, rec_tokens = _record(model, run, spied)
+    assert rec.layers == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"] and rec.skipped == {}
+    for layer, probabilities in enumerate(maps):
+        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, _positions((5, 5), 2.0, 0, 0), (5, 5), 2.0, 0,
+               0)

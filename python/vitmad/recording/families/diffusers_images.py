@@ -76,6 +76,7 @@ _FLUX_PACKING = 2
 _PLACED = {
     "DiTTransformer2DModel": ("conv", None, ("AttnProcessor2_0", "FusedAttnProcessor2_0")),
     "PixArtTransformer2DModel": ("conv", None, ("AttnProcessor2_0", "FusedAttnProcessor2_0")),
+    "Transformer2DModel": ("conv", None, ("AttnProcessor2_0", "FusedAttnProcessor2_0")),
     "HunyuanDiT2DModel": ("conv", None, ("HunyuanAttnProcessor2_0", "FusedHunyuanAttnProcessor2_0")),
     "SD3Transformer2DModel": ("conv", "last", ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")),
     "SD3ControlNetModel": ("conv", "last", ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")),
@@ -164,6 +165,10 @@ _KEY = "diffusers_images."  # + the transformer's name + ".grid" / ".text": what
 
 
 def _owner(module: nn.Module) -> bool:
+    if is_diffusers_class(module, ("Transformer2DModel",)):
+        # The generic class cuts patches (DiT / PixArt checkpoints of the older format) only with patch_size; a
+        # UNet's, over a feature map, is diffusers_unets'.
+        return getattr(module, "is_input_patches", False) is True
     return is_diffusers_class(module, _KNOWN)
 
 
