@@ -9,9 +9,22 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
   latent ``[B, C, H, W]`` with a ``Conv2d`` of kernel = stride = ``patch_size`` and flattens it row-major; their
   ``BasicTransformerBlock``'s ``attn1`` attends over that grid alone. PixArt's ``attn2`` attends from the patches
   to the caption (``encoder_hidden_states``): its keys have no position in the latent, so it is skipped.
-- ``SD3Transformer2DModel`` (MMDiT): the same ``PatchEmbed`` grid; ``JointAttnProcessor2_0`` concatenates the image
-  tokens, THEN the caption's (``torch.cat([query, encoder_hidden_states_query_proj], dim=2)``): the caption's tokens
-  are suffix tokens without a position. SD3.5's dual-attention blocks' ``attn2`` attends over the image alone.
+- The generic ``Transformer2DModel`` given a ``patch_size`` (DiT / PixArt checkpoints of the older format): the same
+  ``PatchEmbed`` grid and blocks as DiT's (without ``patch_size`` it works on a UNet's feature map: diffusers_unets').
+- ``SD3Transformer2DModel`` (MMDiT) and ``SD3ControlNetModel`` (its blocks): the same ``PatchEmbed`` grid;
+  ``JointAttnProcessor2_0`` concatenates the image tokens, THEN the caption's (``torch.cat([query,
+  encoder_hidden_states_query_proj], dim=2)``): the caption's tokens are suffix tokens without a position. SD3.5's
+  dual-attention blocks' ``attn2`` attends over the image alone.
+  SD3.5's large ControlNet has no ``pos_embed`` (it gets the transformer's patches already cut): refused.
+- ``HunyuanImageTransformer2DModel``: ``x_embedder``'s ``Conv2d`` grid, row-major; ``HunyuanImageAttnProcessor``
+  puts the text after the image in both kinds of block (``cat([query, encoder_query])``, ``cat([hidden_states,
+  encoder_hidden_states])``), the text the caption's tokens and, with ``context_embedder_2``, the ByT5 glyph tokens
+  (reordered among themselves, their padding masked); its token refiner (``context_embedder``) attends over the
+  caption alone: skipped. A video latent (``Conv3d``) is refused.
+- ``CogView3PlusTransformer2DModel``: ``CogView3PlusPatchEmbed`` views the latent as whole patches and puts the
+  caption first (``cat([encoder_hidden_states, hidden_states])``, as ``CogVideoXAttnProcessor2_0`` keeps them).
+- ``LuminaNextDiT2DModel``: ``LuminaPatchEmbed`` views whole patches, row-major; ``attn1`` over them alone,
+  ``attn2`` to the caption (skipped).
 - ``AuraFlowTransformer2DModel``: ``AuraFlowPatchEmbed`` views the latent as whole patches (``view`` + ``permute``,
   row-major) and projects them with a ``Linear`` (no convolution: the model's forward starts the call); its 8 learned
   ``register_tokens`` lead the caption (``cat([registers, caption])``), and ``AuraFlowAttnProcessor2_0`` and its
@@ -32,7 +45,12 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
   attend over ``cat([text, image])`` too: the caption's tokens are prefix tokens without a position. ``img_ids``
   is read per call (from the ids ``pos_embed`` gets, past the caption's ``txt_ids``) and must be the row-major
   grid ``FluxPipeline._prepare_latent_image_ids`` makes; any other (Flux Kontext's reference image, with a first
-  coordinate of 1) is refused. RoPE changes the logits, never the geometry.
+  coordinate of 1) is refused. RoPE changes the logits, never the geometry. ``FluxControlNetModel`` runs Flux's blocks
+  on the same ids; in union mode one control-mode token leads the caption (``cat([controlnet_mode_emb, caption])``,
+  ``txt_ids`` repeated for it). ``BriaTransformer2DModel``, ``OvisImageTransformer2DModel`` and
+  ``LongCatImageTransformer2DModel`` are Flux's layout under their own names (processors, ids, 2 x 2 packing);
+  LongCatImagePipeline's ids are ``(1, 512 + row, 512 + column)``, a grid read from its first id, its edit
+  pipeline's reference image (a first id of 2) refused.
 - ``Flux2Transformer2DModel``: Flux's layout with ids of four coordinates, ``(0, row, column, 0)``
   (``Flux2Pipeline._prepare_latent_ids``), read per call from its forward's ``img_ids``; a reference image's ids
   (a first coordinate of 10 or more) and its reference KV cache are refused.
@@ -46,9 +64,14 @@ convolution gets (any latent size, never ``sample_size``). MAD is over the image
 caption in the attention, ``prefix_mass`` is the image queries' mass on the caption's tokens and
 ``stats=[..., "prefix_maps"]`` gives each caption token's row over the grid.
 
-Refused: a processor vitmad has not read (IP-Adapter, PAG, fused projections, ``AttnProcessor``'s merged batch
-and heads): the layout of its call is its own. Skipped: cross-attention to a caption; Sana's linear attention (no
-softmax map). The other image transformers of diffusers are refused by name until their layouts are placed.
+The fused QKV processors (``fuse_qkv_projections()``: ``FusedAttnProcessor2_0``, ``FusedJointAttnProcessor2_0``,
+``FusedHunyuanAttnProcessor2_0``, ``FusedAuraFlowAttnProcessor2_0``, ``FusedCogVideoXAttnProcessor2_0``) split one
+``to_qkv`` into the same query, key and value and concatenate them in the unfused order: read as the unfused ones
+(Flux's processor reads ``attn.fused_projections`` itself).
+
+Refused: a processor vitmad has not read (IP-Adapter, PAG, ``AttnProcessor``'s merged batch and heads): the layout
+of its call is its own. Skipped: cross-attention to a caption; Sana's linear attention (no softmax map). The other
+image transformers of diffusers are refused by name, each with what keeps it unplaced (``_NOT_PLACED``).
 """
 
 from __future__ import annotations
@@ -150,7 +173,8 @@ _NOT_PLACED = {
     "GlmImageTransformer2DModel": (
         "its attention can prepend cached keys of earlier images (its KV cache), tokens of another image"),
     "Krea2Transformer2DModel": (
-        "its positions come as one position_ids tensor over the caption and the image, from the pipeline"),
+        "its image's places come in one position_ids tensor over the caption and the image, built by its pipeline, "
+        "which vitmad has not learned to read"),
     "BriaFibo2Transformer2DModel": _NOT_READ, "DreamLiteTransformer2DModel": _NOT_READ,
     "Flux3Transformer2DModel": _NOT_READ, "Ideogram4Transformer2DModel": _NOT_READ,
     "NucleusMoEImageTransformer2DModel": _NOT_READ, "PRXTransformer2DModel": _NOT_READ,
