@@ -1,6 +1,6 @@
 """vitmad.record on Hugging Face diffusers' image diffusion transformers: DiT, PixArt, SD3 (MMDiT, with SD3.5's
 dual attention), Flux, Chroma and Flux2 (packed latents, RoPE, double and single stream blocks), HunyuanDiT, AuraFlow
-(register tokens), QwenImage, CogView4 and Lumina2; Sana, CogView3Plus, the processors vitmad has not read and ids of
+(register tokens), QwenImage, CogView4 and Lumina2; Sana, ERNIE-Image, the processors vitmad has not read and ids of
 several images refused or skipped.
 
 Tiny random-weight models, sharpened (every Linear redrawn, the query projections scaled up) so that attention is far
@@ -516,9 +516,8 @@ def test_lumina2_refuses_captions_of_different_lengths():
 
 def test_other_image_transformer_refused_by_name():
     torch.manual_seed(0)
-    model = diffusers.CogView3PlusTransformer2DModel(
-        patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2, out_channels=4,
-        text_embed_dim=12, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16, sample_size=8)
-    sizes = torch.tensor([[32.0, 32.0]])
-    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="CogView3PlusTransformer2DModel yet"):
-        model(torch.randn(1, 4, 4, 4), torch.randn(1, 3, 12), torch.tensor([10]), sizes, sizes, torch.zeros(1, 2))
+    model = diffusers.ErnieImageTransformer2DModel(
+        hidden_size=16, num_attention_heads=2, num_layers=1, ffn_hidden_size=32, in_channels=4, out_channels=4,
+        patch_size=2, text_in_dim=12, rope_axes_dim=(2, 2, 4))
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="ErnieImageTransformer2DModel yet: "):
+        model(torch.randn(1, 4, 4, 4), torch.tensor([10.0]), torch.randn(1, 3, 12), torch.tensor([3]))

@@ -9,9 +9,22 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
   latent ``[B, C, H, W]`` with a ``Conv2d`` of kernel = stride = ``patch_size`` and flattens it row-major; their
   ``BasicTransformerBlock``'s ``attn1`` attends over that grid alone. PixArt's ``attn2`` attends from the patches
   to the caption (``encoder_hidden_states``): its keys have no position in the latent, so it is skipped.
-- ``SD3Transformer2DModel`` (MMDiT): the same ``PatchEmbed`` grid; ``JointAttnProcessor2_0`` concatenates the image
-  tokens, THEN the caption's (``torch.cat([query, encoder_hidden_states_query_proj], dim=2)``): the caption's tokens
-  are suffix tokens without a position. SD3.5's dual-attention blocks' ``attn2`` attends over the image alone.
+- The generic ``Transformer2DModel`` given a ``patch_size`` (DiT / PixArt checkpoints of the older format): the same
+  ``PatchEmbed`` grid and blocks as DiT's (without ``patch_size`` it works on a UNet's feature map: diffusers_unets').
+- ``SD3Transformer2DModel`` (MMDiT) and ``SD3ControlNetModel`` (its blocks): the same ``PatchEmbed`` grid;
+  ``JointAttnProcessor2_0`` concatenates the image tokens, THEN the caption's (``torch.cat([query,
+  encoder_hidden_states_query_proj], dim=2)``): the caption's tokens are suffix tokens without a position. SD3.5's
+  dual-attention blocks' ``attn2`` attends over the image alone.
+  SD3.5's large ControlNet has no ``pos_embed`` (it gets the transformer's patches already cut): refused.
+- ``HunyuanImageTransformer2DModel``: ``x_embedder``'s ``Conv2d`` grid, row-major; ``HunyuanImageAttnProcessor``
+  puts the text after the image in both kinds of block (``cat([query, encoder_query])``, ``cat([hidden_states,
+  encoder_hidden_states])``), the text the caption's tokens and, with ``context_embedder_2``, the ByT5 glyph tokens
+  (reordered among themselves, their padding masked); its token refiner (``context_embedder``) attends over the
+  caption alone: skipped. A video latent (``Conv3d``) is refused.
+- ``CogView3PlusTransformer2DModel``: ``CogView3PlusPatchEmbed`` views the latent as whole patches and puts the
+  caption first (``cat([encoder_hidden_states, hidden_states])``, as ``CogVideoXAttnProcessor2_0`` keeps them).
+- ``LuminaNextDiT2DModel``: ``LuminaPatchEmbed`` views whole patches, row-major; ``attn1`` over them alone,
+  ``attn2`` to the caption (skipped).
 - ``AuraFlowTransformer2DModel``: ``AuraFlowPatchEmbed`` views the latent as whole patches (``view`` + ``permute``,
   row-major) and projects them with a ``Linear`` (no convolution: the model's forward starts the call); its 8 learned
   ``register_tokens`` lead the caption (``cat([registers, caption])``), and ``AuraFlowAttnProcessor2_0`` and its
@@ -32,7 +45,12 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
   attend over ``cat([text, image])`` too: the caption's tokens are prefix tokens without a position. ``img_ids``
   is read per call (from the ids ``pos_embed`` gets, past the caption's ``txt_ids``) and must be the row-major
   grid ``FluxPipeline._prepare_latent_image_ids`` makes; any other (Flux Kontext's reference image, with a first
-  coordinate of 1) is refused. RoPE changes the logits, never the geometry.
+  coordinate of 1) is refused. RoPE changes the logits, never the geometry. ``FluxControlNetModel`` runs Flux's blocks
+  on the same ids; in union mode one control-mode token leads the caption (``cat([controlnet_mode_emb, caption])``,
+  ``txt_ids`` repeated for it). ``BriaTransformer2DModel``, ``OvisImageTransformer2DModel`` and
+  ``LongCatImageTransformer2DModel`` are Flux's layout under their own names (processors, ids, 2 x 2 packing);
+  LongCatImagePipeline's ids are ``(1, 512 + row, 512 + column)``, a grid read from its first id, its edit
+  pipeline's reference image (a first id of 2) refused.
 - ``Flux2Transformer2DModel``: Flux's layout with ids of four coordinates, ``(0, row, column, 0)``
   (``Flux2Pipeline._prepare_latent_ids``), read per call from its forward's ``img_ids``; a reference image's ids
   (a first coordinate of 10 or more) and its reference KV cache are refused.
@@ -46,9 +64,14 @@ convolution gets (any latent size, never ``sample_size``). MAD is over the image
 caption in the attention, ``prefix_mass`` is the image queries' mass on the caption's tokens and
 ``stats=[..., "prefix_maps"]`` gives each caption token's row over the grid.
 
-Refused: a processor vitmad has not read (IP-Adapter, PAG, fused projections, ``AttnProcessor``'s merged batch
-and heads): the layout of its call is its own. Skipped: cross-attention to a caption; Sana's linear attention (no
-softmax map). The other image transformers of diffusers are refused by name until their layouts are placed.
+The fused QKV processors (``fuse_qkv_projections()``: ``FusedAttnProcessor2_0``, ``FusedJointAttnProcessor2_0``,
+``FusedHunyuanAttnProcessor2_0``, ``FusedAuraFlowAttnProcessor2_0``, ``FusedCogVideoXAttnProcessor2_0``) split one
+``to_qkv`` into the same query, key and value and concatenate them in the unfused order: read as the unfused ones
+(Flux's processor reads ``attn.fused_projections`` itself).
+
+Refused: a processor vitmad has not read (IP-Adapter, PAG, ``AttnProcessor``'s merged batch and heads): the layout
+of its call is its own. Skipped: cross-attention to a caption; Sana's linear attention (no softmax map). The other
+image transformers of diffusers are refused by name, each with what keeps it unplaced (``_NOT_PLACED``).
 """
 
 from __future__ import annotations
@@ -74,38 +97,89 @@ _FLUX_PACKING = 2
 # CogView4); "ids", packed latents at the places img_ids name (Flux); "ids4", Flux2's img_ids of four coordinates,
 # read from its forward's arguments; "shapes", packed latents on the (1, rows, columns) img_shapes names (QwenImage).
 _PLACED = {
-    "DiTTransformer2DModel": ("conv", None, ("AttnProcessor2_0",)),
-    "PixArtTransformer2DModel": ("conv", None, ("AttnProcessor2_0",)),
-    "HunyuanDiT2DModel": ("conv", None, ("HunyuanAttnProcessor2_0",)),
-    "SD3Transformer2DModel": ("conv", "last", ("JointAttnProcessor2_0",)),
-    "AuraFlowTransformer2DModel": ("view", "first", ("AuraFlowAttnProcessor2_0",)),
+    "DiTTransformer2DModel": ("conv", None, ("AttnProcessor2_0", "FusedAttnProcessor2_0")),
+    "PixArtTransformer2DModel": ("conv", None, ("AttnProcessor2_0", "FusedAttnProcessor2_0")),
+    "Transformer2DModel": ("conv", None, ("AttnProcessor2_0", "FusedAttnProcessor2_0")),
+    "HunyuanDiT2DModel": ("conv", None, ("HunyuanAttnProcessor2_0", "FusedHunyuanAttnProcessor2_0")),
+    "SD3Transformer2DModel": ("conv", "last", ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")),
+    "SD3ControlNetModel": ("conv", "last", ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")),
+    "HunyuanImageTransformer2DModel": ("conv", "last", ("HunyuanImageAttnProcessor",)),
+    "AuraFlowTransformer2DModel": ("view", "first", ("AuraFlowAttnProcessor2_0", "FusedAuraFlowAttnProcessor2_0")),
     "FluxTransformer2DModel": ("ids", "first", ("FluxAttnProcessor",)),
     "ChromaTransformer2DModel": ("ids", "first", ("FluxAttnProcessor",)),
+    "FluxControlNetModel": ("ids", "first", ("FluxAttnProcessor",)),
+    "BriaTransformer2DModel": ("ids", "first", ("BriaAttnProcessor",)),
+    "OvisImageTransformer2DModel": ("ids", "first", ("OvisImageAttnProcessor",)),
+    "LongCatImageTransformer2DModel": ("ids", "first", ("LongCatImageAttnProcessor",)),
     "QwenImageTransformer2DModel": ("shapes", "first", ("QwenDoubleStreamAttnProcessor2_0",)),
     "Flux2Transformer2DModel": ("ids4", "first", ("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor")),
+    "CogView3PlusTransformer2DModel": ("view", "first",
+                                       ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")),
     "CogView4Transformer2DModel": ("view", "first", ("CogView4AttnProcessor",)),
     "Lumina2Transformer2DModel": ("view", "first", ("Lumina2AttnProcessor2_0",)),
+    "LuminaNextDiT2DModel": ("view", None, ("LuminaAttnProcessor2_0",)),
+}
+# The img_ids of the "ids" models: (the model's name, the first coordinate of one latent's ids, whether the grid may
+# start at any row and column, the pipeline that makes them, what another image's ids look like). LongCatImagePipeline
+# numbers the image after the caption's 512 places ((1, 512 + row, 512 + column)): a shifted grid is the same grid.
+_IDS = {
+    "FluxTransformer2DModel": ("Flux", 0, False, "FluxPipeline", "Flux Kontext's reference image has a first id of 1"),
+    "ChromaTransformer2DModel": ("Chroma", 0, False, "ChromaPipeline", "a reference image's would have another"),
+    "FluxControlNetModel": ("FluxControlNetModel", 0, False, "FluxControlNetPipeline",
+                            "Flux Kontext's reference image has a first id of 1"),
+    "BriaTransformer2DModel": ("Bria", 0, False, "BriaPipeline", "a reference image's would have another"),
+    "OvisImageTransformer2DModel": ("OvisImage", 0, False, "OvisImagePipeline",
+                                    "a reference image's would have another"),
+    "LongCatImageTransformer2DModel": ("LongCatImage", 1, True, "LongCatImagePipeline",
+                                       "LongCatImageEditPipeline's reference image has a first id of 2"),
 }
 # The module whose input (which argument) is the caption, its length the caption's token count, where not
 # context_embedder's first (Lumina2's: the caption's mask, whose sum per entry is the caption's length); and the
 # patch embedding, where not pos_embed.
 _CAPTION_EMBEDDER = {"QwenImageTransformer2DModel": ("txt_in", 0), "CogView4Transformer2DModel": ("patch_embed", 1),
+                     "CogView3PlusTransformer2DModel": ("patch_embed", 1),
                      "Lumina2Transformer2DModel": ("rope_embedder", 1)}
-_PATCH_EMBEDDING = {"CogView4Transformer2DModel": "patch_embed", "Lumina2Transformer2DModel": "rope_embedder"}
-# Blocks that attend over the caption alone (Lumina2's context_refiner), by attribute of the model.
-_CAPTION_ONLY = {"Lumina2Transformer2DModel": "context_refiner"}
+_PATCH_EMBEDDING = {"CogView4Transformer2DModel": "patch_embed", "CogView3PlusTransformer2DModel": "patch_embed",
+                    "Lumina2Transformer2DModel": "rope_embedder", "HunyuanImageTransformer2DModel": "x_embedder",
+                    "LuminaNextDiT2DModel": "patch_embedder"}
+# A second caption embedder whose tokens join the first's (HunyuanImage's ByT5 glyph tokens, which it reorders with
+# the caption's: all of them after the image), by attribute of the model; its first argument the tokens.
+_SECOND_CAPTION = {"HunyuanImageTransformer2DModel": "context_embedder_2"}
+# Blocks that attend over the caption alone (Lumina2's context_refiner, HunyuanImage's token refiner), by attribute
+# of the model.
+_CAPTION_ONLY = {"Lumina2Transformer2DModel": "context_refiner", "HunyuanImageTransformer2DModel": "context_embedder"}
 _LINEAR = ("SanaTransformer2DModel",)
-# diffusers' other image transformers: their layouts (packed ids of their own, reference images, learned tokens,
-# refiners) are not read yet.
-_NOT_PLACED = (
-    "BriaFibo2Transformer2DModel", "BriaFiboTransformer2DModel", "BriaTransformer2DModel",
-    "CogView3PlusTransformer2DModel", "DreamLiteTransformer2DModel", "ErnieImageTransformer2DModel",
-    "Flux3Transformer2DModel", "GlmImageTransformer2DModel", "HiDreamImageTransformer2DModel",
-    "HunyuanImageTransformer2DModel", "Ideogram4Transformer2DModel", "Krea2Transformer2DModel",
-    "LongCatImageTransformer2DModel", "LuminaNextDiT2DModel",
-    "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel", "OvisImageTransformer2DModel",
-    "PRXTransformer2DModel", "QwenImage21Transformer2DModel", "ZImageTransformer2DModel",
-)
+# diffusers' other image transformers, refused by name with what keeps vitmad from placing their tokens (read from
+# their source, diffusers 0.42.1); those not read yet say so.
+_NOT_READ = "its layout has not been read yet"
+_NOT_PLACED = {
+    "HiDreamImageTransformer2DModel": (
+        "a non-square latent's tokens are padded to max_seq with tokens whose keys are zeroed (attended with logit 0, "
+        "not masked) between the image and the caption, and each block's caption is the T5 tokens plus one Llama "
+        "layer's, another count per block"),
+    "ZImageTransformer2DModel": (
+        "it takes each image as a tensor of a list and pads its tokens to a multiple of 32 with copies of the last "
+        "(its x_pad_token), and each entry's [image, caption] sequence to the batch's longest (Omni: [caption, image, "
+        "SigLIP tokens] with condition images)"),
+    "OmniGenTransformer2DModel": (
+        "it attends over one Phi-3 sequence of the prompt's text, its input images' patches and the latent's, under "
+        "the attention_mask and position_ids the pipeline builds: several images in one sequence"),
+    "BriaFiboTransformer2DModel": (
+        "BriaFiboPipeline packs its latent 2 x 2 or not at all (do_patching): a step of img_ids is 2 latent pixels or "
+        "1, which the transformer's inputs do not tell"),
+    "ErnieImageTransformer2DModel": (
+        "its caption (text_bth, padded, text_lens long) reaches its attention through no module vitmad can watch, "
+        "so the caption's length is not checked against the keys"),
+    "GlmImageTransformer2DModel": (
+        "its attention can prepend cached keys of earlier images (its KV cache), tokens of another image"),
+    "Krea2Transformer2DModel": (
+        "its image's places come in one position_ids tensor over the caption and the image, built by its pipeline, "
+        "which vitmad has not learned to read"),
+    "BriaFibo2Transformer2DModel": _NOT_READ, "DreamLiteTransformer2DModel": _NOT_READ,
+    "Flux3Transformer2DModel": _NOT_READ, "Ideogram4Transformer2DModel": _NOT_READ,
+    "NucleusMoEImageTransformer2DModel": _NOT_READ, "PRXTransformer2DModel": _NOT_READ,
+    "QwenImage21Transformer2DModel": _NOT_READ,
+}
 _KNOWN = (*_PLACED, *_LINEAR, *_NOT_PLACED)
 _CROSS = ("cross-attention of the latent patches to the caption's tokens (encoder_hidden_states): its keys have no "
           "position in the latent, so it has no MAD")
@@ -115,6 +189,10 @@ _KEY = "diffusers_images."  # + the transformer's name + ".grid" / ".text": what
 
 
 def _owner(module: nn.Module) -> bool:
+    if is_diffusers_class(module, ("Transformer2DModel",)):
+        # The generic class cuts patches (DiT / PixArt checkpoints of the older format) only with patch_size; a
+        # UNet's, over a feature map, is diffusers_unets'.
+        return getattr(module, "is_input_patches", False) is True
     return is_diffusers_class(module, _KNOWN)
 
 
@@ -140,12 +218,18 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return Skip(_CROSS if is_cross_attention(module) else _LINEAR_REASON)
     if kind in _NOT_PLACED:
         return RefusingPlacer(
-            f"vitmad does not place the tokens of diffusers' {kind} yet (it places {', '.join(_PLACED)}); pass "
-            "positions=<[N, 2] latent-pixel position of each token, NaN rows for text and other tokens off the "
-            "latent>"
+            f"vitmad does not place the tokens of diffusers' {kind} yet: {_NOT_PLACED[kind]} (it places "
+            f"{', '.join(_PLACED)}); pass positions=<[N, 2] latent-pixel position of each token, NaN rows for text "
+            "and other tokens off the latent>"
         )
     if is_cross_attention(module):
         return Skip(_CROSS)
+    if kind == "SD3ControlNetModel" and owner.pos_embed is None:
+        return RefusingPlacer(
+            "this SD3ControlNetModel has no pos_embed (SD3.5's large ControlNet): its input is the transformer's "
+            "patch embedding, already cut, so vitmad does not see the latent grid; pass positions=<[N, 2] "
+            "latent-pixel position of each token>"
+        )
     caption_only = _CAPTION_ONLY.get(kind)
     if caption_only is not None and name.startswith(".".join(filter(None, (owner_name, caption_only))) + "."):
         return Skip(f"self-attention of the caption's tokens alone ({kind}'s {caption_only}): they have no position "
@@ -186,6 +270,13 @@ class LatentGridPlacer(LayerPlacer):
                     context.values[key + ".text"] = int(text.shape[-2]) if isinstance(text, torch.Tensor) else None
 
             handles.append(context_embedder.register_forward_pre_hook(see_text))
+        second = getattr(self.owner, _SECOND_CAPTION.get(self.kind, ""), None)
+        if isinstance(second, nn.Module):
+            def see_second_text(module, args) -> None:
+                text = args[0] if args else None
+                context.values[key + ".text2"] = int(text.shape[-2]) if isinstance(text, torch.Tensor) else None
+
+            handles.append(second.register_forward_pre_hook(see_second_text))
         if self.cut == "ids4":
             def see_flux2_ids(module, args, kwargs) -> None:
                 try:
@@ -204,8 +295,10 @@ class LatentGridPlacer(LayerPlacer):
             handles.append(self.owner.pos_embed.register_forward_pre_hook(see_shapes, with_kwargs=True))
         elif self.packed:
             def see_ids(module, args) -> None:
-                context.values[key + ".grid"] = _grid_of_ids(args[0] if args else None,
-                                                             context.values.get(key + ".text"))
+                text = context.values.get(key + ".text")
+                context.values[key + ".grid"] = _grid_of_ids(
+                    args[0] if args else None, None if not isinstance(text, int) else text + self._registers(),
+                    _IDS[self.kind])
 
             handles.append(self.owner.pos_embed.register_forward_pre_hook(see_ids))
         elif self.cut == "view":
@@ -217,7 +310,7 @@ class LatentGridPlacer(LayerPlacer):
             # AuraFlow and CogView4 have no convolution: the model's forward starts the call, before this runs.
             handles.append(self._patch_embedding().register_forward_pre_hook(see_view))
         else:
-            conv = self.owner.pos_embed.proj
+            conv = self._patch_embedding().proj
 
             def see_latent(module, args) -> None:
                 latent = args[0] if args else None
@@ -253,7 +346,7 @@ class LatentGridPlacer(LayerPlacer):
         if seen is None:
             what = {"ids": "pos_embed (img_ids)", "ids4": "forward (img_ids)", "shapes": "pos_embed (img_shapes)",
                     "view": f"{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')} (the latent)"}.get(
-                self.cut, "pos_embed.proj (the latent)")
+                self.cut, f"{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')}.proj (the latent)")
             raise NotPlaceable(
                 f"{self.kind}'s {what} did not run in this call before it attended ({self._where()} recorded "
                 "from a block called alone?), so the latent grid is unknown; run the transformer's forward"
@@ -272,9 +365,11 @@ class LatentGridPlacer(LayerPlacer):
             caption = context.values.get(key + ".text")
             if isinstance(caption, str):
                 raise NotPlaceable(caption)
+            if caption is not None and context.values.get(key + ".text2") is not None:
+                caption += context.values[key + ".text2"]
             registers = self._registers()
             if caption is None or caption + registers != text:
-                extra = f" and its {registers} register tokens" if registers else ""
+                extra = f" and its {registers} register or mode tokens" if registers else ""
                 raise NotPlaceable(
                     f"it attends over {num_keys} tokens: the {grid[0]}x{grid[1]} latent patches and {text} more, but "
                     f"{self.kind}'s {self.caption_embedder} got {caption} caption tokens in this call{extra}; vitmad "
@@ -301,7 +396,11 @@ class LatentGridPlacer(LayerPlacer):
         return getattr(self.owner, _PATCH_EMBEDDING.get(self.kind, "pos_embed"))
 
     def _registers(self) -> int:
-        """AuraFlow's learned register tokens, which lead the caption's (``cat([register_tokens, caption])``)."""
+        """The tokens before the caption's that its embedder does not count: AuraFlow's learned register tokens
+        (``cat([register_tokens, caption])``); a union FluxControlNetModel's one control-mode token
+        (``cat([controlnet_mode_emb, caption])``, its ``txt_ids`` repeated for it)."""
+        if self.kind == "FluxControlNetModel":
+            return 1 if getattr(self.owner, "union", False) is True else 0
         registers = getattr(self.owner, "register_tokens", None)
         return int(registers.shape[1]) if isinstance(registers, torch.Tensor) and registers.dim() == 3 else 0
 
@@ -311,11 +410,15 @@ class LatentGridPlacer(LayerPlacer):
             # divide fails there).
             patch = int(self._patch_embedding().patch_size)
             return (height // patch, width // patch), (float(patch), float(patch))
-        conv = self.owner.pos_embed.proj
+        conv = self._patch_embedding().proj
+        where = f"{self._where()}.{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')}.proj"
+        if not isinstance(conv, nn.Conv2d):
+            raise NotPlaceable(f"{where} is a {type(conv).__name__}; vitmad places the patches of a Conv2d over a "
+                               "[B, C, H, W] latent (an image), not a video's")
         kernel, stride = pair(conv.kernel_size), pair(conv.stride)
         if kernel != stride or pair(conv.padding) != (0, 0) or pair(conv.dilation) != (1, 1):
             raise NotPlaceable(
-                f"{self._where()}.pos_embed.proj cuts the latent with kernel {kernel}, stride {stride}, padding "
+                f"{where} cuts the latent with kernel {kernel}, stride {stride}, padding "
                 f"{pair(conv.padding)} and dilation {pair(conv.dilation)}; vitmad places whole patches (kernel == "
                 "stride, no padding, no dilation) only"
             )
@@ -356,28 +459,33 @@ def _grid_of_shapes(shapes) -> tuple[int, int] | str:
             "caption's tokens, which come first>")
 
 
-def _grid_of_ids(ids, text: int | None) -> tuple[int, int] | str:
-    """The ``(rows, columns)`` grid of Flux's ``img_ids``: the rows of ``ids`` (``cat([txt_ids, img_ids])``, what its
-    ``pos_embed`` gets) past the ``text`` caption tokens; or, where they are no grid vitmad understands, the reason
-    (a string)."""
+def _grid_of_ids(ids, text: int | None, spec: tuple) -> tuple[int, int] | str:
+    """The ``(rows, columns)`` grid of a Flux-like model's ``img_ids``: the rows of ``ids``
+    (``cat([txt_ids, img_ids])``, what its ``pos_embed`` gets) past the ``text`` tokens before the image; or, where
+    they are no grid vitmad understands, the reason (a string). ``spec``: the model's entry of ``_IDS``."""
+    model, first, shifted, pipeline, example = spec
+    form = f"({first}, row, column)"
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[-1] != 3 or text is None:
-        return (f"Flux's position ids are {None if not isinstance(ids, torch.Tensor) else list(ids.shape)} with "
-                f"{text} caption tokens; vitmad places the [N, 3] (0, row, column) img_ids of FluxPipeline")
-    return _grid_of_image_ids(ids[text:], "Flux", "(0, row, column)", "FluxPipeline",
-                              "Flux Kontext's reference image has a first id of 1")
+        return (f"{model}'s position ids are {None if not isinstance(ids, torch.Tensor) else list(ids.shape)} with "
+                f"{text} caption tokens; vitmad places the [N, 3] {form} img_ids of {pipeline}")
+    return _grid_of_image_ids(ids[text:], model, form, pipeline, example, first, shifted)
 
 
-def _grid_of_image_ids(image, model: str, form: str, pipeline: str, example: str) -> tuple[int, int] | str:
+def _grid_of_image_ids(image, model: str, form: str, pipeline: str, example: str, first: float = 0.0,
+                       shifted: bool = False) -> tuple[int, int] | str:
     """The ``(rows, columns)`` grid of image ids ``[N, K]`` whose columns 1 and 2 are the row and column of a
-    row-major grid from 0 and every other column 0; else the reason (a string)."""
+    row-major grid from 0 (``shifted``: from the first id's row and column), column 0 ``first`` and every other
+    column 0; else the reason (a string)."""
     image = image.detach().to("cpu", torch.float64)
-    rows = int(image[:, 1].max()) + 1 if len(image) else 0
-    columns = len(image) // rows if rows else 0
-    if rows and rows * columns == len(image):
+    origin = image[0, 1:3].clone() if shifted and len(image) else torch.zeros(2, dtype=torch.float64)
+    rows = int(image[:, 1].max() - origin[0]) + 1 if len(image) else 0
+    columns = len(image) // rows if rows > 0 else 0
+    if rows > 0 and rows * columns == len(image):
         r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(columns, dtype=torch.float64),
                               indexing="ij")
         expected = torch.zeros_like(image)
-        expected[:, 1], expected[:, 2] = r.reshape(-1), c.reshape(-1)
+        expected[:, 0] = first
+        expected[:, 1], expected[:, 2] = r.reshape(-1) + origin[0], c.reshape(-1) + origin[1]
         if torch.equal(image, expected):
             return rows, columns
     return (f"{model}'s img_ids ({len(image)} rows) are not the row-major grid of {form} ids {pipeline} makes for "
