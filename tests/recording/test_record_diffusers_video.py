@@ -190,6 +190,30 @@ def test_processor_that_attends_out_of_sight_is_refused_not_left_out():
         model(torch.randn(1, 4, 2, 4, 6), torch.tensor([500]), torch.randn(1, TEXT, TEXT_DIM))
 
 
+def test_attention_backend_out_of_sight_is_refused_not_left_out():
+    """diffusers' attention backends other than the native ones (flex here; flash, sage, xformers alike) compute
+    the attention without F.scaled_dot_product_attention: the processor's class is the one read, so the layer was
+    left out without a word (QA helper-169). Refused, naming the backend; the native backend records again."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    model = _wan()
+    inputs = (torch.randn(1, 4, 2, 4, 6), torch.tensor([500]), torch.randn(1, TEXT, TEXT_DIM))
+    active = _AttentionBackendRegistry._active_backend  # set_attention_backend changes it for the whole process
+    try:
+        model.set_attention_backend("flex")
+        with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match=(
+                r"blocks\.0\.attn1 \(WanAttention\) of WanTransformer3DModel: its attention ran on diffusers' "
+                r"attention backend 'flex', .*, which calls no F.scaled_dot_product_attention vitmad sees")):
+            model(*inputs)
+        model.set_attention_backend("native")
+        with torch.no_grad(), vitmad.record(model) as rec:
+            model(*inputs)
+    finally:
+        model.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(active)
+    assert rec.layers == ["blocks.0.attn1", "blocks.1.attn1"]
+
+
 def test_wan_image_to_video_skips_both_cross_attentions():
     """Wan 2.1 image-to-video: attn2 attends to the CLIP image tokens (added key / value projections) and to the
     text (its processor takes the last 512 of encoder_hidden_states as text): skipped; attn1 placed as in

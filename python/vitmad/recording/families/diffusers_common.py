@@ -21,7 +21,8 @@ from torch import nn
 
 from ..module_index import named_module_list
 
-__all__ = ["is_attention", "is_cross_attention", "processor_name", "attention_under", "is_diffusers_class"]
+__all__ = ["is_attention", "is_cross_attention", "processor_name", "attention_under", "is_diffusers_class",
+           "backend_refusal"]
 
 
 def is_diffusers_class(module: nn.Module, names) -> bool:
@@ -64,3 +65,39 @@ def attention_under(model: nn.Module, owner: Callable[[nn.Module], bool]) -> dic
                 and not any(name.startswith(outer + ".") for outer in found):
             found[name] = module
     return found
+
+
+# diffusers' attention backends (attention_dispatch.AttentionBackendName) whose function calls
+# F.scaled_dot_product_attention, where vitmad sees q and k: "native" and the "_native_*" ones that pick a torch
+# SDPA kernel. flash-attn, sage, xformers, flex, aiter and the NPU / XLA kernels compute the attention elsewhere, and
+# so do the native ones under context parallelism (aten ops, ring or Ulysses exchanges between devices).
+_SDPA_BACKENDS = frozenset({"native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math"})
+
+
+def backend_refusal(module: nn.Module) -> str | None:
+    """Why ``module``'s attention went unseen, when its processor dispatches it (``dispatch_attention_fn``) to a
+    diffusers attention backend that does not call ``F.scaled_dot_product_attention`` (``set_attention_backend``,
+    the ``attention_backend`` context, ``DIFFUSERS_ATTN_BACKEND``, or context parallelism); None where the backend
+    calls it. Asked only of a forward that computed no attention vitmad saw (``refusal_without_attention``): the
+    class of the processor was read, so this is where its attention went."""
+    processor = getattr(module, "processor", None)
+    if getattr(processor, "_parallel_config", None) is not None:
+        return ("its processor runs diffusers' context-parallel attention (enable_parallelism), which exchanges keys "
+                "between devices and calls no F.scaled_dot_product_attention vitmad sees; record without it")
+    backend = getattr(processor, "_attention_backend", None)
+    source = "the processor's (set_attention_backend)"
+    if backend is None:
+        try:
+            from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+        except ImportError:  # another diffusers: nothing to name
+            return None
+        backend = getattr(_AttentionBackendRegistry, "_active_backend", None)
+        source = "the active one (the attention_backend context or DIFFUSERS_ATTN_BACKEND)"
+    name = getattr(backend, "value", backend)
+    if name is None or name in _SDPA_BACKENDS:
+        return None
+    # set_attention_backend sets the processors' and the active one; reset_attention_backend clears only the
+    # processors', so the active one stays until set again.
+    return (f"its attention ran on diffusers' attention backend '{name}', {source}, which calls no "
+            "F.scaled_dot_product_attention vitmad sees; record with the native backend (model."
+            "set_attention_backend('native'), or inside diffusers' attention_backend('native') context)")

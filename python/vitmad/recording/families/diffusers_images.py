@@ -82,7 +82,14 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, select_tokens
-from .diffusers_common import attention_under, is_attention, is_cross_attention, is_diffusers_class, processor_name
+from .diffusers_common import (
+    attention_under,
+    backend_refusal,
+    is_attention,
+    is_cross_attention,
+    is_diffusers_class,
+    processor_name,
+)
 from .plain import _plain_positions
 from .stages import innermost_on_path, pair
 
@@ -334,8 +341,9 @@ class LatentGridPlacer(LayerPlacer):
                 "(model.set_attn_processor), or pass positions=<[N, 2] latent-pixel position of each token>")
 
     def refusal_without_attention(self, module: nn.Module) -> str | None:
-        # A processor that computes the attention where vitmad does not look (xFormers) reaches no place().
-        return self._processor_refusal()
+        # A processor (xFormers') or an attention backend (flash, sage, flex) that computes the attention where
+        # vitmad does not look reaches no place().
+        return self._processor_refusal() or backend_refusal(self.attention)
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         refusal = self._processor_refusal()

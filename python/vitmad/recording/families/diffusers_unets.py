@@ -58,7 +58,7 @@ from ..placement import (
     on_device,
     read_only,
 )
-from .diffusers_common import attention_under, is_attention
+from .diffusers_common import attention_under, backend_refusal, is_attention
 from .stages import forward_arguments, grid_placement, innermost_on_path, pair
 from .video import tubelet_positions
 
@@ -208,8 +208,9 @@ class UNetMapPlacer(LayerPlacer):
         return handles
 
     def refusal_without_attention(self, module: nn.Module) -> str | None:
-        # xFormers' processor computes the attention where vitmad does not look: no call reaches place().
-        return self._processor_refusal()
+        # xFormers' processor, or an attention backend (flash, sage, flex), computes the attention where vitmad does
+        # not look: no call reaches place().
+        return self._processor_refusal() or backend_refusal(self.attention)
 
     def _processor_refusal(self) -> str | None:
         processor = type(getattr(self.attention, "processor", None))

@@ -62,7 +62,7 @@ from ..placement import (
     on_device,
     read_only,
 )
-from .diffusers_common import is_attention
+from .diffusers_common import backend_refusal, is_attention
 from .video import _Grid, tubelet_positions
 
 __all__ = ["placer", "attention_modules"]
@@ -339,8 +339,9 @@ class JointVideoPlacer(LayerPlacer):
         self.grid, self.module, self.text = grid, module, text
 
     def refusal_without_attention(self, module: nn.Module) -> str | None:
-        # A processor that computes the attention where vitmad does not look (xFormers) reaches no place().
-        return _processor_refusal(self.grid, self.module)
+        # A processor (xFormers') or an attention backend (flash, sage, flex) that computes the attention where
+        # vitmad does not look reaches no place().
+        return _processor_refusal(self.grid, self.module) or backend_refusal(self.module)
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         return self.grid.install(context)
@@ -400,8 +401,9 @@ class FactorisedVideoPlacer(LayerPlacer):
         self.grid, self.module, self.kind = grid, module, kind
 
     def refusal_without_attention(self, module: nn.Module) -> str | None:
-        # A processor that computes the attention where vitmad does not look (xFormers) reaches no place().
-        return _processor_refusal(self.grid, self.module)
+        # A processor (xFormers') or an attention backend (flash, sage, flex) that computes the attention where
+        # vitmad does not look reaches no place().
+        return _processor_refusal(self.grid, self.module) or backend_refusal(self.module)
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         return self.grid.install(context)
