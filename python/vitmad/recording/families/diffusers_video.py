@@ -74,6 +74,18 @@ _HUNYUAN = ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanV
 _LATTE = ("diffusers.models.transformers.latte_transformer_3d", "LatteTransformer3DModel")
 _LTX = ("diffusers.models.transformers.transformer_ltx", "LTXVideoTransformer3DModel")
 _ALLEGRO = ("diffusers.models.transformers.transformer_allegro", "AllegroTransformer3DModel")
+_SKYREELS = ("diffusers.models.transformers.transformer_skyreels_v2", "SkyReelsV2Transformer3DModel")
+_CHRONOEDIT = ("diffusers.models.transformers.transformer_chronoedit", "ChronoEditTransformer3DModel")
+_WAN_VACE = ("diffusers.models.transformers.transformer_wan_vace", "WanVACETransformer3DModel")
+_WAN_ANIMATE = ("diffusers.models.transformers.transformer_wan_animate", "WanAnimateTransformer3DModel")
+_COSMOS = ("diffusers.models.transformers.transformer_cosmos", "CosmosTransformer3DModel")
+_KANDINSKY5 = ("diffusers.models.transformers.transformer_kandinsky", "Kandinsky5Transformer3DModel")
+_CONSISID = ("diffusers.models.transformers.consisid_transformer_3d", "ConsisIDTransformer3DModel")
+_EASYANIMATE = ("diffusers.models.transformers.transformer_easyanimate", "EasyAnimateTransformer3DModel")
+_HUNYUAN15 = ("diffusers.models.transformers.transformer_hunyuan_video15", "HunyuanVideo15Transformer3DModel")
+# Wan and the models built on its blocks: self-attention attn1 over the tubelets a Conv3d patch_embedding cuts,
+# cross-attention attn2 to the text (and CLIP image tokens).
+_WAN_LIKE = (_WAN, _SKYREELS, _CHRONOEDIT, _WAN_VACE, _WAN_ANIMATE)
 # The processor each placed attention module must run (module, class): another one may order the tokens otherwise.
 _PROCESSORS = {
     _WAN: ("diffusers.models.transformers.transformer_wan", "WanAttnProcessor"),
@@ -82,31 +94,29 @@ _PROCESSORS = {
     _LATTE: ("diffusers.models.attention_processor", "AttnProcessor2_0"),
     _LTX: ("diffusers.models.transformers.transformer_ltx", "LTXVideoAttnProcessor"),
     _ALLEGRO: ("diffusers.models.attention_processor", "AllegroAttnProcessor2_0"),
+    _SKYREELS: ("diffusers.models.transformers.transformer_skyreels_v2", "SkyReelsV2AttnProcessor"),
+    _CHRONOEDIT: ("diffusers.models.transformers.transformer_chronoedit", "WanAttnProcessor"),
+    _WAN_VACE: ("diffusers.models.transformers.transformer_wan", "WanAttnProcessor"),
+    _WAN_ANIMATE: ("diffusers.models.transformers.transformer_wan_animate", "WanAttnProcessor"),
+    _COSMOS: ("diffusers.models.transformers.transformer_cosmos", "CosmosAttnProcessor2_0"),
+    _KANDINSKY5: ("diffusers.models.transformers.transformer_kandinsky", "Kandinsky5AttnProcessor"),
+    _CONSISID: ("diffusers.models.attention_processor", "CogVideoXAttnProcessor2_0"),
+    _EASYANIMATE: ("diffusers.models.transformers.transformer_easyanimate", "EasyAnimateAttnProcessor2_0"),
+    _HUNYUAN15: ("diffusers.models.transformers.transformer_hunyuan_video15", "HunyuanVideo15AttnProcessor2_0"),
 }
 # Video transformers of diffusers not placed here, by class name -> why.
 _REFUSED = {
     "LTX2VideoTransformer3DModel": "LTX-2 attends over packed video and audio latents",
     "MochiTransformer3DModel": "Mochi's joint attention runs one SDPA call per video over its tubelets and its own "
                                "unpadded text tokens, which is not placed yet",
-    "ConsisIDTransformer3DModel": "ConsisID adds identity tokens and is not placed yet",
-    "EasyAnimateTransformer3DModel": "EasyAnimate's sequence is not placed yet",
-    "CosmosTransformer3DModel": "Cosmos' sequence is not placed yet",
     "Cosmos3OmniTransformer": "Cosmos 3's packed mixture-of-transformers sequence is not placed yet",
-    "SkyReelsV2Transformer3DModel": "SkyReels-V2's diffusion forcing (per-frame timesteps, causal blocks) is not "
-                                    "placed yet",
-    "WanVACETransformer3DModel": "Wan-VACE's control blocks attend over their own control tokens and are not placed "
-                                 "yet",
-    "WanAnimateTransformer3DModel": "Wan-Animate adds pose and face conditioning and is not placed yet",
     "WanAnimate2Transformer3DModel": "Wan-Animate 2 adds pose and face conditioning and is not placed yet",
-    "ChronoEditTransformer3DModel": "ChronoEdit's sequence is not placed yet",
-    "HunyuanVideo15Transformer3DModel": "HunyuanVideo 1.5's sequence is not placed yet",
     "HunyuanVideoFramepackTransformer3DModel": "FramePack packs history latents of several strides and is not "
                                                "placed yet",
     "SanaVideoTransformer3DModel": "Sana-Video's linear attention has no softmax map",
     "SanaWMTransformer3DModel": "Sana-WM's sequence is not placed yet",
     "SanaWMLTX2RefinerTransformer3DModel": "Sana-WM's LTX-2 refiner attends over packed latents and is not placed "
                                            "yet",
-    "Kandinsky5Transformer3DModel": "Kandinsky 5's sequence is not placed yet",
     "Kandinsky6Transformer3DModel": "Kandinsky 6's sequence is not placed yet",
     "Kandinsky6SRTransformer3DModel": "Kandinsky 6's super-resolution sequence is not placed yet",
     "AnyFlowTransformer3DModel": "AnyFlow's sequence is not placed yet",
@@ -172,6 +182,9 @@ class _LatentGrid:
         # Not in the context's values: the call starts at that convolution (towers.first_convolution), which clears
         # them.
         self._video_shape: tuple[int, int] | None = None
+        # Kandinsky 5: whether its forward was given sparse_params, until its visual embedding reads it.
+        self._sparse = False
+        self.control_key = f"{_GRID_KEY}.control.{id(model)}"
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         installed = self._installed
@@ -182,31 +195,54 @@ class _LatentGrid:
                 installed[1].id in hooked._forward_hooks or installed[1].id in hooked._forward_pre_hooks):
             return []
         # Each hook writes the context of the recording that installed it (bound with partial).
-        if self.kind == _COGVIDEOX:
-            handles = [self.model.patch_embed.register_forward_hook(functools.partial(self._cogvideox, context),
-                                                                     with_kwargs=True)]
+        model = self.model
+        if self.kind in (_COGVIDEOX, _CONSISID):
+            handles = [model.patch_embed.register_forward_hook(functools.partial(self._cogvideox, context),
+                                                                with_kwargs=True)]
         elif self.kind == _LTX:
-            handles = [self.model.rope.register_forward_pre_hook(functools.partial(self._ltx, context),
-                                                                 with_kwargs=True)]
-        elif self.kind in (_LATTE, _ALLEGRO):
+            handles = [model.rope.register_forward_pre_hook(functools.partial(self._ltx, context), with_kwargs=True)]
+        elif self.kind in (_LATTE, _ALLEGRO, _EASYANIMATE):
             handles = [self._hooked().register_forward_hook(functools.partial(self._per_frame, context)),
-                       self.model.register_forward_pre_hook(self._video, with_kwargs=True)]
+                       model.register_forward_pre_hook(self._video, with_kwargs=True)]
+            if self.kind == _EASYANIMATE:
+                # Its text, then its T5 text (where given), go before the tubelets.
+                handles.extend(embedder.register_forward_hook(functools.partial(self._more_text, context))
+                               for embedder in (model.text_proj, model.text_proj_t5) if embedder is not None)
+        elif self.kind in (_COSMOS, _KANDINSKY5):
+            handles = [self._hooked().register_forward_hook(functools.partial(self._channels_last, context))]
+            if self.kind == _KANDINSKY5:
+                handles.append(model.register_forward_pre_hook(self._kandinsky5_call, with_kwargs=True))
         else:
             handles = [self._hooked().register_forward_hook(functools.partial(self._conv3d, context))]
             if self.kind == _HUNYUAN:
-                handles.append(self.model.context_embedder.register_forward_hook(
+                handles.append(model.context_embedder.register_forward_hook(
                     functools.partial(self._refined_text, context)))
+            elif self.kind == _HUNYUAN15:
+                # After the tubelets: the image tokens, the ByT5 tokens and the refined text tokens (each video's
+                # valid ones first, its padding after them, masked).
+                handles.extend(embedder.register_forward_hook(functools.partial(self._more_text, context))
+                               for embedder in (model.context_embedder, model.context_embedder_2,
+                                                model.image_embedder))
+            elif self.kind == _WAN_VACE:
+                handles.append(model.vace_patch_embedding.register_forward_hook(
+                    functools.partial(self._control, context)))
         self._installed = (context, handles[0])
         return handles
 
     def _hooked(self) -> nn.Module:
-        if self.kind == _COGVIDEOX:
+        if self.kind in (_COGVIDEOX, _CONSISID):
             return self.model.patch_embed
         if self.kind in (_LATTE, _ALLEGRO):
             return self.model.pos_embed.proj
+        if self.kind == _EASYANIMATE:
+            return self.model.proj
         if self.kind == _LTX:
             return self.model.rope
-        return self.model.patch_embedding if self.kind == _WAN else self.model.x_embedder.proj
+        if self.kind == _COSMOS:
+            return self.model.patch_embed
+        if self.kind == _KANDINSKY5:
+            return self.model.visual_embeddings
+        return self.model.patch_embedding if self.kind in _WAN_LIKE else self.model.x_embedder.proj
 
     def _conv3d(self, context: CallContext, module, args, output) -> None:
         """Wan's ``patch_embedding``, HunyuanVideo's ``x_embedder.proj``: ``[B, C, F', H', W']`` tubelets."""
@@ -268,6 +304,41 @@ class _LatentGrid:
             return
         context.values[self.grid_key] = _Grid(video[0], video[1], (int(output.shape[2]), int(output.shape[3])),
                                               (float(kernel[0]), float(kernel[1])), 1)
+
+    def _channels_last(self, context: CallContext, module, args, output) -> None:
+        """Cosmos' ``patch_embed``, Kandinsky 5's ``visual_embeddings``: each tubelet of ``patch_size`` (frames,
+        rows, columns) a token, ``[B, F', H', W', D]``, then flattened in (frame, row, column) order (Kandinsky 5
+        without its sparse attention's block order)."""
+        sparse, self._sparse = self._sparse, False
+        if sparse:
+            context.values[self.grid_key] = (
+                "it was given sparse_params (NABLA sparse attention): its tokens are then ordered by 8x8 blocks "
+                "(fractal_flatten) and attend through a block mask, which vitmad does not place; record it without "
+                "sparse_params")
+            return
+        patch = tuple(int(p) for p in module.patch_size)
+        if output.dim() != 5 or len(patch) != 3:
+            context.values[self.grid_key] = (f"its patch embedding returned {list(output.shape)} for patch_size "
+                                             f"{list(patch)}, not the [B, F', H', W', D] tubelets of (t, h, w) patches")
+            return
+        context.values[self.grid_key] = _Grid(int(output.shape[0]), int(output.shape[1]),
+                                              (int(output.shape[2]), int(output.shape[3])),
+                                              (float(patch[1]), float(patch[2])), patch[0])
+        context.values[self.text_key] = 0
+
+    def _kandinsky5_call(self, module, args, kwargs) -> None:
+        """Kandinsky 5's forward: whether it was given ``sparse_params`` (positional: the eighth argument)."""
+        given = kwargs.get("sparse_params", args[7] if len(args) > 7 else None)
+        self._sparse = given is not None
+
+    def _control(self, context: CallContext, module, args, output) -> None:
+        """Wan-VACE's ``vace_patch_embedding``: the control tubelets ``[B, D, F', H', W']`` its VACE blocks attend
+        over, padded with zeros to the video's token count."""
+        context.values[self.control_key] = tuple(int(n) for n in (output.shape[0], *output.shape[2:]))
+
+    def _more_text(self, context: CallContext, module, args, output) -> None:
+        """A text or image embedder whose tokens join the others beside the tubelets (``[B, L, D]``)."""
+        context.values[self.text_key] = int(context.values.get(self.text_key, 0)) + int(output.shape[1])
 
     def _refined_text(self, context: CallContext, module, args, output) -> None:
         """HunyuanVideo's ``context_embedder``: the text tokens its blocks put after the tubelets."""
@@ -333,10 +404,13 @@ class JointVideoPlacer(LayerPlacer):
         grid: the model's hooks reading each call's grid and text count.
         module: the attention module, whose processor is checked at every call.
         text: ``"first"``, ``"last"`` or ``"none"``: where the text tokens are in the joint sequence.
+        control: Wan-VACE's control blocks: the tokens are the control video's tubelets, placed on the video's grid
+            (its rotary positions are the video's), which they must fill: a control video of another grid is padded
+            with zeros to the video's token count, its tubelets then not at their own cells.
     """
 
-    def __init__(self, grid: _LatentGrid, module: nn.Module, text: str):
-        self.grid, self.module, self.text = grid, module, text
+    def __init__(self, grid: _LatentGrid, module: nn.Module, text: str, control: bool = False):
+        self.grid, self.module, self.text, self.control = grid, module, text, control
 
     def refusal_without_attention(self, module: nn.Module) -> str | None:
         # A processor that computes the attention where vitmad does not look (xFormers) reaches no place().
@@ -347,6 +421,14 @@ class JointVideoPlacer(LayerPlacer):
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         grid = _call_grid(context, self.grid, self.module)
+        if self.control:
+            control, video = context.values.get(self.grid.control_key), (grid.batch, grid.frames, *grid.size)
+            if control != video:
+                raise NotPlaceable(
+                    f"its control tubelets (vace_patch_embedding: [B, F', H', W'] = {list(control or [])}) are not "
+                    f"the video's {list(video)}: the model pads them with zeros to the video's token count, so they "
+                    "are not at the video's cells their rotary positions give; give control latents of the video's "
+                    "shape")
         text = int(context.values.get(self.grid.text_key, 0)) if self.text != "none" else 0
         prefix, suffix = (text, 0) if self.text == "first" else (0, text)
         patches = grid.size[0] * grid.size[1]
@@ -445,51 +527,67 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return None
     video, prefix = found
     kind, inner = _key(video), name[len(prefix):].lstrip(".") if prefix else name
+    parts = inner.split(".")
+    if kind == _CONSISID and type(module).__name__ in ("PerceiverCrossAttention", "PerceiverAttention") \
+            and type(module).__module__ == _CONSISID[0]:
+        # Its own softmax, found by the softmax search: the identity tokens' attention, never a tubelet's key.
+        return Skip("ConsisID's face identity attention (PerceiverCrossAttention: the tubelets' cross-attention to "
+                    "the identity tokens; PerceiverAttention: the identity tokens over the face features): keys "
+                    "without a position on the latent video")
     if kind in _PROCESSORS and not is_attention(module):
         # Found by another discovery (it calls scaled_dot_product_attention or a softmax itself): not one of the
         # processors' attention modules whose sequence was read.
         return RefusingPlacer(f"{type(module).__name__} in {type(video).__name__} is no attention module whose "
                               "tokens vitmad read; leave it out with layers=[the other attention modules]")
     if kind not in _PROCESSORS:
+        placed = ", ".join(sorted(name for _, name in _PROCESSORS))
         return RefusingPlacer(f"{type(video).__name__} (diffusers) is not placed by vitmad: "
-                              f"{_REFUSED[type(video).__name__]}; vitmad places WanTransformer3DModel, "
-                              "CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, "
-                              "LTXVideoTransformer3DModel, LatteTransformer3DModel and AllegroTransformer3DModel")
-    parts = inner.split(".")
-    if kind in (_WAN, _LTX):
-        if parts[-1] == "attn2":
-            extra = " (and, image-to-video, to the CLIP image tokens)" if kind == _WAN else ""
-            return Skip(f"cross-attention of the latent tubelets to the text tokens{extra}: keys without a position "
-                        "on the latent video")
-        if parts[-1] != "attn1":
-            return RefusingPlacer(f"{inner} is no attention of {type(video).__name__}'s blocks (attn1, attn2), "
-                                  "whose tokens vitmad read")
-        text = "none"
-    elif kind == _ALLEGRO:
-        if parts[-1] == "attn2":
-            return Skip("cross-attention of the latent tubelets to the text tokens: keys without a position on the "
-                        "latent video")
-        if parts[-1] != "attn1":
-            return RefusingPlacer(f"{inner} is no attention of Allegro's blocks (attn1, attn2), whose tokens vitmad "
-                                  "read")
-        text = "none"
-    elif kind == _LATTE:
-        if parts[-1] == "attn2":
-            return Skip("cross-attention of the latent patches to the caption tokens: keys without a position on "
-                        "the latent video")
-        if parts[-1] == "attn1" and parts[0] in ("transformer_blocks", "temporal_transformer_blocks"):
-            return FactorisedVideoPlacer(_reader(video, kind), module,
-                                         "space" if parts[0] == "transformer_blocks" else "time")
-        return RefusingPlacer(f"{inner} is no attention of Latte's spatial or temporal blocks, whose tokens vitmad "
-                              "read")
-    elif kind == _HUNYUAN:
-        if parts[0] == "context_embedder":
-            return Skip("HunyuanVideo's text token refiner: self-attention among the text tokens, none with a "
-                        "position on the latent video")
-        text = "last"
-    else:
-        text = "first"
-    return JointVideoPlacer(_reader(video, kind), module, text)
+                              f"{_REFUSED[type(video).__name__]}; vitmad places {placed}")
+    blocks = _BLOCKS[kind]
+    if kind == _WAN_ANIMATE and parts[0] == "face_adapter":
+        return Skip("Wan-Animate's face adapter: cross-attention of each latent frame's tubelets to that frame's "
+                    "face motion tokens, keys without a position on the latent video")
+    if kind in (_HUNYUAN, _HUNYUAN15) and parts[0] == "context_embedder":
+        version = " 1.5" if kind == _HUNYUAN15 else ""
+        return Skip(f"HunyuanVideo{version}'s text token refiner: self-attention among the text tokens, none with a "
+                    "position on the latent video")
+    if kind == _KANDINSKY5 and parts[0] == "text_transformer_blocks":
+        return Skip("Kandinsky 5's text blocks: self-attention among the text tokens, none with a position on the "
+                    "latent video")
+    if parts[-1] in blocks["skip"]:
+        return Skip(blocks["skip"][parts[-1]])
+    if parts[-1] not in blocks["self"] or (kind == _LATTE and parts[0] not in _LATTE_BLOCKS):
+        names = ", ".join([*blocks["self"], *blocks["skip"]])
+        return RefusingPlacer(f"{inner} is no attention of {type(video).__name__}'s blocks ({names}), whose tokens "
+                              "vitmad read")
+    if kind == _LATTE:
+        return FactorisedVideoPlacer(_reader(video, kind), module, _LATTE_BLOCKS[parts[0]])
+    return JointVideoPlacer(_reader(video, kind), module, blocks["text"], control=parts[0] == "vace_blocks")
+
+
+_TO_TEXT = "cross-attention of the latent tubelets to the text tokens{}: keys without a position on the latent video"
+_WAN_ATTENTION = {"self": ("attn1",), "text": "none", "skip": {"attn2": _TO_TEXT.format(
+    " (and, image-to-video, to the CLIP image tokens)")}}
+# Per placed model: its blocks' self-attention module names, where its text tokens are in their sequence ("first",
+# "last", "none": attended by cross-attention only), and its cross-attention module names -> why skipped.
+_BLOCKS = {
+    **{kind: _WAN_ATTENTION for kind in _WAN_LIKE},
+    _LTX: {"self": ("attn1",), "text": "none", "skip": {"attn2": _TO_TEXT.format("")}},
+    _ALLEGRO: {"self": ("attn1",), "text": "none", "skip": {"attn2": _TO_TEXT.format("")}},
+    _COSMOS: {"self": ("attn1",), "text": "none", "skip": {"attn2": _TO_TEXT.format(
+        " (and, Cosmos 2.5 with an image context, to the image tokens)")}},
+    _KANDINSKY5: {"self": ("self_attention",), "text": "none", "skip": {"cross_attention": _TO_TEXT.format("")}},
+    _LATTE: {"self": ("attn1",), "text": "none", "skip": {"attn2": "cross-attention of the latent patches to the "
+                                                                  "caption tokens: keys without a position on the "
+                                                                  "latent video"}},
+    _COGVIDEOX: {"self": ("attn1",), "text": "first", "skip": {}},
+    _CONSISID: {"self": ("attn1",), "text": "first", "skip": {}},
+    _EASYANIMATE: {"self": ("attn1",), "text": "first", "skip": {}},
+    _HUNYUAN: {"self": ("attn",), "text": "last", "skip": {}},
+    _HUNYUAN15: {"self": ("attn",), "text": "last", "skip": {}},
+}
+# Latte's block lists -> the attention of their attn1.
+_LATTE_BLOCKS = {"transformer_blocks": "space", "temporal_transformer_blocks": "time"}
 
 
 def _reader(model: nn.Module, kind: tuple[str, str]) -> _LatentGrid:
