@@ -1,20 +1,22 @@
-"""vitmad.record on more of diffusers' video diffusion transformers: SkyReels-V2, ChronoEdit, Wan-VACE, Cosmos,
-Kandinsky 5, ConsisID, EasyAnimate and HunyuanVideo 1.5.
+"""vitmad.record on more of diffusers' video diffusion transformers: SkyReels-V2, ChronoEdit, Wan-Animate, Wan-VACE,
+Cosmos, Kandinsky 5, ConsisID, EasyAnimate, HunyuanVideo 1.5 and Mochi.
 
 Tiny random-weight models, their query / key projections drawn anew and their q / k norm gains raised so that
 attention is far from uniform. The reference is each model's own attention: the probabilities of every
 F.scaled_dot_product_attention call its processor makes, from the q, k (RoPE applied), scale and mask it handed SDPA
 (``_own_attention`` of test_record_diffusers_video). Placed by geometry written here from reading the models' source:
 
-- SkyReels-V2, ChronoEdit, Wan-VACE: Wan's ``Conv3d`` ``patch_embedding`` and ``flatten(2)``: the tubelets in (frame,
-  row, column) order; Wan-VACE's control blocks attend over the control video's tubelets, cut alike by
-  ``vace_patch_embedding``, on the same cells.
+- SkyReels-V2, ChronoEdit, Wan-Animate, Wan-VACE: Wan's ``Conv3d`` ``patch_embedding`` and ``flatten(2)``: the
+  tubelets in (frame, row, column) order; Wan-VACE's control blocks attend over the control video's tubelets, cut
+  alike by ``vace_patch_embedding``, on the same cells.
 - Cosmos: ``CosmosPatchEmbed`` reshapes ``[B, C, F, H, W]`` into ``[B, F/p_t, H/p, W/p, C p_t p p]`` and the model
   flattens dims 1-3: (frame, row, column). Kandinsky 5 takes channels-last ``[B, F, H, W, C]`` and does the same.
 - ConsisID: CogVideoX's ``patch_embed``: the text first, then the tubelets. EasyAnimate: the text, then its T5 text,
   then the tubelets a per-frame ``Conv2d`` cuts (``[B, C, F, H, W]`` flattened frames outermost).
 - HunyuanVideo 1.5: its ``x_embedder``'s ``Conv3d`` tubelets, then the image, ByT5 and text tokens (each video's valid
   ones first, its padding after them, masked).
+- Mochi: one SDPA call per video: its tubelets (per-frame ``Conv2d``, frames outermost), then the text tokens its
+  mask keeps.
 """
 
 from __future__ import annotations
@@ -54,9 +56,9 @@ def _sharpened(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def _wan_config(**extra) -> dict:
+def _wan_config(**changed) -> dict:
     return dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32, **extra)
+                text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32) | changed
 
 
 def _recorded_and_reference(model, layers, run, stats=STATS):
@@ -99,6 +101,27 @@ def test_chronoedit_input_and_output_frames_are_placed_where_its_latents_hold_th
     rec, maps = _recorded_and_reference(model, layers, lambda: model(latents, torch.tensor([500, 500]), text).sample)
     assert set(rec.skipped) == {"blocks.0.attn2", "blocks.1.attn2"}
     _check(rec, 0, maps, frames=2, grid=(3, 5), patch=2, frame_size=1)
+
+
+def test_wan_animate_blocks_placed_as_wan_its_face_adapter_skipped():
+    """Wan-Animate: the pose latents' tubelets are added to those of latent frames 1..F-1 (same cells), attn1 over
+    3 latent frames of a 3x5 grid as Wan's; attn2 (text and CLIP image) and the face adapter's cross-attention to
+    each frame's face motion tokens skipped."""
+    torch.manual_seed(0)
+    model = _sharpened(diffusers.WanAnimateTransformer3DModel(**_wan_config(
+        in_channels=12, latent_channels=4, image_dim=8, motion_encoder_channel_sizes={"8": 8, "4": 8},
+        motion_encoder_size=8, motion_style_dim=8, motion_dim=4, motion_encoder_dim=8, face_encoder_hidden_dim=8,
+        face_encoder_num_heads=2, inject_face_latents_blocks=1, motion_encoder_batch_size=4)))
+    torch.manual_seed(2)
+    inputs = (torch.randn(BATCH, 12, 3, 6, 10), torch.tensor([500, 500]), torch.randn(BATCH, TEXT, TEXT_DIM))
+    conditions = dict(encoder_hidden_states_image=torch.randn(BATCH, 3, 8),
+                      pose_hidden_states=torch.randn(BATCH, 4, 2, 6, 10),
+                      face_pixel_values=torch.randn(BATCH, 3, 8, 8, 8))
+    layers = ["blocks.0.attn1", "blocks.1.attn1"]
+    rec, maps = _recorded_and_reference(model, layers, lambda: model(*inputs, **conditions).sample)
+    assert set(rec.skipped) == {"blocks.0.attn2", "blocks.1.attn2", "face_adapter.0", "face_adapter.1"}
+    assert "face motion tokens" in rec.skipped["face_adapter.0"]
+    _check(rec, 0, maps, frames=3, grid=(3, 5), patch=2, frame_size=1)
 
 
 def _vace():
@@ -242,3 +265,40 @@ def test_hunyuan_video15_image_byt5_and_text_tokens_come_last_refiner_skipped():
             torch.testing.assert_close(rec.calls[0].statistics[stat][layer].double(), expected[stat], **STAT_TOL)
         torch.testing.assert_close(rec.calls[0].prefix_maps[layer].double(), expected["prefix_maps"], equal_nan=True,
                                    **STAT_TOL)
+
+
+def _mochi():
+    torch.manual_seed(0)
+    return _sharpened(diffusers.MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=8,
+        in_channels=4, text_embed_dim=TEXT_DIM, time_embed_dim=8))
+
+
+@pytest.mark.filterwarnings("ignore:In CPU autocast, but the target dtype is not supported")  # Mochi's RoPE, on CPU
+def test_mochi_one_attention_call_per_video_over_its_tubelets_then_its_valid_text():
+    """Mochi's processor calls SDPA once per video, over its tubelets (per-frame Conv2d, frames outermost: 3 latent
+    frames of a 3x5 grid) then the text tokens its mask keeps (4 of 5: the padding dropped, not masked); the
+    calls joined, each video's tubelets folded onto its own grid. Its caption attention pooling skipped."""
+    model = _mochi()
+    torch.manual_seed(2)
+    mask = torch.ones(BATCH, TEXT, dtype=torch.long)
+    mask[:, -1] = 0
+    inputs = (torch.randn(BATCH, 4, 3, 6, 10), torch.randn(BATCH, TEXT, TEXT_DIM), torch.tensor([500, 500]), mask)
+    layers = ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    rec, calls = _recorded_and_reference(model, layers, lambda: model(*inputs).sample)
+    assert len(calls) == 2 * BATCH and all(c.shape == (1, 2, 45 + TEXT - 1, 45 + TEXT - 1) for c in calls)
+    maps = [torch.cat(calls[layer * BATCH:(layer + 1) * BATCH]) for layer in range(2)]  # [B, H, n, n] per layer
+    assert list(rec.skipped) == ["time_embed.pooler"]
+    _check(rec, 0, maps, frames=3, grid=(3, 5), patch=2, frame_size=1, suffix=TEXT - 1)
+
+
+@pytest.mark.filterwarnings("ignore:In CPU autocast, but the target dtype is not supported")
+def test_mochi_videos_keeping_text_of_different_lengths_are_refused():
+    """Each video's call ends with its own text count: no one layout of the layer's text rows. Refused, with what
+    to pass."""
+    model = _mochi()
+    mask = torch.ones(BATCH, TEXT, dtype=torch.long)
+    mask[1, -2:] = 0
+    with vitmad.record(model), torch.no_grad(), pytest.raises(ValueError, match=(
+            r"transformer_blocks\.0\.attn1 \(MochiAttention\).*its videos keep \[5, 3\] text tokens")):
+        model(torch.randn(BATCH, 4, 2, 4, 6), torch.randn(BATCH, TEXT, TEXT_DIM), torch.tensor([1, 1]), mask)

@@ -83,6 +83,9 @@ _KANDINSKY5 = ("diffusers.models.transformers.transformer_kandinsky", "Kandinsky
 _CONSISID = ("diffusers.models.transformers.consisid_transformer_3d", "ConsisIDTransformer3DModel")
 _EASYANIMATE = ("diffusers.models.transformers.transformer_easyanimate", "EasyAnimateTransformer3DModel")
 _HUNYUAN15 = ("diffusers.models.transformers.transformer_hunyuan_video15", "HunyuanVideo15Transformer3DModel")
+_MOCHI = ("diffusers.models.transformers.transformer_mochi", "MochiTransformer3DModel")
+# Mochi's attention module: no Attention, no AttentionModuleMixin, its forward hands the attention to its processor.
+_MOCHI_ATTENTION = ("diffusers.models.attention_processor", "MochiAttention")
 # Wan and the models built on its blocks: self-attention attn1 over the tubelets a Conv3d patch_embedding cuts,
 # cross-attention attn2 to the text (and CLIP image tokens).
 _WAN_LIKE = (_WAN, _SKYREELS, _CHRONOEDIT, _WAN_VACE, _WAN_ANIMATE)
@@ -103,12 +106,11 @@ _PROCESSORS = {
     _CONSISID: ("diffusers.models.attention_processor", "CogVideoXAttnProcessor2_0"),
     _EASYANIMATE: ("diffusers.models.transformers.transformer_easyanimate", "EasyAnimateAttnProcessor2_0"),
     _HUNYUAN15: ("diffusers.models.transformers.transformer_hunyuan_video15", "HunyuanVideo15AttnProcessor2_0"),
+    _MOCHI: ("diffusers.models.attention_processor", "MochiAttnProcessor2_0"),
 }
 # Video transformers of diffusers not placed here, by class name -> why.
 _REFUSED = {
     "LTX2VideoTransformer3DModel": "LTX-2 attends over packed video and audio latents",
-    "MochiTransformer3DModel": "Mochi's joint attention runs one SDPA call per video over its tubelets and its own "
-                               "unpadded text tokens, which is not placed yet",
     "Cosmos3OmniTransformer": "Cosmos 3's packed mixture-of-transformers sequence is not placed yet",
     "WanAnimate2Transformer3DModel": "Wan-Animate 2 adds pose and face conditioning and is not placed yet",
     "HunyuanVideoFramepackTransformer3DModel": "FramePack packs history latents of several strides and is not "
@@ -159,7 +161,8 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     the outer one. Image transformers and UNets are not claimed here."""
     found = {}
     for name, module in named_module_list(model):
-        if is_attention(module) and not any(name.startswith(outer + ".") for outer in found):
+        if (is_attention(module) or _key(module) == _MOCHI_ATTENTION) and not any(
+                name.startswith(outer + ".") for outer in found):
             if _video_model(model, name) is not None:
                 found[name] = module
     return found
@@ -201,7 +204,7 @@ class _LatentGrid:
                                                                 with_kwargs=True)]
         elif self.kind == _LTX:
             handles = [model.rope.register_forward_pre_hook(functools.partial(self._ltx, context), with_kwargs=True)]
-        elif self.kind in (_LATTE, _ALLEGRO, _EASYANIMATE):
+        elif self.kind in (_LATTE, _ALLEGRO, _EASYANIMATE, _MOCHI):
             handles = [self._hooked().register_forward_hook(functools.partial(self._per_frame, context)),
                        model.register_forward_pre_hook(self._video, with_kwargs=True)]
             if self.kind == _EASYANIMATE:
@@ -234,6 +237,8 @@ class _LatentGrid:
             return self.model.patch_embed
         if self.kind in (_LATTE, _ALLEGRO):
             return self.model.pos_embed.proj
+        if self.kind == _MOCHI:
+            return self.model.patch_embed.proj
         if self.kind == _EASYANIMATE:
             return self.model.proj
         if self.kind == _LTX:
@@ -282,7 +287,8 @@ class _LatentGrid:
         context.values[self.grid_key] = _Grid(int(tokens.shape[0]), given[0], (given[1], given[2]), (1.0, 1.0), 1)
 
     def _video(self, module, args, kwargs) -> None:
-        """Latte's and Allegro's forward: the latents ``[B, C, F, H, W]`` it folds into ``B * F`` images."""
+        """Latte's, Allegro's, EasyAnimate's and Mochi's forward: the latents ``[B, C, F, H, W]`` it folds into
+        ``B * F`` images."""
         video = args[0] if args else kwargs.get("hidden_states")
         self._video_shape = (int(video.shape[0]), int(video.shape[2])) if isinstance(video, torch.Tensor) else None
 
@@ -454,6 +460,78 @@ class JointVideoPlacer(LayerPlacer):
         return Placement(positions, None, fold, geometry, time_positions=time_positions)
 
 
+class PerVideoPlacer(LayerPlacer):
+    """Mochi's joint attention: one SDPA call per video, ``[1, heads, n + t_b, n + t_b]``, over its tubelets in
+    (frame, row, column) order, then its own valid text tokens (suffix tokens without a position, the ``t_b``
+    its ``attention_mask`` keeps: the processor drops the padding), the videos in batch order. Placed as
+    consecutive chunks (:attr:`Placement.consecutive_chunks`): each call its own video's positions, the fold of
+    the whole batch picking each video's tubelets from the joined values.
+
+    Args:
+        grid: the model's hooks reading each call's grid.
+        module: the ``MochiAttention`` module, whose processor is checked at every call and whose
+            ``attention_mask`` (the text mask, ``[B, L]``) each forward gives the videos' text counts.
+    """
+
+    def __init__(self, grid: _LatentGrid, module: nn.Module):
+        self.grid, self.module = grid, module
+        self.key = f"{_GRID_KEY}.per_video.{id(module)}"  # this forward: [text count per video, next video]
+
+    def refusal_without_attention(self, module: nn.Module) -> str | None:
+        # A processor that computes the attention where vitmad does not look reaches no place().
+        return _processor_refusal(self.grid, self.module)
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        return [*self.grid.install(context),
+                self.module.register_forward_pre_hook(functools.partial(self._texts, context), with_kwargs=True)]
+
+    def _texts(self, context: CallContext, module, args, kwargs) -> None:
+        names = ("hidden_states", "encoder_hidden_states", "attention_mask")
+        mask = (dict(zip(names, args)) | kwargs).get("attention_mask")
+        counts = [int(n) for n in mask.reshape(mask.shape[0], -1).bool().sum(-1)] if isinstance(
+            mask, torch.Tensor) else None
+        context.values[self.key] = [counts, 0]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        grid = _call_grid(context, self.grid, self.module)
+        counts, video = context.values.get(self.key) or (None, 0)
+        if counts is None or len(counts) != grid.batch:
+            raise NotPlaceable(f"its attention_mask ({'none' if counts is None else f'{len(counts)} rows'}) does not "
+                               f"give the valid text tokens of each of the {grid.batch} video(s)")
+        if len(set(counts)) != 1:
+            # Each video's chunk would end with text rows of its own count: no one layout of prefix rows or suffix
+            # count for the layer.
+            raise NotPlaceable(f"its videos keep {counts} text tokens (attention_mask): vitmad places a batch whose "
+                               "videos keep as many, one video per call otherwise")
+        tubelets, text = grid.frames * grid.size[0] * grid.size[1], counts[0]
+        context.values[self.key][1] = video + 1
+        if len(lead) != 2 or lead[0] != 1 or num_queries != num_keys or num_queries != tubelets + text \
+                or video >= grid.batch:
+            raise NotPlaceable(
+                f"its attention call {video + 1} has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; "
+                f"one call per video over its {grid.frames}x{grid.size[0]}x{grid.size[1]} tubelets then its {text} "
+                f"valid text tokens gives {grid.batch} call(s) of [1, heads, {tubelets + text}, {tubelets + text}]")
+        positions, time_positions, _ = _layout(grid.frames, grid.size, grid.stride, grid.frame_stride, 0, text)
+        index = _per_video_tubelets(grid.batch, tubelets, text)
+        batch, heads = grid.batch, int(lead[1])
+
+        def fold(values: torch.Tensor) -> torch.Tensor:
+            # [1, H, B (n + t)], the videos' chunks joined -> [B, H, n]
+            values = values.index_select(-1, on_device(index, values.device))
+            return values.reshape(heads, batch, tubelets).transpose(0, 1)
+
+        geometry = LayerGeometry(grid.size, grid.stride, "space-time", heads, frames=grid.frames,
+                                 frame_stride=float(grid.frame_stride), num_suffix_tokens=text or None)
+        return Placement(positions, None, fold, geometry, consecutive_chunks=True, time_positions=time_positions)
+
+
+@functools.lru_cache(maxsize=64)
+def _per_video_tubelets(batch: int, tubelets: int, text: int) -> torch.Tensor:
+    """The tubelets' slots among ``batch`` joined chunks of ``tubelets`` tubelets then ``text`` text tokens."""
+    starts = torch.arange(batch) * (tubelets + text)
+    return read_only((starts[:, None] + torch.arange(tubelets)).reshape(-1))[0]
+
+
 @functools.lru_cache(maxsize=64)
 def _factorised_layout(kind: str, frames: int, size: tuple[int, int], stride: tuple[float, float]
                        ) -> tuple[torch.Tensor, ...]:
@@ -534,7 +612,10 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return Skip("ConsisID's face identity attention (PerceiverCrossAttention: the tubelets' cross-attention to "
                     "the identity tokens; PerceiverAttention: the identity tokens over the face features): keys "
                     "without a position on the latent video")
-    if kind in _PROCESSORS and not is_attention(module):
+    if kind == _MOCHI and _key(module) == ("diffusers.models.embeddings", "MochiAttentionPool"):
+        return Skip("Mochi's attention pooling of the caption tokens into one pooled query: no position on the "
+                    "latent video")
+    if kind in _PROCESSORS and not (is_attention(module) or _key(module) == _MOCHI_ATTENTION):
         # Found by another discovery (it calls scaled_dot_product_attention or a softmax itself): not one of the
         # processors' attention modules whose sequence was read.
         return RefusingPlacer(f"{type(module).__name__} in {type(video).__name__} is no attention module whose "
@@ -562,6 +643,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
                               "vitmad read")
     if kind == _LATTE:
         return FactorisedVideoPlacer(_reader(video, kind), module, _LATTE_BLOCKS[parts[0]])
+    if kind == _MOCHI:
+        return PerVideoPlacer(_reader(video, kind), module)
     return JointVideoPlacer(_reader(video, kind), module, blocks["text"], control=parts[0] == "vace_blocks")
 
 
@@ -585,6 +668,7 @@ _BLOCKS = {
     _EASYANIMATE: {"self": ("attn1",), "text": "first", "skip": {}},
     _HUNYUAN: {"self": ("attn",), "text": "last", "skip": {}},
     _HUNYUAN15: {"self": ("attn",), "text": "last", "skip": {}},
+    _MOCHI: {"self": ("attn1",), "text": "last", "skip": {}},
 }
 # Latte's block lists -> the attention of their attn1.
 _LATTE_BLOCKS = {"transformer_blocks": "space", "temporal_transformer_blocks": "time"}
