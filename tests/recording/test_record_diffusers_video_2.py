@@ -171,13 +171,17 @@ def test_cosmos_attends_over_the_tubelets_its_patch_embed_reshapes():
     _check(rec, 0, maps, frames=2, grid=(3, 5), patch=2, frame_size=2)
 
 
+def _kandinsky5():
+    torch.manual_seed(0)
+    return _sharpened(diffusers.Kandinsky5Transformer3DModel(
+        in_visual_dim=4, in_text_dim=TEXT_DIM, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
+        model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6), visual_cond=False))
+
+
 def test_kandinsky5_visual_blocks_are_placed_text_blocks_and_cross_attention_skipped():
     """Kandinsky 5 takes channels-last latents [B, F, H, W, C]: 3 latent frames of 6x10 latent pixels, patch 1x2x2;
     its visual blocks' self_attention over the tubelets; its text blocks (text alone) and cross_attention skipped."""
-    torch.manual_seed(0)
-    model = _sharpened(diffusers.Kandinsky5Transformer3DModel(
-        in_visual_dim=4, in_text_dim=TEXT_DIM, in_text_dim2=8, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
-        model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6), visual_cond=False))
+    model = _kandinsky5()
     torch.manual_seed(2)
     inputs = (torch.randn(BATCH, 3, 6, 10, 4), torch.randn(BATCH, TEXT, TEXT_DIM), torch.tensor([500.0, 500.0]),
               torch.randn(BATCH, 8), [torch.arange(3), torch.arange(3), torch.arange(5)], torch.arange(TEXT))
@@ -188,6 +192,18 @@ def test_kandinsky5_visual_blocks_are_placed_text_blocks_and_cross_attention_ski
                                 "visual_transformer_blocks.1.cross_attention"}
     assert "text tokens" in rec.skipped["text_transformer_blocks.0.self_attention"]
     _check(rec, 0, maps, frames=3, grid=(3, 5), patch=2, frame_size=1)
+
+
+def test_kandinsky5_sparse_attention_is_refused():
+    """With sparse_params its visual tokens attend through NABLA's block mask (its map estimate a softmax of its
+    own): refused at the first visual block, with what to pass."""
+    model = _kandinsky5()
+    sparse = dict(to_fractal=False, sta_mask=torch.ones(1, 2, 1, 1, dtype=torch.bool), P=0.9)
+    with vitmad.record(model), torch.no_grad(), pytest.raises(ValueError, match=(
+            r"visual_transformer_blocks\.0\.self_attention .*sparse_params \(NABLA sparse attention\).*record it "
+            "without sparse_params")):
+        model(torch.randn(1, 1, 16, 16, 4), torch.randn(1, TEXT, TEXT_DIM), torch.tensor([500.0]), torch.randn(1, 8),
+              [torch.arange(1), torch.arange(8), torch.arange(8)], torch.arange(TEXT), sparse_params=sparse)
 
 
 def test_consisid_text_first_its_face_identity_attention_skipped():
@@ -302,3 +318,21 @@ def test_mochi_videos_keeping_text_of_different_lengths_are_refused():
     with vitmad.record(model), torch.no_grad(), pytest.raises(ValueError, match=(
             r"transformer_blocks\.0\.attn1 \(MochiAttention\).*its videos keep \[5, 3\] text tokens")):
         model(torch.randn(BATCH, 4, 2, 4, 6), torch.randn(BATCH, TEXT, TEXT_DIM), torch.tensor([1, 1]), mask)
+
+
+class _MochiAttentionOutOfSight:
+    """A processor that attends where vitmad does not look (a custom kernel): no attention call reaches vitmad."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, *args, **kwargs):
+        return hidden_states, encoder_hidden_states
+
+
+@pytest.mark.filterwarnings("ignore:In CPU autocast, but the target dtype is not supported")
+def test_mochi_processor_that_attends_out_of_sight_is_refused():
+    model = _mochi()
+    model.transformer_blocks[1].attn1.processor = _MochiAttentionOutOfSight()
+    with vitmad.record(model), torch.no_grad(), pytest.raises(ValueError, match=(
+            r"transformer_blocks\.1\.attn1 \(MochiAttention\).*it runs the attention processor "
+            "_MochiAttentionOutOfSight .*not MochiAttnProcessor2_0")):
+        model(torch.randn(1, 4, 2, 4, 6), torch.randn(1, TEXT, TEXT_DIM), torch.tensor([1]),
+              torch.ones(1, TEXT, dtype=torch.long))

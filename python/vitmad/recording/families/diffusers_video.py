@@ -32,6 +32,31 @@ not guess the VAE. The grid is read from the patch embedding in every call, neve
   within one frame (``[B * F, heads, H'W', H'W']``, ``"space"``), each temporal block's ``attn1`` over the frames of
   one patch position (``[B * H'W', heads, F, F]``, ``"time"``), as :mod:`.video` places TimeSformer's divided
   attention (without a class token); the caption cross-attention ``attn2`` skipped.
+- Built on Wan's blocks, placed as Wan: ``SkyReelsV2Transformer3DModel`` (diffusion forcing: its causal block mask
+  read as SDPA reads it), ``ChronoEditTransformer3DModel`` (its rotary embedding puts the edited frame at a later
+  temporal index: logits only; the frames stand where the latent video holds them), ``WanAnimateTransformer3DModel``
+  (the pose latents' tubelets added onto frames 1.., its ``face_adapter`` cross-attention to each frame's face motion
+  tokens skipped) and ``WanVACETransformer3DModel``, whose ``vace_blocks`` run first, their ``attn1`` over the control
+  video's tubelets (``vace_patch_embedding``, the same kernel) on the video's cells, as their rotary positions are;
+  a control video of another grid, which the model pads with zeros to the video's token count, is refused.
+- ``CosmosTransformer3DModel`` and ``Kandinsky5Transformer3DModel``: the patch embedding (``CosmosPatchEmbed``,
+  ``visual_embeddings``: a ``Linear`` over each ``p_t x p x p`` tubelet) returns ``[B, F', H', W', D]``, flattened in
+  (frame, row, column) order; Cosmos' ``attn1`` and Kandinsky 5's visual blocks' ``self_attention`` attend over it,
+  their cross-attention to the text and Kandinsky 5's text blocks skipped. Kandinsky 5 given ``sparse_params``
+  (NABLA: tokens reordered by 8x8 blocks, a block mask) is refused.
+- ``ConsisIDTransformer3DModel``: CogVideoX's blocks and ``patch_embed`` (text first); its face identity attention
+  (``PerceiverAttention``, ``PerceiverCrossAttention``: the identity tokens' own softmax) skipped.
+- ``EasyAnimateTransformer3DModel``: ``proj`` (``Conv2d``) cuts each latent frame, flattened frames outermost; its
+  ``attn1`` over the text (``text_proj``), its T5 text (``text_proj_t5``), then the tubelets.
+- ``HunyuanVideo15Transformer3DModel``: ``x_embedder.proj`` (``Conv3d``); its blocks' ``attn`` over the tubelets, then
+  the image, ByT5 and refined text tokens (their counts read per call from ``image_embedder``,
+  ``context_embedder_2`` and ``context_embedder``; each video's valid ones first, its padding masked as keys and as
+  queries); the token refiner skipped.
+- ``MochiTransformer3DModel``: ``patch_embed.proj`` (``Conv2d``) cuts each latent frame, flattened frames outermost;
+  its processor calls SDPA once per video, ``[1, heads, n + t, n + t]``, over its tubelets then the ``t`` text tokens
+  its ``attention_mask`` keeps (the padding dropped): the calls are consecutive chunks of one batch
+  (:class:`PerVideoPlacer`). A batch whose videos keep text of different lengths is refused (no one layout of the
+  layer's text rows); the caption's attention pooling (``MochiAttentionPool``) skipped.
 
 MAD is over the tubelet queries and keys only (keys without a position are never read); ``prefix_mass`` is then the
 mass the tubelet queries put on the text tokens. A module whose attention processor was replaced
@@ -110,11 +135,18 @@ _PROCESSORS = {
 }
 # Video transformers of diffusers not placed here, by class name -> why.
 _REFUSED = {
-    "LTX2VideoTransformer3DModel": "LTX-2 attends over packed video and audio latents",
+    "LTX2VideoTransformer3DModel": "LTX-2's blocks attend over packed video tokens and, beside them, audio tokens, "
+                                   "with audio-to-video and video-to-audio cross-attention, keyframe and "
+                                   "self-attention masks and coordinates of their own (video_coords); that sequence "
+                                   "is not read here",
     "Cosmos3OmniTransformer": "Cosmos 3's packed mixture-of-transformers sequence is not placed yet",
-    "WanAnimate2Transformer3DModel": "Wan-Animate 2 adds pose and face conditioning and is not placed yet",
-    "HunyuanVideoFramepackTransformer3DModel": "FramePack packs history latents of several strides and is not "
-                                               "placed yet",
+    "WanAnimate2Transformer3DModel": "Wan-Animate 2's generation pass attends over the current tubelets and a KV "
+                                     "cache of reference tokens (kv_cache_mode 'extract' / 'cached'), keys vitmad "
+                                     "does not place",
+    "HunyuanVideoFramepackTransformer3DModel": "FramePack puts its clean and 2x / 4x history latents "
+                                               "(HunyuanVideoHistoryPatchEmbed: kernels (1, 2, 2), (2, 4, 4), (4, "
+                                               "8, 8)) before the current tubelets: tokens of several strides in one "
+                                               "sequence, which vitmad does not place",
     "SanaVideoTransformer3DModel": "Sana-Video's linear attention has no softmax map",
     "SanaWMTransformer3DModel": "Sana-WM's sequence is not placed yet",
     "SanaWMLTX2RefinerTransformer3DModel": "Sana-WM's LTX-2 refiner attends over packed latents and is not placed "
@@ -318,8 +350,8 @@ class _LatentGrid:
         sparse, self._sparse = self._sparse, False
         if sparse:
             context.values[self.grid_key] = (
-                "it was given sparse_params (NABLA sparse attention): its tokens are then ordered by 8x8 blocks "
-                "(fractal_flatten) and attend through a block mask, which vitmad does not place; record it without "
+                "it was given sparse_params (NABLA sparse attention): its tokens then attend through a block mask "
+                "(and, with to_fractal, in the order of 8x8 blocks), which vitmad does not place; record it without "
                 "sparse_params")
             return
         patch = tuple(int(p) for p in module.patch_size)
