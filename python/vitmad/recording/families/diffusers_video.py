@@ -282,7 +282,8 @@ class _LatentGrid:
         return self.model.patch_embedding if self.kind in _WAN_LIKE else self.model.x_embedder.proj
 
     def _conv3d(self, context: CallContext, module, args, output) -> None:
-        """Wan's ``patch_embedding``, HunyuanVideo's ``x_embedder.proj``: ``[B, C, F', H', W']`` tubelets."""
+        """The ``patch_embedding`` of Wan and the models on its blocks, HunyuanVideo's (1.0, 1.5)
+        ``x_embedder.proj``: ``[B, C, F', H', W']`` tubelets."""
         kernel, stride = tuple(module.kernel_size), tuple(module.stride)
         if kernel != stride:
             context.values[self.grid_key] = (f"its patch embedding has kernel {list(kernel)} and stride "
