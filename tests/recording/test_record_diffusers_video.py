@@ -403,10 +403,10 @@ def test_latte_spatial_and_temporal_blocks_are_placed_as_divided_attention():
 
 def test_video_transformers_not_placed_are_refused_by_name():
     torch.manual_seed(0)
-    model = diffusers.MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8,
-                                              num_layers=1, pooled_projection_dim=8, in_channels=4,
-                                              text_embed_dim=TEXT_DIM, time_embed_dim=8).eval()
-    with vitmad.record(model), torch.no_grad(), pytest.raises(
-            ValueError, match="MochiTransformer3DModel \\(diffusers\\) is not placed by vitmad: Mochi's"):
-        model(torch.randn(1, 4, 2, 4, 4), torch.randn(1, TEXT, TEXT_DIM), torch.tensor([1]),
-              torch.ones(1, TEXT, dtype=torch.long))
+    model = diffusers.SanaVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=TEXT_DIM,
+        sample_size=8).eval()
+    with vitmad.record(model), torch.no_grad(), pytest.raises(ValueError, match=(
+            "SanaVideoTransformer3DModel \\(diffusers\\) is not placed by vitmad: Sana-Video's linear")):
+        model(torch.randn(1, 4, 2, 4, 6), torch.randn(1, TEXT, TEXT_DIM), torch.tensor([1]))

@@ -32,6 +32,31 @@ not guess the VAE. The grid is read from the patch embedding in every call, neve
   within one frame (``[B * F, heads, H'W', H'W']``, ``"space"``), each temporal block's ``attn1`` over the frames of
   one patch position (``[B * H'W', heads, F, F]``, ``"time"``), as :mod:`.video` places TimeSformer's divided
   attention (without a class token); the caption cross-attention ``attn2`` skipped.
+- Built on Wan's blocks, placed as Wan: ``SkyReelsV2Transformer3DModel`` (diffusion forcing: its causal block mask
+  read as SDPA reads it), ``ChronoEditTransformer3DModel`` (its rotary embedding puts the edited frame at a later
+  temporal index: logits only; the frames stand where the latent video holds them), ``WanAnimateTransformer3DModel``
+  (the pose latents' tubelets added onto frames 1.., its ``face_adapter`` cross-attention to each frame's face motion
+  tokens skipped) and ``WanVACETransformer3DModel``, whose ``vace_blocks`` run first, their ``attn1`` over the control
+  video's tubelets (``vace_patch_embedding``, the same kernel) on the video's cells, as their rotary positions are;
+  a control video of another grid, which the model pads with zeros to the video's token count, is refused.
+- ``CosmosTransformer3DModel`` and ``Kandinsky5Transformer3DModel``: the patch embedding (``CosmosPatchEmbed``,
+  ``visual_embeddings``: a ``Linear`` over each ``p_t x p x p`` tubelet) returns ``[B, F', H', W', D]``, flattened in
+  (frame, row, column) order; Cosmos' ``attn1`` and Kandinsky 5's visual blocks' ``self_attention`` attend over it,
+  their cross-attention to the text and Kandinsky 5's text blocks skipped. Kandinsky 5 given ``sparse_params``
+  (NABLA: tokens reordered by 8x8 blocks, a block mask) is refused.
+- ``ConsisIDTransformer3DModel``: CogVideoX's blocks and ``patch_embed`` (text first); its face identity attention
+  (``PerceiverAttention``, ``PerceiverCrossAttention``: the identity tokens' own softmax) skipped.
+- ``EasyAnimateTransformer3DModel``: ``proj`` (``Conv2d``) cuts each latent frame, flattened frames outermost; its
+  ``attn1`` over the text (``text_proj``), its T5 text (``text_proj_t5``), then the tubelets.
+- ``HunyuanVideo15Transformer3DModel``: ``x_embedder.proj`` (``Conv3d``); its blocks' ``attn`` over the tubelets, then
+  the image, ByT5 and refined text tokens (their counts read per call from ``image_embedder``,
+  ``context_embedder_2`` and ``context_embedder``; each video's valid ones first, its padding masked as keys and as
+  queries); the token refiner skipped.
+- ``MochiTransformer3DModel``: ``patch_embed.proj`` (``Conv2d``) cuts each latent frame, flattened frames outermost;
+  its processor calls SDPA once per video, ``[1, heads, n + t, n + t]``, over its tubelets then the ``t`` text tokens
+  its ``attention_mask`` keeps (the padding dropped): the calls are consecutive chunks of one batch
+  (:class:`PerVideoPlacer`). A batch whose videos keep text of different lengths is refused (no one layout of the
+  layer's text rows); the caption's attention pooling (``MochiAttentionPool``) skipped.
 
 MAD is over the tubelet queries and keys only (keys without a position are never read); ``prefix_mass`` is then the
 mass the tubelet queries put on the text tokens. A module whose attention processor was replaced
@@ -74,6 +99,21 @@ _HUNYUAN = ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanV
 _LATTE = ("diffusers.models.transformers.latte_transformer_3d", "LatteTransformer3DModel")
 _LTX = ("diffusers.models.transformers.transformer_ltx", "LTXVideoTransformer3DModel")
 _ALLEGRO = ("diffusers.models.transformers.transformer_allegro", "AllegroTransformer3DModel")
+_SKYREELS = ("diffusers.models.transformers.transformer_skyreels_v2", "SkyReelsV2Transformer3DModel")
+_CHRONOEDIT = ("diffusers.models.transformers.transformer_chronoedit", "ChronoEditTransformer3DModel")
+_WAN_VACE = ("diffusers.models.transformers.transformer_wan_vace", "WanVACETransformer3DModel")
+_WAN_ANIMATE = ("diffusers.models.transformers.transformer_wan_animate", "WanAnimateTransformer3DModel")
+_COSMOS = ("diffusers.models.transformers.transformer_cosmos", "CosmosTransformer3DModel")
+_KANDINSKY5 = ("diffusers.models.transformers.transformer_kandinsky", "Kandinsky5Transformer3DModel")
+_CONSISID = ("diffusers.models.transformers.consisid_transformer_3d", "ConsisIDTransformer3DModel")
+_EASYANIMATE = ("diffusers.models.transformers.transformer_easyanimate", "EasyAnimateTransformer3DModel")
+_HUNYUAN15 = ("diffusers.models.transformers.transformer_hunyuan_video15", "HunyuanVideo15Transformer3DModel")
+_MOCHI = ("diffusers.models.transformers.transformer_mochi", "MochiTransformer3DModel")
+# Mochi's attention module: no Attention, no AttentionModuleMixin, its forward hands the attention to its processor.
+_MOCHI_ATTENTION = ("diffusers.models.attention_processor", "MochiAttention")
+# Wan and the models built on its blocks: self-attention attn1 over the tubelets a Conv3d patch_embedding cuts,
+# cross-attention attn2 to the text (and CLIP image tokens).
+_WAN_LIKE = (_WAN, _SKYREELS, _CHRONOEDIT, _WAN_VACE, _WAN_ANIMATE)
 # The processor each placed attention module must run (module, class): another one may order the tokens otherwise.
 _PROCESSORS = {
     _WAN: ("diffusers.models.transformers.transformer_wan", "WanAttnProcessor"),
@@ -82,31 +122,35 @@ _PROCESSORS = {
     _LATTE: ("diffusers.models.attention_processor", "AttnProcessor2_0"),
     _LTX: ("diffusers.models.transformers.transformer_ltx", "LTXVideoAttnProcessor"),
     _ALLEGRO: ("diffusers.models.attention_processor", "AllegroAttnProcessor2_0"),
+    _SKYREELS: ("diffusers.models.transformers.transformer_skyreels_v2", "SkyReelsV2AttnProcessor"),
+    _CHRONOEDIT: ("diffusers.models.transformers.transformer_chronoedit", "WanAttnProcessor"),
+    _WAN_VACE: ("diffusers.models.transformers.transformer_wan", "WanAttnProcessor"),
+    _WAN_ANIMATE: ("diffusers.models.transformers.transformer_wan_animate", "WanAttnProcessor"),
+    _COSMOS: ("diffusers.models.transformers.transformer_cosmos", "CosmosAttnProcessor2_0"),
+    _KANDINSKY5: ("diffusers.models.transformers.transformer_kandinsky", "Kandinsky5AttnProcessor"),
+    _CONSISID: ("diffusers.models.attention_processor", "CogVideoXAttnProcessor2_0"),
+    _EASYANIMATE: ("diffusers.models.transformers.transformer_easyanimate", "EasyAnimateAttnProcessor2_0"),
+    _HUNYUAN15: ("diffusers.models.transformers.transformer_hunyuan_video15", "HunyuanVideo15AttnProcessor2_0"),
+    _MOCHI: ("diffusers.models.attention_processor", "MochiAttnProcessor2_0"),
 }
 # Video transformers of diffusers not placed here, by class name -> why.
 _REFUSED = {
-    "LTX2VideoTransformer3DModel": "LTX-2 attends over packed video and audio latents",
-    "MochiTransformer3DModel": "Mochi's joint attention runs one SDPA call per video over its tubelets and its own "
-                               "unpadded text tokens, which is not placed yet",
-    "ConsisIDTransformer3DModel": "ConsisID adds identity tokens and is not placed yet",
-    "EasyAnimateTransformer3DModel": "EasyAnimate's sequence is not placed yet",
-    "CosmosTransformer3DModel": "Cosmos' sequence is not placed yet",
+    "LTX2VideoTransformer3DModel": "LTX-2's blocks attend over packed video tokens and, beside them, audio tokens, "
+                                   "with audio-to-video and video-to-audio cross-attention, keyframe and "
+                                   "self-attention masks and coordinates of their own (video_coords); that sequence "
+                                   "is not read here",
     "Cosmos3OmniTransformer": "Cosmos 3's packed mixture-of-transformers sequence is not placed yet",
-    "SkyReelsV2Transformer3DModel": "SkyReels-V2's diffusion forcing (per-frame timesteps, causal blocks) is not "
-                                    "placed yet",
-    "WanVACETransformer3DModel": "Wan-VACE's control blocks attend over their own control tokens and are not placed "
-                                 "yet",
-    "WanAnimateTransformer3DModel": "Wan-Animate adds pose and face conditioning and is not placed yet",
-    "WanAnimate2Transformer3DModel": "Wan-Animate 2 adds pose and face conditioning and is not placed yet",
-    "ChronoEditTransformer3DModel": "ChronoEdit's sequence is not placed yet",
-    "HunyuanVideo15Transformer3DModel": "HunyuanVideo 1.5's sequence is not placed yet",
-    "HunyuanVideoFramepackTransformer3DModel": "FramePack packs history latents of several strides and is not "
-                                               "placed yet",
+    "WanAnimate2Transformer3DModel": "Wan-Animate 2's generation pass attends over the current tubelets and a KV "
+                                     "cache of reference tokens (kv_cache_mode 'extract' / 'cached'), keys vitmad "
+                                     "does not place",
+    "HunyuanVideoFramepackTransformer3DModel": "FramePack puts its clean and 2x / 4x history latents "
+                                               "(HunyuanVideoHistoryPatchEmbed: kernels (1, 2, 2), (2, 4, 4), (4, "
+                                               "8, 8)) before the current tubelets: tokens of several strides in one "
+                                               "sequence, which vitmad does not place",
     "SanaVideoTransformer3DModel": "Sana-Video's linear attention has no softmax map",
     "SanaWMTransformer3DModel": "Sana-WM's sequence is not placed yet",
     "SanaWMLTX2RefinerTransformer3DModel": "Sana-WM's LTX-2 refiner attends over packed latents and is not placed "
                                            "yet",
-    "Kandinsky5Transformer3DModel": "Kandinsky 5's sequence is not placed yet",
     "Kandinsky6Transformer3DModel": "Kandinsky 6's sequence is not placed yet",
     "Kandinsky6SRTransformer3DModel": "Kandinsky 6's super-resolution sequence is not placed yet",
     "AnyFlowTransformer3DModel": "AnyFlow's sequence is not placed yet",
@@ -149,7 +193,8 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     the outer one. Image transformers and UNets are not claimed here."""
     found = {}
     for name, module in named_module_list(model):
-        if is_attention(module) and not any(name.startswith(outer + ".") for outer in found):
+        if (is_attention(module) or _key(module) == _MOCHI_ATTENTION) and not any(
+                name.startswith(outer + ".") for outer in found):
             if _video_model(model, name) is not None:
                 found[name] = module
     return found
@@ -172,6 +217,9 @@ class _LatentGrid:
         # Not in the context's values: the call starts at that convolution (towers.first_convolution), which clears
         # them.
         self._video_shape: tuple[int, int] | None = None
+        # Kandinsky 5: whether its forward was given sparse_params, until its visual embedding reads it.
+        self._sparse = False
+        self.control_key = f"{_GRID_KEY}.control.{id(model)}"
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         installed = self._installed
@@ -182,34 +230,60 @@ class _LatentGrid:
                 installed[1].id in hooked._forward_hooks or installed[1].id in hooked._forward_pre_hooks):
             return []
         # Each hook writes the context of the recording that installed it (bound with partial).
-        if self.kind == _COGVIDEOX:
-            handles = [self.model.patch_embed.register_forward_hook(functools.partial(self._cogvideox, context),
-                                                                     with_kwargs=True)]
+        model = self.model
+        if self.kind in (_COGVIDEOX, _CONSISID):
+            handles = [model.patch_embed.register_forward_hook(functools.partial(self._cogvideox, context),
+                                                                with_kwargs=True)]
         elif self.kind == _LTX:
-            handles = [self.model.rope.register_forward_pre_hook(functools.partial(self._ltx, context),
-                                                                 with_kwargs=True)]
-        elif self.kind in (_LATTE, _ALLEGRO):
+            handles = [model.rope.register_forward_pre_hook(functools.partial(self._ltx, context), with_kwargs=True)]
+        elif self.kind in (_LATTE, _ALLEGRO, _EASYANIMATE, _MOCHI):
             handles = [self._hooked().register_forward_hook(functools.partial(self._per_frame, context)),
-                       self.model.register_forward_pre_hook(self._video, with_kwargs=True)]
+                       model.register_forward_pre_hook(self._video, with_kwargs=True)]
+            if self.kind == _EASYANIMATE:
+                # Its text, then its T5 text (where given), go before the tubelets.
+                handles.extend(embedder.register_forward_hook(functools.partial(self._more_text, context))
+                               for embedder in (model.text_proj, model.text_proj_t5) if embedder is not None)
+        elif self.kind in (_COSMOS, _KANDINSKY5):
+            handles = [self._hooked().register_forward_hook(functools.partial(self._channels_last, context))]
+            if self.kind == _KANDINSKY5:
+                handles.append(model.register_forward_pre_hook(self._kandinsky5_call, with_kwargs=True))
         else:
             handles = [self._hooked().register_forward_hook(functools.partial(self._conv3d, context))]
             if self.kind == _HUNYUAN:
-                handles.append(self.model.context_embedder.register_forward_hook(
+                handles.append(model.context_embedder.register_forward_hook(
                     functools.partial(self._refined_text, context)))
+            elif self.kind == _HUNYUAN15:
+                # After the tubelets: the image tokens, the ByT5 tokens and the refined text tokens (each video's
+                # valid ones first, its padding after them, masked).
+                handles.extend(embedder.register_forward_hook(functools.partial(self._more_text, context))
+                               for embedder in (model.context_embedder, model.context_embedder_2,
+                                                model.image_embedder))
+            elif self.kind == _WAN_VACE:
+                handles.append(model.vace_patch_embedding.register_forward_hook(
+                    functools.partial(self._control, context)))
         self._installed = (context, handles[0])
         return handles
 
     def _hooked(self) -> nn.Module:
-        if self.kind == _COGVIDEOX:
+        if self.kind in (_COGVIDEOX, _CONSISID):
             return self.model.patch_embed
         if self.kind in (_LATTE, _ALLEGRO):
             return self.model.pos_embed.proj
+        if self.kind == _MOCHI:
+            return self.model.patch_embed.proj
+        if self.kind == _EASYANIMATE:
+            return self.model.proj
         if self.kind == _LTX:
             return self.model.rope
-        return self.model.patch_embedding if self.kind == _WAN else self.model.x_embedder.proj
+        if self.kind == _COSMOS:
+            return self.model.patch_embed
+        if self.kind == _KANDINSKY5:
+            return self.model.visual_embeddings
+        return self.model.patch_embedding if self.kind in _WAN_LIKE else self.model.x_embedder.proj
 
     def _conv3d(self, context: CallContext, module, args, output) -> None:
-        """Wan's ``patch_embedding``, HunyuanVideo's ``x_embedder.proj``: ``[B, C, F', H', W']`` tubelets."""
+        """The ``patch_embedding`` of Wan and the models on its blocks, HunyuanVideo's (1.0, 1.5)
+        ``x_embedder.proj``: ``[B, C, F', H', W']`` tubelets."""
         kernel, stride = tuple(module.kernel_size), tuple(module.stride)
         if kernel != stride:
             context.values[self.grid_key] = (f"its patch embedding has kernel {list(kernel)} and stride "
@@ -246,7 +320,8 @@ class _LatentGrid:
         context.values[self.grid_key] = _Grid(int(tokens.shape[0]), given[0], (given[1], given[2]), (1.0, 1.0), 1)
 
     def _video(self, module, args, kwargs) -> None:
-        """Latte's and Allegro's forward: the latents ``[B, C, F, H, W]`` it folds into ``B * F`` images."""
+        """Latte's, Allegro's, EasyAnimate's and Mochi's forward: the latents ``[B, C, F, H, W]`` it folds into
+        ``B * F`` images."""
         video = args[0] if args else kwargs.get("hidden_states")
         self._video_shape = (int(video.shape[0]), int(video.shape[2])) if isinstance(video, torch.Tensor) else None
 
@@ -268,6 +343,41 @@ class _LatentGrid:
             return
         context.values[self.grid_key] = _Grid(video[0], video[1], (int(output.shape[2]), int(output.shape[3])),
                                               (float(kernel[0]), float(kernel[1])), 1)
+
+    def _channels_last(self, context: CallContext, module, args, output) -> None:
+        """Cosmos' ``patch_embed``, Kandinsky 5's ``visual_embeddings``: each tubelet of ``patch_size`` (frames,
+        rows, columns) a token, ``[B, F', H', W', D]``, then flattened in (frame, row, column) order (Kandinsky 5
+        without its sparse attention's block order)."""
+        sparse, self._sparse = self._sparse, False
+        if sparse:
+            context.values[self.grid_key] = (
+                "it was given sparse_params (NABLA sparse attention): its tokens then attend through a block mask "
+                "(and, with to_fractal, in the order of 8x8 blocks), which vitmad does not place; record it without "
+                "sparse_params")
+            return
+        patch = tuple(int(p) for p in module.patch_size)
+        if output.dim() != 5 or len(patch) != 3:
+            context.values[self.grid_key] = (f"its patch embedding returned {list(output.shape)} for patch_size "
+                                             f"{list(patch)}, not the [B, F', H', W', D] tubelets of (t, h, w) patches")
+            return
+        context.values[self.grid_key] = _Grid(int(output.shape[0]), int(output.shape[1]),
+                                              (int(output.shape[2]), int(output.shape[3])),
+                                              (float(patch[1]), float(patch[2])), patch[0])
+        context.values[self.text_key] = 0
+
+    def _kandinsky5_call(self, module, args, kwargs) -> None:
+        """Kandinsky 5's forward: whether it was given ``sparse_params`` (positional: the eighth argument)."""
+        given = kwargs.get("sparse_params", args[7] if len(args) > 7 else None)
+        self._sparse = given is not None
+
+    def _control(self, context: CallContext, module, args, output) -> None:
+        """Wan-VACE's ``vace_patch_embedding``: the control tubelets ``[B, D, F', H', W']`` its VACE blocks attend
+        over, padded with zeros to the video's token count."""
+        context.values[self.control_key] = tuple(int(n) for n in (output.shape[0], *output.shape[2:]))
+
+    def _more_text(self, context: CallContext, module, args, output) -> None:
+        """A text or image embedder whose tokens join the others beside the tubelets (``[B, L, D]``)."""
+        context.values[self.text_key] = int(context.values.get(self.text_key, 0)) + int(output.shape[1])
 
     def _refined_text(self, context: CallContext, module, args, output) -> None:
         """HunyuanVideo's ``context_embedder``: the text tokens its blocks put after the tubelets."""
@@ -333,10 +443,13 @@ class JointVideoPlacer(LayerPlacer):
         grid: the model's hooks reading each call's grid and text count.
         module: the attention module, whose processor is checked at every call.
         text: ``"first"``, ``"last"`` or ``"none"``: where the text tokens are in the joint sequence.
+        control: Wan-VACE's control blocks: the tokens are the control video's tubelets, placed on the video's grid
+            (its rotary positions are the video's), which they must fill: a control video of another grid is padded
+            with zeros to the video's token count, its tubelets then not at their own cells.
     """
 
-    def __init__(self, grid: _LatentGrid, module: nn.Module, text: str):
-        self.grid, self.module, self.text = grid, module, text
+    def __init__(self, grid: _LatentGrid, module: nn.Module, text: str, control: bool = False):
+        self.grid, self.module, self.text, self.control = grid, module, text, control
 
     def refusal_without_attention(self, module: nn.Module) -> str | None:
         # A processor (xFormers') or an attention backend (flash, sage, flex) that computes the attention where
@@ -348,6 +461,14 @@ class JointVideoPlacer(LayerPlacer):
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         grid = _call_grid(context, self.grid, self.module)
+        if self.control:
+            control, video = context.values.get(self.grid.control_key), (grid.batch, grid.frames, *grid.size)
+            if control != video:
+                raise NotPlaceable(
+                    f"its control tubelets (vace_patch_embedding: [B, F', H', W'] = {list(control or [])}) are not "
+                    f"the video's {list(video)}: the model pads them with zeros to the video's token count, so they "
+                    "are not at the video's cells their rotary positions give; give control latents of the video's "
+                    "shape")
         text = int(context.values.get(self.grid.text_key, 0)) if self.text != "none" else 0
         prefix, suffix = (text, 0) if self.text == "first" else (0, text)
         patches = grid.size[0] * grid.size[1]
@@ -371,6 +492,78 @@ class JointVideoPlacer(LayerPlacer):
                                  frame_stride=float(grid.frame_stride), num_prefix_tokens=prefix or None,
                                  num_suffix_tokens=suffix or None)
         return Placement(positions, None, fold, geometry, time_positions=time_positions)
+
+
+class PerVideoPlacer(LayerPlacer):
+    """Mochi's joint attention: one SDPA call per video, ``[1, heads, n + t_b, n + t_b]``, over its tubelets in
+    (frame, row, column) order, then its own valid text tokens (suffix tokens without a position, the ``t_b``
+    its ``attention_mask`` keeps: the processor drops the padding), the videos in batch order. Placed as
+    consecutive chunks (:attr:`Placement.consecutive_chunks`): each call its own video's positions, the fold of
+    the whole batch picking each video's tubelets from the joined values.
+
+    Args:
+        grid: the model's hooks reading each call's grid.
+        module: the ``MochiAttention`` module, whose processor is checked at every call and whose
+            ``attention_mask`` (the text mask, ``[B, L]``) each forward gives the videos' text counts.
+    """
+
+    def __init__(self, grid: _LatentGrid, module: nn.Module):
+        self.grid, self.module = grid, module
+        self.key = f"{_GRID_KEY}.per_video.{id(module)}"  # this forward: [text count per video, next video]
+
+    def refusal_without_attention(self, module: nn.Module) -> str | None:
+        # A processor that computes the attention where vitmad does not look reaches no place().
+        return _processor_refusal(self.grid, self.module)
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        return [*self.grid.install(context),
+                self.module.register_forward_pre_hook(functools.partial(self._texts, context), with_kwargs=True)]
+
+    def _texts(self, context: CallContext, module, args, kwargs) -> None:
+        names = ("hidden_states", "encoder_hidden_states", "attention_mask")
+        mask = (dict(zip(names, args)) | kwargs).get("attention_mask")
+        counts = [int(n) for n in mask.reshape(mask.shape[0], -1).bool().sum(-1)] if isinstance(
+            mask, torch.Tensor) else None
+        context.values[self.key] = [counts, 0]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        grid = _call_grid(context, self.grid, self.module)
+        counts, video = context.values.get(self.key) or (None, 0)
+        if counts is None or len(counts) != grid.batch:
+            raise NotPlaceable(f"its attention_mask ({'none' if counts is None else f'{len(counts)} rows'}) does not "
+                               f"give the valid text tokens of each of the {grid.batch} video(s)")
+        if len(set(counts)) != 1:
+            # Each video's chunk would end with text rows of its own count: no one layout of prefix rows or suffix
+            # count for the layer.
+            raise NotPlaceable(f"its videos keep {counts} text tokens (attention_mask): vitmad places a batch whose "
+                               "videos keep as many, one video per call otherwise")
+        tubelets, text = grid.frames * grid.size[0] * grid.size[1], counts[0]
+        context.values[self.key][1] = video + 1
+        if len(lead) != 2 or lead[0] != 1 or num_queries != num_keys or num_queries != tubelets + text \
+                or video >= grid.batch:
+            raise NotPlaceable(
+                f"its attention call {video + 1} has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; "
+                f"one call per video over its {grid.frames}x{grid.size[0]}x{grid.size[1]} tubelets then its {text} "
+                f"valid text tokens gives {grid.batch} call(s) of [1, heads, {tubelets + text}, {tubelets + text}]")
+        positions, time_positions, _ = _layout(grid.frames, grid.size, grid.stride, grid.frame_stride, 0, text)
+        index = _per_video_tubelets(grid.batch, tubelets, text)
+        batch, heads = grid.batch, int(lead[1])
+
+        def fold(values: torch.Tensor) -> torch.Tensor:
+            # [1, H, B (n + t)], the videos' chunks joined -> [B, H, n]
+            values = values.index_select(-1, on_device(index, values.device))
+            return values.reshape(heads, batch, tubelets).transpose(0, 1)
+
+        geometry = LayerGeometry(grid.size, grid.stride, "space-time", heads, frames=grid.frames,
+                                 frame_stride=float(grid.frame_stride), num_suffix_tokens=text or None)
+        return Placement(positions, None, fold, geometry, consecutive_chunks=True, time_positions=time_positions)
+
+
+@functools.lru_cache(maxsize=64)
+def _per_video_tubelets(batch: int, tubelets: int, text: int) -> torch.Tensor:
+    """The tubelets' slots among ``batch`` joined chunks of ``tubelets`` tubelets then ``text`` text tokens."""
+    starts = torch.arange(batch) * (tubelets + text)
+    return read_only((starts[:, None] + torch.arange(tubelets)).reshape(-1))[0]
 
 
 @functools.lru_cache(maxsize=64)
@@ -447,51 +640,73 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return None
     video, prefix = found
     kind, inner = _key(video), name[len(prefix):].lstrip(".") if prefix else name
-    if kind in _PROCESSORS and not is_attention(module):
+    parts = inner.split(".")
+    if kind == _CONSISID and type(module).__name__ in ("PerceiverCrossAttention", "PerceiverAttention") \
+            and type(module).__module__ == _CONSISID[0]:
+        # Its own softmax, found by the softmax search: the identity tokens' attention, never a tubelet's key.
+        return Skip("ConsisID's face identity attention (PerceiverCrossAttention: the tubelets' cross-attention to "
+                    "the identity tokens; PerceiverAttention: the identity tokens over the face features): keys "
+                    "without a position on the latent video")
+    if kind == _MOCHI and _key(module) == ("diffusers.models.embeddings", "MochiAttentionPool"):
+        return Skip("Mochi's attention pooling of the caption tokens into one pooled query: no position on the "
+                    "latent video")
+    if kind in _PROCESSORS and not (is_attention(module) or _key(module) == _MOCHI_ATTENTION):
         # Found by another discovery (it calls scaled_dot_product_attention or a softmax itself): not one of the
         # processors' attention modules whose sequence was read.
         return RefusingPlacer(f"{type(module).__name__} in {type(video).__name__} is no attention module whose "
                               "tokens vitmad read; leave it out with layers=[the other attention modules]")
     if kind not in _PROCESSORS:
+        placed = ", ".join(sorted(name for _, name in _PROCESSORS))
         return RefusingPlacer(f"{type(video).__name__} (diffusers) is not placed by vitmad: "
-                              f"{_REFUSED[type(video).__name__]}; vitmad places WanTransformer3DModel, "
-                              "CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, "
-                              "LTXVideoTransformer3DModel, LatteTransformer3DModel and AllegroTransformer3DModel")
-    parts = inner.split(".")
-    if kind in (_WAN, _LTX):
-        if parts[-1] == "attn2":
-            extra = " (and, image-to-video, to the CLIP image tokens)" if kind == _WAN else ""
-            return Skip(f"cross-attention of the latent tubelets to the text tokens{extra}: keys without a position "
-                        "on the latent video")
-        if parts[-1] != "attn1":
-            return RefusingPlacer(f"{inner} is no attention of {type(video).__name__}'s blocks (attn1, attn2), "
-                                  "whose tokens vitmad read")
-        text = "none"
-    elif kind == _ALLEGRO:
-        if parts[-1] == "attn2":
-            return Skip("cross-attention of the latent tubelets to the text tokens: keys without a position on the "
-                        "latent video")
-        if parts[-1] != "attn1":
-            return RefusingPlacer(f"{inner} is no attention of Allegro's blocks (attn1, attn2), whose tokens vitmad "
-                                  "read")
-        text = "none"
-    elif kind == _LATTE:
-        if parts[-1] == "attn2":
-            return Skip("cross-attention of the latent patches to the caption tokens: keys without a position on "
-                        "the latent video")
-        if parts[-1] == "attn1" and parts[0] in ("transformer_blocks", "temporal_transformer_blocks"):
-            return FactorisedVideoPlacer(_reader(video, kind), module,
-                                         "space" if parts[0] == "transformer_blocks" else "time")
-        return RefusingPlacer(f"{inner} is no attention of Latte's spatial or temporal blocks, whose tokens vitmad "
-                              "read")
-    elif kind == _HUNYUAN:
-        if parts[0] == "context_embedder":
-            return Skip("HunyuanVideo's text token refiner: self-attention among the text tokens, none with a "
-                        "position on the latent video")
-        text = "last"
-    else:
-        text = "first"
-    return JointVideoPlacer(_reader(video, kind), module, text)
+                              f"{_REFUSED[type(video).__name__]}; vitmad places {placed}")
+    blocks = _BLOCKS[kind]
+    if kind == _WAN_ANIMATE and parts[0] == "face_adapter":
+        return Skip("Wan-Animate's face adapter: cross-attention of each latent frame's tubelets to that frame's "
+                    "face motion tokens, keys without a position on the latent video")
+    if kind in (_HUNYUAN, _HUNYUAN15) and parts[0] == "context_embedder":
+        version = " 1.5" if kind == _HUNYUAN15 else ""
+        return Skip(f"HunyuanVideo{version}'s text token refiner: self-attention among the text tokens, none with a "
+                    "position on the latent video")
+    if kind == _KANDINSKY5 and parts[0] == "text_transformer_blocks":
+        return Skip("Kandinsky 5's text blocks: self-attention among the text tokens, none with a position on the "
+                    "latent video")
+    if parts[-1] in blocks["skip"]:
+        return Skip(blocks["skip"][parts[-1]])
+    if parts[-1] not in blocks["self"] or (kind == _LATTE and parts[0] not in _LATTE_BLOCKS):
+        names = ", ".join([*blocks["self"], *blocks["skip"]])
+        return RefusingPlacer(f"{inner} is no attention of {type(video).__name__}'s blocks ({names}), whose tokens "
+                              "vitmad read")
+    if kind == _LATTE:
+        return FactorisedVideoPlacer(_reader(video, kind), module, _LATTE_BLOCKS[parts[0]])
+    if kind == _MOCHI:
+        return PerVideoPlacer(_reader(video, kind), module)
+    return JointVideoPlacer(_reader(video, kind), module, blocks["text"], control=parts[0] == "vace_blocks")
+
+
+_TO_TEXT = "cross-attention of the latent tubelets to the text tokens{}: keys without a position on the latent video"
+_WAN_ATTENTION = {"self": ("attn1",), "text": "none", "skip": {"attn2": _TO_TEXT.format(
+    " (and, image-to-video, to the CLIP image tokens)")}}
+# Per placed model: its blocks' self-attention module names, where its text tokens are in their sequence ("first",
+# "last", "none": attended by cross-attention only), and its cross-attention module names -> why skipped.
+_BLOCKS = {
+    **{kind: _WAN_ATTENTION for kind in _WAN_LIKE},
+    _LTX: {"self": ("attn1",), "text": "none", "skip": {"attn2": _TO_TEXT.format("")}},
+    _ALLEGRO: {"self": ("attn1",), "text": "none", "skip": {"attn2": _TO_TEXT.format("")}},
+    _COSMOS: {"self": ("attn1",), "text": "none", "skip": {"attn2": _TO_TEXT.format(
+        " (and, Cosmos 2.5 with an image context, to the image tokens)")}},
+    _KANDINSKY5: {"self": ("self_attention",), "text": "none", "skip": {"cross_attention": _TO_TEXT.format("")}},
+    _LATTE: {"self": ("attn1",), "text": "none", "skip": {"attn2": "cross-attention of the latent patches to the "
+                                                                  "caption tokens: keys without a position on the "
+                                                                  "latent video"}},
+    _COGVIDEOX: {"self": ("attn1",), "text": "first", "skip": {}},
+    _CONSISID: {"self": ("attn1",), "text": "first", "skip": {}},
+    _EASYANIMATE: {"self": ("attn1",), "text": "first", "skip": {}},
+    _HUNYUAN: {"self": ("attn",), "text": "last", "skip": {}},
+    _HUNYUAN15: {"self": ("attn",), "text": "last", "skip": {}},
+    _MOCHI: {"self": ("attn1",), "text": "last", "skip": {}},
+}
+# Latte's block lists -> the attention of their attn1.
+_LATTE_BLOCKS = {"transformer_blocks": "space", "temporal_transformer_blocks": "time"}
 
 
 def _reader(model: nn.Module, kind: tuple[str, str]) -> _LatentGrid:
