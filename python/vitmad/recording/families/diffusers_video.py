@@ -512,8 +512,9 @@ class PerVideoPlacer(LayerPlacer):
         self.key = f"{_GRID_KEY}.per_video.{id(module)}"  # this forward: [text count per video, next video]
 
     def refusal_without_attention(self, module: nn.Module) -> str | None:
-        # A processor that computes the attention where vitmad does not look reaches no place().
-        return _processor_refusal(self.grid, self.module)
+        # A processor or an attention backend that computes the attention where vitmad does not look reaches no
+        # place().
+        return _processor_refusal(self.grid, self.module) or backend_refusal(self.module)
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         return [*self.grid.install(context),
