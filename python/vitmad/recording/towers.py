@@ -12,6 +12,7 @@ import re
 from torch import nn
 
 from ..ops.arguments import is_int
+from .families.diffusers_unets import call_start as diffusers_unets_call_start
 from .families.llama4 import is_tower as is_llama4_tower
 from .families.molmo2 import is_tower as is_molmo2_tower
 from .families.monai import call_start as monai_call_start
@@ -134,7 +135,8 @@ def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
     without convolutions. A MONAI ViT or Swin transformer starts its calls at its patch embedding (UNETR convolves
     its input only after its ViT; of several, the one holding the ``recorded`` modules), an ultralytics model at
     its yaml graph's first layer (YOLOv5's Focus halves the image before its convolution)."""
-    start = monai_call_start(model, recorded) or ultralytics_call_start(model)
+    start = (monai_call_start(model, recorded) or ultralytics_call_start(model)
+             or diffusers_unets_call_start(model, recorded))
     if start is not None:
         return start
     on_tokens = token_convolutions(model) | vit_pytorch_token_convolutions(model)
