@@ -292,3 +292,64 @@ def test_controlnet_down_and_mid_blocks_are_placed_as_the_unets(monkeypatch):
     assert {n.split(".")[0] for n in rec.layers} == {"down_blocks", "mid_block"}
     assert set(rec.skipped) == {n for n in own if n.endswith("attn2")}
     _check(rec, tokens, own, latent, down_blocks=3)
+
+
+def test_controlnet_xs_base_and_control_attention_equal_their_own(monkeypatch):
+    # ControlNet-XS runs the UNet's blocks and its control model's side by side on maps of the same size: both
+    # streams' attn1 at their level. Its up blocks double the map without the skip's size (even latents only).
+    torch.manual_seed(0)
+    model = _sharpen(diffusers.UNetControlNetXSModel(
+        sample_size=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(16, 32), norm_num_groups=4,
+        cross_attention_dim=12, num_attention_heads=2, ctrl_block_out_channels=(4, 8), ctrl_num_attention_heads=2,
+        ctrl_max_norm_num_groups=2, ctrl_conditioning_embedding_out_channels=(4, 4, 4, 8)), scale=5.0)
+    latent = (6, 10)
+    gen = torch.Generator().manual_seed(9)
+    sample, text = torch.randn(2, 4, *latent, generator=gen), torch.randn(2, 5, 12, generator=gen)
+    condition = torch.rand(2, 3, 8 * latent[0], 8 * latent[1], generator=gen)
+
+    def run():
+        return model(sample, 10, text, controlnet_cond=condition).sample
+
+    own = _own_probabilities(model, monkeypatch, run)
+    rec, tokens = _record(model, run)
+    assert sorted(rec.layers) == sorted(n for n in own if n.endswith("attn1"))
+    assert any(".ctrl_attentions." in n for n in rec.layers) and any(".ctrl_midblock." in n for n in rec.layers)
+    assert set(rec.skipped) == {n for n in own if n.endswith("attn2")}
+    _check(rec, tokens, own, latent, down_blocks=2)
+
+
+def test_sparse_ctrl_space_and_motion_modules_equal_their_own(monkeypatch):
+    # SparseCtrl (AnimateDiff's ControlNet): the motion UNet's down blocks and a 2-D mid block.
+    torch.manual_seed(0)
+    model = _sharpen(diffusers.SparseControlNetModel(
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        layers_per_block=1, norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2,
+        motion_num_attention_heads=2, conditioning_channels=3, conditioning_embedding_out_channels=(4, 8)),
+        scale=5.0)
+    batch, frames, latent = 1, 3, (7, 5)
+    gen = torch.Generator().manual_seed(10)
+    sample = torch.randn(batch, 4, frames, *latent, generator=gen)
+    text = torch.randn(batch * frames, 5, 12, generator=gen)
+    condition = torch.rand(batch, 3, frames, *latent, generator=gen)  # use_simplified_condition_embedding: latent size
+
+    def run():
+        down, mid = model(sample, 10, text, controlnet_cond=condition,
+                          conditioning_mask=torch.ones(batch, 1, frames, *latent), return_dict=False)
+        return torch.cat([t.flatten() for t in (*down, mid)])
+
+    own = _own_probabilities(model, monkeypatch, run)
+    rec, tokens = _record(model, run)
+    assert sorted(rec.layers) == sorted(n for n in own if n.endswith("attn1") or ".motion_modules." in n)
+    assert _check_video(rec, tokens, own, latent, 2, batch, frames) == {"space", "time"}
+
+
+def test_other_unets_and_controlnets_are_refused_by_name():
+    # ControlNet-XS's adapter alone never runs (UNetControlNetXSModel holds it); Kandinsky 3's UNet samples its own way.
+    torch.manual_seed(0)
+    unet = diffusers.Kandinsky3UNet(
+        in_channels=4, time_embedding_dim=8, groups=4, attention_head_dim=4, layers_per_block=1,
+        block_out_channels=(16, 32), cross_attention_dim=12, encoder_hid_dim=12)
+    with pytest.raises(ValueError, match="of diffusers' Kandinsky3UNet, whose token layout vitmad does not know"):
+        with torch.no_grad(), vitmad.record(unet):
+            unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 5, 12), torch.ones(1, 5))

@@ -71,6 +71,7 @@ _3D_BLOCKS = "diffusers.models.unets.unet_3d_blocks"
 _MOTION = "diffusers.models.unets.unet_motion_model"
 _SVD = ("diffusers.models.unets.unet_spatio_temporal_condition", "UNetSpatioTemporalConditionModel")
 _I2VGEN_XL = ("diffusers.models.unets.unet_i2vgen_xl", "I2VGenXLUNet")
+_SPARSE_CTRL = ("diffusers.models.controlnets.controlnet_sparsectrl", "SparseControlNetModel")
 
 
 def _classes(module: str, *names: str) -> frozenset[tuple[str, str]]:
@@ -91,19 +92,27 @@ _PLACED_UNETS = {
     # ControlNet: a copy of the UNet's encoder, down blocks and mid block, run on the same latent.
     ("diffusers.models.controlnets.controlnet", "ControlNetModel"): _classes(
         _2D_BLOCKS, "DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "UNetMidBlock2D"),
+    # ControlNet-XS: the UNet and its control model side by side, block by block, on maps of the same size (the
+    # base's samplings ``base_downsamplers``, ``upsamplers``; the control's run beside them).
+    ("diffusers.models.controlnets.controlnet_xs", "UNetControlNetXSModel"): _classes(
+        "diffusers.models.controlnets.controlnet_xs", "ControlNetXSCrossAttnDownBlock2D",
+        "ControlNetXSCrossAttnMidBlock2D", "ControlNetXSCrossAttnUpBlock2D"),
     _SVD: _classes(_3D_BLOCKS, "DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal",
                    "UNetMidBlockSpatioTemporal", "UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
     # AnimateDiff (its mid block without motion modules where use_motion_mid_block=False).
     (_MOTION, "UNetMotionModel"): _classes(
         _MOTION, "DownBlockMotion", "CrossAttnDownBlockMotion", "UNetMidBlockCrossAttnMotion", "UpBlockMotion",
         "CrossAttnUpBlockMotion") | _classes(_2D_BLOCKS, "UNetMidBlock2DCrossAttn"),
+    # SparseCtrl: AnimateDiff's ControlNet, the motion UNet's encoder.
+    _SPARSE_CTRL: _classes(_MOTION, "DownBlockMotion", "CrossAttnDownBlockMotion") | _classes(
+        _2D_BLOCKS, "UNetMidBlock2DCrossAttn"),
     ("diffusers.models.unets.unet_3d_condition", "UNet3DConditionModel"): _3D_UNET_BLOCKS,  # ModelScope, Zeroscope
     _I2VGEN_XL: _3D_UNET_BLOCKS,
 }
 # The video UNets that take ``sample`` as [B, C, F, H, W] and fold it to [B * F, C, H, W], videos outermost
 # (``sample.permute(0, 2, 1, 3, 4).reshape(B * F, C, H, W)``).
 _FRAMES_IN_SAMPLE = {(_MOTION, "UNetMotionModel"), ("diffusers.models.unets.unet_3d_condition", "UNet3DConditionModel"),
-                     _I2VGEN_XL}
+                     _I2VGEN_XL, _SPARSE_CTRL}
 # The modules that flatten a block's map into the tokens their attention runs over: per image or frame (the first),
 # or per cell over the frames (``TransformerTemporalModel``, AnimateDiff's motion module ``AnimateDiffTransformer3D``:
 # both ``permute(0, 3, 4, 2, 1).reshape(B * h * w, F, C)`` of their [B, C, F, h, w] view, with ``num_frames``).
@@ -187,14 +196,14 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     if getattr(module, "is_cross_attention", False):
         return Skip(f"cross-attention of {unet_class}'s feature map to its conditioning (encoder_hidden_states: the "
                     "text or an image prompt), whose keys have no position in the latent")
-    conv_in = getattr(unet, "conv_in", None)
+    conv_in = getattr(unet, "conv_in", None) or getattr(unet, "base_conv_in", None)
     if not isinstance(conv_in, nn.Conv2d) or pair(conv_in.stride) != (1, 1):
         return RefusingPlacer(f"{unet_class}'s conv_in is not a Conv2d of stride 1, so its latent grid is not known")
     inner = name[len(unet_name) + 1:] if unet_name else name
     holder = innermost_on_path(unet, inner, lambda m: _key(m) in _MAP_HOLDERS | _TEMPORAL_HOLDERS)
     temporal = holder is not None and _key(holder[1]) in _TEMPORAL_HOLDERS
-    samplings = [(m, 2.0) for b in unet.down_blocks for m in (getattr(b, "downsamplers", None) or ())]
-    samplings += [(m, 0.5) for b in getattr(unet, "up_blocks", ()) for m in (getattr(b, "upsamplers", None) or ())]
+    samplings = [(m, 2.0) for b in unet.down_blocks for m in _samplers(b, "downsamplers", "base_downsamplers")]
+    samplings += [(m, 0.5) for b in getattr(unet, "up_blocks", ()) for m in _samplers(b, "upsamplers")]
     # A temporal holder's blocks attend over the frames twice (double_self_attention: attn2 takes no text).
     if holder is not None and not (name.endswith(".attn1") or temporal and name.endswith(".attn2")):
         # GLIGEN's fuser attends over the map and its grounding tokens; double_self_attention's attn2 takes the text.
@@ -215,6 +224,16 @@ def placer(model: nn.Module, name: str, module: nn.Module):
                                   f"AnimateDiffTransformer3D of {unet_class}, the ones vitmad places in it")
         return FramesMapPlacer(unet, module, holder[1], conv_in, samplings, "time" if temporal else "space")
     return UNetMapPlacer(unet, module, module if holder is None else holder[1], conv_in, samplings)
+
+
+def _samplers(block: nn.Module, *names: str) -> list[nn.Module]:
+    """The block's samplings: its ``downsamplers`` / ``upsamplers`` list, or ControlNet-XS's single module (of the
+    base UNet's where the control model has its own beside it)."""
+    for name in names:
+        found = getattr(block, name, None)
+        if found is not None:
+            return list(found) if isinstance(found, nn.ModuleList) else [found]
+    return []
 
 
 @dataclass(frozen=True)
