@@ -1,4 +1,4 @@
-"""The self-attention inside Hugging Face diffusers' UNets (``diffusers.models.unets``, 0.42).
+"""The self-attention inside Hugging Face diffusers' UNets and ControlNets (``diffusers.models.unets``, 0.42).
 
 ``UNet2DConditionModel`` (Stable Diffusion 1.x / 2.x, SDXL): each ``Transformer2DModel`` of a
 ``CrossAttnDownBlock2D``, ``UNetMidBlock2DCrossAttn`` or ``CrossAttnUpBlock2D`` flattens its block's feature map
@@ -22,22 +22,43 @@ is placed where that one was. The map an attention receives (the ``Transformer2D
 ``Attention``'s own 4-D input) is read in each call and must be the map those samplings made, else the call is
 refused.
 
-Stable Video Diffusion (``UNetSpatioTemporalConditionModel``) flattens ``sample`` ``[B, F, C, H, W]`` to ``[B * F, C,
-H, W]`` (videos outermost) and samples as the 2-D UNets do; each ``TransformerSpatioTemporalModel`` runs a
-``BasicTransformerBlock`` per frame over the map (``"space"``, ``[B * F, heads, h * w, h * w]``), then a
-``TemporalBasicTransformerBlock`` per cell over the frames (``"time"``, ``[B * h * w, heads, F, F]``; the frame
-count from its ``image_only_indicator``). A token is its cell in its latent frame, at ``f + 0.5`` frames; both fold
-onto ``[B, heads, F * h * w]`` in (frame, row, column) order, as :mod:`.video` folds TimeSformer's divided attention:
-a space call's temporal MAD is 0, a time call's spatial MAD is 0, both measured.
+``ControlNetModel`` (SD's ControlNet) is the UNet's ``conv_in``, down blocks and mid block, run on the same latent:
+placed as the UNet's. ``UNetControlNetXSModel`` (ControlNet-XS) runs the UNet's blocks and its control model's side
+by side on maps of the same size (``base_conv_in``, each down block's ``base_downsamplers``, the up blocks'
+``upsamplers``): both streams' attention placed alike.
+
+Video UNets. Stable Video Diffusion (``UNetSpatioTemporalConditionModel``) flattens ``sample`` ``[B, F, C, H, W]`` to
+``[B * F, C, H, W]``; AnimateDiff's ``UNetMotionModel`` and its ``SparseControlNetModel``, ``UNet3DConditionModel``
+(ModelScope, Zeroscope) and ``I2VGenXLUNet`` take ``[B, C, F, H, W]`` and fold it the same way (videos outermost),
+reading ``F`` from ``sample``; all sample as the 2-D UNets do. Spatial attention runs per frame over the map
+(``"space"``, ``[B * F, heads, h * w, h * w]``): SVD's ``TransformerSpatioTemporalModel``'s ``BasicTransformerBlock``,
+the others' ``Transformer2DModel``. Temporal attention runs per cell over the frames (``"time"``, ``[B * h * w,
+heads, F, F]``, cells row-major inside each video): SVD's ``TemporalBasicTransformerBlock`` (frames from its
+``image_only_indicator``), and ``TransformerTemporalModel`` (``UNet3DConditionModel``'s ``transformer_in`` and
+``temp_attentions``, I2VGen-XL's) and AnimateDiff's motion modules (``AnimateDiffTransformer3D``), which permute
+their ``[B, C, F, h, w]`` view to ``[B * h * w, F, C]`` with ``num_frames`` and attend in both ``attn1`` and ``attn2``
+(``double_self_attention``; their sinusoidal position encoding changes the logits, not the geometry). I2VGen-XL's
+``image_latents_temporal_encoder`` attends over the frames of each latent pixel of ``image_latents`` before
+``conv_in`` (stride 1). A token is its cell in its latent frame, at ``f + 0.5`` frames; both kinds fold onto ``[B,
+heads, F * h * w]`` in (frame, row, column) order, as :mod:`.video` folds TimeSformer's divided attention: a space
+call's temporal MAD is 0, a time call's spatial MAD is 0, both measured.
+
+Processors: ``AttnProcessor2_0`` / ``FusedAttnProcessor2_0`` call ``F.scaled_dot_product_attention`` with ``[B,
+heads, N, d]``; the classic ``AttnProcessor`` (which prompt-to-prompt style code builds on) merges batch and heads
+(``head_to_batch_dim``: row ``b * heads + h``) and computes ``get_attention_scores``' softmax over ``[B * heads, N,
+N]``, read by vitmad's softmax capture and unmerged here (the batch read from the attention's input in each call);
+``SlicedAttnProcessor`` computes it in consecutive slices of ``slice_size`` rows, one call each, joined in order (a
+slice size that does not divide ``B * heads`` is refused). A forward call starts at the UNet's forward
+(:func:`call_start`): ControlNet's first 3-channel convolution is its conditioning image's, after ``conv_in``.
 
 Skipped: ``attn2`` and every attention built as cross-attention (``Attention.is_cross_attention``: keys from the text
-or image prompt, which have no position in the latent). Refused by name: attention in any other UNet block
+or image prompt, which have no position in the latent). Refused by name: attention in any other block
 (``SimpleCrossAttn*``'s text keys appended to the image's, the ``K*`` and ``*Skip*`` blocks' own samplings), any
-other diffusers UNet (``UNet3DConditionModel``, ``UNetMotionModel``, ...), and a processor other than diffusers'
-``AttnProcessor2_0`` / ``FusedAttnProcessor2_0`` (xFormers' attention calls no function vitmad sees; the classic
-``AttnProcessor`` merges batch and heads).
+other diffusers UNet or ControlNet (Kandinsky 3, Stable Cascade, ControlNet-Union, ...), a placed attention given
+``encoder_hidden_states`` at run time (its keys are not the map's), and any other processor (xFormers' attention
+calls no function vitmad sees; IP-Adapter, PAG and one's own processors are not read).
 
-Generic (shareable with other diffusers families): :func:`_is_diffusers_attention`, :func:`_defined`.
+Generic (shareable with other diffusers families): :func:`_defined`, :func:`_classes`.
 """
 
 from __future__ import annotations
