@@ -353,3 +353,19 @@ def test_other_unets_and_controlnets_are_refused_by_name():
     with pytest.raises(ValueError, match="of diffusers' Kandinsky3UNet, whose token layout vitmad does not know"):
         with torch.no_grad(), vitmad.record(unet):
             unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 5, 12), torch.ones(1, 5))
+
+
+def test_temporal_attention_given_other_keys_is_refused():
+    # A motion module's attn2 given keys of its own (here the frames reversed: as many keys as frames, so the shape
+    # alone would pass) attends to tokens that are not the queries' frames: refused, not placed as the frames.
+    unet = _motion_unet()
+    attn2 = unet.down_blocks[0].motion_modules[0].transformer_blocks[0].attn2
+
+    def reversed_frames(module, args, kwargs):
+        return args, {**kwargs, "encoder_hidden_states": args[0].flip(1)}
+
+    attn2.register_forward_pre_hook(reversed_frames, with_kwargs=True)
+    with pytest.raises(ValueError, match=r"motion_modules\.0\.transformer_blocks\.0\.attn2 \(Attention\) of "
+                                         r"UNetMotionModel: it was given encoder_hidden_states"):
+        with torch.no_grad(), vitmad.record(unet):
+            unet(torch.randn(1, 4, 3, 6, 6), 10, torch.randn(3, 5, 12))

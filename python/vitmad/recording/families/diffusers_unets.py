@@ -169,15 +169,13 @@ def _is_unet(module: nn.Module) -> bool:
 
 
 def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
-    """The diffusers UNet in ``model`` (itself included) holding the ``recorded`` modules (the first in module order
-    where none does): a forward call starts at its forward, before anything it runs. Its first convolution is no
-    such start: ControlNet's first convolution on 3 channels is its conditioning image's, run after ``conv_in``
-    (whose map the placers read); I2VGen-XL attends over its ``image_latents``' frames before ``conv_in``; and the
-    video UNets' ``sample`` (its frames) is read before ``conv_in`` runs."""
-    unets = [module for module in module_list(model) if _is_unet(module)]
+    """The outermost diffusers UNet in ``model`` (itself included) holding ``recorded`` modules, or None: a forward
+    call starts at its forward, before anything it runs. Its first convolution is no such start: ControlNet's first
+    convolution on 3 channels is its conditioning image's, run after ``conv_in`` (whose map the placers read);
+    I2VGen-XL attends over its ``image_latents``' frames before ``conv_in``; and the video UNets' ``sample`` (its
+    frames) is read before ``conv_in`` runs."""
     inside = {id(m) for m in recorded}
-    return next((unet for unet in unets if any(id(m) in inside for m in unet.modules())), None) or next(
-        iter(unets), None)
+    return next((m for m in module_list(model) if _is_unet(m) and any(id(s) in inside for s in m.modules())), None)
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
