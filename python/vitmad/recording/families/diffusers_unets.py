@@ -223,9 +223,10 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     temporal = holder is not None and _key(holder[1]) in _TEMPORAL_HOLDERS
     samplings = [(m, 2.0) for b in unet.down_blocks for m in _samplers(b, "downsamplers", "base_downsamplers")]
     samplings += [(m, 0.5) for b in getattr(unet, "up_blocks", ()) for m in _samplers(b, "upsamplers")]
-    # A temporal holder's blocks attend over the frames twice (double_self_attention: attn2 takes no text).
+    # A temporal holder's blocks attend over the frames twice (double_self_attention, and no text is passed to them:
+    # checked per call). GLIGEN's fuser attends over the map and its grounding tokens; a Transformer2DModel's
+    # double_self_attention attn2 takes the text.
     if holder is not None and not (name.endswith(".attn1") or temporal and name.endswith(".attn2")):
-        # GLIGEN's fuser attends over the map and its grounding tokens; double_self_attention's attn2 takes the text.
         return RefusingPlacer(f"it is an attention of {type(holder[1]).__name__} {holder[0]} other than its blocks' "
                               "attn1 (their self-attention over the map), whose tokens vitmad does not know; pass "
                               "layers=['*.attn1'] to record the self-attention alone")
