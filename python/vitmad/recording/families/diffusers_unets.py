@@ -1,4 +1,4 @@
-"""The self-attention inside Hugging Face diffusers' UNets (``diffusers.models.unets``, 0.42).
+"""The self-attention inside Hugging Face diffusers' UNets and ControlNets (``diffusers.models.unets``, 0.42).
 
 ``UNet2DConditionModel`` (Stable Diffusion 1.x / 2.x, SDXL): each ``Transformer2DModel`` of a
 ``CrossAttnDownBlock2D``, ``UNetMidBlock2DCrossAttn`` or ``CrossAttnUpBlock2D`` flattens its block's feature map
@@ -22,32 +22,54 @@ is placed where that one was. The map an attention receives (the ``Transformer2D
 ``Attention``'s own 4-D input) is read in each call and must be the map those samplings made, else the call is
 refused.
 
-Stable Video Diffusion (``UNetSpatioTemporalConditionModel``) flattens ``sample`` ``[B, F, C, H, W]`` to ``[B * F, C,
-H, W]`` (videos outermost) and samples as the 2-D UNets do; each ``TransformerSpatioTemporalModel`` runs a
-``BasicTransformerBlock`` per frame over the map (``"space"``, ``[B * F, heads, h * w, h * w]``), then a
-``TemporalBasicTransformerBlock`` per cell over the frames (``"time"``, ``[B * h * w, heads, F, F]``; the frame
-count from its ``image_only_indicator``). A token is its cell in its latent frame, at ``f + 0.5`` frames; both fold
-onto ``[B, heads, F * h * w]`` in (frame, row, column) order, as :mod:`.video` folds TimeSformer's divided attention:
-a space call's temporal MAD is 0, a time call's spatial MAD is 0, both measured.
+``ControlNetModel`` (SD's ControlNet) is the UNet's ``conv_in``, down blocks and mid block, run on the same latent:
+placed as the UNet's. ``UNetControlNetXSModel`` (ControlNet-XS) runs the UNet's blocks and its control model's side
+by side on maps of the same size (``base_conv_in``, each down block's ``base_downsamplers``, the up blocks'
+``upsamplers``): both streams' attention placed alike.
+
+Video UNets. Stable Video Diffusion (``UNetSpatioTemporalConditionModel``) flattens ``sample`` ``[B, F, C, H, W]`` to
+``[B * F, C, H, W]``; AnimateDiff's ``UNetMotionModel`` and its ``SparseControlNetModel``, ``UNet3DConditionModel``
+(ModelScope, Zeroscope) and ``I2VGenXLUNet`` take ``[B, C, F, H, W]`` and fold it the same way (videos outermost),
+reading ``F`` from ``sample``; all sample as the 2-D UNets do. Spatial attention runs per frame over the map
+(``"space"``, ``[B * F, heads, h * w, h * w]``): SVD's ``TransformerSpatioTemporalModel``'s ``BasicTransformerBlock``,
+the others' ``Transformer2DModel``. Temporal attention runs per cell over the frames (``"time"``, ``[B * h * w,
+heads, F, F]``, cells row-major inside each video): SVD's ``TemporalBasicTransformerBlock`` (frames from its
+``image_only_indicator``), and ``TransformerTemporalModel`` (``UNet3DConditionModel``'s ``transformer_in`` and
+``temp_attentions``, I2VGen-XL's) and AnimateDiff's motion modules (``AnimateDiffTransformer3D``), which permute
+their ``[B, C, F, h, w]`` view to ``[B * h * w, F, C]`` with ``num_frames`` and attend in both ``attn1`` and ``attn2``
+(``double_self_attention``; their sinusoidal position encoding changes the logits, not the geometry). I2VGen-XL's
+``image_latents_temporal_encoder`` attends over the frames of each latent pixel of ``image_latents`` before
+``conv_in`` (stride 1). A token is its cell in its latent frame, at ``f + 0.5`` frames; both kinds fold onto ``[B,
+heads, F * h * w]`` in (frame, row, column) order, as :mod:`.video` folds TimeSformer's divided attention: a space
+call's temporal MAD is 0, a time call's spatial MAD is 0, both measured.
+
+Processors: ``AttnProcessor2_0`` / ``FusedAttnProcessor2_0`` call ``F.scaled_dot_product_attention`` with ``[B,
+heads, N, d]``; the classic ``AttnProcessor`` (which prompt-to-prompt style code builds on) merges batch and heads
+(``head_to_batch_dim``: row ``b * heads + h``) and computes ``get_attention_scores``' softmax over ``[B * heads, N,
+N]``, read by vitmad's softmax capture and unmerged here (the batch read from the attention's input in each call);
+``SlicedAttnProcessor`` computes it in consecutive slices of ``slice_size`` rows, one call each, joined in order (a
+slice size that does not divide ``B * heads`` is refused). A forward call starts at the UNet's forward
+(:func:`call_start`): ControlNet's first 3-channel convolution is its conditioning image's, after ``conv_in``.
 
 Skipped: ``attn2`` and every attention built as cross-attention (``Attention.is_cross_attention``: keys from the text
-or image prompt, which have no position in the latent). Refused by name: attention in any other UNet block
+or image prompt, which have no position in the latent). Refused by name: attention in any other block
 (``SimpleCrossAttn*``'s text keys appended to the image's, the ``K*`` and ``*Skip*`` blocks' own samplings), any
-other diffusers UNet (``UNet3DConditionModel``, ``UNetMotionModel``, ...), and a processor other than diffusers'
-``AttnProcessor2_0`` / ``FusedAttnProcessor2_0`` (xFormers' attention calls no function vitmad sees; the classic
-``AttnProcessor`` merges batch and heads).
+other diffusers UNet or ControlNet (Kandinsky 3, Stable Cascade, ControlNet-Union, ...), a placed attention given
+``encoder_hidden_states`` at run time (its keys are not the map's), and any other processor (xFormers' attention
+calls no function vitmad sees; IP-Adapter, PAG and one's own processors are not read).
 
-Generic (shareable with other diffusers families): :func:`_is_diffusers_attention`, :func:`_defined`.
+Generic (shareable with other diffusers families): :func:`_defined`, :func:`_classes`.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from ..module_index import module_list
 from ..placement import (
     CallContext,
     LayerGeometry,
@@ -62,30 +84,74 @@ from .diffusers_common import attention_under, backend_refusal, is_attention
 from .stages import forward_arguments, grid_placement, innermost_on_path, pair
 from .video import tubelet_positions
 
-__all__ = ["placer", "attention_modules", "UNetMapPlacer", "FramesMapPlacer"]
+__all__ = ["placer", "attention_modules", "call_start", "UNetMapPlacer", "FramesMapPlacer", "ImageLatentsPlacer"]
 
-_UNETS_PACKAGE = "diffusers.models.unets."
+_UNET_PACKAGES = ("diffusers.models.unets.", "diffusers.models.controlnets.")
 _2D_BLOCKS = "diffusers.models.unets.unet_2d_blocks"
 _3D_BLOCKS = "diffusers.models.unets.unet_3d_blocks"
+_MOTION = "diffusers.models.unets.unet_motion_model"
 _SVD = ("diffusers.models.unets.unet_spatio_temporal_condition", "UNetSpatioTemporalConditionModel")
-# Per placed UNet, the blocks it may be built of: blocks whose samplings are their ``downsamplers`` / ``upsamplers``
-# entries, each a factor of 2 (or none), and whose attention runs over their whole map (per frame, and over frames).
+_I2VGEN_XL = ("diffusers.models.unets.unet_i2vgen_xl", "I2VGenXLUNet")
+_SPARSE_CTRL = ("diffusers.models.controlnets.controlnet_sparsectrl", "SparseControlNetModel")
+
+
+def _classes(module: str, *names: str) -> frozenset[tuple[str, str]]:
+    return frozenset((module, name) for name in names)
+
+
+_3D_UNET_BLOCKS = _classes(_3D_BLOCKS, "DownBlock3D", "CrossAttnDownBlock3D", "UNetMidBlock3DCrossAttn", "UpBlock3D",
+                           "CrossAttnUpBlock3D")
+# Per placed UNet, the blocks it may be built of, as (defining module, class name): blocks whose samplings are their
+# ``downsamplers`` / ``upsamplers`` entries, each a factor of 2 (or none), and whose attention runs over their whole
+# map (per frame, and over frames).
 _PLACED_UNETS = {
-    ("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel"): (_2D_BLOCKS, (
-        "DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "UNetMidBlock2D", "UpBlock2D",
-        "CrossAttnUpBlock2D")),
-    ("diffusers.models.unets.unet_2d", "UNet2DModel"): (_2D_BLOCKS, (
-        "DownBlock2D", "AttnDownBlock2D", "UNetMidBlock2D", "UpBlock2D", "AttnUpBlock2D")),
-    _SVD: (_3D_BLOCKS, ("DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal", "UNetMidBlockSpatioTemporal",
-                        "UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal")),
+    ("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel"): _classes(
+        _2D_BLOCKS, "DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "UNetMidBlock2D", "UpBlock2D",
+        "CrossAttnUpBlock2D"),
+    ("diffusers.models.unets.unet_2d", "UNet2DModel"): _classes(
+        _2D_BLOCKS, "DownBlock2D", "AttnDownBlock2D", "UNetMidBlock2D", "UpBlock2D", "AttnUpBlock2D"),
+    # ControlNet: a copy of the UNet's encoder, down blocks and mid block, run on the same latent.
+    ("diffusers.models.controlnets.controlnet", "ControlNetModel"): _classes(
+        _2D_BLOCKS, "DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "UNetMidBlock2D"),
+    # ControlNet-XS: the UNet and its control model side by side, block by block, on maps of the same size (the
+    # base's samplings ``base_downsamplers``, ``upsamplers``; the control's run beside them).
+    ("diffusers.models.controlnets.controlnet_xs", "UNetControlNetXSModel"): _classes(
+        "diffusers.models.controlnets.controlnet_xs", "ControlNetXSCrossAttnDownBlock2D",
+        "ControlNetXSCrossAttnMidBlock2D", "ControlNetXSCrossAttnUpBlock2D"),
+    _SVD: _classes(_3D_BLOCKS, "DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal",
+                   "UNetMidBlockSpatioTemporal", "UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+    # AnimateDiff (its mid block without motion modules where use_motion_mid_block=False).
+    (_MOTION, "UNetMotionModel"): _classes(
+        _MOTION, "DownBlockMotion", "CrossAttnDownBlockMotion", "UNetMidBlockCrossAttnMotion", "UpBlockMotion",
+        "CrossAttnUpBlockMotion") | _classes(_2D_BLOCKS, "UNetMidBlock2DCrossAttn"),
+    # SparseCtrl: AnimateDiff's ControlNet, the motion UNet's encoder.
+    _SPARSE_CTRL: _classes(_MOTION, "DownBlockMotion", "CrossAttnDownBlockMotion") | _classes(
+        _2D_BLOCKS, "UNetMidBlock2DCrossAttn"),
+    ("diffusers.models.unets.unet_3d_condition", "UNet3DConditionModel"): _3D_UNET_BLOCKS,  # ModelScope, Zeroscope
+    _I2VGEN_XL: _3D_UNET_BLOCKS,
 }
-# The modules that flatten a block's map into the tokens their attention runs over.
+# The video UNets that take ``sample`` as [B, C, F, H, W] and fold it to [B * F, C, H, W], videos outermost
+# (``sample.permute(0, 2, 1, 3, 4).reshape(B * F, C, H, W)``).
+_FRAMES_IN_SAMPLE = {(_MOTION, "UNetMotionModel"), ("diffusers.models.unets.unet_3d_condition", "UNet3DConditionModel"),
+                     _I2VGEN_XL, _SPARSE_CTRL}
+# The modules that flatten a block's map into the tokens their attention runs over: per image or frame (the first),
+# or per cell over the frames (``TransformerTemporalModel``, AnimateDiff's motion module ``AnimateDiffTransformer3D``:
+# both ``permute(0, 3, 4, 2, 1).reshape(B * h * w, F, C)`` of their [B, C, F, h, w] view, with ``num_frames``).
 _MAP_HOLDERS = {("diffusers.models.transformers.transformer_2d", "Transformer2DModel"),
                 ("diffusers.models.transformers.transformer_temporal", "TransformerSpatioTemporalModel")}
+_TEMPORAL_HOLDERS = {("diffusers.models.transformers.transformer_temporal", "TransformerTemporalModel"),
+                     (_MOTION, "AnimateDiffTransformer3D")}
 _TEMPORAL_BLOCK = ("diffusers.models.attention", "TemporalBasicTransformerBlock")
+# I2VGen-XL's attention over the frames of each latent pixel of its image_latents, before conv_in.
+_I2VGEN_ENCODER = ("diffusers.models.unets.unet_i2vgen_xl", "I2VGenXLTransformerTemporalEncoder")
 # Processors that hand F.scaled_dot_product_attention the queries and keys as [B, heads, N, d].
 _SDPA_PROCESSORS = {("diffusers.models.attention_processor", "AttnProcessor2_0"),
                     ("diffusers.models.attention_processor", "FusedAttnProcessor2_0")}
+# Processors that merge batch and heads (``attn.head_to_batch_dim``: row ``b * heads + h``) and compute the
+# probabilities with ``attn.get_attention_scores`` (baddbmm, then a softmax over the keys): ``AttnProcessor`` in one
+# call ``[B * heads, N, N]``, ``SlicedAttnProcessor`` in consecutive slices of ``slice_size`` rows.
+_MERGED_PROCESSORS = {("diffusers.models.attention_processor", "AttnProcessor"),
+                      ("diffusers.models.attention_processor", "SlicedAttnProcessor")}
 
 
 def _defined(module, where: tuple[str, str]) -> bool:
@@ -94,8 +160,22 @@ def _defined(module, where: tuple[str, str]) -> bool:
     return (cls.__module__, cls.__name__) == where
 
 
+def _key(module) -> tuple[str, str]:
+    return type(module).__module__, type(module).__name__
+
+
 def _is_unet(module: nn.Module) -> bool:
-    return type(module).__module__.startswith(_UNETS_PACKAGE) and hasattr(module, "down_blocks")
+    return type(module).__module__.startswith(_UNET_PACKAGES) and hasattr(module, "down_blocks")
+
+
+def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
+    """The outermost diffusers UNet in ``model`` (itself included) holding ``recorded`` modules, or None: a forward
+    call starts at its forward, before anything it runs. Its first convolution is no such start: ControlNet's first
+    convolution on 3 channels is its conditioning image's, run after ``conv_in`` (whose map the placers read);
+    I2VGen-XL attends over its ``image_latents``' frames before ``conv_in``; and the video UNets' ``sample`` (its
+    frames) is read before ``conv_in`` runs."""
+    inside = {id(m) for m in recorded}
+    return next((m for m in module_list(model) if _is_unet(m) and any(id(s) in inside for s in m.modules())), None)
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -116,36 +196,37 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return None
     unet_name, unet = found
     unet_class = type(unet).__name__
-    design = _PLACED_UNETS.get((type(unet).__module__, unet_class))
-    if design is None:
+    known = _PLACED_UNETS.get(_key(unet))
+    if known is None:
         return RefusingPlacer(
             f"it is an attention layer of diffusers' {unet_class}, whose token layout vitmad does not know (it places "
             f"the self-attention of {', '.join(c for _, c in _PLACED_UNETS)}); pass positions=<[N, 2] latent-pixel "
             "position of each token> if its tokens are one feature map")
-    blocks_module, known = design
     blocks = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
-    blocks += [("mid_block", unet.mid_block)] if unet.mid_block is not None else []
-    blocks += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    blocks += [("mid_block", unet.mid_block)] if getattr(unet, "mid_block", None) is not None else []
+    blocks += [(f"up_blocks.{i}", b) for i, b in enumerate(getattr(unet, "up_blocks", ()))]
     for block_name, block in blocks:
-        cls = type(block)
-        if cls.__module__ != blocks_module or cls.__name__ not in known:
+        if _key(block) not in known:
             return RefusingPlacer(
-                f"{unet_class}'s {block_name} is a {cls.__name__}, whose samplings or attention layout vitmad does not "
-                f"follow (it knows {', '.join(known)}); pass positions=<[N, 2] latent-pixel position of each token> "
-                "to place this layer by hand")
+                f"{unet_class}'s {block_name} is a {type(block).__name__}, whose samplings or attention layout vitmad "
+                f"does not follow (it knows {', '.join(sorted(c for _, c in known))}); pass positions=<[N, 2] "
+                "latent-pixel position of each token> to place this layer by hand")
     # After the blocks: a SimpleCrossAttn block's "cross-attention" appends the text's keys to the map's own.
     if getattr(module, "is_cross_attention", False):
         return Skip(f"cross-attention of {unet_class}'s feature map to its conditioning (encoder_hidden_states: the "
                     "text or an image prompt), whose keys have no position in the latent")
-    conv_in = getattr(unet, "conv_in", None)
+    conv_in = getattr(unet, "conv_in", None) or getattr(unet, "base_conv_in", None)
     if not isinstance(conv_in, nn.Conv2d) or pair(conv_in.stride) != (1, 1):
         return RefusingPlacer(f"{unet_class}'s conv_in is not a Conv2d of stride 1, so its latent grid is not known")
     inner = name[len(unet_name) + 1:] if unet_name else name
-    holder = innermost_on_path(unet, inner, lambda m: (type(m).__module__, type(m).__name__) in _MAP_HOLDERS)
-    samplings = [(m, 2.0) for b in unet.down_blocks for m in (getattr(b, "downsamplers", None) or ())]
-    samplings += [(m, 0.5) for b in unet.up_blocks for m in (getattr(b, "upsamplers", None) or ())]
-    if holder is not None and not name.endswith(".attn1"):
-        # GLIGEN's fuser attends over the map and its grounding tokens; double_self_attention's attn2 takes the text.
+    holder = innermost_on_path(unet, inner, lambda m: _key(m) in _MAP_HOLDERS | _TEMPORAL_HOLDERS)
+    temporal = holder is not None and _key(holder[1]) in _TEMPORAL_HOLDERS
+    samplings = [(m, 2.0) for b in unet.down_blocks for m in _samplers(b, "downsamplers", "base_downsamplers")]
+    samplings += [(m, 0.5) for b in getattr(unet, "up_blocks", ()) for m in _samplers(b, "upsamplers")]
+    # A temporal holder's blocks attend over the frames twice (double_self_attention, and no text is passed to them:
+    # checked per call). GLIGEN's fuser attends over the map and its grounding tokens; a Transformer2DModel's
+    # double_self_attention attn2 takes the text.
+    if holder is not None and not (name.endswith(".attn1") or temporal and name.endswith(".attn2")):
         return RefusingPlacer(f"it is an attention of {type(holder[1]).__name__} {holder[0]} other than its blocks' "
                               "attn1 (their self-attention over the map), whose tokens vitmad does not know; pass "
                               "layers=['*.attn1'] to record the self-attention alone")
@@ -155,7 +236,24 @@ def placer(model: nn.Module, name: str, module: nn.Module):
             return RefusingPlacer(f"it is no attention of a TransformerSpatioTemporalModel of {unet_class}, the ones "
                                   "vitmad places in it")
         return FramesMapPlacer(unet, module, holder[1], conv_in, samplings, "time" if temporal else "space")
+    if _key(unet) in _FRAMES_IN_SAMPLE:
+        if _defined(unet, _I2VGEN_XL) and innermost_on_path(unet, inner, lambda m: _defined(m, _I2VGEN_ENCODER)):
+            return ImageLatentsPlacer(unet, module)
+        if holder is None:
+            return RefusingPlacer(f"it is no attention of a Transformer2DModel, TransformerTemporalModel or "
+                                  f"AnimateDiffTransformer3D of {unet_class}, the ones vitmad places in it")
+        return FramesMapPlacer(unet, module, holder[1], conv_in, samplings, "time" if temporal else "space")
     return UNetMapPlacer(unet, module, module if holder is None else holder[1], conv_in, samplings)
+
+
+def _samplers(block: nn.Module, *names: str) -> list[nn.Module]:
+    """The block's samplings: its ``downsamplers`` / ``upsamplers`` list, or ControlNet-XS's single module (of the
+    base UNet's where the control model has its own beside it)."""
+    for name in names:
+        found = getattr(block, name, None)
+        if found is not None:
+            return list(found) if isinstance(found, nn.ModuleList) else [found]
+    return []
 
 
 @dataclass(frozen=True)
@@ -172,19 +270,21 @@ class UNetMapPlacer(LayerPlacer):
 
     Args:
         unet: the UNet (named in messages).
-        attention: the ``Attention`` module (its processor is checked in each call).
-        holder: the module whose input is the map the attention flattens: its ``Transformer2DModel``, or the
-            ``Attention`` itself where it takes the map (``UNet2DModel``'s blocks).
+        attention: the ``Attention`` module (its processor and its input are checked in each call).
+        holder: the module whose input is the map the attention flattens: its ``Transformer2DModel`` (or temporal
+            holder), or the ``Attention`` itself where it takes the map (``UNet2DModel``'s blocks).
         conv_in: the UNet's input convolution (stride 1): the latent grid.
         samplings: the down- and up-samplings of the UNet, each with its stride factor (2 or 1/2).
     """
 
-    def __init__(self, unet: nn.Module, attention: nn.Module, holder: nn.Module, conv_in: nn.Module,
+    def __init__(self, unet: nn.Module, attention: nn.Module, holder: nn.Module | None, conv_in: nn.Module | None,
                  samplings: list[tuple[nn.Module, float]]):
         self.unet, self.attention, self.holder, self.conv_in, self.samplings = (unet, attention, holder, conv_in,
                                                                                samplings)
         self.key = ("diffusers_unets.map", id(self))
         self.input_key = ("diffusers_unets.input", id(self))
+        self.sample_key = ("diffusers_unets.sample", id(self))
+        self.attention_key = ("diffusers_unets.attention", id(self))
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         def sampled(module, args, output, factor) -> None:
@@ -198,13 +298,35 @@ class UNetMapPlacer(LayerPlacer):
         def received(module, args, kwargs) -> None:
             arguments = forward_arguments(module, args, kwargs)
             hidden, frames = arguments.get("hidden_states"), arguments.get("image_only_indicator")
-            context.values[self.input_key] = (
-                tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None,
-                int(frames.shape[-1]) if isinstance(frames, torch.Tensor) else None)
+            if _key(module) in _TEMPORAL_HOLDERS:  # they view their [B * F, C, h, w] input as num_frames frames
+                frames = int(arguments.get("num_frames", 1))
+            elif isinstance(frames, torch.Tensor):
+                frames = int(frames.shape[-1])
+            context.values[self.input_key] = (tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None,
+                                              frames)
 
         handles = [self.conv_in.register_forward_hook(lambda m, a, o: sampled(m, a, o, None))]
         handles += [m.register_forward_hook(lambda m, a, o, f=f: sampled(m, a, o, f)) for m, f in self.samplings]
         handles.append(self.holder.register_forward_pre_hook(received, with_kwargs=True))
+        return handles + self.install_call_hooks(context)
+
+    def install_call_hooks(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hooks on the attention module (its batch, whether it was given keys of its own, its calls so far in this
+        forward) and, for a video UNet, on the UNet (its ``sample`` ``[B, C, F, H, W]``)."""
+        def attending(module, args, kwargs) -> None:
+            arguments = forward_arguments(module, args, kwargs)
+            hidden = arguments.get("hidden_states")
+            context.values[self.attention_key] = _AttentionCall(
+                int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) else None,
+                arguments.get("encoder_hidden_states") is not None)
+
+        def sample(module, args, kwargs) -> None:
+            context.values[self.sample_key] = {name: tuple(value.shape) for name, value in forward_arguments(
+                module, args, kwargs).items() if isinstance(value, torch.Tensor)}
+
+        handles = [self.attention.register_forward_pre_hook(attending, with_kwargs=True)]
+        if _key(self.unet) in _FRAMES_IN_SAMPLE:
+            handles.append(self.unet.register_forward_pre_hook(sample, with_kwargs=True))
         return handles
 
     def refusal_without_attention(self, module: nn.Module) -> str | None:
@@ -212,20 +334,29 @@ class UNetMapPlacer(LayerPlacer):
         # not look: no call reaches place().
         return self._processor_refusal() or backend_refusal(self.attention)
 
+    def _processor(self) -> tuple[str, str]:
+        return _key(getattr(self.attention, "processor", None))
+
     def _processor_refusal(self) -> str | None:
-        processor = type(getattr(self.attention, "processor", None))
-        if (processor.__module__, processor.__name__) in _SDPA_PROCESSORS:
+        processor = self._processor()
+        if processor in _SDPA_PROCESSORS | _MERGED_PROCESSORS:
             return None
-        return (f"its processor is {processor.__name__}, which vitmad does not place (it places diffusers' "
+        return (f"its processor is {processor[1]}, which vitmad does not place (it places diffusers' "
                 "AttnProcessor2_0 and FusedAttnProcessor2_0, which call F.scaled_dot_product_attention with the "
-                "heads apart); set it back with unet.set_attn_processor(AttnProcessor2_0()) while recording")
+                "heads apart, and AttnProcessor and SlicedAttnProcessor, whose softmax it reads over merged batch and "
+                "heads); set it back with unet.set_attn_processor(AttnProcessor2_0()) while recording")
 
     def current_map(self, context: CallContext) -> tuple[_Map, tuple[int, ...], int | None]:
         """The map of this call, the shape of the holder's input and the frames it was told (``image_only_indicator``'s
-        last side; None where it takes none), after checking the processor and that the input is that map."""
+        last side or ``num_frames``; else ``sample``'s frames for a video UNet; None where there are none), after
+        checking the processor, that the attention took no keys of its own and that the input is that map."""
         refusal = self._processor_refusal()
         if refusal is not None:
             raise NotPlaceable(refusal)
+        call = context.values.get(self.attention_key)
+        if call is not None and call.given_keys:
+            raise NotPlaceable("it was given encoder_hidden_states, so its keys are not the map's own tokens; vitmad "
+                               "places it only as self-attention over the map")
         current = context.values.get(self.key)
         if current is None:
             raise NotPlaceable(f"it ran before {type(self.unet).__name__}'s conv_in, so its latent grid is unknown")
@@ -235,49 +366,128 @@ class UNetMapPlacer(LayerPlacer):
                 f"its block's input is {list(shape) if shape else 'no tensor'}, but the samplings of "
                 f"{type(self.unet).__name__} that ran in this call make a [B, C, {current.grid[0]}, "
                 f"{current.grid[1]}] map; vitmad places only the attention over that map")
+        if frames is None and _key(self.unet) in _FRAMES_IN_SAMPLE:
+            frames = self.sample_frames(context, "sample")[1]
         return current, shape, frames
 
+    def sample_frames(self, context: CallContext, argument: str) -> tuple[tuple[int, ...], int]:
+        """The shape of the video UNet's ``argument`` (``sample`` or ``image_latents``, ``[B, C, F, H, W]``) in this
+        call and its frames."""
+        shape = context.values.get(self.sample_key, {}).get(argument)
+        if shape is None or len(shape) != 5:
+            raise NotPlaceable(f"{type(self.unet).__name__}'s {argument} in this call is "
+                               f"{list(shape) if shape else 'no tensor'}, where vitmad reads [B, C, F, H, W]")
+        return shape, shape[2]
+
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        current, _, _ = self.current_map(context)
+        current, shape, frames = self.current_map(context)
+        if self._processor() not in _MERGED_PROCESSORS:
+            return self.placement(current, shape, frames, lead, num_queries, num_keys)
+        rows, heads, start, stop = self._merged_rows(context, lead)
+        placement = self.placement(current, shape, frames, torch.Size([rows // heads, heads]), num_queries, num_keys)
+        return _merged(placement, rows // heads, heads, start, stop)
+
+    def _merged_rows(self, context: CallContext, lead: torch.Size) -> tuple[int, int, int, int]:
+        """``(B * heads, heads, first row, end row)`` of a merged processor's call: ``AttnProcessor``'s one call
+        holds every row; ``SlicedAttnProcessor``'s calls hold ``slice_size`` consecutive rows each, in order."""
+        call = context.values.get(self.attention_key)
+        heads = int(self.attention.heads)
+        if call is None or call.batch is None:
+            raise NotPlaceable("its batch was not seen before its attention ran")
+        rows = call.batch * heads
+        processor = self.attention.processor
+        size = min(int(processor.slice_size), rows) if self._processor()[1] == "SlicedAttnProcessor" else rows
+        if rows % size:
+            raise NotPlaceable(
+                f"its SlicedAttnProcessor cuts its {rows} rows of batch times heads ({call.batch} x {heads}) into "
+                f"slices of {size}, the last one shorter; set a slice size that divides {rows} (unet."
+                "set_attention_slice) or AttnProcessor2_0 while recording")
+        start = call.calls * size
+        call.calls += 1
+        if len(lead) != 1 or lead[0] != size or start + size > rows:
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, N, N] in its call {call.calls} of this "
+                f"forward; its {self._processor()[1]} makes {rows // size} call(s) of [{size}, N, N] over its "
+                f"{call.batch} x {heads} rows of batch times heads")
+        return rows, heads, start, start + size
+
+    def placement(self, current: _Map, shape: tuple[int, ...], frames: int | None, lead: torch.Size,
+                  num_queries: int, num_keys: int) -> Placement:
+        """The placement of a call whose attention is ``[*lead, Nq, Nk]``, ``lead`` ``[B, heads]``."""
         return grid_placement(lead, num_queries, num_keys, grid=current.grid, stride=current.stride,
                               attention="global")
+
+
+@dataclass
+class _AttentionCall:
+    """What the attention module's current forward was given: its batch (``hidden_states``' first side), whether
+    it was given keys of its own, and how many attention calls it made so far."""
+
+    batch: int | None
+    given_keys: bool
+    calls: int = 0
+
+
+def _merged(placement: Placement, batch: int, heads: int, start: int, stop: int) -> Placement:
+    """``placement`` of a ``[batch, heads]`` call, made the placement of rows ``start:stop`` of the same attention
+    merged on ``[batch * heads]`` (row ``b * heads + h``, as ``head_to_batch_dim`` orders them). Its fold takes the
+    per-query values of all the module's calls in this forward, joined along the queries (consecutive chunks of
+    ``stop - start`` rows each)."""
+    def rows(positions: torch.Tensor | None) -> torch.Tensor | None:
+        if positions is None or positions.dim() <= 2:  # the same positions in every row
+            return positions
+        return positions.expand(batch, heads, *positions.shape[-2:]).reshape(batch * heads, *positions.shape[-2:])[
+            start:stop]
+
+    size, fold = stop - start, placement.fold
+
+    def merged_fold(values: torch.Tensor) -> torch.Tensor:
+        chunks = batch * heads // size
+        tokens = values.shape[-1] // chunks
+        return fold(values.reshape(size, chunks, tokens).transpose(0, 1).reshape(batch, heads, tokens))
+
+    return replace(placement, positions=rows(placement.positions), key_positions=rows(placement.key_positions),
+                   time_positions=rows(placement.time_positions),
+                   time_key_positions=rows(placement.time_key_positions), fold=merged_fold, consecutive_chunks=True)
 
 
 @functools.lru_cache(maxsize=64)
 def _frames_layout(kind: str, frames: int, grid: tuple[int, int], stride: tuple[float, float]) -> tuple[
         torch.Tensor, ...]:
-    """Where the tokens of each group of a Stable Video Diffusion call are (read-only, cached per map): ``[G, n, 2]``
-    latent pixels, ``[G, n, 1]`` frames and the slot of each (frame, row, column) token among the ``G * n`` of one
-    video (:func:`.video.tubelet_positions`). ``"space"``: one group per frame, its cells row-major; ``"time"``: one
-    group per cell (row-major), its frames in order."""
+    """Where the tokens of each group of a video UNet's call are (read-only, cached per map): ``[G, n, 2]`` latent
+    pixels, ``[G, n, 1]`` frames and the slot of each (frame, row, column) token among the ``G * n`` of one video
+    (:func:`.video.tubelet_positions`). ``"space"``: one group per frame, its cells row-major; ``"time"``: one group
+    per cell (row-major), its frames in order."""
     cells = torch.arange(frames * grid[0] * grid[1]).view(frames, grid[0] * grid[1])
     positions, times, slot = tubelet_positions(cells if kind == "space" else cells.t(), frames, grid, stride, 1.0)
     return read_only(positions, times, slot, positions=2)
 
 
 class FramesMapPlacer(UNetMapPlacer):
-    """Stable Video Diffusion's attention (``TransformerSpatioTemporalModel``): per frame over its block's map
-    (``"space"``: ``[B * F, heads, h * w, h * w]``, videos outermost, as ``sample.flatten(0, 1)`` stacks them), or
-    per cell over the frames (``"time"``: ``TemporalBasicTransformerBlock`` reshapes ``[B * F, h * w, C]`` to
-    ``[B, F, h * w, C]`` and permutes it to ``[B * h * w, F, C]``: ``[B * h * w, heads, F, F]``). A token is its cell
-    of the map, in latent pixels, in its latent frame, at ``f + 0.5`` frames; every call folds onto ``[B, heads, F *
-    h * w]`` in (frame, row, column) order, as :mod:`.video` folds divided space-time attention.
+    """A video UNet's attention: per frame over its block's map (``"space"``: ``[B * F, heads, h * w, h * w]``,
+    videos outermost, as the UNets fold ``sample`` to ``[B * F, C, H, W]``), or per cell over the frames (``"time"``:
+    Stable Video Diffusion's ``TemporalBasicTransformerBlock`` reshapes ``[B * F, h * w, C]`` to ``[B, F, h * w, C]``
+    and permutes it to ``[B * h * w, F, C]``; ``TransformerTemporalModel`` and AnimateDiff's motion modules permute
+    ``[B, C, F, h, w]`` to ``[B, h, w, F, C]``: both ``[B * h * w, heads, F, F]``). A token is its cell of the map, in
+    latent pixels, in its latent frame, at ``f + 0.5`` frames; every call folds onto ``[B, heads, F * h * w]`` in
+    (frame, row, column) order, as :mod:`.video` folds divided space-time attention.
 
     Args:
         kind: ``"space"`` or ``"time"``; the others as :class:`UNetMapPlacer`'s (``holder``: the
-            ``TransformerSpatioTemporalModel``, whose ``image_only_indicator`` gives the frame count).
+            ``TransformerSpatioTemporalModel``, whose ``image_only_indicator`` gives the frame count, the temporal
+            holder, whose ``num_frames`` does, or the ``Transformer2DModel`` of a UNet whose ``sample`` does).
     """
 
-    def __init__(self, unet: nn.Module, attention: nn.Module, holder: nn.Module, conv_in: nn.Module,
+    def __init__(self, unet: nn.Module, attention: nn.Module, holder: nn.Module | None, conv_in: nn.Module | None,
                  samplings: list[tuple[nn.Module, float]], kind: str):
         super().__init__(unet, attention, holder, conv_in, samplings)
         self.kind = kind
 
-    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        current, shape, frames = self.current_map(context)
+    def placement(self, current: _Map, shape: tuple[int, ...], frames: int | None, lead: torch.Size,
+                  num_queries: int, num_keys: int) -> Placement:
         if frames is None or frames < 1 or shape[0] % frames:
-            raise NotPlaceable(f"its block's input is {list(shape)} and its image_only_indicator gives {frames} "
-                               "frames, which do not divide its batch into videos")
+            raise NotPlaceable(f"its block's input is {list(shape)} and it was told of {frames} frames, which do not "
+                               "divide its batch into videos")
         batch, cells = shape[0] // frames, current.grid[0] * current.grid[1]
         groups, tokens = (frames, cells) if self.kind == "space" else (cells, frames)
         if len(lead) != 2 or lead[0] != batch * groups or num_queries != tokens or num_keys != tokens:
@@ -295,3 +505,26 @@ class FramesMapPlacer(UNetMapPlacer):
         geometry = LayerGeometry(current.grid, current.stride, self.kind, heads, frames=frames, frame_stride=1.0)
         return Placement(positions.repeat(batch, 1, 1).unsqueeze(1), None, fold, geometry,
                          time_positions=times.repeat(batch, 1, 1).unsqueeze(1))
+
+
+class ImageLatentsPlacer(FramesMapPlacer):
+    """I2VGen-XL's ``image_latents_temporal_encoder``: before ``conv_in``, ``I2VGenXLUNet.forward`` views its
+    ``image_latents`` ``[B, C, F, H, W]`` (after convolutions of stride 1) as ``[B * H * W, F, C]`` (``permute(0, 3,
+    4, 1, 2)`` of ``[B, F, C, H, W]``) and attends over the frames of each latent pixel: ``"time"`` attention on the
+    latent grid, stride 1."""
+
+    def __init__(self, unet: nn.Module, attention: nn.Module):
+        super().__init__(unet, attention, None, None, [], "time")
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        return self.install_call_hooks(context)
+
+    def current_map(self, context: CallContext) -> tuple[_Map, tuple[int, ...], int | None]:
+        refusal = self._processor_refusal()
+        if refusal is not None:
+            raise NotPlaceable(refusal)
+        call = context.values.get(self.attention_key)
+        if call is not None and call.given_keys:
+            raise NotPlaceable("it was given encoder_hidden_states, so its keys are not the frames' own tokens")
+        shape, frames = self.sample_frames(context, "image_latents")
+        return _Map(tuple(shape[-2:]), (1.0, 1.0)), (shape[0] * frames, shape[1], *shape[-2:]), frames
