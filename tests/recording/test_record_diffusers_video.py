@@ -214,6 +214,26 @@ def test_attention_backend_out_of_sight_is_refused_not_left_out():
     assert rec.layers == ["blocks.0.attn1", "blocks.1.attn1"]
 
 
+def test_steps_a_cache_skips_are_empty_calls_that_say_so():
+    """diffusers' Pyramid Attention Broadcast returns the attention's cached output on some steps: those calls
+    have no layer, and reading their MAD says why (it blamed class attention, QA helper-169)."""
+    model, _ = _cogvideox(None)
+    step = {"t": 999}
+    diffusers.apply_pyramid_attention_broadcast(model, diffusers.PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
+        current_timestep_callback=lambda: step["t"]))
+    latents, text = torch.randn(1, 3, 4, 8, 12), torch.randn(1, TEXT, TEXT_DIM)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        for t in (900, 700, 600, 500):
+            step["t"] = t
+            model(latents, text, torch.tensor([t]))
+    assert [len(call.layers) for call in rec.calls] == [2, 0, 2, 0]
+    with pytest.raises(ValueError, match=r"no recorded layer ran in this call, so it has no mad \(a cache such as "
+                                         r"diffusers' Pyramid Attention Broadcast may have skipped them\)"):
+        rec.calls[1].mad
+    assert torch.stack([call.mad for call in rec.calls if call.layers]).shape == (2, 2, 1, 2)
+
+
 def test_wan_image_to_video_skips_both_cross_attentions():
     """Wan 2.1 image-to-video: attn2 attends to the CLIP image tokens (added key / value projections) and to the
     text (its processor takes the last 512 of encoder_hidden_states as text): skipped; attn1 placed as in
@@ -314,6 +334,13 @@ def test_ltx_video_packed_latents_are_placed_on_the_grid_its_forward_is_given():
     assert torch.equal(recorded, plain[0]) and rec.layers == layers
     assert set(rec.skipped) == {"transformer_blocks.0.attn2", "transformer_blocks.1.attn2"}
     _check(rec, 0, maps, frames=3, grid=(3, 5), patch=1, frame_size=1)
+    # The grid given as 0-d tensors and NumPy ints, which the model takes too: the same placement (was refused as
+    # latents "not packed on that grid", QA helper-169).
+    numpy = pytest.importorskip("numpy")
+    with torch.no_grad(), vitmad.record(model, reduction="none", stats=STATS) as again:
+        model(*inputs, num_frames=torch.tensor(3), height=numpy.int64(3), width=5)
+    assert [g.grid for g in again.geometry] == [(3, 5), (3, 5)]
+    torch.testing.assert_close(again.mad, rec.mad, rtol=0, atol=0)
     # Conditioning pipelines place tokens by video_coords of their own: refused, not guessed.
     coords = torch.zeros(BATCH, 3, 45)
     with vitmad.record(model), torch.no_grad(), pytest.raises(ValueError, match="video_coords"):

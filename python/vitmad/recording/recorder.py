@@ -225,6 +225,14 @@ class RecordedCall:
         return self._stack(self.statistics[name], f"rec.calls[-1].statistics['{name}']", f"rec.stat('{name}')")
 
     def _stack(self, values: list[torch.Tensor], per_layer: str, stacked: str) -> torch.Tensor:
+        if not values and not self.class_layers:
+            # A cache skipped every recorded layer (diffusers' Pyramid Attention Broadcast reuses attention outputs
+            # on some denoising steps), or the call's layers are outside those recorded.
+            raise ValueError(
+                f"vitmad.record: no recorded layer ran in this call, so it has no {stacked.split('.')[-1]} (a cache "
+                "such as diffusers' Pyramid Attention Broadcast may have skipped them); read the calls that have "
+                "layers: [call for call in rec.calls if call.layers]"
+            )
         if not values:
             # Only class-attention or pooling layers ran (XCiT: every other layer attends over channels).
             raise ValueError(

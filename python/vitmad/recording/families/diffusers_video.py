@@ -76,6 +76,7 @@ import weakref
 import torch
 from torch import nn
 
+from ...ops.arguments import index_int
 from ..module_index import named_module_list
 from ..placement import (
     CallContext,
@@ -300,7 +301,9 @@ class _LatentGrid:
         as these numbers."""
         names = ("hidden_states", "num_frames", "height", "width", "rope_interpolation_scale", "video_coords")
         bound = dict(zip(names, args)) | kwargs
-        tokens, given = bound.get("hidden_states"), [bound.get(n) for n in ("num_frames", "height", "width")]
+        tokens = bound.get("hidden_states")
+        # An int of any kind (a 0-d tensor, NumPy's): the model itself takes them (QA helper-169).
+        given = [index_int(bound.get(n)) for n in ("num_frames", "height", "width")]
         config = self.model.config
         refusal = None
         if bound.get("video_coords") is not None:
@@ -309,7 +312,7 @@ class _LatentGrid:
         elif (config.patch_size, config.patch_size_t) != (1, 1):
             refusal = (f"patch_size {config.patch_size} and patch_size_t {config.patch_size_t}: vitmad places the "
                        "packing of every released LTX-Video model, one token per latent cell (1 and 1)")
-        elif not all(isinstance(n, int) for n in given) or not isinstance(tokens, torch.Tensor) or (
+        elif any(n is None for n in given) or not isinstance(tokens, torch.Tensor) or (
                 tokens.dim() != 3 or int(tokens.shape[1]) != given[0] * given[1] * given[2]):
             shape = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             refusal = (f"it took hidden_states {shape} with num_frames, height, width = {given}: not [B, F * H * W, "
