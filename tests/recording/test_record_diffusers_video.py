@@ -230,7 +230,7 @@ def test_steps_a_cache_skips_are_empty_calls_that_say_so():
     assert [len(call.layers) for call in rec.calls] == [2, 0, 2, 0]
     with pytest.raises(ValueError, match=r"no recorded layer ran in this call, so it has no mad \(a cache such as "
                                          r"diffusers' Pyramid Attention Broadcast may have skipped them\)"):
-        rec.calls[1].mad
+        _ = rec.calls[1].mad
     assert torch.stack([call.mad for call in rec.calls if call.layers]).shape == (2, 2, 1, 2)
 
 
