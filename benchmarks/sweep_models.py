@@ -175,9 +175,11 @@ def _class_maps_problem(rec) -> str | None:
     return None
 
 
-def _check(model: torch.nn.Module, pixels, forward, extent: tuple[int, ...] | None = None) -> str:
+def _check(model: torch.nn.Module, pixels, forward, extent: tuple[int, ...] | None = None,
+           frames: int | None = None) -> str:
     """Record one forward; the sweep line's verdict. ``extent``: the input's spatial size that bounds the MAD where
-    ``pixels`` is not one tensor of that shape (packed images); by default its last two dims, or three for volumes."""
+    ``pixels`` is not one tensor of that shape (packed images); by default its last two dims, or three for volumes.
+    ``frames``: the frame count that bounds the temporal MAD where ``pixels`` is not a ``[B, C, T, H, W]`` tensor."""
     import vitmad
 
     with torch.inference_mode():
@@ -197,6 +199,10 @@ def _check(model: torch.nn.Module, pixels, forward, extent: tuple[int, ...] | No
         except ValueError as err:
             message = str(err)
             if "found no attention layer" in message:
+                if any(callable(getattr(m, "set_processor", None)) for m in model.modules()):
+                    # diffusers' attention modules (their processors) that vitmad does not take for layers: the
+                    # model has attention, vitmad refused it.
+                    return "refused: " + message.replace("vitmad.record: ", "")
                 return "no attention"
             if "has no layer with spatial softmax attention" in message:
                 # The finding alone (NoLayerError): the advice after it is no part of the table's reasons.
@@ -228,7 +234,7 @@ def _check(model: torch.nn.Module, pixels, forward, extent: tuple[int, ...] | No
     if all(g.frames is not None for g in rec.geometry):  # a video model ([B, C, T, H, W]): frames apart, too
         times = torch.cat([t.flatten().float() for t in rec.calls[-1].temporal])
         sane = (sane and bool(times.isfinite().all()) and float(times.min()) >= 0
-                and float(times.max()) <= pixels.shape[-3])
+                and float(times.max()) <= (pixels.shape[-3] if frames is None else frames))
         line += f", temporal MAD {times.min():.2f}-{times.max():.2f} frames"
     if rec.skipped:
         reasons = Counter(rec.skipped.values())
@@ -389,6 +395,7 @@ LIBRARY_CASES = {
     "monai": ("monai_cases", ("monai",)),
     "ultralytics": ("ultralytics_cases", ("ultralytics",)),
     "segment_anything": ("segment_anything_cases", ("segment_anything", "sam2")),
+    "diffusers": ("diffusers_cases", ("diffusers",)),
 }
 
 
@@ -400,8 +407,9 @@ def sweep_cases(cases, pattern: str) -> list[tuple[str, str, str]]:
         if not (fnmatch.fnmatch(case.label, pattern) or fnmatch.fnmatch(case.module, pattern)):
             continue
         start = time.perf_counter()
-        if case.skip:
-            rows.append((case.module, case.label, f"not run: {case.skip}"))
+        if case.skip or case.not_vision:
+            verdict = f"not vision: {case.not_vision}" if case.not_vision else f"not run: {case.skip}"
+            rows.append((case.module, case.label, verdict))
             print(f"{case.module:28s} {case.label:44s} {rows[-1][2]}", flush=True)
             continue
         try:
@@ -412,7 +420,7 @@ def sweep_cases(cases, pattern: str) -> list[tuple[str, str, str]]:
         else:
             try:
                 model.train(case.training)
-                verdict = _check(model, case.inputs(), case.forward, case.extent)
+                verdict = _check(model, case.inputs(), case.forward, case.extent, case.frames)
             except Exception as err:  # noqa: BLE001 - the sweep reports every failure, it never stops
                 verdict = f"ERROR: {type(err).__name__}: {str(err)[:300]}"
         rows.append((case.module, case.label, verdict))
@@ -428,7 +436,7 @@ def summarise(rows: list[tuple[str, str, str]]) -> str:
         else:
             kinds[verdict.split(":")[0]] += 1
     attention = sum(count for kind, count in kinds.items()
-                    if kind not in ("no attention", "no spatial attention", "not run"))
+                    if kind not in ("no attention", "no spatial attention", "not run", "not vision"))
     recorded = kinds["recorded (no layer skipped)"] + kinds["recorded, some layers skipped"]
     lines = [f"- {kind}: {count}" for kind, count in sorted(kinds.items())]
     lines.append(f"- recorded / with spatial softmax attention: {recorded} / {attention}")
