@@ -6,8 +6,11 @@ its pipeline would make them, on a latent of 8 x 8 pixels (2 or 3 latent frames 
 
 Every case's ``extent`` is the latent's size in latent pixels (the unit vitmad gives diffusers' MAD in; packed
 latents: twice the id grid, as the pipelines pack 2 x 2) and ``frames`` its latent frames. Audio, music, protein and
-embedding-prior transformers are listed as not vision, without running. ``diffusers_classes`` lists the classes the
-catalogue must cover, so that a class added by a new diffusers is reported, not silently left out.
+embedding-prior transformers are listed as not vision, without running; the two adapters that do not run alone
+(AnimateDiff's ``MotionAdapter``, ``ControlNetXSAdapter``) as not run, swept inside the UNets that hold them.
+Packed multimodal sequences (Cosmos 3, MiniMax-H3, OmniGen, Ideogram 4, Krea 2) are built as their pipelines order
+them, from diffusers 0.42.1's source. ``diffusers_classes`` lists the classes the catalogue must cover: a class a
+newer diffusers adds is listed as not run, naming this file, not silently left out.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pkgutil
 
 import torch
 
-from _library_models import Case
+from _library_models import Case, _default_forward
 
 T, D = 4, 16  # caption tokens and their width in every text-conditioned model
 _FOLDERS = ("transformers", "unets", "controlnets")
@@ -183,6 +186,56 @@ def _ideogram4_inputs():
             "indicator": indicator}
 
 
+def _minimax_h3_inputs():
+    """MiniMax-H3's packed sequence as its pipelines order it: the caption, the audio rows, then the video's 4 x 4
+    patches (one latent frame, patchified: 4 x 2 x 2 values each), each row tagged (0 video, 1 text, 2 audio) with its
+    timestep's index; rotary ids (sequence index, row, column)."""
+    audio, video = 6, 16
+    length = T + audio + video
+    text_rows, audio_rows = torch.arange(T), torch.arange(T, T + audio)
+    video_rows = torch.arange(T + audio, length)
+    tags = torch.zeros(length, dtype=torch.long)
+    tags[text_rows], tags[audio_rows] = 1, 2
+    times = torch.zeros(length, dtype=torch.long)
+    times[audio_rows] = 1
+    positions = torch.zeros(length, 3)
+    positions[:, 0] = torch.arange(length)
+    positions[video_rows, 1:] = _flux_ids()[:, 1:]
+    return {"hidden_states": _r(1, video, 16), "audio_hidden_states": _r(1, audio, 6, seed=2),
+            "encoder_hidden_states": _text(), "timestep": torch.tensor([0.7, 0.3]), "timestep_indices": times,
+            "token_tags": tags, "position_ids": positions, "video_indices": video_rows, "audio_indices": audio_rows,
+            "text_indices": text_rows}
+
+
+def _sana_wm_inputs():
+    frames = 4
+    camera = torch.eye(4).repeat(1, frames, 1, 1)
+    camera[..., 2, 3] = torch.arange(frames) * 0.1
+    intrinsics = torch.tensor([8.0, 8.0, 4.0, 4.0]).expand(1, frames, 4)
+    return {"hidden_states": _r(1, 4, frames, 8, 8), "timestep": torch.full((1, 1, frames), 500.0),
+            "encoder_hidden_states": _text()[:, None], "encoder_attention_mask": torch.ones(1, T, dtype=torch.long),
+            "camera_conditions": torch.cat([camera.flatten(start_dim=-2), intrinsics], -1),
+            "chunk_plucker": _r(1, 8, frames, 8, 8, seed=2)}
+
+
+def _wan_animate2_forward(model, inputs):
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    return model(**inputs, kv_cache=WanAnimate2KVCache(len(model.blocks)), kv_cache_mode="extract")
+
+
+def _cosmos3_inputs():
+    length = 2 + 16
+    vision = torch.arange(2, length)
+    positions = torch.zeros(3, length, dtype=torch.long)
+    positions[:, :2] = torch.arange(2)
+    positions[:, 2:] = 2 + torch.cat([torch.zeros(16, 1), _flux_ids()[:, 1:]], 1).long().T
+    return {"input_ids": torch.tensor([1, 2]), "text_indexes": torch.tensor([0, 1]), "position_ids": positions,
+            "und_len": 2, "sequence_length": length, "vision_tokens": [_r(1, 2, 1, 4, 4)],
+            "vision_token_shapes": [(1, 4, 4)], "vision_sequence_indexes": vision, "vision_mse_loss_indexes": vision,
+            "vision_timesteps": torch.ones(16), "vision_noisy_frame_indexes": [torch.tensor([0])]}
+
+
 def _z_image_inputs():
     return {"x": [_r(4, 1, 8, 8)], "t": torch.tensor([0.5]), "cap_feats": [_r(T, D, seed=1)]}
 
@@ -210,7 +263,7 @@ def _not_vision(folder: str, name: str, what: str) -> Case:
 
 
 def _cases() -> list[Case]:
-    tr, un, cn = "transformers", "unets", "controlnets"
+    tr, un, cn = "models.transformers", "models.unets", "models.controlnets"
     flux = _build("FluxTransformer2DModel", **_FLUX, pooled_projection_dim=6)
     sd3_controlnet = _build("SD3ControlNetModel", **{**_SD3, "num_layers": 1})
     flux_controlnet = _build("FluxControlNetModel", **_FLUX, pooled_projection_dim=6)
@@ -316,9 +369,13 @@ def _cases() -> list[Case]:
             num_layers=1, mlp_ratio=2.0, text_embed_dim=D, adaln_lora_dim=4, max_size=(4, 16, 16),
             patch_size=(1, 2, 2), encoder_hidden_states_channels=D, crossattn_proj_in_channels=D),
              _latent_inputs(4, *video, padding_mask=torch.zeros(1, 1, 8, 8)), frames=2),
-        Case(tr, "Cosmos3OmniTransformer", lambda: None, lambda: None,
-             skip="its forward takes the packed multimodal sequence its pipeline builds (text ids, vision tokens, "
-                  "their indexes, shapes and timesteps, sound and action streams); not built here"),
+        # Cosmos 3's packed sequence: two text ids, then the 4 x 4 vision tokens of one latent frame (patch 1), with
+        # multimodal rotary ids (text: its index on the three axes; vision: frame, row, column after the text).
+        Case(tr, "Cosmos3OmniTransformer", _build(
+            "Cosmos3OmniTransformer", head_dim=8, hidden_act="relu2", hidden_size=16, intermediate_size=32,
+            latent_channel=2, latent_patch_size=1, num_attention_heads=2, num_hidden_layers=1, num_key_value_heads=1,
+            patch_latent_dim=2, qk_norm_for_text=False, rope_axes_dim=[2, 1, 1], rope_theta=1e4, vocab_size=32),
+             _cosmos3_inputs, extent=(4, 4), frames=1),
         Case(tr, "EasyAnimateTransformer3DModel", _build(
             "EasyAnimateTransformer3DModel", num_attention_heads=2, attention_head_dim=16, in_channels=4,
             out_channels=4, patch_size=2, sample_width=8, sample_height=8, num_layers=1, mmdit_layers=1,
@@ -400,10 +457,20 @@ def _cases() -> list[Case]:
             axes_dims=(4, 6, 6)), _latent_inputs(
             *video, 4, pooled_projections=_r(1, 8, seed=2), text_rope_pos=torch.arange(T),
             visual_rope_pos=[torch.arange(2), torch.arange(4), torch.arange(4)]), frames=2),
-        Case(tr, "Kandinsky6Transformer3DModel", lambda: None, lambda: None,
-             skip="a joint video and audio model whose forward takes its pipeline's rotary positions; not built here"),
-        Case(tr, "Kandinsky6SRTransformer3DModel", lambda: None, lambda: None,
-             skip="a super-resolution model over its pipeline's tiles (sparse NABLA attention); not built here"),
+        # Kandinsky 6: as Kandinsky 5, its conditioning latent and mask stacked on the channels (visual_cond); no
+        # audio latents given, its audio branch idle.
+        Case(tr, "Kandinsky6Transformer3DModel", _build(
+            "Kandinsky6Transformer3DModel", in_visual_dim=4, out_visual_dim=4, in_text_dim=D, in_text_dim2=8,
+            time_dim=16, patch_size=(1, 2, 2), model_dim=32, ff_dim=32, num_text_blocks=1, num_visual_blocks=1,
+            axes_dims=(4, 6, 6), in_audio_dim=4, out_audio_dim=4), _latent_inputs(
+            *video, 9, pooled_projections=_r(1, 8, seed=2),
+            visual_rope_pos=[torch.arange(2), torch.arange(4), torch.arange(4)]), frames=2),
+        # Its super-resolution stage: one 16 x 16 tile (NABLA's blocks are 8 latent pixels), latent, anchor, mask.
+        Case(tr, "Kandinsky6SRTransformer3DModel", _build(
+            "Kandinsky6SRTransformer3DModel", in_visual_dim=4, out_visual_dim=4, time_dim=16, model_dim=32, ff_dim=32,
+            num_visual_blocks=1, axes_dims=(4, 6, 6)),
+             lambda: {"hidden_states": _r(1, 2, 16, 16, 9), "timestep": torch.tensor([500.0])}, extent=(16, 16),
+             frames=2),
         # Krea2Pipeline: packed latents, the text encoder's layers stacked [B, T, layers, D], rotary ids (0, h, w)
         # of the image after the caption's at the origin (prepare_position_ids).
         Case(tr, "Krea2Transformer2DModel", _build(
@@ -438,9 +505,10 @@ def _cases() -> list[Case]:
             num_refiner_layers=1, num_attention_heads=2, num_kv_heads=2, multiple_of=16, axes_dim_rope=(4, 2, 2),
             axes_lens=(16, 16, 16), cap_feat_dim=D),
              _latent_inputs(4, 8, 8, timestep=0.5, encoder_attention_mask=torch.ones(1, T, dtype=torch.bool))),
-        Case(tr, "MiniMaxH3Transformer3DModel", lambda: None, lambda: None,
-             skip="a joint video and audio model over its pipeline's packed sequence (token tags, indices, "
-                  "position ids); not built here"),
+        Case(tr, "MiniMaxH3Transformer3DModel", _build(
+            "MiniMaxH3Transformer3DModel", num_attention_heads=2, attention_head_dim=16, hidden_size=24, num_layers=1,
+            num_refiner_layers=1, ffn_dim=32, in_channels=4, audio_in_channels=6, patch_size=(1, 2, 2), text_dim=D,
+            freq_dim=8, time_embed_hidden_dim=24, time_embed_dim=16, rope_freq_dim=2), _minimax_h3_inputs, frames=1),
         _not_vision(tr, "MiniMaxMusic3Transformer1DModel", "music (MiniMax Music 3)"),
         Case(tr, "MochiTransformer3DModel", _build(
             "MochiTransformer3DModel", patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1,
@@ -480,11 +548,24 @@ def _cases() -> list[Case]:
         Case(tr, "SanaVideoTransformer3DModel", _build(
             "SanaVideoTransformer3DModel", **{**_SANA, "patch_size": (1, 2, 2)}), _latent_inputs(4, *video),
              frames=2),
-        Case(tr, "SanaWMTransformer3DModel", lambda: None, lambda: None,
-             skip="a camera-conditioned world model whose forward takes its pipeline's camera rays and chunk "
-                  "layout; not built here"),
-        Case(tr, "SanaWMLTX2RefinerTransformer3DModel", lambda: None, lambda: None,
-             skip="its forward takes the video rotary embedding its pipeline computes; not built here"),
+        # SANA-WM: two blocks (softmax_every_n=2: a gated linear one, then a softmax one) over 4 latent frames,
+        # a camera moving forward (per frame a flat 4 x 4 camera-to-world and fx, fy, cx, cy) and its Plucker rays.
+        Case(tr, "SanaWMTransformer3DModel", _build(
+            "SanaWMTransformer3DModel", in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2,
+            patch_size=(1, 1, 1), softmax_every_n=2, linear_head_dim=16, t_kernel_size=3, conv_kernel_size=4,
+            caption_channels=D, mlp_ratio=2.0, chunk_plucker_channels=8, chunk_plucker_post_attn_blocks=2),
+             _sana_wm_inputs, frames=4),
+        # SANA-WM's stage-2 refiner (LTX-2's video branch): per-token timesteps, the rotary embedding of frames
+        # 0 and 1 built by the model (build_rotary_emb_for_absolute_positions), as its pipeline does.
+        Case(tr, "SanaWMLTX2RefinerTransformer3DModel", _build(
+            "SanaWMLTX2RefinerTransformer3DModel", in_channels=4, out_channels=4, patch_size=1, patch_size_t=1,
+            num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, audio_in_channels=4,
+            audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=4, audio_cross_attention_dim=8,
+            num_layers=1, caption_channels=D, rope_double_precision=False),
+             lambda: {"hidden_states": _r(1, 2 * 8 * 8, 4), "encoder_hidden_states": _text(),
+                      "timestep": torch.full((1, 2 * 8 * 8), 500.0), "encoder_attention_mask": torch.ones(1, T)},
+             lambda m, x: m(**x, video_rotary_emb=m.build_rotary_emb_for_absolute_positions(
+                 batch_size=1, frame_positions=[0, 1], height=8, width=8, device="cpu", fps=24.0)), frames=2),
         Case(tr, "SD3Transformer2DModel", _build("SD3Transformer2DModel", **_SD3, dual_attention_layers=(0,)),
              _latent_inputs(4, 8, 8, pooled_projections=_r(1, 6, seed=2))),
         Case(tr, "SkyReelsV2Transformer3DModel", _build("SkyReelsV2Transformer3DModel", **_WAN),
@@ -505,9 +586,15 @@ def _cases() -> list[Case]:
              _latent_inputs(12, 21, 8, 8, encoder_hidden_states_image=_r(1, T, D, seed=2),
                             pose_hidden_states=_r(1, 4, 20, 8, 8, seed=3),
                             face_pixel_values=_r(1, 3, 77, 16, 16, seed=4)), frames=21),
-        Case(tr, "WanAnimate2Transformer3DModel", lambda: None, lambda: None,
-             skip="its forward takes its pipeline's condition latents, key-value cache and grid offsets; not built "
-                  "here"),
+        # Wan-Animate-2's reference pass (kv_cache_mode="extract", a fresh cache each call): lists of [C, F, H, W]
+        # latents and their condition latents (4 channels and a 4-channel mask), CLIP image tokens (1280 wide).
+        Case(tr, "WanAnimate2Transformer3DModel", _build(
+            "WanAnimate2Transformer3DModel", patch_size=(1, 2, 2), text_len=8, in_dim=12, dim=32, ffn_dim=32,
+            freq_dim=16, text_dim=D, out_dim=4, num_heads=2, num_layers=1, use_img_emb=True),
+             lambda: {"hidden_states": [_r(4, *video)], "timestep": torch.tensor([1.0]),
+                      "encoder_hidden_states": [_text()[0]], "condition_latents": [_r(8, *video, seed=2)],
+                      "encoder_hidden_states_image": _r(1, T, 1280, seed=3), "seq_len": 2 * 16,
+                      "offset_grid_sizes": torch.tensor([[2, 4, 4]])}, _wan_animate2_forward, frames=2),
         Case(tr, "WanVACETransformer3DModel", _build("WanVACETransformer3DModel", **_WAN, vace_layers=[0],
                                                      vace_in_channels=8),
              _latent_inputs(4, *video, control_hidden_states=_r(1, 8, *video, seed=3)), frames=2),
@@ -572,9 +659,17 @@ def _cases() -> list[Case]:
                       "micro_conds": torch.tensor([[64.0, 64.0, 0.0, 0.0, 6.0]])}),
         # --- diffusers.models.controlnets
         Case(cn, "ControlNetModel", controlnet, _unet_inputs(4, 8, 8, controlnet_cond=_r(1, 3, 16, 16, seed=3))),
-        Case(cn, "CosmosControlNetModel", lambda: None, lambda: None,
-             skip="Cosmos Transfer's control branch: its forward takes the control latents and condition mask its "
-                  "pipeline prepares for a base CosmosTransformer3DModel; not built here"),
+        # Cosmos Transfer's control branch: control and noisy latents, each with its condition and padding masks
+        # (4 + 1 + 1 channels), one latent frame.
+        Case(cn, "CosmosControlNetModel", _build(
+            "CosmosControlNetModel", n_controlnet_blocks=1, in_channels=6, latent_channels=6, model_channels=32,
+            num_attention_heads=2, attention_head_dim=16, mlp_ratio=2, text_embed_dim=D, adaln_lora_dim=4,
+            patch_size=(1, 2, 2), max_size=(4, 16, 16), extra_pos_embed_type=None, img_context_dim_in=None,
+            img_context_dim_out=32),
+             lambda: {"controls_latents": _r(1, 4, 1, 8, 8), "latents": _r(1, 4, 1, 8, 8, seed=2),
+                      "timestep": torch.tensor([0.5]), "encoder_hidden_states": _text(),
+                      "condition_mask": torch.ones(1, 1, 1, 8, 8), "padding_mask": torch.zeros(1, 1, 8, 8)},
+             frames=1),
         Case(cn, "FluxControlNetModel", flux_controlnet, _flux_inputs(controlnet_cond=_r(1, 16, 16, seed=3))),
         # One ControlNet in the wrapper: run as a union (FluxControlNetPipeline's), a mode per condition.
         Case(cn, "FluxMultiControlNetModel", _multi("FluxMultiControlNetModel", flux_union), _flux_inputs(
@@ -639,12 +734,13 @@ def diffusers_cases() -> list[Case]:
     installed diffusers the catalogue does not list (a new class is reported, not skipped)."""
     cases = _cases()
     for case in cases:
-        case.forward = _kwargs_forward
+        if case.forward is _default_forward:  # the catalogue's inputs are keyword arguments
+            case.forward = _kwargs_forward
         case.extent = case.extent or (8, 8)
     listed = {case.label for case in cases}
     for module, name in diffusers_classes():
         if name not in listed:
-            folder = module.split(".")[2]
+            folder = ".".join(module.split(".")[1:3])
             cases.append(Case(folder, name, lambda: None, lambda: None,
                               skip=f"not in benchmarks/_diffusers_models.py's catalogue ({module}): add a config"))
     return cases

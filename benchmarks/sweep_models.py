@@ -17,14 +17,18 @@ configuration with two layers per stage where the config allows.
     python benchmarks/sweep_models.py --stats         # records every statistic and the prefix maps too
     python benchmarks/sweep_models.py --library torchvision   # its ViT, Swin, Swin V2, MaxViT, video Swin and MViT
     python benchmarks/sweep_models.py --library vit_pytorch   # also monai, ultralytics, segment_anything (+ sam2)
+    python benchmarks/sweep_models.py --library diffusers     # every transformer, UNet and ControlNet class
 
 ``--library vit_pytorch``, ``monai``, ``ultralytics`` and ``segment_anything`` build the models listed in
 ``benchmarks/_library_models.py``: every model class of vit-pytorch's modules, MONAI's nets with attention and four
 without, every packaged Ultralytics yaml (``YOLO_OFFLINE=1``; a yaml whose layers would download weights is listed as
 not run), Segment Anything's packaged ``vit_b`` model and each config's encoder, and every packaged SAM 2 config,
-each small or on a small image. A model that cannot be built, or whose own forward fails without vitmad, is
-listed as "not run" with the reason; a recording that names its modules but finds no attention in them is
-"refused when read" (the error reading ``rec.mad`` gives).
+each small or on a small image. ``--library diffusers`` builds every model class of diffusers' ``models.transformers``,
+``models.unets`` and ``models.controlnets`` tiny, with the inputs its pipeline would pass
+(``benchmarks/_diffusers_models.py``); audio, music and protein models are listed as "not vision", a diffusers model
+whose attention modules vitmad does not take for layers as refused (not "no attention"). A model that cannot be
+built, or whose own forward fails without vitmad, is listed as "not run" with the reason; a recording that names its
+modules but finds no attention in them is "refused when read" (the error reading ``rec.mad`` gives).
 
 With ``--stats`` each recording also asks for entropy, prefix mass, self mass and the prefix maps, and the line
 says ERROR where one is outside its range (entropy in [0, ln N], masses and maps in [0, 1], self mass NaN only in
@@ -257,8 +261,8 @@ def _check(model: torch.nn.Module, pixels, forward, extent: tuple[int, ...] | No
 def _tensors(output) -> list[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return [output]
-    if isinstance(output, dict):
-        return [v for v in output.values() if isinstance(v, torch.Tensor)]
+    if isinstance(output, dict):  # nested too: diffusers' ControlNets return lists of block residuals
+        return [t for value in output.values() for t in _tensors(value)]
     if isinstance(output, (list, tuple)):
         return [t for item in output for t in _tensors(item)]
     return []
@@ -448,7 +452,7 @@ def main() -> None:
     parser.add_argument("--library", choices=("timm", "transformers", "both", "torchvision", *LIBRARY_CASES),
                         default="both", help="both: timm and transformers; torchvision: its ViT, Swin, MaxViT, video "
                         "Swin and MViT; vit_pytorch, monai, ultralytics, segment_anything (with sam2): "
-                        "benchmarks/_library_models.py")
+                        "benchmarks/_library_models.py; diffusers: benchmarks/_diffusers_models.py")
     parser.add_argument("--per", choices=("module", "model"), default="module",
                         help="timm: the smallest model of each module, or every model name")
     parser.add_argument("--filter", default="*", help="model names (timm) or family labels (transformers)")
@@ -475,7 +479,10 @@ def main() -> None:
         table = markdown_table(["library / module", "model", "result"],
                                [[m, n, v.replace("|", "/").replace("\n", " ")] for m, n, v in rows])
         kind = "-stats" if args.stats else ""
-        if args.library in LIBRARY_CASES:
+        if args.library == "diffusers":
+            name, title = f"sweep-diffusers{kind}", ("diffusers, every model class of its transformers, UNets and "
+                                                     "ControlNets, benchmarks/_diffusers_models.py")
+        elif args.library in LIBRARY_CASES:
             name, title = f"sweep-{args.library}{kind}", f"{args.library}, every model of benchmarks/_library_models.py"
         else:
             name, title = f"sweep-{args.library}-{args.per}{kind}", f"{args.library}, one model per {args.per}"
