@@ -615,7 +615,7 @@ def _cases() -> list[Case]:
             norm_num_groups=4, cross_attention_dim=D, attention_head_dim=8), _unet_inputs(4, *video), frames=2),
         Case(un, "DreamLiteUNetModel", _build(
             "DreamLiteUNetModel", in_channels=4, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
-            norm_num_groups=4, cross_attention_dim=D, attention_head_dim=8), _unet_inputs(4, 16, 16)),
+            norm_num_groups=4, cross_attention_dim=D, attention_head_dim=8), _unet_inputs(4, 16, 16), extent=(16, 16)),
         Case(un, "I2VGenXLUNet", _build(
             "I2VGenXLUNet", in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
             **_BLOCKS_3D,
@@ -625,7 +625,7 @@ def _cases() -> list[Case]:
         Case(un, "Kandinsky3UNet", _build(
             "Kandinsky3UNet", in_channels=4, time_embedding_dim=32, groups=4, attention_head_dim=8,
             layers_per_block=2, block_out_channels=(32, 64, 64, 64), cross_attention_dim=D, encoder_hid_dim=D),
-             _unet_inputs(4, 16, 16, encoder_attention_mask=torch.ones(1, T))),
+             _unet_inputs(4, 16, 16, encoder_attention_mask=torch.ones(1, T)), extent=(16, 16)),
         Case(un, "MotionAdapter", lambda: None, lambda: None,
              skip="AnimateDiff's motion modules alone (its forward does nothing): swept inside UNetMotionModel"),
         Case(un, "UNetMotionModel", _build(
