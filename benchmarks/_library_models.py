@@ -1,6 +1,6 @@
 """The models benchmarks/sweep_models.py builds for ``--library vit_pytorch``, ``monai``, ``ultralytics`` and
-``segment_anything``: each a small configuration with random weights, chosen per class from its constructor, and the
-input of its one forward.
+``segment_anything`` (``diffusers``: benchmarks/_diffusers_models.py): each a small configuration with random
+weights, chosen per class from its constructor, and the input of its one forward.
 
 Each catalogue is a list of ``Case``: a label, a builder of the model, a builder of its input and the call that
 runs it. Everything is imported inside the builders, so that the sweep of one library needs no other installed.
@@ -33,6 +33,9 @@ class Case:
             input is not one tensor of that shape (packed images: the largest).
         training: runs the model in training mode (its random draws are what is swept).
         skip: why the model is not built (it would download weights), if it is not.
+        frames: the input's frame count that bounds the temporal MAD of a video model, where the input is not one
+            ``[B, C, T, H, W]`` tensor (diffusers' latents, given as keyword arguments).
+        not_vision: why the model is no vision model (audio, music, proteins), listed without being built.
     """
 
     module: str
@@ -43,6 +46,8 @@ class Case:
     extent: tuple[int, ...] | None = None
     training: bool = False
     skip: str = ""
+    frames: int | None = None
+    not_vision: str = ""
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -529,3 +534,10 @@ def segment_anything_cases() -> list[Case]:
                           lambda m, x: m.forward_image(x),
                           skip="a training config (data, optimiser and trainer around a model config)" * training))
     return cases
+
+
+def diffusers_cases() -> list[Case]:
+    """Every model class of diffusers' transformers, UNets and ControlNets: benchmarks/_diffusers_models.py."""
+    import _diffusers_models
+
+    return _diffusers_models.diffusers_cases()

@@ -17,14 +17,18 @@ configuration with two layers per stage where the config allows.
     python benchmarks/sweep_models.py --stats         # records every statistic and the prefix maps too
     python benchmarks/sweep_models.py --library torchvision   # its ViT, Swin, Swin V2, MaxViT, video Swin and MViT
     python benchmarks/sweep_models.py --library vit_pytorch   # also monai, ultralytics, segment_anything (+ sam2)
+    python benchmarks/sweep_models.py --library diffusers     # every transformer, UNet and ControlNet class
 
 ``--library vit_pytorch``, ``monai``, ``ultralytics`` and ``segment_anything`` build the models listed in
 ``benchmarks/_library_models.py``: every model class of vit-pytorch's modules, MONAI's nets with attention and four
 without, every packaged Ultralytics yaml (``YOLO_OFFLINE=1``; a yaml whose layers would download weights is listed as
 not run), Segment Anything's packaged ``vit_b`` model and each config's encoder, and every packaged SAM 2 config,
-each small or on a small image. A model that cannot be built, or whose own forward fails without vitmad, is
-listed as "not run" with the reason; a recording that names its modules but finds no attention in them is
-"refused when read" (the error reading ``rec.mad`` gives).
+each small or on a small image. ``--library diffusers`` builds every model class of diffusers' ``models.transformers``,
+``models.unets`` and ``models.controlnets`` tiny, with the inputs its pipeline would pass
+(``benchmarks/_diffusers_models.py``); audio, music and protein models are listed as "not vision", a diffusers model
+whose attention modules vitmad does not take for layers as refused (not "no attention"). A model that cannot be
+built, or whose own forward fails without vitmad, is listed as "not run" with the reason; a recording that names its
+modules but finds no attention in them is "refused when read" (the error reading ``rec.mad`` gives).
 
 With ``--stats`` each recording also asks for entropy, prefix mass, self mass and the prefix maps, and the line
 says ERROR where one is outside its range (entropy in [0, ln N], masses and maps in [0, 1], self mass NaN only in
@@ -175,9 +179,11 @@ def _class_maps_problem(rec) -> str | None:
     return None
 
 
-def _check(model: torch.nn.Module, pixels, forward, extent: tuple[int, ...] | None = None) -> str:
+def _check(model: torch.nn.Module, pixels, forward, extent: tuple[int, ...] | None = None,
+           frames: int | None = None) -> str:
     """Record one forward; the sweep line's verdict. ``extent``: the input's spatial size that bounds the MAD where
-    ``pixels`` is not one tensor of that shape (packed images); by default its last two dims, or three for volumes."""
+    ``pixels`` is not one tensor of that shape (packed images); by default its last two dims, or three for volumes.
+    ``frames``: the frame count that bounds the temporal MAD where ``pixels`` is not a ``[B, C, T, H, W]`` tensor."""
     import vitmad
 
     with torch.inference_mode():
@@ -197,6 +203,10 @@ def _check(model: torch.nn.Module, pixels, forward, extent: tuple[int, ...] | No
         except ValueError as err:
             message = str(err)
             if "found no attention layer" in message:
+                if any(callable(getattr(m, "set_processor", None)) for m in model.modules()):
+                    # diffusers' attention modules (their processors) that vitmad does not take for layers: the
+                    # model has attention, vitmad refused it.
+                    return "refused: " + message.replace("vitmad.record: ", "")
                 return "no attention"
             if "has no layer with spatial softmax attention" in message:
                 # The finding alone (NoLayerError): the advice after it is no part of the table's reasons.
@@ -228,7 +238,7 @@ def _check(model: torch.nn.Module, pixels, forward, extent: tuple[int, ...] | No
     if all(g.frames is not None for g in rec.geometry):  # a video model ([B, C, T, H, W]): frames apart, too
         times = torch.cat([t.flatten().float() for t in rec.calls[-1].temporal])
         sane = (sane and bool(times.isfinite().all()) and float(times.min()) >= 0
-                and float(times.max()) <= pixels.shape[-3])
+                and float(times.max()) <= (pixels.shape[-3] if frames is None else frames))
         line += f", temporal MAD {times.min():.2f}-{times.max():.2f} frames"
     if rec.skipped:
         reasons = Counter(rec.skipped.values())
@@ -251,8 +261,8 @@ def _check(model: torch.nn.Module, pixels, forward, extent: tuple[int, ...] | No
 def _tensors(output) -> list[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return [output]
-    if isinstance(output, dict):
-        return [v for v in output.values() if isinstance(v, torch.Tensor)]
+    if isinstance(output, dict):  # nested too: diffusers' ControlNets return lists of block residuals
+        return [t for value in output.values() for t in _tensors(value)]
     if isinstance(output, (list, tuple)):
         return [t for item in output for t in _tensors(item)]
     return []
@@ -389,6 +399,7 @@ LIBRARY_CASES = {
     "monai": ("monai_cases", ("monai",)),
     "ultralytics": ("ultralytics_cases", ("ultralytics",)),
     "segment_anything": ("segment_anything_cases", ("segment_anything", "sam2")),
+    "diffusers": ("diffusers_cases", ("diffusers",)),
 }
 
 
@@ -400,8 +411,9 @@ def sweep_cases(cases, pattern: str) -> list[tuple[str, str, str]]:
         if not (fnmatch.fnmatch(case.label, pattern) or fnmatch.fnmatch(case.module, pattern)):
             continue
         start = time.perf_counter()
-        if case.skip:
-            rows.append((case.module, case.label, f"not run: {case.skip}"))
+        if case.skip or case.not_vision:
+            verdict = f"not vision: {case.not_vision}" if case.not_vision else f"not run: {case.skip}"
+            rows.append((case.module, case.label, verdict))
             print(f"{case.module:28s} {case.label:44s} {rows[-1][2]}", flush=True)
             continue
         try:
@@ -412,7 +424,7 @@ def sweep_cases(cases, pattern: str) -> list[tuple[str, str, str]]:
         else:
             try:
                 model.train(case.training)
-                verdict = _check(model, case.inputs(), case.forward, case.extent)
+                verdict = _check(model, case.inputs(), case.forward, case.extent, case.frames)
             except Exception as err:  # noqa: BLE001 - the sweep reports every failure, it never stops
                 verdict = f"ERROR: {type(err).__name__}: {str(err)[:300]}"
         rows.append((case.module, case.label, verdict))
@@ -428,7 +440,7 @@ def summarise(rows: list[tuple[str, str, str]]) -> str:
         else:
             kinds[verdict.split(":")[0]] += 1
     attention = sum(count for kind, count in kinds.items()
-                    if kind not in ("no attention", "no spatial attention", "not run"))
+                    if kind not in ("no attention", "no spatial attention", "not run", "not vision"))
     recorded = kinds["recorded (no layer skipped)"] + kinds["recorded, some layers skipped"]
     lines = [f"- {kind}: {count}" for kind, count in sorted(kinds.items())]
     lines.append(f"- recorded / with spatial softmax attention: {recorded} / {attention}")
@@ -440,7 +452,7 @@ def main() -> None:
     parser.add_argument("--library", choices=("timm", "transformers", "both", "torchvision", *LIBRARY_CASES),
                         default="both", help="both: timm and transformers; torchvision: its ViT, Swin, MaxViT, video "
                         "Swin and MViT; vit_pytorch, monai, ultralytics, segment_anything (with sam2): "
-                        "benchmarks/_library_models.py")
+                        "benchmarks/_library_models.py; diffusers: benchmarks/_diffusers_models.py")
     parser.add_argument("--per", choices=("module", "model"), default="module",
                         help="timm: the smallest model of each module, or every model name")
     parser.add_argument("--filter", default="*", help="model names (timm) or family labels (transformers)")
@@ -467,7 +479,10 @@ def main() -> None:
         table = markdown_table(["library / module", "model", "result"],
                                [[m, n, v.replace("|", "/").replace("\n", " ")] for m, n, v in rows])
         kind = "-stats" if args.stats else ""
-        if args.library in LIBRARY_CASES:
+        if args.library == "diffusers":
+            name, title = f"sweep-diffusers{kind}", ("diffusers, every model class of its transformers, UNets and "
+                                                     "ControlNets, benchmarks/_diffusers_models.py")
+        elif args.library in LIBRARY_CASES:
             name, title = f"sweep-{args.library}{kind}", f"{args.library}, every model of benchmarks/_library_models.py"
         else:
             name, title = f"sweep-{args.library}-{args.per}{kind}", f"{args.library}, one model per {args.per}"
