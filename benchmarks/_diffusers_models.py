@@ -482,8 +482,10 @@ def _cases() -> list[Case]:
                       "timestep": torch.tensor([0.5]), "encoder_attention_mask": torch.ones(1, T, dtype=torch.bool),
                       "position_ids": torch.cat([torch.zeros(T, 3), _flux_ids()])}),
         _not_vision(tr, "LongCatAudioDiTTransformer", "audio (LongCat-Audio)"),
+        # LongCatImagePipeline's ids: the image's (1, 512 + row, 512 + column), after the caption's.
         Case(tr, "LongCatImageTransformer2DModel", _build(
-            "LongCatImageTransformer2DModel", **_FLUX, pooled_projection_dim=D), _flux_inputs(pooled=None)),
+            "LongCatImageTransformer2DModel", **_FLUX, pooled_projection_dim=D),
+             _flux_inputs(pooled=None, img_ids=_flux_ids() + torch.tensor([1.0, 512.0, 512.0]))),
         Case(tr, "LTXVideoTransformer3DModel", _build(
             "LTXVideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
             cross_attention_dim=16, num_layers=1, caption_channels=D),
