@@ -294,6 +294,20 @@ def test_flux_fused_qkv_projections_measure_the_unfused_attention(monkeypatch):
         _check(rec.calls[0], rec_tokens.calls[0], layer, reference, positions, (rows, columns), 2.0, text, 0)
 
 
+def test_hunyuan_image_built_for_video_latents_refused_with_its_reason():
+    """patch_size (1, 2, 2) builds a Conv3d over [B, C, F, H, W] latents: refused, saying so (the message said the
+    patch embedding had not run, QA helper-174)."""
+    torch.manual_seed(0)
+    model = diffusers.HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=(1, 2, 2), text_embed_dim=12, rope_axes_dim=(2, 2, 4))
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match=(
+            r"HunyuanImageTransformer2DModel's patch embedding got a latent of shape \[1, 4, 2, 4, 6\]; vitmad "
+            r"places the patches of an image's \[B, C, H, W\] latent, not a video's")):
+        model(torch.randn(1, 4, 2, 4, 6), torch.tensor([300.0]), encoder_hidden_states=torch.randn(1, 3, 12),
+              encoder_attention_mask=torch.ones(1, 3))
+
+
 def test_hunyuan_image_caption_and_glyph_tokens_last_refiner_skipped(monkeypatch):
     torch.manual_seed(0)
     model = _sharpen(diffusers.HunyuanImageTransformer2DModel(

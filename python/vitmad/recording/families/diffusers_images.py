@@ -310,9 +310,7 @@ class LatentGridPlacer(LayerPlacer):
             handles.append(self.owner.pos_embed.register_forward_pre_hook(see_ids))
         elif self.cut == "view":
             def see_view(module, args) -> None:
-                latent = args[0] if args else None
-                context.values[key + ".grid"] = None if not isinstance(latent, torch.Tensor) or latent.dim() != 4 \
-                    else (int(latent.shape[0]), int(latent.shape[-2]), int(latent.shape[-1]))
+                context.values[key + ".grid"] = self._latent_grid(args[0] if args else None)
 
             # AuraFlow and CogView4 have no convolution: the model's forward starts the call, before this runs.
             handles.append(self._patch_embedding().register_forward_pre_hook(see_view))
@@ -320,13 +318,21 @@ class LatentGridPlacer(LayerPlacer):
             conv = self._patch_embedding().proj
 
             def see_latent(module, args) -> None:
-                latent = args[0] if args else None
-                context.values[key + ".grid"] = None if not isinstance(latent, torch.Tensor) or latent.dim() != 4 \
-                    else (int(latent.shape[0]), int(latent.shape[-2]), int(latent.shape[-1]))
+                context.values[key + ".grid"] = self._latent_grid(args[0] if args else None)
 
             # On the convolution, not on PatchEmbed: the recorder starts a call there, clearing what came before.
             handles.append(conv.register_forward_pre_hook(see_latent))
         return handles
+
+    def _latent_grid(self, latent) -> tuple[int, int, int] | str | None:
+        """(batch, height, width) of the image latent the patch embedding gets; why it is not one (a video's
+        ``[B, C, F, H, W]``: HunyuanImage built with a Conv3d); None without a tensor."""
+        if not isinstance(latent, torch.Tensor):
+            return None
+        if latent.dim() != 4:
+            return (f"{self.kind}'s patch embedding got a latent of shape {list(latent.shape)}; vitmad places the "
+                    "patches of an image's [B, C, H, W] latent, not a video's [B, C, F, H, W]")
+        return int(latent.shape[0]), int(latent.shape[-2]), int(latent.shape[-1])
 
     def _where(self) -> str:
         return self.owner_name or type(self.owner).__name__
