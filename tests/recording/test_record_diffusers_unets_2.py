@@ -294,6 +294,64 @@ def test_controlnet_down_and_mid_blocks_are_placed_as_the_unets(monkeypatch):
     _check(rec, tokens, own, latent, down_blocks=3)
 
 
+class _ControlledStep(torch.nn.Module):
+    """A user's denoising step: a ControlNet, then the UNet given its residuals. The modules are registered in the
+    order given (an unused ``ema`` UNet, a copy kept for evaluation, first of all where asked), not the order the
+    forward runs them."""
+
+    def __init__(self, order: tuple[str, ...]):
+        super().__init__()
+        unet = _sd_unet(False)
+        parts = {"unet": unet, "ema": _sd_unet(False),
+                 "controlnet": _sharpen(diffusers.ControlNetModel.from_unet(
+                     unet, conditioning_embedding_out_channels=(4, 4, 4, 8)))}
+        for name in order:
+            setattr(self, name, parts[name])
+
+    def forward(self, sample, timestep, text, condition):
+        down, mid = self.controlnet(sample, timestep, text, controlnet_cond=condition, return_dict=False)
+        return self.unet(sample, timestep, text, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample
+
+
+@pytest.mark.parametrize("order", [("unet", "controlnet"), ("controlnet", "unet"), ("ema", "unet", "controlnet")],
+                         ids=["unet_first", "controlnet_first", "unused_ema_first"])
+def test_a_step_of_several_unets_is_one_call(order, monkeypatch):
+    """A call per forward of the user's module, whichever of its UNets it runs first (QA helper-175: calls began at
+    the first UNet in module order, so a step's ControlNet layers joined the previous step's call, or an unused
+    first UNet merged every step into one call)."""
+    step = _ControlledStep(order)
+    latent = (9, 7)
+    gen = torch.Generator().manual_seed(8)
+    sample, text = torch.randn(1, 4, *latent, generator=gen), torch.randn(1, 5, 12, generator=gen)
+    condition = torch.rand(1, 3, 8 * latent[0], 8 * latent[1], generator=gen)
+    steps = (900, 50)
+
+    def run():
+        return torch.cat([step(sample, t, text, condition).flatten() for t in steps])
+
+    own = _own_probabilities(step, monkeypatch, run)
+    with torch.no_grad():
+        plain = run()
+        with vitmad.record(step) as rec:
+            recorded = run()
+    assert torch.equal(plain, recorded)
+    assert len(rec.calls) == len(steps)
+    for index, call in enumerate(rec.calls):
+        # The step's ControlNet layers, then its UNet's: each attn1 the step ran, once.
+        ran = [n for n in own if n.endswith("attn1")]
+        assert sorted(call.layers) == sorted(ran) and len(call.layers) == len(ran)
+        parts = [n.split(".")[0] for n in call.layers]
+        assert parts == sorted(parts) and set(parts) == {"controlnet", "unet"}
+        for layer, name in enumerate(call.layers):
+            level = _level(name.split(".", 1)[1], 3)
+            grid = _map(latent, level, lambda n: -(-n // 2))
+            centres = torch.cartesian_prod(torch.arange(grid[0]), torch.arange(grid[1])).double() + 0.5
+            probabilities = own[name][index]  # this step's own attention, not the other's
+            expected = (probabilities * torch.cdist(centres, centres) * 2 ** level).sum(-1).mean(-1)
+            torch.testing.assert_close(call.per_layer[layer].double(), expected, **TOL)
+
+
 def test_controlnet_xs_base_and_control_attention_equal_their_own(monkeypatch):
     # ControlNet-XS runs the UNet's blocks and its control model's side by side on maps of the same size: both
     # streams' attn1 at their level. Its up blocks double the map without the skip's size (even latents only).

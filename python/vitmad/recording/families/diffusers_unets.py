@@ -175,7 +175,14 @@ def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
     I2VGen-XL attends over its ``image_latents``' frames before ``conv_in``; and the video UNets' ``sample`` (its
     frames) is read before ``conv_in`` runs."""
     inside = {id(m) for m in recorded}
-    return next((m for m in module_list(model) if _is_unet(m) and any(id(s) in inside for s in m.modules())), None)
+    holding = [m for m in module_list(model) if _is_unet(m) and any(id(s) in inside for s in m.modules())]
+    outermost = [m for m in holding if not any(m is not o and any(s is m for s in o.modules()) for o in holding)]
+    if len(outermost) > 1:
+        # Several UNets or ControlNets (a user's module running a ControlNet, then the UNet, each step; an EMA copy
+        # registered first): which runs first is the forward's choice, not their order in the module tree, so the
+        # model's own forward starts each call (QA helper-175: the first registered one split steps, or merged them).
+        return model
+    return outermost[0] if outermost else None
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
