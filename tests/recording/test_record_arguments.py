@@ -3,6 +3,8 @@ is active once at a time."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -219,3 +221,36 @@ def test_layers_matching_no_attention_name_what_they_matched():
     with pytest.raises(ValueError, match=r"found no attention layer vitmad knows in the modules of CLIPModel that "
                                          r"layers=\['text_model.embeddings\*'\] names \(text_model.embeddings, "):
         vitmad.record(model, layers=["text_model.embeddings*"])
+
+
+def test_entries_of_different_batch_sizes_do_not_stack_and_say_why():
+    """A model that runs its layers once per part of the batch (AnimateDiff's FreeNoise split inference): each run
+    is an entry of the call; rec.mad cannot stack them, and says so (was torch's own "stack expects each tensor to
+    be equal size", QA helper-175). Each entry equals the plain recording's rows of its part."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()
+
+    class Chunked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = vit
+
+        def forward(self, pixels):
+            tokens = self.vit._pos_embed(self.vit.patch_embed(pixels))
+            return [self.vit.blocks(part) for part in tokens.split([1, 2])]
+
+    chunked = Chunked()
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    # The class token, then the 2 x 2 grid of 16 px patches: given by hand, as no layout of a chunked batch is known.
+    positions = torch.tensor([[math.nan, math.nan], [8.0, 8.0], [8.0, 24.0], [24.0, 8.0], [24.0, 24.0]])
+    with torch.no_grad():
+        with vitmad.record(vit, positions=positions) as whole:
+            vit(pixels)
+        with vitmad.record(chunked, positions=positions) as rec:
+            chunked(pixels)
+    assert len(rec.calls) == 1 and [t.shape[0] for t in rec.per_layer] == [1, 1, 2, 2]
+    with pytest.raises(ValueError, match=r"the recorded entries of this call have different batch sizes \(\[1, 2\]\): "
+                                         r"a layer ran once per part of the batch"):
+        _ = rec.mad
+    torch.testing.assert_close(torch.cat([rec.per_layer[0], rec.per_layer[2]]), whole.per_layer[0])

@@ -240,6 +240,15 @@ class RecordedCall:
                 f"({', '.join(self.class_layers)}), whose queries (a class token, learned queries, a pooled token) "
                 "have no position; their maps are in rec.class_attention_maps"
             )
+        batches = {int(t.shape[0]) for t in values}
+        if len(batches) > 1:
+            # A layer run once per part of the batch (AnimateDiff's FreeNoise split inference) is one entry per part.
+            raise ValueError(
+                f"vitmad.record: the recorded entries of this call have different batch sizes ({sorted(batches)}): "
+                "a layer ran once per part of the batch (diffusers' FreeNoise split inference, a model that chunks "
+                f"its batch); read {per_layer} (one [B, H] per entry, in the order they ran) and rec.layers instead "
+                f"of {stacked}"
+            )
         shapes = {tuple(t.shape[2:]) for t in values}
         if len(shapes) > 1:
             raise ValueError(
