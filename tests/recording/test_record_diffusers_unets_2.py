@@ -427,3 +427,28 @@ def test_temporal_attention_given_other_keys_is_refused():
                                          r"UNetMotionModel: it was given encoder_hidden_states"):
         with torch.no_grad(), vitmad.record(unet):
             unet(torch.randn(1, 4, 3, 6, 6), 10, torch.randn(3, 5, 12))
+
+
+class _FeatureUNet(diffusers.UNet2DConditionModel):
+    """Research code's subclass (DIFT's feature extractor, prompt-to-prompt's): the same blocks, its own forward."""
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return super().forward(sample, timestep, encoder_hidden_states).sample
+
+
+def test_a_subclass_of_the_unet_is_placed_as_the_unet(monkeypatch):
+    """A subclass defined outside diffusers was refused as "no attention layer vitmad knows" (QA helper-175)."""
+    base = _sd_unet(False)
+    unet = _FeatureUNet.from_config(base.config)
+    unet.load_state_dict(base.state_dict())
+    latent = (9, 7)
+    gen = torch.Generator().manual_seed(3)
+    sample, text = torch.randn(2, 4, *latent, generator=gen), torch.randn(2, 5, 12, generator=gen)
+
+    def run():
+        return unet(sample, 10, text)
+
+    own = _own_probabilities(unet, monkeypatch, run)
+    rec, tokens = _record(unet, run)
+    assert set(rec.skipped) == {n for n in own if n.endswith("attn2")}
+    _check(rec, tokens, own, latent, down_blocks=3)

@@ -164,8 +164,18 @@ def _key(module) -> tuple[str, str]:
     return type(module).__module__, type(module).__name__
 
 
+def _unet_key(module: nn.Module) -> tuple[str, str] | None:
+    """(defining module, class name) of ``module``'s class, or of its nearest base class defined in diffusers'
+    UNets or ControlNets: research code subclasses ``UNet2DConditionModel`` (DIFT's feature extractor,
+    prompt-to-prompt's) and keeps its blocks, which the placers read per call; None for any other module."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith(_UNET_PACKAGES):
+            return cls.__module__, cls.__name__
+    return None
+
+
 def _is_unet(module: nn.Module) -> bool:
-    return type(module).__module__.startswith(_UNET_PACKAGES) and hasattr(module, "down_blocks")
+    return _unet_key(module) is not None and hasattr(module, "down_blocks")
 
 
 def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
@@ -203,7 +213,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return None
     unet_name, unet = found
     unet_class = type(unet).__name__
-    known = _PLACED_UNETS.get(_key(unet))
+    known = _PLACED_UNETS.get(_unet_key(unet))
     if known is None:
         return RefusingPlacer(
             f"it is an attention layer of diffusers' {unet_class}, whose token layout vitmad does not know (it places "
@@ -237,14 +247,14 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return RefusingPlacer(f"it is an attention of {type(holder[1]).__name__} {holder[0]} other than its blocks' "
                               "attn1 (their self-attention over the map), whose tokens vitmad does not know; pass "
                               "layers=['*.attn1'] to record the self-attention alone")
-    if _defined(unet, _SVD):
+    if _unet_key(unet) == _SVD:
         temporal = innermost_on_path(unet, inner, lambda m: _defined(m, _TEMPORAL_BLOCK)) is not None
         if holder is None:
             return RefusingPlacer(f"it is no attention of a TransformerSpatioTemporalModel of {unet_class}, the ones "
                                   "vitmad places in it")
         return FramesMapPlacer(unet, module, holder[1], conv_in, samplings, "time" if temporal else "space")
-    if _key(unet) in _FRAMES_IN_SAMPLE:
-        if _defined(unet, _I2VGEN_XL) and innermost_on_path(unet, inner, lambda m: _defined(m, _I2VGEN_ENCODER)):
+    if _unet_key(unet) in _FRAMES_IN_SAMPLE:
+        if _unet_key(unet) == _I2VGEN_XL and innermost_on_path(unet, inner, lambda m: _defined(m, _I2VGEN_ENCODER)):
             return ImageLatentsPlacer(unet, module)
         if holder is None:
             return RefusingPlacer(f"it is no attention of a Transformer2DModel, TransformerTemporalModel or "
@@ -332,7 +342,7 @@ class UNetMapPlacer(LayerPlacer):
                 module, args, kwargs).items() if isinstance(value, torch.Tensor)}
 
         handles = [self.attention.register_forward_pre_hook(attending, with_kwargs=True)]
-        if _key(self.unet) in _FRAMES_IN_SAMPLE:
+        if _unet_key(self.unet) in _FRAMES_IN_SAMPLE:
             handles.append(self.unet.register_forward_pre_hook(sample, with_kwargs=True))
         return handles
 
@@ -373,7 +383,7 @@ class UNetMapPlacer(LayerPlacer):
                 f"its block's input is {list(shape) if shape else 'no tensor'}, but the samplings of "
                 f"{type(self.unet).__name__} that ran in this call make a [B, C, {current.grid[0]}, "
                 f"{current.grid[1]}] map; vitmad places only the attention over that map")
-        if frames is None and _key(self.unet) in _FRAMES_IN_SAMPLE:
+        if frames is None and _unet_key(self.unet) in _FRAMES_IN_SAMPLE:
             frames = self.sample_frames(context, "sample")[1]
         return current, shape, frames
 
