@@ -63,7 +63,8 @@ def _own_probabilities(model, monkeypatch, run) -> dict[str, list[torch.Tensor]]
     def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
         assert attn_mask is None and not is_causal
         logits = q.double() @ k.double().transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
-        found.setdefault(current[-1], []).append(logits.softmax(-1))
+        # Under "" an SDPA call before any diffusers Attention (ControlNet-Union's fuser, an nn.MultiheadAttention).
+        found.setdefault(current[-1] if current else "", []).append(logits.softmax(-1))
         return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
 
     handles = [m.register_forward_pre_hook(lambda m, a, n=n: current.append(n))

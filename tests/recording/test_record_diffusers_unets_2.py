@@ -452,3 +452,35 @@ def test_a_subclass_of_the_unet_is_placed_as_the_unet(monkeypatch):
     rec, tokens = _record(unet, run)
     assert set(rec.skipped) == {n for n in own if n.endswith("attn2")}
     _check(rec, tokens, own, latent, down_blocks=3)
+
+
+def test_controlnet_union_placed_as_a_controlnet_its_condition_fuser_skipped(monkeypatch):
+    """SDXL's ControlNet-Union (ProMax): the ControlNet's encoder on the latent, placed as the UNet's; its fuser, a
+    transformer over one mean-pooled token per condition image and one of the latent, skipped with its reason (the
+    model was refused: the fuser's nn.MultiheadAttention had no patch embedding)."""
+    torch.manual_seed(0)
+    model = _sharpen(diffusers.ControlNetUnionModel(
+        in_channels=4, block_out_channels=(16, 16, 32), layers_per_block=1, norm_num_groups=4, cross_attention_dim=12,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=2,
+        conditioning_embedding_out_channels=(4, 4, 4, 8), num_control_type=2, num_trans_channel=16, num_trans_head=2,
+        num_trans_layer=1, num_proj_channel=16, addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12 + 6 * 4), scale=6.0)
+    latent = (9, 7)
+    gen = torch.Generator().manual_seed(4)
+    sample, text = torch.randn(1, 4, *latent, generator=gen), torch.randn(1, 5, 12, generator=gen)
+    conditions = [torch.rand(1, 3, 8 * latent[0], 8 * latent[1], generator=gen) for _ in range(2)]
+    sdxl = {"text_embeds": torch.randn(1, 12, generator=gen),
+            "time_ids": torch.tensor([[72.0, 56.0, 0.0, 0.0, 72.0, 56.0]])}
+
+    def run():
+        down, mid = model(sample, 10, text, controlnet_cond=conditions, control_type=torch.tensor([[1.0, 1.0]]),
+                          control_type_idx=[0, 1], added_cond_kwargs=sdxl, return_dict=False)
+        return torch.cat([t.flatten() for t in (*down, mid)])
+
+    own = _own_probabilities(model, monkeypatch, run)
+    rec, tokens = _record(model, run)
+    assert sorted(rec.layers) == sorted(n for n in own if n.endswith("attn1"))
+    fuser = {n for n in rec.skipped if n.startswith("transformer_layes.")}
+    assert fuser == {"transformer_layes.0.attn"} and "condition fuser" in rec.skipped["transformer_layes.0.attn"]
+    assert set(rec.skipped) - fuser == {n for n in own if n.endswith("attn2")}
+    _check(rec, tokens, own, latent, down_blocks=3)

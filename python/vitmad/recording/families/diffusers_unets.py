@@ -104,6 +104,7 @@ _3D_UNET_BLOCKS = _classes(_3D_BLOCKS, "DownBlock3D", "CrossAttnDownBlock3D", "U
 # Per placed UNet, the blocks it may be built of, as (defining module, class name): blocks whose samplings are their
 # ``downsamplers`` / ``upsamplers`` entries, each a factor of 2 (or none), and whose attention runs over their whole
 # map (per frame, and over frames).
+_CONTROLNET_UNION = ("diffusers.models.controlnets.controlnet_union", "ControlNetUnionModel")
 _PLACED_UNETS = {
     ("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel"): _classes(
         _2D_BLOCKS, "DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "UNetMidBlock2D", "UpBlock2D",
@@ -112,6 +113,9 @@ _PLACED_UNETS = {
         _2D_BLOCKS, "DownBlock2D", "AttnDownBlock2D", "UNetMidBlock2D", "UpBlock2D", "AttnUpBlock2D"),
     # ControlNet: a copy of the UNet's encoder, down blocks and mid block, run on the same latent.
     ("diffusers.models.controlnets.controlnet", "ControlNetModel"): _classes(
+        _2D_BLOCKS, "DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "UNetMidBlock2D"),
+    # ControlNet-Union (SDXL's ProMax): the same encoder; its condition fuser is skipped (placer).
+    _CONTROLNET_UNION: _classes(
         _2D_BLOCKS, "DownBlock2D", "CrossAttnDownBlock2D", "UNetMidBlock2DCrossAttn", "UNetMidBlock2D"),
     # ControlNet-XS: the UNet and its control model side by side, block by block, on maps of the same size (the
     # base's samplings ``base_downsamplers``, ``upsamplers``; the control's run beside them).
@@ -206,6 +210,13 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     the layout is not known); None for any other module."""
     from . import Skip
 
+    if isinstance(module, nn.MultiheadAttention) and ".transformer_layes." in f".{name}":
+        union = innermost_on_path(model, name, _is_unet)
+        if union is not None and _unet_key(union[1]) == _CONTROLNET_UNION:
+            # ControlNet-Union's fuser: a token per condition image (its embedding's mean over the map, plus the
+            # control type's embedding) and one of the latent's mean; no token is a cell of a map.
+            return Skip("ControlNet-Union's condition fuser: it attends over one mean-pooled token per condition "
+                        "image and one of the latent, none of them a cell of a map")
     if not is_attention(module):
         return None
     found = innermost_on_path(model, name, _is_unet)
