@@ -136,6 +136,14 @@ def _check(mean, tokens, layer: int, probabilities, positions, grid, stride: flo
         assert mean.prefix_maps[layer] is None
 
 
+def _check_layers(mean, tokens, maps, grid, before: int, after: int, stride: float = 2.0) -> None:
+    """Every layer of the first call of both recordings against its map, the grid's tokens after ``before`` and
+    before ``after`` tokens without a position (the caption's, registers)."""
+    positions = _positions(grid, stride, before, after)
+    for layer, probabilities in enumerate(maps):
+        _check(mean.calls[0], tokens.calls[0], layer, probabilities, positions, grid, stride, before, after)
+
+
 def _dit():
     torch.manual_seed(0)
     return _sharpen(diffusers.DiTTransformer2DModel(
@@ -237,9 +245,7 @@ def test_flux_packed_latents_caption_first(monkeypatch):
     maps, spied = _attention_maps(monkeypatch, run)
     rec, rec_tokens = _record(model, run, spied)
     assert rec.layers == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"] and rec.skipped == {}
-    positions = _positions((rows, columns), 2.0, text, 0)
-    for layer, probabilities in enumerate(maps):
-        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, positions, (rows, columns), 2.0, text, 0)
+    _check_layers(rec, rec_tokens, maps, (rows, columns), text, 0)
 
 
 def test_chroma_packed_latents_caption_first_padding_masked(monkeypatch):
@@ -340,9 +346,7 @@ def test_flux2_packed_latents_caption_first(monkeypatch):
     maps, spied = _attention_maps(monkeypatch, run)
     rec, rec_tokens = _record(model, run, spied)
     assert rec.layers == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"] and rec.skipped == {}
-    positions = _positions((rows, columns), 2.0, text, 0)
-    for layer, probabilities in enumerate(maps):
-        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, positions, (rows, columns), 2.0, text, 0)
+    _check_layers(rec, rec_tokens, maps, (rows, columns), text, 0)
 
 
 def test_flux2_refuses_reference_images():
@@ -371,9 +375,7 @@ def test_cogview4_caption_first_padding_as_its_bias(monkeypatch):
     rec, rec_tokens = _record(model, run, spied)
     assert rec.layers == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"] and rec.skipped == {}
     # CogView4PatchEmbed: whole 2 x 2 patches, row-major, after the caption.
-    positions = _positions((3, 4), 2.0, text, 0)
-    for layer, probabilities in enumerate(maps):
-        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, positions, (3, 4), 2.0, text, 0)
+    _check_layers(rec, rec_tokens, maps, (3, 4), text, 0)
 
 
 def test_processor_not_read_is_refused():
@@ -429,9 +431,7 @@ def test_auraflow_registers_and_caption_first(monkeypatch):
     rec, rec_tokens = _record(model, run, spied)
     assert rec.layers == ["joint_transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
     assert rec.skipped == {}
-    positions = _positions(grid, 2.0, before, 0)
-    for layer, probabilities in enumerate(maps):
-        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, positions, grid, 2.0, before, 0)
+    _check_layers(rec, rec_tokens, maps, grid, before, 0)
 
 
 def _qwen_image():

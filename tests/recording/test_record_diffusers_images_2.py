@@ -31,6 +31,7 @@ from test_record_diffusers_images import (
     STATS,
     _attention_maps,
     _check,
+    _check_layers,
     _flux,
     _flux_ids,
     _positions,
@@ -120,9 +121,7 @@ def test_flux_controlnet_packed_latents_caption_first(monkeypatch, union):
     assert [m.shape[-1] for m in maps] == [before + rows * columns] * 2
     rec, rec_tokens = _record_outputs(model, run, spied, _controlnet_samples)
     assert rec.layers == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"] and rec.skipped == {}
-    positions = _positions((rows, columns), 2.0, before, 0)
-    for layer, probabilities in enumerate(maps):
-        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, positions, (rows, columns), 2.0, before, 0)
+    _check_layers(rec, rec_tokens, maps, (rows, columns), before, 0)
 
 
 def _longcat_ids(rows: int, columns: int, modality: float = 1.0) -> torch.Tensor:
@@ -161,9 +160,7 @@ def test_flux_like_packed_latents_caption_first(monkeypatch, name):
     maps, spied = _attention_maps(monkeypatch, run)
     rec, rec_tokens = _record(model, run, spied)
     assert rec.layers == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"] and rec.skipped == {}
-    positions = _positions((rows, columns), 2.0, text, 0)
-    for layer, probabilities in enumerate(maps):
-        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, positions, (rows, columns), 2.0, text, 0)
+    _check_layers(rec, rec_tokens, maps, (rows, columns), text, 0)
 
 
 def test_longcat_refuses_a_reference_image():
@@ -190,9 +187,7 @@ def test_cogview3plus_caption_first(monkeypatch):
     maps, spied = _attention_maps(monkeypatch, run)
     rec, rec_tokens = _record(model, run, spied)
     assert rec.layers == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"] and rec.skipped == {}
-    positions = _positions((3, 5), 2.0, text, 0)
-    for layer, probabilities in enumerate(maps):
-        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, positions, (3, 5), 2.0, text, 0)
+    _check_layers(rec, rec_tokens, maps, (3, 5), text, 0)
 
 
 def _pixart():
