@@ -438,7 +438,23 @@ def _call_grid(context: CallContext, grid: _LatentGrid, module: nn.Module) -> _G
     return found
 
 
-class JointVideoPlacer(LayerPlacer):
+class _VideoPlacer(LayerPlacer):
+    """What the placers of one video transformer's attention share: the model's grid hooks (``self.grid``) and the
+    refusal of a processor or attention backend that attends where vitmad does not look (``self.module``)."""
+
+    grid: _LatentGrid
+    module: nn.Module
+
+    def refusal_without_attention(self, module: nn.Module) -> str | None:
+        # A processor (xFormers') or an attention backend (flash, sage, flex) that computes the attention where
+        # vitmad does not look reaches no place().
+        return _processor_refusal(self.grid, self.module) or backend_refusal(self.module)
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        return self.grid.install(context)
+
+
+class JointVideoPlacer(_VideoPlacer):
     """Self-attention of a diffusers video transformer over text tokens (first or last, without a position) and the
     latent tubelets in (frame, row, column) order, ``[B, heads, n, n]``.
 
@@ -453,14 +469,6 @@ class JointVideoPlacer(LayerPlacer):
 
     def __init__(self, grid: _LatentGrid, module: nn.Module, text: str, control: bool = False):
         self.grid, self.module, self.text, self.control = grid, module, text, control
-
-    def refusal_without_attention(self, module: nn.Module) -> str | None:
-        # A processor (xFormers') or an attention backend (flash, sage, flex) that computes the attention where
-        # vitmad does not look reaches no place().
-        return _processor_refusal(self.grid, self.module) or backend_refusal(self.module)
-
-    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
-        return self.grid.install(context)
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         grid = _call_grid(context, self.grid, self.module)
@@ -497,7 +505,7 @@ class JointVideoPlacer(LayerPlacer):
         return Placement(positions, None, fold, geometry, time_positions=time_positions)
 
 
-class PerVideoPlacer(LayerPlacer):
+class PerVideoPlacer(_VideoPlacer):
     """Mochi's joint attention: one SDPA call per video, ``[1, heads, n + t_b, n + t_b]``, over its tubelets in
     (frame, row, column) order, then its own valid text tokens (suffix tokens without a position, the ``t_b``
     its ``attention_mask`` keeps: the processor drops the padding), the videos in batch order. Placed as
@@ -513,11 +521,6 @@ class PerVideoPlacer(LayerPlacer):
     def __init__(self, grid: _LatentGrid, module: nn.Module):
         self.grid, self.module = grid, module
         self.key = f"{_GRID_KEY}.per_video.{id(module)}"  # this forward: [text count per video, next video]
-
-    def refusal_without_attention(self, module: nn.Module) -> str | None:
-        # A processor or an attention backend that computes the attention where vitmad does not look reaches no
-        # place().
-        return _processor_refusal(self.grid, self.module) or backend_refusal(self.module)
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         return [*self.grid.install(context),
@@ -582,7 +585,7 @@ def _factorised_layout(kind: str, frames: int, size: tuple[int, int], stride: tu
     return read_only(positions, time_positions, slot, positions=2)
 
 
-class FactorisedVideoPlacer(LayerPlacer):
+class FactorisedVideoPlacer(_VideoPlacer):
     """Latte's factorised attention: a spatial block attends within each latent frame (``[B * F, heads, H'W',
     H'W']``, the frames of a video consecutive), a temporal block over the frames of each patch position (``[B *
     H'W', heads, F, F]``, the positions of a video consecutive, row-major); placed as :mod:`.video` places
@@ -596,14 +599,6 @@ class FactorisedVideoPlacer(LayerPlacer):
 
     def __init__(self, grid: _LatentGrid, module: nn.Module, kind: str):
         self.grid, self.module, self.kind = grid, module, kind
-
-    def refusal_without_attention(self, module: nn.Module) -> str | None:
-        # A processor (xFormers') or an attention backend (flash, sage, flex) that computes the attention where
-        # vitmad does not look reaches no place().
-        return _processor_refusal(self.grid, self.module) or backend_refusal(self.module)
-
-    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
-        return self.grid.install(context)
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         grid = _call_grid(context, self.grid, self.module)
