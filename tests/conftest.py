@@ -816,6 +816,24 @@ def sam_random_tables(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def hiera_random_tables(model: torch.nn.Module) -> torch.nn.Module:
+    """A Hiera trunk (sam2's, ultralytics' copy) made to tell places apart: sharpened projections, its qkv drawn wider
+    still (its first stage is 16 wide, one head, and std 0.25 leaves it near uniform), random position embeddings
+    (zeros at init) and patch embedding."""
+    sharpened(model)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "MultiScaleAttention":
+                module.qkv.weight.normal_(std=0.5)
+        for name, parameter in model.named_parameters():
+            if "pos_embed" in name:
+                parameter.normal_()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.normal_(std=0.25)
+    return model
+
+
 def sdpa_probabilities(run) -> list[torch.Tensor]:
     """``softmax(q k^T / sqrt(d))`` in float64 of every SDPA call of ``run()`` (no mask, default scale: sam2's and
     ultralytics' Hiera, SAM 3's ViT), in call order; SDPA itself still computes the model's output."""

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import pooled_window_reference, sdpa_probabilities, sharpened
+from conftest import hiera_random_tables, pooled_window_reference, sdpa_probabilities
 
 pytest.importorskip("sam2")
 from sam2.modeling.backbones.hieradet import Hiera  # noqa: E402
@@ -51,22 +51,6 @@ def _trunk() -> Hiera:
     return Hiera(embed_dim=16, num_heads=1, stages=(1, 2, 2, 1), global_att_blocks=(2, 4),
                  window_pos_embed_bkg_spatial_size=(4, 4), window_spec=(4, 4, 4, 2))
 
-
-def _random_tables(model: torch.nn.Module) -> torch.nn.Module:
-    """Sharpened projections (conftest; the trunk's qkv drawn wider still: its first stage is 16 wide, one head, and
-    std 0.25 leaves it near uniform), random position embeddings (zeros at init) and patch embedding."""
-    sharpened(model)
-    with torch.no_grad():
-        for module in model.modules():
-            if type(module).__name__ == "MultiScaleAttention":
-                module.qkv.weight.normal_(std=0.5)
-        for name, parameter in model.named_parameters():
-            if "pos_embed" in name:
-                parameter.normal_()
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                module.weight.normal_(std=0.25)
-    return model
 
 
 def _check_trunk(rec, rec_tokens, maps, batch: int, image: tuple[int, int], prefix: str, call: int = -1) -> None:
@@ -97,7 +81,7 @@ def _check_trunk(rec, rec_tokens, maps, batch: int, image: tuple[int, int], pref
 @pytest.mark.parametrize("image", [(64, 64), (48, 64)], ids=["whole-windows", "padded-48x64"])
 def test_hiera_trunk_matches_its_own_attention(image):
     torch.manual_seed(0)
-    trunk = _random_tables(_trunk()).eval()
+    trunk = hiera_random_tables(_trunk()).eval()
     pixels = torch.randn(2, 3, *image)
     maps = sdpa_probabilities(lambda: trunk(pixels))
     with torch.no_grad():
@@ -136,7 +120,7 @@ def _sam2() -> SAM2Base:
                      multimask_output_in_sam=True, use_obj_ptrs_in_encoder=True, pred_obj_scores=True,
                      pred_obj_scores_mlp=True, fixed_no_obj_ptr=True, use_mlp_for_obj_ptr_proj=True,
                      directly_add_no_mem_embed=True)
-    return _random_tables(model).eval()
+    return hiera_random_tables(model).eval()
 
 
 def test_sam2_base_and_image_predictor_record_the_trunk():

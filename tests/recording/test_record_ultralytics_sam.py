@@ -52,6 +52,7 @@ from ultralytics.nn.tasks import YOLOEModel  # noqa: E402
 import vitmad  # noqa: E402
 from conftest import (  # noqa: E402
     check_sam_windows,
+    hiera_random_tables,
     padded_window_reference,
     pooled_window_reference,
     sdpa_probabilities,
@@ -168,22 +169,6 @@ def test_tiny_vit_block_without_its_model_refused():
             block(torch.rand(1, 36, 16))
 
 
-def _hiera_tables(model: torch.nn.Module) -> torch.nn.Module:
-    """Sharpened projections, the trunk's qkv drawn wider (its first stage, one head of 16, stays near uniform at
-    std 0.25), random position embeddings (zeros at init) and patch embedding."""
-    sharpened(model)
-    with torch.no_grad():
-        for module in model.modules():
-            if type(module).__name__ == "MultiScaleAttention":
-                module.qkv.weight.normal_(std=0.5)
-        for name, parameter in model.named_parameters():
-            if "pos_embed" in name:
-                parameter.normal_()
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                module.weight.normal_(std=0.25)
-    return model
-
 
 def _check_hiera(rec, rec_tokens, maps, trunk: Hiera, batch: int, image: tuple[int, int], prefix: str) -> None:
     """Each block's call placed by :func:`conftest.pooled_window_reference` from the block's window and query stride
@@ -210,7 +195,7 @@ def test_hiera_trunk(image):
     # pads it to 8 x 8), then 3 x 4 (block 5 pads it to 4 x 4 and keeps 2 x 2 pooled queries, the second row's cells
     # half padding).
     torch.manual_seed(0)
-    trunk = _hiera_tables(Hiera(embed_dim=16, num_heads=1, stages=(1, 2, 2, 1), global_att_blocks=(2, 4),
+    trunk = hiera_random_tables(Hiera(embed_dim=16, num_heads=1, stages=(1, 2, 2, 1), global_att_blocks=(2, 4),
                                 window_pos_embed_bkg_spatial_size=(4, 4), window_spec=(4, 4, 4, 2))).eval()
     pixels = torch.randn(2, 3, *image)
     maps = sdpa_probabilities(lambda: trunk(pixels))
@@ -222,7 +207,7 @@ def test_sam2_model_forward_image():
     """build_sam2_t's SAM2Model (Hiera-T: stages 1, 2, 7, 2; windows 8, 4, 14, 7; blocks 5, 7, 9 global) through
     ``forward_image`` on 64 x 96 px: the trunk recorded alone, by default; its features unchanged, bit for bit."""
     torch.manual_seed(0)
-    model = _hiera_tables(build_sam2_t()).eval()
+    model = hiera_random_tables(build_sam2_t()).eval()
     pixels = torch.randn(1, 3, 64, 96)
     maps = sdpa_probabilities(lambda: model.forward_image(pixels))
     rec, rec_tokens = _record(model, lambda: model.forward_image(pixels)["vision_features"], ["entropy"])
