@@ -232,12 +232,18 @@ def _flux_ids(rows: int, columns: int, first: float = 0.0) -> torch.Tensor:
     return torch.stack([torch.full_like(r, first), r, c], -1).reshape(-1, 3)
 
 
+def _flux_inputs(rows: int, columns: int, text: int) -> dict:
+    """What FluxPipeline passes ``_flux()``: two latents packed on a ``rows x columns`` grid of ids, a caption of
+    ``text`` tokens (its ids zero), pooled projections."""
+    return {"hidden_states": torch.randn(2, rows * columns, 16), "encoder_hidden_states": torch.randn(2, text, 12),
+            "pooled_projections": torch.randn(2, 6), "timestep": torch.tensor([0.7, 0.7]),
+            "img_ids": _flux_ids(rows, columns), "txt_ids": torch.zeros(text, 3)}
+
+
 def test_flux_packed_latents_caption_first(monkeypatch):
     model = _flux()
     rows, columns, text = 3, 5, 4
-    inputs = {"hidden_states": torch.randn(2, rows * columns, 16), "encoder_hidden_states": torch.randn(2, text, 12),
-              "pooled_projections": torch.randn(2, 6), "timestep": torch.tensor([0.7, 0.7]),
-              "img_ids": _flux_ids(rows, columns), "txt_ids": torch.zeros(text, 3)}
+    inputs = _flux_inputs(rows, columns, text)
 
     def run():
         return model(**inputs)

@@ -34,6 +34,7 @@ from test_record_diffusers_images import (
     _check_layers,
     _flux,
     _flux_ids,
+    _flux_inputs,
     _positions,
     _record,
     _sharpen,
@@ -271,9 +272,7 @@ def test_fused_qkv_projections_measure_the_unfused_attention(monkeypatch, case):
 def test_flux_fused_qkv_projections_measure_the_unfused_attention(monkeypatch):
     model = _flux()
     rows, columns, text = 3, 5, 4
-    inputs = {"hidden_states": torch.randn(2, rows * columns, 16), "encoder_hidden_states": torch.randn(2, text, 12),
-              "pooled_projections": torch.randn(2, 6), "timestep": torch.tensor([0.7, 0.7]),
-              "img_ids": _flux_ids(rows, columns), "txt_ids": torch.zeros(text, 3)}
+    inputs = _flux_inputs(rows, columns, text)
 
     def run():
         return model(**inputs)
