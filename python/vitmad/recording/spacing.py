@@ -10,8 +10,9 @@ scaled (``rec.temporal_mad`` stays in frames).
 
 Scaling happens on each call's :class:`~.placement.Placement`, after its family placed it, so that every family
 (and ``positions=`` given by hand, which are then in pixels of the input) gets it alike. The layouts vitmad keeps
-(:func:`~.placement.read_only` positions, shared by the layers and calls of a grid) are scaled once and the scaled
-copy kept with them, so their device copies stay shared; other positions (built per call) are scaled per call.
+(:func:`~.placement.read_only` positions, shared by the layers and calls of a grid) are scaled once per spacing and
+the scaled copy kept with them, so their device copies stay shared; other positions (built per call) are scaled per
+call.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -78,8 +78,6 @@ class Spacing:
 
     def __init__(self, axes: tuple[float, ...]):
         self.axes = axes
-        # id(read-only positions) -> (a weak reference to them, their scaled copy).
-        self._kept: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
     def apply(self, placement: Placement) -> Placement:
         positions = self._scaled(placement.positions)
@@ -97,14 +95,18 @@ class Spacing:
                                f"tokens lie on {what} {axes} axes {lying}{time}: pass {axes} values, or one for all")
         if not is_read_only(positions):
             return _times(positions, self.axes)
-        kept = self._kept.get(id(positions))
-        if kept is not None and kept[0]() is positions:
-            return kept[1]
-        if len(self._kept) >= 256:  # layouts of grids no longer used
-            self._kept = {key: value for key, value in self._kept.items() if value[0]() is not None}
-        (scaled,) = read_only(_times(positions, self.axes), positions=1)
-        self._kept[id(positions)] = (weakref.ref(positions), scaled)
-        return scaled
+        # Kept with the layout itself, by spacing: it never changes, and goes when the layout goes.
+        kept = getattr(positions, _SCALED, None)
+        if kept is None:
+            kept = {}
+            setattr(positions, _SCALED, kept)
+        if self.axes not in kept:
+            (kept[self.axes],) = read_only(_times(positions, self.axes), positions=1)
+        return kept[self.axes]
+
+
+# The attribute of a read-only layout's positions that holds its scaled copies, by spacing.
+_SCALED = "_vitmad_spaced"
 
 
 def _times(positions: torch.Tensor, axes: tuple[float, ...]) -> torch.Tensor:
