@@ -1,6 +1,6 @@
 """vitmad.record on Hugging Face diffusers' image diffusion transformers: DiT, PixArt, SD3 (MMDiT, with SD3.5's
 dual attention), Flux, Chroma and Flux2 (packed latents, RoPE, double and single stream blocks), HunyuanDiT, AuraFlow
-(register tokens), QwenImage, CogView4 and Lumina2; Sana, ERNIE-Image, the processors vitmad has not read and ids of
+(register tokens), QwenImage, CogView4 and Lumina2; Sana, GLM-Image, the processors vitmad has not read and ids of
 several images refused or skipped.
 
 Tiny random-weight models, sharpened (every Linear redrawn, the query projections scaled up) so that attention is far
@@ -522,8 +522,12 @@ def test_lumina2_refuses_captions_of_different_lengths():
 
 def test_other_image_transformer_refused_by_name():
     torch.manual_seed(0)
-    model = diffusers.ErnieImageTransformer2DModel(
-        hidden_size=16, num_attention_heads=2, num_layers=1, ffn_hidden_size=32, in_channels=4, out_channels=4,
-        patch_size=2, text_in_dim=12, rope_axes_dim=(2, 2, 4))
-    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="ErnieImageTransformer2DModel yet: "):
-        model(torch.randn(1, 4, 4, 4), torch.tensor([10.0]), torch.randn(1, 3, 12), torch.tensor([3]))
+    model = diffusers.GlmImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=12, time_embed_dim=16, condition_dim=8, prior_vq_quantizer_codebook_size=32)
+    inputs = {"hidden_states": torch.randn(1, 4, 8, 8), "encoder_hidden_states": torch.randn(1, 3, 12),
+              "timestep": torch.tensor([500.0]), "prior_token_id": torch.zeros(1, 16, dtype=torch.long),
+              "prior_token_drop": torch.tensor([False]), "target_size": torch.tensor([[64.0, 64.0]]),
+              "crop_coords": torch.zeros(1, 2)}
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="GlmImageTransformer2DModel yet: "):
+        model(**inputs)

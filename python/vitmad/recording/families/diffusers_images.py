@@ -160,23 +160,13 @@ _LINEAR = ("SanaTransformer2DModel",)
 # their source, diffusers 0.42.1); those not read yet say so.
 _NOT_READ = "its layout has not been read yet"
 _NOT_PLACED = {
-    "HiDreamImageTransformer2DModel": (
-        "a non-square latent's tokens are padded to max_seq with tokens whose keys are zeroed (attended with logit 0, "
-        "not masked) between the image and the caption, and each block's caption is the T5 tokens plus one Llama "
-        "layer's, another count per block"),
     "ZImageTransformer2DModel": (
         "it takes each image as a tensor of a list and pads its tokens to a multiple of 32 with copies of the last "
         "(its x_pad_token), and each entry's [image, caption] sequence to the batch's longest (Omni: [caption, image, "
         "SigLIP tokens] with condition images)"),
-    "OmniGenTransformer2DModel": (
-        "it attends over one Phi-3 sequence of the prompt's text, its input images' patches and the latent's, under "
-        "the attention_mask and position_ids the pipeline builds: several images in one sequence"),
     "BriaFiboTransformer2DModel": (
         "BriaFiboPipeline packs its latent 2 x 2 or not at all (do_patching): a step of img_ids is 2 latent pixels or "
         "1, which the transformer's inputs do not tell"),
-    "ErnieImageTransformer2DModel": (
-        "its caption (text_bth, padded, text_lens long) reaches its attention through no module vitmad can watch, "
-        "so the caption's length is not checked against the keys"),
     "GlmImageTransformer2DModel": (
         "its attention can prepend cached keys of earlier images (its KV cache), tokens of another image"),
     "Krea2Transformer2DModel": (
