@@ -47,8 +47,9 @@ Processors: ``AttnProcessor2_0`` / ``FusedAttnProcessor2_0`` call ``F.scaled_dot
 heads, N, d]``; the classic ``AttnProcessor`` (which prompt-to-prompt style code builds on) merges batch and heads
 (``head_to_batch_dim``: row ``b * heads + h``) and computes ``get_attention_scores``' softmax over ``[B * heads, N,
 N]``, read by vitmad's softmax capture and unmerged here (the batch read from the attention's input in each call);
-``SlicedAttnProcessor`` computes it in consecutive slices of ``slice_size`` rows, one call each, joined in order (a
-slice size that does not divide ``B * heads`` is refused). A forward call starts at the UNet's forward
+``SlicedAttnProcessor`` computes it in consecutive slices of ``slice_size`` rows, one call each (the last one the
+rows left where ``slice_size`` does not divide ``B * heads``, as SD 2.x's 5 heads make it), joined along the rows in
+order. A forward call starts at the UNet's forward
 (:func:`call_start`): ControlNet's first 3-channel convolution is its conditioning image's, after ``conv_in``.
 
 Skipped: ``attn2`` and every attention built as cross-attention (``Attention.is_cross_attention``: keys from the text
@@ -417,7 +418,8 @@ class UNetMapPlacer(LayerPlacer):
 
     def _merged_rows(self, context: CallContext, lead: torch.Size) -> tuple[int, int, int, int]:
         """``(B * heads, heads, first row, end row)`` of a merged processor's call: ``AttnProcessor``'s one call
-        holds every row; ``SlicedAttnProcessor``'s calls hold ``slice_size`` consecutive rows each, in order."""
+        holds every row; ``SlicedAttnProcessor``'s calls hold ``slice_size`` consecutive rows each, in order, the
+        last one the rows left where ``slice_size`` does not divide them."""
         call = context.values.get(self.attention_key)
         heads = int(self.attention.heads)
         if call is None or call.batch is None:
@@ -425,19 +427,15 @@ class UNetMapPlacer(LayerPlacer):
         rows = call.batch * heads
         processor = self.attention.processor
         size = min(int(processor.slice_size), rows) if self._processor()[1] == "SlicedAttnProcessor" else rows
-        if rows % size:
-            raise NotPlaceable(
-                f"its SlicedAttnProcessor cuts its {rows} rows of batch times heads ({call.batch} x {heads}) into "
-                f"slices of {size}, the last one shorter; set a slice size that divides {rows} (unet."
-                "set_attention_slice) or AttnProcessor2_0 while recording")
         start = call.calls * size
+        stop = min(start + size, rows)
         call.calls += 1
-        if len(lead) != 1 or lead[0] != size or start + size > rows:
+        if len(lead) != 1 or start >= rows or lead[0] != stop - start:
             raise NotPlaceable(
                 f"its attention has shape [{', '.join(map(str, lead))}, N, N] in its call {call.calls} of this "
-                f"forward; its {self._processor()[1]} makes {rows // size} call(s) of [{size}, N, N] over its "
-                f"{call.batch} x {heads} rows of batch times heads")
-        return rows, heads, start, start + size
+                f"forward; its {self._processor()[1]} makes {-(-rows // size)} call(s) of [{size}, N, N] (the last "
+                f"one of the rows left) over its {call.batch} x {heads} rows of batch times heads")
+        return rows, heads, start, stop
 
     def placement(self, current: _Map, shape: tuple[int, ...], frames: int | None, lead: torch.Size,
                   num_queries: int, num_keys: int) -> Placement:
@@ -459,24 +457,22 @@ class _AttentionCall:
 def _merged(placement: Placement, batch: int, heads: int, start: int, stop: int) -> Placement:
     """``placement`` of a ``[batch, heads]`` call, made the placement of rows ``start:stop`` of the same attention
     merged on ``[batch * heads]`` (row ``b * heads + h``, as ``head_to_batch_dim`` orders them). Its fold takes the
-    per-query values of all the module's calls in this forward, joined along the queries (consecutive chunks of
-    ``stop - start`` rows each)."""
+    per-query values of all the module's calls in this forward, joined along the rows (``Placement.rows_per_call``:
+    slices of any sizes, in order)."""
     def rows(positions: torch.Tensor | None) -> torch.Tensor | None:
         if positions is None or positions.dim() <= 2:  # the same positions in every row
             return positions
         return positions.expand(batch, heads, *positions.shape[-2:]).reshape(batch * heads, *positions.shape[-2:])[
             start:stop]
 
-    size, fold = stop - start, placement.fold
+    fold = placement.fold
 
     def merged_fold(values: torch.Tensor) -> torch.Tensor:
-        chunks = batch * heads // size
-        tokens = values.shape[-1] // chunks
-        return fold(values.reshape(size, chunks, tokens).transpose(0, 1).reshape(batch, heads, tokens))
+        return fold(values.unflatten(-2, (batch, heads)))
 
     return replace(placement, positions=rows(placement.positions), key_positions=rows(placement.key_positions),
                    time_positions=rows(placement.time_positions),
-                   time_key_positions=rows(placement.time_key_positions), fold=merged_fold, consecutive_chunks=True)
+                   time_key_positions=rows(placement.time_key_positions), fold=merged_fold, rows_per_call=True)
 
 
 @functools.lru_cache(maxsize=64)
