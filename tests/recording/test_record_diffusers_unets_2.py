@@ -31,6 +31,7 @@ The tokens are placed by geometry written here and in test_record_diffusers_unet
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -51,6 +52,7 @@ import vitmad
 
 diffusers = pytest.importorskip("diffusers")
 attention_processor = pytest.importorskip("diffusers.models.attention_processor")
+AnimateDiffFreeNoiseMixin = pytest.importorskip("diffusers.pipelines.free_noise_utils").AnimateDiffFreeNoiseMixin
 
 _ceil_half = lambda n: -(-n // 2)  # noqa: E731  Downsample2D: 3x3, stride 2, padding 1
 _TEMPORAL_PARTS = (".motion_modules.", ".temp_attentions.", "transformer_in.", "image_latents_temporal_encoder.")
@@ -220,6 +222,85 @@ def test_animatediff_space_and_motion_modules_equal_their_own(processor, monkeyp
     assert set(rec.skipped) == {n for n in own if n.endswith("attn2") and ".motion_modules." not in n}
     assert any(".motion_modules." in n and n.endswith("attn2") for n in rec.layers)
     assert _check_video(rec, tokens, own, latent, 2, batch, frames) == {"space", "time"}
+
+
+class _FreeNoise(AnimateDiffFreeNoiseMixin):
+    """What AnimateDiffPipeline.enable_free_noise reads of the pipeline: its UNet, device, dtype and adapter's
+    longest sequence (the tiny motion UNet's 8 frames)."""
+
+    def __init__(self, unet):
+        self.unet, self.device, self.dtype = unet, unet.device, unet.dtype
+        self.motion_adapter = types.SimpleNamespace(config=types.SimpleNamespace(motion_max_seq_length=8))
+
+
+def _free_noise_reference(probs: torch.Tensor, window: tuple[int, int], batch: int, frames: int,
+                          grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Per statistic ``[B, heads, F * h * w]`` in (frame, row, column) order of one context window's call ``[B * h *
+    w, heads, L, L]`` (groups: the cells of each video row-major; tokens: the window's frames, frame ``f`` at ``f +
+    0.5``), NaN at the frames outside the window."""
+    first, end = window
+    times = torch.arange(first, end, dtype=torch.float64)[:, None] + 0.5
+    cells, heads = grid[0] * grid[1], probs.shape[1]
+    values = {"temporal": (probs * torch.cdist(times, times)).sum(-1),
+              "entropy": -torch.special.xlogy(probs, probs).sum(-1)}
+    values["mad"] = torch.zeros_like(values["temporal"])
+    placed = {}
+    for name, value in values.items():
+        full = value.new_full((batch, heads, frames, cells), math.nan)
+        full[:, :, first:end] = value.reshape(batch, cells, heads, end - first).permute(0, 2, 3, 1)
+        placed[name] = full.reshape(batch, heads, frames * cells)
+    return placed
+
+
+@pytest.mark.parametrize("processor", ["2_0", "sliced_3"])
+def test_animatediff_free_noise_windows_equal_their_own(processor, monkeypatch):
+    """FreeNoise (pipe.enable_free_noise) runs each motion module's attention once per context window of frames; it
+    was refused with a shape message that did not name FreeNoise (QA helper-178). FreeNoiseTransformerBlock.forward
+    makes its windows ``range(0, F - L + 1, stride)``: with F = 6 frames, context_length L = 3 and stride 2, (0, 3)
+    and (2, 5), then (F - L, F) = (3, 6) since the last did not reach frame 6; per window attn1, then attn2, over
+    ``hidden_states[:, first:end]``. Also with slices of 3 rows of batch times heads, which divide no call's."""
+    unet = _motion_unet()
+    _FreeNoise(unet).enable_free_noise(context_length=3, context_stride=2)
+    if processor == "sliced_3":
+        unet.set_attn_processor(attention_processor.SlicedAttnProcessor(3))
+    windows = [(0, 3), (2, 5), (3, 6)]
+    batch, frames, latent = 2, 6, (7, 5)
+    gen = torch.Generator().manual_seed(11)
+    sample, text = torch.randn(batch, 4, frames, *latent, generator=gen), torch.randn(batch * frames, 5, 12,
+                                                                                        generator=gen)
+
+    def run():
+        return unet(sample, 10, text).sample
+
+    own = (_own_probabilities if processor == "2_0" else _merged_probabilities)(unet, monkeypatch, run)
+    rec, tokens = _record(unet, run)
+    motion = [n for n in own if ".motion_modules." in n]
+    assert motion and all(len(own[n]) == len(windows) for n in motion)
+    call, seen = tokens.calls[-1], {}
+    assert sorted(set(call.layers)) == sorted({n for n in own if n.endswith("attn1")} | set(motion))
+    for layer, name in enumerate(call.layers):
+        index = seen[name] = seen.get(name, -1) + 1
+        level = _level(name, 2)
+        grid, stride = _map(latent, level, _ceil_half), float(2 ** level)
+        probs = own[name][index]
+        if name in motion:  # a context window's temporal attention
+            assert probs.shape[-1] == 3
+            expected = _free_noise_reference(probs, windows[index], batch, frames, grid)
+        else:
+            expected = _svd_reference(probs, "space", batch, frames, grid, stride)
+        assert float((-torch.special.xlogy(probs, probs).sum(-1)).mean()) < 0.6 * math.log(probs.shape[-1])
+        geometry = call.geometry[layer]
+        kind = "time" if name in motion else "space"
+        assert (geometry.grid, geometry.stride, geometry.attention, geometry.frames) == (
+            grid, (stride, stride), kind, frames), name
+        torch.testing.assert_close(call.per_layer[layer].double(), expected["mad"], equal_nan=True, **TOL)
+        torch.testing.assert_close(call.temporal[layer].double(), expected["temporal"], equal_nan=True, **TOL)
+        torch.testing.assert_close(call.statistics["entropy"][layer].double(), expected["entropy"], equal_nan=True,
+                                   **STAT_TOL)
+        torch.testing.assert_close(rec.calls[-1].per_layer[layer].double(), expected["mad"].nanmean(-1), **TOL)
+        torch.testing.assert_close(rec.calls[-1].statistics["entropy"][layer].double(),
+                                   expected["entropy"].nanmean(-1), **STAT_TOL)
+    assert {n: seen[n] + 1 for n in motion} == {n: len(windows) for n in motion}
 
 
 def test_animatediff_keeps_denoising_steps_apart(monkeypatch):
