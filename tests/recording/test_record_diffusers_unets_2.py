@@ -30,6 +30,7 @@ The tokens are placed by geometry written here and in test_record_diffusers_unet
 
 from __future__ import annotations
 
+import copy
 import math
 import types
 
@@ -53,6 +54,7 @@ import vitmad
 diffusers = pytest.importorskip("diffusers")
 attention_processor = pytest.importorskip("diffusers.models.attention_processor")
 AnimateDiffFreeNoiseMixin = pytest.importorskip("diffusers.pipelines.free_noise_utils").AnimateDiffFreeNoiseMixin
+MultiControlNetModel = pytest.importorskip("diffusers.models.controlnets.multicontrolnet").MultiControlNetModel
 
 _ceil_half = lambda n: -(-n // 2)  # noqa: E731  Downsample2D: 3x3, stride 2, padding 1
 _TEMPORAL_PARTS = (".motion_modules.", ".temp_attentions.", "transformer_in.", "image_latents_temporal_encoder.")
@@ -448,6 +450,48 @@ def test_a_step_of_several_unets_is_one_call(order, monkeypatch):
             probabilities = own[name][index]  # this step's own attention, not the other's
             expected = (probabilities * torch.cdist(centres, centres) * 2 ** level).sum(-1).mean(-1)
             torch.testing.assert_close(call.per_layer[layer].double(), expected, **TOL)
+
+
+@pytest.mark.parametrize("nets", ["same_net_twice", "two_nets"])
+def test_multi_controlnet_forward_is_one_call_also_of_one_net_twice(nets, monkeypatch):
+    """MultiControlNetModel([controlnet, controlnet]) (one net for two condition images) made two calls per forward
+    and a warning, where two nets made one (QA helper-178). MultiControlNetModel.forward runs ``self.nets`` in order,
+    each on the same latent with its own condition image: each run's attn1 in the call, the first net's, then the
+    second's (the same net's names twice where it is held twice), each equal to its own probabilities."""
+    unet = _sd_unet(False)
+    controlnet = _sharpen(diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 4, 4, 8)))
+    twin = controlnet if nets == "same_net_twice" else copy.deepcopy(controlnet)
+    multi = MultiControlNetModel([controlnet, twin])
+    latent = (9, 7)
+    gen = torch.Generator().manual_seed(12)
+    sample, text = torch.randn(1, 4, *latent, generator=gen), torch.randn(1, 5, 12, generator=gen)
+    conditions = [torch.rand(1, 3, 8 * latent[0], 8 * latent[1], generator=gen) for _ in range(2)]
+    steps = (900, 50)
+
+    def run():
+        outputs = [multi(sample, t, text, conditions, [1.0, 0.5], return_dict=False) for t in steps]
+        return torch.cat([t.flatten() for down, mid in outputs for t in (*down, mid)])
+
+    own = _own_probabilities(multi, monkeypatch, run)
+    rec, tokens = _record(multi, run)
+    assert len(rec.calls) == len(tokens.calls) == len(steps)
+    first = sorted(n for n in own if n.startswith("nets.0.") and n.endswith("attn1"))
+    second = first if nets == "same_net_twice" else [n.replace("nets.0.", "nets.1.", 1) for n in first]
+    for step, call in enumerate(tokens.calls):
+        half = len(call.layers) // 2
+        assert sorted(call.layers[:half]) == first and sorted(call.layers[half:]) == second
+        for layer, name in enumerate(call.layers):
+            runs_per_step = len(own[name]) // len(steps)  # 2 where the net is held twice
+            probs = own[name][step * runs_per_step + (layer >= half and runs_per_step == 2)]
+            level = _level(name.split(".", 2)[2], 3)
+            grid, stride = _map(latent, level, _ceil_half), float(2 ** level)
+            rows = torch.arange(grid[0], dtype=torch.float64).repeat_interleave(grid[1])
+            cols = torch.arange(grid[1], dtype=torch.float64).repeat(grid[0])
+            centres = (torch.stack([rows, cols], -1) + 0.5) * stride
+            expected = (probs * torch.cdist(centres, centres)).sum(-1)
+            assert float((-torch.special.xlogy(probs, probs).sum(-1)).mean()) < 0.6 * math.log(probs.shape[-1])
+            torch.testing.assert_close(call.per_layer[layer].double(), expected, **TOL)
+            torch.testing.assert_close(rec.calls[step].per_layer[layer].double(), expected.mean(-1), **TOL)
 
 
 def test_controlnet_xs_base_and_control_attention_equal_their_own(monkeypatch):

@@ -192,7 +192,7 @@ def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
     call starts at its forward, before anything it runs. Its first convolution is no such start: ControlNet's first
     convolution on 3 channels is its conditioning image's, run after ``conv_in`` (whose map the placers read);
     I2VGen-XL attends over its ``image_latents``' frames before ``conv_in``; and the video UNets' ``sample`` (its
-    frames) is read before ``conv_in`` runs."""
+    frames) is read before ``conv_in`` runs. ``model`` itself where it holds several such UNets, or one twice."""
     inside = {id(m) for m in recorded}
     holding = [m for m in module_list(model) if _is_unet(m) and any(id(s) in inside for s in m.modules())]
     outermost = [m for m in holding if not any(m is not o and any(s is m for s in o.modules()) for o in holding)]
@@ -200,6 +200,10 @@ def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
         # Several UNets or ControlNets (a user's module running a ControlNet, then the UNet, each step; an EMA copy
         # registered first): which runs first is the forward's choice, not their order in the module tree, so the
         # model's own forward starts each call (QA helper-175: the first registered one split steps, or merged them).
+        return model
+    if outermost and sum(m is outermost[0] for _, m in model.named_modules(remove_duplicate=False)) > 1:
+        # One ControlNet held twice (MultiControlNetModel([controlnet, controlnet]): one net per condition image, the
+        # same weights) runs as two nets do, so a forward of the model holding it is one call, as for two nets.
         return model
     return outermost[0] if outermost else None
 
