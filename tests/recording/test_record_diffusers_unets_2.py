@@ -30,7 +30,9 @@ The tokens are placed by geometry written here and in test_record_diffusers_unet
 
 from __future__ import annotations
 
+import copy
 import math
+import types
 
 import pytest
 import torch
@@ -51,6 +53,8 @@ import vitmad
 
 diffusers = pytest.importorskip("diffusers")
 attention_processor = pytest.importorskip("diffusers.models.attention_processor")
+AnimateDiffFreeNoiseMixin = pytest.importorskip("diffusers.pipelines.free_noise_utils").AnimateDiffFreeNoiseMixin
+MultiControlNetModel = pytest.importorskip("diffusers.models.controlnets.multicontrolnet").MultiControlNetModel
 
 _ceil_half = lambda n: -(-n // 2)  # noqa: E731  Downsample2D: 3x3, stride 2, padding 1
 _TEMPORAL_PARTS = (".motion_modules.", ".temp_attentions.", "transformer_in.", "image_latents_temporal_encoder.")
@@ -135,14 +139,31 @@ def test_classic_processor_on_unet2d_attention_blocks(monkeypatch):
     _check(rec, tokens, own, (6, 10), down_blocks=2)
 
 
-def test_slices_that_do_not_divide_the_rows_are_refused():
-    # 3 rows per slice over 2 x 2 rows of batch times heads: the last slice is shorter.
-    unet = _sd_unet(False)
-    unet.set_attn_processor(attention_processor.SlicedAttnProcessor(3))
-    with pytest.raises(ValueError, match=r"SlicedAttnProcessor cuts its 4 rows of batch times heads \(2 x 2\) into "
-                                         r"slices of 3"):
-        with torch.no_grad(), vitmad.record(unet):
-            unet(torch.randn(2, 4, 8, 8), 10, torch.randn(2, 5, 12))
+@pytest.mark.parametrize("batch", [1, 2])
+def test_slices_that_do_not_divide_the_rows_equal_their_own(batch, monkeypatch):
+    """SD 2.x's 5 heads sliced by 3 (pipe.enable_attention_slicing(3) calls unet.set_attention_slice(3)): 5 rows
+    of batch times heads are cut 3 + 2, 10 rows 3 + 3 + 3 + 1, which diffusers runs; vitmad refused it (QA
+    helper-178). The slices are joined along the rows before batch and heads are put apart."""
+    torch.manual_seed(0)
+    unet = _sharpen(diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(20, 20, 40), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
+        attention_head_dim=5, norm_num_groups=4, use_linear_projection=True))
+    unet.set_attention_slice(3)
+    assert {type(p).__name__ for p in unet.attn_processors.values()} == {"SlicedAttnProcessor"}
+    latent = (9, 7)
+    gen = torch.Generator().manual_seed(1)
+    sample, text = torch.randn(batch, 4, *latent, generator=gen), torch.randn(batch, 5, 12, generator=gen)
+
+    def run():
+        return unet(sample, 10, text).sample
+
+    own = _merged_probabilities(unet, monkeypatch, run)
+    assert all(p.shape[:2] == (batch, 5) for forwards in own.values() for p in forwards)
+    rec, tokens = _record(unet, run)
+    assert sorted(rec.layers) == sorted(n for n in own if n.endswith("attn1"))
+    _check(rec, tokens, own, latent, down_blocks=3)
 
 
 def _video_level(name: str, down_blocks: int) -> int:
@@ -203,6 +224,85 @@ def test_animatediff_space_and_motion_modules_equal_their_own(processor, monkeyp
     assert set(rec.skipped) == {n for n in own if n.endswith("attn2") and ".motion_modules." not in n}
     assert any(".motion_modules." in n and n.endswith("attn2") for n in rec.layers)
     assert _check_video(rec, tokens, own, latent, 2, batch, frames) == {"space", "time"}
+
+
+class _FreeNoise(AnimateDiffFreeNoiseMixin):
+    """What AnimateDiffPipeline.enable_free_noise reads of the pipeline: its UNet, device, dtype and adapter's
+    longest sequence (the tiny motion UNet's 8 frames)."""
+
+    def __init__(self, unet):
+        self.unet, self.device, self.dtype = unet, unet.device, unet.dtype
+        self.motion_adapter = types.SimpleNamespace(config=types.SimpleNamespace(motion_max_seq_length=8))
+
+
+def _free_noise_reference(probs: torch.Tensor, window: tuple[int, int], batch: int, frames: int,
+                          grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Per statistic ``[B, heads, F * h * w]`` in (frame, row, column) order of one context window's call ``[B * h *
+    w, heads, L, L]`` (groups: the cells of each video row-major; tokens: the window's frames, frame ``f`` at ``f +
+    0.5``), NaN at the frames outside the window."""
+    first, end = window
+    times = torch.arange(first, end, dtype=torch.float64)[:, None] + 0.5
+    cells, heads = grid[0] * grid[1], probs.shape[1]
+    values = {"temporal": (probs * torch.cdist(times, times)).sum(-1),
+              "entropy": -torch.special.xlogy(probs, probs).sum(-1)}
+    values["mad"] = torch.zeros_like(values["temporal"])
+    placed = {}
+    for name, value in values.items():
+        full = value.new_full((batch, heads, frames, cells), math.nan)
+        full[:, :, first:end] = value.reshape(batch, cells, heads, end - first).permute(0, 2, 3, 1)
+        placed[name] = full.reshape(batch, heads, frames * cells)
+    return placed
+
+
+@pytest.mark.parametrize("processor", ["2_0", "sliced_3"])
+def test_animatediff_free_noise_windows_equal_their_own(processor, monkeypatch):
+    """FreeNoise (pipe.enable_free_noise) runs each motion module's attention once per context window of frames; it
+    was refused with a shape message that did not name FreeNoise (QA helper-178). FreeNoiseTransformerBlock.forward
+    makes its windows ``range(0, F - L + 1, stride)``: with F = 6 frames, context_length L = 3 and stride 2, (0, 3)
+    and (2, 5), then (F - L, F) = (3, 6) since the last did not reach frame 6; per window attn1, then attn2, over
+    ``hidden_states[:, first:end]``. Also with slices of 3 rows of batch times heads, which divide no call's."""
+    unet = _motion_unet()
+    _FreeNoise(unet).enable_free_noise(context_length=3, context_stride=2)
+    if processor == "sliced_3":
+        unet.set_attn_processor(attention_processor.SlicedAttnProcessor(3))
+    windows = [(0, 3), (2, 5), (3, 6)]
+    batch, frames, latent = 2, 6, (7, 5)
+    gen = torch.Generator().manual_seed(11)
+    sample, text = torch.randn(batch, 4, frames, *latent, generator=gen), torch.randn(batch * frames, 5, 12,
+                                                                                        generator=gen)
+
+    def run():
+        return unet(sample, 10, text).sample
+
+    own = (_own_probabilities if processor == "2_0" else _merged_probabilities)(unet, monkeypatch, run)
+    rec, tokens = _record(unet, run)
+    motion = [n for n in own if ".motion_modules." in n]
+    assert motion and all(len(own[n]) == len(windows) for n in motion)
+    call, seen = tokens.calls[-1], {}
+    assert sorted(set(call.layers)) == sorted({n for n in own if n.endswith("attn1")} | set(motion))
+    for layer, name in enumerate(call.layers):
+        index = seen[name] = seen.get(name, -1) + 1
+        level = _level(name, 2)
+        grid, stride = _map(latent, level, _ceil_half), float(2 ** level)
+        probs = own[name][index]
+        if name in motion:  # a context window's temporal attention
+            assert probs.shape[-1] == 3
+            expected = _free_noise_reference(probs, windows[index], batch, frames, grid)
+        else:
+            expected = _svd_reference(probs, "space", batch, frames, grid, stride)
+        assert float((-torch.special.xlogy(probs, probs).sum(-1)).mean()) < 0.6 * math.log(probs.shape[-1])
+        geometry = call.geometry[layer]
+        kind = "time" if name in motion else "space"
+        assert (geometry.grid, geometry.stride, geometry.attention, geometry.frames) == (
+            grid, (stride, stride), kind, frames), name
+        torch.testing.assert_close(call.per_layer[layer].double(), expected["mad"], equal_nan=True, **TOL)
+        torch.testing.assert_close(call.temporal[layer].double(), expected["temporal"], equal_nan=True, **TOL)
+        torch.testing.assert_close(call.statistics["entropy"][layer].double(), expected["entropy"], equal_nan=True,
+                                   **STAT_TOL)
+        torch.testing.assert_close(rec.calls[-1].per_layer[layer].double(), expected["mad"].nanmean(-1), **TOL)
+        torch.testing.assert_close(rec.calls[-1].statistics["entropy"][layer].double(),
+                                   expected["entropy"].nanmean(-1), **STAT_TOL)
+    assert {n: seen[n] + 1 for n in motion} == {n: len(windows) for n in motion}
 
 
 def test_animatediff_keeps_denoising_steps_apart(monkeypatch):
@@ -350,6 +450,48 @@ def test_a_step_of_several_unets_is_one_call(order, monkeypatch):
             probabilities = own[name][index]  # this step's own attention, not the other's
             expected = (probabilities * torch.cdist(centres, centres) * 2 ** level).sum(-1).mean(-1)
             torch.testing.assert_close(call.per_layer[layer].double(), expected, **TOL)
+
+
+@pytest.mark.parametrize("nets", ["same_net_twice", "two_nets"])
+def test_multi_controlnet_forward_is_one_call_also_of_one_net_twice(nets, monkeypatch):
+    """MultiControlNetModel([controlnet, controlnet]) (one net for two condition images) made two calls per forward
+    and a warning, where two nets made one (QA helper-178). MultiControlNetModel.forward runs ``self.nets`` in order,
+    each on the same latent with its own condition image: each run's attn1 in the call, the first net's, then the
+    second's (the same net's names twice where it is held twice), each equal to its own probabilities."""
+    unet = _sd_unet(False)
+    controlnet = _sharpen(diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 4, 4, 8)))
+    twin = controlnet if nets == "same_net_twice" else copy.deepcopy(controlnet)
+    multi = MultiControlNetModel([controlnet, twin])
+    latent = (9, 7)
+    gen = torch.Generator().manual_seed(12)
+    sample, text = torch.randn(1, 4, *latent, generator=gen), torch.randn(1, 5, 12, generator=gen)
+    conditions = [torch.rand(1, 3, 8 * latent[0], 8 * latent[1], generator=gen) for _ in range(2)]
+    steps = (900, 50)
+
+    def run():
+        outputs = [multi(sample, t, text, conditions, [1.0, 0.5], return_dict=False) for t in steps]
+        return torch.cat([t.flatten() for down, mid in outputs for t in (*down, mid)])
+
+    own = _own_probabilities(multi, monkeypatch, run)
+    rec, tokens = _record(multi, run)
+    assert len(rec.calls) == len(tokens.calls) == len(steps)
+    first = sorted(n for n in own if n.startswith("nets.0.") and n.endswith("attn1"))
+    second = first if nets == "same_net_twice" else [n.replace("nets.0.", "nets.1.", 1) for n in first]
+    for step, call in enumerate(tokens.calls):
+        half = len(call.layers) // 2
+        assert sorted(call.layers[:half]) == first and sorted(call.layers[half:]) == second
+        for layer, name in enumerate(call.layers):
+            runs_per_step = len(own[name]) // len(steps)  # 2 where the net is held twice
+            probs = own[name][step * runs_per_step + (layer >= half and runs_per_step == 2)]
+            level = _level(name.split(".", 2)[2], 3)
+            grid, stride = _map(latent, level, _ceil_half), float(2 ** level)
+            rows = torch.arange(grid[0], dtype=torch.float64).repeat_interleave(grid[1])
+            cols = torch.arange(grid[1], dtype=torch.float64).repeat(grid[0])
+            centres = (torch.stack([rows, cols], -1) + 0.5) * stride
+            expected = (probs * torch.cdist(centres, centres)).sum(-1)
+            assert float((-torch.special.xlogy(probs, probs).sum(-1)).mean()) < 0.6 * math.log(probs.shape[-1])
+            torch.testing.assert_close(call.per_layer[layer].double(), expected, **TOL)
+            torch.testing.assert_close(rec.calls[step].per_layer[layer].double(), expected.mean(-1), **TOL)
 
 
 def test_controlnet_xs_base_and_control_attention_equal_their_own(monkeypatch):

@@ -140,6 +140,11 @@ class Placement:
             call per image or window, split by ``cu_seqlens``): the per-query values of its calls in one forward
             are concatenated along the query dim (``[*lead, sum of Nq]``) before ``fold``; each call's placement
             holds the positions of its own chunk and the ``fold`` of the whole sequence.
+        rows_per_call: True when the module computes its attention over consecutive rows of its one leading dim in
+            calls of its own (diffusers' ``SlicedAttnProcessor``: slices of batch and heads merged, the last one
+            shorter where the slice size does not divide them): the per-query values of its calls in one forward are
+            concatenated along that dim (``[sum of rows, Nq]``) before ``fold``; each call's placement holds the
+            positions of its own rows and the ``fold`` of all.
         present: ``[B, T]`` (or ``[T]``) bool, the tokens of the folded grid that exist in this call, or None
             when all do. A masked encoder keeps a subset of each image's grid; packed images of different sizes
             are folded onto the largest one. ``fold`` leaves NaN at the absent tokens, and an image's MAD is the
@@ -170,6 +175,7 @@ class Placement:
     heads_per_call: bool = False
     present: torch.Tensor | None = None
     consecutive_chunks: bool = False
+    rows_per_call: bool = False
     time_positions: torch.Tensor | None = None
     time_key_positions: torch.Tensor | None = None
     padded_keys: bool = False

@@ -1289,6 +1289,10 @@ class Recording:
             per_query = torch.cat([value for _, value, *_ in pending], dim=-1)
             if all(entry[3] is not None for entry in pending):  # packed clips: each chunk's temporal MAD too
                 temporal = torch.cat([entry[3] for entry in pending], dim=-1)
+        elif placement.rows_per_call and all(entry[0].rows_per_call for entry in pending):
+            per_query = torch.cat([value for _, value, *_ in pending], dim=-2)
+            if all(entry[3] is not None for entry in pending):
+                temporal = torch.cat([entry[3] for entry in pending], dim=-2)
         elif 1 < placement.batch_parts == len(pending) and all(e[0].batch_parts == len(pending) for e in pending):
             per_query = torch.cat([value for _, value, *_ in pending], dim=-3)  # [..., B, H, Nq]: the batch dim
         elif len(pending) == 1 and not is_differential(module):
@@ -1328,6 +1332,8 @@ class Recording:
                 # a class token per image): each chunk's rows cover its own keys, so joined along the keys they
                 # fold, like per-query values, onto each image's own grid. Chunks without such rows have no maps.
                 maps = torch.cat([entry[4] for entry in pending], dim=-1)
+            elif len(pending) > 1 and placement.rows_per_call and len(rows) == 1 and None not in rows:
+                maps = torch.cat([entry[4] for entry in pending], dim=-3)  # [rows, Q, Nk]: the calls' rows
             elif 1 < placement.batch_parts == len(pending) and len(rows) == 1 and None not in rows:
                 maps = torch.cat([entry[4] for entry in pending], dim=-4)  # [B, H, Q, Nk]: the batch dim
             call.prefix_maps.append(None if maps is None else torch.stack(

@@ -41,14 +41,17 @@ their ``[B, C, F, h, w]`` view to ``[B * h * w, F, C]`` with ``num_frames`` and 
 ``image_latents_temporal_encoder`` attends over the frames of each latent pixel of ``image_latents`` before
 ``conv_in`` (stride 1). A token is its cell in its latent frame, at ``f + 0.5`` frames; both kinds fold onto ``[B,
 heads, F * h * w]`` in (frame, row, column) order, as :mod:`.video` folds TimeSformer's divided attention: a space
-call's temporal MAD is 0, a time call's spatial MAD is 0, both measured.
+call's temporal MAD is 0, a time call's spatial MAD is 0, both measured. AnimateDiff's FreeNoise
+(``FreeNoiseTransformerBlock`` in the motion modules) attends over one context window of frames per forward of
+``attn1`` / ``attn2``: each an entry of the call, on the same fold, NaN at the frames outside its window.
 
 Processors: ``AttnProcessor2_0`` / ``FusedAttnProcessor2_0`` call ``F.scaled_dot_product_attention`` with ``[B,
 heads, N, d]``; the classic ``AttnProcessor`` (which prompt-to-prompt style code builds on) merges batch and heads
 (``head_to_batch_dim``: row ``b * heads + h``) and computes ``get_attention_scores``' softmax over ``[B * heads, N,
 N]``, read by vitmad's softmax capture and unmerged here (the batch read from the attention's input in each call);
-``SlicedAttnProcessor`` computes it in consecutive slices of ``slice_size`` rows, one call each, joined in order (a
-slice size that does not divide ``B * heads`` is refused). A forward call starts at the UNet's forward
+``SlicedAttnProcessor`` computes it in consecutive slices of ``slice_size`` rows, one call each (the last one the
+rows left where ``slice_size`` does not divide ``B * heads``, as SD 2.x's 5 heads make it), joined along the rows in
+order. A forward call starts at the UNet's forward
 (:func:`call_start`): ControlNet's first 3-channel convolution is its conditioning image's, after ``conv_in``.
 
 Skipped: ``attn2`` and every attention built as cross-attention (``Attention.is_cross_attention``: keys from the text
@@ -146,6 +149,8 @@ _MAP_HOLDERS = {("diffusers.models.transformers.transformer_2d", "Transformer2DM
 _TEMPORAL_HOLDERS = {("diffusers.models.transformers.transformer_temporal", "TransformerTemporalModel"),
                      (_MOTION, "AnimateDiffTransformer3D")}
 _TEMPORAL_BLOCK = ("diffusers.models.attention", "TemporalBasicTransformerBlock")
+# AnimateDiff's FreeNoise block (pipe.enable_free_noise puts it in the motion modules): attention per context window.
+_FREE_NOISE_BLOCK = ("diffusers.models.attention", "FreeNoiseTransformerBlock")
 # I2VGen-XL's attention over the frames of each latent pixel of its image_latents, before conv_in.
 _I2VGEN_ENCODER = ("diffusers.models.unets.unet_i2vgen_xl", "I2VGenXLTransformerTemporalEncoder")
 # Processors that hand F.scaled_dot_product_attention the queries and keys as [B, heads, N, d].
@@ -187,7 +192,7 @@ def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
     call starts at its forward, before anything it runs. Its first convolution is no such start: ControlNet's first
     convolution on 3 channels is its conditioning image's, run after ``conv_in`` (whose map the placers read);
     I2VGen-XL attends over its ``image_latents``' frames before ``conv_in``; and the video UNets' ``sample`` (its
-    frames) is read before ``conv_in`` runs."""
+    frames) is read before ``conv_in`` runs. ``model`` itself where it holds several such UNets, or one twice."""
     inside = {id(m) for m in recorded}
     holding = [m for m in module_list(model) if _is_unet(m) and any(id(s) in inside for s in m.modules())]
     outermost = [m for m in holding if not any(m is not o and any(s is m for s in o.modules()) for o in holding)]
@@ -195,6 +200,10 @@ def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
         # Several UNets or ControlNets (a user's module running a ControlNet, then the UNet, each step; an EMA copy
         # registered first): which runs first is the forward's choice, not their order in the module tree, so the
         # model's own forward starts each call (QA helper-175: the first registered one split steps, or merged them).
+        return model
+    if outermost and sum(m is outermost[0] for _, m in model.named_modules(remove_duplicate=False)) > 1:
+        # One ControlNet held twice (MultiControlNetModel([controlnet, controlnet]): one net per condition image, the
+        # same weights) runs as two nets do, so a forward of the model holding it is one call, as for two nets.
         return model
     return outermost[0] if outermost else None
 
@@ -270,7 +279,9 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         if holder is None:
             return RefusingPlacer(f"it is no attention of a Transformer2DModel, TransformerTemporalModel or "
                                   f"AnimateDiffTransformer3D of {unet_class}, the ones vitmad places in it")
-        return FramesMapPlacer(unet, module, holder[1], conv_in, samplings, "time" if temporal else "space")
+        free_noise = innermost_on_path(unet, inner, lambda m: _defined(m, _FREE_NOISE_BLOCK)) if temporal else None
+        return FramesMapPlacer(unet, module, holder[1], conv_in, samplings, "time" if temporal else "space",
+                               None if free_noise is None else free_noise[1])
     return UNetMapPlacer(unet, module, module if holder is None else holder[1], conv_in, samplings)
 
 
@@ -410,14 +421,16 @@ class UNetMapPlacer(LayerPlacer):
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         current, shape, frames = self.current_map(context)
         if self._processor() not in _MERGED_PROCESSORS:
-            return self.placement(current, shape, frames, lead, num_queries, num_keys)
+            return self.placement(context, current, shape, frames, lead, num_queries, num_keys)
         rows, heads, start, stop = self._merged_rows(context, lead)
-        placement = self.placement(current, shape, frames, torch.Size([rows // heads, heads]), num_queries, num_keys)
+        placement = self.placement(context, current, shape, frames, torch.Size([rows // heads, heads]), num_queries,
+                                   num_keys)
         return _merged(placement, rows // heads, heads, start, stop)
 
     def _merged_rows(self, context: CallContext, lead: torch.Size) -> tuple[int, int, int, int]:
         """``(B * heads, heads, first row, end row)`` of a merged processor's call: ``AttnProcessor``'s one call
-        holds every row; ``SlicedAttnProcessor``'s calls hold ``slice_size`` consecutive rows each, in order."""
+        holds every row; ``SlicedAttnProcessor``'s calls hold ``slice_size`` consecutive rows each, in order, the
+        last one the rows left where ``slice_size`` does not divide them."""
         call = context.values.get(self.attention_key)
         heads = int(self.attention.heads)
         if call is None or call.batch is None:
@@ -425,22 +438,18 @@ class UNetMapPlacer(LayerPlacer):
         rows = call.batch * heads
         processor = self.attention.processor
         size = min(int(processor.slice_size), rows) if self._processor()[1] == "SlicedAttnProcessor" else rows
-        if rows % size:
-            raise NotPlaceable(
-                f"its SlicedAttnProcessor cuts its {rows} rows of batch times heads ({call.batch} x {heads}) into "
-                f"slices of {size}, the last one shorter; set a slice size that divides {rows} (unet."
-                "set_attention_slice) or AttnProcessor2_0 while recording")
         start = call.calls * size
+        stop = min(start + size, rows)
         call.calls += 1
-        if len(lead) != 1 or lead[0] != size or start + size > rows:
+        if len(lead) != 1 or start >= rows or lead[0] != stop - start:
             raise NotPlaceable(
                 f"its attention has shape [{', '.join(map(str, lead))}, N, N] in its call {call.calls} of this "
-                f"forward; its {self._processor()[1]} makes {rows // size} call(s) of [{size}, N, N] over its "
-                f"{call.batch} x {heads} rows of batch times heads")
-        return rows, heads, start, start + size
+                f"forward; its {self._processor()[1]} makes {-(-rows // size)} call(s) of [{size}, N, N] (the last "
+                f"one of the rows left) over its {call.batch} x {heads} rows of batch times heads")
+        return rows, heads, start, stop
 
-    def placement(self, current: _Map, shape: tuple[int, ...], frames: int | None, lead: torch.Size,
-                  num_queries: int, num_keys: int) -> Placement:
+    def placement(self, context: CallContext, current: _Map, shape: tuple[int, ...], frames: int | None,
+                  lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         """The placement of a call whose attention is ``[*lead, Nq, Nk]``, ``lead`` ``[B, heads]``."""
         return grid_placement(lead, num_queries, num_keys, grid=current.grid, stride=current.stride,
                               attention="global")
@@ -449,46 +458,66 @@ class UNetMapPlacer(LayerPlacer):
 @dataclass
 class _AttentionCall:
     """What the attention module's current forward was given: its batch (``hidden_states``' first side), whether
-    it was given keys of its own, and how many attention calls it made so far."""
+    it was given keys of its own, how many attention calls it made so far, and which forward of the attention it is
+    in its FreeNoise block's forward (its context window, counted from 0)."""
 
     batch: int | None
     given_keys: bool
     calls: int = 0
+    window: int = 0
 
 
 def _merged(placement: Placement, batch: int, heads: int, start: int, stop: int) -> Placement:
     """``placement`` of a ``[batch, heads]`` call, made the placement of rows ``start:stop`` of the same attention
     merged on ``[batch * heads]`` (row ``b * heads + h``, as ``head_to_batch_dim`` orders them). Its fold takes the
-    per-query values of all the module's calls in this forward, joined along the queries (consecutive chunks of
-    ``stop - start`` rows each)."""
+    per-query values of all the module's calls in this forward, joined along the rows (``Placement.rows_per_call``:
+    slices of any sizes, in order)."""
     def rows(positions: torch.Tensor | None) -> torch.Tensor | None:
         if positions is None or positions.dim() <= 2:  # the same positions in every row
             return positions
         return positions.expand(batch, heads, *positions.shape[-2:]).reshape(batch * heads, *positions.shape[-2:])[
             start:stop]
 
-    size, fold = stop - start, placement.fold
+    fold = placement.fold
 
     def merged_fold(values: torch.Tensor) -> torch.Tensor:
-        chunks = batch * heads // size
-        tokens = values.shape[-1] // chunks
-        return fold(values.reshape(size, chunks, tokens).transpose(0, 1).reshape(batch, heads, tokens))
+        return fold(values.unflatten(-2, (batch, heads)))
 
     return replace(placement, positions=rows(placement.positions), key_positions=rows(placement.key_positions),
                    time_positions=rows(placement.time_positions),
-                   time_key_positions=rows(placement.time_key_positions), fold=merged_fold, consecutive_chunks=True)
+                   time_key_positions=rows(placement.time_key_positions), fold=merged_fold, rows_per_call=True)
 
 
 @functools.lru_cache(maxsize=64)
-def _frames_layout(kind: str, frames: int, grid: tuple[int, int], stride: tuple[float, float]) -> tuple[
-        torch.Tensor, ...]:
+def _frames_layout(kind: str, frames: int, grid: tuple[int, int], stride: tuple[float, float], first: int = 0,
+                   end: int | None = None) -> tuple[torch.Tensor | None, ...]:
     """Where the tokens of each group of a video UNet's call are (read-only, cached per map): ``[G, n, 2]`` latent
-    pixels, ``[G, n, 1]`` frames and the slot of each (frame, row, column) token among the ``G * n`` of one video
-    (:func:`.video.tubelet_positions`). ``"space"``: one group per frame, its cells row-major; ``"time"``: one group
-    per cell (row-major), its frames in order."""
+    pixels, ``[G, n, 1]`` frames, the slot of each (frame, row, column) token of one video among the ``G * n`` of the
+    call (:func:`.video.tubelet_positions`), and the tokens present (None: all). ``"space"``: one group per frame,
+    its cells row-major; ``"time"``: one group per cell (row-major), its frames in order, those of ``first:end``
+    alone where a FreeNoise window is given (the others' slots point past the call's, at a NaN the fold appends)."""
+    end = frames if end is None else end
     cells = torch.arange(frames * grid[0] * grid[1]).view(frames, grid[0] * grid[1])
-    positions, times, slot = tubelet_positions(cells if kind == "space" else cells.t(), frames, grid, stride, 1.0)
-    return read_only(positions, times, slot, positions=2)
+    positions, times, slot = tubelet_positions(cells[first:end] if kind == "space" else cells[first:end].t(),
+                                               frames, grid, stride, 1.0)
+    present = None
+    if end - first < frames:
+        present = torch.zeros(frames, grid[0] * grid[1], dtype=torch.bool)
+        present[first:end] = True
+        present = present.flatten()
+        slot = torch.where(present, slot, (end - first) * grid[0] * grid[1])
+        return read_only(positions, times, slot, present, positions=2)
+    return (*read_only(positions, times, slot, positions=2), None)
+
+
+def free_noise_windows(frames: int, length: int, stride: int) -> list[tuple[int, int]]:
+    """The context windows ``(first frame, end frame)`` of AnimateDiff's FreeNoise over ``frames`` frames, in the order
+    ``FreeNoiseTransformerBlock.forward`` runs them: one every ``stride`` frames while ``length`` frames fit, then one
+    ending at the last frame where those did not reach it."""
+    windows = [(start, start + length) for start in range(0, frames - length + 1, stride)]
+    if windows and windows[-1][1] != frames:
+        windows.append((frames - length, frames))
+    return windows
 
 
 class FramesMapPlacer(UNetMapPlacer):
@@ -500,39 +529,84 @@ class FramesMapPlacer(UNetMapPlacer):
     latent pixels, in its latent frame, at ``f + 0.5`` frames; every call folds onto ``[B, heads, F * h * w]`` in
     (frame, row, column) order, as :mod:`.video` folds divided space-time attention.
 
+    AnimateDiff's FreeNoise (``pipe.enable_free_noise``) makes a motion module's block a ``FreeNoiseTransformerBlock``,
+    which runs its ``attn1`` and ``attn2`` once per context window (:func:`free_noise_windows`), each over that
+    window's ``context_length`` frames, ``[B * h * w, heads, L, L]``: each forward is one entry of the call, its
+    tokens at their frames of the video, folded onto the same ``F * h * w`` with the window's frames present
+    (``Placement.present``) and NaN at the others.
+
     Args:
         kind: ``"space"`` or ``"time"``; the others as :class:`UNetMapPlacer`'s (``holder``: the
             ``TransformerSpatioTemporalModel``, whose ``image_only_indicator`` gives the frame count, the temporal
             holder, whose ``num_frames`` does, or the ``Transformer2DModel`` of a UNet whose ``sample`` does).
+        free_noise: the ``FreeNoiseTransformerBlock`` whose attention this is, or None.
     """
 
     def __init__(self, unet: nn.Module, attention: nn.Module, holder: nn.Module | None, conv_in: nn.Module | None,
-                 samplings: list[tuple[nn.Module, float]], kind: str):
+                 samplings: list[tuple[nn.Module, float]], kind: str, free_noise: nn.Module | None = None):
         super().__init__(unet, attention, holder, conv_in, samplings)
-        self.kind = kind
+        self.kind, self.free_noise = kind, free_noise
+        self.window_key = ("diffusers_unets.window", id(self))
 
-    def placement(self, current: _Map, shape: tuple[int, ...], frames: int | None, lead: torch.Size,
-                  num_queries: int, num_keys: int) -> Placement:
+    def install_call_hooks(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        """And, in a FreeNoise block, hooks that count the attention's forwards in each of the block's (its
+        windows)."""
+        handles = super().install_call_hooks(context)
+        if self.free_noise is None:
+            return handles
+
+        def block_starts(module, args) -> None:
+            context.values[self.window_key] = 0
+
+        def window_starts(module, args) -> None:  # after install_call_hooks' own hook made this forward's record
+            window = context.values.get(self.window_key, 0)
+            context.values[self.attention_key].window = window
+            context.values[self.window_key] = window + 1
+
+        handles.append(self.free_noise.register_forward_pre_hook(block_starts))
+        handles.append(self.attention.register_forward_pre_hook(window_starts))
+        return handles
+
+    def placement(self, context: CallContext, current: _Map, shape: tuple[int, ...], frames: int | None,
+                  lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         if frames is None or frames < 1 or shape[0] % frames:
             raise NotPlaceable(f"its block's input is {list(shape)} and it was told of {frames} frames, which do not "
                                "divide its batch into videos")
         batch, cells = shape[0] // frames, current.grid[0] * current.grid[1]
-        groups, tokens = (frames, cells) if self.kind == "space" else (cells, frames)
+        first, end = self._window(context, frames)
+        groups, tokens = (frames, cells) if self.kind == "space" else (cells, end - first)
         if len(lead) != 2 or lead[0] != batch * groups or num_queries != tokens or num_keys != tokens:
+            window = f" (FreeNoise's context window of frames {first} to {end - 1})" if end - first < frames else ""
             raise NotPlaceable(
                 f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; its {self.kind} "
-                f"attention over {batch} video(s) of {frames} frames of a {current.grid[0]}x{current.grid[1]} map "
-                f"gives [{batch * groups}, heads, {tokens}, {tokens}]")
-        positions, times, slot = _frames_layout(self.kind, frames, current.grid, current.stride)
+                f"attention over {batch} video(s) of {frames} frames of a {current.grid[0]}x{current.grid[1]} map"
+                f"{window} gives [{batch * groups}, heads, {tokens}, {tokens}]")
+        positions, times, slot, present = _frames_layout(self.kind, frames, current.grid, current.stride, first, end)
         heads = int(lead[1])
 
         def fold(values: torch.Tensor) -> torch.Tensor:
             values = values.reshape(batch, groups, heads, tokens).transpose(1, 2).reshape(batch, heads, -1)
+            if present is not None:  # the window's frames; NaN at the others'
+                values = torch.cat([values, values.new_full((*values.shape[:-1], 1), float("nan"))], -1)
             return values.index_select(-1, on_device(slot, values.device))
 
         geometry = LayerGeometry(current.grid, current.stride, self.kind, heads, frames=frames, frame_stride=1.0)
-        return Placement(positions.repeat(batch, 1, 1).unsqueeze(1), None, fold, geometry,
+        return Placement(positions.repeat(batch, 1, 1).unsqueeze(1), None, fold, geometry, present=present,
                          time_positions=times.repeat(batch, 1, 1).unsqueeze(1))
+
+    def _window(self, context: CallContext, frames: int) -> tuple[int, int]:
+        """``(first frame, end frame)`` this call attends over: all ``frames``, or its FreeNoise block's window."""
+        if self.free_noise is None or self.kind != "time":
+            return 0, frames
+        length, stride = int(self.free_noise.context_length), int(self.free_noise.context_stride)
+        windows = free_noise_windows(frames, length, stride)
+        call = context.values.get(self.attention_key)
+        if call is None or call.window >= len(windows):
+            raise NotPlaceable(
+                f"its FreeNoiseTransformerBlock (context_length={length}, context_stride={stride}) makes "
+                f"{len(windows)} context window(s) of {frames} frames, but this is its attention's forward "
+                f"{'?' if call is None else call.window + 1} in the block's forward")
+        return windows[call.window]
 
 
 class ImageLatentsPlacer(FramesMapPlacer):
