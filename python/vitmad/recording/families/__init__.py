@@ -27,6 +27,7 @@ from . import (
     diffusers_images,
     diffusers_unets,
     diffusers_video,
+    diffusers_zimage,
     efficientformer,
     efficientvit_msra,
     eomt,
@@ -124,8 +125,8 @@ _FAMILIES = (
     sam_map_encoder, hiera, pooled, mvit, video_mvit, levit, lw_detr, rf_detr, detr_encoder, memory_attention,
     efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin,
     mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit,
-    convit, torchvision_maxvit, vq_tokenizer, svtr, vit_pytorch, monai, ultralytics, ultralytics_sam, diffusers_images,
-    diffusers_unets, diffusers_video,
+    convit, torchvision_maxvit, vq_tokenizer, svtr, vit_pytorch, monai, ultralytics, ultralytics_sam,
+    diffusers_zimage, diffusers_images, diffusers_unets, diffusers_video,
 )
 
 

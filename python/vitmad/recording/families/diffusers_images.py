@@ -164,10 +164,6 @@ _NOT_PLACED = {
         "a non-square latent's tokens are padded to max_seq with tokens whose keys are zeroed (attended with logit 0, "
         "not masked) between the image and the caption, and each block's caption is the T5 tokens plus one Llama "
         "layer's, another count per block"),
-    "ZImageTransformer2DModel": (
-        "it takes each image as a tensor of a list and pads its tokens to a multiple of 32 with copies of the last "
-        "(its x_pad_token), and each entry's [image, caption] sequence to the batch's longest (Omni: [caption, image, "
-        "SigLIP tokens] with condition images)"),
     "OmniGenTransformer2DModel": (
         "it attends over one Phi-3 sequence of the prompt's text, its input images' patches and the latent's, under "
         "the attention_mask and position_ids the pipeline builds: several images in one sequence"),
