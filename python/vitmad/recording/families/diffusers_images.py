@@ -160,10 +160,6 @@ _LINEAR = ("SanaTransformer2DModel",)
 # their source, diffusers 0.42.1); those not read yet say so.
 _NOT_READ = "its layout has not been read yet"
 _NOT_PLACED = {
-    "ZImageTransformer2DModel": (
-        "it takes each image as a tensor of a list and pads its tokens to a multiple of 32 with copies of the last "
-        "(its x_pad_token), and each entry's [image, caption] sequence to the batch's longest (Omni: [caption, image, "
-        "SigLIP tokens] with condition images)"),
     "BriaFiboTransformer2DModel": (
         "BriaFiboPipeline packs its latent 2 x 2 or not at all (do_patching): a step of img_ids is 2 latent pixels or "
         "1, which the transformer's inputs do not tell"),
