@@ -294,13 +294,18 @@ class MonaiMaskedEncoderPlacer(MonaiViTPlacer):
         cut = self._cut(context)
         batch, _, patch, grid = cut
         kept = context.values.get(_KEPT + self.vit_name)
-        if not isinstance(kept, torch.Tensor) or kept.dim() != 2 or int(kept.shape[0]) != batch:
-            shown = list(kept.shape) if isinstance(kept, torch.Tensor) else None
+        what = f"MONAI's MaskedAutoEncoderViT ({self.vit_name or 'the model'})"
+        if kept is None:
             raise NotPlaceable(
-                f"the _masking of MONAI's MaskedAutoEncoderViT ({self.vit_name or 'the model'}) returned "
-                f"selected_indices {shown} in this call, not the [{batch}, K] patches each input kept, so where its "
-                "encoder's tokens are is not known; run the model's own forward on the image"
+                f"the _masking of its class did not run in this forward of {what} before its encoder attended (its "
+                "forward replaced, or _masking set on the instance?), so which patches the encoder keeps is not "
+                "known; run the class's own forward and _masking, or pass positions=<[B, 1 + K, 2] pixel position of "
+                "each token, a NaN row for the class token>"
             )
+        if not isinstance(kept, torch.Tensor) or kept.dim() != 2 or int(kept.shape[0]) != batch:
+            shown = list(kept.shape) if isinstance(kept, torch.Tensor) else type(kept).__name__
+            raise NotPlaceable(f"the _masking of {what} returned selected_indices {shown} in this call, not the "
+                               f"[{batch}, K] patches each input kept, so where its encoder's tokens are is not known")
         self._check(lead, num_queries, num_keys, 1 + int(kept.shape[1]), cut,
                     f" (the class token, then the {int(kept.shape[1])} patches _masking kept)")
         stride = tuple(float(p) for p in patch)

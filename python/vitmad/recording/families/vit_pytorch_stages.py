@@ -703,17 +703,17 @@ def _regionvit(model: nn.Module, name: str) -> LayerPlacer:
 # SepViT ---------------------------------------------------------------------------------------------------------
 
 class _WindowTokens(LayerPlacer):
-    """SepViT's pointwise attention: one token per ``size x size`` window of the stage's map, at the window's
-    centre."""
+    """SepViT's pointwise attention: one token per ``window_size x window_size`` window of the stage's map (the
+    ``DSSA``'s, read in each call), at the window's centre."""
 
-    def __init__(self, stages: StageGrid, size: int):
-        self.stages, self.size = stages, size
+    def __init__(self, stages: StageGrid, dssa: nn.Module):
+        self.stages, self.dssa = stages, dssa
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         return self.stages.install(context)
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        stage, size = self.stages.current(context), self.size
+        stage, size = self.stages.current(context), int(self.dssa.window_size)
         if stage.grid[0] % size or stage.grid[1] % size:
             raise NotPlaceable(f"its {stage.grid[0]}x{stage.grid[1]} map is not a whole number of {size}x{size} "
                                "windows")
@@ -739,11 +739,11 @@ def _sepvit(model: nn.Module, name: str, dssa: nn.Module) -> LayerPlacer:
                               "patch embeddings give the pixel stride of the map it attends over; record the SepViT")
     sepvit = found[1]
     stages = StageGrid(sepvit, [layer[0].conv for layer in sepvit.layers])
-    size = int(dssa.window_size)
     if name.rpartition(".")[2] == "window_attend":
-        return _WindowTokens(stages, size)
+        return _WindowTokens(stages, dssa)
 
     def partition(grid):
+        size = int(dssa.window_size)  # read in each call: SepViT builds every DSSA with 7, whatever it is given
         return block_partition(grid, (size, size)), f"window {size}x{size} after its window token (depthwise)"
 
     return _Windows(stages, partition, prefix=1)
