@@ -239,3 +239,25 @@ def test_refused_designs_are_named():
             torch.no_grad():
         with vitmad.record(attention):
             attention(torch.randn(1, 5, 16))
+
+
+def test_profile_takes_regionvit_with_its_two_calls_per_layer():
+    """vitmad.profile on RegionViT: per entry (R2R, then R2L, under one name) and head, the MAD over the images and
+    their tokens, from the model's own attention."""
+    from vit_pytorch.regionvit import RegionViT
+
+    model = _sharpen(RegionViT(dim=(16, 16, 16, 16), depth=(1, 1, 1, 1), window_size=2, num_classes=3,
+                               local_patch_size=4), 0.5)
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    prof = vitmad.profile(model, pixels, batch_size=3, device="cpu")
+    capture = _Softmaxes()
+    with torch.no_grad(), capture:
+        model(pixels)
+    expected, local, region = [], (16, 16), (8, 8)
+    for stage in range(4):
+        if stage:
+            local, region = _halved(local), _halved(region)
+        r2r, r2l = capture.maps[2 * stage], capture.maps[2 * stage + 1]
+        expected.append(_global(r2r, region, 8 * 2 ** stage)["mad"].mean((0, 2)))
+        expected.append(_led_windows(r2l, local, (2, 2), 4 * 2 ** stage)["mad"].mean((0, 2)))
+    torch.testing.assert_close(prof.mad.double(), torch.stack(expected), **TOL)

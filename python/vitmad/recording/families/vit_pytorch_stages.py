@@ -129,7 +129,8 @@ def _is(module: nn.Module, file: str, name: str) -> bool:
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The attention modules of the models placed or refused here (a T2TViT's ``vit.Attention`` too)."""
+    """The attention modules of the models placed or refused here (a T2TViT's ``vit.Attention`` too; of a SepViT
+    ``DSSA``, its two softmax modules ``attend`` and ``window_attend``, each a layer)."""
     found = {}
     for name, module in named_module_list(model):
         key = _file_and_class(module)
