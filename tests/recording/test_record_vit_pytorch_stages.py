@@ -456,10 +456,11 @@ def test_crossformer_short_and_long_distance_windows():
 
 
 def test_refused_designs_are_named():
-    from vit_pytorch.sep_vit import DSSA
+    # (RegionViT and SepViT are placed: test_record_vit_pytorch_regions.py.)
+    from vit_pytorch.max_vit_with_registers import MaxViT
 
-    # SepViT itself builds every DSSA with window_size 7 whatever it is given: its attention module alone.
-    attention = DSSA(dim=16, heads=2, dim_head=8, window_size=2).eval()
-    with pytest.raises(ValueError, match="SepViT's depthwise-separable self-attention"), torch.no_grad():
-        with vitmad.record(attention):
-            attention(torch.randn(1, 16, 4, 4))
+    model = MaxViT(num_classes=3, dim=16, depth=(1, 1), dim_head=8, window_size=4, dropout=0.0).eval()
+    with pytest.raises(ValueError, match=r"MaxViT with register tokens \(registers packed beside each window's "
+                                         r"tokens\): vitmad does not place"), torch.no_grad():
+        with vitmad.record(model):
+            model(torch.randn(1, 3, 32, 32))

@@ -29,7 +29,16 @@ the stride being the patch (times 2 per merging). A volume's tokens are placed i
 positions, ``(slice, row, column)``), so its MAD is the Euclidean distance over them; its layers fold onto
 ``depth x grid_h x grid_w`` (``LayerGeometry.depth``).
 
-Refused by name: ``MaskedAutoEncoderViT`` (a random subset of patches per forward), and any other use of MONAI's
+MaskedAutoEncoderViT (``monai.networks.nets.masked_autoencoder_vit``): the same patch embedding, then ``_masking``
+draws, in each forward, the patches each input keeps (``torch.multinomial`` without replacement: ``selected_indices``
+``[B, K]``, in the order drawn) and gathers them; the encoder's blocks attend over ``[class token][the kept patches in
+that order]``, the decoder's over ``[class token][every patch, row-major]`` (mask tokens at the cells not kept).
+``_masking`` hands its draw to no module: a wrapper of the class's ``_masking`` (:class:`.method_watch.MethodWatch`),
+for the recording only, reads the ``selected_indices`` it returned in each call (nothing is drawn again), and each
+kept patch is placed at the centre of its cell; the encoder's values fold onto the whole grid with the cells an input
+did not keep absent (``Placement.present``), so a layer's MAD is the mean over the kept patches.
+
+Refused by name: any other use of MONAI's
 attention blocks (``SABlock``, ``CrossAttentionBlock``, ``WindowAttention`` outside those models: diffusion UNets,
 the generative transformers), whose tokens are not a patch grid vitmad knows. (Restormer's attention runs over
 channels, which vitmad does not take for attention; MONAI's NaViT is refused by the generic rule, for want of a patch
@@ -55,11 +64,12 @@ from ..placement import (
     read_only,
     select_tokens,
 )
+from .method_watch import MethodWatch
 from .stages import innermost_on_path
 from .swin import merged_length
 from .windows import window_placement
 
-__all__ = ["placer", "call_start", "MonaiViTPlacer", "MonaiSwinPlacer"]
+__all__ = ["placer", "call_start", "MonaiViTPlacer", "MonaiMaskedEncoderPlacer", "MonaiSwinPlacer"]
 
 _VIT_MODELS = (("monai.networks.nets.vit", "ViT"), ("monai.networks.nets.vitautoenc", "ViTAutoEnc"))
 _MASKED = ("monai.networks.nets.masked_autoencoder_vit", "MaskedAutoEncoderViT")
@@ -71,6 +81,7 @@ _ATTENTION = {("monai.networks.blocks.selfattention", "SABlock"),
               ("monai.networks.nets.swin_unetr", "WindowAttention")}
 _CUT = "monai.cut."  # + the patch embedding's owner: (batch, spatial sides) of the input it cut
 _MAP = "monai.map."  # + a Swin block's name: (batch, spatial sides) of the map it received
+_KEPT = "monai.kept."  # + a MaskedAutoEncoderViT's name: the selected_indices its _masking returned in this call
 
 
 def _is(module: nn.Module, where: tuple[str, str]) -> bool:
@@ -125,10 +136,16 @@ def placer(model: nn.Module, name: str, module: nn.Module):
             return MonaiViTPlacer(model, *vit)
         masked = innermost_on_path(model, name, lambda m: _is(m, _MASKED))
         if masked is not None:
+            blocks = owner.rpartition(".")[0]
+            where = f"{masked[0]}." if masked[0] else ""
+            if blocks == where + "blocks":
+                return MonaiMaskedEncoderPlacer(model, *masked)
+            if blocks == where + "decoder_blocks":
+                return MonaiViTPlacer(model, *masked, "global over every patch (mask tokens at the cells not kept), "
+                                                      "class token first (MAE decoder)")
             return RefusingPlacer(
-                f"MONAI's MaskedAutoEncoderViT ({masked[0] or 'the model'}) keeps a random subset of its patches in "
-                "each forward (_masking), which vitmad does not read; record a ViT of the same patch embedding, or "
-                "pass positions=<[N, 2] pixel position of each token, a NaN row for the class token>"
+                f"it is an SABlock of MONAI's MaskedAutoEncoderViT ({masked[0] or 'the model'}) outside its blocks "
+                "and decoder_blocks, whose tokens vitmad does not know"
             )
     if cls.__name__ == "WindowAttention":
         block = model.get_submodule(owner) if owner else None
@@ -163,12 +180,13 @@ class MonaiViTPlacer(LayerPlacer):
 
     Args:
         model: the recorded model (for messages).
-        vit_name: qualified name of the ViT.
+        vit_name: qualified name of the ViT (or of the MaskedAutoEncoderViT whose decoder the block is).
         vit: that module.
+        attention: what the block attends over, in words, for the geometry; by default a ViT's global attention.
     """
 
-    def __init__(self, model: nn.Module, vit_name: str, vit: nn.Module):
-        self.model, self.vit_name, self.vit = model, vit_name, vit
+    def __init__(self, model: nn.Module, vit_name: str, vit: nn.Module, attention: str | None = None):
+        self.model, self.vit_name, self.vit, self.attention = model, vit_name, vit, attention
         self.embedding = vit.patch_embedding
         self.key = _CUT + vit_name
         self.where = f"{vit_name + '.' if vit_name else ''}patch_embedding"
@@ -212,7 +230,8 @@ class MonaiViTPlacer(LayerPlacer):
             )
         return tuple(int(rearrange.axes_lengths[p]) for _, p in names)
 
-    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+    def _cut(self, context: CallContext) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """``(batch, input sides, patch, grid)`` of what the patch embedding cut in this call."""
         cut = context.values.get(self.key)
         if cut is None:
             raise NotPlaceable(
@@ -222,21 +241,107 @@ class MonaiViTPlacer(LayerPlacer):
             )
         batch, sides = cut
         patch = self._patch(len(sides))
-        grid = tuple(n // p for n, p in zip(sides, patch))  # the convolution floors; Rearrange needs whole patches
-        prefix = 1 if hasattr(self.vit, "cls_token") else 0  # as ViT.forward decides
-        tokens = prefix + math.prod(grid)
+        # The convolution floors; Rearrange needs whole patches.
+        return batch, sides, patch, tuple(n // p for n, p in zip(sides, patch))
+
+    def _check(self, lead: torch.Size, num_queries: int, num_keys: int, tokens: int, cut: tuple,
+               described: str) -> None:
+        batch, sides, patch, grid = cut
         if len(lead) != 2 or int(lead[0]) != batch or num_queries != tokens or num_keys != tokens:
             raise NotPlaceable(
                 f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; after "
                 f"{self.where} cut {batch} inputs of {_sides(sides)} into {_sides(grid)} patches of {_sides(patch)}, "
-                f"a block of this ViT attends [{batch}, H, {tokens}, {tokens}]"
-                f"{' (the class token, then the patches)' if prefix else ''}"
+                f"a block of this {type(self.vit).__name__} attends [{batch}, H, {tokens}, {tokens}]{described}"
             )
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        cut = self._cut(context)
+        _, _, patch, grid = cut
+        prefix = 1 if hasattr(self.vit, "cls_token") else 0  # as ViT.forward decides
+        self._check(lead, num_queries, num_keys, prefix + math.prod(grid), cut,
+                    " (the class token, then the patches)" if prefix else "")
         stride = tuple(float(p) for p in patch)
         positions, index = _grid_positions(grid, stride, prefix)
-        attention = "global, class token first" if prefix else "global"
+        attention = self.attention or ("global, class token first" if prefix else "global")
         geometry = LayerGeometry.of_grid(grid, stride, attention, int(lead[1]), prefix)
         return Placement(positions, None, select_tokens(index), geometry)
+
+
+class MonaiMaskedEncoderPlacer(MonaiViTPlacer):
+    """Places the tokens of one ``SABlock`` of the encoder of MONAI's ``MaskedAutoEncoderViT``: its class token, then
+    the patches its ``_masking`` kept in this call, in the order drawn, each at the centre of its cell; the values
+    fold onto the whole grid with the cells not kept absent.
+
+    Args:
+        model: the recorded model (for messages).
+        vit_name: qualified name of the MaskedAutoEncoderViT.
+        vit: that module.
+    """
+
+    def install(self, context: CallContext) -> list:
+        key = _KEPT + self.vit_name
+
+        def clear(module, args) -> None:
+            context.values.pop(key, None)  # a call whose _masking does not run must not see an earlier draw
+
+        def report(module, output) -> None:
+            context.values[key] = output[1]  # (x_masked, selected_indices [B, K], mask)
+
+        return [*super().install(context), self.vit.register_forward_pre_hook(clear),
+                MethodWatch(self.vit, "_masking", report)]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        cut = self._cut(context)
+        batch, _, patch, grid = cut
+        kept = context.values.get(_KEPT + self.vit_name)
+        what = f"MONAI's MaskedAutoEncoderViT ({self.vit_name or 'the model'})"
+        if kept is None:
+            raise NotPlaceable(
+                f"the _masking of its class did not run in this forward of {what} before its encoder attended (its "
+                "forward replaced, or _masking set on the instance?), so which patches the encoder keeps is not "
+                "known; run the class's own forward and _masking, or pass positions=<[B, 1 + K, 2] pixel position of "
+                "each token, a NaN row for the class token>"
+            )
+        if not isinstance(kept, torch.Tensor) or kept.dim() != 2 or int(kept.shape[0]) != batch:
+            shown = list(kept.shape) if isinstance(kept, torch.Tensor) else type(kept).__name__
+            raise NotPlaceable(f"the _masking of {what} returned selected_indices {shown} in this call, not the "
+                               f"[{batch}, K] patches each input kept, so where its encoder's tokens are is not known")
+        self._check(lead, num_queries, num_keys, 1 + int(kept.shape[1]), cut,
+                    f" (the class token, then the {int(kept.shape[1])} patches _masking kept)")
+        stride = tuple(float(p) for p in patch)
+        shared = context.values.get(_KEPT + "placement." + self.vit_name)
+        if shared is not None and shared[0] is kept and shared[1] == tuple(lead):
+            return shared[2]  # the encoder's layers of one call share its draw
+        placement = _kept_placement(kept.detach().cpu(), grid, stride, int(lead[1]))
+        context.values[_KEPT + "placement." + self.vit_name] = (kept, tuple(lead), placement)
+        return placement
+
+
+def _kept_placement(kept: torch.Tensor, grid: tuple[int, ...], stride: tuple[float, ...], heads: int) -> Placement:
+    """The class token without a position, then token ``j`` of input ``b`` at cell ``kept[b, j]`` of the row-major
+    grid; folded onto the whole grid with the cells an input did not keep absent."""
+    batch, count = kept.shape
+    cells, _ = _grid_positions(grid, stride, 0)
+    total = cells.shape[0]
+    present = torch.zeros(batch, total, dtype=torch.bool).scatter_(1, kept, True)
+    if bool((present.sum(-1) != count).any()):
+        raise NotPlaceable("_masking kept a patch twice for one input; vitmad places each cell once")
+    positions = torch.cat([cells.new_full((batch, 1, cells.shape[1]), float("nan")), cells[kept]], dim=1)
+
+    copies = {}  # the draw on each device, copied once for the layers sharing this placement (a fresh draw per
+    # call: no content-keyed cache of on_device's to fill)
+
+    def fold(values: torch.Tensor) -> torch.Tensor:
+        # values [B, H, 1 + K] -> [B, H, N]: kept token j of input b goes to cell kept[b, j].
+        device = values.device
+        if device not in copies:
+            copies[device] = kept.to(device)
+        index = copies[device].unsqueeze(1).expand(values.shape[0], values.shape[1], count)
+        return values.new_full((*values.shape[:2], total), float("nan")).scatter(-1, index, values[..., 1:])
+
+    geometry = LayerGeometry.of_grid(grid, stride, "global over the patches _masking kept, class token first (MAE "
+                                     "encoder)", heads, 1)
+    return Placement(positions.unsqueeze(1), None, fold, geometry, present=present)
 
 
 def _swin_placer(model: nn.Module, swin_name: str, swin: nn.Module, block_name: str, block: nn.Module):

@@ -20,9 +20,6 @@ that are not the sequence ``visual_embed`` built.
 
 from __future__ import annotations
 
-import functools
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +27,7 @@ from torch import nn
 
 from ..placement import CallContext, LayerGeometry, NotPlaceable, Placement, cell_centres
 from .embeddings import EmbeddingsPlacer, embeddings_above
+from .method_watch import MethodWatch
 
 __all__ = ["placer", "ViltPlacer"]
 
@@ -60,56 +58,13 @@ class _Selected:
     valid: torch.Tensor
 
 
-# The class's visual_embed is wrapped while a recording watches one of its instances: the wrapper reports what each
-# watched instance selected to the recordings' contexts and is inert for every other instance, so a copy of the
-# model made inside the block (deepcopy, pickling) runs as without vitmad. A wrapper on the class, not an attribute
-# of the instance: an instance attribute would travel into such copies and call the original module.
-_LOCK = threading.Lock()
-_ORIGINAL: dict[type, Callable] = {}  # class -> its own visual_embed, while wrapped
-_WATCHERS: dict[int, list[tuple[CallContext, str]]] = {}  # id(embeddings) -> (context, key) of each watcher
-
-
-def _wrapped(cls: type, original: Callable) -> Callable:
-    @functools.wraps(original)
-    def visual_embed(self, *args, **kwargs):
-        output = original(self, *args, **kwargs)
-        watchers = _WATCHERS.get(id(self))
-        if watchers:
-            _, masks, (patch_index, (height, width)) = output
-            projection = self.patch_embeddings.projection
-            stride = (float(projection.stride[0]), float(projection.stride[1]))
-            selected = _Selected((int(height), int(width)), stride,
-                                 patch_index[..., 0] * int(width) + patch_index[..., 1], masks[:, 1:] != 0)
-            for context, key in list(watchers):
-                context.values[key] = selected
-        return output
-
-    return visual_embed
-
-
-class _Watch:
-    """One placer's watch of an embeddings module's visual_embed; ``remove`` ends it (a hook handle's duty)."""
-
-    def __init__(self, embeddings: nn.Module, context: CallContext, key: str):
-        self.cls, self.ident, self.entry = type(embeddings), id(embeddings), (context, key)
-        with _LOCK:
-            if self.cls not in _ORIGINAL:
-                _ORIGINAL[self.cls] = self.cls.__dict__["visual_embed"]
-                self.cls.visual_embed = _wrapped(self.cls, _ORIGINAL[self.cls])
-            _WATCHERS.setdefault(self.ident, []).append(self.entry)
-        self.removed = False
-
-    def remove(self) -> None:
-        with _LOCK:
-            if self.removed:
-                return
-            self.removed = True
-            watchers = _WATCHERS[self.ident]
-            watchers.remove(self.entry)
-            if not watchers:
-                del _WATCHERS[self.ident]
-            if not _WATCHERS and self.cls in _ORIGINAL:
-                self.cls.visual_embed = _ORIGINAL.pop(self.cls)
+def _selected(embeddings: nn.Module, output) -> _Selected:
+    """What one call of ``embeddings.visual_embed`` selected, from what it returned."""
+    _, masks, (patch_index, (height, width)) = output
+    projection = embeddings.patch_embeddings.projection
+    stride = (float(projection.stride[0]), float(projection.stride[1]))
+    return _Selected((int(height), int(width)), stride, patch_index[..., 0] * int(width) + patch_index[..., 1],
+                     masks[:, 1:] != 0)
 
 
 class ViltPlacer(EmbeddingsPlacer):
@@ -127,7 +82,10 @@ class ViltPlacer(EmbeddingsPlacer):
         def clear(module, args) -> None:
             context.values.pop(key, None)
 
-        return [self.embeddings.register_forward_pre_hook(clear), _Watch(self.embeddings, context, key)]
+        def report(embeddings, output) -> None:
+            context.values[key] = _selected(embeddings, output)
+
+        return [self.embeddings.register_forward_pre_hook(clear), MethodWatch(self.embeddings, "visual_embed", report)]
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         selected: _Selected | None = context.values.get(_SELECTED + self.embeddings_name)

@@ -50,8 +50,28 @@ modules (patch sizes, einops patterns, strides), read in each call:
   (``b d (h ph) (w pw) -> b (ph pw) (h w) d``): one sequence per pixel offset in a patch, attending across the
   patches, ``[B, ph * pw, heads, N, N]``: a grid of ``H / ph x W / pw`` tokens spaced ``ph x pw`` apart.
 
-The attention modules of ``regionvit``, ``sep_vit`` and ``max_vit_with_registers`` are refused by name
-(:data:`_REFUSED`).
+- ``regionvit.RegionViT``: two maps per stage, the local tokens (``local_encoder``: strided convolutions, stride 4,
+  then 2 per ``Downsample``) and the regional tokens (``region_encoder``: an einops cut into ``local_patch_size *
+  window_size`` patches and a 1x1 convolution, then the same ``Downsample`` module run on them too). Each layer of
+  an ``R2LTransformer`` calls its one ``Attention`` twice: over the regional tokens alone (R2R, ``[B, heads, rh *
+  rw, rh * rw]``: the regional map's grid at its stride), then within each local window after that window's
+  regional token (R2L, ``b (h p1) (w p2) d -> (b h w) (p1 p2) d`` with ``p = local / regional`` cells, the regional
+  token concatenated first: ``[(B rh rw), heads, 1 + p1 p2, ...]``). In the R2L sequence the regional token is the
+  window's summary, a token of another map that stands for no cell of the local one: it has no position, like a
+  class token (its attention mass and maps are ``prefix_mass`` and ``prefix_maps``). The two calls are two entries of
+  the recording under the module's one name, R2R first; the maps are read per call from the ``R2LTransformer``'s
+  arguments.
+- ``sep_vit.SepViT``: each ``OverlappingPatchEmbed`` (a convolution of stride 4, then 2) makes the stage's map. Its
+  ``DSSA`` makes two softmax calls, recorded as two layers named after their modules: ``attend``, the depthwise
+  attention within ``window_size`` windows (``b c (h w1) (w w2) -> (b h w) c (w1 w2)``) after a learned window
+  token (first, without a position: a token of no cell, as a class token); and ``window_attend``, the pointwise
+  attention among the windows' tokens, ``[B, heads, windows, windows]``, which mixes window ``j``'s map into window
+  ``i`` at the same offset in both (``b h i j, b h j w d -> b h i w d``): every pixel moves by the distance between
+  the windows' centres, so each window token sits at its window's centre, on the grid of windows at the map's
+  stride times the window size. With one window the model skips the pointwise attention. A ``DSSA`` outside a
+  ``SepViT`` is refused (the stride of its map is not known).
+
+The attention modules of ``max_vit_with_registers`` are refused by name (:data:`_REFUSED`).
 """
 
 from __future__ import annotations
@@ -67,6 +87,7 @@ from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, Refus
 from .stages import (
     StageGrid,
     StagePlacer,
+    forward_arguments,
     grid_placement,
     innermost_on_path,
     pair,
@@ -84,14 +105,11 @@ _ATTENTION = {("max_vit", "Attention"), ("twins_svt", "LocalAttention"), ("twins
               ("pit", "Attention"), ("levit", "Attention"), ("cvt", "Attention"), ("cross_vit", "Attention"),
               ("nest", "Attention"), ("cct", "Attention"), ("mobile_vit", "Attention"),
               ("scalable_vit", "ScalableSelfAttention"), ("scalable_vit", "InteractiveWindowedSelfAttention"),
-              ("crossformer", "Attention")}
+              ("crossformer", "Attention"), ("regionvit", "Attention")}
+# SepViT's DSSA makes two softmax calls in one forward: each of its two softmax modules is recorded as a layer.
+_DSSA_SOFTMAX = ("attend", "window_attend")
 
 _REFUSED = {
-    ("regionvit", "Attention"): "RegionViT's regional-to-local attention: each local window's sequence is its "
-                                "regional token then its window's tokens, regrouped per layer; vitmad does not "
-                                "place vit_pytorch's RegionViT yet",
-    ("sep_vit", "DSSA"): "SepViT's depthwise-separable self-attention (a learned window token per window, then "
-                         "attention between the window tokens): vitmad does not place vit_pytorch's SepViT yet",
     ("max_vit_with_registers", "Attention"): "MaxViT with register tokens (registers packed beside each window's "
                                              "tokens): vitmad does not place vit_pytorch's max_vit_with_registers "
                                              "yet; vit_pytorch.max_vit.MaxViT is placed",
@@ -111,7 +129,8 @@ def _is(module: nn.Module, file: str, name: str) -> bool:
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The attention modules of the models placed or refused here (a T2TViT's ``vit.Attention`` too)."""
+    """The attention modules of the models placed or refused here (a T2TViT's ``vit.Attention`` too; of a SepViT
+    ``DSSA``, its two softmax modules ``attend`` and ``window_attend``, each a layer)."""
     found = {}
     for name, module in named_module_list(model):
         key = _file_and_class(module)
@@ -119,6 +138,8 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if key in _ATTENTION or key in _REFUSED or (key == ("vit", "Attention") and _t2t_owner(model, name)):
             found[name] = module
+        elif key == ("sep_vit", "DSSA"):
+            found.update({f"{name}.{part}" if name else part: getattr(module, part) for part in _DSSA_SOFTMAX})
     return found
 
 
@@ -170,10 +191,11 @@ def _merge(positions: torch.Tensor, split: torch.Size) -> torch.Tensor:
 class _Windows(LayerPlacer):
     """Attention within a partition of a stage's map whose stride the model states exactly (patches cut by
     einops, no convolution sees the image first): ``stages`` gives the map (the output of its latest embedding),
-    ``partition(grid)`` the windows (see :func:`~.windows.window_placement`) and their description."""
+    ``partition(grid)`` the windows (see :func:`~.windows.window_placement`) and their description; ``prefix``
+    tokens without a position lead each window's sequence."""
 
-    def __init__(self, stages: StageGrid, partition, order: str = "windows in batch"):
-        self.stages, self.partition, self.order = stages, partition, order
+    def __init__(self, stages: StageGrid, partition, order: str = "windows in batch", prefix: int = 0):
+        self.stages, self.partition, self.order, self.prefix = stages, partition, order, prefix
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         return self.stages.install(context)
@@ -182,7 +204,7 @@ class _Windows(LayerPlacer):
         stage = self.stages.current(context)
         cells, attention = self.partition(stage.grid)
         return window_placement(cells, stage.grid, stage.stride, lead, num_queries, num_keys, order=self.order,
-                                attention=attention)
+                                attention=attention, prefix=self.prefix)
 
 
 def _pooled_keys(conv: nn.Module):
@@ -600,6 +622,134 @@ def _mobilevit(model: nn.Module, name: str) -> LayerPlacer | None:
                            reduction=reduction_before(mobilevit, conv))
 
 
+# RegionViT ------------------------------------------------------------------------------------------------------
+
+def _conv_stride(module: nn.Module) -> tuple[int, int]:
+    """The product of the strides of the convolutions in ``module`` (a chain of them on the main path)."""
+    stride = (1, 1)
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv2d):
+            step = pair(conv.stride)
+            stride = (stride[0] * step[0], stride[1] * step[1])
+    return stride
+
+
+class _RegionPlacer(LayerPlacer):
+    """The two calls of one RegionViT ``Attention`` per layer of its ``R2LTransformer``: over the regional map (R2R),
+    then within each local window after its regional token (R2L); the maps are the transformer's arguments.
+
+    Args:
+        transformer: the ``R2LTransformer`` holding the attention.
+        local_stride, region_stride: pixels per cell of its local and regional maps.
+    """
+
+    def __init__(self, transformer: nn.Module, local_stride: tuple[int, int], region_stride: tuple[int, int]):
+        self.transformer = transformer
+        self.local_stride = (float(local_stride[0]), float(local_stride[1]))
+        self.region_stride = (float(region_stride[0]), float(region_stride[1]))
+        self.key = ("vit_pytorch.regions", id(transformer))
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def see(module, args, kwargs) -> None:
+            maps = forward_arguments(module, args, kwargs)
+            local, region = maps.get("local_tokens"), maps.get("region_tokens")
+            if isinstance(local, torch.Tensor) and isinstance(region, torch.Tensor) and local.dim() == 4 \
+                    and region.dim() == 4:
+                context.values[self.key] = (int(local.shape[0]), tuple(int(n) for n in local.shape[-2:]),
+                                            tuple(int(n) for n in region.shape[-2:]))
+            else:
+                context.values.pop(self.key, None)
+
+        return [self.transformer.register_forward_pre_hook(see, with_kwargs=True)]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        seen = context.values.get(self.key)
+        if seen is None:
+            raise NotPlaceable("its R2LTransformer did not receive [B, C, h, w] local and regional maps before it "
+                               "attended, so where its tokens are is not known; run the RegionViT on images")
+        batch, local, region = seen
+        if len(lead) == 2 and int(lead[0]) == batch and num_queries == region[0] * region[1]:
+            # R2R: the regional tokens alone (an R2L call has 1 + p1 p2 > 1 tokens, and B * rh * rw rows where
+            # there are several regions).
+            return grid_placement(lead, num_queries, num_keys, grid=region, stride=self.region_stride,
+                                  attention="regional tokens (R2R)")
+        if local[0] % region[0] or local[1] % region[1]:
+            raise NotPlaceable(f"its {local[0]}x{local[1]} local map is not a whole number of windows per cell of "
+                               f"the {region[0]}x{region[1]} regional map")
+        window = (local[0] // region[0], local[1] // region[1])
+        return window_placement(block_partition(local, window), local, self.local_stride, lead, num_queries,
+                                num_keys, order="windows in batch", prefix=1,
+                                attention=f"window {window[0]}x{window[1]} after its regional token (R2L)")
+
+
+def _regionvit(model: nn.Module, name: str) -> LayerPlacer:
+    found = _owner(model, name, "regionvit", "RegionViT")
+    transformer = _owner(model, name, "regionvit", "R2LTransformer")
+    if found is None or transformer is None:
+        return RefusingPlacer("it is RegionViT's attention outside a RegionViT's R2LTransformer, whose local and "
+                              "regional maps (and their strides) place its tokens; record the RegionViT")
+    regionvit, transformer = found[1], transformer[1]
+    stage = next((i for i, layer in enumerate(regionvit.layers) if layer[2] is transformer), None)
+    if stage is None:
+        return RefusingPlacer("its R2LTransformer is not one of the RegionViT's stages (layers[i][2])")
+    cut = regionvit.region_encoder[0].axes_lengths
+    local, region = _conv_stride(regionvit.local_encoder), _conv_stride(regionvit.region_encoder)
+    local, region = list(local), [region[0] * int(cut["p1"]), region[1] * int(cut["p2"])]
+    for layer in list(regionvit.layers)[:stage + 1]:
+        down = _conv_stride(layer[0])  # the one Downsample runs on both maps (nn.Identity in the first stage)
+        local, region = [s * d for s, d in zip(local, down)], [s * d for s, d in zip(region, down)]
+    return _RegionPlacer(transformer, tuple(local), tuple(region))
+
+
+# SepViT ---------------------------------------------------------------------------------------------------------
+
+class _WindowTokens(LayerPlacer):
+    """SepViT's pointwise attention: one token per ``window_size x window_size`` window of the stage's map (the
+    ``DSSA``'s, read in each call), at the window's centre."""
+
+    def __init__(self, stages: StageGrid, dssa: nn.Module):
+        self.stages, self.dssa = stages, dssa
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        return self.stages.install(context)
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        stage, size = self.stages.current(context), int(self.dssa.window_size)
+        if stage.grid[0] % size or stage.grid[1] % size:
+            raise NotPlaceable(f"its {stage.grid[0]}x{stage.grid[1]} map is not a whole number of {size}x{size} "
+                               "windows")
+        grid = (stage.grid[0] // size, stage.grid[1] // size)
+        return grid_placement(lead, num_queries, num_keys, grid=grid,
+                              stride=(stage.stride[0] * size, stage.stride[1] * size),
+                              attention=f"window tokens, one per {size}x{size} window, at its centre (pointwise)")
+
+
+def _dssa_of(model: nn.Module, name: str) -> nn.Module | None:
+    """The SepViT ``DSSA`` whose softmax module ``name`` is (``attend`` or ``window_attend``), or None."""
+    parent, _, part = name.rpartition(".")
+    if part not in _DSSA_SOFTMAX:
+        return None
+    dssa = model.get_submodule(parent) if parent else model
+    return dssa if _is(dssa, "sep_vit", "DSSA") else None
+
+
+def _sepvit(model: nn.Module, name: str, dssa: nn.Module) -> LayerPlacer:
+    found = _owner(model, name, "sep_vit", "SepViT")
+    if found is None:
+        return RefusingPlacer("it is SepViT's depthwise-separable self-attention (DSSA) outside a SepViT, whose "
+                              "patch embeddings give the pixel stride of the map it attends over; record the SepViT")
+    sepvit = found[1]
+    stages = StageGrid(sepvit, [layer[0].conv for layer in sepvit.layers])
+    if name.rpartition(".")[2] == "window_attend":
+        return _WindowTokens(stages, dssa)
+
+    def partition(grid):
+        size = int(dssa.window_size)  # read in each call: SepViT builds every DSSA with 7, whatever it is given
+        return block_partition(grid, (size, size)), f"window {size}x{size} after its window token (depthwise)"
+
+    return _Windows(stages, partition, prefix=1)
+
+
 # Models that cut the image into patches by einops or nn.Unfold before any convolution: their convolutions run on
 # patches or tokens, never on the image, so a forward call starts at the model's own forward.
 _CUT_BEFORE_CONVOLVING = (("pit", "PiT"), ("twins_svt", "TwinsSVT"), ("nest", "NesT"))
@@ -615,7 +765,8 @@ def token_convolutions(model: nn.Module) -> set[int]:
 def placer(model: nn.Module, name: str, module: nn.Module):
     key = _file_and_class(module)
     if key is None:
-        return None
+        dssa = _dssa_of(model, name)
+        return None if dssa is None else _sepvit(model, name, dssa)
     if key in _REFUSED:
         return RefusingPlacer(_REFUSAL.format(_REFUSED[key]))
     file = key[0]
@@ -641,6 +792,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return _crossformer(model, name, module)
     if file == "mobile_vit":
         return _mobilevit(model, name)
+    if file == "regionvit":
+        return _regionvit(model, name)
     if key == ("vit", "Attention"):
         return _t2t(model, name)
     return None

@@ -168,7 +168,7 @@ _ORDERS = ("windows in batch", "windows after heads", "windows before heads")
 
 
 def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[float, float], lead: torch.Size,
-                     num_queries: int, num_keys: int, *, order: str, attention: str) -> Placement:
+                     num_queries: int, num_keys: int, *, order: str, attention: str, prefix: int = 0) -> Placement:
     """The placement of a call attending within windows of a stage's map.
 
     Padding cells (past the map's bottom or right edge) are attended by the model like any token: as keys they
@@ -188,13 +188,18 @@ def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[f
             Swin-style window attention), ``"windows after heads"`` (``[B, H, num_windows]``; NesT) or
             ``"windows before heads"`` (``[B, num_windows, H]``; torchvision's MaxViT).
         attention: the geometry's description.
+        prefix: tokens without a position that lead each window's sequence, a token of its own in every window
+            (RegionViT's regional token, SepViT's window token): each window's rows are then ``prefix + N``,
+            those tokens first; their values are left out of the fold, their rows kept in the prefix maps (the
+            geometry counts no prefix tokens, as for RF-DETR's class token copies).
     """
     windows, size, axes = cells.shape
     shown = "x".join(map(str, grid))
-    if num_queries != size or num_keys != size:
+    if num_queries != prefix + size or num_keys != prefix + size:
+        lead_tokens = f"{prefix} token(s) without a position, then " if prefix else ""
         raise NotPlaceable(
-            f"its attention is [{', '.join(map(str, lead))}, {num_queries}, {num_keys}], expected {size} queries "
-            f"and keys per window ({attention} over a {shown} map)"
+            f"its attention is [{', '.join(map(str, lead))}, {num_queries}, {num_keys}], expected {prefix + size} "
+            f"queries and keys per window: {lead_tokens}{size} of the window ({attention} over a {shown} map)"
         )
     shape = [int(d) for d in lead]
     if order == "windows in batch" and len(shape) == 2 and shape[0] % windows == 0:
@@ -219,14 +224,19 @@ def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[f
     centres = ((flat.double() + 0.5) * torch.tensor(stride, dtype=torch.float64)).float()
     positions = torch.where(real[:, None], centres, float("nan")).view(windows, 1, size, axes)
     key_positions = None if bool(real.all()) else centres.view(windows, 1, size, axes)
+    if prefix:
+        lead_rows = torch.full((windows, 1, prefix, axes), float("nan"))
+        positions = torch.cat([lead_rows, positions], dim=2)
+        key_positions = None if key_positions is None else torch.cat([lead_rows, key_positions], dim=2)
+    length = prefix + size
     if not bool(real.all()):
         attention += f", padded to {'x'.join(str(int(n) + 1) for n in flat.max(0).values)}"
     if order == "windows in batch":
         positions = positions.repeat(batch, 1, 1, 1)
         key_positions = None if key_positions is None else key_positions.repeat(batch, 1, 1, 1)
     elif order == "windows after heads":
-        positions = positions.view(windows, size, axes)
-        key_positions = None if key_positions is None else key_positions.view(windows, size, axes)
+        positions = positions.view(windows, length, axes)
+        key_positions = None if key_positions is None else key_positions.view(windows, length, axes)
     # "windows before heads": [num_windows, 1, N, 2] broadcasts over [B, num_windows, H, N, 2] as it is.
     # Where each token of the map is among the window-major values of one image and head.
     inverse = torch.empty(tokens, dtype=torch.long)
@@ -234,11 +244,10 @@ def window_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[f
 
     def fold(values: torch.Tensor) -> torch.Tensor:
         if order == "windows after heads":
-            values = values.reshape(batch, heads, windows * size)
-        elif order == "windows before heads":
-            values = values.reshape(batch, windows, heads, size).transpose(1, 2).reshape(batch, heads, -1)
-        else:
-            values = values.reshape(batch, windows, heads, size).transpose(1, 2).reshape(batch, heads, -1)
+            values = values.reshape(batch, heads, windows, length)
+        else:  # windows in batch, or before heads: [B, windows, H, length] either way
+            values = values.reshape(batch, windows, heads, length).transpose(1, 2)
+        values = values[..., prefix:].reshape(batch, heads, windows * size)
         return values.index_select(-1, on_device(inverse, values.device))
 
     return Placement(positions, key_positions, fold, LayerGeometry.of_grid(grid, stride, attention, heads),
