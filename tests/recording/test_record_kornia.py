@@ -129,6 +129,34 @@ def test_dedode_dinov2_under_inference_mode_as_dedode_runs_it():
     assert rec.geometry[0].grid == (2, 3) and rec.geometry[0].num_prefix_tokens == 1
 
 
+def test_dedode_names_the_dinov2_it_holds_in_a_list_and_recording_that_one_works():
+    """DeDoDe's G descriptor keeps its DINOv2 in a list (``FrozenDINOv2.dinov2_vitl14 = [model]``), out of the module
+    tree: recording the DeDoDe model said "found no attention layer vitmad knows", as of a model without attention
+    (QA helper-179). The refusal names the DINOv2 and where it is; recording that one while DeDoDe runs works. The
+    DINOv2 is tiny but 1024 wide, as FrozenDINOv2's reshape of its patch tokens requires."""
+    from kornia.feature.dedode import DeDoDe
+
+    dinov2 = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=1024, depth=1, num_heads=16, init_values=1.0,
+                                   ffn_layer="mlp", block_fn=partial(DinoBlock, attn_class=MemEffAttention),
+                                   block_chunks=0)
+    with mock.patch("kornia.feature.dedode.transformer.vit_large", lambda **kwargs: dinov2), \
+            mock.patch("kornia.feature.dedode.encoder.load_state_dict_from_url", lambda *a, **k: dinov2.state_dict()):
+        dedode = DeDoDe(descriptor_model="G", amp_dtype=torch.float32).eval()
+    path = r"model\.descriptor\.encoder\.frozen_dinov2\.dinov2_vitl14\[0\]"
+    with pytest.raises(NoLayerError, match=rf"DeDoDe runs its attention in DeDoDe's DINOv2 \(a DinoVisionTransformer, "
+                                           rf"{path}\), which its FrozenDINOv2 holds in a plain Python list .* "
+                                           rf"record it, vitmad.record\({path}\), and run the DeDoDe model"):
+        vitmad.record(dedode)
+    assert dedode.descriptor.encoder.frozen_dinov2.dinov2_vitl14[0] is dinov2
+    pixels = torch.rand(1, 3, 42, 56)
+    plain = dedode(pixels, n=20)
+    with vitmad.record(dinov2) as rec:
+        recorded = dedode(pixels, n=20)
+    assert all(torch.equal(a, b) for a, b in zip(plain, recorded))
+    assert rec.layers == ["blocks.0.attn"] and rec.geometry[0].grid == (3, 4)
+    assert rec.geometry[0].num_prefix_tokens == 1
+
+
 def _sam_encoder() -> ImageEncoderViT:
     """Blocks 0 and 2 in windows of 3, block 1 global; relative position bias on, no absolute position embedding (which
     fixes the map at img_size / patch), so the encoder takes a non-square image."""

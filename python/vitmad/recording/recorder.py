@@ -57,6 +57,7 @@ from .compiled import EagerWhileRecording, check_compiled, uncompiled
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import ClassQueries, Skip, family_modules, family_placer, probabilities_source
 from .families.class_attention import ClassQueryPlacer
+from .families.kornia import listed_dinov2
 from .families.masked import GivenPositionsPlacer
 from .families.plain import (
     PlainLayout,
@@ -759,6 +760,9 @@ class Recording:
                     "; name them in layers= to have each placed where vitmad knows its layout, or skipped with the "
                     "reason",
                 )
+            hidden = listed_dinov2(model)
+            if hidden is not None:  # its attention is out of the module tree, not absent
+                raise NoLayerError(hidden)
             # Attention vitmad does not recognise may still be there (UDOP's T5 attention names its projections q
             # and k): say what was searched, and, with layers= given, what it matched (QA helper-115: OneFormer's
             # task encoder, an MLP, was reported as the model having no attention).

@@ -10,9 +10,9 @@
   then the row-major grid of ``PatchEmbed``'s ``Conv2d`` (kernel = stride = 14; the image must be whole patches),
   no register tokens; ``mask_token`` replaces patches in place. ``Attention`` and ``MemEffAttention`` (the same
   computation, whose forward does not show the softmax, so vitmad's discovery would miss it) take ``.softmax`` of
-  ``[B, heads, N, N]``. ``DeDoDe`` holds the backbone in a list (``encoder.frozen_dinov2.dinov2_vitl14[0]``, hidden
-  from DDP), so it is no submodule of ``DeDoDe``: record that ``DinoVisionTransformer`` and run the DeDoDe model, which
-  calls its ``forward_features``.
+  ``[B, heads, N, N]``. ``DeDoDe`` holds the backbone in a list (``descriptor.encoder.frozen_dinov2.dinov2_vitl14[0]``,
+  hidden from DDP), so it is no submodule of ``DeDoDe``: record that ``DinoVisionTransformer`` and run the DeDoDe model,
+  which calls its ``forward_features`` (recording the DeDoDe model refuses with that path, :func:`listed_dinov2`).
 - SAM's ``ImageEncoderViT`` (``kornia.models.sam.architecture.image_encoder``) is Meta's ``segment_anything`` encoder
   copied (``PatchEmbed``, ``Block`` with ``window_partition`` from ``kornia.models.common``: bottom/right zero padding,
   unmasked; ``Attention`` merging image, window and head in one dim): placed by :mod:`.segment_anything`'s code. The
@@ -43,11 +43,12 @@ from .ultralytics import _MapPlacer
 from .windowed_vit import WindowedDesign
 from .windows import parent_module
 
-__all__ = ["placer", "attention_modules"]
+__all__ = ["placer", "attention_modules", "listed_dinov2"]
 
 _VIT = "kornia.models.vit"
 _DINOV2 = "kornia.feature.dedode.transformer.dinov2"
 _DINOV2_ATTENTION = "kornia.feature.dedode.transformer.layers.attention"
+_DEDODE_ENCODER = "kornia.feature.dedode.encoder"
 _SAM_ENCODER = "kornia.models.sam.architecture.image_encoder"
 _SAM_DECODER = "kornia.models.sam.architecture.transformer"
 _SAM_BLOCK = WindowedDesign("Block", "num_heads")
@@ -112,6 +113,19 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
             if (type(module).__module__ == _DINOV2_ATTENTION and type(module).__name__ in ("Attention",
                                                                                          "MemEffAttention"))
             or _key(module) in _SKIPPED or _key(module) in _REFUSED}
+
+
+def listed_dinov2(model: nn.Module) -> str | None:
+    """Where ``model`` (DeDoDe, its descriptor or encoder) holds DeDoDe's DINOv2 in the list of a ``FrozenDINOv2``,
+    out of the module tree, so out of vitmad's reach: the message saying what to record instead; else None."""
+    held = [name for name, module in named_module_list(model) if _is(module, "FrozenDINOv2", _DEDODE_ENCODER)]
+    if not held:
+        return None
+    paths = ", ".join(f"model.{name + '.' if name else ''}dinov2_vitl14[0]" for name in held)
+    return (f"{type(model).__name__} runs its attention in DeDoDe's DINOv2 (a DinoVisionTransformer, {paths}), which "
+            "its FrozenDINOv2 holds in a plain Python list to hide it from DDP, so it is no submodule of the model "
+            f"and vitmad's hooks cannot reach it: record it, vitmad.record({paths.split(', ')[0]}), and run the "
+            f"{type(model).__name__} model inside the block, which calls its forward_features")
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
