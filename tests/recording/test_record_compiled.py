@@ -126,10 +126,41 @@ def test_code_compiled_before_the_block_and_reused_inside_it_is_reported_not_see
         torch.compile(model, backend="eager")(pixels)
     with torch.no_grad(), vitmad.record(model) as rec:
         torch.compile(model, backend="eager")(pixels)
-    with pytest.raises(RuntimeError, match="ran 1 time.*but not through the modules being recorded.*code "
-                                           "torch.compile generated before the block.*give vitmad.record the "
-                                           "compiled model"):
+    with pytest.raises(RuntimeError, match="ran 1 time.*none of the modules being recorded.*dynamo holds code "
+                                           "compiled for VisionTransformer.forward.*give vitmad.record the compiled "
+                                           "wrapper"):
         _ = rec.mad
+
+
+def test_a_second_instance_reusing_the_first_ones_compiled_code_is_reported_with_what_to_do():
+    """dynamo keeps compiled code per code object (the class's forward) and does not guard on hooks: a wrapper of a
+    second VisionTransformer, compiled after the first one ran compiled, reuses the first one's code, which calls
+    none of the recording's hooks. The recording said the forward took a path without its layers, or blamed an
+    earlier compile of "the same model" (QA helper-179); it names the compiled forward and what to do, and both
+    ways it names record the second model."""
+    torch._dynamo.reset()
+    first, second = _timm_vit(), _timm_vit()
+    pixels = _pixels()
+    with torch.no_grad():
+        torch.compile(first, backend="eager")(pixels)
+    compiled = torch.compile(second, backend="eager")
+    with torch.no_grad(), vitmad.record(second) as rec:
+        compiled(pixels)
+    with pytest.raises(RuntimeError, match=r"VisionTransformer ran 1 time\(s\) in this recording, but none of the "
+                                           r"modules being recorded \(blocks\.0\.attn, blocks\.1\.attn\) computed "
+                                           r"attention: dynamo holds code compiled for VisionTransformer\.forward, "
+                                           r"made by an earlier torch.compile of this model or of another "
+                                           r"VisionTransformer.*skip_nnmodule_hook_guards.*give vitmad.record the "
+                                           r"compiled wrapper.*or call torch._dynamo.reset\(\) before the block"):
+        _ = rec.mad
+    expected = _timm_reference(second, pixels)
+    rec, _, warned = _record(compiled, compiled, pixels)
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+    assert len(warned) == 1 and "runs eagerly" in warned[0]
+    torch._dynamo.reset()
+    with torch.no_grad(), vitmad.record(second) as rec:
+        compiled(pixels)
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
 
 
 def test_a_model_that_is_not_compiled_keeps_the_stance_and_its_own_compiled_kernels():
@@ -152,7 +183,9 @@ def test_a_model_that_is_not_compiled_keeps_the_stance_and_its_own_compiled_kern
 
 def test_without_the_eager_stance_compiled_code_bypasses_the_hooks(monkeypatch):
     """The premise of compiled.py: a compiled model recorded as it is reports no layer. Should a torch make
-    compiled code call the hooks, this fails and the eager stance can go."""
+    compiled code call the hooks, this fails and the eager stance can go. (Reset: code an earlier test compiled around
+    a recording's hooks would be reused here, and it calls them.)"""
+    torch._dynamo.reset()
     model = _timm_vit()
     pixels = _pixels()
     compiled = torch.compile(model, backend="eager")
@@ -164,7 +197,8 @@ def test_without_the_eager_stance_compiled_code_bypasses_the_hooks(monkeypatch):
         warnings.simplefilter("ignore")
         with torch.no_grad(), vitmad.record(compiled) as rec:
             compiled(pixels)
-    with pytest.raises(RuntimeError, match="not through the modules being recorded"):
+    with pytest.raises(RuntimeError, match="none of the modules being recorded .* computed attention: dynamo holds "
+                                           "code compiled for VisionTransformer.forward"):
         _ = rec.mad
 
 

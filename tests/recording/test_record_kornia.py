@@ -1,4 +1,5 @@
-"""vitmad.record on kornia's (0.9) vision transformers: its ViT, DeDoDe's DINOv2, SAM's image encoder, RT-DETR's AIFI.
+"""vitmad.record on kornia's (0.9) vision transformers: its ViT, DeDoDe's DINOv2, SAM's image encoder, RT-DETR's AIFI,
+the Qwen2.5-VL tower.
 
 From kornia's source:
 
@@ -15,6 +16,10 @@ From kornia's source:
 - ``kornia.models.rt_detr``: ``AIFI`` runs a sequence-first ``nn.MultiheadAttention`` over ``x.permute(2, 3, 0,
   1).flatten(0, 1)`` of the last backbone map (``ResNetD``: stride 32, one 1 x 1 projection after it): its row-major
   cells at ``(r + 0.5) * 32`` px.
+- ``kornia.models.qwen25.vision``: ``Qwen25VisionPatchEmbed`` puts the ``gh x gw`` patches of its ``Conv3d`` (stride =
+  ``patch_size``) in 2 x 2 merge-block order, kept so by every block; a window block passes
+  ``F.scaled_dot_product_attention`` a boolean ``attn_mask`` (same window), a ``fullatt_block_indexes`` block none.
+  Each token at its patch's centre; the reference there is SDPA's own q, k and mask, spied, in float64.
 
 The reference is each layer's own softmax (``Tensor.softmax`` spied, or ``nn.MultiheadAttention`` asked for its
 per-head weights), placed by that geometry in float64.
@@ -47,6 +52,7 @@ from kornia.feature import LoFTR  # noqa: E402
 from kornia.feature.dedode.transformer.dinov2 import DinoVisionTransformer  # noqa: E402
 from kornia.feature.dedode.transformer.layers.attention import MemEffAttention  # noqa: E402
 from kornia.feature.dedode.transformer.layers.block import Block as DinoBlock  # noqa: E402
+from kornia.models.qwen25 import Qwen25VisionConfig, Qwen25VisionTransformer  # noqa: E402
 from kornia.models.rt_detr.architecture.hybrid_encoder import HybridEncoder  # noqa: E402
 from kornia.models.rt_detr.architecture.resnet_d import BasicBlockD, ResNetD  # noqa: E402
 from kornia.models.rt_detr.architecture.rtdetr_head import RTDETRHead  # noqa: E402
@@ -127,6 +133,34 @@ def test_dedode_dinov2_under_inference_mode_as_dedode_runs_it():
             recorded = model.forward_features(pixels)["x_norm_patchtokens"]
     assert torch.equal(plain, recorded)
     assert rec.geometry[0].grid == (2, 3) and rec.geometry[0].num_prefix_tokens == 1
+
+
+def test_dedode_names_the_dinov2_it_holds_in_a_list_and_recording_that_one_works():
+    """DeDoDe's G descriptor keeps its DINOv2 in a list (``FrozenDINOv2.dinov2_vitl14 = [model]``), out of the module
+    tree: recording the DeDoDe model said "found no attention layer vitmad knows", as of a model without attention
+    (QA helper-179). The refusal names the DINOv2 and where it is; recording that one while DeDoDe runs works. The
+    DINOv2 is tiny but 1024 wide, as FrozenDINOv2's reshape of its patch tokens requires."""
+    from kornia.feature.dedode import DeDoDe
+
+    dinov2 = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=1024, depth=1, num_heads=16, init_values=1.0,
+                                   ffn_layer="mlp", block_fn=partial(DinoBlock, attn_class=MemEffAttention),
+                                   block_chunks=0)
+    with mock.patch("kornia.feature.dedode.transformer.vit_large", lambda **kwargs: dinov2), \
+            mock.patch("kornia.feature.dedode.encoder.load_state_dict_from_url", lambda *a, **k: dinov2.state_dict()):
+        dedode = DeDoDe(descriptor_model="G", amp_dtype=torch.float32).eval()
+    path = r"model\.descriptor\.encoder\.frozen_dinov2\.dinov2_vitl14\[0\]"
+    with pytest.raises(NoLayerError, match=rf"DeDoDe runs its attention in DeDoDe's DINOv2 \(a DinoVisionTransformer, "
+                                           rf"{path}\), which its FrozenDINOv2 holds in a plain Python list .* "
+                                           rf"record it, vitmad.record\({path}\), and run the DeDoDe model"):
+        vitmad.record(dedode)
+    assert dedode.descriptor.encoder.frozen_dinov2.dinov2_vitl14[0] is dinov2
+    pixels = torch.rand(1, 3, 42, 56)
+    plain = dedode(pixels, n=20)
+    with vitmad.record(dinov2) as rec:
+        recorded = dedode(pixels, n=20)
+    assert all(torch.equal(a, b) for a, b in zip(plain, recorded))
+    assert rec.layers == ["blocks.0.attn"] and rec.geometry[0].grid == (3, 4)
+    assert rec.geometry[0].num_prefix_tokens == 1
 
 
 def _sam_encoder() -> ImageEncoderViT:
@@ -229,6 +263,86 @@ def test_rtdetr_hybrid_encoder_alone_refused():
     with pytest.raises(ValueError, match="kornia's AIFI .* is placed only inside an RTDETR model"):
         with torch.no_grad(), vitmad.record(encoder):
             encoder(maps)
+
+
+def _qwen25() -> Qwen25VisionTransformer:
+    """4 px patches merged 2 x 2, windows of 16 px (4 x 4 patches), block 1 global, the rest windowed; the query and
+    key projections tripled, or a window's 16 keys stay near uniform."""
+    config = Qwen25VisionConfig(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4,
+                                spatial_merge_size=2, window_size=16, fullatt_block_indexes=(1,), out_hidden_size=16)
+    model = sharpened(Qwen25VisionTransformer(config))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[:64].mul_(3.0)
+    return model
+
+
+def _qwen25_token_cells(gh: int, gw: int) -> list[tuple[int, int]]:
+    """(row, column) patch of each token, in the order kornia's Qwen25VisionPatchEmbed gives them (its
+    ``reshape(b, d, gh // 2, 2, gw // 2, 2).permute(0, 2, 4, 3, 5, 1)``): the 2 x 2 squares row-major, the patches of
+    a square row-major within it."""
+    return [(square_row * 2 + i, square_col * 2 + j) for square_row in range(gh // 2) for square_col in range(gw // 2)
+            for i in range(2) for j in range(2)]
+
+
+def _masked_sdpa_probabilities(run) -> tuple[list[torch.Tensor], list]:
+    """float64 ``softmax(q k^T / sqrt(d))`` of each SDPA call of ``run()``, with the call's boolean ``attn_mask``
+    (False: the pair is not attended), and the masks, in call order."""
+    maps, masks, original = [], [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        scores = q.double() @ k.double().transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, -math.inf)
+        maps.append(scores.softmax(-1))
+        masks.append(attn_mask)
+        return original(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    with torch.no_grad(), mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", spy):
+        run()
+    return maps, masks
+
+
+@pytest.mark.parametrize("size", [(40, 56), (32, 32)], ids=["40x56_partial_windows", "32x32"])
+def test_qwen25_tower_windows_as_a_mask_over_merge_order_match_its_softmax(size):
+    """Until QA helper-179 refused by name. A 40 x 56 px image: 10 x 14 patches, windows of 4 x 4 patches cut at the
+    bottom and right (kornia's ``_window_mask``: ``row // 4``, ``col // 4``, no padding)."""
+    model, pixels = _qwen25(), torch.rand(2, 3, *size)
+    gh, gw = size[0] // 4, size[1] // 4
+    maps, masks = _masked_sdpa_probabilities(lambda: model(pixels))
+    assert [m is None for m in masks] == [False, True, False]
+    cells = _qwen25_token_cells(gh, gw)
+    positions = torch.tensor([[(r + 0.5) * 4.0, (c + 0.5) * 4.0] for r, c in cells], dtype=torch.float64)
+    grid_order = torch.tensor(sorted(range(gh * gw), key=lambda token: cells[token]))  # row-major cell -> token
+    rec, rec_tokens = record_both_reductions(model, lambda m: m(pixels), lambda out: out, ["entropy"])
+    assert rec.layers == ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]
+    for layer, probabilities in enumerate(maps):
+        geometry = rec.geometry[layer]
+        assert geometry.grid == (gh, gw) and geometry.stride == (4.0, 4.0)
+        assert geometry.attention == ("global" if layer == 1 else "window 4x4 patches (a mask over the tokens)")
+        expected = statistics_reference(probabilities, positions)
+        keys = torch.full((gh * gw,), gh * gw) if masks[layer] is None else masks[layer].sum(-1)
+        assert float((expected["entropy"] / keys.double().log()).mean()) < 0.75  # far from uniform over its keys
+        for stat, tol in (("mad", TOL), ("entropy", {"rtol": 1e-5, "atol": 1e-6})):
+            in_grid_order = expected[stat][..., grid_order]
+            torch.testing.assert_close(rec_tokens.stats[stat][layer].double(), in_grid_order, **tol)
+            torch.testing.assert_close(rec.stats[stat][layer].double(), in_grid_order.mean(-1), **tol)
+
+
+def test_qwen25_tower_with_another_window_mask_refused():
+    """The token order is read from kornia's code; the window mask, checked per call, is what would show it changed."""
+    model = _qwen25()
+
+    def rows_of_patches(self, gh, gw, device):  # windows as whole rows of patches: not the layout vitmad knows
+        row = torch.arange(gh, device=device).unsqueeze(1).expand(gh, gw).reshape(-1)
+        return row.unsqueeze(1) == row.unsqueeze(0)
+
+    with mock.patch.object(Qwen25VisionTransformer, "_window_mask", rows_of_patches):
+        with pytest.raises(ValueError, match=r"blocks\.0\.attn .*the attn_mask of this window block of kornia's "
+                                             r"Qwen2\.5-VL tower is not the 4x4-patch windows over its 8x8 patches in "
+                                             "merge order"):
+            with torch.no_grad(), vitmad.record(model):
+                model(torch.rand(1, 3, 32, 32))
 
 
 def test_mobilevit_refused_by_name():

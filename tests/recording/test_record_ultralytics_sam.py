@@ -241,6 +241,23 @@ def test_sam3_vit_windows(image, rel_pos):
     check_sam_windows(rec, rec_tokens, maps, image[0] // 4, image[1] // 4, 3, 4.0, batch=2, heads=2)
 
 
+def test_sam3_vit_keeping_its_class_token_refused_by_name():
+    """retain_cls_token=True (global blocks only, ultralytics asserts it) gives the blocks [B, 1 + h * w, C]: vitmad
+    read that as a 65 x 32 map and refused with a shape message (QA helper-179). Its own forward then fails anyway
+    (math.sqrt sizes in the reshape), which the refusal, raised at the first attention, comes before."""
+    vit = ViT(img_size=32, pretrain_img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, window_size=0,
+              global_att_blocks=(0, 1), rel_pos_blocks=(), use_rope=True, retain_cls_token=True,
+              use_act_checkpoint=False).eval()
+    pixels = torch.rand(1, 3, 32, 32)
+    with pytest.raises(TypeError, match="reshape"):
+        vit(pixels)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn \(Attention\) of ViT: ultralytics' SAM 3 ViT keeps its "
+                                         r"class token \(retain_cls_token=True\).* build the ViT with "
+                                         r"retain_cls_token=False, as build_sam3 does, or pass positions="):
+        with torch.no_grad(), vitmad.record(vit):
+            vit(pixels)
+
+
 def test_mask_decoder_attention_refused_by_name():
     transformer = TwoWayTransformer(depth=1, embedding_dim=16, num_heads=2, mlp_dim=32).eval()
     image, points = torch.rand(1, 16, 4, 4), torch.rand(1, 3, 16)

@@ -13,8 +13,9 @@ Only then: a model that is not compiled keeps the compiled kernels it calls itse
 differently), so its outputs stay bit-identical. A model compiled only inside the block is recorded: the
 recording's hooks and its captures' calls into it are disabled for dynamo (``torch.compiler.disable``), so each is a
 graph break that runs eagerly, and ``fullgraph=True`` fails with the reason. Code compiled before the block from the
-same model, reused by a wrapper made inside it, calls no hooks: the recording then reports the model as run but not
-through the recorded modules.
+same model, or from another instance of its class (dynamo keeps code per class's forward and does not guard on hooks),
+reused by a wrapper of the recorded (uncompiled) model, calls no hooks: the recording then reports the model as run
+but not through the recorded modules, naming the compiled forwards (:func:`compiled_forwards`) and what to do.
 
 The stance is process-wide, not per thread: recordings that overlap in several threads share it (a count under
 a lock), and it is restored when the last one ends, to what it was before the first.
@@ -30,7 +31,7 @@ from torch import nn
 
 from .module_index import module_list
 
-__all__ = ["uncompiled", "is_compiled", "check_compiled", "EagerWhileRecording"]
+__all__ = ["uncompiled", "is_compiled", "compiled_forwards", "check_compiled", "EagerWhileRecording"]
 
 
 def _optimized_module_type() -> type | None:
@@ -56,6 +57,24 @@ def is_compiled(model: nn.Module) -> bool:
     if optimized is not None and isinstance(model, optimized):
         return True
     return any(getattr(m, "_compiled_call_impl", None) is not None for m in module_list(model))
+
+
+def compiled_forwards(model: nn.Module) -> list[str]:
+    """``Class.forward`` of each module class in ``model`` for which dynamo holds compiled code (its cache is per
+    code object, so a ``torch.compile`` of any instance of the class made it). A torch.compile wrapper of ``model``
+    reuses that code however the hooks changed since (dynamo does not guard on them:
+    ``torch._dynamo.config.skip_nnmodule_hook_guards``), and so calls none of the recording's. Empty where this torch
+    cannot say (the cache is read through dynamo's private ``_debug_get_cache_entry_list``)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:
+        return []
+    found = []
+    for cls in dict.fromkeys(type(m) for m in module_list(model)):
+        code = getattr(cls.forward, "__code__", None)
+        if code is not None and _debug_get_cache_entry_list(code):
+            found.append(f"{cls.__name__}.forward")
+    return found
 
 
 class EagerWhileRecording:

@@ -53,10 +53,11 @@ from ..ops.arguments import (
     trust_same_tokens,
 )
 from ..ops.stats_op import MAP_NAME, common_tokens, derived_once
-from .compiled import EagerWhileRecording, check_compiled, uncompiled
+from .compiled import EagerWhileRecording, check_compiled, compiled_forwards, uncompiled
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import ClassQueries, Skip, family_modules, family_placer, probabilities_source
 from .families.class_attention import ClassQueryPlacer
+from .families.kornia import listed_dinov2
 from .families.masked import GivenPositionsPlacer
 from .families.plain import (
     PlainLayout,
@@ -415,6 +416,20 @@ _TRACE_WARNED: list[int | None] = [None]  # id of the tracing state last warned 
 _TRANSFORM_WARNED = [False]  # warned in this forward of the model or since a hook ran outside a torch.func transform
 
 
+def _reused_compiled_code(model: nn.Module) -> str:
+    """Why a forward of ``model`` may have run without the recording's hooks: a torch.compile wrapper reusing code
+    compiled before them (compiled.compiled_forwards), with what to do; empty where dynamo holds no such code."""
+    compiled = compiled_forwards(model)
+    if not compiled:
+        return ""
+    return (f": dynamo holds code compiled for {', '.join(compiled)}, made by an earlier torch.compile of this model "
+            f"or of another {compiled[0].partition('.')[0]}, and a torch.compile wrapper of the model run in the block "
+            "reuses it (dynamo does not guard on hooks added since: torch._dynamo.config.skip_nnmodule_hook_guards), "
+            "so the hooks vitmad added are never called; give vitmad.record the compiled wrapper, "
+            "vitmad.record(compiled_model), which then runs eagerly while recorded, or call torch._dynamo.reset() "
+            "before the block, so that the wrapper compiles anew around the hooks")
+
+
 class NoLayerError(ValueError):
     """vitmad.record found nothing to record in the model. ``finding`` says what it found, without the advice
     that follows it in the message (``layers=...``), which only a caller of record can act on: the profiler words
@@ -759,6 +774,9 @@ class Recording:
                     "; name them in layers= to have each placed where vitmad knows its layout, or skipped with the "
                     "reason",
                 )
+            hidden = listed_dinov2(model)
+            if hidden is not None:  # its attention is out of the module tree, not absent
+                raise NoLayerError(hidden)
             # Attention vitmad does not recognise may still be there (UDOP's T5 attention names its projections q
             # and k): say what was searched, and, with layers= given, what it matched (QA helper-115: OneFormer's
             # task encoder, an MLP, was reported as the model having no attention).
@@ -798,8 +816,15 @@ class Recording:
                 "transform (vmap, grad, ...), whose forwards are not recorded (their tensors are the transform's "
                 "wrappers); run the model itself inside the block"
             )
+        shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
+        compiled = _reused_compiled_code(self.model) if not self._calls or self._calls[-1]._is_empty() else ""
+        if not self._calls and self._forwards and compiled:
+            raise RuntimeError(
+                f"vitmad.record: {name} ran {self._forwards} time(s) in this recording, but none of the modules being "
+                f"recorded ({shown}) computed attention{compiled} (else its forward took a path without them, as "
+                "a vision-language model given text alone does)"
+            )
         if not self._calls and self._forwards:
-            shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
             raise RuntimeError(
                 f"vitmad.record: {name} ran {self._forwards} time(s) in this recording, but not through the "
                 f"modules being recorded ({shown}): its forward took a path without them (a vision-language "
@@ -821,11 +846,10 @@ class Recording:
                 "yolo.model itself))"
             )
         if self._calls[-1]._is_empty():
-            shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
             raise RuntimeError(
                 f"vitmad.record: {name} ran, but none of the {len(self._modules)} modules being recorded ({shown}) "
                 "computed attention (F.scaled_dot_product_attention, transformers' AttentionInterface or a softmax) "
-                "in that forward call; pass layers=[the modules that compute its attention]"
+                f"in that forward call{compiled or '; pass layers=[the modules that compute its attention]'}"
             )
         return self._calls[-1]
 

@@ -1,4 +1,5 @@
-"""kornia's (0.9) vision transformers: its ViT, SAM's image encoder, DeDoDe's DINOv2 and RT-DETR's AIFI.
+"""kornia's (0.9) vision transformers: its ViT, SAM's image encoder, DeDoDe's DINOv2, RT-DETR's AIFI and the Qwen2.5-VL
+tower.
 
 - ``VisionTransformer`` (``kornia.models.vit``): ``PatchEmbedding`` cuts the image with a ``Conv2d`` of kernel = stride
   = ``patch_size`` (the input must be ``image_size`` square), flattens its map row-major and puts the class token
@@ -10,9 +11,9 @@
   then the row-major grid of ``PatchEmbed``'s ``Conv2d`` (kernel = stride = 14; the image must be whole patches),
   no register tokens; ``mask_token`` replaces patches in place. ``Attention`` and ``MemEffAttention`` (the same
   computation, whose forward does not show the softmax, so vitmad's discovery would miss it) take ``.softmax`` of
-  ``[B, heads, N, N]``. ``DeDoDe`` holds the backbone in a list (``encoder.frozen_dinov2.dinov2_vitl14[0]``, hidden
-  from DDP), so it is no submodule of ``DeDoDe``: record that ``DinoVisionTransformer`` and run the DeDoDe model, which
-  calls its ``forward_features``.
+  ``[B, heads, N, N]``. ``DeDoDe`` holds the backbone in a list (``descriptor.encoder.frozen_dinov2.dinov2_vitl14[0]``,
+  hidden from DDP), so it is no submodule of ``DeDoDe``: record that ``DinoVisionTransformer`` and run the DeDoDe model,
+  which calls its ``forward_features`` (recording the DeDoDe model refuses with that path, :func:`listed_dinov2`).
 - SAM's ``ImageEncoderViT`` (``kornia.models.sam.architecture.image_encoder``) is Meta's ``segment_anything`` encoder
   copied (``PatchEmbed``, ``Block`` with ``window_partition`` from ``kornia.models.common``: bottom/right zero padding,
   unmasked; ``Attention`` merging image, window and head in one dim): placed by :mod:`.segment_anything`'s code. The
@@ -24,9 +25,11 @@
   :mod:`.ultralytics` places its AIFI's, the map checked per call against the image the ``RTDETR`` model gets.
   ``HybridEncoder`` alone gets feature maps, not the image: refused. The decoder's self-attention (object queries)
   and multi-scale deformable attention (a softmax over sampled points) are skipped.
+- The Qwen2.5-VL tower (``kornia.models.qwen25.vision``): patches in 2 x 2 merge-block order, kept in that order in
+  every block, the windows a boolean mask over them (:class:`_MergeOrderPlacer`).
 
 Skipped with their reason: LoFTR's linear attention (an ELU feature map, no softmax probabilities) and LightGlue's
-attention (among detected keypoints). Refused by name: kornia's MobileViT, TinyViT, Qwen2.5-VL tower, SigLIP2 (also
+attention (among detected keypoints). Refused by name: kornia's MobileViT, TinyViT, SigLIP2 (also
 PaliGemma's tower), Kimi-VL's MoonViT and LoFTR's full attention, whose layouts vitmad does not place for kornia.
 """
 
@@ -36,18 +39,29 @@ import torch
 from torch import nn
 
 from ..module_index import named_module_list
-from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, RefusingPlacer
+from ..placement import (
+    CallContext,
+    LayerGeometry,
+    LayerPlacer,
+    NotPlaceable,
+    Placement,
+    RefusingPlacer,
+    cell_centres,
+    select_tokens,
+)
 from .segment_anything import _two_way_skip, windowed_encoder_placer
 from .stages import grid_placement, innermost_on_path
 from .ultralytics import _MapPlacer
 from .windowed_vit import WindowedDesign
 from .windows import parent_module
 
-__all__ = ["placer", "attention_modules"]
+__all__ = ["placer", "attention_modules", "listed_dinov2"]
 
 _VIT = "kornia.models.vit"
 _DINOV2 = "kornia.feature.dedode.transformer.dinov2"
 _DINOV2_ATTENTION = "kornia.feature.dedode.transformer.layers.attention"
+_DEDODE_ENCODER = "kornia.feature.dedode.encoder"
+_QWEN25 = "kornia.models.qwen25.vision"
 _SAM_ENCODER = "kornia.models.sam.architecture.image_encoder"
 _SAM_DECODER = "kornia.models.sam.architecture.transformer"
 _SAM_BLOCK = WindowedDesign("Block", "num_heads")
@@ -80,9 +94,6 @@ _REFUSED = {
         "MobileViT (attention across the patches of unfolded pixels)", "timm or transformers"),
     ("kornia.models.tiny_vit", "Attention"): _NOT_PLACED.format(
         "TinyViT (MobileSAM's windowed stages)", "timm (tiny_vit_*)"),
-    ("kornia.models.qwen25.vision", "Qwen25VisionAttention"): _NOT_PLACED.format(
-        "Qwen2.5-VL tower (windows as a mask over tokens kept in place, 2 x 2 merged patch groups)",
-        "transformers (Qwen2_5_VisionTransformerPretrainedModel)"),
     ("kornia.models.siglip2.attention", "SigLip2Attention"): _NOT_PLACED.format(
         "SigLIP2 (also PaliGemma's vision tower)", "transformers (SiglipVisionModel, Siglip2VisionModel)"),
     ("kornia.models.siglip2.vision_encoder", "SigLip2MultiheadAttentionPoolingHead"): _NOT_PLACED.format(
@@ -111,7 +122,20 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in named_module_list(model)
             if (type(module).__module__ == _DINOV2_ATTENTION and type(module).__name__ in ("Attention",
                                                                                          "MemEffAttention"))
-            or _key(module) in _SKIPPED or _key(module) in _REFUSED}
+            or _is(module, "Qwen25VisionAttention", _QWEN25) or _key(module) in _SKIPPED or _key(module) in _REFUSED}
+
+
+def listed_dinov2(model: nn.Module) -> str | None:
+    """Where ``model`` (DeDoDe, its descriptor or encoder) holds DeDoDe's DINOv2 in the list of a ``FrozenDINOv2``,
+    out of the module tree, so out of vitmad's reach: the message saying what to record instead; else None."""
+    held = [name for name, module in named_module_list(model) if _is(module, "FrozenDINOv2", _DEDODE_ENCODER)]
+    if not held:
+        return None
+    paths = ", ".join(f"model.{name + '.' if name else ''}dinov2_vitl14[0]" for name in held)
+    return (f"{type(model).__name__} runs its attention in DeDoDe's DINOv2 (a DinoVisionTransformer, {paths}), which "
+            "its FrozenDINOv2 holds in a plain Python list to hide it from DDP, so it is no submodule of the model "
+            f"and vitmad's hooks cannot reach it: record it, vitmad.record({paths.split(', ')[0]}), and run the "
+            f"{type(model).__name__} model inside the block, which calls its forward_features")
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
@@ -125,6 +149,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return RefusingPlacer(f"{type(module).__name__} of {type(module).__module__}: {_REFUSED[_key(module)]}")
     if _is(module, "MultiHeadAttention", _VIT):
         return _vit_placer(model, name)
+    if _is(module, "Qwen25VisionAttention", _QWEN25):
+        return _qwen25_placer(model, name, module)
     if type(module).__module__ == _DINOV2_ATTENTION:
         found = innermost_on_path(model, name, lambda m: _is(m, "DinoVisionTransformer", _DINOV2))
         if found is None:
@@ -160,6 +186,22 @@ def _vit_placer(model: nn.Module, name: str):
             "positions=<[N, 2] pixel position of each token: a NaN row for the class token first, then the "
             "backbone's map row-major>")
     return _ClassTokenGridPlacer(embedding.backbone, "kornia's VisionTransformer")
+
+
+def _qwen25_placer(model: nn.Module, name: str, module: nn.Module):
+    found = innermost_on_path(model, name, lambda m: _is(m, "Qwen25VisionTransformer", _QWEN25))
+    block = parent_module(model, name)
+    blocks = [] if found is None else list(found[1].blocks)
+    if block is None or getattr(block, "attn", None) is not module or not any(b is block for b in blocks):
+        return RefusingPlacer(
+            f"kornia's Qwen25VisionAttention is placed only as the attention of a block of a Qwen25VisionTransformer "
+            f"(whose patch embedding gives the grid and whose config the windows); {name} is "
+            f"{'outside one' if found is None else 'not the attention of one of its blocks'}: record the "
+            "Qwen25VisionTransformer, or " + _POSITIONS)
+    tower = found[1]
+    index = next(i for i, b in enumerate(blocks) if b is block)
+    return _MergeOrderPlacer(tower, module, None if index in tower.config.fullatt_block_indexes else
+                             int(tower.config.window_size) // int(tower.config.patch_size))
 
 
 def _multihead_placer(model: nn.Module, name: str):
@@ -207,3 +249,78 @@ class _ClassTokenGridPlacer(LayerPlacer):
                                "its grid is unknown; " + _POSITIONS)
         return grid_placement(lead, num_queries, num_keys, grid=grid, stride=self.stride, attention="global",
                               prefix=1)
+
+
+def _merge_order(index: torch.Tensor, merge: int) -> torch.Tensor:
+    """``[gh, gw]`` values per patch, in the token order of kornia's Qwen2.5-VL tower: its ``merge`` x ``merge``
+    squares row-major, the patches of a square row-major within it."""
+    gh, gw = index.shape
+    return index.reshape(gh // merge, merge, gw // merge, merge).permute(0, 2, 1, 3).flatten()
+
+
+class _MergeOrderPlacer(LayerPlacer):
+    """kornia's Qwen2.5-VL tower (``kornia.models.qwen25.vision``, a port of transformers' that takes images): its
+    ``Conv3d`` patch embedding (stride ``patch_size``; one temporal cell, the image repeated over
+    ``temporal_patch_size`` frames) gives a ``[B, D, 1, gh, gw]`` map whose patches it puts in merge order (each
+    ``spatial_merge_size`` square contiguous). Every block attends over all of an image's tokens, kept in that order
+    (``[B, heads, N, N]``, F.scaled_dot_product_attention): a window block with a boolean ``attn_mask`` allowing the
+    pairs in the same window (``window_size // patch_size`` patches a side, row-major windows over the patch grid),
+    which vitmad applies as the model does; a ``fullatt_block_indexes`` block without one. The mask is checked per
+    call against those windows, so a changed token order is refused, not misplaced."""
+
+    def __init__(self, tower: nn.Module, module: nn.Module, window: int | None):
+        self.embedding, self.module = tower.patch_embed.proj, module
+        self.merge, self.window = int(tower.config.spatial_merge_size), window
+        self.stride = (float(self.embedding.stride[-2]), float(self.embedding.stride[-1]))
+        self.grid_key, self.mask_key = f"kornia.qwen25.grid.{id(self.embedding)}", f"kornia.qwen25.mask.{id(module)}"
+        self.attention = "global" if window is None else f"window {window}x{window} patches (a mask over the tokens)"
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def see_grid(module, args, output) -> None:
+            context.values[self.grid_key] = tuple(int(n) for n in output.shape[-3:])
+
+        def see_mask(module, args, kwargs) -> None:
+            context.values[self.mask_key] = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+
+        return [self.embedding.register_forward_hook(see_grid),
+                self.module.register_forward_pre_hook(see_mask, with_kwargs=True)]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        cells = context.values.get(self.grid_key)
+        if cells is None:
+            raise NotPlaceable("the patch embedding of kornia's Qwen2.5-VL tower had not run in this call when it "
+                               "attended, so its grid is unknown; " + _POSITIONS)
+        frames, gh, gw = cells
+        if frames != 1 or gh % self.merge or gw % self.merge:
+            raise NotPlaceable(f"its patch embedding gave {frames} temporal x {gh} x {gw} patches; vitmad places one "
+                               f"temporal cell of whole {self.merge} x {self.merge} merge squares")
+        tokens = gh * gw
+        if len(lead) != 2 or num_queries != tokens or num_keys != tokens:
+            raise NotPlaceable(f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; "
+                               f"expected [B, H, {tokens}, {tokens}]: the {gh}x{gw} patches in merge order")
+        self._check_mask(context, gh, gw)
+        order = _merge_order(torch.arange(tokens).reshape(gh, gw), self.merge)  # token i is patch order[i]
+        positions = cell_centres(gh, gw, self.stride).reshape(-1, 2)[order]
+        geometry = LayerGeometry((gh, gw), self.stride, self.attention, int(lead[-1]))
+        return Placement(positions, None, select_tokens(torch.argsort(order)), geometry)
+
+    def _check_mask(self, context: CallContext, gh: int, gw: int) -> None:
+        mask = context.values.get(self.mask_key)
+        if self.window is None:
+            if mask is not None:
+                raise NotPlaceable("this fullatt_block_indexes block of kornia's Qwen2.5-VL tower was given an "
+                                   "attn_mask, which vitmad does not know; " + _POSITIONS)
+            return
+        checked = f"kornia.qwen25.checked.{id(self.embedding)}"
+        if mask is not None and context.values.get(checked) is mask:  # the tower hands every window block one mask
+            return
+        rows = torch.arange(gh).unsqueeze(1) // self.window
+        cols = torch.arange(gw).unsqueeze(0) // self.window
+        window = _merge_order(rows * -(-gw // self.window) + cols, self.merge)
+        expected = window.unsqueeze(1) == window.unsqueeze(0)
+        if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape[-2:] == expected.shape
+                and bool((mask == expected.to(mask.device)).all())):
+            raise NotPlaceable(f"the attn_mask of this window block of kornia's Qwen2.5-VL tower is not the "
+                               f"{self.window}x{self.window}-patch windows over its {gh}x{gw} patches in merge order "
+                               "that vitmad reads from kornia's code; " + _POSITIONS)
+        context.values[checked] = mask

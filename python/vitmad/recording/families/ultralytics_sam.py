@@ -21,7 +21,9 @@ visual-prompt pooling, skipped. (SAM's ``ImageEncoderViT`` is placed by :mod:`.u
   2-D RoPE (and, where asked, relative positions concatenated to q and k) calling SDPA on ``[B * windows, heads, N,
   N]``, global blocks (window 0) over the whole map; the patch embedding a convolution of kernel = stride = patch.
   Placed as transformers' SAM3 ViT (:mod:`.windowed_vit`). A ViT that keeps its class token (``retain_cls_token``)
-  gives its blocks ``[B, 1 + H * W, C]``: refused in the call (ultralytics' own ``forward`` cannot reshape it).
+  gives its blocks ``[B, 1 + H * W, C]`` (the token first, no windows, no relative positions: ultralytics asserts
+  both): refused by name in the call, as ultralytics' own ``forward`` cannot reshape those tokens back into a map
+  (``math.sqrt`` sizes), so no forward of such a model finishes for a recording to be checked against.
 
 The rest of ``ultralytics.models.sam`` that attends (the mask decoders' two-way transformers between prompt tokens
 and the image embedding, SAM 2's memory attention, SAM 3's detector, geometry and text encoders) is refused by name.
@@ -48,6 +50,13 @@ _VITDET = "ultralytics.models.sam.sam3.vitdet"
 _HIERA_BLOCK = WindowedDesign("MultiScaleBlock", "num_heads", "q_stride")
 _VITDET_BLOCK = WindowedDesign("Block", "num_heads")
 _POSITIONS = "pass positions=<[N, 2] pixel position of each token>"
+_VITDET_CLASS_TOKEN = (
+    "ultralytics' SAM 3 ViT keeps its class token (retain_cls_token=True): its blocks attend over the class token, "
+    "then the row-major patch grid, all global. vitmad does not place it: ultralytics' (8.4) own ViT.forward cannot "
+    "finish with that token (it reshapes the patch tokens to sqrt(count) x sqrt(count), a float), so no recording of "
+    "the model could be checked; build the ViT with retain_cls_token=False, as build_sam3 does, or pass "
+    "positions=<[1 + h * w, 2] pixel position of each token: a NaN row for the class token, then the row-major patch "
+    "grid at patch_size px>")
 
 
 def _is(module: nn.Module, class_name: str, defining_module: str) -> bool:
@@ -70,6 +79,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return windowed_encoder_placer(model, name, module, "MultiScaleBlock", "Hiera", _SAM_BLOCKS, _HIERA_BLOCK,
                                        "ultralytics' SAM 2 MultiScaleAttention", "the Hiera trunk, its ImageEncoder "
                                        "or the SAM2Model", encoder_module=_SAM_ENCODERS)
+    if _is(module, "Attention", _VITDET) and getattr(module, "cls_token", False):
+        return RefusingPlacer(_VITDET_CLASS_TOKEN)
     if _is(module, "Attention", _VITDET):
         return windowed_encoder_placer(model, name, module, "Block", "ViT", _VITDET, _VITDET_BLOCK,
                                        "ultralytics' SAM 3 ViT Attention", "the ViT trunk or the SAM3 model")
