@@ -308,6 +308,50 @@ def test_nucleus_moe_refuses_several_images():
         model(**inputs)
 
 
+def _bria_fibo2():
+    torch.manual_seed(0)
+    return _sharpen(diffusers.BriaFibo2Transformer2DModel(
+        in_channels=4, patch_size=2, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, cap_feat_dim=12,
+        injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=4, max_num_gist_tokens=8, gist_step=4,
+        gist_min_text_len=4, gist_max_text_len=16, axes_dims=(4, 6, 6), axes_lens=(64, 32, 32)))
+
+
+@pytest.mark.parametrize("lengths", [(16, 16), (4, 16)])  # one gist count: gist first; two: padded, gist last
+def test_bria_fibo2_gist_tokens_first_or_last(monkeypatch, lengths):
+    model = _bria_fibo2()
+    kept = torch.arange(16)[None] < torch.tensor(lengths)[:, None]
+    # BriaFibo2Pipeline: the latent [B, C, H, W], the caption's bundles [B, 1 + injections, T, D] and its mask.
+    inputs = {"hidden_states": torch.randn(2, 4, 10, 6), "timestep": torch.tensor([0.5, 0.5]),
+              "encoder_hidden_states": torch.randn(2, 2, 16, 12), "encoder_attention_mask": kept}
+
+    def run():
+        return model(**inputs)
+
+    maps, spied = _attention_maps(monkeypatch, run)
+    rec, rec_tokens = _record(model, run, spied)
+    assert rec.layers == ["noise_refiner.0.attention", "layers.0.attention", "layers.1.attention"]
+    assert set(rec.skipped) == {"perceiver.layers.0.cross_attention", "perceiver.layers.0.self_attention",
+                                "layers.1.cross_attention"}
+    # compute_gist_count: 8 gist tokens for 16 caption tokens, 4 for 4; the batch pads the 4 to 8.
+    gist, grid = 8, (5, 3)
+    image_maps = [m for m in maps if m.shape[-1] in (15, 15 + gist) and m.shape[-2] == m.shape[-1]]
+    assert [m.shape[-1] for m in image_maps] == [15, 23, 23]
+    before, after = (gist, 0) if lengths[0] == lengths[1] else (0, gist)
+    for layer, probabilities in enumerate(image_maps):
+        b, a = (0, 0) if layer == 0 else (before, after)
+        if after and layer:
+            assert float(probabilities[0, :, :, -4:].abs().max()) == 0.0  # the first entry's 4 padded gist tokens
+        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, _positions(grid, 2.0, b, a), grid, 2.0, b, a)
+
+
+def test_bria_fibo2_refuses_images_to_edit():
+    model = _bria_fibo2()
+    inputs = {"hidden_states": torch.randn(1, 4, 4, 4), "timestep": torch.tensor([0.5]),
+              "encoder_hidden_states": torch.randn(1, 2, 4, 12), "context_latents": [torch.randn(1, 4, 4, 4)]}
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="images to edit"):
+        model(**inputs)
+
+
 def _qwen_image21():
     return diffusers.QwenImage21Transformer2DModel(
         patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=16, num_attention_heads=2,
@@ -324,19 +368,9 @@ def _dreamlite():
         "timestep": torch.tensor([500])}
 
 
-def _bria_fibo2():
-    return diffusers.BriaFibo2Transformer2DModel(
-        in_channels=4, patch_size=2, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, cap_feat_dim=12,
-        injection_layer_ids=(0,), perceiver_num_layers=1, min_num_gist_tokens=4, max_num_gist_tokens=8, gist_step=4,
-        gist_min_text_len=4, gist_max_text_len=16, axes_dims=(4, 6, 6), axes_lens=(64, 32, 32)), {
-        "hidden_states": torch.randn(1, 4, 8, 8), "timestep": torch.tensor([0.5]),
-        "encoder_hidden_states": torch.randn(1, 2, 4, 12)}
-
-
 @pytest.mark.parametrize(("build", "reason"), [
     (_qwen_image21, "block-causal and runs in several calls per layer"),
     (_dreamlite, "over one of that UNet's feature maps"),
-    (_bria_fibo2, "gist tokens before the image, or after it"),
 ])
 def test_image_transformers_refused_with_their_reason(build, reason):
     torch.manual_seed(0)

@@ -139,6 +139,7 @@ _PLACED = {
     "NucleusMoEImageTransformer2DModel": ("shapes", "keys last", ("NucleusMoEAttnProcessor2_0",)),
     "PRXTransformer2DModel": ("latent", "keys first", ("PRXAttnProcessor2_0",)),
     "Ideogram4Transformer2DModel": ("sequence", "first", ("Ideogram4AttnProcessor",)),
+    "BriaFibo2Transformer2DModel": ("latent", "first", ("BriaFibo2AttnProcessor",)),
     "CogView3PlusTransformer2DModel": ("view", "first",
                                        ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")),
     "CogView4Transformer2DModel": ("view", "first", ("CogView4AttnProcessor",)),
@@ -178,7 +179,8 @@ _SECOND_CAPTION = {"HunyuanImageTransformer2DModel": "context_embedder_2"}
 # Blocks that attend over the caption alone (Lumina2's context_refiner, HunyuanImage's token refiner), by attribute
 # of the model.
 _CAPTION_ONLY = {"Lumina2Transformer2DModel": "context_refiner", "HunyuanImageTransformer2DModel": "context_embedder",
-                 "Flux3Transformer2DModel": "txt_mode_blocks", "Krea2Transformer2DModel": "text_fusion"}
+                 "Flux3Transformer2DModel": "txt_mode_blocks", "Krea2Transformer2DModel": "text_fusion",
+                 "BriaFibo2Transformer2DModel": "perceiver"}
 _LINEAR = ("SanaTransformer2DModel",)
 # diffusers' other image transformers, refused by name with what keeps vitmad from placing their tokens (read from
 # their source, diffusers 0.42.1).
@@ -186,9 +188,6 @@ _NOT_PLACED = {
     "BriaFiboTransformer2DModel": (
         "BriaFiboPipeline packs its latent 2 x 2 or not at all (do_patching): a step of img_ids is 2 latent pixels or "
         "1, which the transformer's inputs do not tell"),
-    "BriaFibo2Transformer2DModel": (
-        "its stream puts its Perceiver's gist tokens before the image, or after it where a batch pads them, and the "
-        "images to edit (context_latents) after the image: vitmad has not learned to follow that order per call"),
     "DreamLiteTransformer2DModel": (
         "it is the transformer of DreamLiteUNetModel's blocks, over one of that UNet's feature maps, not over the "
         "latent: where its tokens are depends on the UNet's samplings before it, and vitmad has not read that UNet"),
@@ -255,6 +254,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     if caption_only is not None and name.startswith(".".join(filter(None, (owner_name, caption_only))) + "."):
         return Skip(f"self-attention of the caption's tokens alone ({kind}'s {caption_only}): they have no position "
                     "in the latent, so it has no MAD")
+    if kind == "BriaFibo2Transformer2DModel" and name.rsplit(".", 1)[-1] == "cross_attention":
+        return Skip(_CROSS)  # its injection blocks' BriaFibo2Attention, built with kv_dim: keys from the caption
     return LatentGridPlacer(owner_name, owner, module)
 
 
@@ -291,6 +292,15 @@ class LatentGridPlacer(LayerPlacer):
                     context.values[key + ".text"] = int(text.shape[-2]) if isinstance(text, torch.Tensor) else None
 
             handles.append(context_embedder.register_forward_pre_hook(see_text))
+        if self.kind == "BriaFibo2Transformer2DModel":
+            def see_gist(module, args) -> None:
+                # BriaFibo2PerceiverResampler(encoder_hidden_states, num_gist_tokens, encoder_attention_mask,
+                # gist_mask): the gist tokens lead the stream, or end it where the batch pads them (gist_mask).
+                count = args[1] if len(args) > 1 else None
+                context.values[key + ".text"] = count if isinstance(count, int) else None
+                context.values[key + ".side"] = "last" if len(args) > 3 and args[3] is not None else "first"
+
+            handles.append(self.owner.perceiver.register_forward_pre_hook(see_gist))
         second = getattr(self.owner, _SECOND_CAPTION.get(self.kind, ""), None)
         if isinstance(second, nn.Module):
             def see_second_text(module, args) -> None:
@@ -306,6 +316,10 @@ class LatentGridPlacer(LayerPlacer):
                     given = None  # a call its forward itself refuses
                 if given is None:
                     seen = f"{self.kind}'s forward got arguments it does not take"
+                elif given.get("context_latents"):
+                    seen = (f"{self.kind}'s images to edit are in this call (context_latents): their tokens follow "
+                            "the image's, places of other latents; vitmad places one latent's tokens and the gist "
+                            "tokens; record a text-to-image call")
                 elif self.cut == "latent":
                     seen = self._latent_grid(given.get("hidden_states"))
                 elif self.cut == "sequence":
@@ -378,6 +392,7 @@ class LatentGridPlacer(LayerPlacer):
         if refusal is not None:
             raise NotPlaceable(refusal)
         key = _KEY + self.owner_name
+        side = context.values.get(key + ".side", self.text_side)  # BriaFibo2's gist tokens: first, or last
         seen = context.values.get(key + ".grid")
         if seen is None:
             what = {"ids": f"{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')} (img_ids)", "ids4": "forward (img_ids)",
@@ -398,10 +413,10 @@ class LatentGridPlacer(LayerPlacer):
             grid, stride = self._patch_grid(height, width)
         patches = grid[0] * grid[1]
         text = num_keys - patches
-        if self.text_side is not None and self.text_side.startswith("keys "):
+        if side is not None and side.startswith("keys "):
             return self._place_image_queries(context, lead, num_queries, num_keys, batch, grid, stride)
         joint = text > 0
-        if joint and self.text_side is not None:
+        if joint and side is not None:
             caption = context.values.get(key + ".text")
             if isinstance(caption, str):
                 raise NotPlaceable(caption)
@@ -416,14 +431,14 @@ class LatentGridPlacer(LayerPlacer):
                     "places the patches and the caption's tokens alone"
                 )
         if len(lead) != 2 or int(lead[0]) != batch or num_queries != num_keys or text < 0 \
-                or (joint and self.text_side is None):
-            sequence = "the latent patches" + (f", the caption's {self.text_side}" if self.text_side else "")
+                or (joint and side is None):
+            sequence = "the latent patches" + (f", the caption's {side}" if side else "")
             raise NotPlaceable(
                 f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; on a "
                 f"{grid[0]}x{grid[1]} latent patch grid ({batch} latents), a {self.kind} layer attends "
                 f"[{batch}, heads, N, N] over {sequence}"
             )
-        prefix, suffix = (text, 0) if self.text_side == "first" else (0, text)
+        prefix, suffix = (text, 0) if side == "first" else (0, text)
         layout = (grid, stride, prefix, suffix)
         if layout not in self._layouts:
             self._layouts = {layout: _plain_positions(grid, stride, prefix, suffix)}
