@@ -58,6 +58,27 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
   ``(1, rows, columns)`` of ``img_shapes`` (read per call from what ``pos_embed`` gets), which must name one image
   of one frame per batch entry, all the same (an edit pipeline's several images are refused);
   ``QwenDoubleStreamAttnProcessor2_0`` puts the caption first (its length what ``txt_in`` gets), its padding masked.
+- ``Flux3Transformer2DModel``: Flux2's packing and four-coordinate ids, its rows and columns scaled by the pipeline's
+  ``image_rope_scale`` (``(0, 0.5 row, 0.5 column, 0)``; any one step is read as the grid it steps over), read per
+  call from its forward's ``img_ids``; its ``txt_mode_blocks`` attend over the caption alone (skipped),
+  ``mode_blocks["image"]`` over the image alone, its single blocks over ``cat([caption, image])``. Reference images
+  (``image_cond_hidden_states``) are refused.
+- ``Krea2Transformer2DModel``: packed 2 x 2 (``Krea2Pipeline``'s ``patch_size``), its ``position_ids`` the caption's
+  ``(0, 0, 0)`` rows, then the image's ``(0, row, column)``: read as Flux's ids from what ``rotary_emb`` gets, past
+  the caption's count (what ``txt_in`` gets); its blocks attend over ``cat([caption, image])``, its ``text_fusion``
+  over the caption alone (skipped).
+- ``Ideogram4Transformer2DModel``: one sequence per row, ``[padding][caption][image]`` (``Ideogram4Pipeline
+  ._prepare_ids``), packed 2 x 2: the image the last tokens of every row (its ``indicator``), at
+  ``IMAGE_POSITION_OFFSET + (0, row, column)`` row-major (its ``position_ids``); padding and caption without a
+  position.
+- ``PRXTransformer2DModel`` (whole ``patch_size`` patches of the latent, ``img2seq``) and
+  ``NucleusMoEImageTransformer2DModel`` (packed ``patch_size`` x ``patch_size`` on QwenImage's ``img_shapes``)
+  attend from the image's queries alone over ``cat([caption, image])`` (PRX) or ``cat([image, caption])``
+  (NucleusMoE) keys: the caption's keys without a position, and no caption query.
+- ``BriaFibo2Transformer2DModel``: whole ``patch_size`` patches of the latent (``_patchify``); its layers attend over
+  ``cat([gist, image])``, or ``cat([image, gist])`` where a batch pads the gist tokens (read per call from its
+  Perceiver's arguments); its Perceiver and its injection blocks' ``cross_attention`` are skipped, images to edit
+  (``context_latents``) refused.
 
 The caption's length is what the model's ``context_embedder`` gets in this call; the grid what ``PatchEmbed``'s
 convolution gets (any latent size, never ``sample_size``). MAD is over the image's queries and keys; with the
