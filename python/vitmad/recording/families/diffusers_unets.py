@@ -256,10 +256,10 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     split = innermost_on_path(unet, inner, lambda m: _defined(m, _SPLIT_INFERENCE))
     if split is not None:
         return RefusingPlacer(
-            f"it runs inside {unet_class}'s {split[0]}, a SplitInferenceModule (pipe.enable_free_noise_split_inference) "
-            f"that calls it once per chunk of {split[1].split_size} along dim {split[1].split_dim} of its input, "
-            "frames or cells of several videos, which vitmad does not join into the batch; record without split "
-            "inference (FreeNoise alone, pipe.enable_free_noise, is recorded)")
+            f"it runs inside {unet_class}'s {split[0]}, a SplitInferenceModule "
+            f"(pipe.enable_free_noise_split_inference) that calls it once per chunk of {split[1].split_size} along "
+            f"dim {split[1].split_dim} of its input, frames or cells of several videos, which vitmad does not join "
+            "into the batch; record without split inference (FreeNoise alone, pipe.enable_free_noise, is recorded)")
     # After the blocks: a SimpleCrossAttn block's "cross-attention" appends the text's keys to the map's own.
     if getattr(module, "is_cross_attention", False):
         return Skip(f"cross-attention of {unet_class}'s feature map to its conditioning (encoder_hidden_states: the "
