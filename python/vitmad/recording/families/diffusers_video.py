@@ -461,9 +461,8 @@ class _LatentGrid:
         grid = context.values.get(self.grid_key)
         if isinstance(grid, str):
             return
-        latents = bound.get("hidden_states")
         refusal = None
-        if grid.frame_stride != 1 or not isinstance(latents, torch.Tensor):
+        if grid.frame_stride != 1:
             refusal = (f"its patch embedding has a temporal kernel of {grid.frame_stride} latent frames: FramePack "
                        "gives one frame index per latent frame (patch_size_t 1, as released)")
         segments = []
@@ -471,26 +470,27 @@ class _LatentGrid:
         for name, conv in (() if refusal else parts):
             history, indices = bound.get(name), bound.get(f"indices_{name}")
             if history is None or indices is None:
-                continue  # the forward leaves it out of the sequence
+                continue  # the forward then fails on its own: it packs all three
             kernel = tuple(int(k) for k in getattr(self.model.clean_x_embedder, conv).kernel_size)
-            refusal = _history_refusal(name, history, indices, kernel, latents)
+            refusal = _history_refusal(name, history, indices, kernel)
             if refusal is not None:
                 break
             # A tubelet's frames are consecutive: it stands at the middle of them.
             starts = indices.reshape(-1).double().cpu().view(-1, kernel[0])[:, 0]
-            size = (int(latents.shape[3]) // kernel[1], int(latents.shape[4]) // kernel[2])
+            size = (int(history.shape[3]) // kernel[1], int(history.shape[4]) // kernel[2])
             segments.append((int(history.shape[2]) // kernel[0], size, (float(kernel[1]), float(kernel[2])),
                              tuple(float(t) + kernel[0] / 2 for t in starts)))
         current = bound.get("indices_latents")
-        if refusal is None and current is not None and (
-                current.dim() != 1 or current.numel() != grid.frames):
-            refusal = (f"its indices_latents {list(current.shape)} are not one frame index per each of the "
-                       f"{grid.frames} latent frames")
+        if refusal is None and not (isinstance(current, torch.Tensor) and current.dim() == 1
+                                    and current.numel() == grid.frames):
+            shape = list(current.shape) if isinstance(current, torch.Tensor) else current
+            refusal = (f"its indices_latents ({shape}) are not one frame index per each of the {grid.frames} latent "
+                       "frames")
         if refusal is not None:
             context.values[self.grid_key] = refusal
             return
-        times = range(grid.frames) if current is None else current.double().cpu().tolist()
-        segments.append((grid.frames, grid.size, grid.stride, tuple(float(t) + 0.5 for t in times)))
+        segments.append((grid.frames, grid.size, grid.stride,
+                         tuple(float(t) + 0.5 for t in current.double().cpu().tolist())))
         mask = bound.get("encoder_attention_mask")
         # A single video's caption is cut to its valid tokens (no mask then); a batch keeps them all, masked.
         dropped = int(mask.shape[1]) - int(mask.sum()) if grid.batch == 1 and isinstance(mask, torch.Tensor) else 0
@@ -542,14 +542,12 @@ def _forward_parameters(kind: type) -> tuple[str, ...]:
     return tuple(inspect.signature(kind.forward).parameters)[1:]
 
 
-def _history_refusal(name: str, history: torch.Tensor, indices: torch.Tensor, kernel: tuple[int, int, int],
-                     latents: torch.Tensor) -> str | None:
+def _history_refusal(name: str, history: torch.Tensor, indices: torch.Tensor, kernel: tuple[int, int, int]
+                     ) -> str | None:
     """Why FramePack's history latents ``name`` (``[B, C, F, H, W]``, cut by ``kernel``) cannot be placed: they
-    must be the current latents' videos and pixels, fill whole kernels (the model pads them by repeating their edge,
-    its rotary positions then not a kernel's centre), and give consecutive frame indices within each kernel."""
-    if history.dim() != 5 or history.shape[0] != latents.shape[0] or history.shape[3:] != latents.shape[3:]:
-        return (f"its {name} {list(history.shape)} are not [B, C, F, H, W] latents of the current latents' "
-                f"{latents.shape[0]} video(s) and {latents.shape[3]}x{latents.shape[4]} latent pixels")
+    must fill whole kernels (the model pads them by repeating their edge, its rotary positions then not a kernel's
+    centre) and give consecutive frame indices within each kernel. (Their videos and pixels are the current
+    latents': the model's rotary positions, built on the current grid, fail otherwise.)"""
     frames = int(history.shape[2])
     if frames % kernel[0] or history.shape[3] % kernel[1] or history.shape[4] % kernel[2]:
         return (f"its {name} {list(history.shape)} do not fill whole {list(kernel)} kernels: the model pads them by "
