@@ -316,3 +316,60 @@ def test_kandinsky6_reference_frame_at_rotary_time_zero_is_refused():
 
 
 # Refused by name --------------------------------------------------------------------------------------------------
+
+def test_anyflow_bidirectional_placed_as_wan():
+    """AnyFlow takes its latents frames first, [B, F, C, H, W], and permutes them for Wan's Conv3d
+    patch_embedding: attn1 over 3 latent frames of a 3x5 grid (6x10 latents); attn2 (text) skipped."""
+    from test_record_diffusers_video_2 import _wan_config
+
+    torch.manual_seed(0)
+    model = _sharpened(diffusers.AnyFlowTransformer3DModel(**_wan_config()))
+    torch.manual_seed(2)
+    latents, text = torch.randn(BATCH, 3, 4, 6, 10), torch.randn(BATCH, TEXT, TEXT_DIM)
+    times = dict(timestep=torch.full((BATCH, 3), 500.0), r_timestep=torch.full((BATCH, 3), 400.0))
+    layers = ["blocks.0.attn1", "blocks.1.attn1"]
+    rec, maps = _recorded_and_reference(
+        model, layers, lambda: model(latents, encoder_hidden_states=text, **times).sample)
+    assert set(rec.skipped) == {"blocks.0.attn2", "blocks.1.attn2"}
+    _check(rec, 0, maps, frames=3, grid=(3, 5), patch=2, frame_size=1)
+
+
+# Refused by name --------------------------------------------------------------------------------------------------
+
+def _catalogue_case(label: str):
+    """The benchmark sweep's tiny build and inputs of ``label`` (benchmarks/_diffusers_models.py)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import _diffusers_models
+
+    return next(case for case in _diffusers_models.diffusers_cases() if case.label == label)
+
+
+@pytest.mark.parametrize("label, reason", [
+    ("SanaWMTransformer3DModel", r"gated delta-rule linear attention \(no softmax map\)"),
+    ("SanaWMLTX2RefinerTransformer3DModel", r"chunk-causal and autoregressive: .*sliding-window KV cache"),
+    ("Kandinsky6SRTransformer3DModel", r"NABLA's sparse block mask on diffusers' flex backend"),
+    ("AnyFlowFARTransformer3DModel", r"only on diffusers' flex backend with a BlockMask and a KV cache"),
+    ("HeliosTransformer3DModel", r"short, mid and long history latents .*pyramid pipeline"),
+    ("MiniMaxH3Transformer3DModel", r"scatters its video rows .*only in the rotary position_ids"),
+])
+def test_video_transformers_not_placed_are_refused_with_the_reason(label, reason):
+    """Each refused video transformer, built tiny as the sweep builds it: the recording refuses it by name, saying
+    what in its sequence vitmad does not place."""
+    case = _catalogue_case(label)
+    model = case.build().eval()
+    with vitmad.record(model), torch.no_grad(), pytest.raises(ValueError, match=(
+            rf"{label} \(diffusers\) is not placed by vitmad: .*{reason}")):
+        case.forward(model, case.inputs())
+
+
+def test_cosmos3_is_refused_at_its_causal_attention():
+    """Cosmos 3's packed sequence (refused by name too) attends causally in its first layer: that refusal, the
+    first one its forward meets, is what the user reads."""
+    case = _catalogue_case("Cosmos3OmniTransformer")
+    model = case.build().eval()
+    with vitmad.record(model), torch.no_grad(), pytest.raises(ValueError, match=(
+            r"layers\.0\.self_attn \(Cosmos3PackedMoTAttention\) runs causal attention")):
+        case.forward(model, case.inputs())

@@ -117,11 +117,12 @@ _FRAMEPACK = ("diffusers.models.transformers.transformer_hunyuan_video_framepack
               "HunyuanVideoFramepackTransformer3DModel")
 _MOTIF = ("diffusers.models.transformers.transformer_motif_video", "MotifVideoTransformer3DModel")
 _KANDINSKY6 = ("diffusers.models.transformers.transformer_kandinsky6", "Kandinsky6Transformer3DModel")
+_ANYFLOW = ("diffusers.models.transformers.transformer_anyflow", "AnyFlowTransformer3DModel")
 # Mochi's attention module: no Attention, no AttentionModuleMixin, its forward hands the attention to its processor.
 _MOCHI_ATTENTION = ("diffusers.models.attention_processor", "MochiAttention")
 # Wan and the models built on its blocks: self-attention attn1 over the tubelets a Conv3d patch_embedding cuts,
 # cross-attention attn2 to the text (and CLIP image tokens).
-_WAN_LIKE = (_WAN, _SKYREELS, _CHRONOEDIT, _WAN_VACE, _WAN_ANIMATE)
+_WAN_LIKE = (_WAN, _SKYREELS, _CHRONOEDIT, _WAN_VACE, _WAN_ANIMATE, _ANYFLOW)
 # The processor each placed attention module must run (module, class): another one may order the tokens otherwise.
 _PROCESSORS = {
     _WAN: ("diffusers.models.transformers.transformer_wan", "WanAttnProcessor"),
@@ -146,22 +147,38 @@ _PROCESSORS = {
     _FRAMEPACK: ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoAttnProcessor2_0"),
     _MOTIF: ("diffusers.models.transformers.transformer_motif_video", "MotifVideoAttnProcessor2_0"),
     _KANDINSKY6: ("diffusers.models.transformers.transformer_kandinsky6", "Kandinsky6AttnProcessor"),
+    _ANYFLOW: ("diffusers.models.transformers.transformer_anyflow", "AnyFlowAttnProcessor"),
 }
 # Video transformers of diffusers not placed here, by class name -> why.
 _REFUSED = {
-    "Cosmos3OmniTransformer": "Cosmos 3's packed mixture-of-transformers sequence is not placed yet",
+    "Cosmos3OmniTransformer": "Cosmos 3 packs text, vision, sound and action tokens into one sequence by index "
+                              "(vision_sequence_indexes and the like), each vision clip of a shape of its own "
+                              "(vision_token_shapes), through mixture-of-transformers layers; that packing is not read "
+                              "here",
     "WanAnimate2Transformer3DModel": "Wan-Animate 2's generation pass attends over the current tubelets and a KV "
                                      "cache of reference tokens (kv_cache_mode 'extract' / 'cached'), keys vitmad "
                                      "does not place",
     "SanaVideoTransformer3DModel": "Sana-Video's linear attention has no softmax map",
-    "SanaWMTransformer3DModel": "Sana-WM's sequence is not placed yet",
-    "SanaWMLTX2RefinerTransformer3DModel": "Sana-WM's LTX-2 refiner attends over packed latents and is not placed "
-                                           "yet",
-    "Kandinsky6SRTransformer3DModel": "Kandinsky 6's super-resolution sequence is not placed yet",
-    "AnyFlowTransformer3DModel": "AnyFlow's sequence is not placed yet",
-    "AnyFlowFARTransformer3DModel": "AnyFlow FAR's sequence is not placed yet",
-    "HeliosTransformer3DModel": "Helios' sequence is not placed yet",
-    "MiniMaxH3Transformer3DModel": "MiniMax-H3's sequence is not placed yet",
+    "SanaWMTransformer3DModel": "Sana-WM's blocks are gated delta-rule linear attention (no softmax map) beside "
+                                "softmax blocks conditioned on camera poses (UCPE), whose sequence is not read here",
+    "SanaWMLTX2RefinerTransformer3DModel": "Sana-WM's LTX-2 refiner is chunk-causal and autoregressive: each chunk's "
+                                           "self-attention runs against a sliding-window KV cache of the attention "
+                                           "sink and earlier refined chunks, keys from other calls that vitmad does "
+                                           "not place",
+    "Kandinsky6SRTransformer3DModel": "Kandinsky 6's super-resolution blocks always attend through NABLA's sparse "
+                                      "block mask on diffusers' flex backend (no F.scaled_dot_product_attention), "
+                                      "where vitmad does not see the attention",
+    "AnyFlowFARTransformer3DModel": "AnyFlow FAR's causal self-attention runs only on diffusers' flex backend with a "
+                                    "BlockMask and a KV cache across calls (AnyFlowCausalAttnProcessor), where vitmad "
+                                    "does not see the attention; causal attention is no vision transformer's "
+                                    "bidirectional attention either",
+    "HeliosTransformer3DModel": "Helios puts short, mid and long history latents (patch_short, patch_mid, "
+                                "patch_long) before the current tubelets, its rotary grid the short history's, which "
+                                "its pyramid pipeline keeps at full size while the current latents are denoised at a "
+                                "smaller one: two scales of one video whose alignment vitmad does not read",
+    "MiniMaxH3Transformer3DModel": "MiniMax-H3 scatters its video rows (conditioning and target, patchified) into one "
+                                   "packed sequence with the text and audio rows (video_indices), their (t, h, w) "
+                                   "only in the rotary position_ids: that packing is not read here",
 }
 _GRID_KEY = "diffusers_video.grid"  # + the model's id: its _Grid this call, or why it is unknown
 _TEXT_KEY = "diffusers_video.text"  # + the model's id: text tokens beside the tubelets this call
