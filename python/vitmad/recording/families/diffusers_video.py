@@ -58,12 +58,26 @@ not guess the VAE. The grid is read from the patch embedding in every call, neve
   (:class:`PerVideoPlacer`). A batch whose videos keep text of different lengths is refused (no one layout of the
   layer's text rows); the caption's attention pooling (``MochiAttentionPool``) skipped.
 
+- ``LTX2VideoTransformer3DModel`` (LTX-2): packed as LTX-Video (patch ``p`` by ``p_t``), the grid its forward's
+  ``num_frames``, ``height``, ``width``, read by ``proj_in``'s hook; the ``video_coords`` its pipelines pass must be
+  that grid's (``rope.prepare_video_coords``), else refused. ``attn1`` over the video tokens; the audio attention
+  (``audio_attn1``, ``audio_attn2``), the text cross-attention and the audio-video cross-attention skipped.
+- ``HunyuanVideoFramepackTransformer3DModel`` (FramePack, :class:`FramepackPlacer`): HunyuanVideo's blocks over its
+  4x, 2x and clean history tubelets (``clean_x_embedder``'s kernels), then the current ones, then the image and text
+  tokens; each history tubelet at its kernel's centre on the current latents' pixels, every frame at the index its
+  forward was given.
+- ``MotifVideoTransformer3DModel``: ``x_embedder.proj`` (``Conv3d``); ``attn`` over the tubelets, then the image and
+  text tokens; ``cross_attn`` skipped, its decoder blocks (a second token per cell) refused.
+- ``Kandinsky6Transformer3DModel``: placed as Kandinsky 5 (``video_dec_block.self_attention``); its text, audio and
+  audio-video attention skipped; a ``visual_rope_pos`` other than the tubelets' grid refused.
+- ``AnyFlowTransformer3DModel``: placed as Wan (its ``[B, F, C, H, W]`` latents permuted for the same ``Conv3d``).
+
 MAD is over the tubelet queries and keys only (keys without a position are never read); ``prefix_mass`` is then the
 mass the tubelet queries put on the text tokens. A module whose attention processor was replaced
 (``set_attn_processor``) by one vitmad does not know is refused by name at its first call: another processor may
 order or mask the tokens otherwise.
 
-Refused by name (:data:`_REFUSED`): the other video transformers of diffusers, whose sequences are not read here.
+Refused by name (:data:`_REFUSED`), each with its reason: the other video transformers of diffusers.
 Its attention modules are recognised as the other diffusers families recognise theirs (:mod:`.diffusers_common`);
 :func:`_processor_name` gives the current processor's module and class, checked at every call by :func:`_call_grid`.
 """
