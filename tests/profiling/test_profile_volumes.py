@@ -300,6 +300,8 @@ def test_refusals_name_the_option(volumes, vit_weights, tmp_path):
         vitmad.profile("monai:ViT", volumes, model_args=VIT_ARGS, device="cpu")
     with pytest.raises(OptionError, match=r"^model_checkpoint: .*does not fit MONAI's ViT"):
         vitmad.profile("monai:ViT", volumes, **{**run, "model_args": {**VIT_ARGS, "hidden_size": 48}})
+    with pytest.raises(OptionError, match=r"^model_args: expected JSON values"):
+        vitmad.profile("monai:ViT", volumes, **{**run, "model_args": {**VIT_ARGS, "norm": torch.nn.LayerNorm}})
     with pytest.raises(OptionError, match=r"^model_args: .*spatial_dims=2"):
         vitmad.profile("monai:ViT", volumes, **{**run, "model_args": {**VIT_ARGS, "spatial_dims": 2}})
     with pytest.raises(OptionError, match=r"^model: .*MaskedAutoEncoderViT"):

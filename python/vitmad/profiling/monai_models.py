@@ -67,6 +67,11 @@ def read_model_args(model_args) -> dict:
     if not isinstance(found, dict) or not all(isinstance(key, str) for key in found):
         raise OptionError("model_args", f"expected a mapping of constructor arguments by name, got "
                                         f"{type(found).__name__}")
+    try:  # mad.json states them, and the run's fingerprint digests them
+        json.dumps(found, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise OptionError("model_args", f"expected JSON values (numbers, text, lists, true / false / null), as a config"
+                                        f" file holds them ({error_said(err)})") from err
     return dict(found)
 
 
