@@ -108,6 +108,11 @@ def _describe_grids(profile) -> str:
     if profile.geometry is None:
         grid_h, grid_w = profile.layout["grid"]
         return f"{grid_h}x{grid_w} patches of {profile.layout['patch']} px"
+    if all(g.get("depth") is not None for g in profile.geometry):  # volumes: voxels of the model input
+        stages = [f"{g['depth']}x{g['grid'][0]}x{g['grid'][1]} @ "
+                  f"{'x'.join(f'{s:g}' for s in (g['depth_stride'], *g['stride']))} voxels" for g in profile.geometry]
+        stages = list(dict.fromkeys(stages))
+        return stages[0].replace(" @ ", " tokens of ") if len(stages) == 1 else ", ".join(stages)
     if any(g["grid"] is None for g in profile.geometry):
         grids = {tuple(entry["grid"]) for entry in (profile.image_grids or {}).values()}
         return f"native resolution, {len(grids)} grid{'s' if len(grids) != 1 else ''}"
@@ -135,7 +140,7 @@ def plot_profile(profile, path: str | os.PathLike, *, title: str | None = None) 
     uniform = profile.uniform_mads
     if len(set(uniform)) == 1:
         ax.axhline(uniform[0], color="0.4", linestyle="--", linewidth=1,
-                   label=f"uniform attention ({uniform[0]:.0f} px)")
+                   label=f"uniform attention ({uniform[0]:.0f} {profile.distance_unit})")
     else:  # each stage's grid has its own global reference
         ax.step(depth, uniform, where="mid", color="0.4", linestyle="--", linewidth=1,
                 label="uniform attention over each layer's grid")
@@ -159,10 +164,15 @@ def _heads_against_depth(plt, values: torch.Tensor):
 def _finish_depth_figure(plt, fig, ax, profile, statistic: str, depth: list[int], num_heads: int, path,
                          title: str | None, note: str | None = None) -> None:
     ax.set_xlabel("Network depth (layer)" + ("" if note is None else "\n" + textwrap.fill(note, 72)))
-    ax.set_ylabel(STAT_LABELS.get(statistic, statistic))
+    label = STAT_LABELS.get(statistic, statistic)
+    if statistic == "mad" and profile.distance_unit != "px":  # volumes
+        label = f"Mean attention distance ({'millimetres' if profile.distance_unit == 'mm' else 'voxels'})"
+    ax.set_ylabel(label)
     ax.set_xticks(depth if len(depth) <= 24 else depth[::max(1, len(depth) // 12)])
     ax.set_ylim(bottom=0)
     inputs = "videos" if profile.temporal is not None else "images"
+    if profile.distance_unit != "px":
+        inputs = "volumes"
     ax.set_title(title or textwrap.fill(f"{profile.model}: {profile.count} {inputs}, {_describe_grids(profile)}",
                                         80), fontsize=10 if profile.geometry is None else 8)
     if ax.get_legend_handles_labels()[0]:  # heads are labelled up to 16 of them; else nothing to list
