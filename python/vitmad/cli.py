@@ -483,6 +483,11 @@ def _compare_command(args: argparse.Namespace, run) -> None:
     if len(labels) != len(profiles):
         raise ValueError(f"--labels: expected {len(profiles)} labels (one per result), got {len(labels)}")
     _check_labels(labels)
+    units = {path: profile.distance_unit for path, profile in zip(args.results, profiles)}
+    if len(set(units.values())) > 1:  # one axis: millimetres beside pixels would read as one scale
+        raise ValueError("results: their MAD is in different units (" + ", ".join(
+            f"{path}: {unit}" for path, unit in units.items()) + "); compare results of one unit (a volume "
+            "profile's --volume-unit mm or voxel, an image profile's pixels)")
     seen: dict[Path, int] = {}
     for i, path in enumerate(args.results):
         first = seen.setdefault(Path(path).expanduser().resolve(), i)

@@ -277,11 +277,17 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
 
     Raises:
         KeyError: a profile lacks ``statistic``.
-        ValueError: no profile, or not one label per profile.
+        ValueError: no profile, not one label per profile, or MAD in different units (pixels of images, a volume
+            profile's millimetres or voxels): one axis cannot hold them.
     """
     if len(profiles) == 0 or len(labels) != len(profiles):
         raise ValueError(f"plot_compare: expected one label per profile and at least one profile, got "
                          f"{len(profiles)} profile(s) and {len(labels)} label(s)")
+    units = {profile.distance_unit for profile in profiles}
+    if statistic in ("mad", "temporal_mad") and len(units) > 1:
+        shown = ", ".join(f"{label}: {profile.distance_unit}" for label, profile in zip(labels, profiles))
+        raise ValueError(f"plot_compare: the profiles' MAD is in different units ({shown}); compare profiles of one "
+                         "unit (a volume profile's --volume-unit mm or voxel, images' pixels)")
     values = [profile.stat(statistic) for profile in profiles]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
@@ -301,7 +307,9 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
                         per_head.masked_fill(missing, float("-inf")).amax(1).masked_fill(empty, float("nan")),
                         color=line.get_color(), alpha=0.2)
     ax.set_xlabel("Network depth (layer)" if same_depth else "Relative depth")
-    ax.set_ylabel(STAT_LABELS.get(statistic, statistic))
+    unit = next(iter(units))
+    ax.set_ylabel(f"Mean attention distance ({'millimetres' if unit == 'mm' else 'voxels'})"
+                  if statistic == "mad" and unit != "px" else STAT_LABELS.get(statistic, statistic))
     ax.set_ylim(bottom=0)
     ax.set_title("Mean over heads (line) and range of heads (band)")
     ax.legend(fontsize=8)
