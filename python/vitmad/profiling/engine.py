@@ -780,7 +780,7 @@ def profile(
         model: an ``nn.Module`` (any model :func:`vitmad.record` measures), or a spec as ``--model`` takes it:
             ``hf:<id or folder>``, ``timm:<name>``, ``torchvision:<name>[.<WEIGHTS>]``,
             ``open_clip:<name>[.<pretrained tag>]``, ``segment_anything:<vit_b|vit_l|vit_h>``, ``sam2:<config>``,
-            ``builtin:dinov2-s14``.
+            ``monai:<ViT|UNETR|ViTAutoEnc|SwinUNETR>`` (with ``model_args``), ``builtin:dinov2-s14``.
         images: ``"builtin"``, a folder (recursive), a file, a list of those, or preprocessed pixels
             ``[B, 3, H, W]``. Files need a model loaded from a spec (which knows its preprocessing). A video
             model (its config has ``num_frames`` or ``frames_per_clip``) takes videos instead: clip files, frame
@@ -808,7 +808,8 @@ def profile(
         resume: continue from ``checkpoint`` if it exists (same model, images and settings).
         checkpoint_every: batches between checkpoints.
         model_checkpoint: local weights file for a ``timm:``, ``torchvision:`` or ``open_clip:`` spec (instead of
-            its pretrained download); the checkpoint a ``segment_anything:`` or ``sam2:`` spec requires.
+            its pretrained download); the checkpoint a ``segment_anything:``, ``sam2:`` or ``monai:`` spec
+            requires.
         progress: show a tqdm bar with images/s (on rank 0, counting every rank's images).
         loader_threads: threads decoding and preprocessing image files (0: on the calling thread); batches
             are loaded one ahead of the model either way.
