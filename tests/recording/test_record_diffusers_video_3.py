@@ -111,6 +111,22 @@ def test_ltx2_video_coords_of_another_layout_are_refused():
         model(**inputs, timestep=torch.tensor([500.0]))
 
 
+def test_ltx2_built_for_spatio_temporal_guidance_is_refused_with_what_to_do():
+    """perturbed_attn=True (LTX2Pipeline's spatio-temporal guidance) puts LTX2PerturbedAttnProcessor in every block as
+    built: the refusal said "record the model as built", which is what failed (QA helper-188)."""
+    torch.manual_seed(0)
+    model = diffusers.LTX2VideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+        audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=1, caption_channels=TEXT_DIM,
+        rope_double_precision=False, perturbed_attn=True)
+    inputs = _ltx2_inputs(model, 2, 4, 6, batch=1)
+    with vitmad.record(model), torch.no_grad(), pytest.raises(ValueError, match=(
+            r"transformer_blocks\.0\.attn1 .*LTX2PerturbedAttnProcessor .*perturbed_attn=True for spatio-temporal "
+            r"guidance.*build the transformer with perturbed_attn=False \(the same weights\) to record it")):
+        model(**inputs, timestep=torch.tensor([500.0]))
+
+
 # FramePack --------------------------------------------------------------------------------------------------------
 
 def _framepack():

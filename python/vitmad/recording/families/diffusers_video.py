@@ -607,6 +607,13 @@ def _processor_refusal(grid: _LatentGrid, module: nn.Module) -> str | None:
     expected, seen = _PROCESSORS[grid.kind], _processor_name(module)
     if seen == expected:
         return None
+    if seen[1] == "LTX2PerturbedAttnProcessor":
+        # LTX-2 built with perturbed_attn=True (spatio-temporal guidance) runs it in every block as built, so
+        # "record the model as built" cannot help: its perturbed entries skip the attention (QA helper-188).
+        return (f"it runs the attention processor {seen[1]} ({seen[0]}), that of an LTX-2 built with "
+                "perturbed_attn=True for spatio-temporal guidance, whose perturbed batch entries skip the attention; "
+                f"vitmad has read {expected[1]}'s calls only: build the transformer with perturbed_attn=False (the "
+                "same weights) to record it")
     return (f"it runs the attention processor {seen[1]} ({seen[0]}), not {expected[1]}, whose token order vitmad "
             "read; restore it (set_default_attn_processor does not) or record the model as built")
 
