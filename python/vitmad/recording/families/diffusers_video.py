@@ -512,7 +512,7 @@ class _LatentGrid:
             if refusal is not None:
                 break
             cells = [-(-int(n) // k) if padded else int(n) // k for n, k in zip(history.shape[2:], kernel)]
-            # A tubelet's frames are consecutive, the padded ones continuing its last index: it stands at the
+            # A tubelet's frames are consecutive, a padded kernel's repeats continuing them: it stands at the
             # middle of its kernel.
             starts = indices.reshape(-1).double().cpu()[::kernel[0]]
             segments.append((cells[0], (cells[1], cells[2]), (float(kernel[1]), float(kernel[2])),
