@@ -12,7 +12,11 @@ geometry written here from reading the models' source:
 - FramePack (``_pack_history_states``): the 4x history latents' tubelets (kernel 4x8x8), then the 2x ones (2x4x4),
   then the clean ones (1x2x2), then the current tubelets (1x2x2), each in (frame, row, column) order on the current
   latents' pixels, each frame at the index its forward was given (a tubelet of k frames at the middle of them); then
-  the image and text tokens, without a position.
+  the image and text tokens, without a position. ``HunyuanVideoHistoryPatchEmbed`` pads the 2x and 4x history with
+  ``_pad_for_3d_conv`` (``F.pad(..., mode="replicate")`` at the end of the frames, rows and columns, up to
+  multiples of the kernel), so they have ``ceil`` of each side over the kernel tubelets, each at the centre of its
+  cell of the padded grid, a padded kernel's frames continuing its first index; the clean and current latents go to
+  their ``Conv3d`` as they are (``floor``).
 - Motif-Video: the ``Conv3d`` tubelets (``flatten(2)``), then its image and text tokens.
 - Kandinsky 6: channels-last latents ``[B, F, H, W, C]`` reshaped into ``[B, F, H/2, W/2, ...]`` tubelets and
   flattened: (frame, row, column).
@@ -140,9 +144,10 @@ def _framepack():
 IMAGE = 3  # image tokens of FramePack's image projection
 
 
-def _framepack_inputs(batch: int, height: int, width: int, frames: int, history: dict, mask=None) -> dict:
+def _framepack_inputs(batch: int, height: int, width: int, frames: int, history: dict, mask=None,
+                      sizes: dict | None = None) -> dict:
     """FramePack's forward: ``frames`` current latent frames at indices 1.., and ``history``: name -> the frame
-    indices of history latents on the same latent pixels."""
+    indices of history latents on the same latent pixels (``sizes``: name -> their (height, width) where another)."""
     torch.manual_seed(2)
     inputs = dict(hidden_states=torch.randn(batch, 4, frames, height, width),
                   encoder_hidden_states=torch.randn(batch, TEXT, TEXT_DIM),
@@ -150,23 +155,29 @@ def _framepack_inputs(batch: int, height: int, width: int, frames: int, history:
                   pooled_projections=torch.randn(batch, 8), image_embeds=torch.randn(batch, IMAGE, 8),
                   indices_latents=torch.arange(1, 1 + frames), guidance=torch.tensor([3000.0] * batch))
     for name, indices in history.items():
-        inputs[name] = torch.randn(batch, 4, len(indices), height, width)
+        inputs[name] = torch.randn(batch, 4, len(indices), *(sizes or {}).get(name, (height, width)))
         inputs[f"indices_{name}"] = torch.tensor(indices)
     return inputs
 
 
-def _framepack_positions(height: int, width: int, frames: int, history: dict, suffix: int):
+def _framepack_positions(height: int, width: int, frames: int, history: dict, suffix: int,
+                         sizes: dict | None = None):
     """``[n, 2]`` latent pixels and ``[n, 1]`` latent frames of FramePack's sequence: the 4x, 2x and clean history
-    (the ones given), then the current tubelets (indices 1..), then ``suffix`` tokens without a position; and the
-    current tubelets' slots."""
+    (the ones given, on ``sizes`` where given), then the current tubelets (indices 1..), then ``suffix`` tokens
+    without a position; and the current tubelets' slots."""
     kernels = {"latents_history_4x": (4, 8), "latents_history_2x": (2, 4), "latents_clean": (1, 2)}
-    segments = [(history[name], *kernels[name]) for name in kernels if name in history]
+    padded = {"latents_history_4x", "latents_history_2x"}  # _pad_for_3d_conv: the others' Conv3d floors
+    segments = [(history[name], *kernels[name], (sizes or {}).get(name, (height, width)), name in padded)
+                for name in kernels if name in history]
     space, time = [], []
-    for indices, frame_kernel, pixel_kernel in segments + [(list(range(1, 1 + frames)), 1, 2)]:
-        f, r, c = torch.meshgrid(torch.arange(len(indices) // frame_kernel), torch.arange(height // pixel_kernel),
-                                 torch.arange(width // pixel_kernel), indexing="ij")
+    for indices, frame_kernel, pixel_kernel, (h, w), pad in segments + [
+            (list(range(1, 1 + frames)), 1, 2, (height, width), False)]:
+        cells = [-(-n // k) if pad else n // k for n, k in ((len(indices), frame_kernel), (h, pixel_kernel),
+                                                             (w, pixel_kernel))]
+        f, r, c = torch.meshgrid(*(torch.arange(n) for n in cells), indexing="ij")
         space.append((torch.stack([r, c], -1).reshape(-1, 2).double() + 0.5) * pixel_kernel)
-        # A tubelet's frames are indices[f k .. f k + k - 1], consecutive: it stands at the middle of them.
+        # A tubelet's frames are indices[f k .. f k + k - 1], consecutive (a padded kernel's continuing its first):
+        # it stands at the middle of them.
         first = torch.tensor(indices, dtype=torch.float64)[f.reshape(-1) * frame_kernel]
         time.append((first + frame_kernel / 2)[:, None])
     current = torch.arange(len(space[-1])) + sum(len(s) for s in space[:-1])
@@ -239,15 +250,53 @@ def test_framepack_one_video_its_caption_cut_to_its_valid_tokens_odd_grids():
     _check_framepack(rec, 0, maps, space, time, current, 2, (12, 4), IMAGE + TEXT - 2)
 
 
+def test_framepack_history_padded_to_whole_kernels_at_the_pipelines_default_sizes():
+    """The pipeline's default 720x1280 gives 90x160 latents: sides that are not multiples of 8 (nor, 90, of 4), so
+    the model pads the 4x and 2x history by repeating its last row and column. Over 10x14 latent pixels (a 5x7
+    current grid): the 4x history on 2x2 tubelets of the padded 16x16, its 6 frames (indices 10-15) padded to 8 (two
+    tubelets at 12 and 16), the 2x on 3x4 of 12x16, its 3 frames (7-9) padded to 4 (at 8 and 10), one clean frame
+    (3) and 2 current frames; a batch of 2, the second video's text padded and masked."""
+    model = _framepack()
+    history = {"latents_history_4x": list(range(10, 16)), "latents_history_2x": [7, 8, 9], "latents_clean": [3]}
+    mask = torch.ones(BATCH, TEXT)
+    mask[1, -2:] = 0
+    inputs = _framepack_inputs(BATCH, 10, 14, 2, history, mask)
+    layers = ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+    timestep = torch.tensor([500, 500])
+    rec, maps = _recorded_and_reference(model, layers, lambda: model(**inputs, timestep=timestep).sample)
+    space, time, current = _framepack_positions(10, 14, 2, history, IMAGE + TEXT)
+    assert maps[0].shape[-1] == len(space) == 2 * 4 + 2 * 12 + 35 + 2 * 35 + IMAGE + TEXT
+    assert float(space[:8, 0].max()) == 12.0 and float(time[:8].max()) == 16.0  # past the latent's 10 rows, frame 15
+    _check_framepack(rec, 0, maps, space, time, current, 2, (5, 7), IMAGE + TEXT)
+
+
+def test_framepack_odd_latents_the_history_padded_on_odd_sides():
+    """Odd 9x13 current and clean latents (their Conv3d drops the last row and column: a 4x6 grid); the 2x and 4x
+    history on odd 7x11 latents, padded to 8x12 (2x3 tubelets of 2x4x4) and 8x16 (1x2 of 4x8x8): the rotary grid
+    the model pools for them is the current 4x6 (history on the full 9x13 gives 3x4 and 2x2 tubelets against it: the
+    model's own forward fails). The 4x history's 5 frames padded to 8 (indices 12-16: at 14 and 18)."""
+    model = _framepack()
+    history = {"latents_history_4x": list(range(12, 17)), "latents_history_2x": [9, 10], "latents_clean": [0, 3]}
+    sizes = {"latents_history_4x": (7, 11), "latents_history_2x": (7, 11)}
+    inputs = _framepack_inputs(1, 9, 13, 3, history, sizes=sizes)
+    layers = ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+    rec, maps = _recorded_and_reference(model, layers, lambda: model(**inputs, timestep=torch.tensor([500])).sample)
+    space, time, current = _framepack_positions(9, 13, 3, history, IMAGE + TEXT, sizes)
+    assert maps[0].shape[-1] == len(space) == 2 * 2 + 6 + 2 * 24 + 3 * 24 + IMAGE + TEXT
+    _check_framepack(rec, 0, maps, space, time, current, 3, (4, 6), IMAGE + TEXT)
+
+
 @pytest.mark.parametrize("change, message", [
-    (dict(latents_history_2x=torch.zeros(1, 4, 3, 8, 8), indices_latents_history_2x=torch.arange(3)),
-     r"its latents_history_2x \[1, 4, 3, 8, 8\] do not fill whole \[2, 4, 4\] kernels"),
     (dict(indices_latents_history_2x=torch.tensor([3, 5])),
      r"its indices_latents_history_2x \[3, 5\] are not 2 frame indices, consecutive within each group of 2"),
+    (dict(latents_history_4x=torch.zeros(1, 4, 7, 8, 8), indices_latents_history_4x=torch.tensor([5, 6, 7, 8, 9, 10,
+                                                                                                  12])),
+     r"its indices_latents_history_4x \[5, 6, 7, 8, 9, 10, 12\] are not 7 frame indices, consecutive within each "
+     r"group of 4"),
 ])
 def test_framepack_history_vitmad_cannot_place_is_refused(change, message):
-    """History latents padded by the model (its kernels not filled), tubelets over frames that are not
-    consecutive: refused, naming what was given."""
+    """Tubelets over frames that are not consecutive, also in a last kernel the model pads (frames 9, 10, 12 and a
+    repeat of 12): refused, naming what was given."""
     model = _framepack()
     history = {"latents_history_4x": [5, 6, 7, 8], "latents_history_2x": [3, 4], "latents_clean": [2]}
     inputs = _framepack_inputs(1, 8, 8, 2, history) | change

@@ -64,8 +64,9 @@ not guess the VAE. The grid is read from the patch embedding in every call, neve
   (``audio_attn1``, ``audio_attn2``), the text cross-attention and the audio-video cross-attention skipped.
 - ``HunyuanVideoFramepackTransformer3DModel`` (FramePack, :class:`FramepackPlacer`): HunyuanVideo's blocks over its
   4x, 2x and clean history tubelets (``clean_x_embedder``'s kernels), then the current ones, then the image and text
-  tokens; each history tubelet at its kernel's centre on the current latents' pixels, every frame at the index its
-  forward was given.
+  tokens; each history tubelet at its kernel's centre on the current latents' pixels (the 2x and 4x history padded
+  to whole kernels by the model: on the padded grid), every frame at the index its forward was given; history
+  tubelets are keys only (the current tubelets are the queries folded).
 - ``MotifVideoTransformer3DModel``: ``x_embedder.proj`` (``Conv3d``); ``attn`` over the tubelets, then the image and
   text tokens; ``cross_attn`` skipped, its decoder blocks (a second token per cell) refused.
 - ``Kandinsky6Transformer3DModel``: placed as Kandinsky 5 (``video_dec_block.self_attention``); its text, audio and
@@ -486,7 +487,10 @@ class _LatentGrid:
         forward puts before them (``_pack_history_states``: the 4x, then the 2x history latents, then the clean
         ones, each cut by its own ``clean_x_embedder`` kernel, (4, 8, 8), (2, 4, 4), (1, 2, 2)), every frame at the
         time its frame indices give, the history on the current latents' pixels (its rotary positions are the
-        current grid's, average-pooled over each kernel)."""
+        current grid's, average-pooled over each kernel). The model pads the 2x and 4x history to whole kernels
+        (``_pad_for_3d_conv``: the last frame, row and column repeated at the end of each axis), so their tubelets
+        are the cells of the padded grid, ``ceil`` of each side over the kernel; the clean latents go to their
+        ``Conv3d`` unpadded (``floor``, as the current ones)."""
         bound, self._forward_arguments = self._forward_arguments or {}, None
         self._conv3d(context, module, args, output)
         grid = context.values.get(self.grid_key)
@@ -497,8 +501,9 @@ class _LatentGrid:
             refusal = (f"its patch embedding has a temporal kernel of {grid.frame_stride} latent frames: FramePack "
                        "gives one frame index per latent frame (patch_size_t 1, as released)")
         segments = []
-        parts = (("latents_history_4x", "proj_4x"), ("latents_history_2x", "proj_2x"), ("latents_clean", "proj"))
-        for name, conv in (() if refusal else parts):
+        parts = (("latents_history_4x", "proj_4x", True), ("latents_history_2x", "proj_2x", True),
+                 ("latents_clean", "proj", False))
+        for name, conv, padded in (() if refusal else parts):
             history, indices = bound.get(name), bound.get(f"indices_{name}")
             if history is None or indices is None:
                 continue  # the forward then fails on its own: it packs all three
@@ -506,10 +511,11 @@ class _LatentGrid:
             refusal = _history_refusal(name, history, indices, kernel)
             if refusal is not None:
                 break
-            # A tubelet's frames are consecutive: it stands at the middle of them.
-            starts = indices.reshape(-1).double().cpu().view(-1, kernel[0])[:, 0]
-            size = (int(history.shape[3]) // kernel[1], int(history.shape[4]) // kernel[2])
-            segments.append((int(history.shape[2]) // kernel[0], size, (float(kernel[1]), float(kernel[2])),
+            cells = [-(-int(n) // k) if padded else int(n) // k for n, k in zip(history.shape[2:], kernel)]
+            # A tubelet's frames are consecutive, a padded kernel's repeats continuing them: it stands at the
+            # middle of its kernel.
+            starts = indices.reshape(-1).double().cpu()[::kernel[0]]
+            segments.append((cells[0], (cells[1], cells[2]), (float(kernel[1]), float(kernel[2])),
                              tuple(float(t) + kernel[0] / 2 for t in starts)))
         current = bound.get("indices_latents")
         if refusal is None and not (isinstance(current, torch.Tensor) and current.dim() == 1
@@ -576,17 +582,14 @@ def _forward_parameters(kind: type) -> tuple[str, ...]:
 def _history_refusal(name: str, history: torch.Tensor, indices: torch.Tensor, kernel: tuple[int, int, int]
                      ) -> str | None:
     """Why FramePack's history latents ``name`` (``[B, C, F, H, W]``, cut by ``kernel``) cannot be placed: they
-    must fill whole kernels (the model pads them by repeating their edge, its rotary positions then not a kernel's
-    centre) and give consecutive frame indices within each kernel. (Their videos and pixels are the current
-    latents': the model's rotary positions, built on the current grid, fail otherwise.)"""
-    frames = int(history.shape[2])
-    if frames % kernel[0] or history.shape[3] % kernel[1] or history.shape[4] % kernel[2]:
-        return (f"its {name} {list(history.shape)} do not fill whole {list(kernel)} kernels: the model pads them by "
-                "repeating their last frame, row or column, a tubelet then not at its cell's centre")
-    steps = indices.reshape(-1).cpu().view(-1, kernel[0]) if indices.numel() == frames else None
-    if indices.dim() != 1 or steps is None or bool(((steps - steps[:, :1]) != torch.arange(kernel[0])).any()):
+    must come with one frame index per frame, consecutive within each kernel (the last one too where the model pads
+    it to a whole kernel), for a tubelet to stand at its kernel's centre in time. (Their pixels are the current
+    latents': the model's rotary positions, built on the current grid and pooled over each kernel, fail otherwise.)"""
+    frames, k = int(history.shape[2]), kernel[0]
+    given = indices.reshape(-1).cpu() if indices.dim() == 1 and indices.numel() == frames else None
+    if given is None or bool((given - given[::k].repeat_interleave(k)[:frames] != torch.arange(frames) % k).any()):
         return (f"its indices_{name} {indices.tolist()} are not "
-                f"{frames} frame indices, consecutive within each group of {kernel[0]} (one kernel)")
+                f"{frames} frame indices, consecutive within each group of {k} (one kernel)")
     return None
 
 
@@ -702,8 +705,9 @@ class FramepackPlacer(_VideoPlacer):
     """FramePack's joint attention, ``[B, heads, n, n]``: its clean history (the 4x, 2x and 1x history latents'
     tubelets, each at the centre of its kernel in latent pixels and at the frame indices its forward was given),
     then the current tubelets in (frame, row, column) order, then the image and text tokens (suffix tokens without a
-    position; a single video's text cut to its valid tokens). Only the current tubelets are folded: the history
-    tokens are keys (and queries) with a position, never a cell of the grid.
+    position; a single video's text cut to its valid tokens). The 2x and 4x history the model pads to whole kernels
+    has its tubelets at the cells of the padded grid. Only the current tubelets are folded: the history tokens are
+    keys with a position (their own rows are not counted), never a cell of the grid.
 
     Args:
         grid: the model's hooks reading each call's grid, history and text count.
