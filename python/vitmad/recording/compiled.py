@@ -60,21 +60,21 @@ def is_compiled(model: nn.Module) -> bool:
 
 
 def compiled_forwards(model: nn.Module) -> list[str]:
-    """``Class.forward`` of each module class in ``model`` for which dynamo holds compiled code (its cache is per
-    code object, so a ``torch.compile`` of any instance of the class made it). A torch.compile wrapper of ``model``
-    reuses that code however the hooks changed since (dynamo does not guard on them:
-    ``torch._dynamo.config.skip_nnmodule_hook_guards``), and so calls none of the recording's. Empty where this torch
-    cannot say (the cache is read through dynamo's private ``_debug_get_cache_entry_list``)."""
+    """``Class.forward`` of ``model``'s own class where dynamo holds compiled code for it (its cache is per code
+    object, so a ``torch.compile`` of any instance of the class made it); a torch.compile wrapper of ``model``
+    enters there and reuses that code however the hooks changed since (dynamo does not guard on them:
+    ``torch._dynamo.config.skip_nnmodule_hook_guards``), and so calls none of the recording's. The model's own class
+    alone: the classes inside it (Linear, a tower's encoder) get code of their own whenever any compiled function with
+    a graph break calls them, anywhere in the process, and named them wrongly (the test suite's earlier compiled
+    tests blamed a PeAudioVideoModel that no wrapper ran). Empty where this torch cannot say (the cache is read
+    through dynamo's private ``_debug_get_cache_entry_list``)."""
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     except ImportError:
         return []
-    found = []
-    for cls in dict.fromkeys(type(m) for m in module_list(model)):
-        code = getattr(cls.forward, "__code__", None)
-        if code is not None and _debug_get_cache_entry_list(code):
-            found.append(f"{cls.__name__}.forward")
-    return found
+    cls = type(model)
+    code = getattr(cls.forward, "__code__", None)
+    return [f"{cls.__name__}.forward"] if code is not None and _debug_get_cache_entry_list(code) else []
 
 
 class EagerWhileRecording:

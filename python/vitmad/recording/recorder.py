@@ -423,9 +423,9 @@ def _reused_compiled_code(model: nn.Module) -> str:
     if not compiled:
         return ""
     return (f": dynamo holds code compiled for {', '.join(compiled)}, made by an earlier torch.compile of this model "
-            f"or of another {compiled[0].partition('.')[0]}, and a torch.compile wrapper of the model run in the block "
+            f"or of another {compiled[0].partition('.')[0]}; a torch.compile wrapper of the model run in the block "
             "reuses it (dynamo does not guard on hooks added since: torch._dynamo.config.skip_nnmodule_hook_guards), "
-            "so the hooks vitmad added are never called; give vitmad.record the compiled wrapper, "
+            "and calls none of the hooks vitmad added; if one ran, give vitmad.record the compiled wrapper, "
             "vitmad.record(compiled_model), which then runs eagerly while recorded, or call torch._dynamo.reset() "
             "before the block, so that the wrapper compiles anew around the hooks")
 
