@@ -609,6 +609,8 @@ class Recording:
         self._forwards = 0  # forwards of the model that ended in this recording
         self._last_done: RecordedCall | None = None  # the call of the latest of them (gone: the user cleared calls)
         self._transformed = 0  # forwards of the model inside a torch.func transform (not recorded)
+        self._reached_inside = False  # the model's current forward ran a module vitmad hooks inside it (_enter_scope)
+        self._warned_unseen = False  # _warn_unseen_forward
         self._returned = False  # the model's current forward has returned (not raised)
         self._model_started: RecordedCall | None = None  # a call begun by the model's own pre-hook (_begin_forward)
         self._owner = ForwardOwner(type(model).__name__)  # the thread inside a forward of the model, if any
@@ -1500,6 +1502,7 @@ class Recording:
         such forward outside the model's own call (forward_features), what the calls held before it."""
         outermost = not self._owner.held_here()
         self._owner.enter(whole_model)
+        self._reached_inside |= not whole_model
         self._keep_trailing_last(scope)
         if outermost and not whole_model and not _in_backward():
             self._drop_interrupted()
@@ -1573,6 +1576,7 @@ class Recording:
                 self._calls.pop()
             self._drop_unfinished()
             self._calls_before_forward = len(self._calls)
+            self._reached_inside = False
             if own:
                 self._calls.append(started)
             self._model_call = current_module_call()
@@ -1628,6 +1632,9 @@ class Recording:
             self._forwards += 1
             self._last_done = self._calls[-1] if self._calls else None
             self._warn_several_runs()
+            began = self._calls_before_forward
+            if not self._reached_inside and began is not None and all(c._is_empty() for c in self._calls[began:]):
+                self._warn_unseen_forward()
         elif returned and _in_transform():
             self._transformed += 1
         self._calls_before_forward = self._model_call = None
@@ -1646,6 +1653,21 @@ class Recording:
                           "images and a video); each run is its own entry of rec.calls, and rec.mad, rec.layers, "
                           f"rec.per_layer read the last one alone: read rec.calls[-{runs}:] for all of them",
                           stacklevel=2)
+
+    def _warn_unseen_forward(self) -> None:
+        """Once per recording: a forward of the model returned without running any of its modules' hooks (its
+        children's, those holding the recorded layers') or recording a layer, as code dynamo compiled before the
+        hooks existed does (a torch.compile wrapper of the uncompiled model reusing it: compiled.compiled_forwards).
+        It left no call, and the calls of the model's earlier forwards were read as its own, silently (QA
+        helper-186)."""
+        compiled = _reused_compiled_code(self.model)
+        if not compiled or self._warned_unseen:
+            return
+        self._warned_unseen = True
+        name = type(self.model).__name__
+        warnings.warn(f"vitmad.record: a forward of {name} ran without calling any hook vitmad added to its modules, "
+                      f"so it is not recorded{compiled}. rec.calls holds only the forwards that were recorded, and "
+                      "rec.mad, rec.layers, rec.per_layer read the last of them, not this forward", stacklevel=2)
 
     def _remove(self) -> None:
         # Before the starts are forgotten: the empty call of a tower run whose layers never came (the last frame
