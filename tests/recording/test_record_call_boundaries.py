@@ -12,7 +12,9 @@ now keeps its call for the layers that follow, the call listed once a layer join
 References: each attention's float64 probabilities from the q and k the model computes (the synthetic tracker's
 own projections of the tokens its layers receive, sam2's and transformers' as their tests read them), the tokens
 placed by the geometry written here (the synthetic tracker's: the row-major 4 x 6 grid of its 8 px patch
-convolution, each token at its cell's centre, given to vitmad as ``positions=``).
+convolution, each token at its cell's centre, given to vitmad as ``positions=``). A user's module holding two towers
+(timm, transformers and vit_pytorch ViTs) is held to each tower's own softmax (timm's unfused path, transformers'
+eager attention function, vit_pytorch's ``nn.Softmax``), its tokens a class token, then the same row-major grid.
 """
 
 from __future__ import annotations
