@@ -160,7 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default="builtin:dinov2-s14", help=f"{MODEL_SPEC_HELP} (default: %(default)s)")
     run.add_argument("--weights", dest="model_checkpoint", default=None, metavar="FILE",
                      help="local weights file for a timm:, torchvision: or open_clip: model (instead of its "
-                          "pretrained download); the checkpoint a segment_anything: or sam2: model requires")
+                          "pretrained download); the checkpoint a segment_anything:, sam2: or monai: model requires")
+    run.add_argument("--model-args", default=None, metavar="FILE_OR_JSON",
+                     help="monai: only: the network's constructor arguments, a JSON or YAML file or a JSON object "
+                          "(img_size is the size every volume is resized to)")
+    run.add_argument("--intensity", default=None, metavar="MODE",
+                     help="monai: only: each volume's intensity scaling, minmax (default: 0 to 1), zscore, "
+                          "window:LOW,HIGH (clipped, then 0 to 1) or none")
+    run.add_argument("--volume-unit", default=None, choices=["mm", "voxel"],
+                     help="monai: only: MAD in millimetres from each volume's voxel spacing (default) or in voxels")
     run.add_argument("--checkpoint", action=_RenamedFlag,
                      message="--checkpoint was renamed --weights (local weights of a timm:, torchvision:, "
                              "open_clip:, segment_anything: or sam2: model); the run's own checkpoint is "
@@ -172,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "with PyAV), folders of frames (images in name order), or folders of those; each is sampled "
                           "evenly to the model's frame count. The Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision towers "
                           "(and Qwen3-VL's kin) take clips too, or with --videos folders of frames, each through "
-                          "the model's own video processor")
+                          "the model's own video processor. A monai: model takes NIfTI volumes (.nii, .nii.gz) "
+                          "or folders of them")
     run.set_defaults(as_videos=False)
     run.add_argument("--image-size", default=None,
                      help="S or HxW instead of the model's input size, or native: each image at its own aspect "
@@ -247,6 +256,7 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     from .profiling.packed_towers import find_packed_tower
     from .profiling.plotting import plot_image_prefix_maps, plot_mad_maps
     from .profiling.videos import find_videos, is_video_source, model_frames
+    from .profiling.volumes import find_volumes
 
     # Every flag is resolved into the object profile() takes, cheapest and most likely mistakes first: a
     # wrong folder, size or device fails at once, before the model loads.
@@ -259,14 +269,18 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     # --out inside an image folder, they are no photographs to profile.
     ours = [out / name for name in output_names()] if _holds_profile(out) else []
     _check_output_paths(out, ours)
-    videos = args.images != ["builtin"] and all(is_video_source(source) for source in args.images)
+    volumes = args.model.startswith("monai:")  # NIfTI files: no image or video search applies
+    videos = not volumes and args.images != ["builtin"] and all(is_video_source(source) for source in args.images)
     # Whether a packed tower (which takes images and videos) is given videos: clips, or what --videos names.
     packed_videos = args.images != ["builtin"] and (videos or args.as_videos)
     # --out itself too: created below, it would make the frame folder it lies in a folder holding a folder.
     # What the search says is held back until the model tells whether its guess (videos or images) stands.
     with warnings.catch_warnings(record=True) as guessed:
         warnings.simplefilter("always")
-        files = find_videos(args.images, exclude=[*ours, out]) if videos else _images(args.images, ours)
+        if volumes:
+            files = find_volumes(args.images, exclude=ours)
+        else:
+            files = find_videos(args.images, exclude=[*ours, out]) if videos else _images(args.images, ours)
     device = resolve_device(args.device)
     check_writable(out)  # a read-only or full disk fails now, not after the run
     main_process = run is None or run.is_main
@@ -280,7 +294,8 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     if args.resume:
         _check_resume_world_size(out, run)
     _quiet_transformers()
-    loaded = load_model(args.model, model_checkpoint=args.model_checkpoint, image_size=size)
+    loaded = load_model(args.model, model_checkpoint=args.model_checkpoint, image_size=size, model_args=args.model_args,
+                        intensity=args.intensity, volume_unit=args.volume_unit)
     video_model = model_frames(loaded.module) is not None
     packed_videos = packed_videos and not video_model and find_packed_tower(loaded.module) is not None
     # The model decides what the sources hold (the check above could only guess from the files).
@@ -338,7 +353,8 @@ def _profile_command(args: argparse.Namespace, run) -> None:
         if result.prefix_maps is not None and result.prefix_maps.layers:
             result.plot_prefix_maps(out / "prefix_maps.png")
             written.append("prefix_maps.png")
-    if not args.no_figures and result.temporal is None and not packed_videos:  # maps over one image
+    # Maps over one image (a volume's are not drawn: their figure is of 2-D grids over the image).
+    if not args.no_figures and result.temporal is None and not packed_videos and not volumes:
         maps, pixels, names, geometry = mad_maps(loaded, result.images[0], image_size=size,
                                                  renormalize=args.renormalize, device=device)
         prep = loaded.preprocessing
@@ -372,10 +388,12 @@ def _profile_command(args: argparse.Namespace, run) -> None:
 def _print_summary(result) -> None:
     mad = result.mad
     # A video model's profile has the temporal MAD; a packed tower's clips, their video processor's settings.
-    packed_videos = (result.settings.get("preprocessing") or {}).get("videos")
-    inputs = "images" if result.temporal is None and not packed_videos else "videos"
+    preprocessing = result.settings.get("preprocessing") or {}
+    inputs = "images" if result.temporal is None and not preprocessing.get("videos") else "videos"
+    if preprocessing.get("volumes"):
+        inputs = "volumes"
     print(f"{result.model}: {result.count} {inputs} ({len(result.skipped)} skipped), "
-          f"uniform attention {result.uniform_mad:.1f} px")
+          f"uniform attention {result.uniform_mad:.1f} {result.distance_unit}")
     if result.settings.get("profiled"):  # a part of the checkpoint (a vision-language model's vision tower)
         print(f"profiled: {result.settings['profiled']}")
     print(f"{'layer':>5}  {'mean':>7}  {'min head':>8}  {'max head':>8}  name")
@@ -465,6 +483,11 @@ def _compare_command(args: argparse.Namespace, run) -> None:
     if len(labels) != len(profiles):
         raise ValueError(f"--labels: expected {len(profiles)} labels (one per result), got {len(labels)}")
     _check_labels(labels)
+    units = {path: profile.distance_unit for path, profile in zip(args.results, profiles)}
+    if len(set(units.values())) > 1:  # one axis: millimetres beside pixels would read as one scale
+        raise ValueError("results: their MAD is in different units (" + ", ".join(
+            f"{path}: {unit}" for path, unit in units.items()) + "); compare results of one unit (a volume "
+            "profile's --volume-unit mm or voxel, an image profile's pixels)")
     seen: dict[Path, int] = {}
     for i, path in enumerate(args.results):
         first = seen.setdefault(Path(path).expanduser().resolve(), i)

@@ -89,3 +89,18 @@ def test_import_without_compiled_library_falls_back_with_one_warning():
     assert "FALLBACK-OK" in result.stdout
     warnings = [line for line in result.stderr.splitlines() if line.startswith("vitmad:WARNING")]
     assert len(warnings) == 1 and "pure-PyTorch kernels" in warnings[0], result.stderr
+
+
+def test_has_compiled_kernel_takes_torch_device_names_and_refuses_unknown_ones():
+    """It took the dispatch keys "CPU" / "CUDA" alone: "cpu" raised torch's "could not parse dispatch key" and an
+    unknown op torch's "does not exist" (QA helper-182)."""
+    on_cpu = vitmad.has_compiled_kernel("mad", "CPU")
+    assert on_cpu == (vitmad.backend() == "compiled")
+    assert vitmad.has_compiled_kernel("mad", "cpu") == on_cpu
+    assert vitmad.has_compiled_kernel("mad", torch.device("cpu")) == on_cpu
+    assert vitmad.has_compiled_kernel("mad", "cuda:1") == vitmad.has_compiled_kernel("mad", "CUDA")
+    assert vitmad.has_compiled_kernel("mad", "meta") is False  # no kernels of csrc/ there
+    with pytest.raises(ValueError, match=r"op='nosuch' is no vitmad op"):
+        vitmad.has_compiled_kernel("nosuch", "cpu")
+    with pytest.raises(ValueError, match=r"device='gpu' is no device torch knows"):
+        vitmad.has_compiled_kernel("mad", "gpu")

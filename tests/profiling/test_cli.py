@@ -99,8 +99,8 @@ def test_compare_overlays_results(tiny_model, image_folder, tmp_path, capsys):
     (["--max-images", "0"], "--max-images: expected a positive integer"),
     (["--device", "nonsense"], "--device: expected auto, cpu, cuda or cuda:N, got 'nonsense'"),
     (["--checkpoint-every", "0"], "--checkpoint-every: expected a positive number of batches, got 0"),
-    (["--weights", "{tmp}/none.pth"], "--weights: only timm:, torchvision:, open_clip:, segment_anything: and "
-                                      "sam2: models take local weights"),
+    (["--weights", "{tmp}/none.pth"], "--weights: only timm:, torchvision:, open_clip:, segment_anything:, sam2: "
+                                      "and monai: models take local weights"),
     (["--model", "timm:vit_tiny_patch16_224", "--weights", "{tmp}/none.pth"], "--weights: no such file"),
     (["--image-size", "7"], "--image-size: expected at least one 8x8 patch of the model "
                             "(embeddings.patch_embeddings.projection), got 7x7"),
@@ -203,7 +203,8 @@ def test_python_dash_m_entry_point_reports_errors(tmp_path):
     assert done.stderr.strip() == ("vitmad: error: --model: unknown model kind 'foo' in 'foo:bar'; expected "
                                    "hf:<hub id or local folder>, timm:<name>, torchvision:<name>[.<WEIGHTS>], "
                                    "open_clip:<name>[.<pretrained tag>], segment_anything:<vit_b|vit_l|vit_h>, "
-                                   "sam2:<config> or builtin:dinov2-s14")
+                                   "sam2:<config>, monai:<ViT|UNETR|ViTAutoEnc|SwinUNETR> (3-D volumes) or "
+                                   "builtin:dinov2-s14")
 
 
 def test_default_run_builtin_model_and_images(tmp_path, capsys, monkeypatch):

@@ -533,3 +533,25 @@ def test_the_entropy_of_a_one_hot_row_is_plus_zero():
                   vitmad.attention_stats(eye, positions=vitmad.grid_positions(2, 2, 1, num_prefix_tokens=1),
                                          stats=["entropy"], reduction="none")["entropy"][..., 1:]):
         assert bool((value == 0).all()) and not bool(torch.signbit(value).any())
+
+
+def test_compare_refuses_mad_in_different_units(good_result, tmp_path, capsys):
+    """A volume profile's MAD is in millimetres (or voxels), an image profile's in pixels: compare drew them on one
+    axis labelled pixels (helper-187 noted it)."""
+    from vitmad.profiling import Profile
+    from vitmad.profiling.plotting import plot_compare
+
+    doc = json.loads(good_result.read_text())
+    doc["settings"]["preprocessing"] = {**(doc["settings"].get("preprocessing") or {}), "volumes": True, "unit": "mm"}
+    volume = tmp_path / "volume.json"
+    volume.write_text(json.dumps(doc))
+    assert Profile.from_json(volume).distance_unit == "mm" and Profile.from_json(good_result).distance_unit == "px"
+    code = main(["compare", str(good_result), str(volume), "--out", str(tmp_path / "cmp.png")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith(f"vitmad: error: results: their MAD is in different units ({good_result}: px, {volume}: mm)")
+    assert not (tmp_path / "cmp.png").exists()
+    with pytest.raises(ValueError, match=r"the profiles' MAD is in different units \(a: px, b: mm\)"):
+        plot_compare([Profile.from_json(good_result), Profile.from_json(volume)], ["a", "b"], tmp_path / "c.png")
+    plot_compare([Profile.from_json(volume)] * 2, ["a", "b"], tmp_path / "c.png")  # one unit: drawn
+    assert (tmp_path / "c.png").exists()

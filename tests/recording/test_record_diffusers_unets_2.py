@@ -305,6 +305,24 @@ def test_animatediff_free_noise_windows_equal_their_own(processor, monkeypatch):
     assert {n: seen[n] + 1 for n in motion} == {n: len(windows) for n in motion}
 
 
+@pytest.mark.parametrize("spatial, temporal", [(10000, 6), (4, 10000)])
+def test_animatediff_free_noise_split_inference_refused_by_name(spatial, temporal):
+    """pipe.enable_free_noise_split_inference wraps the attentions and motion modules in SplitInferenceModule, which
+    runs each once per chunk of its input's first dim: with temporal_split_size = 6 frames a batch of two videos was
+    recorded as two entries of batch 1 each, the second's row 0 being video 1 (QA helper-181), and smaller chunks
+    were refused with a shape message naming FreeNoise's window alone."""
+    unet = _motion_unet()
+    free_noise = _FreeNoise(unet)
+    free_noise.enable_free_noise(context_length=4, context_stride=2)
+    free_noise.enable_free_noise_split_inference(spatial_split_size=spatial, temporal_split_size=temporal)
+    gen = torch.Generator().manual_seed(3)
+    sample, text = torch.randn(2, 4, 6, 5, 3, generator=gen), torch.randn(12, 5, 12, generator=gen)
+    with pytest.raises(ValueError, match=r"a SplitInferenceModule \(pipe\.enable_free_noise_split_inference\) that "
+                                         r"calls it once per chunk of \d+ along dim 0"):
+        with torch.no_grad(), vitmad.record(unet):
+            unet(sample, 900, text)
+
+
 def test_animatediff_keeps_denoising_steps_apart(monkeypatch):
     unet = _motion_unet()
     gen = torch.Generator().manual_seed(5)

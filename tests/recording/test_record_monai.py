@@ -337,7 +337,8 @@ def test_refuses_other_monai_attention():
     model = Features().eval()
     with torch.no_grad(), vitmad.record(model):
         with pytest.raises(ValueError, match=r"MONAI's SABlock in a SpatialAttentionBlock: vitmad places MONAI's "
-                                             r"attention in ViT, UNETR, ViTAutoEnc and SwinUNETR"):
+                                             r"attention in ViT, UNETR, ViTAutoEnc, MaskedAutoEncoderViT and "
+                                             r"SwinUNETR"):
             model(torch.randn(1, 3, 16, 16))
 
 

@@ -182,3 +182,19 @@ def test_refuses_an_encoder_whose_draw_it_did_not_see():
         with pytest.raises(ValueError, match=r"blocks\.0\.attn \(SABlock\) of MaskedAutoEncoderViT: the _masking of "
                                              r"its class did not run"):
             model(torch.randn(1, 2, 16, 16))
+
+
+def test_a_subclass_is_refused_naming_the_classes_placed():
+    """A subclass's forward may draw, order or mask its tokens otherwise: refused, and the message names the MAE among
+    the classes placed (it listed ViT, UNETR, ViTAutoEnc and Swin alone; QA helper-185)."""
+    from monai.networks.nets import MaskedAutoEncoderViT
+
+    class Sub(MaskedAutoEncoderViT):
+        pass
+
+    model = _model(2, (16, 16), (8, 8))
+    model.__class__ = Sub
+    with torch.no_grad(), vitmad.record(model):
+        with pytest.raises(ValueError, match=r"ViT, UNETR, ViTAutoEnc, MaskedAutoEncoderViT and SwinUNETR's "
+                                             r"SwinTransformer only \(those classes themselves: a subclass's forward"):
+            model(torch.randn(1, 2, 16, 16))

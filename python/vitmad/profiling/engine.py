@@ -57,12 +57,13 @@ from .prefix_maps import PrefixMapSums
 from .results import Profile, layout_dict
 from .stats import RunningStats
 from .videos import find_videos, is_video_source, load_video_batch, model_frames
+from .volumes import VolumeBatch, VolumePreprocessing, find_volumes, load_volume_batch, spacing_groups
 
 __all__ = ["profile", "plan_run", "run_batches", "finish", "RunPlan", "RunState", "prepare_model"]
 
-# (pixels [B, 3, H, W] (videos: [B, T, 3, H, W]) or None, names of the images loaded, [(path, reason)] of the
-# images skipped)
-Batch = tuple[torch.Tensor | None, list[str], list[tuple[str, str]]]
+# (pixels [B, 3, H, W] (videos: [B, T, 3, H, W]; volumes: a VolumeBatch) or None, names of the images loaded,
+# [(path, reason)] of the images skipped)
+Batch = tuple[torch.Tensor | VolumeBatch | None, list[str], list[tuple[str, str]]]
 
 
 @dataclass
@@ -121,7 +122,8 @@ class RunState:
         stats: float64 running statistics (None before the first readable batch): MAD's ``L`` rows, then (video)
             the temporal MAD's and each of the plan's ``statistics``' ``L`` rows, in that order.
         meta: ``{"layers": [...], "layout": {...} or None, "geometry": [...], "skipped_layers": {...}}`` of the
-            recording; native runs add ``"image_grids"``: per image name, its ``grid`` and ``size``.
+            recording; native runs add ``"image_grids"``: per image name, its ``grid`` and ``size``; volume runs
+            per volume its first layer's ``grid``, input ``size``, source ``shape`` and (millimetres) ``spacing``.
         images: names of the images profiled.
         skipped: ``{"path", "reason"}`` of the images that could not be read.
         batches_done: how many of the plan's batches are done.
@@ -151,12 +153,19 @@ class RunState:
                         state["batches_done"], maps)
 
 
-def prepare_model(model, image_size: tuple[int, int] | str | None, model_checkpoint=None):
+def prepare_model(model, image_size: tuple[int, int] | str | None, model_checkpoint=None, model_args=None,
+                  intensity: str | None = None, volume_unit: str | None = None):
     """``(LoadedModel, preprocessing)`` for a spec string, a :class:`LoadedModel` or a module."""
+    if not isinstance(model, (str, os.PathLike)):
+        for parameter, value in (("model_args", model_args), ("intensity", intensity), ("volume_unit", volume_unit)):
+            if value is not None:
+                raise OptionError(parameter, "only a monai: spec (3-D volumes) takes it, loaded here; got a model "
+                                             f"already built ({type(model).__name__})")
     if isinstance(model, LoadedModel):
         loaded = model
     elif isinstance(model, (str, os.PathLike)):
-        loaded = load_model(str(model), model_checkpoint=model_checkpoint, image_size=image_size)
+        loaded = load_model(str(model), model_checkpoint=model_checkpoint, image_size=image_size,
+                            model_args=model_args, intensity=intensity, volume_unit=volume_unit)
     elif isinstance(model, torch.nn.Module):
         loaded = wrap_module(model)
     else:
@@ -298,6 +307,10 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
     tower's video processor; ``channels``, ``input_size``: what a pixel tensor must have, where the model says
     (:func:`~vitmad.recording.towers.image_channels`, :func:`model_input_size`)."""
     packed_videos = isinstance(native, PackedVideoFeed)
+    volumes = isinstance(preprocessing, VolumePreprocessing)
+    if volumes and isinstance(images, torch.Tensor):
+        raise OptionError("images", "a monai: spec reads NIfTI volumes (.nii, .nii.gz) and their voxel spacing: pass "
+                                    "files or folders of them, not a tensor")
     if packed_videos and isinstance(images, torch.Tensor):
         raise OptionError("images", "a packed vision tower's videos go through its model's video processor, which "
                                     "samples, resizes and cuts each clip: pass clip files or frame folders, not a "
@@ -354,7 +367,10 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
                                             else ""))
     if preprocessing is None:
         raise no_known_preprocessing("images", "[B, 3, H, W]")
-    files = find_images(images) if frames is None and not packed_videos else find_videos(images)
+    if volumes:
+        files = find_volumes(images)
+    else:
+        files = find_images(images) if frames is None and not packed_videos else find_videos(images)
     if max_images:
         files = files[:max_images]
     if (frames is not None or packed_videos) and any(not f.is_dir() for f in files):
@@ -364,7 +380,9 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
 
     def load_files(i: int) -> Batch:
         paths = files[i * batch_size:(i + 1) * batch_size]
-        if packed_videos:
+        if volumes:
+            pixels, loaded, skipped = load_volume_batch(paths, preprocessing, pool)
+        elif packed_videos:
             pixels, loaded, skipped = load_packed_video_batch(paths, native, pool)
         elif native is not None:
             pixels, loaded, skipped = load_native_batch(paths, native, pool)
@@ -395,6 +413,9 @@ def plan_run(
     distributed: DistributedRun | None,
     stats: str | Sequence[str] | None = None,
     videos: bool | None = None,
+    model_args=None,
+    intensity: str | None = None,
+    volume_unit: str | None = None,
 ) -> RunPlan:
     """Check the options (cheap checks first: a bad one fails before the model loads) and plan the run.
 
@@ -418,7 +439,7 @@ def plan_run(
     torch_dtype = resolve_dtype(dtype)
     if checkpoint is not None:
         check_checkpoint_path(checkpoint)
-    loaded, preprocessing = prepare_model(model, size, model_checkpoint)
+    loaded, preprocessing = prepare_model(model, size, model_checkpoint, model_args, intensity, volume_unit)
     if isinstance(model, torch.nn.Module):
         torch_dtype = _own_model_dtype(model, dtype, torch_dtype)
     if _packed_videos(loaded, images, videos):
@@ -449,6 +470,8 @@ def plan_run(
     }
     if loaded.description is not None:  # the part of a checkpoint profiled (a vision-language model's tower)
         settings["profiled"] = loaded.description
+    if loaded.model_args is not None:  # a monai: network: its architecture is these, not a name
+        settings["model_args"] = loaded.model_args
     # The weights themselves, not only the model's name: a resume with other weights (another --weights file,
     # another fine-tune in an hf: folder, another module of the same class) would mix two models' sums.
     settings["weights"] = weights_digest(loaded.module, loaded.unloaded)
@@ -473,6 +496,8 @@ def plan_run(
                         "(prefix_map_image.png: the first image's, where the model has class or register tokens)")
     elif "prefix_maps" in stats and model_frames(loaded.module) is not None:
         maps_skipped = "video model: prefix maps are averaged for image models only"
+    elif "prefix_maps" in stats and isinstance(preprocessing, VolumePreprocessing):
+        maps_skipped = "volumes: prefix maps are averaged over 2-D image grids only"
     recorded = (*statistics, *(["prefix_maps"] if "prefix_maps" in stats and maps_skipped is None else []))
     if recorded:
         record_options["stats"] = ["mad", *recorded]
@@ -566,7 +591,8 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
 
     pixels, loaded_names, batch_skipped = batch
     if batch_skipped:
-        kind = "video" if _takes_videos(plan) else "image"
+        kind = "volume" if isinstance(plan.loaded.preprocessing, VolumePreprocessing) else (
+            "video" if _takes_videos(plan) else "image")
         for path, reason in batch_skipped:
             warnings.warn(f"skipping {kind} {path}: {reason}", stacklevel=3)
     stats, meta, maps = state.stats, state.meta, state.maps
@@ -584,6 +610,16 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
         stats = (stats or RunningStats.empty(*mad.shape[::2])).add(mad)
         meta = {"layers": list(rec.layers), "layout": None, "geometry": geometry, "skipped_layers": dict(rec.skipped),
                 "image_grids": {**(meta or {}).get("image_grids", {}), **dict(zip(loaded_names, grids))}}
+    elif isinstance(pixels, VolumeBatch):
+        mad, rec = _volume_values(plan, pixels)
+        stats = (stats or RunningStats.empty(*mad.shape[::2])).add(mad)
+        first = rec.geometry[0]
+        grid = [first.depth, *first.grid] if first.depth is not None else list(first.grid)
+        volumes = {name: {"grid": grid, "size": list(pixels.pixels.shape[2:]), **info}
+                   for name, info in zip(loaded_names, pixels.info)}
+        meta = {"layers": list(rec.layers), "layout": layout_dict(rec.layout),
+                "geometry": [g.as_dict() for g in rec.geometry], "skipped_layers": dict(rec.skipped),
+                "temporal": False, "image_grids": {**(meta or {}).get("image_grids", {}), **volumes}}
     elif pixels is not None:
         module = plan.loaded.module
         with torch.inference_mode(), record(module, **plan.record_options) as rec:
@@ -613,6 +649,26 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
                     state.batches_done + 1, maps)
 
 
+def _volume_values(plan: RunPlan, batch: VolumeBatch) -> tuple[torch.Tensor, Recording]:
+    """``[L * blocks, B, H]`` values of a batch of volumes (MAD, then each of the plan's statistics) and the last
+    recording. Each group of volumes of one spacing runs in a forward of its own, recorded with that spacing, so
+    that every volume's distances are in millimetres of its own voxels (never one batch's mean spacing); entries
+    of the model (LayerNorm, no batch statistics) do not depend on the others of their batch."""
+    from ..recording import record
+
+    values = None
+    for spacing, rows in spacing_groups(batch.spacings).items():
+        options = plan.record_options if spacing is None else {**plan.record_options, "spacing": spacing}
+        pixels = batch.pixels[rows].to(device=plan.device, dtype=plan.dtype, non_blocking=True)
+        with torch.inference_mode(), record(plan.loaded.module, **options) as rec:
+            plan.loaded.forward(pixels)
+        found = torch.cat([rec.mad, *(rec.stats[name] for name in plan.statistics)])
+        if values is None:
+            values = found.new_full((found.shape[0], len(batch.spacings), found.shape[2]), float("nan"))
+        values[:, rows] = found
+    return values, rec
+
+
 def _takes_videos(plan: RunPlan) -> bool:
     """Whether the run's inputs are videos (a video model's, or a packed tower's through its video processor)."""
     return model_frames(plan.loaded.module) is not None or isinstance(plan.native, PackedVideoFeed)
@@ -632,7 +688,8 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
 
     rank = plan.run.rank if plan.run else 0
     counter = GlobalProgress(plan.run)
-    unit = "video" if _takes_videos(plan) else "img"
+    unit = "video" if _takes_videos(plan) else "volume" if isinstance(plan.loaded.preprocessing,
+                                                                        VolumePreprocessing) else "img"
     bar = tqdm(total=len(plan.names), unit=unit, disable=not (progress and rank == 0), desc="vitmad profile",
                dynamic_ncols=True)
     bar.update(counter.add(len(state.images) + len(state.skipped)))
@@ -713,12 +770,17 @@ def profile(
     distributed=None,
     stats: str | Sequence[str] | None = None,
     videos: bool | None = None,
+    model_args=None,
+    intensity: str | None = None,
+    volume_unit: str | None = None,
 ) -> Profile:
     """Profile the mean attention distance of every head of ``model`` over ``images``.
 
     Args:
-        model: an ``nn.Module`` (HF transformers or timm ViT), or a spec ``hf:<id or folder>``,
-            ``timm:<name>``, ``builtin:dinov2-s14``.
+        model: an ``nn.Module`` (any model :func:`vitmad.record` measures), or a spec as ``--model`` takes it:
+            ``hf:<id or folder>``, ``timm:<name>``, ``torchvision:<name>[.<WEIGHTS>]``,
+            ``open_clip:<name>[.<pretrained tag>]``, ``segment_anything:<vit_b|vit_l|vit_h>``, ``sam2:<config>``,
+            ``monai:<ViT|UNETR|ViTAutoEnc|SwinUNETR>`` (with ``model_args``), ``builtin:dinov2-s14``.
         images: ``"builtin"``, a folder (recursive), a file, a list of those, or preprocessed pixels
             ``[B, 3, H, W]``. Files need a model loaded from a spec (which knows its preprocessing). A video
             model (its config has ``num_frames`` or ``frames_per_clip``) takes videos instead: clip files, frame
@@ -745,7 +807,9 @@ def profile(
             file that is not a vitmad checkpoint is refused rather than overwritten.
         resume: continue from ``checkpoint`` if it exists (same model, images and settings).
         checkpoint_every: batches between checkpoints.
-        model_checkpoint: local weights file for a ``timm:`` spec.
+        model_checkpoint: local weights file for a ``timm:``, ``torchvision:`` or ``open_clip:`` spec (instead of
+            its pretrained download); the checkpoint a ``segment_anything:``, ``sam2:`` or ``monai:`` spec
+            requires.
         progress: show a tqdm bar with images/s (on rank 0, counting every rank's images).
         loader_threads: threads decoding and preprocessing image files (0: on the calling thread); batches
             are loaded one ahead of the model either way.
@@ -760,6 +824,13 @@ def profile(
             Qwen3-VL and Qwen3-VL's kin), each fed through its model's own video processor
             (:mod:`vitmad.profiling.packed_videos`); None: so where every source is a clip or a folder holding
             clips; False: images. A video model takes videos either way.
+        model_args: a ``monai:<ViT|UNETR|ViTAutoEnc|SwinUNETR>`` spec's constructor arguments (a dict, a JSON or
+            YAML file, or a JSON object as text; :mod:`vitmad.profiling.monai_models`); its weights are
+            ``model_checkpoint``, and ``images`` are NIfTI volumes or folders of them
+            (:mod:`vitmad.profiling.volumes`).
+        intensity: how a volume's values are scaled: ``"minmax"`` (default), ``"zscore"``, ``"window:LOW,HIGH"``
+            or ``"none"``.
+        volume_unit: ``"mm"`` (default: MAD in millimetres, from each volume's voxel spacing) or ``"voxel"``.
 
     Returns:
         The :class:`Profile` (``.mad`` and ``.std`` are ``[L, H]``; video models add ``.temporal_mad``, frames;
@@ -782,7 +853,8 @@ def profile(
             model, images, batch_size=batch_size, device=device, dtype=dtype, renormalize=renormalize,
             image_size=image_size, max_images=max_images, layers=layers, checkpoint=checkpoint,
             checkpoint_every=checkpoint_every, model_checkpoint=model_checkpoint, decoders=decoders,
-            distributed=distributed, stats=stats, videos=videos,
+            distributed=distributed, stats=stats, videos=videos, model_args=model_args, intensity=intensity,
+            volume_unit=volume_unit,
         )
         state = run_batches(plan, resume_state(plan, resume), progress=progress)
         return finish(plan, state)

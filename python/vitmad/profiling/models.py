@@ -1,5 +1,5 @@
 """Model specs of ``vitmad profile --model``: ``hf:<hub id or folder>``, ``timm:<name>``, ``torchvision:<name>``,
-``open_clip:<name>``, ``segment_anything:<model type>``, ``sam2:<config>``, ``builtin:<name>``.
+``open_clip:<name>``, ``segment_anything:<model type>``, ``sam2:<config>``, ``monai:<network>``, ``builtin:<name>``.
 
 Each spec loads to a :class:`LoadedModel`: the module in eval mode, how to call it on a pixel batch, and the
 preprocessing its authors use.
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .images import NATIVE, Preprocessing, hf_rescale
+from .monai_models import load_monai
 from .open_clip_models import load_open_clip
 from .options import MissingPathError, OptionError, error_said, first_line, import_optional
 from .sam_models import load_sam2, load_segment_anything
@@ -28,10 +29,10 @@ from .videos import video_processor_settings
 __all__ = ["LoadedModel", "load_model", "wrap_module", "MODEL_SPEC_HELP"]
 
 MODEL_SPEC_HELP = ("hf:<hub id or local folder>, timm:<name>, torchvision:<name>[.<WEIGHTS>], "
-                   "open_clip:<name>[.<pretrained tag>], segment_anything:<vit_b|vit_l|vit_h>, sam2:<config> or "
-                   "builtin:dinov2-s14")
-# The spec kinds that take a local weights file (model_checkpoint, --weights FILE); the last two require one.
-_TAKE_WEIGHTS = ("timm", "torchvision", "open_clip", "segment_anything", "sam2")
+                   "open_clip:<name>[.<pretrained tag>], segment_anything:<vit_b|vit_l|vit_h>, sam2:<config>, "
+                   "monai:<ViT|UNETR|ViTAutoEnc|SwinUNETR> (3-D volumes) or builtin:dinov2-s14")
+# The spec kinds that take a local weights file (model_checkpoint, --weights FILE); the last three require one.
+_TAKE_WEIGHTS = ("timm", "torchvision", "open_clip", "segment_anything", "sam2", "monai")
 
 
 @dataclass
@@ -53,6 +54,8 @@ class LoadedModel:
             loaded, such as a transformers pooler): left out of the weights' digest (``settings.weights``).
         video_processor: a packed tower's checkpoint's video processor settings, as transformers reads them
             (:func:`~.packed_videos.video_processor_dict`); None: none saved, or not a packed tower.
+        model_args: the constructor arguments a ``monai:`` network was built from (``mad.json``'s
+            ``settings.model_args``); None for other models.
     """
 
     spec: str
@@ -64,6 +67,7 @@ class LoadedModel:
     description: str | None = None
     unloaded: frozenset[str] = frozenset()
     video_processor: dict | None = None
+    model_args: dict | None = None
 
 
 # Names of a forward's first argument that are an image (Florence2VisionBackbone's is hidden_states).
@@ -245,7 +249,8 @@ def wrap_packed_tower(model: torch.nn.Module, packed: tuple[str, torch.nn.Module
 
 
 def load_model(
-    spec: str, *, model_checkpoint: str | os.PathLike | None = None, image_size: tuple[int, int] | str | None = None
+    spec: str, *, model_checkpoint: str | os.PathLike | None = None, image_size: tuple[int, int] | str | None = None,
+    model_args=None, intensity: str | None = None, volume_unit: str | None = None,
 ) -> LoadedModel:
     """Load a model from its spec.
 
@@ -253,9 +258,13 @@ def load_model(
         spec: ``hf:<hub id or local folder>``, ``timm:<name>``, ``torchvision:<name>[.<WEIGHTS>]`` (see
             :mod:`vitmad.profiling.torchvision_models`), ``open_clip:<name>[.<pretrained tag>]`` (see
             :mod:`vitmad.profiling.open_clip_models`), ``segment_anything:<model type>`` or ``sam2:<config>`` (see
-            :mod:`vitmad.profiling.sam_models`) or ``builtin:dinov2-s14``.
+            :mod:`vitmad.profiling.sam_models`), ``monai:<network>`` (see :mod:`vitmad.profiling.monai_models`) or
+            ``builtin:dinov2-s14``.
         model_checkpoint: local weights file for a ``timm:``, ``torchvision:`` or ``open_clip:`` model (instead of
-            its pretrained download); required by ``segment_anything:`` and ``sam2:``.
+            its pretrained download); required by ``segment_anything:``, ``sam2:`` and ``monai:``.
+        model_args, intensity, volume_unit: a ``monai:`` network's constructor arguments, and how its volumes'
+            intensities are scaled and their distances measured (:mod:`vitmad.profiling.volumes`); refused for
+            other models.
         image_size: ``(height, width)`` the model will be fed, or ``"native"`` (each image at its own size),
             when not its default size: timm ViTs are then built with ``dynamic_img_size=True`` so their
             position embedding follows the input.
@@ -271,6 +280,11 @@ def load_model(
     if model_checkpoint is not None and kind not in _TAKE_WEIGHTS:
         raise OptionError("model_checkpoint", f"only {', '.join(k + ':' for k in _TAKE_WEIGHTS[:-1])} and "
                                               f"{_TAKE_WEIGHTS[-1]}: models take local weights, got model {spec!r}")
+    if kind == "monai":
+        return load_monai(spec, model_checkpoint, image_size, model_args, intensity, volume_unit)
+    for parameter, value in (("model_args", model_args), ("intensity", intensity), ("volume_unit", volume_unit)):
+        if value is not None:
+            raise OptionError(parameter, f"only monai: models (3-D volumes) take it, got model {spec!r}")
     if kind == "hf":
         return _load_hf(spec, name, image_size)
     if kind == "timm":

@@ -108,6 +108,11 @@ def _describe_grids(profile) -> str:
     if profile.geometry is None:
         grid_h, grid_w = profile.layout["grid"]
         return f"{grid_h}x{grid_w} patches of {profile.layout['patch']} px"
+    if all(g.get("depth") is not None for g in profile.geometry):  # volumes: voxels of the model input
+        stages = [f"{g['depth']}x{g['grid'][0]}x{g['grid'][1]} @ "
+                  f"{'x'.join(f'{s:g}' for s in (g['depth_stride'], *g['stride']))} voxels" for g in profile.geometry]
+        stages = list(dict.fromkeys(stages))
+        return stages[0].replace(" @ ", " tokens of ") if len(stages) == 1 else ", ".join(stages)
     if any(g["grid"] is None for g in profile.geometry):
         grids = {tuple(entry["grid"]) for entry in (profile.image_grids or {}).values()}
         return f"native resolution, {len(grids)} grid{'s' if len(grids) != 1 else ''}"
@@ -135,7 +140,7 @@ def plot_profile(profile, path: str | os.PathLike, *, title: str | None = None) 
     uniform = profile.uniform_mads
     if len(set(uniform)) == 1:
         ax.axhline(uniform[0], color="0.4", linestyle="--", linewidth=1,
-                   label=f"uniform attention ({uniform[0]:.0f} px)")
+                   label=f"uniform attention ({uniform[0]:.0f} {profile.distance_unit})")
     else:  # each stage's grid has its own global reference
         ax.step(depth, uniform, where="mid", color="0.4", linestyle="--", linewidth=1,
                 label="uniform attention over each layer's grid")
@@ -159,10 +164,15 @@ def _heads_against_depth(plt, values: torch.Tensor):
 def _finish_depth_figure(plt, fig, ax, profile, statistic: str, depth: list[int], num_heads: int, path,
                          title: str | None, note: str | None = None) -> None:
     ax.set_xlabel("Network depth (layer)" + ("" if note is None else "\n" + textwrap.fill(note, 72)))
-    ax.set_ylabel(STAT_LABELS.get(statistic, statistic))
+    label = STAT_LABELS.get(statistic, statistic)
+    if statistic == "mad" and profile.distance_unit != "px":  # volumes
+        label = f"Mean attention distance ({'millimetres' if profile.distance_unit == 'mm' else 'voxels'})"
+    ax.set_ylabel(label)
     ax.set_xticks(depth if len(depth) <= 24 else depth[::max(1, len(depth) // 12)])
     ax.set_ylim(bottom=0)
     inputs = "videos" if profile.temporal is not None else "images"
+    if profile.distance_unit != "px":
+        inputs = "volumes"
     ax.set_title(title or textwrap.fill(f"{profile.model}: {profile.count} {inputs}, {_describe_grids(profile)}",
                                         80), fontsize=10 if profile.geometry is None else 8)
     if ax.get_legend_handles_labels()[0]:  # heads are labelled up to 16 of them; else nothing to list
@@ -267,11 +277,17 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
 
     Raises:
         KeyError: a profile lacks ``statistic``.
-        ValueError: no profile, or not one label per profile.
+        ValueError: no profile, not one label per profile, or MAD in different units (pixels of images, a volume
+            profile's millimetres or voxels): one axis cannot hold them.
     """
     if len(profiles) == 0 or len(labels) != len(profiles):
         raise ValueError(f"plot_compare: expected one label per profile and at least one profile, got "
                          f"{len(profiles)} profile(s) and {len(labels)} label(s)")
+    units = {profile.distance_unit for profile in profiles}
+    if statistic in ("mad", "temporal_mad") and len(units) > 1:
+        shown = ", ".join(f"{label}: {profile.distance_unit}" for label, profile in zip(labels, profiles))
+        raise ValueError(f"plot_compare: the profiles' MAD is in different units ({shown}); compare profiles of one "
+                         "unit (a volume profile's --volume-unit mm or voxel, images' pixels)")
     values = [profile.stat(statistic) for profile in profiles]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
@@ -291,7 +307,9 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
                         per_head.masked_fill(missing, float("-inf")).amax(1).masked_fill(empty, float("nan")),
                         color=line.get_color(), alpha=0.2)
     ax.set_xlabel("Network depth (layer)" if same_depth else "Relative depth")
-    ax.set_ylabel(STAT_LABELS.get(statistic, statistic))
+    unit = next(iter(units))
+    ax.set_ylabel(f"Mean attention distance ({'millimetres' if unit == 'mm' else 'voxels'})"
+                  if statistic == "mad" and unit != "px" else STAT_LABELS.get(statistic, statistic))
     ax.set_ylim(bottom=0)
     ax.set_title("Mean over heads (line) and range of heads (band)")
     ax.legend(fontsize=8)

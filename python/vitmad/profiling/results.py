@@ -86,7 +86,9 @@ class Profile:
             for image models.
         image_grids: native resolution (``image_size="native"``): per image name, ``{"grid": [gh, gw],
             "size": [H, W]}``, its token grid and the pixels it was resized to; the layers' ``geometry`` then has
-            no grid. None otherwise.
+            no grid. Volumes (``monai:`` specs): per volume its first layer's token ``grid`` ``[D, gh, gw]``, the
+            input ``size`` in voxels, the file's ``shape`` and, in millimetres, the header's ``pixdim_mm`` and the
+            input voxels' ``spacing`` (the unit of its MAD). None otherwise.
         statistics: by name, float64 running statistics of the other statistics profiled (``"entropy"``,
             ``"prefix_mass"``, ``"self_mass"``), ``[L, H_max]`` like ``stats``; empty for a MAD-only profile.
         prefix_maps: with ``stats=[..., "prefix_maps"]``: the sums of the CLS / register maps over the images
@@ -211,6 +213,12 @@ class Profile:
         return self.stats.count
 
     @property
+    def distance_unit(self) -> str:
+        """The unit of MAD: ``"px"`` (pixels of the model input), or a volume profile's ``"mm"`` or ``"voxel"``."""
+        preprocessing = self.settings.get("preprocessing") or {}
+        return preprocessing.get("unit", "px") if preprocessing.get("volumes") else "px"
+
+    @property
     def uniform_mad(self) -> float:
         """MAD of uniform attention over the first layer's grid: the value of a fully global head there."""
         return self.uniform_mads[0]
@@ -222,8 +230,22 @@ class Profile:
         if self.geometry is None:
             grid_h, grid_w = self.layout["grid"]
             return [uniform_attention_mad(grid_h, grid_w, self.layout["patch"])] * len(self.layers)
-        return [self._uniform_over_images(tuple(g["stride"])) if g["grid"] is None else
+        return [self._uniform_over_volumes(g) if g.get("depth") is not None else
+                self._uniform_over_images(tuple(g["stride"])) if g["grid"] is None else
                 uniform_attention_mad(*g["grid"], tuple(g["stride"])) for g in self.geometry]
+
+    def _uniform_over_volumes(self, geometry: dict) -> float:
+        """A volume layer's uniform-attention MAD over its ``depth x grid`` cells: in voxels, or the mean over the
+        volumes of each one's in millimetres of its own voxels (``image_grids``' ``spacing``)."""
+        from .volumes import uniform_volume_mad
+
+        grid = (geometry["depth"], *geometry["grid"])
+        stride = (geometry["depth_stride"], *geometry["stride"])
+        spacings = [tuple(entry["spacing"]) for entry in (self.image_grids or {}).values() if "spacing" in entry]
+        if not spacings:
+            return uniform_volume_mad(grid, stride)
+        per_spacing = {s: uniform_volume_mad(grid, [a * b for a, b in zip(stride, s)]) for s in set(spacings)}
+        return sum(per_spacing[s] for s in spacings) / len(spacings)
 
     def _uniform_over_images(self, stride: tuple[float, float]) -> float:
         """The mean over images of uniform attention's MAD on each image's grid (NaN without image grids)."""

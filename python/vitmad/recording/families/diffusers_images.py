@@ -58,6 +58,27 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
   ``(1, rows, columns)`` of ``img_shapes`` (read per call from what ``pos_embed`` gets), which must name one image
   of one frame per batch entry, all the same (an edit pipeline's several images are refused);
   ``QwenDoubleStreamAttnProcessor2_0`` puts the caption first (its length what ``txt_in`` gets), its padding masked.
+- ``Flux3Transformer2DModel``: Flux2's packing and four-coordinate ids, its rows and columns scaled by the pipeline's
+  ``image_rope_scale`` (``(0, 0.5 row, 0.5 column, 0)``; any one step is read as the grid it steps over), read per
+  call from its forward's ``img_ids``; its ``txt_mode_blocks`` attend over the caption alone (skipped),
+  ``mode_blocks["image"]`` over the image alone, its single blocks over ``cat([caption, image])``. Reference images
+  (``image_cond_hidden_states``) are refused.
+- ``Krea2Transformer2DModel``: packed 2 x 2 (``Krea2Pipeline``'s ``patch_size``), its ``position_ids`` the caption's
+  ``(0, 0, 0)`` rows, then the image's ``(0, row, column)``: read as Flux's ids from what ``rotary_emb`` gets, past
+  the caption's count (what ``txt_in`` gets); its blocks attend over ``cat([caption, image])``, its ``text_fusion``
+  over the caption alone (skipped).
+- ``Ideogram4Transformer2DModel``: one sequence per row, ``[padding][caption][image]`` (``Ideogram4Pipeline
+  ._prepare_ids``), packed 2 x 2: the image the last tokens of every row (its ``indicator``), at
+  ``IMAGE_POSITION_OFFSET + (0, row, column)`` row-major (its ``position_ids``); padding and caption without a
+  position.
+- ``PRXTransformer2DModel`` (whole ``patch_size`` patches of the latent, ``img2seq``) and
+  ``NucleusMoEImageTransformer2DModel`` (packed ``patch_size`` x ``patch_size`` on QwenImage's ``img_shapes``)
+  attend from the image's queries alone over ``cat([caption, image])`` (PRX) or ``cat([image, caption])``
+  (NucleusMoE) keys: the caption's keys without a position, and no caption query.
+- ``BriaFibo2Transformer2DModel``: whole ``patch_size`` patches of the latent (``_patchify``); its layers attend over
+  ``cat([gist, image])``, or ``cat([image, gist])`` where a batch pads the gist tokens (read per call from its
+  Perceiver's arguments); its Perceiver and its injection blocks' ``cross_attention`` are skipped, images to edit
+  (``context_latents``) refused.
 
 The caption's length is what the model's ``context_embedder`` gets in this call; the grid what ``PatchEmbed``'s
 convolution gets (any latent size, never ``sample_size``). MAD is over the image's queries and keys; with the
@@ -81,7 +102,17 @@ import inspect
 import torch
 from torch import nn
 
-from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, select_tokens
+from ..placement import (
+    CallContext,
+    LayerGeometry,
+    LayerPlacer,
+    NotPlaceable,
+    Placement,
+    RefusingPlacer,
+    cell_centres,
+    read_only,
+    select_tokens,
+)
 from .diffusers_common import (
     attention_under,
     backend_refusal,
@@ -99,10 +130,14 @@ __all__ = ["placer", "attention_modules", "LatentGridPlacer"]
 _FLUX_PACKING = 2
 
 # Per placed model class: how its tokens are cut, where the caption's tokens sit in a joint attention ("first",
-# "last"; None: no joint attention), and the processors whose calls are read as that (their class names). The cuts:
-# "conv", PatchEmbed's convolution of the latent; "view", the latent viewed as whole patches and a Linear (AuraFlow,
-# CogView4); "ids", packed latents at the places img_ids name (Flux); "ids4", Flux2's img_ids of four coordinates,
-# read from its forward's arguments; "shapes", packed latents on the (1, rows, columns) img_shapes names (QwenImage).
+# "last"; "keys first", "keys last": among the keys only, the queries the image's alone; None: no joint attention),
+# and the processors whose calls are read as that (their class names). The cuts: "conv", PatchEmbed's convolution of
+# the latent; "view", the latent viewed as whole patches and a Linear (AuraFlow, CogView4); "latent", the latent
+# [B, C, H, W] the model's forward gets, cut into whole patches of its config's patch_size by a function (PRX's
+# img2seq); "ids", packed latents at the places img_ids name (Flux); "ids4", img_ids of four coordinates read from the
+# forward's arguments (Flux2, Flux3); "shapes", packed latents on the (1, rows, columns) img_shapes names (QwenImage);
+# "sequence", Ideogram4's one sequence of padding, caption and packed latents, read from its forward's indicator and
+# position_ids.
 _PLACED = {
     "DiTTransformer2DModel": ("conv", None, ("AttnProcessor2_0", "FusedAttnProcessor2_0")),
     "PixArtTransformer2DModel": ("conv", None, ("AttnProcessor2_0", "FusedAttnProcessor2_0")),
@@ -120,6 +155,12 @@ _PLACED = {
     "LongCatImageTransformer2DModel": ("ids", "first", ("LongCatImageAttnProcessor",)),
     "QwenImageTransformer2DModel": ("shapes", "first", ("QwenDoubleStreamAttnProcessor2_0",)),
     "Flux2Transformer2DModel": ("ids4", "first", ("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor")),
+    "Flux3Transformer2DModel": ("ids4", "first", ("Flux3AttnProcessor",)),
+    "Krea2Transformer2DModel": ("ids", "first", ("Krea2AttnProcessor",)),
+    "NucleusMoEImageTransformer2DModel": ("shapes", "keys last", ("NucleusMoEAttnProcessor2_0",)),
+    "PRXTransformer2DModel": ("latent", "keys first", ("PRXAttnProcessor2_0",)),
+    "Ideogram4Transformer2DModel": ("sequence", "first", ("Ideogram4AttnProcessor",)),
+    "BriaFibo2Transformer2DModel": ("latent", "first", ("BriaFibo2AttnProcessor",)),
     "CogView3PlusTransformer2DModel": ("view", "first",
                                        ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")),
     "CogView4Transformer2DModel": ("view", "first", ("CogView4AttnProcessor",)),
@@ -139,39 +180,46 @@ _IDS = {
                                     "a reference image's would have another"),
     "LongCatImageTransformer2DModel": ("LongCatImage", 1, True, "LongCatImagePipeline",
                                        "LongCatImageEditPipeline's reference image has a first id of 2"),
+    # Krea2Pipeline.prepare_position_ids: the caption's rows (0, 0, 0), then the image's (0, row, column); its
+    # position_ids reach rotary_emb (_PATCH_EMBEDDING) whole.
+    "Krea2Transformer2DModel": ("Krea2", 0, False, "Krea2Pipeline", "Krea2Pipeline makes no other"),
 }
 # The module whose input (which argument) is the caption, its length the caption's token count, where not
 # context_embedder's first (Lumina2's: the caption's mask, whose sum per entry is the caption's length); and the
 # patch embedding, where not pos_embed.
 _CAPTION_EMBEDDER = {"QwenImageTransformer2DModel": ("txt_in", 0), "CogView4Transformer2DModel": ("patch_embed", 1),
                      "CogView3PlusTransformer2DModel": ("patch_embed", 1),
-                     "Lumina2Transformer2DModel": ("rope_embedder", 1)}
+                     "Lumina2Transformer2DModel": ("rope_embedder", 1), "Krea2Transformer2DModel": ("txt_in", 0),
+                     "PRXTransformer2DModel": ("txt_in", 0), "NucleusMoEImageTransformer2DModel": ("txt_norm", 0)}
 _PATCH_EMBEDDING = {"CogView4Transformer2DModel": "patch_embed", "CogView3PlusTransformer2DModel": "patch_embed",
                     "Lumina2Transformer2DModel": "rope_embedder", "HunyuanImageTransformer2DModel": "x_embedder",
-                    "LuminaNextDiT2DModel": "patch_embedder"}
+                    "LuminaNextDiT2DModel": "patch_embedder", "Krea2Transformer2DModel": "rotary_emb"}
 # A second caption embedder whose tokens join the first's (HunyuanImage's ByT5 glyph tokens, which it reorders with
 # the caption's: all of them after the image), by attribute of the model; its first argument the tokens.
 _SECOND_CAPTION = {"HunyuanImageTransformer2DModel": "context_embedder_2"}
 # Blocks that attend over the caption alone (Lumina2's context_refiner, HunyuanImage's token refiner), by attribute
 # of the model.
-_CAPTION_ONLY = {"Lumina2Transformer2DModel": "context_refiner", "HunyuanImageTransformer2DModel": "context_embedder"}
+_CAPTION_ONLY = {"Lumina2Transformer2DModel": "context_refiner", "HunyuanImageTransformer2DModel": "context_embedder",
+                 "Flux3Transformer2DModel": "txt_mode_blocks", "Krea2Transformer2DModel": "text_fusion",
+                 "BriaFibo2Transformer2DModel": "perceiver"}
 _LINEAR = ("SanaTransformer2DModel",)
 # diffusers' other image transformers, refused by name with what keeps vitmad from placing their tokens (read from
-# their source, diffusers 0.42.1); those not read yet say so.
-_NOT_READ = "its layout has not been read yet"
+# their source, diffusers 0.42.1).
 _NOT_PLACED = {
     "BriaFiboTransformer2DModel": (
         "BriaFiboPipeline packs its latent 2 x 2 or not at all (do_patching): a step of img_ids is 2 latent pixels or "
         "1, which the transformer's inputs do not tell"),
+    "DreamLiteTransformer2DModel": (
+        "it is the transformer of DreamLiteUNetModel's blocks, over one of that UNet's feature maps, not over the "
+        "latent: where its tokens are depends on the UNet's samplings before it, and vitmad has not read that UNet"),
     "GlmImageTransformer2DModel": (
         "its attention can prepend cached keys of earlier images (its KV cache), tokens of another image"),
-    "Krea2Transformer2DModel": (
-        "its image's places come in one position_ids tensor over the caption and the image, built by its pipeline, "
-        "which vitmad has not learned to read"),
-    "BriaFibo2Transformer2DModel": _NOT_READ, "DreamLiteTransformer2DModel": _NOT_READ,
-    "Flux3Transformer2DModel": _NOT_READ, "Ideogram4Transformer2DModel": _NOT_READ,
-    "NucleusMoEImageTransformer2DModel": _NOT_READ, "PRXTransformer2DModel": _NOT_READ,
-    "QwenImage21Transformer2DModel": _NOT_READ,
+    "QwenImage21Transformer2DModel": (
+        "its attention is block-causal and runs in several calls per layer (the caption's causal queries, each "
+        "condition image, then the target image's queries over everything before), the caption's tokens interleaved "
+        "with the condition images' (img_mask), and with its KV cache (kv_cache_mode='cached', QwenImage21Pipeline's "
+        "default after the first step) the image's queries attend to cached keys: vitmad places one attention call "
+        "over one sequence per layer"),
 }
 _KNOWN = (*_PLACED, *_LINEAR, *_NOT_PLACED)
 _CROSS = ("cross-attention of the latent patches to the caption's tokens (encoder_hidden_states): its keys have no "
@@ -227,6 +275,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     if caption_only is not None and name.startswith(".".join(filter(None, (owner_name, caption_only))) + "."):
         return Skip(f"self-attention of the caption's tokens alone ({kind}'s {caption_only}): they have no position "
                     "in the latent, so it has no MAD")
+    if kind == "BriaFibo2Transformer2DModel" and name.rsplit(".", 1)[-1] == "cross_attention":
+        return Skip(_CROSS)  # its injection blocks' BriaFibo2Attention, built with kv_dim: keys from the caption
     return LatentGridPlacer(owner_name, owner, module)
 
 
@@ -245,9 +295,9 @@ class LatentGridPlacer(LayerPlacer):
         self.owner_name, self.owner, self.attention = owner_name, owner, attention
         self.kind = type(owner).__name__
         self.cut, self.text_side, self.processors = _PLACED[self.kind]
-        self.packed = self.cut in ("ids", "shapes", "ids4")
+        self.packed = self.cut in ("ids", "shapes", "ids4", "sequence")
         self.caption_embedder = _CAPTION_EMBEDDER.get(self.kind, ("context_embedder", 0))[0]
-        self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layouts: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def install(self, context: CallContext) -> list:
         key = _KEY + self.owner_name
@@ -263,6 +313,15 @@ class LatentGridPlacer(LayerPlacer):
                     context.values[key + ".text"] = int(text.shape[-2]) if isinstance(text, torch.Tensor) else None
 
             handles.append(context_embedder.register_forward_pre_hook(see_text))
+        if self.kind == "BriaFibo2Transformer2DModel":
+            def see_gist(module, args) -> None:
+                # BriaFibo2PerceiverResampler(encoder_hidden_states, num_gist_tokens, encoder_attention_mask,
+                # gist_mask): the gist tokens lead the stream, or end it where the batch pads them (gist_mask).
+                count = args[1] if len(args) > 1 else None
+                context.values[key + ".text"] = count if isinstance(count, int) else None
+                context.values[key + ".side"] = "last" if len(args) > 3 and args[3] is not None else "first"
+
+            handles.append(self.owner.perceiver.register_forward_pre_hook(see_gist))
         second = getattr(self.owner, _SECOND_CAPTION.get(self.kind, ""), None)
         if isinstance(second, nn.Module):
             def see_second_text(module, args) -> None:
@@ -270,20 +329,32 @@ class LatentGridPlacer(LayerPlacer):
                 context.values[key + ".text2"] = int(text.shape[-2]) if isinstance(text, torch.Tensor) else None
 
             handles.append(second.register_forward_pre_hook(see_second_text))
-        if self.cut == "ids4":
-            def see_flux2_ids(module, args, kwargs) -> None:
+        if self.cut in ("ids4", "latent", "sequence"):
+            def see_forward(module, args, kwargs) -> None:
                 try:
                     given = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
                 except TypeError:
                     given = None  # a call its forward itself refuses
-                context.values[key + ".grid"] = "Flux2's forward got arguments it does not take" if given is None \
-                    else _grid_of_flux2_ids(given)
+                if given is None:
+                    seen = f"{self.kind}'s forward got arguments it does not take"
+                elif given.get("context_latents"):
+                    seen = (f"{self.kind}'s images to edit are in this call (context_latents): their tokens follow "
+                            "the image's, places of other latents; vitmad places one latent's tokens and the gist "
+                            "tokens; record a text-to-image call")
+                elif self.cut == "latent":
+                    seen = self._latent_grid(given.get("hidden_states"))
+                elif self.cut == "sequence":
+                    seen, context.values[key + ".text"] = _ideogram4_layout(given)
+                else:
+                    seen = _grid_of_forward_ids(self.kind, given)
+                context.values[key + ".grid"] = seen
 
-            # Flux2 has no convolution: the recorded model's forward starts the call before this runs.
-            handles.append(self.owner.register_forward_pre_hook(see_flux2_ids, with_kwargs=True))
+            # These models have no convolution: the recorded model's forward starts the call before this runs.
+            handles.append(self.owner.register_forward_pre_hook(see_forward, with_kwargs=True))
         elif self.cut == "shapes":
             def see_shapes(module, args, kwargs) -> None:
-                context.values[key + ".grid"] = _grid_of_shapes(args[0] if args else kwargs.get("video_fhw"))
+                context.values[key + ".grid"] = _grid_of_shapes(args[0] if args else kwargs.get("video_fhw"),
+                                                                self.kind)
 
             handles.append(self.owner.pos_embed.register_forward_pre_hook(see_shapes, with_kwargs=True))
         elif self.packed:
@@ -293,7 +364,7 @@ class LatentGridPlacer(LayerPlacer):
                     args[0] if args else None, None if not isinstance(text, int) else text + self._registers(),
                     _IDS[self.kind])
 
-            handles.append(self.owner.pos_embed.register_forward_pre_hook(see_ids))
+            handles.append(self._patch_embedding().register_forward_pre_hook(see_ids))
         elif self.cut == "view":
             def see_view(module, args) -> None:
                 context.values[key + ".grid"] = self._latent_grid(args[0] if args else None)
@@ -342,9 +413,12 @@ class LatentGridPlacer(LayerPlacer):
         if refusal is not None:
             raise NotPlaceable(refusal)
         key = _KEY + self.owner_name
+        side = context.values.get(key + ".side", self.text_side)  # BriaFibo2's gist tokens: first, or last
         seen = context.values.get(key + ".grid")
         if seen is None:
-            what = {"ids": "pos_embed (img_ids)", "ids4": "forward (img_ids)", "shapes": "pos_embed (img_shapes)",
+            what = {"ids": f"{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')} (img_ids)", "ids4": "forward (img_ids)",
+                    "shapes": "pos_embed (img_shapes)", "latent": "forward (the latent)",
+                    "sequence": "forward (indicator, position_ids)",
                     "view": f"{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')} (the latent)"}.get(
                 self.cut, f"{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')}.proj (the latent)")
             raise NotPlaceable(
@@ -354,14 +428,16 @@ class LatentGridPlacer(LayerPlacer):
         if isinstance(seen, str):
             raise NotPlaceable(seen)
         if self.packed:
-            batch, grid, stride = int(lead[0]) if len(lead) else 0, seen, (float(_FLUX_PACKING),) * 2
+            batch, grid, stride = int(lead[0]) if len(lead) else 0, seen, (float(self._packing()),) * 2
         else:
             batch, height, width = seen
             grid, stride = self._patch_grid(height, width)
         patches = grid[0] * grid[1]
         text = num_keys - patches
+        if side is not None and side.startswith("keys "):
+            return self._place_image_queries(context, lead, num_queries, num_keys, batch, grid, stride)
         joint = text > 0
-        if joint and self.text_side is not None:
+        if joint and side is not None:
             caption = context.values.get(key + ".text")
             if isinstance(caption, str):
                 raise NotPlaceable(caption)
@@ -376,14 +452,14 @@ class LatentGridPlacer(LayerPlacer):
                     "places the patches and the caption's tokens alone"
                 )
         if len(lead) != 2 or int(lead[0]) != batch or num_queries != num_keys or text < 0 \
-                or (joint and self.text_side is None):
-            sequence = "the latent patches" + (f", the caption's {self.text_side}" if self.text_side else "")
+                or (joint and side is None):
+            sequence = "the latent patches" + (f", the caption's {side}" if side else "")
             raise NotPlaceable(
                 f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; on a "
                 f"{grid[0]}x{grid[1]} latent patch grid ({batch} latents), a {self.kind} layer attends "
                 f"[{batch}, heads, N, N] over {sequence}"
             )
-        prefix, suffix = (text, 0) if self.text_side == "first" else (0, text)
+        prefix, suffix = (text, 0) if side == "first" else (0, text)
         layout = (grid, stride, prefix, suffix)
         if layout not in self._layouts:
             self._layouts = {layout: _plain_positions(grid, stride, prefix, suffix)}
@@ -391,6 +467,40 @@ class LatentGridPlacer(LayerPlacer):
         attention = "global, caption " + ("first" if prefix else "last") if joint else "global"
         geometry = LayerGeometry(grid, stride, attention, int(lead[-1]), prefix, num_suffix_tokens=suffix or None)
         return Placement(positions, None, select_tokens(index), geometry)
+
+    def _place_image_queries(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int,
+                             batch: int, grid: tuple[int, int], stride: tuple[float, float]) -> Placement:
+        """A layer whose queries are the latent patches alone and whose keys are the patches and the caption's
+        tokens (PRX: ``cat([caption, image])``; NucleusMoE: ``cat([image, caption])``): the caption's keys have no
+        position, and no query is a caption token."""
+        patches = grid[0] * grid[1]
+        caption = context.values.get(_KEY + self.owner_name + ".text")
+        first = self.text_side == "keys first"
+        if len(lead) != 2 or int(lead[0]) != batch or num_queries != patches or not isinstance(caption, int) \
+                or num_keys != patches + caption:
+            order = "the caption's tokens, then the patches" if first else "the patches, then the caption's tokens"
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; on a "
+                f"{grid[0]}x{grid[1]} latent patch grid ({batch} latents) with {caption} caption tokens "
+                f"({self.kind}'s {self.caption_embedder} in this call), a {self.kind} layer attends "
+                f"[{batch}, heads, {patches}, {patches} + {caption}]: the patches' queries over {order}"
+            )
+        layout = (grid, stride, caption, first)
+        if layout not in self._layouts:
+            cells = cell_centres(*grid, stride).reshape(-1, 2)
+            caption_keys = torch.full((caption, 2), float("nan"))
+            keys = torch.cat([caption_keys, cells] if first else [cells, caption_keys])
+            self._layouts = {layout: read_only(cells, keys, torch.arange(patches), positions=2)}
+        cells, keys, index = self._layouts[layout]
+        geometry = LayerGeometry(grid, stride, "global, caption keys " + ("first" if first else "last"), int(lead[-1]))
+        return Placement(cells, keys, select_tokens(index), geometry)
+
+    def _packing(self) -> int:
+        """The latent pixels per token side of a packed model: NucleusMoEImagePipeline packs patch_size x patch_size
+        (the transformer's config); the others 2 x 2."""
+        if self.kind == "NucleusMoEImageTransformer2DModel":
+            return int(self.owner.config.patch_size)
+        return _FLUX_PACKING
 
     def _patch_embedding(self) -> nn.Module:
         return getattr(self.owner, _PATCH_EMBEDDING.get(self.kind, "pos_embed"))
@@ -405,6 +515,11 @@ class LatentGridPlacer(LayerPlacer):
         return int(registers.shape[1]) if isinstance(registers, torch.Tensor) and registers.dim() == 3 else 0
 
     def _patch_grid(self, height: int, width: int) -> tuple[tuple[int, int], tuple[float, float]]:
+        if self.cut == "latent":
+            # PRX's img2seq: whole patches of its config's patch_size, row-major (a side it does not divide fails
+            # there).
+            patch = int(self.owner.config.patch_size)
+            return (height // patch, width // patch), (float(patch), float(patch))
         if self.cut == "view":
             # AuraFlowPatchEmbed and CogView4PatchEmbed view the latent as whole patches (a side the patch does not
             # divide fails there).
@@ -441,10 +556,14 @@ def _lumina2_caption(mask) -> int | str | None:
             "record the entries one at a time")
 
 
-def _grid_of_shapes(shapes) -> tuple[int, int] | str:
-    """The ``(rows, columns)`` grid of QwenImage's ``img_shapes`` (per batch entry, the ``(frames, rows, columns)``
-    of each image packed in its sequence), where every entry packs one image of one frame and all the same size (as
-    ``QwenImagePipeline`` makes them); else the reason (a string)."""
+def _grid_of_shapes(shapes, kind: str) -> tuple[int, int] | str:
+    """The ``(rows, columns)`` grid of QwenImage's or NucleusMoE's ``img_shapes`` (per batch entry, the ``(frames,
+    rows, columns)`` of each image packed in its sequence, or that tuple alone), where every entry packs one image of
+    one frame and all the same size (as ``QwenImagePipeline`` and ``NucleusMoEImagePipeline`` make them); else the
+    reason (a string)."""
+    model, pipeline, caption = {
+        "NucleusMoEImageTransformer2DModel": ("NucleusMoE", "NucleusMoEImagePipeline", "which are keys after them"),
+    }.get(kind, ("QwenImage", "QwenImagePipeline", "which come first"))
     entries = shapes if isinstance(shapes, (list, tuple)) else [shapes]
     entries = [entry if isinstance(entry, list) else [entry] for entry in entries]
     found = {tuple(int(v) for v in image) for entry in entries for image in entry
@@ -453,10 +572,10 @@ def _grid_of_shapes(shapes) -> tuple[int, int] | str:
         frames, rows, columns = next(iter(found))
         if frames == 1:
             return rows, columns
-    return (f"QwenImage's img_shapes are {shapes!r}; vitmad places one image of one frame per batch entry, all the "
-            "same size, as QwenImagePipeline packs them (an edit pipeline's several images, or images of different "
+    return (f"{model}'s img_shapes are {shapes!r}; vitmad places one image of one frame per batch entry, all the "
+            f"same size, as {pipeline} packs them (an edit pipeline's several images, or images of different "
             "sizes, are not placed); pass positions=<[N, 2] latent-pixel position of each token, NaN rows for the "
-            "caption's tokens, which come first>")
+            f"caption's tokens, {caption}>")
 
 
 def _grid_of_ids(ids, text: int | None, spec: tuple) -> tuple[int, int] | str:
@@ -472,12 +591,16 @@ def _grid_of_ids(ids, text: int | None, spec: tuple) -> tuple[int, int] | str:
 
 
 def _grid_of_image_ids(image, model: str, form: str, pipeline: str, example: str, first: float = 0.0,
-                       shifted: bool = False) -> tuple[int, int] | str:
+                       shifted: bool = False, scaled: bool = False) -> tuple[int, int] | str:
     """The ``(rows, columns)`` grid of image ids ``[N, K]`` whose columns 1 and 2 are the row and column of a
-    row-major grid from 0 (``shifted``: from the first id's row and column), column 0 ``first`` and every other
-    column 0; else the reason (a string)."""
+    row-major grid from 0 (``shifted``: from the first id's row and column; ``scaled``: times one step, the smallest
+    positive one of them), column 0 ``first`` and every other column 0; else the reason (a string)."""
     image = image.detach().to("cpu", torch.float64)
     origin = image[0, 1:3].clone() if shifted and len(image) else torch.zeros(2, dtype=torch.float64)
+    steps = image[:, 1:3][image[:, 1:3] > 0]
+    step = float(steps.min()) if scaled and len(steps) else 1.0
+    image = image.clone()
+    image[:, 1:3] /= step  # a step of a power of 2 (Flux3's 0.5) divides exactly
     rows = int(image[:, 1].max() - origin[0]) + 1 if len(image) else 0
     columns = len(image) // rows if rows > 0 else 0
     if rows > 0 and rows * columns == len(image):
@@ -494,17 +617,63 @@ def _grid_of_image_ids(image, model: str, form: str, pipeline: str, example: str
             "come first>")
 
 
-def _grid_of_flux2_ids(kwargs: dict) -> tuple[int, int] | str:
-    """The ``(rows, columns)`` grid of the ``img_ids`` a ``Flux2Transformer2DModel`` forward gets (``[N, 4]`` or
-    ``[B, N, 4]``, of which it reads the first), from its arguments by name, or the reason (a string)."""
-    if kwargs.get("kv_cache_mode") is not None or kwargs.get("kv_cache") is not None or kwargs.get("num_ref_tokens"):
-        return ("Flux2's reference-image KV cache is in use (kv_cache / kv_cache_mode / num_ref_tokens): its reference "
-                "tokens are not places of this latent; vitmad places one latent's tokens and the caption's")
+def _ideogram4_layout(kwargs: dict) -> tuple[tuple[int, int] | str, int | None]:
+    """The ``(rows, columns)`` grid of an ``Ideogram4Transformer2DModel`` call and the tokens before it, from its
+    forward's ``indicator`` ``[B, L]`` and ``position_ids`` ``[B, L, 3]``; or the reason (a string) and None.
+
+    ``Ideogram4Pipeline._prepare_ids`` lays out each row as ``[padding][caption][image]``: the image's tokens (indicator
+    ``OUTPUT_IMAGE_INDICATOR``) the last ``rows * columns`` of every row, at ``IMAGE_POSITION_OFFSET + (0, row,
+    column)``, row-major; the padding and the caption before them, without a position (the padding in a segment of its
+    own, which the image's queries do not see)."""
+    from diffusers.models.transformers import transformer_ideogram4 as ideogram
+
+    indicator, ids = kwargs.get("indicator"), kwargs.get("position_ids")
+    refusal = ("Ideogram4's indicator and position_ids are {}; vitmad places the rows Ideogram4Pipeline makes: "
+               "padding and caption, then one image's tokens, the same count in every row, at IMAGE_POSITION_OFFSET "
+               "+ (0, row, column), row-major; pass positions=<[N, 2] latent-pixel position of each token, NaN rows "
+               "for the others>")
+    if not isinstance(indicator, torch.Tensor) or not isinstance(ids, torch.Tensor) or indicator.dim() != 2 \
+            or ids.dim() != 3 or ids.shape[:2] != indicator.shape or ids.shape[-1] != 3:
+        return refusal.format("not [B, L] and [B, L, 3] tensors"), None
+    image = indicator == ideogram.OUTPUT_IMAGE_INDICATOR
+    count = int(image[0].sum())
+    length = indicator.shape[1]
+    if count == 0 or not bool(image[:, length - count:].all()) or bool(image[:, :length - count].any()):
+        return refusal.format(f"{sorted({int(v) for v in image.sum(dim=1)})} image tokens per row, not all at its "
+                              "end"), None
+    grids = set()
+    offset = float(ideogram.IMAGE_POSITION_OFFSET)
+    for row in ids[:, length - count:]:
+        grids.add(_grid_of_image_ids(row.to(torch.float64) - offset, "Ideogram4", "IMAGE_POSITION_OFFSET + (0, row, "
+                                     "column)", "Ideogram4Pipeline", "another image's would be elsewhere"))
+    grid = grids.pop() if len(grids) == 1 else refusal.format("grids of different sizes")
+    return grid, length - count if isinstance(grid, tuple) else None
+
+
+def _grid_of_forward_ids(kind: str, kwargs: dict) -> tuple[int, int] | str:
+    """The ``(rows, columns)`` grid of the ``img_ids`` a Flux2 or Flux3 forward gets, from its arguments by name, or
+    the reason (a string). Flux2: ``[N, 4]`` or ``[B, N, 4]`` (of which it reads the first), ``(0, row, column, 0)``;
+    Flux3: ``[N, 4]``, ``(0, s row, s column, 0)`` (``_prepare_image_ids`` scales rows and columns by the pipeline's
+    ``image_rope_scale``, 0.5: any one step ``s`` is read as the grid it steps over)."""
+    if kind == "Flux3Transformer2DModel":
+        model, pipeline, form = "Flux3", "Flux3 modular pipeline", "(0, s row, s column, 0)"
+        if kwargs.get("image_cond_hidden_states") is not None:
+            return ("Flux3's reference images are in this call (image_cond_hidden_states): their tokens join the "
+                    "image's in the single blocks, places of other latents; vitmad places one latent's tokens and the "
+                    "caption's; record a text-to-image call")
+        example = "a reference image's have a last id of -1 or less"
+    else:
+        model, pipeline, form = "Flux2", "Flux2Pipeline", "(0, row, column, 0)"
+        if kwargs.get("kv_cache_mode") is not None or kwargs.get("kv_cache") is not None \
+                or kwargs.get("num_ref_tokens"):
+            return ("Flux2's reference-image KV cache is in use (kv_cache / kv_cache_mode / num_ref_tokens): its "
+                    "reference tokens are not places of this latent; vitmad places one latent's tokens and the "
+                    "caption's")
+        example = "a reference image's have a first id of 10 or more"
     ids = kwargs.get("img_ids")
-    if isinstance(ids, torch.Tensor) and ids.dim() == 3:
+    if kind != "Flux3Transformer2DModel" and isinstance(ids, torch.Tensor) and ids.dim() == 3:
         ids = ids[0]  # as Flux2Transformer2DModel.forward reads them
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[-1] != 4:
-        return (f"Flux2's img_ids are {None if not isinstance(ids, torch.Tensor) else list(ids.shape)}; vitmad places "
-                "the [N, 4] (0, row, column, 0) img_ids of Flux2Pipeline")
-    return _grid_of_image_ids(ids, "Flux2", "(0, row, column, 0)", "Flux2Pipeline",
-                              "a reference image's have a first id of 10 or more")
+        return (f"{model}'s img_ids are {None if not isinstance(ids, torch.Tensor) else list(ids.shape)}; vitmad "
+                f"places the [N, 4] {form} img_ids of {pipeline}")
+    return _grid_of_image_ids(ids, model, form, pipeline, example, scaled=kind == "Flux3Transformer2DModel")

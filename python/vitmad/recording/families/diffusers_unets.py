@@ -151,6 +151,10 @@ _TEMPORAL_HOLDERS = {("diffusers.models.transformers.transformer_temporal", "Tra
 _TEMPORAL_BLOCK = ("diffusers.models.attention", "TemporalBasicTransformerBlock")
 # AnimateDiff's FreeNoise block (pipe.enable_free_noise puts it in the motion modules): attention per context window.
 _FREE_NOISE_BLOCK = ("diffusers.models.attention", "FreeNoiseTransformerBlock")
+# pipe.enable_free_noise_split_inference wraps the UNet's attentions and motion modules in this module, which runs
+# them once per chunk of its input's first dim (frames of several videos, cells of several maps): each chunk's call
+# would be placed as a whole batch of its own (QA helper-181: a batch of 2 recorded as two entries of batch 1).
+_SPLIT_INFERENCE = ("diffusers.pipelines.free_noise_utils", "SplitInferenceModule")
 # I2VGen-XL's attention over the frames of each latent pixel of its image_latents, before conv_in.
 _I2VGEN_ENCODER = ("diffusers.models.unets.unet_i2vgen_xl", "I2VGenXLTransformerTemporalEncoder")
 # Processors that hand F.scaled_dot_product_attention the queries and keys as [B, heads, N, d].
@@ -248,6 +252,14 @@ def placer(model: nn.Module, name: str, module: nn.Module):
                 f"{unet_class}'s {block_name} is a {type(block).__name__}, whose samplings or attention layout vitmad "
                 f"does not follow (it knows {', '.join(sorted(c for _, c in known))}); pass positions=<[N, 2] "
                 "latent-pixel position of each token> to place this layer by hand")
+    inner = name[len(unet_name) + 1:] if unet_name else name
+    split = innermost_on_path(unet, inner, lambda m: _defined(m, _SPLIT_INFERENCE))
+    if split is not None:
+        return RefusingPlacer(
+            f"it runs inside {unet_class}'s {split[0]}, a SplitInferenceModule "
+            f"(pipe.enable_free_noise_split_inference) that calls it once per chunk of {split[1].split_size} along "
+            f"dim {split[1].split_dim} of its input, frames or cells of several videos, which vitmad does not join "
+            "into the batch; record without split inference (FreeNoise alone, pipe.enable_free_noise, is recorded)")
     # After the blocks: a SimpleCrossAttn block's "cross-attention" appends the text's keys to the map's own.
     if getattr(module, "is_cross_attention", False):
         return Skip(f"cross-attention of {unet_class}'s feature map to its conditioning (encoder_hidden_states: the "
@@ -255,7 +267,6 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     conv_in = getattr(unet, "conv_in", None) or getattr(unet, "base_conv_in", None)
     if not isinstance(conv_in, nn.Conv2d) or pair(conv_in.stride) != (1, 1):
         return RefusingPlacer(f"{unet_class}'s conv_in is not a Conv2d of stride 1, so its latent grid is not known")
-    inner = name[len(unet_name) + 1:] if unet_name else name
     holder = innermost_on_path(unet, inner, lambda m: _key(m) in _MAP_HOLDERS | _TEMPORAL_HOLDERS)
     temporal = holder is not None and _key(holder[1]) in _TEMPORAL_HOLDERS
     samplings = [(m, 2.0) for b in unet.down_blocks for m in _samplers(b, "downsamplers", "base_downsamplers")]

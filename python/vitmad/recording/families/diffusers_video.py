@@ -58,12 +58,27 @@ not guess the VAE. The grid is read from the patch embedding in every call, neve
   (:class:`PerVideoPlacer`). A batch whose videos keep text of different lengths is refused (no one layout of the
   layer's text rows); the caption's attention pooling (``MochiAttentionPool``) skipped.
 
+- ``LTX2VideoTransformer3DModel`` (LTX-2): packed as LTX-Video (patch ``p`` by ``p_t``), the grid its forward's
+  ``num_frames``, ``height``, ``width``, read by ``proj_in``'s hook; the ``video_coords`` its pipelines pass must be
+  that grid's (``rope.prepare_video_coords``), else refused. ``attn1`` over the video tokens; the audio attention
+  (``audio_attn1``, ``audio_attn2``), the text cross-attention and the audio-video cross-attention skipped.
+- ``HunyuanVideoFramepackTransformer3DModel`` (FramePack, :class:`FramepackPlacer`): HunyuanVideo's blocks over its
+  4x, 2x and clean history tubelets (``clean_x_embedder``'s kernels), then the current ones, then the image and text
+  tokens; each history tubelet at its kernel's centre on the current latents' pixels (the 2x and 4x history padded
+  to whole kernels by the model: on the padded grid), every frame at the index its forward was given; history
+  tubelets are keys only (the current tubelets are the queries folded).
+- ``MotifVideoTransformer3DModel``: ``x_embedder.proj`` (``Conv3d``); ``attn`` over the tubelets, then the image and
+  text tokens; ``cross_attn`` skipped, its decoder blocks (a second token per cell) refused.
+- ``Kandinsky6Transformer3DModel``: placed as Kandinsky 5 (``video_dec_block.self_attention``); its text, audio and
+  audio-video attention skipped; a ``visual_rope_pos`` other than the tubelets' grid refused.
+- ``AnyFlowTransformer3DModel``: placed as Wan (its ``[B, F, C, H, W]`` latents permuted for the same ``Conv3d``).
+
 MAD is over the tubelet queries and keys only (keys without a position are never read); ``prefix_mass`` is then the
 mass the tubelet queries put on the text tokens. A module whose attention processor was replaced
 (``set_attn_processor``) by one vitmad does not know is refused by name at its first call: another processor may
 order or mask the tokens otherwise.
 
-Refused by name (:data:`_REFUSED`): the other video transformers of diffusers, whose sequences are not read here.
+Refused by name (:data:`_REFUSED`), each with its reason: the other video transformers of diffusers.
 Its attention modules are recognised as the other diffusers families recognise theirs (:mod:`.diffusers_common`);
 :func:`_processor_name` gives the current processor's module and class, checked at every call by :func:`_call_grid`.
 """
@@ -71,6 +86,7 @@ Its attention modules are recognised as the other diffusers families recognise t
 from __future__ import annotations
 
 import functools
+import inspect
 import weakref
 
 import torch
@@ -85,6 +101,7 @@ from ..placement import (
     NotPlaceable,
     Placement,
     RefusingPlacer,
+    cell_centres,
     on_device,
     read_only,
 )
@@ -110,11 +127,17 @@ _CONSISID = ("diffusers.models.transformers.consisid_transformer_3d", "ConsisIDT
 _EASYANIMATE = ("diffusers.models.transformers.transformer_easyanimate", "EasyAnimateTransformer3DModel")
 _HUNYUAN15 = ("diffusers.models.transformers.transformer_hunyuan_video15", "HunyuanVideo15Transformer3DModel")
 _MOCHI = ("diffusers.models.transformers.transformer_mochi", "MochiTransformer3DModel")
+_LTX2 = ("diffusers.models.transformers.transformer_ltx2", "LTX2VideoTransformer3DModel")
+_FRAMEPACK = ("diffusers.models.transformers.transformer_hunyuan_video_framepack",
+              "HunyuanVideoFramepackTransformer3DModel")
+_MOTIF = ("diffusers.models.transformers.transformer_motif_video", "MotifVideoTransformer3DModel")
+_KANDINSKY6 = ("diffusers.models.transformers.transformer_kandinsky6", "Kandinsky6Transformer3DModel")
+_ANYFLOW = ("diffusers.models.transformers.transformer_anyflow", "AnyFlowTransformer3DModel")
 # Mochi's attention module: no Attention, no AttentionModuleMixin, its forward hands the attention to its processor.
 _MOCHI_ATTENTION = ("diffusers.models.attention_processor", "MochiAttention")
 # Wan and the models built on its blocks: self-attention attn1 over the tubelets a Conv3d patch_embedding cuts,
 # cross-attention attn2 to the text (and CLIP image tokens).
-_WAN_LIKE = (_WAN, _SKYREELS, _CHRONOEDIT, _WAN_VACE, _WAN_ANIMATE)
+_WAN_LIKE = (_WAN, _SKYREELS, _CHRONOEDIT, _WAN_VACE, _WAN_ANIMATE, _ANYFLOW)
 # The processor each placed attention module must run (module, class): another one may order the tokens otherwise.
 _PROCESSORS = {
     _WAN: ("diffusers.models.transformers.transformer_wan", "WanAttnProcessor"),
@@ -133,32 +156,44 @@ _PROCESSORS = {
     _EASYANIMATE: ("diffusers.models.transformers.transformer_easyanimate", "EasyAnimateAttnProcessor2_0"),
     _HUNYUAN15: ("diffusers.models.transformers.transformer_hunyuan_video15", "HunyuanVideo15AttnProcessor2_0"),
     _MOCHI: ("diffusers.models.attention_processor", "MochiAttnProcessor2_0"),
+    # LTX-2 with perturbed_attn (LTX2PerturbedAttnProcessor: spatio-temporal guidance may replace a video's attention
+    # by its values, no attention call then) runs another processor: refused by name.
+    _LTX2: ("diffusers.models.transformers.transformer_ltx2", "LTX2AudioVideoAttnProcessor"),
+    _FRAMEPACK: ("diffusers.models.transformers.transformer_hunyuan_video", "HunyuanVideoAttnProcessor2_0"),
+    _MOTIF: ("diffusers.models.transformers.transformer_motif_video", "MotifVideoAttnProcessor2_0"),
+    _KANDINSKY6: ("diffusers.models.transformers.transformer_kandinsky6", "Kandinsky6AttnProcessor"),
+    _ANYFLOW: ("diffusers.models.transformers.transformer_anyflow", "AnyFlowAttnProcessor"),
 }
 # Video transformers of diffusers not placed here, by class name -> why.
 _REFUSED = {
-    "LTX2VideoTransformer3DModel": "LTX-2's blocks attend over packed video tokens and, beside them, audio tokens, "
-                                   "with audio-to-video and video-to-audio cross-attention, keyframe and "
-                                   "self-attention masks and coordinates of their own (video_coords); that sequence "
-                                   "is not read here",
-    "Cosmos3OmniTransformer": "Cosmos 3's packed mixture-of-transformers sequence is not placed yet",
+    "Cosmos3OmniTransformer": "Cosmos 3 packs text, vision, sound and action tokens into one sequence by index "
+                              "(vision_sequence_indexes and the like), each vision clip of a shape of its own "
+                              "(vision_token_shapes), through mixture-of-transformers layers; that packing is not read "
+                              "here",
     "WanAnimate2Transformer3DModel": "Wan-Animate 2's generation pass attends over the current tubelets and a KV "
                                      "cache of reference tokens (kv_cache_mode 'extract' / 'cached'), keys vitmad "
                                      "does not place",
-    "HunyuanVideoFramepackTransformer3DModel": "FramePack puts its clean and 2x / 4x history latents "
-                                               "(HunyuanVideoHistoryPatchEmbed: kernels (1, 2, 2), (2, 4, 4), (4, "
-                                               "8, 8)) before the current tubelets: tokens of several strides in one "
-                                               "sequence, which vitmad does not place",
     "SanaVideoTransformer3DModel": "Sana-Video's linear attention has no softmax map",
-    "SanaWMTransformer3DModel": "Sana-WM's sequence is not placed yet",
-    "SanaWMLTX2RefinerTransformer3DModel": "Sana-WM's LTX-2 refiner attends over packed latents and is not placed "
-                                           "yet",
-    "Kandinsky6Transformer3DModel": "Kandinsky 6's sequence is not placed yet",
-    "Kandinsky6SRTransformer3DModel": "Kandinsky 6's super-resolution sequence is not placed yet",
-    "AnyFlowTransformer3DModel": "AnyFlow's sequence is not placed yet",
-    "AnyFlowFARTransformer3DModel": "AnyFlow FAR's sequence is not placed yet",
-    "HeliosTransformer3DModel": "Helios' sequence is not placed yet",
-    "MiniMaxH3Transformer3DModel": "MiniMax-H3's sequence is not placed yet",
-    "MotifVideoTransformer3DModel": "Motif-Video's sequence is not placed yet",
+    "SanaWMTransformer3DModel": "Sana-WM's blocks are gated delta-rule linear attention (no softmax map) beside "
+                                "softmax blocks conditioned on camera poses (UCPE), whose sequence is not read here",
+    "SanaWMLTX2RefinerTransformer3DModel": "Sana-WM's LTX-2 refiner is chunk-causal and autoregressive: each chunk's "
+                                           "self-attention runs against a sliding-window KV cache of the attention "
+                                           "sink and earlier refined chunks, keys from other calls that vitmad does "
+                                           "not place",
+    "Kandinsky6SRTransformer3DModel": "Kandinsky 6's super-resolution blocks always attend through NABLA's sparse "
+                                      "block mask on diffusers' flex backend (no F.scaled_dot_product_attention), "
+                                      "where vitmad does not see the attention",
+    "AnyFlowFARTransformer3DModel": "AnyFlow FAR's causal self-attention runs only on diffusers' flex backend with a "
+                                    "BlockMask and a KV cache across calls (AnyFlowCausalAttnProcessor), where vitmad "
+                                    "does not see the attention; causal attention is no vision transformer's "
+                                    "bidirectional attention either",
+    "HeliosTransformer3DModel": "Helios puts short, mid and long history latents (patch_short, patch_mid, "
+                                "patch_long) before the current tubelets, its rotary grid the short history's, which "
+                                "its pyramid pipeline keeps at full size while the current latents are denoised at a "
+                                "smaller one: two scales of one video whose alignment vitmad does not read",
+    "MiniMaxH3Transformer3DModel": "MiniMax-H3 scatters its video rows (conditioning and target, patchified) into one "
+                                   "packed sequence with the text and audio rows (video_indices), their (t, h, w) "
+                                   "only in the rotary position_ids: that packing is not read here",
 }
 _GRID_KEY = "diffusers_video.grid"  # + the model's id: its _Grid this call, or why it is unknown
 _TEXT_KEY = "diffusers_video.text"  # + the model's id: text tokens beside the tubelets this call
@@ -218,9 +253,13 @@ class _LatentGrid:
         # Not in the context's values: the call starts at that convolution (towers.first_convolution), which clears
         # them.
         self._video_shape: tuple[int, int] | None = None
-        # Kandinsky 5: whether its forward was given sparse_params, until its visual embedding reads it.
-        self._sparse = False
+        # Kandinsky 5: whether its forward was given sparse_params, until its visual embedding reads it; Kandinsky 6:
+        # why its visual_rope_pos is refused, or None.
+        self._sparse: bool | str | None = False
+        # LTX-2, FramePack: the arguments of the forward that ran last, until the input projection reads them.
+        self._forward_arguments: dict | None = None
         self.control_key = f"{_GRID_KEY}.control.{id(model)}"
+        self.history_key = f"{_GRID_KEY}.history.{id(model)}"  # FramePack: its history tokens this call
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         installed = self._installed
@@ -244,10 +283,22 @@ class _LatentGrid:
                 # Its text, then its T5 text (where given), go before the tubelets.
                 handles.extend(embedder.register_forward_hook(functools.partial(self._more_text, context))
                                for embedder in (model.text_proj, model.text_proj_t5) if embedder is not None)
-        elif self.kind in (_COSMOS, _KANDINSKY5):
+        elif self.kind in (_COSMOS, _KANDINSKY5, _KANDINSKY6):
             handles = [self._hooked().register_forward_hook(functools.partial(self._channels_last, context))]
             if self.kind == _KANDINSKY5:
                 handles.append(model.register_forward_pre_hook(self._kandinsky5_call, with_kwargs=True))
+            elif self.kind == _KANDINSKY6:
+                handles.append(model.register_forward_pre_hook(self._kandinsky6_call, with_kwargs=True))
+        elif self.kind == _LTX2:
+            handles = [self._hooked().register_forward_hook(functools.partial(self._ltx2, context)),
+                       model.register_forward_pre_hook(self._arguments, with_kwargs=True)]
+        elif self.kind == _FRAMEPACK:
+            handles = [self._hooked().register_forward_hook(functools.partial(self._framepack, context)),
+                       model.register_forward_pre_hook(self._arguments, with_kwargs=True),
+                       model.context_embedder.register_forward_hook(functools.partial(self._more_text, context))]
+            if model.image_projection is not None:
+                handles.append(model.image_projection.register_forward_hook(
+                    functools.partial(self._more_text, context)))
         else:
             handles = [self._hooked().register_forward_hook(functools.partial(self._conv3d, context))]
             if self.kind == _HUNYUAN:
@@ -262,6 +313,11 @@ class _LatentGrid:
             elif self.kind == _WAN_VACE:
                 handles.append(model.vace_patch_embedding.register_forward_hook(
                     functools.partial(self._control, context)))
+            elif self.kind == _MOTIF:
+                # After the tubelets: the image tokens (where given), then the text tokens.
+                handles.extend(embedder.register_forward_hook(functools.partial(self._more_text, context))
+                               for embedder in (model.context_embedder, getattr(model, "image_embedder", None))
+                               if embedder is not None)
         self._installed = (context, handles[0])
         return handles
 
@@ -278,8 +334,10 @@ class _LatentGrid:
             return self.model.rope
         if self.kind == _COSMOS:
             return self.model.patch_embed
-        if self.kind == _KANDINSKY5:
+        if self.kind in (_KANDINSKY5, _KANDINSKY6):
             return self.model.visual_embeddings
+        if self.kind == _LTX2:
+            return self.model.proj_in
         return self.model.patch_embedding if self.kind in _WAN_LIKE else self.model.x_embedder.proj
 
     def _conv3d(self, context: CallContext, module, args, output) -> None:
@@ -352,6 +410,9 @@ class _LatentGrid:
         rows, columns) a token, ``[B, F', H', W', D]``, then flattened in (frame, row, column) order (Kandinsky 5
         without its sparse attention's block order)."""
         sparse, self._sparse = self._sparse, False
+        if isinstance(sparse, str):
+            context.values[self.grid_key] = sparse
+            return
         if sparse:
             context.values[self.grid_key] = (
                 "it was given sparse_params (NABLA sparse attention): its tokens then attend through a block mask "
@@ -367,6 +428,110 @@ class _LatentGrid:
                                               (int(output.shape[2]), int(output.shape[3])),
                                               (float(patch[1]), float(patch[2])), patch[0])
         context.values[self.text_key] = 0
+
+    def _kandinsky6_call(self, module, args, kwargs) -> None:
+        """Kandinsky 6's forward: why its ``visual_rope_pos`` (positional: the sixth argument) is refused, or None
+        when it is not given or is the tubelets' own grid (what its forward builds without it)."""
+        bound = _bound(module, args, kwargs)
+        given, video = bound.get("visual_rope_pos"), bound.get("hidden_states")
+        self._sparse = None
+        if given is None or not isinstance(video, torch.Tensor) or video.dim() != 5:
+            return
+        patch = tuple(int(p) for p in self.model.visual_embeddings.patch_size)
+        sizes = [int(video.shape[1 + axis]) // patch[axis] for axis in range(3)]
+        if not (len(given) == 3 and all(isinstance(axis, torch.Tensor) and axis.dim() == 1 and axis.numel() == size
+                                        and bool((axis.cpu() == torch.arange(size)).all())
+                                        for axis, size in zip(given, sizes))):
+            # Its image-to-video pipeline appends the clean reference frame as a last latent frame at rotary time 0.
+            self._sparse = (
+                f"it was given visual_rope_pos whose (t, h, w) indices are not the {sizes[0]}x{sizes[1]}x{sizes[2]} "
+                "tubelets' own grid (Kandinsky 6's image-to-video pipeline appends the clean reference frame as a "
+                "last latent frame at rotary time 0): a frame the latent video and the rotary positions put at two "
+                "times, which vitmad does not place; record a call without visual_rope_pos (text-to-video)")
+
+    def _arguments(self, module, args, kwargs) -> None:
+        """LTX-2's and FramePack's forward: its arguments, read by the input projection's hook."""
+        self._forward_arguments = _bound(module, args, kwargs)
+
+    def _ltx2(self, context: CallContext, module, args, output) -> None:
+        """LTX-2's ``proj_in`` over the video latents its pipeline packs (``_pack_latents``): ``[B, F' * H' * W',
+        C p_t p p]`` in (frame, row, column) order, the latent grid given as ``num_frames``, ``height``, ``width``;
+        ``video_coords``, which its pipelines always pass, must be that grid's (``rope.prepare_video_coords``)."""
+        bound, self._forward_arguments = self._forward_arguments or {}, None
+        tokens, coords = bound.get("hidden_states"), bound.get("video_coords")
+        given = [index_int(bound.get(n)) for n in ("num_frames", "height", "width")]
+        p, p_t = int(self.model.config.patch_size), int(self.model.config.patch_size_t)
+        if any(n is None for n in given) or not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or (
+                given[0] % p_t or given[1] % p or given[2] % p) or (
+                int(tokens.shape[1]) != given[0] * given[1] * given[2] // (p_t * p * p)):
+            shape = list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            context.values[self.grid_key] = (
+                f"it took hidden_states {shape} with num_frames, height, width = {given} (patch_size {p}, "
+                f"patch_size_t {p_t}): not [B, F' * H' * W', C] video latents packed on that grid")
+            return
+        if coords is not None:
+            expected = self.model.rope.prepare_video_coords(int(tokens.shape[0]), *given, coords.device,
+                                                            fps=bound.get("fps", 24.0))
+            if coords.shape != expected.shape or not torch.equal(coords, expected.to(coords.dtype)):
+                context.values[self.grid_key] = (
+                    f"it was given video_coords {list(coords.shape)} that are not the {given[0]}x{given[1]}x"
+                    f"{given[2]} latent grid's at fps {bound.get('fps', 24.0)} (rope.prepare_video_coords; LTX-2's "
+                    "conditioning pipelines append keyframe tokens at coordinates of their own): vitmad places the "
+                    "plain grid only")
+                return
+        context.values[self.grid_key] = _Grid(int(tokens.shape[0]), given[0] // p_t, (given[1] // p, given[2] // p),
+                                              (float(p), float(p)), p_t)
+
+    def _framepack(self, context: CallContext, module, args, output) -> None:
+        """FramePack's ``x_embedder.proj`` (``Conv3d``): the current tubelets; with them the clean history its
+        forward puts before them (``_pack_history_states``: the 4x, then the 2x history latents, then the clean
+        ones, each cut by its own ``clean_x_embedder`` kernel, (4, 8, 8), (2, 4, 4), (1, 2, 2)), every frame at the
+        time its frame indices give, the history on the current latents' pixels (its rotary positions are the
+        current grid's, average-pooled over each kernel). The model pads the 2x and 4x history to whole kernels
+        (``_pad_for_3d_conv``: the last frame, row and column repeated at the end of each axis), so their tubelets
+        are the cells of the padded grid, ``ceil`` of each side over the kernel; the clean latents go to their
+        ``Conv3d`` unpadded (``floor``, as the current ones)."""
+        bound, self._forward_arguments = self._forward_arguments or {}, None
+        self._conv3d(context, module, args, output)
+        grid = context.values.get(self.grid_key)
+        if isinstance(grid, str):
+            return
+        refusal = None
+        if grid.frame_stride != 1:
+            refusal = (f"its patch embedding has a temporal kernel of {grid.frame_stride} latent frames: FramePack "
+                       "gives one frame index per latent frame (patch_size_t 1, as released)")
+        segments = []
+        parts = (("latents_history_4x", "proj_4x", True), ("latents_history_2x", "proj_2x", True),
+                 ("latents_clean", "proj", False))
+        for name, conv, padded in (() if refusal else parts):
+            history, indices = bound.get(name), bound.get(f"indices_{name}")
+            if history is None or indices is None:
+                continue  # the forward then fails on its own: it packs all three
+            kernel = tuple(int(k) for k in getattr(self.model.clean_x_embedder, conv).kernel_size)
+            refusal = _history_refusal(name, history, indices, kernel)
+            if refusal is not None:
+                break
+            cells = [-(-int(n) // k) if padded else int(n) // k for n, k in zip(history.shape[2:], kernel)]
+            # A tubelet's frames are consecutive, a padded kernel's repeats continuing them: it stands at the
+            # middle of its kernel.
+            starts = indices.reshape(-1).double().cpu()[::kernel[0]]
+            segments.append((cells[0], (cells[1], cells[2]), (float(kernel[1]), float(kernel[2])),
+                             tuple(float(t) + kernel[0] / 2 for t in starts)))
+        current = bound.get("indices_latents")
+        if refusal is None and not (isinstance(current, torch.Tensor) and current.dim() == 1
+                                    and current.numel() == grid.frames):
+            shape = list(current.shape) if isinstance(current, torch.Tensor) else current
+            refusal = (f"its indices_latents ({shape}) are not one frame index per each of the {grid.frames} latent "
+                       "frames")
+        if refusal is not None:
+            context.values[self.grid_key] = refusal
+            return
+        segments.append((grid.frames, grid.size, grid.stride,
+                         tuple(float(t) + 0.5 for t in current.double().cpu().tolist())))
+        mask = bound.get("encoder_attention_mask")
+        # A single video's caption is cut to its valid tokens (no mask then); a batch keeps them all, masked.
+        dropped = int(mask.shape[1]) - int(mask.sum()) if grid.batch == 1 and isinstance(mask, torch.Tensor) else 0
+        context.values[self.history_key] = (tuple(segments), dropped)
 
     def _kandinsky5_call(self, module, args, kwargs) -> None:
         """Kandinsky 5's forward: whether it was given ``sparse_params`` (positional: the eighth argument)."""
@@ -404,6 +569,30 @@ class _LatentGrid:
         context.values[self.text_key] = int(text.shape[1])
 
 
+def _bound(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The arguments of ``module``'s forward, by name."""
+    return dict(zip(_forward_parameters(type(module)), args)) | kwargs
+
+
+@functools.lru_cache(maxsize=16)
+def _forward_parameters(kind: type) -> tuple[str, ...]:
+    return tuple(inspect.signature(kind.forward).parameters)[1:]
+
+
+def _history_refusal(name: str, history: torch.Tensor, indices: torch.Tensor, kernel: tuple[int, int, int]
+                     ) -> str | None:
+    """Why FramePack's history latents ``name`` (``[B, C, F, H, W]``, cut by ``kernel``) cannot be placed: they
+    must come with one frame index per frame, consecutive within each kernel (the last one too where the model pads
+    it to a whole kernel), for a tubelet to stand at its kernel's centre in time. (Their pixels are the current
+    latents': the model's rotary positions, built on the current grid and pooled over each kernel, fail otherwise.)"""
+    frames, k = int(history.shape[2]), kernel[0]
+    given = indices.reshape(-1).cpu() if indices.dim() == 1 and indices.numel() == frames else None
+    if given is None or bool((given - given[::k].repeat_interleave(k)[:frames] != torch.arange(frames) % k).any()):
+        return (f"its indices_{name} {indices.tolist()} are not "
+                f"{frames} frame indices, consecutive within each group of {k} (one kernel)")
+    return None
+
+
 @functools.lru_cache(maxsize=64)
 def _layout(frames: int, size: tuple[int, int], stride: tuple[float, float], frame_stride: int, prefix: int,
             suffix: int) -> tuple[torch.Tensor, ...]:
@@ -421,6 +610,13 @@ def _processor_refusal(grid: _LatentGrid, module: nn.Module) -> str | None:
     expected, seen = _PROCESSORS[grid.kind], _processor_name(module)
     if seen == expected:
         return None
+    if seen[1] == "LTX2PerturbedAttnProcessor":
+        # LTX-2 built with perturbed_attn=True (spatio-temporal guidance) runs it in every block as built, so
+        # "record the model as built" cannot help: its perturbed entries skip the attention (QA helper-188).
+        return (f"it runs the attention processor {seen[1]} ({seen[0]}), that of an LTX-2 built with "
+                "perturbed_attn=True for spatio-temporal guidance, whose perturbed batch entries skip the attention; "
+                f"vitmad has read {expected[1]}'s calls only: build the transformer with perturbed_attn=False (the "
+                "same weights) to record it")
     return (f"it runs the attention processor {seen[1]} ({seen[0]}), not {expected[1]}, whose token order vitmad "
             "read; restore it (set_default_attn_processor does not) or record the model as built")
 
@@ -503,6 +699,60 @@ class JointVideoPlacer(_VideoPlacer):
                                  frame_stride=float(grid.frame_stride), num_prefix_tokens=prefix or None,
                                  num_suffix_tokens=suffix or None)
         return Placement(positions, None, fold, geometry, time_positions=time_positions)
+
+
+class FramepackPlacer(_VideoPlacer):
+    """FramePack's joint attention, ``[B, heads, n, n]``: its clean history (the 4x, 2x and 1x history latents'
+    tubelets, each at the centre of its kernel in latent pixels and at the frame indices its forward was given),
+    then the current tubelets in (frame, row, column) order, then the image and text tokens (suffix tokens without a
+    position; a single video's text cut to its valid tokens). The 2x and 4x history the model pads to whole kernels
+    has its tubelets at the cells of the padded grid. Only the current tubelets are folded: the history tokens are
+    keys with a position (their own rows are not counted), never a cell of the grid.
+
+    Args:
+        grid: the model's hooks reading each call's grid, history and text count.
+        module: the attention module, whose processor is checked at every call.
+    """
+
+    def __init__(self, grid: _LatentGrid, module: nn.Module):
+        self.grid, self.module = grid, module
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        grid = _call_grid(context, self.grid, self.module)
+        segments, dropped = context.values[self.grid.history_key]
+        text = int(context.values.get(self.grid.text_key, 0)) - dropped
+        counts = [frames * size[0] * size[1] for frames, size, _, _ in segments]
+        tokens = sum(counts) + text
+        if len(lead) != 2 or num_queries != num_keys or num_queries != tokens or lead[0] != grid.batch:
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; self-attention "
+                f"over {grid.batch} video(s) of {sum(counts[:-1])} history tubelets, {grid.frames}x{grid.size[0]}x"
+                f"{grid.size[1]} tubelets then {text} image and text tokens gives [{grid.batch}, heads, {tokens}, "
+                f"{tokens}]")
+        positions, time_positions, slot = _history_layout(segments, text)
+
+        def fold(values: torch.Tensor) -> torch.Tensor:
+            return values.index_select(-1, on_device(slot, values.device))
+
+        geometry = LayerGeometry(grid.size, grid.stride, "space-time", int(lead[1]), frames=grid.frames,
+                                 frame_stride=1.0, num_suffix_tokens=text or None)
+        return Placement(positions, None, fold, geometry, time_positions=time_positions)
+
+
+@functools.lru_cache(maxsize=64)
+def _history_layout(segments: tuple, suffix: int) -> tuple[torch.Tensor, ...]:
+    """``[n, 2]`` latent-pixel and ``[n, 1]`` latent-frame positions of FramePack's segments (each ``(frames,
+    (grid_h, grid_w), stride, frame times)``: its tubelets in (frame, row, column) order), then ``suffix`` tokens
+    without a position, and the slots of the last segment's tubelets (read-only, cached per layout)."""
+    spaces, times = [], []
+    for frames, size, stride, frame_times in segments:
+        spaces.append(cell_centres(*size, stride, dtype=torch.float64).reshape(-1, 2).repeat(frames, 1))
+        times.append(torch.tensor(frame_times, dtype=torch.float64).repeat_interleave(size[0] * size[1])[:, None])
+    spaces.append(torch.full((suffix, 2), float("nan"), dtype=torch.float64))
+    times.append(torch.full((suffix, 1), float("nan"), dtype=torch.float64))
+    current = segments[-1][0] * segments[-1][1][0] * segments[-1][1][1]
+    slot = torch.arange(current) + sum(len(space) for space in spaces[:-2])
+    return read_only(torch.cat(spaces).float(), torch.cat(times).float(), slot, positions=2)
 
 
 class PerVideoPlacer(_VideoPlacer):
@@ -662,13 +912,27 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     if kind == _WAN_ANIMATE and parts[0] == "face_adapter":
         return Skip("Wan-Animate's face adapter: cross-attention of each latent frame's tubelets to that frame's "
                     "face motion tokens, keys without a position on the latent video")
-    if kind in (_HUNYUAN, _HUNYUAN15) and parts[0] == "context_embedder":
-        version = " 1.5" if kind == _HUNYUAN15 else ""
+    if kind in (_HUNYUAN, _HUNYUAN15, _FRAMEPACK) and parts[0] == "context_embedder":
+        version = {_HUNYUAN15: " 1.5", _FRAMEPACK: " FramePack"}.get(kind, "")
         return Skip(f"HunyuanVideo{version}'s text token refiner: self-attention among the text tokens, none with a "
                     "position on the latent video")
     if kind == _KANDINSKY5 and parts[0] == "text_transformer_blocks":
         return Skip("Kandinsky 5's text blocks: self-attention among the text tokens, none with a position on the "
                     "latent video")
+    if kind == _KANDINSKY6:
+        if parts[0] in ("video_text_transformer_blocks", "audio_text_transformer_blocks"):
+            return Skip(f"Kandinsky 6's {parts[0].split('_')[0]} text blocks: self-attention among the text tokens, "
+                        "none with a position on the latent video")
+        if "audio_dec_block" in parts:
+            return Skip("Kandinsky 6's audio blocks: attention of the audio tokens (to themselves or to the text), "
+                        "none with a position on the latent video")
+    if kind == _MOTIF and parts[0] == "single_transformer_blocks" and len(parts) > 1 and parts[1].isdigit() and (
+            int(parts[1]) >= video.config.num_single_layers - video.config.num_decoder_layers):
+        return RefusingPlacer(
+            f"{inner} is one of Motif-Video's decoder blocks (num_decoder_layers {video.config.num_decoder_layers}): "
+            "its attention is over the decoder's tubelets then the encoder's output tubelets (a second token per "
+            "cell, without rotary positions), which vitmad does not place; leave the decoder blocks out with "
+            "layers=[the other attention modules]")
     if parts[-1] in blocks["skip"]:
         return Skip(blocks["skip"][parts[-1]])
     if parts[-1] not in blocks["self"] or (kind == _LATTE and parts[0] not in _LATTE_BLOCKS):
@@ -679,6 +943,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return FactorisedVideoPlacer(_reader(video, kind), module, _LATTE_BLOCKS[parts[0]])
     if kind == _MOCHI:
         return PerVideoPlacer(_reader(video, kind), module)
+    if kind == _FRAMEPACK:
+        return FramepackPlacer(_reader(video, kind), module)
     return JointVideoPlacer(_reader(video, kind), module, blocks["text"], control=parts[0] == "vace_blocks")
 
 
@@ -703,6 +969,23 @@ _BLOCKS = {
     _HUNYUAN: {"self": ("attn",), "text": "last", "skip": {}},
     _HUNYUAN15: {"self": ("attn",), "text": "last", "skip": {}},
     _MOCHI: {"self": ("attn1",), "text": "last", "skip": {}},
+    _LTX2: {"self": ("attn1",), "text": "none", "skip": {
+        "attn2": _TO_TEXT.format(""),
+        "audio_attn1": "LTX-2's audio self-attention: audio tokens, none with a position on the latent video",
+        "audio_attn2": "LTX-2's audio cross-attention to the text: no token with a position on the latent video",
+        "audio_to_video_attn": "LTX-2's audio-to-video cross-attention: the video tokens' queries over the audio "
+                               "tokens, keys without a position on the latent video",
+        "video_to_audio_attn": "LTX-2's video-to-audio cross-attention: the audio tokens' queries over the video "
+                               "tokens, queries without a position on the latent video"}},
+    _FRAMEPACK: {"self": ("attn",), "text": "last", "skip": {}},
+    _MOTIF: {"self": ("attn",), "text": "last", "skip": {"cross_attn": _TO_TEXT.format(
+        " (and, image-to-video, to the image tokens)")}},
+    _KANDINSKY6: {"self": ("self_attention",), "text": "none", "skip": {
+        "cross_attention": _TO_TEXT.format(""),
+        "va_cross_attention": "Kandinsky 6's video-to-audio attention: the video tokens' queries over the audio "
+                              "tokens, keys without a position on the latent video",
+        "av_cross_attention": "Kandinsky 6's audio-to-video attention: the audio tokens' queries over the video "
+                              "tokens, queries without a position on the latent video"}},
 }
 # Latte's block lists -> the attention of their attn1.
 _LATTE_BLOCKS = {"transformer_blocks": "space", "temporal_transformer_blocks": "time"}

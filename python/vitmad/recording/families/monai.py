@@ -1,5 +1,6 @@
-"""Project MONAI (``monai.networks``, 1.6): ViT, UNETR, ViTAutoEnc and SwinUNETR's Swin transformer, on images
-(``spatial_dims=2``, input ``[B, C, H, W]``) and on volumes (``spatial_dims=3``, input ``[B, C, D, H, W]``).
+"""Project MONAI (``monai.networks``, 1.6): ViT, UNETR, ViTAutoEnc, MaskedAutoEncoderViT and SwinUNETR's Swin
+transformer, on images (``spatial_dims=2``, input ``[B, C, H, W]``) and on volumes (``spatial_dims=3``, input
+``[B, C, D, H, W]``).
 
 ViT (``monai.networks.nets.vit``; also UNETR's ``vit`` and ViTAutoEnc): ``PatchEmbeddingBlock`` cuts the input into
 patches either with a convolution of kernel = stride = the patch (``proj_type="conv"``: floors a side the patch does
@@ -154,9 +155,11 @@ def placer(model: nn.Module, name: str, module: nn.Module):
             return _swin_placer(model, *swin, owner, block)
     holder = type(model.get_submodule(owner)).__name__ if owner else type(model).__name__
     return RefusingPlacer(
-        f"MONAI's {cls.__name__} in a {holder}: vitmad places MONAI's attention in ViT, UNETR, ViTAutoEnc and "
-        "SwinUNETR's SwinTransformer only, and does not know where this one's tokens are; pass "
-        "positions=<[N, 2] pixel position of each token, NaN rows for tokens off the image> if you know it"
+        f"MONAI's {cls.__name__} in a {holder}: vitmad places MONAI's attention in ViT, UNETR, ViTAutoEnc, "
+        "MaskedAutoEncoderViT and SwinUNETR's SwinTransformer only (those classes themselves: a subclass's forward "
+        "may cut, mask or order its tokens otherwise), and does not know where this one's tokens are; pass "
+        "positions=<[N, 2] (or [N, 3] for a volume) pixel position of each token, NaN rows for tokens off the "
+        "image> if they are the same in every forward"
     )
 
 
