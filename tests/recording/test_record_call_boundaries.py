@@ -12,11 +12,14 @@ now keeps its call for the layers that follow, the call listed once a layer join
 References: each attention's float64 probabilities from the q and k the model computes (the synthetic tracker's
 own projections of the tokens its layers receive, sam2's and transformers' as their tests read them), the tokens
 placed by the geometry written here (the synthetic tracker's: the row-major 4 x 6 grid of its 8 px patch
-convolution, each token at its cell's centre, given to vitmad as ``positions=``).
+convolution, each token at its cell's centre, given to vitmad as ``positions=``). A user's module holding two towers
+(timm, transformers and vit_pytorch ViTs) is held to each tower's own softmax (timm's unfused path, transformers'
+eager attention function, vit_pytorch's ``nn.Softmax``), its tokens a class token, then the same row-major grid.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import os
@@ -28,6 +31,7 @@ from torch import nn
 from torch.nn import functional
 
 import vitmad
+from conftest import eager_attention_calls, sharpened, unfused_maps
 
 TOL = {"rtol": 1e-5, "atol": 1e-4}  # atol in pixels; float32 q and k
 PATCH, GRID, DIM, HEADS = 8, (4, 6), 8, 2
@@ -305,3 +309,197 @@ def test_transformers_sam3_detr_encoder_on_precomputed_vision_features_is_a_call
     for call, reference in zip(rec.calls, references, strict=True):
         assert call.layers == [f"detr_encoder.layers.{i}.self_attn" for i in range(2)] and len(reference) == 2
         torch.testing.assert_close(call.mad.double(), torch.stack([e["mad"] for e in reference]), **TOL)
+
+
+# A user's module holding two towers ----------------------------------------------------------------------------
+# Each tower a ViT of 8 px patches on the 32 x 48 image: a class token, then the row-major 4 x 6 grid, the tokens
+# given to vitmad as positions= (the class token without one), so that each tower's layers are placed alike.
+TOWER_DIM, TOWER_HEADS = 16, 2
+
+
+def _timm_tower() -> nn.Module:
+    timm = pytest.importorskip("timm")
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, embed_dim=TOWER_DIM,
+                             num_heads=TOWER_HEADS, patch_size=PATCH, img_size=(GRID[0] * PATCH, GRID[1] * PATCH))
+
+
+def _hf_tower() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=(GRID[0] * PATCH, GRID[1] * PATCH), patch_size=PATCH,
+                                    hidden_size=TOWER_DIM, num_hidden_layers=2, num_attention_heads=TOWER_HEADS,
+                                    intermediate_size=2 * TOWER_DIM, attn_implementation="sdpa")
+    return transformers.ViTModel(config, add_pooling_layer=False)
+
+
+def _vit_pytorch_tower() -> nn.Module:
+    vit_pytorch = pytest.importorskip("vit_pytorch")
+    return vit_pytorch.ViT(image_size=(GRID[0] * PATCH, GRID[1] * PATCH), patch_size=PATCH, num_classes=5,
+                           dim=TOWER_DIM, depth=2, heads=TOWER_HEADS, mlp_dim=2 * TOWER_DIM, dim_head=8)
+
+
+# kind -> (build, its attention modules' names in the tower)
+TOWERS = {
+    "timm": (_timm_tower, ["blocks.0.attn", "blocks.1.attn"]),
+    "transformers": (_hf_tower, ["layers.0.attention", "layers.1.attention"]),
+    "vit_pytorch": (_vit_pytorch_tower, ["transformer.layers.0.0", "transformer.layers.1.0"]),
+}
+
+
+class _TwoTowers(nn.Module):
+    """A user's module declaring tower ``a`` before tower ``b`` and running them in ``order``."""
+
+    def __init__(self, a: nn.Module, b: nn.Module, order: str):
+        super().__init__()
+        self.a, self.b, self.order = a, b, order
+
+    def run(self, name: str, pixels: torch.Tensor) -> torch.Tensor:
+        out = getattr(self, name)(pixels)
+        return getattr(out, "last_hidden_state", out)
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        return [self.run(name, pixels) for name in self.order]
+
+
+def _tower_probabilities(kind: str, tower: nn.Module, pixels: torch.Tensor) -> list[torch.Tensor]:
+    """``[B, H, 25, 25]`` float64 softmax of each attention layer of ``tower`` on ``pixels``, as the tower computes
+    it: timm's unfused path (the input of its attn_drop), transformers' eager attention function, vit_pytorch's own
+    nn.Softmax."""
+    tower = copy.deepcopy(tower)
+    if kind == "timm":
+        maps = [p for _, p in _run_for(tower, pixels, unfused_maps(tower, "Attention"))]
+    elif kind == "transformers":
+        modeling = importlib.import_module("transformers.models.vit.modeling_vit")
+        maps = [p for _, p in eager_attention_calls(modeling, tower, pixels)]
+    else:
+        maps = []
+        for layer in tower.transformer.layers:
+            layer[0].attend.register_forward_hook(lambda _, args, output: maps.append(output))
+        with torch.no_grad():
+            tower(pixels)
+    assert len(maps) == 2
+    return [p.detach().double() for p in maps]
+
+
+def _run_for(tower: nn.Module, pixels: torch.Tensor, maps: list) -> list:
+    with torch.no_grad():
+        tower(pixels)
+    return maps
+
+
+def _class_and_grid() -> torch.Tensor:
+    """The class token without a position, then :func:`_centres`."""
+    return torch.cat([torch.full((1, 2), float("nan"), dtype=torch.float64), _centres()])
+
+
+def _tower_mad(probabilities: torch.Tensor) -> torch.Tensor:
+    """``[B, H, 24]``: each grid query's mean distance to the grid's keys (the class token's column weighs nothing),
+    per query, so that a token placed at a wrong cell changes its own value."""
+    entropy = -torch.special.xlogy(probabilities, probabilities).sum(-1).mean()
+    assert entropy < 0.6 * math.log(probabilities.shape[-1])  # far from uniform: a misplaced token would show
+    return (probabilities[..., 1:, 1:] * torch.cdist(_centres(), _centres())).sum(-1)
+
+
+def _check_tower_mad(recorded: torch.Tensor, probabilities: torch.Tensor) -> None:
+    """``recorded`` ``[B, H, 25]`` per token (reduction="none"): NaN for the class token, then :func:`_tower_mad`."""
+    assert recorded[..., 0].isnan().all()
+    torch.testing.assert_close(recorded[..., 1:].double(), _tower_mad(probabilities), **TOL)
+
+
+def _sharper(tower: nn.Module) -> nn.Module:
+    """Query and key projections scaled up (their 16 wide dot products stay near uniform at conftest's std)."""
+    with torch.no_grad():
+        for name, module in tower.named_modules():
+            if name.rpartition(".")[2] in ("qkv", "q_proj", "k_proj", "to_qkv"):
+                module.weight.mul_(3.0)
+    return tower
+
+
+def _two_towers(kinds: tuple[str, str], order: str) -> tuple[_TwoTowers, list[str]]:
+    """The wrapper (towers sharpened) and the names of its recorded layers, tower a's then tower b's."""
+    torch.manual_seed(0)
+    a, b = (_sharper(sharpened(TOWERS[kind][0](), seed)) for seed, kind in enumerate(kinds))
+    names = [f"{tower}.{layer}" for tower, kind in zip("ab", kinds, strict=True) for layer in TOWERS[kind][1]]
+    return _TwoTowers(a, b, order).eval(), names
+
+
+TOWER_PAIRS = [("timm", "transformers"), ("timm", "timm"), ("timm", "vit_pytorch")]
+
+
+@pytest.mark.parametrize("kinds", TOWER_PAIRS, ids="+".join)
+@pytest.mark.parametrize("order", ["ab", "ba"])
+def test_a_forward_running_two_towers_is_one_call_in_either_order(kinds, order):
+    """A user's module holding two towers that take the image: each forward is one call holding both towers' layers
+    in the order they ran, each equal to that tower's own attention. The first convolution in module order (tower
+    a's patch embedding) started the calls: run after tower b, it split each forward there, b's layers joining the
+    call before (three calls for two forwards, the first b's alone)."""
+    model, names = _two_towers(kinds, order)
+    generator = torch.Generator().manual_seed(2)
+    images = [torch.randn(2, 3, GRID[0] * PATCH, GRID[1] * PATCH, generator=generator) for _ in range(2)]
+    references = [{tower: _tower_probabilities(kind, getattr(model, tower), pixels)
+                   for tower, kind in zip("ab", kinds, strict=True)} for pixels in images]
+    with torch.no_grad():
+        plain = [model(pixels) for pixels in images]
+        with vitmad.record(model, layers=names, positions=_class_and_grid(), reduction="none") as rec:
+            recorded = [model(pixels) for pixels in images]
+    for expected, got in zip(plain, recorded, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(expected, got, strict=True))
+    assert len(rec.calls) == len(images)
+    for call, reference in zip(rec.calls, references, strict=True):
+        assert call.layers == [name for tower in order for name in names if name.startswith(tower + ".")]
+        probabilities = [p for tower in order for p in reference[tower]]
+        for recorded_mad, p in zip(call.mad, probabilities, strict=True):
+            _check_tower_mad(recorded_mad, p)
+
+
+@pytest.mark.parametrize("kinds", TOWER_PAIRS, ids="+".join)
+def test_towers_run_outside_the_forward_are_a_call_each(kinds):
+    """Outside the wrapper's forward each tower run starts a call of its own (its first convolution, vit_pytorch's
+    forward where it has none), whichever runs first: b then a, twice, is four calls, none mixing the towers."""
+    model, names = _two_towers(kinds, "ab")
+    pixels = torch.randn(1, 3, GRID[0] * PATCH, GRID[1] * PATCH, generator=torch.Generator().manual_seed(3))
+    references = {tower: _tower_probabilities(kind, getattr(model, tower), pixels)
+                  for tower, kind in zip("ab", kinds, strict=True)}
+    with torch.no_grad(), vitmad.record(model, layers=names, positions=_class_and_grid(), reduction="none") as rec:
+        for _ in range(2):
+            model.run("b", pixels)
+            model.run("a", pixels)
+    assert [call.layers for call in rec.calls] == [names[2:], names[:2]] * 2
+    for call, tower in zip(rec.calls, "baba", strict=True):
+        for recorded_mad, p in zip(call.mad, references[tower], strict=True):
+            _check_tower_mad(recorded_mad, p)
+
+
+def test_each_tower_is_placed_in_the_pixels_of_the_image_it_takes():
+    """A wrapper running a vit_pytorch ViT (16 px patches) on its 64 x 96 input, then a timm ViT (8 px) on the
+    input at half size: each on its own layout, no positions= given. The wrapper's forward starts the call, and the
+    timm tower's layers took the size of the wrapper's input for their image (its patch embedding's input half of
+    it: a stem of stride 2, every distance doubled); the size each tower's start sees is its image."""
+    vit_pytorch = pytest.importorskip("vit_pytorch")
+
+    class Resizing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = _sharper(sharpened(_timm_tower(), 0))
+            self.b = _sharper(sharpened(vit_pytorch.ViT(image_size=(64, 96), patch_size=16, num_classes=5,
+                                                        dim=TOWER_DIM, depth=2, heads=TOWER_HEADS,
+                                                        mlp_dim=2 * TOWER_DIM, dim_head=8), 1))
+
+        def forward(self, pixels):
+            return self.b(pixels), self.a(functional.interpolate(pixels, scale_factor=0.5))
+
+    torch.manual_seed(0)
+    model = Resizing().eval()
+    pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(4))
+    references = {"a": _tower_probabilities("timm", model.a, functional.interpolate(pixels, scale_factor=0.5)),
+                  "b": _tower_probabilities("vit_pytorch", model.b, pixels)}
+    names = ["b.transformer.layers.0.0", "b.transformer.layers.1.0", "a.blocks.0.attn", "a.blocks.1.attn"]
+    with torch.no_grad():
+        plain = model(pixels)
+        with vitmad.record(model, layers=names, reduction="none") as rec:
+            recorded = model(pixels)
+    assert all(torch.equal(x, y) for x, y in zip(plain, recorded, strict=True))
+    assert len(rec.calls) == 1 and rec.layers == names
+    assert [g.stride for g in rec.geometry] == [(16.0, 16.0)] * 2 + [(8.0, 8.0)] * 2
+    for recorded_mad, p, stride in zip(rec.per_layer, references["b"] + references["a"], (2, 2, 1, 1), strict=True):
+        # _tower_mad places the grid at 8 px cells: the 16 px cells of tower b are twice as far apart.
+        torch.testing.assert_close(recorded_mad.double(), stride * _tower_mad(p), **TOL)

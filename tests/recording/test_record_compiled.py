@@ -24,6 +24,12 @@ TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels; fused q/k recomputed in float32 vs
 PATCH, GRID = 8, (4, 5)
 
 
+# The warning of a forward of the model that ran code compiled before the recording's hooks existed.
+_UNSEEN = (r"a forward of VisionTransformer ran without calling any hook vitmad added to its modules, so it is not "
+           r"recorded: dynamo holds code compiled for VisionTransformer\.forward.*give vitmad.record the compiled "
+           r"wrapper.*torch._dynamo.reset\(\) before the block.*rec.calls holds only the forwards that were recorded")
+
+
 def _stance() -> str:
     from torch._dynamo.eval_frame import _stance
 
@@ -124,7 +130,7 @@ def test_code_compiled_before_the_block_and_reused_inside_it_is_reported_not_see
     pixels = _pixels()
     with torch.no_grad():
         torch.compile(model, backend="eager")(pixels)
-    with torch.no_grad(), vitmad.record(model) as rec:
+    with torch.no_grad(), vitmad.record(model) as rec, pytest.warns(UserWarning, match=_UNSEEN):
         torch.compile(model, backend="eager")(pixels)
     with pytest.raises(RuntimeError, match="ran 1 time.*none of the modules being recorded.*dynamo holds code "
                                            "compiled for VisionTransformer.forward.*give vitmad.record the compiled "
@@ -144,7 +150,7 @@ def test_a_second_instance_reusing_the_first_ones_compiled_code_is_reported_with
     with torch.no_grad():
         torch.compile(first, backend="eager")(pixels)
     compiled = torch.compile(second, backend="eager")
-    with torch.no_grad(), vitmad.record(second) as rec:
+    with torch.no_grad(), vitmad.record(second) as rec, pytest.warns(UserWarning, match=_UNSEEN):
         compiled(pixels)
     with pytest.raises(RuntimeError, match=r"VisionTransformer ran 1 time\(s\) in this recording, but none of the "
                                            r"modules being recorded \(blocks\.0\.attn, blocks\.1\.attn\) computed "
@@ -161,6 +167,32 @@ def test_a_second_instance_reusing_the_first_ones_compiled_code_is_reported_with
     with torch.no_grad(), vitmad.record(second) as rec:
         compiled(pixels)
     torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+
+
+@pytest.mark.parametrize("eager_forwards", [1, 2])
+def test_a_forward_through_reused_compiled_code_after_eager_ones_is_said_not_recorded(eager_forwards):
+    """Eager forwards of the model, then one of a torch.compile wrapper made in the block, which reuses the code
+    compiled before it and so calls none of the hooks: rec.calls held the eager forwards alone and rec.mad read the
+    last of them as the latest forward, and nothing said the compiled one was missing (QA helper-186). It is said
+    once, when that forward ends, with why and what to do; the eager forwards' calls stay as they were."""
+    torch._dynamo.reset()
+    model = _timm_vit()
+    pixels = _pixels()
+    with torch.no_grad():
+        torch.compile(model, backend="eager")(pixels)
+    expected = _timm_reference(model, pixels)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        for _ in range(eager_forwards):
+            model(pixels)
+        with pytest.warns(UserWarning, match=_UNSEEN) as caught:
+            compiled = torch.compile(model, backend="eager")
+            compiled(pixels)
+            compiled(pixels)
+    assert sum("not recorded" in str(w.message) for w in caught) == 1  # once per recording
+    assert len(rec.calls) == eager_forwards
+    for call in rec.calls:
+        torch.testing.assert_close(call.mad.double(), expected, **TOL)
+    torch._dynamo.reset()
 
 
 def test_a_model_that_is_not_compiled_keeps_the_stance_and_its_own_compiled_kernels():

@@ -90,7 +90,7 @@ from .placement import (
     on_device,
 )
 from .spacing import Spacing, check_spacing
-from .towers import encoder_prefix, first_convolution, other_image_towers
+from .towers import encoder_prefix, first_convolution, other_image_towers, tower_starts
 from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model, uses_attention_interface
 
 __all__ = ["record", "Recording", "RecordedCall", "RECORD_STATS", "split_stat_names"]
@@ -416,6 +416,13 @@ _TRACE_WARNED: list[int | None] = [None]  # id of the tracing state last warned 
 _TRANSFORM_WARNED = [False]  # warned in this forward of the model or since a hook ran outside a torch.func transform
 
 
+def _image_size(args, kwargs=None) -> tuple[int, int] | None:
+    """``(H, W)`` of the first tensor of 4 or more dims among a forward's arguments (the image a call starts at)."""
+    image = next((a for a in list(args) + list((kwargs or {}).values())
+                  if isinstance(a, torch.Tensor) and a.dim() >= 4), None)
+    return None if image is None else (int(image.shape[-2]), int(image.shape[-1]))
+
+
 def _reused_compiled_code(model: nn.Module) -> str:
     """Why a forward of ``model`` may have run without the recording's hooks: a torch.compile wrapper reusing code
     compiled before them (compiled.compiled_forwards), with what to do; empty where dynamo holds no such code."""
@@ -602,6 +609,8 @@ class Recording:
         self._forwards = 0  # forwards of the model that ended in this recording
         self._last_done: RecordedCall | None = None  # the call of the latest of them (gone: the user cleared calls)
         self._transformed = 0  # forwards of the model inside a torch.func transform (not recorded)
+        self._reached_inside = False  # the model's current forward ran a module vitmad hooks inside it (_enter_scope)
+        self._warned_unseen = False  # _warn_unseen_forward
         self._returned = False  # the model's current forward has returned (not raised)
         self._model_started: RecordedCall | None = None  # a call begun by the model's own pre-hook (_begin_forward)
         self._owner = ForwardOwner(type(model).__name__)  # the thread inside a forward of the model, if any
@@ -950,9 +959,7 @@ class Recording:
         # What a forward interrupted inside an attention module left (a KeyboardInterrupt skips the hooks that end
         # it): not part of this call.
         self._pending.clear()
-        image = next((a for a in list(args) + list((kwargs or {}).values())
-                      if isinstance(a, torch.Tensor) and a.dim() >= 4), None)
-        self._context.image_size = None if image is None else (int(image.shape[-2]), int(image.shape[-1]))
+        self._context.image_size = _image_size(args, kwargs)
         self._context.values.clear()
         call = RecordedCall()
         self._calls.append(call)
@@ -961,6 +968,20 @@ class Recording:
         self._starters[id(call)] = (me, None if caller is None else (id(caller), caller.f_code))
         self._started[me] = call
         self._model_started = call if module is self.model else None
+
+    def _start_tower_call(self, module: nn.Module, args) -> None:
+        """A tower of several recorded ones begins: a call of its own where it runs outside the model's forward
+        (called on its own, or by a method of the model other than forward), none inside it (the model's forward
+        started that call, whichever tower runs first: towers.tower_starts). Either way its layers are placed in
+        the pixels of the image it takes: a wrapper may resize the image for one tower, and the size of the
+        wrapper's input, taken for the tower's, made a stem of the ratio (every distance doubled at half size)."""
+        if _not_recorded():
+            return
+        self._drop_interrupted()  # a forward of the model a KeyboardInterrupt ended is no forward in progress
+        if self._calls_before_forward is None:
+            self._start_call(module, args)
+        else:
+            self._context.image_size = _image_size(args)
 
     def _forget_starts(self, calls: list[RecordedCall]) -> None:
         """``calls`` ended or were dropped: their forwards are no longer in progress (and their ids, free again,
@@ -1412,8 +1433,12 @@ class Recording:
         # holds one or the first convolution, so that a forward through forward_features or stage by stage holds
         # it across the layers too.
         first = first_convolution(self.model, self._modules.values())
+        # Several towers recorded: the model's forward (first) starts each call, and each tower's start one run
+        # outside it (_start_tower_call).
+        towers = [] if first is not self.model else tower_starts(self.model, self._modules.values())
+        starts = {id(module) for module in [first, *towers] if module is not None}
         recorded = {id(module) for module in self._modules.values()}
-        held = [name for name, module in named_module_list(self.model) if module is first or id(module) in recorded]
+        held = [name for name, module in named_module_list(self.model) if id(module) in starts | recorded]
         inside = {name.rsplit(".", i)[0] for name in held for i in range(name.count(".") + 1)}
         # And the model's own children: a forward_features that raises between its patch embedding and its blocks
         # (position embedding, dropout) leaves no empty call (_leave_scope).
@@ -1427,6 +1452,8 @@ class Recording:
             self._handles.append(first.register_forward_pre_hook(self._start_call))
         else:
             self._handles.append(self.model.register_forward_pre_hook(self._start_call, with_kwargs=True))
+        for start in towers:
+            self._handles.append(start.register_forward_pre_hook(self._start_tower_call))
         self._handles.extend(self._plain.install(self._context))
         for placer in {id(p): p for p in self._placers.values()}.values():
             self._handles.extend(placer.install(self._context))
@@ -1475,6 +1502,7 @@ class Recording:
         such forward outside the model's own call (forward_features), what the calls held before it."""
         outermost = not self._owner.held_here()
         self._owner.enter(whole_model)
+        self._reached_inside |= not whole_model
         self._keep_trailing_last(scope)
         if outermost and not whole_model and not _in_backward():
             self._drop_interrupted()
@@ -1548,6 +1576,7 @@ class Recording:
                 self._calls.pop()
             self._drop_unfinished()
             self._calls_before_forward = len(self._calls)
+            self._reached_inside = False
             if own:
                 self._calls.append(started)
             self._model_call = current_module_call()
@@ -1603,6 +1632,9 @@ class Recording:
             self._forwards += 1
             self._last_done = self._calls[-1] if self._calls else None
             self._warn_several_runs()
+            began = self._calls_before_forward
+            if not self._reached_inside and began is not None and all(c._is_empty() for c in self._calls[began:]):
+                self._warn_unseen_forward()
         elif returned and _in_transform():
             self._transformed += 1
         self._calls_before_forward = self._model_call = None
@@ -1621,6 +1653,21 @@ class Recording:
                           "images and a video); each run is its own entry of rec.calls, and rec.mad, rec.layers, "
                           f"rec.per_layer read the last one alone: read rec.calls[-{runs}:] for all of them",
                           stacklevel=2)
+
+    def _warn_unseen_forward(self) -> None:
+        """Once per recording: a forward of the model returned without running any of its modules' hooks (its
+        children's, those holding the recorded layers') or recording a layer, as code dynamo compiled before the
+        hooks existed does (a torch.compile wrapper of the uncompiled model reusing it: compiled.compiled_forwards).
+        It left no call, and the calls of the model's earlier forwards were read as its own, silently (QA
+        helper-186)."""
+        compiled = _reused_compiled_code(self.model)
+        if not compiled or self._warned_unseen:
+            return
+        self._warned_unseen = True
+        name = type(self.model).__name__
+        warnings.warn(f"vitmad.record: a forward of {name} ran without calling any hook vitmad added to its modules, "
+                      f"so it is not recorded{compiled}. rec.calls holds only the forwards that were recorded, and "
+                      "rec.mad, rec.layers, rec.per_layer read the last of them, not this forward", stacklevel=2)
 
     def _remove(self) -> None:
         # Before the starts are forgotten: the empty call of a tower run whose layers never came (the last frame

@@ -23,12 +23,13 @@ from .families.pix2struct import is_tower as is_flattened_patches_tower
 from .families.plain import find_patch_embedding, is_embedding_projection
 from .families.radio import is_tower as is_radio_tower
 from .families.ultralytics import call_start as ultralytics_call_start
+from .families.vit_pytorch import image_cuts as vit_pytorch_image_cuts
 from .families.vit_pytorch_stages import token_convolutions as vit_pytorch_token_convolutions
 from .families.vq_tokenizer import is_tower as is_vq_tokenizer
 from .module_index import module_list, named_module_list
 
 __all__ = ["TOWER_ATTRIBUTES", "encoder_prefix", "tower_of_embedding", "other_image_towers", "image_channels",
-           "first_convolution"]
+           "first_convolution", "tower_starts"]
 
 # The attribute names transformers' vision-language models give their vision tower.
 TOWER_ATTRIBUTES = ("vision_tower", "vision_model", "visual", "vision_encoder")
@@ -136,13 +137,15 @@ def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
     its input only after its ViT; of several, the one holding the ``recorded`` modules), an ultralytics model at
     its yaml graph's first layer (YOLOv5's Focus halves the image before its convolution), a diffusers UNet or
     ControlNet at its own forward (ControlNet's first convolution on 3 channels is its conditioning image's, run after
-    ``conv_in``; I2VGen-XL attends before ``conv_in``)."""
+    ``conv_in``; I2VGen-XL attends before ``conv_in``). A model whose ``recorded`` modules lie in several towers
+    that take the image (:func:`tower_starts`) starts its calls at its own forward."""
     start = (monai_call_start(model, recorded) or ultralytics_call_start(model)
              or diffusers_unets_call_start(model, recorded))
     if start is not None:
         return start
-    on_tokens = token_convolutions(model) | vit_pytorch_token_convolutions(model)
-    convolutions = [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d)) and id(m) not in on_tokens]
+    if tower_starts(model, recorded):
+        return model
+    convolutions = _convolutions_on_pixels(model)
     channels = image_channels(model) or 3
     on_image = next((m for m in convolutions if m.in_channels == channels), None)
     if on_image is not None or convolutions:
@@ -151,3 +154,43 @@ def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
     # encoder, and Molmo2's tower in its first step alone, without the model's forward).
     return naflex_call_start(model) or next(
         (m for m in module_list(model) if is_flattened_patches_tower(m) or is_molmo2_tower(m)), None)
+
+
+def _convolutions_on_pixels(model: nn.Module) -> list[nn.Module]:
+    """The convolutions of ``model``, in module order, less those over tokens (a packed tower's, PiT's, ...)."""
+    on_tokens = token_convolutions(model) | vit_pytorch_token_convolutions(model)
+    return [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d)) and id(m) not in on_tokens]
+
+
+def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:
+    """Where each tower's calls start, when the ``recorded`` modules lie in several towers of ``model`` that take the
+    image (a user's module holding a timm ViT and a transformers ViTModel, or a vit_pytorch ViT); empty otherwise.
+
+    The modules that take the image are the convolutions on its channels, vit_pytorch's patch cuts and the towers fed
+    pre-cut patches (NaFlex, flattened_patches, Molmo2's); the towers are the children of the innermost module
+    holding them all, one per path to them. Which tower runs first is the forward's choice, not their order in
+    the module tree: the first convolution in module order split each forward where the other tower ran first
+    (its layers joined the call before). So the model's own forward starts each call (:func:`first_convolution`),
+    and outside it (a tower called on its own, a method of the user's) each tower's start, the module where it
+    would start its calls recorded alone, starts one.
+    """
+    channels = image_channels(model) or 3
+    on_pixels = {id(m) for m in _convolutions_on_pixels(model) if m.in_channels == channels}
+    cuts = {id(m) for m in vit_pytorch_image_cuts(model)}
+    entries = [name.split(".") for name, module in named_module_list(model) if name and (
+        id(module) in on_pixels or id(module) in cuts or is_naflex_tower(module)
+        or is_flattened_patches_tower(module) or is_molmo2_tower(module))]
+    if len(entries) < 2:
+        return []
+    depth = 0
+    while all(len(path) > depth + 1 and path[depth] == entries[0][depth] for path in entries):
+        depth += 1
+    towers = dict.fromkeys(".".join(path[:depth + 1]) for path in entries)
+    inside = {id(m) for m in recorded}
+    starts = []
+    for name in towers:
+        tower = model.get_submodule(name)
+        held = [m for m in tower.modules() if id(m) in inside]
+        if held:
+            starts.append(first_convolution(tower, held) or tower)
+    return starts if len(starts) > 1 else []

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..module_index import named_module_list
+from ..module_index import module_list, named_module_list
 from ..placement import (
     CallContext,
     LayerGeometry,
@@ -70,7 +70,7 @@ from .embeddings import check_cut_from_input
 from .plain import _plain_positions
 from .video import _GRID, VideoPlacer, _Grid, tubelet_positions
 
-__all__ = ["placer", "attention_modules"]
+__all__ = ["placer", "attention_modules", "image_cuts"]
 
 _LIBRARY = "vit_pytorch."
 # The hierarchical designs, placed by families/vit_pytorch_stages.py: never claimed nor refused here.
@@ -143,6 +143,18 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
             if not any(_staged(m) for m in path):
                 found[name] = module
     return found
+
+
+def image_cuts(model: nn.Module) -> list[nn.Module]:
+    """The ``Rearrange`` modules that cut the image (or video) of a plain vit_pytorch design in ``model``, in module
+    order: where such a tower takes the image, as another tower's first convolution does (towers.tower_starts)."""
+    cuts = []
+    for module in module_list(model):
+        if _design(module) in _IMAGE_DESIGNS or _design(module) in _VIDEO_DESIGNS:
+            rearrange, pattern = _cut_of(module)
+            if rearrange is not None and pattern in _CUTS and all(rearrange is not c for c in cuts):
+                cuts.append(rearrange)
+    return cuts
 
 
 def _path(model: nn.Module, name: str) -> list[nn.Module]:
