@@ -259,6 +259,25 @@ def test_siglip2_model_records_its_vision_tower_and_skips_the_text_tower():
                                                  "not of an image"}
 
 
+def test_paligemma_records_its_siglip2_tower():
+    from kornia.models.paligemma.configuration_paligemma import PaliGemmaConfig
+    from kornia.models.paligemma.modeling_paligemma import PaliGemma
+
+    config = PaliGemmaConfig(vision_config=_siglip2_vision_config(), vocab_size=50, hidden_size=32,
+                             intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                             head_dim=16)
+    model = sharpened(PaliGemma(config))
+    text, pixels = torch.randint(0, 50, (2, 5)), torch.rand(2, 3, 30, 30)
+    with torch.no_grad():
+        plain = model(text, pixels)
+        with vitmad.record(model) as whole:
+            assert torch.equal(model(text, pixels), plain)
+        with vitmad.record(model.vision_tower) as alone:
+            model.vision_tower(pixels)
+    assert whole.layers == [f"vision_tower.{name}" for name in alone.layers]
+    assert torch.equal(whole.mad, alone.mad) and whole.geometry[0].grid == (7, 7)
+
+
 def test_siglip2_encoder_alone_refused():
     encoder = SigLip2VisionModel(_siglip2_vision_config()).encoder.eval()
     with pytest.raises(ValueError, match=r"kornia's SigLip2Attention is placed only as the self_attn of a layer of a "
