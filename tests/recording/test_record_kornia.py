@@ -1,5 +1,5 @@
 """vitmad.record on kornia's (0.9) vision transformers: its ViT, DeDoDe's DINOv2, SAM's image encoder, RT-DETR's AIFI,
-the Qwen2.5-VL tower.
+the Qwen2.5-VL tower (MobileViT, TinyViT, SigLIP2 and MoonViT: test_record_kornia_2.py).
 
 From kornia's source:
 
@@ -63,7 +63,6 @@ from kornia.models.sam.architecture.prompt_encoder import PromptEncoder  # noqa:
 from kornia.models.sam.architecture.transformer import TwoWayTransformer  # noqa: E402
 from kornia.models.sam.model import Sam  # noqa: E402
 from kornia.models.vit import VisionTransformer  # noqa: E402
-from kornia.models.vit_mobile import MobileViT  # noqa: E402
 
 from vitmad.recording.recorder import NoLayerError  # noqa: E402
 
@@ -343,13 +342,6 @@ def test_qwen25_tower_with_another_window_mask_refused():
                                              "merge order"):
             with torch.no_grad(), vitmad.record(model):
                 model(torch.rand(1, 3, 32, 32))
-
-
-def test_mobilevit_refused_by_name():
-    model = MobileViT(mode="xxs").eval()
-    with pytest.raises(ValueError, match="vitmad does not place kornia's MobileViT"):
-        with torch.no_grad(), vitmad.record(model):
-            model(torch.rand(1, 3, 64, 64))
 
 
 def test_loftr_full_attention_refused_by_name():

@@ -1,5 +1,5 @@
-"""kornia's (0.9) vision transformers: its ViT, SAM's image encoder, DeDoDe's DINOv2, RT-DETR's AIFI and the Qwen2.5-VL
-tower.
+"""kornia's (0.9) vision transformers: its ViT, SAM's image encoder, DeDoDe's DINOv2, RT-DETR's AIFI, the Qwen2.5-VL
+tower, MobileViT, TinyViT, the SigLIP2 vision tower and MoonViT.
 
 - ``VisionTransformer`` (``kornia.models.vit``): ``PatchEmbedding`` cuts the image with a ``Conv2d`` of kernel = stride
   = ``patch_size`` (the input must be ``image_size`` square), flattens its map row-major and puts the class token
@@ -28,9 +28,36 @@ tower.
 - The Qwen2.5-VL tower (``kornia.models.qwen25.vision``): patches in 2 x 2 merge-block order, kept in that order in
   every block, the windows a boolean mask over them (:class:`_MergeOrderPlacer`).
 
-Skipped with their reason: LoFTR's linear attention (an ELU feature map, no softmax probabilities) and LightGlue's
-attention (among detected keypoints). Refused by name: kornia's MobileViT, TinyViT, SigLIP2 (also
-PaliGemma's tower), Kimi-VL's MoonViT and LoFTR's full attention, whose layouts vitmad does not place for kornia.
+- MobileViT (``kornia.models.vit_mobile``): ``MobileViTBlock`` unfolds the map its ``conv2`` (1 x 1) gives,
+  ``[b, d, h, w]``, into ``[b, ph * pw, nh * nw, d]``: sequence ``(i, j)`` (row-major over the pixel offsets within a
+  patch) holds, for patch ``(a, c)`` (row-major), the cell at map row ``a * ph + i``, column ``c * pw + j``: timm's
+  MobileViT layout (:mod:`.mobilevit`, a dilated grid), with the sequences a dim of their own before the heads
+  (``Attention``'s ``nn.Softmax`` over ``[b, ph * pw, heads, N, N]``), not merged into the batch. kornia does not
+  resize a map that is not whole patches (its reshape fails first). The map's stride is read from ``MobileViT.forward``:
+  ``mvit[k]`` runs after ``conv1`` and ``mv2[: 5 + k]`` (8, 16, 32 px with the built-in strides), checked per call
+  against the image (padded 3 x 3 convolutions: ``ceil`` of the image over the stride).
+- TinyViT (``kornia.models.tiny_vit``): ``TinyViTBlock`` views its ``[B, H * W, C]`` tokens as the
+  ``input_resolution`` map it was built for, pads it with zeros at the bottom and right to whole ``window_size``
+  windows (kornia's ``window_partition``, also for a map smaller than one window) and runs ``Attention`` (``.softmax``)
+  on ``[B * windows, heads, N, N]``: :func:`.windows.block_partition`, as timm's TinyViT. The stride of a stage is the
+  product of the strides of the convolutions before its block in ``TinyViT`` (registered in the order they run: the
+  patch embedding's 4, each ``PatchMerging``'s 2 or, for MobileSAM's last two, 1).
+- SigLIP2's vision tower (``kornia.models.siglip2``; also ``SigLip2Model``'s and ``PaliGemma``'s ``vision_tower``):
+  the row-major grid of ``embeddings.patch_embedding`` (a ``Conv2d`` of kernel = stride = ``patch_size``, on the
+  ``image_size`` square image only: no NaFlex sizes), no class token; ``SigLip2Attention`` runs
+  F.scaled_dot_product_attention over ``[B, heads, N, N]``. The attention-pooling head's ``nn.MultiheadAttention``
+  (a learned probe queries the grid) is class attention over the same grid (:class:`~.ClassQueries`); the text
+  tower's ``SigLip2Attention`` is skipped.
+- MoonViT (``kornia.models.kimi_vl.moonvit``; ``KimiVLModel.vision_encoder``): kornia's port takes a batch of
+  images, not transformers' packed sequence: the row-major grid of ``patch_embed`` (``Conv2d``, kernel = stride =
+  ``patch_size``, any size, floored), no class token, the 2-D RoPE changing scores only; ``MoonViTAttention`` runs
+  F.scaled_dot_product_attention over ``[B, heads, N, N]``. The 2 x 2 merge is ``KimiVLProjector``'s, after the
+  encoder, without attention.
+
+SigLIP2's and MoonViT's ``attention_mask`` (padded patches, or pairs) is refused per call: vitmad places their patches
+attending over the whole grid. Skipped with their reason: LoFTR's linear attention (an ELU feature map, no softmax
+probabilities) and LightGlue's attention (among detected keypoints). Refused by name: LoFTR's full attention (the
+coarse maps of an image pair, self and cross).
 """
 
 from __future__ import annotations
@@ -49,11 +76,12 @@ from ..placement import (
     cell_centres,
     select_tokens,
 )
+from .class_attention import _POOLING
 from .segment_anything import _two_way_skip, windowed_encoder_placer
-from .stages import grid_placement, innermost_on_path
+from .stages import grid_placement, innermost_on_path, reduction_before
 from .ultralytics import _MapPlacer
 from .windowed_vit import WindowedDesign
-from .windows import parent_module
+from .windows import PartitionPlacer, block_partition, grid_partition, nchw, parent_module
 
 __all__ = ["placer", "attention_modules", "listed_dinov2"]
 
@@ -73,6 +101,12 @@ _RT_DETR_HEAD = "kornia.models.rt_detr.architecture.rtdetr_head"
 _RT_DETR_BACKBONES = {("kornia.models.rt_detr.architecture.resnet_d", "ResNetD"),
                       ("kornia.models.rt_detr.architecture.hgnetv2", "PPHGNetV2")}
 _RT_DETR_STRIDE = 32.0
+_MOBILEVIT = "kornia.models.vit_mobile"
+_TINY_VIT = "kornia.models.tiny_vit"
+_SIGLIP2_ATTENTION = "kornia.models.siglip2.attention"
+_SIGLIP2_VISION = "kornia.models.siglip2.vision_encoder"
+_SIGLIP2_TEXT = "kornia.models.siglip2.text_encoder"
+_MOONVIT = "kornia.models.kimi_vl.moonvit"
 _POSITIONS = "pass positions=<[N, 2] pixel position of each token>"
 
 _SKIPPED = {
@@ -88,22 +122,15 @@ _SKIPPED = {
         "deformable attention (RT-DETR's decoder): a softmax over sampled points around each object query's "
         "reference, not attention between tokens",
 }
-_NOT_PLACED = "vitmad does not place kornia's {}; record the same model from {}"
 _REFUSED = {
-    ("kornia.models.vit_mobile", "Attention"): _NOT_PLACED.format(
-        "MobileViT (attention across the patches of unfolded pixels)", "timm or transformers"),
-    ("kornia.models.tiny_vit", "Attention"): _NOT_PLACED.format(
-        "TinyViT (MobileSAM's windowed stages)", "timm (tiny_vit_*)"),
-    ("kornia.models.siglip2.attention", "SigLip2Attention"): _NOT_PLACED.format(
-        "SigLIP2 (also PaliGemma's vision tower)", "transformers (SiglipVisionModel, Siglip2VisionModel)"),
-    ("kornia.models.siglip2.vision_encoder", "SigLip2MultiheadAttentionPoolingHead"): _NOT_PLACED.format(
-        "SigLIP2 attention-pooling head", "transformers (SiglipVisionModel, Siglip2VisionModel)"),
-    ("kornia.models.kimi_vl.moonvit", "MoonViTAttention"): _NOT_PLACED.format(
-        "Kimi-VL MoonViT (packed images)", "transformers"),
-    ("kornia.feature.loftr.loftr_module.linear_attention", "FullAttention"): _NOT_PLACED.format(
-        "LoFTR full attention (the coarse maps of an image pair, self and cross)",
-        "transformers (EfficientLoFTRForKeypointMatching)"),
+    ("kornia.feature.loftr.loftr_module.linear_attention", "FullAttention"):
+        "vitmad does not place kornia's LoFTR full attention (the coarse maps of an image pair, self and cross); "
+        "record the same model from transformers (EfficientLoFTRForKeypointMatching)",
 }
+# Attention classes whose forwards may not show their softmax to vitmad's discovery (MobileViT's is an nn.Softmax
+# submodule), listed by name.
+_LISTED = {(_MOBILEVIT, "Attention"), (_TINY_VIT, "Attention"), (_SIGLIP2_ATTENTION, "SigLip2Attention"),
+           (_MOONVIT, "MoonViTAttention")}
 
 
 def _is(module: nn.Module, class_name: str, defining_module: str) -> bool:
@@ -117,12 +144,13 @@ def _key(module: nn.Module) -> tuple[str, str]:
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """DINOv2's ``MemEffAttention`` (its forward calls its parent's, so no softmax shows in it) and the kornia
-    attention classes this family skips or refuses by name, whose own forwards may not show theirs either
+    attention classes this family places, skips or refuses by name, whose own forwards may not show theirs either
     (MobileViT's ``nn.Softmax``)."""
     return {name: module for name, module in named_module_list(model)
             if (type(module).__module__ == _DINOV2_ATTENTION and type(module).__name__ in ("Attention",
                                                                                          "MemEffAttention"))
-            or _is(module, "Qwen25VisionAttention", _QWEN25) or _key(module) in _SKIPPED or _key(module) in _REFUSED}
+            or _is(module, "Qwen25VisionAttention", _QWEN25) or _key(module) in _SKIPPED or _key(module) in _REFUSED
+            or _key(module) in _LISTED}
 
 
 def listed_dinov2(model: nn.Module) -> str | None:
@@ -140,7 +168,7 @@ def listed_dinov2(model: nn.Module) -> str | None:
 
 def placer(model: nn.Module, name: str, module: nn.Module):
     if isinstance(module, nn.MultiheadAttention):
-        return _multihead_placer(model, name)
+        return _multihead_placer(model, name, module)
     if not type(module).__module__.startswith("kornia."):
         return None
     if _key(module) in _SKIPPED:
@@ -151,13 +179,21 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return _vit_placer(model, name)
     if _is(module, "Qwen25VisionAttention", _QWEN25):
         return _qwen25_placer(model, name, module)
+    if _is(module, "Attention", _MOBILEVIT):
+        return _mobilevit_placer(model, name)
+    if _is(module, "Attention", _TINY_VIT):
+        return _tiny_vit_placer(model, name, module)
+    if _is(module, "SigLip2Attention", _SIGLIP2_ATTENTION):
+        return _siglip2_placer(model, name, module)
+    if _is(module, "MoonViTAttention", _MOONVIT):
+        return _moonvit_placer(model, name, module)
     if type(module).__module__ == _DINOV2_ATTENTION:
         found = innermost_on_path(model, name, lambda m: _is(m, "DinoVisionTransformer", _DINOV2))
         if found is None:
             return RefusingPlacer(f"kornia's DINOv2 {type(module).__name__} is placed only within a "
                                   f"DinoVisionTransformer (whose patch embedding gives its grid); {name} is outside "
                                   "one: record the DinoVisionTransformer, or " + _POSITIONS)
-        return _ClassTokenGridPlacer(found[1].patch_embed.proj, "DeDoDe's DINOv2")
+        return _GridPlacer(found[1].patch_embed.proj, "DeDoDe's DINOv2", prefix=1)
     if _is(module, "Attention", _SAM_DECODER):
         return _two_way_skip(name, "kornia")
     if _is(module, "Attention", _SAM_ENCODER):
@@ -185,7 +221,7 @@ def _vit_placer(model: nn.Module, name: str):
             f"({type(embedding.backbone).__name__}), whose map's pixel stride vitmad cannot read; pass "
             "positions=<[N, 2] pixel position of each token: a NaN row for the class token first, then the "
             "backbone's map row-major>")
-    return _ClassTokenGridPlacer(embedding.backbone, "kornia's VisionTransformer")
+    return _GridPlacer(embedding.backbone, "kornia's VisionTransformer", prefix=1)
 
 
 def _qwen25_placer(model: nn.Module, name: str, module: nn.Module):
@@ -204,10 +240,94 @@ def _qwen25_placer(model: nn.Module, name: str, module: nn.Module):
                              int(tower.config.window_size) // int(tower.config.patch_size))
 
 
-def _multihead_placer(model: nn.Module, name: str):
+def _mobilevit_placer(model: nn.Module, name: str):
+    found = innermost_on_path(model, name, lambda m: _is(m, "MobileViT", _MOBILEVIT))
+    block = innermost_on_path(model, name, lambda m: _is(m, "MobileViTBlock", _MOBILEVIT))
+    index = None if found is None or block is None else next(
+        (k for k, b in enumerate(found[1].mvit) if b is block[1]), None)
+    if index is None:
+        return RefusingPlacer(
+            f"kornia's MobileViT Attention is placed only in a MobileViTBlock of a MobileViT (whose forward gives the "
+            f"stride of the map the block unfolds); {name} is "
+            f"{'outside one' if found is None or block is None else 'in a block that is not one of its mvit'}: "
+            "record the MobileViT, or " + _POSITIONS)
+    mobilevit, block = found[1], block[1]
+    # MobileViT.forward runs mvit[k] after conv1 and mv2[0 .. 4 + k] (the order of its lines, not of registration,
+    # which puts every mv2 block first).
+    reduction = int(mobilevit.conv1[0].stride[0])
+    for mv2 in list(mobilevit.mv2)[:5 + index]:
+        reduction *= int(mv2.stride)
+
+    def partition(grid):
+        ph, pw = int(block.ph), int(block.pw)
+        cells = (grid[0] // ph, grid[1] // pw)
+        return grid_partition(grid, cells), f"across {ph}x{pw} patches: grid {cells[0]}x{cells[1]}, dilated every " \
+                                            f"{ph}x{pw}"
+
+    # [b, ph * pw, heads, N, N]: the pixel offsets within a patch are a dim of their own, before the heads.
+    return PartitionPlacer(model, name, block.conv2, nchw, partition, "windows before heads", output=True,
+                           reduction=reduction)
+
+
+def _tiny_vit_placer(model: nn.Module, name: str, module: nn.Module):
+    found = innermost_on_path(model, name, lambda m: _is(m, "TinyViT", _TINY_VIT))
+    block = parent_module(model, name)
+    if found is None or not _is(block, "TinyViTBlock", _TINY_VIT) or block.attn is not module:
+        return RefusingPlacer(
+            f"kornia's TinyViT Attention is placed only as the attn of a TinyViTBlock of a TinyViT (whose "
+            f"convolutions give the stride of the block's map); {name} is "
+            f"{'outside one' if found is None else 'not the attn of a TinyViTBlock'}: record the TinyViT (or the Sam "
+            "model holding it), or " + _POSITIONS)
+    size = int(block.window_size)
+
+    def partition(grid):
+        return block_partition(grid, (size, size)), f"window {size}x{size}"
+
+    def tokens_as_map(x: torch.Tensor) -> tuple[int, int, int] | None:
+        # The block views its [B, H * W, C] tokens as the input_resolution it was built for.
+        height, width = (int(n) for n in block.input_resolution)
+        return (int(x.shape[0]), height, width) if x.dim() == 3 and x.shape[1] == height * width else None
+
+    return PartitionPlacer(model, name, block, tokens_as_map, partition, "windows in batch",
+                           reduction=reduction_before(found[1], block))
+
+
+def _layer_of(model: nn.Module, name: str, module: nn.Module, tower: tuple[str, nn.Module] | None, layers: str,
+              attention: str) -> bool:
+    """Whether ``module`` is the ``attention`` of one of the ``layers`` (a dotted path in ``tower``) of ``tower``."""
+    layer = parent_module(model, name)
+    return (tower is not None and layer is not None and getattr(layer, attention, None) is module
+            and any(m is layer for m in tower[1].get_submodule(layers)))
+
+
+def _siglip2_placer(model: nn.Module, name: str, module: nn.Module):
+    if innermost_on_path(model, name, lambda m: _is(m, "SigLip2TextModel", _SIGLIP2_TEXT)) is not None:
+        return _skip("SigLIP2's text encoder: attention among the tokens of a text, not of an image")
+    found = innermost_on_path(model, name, lambda m: _is(m, "SigLip2VisionModel", _SIGLIP2_VISION))
+    if not _layer_of(model, name, module, found, "encoder.layers", "self_attn"):
+        return RefusingPlacer(
+            f"kornia's SigLip2Attention is placed only as the self_attn of a layer of a SigLip2VisionModel (whose "
+            f"patch embedding gives the grid) or skipped in a SigLip2TextModel; {name} is neither: record the "
+            "SigLip2VisionModel (or the SigLip2Model or PaliGemma holding it), or " + _POSITIONS)
+    return _GridPlacer(found[1].embeddings.patch_embedding, "kornia's SigLIP2 vision tower", prefix=0,
+                       masked=(module, 1))
+
+
+def _moonvit_placer(model: nn.Module, name: str, module: nn.Module):
+    found = innermost_on_path(model, name, lambda m: _is(m, "MoonViT", _MOONVIT))
+    if not _layer_of(model, name, module, found, "encoder.layers", "attn"):
+        return RefusingPlacer(
+            f"kornia's MoonViTAttention is placed only as the attn of a layer of a MoonViT (whose patch embedding "
+            f"gives the grid); {name} is not: record the MoonViT (or the KimiVLModel holding it), or " + _POSITIONS)
+    return _GridPlacer(found[1].patch_embed, "kornia's MoonViT", prefix=0, masked=(module, 3))
+
+
+def _multihead_placer(model: nn.Module, name: str, module: nn.Module):
     parent = parent_module(model, name)
     if parent is None:
         return None
+    if _is(parent, "SigLip2MultiheadAttentionPoolingHead", _SIGLIP2_VISION) and parent.attention is module:
+        return _siglip2_pooling(model, name, parent)
     if _is(parent, "TransformerDecoderLayer", _RT_DETR_HEAD):
         return _skip("RT-DETR's decoder self-attention: its queries are object queries, without a position in the "
                      "image")
@@ -227,28 +347,63 @@ def _multihead_placer(model: nn.Module, name: str):
     return _MapPlacer(parent, _RT_DETR_STRIDE, f"the last map of RT-DETR's {type(backbone).__name__} backbone", 1)
 
 
-class _ClassTokenGridPlacer(LayerPlacer):
-    """The class token without a position, then the row-major grid that ``embedding`` (a ``Conv2d`` of kernel =
-    stride, run on the image) gives in each call, in pixels of its input."""
+def _siglip2_pooling(model: nn.Module, name: str, head: nn.Module):
+    """The attention-pooling head of kornia's SigLIP2 vision tower: its learned probe queries the patch grid."""
+    from . import ClassQueries  # the families' verdicts live in the package that imports this module
 
-    def __init__(self, embedding: nn.Conv2d, what: str):
-        self.embedding, self.what = embedding, what
+    found = innermost_on_path(model, name, lambda m: _is(m, "SigLip2VisionModel", _SIGLIP2_VISION))
+    if found is None or found[1].head is not head:
+        return RefusingPlacer(
+            f"kornia's SigLip2MultiheadAttentionPoolingHead ({name}) is placed only as the head of a "
+            "SigLip2VisionModel, whose patch embedding gives the grid it pools; record the SigLip2VisionModel, or "
+            + _POSITIONS)
+    keys = _GridPlacer(found[1].embeddings.patch_embedding, "kornia's SigLIP2 vision tower", prefix=0,
+                       masked=(head, 1))
+    return ClassQueries(_POOLING.format("a learned query (kornia SigLIP2's probe)", "its"), keys,
+                        "the patch grid it pools", queries_in_keys=False)
+
+
+class _GridPlacer(LayerPlacer):
+    """``prefix`` tokens without a position (the class token of kornia's ViT and DINOv2), then the row-major grid that
+    ``embedding`` (a ``Conv2d`` of kernel = stride, run on the image) gives in each call, in pixels of its input.
+
+    ``masked``: ``(module, index)`` where ``module`` takes an ``attention_mask`` (keyword, or positional argument
+    ``index``) that vitmad does not read (SigLIP2's and MoonViT's padded patches or pairs): a call given one is
+    refused, not placed as if every patch attended over the whole grid."""
+
+    def __init__(self, embedding: nn.Conv2d, what: str, *, prefix: int,
+                 masked: tuple[nn.Module, int] | None = None):
+        self.embedding, self.what, self.prefix, self.masked = embedding, what, prefix, masked
         self.stride = (float(embedding.stride[0]), float(embedding.stride[1]))
         self.key = f"kornia.grid.{id(embedding)}"
+        self.mask_key = None if masked is None else f"kornia.mask.{id(masked[0])}"
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         def see(module, args, output) -> None:
             context.values[self.key] = (int(output.shape[-2]), int(output.shape[-1]))
 
-        return [self.embedding.register_forward_hook(see)]
+        handles = [self.embedding.register_forward_hook(see)]
+        if self.masked is not None:
+            module, index = self.masked
+
+            def see_mask(module, args, kwargs) -> None:
+                mask = args[index] if len(args) > index else kwargs.get("attention_mask")
+                context.values[self.mask_key] = mask is not None
+
+            handles.append(module.register_forward_pre_hook(see_mask, with_kwargs=True))
+        return handles
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         grid = context.values.get(self.key)
         if grid is None:
             raise NotPlaceable(f"the patch embedding of {self.what} had not run in this call when it attended, so "
                                "its grid is unknown; " + _POSITIONS)
+        if self.mask_key is not None and context.values.get(self.mask_key):
+            raise NotPlaceable(f"it was given an attention_mask (padded patches, or pairs that do not attend), which "
+                               f"vitmad does not read for {self.what}: it places every patch attending over the whole "
+                               "grid; record a call without attention_mask")
         return grid_placement(lead, num_queries, num_keys, grid=grid, stride=self.stride, attention="global",
-                              prefix=1)
+                              prefix=self.prefix)
 
 
 def _merge_order(index: torch.Tensor, merge: int) -> torch.Tensor:
