@@ -827,12 +827,8 @@ class Recording:
             )
         shown = ", ".join(list(self._modules)[:4]) + (", ..." if len(self._modules) > 4 else "")
         compiled = _reused_compiled_code(self.model) if not self._calls or self._calls[-1]._is_empty() else ""
-        if not self._calls and self._forwards and compiled:
-            raise RuntimeError(
-                f"vitmad.record: {name} ran {self._forwards} time(s) in this recording, but none of the modules being "
-                f"recorded ({shown}) computed attention{compiled} (else its forward took a path without them, as "
-                "a vision-language model given text alone does)"
-            )
+        # Compiled code is named as a possibility after the ordinary cause, never instead of it: dynamo's cache
+        # says code exists for the model's class, not that a wrapper of this model ran it in the block.
         if not self._calls and self._forwards:
             raise RuntimeError(
                 f"vitmad.record: {name} ran {self._forwards} time(s) in this recording, but not through the "
@@ -840,9 +836,9 @@ class Recording:
                 "model given text alone, with no image for its tower to embed; a model with two image "
                 "towers, say, recorded in the one that did not run: record the module that ran instead, "
                 "vitmad.record(<that tower>), while the whole model runs), or it ran code torch.compile generated "
-                "before the block, which calls no hooks (a torch.compile wrapper made inside the block reuses the code "
-                "of an earlier compile of the same model): give vitmad.record the compiled model, which then runs "
-                "eagerly while recorded"
+                "before the block, which calls no hooks" + (compiled or " (a torch.compile wrapper made inside the "
+                "block reuses the code of an earlier compile of the same model): give vitmad.record the compiled "
+                "model, which then runs eagerly while recorded")
             )
         if not self._calls:
             raise RuntimeError(
@@ -858,7 +854,9 @@ class Recording:
             raise RuntimeError(
                 f"vitmad.record: {name} ran, but none of the {len(self._modules)} modules being recorded ({shown}) "
                 "computed attention (F.scaled_dot_product_attention, transformers' AttentionInterface or a softmax) "
-                f"in that forward call{compiled or '; pass layers=[the modules that compute its attention]'}"
+                "in that forward call; pass layers=[the modules that compute its attention]" + (
+                    f"; or it ran code torch.compile generated before the block, which calls no hooks{compiled}"
+                    if compiled else "")
             )
         return self._calls[-1]
 
