@@ -419,13 +419,16 @@ def temporal_first(settings: dict | None) -> bool:
     return (settings or {}).get("image_processor_type") in _TEMPORAL_FIRST
 
 
-def call_packed(tower: nn.Module, patches: torch.Tensor, grid_thw: torch.Tensor):
+def call_packed(tower: nn.Module, patches: torch.Tensor, grid_thw: torch.Tensor, merge_size: int = 1):
     """Calls a Qwen-kind ``tower`` on the packed patches of its images (``[N, ...]``, one row per patch, as the
-    processor gives them) in the layout the tower takes (:attr:`PackedTower.layout`)."""
+    processor gives them) in the layout the tower takes (:attr:`PackedTower.layout`); a tower that takes a merge
+    size per row (:attr:`PackedTower.merge_argument`) is told ``merge_size`` for each: the processor's, 1 for
+    images (:func:`processor_settings`), its video processor's for clips."""
     spec = PACKED_TOWERS[type(tower).__name__]
     extra = {}
-    if spec.merge_argument is not None:  # VideoLLaMA3: its processor's image_merge_sizes, 1 (processor_settings)
-        extra[spec.merge_argument] = torch.ones(len(grid_thw), dtype=torch.long, device=grid_thw.device)
+    if spec.merge_argument is not None:  # VideoLLaMA3: its processor's image_merge_sizes / video_merge_sizes
+        extra[spec.merge_argument] = torch.full((len(grid_thw),), merge_size, dtype=torch.long,
+                                                device=grid_thw.device)
     if spec.layout == "patches":
         patch = tower_sizes(tower)[0]
         return tower(patches.reshape(1, patches.shape[0], -1, patch, patch), grid_thw=grid_thw, **extra)

@@ -45,14 +45,18 @@ import torch
 from .images import load_each
 from .models import LoadedModel
 from .options import OptionError, error_said
-from .packed_towers import _plain, call_packed, find_packed_tower, tower_sizes
+from .packed_towers import PACKED_TOWERS, _plain, call_packed, find_packed_tower, tower_sizes
 from .videos import load_video
 
 __all__ = ["PackedVideoFeed", "packed_video_feed", "video_processor_dict", "load_packed_video_batch",
            "VIDEO_PROCESSORS"]
 
 # Tower class -> its model's video processor (transformers' auto map), the towers whose videos vitmad profile feeds:
-# they attend each temporal slice within itself, in an image's merge-block order (recording/families/packed.py).
+# each attends every temporal slice of a clip within itself, the slice's patches in the order its image's are
+# (recording/families/packed.py, video_slices), and its video processor cuts them in that order: Qwen2-VL's merge
+# blocks, each patch (C, t, p, p) (the Qwen towers, LFM3-VL, Ovis2.5); Cosmos3-Edge's merge blocks, each patch
+# (p, p, C) of one frame; VideoLLaMA3's merge blocks of its merge_size (2 by default), the tower told so per clip
+# (merge_sizes); HY-V4-VL's row-major patches of one frame; the Muse towers' row-major patches, each (t, C, p, p).
 VIDEO_PROCESSORS = {
     "Qwen2VisionTransformerPretrainedModel": "Qwen2VLVideoProcessor",
     "Qwen2_5_VisionTransformerPretrainedModel": "Qwen2VLVideoProcessor",
@@ -60,22 +64,23 @@ VIDEO_PROCESSORS = {
     "Qwen3VLMoeVisionModel": "Qwen3VLVideoProcessor",
     "Qwen3_5VisionModel": "Qwen3VLVideoProcessor",
     "Qwen3_5MoeVisionModel": "Qwen3VLVideoProcessor",
+    "Cosmos3EdgeVisionModel": "Cosmos3EdgeVideoProcessor",
+    "Lfm3VlVisionModel": "Qwen3VLVideoProcessor",
+    "Ovis2_5VisionModel": "Ovis2_5VideoProcessor",
+    "MuseGlimmerVisionModel": "MuseGlimmerVideoProcessor",
+    "MuseSparkVisionModel": "MuseGlimmerVideoProcessor",
+    "VideoLlama3VisionModel": "VideoLlama3VideoProcessor",
+    "HYV4VLVisionModel": "HYV4VLVideoProcessor",
 }
 # The other packed towers vitmad profile loads: why their videos are not fed.
-_UNCHECKED = "its video processor's frames and patch order were not checked against the tower here"
 _NO_VIDEOS = {
-    "MiniMaxM3VLVisionModel": "it attends a whole clip at a time and its video processor cuts a clip into rows of at "
-                              "most 4 temporal patches, " + _UNCHECKED,
-    "Cosmos3EdgeVisionModel": _UNCHECKED + " (one frame a slice, no temporal patch)",
-    "Lfm3VlVisionModel": _UNCHECKED + " (its gated convolutions run on each slice)",
+    "MiniMaxM3VLVisionModel": "it attends a whole clip at a time, over space and time, and its video processor cuts a "
+                              "clip into rows of at most vision_segment_max_frames (4) temporal patches, each a clip "
+                              "of its own to vitmad.record; vitmad profile does not join a clip's rows nor carry "
+                              "their temporal MAD (record the tower in Python: vitmad.record(model.model.vision_tower) "
+                              "around get_video_features)",
     "PaddleOCRVisionModel": "its model has no video processor",
-    "Ovis2_5VisionModel": _UNCHECKED,
-    "MuseGlimmerVisionModel": _UNCHECKED,
-    "MuseSparkVisionModel": _UNCHECKED,
-    "VideoLlama3VisionModel": "its video processor cuts merge blocks of 2 where vitmad profile feeds the tower merge "
-                              "size 1 only",
     "HunYuanVLVisionTransformer": "its patch merger folds a whole grid_thw row into one map: it runs no video",
-    "HYV4VLVisionModel": _UNCHECKED,
     "PixtralVisionModel": "it takes images only",
 }
 # Video processor settings that are no setting of the video processor itself.
@@ -84,6 +89,9 @@ _DROPPED = ("image_processor_type", "video_processor_type", "processor_class", "
 _SHOWN = ("size", "patch_size", "merge_size", "temporal_patch_size", "do_sample_frames", "fps", "num_frames",
           "min_frames", "max_frames", "cap_pixels_per_frame", "max_video_tokens", "image_mean", "image_std",
           "do_normalize", "do_rescale", "rescale_factor", "resample")
+# More settings that shape a result, shown only by the processors that have them (HY-V4-VL's per-frame pixel cap,
+# the Muse towers' tokens per frame): the Qwen processors' settings, and so their runs' fingerprints, are unchanged.
+_SHOWN_WHERE_HELD = ("max_image_size", "max_video_frame_tokens")
 
 
 def video_processor_dict(name: str, options: dict) -> dict | None:
@@ -137,7 +145,12 @@ def video_settings(tower: torch.nn.Module, saved: dict | None) -> dict:
                                    f"resizing and patch order vitmad checked; {given}'s it did not")
     settings = {k: v for k, v in saved.items() if k not in _DROPPED}
     patch, merge, temporal = tower_sizes(tower)
-    for key, value in {"patch_size": patch, "merge_size": merge, "temporal_patch_size": temporal}.items():
+    expected = {"patch_size": patch, "merge_size": merge, "temporal_patch_size": temporal}
+    if PACKED_TOWERS[name].merge_argument is not None:
+        # VideoLLaMA3: the tower takes a merge size per clip (merge_sizes), told the processor's own (its class's
+        # default 2 where the checkpoint says none), as get_video_features passes video_merge_sizes.
+        del expected["merge_size"]
+    for key, value in expected.items():
         settings.setdefault(key, value)
         if int(settings[key]) != value:
             raise OptionError("model", f"the video processor has {key}={settings[key]}, but the vision tower {name} "
@@ -165,6 +178,7 @@ class PackedVideoFeed:
         its effective settings of sampling, size and normalisation."""
         own = self._own
         shown = {key: getattr(own, key, None) for key in _SHOWN}
+        shown |= {key: getattr(own, key) for key in _SHOWN_WHERE_HELD if getattr(own, key, None) is not None}
         if dataclasses.is_dataclass(shown["size"]):  # transformers' SizeDict: the keys it has
             shown["size"] = {k: v for k, v in dataclasses.asdict(shown["size"]).items() if v is not None}
         shown = json.loads(json.dumps(shown, default=_plain))  # PIL filters, tuples: plain values
@@ -179,9 +193,7 @@ class PackedVideoFeed:
             return list(range(count))
         from transformers.video_utils import VideoMetadata
 
-        settings = own._merge_and_standardize_kwargs()  # what its preprocess passes sample_frames
-        for key in ("input_data_format", "do_convert_rgb", "do_sample_frames", "device", "video_metadata"):
-            settings.pop(key, None)
+        settings = _sampling_settings(own)
         try:
             chosen = own.sample_frames(VideoMetadata(total_num_frames=count, fps=rate), **settings)
         except ZeroDivisionError as err:  # Qwen2VLVideoProcessor asked for 0 frames (a clip of 1 frame)
@@ -198,10 +210,12 @@ class PackedVideoFeed:
         return found["pixel_values_videos"], (t, h, w)
 
     def forwards(self, loaded: LoadedModel, items: list, device: torch.device, dtype: torch.dtype) -> None:
-        """One packed forward of the tower on a batch of prepared clips, each clip a ``grid_thw`` row."""
+        """One packed forward of the tower on a batch of prepared clips, each clip a ``grid_thw`` row (VideoLLaMA3's
+        told the processor's ``merge_size`` per row, as its ``video_merge_sizes``)."""
         patches = torch.cat([p for p, _ in items])
         grid_thw = torch.tensor([list(thw) for _, thw in items])
-        call_packed(loaded.module, patches.to(device=device, dtype=dtype), grid_thw.to(device))
+        call_packed(loaded.module, patches.to(device=device, dtype=dtype), grid_thw.to(device),
+                    merge_size=int(self._own.merge_size))
 
     def per_clip(self, values: torch.Tensor, entries: list[dict], items: list) -> tuple[torch.Tensor, list[dict]]:
         """``values`` ``[S, n_slices, H]`` (the recording's entries: every clip's temporal slices, in order) as
@@ -221,6 +235,33 @@ class PackedVideoFeed:
             grids.append({"grid": [h, w], "size": entries[start]["size"], "frames": t * temporal})
             start += t
         return torch.stack(clips, 1), grids
+
+
+def _sampling_settings(own) -> dict:
+    """The settings the video processor ``own`` passes its ``sample_frames``: what its ``preprocess`` passes (every
+    setting of its class, standardised), less the ones that are no sampling's.
+
+    transformers 5.25 has no public way to these: ``preprocess`` builds them with the private
+    ``_merge_and_standardize_kwargs`` and calls ``sample_frames`` with them, and ``sample_frames`` alone, without
+    them, samples otherwise (``Qwen3VLVideoProcessor``'s by its ``fps`` where it is saved with ``num_frames``,
+    ``MuseGlimmerVideoProcessor``'s needs its ``temporal_patch_size``). So they are built as ``preprocess`` builds
+    them, and a transformers without that method is refused, never sampled by another rule.
+
+    Raises:
+        RuntimeError: the installed transformers has no ``_merge_and_standardize_kwargs``.
+    """
+    merge = getattr(own, "_merge_and_standardize_kwargs", None)
+    if merge is None:
+        import transformers
+
+        raise RuntimeError(f"{type(own).__name__} of transformers {transformers.__version__} has no "
+                           "_merge_and_standardize_kwargs, by which vitmad reads the settings its preprocess "
+                           "samples frames with (checked with transformers 5.25); install transformers 5.25, or "
+                           "save the video processor with do_sample_frames false (every frame)")
+    settings = merge()
+    for key in ("input_data_format", "do_convert_rgb", "do_sample_frames", "device", "video_metadata"):
+        settings.pop(key, None)
+    return settings
 
 
 def packed_video_feed(loaded: LoadedModel) -> PackedVideoFeed:
