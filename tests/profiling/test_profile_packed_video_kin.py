@@ -94,9 +94,18 @@ CASES = {
                                                 max_video_frame_tokens=9), [0, 2, 5, 8])
        for name, modeling, prefix in (("muse_glimmer", modeling_muse_glimmer, "MuseGlimmer"),
                                       ("muse_spark", modeling_muse_spark, "MuseSpark"))},
+    # every frame (its default), 64 to 576 pixels a frame; a clip cut into rows of at most 4 temporal patches (clip
+    # a: 5 temporal patches, rows of 4 and 1), each attended whole over space and time. head_dim 24: its 3D rotary
+    # embedding rotates 8 dims per axis.
+    "minimax_m3_vl": (modeling_minimax_m3_vl, "MiniMaxM3VLVisionModel",
+                      dict(VISION, hidden_size=48, spatial_merge_size=MERGE, temporal_patch_size=2),
+                      "MiniMaxM3VLVideoProcessor", dict(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,
+                                                        min_pixels=64, max_pixels=576), list(range(9))),
 }
+# The towers attending each grid_thw row whole, over space and time: a clip's rows, a temporal MAD.
+WHOLE_CLIP = ("minimax_m3_vl",)
 # The towers checked against a float64 reference from their own eager attention: name -> the tokens' merge blocks.
-EAGER = {"video_llama_3": MERGE, "hy_v4_vl": 1}
+EAGER = {"video_llama_3": MERGE, "hy_v4_vl": 1}  # and MiniMax-M3-VL's space-time rows: _whole_clip_reference
 
 
 def _config(name: str):
@@ -184,15 +193,19 @@ def _processed(folder: Path, name: str, clip: np.ndarray, rate: float | None = R
 
 
 def _recorded(tower: torch.nn.Module, inputs: dict) -> dict[str, torch.Tensor]:
-    """``{"mad", "entropy"}`` ``[L, H]`` of one clip from ``vitmad.record(reduction="none")``: the mean over every
-    token of every temporal slice; the output checked bit-identical to the tower's unrecorded one."""
+    """``{"mad", "entropy"}`` (and, for a tower attending whole clips, ``"temporal"``) ``[L, H]`` of one clip from
+    ``vitmad.record(reduction="none")``: the mean over every token of every temporal slice or row; the output checked
+    bit-identical to the tower's unrecorded one."""
     with torch.no_grad():
         plain = tower(**inputs).last_hidden_state
         with vitmad.record(tower, reduction="none", stats=["mad", "entropy"]) as rec:
             recorded = tower(**inputs).last_hidden_state
     assert torch.equal(plain, recorded)
-    found = {}
-    for stat, per_layer in (("mad", rec.per_layer), ("entropy", rec.calls[-1].statistics["entropy"])):
+    found, call = {}, rec.calls[-1]
+    values = [("mad", call.per_layer), ("entropy", call.statistics["entropy"])]
+    if all(t is not None for t in call.temporal):
+        values.append(("temporal", call.temporal))
+    for stat, per_layer in values:
         rows = []
         for values in per_layer:  # [slices, H, tokens], NaN beyond a slice's tokens
             tokens = values.permute(1, 0, 2).reshape(values.shape[1], -1).double()
@@ -224,12 +237,44 @@ def _eager_reference(name: str, tower, inputs: dict) -> torch.Tensor:
     return torch.stack(layers)
 
 
+def _whole_clip_reference(tower, inputs: dict) -> dict[str, torch.Tensor]:
+    """``{"mad", "temporal"}`` ``[L, H]`` float64 of one MiniMax-M3-VL clip from the tower's eager probabilities:
+    one call per ``grid_thw`` row and layer over its ``t * h * w`` tokens (``get_vision_cu_seqlens(...,
+    merge_temporal=True)``), time-major, each temporal slice in 2 x 2 merge blocks (the processor's permute); token
+    ``(s, r, c)`` at ``((r + 0.5) p, (c + 0.5) p)`` pixels and ``(s + 0.5) * 2`` frames from its row's first (a
+    tubelet of 2 frames); a query's spatial MAD the attention-weighted pixel distance to the keys of its row, its
+    temporal MAD the weighted frame distance; the clip's the mean over all its tokens."""
+    calls = eager_attention_calls(modeling_minimax_m3_vl, tower, **inputs)
+    rows = [tuple(int(v) for v in row) for row in inputs["grid_thw"]]
+    spatial, temporal, used = [], [], 0
+    for _ in range(len(calls) // len(rows)):
+        layer_spatial, layer_temporal = [], []
+        for t, h, w in rows:
+            _, probabilities = calls[used]
+            used += 1
+            (chunk,) = qwen_token_chunks((h, w), MERGE, None)
+            cells = [(s, r, c) for s in range(t) for r, c in chunk]
+            assert probabilities.shape[-1] == len(cells)
+            place = torch.tensor([[(r + 0.5) * PATCH, (c + 0.5) * PATCH] for _, r, c in cells], dtype=torch.float64)
+            time = torch.tensor([[(s + 0.5) * 2.0] for s, _, _ in cells], dtype=torch.float64)
+            rows_p = probabilities[0]  # [H, n, n]
+            layer_spatial.append((rows_p * torch.cdist(place, place)).sum(-1))
+            layer_temporal.append((rows_p * torch.cdist(time, time)).sum(-1))
+            entropy = float(-torch.special.xlogy(rows_p, rows_p).sum(-1).mean())
+            assert entropy < 0.8 * math.log(len(cells))  # far from uniform: a token placed elsewhere would show
+        spatial.append(torch.cat(layer_spatial, dim=1).mean(1))
+        temporal.append(torch.cat(layer_temporal, dim=1).mean(1))
+    assert used == len(calls)
+    return {"mad": torch.stack(spatial), "temporal": torch.stack(temporal)}
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_clips_are_profiled_as_the_model_own_video_processor_and_tower_take_them(folders, clips, name):
     folder = folders / name
     result = vitmad.profile(f"hf:{folder}", clips, device="cpu", batch_size=2, stats="entropy")
     assert result.images == [str(clips / file) for file in CLIPS] and result.skipped == []
-    assert result.temporal is None  # every temporal slice attends within itself: no distance in time
+    # Every temporal slice attends within itself, no distance in time; or each row whole, in space and time.
+    assert (result.temporal is not None) == (name in WHOLE_CLIP)
     tower = _tower(folder, name)
     temporal = CASES[name][4]["temporal_patch_size"]
     recorded, grids = [], {}
@@ -241,15 +286,25 @@ def test_clips_are_profiled_as_the_model_own_video_processor_and_tower_take_them
             torch.testing.assert_close(recorded[-1]["mad"], expected, **TOL)
             print(f"{name} {file} recorded vs float64 eager: max |difference| "
                   f"{float((recorded[-1]['mad'] - expected).abs().max()):.2e}")
-        t, h, w = (int(v) for v in inputs["grid_thw"][0])
+        if name in WHOLE_CLIP:
+            for stat, expected in _whole_clip_reference(tower, inputs).items():
+                torch.testing.assert_close(recorded[-1][stat], expected, **TOL)
+                print(f"{name} {file} {stat} recorded vs float64 eager: max |difference| "
+                      f"{float((recorded[-1][stat] - expected).abs().max()):.2e}")
+        ((h, w),) = {tuple(row) for row in inputs["grid_thw"][:, 1:].tolist()}  # the grid of each of its rows
+        t = int(inputs["grid_thw"][:, 0].sum())
         grids[str(clips / file)] = {"grid": [h, w], "size": [h * PATCH, w * PATCH], "frames": t * temporal}
     # The frames the processor takes of clip a (9 frames), padded to whole temporal patches.
     picked = CASES[name][5]
     assert grids[str(clips / "a.mp4")]["frames"] == math.ceil(len(picked) / temporal) * temporal
     assert result.image_grids == grids
-    for stat in ("mad", "entropy"):
+    if name in WHOLE_CLIP:  # clip a: rows of 4 and 1 temporal patches; b: one of 4
+        assert [_processed(folder, name, _decoded(clips / f))["grid_thw"][:, 0].tolist() for f in CLIPS] == [[4, 1],
+                                                                                                           [4]]
+    for stat in ("mad", "entropy", *(["temporal"] if name in WHOLE_CLIP else [])):
         expected = torch.stack([clip[stat] for clip in recorded]).mean(0)
-        found = result.mad if stat == "mad" else result.stat("entropy")
+        found = {"mad": result.mad, "temporal": result.temporal_mad}.get(stat)
+        found = result.stat("entropy") if found is None else found
         torch.testing.assert_close(found.double(), expected, **TOL)
         print(f"{name} {stat}: max |difference| {float((found.double() - expected).abs().max()):.2e}")
     assert result.settings["preprocessing"]["video_processor"] == CASES[name][3]
@@ -359,18 +414,19 @@ def test_video_llama_3_without_a_video_processor_file_merges_as_transformers_bui
     torch.testing.assert_close(result.mad.double(), torch.stack(expected).mean(0), **TOL)
 
 
-def test_minimax_m3_vl_videos_are_refused_by_name(tmp_path, clips, capsys):
-    """MiniMax-M3-VL attends each segment of a clip whole, over space and time: its clips are refused naming it."""
-    config = modeling_minimax_m3_vl.MiniMaxM3VLVisionModel.config_class(
-        hidden_size=48, intermediate_size=64, num_attention_heads=2, patch_size=PATCH, spatial_merge_size=MERGE,
-        num_hidden_layers=1, temporal_patch_size=2)
-    modeling_minimax_m3_vl.MiniMaxM3VLVisionModel(config).save_pretrained(tmp_path / "minimax")
-    with pytest.raises(OptionError, match=r"images: the vision tower MiniMaxM3VLVisionModel is profiled on images "
-                                          r"only: it attends a whole clip at a time.*vision_segment_max_frames"):
-        vitmad.profile(f"hf:{tmp_path / 'minimax'}", clips, device="cpu")
-    assert main(["profile", "--model", f"hf:{tmp_path / 'minimax'}", "--videos", str(clips), "--device", "cpu",
-                 "--out", str(tmp_path / "out")]) == 2
-    assert "MiniMaxM3VLVisionModel is profiled on images only" in capsys.readouterr().err
+def test_a_clip_of_one_temporal_patch_is_skipped_where_the_tower_attends_whole_clips(folders, clips, tmp_path):
+    """MiniMax-M3-VL attends a clip over space and time: a clip of 2 frames (one temporal patch, which the recorder
+    would place as an image) is skipped saying so; the other clips are profiled as alone."""
+    _write_clip(tmp_path / "short.mp4", 2, 28, 40, seed=9)
+    (tmp_path / "a.mp4").symlink_to(clips / "a.mp4")
+    spec = f"hf:{folders / 'minimax_m3_vl'}"
+    with pytest.warns(UserWarning, match=r"skipping video .*short\.mp4: it is one temporal patch \(2 frames after "
+                                         r"padding\): its tower attends a clip over space and time"):
+        result = vitmad.profile(spec, tmp_path, device="cpu", batch_size=2)
+    assert [Path(p).name for p in result.images] == ["a.mp4"] and len(result.skipped) == 1
+    alone = vitmad.profile(spec, [clips / "a.mp4"], device="cpu")
+    assert torch.equal(result.stats.total, alone.stats.total) and torch.equal(result.temporal.total,
+                                                                              alone.temporal.total)
 
 
 @pytest.mark.parametrize(("name", "processor", "change", "message"), [
@@ -406,3 +462,26 @@ def test_sampling_without_transformers_private_settings_is_refused(folders, clip
     with pytest.raises(RuntimeError, match=r"VideoLlama3VideoProcessor of transformers .* has no "
                                            r"_merge_and_standardize_kwargs.*do_sample_frames false"):
         vitmad.profile(f"hf:{folders / 'video_llama_3'}", clips, device="cpu")
+
+
+def test_the_command_writes_the_temporal_mad_of_whole_clips_and_resumes(folders, clips, tmp_path, capsys):
+    """MiniMax-M3-VL's clips: mad.json's temporal entries and sums, mad.csv's tmad columns and mad.png, equal to the
+    Python API's; resumed from its finished checkpoint, the same document."""
+    spec = f"hf:{folders / 'minimax_m3_vl'}"
+    args = ["profile", "--model", spec, "--videos", str(clips), "--device", "cpu", "--batch-size", "1",
+            "--checkpoint-every", "1", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert "2 videos (0 skipped)" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".pt") == ["mad.csv", "mad.json", "mad.png"]
+    document = json.loads((out / "mad.json").read_text())
+    single = vitmad.profile(spec, clips, device="cpu", batch_size=1)
+    assert "temporal" in document["layers"][0] and document["settings"]["preprocessing"]["whole_clip"] is True
+    np.testing.assert_allclose(np.array(document["sums"]["total"]), single.stats.total.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(np.array(document["sums"]["temporal_total"]), single.temporal.total.numpy(),
+                               rtol=1e-12)
+    assert (out / "mad.csv").read_text().splitlines()[0] == ("layer,name,head,mad_mean,mad_std,mad_min,mad_max,count,"
+                                                             "tmad_mean,tmad_std,tmad_min,tmad_max")
+    assert main([*args, "--resume"]) == 0
+    again = json.loads((out / "mad.json").read_text())
+    assert again["sums"] == document["sums"] and again["settings"] == document["settings"]

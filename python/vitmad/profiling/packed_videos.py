@@ -64,7 +64,7 @@ from .packed_towers import PACKED_TOWERS, _plain, call_packed, find_packed_tower
 from .videos import load_video
 
 __all__ = ["PackedVideoFeed", "packed_video_feed", "video_processor_dict", "load_packed_video_batch",
-           "VIDEO_PROCESSORS"]
+           "VIDEO_PROCESSORS", "WHOLE_CLIPS"]
 
 # Tower class -> its model's video processor (transformers' auto map), the towers whose videos vitmad profile feeds:
 # each attends every temporal slice of a clip within itself, the slice's patches in the order its image's are
@@ -86,14 +86,14 @@ VIDEO_PROCESSORS = {
     "MuseSparkVisionModel": "MuseGlimmerVideoProcessor",
     "VideoLlama3VisionModel": "VideoLlama3VideoProcessor",
     "HYV4VLVisionModel": "HYV4VLVideoProcessor",
+    "MiniMaxM3VLVisionModel": "MiniMaxM3VLVideoProcessor",
 }
+# The towers among them that attend each grid_thw row whole, over space and time (recording/families/packed.py,
+# whole_clip): MiniMax-M3-VL, whose video processor cuts a clip into rows of at most vision_segment_max_frames
+# temporal patches, each row placed as a clip of its own by vitmad.record, with a temporal MAD.
+WHOLE_CLIPS = ("MiniMaxM3VLVisionModel",)
 # The other packed towers vitmad profile loads: why their videos are not fed.
 _NO_VIDEOS = {
-    "MiniMaxM3VLVisionModel": "it attends a whole clip at a time, over space and time, and its video processor cuts a "
-                              "clip into rows of at most vision_segment_max_frames (4) temporal patches, each a clip "
-                              "of its own to vitmad.record; vitmad profile does not join a clip's rows nor carry "
-                              "their temporal MAD (record the tower in Python: vitmad.record(model.model.vision_tower) "
-                              "around get_video_features)",
     "PaddleOCRVisionModel": "its model has no video processor",
     "HunYuanVLVisionTransformer": "its patch merger folds a whole grid_thw row into one map: it runs no video",
     "PixtralVisionModel": "it takes images only",
@@ -105,8 +105,10 @@ _SHOWN = ("size", "patch_size", "merge_size", "temporal_patch_size", "do_sample_
           "min_frames", "max_frames", "cap_pixels_per_frame", "max_video_tokens", "image_mean", "image_std",
           "do_normalize", "do_rescale", "rescale_factor", "resample")
 # More settings that shape a result, shown only by the processors that have them (HY-V4-VL's per-frame pixel cap,
-# the Muse towers' tokens per frame): the Qwen processors' settings, and so their runs' fingerprints, are unchanged.
-_SHOWN_WHERE_HELD = ("max_image_size", "max_video_frame_tokens")
+# the Muse towers' tokens per frame, MiniMax-M3-VL's pixels per frame and temporal patches per row): the Qwen
+# processors' settings, and so their runs' fingerprints, are unchanged.
+_SHOWN_WHERE_HELD = ("max_image_size", "max_video_frame_tokens", "min_pixels", "max_pixels",
+                     "vision_segment_max_frames")
 
 
 def video_processor_dict(name: str, options: dict) -> dict | None:
@@ -180,9 +182,12 @@ class PackedVideoFeed:
     Attributes:
         processor: the checked video processor settings (:func:`video_settings`), its class in
             ``video_processor_type``.
+        whole_clip: the tower attends each ``grid_thw`` row whole over space and time (:data:`WHOLE_CLIPS`): each
+            row the recording's entry (a clip's segment), with a temporal MAD; else each temporal slice is.
     """
 
     processor: dict
+    whole_clip: bool = False
 
     @property
     def _own(self):
@@ -198,7 +203,7 @@ class PackedVideoFeed:
             shown["size"] = {k: v for k, v in dataclasses.asdict(shown["size"]).items() if v is not None}
         shown = json.loads(json.dumps(shown, default=_plain))  # PIL filters, tuples: plain values
         return {"native": "qwen", "videos": True, "video_processor": self.processor["video_processor_type"],
-                "processor": shown}
+                "processor": shown, **({"whole_clip": True} if self.whole_clip else {})}
 
     def pick(self, count: int, rate: float | None) -> list[int]:
         """The frames of a clip of ``count`` frames at ``rate`` frames a second the processor takes: its
@@ -215,40 +220,68 @@ class PackedVideoFeed:
             raise ValueError(f"{type(own).__name__} samples no frame of a clip of {count} ({err})") from err
         return [int(i) for i in chosen]
 
-    def prepare(self, frames: list) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """The processor on one clip's frames (RGB ``PIL.Image``): its patches ``[t * h * w, D]`` and ``(t, h, w)``."""
+    def prepare(self, frames: list) -> tuple[torch.Tensor, tuple[tuple[int, int, int], ...]]:
+        """The processor on one clip's frames (RGB ``PIL.Image``): its patches ``[sum t * h * w, D]`` and its
+        ``grid_thw`` rows ``(t, h, w)``: one, or (MiniMax-M3-VL's) one per segment of the clip.
+
+        Raises:
+            ValueError: the processor refuses the clip.
+        """
         import numpy as np
 
         clip = torch.from_numpy(np.stack([np.asarray(frame, dtype=np.uint8) for frame in frames])).permute(0, 3, 1, 2)
         found = self._own(videos=[clip], do_sample_frames=False, return_tensors="pt")
-        t, h, w = (int(v) for v in found["video_grid_thw"][0])
-        return found["pixel_values_videos"], (t, h, w)
+        rows = tuple(tuple(int(v) for v in row) for row in found["video_grid_thw"])
+        return found["pixel_values_videos"], rows
+
+    def unplaced(self, rows: tuple[tuple[int, int, int], ...]) -> str | None:
+        """Why a prepared clip cannot be profiled (None: it can): a tower attending whole clips given a clip of one
+        temporal patch, which the recorder would place as an image (no row of the forward holding a video), without
+        a temporal MAD."""
+        if self.whole_clip and all(t == 1 for t, _, _ in rows):
+            frames = int(self.processor["temporal_patch_size"])
+            return (f"it is one temporal patch ({frames} frames after padding): its tower attends a clip over space "
+                    "and time, and a single temporal patch has no time in it")
+        return None
 
     def forwards(self, loaded: LoadedModel, items: list, device: torch.device, dtype: torch.dtype) -> None:
-        """One packed forward of the tower on a batch of prepared clips, each clip a ``grid_thw`` row (VideoLLaMA3's
-        told the processor's ``merge_size`` per row, as its ``video_merge_sizes``)."""
+        """One packed forward of the tower on a batch of prepared clips, each clip its ``grid_thw`` rows
+        (VideoLLaMA3's told the processor's ``merge_size`` per row, as its ``video_merge_sizes``)."""
         patches = torch.cat([p for p, _ in items])
-        grid_thw = torch.tensor([list(thw) for _, thw in items])
+        grid_thw = torch.tensor([list(row) for _, rows in items for row in rows])
         call_packed(loaded.module, patches.to(device=device, dtype=dtype), grid_thw.to(device),
                     merge_size=int(self._own.merge_size))
 
     def per_clip(self, values: torch.Tensor, entries: list[dict], items: list) -> tuple[torch.Tensor, list[dict]]:
-        """``values`` ``[S, n_slices, H]`` (the recording's entries: every clip's temporal slices, in order) as
-        ``[S, n_clips, H]``, each clip the mean of its slices, and each clip's ``{"grid", "size", "frames"}``.
+        """``values`` ``[S, n_entries, H]`` (the recording's entries, in order: every clip's temporal slices, or
+        with :attr:`whole_clip` every clip's rows) as ``[S, n_clips, H]``, each clip the mean over its tokens (of
+        its slices, alike; of its rows, weighted by their temporal patches), and each clip's ``{"grid", "size",
+        "frames"}``.
 
         Raises:
-            RuntimeError: the recording's entries are not the clips' slices (each on its clip's grid).
+            RuntimeError: the recording's entries are not the clips' slices or rows (each on its clip's grid).
         """
-        slices = [(h, w) for _, (t, h, w) in items for _ in range(t)]
-        if [tuple(entry["grid"]) for entry in entries] != slices:
+        counts = [len(rows) if self.whole_clip else sum(t for t, _, _ in rows) for _, rows in items]
+        expected = []
+        for (_, rows), count in zip(items, counts):  # a clip's rows share its frames' grid
+            expected += [rows[0][1:]] * count
+        if [tuple(entry["grid"]) for entry in entries] != expected:
+            what = "rows" if self.whole_clip else "temporal slices"
             raise RuntimeError(f"the recording placed {len(entries)} entries on grids "
-                               f"{[entry['grid'] for entry in entries]}, not the clips' temporal slices {slices}")
+                               f"{[entry['grid'] for entry in entries]}, not the clips' {what} {expected}")
         temporal = int(self.processor["temporal_patch_size"])
         clips, grids, start = [], [], 0
-        for _, (t, h, w) in items:
-            clips.append(values[:, start:start + t].mean(1))
-            grids.append({"grid": [h, w], "size": entries[start]["size"], "frames": t * temporal})
-            start += t
+        for (_, rows), count in zip(items, counts):
+            found = values[:, start:start + count]
+            if self.whole_clip:  # rows of t * h * w tokens each: their means weighted by their temporal patches
+                weights = torch.tensor([t for t, _, _ in rows], dtype=values.dtype, device=values.device)
+                clips.append((found * weights[:, None]).sum(1) / weights.sum())
+            else:
+                clips.append(found.mean(1))
+            h, w = rows[0][1:]
+            grids.append({"grid": [h, w], "size": entries[start]["size"],
+                          "frames": sum(t for t, _, _ in rows) * temporal})
+            start += count
         return torch.stack(clips, 1), grids
 
 
@@ -289,7 +322,8 @@ def packed_video_feed(loaded: LoadedModel) -> PackedVideoFeed:
     if packed is None:
         raise OptionError("images", f"{type(loaded.module).__name__} is no video model and no packed vision tower: "
                                     "it takes images")
-    feed = PackedVideoFeed(video_settings(packed[1], loaded.video_processor))
+    feed = PackedVideoFeed(video_settings(packed[1], loaded.video_processor),
+                           whole_clip=type(packed[1]).__name__ in WHOLE_CLIPS)
     try:  # sampling settings it cannot sample by would fail every clip: said once, now
         feed.pick(64, 30.0)
     except TypeError as err:  # Qwen2VLVideoProcessor told to sample with neither fps nor num_frames
@@ -314,9 +348,11 @@ def load_packed_video_batch(paths: Sequence[Path], feed: PackedVideoFeed, pool: 
         if frames is None:
             return None, reason
         try:
-            return feed.prepare(frames), None
+            item = feed.prepare(frames)
         except ValueError as err:  # a clip the processor cannot take (Qwen3-VL's: fewer frames than a temporal patch)
             return None, f"the model's video processor refuses it ({error_said(err)})"
+        reason = feed.unplaced(item[1])
+        return (None, reason) if reason else (item, None)
 
     items, loaded, skipped = load_each(paths, one, pool)
     return (items or None), loaded, skipped
