@@ -2,8 +2,8 @@
 blocks of 2, told to the tower per clip as merge_sizes), Ovis2.5 (windows as layer_types says), LFM3-VL
 (Qwen3VLVideoProcessor, gated convolutions between its attention layers), Cosmos3-Edge (one frame a slice, each
 patch channels last), HY-V4-VL (one frame a slice, row-major) and Muse Glimmer / Muse Spark (row-major, each patch
-(t, C, p, p), windows over single patches), each clip through the model's own video processor; MiniMax-M3-VL's
-videos, attended a whole segment at a time, still refused by name.
+(t, C, p, p), windows over single patches) and MiniMax-M3-VL (each clip cut into rows of at most 4 temporal patches,
+each row attended whole over space and time: a temporal MAD), each clip through the model's own video processor.
 
 Tiny random-weight towers, their attention far from uniform, are saved alone to folders with their models' video
 processors (built from their classes with explicit settings). Two references, both written here:
@@ -11,9 +11,12 @@ processors (built from their classes with explicit settings). Two references, bo
 - every tower: each clip decoded whole with PyAV and given to the model's own video processor, loaded from the
   folder, with the clip's frame count and rate (so it samples as it does), then alone through the tower loaded by
   transformers under ``vitmad.record(reduction="none")``; a clip's MAD the mean over every token of every temporal
-  slice (the per-token values, NaN padding left out), the profile's the mean over clips. The tower's output is
+  slice or row (the per-token values, NaN padding left out; MiniMax-M3-VL's temporal MAD too), the profile's the
+  mean over clips. The tower's output is
   bit-identical with and without recording.
-- VideoLLaMA3 and HY-V4-VL, in float64 from the tower's own eager attention (the modeling file's
+- MiniMax-M3-VL in float64 from its eager attention (``_whole_clip_reference``: one call per row over its
+  ``t * h * w`` tokens, time-major, merge blocks within a slice, tubelets at ``(s + 0.5) * 2`` frames), and
+  VideoLLaMA3 and HY-V4-VL, in float64 from the tower's own eager attention (the modeling file's
   ``eager_attention_forward`` captured): a clip of ``t`` frames is ``t`` slices of ``h * w`` tokens, one attention
   call per slice and layer (``get_vision_attention_seqlens``: ``h * w`` repeated ``t`` times), VideoLLaMA3's tokens
   in merge blocks of the processor's ``merge_size`` (2 x 2 blocks row-major, the patches of a block row-major:

@@ -57,9 +57,10 @@ the resize to it, and what follows the tower merges by it: ``merge_size`` there)
 into one packed forward (:class:`~.native.NativeFeed`). A fixed ``image_size`` resizes every image to exactly that size
 (cover and centre crop, as for any model), which must be whole patches: multiples of ``patch * spatial_merge_size`` for
 Qwen, of ``patch`` (and at most the tower's ``image_size``) for Pixtral; no ``image_size`` is refused, since these
-towers have no input size of their own. Clips go to the Qwen, VideoLLaMA3, Ovis2.5, LFM3-VL, Cosmos3-Edge, HY-V4-VL
-and Muse towers through their models' video processors instead (``packed_videos.py``; VideoLLaMA3's merge blocks of
-its video processor's ``merge_size``, told to the tower per clip).
+towers have no input size of their own. Clips go to the Qwen, VideoLLaMA3, Ovis2.5, LFM3-VL, Cosmos3-Edge, HY-V4-VL,
+Muse and MiniMax-M3-VL towers through their models' video processors instead (``packed_videos.py``; VideoLLaMA3's
+merge blocks of its video processor's ``merge_size``, told to the tower per clip; MiniMax-M3-VL's segments attended
+over space and time, with a temporal MAD).
 """
 
 from __future__ import annotations

@@ -1,48 +1,55 @@
 """Videos of packed native-resolution towers in ``vitmad profile``: the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision towers
 (and Qwen3-VL's tower in Qwen3-VL-MoE, Qwen3.5 and Qwen3.5-MoE), and the VideoLLaMA3, Ovis2.5, LFM3-VL, Cosmos3-Edge,
-HY-V4-VL, Muse Glimmer and Muse Spark towers, each clip through the model's own video processor.
+HY-V4-VL, Muse Glimmer, Muse Spark and MiniMax-M3-VL towers, each clip through the model's own video processor.
 
 Each clip goes through the checkpoint's video processor (transformers' auto map, :data:`VIDEO_PROCESSORS`:
 ``Qwen2VLVideoProcessor`` for Qwen2-VL and Qwen2.5-VL, ``Qwen3VLVideoProcessor`` for the Qwen3-VL towers and LFM3-VL,
 ``VideoLlama3VideoProcessor``, ``Ovis2_5VideoProcessor``, ``Cosmos3EdgeVideoProcessor``, ``HYV4VLVideoProcessor``,
-``MuseGlimmerVideoProcessor`` for both Muse towers), read as transformers reads it (``processor_config.json``'s
-``video_processor``, else ``video_preprocessor_config.json``, else the image processor's ``preprocessor_config.json``;
-without any, the class's defaults with the tower's sizes), so the model's own rules decide what the tower sees, not
-the fixed frame count of the video models' path (``videos.py``):
+``MuseGlimmerVideoProcessor`` for both Muse towers, ``MiniMaxM3VLVideoProcessor``), read as transformers reads it
+(``processor_config.json``'s ``video_processor``, else ``video_preprocessor_config.json``, else the image processor's
+``preprocessor_config.json``; without any, the class's defaults with the tower's sizes), so the model's own rules
+decide what the tower sees, not the fixed frame count of the video models' path (``videos.py``):
 
 - frames: the processor's ``sample_frames`` given the clip's frame count and frame rate, where its
   ``do_sample_frames`` is set (the default of Qwen3-VL's, Cosmos3-Edge's and the Muse towers': ``fps`` frames a
   second within ``min_frames`` and ``max_frames``, the Muse towers' at most ``num_frames``), with the settings its
   ``preprocess`` passes it (read by transformers' private ``_merge_and_standardize_kwargs``: there is no public way
   in transformers 5.25, and without them some processors sample otherwise); else every frame, as the processor takes
-  the frames it is given (the default of Qwen2-VL's, VideoLLaMA3's, Ovis2.5's and HY-V4-VL's). Only the picked
-  frames are decoded. A clip the processor cannot sample (fewer frames than it asks, Qwen3-VL's fewer than a temporal
-  patch) is skipped with the processor's reason; a frame folder has no frame rate (Qwen3-VL's, Cosmos3-Edge's,
-  HY-V4-VL's and the Muse processors then take 24 frames a second; Qwen2-VL's and VideoLLaMA3's refuse to sample it
-  by ``fps``).
+  the frames it is given (the default of Qwen2-VL's, VideoLLaMA3's, Ovis2.5's, HY-V4-VL's and MiniMax-M3-VL's). Only
+  the picked frames are decoded. A clip the processor cannot sample (fewer frames than it asks, Qwen3-VL's fewer
+  than a temporal patch) is skipped with the processor's reason; a frame folder has no frame rate (Qwen3-VL's,
+  Cosmos3-Edge's, HY-V4-VL's and the Muse processors then take 24 frames a second; Qwen2-VL's and VideoLLaMA3's
+  refuse to sample it by ``fps``).
 - size and patches: the processor's ``smart_resize`` (sides multiples of ``patch * merge``, within its pixel budget:
   per frame, or over the whole clip for Qwen3-VL's, Cosmos3-Edge's, VideoLLaMA3's and HY-V4-VL's; the Muse
   processors' at most ``max_video_frame_tokens`` merged tokens a frame; HY-V4-VL's never upscaling), its
   normalisation, and its ``patchify``: the frames padded with the last to whole temporal patches, ``grid_thw = (t,
   h, w)``, each temporal slice's ``h * w`` patches in the order the tower places an image's (Qwen2-VL's merge blocks,
-  each patch ``(C, temporal_patch, p, p)``, for the Qwen towers, LFM3-VL and Ovis2.5; Cosmos3-Edge's merge blocks,
-  each patch ``(p, p, C)`` of one frame; VideoLLaMA3's merge blocks of its ``merge_size``, 2 by default, each patch
-  ``(C, p, p)`` of one frame; HY-V4-VL's row-major, each ``(C, p, p)`` of one frame; the Muse towers' row-major,
-  each ``(temporal_patch, C, p, p)``).
+  each patch ``(C, temporal_patch, p, p)``, for the Qwen towers, LFM3-VL, Ovis2.5 and MiniMax-M3-VL; Cosmos3-Edge's
+  merge blocks, each patch ``(p, p, C)`` of one frame; VideoLLaMA3's merge blocks of its ``merge_size``, 2 by
+  default, each patch ``(C, p, p)`` of one frame; HY-V4-VL's row-major, each ``(C, p, p)`` of one frame; the Muse
+  towers' row-major, each ``(temporal_patch, C, p, p)``).
 
 Every clip of a batch goes into one packed forward of the tower (``pixel_values_videos`` and ``video_grid_thw`` as the
 model's ``get_video_features`` passes them; VideoLLaMA3's tower told the processor's ``merge_size`` per clip, its
-``video_merge_sizes``, where its images are fed with 1). These towers attend each temporal slice (a temporal patch
-of ``temporal_patch_size`` frames; one frame for VideoLLaMA3, Ovis2.5's default, Cosmos3-Edge and HY-V4-VL) within
-itself (``cu_seqlens`` per slice; Ovis2.5's and the Muse towers' window layers per window of a slice): the recorder
-places each slice as an image of its own, and a clip's MAD is the mean over its tokens, every slice's (the slices
-are alike, so the mean of their MADs). No attention crosses slices, so there is no temporal MAD: ``mad.json`` has
-none, and lists each clip's grid, size and the frames its temporal patches hold in ``image_grids``.
+``video_merge_sizes``, where its images are fed with 1). These towers but MiniMax-M3-VL attend each temporal slice (a
+temporal patch of ``temporal_patch_size`` frames; one frame for VideoLLaMA3, Ovis2.5's default, Cosmos3-Edge and
+HY-V4-VL) within itself (``cu_seqlens`` per slice; Ovis2.5's and the Muse towers' window layers per window of a
+slice): the recorder places each slice as an image of its own, and a clip's MAD is the mean over its tokens, every
+slice's (the slices are alike, so the mean of their MADs). No attention crosses slices, so there is no temporal MAD:
+``mad.json`` has none, and lists each clip's grid, size and the frames its temporal patches hold in ``image_grids``.
 
-Refused by name: the other packed towers (MiniMax-M3-VL attends a whole segment of a clip over space and time;
-:data:`_NO_VIDEOS` says why for each), a processor of another class or of another patch, merge or temporal patch
-size than the tower's (VideoLLaMA3's merge size is the processor's, told to the tower), a fixed ``image_size`` (the
-processor resizes each clip), and pixel tensors.
+MiniMax-M3-VL (:data:`WHOLE_CLIPS`) attends each ``grid_thw`` row whole, over space and time, and its video processor
+cuts a clip into rows of at most ``vision_segment_max_frames`` (4) temporal patches, the last often shorter: the
+recorder places each row as a clip (tokens at their pixel centres and at ``(s + 0.5) * temporal_patch_size`` frames
+from the row's first), and a clip's spatial and temporal MAD are the means over all its tokens, its rows' weighted by
+their temporal patches. The temporal MAD, in frames of the clip as sampled, rides as a video model's (``mad.json``'s
+``"temporal"`` entries and sums, ``mad.csv``'s ``tmad_*``, ``mad.png``). A clip of one temporal patch (at most 2
+frames) is skipped saying why: alone in a forward the recorder would place it as an image, without time.
+
+Refused by name: the other packed towers (:data:`_NO_VIDEOS` says why for each), a processor of another class or of
+another patch, merge or temporal patch size than the tower's (VideoLLaMA3's merge size is the processor's, told to
+the tower), a fixed ``image_size`` (the processor resizes each clip), and pixel tensors.
 """
 
 from __future__ import annotations
