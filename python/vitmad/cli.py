@@ -179,9 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "torchvision's MViT and video Swin) takes videos: clips (.mp4, .webm, .avi, ...; decoded "
                           "with PyAV), folders of frames (images in name order), or folders of those; each is sampled "
                           "evenly to the model's frame count. The Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision towers "
-                          "(and Qwen3-VL's kin) take clips too, or with --videos folders of frames, each through "
-                          "the model's own video processor. A monai: model takes NIfTI volumes (.nii, .nii.gz) "
-                          "or folders of them")
+                          "(and Qwen3-VL's kin), VideoLLaMA3's, Ovis2.5's, LFM3-VL's, Cosmos3-Edge's, HY-V4-VL's, "
+                          "MiniMax-M3-VL's (space and time) and the Muse towers take clips too, or with --videos "
+                          "folders of frames, each through the model's own video processor (its frame sampling, "
+                          "size and patches). A monai: model takes NIfTI volumes (.nii, .nii.gz) or folders of them")
     run.set_defaults(as_videos=False)
     run.add_argument("--image-size", default=None,
                      help="S or HxW instead of the model's input size, or native: each image at its own aspect "

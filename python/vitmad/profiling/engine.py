@@ -601,15 +601,20 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
         with torch.inference_mode(), record(plan.loaded.module, **plan.record_options) as rec:
             plan.native.forwards(plan.loaded, pixels, plan.device, plan.dtype)
         mad, geometry, grids = native_geometry(rec)
+        whole_clips = isinstance(plan.native, PackedVideoFeed) and plan.native.whole_clip
+        if whole_clips:
+            # Clips attended over space and time: their temporal MAD rides as L more rows, as a video model's.
+            mad = torch.cat([mad, torch.cat([call.temporal_mad for call in rec.calls], dim=1)])
         if plan.statistics:
             # The other statistics ride as more blocks of L rows of the same sums, as the temporal MAD does.
             mad = torch.cat([mad, *(torch.cat([call.stat(name) for call in rec.calls], dim=1)
                                     for name in plan.statistics)])
-        if isinstance(plan.native, PackedVideoFeed):  # the entries are the clips' temporal slices: one row a clip
+        if isinstance(plan.native, PackedVideoFeed):  # the entries are the clips' slices or rows: one row a clip
             mad, grids = plan.native.per_clip(mad, grids, pixels)
         stats = (stats or RunningStats.empty(*mad.shape[::2])).add(mad)
         meta = {"layers": list(rec.layers), "layout": None, "geometry": geometry, "skipped_layers": dict(rec.skipped),
-                "image_grids": {**(meta or {}).get("image_grids", {}), **dict(zip(loaded_names, grids))}}
+                "image_grids": {**(meta or {}).get("image_grids", {}), **dict(zip(loaded_names, grids))},
+                **({"temporal": True} if whole_clips else {})}
     elif isinstance(pixels, VolumeBatch):
         mad, rec = _volume_values(plan, pixels)
         stats = (stats or RunningStats.empty(*mad.shape[::2])).add(mad)

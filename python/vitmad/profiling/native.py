@@ -366,6 +366,7 @@ def native_geometry(rec) -> tuple[torch.Tensor, list[dict], list[dict]]:
     geometry = []
     for layer in rec.calls[0].geometry:
         found = layer.as_dict()
-        found.pop("image_grids", None)
+        for key in ("image_grids", "frames", "image_frames"):  # per image or clip of one batch (image_grids, later)
+            found.pop(key, None)
         geometry.append(found | {"grid": None})
     return torch.cat(mad, dim=1), geometry, images

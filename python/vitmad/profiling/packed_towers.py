@@ -44,7 +44,8 @@ passed to the tower as ``[1, N, C, p, p]``), Ovis2.5 by ``Ovis2_5ImageProcessor`
 grid of ``patch * merge_size`` blocks nearest the image's ratio within ``max_image_tokens`` merged tokens, the patches
 row-major, each ``(t, C, p, p)``; their towers merge nothing before their last layer), VideoLLaMA3 by
 ``VideoLlama3ImageProcessor`` (or ``...Pil``) with its default ``merge_size`` 1 only (row-major patches; the tower told
-``merge_sizes`` 1 per image; another ``merge_size``, its video processor's 2, is refused), HunYuanVL by
+``merge_sizes`` 1 per image; an image processor of another ``merge_size`` is refused; clips go through its video
+processor, merge size 2 by default, told to the tower), HunYuanVL by
 ``HunYuanVLImageProcessor`` and HY-V4-VL by ``HYV4VLImageProcessor`` (or ``...Pil``: Qwen2-VL's ``smart_resize``, the
 patches row-major, each ``(C, p, p)``); transformers 4's ``...Fast`` name is read as transformers 5 reads it, the base
 class. A checkpoint whose processor is of another class is refused (another class resizes by other rules:
@@ -56,8 +57,10 @@ the resize to it, and what follows the tower merges by it: ``merge_size`` there)
 into one packed forward (:class:`~.native.NativeFeed`). A fixed ``image_size`` resizes every image to exactly that size
 (cover and centre crop, as for any model), which must be whole patches: multiples of ``patch * spatial_merge_size`` for
 Qwen, of ``patch`` (and at most the tower's ``image_size``) for Pixtral; no ``image_size`` is refused, since these
-towers have no input size of their own. Clips go to the Qwen towers through their models' video processors instead
-(``packed_videos.py``).
+towers have no input size of their own. Clips go to the Qwen, VideoLLaMA3, Ovis2.5, LFM3-VL, Cosmos3-Edge, HY-V4-VL,
+Muse and MiniMax-M3-VL towers through their models' video processors instead (``packed_videos.py``; VideoLLaMA3's
+merge blocks of its video processor's ``merge_size``, told to the tower per clip; MiniMax-M3-VL's segments attended
+over space and time, with a temporal MAD).
 """
 
 from __future__ import annotations
@@ -231,8 +234,9 @@ PACKED_TOWERS = {
     # VideoLLaMA3: VideoLlama3Model keeps the tower under model.vision_model (no conversion mapping). The tower takes
     # a merge size per grid_thw row (merge_sizes), its patches in merge blocks of that size; its image processor's
     # default merge_size is 1 (row-major patches, (C, t, p, p), t 1; its video processor's is 2), and it says so in
-    # image_merge_sizes. Fed here with merge_size 1 only (merge_sizes all 1): a processor saved with another is
-    # refused, never fed other blocks than the tower is told.
+    # image_merge_sizes. Its images are fed here with merge_size 1 only (merge_sizes all 1): an image processor saved
+    # with another is refused, never fed other blocks than the tower is told. Its clips are fed with their video
+    # processor's merge_size, told to the tower as merge_sizes (packed_videos.py, call_packed).
     "VideoLlama3VisionModel": PackedTower(
         "qwen", "transformers.models.video_llama_3.modeling_video_llama_3", "VideoLlama3VisionConfig",
         "vision_model", ("model.vision_model.", "vision_model."), patch="embeddings.patch_size", temporal=None,
@@ -419,13 +423,16 @@ def temporal_first(settings: dict | None) -> bool:
     return (settings or {}).get("image_processor_type") in _TEMPORAL_FIRST
 
 
-def call_packed(tower: nn.Module, patches: torch.Tensor, grid_thw: torch.Tensor):
+def call_packed(tower: nn.Module, patches: torch.Tensor, grid_thw: torch.Tensor, merge_size: int = 1):
     """Calls a Qwen-kind ``tower`` on the packed patches of its images (``[N, ...]``, one row per patch, as the
-    processor gives them) in the layout the tower takes (:attr:`PackedTower.layout`)."""
+    processor gives them) in the layout the tower takes (:attr:`PackedTower.layout`); a tower that takes a merge
+    size per row (:attr:`PackedTower.merge_argument`) is told ``merge_size`` for each: the processor's, 1 for
+    images (:func:`processor_settings`), its video processor's for clips."""
     spec = PACKED_TOWERS[type(tower).__name__]
     extra = {}
-    if spec.merge_argument is not None:  # VideoLLaMA3: its processor's image_merge_sizes, 1 (processor_settings)
-        extra[spec.merge_argument] = torch.ones(len(grid_thw), dtype=torch.long, device=grid_thw.device)
+    if spec.merge_argument is not None:  # VideoLLaMA3: its processor's image_merge_sizes / video_merge_sizes
+        extra[spec.merge_argument] = torch.full((len(grid_thw),), merge_size, dtype=torch.long,
+                                                device=grid_thw.device)
     if spec.layout == "patches":
         patch = tower_sizes(tower)[0]
         return tower(patches.reshape(1, patches.shape[0], -1, patch, patch), grid_thw=grid_thw, **extra)

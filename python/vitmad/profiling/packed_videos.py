@@ -1,33 +1,55 @@
 """Videos of packed native-resolution towers in ``vitmad profile``: the Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision towers
-(and Qwen3-VL's tower in Qwen3-VL-MoE, Qwen3.5 and Qwen3.5-MoE), each clip through the model's own video processor.
+(and Qwen3-VL's tower in Qwen3-VL-MoE, Qwen3.5 and Qwen3.5-MoE), and the VideoLLaMA3, Ovis2.5, LFM3-VL, Cosmos3-Edge,
+HY-V4-VL, Muse Glimmer, Muse Spark and MiniMax-M3-VL towers, each clip through the model's own video processor.
 
-Each clip goes through the checkpoint's video processor (``Qwen2VLVideoProcessor`` for Qwen2-VL and Qwen2.5-VL,
-``Qwen3VLVideoProcessor`` for the Qwen3-VL towers: transformers' auto map), read as transformers reads it
+Each clip goes through the checkpoint's video processor (transformers' auto map, :data:`VIDEO_PROCESSORS`:
+``Qwen2VLVideoProcessor`` for Qwen2-VL and Qwen2.5-VL, ``Qwen3VLVideoProcessor`` for the Qwen3-VL towers and LFM3-VL,
+``VideoLlama3VideoProcessor``, ``Ovis2_5VideoProcessor``, ``Cosmos3EdgeVideoProcessor``, ``HYV4VLVideoProcessor``,
+``MuseGlimmerVideoProcessor`` for both Muse towers, ``MiniMaxM3VLVideoProcessor``), read as transformers reads it
 (``processor_config.json``'s ``video_processor``, else ``video_preprocessor_config.json``, else the image processor's
 ``preprocessor_config.json``; without any, the class's defaults with the tower's sizes), so the model's own rules
 decide what the tower sees, not the fixed frame count of the video models' path (``videos.py``):
 
 - frames: the processor's ``sample_frames`` given the clip's frame count and frame rate, where its
-  ``do_sample_frames`` is set (Qwen3-VL's default: ``fps`` frames a second within ``min_frames`` and
-  ``max_frames``); else every frame, as the processor takes the frames it is given (Qwen2-VL's default). Only the
-  picked frames are decoded. A clip the processor cannot sample (fewer frames than it asks, Qwen3-VL's fewer than a
-  temporal patch) is skipped with the processor's reason; a frame folder has no frame rate (Qwen3-VL's processor then
-  takes 24 frames a second).
-- size and patches: the processor's ``smart_resize`` (sides multiples of ``patch * merge``, the pixel budget per
-  frame, Qwen3-VL's over the whole clip), its normalisation, and its ``patchify``: the frames padded with the last to
-  whole temporal patches, ``grid_thw = (t, h, w)``, each temporal slice's ``h * w`` patches in merge-block order,
-  each patch ``(C, temporal_patch, p, p)``.
+  ``do_sample_frames`` is set (the default of Qwen3-VL's, Cosmos3-Edge's and the Muse towers': ``fps`` frames a
+  second within ``min_frames`` and ``max_frames``, the Muse towers' at most ``num_frames``), with the settings its
+  ``preprocess`` passes it (read by transformers' private ``_merge_and_standardize_kwargs``: there is no public way
+  in transformers 5.25, and without them some processors sample otherwise); else every frame, as the processor takes
+  the frames it is given (the default of Qwen2-VL's, VideoLLaMA3's, Ovis2.5's, HY-V4-VL's and MiniMax-M3-VL's). Only
+  the picked frames are decoded. A clip the processor cannot sample (fewer frames than it asks, Qwen3-VL's fewer
+  than a temporal patch) is skipped with the processor's reason; a frame folder has no frame rate (Qwen3-VL's,
+  Cosmos3-Edge's, HY-V4-VL's and the Muse processors then take 24 frames a second; Qwen2-VL's and VideoLLaMA3's
+  refuse to sample it by ``fps``).
+- size and patches: the processor's ``smart_resize`` (sides multiples of ``patch * merge``, within its pixel budget:
+  per frame, or over the whole clip for Qwen3-VL's, Cosmos3-Edge's, VideoLLaMA3's and HY-V4-VL's; the Muse
+  processors' at most ``max_video_frame_tokens`` merged tokens a frame; HY-V4-VL's never upscaling), its
+  normalisation, and its ``patchify``: the frames padded with the last to whole temporal patches, ``grid_thw = (t,
+  h, w)``, each temporal slice's ``h * w`` patches in the order the tower places an image's (Qwen2-VL's merge blocks,
+  each patch ``(C, temporal_patch, p, p)``, for the Qwen towers, LFM3-VL, Ovis2.5 and MiniMax-M3-VL; Cosmos3-Edge's
+  merge blocks, each patch ``(p, p, C)`` of one frame; VideoLLaMA3's merge blocks of its ``merge_size``, 2 by
+  default, each patch ``(C, p, p)`` of one frame; HY-V4-VL's row-major, each ``(C, p, p)`` of one frame; the Muse
+  towers' row-major, each ``(temporal_patch, C, p, p)``).
 
 Every clip of a batch goes into one packed forward of the tower (``pixel_values_videos`` and ``video_grid_thw`` as the
-model's ``get_video_features`` passes them). These towers attend each temporal slice (a temporal patch of
-``temporal_patch_size`` frames) within itself (``cu_seqlens`` per slice): the recorder places each slice as an image
-of its own, and a clip's MAD is the mean over its tokens, every slice's (the slices are alike, so the mean of their
-MADs). No attention crosses slices, so there is no temporal MAD: ``mad.json`` has none, and lists each clip's grid,
-size and the frames its temporal patches hold in ``image_grids``.
+model's ``get_video_features`` passes them; VideoLLaMA3's tower told the processor's ``merge_size`` per clip, its
+``video_merge_sizes``, where its images are fed with 1). These towers but MiniMax-M3-VL attend each temporal slice (a
+temporal patch of ``temporal_patch_size`` frames; one frame for VideoLLaMA3, Ovis2.5's default, Cosmos3-Edge and
+HY-V4-VL) within itself (``cu_seqlens`` per slice; Ovis2.5's and the Muse towers' window layers per window of a
+slice): the recorder places each slice as an image of its own, and a clip's MAD is the mean over its tokens, every
+slice's (the slices are alike, so the mean of their MADs). No attention crosses slices, so there is no temporal MAD:
+``mad.json`` has none, and lists each clip's grid, size and the frames its temporal patches hold in ``image_grids``.
 
-Refused by name: the other packed towers (their videos are attended otherwise, or their video processors are not
-checked here: :data:`_NO_VIDEOS`), a processor of another class or of another patch, merge or temporal patch size
-than the tower's, a fixed ``image_size`` (the processor resizes each clip), and pixel tensors.
+MiniMax-M3-VL (:data:`WHOLE_CLIPS`) attends each ``grid_thw`` row whole, over space and time, and its video processor
+cuts a clip into rows of at most ``vision_segment_max_frames`` (4) temporal patches, the last often shorter: the
+recorder places each row as a clip (tokens at their pixel centres and at ``(s + 0.5) * temporal_patch_size`` frames
+from the row's first), and a clip's spatial and temporal MAD are the means over all its tokens, its rows' weighted by
+their temporal patches. The temporal MAD, in frames of the clip as sampled, rides as a video model's (``mad.json``'s
+``"temporal"`` entries and sums, ``mad.csv``'s ``tmad_*``, ``mad.png``). A clip of one temporal patch (at most 2
+frames) is skipped saying why: alone in a forward the recorder would place it as an image, without time.
+
+Refused by name: the other packed towers (:data:`_NO_VIDEOS` says why for each), a processor of another class or of
+another patch, merge or temporal patch size than the tower's (VideoLLaMA3's merge size is the processor's, told to
+the tower), a fixed ``image_size`` (the processor resizes each clip), and pixel tensors.
 """
 
 from __future__ import annotations
@@ -45,14 +67,18 @@ import torch
 from .images import load_each
 from .models import LoadedModel
 from .options import OptionError, error_said
-from .packed_towers import _plain, call_packed, find_packed_tower, tower_sizes
+from .packed_towers import PACKED_TOWERS, _plain, call_packed, find_packed_tower, tower_sizes
 from .videos import load_video
 
 __all__ = ["PackedVideoFeed", "packed_video_feed", "video_processor_dict", "load_packed_video_batch",
-           "VIDEO_PROCESSORS"]
+           "VIDEO_PROCESSORS", "WHOLE_CLIPS"]
 
 # Tower class -> its model's video processor (transformers' auto map), the towers whose videos vitmad profile feeds:
-# they attend each temporal slice within itself, in an image's merge-block order (recording/families/packed.py).
+# each attends every temporal slice of a clip within itself, the slice's patches in the order its image's are
+# (recording/families/packed.py, video_slices), and its video processor cuts them in that order: Qwen2-VL's merge
+# blocks, each patch (C, t, p, p) (the Qwen towers, LFM3-VL, Ovis2.5); Cosmos3-Edge's merge blocks, each patch
+# (p, p, C) of one frame; VideoLLaMA3's merge blocks of its merge_size (2 by default), the tower told so per clip
+# (merge_sizes); HY-V4-VL's row-major patches of one frame; the Muse towers' row-major patches, each (t, C, p, p).
 VIDEO_PROCESSORS = {
     "Qwen2VisionTransformerPretrainedModel": "Qwen2VLVideoProcessor",
     "Qwen2_5_VisionTransformerPretrainedModel": "Qwen2VLVideoProcessor",
@@ -60,22 +86,23 @@ VIDEO_PROCESSORS = {
     "Qwen3VLMoeVisionModel": "Qwen3VLVideoProcessor",
     "Qwen3_5VisionModel": "Qwen3VLVideoProcessor",
     "Qwen3_5MoeVisionModel": "Qwen3VLVideoProcessor",
+    "Cosmos3EdgeVisionModel": "Cosmos3EdgeVideoProcessor",
+    "Lfm3VlVisionModel": "Qwen3VLVideoProcessor",
+    "Ovis2_5VisionModel": "Ovis2_5VideoProcessor",
+    "MuseGlimmerVisionModel": "MuseGlimmerVideoProcessor",
+    "MuseSparkVisionModel": "MuseGlimmerVideoProcessor",
+    "VideoLlama3VisionModel": "VideoLlama3VideoProcessor",
+    "HYV4VLVisionModel": "HYV4VLVideoProcessor",
+    "MiniMaxM3VLVisionModel": "MiniMaxM3VLVideoProcessor",
 }
+# The towers among them that attend each grid_thw row whole, over space and time (recording/families/packed.py,
+# whole_clip): MiniMax-M3-VL, whose video processor cuts a clip into rows of at most vision_segment_max_frames
+# temporal patches, each row placed as a clip of its own by vitmad.record, with a temporal MAD.
+WHOLE_CLIPS = ("MiniMaxM3VLVisionModel",)
 # The other packed towers vitmad profile loads: why their videos are not fed.
-_UNCHECKED = "its video processor's frames and patch order were not checked against the tower here"
 _NO_VIDEOS = {
-    "MiniMaxM3VLVisionModel": "it attends a whole clip at a time and its video processor cuts a clip into rows of at "
-                              "most 4 temporal patches, " + _UNCHECKED,
-    "Cosmos3EdgeVisionModel": _UNCHECKED + " (one frame a slice, no temporal patch)",
-    "Lfm3VlVisionModel": _UNCHECKED + " (its gated convolutions run on each slice)",
     "PaddleOCRVisionModel": "its model has no video processor",
-    "Ovis2_5VisionModel": _UNCHECKED,
-    "MuseGlimmerVisionModel": _UNCHECKED,
-    "MuseSparkVisionModel": _UNCHECKED,
-    "VideoLlama3VisionModel": "its video processor cuts merge blocks of 2 where vitmad profile feeds the tower merge "
-                              "size 1 only",
     "HunYuanVLVisionTransformer": "its patch merger folds a whole grid_thw row into one map: it runs no video",
-    "HYV4VLVisionModel": _UNCHECKED,
     "PixtralVisionModel": "it takes images only",
 }
 # Video processor settings that are no setting of the video processor itself.
@@ -84,6 +111,11 @@ _DROPPED = ("image_processor_type", "video_processor_type", "processor_class", "
 _SHOWN = ("size", "patch_size", "merge_size", "temporal_patch_size", "do_sample_frames", "fps", "num_frames",
           "min_frames", "max_frames", "cap_pixels_per_frame", "max_video_tokens", "image_mean", "image_std",
           "do_normalize", "do_rescale", "rescale_factor", "resample")
+# More settings that shape a result, shown only by the processors that have them (HY-V4-VL's per-frame pixel cap,
+# the Muse towers' tokens per frame, MiniMax-M3-VL's pixels per frame and temporal patches per row): the Qwen
+# processors' settings, and so their runs' fingerprints, are unchanged.
+_SHOWN_WHERE_HELD = ("max_image_size", "max_video_frame_tokens", "min_pixels", "max_pixels",
+                     "vision_segment_max_frames")
 
 
 def video_processor_dict(name: str, options: dict) -> dict | None:
@@ -137,7 +169,12 @@ def video_settings(tower: torch.nn.Module, saved: dict | None) -> dict:
                                    f"resizing and patch order vitmad checked; {given}'s it did not")
     settings = {k: v for k, v in saved.items() if k not in _DROPPED}
     patch, merge, temporal = tower_sizes(tower)
-    for key, value in {"patch_size": patch, "merge_size": merge, "temporal_patch_size": temporal}.items():
+    expected = {"patch_size": patch, "merge_size": merge, "temporal_patch_size": temporal}
+    if PACKED_TOWERS[name].merge_argument is not None:
+        # VideoLLaMA3: the tower takes a merge size per clip (merge_sizes), told the processor's own (its class's
+        # default 2 where the checkpoint says none), as get_video_features passes video_merge_sizes.
+        del expected["merge_size"]
+    for key, value in expected.items():
         settings.setdefault(key, value)
         if int(settings[key]) != value:
             raise OptionError("model", f"the video processor has {key}={settings[key]}, but the vision tower {name} "
@@ -152,9 +189,12 @@ class PackedVideoFeed:
     Attributes:
         processor: the checked video processor settings (:func:`video_settings`), its class in
             ``video_processor_type``.
+        whole_clip: the tower attends each ``grid_thw`` row whole over space and time (:data:`WHOLE_CLIPS`): each
+            row the recording's entry (a clip's segment), with a temporal MAD; else each temporal slice is.
     """
 
     processor: dict
+    whole_clip: bool = False
 
     @property
     def _own(self):
@@ -165,11 +205,12 @@ class PackedVideoFeed:
         its effective settings of sampling, size and normalisation."""
         own = self._own
         shown = {key: getattr(own, key, None) for key in _SHOWN}
+        shown |= {key: getattr(own, key) for key in _SHOWN_WHERE_HELD if getattr(own, key, None) is not None}
         if dataclasses.is_dataclass(shown["size"]):  # transformers' SizeDict: the keys it has
             shown["size"] = {k: v for k, v in dataclasses.asdict(shown["size"]).items() if v is not None}
         shown = json.loads(json.dumps(shown, default=_plain))  # PIL filters, tuples: plain values
         return {"native": "qwen", "videos": True, "video_processor": self.processor["video_processor_type"],
-                "processor": shown}
+                "processor": shown, **({"whole_clip": True} if self.whole_clip else {})}
 
     def pick(self, count: int, rate: float | None) -> list[int]:
         """The frames of a clip of ``count`` frames at ``rate`` frames a second the processor takes: its
@@ -179,48 +220,103 @@ class PackedVideoFeed:
             return list(range(count))
         from transformers.video_utils import VideoMetadata
 
-        settings = own._merge_and_standardize_kwargs()  # what its preprocess passes sample_frames
-        for key in ("input_data_format", "do_convert_rgb", "do_sample_frames", "device", "video_metadata"):
-            settings.pop(key, None)
+        settings = _sampling_settings(own)
         try:
             chosen = own.sample_frames(VideoMetadata(total_num_frames=count, fps=rate), **settings)
         except ZeroDivisionError as err:  # Qwen2VLVideoProcessor asked for 0 frames (a clip of 1 frame)
             raise ValueError(f"{type(own).__name__} samples no frame of a clip of {count} ({err})") from err
         return [int(i) for i in chosen]
 
-    def prepare(self, frames: list) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """The processor on one clip's frames (RGB ``PIL.Image``): its patches ``[t * h * w, D]`` and ``(t, h, w)``."""
+    def prepare(self, frames: list) -> tuple[torch.Tensor, tuple[tuple[int, int, int], ...]]:
+        """The processor on one clip's frames (RGB ``PIL.Image``): its patches ``[sum t * h * w, D]`` and its
+        ``grid_thw`` rows ``(t, h, w)``: one, or (MiniMax-M3-VL's) one per segment of the clip.
+
+        Raises:
+            ValueError: the processor refuses the clip.
+        """
         import numpy as np
 
         clip = torch.from_numpy(np.stack([np.asarray(frame, dtype=np.uint8) for frame in frames])).permute(0, 3, 1, 2)
         found = self._own(videos=[clip], do_sample_frames=False, return_tensors="pt")
-        t, h, w = (int(v) for v in found["video_grid_thw"][0])
-        return found["pixel_values_videos"], (t, h, w)
+        rows = tuple(tuple(int(v) for v in row) for row in found["video_grid_thw"])
+        return found["pixel_values_videos"], rows
+
+    def unplaced(self, rows: tuple[tuple[int, int, int], ...]) -> str | None:
+        """Why a prepared clip cannot be profiled (None: it can): a tower attending whole clips given a clip of one
+        temporal patch, which the recorder would place as an image (no row of the forward holding a video), without
+        a temporal MAD."""
+        if self.whole_clip and all(t == 1 for t, _, _ in rows):
+            frames = int(self.processor["temporal_patch_size"])
+            return (f"it is one temporal patch ({frames} frames after padding): its tower attends a clip over space "
+                    "and time, and a single temporal patch has no time in it")
+        return None
 
     def forwards(self, loaded: LoadedModel, items: list, device: torch.device, dtype: torch.dtype) -> None:
-        """One packed forward of the tower on a batch of prepared clips, each clip a ``grid_thw`` row."""
+        """One packed forward of the tower on a batch of prepared clips, each clip its ``grid_thw`` rows
+        (VideoLLaMA3's told the processor's ``merge_size`` per row, as its ``video_merge_sizes``)."""
         patches = torch.cat([p for p, _ in items])
-        grid_thw = torch.tensor([list(thw) for _, thw in items])
-        call_packed(loaded.module, patches.to(device=device, dtype=dtype), grid_thw.to(device))
+        grid_thw = torch.tensor([list(row) for _, rows in items for row in rows])
+        call_packed(loaded.module, patches.to(device=device, dtype=dtype), grid_thw.to(device),
+                    merge_size=int(self._own.merge_size))
 
     def per_clip(self, values: torch.Tensor, entries: list[dict], items: list) -> tuple[torch.Tensor, list[dict]]:
-        """``values`` ``[S, n_slices, H]`` (the recording's entries: every clip's temporal slices, in order) as
-        ``[S, n_clips, H]``, each clip the mean of its slices, and each clip's ``{"grid", "size", "frames"}``.
+        """``values`` ``[S, n_entries, H]`` (the recording's entries, in order: every clip's temporal slices, or
+        with :attr:`whole_clip` every clip's rows) as ``[S, n_clips, H]``, each clip the mean over its tokens (of
+        its slices, alike; of its rows, weighted by their temporal patches), and each clip's ``{"grid", "size",
+        "frames"}``.
 
         Raises:
-            RuntimeError: the recording's entries are not the clips' slices (each on its clip's grid).
+            RuntimeError: the recording's entries are not the clips' slices or rows (each on its clip's grid).
         """
-        slices = [(h, w) for _, (t, h, w) in items for _ in range(t)]
-        if [tuple(entry["grid"]) for entry in entries] != slices:
+        counts = [len(rows) if self.whole_clip else sum(t for t, _, _ in rows) for _, rows in items]
+        expected = []
+        for (_, rows), count in zip(items, counts):  # a clip's rows share its frames' grid
+            expected += [rows[0][1:]] * count
+        if [tuple(entry["grid"]) for entry in entries] != expected:
+            what = "rows" if self.whole_clip else "temporal slices"
             raise RuntimeError(f"the recording placed {len(entries)} entries on grids "
-                               f"{[entry['grid'] for entry in entries]}, not the clips' temporal slices {slices}")
+                               f"{[entry['grid'] for entry in entries]}, not the clips' {what} {expected}")
         temporal = int(self.processor["temporal_patch_size"])
         clips, grids, start = [], [], 0
-        for _, (t, h, w) in items:
-            clips.append(values[:, start:start + t].mean(1))
-            grids.append({"grid": [h, w], "size": entries[start]["size"], "frames": t * temporal})
-            start += t
+        for (_, rows), count in zip(items, counts):
+            found = values[:, start:start + count]
+            if self.whole_clip:  # rows of t * h * w tokens each: their means weighted by their temporal patches
+                weights = torch.tensor([t for t, _, _ in rows], dtype=values.dtype, device=values.device)
+                clips.append((found * weights[:, None]).sum(1) / weights.sum())
+            else:
+                clips.append(found.mean(1))
+            h, w = rows[0][1:]
+            grids.append({"grid": [h, w], "size": entries[start]["size"],
+                          "frames": sum(t for t, _, _ in rows) * temporal})
+            start += count
         return torch.stack(clips, 1), grids
+
+
+def _sampling_settings(own) -> dict:
+    """The settings the video processor ``own`` passes its ``sample_frames``: what its ``preprocess`` passes (every
+    setting of its class, standardised), less the ones that are no sampling's.
+
+    transformers 5.25 has no public way to these: ``preprocess`` builds them with the private
+    ``_merge_and_standardize_kwargs`` and calls ``sample_frames`` with them, and ``sample_frames`` alone, without
+    them, samples otherwise (``Qwen3VLVideoProcessor``'s by its ``fps`` where it is saved with ``num_frames``,
+    ``MuseGlimmerVideoProcessor``'s needs its ``temporal_patch_size``). So they are built as ``preprocess`` builds
+    them, and a transformers without that method is refused, never sampled by another rule.
+
+    Raises:
+        RuntimeError: the installed transformers has no ``_merge_and_standardize_kwargs``.
+    """
+    merge = getattr(own, "_merge_and_standardize_kwargs", None)
+    if merge is None:
+        import transformers
+
+        raise RuntimeError(f"{type(own).__name__} of transformers {transformers.__version__} has no "
+                           "_merge_and_standardize_kwargs, by which vitmad reads the settings its preprocess "
+                           "samples frames with (checked with transformers 5.25); install transformers 5.25, or "
+                           "save the video processor with do_sample_frames false (every frame)")
+    settings = merge()
+    for key in ("input_data_format", "do_convert_rgb", "do_sample_frames", "device", "video_metadata"):
+        settings.pop(key, None)
+    return settings
 
 
 def packed_video_feed(loaded: LoadedModel) -> PackedVideoFeed:
@@ -233,7 +329,8 @@ def packed_video_feed(loaded: LoadedModel) -> PackedVideoFeed:
     if packed is None:
         raise OptionError("images", f"{type(loaded.module).__name__} is no video model and no packed vision tower: "
                                     "it takes images")
-    feed = PackedVideoFeed(video_settings(packed[1], loaded.video_processor))
+    feed = PackedVideoFeed(video_settings(packed[1], loaded.video_processor),
+                           whole_clip=type(packed[1]).__name__ in WHOLE_CLIPS)
     try:  # sampling settings it cannot sample by would fail every clip: said once, now
         feed.pick(64, 30.0)
     except TypeError as err:  # Qwen2VLVideoProcessor told to sample with neither fps nor num_frames
@@ -258,9 +355,11 @@ def load_packed_video_batch(paths: Sequence[Path], feed: PackedVideoFeed, pool: 
         if frames is None:
             return None, reason
         try:
-            return feed.prepare(frames), None
+            item = feed.prepare(frames)
         except ValueError as err:  # a clip the processor cannot take (Qwen3-VL's: fewer frames than a temporal patch)
             return None, f"the model's video processor refuses it ({error_said(err)})"
+        reason = feed.unplaced(item[1])
+        return (None, reason) if reason else (item, None)
 
     items, loaded, skipped = load_each(paths, one, pool)
     return (items or None), loaded, skipped
