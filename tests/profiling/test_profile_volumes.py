@@ -335,3 +335,25 @@ def test_intensity_modes(volumes, intensity, scaled):
     assert reason is None and spacing is None  # at its own size: not resized
     data = np.asarray(nib.load(str(volumes / "a.nii.gz")).get_fdata(), dtype=np.float64)
     np.testing.assert_allclose(pixels[0].numpy(), scaled(data), rtol=1e-5, atol=1e-5)
+
+
+def test_headers_without_a_voxel_size_are_skipped_not_fixed(volumes, vit_weights):
+    """nibabel's load makes a pixdim of 0 into 1 and a negative one positive (a log line): such a volume was profiled
+    in millimetres no header gave; and a voxel size far out of range stopped the whole run after the others, naming
+    no file (QA helper-189). Each is skipped with its reason; the others are profiled."""
+    data = np.random.default_rng(7).normal(100.0, 40.0, size=(16, 16, 12)).astype(np.float32)
+    for name, zooms, unit in (("zero.nii", (0.0, 1.0, 1.0), "mm"), ("negative.nii.gz", (-1.0, 1.0, 2.0), "mm"),
+                              ("tiny.nii", (1e-10, 1e-10, 1e-10), "micron")):
+        image = nib.Nifti1Image(data, np.eye(4))
+        image.header["pixdim"][1:4] = zooms
+        image.header.set_xyzt_units(unit)
+        nib.save(image, str(volumes / name))
+    with pytest.warns(UserWarning, match="skipping volume"):
+        prof = vitmad.profile("monai:ViT", volumes, model_args=VIT_ARGS, model_checkpoint=vit_weights, device="cpu",
+                              batch_size=4)
+    reasons = {entry["path"].rsplit("/", 1)[1]: entry["reason"] for entry in prof.skipped}
+    assert set(reasons) == {"zero.nii", "negative.nii.gz", "tiny.nii"}
+    assert "pixdim gives voxel sizes [0.0, 1.0, 1.0], not all positive" in reasons["zero.nii"]
+    assert "voxel sizes [-1.0, 1.0, 2.0], not all positive" in reasons["negative.nii.gz"]
+    assert "outside 1e-9..1e9 mm" in reasons["tiny.nii"]
+    assert prof.count == len(VOLUMES)

@@ -210,17 +210,32 @@ def load_volume(path: str | os.PathLike, preprocessing: VolumePreprocessing):
     spacing = None
     if preprocessing.unit == "mm":
         unit = image.header.get_xyzt_units()[0]
-        zooms = [float(z) for z in image.header.get_zooms()[:3]]
+        zooms = _raw_voxel_sizes(nibabel, path, image)
         if not all(math.isfinite(z) and z > 0 for z in zooms):
             return None, (f"its header's pixdim gives voxel sizes {zooms}, not all positive: no millimetres to "
                           "measure in (volume_unit='voxel' measures in voxels)")
         millimetres = [z * _MILLIMETRES.get(unit, 1.0) for z in zooms]
         spacing = tuple(m * n / s for m, n, s in zip(millimetres, shape, preprocessing.size))
+        if not all(1e-9 <= m <= 1e9 for m in spacing):
+            # vitmad.record takes spacings within 1e-12..1e12 (float32 squares): one such header stopped the whole
+            # run after the other volumes, naming no file (QA helper-189).
+            return None, (f"its header's voxel sizes {zooms} ({unit or 'no unit'}) make input voxels of "
+                          f"{[float(f'{m:.3g}') for m in spacing]} mm, outside 1e-9..1e9 mm: a header whose unit is "
+                          "wrong? (volume_unit='voxel' measures in voxels)")
         info.update(pixdim_mm=millimetres, header_unit=unit, spacing=list(spacing))
     if tuple(shape[:3]) != preprocessing.size:
         values = torch.nn.functional.interpolate(values[None], size=preprocessing.size, mode="trilinear",
                                                  align_corners=False)[0]
     return (values.contiguous(), spacing, info), None
+
+
+def _raw_voxel_sizes(nibabel, path: Path, image) -> list[float]:
+    """The header's pixdim[1:4] as the file holds it. nibabel's load "fixes" a zero to 1 and a negative to its
+    absolute value (with a log line), which made millimetres out of a voxel size no header gave (QA helper-189):
+    the header is read again without that check."""
+    with nibabel.openers.ImageOpener(str(path)) as file:
+        raw = type(image.header).from_fileobj(file, check=False)
+    return [float(z) for z in raw["pixdim"][1:4]]
 
 
 def load_volume_batch(paths: Sequence[Path], preprocessing: VolumePreprocessing, pool: Executor | None = None
