@@ -357,3 +357,17 @@ def test_headers_without_a_voxel_size_are_skipped_not_fixed(volumes, vit_weights
     assert "voxel sizes [-1.0, 1.0, 2.0], not all positive" in reasons["negative.nii.gz"]
     assert "outside 1e-9..1e9 mm" in reasons["tiny.nii"]
     assert prof.count == len(VOLUMES)
+
+
+def test_messages_say_volumes(tmp_path, vit_weights):
+    """A MONAI network built in Python given a [B, C, D, H, W] tensor was told to pass [B, 3, H, W] pixels alone, and
+    a run of unreadable volumes said "none of the 2 images" (QA helper-189)."""
+    network = nets.ViT(spatial_dims=3, **{k: v for k, v in VIT_ARGS.items() if k != "classification"})
+    with pytest.raises(ValueError, match=r"got shape \[2, 1, 16, 16, 12\] \(volumes of a MONAI 3-D network are "
+                                         r"profiled from NIfTI files with a 'monai:<ViT\|UNETR"):
+        vitmad.profile(network, torch.randn(2, 1, *IMG_SIZE), device="cpu")
+    for name in ("x.nii", "y.nii.gz"):
+        (tmp_path / name).write_bytes(b"not a volume")
+    with pytest.warns(UserWarning, match="skipping volume"), pytest.raises(ValueError, match="none of the 2 volumes "
+                                                                                              "could be read"):
+        vitmad.profile("monai:ViT", tmp_path, model_args=VIT_ARGS, model_checkpoint=vit_weights, device="cpu")

@@ -284,7 +284,9 @@ def no_known_preprocessing(parameter: str, shape: str) -> OptionError:
     unknown too.)"""
     return OptionError(parameter, f"this model has no known preprocessing (a module built in Python); pass "
                                   f"preprocessed pixels as a {shape} tensor, or the model as a spec whose "
-                                  "preprocessing vitmad reads ('timm:NAME', 'hf:NAME_OR_FOLDER')")
+                                  "preprocessing vitmad reads ('timm:NAME', 'hf:NAME_OR_FOLDER'; a MONAI 3-D "
+                                  "network on NIfTI volumes: 'monai:<ViT|UNETR|ViTAutoEnc|SwinUNETR>' with "
+                                  "model_args)")
 
 
 def model_input_size(module: torch.nn.Module) -> tuple[int, int] | None:
@@ -322,8 +324,12 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
         expected = 4 if frames is None else 5
         shape = "[B, 3, H, W]" if frames is None else "[B, frames, 3, H, W]"
         if images.dim() != expected:
+            # A 3-D network's [B, C, D, H, W] volumes: profiled from their files, whose headers give the spacing.
+            volume = (" (volumes of a MONAI 3-D network are profiled from NIfTI files with a "
+                      "'monai:<ViT|UNETR|ViTAutoEnc|SwinUNETR>' spec and model_args)" if frames is None
+                      and images.dim() == 5 else "")
             raise OptionError("images", f"a tensor of {'videos' if frames else 'images'} must be {shape}, got "
-                                        f"shape {list(images.shape)}")
+                                        f"shape {list(images.shape)}{volume}")
         if frames is not None and images.shape[1] != frames:
             raise OptionError("images", f"the video model takes {frames} frames a video, [B, {frames}, 3, H, W]; got a "
                                         f"tensor of shape {list(images.shape)} (video files are sampled to "
@@ -738,7 +744,9 @@ def finish(plan: RunPlan, state: RunState) -> Profile:
         if plan.prefix_maps:
             maps = merge_prefix_maps(plan.run, maps)
     if stats is None:
-        raise OptionError("images", f"none of the {len(plan.names)} images could be read")
+        kind = "volumes" if isinstance(plan.loaded.preprocessing, VolumePreprocessing) else (
+            "videos" if _takes_videos(plan) else "images")
+        raise OptionError("images", f"none of the {len(plan.names)} {kind} could be read")
     world = plan.run.world_size if plan.run else 1
     layers = len(meta["layers"])
     blocks = ["mad", *(["temporal"] if meta.get("temporal") else []), *plan.statistics]
