@@ -879,3 +879,27 @@ def pooled_window_reference(probabilities: torch.Tensor, batch: int, height: int
             entropy[..., r * grid[1] + c] = -torch.special.xlogy(row, row).sum(-1)
     assert not mad.isnan().any()
     return grid, mad, entropy
+
+
+def write_random_clip(path, frames: int, height: int, width: int, seed: int, rate: int) -> None:
+    """An mpeg4 clip of ``frames`` frames of uniform random RGB noise (PyAV), ``rate`` frames a second."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(frames):
+            array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def decoded_frames(path):
+    """``[T, H, W, 3]`` uint8: every frame of the clip, as PyAV decodes it."""
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        return np.stack([np.asarray(frame.to_image().convert("RGB")) for frame in container.decode(video=0)])

@@ -35,7 +35,14 @@ import pytest
 import torch
 
 import vitmad
-from conftest import chunk_token_mad, eager_attention_calls, qwen_token_chunks, self_similar_attention
+from conftest import (
+    chunk_token_mad,
+    decoded_frames,
+    eager_attention_calls,
+    qwen_token_chunks,
+    self_similar_attention,
+    write_random_clip,
+)
 from vitmad.cli import main
 from vitmad.profiling.options import OptionError
 
@@ -148,23 +155,6 @@ def _tower(folder: Path, name: str) -> torch.nn.Module:
     return getattr(modeling, tower_name).from_pretrained(folder).eval()
 
 
-def _write_clip(path: Path, frames: int, height: int, width: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=RATE)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for _ in range(frames):
-            array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
-        container.mux(stream.encode())
-
-
-def _decoded(path: Path) -> np.ndarray:
-    """``[T, H, W, 3]`` uint8: every frame of the clip, as PyAV decodes it."""
-    with av.open(str(path)) as container:
-        return np.stack([np.asarray(frame.to_image().convert("RGB")) for frame in container.decode(video=0)])
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("packed_video_kin")
@@ -177,7 +167,7 @@ def folders(tmp_path_factory):
 def clips(tmp_path_factory):
     root = tmp_path_factory.mktemp("clips")
     for seed, (file, (frames, height, width)) in enumerate(CLIPS.items()):
-        _write_clip(root / file, frames, height, width, seed)
+        write_random_clip(root / file, frames, height, width, seed, RATE)
     return root
 
 
@@ -282,7 +272,7 @@ def test_clips_are_profiled_as_the_model_own_video_processor_and_tower_take_them
     temporal = CASES[name][4]["temporal_patch_size"]
     recorded, grids = [], {}
     for file in CLIPS:
-        inputs = _processed(folder, name, _decoded(clips / file))
+        inputs = _processed(folder, name, decoded_frames(clips / file))
         recorded.append(_recorded(tower, inputs))
         if name in EAGER:
             expected = _eager_reference(name, tower, inputs)
@@ -302,8 +292,8 @@ def test_clips_are_profiled_as_the_model_own_video_processor_and_tower_take_them
     assert grids[str(clips / "a.mp4")]["frames"] == math.ceil(len(picked) / temporal) * temporal
     assert result.image_grids == grids
     if name in WHOLE_CLIP:  # clip a: rows of 4 and 1 temporal patches; b: one of 4
-        assert [_processed(folder, name, _decoded(clips / f))["grid_thw"][:, 0].tolist() for f in CLIPS] == [[4, 1],
-                                                                                                           [4]]
+        rows = [_processed(folder, name, decoded_frames(clips / f))["grid_thw"][:, 0].tolist() for f in CLIPS]
+        assert rows == [[4, 1], [4]]
     for stat in ("mad", "entropy", *(["temporal"] if name in WHOLE_CLIP else [])):
         expected = torch.stack([clip[stat] for clip in recorded]).mean(0)
         found = {"mad": result.mad, "temporal": result.temporal_mad}.get(stat)
@@ -320,7 +310,7 @@ def test_the_processor_picks_the_frames_it_samples(folders, clips):
     from vitmad.profiling.packed_videos import packed_video_feed
     from vitmad.profiling.videos import load_video
 
-    whole = _decoded(clips / "a.mp4")
+    whole = decoded_frames(clips / "a.mp4")
     for name, case in CASES.items():
         picked = case[5]
         feed = packed_video_feed(load_model(f"hf:{folders / name}"))
@@ -411,7 +401,7 @@ def test_video_llama_3_without_a_video_processor_file_merges_as_transformers_bui
     tower = _tower(folder, "video_llama_3")
     expected = []
     for file in CLIPS:
-        inputs = _processed(folder, "video_llama_3", _decoded(clips / file))
+        inputs = _processed(folder, "video_llama_3", decoded_frames(clips / file))
         assert inputs["merge_sizes"].tolist() == [1]
         expected.append(_recorded(tower, inputs)["mad"])
     torch.testing.assert_close(result.mad.double(), torch.stack(expected).mean(0), **TOL)
@@ -420,7 +410,7 @@ def test_video_llama_3_without_a_video_processor_file_merges_as_transformers_bui
 def test_a_clip_of_one_temporal_patch_is_skipped_where_the_tower_attends_whole_clips(folders, clips, tmp_path):
     """MiniMax-M3-VL attends a clip over space and time: a clip of 2 frames (one temporal patch, which the recorder
     would place as an image) is skipped saying so; the other clips are profiled as alone."""
-    _write_clip(tmp_path / "short.mp4", 2, 28, 40, seed=9)
+    write_random_clip(tmp_path / "short.mp4", 2, 28, 40, seed=9, rate=RATE)
     (tmp_path / "a.mp4").symlink_to(clips / "a.mp4")
     spec = f"hf:{folders / 'minimax_m3_vl'}"
     with pytest.warns(UserWarning, match=r"skipping video .*short\.mp4: it is one temporal patch \(2 frames after "

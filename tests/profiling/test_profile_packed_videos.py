@@ -26,7 +26,14 @@ import pytest
 import torch
 
 import vitmad
-from conftest import chunk_token_mad, eager_attention_calls, profile_one_process_and_two_ranks, qwen_token_chunks
+from conftest import (
+    chunk_token_mad,
+    decoded_frames,
+    eager_attention_calls,
+    profile_one_process_and_two_ranks,
+    qwen_token_chunks,
+    write_random_clip,
+)
 from vitmad.cli import main
 from vitmad.profiling.options import OptionError
 
@@ -139,23 +146,6 @@ def _tower(folder: Path, name: str) -> torch.nn.Module:
     return cls.from_pretrained(folder).eval()
 
 
-def _write_clip(path: Path, frames: int, height: int, width: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=RATE)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for _ in range(frames):
-            array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
-        container.mux(stream.encode())
-
-
-def _decoded(path: Path) -> np.ndarray:
-    """``[T, H, W, 3]`` uint8: every frame of the clip, as PyAV decodes it."""
-    with av.open(str(path)) as container:
-        return np.stack([np.asarray(frame.to_image().convert("RGB")) for frame in container.decode(video=0)])
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("packed_video_towers")
@@ -168,7 +158,7 @@ def folders(tmp_path_factory):
 def clips(tmp_path_factory):
     root = tmp_path_factory.mktemp("clips")
     for seed, (file, (frames, height, width)) in enumerate(CLIPS.items()):
-        _write_clip(root / file, frames, height, width, seed)
+        write_random_clip(root / file, frames, height, width, seed, RATE)
     return root
 
 
@@ -226,7 +216,7 @@ def test_clips_are_profiled_as_the_model_own_video_processor_and_tower_take_them
     tower = _tower(folder, name)
     references, grids = [], {}
     for file in CLIPS:
-        pixels, grid_thw = _processed(folder, name, _decoded(clips / file))
+        pixels, grid_thw = _processed(folder, name, decoded_frames(clips / file))
         with torch.no_grad():  # the output bit-identical while recorded
             plain = tower(pixels, grid_thw=grid_thw).last_hidden_state
             with vitmad.record(tower):
@@ -259,7 +249,7 @@ def test_the_processor_picks_the_frames_it_samples(folders, clips):
         assert feed.pick(9, RATE) == picked
         frames, reason = load_video(clips / "a.mp4", feed.pick)
         assert reason is None
-        whole = _decoded(clips / "a.mp4")
+        whole = decoded_frames(clips / "a.mp4")
         assert all(np.array_equal(np.asarray(frame), whole[i]) for frame, i in zip(frames, picked, strict=True))
 
 
@@ -346,7 +336,7 @@ def test_torchrun_two_ranks_equal_one_process(folders, clips, tmp_path):
 
 def test_a_clip_too_short_for_the_processor_is_skipped_with_its_reason(folders, clips, tmp_path):
     """Qwen3-VL's processor refuses a clip of fewer frames than a temporal patch; the other clips are profiled."""
-    _write_clip(tmp_path / "short.mp4", 1, 28, 40, seed=9)
+    write_random_clip(tmp_path / "short.mp4", 1, 28, 40, seed=9, rate=RATE)
     (tmp_path / "a.mp4").symlink_to(clips / "a.mp4")
     with pytest.warns(UserWarning, match=r"skipping video .*short\.mp4: the model's video processor refuses it"):
         result = vitmad.profile(f"hf:{folders / 'qwen3_vl'}", tmp_path, device="cpu")
@@ -385,7 +375,7 @@ def test_without_a_video_processor_file_the_image_processor_settings_make_it(fol
     tower = _tower(folder, "qwen2_vl")
     references = []
     for file in CLIPS:
-        pixels, grid_thw = _processed(folder, "qwen2_vl", _decoded(clips / file))
+        pixels, grid_thw = _processed(folder, "qwen2_vl", decoded_frames(clips / file))
         assert int(grid_thw[0, 1]) * int(grid_thw[0, 2]) * PATCH ** 2 <= 256
         references.append(_clip_reference("qwen2_vl", tower, pixels, grid_thw)["mad"])
     torch.testing.assert_close(result.mad, torch.stack(references).mean(0), **TOL)
