@@ -26,58 +26,16 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_record_diffusers_images import _attention_maps, _positions, _record  # the SDPA spy, masks included
 
 import vitmad
-from conftest import grid_centres, sharpened, statistics_reference
+from conftest import sharpened, statistics_reference
 
 diffusers = pytest.importorskip("diffusers")
 
 TOL = {"rtol": 1e-5, "atol": 1e-4}  # float32 flash-MAD against float64 on the same q and k; atol in latent pixels
 STAT_TOL = {"rtol": 1e-5, "atol": 1e-6}
 STATS = ["entropy", "prefix_mass", "prefix_maps"]
-
-
-def _attention_maps(monkeypatch, run) -> tuple[list[torch.Tensor], object]:
-    """The float64 softmax of every SDPA call of ``run()`` (no grad), in call order, and what ``run`` returned."""
-    maps = []
-    original = F.scaled_dot_product_attention
-
-    def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-        assert not is_causal and not kwargs.get("enable_gqa", False)
-        factor = query.shape[-1] ** -0.5 if scale is None else scale
-        logits = query.double() @ key.double().transpose(-1, -2) * factor
-        if attn_mask is not None and attn_mask.dtype == torch.bool:  # ERNIE's caption padding: keys kept where True
-            logits = logits.masked_fill(~attn_mask, -math.inf)
-        elif attn_mask is not None:  # OmniGen's additive mask ((1 - mask) * the dtype's min)
-            logits = logits + attn_mask.double()
-        maps.append(torch.softmax(logits, -1))
-        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                        **kwargs)
-
-    with monkeypatch.context() as patch, torch.no_grad():
-        patch.setattr(F, "scaled_dot_product_attention", spy)
-        returned = run()
-    return maps, returned
-
-
-def _record(model, run, spied):
-    """``(mean recording, per-token recording)`` of ``run()`` with the statistics; the model's output unchanged by
-    recording, bit for bit, and the same as ``spied``'s, the run whose attention was read."""
-    with torch.no_grad():
-        plain = run().sample
-        with vitmad.record(model, stats=STATS) as rec:
-            recorded = run().sample
-        with vitmad.record(model, stats=STATS, reduction="none") as rec_tokens:
-            run()
-    assert torch.equal(plain, spied.sample)
-    assert torch.equal(plain, recorded)
-    return rec, rec_tokens
-
-
-def _positions(grid, stride: float, before: int, after: int) -> torch.Tensor:
-    nan = torch.full((1, 2), math.nan, dtype=torch.float64)
-    return torch.cat([nan.expand(before, 2), grid_centres(grid, stride), nan.expand(after, 2)])
 
 
 def _check(mean, tokens, layer: int, probabilities, grid, stride: float, before: int, after: int) -> None:
