@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, select_tokens
-from .diffusers_common import attention_under, backend_refusal, is_attention, is_diffusers_class, processor_name
+from .diffusers_common import attention_under, backend_refusal, is_attention, is_diffusers_class, processor_refusal
 from .plain import _plain_positions
 from .stages import forward_arguments, innermost_on_path, pair
 
@@ -185,13 +185,7 @@ class JointSequencePlacer(LayerPlacer):
         return self.owner_name or self.kind
 
     def _processor_refusal(self) -> str | None:
-        processor = processor_name(self.attention)
-        if processor in self.processors:
-            return None
-        return (f"it runs the attention processor {processor}; vitmad has read the layout of {self.kind}'s calls "
-                f"through {', '.join(self.processors)} only (another processor may add tokens, perturb the attention "
-                f"or compute it out of vitmad's sight); set {', '.join(self.processors)} back "
-                "(model.set_attn_processor), or pass positions=<[N, 2] latent-pixel position of each token>")
+        return processor_refusal(self.attention, self.kind, self.processors)
 
     def refusal_without_attention(self, module: nn.Module) -> str | None:
         refusal = self._processor_refusal()

@@ -21,8 +21,8 @@ from torch import nn
 
 from ..module_index import named_module_list
 
-__all__ = ["is_attention", "is_cross_attention", "processor_name", "attention_under", "is_diffusers_class",
-           "backend_refusal"]
+__all__ = ["is_attention", "is_cross_attention", "processor_name", "processor_refusal", "attention_under",
+           "is_diffusers_class", "backend_refusal"]
 
 
 def is_diffusers_class(module: nn.Module, names) -> bool:
@@ -51,6 +51,21 @@ def is_cross_attention(module: nn.Module) -> bool:
 def processor_name(module: nn.Module) -> str:
     """The class name of the processor a diffusers attention module runs now (it may change between calls)."""
     return type(getattr(module, "processor", None)).__name__
+
+
+def processor_refusal(attention: nn.Module, kind: str, processors, positions: str = "[N, 2]") -> str | None:
+    """Why an attention module of a ``kind`` model is refused: it runs a processor other than ``processors``, the ones
+    whose calls vitmad has read (another may add IP-Adapter's tokens, perturb the attention, merge batch and heads
+    or compute it out of vitmad's sight); None where it runs one of them. ``positions``: the shape a user passes
+    instead."""
+    processor = processor_name(attention)
+    if processor in processors:
+        return None
+    shown = ", ".join(processors)
+    return (f"it runs the attention processor {processor}; vitmad has read the layout of {kind}'s calls through "
+            f"{shown} only (another processor may add IP-Adapter tokens, perturb the attention, merge batch and heads "
+            f"or compute it out of vitmad's sight); set {shown} back (model.set_attn_processor), or pass "
+            f"positions=<{positions} latent-pixel position of each token>")
 
 
 def attention_under(model: nn.Module, owner: Callable[[nn.Module], bool]) -> dict[str, nn.Module]:

@@ -119,7 +119,7 @@ from .diffusers_common import (
     is_attention,
     is_cross_attention,
     is_diffusers_class,
-    processor_name,
+    processor_refusal,
 )
 from .plain import _plain_positions
 from .stages import innermost_on_path, pair
@@ -395,13 +395,7 @@ class LatentGridPlacer(LayerPlacer):
         return self.owner_name or type(self.owner).__name__
 
     def _processor_refusal(self) -> str | None:
-        processor = processor_name(self.attention)
-        if processor in self.processors:
-            return None
-        return (f"it runs the attention processor {processor}; vitmad has read the layout of {self.kind}'s calls "
-                f"through {', '.join(self.processors)} only (another processor may add IP-Adapter tokens, perturb "
-                f"the attention or merge batch and heads); set {', '.join(self.processors)} back "
-                "(model.set_attn_processor), or pass positions=<[N, 2] latent-pixel position of each token>")
+        return processor_refusal(self.attention, self.kind, self.processors)
 
     def refusal_without_attention(self, module: nn.Module) -> str | None:
         # A processor (xFormers') or an attention backend (flash, sage, flex) that computes the attention where

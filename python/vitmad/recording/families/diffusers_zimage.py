@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, read_only
-from .diffusers_common import attention_under, backend_refusal, is_attention, is_diffusers_class, processor_name
+from .diffusers_common import attention_under, backend_refusal, is_attention, is_diffusers_class, processor_refusal
 from .stages import innermost_on_path
 
 __all__ = ["placer", "attention_modules", "ZImagePlacer"]
@@ -209,12 +209,7 @@ class ZImagePlacer(LayerPlacer):
                 self.owner.register_forward_hook(forget_inputs, always_call=True)]
 
     def _processor_refusal(self) -> str | None:
-        processor = processor_name(self.attention)
-        if processor in _PROCESSORS:
-            return None
-        return (f"it runs the attention processor {processor}; vitmad has read the layout of {self.kind}'s calls "
-                f"through {', '.join(_PROCESSORS)} only; set it back (the attention's set_processor), or pass "
-                "positions=<[B, N, 2] latent-pixel position of each token>")
+        return processor_refusal(self.attention, self.kind, _PROCESSORS, positions="[B, N, 2]")
 
     def refusal_without_attention(self, module: nn.Module) -> str | None:
         # A processor or an attention backend (flash, sage, flex) that computes the attention where vitmad does
