@@ -344,6 +344,19 @@ def test_qwen25_tower_with_another_window_mask_refused():
                 model(torch.rand(1, 3, 32, 32))
 
 
+def test_qwen25_tower_config_changed_inside_a_recording_is_said_so():
+    """window_size and fullatt_block_indexes are read when the recording begins: changed in it, the refusal blamed
+    the mask the model built from the new config (QA helper-194)."""
+    model = _qwen25()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.rand(1, 3, 32, 32))
+        model.config.fullatt_block_indexes = [0, *model.config.fullatt_block_indexes]
+        with pytest.raises(ValueError, match=r"blocks\.0\.attn .*config changed since the recording began: block 0 "
+                                             r"is now global, not 4x4-patch windows"):
+            model(torch.rand(1, 3, 32, 32))
+    assert rec.mad.shape[0] == len(model.blocks)
+
+
 def test_loftr_full_attention_refused_by_name():
     """Its softmax runs over dim 2 of [N, L, S, H], where vitmad does not look: the refusal by name was never said,
     and the layers were left out silently (QA helper-166)."""

@@ -236,8 +236,13 @@ def _qwen25_placer(model: nn.Module, name: str, module: nn.Module):
             "Qwen25VisionTransformer, or " + _POSITIONS)
     tower = found[1]
     index = next(i for i, b in enumerate(blocks) if b is block)
-    return _MergeOrderPlacer(tower, module, None if index in tower.config.fullatt_block_indexes else
-                             int(tower.config.window_size) // int(tower.config.patch_size))
+    return _MergeOrderPlacer(tower, module, _qwen25_window(tower, index), index)
+
+
+def _qwen25_window(tower: nn.Module, index: int) -> int | None:
+    """Block ``index``'s window in patches a side by the tower's config now, None for a global block."""
+    config = tower.config
+    return None if index in config.fullatt_block_indexes else int(config.window_size) // int(config.patch_size)
 
 
 def _mobilevit_placer(model: nn.Module, name: str):
@@ -248,7 +253,7 @@ def _mobilevit_placer(model: nn.Module, name: str):
     if index is None:
         return RefusingPlacer(
             f"kornia's MobileViT Attention is placed only in a MobileViTBlock of a MobileViT (whose forward gives the "
-            f"stride of the map the block unfolds); {name} is "
+            f"stride of the map the block unfolds); {name or 'the module recorded'} is "
             f"{'outside one' if found is None or block is None else 'in a block that is not one of its mvit'}: "
             "record the MobileViT, or " + _POSITIONS)
     mobilevit, block = found[1], block[1]
@@ -275,7 +280,7 @@ def _tiny_vit_placer(model: nn.Module, name: str, module: nn.Module):
     if found is None or not _is(block, "TinyViTBlock", _TINY_VIT) or block.attn is not module:
         return RefusingPlacer(
             f"kornia's TinyViT Attention is placed only as the attn of a TinyViTBlock of a TinyViT (whose "
-            f"convolutions give the stride of the block's map); {name} is "
+            f"convolutions give the stride of the block's map); {name or 'the module recorded'} is "
             f"{'outside one' if found is None else 'not the attn of a TinyViTBlock'}: record the TinyViT (or the Sam "
             "model holding it), or " + _POSITIONS)
     size = int(block.window_size)
@@ -423,7 +428,8 @@ class _MergeOrderPlacer(LayerPlacer):
     which vitmad applies as the model does; a ``fullatt_block_indexes`` block without one. The mask is checked per
     call against those windows, so a changed token order is refused, not misplaced."""
 
-    def __init__(self, tower: nn.Module, module: nn.Module, window: int | None):
+    def __init__(self, tower: nn.Module, module: nn.Module, window: int | None, index: int):
+        self.tower, self.index = tower, index
         self.embedding, self.module = tower.patch_embed.proj, module
         self.merge, self.window = int(tower.config.spatial_merge_size), window
         self.stride = (float(self.embedding.stride[-2]), float(self.embedding.stride[-1]))
@@ -460,6 +466,15 @@ class _MergeOrderPlacer(LayerPlacer):
         return Placement(positions, None, select_tokens(torch.argsort(order)), geometry)
 
     def _check_mask(self, context: CallContext, gh: int, gw: int) -> None:
+        now = _qwen25_window(self.tower, self.index)
+        if now != self.window:  # read when the recording began (QA helper-194: the mask message blamed the mask)
+            def shown(window: int | None) -> str:
+                return "global" if window is None else f"{window}x{window}-patch windows"
+
+            raise NotPlaceable(
+                f"kornia's Qwen2.5-VL tower's config changed since the recording began: block {self.index} is now "
+                f"{shown(now)}, not {shown(self.window)} (window_size and fullatt_block_indexes are read when the "
+                "recording begins); begin a new recording after changing them")
         mask = context.values.get(self.mask_key)
         if self.window is None:
             if mask is not None:
