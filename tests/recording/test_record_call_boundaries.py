@@ -503,3 +503,38 @@ def test_each_tower_is_placed_in_the_pixels_of_the_image_it_takes():
     for recorded_mad, p, stride in zip(rec.per_layer, references["b"] + references["a"], (2, 2, 1, 1), strict=True):
         # _tower_mad places the grid at 8 px cells: the 16 px cells of tower b are twice as far apart.
         torch.testing.assert_close(recorded_mad.double(), stride * _tower_mad(p), **TOL)
+
+
+def test_a_second_tower_is_never_placed_on_the_first_towers_grid():
+    """The plain layout reads one patch embedding per recording, the first found: a layer of a second tower that
+    embeds the image with its own was placed on the first tower's grid, silently (QA helper-193: two torchvision
+    ViTs, one on a resized image; a timm tower beside a transformers one given num_prefix_tokens=). Refused, naming
+    the tower to record on its own."""
+    torchvision = pytest.importorskip("torchvision")
+
+    def vit(image: int, patch: int):
+        torch.manual_seed(image + patch)
+        return torchvision.models.VisionTransformer(image_size=image, patch_size=patch, num_layers=1, num_heads=2,
+                                                    hidden_dim=16, mlp_dim=32).eval()
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = vit(32, 8), vit(16, 4)
+
+        def forward(self, x):
+            return self.a(x), self.b(torch.nn.functional.interpolate(x, size=(16, 16)))
+
+    model = Wrapper()
+    for layers in (None, ["b.*self_attention"]):
+        with pytest.raises(ValueError, match=r"b\.encoder\.layers\.encoder_layer_0\.self_attention lies in b, which "
+                                             r"embeds the image with its own patch embedding \(b\.conv_proj\), but "
+                                             r"would be placed on the grid of a\.conv_proj"):
+            vitmad.record(model, layers=layers)
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), vitmad.record(model.b) as rec:  # as the message says: the tower on its own
+        model(pixels)
+    with torch.no_grad(), vitmad.record(model.b) as alone:
+        model.b(torch.nn.functional.interpolate(pixels, size=(16, 16)))
+    torch.testing.assert_close(rec.mad, alone.mad, rtol=0, atol=0)
+    assert rec.geometry[0].grid == (4, 4) and rec.geometry[0].stride == (4.0, 4.0)

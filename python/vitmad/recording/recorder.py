@@ -63,6 +63,7 @@ from .families.plain import (
     PlainLayout,
     PlainPlacer,
     appended_tokens,
+    find_patch_embedding,
     keeps_image_layout,
 )
 from .families.sam_map_encoder import is_second_encoder_of
@@ -643,6 +644,7 @@ class Recording:
             self._plain = PlainLayout(model, patch, None if grid is None else (int(grid[0]), int(grid[1])),
                                       num_prefix_tokens)
             self._modules = self._choose_layers(layers)
+            self._refuse_other_towers_on_the_plain_grid()
             self._compiled = check_compiled(model, given)
         # A tower fed flattened_patches takes patch= alone (the pixel size of its patches is not in the model).
         patch_used = any(getattr(p, "takes_given_patch", False) for p in self._placers.values())
@@ -966,6 +968,29 @@ class Recording:
         self._starters[id(call)] = (me, None if caller is None else (id(caller), caller.f_code))
         self._started[me] = call
         self._model_started = call if module is self.model else None
+
+    def _refuse_other_towers_on_the_plain_grid(self) -> None:
+        """A user's module holding several towers (``self.a``, ``self.b``) whose layers are placed by the plain layout:
+        that layout reads one patch embedding, the first found (``a.conv_proj``), so a layer of ``b``, which embeds
+        the image with its own, was placed on ``a``'s grid, silently (QA helper-193: a torchvision tower beside an
+        OpenCLIP one, a second tower given num_prefix_tokens=). Refused, naming the tower to record on its own."""
+        embedding = self._plain.embedding
+        if embedding is None or "." not in embedding[0] or self._given is not None:
+            return
+        home = embedding[0].split(".", 1)[0]
+        for name in self._modules:
+            root = name.split(".", 1)[0]
+            placer = self._placers.get(name)
+            if root == home or "." not in name or placer is None or not _uses_plain_layout(placer):
+                continue
+            own = find_patch_embedding(self.model.get_submodule(root))
+            if own is not None:
+                raise ValueError(
+                    f"vitmad.record: {name} lies in {root}, which embeds the image with its own patch embedding "
+                    f"({root}.{own[0]}), but would be placed on the grid of {embedding[0]}, another tower's: a plain "
+                    "ViT layout is read from one patch embedding per recording; record each tower in its own "
+                    f"vitmad.record (vitmad.record(model.{root}); both may be active around one forward), or pass "
+                    "positions=")
 
     def _start_tower_call(self, module: nn.Module, args) -> None:
         """A tower of several recorded ones begins: a call of its own where it runs outside the model's forward
