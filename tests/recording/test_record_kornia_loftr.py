@@ -37,11 +37,15 @@ STATS = ("entropy", "self_mass")
 SHARPER = 4.0
 
 
-def _loftr(fine: str = "linear") -> LoFTR:
+def _loftr(fine: str = "linear", cell: int = CELL) -> LoFTR:
+    """A LoFTR of ``ResNetFPN_8_2`` (``cell`` 8) or ``ResNetFPN_16_4`` (16), coarse layers self, cross, self."""
     config = copy.deepcopy(default_cfg)
-    config["resnetfpn"] = {"initial_dim": 8, "block_dims": [8, 12, 16]}
-    config["coarse"].update(d_model=16, d_ffn=16, nhead=2, layer_names=["self", "cross", "self"], attention="full")
-    config["fine"].update(d_model=8, d_ffn=8, nhead=2, attention=fine)
+    dims = [8, 12, 16] if cell == 8 else [8, 12, 16, 20]
+    config["resolution"] = (8, 2) if cell == 8 else (16, 4)
+    config["resnetfpn"] = {"initial_dim": 8, "block_dims": dims}
+    config["coarse"].update(d_model=dims[-1], d_ffn=dims[-1], nhead=2, layer_names=["self", "cross", "self"],
+                            attention="full")
+    config["fine"].update(d_model=dims[0] if cell == 8 else dims[1], d_ffn=8, nhead=2, attention=fine)
     torch.manual_seed(0)
     model = sharpened(LoFTR(pretrained=None, config=config))  # random weights, nothing downloaded
     with torch.no_grad():  # sharper still: the coarse tokens (a random backbone's, position-encoded) are small
@@ -74,15 +78,15 @@ def _own_softmax_calls(model: LoFTR, pair: dict) -> list:
     return calls
 
 
-def _cells(size: tuple[int, int]) -> tuple[int, int]:
-    return -(-size[0] // CELL), -(-size[1] // CELL)
+def _cells(size: tuple[int, int], cell: int = CELL) -> tuple[int, int]:
+    return -(-size[0] // cell), -(-size[1] // cell)
 
 
-def _expected(p: torch.Tensor, grid: tuple[int, int], mask: torch.Tensor | None) -> dict:
+def _expected(p: torch.Tensor, grid: tuple[int, int], mask: torch.Tensor | None, cell: int = CELL) -> dict:
     """Per image and head, the mean over the image's own cells of each query's MAD, entropy and self mass; the
-    cells of a ``grid`` of 8 px cells, row-major, at their centres."""
+    cells of a ``grid`` of ``cell`` px cells, row-major, at their centres."""
     rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-    centres = (torch.stack([rows.flatten(), cols.flatten()], -1).double() + 0.5) * CELL
+    centres = (torch.stack([rows.flatten(), cols.flatten()], -1).double() + 0.5) * cell
     distance = torch.cdist(centres, centres)
     kept = torch.ones(p.shape[0], p.shape[-1], dtype=torch.bool) if mask is None else mask
     p = torch.where(kept[:, None, :, None], p, 0.0)  # a padded query's row (NaN) is no query
@@ -174,6 +178,23 @@ def test_features_given_for_one_image_are_placed_on_their_coarse_map():
     for entry, (p, grid) in enumerate(zip(calls, [(6, 5), (7, 9)])):
         assert rec.geometry[entry].grid == grid
         torch.testing.assert_close(rec.per_layer[entry].double(), _expected(p, grid, None)["mad"], rtol=1e-5,
+                                   atol=1e-7)
+
+
+def test_the_16_4_backbone_gives_16_px_cells():
+    """``resolution`` (16, 4) builds ``ResNetFPN_16_4``, one more stride-2 stage: ``ceil(H / 16)`` cells of 16 px (its
+    FPN adds each map upsampled 2x to the next finer one, so a side must give maps that double exactly: 61 x 94 px,
+    not a multiple of 16, does)."""
+    model = _loftr(cell=16)
+    sizes = ((48, 80), (61, 94))
+    pair, _ = _pair(sizes, masked=False)
+    rec = _record(model, pair)
+    calls = [p for module, p in _own_softmax_calls(model, pair)
+             if module is model.get_submodule("loftr_coarse.layers.0.attention")]
+    for entry, (p, size) in enumerate(zip(calls, sizes)):
+        grid = _cells(size, 16)
+        assert rec.geometry[entry].grid == grid and rec.geometry[entry].stride == (16, 16)
+        torch.testing.assert_close(rec.per_layer[entry].double(), _expected(p, grid, None, 16)["mad"], rtol=1e-5,
                                    atol=1e-7)
 
 
