@@ -357,20 +357,6 @@ def test_qwen25_tower_config_changed_inside_a_recording_is_said_so():
     assert rec.mad.shape[0] == len(model.blocks)
 
 
-def test_loftr_full_attention_refused_by_name():
-    """Its softmax runs over dim 2 of [N, L, S, H], where vitmad does not look: the refusal by name was never said,
-    and the layers were left out silently (QA helper-166)."""
-    from kornia.feature.loftr.loftr_module.transformer import LocalFeatureTransformer
-
-    model = LocalFeatureTransformer({"d_model": 32, "nhead": 2, "layer_names": ["self", "cross"],
-                                     "attention": "full"}).eval()
-    with pytest.raises(ValueError, match=r"vitmad.record: layers\.0\.attention \(FullAttention\) of "
-                                         r"LocalFeatureTransformer: FullAttention of kornia.* vitmad does not place "
-                                         r"kornia's LoFTR full attention"):
-        with torch.no_grad(), vitmad.record(model):
-            model(torch.rand(1, 16, 32), torch.rand(1, 16, 32))
-
-
 def test_loftr_linear_attention_skipped_with_its_reason():
     model = LoFTR(pretrained=None).eval()  # random weights, nothing downloaded
     pair = {"image0": torch.rand(1, 1, 64, 64), "image1": torch.rand(1, 1, 64, 64)}

@@ -8,7 +8,9 @@ While a recorded module runs, a ``TorchFunctionMode`` sees each of its calls:
   ``q_norm``/``k_norm`` and rotary embeddings), with the same ``scale`` and ``attn_mask``; MAD is then computed
   by flash-MAD, no attention map is ever made;
 - a softmax over the last dimension of a tensor of rank 3 or more: these are the attention probabilities the
-  module already made; the callback gets them as they are (read once by the fused ``mad`` op, never copied).
+  module already made; the callback gets them as they are (read once by the fused ``mad`` op, never copied). A
+  module whose family gives a view of its softmax (kornia's LoFTR ``FullAttention``: ``[N, L, S, H]``, over dim 2)
+  reports that view, ``[..., Nq, Nk]``, of the softmax calls the view takes instead.
 
 The calls themselves run unchanged, so the model's outputs do not change. The mode is entered and left by
 forward hooks (the post hook with ``always_call=True``), so it is left even when the forward raises (and, after
@@ -34,12 +36,15 @@ from .module_index import named_module_list
 from .transformers_capture import AttentionCallback, forward_source
 
 __all__ = ["timm_attention_modules", "source_attention_modules", "ModuleAttentionHooks", "DoneCallback",
-           "ProbabilitiesCallback"]
+           "ProbabilitiesCallback", "ProbabilitiesView"]
 
 # (qualified module name, module, completed): the module's forward ended, returning (completed) or raising.
 DoneCallback = Callable[[str, nn.Module, bool], None]
 # (qualified module name, attention probabilities [..., Nq, Nk]) for a module that computes its own softmax.
 ProbabilitiesCallback = Callable[[str, torch.Tensor], None]
+# (softmax result, its dim) -> the attention probabilities [..., Nq, Nk] as a view of it, or None for a softmax that
+# is not the module's attention: for a module whose softmax runs over another dim than the last.
+ProbabilitiesView = Callable[[torch.Tensor, int], "torch.Tensor | None"]
 # The input projections of timm's self-attention: q, k, v at once (Attention, DiffAttention, WindowAttention,
 # ...), q alone (EvaAttention, AttentionRope, PVT v2's Attention with q and kv), or q, k, v and the MLP's input at
 # once (ParallelScalingBlock, the *_xp_* and vit_pwee_* blocks that compute attention without an attention
@@ -112,9 +117,10 @@ def _softmax_dim(args: tuple, kwargs: dict) -> int | None:
 
 
 class _CaptureAttention(TorchFunctionMode):
-    def __init__(self, layer: str, module: nn.Module, on_qk: AttentionCallback, on_probs: ProbabilitiesCallback | None):
+    def __init__(self, layer: str, module: nn.Module, on_qk: AttentionCallback, on_probs: ProbabilitiesCallback | None,
+                 view: ProbabilitiesView | None = None):
         super().__init__()
-        self.layer, self.module, self.on_qk, self.on_probs = layer, module, on_qk, on_probs
+        self.layer, self.module, self.on_qk, self.on_probs, self.view = layer, module, on_qk, on_probs, view
         self.active = True  # False once the recording has ended
         self.call: ModuleCall | None = None  # the module's forward this mode was entered for
 
@@ -147,8 +153,14 @@ class _CaptureAttention(TorchFunctionMode):
             return result
         if func in _SOFTMAX_FUNCTIONS and isinstance(result, torch.Tensor) and result.dim() >= 3:
             dim = _softmax_dim(args, kwargs)
-            if dim is not None and dim % result.dim() == result.dim() - 1 and self._in_forward():
-                self.on_probs(self.layer, result.detach())
+            if dim is None:
+                return result
+            if self.view is not None:
+                probabilities = self.view(result, dim)
+            else:
+                probabilities = result if dim % result.dim() == result.dim() - 1 else None
+            if probabilities is not None and self._in_forward():
+                self.on_probs(self.layer, probabilities.detach())
         return result
 
 
@@ -163,15 +175,19 @@ class ModuleAttentionHooks:
         probabilities_from: by module name, a submodule whose input is the attention the module applies, for
             designs that build it from several softmax calls (ConViT's GPSA mixes two); their softmax calls are
             then not reported.
+        probabilities_views: by module name, the view of its softmax calls that is its attention ``[..., Nq, Nk]``,
+            for modules whose softmax runs over another dim than the last.
     """
 
     def __init__(self, modules: dict[str, nn.Module], on_qk: AttentionCallback, on_probs: ProbabilitiesCallback,
-                 done: DoneCallback, probabilities_from: dict[str, nn.Module] | None = None):
+                 done: DoneCallback, probabilities_from: dict[str, nn.Module] | None = None,
+                 probabilities_views: dict[str, ProbabilitiesView] | None = None):
         self.modules = modules
         self.on_qk = on_qk
         self.on_probs = on_probs
         self.done = done
         self.probabilities_from = probabilities_from or {}
+        self.probabilities_views = probabilities_views or {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.trailing: list[torch.utils.hooks.RemovableHandle] = []  # hooks the recording keeps after the user's
         self._modes: list[_CaptureAttention] = []
@@ -189,7 +205,8 @@ class ModuleAttentionHooks:
     def install(self) -> None:
         for name, module in self.modules.items():
             source = self.probabilities_from.get(name)
-            mode = _CaptureAttention(name, module, self.on_qk, self.on_probs if source is None else None)
+            mode = _CaptureAttention(name, module, self.on_qk, self.on_probs if source is None else None,
+                                     self.probabilities_views.get(name))
             self._modes.append(mode)
             if source is not None:
                 self._handles.append(source.register_forward_pre_hook(

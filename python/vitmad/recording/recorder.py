@@ -55,7 +55,7 @@ from ..ops.arguments import (
 from ..ops.stats_op import MAP_NAME, common_tokens, derived_once
 from .compiled import EagerWhileRecording, check_compiled, compiled_forwards, uncompiled
 from .differential import CallSums, combine, differential_lambda, is_differential
-from .families import ClassQueries, Skip, family_modules, family_placer, probabilities_source
+from .families import ClassQueries, Skip, family_modules, family_placer, probabilities_source, probabilities_view
 from .families.class_attention import ClassQueryPlacer
 from .families.kornia import listed_dinov2
 from .families.masked import GivenPositionsPlacer
@@ -669,8 +669,9 @@ class Recording:
                      if n not in interface and isinstance(m, nn.MultiheadAttention)}
         own = {n: m for n, m in self._modules.items() if n not in interface and n not in multihead}
         sources = {n: m for n, m in ((n, probabilities_source(m)) for n, m in own.items()) if m is not None}
+        views = {n: v for n, v in ((n, probabilities_view(m)) for n, m in own.items()) if v is not None}
         self._hooks = [ModuleAttentionHooks(own, self._on_attention, self._on_probabilities, self._on_module_done,
-                                            sources),
+                                            sources, views),
                        MultiheadAttentionHooks(multihead, self._on_attention, self._on_module_done)]
         if interface:
             self._hooks.append(HFAttentionHooks(model, interface, self._on_attention, self._on_module_done))

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..ops.arguments import is_int
 from .families.diffusers_unets import call_start as diffusers_unets_call_start
+from .families.kornia import call_start as kornia_call_start
 from .families.llama4 import is_tower as is_llama4_tower
 from .families.molmo2 import is_tower as is_molmo2_tower
 from .families.monai import call_start as monai_call_start
@@ -135,12 +136,13 @@ def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
     tokens (LFM3-VL's, run once per image) are none of these: a model without any other starts its calls as one
     without convolutions. A MONAI ViT or Swin transformer starts its calls at its patch embedding (UNETR convolves
     its input only after its ViT; of several, the one holding the ``recorded`` modules), an ultralytics model at
-    its yaml graph's first layer (YOLOv5's Focus halves the image before its convolution), a diffusers UNet or
+    its yaml graph's first layer (YOLOv5's Focus halves the image before its convolution), kornia's LoFTR at its own
+    forward (its backbone runs once per image of a pair of two sizes), a diffusers UNet or
     ControlNet at its own forward (ControlNet's first convolution on 3 channels is its conditioning image's, run after
     ``conv_in``; I2VGen-XL attends before ``conv_in``). A model whose ``recorded`` modules lie in several towers
     that take the image (:func:`tower_starts`) starts its calls at its own forward."""
     start = (monai_call_start(model, recorded) or ultralytics_call_start(model)
-             or diffusers_unets_call_start(model, recorded))
+             or diffusers_unets_call_start(model, recorded) or kornia_call_start(model, recorded))
     if start is not None:
         return start
     if tower_starts(model, recorded):

@@ -84,7 +84,7 @@ from . import (
     windowed_vit,
 )
 
-__all__ = ["Skip", "ClassQueries", "family_placer", "family_modules", "probabilities_source"]
+__all__ = ["Skip", "ClassQueries", "family_placer", "family_modules", "probabilities_source", "probabilities_view"]
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,17 @@ def probabilities_source(module: nn.Module) -> nn.Module | None:
     for family in _FAMILIES:
         source = getattr(family, "probabilities_from", None)
         found = None if source is None else source(module)
+        if found is not None:
+            return found
+    return None
+
+
+def probabilities_view(module: nn.Module):
+    """The view of ``module``'s softmax calls that is its attention ``[..., Nq, Nk]``, for designs whose softmax runs
+    over another dim than the last (kornia's LoFTR ``FullAttention``); None where the softmax over the last dim is."""
+    for family in _FAMILIES:
+        view = getattr(family, "probabilities_view", None)
+        found = None if view is None else view(module)
         if found is not None:
             return found
     return None

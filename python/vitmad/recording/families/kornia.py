@@ -1,5 +1,5 @@
 """kornia's (0.9) vision transformers: its ViT, SAM's image encoder, DeDoDe's DINOv2, RT-DETR's AIFI, the Qwen2.5-VL
-tower, MobileViT, TinyViT, the SigLIP2 vision tower and MoonViT.
+tower, MobileViT, TinyViT, the SigLIP2 vision tower, MoonViT and LoFTR's coarse self-attention.
 
 - ``VisionTransformer`` (``kornia.models.vit``): ``PatchEmbedding`` cuts the image with a ``Conv2d`` of kernel = stride
   = ``patch_size`` (the input must be ``image_size`` square), flattens its map row-major and puts the class token
@@ -54,10 +54,27 @@ tower, MobileViT, TinyViT, the SigLIP2 vision tower and MoonViT.
   F.scaled_dot_product_attention over ``[B, heads, N, N]``. The 2 x 2 merge is ``KimiVLProjector``'s, after the
   encoder, without attention.
 
+- LoFTR (``kornia.feature.loftr``) built with ``attention="full"`` in its ``coarse`` config: ``LoFTR.forward``
+  flattens each image's coarse map (``ResNetFPN_8_2`` or ``_16_4``: stride ``config["resolution"][0]``, 8 or 16 px,
+  ``ceil`` of the image's sides over it, the stride-2 convolutions padded) row-major, ``[N, h * w, C]``, and its
+  ``loftr_coarse`` runs each ``"self"`` layer twice, on image 0's tokens, then on image 1's (``layer(feat0, feat0,
+  mask0, mask0)``, ``layer(feat1, feat1, mask1, mask1)``: the images may differ in size, never batched together).
+  ``FullAttention`` takes ``F.softmax(..., dim=2)`` of ``[N, L, S, H]`` (heads last), which vitmad reads as
+  ``[N, H, L, S]`` (:func:`probabilities_view`). A cell of an image's map sits at the centre of its stride cell in
+  that image's pixels; the side of a call is the order of the layer's calls in the coarse transformer's forward,
+  its grid read from the pair given to ``LoFTR`` (the image, or the ``coarse`` map of ``features0`` / ``1``) and
+  checked against the call's token count. ``mask0`` / ``mask1`` (the pixel a cell sits on, ``[..., ::s, ::s]``)
+  reach ``FullAttention`` as ``q_mask`` and ``kv_mask``: a masked cell gets no weight as a key, and its row as a
+  query is NaN (every key ``-inf``): it has no position, and an image's MAD is the mean over its own cells
+  (``Placement.present``). The ``"cross"`` layers (queries of one image, keys of the other) are skipped; the fine
+  transformer's full attention (``loftr_fine``: a window of ``fine_window_size`` squared fine cells around each
+  coarse match, batched by match, not by image, zero-padded past the map's edge) is refused by name: record the
+  coarse layers (``layers=["loftr_coarse.*"]``). A ``FullAttention`` outside a ``LoFTR`` model (its
+  ``LocalFeatureTransformer`` alone gets flat tokens, no grid) is refused.
+
 SigLIP2's and MoonViT's ``attention_mask`` (padded patches, or pairs) is refused per call: vitmad places their patches
 attending over the whole grid. Skipped with their reason: LoFTR's linear attention (an ELU feature map, no softmax
-probabilities) and LightGlue's attention (among detected keypoints). Refused by name: LoFTR's full attention (the
-coarse maps of an image pair, self and cross).
+probabilities) and LightGlue's attention (among detected keypoints).
 """
 
 from __future__ import annotations
@@ -83,7 +100,7 @@ from .ultralytics import _MapPlacer
 from .windowed_vit import WindowedDesign
 from .windows import PartitionPlacer, block_partition, grid_partition, nchw, parent_module
 
-__all__ = ["placer", "attention_modules", "listed_dinov2"]
+__all__ = ["placer", "attention_modules", "listed_dinov2", "probabilities_view", "call_start"]
 
 _VIT = "kornia.models.vit"
 _DINOV2 = "kornia.feature.dedode.transformer.dinov2"
@@ -122,11 +139,11 @@ _SKIPPED = {
         "deformable attention (RT-DETR's decoder): a softmax over sampled points around each object query's "
         "reference, not attention between tokens",
 }
-_REFUSED = {
-    ("kornia.feature.loftr.loftr_module.linear_attention", "FullAttention"):
-        "vitmad does not place kornia's LoFTR full attention (the coarse maps of an image pair, self and cross); "
-        "record the same model from transformers (EfficientLoFTRForKeypointMatching)",
-}
+_LOFTR = "kornia.feature.loftr.loftr"
+_LOFTR_FULL = ("kornia.feature.loftr.loftr_module.linear_attention", "FullAttention")
+_LOFTR_LAYER = "kornia.feature.loftr.loftr_module.transformer"
+# LoFTR's backbones by their coarse map's pixel stride (config["resolution"][0]): build_backbone's choice.
+_LOFTR_BACKBONES = {8: "ResNetFPN_8_2", 16: "ResNetFPN_16_4"}
 # Attention classes whose forwards may not show their softmax to vitmad's discovery (MobileViT's is an nn.Softmax
 # submodule), listed by name.
 _LISTED = {(_MOBILEVIT, "Attention"), (_TINY_VIT, "Attention"), (_SIGLIP2_ATTENTION, "SigLip2Attention"),
@@ -149,7 +166,7 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in named_module_list(model)
             if (type(module).__module__ == _DINOV2_ATTENTION and type(module).__name__ in ("Attention",
                                                                                          "MemEffAttention"))
-            or _is(module, "Qwen25VisionAttention", _QWEN25) or _key(module) in _SKIPPED or _key(module) in _REFUSED
+            or _is(module, "Qwen25VisionAttention", _QWEN25) or _key(module) in _SKIPPED or _key(module) == _LOFTR_FULL
             or _key(module) in _LISTED}
 
 
@@ -173,8 +190,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return None
     if _key(module) in _SKIPPED:
         return _skip(_SKIPPED[_key(module)])
-    if _key(module) in _REFUSED:
-        return RefusingPlacer(f"{type(module).__name__} of {type(module).__module__}: {_REFUSED[_key(module)]}")
+    if _key(module) == _LOFTR_FULL:
+        return _loftr_placer(model, name, module)
     if _is(module, "MultiHeadAttention", _VIT):
         return _vit_placer(model, name)
     if _is(module, "Qwen25VisionAttention", _QWEN25):
@@ -200,6 +217,61 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return windowed_encoder_placer(model, name, module, "Block", "ImageEncoderViT", _SAM_ENCODER, _SAM_BLOCK,
                                        "kornia's SAM image-encoder Attention", "the ImageEncoderViT or the Sam model")
     return None
+
+
+def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
+    """The outermost LoFTR model in ``model`` (itself included) holding ``recorded`` modules, or None: a forward call
+    starts at its forward. Its first convolution is no such start: its backbone runs once per image of a pair of
+    two sizes (two calls where there is one), and not at all for an image given as ``features0`` / ``features1``."""
+    inside = {id(m) for m in recorded}
+    holding = [m for m in named_module_list(model) if _is(m[1], "LoFTR", _LOFTR)
+               and any(id(s) in inside for s in m[1].modules())]
+    return min(holding, key=lambda m: m[0].count("."))[1] if holding else None
+
+
+def probabilities_view(module: nn.Module):
+    """LoFTR's ``FullAttention`` takes its softmax over dim 2 of ``[N, L, S, H]``: its attention is that softmax with
+    the heads moved before the queries, ``[N, H, L, S]`` (a view, read in place)."""
+    if _key(module) != _LOFTR_FULL:
+        return None
+
+    def heads_first(probabilities: torch.Tensor, dim: int) -> torch.Tensor | None:
+        return probabilities.permute(0, 3, 1, 2) if probabilities.dim() == 4 and dim % 4 == 2 else None
+
+    return heads_first
+
+
+def _loftr_placer(model: nn.Module, name: str, module: nn.Module):
+    found = innermost_on_path(model, name, lambda m: _is(m, "LoFTR", _LOFTR))
+    layer = parent_module(model, name)
+    holder = innermost_on_path(model, name, lambda m: _is(m, "LocalFeatureTransformer", _LOFTR_LAYER))
+    transformer = None if holder is None else holder[1]
+    if (found is None or not _is(layer, "LoFTREncoderLayer", _LOFTR_LAYER) or layer.attention is not module
+            or transformer is None or not any(m is layer for m in getattr(transformer, "layers", ()))):
+        return RefusingPlacer(
+            f"kornia's LoFTR FullAttention ({name}) is placed only as the attention of a layer of a LoFTR model's "
+            "transformer (the LoFTR model flattens each image's coarse map into the tokens it gets); it is not: "
+            "record the LoFTR model, or " + _POSITIONS)
+    loftr = found[1]
+    kind = transformer.layer_names[next(i for i, m in enumerate(transformer.layers) if m is layer)]
+    if kind == "cross":
+        return _skip("cross-attention from one image of a pair to the other (kornia's LoFTR): the keys lie on "
+                     "another image, so no distance on the query's image is defined")
+    if transformer is loftr.loftr_fine:
+        return RefusingPlacer(
+            "vitmad does not place the full attention of kornia's LoFTR fine transformer (loftr_fine): its tokens "
+            "are a window of fine cells around each coarse match, batched by match, not by image; record the coarse "
+            f"transformer's layers, layers=['{found[0] + '.' if found[0] else ''}loftr_coarse.*']")
+    if transformer is not loftr.loftr_coarse or kind != "self":
+        return RefusingPlacer(f"kornia's LoFTR FullAttention ({name}) is in a layer named {kind!r} of a transformer "
+                              "that is not the LoFTR model's loftr_coarse; vitmad places the 'self' layers of "
+                              "loftr_coarse: " + _POSITIONS)
+    stride = int(loftr.config["resolution"][0])
+    if type(loftr.backbone).__name__ != _LOFTR_BACKBONES.get(stride):
+        return RefusingPlacer(
+            f"kornia's LoFTR has a {type(loftr.backbone).__name__} backbone and a coarse resolution of {stride} px; "
+            f"vitmad knows the stride of {', '.join(_LOFTR_BACKBONES.values())} (8 and 16 px): " + _POSITIONS)
+    return _LoFTRSelfPlacer(loftr, module, float(stride))
 
 
 def _skip(reason: str):
@@ -494,3 +566,92 @@ class _MergeOrderPlacer(LayerPlacer):
                                f"{self.window}x{self.window}-patch windows over its {gh}x{gw} patches in merge order "
                                "that vitmad reads from kornia's code; " + _POSITIONS)
         context.values[checked] = mask
+
+
+class _LoFTRSelfPlacer(LayerPlacer):
+    """A ``"self"`` layer of kornia's LoFTR coarse transformer with full attention: each call attends over one
+    image's coarse cells, image 0's in the layer's first call of a ``loftr_coarse`` forward, image 1's in its
+    second; the masked cells (``q_mask``, the same tensor as ``kv_mask``) without a position."""
+
+    def __init__(self, loftr: nn.Module, module: nn.Module, stride: float):
+        self.loftr, self.module, self.stride = loftr, module, (stride, stride)
+        self.grids_key, self.call_key = f"kornia.loftr.grids.{id(loftr)}", f"kornia.loftr.call.{id(module)}"
+        self.count_key = f"kornia.loftr.count.{id(module)}"
+
+    def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def see_pair(module, args, kwargs) -> None:  # after the call's start, also at the LoFTR model (call_start)
+            data = args[0] if args else kwargs.get("data")
+            context.values[self.grids_key] = _loftr_grids(data, int(self.stride[0]))
+
+        def start(module, args, kwargs) -> None:
+            context.values[self.count_key] = 0
+
+        def see_call(module, args, kwargs) -> None:
+            side = context.values.get(self.count_key)
+            if side is not None:
+                context.values[self.count_key] = side + 1
+            q_mask = args[3] if len(args) > 3 else kwargs.get("q_mask")
+            kv_mask = args[4] if len(args) > 4 else kwargs.get("kv_mask")
+            context.values[self.call_key] = (side, q_mask, kv_mask)
+
+        return [self.loftr.register_forward_pre_hook(see_pair, with_kwargs=True),
+                self.loftr.loftr_coarse.register_forward_pre_hook(start, with_kwargs=True),
+                self.module.register_forward_pre_hook(see_call, with_kwargs=True)]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        grids = context.values.get(self.grids_key)
+        side, q_mask, kv_mask = context.values.get(self.call_key, (None, None, None))
+        if grids is None or side is None:
+            raise NotPlaceable("it ran outside a forward of its LoFTR model's loftr_coarse (called on its own?), so "
+                               "the image its tokens belong to is unknown; record a forward of the LoFTR model")
+        if isinstance(grids, str):
+            raise NotPlaceable(grids)
+        if side > 1:
+            raise NotPlaceable(f"it ran {side + 1} times in one forward of loftr_coarse; kornia's 'self' layer runs "
+                               "twice, on image 0's cells, then on image 1's")
+        batch, (gh, gw) = grids[side]
+        tokens = gh * gw
+        if len(lead) != 2 or int(lead[0]) != batch or num_queries != tokens or num_keys != tokens:
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; expected "
+                f"[{batch}, H, {tokens}, {tokens}]: self-attention over the {gh}x{gw} coarse map of image{side} "
+                f"({self.stride[0]:g} px cells)")
+        if (q_mask is None) != (kv_mask is None) or (q_mask is not None and not (
+                q_mask is kv_mask and q_mask.dtype == torch.bool and tuple(q_mask.shape) == (batch, tokens))):
+            raise NotPlaceable(
+                f"its q_mask and kv_mask are not one bool [{batch}, {tokens}] mask of image{side}'s cells (LoFTR's "
+                f"mask{side} at its cells), the masks vitmad reads from kornia's 'self' layer; " + _POSITIONS)
+        cells = cell_centres(gh, gw, self.stride).reshape(-1, 2)
+        heads = int(lead[1])
+        if q_mask is None or bool(q_mask.all()):
+            geometry = LayerGeometry((gh, gw), self.stride, "global", heads, 0)
+            return Placement(cells, None, _identity, geometry)
+        mask = q_mask.detach()
+        positions = torch.where(mask.unsqueeze(-1), cells.to(mask.device), float("nan")).unsqueeze(1)  # [N, 1, L, 2]
+        geometry = LayerGeometry((gh, gw), self.stride, f"global, cells mask{side} pads without a position", heads, 0)
+        return Placement(positions, None, _identity, geometry, present=mask)
+
+
+def _loftr_grids(data, stride: int) -> list[tuple[int, tuple[int, int]]] | str:
+    """``(batch, (h, w))`` of the coarse map of each image of the pair ``data`` given to LoFTR, or why not known:
+    the ``coarse`` map of ``features<side>``, else the ``ceil`` of ``image<side>``'s sides over ``stride`` (the
+    backbone's stride-2 convolutions are padded)."""
+    if not isinstance(data, dict):
+        return f"its LoFTR model was called with a {type(data).__name__}, not the dict of the pair; " + _POSITIONS
+    grids = []
+    for side in (0, 1):
+        features, image = data.get(f"features{side}"), data.get(f"image{side}")
+        if isinstance(features, dict) and isinstance(features.get("coarse"), torch.Tensor):
+            coarse = features["coarse"]
+            grids.append((int(coarse.shape[0]), (int(coarse.shape[-2]), int(coarse.shape[-1]))))
+        elif isinstance(image, torch.Tensor) and image.dim() == 4:
+            grids.append((int(image.shape[0]), (-(-int(image.shape[-2]) // stride),
+                                                -(-int(image.shape[-1]) // stride))))
+        else:
+            return (f"its LoFTR model got neither a [N, 1, H, W] image{side} nor features{side} with a coarse map; "
+                    + _POSITIONS)
+    return grids
+
+
+def _identity(values: torch.Tensor) -> torch.Tensor:
+    return values  # one image's cells, row-major
