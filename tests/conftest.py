@@ -903,3 +903,31 @@ def decoded_frames(path):
 
     with av.open(str(path)) as container:
         return np.stack([np.asarray(frame.to_image().convert("RGB")) for frame in container.decode(video=0)])
+
+
+def check_interrupted_resume_equals_one_run(spec: str, sources, checkpoint) -> None:
+    """A profile of ``spec`` over ``sources`` (batch 1, CPU) interrupted in its second batch by a KeyboardInterrupt,
+    then resumed from ``checkpoint``, equals the run that was not interrupted: images, grids and the sums, exactly."""
+    import pytest
+    import torch
+
+    import vitmad
+    from vitmad.profiling.models import load_model
+
+    full = vitmad.profile(spec, sources, batch_size=1, device="cpu")
+    loaded, calls = load_model(spec), []
+
+    def interrupt(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    handle = loaded.module.register_forward_pre_hook(interrupt, with_kwargs=True)
+    with pytest.raises(KeyboardInterrupt):
+        vitmad.profile(loaded, sources, batch_size=1, device="cpu", checkpoint=checkpoint)
+    handle.remove()
+    assert torch.load(checkpoint, weights_only=True)["batches_done"] == 1
+    resumed = vitmad.profile(loaded, sources, batch_size=1, device="cpu", checkpoint=checkpoint, resume=True)
+    assert resumed.images == full.images and resumed.image_grids == full.image_grids
+    assert torch.equal(resumed.stats.total, full.stats.total)
+    assert torch.equal(resumed.stats.total_sq, full.stats.total_sq)

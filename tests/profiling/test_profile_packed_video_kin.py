@@ -36,6 +36,7 @@ import torch
 
 import vitmad
 from conftest import (
+    check_interrupted_resume_equals_one_run,
     chunk_token_mad,
     decoded_frames,
     eager_attention_calls,
@@ -363,26 +364,7 @@ def test_the_command_and_a_frame_folder(folders, clips, tmp_path, capsys):
 
 
 def test_resume_after_an_interrupt_equals_the_uninterrupted_run(folders, clips, tmp_path):
-    from vitmad.profiling.models import load_model
-
-    spec = f"hf:{folders / 'video_llama_3'}"
-    full = vitmad.profile(spec, clips, batch_size=1, device="cpu")
-    loaded, checkpoint, calls = load_model(spec), tmp_path / "run.pt", []
-
-    def interrupt(module, args, kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    handle = loaded.module.register_forward_pre_hook(interrupt, with_kwargs=True)
-    with pytest.raises(KeyboardInterrupt):
-        vitmad.profile(loaded, clips, batch_size=1, device="cpu", checkpoint=checkpoint)
-    handle.remove()
-    assert torch.load(checkpoint, weights_only=True)["batches_done"] == 1
-    resumed = vitmad.profile(loaded, clips, batch_size=1, device="cpu", checkpoint=checkpoint, resume=True)
-    assert resumed.images == full.images and resumed.image_grids == full.image_grids
-    assert torch.equal(resumed.stats.total, full.stats.total) and torch.equal(resumed.stats.total_sq,
-                                                                                full.stats.total_sq)
+    check_interrupted_resume_equals_one_run(f"hf:{folders / 'video_llama_3'}", clips, tmp_path / "run.pt")
 
 
 def test_video_llama_3_without_a_video_processor_file_merges_as_transformers_builds_it(folders, clips, tmp_path):

@@ -27,6 +27,7 @@ import torch
 
 import vitmad
 from conftest import (
+    check_interrupted_resume_equals_one_run,
     chunk_token_mad,
     decoded_frames,
     eager_attention_calls,
@@ -301,26 +302,7 @@ def test_the_command_writes_mad_json_csv_and_figure_and_resumes(folders, clips, 
 
 
 def test_resume_after_an_interrupt_equals_the_uninterrupted_run(folders, clips, tmp_path):
-    from vitmad.profiling.models import load_model
-
-    spec = f"hf:{folders / 'qwen3_vl'}"
-    full = vitmad.profile(spec, clips, batch_size=1, device="cpu")
-    loaded, checkpoint, calls = load_model(spec), tmp_path / "run.pt", []
-
-    def interrupt(module, args, kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    handle = loaded.module.register_forward_pre_hook(interrupt, with_kwargs=True)
-    with pytest.raises(KeyboardInterrupt):
-        vitmad.profile(loaded, clips, batch_size=1, device="cpu", checkpoint=checkpoint)
-    handle.remove()
-    assert torch.load(checkpoint, weights_only=True)["batches_done"] == 1
-    resumed = vitmad.profile(loaded, clips, batch_size=1, device="cpu", checkpoint=checkpoint, resume=True)
-    assert resumed.images == full.images and resumed.image_grids == full.image_grids
-    assert torch.equal(resumed.stats.total, full.stats.total) and torch.equal(resumed.stats.total_sq,
-                                                                                full.stats.total_sq)
+    check_interrupted_resume_equals_one_run(f"hf:{folders / 'qwen3_vl'}", clips, tmp_path / "run.pt")
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
