@@ -96,17 +96,18 @@ def _attention_maps(monkeypatch, run) -> tuple[list[torch.Tensor], object]:
     return maps, returned
 
 
-def _record(model, run, spied):
-    """``(mean recording, per-token recording)`` of ``run()`` with the statistics; the model's output unchanged by
-    recording, bit for bit, and the same as ``spied``'s, the run whose attention was read."""
+def _record(model, run, spied, output=lambda returned: (returned.sample,)):
+    """``(mean recording, per-token recording)`` of ``run()`` with the statistics; the model's output, the tensors
+    ``output(returned)`` gives (its ``.sample`` by default; a ControlNet's block samples, Z-Image's list), unchanged
+    by recording, bit for bit, and the same as ``spied``'s, the run whose attention was read."""
     with torch.no_grad():
-        plain = run().sample
+        plain = output(run())
         with vitmad.record(model, stats=STATS) as rec:
-            recorded = run().sample
+            recorded = output(run())
         with vitmad.record(model, stats=STATS, reduction="none") as rec_tokens:
             run()
-    assert torch.equal(plain, spied.sample)
-    assert torch.equal(plain, recorded)
+    for a, b, c in zip(plain, output(spied), recorded, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
     return rec, rec_tokens
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import pytest
 import torch
 from test_record_diffusers_images import (
-    STATS,
     _attention_maps,
     _check,
     _check_layers,
@@ -43,20 +42,6 @@ from test_record_diffusers_images import (
 import vitmad
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def _record_outputs(model, run, spied, output):
-    """``_record`` for a model whose output is not ``.sample``: ``output(returned)``, a tensor or a tuple of them,
-    unchanged by recording, bit for bit."""
-    with torch.no_grad():
-        plain = output(run())
-        with vitmad.record(model, stats=STATS) as rec:
-            recorded = output(run())
-        with vitmad.record(model, stats=STATS, reduction="none") as rec_tokens:
-            run()
-    for a, b, c in zip(plain, output(spied), recorded, strict=True):
-        assert torch.equal(a, b) and torch.equal(a, c)
-    return rec, rec_tokens
 
 
 def _controlnet_samples(returned) -> tuple:
@@ -80,7 +65,7 @@ def test_sd3_controlnet_joint_attention_caption_last(monkeypatch):
                      timestep=torch.tensor([3, 3]))
 
     maps, spied = _attention_maps(monkeypatch, run)
-    rec, rec_tokens = _record_outputs(model, run, spied, _controlnet_samples)
+    rec, rec_tokens = _record(model, run, spied, _controlnet_samples)
     assert rec.layers == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"] and rec.skipped == {}
     grid = (5, 6)
     for layer, probabilities in enumerate(maps):
@@ -120,7 +105,7 @@ def test_flux_controlnet_packed_latents_caption_first(monkeypatch, union):
 
     maps, spied = _attention_maps(monkeypatch, run)
     assert [m.shape[-1] for m in maps] == [before + rows * columns] * 2
-    rec, rec_tokens = _record_outputs(model, run, spied, _controlnet_samples)
+    rec, rec_tokens = _record(model, run, spied, _controlnet_samples)
     assert rec.layers == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"] and rec.skipped == {}
     _check_layers(rec, rec_tokens, maps, (rows, columns), before, 0)
 

@@ -23,7 +23,7 @@ import math
 
 import pytest
 import torch
-from test_record_diffusers_images import _attention_maps, _sharpen
+from test_record_diffusers_images import _attention_maps, _record, _sharpen
 
 import vitmad
 from conftest import grid_centres, statistics_reference
@@ -50,20 +50,6 @@ def _zimage():
         model.x_pad_token.normal_()
         model.cap_pad_token.normal_()
     return model
-
-
-def _record(model, run, spied, output=lambda returned: returned.sample):
-    """``(mean recording, per-token recording)`` of ``run()`` with the statistics; ``output(returned)`` (a list of
-    tensors) unchanged by recording, bit for bit, and the same as ``spied``'s."""
-    with torch.no_grad():
-        plain = output(run())
-        with vitmad.record(model, stats=STATS) as rec:
-            recorded = output(run())
-        with vitmad.record(model, stats=STATS, reduction="none") as rec_tokens:
-            run()
-    for a, b, c in zip(plain, output(spied), recorded, strict=True):
-        assert torch.equal(a, b) and torch.equal(a, c)
-    return rec, rec_tokens
 
 
 def _entry_positions(grid, length: int) -> torch.Tensor:
@@ -119,7 +105,7 @@ def test_entries_of_their_own_sizes_two_denoising_steps(monkeypatch):
     grids = [(5, 7), (3, 4)]
     run = _run(model, latents, captions, (0.9, 0.2))
     maps, spied = _attention_maps(monkeypatch, run)
-    rec, rec_tokens = _record(model, run, spied)
+    rec, rec_tokens = _record(model, run, spied, output=lambda returned: returned.sample)
     assert rec.layers == ["noise_refiner.0.attention", "layers.0.attention", "layers.1.attention"]
     assert list(rec.skipped) == ["context_refiner.0.attention"]
     assert "caption's tokens alone" in rec.skipped["context_refiner.0.attention"]
@@ -144,7 +130,7 @@ def test_one_grid_prefix_maps_of_pad_and_caption_tokens(monkeypatch):
     captions = [torch.randn(3, 12), torch.randn(40, 12)]
     run = _run(model, [latent, latent], captions, (0.5,))
     maps, spied = _attention_maps(monkeypatch, run)
-    rec, rec_tokens = _record(model, run, spied)
+    rec, rec_tokens = _record(model, run, spied, output=lambda returned: returned.sample)
     assert [m.shape[-1] for m in maps] == [32, 64, 96, 96]  # noise_refiner, context_refiner, layers
     image_maps = [maps[0], *maps[2:]]
     grid = (3, 5)
