@@ -27,10 +27,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 vit_pytorch = pytest.importorskip("vit_pytorch")
+
+from test_record_vit_pytorch_stages import _sharpen as _sharpen_layers  # noqa: E402
+from test_record_vit_pytorch_stages import _Softmaxes  # noqa: E402
 
 import vitmad  # noqa: E402
 
@@ -39,32 +40,8 @@ STAT_TOL = {"rtol": 1e-5, "atol": 1e-6}
 STATS = ["entropy", "prefix_mass", "prefix_maps"]
 
 
-class _Softmaxes(TorchFunctionMode):
-    """The model's attention probabilities, as its softmaxes return them, in call order."""
-
-    def __init__(self):
-        super().__init__()
-        self.maps = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        dim = (kwargs or {}).get("dim", args[1] if len(args) > 1 else None)
-        if func in (torch.softmax, F.softmax, torch.Tensor.softmax) and out.dim() >= 3 and dim in (-1, out.dim() - 1):
-            self.maps.append(out.detach().double())
-        return out
-
-
 def _sharpen(model: torch.nn.Module, std: float) -> torch.nn.Module:
-    """``model`` in eval mode with the weights of its attention modules' projections (Linear, Conv1d) drawn anew:
-    attention far from uniform, so that a token at a wrong position changes the MAD."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "heads") and hasattr(module, "scale"):  # vit_pytorch's attention modules
-                for layer in module.modules():
-                    if isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d)):
-                        layer.weight.normal_(std=std)
-    return model.eval()
+    return _sharpen_layers(model, std, layers=(torch.nn.Linear, torch.nn.Conv1d))  # their projections: Linear, Conv1d
 
 
 def _run(model, pixels):

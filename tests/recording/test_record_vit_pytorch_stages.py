@@ -36,16 +36,16 @@ class _Softmaxes(TorchFunctionMode):
         return out
 
 
-def _sharpen(model: torch.nn.Module, std: float) -> torch.nn.Module:
-    """``model`` in eval mode with the weights of its attention modules' linear and convolutional layers drawn anew
-    (std ``std``): attention far from uniform, which the default init makes every head of a tiny model look, so that
-    a token at a wrong position changes the MAD."""
+def _sharpen(model: torch.nn.Module, std: float, layers=(torch.nn.Linear, torch.nn.Conv2d)) -> torch.nn.Module:
+    """``model`` in eval mode with the weights of its attention modules' ``layers`` (linear and convolutional; Conv1d
+    for RegionViT's and SepViT's) drawn anew (std ``std``): attention far from uniform, which the default init makes
+    every head of a tiny model look, so that a token at a wrong position changes the MAD."""
     torch.manual_seed(0)
     with torch.no_grad():
         for module in model.modules():
             if hasattr(module, "heads") and hasattr(module, "scale"):  # vit_pytorch's attention modules
                 for layer in module.modules():
-                    if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+                    if isinstance(layer, layers):
                         layer.weight.normal_(std=std)
     return model.eval()
 
