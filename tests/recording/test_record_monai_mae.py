@@ -24,6 +24,7 @@ import math
 
 import pytest
 import torch
+from test_record_monai import _centres
 
 import vitmad
 from conftest import sharpened, tensor_softmax_maps
@@ -45,18 +46,6 @@ def _model(dims: int, img_size, patch) -> torch.nn.Module:
             if type(module).__name__ == "SABlock":
                 module.qkv.weight.mul_(3.0)
     return model
-
-
-def _centres(grid, stride) -> torch.Tensor:
-    """``[prod(grid), K]`` float64 centres of a row-major grid: flat index ``t`` unravelled, last axis fastest."""
-    cells = []
-    for t in range(math.prod(grid)):
-        index = []
-        for side in reversed(grid):
-            t, i = divmod(t, side)
-            index.append(i)
-        cells.append(index[::-1])
-    return (torch.tensor(cells, dtype=torch.float64) + 0.5) * torch.tensor(stride, dtype=torch.float64)
 
 
 def _reference(model, x, seed: int, ratio):
