@@ -979,12 +979,15 @@ class Recording:
         if embedding is None or "." not in embedding[0] or self._given is not None:
             return
         home = embedding[0].split(".", 1)[0]
+        embeddings: dict[str, tuple | None] = {}  # by root child: one walk of its subtree, not one per layer in it
         for name in self._modules:
             root = name.split(".", 1)[0]
             placer = self._placers.get(name)
             if root == home or "." not in name or placer is None or not _uses_plain_layout(placer):
                 continue
-            own = find_patch_embedding(self.model.get_submodule(root))
+            if root not in embeddings:
+                embeddings[root] = find_patch_embedding(self.model.get_submodule(root))
+            own = embeddings[root]
             if own is not None:
                 raise ValueError(
                     f"vitmad.record: {name} lies in {root}, which embeds the image with its own patch embedding "
