@@ -40,6 +40,12 @@ DeepViT's re-attention mixes the heads' softmax outputs and normalises them over
 CaiT's talking heads mix them after the softmax (``mix_heads_post_attn``): what they apply is no distribution over
 the keys, so the MAD is that of each head's own softmax, before the mixing, as for timm's CaiT (docs/definition.md).
 
+Placed by :mod:`.vit_pytorch_variants` (this module finds their attention and dispatches to it): the 2-D designs
+whose sequence or attention is their own (ViT-5, VAT, JumboViT, ViTDetPool, the Fourier SimpleViT, the hyper-connection
+SimpleViT and SimpleUViT with their registers, the learnable-memory Adapter, MP3, RvT, JetViT, XCiT, the attention-
+residual SimpleViT, AcceptVideoWrapper), and those with a plain sequence (flash-attention and DCA SimpleViTs, nViT,
+the decorrelation, parallel, learnable-memory, KEEL post-LN and looped ViTs).
+
 Left to ``vit_pytorch_stages``: the hierarchical designs (CrossViT, PiT, LeViT, CvT, Twins, MaxViT, NesT, CCT, T2T,
 MobileViT, RegionViT, CrossFormer, ScalableViT, SepViT). Any other vit_pytorch model is refused by name at its first
 call: its token layout is not known here.
@@ -539,7 +545,8 @@ def _refusal(path: list[nn.Module], module: nn.Module) -> RefusingPlacer:
     return RefusingPlacer(
         f"{design[1]} of vit_pytorch.{design[0]}: vitmad does not know how it lays out its tokens (vitmad places "
         "vit_pytorch's ViT, SimpleViT and its variants with the same sequence, DeepViT, CaiT, DistillableViT, the "
-        "ViT for small datasets, the 3-D ViTs, ViViT, SimMIM, MAE, NaViT and the hierarchical designs); pass "
+        "ViT for small datasets, the 3-D ViTs, ViViT, SimMIM, MAE, NaViT, the 2-D variants of vit_pytorch_variants "
+        "and the hierarchical designs); pass "
         "positions=<[N, 2] pixel position of each token, NaN rows for tokens off the image>"
     )
 
