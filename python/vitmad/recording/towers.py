@@ -25,6 +25,7 @@ from .families.plain import find_patch_embedding, is_embedding_projection
 from .families.radio import is_tower as is_radio_tower
 from .families.ultralytics import call_start as ultralytics_call_start
 from .families.vit_pytorch import image_cuts as vit_pytorch_image_cuts
+from .families.vit_pytorch import token_convolutions as vit_pytorch_plain_convolutions
 from .families.vit_pytorch_stages import token_convolutions as vit_pytorch_token_convolutions
 from .families.vq_tokenizer import is_tower as is_vq_tokenizer
 from .module_index import module_list, named_module_list
@@ -160,7 +161,8 @@ def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
 
 def _convolutions_on_pixels(model: nn.Module) -> list[nn.Module]:
     """The convolutions of ``model``, in module order, less those over tokens (a packed tower's, PiT's, ...)."""
-    on_tokens = token_convolutions(model) | vit_pytorch_token_convolutions(model)
+    on_tokens = (token_convolutions(model) | vit_pytorch_token_convolutions(model)
+                 | vit_pytorch_plain_convolutions(model))
     return [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d)) and id(m) not in on_tokens]
 
 

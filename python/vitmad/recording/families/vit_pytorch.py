@@ -40,6 +40,12 @@ DeepViT's re-attention mixes the heads' softmax outputs and normalises them over
 CaiT's talking heads mix them after the softmax (``mix_heads_post_attn``): what they apply is no distribution over
 the keys, so the MAD is that of each head's own softmax, before the mixing, as for timm's CaiT (docs/definition.md).
 
+Placed by :mod:`.vit_pytorch_variants` (this module finds their attention and dispatches to it): the 2-D designs
+whose sequence or attention is their own (ViT-5, VAT, JumboViT, ViTDetPool, the Fourier SimpleViT, the hyper-connection
+SimpleViT and SimpleUViT with their registers, the learnable-memory Adapter, MP3, RvT, JetViT, XCiT, the attention-
+residual SimpleViT, AcceptVideoWrapper), and those with a plain sequence (flash-attention and DCA SimpleViTs, nViT,
+the decorrelation, parallel, learnable-memory, KEEL post-LN and looped ViTs).
+
 Left to ``vit_pytorch_stages``: the hierarchical designs (CrossViT, PiT, LeViT, CvT, Twins, MaxViT, NesT, CCT, T2T,
 MobileViT, RegionViT, CrossFormer, ScalableViT, SepViT). Any other vit_pytorch model is refused by name at its first
 call: its token layout is not known here.
@@ -70,7 +76,7 @@ from .embeddings import check_cut_from_input
 from .plain import _plain_positions
 from .video import _GRID, VideoPlacer, _Grid, tubelet_positions
 
-__all__ = ["placer", "attention_modules", "image_cuts"]
+__all__ = ["placer", "attention_modules", "image_cuts", "token_convolutions"]
 
 _LIBRARY = "vit_pytorch."
 # The hierarchical designs, placed by families/vit_pytorch_stages.py: never claimed nor refused here.
@@ -83,10 +89,15 @@ _CUTS = {
     "bc(fpf)(hp1)(wp2)->b(fhw)(pfp1p2c)": True,
     "bc(fpf)(hp1)(wp2)->bfhw(pfp1p2c)": True,
     "bc(fpf)(hp1)(wp2)->bf(hw)(pfp1p2c)": True,
+    "bc(hp1)(wp2)->b(hw)(cp1p2)": False,  # normalized_vit: the same tokens, each patch's pixels channel-first
+    "bc(fp0)(gp1)->b(fg)(p0p1c)": False,  # looped_vit with ndim=2: its axes named for any ndim
 }
+# The axes that hold the patch height and width in a cut whose names are not p1 and p2.
+_PATCH_AXES = {"bc(fp0)(gp1)->b(fg)(p0p1c)": ("p0", "p1")}
 _SIMPLE = ("simple_vit", "simple_vit_with_qk_norm", "simple_vit_with_value_residual",
            "simple_vit_orthog_residual_update", "simple_vit_with_patch_dropout", "simple_vit_with_register_tokens",
-           "simple_vit_with_relative_proj_pos_bias", "simple_vit_with_specialized_cls")
+           "simple_vit_with_relative_proj_pos_bias", "simple_vit_with_specialized_cls", "simple_flash_attn_vit",
+           "attn_residual_with_dca_simple_vit", "simple_vit_with_hyper_connections", "simple_vit_with_fft")
 _SPARSE_GATING = ("simple_vit_with_sparse_gating", "SimpleViTWithSparseGating")
 # Models whose forward builds [prefix][row-major grid][suffix] over one image: (module, class) -> in words.
 _IMAGE_DESIGNS = {
@@ -98,6 +109,18 @@ _IMAGE_DESIGNS = {
     ("cait", "CaiT"): "CaiT",
     **{(module, "SimpleViT"): f"SimpleViT ({module})" for module in _SIMPLE},
     _SPARSE_GATING: "SimpleViTWithSparseGating",
+    # Placed by families/vit_pytorch_variants.py where their sequence or attention differs from the above.
+    **{(module, "ViT"): f"ViT ({module})" for module in ("vit_with_decorr", "parallel_vit", "learnable_memory_vit",
+                                                         "vit_with_keel_post_ln", "vit_5", "mp3", "vat")},
+    ("normalized_vit", "nViT"): "nViT",
+    ("simple_vit_attn_residual", "SimpleViTAttnResidual"): "SimpleViTAttnResidual",
+    ("simple_uvit", "SimpleUViT"): "SimpleUViT",
+    ("jumbo_vit", "JumboViT"): "JumboViT",
+    ("looped_vit", "LoopedViT"): "LoopedViT",
+    ("vit_detpool", "ViTDetPool"): "ViTDetPool",
+    ("jet_vit", "JetViT"): "JetViT",
+    ("rvt", "RvT"): "RvT",
+    ("xcit", "XCiT"): "XCiT",
 }
 _VIDEO_DESIGNS = {("vit_3d", "ViT"): "3-D ViT", ("simple_vit_3d", "SimpleViT"): "3-D SimpleViT",
                   ("vivit", "ViViT"): "ViViT"}
@@ -157,6 +180,14 @@ def image_cuts(model: nn.Module) -> list[nn.Module]:
     return cuts
 
 
+def token_convolutions(model: nn.Module) -> set[int]:
+    """Ids of the convolutions inside the image designs of this family (RvT's query convolution, XCiT's local patch
+    interaction): their image is cut by a ``Rearrange``, so these run over tokens, and the recorder starts no call at
+    them (the first runs after the cut)."""
+    return {id(conv) for owner in module_list(model) if _design(owner) in _IMAGE_DESIGNS
+            for conv in owner.modules() if isinstance(conv, (nn.Conv2d, nn.Conv3d))}
+
+
 def _path(model: nn.Module, name: str) -> list[nn.Module]:
     """The modules from ``model`` down to module ``name``, both included."""
     modules, parts = [model], name.split(".") if name else []
@@ -193,7 +224,8 @@ def _install_cut(context: CallContext, rearrange: nn.Module, video: bool) -> tor
     """A pre-hook that puts the shape of the pixels ``rearrange`` cuts into ``context`` (and, for a video, the
     tubelet grid :class:`.video.VideoPlacer` reads)."""
     lengths = rearrange.axes_lengths
-    patch = (int(lengths["p1"]), int(lengths["p2"]))
+    rows, cols = _PATCH_AXES.get("".join(str(rearrange.pattern).split()), ("p1", "p2"))
+    patch = (int(lengths[rows]), int(lengths[cols]))
     frame_patch = int(lengths["pf"]) if video else None
 
     def see(module, args) -> None:
@@ -273,9 +305,14 @@ def _subset_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[
     return Placement(positions, None, fold, LayerGeometry(grid, stride, attention, heads, prefix), present=present)
 
 
-def _extra_tokens(owner: nn.Module, ran: tuple) -> tuple[int, int]:
+def _extra_tokens(owner: nn.Module, ran: tuple, cut: _Cut) -> tuple[int, int]:
     """The tokens without a position before and after the patches of an image model's layers, as its forward (which
-    ran with the arguments ``ran``) builds its sequence."""
+    ran with the arguments ``ran``, on the pixels of ``cut``) builds its sequence."""
+    from .vit_pytorch_variants import extra_tokens
+
+    variant = extra_tokens(owner, cut)
+    if variant is not None:
+        return variant
     design = _design(owner)
     registers = int(owner.register_tokens.shape[0]) if hasattr(owner, "register_tokens") else 0
     if design == ("cait", "CaiT"):
@@ -340,7 +377,9 @@ class _ImagePlacer(LayerPlacer):
         return [mae.patch_to_emb.register_forward_hook(embedded),
                 self.owner.transformer.register_forward_pre_hook(encoded)]
 
-    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+    def cut(self, context: CallContext) -> _Cut:
+        """The pixels the model's ``Rearrange`` cut in this call, refused where it did not run or cut other pixels
+        than the model's input."""
         cut = context.values.get(_key(self.rearrange))
         if cut is None:
             raise NotPlaceable(
@@ -350,6 +389,10 @@ class _ImagePlacer(LayerPlacer):
             )
         check_cut_from_input(context, f"{self.what}'s patch cut", *cut.size, "model",
                              "its class, register or distillation tokens")
+        return cut
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        cut = self.cut(context)
         stride = (float(cut.patch[0]), float(cut.patch[1]))
         heads = int(lead[-1])
         owner_ran = _key(self.owner, "ran") in context.values
@@ -375,7 +418,7 @@ class _ImagePlacer(LayerPlacer):
                 "tokens it was given; record the model whose forward runs it, or pass positions=<[N, 2] pixel "
                 "position of each token>"
             )
-        prefix, suffix = _extra_tokens(self.owner, context.values[_key(self.owner, "ran")])
+        prefix, suffix = _extra_tokens(self.owner, context.values[_key(self.owner, "ran")], cut)
         dropped = context.values.get(_key(self.dropout, "dropped")) if self.dropout is not None else None
         if dropped is not None:  # the class token joins after the dropout (vit_with_patch_dropout)
             cells = _kept_cells(context, *dropped, f"{self.what}'s PatchDropout (training)")
@@ -502,13 +545,14 @@ def _refusal(path: list[nn.Module], module: nn.Module) -> RefusingPlacer:
     return RefusingPlacer(
         f"{design[1]} of vit_pytorch.{design[0]}: vitmad does not know how it lays out its tokens (vitmad places "
         "vit_pytorch's ViT, SimpleViT and its variants with the same sequence, DeepViT, CaiT, DistillableViT, the "
-        "ViT for small datasets, the 3-D ViTs, ViViT, SimMIM, MAE, NaViT and the hierarchical designs); pass "
+        "ViT for small datasets, the 3-D ViTs, ViViT, SimMIM, MAE, NaViT, the 2-D variants of vit_pytorch_variants "
+        "and the hierarchical designs); pass "
         "positions=<[N, 2] pixel position of each token, NaN rows for tokens off the image>"
     )
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
-    from . import ClassQueries, Skip
+    from . import ClassQueries, Skip, vit_pytorch_variants
 
     if _design(module) is None or not _is_attention(module):
         return None
@@ -527,7 +571,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         navit = next((m for m in reversed(path[:-1]) if _design(m) == _NAVIT), None)
         if navit is not None:
             return Skip(_NAVIT_POOL) if module is navit.attn_pool else _NaVitPlacer(navit)
-        return _refusal(path, module)
+        return vit_pytorch_variants.unowned_placer(path, module) or _refusal(path, module)
     rearrange, pattern = _cut_of(owner)
     design = _design(owner)
     video = design in _VIDEO_DESIGNS
@@ -542,13 +586,17 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     if design == ("cait", "CaiT") and any(m is module for m in owner.cls_transformer.modules()):
         keys = _ImagePlacer(model, owner, what, rearrange)
         return ClassQueries(_CLASS_ATTENTION, _CaitKeys(keys), "the class token and CaiT's patch grid")
+    variant = vit_pytorch_variants.placer(model, path, module, owner, what, rearrange)
+    if variant is not None:
+        return variant
     if not decoder and wrapper is not None and wrapper.encoder is not owner:
         wrapper = None  # a model held elsewhere in the wrapper than as its encoder: run by its own forward
     return _ImagePlacer(model, owner, what, rearrange, wrapper, decoder)
 
 
 class _CaitKeys(LayerPlacer):
-    """The keys of CaiT's class attention: its class token, then the patch grid its patch transformer ran over."""
+    """The keys of CaiT's (and XCiT's) class attention: its class token, then the patch grid its patch transformer
+    ran over."""
 
     def __init__(self, patches: _ImagePlacer):
         self.patches = patches
@@ -559,8 +607,8 @@ class _CaitKeys(LayerPlacer):
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         cut = context.values.get(_key(self.patches.rearrange))
         if cut is None or _key(self.patches.owner, "ran") not in context.values:
-            raise NotPlaceable("CaiT's patch cut did not run in its forward in this call, so the grid of its class "
-                               "attention's keys is unknown")
+            raise NotPlaceable(f"{self.patches.what}'s patch cut did not run in its forward in this call, so the "
+                               "grid of its class attention's keys is unknown")
         stride = (float(cut.patch[0]), float(cut.patch[1]))
         return self.patches._grid(lead, num_queries, num_keys, cut, stride, 1, 0, "global")
 
