@@ -458,13 +458,13 @@ def test_navit_places_each_packed_image_on_its_own_grid(grouped):
 
 
 def test_unknown_designs_and_bare_transformer_calls_are_refused_by_name():
-    from vit_pytorch.vit_with_patch_merger import ViT as MergerViT
+    from vit_pytorch.vit_1d import ViT as SeriesViT
 
     torch.manual_seed(0)
-    merger = MergerViT(image_size=16, patch_size=8, num_classes=3, dim=32, depth=2, heads=2, mlp_dim=32)
-    with torch.no_grad(), vitmad.record(merger), pytest.raises(ValueError, match="ViT of vit_pytorch.vit_with_patch_"
-                                                                                 "merger: vitmad does not know"):
-        merger(torch.randn(1, 3, 16, 16))
+    series = SeriesViT(seq_len=16, patch_size=8, num_classes=3, **SMALL)
+    with torch.no_grad(), vitmad.record(series), pytest.raises(ValueError, match="ViT of vit_pytorch.vit_1d: vitmad "
+                                                                                 "does not know"):
+        series(torch.randn(1, 3, 16))
     from vit_pytorch.na_vit import NaViT
 
     navit = NaViT(image_size=16, patch_size=8, num_classes=3, dim=32, depth=1, heads=2, mlp_dim=32,

@@ -26,6 +26,7 @@ from .families.radio import is_tower as is_radio_tower
 from .families.ultralytics import call_start as ultralytics_call_start
 from .families.vit_pytorch import image_cuts as vit_pytorch_image_cuts
 from .families.vit_pytorch import token_convolutions as vit_pytorch_plain_convolutions
+from .families.vit_pytorch_nd import call_start as vit_pytorch_nd_call_start
 from .families.vit_pytorch_stages import token_convolutions as vit_pytorch_token_convolutions
 from .families.vq_tokenizer import is_tower as is_vq_tokenizer
 from .module_index import module_list, named_module_list
@@ -140,10 +141,12 @@ def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
     its yaml graph's first layer (YOLOv5's Focus halves the image before its convolution), kornia's LoFTR at its own
     forward (its backbone runs once per image of a pair of two sizes), a diffusers UNet or
     ControlNet at its own forward (ControlNet's first convolution on 3 channels is its conditioning image's, run after
-    ``conv_in``; I2VGen-XL attends before ``conv_in``). A model whose ``recorded`` modules lie in several towers
+    ``conv_in``; I2VGen-XL attends before ``conv_in``), vit_pytorch's ViViT with MOSS at its own forward (MOSS
+    convolves after its spatial transformer). A model whose ``recorded`` modules lie in several towers
     that take the image (:func:`tower_starts`) starts its calls at its own forward."""
     start = (monai_call_start(model, recorded) or ultralytics_call_start(model)
-             or diffusers_unets_call_start(model, recorded) or kornia_call_start(model, recorded))
+             or diffusers_unets_call_start(model, recorded) or kornia_call_start(model, recorded)
+             or vit_pytorch_nd_call_start(model, recorded))
     if start is not None:
         return start
     if tower_starts(model, recorded):

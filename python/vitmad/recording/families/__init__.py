@@ -77,6 +77,7 @@ from . import (
     video_swin,
     vilt,
     vit_pytorch,
+    vit_pytorch_nd,
     vit_pytorch_stages,
     vit_stages,
     vitamin,
@@ -121,6 +122,7 @@ class ClassQueries(Skip):
 
 # Tried in order; the first family that claims a module places it.
 _FAMILIES = (
+    vit_pytorch_nd,  # before vit_pytorch (and the plain layout), whose attention classes its designs share
     packed, kornia, vit_pytorch_stages, class_attention, attention_pool2d, non_spatial, unplaced, radio, llama4, molmo2,
     minicpmv, mllama, pix2struct, eomt, masked, vilt, padded_patches, swin, video_swin, windowed_vit, segment_anything,
     sam_map_encoder, hiera, pooled, mvit, video_mvit, levit, lw_detr, rf_detr, detr_encoder, memory_attention,

@@ -1,0 +1,270 @@
+"""lucidrains' vit-pytorch (``vit_pytorch``): the N-D, video and token-reducing variants of the plain ViT.
+
+Each design's sequence, as its ``forward`` builds it (tokens placed in pixels of the input, voxels along a third axis):
+
+- ``vit_nd.ViTND``, ``vit_nd_pope.ViTND``, ``vit_nd_rotary.ViTND`` and ``levjepa_nd.NDTransformer`` (also as
+  ``LeVJEPAND``'s encoder): one einops ``Rearrange`` cuts the input ``[B, C, *sides]`` into patches row-major over its
+  ``ndim`` axes (axis 0 slowest; ``-> b (f g ...) ...`` or ``-> b f g ... ...``, flattened). ``ViTND`` of ``vit_nd``
+  and ``NDTransformer`` put one class token first (``ViTND`` always, whatever ``pool``), the PoPE and rotary ``ViTND``
+  none. With ``ndim=2`` the tokens are an image's grid; with ``ndim=3`` a volume's (``LayerGeometry.depth``: MAD is the
+  distance over all three axes, in voxels, as for MONAI's 3-D ViTs). Other ``ndim`` are refused: vitmad places tokens
+  on two or three axes. Their causal masks (``ViTND(causal_dims=...)``; ``NDTransformer``'s ``causal_dims``, ``(0,)``
+  by default) are refused: MAD is defined for bidirectional attention. These models compute their attention with
+  torch's ``flex_attention`` where ``vit_nd_masking.flex_attention_supported`` says the compiled kernel exists (CUDA,
+  an x86 CPU with AVX2 unless ``ATEN_CPU_CAPABILITY=default``; ``NDTransformer`` wherever its block mask builds), a
+  kernel whose probabilities vitmad does not see: such a forward is refused with that reason; their dense fallback
+  (``scores.softmax``) is recorded.
+- ``simple_flash_attn_vit_3d.SimpleViT``: tubelets in (frame, row, column) order, no class token, as
+  ``simple_vit_3d`` (:class:`.video.VideoPlacer`); its ``F.scaled_dot_product_attention`` is read where it is called.
+- ``vivit_with_moss.ViViT``: its spatial transformer as ViViT's factorized encoder (per tubelet frame, a class token
+  first unless ``pool='mean'``); its temporal transformer over one token per frame (causal by default) is skipped.
+- ``vit_with_patch_merger.ViT``: the patches alone (no class token) up to and including layer
+  ``transformer.patch_merge_layer_index``; its ``PatchMerger`` then replaces them by ``patch_merge_num_tokens``
+  learned queries' pooled tokens, which stand for no cell: the layers after it are skipped.
+- ``efficient.ViT`` and ``distill.DistillableEfficientViT``: the class token, then the row-major patches (the
+  distillation token last in a call given ``distill_token``), handed to the user's ``transformer``: its
+  ``nn.MultiheadAttention`` layers (``nn.TransformerEncoder``) are placed there when they take ``batch_first`` tokens
+  (a sequence-first layer would attend across the batch); any other attention in it is refused.
+
+- ``mpp.MPP``: the transformer it holds (a DeepViT, or any model with a ``[1, 1, D]`` class token) is run by MPP's own
+  forward over the class token, then every patch of MPP's ``patch_size`` cut, row-major: masked patches are the mask
+  token, replaced ones another patch's pixels, each at its own cell.
+
+Refused with the reason (:data:`_REFUSED`): ``levjepa`` (its attention is always ``flex_attention``), ``ats_vit``
+(per-call sampled subsets, not read yet), ``cct_3d`` (a 3-D convolutional tokenizer), the nested-tensor NaViTs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..module_index import named_module_list
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, select_tokens
+from .embeddings import check_sequence
+from .monai import _grid_positions
+from .video import VideoPlacer
+from .vit_pytorch import _cut_of, _design, _ImagePlacer, _key, _path, _VideoCut, _VivitPlacer
+
+__all__ = ["placer", "call_start"]
+
+_ND = {("vit_nd", "ViTND"): 1, ("vit_nd_pope", "ViTND"): 0, ("vit_nd_rotary", "ViTND"): 0,
+       ("levjepa_nd", "NDTransformer"): 1}  # -> class tokens before the patches
+_FLEX = ("computes its attention with torch's flex_attention here (vit_pytorch uses it where the compiled kernel "
+         "exists: CUDA, or an x86 CPU with AVX2), whose probabilities vitmad does not see; record it where its dense "
+         "fallback runs (on a CPU with ATEN_CPU_CAPABILITY=default set before the call), or pass positions=...")
+_NESTED = ("NaViT with nested tensors attends over a jagged torch.nested tensor (one sequence per image); vitmad "
+           "measures dense [B, H, N, N] attention calls only (vit_pytorch.na_vit.NaViT, which packs images into padded "
+           "rows, is placed)")
+_MERGED = ("attention over the tokens of vit_with_patch_merger's PatchMerger: learned queries' pools of the patches, "
+           "which stand for no cell of the image")
+# Attention classes refused wherever they are, with the reason.
+_REFUSED = {
+    ("levjepa", "Attention"): "LeVJEPA's VideoTransformer always computes its attention with torch's flex_attention "
+                              "(block-causal across frames unless built with block_causal=False), whose probabilities "
+                              "vitmad does not see; pass positions=... to record it where its probabilities are "
+                              "given",
+    ("ats_vit", "Attention"): "ViT with adaptive token sampling: each layer that samples keeps, per image, the tokens "
+                              "its Gumbel draw picked (sorted, padded with masked copies of the class token), drawn "
+                              "inside the layer's forward; vitmad does not place those per-call subsets yet",
+    ("cct_3d", "Attention"): "CCT on video (vit_pytorch.cct_3d): its tokens are the (frame, row, column) cells of a "
+                             "Conv3d / MaxPool3d tokenizer, and vitmad's stage grids follow 2-D convolutions only; "
+                             "pass positions=... to record it",
+    ("na_vit_nested_tensor", "Attention"): _NESTED,
+    ("na_vit_nested_tensor_3d", "Attention"): _NESTED,
+}
+_MOSS_FRAMES = ("attention over one token per video frame (ViViT with MOSS's temporal transformer, over each frame's "
+                "class token or mean): no token has a position on the image")
+
+
+class _NDCut:
+    """Reads in each call the ``[B, C, *sides]`` an N-D design's ``Rearrange`` cuts, and its patch sides."""
+
+    def __init__(self, owner: nn.Module, rearrange: nn.Module, ndim: int):
+        self.owner, self.rearrange, self.ndim = owner, rearrange, ndim
+        self.patch = tuple(int(rearrange.axes_lengths[f"p{i}"]) for i in range(ndim))
+
+    def install(self, context: CallContext) -> list:
+        def see(module, args) -> None:
+            pixels = args[0] if args else None
+            if isinstance(pixels, torch.Tensor) and pixels.dim() == 2 + self.ndim:
+                context.values[_key(self.rearrange)] = (int(pixels.shape[0]), tuple(int(s) for s in pixels.shape[2:]))
+            else:
+                context.values.pop(_key(self.rearrange), None)
+
+        return [self.rearrange.register_forward_pre_hook(see)]
+
+
+class _NDPlacer(LayerPlacer):
+    """A layer of an N-D design over 2 or 3 axes: ``prefix`` class tokens, then the grid row-major."""
+
+    def __init__(self, what: str, cut: _NDCut, prefix: int):
+        self.what, self.cut, self.prefix = what, cut, prefix
+
+    def install(self, context: CallContext) -> list:
+        return self.cut.install(context)
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        found = context.values.get(_key(self.cut.rearrange))
+        if found is None:
+            raise NotPlaceable(f"{self.what}'s patch cut (to_patch_embedding's Rearrange) did not run on a "
+                               f"[B, C, {', '.join('S' * self.cut.ndim)}] input in this call before it attended, so "
+                               "its grid is unknown; run the model on its input")
+        batch, sides = found
+        grid = tuple(s // p for s, p in zip(sides, self.cut.patch))
+        tokens = self.prefix + math.prod(grid)
+        if len(lead) != 2 or int(lead[0]) != batch or num_queries != tokens or num_keys != tokens:
+            raise NotPlaceable(
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; after "
+                f"{self.what} cut {batch} input(s) of {'x'.join(map(str, sides))} into "
+                f"{'x'.join(map(str, grid))} patches, it attends [{batch}, H, {tokens}, {tokens}]"
+                + (" (the class token first)" if self.prefix else "")
+            )
+        stride = tuple(float(p) for p in self.cut.patch)
+        positions, index = _grid_positions(grid, stride, self.prefix)
+        attention = "global, class token first" if self.prefix else "global"
+        geometry = LayerGeometry.of_grid(grid, stride, attention, int(lead[1]), self.prefix)
+        return Placement(positions, None, select_tokens(index), geometry)
+
+    def refusal_without_attention(self, module: nn.Module) -> str | None:
+        return f"{self.what} {_FLEX}"
+
+
+def _nd_placer(owner: nn.Module, design: tuple[str, str]):
+    what = f"{design[1]} of vit_pytorch.{design[0]}"
+    ndim = int(owner.ndim)
+    if ndim not in (2, 3):
+        return RefusingPlacer(f"{what} has ndim={ndim}: vitmad places tokens on 2 axes (an image) or 3 (a volume), "
+                              "so the positions of its patches are not known; pass positions=<[N, K] position of "
+                              "each token>")
+    causal = (owner.causal_mask_fn is not None) if design[0] != "levjepa_nd" else bool(owner.causal_dims)
+    if causal:
+        return RefusingPlacer(f"{what} masks its attention causally along axes "
+                              f"{list(getattr(owner, 'causal_dims', ()) or [])}: MAD is defined for a vision "
+                              "transformer's bidirectional attention (build it without causal_dims)")
+    rearrange = owner.to_patch_embedding[0]
+    names = "fghijkl"[:ndim]
+    left = "bc" + "".join(f"({d}p{i})" for i, d in enumerate(names))
+    pattern = "".join(str(getattr(rearrange, "pattern", "")).split())
+    if type(rearrange).__name__ != "Rearrange" or not pattern.startswith(f"{left}->b") \
+            or not pattern[len(left) + 3:].replace("(", "").replace(")", "").startswith(names):
+        return RefusingPlacer(f"{what} cuts its input with {pattern or type(rearrange).__name__!r}; vitmad places "
+                              f"patches cut as {left}->b({names})..., row-major over the axes")
+    return _NDPlacer(what, _NDCut(owner, rearrange, ndim), _ND[design])
+
+
+def _merged(owner: nn.Module, module: nn.Module) -> bool:
+    """Whether ``module`` (a layer of ``vit_with_patch_merger``'s transformer) runs after its PatchMerger, which its
+    forward applies after layer ``patch_merge_layer_index`` (never where that index is out of range)."""
+    transformer = owner.transformer
+    merge = int(transformer.patch_merge_layer_index)
+    index = next(i for i, (attention, _) in enumerate(transformer.layers) if attention is module)
+    return 0 <= merge < index
+
+
+class _MppPlacer(LayerPlacer):
+    """A layer of the transformer ``MPP`` runs itself: the class token, then every patch of the image ``MPP`` cut
+    (``patch_size``, row-major): a masked patch is the mask token, a replaced one another patch's pixels, each at its
+    own cell (with its cell's position embedding)."""
+
+    def __init__(self, mpp: nn.Module):
+        self.mpp = mpp
+
+    def install(self, context: CallContext) -> list:
+        def see(module, args) -> None:
+            pixels = args[0] if args else None
+            context.values[_key(self.mpp)] = (int(pixels.shape[0]), tuple(int(s) for s in pixels.shape[-2:])) \
+                if isinstance(pixels, torch.Tensor) and pixels.dim() == 4 else None
+
+        def forget(module, args, output) -> None:
+            context.values.pop(_key(self.mpp), None)
+
+        return [self.mpp.register_forward_pre_hook(see), self.mpp.register_forward_hook(forget, always_call=True)]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        found = context.values.get(_key(self.mpp))
+        if found is None:
+            raise NotPlaceable("its transformer ran outside MPP's forward on a [B, C, H, W] image in this call, so "
+                               "the patches it was given are unknown; record the MPP, or pass positions=...")
+        batch, size = found
+        patch = int(self.mpp.patch_size)
+        grid = (size[0] // patch, size[1] // patch)
+        tokens = 1 + grid[0] * grid[1]
+        check_sequence(lead, num_queries, num_keys, batch, tokens,
+                       f"MPP cut {batch} image(s) of {size[0]}x{size[1]} into {grid[0]}x{grid[1]} patches after a "
+                       "class token")
+        stride = (float(patch), float(patch))
+        positions, index = _grid_positions(grid, stride, 1)
+        geometry = LayerGeometry(grid, stride, "global: every patch (masked ones as the mask token at their cells)",
+                                 int(lead[1]), 1)
+        return Placement(positions, None, select_tokens(index), geometry)
+
+
+def _owner(path: list[nn.Module], designs) -> tuple[nn.Module | None, tuple[str, str] | None]:
+    """The innermost module on ``path`` (the attention excluded) of one of ``designs``, and its design."""
+    for module in reversed(path[:-1]):
+        design = _design(module)
+        if design in designs:
+            return module, design
+    return None, None
+
+
+def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
+    """The outermost ViViT with MOSS in ``model`` (itself included) holding ``recorded`` modules, or None: a forward
+    call starts at its forward. Its first convolutions (MOSS's) run after its spatial transformer, which a call
+    started there would drop."""
+    inside = {id(m) for m in recorded}
+    holding = [m for m in named_module_list(model) if _design(m[1]) == _MOSS
+               and any(id(s) in inside for s in m[1].modules())]
+    return min(holding, key=lambda m: m[0].count("."))[1] if holding else None
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    from . import Skip
+
+    own = _design(module)
+    if own in _REFUSED:
+        return RefusingPlacer(_REFUSED[own])
+    if own is None and not isinstance(module, nn.MultiheadAttention):
+        return None
+    path = _path(model, name)
+    mpp, _ = _owner(path, {_MPP})
+    if mpp is not None and own is not None:
+        return _MppPlacer(mpp)
+    owner, design = _owner(path, _DESIGNS)
+    if owner is None:
+        return None
+    if isinstance(module, nn.MultiheadAttention):
+        if design != _EFFICIENT:
+            return None
+        if not module.batch_first:
+            return RefusingPlacer("ViT of vit_pytorch.efficient hands its [B, N, D] tokens to a sequence-first "
+                                  "nn.MultiheadAttention (batch_first=False), which then attends across the batch: "
+                                  "vitmad does not place that; build its encoder layers with batch_first=True")
+        return _ImagePlacer(model, owner, "ViT (efficient)", _cut_of(owner)[0])
+    if design in _ND:
+        return _nd_placer(owner, design)
+    if design == _MERGER:
+        return Skip(_MERGED) if _merged(owner, module) else _ImagePlacer(model, owner, "ViT with patch merger",
+                                                                         _cut_of(owner)[0])
+    rearrange, pattern = _cut_of(owner)
+    if design == _MOSS:
+        if any(m is module for m in owner.temporal_transformer.modules()):
+            return Skip(_MOSS_FRAMES)
+        if pattern != "bc(fpf)(hp1)(wp2)->bf(hw)(pfp1p2c)":
+            return RefusingPlacer(f"ViViT of vit_pytorch.vivit_with_moss cuts its video with {pattern!r}, not the "
+                                  "cut vitmad knows")
+        return _VivitPlacer(model, owner, rearrange, "space")
+    if pattern != "bc(fpf)(hp1)(wp2)->bfhw(pfp1p2c)":  # simple_flash_attn_vit_3d
+        return RefusingPlacer(f"SimpleViT of vit_pytorch.simple_flash_attn_vit_3d cuts its video with {pattern!r}, "
+                              "not the cut vitmad knows")
+    return VideoPlacer(model, _VideoCut(rearrange), "space-time")
+
+
+_EFFICIENT = ("efficient", "ViT")
+_MERGER = ("vit_with_patch_merger", "ViT")
+_MOSS = ("vivit_with_moss", "ViViT")
+_MPP = ("mpp", "MPP")
+_DESIGNS = {*_ND, _EFFICIENT, _MERGER, _MOSS, ("simple_flash_attn_vit_3d", "SimpleViT")}
