@@ -12,6 +12,7 @@ import re
 from torch import nn
 
 from ..ops.arguments import is_int
+from .families.diffusers_images import call_start as diffusers_images_call_start
 from .families.diffusers_unets import call_start as diffusers_unets_call_start
 from .families.kornia import call_start as kornia_call_start
 from .families.llama4 import is_tower as is_llama4_tower
@@ -142,7 +143,8 @@ def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
     ``conv_in``; I2VGen-XL attends before ``conv_in``). A model whose ``recorded`` modules lie in several towers
     that take the image (:func:`tower_starts`) starts its calls at its own forward."""
     start = (monai_call_start(model, recorded) or ultralytics_call_start(model)
-             or diffusers_unets_call_start(model, recorded) or kornia_call_start(model, recorded))
+             or diffusers_unets_call_start(model, recorded) or diffusers_images_call_start(model, recorded)
+             or kornia_call_start(model, recorded))
     if start is not None:
         return start
     if tower_starts(model, recorded):

@@ -102,6 +102,7 @@ import inspect
 import torch
 from torch import nn
 
+from ..module_index import module_list
 from ..placement import (
     CallContext,
     LayerGeometry,
@@ -124,7 +125,7 @@ from .diffusers_common import (
 from .plain import _plain_positions
 from .stages import innermost_on_path, pair
 
-__all__ = ["placer", "attention_modules", "LatentGridPlacer"]
+__all__ = ["placer", "attention_modules", "call_start", "LatentGridPlacer"]
 
 # The 2 x 2 latent pixels every Flux pipeline packs into one token (_pack_latents): the latent pixels per img_ids step.
 _FLUX_PACKING = 2
@@ -143,6 +144,7 @@ _PLACED = {
     "PixArtTransformer2DModel": ("conv", None, ("AttnProcessor2_0", "FusedAttnProcessor2_0")),
     "Transformer2DModel": ("conv", None, ("AttnProcessor2_0", "FusedAttnProcessor2_0")),
     "HunyuanDiT2DModel": ("conv", None, ("HunyuanAttnProcessor2_0", "FusedHunyuanAttnProcessor2_0")),
+    "HunyuanDiT2DControlNetModel": ("conv", None, ("HunyuanAttnProcessor2_0", "FusedHunyuanAttnProcessor2_0")),
     "SD3Transformer2DModel": ("conv", "last", ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")),
     "SD3ControlNetModel": ("conv", "last", ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")),
     "HunyuanImageTransformer2DModel": ("conv", "last", ("HunyuanImageAttnProcessor",)),
@@ -154,6 +156,7 @@ _PLACED = {
     "OvisImageTransformer2DModel": ("ids", "first", ("OvisImageAttnProcessor",)),
     "LongCatImageTransformer2DModel": ("ids", "first", ("LongCatImageAttnProcessor",)),
     "QwenImageTransformer2DModel": ("shapes", "first", ("QwenDoubleStreamAttnProcessor2_0",)),
+    "QwenImageControlNetModel": ("shapes", "first", ("QwenDoubleStreamAttnProcessor2_0",)),
     "Flux2Transformer2DModel": ("ids4", "first", ("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor")),
     "Flux3Transformer2DModel": ("ids4", "first", ("Flux3AttnProcessor",)),
     "Krea2Transformer2DModel": ("ids", "first", ("Krea2AttnProcessor",)),
@@ -187,7 +190,8 @@ _IDS = {
 # The module whose input (which argument) is the caption, its length the caption's token count, where not
 # context_embedder's first (Lumina2's: the caption's mask, whose sum per entry is the caption's length); and the
 # patch embedding, where not pos_embed.
-_CAPTION_EMBEDDER = {"QwenImageTransformer2DModel": ("txt_in", 0), "CogView4Transformer2DModel": ("patch_embed", 1),
+_CAPTION_EMBEDDER = {"QwenImageTransformer2DModel": ("txt_in", 0), "QwenImageControlNetModel": ("txt_in", 0),
+                     "CogView4Transformer2DModel": ("patch_embed", 1),
                      "CogView3PlusTransformer2DModel": ("patch_embed", 1),
                      "Lumina2Transformer2DModel": ("rope_embedder", 1), "Krea2Transformer2DModel": ("txt_in", 0),
                      "PRXTransformer2DModel": ("txt_in", 0), "NucleusMoEImageTransformer2DModel": ("txt_norm", 0)}
@@ -202,7 +206,7 @@ _SECOND_CAPTION = {"HunyuanImageTransformer2DModel": "context_embedder_2"}
 _CAPTION_ONLY = {"Lumina2Transformer2DModel": "context_refiner", "HunyuanImageTransformer2DModel": "context_embedder",
                  "Flux3Transformer2DModel": "txt_mode_blocks", "Krea2Transformer2DModel": "text_fusion",
                  "BriaFibo2Transformer2DModel": "perceiver"}
-_LINEAR = ("SanaTransformer2DModel",)
+_LINEAR = ("SanaTransformer2DModel", "SanaControlNetModel")
 # diffusers' other image transformers, refused by name with what keeps vitmad from placing their tokens (read from
 # their source, diffusers 0.42.1).
 _NOT_PLACED = {
@@ -232,15 +236,41 @@ _KEY = "diffusers_images."  # + the transformer's name + ".grid" / ".text": what
 def _owner(module: nn.Module) -> bool:
     if is_diffusers_class(module, ("Transformer2DModel",)):
         # The generic class cuts patches (DiT / PixArt checkpoints of the older format) only with patch_size; a
-        # UNet's, over a feature map, is diffusers_unets'.
+        # UNet's, over a feature map, is diffusers_unets' (one recorded alone: _owners).
         return getattr(module, "is_input_patches", False) is True
     return is_diffusers_class(module, _KNOWN)
+
+
+def _on_its_input(module: nn.Module) -> bool:
+    """Whether ``module`` is a generic ``Transformer2DModel`` over a continuous ``[B, C, H, W]`` input (no
+    ``patch_size``, no ``num_vector_embeds``): its tokens are the input's pixels."""
+    return is_diffusers_class(module, ("Transformer2DModel",)) and getattr(module, "is_input_continuous", False) is True
+
+
+def _owners(model: nn.Module):
+    """The test of the modules whose attention this family places in ``model``: the known image transformers, and
+    ``model`` itself where it is a ``Transformer2DModel`` over its input's pixels (recorded alone; inside a UNet it
+    works on that UNet's feature maps, which diffusers_unets places)."""
+    alone = _on_its_input(model)
+    return lambda module: _owner(module) or (alone and module is model)
+
+
+def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
+    """``model`` itself where a ``recorded`` module lies in a ``HunyuanDiT2DControlNetModel``, else None: its
+    ``pos_embed`` cuts the latent, then the condition image, with the same convolution, so that convolution, the
+    first on the image's channels, would start a second call in each forward; the model's forward starts it."""
+    inside = {id(m) for m in recorded}
+    for module in module_list(model):
+        if is_diffusers_class(module, ("HunyuanDiT2DControlNetModel",)) and any(
+                id(sub) in inside for sub in module.modules()):
+            return model
+    return None
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The diffusers attention modules inside the image transformers this family knows (placed or refused by name);
     those of other diffusers models (UNets, video transformers) are not this family's."""
-    return attention_under(model, _owner)
+    return attention_under(model, _owners(model))
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
@@ -250,7 +280,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
 
     if not is_attention(module):
         return None
-    found = innermost_on_path(model, name, _owner)
+    found = innermost_on_path(model, name, _owners(model))
     if found is None:
         return None
     owner_name, owner = found
@@ -295,6 +325,8 @@ class LatentGridPlacer(LayerPlacer):
         self.owner_name, self.owner, self.attention = owner_name, owner, attention
         self.kind = type(owner).__name__
         self.cut, self.text_side, self.processors = _PLACED[self.kind]
+        if _on_its_input(owner):
+            self.cut = "map"  # a Transformer2DModel recorded alone, over its input's pixels
         self.packed = self.cut in ("ids", "shapes", "ids4", "sequence")
         self.caption_embedder = _CAPTION_EMBEDDER.get(self.kind, ("context_embedder", 0))[0]
         self._layouts: dict[tuple, tuple[torch.Tensor, ...]] = {}
@@ -365,6 +397,17 @@ class LatentGridPlacer(LayerPlacer):
                     _IDS[self.kind])
 
             handles.append(self._patch_embedding().register_forward_pre_hook(see_ids))
+        elif self.cut == "map":
+            proj_in = self.owner.proj_in
+
+            def see_map(module, args, kwargs) -> None:
+                latent = args[0] if args else kwargs.get("hidden_states")
+                context.values[key + ".grid"] = self._latent_grid(latent)
+
+            # Its proj_in, a 1x1 Conv2d over the normed input, starts the call (the recorder's first convolution),
+            # clearing what came before; a Linear one (use_linear_projection) has none: the model's forward starts it.
+            hooked = proj_in if isinstance(proj_in, nn.Conv2d) else self.owner
+            handles.append(hooked.register_forward_pre_hook(see_map, with_kwargs=True))
         elif self.cut == "view":
             def see_view(module, args) -> None:
                 context.values[key + ".grid"] = self._latent_grid(args[0] if args else None)
@@ -412,7 +455,7 @@ class LatentGridPlacer(LayerPlacer):
         if seen is None:
             what = {"ids": f"{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')} (img_ids)", "ids4": "forward (img_ids)",
                     "shapes": "pos_embed (img_shapes)", "latent": "forward (the latent)",
-                    "sequence": "forward (indicator, position_ids)",
+                    "sequence": "forward (indicator, position_ids)", "map": "forward (its input)",
                     "view": f"{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')} (the latent)"}.get(
                 self.cut, f"{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')}.proj (the latent)")
             raise NotPlaceable(
@@ -509,6 +552,8 @@ class LatentGridPlacer(LayerPlacer):
         return int(registers.shape[1]) if isinstance(registers, torch.Tensor) and registers.dim() == 3 else 0
 
     def _patch_grid(self, height: int, width: int) -> tuple[tuple[int, int], tuple[float, float]]:
+        if self.cut == "map":
+            return (height, width), (1.0, 1.0)  # one token per pixel of its input, row-major
         if self.cut == "latent":
             # PRX's img2seq: whole patches of its config's patch_size, row-major (a side it does not divide fails
             # there).
