@@ -140,8 +140,9 @@ def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
     its yaml graph's first layer (YOLOv5's Focus halves the image before its convolution), kornia's LoFTR at its own
     forward (its backbone runs once per image of a pair of two sizes), a diffusers UNet or
     ControlNet at its own forward (ControlNet's first convolution on 3 channels is its conditioning image's, run after
-    ``conv_in``; I2VGen-XL attends before ``conv_in``). A model whose ``recorded`` modules lie in several towers
-    that take the image (:func:`tower_starts`) starts its calls at its own forward."""
+    ``conv_in``; I2VGen-XL attends before ``conv_in``), a model holding diffusers' HunyuanDiT ControlNet at its own
+    forward (its patch convolution cuts the latent, then the condition). A model whose ``recorded`` modules lie in
+    several towers that take the image (:func:`tower_starts`) starts its calls at its own forward."""
     start = (monai_call_start(model, recorded) or ultralytics_call_start(model)
              or diffusers_unets_call_start(model, recorded) or diffusers_images_call_start(model, recorded)
              or kornia_call_start(model, recorded))

@@ -10,7 +10,10 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
   ``BasicTransformerBlock``'s ``attn1`` attends over that grid alone. PixArt's ``attn2`` attends from the patches
   to the caption (``encoder_hidden_states``): its keys have no position in the latent, so it is skipped.
 - The generic ``Transformer2DModel`` given a ``patch_size`` (DiT / PixArt checkpoints of the older format): the same
-  ``PatchEmbed`` grid and blocks as DiT's (without ``patch_size`` it works on a UNet's feature map: diffusers_unets').
+  ``PatchEmbed`` grid and blocks as DiT's. Without ``patch_size`` it works on a feature map: inside a UNet, that
+  UNet's (diffusers_unets'); recorded alone, its own input's, ``[B, C, H, W]`` flattened row-major
+  (``permute(0, 2, 3, 1).reshape(B, H * W, C)``, before or after ``proj_in``), one token per input pixel (stride 1),
+  read per call from ``proj_in``'s input (a 1x1 ``Conv2d``) or the forward's (``use_linear_projection``).
 - ``SD3Transformer2DModel`` (MMDiT) and ``SD3ControlNetModel`` (its blocks): the same ``PatchEmbed`` grid;
   ``JointAttnProcessor2_0`` concatenates the image tokens, THEN the caption's (``torch.cat([query,
   encoder_hidden_states_query_proj], dim=2)``): the caption's tokens are suffix tokens without a position. SD3.5's
@@ -37,7 +40,9 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
   ``[caption, image]`` with the caption's padding dropped (its length the sum of ``encoder_attention_mask``); a
   batch whose captions differ in length (each entry's image then starts at its own place) is refused.
 - ``HunyuanDiT2DModel``: the same ``PatchEmbed`` grid; ``attn1`` attends over it alone (its 2-D RoPE, given by the
-  pipeline, changes the logits only), ``attn2`` to the caption (skipped).
+  pipeline, changes the logits only), ``attn2`` to the caption (skipped). ``HunyuanDiT2DControlNetModel`` runs its
+  blocks on the same grid; its ``pos_embed`` cuts the latent, then the condition (added), with one convolution, so
+  its calls start at the model's forward (:func:`call_start`), not at that convolution.
 - ``FluxTransformer2DModel`` and ``ChromaTransformer2DModel`` (Flux's blocks, attention and ids; a padding mask over
   the caption, measured as given): its input comes packed, ``[B, (H/2)(W/2), C*4]`` (each token 2 x 2 latent pixels,
   ``FluxPipeline._pack_latents``), its places named by ``img_ids`` ``[N, 3]`` (0, row, column). ``FluxAttnProcessor``
@@ -58,6 +63,7 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
   ``(1, rows, columns)`` of ``img_shapes`` (read per call from what ``pos_embed`` gets), which must name one image
   of one frame per batch entry, all the same (an edit pipeline's several images are refused);
   ``QwenDoubleStreamAttnProcessor2_0`` puts the caption first (its length what ``txt_in`` gets), its padding masked.
+  ``QwenImageControlNetModel`` runs QwenImage's blocks on the same packing and ``img_shapes``.
 - ``Flux3Transformer2DModel``: Flux2's packing and four-coordinate ids, its rows and columns scaled by the pipeline's
   ``image_rope_scale`` (``(0, 0.5 row, 0.5 column, 0)``; any one step is read as the grid it steps over), read per
   call from its forward's ``img_ids``; its ``txt_mode_blocks`` attend over the caption alone (skipped),
@@ -91,8 +97,14 @@ The fused QKV processors (``fuse_qkv_projections()``: ``FusedAttnProcessor2_0``,
 (Flux's processor reads ``attn.fused_projections`` itself).
 
 Refused: a processor vitmad has not read (IP-Adapter, PAG, ``AttnProcessor``'s merged batch and heads): the layout
-of its call is its own. Skipped: cross-attention to a caption; Sana's linear attention (no softmax map). The other
-image transformers of diffusers are refused by name, each with what keeps it unplaced (``_NOT_PLACED``).
+of its call is its own. Skipped: cross-attention to a caption; Sana's linear attention (no softmax map), its
+ControlNet's too. The other image transformers of diffusers are refused by name, each with what keeps it unplaced
+(``_NOT_PLACED``).
+
+The Multi wrappers (``FluxMultiControlNetModel``, ``HunyuanDiT2DMultiControlNetModel``,
+``QwenImageMultiControlNetModel``, ``SD3MultiControlNetModel``) hold their nets in ``nets``, each placed as above; a
+forward of the wrapper is one call, its nets' runs in it in order (one union net run once per condition: its layers
+once per run).
 """
 
 from __future__ import annotations

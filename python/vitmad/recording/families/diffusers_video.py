@@ -44,6 +44,16 @@ not guess the VAE. The grid is read from the patch embedding in every call, neve
   (frame, row, column) order; Cosmos' ``attn1`` and Kandinsky 5's visual blocks' ``self_attention`` attend over it,
   their cross-attention to the text and Kandinsky 5's text blocks skipped. Kandinsky 5 given ``sparse_params``
   (NABLA: tokens reordered by 8x8 blocks, a block mask) is refused.
+  ``CosmosControlNetModel`` (Cosmos Transfer 2.5): its ``patch_embed`` cuts the control latents (and
+  ``patch_embed_base`` the noisy latents, added in its first block), its ``control_blocks`` are Cosmos' blocks over
+  the control tubelets: placed as Cosmos'.
+- ``JoyImageEditTransformer3DModel``: ``img_in`` (``Conv3d``) cuts ``[B, C, F, H, W]`` latents (or one item
+  ``[B, 1, C, F, H, W]``), flattened (frame, row, column); ``JoyImageAttnProcessor`` attends over ``cat([image,
+  caption])``, the caption's count that of the forward's ``encoder_hidden_states``.
+  ``JoyImageEditPlusTransformer3DModel`` gets the latent cut by its pipeline, ``[B, N, C, p_t, p, p]`` in (frame,
+  row, column) order on its ``shape_list``'s one ``(t, h, w)``, the caption last, padded keys masked. Reference
+  images (JoyImageEdit's further items, stacked on the frames; Plus's further ``shape_list`` entries) are other
+  images: refused.
 - ``ConsisIDTransformer3DModel``: CogVideoX's blocks and ``patch_embed`` (text first); its face identity attention
   (``PerceiverAttention``, ``PerceiverCrossAttention``: the identity tokens' own softmax) skipped.
 - ``EasyAnimateTransformer3DModel``: ``proj`` (``Conv2d``) cuts each latent frame, flattened frames outermost; its
