@@ -12,6 +12,7 @@ import re
 from torch import nn
 
 from ..ops.arguments import is_int
+from .families.diffusers_images import call_start as diffusers_images_call_start
 from .families.diffusers_unets import call_start as diffusers_unets_call_start
 from .families.kornia import call_start as kornia_call_start
 from .families.llama4 import is_tower as is_llama4_tower
@@ -142,11 +143,12 @@ def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
     forward (its backbone runs once per image of a pair of two sizes), a diffusers UNet or
     ControlNet at its own forward (ControlNet's first convolution on 3 channels is its conditioning image's, run after
     ``conv_in``; I2VGen-XL attends before ``conv_in``), vit_pytorch's ViViT with MOSS at its own forward (MOSS
-    convolves after its spatial transformer). A model whose ``recorded`` modules lie in several towers
+    convolves after its spatial transformer), a model holding diffusers' HunyuanDiT ControlNet at its own forward (its
+    patch convolution cuts the latent, then the condition). A model whose ``recorded`` modules lie in several towers
     that take the image (:func:`tower_starts`) starts its calls at its own forward."""
     start = (monai_call_start(model, recorded) or ultralytics_call_start(model)
-             or diffusers_unets_call_start(model, recorded) or kornia_call_start(model, recorded)
-             or vit_pytorch_nd_call_start(model, recorded))
+             or diffusers_unets_call_start(model, recorded) or diffusers_images_call_start(model, recorded)
+             or kornia_call_start(model, recorded) or vit_pytorch_nd_call_start(model, recorded))
     if start is not None:
         return start
     if tower_starts(model, recorded):

@@ -10,7 +10,10 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
   ``BasicTransformerBlock``'s ``attn1`` attends over that grid alone. PixArt's ``attn2`` attends from the patches
   to the caption (``encoder_hidden_states``): its keys have no position in the latent, so it is skipped.
 - The generic ``Transformer2DModel`` given a ``patch_size`` (DiT / PixArt checkpoints of the older format): the same
-  ``PatchEmbed`` grid and blocks as DiT's (without ``patch_size`` it works on a UNet's feature map: diffusers_unets').
+  ``PatchEmbed`` grid and blocks as DiT's. Without ``patch_size`` it works on a feature map: inside a UNet, that
+  UNet's (diffusers_unets'); recorded alone, its own input's, ``[B, C, H, W]`` flattened row-major
+  (``permute(0, 2, 3, 1).reshape(B, H * W, C)``, before or after ``proj_in``), one token per input pixel (stride 1),
+  read per call from ``proj_in``'s input (a 1x1 ``Conv2d``) or the forward's (``use_linear_projection``).
 - ``SD3Transformer2DModel`` (MMDiT) and ``SD3ControlNetModel`` (its blocks): the same ``PatchEmbed`` grid;
   ``JointAttnProcessor2_0`` concatenates the image tokens, THEN the caption's (``torch.cat([query,
   encoder_hidden_states_query_proj], dim=2)``): the caption's tokens are suffix tokens without a position. SD3.5's
@@ -37,7 +40,9 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
   ``[caption, image]`` with the caption's padding dropped (its length the sum of ``encoder_attention_mask``); a
   batch whose captions differ in length (each entry's image then starts at its own place) is refused.
 - ``HunyuanDiT2DModel``: the same ``PatchEmbed`` grid; ``attn1`` attends over it alone (its 2-D RoPE, given by the
-  pipeline, changes the logits only), ``attn2`` to the caption (skipped).
+  pipeline, changes the logits only), ``attn2`` to the caption (skipped). ``HunyuanDiT2DControlNetModel`` runs its
+  blocks on the same grid; its ``pos_embed`` cuts the latent, then the condition (added), with one convolution, so
+  its calls start at the model's forward (:func:`call_start`), not at that convolution.
 - ``FluxTransformer2DModel`` and ``ChromaTransformer2DModel`` (Flux's blocks, attention and ids; a padding mask over
   the caption, measured as given): its input comes packed, ``[B, (H/2)(W/2), C*4]`` (each token 2 x 2 latent pixels,
   ``FluxPipeline._pack_latents``), its places named by ``img_ids`` ``[N, 3]`` (0, row, column). ``FluxAttnProcessor``
@@ -58,6 +63,7 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
   ``(1, rows, columns)`` of ``img_shapes`` (read per call from what ``pos_embed`` gets), which must name one image
   of one frame per batch entry, all the same (an edit pipeline's several images are refused);
   ``QwenDoubleStreamAttnProcessor2_0`` puts the caption first (its length what ``txt_in`` gets), its padding masked.
+  ``QwenImageControlNetModel`` runs QwenImage's blocks on the same packing and ``img_shapes``.
 - ``Flux3Transformer2DModel``: Flux2's packing and four-coordinate ids, its rows and columns scaled by the pipeline's
   ``image_rope_scale`` (``(0, 0.5 row, 0.5 column, 0)``; any one step is read as the grid it steps over), read per
   call from its forward's ``img_ids``; its ``txt_mode_blocks`` attend over the caption alone (skipped),
@@ -91,8 +97,14 @@ The fused QKV processors (``fuse_qkv_projections()``: ``FusedAttnProcessor2_0``,
 (Flux's processor reads ``attn.fused_projections`` itself).
 
 Refused: a processor vitmad has not read (IP-Adapter, PAG, ``AttnProcessor``'s merged batch and heads): the layout
-of its call is its own. Skipped: cross-attention to a caption; Sana's linear attention (no softmax map). The other
-image transformers of diffusers are refused by name, each with what keeps it unplaced (``_NOT_PLACED``).
+of its call is its own. Skipped: cross-attention to a caption; Sana's linear attention (no softmax map), its
+ControlNet's too. The other image transformers of diffusers are refused by name, each with what keeps it unplaced
+(``_NOT_PLACED``).
+
+The Multi wrappers (``FluxMultiControlNetModel``, ``HunyuanDiT2DMultiControlNetModel``,
+``QwenImageMultiControlNetModel``, ``SD3MultiControlNetModel``) hold their nets in ``nets``, each placed as above; a
+forward of the wrapper is one call, its nets' runs in it in order (one union net run once per condition: its layers
+once per run).
 """
 
 from __future__ import annotations
@@ -102,6 +114,7 @@ import inspect
 import torch
 from torch import nn
 
+from ..module_index import module_list
 from ..placement import (
     CallContext,
     LayerGeometry,
@@ -124,7 +137,7 @@ from .diffusers_common import (
 from .plain import _plain_positions
 from .stages import innermost_on_path, pair
 
-__all__ = ["placer", "attention_modules", "LatentGridPlacer"]
+__all__ = ["placer", "attention_modules", "call_start", "LatentGridPlacer"]
 
 # The 2 x 2 latent pixels every Flux pipeline packs into one token (_pack_latents): the latent pixels per img_ids step.
 _FLUX_PACKING = 2
@@ -143,6 +156,7 @@ _PLACED = {
     "PixArtTransformer2DModel": ("conv", None, ("AttnProcessor2_0", "FusedAttnProcessor2_0")),
     "Transformer2DModel": ("conv", None, ("AttnProcessor2_0", "FusedAttnProcessor2_0")),
     "HunyuanDiT2DModel": ("conv", None, ("HunyuanAttnProcessor2_0", "FusedHunyuanAttnProcessor2_0")),
+    "HunyuanDiT2DControlNetModel": ("conv", None, ("HunyuanAttnProcessor2_0", "FusedHunyuanAttnProcessor2_0")),
     "SD3Transformer2DModel": ("conv", "last", ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")),
     "SD3ControlNetModel": ("conv", "last", ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")),
     "HunyuanImageTransformer2DModel": ("conv", "last", ("HunyuanImageAttnProcessor",)),
@@ -154,6 +168,7 @@ _PLACED = {
     "OvisImageTransformer2DModel": ("ids", "first", ("OvisImageAttnProcessor",)),
     "LongCatImageTransformer2DModel": ("ids", "first", ("LongCatImageAttnProcessor",)),
     "QwenImageTransformer2DModel": ("shapes", "first", ("QwenDoubleStreamAttnProcessor2_0",)),
+    "QwenImageControlNetModel": ("shapes", "first", ("QwenDoubleStreamAttnProcessor2_0",)),
     "Flux2Transformer2DModel": ("ids4", "first", ("Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor")),
     "Flux3Transformer2DModel": ("ids4", "first", ("Flux3AttnProcessor",)),
     "Krea2Transformer2DModel": ("ids", "first", ("Krea2AttnProcessor",)),
@@ -187,7 +202,8 @@ _IDS = {
 # The module whose input (which argument) is the caption, its length the caption's token count, where not
 # context_embedder's first (Lumina2's: the caption's mask, whose sum per entry is the caption's length); and the
 # patch embedding, where not pos_embed.
-_CAPTION_EMBEDDER = {"QwenImageTransformer2DModel": ("txt_in", 0), "CogView4Transformer2DModel": ("patch_embed", 1),
+_CAPTION_EMBEDDER = {"QwenImageTransformer2DModel": ("txt_in", 0), "QwenImageControlNetModel": ("txt_in", 0),
+                     "CogView4Transformer2DModel": ("patch_embed", 1),
                      "CogView3PlusTransformer2DModel": ("patch_embed", 1),
                      "Lumina2Transformer2DModel": ("rope_embedder", 1), "Krea2Transformer2DModel": ("txt_in", 0),
                      "PRXTransformer2DModel": ("txt_in", 0), "NucleusMoEImageTransformer2DModel": ("txt_norm", 0)}
@@ -202,7 +218,7 @@ _SECOND_CAPTION = {"HunyuanImageTransformer2DModel": "context_embedder_2"}
 _CAPTION_ONLY = {"Lumina2Transformer2DModel": "context_refiner", "HunyuanImageTransformer2DModel": "context_embedder",
                  "Flux3Transformer2DModel": "txt_mode_blocks", "Krea2Transformer2DModel": "text_fusion",
                  "BriaFibo2Transformer2DModel": "perceiver"}
-_LINEAR = ("SanaTransformer2DModel",)
+_LINEAR = ("SanaTransformer2DModel", "SanaControlNetModel")
 # diffusers' other image transformers, refused by name with what keeps vitmad from placing their tokens (read from
 # their source, diffusers 0.42.1).
 _NOT_PLACED = {
@@ -232,15 +248,41 @@ _KEY = "diffusers_images."  # + the transformer's name + ".grid" / ".text": what
 def _owner(module: nn.Module) -> bool:
     if is_diffusers_class(module, ("Transformer2DModel",)):
         # The generic class cuts patches (DiT / PixArt checkpoints of the older format) only with patch_size; a
-        # UNet's, over a feature map, is diffusers_unets'.
+        # UNet's, over a feature map, is diffusers_unets' (one recorded alone: _owners).
         return getattr(module, "is_input_patches", False) is True
     return is_diffusers_class(module, _KNOWN)
+
+
+def _on_its_input(module: nn.Module) -> bool:
+    """Whether ``module`` is a generic ``Transformer2DModel`` over a continuous ``[B, C, H, W]`` input (no
+    ``patch_size``, no ``num_vector_embeds``): its tokens are the input's pixels."""
+    return is_diffusers_class(module, ("Transformer2DModel",)) and getattr(module, "is_input_continuous", False) is True
+
+
+def _owners(model: nn.Module):
+    """The test of the modules whose attention this family places in ``model``: the known image transformers, and
+    ``model`` itself where it is a ``Transformer2DModel`` over its input's pixels (recorded alone; inside a UNet it
+    works on that UNet's feature maps, which diffusers_unets places)."""
+    alone = _on_its_input(model)
+    return lambda module: _owner(module) or (alone and module is model)
+
+
+def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
+    """``model`` itself where a ``recorded`` module lies in a ``HunyuanDiT2DControlNetModel``, else None: its
+    ``pos_embed`` cuts the latent, then the condition image, with the same convolution, so that convolution, the
+    first on the image's channels, would start a second call in each forward; the model's forward starts it."""
+    inside = {id(m) for m in recorded}
+    for module in module_list(model):
+        if is_diffusers_class(module, ("HunyuanDiT2DControlNetModel",)) and any(
+                id(sub) in inside for sub in module.modules()):
+            return model
+    return None
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The diffusers attention modules inside the image transformers this family knows (placed or refused by name);
     those of other diffusers models (UNets, video transformers) are not this family's."""
-    return attention_under(model, _owner)
+    return attention_under(model, _owners(model))
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
@@ -250,7 +292,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
 
     if not is_attention(module):
         return None
-    found = innermost_on_path(model, name, _owner)
+    found = innermost_on_path(model, name, _owners(model))
     if found is None:
         return None
     owner_name, owner = found
@@ -295,6 +337,8 @@ class LatentGridPlacer(LayerPlacer):
         self.owner_name, self.owner, self.attention = owner_name, owner, attention
         self.kind = type(owner).__name__
         self.cut, self.text_side, self.processors = _PLACED[self.kind]
+        if _on_its_input(owner):
+            self.cut = "map"  # a Transformer2DModel recorded alone, over its input's pixels
         self.packed = self.cut in ("ids", "shapes", "ids4", "sequence")
         self.caption_embedder = _CAPTION_EMBEDDER.get(self.kind, ("context_embedder", 0))[0]
         self._layouts: dict[tuple, tuple[torch.Tensor, ...]] = {}
@@ -365,6 +409,17 @@ class LatentGridPlacer(LayerPlacer):
                     _IDS[self.kind])
 
             handles.append(self._patch_embedding().register_forward_pre_hook(see_ids))
+        elif self.cut == "map":
+            proj_in = self.owner.proj_in
+
+            def see_map(module, args, kwargs) -> None:
+                latent = args[0] if args else kwargs.get("hidden_states")
+                context.values[key + ".grid"] = self._latent_grid(latent)
+
+            # Its proj_in, a 1x1 Conv2d over the normed input, starts the call (the recorder's first convolution),
+            # clearing what came before; a Linear one (use_linear_projection) has none: the model's forward starts it.
+            hooked = proj_in if isinstance(proj_in, nn.Conv2d) else self.owner
+            handles.append(hooked.register_forward_pre_hook(see_map, with_kwargs=True))
         elif self.cut == "view":
             def see_view(module, args) -> None:
                 context.values[key + ".grid"] = self._latent_grid(args[0] if args else None)
@@ -412,7 +467,7 @@ class LatentGridPlacer(LayerPlacer):
         if seen is None:
             what = {"ids": f"{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')} (img_ids)", "ids4": "forward (img_ids)",
                     "shapes": "pos_embed (img_shapes)", "latent": "forward (the latent)",
-                    "sequence": "forward (indicator, position_ids)",
+                    "sequence": "forward (indicator, position_ids)", "map": "forward (its input)",
                     "view": f"{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')} (the latent)"}.get(
                 self.cut, f"{_PATCH_EMBEDDING.get(self.kind, 'pos_embed')}.proj (the latent)")
             raise NotPlaceable(
@@ -509,6 +564,8 @@ class LatentGridPlacer(LayerPlacer):
         return int(registers.shape[1]) if isinstance(registers, torch.Tensor) and registers.dim() == 3 else 0
 
     def _patch_grid(self, height: int, width: int) -> tuple[tuple[int, int], tuple[float, float]]:
+        if self.cut == "map":
+            return (height, width), (1.0, 1.0)  # one token per pixel of its input, row-major
         if self.cut == "latent":
             # PRX's img2seq: whole patches of its config's patch_size, row-major (a side it does not divide fails
             # there).

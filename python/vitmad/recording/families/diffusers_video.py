@@ -44,6 +44,16 @@ not guess the VAE. The grid is read from the patch embedding in every call, neve
   (frame, row, column) order; Cosmos' ``attn1`` and Kandinsky 5's visual blocks' ``self_attention`` attend over it,
   their cross-attention to the text and Kandinsky 5's text blocks skipped. Kandinsky 5 given ``sparse_params``
   (NABLA: tokens reordered by 8x8 blocks, a block mask) is refused.
+  ``CosmosControlNetModel`` (Cosmos Transfer 2.5): its ``patch_embed`` cuts the control latents (and
+  ``patch_embed_base`` the noisy latents, added in its first block), its ``control_blocks`` are Cosmos' blocks over
+  the control tubelets: placed as Cosmos'.
+- ``JoyImageEditTransformer3DModel``: ``img_in`` (``Conv3d``) cuts ``[B, C, F, H, W]`` latents (or one item
+  ``[B, 1, C, F, H, W]``), flattened (frame, row, column); ``JoyImageAttnProcessor`` attends over ``cat([image,
+  caption])``, the caption's count that of the forward's ``encoder_hidden_states``.
+  ``JoyImageEditPlusTransformer3DModel`` gets the latent cut by its pipeline, ``[B, N, C, p_t, p, p]`` in (frame,
+  row, column) order on its ``shape_list``'s one ``(t, h, w)``, the caption last, padded keys masked. Reference
+  images (JoyImageEdit's further items, stacked on the frames; Plus's further ``shape_list`` entries) are other
+  images: refused.
 - ``ConsisIDTransformer3DModel``: CogVideoX's blocks and ``patch_embed`` (text first); its face identity attention
   (``PerceiverAttention``, ``PerceiverCrossAttention``: the identity tokens' own softmax) skipped.
 - ``EasyAnimateTransformer3DModel``: ``proj`` (``Conv2d``) cuts each latent frame, flattened frames outermost; its
@@ -133,6 +143,9 @@ _FRAMEPACK = ("diffusers.models.transformers.transformer_hunyuan_video_framepack
 _MOTIF = ("diffusers.models.transformers.transformer_motif_video", "MotifVideoTransformer3DModel")
 _KANDINSKY6 = ("diffusers.models.transformers.transformer_kandinsky6", "Kandinsky6Transformer3DModel")
 _ANYFLOW = ("diffusers.models.transformers.transformer_anyflow", "AnyFlowTransformer3DModel")
+_COSMOS_CONTROLNET = ("diffusers.models.controlnets.controlnet_cosmos", "CosmosControlNetModel")
+_JOY = ("diffusers.models.transformers.transformer_joyimage", "JoyImageEditTransformer3DModel")
+_JOY_PLUS = ("diffusers.models.transformers.transformer_joyimage_edit_plus", "JoyImageEditPlusTransformer3DModel")
 # Mochi's attention module: no Attention, no AttentionModuleMixin, its forward hands the attention to its processor.
 _MOCHI_ATTENTION = ("diffusers.models.attention_processor", "MochiAttention")
 # Wan and the models built on its blocks: self-attention attn1 over the tubelets a Conv3d patch_embedding cuts,
@@ -151,6 +164,7 @@ _PROCESSORS = {
     _WAN_VACE: ("diffusers.models.transformers.transformer_wan", "WanAttnProcessor"),
     _WAN_ANIMATE: ("diffusers.models.transformers.transformer_wan_animate", "WanAttnProcessor"),
     _COSMOS: ("diffusers.models.transformers.transformer_cosmos", "CosmosAttnProcessor2_0"),
+    _COSMOS_CONTROLNET: ("diffusers.models.transformers.transformer_cosmos", "CosmosAttnProcessor2_0"),
     _KANDINSKY5: ("diffusers.models.transformers.transformer_kandinsky", "Kandinsky5AttnProcessor"),
     _CONSISID: ("diffusers.models.attention_processor", "CogVideoXAttnProcessor2_0"),
     _EASYANIMATE: ("diffusers.models.transformers.transformer_easyanimate", "EasyAnimateAttnProcessor2_0"),
@@ -163,6 +177,8 @@ _PROCESSORS = {
     _MOTIF: ("diffusers.models.transformers.transformer_motif_video", "MotifVideoAttnProcessor2_0"),
     _KANDINSKY6: ("diffusers.models.transformers.transformer_kandinsky6", "Kandinsky6AttnProcessor"),
     _ANYFLOW: ("diffusers.models.transformers.transformer_anyflow", "AnyFlowAttnProcessor"),
+    _JOY: ("diffusers.models.transformers.transformer_joyimage", "JoyImageAttnProcessor"),
+    _JOY_PLUS: ("diffusers.models.transformers.transformer_joyimage_edit_plus", "JoyImageEditPlusAttnProcessor"),
 }
 # Video transformers of diffusers not placed here, by class name -> why.
 _REFUSED = {
@@ -283,7 +299,10 @@ class _LatentGrid:
                 # Its text, then its T5 text (where given), go before the tubelets.
                 handles.extend(embedder.register_forward_hook(functools.partial(self._more_text, context))
                                for embedder in (model.text_proj, model.text_proj_t5) if embedder is not None)
-        elif self.kind in (_COSMOS, _KANDINSKY5, _KANDINSKY6):
+        elif self.kind in (_JOY, _JOY_PLUS):
+            handles = [self._hooked().register_forward_hook(functools.partial(self._joy, context)),
+                       model.register_forward_pre_hook(self._arguments, with_kwargs=True)]
+        elif self.kind in (_COSMOS, _COSMOS_CONTROLNET, _KANDINSKY5, _KANDINSKY6):
             handles = [self._hooked().register_forward_hook(functools.partial(self._channels_last, context))]
             if self.kind == _KANDINSKY5:
                 handles.append(model.register_forward_pre_hook(self._kandinsky5_call, with_kwargs=True))
@@ -332,8 +351,10 @@ class _LatentGrid:
             return self.model.proj
         if self.kind == _LTX:
             return self.model.rope
-        if self.kind == _COSMOS:
-            return self.model.patch_embed
+        if self.kind in (_COSMOS, _COSMOS_CONTROLNET):
+            return self.model.patch_embed  # the ControlNet's: the control latents' (its blocks attend over them)
+        if self.kind in (_JOY, _JOY_PLUS):
+            return self.model.img_in
         if self.kind in (_KANDINSKY5, _KANDINSKY6):
             return self.model.visual_embeddings
         if self.kind == _LTX2:
@@ -453,6 +474,27 @@ class _LatentGrid:
         """LTX-2's and FramePack's forward: its arguments, read by the input projection's hook."""
         self._forward_arguments = _bound(module, args, kwargs)
 
+    def _joy(self, context: CallContext, module, args, output) -> None:
+        """JoyImage's ``img_in`` (``Conv3d``, kernel = stride = ``patch_size``) and the text tokens its processors put
+        after the image's (``cat([img, txt])``), as many as its forward's ``encoder_hidden_states`` (a per-token
+        projection). JoyImageEdit cuts ``[B, C, F, H, W]`` latents, or ``[B, n, C, F, H, W]`` items stacked on the
+        frames; JoyImageEditPlus gets them cut by its pipeline, ``[B, N, C, p_t, p, p]`` in (frame, row, column)
+        order of each item of its ``shape_list``. One item (the latent) is placed: a second is a reference image."""
+        bound, self._forward_arguments = self._forward_arguments or {}, None
+        latent, text = bound.get("hidden_states"), bound.get("encoder_hidden_states")
+        if self.kind == _JOY:
+            if isinstance(latent, torch.Tensor) and latent.dim() == 6 and int(latent.shape[1]) > 1:
+                context.values[self.grid_key] = (
+                    f"its hidden_states hold {int(latent.shape[1])} items ([B, n, C, F, H, W]): JoyImageEditPipeline's "
+                    "reference images and the latent, stacked on the frame axis (the latent moved first), tokens of "
+                    "other images rather than frames of one video; vitmad places one latent's tokens; record a call "
+                    "without reference images")
+                return
+            self._conv3d(context, module, args, output)
+        else:
+            context.values[self.grid_key] = _joy_plus_grid(latent, bound.get("shape_list"), module)
+        context.values[self.text_key] = int(text.shape[1]) if isinstance(text, torch.Tensor) else 0
+
     def _ltx2(self, context: CallContext, module, args, output) -> None:
         """LTX-2's ``proj_in`` over the video latents its pipeline packs (``_pack_latents``): ``[B, F' * H' * W',
         C p_t p p]`` in (frame, row, column) order, the latent grid given as ``num_frames``, ``height``, ``width``;
@@ -567,6 +609,25 @@ class _LatentGrid:
             return
         context.values[self.grid_key] = _Grid(int(video.shape[0]), frames, size, (float(p), float(p)), int(p_t or 1))
         context.values[self.text_key] = int(text.shape[1])
+
+
+def _joy_plus_grid(latent, shapes, conv: nn.Conv3d) -> _Grid | str:
+    """The tubelet grid of a ``JoyImageEditPlusTransformer3DModel`` call from its ``hidden_states`` ``[B, N, C, p_t,
+    p, p]`` and ``shape_list`` (per batch entry, the ``(t, h, w)`` of each item), where every entry holds one item,
+    all of one size, whose tubelets fill the ``N`` tokens; else the reason (a string)."""
+    entries = list(shapes) if isinstance(shapes, (list, tuple)) else []
+    found = {tuple(int(n) for n in items[0]) for items in entries if len(items) == 1 and len(items[0]) == 3}
+    patch = tuple(int(n) for n in conv.kernel_size)
+    if isinstance(latent, torch.Tensor) and latent.dim() == 6 and len(found) == 1 and len(entries) == latent.shape[0] \
+            and all(len(items) == 1 for items in entries) and tuple(conv.stride) == patch:
+        frames, rows, columns = found.pop()
+        if int(latent.shape[1]) == frames * rows * columns:
+            return _Grid(int(latent.shape[0]), frames, (rows, columns), (float(patch[1]), float(patch[2])), patch[0])
+    shape = list(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
+    return (f"its shape_list is {shapes!r} for hidden_states {shape}; vitmad places one item per batch entry, all of "
+            "one (t, h, w), whose tubelets fill hidden_states' [B, t h w, C, p_t, p, p] in (frame, row, column) order "
+            "(JoyImageEditPlusPipeline without reference images: a reference image is another item, padding another "
+            "token); record a call without reference images")
 
 
 def _bound(module: nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -959,6 +1020,8 @@ _BLOCKS = {
     _ALLEGRO: {"self": ("attn1",), "text": "none", "skip": {"attn2": _TO_TEXT.format("")}},
     _COSMOS: {"self": ("attn1",), "text": "none", "skip": {"attn2": _TO_TEXT.format(
         " (and, Cosmos 2.5 with an image context, to the image tokens)")}},
+    _JOY: {"self": ("attn",), "text": "last", "skip": {}},
+    _JOY_PLUS: {"self": ("attn",), "text": "last", "skip": {}},
     _KANDINSKY5: {"self": ("self_attention",), "text": "none", "skip": {"cross_attention": _TO_TEXT.format("")}},
     _LATTE: {"self": ("attn1",), "text": "none", "skip": {"attn2": "cross-attention of the latent patches to the "
                                                                   "caption tokens: keys without a position on the "
@@ -987,6 +1050,7 @@ _BLOCKS = {
         "av_cross_attention": "Kandinsky 6's audio-to-video attention: the audio tokens' queries over the video "
                               "tokens, queries without a position on the latent video"}},
 }
+_BLOCKS[_COSMOS_CONTROLNET] = _BLOCKS[_COSMOS]  # its control_blocks are Cosmos' blocks
 # Latte's block lists -> the attention of their attn1.
 _LATTE_BLOCKS = {"transformer_blocks": "space", "temporal_transformer_blocks": "time"}
 
