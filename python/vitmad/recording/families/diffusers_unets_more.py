@@ -169,10 +169,11 @@ def _cascade(unet: nn.Module, name: str, module: nn.Module):
                 for m in sampler.blocks):
             strides.append(strides[-1])
         else:
+            parts = ", ".join(type(m).__name__ for m in getattr(sampler, "blocks", [sampler]))
             return RefusingPlacer(
-                f"StableCascadeUNet's down_downscalers.{i} resizes its map with {sampler} (switch_level True: bilinear "
-                "with align_corners, whose cells do not lie on the stride rule); vitmad places levels joined by a 2x2 "
-                "convolution of stride 2 or by none (switch_level None or False)")
+                f"StableCascadeUNet's down_downscalers.{i} resizes its map with a {type(sampler).__name__} ({parts}; "
+                "switch_level True: bilinear with align_corners, whose cells do not lie on the stride rule); vitmad "
+                "places levels joined by a 2x2 convolution of stride 2 or by none (switch_level None or False)")
     source = embedding if level == 0 else unet.down_downscalers[level]
     return CascadeMapPlacer(unet, module, holder[1], source, strides[-1])
 
@@ -186,8 +187,9 @@ def _uvit(model: nn.Module, name: str, module: nn.Module):
             conv = getattr(downsample, "conv", None)
             if type(downsample).__name__ != "Downsample2D" or not downsample.use_conv or downsample.padding != 0 \
                     or pair(conv.kernel_size) != (2, 2) or pair(conv.stride) != (2, 2):
-                return RefusingPlacer(f"UVit2DModel's down_block samples with {downsample}, where vitmad follows the "
-                                      "Downsample2D of 2x2 cells, stride 2, padded right and bottom by one, it builds")
+                return RefusingPlacer(f"UVit2DModel's down_block samples with a {type(downsample).__name__} other "
+                                      "than the Downsample2D of 2x2 cells, stride 2, padded right and bottom by one, "
+                                      "it builds, whose cells vitmad does not know")
             samplings.append((downsample, 2.0))
         return UVitMapPlacer(model, module, model.down_block, model.embed, samplings)
     if getattr(module, "is_cross_attention", False):
