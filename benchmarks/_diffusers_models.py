@@ -575,7 +575,7 @@ def _cases() -> list[Case]:
         _not_vision(tr, "StableAudio3DiTModel", "audio (Stable Audio 3)"),
         Case(tr, "TransformerTemporalModel", _build(
             "TransformerTemporalModel", num_attention_heads=2, attention_head_dim=8, in_channels=16,
-            norm_num_groups=4), lambda: {"hidden_states": _r(2, 16, 8, 8), "num_frames": 2}),
+            norm_num_groups=4), lambda: {"hidden_states": _r(2, 16, 8, 8), "num_frames": 2}, frames=2),
         Case(tr, "WanTransformer3DModel", _build("WanTransformer3DModel", **_WAN), _latent_inputs(4, *video),
              frames=2),
         # WanAnimatePipeline: latents, reference and mask channels stacked (2 C + 4), pose latents, face crops of a

@@ -27,6 +27,7 @@ from . import (
     diffusers_captioned,
     diffusers_images,
     diffusers_unets,
+    diffusers_unets_more,
     diffusers_video,
     diffusers_zimage,
     efficientformer,
@@ -129,7 +130,7 @@ _FAMILIES = (
     efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin,
     mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit,
     convit, torchvision_maxvit, vq_tokenizer, svtr, vit_pytorch, monai, ultralytics, ultralytics_sam,
-    diffusers_captioned, diffusers_zimage, diffusers_images, diffusers_unets, diffusers_video,
+    diffusers_captioned, diffusers_zimage, diffusers_images, diffusers_unets_more, diffusers_unets, diffusers_video,
 )
 
 

@@ -57,7 +57,7 @@ order. A forward call starts at the UNet's forward
 Skipped: ``attn2`` and every attention built as cross-attention (``Attention.is_cross_attention``: keys from the text
 or image prompt, which have no position in the latent). Refused by name: attention in any other block
 (``SimpleCrossAttn*``'s text keys appended to the image's, the ``K*`` and ``*Skip*`` blocks' own samplings), any
-other diffusers UNet or ControlNet (Kandinsky 3, Stable Cascade, ControlNet-Union, ...), a placed attention given
+other diffusers UNet or ControlNet (Kandinsky 3's, Stable Cascade's and aMUSEd's are :mod:`.diffusers_unets_more`'s), a placed attention given
 ``encoder_hidden_states`` at run time (its keys are not the map's), and any other processor (xFormers' attention
 calls no function vitmad sees; IP-Adapter, PAG and one's own processors are not read).
 
@@ -87,7 +87,8 @@ from .diffusers_common import attention_under, backend_refusal, is_attention
 from .stages import forward_arguments, grid_placement, innermost_on_path, pair
 from .video import tubelet_positions
 
-__all__ = ["placer", "attention_modules", "call_start", "UNetMapPlacer", "FramesMapPlacer", "ImageLatentsPlacer"]
+__all__ = ["placer", "attention_modules", "call_start", "is_unet", "unet_key", "UNetMap", "UNetMapPlacer",
+           "FramesMapPlacer", "ImageLatentsPlacer"]
 
 _UNET_PACKAGES = ("diffusers.models.unets.", "diffusers.models.controlnets.")
 _2D_BLOCKS = "diffusers.models.unets.unet_2d_blocks"
@@ -177,7 +178,7 @@ def _key(module) -> tuple[str, str]:
     return type(module).__module__, type(module).__name__
 
 
-def _unet_key(module: nn.Module) -> tuple[str, str] | None:
+def unet_key(module: nn.Module) -> tuple[str, str] | None:
     """(defining module, class name) of ``module``'s class, or of its nearest base class defined in diffusers'
     UNets or ControlNets: research code subclasses ``UNet2DConditionModel`` (DIFT's feature extractor,
     prompt-to-prompt's) and keeps its blocks, which the placers read per call; None for any other module."""
@@ -187,8 +188,10 @@ def _unet_key(module: nn.Module) -> tuple[str, str] | None:
     return None
 
 
-def _is_unet(module: nn.Module) -> bool:
-    return _unet_key(module) is not None and hasattr(module, "down_blocks")
+def is_unet(module: nn.Module) -> bool:
+    """Whether ``module`` is a diffusers UNet or ControlNet (its class, or a base of it, defined in diffusers' unets
+    or controlnets) with ``down_blocks``."""
+    return unet_key(module) is not None and hasattr(module, "down_blocks")
 
 
 def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
@@ -198,7 +201,7 @@ def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
     I2VGen-XL attends over its ``image_latents``' frames before ``conv_in``; and the video UNets' ``sample`` (its
     frames) is read before ``conv_in`` runs. ``model`` itself where it holds several such UNets, or one twice."""
     inside = {id(m) for m in recorded}
-    holding = [m for m in module_list(model) if _is_unet(m) and any(id(s) in inside for s in m.modules())]
+    holding = [m for m in module_list(model) if is_unet(m) and any(id(s) in inside for s in m.modules())]
     outermost = [m for m in holding if not any(m is not o and any(s is m for s in o.modules()) for o in holding)]
     if len(outermost) > 1:
         # Several UNets or ControlNets (a user's module running a ControlNet, then the UNet, each step; an EMA copy
@@ -215,7 +218,7 @@ def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """diffusers' attention modules inside a diffusers UNet, by qualified name (their forward calls a processor,
     so the generic discovery does not see them)."""
-    return attention_under(model, _is_unet)
+    return attention_under(model, is_unet)
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
@@ -224,20 +227,20 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
     if isinstance(module, nn.MultiheadAttention) and ".transformer_layes." in f".{name}":
-        union = innermost_on_path(model, name, _is_unet)
-        if union is not None and _unet_key(union[1]) == _CONTROLNET_UNION:
+        union = innermost_on_path(model, name, is_unet)
+        if union is not None and unet_key(union[1]) == _CONTROLNET_UNION:
             # ControlNet-Union's fuser: a token per condition image (its embedding's mean over the map, plus the
             # control type's embedding) and one of the latent's mean; no token is a cell of a map.
             return Skip("ControlNet-Union's condition fuser: it attends over one mean-pooled token per condition "
                         "image and one of the latent, none of them a cell of a map")
     if not is_attention(module):
         return None
-    found = innermost_on_path(model, name, _is_unet)
+    found = innermost_on_path(model, name, is_unet)
     if found is None:
         return None
     unet_name, unet = found
     unet_class = type(unet).__name__
-    known = _PLACED_UNETS.get(_unet_key(unet))
+    known = _PLACED_UNETS.get(unet_key(unet))
     if known is None:
         return RefusingPlacer(
             f"it is an attention layer of diffusers' {unet_class}, whose token layout vitmad does not know (it places "
@@ -278,14 +281,14 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return RefusingPlacer(f"it is an attention of {type(holder[1]).__name__} {holder[0]} other than its blocks' "
                               "attn1 (their self-attention over the map), whose tokens vitmad does not know; pass "
                               "layers=['*.attn1'] to record the self-attention alone")
-    if _unet_key(unet) == _SVD:
+    if unet_key(unet) == _SVD:
         temporal = innermost_on_path(unet, inner, lambda m: _defined(m, _TEMPORAL_BLOCK)) is not None
         if holder is None:
             return RefusingPlacer(f"it is no attention of a TransformerSpatioTemporalModel of {unet_class}, the ones "
                                   "vitmad places in it")
         return FramesMapPlacer(unet, module, holder[1], conv_in, samplings, "time" if temporal else "space")
-    if _unet_key(unet) in _FRAMES_IN_SAMPLE:
-        if _unet_key(unet) == _I2VGEN_XL and innermost_on_path(unet, inner, lambda m: _defined(m, _I2VGEN_ENCODER)):
+    if unet_key(unet) in _FRAMES_IN_SAMPLE:
+        if unet_key(unet) == _I2VGEN_XL and innermost_on_path(unet, inner, lambda m: _defined(m, _I2VGEN_ENCODER)):
             return ImageLatentsPlacer(unet, module)
         if holder is None:
             return RefusingPlacer(f"it is no attention of a Transformer2DModel, TransformerTemporalModel or "
@@ -307,7 +310,7 @@ def _samplers(block: nn.Module, *names: str) -> list[nn.Module]:
 
 
 @dataclass(frozen=True)
-class _Map:
+class UNetMap:
     """The feature map the latest of the UNet's samplings made in this call: ``grid`` its ``(h, w)``, ``stride``
     latent pixels per cell."""
 
@@ -328,54 +331,60 @@ class UNetMapPlacer(LayerPlacer):
     """
 
     def __init__(self, unet: nn.Module, attention: nn.Module, holder: nn.Module | None, conv_in: nn.Module | None,
-                 samplings: list[tuple[nn.Module, float]]):
+                 samplings: list[tuple[nn.Module, float]], map_argument: str = "hidden_states"):
         self.unet, self.attention, self.holder, self.conv_in, self.samplings = (unet, attention, holder, conv_in,
                                                                                samplings)
+        self.map_argument = map_argument
         self.key = ("diffusers_unets.map", id(self))
         self.input_key = ("diffusers_unets.input", id(self))
         self.sample_key = ("diffusers_unets.sample", id(self))
         self.attention_key = ("diffusers_unets.attention", id(self))
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
-        def sampled(module, args, output, factor) -> None:
-            if not isinstance(output, torch.Tensor) or output.dim() != 4:
-                raise RuntimeError(f"vitmad.record: a sampling ({type(module).__name__}) of "
-                                   f"{type(self.unet).__name__} returned no [B, C, h, w] map")
-            previous = context.values.get(self.key)
-            stride = (1.0, 1.0) if factor is None or previous is None else tuple(s * factor for s in previous.stride)
-            context.values[self.key] = _Map((int(output.shape[-2]), int(output.shape[-1])), stride)
-
-        def received(module, args, kwargs) -> None:
-            arguments = forward_arguments(module, args, kwargs)
-            hidden, frames = arguments.get("hidden_states"), arguments.get("image_only_indicator")
-            if _key(module) in _TEMPORAL_HOLDERS:  # they view their [B * F, C, h, w] input as num_frames frames
-                frames = int(arguments.get("num_frames", 1))
-            elif isinstance(frames, torch.Tensor):
-                frames = int(frames.shape[-1])
-            context.values[self.input_key] = (tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None,
-                                              frames)
-
-        handles = [self.conv_in.register_forward_hook(lambda m, a, o: sampled(m, a, o, None))]
-        handles += [m.register_forward_hook(lambda m, a, o, f=f: sampled(m, a, o, f)) for m, f in self.samplings]
-        handles.append(self.holder.register_forward_pre_hook(received, with_kwargs=True))
+        handles = [self.conv_in.register_forward_hook(functools.partial(self.sampled, context, None))]
+        handles += [m.register_forward_hook(functools.partial(self.sampled, context, f)) for m, f in self.samplings]
+        handles.append(self.holder.register_forward_pre_hook(functools.partial(self.received, context),
+                                                             with_kwargs=True))
         return handles + self.install_call_hooks(context)
+
+    def sampled(self, context: CallContext, factor: float | None, module: nn.Module, args, output) -> None:
+        """Forward hook of ``conv_in`` (``factor`` None: the latent grid, stride 1) and of each sampling (its stride
+        factor): the map of this call so far."""
+        if not isinstance(output, torch.Tensor) or output.dim() != 4:
+            raise RuntimeError(f"vitmad.record: a sampling ({type(module).__name__}) of "
+                               f"{type(self.unet).__name__} returned no [B, C, h, w] map")
+        previous = context.values.get(self.key)
+        stride = (1.0, 1.0) if factor is None or previous is None else tuple(s * factor for s in previous.stride)
+        context.values[self.key] = UNetMap((int(output.shape[-2]), int(output.shape[-1])), stride)
+
+    def received(self, context: CallContext, module: nn.Module, args, kwargs) -> None:
+        """Forward pre-hook of the holder: the shape of the map it was given (its ``map_argument``) and its frames."""
+        arguments = forward_arguments(module, args, kwargs)
+        hidden, frames = arguments.get(self.map_argument), arguments.get("image_only_indicator")
+        if _key(module) in _TEMPORAL_HOLDERS:  # they view their [B * F, C, h, w] input as num_frames frames
+            frames = int(arguments.get("num_frames", 1))
+        elif isinstance(frames, torch.Tensor):
+            frames = int(frames.shape[-1])
+        context.values[self.input_key] = (tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None, frames)
 
     def install_call_hooks(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         """Hooks on the attention module (its batch, whether it was given keys of its own, its calls so far in this
         forward) and, for a video UNet, on the UNet (its ``sample`` ``[B, C, F, H, W]``)."""
         def attending(module, args, kwargs) -> None:
             arguments = forward_arguments(module, args, kwargs)
-            hidden = arguments.get("hidden_states")
+            hidden, keys = arguments.get("hidden_states"), arguments.get("encoder_hidden_states")
+            # Keys given as the queries' own tensor (Kandinsky 3's self-attention passes its map as both) are the
+            # map's tokens.
             context.values[self.attention_key] = _AttentionCall(
                 int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) else None,
-                arguments.get("encoder_hidden_states") is not None)
+                keys is not None and keys is not hidden)
 
         def sample(module, args, kwargs) -> None:
             context.values[self.sample_key] = {name: tuple(value.shape) for name, value in forward_arguments(
                 module, args, kwargs).items() if isinstance(value, torch.Tensor)}
 
         handles = [self.attention.register_forward_pre_hook(attending, with_kwargs=True)]
-        if _unet_key(self.unet) in _FRAMES_IN_SAMPLE:
+        if unet_key(self.unet) in _FRAMES_IN_SAMPLE:
             handles.append(self.unet.register_forward_pre_hook(sample, with_kwargs=True))
         return handles
 
@@ -396,10 +405,8 @@ class UNetMapPlacer(LayerPlacer):
                 "heads apart, and AttnProcessor and SlicedAttnProcessor, whose softmax it reads over merged batch and "
                 "heads); set it back with unet.set_attn_processor(AttnProcessor2_0()) while recording")
 
-    def current_map(self, context: CallContext) -> tuple[_Map, tuple[int, ...], int | None]:
-        """The map of this call, the shape of the holder's input and the frames it was told (``image_only_indicator``'s
-        last side or ``num_frames``; else ``sample``'s frames for a video UNet; None where there are none), after
-        checking the processor, that the attention took no keys of its own and that the input is that map."""
+    def check_call(self, context: CallContext) -> None:
+        """Refuses this call where its processor is not read or its attention was given keys of another tensor."""
         refusal = self._processor_refusal()
         if refusal is not None:
             raise NotPlaceable(refusal)
@@ -407,6 +414,12 @@ class UNetMapPlacer(LayerPlacer):
         if call is not None and call.given_keys:
             raise NotPlaceable("it was given encoder_hidden_states, so its keys are not the map's own tokens; vitmad "
                                "places it only as self-attention over the map")
+
+    def current_map(self, context: CallContext) -> tuple[UNetMap, tuple[int, ...], int | None]:
+        """The map of this call, the shape of the holder's input and the frames it was told (``image_only_indicator``'s
+        last side or ``num_frames``; else ``sample``'s frames for a video UNet; None where there are none), after
+        checking the processor, that the attention took no keys of its own and that the input is that map."""
+        self.check_call(context)
         current = context.values.get(self.key)
         if current is None:
             raise NotPlaceable(f"it ran before {type(self.unet).__name__}'s conv_in, so its latent grid is unknown")
@@ -416,7 +429,7 @@ class UNetMapPlacer(LayerPlacer):
                 f"its block's input is {list(shape) if shape else 'no tensor'}, but the samplings of "
                 f"{type(self.unet).__name__} that ran in this call make a [B, C, {current.grid[0]}, "
                 f"{current.grid[1]}] map; vitmad places only the attention over that map")
-        if frames is None and _unet_key(self.unet) in _FRAMES_IN_SAMPLE:
+        if frames is None and unet_key(self.unet) in _FRAMES_IN_SAMPLE:
             frames = self.sample_frames(context, "sample")[1]
         return current, shape, frames
 
@@ -459,7 +472,7 @@ class UNetMapPlacer(LayerPlacer):
                 f"one of the rows left) over its {call.batch} x {heads} rows of batch times heads")
         return rows, heads, start, stop
 
-    def placement(self, context: CallContext, current: _Map, shape: tuple[int, ...], frames: int | None,
+    def placement(self, context: CallContext, current: UNetMap, shape: tuple[int, ...], frames: int | None,
                   lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         """The placement of a call whose attention is ``[*lead, Nq, Nk]``, ``lead`` ``[B, heads]``."""
         return grid_placement(lead, num_queries, num_keys, grid=current.grid, stride=current.stride,
@@ -578,7 +591,7 @@ class FramesMapPlacer(UNetMapPlacer):
         handles.append(self.attention.register_forward_pre_hook(window_starts))
         return handles
 
-    def placement(self, context: CallContext, current: _Map, shape: tuple[int, ...], frames: int | None,
+    def placement(self, context: CallContext, current: UNetMap, shape: tuple[int, ...], frames: int | None,
                   lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         if frames is None or frames < 1 or shape[0] % frames:
             raise NotPlaceable(f"its block's input is {list(shape)} and it was told of {frames} frames, which do not "
@@ -632,12 +645,7 @@ class ImageLatentsPlacer(FramesMapPlacer):
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         return self.install_call_hooks(context)
 
-    def current_map(self, context: CallContext) -> tuple[_Map, tuple[int, ...], int | None]:
-        refusal = self._processor_refusal()
-        if refusal is not None:
-            raise NotPlaceable(refusal)
-        call = context.values.get(self.attention_key)
-        if call is not None and call.given_keys:
-            raise NotPlaceable("it was given encoder_hidden_states, so its keys are not the frames' own tokens")
+    def current_map(self, context: CallContext) -> tuple[UNetMap, tuple[int, ...], int | None]:
+        self.check_call(context)
         shape, frames = self.sample_frames(context, "image_latents")
-        return _Map(tuple(shape[-2:]), (1.0, 1.0)), (shape[0] * frames, shape[1], *shape[-2:]), frames
+        return UNetMap(tuple(shape[-2:]), (1.0, 1.0)), (shape[0] * frames, shape[1], *shape[-2:]), frames
