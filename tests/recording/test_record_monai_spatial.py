@@ -29,7 +29,7 @@ import torch
 from test_record_monai import STAT_TOL, STATS, TOL, _centres
 
 import vitmad
-from conftest import record_both_reductions, sharpened
+from conftest import record_both_reductions, sharpened, tensor_softmax_outputs
 
 nets = pytest.importorskip("monai.networks.nets")
 pytest.importorskip("einops")
@@ -258,3 +258,40 @@ def test_block_outside_its_network_is_refused():
     with torch.no_grad(), vitmad.record(model, layers=["middle_block.attention.attn"]):
         with pytest.raises(ValueError, match="first convolution of DiffusionModelUNet"):
             block(torch.randn(1, 16, 3, 5))
+
+
+@pytest.mark.parametrize("group_images", [False, True], ids=["groups_given", "group_images"])
+def test_navit_places_each_packed_image_on_its_own_grid(group_images):
+    model = sharpened(nets.NaViT(image_size=32, patch_size=4, num_classes=3, hidden_size=32, mlp_dim=32, num_layers=2,
+                                 num_heads=2, spatial_dims=2))
+    sides = [(12, 20), (8, 4), (20, 8)]  # grids 3 x 5, 2 x 1, 5 x 2
+    images = [torch.randn(1, *s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(sides)]
+    # Rows: [image 0, image 1] and [image 2] (17 and 10 tokens; grouping at 20 tokens packs them so too).
+    kwargs = {"group_images": True, "group_max_seq_len": 20} if group_images else {}
+    batched = images if group_images else [images[:2], images[2:]]
+    rows = [(0, 0), (0, 15), (1, 0)]  # (row, first token) of each image
+    maps = tensor_softmax_outputs(lambda: model(batched, **kwargs))[:2]  # the blocks'; the pooling's last
+    rec, tokens = record_both_reductions(model, lambda m: m(batched, **kwargs), lambda out: out, STATS)
+    assert rec.layers == ["blocks.0.attn", "blocks.1.attn"] and list(rec.skipped) == ["attn_pool"]
+    grids = [(h // 4, w // 4) for h, w in sides]
+    assert rec.geometry[0].image_grids == tuple(grids)
+    for layer, probs in enumerate(maps):
+        assert probs.shape[-1] == 17
+        for image, ((row, first), grid) in enumerate(zip(rows, grids)):
+            count = math.prod(grid)
+            attn = probs[row, :, first:first + count].double()
+            inside = attn[..., first:first + count]
+            torch.testing.assert_close(inside.sum(-1), torch.ones_like(inside[..., 0]))  # other images: 0
+            centres = _centres(grid, (4.0, 4.0))
+            expected = (inside * torch.cdist(centres, centres)).sum(-1)
+            torch.testing.assert_close(tokens.per_layer[layer][image, :, :count].double(), expected, **TOL)
+            assert tokens.per_layer[layer][image, :, count:].isnan().all()
+            torch.testing.assert_close(rec.per_layer[layer][image].double(), expected.mean(-1), **TOL)
+
+
+def test_navit_on_volumes_is_refused():
+    model = nets.NaViT(image_size=16, patch_size=4, num_classes=3, hidden_size=32, mlp_dim=32, num_layers=1,
+                       num_heads=2, spatial_dims=3).eval()
+    with torch.no_grad(), vitmad.record(model):
+        with pytest.raises(ValueError, match=r"spatial_dims=3: it packs volumes of their own sizes"):
+            model([[torch.randn(1, 8, 4, 12)]])

@@ -36,7 +36,9 @@ A forward call starts at the outermost of these UNets holding the recorded layer
 conditioning image of a ``ControlNet`` is convolved after ``conv_in``); an autoencoder's at its first convolution,
 the encoder's.
 
-NaViT (``monai.networks.nets.navit``): see :class:`MonaiNaViTPlacer`.
+NaViT (``monai.networks.nets.navit``, ``spatial_dims=2``): images of their own sizes packed in rows, placed as
+vit_pytorch's NaViT (:class:`MonaiNaViTPlacer`); its attention pooling skipped; built for volumes, refused (packed
+entries of their own sizes fold onto grids of two axes only).
 
 Refused by name: attention in any other block of these networks or in a subclass of them (its samplings are not
 read), an ``SABlock`` built causal or with relative positions, and MONAI's other generative nets
@@ -55,8 +57,9 @@ from ..module_index import module_list, named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, select_tokens
 from .monai import _grid_positions, _sides
 from .stages import innermost_on_path
+from .vit_pytorch import _NAVIT_POOL, _NaVitPlacer
 
-__all__ = ["placer", "call_start", "tower_starts", "FeatureMapPlacer"]
+__all__ = ["placer", "call_start", "tower_starts", "FeatureMapPlacer", "MonaiNaViTPlacer"]
 
 _UNET = "monai.networks.nets.diffusion_model_unet"
 _SPADE_UNET = "monai.networks.nets.spade_diffusion_model_unet"
@@ -81,6 +84,8 @@ _HOLDERS = {("monai.networks.blocks.spatialattention", "SpatialAttentionBlock"),
 _SA_BLOCK = ("monai.networks.blocks.selfattention", "SABlock")
 _CROSS = ("monai.networks.blocks.crossattention", "CrossAttentionBlock")
 _TRANSFORMER_BLOCK = (_UNET, "DiffusionUNetTransformerBlock")
+_NAVIT = ("monai.networks.nets.navit", "NaViT")
+_NAVIT_ATTENTION = ("monai.networks.nets.navit", "_NaViTAttention")
 
 
 def _key(module) -> tuple[str, str]:
@@ -133,6 +138,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
     key = _key(module)
+    if key == _NAVIT_ATTENTION:
+        return _navit_placer(model, name, module)
     if key not in (_SA_BLOCK, _CROSS):
         return None
     found = innermost_on_path(model, name, _is_chain)
@@ -292,3 +299,39 @@ class FeatureMapPlacer(LayerPlacer):
         positions, index = _grid_positions(sides, stride, 0)
         geometry = LayerGeometry.of_grid(sides, stride, "global over the feature map", int(lead[1]))
         return Placement(positions, None, select_tokens(index), geometry)
+
+
+def _navit_placer(model: nn.Module, name: str, module: nn.Module):
+    """The placer of an attention of MONAI's NaViT (a :class:`Skip` for its attention pooling), None outside one."""
+    from . import Skip
+
+    found = innermost_on_path(model, name, lambda m: _key(m) == _NAVIT)
+    if found is None:
+        return None
+    navit_name, navit = found
+    if module is navit.attn_pool:
+        return Skip(_NAVIT_POOL)
+    if navit.spatial_dims != 2:
+        return RefusingPlacer(
+            f"MONAI's NaViT ({navit_name or 'the model'}) is built with spatial_dims={navit.spatial_dims}: it packs "
+            "volumes of their own sizes in one row, and vitmad folds packed entries of their own sizes onto grids of "
+            "two axes only; record one volume per forward's row with positions=<[B, N, 3] voxel position of each "
+            "token, NaN rows for the padding>")
+    return MonaiNaViTPlacer(navit)
+
+
+class MonaiNaViTPlacer(_NaVitPlacer):
+    """MONAI's NaViT (``spatial_dims=2``): vit_pytorch's packing, read per call from its forward's arguments. Each
+    group of ``batched_images`` is a row, its images' ``patch_size`` patches row-major one image after the other
+    (``unfold``), the rows padded to the longest; its mask keeps each image to its own patches and every query off
+    the padding (``-finfo.max``: probability 0). A padding query (no position) attends to the row's first image, and
+    is no query of the MAD. Each image is placed on its own grid, in its own pixels, and folded onto ``[images, H,
+    T_max]`` in the order of the model's logits. With ``group_images=True`` the images are grouped as MONAI's forward
+    groups them (its token dropout's fraction counted where set, as it counts it); token dropout in training is
+    refused (a random draw per image, handed to no module)."""
+
+    def grouped(self, images: list, max_seq_len: int) -> list:
+        from monai.networks.nets.navit import _group_images_by_max_seq_len
+
+        return _group_images_by_max_seq_len(images, patch_size=self.patch,
+                                            calc_token_dropout=self.navit.calc_token_dropout, max_seq_len=max_seq_len)
