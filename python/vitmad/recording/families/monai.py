@@ -42,8 +42,7 @@ did not keep absent (``Placement.present``), so a layer's MAD is the mean over t
 The diffusion UNets' and autoencoders' attention over their feature maps: :mod:`.monai_spatial`. Refused by name:
 any other use of MONAI's attention blocks (``SABlock``, ``CrossAttentionBlock``, ``WindowAttention`` outside those
 models: the generative transformers), whose tokens are not a patch grid vitmad knows. (Restormer's attention runs over
-channels, which vitmad does not take for attention; MONAI's NaViT is refused by the generic rule, for want of a patch
-embedding.)
+channels, which vitmad does not take for attention; MONAI's NaViT: :mod:`.monai_spatial`.)
 """
 
 from __future__ import annotations
