@@ -337,8 +337,9 @@ def test_refuses_other_monai_attention():
     model = Features().eval()
     with torch.no_grad(), vitmad.record(model):
         with pytest.raises(ValueError, match=r"MONAI's SABlock in a SpatialAttentionBlock: vitmad places MONAI's "
-                                             r"attention in ViT, UNETR, ViTAutoEnc, MaskedAutoEncoderViT and "
-                                             r"SwinUNETR"):
+                                             r"attention in ViT, UNETR, ViTAutoEnc, MaskedAutoEncoderViT, "
+                                             r"SwinUNETR's SwinTransformer, and the feature maps of "
+                                             r"DiffusionModelUNet"):
             model(torch.randn(1, 3, 16, 16))
 
 

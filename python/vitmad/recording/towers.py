@@ -18,6 +18,8 @@ from .families.kornia import call_start as kornia_call_start
 from .families.llama4 import is_tower as is_llama4_tower
 from .families.molmo2 import is_tower as is_molmo2_tower
 from .families.monai import call_start as monai_call_start
+from .families.monai_spatial import call_start as monai_spatial_call_start
+from .families.monai_spatial import tower_starts as monai_spatial_tower_starts
 from .families.naflex import call_start as naflex_call_start
 from .families.naflex import is_tower as is_naflex_tower
 from .families.packed import token_convolutions
@@ -139,16 +141,19 @@ def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
     tokens (LFM3-VL's, run once per image) are none of these: a model without any other starts its calls as one
     without convolutions. A MONAI ViT or Swin transformer starts its calls at its patch embedding (UNETR convolves
     its input only after its ViT; of several, the one holding the ``recorded`` modules), an ultralytics model at
-    its yaml graph's first layer (YOLOv5's Focus halves the image before its convolution), kornia's LoFTR at its own
+    its yaml graph's first layer (YOLOv5's Focus halves the image before its convolution), MONAI's diffusion UNets
+    and autoencoders at the forward of the network holding the ``recorded`` modules (a ControlNet's conditioning
+    embedding runs after ``conv_in``; an autoencoder's decoder runs alone in ``decode``), kornia's LoFTR at its own
     forward (its backbone runs once per image of a pair of two sizes), a diffusers UNet or
     ControlNet at its own forward (ControlNet's first convolution on 3 channels is its conditioning image's, run after
     ``conv_in``; I2VGen-XL attends before ``conv_in``), vit_pytorch's ViViT with MOSS at its own forward (MOSS
     convolves after its spatial transformer), a model holding diffusers' HunyuanDiT ControlNet at its own forward (its
     patch convolution cuts the latent, then the condition). A model whose ``recorded`` modules lie in several towers
     that take the image (:func:`tower_starts`) starts its calls at its own forward."""
-    start = (monai_call_start(model, recorded) or ultralytics_call_start(model)
-             or diffusers_unets_call_start(model, recorded) or diffusers_images_call_start(model, recorded)
-             or kornia_call_start(model, recorded) or vit_pytorch_nd_call_start(model, recorded))
+    start = (monai_call_start(model, recorded) or monai_spatial_call_start(model, recorded)
+             or ultralytics_call_start(model) or diffusers_unets_call_start(model, recorded)
+             or diffusers_images_call_start(model, recorded) or kornia_call_start(model, recorded)
+             or vit_pytorch_nd_call_start(model, recorded))
     if start is not None:
         return start
     if tower_starts(model, recorded):
@@ -181,8 +186,12 @@ def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:
     the module tree: the first convolution in module order split each forward where the other tower ran first
     (its layers joined the call before). So the model's own forward starts each call (:func:`first_convolution`),
     and outside it (a tower called on its own, a method of the user's) each tower's start, the module where it
-    would start its calls recorded alone, starts one.
+    would start its calls recorded alone, starts one. MONAI's diffusion UNets and autoencoders: each of their networks
+    holding recorded modules (an autoencoder's encoder and decoder, :func:`.families.monai_spatial.tower_starts`).
     """
+    networks = monai_spatial_tower_starts(model, recorded)
+    if networks:
+        return networks
     channels = image_channels(model) or 3
     on_pixels = {id(m) for m in _convolutions_on_pixels(model) if m.in_channels == channels}
     cuts = {id(m) for m in vit_pytorch_image_cuts(model)}

@@ -51,6 +51,7 @@ from . import (
     mobilevit,
     molmo2,
     monai,
+    monai_spatial,
     multi_query,
     mvit,
     naflex,
@@ -129,7 +130,7 @@ _FAMILIES = (
     sam_map_encoder, hiera, pooled, mvit, video_mvit, levit, lw_detr, rf_detr, detr_encoder, memory_attention,
     efficientformer, conv_stages, csatv2, vit_stages, maxxvit, nest, gcvit, davit, tiny_vit, fastvit, vitamin,
     mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit,
-    convit, torchvision_maxvit, vq_tokenizer, svtr, vit_pytorch, monai, ultralytics, ultralytics_sam,
+    convit, torchvision_maxvit, vq_tokenizer, svtr, vit_pytorch, monai_spatial, monai, ultralytics, ultralytics_sam,
     diffusers_captioned, diffusers_zimage, diffusers_images, diffusers_unets_more, diffusers_unets, diffusers_video,
 )
 

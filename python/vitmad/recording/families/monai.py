@@ -39,11 +39,10 @@ for the recording only, reads the ``selected_indices`` it returned in each call 
 kept patch is placed at the centre of its cell; the encoder's values fold onto the whole grid with the cells an input
 did not keep absent (``Placement.present``), so a layer's MAD is the mean over the kept patches.
 
-Refused by name: any other use of MONAI's
-attention blocks (``SABlock``, ``CrossAttentionBlock``, ``WindowAttention`` outside those models: diffusion UNets,
-the generative transformers), whose tokens are not a patch grid vitmad knows. (Restormer's attention runs over
-channels, which vitmad does not take for attention; MONAI's NaViT is refused by the generic rule, for want of a patch
-embedding.)
+The diffusion UNets' and autoencoders' attention over their feature maps: :mod:`.monai_spatial`. Refused by name:
+any other use of MONAI's attention blocks (``SABlock``, ``CrossAttentionBlock``, ``WindowAttention`` outside those
+models: the generative transformers), whose tokens are not a patch grid vitmad knows. (Restormer's attention runs over
+channels, which vitmad does not take for attention; MONAI's NaViT: :mod:`.monai_spatial`.)
 """
 
 from __future__ import annotations
@@ -156,8 +155,9 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     holder = type(model.get_submodule(owner)).__name__ if owner else type(model).__name__
     return RefusingPlacer(
         f"MONAI's {cls.__name__} in a {holder}: vitmad places MONAI's attention in ViT, UNETR, ViTAutoEnc, "
-        "MaskedAutoEncoderViT and SwinUNETR's SwinTransformer only (those classes themselves: a subclass's forward "
-        "may cut, mask or order its tokens otherwise), and does not know where this one's tokens are; pass "
+        "MaskedAutoEncoderViT, SwinUNETR's SwinTransformer, and the feature maps of DiffusionModelUNet, ControlNet, "
+        "SPADEDiffusionModelUNet, AutoencoderKL and SPADEAutoencoderKL only (those classes themselves: a subclass's "
+        "forward may cut, mask or order its tokens otherwise), and does not know where this one's tokens are; pass "
         "positions=<[N, 2] (or [N, 3] for a volume) pixel position of each token, NaN rows for tokens off the "
         "image> if they are the same in every forward"
     )

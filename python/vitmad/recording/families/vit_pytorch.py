@@ -640,6 +640,13 @@ class _NaVitPlacer(LayerPlacer):
     def install(self, context: CallContext) -> list:
         return [_install_ran(context, self.navit, with_kwargs=True)]
 
+    def grouped(self, images: list, max_seq_len: int) -> list:
+        """The rows ``forward`` packs a flat list of ``images`` into with ``group_images=True``, as it groups them."""
+        from vit_pytorch.na_vit import group_images_by_max_seq_len
+
+        return group_images_by_max_seq_len(images, patch_size=self.patch, calc_token_dropout=None,
+                                           max_seq_len=max_seq_len)
+
     def _packed(self, context: CallContext) -> _Packed:
         from .stages import forward_arguments
 
@@ -659,10 +666,7 @@ class _NaVitPlacer(LayerPlacer):
         arguments = forward_arguments(navit, *ran)
         images = arguments["batched_images"]
         if arguments.get("group_images", False):
-            from vit_pytorch.na_vit import group_images_by_max_seq_len
-
-            images = group_images_by_max_seq_len(images, patch_size=self.patch, calc_token_dropout=None,
-                                                 max_seq_len=arguments.get("group_max_seq_len", 2048))
+            images = self.grouped(images, arguments.get("group_max_seq_len", 2048))
         if torch.is_tensor(images[0]):
             images = [images]
         grids, starts, lengths = [], [], []
