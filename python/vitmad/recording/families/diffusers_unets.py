@@ -57,9 +57,10 @@ order. A forward call starts at the UNet's forward
 Skipped: ``attn2`` and every attention built as cross-attention (``Attention.is_cross_attention``: keys from the text
 or image prompt, which have no position in the latent). Refused by name: attention in any other block
 (``SimpleCrossAttn*``'s text keys appended to the image's, the ``K*`` and ``*Skip*`` blocks' own samplings), any
-other diffusers UNet or ControlNet (Kandinsky 3's, Stable Cascade's and aMUSEd's are :mod:`.diffusers_unets_more`'s), a placed attention given
-``encoder_hidden_states`` at run time (its keys are not the map's), and any other processor (xFormers' attention
-calls no function vitmad sees; IP-Adapter, PAG and one's own processors are not read).
+other diffusers UNet or ControlNet (Kandinsky 3's, Stable Cascade's and aMUSEd's are
+:mod:`.diffusers_unets_more`'s), a placed attention given ``encoder_hidden_states`` at run time (its keys are not the
+map's), and any other processor (xFormers' attention calls no function vitmad sees; IP-Adapter, PAG and one's own
+processors are not read).
 
 Generic (shareable with other diffusers families): :func:`_defined`, :func:`_classes`.
 """
