@@ -13,10 +13,10 @@ import torch
 pytest.importorskip("vit_pytorch")
 
 from test_record_vit_pytorch import STAT_TOL, STATS, TOL, _attend_maps, _cells, _record, _sharp  # noqa: E402
-from test_record_vit_pytorch_stages import _far_from_uniform  # noqa: E402
+from test_record_vit_pytorch_stages import _far_from_uniform, _run, _sharpen  # noqa: E402
 from vit_pytorch import ats_vit  # noqa: E402
 
-from conftest import statistics_reference  # noqa: E402
+from conftest import batch_norms_on, statistics_reference  # noqa: E402
 
 
 def _ats_sequences(model: torch.nn.Module, run) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -81,3 +81,58 @@ def test_ats_vit_places_the_tokens_each_layer_keeps_per_image():
             torch.testing.assert_close(tokens.stats[stat][layer].double(), expected[stat], equal_nan=True,
                                        **STAT_TOL)
         torch.testing.assert_close(tokens.prefix_maps[layer].double(), class_rows, equal_nan=True, **STAT_TOL)
+
+
+def _led_windows(attn: torch.Tensor, cells: torch.Tensor, grid: tuple[int, int], stride: float, prefix: int) -> dict:
+    """Statistics on the map ``[B, H, T]`` (maps ``[B, H, prefix, T]``) of ``[B * nW, H, prefix + n, prefix + n]``
+    attention within windows (image-major in the batch) whose ``n`` tokens, after ``prefix`` tokens without a
+    position, are at the map cells ``cells`` ``[nW, n, 2]``."""
+    windows, size = cells.shape[:2]
+    attn = attn.view(-1, windows, attn.shape[1], prefix + size, prefix + size)  # [B, nW, H, P + n, P + n]
+    positions = (cells.double() + 0.5) * stride
+    distance = torch.cdist(positions, positions)[None, :, None]  # [1, nW, 1, n, n]
+    per_window = {"mad": (attn[..., prefix:, prefix:] * distance).sum(-1),
+                  "entropy": -torch.special.xlogy(attn, attn).sum(-1)[..., prefix:],
+                  "prefix_mass": attn[..., prefix:, :prefix].sum(-1),
+                  "maps": attn[..., :prefix, prefix:].transpose(-1, -2)}  # [B, nW, H, n(, P)]
+    index = (cells[..., 0] * grid[1] + cells[..., 1]).reshape(-1)
+    out = {}
+    for name, values in per_window.items():
+        batch, heads = values.shape[0], values.shape[2]
+        on_map = torch.full((batch, heads, grid[0] * grid[1], *values.shape[4:]), math.nan, dtype=torch.float64)
+        on_map[:, :, index] = values.transpose(1, 2).reshape(batch, heads, windows * size, *values.shape[4:])
+        assert not on_map.isnan().any()
+        out[name] = on_map.transpose(-1, -2) if name == "maps" else on_map
+    return out
+
+
+def test_maxvit_with_registers_places_each_window_after_its_registers():
+    from vit_pytorch.max_vit_with_registers import MaxViT
+
+    model = _sharpen(MaxViT(num_classes=3, dim=16, depth=(1, 1), dim_head=8, window_size=3, dropout=0.0,
+                            num_register_tokens=2), 0.5)
+    pixels = torch.randn(2, 3, 21, 69, generator=torch.Generator().manual_seed(1))
+    batch_norms_on(model, pixels)  # the initial statistics shrink the activations to ~1e-5 by the attention
+    maps, rec, rec_tokens = _run(model, pixels, stats=STATS)
+    assert rec.layers == ["layers.0.1.0", "layers.0.2.0", "layers.1.1.0", "layers.1.2.0"]
+    # Stem 3x3 stride 2 pad 1: 21x69 -> 11x35; each stage's first MBConv (depthwise 3x3, stride 2, pad 1): 6x18 (4 px),
+    # then 3x9 (8 px). 3x3 windows, each led by the 2 registers: [B * nW, H, 2 + 9, 2 + 9].
+    stages = [((6, 18), 4), ((6, 18), 4), ((3, 9), 8), ((3, 9), 8)]
+    for layer, (((gh, gw), stride), attn) in enumerate(zip(stages, maps)):
+        x, y, w1, w2 = torch.meshgrid(torch.arange(gh // 3), torch.arange(gw // 3), torch.arange(3), torch.arange(3),
+                                      indexing="ij")
+        if layer % 2 == 0:  # block attention: 'b d (x w1) (y w2) -> b x y w1 w2 d'
+            rows, cols = x * 3 + w1, y * 3 + w2
+        else:  # grid attention: 'b d (w1 x) (w2 y) -> b x y w1 w2 d'
+            rows, cols = w1 * (gh // 3) + x, w2 * (gw // 3) + y
+        reference = _led_windows(attn, torch.stack([rows, cols], -1).reshape(-1, 9, 2), (gh, gw), stride, 2)
+        geometry = rec.geometry[layer]
+        assert geometry.grid == (gh, gw) and geometry.stride == (float(stride),) * 2
+        _far_from_uniform(attn)
+        torch.testing.assert_close(rec_tokens.per_layer[layer].double(), reference["mad"], **TOL)
+        torch.testing.assert_close(rec.per_layer[layer].double(), reference["mad"].mean(-1), **TOL)
+        for stat in ("entropy", "prefix_mass"):
+            torch.testing.assert_close(rec_tokens.calls[-1].statistics[stat][layer].double(), reference[stat],
+                                       **STAT_TOL)
+        torch.testing.assert_close(rec_tokens.prefix_maps[layer].double(), reference["maps"], **STAT_TOL)
+    assert [g.attention for g in rec.geometry][:2] == ["window 3x3", "grid 3x3, dilated every 2x6"]
