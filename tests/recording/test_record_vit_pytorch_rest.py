@@ -136,3 +136,37 @@ def test_maxvit_with_registers_places_each_window_after_its_registers():
                                        **STAT_TOL)
         torch.testing.assert_close(rec_tokens.prefix_maps[layer].double(), reference["maps"], **STAT_TOL)
     assert [g.attention for g in rec.geometry][:2] == ["window 3x3", "grid 3x3, dilated every 2x6"]
+
+
+def _strided(n: int, kernel: int, stride: int, padding: int) -> int:
+    return (n + 2 * padding - kernel) // stride + 1
+
+
+def test_cct_3d_places_its_tokenizer_tubelets_in_space_and_time():
+    from vit_pytorch.cct_3d import CCT
+
+    model = _sharpen(CCT(img_size=(13, 19), num_frames=5, embedding_dim=16, n_conv_layers=1, kernel_size=3, stride=2,
+                         padding=1, frame_kernel_size=3, frame_pooling_kernel_size=3, frame_pooling_stride=2,
+                         num_layers=2, num_heads=2, mlp_ratio=1, num_classes=3), 0.5)
+    video = torch.randn(2, 3, 5, 13, 19, generator=torch.Generator().manual_seed(1))
+    maps, rec, rec_tokens = _run(model, video)
+    # Conv3d (3, 3, 3), stride (1, 2, 2), padding 1, then MaxPool3d 3, stride 2, padding 1 on every axis: tubelets of
+    # 2 frames by 4x4 px, each at the centre of its stride cell; flattened 'b c f h w -> b (f h w) c', no class token
+    # (CCT pools the sequence after its encoder).
+    frames = _strided(_strided(5, 3, 1, 1), 3, 2, 1)
+    grid = tuple(_strided(_strided(n, 3, 2, 1), 3, 2, 1) for n in (13, 19))
+    assert (frames, grid) == (3, (4, 5))
+    space = _cells(grid, (4, 4)).repeat(frames, 1)
+    time = ((torch.arange(frames).double() + 0.5) * 2).repeat_interleave(grid[0] * grid[1])[:, None]
+    assert len(maps) == len(rec.layers) == 2  # the sequence pooling's softmax is over [B, N]: not attention
+    for layer, probabilities in enumerate(maps):
+        geometry = rec.geometry[layer]
+        assert (geometry.frames, geometry.grid, geometry.stride, geometry.frame_stride) == (frames, grid, (4.0, 4.0),
+                                                                                            2.0)
+        _far_from_uniform(probabilities)
+        spatial = statistics_reference(probabilities, space)["mad"]
+        temporal = statistics_reference(probabilities, time)["mad"]
+        torch.testing.assert_close(rec_tokens.per_layer[layer].double(), spatial, **TOL)
+        torch.testing.assert_close(rec.per_layer[layer].double(), spatial.mean(-1), **TOL)
+        torch.testing.assert_close(rec_tokens.temporal_mad[layer].double(), temporal, **TOL)
+        torch.testing.assert_close(rec.temporal_mad[layer].double(), temporal.mean(-1), **TOL)

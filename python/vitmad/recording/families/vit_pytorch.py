@@ -49,7 +49,7 @@ the decorrelation, parallel, learnable-memory, KEEL post-LN and looped ViTs).
 Left to ``vit_pytorch_stages``: the hierarchical designs (CrossViT, PiT, LeViT, CvT, Twins, MaxViT, NesT, CCT, T2T,
 MobileViT, RegionViT, CrossFormer, ScalableViT, SepViT); to ``vit_pytorch_nd`` (tried before this family): the N-D
 ViTs, ``simple_flash_attn_vit_3d``, ViViT with MOSS, the ViT with a patch merger, ``efficient.ViT``, MPP, the ViT with
-adaptive token sampling, and the refusals of LeVJEPA, 3-D CCT and the nested-tensor NaViTs. Any other vit_pytorch
+adaptive token sampling, CCT on video, and the refusals of LeVJEPA and the nested-tensor NaViTs. Any other vit_pytorch
 model is refused by name at its first call: its token layout is not known here.
 """
 

@@ -38,8 +38,13 @@ Each design's sequence, as its ``forward`` builds it (tokens placed in pixels of
   (folded onto the grid with the patches an image dropped absent); the class token and the padding rows (the
   ``mask`` the layer is given) without a position.
 
-Refused with the reason (:data:`_REFUSED`): ``levjepa`` (its attention is always ``flex_attention``), ``cct_3d`` (a
-3-D convolutional tokenizer), the nested-tensor NaViTs.
+- ``cct_3d.CCT``: its ``Tokenizer``'s ``Conv3d`` and ``MaxPool3d`` layers make a ``[B, C, F, H, W]`` map, flattened
+  ``b (f h w) c``: tubelets in (frame, row, column) order, read per call from that map, each at the centre of its
+  stride cell in pixels and frames (the strides' product along each axis), as the video models' joint attention
+  (:class:`.video.VideoPlacer`); no class token (CCT pools the sequence after its encoder).
+
+Refused with the reason (:data:`_REFUSED`): ``levjepa`` (its attention is always ``flex_attention``), the nested-tensor
+NaViTs.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, select_tokens
 from .embeddings import check_cut_from_input, check_sequence
 from .monai import _grid_positions
-from .video import VideoPlacer
+from .video import _GRID, VideoPlacer, _Grid
 from .vit_pytorch import (
     _cut_of,
     _design,
@@ -84,9 +89,6 @@ _REFUSED = {
                               "(block-causal across frames unless built with block_causal=False), whose probabilities "
                               "vitmad does not see; pass positions=... to record it where its probabilities are "
                               "given",
-    ("cct_3d", "Attention"): "CCT on video (vit_pytorch.cct_3d): its tokens are the (frame, row, column) cells of a "
-                             "Conv3d / MaxPool3d tokenizer, and vitmad's stage grids follow 2-D convolutions only; "
-                             "pass positions=... to record it",
     ("na_vit_nested_tensor", "Attention"): _NESTED,
     ("na_vit_nested_tensor_3d", "Attention"): _NESTED,
 }
@@ -294,6 +296,51 @@ class _AtsPlacer(LayerPlacer):
         return _subset_placement(cells, cut.grid, stride, int(lead[1]), attention, 1)
 
 
+class _CctTubelets:
+    """The ``embedding`` of a :class:`.video.VideoPlacer` for CCT on video: the hook that reads each call's tubelet grid
+    from the output ``[B, C, F, H, W]`` of its tokenizer's convolutions and max pools (flattened ``b (f h w) c``).
+    Each axis's stride is the product of those modules' strides along it: every token at the centre of its stride
+    cell, in pixels and frames (docs/definition.md, "Beyond one grid"), whatever their kernels and paddings.
+
+    Args:
+        cct: the ``cct_3d.CCT``.
+        strided: its tokenizer's ``Conv3d`` and ``MaxPool3d`` modules.
+    """
+
+    frames = None  # no divided attention grouped by a configured frame count
+
+    def __init__(self, cct: nn.Module, strided: list[nn.Module]):
+        self.cct, self.layers = cct, cct.tokenizer.conv_layers
+        self.stride = [1, 1, 1]  # frames, rows, columns
+        for module in strided:
+            step = module.stride if isinstance(module.stride, tuple) else (module.stride,) * 3
+            self.stride = [s * int(t) for s, t in zip(self.stride, step)]
+
+    def install(self, context: CallContext) -> list:
+        def see(module, args, output) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 5:
+                frames, rows, cols = (int(n) for n in output.shape[2:])
+                context.values[_GRID] = _Grid(int(output.shape[0]), frames, (rows, cols),
+                                              (float(self.stride[1]), float(self.stride[2])), self.stride[0])
+            else:
+                context.values.pop(_GRID, None)
+
+        return [self.layers.register_forward_hook(see)]
+
+
+def _cct_3d_placer(model: nn.Module, cct: nn.Module):
+    what = "CCT of vit_pytorch.cct_3d"
+    layers = cct.tokenizer.conv_layers
+    strided = [m for m in layers.modules() if hasattr(m, "stride")]
+    others = sorted({type(m).__name__ for m in strided if not isinstance(m, (nn.Conv3d, nn.MaxPool3d))})
+    if others:
+        return RefusingPlacer(f"{what} has strided modules {others} in its tokenizer; vitmad places the tubelets of "
+                              "Conv3d and MaxPool3d layers; pass positions=...")
+    # Sequence pooling (seq_pool, always with CCT's own classifier) pools after the encoder: no class token.
+    prefix = 0 if cct.classifier.seq_pool else 1
+    return VideoPlacer(model, _CctTubelets(cct, strided), "space-time", prefix=prefix)
+
+
 def _owner(path: list[nn.Module], designs) -> tuple[nn.Module | None, tuple[str, str] | None]:
     """The innermost module on ``path`` (the attention excluded) of one of ``designs``, and its design."""
     for module in reversed(path[:-1]):
@@ -324,6 +371,12 @@ def placer(model: nn.Module, name: str, module: nn.Module):
                                   "image as b c (h p1) (w p2) -> b (h w) (p1 p2 c), whose forward builds its tokens; "
                                   "record the ViT, or pass positions=...")
         return _AtsPlacer(vit, module)
+    if own == _CCT_3D:
+        cct, _ = _owner(_path(model, name), {_CCT_3D_MODEL})
+        if cct is None:
+            return RefusingPlacer("it is an Attention of vit_pytorch.cct_3d outside its CCT, whose tokenizer makes its "
+                                  "tubelets; record the CCT, or pass positions=...")
+        return _cct_3d_placer(model, cct)
     if own in _REFUSED:
         return RefusingPlacer(_REFUSED[own])
     if own is None and not isinstance(module, nn.MultiheadAttention):
@@ -363,6 +416,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
 
 
 _ATS, _ATS_VIT = ("ats_vit", "Attention"), ("ats_vit", "ViT")
+_CCT_3D, _CCT_3D_MODEL = ("cct_3d", "Attention"), ("cct_3d", "CCT")
 _EFFICIENT = ("efficient", "ViT")
 _MERGER = ("vit_with_patch_merger", "ViT")
 _MOSS = ("vivit_with_moss", "ViViT")
