@@ -26,7 +26,6 @@ from test_record_vit_pytorch import (  # noqa: E402
     _tensor_softmax_maps,
 )
 from vit_pytorch import (  # noqa: E402
-    ats_vit,
     deepvit,
     efficient,
     levjepa,
@@ -195,9 +194,7 @@ def test_mpp_places_the_class_token_and_every_patch_of_its_cut():
 @pytest.mark.parametrize("build, run, reason", [
     (lambda: levjepa.VideoTransformer(image_size=32, patch_size=8, frames=4, block_causal=False, **SMALL),
      lambda m: m(torch.randn(2, 3, 4, 32, 32)), "flex_attention"),
-    (lambda: ats_vit.ViT(image_size=32, patch_size=8, num_classes=3, max_tokens_per_depth=(12, 8), **SMALL),
-     lambda m: m(torch.randn(2, 3, 32, 32)), "adaptive token sampling"),
-], ids=["levjepa", "ats_vit"])
+], ids=["levjepa"])
 def test_designs_whose_tokens_are_not_read_are_refused_with_the_reason(build, run, reason):
     model = build().eval()
     with pytest.raises(ValueError, match=reason), torch.no_grad(), vitmad.record(model):

@@ -453,14 +453,3 @@ def test_crossformer_short_and_long_distance_windows():
     _far_from_uniform(maps[0])
     _far_from_uniform(maps[1])
     _compare(rec, rec_tokens, expected, grids, strides)
-
-
-def test_refused_designs_are_named():
-    # (RegionViT and SepViT are placed: test_record_vit_pytorch_regions.py.)
-    from vit_pytorch.max_vit_with_registers import MaxViT
-
-    model = MaxViT(num_classes=3, dim=16, depth=(1, 1), dim_head=8, window_size=4, dropout=0.0).eval()
-    with pytest.raises(ValueError, match=r"MaxViT with register tokens \(registers packed beside each window's "
-                                         r"tokens\): vitmad does not place"), torch.no_grad():
-        with vitmad.record(model):
-            model(torch.randn(1, 3, 32, 32))

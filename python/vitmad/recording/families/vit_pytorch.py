@@ -48,9 +48,9 @@ the decorrelation, parallel, learnable-memory, KEEL post-LN and looped ViTs).
 
 Left to ``vit_pytorch_stages``: the hierarchical designs (CrossViT, PiT, LeViT, CvT, Twins, MaxViT, NesT, CCT, T2T,
 MobileViT, RegionViT, CrossFormer, ScalableViT, SepViT); to ``vit_pytorch_nd`` (tried before this family): the N-D
-ViTs, ``simple_flash_attn_vit_3d``, ViViT with MOSS, the ViT with a patch merger, ``efficient.ViT``, MPP, and the
-refusals of LeVJEPA, ATS, 3-D CCT and the nested-tensor NaViTs. Any other vit_pytorch model is refused by name at its
-first call: its token layout is not known here.
+ViTs, ``simple_flash_attn_vit_3d``, ViViT with MOSS, the ViT with a patch merger, ``efficient.ViT``, MPP, the ViT with
+adaptive token sampling, CCT on video, and the refusals of LeVJEPA and the nested-tensor NaViTs. Any other vit_pytorch
+model is refused by name at its first call: its token layout is not known here.
 """
 
 from __future__ import annotations
@@ -292,18 +292,23 @@ def _kept_cells(context: CallContext, full: torch.Tensor, kept: torch.Tensor, wh
 def _subset_placement(cells: torch.Tensor, grid: tuple[int, int], stride: tuple[float, float], heads: int,
                       attention: str, prefix: int) -> Placement:
     """``prefix`` tokens without a position, then token ``j`` of image ``b`` at cell ``cells[b, j]`` of the row-major
-    grid, folded onto the whole grid with the cells an image lacks absent."""
+    grid (-1: a slot without a position, a padding row of an image that kept fewer tokens than another), folded onto
+    the whole grid with the cells an image lacks absent."""
     batch, count = cells.shape
     total = grid[0] * grid[1]
-    kept = cell_centres(*grid, stride).reshape(total, 2)[cells]  # [B, K, 2]
+    placed = cells >= 0
+    kept = cell_centres(*grid, stride).reshape(total, 2)[cells.clamp(min=0)]  # [B, K, 2]
+    kept = torch.where(placed[..., None], kept, float("nan"))
     positions = torch.cat([kept.new_full((batch, prefix, 2), float("nan")), kept], dim=1).unsqueeze(1)
+    slots = torch.where(placed, cells, total)  # the slots without a position go to a last cell, dropped
 
     def fold(values: torch.Tensor) -> torch.Tensor:
         # values [B, H, prefix + K] -> [B, H, gh * gw]: kept token j of image b goes to cell cells[b, j].
-        index = cells.to(values.device).unsqueeze(1).expand(values.shape[0], values.shape[1], count)
-        return values.new_full((*values.shape[:2], total), float("nan")).scatter(-1, index, values[..., prefix:])
+        index = slots.to(values.device).unsqueeze(1).expand(values.shape[0], values.shape[1], count)
+        folded = values.new_full((*values.shape[:2], total + 1), float("nan")).scatter(-1, index, values[..., prefix:])
+        return folded[..., :total]
 
-    present = torch.zeros(batch, total, dtype=torch.bool).scatter_(1, cells, True)
+    present = torch.zeros(batch, total + 1, dtype=torch.bool).scatter_(1, slots, True)[:, :total]
     return Placement(positions, None, fold, LayerGeometry(grid, stride, attention, heads, prefix), present=present)
 
 

@@ -30,8 +30,21 @@ Each design's sequence, as its ``forward`` builds it (tokens placed in pixels of
   forward over the class token, then every patch of MPP's ``patch_size`` cut, row-major: masked patches are the mask
   token, replaced ones another patch's pixels, each at its own cell.
 
-Refused with the reason (:data:`_REFUSED`): ``levjepa`` (its attention is always ``flex_attention``), ``ats_vit``
-(per-call sampled subsets, not read yet), ``cct_3d`` (a 3-D convolutional tokenizer), the nested-tensor NaViTs.
+- ``ats_vit.ViT`` (adaptive token sampling): layer 0 over the class token, then every patch (row-major); each layer
+  that samples returns ``sampled_token_ids`` (per image, the slots of its sequence the next layer keeps: the class
+  token first, the sampled tokens sorted, then padding rows where another image kept more, masked out of the next
+  layer's attention), by which ``Transformer.forward`` gathers the tokens. The tokens of layer ``l`` are read in each
+  call by composing the ids the layers before it returned: each at the cell of the patch it started as, per image
+  (folded onto the grid with the patches an image dropped absent); the class token and the padding rows (the
+  ``mask`` the layer is given) without a position.
+
+- ``cct_3d.CCT``: its ``Tokenizer``'s ``Conv3d`` and ``MaxPool3d`` layers make a ``[B, C, F, H, W]`` map, flattened
+  ``b (f h w) c``: tubelets in (frame, row, column) order, read per call from that map, each at the centre of its
+  stride cell in pixels and frames (the strides' product along each axis), as the video models' joint attention
+  (:class:`.video.VideoPlacer`); no class token (CCT pools the sequence after its encoder).
+
+Refused with the reason (:data:`_REFUSED`): ``levjepa`` (its attention is always ``flex_attention``), the nested-tensor
+NaViTs.
 """
 
 from __future__ import annotations
@@ -43,10 +56,20 @@ from torch import nn
 
 from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, select_tokens
-from .embeddings import check_sequence
+from .embeddings import check_cut_from_input, check_sequence
 from .monai import _grid_positions
-from .video import VideoPlacer
-from .vit_pytorch import _cut_of, _design, _ImagePlacer, _key, _path, _VideoCut, _VivitPlacer
+from .video import _GRID, VideoPlacer, _Grid
+from .vit_pytorch import (
+    _cut_of,
+    _design,
+    _ImagePlacer,
+    _install_cut,
+    _key,
+    _path,
+    _subset_placement,
+    _VideoCut,
+    _VivitPlacer,
+)
 
 __all__ = ["placer", "call_start"]
 
@@ -66,12 +89,6 @@ _REFUSED = {
                               "(block-causal across frames unless built with block_causal=False), whose probabilities "
                               "vitmad does not see; pass positions=... to record it where its probabilities are "
                               "given",
-    ("ats_vit", "Attention"): "ViT with adaptive token sampling: each layer that samples keeps, per image, the tokens "
-                              "its Gumbel draw picked (sorted, padded with masked copies of the class token), drawn "
-                              "inside the layer's forward; vitmad does not place those per-call subsets yet",
-    ("cct_3d", "Attention"): "CCT on video (vit_pytorch.cct_3d): its tokens are the (frame, row, column) cells of a "
-                             "Conv3d / MaxPool3d tokenizer, and vitmad's stage grids follow 2-D convolutions only; "
-                             "pass positions=... to record it",
     ("na_vit_nested_tensor", "Attention"): _NESTED,
     ("na_vit_nested_tensor_3d", "Attention"): _NESTED,
 }
@@ -202,6 +219,128 @@ class _MppPlacer(LayerPlacer):
         return Placement(positions, None, select_tokens(index), geometry)
 
 
+class _AtsPlacer(LayerPlacer):
+    """A layer of ``ats_vit.ViT``: the tokens its ``Transformer`` hands it in this call. Layer 0 takes the class token,
+    then every patch of the image's cut (row-major); an ``Attention`` that samples returns ``sampled_token_ids``, per
+    image the slots of its own sequence that the next layer keeps (slot 0, the class token, first; the sampled tokens
+    sorted; padding rows, index 0 again, after them), and ``Transformer.forward`` gathers the tokens (and their
+    original indices) by them. So the tokens of layer ``l`` are read by composing the ids the layers before it
+    returned in this call, and its ``mask`` (its keyword argument) tells the padding rows: a token stands at the cell
+    of the patch it started as, the class token and the padding rows without a position.
+
+    Args:
+        vit: the ``ats_vit.ViT``.
+        attention: this layer's ``Attention``.
+    """
+
+    def __init__(self, vit: nn.Module, attention: nn.Module):
+        self.vit, self.attention = vit, attention
+        self.rearrange = vit.to_patch_embedding[0]
+        layers = [a for a, _ in vit.transformer.layers]
+        self.before = layers[:next(i for i, a in enumerate(layers) if a is attention)]
+
+    def install(self, context: CallContext) -> list:
+        transformer = self.vit.transformer
+
+        def start(module, args) -> None:
+            x = args[0] if args else None
+            context.values[_key(transformer, "ats")] = tuple(x.shape[:2]) if isinstance(x, torch.Tensor) else None
+            for layer in self.before:
+                context.values.pop(_key(layer, "ats"), None)
+
+        def sampled(module, args, kwargs, output) -> None:
+            context.values[_key(module, "ats")] = (output[2],) if isinstance(output, tuple) and len(output) == 3 \
+                else None
+
+        def masked(module, args, kwargs) -> None:
+            context.values[_key(module, "ats.mask")] = kwargs.get("mask")
+
+        return [_install_cut(context, self.rearrange, video=False), transformer.register_forward_pre_hook(start),
+                self.attention.register_forward_pre_hook(masked, with_kwargs=True),
+                *(layer.register_forward_hook(sampled, with_kwargs=True) for layer in self.before)]
+
+    def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
+        cut = context.values.get(_key(self.rearrange))
+        start = context.values.get(_key(self.vit.transformer, "ats"))
+        if cut is None or start is None:
+            raise NotPlaceable("the ViT with adaptive token sampling did not cut an image and run its transformer on "
+                               "its tokens in this call before this layer attended, so its tokens are unknown; run the "
+                               "ViT on images")
+        check_cut_from_input(context, "its patch cut", *cut.size, "ViT", "the class token and the padding rows")
+        patches = cut.grid[0] * cut.grid[1]
+        if start != (cut.batch, 1 + patches):
+            raise NotPlaceable(f"its transformer took {start[1]} tokens of {start[0]} image(s); the ViT cut "
+                               f"{cut.batch} image(s) into {patches} patches after its class token")
+        ids = torch.arange(1 + patches).expand(cut.batch, -1)  # each slot's token of layer 0 (0: the class token)
+        for index, layer in enumerate(self.before):
+            returned = context.values.get(_key(layer, "ats"))
+            if returned is None:
+                raise NotPlaceable(f"layer {index} of its transformer did not return (out, mask, sampled_token_ids) "
+                                   "before this layer attended, so which tokens this layer keeps is unknown")
+            chosen = returned[0]
+            if chosen is not None:
+                chosen = chosen.detach().cpu()
+                if chosen.dim() != 2 or chosen.shape[0] != cut.batch or bool((chosen >= ids.shape[1]).any()):
+                    raise NotPlaceable(f"layer {index} returned sampled_token_ids of shape {list(chosen.shape)}, not "
+                                       f"[{cut.batch}, K] slots of its {ids.shape[1]} tokens")
+                ids = ids.gather(1, chosen)
+        mask = context.values.get(_key(self.attention, "ats.mask"))
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
+            raise NotPlaceable(f"its mask is {list(mask.shape) if isinstance(mask, torch.Tensor) else mask}, not one "
+                               f"flag per slot of the {list(ids.shape)} tokens the layers before it kept")
+        check_sequence(lead, num_queries, num_keys, cut.batch, ids.shape[1],
+                       "the class token and the patches the layers before it kept, per image padded to the longest")
+        cells = torch.where(mask.cpu() & (ids > 0), ids - 1, -1)[:, 1:]
+        stride = (float(cut.patch[0]), float(cut.patch[1]))
+        attention = "global" if not self.before else "global over the patches each image kept (adaptive sampling)"
+        return _subset_placement(cells, cut.grid, stride, int(lead[1]), attention, 1)
+
+
+class _CctTubelets:
+    """The ``embedding`` of a :class:`.video.VideoPlacer` for CCT on video: the hook that reads each call's tubelet grid
+    from the output ``[B, C, F, H, W]`` of its tokenizer's convolutions and max pools (flattened ``b (f h w) c``).
+    Each axis's stride is the product of those modules' strides along it: every token at the centre of its stride
+    cell, in pixels and frames (docs/definition.md, "Beyond one grid"), whatever their kernels and paddings.
+
+    Args:
+        cct: the ``cct_3d.CCT``.
+        strided: its tokenizer's ``Conv3d`` and ``MaxPool3d`` modules.
+    """
+
+    frames = None  # no divided attention grouped by a configured frame count
+
+    def __init__(self, cct: nn.Module, strided: list[nn.Module]):
+        self.cct, self.layers = cct, cct.tokenizer.conv_layers
+        self.stride = [1, 1, 1]  # frames, rows, columns
+        for module in strided:
+            step = module.stride if isinstance(module.stride, tuple) else (module.stride,) * 3
+            self.stride = [s * int(t) for s, t in zip(self.stride, step)]
+
+    def install(self, context: CallContext) -> list:
+        def see(module, args, output) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 5:
+                frames, rows, cols = (int(n) for n in output.shape[2:])
+                context.values[_GRID] = _Grid(int(output.shape[0]), frames, (rows, cols),
+                                              (float(self.stride[1]), float(self.stride[2])), self.stride[0])
+            else:
+                context.values.pop(_GRID, None)
+
+        return [self.layers.register_forward_hook(see)]
+
+
+def _cct_3d_placer(model: nn.Module, cct: nn.Module):
+    what = "CCT of vit_pytorch.cct_3d"
+    layers = cct.tokenizer.conv_layers
+    strided = [m for m in layers.modules() if hasattr(m, "stride")]
+    others = sorted({type(m).__name__ for m in strided if not isinstance(m, (nn.Conv3d, nn.MaxPool3d))})
+    if others:
+        return RefusingPlacer(f"{what} has strided modules {others} in its tokenizer; vitmad places the tubelets of "
+                              "Conv3d and MaxPool3d layers; pass positions=...")
+    # Sequence pooling (seq_pool, always with CCT's own classifier) pools after the encoder: no class token.
+    prefix = 0 if cct.classifier.seq_pool else 1
+    return VideoPlacer(model, _CctTubelets(cct, strided), "space-time", prefix=prefix)
+
+
 def _owner(path: list[nn.Module], designs) -> tuple[nn.Module | None, tuple[str, str] | None]:
     """The innermost module on ``path`` (the attention excluded) of one of ``designs``, and its design."""
     for module in reversed(path[:-1]):
@@ -225,6 +364,19 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
     own = _design(module)
+    if own == _ATS:
+        vit, _ = _owner(_path(model, name), {_ATS_VIT})
+        if vit is None or _cut_of(vit)[1] != "bc(hp1)(wp2)->b(hw)(p1p2c)":
+            return RefusingPlacer("it is an Attention of vit_pytorch.ats_vit outside an ats_vit.ViT that cuts its "
+                                  "image as b c (h p1) (w p2) -> b (h w) (p1 p2 c), whose forward builds its tokens; "
+                                  "record the ViT, or pass positions=...")
+        return _AtsPlacer(vit, module)
+    if own == _CCT_3D:
+        cct, _ = _owner(_path(model, name), {_CCT_3D_MODEL})
+        if cct is None:
+            return RefusingPlacer("it is an Attention of vit_pytorch.cct_3d outside its CCT, whose tokenizer makes its "
+                                  "tubelets; record the CCT, or pass positions=...")
+        return _cct_3d_placer(model, cct)
     if own in _REFUSED:
         return RefusingPlacer(_REFUSED[own])
     if own is None and not isinstance(module, nn.MultiheadAttention):
@@ -263,6 +415,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     return VideoPlacer(model, _VideoCut(rearrange), "space-time")
 
 
+_ATS, _ATS_VIT = ("ats_vit", "Attention"), ("ats_vit", "ViT")
+_CCT_3D, _CCT_3D_MODEL = ("cct_3d", "Attention"), ("cct_3d", "CCT")
 _EFFICIENT = ("efficient", "ViT")
 _MERGER = ("vit_with_patch_merger", "ViT")
 _MOSS = ("vivit_with_moss", "ViViT")

@@ -71,7 +71,11 @@ modules (patch sizes, einops patterns, strides), read in each call:
   stride times the window size. With one window the model skips the pointwise attention. A ``DSSA`` outside a
   ``SepViT`` is refused (the stride of its map is not known).
 
-The attention modules of ``max_vit_with_registers`` are refused by name (:data:`_REFUSED`).
+- ``max_vit_with_registers.MaxViT``: the same block and grid partitions of each block's map (its forward rearranges
+  with einops functions: the map is read from the output of the block's MBConv, which both attentions' maps keep the
+  size of), each window's sequence led by the stage's ``num_register_tokens`` register tokens (``pack([r, x], 'b *
+  d')``: ``[B * windows, heads, registers + w * w, ...]``). The registers stand for no cell: they have no position,
+  their attention mass and maps are ``prefix_mass`` and ``prefix_maps``, like RegionViT's regional tokens.
 """
 
 from __future__ import annotations
@@ -101,7 +105,8 @@ __all__ = ["placer", "attention_modules"]
 
 # (file, class) of the attention classes placed here; vit.Attention only inside a T2TViT (the plain ViTs' is not
 # this family's).
-_ATTENTION = {("max_vit", "Attention"), ("twins_svt", "LocalAttention"), ("twins_svt", "GlobalAttention"),
+_ATTENTION = {("max_vit", "Attention"), ("max_vit_with_registers", "Attention"), ("twins_svt", "LocalAttention"),
+              ("twins_svt", "GlobalAttention"),
               ("pit", "Attention"), ("levit", "Attention"), ("cvt", "Attention"), ("cross_vit", "Attention"),
               ("nest", "Attention"), ("cct", "Attention"), ("mobile_vit", "Attention"),
               ("scalable_vit", "ScalableSelfAttention"), ("scalable_vit", "InteractiveWindowedSelfAttention"),
@@ -109,12 +114,6 @@ _ATTENTION = {("max_vit", "Attention"), ("twins_svt", "LocalAttention"), ("twins
 # SepViT's DSSA makes two softmax calls in one forward: each of its two softmax modules is recorded as a layer.
 _DSSA_SOFTMAX = ("attend", "window_attend")
 
-_REFUSED = {
-    ("max_vit_with_registers", "Attention"): "MaxViT with register tokens (registers packed beside each window's "
-                                             "tokens): vitmad does not place vit_pytorch's max_vit_with_registers "
-                                             "yet; vit_pytorch.max_vit.MaxViT is placed",
-}
-_REFUSAL = "{}; pass positions=<[N, 2] pixel position of each token, NaN rows for tokens off the image> to record it"
 
 
 def _file_and_class(module: nn.Module) -> tuple[str, str] | None:
@@ -136,7 +135,7 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
         key = _file_and_class(module)
         if key is None:
             continue
-        if key in _ATTENTION or key in _REFUSED or (key == ("vit", "Attention") and _t2t_owner(model, name)):
+        if key in _ATTENTION or (key == ("vit", "Attention") and _t2t_owner(model, name)):
             found[name] = module
         elif key == ("sep_vit", "DSSA"):
             found.update({f"{name}.{part}" if name else part: getattr(module, part) for part in _DSSA_SOFTMAX})
@@ -224,6 +223,18 @@ _MAXVIT_BLOCK = "b d (x w1) (y w2) -> b x y w1 w2 d"
 _MAXVIT_GRID = "b d (w1 x) (w2 y) -> b x y w1 w2 d"
 
 
+def _maxvit_partition(kind: str, window: tuple[int, int]):
+    """MaxViT's block (``"block"``) or dilated grid (``"grid"``) partition of a map into ``window`` windows."""
+
+    def partition(grid):
+        if kind == "block":
+            return block_partition(grid, window), f"window {window[0]}x{window[1]}"
+        step = (grid[0] // window[0], grid[1] // window[1])
+        return grid_partition(grid, window), f"grid {window[0]}x{window[1]}, dilated every {step[0]}x{step[1]}"
+
+    return partition
+
+
 def _maxvit(model: nn.Module, name: str) -> LayerPlacer | None:
     found = _owner(model, name, "max_vit", "MaxViT")
     if found is None:
@@ -240,15 +251,33 @@ def _maxvit(model: nn.Module, name: str) -> LayerPlacer | None:
         return RefusingPlacer(f"the Rearrange before it has pattern {pattern!r}, expected {_MAXVIT_BLOCK!r} (block "
                               f"attention) or {_MAXVIT_GRID!r} (grid attention)")
     window = (int(rearrange.axes_lengths["w1"]), int(rearrange.axes_lengths["w2"]))
-
-    def partition(grid):
-        if pattern == _MAXVIT_BLOCK:
-            return block_partition(grid, window), f"window {window[0]}x{window[1]}"
-        step = (grid[0] // window[0], grid[1] // window[1])
-        return grid_partition(grid, window), f"grid {window[0]}x{window[1]}, dilated every {step[0]}x{step[1]}"
-
+    partition = _maxvit_partition("block" if pattern == _MAXVIT_BLOCK else "grid", window)
     return PartitionPlacer(model, name, rearrange, nchw, partition, "windows in batch",
                            reduction=reduction_before(maxvit, rearrange))
+
+
+def _maxvit_registers(model: nn.Module, name: str) -> LayerPlacer | None:
+    """MaxViT with register tokens: its forward rearranges the map with einops functions (no module to hook), as
+    MaxViT's modules do, then packs the stage's register tokens before each window's tokens: ``[(B x y), registers + w
+    * w, d]``. The map is the output of the block's MBConv (the grid attention runs on the block attention's output,
+    of the same size)."""
+    found = _owner(model, name, "max_vit_with_registers", "MaxViT")
+    if found is None:
+        return RefusingPlacer("it is an Attention of vit_pytorch.max_vit_with_registers outside its MaxViT, whose "
+                              "forward partitions the map and packs the register tokens; record the MaxViT")
+    owner_name, maxvit = found
+    parts = _relative(name, owner_name)
+    if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit() or parts[2] not in ("1", "2") \
+            or parts[3] != "0":
+        return RefusingPlacer(f"it is not the block (layers.i.1.0) or grid (layers.i.2.0) attention of a MaxViT "
+                              f"block ({name})")
+    block = int(parts[1])
+    conv = maxvit.layers[block][0]
+    window = (int(maxvit.window_size), int(maxvit.window_size))
+    registers = int(maxvit.register_tokens[block].shape[0])
+    return PartitionPlacer(model, name, conv, nchw, _maxvit_partition("block" if parts[2] == "1" else "grid", window),
+                           "windows in batch", output=True,
+                           reduction=reduction_before(maxvit, maxvit.layers[block][1][0]), prefix=registers)
 
 
 # Twins-SVT --------------------------------------------------------------------------------------------------------
@@ -767,11 +796,11 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     if key is None:
         dssa = _dssa_of(model, name)
         return None if dssa is None else _sepvit(model, name, dssa)
-    if key in _REFUSED:
-        return RefusingPlacer(_REFUSAL.format(_REFUSED[key]))
     file = key[0]
     if file == "max_vit":
         return _maxvit(model, name)
+    if file == "max_vit_with_registers":
+        return _maxvit_registers(model, name)
     if file == "twins_svt":
         return _twins(model, name, module)
     if file == "pit":

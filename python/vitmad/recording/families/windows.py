@@ -270,16 +270,18 @@ class PartitionPlacer(LayerPlacer):
         order: where the windows are in the call's leading dims (see :func:`window_placement`).
         output: the map is ``watch``'s output rather than its input.
         reduction: the stage's nominal pixel stride, for models without timm's ``feature_info``.
+        prefix: tokens without a position that lead each window's sequence (see :func:`window_placement`).
     """
 
     def __init__(self, model: nn.Module, name: str, watch: nn.Module,
                  read_map: Callable[[torch.Tensor], tuple[int, int, int] | None],
                  partition: Callable[[tuple[int, int]], tuple[torch.Tensor, str]], order: str, *,
-                 output: bool = False, reduction: int | None = None):
+                 output: bool = False, reduction: int | None = None, prefix: int = 0):
         if order not in _ORDERS:
             raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
         self.model, self.name, self.watch, self.read_map = model, name, watch, read_map
         self.partition, self.order, self.output, self.reduction = partition, order, output, reduction
+        self.prefix = prefix
         self.key = f"windows.map.{name}"
         # The latest placement, reused while the call's shape, map and partition stay the same.
         self._cached: tuple[tuple, Placement] | None = None
@@ -311,7 +313,7 @@ class PartitionPlacer(LayerPlacer):
         key = (grid, stride, tuple(lead), num_queries, num_keys, attention)
         if self._cached is None or self._cached[0] != key:
             placement = window_placement(cells, grid, stride, lead, num_queries, num_keys, order=self.order,
-                                         attention=attention)
+                                         attention=attention, prefix=self.prefix)
             self._cached = key, placement
         return self._cached[1]
 
