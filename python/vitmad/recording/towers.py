@@ -132,18 +132,18 @@ def image_channels(model: nn.Module) -> int | None:
 
 def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
     """The first convolution in module order that takes the image's channels (:func:`_convolutions_on_image`): it
-    runs on the image, so a forward call starts there (a wrapper may declare a head that convolves the features before its backbone); the first
-    convolution of all where none does; without any, a NaFlex tower, one fed flattened_patches or Molmo2's (their
-    patches come cut, and a text tower beside them must not start a call). A packed tower's convolutions over its
-    tokens (LFM3-VL's, run once per image) are none of these: a model without any other starts its calls as one
-    without convolutions. A MONAI ViT or Swin transformer starts its calls at its patch embedding (UNETR convolves
-    its input only after its ViT; of several, the one holding the ``recorded`` modules), an ultralytics model at
-    its yaml graph's first layer (YOLOv5's Focus halves the image before its convolution), kornia's LoFTR at its own
-    forward (its backbone runs once per image of a pair of two sizes), a diffusers UNet or
-    ControlNet at its own forward (ControlNet's first convolution on 3 channels is its conditioning image's, run after
-    ``conv_in``; I2VGen-XL attends before ``conv_in``). A model whose ``recorded`` modules lie in several towers
-    that take the image (:func:`tower_starts`) starts its calls at its own forward; one whose towers hold them in
-    one alone at that tower's start."""
+    runs on the image, so a forward call starts there (a wrapper may declare a head that convolves the features
+    before its backbone); the first convolution of all where none does; without any, a NaFlex tower, one fed
+    flattened_patches or Molmo2's (their patches come cut, and a text tower beside them must not start a call). A
+    packed tower's convolutions over its tokens (LFM3-VL's, run once per image) are none of these: a model without
+    any other starts its calls as one without convolutions. A MONAI ViT or Swin transformer starts its calls at its
+    patch embedding (UNETR convolves its input only after its ViT; of several, the one holding the ``recorded``
+    modules), an ultralytics model at its yaml graph's first layer (YOLOv5's Focus halves the image before its
+    convolution), kornia's LoFTR at its own forward (its backbone runs once per image of a pair of two sizes), a
+    diffusers UNet or ControlNet at its own forward (ControlNet's first convolution on 3 channels is its
+    conditioning image's, run after ``conv_in``; I2VGen-XL attends before ``conv_in``). A model whose ``recorded``
+    modules lie in several towers that take the image (:func:`tower_starts`) starts its calls at its own forward;
+    one with several towers that holds them in one alone, at that tower's start."""
     start = (monai_call_start(model, recorded) or ultralytics_call_start(model)
              or diffusers_unets_call_start(model, recorded) or kornia_call_start(model, recorded))
     if start is not None:
