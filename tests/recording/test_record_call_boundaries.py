@@ -317,17 +317,19 @@ def test_transformers_sam3_detr_encoder_on_precomputed_vision_features_is_a_call
 TOWER_DIM, TOWER_HEADS = 16, 2
 
 
-def _timm_tower() -> nn.Module:
+def _timm_tower(channels: int = 3) -> nn.Module:
     timm = pytest.importorskip("timm")
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, embed_dim=TOWER_DIM,
-                             num_heads=TOWER_HEADS, patch_size=PATCH, img_size=(GRID[0] * PATCH, GRID[1] * PATCH))
+                             num_heads=TOWER_HEADS, patch_size=PATCH, img_size=(GRID[0] * PATCH, GRID[1] * PATCH),
+                             in_chans=channels)
 
 
-def _hf_tower() -> nn.Module:
+def _hf_tower(channels: int = 3) -> nn.Module:
     transformers = pytest.importorskip("transformers")
     config = transformers.ViTConfig(image_size=(GRID[0] * PATCH, GRID[1] * PATCH), patch_size=PATCH,
-                                    hidden_size=TOWER_DIM, num_hidden_layers=2, num_attention_heads=TOWER_HEADS,
-                                    intermediate_size=2 * TOWER_DIM, attn_implementation="sdpa")
+                                    num_channels=channels, hidden_size=TOWER_DIM, num_hidden_layers=2,
+                                    num_attention_heads=TOWER_HEADS, intermediate_size=2 * TOWER_DIM,
+                                    attn_implementation="sdpa")
     return transformers.ViTModel(config, add_pooling_layer=False)
 
 
@@ -346,14 +348,15 @@ TOWERS = {
 
 
 class _TwoTowers(nn.Module):
-    """A user's module declaring tower ``a`` before tower ``b`` and running them in ``order``."""
+    """A user's module declaring tower ``a`` before tower ``b`` and running them in ``order``, the towers named in
+    ``gray`` on the image's mean over its channels."""
 
-    def __init__(self, a: nn.Module, b: nn.Module, order: str):
+    def __init__(self, a: nn.Module, b: nn.Module, order: str, gray: str = ""):
         super().__init__()
-        self.a, self.b, self.order = a, b, order
+        self.a, self.b, self.order, self.gray = a, b, order, gray
 
     def run(self, name: str, pixels: torch.Tensor) -> torch.Tensor:
-        out = getattr(self, name)(pixels)
+        out = getattr(self, name)(pixels.mean(1, keepdim=True) if name in self.gray else pixels)
         return getattr(out, "last_hidden_state", out)
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
@@ -414,12 +417,14 @@ def _sharper(tower: nn.Module) -> nn.Module:
     return tower
 
 
-def _two_towers(kinds: tuple[str, str], order: str) -> tuple[_TwoTowers, list[str]]:
-    """The wrapper (towers sharpened) and the names of its recorded layers, tower a's then tower b's."""
+def _two_towers(kinds: tuple[str, str], order: str, gray: str = "") -> tuple[_TwoTowers, list[str]]:
+    """The wrapper (towers sharpened, those named in ``gray`` built for one channel) and the names of its recorded
+    layers, tower a's then tower b's."""
     torch.manual_seed(0)
-    a, b = (_sharper(sharpened(TOWERS[kind][0](), seed)) for seed, kind in enumerate(kinds))
+    a, b = (_sharper(sharpened(TOWERS[kind][0](*((1,) if tower in gray else ())), seed))
+            for seed, (tower, kind) in enumerate(zip("ab", kinds, strict=True)))
     names = [f"{tower}.{layer}" for tower, kind in zip("ab", kinds, strict=True) for layer in TOWERS[kind][1]]
-    return _TwoTowers(a, b, order).eval(), names
+    return _TwoTowers(a, b, order, gray).eval(), names
 
 
 TOWER_PAIRS = [("timm", "transformers"), ("timm", "timm"), ("timm", "vit_pytorch")]

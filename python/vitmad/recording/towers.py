@@ -12,6 +12,7 @@ import re
 from torch import nn
 
 from ..ops.arguments import is_int
+from .families import is_timm_model
 from .families.diffusers_images import call_start as diffusers_images_call_start
 from .families.diffusers_unets import call_start as diffusers_unets_call_start
 from .families.kornia import call_start as kornia_call_start
@@ -33,6 +34,7 @@ from .families.vit_pytorch_nd import call_start as vit_pytorch_nd_call_start
 from .families.vit_pytorch_stages import token_convolutions as vit_pytorch_token_convolutions
 from .families.vq_tokenizer import is_tower as is_vq_tokenizer
 from .module_index import module_list, named_module_list
+from .transformers_capture import is_hf_model
 
 __all__ = ["TOWER_ATTRIBUTES", "encoder_prefix", "tower_of_embedding", "other_image_towers", "image_channels",
            "first_convolution", "tower_starts"]
@@ -134,39 +136,68 @@ def image_channels(model: nn.Module) -> int | None:
 
 
 def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
-    """The first convolution in module order that takes the image's channels: it runs on the image, so a forward
-    call starts there (a wrapper may declare a head that convolves the features before its backbone); the first
-    convolution of all where none does; without any, a NaFlex tower, one fed flattened_patches or Molmo2's (their
-    patches come cut, and a text tower beside them must not start a call). A packed tower's convolutions over its
-    tokens (LFM3-VL's, run once per image) are none of these: a model without any other starts its calls as one
-    without convolutions. A MONAI ViT or Swin transformer starts its calls at its patch embedding (UNETR convolves
-    its input only after its ViT; of several, the one holding the ``recorded`` modules), an ultralytics model at
-    its yaml graph's first layer (YOLOv5's Focus halves the image before its convolution), MONAI's diffusion UNets
-    and autoencoders at the forward of the network holding the ``recorded`` modules (a ControlNet's conditioning
-    embedding runs after ``conv_in``; an autoencoder's decoder runs alone in ``decode``), kornia's LoFTR at its own
-    forward (its backbone runs once per image of a pair of two sizes), a diffusers UNet or
-    ControlNet at its own forward (ControlNet's first convolution on 3 channels is its conditioning image's, run after
-    ``conv_in``; I2VGen-XL attends before ``conv_in``), vit_pytorch's ViViT with MOSS at its own forward (MOSS
-    convolves after its spatial transformer), a model holding diffusers' HunyuanDiT ControlNet at its own forward (its
-    patch convolution cuts the latent, then the condition). A model whose ``recorded`` modules lie in several towers
-    that take the image (:func:`tower_starts`) starts its calls at its own forward."""
+    """The first convolution in module order that takes the image's channels (:func:`_convolutions_on_image`): it
+    runs on the image, so a forward call starts there (a wrapper may declare a head that convolves the features
+    before its backbone); the first convolution of all where none does; without any, a NaFlex tower, one fed
+    flattened_patches or Molmo2's (their patches come cut, and a text tower beside them must not start a call). A
+    packed tower's convolutions over its tokens (LFM3-VL's, run once per image) are none of these: a model without
+    any other starts its calls as one without convolutions. A MONAI ViT or Swin transformer starts its calls at its
+    patch embedding (UNETR convolves its input only after its ViT; of several, the one holding the ``recorded``
+    modules), an ultralytics model at its yaml graph's first layer (YOLOv5's Focus halves the image before its
+    convolution), MONAI's diffusion UNets and autoencoders at the forward of the network holding the ``recorded``
+    modules (a ControlNet's conditioning embedding runs after ``conv_in``; an autoencoder's decoder runs alone in
+    ``decode``), kornia's LoFTR at its own forward (its backbone runs once per image of a pair of two sizes), a
+    diffusers UNet or ControlNet at its own forward (ControlNet's first convolution on 3 channels is its
+    conditioning image's, run after ``conv_in``; I2VGen-XL attends before ``conv_in``), vit_pytorch's ViViT with
+    MOSS at its own forward (MOSS convolves after its spatial transformer), a model holding diffusers' HunyuanDiT
+    ControlNet at its own forward (its patch convolution cuts the latent, then the condition). A model whose
+    ``recorded`` modules lie in several towers that take the image (:func:`tower_starts`) starts its calls at its own
+    forward; one with several towers that holds them in one alone, at that tower's start."""
     start = (monai_call_start(model, recorded) or monai_spatial_call_start(model, recorded)
              or ultralytics_call_start(model) or diffusers_unets_call_start(model, recorded)
              or diffusers_images_call_start(model, recorded) or kornia_call_start(model, recorded)
              or vit_pytorch_nd_call_start(model, recorded))
     if start is not None:
         return start
-    if tower_starts(model, recorded):
+    towers = _held_tower_starts(model, recorded)
+    if len(towers) > 1:
         return model
+    if towers:
+        # The one tower holding the recorded modules starts its calls, as it would recorded alone: the first
+        # convolution on the image in module order may be another tower's, run after it, and each forward's call
+        # then began there (its layers joined the call before, the last call left empty).
+        return towers[0]
     convolutions = _convolutions_on_pixels(model)
-    channels = image_channels(model) or 3
-    on_image = next((m for m in convolutions if m.in_channels == channels), None)
-    if on_image is not None or convolutions:
-        return on_image or convolutions[0]
+    on_image = _convolutions_on_image(model)
+    if on_image or convolutions:
+        return (on_image or convolutions)[0]
     # A tower fed its processor's pre-cut patches: its own forward starts the call (generate runs Pix2Struct's
     # encoder, and Molmo2's tower in its first step alone, without the model's forward).
     return naflex_call_start(model) or next(
         (m for m in module_list(model) if is_flattened_patches_tower(m) or is_molmo2_tower(m)), None)
+
+
+def _convolutions_on_image(model: nn.Module) -> list[nn.Module]:
+    """The convolutions on pixels (:func:`_convolutions_on_pixels`) that take the image's channels, in module order:
+    the model's (:func:`image_channels`, else 3), or, inside a timm or transformers model it holds that says its own,
+    that model's (the innermost's). A user's module holding an RGB tower and a grayscale one: the grayscale tower's
+    patch embedding was no tower's start, and the RGB tower's convolution started the calls, a call mixing two
+    forwards where the grayscale tower ran first."""
+    channels = image_channels(model) or 3
+    # Only whole models say their channels here: a timm block holding a patch_embed of its own (NextViT's) does not
+    # take the image.
+    said = [(name + ".", image_channels(module)) for name, module in named_module_list(model)
+            if name and (is_timm_model(module) or is_hf_model(module))]
+    said = [(prefix, own) for prefix, own in said if own is not None]
+    on_pixels = {id(m) for m in _convolutions_on_pixels(model)}
+    found = []
+    for name, module in named_module_list(model):
+        if id(module) in on_pixels:
+            # Module order lists a holder before what it holds: the last prefix that matches is the innermost.
+            own = next((c for prefix, c in reversed(said) if name.startswith(prefix)), channels)
+            if module.in_channels == own:
+                found.append(module)
+    return found
 
 
 def _convolutions_on_pixels(model: nn.Module) -> list[nn.Module]:
@@ -178,25 +209,33 @@ def _convolutions_on_pixels(model: nn.Module) -> list[nn.Module]:
 
 def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:
     """Where each tower's calls start, when the ``recorded`` modules lie in several towers of ``model`` that take the
-    image (a user's module holding a timm ViT and a transformers ViTModel, or a vit_pytorch ViT); empty otherwise.
+    image (a user's module holding a timm ViT and a transformers ViTModel, an RGB and a grayscale timm ViT, or a
+    vit_pytorch ViT); empty otherwise.
 
-    The modules that take the image are the convolutions on its channels, vit_pytorch's patch cuts and the towers fed
-    pre-cut patches (NaFlex, flattened_patches, Molmo2's); the towers are the children of the innermost module
-    holding them all, one per path to them. Which tower runs first is the forward's choice, not their order in
-    the module tree: the first convolution in module order split each forward where the other tower ran first
-    (its layers joined the call before). So the model's own forward starts each call (:func:`first_convolution`),
-    and outside it (a tower called on its own, a method of the user's) each tower's start, the module where it
-    would start its calls recorded alone, starts one. MONAI's diffusion UNets and autoencoders: each of their networks
-    holding recorded modules (an autoencoder's encoder and decoder, :func:`.families.monai_spatial.tower_starts`).
+    The modules that take the image are the convolutions on its channels (:func:`_convolutions_on_image`: each
+    tower's own where a timm or transformers tower says them), vit_pytorch's patch cuts and the towers fed pre-cut
+    patches (NaFlex, flattened_patches, Molmo2's); the towers are the children of the innermost module holding
+    them all, one per path to them. Which tower runs first is the forward's choice, not their order in the module
+    tree: the first convolution in module order split each forward where the other tower ran first (its layers
+    joined the call before). So the model's own forward starts each call (:func:`first_convolution`), and outside
+    it (a tower called on its own, a method of the user's) each tower's start, the module where it would start its
+    calls recorded alone, starts one. MONAI's diffusion UNets and autoencoders: each of their networks holding
+    recorded modules (an autoencoder's encoder and decoder, :func:`.families.monai_spatial.tower_starts`).
     """
     networks = monai_spatial_tower_starts(model, recorded)
     if networks:
         return networks
-    channels = image_channels(model) or 3
-    on_pixels = {id(m) for m in _convolutions_on_pixels(model) if m.in_channels == channels}
+    starts = _held_tower_starts(model, recorded)
+    return starts if len(starts) > 1 else []
+
+
+def _held_tower_starts(model: nn.Module, recorded) -> list[nn.Module]:
+    """The start (:func:`tower_starts`) of each tower of ``model`` that holds some of the ``recorded`` modules, where
+    it has two towers or more that take the image; empty otherwise."""
+    on_image = {id(m) for m in _convolutions_on_image(model)}
     cuts = {id(m) for m in vit_pytorch_image_cuts(model)}
     entries = [name.split(".") for name, module in named_module_list(model) if name and (
-        id(module) in on_pixels or id(module) in cuts or is_naflex_tower(module)
+        id(module) in on_image or id(module) in cuts or is_naflex_tower(module)
         or is_flattened_patches_tower(module) or is_molmo2_tower(module))]
     if len(entries) < 2:
         return []
@@ -204,6 +243,8 @@ def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:
     while all(len(path) > depth + 1 and path[depth] == entries[0][depth] for path in entries):
         depth += 1
     towers = dict.fromkeys(".".join(path[:depth + 1]) for path in entries)
+    if len(towers) < 2:
+        return []
     inside = {id(m) for m in recorded}
     starts = []
     for name in towers:
@@ -211,4 +252,4 @@ def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:
         held = [m for m in tower.modules() if id(m) in inside]
         if held:
             starts.append(first_convolution(tower, held) or tower)
-    return starts if len(starts) > 1 else []
+    return starts

@@ -87,7 +87,8 @@ from . import (
     windowed_vit,
 )
 
-__all__ = ["Skip", "ClassQueries", "family_placer", "family_modules", "probabilities_source", "probabilities_view"]
+__all__ = ["Skip", "ClassQueries", "family_placer", "family_modules", "probabilities_source", "probabilities_view",
+           "is_timm_model"]
 
 
 @dataclass(frozen=True)
@@ -160,18 +161,18 @@ def _timm_model_holding(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     one itself (transformers' ``TimmWrapperModel`` holds it as ``timm_model``, FastVLM's tower, Gemma 3n's); else
     ``(model, name)``. The timm families read the model's ``feature_info`` and its module names (``stages.3``),
     which the timm model keeps, named from itself, wherever it is held."""
-    if _is_timm_model(model):
+    if is_timm_model(model):
         return model, name
     parts = name.split(".")
     for depth in range(1, len(parts)):
         owner = model.get_submodule(".".join(parts[:depth]))
-        if _is_timm_model(owner):
+        if is_timm_model(owner):
             return owner, ".".join(parts[depth:])
     return model, name
 
 
-def _is_timm_model(module: nn.Module) -> bool:
-    # A timm model, not one of its layers: the models carry their pretrained config.
+def is_timm_model(module: nn.Module) -> bool:
+    """Whether ``module`` is a timm model, not one of its layers: the models carry their pretrained config."""
     return type(module).__module__.startswith("timm.models.") and hasattr(module, "pretrained_cfg")
 
 

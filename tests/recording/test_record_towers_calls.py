@@ -1,0 +1,180 @@
+"""vitmad.record's calls in a user's module holding two towers: one call per forward of the module, whichever tower
+runs first, when one tower alone is recorded and when the towers take images of different channel counts.
+
+Two defects QA found: with one tower recorded (named in ``layers=``, or the other no tower vitmad records) and the
+other declared first but run after it, the other tower's convolution opened each forward's call after the recorded
+layers had run (two forwards gave calls of 2, 2 and 0 layers, and ``rec.mad`` raised on the empty last one); an RGB
+tower beside a grayscale one was taken for one tower (only convolutions on three channels took the image), so the
+RGB tower's convolution started the calls and a call mixed two forwards where the grayscale tower ran first.
+
+References: each tower's own float64 softmax (timm's unfused path, transformers' eager attention function,
+vit_pytorch's ``nn.Softmax``) on the image it takes, its tokens placed by the geometry written in
+test_record_call_boundaries: a class token without a position, then the row-major 4 x 6 grid of 8 px patches, each
+token at its cell's centre (given as ``positions=``, or, where each tower is placed by its own layout, the same
+centres at each tower's own patch size).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_record_call_boundaries import (
+    GRID,
+    PATCH,
+    TOL,
+    TOWER_DIM,
+    TOWER_HEADS,
+    TOWERS,
+    _check_tower_mad,
+    _class_and_grid,
+    _sharper,
+    _timm_tower,
+    _tower_mad,
+    _tower_probabilities,
+    _two_towers,
+    _TwoTowers,
+)
+from torch import nn
+from torch.nn import functional
+
+import vitmad
+from conftest import sharpened
+
+
+def _images(count: int, scale: int = 1) -> list[torch.Tensor]:
+    """``count`` RGB batches of two images, ``scale`` times the towers' 32 x 48 pixels."""
+    generator = torch.Generator().manual_seed(2)
+    return [torch.randn(2, 3, GRID[0] * PATCH * scale, GRID[1] * PATCH * scale, generator=generator)
+            for _ in range(count)]
+
+
+def _cnn_tower() -> nn.Module:
+    """A convolutional tower on the image: no attention for vitmad to record, a convolution on its three channels."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 5))
+
+
+def _outputs_equal(plain: list, recorded: list) -> bool:
+    return all(torch.equal(x, y) for p, r in zip(plain, recorded, strict=True) for x, y in zip(p, r, strict=True))
+
+
+@pytest.mark.parametrize("other", ["timm", "transformers"])
+@pytest.mark.parametrize("recorded", ["a", "b"])
+@pytest.mark.parametrize("order", ["ab", "ba"])
+def test_one_recorded_tower_is_one_call_per_forward_whichever_runs_first(other, recorded, order):
+    """Two towers, one named in ``layers=``: each forward is one call holding that tower's layers, equal to its own
+    attention. With the other tower declared first and run after it, its convolution began each call after the
+    recorded layers ran: calls of 2, 2 and 0 layers for two forwards, ``rec.mad`` raising on the empty one."""
+    kinds = ("timm", other) if recorded == "a" else (other, "timm")
+    model, names = _two_towers(kinds, order)
+    names = [name for name in names if name.startswith(recorded + ".")]
+    images = _images(2)
+    references = [_tower_probabilities("timm", getattr(model, recorded), pixels) for pixels in images]
+    with torch.no_grad():
+        plain = [model(pixels) for pixels in images]
+        with vitmad.record(model, layers=names, positions=_class_and_grid(), reduction="none") as rec:
+            recorded_outputs = [model(pixels) for pixels in images]
+    assert _outputs_equal(plain, recorded_outputs)
+    assert [call.layers for call in rec.calls] == [names] * len(images)
+    for call, reference in zip(rec.calls, references, strict=True):
+        for recorded_mad, p in zip(call.mad, reference, strict=True):
+            _check_tower_mad(recorded_mad, p)
+    assert rec.mad.shape == (2, 2, 2, GRID[0] * GRID[1] + 1)  # the last forward's: [layers, B, H, tokens]
+
+
+@pytest.mark.parametrize("order", ["ab", "ba"])
+def test_a_convolutional_tower_beside_the_recorded_one_starts_no_call(order):
+    """A CNN declared before a timm ViT, the ViT recorded by default and placed by its own layout (no positions=):
+    one call per forward, each with the ViT's layers; a run of the ViT alone is a call of its own, one of the CNN
+    none."""
+    torch.manual_seed(0)
+    model = _TwoTowers(sharpened(_cnn_tower(), 0), _sharper(sharpened(_timm_tower(), 1)), order).eval()
+    names = [f"b.{layer}" for layer in TOWERS["timm"][1]]
+    images = _images(2)
+    references = [_tower_probabilities("timm", model.b, pixels) for pixels in images]
+    with torch.no_grad():
+        plain = [model(pixels) for pixels in images]
+        with vitmad.record(model, reduction="none") as rec:
+            recorded_outputs = [model(pixels) for pixels in images]
+            model.run("a", images[0])
+            model.run("b", images[1])
+    assert _outputs_equal(plain, recorded_outputs)
+    assert [call.layers for call in rec.calls] == [names] * 3
+    for call, reference in zip(rec.calls, [*references, references[1]], strict=True):
+        assert [g.grid for g in call.geometry] == [GRID] * 2
+        for recorded_mad, p in zip(call.mad, reference, strict=True):
+            # Placed by the tower's own layout, reduction="none" gives the grid queries alone.
+            torch.testing.assert_close(recorded_mad.double(), _tower_mad(p), **TOL)
+
+
+@pytest.mark.parametrize("kinds", [("timm", "timm"), ("timm", "transformers")], ids="+".join)
+@pytest.mark.parametrize("gray", ["a", "b"])
+@pytest.mark.parametrize("order", ["ab", "ba"])
+def test_towers_of_different_channels_are_one_call_per_forward(kinds, gray, order):
+    """An RGB tower and a grayscale one (timm's ``in_chans=1``, transformers' ``num_channels=1``) fed the image's
+    channel mean: one call per forward holding both towers' layers in the order they ran, each equal to that
+    tower's own attention on the image it takes. Only convolutions on three channels took the image: the RGB
+    tower's started the calls, and a call mixed two forwards where the grayscale tower ran first, unwarned. Outside
+    the forward each tower's run is a call of its own."""
+    model, names = _two_towers(kinds, order, gray)
+    assert next(m for m in getattr(model, gray).modules() if isinstance(m, nn.Conv2d)).in_channels == 1
+    images = _images(2)
+    references = [{tower: _tower_probabilities(kind, getattr(model, tower),
+                                               pixels.mean(1, keepdim=True) if tower == gray else pixels)
+                   for tower, kind in zip("ab", kinds, strict=True)} for pixels in images]
+    with torch.no_grad():
+        plain = [model(pixels) for pixels in images]
+        with vitmad.record(model, layers=names, positions=_class_and_grid(), reduction="none") as rec:
+            recorded_outputs = [model(pixels) for pixels in images]
+            for tower in reversed(order):
+                model.run(tower, images[1])
+    assert _outputs_equal(plain, recorded_outputs)
+    layers = {tower: [name for name in names if name.startswith(tower + ".")] for tower in "ab"}
+    assert [call.layers for call in rec.calls] == (
+        [[name for tower in order for name in layers[tower]]] * 2 + [layers[tower] for tower in reversed(order)])
+    expected = [[p for tower in order for p in reference[tower]] for reference in references]
+    expected += [references[1][tower] for tower in reversed(order)]
+    for call, probabilities in zip(rec.calls, expected, strict=True):
+        for recorded_mad, p in zip(call.mad, probabilities, strict=True):
+            _check_tower_mad(recorded_mad, p)
+
+
+def test_a_grayscale_tower_is_placed_on_its_own_grid_beside_an_rgb_one():
+    """A vit_pytorch ViT (16 px patches) on the RGB 64 x 96 input, then a grayscale timm ViT (8 px) on its channel
+    mean at half size, no positions= given: one call per forward, each tower on its own grid in the pixels of the
+    image it takes. The grayscale tower's convolution, the only one, started the calls: after the vit_pytorch
+    tower had run, whose layers joined the call before."""
+    vit_pytorch = pytest.importorskip("vit_pytorch")
+
+    class Resizing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = _sharper(sharpened(_timm_tower(1), 0))
+            self.b = _sharper(sharpened(vit_pytorch.ViT(image_size=(64, 96), patch_size=16, num_classes=5,
+                                                        dim=TOWER_DIM, depth=2, heads=TOWER_HEADS,
+                                                        mlp_dim=2 * TOWER_DIM, dim_head=8), 1))
+
+        @staticmethod
+        def small_gray(pixels: torch.Tensor) -> torch.Tensor:
+            return functional.interpolate(pixels.mean(1, keepdim=True), scale_factor=0.5)
+
+        def forward(self, pixels):
+            return self.b(pixels), self.a(self.small_gray(pixels))
+
+    torch.manual_seed(0)
+    model = Resizing().eval()
+    images = _images(2, scale=2)
+    references = [_tower_probabilities("vit_pytorch", model.b, pixels)
+                  + _tower_probabilities("timm", model.a, model.small_gray(pixels)) for pixels in images]
+    names = ["b.transformer.layers.0.0", "b.transformer.layers.1.0", "a.blocks.0.attn", "a.blocks.1.attn"]
+    with torch.no_grad():
+        plain = [model(pixels) for pixels in images]
+        with vitmad.record(model, layers=names, reduction="none") as rec:
+            recorded_outputs = [model(pixels) for pixels in images]
+    assert _outputs_equal(plain, recorded_outputs)
+    assert [call.layers for call in rec.calls] == [names] * 2
+    for call, reference in zip(rec.calls, references, strict=True):
+        assert [g.stride for g in call.geometry] == [(16.0, 16.0)] * 2 + [(8.0, 8.0)] * 2
+        for recorded_mad, p, stride in zip(call.mad, reference, (2, 2, 1, 1), strict=True):
+            # _tower_mad places the grid at 8 px cells: the 16 px cells of tower b are twice as far apart.
+            torch.testing.assert_close(recorded_mad.double(), stride * _tower_mad(p), **TOL)
