@@ -834,20 +834,42 @@ def hiera_random_tables(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def sdpa_probabilities(run) -> list[torch.Tensor]:
-    """``softmax(q k^T / sqrt(d))`` in float64 of every SDPA call of ``run()`` (no mask, default scale: sam2's and
-    ultralytics' Hiera, SAM 3's ViT), in call order; SDPA itself still computes the model's output."""
+def sdpa_probabilities(run, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """``softmax(q k^T * scale + attn_mask)`` of every SDPA call of ``run()`` (sam2's and ultralytics' Hiera, SAM 3's
+    ViT, transformers' Swin: an additive or boolean mask, a scale or the default ``1 / sqrt(d)``), in call order, as
+    float64; computed in ``dtype``: float64 is the reference, float32 what PyTorch's own float32 softmax gives from the
+    same queries and keys (:func:`assert_close_within_float32`). SDPA itself still computes the model's output."""
     maps, original = [], torch.nn.functional.scaled_dot_product_attention
 
-    def spy(q, k, v, *args, **kwargs):
-        assert not args and not kwargs.get("attn_mask") and kwargs.get("scale") is None
-        scores = q.double() @ k.double().transpose(-2, -1) / math.sqrt(q.shape[-1])
-        maps.append(scores.softmax(-1))
-        return original(q, k, v, *args, **kwargs)
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        assert dropout_p == 0 and not is_causal and not kwargs.get("enable_gqa")
+        factor = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+        scores = q.to(dtype) @ k.to(dtype).transpose(-2, -1) * factor
+        if attn_mask is not None:
+            scores = (scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool
+                      else scores + attn_mask.to(dtype))
+        maps.append(scores.softmax(-1).double())
+        return original(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
 
     with torch.no_grad(), mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", spy):
         run()
     return maps
+
+
+# How many times the error of PyTorch's own float32 softmax (from the same queries and keys) a float32 recording may
+# make: flash-attention's rule (a kernel judged against its precision's error in PyTorch's computation), with room for
+# the online softmax's rescalings and the vectorised exponential. Where sharpened attention puts logits in the tens,
+# float32 logits alone move a MAD by a few 1e-5 relative, past the fixed tolerances.
+FLOAT32_ERROR_FACTOR = 4
+
+
+def assert_close_within_float32(got: torch.Tensor, expected: torch.Tensor, float32_expected: torch.Tensor, *,
+                                rtol: float, atol: float) -> None:
+    """``got`` close to the float64 ``expected`` within ``rtol`` and ``atol``, ``atol`` raised to
+    :data:`FLOAT32_ERROR_FACTOR` times the largest error of ``float32_expected``, the same quantity from PyTorch's
+    float32 softmax, where that is larger."""
+    floor = FLOAT32_ERROR_FACTOR * float((float32_expected.double() - expected).abs().max())
+    torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=max(atol, floor))
 
 
 def pooled_window_reference(probabilities: torch.Tensor, batch: int, height: int, width: int, window: int, q: int,
