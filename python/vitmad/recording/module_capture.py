@@ -7,6 +7,8 @@ While a recorded module runs, a ``TorchFunctionMode`` sees each of its calls:
 - ``F.scaled_dot_product_attention``: the callback gets the exact ``q`` and ``k`` it receives (after
   ``q_norm``/``k_norm`` and rotary embeddings), with the same ``scale`` and ``attn_mask``; MAD is then computed
   by flash-MAD, no attention map is ever made;
+- torch's ``flex_attention`` (seen through the stand-in :mod:`.flex_call` puts in its place while the hooks are
+  installed): the same callback, with the logits its ``score_mod`` and block mask make as an additive bias;
 - a softmax over the last dimension of a tensor of rank 3 or more: these are the attention probabilities the
   module already made; the callback gets them as they are (read once by the fused ``mad`` op, never copied). A
   module whose family gives a view of its softmax (kornia's LoFTR ``FullAttention``: ``[N, L, S, H]``, over dim 2)
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .flex_call import FlexAttentionStandIn, flex_attention, flex_logits, without_autocast
 from .forward_owner import ModuleCall, current_module_call, module_call_live
 from .module_index import named_module_list
 from .transformers_capture import AttentionCallback, forward_source
@@ -73,11 +76,20 @@ def timm_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+# Calls of the fused attention functions vitmad reads, as a forward's source spells them.
+_FUSED_CALLS = ("scaled_dot_product_attention(", "flex_attention(")
+
+
+def _calls_fused_attention(cls: type) -> bool:
+    source = forward_source(cls)
+    return any(call in source for call in _FUSED_CALLS)
+
+
 def _computes_attention(cls: type) -> bool:
     """Whether ``cls.forward`` calls the fused attention itself, or is an attention class computing a softmax."""
-    source = forward_source(cls)
-    if "scaled_dot_product_attention(" in source:
+    if _calls_fused_attention(cls):
         return True
+    source = forward_source(cls)
     return bool(re.search(r"Att(entio)?n", cls.__name__)) and "softmax(" in source
 
 
@@ -89,15 +101,15 @@ _QUERY_KEY_NAMES = ("q", "k", "qk", "qkv", "kv", "query", "key", "to_q", "to_qkv
 
 def source_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules of any design whose own forward computes attention: it calls
-    ``F.scaled_dot_product_attention``, or the class is named as attention, has a query or key projection and
-    computes a softmax (blocks that attend without an attention submodule, attention modules outside timm's and
-    transformers' conventions)."""
+    ``F.scaled_dot_product_attention`` or ``flex_attention``, or the class is named as attention, has a query or key
+    projection and computes a softmax (blocks that attend without an attention submodule, attention modules outside
+    timm's and transformers' conventions)."""
     found = {}
     for name, module in named_module_list(model):
         cls = type(module)
         if cls.__module__.split(".")[0] == "torch" or not _computes_attention(cls):
             continue
-        if "scaled_dot_product_attention(" in forward_source(cls) or any(
+        if _calls_fused_attention(cls) or any(
                 isinstance(getattr(module, p, None), nn.Module) for p in _QUERY_KEY_NAMES):
             found[name] = module
     return found
@@ -148,6 +160,12 @@ class _CaptureAttention(TorchFunctionMode):
                 key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
             self.on_qk(self.layer, query, key, scale, mask)
             return result
+        if func is flex_attention and self._in_forward():
+            result = func(*args, **kwargs)
+            query, key, scale, mask = flex_logits(f"{self.layer} ({type(self.module).__name__})", args, kwargs)
+            with without_autocast(query.device):
+                self.on_qk(self.layer, query, key, scale, mask)
+            return result
         result = func(*args, **kwargs)
         if self.on_probs is None:  # the module's attention is read elsewhere (probabilities_from)
             return result
@@ -169,7 +187,8 @@ class ModuleAttentionHooks:
 
     Args:
         modules: the attention modules to record, by qualified name.
-        on_qk: called with ``(name, q, k, scale, mask)`` for every ``F.scaled_dot_product_attention`` call.
+        on_qk: called with ``(name, q, k, scale, mask)`` for every ``F.scaled_dot_product_attention`` and
+            ``flex_attention`` call.
         on_probs: called with ``(name, probabilities)`` for every softmax over the last dimension.
         done: called with ``(name, module, completed)`` when a recorded module's forward has ended.
         probabilities_from: by module name, a submodule whose input is the attention the module applies, for
@@ -191,6 +210,7 @@ class ModuleAttentionHooks:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.trailing: list[torch.utils.hooks.RemovableHandle] = []  # hooks the recording keeps after the user's
         self._modes: list[_CaptureAttention] = []
+        self._flex = False  # FlexAttentionStandIn entered
         # Per thread, as torch's mode stacks are: the modes active now, in the order they were entered (a backward
         # recomputing a checkpointed layer in one thread must not leave the mode another thread's forward holds).
         self._local = threading.local()
@@ -203,6 +223,9 @@ class ModuleAttentionHooks:
         return entered
 
     def install(self) -> None:
+        if self.modules:
+            FlexAttentionStandIn.enter()
+            self._flex = True
         for name, module in self.modules.items():
             source = self.probabilities_from.get(name)
             mode = _CaptureAttention(name, module, self.on_qk, self.on_probs if source is None else None,
@@ -264,3 +287,6 @@ class ModuleAttentionHooks:
         for mode in self._modes:
             mode.active = False
         self._modes.clear()
+        if self._flex:
+            self._flex = False
+            FlexAttentionStandIn.leave()

@@ -11,9 +11,15 @@ Each design's sequence, as its ``forward`` builds it (tokens placed in pixels of
   on two or three axes. Their causal masks (``ViTND(causal_dims=...)``; ``NDTransformer``'s ``causal_dims``, ``(0,)``
   by default) are refused: MAD is defined for bidirectional attention. These models compute their attention with
   torch's ``flex_attention`` where ``vit_nd_masking.flex_attention_supported`` says the compiled kernel exists (CUDA,
-  an x86 CPU with AVX2 unless ``ATEN_CPU_CAPABILITY=default``; ``NDTransformer`` wherever its block mask builds), a
-  kernel whose probabilities vitmad does not see: such a forward is refused with that reason; their dense fallback
-  (``scores.softmax``) is recorded.
+  an x86 CPU with AVX2 unless ``ATEN_CPU_CAPABILITY=default``; ``NDTransformer`` wherever its block mask builds),
+  recorded from the q and k it is handed (:mod:`..flex_call`), and elsewhere with their dense fallback
+  (``scores.softmax``), recorded as it is; a forward whose attention vitmad saw in neither (``flex_attention`` compiled
+  into the model's code) is refused.
+- ``levjepa.VideoTransformer`` built with ``block_causal=False``: its class token, then each frame's patches
+  (``b c f (h p1) (w p2) -> b (f h w) ...``: frames of one frame each, row-major), attended through ``flex_attention``
+  with no mask, as the video models' joint attention (:class:`.video.VideoPlacer`). Block-causal across frames (its
+  default) is refused, as causal attention is; so is a training forward that drops tokens (``drop_ratio``), whose
+  sequence is then not the whole video.
 - ``simple_flash_attn_vit_3d.SimpleViT``: tubelets in (frame, row, column) order, no class token, as
   ``simple_vit_3d`` (:class:`.video.VideoPlacer`); its ``F.scaled_dot_product_attention`` is read where it is called.
 - ``vivit_with_moss.ViViT``: its spatial transformer as ViViT's factorized encoder (per tubelet frame, a class token
@@ -43,7 +49,7 @@ Each design's sequence, as its ``forward`` builds it (tokens placed in pixels of
   stride cell in pixels and frames (the strides' product along each axis), as the video models' joint attention
   (:class:`.video.VideoPlacer`); no class token (CCT pools the sequence after its encoder).
 
-Refused with the reason (:data:`_REFUSED`): ``levjepa`` (its attention is always ``flex_attention``), the nested-tensor
+Refused with the reason (:data:`_REFUSED`): ``levjepa``'s attention outside a ``VideoTransformer``, the nested-tensor
 NaViTs.
 """
 
@@ -75,9 +81,10 @@ __all__ = ["placer", "call_start"]
 
 _ND = {("vit_nd", "ViTND"): 1, ("vit_nd_pope", "ViTND"): 0, ("vit_nd_rotary", "ViTND"): 0,
        ("levjepa_nd", "NDTransformer"): 1}  # -> class tokens before the patches
-_FLEX = ("computes its attention with torch's flex_attention here (vit_pytorch uses it where the compiled kernel "
-         "exists: CUDA, or an x86 CPU with AVX2), whose probabilities vitmad does not see; record it where its dense "
-         "fallback runs (on a CPU with ATEN_CPU_CAPABILITY=default set before the call), or pass positions=...")
+_UNSEEN = ("computed its attention where vitmad did not see it: neither a call of torch's flex_attention from Python "
+           "(vit_pytorch's path on CUDA and x86 CPUs with AVX2) nor its dense fallback's softmax (flex_attention "
+           "compiled into the model's code, or replaced by another function); record the uncompiled model, or pass "
+           "positions=...")
 _NESTED = ("NaViT with nested tensors attends over a jagged torch.nested tensor (one sequence per image); vitmad "
            "measures dense [B, H, N, N] attention calls only (vit_pytorch.na_vit.NaViT, which packs images into padded "
            "rows, is placed)")
@@ -85,10 +92,8 @@ _MERGED = ("attention over the tokens of vit_with_patch_merger's PatchMerger: le
            "which stand for no cell of the image")
 # Attention classes refused wherever they are, with the reason.
 _REFUSED = {
-    ("levjepa", "Attention"): "LeVJEPA's VideoTransformer always computes its attention with torch's flex_attention "
-                              "(block-causal across frames unless built with block_causal=False), whose probabilities "
-                              "vitmad does not see; pass positions=... to record it where its probabilities are "
-                              "given",
+    ("levjepa", "Attention"): "it is an Attention of vit_pytorch.levjepa outside a VideoTransformer, whose forward "
+                              "builds its tokens; record the VideoTransformer, or pass positions=...",
     ("na_vit_nested_tensor", "Attention"): _NESTED,
     ("na_vit_nested_tensor_3d", "Attention"): _NESTED,
 }
@@ -112,6 +117,45 @@ class _NDCut:
                 context.values.pop(_key(self.rearrange), None)
 
         return [self.rearrange.register_forward_pre_hook(see)]
+
+
+class _LevjepaFrames:
+    """The ``embedding`` of a :class:`.video.VideoPlacer` for LeVJEPA's ``VideoTransformer``: the hook that reads each
+    call's grid from the video its ``Rearrange`` cuts per frame (``b c f (h p1) (w p2) -> b (f h w) ...``: one frame
+    per tubelet)."""
+
+    frames = None  # no divided attention grouped by a configured frame count
+
+    def __init__(self, rearrange: nn.Module):
+        self.rearrange = rearrange
+        self.patch = (int(rearrange.axes_lengths["p1"]), int(rearrange.axes_lengths["p2"]))
+
+    def install(self, context: CallContext) -> list:
+        def see(module, args) -> None:
+            video = args[0] if args else None
+            if isinstance(video, torch.Tensor) and video.dim() == 5:
+                grid = (int(video.shape[3]) // self.patch[0], int(video.shape[4]) // self.patch[1])
+                context.values[_GRID] = _Grid(int(video.shape[0]), int(video.shape[2]), grid,
+                                              (float(self.patch[0]), float(self.patch[1])), 1)
+            else:
+                context.values.pop(_GRID, None)
+
+        return [self.rearrange.register_forward_pre_hook(see)]
+
+
+def _levjepa_placer(model: nn.Module, video_transformer: nn.Module):
+    what = "VideoTransformer of vit_pytorch.levjepa"
+    if video_transformer.block_causal:
+        return RefusingPlacer(f"{what} masks its attention block-causally across frames (block_causal=True): MAD is "
+                              "defined for a vision transformer's bidirectional attention (build it with "
+                              "block_causal=False)")
+    rearrange = video_transformer.to_patch_embedding[0]
+    pattern = "".join(str(getattr(rearrange, "pattern", "")).split())
+    if type(rearrange).__name__ != "Rearrange" or pattern != "bcf(hp1)(wp2)->b(fhw)(cp1p2)":
+        return RefusingPlacer(f"{what} cuts its video with {pattern or type(rearrange).__name__!r}; vitmad places "
+                              "frames cut as b c f (h p1) (w p2) -> b (f h w) (c p1 p2)")
+    # A training forward given drop_ratio keeps a random subset of the tokens: the placer's count check refuses it.
+    return VideoPlacer(model, _LevjepaFrames(rearrange), "space-time", prefix=1)
 
 
 class _NDPlacer(LayerPlacer):
@@ -146,7 +190,7 @@ class _NDPlacer(LayerPlacer):
         return Placement(positions, None, select_tokens(index), geometry)
 
     def refusal_without_attention(self, module: nn.Module) -> str | None:
-        return f"{self.what} {_FLEX}"
+        return f"{self.what} {_UNSEEN}"
 
 
 def _nd_placer(owner: nn.Module, design: tuple[str, str]):
@@ -377,6 +421,10 @@ def placer(model: nn.Module, name: str, module: nn.Module):
             return RefusingPlacer("it is an Attention of vit_pytorch.cct_3d outside its CCT, whose tokenizer makes its "
                                   "tubelets; record the CCT, or pass positions=...")
         return _cct_3d_placer(model, cct)
+    if own == _LEVJEPA:
+        video_transformer, _ = _owner(_path(model, name), {_LEVJEPA_VIDEO})
+        if video_transformer is not None:
+            return _levjepa_placer(model, video_transformer)
     if own in _REFUSED:
         return RefusingPlacer(_REFUSED[own])
     if own is None and not isinstance(module, nn.MultiheadAttention):
@@ -418,6 +466,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
 _ATS, _ATS_VIT = ("ats_vit", "Attention"), ("ats_vit", "ViT")
 _CCT_3D, _CCT_3D_MODEL = ("cct_3d", "Attention"), ("cct_3d", "CCT")
 _EFFICIENT = ("efficient", "ViT")
+_LEVJEPA, _LEVJEPA_VIDEO = ("levjepa", "Attention"), ("levjepa", "VideoTransformer")
 _MERGER = ("vit_with_patch_merger", "ViT")
 _MOSS = ("vivit_with_moss", "ViViT")
 _MPP = ("mpp", "MPP")
