@@ -565,6 +565,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *_, **__: f"vitmad: warning: {message}\n"
     commands = {"profile": _profile_command, "compare": _compare_command, "bench": _bench_command}
     run, where = None, ""
+    # A profile run creates --out before the model loads (check_writable: a read-only disk fails at once); a run
+    # that fails before writing anything there takes the empty folder away again.
+    new_out = _missing_folders(args.out) if args.command == "profile" else []
+    completed = False
     try:
         if args.command == "profile":
             from .profiling.distributed import init_from_env
@@ -574,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         commands[args.command](args, run)
         if run is not None:
             run.close(wait_for_all=True)
+        completed = True
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"vitmad: error: {where}{_message(err, _flags(parser))}", file=sys.stderr)
         return 2
@@ -601,4 +606,27 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if run is not None:
             run.close()
+        if not completed:
+            _remove_if_empty(new_out)
     return 0
+
+
+def _missing_folders(out: str) -> list[Path]:
+    """The folders a profile run will create for ``out``: ``out`` and its missing parents, deepest first."""
+    if not str(out).strip():
+        return []
+    path, missing = Path(out).expanduser().absolute(), []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove ``folders``, deepest first, while each holds nothing (another rank may have written there, or be
+    removing them)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return

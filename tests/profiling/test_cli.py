@@ -128,6 +128,24 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(tiny_model, tmp_
     assert code == 2 and err.strip() == "vitmad: error: --batch-size: expected a positive integer, got 0"
 
 
+def test_a_failed_run_leaves_no_empty_output_folder(tmp_path, capsys):
+    """--out is created before the model loads (a read-only disk fails at once): a run that fails before writing
+    there takes it away again, missing parents too (test runs left an empty vitmad_out/ in the working folder), and
+    leaves a folder that was there, and what it holds, alone."""
+    out = tmp_path / "new" / "deeper" / "out"
+    code, _, err = _run(["profile", "--model", "hf:/no/such/model", "--device", "cpu", "--out", out], capsys)
+    assert code == 2 and err.startswith("vitmad: error:") and list(tmp_path.iterdir()) == []
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    code, _, _ = _run(["profile", "--model", "hf:/no/such/model", "--device", "cpu", "--out", kept], capsys)
+    assert code == 2 and [p.name for p in kept.iterdir()] == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, _ = _run(["profile", "--model", "hf:/no/such/model", "--device", "cpu", "--out", empty], capsys)
+    assert code == 2 and empty.is_dir()
+
+
 @pytest.mark.parametrize("args, message", [
     (["profile", "--dist-timeout", "soon"], "argument --dist-timeout: invalid float value: 'soon'"),
     (["profile", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
