@@ -42,7 +42,10 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
 - ``HunyuanDiT2DModel``: the same ``PatchEmbed`` grid; ``attn1`` attends over it alone (its 2-D RoPE, given by the
   pipeline, changes the logits only), ``attn2`` to the caption (skipped). ``HunyuanDiT2DControlNetModel`` runs its
   blocks on the same grid; its ``pos_embed`` cuts the latent, then the condition (added), with one convolution, so
-  its calls start at the model's forward (:func:`call_start`), not at that convolution.
+  its calls start at the model's forward (:func:`call_start`), not at that convolution; in a user's step running it,
+  then the transformer (``HunyuanDiTControlNetPipeline``'s order), at the step's forward, whichever net's layers are
+  recorded. Recorded by default, such a step takes both nets' layers (:func:`denoisers_beside`), each on the grid its
+  own patch embedding cuts.
 - ``FluxTransformer2DModel`` and ``ChromaTransformer2DModel`` (Flux's blocks, attention and ids; a padding mask over
   the caption, measured as given): its input comes packed, ``[B, (H/2)(W/2), C*4]`` (each token 2 x 2 latent pixels,
   ``FluxPipeline._pack_latents``), its places named by ``img_ids`` ``[N, 3]`` (0, row, column). ``FluxAttnProcessor``
@@ -97,7 +100,11 @@ The fused QKV processors (``fuse_qkv_projections()``: ``FusedAttnProcessor2_0``,
 (Flux's processor reads ``attn.fused_projections`` itself).
 
 Refused: a processor vitmad has not read (IP-Adapter, PAG, ``AttnProcessor``'s merged batch and heads): the layout
-of its call is its own. Skipped: cross-attention to a caption; Sana's linear attention (no softmax map), its
+of its call is its own; a layer placed as self-attention over the latent alone (no caption in its sequence) given
+``encoder_hidden_states`` of another tensor in a call (:func:`.diffusers_common.given_other_keys`): a
+``BasicTransformerBlock`` built with ``double_self_attention`` (``only_cross_attention``) hands its ``attn2``
+(``attn1``) the forward's ``encoder_hidden_states`` whenever it gets them, so its keys are the caption's, whatever
+their count. Skipped: cross-attention to a caption; Sana's linear attention (no softmax map), its
 ControlNet's too. The other image transformers of diffusers are refused by name, each with what keeps it unplaced
 (``_NOT_PLACED``).
 

@@ -14,7 +14,9 @@ Each sequence is read from the model's own ``forward`` (vit-pytorch 1.26.14):
   (``pack((f, x))``): frequency cells, no place on the image, so no position, like class tokens;
 - ``learnable_memory_vit.ViT`` run by its ``Adapter``: the adapter's memory class token, the class token, the
   patches; the keys are those, then the layer's ``num_memories_per_layer`` learned memories (keys only, no
-  position: their mass drops out of MAD as a class token's does);
+  position: their mass drops out of MAD as a class token's does). Several ``Adapter`` s sharing one ViT (one per
+  task on a frozen backbone): each run placed by the adapter whose forward began last (its own memory count), or as
+  the ViT's own sequence where its own forward did;
 - ``mp3.ViT`` run by ``MP3``: cross attention of every patch (row-major, no position embedding: it is what MP3
   learns to predict) over the patches each image kept, drawn inside MP3's forward and found per call as exact copies
   of the rows they were gathered from (as MAE's);
