@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_record_diffusers_images import _attention_maps, _check, _positions, _record, _sharpen
+from test_record_diffusers_images import TOL, _attention_maps, _check, _positions, _record, _sharpen
 from test_record_diffusers_video import BATCH, TEXT, TEXT_DIM
 from test_record_diffusers_video import _check as _check_video
 from test_record_diffusers_video_2 import _recorded_and_reference
 from test_record_diffusers_video_2 import _sharpened as _sharpened_video
 
 import vitmad
+from conftest import statistics_reference
 from vitmad.recording.recorder import NoLayerError
 
 diffusers = pytest.importorskip("diffusers")
@@ -88,6 +89,59 @@ def test_hunyuan_dit_controlnet_self_attention_on_the_latent_patches(monkeypatch
     assert set(rec.skipped) == {f"{prefix}blocks.0.attn2", f"{prefix}blocks.1.attn2"}
     for layer, probabilities in enumerate(self_maps):
         _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, _positions(grid, 2.0, 0, 0), grid, 2.0, 0, 0)
+
+
+class _HunyuanStep(torch.nn.Module):
+    """A user's denoising step as HunyuanDiTControlNetPipeline runs it: the ControlNet, then the transformer given
+    its block samples; the ControlNet is declared first, so its patch convolution (run on the latent, then on the
+    condition) is the first of the step in module order."""
+
+    def __init__(self, controlnet, transformer, inputs):
+        super().__init__()
+        self.controlnet, self.transformer, self.inputs = controlnet, transformer, inputs
+
+    def forward(self):
+        given = {k: v for k, v in self.inputs.items() if k != "controlnet_cond"}
+        samples = self.controlnet(**self.inputs).controlnet_block_samples
+        return self.transformer(**given, controlnet_block_samples=samples)
+
+
+@pytest.mark.parametrize("layers", [None, ["transformer.*"]])
+def test_hunyuan_dit_controlnet_then_transformer_in_a_users_step(monkeypatch, layers):
+    """Two steps of a module running HunyuanDiT2DControlNetModel then HunyuanDiT2DModel: one call per step (the
+    ControlNet's convolution, run twice per step, opened an empty call before each step's layers with only the
+    transformer's recorded), and by default both nets' attn1 recorded (the transformer's were left out, listed
+    nowhere), each against its own float64 attention on the 3 x 5 patch grid of the 7 x 11 latent."""
+    torch.manual_seed(0)
+    controlnet = _sharpen(diffusers.HunyuanDiT2DControlNetModel(conditioning_channels=4, transformer_num_layers=6,
+                                                                **_HUNYUAN_DIT))  # 2 blocks
+    transformer = _sharpen(diffusers.HunyuanDiT2DModel(num_layers=6, **_HUNYUAN_DIT))  # the ControlNet's 6
+    grid = (3, 5)
+    step = _HunyuanStep(controlnet, transformer, _hunyuan_inputs((7, 11), grid))
+
+    def run():
+        return [step() for _ in range(2)][-1]
+
+    maps, spied = _attention_maps(monkeypatch, run)
+    self_maps = [m for m in maps if m.shape[-2:] == (15, 15)]
+    assert len(self_maps) == 2 * (2 + 6)
+    with torch.no_grad(), vitmad.record(step, layers=layers) as rec:
+        recorded = run()
+    assert torch.equal(recorded.sample, spied.sample)
+    ours = [f"controlnet.blocks.{i}.attn1" for i in range(2)] if layers is None else []
+    ours += [f"transformer.blocks.{i}.attn1" for i in range(6)]
+    assert [call.layers for call in rec.calls] == [ours, ours]
+    skipped = {f"{net}.blocks.{i}.attn2" for net, blocks in (("controlnet", 2), ("transformer", 6))
+               for i in range(blocks)}
+    assert set(rec.skipped) == (skipped if layers is None else {n for n in skipped if n.startswith("transformer")})
+    references = self_maps if layers is None else self_maps[2:8] + self_maps[10:]
+    positions = _positions(grid, 2.0, 0, 0)
+    assert torch.stack([call.mad for call in rec.calls]).shape == (2, len(ours), 2, 2)
+    for index, probabilities in enumerate(references):
+        call, layer = divmod(index, len(ours))
+        expected = statistics_reference(probabilities, positions)["mad"].mean(-1)
+        assert rec.calls[call].geometry[layer].grid == grid
+        torch.testing.assert_close(rec.calls[call].per_layer[layer].double(), expected, **TOL)
 
 
 def _qwen_controlnet():
@@ -153,6 +207,46 @@ def test_transformer_2d_alone_attends_over_its_input_pixels(monkeypatch, linear)
     assert set(rec.skipped) == {"transformer_blocks.0.attn2", "transformer_blocks.1.attn2"}
     for layer, probabilities in enumerate(self_maps):
         _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, _positions(grid, 1.0, 0, 0), grid, 1.0, 0, 0)
+
+
+def test_transformer_2d_alone_double_self_attention_attn2_given_a_caption_is_refused(monkeypatch):
+    """Transformer2DModel(double_self_attention=True) builds attn2 as self-attention, but its BasicTransformerBlock
+    hands attn2 the forward's encoder_hidden_states whenever it gets them: attn2 then attends to the caption. Without
+    a caption both attentions are over the 5 x 7 input pixels (placed, against the model's own softmax); with one of
+    exactly 5 * 7 = 35 tokens (the shapes of self-attention) attn2 is refused by name, never placed on the latent;
+    attn1 alone is still recorded."""
+    torch.manual_seed(0)
+    model = _sharpen(diffusers.Transformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=4, cross_attention_dim=None,
+        num_layers=1, double_self_attention=True))
+    latent, grid = torch.randn(2, 16, 5, 7), (5, 7)
+    caption = torch.randn(2, grid[0] * grid[1], 16)
+    names = ["transformer_blocks.0.attn1", "transformer_blocks.0.attn2"]
+
+    def run():
+        return model(latent)
+
+    maps, spied = _attention_maps(monkeypatch, run)
+    assert len(maps) == 2
+    rec, rec_tokens = _record(model, run, spied)
+    assert rec.layers == names and rec.skipped == {}
+    for layer, probabilities in enumerate(maps):
+        _check(rec.calls[0], rec_tokens.calls[0], layer, probabilities, _positions(grid, 1.0, 0, 0), grid, 1.0, 0, 0)
+
+    def run_captioned():
+        return model(latent, encoder_hidden_states=caption)
+
+    with torch.no_grad(), vitmad.record(model), pytest.raises(
+            ValueError, match=r"transformer_blocks\.0\.attn2 .*given encoder_hidden_states in this call, so its keys "
+                              r"are those tokens \(a caption's\), not the latent's own"):
+        run_captioned()
+    maps, spied = _attention_maps(monkeypatch, run_captioned)
+    with torch.no_grad(), vitmad.record(model, layers=["*.attn1"]) as rec:
+        recorded = run_captioned()
+    assert torch.equal(recorded.sample, spied.sample)
+    assert rec.layers == names[:1]
+    expected = statistics_reference(maps[0], _positions(grid, 1.0, 0, 0))["mad"].mean(-1)
+    torch.testing.assert_close(rec.per_layer[0].double(), expected, **TOL)
 
 
 def test_sana_controlnet_linear_attention_has_no_mad():

@@ -257,6 +257,55 @@ def test_adapter_places_the_memory_class_token_and_memory_keys_without_positions
         assert tokens.geometry[layer].num_prefix_tokens == 2
 
 
+class _Tasks(torch.nn.Module):
+    """Two tasks' Adapters sharing one frozen ViT (learnable_memory_vit's purpose), run in the order ``which`` names
+    (``"vit"``: the ViT's own forward); module order lists the ViT under ``first`` alone."""
+
+    def __init__(self, first, second):
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, pixels, which):
+        return [self.first.vit(pixels) if w == "vit" else getattr(self, w)(pixels) for w in which]
+
+
+@pytest.mark.parametrize("which", [["second"], ["first", "second"], ["second", "vit", "first"]])
+def test_adapters_sharing_one_vit_are_each_placed_with_their_own_memories(which):
+    """Each run of the shared ViT is placed by the Adapter running it (3 or 5 memory keys), or as the ViT's own
+    sequence (its class token, the patches); a run through the second Adapter was refused as run outside the ViT's
+    forward, and both in one forward were measured with the first Adapter's memory count."""
+    torch.manual_seed(0)
+    vit = learnable_memory_vit.ViT(**ODD)
+    first = learnable_memory_vit.Adapter(vit=vit, num_memories_per_layer=3, num_classes=3)
+    second = learnable_memory_vit.Adapter(vit=vit, num_memories_per_layer=5, num_classes=3)
+    model = _sharp(_Tasks(first, second))
+    with torch.no_grad():
+        first.memories_per_layer.normal_(std=2.0)
+        second.memories_per_layer.normal_(std=2.0)
+    pixels = torch.randn(2, 3, 24, 40, generator=torch.Generator().manual_seed(6))
+    _, tokens, mean = _record(model, lambda: tuple(model(pixels, which)), stats=STATS)
+    maps = _attend_maps(model, lambda: model(pixels, which))
+    cells = _cells((3, 5), (8, 8))
+    layers = ["first.vit.transformer.layers.0.0", "first.vit.transformer.layers.1.0"]
+    assert len(tokens.calls) == len(mean.calls) == 1 and tokens.layers == layers * len(which)
+    # Per run: the class tokens before the 3 x 5 patches (the memory class token and the class token, or the ViT's
+    # own class token) and the memory keys after them (none for the ViT's own forward).
+    runs = [{"first": (2, 3), "second": (2, 5), "vit": (1, 0)}[w] for w in which]
+    for index, probabilities in enumerate(maps):
+        prefix, memories = runs[index // 2]
+        queries = torch.cat([_nan(prefix), cells])
+        keys = torch.cat([queries, _nan(memories)])
+        assert probabilities.shape == (2, 2, len(queries), len(keys))
+        placed = ~keys[:, 0].isnan()
+        rows = probabilities[:, :, prefix:]
+        mad = (rows[..., placed] * torch.cdist(queries[prefix:], keys[placed])).sum(-1)
+        torch.testing.assert_close(tokens.per_layer[index].double(), mad, **TOL)
+        torch.testing.assert_close(mean.per_layer[index].double(), mad.mean(-1), **TOL)
+        torch.testing.assert_close(tokens.stats["prefix_mass"][index].double(), rows[..., ~placed].sum(-1),
+                                   **STAT_TOL)
+        assert tokens.geometry[index].num_prefix_tokens == prefix
+
+
 def test_mp3_places_every_patch_over_the_patches_each_image_kept():
     torch.manual_seed(0)
     model = _sharp(mp3.MP3(mp3.ViT(**ODD), masking_ratio=0.4))

@@ -57,6 +57,7 @@ from .compiled import EagerWhileRecording, check_compiled, compiled_forwards, un
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import ClassQueries, Skip, family_modules, family_placer, probabilities_source, probabilities_view
 from .families.class_attention import ClassQueryPlacer
+from .families.diffusers_images import denoisers_beside
 from .families.kornia import listed_dinov2
 from .families.masked import GivenPositionsPlacer
 from .families.plain import (
@@ -701,8 +702,11 @@ class Recording:
         if layers is None:
             # DeepSeek-OCR-2's and Unlimited-OCR's second encoder, on the map their SAM tower projects, is part of
             # the vision model that makes the image's features, and its cells are known: recorded with the tower.
-            chosen = {n: m for n, m in found.items()
-                      if n.startswith(prefix) or is_second_encoder_of(model, n, m, prefix)}
+            # So too, a diffusers ControlNet's transformer beside it in a user's denoising step: both nets, each on
+            # its own latent grid.
+            denoisers = tuple(denoisers_beside(model, prefix))
+            chosen = {n: m for n, m in found.items() if n.startswith(prefix)
+                      or is_second_encoder_of(model, n, m, prefix) or n.startswith(denoisers)}
             # A second tower that embeds the image is named, not left out silently: one recording places the tokens
             # of one tower (its patch embedding's grid), so the other's layers are its own recording's.
             for tower in other_image_towers(model, prefix):

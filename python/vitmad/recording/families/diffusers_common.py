@@ -20,9 +20,10 @@ from collections.abc import Callable
 from torch import nn
 
 from ..module_index import named_module_list
+from .stages import forward_arguments
 
-__all__ = ["is_attention", "is_cross_attention", "processor_name", "processor_refusal", "attention_under",
-           "is_diffusers_class", "backend_refusal"]
+__all__ = ["is_attention", "is_cross_attention", "given_other_keys", "processor_name", "processor_refusal",
+           "attention_under", "is_diffusers_class", "backend_refusal"]
 
 
 def is_diffusers_class(module: nn.Module, names) -> bool:
@@ -46,6 +47,17 @@ def is_cross_attention(module: nn.Module) -> bool:
     """Whether a diffusers ``Attention`` was built for cross-attention (``cross_attention_dim`` given: its keys are
     ``encoder_hidden_states``, a caption's or another condition's tokens, never the queries' own)."""
     return getattr(module, "is_cross_attention", False) is True
+
+
+def given_other_keys(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether a diffusers attention call (a forward pre-hook's ``args`` and ``kwargs``, ``with_kwargs``) was given
+    keys of another tensor than its queries: ``encoder_hidden_states`` present and not ``hidden_states`` itself
+    (Kandinsky 3's and LuminaNext's self-attention pass the queries' own tensor as both). What a layer was built as
+    does not decide it: a ``BasicTransformerBlock`` built with ``double_self_attention`` hands its ``attn2`` the
+    forward's ``encoder_hidden_states`` whenever it gets them, so that self-attention then attends to a caption."""
+    arguments = forward_arguments(module, args, kwargs)
+    keys = arguments.get("encoder_hidden_states")
+    return keys is not None and keys is not arguments.get("hidden_states")
 
 
 def processor_name(module: nn.Module) -> str:

@@ -42,7 +42,10 @@ image pixels; vitmad does not guess the VAE). Each forward is one denoising step
 - ``HunyuanDiT2DModel``: the same ``PatchEmbed`` grid; ``attn1`` attends over it alone (its 2-D RoPE, given by the
   pipeline, changes the logits only), ``attn2`` to the caption (skipped). ``HunyuanDiT2DControlNetModel`` runs its
   blocks on the same grid; its ``pos_embed`` cuts the latent, then the condition (added), with one convolution, so
-  its calls start at the model's forward (:func:`call_start`), not at that convolution.
+  its calls start at the model's forward (:func:`call_start`), not at that convolution; in a user's step running it,
+  then the transformer (``HunyuanDiTControlNetPipeline``'s order), at the step's forward, whichever net's layers are
+  recorded. Recorded by default, such a step takes both nets' layers (:func:`denoisers_beside`), each on the grid its
+  own patch embedding cuts.
 - ``FluxTransformer2DModel`` and ``ChromaTransformer2DModel`` (Flux's blocks, attention and ids; a padding mask over
   the caption, measured as given): its input comes packed, ``[B, (H/2)(W/2), C*4]`` (each token 2 x 2 latent pixels,
   ``FluxPipeline._pack_latents``), its places named by ``img_ids`` ``[N, 3]`` (0, row, column). ``FluxAttnProcessor``
@@ -97,7 +100,11 @@ The fused QKV processors (``fuse_qkv_projections()``: ``FusedAttnProcessor2_0``,
 (Flux's processor reads ``attn.fused_projections`` itself).
 
 Refused: a processor vitmad has not read (IP-Adapter, PAG, ``AttnProcessor``'s merged batch and heads): the layout
-of its call is its own. Skipped: cross-attention to a caption; Sana's linear attention (no softmax map), its
+of its call is its own; a layer placed as self-attention over the latent alone (no caption in its sequence) given
+``encoder_hidden_states`` of another tensor in a call (:func:`.diffusers_common.given_other_keys`): a
+``BasicTransformerBlock`` built with ``double_self_attention`` (``only_cross_attention``) hands its ``attn2``
+(``attn1``) the forward's ``encoder_hidden_states`` whenever it gets them, so its keys are the caption's, whatever
+their count. Skipped: cross-attention to a caption; Sana's linear attention (no softmax map), its
 ControlNet's too. The other image transformers of diffusers are refused by name, each with what keeps it unplaced
 (``_NOT_PLACED``).
 
@@ -114,7 +121,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..module_index import module_list
+from ..module_index import module_list, named_module_list
 from ..placement import (
     CallContext,
     LayerGeometry,
@@ -129,6 +136,7 @@ from ..placement import (
 from .diffusers_common import (
     attention_under,
     backend_refusal,
+    given_other_keys,
     is_attention,
     is_cross_attention,
     is_diffusers_class,
@@ -137,7 +145,7 @@ from .diffusers_common import (
 from .plain import _plain_positions
 from .stages import innermost_on_path, pair
 
-__all__ = ["placer", "attention_modules", "call_start", "LatentGridPlacer"]
+__all__ = ["placer", "attention_modules", "call_start", "denoisers_beside", "LatentGridPlacer"]
 
 # The 2 x 2 latent pixels every Flux pipeline packs into one token (_pack_latents): the latent pixels per img_ids step.
 _FLUX_PACKING = 2
@@ -267,16 +275,43 @@ def _owners(model: nn.Module):
     return lambda module: _owner(module) or (alone and module is model)
 
 
+def _outer_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The image transformers this family places in ``model`` (:func:`_owner`), each not inside another, in module
+    order."""
+    outer: list[tuple[str, nn.Module]] = []
+    for name, module in named_module_list(model):
+        if _owner(module) and not any(o == "" or name.startswith(o + ".") for o, _ in outer):
+            outer.append((name, module))
+    return outer
+
+
 def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
-    """``model`` itself where a ``recorded`` module lies in a ``HunyuanDiT2DControlNetModel``, else None: its
-    ``pos_embed`` cuts the latent, then the condition image, with the same convolution, so that convolution, the
-    first on the image's channels, would start a second call in each forward; the model's forward starts it."""
+    """``model`` itself where it holds a ``HunyuanDiT2DControlNetModel`` and a ``recorded`` module lies in an image
+    transformer of this family (that ControlNet, or the ``HunyuanDiT2DModel`` a user's denoising step runs after it),
+    else None: the ControlNet's ``pos_embed`` cuts the latent, then the condition image, with the same convolution,
+    the first of the model in module order, so that convolution would start two calls in each forward (the first
+    empty where the ControlNet's layers are not recorded, and the transformer's joined the second); the model's
+    forward starts each."""
+    owners = _outer_owners(model)
+    if not any(is_diffusers_class(m, ("HunyuanDiT2DControlNetModel",)) for m in module_list(model)):
+        return None
     inside = {id(m) for m in recorded}
-    for module in module_list(model):
-        if is_diffusers_class(module, ("HunyuanDiT2DControlNetModel",)) and any(
-                id(sub) in inside for sub in module.modules()):
-            return model
+    if any(id(sub) in inside for _, owner in owners for sub in owner.modules()):
+        return model
     return None
+
+
+def denoisers_beside(model: nn.Module, tower: str) -> list[str]:
+    """The qualified-name prefixes of the image transformers of this family in ``model`` beside the one holding the
+    tower that embeds the image (prefix ``tower``): a user's denoising step running a ControlNet, then the
+    transformer it feeds (as ``HunyuanDiTControlNetPipeline`` and ``SD3ControlNetPipeline`` call them), whose first
+    patch embedding in module order is the ControlNet's. Recorded with that tower by default, each net placed on the
+    latent grid its own patch embedding cuts (the tower alone left the other net's layers out, listed nowhere);
+    empty where the tower lies in none of them."""
+    owners = [owner + "." for owner, _ in _outer_owners(model) if owner]
+    if not any(tower.startswith(owner) for owner in owners):
+        return []
+    return [owner for owner in owners if not tower.startswith(owner)]
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -342,10 +377,18 @@ class LatentGridPlacer(LayerPlacer):
         self.packed = self.cut in ("ids", "shapes", "ids4", "sequence")
         self.caption_embedder = _CAPTION_EMBEDDER.get(self.kind, ("context_embedder", 0))[0]
         self._layouts: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self.keys_key = (_KEY + "other_keys", id(self))
 
     def install(self, context: CallContext) -> list:
         key = _KEY + self.owner_name
         handles = []
+        if self.text_side is None:
+            def see_keys(module, args, kwargs) -> None:
+                context.values[self.keys_key] = given_other_keys(module, args, kwargs)
+
+            # Self-attention over the latent alone: keys of another tensor in a call (a double_self_attention
+            # attn2 given the forward's encoder_hidden_states) are refused in place().
+            handles.append(self.attention.register_forward_pre_hook(see_keys, with_kwargs=True))
         argument = _CAPTION_EMBEDDER.get(self.kind, ("context_embedder", 0))[1]
         context_embedder = getattr(self.owner, self.caption_embedder, None)
         if isinstance(context_embedder, nn.Module):
@@ -461,6 +504,12 @@ class LatentGridPlacer(LayerPlacer):
         refusal = self._processor_refusal()
         if refusal is not None:
             raise NotPlaceable(refusal)
+        if context.values.get(self.keys_key):
+            raise NotPlaceable(
+                "it was given encoder_hidden_states in this call, so its keys are those tokens (a caption's), not "
+                f"the latent's own ({self.kind}'s blocks hand the forward's encoder_hidden_states to attn2 even where "
+                "it was built as self-attention, double_self_attention); vitmad places it only as self-attention over "
+                "the latent: leave it out with layers=['*.attn1'], or run the forward without encoder_hidden_states")
         key = _KEY + self.owner_name
         side = context.values.get(key + ".side", self.text_side)  # BriaFibo2's gist tokens: first, or last
         seen = context.values.get(key + ".grid")

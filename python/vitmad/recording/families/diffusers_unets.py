@@ -84,7 +84,7 @@ from ..placement import (
     on_device,
     read_only,
 )
-from .diffusers_common import attention_under, backend_refusal, is_attention
+from .diffusers_common import attention_under, backend_refusal, given_other_keys, is_attention
 from .stages import forward_arguments, grid_placement, innermost_on_path, pair
 from .video import tubelet_positions
 
@@ -372,13 +372,10 @@ class UNetMapPlacer(LayerPlacer):
         """Hooks on the attention module (its batch, whether it was given keys of its own, its calls so far in this
         forward) and, for a video UNet, on the UNet (its ``sample`` ``[B, C, F, H, W]``)."""
         def attending(module, args, kwargs) -> None:
-            arguments = forward_arguments(module, args, kwargs)
-            hidden, keys = arguments.get("hidden_states"), arguments.get("encoder_hidden_states")
-            # Keys given as the queries' own tensor (Kandinsky 3's self-attention passes its map as both) are the
-            # map's tokens.
+            hidden = forward_arguments(module, args, kwargs).get("hidden_states")
             context.values[self.attention_key] = _AttentionCall(
                 int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) else None,
-                keys is not None and keys is not hidden)
+                given_other_keys(module, args, kwargs))
 
         def sample(module, args, kwargs) -> None:
             context.values[self.sample_key] = {name: tuple(value.shape) for name, value in forward_arguments(

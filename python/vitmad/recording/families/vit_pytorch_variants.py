@@ -14,7 +14,9 @@ Each sequence is read from the model's own ``forward`` (vit-pytorch 1.26.14):
   (``pack((f, x))``): frequency cells, no place on the image, so no position, like class tokens;
 - ``learnable_memory_vit.ViT`` run by its ``Adapter``: the adapter's memory class token, the class token, the
   patches; the keys are those, then the layer's ``num_memories_per_layer`` learned memories (keys only, no
-  position: their mass drops out of MAD as a class token's does);
+  position: their mass drops out of MAD as a class token's does). Several ``Adapter`` s sharing one ViT (one per
+  task on a frozen backbone): each run placed by the adapter whose forward began last (its own memory count), or as
+  the ViT's own sequence where its own forward did;
 - ``mp3.ViT`` run by ``MP3``: cross attention of every patch (row-major, no position embedding: it is what MP3
   learns to predict) over the patches each image kept, drawn inside MP3's forward and found per call as exact copies
   of the rows they were gathered from (as MAE's);
@@ -47,6 +49,7 @@ import functools
 import torch
 from torch import nn
 
+from ..module_index import module_list
 from ..placement import CallContext, LayerGeometry, NotPlaceable, Placement, cell_centres, read_only, select_tokens
 from .vit_pytorch import (
     _CaitKeys,
@@ -126,8 +129,14 @@ def placer(model: nn.Module, path: list[nn.Module], module: nn.Module, owner: nn
         return _MergedHeads(_ImagePlacer(model, owner, what, rearrange), module.heads)
     at = next((index for index, m in enumerate(path) if m is owner), 0)  # not on the path: MAE's decoder
     holder = path[at - 1] if at else None
-    if design == ("learnable_memory_vit", "ViT") and _design(holder) == ("learnable_memory_vit", "Adapter"):
-        return _AdapterPlacer(model, owner, what, rearrange, holder)
+    if design == ("learnable_memory_vit", "ViT"):
+        # Every Adapter running this ViT, not only the one holding it in module order: several tasks' Adapters share
+        # one frozen ViT (the design's purpose), each with its own memories, and module order lists the ViT under
+        # the first alone.
+        adapters = [m for m in module_list(model)
+                    if _design(m) == ("learnable_memory_vit", "Adapter") and getattr(m, "vit", None) is owner]
+        if adapters:
+            return _AdapterPlacer(model, owner, what, rearrange, adapters)
     if design == ("mp3", "ViT") and _design(holder) == ("mp3", "MP3"):
         return _Mp3Placer(model, owner, what, rearrange, holder)
     if _design(holder) == ("accept_video_wrapper", "AcceptVideoWrapper") and holder.image_net is owner:
@@ -155,28 +164,48 @@ def _memory_layout(grid: tuple[int, int], stride: tuple[float, float], prefix: i
 
 
 class _AdapterPlacer(_ImagePlacer):
-    """``learnable_memory_vit.ViT``'s layers: its own forward's sequence, or, run by its ``Adapter``, the adapter's
-    memory class token, the class token and the patches, the keys followed by the layer's learned memories."""
+    """``learnable_memory_vit.ViT``'s layers: its own forward's sequence, or, run by one of its ``Adapter`` s, that
+    adapter's memory class token, the class token and the patches, the keys followed by the layer's learned memories
+    (as many as that adapter has).
 
-    def __init__(self, model: nn.Module, owner: nn.Module, what: str, rearrange: nn.Module, adapter: nn.Module):
+    Args:
+        model: the recorded model.
+        owner: the ViT.
+        what: its name in messages.
+        rearrange: its patch cut.
+        adapters: every ``Adapter`` of ``model`` whose ``vit`` is ``owner``: which one runs it is read per run (the
+            latest forward begun, of the ViT's or of an adapter's).
+    """
+
+    def __init__(self, model: nn.Module, owner: nn.Module, what: str, rearrange: nn.Module,
+                 adapters: list[nn.Module]):
         super().__init__(model, owner, what, rearrange)
-        self.adapter = adapter
+        self.adapters = adapters
+        self.running_key = _key(owner, "adapter")
 
     def install(self, context: CallContext) -> list:
-        return super().install(context) + [_install_ran(context, self.adapter)]
+        def running(adapter: nn.Module | None, module, args, kwargs=None) -> None:
+            context.values[self.running_key] = adapter
+
+        # The Adapter calls its ViT's img_to_tokens and transformer, not its forward: the forward begun last, the
+        # ViT's own (None) or an adapter's, is the one whose tokens its transformer gets.
+        handles = [a.register_forward_pre_hook(functools.partial(running, a)) for a in self.adapters]
+        handles.append(self.owner.register_forward_pre_hook(functools.partial(running, None)))
+        return super().install(context) + handles
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        if _key(self.owner, "ran") in context.values or _key(self.adapter, "ran") not in context.values:
+        adapter = context.values.get(self.running_key)
+        if adapter is None:
             return super().place(context, lead, num_queries, num_keys)
         cut = self.cut(context)
         grid, stride = cut.grid, (float(cut.patch[0]), float(cut.patch[1]))
-        memories, tokens = int(self.adapter.memories_per_layer.shape[1]), 2 + grid[0] * grid[1]
+        memories, tokens = int(adapter.memories_per_layer.shape[1]), 2 + grid[0] * grid[1]
         if len(lead) != 2 or int(lead[0]) != cut.batch or num_queries != tokens or num_keys != tokens + memories:
             raise NotPlaceable(
-                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; run by the "
-                f"Adapter on {cut.batch} image(s) of {grid[0]}x{grid[1]} patches, it attends [{cut.batch}, H, "
-                f"{tokens}, {tokens + memories}]: the memory class token, the class token and the patches, over "
-                f"those and {memories} learned memories"
+                f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; run by an "
+                f"Adapter with {memories} memories per layer on {cut.batch} image(s) of {grid[0]}x{grid[1]} patches, "
+                f"it attends [{cut.batch}, H, {tokens}, {tokens + memories}]: the memory class token, the class token "
+                f"and the patches, over those and {memories} learned memories"
             )
         positions, index = _grid_layout(grid, stride, 2, 0)
         geometry = LayerGeometry(grid, stride, f"global, and {memories} learned memory keys (Adapter)",
