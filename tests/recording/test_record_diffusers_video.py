@@ -191,27 +191,44 @@ def test_processor_that_attends_out_of_sight_is_refused_not_left_out():
 
 
 def test_attention_backend_out_of_sight_is_refused_not_left_out():
-    """diffusers' attention backends other than the native ones (flex here; flash, sage, xformers alike) compute
-    the attention without F.scaled_dot_product_attention: the processor's class is the one read, so the layer was
-    left out without a word (QA helper-169). Refused, naming the backend; the native backend records again."""
+    """diffusers' attention backends other than the native ones (flash, sage, xformers; flex through a compiled or
+    wrapped flex_attention) compute the attention without a call vitmad sees: the processor's class is the one read,
+    so the layer was left out without a word (QA helper-169). Refused, naming the backend; the flex backend calling
+    torch's flex_attention itself is read as the native one (the same MAD), and the native backend records again."""
+    import functools
+    import types
+
+    from diffusers.models import attention_dispatch
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     model = _wan()
     inputs = (torch.randn(1, 4, 2, 4, 6), torch.tensor([500]), torch.randn(1, TEXT, TEXT_DIM))
     active = _AttentionBackendRegistry._active_backend  # set_attention_backend changes it for the whole process
+    flex_module = attention_dispatch.flex_attention
+    # What production code holds (torch.compile(flex_attention)): a callable that is not torch's function, which
+    # vitmad's stand-in does not replace.
+    wrapped = types.SimpleNamespace(**vars(flex_module))
+    wrapped.flex_attention = functools.partial(flex_module.flex_attention)
+    recorded = {}
     try:
+        for backend in ("flex", "native"):
+            model.set_attention_backend(backend)
+            with torch.no_grad(), vitmad.record(model) as rec:
+                model(*inputs)
+            recorded[backend] = rec
         model.set_attention_backend("flex")
+        attention_dispatch.flex_attention = wrapped
         with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match=(
                 r"blocks\.0\.attn1 \(WanAttention\) of WanTransformer3DModel: its attention ran on diffusers' "
-                r"attention backend 'flex', .*, which calls no F.scaled_dot_product_attention vitmad sees")):
-            model(*inputs)
-        model.set_attention_backend("native")
-        with torch.no_grad(), vitmad.record(model) as rec:
+                r"attention backend 'flex', .*, which calls no F.scaled_dot_product_attention \(nor torch's "
+                r"flex_attention itself, uncompiled\) vitmad sees")):
             model(*inputs)
     finally:
+        attention_dispatch.flex_attention = flex_module
         model.reset_attention_backend()
         _AttentionBackendRegistry.set_active_backend(active)
-    assert rec.layers == ["blocks.0.attn1", "blocks.1.attn1"]
+    assert recorded["flex"].layers == recorded["native"].layers == ["blocks.0.attn1", "blocks.1.attn1"]
+    torch.testing.assert_close(recorded["flex"].mad, recorded["native"].mad, rtol=1e-5, atol=1e-5)
 
 
 def test_steps_a_cache_skips_are_empty_calls_that_say_so():

@@ -96,8 +96,10 @@ def attention_under(model: nn.Module, owner: Callable[[nn.Module], bool]) -> dic
 
 # diffusers' attention backends (attention_dispatch.AttentionBackendName) whose function calls
 # F.scaled_dot_product_attention, where vitmad sees q and k: "native" and the "_native_*" ones that pick a torch
-# SDPA kernel. flash-attn, sage, xformers, flex, aiter and the NPU / XLA kernels compute the attention elsewhere, and
-# so do the native ones under context parallelism (aten ops, ring or Ulysses exchanges between devices).
+# SDPA kernel. "flex" calls torch's flex_attention, which vitmad sees where it is torch's function itself
+# (recording.flex_call), not through torch.compile. flash-attn, sage, xformers, aiter and the NPU / XLA kernels compute
+# the attention elsewhere, and so do the native ones under context parallelism (aten ops, ring or Ulysses exchanges
+# between devices).
 _SDPA_BACKENDS = frozenset({"native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math"})
 
 
@@ -126,5 +128,6 @@ def backend_refusal(module: nn.Module) -> str | None:
     # set_attention_backend sets the processors' and the active one; reset_attention_backend clears only the
     # processors', so the active one stays until set again.
     return (f"its attention ran on diffusers' attention backend '{name}', {source}, which calls no "
-            "F.scaled_dot_product_attention vitmad sees; record with the native backend (model."
-            "set_attention_backend('native'), or inside diffusers' attention_backend('native') context)")
+            "F.scaled_dot_product_attention (nor torch's flex_attention itself, uncompiled) vitmad sees; record with "
+            "the native backend (model.set_attention_backend('native'), or inside diffusers' "
+            "attention_backend('native') context)")
