@@ -16,6 +16,8 @@ centres at each tower's own patch size).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from test_record_call_boundaries import (
@@ -178,3 +180,98 @@ def test_a_grayscale_tower_is_placed_on_its_own_grid_beside_an_rgb_one():
         for recorded_mad, p, stride in zip(call.mad, reference, (2, 2, 1, 1), strict=True):
             # _tower_mad places the grid at 8 px cells: the 16 px cells of tower b are twice as far apart.
             torch.testing.assert_close(recorded_mad.double(), stride * _tower_mad(p), **TOL)
+
+
+class _HeldTowers(nn.Module):
+    """Towers ``a`` and ``b`` held by a container (``nn.ModuleList``, ``nn.ModuleDict``, or a plain module whose
+    forward the wrapper never runs), a stem convolution or a third, unrecorded tower beside them; the wrapper runs
+    the towers one by one."""
+
+    def __init__(self, container: str, beside: str):
+        super().__init__()
+        torch.manual_seed(0)
+        a, b = (_sharper(sharpened(_timm_tower(), seed)) for seed in (0, 1))
+        if container == "list":
+            self.towers = nn.ModuleList([a, b])
+        elif container == "dict":
+            self.towers = nn.ModuleDict({"0": a, "1": b})
+        else:
+            self.towers = nn.Module()
+            self.towers.add_module("0", a)
+            self.towers.add_module("1", b)
+        self.beside = nn.Conv2d(3, 3, 1) if beside == "stem" else sharpened(_timm_tower(), 2)
+
+    def tower(self, index: int) -> nn.Module:
+        return self.towers.get_submodule(str(index))
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        if isinstance(self.beside, nn.Conv2d):
+            pixels = pixels + self.beside(pixels)
+            return [self.tower(i)(pixels) for i in range(2)]
+        return [self.tower(i)(pixels) for i in range(2)] + [self.beside(pixels)]
+
+
+@pytest.mark.parametrize("container", ["list", "dict", "module"])
+@pytest.mark.parametrize("beside", ["stem", "third_tower"])
+def test_towers_held_by_a_container_are_one_call_per_forward(container, beside):
+    """Two recorded towers in a container that runs no forward of its own (QA helper-207): beside a stem convolution
+    (or an unrecorded third tower), the container was taken for the one tower holding the recorded layers and made
+    the start of every call; it never runs, so three forwards were one call of twelve layer runs, unwarned. Each
+    forward is one call, each tower equal to its own attention."""
+    model = _HeldTowers(container, beside).eval()
+    names = [f"towers.{i}.{layer}" for i in range(2) for layer in TOWERS["timm"][1]]
+    images = _images(3)
+    inputs = [pixels + model.beside(pixels) if beside == "stem" else pixels for pixels in images]
+    with torch.no_grad():
+        references = [_tower_probabilities("timm", model.tower(0), x) + _tower_probabilities("timm", model.tower(1), x)
+                      for x in inputs]
+        plain = [model(pixels) for pixels in images]
+        with vitmad.record(model, layers=names, positions=_class_and_grid(), reduction="none") as rec:
+            recorded_outputs = [model(pixels) for pixels in images]
+    assert _outputs_equal(plain, recorded_outputs)
+    assert [call.layers for call in rec.calls] == [names] * 3
+    for call, reference in zip(rec.calls, references, strict=True):
+        for recorded_mad, p in zip(call.mad, reference, strict=True):
+            _check_tower_mad(recorded_mad, p)
+
+
+def test_forwards_without_the_one_recorded_tower_keep_their_empty_calls():
+    """One of two towers recorded, run in the second and fourth of four forwards: four calls, the first and third
+    empty (rec.calls[i] is forward i, as README says), where the recorded tower's start made two calls."""
+
+    class Sometimes(_TwoTowers):
+        def forward(self, pixels: torch.Tensor, with_b: bool) -> list[torch.Tensor]:
+            return [self.run("a", pixels)] + ([self.run("b", pixels)] if with_b else [])
+
+    torch.manual_seed(0)
+    model = Sometimes(sharpened(_timm_tower(), 0), _sharper(sharpened(_timm_tower(), 1)), "ab").eval()
+    names = [f"b.{layer}" for layer in TOWERS["timm"][1]]
+    images = _images(4)
+    with torch.no_grad(), vitmad.record(model, layers=names, positions=_class_and_grid(), reduction="none") as rec:
+        for i, pixels in enumerate(images):
+            model(pixels, with_b=i % 2 == 1)
+    assert [call.layers for call in rec.calls] == [[], names, [], names]
+    for i in (1, 3):
+        reference = _tower_probabilities("timm", model.b, images[i])
+        for recorded_mad, p in zip(rec.calls[i].mad, reference, strict=True):
+            _check_tower_mad(recorded_mad, p)
+    with pytest.raises(ValueError, match="no recorded layer ran in this call"):
+        _ = rec.calls[0].mad
+
+
+def test_a_second_timm_tower_is_named_as_a_tower_with_its_own_embedding():
+    """Two timm towers, both named in layers=, no positions=: the second's layers are skipped (one recording places
+    one patch grid) with a reason naming its own patch embedding and its own recording, as the default's does (QA
+    helper-207), not as a language model outside the image tower, whose advice (num_prefix_tokens=) is refused for
+    a tower with its own embedding; the second alone is refused with that reason."""
+    model, _ = _two_towers(("timm", "timm"), "ab")
+    reason = (r"in b, a second tower that embeds the image with its own patch embedding \(b\.patch_embed\.proj\) "
+              r"beside a")
+    with torch.no_grad(), vitmad.record(model, layers=["a.blocks.*.attn", "b.blocks.*.attn"]) as rec:
+        model(_images(1)[0])
+    assert rec.layers == ["a.blocks.0.attn", "a.blocks.1.attn"]
+    for layer in ("b.blocks.0.attn", "b.blocks.1.attn"):
+        assert re.match(reason, rec.skipped[layer])
+        assert "vitmad.record(model.get_submodule('b'))" in rec.skipped[layer]
+    with pytest.raises(vitmad.recording.recorder.NoLayerError, match=reason):
+        vitmad.record(model, layers=["b.blocks.*.attn"])

@@ -719,6 +719,7 @@ class Recording:
                             "recording per tower"
                         )
         modules = {}
+        own_embeddings: dict[str, tuple | None] = {}  # root child -> its own patch embedding (find_patch_embedding)
         # Names given whole, not through a wildcard: a module so named is the user's choice even where vitmad found
         # no attention in it.
         named = set() if layers is None else {p for p in layers if not any(c in p for c in "*?[")}
@@ -730,7 +731,17 @@ class Recording:
                     continue  # a wildcard's match that is no attention module (a norm, a projection): no layer
                 # Named in layers= (the default takes the tower alone): skipped, as packed towers skip a
                 # language model's layers, so that a wildcard over a whole vision-language model records its tower.
+                root = name.split(".", 1)[0]
+                if "." in name and root not in own_embeddings:  # one walk per root child, not one per layer
+                    own_embeddings[root] = find_patch_embedding(model.get_submodule(root))
+                own = own_embeddings.get(root) if "." in name else None
                 placer = Skip(
+                    f"in {root}, a second tower that embeds the image with its own patch embedding ({root}."
+                    f"{own[0]}) beside {prefix[:-1]}, the one this recording places (one patch grid per recording); "
+                    f"record it on its own, vitmad.record(model.get_submodule('{root}')) (both recordings may be "
+                    "active around one forward), or pass positions=<[N, 2] pixel position of each token, NaN rows "
+                    "for tokens off the image>"
+                ) if own is not None else Skip(
                     f"outside {prefix[:-1]}, the tower that embeds the image, so its tokens need not be that "
                     "tower's extra tokens and patch grid (a language model or a multimodal encoder mixes them with "
                     "text or other tokens), and vitmad does not know its layout; pass num_prefix_tokens=<tokens "

@@ -159,14 +159,14 @@ def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
              or vit_pytorch_nd_call_start(model, recorded))
     if start is not None:
         return start
-    towers = _held_tower_starts(model, recorded)
-    if len(towers) > 1:
+    if _held_tower_starts(model, recorded):
+        # Several towers take the image and the recorded modules lie in one or more of them: the model's own forward
+        # starts each call (a forward that runs no recorded tower keeps its empty entry), and each tower's start one
+        # outside it (tower_starts). The first convolution on the image in module order may be another tower's, run
+        # after the recorded one (its layers joined the call before, the last call left empty); a tower's own start
+        # may not run in every forward, and a container of towers (a ModuleList, a module whose towers the wrapper
+        # calls one by one) runs no forward of its own.
         return model
-    if towers:
-        # The one tower holding the recorded modules starts its calls, as it would recorded alone: the first
-        # convolution on the image in module order may be another tower's, run after it, and each forward's call
-        # then began there (its layers joined the call before, the last call left empty).
-        return towers[0]
     convolutions = _convolutions_on_pixels(model)
     on_image = _convolutions_on_image(model)
     if on_image or convolutions:
@@ -208,9 +208,9 @@ def _convolutions_on_pixels(model: nn.Module) -> list[nn.Module]:
 
 
 def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:
-    """Where each tower's calls start, when the ``recorded`` modules lie in several towers of ``model`` that take the
-    image (a user's module holding a timm ViT and a transformers ViTModel, an RGB and a grayscale timm ViT, or a
-    vit_pytorch ViT); empty otherwise.
+    """Where each tower's calls start, when ``model`` holds several towers that take the image (a user's module
+    holding a timm ViT and a transformers ViTModel, an RGB and a grayscale timm ViT, or a vit_pytorch ViT) and the
+    ``recorded`` modules lie in one or more of them: the start of each tower holding some; empty otherwise.
 
     The modules that take the image are the convolutions on its channels (:func:`_convolutions_on_image`: each
     tower's own where a timm or transformers tower says them), vit_pytorch's patch cuts and the towers fed pre-cut
@@ -225,13 +225,13 @@ def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:
     networks = monai_spatial_tower_starts(model, recorded)
     if networks:
         return networks
-    starts = _held_tower_starts(model, recorded)
-    return starts if len(starts) > 1 else []
+    return _held_tower_starts(model, recorded)
 
 
 def _held_tower_starts(model: nn.Module, recorded) -> list[nn.Module]:
     """The start (:func:`tower_starts`) of each tower of ``model`` that holds some of the ``recorded`` modules, where
-    it has two towers or more that take the image; empty otherwise."""
+    it has two towers or more that take the image; empty otherwise. A tower that holds several towers itself (a
+    ``ModuleList`` of them) gives theirs."""
     on_image = {id(m) for m in _convolutions_on_image(model)}
     cuts = {id(m) for m in vit_pytorch_image_cuts(model)}
     entries = [name.split(".") for name, module in named_module_list(model) if name and (
@@ -251,5 +251,5 @@ def _held_tower_starts(model: nn.Module, recorded) -> list[nn.Module]:
         tower = model.get_submodule(name)
         held = [m for m in tower.modules() if id(m) in inside]
         if held:
-            starts.append(first_convolution(tower, held) or tower)
+            starts.extend(_held_tower_starts(tower, held) or [first_convolution(tower, held) or tower])
     return starts
