@@ -814,8 +814,9 @@ class Recording:
             raise NoLayerError(
                 f"found no attention layer vitmad knows in {searched}: none has transformers' query/key "
                 "projections, timm's fused_attn switch or a layout vitmad knows",
-                ". If some of its modules compute softmax attention (F.scaled_dot_product_attention or an explicit "
-                "softmax), pass layers=[their qualified names]",
+                ". If some of its modules compute softmax attention (F.scaled_dot_product_attention, torch's "
+                "flex_attention or an explicit softmax, also in a function their forward calls), pass "
+                "layers=[their qualified names]",
             )
         return modules
 
@@ -871,7 +872,8 @@ class Recording:
         if self._calls[-1]._is_empty():
             raise RuntimeError(
                 f"vitmad.record: {name} ran, but none of the {len(self._modules)} modules being recorded ({shown}) "
-                "computed attention (F.scaled_dot_product_attention, transformers' AttentionInterface or a softmax) "
+                "computed attention (F.scaled_dot_product_attention, torch's flex_attention, transformers' "
+                "AttentionInterface or a softmax) "
                 "in that forward call; pass layers=[the modules that compute its attention]" + (
                     f"; or it ran code torch.compile generated before the block, which calls no hooks{compiled}"
                     if compiled else "")
@@ -1348,8 +1350,9 @@ class Recording:
             # rather than left to be found missing.
             self.skipped[name] = "named in layers, but ran without computing attention"
             warnings.warn(f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__}, named "
-                          "in layers, ran without computing attention (F.scaled_dot_product_attention, transformers' "
-                          "AttentionInterface or a softmax); it is not recorded", stacklevel=2)
+                          "in layers, ran without computing attention (F.scaled_dot_product_attention, torch's "
+                          "flex_attention, transformers' AttentionInterface or a softmax); it is not recorded",
+                          stacklevel=2)
         if not completed or not pending:
             return
         if 1 < pending[0][0].batch_parts and len(pending) < pending[0][0].batch_parts:
