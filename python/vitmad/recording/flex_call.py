@@ -146,12 +146,13 @@ class FlexAttentionStandIn:
                 cls._rebind(flex_attention, _TORCH_FLEX_ATTENTION)
 
 
-def unread_flex_refusal(who: str) -> str:
+def unread_flex_refusal(name: str, module: torch.nn.Module) -> str:
     """Why a recorded module is refused whose forward ran a ``flex_attention`` call vitmad saw only as the higher-order
     op inside it (which a mode sees where dynamo traces the call: compiled code, and torch's function called eagerly,
     which compiles that op with dynamo's eager backend), not as a call of the stand-in."""
-    return (f"vitmad.record: {who} called torch's flex_attention where vitmad cannot read it: compiled "
-            "(torch.compile of flex_attention, or of a function or model that calls it) or through a binding the "
+    return (f"vitmad.record: {name} ({type(module).__name__}) called torch's flex_attention where vitmad cannot "
+            "read it: compiled (torch.compile of flex_attention, or of a function or model that calls it) or through "
+            "a binding the "
             "recording does not replace (an attribute of an object, functools.partial), so its attention is unknown; "
             "while recording, have it call torch's flex_attention uncompiled, through a module global (`from "
             "torch.nn.attention.flex_attention import flex_attention as <any name>`, or that module's attribute): "

@@ -222,12 +222,17 @@ class ModuleAttentionHooks:
             then not reported.
         probabilities_views: by module name, the view of its softmax calls that is its attention ``[..., Nq, Nk]``,
             for modules whose softmax runs over another dim than the last.
+        unread_flex: ``(name, module) -> message`` of the error refusing a module whose forward ran a
+            ``flex_attention`` call vitmad could not read (a family may know better why: diffusers' attention
+            backends); by default :func:`.flex_call.unread_flex_refusal`.
     """
 
     def __init__(self, modules: dict[str, nn.Module], on_qk: AttentionCallback, on_probs: ProbabilitiesCallback,
                  done: DoneCallback, probabilities_from: dict[str, nn.Module] | None = None,
-                 probabilities_views: dict[str, ProbabilitiesView] | None = None):
+                 probabilities_views: dict[str, ProbabilitiesView] | None = None,
+                 unread_flex: Callable[[str, nn.Module], str] | None = None):
         self.modules = modules
+        self.unread_flex = unread_flex or unread_flex_refusal
         self.on_qk = on_qk
         self.on_probs = on_probs
         self.done = done
@@ -276,7 +281,7 @@ class ModuleAttentionHooks:
                 self._leave(mode)
                 if mode.unread_flex and output is not None:
                     self.done(name, module, False)  # what it read of this forward is not all of its attention
-                    raise ValueError(unread_flex_refusal(f"{name} ({type(module).__name__})"))
+                    raise ValueError(self.unread_flex(name, module))
                 # A forward that raised reaches this hook with no output: its calls are dropped, not recorded.
                 self.done(name, module, output is not None)
 

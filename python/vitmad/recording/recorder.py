@@ -68,6 +68,7 @@ from .families.plain import (
     keeps_image_layout,
 )
 from .families.sam_map_encoder import is_second_encoder_of
+from .flex_call import unread_flex_refusal
 from .forward_owner import (
     ForwardOwner,
     ModuleCall,
@@ -672,7 +673,7 @@ class Recording:
         sources = {n: m for n, m in ((n, probabilities_source(m)) for n, m in own.items()) if m is not None}
         views = {n: v for n, v in ((n, probabilities_view(m)) for n, m in own.items()) if v is not None}
         self._hooks = [ModuleAttentionHooks(own, self._on_attention, self._on_probabilities, self._on_module_done,
-                                            sources, views),
+                                            sources, views, self._unread_flex_refusal),
                        MultiheadAttentionHooks(multihead, self._on_attention, self._on_module_done)]
         if interface:
             self._hooks.append(HFAttentionHooks(model, interface, self._on_attention, self._on_module_done))
@@ -1331,6 +1332,16 @@ class Recording:
             raise ValueError(f"vitmad.record: {name} of {type(self.model).__name__}: {error}") from None
 
     @torch.compiler.disable(reason=_COMPILED_INSIDE)  # called from the model's own forward
+    def _unread_flex_refusal(self, name: str, module: nn.Module) -> str:
+        """Why ``module`` is refused whose forward ran a ``flex_attention`` call vitmad could not read: its family's
+        reason for a forward without attention vitmad sees where it has one (diffusers' backends), else
+        flex_call's."""
+        placer = self._placers.get(name)
+        reason = None if placer is None else placer.refusal_without_attention(module)
+        if reason is None:
+            return unread_flex_refusal(name, module)
+        return f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__}: {reason}"
+
     def _on_module_done(self, name: str, module: nn.Module, completed: bool) -> None:
         """Record what module ``name`` computed in the forward that just ended: one entry per layer."""
         if _not_recorded():
