@@ -11,13 +11,17 @@ eager backend: about half a second per new mask design), so these cases stay few
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
+import types
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.attention import flex_attention as flex_module
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import flex_attention as aliased_flex
 
 import vitmad
 from conftest import statistics_reference
@@ -233,3 +237,233 @@ def test_a_score_mod_that_cannot_be_evaluated_outside_the_kernel_is_refused_by_l
         with pytest.raises(ValueError, match=r"blocks\.0 \(LocalAttention\): the score_mod .* could not be evaluated "
                                              r".*evaluated outside the kernel"), vitmad.record(model):
             model(image)
+
+
+# Tokens handed to the call-route models below: a 5 x 6 grid of 8 px cells, row-major, given as positions=.
+ROUTE_GRID, ROUTE_HEADS, ROUTE_DIM = (5, 6), 2, 16
+ROUTE_TOKENS = ROUTE_GRID[0] * ROUTE_GRID[1]
+UNREAD = "called torch's flex_attention where vitmad cannot read it"
+
+
+def _route_positions(prefix: int = 0) -> torch.Tensor:
+    return torch.cat([torch.full((prefix, 2), math.nan, dtype=torch.float64), _cells(ROUTE_GRID, (8, 8))])
+
+
+class _Projected(nn.Module):
+    """q, k, v ``[B, H, N, D]`` of its input tokens; each subclass hands them to flex_attention its own way."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(ROUTE_DIM, 3 * ROUTE_HEADS * HEAD_DIM)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, tokens, _ = x.shape
+        return self.qkv(x).view(batch, tokens, 3, ROUTE_HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return flex_attention(query, key, value)
+
+
+_compiled_attend = torch.compile(_attend, backend="eager")
+_partial_flex = functools.partial(flex_attention, enable_gqa=False)
+
+
+class AliasCall(_Projected):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return aliased_flex(*self.heads(x))
+
+
+class HelperCall(_Projected):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _attend(*self.heads(x))
+
+
+class CompiledHelperCall(_Projected):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _compiled_attend(*self.heads(x))
+
+
+class InstanceCall(_Projected):
+    def __init__(self):
+        super().__init__()
+        self.flex_attention = flex_attention  # an object's attribute: not a module global the recording replaces
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flex_attention(*self.heads(x))
+
+
+class PartialCall(_Projected):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _partial_flex(*self.heads(x))
+
+
+class MaskedCall(_Projected):
+    """flex_attention under a block mask of ``mask_mod``, over the batch and heads."""
+
+    def __init__(self, mask_mod):
+        super().__init__()
+        self.mask_mod = mask_mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        mask = create_block_mask(self.mask_mod, batch, ROUTE_HEADS, tokens, tokens, device=x.device)
+        return flex_attention(*self.heads(x), block_mask=mask)
+
+
+def _route_reference(module: _Projected, x: torch.Tensor, positions: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The float64 MAD per query of ``module``'s attention over ``x``, from the q and k the test projects itself."""
+    with torch.no_grad():
+        query, key, _ = (t.double() for t in module.heads(x))
+    return statistics_reference(_softmax(query, key, HEAD_DIM ** -0.5, bias), positions)["mad"]
+
+
+def _route_input(tokens: int = ROUTE_TOKENS) -> torch.Tensor:
+    return torch.randn(BATCH, tokens, ROUTE_DIM, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("design, layers", [(AliasCall, None), (HelperCall, ["0"])])
+def test_an_aliased_import_and_a_named_helper_are_recorded(design, layers):
+    """An alias of flex_attention read by the forward is found; a forward calling a helper is recorded where
+    layers= names it (the helper's module global is replaced like any other)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(design()).eval()
+    x, positions = _route_input(), _route_positions()
+    with torch.no_grad():
+        plain = model(x)
+        with vitmad.record(model, positions=positions, reduction="none", layers=layers) as tokens:
+            recorded = model(x)
+    assert torch.equal(plain, recorded) and tokens.layers == ["0"]
+    torch.testing.assert_close(tokens.per_layer[0].double(), _route_reference(model[0], x, positions), **TOL)
+
+
+def test_a_helper_calling_flex_attention_is_not_found_and_the_refusal_says_to_name_it():
+    model = nn.Sequential(HelperCall()).eval()
+    with pytest.raises(ValueError, match=r"torch's flex_attention or an explicit softmax, also in a function "
+                                                  r"their forward calls\), pass layers="):
+        vitmad.record(model, positions=_route_positions())
+
+
+@pytest.mark.parametrize("design, compile_inside", [(CompiledHelperCall, False), (HelperCall, True),
+                                                     (InstanceCall, False), (PartialCall, False)])
+def test_flex_attention_vitmad_cannot_read_is_refused_by_name(design, compile_inside):
+    """Compiled (a compiled helper, run before the recording too; the model compiled inside the block) or reached
+    through a binding the recording does not replace: refused by layer, naming flex_attention, never a crash; torch's
+    function is back everywhere after the block, and the model runs as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(design()).eval()
+    x = _route_input()
+    with torch.no_grad():
+        plain = model(x)
+        with pytest.raises(ValueError, match=rf"vitmad.record: 0 \({design.__name__}\) {UNREAD}: compiled"), \
+                vitmad.record(model, positions=_route_positions(), layers=["0"]):
+            (torch.compile(model, backend="eager") if compile_inside else model)(x)
+        assert torch.equal(model(x), plain)
+    assert flex_module.flex_attention is flex_attention
+
+
+def test_flex_attention_compiled_during_a_recording_is_torchs_compiled_function_after_it():
+    """transformers' WrappedFlexAttention compiles the flex_attention global it holds at its first call and keeps it:
+    made during a recording, that is torch.compile of the stand-in, which must compute what torch's function
+    compiled computes, during the recording and after it."""
+    from vitmad.recording.flex_call import flex_attention as stand_in  # a local: module globals are rebound
+
+    torch.manual_seed(0)
+    model = nn.Sequential(AliasCall()).eval()
+    x = _route_input()
+    query, key, value = (torch.randn(BATCH, ROUTE_HEADS, ROUTE_TOKENS, HEAD_DIM, generator=torch.Generator()
+                                     .manual_seed(seed)) for seed in (4, 5, 6))
+    with torch.no_grad():
+        expected = torch.compile(flex_attention, backend="eager")(query, key, value)
+        with vitmad.record(model, positions=_route_positions()):
+            assert flex_module.flex_attention is stand_in
+            compiled = torch.compile(flex_module.flex_attention, backend="eager")
+            during = compiled(query, key, value)
+            model(x)
+        after = compiled(query, key, value)
+    assert torch.equal(during, expected) and torch.equal(after, expected)
+
+
+def test_modules_imported_between_and_during_recordings_are_served(monkeypatch):
+    """Module namespaces are scanned once and again only where new or resized: a module imported after a first
+    recording is recorded in the next, and one imported during a recording holds torch's function after it."""
+    source = ("from torch.nn.attention.flex_attention import flex_attention as late_flex\n"
+              "def attend(query, key, value):\n    return late_flex(query, key, value)\n")
+
+    def load(name: str) -> types.ModuleType:
+        module = types.ModuleType(name)
+        monkeypatch.setitem(sys.modules, name, module)
+        exec(source, module.__dict__)
+        return module
+
+    class LateCall(_Projected):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return late.attend(*self.heads(x))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(LateCall()).eval()
+    x, positions = _route_input(), _route_positions()
+    with torch.no_grad(), vitmad.record(nn.Sequential(AliasCall()).eval(), positions=positions, layers=["0"]) as first:
+        first.model(x)
+        during = load("vitmad_test_imported_during_a_recording")
+    assert during.late_flex is flex_attention
+    late = load("vitmad_test_imported_after_a_recording")
+    with torch.no_grad(), vitmad.record(model, positions=positions, reduction="none", layers=["0"]) as tokens:
+        model(x)
+    assert late.late_flex is flex_attention
+    torch.testing.assert_close(tokens.per_layer[0].double(), _route_reference(model[0], x, positions), **TOL)
+
+
+def _causal_before_image_1(b, h, q_idx, kv_idx):
+    return (b == 1) | (kv_idx <= q_idx)
+
+
+def _causal_in_head_1(b, h, q_idx, kv_idx):
+    return (h == 0) | (kv_idx <= q_idx)
+
+
+@pytest.mark.parametrize("mask_mod, where", [(_causal_before_image_1, "image 0, head 0"),
+                                             (_causal_in_head_1, "image 0, head 1")])
+def test_causal_attention_in_any_image_or_head_is_refused(mask_mod, where):
+    """The causal test is per (image, head): one causal image beside a bidirectional one is refused at batch 2 as
+    it is alone."""
+    model = nn.Sequential(MaskedCall(mask_mod)).eval()
+    with pytest.raises(ValueError, match=rf"0 \(MaskedCall\) runs causal attention \(its flex_attention mask keeps no "
+                                         rf"key after its query, in {where}\)"), \
+            torch.no_grad(), vitmad.record(model, positions=_route_positions()):
+        model(_route_input())
+
+
+def _self_and_class_token(b, h, q_idx, kv_idx):
+    """Each token attends to itself and the class token."""
+    return (kv_idx == q_idx) | (kv_idx == 0)
+
+
+def _self_and_class_token_beside_a_window(b, h, q_idx, kv_idx):
+    """Head 0: each token attends to itself and the class token; head 1: a window of the 4 tokens either side."""
+    return _self_and_class_token(b, h, q_idx, kv_idx) | ((h == 1) & ((q_idx - kv_idx).abs() <= 4))
+
+
+@pytest.mark.parametrize("window", [False, True])
+def test_a_mask_of_each_token_and_the_class_token_is_not_causal(window):
+    """Keys every query keeps (the class token) are no order: a head keeping no key after its query, and none before
+    it but the class token, is recorded, in every head or beside a head attending to a window."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MaskedCall(_self_and_class_token_beside_a_window if window else _self_and_class_token))
+    model.eval()
+    x, positions = _route_input(1 + ROUTE_TOKENS), _route_positions(prefix=1)
+    with torch.no_grad():
+        plain = model(x)
+        with vitmad.record(model, positions=positions, reduction="none") as tokens:
+            recorded = model(x)
+    assert torch.equal(plain, recorded)
+    index = torch.arange(1 + ROUTE_TOKENS)
+    kept = ((index[:, None] == index[None, :]) | (index[None, :] == 0)).expand(ROUTE_HEADS, -1, -1).clone()
+    if window:
+        kept[1] |= (index[:, None] - index[None, :]).abs() <= 4
+    bias = torch.zeros(kept.shape, dtype=torch.float64).masked_fill(~kept, -math.inf)
+    expected = _route_reference(model[0], x, positions, bias)
+    assert bool((expected[:, 0] == 0).all()) and bool((expected[:, 1] > 0).all()) == window  # patch keys: self alone
+    assert bool(tokens.per_layer[0][..., 0].isnan().all())  # the class token's query has no position
+    torch.testing.assert_close(tokens.per_layer[0][..., 1:].double(), expected, **TOL)

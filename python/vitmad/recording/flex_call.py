@@ -7,8 +7,18 @@ loaded module holds it (``torch.nn.attention.flex_attention.flex_attention``, an
 ``from ... import flex_attention``: vit-pytorch's ``vit_nd_masking`` and ``levjepa``, a user's model file). It hands
 the call to the active torch function modes, as torch's own functions do (``handle_torch_function``), so the capture
 mode sees it like ``F.scaled_dot_product_attention``, and then calls torch's function unchanged: the outputs do not
-change. Inside code dynamo compiles it is torch's function itself. Torch's function is put back when the last
-recording ends (also where a module imported during the recording bound the stand-in).
+change. Torch's function is put back when the last recording ends (also where a module imported during the recording
+bound the stand-in). The stand-in reaches torch's function through a global of this module bound at import, never
+through torch's module, which holds the stand-in meanwhile.
+
+Where dynamo traces it (a compiled function or model calling it during a recording, or ``torch.compile`` of the
+stand-in itself, which transformers' ``WrappedFlexAttention`` makes at its first call and keeps) it is torch's function
+alone, so compiled code is the code torch's function compiles to, also after the recording. vitmad does not get such a
+call, nor one made through a binding the stand-in does not replace (an object's attribute, ``functools.partial``):
+the capture mode sees only the higher-order op inside it, and the module that made it is refused by name
+(:func:`unread_flex_refusal`). A module is found to call ``flex_attention`` where its forward's source calls a name
+ending in ``flex_attention(`` or reads a global of its module bound to it under another name; one whose forward calls
+it in a helper function is recorded where ``layers=`` names it.
 
 What the call attends to (:func:`flex_logits`), as torch's flex attention computes it on the path it runs when called
 from Python (``math_attention``, the higher-order op's dense path: ``flex_attention`` not wrapped in ``torch.compile``,
@@ -21,69 +31,109 @@ for a ``BlockMask`` built by ``create_block_mask`` from its ``mask_mod``); ``ker
 ``h // (H / Hk)``. The result goes to ``vitmad::mad_qk`` as the SDPA path's would: q, k, and the additive bias
 ``score_mod(logits) - logits`` (``-inf`` at the masked keys), or the boolean mask alone without a ``score_mod``.
 
-Refused with the layer's name: causal attention (no key after its query is kept, some before it are: a causal
-``mask_mod``, or a ``score_mod`` returning ``-inf`` there), as the SDPA path refuses ``is_causal``; a ``score_mod`` or
-``mask_mod`` that cannot be evaluated outside the kernel (it raises); logits a ``score_mod`` makes NaN or ``+inf``.
+Refused with the layer's name: causal attention, as the SDPA path refuses ``is_causal`` (a causal ``mask_mod``, or a
+``score_mod`` returning ``-inf`` there): in any (image, head) of the call, over ``Nq = Nk >= 2`` tokens, no query keeps
+a key after itself and some query keeps a key before itself that not every query keeps (keys kept by every query, a
+class token or registers, are no order: each token attending to itself and the class token is not causal; with two
+tokens, causal attention is that, and recorded); a ``score_mod`` or ``mask_mod`` that cannot be evaluated outside the
+kernel (it raises); logits a ``score_mod`` makes NaN or ``+inf``; a call vitmad did not get (above).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import sys
 import threading
 
 import torch
+from torch.nn.attention import flex_attention as _torch_flex_module
 from torch.overrides import handle_torch_function, has_torch_function
 
 from .interface_call import _causal_refusal, _shared_key_heads, signature_of
 
-__all__ = ["flex_attention", "FlexAttentionStandIn", "flex_logits", "without_autocast"]
+__all__ = ["flex_attention", "is_flex_attention", "FlexAttentionStandIn", "flex_logits", "unread_flex_refusal",
+           "without_autocast"]
 
 
-@functools.cache
-def _torch_flex_attention():
-    """torch's ``flex_attention`` (imported on first use: the module pulls in dynamo)."""
-    from torch.nn.attention import flex_attention as module
-
-    return module.flex_attention
+# torch's function, bound when vitmad is imported, before any recording puts the stand-in in its module: the stand-in
+# reads this plain global (never the module's attribute, which is the stand-in while a recording runs), also where
+# dynamo traces it.
+_TORCH_FLEX_ATTENTION = _torch_flex_module.flex_attention
 
 
 def flex_attention(*args, **kwargs):
     """Stands in for torch's ``flex_attention`` while a recording captures modules' attention: the active torch
-    function modes see the call (``func`` is this function), then torch's function computes it."""
-    if not torch.compiler.is_compiling():
-        tensors = tuple(t for t in (*args[:3], *(kwargs.get(n) for n in ("query", "key", "value")))
-                        if isinstance(t, torch.Tensor))
-        if has_torch_function(tensors):
-            return handle_torch_function(flex_attention, tensors, *args, **kwargs)
-    return _torch_flex_attention()(*args, **kwargs)
+    function modes see the call (``func`` is this function), then torch's function computes it. Traced by dynamo
+    (a compiled function or model calling it, ``torch.compile`` of the stand-in itself, as transformers'
+    ``WrappedFlexAttention`` makes at its first call) it is torch's function alone: the compiled code is the one
+    torch's function gives, then and after the recording."""
+    if torch.compiler.is_compiling():
+        return _TORCH_FLEX_ATTENTION(*args, **kwargs)
+    tensors = tuple(t for t in (*args[:3], *(kwargs.get(n) for n in ("query", "key", "value")))
+                    if isinstance(t, torch.Tensor))
+    if has_torch_function(tensors):
+        return handle_torch_function(flex_attention, tensors, *args, **kwargs)
+    return _TORCH_FLEX_ATTENTION(*args, **kwargs)
+
+
+def is_flex_attention(value) -> bool:
+    """Whether ``value`` is torch's ``flex_attention`` or the stand-in."""
+    return value is _TORCH_FLEX_ATTENTION or value is flex_attention
 
 
 class FlexAttentionStandIn:
     """Puts :func:`flex_attention` where loaded modules hold torch's, from the first active recording to the last
-    (thread-safe); every binding of the stand-in goes back to torch's function at the last exit."""
+    (thread-safe); every binding of the stand-in goes back to torch's function at the last exit.
+
+    The bindings are found by scanning module namespaces, which is dear over thousands of modules (28 ms for the 3,500
+    of a process with timm and transformers loaded, on a 2-core Xeon VM), and a recording's setup is paid per batch: a
+    namespace is scanned again only where the module is new or its namespace's size changed since it was last
+    scanned (a module imported since, or one that has imported more names, including one imported during a
+    recording, which holds the stand-in), and the names found stay known, each checked at every enter and exit
+    (about 1.2 ms each for those 3,500 modules). A name of an already scanned module rebound to torch's function
+    without adding a name (an assignment over another value) is not found.
+    """
 
     _lock = threading.Lock()
     _depth = 0
+    _scanned: dict[str, tuple[int, int]] = {}  # module name -> (id of the module, size of its namespace) then
+    _bindings: dict[int, tuple[dict, set[str]]] = {}  # id of a namespace -> it, and its names found holding either
 
-    @staticmethod
-    def _rebind(old, new) -> None:
-        package = __name__.partition(".")[0]
+    @classmethod
+    def _scan(cls) -> None:
+        """Finds the bindings of torch's function or the stand-in in the namespaces new or resized since the last
+        scan. vitmad's own modules are left alone: they name the stand-in as such (module_capture compares with it)
+        and torch's function as this module's ``_TORCH_FLEX_ATTENTION``."""
+        package, scanned = __name__.partition(".")[0], cls._scanned
         for name, module in list(sys.modules.items()):
-            namespace = getattr(module, "__dict__", None)
-            if not isinstance(namespace, dict) or name.partition(".")[0] == package:
-                continue  # vitmad's own modules name the stand-in as such (module_capture compares with it)
-            for key, value in list(namespace.items()):
-                if value is old:
-                    namespace[key] = new
+            try:
+                state = (id(module), len(module.__dict__))
+            except (AttributeError, TypeError):  # not a module, or one without a namespace
+                continue
+            if scanned.get(name) == state:
+                continue
+            scanned[name] = state
+            namespace = module.__dict__
+            if name.partition(".")[0] == package or not isinstance(namespace, dict):
+                continue
+            found = {key for key, value in list(namespace.items()) if is_flex_attention(value)}
+            if found:
+                cls._bindings.setdefault(id(namespace), (namespace, set()))[1].update(found)
+
+    @classmethod
+    def _rebind(cls, old, new) -> None:
+        cls._scan()
+        for namespace, names in cls._bindings.values():
+            for name in names:
+                if namespace.get(name) is old:
+                    namespace[name] = new
 
     @classmethod
     def enter(cls) -> None:
         with cls._lock:
             if cls._depth == 0:
-                cls._rebind(_torch_flex_attention(), flex_attention)
+                cls._rebind(_TORCH_FLEX_ATTENTION, flex_attention)
             cls._depth += 1
 
     @classmethod
@@ -93,7 +143,21 @@ class FlexAttentionStandIn:
                 return
             cls._depth -= 1
             if cls._depth == 0:
-                cls._rebind(flex_attention, _torch_flex_attention())
+                cls._rebind(flex_attention, _TORCH_FLEX_ATTENTION)
+
+
+def unread_flex_refusal(name: str, module: torch.nn.Module) -> str:
+    """Why a recorded module is refused whose forward ran a ``flex_attention`` call vitmad saw only as the higher-order
+    op inside it (which a mode sees where dynamo traces the call: compiled code, and torch's function called eagerly,
+    which compiles that op with dynamo's eager backend), not as a call of the stand-in."""
+    return (f"vitmad.record: {name} ({type(module).__name__}) called torch's flex_attention where vitmad cannot "
+            "read it: compiled (torch.compile of flex_attention, or of a function or model that calls it) or through "
+            "a binding the "
+            "recording does not replace (an attribute of an object, functools.partial), so its attention is unknown; "
+            "while recording, have it call torch's flex_attention uncompiled, through a module global (`from "
+            "torch.nn.attention.flex_attention import flex_attention as <any name>`, or that module's attribute): "
+            "compile after the recording, or wrap the function that calls it in torch.compiler.disable; or compute "
+            "its attention with F.scaled_dot_product_attention")
 
 
 def without_autocast(device: torch.device):
@@ -144,15 +208,24 @@ def _kept(who: str, mask_mod, shape: torch.Size, device: torch.device) -> torch.
 
 
 def _refuse_causal(who: str, kept: torch.Tensor) -> None:
-    """A mask under which no query attends to a key after it, and some to one before it: causal attention."""
+    """Refuses a mask ``[B, H, Nq, Nk]`` (keys kept) that is causal in any of its (batch, head) slices: one of
+    ``Nq = Nk >= 2`` tokens in which no query keeps a key after itself, and some query keeps a key before itself
+    that not every query keeps (keys every query keeps, a class token or registers, are no order: each token attending
+    to itself and the class token is not causal, nor is every token attending to itself alone)."""
     num_queries, num_keys = kept.shape[-2:]
     if num_queries != num_keys or num_queries < 2:
         return
     index = torch.arange(num_queries, device=kept.device)
     after = index[None, :] > index[:, None]
     before = index[None, :] < index[:, None]
-    if not bool((kept & after).any()) and bool((kept & before).any()):
-        raise _causal_refusal(who, "its flex_attention mask keeps no key after its query")
+    shared = kept.all(dim=-2, keepdim=True)  # [..., 1, Nk]: the keys every query of the slice keeps
+    forward = (kept & after).flatten(-2).any(-1)
+    backward = (kept & before & ~shared).flatten(-2).any(-1)
+    causal = (~forward & backward).nonzero()
+    if len(causal):
+        image, head = causal[0].tolist()
+        raise _causal_refusal(who, f"its flex_attention mask keeps no key after its query, in image {image}, head "
+                                   f"{head}")
 
 
 def flex_logits(who: str, args: tuple, kwargs: dict) -> tuple:
@@ -167,7 +240,7 @@ def flex_logits(who: str, args: tuple, kwargs: dict) -> tuple:
     Raises:
         ValueError: the attention is causal, or its ``score_mod`` / ``mask_mod`` cannot be evaluated.
     """
-    named = signature_of(_torch_flex_attention()).bind(*args, **kwargs).arguments
+    named = signature_of(_TORCH_FLEX_ATTENTION).bind(*args, **kwargs).arguments
     query, key = named["query"], named["key"]
     score_mod, block_mask, scale = named.get("score_mod"), named.get("block_mask"), named.get("scale")
     device = query.device

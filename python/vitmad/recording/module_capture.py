@@ -24,6 +24,7 @@ layer.
 
 from __future__ import annotations
 
+import inspect
 import re
 import threading
 from collections.abc import Callable
@@ -33,7 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .flex_call import FlexAttentionStandIn, flex_attention, flex_logits, without_autocast
+from .flex_call import (
+    FlexAttentionStandIn,
+    flex_attention,
+    flex_logits,
+    is_flex_attention,
+    unread_flex_refusal,
+    without_autocast,
+)
 from .forward_owner import ModuleCall, current_module_call, module_call_live
 from .module_index import named_module_list
 from .transformers_capture import AttentionCallback, forward_source
@@ -58,6 +66,11 @@ _SOFTMAX_FUNCTIONS = (torch.softmax, F.softmax, torch.Tensor.softmax)
 # F.scaled_dot_product_attention with a wrapper calling it still reaches the mode with this one (compared with F's
 # attribute at call time, nothing was recorded), whether it did so before or after vitmad was imported.
 _SDPA = getattr(torch._C._nn, "scaled_dot_product_attention", F.scaled_dot_product_attention)
+# The higher-order op torch's flex_attention runs: a mode sees it only where dynamo traces the call (a compiled
+# function or model, torch.compile(flex_attention), the eager call's own compiled wrapper where the function is
+# reached through a binding the stand-in does not replace), never through the stand-in, which calls torch's function
+# with the modes off. Seen, it is a flex_attention call whose q and k vitmad did not get.
+_FLEX_HOP = getattr(torch.ops.higher_order, "flex_attention", None)
 
 
 def timm_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -82,7 +95,17 @@ _FUSED_CALLS = ("scaled_dot_product_attention(", "flex_attention(")
 
 def _calls_fused_attention(cls: type) -> bool:
     source = forward_source(cls)
-    return any(call in source for call in _FUSED_CALLS)
+    return any(call in source for call in _FUSED_CALLS) or _names_flex_attention(cls)
+
+
+def _names_flex_attention(cls: type) -> bool:
+    """Whether ``cls.forward`` reads a global of its module bound to torch's ``flex_attention`` under another name
+    (``from torch.nn.attention.flex_attention import flex_attention as fa``). A helper function that calls it is not
+    looked into: such a module is recorded where ``layers=`` names it."""
+    forward = inspect.unwrap(getattr(cls, "forward", None) or (lambda: None))
+    code, namespace = getattr(forward, "__code__", None), getattr(forward, "__globals__", None)
+    return code is not None and isinstance(namespace, dict) and any(
+        is_flex_attention(namespace.get(name)) for name in code.co_names)
 
 
 def _computes_attention(cls: type) -> bool:
@@ -135,6 +158,7 @@ class _CaptureAttention(TorchFunctionMode):
         self.layer, self.module, self.on_qk, self.on_probs, self.view = layer, module, on_qk, on_probs, view
         self.active = True  # False once the recording has ended
         self.call: ModuleCall | None = None  # the module's forward this mode was entered for
+        self.unread_flex = False  # a flex_attention call vitmad could not read ran in the current forward
 
     def _in_forward(self) -> bool:
         """Whether the module's forward that entered this mode is still running. One that a KeyboardInterrupt
@@ -147,6 +171,8 @@ class _CaptureAttention(TorchFunctionMode):
         kwargs = kwargs or {}
         if not self.active:
             return func(*args, **kwargs)
+        if func is _FLEX_HOP:
+            self.unread_flex = True
         if func is _SDPA and self._in_forward():
             query, key, mask, is_causal, scale, enable_gqa = _sdpa_arguments(args, kwargs)
             if is_causal:
@@ -196,12 +222,17 @@ class ModuleAttentionHooks:
             then not reported.
         probabilities_views: by module name, the view of its softmax calls that is its attention ``[..., Nq, Nk]``,
             for modules whose softmax runs over another dim than the last.
+        unread_flex: ``(name, module) -> message`` of the error refusing a module whose forward ran a
+            ``flex_attention`` call vitmad could not read (a family may know better why: diffusers' attention
+            backends); by default :func:`.flex_call.unread_flex_refusal`.
     """
 
     def __init__(self, modules: dict[str, nn.Module], on_qk: AttentionCallback, on_probs: ProbabilitiesCallback,
                  done: DoneCallback, probabilities_from: dict[str, nn.Module] | None = None,
-                 probabilities_views: dict[str, ProbabilitiesView] | None = None):
+                 probabilities_views: dict[str, ProbabilitiesView] | None = None,
+                 unread_flex: Callable[[str, nn.Module], str] | None = None):
         self.modules = modules
+        self.unread_flex = unread_flex or unread_flex_refusal
         self.on_qk = on_qk
         self.on_probs = on_probs
         self.done = done
@@ -242,11 +273,15 @@ class ModuleAttentionHooks:
                     self._leave(mode)
                     self.done(name, module, False)
                 mode.call = current_module_call()
+                mode.unread_flex = False
                 mode.__enter__()
                 self._entered.append(mode)
 
             def leave(module, args, output, name=name, mode=mode) -> None:
                 self._leave(mode)
+                if mode.unread_flex and output is not None:
+                    self.done(name, module, False)  # what it read of this forward is not all of its attention
+                    raise ValueError(self.unread_flex(name, module))
                 # A forward that raised reaches this hook with no output: its calls are dropped, not recorded.
                 self.done(name, module, output is not None)
 

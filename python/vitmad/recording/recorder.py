@@ -68,6 +68,7 @@ from .families.plain import (
     keeps_image_layout,
 )
 from .families.sam_map_encoder import is_second_encoder_of
+from .flex_call import unread_flex_refusal
 from .forward_owner import (
     ForwardOwner,
     ModuleCall,
@@ -672,7 +673,7 @@ class Recording:
         sources = {n: m for n, m in ((n, probabilities_source(m)) for n, m in own.items()) if m is not None}
         views = {n: v for n, v in ((n, probabilities_view(m)) for n, m in own.items()) if v is not None}
         self._hooks = [ModuleAttentionHooks(own, self._on_attention, self._on_probabilities, self._on_module_done,
-                                            sources, views),
+                                            sources, views, self._unread_flex_refusal),
                        MultiheadAttentionHooks(multihead, self._on_attention, self._on_module_done)]
         if interface:
             self._hooks.append(HFAttentionHooks(model, interface, self._on_attention, self._on_module_done))
@@ -814,8 +815,9 @@ class Recording:
             raise NoLayerError(
                 f"found no attention layer vitmad knows in {searched}: none has transformers' query/key "
                 "projections, timm's fused_attn switch or a layout vitmad knows",
-                ". If some of its modules compute softmax attention (F.scaled_dot_product_attention or an explicit "
-                "softmax), pass layers=[their qualified names]",
+                ". If some of its modules compute softmax attention (F.scaled_dot_product_attention, torch's "
+                "flex_attention or an explicit softmax, also in a function their forward calls), pass "
+                "layers=[their qualified names]",
             )
         return modules
 
@@ -871,7 +873,8 @@ class Recording:
         if self._calls[-1]._is_empty():
             raise RuntimeError(
                 f"vitmad.record: {name} ran, but none of the {len(self._modules)} modules being recorded ({shown}) "
-                "computed attention (F.scaled_dot_product_attention, transformers' AttentionInterface or a softmax) "
+                "computed attention (F.scaled_dot_product_attention, torch's flex_attention, transformers' "
+                "AttentionInterface or a softmax) "
                 "in that forward call; pass layers=[the modules that compute its attention]" + (
                     f"; or it ran code torch.compile generated before the block, which calls no hooks{compiled}"
                     if compiled else "")
@@ -1329,6 +1332,16 @@ class Recording:
             raise ValueError(f"vitmad.record: {name} of {type(self.model).__name__}: {error}") from None
 
     @torch.compiler.disable(reason=_COMPILED_INSIDE)  # called from the model's own forward
+    def _unread_flex_refusal(self, name: str, module: nn.Module) -> str:
+        """Why ``module`` is refused whose forward ran a ``flex_attention`` call vitmad could not read: its family's
+        reason for a forward without attention vitmad sees where it has one (diffusers' backends), else
+        flex_call's."""
+        placer = self._placers.get(name)
+        reason = None if placer is None else placer.refusal_without_attention(module)
+        if reason is None:
+            return unread_flex_refusal(name, module)
+        return f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__}: {reason}"
+
     def _on_module_done(self, name: str, module: nn.Module, completed: bool) -> None:
         """Record what module ``name`` computed in the forward that just ended: one entry per layer."""
         if _not_recorded():
@@ -1348,8 +1361,9 @@ class Recording:
             # rather than left to be found missing.
             self.skipped[name] = "named in layers, but ran without computing attention"
             warnings.warn(f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__}, named "
-                          "in layers, ran without computing attention (F.scaled_dot_product_attention, transformers' "
-                          "AttentionInterface or a softmax); it is not recorded", stacklevel=2)
+                          "in layers, ran without computing attention (F.scaled_dot_product_attention, torch's "
+                          "flex_attention, transformers' AttentionInterface or a softmax); it is not recorded",
+                          stacklevel=2)
         if not completed or not pending:
             return
         if 1 < pending[0][0].batch_parts and len(pending) < pending[0][0].batch_parts:
