@@ -237,7 +237,8 @@ def test_towers_held_by_a_container_are_one_call_per_forward(container, beside):
 
 def test_forwards_without_the_one_recorded_tower_keep_their_empty_calls():
     """One of two towers recorded, run in the second and fourth of four forwards: four calls, the first and third
-    empty (rec.calls[i] is forward i, as README says), where the recorded tower's start made two calls."""
+    empty (rec.calls[i] is forward i, as README says), where the recorded tower's start made two calls (QA
+    helper-207)."""
 
     class Sometimes(_TwoTowers):
         def forward(self, pixels: torch.Tensor, with_b: bool) -> list[torch.Tensor]:
@@ -257,6 +258,15 @@ def test_forwards_without_the_one_recorded_tower_keep_their_empty_calls():
             _check_tower_mad(recorded_mad, p)
     with pytest.raises(ValueError, match="no recorded layer ran in this call"):
         _ = rec.calls[0].mad
+    # A last forward without the recorded tower: rec.mad says the forward ran none of the recorded modules, not
+    # that they ran without computing attention.
+    with torch.no_grad(), vitmad.record(model, layers=names, positions=_class_and_grid()) as rec:
+        model(images[0], with_b=True)
+        model(images[1], with_b=False)
+    with pytest.raises(RuntimeError, match=r"Sometimes's latest forward call ran none of the modules being recorded "
+                                           r"\(b\.blocks\.0\.attn, b\.blocks\.1\.attn\): its forward took a path"):
+        _ = rec.mad
+    assert rec.calls[0].mad.shape == (2, 2, 2)
 
 
 def test_a_second_timm_tower_is_named_as_a_tower_with_its_own_embedding():

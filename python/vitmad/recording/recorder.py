@@ -146,6 +146,8 @@ class RecordedCall:
     class_layers: list[str] = field(default_factory=list)
     class_maps: list[torch.Tensor] = field(default_factory=list)
     class_geometry: list[LayerGeometry] = field(default_factory=list)
+    # Whether a recorded module's forward ended in this call (a forward through another tower runs none).
+    _modules_ran: bool = field(default=False, repr=False, compare=False)
 
     def _keep_layers(self, count: int, class_count: int) -> None:
         """Keep the first ``count`` layers and ``class_count`` class-attention layers (a forward that raised after
@@ -732,10 +734,13 @@ class Recording:
                     continue  # a wildcard's match that is no attention module (a norm, a projection): no layer
                 # Named in layers= (the default takes the tower alone): skipped, as packed towers skip a
                 # language model's layers, so that a wildcard over a whole vision-language model records its tower.
+                # A root child beside the image tower (not holding it) with a patch embedding of its own is a
+                # second tower; one walk per root child, not one per layer.
                 root = name.split(".", 1)[0]
-                if "." in name and root not in own_embeddings:  # one walk per root child, not one per layer
+                beside = "." in name and not prefix.startswith(root + ".")
+                if beside and root not in own_embeddings:
                     own_embeddings[root] = find_patch_embedding(model.get_submodule(root))
-                own = own_embeddings.get(root) if "." in name else None
+                own = own_embeddings.get(root) if beside else None
                 placer = Skip(
                     f"in {root}, a second tower that embeds the image with its own patch embedding ({root}."
                     f"{own[0]}) beside {prefix[:-1]}, the one this recording places (one patch grid per recording); "
@@ -849,7 +854,8 @@ class Recording:
         compiled = _reused_compiled_code(self.model) if not self._calls or self._calls[-1]._is_empty() else ""
         # Compiled code is named as a possibility after the ordinary cause, never instead of it: dynamo's cache
         # says code exists for the model's class, not that a wrapper of this model ran it in the block.
-        if not self._calls and self._forwards:
+        if self._forwards and all(call._is_empty() and not call._modules_ran for call in self._calls):
+            # No call, or only calls the model's own forward started and no recorded module ran in.
             raise RuntimeError(
                 f"vitmad.record: {name} ran {self._forwards} time(s) in this recording, but not through the "
                 f"modules being recorded ({shown}): its forward took a path without them (a vision-language "
@@ -870,6 +876,12 @@ class Recording:
                 "(ultralytics' YOLO.predict runs one: record the model it holds, yolo.predictor.model.model, or call "
                 "yolo.model itself))"
             )
+        if self._calls[-1]._is_empty() and not self._calls[-1]._modules_ran:
+            raise RuntimeError(
+                f"vitmad.record: {name}'s latest forward call ran none of the modules being recorded ({shown}): its "
+                "forward took a path without them (no image for its tower, or, of two image towers, the one not "
+                "recorded); read an earlier call of rec.calls, or record the module that ran, vitmad.record(<that "
+                "tower>), while the whole model runs")
         if self._calls[-1]._is_empty():
             raise RuntimeError(
                 f"vitmad.record: {name} ran, but none of the {len(self._modules)} modules being recorded ({shown}) "
@@ -1346,6 +1358,8 @@ class Recording:
         """Record what module ``name`` computed in the forward that just ended: one entry per layer."""
         if _not_recorded():
             return
+        if self._calls:
+            self._calls[-1]._modules_ran = True
         pending = self._pending.pop(name, [])
         if any(entry[2] for entry in pending):
             # A module that calls the fused attention computes it there; a softmax beside it is something else.
