@@ -250,11 +250,19 @@ def test_a_recording_that_saw_no_attention_says_what_ran():
     model = _Model(_Calls(1))
     with vitmad.record(model, layers=["idle"]) as rec:
         model(torch.randn(1, 3, 32, 32))
+    # idle never runs: the forward took a path without the recorded module (each call notes whether one ran).
+    with pytest.raises(RuntimeError, match=r"vitmad.record: _Model ran 1 time\(s\) in this recording, but not "
+                                           r"through the modules being recorded \(idle\): its forward took a path "
+                                           r"without them"):
+        _ = rec.mad
+    # Run, computing no attention: warned as it runs, and said as such.
+    with vitmad.record(model, layers=["embed"]) as ran, pytest.warns(UserWarning, match="ran without computing"):
+        model(torch.randn(1, 3, 32, 32))
     with pytest.raises(RuntimeError, match=r"vitmad.record: _Model ran, but none of the 1 modules being recorded "
-                                           r"\(idle\) computed attention \(F.scaled_dot_product_attention, "
+                                           r"\(embed\) computed attention \(F.scaled_dot_product_attention, "
                                            r"torch's flex_attention, transformers' AttentionInterface or a "
                                            r"softmax\) in that forward call"):
-        _ = rec.mad
+        _ = ran.mad
     with vitmad.record(model, layers=["attention"]) as unused:
         pass
     with pytest.raises(RuntimeError, match="vitmad.record: _Model has not run in this recording"):
