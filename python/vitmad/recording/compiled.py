@@ -23,13 +23,13 @@ a lock), and it is restored when the last one ends, to what it was before the fi
 
 from __future__ import annotations
 
-import threading
 import warnings
 
 import torch
 from torch import nn
 
 from .module_index import module_list
+from .process_scope import ProcessWideScope
 
 __all__ = ["uncompiled", "is_compiled", "compiled_forwards", "check_compiled", "EagerWhileRecording"]
 
@@ -77,12 +77,10 @@ def compiled_forwards(model: nn.Module) -> list[str]:
     return [f"{cls.__name__}.forward"] if code is not None and _debug_get_cache_entry_list(code) else []
 
 
-class EagerWhileRecording:
+class EagerWhileRecording(ProcessWideScope):
     """Sets dynamo's stance to ``force_eager`` from the first active recording of a compiled model to the last
     (thread-safe)."""
 
-    _lock = threading.Lock()
-    _depth = 0
     _stance = None  # the set_stance object of the first recording; its exit restores the prior stance
 
     @classmethod
@@ -90,29 +88,21 @@ class EagerWhileRecording:
         return hasattr(torch, "compiler") and hasattr(torch.compiler, "set_stance")
 
     @classmethod
-    def enter(cls) -> None:
+    def _first(cls) -> None:
         """Only for a model check_compiled accepted, which a torch without set_stance never is."""
-        with cls._lock:
-            if cls._depth == 0:
-                try:
-                    cls._stance = torch.compiler.set_stance("force_eager")
-                except RuntimeError as error:  # "attempted to set_stance in a torch.compile region"
-                    raise RuntimeError(
-                        "vitmad.record: the recording was entered inside a function being compiled by torch.compile, "
-                        "whose generated code cannot report its attention; enter `with vitmad.record(model)` outside "
-                        f"the compiled function ({error})"
-                    ) from None
-            cls._depth += 1
+        try:
+            cls._stance = torch.compiler.set_stance("force_eager")
+        except RuntimeError as error:  # "attempted to set_stance in a torch.compile region"
+            raise RuntimeError(
+                "vitmad.record: the recording was entered inside a function being compiled by torch.compile, "
+                "whose generated code cannot report its attention; enter `with vitmad.record(model)` outside "
+                f"the compiled function ({error})"
+            ) from None
 
     @classmethod
-    def leave(cls) -> None:
-        with cls._lock:
-            if cls._depth == 0:
-                return
-            cls._depth -= 1
-            if cls._depth == 0:
-                stance, cls._stance = cls._stance, None
-                stance.__exit__(None, None, None)
+    def _last(cls) -> None:
+        stance, cls._stance = cls._stance, None
+        stance.__exit__(None, None, None)
 
 
 def check_compiled(model: nn.Module, given: nn.Module) -> bool:

@@ -44,13 +44,13 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-import threading
 
 import torch
 from torch.nn.attention import flex_attention as _torch_flex_module
 from torch.overrides import handle_torch_function, has_torch_function
 
 from .interface_call import _causal_refusal, _shared_key_heads, signature_of
+from .process_scope import ProcessWideScope
 
 __all__ = ["flex_attention", "is_flex_attention", "FlexAttentionStandIn", "flex_logits", "unread_flex_refusal",
            "without_autocast"]
@@ -82,7 +82,7 @@ def is_flex_attention(value) -> bool:
     return value is _TORCH_FLEX_ATTENTION or value is flex_attention
 
 
-class FlexAttentionStandIn:
+class FlexAttentionStandIn(ProcessWideScope):
     """Puts :func:`flex_attention` where loaded modules hold torch's, from the first active recording to the last
     (thread-safe); every binding of the stand-in goes back to torch's function at the last exit.
 
@@ -95,8 +95,6 @@ class FlexAttentionStandIn:
     without adding a name (an assignment over another value) is not found.
     """
 
-    _lock = threading.Lock()
-    _depth = 0
     _scanned: dict[str, tuple[int, int]] = {}  # module name -> (id of the module, size of its namespace) then
     _bindings: dict[int, tuple[dict, set[str]]] = {}  # id of a namespace -> it, and its names found holding either
 
@@ -130,20 +128,12 @@ class FlexAttentionStandIn:
                     namespace[name] = new
 
     @classmethod
-    def enter(cls) -> None:
-        with cls._lock:
-            if cls._depth == 0:
-                cls._rebind(_TORCH_FLEX_ATTENTION, flex_attention)
-            cls._depth += 1
+    def _first(cls) -> None:
+        cls._rebind(_TORCH_FLEX_ATTENTION, flex_attention)
 
     @classmethod
-    def leave(cls) -> None:
-        with cls._lock:
-            if cls._depth == 0:
-                return
-            cls._depth -= 1
-            if cls._depth == 0:
-                cls._rebind(flex_attention, _TORCH_FLEX_ATTENTION)
+    def _last(cls) -> None:
+        cls._rebind(flex_attention, _TORCH_FLEX_ATTENTION)
 
 
 def unread_flex_refusal(name: str, module: torch.nn.Module) -> str:
