@@ -643,6 +643,9 @@ class Recording:
         self._placers: dict[str, LayerPlacer] = {}
         # Class-attention modules whose class-token maps are recorded (prefix maps asked for): no MAD of theirs.
         self._class_layers: set[str] = set()
+        # Root child -> its own patch embedding (find_patch_embedding), for the second-tower checks of
+        # _choose_layers and _refuse_other_towers_on_the_plain_grid: one walk of each subtree.
+        self._root_embeddings: dict[str, tuple | None] = {}
         # Every family asks the module tree its own questions: one walk per root serves them all.
         with shared_walks():
             self._plain = PlainLayout(model, patch, None if grid is None else (int(grid[0]), int(grid[1])),
@@ -722,7 +725,6 @@ class Recording:
                             "recording per tower"
                         )
         modules = {}
-        own_embeddings: dict[str, tuple | None] = {}  # root child -> its own patch embedding (find_patch_embedding)
         # Names given whole, not through a wildcard: a module so named is the user's choice even where vitmad found
         # no attention in it.
         named = set() if layers is None else {p for p in layers if not any(c in p for c in "*?[")}
@@ -735,12 +737,10 @@ class Recording:
                 # Named in layers= (the default takes the tower alone): skipped, as packed towers skip a
                 # language model's layers, so that a wildcard over a whole vision-language model records its tower.
                 # A root child beside the image tower (not holding it) with a patch embedding of its own is a
-                # second tower; one walk per root child, not one per layer.
+                # second tower.
                 root = name.split(".", 1)[0]
                 beside = "." in name and not prefix.startswith(root + ".")
-                if beside and root not in own_embeddings:
-                    own_embeddings[root] = find_patch_embedding(model.get_submodule(root))
-                own = own_embeddings.get(root) if beside else None
+                own = self._root_embedding(root) if beside else None
                 placer = Skip(
                     f"in {root}, a second tower that embeds the image with its own patch embedding ({root}."
                     f"{own[0]}) beside {prefix[:-1]}, the one this recording places (one patch grid per recording); "
@@ -1000,6 +1000,13 @@ class Recording:
         self._started[me] = call
         self._model_started = call if module is self.model else None
 
+    def _root_embedding(self, root: str) -> tuple | None:
+        """The patch embedding of the model's child ``root`` (:func:`find_patch_embedding`), walked once per child,
+        not once per recorded layer in it."""
+        if root not in self._root_embeddings:
+            self._root_embeddings[root] = find_patch_embedding(self.model.get_submodule(root))
+        return self._root_embeddings[root]
+
     def _refuse_other_towers_on_the_plain_grid(self) -> None:
         """A user's module holding several towers (``self.a``, ``self.b``) whose layers are placed by the plain layout:
         that layout reads one patch embedding, the first found (``a.conv_proj``), so a layer of ``b``, which embeds
@@ -1009,15 +1016,12 @@ class Recording:
         if embedding is None or "." not in embedding[0] or self._given is not None:
             return
         home = embedding[0].split(".", 1)[0]
-        embeddings: dict[str, tuple | None] = {}  # by root child: one walk of its subtree, not one per layer in it
         for name in self._modules:
             root = name.split(".", 1)[0]
             placer = self._placers.get(name)
             if root == home or "." not in name or placer is None or not _uses_plain_layout(placer):
                 continue
-            if root not in embeddings:
-                embeddings[root] = find_patch_embedding(self.model.get_submodule(root))
-            own = embeddings[root]
+            own = self._root_embedding(root)
             if own is not None:
                 raise ValueError(
                     f"vitmad.record: {name} lies in {root}, which embeds the image with its own patch embedding "
