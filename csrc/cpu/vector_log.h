@@ -97,7 +97,12 @@ __attribute__((always_inline)) inline void x_log_x_unsigned(const V& x, V& resul
 //   in a standalone loop, 0.31-0.63 ns per value in `stats`;
 // - this loop software-pipelined (the next vector's split and f-only terms before this vector's P, sum and max):
 //   0.34-0.45 ns per value.
-// Neither is clearly quicker in place, so the bound there is not the instruction count alone. The table loop with
+// Neither is clearly quicker in place, so the bound there is not the instruction count alone. Tried again on
+// 2026-12-05 (same machine): an accurate-table version (m in [0.75, 1.5) from vgetmantps, Gal's table so that the
+// table adds no rounding, a degree-5 polynomial, 15 instructions per 16 values, every term within 1.83 ulp over all
+// floats) took 0.146 against this loop's 0.207 ns per value in L1, yet in `stats` over [64, 12, 197, 197] the
+// entropy's share stayed 3.5-3.8 ms against 3.7-4.5 ms (of 8.3-8.8 ms for `mad`), also with a second prefetch 12 KB
+// ahead into L2: left out again. The table loop with
 // x * x in place of the logarithm made `stats` 1.12-1.13x `mad` over [64, 12, 197, 197] (1.64-1.79x with it): the
 // logarithm is the cost, and the loop around it is already at the edge of stats' 1.1x target.
 constexpr uint32_t kXLogXFastLimitBits = 0x7f800000;  // the bits of +inf
