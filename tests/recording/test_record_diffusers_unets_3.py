@@ -233,6 +233,25 @@ def test_amused_transformer_layers_over_the_down_blocks_map(downsample, monkeypa
         _check_map(rec.calls[-1], tokens.calls[-1], layer, _reference(probabilities, grid, stride), grid, stride)
 
 
+def test_attention_run_outside_the_forward_names_the_module_that_starts_the_map():
+    # aMUSEd's map starts at `embed`, Stable Cascade's level 0 at `embedding`: neither has the conv_in of diffusers'
+    # UNets, and an attention called before them is refused naming the module that makes its map.
+    torch.manual_seed(0)
+    amused = diffusers.UVit2DModel(
+        hidden_size=32, cond_embed_dim=12, micro_cond_encode_dim=2, micro_cond_embed_dim=10, encoder_hidden_size=12,
+        vocab_size=32, codebook_size=16, in_channels=16, block_out_channels=16, num_res_blocks=1, block_num_heads=2,
+        num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, sample_size=8)
+    cascade = _cascade(patch_size=1)
+    cases = [(amused, "transformer_layers.0.attn1", amused.transformer_layers[0].attn1, (1, 12, 32), "embed"),
+             (cascade, "down_blocks.0.2.attention", cascade.down_blocks[0][2].attention, (1, 6, 16), "embedding")]
+    for model, name, attention, shape, start in cases:
+        unet = type(model).__name__
+        with pytest.raises(ValueError, match=rf"{name} \(Attention\) of {unet}: it ran before {unet}'s {start} made "
+                                             "its map, so its latent grid is unknown"):
+            with torch.no_grad(), vitmad.record(model, layers=[name]):
+                attention(torch.randn(*shape))
+
+
 # --- TransformerTemporalModel
 
 

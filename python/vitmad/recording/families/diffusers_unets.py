@@ -341,6 +341,10 @@ class UNetMapPlacer(LayerPlacer):
         self.sample_key = ("diffusers_unets.sample", id(self))
         self.attention_key = ("diffusers_unets.attention", id(self))
 
+    def map_source(self) -> nn.Module | None:
+        """The module whose output starts the map this attention runs on (named where it has not run yet)."""
+        return self.conv_in
+
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         handles = [self.conv_in.register_forward_hook(functools.partial(self.sampled, context, None))]
         handles += [m.register_forward_hook(functools.partial(self.sampled, context, f)) for m, f in self.samplings]
@@ -420,7 +424,9 @@ class UNetMapPlacer(LayerPlacer):
         self.check_call(context)
         current = context.values.get(self.key)
         if current is None:
-            raise NotPlaceable(f"it ran before {type(self.unet).__name__}'s conv_in, so its latent grid is unknown")
+            start = next((name for name, m in self.unet.named_modules() if m is self.map_source()), "conv_in")
+            raise NotPlaceable(f"it ran before {type(self.unet).__name__}'s {start} made its map, so its latent grid "
+                               "is unknown")
         shape, frames = context.values.get(self.input_key, (None, None))
         if shape is None or len(shape) != 4 or tuple(shape[-2:]) != current.grid:
             raise NotPlaceable(

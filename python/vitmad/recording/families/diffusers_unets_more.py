@@ -233,6 +233,9 @@ class CascadeMapPlacer(UNetMapPlacer):
         self.source, self.stride = source, (stride, stride)
         self.condition_key = ("diffusers_unets_more.condition", id(self))
 
+    def map_source(self) -> nn.Module:
+        return self.source
+
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         def level_map(module, args, output) -> None:
             context.values[self.key] = UNetMap((int(output.shape[-2]), int(output.shape[-1])), self.stride)
