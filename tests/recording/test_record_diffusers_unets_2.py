@@ -62,14 +62,16 @@ _TEMPORAL_PARTS = (".motion_modules.", ".temp_attentions.", "transformer_in.", "
 
 def _merged_probabilities(model, monkeypatch, run) -> dict[str, list[torch.Tensor]]:
     """Per ``Attention`` module name, the float64 probabilities ``[B, heads, Nq, Nk]`` of each of its forwards in
-    ``run``, from the merged ``[rows, N, d]`` queries and keys each ``get_attention_scores`` call is given (a
-    forward's slices joined in order, then row ``b * heads + h`` put at ``[b, h]``)."""
+    ``run``, from the merged ``[rows, N, d]`` queries and keys (and the additive mask) each ``get_attention_scores``
+    call is given (a forward's slices joined in order, then row ``b * heads + h`` put at ``[b, h]``)."""
     current, found = [], {}
     original = attention_processor.Attention.get_attention_scores
 
     def spy(attn, query, key, attention_mask=None):
-        assert attention_mask is None and not attn.upcast_attention
+        assert not attn.upcast_attention
         logits = query.double() @ key.double().transpose(-1, -2) * attn.scale
+        if attention_mask is not None:  # added to the logits (baddbmm's input)
+            logits = logits + attention_mask.double()
         found[current[-1][0]][-1].append(logits.softmax(-1))
         return original(attn, query, key, attention_mask)
 

@@ -37,6 +37,7 @@ import pytest
 import torch
 from test_record_diffusers_images import _attention_maps
 from test_record_diffusers_unets import STAT_TOL, TOL, _own_probabilities, _record, _reference, _sharpen, _svd_reference
+from test_record_diffusers_unets_2 import _merged_probabilities
 
 import vitmad
 from conftest import grid_centres
@@ -130,6 +131,32 @@ def test_kandinsky3_self_attention_over_each_blocks_map_prompt_attention_skipped
         probabilities = own[name][-1]
         assert probabilities.shape[-2:] == (math.prod(grid),) * 2
         _sharp(probabilities)
+        _check_map(rec.calls[-1], tokens.calls[-1], layer, _reference(probabilities, grid, stride), grid, stride)
+
+
+@pytest.mark.parametrize("processor", ["classic", "sliced_3"])
+def test_kandinsky3_classic_and_sliced_processors_equal_their_own(processor, monkeypatch):
+    # The processors without SDPA: each get_attention_scores call's probabilities (3 rows of batch x heads at a time
+    # for the sliced one, which do not divide the 2 x 8 rows of the self-attention blocks) placed by the same rules;
+    # the prompt's mask reaches the classic processors as an additive mask (the cross-attentions, skipped).
+    unet = _kandinsky3()
+    unet.set_attn_processor(attention_processor.AttnProcessor() if processor == "classic"
+                            else attention_processor.SlicedAttnProcessor(int(processor[-1])))
+    latent = (16, 8)
+    gen = torch.Generator().manual_seed(4)
+    sample, text = torch.randn(2, 4, *latent, generator=gen), torch.randn(2, 5, 12, generator=gen)
+
+    def run():
+        return unet(sample, torch.tensor([10]), text, torch.ones(2, 5)).sample
+
+    own = _merged_probabilities(unet, monkeypatch, run)
+    rec, tokens = _record(unet, run)
+    assert rec.layers == [name for name in own if name.endswith("attentions.0.attention")
+                          and not name.startswith("down_blocks.0")]
+    for layer, name in enumerate(rec.layers):
+        grid, stride = _kandinsky3_map(name, latent, 4)
+        probabilities = own[name][-1]
+        assert probabilities.shape[-2:] == (math.prod(grid),) * 2
         _check_map(rec.calls[-1], tokens.calls[-1], layer, _reference(probabilities, grid, stride), grid, stride)
 
 
