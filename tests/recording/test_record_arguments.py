@@ -85,6 +85,48 @@ def test_a_grid_that_is_not_the_patch_embeddings_is_refused():
     assert given.geometry[0].stride == (10.0, 10.0) and given.geometry[0].grid == (3, 3)
 
 
+def test_pooled_tokens_are_refused_naming_every_argument_that_places_them(monkeypatch):
+    """Patches average-pooled 2x2 before the blocks: the first refusal named grid= alone, the next num_prefix_tokens=,
+    the next patch= (three tries, found by QA). Each now names all three, and with them the MAD is the one of the
+    2 x 2 grid of 16 px cells (centres 8 and 24 px) under the layer's own attention."""
+    torch.manual_seed(0)
+    model, pixels = _tiny_vit(), torch.randn(1, 3, 32, 32)
+
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = model
+
+        def forward(self, x):
+            tokens = self.vit.embeddings(x)[:, 1:]  # the 4 x 4 patches, class token dropped
+            grid = tokens.unflatten(1, (4, 4)).permute(0, 3, 1, 2)
+            pooled = torch.nn.functional.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
+            return self.vit.layers[0](pooled)
+
+    pooled = Pooled().eval()
+    for options in ({}, {"grid": [2, 2]}):
+        with pytest.raises(ValueError) as refused:
+            with torch.no_grad(), vitmad.record(pooled, **options):
+                pooled(pixels)
+        message = str(refused.value)
+        assert "num_prefix_tokens=<tokens before the grid>" in message and "patch=<pixels per token" in message
+        assert "grid=[grid_h, grid_w]" in message or "leave grid unset" in message
+    captured = {}
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, *args, **kwargs):
+        captured["logits"] = (query.double() @ key.double().transpose(-1, -2)) / math.sqrt(query.shape[-1])
+        return original(query, key, *args, **kwargs)
+
+    with torch.no_grad(), vitmad.record(pooled, grid=[2, 2], num_prefix_tokens=0, patch=16) as rec:
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        pooled(pixels)
+        monkeypatch.undo()
+    centres = torch.tensor([[8.0, 8.0], [8.0, 24.0], [24.0, 8.0], [24.0, 24.0]], dtype=torch.float64)
+    want = (captured["logits"].softmax(-1) * torch.cdist(centres, centres)).sum(-1).mean(-1)  # [B, H]
+    torch.testing.assert_close(rec.mad[0].double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_call_the_model_cannot_make_fails_with_the_models_error_not_vitmads():
     """A transformers Swin run where a stage is smaller than its window (its relative bias no longer fits the
     logits) fails without vitmad; recorded, vitmad's refusal of the same bias came first and read as vitmad's

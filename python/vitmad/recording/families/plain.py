@@ -372,7 +372,8 @@ class PlainPlacer(LayerPlacer):
             raise NotPlaceable(
                 f"the given grid={list(layout.grid)} is not the {seen[0]}x{seen[1]} grid of its patch embedding "
                 f"({embedding}) in this call, and its extra tokens would be counted from it; leave grid "
-                "unset, or pass num_prefix_tokens too if that convolution is not the patch embedding"
+                "unset, or, if its tokens are a grid of that size (pooled, or a stage after other strides), pass "
+                "num_prefix_tokens=<tokens before the grid> and patch=<pixels per token of the given grid> too"
             )
         counted = prefix is None
         if counted:
@@ -382,8 +383,10 @@ class PlainPlacer(LayerPlacer):
                     f"it attends over {num_queries} tokens, fewer than the {grid[0]}x{grid[1]} = {patches} "
                     f"patches of the {source}"
                     + (f" plus {suffix} tokens after them" if suffix else "")
-                    + " (windows, pooled tokens or dropped patches?), so its tokens cannot be placed; pass "
-                    "grid=[grid_h, grid_w] if its tokens are a full grid of that size"
+                    + " (windows, pooled tokens or dropped patches?), so its tokens cannot be placed; if they are a "
+                    "full grid, pass grid=[grid_h, grid_w], num_prefix_tokens=<tokens before the grid> and "
+                    "patch=<pixels per token of that grid>, or positions=<[N, 2] pixel position of each token, NaN "
+                    "rows for tokens off the image>"
                 )
             declared = layout.declared_prefix
             if declared is not None and prefix > declared[1] and layout.grid is None:
