@@ -504,7 +504,14 @@ def test_images_of_the_wrong_kind_are_named(images, message):
 def test_compare_names_an_output_it_cannot_write_and_labels_runs_of_one_model_apart(good_result, tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     code = main(["compare", str(good_result), str(good_result), "--out", str(tmp_path / "afile" / "cmp.png")])
-    assert code == 2 and capsys.readouterr().err.startswith("vitmad: error: --out: cannot write to")
+    # The file in the way is named (mkdir's own reason was "File exists", QA 211).
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        f"vitmad: error: --out: cannot write to {tmp_path / 'afile'}: a file, not a folder")
+    if Path("/proc/self").is_dir():  # a folder that takes no new files: not "No such file or directory" alone
+        code = main(["compare", str(good_result), str(good_result), "--out", "/proc/cmp.png"])
+        assert code == 2 and capsys.readouterr().err.strip() == (
+            "vitmad: error: --out: cannot write to /proc: the folder exists but takes no new files (No such file or "
+            "directory)")
     code = main(["compare", str(good_result), str(good_result), "--out", str(tmp_path)])
     assert code == 2 and "is a folder; name the figure file" in capsys.readouterr().err
     with pytest.warns(UserWarning, match=f"results 1 and 2 are the same file, {good_result}: its curves are drawn "

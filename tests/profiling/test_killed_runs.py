@@ -159,7 +159,8 @@ def test_unwritable_out_fails_before_any_work(tiny_model, tmp_path, capsys, monk
     images = tmp_path / "images"
     write_images(images, 2)
     out = tmp_path / "out"
-    expected = {"under_a_file": "Not a directory", "chmod_read_only": "Permission denied",
+    expected = {"under_a_file": f"a file, not a folder ({tmp_path / 'a_file'} is one)",
+                "chmod_read_only": "Permission denied",
                 "read_only_fs": "Read-only file system", "disk_full": "No space left on device"}[variant]
     if variant == "under_a_file":
         (tmp_path / "a_file").write_text("x")

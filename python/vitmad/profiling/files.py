@@ -27,6 +27,11 @@ def check_writable(folder: str | os.PathLike, parameter: str = "out") -> None:
         OptionError: the folder cannot be created or written; the message names ``parameter`` and the reason.
     """
     folder = Path(folder)
+    # The nearest existing path on the way: a file there makes mkdir say "File exists" or "Not a directory".
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "" if existing == folder else f" ({existing} is one)"
+        raise OptionError(parameter, f"cannot write to {folder}: a file, not a folder{where}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".vitmad-write-test.", dir=folder)
@@ -38,6 +43,9 @@ def check_writable(folder: str | os.PathLike, parameter: str = "out") -> None:
             os.unlink(probe)
     except OSError as err:
         reason = err.strerror or type(err).__name__
+        if err.errno == errno.ENOENT and existing is not None:  # /proc: a folder that takes no new entries
+            reason = (f"the folder exists but takes no new files ({reason})" if existing == folder
+                      else f"{existing} takes no new folders ({reason})")
         raise OptionError(parameter, f"cannot write to {folder}: {reason}") from err
 
 
