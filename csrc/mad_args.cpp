@@ -8,6 +8,8 @@
 #include <limits>
 #include <string>
 
+#include "dtype_name.h"
+
 namespace vitmad {
 namespace {
 
@@ -68,7 +70,7 @@ void check_attn_tensor(const at::Tensor& attn, const char* shape, const char* op
   TORCH_CHECK_VALUE(attn.layout() == at::kStrided, op_name,
                     ": attn must be a dense (strided) tensor, got layout ", attn.layout());
   TORCH_CHECK_TYPE(is_supported_dtype(attn.scalar_type()), op_name,
-                   ": attn must be float16, bfloat16, float32 or float64, got ", attn.scalar_type());
+                   ": attn must be float16, bfloat16, float32 or float64, got ", dtype_name(attn.scalar_type()));
   TORCH_CHECK_VALUE(attn.dim() >= 2, op_name, ": attn must have at least 2 dimensions ", shape, ", got shape ",
                     attn.sizes());
 }
@@ -110,7 +112,7 @@ at::Tensor check_mad_grad(const at::Tensor& grad, const at::Tensor& attn, bool r
   TORCH_CHECK_VALUE(grad.device() == attn.device(), "vitmad.mad_backward: grad must be on attn's device ",
                     attn.device(), ", got ", grad.device());
   TORCH_CHECK_TYPE(at::isFloatingType(grad.scalar_type()),
-                   "vitmad.mad_backward: grad must be a floating-point tensor, got ", grad.scalar_type());
+                   "vitmad.mad_backward: grad must be a floating-point tensor, got ", dtype_name(grad.scalar_type()));
   return grad.to(mad_output_dtype(attn.scalar_type())).contiguous();
 }
 
@@ -129,9 +131,9 @@ QkShape check_qk_tensors(const at::Tensor& q, const at::Tensor& k, std::optional
   TORCH_CHECK_VALUE(k.layout() == at::kStrided, op_name, ": k must be a dense (strided) tensor, got layout ",
                     k.layout());
   TORCH_CHECK_TYPE(is_supported_dtype(q.scalar_type()), op_name,
-                   ": q must be float16, bfloat16, float32 or float64, got ", q.scalar_type());
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), op_name, ": k must have q's dtype ", q.scalar_type(),
-                   ", got ", k.scalar_type());
+                   ": q must be float16, bfloat16, float32 or float64, got ", dtype_name(q.scalar_type()));
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), op_name, ": k must have q's dtype ", dtype_name(q.scalar_type()),
+                   ", got ", dtype_name(k.scalar_type()));
   TORCH_CHECK_VALUE(q.dim() >= 2, op_name, ": q must have at least 2 dimensions [..., N, D], got shape ",
                     q.sizes());
   TORCH_CHECK_VALUE(k.dim() == q.dim() && k.sizes().slice(0, k.dim() - 2) == q.sizes().slice(0, q.dim() - 2),
@@ -153,15 +155,15 @@ QkShape check_qk_tensors(const at::Tensor& q, const at::Tensor& k, std::optional
   // The logits of 16-bit and float32 q are computed in float32, where such a scale is infinite.
   TORCH_CHECK_VALUE(!scale.has_value() || q.scalar_type() == at::kDouble ||
                         std::abs(*scale) <= static_cast<double>(std::numeric_limits<float>::max()),
-                    op_name, ": scale must be finite in float32, the precision of the logits of ", q.scalar_type(),
+                    op_name, ": scale must be finite in float32, the precision of the logits of ", dtype_name(q.scalar_type()),
                     " q (|scale| <= ", std::numeric_limits<float>::max(), "), got ", *scale);
   if (attn_bias.has_value()) {
     const at::Tensor& bias = *attn_bias;
     TORCH_CHECK_VALUE(bias.layout() == at::kStrided, op_name,
                       ": attn_bias must be a dense (strided) tensor, got layout ", bias.layout());
     TORCH_CHECK_TYPE(bias.scalar_type() == q.scalar_type() || bias.scalar_type() == at::kBool, op_name,
-                     ": attn_bias must have q's dtype ", q.scalar_type(), " (added to the logits) or be bool "
-                     "(True keeps a key), got ", bias.scalar_type());
+                     ": attn_bias must have q's dtype ", dtype_name(q.scalar_type()), " (added to the logits) or be bool "
+                     "(True keeps a key), got ", dtype_name(bias.scalar_type()));
     TORCH_CHECK_VALUE(bias.device() == q.device(), op_name, ": attn_bias must be on q's device ", q.device(),
                       ", got ", bias.device());
     const auto target = logits_shape(q, k);

@@ -199,15 +199,18 @@ def _qk(n=17, d=8, dtype=torch.float32, lead=(2, 3)):
 
 
 BAD_INPUTS = [
-    (dict(q=_qk().int(), k=_qk().int()), TypeError, "q must be float16"),
-    (dict(k=_qk(dtype=torch.float64)), TypeError, "k must have q's dtype"),
+    (dict(q=_qk().int(), k=_qk().int()), TypeError,
+     r"q must be float16, bfloat16, float32 or float64, got torch\.int32$"),  # torch's spelling, as the fallback
+    (dict(k=_qk(dtype=torch.float64)), TypeError, "k must have q's dtype torch.float32, got torch.float64"),
     (dict(q=torch.randn(8)), ValueError, "q must have at least 2 dimensions"),
     (dict(k=_qk(lead=(3, 2))), ValueError, "k must have q's leading dimensions"),
     (dict(k=_qk(d=9)), ValueError, "k must have q's head dimension D = 8"),
     (dict(k=_qk(n=18)), ValueError, "k must have q's number of tokens N = 17"),
     (dict(q=_qk(d=0), k=_qk(d=0)), ValueError, "q must have a head dimension D > 0"),
     (dict(scale=float("nan")), ValueError, "scale must be finite"),
-    (dict(attn_bias=torch.zeros(17, 17, dtype=torch.float64)), TypeError, "attn_bias must have q's dtype"),
+    (dict(attn_bias=torch.zeros(17, 17, dtype=torch.float64)), TypeError,
+     r"attn_bias must have q's dtype torch\.float32 \(added to the logits\) or be bool \(True keeps a key\), got "
+     r"torch\.float64$"),
     (dict(attn_bias=torch.zeros(3, 3, 17, 17)), ValueError, r"attn_bias must be broadcastable .* \[2, 3, 17, 17\]"),
     (dict(attn_bias=torch.zeros(17, 16)), ValueError, "attn_bias must be broadcastable"),
     (dict(attn_bias=torch.zeros(1, 2, 3, 17, 17)), ValueError, "attn_bias must be broadcastable"),
