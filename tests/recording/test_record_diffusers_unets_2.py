@@ -94,13 +94,18 @@ def _merged_probabilities(model, monkeypatch, run) -> dict[str, list[torch.Tenso
             for name, forwards in found.items()}
 
 
+def use_processor(unet, processor: str) -> None:
+    """Sets every attention of ``unet`` to ``AttnProcessor`` ("classic") or ``SlicedAttnProcessor(n)`` ("sliced_n")."""
+    unet.set_attn_processor(attention_processor.AttnProcessor() if processor == "classic"
+                            else attention_processor.SlicedAttnProcessor(int(processor.split("_")[1])))
+
+
 @pytest.mark.parametrize("processor", ["classic", "sliced_1", "sliced_2"])
 def test_classic_and_sliced_processors_equal_their_own(processor, monkeypatch):
     # Stable Diffusion's layout with the processor prompt-to-prompt style code builds on; batch 2 of 2 heads: slices
     # of 1 row (set_attention_slice("max")) and of 2 rows (half the 4 rows of batch times heads).
     unet = _sd_unet(False)
-    unet.set_attn_processor(attention_processor.AttnProcessor() if processor == "classic"
-                            else attention_processor.SlicedAttnProcessor(int(processor[-1])))
+    use_processor(unet, processor)
     latent = (9, 7)
     gen = torch.Generator().manual_seed(1)
     sample, text = torch.randn(2, 4, *latent, generator=gen), torch.randn(2, 5, 12, generator=gen)

@@ -37,7 +37,7 @@ import pytest
 import torch
 from test_record_diffusers_images import _attention_maps
 from test_record_diffusers_unets import STAT_TOL, TOL, _own_probabilities, _record, _reference, _sharpen, _svd_reference
-from test_record_diffusers_unets_2 import _merged_probabilities
+from test_record_diffusers_unets_2 import _merged_probabilities, use_processor
 
 import vitmad
 from conftest import grid_centres
@@ -140,8 +140,7 @@ def test_kandinsky3_classic_and_sliced_processors_equal_their_own(processor, mon
     # for the sliced one, which do not divide the 2 x 8 rows of the self-attention blocks) placed by the same rules;
     # the prompt's mask reaches the classic processors as an additive mask (the cross-attentions, skipped).
     unet = _kandinsky3()
-    unet.set_attn_processor(attention_processor.AttnProcessor() if processor == "classic"
-                            else attention_processor.SlicedAttnProcessor(int(processor[-1])))
+    use_processor(unet, processor)
     latent = (16, 8)
     gen = torch.Generator().manual_seed(4)
     sample, text = torch.randn(2, 4, *latent, generator=gen), torch.randn(2, 5, 12, generator=gen)
