@@ -467,3 +467,28 @@ def test_a_mask_of_each_token_and_the_class_token_is_not_causal(window):
     assert bool((expected[:, 0] == 0).all()) and bool((expected[:, 1] > 0).all()) == window  # patch keys: self alone
     assert bool(tokens.per_layer[0][..., 0].isnan().all())  # the class token's query has no position
     torch.testing.assert_close(tokens.per_layer[0][..., 1:].double(), expected, **TOL)
+
+
+def test_the_module_scan_survives_an_import_in_another_thread(monkeypatch):
+    """A recording's start scans every loaded module for torch's flex_attention. `vitmad profile` starts one per
+    batch while its loader thread decodes the next, and PIL importing a plugin there (a corrupt or WebP image) changed
+    sys.modules during the scan: "dictionary changed size during iteration" ended the run, 1 in 3 times under load
+    (QA 215). The scan reads a copy made in one step; here the import lands in the middle of any iteration of the
+    live dict."""
+    from vitmad.recording.flex_call import FlexAttentionStandIn
+
+    class ImportingMeanwhile(dict):
+        def items(self):
+            def items():
+                for index, item in enumerate(dict.items(self)):
+                    if index == 1:
+                        self["_vitmad_imported_meanwhile"] = types.ModuleType("_vitmad_imported_meanwhile")
+                    yield item
+            return items()
+
+    scanned = {}
+    monkeypatch.setattr(FlexAttentionStandIn, "_scanned", scanned)
+    monkeypatch.setattr(sys, "modules", ImportingMeanwhile(sys.modules))
+    FlexAttentionStandIn._scan()
+    monkeypatch.undo()
+    assert "torch.nn.attention.flex_attention" in scanned

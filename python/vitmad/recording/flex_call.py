@@ -104,7 +104,9 @@ class FlexAttentionStandIn(ProcessWideScope):
         scan. vitmad's own modules are left alone: they name the stand-in as such (module_capture compares with it)
         and torch's function as this module's ``_TORCH_FLEX_ATTENTION``."""
         package, scanned = __name__.partition(".")[0], cls._scanned
-        for name, module in list(sys.modules.items()):
+        # Copies, each made in one step under the GIL: another thread may import meanwhile (a profile's image
+        # decoder loading PIL's plugins), and iterating the live dicts then fails with "dictionary changed size".
+        for name, module in sys.modules.copy().items():
             try:
                 state = (id(module), len(module.__dict__))
             except (AttributeError, TypeError):  # not a module, or one without a namespace
@@ -115,7 +117,7 @@ class FlexAttentionStandIn(ProcessWideScope):
             namespace = module.__dict__
             if name.partition(".")[0] == package or not isinstance(namespace, dict):
                 continue
-            found = {key for key, value in list(namespace.items()) if is_flex_attention(value)}
+            found = {key for key, value in namespace.copy().items() if is_flex_attention(value)}
             if found:
                 cls._bindings.setdefault(id(namespace), (namespace, set()))[1].update(found)
 
