@@ -21,7 +21,15 @@ import torch
 from .images import NATIVE, Preprocessing, hf_rescale
 from .monai_models import load_monai
 from .open_clip_models import load_open_clip
-from .options import MissingPathError, OptionError, error_said, first_line, import_optional
+from .options import (
+    MissingPathError,
+    OptionError,
+    checkpoint_unread_said,
+    error_said,
+    first_line,
+    import_optional,
+    state_dict_mismatch_said,
+)
 from .sam_models import load_sam2, load_segment_anything
 from .torchvision_models import load_torchvision, video_forward
 from .videos import video_processor_settings
@@ -605,16 +613,17 @@ def _load_timm(
     try:
         module, options = _create_timm(timm, name, model_checkpoint, tries, weights)
     except OSError as err:  # the pretrained weights could not be downloaded (offline, unknown tag)
-        raise OptionError("model", f"{spec}: cannot load its pretrained weights: {first_line(err)}") from err
+        raise OptionError("model", f"{spec}: cannot load its pretrained weights ({first_line(err).rstrip('.')}); "
+                                   "pass local weights (--weights FILE, model_checkpoint=)") from err
     except (RuntimeError, EOFError) as err:  # the file unreadable; or load_state_dict: missing, unexpected or
         # mis-shaped weights
         if model_checkpoint is None:
             raise
         if _raised_reading(err):  # an empty file (EOFError without a message), a cut zip, pickled objects
             raise OptionError("model_checkpoint", f"{model_checkpoint} cannot be read as a torch checkpoint "
-                                                  f"({error_said(err)})") from err
-        raise OptionError(
-            "model_checkpoint", f"{model_checkpoint} does not fit timm model {name}: {first_line(err)}"
+                                                  f"({checkpoint_unread_said(model_checkpoint, err)})") from err
+        raise OptionError(  # torch's first line names only the class: the keys that differ follow it
+            "model_checkpoint", f"{model_checkpoint} does not fit timm model {name}: {state_dict_mismatch_said(err)}"
         ) from err
     if image_size not in (None, NATIVE) and "dynamic_img_size" not in options:
         _check_runs_at(module.eval(), name, image_size)

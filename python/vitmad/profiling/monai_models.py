@@ -23,7 +23,14 @@ from pathlib import Path
 
 import torch
 
-from .options import OptionError, error_said, import_for_spec, import_optional, state_dict_mismatch_said
+from .options import (
+    OptionError,
+    checkpoint_unread_said,
+    error_said,
+    import_for_spec,
+    import_optional,
+    state_dict_mismatch_said,
+)
 from .volumes import VolumePreprocessing, check_unit, parse_intensity
 
 __all__ = ["MONAI_NETWORKS", "load_monai", "read_model_args"]
@@ -99,7 +106,7 @@ def _state_dict(model_checkpoint: Path) -> dict:
         loaded = torch.load(model_checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  (pickle, zip and torch errors alike: the file is not a checkpoint)
         raise OptionError("model_checkpoint", f"{model_checkpoint} cannot be read as a torch checkpoint "
-                                              f"({error_said(err)})") from err
+                                              f"({checkpoint_unread_said(model_checkpoint, err)})") from err
     if isinstance(loaded, dict):
         for key in _STATE_KEYS:
             if isinstance(loaded.get(key), dict):

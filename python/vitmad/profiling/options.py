@@ -8,6 +8,7 @@ audiences read their own spelling.
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "import_optional",
     "first_line",
     "error_said",
+    "checkpoint_unread_said",
     "DTYPES",
     "PROFILE_STATS",
 ]
@@ -44,6 +46,22 @@ def error_said(err: BaseException) -> str:
     """``Type: first line`` of an exception, for messages that quote another library's error (a bare ``assert``,
     ``torch.load`` of an empty file: no message)."""
     return f"{type(err).__name__}: {first_line(err) if str(err).strip() else 'no message'}"
+
+
+def checkpoint_unread_said(path: str | os.PathLike, err: BaseException) -> str:
+    """Why ``torch.load`` could not read ``path``: its error, unless the file is in neither of torch's formats (a
+    zip archive, or a pickle: legacy ``torch.save``), where ``weights_only``'s complaint about pickle globals would
+    send the user after a pickle problem the file does not have."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError:
+        return error_said(err)
+    # A zip archive starts with "PK" (a cut one too: torch's reason then says what is wrong), a pickle of protocol 2
+    # and up with 0x80.
+    if head and not head.startswith((b"PK", b"\x80")):
+        return f"neither torch.save's zip archive nor a pickle: it starts with {head!r}"
+    return error_said(err)
 
 
 def state_dict_mismatch_said(err: BaseException) -> str:
