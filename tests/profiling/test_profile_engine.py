@@ -287,6 +287,18 @@ def test_timm_errors_name_the_option(tmp_path, image_folder):
         vitmad.profile("timm:vit_tiny_patch16_224", image_folder, model_checkpoint=tmp_path / "none.pth")
 
 
+def test_timm_weights_the_hub_refuses_offline_name_the_local_weights_option(image_folder, monkeypatch, tmp_path):
+    """With HF_HUB_OFFLINE set the hub library's own error came alone, without --weights (QA 215)."""
+    pytest.importorskip("timm")
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(ValueError, match=r"model: timm:test_vit: cannot load its pretrained weights \(.*\); pass "
+                                         r"local weights \(--weights FILE, model_checkpoint=\)$"):
+        vitmad.profile("timm:test_vit", image_folder)
+
+
 @pytest.mark.parametrize("image_size", [None, 64])
 def test_a_timm_weights_file_that_cannot_be_read_is_refused_as_unreadable(tmp_path, image_folder, image_size):
     """An empty file crashed with a bare EOFError, a cut one was said not to fit the model (or, built for a size,
