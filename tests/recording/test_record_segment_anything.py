@@ -251,3 +251,9 @@ def test_attention_outside_an_image_encoder_is_refused_by_name():
                                          r"or the Sam model"):
         with torch.no_grad(), vitmad.record(block):
             block(torch.randn(1, 8, 8, 32))
+    # The Attention itself recorded: no name to say it is held by (was "...;  is held by Attention", QA 217).
+    with pytest.raises(ValueError, match=r"the model itself \(Attention\) of Attention: .*ImageEncoderViT \(whose "
+                                         r"PatchEmbed gives the patch stride\); it was recorded alone, outside any "
+                                         r"ImageEncoderViT: record the ImageEncoderViT"):
+        with torch.no_grad(), vitmad.record(block.attn):
+            block.attn(torch.randn(1, 8, 8, 32))

@@ -124,10 +124,11 @@ def windowed_encoder_placer(model: nn.Module, name: str, module: nn.Module, bloc
     encoder_module = defining_module if encoder_module is None else encoder_module
     found = innermost_on_path(model, name, lambda m: _is(m, encoder_class, encoder_module))
     if not _is(block, block_class, defining_module) or found is None:
+        held = f"{name} is held by {type(block).__name__}" if name else "it was recorded alone"  # name "": the model
         return RefusingPlacer(
             f"{what} is placed only as the attention of a {block_class} within {encoder_class} (whose PatchEmbed "
-            f"gives the patch stride); {name} is held by {type(block).__name__}"
-            f"{'' if found is not None else f', outside any {encoder_class}'}: record {record} that holds it"
+            f"gives the patch stride); {held}{'' if found is not None else f', outside any {encoder_class}'}: "
+            f"record {record} that holds it"
         )
     # The encoder, not the whole model, is searched for the patch embedding (its first convolution).
     return WindowedGridPlacer(found[1], name, block, module, design)

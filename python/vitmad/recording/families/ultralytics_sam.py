@@ -97,7 +97,8 @@ def _tiny_vit_placer(model: nn.Module, name: str):
     if block is None or not _is(block, "TinyViTBlock", _TINY_VIT) or found is None:
         return RefusingPlacer(
             f"ultralytics' TinyViT Attention is placed only as the attention of a TinyViTBlock within a TinyViT "
-            f"(whose convolutions give the stride); {name} is held by {type(block).__name__}"
+            f"(whose convolutions give the stride); "
+            f"{f'{name} is held by {type(block).__name__}' if name else 'it was recorded alone'}"
             f"{'' if found is not None else ', outside any TinyViT'}: record the TinyViT (MobileSAM's image_encoder) "
             "or the SAMModel that holds it, or " + _POSITIONS)
     encoder_name, encoder = found
