@@ -208,8 +208,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         found = innermost_on_path(model, name, lambda m: _is(m, "DinoVisionTransformer", _DINOV2))
         if found is None:
             return RefusingPlacer(f"kornia's DINOv2 {type(module).__name__} is placed only within a "
-                                  f"DinoVisionTransformer (whose patch embedding gives its grid); {name} is outside "
-                                  "one: record the DinoVisionTransformer, or " + _POSITIONS)
+                                  f"DinoVisionTransformer (whose patch embedding gives its grid); {name or 'it'} is "
+                                  "outside one: record the DinoVisionTransformer, or " + _POSITIONS)
         return _GridPlacer(found[1].patch_embed.proj, "DeDoDe's DINOv2", prefix=1)
     if _is(module, "Attention", _SAM_DECODER):
         return _two_way_skip(name, "kornia")
@@ -284,8 +284,8 @@ def _vit_placer(model: nn.Module, name: str):
     found = innermost_on_path(model, name, lambda m: _is(m, "VisionTransformer", _VIT))
     if found is None:
         return RefusingPlacer(f"kornia's ViT MultiHeadAttention is placed only within its VisionTransformer (whose "
-                              f"PatchEmbedding gives the grid); {name} is outside one: record the VisionTransformer, "
-                              "or " + _POSITIONS)
+                              f"PatchEmbedding gives the grid); {name or 'it'} is outside one: record the "
+                              "VisionTransformer, or " + _POSITIONS)
     embedding = found[1].patch_embedding
     if embedding.custom_backbone:
         return RefusingPlacer(
@@ -303,7 +303,7 @@ def _qwen25_placer(model: nn.Module, name: str, module: nn.Module):
     if block is None or getattr(block, "attn", None) is not module or not any(b is block for b in blocks):
         return RefusingPlacer(
             f"kornia's Qwen25VisionAttention is placed only as the attention of a block of a Qwen25VisionTransformer "
-            f"(whose patch embedding gives the grid and whose config the windows); {name} is "
+            f"(whose patch embedding gives the grid and whose config the windows); {name or 'it'} is "
             f"{'outside one' if found is None else 'not the attention of one of its blocks'}: record the "
             "Qwen25VisionTransformer, or " + _POSITIONS)
     tower = found[1]
@@ -384,7 +384,7 @@ def _siglip2_placer(model: nn.Module, name: str, module: nn.Module):
     if not _layer_of(model, name, module, found, "encoder.layers", "self_attn"):
         return RefusingPlacer(
             f"kornia's SigLip2Attention is placed only as the self_attn of a layer of a SigLip2VisionModel (whose "
-            f"patch embedding gives the grid) or skipped in a SigLip2TextModel; {name} is neither: record the "
+            f"patch embedding gives the grid) or skipped in a SigLip2TextModel; {name or 'it'} is neither: record the "
             "SigLip2VisionModel (or the SigLip2Model or PaliGemma holding it), or " + _POSITIONS)
     return _GridPlacer(found[1].embeddings.patch_embedding, "kornia's SigLIP2 vision tower", prefix=0,
                        masked=(module, 1))
@@ -395,7 +395,8 @@ def _moonvit_placer(model: nn.Module, name: str, module: nn.Module):
     if not _layer_of(model, name, module, found, "encoder.layers", "attn"):
         return RefusingPlacer(
             f"kornia's MoonViTAttention is placed only as the attn of a layer of a MoonViT (whose patch embedding "
-            f"gives the grid); {name} is not: record the MoonViT (or the KimiVLModel holding it), or " + _POSITIONS)
+            f"gives the grid); {name or 'it'} is not: record the MoonViT (or the KimiVLModel holding it), or "
+            + _POSITIONS)
     return _GridPlacer(found[1].patch_embed, "kornia's MoonViT", prefix=0, masked=(module, 3))
 
 

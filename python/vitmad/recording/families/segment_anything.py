@@ -158,15 +158,15 @@ def _memory_self_attention(model: nn.Module, name: str, layer: nn.Module):
     encoder = getattr(found[1], "image_encoder", None) if found is not None else None
     if not isinstance(memory, nn.Module) or not any(other is layer for other in getattr(memory, "layers", ())):
         return RefusingPlacer(
-            f"{name} is sam2's memory-attention self-attention recorded without the SAM2Base (or "
+            f"{name or 'it'} is sam2's memory-attention self-attention recorded without the SAM2Base (or "
             "SAM2VideoPredictor) whose memory_attention holds it and whose image encoder gives it the current "
             "frame's map, so the map's stride is unknown; record the SAM2Base that holds it")
     trunk, neck = getattr(encoder, "trunk", None), getattr(encoder, "neck", None)
     if not _is(encoder, "ImageEncoder", _SAM2_IMAGE_ENCODER_MODULE) or not _is(trunk, "Hiera", _SAM2_HIERA_MODULE) \
             or not _is(neck, "FpnNeck", _SAM2_IMAGE_ENCODER_MODULE):
         return RefusingPlacer(
-            f"{name} is sam2's memory-attention self-attention over the map of the SAM2Base's image encoder, which "
-            f"is a {type(encoder).__name__} (trunk {type(trunk).__name__}, neck {type(neck).__name__}), not the "
+            f"{name or 'it'} is sam2's memory-attention self-attention over the map of the SAM2Base's image encoder, "
+            f"which is a {type(encoder).__name__} (trunk {type(trunk).__name__}, neck {type(neck).__name__}), not the "
             "package's ImageEncoder of a Hiera trunk and an FpnNeck whose stages vitmad reads; pass "
             "positions=<[N, 2] pixel position of each token> for that layer")
     lateral = [branch.conv for branch in neck.convs]
