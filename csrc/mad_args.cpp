@@ -155,15 +155,16 @@ QkShape check_qk_tensors(const at::Tensor& q, const at::Tensor& k, std::optional
   // The logits of 16-bit and float32 q are computed in float32, where such a scale is infinite.
   TORCH_CHECK_VALUE(!scale.has_value() || q.scalar_type() == at::kDouble ||
                         std::abs(*scale) <= static_cast<double>(std::numeric_limits<float>::max()),
-                    op_name, ": scale must be finite in float32, the precision of the logits of ", dtype_name(q.scalar_type()),
-                    " q (|scale| <= ", std::numeric_limits<float>::max(), "), got ", *scale);
+                    op_name, ": scale must be finite in float32, the precision of the logits of ",
+                    dtype_name(q.scalar_type()), " q (|scale| <= ", std::numeric_limits<float>::max(), "), got ",
+                    *scale);
   if (attn_bias.has_value()) {
     const at::Tensor& bias = *attn_bias;
     TORCH_CHECK_VALUE(bias.layout() == at::kStrided, op_name,
                       ": attn_bias must be a dense (strided) tensor, got layout ", bias.layout());
     TORCH_CHECK_TYPE(bias.scalar_type() == q.scalar_type() || bias.scalar_type() == at::kBool, op_name,
-                     ": attn_bias must have q's dtype ", dtype_name(q.scalar_type()), " (added to the logits) or be bool "
-                     "(True keeps a key), got ", dtype_name(bias.scalar_type()));
+                     ": attn_bias must have q's dtype ", dtype_name(q.scalar_type()),
+                     " (added to the logits) or be bool (True keeps a key), got ", dtype_name(bias.scalar_type()));
     TORCH_CHECK_VALUE(bias.device() == q.device(), op_name, ": attn_bias must be on q's device ", q.device(),
                       ", got ", bias.device());
     const auto target = logits_shape(q, k);

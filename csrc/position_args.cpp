@@ -28,7 +28,8 @@ void check_side(const at::Tensor& pos, const char* arg, at::IntArrayRef lead, co
   TORCH_CHECK_VALUE(pos.layout() == at::kStrided, op_name, ": ", arg, " must be a dense (strided) tensor, got layout ",
                     pos.layout());
   TORCH_CHECK_TYPE(at::isFloatingType(pos.scalar_type()), op_name, ": ", arg,
-                   " must be a floating-point tensor (NaN marks a token without a position), got ", dtype_name(pos.scalar_type()));
+                   " must be a floating-point tensor (NaN marks a token without a position), got ",
+                   dtype_name(pos.scalar_type()));
   TORCH_CHECK_VALUE(pos.dim() >= 2 && pos.size(-1) >= 1 && pos.size(-1) <= kMaxPositionDims, op_name, ": ", arg,
                     " must be [..., ", n_name, ", K] with K in {1, 2, 3}, got shape ", pos.sizes());
   TORCH_CHECK_VALUE(pos.size(-2) == n, op_name, ": ", arg, " has ", n_name, " = ", pos.size(-2), " rows but ",
