@@ -113,6 +113,15 @@ def test_compiled_only_inside_the_block_is_recorded(backend):
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)  # compiled graphs may fuse and round otherwise
 
 
+def test_every_recording_callback_a_forward_calls_is_disabled_for_dynamo():
+    """The callbacks the hooks call inside the model's forward run eagerly when a model compiled in the block traces
+    them; _on_module_done lost its decorator to a method inserted above it (found in review)."""
+    from vitmad.recording.recorder import Recording
+
+    for name in ("_on_attention", "_on_probabilities", "_on_module_done", "_unread_flex_refusal"):
+        assert getattr(getattr(Recording, name), "_torchdynamo_disable", False), name
+
+
 def test_compiled_inside_the_block_with_fullgraph_fails_with_vitmads_reason():
     torch._dynamo.reset()
     model = _timm_vit()

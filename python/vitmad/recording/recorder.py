@@ -1358,6 +1358,7 @@ class Recording:
             return unread_flex_refusal(name, module)
         return f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__}: {reason}"
 
+    @torch.compiler.disable(reason=_COMPILED_INSIDE)  # called from the model's own forward
     def _on_module_done(self, name: str, module: nn.Module, completed: bool) -> None:
         """Record what module ``name`` computed in the forward that just ended: one entry per layer."""
         if _not_recorded():
