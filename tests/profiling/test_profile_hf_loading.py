@@ -251,6 +251,34 @@ def test_granite_docling_is_profiled_through_its_tower_at_its_tile_size_only(tmp
         vitmad.profile(f"hf:{tmp_path}", image_folder, device="cpu", max_images=2, image_size=96)
 
 
+def test_a_vit_built_at_a_non_square_size_is_profiled_at_that_size_without_interpolation(tmp_path, image_folder):
+    """transformers' interpolate_pos_encoding reads the position table as a square: a ViT built at 24x48 px failed
+    inside the model at every size with it ("shape '[1, 4, 4, 32]' is invalid"). vitmad runs it without the flag at
+    its own size (MAD as its eager attention gives on a 3x6 grid of 8 px patches, after the class token) and refuses
+    any other size or native resolution, naming the option."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(**_LAYERS, image_size=(24, 48), patch_size=8, attn_implementation="eager")
+    model = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    model.save_pretrained(tmp_path)
+    transformers.ViTImageProcessor(size={"height": 24, "width": 48}).save_pretrained(tmp_path)
+    result = vitmad.profile(f"hf:{tmp_path}", image_folder, device="cpu", max_images=2)
+    pixels, _, _ = load_batch(find_images(image_folder)[:2], load_model(f"hf:{tmp_path}").preprocessing)
+    with torch.no_grad():
+        attentions = model(pixels, output_attentions=True).attentions
+    rows, columns = torch.meshgrid(torch.arange(3.0), torch.arange(6.0), indexing="ij")
+    centres = torch.stack([rows.flatten(), columns.flatten()], 1).double() * 8 + 4
+    distances = torch.cdist(centres, centres)
+    expected = torch.stack([(a[:, :, 1:, 1:].double() * distances).sum(-1).mean((0, 2)) for a in attentions])
+    torch.testing.assert_close(result.mad, expected, rtol=1e-5, atol=1e-5)
+    assert result.layout == {"patch": 8, "grid": [3, 6], "num_prefix_tokens": 1}
+    said = r"^image_size: (native: )?ViTModel takes 24x48 px only: it was built for that non-square image_size, and "
+    with pytest.raises(OptionError, match=said + r"transformers' interpolate_pos_encoding reads the position table "
+                                          r"as a square; got 32x64$"):
+        vitmad.profile(f"hf:{tmp_path}", image_folder, device="cpu", max_images=2, image_size=(32, 64))
+    with pytest.raises(OptionError, match=said):
+        vitmad.profile(f"hf:{tmp_path}", image_folder, device="cpu", max_images=2, image_size="native")
+
+
 def test_trocr_is_profiled_through_its_image_encoder(tmp_path, image_folder):
     """An hf: VisionEncoderDecoderModel (a ViT encoder, TrOCR's text decoder) is profiled through its encoder: its
     forward wanted decoder_input_ids ("You have to specify either decoder_input_ids or decoder_inputs_embeds")."""

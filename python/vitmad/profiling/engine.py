@@ -37,7 +37,7 @@ from .checkpoint import (
 )
 from .distributed import DistributedRun, GlobalProgress, current_run, merge_across_ranks, merge_prefix_maps
 from .images import NATIVE, find_images, load_batch, parse_image_size
-from .models import LoadedModel, load_model, wrap_module
+from .models import LoadedModel, load_model, non_square_table_said, wrap_module
 from .native import NativeFeed, check_fixed_size, load_native_batch, native_feed, native_geometry
 from .options import (
     DTYPES,
@@ -222,6 +222,9 @@ def _check_size_the_model_checks(loaded: LoadedModel, image_size: tuple[int, int
 
     if loaded.accepts_any_size:
         return
+    non_square = non_square_table_said(loaded.module)
+    if non_square is not None and tuple(loaded.module.config.image_size) != tuple(image_size):
+        raise OptionError("image_size", f"{non_square}; got {image_size[0]}x{image_size[1]}")
     for name, module in named_module_list(loaded.module):
         own = getattr(module, "image_size", None)
         if isinstance(own, int) and not isinstance(own, bool):

@@ -34,7 +34,7 @@ from .sam_models import load_sam2, load_segment_anything
 from .torchvision_models import load_torchvision, video_forward
 from .videos import video_processor_settings
 
-__all__ = ["LoadedModel", "load_model", "wrap_module", "MODEL_SPEC_HELP"]
+__all__ = ["LoadedModel", "load_model", "wrap_module", "non_square_table_said", "MODEL_SPEC_HELP"]
 
 MODEL_SPEC_HELP = ("hf:<hub id or local folder>, timm:<name>, torchvision:<name>[.<WEIGHTS>], "
                    "open_clip:<name>[.<pretrained tag>], segment_anything:<vit_b|vit_l|vit_h>, sam2:<config>, "
@@ -166,11 +166,23 @@ def _refuse_pre_cut_patches(module: torch.nn.Module) -> None:
             "image_processor(images=..., return_tensors='pt'))")
 
 
+def non_square_table_said(module: torch.nn.Module) -> str | None:
+    """Why a transformers model built for a non-square ``config.image_size`` (a pair of unequal sides) takes that
+    size only, or None for any other model."""
+    size = getattr(getattr(module, "config", None), "image_size", None)
+    if not (type(module).__module__.startswith("transformers.") and isinstance(size, (tuple, list))
+            and len(size) == 2 and size[0] != size[1]):
+        return None
+    return (f"{type(module).__name__} takes {size[0]}x{size[1]} px only: it was built for that non-square "
+            "image_size, and transformers' interpolate_pos_encoding reads the position table as a square")
+
+
 def wrap_module(module: torch.nn.Module, spec: str | None = None,
                 preprocessing: Preprocessing | None = None) -> LoadedModel:
     """Wrap a model the caller built (``vitmad.profile(model, ...)``).
 
-    HF models whose forward takes ``interpolate_pos_encoding`` get it set, so any ``--image-size`` works. A
+    HF models whose forward takes ``interpolate_pos_encoding`` get it set, so any ``--image-size`` works (not for
+    one built at a non-square ``image_size``: transformers' interpolation assumes a square table). A
     Qwen2-VL / Qwen2.5-VL / Qwen3-VL or Pixtral vision tower, or a model holding one (a vision-language model), is
     profiled through that tower (:func:`wrap_packed_tower`).
     """
@@ -190,7 +202,12 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
     if outer is not module and spec is None:
         description = tower_description(tower_path[:-1], module, outer)
     module.eval()
-    accepts_interpolate = "interpolate_pos_encoding" in inspect.signature(module.forward).parameters
+    # transformers' interpolate_pos_encoding reads the position table as a square of sqrt(num_positions) patches a
+    # side: for a model built at a non-square image_size it fails, or (a table of 2 x 8 read as 4 x 4) scrambles
+    # the positions, even at the model's own size, where the flag would still send it through the interpolation.
+    # Such a model runs without the flag, at its own size only.
+    accepts_interpolate = ("interpolate_pos_encoding" in inspect.signature(module.forward).parameters
+                           and non_square_table_said(module) is None)
     # transformers' DINOv2 interpolates its position embedding at every forward, with no flag to ask for it.
     always_interpolates = type(module).__name__ in ("Dinov2Model", "Dinov2WithRegistersModel")
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from .images import hf_rescale, load_each, load_image, rescaled
-from .models import LoadedModel
+from .models import LoadedModel, non_square_table_said
 from .options import OptionError, error_said
 from .packed_towers import (
     call_packed,
@@ -274,6 +274,9 @@ def native_feed(loaded: LoadedModel) -> NativeFeed:
                           channels_last=bool(getattr(embeds, "channels_last", True)), rescale=prep.rescale)
     embedding = find_patch_embedding(module)
     dynamic = bool(getattr(module, "dynamic_img_size", False)) or loaded.accepts_any_size
+    non_square = non_square_table_said(module)
+    if non_square is not None:
+        raise OptionError("image_size", f"native: {non_square}")
     if embedding is None or not dynamic:
         raise OptionError(
             "image_size",
