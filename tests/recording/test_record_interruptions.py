@@ -375,6 +375,29 @@ def test_a_copy_made_inside_the_block_runs_as_without_vitmad():
     assert hf_twin.config._attn_implementation == hf.config._attn_implementation == "sdpa"
 
 
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in model.modules())
+
+
+def test_copies_recorded_in_turn_do_not_pile_up_inert_hooks():
+    """A copy made inside a recording holds inert hooks; recorded in its turn, it kept them beside its own, so a
+    chain of copies, each recorded (an EMA of an EMA), gained the recording's hooks at every generation."""
+    model, pixels = _vit(), _pixels()
+    clean = _hook_count(model)
+    for _ in range(3):
+        with torch.no_grad(), vitmad.record(model):
+            model(pixels)
+            recording = _hook_count(model)
+            copied = copy.deepcopy(model)
+        assert _hook_count(model) == clean and recording > clean
+        model = copied
+        assert _hook_count(model) == recording  # the last recording's hooks, inert: one generation's only
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    assert _hook_count(model) == clean
+    torch.testing.assert_close(_clean_mad(model, pixels), rec.mad, rtol=0, atol=0)
+
+
 def test_a_transformers_model_saved_inside_the_block_loads_and_runs_in_a_new_process(tmp_path):
     """torch.save(model) mid-recording stored the wrapper's name as the attention implementation: registered in
     that process only, so the checkpoint failed at its first forward anywhere else (KeyError)."""

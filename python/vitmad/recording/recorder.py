@@ -495,6 +495,20 @@ def _inert_hook(*args, **kwargs) -> None:
     return None
 
 
+def _drop_inert_hooks(model: nn.Module) -> None:
+    """Removes from ``model``'s modules the inert hooks a copy made inside a recording holds (:class:`_RecordingHook`
+    becomes :func:`_inert_hook` when copied): a copy recorded in its turn starts clean, and a chain of copies (an
+    EMA of an EMA, each recorded) does not pile them up. Not in the inert hook's own call: torch calls a module's
+    forward hooks from the live dict when its forward raised, and a hook may not change that dict then."""
+    for module in model.modules():
+        for hooks, flags in ((module._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",)),
+                             (module._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"))):
+            for key in [key for key, hook in hooks.items() if hook is _inert_hook]:
+                del hooks[key]
+                for flag in flags:
+                    getattr(module, flag, {}).pop(key, None)
+
+
 def _inert_hook_factory():
     return _inert_hook
 
@@ -1491,6 +1505,7 @@ class Recording:
             EagerWhileRecording.enter()
             self._eager = True
         try:
+            _drop_inert_hooks(self.model)
             with shared_walks():
                 self._install()
                 _wrap_hooks([*self._handles, *(h for hooks in self._hooks for h in getattr(hooks, "_handles", ()))],
