@@ -440,6 +440,28 @@ def test_a_trace_made_inside_the_block_holds_no_vitmad_op():
     torch.testing.assert_close(rec.mad, _clean_mad(model, pixels), rtol=0, atol=0)
 
 
+def test_an_export_made_inside_the_block_is_not_recorded_and_holds_no_vitmad_op():
+    """torch.export (non-strict: the Python forward on fake tensors) ran vitmad's hooks, whose value checks failed
+    inside torch ("Could not guard on data-dependent expression"), with a partial graph printed. A strict export
+    fails on the hooks dynamo may not trace, with vitmad's reason."""
+    model, pixels = _vit(), _pixels()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+        with pytest.warns(UserWarning, match="torch.export ran a recorded model; that forward is not recorded") \
+                as caught:
+            exported = torch.export.export(model, (pixels,))
+        with pytest.raises(Exception, match=r"torch.export\(strict=True\) of a recorded model cannot trace them: "
+                                            r"export outside the block"):
+            torch.export.export(model, (pixels,), strict=True)  # dynamo meets the hooks it may not trace
+        model(pixels)
+    assert sum("torch.export ran" in str(w.message) for w in caught) == 1  # once per export, not per hook
+    assert len(rec.calls) == 2
+    assert "vitmad" not in str(exported.graph)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(pixels), model(pixels))
+    torch.testing.assert_close(rec.mad, _clean_mad(model, pixels), rtol=0, atol=0)
+
+
 def test_one_model_is_recorded_once_at_a_time_in_any_thread():
     model = _vit()
     with vitmad.record(model):

@@ -397,6 +397,17 @@ def _not_recorded() -> bool:
                           "(vitmad's ops would be traced into the module's graph). Trace outside the record block.",
                           stacklevel=2)
         return True
+    if torch.compiler.is_exporting():
+        # torch.export (non-strict: it runs the Python forward on fake tensors, vitmad's hooks included, whose checks
+        # of values then failed inside torch on a data-dependent guard). Warned once per export, which may run the
+        # forward more than once: the state is reset by a hook that runs outside an export.
+        if not _EXPORT_WARNED[0]:
+            _EXPORT_WARNED[0] = True
+            warnings.warn("vitmad.record: torch.export ran a recorded model; that forward is not recorded (vitmad's "
+                          "ops would be traced into the exported program). Export outside the record block.",
+                          stacklevel=2)
+        return True
+    _EXPORT_WARNED[0] = False
     if _in_transform():
         # Inside torch.func's vmap, grad, jacrev, ...: the tensors are the transform's wrappers, and the values
         # recorded from them would be too, unusable once the transform returns (torch.stack of them fails inside
@@ -419,6 +430,7 @@ def _in_transform() -> bool:
 
 _TRACE_WARNED: list[int | None] = [None]  # id of the tracing state last warned about
 _TRANSFORM_WARNED = [False]  # warned in this forward of the model or since a hook ran outside a torch.func transform
+_EXPORT_WARNED = [False]  # warned in this forward of the model or since a hook ran outside torch.export
 
 
 def _image_size(args, kwargs=None) -> tuple[int, int] | None:
@@ -459,7 +471,8 @@ class NoLayerError(ValueError):
 # fullgraph=True fails with this reason.
 _COMPILED_INSIDE = ("vitmad.record's hooks run eagerly, between compiled graphs: a model compiled with "
                     "torch.compile(fullgraph=True) inside the recording block cannot be recorded; compile it before "
-                    "the block (it then runs eagerly while recorded), or inside it without fullgraph=True")
+                    "the block (it then runs eagerly while recorded), or inside it without fullgraph=True (and "
+                    "torch.export(strict=True) of a recorded model cannot trace them: export outside the block)")
 
 
 class _RecordingHook:
