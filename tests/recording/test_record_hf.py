@@ -163,7 +163,12 @@ def test_repeated_forwards_append_calls():
 
 def test_layers_selection_and_overrides():
     model, _, _ = _build("vit")
+    # patch= wins over the embedding's 8 px stride, an override said once (filterwarnings makes a second an error).
     with torch.no_grad(), vitmad.record(model, layers=["*.1.attention"], num_prefix_tokens=1, patch=4) as rec:
+        with pytest.warns(UserWarning, match=r"the given patch=4 is not the 8 px stride vitmad reads from ViTModel's "
+                                             r"patch embedding embeddings.patch_embeddings.projection on the image it "
+                                             r"was given; the given one is used \(MAD in units of 4 px per token\)"):
+            model(torch.randn(1, 3, 32, 32))
         model(torch.randn(1, 3, 32, 32))
     assert rec.layers == ["layers.1.attention"]
     assert rec.layout == vitmad.recording.ModelLayout(patch=4, grid=(4, 4), num_prefix_tokens=1)

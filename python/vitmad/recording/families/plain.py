@@ -15,6 +15,7 @@ rounds its maps.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import nn
@@ -246,6 +247,7 @@ class PlainLayout:
         # Found once: every layer's placement asks whether one drops patches in this forward (train or eval mode
         # may change between forwards), and a walk of the model per layer call would cost the hot path.
         self.patch_dropouts = [(n, m) for n, m in named_module_list(model) if type(m).__name__ == "PatchDropout"]
+        self.patch_said = False  # the given patch= that is not the embedding's stride was warned of
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         if self.embedding is None:
@@ -275,8 +277,23 @@ class PlainLayout:
                 *(module.register_forward_hook(see_stem) for module in self.stem)]
 
     def stride(self, context: CallContext) -> tuple[float, float]:
-        if self.patch is not None:
-            return float(self.patch), float(self.patch)
+        if self.patch is None:
+            return self._embedding_stride(context)
+        given = float(self.patch), float(self.patch)
+        if self.grid is None and self.embedding is not None:
+            # An override by design (a model resizing its pixels where vitmad cannot see it), but one that silently
+            # scaled every distance when it was a mistake (QA: patch=8 on a 16 px embedding halved MAD).
+            read = self._embedding_stride(context)
+            if read != given and not self.patch_said:
+                self.patch_said = True
+                shown = "x".join(f"{v:g}" for v in dict.fromkeys(read))
+                warnings.warn(f"vitmad.record: the given patch={self.patch} is not the {shown} px stride vitmad reads "
+                              f"from {type(self.model).__name__}'s patch embedding {self.embedding[0]} on the image "
+                              f"it was given; the given one is used (MAD in units of {self.patch} px per token)",
+                              stacklevel=2)
+        return given
+
+    def _embedding_stride(self, context: CallContext) -> tuple[float, float]:
         # Per axis: a patch of 16 x 8 pixels (timm's patch_size=(16, 8)) has its cells 16 px apart down, 8 across.
         # The embedding's stride: its kernel, or, for overlapping patches, the stride cell.
         step = tuple(int(k) for k in self.embedding[1].stride)
