@@ -129,8 +129,13 @@ def test_aifi_layers_equal_their_eager_attention_on_the_stride_32_map(name, attn
     assert rec.layers == [f"model.encoder.aifi.0.layers.{i}.self_attn" for i in range(2)] and len(encoder) == 2
     assert all(g.grid == (6, 4) and g.stride == (32.0, 32.0) and g.attention == "global" for g in rec.geometry)
     _check(rec, [_expected(p, (6, 4), 32) for p in encoder])
-    assert list(rec.skipped) == [f"model.decoder.layers.{i}.self_attn" for i in range(2)]
-    assert all("object queries" in reason for reason in rec.skipped.values())
+    # The decoder's query self-attention, and its deformable cross-attention to the map (listed since QA 221).
+    assert list(rec.skipped) == [f"model.decoder.layers.{i}.{a}" for i in range(2)
+                                 for a in ("self_attn", "encoder_attn")]
+    assert all("object queries" in rec.skipped[f"model.decoder.layers.{i}.self_attn"] for i in range(2))
+    assert all(rec.skipped[f"model.decoder.layers.{i}.encoder_attn"].startswith("deformable attention: each query's "
+                                                                                "softmax runs over a few points")
+               for i in range(2))
 
 
 def test_aifi_layers_of_two_levels_each_at_its_own_stride():

@@ -177,11 +177,13 @@ def test_mm_grounding_dino_records_its_swin_backbone_alone():
     named = {"model.encoder.layers.0.deformable_layer.self_attn": r"deformable attention: each query's softmax runs "
                                                                   r"over a few points sampled",
              "model.decoder.layers.0.encoder_attn": r"deformable attention",
-             "model.text_backbone.encoder.layer.0.attention.self": r"outside model\.backbone\.conv_encoder\.model\."
-                                                                   r"swin, the tower that embeds the image",
-             "model.encoder.layers.0.text_enhancer_layer.self_attn": r"outside model\.backbone",
-             "model.encoder.layers.0.fusion_layer.attn": r"outside model\.backbone",
-             "model.decoder.layers.0.self_attn": r"outside model\.backbone"}
+             "model.text_backbone.encoder.layer.0.attention.self": r"Grounding DINO's text side \(its text backbone, "
+                                                                   r"its encoder's text enhancer\): attention among "
+                                                                   r"the prompt's text tokens",
+             "model.encoder.layers.0.text_enhancer_layer.self_attn": r"Grounding DINO's text side",
+             "model.encoder.layers.0.fusion_layer.attn": r"Grounding DINO's image-text fusion: bidirectional "
+                                                         r"cross-attention between the image's tokens and the prompt's",
+             "model.decoder.layers.0.self_attn": r"DETR decoder attention: its queries are the object queries"}
     with torch.no_grad(), vitmad.record(model, layers=[*rec.layers, *named]) as named_rec:
         model(**inputs)
     assert named_rec.layers == rec.layers

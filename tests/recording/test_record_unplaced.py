@@ -18,6 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import vitmad  # noqa: E402
+from vitmad.recording.recorder import NoLayerError  # noqa: E402
 
 
 def test_depth_pro_crops_are_skipped_and_its_image_encoder_records():
@@ -86,6 +87,49 @@ def test_deformable_attention_is_skipped_with_its_reason():
     with pytest.raises(ValueError, match=r"model\.encoder\.layers\.0\.self_attn: deformable attention: each query's "
                                          r"softmax runs over a few points sampled"):
         vitmad.record(model, layers=["model.encoder.layers.0.self_attn"])
+
+
+_RESNET = dict(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1],
+               out_features=["stage2", "stage3", "stage4"])
+_DETECTOR = dict(num_feature_levels=3, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+                 decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=5)
+
+
+def test_a_deformable_detector_on_a_convolutional_backbone_says_why_it_has_no_mad():
+    """With a ResNet backbone, Deformable DETR and Grounding DINO have no attention over image tokens: the default
+    refused their decoder's object-query self-attention (or Grounding DINO's BERT) for want of a patch embedding,
+    advising positions= for them; each attention module is now skipped with its reason, and the refusal names the
+    distinct reasons."""
+    torch.manual_seed(0)
+    deformable = transformers.DeformableDetrModel(transformers.DeformableDetrConfig(
+        backbone_config=transformers.ResNetConfig(**_RESNET), **_DETECTOR)).eval()
+    with pytest.raises(NoLayerError, match=(
+            r"^vitmad\.record: DeformableDetrModel has no layer with spatial softmax attention over positioned "
+            r"tokens, so MAD is not defined for it \(encoder\.layers\.0\.self_attn: deformable attention: .* "
+            r"\(and 2 more layers\); decoder\.layers\.0\.self_attn: DETR decoder attention: its queries are the "
+            r"object queries.*\(and 1 more layer\)\)")):
+        vitmad.record(deformable)
+    text = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                   vocab_size=100, max_position_embeddings=64)
+    grounding = transformers.GroundingDinoModel(transformers.GroundingDinoConfig(
+        backbone_config=transformers.ResNetConfig(**_RESNET), text_config=text, max_text_len=16, **_DETECTOR)).eval()
+    with pytest.raises(NoLayerError, match=(
+            r"GroundingDinoModel has no layer .* \(text_backbone\.encoder\.layer\.0\.attention\.self: Grounding "
+            r"DINO's text side .* \(and 1 more layer\); encoder\.layers\.0\.fusion_layer\.attn: Grounding DINO's "
+            r"image-text fusion: .*; encoder\.layers\.0\.deformable_layer\.self_attn: deformable attention")):
+        vitmad.record(grounding)
+    gen = torch.Generator().manual_seed(1)
+    inputs = {"pixel_values": torch.randn(1, 3, 64, 48, generator=gen),
+              "input_ids": torch.randint(1, 100, (1, 5), generator=gen)}
+    with torch.no_grad(), vitmad.record(grounding, layers=["*"]) as rec:
+        grounding(**inputs)
+    assert rec.layers == [] and set(rec.skipped) == {
+        "text_backbone.encoder.layer.0.attention.self", "encoder.layers.0.text_enhancer_layer.self_attn",
+        "encoder.layers.0.fusion_layer.attn", "encoder.layers.0.deformable_layer.self_attn",
+        *(f"decoder.layers.{i}.{a}" for i in range(2) for a in ("self_attn", "encoder_attn_text", "encoder_attn"))}
+    with pytest.raises(RuntimeError, match=r"none of the \d+ modules being recorded .* \(its attention modules "
+                                           r"named were skipped, each with its reason in rec\.skipped: "):
+        _ = rec.mad
 
 
 def test_attention_with_batch_and_heads_merged_is_refused_saying_so():

@@ -808,7 +808,15 @@ class Recording:
                     PlainPlacer(self._plain, appended_tokens(model, name)) if placer is None else placer)
         if not modules:
             if self.skipped:
-                reasons = "; ".join(f"{n}: {r}" for n, r in list(self.skipped.items())[:3])
+                # Three distinct reasons, each with its first layer: a reason shared by many layers (a text tower's)
+                # hid the others.
+                by_reason: dict[str, list[str]] = {}
+                for skipped_name, reason in self.skipped.items():
+                    by_reason.setdefault(reason, []).append(skipped_name)
+                reasons = "; ".join(
+                    f"{names[0]}: {reason}" + (f" (and {len(names) - 1} more layer{'s' * (len(names) > 2)})"
+                                               if len(names) > 1 else "")
+                    for reason, names in list(by_reason.items())[:3])
                 classes = [n for n, r in self.skipped.items() if r.startswith("class attention")]
                 raise NoLayerError(
                     f"{type(model).__name__} has no layer with spatial softmax attention over positioned tokens, so "
@@ -915,6 +923,9 @@ class Recording:
                 "computed attention (F.scaled_dot_product_attention, torch's flex_attention, transformers' "
                 "AttentionInterface or a softmax) "
                 "in that forward call; pass layers=[the modules that compute its attention]" + (
+                    f" (its attention modules named were skipped, each with its reason in rec.skipped: "
+                    f"{', '.join(list(self.skipped)[:3])}{', ...' if len(self.skipped) > 3 else ''})"
+                    if self.skipped else "") + (
                     f"; or it ran code torch.compile generated before the block, which calls no hooks{compiled}"
                     if compiled else "")
             )

@@ -81,6 +81,16 @@ _MAPS_BEFORE_LEVELS = {"modeling_pp_doclayout_v3": 1}
 _OMDET_MODELS = {"modeling_omdet_turbo": "OmDetTurbo"}
 _DETR_MODELS = {"modeling_detr": "Detr", "modeling_conditional_detr": "ConditionalDetr",
                 "modeling_dab_detr": "DabDetr", "modeling_table_transformer": "TableTransformer"}
+# Deformable encoders (non_spatial.py skips their attention), whose decoders' object queries attend among
+# themselves (and, in Grounding DINO's, to the text): with a convolutional backbone, their decoder self-attention was
+# the first layer found, and was refused for want of a patch embedding, advising positions= for object queries.
+_DEFORMABLE_DETR_MODELS = {"modeling_deformable_detr": "DeformableDetr", "modeling_grounding_dino": "GroundingDino",
+                           "modeling_mm_grounding_dino": "MMGroundingDino"}
+_GROUNDING_FUSION = ("Grounding DINO's image-text fusion: bidirectional cross-attention between the image's tokens and "
+                     "the prompt's text tokens (each side's keys are the other's), so no distance on the image is "
+                     "defined for it")
+_GROUNDING_TEXT = ("Grounding DINO's text side (its text backbone, its encoder's text enhancer): attention among the "
+                   "prompt's text tokens, none with a place on the image, so it has no MAD")
 
 _DECODER = ("DETR decoder attention: its queries are the object queries, learned slots without a position on the "
             "image (self-attention among them, or cross-attention from them to the encoder's map), so it has no MAD")
@@ -135,6 +145,16 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         detector = _SAM3_DETECTORS[suffix]
         return _sam3(model, name, module, detector, suffix) if defined_in(module, f"{detector}Attention", suffix) \
             else None
+    if "Attention" in type(module).__name__ and _on_grounding_text_side(model, name):
+        return Skip(_GROUNDING_TEXT)
+    deformable = _DEFORMABLE_DETR_MODELS.get(suffix)
+    if deformable is not None and type(module).__name__.endswith(("BiMultiHeadAttention", "FusionLayer")):
+        return Skip(_GROUNDING_FUSION)
+    if deformable is not None:
+        # Their deformable attention is left to non_spatial's reason.
+        in_decoder = "MultiscaleDeformable" not in type(module).__name__ and "Attention" in type(module).__name__ and \
+            innermost_on_path(model, name, lambda m: defined_in(m, f"{deformable}Decoder", suffix)) is not None
+        return Skip(_DECODER) if in_decoder else None
     prefix = _AIFI_MODELS.get(suffix) or _OMDET_MODELS.get(suffix) or _DETR_MODELS.get(suffix)
     if prefix is not None and defined_in(module, f"{prefix}GlobalPointer", suffix):  # its q_proj and k_proj
         return Skip(_ORDER_SCORES)
@@ -162,14 +182,28 @@ def placer(model: nn.Module, name: str, module: nn.Module):
                         int(module.num_heads) if prefix == "TableTransformer" else None)
 
 
+def _on_grounding_text_side(model: nn.Module, name: str) -> bool:
+    """Whether module ``name`` is in a Grounding DINO's text backbone (a BERT, of its own modeling file) or in its
+    encoder's text enhancer layers."""
+    parts = name.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        if part in ("text_backbone", "text_enhancer_layer"):
+            owner = model.get_submodule(".".join(parts[:depth])) if depth else model
+            if modeling_suffix(owner) in ("modeling_grounding_dino", "modeling_mm_grounding_dino"):
+                return True
+    return False
+
+
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The decoder attention of Conditional DETR and DAB-DETR, which the generic discovery does not find (their
     query and key projections are content and positional pairs), by qualified name: listed as skipped, and the
-    cross-attention's maps recorded with 'prefix_maps'."""
+    cross-attention's maps recorded with 'prefix_maps'; Grounding DINO's image-text fusion, listed as skipped."""
     found = {}
     for name, module in named_module_list(model):
         suffix = modeling_suffix(module)
-        if type(module).__name__ in _UNDISCOVERED.get(suffix, ()) and innermost_on_path(
+        if suffix in _DEFORMABLE_DETR_MODELS and type(module).__name__.endswith("BiMultiHeadAttention"):
+            found[name] = module  # Grounding DINO's image-text fusion: projections the generic discovery misses
+        elif type(module).__name__ in _UNDISCOVERED.get(suffix, ()) and innermost_on_path(
                 model, name, lambda m, s=suffix: defined_in(m, f"{_DETR_MODELS[s]}Decoder", s)) is not None:
             found[name] = module
     return found

@@ -79,9 +79,16 @@ def _class_key(module: nn.Module) -> tuple[str, str]:
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """CoaT's factorized, EfficientViT-MIT's ReLU linear and SLANet's additive attention, by qualified name, to list
-    them as skipped."""
-    return {name: m for name, m in named_module_list(model) if _class_key(m) in _UNDISCOVERED}
+    """CoaT's factorized, EfficientViT-MIT's ReLU linear and SLANet's additive attention, and the transformers
+    detectors' deformable attention, by qualified name, to list them as skipped (a detector with a convolutional
+    backbone is refused naming its deformable encoder, not only its decoder)."""
+    return {name: m for name, m in named_module_list(model) if _class_key(m) in _UNDISCOVERED or _is_deformable(m)}
+
+
+def _is_deformable(module: nn.Module) -> bool:
+    """A transformers ``*MultiscaleDeformableAttention`` (``MultiScale`` in some files)."""
+    return type(module).__name__.lower().endswith("multiscaledeformableattention") and \
+        type(module).__module__.startswith("transformers.")
 
 
 _POOLING_QUERY = "attention pooling: a learned query without a position on the image"
@@ -152,7 +159,6 @@ def placer(model: nn.Module, name: str, module: nn.Module):
             reason = _TWO_WAY
     if reason is None and _pools_with_learned_query(model, name, module):
         reason = _POOLING_QUERY
-    if reason is None and cls.__name__.lower().endswith("multiscaledeformableattention") \
-            and cls.__module__.startswith("transformers."):
+    if reason is None and _is_deformable(module):
         reason = _DEFORMABLE
     return None if reason is None else Skip(reason)
