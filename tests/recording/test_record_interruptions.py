@@ -254,6 +254,10 @@ def test_a_forward_that_raised_halfway_leaves_no_call():
         with pytest.raises(RuntimeError, match="out of memory"):
             model(pixels)
         assert rec.calls == []  # was a call of the two layers before the error, read as a whole forward
+        # It did run: "has not run in this recording" sent the user looking for a forward outside the block.
+        with pytest.raises(RuntimeError, match=r"VisionTransformer's forward raised 1 time\(s\) in this recording and "
+                                               r"never returned in it; a forward that raises leaves no call"):
+            _ = rec.mad
         fail.remove()
         model(pixels)
     torch.testing.assert_close(rec.mad, _clean_mad(model, pixels), rtol=0, atol=0)

@@ -641,6 +641,7 @@ class Recording:
         self._forwards = 0  # forwards of the model that ended in this recording
         self._last_done: RecordedCall | None = None  # the call of the latest of them (gone: the user cleared calls)
         self._transformed = 0  # forwards of the model inside a torch.func transform (not recorded)
+        self._raised = 0  # forwards of the model that raised (their calls dropped)
         self._reached_inside = False  # the model's current forward ran a module vitmad hooks inside it (_enter_scope)
         self._warned_unseen = False  # _warn_unseen_forward
         self._returned = False  # the model's current forward has returned (not raised)
@@ -900,6 +901,12 @@ class Recording:
                 "before the block, which calls no hooks" + (compiled or " (a torch.compile wrapper made inside the "
                 "block reuses the code of an earlier compile of the same model): give vitmad.record the compiled "
                 "model, which then runs eagerly while recorded")
+            )
+        if not self._calls and self._raised and not self._forwards:
+            raise RuntimeError(
+                f"vitmad.record: {name}'s forward raised {self._raised} time(s) in this recording and never returned "
+                "in it; a forward that raises leaves no call (its layers stopped where the error was): run the model "
+                "to completion inside the block"
             )
         if not self._calls:
             raise RuntimeError(
@@ -1741,6 +1748,7 @@ class Recording:
         if self._calls_before_forward is not None:  # ended: any thread may run the model now
             self._forget_starts(self._calls[self._calls_before_forward:])
         if not returned and not _in_backward():
+            self._raised += 1
             self._drop_unfinished()
         elif returned and not _in_backward() and not _not_recorded():
             self._forwards += 1
