@@ -24,6 +24,7 @@ def _tiny_vit():
     (42, {}, TypeError, "vitmad.record: model must be an nn.Module (a spec string is for vitmad.profile), got int"),
     ("builtin:dinov2-s14", {}, TypeError, "vitmad.record: model must be an nn.Module"),
     (None, {"renormalize": "no"}, TypeError, "vitmad.record: renormalize must be True or False, got 'no'"),
+    (None, {"reduction": None}, ValueError, "vitmad.record: reduction must be 'mean' or 'none', got None"),
     (None, {"num_prefix_tokens": "1"}, ValueError, "vitmad.record: num_prefix_tokens must be an int >= 0, got '1'"),
     (None, {"num_prefix_tokens": True}, ValueError, "vitmad.record: num_prefix_tokens must be an int >= 0"),
     (None, {"patch": True}, ValueError, "vitmad.record: patch must be a positive int (pixels), got True"),

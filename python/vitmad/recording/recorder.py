@@ -597,7 +597,7 @@ class Recording:
             raise TypeError(f"vitmad.record: model must be an nn.Module (a spec string is for vitmad.profile), "
                             f"got {type(model).__name__}")
         if reduction not in ("mean", "none"):
-            raise ValueError(f"vitmad.record: reduction must be 'mean' or 'none', got '{reduction}'")
+            raise ValueError(f"vitmad.record: reduction must be 'mean' or 'none', got {reduction!r}")
         if not isinstance(renormalize, bool):  # "no" would be true
             raise TypeError(f"vitmad.record: renormalize must be True or False, got {renormalize!r}")
         if patch is not None:  # an integer of any kind (NumPy's, a 0-d tensor's), as grid takes
