@@ -189,6 +189,13 @@ def test_a_frame_whose_features_come_from_the_cache_is_refused():
     _, session = _run(model, session_cls)
     with vitmad.record(model, layers=[SELF]), pytest.raises(ValueError, match="did not run in this call"):
         _run(model, session_cls, frames=[2], session=session)
+    # After frames that ran the encoder in the same recording: the cached frame's attention joined the call before,
+    # placed on that call's map (QA 223), where it is now refused as in a recording of its own.
+    with vitmad.record(model, layers=[SELF]) as rec:
+        _run(model, session_cls, frames=[1, 2], session=session)
+        with pytest.raises(ValueError, match="did not run in this call"):
+            _run(model, session_cls, frames=[2], session=session)
+    assert [len(call.layers) for call in rec.calls] == [1, 1]
 
 
 def test_two_objects_each_run_the_self_attention_on_the_frame_in_one_call():

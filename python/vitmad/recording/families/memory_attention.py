@@ -76,7 +76,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
                               f"{vision_class} that give it the current frame's map, so the map's stride is "
                               f"unknown; record the {prefix}Model that holds it")
     if suffix == "modeling_sam3_tracker_video":
-        return _sam3_placer(vision)
+        return _sam3_placer(vision, video)
     levels, convs = int(vision.num_feature_levels), len(vision.neck.convs)
     if not 1 <= levels <= convs:
         return RefusingPlacer(f"its vision encoder keeps {levels} FPN levels of its neck's {convs}, so vitmad does "
@@ -96,10 +96,10 @@ def placer(model: nn.Module, name: str, module: nn.Module):
                                            f"{stage} (the vision encoder's last kept FPN level)")
     if stride is None:
         return RefusingPlacer(source)
-    return FpnMapPlacer(vision, -1, stride, source)
+    return FpnMapPlacer(vision, -1, stride, source, video=video)
 
 
-def _sam3_placer(vision: nn.Module):
+def _sam3_placer(vision: nn.Module, video: nn.Module):
     # Sam3TrackerVideoModel.get_image_features keeps fpn_hidden_states[:-1]: the memory attention's map is the
     # neck's last but one level, the ViT's patch grid resampled by that level's scale factor.
     layers = vision.neck.fpn_layers
@@ -111,7 +111,7 @@ def _sam3_placer(vision: nn.Module):
     patch, scale = vision.config.backbone_config.patch_size, float(layers[level].scale_factor)
     source = (f"the ViT's patch_size ({patch}) over the scale factor ({scale:g}) of neck.fpn_layers.{level}, the "
               "level Sam3TrackerVideoModel hands its memory attention")
-    return FpnMapPlacer(vision, -2, patch / scale, source)
+    return FpnMapPlacer(vision, -2, patch / scale, source, video=video)
 
 
 def hiera_stride(patch, query, pooling_stages: int, stage: int) -> tuple[int | None, str]:
@@ -133,11 +133,13 @@ def hiera_stride(patch, query, pooling_stages: int, stage: int) -> tuple[int | N
 class FpnMapPlacer(_MapPlacer):
     """The map of the vision encoder's ``fpn_hidden_states[level]`` (-1: the last), seen as the encoder returns it;
     ``field`` names another entry of its output, read by key where the output is a dict (the ``sam2`` package's
-    ``ImageEncoder`` returns ``{"backbone_fpn": [...], ...}``)."""
+    ``ImageEncoder`` returns ``{"backbone_fpn": [...], ...}``). ``video``: the video model whose forward runs both
+    (transformers'), where a forward that takes the frame's features from its session's cache runs no encoder."""
 
-    def __init__(self, vision: nn.Module, level: int, stride: float, source: str, field: str = "fpn_hidden_states"):
+    def __init__(self, vision: nn.Module, level: int, stride: float, source: str, field: str = "fpn_hidden_states",
+                 video: nn.Module | None = None):
         super().__init__(vision, "output", stride, source)
-        self.level, self.field = level, field
+        self.level, self.field, self.video = level, field, video
 
     def install(self, context: CallContext):
         def see_output(module, args, output) -> None:
@@ -148,7 +150,15 @@ class FpnMapPlacer(_MapPlacer):
             if isinstance(last, torch.Tensor) and last.dim() == 4:
                 context.values[self.key] = _Map(int(last.shape[0]), (int(last.shape[2]), int(last.shape[3])), None)
 
-        return [self.watch.register_forward_hook(see_output)]
+        def forget_map(module, args) -> None:
+            # A forward of the video model that runs no vision encoder (the frame's features from the session's
+            # cache) starts no call of its own: its memory attention joined the call before, on that call's map.
+            context.values[self.key] = None
+
+        handles = [self.watch.register_forward_hook(see_output)]
+        if self.video is not None:
+            handles.append(self.video.register_forward_pre_hook(forget_map))
+        return handles
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         if context.values.get(self.key) is None:
