@@ -279,6 +279,55 @@ def test_a_vit_built_at_a_non_square_size_is_profiled_at_that_size_without_inter
         vitmad.profile(f"hf:{tmp_path}", image_folder, device="cpu", max_images=2, image_size="native")
 
 
+def test_a_tower_under_a_name_of_its_own_is_profiled_and_a_model_taking_no_images_is_refused(tmp_path, image_folder):
+    """Phi-4-multimodal holds its tower as embed_tokens_extend.image_embed.img_processor: the pixels went to the
+    language model as token ids ("Expected tensor for argument #1 'indices'"); the tower is now found on the way to
+    the patch embedding. An audio model (AST, input_values) crashed in its convolution at the first batch, after a
+    checkpoint was written: refused at load, naming what its forward takes."""
+    torch.manual_seed(0)
+    vision = transformers.Phi4MultimodalVisionConfig(**_LAYERS, image_size=56, patch_size=14)
+    config = transformers.Phi4MultimodalConfig(vision_config=vision, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               vocab_size=300, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    # Eager: its vision attention says is_causal=True, which transformers' SDPA applies without a mask (refused).
+    model = transformers.Phi4MultimodalForCausalLM(config).eval()
+    model.set_attn_implementation("eager")
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    result = vitmad.profile(model, pixels, device="cpu")
+    tower = model.model.embed_tokens_extend.image_embed.img_processor
+    assert result.settings["profiled"] == ("model.embed_tokens_extend.image_embed.img_processor "
+                                           "(Phi4MultimodalVisionModel) of Phi4MultimodalForCausalLM, its vision tower")
+    with torch.no_grad(), vitmad.record(tower) as rec:
+        tower(pixels)
+    torch.testing.assert_close(result.mad, rec.mad.mean(1).double(), rtol=1e-6, atol=1e-6)
+
+    ast = transformers.ASTModel(transformers.ASTConfig(**_LAYERS, max_length=64, num_mel_bins=32))
+    ast.save_pretrained(tmp_path)
+    transformers.ASTFeatureExtractor(num_mel_bins=32, max_length=64).save_pretrained(tmp_path)
+    with pytest.raises(OptionError, match=r"^model: ASTModel's forward takes input_values, not images \[B, 3, H, W\] "
+                                          r"\(text or audio features\), and vitmad found no vision tower in it"):
+        vitmad.profile(f"hf:{tmp_path}", image_folder, device="cpu", max_images=2)
+
+
+@pytest.mark.parametrize("image_size", [None, 32, "native"])
+def test_a_naflex_tower_fed_by_a_processor_of_its_own_is_refused_at_any_size(tmp_path, image_size):
+    """LFM2-VL's SigLIP2 tower takes the patches Lfm2VlImageProcessor cuts: without a size it was refused to ask
+    for one, with a size to ask for native, with native to ask for a size again (QA 224)."""
+    torch.manual_seed(0)
+    vision = transformers.Siglip2VisionConfig(**_LAYERS, num_patches=16, patch_size=4, vision_use_head=False)
+    text = transformers.Lfm2Config(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                                   num_hidden_layers=2, vocab_size=400, layer_types=["conv", "full_attention"])
+    config = transformers.Lfm2VlConfig(vision_config=vision, text_config=text, image_token_id=396,
+                                       projector_hidden_size=32)
+    transformers.Lfm2VlForConditionalGeneration(config).save_pretrained(tmp_path)
+    transformers.Lfm2VlImageProcessor().save_pretrained(tmp_path)
+    with pytest.raises(OptionError, match=r"^model: Lfm2VlModel's vision tower \(Siglip2VisionModel\) takes the "
+                                          r"patches its processor cuts, and its Lfm2VlImageProcessor cuts them its own "
+                                          r"way, .* at any --image-size; record the model around a forward on that "
+                                          r"processor's output"):
+        load_model(f"hf:{tmp_path}", image_size=image_size)
+
+
 def test_trocr_is_profiled_through_its_image_encoder(tmp_path, image_folder):
     """An hf: VisionEncoderDecoderModel (a ViT encoder, TrOCR's text decoder) is profiled through its encoder: its
     forward wanted decoder_input_ids ("You have to specify either decoder_input_ids or decoder_inputs_embeds")."""

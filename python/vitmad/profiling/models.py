@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .images import NATIVE, Preprocessing, hf_rescale
+from .images import NATIVE, Preprocessing, hf_processor_class_name, hf_rescale
 from .monai_models import load_monai
 from .open_clip_models import load_open_clip
 from .options import (
@@ -116,7 +116,34 @@ def vision_tower(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
         found = getattr(module, tower, None)
         if isinstance(found, torch.nn.Module) and _takes_images(found):
             module, prefix = found, f"{prefix}{tower}."
+    if _takes_other_inputs(module):
+        # A tower held under another name (Phi-4-multimodal's embed_tokens_extend.image_embed.img_processor): the
+        # outermost module on the way to the patch embedding whose forward takes images.
+        from ..recording.families.plain import find_patch_embedding
+
+        embedding = find_patch_embedding(module)
+        parts = [] if embedding is None else embedding[0].split(".")
+        for depth in range(1, len(parts)):
+            name = ".".join(parts[:depth])
+            if _takes_images(module.get_submodule(name)):
+                return module.get_submodule(name), f"{prefix}{name}."
     return module, prefix
+
+
+def _first_argument(module: torch.nn.Module) -> str | None:
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    return parameters[0].name if parameters else None
+
+
+def _takes_other_inputs(module: torch.nn.Module) -> bool:
+    """Whether a transformers ``module``'s forward takes something other than images first: token ids, audio
+    features (``input_ids``, ``input_values``, ``input_features``, ``inputs_embeds``)."""
+    first = _first_argument(module)
+    return type(module).__module__.startswith("transformers.") and first is not None and \
+        first.startswith(("input_", "inputs_"))
 
 
 def local_weights(model_checkpoint: str | os.PathLike | None) -> Path | None:
@@ -198,6 +225,14 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
     outer, tower_path = module, ""
     if type(module).__module__.startswith(("transformers.", "open_clip.")):
         module, tower_path = vision_tower(module)
+    if _takes_other_inputs(module):
+        # Fed images, an audio model's convolution failed on a 5-D input and a language model took the pixels for
+        # token ids, each deep in the model at the first batch, after a checkpoint was written.
+        raise OptionError(
+            "model", f"{type(outer).__name__}'s forward takes {_first_argument(module)}, not images [B, 3, H, W] "
+                     f"(text or audio features), and vitmad found no vision tower in it that takes images; vitmad "
+                     "profile feeds images: profile a vision model, or record this one around your own forward: "
+                     "with vitmad.record(model) as rec: model(<its inputs>)")
     description = None
     if outer is not module and spec is None:
         description = tower_description(tower_path[:-1], module, outer)
@@ -489,6 +524,7 @@ def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = No
         loaded.video_processor = videos
         return loaded
     processor = _with_class_defaults(transformers, name, processor, options)
+    _refuse_foreign_naflex_processor(module, processor)
     vision = getattr(config, "vision_config", config)
     # An image size replaces the processor's resize, crop and padding (Preprocessing.with_size): a geometry this
     # library does not reproduce is then no reason to refuse the model.
@@ -506,6 +542,29 @@ def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = No
     loaded.unloaded = frozenset(key[len(prefix):] for key in missing if key.startswith(prefix))
     return loaded
 
+
+
+def _refuse_foreign_naflex_processor(module: torch.nn.Module, processor: dict) -> None:
+    """Refuse a checkpoint whose SigLIP2 (NaFlex) tower is fed by another processor than Siglip2ImageProcessor
+    (LFM2-VL's tiles and their own patch cutting): vitmad profile cuts such a tower's patches with
+    Siglip2ImageProcessor only, so no image size fits; its refusals sent the user from --image-size to native and
+    back (QA 224).
+
+    Raises:
+        OptionError: (``model``).
+    """
+    from ..recording.families.naflex import towers
+
+    own = hf_processor_class_name(processor)
+    tower = next((t for t in towers(module).values() if type(t).__name__ == "Siglip2VisionModel"), None)
+    if tower is None or own in ("Siglip2ImageProcessor", ""):
+        return
+    raise OptionError(
+        "model", f"{type(module).__name__}'s vision tower ({type(tower).__name__}) takes the patches its processor "
+                 f"cuts, and its {own} cuts them its own way, which vitmad profile does not reproduce (it cuts a "
+                 "SigLIP2 tower's patches with Siglip2ImageProcessor only), at any --image-size; record the model "
+                 "around a forward on that processor's output instead: with vitmad.record(model) as rec: "
+                 "model(**processor(images=..., return_tensors='pt'))")
 
 
 def _refuse_random_weights_before_attention(spec: str, module: torch.nn.Module, missing: set[str]) -> None:
