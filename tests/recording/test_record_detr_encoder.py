@@ -428,11 +428,11 @@ def test_omdet_turbo_encoder_named_is_placed_on_its_swin_stride_32_map():
 
 # --- SAM3: its DETR encoder over the FPN level Sam3Model hands it -------------------------------------------------
 
-def _sam3(detector: str, scale_factors=None):
+def _sam3(detector: str, scale_factors=None, size=(48, 32)):
     """Sam3Model, or Sam3LiteTextModel: SAM3 LiteText's copy of its detector (the same Sam3VisionModel, DETR encoder
-    and decoders under its own class names) around a MobileCLIP text encoder."""
+    and decoders under its own class names) around a MobileCLIP text encoder, its ViT built for ``size``."""
     vit = dict(model_type="sam3_vit_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=2, patch_size=8, image_size=[48, 32], pretrain_image_size=16, window_size=3,
+               num_attention_heads=2, patch_size=8, image_size=list(size), pretrain_image_size=16, window_size=3,
                global_attn_indexes=[1])
     text = dict(vocab_size=100, hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=1,
                 num_attention_heads=2, max_position_embeddings=16)
@@ -454,21 +454,23 @@ def _sam3(detector: str, scale_factors=None):
 
 
 @pytest.mark.parametrize("detector", ["Sam3", "Sam3LiteText"])
-@pytest.mark.parametrize(("scale_factors", "grid", "stride"), [
-    (None, (6, 4), 8.0),  # [4, 2, 1, 0.5]: the 1x level, on the ViT's 8 px patches
-    ([4.0, 2.0, 0.5], (12, 8), 4.0),  # the 2x level: each patch's 2 x 2 cells of 4 px
+@pytest.mark.parametrize(("scale_factors", "size", "grid", "stride"), [
+    (None, (48, 32), (6, 4), 8.0),  # [4, 2, 1, 0.5]: the 1x level, on the ViT's 8 px patches
+    ([4.0, 2.0, 0.5], (48, 32), (12, 8), 4.0),  # the 2x level: each patch's 2 x 2 cells of 4 px
+    # 44 x 36 px: a 5 x 4 patch grid (floored), 10 x 8 on the 2x level, refused before (44 / 4 px allows 11 rows)
+    ([4.0, 2.0, 0.5], (44, 36), (10, 8), 4.0),
 ])
-def test_sam3_detr_encoder_named_is_placed_on_its_fpn_level(detector, scale_factors, grid, stride):
+def test_sam3_detr_encoder_named_is_placed_on_its_fpn_level(detector, scale_factors, size, grid, stride):
     """48 x 32 pixels, 8 px patches: a 6 x 4 patch grid. Sam3Model (and SAM3 LiteText's copy of it, placed alike
     since 2026-12-05, refused as outside the tower before) drops the neck's last level and hands the last of the
     others to its DETR encoder, flattened row-major; the encoder's cross-attention to the prompt, the geometry
     encoder, the DETR decoder and the mask decoder are skipped with their reasons."""
-    model = _sam3(detector, scale_factors)
+    model = _sam3(detector, scale_factors, size)
     ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(3))
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, 4:] = 0
     boxes = torch.tensor([[[0.5, 0.5, 0.3, 0.3]], [[0.3, 0.6, 0.2, 0.4]]])
-    inputs = dict(pixel_values=_pixels(2, (48, 32)), input_ids=ids, attention_mask=mask, input_boxes=boxes)
+    inputs = dict(pixel_values=_pixels(2, size), input_ids=ids, attention_mask=mask, input_boxes=boxes)
     modeling = "sam3.modeling_sam3" if detector == "Sam3" else "sam3_lite_text.modeling_sam3_lite_text"
     calls = eager_attention_calls(importlib.import_module(f"transformers.models.{modeling}"), model, **inputs)
     own = [layer.self_attn for layer in model.detr_encoder.layers]

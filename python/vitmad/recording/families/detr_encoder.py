@@ -51,6 +51,7 @@ of the image.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -323,10 +324,11 @@ def _sam3(model: nn.Module, name: str, module: nn.Module, detector: str, suffix:
     # max pool down): its cells are patch_size / scale pixels.
     level = len(vision.neck.fpn_layers) - 2
     fpn = vision.neck.fpn_layers[level]
-    stride = vision.config.backbone_config.patch_size / float(fpn.scale_factor)
-    source = (f"the ViT's patch_size ({vision.config.backbone_config.patch_size}) over the scale factor "
-              f"({fpn.scale_factor}) of neck.fpn_layers.{level}, the level {detector}Model hands its DETR encoder")
-    return _MapPlacer(fpn, "output", stride, source)
+    patch = int(vision.config.backbone_config.patch_size)
+    stride = patch / float(fpn.scale_factor)
+    source = (f"the ViT's patch_size ({patch}) over the scale factor ({fpn.scale_factor}) of "
+              f"neck.fpn_layers.{level}, the level {detector}Model hands its DETR encoder")
+    return _MapPlacer(fpn, "output", stride, source, resampled=(patch, float(fpn.scale_factor)))
 
 
 def _detr_placer(model: nn.Module, holder_name: str, prefix: str, suffix: str, merged_heads: int | None):
@@ -378,9 +380,11 @@ class _MapPlacer(LayerPlacer):
             Transformer's); None for ``[B, heads, N, N]``.
     """
 
-    def __init__(self, watch: nn.Module, read: str, stride: float, source: str, *, merged_heads: int | None = None):
+    def __init__(self, watch: nn.Module, read: str, stride: float, source: str, *, merged_heads: int | None = None,
+                 resampled: tuple[int, float] | None = None):
         self.watch, self.read, self.stride, self.source = watch, read, stride, source
         self.merged_heads = merged_heads
+        self.resampled = resampled
         self.key = f"detr_encoder.map.{id(watch)}"
         # The latest placement of a map without padding, by (grid, heads, batch): reused while they stay the same,
         # its positions copied to a device once.
@@ -438,6 +442,19 @@ class _MapPlacer(LayerPlacer):
     def _check_stride(self, image: tuple[int, int] | None, grid: tuple[int, int]) -> None:
         if image is None:
             raise NotPlaceable("it ran before any convolution saw the image, so its pixel scale is unknown")
+        if self.resampled is not None:
+            # A level resampled from the patch grid, which floors the image (a 44 px high image in 8 px patches is
+            # 5 rows, 10 on a level of scale 2, where 44 / 4 px would have allowed 11 only).
+            patch, scale = self.resampled
+            patches = [size // patch for size in image]
+            expected = tuple(math.floor(side * scale) for side in patches)
+            if tuple(grid) != expected:
+                raise NotPlaceable(
+                    f"its feature map is {grid[0]}x{grid[1]} for an image of {image[0]}x{image[1]} px, but "
+                    f"{self.source} gives {expected[0]}x{expected[1]} (the {patches[0]}x{patches[1]} patch grid "
+                    f"resampled by {scale:g}): a backbone whose maps vitmad cannot follow; pass positions=<[N, 2] "
+                    "pixel position of each token>")
+            return
         mismatch = stride_mismatch(image, grid, self.stride)
         if mismatch is not None:
             raise NotPlaceable(mismatch.format(f"a stride of {self.stride:g} px, {self.source},")

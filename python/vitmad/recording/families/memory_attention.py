@@ -111,7 +111,7 @@ def _sam3_placer(vision: nn.Module, video: nn.Module):
     patch, scale = vision.config.backbone_config.patch_size, float(layers[level].scale_factor)
     source = (f"the ViT's patch_size ({patch}) over the scale factor ({scale:g}) of neck.fpn_layers.{level}, the "
               "level Sam3TrackerVideoModel hands its memory attention")
-    return FpnMapPlacer(vision, -2, patch / scale, source, video=video)
+    return FpnMapPlacer(vision, -2, patch / scale, source, video=video, resampled=(int(patch), scale))
 
 
 def hiera_stride(patch, query, pooling_stages: int, stage: int) -> tuple[int | None, str]:
@@ -137,8 +137,8 @@ class FpnMapPlacer(_MapPlacer):
     (transformers'), where a forward that takes the frame's features from its session's cache runs no encoder."""
 
     def __init__(self, vision: nn.Module, level: int, stride: float, source: str, field: str = "fpn_hidden_states",
-                 video: nn.Module | None = None):
-        super().__init__(vision, "output", stride, source)
+                 video: nn.Module | None = None, resampled: tuple[int, float] | None = None):
+        super().__init__(vision, "output", stride, source, resampled=resampled)
         self.level, self.field, self.video = level, field, video
 
     def install(self, context: CallContext):
