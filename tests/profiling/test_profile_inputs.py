@@ -87,16 +87,24 @@ def test_preprocessing_rescales_as_the_hf_image_processor_says(settings, grey_le
     assert ours.to_dict()["rescale"] == (1.0 if settings.get("do_rescale") is False else settings["rescale_factor"])
 
 
-def test_vivit_processor_offset_is_followed():
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_vivit_processor_offset_is_followed(kind):
     """ViViT's processor rescales by 1 / 127.5 and subtracts 1 (offset=True, its default and its checkpoints'):
-    pixels in [-3, 1] after its normalisation; they were fed in [-1, 3]."""
+    pixels in [-3, 1] after its normalisation; they were fed in [-1, 3]. Its transformers 5 video processor always
+    subtracts it, and saves no offset setting: a checkpoint saved with it was fed in [-1, 3] still (QA 226)."""
+    import numpy as np
     from PIL import Image
-    from transformers import VivitImageProcessor
+    from transformers import VivitImageProcessor, VivitVideoProcessor
 
-    processor = VivitImageProcessor(size={"height": 28, "width": 36}, do_center_crop=False)
-    ours = Preprocessing.from_hf(processor.to_dict())
     frame = torch.randint(0, 256, (50, 70, 3), dtype=torch.uint8).numpy()
-    theirs = processor([[frame]], return_tensors="pt")["pixel_values"][0, 0]
+    if kind == "image":
+        processor = VivitImageProcessor(size={"height": 28, "width": 36}, do_center_crop=False)
+        theirs = processor([[frame]], return_tensors="pt")["pixel_values"][0, 0]
+    else:
+        processor = VivitVideoProcessor(size={"height": 28, "width": 36}, do_center_crop=False)
+        assert "offset" not in processor.to_dict()
+        theirs = processor([np.stack([frame])], return_tensors="pt")["pixel_values"][0, 0]
+    ours = Preprocessing.from_hf(processor.to_dict())
     torch.testing.assert_close(ours(Image.fromarray(frame)), theirs, rtol=0, atol=1.01 / 127.5 / 0.5)
     assert ours.to_dict()["rescale_offset"] == 1.0 and float(theirs.min()) < -1
 

@@ -500,11 +500,17 @@ def hf_rescale(processor) -> float | None:
 
 
 def hf_rescale_offset(processor: dict) -> float | None:
-    """What a transformers image processor subtracts after rescaling: 1 for ViViT's (``offset=True``, its default:
-    ``x / 127.5 - 1``), else None."""
-    if not processor.get("do_rescale", True) or not processor.get("offset", False):
+    """What a transformers image or video processor subtracts after rescaling: 1 for ViViT's (``x / 127.5 - 1``),
+    else None. VivitImageProcessor does so by its ``offset`` setting, True by default; VivitVideoProcessor always
+    (its own ``rescale_and_normalize``), and its saved settings hold no ``offset``: a checkpoint saved with it was
+    fed every pixel 2.0 too high after normalising, its MAD silently another (QA 226)."""
+    if not processor.get("do_rescale", True):
         return None
-    return 1.0
+    kind = str(processor.get("video_processor_type") or processor.get("image_processor_type") or "")
+    kind = kind.removesuffix("Fast").removesuffix("Pil")
+    if kind == "VivitVideoProcessor" or processor.get("offset", kind == "VivitImageProcessor"):
+        return 1.0
+    return None
 
 
 # What transformers 5.25 image processors with code of their own do to the geometry that Preprocessing does not
