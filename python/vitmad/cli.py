@@ -451,13 +451,14 @@ def _compare_figures(out: Path, names: list[str]) -> tuple[list[Path], list[Path
     to remove). A file vitmad compare did not write is never replaced: a user's plot named cmp_entropy.png beside
     cmp.png is refused before anything is drawn. Formats without metadata (.jpg, ...) cannot carry compare's
     mark: their figures count as an earlier comparison's where ``out`` itself exists."""
-    from .ops.arguments import STAT_NAMES
+    from .ops.arguments import STAT_NAMES, TEMPORAL_MAD
     from .profiling.plotting import marks, written_by_compare
 
     def earlier(path: Path) -> bool:
         return path.is_file() and (written_by_compare(path) if marks(path) else out.is_file())
 
-    figures = {name: out.with_name(f"{out.stem}_{name}{out.suffix}") for name in STAT_NAMES if name != "mad"}
+    figures = {name: out.with_name(f"{out.stem}_{name}{out.suffix}")
+               for name in (*STAT_NAMES, TEMPORAL_MAD) if name != "mad"}
     for name in names:
         path = figures[name]
         if path.is_dir():
@@ -471,7 +472,7 @@ def _compare_figures(out: Path, names: list[str]) -> tuple[list[Path], list[Path
 
 
 def _compare_command(args: argparse.Namespace, run) -> None:
-    from .ops.arguments import STAT_NAMES
+    from .ops.arguments import STAT_NAMES, TEMPORAL_MAD
     from .profiling import Profile
     from .profiling.files import check_writable
     from .profiling.options import import_optional
@@ -513,6 +514,13 @@ def _compare_command(args: argparse.Namespace, run) -> None:
                           stacklevel=2)
         else:
             common.append(name)
+    # Video profiles' temporal MAD (frames), drawn where every result has it.
+    videos = [path for path, p in zip(args.results, profiles) if p.temporal is not None]
+    if videos and len(videos) == len(profiles):
+        common.append(TEMPORAL_MAD)
+    elif videos:
+        images = tuple(path for path in args.results if path not in videos)
+        lacking_by_files.setdefault(images, []).append(TEMPORAL_MAD)
     for lacking, missing in lacking_by_files.items():
         warnings.warn(f"no {', '.join(missing)} figure{'s' if len(missing) > 1 else ''}: {', '.join(lacking)} "
                       f"{'was' if len(lacking) == 1 else 'were'} profiled without "

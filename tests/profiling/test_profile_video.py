@@ -160,6 +160,26 @@ def test_the_command_takes_videos_and_draws_both_figures(video_model, videos, tm
     assert document["count"] == 2 and document["skipped"][0]["path"].endswith("broken.mp4")
 
 
+def test_compare_draws_the_temporal_mad_of_video_profiles(video_model, videos, tiny_model, image_folder, tmp_path):
+    """compare drew the spatial MAD alone and said nothing of the temporal MAD: now a figure of it in frames where
+    every result is a video profile, and said where one is not."""
+    from vitmad.profiling.plotting import written_by_compare
+
+    video = vitmad.profile(f"hf:{video_model}", videos, device="cpu")
+    video.to_json(tmp_path / "video.json")
+    halved = Profile.from_json(tmp_path / "video.json")
+    halved.temporal.total /= 2  # another video profile, its temporal MAD halved
+    halved.to_json(tmp_path / "halved.json")
+    assert torch.equal(halved.stat("temporal_mad"), video.temporal_mad / 2)
+    results = [str(tmp_path / "video.json"), str(tmp_path / "halved.json")]
+    assert main(["compare", *results, "--out", str(tmp_path / "cmp.png")]) == 0
+    assert written_by_compare(tmp_path / "cmp_temporal_mad.png")
+    vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", max_images=2).to_json(tmp_path / "image.json")
+    with pytest.warns(UserWarning, match=r"^no temporal_mad figure: .*image\.json was profiled without temporal_mad$"):
+        assert main(["compare", results[0], str(tmp_path / "image.json"), "--out", str(tmp_path / "cmp.png")]) == 0
+    assert not (tmp_path / "cmp_temporal_mad.png").exists()  # the earlier comparison's, removed
+
+
 def test_image_profiles_keep_their_files_without_temporal_fields(tiny_model, image_folder, tmp_path):
     result = vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", max_images=2)
     assert result.temporal is None and result.temporal_mad is None

@@ -31,6 +31,7 @@ STAT_LABELS = {
     "entropy": "Attention entropy (nats)",
     "prefix_mass": "Attention on CLS / register tokens",
     "self_mass": "Attention on the query's own token",
+    "temporal_mad": "Temporal mean attention distance (frames)",
 }
 
 
@@ -284,7 +285,7 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
         raise ValueError(f"plot_compare: expected one label per profile and at least one profile, got "
                          f"{len(profiles)} profile(s) and {len(labels)} label(s)")
     units = {profile.distance_unit for profile in profiles}
-    if statistic in ("mad", "temporal_mad") and len(units) > 1:
+    if statistic == "mad" and len(units) > 1:  # the temporal MAD is in frames for every profile
         shown = ", ".join(f"{label}: {profile.distance_unit}" for label, profile in zip(labels, profiles))
         raise ValueError(f"plot_compare: the profiles' MAD is in different units ({shown}); compare profiles of one "
                          "unit (a volume profile's --volume-unit mm or voxel, images' pixels)")

@@ -143,6 +143,8 @@ class Profile:
         """
         if name == "mad":
             return self.stats
+        if name == "temporal_mad" and self.temporal is not None:  # a video profile's, in frames
+            return self.temporal
         if name not in self.statistics:
             if name == "prefix_maps":
                 raise KeyError("'prefix_maps' are maps, not a per-head statistic: read profile.prefix_maps "
