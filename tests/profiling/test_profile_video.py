@@ -174,7 +174,10 @@ def test_compare_draws_the_temporal_mad_of_video_profiles(video_model, videos, t
     results = [str(tmp_path / "video.json"), str(tmp_path / "halved.json")]
     assert main(["compare", *results, "--out", str(tmp_path / "cmp.png")]) == 0
     assert written_by_compare(tmp_path / "cmp_temporal_mad.png")
-    vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", max_images=2).to_json(tmp_path / "image.json")
+    image = vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", max_images=2)
+    image.to_json(tmp_path / "image.json")
+    with pytest.raises(KeyError, match="no 'temporal_mad': this profile is not a video profile"):
+        image.stat("temporal_mad")
     with pytest.warns(UserWarning, match=r"^no temporal_mad figure: .*image\.json was profiled without temporal_mad$"):
         assert main(["compare", results[0], str(tmp_path / "image.json"), "--out", str(tmp_path / "cmp.png")]) == 0
     assert not (tmp_path / "cmp_temporal_mad.png").exists()  # the earlier comparison's, removed

@@ -136,14 +136,18 @@ class Profile:
         return ["mad", *self.statistics]
 
     def running(self, name: str) -> RunningStats:
-        """The running statistics of ``name`` (``"mad"`` included), ``[L, H_max]``.
+        """The running statistics of ``name`` (``"mad"`` included, and a video profile's ``"temporal_mad"``, in
+        frames), ``[L, H_max]``.
 
         Raises:
             KeyError: ``name`` was not profiled; the message lists what was.
         """
         if name == "mad":
             return self.stats
-        if name == "temporal_mad" and self.temporal is not None:  # a video profile's, in frames
+        if name == "temporal_mad":  # a video profile's, in frames
+            if self.temporal is None:
+                raise KeyError("no 'temporal_mad': this profile is not a video profile (a video model's profile of "
+                               "videos has it)")
             return self.temporal
         if name not in self.statistics:
             if name == "prefix_maps":
