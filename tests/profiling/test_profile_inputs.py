@@ -12,6 +12,7 @@ from conftest import write_corrupt_images, write_images
 from vitmad.profiling.checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from vitmad.profiling.files import atomic_file
 from vitmad.profiling.images import Preprocessing, builtin_image_paths, find_images, load_batch, parse_image_size
+from vitmad.profiling.options import OptionError
 from vitmad.profiling.stats import RunningStats
 
 PREP = Preprocessing((24, 40), ("cover",), True, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "bilinear")
@@ -107,6 +108,51 @@ def test_vivit_processor_offset_is_followed(kind):
     ours = Preprocessing.from_hf(processor.to_dict())
     torch.testing.assert_close(ours(Image.fromarray(frame)), theirs, rtol=0, atol=1.01 / 127.5 / 0.5)
     assert ours.to_dict()["rescale_offset"] == 1.0 and float(theirs.min()) < -1
+
+
+def _saved_settings(processor, folder) -> dict:
+    """A processor's settings as a checkpoint holds them (save_pretrained), completed as loading does."""
+    import json
+
+    import transformers
+
+    from vitmad.profiling.models import _with_class_defaults
+
+    processor.save_pretrained(folder)
+    saved = json.loads((folder / "preprocessor_config.json").read_text())
+    return _with_class_defaults(transformers, str(folder), saved, {})
+
+
+def test_a_class_without_a_crop_step_is_not_cropped_and_dinov3_resizes_floats(tmp_path):
+    """Segformer's processor (as Gemma 3's, RT-DETR's, SegGPT's, GOT-OCR2's and PromptDepthAnything's) takes and
+    saves do_center_crop and crop_size but has no crop step: vitmad cropped 40 x 48 to 32 x 32. DINOv3's resizes the
+    rescaled floats, unclamped: through PIL, 15% of the values were over half a level off, and a bicubic overshoot
+    16 levels (QA 228)."""
+    from PIL import Image
+    from transformers import DINOv3ViTImageProcessor, SegformerImageProcessorPil
+
+    image = Image.fromarray(torch.randint(0, 256, (61, 97, 3), dtype=torch.uint8,
+                                          generator=torch.Generator().manual_seed(0)).numpy())
+    segformer = SegformerImageProcessorPil(size={"height": 40, "width": 48}, do_center_crop=True,
+                                           crop_size={"height": 32, "width": 32})
+    ours = Preprocessing.from_hf(_saved_settings(segformer, tmp_path / "segformer"))
+    theirs = segformer(images=image, return_tensors="pt")["pixel_values"][0]
+    assert theirs.shape == (3, 40, 48)
+    torch.testing.assert_close(ours(image), theirs, rtol=0, atol=1e-6)
+    for resample in (2, 3):  # bilinear (its default), bicubic
+        dinov3 = DINOv3ViTImageProcessor(size={"height": 32, "width": 48}, resample=resample)
+        ours = Preprocessing.from_hf(_saved_settings(dinov3, tmp_path / f"dinov3_{resample}"))
+        theirs = dinov3(images=image, return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(ours(image), theirs, rtol=0, atol=1e-5)
+
+
+def test_a_square_padding_processor_sized_by_its_shortest_edge_is_refused():
+    """Janus's and DeepSeek-VL's processors pad to a square of their size's side: a shortest_edge size (which the
+    processors themselves cannot take) raised a TypeError comparing None with the minimum size."""
+    with pytest.raises(OptionError, match=r"^model: the JanusImageProcessor pads to a square of another size than "
+                                          r"\{'shortest_edge': 40\}"):
+        Preprocessing.from_hf({"image_processor_type": "JanusImageProcessor", "size": {"shortest_edge": 40},
+                               "do_pad": True, "min_size": 14})
 
 
 def test_a_processor_that_does_not_resize_takes_images_at_the_model_size_only(tmp_path):

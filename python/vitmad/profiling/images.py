@@ -310,7 +310,10 @@ class Preprocessing:
         interpolation = _RESAMPLE.get(processor.get("resample", 2), "bilinear")
         size = hf_size(processor, config_image_size)
         crop = processor.get("crop_size")
-        do_crop = bool(processor.get("do_center_crop", False)) and crop is not None
+        name = hf_processor_class_name(processor)
+        # A class whose own code has no crop step takes do_center_crop and crop_size and ignores them: cropping for it
+        # fed 32 x 32 where it gives 40 x 48 (QA 228).
+        do_crop = bool(processor.get("do_center_crop", False)) and crop is not None and name not in _IGNORES_CROP
         if not own_geometry and not ("height" in size and "width" in size or "shortest_edge" in size):
             size = {"height": 224, "width": 224}  # replaced by the image size: only a placeholder
         if _pads_to_a_centred_square(processor):
@@ -331,8 +334,11 @@ class Preprocessing:
             final = crop
         elif resize[0] == "shortest":
             do_crop = True  # a shortest-edge resize alone gives a size per image: batches need one size
+        # DINOv3's processor (torchvision only) resizes the rescaled floats, unclamped: through PIL 15% of the values
+        # were over half a level off, and bicubic overshoot was clamped (16 levels; QA 228).
         return Preprocessing(final, resize, do_crop, mean, std, interpolation, rescale=rescale,
-                             rescale_offset=hf_rescale_offset(processor))
+                             rescale_offset=hf_rescale_offset(processor),
+                             float_resize=name in _RESIZES_FLOATS and interpolation in ("bilinear", "bicubic"))
 
     @staticmethod
     def from_timm(data_config: dict) -> Preprocessing:
@@ -557,6 +563,13 @@ _OWN_GEOMETRY = {
 # Processors with code of their own whose geometry this library checked to be its own, on images of odd sizes
 # (tests/profiling/test_profile_hf_processors.py; ViViT and SigLIP2 with their video and native paths), as long as
 # the settings _GEOMETRY_SETTINGS names, and do_pad, are off.
+# Classes of _CHECKED_OWN_CODE (below) whose own pipeline has no centre crop, whatever do_center_crop says.
+_IGNORES_CROP = frozenset({"SegformerImageProcessor", "Gemma3ImageProcessor", "RTDetrImageProcessor",
+                           "SegGptImageProcessor", "GotOcr2ImageProcessor", "PromptDepthAnythingImageProcessor"})
+# Classes of _CHECKED_OWN_CODE that resize the rescaled floats (torchvision's resize of a float tensor,
+# antialiased): for these, Preprocessing's float_resize gives their pixels exactly (SAM 2's, SAM 3's and Sapiens2's
+# agree better with PIL's resize of the 0-255 values: measured, QA 228).
+_RESIZES_FLOATS = frozenset({"DINOv3ViTImageProcessor"})
 _CHECKED_OWN_CODE = frozenset({
     "BeitImageProcessor", "FlavaImageProcessor", "SegformerImageProcessor", "SegGptImageProcessor",
     "MobileNetV2ImageProcessor", "VideoMAEImageProcessor", "VivitImageProcessor", "RTDetrImageProcessor",
@@ -670,7 +683,7 @@ def hf_geometry_refusal(processor: dict, config_image_size: int | Sequence[int] 
         side = size.get("height")
         if not processor.get("do_resize", True):
             what = "pads each image to a square of its own longest side (do_pad=true without do_resize)"
-        elif side != size.get("width") or side < int(processor.get("min_size", 14)):
+        elif side is None or side != size.get("width") or side < int(processor.get("min_size", 14)):
             what = f"pads to a square of another size than {size} (do_pad=true, min_size={processor.get('min_size')})"
     elif what is None and processor.get("do_pad") and name not in _PADS_TO_A_CENTRED_SQUARE:
         # The generic pad (no code of the class's own) fills the bottom and right up to pad_size, or to the batch's
