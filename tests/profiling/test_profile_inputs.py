@@ -146,6 +146,24 @@ def test_a_class_without_a_crop_step_is_not_cropped_and_dinov3_resizes_floats(tm
         torch.testing.assert_close(ours(image), theirs, rtol=0, atol=1e-5)
 
 
+def test_an_image_size_scales_as_torchvisions_resize_at_that_size():
+    """--image-size S scaled the long side to round(long * S / short), torchvision's Resize(S) (and timm at crop_pct
+    1, OpenCLIP's preprocess) to int(...): a 301 x 203 image at 256 got 380 px, not 379, the crop resampled at
+    another scale, up to 121 grey levels apart (QA 229)."""
+    import timm.data
+    from PIL import Image
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    ours = Preprocessing((224, 224), ("shortest", 224), True, mean, std, "bicubic", "round").with_size((256, 256))
+    theirs = timm.data.create_transform(input_size=(3, 256, 256), crop_pct=1.0, crop_mode="center",
+                                        interpolation="bicubic", mean=mean, std=std)
+    pixels = torch.randint(0, 256, (203, 301, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert int(256 * 301 / 203) == 379 != round(256 * 301 / 203)
+    wide = Image.fromarray(pixels.numpy())
+    for image in (wide, wide.transpose(Image.Transpose.ROTATE_90)):
+        torch.testing.assert_close(ours(image), theirs(image), rtol=0, atol=1e-5)
+
+
 def test_a_square_padding_processor_sized_by_its_shortest_edge_is_refused():
     """Janus's and DeepSeek-VL's processors pad to a square of their size's side: a shortest_edge size (which the
     processors themselves cannot take) raised a TypeError comparing None with the minimum size."""
@@ -344,7 +362,8 @@ def test_a_partial_processor_file_gets_its_class_defaults(tmp_path):
 
 
 def test_a_16_bit_greyscale_png_keeps_its_contrast(tmp_path):
-    """PIL's convert("RGB") clips 16-bit greyscale at 255 (a white image); load_image scales by 255 / 65535."""
+    """PIL's convert("RGB") clips 16-bit greyscale at 255 (a white image); load_image scales by 255 / 65535, also in a
+    PGM whose values are all small."""
     import numpy as np
     from PIL import Image
 
@@ -352,12 +371,17 @@ def test_a_16_bit_greyscale_png_keeps_its_contrast(tmp_path):
 
     values = np.random.default_rng(0).integers(0, 65536, (20, 30)).astype(np.uint16)
     Image.fromarray(values).save(tmp_path / "grey16.png")
-    image, reason = load_image(tmp_path / "grey16.png")
-    assert reason is None and image.mode == "RGB" and image.size == (30, 20)
-    decoded = np.asarray(image)
-    expected = np.rint(values / 257.0).astype(np.uint8)
-    for channel in range(3):
-        np.testing.assert_array_equal(decoded[..., channel], expected)
+    # A dark 16-bit PGM (every value at most 255) opens as mode I, as a 32-bit TIFF does: it was read as 8-bit,
+    # 257 times too bright (QA 229); its file says 16 bits.
+    dark = values // 257
+    (tmp_path / "dark16.pgm").write_bytes(b"P5\n30 20\n65535\n" + dark.astype(">u2").tobytes())
+    for name, stored in (("grey16.png", values), ("dark16.pgm", dark)):
+        image, reason = load_image(tmp_path / name)
+        assert reason is None and image.mode == "RGB" and image.size == (30, 20)
+        decoded = np.asarray(image)
+        expected = np.rint(stored / 257.0).astype(np.uint8)
+        for channel in range(3):
+            np.testing.assert_array_equal(decoded[..., channel], expected)
 
 
 def test_a_float_tiff_is_skipped_with_its_reason_not_profiled_black(tmp_path):

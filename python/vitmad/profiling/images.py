@@ -193,7 +193,8 @@ class Preprocessing:
             short one to ``round(short * S / long)``, at least ``M`` (the Janus and DeepSeek-VL processors, which then
             pad to a square); ``("long_side", S)`` scales the long side to ``S``, the short one to
             ``int(short * S / long + 0.5)``, rounding half up (segment_anything's ``ResizeLongestSide``);
-            ``("cover",)`` scales so the image just covers ``size``;
+            ``("cover",)`` scales so the image just covers ``size``, the other side ``int(side * scale)`` (at least
+            ``size``'s), as torchvision's ``Resize(S)``;
             ``("none",)`` keeps the image's size (a transformers processor with ``do_resize=false``): an image that
             does not come at ``size`` (or, with the centre crop, at least ``size``) is refused.
         center_crop: crop the centre ``size`` after resizing.
@@ -420,9 +421,13 @@ class Preprocessing:
             ratios = (h / self.resize[1], w / self.resize[2])
             ratio = min(ratios) if self.resize[0] == "keep_ratio" else max(ratios)
             new = (round(w / ratio), round(h / ratio))
+        elif height / h >= width / w:  # cover: the height binds; the other side as torchvision's Resize(S) does it
+            # int(S * long / short), as torchvision's Resize, timm at crop_pct 1 and OpenCLIP's preprocess take it at
+            # a square size S: rounding instead resampled the crop at another scale where the two differ by a pixel
+            # (up to 121 grey levels apart, QA 229).
+            new = (max(width, int(height * w / h)), height)
         else:
-            scale = max(height / h, width / w)
-            new = (max(width, round(w * scale)), max(height, round(h * scale)))
+            new = (width, max(height, int(width * h / w)))
         limit = Image.MAX_IMAGE_PIXELS
         if limit is not None and new[0] * new[1] > limit and new != (w, h):
             # A strip (1 x 3000 px) whose short side is scaled up to the model's: a few kB of file, gigabytes of
@@ -735,13 +740,24 @@ def _pair(value) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def _to_rgb(image):
-    """RGB with 8 bits a channel. 16-bit greyscale (PIL modes ``I;16*``, or ``I`` with values above 255) is scaled
-    by 255 / 65535: PIL's ``convert("RGB")`` clips it at 255, which turns a 16-bit PNG white."""
+def _stored_16_bit(image) -> bool:
+    """Whether a not yet decoded PIL image's file stores 16-bit samples (its raw mode, ``I;16*``): a PGM of maxval
+    65535 opens as mode ``I``, like a 32-bit TIFF, and only its raw mode tells them apart."""
+    tile = getattr(image, "tile", None) or []
+    raw = tile[0].args if tile else None
+    raw = raw[0] if isinstance(raw, tuple) and raw else raw
+    return isinstance(raw, str) and raw.startswith("I;16")
+
+
+def _to_rgb(image, stored_16_bit: bool = False):
+    """RGB with 8 bits a channel. 16-bit greyscale (PIL modes ``I;16*``, ``I`` from a file storing 16 bits
+    (``stored_16_bit``: a PGM), or ``I`` with values above 255) is scaled by 255 / 65535: PIL's ``convert("RGB")``
+    clips it at 255, which turns a 16-bit PNG white (and a dark 16-bit PGM, all of its values at most 255, was read
+    as 8-bit, 257 times too bright: QA 229)."""
     import numpy as np
     from PIL import Image
 
-    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+    if image.mode.startswith("I;16") or (image.mode == "I" and (stored_16_bit or image.getextrema()[1] > 255)):
         values = np.asarray(image, dtype=np.float64)
         return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
     if image.mode == "F":
@@ -773,11 +789,12 @@ def load_image(path: str | os.PathLike):
                     f"image size ({image.width}x{image.height} pixels) exceeds PIL.Image.MAX_IMAGE_PIXELS = "
                     f"{limit}, could be a decompression bomb"
                 )
+            stored_16_bit = _stored_16_bit(image)  # known before decoding only
             image.load()
             # Upright as a viewer shows it (and transformers' load_image gives it): a camera's JPEG is often
             # stored sideways with an EXIF orientation tag.
             ImageOps.exif_transpose(image, in_place=True)
-            return _to_rgb(image), None
+            return _to_rgb(image, stored_16_bit), None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return None, f"{type(err).__name__}: {err}"
     except ImportError as err:
