@@ -513,7 +513,7 @@ def _drop_inert_hooks(model: nn.Module) -> None:
     becomes :func:`_inert_hook` when copied): a copy recorded in its turn starts clean, and a chain of copies (an
     EMA of an EMA, each recorded) does not pile them up. Not in the inert hook's own call: torch calls a module's
     forward hooks from the live dict when its forward raised, and a hook may not change that dict then."""
-    for module in model.modules():
+    for module in module_list(model):  # the walk shared with the installation (shared_walks)
         for hooks, flags in ((module._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",)),
                              (module._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"))):
             for key in [key for key, hook in hooks.items() if hook is _inert_hook]:
@@ -1536,8 +1536,8 @@ class Recording:
             EagerWhileRecording.enter()
             self._eager = True
         try:
-            _drop_inert_hooks(self.model)
             with shared_walks():
+                _drop_inert_hooks(self.model)
                 self._install()
                 _wrap_hooks([*self._handles, *(h for hooks in self._hooks for h in getattr(hooks, "_handles", ()))],
                             self._owner, self.model)
