@@ -173,8 +173,12 @@ def test_swin_has_no_prefix_tokens_and_no_maps(swin, images, tmp_path):
     assert doc["prefix_maps"]["layers"] == []
     assert [entry["name"] for entry in doc["prefix_maps"]["skipped_layers"]] == result.layers
     assert "no prefix maps" in doc["prefix_maps"]["skipped_layers"][0]["reason"]
-    with pytest.raises(ValueError, match="no layer has mean prefix maps"):
-        result.plot_prefix_maps(tmp_path / "prefix_maps.png")
+    # The maps' API says why too: mean(layer) raised a bare KeyError, save wrote an .npz of no layer (QA 231).
+    for read in (lambda: result.plot_prefix_maps(tmp_path / "prefix_maps.png"), lambda: result.prefix_maps.mean(0),
+                 lambda: result.save_prefix_maps(tmp_path / "prefix_maps.npz")):
+        with pytest.raises(ValueError, match=r"^no layer has mean prefix maps \(.*no prefix maps"):
+            read()
+    assert not (tmp_path / "prefix_maps.npz").exists()
     result.plot_stat("entropy", tmp_path / "entropy.png")
     assert (tmp_path / "entropy.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -436,15 +436,11 @@ def plot_prefix_maps(profile, path: str | os.PathLike, *, layers: Sequence[int] 
     """
     profile.check_prefix_maps()
     maps = profile.prefix_maps
-    if not maps.layers:
-        reasons = sorted(set(maps.skipped.values()))
-        raise ValueError(f"no layer has mean prefix maps ({'; '.join(reasons) or 'no layer recorded'})")
+    maps.check_layers()
     if layers is None:
         found = maps.layers
         layers = sorted({found[0], found[len(found) // 2], found[-1]})
-    without = [layer for layer in layers if layer not in maps.total]
-    if without:
-        raise ValueError(f"layers {without} have no mean prefix maps; layers with maps: {maps.layers}")
+    maps.check_layers(layers)
     plt = _pyplot()
     means = {layer: maps.mean(layer).nanmean(0) for layer in layers}  # [Q, gh, gw], mean over heads
     tokens = min(max_tokens, max(m.shape[0] for m in means.values()))

@@ -116,9 +116,24 @@ class PrefixMapSums:
         """Indices of the layers with a mean map, in order."""
         return sorted(self.total)
 
+    def check_layers(self, layers: Sequence[int] | None = None) -> None:
+        """Raise the ValueError that says why there is no mean map: of any layer (``layers`` None), or of one of
+        ``layers`` (a native-resolution run has none: every image has its own grid)."""
+        if not self.layers:
+            reasons = sorted(set(self.skipped.values()))
+            raise ValueError(f"no layer has mean prefix maps ({'; '.join(reasons) or 'no layer recorded'})")
+        without = [layer for layer in layers or () if layer not in self.total]
+        if without:
+            raise ValueError(f"layers {without} have no mean prefix maps; layers with maps: {self.layers}")
+
     def mean(self, layer: int) -> torch.Tensor:
         """``[H, Q, grid_h, grid_w]`` float64: the layer's prefix maps, mean over images (NaN where no image had
-        the token)."""
+        the token).
+
+        Raises:
+            ValueError: the layer has no mean map (:meth:`check_layers`; a bare KeyError before).
+        """
+        self.check_layers([layer])
         mean = self.total[layer] / self.count[layer]
         return mean.reshape(*mean.shape[:-1], *self.grids[layer])
 
@@ -181,11 +196,16 @@ class PrefixMapSums:
     def save(self, path: str | os.PathLike, names: Sequence[str]) -> None:
         """Write the mean maps as ``.npz`` (numpy): ``layer_<i>`` ``[H, Q, grid_h, grid_w]`` float32 per layer with
         maps, ``layer_indices`` and ``layer_names`` of those layers, ``counts`` (images per layer), and
-        ``mean_input`` ``[3, H, W]``, the average model input, when known. Written atomically."""
+        ``mean_input`` ``[3, H, W]``, the average model input, when known. Written atomically.
+
+        Raises:
+            ValueError: no layer has a mean map (:meth:`check_layers`).
+        """
         import numpy as np
 
         from .files import atomic_file
 
+        self.check_layers()  # an .npz of no layer was written without a word
         arrays = {f"layer_{layer}": self.mean(layer).to(torch.float32).numpy() for layer in self.layers}
         arrays["layer_indices"] = np.array(self.layers, dtype=np.int64)
         arrays["layer_names"] = np.array([names[layer] for layer in self.layers], dtype=str)
