@@ -502,7 +502,8 @@ def plan_run(
         maps_skipped = "packed videos: every clip has its own token grid, so maps do not average"
     elif "prefix_maps" in stats and native is not None:
         maps_skipped = ("native resolution: every image has its own token grid, so maps do not average "
-                        "(prefix_map_image.png: the first image's, where the model has class or register tokens)")
+                        "(prefix_map_image.png: the first image's, where the model has tokens without a position: "
+                        "class or register tokens, or an attention-pooling head's query)")
     elif "prefix_maps" in stats and model_frames(loaded.module) is not None:
         maps_skipped = "video model: prefix maps are averaged for image models only"
     elif "prefix_maps" in stats and isinstance(preprocessing, VolumePreprocessing):
