@@ -24,7 +24,7 @@ from .open_clip_models import load_open_clip
 from .options import (
     MissingPathError,
     OptionError,
-    checkpoint_unread_said,
+    checkpoint_unread,
     error_said,
     first_line,
     import_optional,
@@ -696,8 +696,7 @@ def _load_timm(
         if model_checkpoint is None:
             raise
         if _raised_reading(err):  # an empty file (EOFError without a message), a cut zip, pickled objects
-            raise OptionError("model_checkpoint", f"{model_checkpoint} cannot be read as a torch checkpoint "
-                                                  f"({checkpoint_unread_said(model_checkpoint, err)})") from err
+            raise checkpoint_unread(model_checkpoint, err) from err
         raise OptionError(  # torch's first line names only the class: the keys that differ follow it
             "model_checkpoint", f"{model_checkpoint} does not fit timm model {name}: {state_dict_mismatch_said(err)}"
         ) from err

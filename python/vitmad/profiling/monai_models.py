@@ -25,10 +25,10 @@ import torch
 
 from .options import (
     OptionError,
-    checkpoint_unread_said,
     error_said,
     import_for_spec,
     import_optional,
+    read_checkpoint,
     state_dict_mismatch_said,
 )
 from .volumes import VolumePreprocessing, check_unit, parse_intensity
@@ -102,11 +102,7 @@ def _state_dict(model_checkpoint: Path) -> dict:
     Raises:
         OptionError: (``model_checkpoint``) unreadable, or no tensors by name in it.
     """
-    try:
-        loaded = torch.load(model_checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (pickle, zip and torch errors alike: the file is not a checkpoint)
-        raise OptionError("model_checkpoint", f"{model_checkpoint} cannot be read as a torch checkpoint "
-                                              f"({checkpoint_unread_said(model_checkpoint, err)})") from err
+    loaded = read_checkpoint(model_checkpoint)
     if isinstance(loaded, dict):
         for key in _STATE_KEYS:
             if isinstance(loaded.get(key), dict):

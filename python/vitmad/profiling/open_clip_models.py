@@ -29,7 +29,7 @@ import difflib
 import os
 
 from .images import NATIVE, Preprocessing
-from .options import OptionError, checkpoint_unread_said, error_said, import_for_spec, state_dict_mismatch_said
+from .options import OptionError, checkpoint_unread, error_said, import_for_spec, state_dict_mismatch_said
 
 __all__ = ["load_open_clip", "preprocessing_of"]
 
@@ -146,8 +146,7 @@ def load_open_clip(spec: str, model_checkpoint: str | os.PathLike | None,
                                        "Face hub cache) or pass local weights (--weights FILE, model_checkpoint=)"
                               ) from err
         if _raised_reading(err):
-            raise OptionError("model_checkpoint", f"{model_checkpoint} cannot be read as a torch checkpoint "
-                                                  f"({checkpoint_unread_said(model_checkpoint, err)})") from err
+            raise checkpoint_unread(model_checkpoint, err) from err
         raise OptionError("model_checkpoint", f"{model_checkpoint} does not fit OpenCLIP's {name}: "
                                               f"{state_dict_mismatch_said(err)}") from err
     visual = model.visual

@@ -26,7 +26,8 @@ __all__ = [
     "import_optional",
     "first_line",
     "error_said",
-    "checkpoint_unread_said",
+    "checkpoint_unread",
+    "read_checkpoint",
     "DTYPES",
     "PROFILE_STATS",
 ]
@@ -48,7 +49,26 @@ def error_said(err: BaseException) -> str:
     return f"{type(err).__name__}: {first_line(err) if str(err).strip() else 'no message'}"
 
 
-def checkpoint_unread_said(path: str | os.PathLike, err: BaseException) -> str:
+def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint"):
+    """``torch.load(path)`` on the CPU, weights only.
+
+    Raises:
+        OptionError: (``model_checkpoint``) the file cannot be read (:func:`checkpoint_unread`).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (pickle, zip and torch errors alike: the file is not a checkpoint)
+        raise checkpoint_unread(path, err, what) from err
+
+
+def checkpoint_unread(path: str | os.PathLike, err: BaseException, what: str = "checkpoint") -> OptionError:
+    """The error (``model_checkpoint``) of a weights file ``torch.load`` could not read, raising ``err``: a torch
+    ``what`` (checkpoint, state dict)."""
+    return OptionError("model_checkpoint", f"{path} cannot be read as a torch {what} "
+                                           f"({_checkpoint_unread_said(path, err)})")
+
+
+def _checkpoint_unread_said(path: str | os.PathLike, err: BaseException) -> str:
     """Why ``torch.load`` could not read ``path``: its error, unless the file is in neither of torch's formats (a
     zip archive, or a pickle: legacy ``torch.save``), where ``weights_only``'s complaint about pickle globals would
     send the user after a pickle problem the file does not have."""

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from .images import Preprocessing
-from .options import OptionError, checkpoint_unread_said, import_for_spec, state_dict_mismatch_said
+from .options import OptionError, import_for_spec, read_checkpoint, state_dict_mismatch_said
 
 __all__ = ["load_segment_anything", "load_sam2", "sam2_configs", "sam_preprocessing", "sam2_preprocessing"]
 
@@ -65,11 +65,7 @@ def _read_state_dict(model_checkpoint: Path, key: str | None) -> dict:
     Raises:
         OptionError: (``model_checkpoint``) the file cannot be read, or holds no state dict where expected.
     """
-    try:
-        loaded = torch.load(model_checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (pickle, zip and torch errors alike: the file is not a checkpoint)
-        raise OptionError("model_checkpoint", f"{model_checkpoint} cannot be read as a torch checkpoint "
-                                              f"({checkpoint_unread_said(model_checkpoint, err)})") from err
+    loaded = read_checkpoint(model_checkpoint)
     if key is not None:
         if not isinstance(loaded, dict) or not isinstance(loaded.get(key), dict):
             raise OptionError("model_checkpoint", f"{model_checkpoint} holds no state dict under {key!r}, where sam2's "

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import torch
 
 from .images import NATIVE, Preprocessing
-from .options import OptionError, checkpoint_unread_said, error_said, first_line, import_for_spec
+from .options import OptionError, error_said, first_line, import_for_spec, read_checkpoint
 
 __all__ = ["MODELS", "SWIN3D_FRAMES", "build", "load_torchvision", "preprocessing_of", "video_frames", "video_forward"]
 
@@ -164,11 +164,7 @@ def _state_dict(spec: str, weights, model_checkpoint: Path | None) -> dict:
             raise OptionError("model", f"{spec}: cannot download its weights ({weights.url}): "
                                        f"{error_said(err)}; download them on a connected machine (into torch's hub "
                                        "cache) or pass local weights (--weights FILE, model_checkpoint=)") from err
-    try:
-        loaded = torch.load(model_checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (pickle, zip and torch errors alike: the file is not a state dict)
-        raise OptionError("model_checkpoint", f"{model_checkpoint} cannot be read as a torch state dict "
-                                              f"({checkpoint_unread_said(model_checkpoint, err)})") from err
+    loaded = read_checkpoint(model_checkpoint, "state dict")
     for key in ("model", "state_dict"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
