@@ -517,8 +517,7 @@ def hf_rescale_offset(processor: dict) -> float | None:
     fed every pixel 2.0 too high after normalising, its MAD silently another (QA 226)."""
     if not processor.get("do_rescale", True):
         return None
-    kind = str(processor.get("video_processor_type") or processor.get("image_processor_type") or "")
-    kind = kind.removesuffix("Fast").removesuffix("Pil")
+    kind = hf_processor_class_name(processor, video=True)
     if kind == "VivitVideoProcessor" or processor.get("offset", kind == "VivitImageProcessor"):
         return 1.0
     return None
@@ -598,10 +597,10 @@ _GEOMETRY_SETTINGS = {
 _SIZE_DIVISOR_ONLY_PADS = frozenset({"DPTImageProcessor", "PromptDepthAnythingImageProcessor"})
 
 
-def hf_processor_class_name(processor: dict) -> str:
-    """The class a processor's settings name (``"ViTImageProcessor"``), without the ``Pil`` or ``Fast`` of a
-    backend; ``""`` when none is named."""
-    name = str(processor.get("image_processor_type") or "")
+def hf_processor_class_name(processor: dict, *, video: bool = False) -> str:
+    """The class a processor's settings name (``"ViTImageProcessor"``; with ``video``, a video processor's
+    ``video_processor_type`` first), without the ``Pil`` or ``Fast`` of a backend; ``""`` when none is named."""
+    name = str((video and processor.get("video_processor_type")) or processor.get("image_processor_type") or "")
     for suffix in ("Pil", "Fast"):
         name = name.removesuffix(suffix)
     return name

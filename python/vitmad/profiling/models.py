@@ -82,13 +82,19 @@ class LoadedModel:
 _IMAGE_ARGUMENTS = ("pixel_values", "hidden_states", "x", "images", "image", "pixels")
 
 
-def _takes_images(module: torch.nn.Module) -> bool:
-    """Whether ``module``'s forward takes an image batch as its first argument (by the argument's name)."""
+def _first_parameter(module: torch.nn.Module) -> inspect.Parameter | None:
+    """The first parameter of ``module``'s forward, or None (none, or no signature to read)."""
     try:
         parameters = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
-        return False
-    return bool(parameters) and parameters[0].name in _IMAGE_ARGUMENTS and parameters[0].kind in (
+        return None
+    return parameters[0] if parameters else None
+
+
+def _takes_images(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s forward takes an image batch as its first argument (by the argument's name)."""
+    first = _first_parameter(module)
+    return first is not None and first.name in _IMAGE_ARGUMENTS and first.kind in (
         inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
@@ -130,20 +136,12 @@ def vision_tower(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     return module, prefix
 
 
-def _first_argument(module: torch.nn.Module) -> str | None:
-    try:
-        parameters = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    return parameters[0].name if parameters else None
-
-
 def _takes_other_inputs(module: torch.nn.Module) -> bool:
     """Whether a transformers ``module``'s forward takes something other than images first: token ids, audio
     features (``input_ids``, ``input_values``, ``input_features``, ``inputs_embeds``)."""
-    first = _first_argument(module)
+    first = _first_parameter(module)
     return type(module).__module__.startswith("transformers.") and first is not None and \
-        first.startswith(("input_", "inputs_"))
+        first.name.startswith(("input_", "inputs_"))
 
 
 def local_weights(model_checkpoint: str | os.PathLike | None) -> Path | None:
@@ -229,7 +227,7 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
         # Fed images, an audio model's convolution failed on a 5-D input and a language model took the pixels for
         # token ids, each deep in the model at the first batch, after a checkpoint was written.
         raise OptionError(
-            "model", f"{type(outer).__name__}'s forward takes {_first_argument(module)}, not images [B, 3, H, W] "
+            "model", f"{type(outer).__name__}'s forward takes {_first_parameter(module).name}, not images [B, 3, H, W] "
                      f"(text or audio features), and vitmad found no vision tower in it that takes images; vitmad "
                      "profile feeds images: profile a vision model, or record this one around your own forward: "
                      "with vitmad.record(model) as rec: model(<its inputs>)")
