@@ -249,6 +249,11 @@ def test_steps_a_cache_skips_are_empty_calls_that_say_so():
                                          r"diffusers' Pyramid Attention Broadcast may have skipped them\)"):
         _ = rec.calls[1].mad
     assert torch.stack([call.mad for call in rec.calls if call.layers]).shape == (2, 2, 1, 2)
+    # The latest call is one the cache skipped: rec.mad says so (it advised other layers=, QA helper-236).
+    with pytest.raises(RuntimeError, match=r"latest forward call ran none of the attention .* which earlier calls of "
+                                           r"this recording did: a cache such as diffusers' Pyramid Attention "
+                                           r"Broadcast may have skipped them"):
+        _ = rec.mad
 
 
 def test_wan_image_to_video_skips_both_cross_attentions():

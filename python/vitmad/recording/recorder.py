@@ -924,6 +924,14 @@ class Recording:
                 "forward took a path without them (no image for its tower, or, of two image towers, the one not "
                 "recorded); read an earlier call of rec.calls, or record the module that ran, vitmad.record(<that "
                 "tower>), while the whole model runs")
+        if self._calls[-1]._is_empty() and any(not call._is_empty() for call in self._calls[:-1]):
+            # The same modules computed attention in an earlier call: the layers are right, this call skipped them
+            # (a cache such as diffusers' Pyramid Attention Broadcast reuses attention outputs on some steps).
+            raise RuntimeError(
+                f"vitmad.record: {name}'s latest forward call ran none of the attention of the modules being "
+                f"recorded ({shown}), which earlier calls of this recording did: a cache such as diffusers' Pyramid "
+                "Attention Broadcast may have skipped them on this step; read the calls that have layers: "
+                "[call for call in rec.calls if call.layers]")
         if self._calls[-1]._is_empty():
             raise RuntimeError(
                 f"vitmad.record: {name} ran, but none of the {len(self._modules)} modules being recorded ({shown}) "
