@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vitmad
 from vitmad.ops import fallback as _fallback
@@ -66,6 +67,21 @@ def test_backward_grad_shape(grad_shape):
         torch.ops.vitmad.mad_backward(torch.ones(grad_shape), A197, 16)
     with pytest.raises(ValueError, match=pattern):
         _fallback.mad_backward(torch.ones(grad_shape), A197, 16)
+
+
+def test_backward_grad_checked_without_running_a_kernel():
+    """The shape-only kernel of mad_backward checks grad as the kernels do: a grad on the meta device beside attn
+    on the CPU got an uninitialised CPU tensor, and under FakeTensorMode a grad of the wrong shape or dtype was
+    accepted (QA helper-234); the positions form always checked it."""
+    with pytest.raises(ValueError, match=r"^vitmad.mad_backward: grad must be on attn's device cpu, got meta"):
+        torch.ops.vitmad.mad_backward(torch.ones(2, device="meta"), A197, 16)
+    with FakeTensorMode() as mode:
+        attn = mode.from_tensor(A197)
+        with pytest.raises(ValueError, match=r"grad must have the shape of mad's output \[2\], got \[5, 7\]"):
+            torch.ops.vitmad.mad_backward(torch.empty(5, 7), attn, 16)
+        with pytest.raises(TypeError, match="grad must be a floating-point tensor, got torch.int64"):
+            torch.ops.vitmad.mad_backward(torch.empty(2, dtype=torch.int64), attn, 16)
+        assert torch.ops.vitmad.mad_backward(torch.empty(2), attn, 16).shape == A197.shape
 
 
 def test_sparse_input():

@@ -80,10 +80,9 @@ def mad(
         TypeError: an argument of the wrong type (a float or bool ``patch``, a string ``renormalize``...), ``attn``
             or ``positions`` of an unsupported dtype, or neither ``patch`` nor ``positions`` given; the message
             names the argument.
-        ValueError: a shape, size or option is invalid, or both forms are mixed; the message names the
-            argument.
-        RuntimeError: ``positions`` or ``key_positions`` requires grad (MAD is differentiable with respect to
-            ``attn`` only).
+        ValueError: a shape, size or option is invalid, both forms are mixed, or ``positions`` or
+            ``key_positions`` requires grad (MAD is differentiable with respect to ``attn`` only); the message
+            names the argument.
     """
     if renormalize.__class__ is not bool:
         check_renormalize(renormalize, "vitmad.mad")
@@ -127,9 +126,10 @@ def _mad_fake(attn, patch, *, num_prefix_tokens=1, grid=None, renormalize=False,
 
 @torch.library.register_fake("vitmad::mad_backward")
 def _mad_backward_fake(grad, attn, patch, *, num_prefix_tokens=1, grid=None, renormalize=False, reduction="mean"):
-    check_mad_args(
+    layout = check_mad_args(
         attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction, "vitmad.mad_backward"
     )
+    check_mad_grad(grad, attn, layout.reduce_mean, layout.num_patches)  # as the kernels and the positions form do
     return torch.empty(attn.shape, dtype=attn.dtype, device=attn.device)
 
 
