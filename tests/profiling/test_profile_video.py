@@ -9,6 +9,7 @@ transformers' own VideoMAEVideoProcessor, then vitmad.record on the model.
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -527,3 +528,66 @@ def test_a_clip_cut_short_is_skipped_with_the_reason(tmp_path, container_format,
     assert frames is None
     # mp4 keeps its index at the end: cut, it does not open at all; Matroska's header gives the duration.
     assert reason.startswith("truncated: ") if container_format == "mkv" else reason.startswith("InvalidDataError")
+
+
+def _write_timed(path, arrays, times_ms, codec="ffv1", **options):
+    """A clip whose frames are shown at ``times_ms`` (a variable frame rate), nominally 30 fps."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=30, options=options)
+        stream.width, stream.height = SIZE, SIZE
+        stream.pix_fmt = "yuv420p" if codec == "mpeg4" else stream.pix_fmt
+        stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
+        for array, time in zip(arrays, times_ms):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts, frame.time_base = time, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def test_a_variable_frame_rate_clip_is_not_taken_for_a_cut_one(tmp_path):
+    """A phone clip that paused: 12 frames over 3.1 s at a nominal 30 fps. Matroska's header has no frame count,
+    and its duration times the nominal rate (94 frames) had it skipped as truncated (QA helper-235); the packets'
+    times reach the header's end. Its frames are sampled by index as any clip's."""
+    from vitmad.profiling.videos import load_video
+
+    arrays = _frames(12, seed=3)
+    clip = tmp_path / "paused.mkv"
+    _write_timed(clip, arrays, [0, 33, 66, 100, 133, 1000, 1033, 1066, 3000, 3033, 3066, 3100])
+    with av.open(str(clip)) as container:
+        shown = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(shown) == 12
+    frames, reason = load_video(clip, 4)
+    assert reason is None
+    for frame, index in zip(frames, [0, 4, 7, 11]):  # round(i * 11 / 3)
+        assert np.array_equal(np.asarray(frame), shown[index])
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(clip.read_bytes()[: int(clip.stat().st_size * 0.6)])
+    assert load_video(cut, 4)[1].startswith("truncated: its frames end at ")
+
+
+def test_a_clip_cut_by_stream_copy_is_read_as_players_show_it(tmp_path):
+    """``ffmpeg -ss T -c copy`` starts a clip at the keyframe before T and hides the frames before T with an edit
+    list: its header counts 30 samples, players show 20. The 10 discarded packets had it skipped as truncated (QA
+    helper-235); they are no frames of the clip, which is sampled over the 20 shown."""
+    from vitmad.profiling.videos import load_video
+
+    source, trimmed = tmp_path / "source.mp4", tmp_path / "trimmed.mp4"
+    arrays = _frames(60, seed=4)
+    _write_timed(source, arrays, [40 * i for i in range(60)], codec="mpeg4", g="30", bf="0")
+    with av.open(str(source)) as reader, av.open(str(trimmed), mode="w") as writer:
+        stream = reader.streams.video[0]
+        out = writer.add_stream_from_template(stream)
+        shift = round(Fraction(40, 25) / stream.time_base)  # frame 40 at time 0: the keyframe 30 ten frames before
+        for packet in reader.demux(stream):
+            if packet.dts is None or packet.pts * stream.time_base < Fraction(30 * 40, 1000):
+                continue
+            packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, out
+            writer.mux(packet)
+    with av.open(str(trimmed)) as container:
+        assert container.streams.video[0].frames == 30
+        shown = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(shown) == 20
+    frames, reason = load_video(trimmed, 3)
+    assert reason is None
+    for frame, index in zip(frames, [0, 10, 19]):  # round(i * 19 / 2)
+        assert np.array_equal(np.asarray(frame), shown[index])

@@ -195,10 +195,17 @@ def load_video(path: Path, frames: int | Callable[[int, float | None], Sequence[
             if limit and stream.codec_context.width * stream.codec_context.height > limit:
                 return None, (f"DecompressionBombError: frame size ({stream.codec_context.width}x"
                               f"{stream.codec_context.height} pixels) exceeds PIL.Image.MAX_IMAGE_PIXELS = {limit}")
-            announced = _announced_frames(container)
+            announced_end, announced_frames = _announced_end(container), _announced_frames(container)
             rate = stream.average_rate or stream.guessed_rate
             rate = float(rate) if rate else None
-            count = sum(1 for packet in container.demux(video=0) if packet.size > 0)
+            # Packets an edit list discards (the pre-roll of a clip cut with stream copy) are decoded by no player.
+            count, end = 0, None
+            for packet in container.demux(video=0):
+                if packet.size > 0 and not packet.is_discard:
+                    count += 1
+                    if packet.pts is not None:
+                        stop = float((packet.pts + (packet.duration or 0)) * stream.time_base)
+                        end = stop if end is None else max(end, stop)
         picked, decoded = _decode_frames(av, path, pick(count, rate) if count else [])
         if decoded != count and decoded > 0:
             picked, _ = _decode_frames(av, path, pick(decoded, rate))
@@ -206,29 +213,40 @@ def load_video(path: Path, frames: int | Callable[[int, float | None], Sequence[
         return None, f"{type(err).__name__}: {err}"
     if not decoded:
         return None, "no video frame"
-    if announced is not None and announced - decoded >= max(2, 0.05 * announced):
-        # A clip cut short (an interrupted copy) decodes what survives: sampled over that span, its frames would be
-        # others than the clip's, so it is skipped, as a truncated still is.
-        return None, f"truncated: {decoded} of the {announced} frames its header announces could be decoded"
+    # A clip cut short (an interrupted copy) decodes what survives: sampled over that span, its frames would be
+    # others than the clip's, so it is skipped, as a truncated still is. Told by time where the packets have times
+    # (a variable frame rate, Matroska's estimated count and an edit list's discarded pre-roll do not mislead it),
+    # else by the header's frame count.
+    if end is not None and announced_end is not None:
+        start, stop = announced_end
+        if stop - end >= max(2 / rate if rate else 0, 0.05 * (stop - start)) and stop > end:
+            return None, (f"truncated: its frames end at {end - start:.3g} s of the {stop - start:.3g} s its header "
+                          "announces")
+    elif announced_frames is not None and announced_frames - decoded >= max(2, 0.05 * announced_frames):
+        return None, f"truncated: {decoded} of the {announced_frames} frames its header announces could be decoded"
     return picked, None
 
 
-def _announced_frames(container) -> int | None:
-    """How many frames the container's header says its first video stream has: its frame count where the header
-    has one (mp4, avi, mov), else its duration times its frame rate, from the stream or, for a file holding that
-    stream alone, from the container (Matroska, WebM); None where neither is known. Used only to tell a clip cut
-    short: a header that says too little (MPEG program streams) hides nothing but never refuses a clip."""
+def _announced_end(container) -> tuple[float, float] | None:
+    """Where the container's header says its first video stream starts and ends, in seconds of the stream's
+    timestamps: from the stream's duration or, for a file holding that stream alone, from the container's
+    (Matroska, WebM); None where neither is known. Used only to tell a clip cut short: a header that says too
+    little (MPEG program streams) hides nothing but never refuses a clip."""
     stream = container.streams.video[0]
-    if stream.frames:
-        return int(stream.frames)
-    rate = stream.average_rate or stream.guessed_rate
-    if not rate:
-        return None
     if stream.duration and stream.time_base:
-        return round(float(stream.duration * stream.time_base * rate))
+        start = stream.start_time if stream.start_time is not None else 0
+        return float(start * stream.time_base), float((start + stream.duration) * stream.time_base)
     if container.duration and len(container.streams) == 1:  # no audio track to lengthen it
-        return round(container.duration / 1_000_000 * float(rate))
+        start = (container.start_time or 0) / 1_000_000
+        return start, start + container.duration / 1_000_000
     return None
+
+
+def _announced_frames(container) -> int | None:
+    """The frame count of the first video stream's header (mp4, avi, mov), or None: what tells a clip cut short
+    where its packets carry no times (:func:`_announced_end`)."""
+    frames = container.streams.video[0].frames
+    return int(frames) if frames else None
 
 
 def _decode_frames(av, path: Path, indices: Sequence[int]):
