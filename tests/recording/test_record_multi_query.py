@@ -56,7 +56,7 @@ def test_mobilenetv4_hybrid_keys_pooled_by_a_strided_convolution(size):
             module.key.proj.weight.mul_(3.0 / spreads[module.key])
     with torch.no_grad():
         plain = model(pixels)
-    with torch.no_grad(), vitmad.record(model) as rec:
+    with torch.no_grad(), vitmad.record(model, stats="self_mass") as rec:
         assert torch.equal(model(pixels), plain)
     maps = eager_maps(model, pixels)
     h16, w16 = math.ceil(size[0] / 16), math.ceil(size[1] / 16)
@@ -69,5 +69,13 @@ def test_mobilenetv4_hybrid_keys_pooled_by_a_strided_convolution(size):
     assert all(attn.amax(-1).mean() > 3.0 / attn.shape[-1] for attn in maps)  # far from uniform
     for recorded, attn, (queries, keys) in zip(rec.per_layer, maps, layers, strict=True):
         torch.testing.assert_close(recorded.double(), mad_positions_reference(attn, queries, keys), **TOL)
+    # The stride-32 layers' keys are the queries' own cells (kv_stride 1): their self mass is A[t, t]'s mean (it
+    # was NaN, as beside pooled keys, QA helper-240); the stride-16 layers' keys are other tokens: NaN.
+    self_mass = rec.calls[-1].statistics["self_mass"]
+    for recorded, attn in zip(self_mass[4:], maps[4:], strict=True):
+        # Probabilities: the fused and the eager float32 softmax of these peaked logits differ by up to ~2e-6.
+        torch.testing.assert_close(recorded.double(), attn.double().diagonal(dim1=-2, dim2=-1).mean(-1),
+                                   rtol=1e-5, atol=5e-6)
+    assert all(recorded.isnan().all() for recorded in self_mass[:4])
     assert [g.grid for g in rec.geometry] == [(h16, w16)] * 4 + [(h32, w32)] * 4
     assert [g.stride[0] for g in rec.geometry] == [16.0] * 4 + [32.0] * 4
