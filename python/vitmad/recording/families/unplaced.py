@@ -14,6 +14,11 @@ Molmo2's vision tower (:mod:`.molmo2`, pre-cut patches embedded by a ``Linear``)
 DepthPro's patch encoder runs a ViT on overlapping crops of a multi-scale pyramid of the image, the crops of every
 scale batched together: its layers are skipped with the reason (its per-crop values are in each crop's own pixels,
 one row per crop, not per image).
+
+UDOP's encoder (transformers' ``modeling_udop``) follows its text tokens with the patches no text box covers, then
+zero tokens up to the grid's size: which of its tokens are patches, and which cells they are, depends on each
+input's boxes. Its token count passes the plain layout's test, and the layout read from it was silently wrong (QA
+helper-239): its attention layers are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ _DEPTH_PRO_CROPS = (
     "DepthPro's patch encoder attends within overlapping crops of a multi-scale pyramid of the image, the crops of "
     "every scale batched together, so its values would be per crop, in each crop's own pixels; record the image "
     "encoder alone (depth_pro.encoder.image_encoder.model, on the image it is given) for a MAD in its input's pixels"
+)
+
+_UDOP_LAYOUT = (
+    "UDOP's encoder follows its text tokens with the patches whose cells hold no text box's centre (a covered "
+    "patch's features are added to its text token), row-major, then zero tokens up to the grid's size: which tokens "
+    "are patches, and which cells they are, depends on each input's boxes, a layout vitmad does not place"
 )
 
 
@@ -68,9 +79,11 @@ def molmo2_layout_unknown(model: nn.Module) -> str | None:
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
-    """A Skip for DepthPro's patch encoder, else None."""
+    """A Skip for DepthPro's patch encoder and UDOP's attention, else None."""
     from . import Skip
 
+    if defined_in(module, "UdopAttention", "modeling_udop"):
+        return Skip(_UDOP_LAYOUT)
     parts = name.split(".")
     for depth in range(len(parts)):
         owner = model.get_submodule(".".join(parts[:depth]))
