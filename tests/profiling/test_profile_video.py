@@ -9,6 +9,7 @@ transformers' own VideoMAEVideoProcessor, then vitmad.record on the model.
 from __future__ import annotations
 
 import json
+import shutil
 from fractions import Fraction
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 import vitmad
 from vitmad.cli import main
 from vitmad.profiling import Profile
+from vitmad.profiling.options import OptionError
 
 av = pytest.importorskip("av")
 transformers = pytest.importorskip("transformers")
@@ -528,6 +530,22 @@ def test_a_clip_cut_short_is_skipped_with_the_reason(tmp_path, container_format,
     assert frames is None
     # mp4 keeps its index at the end: cut, it does not open at all; Matroska's header gives the duration.
     assert reason.startswith("truncated: ") if container_format == "mkv" else reason.startswith("InvalidDataError")
+
+
+def test_a_resume_after_the_config_changed_the_frame_count_is_refused(video_model, videos, tmp_path):
+    """VideoMAE's frame count is its config's num_frames, which no weight shows (its position table is
+    sinusoidal): a checkpoint of 4-frame clips resumed after config.json said 8 fed 8-frame clips and wrote one
+    result of both (QA helper-235). mad.json says the count; the resume is refused, naming it."""
+    folder = tmp_path / "model"
+    shutil.copytree(video_model, folder)
+    checkpoint, clips = tmp_path / "run.pt", [videos / "clip.mp4", videos / "frames"]
+    first = vitmad.profile(f"hf:{folder}", clips, device="cpu", batch_size=1, checkpoint=checkpoint)
+    assert first.settings["frames"] == FRAMES
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_frames": 2 * FRAMES}))
+    with pytest.raises(OptionError, match=r"\(changed since: the video model's frame count \(its config's "
+                                          r"num_frames\)\)"):
+        vitmad.profile(f"hf:{folder}", clips, device="cpu", batch_size=1, checkpoint=checkpoint, resume=True)
 
 
 def _write_timed(path, arrays, times_ms, codec="ffv1", **options):

@@ -97,6 +97,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict | None:
 _OPTIONS = {"model": "model", "weights": "model weights (weights, model_checkpoint)", "renormalize": "renormalize",
             "dtype": "dtype", "image_size": "image_size", "preprocessing": "the model's preprocessing",
             "batch_size": "batch_size", "layers": "layers", "stats": "stats", "profiled": "the part profiled",
+            "frames": "the video model's frame count (its config's num_frames)",
             "rank": "the process layout (torchrun)", "world_size": "the process layout (torchrun)",
             "files": "the images' files (contents or times)", "pixels": "the pixel tensor",
             "images": "the images (max_images, the folder's files)"}

@@ -477,6 +477,11 @@ def plan_run(
         "batch_size": batch_size,
         "layers": list(layers) if layers else None,
     }
+    frames = model_frames(loaded.module)
+    if frames is not None:
+        # A video model's frame count comes from its config, not its weights: a resume after the config changed it
+        # would mix clips sampled to two counts (QA 235).
+        settings["frames"] = frames
     if loaded.description is not None:  # the part of a checkpoint profiled (a vision-language model's tower)
         settings["profiled"] = loaded.description
     if loaded.model_args is not None:  # a monai: network: its architecture is these, not a name
