@@ -62,6 +62,9 @@ _REASONS_IN = {
                                          "no query has attention weights over the tokens",
     ("LiteMLA", "efficientvit_mit"): "ReLU linear attention (EfficientViT-MIT's LiteMLA): relu(k)^T v is applied to "
                                      "relu(q), so no softmax over the tokens is formed",
+    ("LambdaLayer", "lambda_layer"): "lambda layer (LambdaNetworks): softmax(k) over the positions gives a content "
+                                     "lambda, softmax(k)^T v, applied to the queries with a positional one from a "
+                                     "convolution, so no query has attention weights over the tokens",
     ("SLANetAttentionGRUCell", "modeling_slanet"): "additive attention of SLANet's table-structure decoder: each "
                                                    "step's query is the GRU's state, without a position on the "
                                                    "image, scoring the map's tokens through tanh",
@@ -69,7 +72,7 @@ _REASONS_IN = {
 # Of those, the ones the generic discovery does not find (no fused_attn switch, no query/key projections it
 # knows): attention_modules lists them, so that they are skipped with the reason rather than the model refused
 # as having no attention at all.
-_UNDISCOVERED = {("FactorAttnConvRelPosEnc", "coat"), ("LiteMLA", "efficientvit_mit"),
+_UNDISCOVERED = {("FactorAttnConvRelPosEnc", "coat"), ("LiteMLA", "efficientvit_mit"), ("LambdaLayer", "lambda_layer"),
                  ("SLANetAttentionGRUCell", "modeling_slanet")}
 
 
@@ -79,9 +82,9 @@ def _class_key(module: nn.Module) -> tuple[str, str]:
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """CoaT's factorized, EfficientViT-MIT's ReLU linear and SLANet's additive attention, and the transformers
-    detectors' deformable attention, by qualified name, to list them as skipped (a detector with a convolutional
-    backbone is refused naming its deformable encoder, not only its decoder)."""
+    """CoaT's factorized, EfficientViT-MIT's ReLU linear, LambdaNet's and SLANet's additive attention, and the
+    transformers detectors' deformable attention, by qualified name, to list them as skipped (a detector with a
+    convolutional backbone is refused naming its deformable encoder, not only its decoder)."""
     return {name: m for name, m in named_module_list(model) if _class_key(m) in _UNDISCOVERED or _is_deformable(m)}
 
 
