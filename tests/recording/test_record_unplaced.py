@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,6 +90,23 @@ def test_udop_text_covered_patches_are_skipped_with_the_reason():
         vitmad.record(model)
 
 
+def test_groupvit_is_refused_with_the_reason_at_entry():
+    """GroupViT's stages attend, batch and heads merged, over the patches and appended group tokens, then over
+    groups; its grouping blocks assign by a hard softmax. It was refused at the first forward as an unknown
+    [B * H, N, N] shape, advising layers= of other attention modules it does not have (QA helper-239): now at
+    entry, with the reason; its text tower is not concerned."""
+    vision = dict(hidden_size=32, intermediate_size=64, depths=[1, 1, 1], num_group_tokens=[4, 2, 0],
+                  num_output_groups=[4, 2, 2], num_attention_heads=4, image_size=32, patch_size=8)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model = transformers.GroupViTModel(transformers.GroupViTConfig(
+        text_config=text, vision_config=vision, projection_dim=16, projection_intermediate_dim=16)).eval()
+    for recorded in (model, model.vision_model):
+        with pytest.raises(NoLayerError, match=r"self_attn: GroupViT's encoder attends, batch and heads merged in one "
+                                               r"dim, over the patches and learned group tokens appended after them"):
+            vitmad.record(recorded)
+
+
 def test_tiles_regrouped_after_the_patch_embedding_are_refused():
     torch.manual_seed(0)
     model = _TiledModel().eval()
@@ -155,28 +173,53 @@ def test_a_deformable_detector_on_a_convolutional_backbone_says_why_it_has_no_ma
         _ = rec.mad
 
 
+class _MergedHeadsAttention(nn.Module):
+    """Softmax over [B * H, N, N], batch and heads merged in one dim, as GroupViT's and old CLIP-style eager code."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k = (proj(x).view(b, n, self.heads, -1).transpose(1, 2).reshape(b * self.heads, n, -1)
+                for proj in (self.q_proj, self.k_proj))
+        return torch.softmax(q @ k.transpose(1, 2) * q.shape[-1] ** -0.5, dim=-1)
+
+
+class _MergedHeads(nn.Module):
+    """That attention over a 4 x 4 grid of 8 px patches followed by 4 learned tokens."""
+
+    def __init__(self, dim: int = 32, heads: int = 2):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 8, 8)
+        self.tokens = nn.Parameter(torch.randn(1, 4, dim))
+        self.attn = _MergedHeadsAttention(dim, heads)
+
+    def forward(self, pixels):
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)
+        return self.attn(torch.cat([x, self.tokens.expand(x.shape[0], -1, -1)], 1))
+
+
 def test_attention_with_batch_and_heads_merged_is_refused_saying_so():
-    """GroupViT attends [B * H, N, N] over its patches then its group tokens: refused, and the message says how the
-    shape differs from a plain ViT's (was only that the layout is unknown), and that positions= cannot place it
-    either, which is what positions= then says (it advised positions=, which refused the layer in turn)."""
-    config = transformers.GroupViTVisionConfig(hidden_size=32, intermediate_size=64, depths=[1, 1],
-                                               num_hidden_layers=2, num_group_tokens=[4, 0],
-                                               num_output_groups=[2, 2], num_attention_heads=2, image_size=32,
-                                               patch_size=8)
+    """Attention softmaxed as [B * H, N, N] (GroupViT's, before it was skipped by name): refused, and the message
+    says how the shape differs from a plain ViT's (was only that the layout is unknown), and that positions= cannot
+    place it either, which is what positions= then says (it advised positions=, which refused the layer in turn)."""
     torch.manual_seed(0)
-    model = transformers.GroupViTVisionModel(config).eval()
+    model = _MergedHeads().eval()
     pixels = torch.randn(1, 3, 32, 32)
-    with pytest.raises(ValueError, match=r"stages\.0\.layers\.0\.self_attn .*shape \[2, 20, 20\] \(batch and heads "
-                                         r"merged in one dim, or no head dim\).*positions= cannot place it either "
-                                         r".*leave this module out with layers=") as refused:
-        with torch.no_grad(), vitmad.record(model):
-            model(pixel_values=pixels)
+    with pytest.raises(ValueError, match=r"attn .*shape \[2, 20, 20\] \(batch and heads merged in one dim, or no head "
+                                         r"dim\).*positions= cannot place it either .*leave this module out with "
+                                         r"layers=") as refused:
+        with torch.no_grad(), vitmad.record(model, layers=["attn"]):
+            model(pixels)
     assert "pass positions=" not in str(refused.value)
     positions = torch.rand(20, 2)
-    with pytest.raises(ValueError, match=r"stages\.0\.layers\.0\.self_attn .*shape \[2, 20, 20\]; positions= places "
-                                         r"the tokens of self-attention \[B, H, N, N\]"):
-        with torch.no_grad(), vitmad.record(model, positions=positions):
-            model(pixel_values=pixels)
+    with pytest.raises(ValueError, match=r"attn .*shape \[2, 20, 20\]; positions= places the tokens of "
+                                         r"self-attention \[B, H, N, N\]"):
+        with torch.no_grad(), vitmad.record(model, layers=["attn"], positions=positions):
+            model(pixels)
 
 
 def test_fuyu_is_refused_as_a_model_without_a_vision_encoder():

@@ -15,6 +15,10 @@ DepthPro's patch encoder runs a ViT on overlapping crops of a multi-scale pyrami
 scale batched together: its layers are skipped with the reason (its per-crop values are in each crop's own pixels,
 one row per crop, not per image).
 
+GroupViT's vision encoder (transformers' ``modeling_groupvit``) attends, batch and heads merged in one dim, over the
+patches and the learned group tokens appended after them, then over the groups each grouping block makes (segments
+of the image, no cells): skipped with the reason rather than refused at the first call as an unknown shape.
+
 UDOP's encoder (transformers' ``modeling_udop``) follows its text tokens with the patches no text box covers, then
 zero tokens up to the grid's size: which of its tokens are patches, and which cells they are, depends on each
 input's boxes. Its token count passes the plain layout's test, and the layout read from it was silently wrong (QA
@@ -38,6 +42,13 @@ _UDOP_LAYOUT = (
     "UDOP's encoder follows its text tokens with the patches whose cells hold no text box's centre (a covered "
     "patch's features are added to its text token), row-major, then zero tokens up to the grid's size: which tokens "
     "are patches, and which cells they are, depends on each input's boxes, a layout vitmad does not place"
+)
+
+_GROUPVIT_GROUPS = (
+    "GroupViT's encoder attends, batch and heads merged in one dim, over the patches and learned group tokens "
+    "appended after them, and after each grouping block over the groups it made (segments of the image, with no "
+    "cell of their own), and each grouping block assigns the patches to its groups by a hard (Gumbel) softmax: a "
+    "layout vitmad does not place"
 )
 
 
@@ -79,11 +90,14 @@ def molmo2_layout_unknown(model: nn.Module) -> str | None:
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
-    """A Skip for DepthPro's patch encoder and UDOP's attention, else None."""
+    """A Skip for DepthPro's patch encoder, GroupViT's vision attention and UDOP's attention, else None."""
     from . import Skip
 
     if defined_in(module, "UdopAttention", "modeling_udop"):
         return Skip(_UDOP_LAYOUT)
+    if (defined_in(module, "GroupViTAttention", "modeling_groupvit") or defined_in(
+            module, "GroupViTAssignAttention", "modeling_groupvit")) and ".text_model." not in f".{name}.":
+        return Skip(_GROUPVIT_GROUPS)
     parts = name.split(".")
     for depth in range(len(parts)):
         owner = model.get_submodule(".".join(parts[:depth]))
