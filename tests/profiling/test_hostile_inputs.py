@@ -236,8 +236,13 @@ def test_profile_options_of_the_wrong_kind_name_the_parameter(option, value, mes
 
 
 def test_profile_refuses_pixels_that_are_not_preprocessed_and_images_of_no_known_kind(tiny_model):
-    with pytest.raises(ValueError, match=r"images: a tensor of pixels must be preprocessed .* got torch.uint8"):
+    # A module built in Python has no preprocessing to give image files: the advice says what works (QA 241).
+    with pytest.raises(ValueError, match=r"images: a tensor of pixels must be preprocessed .* got torch.uint8; this "
+                                         r"model's preprocessing is unknown \(a module built in Python\)"):
         vitmad.profile(_tiny_vit_module(), torch.zeros(2, 3, 32, 32, dtype=torch.uint8), device="cpu")
+    with pytest.raises(ValueError, match=r"images: a tensor of pixels must be preprocessed .* got torch.uint8; pass "
+                                         r"image files to have them preprocessed"):
+        vitmad.profile(f"hf:{tiny_model}", torch.zeros(2, 3, 32, 32, dtype=torch.uint8), device="cpu")
     with pytest.raises(ValueError, match="images: expected 'builtin', a folder, a file, a list of those or a pixel "
                                          "tensor, got NoneType"):
         vitmad.profile(f"hf:{tiny_model}", None, device="cpu")
@@ -262,6 +267,24 @@ def test_profile_leaves_the_dtype_of_a_model_it_is_given():
     result = vitmad.profile(half, torch.randn(2, 3, 32, 32), device="cpu")
     assert result.settings["dtype"] == "bfloat16" and result.mad.shape == (2, 2)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    # A bfloat16 model keeping its norms in float32 (and a float64 scalar first): run in bfloat16, the dtype of most
+    # of its weights, its norms left in float32 (they were converted to bfloat16, QA helper-241), as record sees it.
+    mixed = _tiny_vit_module(torch.bfloat16)
+    mixed.register_parameter("a_scale", torch.nn.Parameter(torch.ones((), dtype=torch.float64)))
+    mixed.get_submodule("embeddings").register_parameter(
+        "a_scale", torch.nn.Parameter(torch.ones((), dtype=torch.float64)))
+    for module in mixed.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.float()
+    dtypes = {name: p.dtype for name, p in mixed.named_parameters()}
+    assert next(iter(dtypes.values())) == torch.float64
+    pixels = torch.randn(2, 3, 32, 32)
+    result = vitmad.profile(mixed, pixels, device="cpu")
+    assert {name: p.dtype for name, p in mixed.named_parameters()} == dtypes
+    with torch.no_grad(), vitmad.record(mixed) as rec:
+        mixed(pixels.bfloat16())
+    assert result.settings["dtype"] == "bfloat16"
+    torch.testing.assert_close(result.mad, rec.mad.double().mean(1), rtol=0, atol=0)
 
 
 def test_profile_checkpoint_must_be_a_file_it_may_overwrite(tmp_path):

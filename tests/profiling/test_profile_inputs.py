@@ -31,6 +31,10 @@ def test_find_images_recursive_sorted_and_deduplicated(tmp_path):
 @pytest.mark.parametrize("make, match", [
     (lambda root: root / "missing", "no such file or folder"),
     (lambda root: root, "no images .* found in folder"),
+    # Said as given (Path folded the URL's // into https:/) and why (QA helper-241).
+    (lambda root: "https://example.com/cat.jpg", r"no such file or folder: https://example.com/cat.jpg \(a URL: "
+                                                 r"vitmad reads local files and downloads nothing"),
+    (lambda root: f"{root}/*.png", r"no such file or folder: .*/\*\.png \(a glob pattern: not expanded"),
 ])
 def test_find_images_errors_name_the_option(tmp_path, make, match):
     with pytest.raises((FileNotFoundError, ValueError), match=f"images: {match}"):

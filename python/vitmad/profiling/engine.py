@@ -88,6 +88,8 @@ class RunPlan:
         prefix_maps: the CLS / register maps are averaged over the images.
         maps_skipped: why no layer can have mean prefix maps in this run (the images have no common grid), or None.
         identity: the settings, model, process layout and image digests the fingerprint is made of.
+        converts_weights: the model's weights are converted to ``dtype`` (False for a module the caller passed,
+            moved to the device with its parameters' dtypes as they are: a bfloat16 model's float32 norms stay so).
     """
 
     loaded: LoadedModel
@@ -107,6 +109,7 @@ class RunPlan:
     prefix_maps: bool = False
     maps_skipped: str | None = None
     identity: dict = field(default_factory=dict)
+    converts_weights: bool = True
 
     def checkpoint_state(self, state: RunState) -> dict:
         """What the checkpoint of ``state`` holds: its sums, and what a later command needs to say what it finds
@@ -261,16 +264,22 @@ def _pads_partial_patches(owner: torch.nn.Module, conv: torch.nn.Conv2d) -> bool
 
 
 def _own_model_dtype(model: torch.nn.Module, dtype, resolved: torch.dtype) -> torch.dtype:
-    """The dtype a model the caller passed runs in: its own. The run moves the model to the device in place, as
-    any inference does, but converting its weights to another dtype would change the caller's model beyond
-    repair (float32 weights rounded to bfloat16): that is refused.
+    """The dtype a model the caller passed runs in, its pixels' dtype: that of most of its weights. The run moves
+    the model to the device in place, as any inference does, but converting its weights to another dtype would
+    change the caller's model beyond repair (float32 weights rounded to bfloat16): that is refused, and weights of
+    other dtypes beside (float32 norms in a bfloat16 model) are left as they are.
 
     Raises:
         OptionError: ``dtype`` differs from the model's, or the model's is not one the run takes.
     """
-    own = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    if own is None:
+    # The dtype of most of its weights: a bfloat16 model may keep its norms in float32, or a scalar in float64.
+    sizes: dict[torch.dtype, int] = {}
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            sizes[parameter.dtype] = sizes.get(parameter.dtype, 0) + parameter.numel()
+    if not sizes:
         return resolved
+    own = max(sizes, key=sizes.get)
     if own not in DTYPES.values():
         raise OptionError("dtype", f"the model passed is {str(own).removeprefix('torch.')}; profile runs "
                                    f"{', '.join(DTYPES)}: convert a copy of it (model.to(...)) and pass that")
@@ -345,8 +354,11 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
                                         f"tensor of shape {list(images.shape)} (resize it, or build the model to take "
                                         "other sizes: timm's dynamic_img_size=True)")
         if not images.is_floating_point():  # 0-255 bytes would be taken for normalised pixels
+            advice = ("pass image files to have them preprocessed" if preprocessing is not None else
+                      "this model's preprocessing is unknown (a module built in Python): normalise them as it was "
+                      "trained, or pass the model as a spec ('timm:NAME', 'hf:NAME_OR_FOLDER') and image files")
             raise OptionError("images", f"a tensor of pixels must be preprocessed (normalised floats, {shape}), "
-                                        f"got {images.dtype}; pass image files to have them preprocessed")
+                                        f"got {images.dtype}; {advice}")
         if images.shape[0] == 0:
             raise OptionError("images", f"the pixel tensor holds no image (shape {list(images.shape)})")
         pixels = images[:max_images] if max_images else images
@@ -519,7 +531,8 @@ def plan_run(
     _check_recordable(loaded.module, record_options, layers)
     return RunPlan(loaded, device, torch_dtype, names, load, batches, settings, run_id,
                    None if checkpoint is None else Path(checkpoint), checkpoint_every, record_options, run, native,
-                   statistics, "prefix_maps" in stats, maps_skipped, identity={**identity, "images": names})
+                   statistics, "prefix_maps" in stats, maps_skipped, identity={**identity, "images": names},
+                   converts_weights=not isinstance(model, torch.nn.Module))
 
 
 def _packed_videos(loaded: LoadedModel, images, videos: bool | None) -> bool:
@@ -713,7 +726,7 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
     bar = tqdm(total=len(plan.names), unit=unit, disable=not (progress and rank == 0), desc="vitmad profile",
                dynamic_ncols=True)
     bar.update(counter.add(len(state.images) + len(state.skipped)))
-    plan.loaded.module.to(device=plan.device, dtype=plan.dtype)
+    plan.loaded.module.to(device=plan.device, **({"dtype": plan.dtype} if plan.converts_weights else {}))
     pending = plan.batches[state.batches_done:]
     prefetch = ThreadPoolExecutor(1, "vitmad-prefetch")
     upcoming = prefetch.submit(plan.load, pending[0]) if len(pending) else None

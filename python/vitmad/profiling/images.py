@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .options import MissingPathError, OptionError, import_optional
+from .options import OptionError, import_optional, missing_path
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -109,7 +109,7 @@ def find_images(sources: str | os.PathLike | Sequence[str | os.PathLike],
         elif path.is_file() or path.is_symlink():  # a dangling link is listed as skipped, with the reason
             found.append(path)
         else:
-            raise MissingPathError("images", f"no such file or folder: {path}")
+            raise missing_path(source)
     # A dangling link stays itself: resolved, it would name a file that is not there.
     unique = list(dict.fromkeys(p.resolve() if p.exists() else p.absolute() for p in found))
     if not unique:

@@ -19,6 +19,7 @@ from ..recording.recorder import RECORD_STATS, split_stat_names
 __all__ = [
     "OptionError",
     "MissingPathError",
+    "missing_path",
     "check_positive",
     "resolve_device",
     "resolve_dtype",
@@ -105,6 +106,20 @@ class OptionError(ValueError):
 
 class MissingPathError(OptionError, FileNotFoundError):
     """A file or folder given in a parameter does not exist."""
+
+
+def missing_path(source: str | os.PathLike) -> MissingPathError:
+    """The error for an input that is no file or folder, as given (``Path`` would fold a URL's ``//``), saying
+    why where it looks like something else: a URL (nothing is downloaded) or a glob pattern (not expanded)."""
+    text = os.fspath(source)
+    if "://" in text:
+        why = " (a URL: vitmad reads local files and downloads nothing; download it and pass the file)"
+    elif any(c in text for c in "*?["):
+        why = (" (a glob pattern: not expanded, as the shell does for the command; pass the folder, or the files "
+               "glob.glob finds)")
+    else:
+        why = ""
+    return MissingPathError("images", f"no such file or folder: {text}{why}")
 
 
 def check_positive(parameter: str, value: int | None, what: str = "a positive integer", *,

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .images import IMAGE_EXTENSIONS, Preprocessing, exclusion, folder_files, load_each, load_image, walk_folders
-from .options import MissingPathError, OptionError, import_optional
+from .options import OptionError, import_optional, missing_path
 from .torchvision_models import video_frames
 
 __all__ = ["VIDEO_EXTENSIONS", "model_frames", "find_videos", "is_video_source", "sample_indices", "load_video",
@@ -116,7 +116,7 @@ def find_videos(sources: str | os.PathLike | Sequence[str | os.PathLike],
     for source in sources:
         path = Path(source).expanduser()
         if not path.exists() and not path.is_symlink():
-            raise MissingPathError("images", f"no such file or folder: {source}")
+            raise missing_path(source)
         if path.is_file() or path.is_symlink() and not path.exists():  # a dangling link: skipped with the reason
             if path.suffix.lower() not in VIDEO_EXTENSIONS:
                 raise OptionError("images", f"{source} is not a video file ({', '.join(VIDEO_EXTENSIONS)})")

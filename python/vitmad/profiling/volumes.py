@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .images import exclusion, folder_files, load_each
-from .options import MissingPathError, OptionError, import_optional
+from .options import OptionError, import_optional, missing_path
 
 __all__ = ["VOLUME_EXTENSIONS", "INTENSITIES", "UNITS", "VolumePreprocessing", "VolumeBatch", "is_volume_file",
            "find_volumes", "load_volume", "load_volume_batch", "spacing_groups", "uniform_volume_mad"]
@@ -81,7 +81,7 @@ def find_volumes(sources: str | os.PathLike | Sequence[str | os.PathLike],
         elif path.is_file() or path.is_symlink():
             found.append(path)
         else:
-            raise MissingPathError("images", f"no such file or folder: {path}")
+            raise missing_path(source)
     unique = list(dict.fromkeys(p.resolve() if p.exists() else p.absolute() for p in found))
     if not unique:
         raise OptionError("images", "no volumes given")
