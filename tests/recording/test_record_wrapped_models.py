@@ -91,3 +91,31 @@ def test_peft_lora_adapters():
     with torch.no_grad(), wrapped.disable_adapter(), vitmad.record(wrapped) as base:
         wrapped(pixel_values=pixels)
     assert (base.mad - rec.mad).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("saved", [["projection"], ["embeddings"]], ids=["projection", "embeddings_nested"])
+def test_peft_patch_embedding_trained_whole_beside_lora(saved):
+    """``modules_to_save`` keeps a trained copy of the patch embedding beside the frozen original, and the copy runs
+    while the adapter is active: vitmad hooked the original, which never ran (every layer refused; with grid=
+    given, every forward joined one call). ``["embeddings"]`` also wraps ``embeddings.patch_embeddings`` through the
+    outer wrapper, a wrapper never called (QA helper-242). The copy that runs is placed; switching the adapter off
+    inside the block starts each call still, and the original's layers are refused, not merged."""
+    peft = pytest.importorskip("peft")
+    model, pixels = _vit(), _pixels()
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=saved))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if "lora_B" in name or ("modules_to_save" in name and "projection.weight" in name):
+                parameter.normal_(std=0.5)  # an adapted model unlike the base one
+    wrapped.eval()
+    rec, rec_tokens = record_both_reductions(wrapped, lambda m: m(pixel_values=pixels), _hidden, STATS)
+    maps = [p for _, p in eager_attention_calls(vit_modeling, wrapped, pixels)]
+    check_prefix_and_grid(rec, rec_tokens, maps, GRID, PATCH, prefix=1)
+    with torch.no_grad(), vitmad.record(wrapped, grid=list(GRID)) as rec:
+        wrapped(pixel_values=pixels)
+        wrapped(pixel_values=pixels[:1])
+    assert [call.mad.shape for call in rec.calls] == [(3, 2, 2), (3, 1, 2)]
+    with torch.no_grad(), vitmad.record(wrapped) as rec, pytest.raises(ValueError, match="had not run in this call"):
+        with wrapped.disable_adapter():
+            wrapped(pixel_values=pixels)

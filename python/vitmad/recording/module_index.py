@@ -19,7 +19,7 @@ from contextvars import ContextVar
 
 from torch import nn
 
-__all__ = ["shared_walks", "named_module_list", "module_list"]
+__all__ = ["shared_walks", "named_module_list", "module_list", "idle_copies", "copy_holder", "unwrapped_name"]
 
 # id(root) -> (root, its named modules, its modules). The root is kept in the entry, so its id cannot be reused
 # while the cache lives.
@@ -66,3 +66,66 @@ def module_list(root: nn.Module) -> list[nn.Module]:
     """``list(root.modules())``: once per root inside :func:`shared_walks` (do not modify the list)."""
     entry = _shared_walk(root)
     return list(root.modules()) if entry is None else entry[2]
+
+
+def _is_saved_copies(module: nn.Module) -> bool:
+    return type(module).__name__ == "ModulesToSaveWrapper" and type(module).__module__.startswith("peft.")
+
+
+def _wrappers(root: nn.Module) -> list[tuple[nn.Module, nn.Module | None, list[nn.Module]]]:
+    """``(wrapper, the copy its forward runs, every copy)`` for each PEFT ``ModulesToSaveWrapper`` in ``root`` (a
+    module trained whole beside an adapter: ``original_module`` and one copy per adapter in ``modules_to_save``): the
+    active adapter's copy, or the original where adapters are disabled, none is active or one active has no copy
+    here. A wrapper PEFT registered on another wrapper (``modules_to_save=["embeddings"]`` wraps ``embeddings`` and,
+    through that wrapper, ``embeddings.patch_embeddings``) is never called (the outer wrapper's copies call their own
+    modules, its original among them): None runs."""
+    found = []
+    for name, module in named_module_list(root):
+        if not _is_saved_copies(module):
+            continue
+        saved, active = module.modules_to_save, list(module.active_adapters or [])
+        if "." in name and _is_saved_copies(root.get_submodule(name.rpartition(".")[0])):
+            runs = None
+        elif module.disable_adapters or not active or any(a not in saved for a in active):
+            runs = module.original_module
+        else:
+            runs = saved[active[0]]
+        found.append((module, runs, [module.original_module, *saved.values()]))
+    return found
+
+
+def idle_copies(root: nn.Module) -> set[int]:
+    """The ids of the modules in the copies of PEFT's ``ModulesToSaveWrapper`` that no forward runs now
+    (:func:`_wrappers`): a search for where the image enters (the patch embedding, the first convolution) takes the
+    copy that runs. With the patch embedding trained whole beside LoRA its ``original_module`` was taken, which never
+    ran: every layer was refused, and with ``grid=`` given every forward joined one call (QA helper-242)."""
+    wrappers = _wrappers(root)
+    idle = {id(m) for _, runs, copies in wrappers for copy in copies if copy is not runs for m in copy.modules()}
+    # A never-called wrapper's original is the module the outer wrapper's running copy calls.
+    running = {id(m) for _, runs, _ in wrappers if runs is not None for m in runs.modules()}
+    return idle - running
+
+
+def copy_holder(root: nn.Module, module: nn.Module) -> nn.Module | None:
+    """The outermost PEFT ``ModulesToSaveWrapper`` in ``root`` that is called and one of whose copies holds
+    ``module``, or None: its forward runs whichever copy is active, also after the adapters are switched."""
+    for wrapper, runs, copies in _wrappers(root):
+        if runs is not None and any(m is module for copy in copies for m in copy.modules()):
+            return wrapper
+    return None
+
+
+def unwrapped_name(name: str) -> str:
+    """``name`` as the module would be named without PEFT's ``ModulesToSaveWrapper`` around it or a holder of it
+    (``…projection.original_module`` and ``…projection.modules_to_save.default`` are ``…projection``)."""
+    parts, kept, skip = name.split("."), [], 0
+    for i, part in enumerate(parts):
+        if skip:
+            skip -= 1
+        elif part == "original_module":
+            continue
+        elif part == "modules_to_save" and i + 1 < len(parts):
+            skip = 1  # and the adapter's name after it
+        else:
+            kept.append(part)
+    return ".".join(kept)

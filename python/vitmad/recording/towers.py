@@ -33,7 +33,7 @@ from .families.vit_pytorch import token_convolutions as vit_pytorch_plain_convol
 from .families.vit_pytorch_nd import call_start as vit_pytorch_nd_call_start
 from .families.vit_pytorch_stages import token_convolutions as vit_pytorch_token_convolutions
 from .families.vq_tokenizer import is_tower as is_vq_tokenizer
-from .module_index import module_list, named_module_list
+from .module_index import copy_holder, idle_copies, module_list, named_module_list
 from .transformers_capture import is_hf_model
 
 __all__ = ["TOWER_ATTRIBUTES", "encoder_prefix", "tower_of_embedding", "other_image_towers", "image_channels",
@@ -170,7 +170,10 @@ def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
     convolutions = _convolutions_on_pixels(model)
     on_image = _convolutions_on_image(model)
     if on_image or convolutions:
-        return (on_image or convolutions)[0]
+        first = (on_image or convolutions)[0]
+        # In a copy PEFT's ModulesToSaveWrapper holds (a patch embedding trained whole beside LoRA): the wrapper,
+        # whose forward runs whichever copy is active, also after the adapters are switched inside the block.
+        return copy_holder(model, first) or first
     # A tower fed its processor's pre-cut patches: its own forward starts the call (generate runs Pix2Struct's
     # encoder, and Molmo2's tower in its first step alone, without the model's forward).
     return naflex_call_start(model) or next(
@@ -204,7 +207,8 @@ def _convolutions_on_pixels(model: nn.Module) -> list[nn.Module]:
     """The convolutions of ``model``, in module order, less those over tokens (a packed tower's, PiT's, ...)."""
     on_tokens = (token_convolutions(model) | vit_pytorch_token_convolutions(model)
                  | vit_pytorch_plain_convolutions(model))
-    return [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d)) and id(m) not in on_tokens]
+    idle = idle_copies(model)  # the copies PEFT's ModulesToSaveWrapper does not run now
+    return [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d)) and id(m) not in on_tokens | idle]
 
 
 def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:

@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..module_index import named_module_list
+from ..module_index import idle_copies, named_module_list, unwrapped_name
 from ..placement import (
     CallContext,
     LayerGeometry,
@@ -73,11 +73,13 @@ def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
     # image: taken for the patch embedding, they made EdgeTAM's prompt encoder its image tower (found by QA).
     prompts = [name + "." for name, module in named_module_list(model)
                if type(module).__name__.endswith("PromptEncoder")]
+    idle = idle_copies(model)
     for name, module in named_module_list(model):
-        if any(name.startswith(prompt) for prompt in prompts) or "mask" in name.rpartition(".")[2]:
+        if any(name.startswith(prompt) for prompt in prompts) or "mask" in name.rpartition(".")[2] \
+                or id(module) in idle:
             continue
         if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == tuple(module.stride):
-            if is_embedding_projection(name, module):
+            if is_embedding_projection(unwrapped_name(name), module):
                 return name, module
             if fallback is None and max(module.kernel_size) > 1:
                 fallback = name, module
@@ -88,8 +90,10 @@ def overlapping_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | Non
     """The first ``Conv2d`` named as the projection of a patch embedding whose kernel overlaps its stride (an audio
     spectrogram transformer's 16 x 16 patches every 10 bins): the plain layout's embedding where the model has no
     :func:`find_patch_embedding`. Its tokens are the cells of its stride (``docs/definition.md``)."""
+    idle = idle_copies(model)
     for name, module in named_module_list(model):
-        if isinstance(module, nn.Conv2d) and is_embedding_projection(name, module) \
+        if isinstance(module, nn.Conv2d) and id(module) not in idle \
+                and is_embedding_projection(unwrapped_name(name), module) \
                 and all(k > s for k, s in zip(module.kernel_size, module.stride)):
             return name, module
     return None
