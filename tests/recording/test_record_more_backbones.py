@@ -20,6 +20,7 @@ import math
 import pytest
 import torch
 
+import vitmad
 from conftest import (
     assert_close_within_float32,
     attention_outputs,
@@ -266,6 +267,24 @@ def test_swin_backbone_windows_match_eager_attention(name):
         return swin(inputs["pixel_values"])
 
     _check_windows(rec, rec_tokens, sdpa_probabilities(backbone), table, 2, sdpa_probabilities(backbone, torch.float32))
+
+
+@pytest.mark.parametrize("name, decoder", [("mask2former", "Mask2Former"), ("oneformer", "OneFormer")])
+def test_universal_segmenters_decoders_named_in_layers_say_why(name, decoder):
+    """layers=["*"]: the Swin backbone is recorded as by default, and the mask queries' self- and (masked)
+    cross-attention is skipped naming the queries; it was skipped as lying outside the image's tower, with advice
+    meant for a language model's text (QA helper-246). The pixel decoder's deformable attention keeps its reason."""
+    torch.manual_seed(0)
+    model, extra, backbone, _ = SWIN_MODELS[name][0]()
+    inputs = {"pixel_values": torch.randn(2, 3, 37, 53), **extra}
+    with torch.no_grad(), vitmad.record(model, layers=["*"]) as rec:
+        model.eval()(**inputs)
+    assert len(rec.layers) == len(SWIN_MODELS[name][1]) and all(layer.startswith(backbone) for layer in rec.layers)
+    queries = [n for n, reason in rec.skipped.items() if n.startswith("model.transformer_module.decoder.")]
+    assert queries and all(rec.skipped[n].startswith(f"{decoder}'s transformer decoder: its queries are the mask "
+                                                      "queries") for n in queries)
+    assert all(not reason.startswith("outside") for reason in rec.skipped.values())
+    assert any(reason.startswith("deformable attention") for reason in rec.skipped.values())
 
 
 # Vision-language models -----------------------------------------------------------------------------------------

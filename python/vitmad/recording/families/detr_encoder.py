@@ -93,6 +93,16 @@ _GROUNDING_FUSION = ("Grounding DINO's image-text fusion: bidirectional cross-at
 _GROUNDING_TEXT = ("Grounding DINO's text side (its text backbone, its encoder's text enhancer): attention among the "
                    "prompt's text tokens, none with a place on the image, so it has no MAD")
 
+# Universal segmenters: a pixel decoder (deformable in Mask2Former's and OneFormer's) and a transformer decoder of
+# mask queries, OneFormer's task and text tokens beside; their backbone (Swin) is the tower recorded.
+_MASK_QUERY_MODELS = {"modeling_mask2former": "Mask2Former", "modeling_oneformer": "OneFormer",
+                      "modeling_maskformer": "MaskFormer"}
+_MASK_QUERIES = ("{model}'s transformer decoder: its queries are the mask queries{task}, learned slots without a "
+                 "position on the image (self-attention among them, or {masked}cross-attention from them to the "
+                 "pixel decoder's maps), so it has no MAD")
+_ONEFORMER_TEXT = ("OneFormer's text side (its text encoder, text mapper and context decoder): attention among the "
+                   "task's and the classes' text tokens, none with a place on the image, so it has no MAD")
+
 _DECODER = ("DETR decoder attention: its queries are the object queries, learned slots without a position on the "
             "image (self-attention among them, or cross-attention from them to the encoder's map), so it has no MAD")
 _CROSS = ("DETR decoder cross-attention: its queries are the object queries, learned slots without a position on the "
@@ -138,6 +148,21 @@ def modeling_suffix(module: nn.Module) -> str:
     return cls.__module__.rpartition(".")[2] if cls.__module__.startswith("transformers.") else ""
 
 
+def _mask_query_model(model: nn.Module, name: str) -> str | None:
+    """Why an attention module on ``name``'s path lies in a universal segmenter's transformer decoder or OneFormer's
+    text side (Mask2Former, OneFormer, MaskFormer), else None. Named in layers=, they were skipped as lying outside
+    the tower that embeds the image, with the advice meant for a language model's text (QA helper-246)."""
+    for suffix, prefix in _MASK_QUERY_MODELS.items():
+        if innermost_on_path(model, name, lambda m: defined_in(m, f"{prefix}TransformerModule", suffix)):
+            return _MASK_QUERIES.format(model=prefix, task=" and its task token" * (prefix == "OneFormer"),
+                                        masked="masked " * (prefix != "MaskFormer"))
+        if suffix == "modeling_oneformer" and innermost_on_path(model, name, lambda m: type(m).__name__ in (
+                "OneFormerTextEncoder", "OneFormerTextMapper", "OneFormerTextContextDecoder")
+                and type(m).__module__.endswith(suffix)):
+            return _ONEFORMER_TEXT
+    return None
+
+
 def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
@@ -148,6 +173,9 @@ def placer(model: nn.Module, name: str, module: nn.Module):
             else None
     if "Attention" in type(module).__name__ and _on_grounding_text_side(model, name):
         return Skip(_GROUNDING_TEXT)
+    segmenter = _mask_query_model(model, name)
+    if segmenter is not None and "Attention" in type(module).__name__:
+        return Skip(segmenter)
     deformable = _DEFORMABLE_DETR_MODELS.get(suffix)
     if deformable is not None and type(module).__name__.endswith(("BiMultiHeadAttention", "FusionLayer")):
         return Skip(_GROUNDING_FUSION)
