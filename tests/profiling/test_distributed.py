@@ -135,6 +135,38 @@ def test_failing_rank_ends_the_job_with_its_name(setup):
     assert "vitmad: error: rank 1 of 2 failed: RuntimeError: injected failure" in done.stderr
 
 
+# Run by torchrun in place of `-m vitmad`: one rank's copy of the images lacks the first file (a node's own copy).
+ONE_RANK_LACKS_A_FILE = """
+import os, sys
+import vitmad.profiling.images as images
+from vitmad.cli import main
+
+if os.environ["RANK"] == os.environ["VITMAD_TEST_RANK"]:
+    listed = images.find_images
+    images.find_images = lambda *args, **kwargs: listed(*args, **kwargs)[1:]
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_ranks_listing_other_images_are_refused(setup, rank):
+    """Each rank lists the images itself: where one node's copy lacked a file, rank 0 lacking it profiled three
+    images twice and three never, silently, and rank 1 lacking it crashed in the merge (QA helper-243)."""
+    script = setup.root / "one_rank_lacks_a_file.py"
+    script.write_text(ONE_RANK_LACKS_A_FILE)
+    out = setup.root / f"lacking{rank}"
+    env_rank = {"VITMAD_TEST_RANK": rank}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), "profile",
+         *setup.args, "--batch-size", "2", "--out", str(out), "--dist-timeout", "60"],
+        capture_output=True, text=True, env=subprocess_env(OMP_NUM_THREADS="1", **env_rank), timeout=240)
+    assert done.returncode != 0 and not (out / "mad.json").exists()
+    counts = "rank 0: 12, rank 1: 13" if rank == "0" else "rank 0: 13, rank 1: 12"
+    assert (f"vitmad: error: rank {rank} of 2: --images: the processes of this job do not plan the same run: "
+            f"rank(s) [1] differ from rank 0 in the list of inputs ({counts} inputs)"
+            in done.stderr), done.stderr
+
+
 def test_resume_with_another_world_size_is_refused(tmp_path):
     (tmp_path / "checkpoint.rank0-of-2.pt").write_bytes(b"")
     (tmp_path / "checkpoint.rank1-of-2.pt").write_bytes(b"")

@@ -196,6 +196,14 @@ def test_a_restart_over_an_interrupted_run_says_so(tiny_model, image_folder, tmp
 
     monkeypatch.setattr(engine.RunningStats, "add", add_then_interrupt)
     assert _run(base, capsys)[0] == 130
+    # Ctrl-C at that warning, before the new run finished a batch, wrote a checkpoint of nothing over the
+    # interrupted run's progress and still said progress was saved (QA helper-243): that progress stays.
+    saved = (out / "checkpoint.pt").read_bytes()
+    added.clear()
+    monkeypatch.setattr(engine.RunningStats, "add", lambda self, mad: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.warns(UserWarning, match="holds an interrupted run's progress"):
+        assert _run(base, capsys)[0] == 130
+    assert (out / "checkpoint.pt").read_bytes() == saved
     monkeypatch.setattr(engine.RunningStats, "add", real_add)
     with pytest.warns(UserWarning, match=rf"{out / 'checkpoint.pt'} holds an interrupted run's progress \(2 of "
                                          rf"{IMAGE_COUNT} batches\); this run starts over and replaces it"):
@@ -212,8 +220,15 @@ def test_a_refused_resume_names_what_changed(tiny_model, image_folder, tmp_path,
 
     out = tmp_path / "out"
     base = [*_profile(tiny_model, image_folder, out), "--batch-size", "1", "--stats", "entropy"]
-    real_add = engine.RunningStats.add
-    monkeypatch.setattr(engine.RunningStats, "add", lambda self, mad: (_ for _ in ()).throw(KeyboardInterrupt))
+    real_add, added = engine.RunningStats.add, []
+
+    def add_then_interrupt(self, mad):  # one batch finished: a checkpoint to resume
+        added.append(1)
+        if len(added) == 2:
+            raise KeyboardInterrupt
+        return real_add(self, mad)
+
+    monkeypatch.setattr(engine.RunningStats, "add", add_then_interrupt)
     assert _run(base, capsys)[0] == 130
     monkeypatch.setattr(engine.RunningStats, "add", real_add)
     assert (out / "checkpoint.pt").is_file()

@@ -29,8 +29,8 @@ from .options import OptionError
 from .prefix_maps import PrefixMapSums
 from .stats import RunningStats
 
-__all__ = ["DistributedRun", "init_from_env", "current_run", "merge_across_ranks", "merge_prefix_maps",
-           "GlobalProgress"]
+__all__ = ["DistributedRun", "init_from_env", "current_run", "check_same_run", "merge_across_ranks",
+           "merge_prefix_maps", "GlobalProgress"]
 
 DEFAULT_TIMEOUT_S = 1800
 
@@ -137,6 +137,40 @@ def current_run() -> DistributedRun | None:
         return None
     return DistributedRun(torch.distributed.get_rank(), torch.distributed.get_world_size(),
                           int(os.environ.get("LOCAL_RANK", "0")), torch.distributed.get_backend())
+
+
+def check_same_run(run: DistributedRun, identity: dict, names: list[str]) -> None:
+    """Refuse a job whose ranks do not plan the same run: each lists its inputs and loads its model on its own, so a
+    node whose copy of the images (or of the model) differs would deal out other batches than the others, and the
+    merged result would profile some images twice and others never, silently (QA helper-243).
+
+    Args:
+        identity: this rank's settings, model and input digests (its own rank aside).
+        names: this rank's inputs, in order.
+
+    Raises:
+        OptionError: the ranks differ; the message names what and which ranks.
+    """
+    import hashlib
+    import json
+
+    names_digest = hashlib.sha256(json.dumps(names).encode()).hexdigest()
+    # Not the files' times: a node's own copy of the images made by a plain cp has other times and the same pixels.
+    own = {**{k: v for k, v in identity.items() if k not in ("rank", "files")}, "names": [len(names), names_digest]}
+    parts: list = [None] * run.world_size
+    torch.distributed.all_gather_object(parts, own)
+    differing = sorted({key for part in parts for key in part.keys() | parts[0].keys()
+                        if part.get(key) != parts[0].get(key)})
+    if not differing:
+        return
+    ranks = [r for r, part in enumerate(parts) if part != parts[0]]
+    counts = ", ".join(f"rank {r}: {part['names'][0]}" for r, part in enumerate(parts))
+    what = {"names": f"the list of inputs ({counts} inputs)", "pixels": "the pixel tensor",
+            "weights": "the model's weights"}
+    raise OptionError("images" if set(differing) <= {"names", "pixels"} else "model",
+                      f"the processes of this job do not plan the same run: rank(s) {ranks} differ from rank 0 in "
+                      f"{', '.join(what.get(key, key) for key in differing)}; every process must see the same "
+                      "inputs at the same paths and the same model")
 
 
 def merge_across_ranks(

@@ -35,7 +35,14 @@ from .checkpoint import (
     tensors_digest,
     weights_digest,
 )
-from .distributed import DistributedRun, GlobalProgress, current_run, merge_across_ranks, merge_prefix_maps
+from .distributed import (
+    DistributedRun,
+    GlobalProgress,
+    check_same_run,
+    current_run,
+    merge_across_ranks,
+    merge_prefix_maps,
+)
 from .images import NATIVE, find_images, load_batch, parse_image_size
 from .models import LoadedModel, load_model, non_square_table_said, wrap_module
 from .native import NativeFeed, check_fixed_size, load_native_batch, native_feed, native_geometry
@@ -510,6 +517,8 @@ def plan_run(
     else:  # files: their sizes and times tell an image replaced under the same name apart
         identity["files"] = files_digest(names)
     run_id = fingerprint(identity, names)
+    if run is not None:
+        check_same_run(run, identity, names)
     # Rank r takes global batches r, r + W, ...: the same batches as a single process, each exactly once.
     batches = range(rank, math.ceil(len(names) / batch_size), world)
     record_options = {"renormalize": bool(renormalize), **({"layers": list(layers)} if layers else {})}
@@ -727,7 +736,7 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
                dynamic_ncols=True)
     bar.update(counter.add(len(state.images) + len(state.skipped)))
     plan.loaded.module.to(device=plan.device, **({"dtype": plan.dtype} if plan.converts_weights else {}))
-    pending = plan.batches[state.batches_done:]
+    pending, started = plan.batches[state.batches_done:], state.batches_done
     prefetch = ThreadPoolExecutor(1, "vitmad-prefetch")
     upcoming = prefetch.submit(plan.load, pending[0]) if len(pending) else None
     try:
@@ -739,11 +748,12 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
             if state.batches_done % plan.checkpoint_every == 0:
                 save(state)
         save(state)
-    except BaseException as err:
-        # Ctrl-C or a failure: keep every batch finished so far for resume. A run refused at its first batch
-        # (--image-size native on a hierarchy) has nothing to keep, and its checkpoint of nothing would stand in
-        # --out, over an earlier run's, for a run that cannot be resumed as it is.
-        if state.batches_done or not isinstance(err, OptionError):
+    except BaseException:
+        # Ctrl-C or a failure: keep every batch finished so far for resume. Where this run finished none, the
+        # checkpoint there (a resumed run's, or an interrupted earlier run's that a new run was about to replace)
+        # is left as it is: a Ctrl-C at the warning that the new run replaces it wiped that progress (QA 243), and
+        # a run refused at its first batch (--image-size native on a hierarchy) left a checkpoint of nothing.
+        if state.batches_done > started:
             save(state)
         raise
     finally:
