@@ -24,7 +24,8 @@ places the tokens the way each model's ``forward`` builds its sequence:
 - ``vivit.ViViT``: ``factorized_encoder``: the spatial transformer attends within each tubelet frame (a class token
   first, per frame, unless ``pool='mean'``), its temporal transformer over one token per frame is skipped;
   ``factorized_self_attention``: each block's spatial attention as above, its temporal attention over the frames of
-  each token (the class tokens' rows without a position);
+  each token (the class tokens' rows without a position); the tubelet frames its ``mask`` pads (``False``) have no
+  position, as queries and keys, in both (the model masks them as keys in time only);
 - ``simmim.SimMIM``: its encoder's transformer over every patch (mask tokens at their cells, no class token);
   ``mae.MAE``: its encoder over the patches each image kept, its decoder over every patch; the patch-dropout designs
   in training: the patches each image kept (after the class token in ``vit_with_patch_dropout``). The kept patches
@@ -491,13 +492,27 @@ class _VivitPlacer(LayerPlacer):
         self.model, self.vivit, self.rearrange, self.kind = model, vivit, rearrange, kind
 
     def install(self, context: CallContext) -> list:
-        return [_install_cut(context, self.rearrange, video=True)]
+        frame_patch = int(self.vivit.frame_patch_size)
+
+        def see_mask(module, args, kwargs) -> None:
+            # forward(video, mask=None): [B, frames] True where a frame is the video's; a tubelet frame is the
+            # video's where all of its frames are, as ViViT reduces it for its temporal attention.
+            mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
+            context.values[_key(self.vivit, "frames")] = None if not isinstance(mask, torch.Tensor) or mask.dim() != 2 \
+                else mask.reshape(mask.shape[0], -1, frame_patch).all(-1).cpu()
+
+        return [_install_cut(context, self.rearrange, video=True),
+                self.vivit.register_forward_pre_hook(see_mask, with_kwargs=True)]
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         grid = context.values.get(_GRID)
         if grid is None or _key(self.rearrange) not in context.values:
             raise NotPlaceable("ViViT's tubelet cut (to_patch_embedding's Rearrange) did not run on a video in this "
                                "call before it attended, so its tubelet grid is unknown")
+        kept = context.values.get(_key(self.vivit, "frames"))
+        if kept is not None and tuple(kept.shape) != (grid.batch, grid.frames):
+            raise NotPlaceable(f"its frame mask has shape {list(kept.shape)} in tubelet frames, not [{grid.batch}, "
+                               f"{grid.frames}] as its videos")
         cls = self.vivit.spatial_cls_token is not None
         patches = grid.size[0] * grid.size[1]
         per_frame = int(cls) + patches
@@ -519,8 +534,20 @@ class _VivitPlacer(LayerPlacer):
 
         geometry = LayerGeometry(grid.size, grid.stride, self.kind, heads, frames=grid.frames,
                                  frame_stride=float(grid.frame_stride))
-        return Placement(positions.repeat(batch, 1, 1).unsqueeze(1), None, fold, geometry,
-                         time_positions=time_positions.repeat(batch, 1, 1).unsqueeze(1))
+        positions, time_positions = positions.repeat(batch, 1, 1), time_positions.repeat(batch, 1, 1)
+        present = None
+        if kept is not None and not kept.all():
+            # A padding frame (the mask's False) is no frame of its video: its tokens have no position, as queries
+            # and as keys, in its spatial attention (which the model does not mask) and in the temporal one (which
+            # masks it as a key); they were counted as queries (QA helper-248).
+            # Rows: (video, token of a frame) over the frames for "time", (video, frame) over its tokens for "space".
+            padding = (~kept).repeat_interleave(groups, dim=0) if self.kind == "time" else \
+                (~kept).reshape(-1, 1).expand(batch * groups, tokens)
+            positions = positions.masked_fill(padding[..., None], float("nan"))
+            time_positions = time_positions.masked_fill(padding[..., None], float("nan"))
+            present = kept.repeat_interleave(patches, dim=1)  # the folded tubelets, (frame, row, column)
+        return Placement(positions.unsqueeze(1), None, fold, geometry, time_positions=time_positions.unsqueeze(1),
+                         present=present)
 
 
 def _vivit_placer(model: nn.Module, vivit: nn.Module, rearrange: nn.Module, name: str, module: nn.Module):
