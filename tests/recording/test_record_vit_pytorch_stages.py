@@ -286,6 +286,31 @@ def test_cvt_keys_pooled_by_strided_convolution():
     _compare(rec, rec_tokens, expected, [g for g, *_ in layout], [s for _, _, s, _ in layout])
 
 
+def test_keys_made_at_the_queries_own_cells_measure_the_self_mass():
+    """CvT with s2_kv_proj_stride=1 and Twins-SVT's last stage with global_k=1 make their keys by a stride-1
+    convolution of the map: key i at query i's cell, one per cell, as MViTv2 pooling both alike, so the self mass
+    A[t, t] is defined; it was NaN, as beside pooled keys (QA helper-248). Their strided layers stay NaN."""
+    from vit_pytorch.cvt import CvT
+    from vit_pytorch.twins_svt import TwinsSVT
+
+    torch.manual_seed(0)
+    cvt = _sharpen(CvT(num_classes=5, s1_emb_dim=8, s1_depth=1, s2_emb_dim=16, s2_heads=2, s2_depth=1,
+                       s2_kv_proj_stride=1, s3_emb_dim=16, s3_heads=2, s3_depth=1), STD)
+    twins = _sharpen(TwinsSVT(num_classes=5, **{f"s{i}_{k}": v for i in range(1, 5) for k, v in (
+        ("emb_dim", 8), ("patch_size", 2 if i < 4 else 1), ("local_patch_size", 2), ("global_k", 2 if i < 4 else 1),
+        ("depth", 1))}), STD)
+    pixels = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    for model, layer, heads in ((cvt, 1, 2), (twins, -1, 8)):
+        maps, rec, _ = _run(model, pixels, stats=["self_mass"])
+        attn = maps[layer].double()
+        attn = attn.view(2, heads, *attn.shape[-2:])
+        assert attn.shape[-1] == attn.shape[-2]
+        torch.testing.assert_close(rec.stats["self_mass"][layer].double(), attn.diagonal(dim1=-2, dim2=-1).mean(-1),
+                                   rtol=1e-5, atol=1e-7)
+    strided = [i for i, g in enumerate(rec.geometry) if "stride 2x2" in g.attention]  # Twins: global_k 2
+    assert strided and all(rec.stats["self_mass"][i].isnan().all() for i in strided)
+
+
 def test_a_model_run_twice_in_one_call_restarts_its_stages_from_the_image():
     """A student CvT then a teacher CvT run twice (EsViT's trainer does so): one call, the teacher's second run placed
     from the image again. Its stage strides went on from the last stage of its first run (64, 128, 256 px instead of

@@ -48,12 +48,11 @@ class MultiQueryPlacer(InputMapPlacer):
             words += f"; keys pooled by a stride-{kv_step[0]}x{kv_step[1]} convolution"
         if q_step != (1, 1):
             words += f"; queries pooled {q_step[0]}x{q_step[1]}"
-        # Neither side pooled (kv_stride 1, no query stride): the keys are the queries' own cells, so the self
-        # mass is measured; with either pooled, key i is another token than query i.
-        unpooled = q_step == (1, 1) and getattr(module.key, "down_conv", None) is None
+        # Neither side pooled (kv_stride 1, no query stride): the keys are the queries' own cells, and
+        # grid_placement measures the self mass.
         return grid_placement(lead, num_queries, num_keys, grid=query_grid,
                               stride=(stride[0] * q_step[0], stride[1] * q_step[1]), attention=words,
-                              queries=None if unpooled else queries, keys=None if unpooled else keys)
+                              queries=queries, keys=keys)
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):

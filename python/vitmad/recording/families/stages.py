@@ -301,6 +301,11 @@ def grid_placement(
             + (f"{prefix} tokens without a position and " if prefix else "")
             + f"a {grid[0]}x{grid[1]} grid of queries, attending over {attention}"
         )
+    if keys is not None and key_prefix == prefix and keys.shape == cells.shape and torch.equal(keys, cells):
+        # Keys made from the map at the queries' own cells (a stride-1 key convolution: CvT's kv_proj_stride 1,
+        # Twins' global_k 1, MobileNetV4's kv_stride 1), one per cell in the same order: key i is query i's token,
+        # as where MViTv2 pools both alike, so the self mass is measured (it was NaN, as beside pooled keys; QA 248).
+        keys = None
     positions = _with_prefix(prefix, cells)
     key_positions = None if keys is None and key_prefix == prefix else _with_prefix(
         key_prefix, cells if keys is None else keys)
