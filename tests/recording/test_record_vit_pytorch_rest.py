@@ -170,3 +170,25 @@ def test_cct_3d_places_its_tokenizer_tubelets_in_space_and_time():
         torch.testing.assert_close(rec.per_layer[layer].double(), spatial.mean(-1), **TOL)
         torch.testing.assert_close(rec_tokens.temporal_mad[layer].double(), temporal, **TOL)
         torch.testing.assert_close(rec.temporal_mad[layer].double(), temporal.mean(-1), **TOL)
+
+
+def test_a_design_vitmad_does_not_place_is_refused_as_such():
+    """LookViT recorded whole was refused as if a transformer had been recorded without its model ("record the
+    whole model"), which it was (QA helper-248); a transformer recorded alone still gets that advice."""
+    from vit_pytorch.look_vit import LookViT
+    from vit_pytorch.vit import Transformer
+
+    import vitmad
+
+    model = LookViT(dim=32, image_size=32, num_classes=3, depth=1, patch_size=8, heads=2, dim_head=16,
+                    highres_patch_size=4, cross_attn_heads=2, cross_attn_dim_head=16, patch_conv_kernel_size=3).eval()
+    with pytest.raises(ValueError, match=r"LookViT of vit_pytorch.look_vit: vitmad does not know how it lays out its "
+                                         r"tokens") as refused:
+        with torch.no_grad(), vitmad.record(model):
+            model(torch.randn(2, 3, 32, 32))
+    assert "recorded alone" not in str(refused.value)
+    transformer = Transformer(dim=16, depth=1, heads=2, dim_head=8, mlp_dim=16).eval()
+    with pytest.raises(ValueError, match=r"without the vit_pytorch model whose forward builds its tokens \(a "
+                                         r"transformer recorded alone\?\)"):
+        with torch.no_grad(), vitmad.record(transformer):
+            transformer(torch.randn(2, 5, 16))

@@ -566,7 +566,10 @@ def _vivit_placer(model: nn.Module, vivit: nn.Module, rearrange: nn.Module, name
 
 
 def _refusal(path: list[nn.Module], module: nn.Module) -> RefusingPlacer:
-    models = [m for m in path[:-1] if _design(m) is not None and hasattr(m, "to_patch_embedding")]
+    # The models whose forward builds the tokens: those with a patch embedding, and the recorded root when it is a
+    # model of its own (LookViT cuts its patches otherwise; "a transformer recorded alone?" misled about it).
+    models = [m for m in path[:-1] if _design(m) is not None and (
+        hasattr(m, "to_patch_embedding") or (m is path[0] and not type(m).__name__.endswith("Transformer")))]
     if not models:
         design = _design(path[0]) or _design(module)
         return RefusingPlacer(
