@@ -110,10 +110,10 @@ def _softmax(query: torch.Tensor, key: torch.Tensor, scale: float, bias: torch.T
     return (logits if bias is None else logits + bias).softmax(-1)
 
 
-def _record(model, run):
+def _record(model, run, **kwargs):
     with torch.no_grad():
         plain = run()
-        with vitmad.record(model, reduction="none") as tokens:
+        with vitmad.record(model, reduction="none", **kwargs) as tokens:
             recorded = run()
     assert torch.equal(plain, recorded)
     return tokens
@@ -125,7 +125,7 @@ def test_score_mod_and_block_mask_are_the_attention_recorded(monkeypatch):
     torch.manual_seed(0)
     model = FlexViT().eval()
     image = torch.randn(BATCH, 3, GRID[0] * PATCH, GRID[1] * PATCH, generator=torch.Generator().manual_seed(1))
-    tokens = _record(model, lambda: model(image))
+    tokens = _record(model, lambda: model(image), num_prefix_tokens=1)  # a model of no library: its class token
     calls = _handed(monkeypatch, here, lambda: model(image))
     # The test's own bias and mask, per (query, key) token pair.
     rows, cols = _token_cells(GRID)

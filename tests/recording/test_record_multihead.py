@@ -124,7 +124,7 @@ def test_multihead_layers_match_their_own_probabilities(batch_first, same_dim, m
     with torch.no_grad():
         plain = model(pixels, **kwargs)
         calls.clear()
-        with vitmad.record(model) as rec:
+        with vitmad.record(model, num_prefix_tokens=1) as rec:  # a model of no library: its class token said
             recorded = model(pixels, **kwargs)
     assert torch.equal(plain, recorded)
     assert rec.layers == ["layers.0", "layers.1"]
@@ -136,7 +136,7 @@ def test_unbatched_input_and_training_mode():
     model = _MHAViT().train()  # dropout 0: training changes only the fast path, not the attention
     pixels = torch.randn(1, 3, 8 * GRID[0], 8 * GRID[1], generator=torch.Generator().manual_seed(3))
     calls, _ = _spy(model.layers)
-    with vitmad.record(model) as rec:
+    with vitmad.record(model, num_prefix_tokens=1) as rec:
         model(pixels, unbatched=True)
     assert rec.mad.shape == (2, 1, 3)
     maps = [m.unsqueeze(0) for m in _own_maps(model.layers, calls)]
@@ -178,3 +178,50 @@ def test_a_pooling_head_with_a_learned_query_is_skipped_with_its_reason():
     assert rec.skipped == {"head.attention": "attention pooling: a learned query (SigLIP's probe) without a "
                                             "position on the image; its attention over the tokens is recorded with "
                                             "stats=[..., 'prefix_maps'] (rec.class_attention_maps)"}
+
+
+class _ChoosingBlock(nn.Module):
+    """A user's attention block that runs its nn.MultiheadAttention, or with ``own`` its own SDPA on the same
+    weights: found by its source (it calls F.scaled_dot_product_attention) around the MultiheadAttention."""
+
+    def __init__(self, dim=24, heads=3, own=False):
+        super().__init__()
+        self.own, self.heads = own, heads
+        self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x, *_, **__):  # called as _MHAViT calls its layers: (x, x, x, masks...) -> (out, weights)
+        if not self.own:
+            return self.mha(x, x, x, need_weights=False)
+        b, n, c = x.shape
+        q, k, v = (x @ self.mha.in_proj_weight.T + self.mha.in_proj_bias).view(b, n, 3, self.heads, -1).permute(
+            2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.mha.out_proj(out.transpose(1, 2).reshape(b, n, c)), None
+
+
+def test_a_block_choosing_its_multihead_attention_records_the_multihead_attention():
+    """Recorded around the MultiheadAttention, the block's capture saw one multi_head_attention_forward call (no SDPA):
+    nothing was recorded, and its mode turned off the fast path, changing the output (QA helper-247). The
+    MultiheadAttention is the layer; a block that runs its own SDPA is named in layers=."""
+    torch.manual_seed(0)
+    model = _MHAViT(depth=2).eval()
+    model.layers = nn.ModuleList(_ChoosingBlock() for _ in range(2))
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1], generator=torch.Generator().manual_seed(2))
+    mhas = [block.mha for block in model.layers]
+    calls, _ = _spy(mhas)
+    with torch.no_grad():
+        plain = model(pixels)
+        calls.clear()
+        with vitmad.record(model, num_prefix_tokens=1) as rec:
+            recorded = model(pixels)
+    assert torch.equal(plain, recorded)
+    assert rec.layers == ["layers.0.mha", "layers.1.mha"]
+    torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(mhas, calls), 8, GRID), **TOL)
+    for block in model.layers:
+        block.own = True
+    with torch.no_grad():
+        own_plain = model(pixels)
+        with vitmad.record(model, layers=["layers.0", "layers.1"], num_prefix_tokens=1) as own:
+            assert torch.equal(model(pixels), own_plain)
+    assert own.layers == ["layers.0", "layers.1"]
+    torch.testing.assert_close(own.mad, rec.mad, rtol=1e-5, atol=1e-4)

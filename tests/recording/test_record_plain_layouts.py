@@ -333,3 +333,43 @@ def test_a_grid_given_by_hand_refuses_layers_of_one_call_over_other_token_counts
     assert all(torch.equal(a, b) for a, b in zip(plain, recorded))
     assert rec.layers == ["encoder"] and rec.geometry[0].num_prefix_tokens == 0
     torch.testing.assert_close(rec.mad[0].double(), _expected_mad(maps[0], (4, 3), 8, 0, 0), **RECORD_TOL)
+
+
+class _ClassTokenLast(torch.nn.Module):
+    """A user's ViT: an 8 px patch convolution, then the patches and its class token LAST, one SDPA layer."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Conv2d(3, dim, 8, 8)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, pixels):
+        tokens = self.embed(pixels).flatten(2).transpose(1, 2)
+        tokens = torch.cat([tokens, self.cls.expand(len(tokens), -1, -1)], 1)
+        b, n, c = tokens.shape
+        q, k, v = self.qkv(tokens).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def test_extra_tokens_of_a_model_of_no_library_are_said_to_be_taken_first():
+    """Where a user's model keeps its extra tokens is declared nowhere: taken first, as a ViT's class token, a class
+    token last moved every patch one cell and doubled the MAD, silently (QA helper-247). That reading is said once
+    per recording, naming positions= for another layout and num_prefix_tokens= to confirm it."""
+    torch.manual_seed(0)
+    model = _ClassTokenLast().eval()
+    pixels = torch.randn(2, 3, 24, 32)
+    with pytest.warns(UserWarning, match=r"_ClassTokenLast attends over 13 tokens and its patch embedding embed cuts "
+                                         r"3x4 = 12: the 1 extra token\(s\) are taken to come first") as said:
+        with torch.no_grad(), vitmad.record(model) as rec:
+            model(pixels)
+            model(pixels)
+    assert len(said) == 1 and rec.geometry[0].num_prefix_tokens == 1
+    cells = torch.cartesian_prod(torch.arange(3.0), torch.arange(4.0)) * 8 + 4
+    positions = torch.cat([cells, torch.full((1, 2), float("nan"))])
+    with torch.no_grad(), vitmad.record(model, positions=positions) as placed:
+        model(pixels)
+    with torch.no_grad(), vitmad.record(model, num_prefix_tokens=1) as confirmed:
+        model(pixels)  # said by the user: no warning
+    assert torch.equal(confirmed.mad, rec.mad) and not torch.equal(placed.mad, rec.mad)

@@ -337,9 +337,21 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
         if any(is_hf_model(m) or type(m).__module__.startswith("transformers.models.") for m in module_list(model)):
             found.update(hf_attention_modules(model))
         found.update(timm_attention_modules(model))
-        found.update(source_attention_modules(model))
-        found.update(family_modules(model))
-        found.update(mha_modules(model))
+        known = set(found)
+        by_source = source_attention_modules(model)
+        found.update(by_source)
+        families = family_modules(model)
+        found.update(families)
+        known.update(families)
+        multihead = mha_modules(model)
+        found.update(multihead)
+        # A module found by its source alone that holds an nn.MultiheadAttention (a user's block choosing it or its
+        # own F.scaled_dot_product_attention) attends through it: captured around it, the MultiheadAttention's call
+        # is one torch function (multi_head_attention_forward) whose SDPA is not seen, and the capture's mode turns
+        # off its fast path, changing the output in the last bits (QA helper-247). The MultiheadAttention is kept.
+        for name in [n for n in by_source if n not in known]:
+            if any(inner.startswith(name + ".") for inner in multihead):
+                del found[name]
         ordered = {}
         for name, module in named_module_list(model):
             if name in found and not any(name.startswith(outer + ".") for outer in ordered):
@@ -1882,7 +1894,8 @@ def record(
             square patches of Pix2Struct's and Kosmos-2.5's vision towers (their image processor's ``patch_size``),
             which have no convolution: by default 16 for a ``patch_projection`` of 768 inputs, else required.
         grid: ``[grid_h, grid_w]``; by default the patch embedding's output size in each call.
-        num_prefix_tokens: tokens before the patches; by default ``N - grid_h * grid_w`` in each call.
+        num_prefix_tokens: tokens before the patches; by default ``N - grid_h * grid_w`` in each call (for a model
+            of no library vitmad reads, a warning says once that they are taken to come first).
         renormalize: see :func:`vitmad.mad`.
         reduction: ``"mean"`` gives ``rec.mad`` ``[L, B, H]``, ``"none"`` ``[L, B, H, N - P]``.
         positions: for a model whose token layout vitmad does not know, where its tokens are: ``[N, 2]`` (every

@@ -105,6 +105,23 @@ def num_suffix_tokens(model: nn.Module) -> int:
     return int(getattr(config, "num_detection_tokens", 0) or 0)
 
 
+# The libraries whose models vitmad reads (their families, or their plain layout, tested): where the extra tokens
+# of their towers are is known.
+_KNOWN_LIBRARIES = ("timm", "transformers", "open_clip", "vit_pytorch", "kornia", "monai", "ultralytics", "diffusers",
+                    "segment_anything", "sam2", "torchvision", "mobile_sam")
+
+
+def _in_a_known_library(model: nn.Module, embedding: str) -> bool:
+    """Whether a module on the path to the patch embedding ``embedding`` (the model itself included, the
+    convolution and torch's own modules not) is defined in a library vitmad reads."""
+    parts = embedding.split(".")
+    for depth in range(len(parts)):
+        owner = model.get_submodule(".".join(parts[:depth]))
+        if type(owner).__module__.split(".")[0] in _KNOWN_LIBRARIES:
+            return True
+    return False
+
+
 def declared_prefix_tokens(model: nn.Module, embedding: tuple[str, nn.Module] | None) -> tuple[str, int] | None:
     """The count of tokens before the grid that the model holding the patch embedding declares, as timm's models
     do (``num_prefix_tokens``: class, distillation and register tokens), with that model's name; None where no
@@ -252,6 +269,9 @@ class PlainLayout:
         # may change between forwards), and a walk of the model per layer call would cost the hot path.
         self.patch_dropouts = [(n, m) for n, m in named_module_list(model) if type(m).__name__ == "PatchDropout"]
         self.patch_said = False  # the given patch= that is not the embedding's stride was warned of
+        # A model no library vitmad knows defines (a user's own ViT) declares nowhere where its extra tokens are:
+        # they are taken to come first, and that is said once (a class token last moved every patch one cell).
+        self.extra_tokens_unsaid = self.embedding is not None and not _in_a_known_library(model, self.embedding[0])
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         if self.embedding is None:
@@ -422,6 +442,14 @@ class PlainPlacer(LayerPlacer):
                     "before the grid> if the extra tokens all come first, or positions=<[N, 2] pixel position of "
                     "each token, NaN rows for tokens off the image>"
                 )
+        if counted and prefix and layout.declared_prefix is None and layout.extra_tokens_unsaid:
+            layout.extra_tokens_unsaid = False
+            warnings.warn(
+                f"vitmad.record: {type(layout.model).__name__} attends over {num_queries} tokens and its patch "
+                f"embedding {layout.embedding[0]} cuts {grid[0]}x{grid[1]} = {patches}: the {prefix} extra token(s) "
+                "are taken to come first, as a ViT's class token and registers; if they do not (a class token last, "
+                "registers between the patches), pass positions=<[N, 2] pixel position of each token, NaN rows for "
+                f"tokens off the image>, or num_prefix_tokens={prefix} to say they do", stacklevel=2)
         if counted and layout.grid and seen is None:
             self._check_same_extra_tokens(context, grid, prefix, num_queries)
         if prefix + patches + suffix != num_queries:
