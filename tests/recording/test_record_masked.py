@@ -352,4 +352,9 @@ def test_given_positions_that_do_not_fit_the_call():
     with torch.no_grad(), vitmad.record(model, positions=lambda: [[0.0, 0.0]] * 10), pytest.raises(
             TypeError, match=r"positions\(\) \(the callable given to record\) must be .*; got list"):
         model(pixels)
+    # A callable that needs an argument failed at the first attention with Python's own words (QA helper-247).
+    with pytest.raises(TypeError, match=r"vitmad.record: positions must be a tensor or a callable of no arguments "
+                                        r"returning one \(called once per forward call\), got a callable that "
+                                        r"requires pixels"):
+        vitmad.record(model, positions=lambda pixels: torch.zeros(10, 2))
     assert model.config._attn_implementation == "sdpa"

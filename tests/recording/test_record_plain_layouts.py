@@ -373,3 +373,24 @@ def test_extra_tokens_of_a_model_of_no_library_are_said_to_be_taken_first():
     with torch.no_grad(), vitmad.record(model, num_prefix_tokens=1) as confirmed:
         model(pixels)  # said by the user: no warning
     assert torch.equal(confirmed.mad, rec.mad) and not torch.equal(placed.mad, rec.mad)
+
+
+def test_a_volume_model_of_no_known_layout_is_told_three_coordinates():
+    """A user's 3-D model (a Conv3d cutting the volume) was told positions=<[N, 2] ...> (QA helper-247)."""
+
+    class Volume(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Conv3d(1, 8, 4, 4)
+            self.qkv = torch.nn.Linear(8, 24)
+
+        def forward(self, volume):
+            tokens = self.embed(volume).flatten(2).transpose(1, 2)
+            q, k, v = self.qkv(tokens).view(*tokens.shape[:2], 3, 2, 4).permute(2, 0, 3, 1, 4)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    model = Volume().eval()
+    with pytest.raises(ValueError, match=r"pass positions=<\[N, 3\] position of each token on the volume \(slice, "
+                                         r"row, column\)>"):
+        with torch.no_grad(), vitmad.record(model, layers=[""]):
+            model(torch.randn(1, 1, 8, 8, 8))

@@ -23,6 +23,7 @@ detected layout of every recorded layer (:class:`GivenPositionsPlacer`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -178,6 +179,19 @@ def check_positions(positions, source: str = "positions") -> torch.Tensor:
     return positions
 
 
+
+def _check_no_arguments(given: Callable) -> None:
+    """Refuse, naming ``positions``, a callable that needs arguments: it is called with none, once per forward (it
+    failed at the first attention call with Python's own "missing 1 required positional argument", QA 247)."""
+    try:
+        required = [p.name for p in inspect.signature(given).parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):  # no signature to read (some builtins): called as given
+        return
+    if required:
+        raise TypeError(f"vitmad.record: positions must be a tensor or a callable of no arguments returning one "
+                        f"(called once per forward call), got a callable that requires {', '.join(required)}")
+
 class GivenPositionsPlacer(LayerPlacer):
     """Places the tokens of every recorded layer at positions the user gave (attention ``[B, H, N, N]``).
 
@@ -192,6 +206,7 @@ class GivenPositionsPlacer(LayerPlacer):
 
     def __init__(self, positions: torch.Tensor | Callable[[], torch.Tensor]):
         if callable(positions):
+            _check_no_arguments(positions)
             self.positions, self.given = None, positions
         else:
             self.positions, self.given = check_positions(positions), None

@@ -258,7 +258,10 @@ class PlainLayout:
                                 else None) or (
                 f"found no patch-embedding Conv2d (kernel == stride) in {name} and vitmad knows no other layout of "
                 "this module's tokens" + _text_vocabulary_clause(model)
-                + "; pass positions=<[N, 2] pixel position of each token>, or, only if they are a "
+                + ("; pass positions=<[N, 3] position of each token on the volume (slice, row, column)>"
+                   if any(isinstance(m, nn.Conv3d) for _, m in named_module_list(model))
+                   else "; pass positions=<[N, 2] pixel position of each token>")
+                + ", or, only if they are a "
                 "plain ViT grid (extra tokens first), patch=<pixels per patch> and grid=[grid_h, grid_w], with "
                 "layers=[the modules that attend over those tokens] where others (a decoder's queries) attend too "
                 "(layers over other token counts in one call are refused)")
