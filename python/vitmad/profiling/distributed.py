@@ -18,7 +18,9 @@ batches would be dealt out differently).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import itertools
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -151,9 +153,6 @@ def check_same_run(run: DistributedRun, identity: dict, names: list[str]) -> Non
     Raises:
         OptionError: the ranks differ; the message names what and which ranks.
     """
-    import hashlib
-    import json
-
     names_digest = hashlib.sha256(json.dumps(names).encode()).hexdigest()
     # Not the files' times: a node's own copy of the images made by a plain cp has other times and the same pixels.
     own = {**{k: v for k, v in identity.items() if k not in ("rank", "files")}, "names": [len(names), names_digest]}
