@@ -485,9 +485,9 @@ def plan_run(
         raise OptionError("image_size", f"{size[0]}x{size[1]} given, but the pixel tensor is "
                                         f"{images.shape[-2]}x{images.shape[-1]} (shape {list(images.shape)}): a tensor "
                                         "is fed as it is; leave image_size unset")
-    names, load = _image_batches(images, preprocessing, batch_size, max_images, decoders,
-                                 model_frames(loaded.module), native, image_channels(loaded.module),
-                                 model_input_size(loaded.module))
+    frames = model_frames(loaded.module)  # a video model's frame count (its config's), else None
+    names, load = _image_batches(images, preprocessing, batch_size, max_images, decoders, frames, native,
+                                 image_channels(loaded.module), model_input_size(loaded.module))
     settings = {
         "renormalize": bool(renormalize),
         "dtype": str(torch_dtype).removeprefix("torch."),
@@ -496,7 +496,6 @@ def plan_run(
         "batch_size": batch_size,
         "layers": list(layers) if layers else None,
     }
-    frames = model_frames(loaded.module)
     if frames is not None:
         # A video model's frame count comes from its config, not its weights: a resume after the config changed it
         # would mix clips sampled to two counts (QA 235).
@@ -530,7 +529,7 @@ def plan_run(
         maps_skipped = ("native resolution: every image has its own token grid, so maps do not average "
                         "(prefix_map_image.png: the first image's, where the model has tokens without a position: "
                         "class or register tokens, or an attention-pooling head's query)")
-    elif "prefix_maps" in stats and model_frames(loaded.module) is not None:
+    elif "prefix_maps" in stats and frames is not None:
         maps_skipped = "video model: prefix maps are averaged for image models only"
     elif "prefix_maps" in stats and isinstance(preprocessing, VolumePreprocessing):
         maps_skipped = "volumes: prefix maps are averaged over 2-D image grids only"
