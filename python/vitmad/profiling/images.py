@@ -564,9 +564,6 @@ _OWN_GEOMETRY = {
                      "AriaImageProcessor", "FuyuImageProcessor", "GraniteDoclingImageProcessor",
                      "Llama4ImageProcessor", "Cohere2VisionImageProcessor"), _TILES),
 }
-# Processors with code of their own whose geometry this library checked to be its own, on images of odd sizes
-# (tests/profiling/test_profile_hf_processors.py; ViViT and SigLIP2 with their video and native paths), as long as
-# the settings _GEOMETRY_SETTINGS names, and do_pad, are off.
 # Classes of _CHECKED_OWN_CODE (below) whose own pipeline has no centre crop, whatever do_center_crop says.
 _IGNORES_CROP = frozenset({"SegformerImageProcessor", "Gemma3ImageProcessor", "RTDetrImageProcessor",
                            "SegGptImageProcessor", "GotOcr2ImageProcessor", "PromptDepthAnythingImageProcessor"})
@@ -574,6 +571,9 @@ _IGNORES_CROP = frozenset({"SegformerImageProcessor", "Gemma3ImageProcessor", "R
 # antialiased): for these, Preprocessing's float_resize gives their pixels exactly (SAM 2's, SAM 3's and Sapiens2's
 # agree better with PIL's resize of the 0-255 values: measured, QA 228).
 _RESIZES_FLOATS = frozenset({"DINOv3ViTImageProcessor"})
+# Processors with code of their own whose geometry this library checked to be its own, on images of odd sizes
+# (tests/profiling/test_profile_hf_processors.py; ViViT and SigLIP2 with their video and native paths), as long as
+# the settings _GEOMETRY_SETTINGS names, and do_pad, are off.
 _CHECKED_OWN_CODE = frozenset({
     "BeitImageProcessor", "FlavaImageProcessor", "SegformerImageProcessor", "SegGptImageProcessor",
     "MobileNetV2ImageProcessor", "VideoMAEImageProcessor", "VivitImageProcessor", "RTDetrImageProcessor",

@@ -179,7 +179,6 @@ def check_positions(positions, source: str = "positions") -> torch.Tensor:
     return positions
 
 
-
 def _check_no_arguments(given: Callable) -> None:
     """Refuse, naming ``positions``, a callable that needs arguments: it is called with none, once per forward (it
     failed at the first attention call with Python's own "missing 1 required positional argument", QA 247)."""
@@ -191,6 +190,7 @@ def _check_no_arguments(given: Callable) -> None:
     if required:
         raise TypeError(f"vitmad.record: positions must be a tensor or a callable of no arguments returning one "
                         f"(called once per forward call), got a callable that requires {', '.join(required)}")
+
 
 class GivenPositionsPlacer(LayerPlacer):
     """Places the tokens of every recorded layer at positions the user gave (attention ``[B, H, N, N]``).
