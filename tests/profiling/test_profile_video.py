@@ -96,6 +96,7 @@ def test_mad_json_and_csv_carry_the_temporal_mad_and_read_back(video_model, vide
     document = json.loads((tmp_path / "mad.json").read_text())
     assert document["format"] == "vitmad-profile/2"
     assert document["layers"][0]["temporal"]["mean"] == result.temporal_mad[0].tolist()
+    assert document["layers"][0]["temporal"]["unit"] == "frames" and document["unit"] == "px"
     again = Profile.from_json(tmp_path / "mad.json")
     torch.testing.assert_close(again.temporal_mad, result.temporal_mad)
     torch.testing.assert_close(again.mad, result.mad)

@@ -148,6 +148,7 @@ def test_the_python_api_gives_each_volume_its_own_millimetres(volumes, vit_weigh
     assert entry["grid"] == [4, 4, 4] and entry["size"] == list(IMG_SIZE) and entry["header_unit"] == "micron"
     np.testing.assert_allclose(entry["spacing"], [0.9, 1.1, 2.0], rtol=1e-6)
     assert prof.settings["preprocessing"]["unit"] == "mm" and prof.settings["model_args"] == VIT_ARGS
+    assert prof.to_dict()["unit"] == "mm"
     geometry = prof.geometry[0]
     assert (geometry["depth"], *geometry["grid"]) == (4, 4, 4)
     # Uniform attention over each volume's own millimetres, the mean over the volumes.

@@ -10,9 +10,11 @@ Models whose head count or token grid changes with depth (Swin: 3, 6, 12, 24 hea
 the heads a layer does not have; the files list each layer's own heads only. Format 2 adds the per-layer
 geometry, heads and the layers skipped; format 1 files (plain ViTs) are still read.
 
-Video models add, in the same format, the temporal MAD in frames beside the spatial one: per layer a
-``"temporal"`` entry (mean, std, min, max per head), ``"temporal_total"``, ``"temporal_total_sq"`` and
-``"temporal_m2"`` among the sums, and ``tmad_*`` columns in ``mad.csv``; files without them are image profiles.
+The top-level ``"unit"`` is MAD's: ``"px"`` (pixels of the model input), or a volume profile's ``"mm"`` or
+``"voxel"``. Video models add, in the same format, the temporal MAD in frames beside the spatial one: per layer
+a ``"temporal"`` entry (``"unit": "frames"``, and mean, std, min, max per head), ``"temporal_total"``,
+``"temporal_total_sq"`` and ``"temporal_m2"`` among the sums, and ``tmad_*`` columns in ``mad.csv``; files
+without them are image profiles.
 
 Other statistics (``vitmad profile --stats``), in the same format: ``"statistics"``, by name, the unit and per
 layer and head the mean, std, min and max over images (null where a layer has no value: self mass beside
@@ -292,7 +294,7 @@ class Profile:
                 },
             })
             if temporal is not None:
-                layers[-1]["temporal"] = {key: rows[i][:heads] for key, rows in temporal.items()}
+                layers[-1]["temporal"] = {"unit": "frames", **{key: rows[i][:heads] for key, rows in temporal.items()}}
         heads = self.heads
         sums = {"total": [row[:h] for row, h in zip(total, heads)],
                 "total_sq": [row[:h] for row, h in zip(total_sq, heads)],
@@ -307,6 +309,7 @@ class Profile:
             "model": self.model,
             "layout": self.layout,
             "uniform_attention_mad": self.uniform_mad,
+            "unit": self.distance_unit,  # of MAD (the layers' mean, std, min, max and the uniform figures)
             "settings": self.settings,
             "processes": self.processes,
             "num_layers": len(self.layers),
