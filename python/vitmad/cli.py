@@ -588,7 +588,10 @@ def main(argv: list[str] | None = None) -> int:
             run.close(wait_for_all=True)
         completed = True
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        print(f"vitmad: error: {where}{_message(err, _flags(parser))}", file=sys.stderr)
+        flags = _flags(parser)
+        if getattr(args, "as_videos", False):  # the sources were given as --videos: name them so
+            flags["images"] = "--videos"
+        print(f"vitmad: error: {where}{_message(err, flags)}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a permission changed mid-run: the message names the file
         print(f"vitmad: error: {where}{err}", file=sys.stderr)

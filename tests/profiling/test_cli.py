@@ -94,6 +94,7 @@ def test_compare_overlays_results(tiny_model, image_folder, tmp_path, capsys):
     (["--model", "hf:./no/such/folder"], "--model: hf:./no/such/folder: no such model folder"),
     (["--images", "{tmp}/missing"], "--images: no such file or folder"),
     (["--images", "{tmp}/empty"], "--images: no images"),
+    (["--videos", "{tmp}/missing"], "--videos: no such file or folder"),  # errors name the flag given
     (["--image-size", "12x"], "--image-size: expected S or HxW"),
     (["--batch-size", "0"], "--batch-size: expected a positive integer"),
     (["--max-images", "0"], "--max-images: expected a positive integer"),
