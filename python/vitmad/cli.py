@@ -271,9 +271,9 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     ours = [out / name for name in output_names()] if _holds_profile(out) else []
     _check_output_paths(out, ours)
     volumes = args.model.startswith("monai:")  # NIfTI files: no image or video search applies
-    videos = not volumes and args.images != ["builtin"] and all(is_video_source(source) for source in args.images)
-    # Whether a packed tower (which takes images and videos) is given videos: clips, or what --videos names.
-    packed_videos = args.images != ["builtin"] and (videos or args.as_videos)
+    # Videos: clips, or what --videos names (an empty folder given as --videos is refused as holding no video).
+    videos = not volumes and args.images != ["builtin"] and (
+        args.as_videos or all(is_video_source(source) for source in args.images))
     # --out itself too: created below, it would make the frame folder it lies in a folder holding a folder.
     # What the search says is held back until the model tells whether its guess (videos or images) stands.
     with warnings.catch_warnings(record=True) as guessed:
@@ -298,14 +298,13 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     loaded = load_model(args.model, model_checkpoint=args.model_checkpoint, image_size=size, model_args=args.model_args,
                         intensity=args.intensity, volume_unit=args.volume_unit)
     video_model = model_frames(loaded.module) is not None
-    packed_videos = packed_videos and not video_model and find_packed_tower(loaded.module) is not None
+    # Whether a packed tower (which takes images and videos) is given videos.
+    packed_videos = videos and not video_model and find_packed_tower(loaded.module) is not None
     # The model decides what the sources hold (the check above could only guess from the files).
     if videos == (video_model or packed_videos):
         for warning in guessed:
             warnings.warn(warning.message, stacklevel=1)
-    if packed_videos and not videos:  # folders of frames, said by --videos, to a packed tower
-        files = find_videos(args.images, exclude=[*ours, out])
-    elif not videos and video_model:
+    if not videos and video_model:
         # Folders of image files are frame folders to a video model.
         if args.images == ["builtin"]:
             raise OptionError("images", f"{args.model} is a video model and the built-in images are still photographs: "

@@ -258,7 +258,7 @@ def test_a_folder_without_videos_is_refused_naming_the_flag(video_model, tmp_pat
     (tmp_path / "empty").mkdir()
     assert main(["profile", "--model", f"hf:{video_model}", "--videos", str(tmp_path / "empty"),
                  "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
-    assert "vitmad: error: --images: no images" in capsys.readouterr().err
+    assert "vitmad: error: --videos: found no video" in capsys.readouterr().err
 
 
 def test_the_command_takes_folders_of_frame_folders(video_model, tmp_path, capsys):

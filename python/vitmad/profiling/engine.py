@@ -188,13 +188,14 @@ def prepare_model(model, image_size: tuple[int, int] | str | None, model_checkpo
     return loaded, preprocessing
 
 
-def _check_patches_fit(module: torch.nn.Module, image_size: tuple[int, int]) -> None:
+def _check_patches_fit(module: torch.nn.Module, image_size: tuple[int, int], parameter: str = "image_size") -> None:
     """Refuse, before any image is read, an input size the model's patch embedding cannot take: smaller than one
     patch, or not a whole number of patches where the patch embedding neither pads nor asserts
-    (:func:`_pads_partial_patches`).
+    (:func:`_pads_partial_patches`). ``parameter``: the one that gave the size (``images`` for a pixel tensor, fed
+    as it is).
 
     Raises:
-        OptionError: naming ``image_size``.
+        OptionError: naming ``parameter``.
     """
     from ..recording.families.plain import find_patch_embedding
     from ..recording.module_index import named_module_list
@@ -206,15 +207,16 @@ def _check_patches_fit(module: torch.nn.Module, image_size: tuple[int, int]) -> 
         return
     name, conv = found
     (height, width), (kh, kw) = image_size, conv.kernel_size
+    given = f"{height}x{width}" if parameter == "image_size" else f"a pixel tensor of {height}x{width}"
     if height < kh or width < kw:
-        raise OptionError("image_size", f"expected at least one {kh}x{kw} patch of the model ({name}), got "
-                                        f"{height}x{width}")
+        raise OptionError(parameter, f"expected at least one {kh}x{kw} patch of the model ({name}), got {given}")
     owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
     if (height % kh or width % kw) and not _pads_partial_patches(owner, conv) and find_packed_tower(module) is None:
         # (A packed tower's own check says more: Qwen's merge factor, Pixtral's longest side.)
         fit = f"{max(kh, height // kh * kh)}x{max(kw, width // kw * kw)}"
-        raise OptionError("image_size", f"expected whole {kh}x{kw} patches of the model ({name} takes no "
-                                        f"partial patch), got {height}x{width}; for example {fit}")
+        crop = "" if parameter == "image_size" else " (crop it: the model would never see the last rows or columns)"
+        raise OptionError(parameter, f"expected whole {kh}x{kw} patches of the model ({name} takes no partial "
+                                     f"patch), got {given}; for example {fit}{crop}")
 
 
 def _check_size_the_model_checks(loaded: LoadedModel, image_size: tuple[int, int]) -> None:
@@ -486,6 +488,9 @@ def plan_run(
                                         f"{images.shape[-2]}x{images.shape[-1]} (shape {list(images.shape)}): a tensor "
                                         "is fed as it is; leave image_size unset")
     frames = model_frames(loaded.module)  # a video model's frame count (its config's), else None
+    if isinstance(images, torch.Tensor) and size is None and frames is None and images.dim() == 4:
+        # A tensor is fed as it is: its size is checked as a given image_size is.
+        _check_patches_fit(loaded.module, tuple(images.shape[-2:]), "images")
     names, load = _image_batches(images, preprocessing, batch_size, max_images, decoders, frames, native,
                                  image_channels(loaded.module), model_input_size(loaded.module))
     settings = {
