@@ -32,8 +32,12 @@ def test_depth_pro_crops_are_skipped_and_its_image_encoder_records():
         num_fov_head_layers=1, use_fov_model=False)
     torch.manual_seed(0)
     model = transformers.DepthProForDepthEstimation(config).eval()
-    with pytest.raises(ValueError, match="patch_encoder.*overlapping crops of a multi-scale pyramid"):
+    # Its image encoder has a MAD, recorded on its own: the refusal of the whole model must not say MAD is undefined.
+    with pytest.raises(ValueError, match=r"DepthProForDepthEstimation: this recording places none of its layers, and "
+                                         r"a tower among them is recorded on its own \(.*patch_encoder.*overlapping "
+                                         "crops of a multi-scale pyramid") as refused:
         vitmad.record(model)
+    assert "image_encoder.model'))" in str(refused.value) and "not defined" not in str(refused.value)
     encoder = model.depth_pro.encoder.image_encoder.model
     with torch.no_grad(), vitmad.record(encoder) as rec:
         model(pixel_values=torch.randn(1, 3, 96, 96))

@@ -466,6 +466,10 @@ def _reused_compiled_code(model: nn.Module) -> str:
             "before the block, so that the wrapper compiles anew around the hooks")
 
 
+# The reason of a layer in an image tower beside the one a recording places: recorded by a recording of its own.
+_SECOND_TOWER = "a second tower that embeds the image"
+
+
 class NoLayerError(ValueError):
     """vitmad.record found nothing to record in the model. ``finding`` says what it found, without the advice
     that follows it in the message (``layers=...``), which only a caller of record can act on: the profiler words
@@ -759,7 +763,7 @@ class Recording:
                 for name in found:
                     if name.startswith(tower):
                         self.skipped[name] = (
-                            f"in {tower[:-1]}, a second tower that embeds the image beside {prefix[:-1]}, the one "
+                            f"in {tower[:-1]}, {_SECOND_TOWER} beside {prefix[:-1]}, the one "
                             "this recording places (the first in module order); record it on its own, "
                             f"vitmad.record(model.get_submodule('{tower[:-1]}')), or both at once with one "
                             "recording per tower"
@@ -782,7 +786,7 @@ class Recording:
                 beside = "." in name and not prefix.startswith(root + ".")
                 own = self._root_embedding(root) if beside else None
                 placer = Skip(
-                    f"in {root}, a second tower that embeds the image with its own patch embedding ({root}."
+                    f"in {root}, {_SECOND_TOWER} with its own patch embedding ({root}."
                     f"{own[0]}) beside {prefix[:-1]}, the one this recording places (one patch grid per recording); "
                     f"record it on its own, vitmad.record(model.get_submodule('{root}')) (both recordings may be "
                     "active around one forward), or pass positions=<[N, 2] pixel position of each token, NaN rows "
@@ -831,7 +835,11 @@ class Recording:
                                                if len(names) > 1 else "")
                     for reason, names in list(by_reason.items())[:3])
                 classes = [n for n, r in self.skipped.items() if r.startswith("class attention")]
+                towers = any(_SECOND_TOWER in reason for reason in self.skipped.values())
                 raise NoLayerError(
+                    # A tower left to a recording of its own has a MAD: "not defined" would turn the user away.
+                    f"{type(model).__name__}: this recording places none of its layers, and a tower among them is "
+                    f"recorded on its own ({reasons})" if towers else
                     f"{type(model).__name__} has no layer with spatial softmax attention over positioned tokens, so "
                     f"MAD is not defined for it ({reasons})",
                     f"; the class token's maps of its class attention ({', '.join(classes)}) are recorded with "
