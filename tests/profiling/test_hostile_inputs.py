@@ -503,8 +503,9 @@ def test_pixel_tensors_of_another_size_than_the_run_or_the_model_are_refused():
         vitmad.profile(model, torch.randn(2, 3, 32, 32), image_size=64, device="cpu")
     assert vitmad.profile(model, torch.randn(2, 3, 32, 32), image_size=32, device="cpu").count == 2
     # Not whole patches: transformers' patch embedding floors, and the last rows would never be seen.
-    with pytest.raises(ValueError, match=r"images: expected whole 8x8 patches of the model \(embeddings.patch_embeddings"
-                                         r".projection takes no partial patch\), got a pixel tensor of 36x32; for "
+    with pytest.raises(ValueError, match=r"images: expected whole 8x8 patches of the model \(embeddings\."
+                                         r"patch_embeddings\.projection takes no partial patch\), got a pixel tensor "
+                                         r"of 36x32; for "
                                          r"example 32x32 \(crop it"):
         vitmad.profile(model, torch.randn(2, 3, 36, 32), device="cpu")
     fixed = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
