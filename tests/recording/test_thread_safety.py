@@ -388,3 +388,36 @@ def test_a_finished_forwards_frame_address_taken_by_another_function_is_not_in_p
     ended.start()
     ended.join()
     assert not frame_live(ended, id(frame), frame.f_code)
+
+
+def test_models_sharing_one_config_keep_every_layer_when_another_recording_ends_mid_forward():
+    """ViTModel(config) twice shares the config object, which a recording switches to its wrapper: the second
+    recording took the first one's switch for a copied config's and set it back when it ended, under the first
+    model's forward (another thread's, here a hook between its layers), whose later layers went unrecorded
+    silently (QA 251: 13 of 40 calls short of layers)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=4,
+                                    num_attention_heads=2, intermediate_size=32)
+    torch.manual_seed(0)
+    a, b = (transformers.ViTModel(config, add_pooling_layer=False).eval() for _ in range(2))
+    assert a.config is b.config
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), vitmad.record(a) as alone:
+        a(pixels)
+
+    def record_b_between_layers(module, args):
+        with vitmad.record(b) as inner:
+            b(pixels)
+        assert len(inner.layers) == 4
+
+    handle = a.layers[1].register_forward_pre_hook(record_b_between_layers)
+    try:
+        with torch.no_grad(), vitmad.record(a) as rec:
+            a(pixels)
+            held = str(config._attn_implementation)
+    finally:
+        handle.remove()
+    assert rec.layers == alone.layers and len(rec.layers) == 4
+    assert held.startswith("vitmad")  # still the outer recording's after the inner one ended
+    torch.testing.assert_close(rec.mad, alone.mad, rtol=0, atol=0)
+    assert config._attn_implementation == "sdpa"  # set back once both have ended

@@ -13,6 +13,7 @@ import functools
 import inspect
 import re
 import sys
+import threading
 from collections.abc import Callable
 
 import torch
@@ -183,7 +184,9 @@ def _register_wrapper(implementation: str) -> str:
         original = _original_function(implementation, module)
         # The model's own attention first: a call it cannot make (a Swin stage smaller than its window, whose bias
         # does not fit the logits) fails with the model's error, not with vitmad's refusal of the same arguments.
-        with _original_name_during(module, implementation):
+        # Only flash attention reads the config's name while it runs; the others leave the config alone (another
+        # thread's model sharing it reads the recording's name throughout).
+        with _original_name_during(module, implementation) if semantics == "flash" else contextlib.nullcontext():
             result = original(module, query, key, value, attention_mask, *args, **kwargs)
         active = _ACTIVE.get(id(module))
         if active is not None:
@@ -199,6 +202,21 @@ def _register_wrapper(implementation: str) -> str:
     if implementation in ALL_MASK_ATTENTION_FUNCTIONS:
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
     return name
+
+
+# The configs recordings have switched to the wrapper: id -> [config, its implementation before, recordings holding
+# it]. Models built from one config object (ViTModel(config) twice) share it: a second recording took the first's
+# wrapper name for a copied config's and set it back, and the first recording to end set it back under the other
+# one's forward (another thread's, or an outer recording's), whose later layers then went unrecorded. Shared, the
+# config is switched by the first recording and set back by the last.
+_HELD_CONFIGS: dict[int, list] = {}
+_HELD_LOCK = threading.Lock()
+
+
+def _implementation(config) -> str | None:
+    """The implementation the config names for its model: the one it had before a recording switched it."""
+    held = _HELD_CONFIGS.get(id(config))
+    return held[1] if held is not None else config._attn_implementation_internal
 
 
 class HFAttentionHooks:
@@ -218,7 +236,7 @@ class HFAttentionHooks:
         self.modules = modules
         self.callback = callback
         self.done = done
-        self._saved: list[tuple] = []  # (config, its attention implementation before the recording)
+        self._saved: list = []  # the configs this recording holds (_HELD_CONFIGS)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.trailing: list[torch.utils.hooks.RemovableHandle] = []  # hooks the recording keeps after the user's
 
@@ -232,7 +250,7 @@ class HFAttentionHooks:
         recorded = any(id(module) in _ACTIVE for module in self.modules.values())
         for config in configs.values():
             implementation = str(config._attn_implementation)
-            if implementation.startswith(_WRAPPER_PREFIX):
+            if implementation.startswith(_WRAPPER_PREFIX) and id(config) not in _HELD_CONFIGS:
                 if recorded:
                     raise RuntimeError(f"vitmad.record: {type(self.model).__name__} is already being recorded")
                 # A config copied while recorded by other means than copy.deepcopy or pickling (which give the
@@ -244,6 +262,10 @@ class HFAttentionHooks:
     def install(self) -> None:
         # Only the configs of the recorded modules are switched to the wrapper, on the attribute the modules read:
         # the rest of the model (a CNN backbone that refuses SDPA, another tower) is left exactly as it was.
+        with _HELD_LOCK:
+            self._install()
+
+    def _install(self) -> None:
         configs = self._configs()
         for name, module in self.modules.items():
             _ACTIVE[id(module)] = (name, self.callback)
@@ -256,34 +278,46 @@ class HFAttentionHooks:
             self._handles.append(module.register_forward_hook(leave, always_call=True))
             self.trailing.append(self._handles[-1])
         for config in configs:  # before any change: an implementation vitmad cannot read is refused here
-            attention_semantics(config._attn_implementation_internal or "eager", type(self.model).__name__)
+            attention_semantics(_implementation(config) or "eager", type(self.model).__name__)
         for config in configs:
+            self._saved.append(config)
+            held = _HELD_CONFIGS.get(id(config))
+            if held is not None:  # switched by another active recording: shared until the last one ends
+                held[2] += 1
+                continue
             original = config._attn_implementation_internal
-            self._saved.append((config, original))
+            _HELD_CONFIGS[id(config)] = [config, original, 1]
             config._attn_implementation_internal = _recording_name(original)
 
     def before_forward(self) -> None:
         """At each forward of the model: an implementation the user set inside the block
         (``model.set_attn_implementation``) is wrapped in its turn, so the recording goes on, and is what the
         config keeps at exit."""
-        for i, (config, _) in enumerate(self._saved):
-            current = config._attn_implementation_internal
-            if not str(current).startswith(_WRAPPER_PREFIX):
-                attention_semantics(current or "eager", type(self.model).__name__)
-                self._saved[i] = (config, current)
-                config._attn_implementation_internal = _recording_name(current)
+        with _HELD_LOCK:
+            for config in self._saved:
+                current = config._attn_implementation_internal
+                if not str(current).startswith(_WRAPPER_PREFIX):
+                    attention_semantics(current or "eager", type(self.model).__name__)
+                    _HELD_CONFIGS[id(config)][1] = current
+                    config._attn_implementation_internal = _recording_name(current)
 
     def remove(self) -> None:
         for module in self.modules.values():
             # Only this recording's entries: a second record() of the same model fails without touching them.
             if id(module) in _ACTIVE and _ACTIVE[id(module)][1] == self.callback:
                 del _ACTIVE[id(module)]
-        for config, original in reversed(self._saved):
-            # Set back only what is still the recording's: an implementation the user chose inside the block
-            # (model.set_attn_implementation) stays.
-            if str(config._attn_implementation_internal).startswith(_WRAPPER_PREFIX):
-                config._attn_implementation_internal = original
-        self._saved.clear()
+        with _HELD_LOCK:
+            for config in reversed(self._saved):
+                held = _HELD_CONFIGS[id(config)]
+                held[2] -= 1
+                if held[2]:
+                    continue  # another active recording holds it
+                del _HELD_CONFIGS[id(config)]
+                # Set back only what is still the recording's: an implementation the user chose inside the block
+                # (model.set_attn_implementation) stays.
+                if str(config._attn_implementation_internal).startswith(_WRAPPER_PREFIX):
+                    config._attn_implementation_internal = held[1]
+            self._saved.clear()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
