@@ -534,3 +534,21 @@ def test_a_users_forward_hook_that_takes_a_softmax_is_not_read_as_attention(fuse
         model(pixels)
     assert len(probes) == 2 and _function_modes() == 0
     torch.testing.assert_close(rec.mad, expected, rtol=0, atol=0)
+
+
+def test_a_layer_replaced_inside_the_block_is_refused_at_the_next_forward():
+    """``model.blocks[1].attn = other`` inside the block: the new module has no hook, and every later call left its
+    layer out silently, ``rec.mad`` one layer short (QA 251). Refused, naming it; the calls before stay, and the
+    model leaves the block as it was given (the replaced module, hooks gone)."""
+    model, donor, pixels = _vit(), _vit(), _pixels()
+    clean = _hook_count(model)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+        model.blocks[1].attn = donor.blocks[1].attn
+        with pytest.raises(RuntimeError, match=r"^vitmad\.record: blocks\.1\.attn of VisionTransformer was replaced "
+                                               r"\(or removed\) inside the recording block"):
+            model(pixels)
+    assert len(rec.calls) == 1 and len(rec.layers) == 3
+    torch.testing.assert_close(rec.mad, _clean_mad(_vit(), pixels), rtol=0, atol=0)
+    assert _hook_count(model) == clean and _function_modes() == 0
+    torch.testing.assert_close(_clean_mad(model, pixels)[:1], rec.mad[:1], rtol=0, atol=0)

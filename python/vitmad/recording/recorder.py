@@ -192,7 +192,8 @@ class RecordedCall:
 
     @property
     def mad(self) -> torch.Tensor:
-        """``[L, B, H]`` float32 (``reduction="mean"``) or ``[L, B, H, T]`` (``"none"``); spatial, in pixels.
+        """``[L, B, H]`` float32 (float64 for a float64 model; ``reduction="mean"``) or ``[L, B, H, T]``
+        (``"none"``); spatial, in pixels.
 
         Where the head count changes with depth (Swin: 3, 6, 12, 24), ``H`` is the largest and a layer's
         missing heads are NaN; per-token values of layers on different grids do not stack (use ``per_layer``).
@@ -662,6 +663,7 @@ class Recording:
         self._warned_unseen = False  # _warn_unseen_forward
         self._returned = False  # the model's current forward has returned (not raised)
         self._model_started: RecordedCall | None = None  # a call begun by the model's own pre-hook (_begin_forward)
+        self._layer_paths: list[tuple[str, nn.Module]] = []  # each recorded layer and where it sits (_install)
         self._owner = ForwardOwner(type(model).__name__)  # the thread inside a forward of the model, if any
         # id(call) -> (the thread that started it, (id, code) of the frame whose forward it is, see _in_progress),
         # until the model's own call that made it ends; by thread, the call it started last.
@@ -968,8 +970,8 @@ class Recording:
 
     @property
     def mad(self) -> torch.Tensor:
-        """``[L, B, H]`` float32 (``reduction="mean"``) or ``[L, B, H, T]`` of the latest forward call; see
-        :attr:`RecordedCall.mad` for layers with different head counts or grids."""
+        """``[L, B, H]`` float32 (float64 for a float64 model; ``reduction="mean"``) or ``[L, B, H, T]`` of the
+        latest forward call; see :attr:`RecordedCall.mad` for layers with different head counts or grids."""
         return self._latest().mad
 
     @property
@@ -1588,6 +1590,8 @@ class Recording:
         starts = {id(module) for module in [first, *towers] if module is not None}
         recorded = {id(module) for module in self._modules.values()}
         held = [name for name, module in named_module_list(self.model) if id(module) in starts | recorded]
+        # Where each recorded layer sits, to tell at each forward that it is still there (_check_layers_in_place).
+        self._layer_paths = [(name, module) for name, module in named_module_list(self.model) if id(module) in recorded]
         inside = {name.rsplit(".", i)[0] for name in held for i in range(name.count(".") + 1)}
         # And the model's own children: a forward_features that raises between its patch embedding and its blocks
         # (position embedding, dropout) leaves no empty call (_leave_scope).
@@ -1714,8 +1718,28 @@ class Recording:
                     started is not None and started[0] is threading.current_thread() and self._in_progress(call)):
                 self._forget_starts([self._calls.pop()])
 
+    def _check_layers_in_place(self) -> None:
+        """Refuse a forward after a recorded layer was replaced in the model (``model.blocks[1].attn = other``
+        inside the block): the new module has none of the recording's hooks, and its layer was left out of every
+        later call silently, ``rec.mad`` one layer short (QA 251).
+
+        Raises:
+            RuntimeError: naming the layer.
+        """
+        for name, module in self._layer_paths:
+            try:
+                now = self.model.get_submodule(name)
+            except AttributeError:
+                now = None
+            if now is not module:
+                raise RuntimeError(
+                    f"vitmad.record: {name} of {type(self.model).__name__} was replaced (or removed) inside the "
+                    "recording block; the module there now is not recorded, and the calls would leave its layer out: "
+                    "replace modules before the `with vitmad.record(...)` block, or start a new recording after it")
+
     def _begin_forward(self, module: nn.Module, args) -> None:
         if not _in_backward():
+            self._check_layers_in_place()
             # A model without a convolution begins its call in its own forward pre-hook, which runs before this
             # one: that call is this forward's, so it is counted as begun by it (and dropped if it raises), and is
             # not a call left by an interrupted forward before it.
@@ -1881,7 +1905,7 @@ def record(
 
         with vitmad.record(model) as rec:
             model(pixel_values)
-        rec.mad     # [L, B, H] float32, pixels
+        rec.mad     # [L, B, H] float32 (float64 for a float64 model), pixels
         rec.layers  # ["layers.0.attention", ...] for transformers 5's ViTModel: the model's own module names
 
     Works with transformers ``PreTrainedModel``s that use ``AttentionInterface`` (ViT, DeiT, BEiT, DINOv2 with
