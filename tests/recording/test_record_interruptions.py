@@ -552,3 +552,19 @@ def test_a_layer_replaced_inside_the_block_is_refused_at_the_next_forward():
     torch.testing.assert_close(rec.mad, _clean_mad(_vit(), pixels), rtol=0, atol=0)
     assert _hook_count(model) == clean and _function_modes() == 0
     torch.testing.assert_close(_clean_mad(model, pixels)[:1], rec.mad[:1], rtol=0, atol=0)
+
+
+def test_a_recording_refuses_to_pickle_or_copy_naming_what_does():
+    """torch.save(rec) and copy.deepcopy(rec) failed on a lock, naming nothing of vitmad (QA 251)."""
+    import io
+    import pickle
+
+    model, pixels = _vit(), _pixels()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    for save in (pickle.dumps, copy.deepcopy, copy.copy, lambda r: torch.save(r, io.BytesIO())):
+        with pytest.raises(TypeError, match=r"^vitmad\.record: a Recording holds the model's hooks and does not "
+                                            r"pickle or copy; save what it recorded instead: rec\.calls"):
+            save(rec)
+    again = pickle.loads(pickle.dumps(rec.calls))
+    torch.testing.assert_close(again[-1].mad, rec.mad, rtol=0, atol=0)

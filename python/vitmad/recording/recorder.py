@@ -1553,6 +1553,12 @@ class Recording:
         call.class_maps.append(torch.stack([self._fold_map(name, placement, row) for row in maps.unbind(-2)], -2))
         call.class_geometry.append(placement.geometry)
 
+    def __reduce_ex__(self, protocol):
+        # It holds the model and the hooks in it: pickling (torch.save, copy.deepcopy) failed on a lock, naming
+        # nothing of vitmad (QA 251). What it recorded pickles.
+        raise TypeError("vitmad.record: a Recording holds the model's hooks and does not pickle or copy; save what "
+                        "it recorded instead: rec.calls (RecordedCall objects), or rec.mad and the other tensors")
+
     def __enter__(self) -> Recording:
         if self._handles:  # its hooks are in: entering again would remove them at the inner exit
             raise RuntimeError("vitmad.record: this recording is already active; a recording is entered once at "
