@@ -275,6 +275,17 @@ def test_gcvit_local_and_global_query_windows_non_square():
         windows = _blocks(size[0] // stride, size[1] // stride, stride, 2, 4)
         assert rec.geometry[index].heads == heads and rec.geometry[index].stride == (stride, stride)
         torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
+    # The self mass: each local token's attention on itself; none where the queries are the global query's (key n
+    # is not query n's token: it was reported as A[n, n], QA 254).
+    with torch.no_grad(), vitmad.record(model, stats=["self_mass"]) as rec:
+        model(pixels)
+    for index, attn in enumerate(maps):
+        if index == 2:
+            assert bool(rec.stats["self_mass"][index].isnan().all())
+            continue
+        own = attn.diagonal(dim1=-2, dim2=-1)  # [B * windows, heads, N], image-major
+        expected = own.double().reshape(2, -1, *own.shape[1:]).mean(dim=(1, 3))
+        torch.testing.assert_close(rec.stats["self_mass"][index][:, :attn.shape[1]].double(), expected, **TOL)
 
 
 @pytest.mark.parametrize("size", [(64, 64), (70, 90)], ids=["square", "odd_non_square"])
