@@ -159,6 +159,57 @@ def test_what_the_layer_cannot_be_measured_with_is_refused_by_name():
     assert all(not m._forward_pre_hooks for m in extra.modules())
 
 
+class _MemoryViT(_MHAViT):
+    """Its second layer attends from the image's tokens to a learned memory of as many slots (``memory``), or to
+    the tokens normalised twice (equal tensors, not one)."""
+
+    def __init__(self, keys: str):
+        super().__init__()
+        self.keys = keys
+        self.memory = nn.Parameter(torch.randn(1, N, 24))
+        self.norm = nn.LayerNorm(24)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(len(tokens), -1, -1), tokens], 1)
+        tokens = tokens + self.layers[0](tokens, tokens, tokens, need_weights=False)[0]
+        if self.keys == "memory":
+            keys = self.memory.expand(len(tokens), -1, -1)
+            return self.layers[1](tokens, keys, keys, need_weights=False)[0]
+        return self.layers[1](self.norm(tokens), self.norm(tokens), tokens, need_weights=False)[0]
+
+
+def test_keys_that_are_not_the_queries_in_a_users_model_are_said_to_be_taken_for_its_tokens():
+    """A key that is not the query (a memory, no place in the image) was placed at the queries' tokens whenever its
+    length matched, silently (QA 257: 19.3 px of a memory). A call cannot tell it from keys projected apart from
+    the same tokens (ultralytics' TransformerLayer, tests/recording/test_record_ultralytics.py): a model of the
+    user's own says so once per layer. Keys equal to the queries (a norm run twice) are the same tokens: no
+    warning."""
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1])
+    model = _MemoryViT("memory").eval()
+    positions = torch.cat([torch.full((1, 2), float("nan")), torch.cartesian_prod(
+        torch.arange(GRID[0]) * 8.0 + 4, torch.arange(GRID[1]) * 8.0 + 4)])
+    for layout in ({"num_prefix_tokens": 1}, {"positions": positions}):
+        with pytest.warns(UserWarning, match=r"^vitmad\.record: layers\.1 \(MultiheadAttention\) of _MemoryViT is "
+                                             r"given a key that is not its query, and its keys are taken to be its "
+                                             r"queries' tokens") as said:
+            with torch.no_grad(), vitmad.record(model, **layout):
+                model(pixels)
+                model(pixels)
+        assert len([w for w in said if "not its query" in str(w.message)]) == 1  # once per layer
+    twice = _MemoryViT("normalised twice").eval()
+    with torch.no_grad(), vitmad.record(twice, num_prefix_tokens=1) as rec:
+        twice(pixels)
+    calls, handles = _spy(twice.layers)
+    with torch.no_grad():
+        twice(pixels)
+    for handle in handles:
+        handle.remove()
+    maps = _own_maps(twice.layers, calls)
+    assert rec.layers == ["layers.0", "layers.1"]
+    torch.testing.assert_close(rec.mad.double(), _reference(maps, 8, GRID), **TOL)
+
+
 
 def test_a_pooling_head_with_a_learned_query_is_skipped_with_its_reason():
     """SigLIP's pooling head calls nn.MultiheadAttention with its learned probe as the query: no place on the

@@ -9,7 +9,10 @@ layer itself runs unchanged; the two extra projections are the cost (about a six
 products).
 
 Refused with the layer's name: ``is_causal`` (causal attention has no MAD here, as elsewhere), extra keys
-(``add_bias_kv``, ``add_zero_attn``) and nested-tensor inputs.
+(``add_bias_kv``, ``add_zero_attn``) and nested-tensor inputs. A call whose ``key`` is another sequence than its
+``query`` says so to the recording (``other_keys``): the keys of a layout that places them at the queries' tokens
+are taken for those tokens projected apart, with a warning once per layer of a model no library vitmad reads
+defines (it may be cross-attention to a memory, whose slots have no place in the image).
 """
 
 from __future__ import annotations
@@ -47,10 +50,13 @@ def _hidden_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def mha_query_key(layer: str, module: nn.MultiheadAttention, args: tuple,
-                  kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
-    """``(q [B, H, L, D], k [B, H, S, D], scale, bias [B or 1, H or 1, L, S] or None)`` of one forward call."""
+                  kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None, bool]:
+    """``(q [B, H, L, D], k [B, H, S, D], scale, bias [B or 1, H or 1, L, S] or None, other_keys)`` of one forward
+    call; ``other_keys``: its ``key`` is not its ``query`` (neither the same tensor nor equal to it)."""
     named = dict(zip(_ARGUMENTS, args)) | kwargs
     query, key = named["query"], named["key"]
+    # torchvision's ViT and most encoders pass one tensor as both; a norm applied twice gives equal ones.
+    other_keys = key is not query and (key.shape != query.shape or not torch.equal(key, query))
     if query.is_nested or key.is_nested:
         raise _refuse(layer, "received nested tensors; vitmad reads padded batches")
     if named.get("is_causal", False):
@@ -92,7 +98,7 @@ def mha_query_key(layer: str, module: nn.MultiheadAttention, args: tuple,
             padding = padding.unsqueeze(0)
         padding = _hidden_mask(padding, q.dtype)[:, None, None, :]
         mask = padding if mask is None else mask + padding
-    return q, k, 1.0 / math.sqrt(head_dim), mask
+    return q, k, 1.0 / math.sqrt(head_dim), mask, other_keys
 
 
 class MultiheadAttentionHooks:
@@ -100,7 +106,7 @@ class MultiheadAttentionHooks:
 
     Args:
         modules: the layers to record, by qualified name.
-        on_qk: called with ``(name, q, k, scale, bias)`` for every forward call.
+        on_qk: called with ``(name, q, k, scale, bias, other_keys=...)`` for every forward call.
         done: called with ``(name, module, completed)`` when the layer's forward has ended.
     """
 
@@ -114,8 +120,8 @@ class MultiheadAttentionHooks:
     def install(self) -> None:
         for name, module in self.modules.items():
             def enter(module, args, kwargs, name=name) -> None:
-                q, k, scale, bias = mha_query_key(name, module, args, kwargs)
-                self.on_qk(name, q, k, scale, bias)
+                q, k, scale, bias, other_keys = mha_query_key(name, module, args, kwargs)
+                self.on_qk(name, q, k, scale, bias, other_keys=other_keys)
 
             def leave(module, args, output, name=name) -> None:
                 self.done(name, module, output is not None)

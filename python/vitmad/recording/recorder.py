@@ -65,6 +65,7 @@ from .families.plain import (
     PlainPlacer,
     appended_tokens,
     find_patch_embedding,
+    in_a_known_library,
     keeps_image_layout,
 )
 from .families.sam_map_encoder import is_second_encoder_of
@@ -664,6 +665,7 @@ class Recording:
         self._returned = False  # the model's current forward has returned (not raised)
         self._model_started: RecordedCall | None = None  # a call begun by the model's own pre-hook (_begin_forward)
         self._layer_paths: list[tuple[str, nn.Module]] = []  # each recorded layer and where it sits (_install)
+        self._warned_other_keys: set[str] = set()  # layers given keys that are not their queries, said once each
         self._owner = ForwardOwner(type(model).__name__)  # the thread inside a forward of the model, if any
         # id(call) -> (the thread that started it, (id, code) of the frame whose forward it is, see _in_progress),
         # until the model's own call that made it ends; by thread, the call it started last.
@@ -1184,8 +1186,10 @@ class Recording:
             ) from None
 
     @torch.compiler.disable(reason=_COMPILED_INSIDE)  # called from the model's own forward
-    def _on_attention(self, name, query, key, scale, mask) -> None:
-        """One ``F.scaled_dot_product_attention`` / ``AttentionInterface`` call of module ``name``."""
+    def _on_attention(self, name, query, key, scale, mask, *, other_keys: bool = False) -> None:
+        """One ``F.scaled_dot_product_attention`` / ``AttentionInterface`` call of module ``name``; ``other_keys``:
+        its keys are known to come from another sequence than its queries (``nn.MultiheadAttention`` given a
+        ``key`` that is not its ``query``)."""
         if _not_recorded():  # a checkpointed layer's forward run again by backward: recorded once, in the forward
             return
         query, key, mask = _as_autocast_casts(query, key, mask)
@@ -1197,6 +1201,18 @@ class Recording:
         if mask is not None:
             mask = mask.detach() if mask.dtype == torch.bool else mask.detach().to(query.dtype)
         placement = self._place(name, lead, query.shape[-2], key.shape[-2])
+        if other_keys and placement.key_positions is None and name not in self._warned_other_keys \
+                and not in_a_known_library(self.model, name):
+            # The layout places key i at query i's token: true of self-attention, whether the keys are the query
+            # tensor or projected apart from the same tokens (ultralytics' TransformerLayer: ma(q(x), k(x), v(x))),
+            # but not of cross-attention to a memory of as many slots, which was measured as the image silently
+            # (QA 257). A call cannot tell the two apart; the layers of the libraries vitmad reads are known.
+            self._warned_other_keys.add(name)
+            warnings.warn(
+                f"vitmad.record: {name} ({type(self._modules[name]).__name__}) of {type(self.model).__name__} is "
+                "given a key that is not its query, and its keys are taken to be its queries' tokens (self-attention "
+                "with keys projected apart); if they are another sequence (cross-attention to a memory, another "
+                "image), its values are no MAD: leave it out (layers=[the other layers])", stacklevel=2)
 
         def measure(positions, key_positions, renormalize, stats=(), **times):
             if not stats:

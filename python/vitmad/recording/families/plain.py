@@ -35,8 +35,8 @@ from .stages import pair
 from .unplaced import molmo2_layout_unknown, radio_layout_unknown
 from .windows import parent_module
 
-__all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "is_embedding_projection", "keeps_image_layout",
-           "num_suffix_tokens"]
+__all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "in_a_known_library", "is_embedding_projection",
+           "keeps_image_layout", "num_suffix_tokens"]
 
 _GRID, _EMBED_INPUT, _EMBED_BATCH = "plain.grid", "plain.embedding_input", "plain.embedding_batch"
 # The stem steps seen since the patch embedding last ran, and those that led to its latest run.
@@ -111,10 +111,10 @@ _KNOWN_LIBRARIES = ("timm", "transformers", "open_clip", "vit_pytorch", "kornia"
                     "segment_anything", "sam2", "torchvision", "mobile_sam")
 
 
-def _in_a_known_library(model: nn.Module, embedding: str) -> bool:
-    """Whether a module on the path to the patch embedding ``embedding`` (the model itself included, the
-    convolution and torch's own modules not) is defined in a library vitmad reads."""
-    parts = embedding.split(".")
+def in_a_known_library(model: nn.Module, path: str) -> bool:
+    """Whether a module on the path to the module ``path`` (a patch embedding, an attention layer; the model itself
+    included, that module and torch's own modules not) is defined in a library vitmad reads."""
+    parts = path.split(".")
     for depth in range(len(parts)):
         owner = model.get_submodule(".".join(parts[:depth]))
         if type(owner).__module__.split(".")[0] in _KNOWN_LIBRARIES:
@@ -274,7 +274,7 @@ class PlainLayout:
         self.patch_said = False  # the given patch= that is not the embedding's stride was warned of
         # A model no library vitmad knows defines (a user's own ViT) declares nowhere where its extra tokens are:
         # they are taken to come first, and that is said once (a class token last moved every patch one cell).
-        self.extra_tokens_unsaid = self.embedding is not None and not _in_a_known_library(model, self.embedding[0])
+        self.extra_tokens_unsaid = self.embedding is not None and not in_a_known_library(model, self.embedding[0])
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         if self.embedding is None:
