@@ -284,3 +284,99 @@ def test_model_without_attention_is_refused_with_advice_that_works():
                        match="found no attention layer vitmad knows in Sequential: .* pass layers=") as info:
         vitmad.record(model)
     assert "ViTMAE" not in str(info.value)
+
+
+_ALIAS = F.scaled_dot_product_attention
+
+
+def _attend(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class _Block(nn.Module):
+    """Single-head self-attention over its tokens, SDPA called by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        q, k = self.q(x)[:, None], self.k(x)[:, None]
+        return x + F.scaled_dot_product_attention(q, k, q)[:, 0]
+
+
+class _ViaAlias(_Block):
+    def forward(self, x):
+        q, k = self.q(x)[:, None], self.k(x)[:, None]
+        return x + _ALIAS(q, k, q)[:, 0]
+
+
+class _ViaHelper(_Block):
+    def forward(self, x):
+        q, k = self.q(x)[:, None], self.k(x)[:, None]
+        return x + _attend(q, k, q)[:, 0]
+
+
+class _ViaMethod(_Block):
+    def _attention(self, q, k):
+        return _attend(q, k, q)
+
+    def forward(self, x):
+        q, k = self.q(x)[:, None], self.k(x)[:, None]
+        return x + self._attention(q, k)[:, 0]
+
+
+class _Mixer(_Block):
+    """The same attention as an explicit softmax, in a class vitmad does not take for attention by its name."""
+
+    def forward(self, x):
+        q, k = self.q(x), self.k(x)
+        return x + (q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1) @ q
+
+
+_KINDS = {"sdpa": _Block, "alias": _ViaAlias, "helper": _ViaHelper, "method": _ViaMethod, "softmax": _Mixer}
+
+
+class _Stack(nn.Module):
+    def __init__(self, kinds):
+        super().__init__()
+        self.embed = _PatchEmbedding()
+        self.blocks = nn.ModuleList(_KINDS[kind]() for kind in kinds)
+
+    def forward(self, pixels):
+        x = self.embed(pixels).flatten(2).transpose(1, 2)  # [B, 64, 8]
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_attention_reached_through_an_alias_a_helper_or_a_method_is_found_and_a_gap_is_warned_of():
+    """A block calling SDPA through an alias, a helper function or a method was left out of the default layers
+    while its neighbours were recorded, silently: rec.mad[1] was another block's (QA 257). They are found now; a
+    block vitmad still cannot tell (an explicit softmax in a class not named as attention) between recorded ones
+    is warned of."""
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 32, 32)
+    model = _Stack(["sdpa", "alias", "helper", "method", "sdpa"]).eval()
+    with torch.no_grad(), vitmad.record(model) as found:
+        model(pixels)
+    with torch.no_grad(), vitmad.record(model, layers=["blocks.*"]) as named:
+        model(pixels)
+    assert found.layers == named.layers == [f"blocks.{i}" for i in range(5)]
+    torch.testing.assert_close(found.mad, named.mad, rtol=0, atol=0)
+    # The reference: each block's own probabilities on the 8 x 8 grid of 4 px patches, no prefix token.
+    maps, x = [], model.embed(pixels).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        for block in model.blocks:
+            q, k = block.q(x).double(), block.k(x).double()
+            maps.append((q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1)[:, None])
+            x = block(x)
+    expected = torch.stack([mad_reference(a, 4, num_prefix_tokens=0, grid=(8, 8)) for a in maps])
+    torch.testing.assert_close(found.mad.double(), expected, **TOL)
+
+    gap = _Stack(["sdpa", "softmax", "sdpa"]).eval()
+    with pytest.warns(UserWarning, match=r"^vitmad\.record: recorded attention layers of _Stack lie before and after "
+                                         r"blocks\.1, where vitmad found none"):
+        with torch.no_grad(), vitmad.record(gap) as rec:
+            gap(pixels)
+    assert rec.layers == ["blocks.0", "blocks.2"]

@@ -43,7 +43,7 @@ from .flex_call import (
     without_autocast,
 )
 from .forward_owner import ModuleCall, current_module_call, module_call_live
-from .module_index import named_module_list
+from .module_index import is_known_library, named_module_list
 from .transformers_capture import AttentionCallback, forward_source
 
 __all__ = ["timm_attention_modules", "source_attention_modules", "ModuleAttentionHooks", "DoneCallback",
@@ -95,7 +95,31 @@ _FUSED_CALLS = ("scaled_dot_product_attention(", "flex_attention(")
 
 def _calls_fused_attention(cls: type) -> bool:
     source = forward_source(cls)
-    return any(call in source for call in _FUSED_CALLS) or _names_flex_attention(cls)
+    return any(call in source for call in _FUSED_CALLS) or _names_flex_attention(cls) or (
+        not is_known_library(cls) and _reaches_fused_attention(cls, getattr(cls, "forward", None), 2))
+
+
+def _reaches_fused_attention(cls: type, function, depth: int) -> bool:
+    """Whether ``function`` (a user's module's forward) calls the fused attention under another name: a global
+    bound to it (``sdpa = F.scaled_dot_product_attention``), or through a helper function of the user's or a method
+    of ``cls``, followed ``depth`` calls deep. Such a module was left out of the default layers silently, its
+    neighbours recorded, so ``rec.mad[1]`` was another block's (QA 257). The libraries vitmad reads are known
+    without it."""
+    code = getattr(inspect.unwrap(function), "__code__", None) if callable(function) else None
+    namespace = getattr(inspect.unwrap(function), "__globals__", None) if code is not None else None
+    if code is None or not isinstance(namespace, dict):
+        return False
+    if any(name in code.co_names for name in ("scaled_dot_product_attention", "flex_attention")):
+        return True  # F.scaled_dot_product_attention(...), spelled in a helper's source
+    for name in code.co_names:
+        value = namespace.get(name)
+        if value is _SDPA or value is F.scaled_dot_product_attention or is_flex_attention(value):
+            return True
+        helper = value if inspect.isfunction(value) else getattr(cls, name, None)
+        if depth and inspect.isfunction(helper) and not helper.__module__.startswith("torch") \
+                and _reaches_fused_attention(cls, helper, depth - 1):
+            return True
+    return False
 
 
 def _names_flex_attention(cls: type) -> bool:

@@ -19,7 +19,18 @@ from contextvars import ContextVar
 
 from torch import nn
 
-__all__ = ["shared_walks", "named_module_list", "module_list", "idle_copies", "copy_holder", "unwrapped_name"]
+__all__ = ["shared_walks", "named_module_list", "module_list", "idle_copies", "copy_holder", "unwrapped_name",
+           "is_known_library"]
+
+# The libraries whose models vitmad reads (their families, or their plain layout, tested): where the extra tokens
+# of their towers are, and which of their modules compute attention, is known.
+_KNOWN_LIBRARIES = ("timm", "transformers", "open_clip", "vit_pytorch", "kornia", "monai", "ultralytics", "diffusers",
+                    "segment_anything", "sam2", "torchvision", "mobile_sam")
+
+
+def is_known_library(cls: type) -> bool:
+    """Whether the class is defined in a library vitmad reads."""
+    return cls.__module__.split(".")[0] in _KNOWN_LIBRARIES
 
 # id(root) -> (root, its named modules, its modules). The root is kept in the entry, so its id cannot be reused
 # while the cache lives.

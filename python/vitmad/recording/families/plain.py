@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..module_index import idle_copies, named_module_list, unwrapped_name
+from ..module_index import idle_copies, is_known_library, named_module_list, unwrapped_name
 from ..placement import (
     CallContext,
     LayerGeometry,
@@ -105,11 +105,6 @@ def num_suffix_tokens(model: nn.Module) -> int:
     return int(getattr(config, "num_detection_tokens", 0) or 0)
 
 
-# The libraries whose models vitmad reads (their families, or their plain layout, tested): where the extra tokens
-# of their towers are is known.
-_KNOWN_LIBRARIES = ("timm", "transformers", "open_clip", "vit_pytorch", "kornia", "monai", "ultralytics", "diffusers",
-                    "segment_anything", "sam2", "torchvision", "mobile_sam")
-
 
 def in_a_known_library(model: nn.Module, path: str) -> bool:
     """Whether a module on the path to the module ``path`` (a patch embedding, an attention layer; the model itself
@@ -117,7 +112,7 @@ def in_a_known_library(model: nn.Module, path: str) -> bool:
     parts = path.split(".")
     for depth in range(len(parts)):
         owner = model.get_submodule(".".join(parts[:depth]))
-        if type(owner).__module__.split(".")[0] in _KNOWN_LIBRARIES:
+        if is_known_library(type(owner)):
             return True
     return False
 
