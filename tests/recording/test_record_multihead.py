@@ -276,3 +276,32 @@ def test_a_block_choosing_its_multihead_attention_records_the_multihead_attentio
             assert torch.equal(model(pixels), own_plain)
     assert own.layers == ["layers.0", "layers.1"]
     torch.testing.assert_close(own.mad, rec.mad, rtol=1e-5, atol=1e-4)
+
+
+class _Wrapped(nn.Module):
+    """A user's wrapper around a MultiheadAttention layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.MultiheadAttention(24, 3, batch_first=True)
+
+    def forward(self, query, key, value, **options):
+        return self.inner(query, key, value, **options)
+
+
+def test_a_wrapper_named_in_layers_records_the_multihead_attention_it_holds():
+    """layers=["blocks.0"] naming a wrapper of an nn.MultiheadAttention: its fused call shows no attention to a
+    capture around the wrapper, which was skipped with a warning that it computed none (QA 257)."""
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1])
+    model = _MHAViT().eval()
+    model.layers = nn.ModuleList(_Wrapped() for _ in range(2))
+    calls, handles = _spy([wrapper.inner for wrapper in model.layers])
+    with torch.no_grad():
+        model(pixels)
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad(), vitmad.record(model, layers=["layers.1"], num_prefix_tokens=1) as rec:
+        model(pixels)
+    assert rec.layers == ["layers.1.inner"] and rec.skipped == {}
+    expected = _reference(_own_maps([model.layers[1].inner], calls[1:]), 8, GRID)
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)

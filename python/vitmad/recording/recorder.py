@@ -771,6 +771,15 @@ class Recording:
             inner = [name for name in chosen if name in found]
             chosen = {name: m for name, m in chosen.items()
                       if not any(_holds(name, other) for other in inner)}
+            # A module named that computes no attention itself but holds nn.MultiheadAttention layers (a user's
+            # wrapper) runs them through one fused torch function whose attention no capture around it sees: it was
+            # skipped as computing none (QA 257). Its MultiheadAttention layers are recorded in its place.
+            own = source_attention_modules(model)
+            replaced = {name: [n for n, m in found.items() if _holds(name, n) and isinstance(m, nn.MultiheadAttention)]
+                        for name in chosen if name and name not in found and name not in own}
+            if any(replaced.values()):
+                kept = {n for name in chosen for n in (replaced.get(name) or [name])}
+                chosen = {name: m for name, m in named_module_list(model) if name in kept}
             if "" in chosen and "" not in found:
                 # The model itself, named by layers=[""], is no attention layer: its forward runs them all.
                 inside = [name for name in found if name]
