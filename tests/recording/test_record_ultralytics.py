@@ -205,6 +205,53 @@ def test_yolo12_area_attention():
         _check(rec, rec_tokens, layer, _global_reference(probabilities, (5, 7), 32.0), (5, 7), 32.0, "global")
 
 
+class _Pair(torch.nn.Module):
+    """A user's module holding two models (an ensemble, a teacher and a student): the second on the image halved,
+    run first with ``reverse``."""
+
+    def __init__(self, first, second, reverse: bool):
+        super().__init__()
+        self.first, self.second, self.reverse = first, second, reverse
+
+    def forward(self, pixels):
+        halved = torch.nn.functional.interpolate(pixels, scale_factor=0.5)
+        if self.reverse:
+            return self.second(halved), self.first(pixels)
+        return self.first(pixels), self.second(halved)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in_order", "second_first"])
+def test_two_models_in_one_module_each_on_its_own_image(reverse):
+    """The call's image (the first model's) was taken for both: the second model's layers on the image halved were
+    refused ("height 10 for an image height of 320"), and run first they split each forward into two calls (QA
+    258). Each model's layers are placed in its own image's pixels, one call per forward."""
+    pixels = torch.rand(2, 3, 320, 448)
+    first = _prepared(DetectionModel("yolo11n.yaml", verbose=False), pixels)
+    second = _prepared(DetectionModel("yolo12n.yaml", verbose=False), pixels[..., ::2, ::2])
+    pair = _Pair(first, second, reverse).eval()
+    maps = _softmax_maps(lambda: pair(pixels))
+    with torch.no_grad(), vitmad.record(pair, stats=["entropy", "prefix_mass"]) as rec:
+        pair(pixels)
+        pair(pixels)
+    with torch.no_grad(), vitmad.record(pair, stats=["entropy", "prefix_mass"], reduction="none") as rec_tokens:
+        pair(pixels)
+    assert len(rec.calls) == 2  # one per forward
+    second_layers = [f"second.model.{i}.m.{j}.{k}.attn" for i in (6, 8) for j in (0, 1) for k in (0, 1)]
+    assert rec.layers == (second_layers + ["first.model.10.m.0.attn"] if reverse else
+                          ["first.model.10.m.0.attn"] + second_layers)
+    own, theirs = (maps[:8], maps[8:]) if reverse else (maps[1:], maps[:1])
+    layers = {name: index for index, name in enumerate(rec.layers)}
+    # The first model on 320 x 448: its PSA on the 10 x 14 map of 32 px; the second on 160 x 224: 10 x 14 cells of
+    # 16 px in 4 areas, then 5 x 7 cells of 32 px, in pixels of the image it takes.
+    _check(rec, rec_tokens, layers["first.model.10.m.0.attn"], _global_reference(theirs[0], (10, 14), 32.0),
+           (10, 14), 32.0, "global")
+    for name, probabilities in zip(second_layers[:4], own[:4]):
+        _check(rec, rec_tokens, layers[name], _area_reference(probabilities, (10, 14), 16.0, 4), (10, 14), 16.0,
+               "4 areas of 35 row-major cells")
+    for name, probabilities in zip(second_layers[4:], own[4:]):
+        _check(rec, rec_tokens, layers[name], _global_reference(probabilities, (5, 7), 32.0), (5, 7), 32.0, "global")
+
+
 def test_rtdetr_aifi_and_its_decoder_skipped():
     pixels = torch.rand(2, 3, 96, 160)
     model = RTDETRDetectionModel("rtdetr-l.yaml", verbose=False)

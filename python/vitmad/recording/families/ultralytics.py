@@ -76,9 +76,15 @@ def call_start(model: nn.Module) -> nn.Module | None:
     forward call starts there, and the image's size is its input's. The first convolution is no such start where
     layer 0 changes the image before convolving it: YOLOv5's ``Focus`` stacks each 2 x 2 pixels as channels, so the
     image read there was half the input and every stride counted from it half the map's (MAD halved, QA
-    helper-156); a first ``MaxPool2d`` made a refusal name the wrong image size."""
-    graph = next((module.model for module in module_list(model) if _is_graph_model(module)), None)
-    return graph[0] if graph is not None and len(graph) else None
+    helper-156); a first ``MaxPool2d`` made a refusal name the wrong image size. ``model`` itself where it holds
+    several such models."""
+    graphs = [module.model for module in module_list(model) if _is_graph_model(module)]
+    if len(graphs) > 1:
+        # A user's module holding several (an ensemble, a teacher and a student): its own forward starts each call,
+        # whichever model it runs first (the first graph's layer split a forward running the second one first into
+        # two calls, each mixing two forwards; QA 258), and each model's layers read its own image's size.
+        return model
+    return graphs[0][0] if graphs and len(graphs[0]) else None
 
 
 def _own_stride(layer: nn.Module) -> float | None:
@@ -205,27 +211,40 @@ def _map_placer(model: nn.Module, name: str, module: nn.Module, watch: nn.Module
     if isinstance(stride, str):
         return RefusingPlacer(stride)
     area = int(getattr(module, "area", 1)) if _is(module, "AAttn", _BLOCKS) else 1
-    return _MapPlacer(watch, *stride, area)
+    # The graph's first layer takes its model's image (_graph_stride found the model).
+    first = innermost_on_path(model, name, _is_graph_model)[1].model[0]
+    return _MapPlacer(watch, *stride, area, first)
 
 
 class _MapPlacer(LayerPlacer):
     """Places the row-major cells of the map ``watch`` receives (its first argument, ``[B, C, h, w]``), whose
-    stride is ``stride`` px (``source`` says where it comes from); with ``area > 1``, the ``area`` consecutive runs
-    of cells that attend each within itself, folded into the batch."""
+    stride is ``stride`` px (``source`` says where it comes from) in the image the graph's ``first`` layer takes;
+    with ``area > 1``, the ``area`` consecutive runs of cells that attend each within itself, folded into the
+    batch."""
 
-    def __init__(self, watch: nn.Module, stride: float, source: str, area: int):
-        self.watch, self.stride, self.source, self.area = watch, stride, source, area
+    def __init__(self, watch: nn.Module, stride: float, source: str, area: int, first: nn.Module):
+        self.watch, self.stride, self.source, self.area, self.first = watch, stride, source, area, first
         self.key = f"ultralytics.map.{id(watch)}"
+        # The size of the image its own model took in its latest forward: a user's module holding two models (an
+        # ensemble, a teacher and a student) may feed each its own size, or run them in either order, and the
+        # call's image (the first convolution's) was taken for both (QA 258). Kept here, not in the call context,
+        # which the first convolution (after this hook) clears.
+        self.input_size: tuple[int, int] | None = None
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         def see(module, args) -> None:
             x = args[0] if args else None
             context.values[self.key] = tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) and x.dim() == 4 else None
 
-        return [self.watch.register_forward_pre_hook(see)]
+        def see_image(module, args) -> None:
+            x = args[0] if args else None
+            self.input_size = (int(x.shape[-2]), int(x.shape[-1])) if isinstance(x, torch.Tensor) and x.dim() == 4 \
+                else None
+
+        return [self.first.register_forward_pre_hook(see_image), self.watch.register_forward_pre_hook(see)]
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        image, grid = context.image_size, context.values.get(self.key)
+        image, grid = self.input_size or context.image_size, context.values.get(self.key)
         if image is None or grid is None:
             raise NotPlaceable(f"{type(self.watch).__name__} did not get a [B, C, h, w] map after a convolution saw "
                                "the image in this call, so its tokens are unknown; " + _POSITIONS)
