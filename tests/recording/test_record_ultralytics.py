@@ -272,6 +272,12 @@ def test_rtdetr_aifi_and_its_decoder_skipped():
     assert sorted(rec.skipped) == [f"model.28.decoder.layers.{i}.self_attn" for i in range(6)]
     assert all("object queries" in reason for reason in rec.skipped.values())
     _check(rec, rec_tokens, 0, _global_reference(maps[0], (3, 5), 32.0), (3, 5), 32.0, "global")
+    # A wildcard over the decoder: its attention is all skipped, and the norms, dropouts and projections it also
+    # matches are no layers (90 of them were, and the recording refused only when read; QA 258).
+    with pytest.raises(ValueError, match="^vitmad.record: RTDETRDetectionModel has no layer") as refused:
+        vitmad.record(model, layers=["model.28.decoder.*"])
+    message = str(refused.value)
+    assert "object queries" in message and "deformable attention (RT-DETR's decoder)" in message
 
 
 def test_yolo_wrapper_model():

@@ -46,8 +46,8 @@ from .forward_owner import ModuleCall, current_module_call, module_call_live
 from .module_index import is_known_library, named_module_list
 from .transformers_capture import AttentionCallback, forward_source
 
-__all__ = ["timm_attention_modules", "source_attention_modules", "ModuleAttentionHooks", "DoneCallback",
-           "ProbabilitiesCallback", "ProbabilitiesView"]
+__all__ = ["may_compute_attention", "timm_attention_modules", "source_attention_modules", "ModuleAttentionHooks",
+           "DoneCallback", "ProbabilitiesCallback", "ProbabilitiesView"]
 
 # (qualified module name, module, completed): the module's forward ended, returning (completed) or raising.
 DoneCallback = Callable[[str, nn.Module, bool], None]
@@ -99,17 +99,18 @@ def _calls_fused_attention(cls: type) -> bool:
         not is_known_library(cls) and _reaches_fused_attention(cls, getattr(cls, "forward", None), 2))
 
 
-def _reaches_fused_attention(cls: type, function, depth: int) -> bool:
+def _reaches_fused_attention(cls: type, function, depth: int, names=("scaled_dot_product_attention",
+                                                                      "flex_attention")) -> bool:
     """Whether ``function`` (a user's module's forward) calls the fused attention under another name: a global
     bound to it (``sdpa = F.scaled_dot_product_attention``), or through a helper function of the user's or a method
     of ``cls``, followed ``depth`` calls deep. Such a module was left out of the default layers silently, its
     neighbours recorded, so ``rec.mad[1]`` was another block's (QA 257). The libraries vitmad reads are known
-    without it."""
+    without it. ``names``: the attribute or global names that count as the call itself."""
     code = getattr(inspect.unwrap(function), "__code__", None) if callable(function) else None
     namespace = getattr(inspect.unwrap(function), "__globals__", None) if code is not None else None
     if code is None or not isinstance(namespace, dict):
         return False
-    if any(name in code.co_names for name in ("scaled_dot_product_attention", "flex_attention")):
+    if any(name in code.co_names for name in names):
         return True  # F.scaled_dot_product_attention(...), spelled in a helper's source
     for name in code.co_names:
         value = namespace.get(name)
@@ -117,9 +118,22 @@ def _reaches_fused_attention(cls: type, function, depth: int) -> bool:
             return True
         helper = value if inspect.isfunction(value) else getattr(cls, name, None)
         if depth and inspect.isfunction(helper) and not helper.__module__.startswith("torch") \
-                and _reaches_fused_attention(cls, helper, depth - 1):
+                and _reaches_fused_attention(cls, helper, depth - 1, names):
             return True
     return False
+
+
+def may_compute_attention(module: nn.Module) -> bool:
+    """Whether a module's forward may compute attention itself: it is no module of torch's own that never does (a
+    linear layer, a norm, a dropout, a container), and its forward names a softmax, ``scaled_dot_product_attention``
+    or ``flex_attention``, itself or in a helper two calls deep. A wildcard in ``layers=`` takes the modules it
+    matches that vitmad did not find for layers only where this holds: RT-DETR's ``model.28.decoder.*`` took 90
+    norms, dropouts and projections for layers, and the recording refused only when read (QA 258)."""
+    cls = type(module)
+    if cls.__module__.startswith("torch.") and not isinstance(module, nn.MultiheadAttention):
+        return False
+    return _reaches_fused_attention(cls, getattr(cls, "forward", None), 2,
+                                    ("scaled_dot_product_attention", "flex_attention", "softmax", "Softmax"))
 
 
 def _names_flex_attention(cls: type) -> bool:

@@ -80,7 +80,12 @@ from .forward_owner import (
 )
 from .forward_owner import in_backward as _in_backward
 from .mha_capture import MultiheadAttentionHooks, mha_modules
-from .module_capture import ModuleAttentionHooks, source_attention_modules, timm_attention_modules
+from .module_capture import (
+    ModuleAttentionHooks,
+    may_compute_attention,
+    source_attention_modules,
+    timm_attention_modules,
+)
 from .module_index import is_known_library, module_list, named_module_list, shared_walks
 from .placement import (
     CallContext,
@@ -764,8 +769,15 @@ class Recording:
         ``self.skipped``."""
         model = self.model
         found = attention_modules(model)
+        matched: list[str] = []
         if layers is not None:
             chosen = _select(dict(named_module_list(model)), layers, model, found)
+            matched = list(chosen)  # for the refusal, which names what the patterns matched
+            # A wildcard's matches vitmad found no attention in are layers only where their forward may compute
+            # some (a block of the user's with an explicit softmax), not its norms, dropouts and projections.
+            exact = {p for p in layers if not any(c in p for c in "*?[")}
+            chosen = {name: m for name, m in chosen.items()
+                      if name in found or name in exact or may_compute_attention(m)}
             # A module holding a chosen attention module (a pattern such as "blocks.*" takes a block and its
             # attention) would record the same attention calls again as a layer of its own: the inner one is kept.
             inner = [name for name in chosen if name in found]
@@ -850,10 +862,11 @@ class Recording:
                 self.skipped[name] = (f"{placer.reason.split(';')[0]}; its maps are not recorded with positions= "
                                       "given by hand, which place the self-attention layers' tokens")
             elif isinstance(placer, Skip):
-                if name not in found and name not in named:
+                if name not in found and name not in named and not may_compute_attention(module):
                     # A wildcard's match that is no attention module (Inkling2-Loop's embed_tokens under
                     # "model.language_model.*", which the packed family skips as any module outside its tower): no
-                    # layer, so not listed as an attention layer skipped.
+                    # layer, so not listed as an attention layer skipped. One that may attend is listed with its
+                    # reason (RT-DETR's deformable attention under "model.28.decoder.*", as when named).
                     continue
                 self.skipped[name] = placer.reason
             else:
@@ -912,7 +925,7 @@ class Recording:
             # task encoder, an MLP, was reported as the model having no attention).
             searched = type(model).__name__ if layers is None else (
                 f"the modules of {type(model).__name__} that layers={list(layers)!r} names ("
-                + (", ".join(list(chosen)[:4]) + (", ..." if len(chosen) > 4 else "") if chosen else "none")
+                + (", ".join(matched[:4]) + (", ..." if len(matched) > 4 else "") if matched else "none")
                 + ")")
             raise NoLayerError(
                 f"found no attention layer vitmad knows in {searched}: none has transformers' query/key "
