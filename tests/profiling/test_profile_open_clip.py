@@ -45,6 +45,9 @@ CONFIGS = {
     # Built for a non-square size: OpenCLIP resizes position embeddings only from square grids.
     "vitmad-tiny-wide": {"embed_dim": 16, "text_cfg": TEXT,
                          "vision_cfg": dict(layers=1, width=32, head_width=16, patch_size=8, image_size=[32, 48])},
+    # The tiny ViT with a narrower text tower: the tiny ViT's weights fail its loading's position embedding resize.
+    "vitmad-tiny-narrow-text": {"embed_dim": 16, "text_cfg": dict(TEXT, width=16),
+                                "vision_cfg": dict(layers=2, width=32, head_width=16, patch_size=8, image_size=32)},
     # SigLIP's configs: a timm trunk pooled by timm's attention pooling, no projection after it.
     "vitmad-tiny-SigLIP": {"embed_dim": 16, "text_cfg": TEXT, "custom_text": True,
                            "vision_cfg": dict(image_size=224, timm_model_name="vit_tiny_patch16_224", timm_pool="map",
@@ -282,6 +285,15 @@ def test_a_file_that_is_not_the_models_weights_is_refused_naming_it(weights_file
             vitmad.profile("open_clip:vitmad-tiny-ViT", images, model_checkpoint=tmp_path / "bad.pt", device="cpu")
     with pytest.raises(OptionError, match=r"model_checkpoint: no such file"):
         vitmad.profile("open_clip:vitmad-tiny-ViT", images, model_checkpoint=tmp_path / "none.pt", device="cpu")
+    # Weights whose loading OpenCLIP refuses by an assertion: said as weights that do not fit, with a size too (a
+    # traceback escaped, or, with image_size, the size was blamed; QA 255).
+    path, _ = weights_file("vitmad-tiny-ViT")
+    for size in (None, 40):
+        with pytest.raises(OptionError, match=r"model_checkpoint: .*vitmad-tiny-ViT.pt does not fit OpenCLIP's "
+                                              r"vitmad-tiny-narrow-text: its loading refused it \(AssertionError: "
+                                              r"text pos_embed width changed!\)"):
+            vitmad.profile("open_clip:vitmad-tiny-narrow-text", images, model_checkpoint=path, image_size=size,
+                           device="cpu")
 
 
 def test_without_open_clip_the_spec_names_the_package(monkeypatch, images):

@@ -26,6 +26,7 @@ agree on RGB and grayscale images (0 levels in 255) and on any image converted t
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 
 from .images import NATIVE, Preprocessing
@@ -134,11 +135,18 @@ def load_open_clip(spec: str, model_checkpoint: str | os.PathLike | None,
     try:
         model = open_clip.create_model(name, pretrained=str(model_checkpoint) if model_checkpoint else tag,
                                        **options)
-    except AssertionError as err:  # a size its constructor refuses (a sin-cos position embedding: square only)
-        if image_size is None:
+    except AssertionError as err:
+        # A size its constructor refuses (a sin-cos position embedding: square only), or weights of another model
+        # whose position embedding its loading cannot resize ("text pos_embed width changed!"): built again without
+        # the weights, the tower tells which (the file was blamed on the size, or escaped as a traceback; QA 255).
+        built_alone = image_size is not None and _builds(open_clip, name, options)
+        if image_size is not None and not built_alone:
+            raise OptionError("image_size", f"OpenCLIP's {name} cannot be built for {image_size[0]}x{image_size[1]} "
+                              f"px ({error_said(err)}); use its own size, or one it takes") from err
+        if model_checkpoint is None:
             raise
-        raise OptionError("image_size", f"OpenCLIP's {name} cannot be built for {image_size[0]}x{image_size[1]} px "
-                                        f"({error_said(err)}); use its own size, or one it takes") from err
+        raise OptionError("model_checkpoint", f"{model_checkpoint} does not fit OpenCLIP's {name}: its loading "
+                                              f"refused it ({error_said(err)})") from err
     except Exception as err:  # noqa: BLE001  (a download, or torch.load and load_state_dict of a file)
         if model_checkpoint is None:  # OpenCLIP says a failed download as a RuntimeError of its own
             raise OptionError("model", f"{spec}: cannot load its weights through OpenCLIP ({error_said(err)}); "
@@ -153,3 +161,17 @@ def load_open_clip(spec: str, model_checkpoint: str | os.PathLike | None,
     loaded = wrap_module(visual, spec, preprocessing_of(spec, dict(visual.preprocess_cfg)))
     loaded.description = tower_description("visual", visual, model)
     return loaded
+
+
+def _builds(open_clip, name: str, options: dict) -> bool:
+    """Whether OpenCLIP builds the model ``name`` with ``options`` and no weights (its warning that it has none,
+    which the run does not use, silenced)."""
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.WARNING))
+    try:
+        open_clip.create_model(name, **{k: v for k, v in options.items() if k != "weights_only"})
+    except AssertionError:
+        return False
+    finally:
+        logging.disable(previous)
+    return True
