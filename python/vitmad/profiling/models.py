@@ -149,10 +149,14 @@ def local_weights(model_checkpoint: str | os.PathLike | None) -> Path | None:
 
     Raises:
         MissingPathError: there is no such file.
+        OptionError: the path is a folder or another kind of file (a device, a pipe).
     """
     if model_checkpoint is None:
         return None
     model_checkpoint = Path(model_checkpoint).expanduser()
+    if model_checkpoint.exists() and not model_checkpoint.is_file():
+        kind = "a folder" if model_checkpoint.is_dir() else "not a regular file (a device, a pipe or a socket)"
+        raise OptionError("model_checkpoint", f"{model_checkpoint} is {kind}; expected a weights file")
     if not model_checkpoint.is_file():
         raise MissingPathError("model_checkpoint", f"no such file: {model_checkpoint}")
     return model_checkpoint
