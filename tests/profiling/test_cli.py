@@ -105,7 +105,8 @@ def test_compare_overlays_results(tiny_model, image_folder, tmp_path, capsys):
     (["--model", "timm:vit_tiny_patch16_224", "--weights", "{tmp}/none.pth"], "--weights: no such file"),
     (["--model", "timm:vit_tiny_patch16_224", "--weights", "/dev/null"],
      "--weights: /dev/null is not a regular file"),
-    (["--model", "timm:vit_tiny_patch16_224", "--weights", "{tmp}/empty"], "empty is a folder; expected a weights file"),
+    (["--model", "timm:vit_tiny_patch16_224", "--weights", "{tmp}/empty"],
+     "empty is a folder; expected a weights file"),
     (["--image-size", "7"], "--image-size: expected at least one 8x8 patch of the model "
                             "(embeddings.patch_embeddings.projection), got 7x7"),
     (["--workers", "-1"], "--workers: expected a number of threads >= 0 (0: decode on the calling thread), got -1"),
