@@ -516,6 +516,30 @@ def test_pixel_tensors_of_another_size_than_the_run_or_the_model_are_refused():
     assert vitmad.profile(dynamic, torch.randn(1, 3, 48, 32), device="cpu").layout["grid"] == [3, 2]
 
 
+def test_a_dynamically_quantized_module_is_profiled_and_its_weights_told_apart():
+    """A dynamically quantized Linear keeps a dtype and a (weight, bias) tuple in its state dict: the weights'
+    digest crashed on them (QA 261). The profile equals the recording of the same pixels."""
+    import warnings
+
+    from vitmad.profiling.checkpoint import weights_digest
+
+    def quantized(gain):
+        vit = _tiny_vit_module()
+        with torch.no_grad():
+            vit.layers[0].attention.q_proj.weight.mul_(gain)  # another model: other integers in its first layer
+        with warnings.catch_warnings():  # torch.ao.quantization's deprecation
+            warnings.simplefilter("ignore")
+            return torch.ao.quantization.quantize_dynamic(vit, {torch.nn.Linear}, dtype=torch.qint8)
+
+    model, other = quantized(1.0), quantized(2.0)
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    result = vitmad.profile(model, pixels, device="cpu")
+    torch.testing.assert_close(result.mad, rec.mad.double().mean(1), rtol=1e-6, atol=1e-6)
+    assert weights_digest(model) == weights_digest(model) != weights_digest(other)
+
+
 @pytest.mark.parametrize(("images", "message"), [
     (5, "images: expected 'builtin', a folder, a file, a list of those or a pixel tensor, got int"),
     ([torch.randn(3, 32, 32)], r"images: a list must hold image files and folders \(paths\), got Tensor in it; stack "
