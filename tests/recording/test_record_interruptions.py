@@ -466,6 +466,38 @@ def test_an_export_made_inside_the_block_is_not_recorded_and_holds_no_vitmad_op(
     torch.testing.assert_close(rec.mad, _clean_mad(model, pixels), rtol=0, atol=0)
 
 
+# torch's own: jit.trace is deprecated, and timm's shape asserts read sizes as Python numbers.
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_scripted_traced_and_exported_models_are_refused_naming_what_to_record():
+    """A scripted model failed inside a family with torch's "get_submodule is not supported on ScriptModules", a
+    traced one crashed once layers= was given as vitmad advised, and an exported one recorded nothing in silence
+    and failed in profile on torch's eval() (QA 261)."""
+    model, pixels = _vit(), _pixels()
+    with torch.no_grad():
+        scripted = torch.jit.script(_vit())
+        traced = torch.jit.trace(_vit(), pixels, check_trace=False)
+        exported = torch.export.export(_vit(), (pixels,)).module()
+    holder = nn.Sequential(traced)
+    for form, kind in ((scripted, "RecursiveScriptModule"), (traced, "TopLevelTracedModule")):
+        for layers in (None, ["blocks.0.attn"]):
+            with pytest.raises(TypeError, match=rf"^vitmad\.record: the model \({kind}\) is a TorchScript module "
+                                                r"\(torch\.jit\.script or torch\.jit\.trace\), .* record the "
+                                                r"nn\.Module it was made from"):
+                vitmad.record(form, layers=layers)
+    with pytest.raises(TypeError, match=r"^vitmad\.record: 0 of Sequential is a TorchScript module"):
+        vitmad.record(holder)
+    with pytest.raises(TypeError, match=r"^vitmad\.record: the model is the module of a torch\.export program "
+                                        r"\(ExportedProgram\.module\(\)\), .* record the nn\.Module it was exported "
+                                        r"from"):
+        vitmad.record(exported, layers=["blocks.0.attn"])
+    for form in (scripted, exported):
+        with pytest.raises(ValueError, match=r"^model: the model .* record the nn\.Module it was"):
+            vitmad.profile(form, pixels, device="cpu")
+    with torch.no_grad(), vitmad.record(model) as rec:  # the module they were made from
+        model(pixels)
+    assert len(rec.layers) == 3
+
+
 def test_one_model_is_recorded_once_at_a_time_in_any_thread():
     model = _vit()
     with vitmad.record(model):

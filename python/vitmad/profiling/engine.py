@@ -177,6 +177,12 @@ def prepare_model(model, image_size: tuple[int, int] | str | None, model_checkpo
         loaded = load_model(str(model), model_checkpoint=model_checkpoint, image_size=image_size,
                             model_args=model_args, intensity=intensity, volume_unit=volume_unit)
     elif isinstance(model, torch.nn.Module):
+        from ..recording.compiled import refuse_graph_forms, uncompiled
+
+        try:
+            refuse_graph_forms(uncompiled(model), "model")
+        except TypeError as err:  # the message, naming the parameter as profile's errors do
+            raise OptionError("model", str(err).removeprefix("model: ")) from None
         loaded = wrap_module(model)
     else:
         raise OptionError("model", f"expected an nn.Module or a model spec string, got {type(model).__name__}")

@@ -28,10 +28,11 @@ import warnings
 import torch
 from torch import nn
 
-from .module_index import module_list
+from .module_index import module_list, named_module_list
 from .process_scope import ProcessWideScope
 
-__all__ = ["uncompiled", "is_compiled", "compiled_forwards", "check_compiled", "EagerWhileRecording"]
+__all__ = ["uncompiled", "is_compiled", "compiled_forwards", "check_compiled", "refuse_graph_forms",
+           "EagerWhileRecording"]
 
 
 def _optimized_module_type() -> type | None:
@@ -103,6 +104,28 @@ class EagerWhileRecording(ProcessWideScope):
     def _last(cls) -> None:
         stance, cls._stance = cls._stance, None
         stance.__exit__(None, None, None)
+
+
+def refuse_graph_forms(model: nn.Module, who: str = "vitmad.record") -> None:
+    """Refuse a model made into TorchScript (``torch.jit.script`` / ``trace``, or holding such a module) or the
+    module of a ``torch.export`` program: their forward runs code no hook of vitmad sees, and their module trees are
+    not the model's (a scripted module's ``get_submodule`` raises; an exported one has no attention modules). They
+    failed with torch's own errors, or recorded nothing in silence (QA 261).
+
+    Raises:
+        TypeError: naming the module and what to record instead.
+    """
+    for name, module in named_module_list(model):
+        if isinstance(module, torch.jit.ScriptModule):
+            what = f"the model ({type(model).__name__})" if not name else f"{name} of {type(model).__name__}"
+            raise TypeError(
+                f"{who}: {what} is a TorchScript module (torch.jit.script or "
+                "torch.jit.trace), whose forward runs TorchScript code no hook of vitmad sees; record the nn.Module "
+                "it was made from (a trace or script made inside the recording block runs unrecorded)")
+        if not name and isinstance(module, torch.fx.GraphModule) and hasattr(module, "_in_spec"):
+            raise TypeError(
+                f"{who}: the model is the module of a torch.export program (ExportedProgram.module()), a graph of "
+                "aten operations without the model's attention modules; record the nn.Module it was exported from")
 
 
 def check_compiled(model: nn.Module, given: nn.Module) -> bool:

@@ -53,7 +53,7 @@ from ..ops.arguments import (
     trust_same_tokens,
 )
 from ..ops.stats_op import MAP_NAME, common_tokens, derived_once
-from .compiled import EagerWhileRecording, check_compiled, compiled_forwards, uncompiled
+from .compiled import EagerWhileRecording, check_compiled, compiled_forwards, refuse_graph_forms, uncompiled
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import ClassQueries, Skip, family_modules, family_placer, probabilities_source, probabilities_view
 from .families.class_attention import ClassQueryPlacer
@@ -682,6 +682,7 @@ class Recording:
         # A torch.compile wrapper is recorded through the module it wraps; a compiled model runs eagerly inside
         # the block (compiled.py), so that the hooks below see every layer.
         given, model = model, uncompiled(model)
+        refuse_graph_forms(model)
         self._eager = False
         self._registered = False  # in _RECORDING
         self._calls_before_forward: int | None = None  # len(calls) when the model's forward began
