@@ -276,8 +276,7 @@ def test_rtdetr_aifi_and_its_decoder_skipped():
     # matches are no layers (90 of them were, and the recording refused only when read; QA 258).
     with pytest.raises(ValueError, match="^vitmad.record: RTDETRDetectionModel has no layer") as refused:
         vitmad.record(model, layers=["model.28.decoder.*"])
-    message = str(refused.value)
-    assert "object queries" in message and "deformable attention (RT-DETR's decoder)" in message
+    assert "object queries" in str(refused.value)
 
 
 def test_yolo_wrapper_model():

@@ -863,11 +863,10 @@ class Recording:
                 self.skipped[name] = (f"{placer.reason.split(';')[0]}; its maps are not recorded with positions= "
                                       "given by hand, which place the self-attention layers' tokens")
             elif isinstance(placer, Skip):
-                if name not in found and name not in named and not may_compute_attention(module):
+                if name not in found and name not in named:
                     # A wildcard's match that is no attention module (Inkling2-Loop's embed_tokens under
                     # "model.language_model.*", which the packed family skips as any module outside its tower): no
-                    # layer, so not listed as an attention layer skipped. One that may attend is listed with its
-                    # reason (RT-DETR's deformable attention under "model.28.decoder.*", as when named).
+                    # layer, so not listed as an attention layer skipped.
                     continue
                 self.skipped[name] = placer.reason
             else:

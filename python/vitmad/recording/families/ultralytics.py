@@ -218,11 +218,11 @@ def _map_placer(model: nn.Module, name: str, module: nn.Module, watch: nn.Module
 
 class _MapPlacer(LayerPlacer):
     """Places the row-major cells of the map ``watch`` receives (its first argument, ``[B, C, h, w]``), whose
-    stride is ``stride`` px (``source`` says where it comes from) in the image the graph's ``first`` layer takes;
-    with ``area > 1``, the ``area`` consecutive runs of cells that attend each within itself, folded into the
-    batch."""
+    stride is ``stride`` px (``source`` says where it comes from) in the image the graph's ``first`` layer takes
+    (None: the call's image, kornia's RT-DETR); with ``area > 1``, the ``area`` consecutive runs of cells that
+    attend each within itself, folded into the batch."""
 
-    def __init__(self, watch: nn.Module, stride: float, source: str, area: int, first: nn.Module):
+    def __init__(self, watch: nn.Module, stride: float, source: str, area: int, first: nn.Module | None = None):
         self.watch, self.stride, self.source, self.area, self.first = watch, stride, source, area, first
         self.key = f"ultralytics.map.{id(watch)}"
         # The size of the image its own model took in its latest forward: a user's module holding two models (an
@@ -241,7 +241,8 @@ class _MapPlacer(LayerPlacer):
             self.input_size = (int(x.shape[-2]), int(x.shape[-1])) if isinstance(x, torch.Tensor) and x.dim() == 4 \
                 else None
 
-        return [self.first.register_forward_pre_hook(see_image), self.watch.register_forward_pre_hook(see)]
+        own = [] if self.first is None else [self.first.register_forward_pre_hook(see_image)]
+        return [*own, self.watch.register_forward_pre_hook(see)]
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         image, grid = self.input_size or context.image_size, context.values.get(self.key)
