@@ -358,3 +358,31 @@ def test_an_image_text_model_built_in_python_is_profiled_through_its_vision_towe
     with torch.no_grad(), vitmad.record(clip.vision_model) as rec:
         clip.vision_model(pixels)
     torch.testing.assert_close(result.mad, rec.mad.mean(1).double(), rtol=1e-6, atol=1e-6)
+
+
+def test_an_mae_checkpoint_is_profiled_on_every_patch_the_same_in_every_run(tmp_path, image_folder):
+    """ViTMAE drops mask_ratio of the patches at random at every forward, eval mode too: two runs of one checkpoint
+    gave 9.3 and 10.1 px, and mad_map.png another draw (QA 259). A checkpoint is profiled on every patch, said in
+    settings.profiled; a module passed with its masking on is refused (it is the caller's to change)."""
+    torch.manual_seed(0)
+    config = transformers.ViTMAEConfig(image_size=32, patch_size=8, hidden_size=24, num_hidden_layers=2,
+                                       num_attention_heads=2, intermediate_size=48, mask_ratio=0.75)
+    transformers.ViTMAEModel(config).save_pretrained(tmp_path / "mae")
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "mae")
+    runs = [vitmad.profile(f"hf:{tmp_path / 'mae'}", image_folder, batch_size=4, device="cpu") for _ in range(2)]
+    # The same numbers (its patches still run in a random order, so float32 sums differ in the last bits).
+    torch.testing.assert_close(runs[0].mad, runs[1].mad, rtol=1e-6, atol=0)
+    assert "mask_ratio, set to 0" in runs[0].settings["profiled"]
+    # The reference: every patch in order (noise rising: no shuffle), eager attention in float64 placement.
+    model = transformers.ViTMAEModel.from_pretrained(tmp_path / "mae", mask_ratio=0.0,
+                                                     attn_implementation="eager").eval()
+    pixels, _, _ = load_batch(find_images(image_folder), load_model(f"hf:{tmp_path / 'mae'}").preprocessing)
+    with torch.no_grad():
+        attentions = model(pixels, noise=torch.arange(16.0).expand(len(pixels), 16),
+                           output_attentions=True).attentions
+    expected = torch.stack([vitmad.mad_reference(a, 8, grid=(4, 4)) for a in attentions]).mean(1)
+    torch.testing.assert_close(runs[0].mad, expected, rtol=1e-4, atol=1e-4)
+    masking = transformers.ViTMAEModel(config).eval()
+    with pytest.raises(ValueError, match=r"^model: ViTMAEModel drops 0\.75 of the patches at random at every forward "
+                                         r"\(config\.mask_ratio\), .* set model\.config\.mask_ratio = 0\.0"):
+        vitmad.profile(masking, pixels, device="cpu")

@@ -44,7 +44,7 @@ from .distributed import (
     merge_prefix_maps,
 )
 from .images import NATIVE, find_images, load_batch, parse_image_size
-from .models import LoadedModel, load_model, non_square_table_said, wrap_module
+from .models import LoadedModel, load_model, non_square_table_said, random_masking, wrap_module
 from .native import NativeFeed, check_fixed_size, load_native_batch, native_feed, native_geometry
 from .options import (
     DTYPES,
@@ -183,6 +183,12 @@ def prepare_model(model, image_size: tuple[int, int] | str | None, model_checkpo
             refuse_graph_forms(uncompiled(model), "model")
         except TypeError as err:  # the message, naming the parameter as profile's errors do
             raise OptionError("model", str(err).removeprefix("model: ")) from None
+        masked = random_masking(model)
+        if masked is not None:
+            raise OptionError("model", f"{type(model).__name__} drops {masked.mask_ratio:g} of the patches at random "
+                                       "at every forward (config.mask_ratio), so every run would measure another "
+                                       "draw; set model.config.mask_ratio = 0.0 to profile each image whole (an hf: "
+                                       "spec does so), or record its masked forwards with vitmad.record")
         loaded = wrap_module(model)
     else:
         raise OptionError("model", f"expected an nn.Module or a model spec string, got {type(model).__name__}")

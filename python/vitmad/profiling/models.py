@@ -34,7 +34,7 @@ from .sam_models import load_sam2, load_segment_anything
 from .torchvision_models import load_torchvision, video_forward
 from .videos import video_processor_settings
 
-__all__ = ["LoadedModel", "load_model", "wrap_module", "non_square_table_said", "MODEL_SPEC_HELP"]
+__all__ = ["LoadedModel", "load_model", "wrap_module", "non_square_table_said", "random_masking", "MODEL_SPEC_HELP"]
 
 MODEL_SPEC_HELP = ("hf:<hub id or local folder>, timm:<name>, torchvision:<name>[.<WEIGHTS>], "
                    "open_clip:<name>[.<pretrained tag>], segment_anything:<vit_b|vit_l|vit_h>, sam2:<config>, "
@@ -536,14 +536,33 @@ def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = No
     module, prefix = vision_tower(module)
     _refuse_random_weights_before_attention(spec, module, {key[len(prefix):] for key in missing
                                                            if key.startswith(prefix)})
+    masked = random_masking(module)
+    if masked is not None:
+        # A profile measures each image whole and the same in every run: an MAE encoder keeping a random quarter
+        # of the patches at every forward gave another MAD each run (9.3 and 10.1 px) and a map of another draw
+        # (QA 259). The checkpoint's own config, loaded here, runs every patch; mad.json says so.
+        masked.mask_ratio = 0.0
     loaded = wrap_module(module, spec, preprocessing)
     loaded.processor = processor
     if prefix:  # mad.json's settings.profiled names the part of the checkpoint profiled, as for a module given
         loaded.description = tower_description(prefix[:-1], module, outer)
+    if masked is not None:
+        loaded.description = (f"{loaded.description or type(module).__name__}, every patch (the checkpoint's "
+                              "random masking, mask_ratio, set to 0)")
     # Weights the checkpoint lacks (a pooler, a head) are drawn anew at every load: not part of the run's identity.
     loaded.unloaded = frozenset(key[len(prefix):] for key in missing if key.startswith(prefix))
     return loaded
 
+
+
+def random_masking(module: torch.nn.Module):
+    """The config by which ``module`` drops patches at random at every forward, eval mode included (transformers'
+    ViTMAE: ``config.mask_ratio`` of them), or None where it drops none."""
+    for inner in module.modules():
+        config = getattr(inner, "config", None)
+        if type(inner).__name__ == "ViTMAEEmbeddings" and float(getattr(config, "mask_ratio", 0) or 0) > 0:
+            return config
+    return None
 
 
 def _refuse_foreign_naflex_processor(module: torch.nn.Module, processor: dict) -> None:
