@@ -448,13 +448,14 @@ def _compare_figures(out: Path, names: list[str]) -> tuple[list[Path], list[Path
     """Of the per-statistic figures beside ``out``: those this comparison writes (``names``), each checked to be
     free or an earlier comparison's figure, and the earlier comparison's figures of other statistics (stale,
     to remove). A file vitmad compare did not write is never replaced: a user's plot named cmp_entropy.png beside
-    cmp.png is refused before anything is drawn. Formats without metadata (.jpg, ...) cannot carry compare's
-    mark: their figures count as an earlier comparison's where ``out`` itself exists."""
+    cmp.png is refused before anything is drawn. A format that cannot carry compare's mark (.webp, .tif, ...)
+    never replaces or removes a file: with ``out`` there, its user's own cmp_entropy.jpg was written over and its
+    cmp_temporal_mad.jpg removed (QA 259; .jpg carries the mark now)."""
     from .ops.arguments import STAT_NAMES, TEMPORAL_MAD
     from .profiling.plotting import marks, written_by_compare
 
     def earlier(path: Path) -> bool:
-        return path.is_file() and (written_by_compare(path) if marks(path) else out.is_file())
+        return path.is_file() and marks(path) and written_by_compare(path)
 
     figures = {name: out.with_name(f"{out.stem}_{name}{out.suffix}")
                for name in (*STAT_NAMES, TEMPORAL_MAD) if name != "mad"}

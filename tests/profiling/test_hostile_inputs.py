@@ -495,6 +495,26 @@ def test_a_profile_with_nan_values_is_written_as_strict_json(tmp_path):
     torch.testing.assert_close(back.mad, result.mad, rtol=0, atol=0, equal_nan=True)
 
 
+def test_a_file_whose_means_are_not_its_sums_is_refused_naming_the_layer(tmp_path):
+    """compare draws from the sums: a mad.json whose "mean" was edited, or lists fewer heads, was drawn from them
+    without a word (QA 259)."""
+    result = vitmad.profile(_tiny_vit_module(), torch.randn(2, 3, 32, 32), device="cpu")
+    result.to_json(tmp_path / "mad.json")
+    doc = json.loads((tmp_path / "mad.json").read_text())
+    for edit in ("edited", "short"):
+        changed = json.loads(json.dumps(doc))
+        if edit == "edited":
+            changed["layers"][1]["mean"][0] = 999.0
+        else:
+            changed["layers"][1]["mean"] = changed["layers"][1]["mean"][:1]
+        (tmp_path / f"{edit}.json").write_text(json.dumps(changed))
+        with pytest.raises(ValueError, match=r"malformed vitmad profile \(ValueError: "):
+            vitmad.Profile.from_json(tmp_path / f"{edit}.json")
+    with pytest.raises(ValueError, match=r"layer 1's mean \[999\.0, .*\] is not its sums' total / count"):
+        vitmad.Profile.from_json(tmp_path / "edited.json")
+    torch.testing.assert_close(vitmad.Profile.from_json(tmp_path / "mad.json").mad, result.mad, rtol=0, atol=0)
+
+
 def test_pixel_tensors_of_another_size_than_the_run_or_the_model_are_refused():
     timm = pytest.importorskip("timm")
     model = _tiny_vit_module()

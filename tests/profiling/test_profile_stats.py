@@ -272,6 +272,26 @@ def test_cli_figures_and_compare(tiny_model, images, tmp_path, capsys):
 
     assert all(written_by_compare(tmp_path / name) for name in ("x.pdf", "x_entropy.pdf", "cmp.png", "old.svg"))
     assert not written_by_compare(tmp_path / "all" / "entropy.png")
+    # .jpg carries the mark too (in its comment); a user's .jpg files beside a user's own fig.jpg were written over
+    # or removed, as any earlier comparison's (QA 259). A format without a mark (.webp) replaces no file.
+    (tmp_path / "fig.jpg").write_text("my figure")
+    (tmp_path / "fig_entropy.jpg").write_text("my entropy plot")
+    (tmp_path / "fig_temporal_mad.jpg").write_text("my temporal plot")
+    with pytest.warns(UserWarning, match="no prefix_mass, self_mass figures"):
+        assert main(["compare", *results, "--out", str(tmp_path / "fig.jpg")]) == 2
+    assert "fig_entropy.jpg, where the entropy figure goes, exists and was not written" in capsys.readouterr().err
+    (tmp_path / "fig_entropy.jpg").unlink()
+    with pytest.warns(UserWarning, match="no prefix_mass, self_mass figures"):
+        assert main(["compare", *results, "--out", str(tmp_path / "fig.jpg")]) == 0
+    assert (tmp_path / "fig_temporal_mad.jpg").read_text() == "my temporal plot"
+    assert written_by_compare(tmp_path / "fig.jpg") and written_by_compare(tmp_path / "fig_entropy.jpg")
+    with pytest.warns(UserWarning, match="no prefix_mass, self_mass figures"):  # its own figures it replaces
+        assert main(["compare", *results, "--out", str(tmp_path / "fig.jpg")]) == 0
+    for name in ("fig.webp", "fig_entropy.webp"):
+        (tmp_path / name).write_text("mine")
+    with pytest.warns(UserWarning, match="no prefix_mass, self_mass figures"):
+        assert main(["compare", *results, "--out", str(tmp_path / "fig.webp")]) == 2
+    assert (tmp_path / "fig_entropy.webp").read_text() == "mine"
 
 
 def test_bad_stats_are_refused_naming_the_option(registers_vit, tmp_path, capsys):

@@ -75,19 +75,27 @@ def _save(fig, path, **options) -> None:
 
 # What marks a figure as written by `vitmad compare`, so that a later comparison at the same --out replaces or
 # removes it, and never a user's file that only has its name. Written in each format's metadata (matplotlib
-# writes these fields as plain text: PNG tEXt chunks, the PDF Info dictionary, SVG's RDF, the PostScript header).
+# writes these fields as plain text: PNG tEXt chunks, the PDF Info dictionary, SVG's RDF, the PostScript header;
+# JPEG's comment segment, through Pillow). Other formats carry none: a file at their names is never replaced.
 COMPARE_MARK = "vitmad compare"
 _MARKED_FIELDS = {"png": "Software", "pdf": "Creator", "svg": "Creator", "eps": "Creator", "ps": "Creator"}
+_COMMENTED = ("jpg", "jpeg")
 
 
-def _mark_field(path: str | os.PathLike) -> str | None:
-    """The metadata field that carries the compare mark in the figure format of ``path`` (by its suffix)."""
-    return _MARKED_FIELDS.get(Path(path).suffix.lower().lstrip("."))
+def _mark_options(path: str | os.PathLike) -> dict:
+    """The ``savefig`` options that write the compare mark in the figure format of ``path`` (by its suffix); empty
+    for a format that cannot carry it."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix in _MARKED_FIELDS:
+        return {"metadata": {_MARKED_FIELDS[suffix]: COMPARE_MARK}}
+    if suffix in _COMMENTED:
+        return {"pil_kwargs": {"comment": COMPARE_MARK.encode()}}
+    return {}
 
 
 def marks(path: str | os.PathLike) -> bool:
     """Whether the figure file format of ``path`` (by its suffix) carries the compare mark."""
-    return _mark_field(path) is not None
+    return bool(_mark_options(path))
 
 
 def written_by_compare(path: str | os.PathLike) -> bool:
@@ -253,8 +261,14 @@ def plot_space_time(profile, path: str | os.PathLike, *, title: str | None = Non
         if len(set(kinds)) > 1 and all(len(kind) <= _KIND_LABEL_CHARS for kind in kinds):
             ax.set_xticklabels([f"{d}\n{kinds[d - 1]}" for d in ticks], fontsize=6)
         if ax is axes[0]:  # before the limits are set: above every head, it was left off the plot
-            ax.axhline(profile.uniform_mads[0], color="0.4", linestyle="--", linewidth=1,
-                       label=f"uniform attention ({profile.uniform_mads[0]:.0f} px)")
+            # Each layer's own: the first layer's was drawn at every depth (a video Swin's stages; QA 259).
+            uniform = profile.uniform_mads
+            if len(set(uniform)) == 1:
+                ax.axhline(uniform[0], color="0.4", linestyle="--", linewidth=1,
+                           label=f"uniform attention ({uniform[0]:.0f} px)")
+            else:
+                ax.step(depth, uniform, where="mid", color="0.4", linestyle="--", linewidth=1,
+                        label="uniform attention over each layer's grid")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2 if num_heads > 8 else 1, loc="lower right")
@@ -290,10 +304,15 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
         raise ValueError(f"plot_compare: the profiles' MAD is in different units ({shown}); compare profiles of one "
                          "unit (a volume profile's --volume-unit mm or voxel, images' pixels)")
     values = [profile.stat(statistic) for profile in profiles]
+    # Each layer's own heads: those past a layer's count (Swin's early stages) are padding, but a head of its own
+    # that is NaN (attention that overflowed) makes its layer's mean NaN, as in mad.json, not dropped from it (QA
+    # 259: 344.7 drawn for a layer whose mean_over_heads is null).
+    heads = [profile.heads for profile in profiles]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     same_depth = len({v.shape[0] for v in values}) == 1
-    for per_head, label in zip(values, labels):
+    for per_head, label, own in zip(values, labels, heads):
+        padding = torch.arange(per_head.shape[1])[None, :] >= torch.tensor(own)[:, None]
         missing = per_head.isnan()
         num_layers = per_head.shape[0]
         x = torch.arange(1, num_layers + 1, dtype=torch.float64)
@@ -301,7 +320,10 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
             x = (x - 1) / max(num_layers - 1, 1)
         if bool(missing.all()):  # in the legend all the same, saying why it has no points
             label = f"{label} (no values: not defined in its layers)"
-        line = ax.plot(x, per_head.nanmean(1), marker="o", markersize=3, label=label)[0]
+        if label.startswith("_"):  # matplotlib leaves such labels out of the legend (QA 259): a space before it
+            label = " " + label
+        mean = per_head.masked_fill(padding, 0.0).sum(1) / torch.tensor(own, dtype=per_head.dtype)
+        line = ax.plot(x, mean, marker="o", markersize=3, label=label)[0]
         # A layer without any value gets no band (NaN), rather than an infinite one.
         empty = missing.all(1)
         ax.fill_between(x, per_head.masked_fill(missing, float("inf")).amin(1).masked_fill(empty, float("nan")),
@@ -316,8 +338,7 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    field = _mark_field(path)
-    _save(fig, path, dpi=150, **({"metadata": {field: COMPARE_MARK}} if field else {}))
+    _save(fig, path, dpi=150, **_mark_options(path))
     plt.close(fig)
 
 
@@ -348,7 +369,11 @@ def plot_mad_maps(
     fig, axes = plt.subplots(1, count + 1, figsize=(2.6 * (count + 1) + 0.8, 3.0), layout="constrained")
     axes[0].imshow(image)
     axes[0].set_title("input")
-    low, high = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
+    # Over the cells with a value: one NaN cell (a masked patch) made both limits NaN, and matplotlib drew the maps
+    # on a -0.1 to 0.1 px scale, colours unrelated to their values (QA 259).
+    finite = [m[m.isfinite()] for m in maps]
+    values = torch.cat([f.flatten().float() for f in finite]) if finite else torch.zeros(0)
+    low, high = (float(values.min()), float(values.max())) if values.numel() else (0.0, 1.0)
     for ax, layer_map, name, layer in zip(axes[1:], maps, names, geometry):
         stride_y, stride_x = layer["stride"]
         ax.imshow(image)

@@ -416,6 +416,14 @@ class Profile:
                 count,
                 deviations("m2"),
             )
+            # The summary must be what the sums give: compare draws from the sums, and a file whose "mean" was
+            # edited (or lists fewer heads) was drawn from them without a word (QA 259).
+            written = padded(_numbers([layer["mean"] for layer in layers]))
+            if not torch.allclose(written, stats.mean, rtol=1e-9, atol=1e-12, equal_nan=True):
+                layer = int((~torch.isclose(written, stats.mean, rtol=1e-9, atol=1e-12, equal_nan=True)).any(1)
+                            .nonzero()[0])
+                raise ValueError(f"layer {layer}'s mean {layers[layer]['mean']} is not its sums' total / count "
+                                 f"{stats.mean[layer, :heads[layer]].tolist()} (an edited file?)")
             skipped_layers = {e["name"]: e["reason"] for e in doc.get("skipped_layers", [])}
             temporal = None
             if "temporal_total" in doc["sums"]:  # a video profile

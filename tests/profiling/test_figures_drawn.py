@@ -1,0 +1,106 @@
+"""What the figures draw, read from matplotlib's own calls (the values handed to ``imshow``, ``step`` and ``plot``):
+the MAD maps' colour scale beside a cell without a value, a video profile's per-layer uniform reference, and
+compare's mean over each layer's own heads (QA 259)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vitmad
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+from matplotlib.axes import Axes  # noqa: E402
+
+from vitmad.profiling import plotting  # noqa: E402
+
+
+def _spy(monkeypatch, method: str) -> list[tuple[tuple, dict]]:
+    """Every call of ``Axes.<method>`` from now on, its arguments kept, the call made."""
+    calls, original = [], getattr(Axes, method)
+
+    def spy(self, *args, **kwargs):
+        calls.append((args, kwargs))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, method, spy)
+    return calls
+
+
+def _profile() -> vitmad.Profile:
+    """A profile of a tiny transformers ViT (2 layers, 2 heads) on 3 random images."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    model = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                               image_size=32, patch_size=8), add_pooling_layer=False).eval()
+    return vitmad.profile(model, torch.randn(3, 3, 32, 32), device="cpu")
+
+
+def test_a_cell_without_a_value_leaves_the_maps_on_the_scale_of_the_others(monkeypatch, tmp_path):
+    """One NaN cell (a patch a masked encoder dropped) made both colour limits NaN, and matplotlib drew every map
+    on a -0.1 to 0.1 px scale: colours unrelated to their values."""
+    shown = _spy(monkeypatch, "imshow")
+    maps = [torch.tensor([[12.0, float("nan")], [14.0, 13.0]]), torch.tensor([[9.0, 15.5], [11.0, 10.0]])]
+    geometry = [{"grid": [2, 2], "stride": [8.0, 8.0]}] * 2
+    plotting.plot_mad_maps(maps, torch.zeros(3, 16, 16), ["a", "b"], tmp_path / "map.png", geometry=geometry)
+    overlays = [kwargs for _, kwargs in shown if "vmin" in kwargs]
+    assert len(overlays) == 2
+    assert all((kwargs["vmin"], kwargs["vmax"]) == (9.0, 15.5) for kwargs in overlays)
+
+
+def test_a_video_profile_draws_each_layers_own_uniform_reference(monkeypatch, tmp_path):
+    """The space-time figure drew the first layer's uniform attention at every depth (a video Swin's stages: 33.3 px
+    where the later ones are 27.3)."""
+    profile = _profile()
+    profile.temporal = profile.stats  # a stand-in for the temporal statistics: the panel's values do not matter
+    monkeypatch.setattr(vitmad.Profile, "uniform_mads", property(lambda self: [33.3, 27.3]))
+    steps = _spy(monkeypatch, "step")
+    lines = _spy(monkeypatch, "axhline")
+    plotting.plot_space_time(profile, tmp_path / "mad.png")
+    assert not [args for args, _ in lines if args and args[0] == 33.3]
+    (args, _), = steps
+    assert list(args[0]) == [1, 2] and list(args[1]) == [33.3, 27.3]
+
+
+def test_compare_averages_each_layers_own_heads_and_keeps_a_nan_head(monkeypatch, tmp_path):
+    """A head without a value of its own (attention that overflowed: null in mad.json, whose mean over heads is
+    null) was dropped from compare's mean over heads: 344.7 was drawn for a layer mad.json says has none. The
+    heads past a layer's count (Swin's early stages) are no heads of it."""
+    profile = _profile()
+    other = _profile()
+    other.stats.total[1, 0] = float("nan")
+    plotted = _spy(monkeypatch, "plot")
+    plotting.plot_compare([profile, other], ["a", "b"], tmp_path / "cmp.png")
+    (_, first), (_, second) = [args for args, _ in plotted]
+    torch.testing.assert_close(torch.as_tensor(first), profile.mad.mean(1), rtol=1e-12, atol=0)
+    assert math.isclose(float(second[0]), float(profile.mad[0].mean()), rel_tol=1e-12)
+    assert math.isnan(float(second[1]))
+    # A layer of one head beside layers of two: its mean is its one head's.
+    monkeypatch.setattr(vitmad.Profile, "heads", property(lambda self: [1, 2]))
+    padded = _profile()
+    padded.stats.total[0, 1] = float("nan")  # the head layer 0 does not have
+    plotted.clear()
+    plotting.plot_compare([padded], ["a"], tmp_path / "cmp2.png")
+    (_, line), = [args for args, _ in plotted]
+    assert math.isclose(float(line[0]), float(padded.mad[0, 0]), rel_tol=1e-12)
+
+
+def test_a_label_starting_with_an_underscore_is_in_the_legend(tmp_path):
+    """matplotlib leaves out of a legend every label that starts with "_": the curve had none (QA 259)."""
+    import matplotlib.pyplot as plt
+
+    profile = _profile()
+    figures = []
+    original = plt.close
+    try:
+        plt.close = lambda fig=None: figures.append(fig)  # keep the figure to read its legend
+        plotting.plot_compare([profile, profile], ["_baseline", "ours"], tmp_path / "cmp.png")
+    finally:
+        plt.close = original
+    legend = figures[0].axes[0].get_legend()
+    assert [text.get_text().strip() for text in legend.get_texts()] == ["_baseline", "ours"]
+    original(figures[0])
