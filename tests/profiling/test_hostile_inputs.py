@@ -522,6 +522,11 @@ def test_pixel_tensors_of_another_size_than_the_run_or_the_model_are_refused():
                                          r"\[2, 3, 32, 32\]\): a tensor is fed as it is; leave image_size unset"):
         vitmad.profile(model, torch.randn(2, 3, 32, 32), image_size=64, device="cpu")
     assert vitmad.profile(model, torch.randn(2, 3, 32, 32), image_size=32, device="cpu").count == 2
+    # A tiling processor's [images, tiles, 3, H, W]: its padding tiles a flattened tensor would count (QA 260).
+    with pytest.raises(ValueError, match=r"images: a tensor of images must be \[B, 3, H, W\], got shape \[2, 5, 3, 32, "
+                                         r"32\] \(the tiles of a processor that cuts each image into several, .*"
+                                         r"record the model's own forward instead"):
+        vitmad.profile(model, torch.randn(2, 5, 3, 32, 32), device="cpu")
     # Not whole patches: transformers' patch embedding floors, and the last rows would never be seen.
     with pytest.raises(ValueError, match=r"images: expected whole 8x8 patches of the model \(embeddings\."
                                          r"patch_embeddings\.projection takes no partial patch\), got a pixel tensor "

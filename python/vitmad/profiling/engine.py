@@ -357,8 +357,15 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
         expected = 4 if frames is None else 5
         shape = "[B, 3, H, W]" if frames is None else "[B, frames, 3, H, W]"
         if images.dim() != expected:
-            # A 3-D network's [B, C, D, H, W] volumes: profiled from their files, whose headers give the spacing.
-            volume = (" (volumes of a MONAI 3-D network are profiled from NIfTI files with a "
+            # A 3-D network's [B, C, D, H, W] volumes: profiled from their files, whose headers give the spacing. A
+            # tiling processor's [images, tiles, 3, H, W]: recorded through the model's own forward, which drops
+            # the padding tiles a flattened tensor would count (QA 260).
+            tiles = frames is None and images.dim() == 5 and images.shape[2] == 3
+            volume = (" (the tiles of a processor that cuts each image into several, [images, tiles, 3, H, W]: "
+                      "record the model's own forward instead, with vitmad.record(model) as rec: "
+                      "model(**processor(images=..., return_tensors='pt')), which drops the padding tiles a "
+                      "flattened tensor would count)" if tiles else
+                      " (volumes of a MONAI 3-D network are profiled from NIfTI files with a "
                       "'monai:<ViT|UNETR|ViTAutoEnc|SwinUNETR>' spec and model_args)" if frames is None
                       and images.dim() == 5 else "")
             raise OptionError("images", f"a tensor of {'videos' if frames else 'images'} must be {shape}, got "

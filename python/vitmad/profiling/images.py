@@ -702,11 +702,28 @@ def hf_geometry_refusal(processor: dict, config_image_size: int | Sequence[int] 
             what = f"pads each image at the bottom and right to {pad} (do_pad=true, pad_size)"
     if what is None:
         return None
+    if _cuts_tiles(processor):
+        # Its pixel values are [images, tiles, 3, H, W], padding tiles among them that the model drops: a tensor fed
+        # to profile would count them (QA 260: 10 tiles for 7), and the model's own forward is what places them.
+        own = ("or record the model's own forward from Python, with vitmad.record(model) as rec: "
+               "model(**processor(images=..., return_tensors='pt')), where each tile the model runs is an image of "
+               "rec.mad (the padding tiles it drops are not)")
+    else:
+        own = ("or profile the model's own processor output from Python: vitmad.profile(model, pixel_values) with "
+               "the module and processor(images=..., return_tensors='pt')['pixel_values']")
     return (f"the {label} {what}, which vitmad does not reproduce: pass an image size (--image-size, image_size=) "
             "to scale the images to cover it and crop the centre instead, with the processor's mean, std and filter "
-            "(not the model's own preprocessing), or profile the model's own processor output "
-            "from Python: vitmad.profile(model, pixel_values) with the module and "
-            "processor(images=..., return_tensors='pt')['pixel_values']")
+            f"(not the model's own preprocessing), {own}")
+
+
+# Settings by which a processor cuts each image into several tiles (and may pad their count with blank ones).
+_TILING = ("do_image_splitting", "crop_to_patches", "do_pan_and_scan", "image_grid_pinpoints", "split_image")
+
+
+def _cuts_tiles(processor: dict) -> bool:
+    """Whether the processor cuts each image into tiles (Idefics3's splitting, InternVL's and Aya Vision's crops,
+    Gemma 3's pan and scan, LLaVA-NeXT's anyres grid)."""
+    return any(processor.get(key) for key in _TILING)
 
 
 def hf_values_refusal(processor: dict) -> str | None:
