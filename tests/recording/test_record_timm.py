@@ -230,13 +230,17 @@ def test_a_tower_run_twice_in_one_forward_warns_and_keeps_both_runs():
     assert torch.equal(rec.mad, alone.calls[1].mad)
 
 
-@pytest.mark.parametrize("reg_tokens, drop_rate", [(0, 0.5), (4, 0.1)])
-def test_patch_dropout_in_training_mode_is_refused_by_name(reg_tokens, drop_rate):
+@pytest.mark.parametrize("name, reg_tokens, drop_rate", [("vit_tiny_patch16_224", 0, 0.5),
+                                                         ("vit_tiny_patch16_224", 4, 0.1),
+                                                         ("eva02_tiny_patch14_224", 0, 0.5)])
+def test_patch_dropout_in_training_mode_is_refused_by_name(name, reg_tokens, drop_rate):
     """timm's PatchDropout keeps a random subset of the patches: never placed. With 4 registers and 2 of 16 patches
-    dropped, the 19 tokens passed for 3 extra tokens and the full grid, measured silently (found by QA)."""
+    dropped, the 19 tokens passed for 3 extra tokens and the full grid, measured silently (found by QA). Eva's
+    PatchDropoutWithIndices got the generic refusal, advising grid= and num_prefix_tokens= (QA 261)."""
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, embed_dim=32, num_heads=2,
-                              patch_size=8, img_size=32, reg_tokens=reg_tokens, patch_drop_rate=drop_rate).train()
+    extra = {"reg_tokens": reg_tokens} if reg_tokens else {}
+    model = timm.create_model(name, pretrained=False, depth=1, embed_dim=32, num_heads=2, patch_size=8, img_size=32,
+                              patch_drop_rate=drop_rate, **extra).train()
     pixels = torch.randn(2, 3, 32, 32)
     with pytest.raises(ValueError, match=r"blocks\.0\.attn .*timm's PatchDropout \(patch_drop, prob "
                                          rf"{drop_rate:g}\) keeps a random subset of the 4x4 = 16 patches in training "

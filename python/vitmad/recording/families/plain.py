@@ -265,7 +265,10 @@ class PlainLayout:
         self.stem = [] if self.embedding is None else _strided_stem(model, self.embedding[1])
         # Found once: every layer's placement asks whether one drops patches in this forward (train or eval mode
         # may change between forwards), and a walk of the model per layer call would cost the hot path.
-        self.patch_dropouts = [(n, m) for n, m in named_module_list(model) if type(m).__name__ == "PatchDropout"]
+        # timm's PatchDropout and PatchDropoutWithIndices (Eva's, which got the generic refusal, advising grid=),
+        # OpenCLIP's PatchDropout.
+        self.patch_dropouts = [(n, m) for n, m in named_module_list(model)
+                               if type(m).__name__ in ("PatchDropout", "PatchDropoutWithIndices")]
         self.patch_said = False  # the given patch= that is not the embedding's stride was warned of
         # A model no library vitmad knows defines (a user's own ViT) declares nowhere where its extra tokens are:
         # they are taken to come first, and that is said once (a class token last moved every patch one cell).
