@@ -104,3 +104,25 @@ def test_a_label_starting_with_an_underscore_is_in_the_legend(tmp_path):
     legend = figures[0].axes[0].get_legend()
     assert [text.get_text().strip() for text in legend.get_texts()] == ["_baseline", "ours"]
     original(figures[0])
+
+
+def test_mad_png_gives_every_head_its_own_colour_and_says_which_heads_have_no_value(monkeypatch, tmp_path):
+    """Beyond 20 heads the colours repeated (head 20 drawn as head 0, no legend to tell them apart), and a head
+    without a value (NaN) left a blank with nothing said (QA 259)."""
+    import matplotlib.pyplot as plt
+
+    profile = _profile()
+    scattered = _spy(monkeypatch, "scatter")
+    monkeypatch.setattr(vitmad.Profile, "mad", property(lambda self: torch.rand(3, 24, dtype=torch.float64) * 20))
+    monkeypatch.setattr(vitmad.Profile, "heads", property(lambda self: [24, 24, 24]))
+    monkeypatch.setattr(vitmad.Profile, "uniform_mads", property(lambda self: [10.0] * 3))
+    plotting.plot_profile(profile, tmp_path / "many.png")
+    colours = {tuple(kwargs["color"]) for _, kwargs in scattered}
+    assert len(scattered) == len(colours) == 24
+    nan_mad = torch.rand(3, 24, dtype=torch.float64)
+    nan_mad[1, 5] = float("nan")
+    monkeypatch.setattr(vitmad.Profile, "mad", property(lambda self: nan_mad))
+    labels = _spy(monkeypatch, "set_xlabel")
+    plotting.plot_profile(profile, tmp_path / "nan.png")
+    assert "heads without a value (NaN) in layer 2: not drawn" in labels[-1][0][0]
+    plt.close("all")

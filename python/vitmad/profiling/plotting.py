@@ -153,7 +153,7 @@ def plot_profile(profile, path: str | os.PathLike, *, title: str | None = None) 
     else:  # each stage's grid has its own global reference
         ax.step(depth, uniform, where="mid", color="0.4", linestyle="--", linewidth=1,
                 label="uniform attention over each layer's grid")
-    _finish_depth_figure(plt, fig, ax, profile, "mad", depth, num_heads, path, title)
+    _finish_depth_figure(plt, fig, ax, profile, "mad", depth, num_heads, path, title, _nan_heads_note(profile))
 
 
 def _heads_against_depth(plt, values: torch.Tensor):
@@ -162,12 +162,30 @@ def _heads_against_depth(plt, values: torch.Tensor):
     values = values.numpy()
     num_layers, num_heads = values.shape
     fig, ax = plt.subplots(figsize=(6.4 if num_layers <= 24 else 9.6, 4.8))
-    colours = plt.get_cmap("tab20" if num_heads > 10 else "tab10")
+    colours = _head_colours(plt, num_heads)
     depth = list(range(1, num_layers + 1))
     for head in range(num_heads):
-        ax.scatter(depth, values[:, head], s=18 if num_heads <= 12 else 8, color=colours(head % colours.N),
+        ax.scatter(depth, values[:, head], s=18 if num_heads <= 12 else 8, color=colours(head),
                    label=f"head {head}" if num_heads <= 16 else None)
     return fig, ax, depth, num_heads
+
+
+def _head_colours(plt, num_heads: int):
+    """One colour per head: matplotlib's qualitative maps up to 20 heads, beyond them as many samples of a
+    continuous map (tab20 repeated its colours from head 21 on, for heads no legend names; QA 259)."""
+    if num_heads <= 20:
+        return plt.get_cmap("tab20" if num_heads > 10 else "tab10")
+    return plt.get_cmap("turbo", num_heads)
+
+
+def _nan_heads_note(profile) -> str | None:
+    """Under mad.png's axis, the layers where a head of their own has no value (NaN: attention that overflowed,
+    say): their points are missing, which the figure did not say (QA 259)."""
+    mad = profile.mad
+    layers = [i + 1 for i, heads in enumerate(profile.heads) if bool(mad[i, :heads].isnan().any())]
+    if not layers:
+        return None
+    return f"heads without a value (NaN) in layer{'s' if len(layers) > 1 else ''} {_spans(layers)}: not drawn"
 
 
 def _finish_depth_figure(plt, fig, ax, profile, statistic: str, depth: list[int], num_heads: int, path,
@@ -245,12 +263,12 @@ def plot_space_time(profile, path: str | os.PathLike, *, title: str | None = Non
     panels = ((profile.mad.numpy(), "Spatial MAD (pixels)"), (profile.temporal_mad.numpy(), "Temporal MAD (frames)"))
     num_layers, num_heads = panels[0][0].shape
     fig, axes = plt.subplots(1, 2, figsize=(11 if num_layers <= 24 else 14, 4.8))
-    colours = plt.get_cmap("tab20" if num_heads > 10 else "tab10")
+    colours = _head_colours(plt, num_heads)
     depth = list(range(1, num_layers + 1))
     kinds = [g["attention"] for g in profile.geometry] if profile.geometry else []
     for ax, (values, label) in zip(axes, panels):
         for head in range(num_heads):
-            ax.scatter(depth, values[:, head], s=18 if num_heads <= 12 else 8, color=colours(head % colours.N),
+            ax.scatter(depth, values[:, head], s=18 if num_heads <= 12 else 8, color=colours(head),
                        label=f"head {head}" if num_heads <= 16 else None)
         ax.set_xlabel("Network depth (layer)")
         ax.set_ylabel(label)
