@@ -73,7 +73,7 @@ _REASONS_IN = {
 # knows): attention_modules lists them, so that they are skipped with the reason rather than the model refused
 # as having no attention at all.
 _UNDISCOVERED = {("FactorAttnConvRelPosEnc", "coat"), ("LiteMLA", "efficientvit_mit"), ("LambdaLayer", "lambda_layer"),
-                 ("SLANetAttentionGRUCell", "modeling_slanet")}
+                 ("SLANetAttentionGRUCell", "modeling_slanet"), ("OutlookAttention", "volo")}
 
 
 def _class_key(module: nn.Module) -> tuple[str, str]:
@@ -82,7 +82,8 @@ def _class_key(module: nn.Module) -> tuple[str, str]:
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """CoaT's factorized, EfficientViT-MIT's ReLU linear, LambdaNet's and SLANet's additive attention, and the
+    """CoaT's factorized, EfficientViT-MIT's ReLU linear, LambdaNet's and SLANet's additive, VOLO's outlook
+    attention (absent from rec.skipped by default, which the README said it was in; QA 264), and the
     transformers detectors' deformable attention, by qualified name, to list them as skipped (a detector with a
     convolutional backbone is refused naming its deformable encoder, not only its decoder)."""
     return {name: m for name, m in named_module_list(model) if _class_key(m) in _UNDISCOVERED or _is_deformable(m)}
