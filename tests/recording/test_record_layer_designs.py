@@ -375,8 +375,102 @@ def test_attention_reached_through_an_alias_a_helper_or_a_method_is_found_and_a_
     torch.testing.assert_close(found.mad.double(), expected, **TOL)
 
     gap = _Stack(["sdpa", "softmax", "sdpa"]).eval()
-    with pytest.warns(UserWarning, match=r"^vitmad\.record: recorded attention layers of _Stack lie before and after "
-                                         r"blocks\.1, where vitmad found none"):
+    with pytest.warns(UserWarning, match=r"^vitmad\.record: blocks\.1 of _Stack, in a list beside recorded attention "
+                                         r"layers, compute a softmax that vitmad does not take for attention"):
         with torch.no_grad(), vitmad.record(gap) as rec:
             gap(pixels)
     assert rec.layers == ["blocks.0", "blocks.2"]
+
+
+def attn(q, k, v):  # a module-level helper named as a block's attention submodule is (QA 262's name collision)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class _SoftmaxAs(_Block):
+    """Explicit softmax through an nn.Softmax stored under another name, in a class not named as attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.Softmax(dim=-1)
+
+    def forward(self, x):
+        q, k = self.q(x)[:, None], self.k(x)[:, None]
+        return x + (self.act(q @ k.transpose(-2, -1) * 8 ** -0.5) @ q)[:, 0]
+
+
+class _Pooled(_Stack):
+    """A model whose own method attends (attention pooling by a learned query): it holds the blocks."""
+
+    def __init__(self, kinds):
+        super().__init__(kinds)
+        self.query = nn.Parameter(torch.randn(1, 1, 8))
+
+    def pool(self, x):
+        return F.scaled_dot_product_attention(self.query.expand(len(x), -1, -1)[:, None], x[:, None], x[:, None])
+
+    def forward(self, pixels):
+        return self.pool(super().forward(pixels))
+
+
+class _Collide(_Block):
+    """Calls its submodule self.attn, while the module's globals hold a function named attn."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = _Block()
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+def test_discovery_does_not_take_holders_or_attributes_for_attention_and_wildcards_keep_the_users_modules():
+    """QA 262: following helpers took a model whose pool method attends for one layer swallowing its blocks, and a
+    block's self.attn for the module-level function attn; the wildcard filter dropped a user's block computing its
+    softmax through nn.Softmax named act, and a checkpoint wrapper of one (both were recorded before)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 32, 32)
+    pooled = _Pooled(["sdpa", "alias", "sdpa"]).eval()
+    with torch.no_grad(), vitmad.record(pooled, num_prefix_tokens=0) as rec:
+        pooled(pixels)
+    assert rec.layers == ["blocks.0", "blocks.1", "blocks.2"]
+    collide = _Stack(["sdpa"]).eval()
+    collide.blocks = nn.ModuleList([_Collide(), _Collide()])
+    with torch.no_grad(), vitmad.record(collide, num_prefix_tokens=0) as rec:
+        collide(pixels)
+    assert rec.layers == ["blocks.0.attn", "blocks.1.attn"]
+    stack = _Stack(["sdpa", "sdpa", "sdpa"]).eval()
+    stack.blocks[1] = _SoftmaxAs()
+    with torch.no_grad(), vitmad.record(stack, layers=["blocks.*"]) as named:
+        stack(pixels)
+    wrapped = _Stack(["sdpa", "sdpa", "sdpa"]).eval()
+    wrapped.blocks[1] = checkpoint_wrapper(_SoftmaxAs())
+    with torch.no_grad(), vitmad.record(wrapped, layers=["blocks.?"]) as checkpointed:
+        wrapped(pixels)
+    assert named.layers == checkpointed.layers == ["blocks.0", "blocks.1", "blocks.2"]
+    # The reference: each block's own probabilities, no prefix token.
+    maps, x = [], stack.embed(pixels).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        for block in stack.blocks:
+            q, k = block.q(x).double(), block.k(x).double()
+            maps.append((q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1)[:, None])
+            x = block(x)
+    expected = torch.stack([mad_reference(a, 4, num_prefix_tokens=0, grid=(8, 8)) for a in maps])
+    torch.testing.assert_close(named.mad.double(), expected, **TOL)
+
+
+def test_an_unrecognised_block_first_or_last_in_a_list_is_warned_of_but_not_norms_or_mlps():
+    """The gap warning looked only between recorded blocks (QA 262: a softmax block first was left out in
+    silence), and warned of norms and MLPs between them."""
+    pixels = torch.randn(2, 3, 32, 32)
+    first = _Stack(["softmax", "sdpa", "sdpa"]).eval()
+    with pytest.warns(UserWarning, match=r"^vitmad\.record: blocks\.0 of _Stack, in a list beside recorded"):
+        with torch.no_grad(), vitmad.record(first) as rec:
+            first(pixels)
+    assert rec.layers == ["blocks.1", "blocks.2"]
+    mixed = _Stack(["sdpa", "sdpa"]).eval()
+    mixed.blocks = nn.ModuleList([_Block(), nn.LayerNorm(8), nn.Sequential(nn.Linear(8, 8), nn.GELU()), _Block()])
+    with torch.no_grad(), vitmad.record(mixed) as rec:  # no warning: warnings are errors in the tests
+        mixed(pixels)
+    assert rec.layers == ["blocks.0", "blocks.3"]

@@ -116,12 +116,19 @@ def refuse_graph_forms(model: nn.Module, who: str = "vitmad.record") -> None:
         TypeError: naming the module and what to record instead.
     """
     for name, module in named_module_list(model):
-        if isinstance(module, torch.jit.ScriptModule):
-            what = f"the model ({type(model).__name__})" if not name else f"{name} of {type(model).__name__}"
+        if isinstance(module, torch.jit.ScriptModule) and not name:
             raise TypeError(
-                f"{who}: {what} is a TorchScript module (torch.jit.script or "
+                f"{who}: the model ({type(model).__name__}) is a TorchScript module (torch.jit.script or "
                 "torch.jit.trace), whose forward runs TorchScript code no hook of vitmad sees; record the nn.Module "
                 "it was made from (a trace or script made inside the recording block runs unrecorded)")
+        if isinstance(module, torch.jit.ScriptModule):
+            # A part of the model, attention or not (a scripted preprocessing step): vitmad walks and hooks the
+            # whole tree, which TorchScript modules do not allow (torch's "get_submodule is not supported").
+            raise TypeError(
+                f"{who}: {name} of {type(model).__name__} is a TorchScript module (torch.jit.script or "
+                "torch.jit.trace), whose module tree vitmad cannot walk or hook; record the model with that part as "
+                "the nn.Module it was made from (its output is the same), or record the part of the model beside "
+                "it that holds the attention")
         if not name and isinstance(module, torch.fx.GraphModule) and hasattr(module, "_in_spec"):
             raise TypeError(
                 f"{who}: the model is the module of a torch.export program (ExportedProgram.module()), a graph of "

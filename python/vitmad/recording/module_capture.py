@@ -24,6 +24,7 @@ layer.
 
 from __future__ import annotations
 
+import dis
 import inspect
 import re
 import threading
@@ -46,8 +47,8 @@ from .forward_owner import ModuleCall, current_module_call, module_call_live
 from .module_index import is_known_library, named_module_list
 from .transformers_capture import AttentionCallback, forward_source
 
-__all__ = ["may_compute_attention", "timm_attention_modules", "source_attention_modules", "ModuleAttentionHooks",
-           "DoneCallback", "ProbabilitiesCallback", "ProbabilitiesView"]
+__all__ = ["may_compute_attention", "names_softmax", "timm_attention_modules", "source_attention_modules",
+           "ModuleAttentionHooks", "DoneCallback", "ProbabilitiesCallback", "ProbabilitiesView"]
 
 # (qualified module name, module, completed): the module's forward ended, returning (completed) or raising.
 DoneCallback = Callable[[str, nn.Module, bool], None]
@@ -94,46 +95,112 @@ _FUSED_CALLS = ("scaled_dot_product_attention(", "flex_attention(")
 
 
 def _calls_fused_attention(cls: type) -> bool:
+    """Whether ``cls.forward`` itself calls the fused attention (by name, or a global bound to flex_attention)."""
     source = forward_source(cls)
-    return any(call in source for call in _FUSED_CALLS) or _names_flex_attention(cls) or (
-        not is_known_library(cls) and _reaches_fused_attention(cls, getattr(cls, "forward", None), 2))
+    return any(call in source for call in _FUSED_CALLS) or _names_flex_attention(cls)
 
 
-def _reaches_fused_attention(cls: type, function, depth: int, names=("scaled_dot_product_attention",
-                                                                      "flex_attention")) -> bool:
-    """Whether ``function`` (a user's module's forward) calls the fused attention under another name: a global
-    bound to it (``sdpa = F.scaled_dot_product_attention``), or through a helper function of the user's or a method
-    of ``cls``, followed ``depth`` calls deep. Such a module was left out of the default layers silently, its
-    neighbours recorded, so ``rec.mad[1]`` was another block's (QA 257). The libraries vitmad reads are known
-    without it. ``names``: the attribute or global names that count as the call itself."""
-    code = getattr(inspect.unwrap(function), "__code__", None) if callable(function) else None
-    namespace = getattr(inspect.unwrap(function), "__globals__", None) if code is not None else None
+def _names_read(code) -> tuple[set[str], set[str]]:
+    """``(globals, attributes)`` a code object reads (its nested functions' and comprehensions' too): a global is
+    looked up in the function's module, an attribute never (``self.attn`` is no module-level ``attn``; QA 262)."""
+    globals_, attributes = set(), set()
+    for instruction in dis.get_instructions(code):
+        if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+            globals_.add(str(instruction.argval))
+        elif instruction.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+            attributes.add(str(instruction.argval))
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            inner = _names_read(const)
+            globals_ |= inner[0]
+            attributes |= inner[1]
+    return globals_, attributes
+
+
+_FUSED_NAMES = ("scaled_dot_product_attention", "flex_attention")
+# What a softmax may be read as: the names, and the functions and class a global may be bound to.
+_SOFTMAX_NAMES = ("softmax", "Softmax")
+_SOFTMAX_VALUES = (torch.softmax, F.softmax, torch.special.softmax, nn.Softmax)
+
+
+def _is_call_of(value, softmax: bool) -> bool:
+    return value is _SDPA or value is F.scaled_dot_product_attention or is_flex_attention(value) or (
+        softmax and any(value is known for known in _SOFTMAX_VALUES))
+
+
+def _methods(cls: type, name: str) -> list:
+    """The functions named ``name`` on ``cls`` and its bases (``super().forward()`` runs a base's)."""
+    found = []
+    for base in cls.__mro__:
+        value = base.__dict__.get(name)
+        found.append(value.__func__ if isinstance(value, (staticmethod, classmethod)) else value)
+    return found
+
+
+def _reaches(cls: type, function, depth: int, softmax: bool, instance: nn.Module | None = None) -> bool:
+    """Whether ``function`` (a user's module's forward) calls the fused attention (``softmax``: or a softmax)
+    under another name: a global bound to it (``sdpa = F.scaled_dot_product_attention``,
+    ``from torch.nn.functional import softmax as sm``), an attribute of the module ``instance`` bound to it
+    (``self.attend = F.scaled_dot_product_attention``), or through a helper function of the user's or a method of
+    ``cls`` or its bases, followed ``depth`` calls deep."""
+    function = inspect.unwrap(function) if callable(function) else None
+    code = getattr(function, "__code__", None)
+    namespace = getattr(function, "__globals__", None)
     if code is None or not isinstance(namespace, dict):
         return False
-    if any(name in code.co_names for name in names):
-        return True  # F.scaled_dot_product_attention(...), spelled in a helper's source
-    for name in code.co_names:
+    globals_, attributes = _names_read(code)
+    names = _FUSED_NAMES + (_SOFTMAX_NAMES if softmax else ())
+    if any(name in globals_ or name in attributes for name in names):
+        return True  # F.scaled_dot_product_attention(...), x.softmax(-1), spelled in the source
+    helpers = []
+    for name in globals_:
         value = namespace.get(name)
-        if value is _SDPA or value is F.scaled_dot_product_attention or is_flex_attention(value):
+        if _is_call_of(value, softmax):
             return True
-        helper = value if inspect.isfunction(value) else getattr(cls, name, None)
-        if depth and inspect.isfunction(helper) and not helper.__module__.startswith("torch") \
-                and _reaches_fused_attention(cls, helper, depth - 1, names):
+        helpers.append(value)
+    own = vars(instance) if instance is not None else {}
+    for name in attributes:
+        if _is_call_of(own.get(name), softmax):
             return True
-    return False
+        helpers += [own.get(name), *_methods(cls, name)]
+    return bool(depth) and any(
+        inspect.isfunction(helper) and not helper.__module__.startswith("torch")
+        and _reaches(cls, helper, depth - 1, softmax) for helper in helpers)
+
+
+def _reaches_fused_attention(module: nn.Module) -> bool:
+    """Whether a user's module (not a library's: theirs are known without it) calls the fused attention through an
+    alias, a helper function or a method, three calls deep, and holds no attention of its own below it: such a block
+    was left out of the default layers silently, its neighbours recorded, so ``rec.mad[1]`` was another block's
+    (QA 257). A module holding attention layers (a model whose ``pool`` method attends, an encoder of blocks) is
+    not one layer: taken for one, it swallowed its blocks (QA 262)."""
+    cls = type(module)
+    if is_known_library(cls) or not _reaches(cls, getattr(cls, "forward", None), 3, softmax=False, instance=module):
+        return False
+    return not any(isinstance(inner, nn.MultiheadAttention) or hasattr(inner, "fused_attn")
+                   or _computes_attention(type(inner)) for inner in module.modules() if inner is not module)
+
+
+def names_softmax(module: nn.Module) -> bool:
+    """Whether a module's forward names a softmax or the fused attention (itself, or a helper three calls deep)."""
+    return _reaches(type(module), getattr(type(module), "forward", None), 3, softmax=True, instance=module)
 
 
 def may_compute_attention(module: nn.Module) -> bool:
-    """Whether a module's forward may compute attention itself: it is no module of torch's own that never does (a
-    linear layer, a norm, a dropout, a container), and its forward names a softmax, ``scaled_dot_product_attention``
-    or ``flex_attention``, itself or in a helper two calls deep. A wildcard in ``layers=`` takes the modules it
-    matches that vitmad did not find for layers only where this holds: RT-DETR's ``model.28.decoder.*`` took 90
-    norms, dropouts and projections for layers, and the recording refused only when read (QA 258)."""
+    """Whether a module a wildcard in ``layers=`` matched, which vitmad did not find, may compute attention: a
+    user's module always (its attention may be computed any way, which its forward shows when it runs); a module of
+    a library vitmad reads only where its forward names a softmax, ``scaled_dot_product_attention`` or
+    ``flex_attention`` (itself, or a helper three calls deep); torch's own modules where they hold such a module or
+    a softmax (a container, a checkpoint wrapper), or are ``nn.MultiheadAttention``; never a linear layer, a norm, a
+    dropout, nor a softmax alone (its holder is the layer). RT-DETR's ``model.28.decoder.*`` took 90 norms,
+    dropouts, projections and MLPs for layers, and the recording refused only when read (QA 258)."""
     cls = type(module)
-    if cls.__module__.startswith("torch.") and not isinstance(module, nn.MultiheadAttention):
-        return False
-    return _reaches_fused_attention(cls, getattr(cls, "forward", None), 2,
-                                    ("scaled_dot_product_attention", "flex_attention", "softmax", "Softmax"))
+    if cls.__module__.startswith("torch."):
+        return isinstance(module, nn.MultiheadAttention) or any(
+            isinstance(child, nn.Softmax) or may_compute_attention(child) for child in module.children())
+    if not is_known_library(cls):
+        return True
+    return names_softmax(module)
 
 
 def _names_flex_attention(cls: type) -> bool:
@@ -168,10 +235,12 @@ def source_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     found = {}
     for name, module in named_module_list(model):
         cls = type(module)
-        if cls.__module__.split(".")[0] == "torch" or not _computes_attention(cls):
+        if cls.__module__.split(".")[0] == "torch":
             continue
-        if _calls_fused_attention(cls) or any(
-                isinstance(getattr(module, p, None), nn.Module) for p in _QUERY_KEY_NAMES):
+        if _computes_attention(cls) and (_calls_fused_attention(cls) or any(
+                isinstance(getattr(module, p, None), nn.Module) for p in _QUERY_KEY_NAMES)):
+            found[name] = module
+        elif _reaches_fused_attention(module):
             found[name] = module
     return found
 

@@ -83,6 +83,7 @@ from .mha_capture import MultiheadAttentionHooks, mha_modules
 from .module_capture import (
     ModuleAttentionHooks,
     may_compute_attention,
+    names_softmax,
     source_attention_modules,
     timm_attention_modules,
 )
@@ -477,6 +478,40 @@ def _reused_compiled_code(model: nn.Module) -> str:
 _SECOND_TOWER = "a second tower that embeds the image"
 
 
+def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module]) -> None:
+    """Warn once where the default layers of a model of the user's own leave out blocks of a list holding recorded
+    ones, blocks that hold a module computing a softmax or fused attention none of which is recorded (an explicit
+    softmax in a class not named as attention): those layers were left out silently, and ``rec.mad[1]`` was
+    ``blocks.4``'s (QA 257), also where the block was the list's first or last (QA 262). Blocks without any (a
+    convolution stage, norms, MLPs) are no gap (they were warned of, QA 262)."""
+    if is_known_library(type(model)):
+        return
+    containers = {name: m for name, m in named_module_list(model) if isinstance(m, (nn.ModuleList, nn.Sequential))}
+    missing = []
+    for path, container in containers.items():
+        prefix = f"{path}." if path else ""
+        held = {int(n[len(prefix):].split(".", 1)[0]) for n in recorded
+                if n.startswith(prefix) and n[len(prefix):].split(".", 1)[0].isdigit()}
+        if not held or any(is_known_library(type(container[i])) for i in held):
+            continue
+        for i, block in enumerate(container):
+            if i not in held and any(isinstance(inner, nn.Softmax) or (
+                    not type(inner).__module__.startswith("torch.") and names_softmax(inner))
+                    for inner in block.modules()):
+                missing.append(f"{prefix}{i}")
+    if missing:
+        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+        warnings.warn(
+            f"vitmad.record: {shown} of {type(model).__name__}, in a list beside recorded attention layers, compute "
+            "a softmax that vitmad does not take for attention (an explicit softmax in a class not named as "
+            "attention?): if they attend, they are left out of rec.layers, and rec.mad's layer axis skips them; "
+            "pass layers=[every attention module's name] to say which modules attend", stacklevel=3)
+
+
+# The reason of a layer in an image tower beside the one a recording places: recorded by a recording of its own.
+_SECOND_TOWER = "a second tower that embeds the image"
+
+
 def _warn_blocks_between(model: nn.Module, recorded: dict[str, nn.Module]) -> None:
     """Warn once where the default layers of a model of the user's own skip blocks of a list between recorded ones
     (``blocks.0`` and ``blocks.4`` recorded, ``blocks.1`` to ``3`` not): attention computed in a way vitmad does not
@@ -682,7 +717,6 @@ class Recording:
         # A torch.compile wrapper is recorded through the module it wraps; a compiled model runs eagerly inside
         # the block (compiled.py), so that the hooks below see every layer.
         given, model = model, uncompiled(model)
-        refuse_graph_forms(model)
         self._eager = False
         self._registered = False  # in _RECORDING
         self._calls_before_forward: int | None = None  # len(calls) when the model's forward began
@@ -728,11 +762,12 @@ class Recording:
         self._root_embeddings: dict[str, tuple | None] = {}
         # Every family asks the module tree its own questions: one walk per root serves them all.
         with shared_walks():
+            refuse_graph_forms(model)  # first: a family's walk would fail inside torch on a TorchScript module
             self._plain = PlainLayout(model, patch, None if grid is None else (int(grid[0]), int(grid[1])),
                                       num_prefix_tokens)
             self._modules = self._choose_layers(layers)
             if layers is None:
-                _warn_blocks_between(model, self._modules)
+                _warn_unrecorded_blocks(model, self._modules)
             self._refuse_other_towers_on_the_plain_grid()
             self._compiled = check_compiled(model, given)
         # A tower fed flattened_patches takes patch= alone (the pixel size of its patches is not in the model).
@@ -1664,6 +1699,15 @@ class Recording:
         held = [name for name, module in named_module_list(self.model) if id(module) in starts | recorded]
         # Where each recorded layer sits, to tell at each forward that it is still there (_check_layers_in_place).
         self._layer_paths = [(name, module) for name, module in named_module_list(self.model) if id(module) in recorded]
+        present = {id(module) for _, module in self._layer_paths}
+        gone = [name for name, module in self._modules.items() if id(module) not in present]
+        if gone:
+            # Replaced between the recording's making (or its last block) and this block: its layer was left out
+            # of every call silently (QA 262).
+            raise RuntimeError(
+                f"vitmad.record: {', '.join(gone[:4])} of {type(self.model).__name__} was replaced (or removed) since "
+                "the recording was made; the module there now is not recorded, and the calls would leave its layer "
+                "out: make a new recording (vitmad.record(model)) after replacing modules")
         inside = {name.rsplit(".", i)[0] for name in held for i in range(name.count(".") + 1)}
         # And the model's own children: a forward_features that raises between its patch embedding and its blocks
         # (position embedding, dropout) leaves no empty call (_leave_scope).
