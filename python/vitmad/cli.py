@@ -399,8 +399,12 @@ def _print_summary(result) -> None:
     print(f"{'layer':>5}  {'mean':>7}  {'min head':>8}  {'max head':>8}  name")
     for i, (name, heads) in enumerate(zip(result.layers, result.heads)):
         row = mad[i, :heads]
+        # As mad.json's summary: the mean over every head (NaN where one has no value), the lowest and highest of
+        # the heads that have one (both were NaN beside a NaN head, where mad.json names them; QA 263).
+        finite = row[~row.isnan()]
+        low, high = (finite.min(), finite.max()) if finite.numel() else (float("nan"), float("nan"))
         temporal = "" if result.temporal is None else f"  ({result.temporal_mad[i, :heads].mean():.2f} frames)"
-        print(f"{i:>5}  {row.mean():7.1f}  {row.min():8.1f}  {row.max():8.1f}  {name}{temporal}")
+        print(f"{i:>5}  {row.mean():7.1f}  {low:8.1f}  {high:8.1f}  {name}{temporal}")
     for name, reason in result.skipped_layers.items():
         if name in result.class_layers:  # the recorder's advice (rec.class_attention_maps) is not this run's
             reason = f"{reason.split(';')[0]}; no MAD, its queries' mean map is in prefix_maps.npz"

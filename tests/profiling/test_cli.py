@@ -366,3 +366,25 @@ def test_a_model_without_attention_is_a_model_error_before_any_checkpoint(image_
     assert err.strip().startswith("vitmad: error: --model: found no attention layer vitmad knows in ResNet: ")
     assert "vitmad.profile(..., layers=[their qualified names]) records them" in err
     assert not (out / "checkpoint.pt").exists()
+
+
+def test_the_printed_summary_names_the_heads_mad_json_names_beside_a_head_without_a_value(capsys):
+    """A head without a value (NaN) made the printed min and max head NaN too, where mad.json's summary gives them
+    over the heads that have one (QA 263)."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    import vitmad
+    from vitmad.cli import _print_summary
+
+    torch.manual_seed(0)
+    model = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                               image_size=32, patch_size=8), add_pooling_layer=False).eval()
+    result = vitmad.profile(model, torch.randn(2, 3, 32, 32), device="cpu")
+    result.stats.total[1, 0] = float("nan")
+    capsys.readouterr()
+    _print_summary(result)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["1"])
+    summary = result.to_dict()["layers"][1]["summary"]
+    assert summary["mean_over_heads"] is None
+    assert row.split()[1:4] == ["nan", f"{summary['min_head']:.1f}", f"{summary['max_head']:.1f}"]

@@ -239,3 +239,42 @@ def test_the_process_group_is_freed_when_a_rank_closes_after_loading_a_transform
                           timeout=240)
     assert done.returncode == 0, done.stderr
     assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)] == ["freed", "freed"]
+
+
+_MERGE_NAN = """
+import json, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+from vitmad.profiling.stats import RunningStats
+from vitmad.profiling.distributed import DistributedRun, merge_across_ranks
+
+# One layer, two heads; rank NAN_RANK's images give head 0 a NaN, head 1 stays finite.
+VALUES = [torch.tensor([[[1.0, 7.0], [2.0, 8.0], [float("nan"), 9.0]]], dtype=torch.float64),
+          torch.tensor([[[4.0, 1.0], [5.0, 2.0], [6.0, 3.0]]], dtype=torch.float64)]
+
+def worker(rank, path, nan_rank):
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    stats = RunningStats.empty(1, 2).add(VALUES[rank if nan_rank == 0 else 1 - rank])
+    order = {f"{r}_{i}": 3 * r + i for r in range(2) for i in range(3)}
+    merged, *_ = merge_across_ranks(DistributedRun(rank, 2, rank, "gloo"), stats, {"layers": ["l0"]},
+                                    [f"{rank}_{i}" for i in range(3)], [], order)
+    if rank == 0:
+        print(json.dumps({"low": merged.low.tolist(), "high": merged.high.tolist()}), flush=True)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    for nan_rank in (0, 1):
+        mp.spawn(worker, args=(sys.argv[1] + str(nan_rank), nan_rank), nprocs=2)
+"""
+
+
+def test_a_head_without_a_value_on_one_rank_has_no_min_or_max_for_the_job(tmp_path):
+    """One process: a head NaN for one image has NaN mean, std, min and max. gloo's MIN and MAX dropped the NaN
+    rank's values and kept the other's finite range (QA 263: min 4.0, max 6.0 for a head one process says NaN)."""
+    (tmp_path / "merge.py").write_text(_MERGE_NAN)
+    done = subprocess.run([sys.executable, str(tmp_path / "merge.py"), str(tmp_path / "store")], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(results) == 2  # the NaN on rank 0, then on rank 1
+    for result in results:
+        assert math.isnan(result["low"][0][0]) and math.isnan(result["high"][0][0]), result
+        assert (result["low"][0][1], result["high"][0][1]) == (1.0, 9.0), result
