@@ -7,6 +7,7 @@ References are the models' own unfused attention probabilities, placed by the ge
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -474,3 +475,75 @@ def test_an_unrecognised_block_first_or_last_in_a_list_is_warned_of_but_not_norm
     with torch.no_grad(), vitmad.record(mixed) as rec:  # no warning: warnings are errors in the tests
         mixed(pixels)
     assert rec.layers == ["blocks.0", "blocks.3"]
+
+
+class _LocalImport(_Block):
+    def forward(self, x):
+        from torch.nn.functional import scaled_dot_product_attention
+
+        q, k = self.q(x)[:, None], self.k(x)[:, None]
+        return x + scaled_dot_product_attention(q, k, q)[:, 0]
+
+
+class _DefaultArgument(_Block):
+    def forward(self, x, attend=F.scaled_dot_product_attention):
+        q, k = self.q(x)[:, None], self.k(x)[:, None]
+        return x + attend(q, k, q)[:, 0]
+
+
+class _ClassAttribute(_Block):
+    attend = staticmethod(F.scaled_dot_product_attention)
+
+    def forward(self, x):
+        q, k = self.q(x)[:, None], self.k(x)[:, None]
+        return x + self.attend(q, k, q)[:, 0]
+
+
+class _Partial(_Block):
+    def __init__(self):
+        super().__init__()
+        self.attend = functools.partial(F.scaled_dot_product_attention, dropout_p=0.0)
+
+    def forward(self, x):
+        q, k = self.q(x)[:, None], self.k(x)[:, None]
+        return x + self.attend(q, k, q)[:, 0]
+
+
+class _Holder(nn.Module):
+    """A block holding an attention module of explicit softmax that vitmad does not find by itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.mixer = _SoftmaxAs()
+
+    def forward(self, x):
+        return self.mixer(x)
+
+
+def test_more_spellings_are_found_and_a_wildcard_records_each_attention_once():
+    """QA 265: an import inside forward, a default argument, a class attribute and functools.partial reaching SDPA
+    were left out in silence (rec.mad[1] another block's); blocks.* over blocks holding an explicit-softmax module
+    recorded each layer twice (the block and its module), "*" refused the model itself as named; a pooling model
+    whose blocks attend through an alias was taken for one more layer; nn.Sequential(vit, nn.Softmax) warned of
+    its output softmax."""
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 32, 32)
+    spelled = _Stack(["sdpa"]).eval()
+    spelled.blocks = nn.ModuleList([_LocalImport(), _DefaultArgument(), _ClassAttribute(), _Partial()])
+    with torch.no_grad(), vitmad.record(spelled) as rec:
+        spelled(pixels)
+    assert rec.layers == [f"blocks.{i}" for i in range(4)]
+    held = _Stack(["sdpa"]).eval()
+    held.blocks = nn.ModuleList([_Holder(), _Holder()])
+    for layers in (["blocks.*"], ["*"], ["blocks.*.mixer"]):
+        with torch.no_grad(), vitmad.record(held, layers=layers) as rec:
+            held(pixels)
+        assert rec.layers == ["blocks.0.mixer", "blocks.1.mixer"], layers
+    pooled = _Pooled(["alias", "helper"]).eval()
+    with torch.no_grad(), vitmad.record(pooled) as rec:
+        pooled(pixels)
+    assert rec.layers == ["blocks.0", "blocks.1"]
+    classifier = nn.Sequential(_Stack(["sdpa", "sdpa"]), nn.Softmax(dim=-1)).eval()
+    with torch.no_grad(), vitmad.record(classifier) as rec:  # no warning: warnings are errors in the tests
+        classifier(pixels)
+    assert rec.layers == ["0.blocks.0", "0.blocks.1"]

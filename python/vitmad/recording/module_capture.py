@@ -107,7 +107,8 @@ def _names_read(code) -> tuple[set[str], set[str]]:
     for instruction in dis.get_instructions(code):
         if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
             globals_.add(str(instruction.argval))
-        elif instruction.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+        elif instruction.opname in ("LOAD_ATTR", "LOAD_METHOD", "IMPORT_FROM"):
+            # (an import inside the function: "from torch.nn.functional import scaled_dot_product_attention")
             attributes.add(str(instruction.argval))
     for const in code.co_consts:
         if inspect.iscode(const):
@@ -124,8 +125,9 @@ _SOFTMAX_VALUES = (torch.softmax, F.softmax, torch.special.softmax, nn.Softmax)
 
 
 def _is_call_of(value, softmax: bool) -> bool:
+    value = getattr(value, "func", value)  # functools.partial(F.scaled_dot_product_attention, ...)
     return value is _SDPA or value is F.scaled_dot_product_attention or is_flex_attention(value) or (
-        softmax and any(value is known for known in _SOFTMAX_VALUES))
+        softmax and (isinstance(value, nn.Softmax) or any(value is known for known in _SOFTMAX_VALUES)))
 
 
 def _methods(cls: type, name: str) -> list:
@@ -158,11 +160,15 @@ def _reaches(cls: type, function, depth: int, softmax: bool, instance: nn.Module
         if _is_call_of(value, softmax):
             return True
         helpers.append(value)
-    own = vars(instance) if instance is not None else {}
+    if any(_is_call_of(value, softmax) for value in function.__defaults__ or ()):  # def f(x, attend=F.sdpa)
+        return True
+    # An instance's attributes, its submodules among them (nn.Module keeps those apart from its __dict__).
+    own = {} if instance is None else {**instance._modules, **vars(instance)}
     for name in attributes:
-        if _is_call_of(own.get(name), softmax):
+        bound = [own.get(name), *_methods(cls, name)]  # an instance's or a class's attribute, a method
+        if any(_is_call_of(value, softmax) for value in bound):
             return True
-        helpers += [own.get(name), *_methods(cls, name)]
+        helpers += bound
     return bool(depth) and any(
         inspect.isfunction(helper) and not helper.__module__.startswith("torch")
         and _reaches(cls, helper, depth - 1, softmax) for helper in helpers)
@@ -170,15 +176,12 @@ def _reaches(cls: type, function, depth: int, softmax: bool, instance: nn.Module
 
 def _reaches_fused_attention(module: nn.Module) -> bool:
     """Whether a user's module (not a library's: theirs are known without it) calls the fused attention through an
-    alias, a helper function or a method, three calls deep, and holds no attention of its own below it: such a block
-    was left out of the default layers silently, its neighbours recorded, so ``rec.mad[1]`` was another block's
-    (QA 257). A module holding attention layers (a model whose ``pool`` method attends, an encoder of blocks) is
-    not one layer: taken for one, it swallowed its blocks (QA 262)."""
+    alias, a helper function or a method, three calls deep: such a block was left out of the default layers
+    silently, its neighbours recorded, so ``rec.mad[1]`` was another block's (QA 257). Whether it is a layer is
+    :func:`source_attention_modules`' choice (not where it holds attention below it)."""
     cls = type(module)
-    if is_known_library(cls) or not _reaches(cls, getattr(cls, "forward", None), 3, softmax=False, instance=module):
-        return False
-    return not any(isinstance(inner, nn.MultiheadAttention) or hasattr(inner, "fused_attn")
-                   or _computes_attention(type(inner)) for inner in module.modules() if inner is not module)
+    return not is_known_library(cls) and _reaches(cls, getattr(cls, "forward", None), 3, softmax=False,
+                                                  instance=module)
 
 
 def names_softmax(module: nn.Module) -> bool:
@@ -232,7 +235,7 @@ def source_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     ``F.scaled_dot_product_attention`` or ``flex_attention``, or the class is named as attention, has a query or key
     projection and computes a softmax (blocks that attend without an attention submodule, attention modules outside
     timm's and transformers' conventions)."""
-    found = {}
+    found, reached = {}, {}
     for name, module in named_module_list(model):
         cls = type(module)
         if cls.__module__.split(".")[0] == "torch":
@@ -241,6 +244,14 @@ def source_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
                 isinstance(getattr(module, p, None), nn.Module) for p in _QUERY_KEY_NAMES)):
             found[name] = module
         elif _reaches_fused_attention(module):
+            reached[name] = module
+    # A module reaching the fused attention through its helpers that holds attention below it (a model whose pool
+    # method attends, an encoder of blocks) is no one layer: taken for one, it swallowed its blocks, or was
+    # recorded beside them (QA 262, 265).
+    for name, module in reached.items():
+        inside = [other for other in (*found, *reached) if other != name and (not name or other.startswith(name + "."))]
+        if not inside and not any(isinstance(inner, nn.MultiheadAttention) or hasattr(inner, "fused_attn")
+                                  for inner in module.modules() if inner is not module):
             found[name] = module
     return found
 

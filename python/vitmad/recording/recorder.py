@@ -495,7 +495,8 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module]) ->
         if not held or any(is_known_library(type(container[i])) for i in held):
             continue
         for i, block in enumerate(container):
-            if i not in held and any(isinstance(inner, nn.Softmax) or (
+            # (An nn.Softmax that is itself an item of the list is an output layer: nn.Sequential(vit, Softmax).)
+            if i not in held and not isinstance(block, nn.Softmax) and any(isinstance(inner, nn.Softmax) or (
                     not type(inner).__module__.startswith("torch.") and names_softmax(inner))
                     for inner in block.modules()):
                 missing.append(f"{prefix}{i}")
@@ -816,9 +817,13 @@ class Recording:
                       if name in found or name in exact or may_compute_attention(m)}
             # A module holding a chosen attention module (a pattern such as "blocks.*" takes a block and its
             # attention) would record the same attention calls again as a layer of its own: the inner one is kept.
-            inner = [name for name in chosen if name in found]
+            # So too a wildcard's match holding a chosen module of the user's that computes a softmax (an attention
+            # vitmad does not find by itself, named by the wildcard: recorded twice, QA 265; "*" took the model
+            # itself, which was refused as named).
+            inner = [name for name, m in chosen.items() if name in found or (
+                not type(m).__module__.startswith("torch.") and names_softmax(m))]
             chosen = {name: m for name, m in chosen.items()
-                      if not any(_holds(name, other) for other in inner)}
+                      if not any(_holds(name, other) for other in inner if other in found or name not in exact)}
             # A module named that computes no attention itself but holds nn.MultiheadAttention layers (a user's
             # wrapper) runs them through one fused torch function whose attention no capture around it sees: it was
             # skipped as computing none (QA 257). Its MultiheadAttention layers are recorded in its place.
