@@ -513,32 +513,6 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module]) ->
 _SECOND_TOWER = "a second tower that embeds the image"
 
 
-def _warn_blocks_between(model: nn.Module, recorded: dict[str, nn.Module]) -> None:
-    """Warn once where the default layers of a model of the user's own skip blocks of a list between recorded ones
-    (``blocks.0`` and ``blocks.4`` recorded, ``blocks.1`` to ``3`` not): attention computed in a way vitmad does not
-    find (an explicit softmax in a class not named as attention) left those layers out, silently, and
-    ``rec.mad[1]`` was ``blocks.4``'s (QA 257). A list of blocks of different kinds (convolutions between attention
-    blocks) is warned of too: the message says how to say which."""
-    if is_known_library(type(model)):
-        return
-    containers = {name: m for name, m in named_module_list(model) if isinstance(m, (nn.ModuleList, nn.Sequential))}
-    missing = []
-    for path, container in containers.items():
-        prefix = f"{path}." if path else ""
-        held = sorted({int(n[len(prefix):].split(".", 1)[0]) for n in recorded
-                       if n.startswith(prefix) and n[len(prefix):].split(".", 1)[0].isdigit()})
-        if len(held) < 2 or any(is_known_library(type(container[i])) for i in held):
-            continue
-        missing += [f"{prefix}{i}" for i in range(held[0], held[-1]) if i not in held]
-    if missing:
-        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
-        warnings.warn(
-            f"vitmad.record: recorded attention layers of {type(model).__name__} lie before and after {shown}, "
-            "where vitmad found none: a layer whose attention vitmad does not recognise (an explicit softmax in "
-            "a class not named as attention) would be left out of rec.layers, and rec.mad's layer axis would skip "
-            "it; pass layers=[every attention module's name] to say which modules attend", stacklevel=3)
-
-
 class NoLayerError(ValueError):
     """vitmad.record found nothing to record in the model. ``finding`` says what it found, without the advice
     that follows it in the message (``layers=...``), which only a caller of record can act on: the profiler words
