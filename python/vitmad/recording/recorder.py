@@ -509,10 +509,6 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module]) ->
             "pass layers=[every attention module's name] to say which modules attend", stacklevel=3)
 
 
-# The reason of a layer in an image tower beside the one a recording places: recorded by a recording of its own.
-_SECOND_TOWER = "a second tower that embeds the image"
-
-
 class NoLayerError(ValueError):
     """vitmad.record found nothing to record in the model. ``finding`` says what it found, without the advice
     that follows it in the message (``layers=...``), which only a caller of record can act on: the profiler words
@@ -1675,9 +1671,10 @@ class Recording:
         towers = [] if first is not self.model else tower_starts(self.model, self._modules.values())
         starts = {id(module) for module in [first, *towers] if module is not None}
         recorded = {id(module) for module in self._modules.values()}
-        held = [name for name, module in named_module_list(self.model) if id(module) in starts | recorded]
+        walk = named_module_list(self.model)
+        held = [name for name, module in walk if id(module) in starts | recorded]
         # Where each recorded layer sits, to tell at each forward that it is still there (_check_layers_in_place).
-        self._layer_paths = [(name, module) for name, module in named_module_list(self.model) if id(module) in recorded]
+        self._layer_paths = [(name, module) for name, module in walk if id(module) in recorded]
         present = {id(module) for _, module in self._layer_paths}
         gone = [name for name, module in self._modules.items() if id(module) not in present]
         if gone:
