@@ -207,8 +207,8 @@ def _convolutions_on_pixels(model: nn.Module) -> list[nn.Module]:
     """The convolutions of ``model``, in module order, less those over tokens (a packed tower's, PiT's, ...)."""
     on_tokens = (token_convolutions(model) | vit_pytorch_token_convolutions(model)
                  | vit_pytorch_plain_convolutions(model))
-    idle = idle_copies(model)  # the copies PEFT's ModulesToSaveWrapper does not run now
-    return [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d)) and id(m) not in on_tokens | idle]
+    excluded = on_tokens | idle_copies(model)  # and the copies PEFT's ModulesToSaveWrapper does not run now
+    return [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d)) and id(m) not in excluded]
 
 
 def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:
