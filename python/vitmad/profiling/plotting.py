@@ -146,14 +146,19 @@ def plot_profile(profile, path: str | os.PathLike, *, title: str | None = None) 
     """
     plt = _pyplot()
     fig, ax, depth, num_heads = _heads_against_depth(plt, profile.mad)
-    uniform = profile.uniform_mads
+    _draw_uniform(ax, profile.uniform_mads, depth, profile.distance_unit)
+    _finish_depth_figure(plt, fig, ax, profile, "mad", depth, num_heads, path, title, _nan_heads_note(profile))
+
+
+def _draw_uniform(ax, uniform: list[float], depth: list[int], unit: str) -> None:
+    """The uniform-attention reference per layer (``uniform``, in ``unit``) against depth: one dashed line where
+    every layer has the same, else each stage's grid its own (a step)."""
     if len(set(uniform)) == 1:
         ax.axhline(uniform[0], color="0.4", linestyle="--", linewidth=1,
-                   label=f"uniform attention ({uniform[0]:.0f} {profile.distance_unit})")
-    else:  # each stage's grid has its own global reference
+                   label=f"uniform attention ({uniform[0]:.0f} {unit})")
+    else:
         ax.step(depth, uniform, where="mid", color="0.4", linestyle="--", linewidth=1,
                 label="uniform attention over each layer's grid")
-    _finish_depth_figure(plt, fig, ax, profile, "mad", depth, num_heads, path, title, _nan_heads_note(profile))
 
 
 def _heads_against_depth(plt, values: torch.Tensor):
@@ -280,13 +285,7 @@ def plot_space_time(profile, path: str | os.PathLike, *, title: str | None = Non
             ax.set_xticklabels([f"{d}\n{kinds[d - 1]}" for d in ticks], fontsize=6)
         if ax is axes[0]:  # before the limits are set: above every head, it was left off the plot
             # Each layer's own: the first layer's was drawn at every depth (a video Swin's stages; QA 259).
-            uniform = profile.uniform_mads
-            if len(set(uniform)) == 1:
-                ax.axhline(uniform[0], color="0.4", linestyle="--", linewidth=1,
-                           label=f"uniform attention ({uniform[0]:.0f} px)")
-            else:
-                ax.step(depth, uniform, where="mid", color="0.4", linestyle="--", linewidth=1,
-                        label="uniform attention over each layer's grid")
+            _draw_uniform(ax, profile.uniform_mads, depth, "px")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2 if num_heads > 8 else 1, loc="lower right")
