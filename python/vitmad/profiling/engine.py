@@ -177,12 +177,11 @@ def prepare_model(model, image_size: tuple[int, int] | str | None, model_checkpo
         loaded = load_model(str(model), model_checkpoint=model_checkpoint, image_size=image_size,
                             model_args=model_args, intensity=intensity, volume_unit=volume_unit)
     elif isinstance(model, torch.nn.Module):
-        from ..recording.compiled import refuse_graph_forms, uncompiled
+        from ..recording.compiled import graph_form_refusal, uncompiled
 
-        try:
-            refuse_graph_forms(uncompiled(model), "model")
-        except TypeError as err:  # the message, naming the parameter as profile's errors do
-            raise OptionError("model", str(err).removeprefix("model: ")) from None
+        refused = graph_form_refusal(uncompiled(model))
+        if refused is not None:
+            raise OptionError("model", refused)
         masked = random_masking(model)
         if masked is not None:
             raise OptionError("model", f"{type(model).__name__} drops {masked.mask_ratio:g} of the patches at random "

@@ -31,7 +31,7 @@ from torch import nn
 from .module_index import module_list, named_module_list
 from .process_scope import ProcessWideScope
 
-__all__ = ["uncompiled", "is_compiled", "compiled_forwards", "check_compiled", "refuse_graph_forms",
+__all__ = ["uncompiled", "is_compiled", "compiled_forwards", "check_compiled", "graph_form_refusal",
            "EagerWhileRecording"]
 
 
@@ -106,33 +106,28 @@ class EagerWhileRecording(ProcessWideScope):
         stance.__exit__(None, None, None)
 
 
-def refuse_graph_forms(model: nn.Module, who: str = "vitmad.record") -> None:
-    """Refuse a model made into TorchScript (``torch.jit.script`` / ``trace``, or holding such a module) or the
-    module of a ``torch.export`` program: their forward runs code no hook of vitmad sees, and their module trees are
-    not the model's (a scripted module's ``get_submodule`` raises; an exported one has no attention modules). They
-    failed with torch's own errors, or recorded nothing in silence (QA 261).
-
-    Raises:
-        TypeError: naming the module and what to record instead.
-    """
+def graph_form_refusal(model: nn.Module) -> str | None:
+    """Why a model made into TorchScript (``torch.jit.script`` / ``trace``, or holding such a module) or the module of
+    a ``torch.export`` program cannot be recorded, naming what to record instead; None for any other model. Their
+    forward runs code no hook of vitmad sees, and their module trees are not the model's (a scripted module's
+    ``get_submodule`` raises; an exported one has no attention modules): they failed with torch's own errors, or
+    recorded nothing in silence (QA 261). ``vitmad.record`` and ``vitmad.profile`` each refuse in their own words."""
     for name, module in named_module_list(model):
         if isinstance(module, torch.jit.ScriptModule) and not name:
-            raise TypeError(
-                f"{who}: the model ({type(model).__name__}) is a TorchScript module (torch.jit.script or "
-                "torch.jit.trace), whose forward runs TorchScript code no hook of vitmad sees; record the nn.Module "
-                "it was made from (a trace or script made inside the recording block runs unrecorded)")
+            return (f"the model ({type(model).__name__}) is a TorchScript module (torch.jit.script or "
+                    "torch.jit.trace), whose forward runs TorchScript code no hook of vitmad sees; record the "
+                    "nn.Module it was made from (a trace or script made inside the recording block runs unrecorded)")
         if isinstance(module, torch.jit.ScriptModule):
             # A part of the model, attention or not (a scripted preprocessing step): vitmad walks and hooks the
             # whole tree, which TorchScript modules do not allow (torch's "get_submodule is not supported").
-            raise TypeError(
-                f"{who}: {name} of {type(model).__name__} is a TorchScript module (torch.jit.script or "
-                "torch.jit.trace), whose module tree vitmad cannot walk or hook; record the model with that part as "
-                "the nn.Module it was made from (its output is the same), or record the part of the model beside "
-                "it that holds the attention")
+            return (f"{name} of {type(model).__name__} is a TorchScript module (torch.jit.script or "
+                    "torch.jit.trace), whose module tree vitmad cannot walk or hook; record the model with that part "
+                    "as the nn.Module it was made from (its output is the same), or record the part of the model "
+                    "beside it that holds the attention")
         if not name and isinstance(module, torch.fx.GraphModule) and hasattr(module, "_in_spec"):
-            raise TypeError(
-                f"{who}: the model is the module of a torch.export program (ExportedProgram.module()), a graph of "
-                "aten operations without the model's attention modules; record the nn.Module it was exported from")
+            return ("the model is the module of a torch.export program (ExportedProgram.module()), a graph of aten "
+                    "operations without the model's attention modules; record the nn.Module it was exported from")
+    return None
 
 
 def check_compiled(model: nn.Module, given: nn.Module) -> bool:

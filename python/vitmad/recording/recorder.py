@@ -53,7 +53,7 @@ from ..ops.arguments import (
     trust_same_tokens,
 )
 from ..ops.stats_op import MAP_NAME, common_tokens, derived_once
-from .compiled import EagerWhileRecording, check_compiled, compiled_forwards, refuse_graph_forms, uncompiled
+from .compiled import EagerWhileRecording, check_compiled, compiled_forwards, graph_form_refusal, uncompiled
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import ClassQueries, Skip, family_modules, family_placer, probabilities_source, probabilities_view
 from .families.class_attention import ClassQueryPlacer
@@ -733,7 +733,9 @@ class Recording:
         self._root_embeddings: dict[str, tuple | None] = {}
         # Every family asks the module tree its own questions: one walk per root serves them all.
         with shared_walks():
-            refuse_graph_forms(model)  # first: a family's walk would fail inside torch on a TorchScript module
+            refused = graph_form_refusal(model)  # first: a family's walk would fail inside torch on TorchScript
+            if refused is not None:
+                raise TypeError(f"vitmad.record: {refused}")
             self._plain = PlainLayout(model, patch, None if grid is None else (int(grid[0]), int(grid[1])),
                                       num_prefix_tokens)
             self._modules = self._choose_layers(layers)
