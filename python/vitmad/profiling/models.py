@@ -554,7 +554,6 @@ def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = No
     return loaded
 
 
-
 def random_masking(module: torch.nn.Module):
     """The config by which ``module`` drops patches at random at every forward, eval mode included (transformers'
     ViTMAE: ``config.mask_ratio`` of them), or None where it drops none."""

@@ -139,8 +139,7 @@ def load_open_clip(spec: str, model_checkpoint: str | os.PathLike | None,
         # A size its constructor refuses (a sin-cos position embedding: square only), or weights of another model
         # whose position embedding its loading cannot resize ("text pos_embed width changed!"): built again without
         # the weights, the tower tells which (the file was blamed on the size, or escaped as a traceback; QA 255).
-        built_alone = image_size is not None and _builds(open_clip, name, options)
-        if image_size is not None and not built_alone:
+        if image_size is not None and not _builds(open_clip, name, options):
             raise OptionError("image_size", f"OpenCLIP's {name} cannot be built for {image_size[0]}x{image_size[1]} "
                               f"px ({error_said(err)}); use its own size, or one it takes") from err
         if model_checkpoint is None:

@@ -105,7 +105,6 @@ def num_suffix_tokens(model: nn.Module) -> int:
     return int(getattr(config, "num_detection_tokens", 0) or 0)
 
 
-
 def in_a_known_library(model: nn.Module, path: str) -> bool:
     """Whether a module on the path to the module ``path`` (a patch embedding, an attention layer; the model itself
     included, that module and torch's own modules not) is defined in a library vitmad reads."""
