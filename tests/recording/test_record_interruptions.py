@@ -586,6 +586,46 @@ def test_a_layer_replaced_inside_the_block_is_refused_at_the_next_forward():
     torch.testing.assert_close(_clean_mad(model, pixels)[:1], rec.mad[:1], rtol=0, atol=0)
 
 
+def test_an_attention_module_added_after_the_recording_was_made_is_refused():
+    """``model.blocks.append(block)`` after ``vitmad.record(model)`` (or inside its block, or ``insert``): the new
+    attention module has no hook, and every later call left its layer out silently (QA 265). Refused at entry and
+    at each forward (and forward_features) while it is there; the calls before stay. A module added that holds no
+    attention changes nothing, nor one outside the layers asked for."""
+    model, pixels = _vit(), _pixels()
+    clean = _clean_mad(_vit(), pixels)
+    added = r"^vitmad\.record: blocks\.3\.attn of VisionTransformer was added since the recording was made"
+    rec = vitmad.record(model)
+    model.blocks.append(copy.deepcopy(model.blocks[0]))
+    with pytest.raises(RuntimeError, match=added), torch.no_grad(), rec:
+        pass
+    del model.blocks[3]
+    with torch.no_grad(), rec:
+        model(pixels)
+        model.blocks.append(copy.deepcopy(model.blocks[0]))
+        for forward in (model, model.forward_features, model):  # each forward, not only the first
+            with pytest.raises(RuntimeError, match=added):
+                forward(pixels)
+        del model.blocks[3]
+        model.head = nn.Sequential(nn.Identity(), model.head)  # no attention: recorded as before
+        model(pixels)
+    assert len(rec.calls) == 2
+    for call in rec.calls:
+        torch.testing.assert_close(call.mad, clean, rtol=0, atol=0)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model.blocks.insert(3, copy.deepcopy(model.blocks[0]))  # writes the list's dict directly
+        with pytest.raises(RuntimeError, match=added):
+            model(pixels)
+        del model.blocks[3]
+    with torch.no_grad(), vitmad.record(model, layers=["blocks.0.attn", "blocks.2.attn"]) as rec:
+        model.blocks.append(copy.deepcopy(model.blocks[0]))  # not a layer asked for
+        model(pixels)
+    torch.testing.assert_close(rec.mad, clean[[0, 2]], rtol=0, atol=0)
+    del model.blocks[3]
+    with pytest.raises(RuntimeError, match=added), torch.no_grad(), vitmad.record(model, layers=["blocks.*.attn"]):
+        model.blocks.append(copy.deepcopy(model.blocks[0]))
+        model(pixels)
+
+
 def test_a_recording_refuses_to_pickle_or_copy_naming_what_does():
     """torch.save(rec) and copy.deepcopy(rec) failed on a lock, naming nothing of vitmad (QA 251)."""
     import io

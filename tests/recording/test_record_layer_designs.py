@@ -477,6 +477,37 @@ def test_an_unrecognised_block_first_or_last_in_a_list_is_warned_of_but_not_norm
     assert rec.layers == ["blocks.0", "blocks.3"]
 
 
+class _TwoLists(_Stack):
+    """Local blocks vitmad finds (SDPA), then global ones it cannot tell (an explicit softmax), in a second list."""
+
+    def __init__(self):
+        super().__init__(["sdpa", "sdpa"])
+        self.global_blocks = nn.ModuleList(_KINDS["softmax"]() for _ in range(2))
+
+    def forward(self, pixels):
+        x = super().forward(pixels)
+        for block in self.global_blocks:
+            x = block(x)
+        return x
+
+
+def test_an_unrecognised_block_in_a_second_list_beside_the_recorded_one_is_warned_of():
+    """QA 265: only the list holding recorded layers was looked at, so a second list of attention blocks vitmad
+    cannot tell was left out in silence. A list inside a recorded layer is that layer's own."""
+    pixels = torch.randn(2, 3, 32, 32)
+    model = _TwoLists().eval()
+    with pytest.warns(UserWarning, match=r"^vitmad\.record: global_blocks\.0, global_blocks\.1 of _TwoLists, in a "
+                                         r"list beside recorded attention layers, compute a softmax"):
+        with torch.no_grad(), vitmad.record(model) as rec:
+            model(pixels)
+    assert rec.layers == ["blocks.0", "blocks.1"]
+    inner = _Stack(["sdpa", "sdpa"]).eval()
+    inner.blocks[1].parts = nn.ModuleList([_KINDS["softmax"]()])  # inside a recorded layer: no warning
+    with torch.no_grad(), vitmad.record(inner) as rec:
+        inner(pixels)
+    assert rec.layers == ["blocks.0", "blocks.1"]
+
+
 class _LocalImport(_Block):
     def forward(self, x):
         from torch.nn.functional import scaled_dot_product_attention

@@ -35,6 +35,7 @@ import fnmatch
 import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -478,21 +479,26 @@ def _reused_compiled_code(model: nn.Module) -> str:
 _SECOND_TOWER = "a second tower that embeds the image"
 
 
-def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module]) -> None:
-    """Warn once where the default layers of a model of the user's own leave out blocks of a list holding recorded
-    ones, blocks that hold a module computing a softmax or fused attention none of which is recorded (an explicit
+def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], skipped: Iterable[str]) -> None:
+    """Warn once where the default layers of a model of the user's own leave out blocks of a list, blocks that hold
+    a module computing a softmax or fused attention none of which is recorded or skipped with a reason (an explicit
     softmax in a class not named as attention): those layers were left out silently, and ``rec.mad[1]`` was
-    ``blocks.4``'s (QA 257), also where the block was the list's first or last (QA 262). Blocks without any (a
-    convolution stage, norms, MLPs) are no gap (they were warned of, QA 262)."""
+    ``blocks.4``'s (QA 257), also where the block was the list's first or last (QA 262), or in a second list beside
+    the one holding the recorded layers (``local_blocks`` recorded, ``global_blocks`` not; QA 265). Blocks without
+    any (a convolution stage, norms, MLPs) are no gap (they were warned of, QA 262), nor lists inside a recorded
+    layer (its own parts) or of a library's classes (whose attention vitmad knows)."""
     if is_known_library(type(model)):
         return
+    taken = [*recorded, *skipped]
     containers = {name: m for name, m in named_module_list(model) if isinstance(m, (nn.ModuleList, nn.Sequential))}
     missing = []
     for path, container in containers.items():
         prefix = f"{path}." if path else ""
-        held = {int(n[len(prefix):].split(".", 1)[0]) for n in recorded
+        if any(path == name or _holds(name, path) for name in recorded):
+            continue
+        held = {int(n[len(prefix):].split(".", 1)[0]) for n in taken
                 if n.startswith(prefix) and n[len(prefix):].split(".", 1)[0].isdigit()}
-        if not held or any(is_known_library(type(container[i])) for i in held):
+        if any(is_known_library(type(block)) for block in ([container[i] for i in held] if held else container)):
             continue
         for i, block in enumerate(container):
             # (An nn.Softmax that is itself an item of the list is an output layer: nn.Sequential(vit, Softmax).)
@@ -740,7 +746,19 @@ class Recording:
                                       num_prefix_tokens)
             self._modules = self._choose_layers(layers)
             if layers is None:
-                _warn_unrecorded_blocks(model, self._modules)
+                _warn_unrecorded_blocks(model, self._modules, self.skipped)
+            # The modules the model held when its layers were chosen, and the names asked for: an attention module
+            # added since (a block appended to model.blocks) has no hook, and its layer was left out of every call
+            # silently (QA 265). Weak: a module the user drops later is not kept alive by the recording.
+            self._layers_asked = layers
+            self._modules_seen: dict[int, weakref.ref] = {}
+            self._see(module_list(model))
+            # While active, whether a module may have been added (_check_added_modules): torch's module
+            # registration hook says so for setattr, add_module and append; ModuleList and Sequential.insert write
+            # their dict directly, told by its length.
+            self._maybe_added = False
+            self._registration: torch.utils.hooks.RemovableHandle | None = None
+            self._lists: list[tuple[dict, int]] = []
             self._refuse_other_towers_on_the_plain_grid()
             self._compiled = check_compiled(model, given)
         # A tower fed flattened_patches takes patch= alone (the pixel size of its patches is not in the model).
@@ -1677,6 +1695,8 @@ class Recording:
         held = [name for name, module in walk if id(module) in starts | recorded]
         # Where each recorded layer sits, to tell at each forward that it is still there (_check_layers_in_place).
         self._layer_paths = [(name, module) for name, module in walk if id(module) in recorded]
+        self._check_added_modules(entering=True)
+        self._registration = nn.modules.module.register_module_module_registration_hook(self._module_registered)
         present = {id(module) for _, module in self._layer_paths}
         gone = [name for name, module in self._modules.items() if id(module) not in present]
         if gone:
@@ -1749,6 +1769,11 @@ class Recording:
         such forward outside the model's own call (forward_features), what the calls held before it."""
         outermost = not self._owner.held_here()
         self._owner.enter(whole_model)
+        if outermost and not whole_model and not _in_backward():
+            # A forward through forward_features or stage by stage never runs the model's own pre-hook
+            # (_begin_forward), which checks these; _leave_scope gives ownership back if they raise.
+            self._check_layers_in_place()
+            self._check_added_modules()
         self._reached_inside |= not whole_model
         self._keep_trailing_last(scope)
         if outermost and not whole_model and not _in_backward():
@@ -1831,9 +1856,65 @@ class Recording:
                     "recording block; the module there now is not recorded, and the calls would leave its layer out: "
                     "replace modules before the `with vitmad.record(...)` block, or start a new recording after it")
 
+    def _check_added_modules(self, entering: bool = False) -> None:
+        """Refuse a forward, or an entry, after an attention module that the recording's choice of layers would
+        take was added to the model since the recording was made (``model.blocks.append(Block())``): it has none of
+        the recording's hooks, and its layer was left out of every later call silently (QA 265). A module added that
+        holds no attention (an adapter, a new head) changes nothing; the recording learns it once. The model is
+        walked at entry and after a module may have been added (``_maybe_added``, a list's length), not at every
+        forward (a ViT-B's walk is 0.1 ms).
+
+        Raises:
+            RuntimeError: naming the module.
+        """
+        if not (entering or self._maybe_added or any(len(d) != n for d, n in self._lists)):
+            return
+        seen = self._modules_seen
+        modules = module_list(self.model)
+        if {id(m) for m in modules} <= seen.keys():
+            self._modules_learnt(modules)
+            return
+        added = [m for m in modules if id(m) not in seen]
+        ids = {id(m) for m in added}
+        with shared_walks():
+            found = [name for name, m in attention_modules(self.model).items() if id(m) in ids]
+            if self._layers_asked is None:
+                prefix = encoder_prefix(self.model)
+                taken = [name for name in found if name.startswith(prefix)]
+            else:
+                taken = [name for name in found if any(fnmatch.fnmatchcase(name, p) for p in self._layers_asked)]
+        if taken:
+            raise RuntimeError(
+                f"vitmad.record: {', '.join(taken[:4])} of {type(self.model).__name__} "
+                f"{'were' if len(taken) > 1 else 'was'} added since the recording was made (vitmad.record(model) "
+                "chose its layers then); not recorded, the calls would leave these layers out: make a new recording "
+                "after adding modules")
+        self._see(added)
+        self._modules_learnt(modules)
+
+    def _modules_learnt(self, modules: list[nn.Module]) -> None:
+        """The model's modules are all known now: no walk until one may have been added (a refusal leaves the
+        flags as they were, so that each forward after it is refused too)."""
+        self._maybe_added = False
+        self._lists = [(m._modules, len(m._modules)) for m in modules if isinstance(m, (nn.ModuleList, nn.Sequential))]
+
+    def _module_registered(self, *_) -> None:
+        self._maybe_added = True
+
+    def _see(self, modules: Iterable[nn.Module]) -> None:
+        """Count ``modules`` as the model's own for :meth:`_check_added_modules`, each until it is freed (weakly
+        held, so that the recording keeps alive no module the user drops, and an id freed and reused by a new
+        module is not taken for the old one)."""
+        seen = self._modules_seen
+        for module in modules:
+            key = id(module)
+            if key not in seen:
+                seen[key] = weakref.ref(module, lambda _, key=key: seen.pop(key, None))
+
     def _begin_forward(self, module: nn.Module, args) -> None:
         if not _in_backward():
             self._check_layers_in_place()
+            self._check_added_modules()
             # A model without a convolution begins its call in its own forward pre-hook, which runs before this
             # one: that call is this forward's, so it is counted as begun by it (and dropped if it raises), and is
             # not a call left by an interrupted forward before it.
@@ -1945,6 +2026,9 @@ class Recording:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._registration is not None:
+            self._registration.remove()
+            self._registration = None
         for hooks in self._hooks:
             hooks.remove()
         self._pending.clear()
