@@ -251,6 +251,48 @@ def test_granite_docling_is_profiled_through_its_tower_at_its_tile_size_only(tmp
         vitmad.profile(f"hf:{tmp_path}", image_folder, device="cpu", max_images=2, image_size=96)
 
 
+def test_aimv2_fixed_table_is_refused_at_another_size_and_native_aimv2_takes_any_size(tmp_path):
+    """QA 269: AIMv2's fixed tower (a learned table of image_size's positions, taken out before the sum) failed
+    inside the model at another image_size, a traceback after the images were read: refused up front now, naming
+    the option. Its native tower (config.is_native: sin-cos positions built for the input's grid) was refused for
+    image_size 'native' as taking one input size: it takes any, as the MAD its eager attention gives on a 3 x 5 grid
+    of 14 px patches (no class token) shows, and native resolution resizes each 60 x 100 image to that grid."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        pixels = torch.randint(0, 256, (60, 100, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+        Image.fromarray(pixels.numpy()).save(images / f"{i}.png")
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    for native in (False, True):
+        torch.manual_seed(0)
+        config = transformers.Aimv2VisionConfig(**_LAYERS, patch_size=14, image_size=56, is_native=native,
+                                                attn_implementation="eager")
+        model = transformers.Aimv2VisionModel(config).eval()
+        folder = tmp_path / f"native_{native}"
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        if not native:
+            with pytest.raises(OptionError, match=r"^image_size: Aimv2VisionModel takes 56x56 px only \(embeddings "
+                                                  r"adds one position embedding per patch of its image_size"):
+                vitmad.profile(f"hf:{folder}", images, device="cpu", image_size=(42, 70))
+            assert vitmad.profile(f"hf:{folder}", images, device="cpu").layout["grid"] == [4, 4]
+            continue
+        result = vitmad.profile(f"hf:{folder}", images, device="cpu", image_size=(42, 70))
+        preprocessing = load_model(f"hf:{folder}").preprocessing.with_size((42, 70))
+        pixels, _, _ = load_batch(find_images(images), preprocessing)
+        with torch.no_grad():
+            attentions = model(pixels, output_attentions=True).attentions
+        rows, columns = torch.meshgrid(torch.arange(3.0), torch.arange(5.0), indexing="ij")
+        centres = torch.stack([rows.flatten(), columns.flatten()], 1).double() * 14 + 7
+        distances = torch.cdist(centres, centres)
+        expected = torch.stack([(a.double() * distances).sum(-1).mean((0, 2)) for a in attentions])
+        torch.testing.assert_close(result.mad, expected, rtol=1e-5, atol=1e-5)
+        at_native = vitmad.profile(f"hf:{folder}", images, device="cpu", image_size="native")
+        torch.testing.assert_close(at_native.mad, result.mad, rtol=1e-6, atol=1e-6)
+
+
 def test_a_vit_built_at_a_non_square_size_is_profiled_at_that_size_without_interpolation(tmp_path, image_folder):
     """transformers' interpolate_pos_encoding reads the position table as a square: a ViT built at 24x48 px failed
     inside the model at every size with it ("shape '[1, 4, 4, 32]' is invalid"). vitmad runs it without the flag at

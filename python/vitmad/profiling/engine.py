@@ -249,14 +249,18 @@ def _check_size_the_model_checks(loaded: LoadedModel, image_size: tuple[int, int
     if non_square is not None and tuple(loaded.module.config.image_size) != tuple(image_size):
         raise OptionError("image_size", f"{non_square}; got {image_size[0]}x{image_size[1]}")
     for name, module in named_module_list(loaded.module):
-        own = getattr(module, "image_size", None)
+        # (AIMv2's embeddings hold theirs in their config.)
+        own = getattr(module, "image_size", getattr(getattr(module, "config", None), "image_size", None))
         if isinstance(own, int) and not isinstance(own, bool):
             own = (own, own)
         if not (isinstance(own, (tuple, list)) and len(own) == 2 and all(isinstance(v, int) for v in own)):
             continue
         source = forward_source(type(module))
         checks = "self.image_size" in source and "raise" in source
-        if checks or "+ self.position_embedding(self.position_ids)" in source:
+        # (The table added in the sum itself, Granite Docling's, or first taken out, AIMv2's; QA 269.)
+        adds_table = "self.position_embedding(self.position_ids)" in source and isinstance(
+            getattr(module, "position_embedding", None), torch.nn.Embedding)
+        if checks or adds_table:
             if tuple(own) != tuple(image_size):
                 what = ("checks its input against its image_size" if checks else
                         "adds one position embedding per patch of its image_size")

@@ -245,8 +245,11 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
     # Such a model runs without the flag, at its own size only.
     accepts_interpolate = ("interpolate_pos_encoding" in inspect.signature(module.forward).parameters
                            and non_square_table_said(module) is None)
-    # transformers' DINOv2 interpolates its position embedding at every forward, with no flag to ask for it.
-    always_interpolates = type(module).__name__ in ("Dinov2Model", "Dinov2WithRegistersModel")
+    # transformers' DINOv2 interpolates its position embedding at every forward, with no flag to ask for it;
+    # AIMv2's native tower (config.is_native) builds its 2-D sin-cos positions for the input's grid (it was refused
+    # for image_size 'native' as taking one input size, QA 269).
+    always_interpolates = type(module).__name__ in ("Dinov2Model", "Dinov2WithRegistersModel") or (
+        type(module).__name__ == "Aimv2VisionModel" and getattr(module.config, "is_native", False) is True)
 
     # VidEoMT takes clips [B, F, 3, H, W] and attends within each frame only (its frames are images of the batch
     # to the recorder): each image is a clip of one frame.
