@@ -356,6 +356,34 @@ def test_pixtral_packed_images_match_eager_attention(attn_implementation):
     check_packed_values(rec, expected_per_layer, grids, ["global per image"] * 2, TOL)
 
 
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_pixtral_mask_joining_images_is_refused(monkeypatch, attn_implementation):
+    """QA 269: Pixtral's block-diagonal mask replaced by one joining the images recorded in silence, another image's
+    keys placed on the query's image (49.7 px for 19.8 px). Refused, naming the images joined; one joining only
+    images 1 and 2 too, and a boolean mask alike."""
+    model = _pixtral(attn_implementation)
+    pixels, sizes = _pixtral_inputs()
+    own = modeling_pixtral.generate_block_attention_mask
+
+    def joined(patch_counts, tensor):
+        mask = own(patch_counts, tensor)
+        first = patch_counts[0]
+        mask[..., first:, first:] = 0  # images 1 and 2 attend to each other
+        return mask
+
+    monkeypatch.setattr(modeling_pixtral, "generate_block_attention_mask", joined)
+    with pytest.raises(ValueError, match=r"PixtralAttention\) of PixtralVisionModel: its attention_mask lets the "
+                                         r"tokens of image 1 attend to those of image 2 \(Pixtral's own mask is "
+                                         r"block-diagonal over the packed images\)"):
+        with torch.no_grad(), vitmad.record(model):
+            model(pixels, image_sizes=sizes)
+    monkeypatch.setattr(modeling_pixtral, "generate_block_attention_mask", lambda counts, tensor: torch.ones(
+        1, 1, tensor.shape[1], tensor.shape[1], dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"lets the tokens of image 0 attend to those of image 1"):
+        with torch.no_grad(), vitmad.record(model):
+            model(pixels, image_sizes=sizes)
+
+
 def test_pixtral_image_alone_equals_packed():
     model = _pixtral("sdpa")
     pixels, sizes = _pixtral_inputs()

@@ -760,11 +760,42 @@ class PixtralPlacer(_PackedPlacer):
                 "variable-length call, whose chunks vitmad's capture does not receive); load the model with "
                 "attn_implementation='sdpa' or 'eager'"
             )
+        if len(grids) > 1:
+            _check_block_diagonal(context, seen["input"], grids, tokens)
         heads = int(lead[1])
         return Placement(positions, None, sequence.fold(heads),
                          sequence.geometry(self.stride, "global per image (block-diagonal mask)", heads),
                          present=sequence.present())
 
+
+
+def _check_block_diagonal(context: CallContext, mask: torch.Tensor, grids: tuple[tuple[int, int], ...],
+                          tokens: int) -> None:
+    """Refuse a mask that lets a token attend to another image's (Pixtral's own mask, from
+    ``generate_block_attention_mask``, replaced or edited): those keys would be placed at their cells on their own
+    image's grid and measured as if they lay on the query's image (49.7 px for 19.8 px, QA 269). Checked once per
+    mask of a call (every layer of the tower gets the same one).
+
+    Raises:
+        NotPlaceable: naming the pairs of images the mask joins.
+    """
+    key = f"packed.mask_checked.{id(mask)}"
+    if context.values.get(key) is mask:
+        return
+    image = torch.repeat_interleave(torch.arange(len(grids), device=mask.device),
+                                    torch.tensor([h * w for h, w in grids], device=mask.device))
+    blocked = ~mask if mask.dtype == torch.bool else mask <= torch.finfo(mask.dtype).min / 2
+    cross = image[:, None] != image[None, :]
+    open_pairs = (~blocked).expand(*blocked.shape[:-2], tokens, tokens)[..., cross]
+    if bool(open_pairs.any()):
+        joined = (~blocked).reshape(-1, tokens, tokens).any(0) & cross
+        first = joined.nonzero()[0].tolist()
+        raise NotPlaceable(
+            f"its attention_mask lets the tokens of image {int(image[first[0]])} attend to those of image "
+            f"{int(image[first[1]])} (Pixtral's own mask is block-diagonal over the packed images): another "
+            "image's tokens have no position on the query's image, so MAD is not defined there; keep the model's "
+            "own mask, or run one image per forward")
+    context.values[key] = mask
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
