@@ -578,3 +578,32 @@ def test_more_spellings_are_found_and_a_wildcard_records_each_attention_once():
     with torch.no_grad(), vitmad.record(classifier) as rec:  # no warning: warnings are errors in the tests
         classifier(pixels)
     assert rec.layers == ["0.blocks.0", "0.blocks.1"]
+
+
+class _PackedImages(nn.Module):
+    """A user's packed tower: one patch embedding call per image, then blocks over the tokens of all of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, 4)
+        self.blocks = nn.ModuleList([nn.MultiheadAttention(8, 2, batch_first=True) for _ in range(2)])
+
+    def forward(self, images):
+        tokens = torch.cat([self.patch(image[None]).flatten(2).transpose(1, 2) for image in images], 1)
+        for block in self.blocks:
+            tokens = tokens + block(tokens, tokens, tokens, need_weights=False)[0]
+        return tokens
+
+
+def test_a_patch_embedding_run_once_per_image_is_no_second_run_of_the_layers():
+    """QA 269: each patch embedding call starts a call, so a packed tower of three images was said to have "ran its
+    recorded layers 3 times" where they ran once (two empty calls before the one holding them). Only the warning of
+    the tokens before the last image's grid remains, and rec.mad is the layers' one run."""
+    torch.manual_seed(0)
+    model = _PackedImages().eval()
+    images = [torch.randn(3, 8, 12), torch.randn(3, 4, 4), torch.randn(3, 8, 8)]
+    with pytest.warns(UserWarning, match=r"extra token") as caught, torch.no_grad(), vitmad.record(model) as rec:
+        model(images)
+    assert not any("ran its recorded layers" in str(w.message) for w in caught)
+    assert [call.layers for call in rec.calls] == [[], [], ["blocks.0", "blocks.1"]]
+    assert rec.mad.shape == (2, 1, 2)

@@ -1992,15 +1992,18 @@ class Recording:
     def _warn_several_runs(self) -> None:
         """Once per recording: one forward of the model ran its image tower more than once (Step3's global view,
         then its crops; LLaVA-NeXT-Video's images, then its video). Each run is a call of its own, on its own grid,
-        and the properties that read the latest call would show the last run alone, silently (found by QA)."""
+        and the properties that read the latest call would show the last run alone, silently (found by QA). Runs
+        are the calls holding layers: a user's packed tower runs its patch embedding once per image, each a call
+        start, before its layers run once (QA 269: "ran its recorded layers 3 times")."""
         began = self._calls_before_forward
-        runs = 0 if began is None else len(self._calls) - began
+        since = [] if began is None else self._calls[began:]
+        runs = sum(not call._is_empty() for call in since)
         if runs > 1 and not self._warned_runs:
             self._warned_runs = True
             warnings.warn(f"vitmad.record: one forward of {type(self.model).__name__} ran its recorded layers "
                           f"{runs} times (the tower run on several inputs, e.g. a global view and its crops, or "
                           "images and a video); each run is its own entry of rec.calls, and rec.mad, rec.layers, "
-                          f"rec.per_layer read the last one alone: read rec.calls[-{runs}:] for all of them",
+                          f"rec.per_layer read the last one alone: read rec.calls[-{len(since)}:] for all of them",
                           stacklevel=2)
 
     def _warn_unseen_forward(self) -> None:
