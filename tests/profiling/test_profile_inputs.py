@@ -388,6 +388,42 @@ def test_a_16_bit_greyscale_png_keeps_its_contrast(tmp_path):
             np.testing.assert_array_equal(decoded[..., channel], expected)
 
 
+def test_transparency_goes_on_white_where_the_transformers_processor_puts_it_there(tmp_path):
+    """QA 268: the alpha channel was dropped, the colours under it kept: a logo whose transparent half is stored
+    black was fed black where CLIP's and DINOv2's processors (do_convert_rgb: transformers' convert_to_rgb) make it
+    white, 72.8 px off on one head. Each image with an alpha band or a palette's transparent index is now the
+    processor's own pixels; a processor that does not convert (do_convert_rgb false) and timm's loader (PIL's
+    convert("RGB")) keep the colours under the alpha."""
+    import numpy as np
+    import transformers
+    from PIL import Image
+
+    from vitmad.profiling.images import hf_alpha_on_white
+
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    alpha = np.where(np.arange(48)[None, :] < 24, 0, rng.integers(0, 256, (40, 48))).astype(np.uint8)
+    Image.fromarray(np.dstack([colours, alpha]), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.dstack([colours[..., 0], alpha]), "LA").save(tmp_path / "la.png")
+    palette = Image.fromarray(colours).quantize(16)
+    palette.save(tmp_path / "palette.png", transparency=int(np.asarray(palette)[0, 0]))
+    paths = sorted(tmp_path.glob("*.png"))
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    settings = {**processor.to_dict(), "image_processor_type": "CLIPImageProcessor"}
+    default = {k: v for k, v in settings.items() if k != "do_convert_rgb"}
+    assert hf_alpha_on_white(default) and not hf_alpha_on_white({**settings, "do_convert_rgb": False})
+    ours, _, _ = load_batch(paths, Preprocessing.from_hf(default))
+    theirs = processor([Image.open(path) for path in paths], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert Preprocessing.from_hf(default).to_dict()["alpha_on_white"] is True
+    kept = Preprocessing.from_hf({**settings, "do_convert_rgb": False})
+    assert "alpha_on_white" not in kept.to_dict()
+    dropped, _, _ = load_batch(paths, kept)
+    plain = torch.stack([kept(Image.open(path).convert("RGB")) for path in paths])
+    torch.testing.assert_close(dropped, plain, rtol=0, atol=0)
+    assert (dropped - ours).abs().amax() > 1  # the two ways differ on these images
+
+
 def test_a_float_tiff_is_skipped_with_its_reason_not_profiled_black(tmp_path):
     """PIL's convert("RGB") truncates 32-bit float pixels: values in [0, 1] became a black image, profiled."""
     import numpy as np

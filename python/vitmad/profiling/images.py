@@ -220,6 +220,9 @@ class Preprocessing:
         float_resize: rescale the 0-255 values first (``rescale``) and resize those floats with torch's
             ``interpolate``, antialiased, not rounded back to integers (torchvision's ``Resize`` on the float tensor
             ``ToTensor`` gives: SAM 2's ``SAM2Transforms``).
+        alpha_on_white: an image with transparency is composited onto white (a transformers processor with
+            ``do_convert_rgb``: its ``convert_to_rgb``); False: the alpha channel is dropped, the colours under it
+            kept (PIL's ``convert("RGB")``, as timm's and torchvision's loaders read a file).
     """
 
     size: tuple[int, int]
@@ -235,6 +238,7 @@ class Preprocessing:
     antialias: bool = True
     pad_normalised: bool = False
     float_resize: bool = False
+    alpha_on_white: bool = False
 
     def __post_init__(self) -> None:
         if not self.antialias and self.pad_fill is not None:
@@ -259,7 +263,8 @@ class Preprocessing:
         """The same statistics and filter for another input size (``image_size``): scale to cover, crop."""
         return Preprocessing(tuple(size), ("cover",), True, self.mean, self.std, self.interpolation,
                              self.crop_rounding, rescale=self.rescale, rescale_offset=self.rescale_offset,
-                             antialias=self.antialias, float_resize=self.float_resize)
+                             antialias=self.antialias, float_resize=self.float_resize,
+                             alpha_on_white=self.alpha_on_white)
 
     def to_dict(self) -> dict:
         settings = {
@@ -283,6 +288,8 @@ class Preprocessing:
             settings["pad_normalised"] = True
         if self.float_resize:
             settings["float_resize"] = True
+        if self.alpha_on_white:
+            settings["alpha_on_white"] = True
         return settings
 
     @staticmethod
@@ -321,7 +328,8 @@ class Preprocessing:
             side = int(size["height"])
             return Preprocessing((side, side), ("longest", side, int(processor.get("min_size", 14))), False, mean,
                                  std, interpolation, pad_fill=_janus_background(processor), rescale=rescale,
-                                 rescale_offset=hf_rescale_offset(processor))
+                                 rescale_offset=hf_rescale_offset(processor),
+                                 alpha_on_white=hf_alpha_on_white(processor))
         if "height" in size and "width" in size:
             resize = ("exact", int(size["height"]), int(size["width"]))
             final = (int(size["height"]), int(size["width"]))
@@ -339,7 +347,8 @@ class Preprocessing:
         # were over half a level off, and bicubic overshoot was clamped (16 levels; QA 228).
         return Preprocessing(final, resize, do_crop, mean, std, interpolation, rescale=rescale,
                              rescale_offset=hf_rescale_offset(processor),
-                             float_resize=name in _RESIZES_FLOATS and interpolation in ("bilinear", "bicubic"))
+                             float_resize=name in _RESIZES_FLOATS and interpolation in ("bilinear", "bicubic"),
+                             alpha_on_white=hf_alpha_on_white(processor))
 
     @staticmethod
     def from_timm(data_config: dict) -> Preprocessing:
@@ -606,6 +615,21 @@ def hf_processor_class_name(processor: dict, *, video: bool = False) -> str:
     return name
 
 
+def hf_alpha_on_white(processor: dict) -> bool:
+    """Whether a transformers image processor composites transparency onto white: its ``do_convert_rgb``, else its
+    class's default (``CLIPImageProcessor``'s and ``BitImageProcessor``'s True, ``ViTImageProcessor`` none). Fed
+    with the alpha channel dropped, a logo whose transparent half is stored black was black where the model's own
+    processor makes it white: 72.8 px off on one head (QA 268)."""
+    given = processor.get("do_convert_rgb")
+    if given is None:
+        try:
+            import transformers
+        except ImportError:
+            return False
+        given = getattr(getattr(transformers, hf_processor_class_name(processor), None), "do_convert_rgb", None)
+    return given is True
+
+
 def _own_code(name: str) -> list[str] | None:
     """The preprocessing steps a transformers image processor class (its PIL backend where it has one, which vitmad
     follows) defines itself instead of inheriting the generic ones; None when transformers has no such class."""
@@ -765,28 +789,38 @@ def _stored_16_bit(image) -> bool:
     return isinstance(raw, str) and raw.startswith("I;16")
 
 
-def _to_rgb(image, stored_16_bit: bool = False):
+def _to_rgb(image, stored_16_bit: bool = False, alpha_on_white: bool = False):
     """RGB with 8 bits a channel. 16-bit greyscale (PIL modes ``I;16*``, ``I`` from a file storing 16 bits
     (``stored_16_bit``: a PGM), or ``I`` with values above 255) is scaled by 255 / 65535: PIL's ``convert("RGB")``
     clips it at 255, which turns a 16-bit PNG white (and a dark 16-bit PGM, all of its values at most 255, was read
-    as 8-bit, 257 times too bright: QA 229)."""
+    as 8-bit, 257 times too bright: QA 229). Transparency (an alpha band, a palette's transparent index) is
+    composited onto white with ``alpha_on_white`` (transformers' ``convert_to_rgb``), else dropped."""
     import numpy as np
     from PIL import Image
 
     if image.mode.startswith("I;16") or (image.mode == "I" and (stored_16_bit or image.getextrema()[1] > 255)):
-        values = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+        # (values + 128) // 257 rounds values / 257 to nearest (257 is odd: no ties), in place in one integer copy:
+        # float64 temporaries of an 8000 x 6000 image took 1.1 GB (QA 268). Mode I may hold any 32-bit value.
+        scaled = np.asarray(image).astype(np.int64 if image.mode == "I" else np.uint32)
+        scaled += 128
+        scaled //= 257
+        np.clip(scaled, 0, 255, out=scaled)
+        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
     if image.mode == "F":
         # 32-bit float pixels (a TIFF): PIL truncates them to integers, so values in [0, 1] turned into a black
         # image profiled as any other. Their scale is the file's convention, which the file does not say.
         low, high = image.getextrema()
         raise ValueError(f"floating-point pixels (PIL mode F, values {low:g} to {high:g}) have no known scale; "
                          "save the image with 8 or 16 bits a channel")
+    if alpha_on_white and ("A" in image.getbands() or image.info.get("transparency") is not None):
+        on_white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(on_white, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
 
 
-def load_image(path: str | os.PathLike):
-    """Decode an image file as RGB, upright as its EXIF orientation says.
+def load_image(path: str | os.PathLike, alpha_on_white: bool = False):
+    """Decode an image file as RGB, upright as its EXIF orientation says; transparency composited onto white with
+    ``alpha_on_white`` (:attr:`Preprocessing.alpha_on_white`), else dropped.
 
     Returns:
         ``(image, None)``, or ``(None, reason)`` when the file cannot be read or decoded, or claims more pixels
@@ -810,7 +844,7 @@ def load_image(path: str | os.PathLike):
             # Upright as a viewer shows it (and transformers' load_image gives it): a camera's JPEG is often
             # stored sideways with an EXIF orientation tag.
             ImageOps.exif_transpose(image, in_place=True)
-            return _to_rgb(image, stored_16_bit), None
+            return _to_rgb(image, stored_16_bit, alpha_on_white), None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return None, f"{type(err).__name__}: {err}"
     except ImportError as err:
@@ -836,7 +870,7 @@ def load_batch(
     """
 
     def one(path: Path) -> tuple[torch.Tensor | None, str | None]:
-        image, reason = load_image(path)
+        image, reason = load_image(path, preprocessing.alpha_on_white)
         if image is None:
             return None, reason
         try:

@@ -36,7 +36,7 @@ def _record_one_image(model, image, image_size, device, **record_options):
     else:
         if native is None and preprocessing is None:  # as profile says it (a model built in Python)
             raise no_known_preprocessing("image", "[3, H, W]")
-        picture, reason = load_image(image)
+        picture, reason = load_image(image, (preprocessing if native is None else native).alpha_on_white)
         if picture is None:
             raise OptionError("image", f"cannot read image {image}: {reason}")
         pixels = preprocessing(picture) if native is None else native.display(picture)

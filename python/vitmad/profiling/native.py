@@ -94,6 +94,7 @@ class NativeFeed:
         processor: the image processor's settings of SigLIP2, the Qwen towers and Pixtral, else None.
         channels_last: timm NaFlexViT's patch layout ``(p, p, C)`` (else ``(C, p, p)``).
         rescale: from 0-255 values to those ``mean`` and ``std`` apply to (``Preprocessing.rescale``); None: / 255.
+        alpha_on_white: transparency composited onto white (``Preprocessing.alpha_on_white``), else dropped.
     """
 
     kind: str
@@ -105,6 +106,7 @@ class NativeFeed:
     processor: dict | None = None
     channels_last: bool = True
     rescale: float | None = None
+    alpha_on_white: bool = False
 
     def to_dict(self) -> dict:
         """The settings that shape the result (``mad.json``'s ``settings.preprocessing``)."""
@@ -116,6 +118,8 @@ class NativeFeed:
                 "size", "min_pixels", "max_pixels", "max_image_tokens", "merge_size", "image_processor_type")}
         if self.rescale is not None:  # only then: other runs keep their settings and fingerprints
             found["rescale"] = self.rescale
+        if self.alpha_on_white:
+            found["alpha_on_white"] = True
         return found
 
     def _packed(self, image):
@@ -263,7 +267,8 @@ def native_feed(loaded: LoadedModel) -> NativeFeed:
         processor = Siglip2ImageProcessor(**settings)
         return NativeFeed("siglip2", int(processor.patch_size), int(processor.max_num_patches),
                           tuple(processor.image_mean), tuple(processor.image_std),
-                          _filter_name(processor.resample), settings, rescale=hf_rescale(processor))
+                          _filter_name(processor.resample), settings, rescale=hf_rescale(processor),
+                          alpha_on_white=processor.do_convert_rgb is True)
     if prep is None:
         raise OptionError("image_size", f"native: {name} has no known preprocessing (mean, std, input size)")
     if tower is not None:  # timm NaFlexVit
@@ -286,7 +291,8 @@ def native_feed(loaded: LoadedModel) -> NativeFeed:
         )
     patch = int(embedding[1].kernel_size[0])
     budget = (prep.size[0] // patch) * (prep.size[1] // patch)
-    return NativeFeed("dynamic", patch, budget, prep.mean, prep.std, prep.interpolation, rescale=prep.rescale)
+    return NativeFeed("dynamic", patch, budget, prep.mean, prep.std, prep.interpolation, rescale=prep.rescale,
+                      alpha_on_white=prep.alpha_on_white)
 
 
 def _packed_feed(loaded: LoadedModel, tower) -> NativeFeed:
@@ -318,7 +324,7 @@ def _packed_feed(loaded: LoadedModel, tower) -> NativeFeed:
     if not processor.do_normalize:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     return NativeFeed(kind, patch, budget, mean, std, _filter_name(processor.resample), settings,
-                      rescale=hf_rescale(processor))
+                      rescale=hf_rescale(processor), alpha_on_white=processor.do_convert_rgb is True)
 
 
 def load_native_batch(paths: Sequence[Path], feed: NativeFeed, pool: Executor | None = None
@@ -331,7 +337,7 @@ def load_native_batch(paths: Sequence[Path], feed: NativeFeed, pool: Executor | 
     """
 
     def one(path: Path):
-        image, reason = load_image(path)
+        image, reason = load_image(path, feed.alpha_on_white)
         if image is None:
             return None, reason
         try:
