@@ -10,6 +10,7 @@ and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 import warnings
@@ -22,12 +23,10 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 def output_names() -> set[str]:
     """Every file ``vitmad profile`` may write in ``--out`` besides its checkpoints, whatever the run's
-    statistics: what an earlier run left there (_profile_command replaces it and removes the rest), and what a
-    folder search for images leaves out."""
+    statistics: what a folder search for images leaves out where an earlier run's mad.json says it wrote it."""
     from .profiling.options import PROFILE_STATS
 
-    figures = {f"{name}.png" for name in PROFILE_STATS}  # mad.png, entropy.png, ..., prefix_maps.png
-    return {"mad.json", "mad.csv", "prefix_maps.npz", "mad_map.png", "prefix_map_image.png", *figures}
+    return outputs_of(PROFILE_STATS)
 
 
 def checkpoint_path(out: Path, run) -> Path:
@@ -37,21 +36,49 @@ def checkpoint_path(out: Path, run) -> Path:
     return out / f"checkpoint.rank{run.rank}-of-{run.world_size}.pt"
 
 
-def _holds_profile(folder: Path) -> bool:
-    """Whether ``folder`` holds the mad.json of a ``vitmad profile`` run (not a user's file of that name)."""
+def _profile_document(folder: Path) -> dict | None:
+    """The mad.json of a ``vitmad profile`` run in ``folder`` (not a user's file of that name), else None."""
     import json
 
     try:
         doc = json.loads((folder / "mad.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and str(doc.get("format", "")).startswith("vitmad-profile/")
+        return None
+    return doc if isinstance(doc, dict) and str(doc.get("format", "")).startswith("vitmad-profile/") else None
 
 
-def _check_output_paths(out: Path, ours: list[Path]) -> None:
-    """Before the model loads: every file the run may write in ``out`` can be written, and none of them is a
-    user's. A folder at such a path failed after the whole run, with a traceback and half the results; a file
-    there without an earlier run's mad.json beside it is not ours to replace.
+def _holds_profile(folder: Path) -> bool:
+    """Whether ``folder`` holds the mad.json of a ``vitmad profile`` run (not a user's file of that name)."""
+    return _profile_document(folder) is not None
+
+
+def outputs_of(stats) -> set[str]:
+    """The files a ``vitmad profile`` run asking for ``stats`` may write in ``--out`` besides its checkpoints."""
+    names = {"mad.json", "mad.csv", "mad.png", "mad_map.png", *(f"{name}.png" for name in stats)}
+    if "prefix_maps" in stats:
+        names.update({"prefix_maps.npz", "prefix_map_image.png"})
+    return names
+
+
+def earlier_outputs(folder: Path) -> set[str]:
+    """The files the run whose mad.json ``folder`` holds may have written (by the statistics it says it profiled:
+    ``settings.stats``, MAD alone without it); empty where it holds none. A file there at another output's name is
+    not that run's (a user's own entropy.png beside a MAD-only run's results was removed as its, QA 268)."""
+    doc = _profile_document(folder)
+    if doc is None:
+        return set()
+    settings = doc.get("settings")
+    stats = settings.get("stats") if isinstance(settings, dict) else None
+    if not isinstance(stats, list) or not all(isinstance(name, str) for name in stats):
+        stats = ["mad"]
+    return outputs_of(stats) & output_names()
+
+
+def _check_output_paths(out: Path, ours: list[Path], writes: set[str]) -> None:
+    """Before the model loads: every file the run may write in ``out`` (``writes``) can be written, and none of
+    them is a user's. A folder at such a path failed after the whole run, with a traceback and half the results; a
+    file there without an earlier run's mad.json beside it, or one that run did not write (``ours``), is not ours
+    to replace.
 
     Raises:
         OptionError: naming ``out``.
@@ -68,6 +95,20 @@ def _check_output_paths(out: Path, ours: list[Path]) -> None:
             raise OptionError("out", f"{out} holds {', '.join(theirs)}, which this run would write over, and no "
                                      "mad.json of an earlier vitmad profile run (so not an earlier run's outputs: "
                                      "perhaps yours); pass another folder")
+    theirs = sorted(name for name in writes - {p.name for p in ours} if (out / name).exists())
+    if ours and theirs:
+        raise OptionError("out", f"{out} holds {', '.join(theirs)}, which this run would write over, and which the "
+                                 "earlier vitmad profile run there did not write (its mad.json profiled no such "
+                                 "statistic: perhaps yours); pass another folder")
+
+
+def _resolved(path: Path) -> Path:
+    """``path.resolve()``, or its absolute form where links loop (``a.png`` -> ``b.png`` -> ``a.png`` named on the
+    command line: a traceback, QA 268; find_images sets such a file aside with its reason)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.abspath(path))
 
 
 def _images(sources: list[str], ours: list[Path]) -> list[Path]:
@@ -78,16 +119,16 @@ def _images(sources: list[str], ours: list[Path]) -> list[Path]:
     from .profiling.options import OptionError
 
     files = find_images(sources, exclude=ours)
-    named = {Path(s).expanduser().resolve() for s in sources if s != "builtin"}
+    named = {_resolved(Path(s).expanduser()) for s in sources if s != "builtin"}
     names = output_names()
-    profile_folders: dict[Path, bool] = {}  # each folder's mad.json read once
+    profile_folders: dict[Path, set[str]] = {}  # each folder's mad.json read once
 
-    def in_profile_folder(file: Path) -> bool:
+    def written_there(file: Path) -> bool:
         if file.parent not in profile_folders:
-            profile_folders[file.parent] = _holds_profile(file.parent)
-        return profile_folders[file.parent]
+            profile_folders[file.parent] = earlier_outputs(file.parent)
+        return file.name in profile_folders[file.parent]
 
-    earlier = [f for f in files if f.name in names and f not in named and in_profile_folder(f)]
+    earlier = [f for f in files if f.name in names and f not in named and written_there(f)]
     if not earlier:
         return files
     left_out = set(earlier)
@@ -268,8 +309,9 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     stats = resolve_stats("mad" if args.stats is None else ",".join(args.stats))  # --stats a --stats b: both
     # An earlier run's outputs, known by its mad.json (a user's own photo named entropy.png is not ours): with
     # --out inside an image folder, they are no photographs to profile.
-    ours = [out / name for name in output_names()] if _holds_profile(out) else []
-    _check_output_paths(out, ours)
+    ours = [out / name for name in sorted(earlier_outputs(out))]
+    writes = {name for name in outputs_of(stats) if not (args.no_figures and name.endswith(".png"))}
+    _check_output_paths(out, ours, writes)
     volumes = args.model.startswith("monai:")  # NIfTI files: no image or video search applies
     # Videos: clips, or what --videos names (an empty folder given as --videos is refused as holding no video).
     videos = not volumes and args.images != ["builtin"] and (
@@ -310,6 +352,12 @@ def _profile_command(args: argparse.Namespace, run) -> None:
             raise OptionError("images", f"{args.model} is a video model and the built-in images are still photographs: "
                                         "pass --videos with clips or folders of frames")
         files = find_videos(args.images, exclude=[*ours, out])
+    elif videos and not video_model and not packed_videos and args.as_videos:
+        # Said by --videos (a --model forgotten, say): the clips were dropped without a word and a frame folder's
+        # frames profiled as stills (QA 268), where vitmad.profile(videos=True) refuses.
+        raise OptionError("images", f"{type(loaded.module).__name__} ({args.model}) is no video model (no frame count "
+                                    "in its config) and no packed vision tower: it takes images; pass them with "
+                                    "--images, or a video model with --model")
     elif videos and not video_model and not packed_videos:
         # An image model takes the image files among them; a clip beside images made the folder a video
         # source, and its images were dropped (or read as frames of one video).

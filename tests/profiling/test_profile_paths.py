@@ -77,6 +77,31 @@ def test_a_users_files_under_output_names_are_refused_and_kept(tiny_model, image
     assert json.loads((out / "mad.json").read_text()) == {"my": "own json"}
 
 
+def test_a_users_file_beside_an_earlier_run_under_a_name_that_run_did_not_write_is_kept(
+        tiny_model, image_folder, tmp_path, capsys):
+    """QA 268: a user's entropy.png saved beside a MAD-only run's results was announced as that run's output and
+    removed by the next run. The earlier run's mad.json says which statistics it profiled: a file at another
+    statistic's name is the user's, left alone by a MAD-only run, and refused before the model loads by a run that
+    would write it (with --no-figures, which writes no figure, it stays)."""
+    out = tmp_path / "out"
+    assert _run(_profile(tiny_model, image_folder, out), capsys)[0] == 0
+    photo = next(p for p in Path(image_folder).iterdir() if p.suffix == ".png")
+    shutil.copy(photo, out / "entropy.png")
+    with pytest.warns(UserWarning, match=r"holds an earlier run's outputs \(mad.csv, mad.json\): this run replaces"):
+        code, stdout, _ = _run(_profile(tiny_model, image_folder, out), capsys)
+    assert code == 0 and "removed" not in stdout
+    assert (out / "entropy.png").read_bytes() == photo.read_bytes()
+    drawing = [arg for arg in _profile(tiny_model, image_folder, out) if arg != "--no-figures"]
+    code, _, err = _run([*drawing, "--stats", "entropy"], capsys)
+    assert code == 2 and err.strip() == (
+        f"vitmad: error: --out: {out} holds entropy.png, which this run would write over, and which the earlier "
+        "vitmad profile run there did not write (its mad.json profiled no such statistic: perhaps yours); pass "
+        "another folder")
+    with pytest.warns(UserWarning, match="holds an earlier run's outputs"):
+        assert _run([*_profile(tiny_model, image_folder, out), "--stats", "entropy", "--no-figures"], capsys)[0] == 0
+    assert (out / "entropy.png").read_bytes() == photo.read_bytes()
+
+
 def test_a_folder_at_an_output_path_is_refused_before_the_run(tiny_model, image_folder, tmp_path, capsys):
     """It failed after the whole run with IsADirectoryError's traceback, mad.json written and the rest not."""
     out = tmp_path / "out"

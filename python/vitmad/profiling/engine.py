@@ -804,6 +804,10 @@ def finish(plan: RunPlan, state: RunState) -> Profile:
     if stats is None:
         kind = "volumes" if isinstance(plan.loaded.preprocessing, VolumePreprocessing) else (
             "videos" if _takes_videos(plan) else "images")
+        if plan.checkpoint is not None:
+            # It holds no image's sums, only the files skipped, nothing a resume could use; left, it kept the --out
+            # folder the run made (QA 268).
+            plan.checkpoint.unlink(missing_ok=True)
         raise OptionError("images", f"none of the {len(plan.names)} {kind} could be read")
     world = plan.run.world_size if plan.run else 1
     layers = len(meta["layers"])
