@@ -271,3 +271,30 @@ def test_a_process_group_timeout_that_is_no_time_is_refused(tiny_model, image_fo
     assert code == 2
     assert err.strip() == (f"vitmad: error: --dist-timeout: expected a positive number of seconds, got "
                            f"{float(timeout)!r}")
+
+
+def test_a_looping_link_named_is_skipped_and_a_run_reading_nothing_leaves_no_folder(tiny_model, tmp_path, capsys):
+    """QA 268: a symbolic-link loop named on the command line escaped as pathlib's RuntimeError traceback; a run
+    whose every image is unreadable left a checkpoint of nothing in the --out folder it made."""
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    out = tmp_path / "new" / "out"
+    with pytest.warns(UserWarning, match=r"skipping image .*a\.png: OSError: \[Errno 40\] Too many levels of "
+                                         r"symbolic links"):
+        code, _, err = _run(_profile(tiny_model, tmp_path / "a.png", out), capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == "vitmad: error: --images: none of the 1 images could be read"
+    assert not (tmp_path / "new").exists()
+
+
+def test_videos_given_to_an_image_model_are_refused(tiny_model, image_folder, tmp_path, capsys):
+    """QA 268: --videos with an image model (a --model forgotten) dropped the clips without a word and profiled a
+    frame folder's frames as stills, where vitmad.profile(videos=True) refuses."""
+    frames = tmp_path / "clips" / "clip_a"
+    shutil.copytree(image_folder, frames)
+    command = _profile(tiny_model, tmp_path / "clips", tmp_path / "out")
+    command[command.index("--images")] = "--videos"
+    code, _, err = _run(command, capsys)
+    assert code == 2 and err.strip() == (
+        f"vitmad: error: --videos: ViTModel (hf:{tiny_model}) is no video model (no frame count in its config) and no "
+        "packed vision tower: it takes images; pass them with --images, or a video model with --model")
+    assert not (tmp_path / "out").exists()
