@@ -447,3 +447,25 @@ def test_paths_from_python_expand_the_home_folder(tmp_path, monkeypatch):
     with atomic_file("~/out/mad.json") as handle:
         handle.write(b"{}")
     assert (tmp_path / "out" / "mad.json").read_bytes() == b"{}"
+
+
+def test_a_folder_search_passes_hidden_entries_by_and_finds_every_image_suffix(tmp_path):
+    """QA 268: a notebook's .ipynb_checkpoints copies and a file manager's .thumbnails were averaged in with the
+    photos (the video search passed hidden entries by); .jfif, .jpe, .pbm and .pnm files were left out in
+    silence."""
+    from PIL import Image
+
+    from vitmad.profiling.images import load_image
+
+    for folder in (".ipynb_checkpoints", ".thumbnails", "class_a"):
+        (tmp_path / folder).mkdir()
+    picture = Image.new("RGB", (8, 6), (10, 200, 30))
+    for name in (".ipynb_checkpoints/a-checkpoint.jpg", ".thumbnails/a.png", ".hidden.png", "class_a/a.jpg"):
+        picture.save(tmp_path / name)
+    for name, format_ in (("b.jfif", "JPEG"), ("c.JPE", "JPEG"), ("d.pbm", "PPM"), ("e.pnm", "PPM")):
+        (picture.convert("1") if name.endswith("pbm") else picture).save(tmp_path / name, format=format_)
+    found = find_images(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["b.jfif", "c.JPE", "class_a/a.jpg", "d.pbm",
+                                                                   "e.pnm"]
+    assert all(load_image(path)[1] is None for path in found)
+    assert find_images(tmp_path / ".thumbnails") == [(tmp_path / ".thumbnails" / "a.png").resolve()]  # named

@@ -32,7 +32,8 @@ __all__ = [
     "load_each",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                    ".pbm", ".pnm")
 
 # Photographs shipped inside scikit-image (no download): portraits, animals, objects, scenes, textures,
 # astronomy, microscopy, so heads that look at different scales all have something to look at.
@@ -120,7 +121,10 @@ def find_images(sources: str | os.PathLike | Sequence[str | os.PathLike],
 def walk_folders(folder: Path):
     """``(folder, names of its non-folder entries)`` for ``folder`` and every folder under it, in sorted order,
     following linked folders (a dataset whose class folders are symbolic links, as torchvision's ``ImageFolder``
-    reads them), each real folder once (a link to a folder above it is no loop)."""
+    reads them), each real folder once (a link to a folder above it is no loop). Hidden entries under it (names
+    starting with a dot: ``.ipynb_checkpoints``, ``.thumbnails``, a macOS ``._photo.jpg``) are no inputs: a search
+    for images averaged a notebook's checkpoint copies and a file manager's thumbnails in (QA 268), where the video
+    search already passed them by."""
     seen = set()
     for root, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -128,8 +132,8 @@ def walk_folders(folder: Path):
             dirs[:] = []
             continue
         seen.add(real)
-        dirs.sort()
-        yield Path(root), names
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+        yield Path(root), [name for name in names if not name.startswith(".")]
 
 
 def folder_files(folder: Path) -> list[Path]:
