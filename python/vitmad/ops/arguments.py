@@ -112,16 +112,22 @@ _SCHEMA_TYPE_WORDS = {
 }
 
 
-def schema_type_error(error: RuntimeError, op_name: str) -> BaseException:
+def schema_type_error(error: RuntimeError, op_name: str, values: dict | None = None) -> BaseException:
     """The ``TypeError`` for the dispatcher's ``RuntimeError`` about an argument of the wrong type, naming the
-    argument, what was expected and what was given; any other error unchanged. Used as
+    argument, what was expected and what was given (its value too where ``values``, the call's arguments by name,
+    hold it and it is no tensor: "got float 3.5", QA 266); any other error unchanged. Used as
     ``except RuntimeError as e: raise schema_type_error(e, op_name) from None`` around an op call (the kernels'
     own errors carry no cause or context to lose)."""
     found = _SCHEMA_TYPE_ERROR.search(str(error))
     if found is None:
         return error
     expected = _SCHEMA_TYPE_WORDS.get(found["expected"], found["expected"])
-    return TypeError(f"{op_name}: {found['arg']} must be {expected}, got {found['given']}")
+    given = found["given"]
+    value = (values or {}).get(found["arg"], error)
+    if value is not error and not isinstance(value, torch.Tensor):
+        shown = repr(value)
+        given = f"{given} {shown if len(shown) <= 80 else shown[:77] + '...'}"
+    return TypeError(f"{op_name}: {found['arg']} must be {expected}, got {given}")
 
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -145,7 +151,8 @@ def call_op(op, op_name: str, *args, **kwargs):
     try:
         return op(*args, **kwargs)
     except RuntimeError as error:
-        raise not_dense_error(op, op_name, args, kwargs) or schema_type_error(error, op_name) from None
+        values = {**dict(zip((a.name for a in op._schema.arguments), args)), **kwargs}
+        raise not_dense_error(op, op_name, args, kwargs) or schema_type_error(error, op_name, values) from None
 
 
 def check_int_args(op_name: str, **values) -> None:

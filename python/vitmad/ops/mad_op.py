@@ -107,7 +107,8 @@ def mad(
             # once the call has failed, costs a good call nothing.
             check_int_args("vitmad.mad", patch=patch, num_prefix_tokens=num_prefix_tokens)
             raise not_dense_error(torch.ops.vitmad.mad.default, "vitmad.mad", (attn, patch), options) \
-                or schema_type_error(error, "vitmad.mad") from None
+                or schema_type_error(error, "vitmad.mad", {"patch": patch, "num_prefix_tokens": num_prefix_tokens,
+                                                           **options}) from None
     check_one_form("vitmad.mad", positions, key_positions,
                     {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
     return call_op(torch.ops.vitmad.mad_pos.default, "vitmad.mad", attn, positions, key_positions,
