@@ -102,7 +102,10 @@ WRONG_TYPES = [
     (lambda: vitmad.mad("attn", 16), "vitmad.mad: attn must be a torch.Tensor, got str"),
     (lambda: vitmad.mad(A197.numpy(), 16), "vitmad.mad: attn must be a torch.Tensor, got ndarray"),
     (lambda: vitmad.mad(A197, "16"), "vitmad.mad: patch must be an int, got str"),
-    (lambda: vitmad.mad(A197, 16.0), "vitmad.mad: patch must be an int, got float"),
+    (lambda: vitmad.mad(A197, 16.5), "vitmad.mad: patch must be an int, got float 16.5"),  # the value: QA 266
+    (lambda: vitmad.mad(A197, 16, num_prefix_tokens=1.0), "vitmad.mad: num_prefix_tokens must be an int, got float "
+                                                          "1.0"),
+    (lambda: vitmad.mad_qk(_Q, _Q, 2.5), "vitmad.mad_qk: patch must be an int, got float 2.5"),
     (lambda: vitmad.mad(A197, True), "vitmad.mad: patch must be an int, got the bool True"),
     (lambda: vitmad.mad(A197, 16, num_prefix_tokens=True), "vitmad.mad: num_prefix_tokens must be an int, got the "
                                                            "bool True"),
