@@ -160,6 +160,12 @@ def load_monai(spec: str, model_checkpoint, image_size, model_args, intensity=No
         except ValueError as err:
             raise OptionError("model_args", f"{spec}: img_size {list(size)} does not fit SwinUNETR "
                                             f"({error_said(err)})") from err
+        if all(side // 2 ** 5 == 1 for side in size):
+            # Whole 2 ** 5 patches, but its bottleneck (size / 32) is one voxel, which its instance norm refuses
+            # in MONAI's own forward: MONAI's raw error came at the first batch, naming no option (QA 267).
+            raise OptionError("model_args", f"{spec}: img_size {list(size)} leaves SwinUNETR's bottleneck (the size "
+                                            "/ 32) one voxel, on which its instance norm fails; make a side 64 or "
+                                            "more")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
