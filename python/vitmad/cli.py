@@ -233,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "towers, which need native or a size, "
                           "and ViTs whose position embedding follows the input)")
     run.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
-    run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    run.add_argument("--device", default="auto", help="auto (CUDA when present; the default), cpu, cuda, cuda:N")
+    run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                     help="the model's weights and computation (default: %(default)s)")
     run.add_argument("--max-images", type=int, default=None,
                      help="profile only the first K image files, sources in the order given and each folder "
                           "sorted (an unreadable one among them counts, listed as skipped)")
