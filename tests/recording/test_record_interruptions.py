@@ -626,6 +626,49 @@ def test_an_attention_module_added_after_the_recording_was_made_is_refused():
         model(pixels)
 
 
+def test_added_modules_are_checked_once_a_call_and_only_where_a_new_recording_would_record_them(monkeypatch):
+    """QA 270: the checks ran at every block of a forward through the blocks (forward_intermediates), the depth
+    squared; a CaiT class-attention block appended was refused though a new recording skips it; insert(0, block)
+    then del list[1] kept the list's length and was missed; a model making a linear layer at each forward searched
+    its modules for attention each time."""
+    model, pixels = _vit(), _pixels()
+    rec = vitmad.record(model)
+    checks = []
+    real = type(rec)._check_layers_in_place
+    monkeypatch.setattr(type(rec), "_check_layers_in_place", lambda self: (checks.append(1), real(self))[1])
+    with torch.no_grad(), rec:
+        model.forward_intermediates(pixels)
+    assert len(checks) == 1 and len(rec.calls) == 1
+    monkeypatch.undo()
+    cait = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=16,
+                             num_heads=2, depth_token_only=1).eval()
+    with torch.no_grad(), vitmad.record(cait) as rec:
+        cait(pixels[:, :, :32, :32])
+        cait.blocks_token_only.append(copy.deepcopy(cait.blocks_token_only[0]))  # skipped by any recording
+        cait(pixels[:, :, :32, :32])
+    assert rec.layers == ["blocks.0.attn", "blocks.1.attn"] and len(rec.calls) == 2
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+        model.norm = nn.Sequential(nn.Identity())
+        model(pixels)
+        model.norm.insert(0, copy.deepcopy(model.blocks[0]))
+        del model.norm[1]
+        with pytest.raises(RuntimeError, match=r"norm\.0\.attn of VisionTransformer was added since"):
+            model(pixels)
+        model.norm = nn.Identity()
+    from vitmad.recording import recorder
+
+    searches = []
+    monkeypatch.setattr(recorder, "attention_modules",
+                        lambda m, real=recorder.attention_modules: (searches.append(1), real(m))[1])
+    with torch.no_grad(), vitmad.record(model) as rec:
+        searches.clear()
+        for _ in range(3):
+            model.scratch = nn.Linear(4, 4)  # made at each forward: no attention, no search
+            model(pixels)
+    assert searches == [] and len(rec.calls) == 3
+
+
 def test_a_recording_refuses_to_pickle_or_copy_naming_what_does():
     """torch.save(rec) and copy.deepcopy(rec) failed on a lock, naming nothing of vitmad (QA 251)."""
     import io

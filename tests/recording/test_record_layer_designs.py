@@ -508,6 +508,53 @@ def test_an_unrecognised_block_in_a_second_list_beside_the_recorded_one_is_warne
     assert rec.layers == ["blocks.0", "blocks.1"]
 
 
+class _SoftmaxHead(nn.Module):
+    """A classifier head returning probabilities: a softmax of a projection, no attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(x.mean(1)).softmax(-1)
+
+
+class _Router(nn.Module):
+    """A mixture-of-experts layer: its gate's softmax weighs the experts."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(8, 2)
+        self.experts = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+
+    def forward(self, x):
+        weights = F.softmax(self.gate(x), -1)
+        return sum(weights[..., i:i + 1] * expert(x) for i, expert in enumerate(self.experts))
+
+
+class _WithHeads(_Stack):
+    def __init__(self):
+        super().__init__(["sdpa", "sdpa"])
+        self.routers = nn.ModuleList([_Router(), _Router()])
+        self.heads = nn.ModuleList([_SoftmaxHead(), nn.Sequential(nn.Linear(8, 5), nn.Softmax(-1))])
+
+    def forward(self, pixels):
+        x = self.embed(pixels).flatten(2).transpose(1, 2)
+        for block, router in zip(self.blocks, self.routers):
+            x = router(block(x))
+        return [self.heads[0](x), self.heads[1](x.mean(1))]
+
+
+def test_lists_of_heads_and_routers_beside_the_recorded_blocks_are_no_gap():
+    """QA 270: looking at every list, the gap warning took a list of classifier heads and a list of MoE routers (a
+    softmax of a projection each) for attention left out. A list holding no recorded layer is a gap only where its
+    blocks also multiply matrices, as the second list of attention blocks above does."""
+    model = _WithHeads().eval()
+    with torch.no_grad(), vitmad.record(model) as rec:  # no warning: warnings are errors in the tests
+        model(torch.randn(2, 3, 32, 32))
+    assert rec.layers == ["blocks.0", "blocks.1"]
+
+
 class _LocalImport(_Block):
     def forward(self, x):
         from torch.nn.functional import scaled_dot_product_attention

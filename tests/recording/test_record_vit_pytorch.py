@@ -486,3 +486,33 @@ def test_unknown_designs_and_bare_transformer_calls_are_refused_by_name():
     with torch.no_grad(), vitmad.record(model.transformer), pytest.raises(ValueError, match="without the vit_pytorch "
                                                                                             "model whose forward"):
         model.transformer(torch.randn(1, 5, 32))
+
+
+def test_per_token_values_of_layers_on_two_grids_of_as_many_tokens_are_not_stacked():
+    """QA 272: two towers on 6 x 4 and 4 x 6 grids (24 tokens each) recorded at once with reduction="none": rec.mad,
+    rec.stats and rec.calls[-1].stat stacked them into one [L, B, H, 24] tensor, and a reader reshaping it by one grid
+    put the other tower's values on the wrong cells. Refused as layers of different token counts are; each layer's
+    own values stay in rec.per_layer with its grid."""
+    from vit_pytorch import ViT
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = ViT(image_size=(48, 32), patch_size=8, num_classes=4, dim=32, depth=1, heads=2, mlp_dim=32)
+            self.b = ViT(image_size=(32, 48), patch_size=8, num_classes=4, dim=32, depth=1, heads=2, mlp_dim=32)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x.transpose(-1, -2))
+
+    torch.manual_seed(0)
+    model = Two().eval()
+    names = [name for name, _ in model.named_modules() if name.endswith("layers.0.0")]
+    with torch.no_grad(), vitmad.record(model, layers=names, stats="entropy", reduction="none") as rec:
+        model(torch.randn(1, 3, 48, 32))
+    assert [g.grid for g in rec.geometry] == [(6, 4), (4, 6)]
+    for read in (lambda: rec.mad, lambda: rec.stats["entropy"], lambda: rec.calls[-1].stat("entropy")):
+        with pytest.raises(ValueError, match=r"per-token values on different token grids \(\[\(4, 6\), \(6, 4\)\]\)"):
+            read()
+    assert [tuple(values.shape) for values in rec.per_layer] == [(1, 2, 24), (1, 2, 24)]
+    with pytest.raises(ValueError, match=r"instead of rec\.calls\[-1\]\.stat\('entropy'\)"):
+        rec.calls[-1].stat("entropy")

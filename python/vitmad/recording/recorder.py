@@ -31,7 +31,9 @@ image) are the rows of the tokens without a position, computed beside it (:mod:`
 
 from __future__ import annotations
 
+import dis
 import fnmatch
+import inspect
 import sys
 import threading
 import warnings
@@ -237,7 +239,8 @@ class RecordedCall:
             asked = ", ".join(["mad", *self.statistics]) or "mad"
             raise KeyError(f"vitmad.record: the statistic '{name}' was not recorded (recorded: {asked}); pass "
                            f"stats=[..., '{name}'] to vitmad.record")
-        return self._stack(self.statistics[name], f"rec.calls[-1].statistics['{name}']", f"rec.stat('{name}')")
+        return self._stack(self.statistics[name], f"rec.calls[-1].statistics['{name}']",
+                           f"rec.calls[-1].stat('{name}')")
 
     def _stack(self, values: list[torch.Tensor], per_layer: str, stacked: str) -> torch.Tensor:
         if not values and not self.class_layers:
@@ -265,7 +268,10 @@ class RecordedCall:
                 f"of {stacked}"
             )
         shapes = {tuple(t.shape[2:]) for t in values}
-        if len(shapes) > 1:
+        # Per-token values of layers on different grids of as many tokens (6 x 4 and 4 x 6) stacked, and a reader
+        # reshaping them by one grid put one layer's values on the wrong cells (QA 272).
+        grids = {(g.grid, g.frames) for g in self.geometry} if values[0].dim() > 2 else set()
+        if len(shapes) > 1 or len(grids) > 1:
             raise ValueError(
                 "vitmad.record: the recorded layers have per-token values on different token grids "
                 f"({sorted({g.grid for g in self.geometry})}); read {per_layer} (one [B, H, T] per layer) and "
@@ -479,6 +485,26 @@ def _reused_compiled_code(model: nn.Module) -> str:
 _SECOND_TOWER = "a second tower that embeds the image"
 
 
+def _multiplies_matrices(module: nn.Module) -> bool:
+    """Whether a module's own forward multiplies matrices (``@``, ``matmul``, ``bmm``, ``einsum``): attention's
+    scores do, a head's softmax of a projection does not."""
+    code = getattr(inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None)), "__code__", None)
+    if code is None:
+        return False
+    if {"matmul", "bmm", "baddbmm", "einsum"} & set(code.co_names):
+        return True
+    return any(op.opname in ("BINARY_MATRIX_MULTIPLY", "INPLACE_MATRIX_MULTIPLY")
+               or (op.opname == "BINARY_OP" and op.argrepr in ("@", "@=")) for op in dis.get_instructions(code))
+
+
+def _attends_to_nothing(module: nn.Module) -> bool:
+    """A module of torch's own that computes no attention (nn.Linear, a norm, an activation: not
+    nn.MultiheadAttention, nor a container, whose items may)."""
+    return type(module).__module__.startswith("torch.nn.modules.") and not isinstance(
+        module, (nn.MultiheadAttention, nn.ModuleList, nn.ModuleDict, nn.Sequential, nn.Transformer,
+                 nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+
+
 def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], skipped: Iterable[str]) -> None:
     """Warn once where the default layers of a model of the user's own leave out blocks of a list, blocks that hold
     a module computing a softmax or fused attention none of which is recorded or skipped with a reason (an explicit
@@ -486,7 +512,9 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], sk
     ``blocks.4``'s (QA 257), also where the block was the list's first or last (QA 262), or in a second list beside
     the one holding the recorded layers (``local_blocks`` recorded, ``global_blocks`` not; QA 265). Blocks without
     any (a convolution stage, norms, MLPs) are no gap (they were warned of, QA 262), nor lists inside a recorded
-    layer (its own parts) or of a library's classes (whose attention vitmad knows)."""
+    layer (its own parts) or of a library's classes (whose attention vitmad knows). In a list holding no recorded
+    layer, a block counts only where a module of the user's in it also multiplies matrices (``q @ k``): classifier
+    heads, MoE routers and calibrators compute a softmax of a projection, and were warned of (QA 270)."""
     if is_known_library(type(model)):
         return
     taken = [*recorded, *skipped]
@@ -504,7 +532,9 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], sk
             # (An nn.Softmax that is itself an item of the list is an output layer: nn.Sequential(vit, Softmax).)
             if i not in held and not isinstance(block, nn.Softmax) and any(isinstance(inner, nn.Softmax) or (
                     not type(inner).__module__.startswith("torch.") and names_softmax(inner))
-                    for inner in block.modules()):
+                    for inner in block.modules()) and (held or any(
+                        not type(inner).__module__.startswith("torch.") and _multiplies_matrices(inner)
+                        for inner in block.modules())):
                 missing.append(f"{prefix}{i}")
     if missing:
         shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
@@ -1143,6 +1173,12 @@ class Recording:
     def _start_call(self, module: nn.Module, args, kwargs=None) -> None:
         if _not_recorded():
             return
+        if self._calls_before_forward is None:
+            # A call outside the model's own forward (forward_features, forward_intermediates, a user's loop over
+            # the blocks) never runs its pre-hook (_begin_forward), which checks these: once per call here, not
+            # per block (each block of such a loop is a scope of its own; checked there, depth squared, QA 270).
+            self._check_layers_in_place()
+            self._check_added_modules()
         self._drop_interrupted()
         # What a forward interrupted inside an attention module left (a KeyboardInterrupt skips the hooks that end
         # it): not part of this call.
@@ -1769,11 +1805,6 @@ class Recording:
         such forward outside the model's own call (forward_features), what the calls held before it."""
         outermost = not self._owner.held_here()
         self._owner.enter(whole_model)
-        if outermost and not whole_model and not _in_backward():
-            # A forward through forward_features or stage by stage never runs the model's own pre-hook
-            # (_begin_forward), which checks these; _leave_scope gives ownership back if they raise.
-            self._check_layers_in_place()
-            self._check_added_modules()
         self._reached_inside |= not whole_model
         self._keep_trailing_last(scope)
         if outermost and not whole_model and not _in_backward():
@@ -1861,13 +1892,15 @@ class Recording:
         take was added to the model since the recording was made (``model.blocks.append(Block())``): it has none of
         the recording's hooks, and its layer was left out of every later call silently (QA 265). A module added that
         holds no attention (an adapter, a new head) changes nothing; the recording learns it once. The model is
-        walked at entry and after a module may have been added (``_maybe_added``, a list's length), not at every
-        forward (a ViT-B's walk is 0.1 ms).
+        walked at entry and after a module may have been added (``_maybe_added``, a list's items), not at every
+        forward (a ViT-B's walk is 0.1 ms); modules of torch's own that attend to nothing (a linear layer, a norm
+        a model makes at each forward) are learnt without a search for attention (7.5 ms a forward, QA 270). An
+        added layer a new recording would skip (CaiT's class attention, whose MAD is not defined) is no reason.
 
         Raises:
             RuntimeError: naming the module.
         """
-        if not (entering or self._maybe_added or any(len(d) != n for d, n in self._lists)):
+        if not (entering or self._maybe_added or any(tuple(map(id, d.values())) != items for d, items in self._lists)):
             return
         seen = self._modules_seen
         modules = module_list(self.model)
@@ -1876,13 +1909,18 @@ class Recording:
             return
         added = [m for m in modules if id(m) not in seen]
         ids = {id(m) for m in added}
-        with shared_walks():
-            found = [name for name, m in attention_modules(self.model).items() if id(m) in ids]
-            if self._layers_asked is None:
+        taken = []
+        if not all(_attends_to_nothing(m) for m in added):
+            with shared_walks():
+                found = [(name, m) for name, m in attention_modules(self.model).items() if id(m) in ids]
                 prefix = encoder_prefix(self.model)
-                taken = [name for name in found if name.startswith(prefix)]
-            else:
-                taken = [name for name in found if any(fnmatch.fnmatchcase(name, p) for p in self._layers_asked)]
+                for name, m in found:
+                    if self._layers_asked is None and not name.startswith(prefix) or self._layers_asked is not None \
+                            and not any(fnmatch.fnmatchcase(name, p) for p in self._layers_asked):
+                        continue
+                    placer = family_placer(self.model, name, m)
+                    if not isinstance(placer, Skip) and not (isinstance(placer, ClassQueries) and not self._maps):
+                        taken.append(name)
         if taken:
             raise RuntimeError(
                 f"vitmad.record: {', '.join(taken[:4])} of {type(self.model).__name__} "
@@ -1896,7 +1934,9 @@ class Recording:
         """The model's modules are all known now: no walk until one may have been added (a refusal leaves the
         flags as they were, so that each forward after it is refused too)."""
         self._maybe_added = False
-        self._lists = [(m._modules, len(m._modules)) for m in modules if isinstance(m, (nn.ModuleList, nn.Sequential))]
+        # (Their items, not their lengths: insert(0, block) then del list[1] keeps the length, QA 270.)
+        self._lists = [(m._modules, tuple(map(id, m._modules.values()))) for m in modules
+                       if isinstance(m, (nn.ModuleList, nn.Sequential))]
 
     def _module_registered(self, *_) -> None:
         self._maybe_added = True
