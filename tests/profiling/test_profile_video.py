@@ -337,6 +337,34 @@ def test_frame_folders_take_their_images_only_in_the_order_of_their_numbers(tmp_
         assert find_videos(root) == [root / "x" / "sub", root / "y", root / "z"]
 
 
+def test_hidden_clips_are_passed_by_and_frame_transparency_follows_the_processor(tmp_path):
+    """QA 270: a macOS ._clip.mp4 beside the clip was listed as a video (and skipped as unreadable); a frame
+    folder's transparent frames were read with their alpha dropped while mad.json said the processor's
+    do_convert_rgb (transparency onto white)."""
+    from PIL import Image
+
+    from vitmad.profiling.images import Preprocessing
+    from vitmad.profiling.videos import find_videos, load_video_batch
+
+    root = tmp_path / "clips"
+    frames = root / "frames"
+    frames.mkdir(parents=True)
+    for i in range(2):  # the left half transparent over black
+        rgba = np.zeros((8, 8, 4), np.uint8)
+        rgba[:, 4:] = (200, 10 * i, 30, 255)
+        Image.fromarray(rgba, "RGBA").save(frames / f"frame_{i}.png")
+    (root / "._frames.mp4").write_bytes(b"\0\5\22\7")
+    assert find_videos(root) == [frames]
+    for on_white, left in ((True, 255), (False, 0)):
+        preprocessing = Preprocessing((8, 8), ("exact", 8, 8), False, (0.0,) * 3, (1.0,) * 3,
+                                      alpha_on_white=on_white)
+        pixels, loaded, skipped = load_video_batch([frames], 2, preprocessing)
+        assert loaded == [frames] and not skipped
+        torch.testing.assert_close(pixels[0, :, :, :, :4], torch.full((2, 3, 8, 4), left / 255))
+        torch.testing.assert_close(pixels[0, 1, :, :, 4:], torch.tensor([200, 10, 30])[:, None, None].expand(3, 8, 4)
+                                   / 255.0)
+
+
 def test_a_video_tensor_of_another_frame_count_is_refused_by_name(video_model):
     pixels = torch.randn(2, FRAMES + 2, 3, SIZE, SIZE)
     with pytest.raises(ValueError, match=rf"images: the video model takes {FRAMES} frames a video, \[B, {FRAMES}, 3, "

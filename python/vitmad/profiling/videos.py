@@ -126,8 +126,9 @@ def find_videos(sources: str | os.PathLike | Sequence[str | os.PathLike],
         else:
             for sub in _folders(path):
                 # A dangling link to a clip is listed as skipped with its reason, not dropped unseen.
+                # (Hidden files are none: macOS's ._a.mp4 resource forks, QA 270; as walk_folders.)
                 found.update(p for p in sub.iterdir() if (p.is_file() or p.is_symlink())
-                             and p.suffix.lower() in VIDEO_EXTENSIONS)
+                             and p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith("."))
                 if sub != path and _is_frame_folder(sub, excluded):
                     found.add(sub)
                 else:
@@ -158,10 +159,13 @@ def sample_indices(available: int, frames: int) -> list[int]:
     return [round(i * (available - 1) / (frames - 1)) for i in range(frames)]
 
 
-def load_video(path: Path, frames: int | Callable[[int, float | None], Sequence[int]]):
+def load_video(path: Path, frames: int | Callable[[int, float | None], Sequence[int]], alpha_on_white: bool = False):
     """Decode ``frames`` evenly sampled RGB frames (``PIL.Image``) of a clip or a frame folder; or, where ``frames``
     is a function, the frames it picks given the clip's frame count and frame rate (None for a frame folder, or a
-    clip whose header gives none), as a packed tower's video processor samples them (``packed_videos``).
+    clip whose header gives none), as a packed tower's video processor samples them (``packed_videos``). A frame
+    file's transparency is composited onto white with ``alpha_on_white`` (the model's processor's
+    ``do_convert_rgb``, which ``mad.json`` states: it said so while the frames were read with their alpha dropped,
+    QA 270), else dropped.
 
     Returns:
         ``(frames, None)``, or ``(None, reason)`` when it cannot be read or ``frames`` refuses it (a ``ValueError``).
@@ -175,7 +179,7 @@ def load_video(path: Path, frames: int | Callable[[int, float | None], Sequence[
             return None, f"ValueError: {err}"
         picked = []
         for index in indices:
-            image, reason = load_image(files[index])
+            image, reason = load_image(files[index], alpha_on_white)
             if image is None:
                 return None, f"frame {files[index].name}: {reason}"
             picked.append(image)
@@ -330,7 +334,7 @@ def load_video_batch(
     """
 
     def one(path: Path) -> tuple[torch.Tensor | None, str | None]:
-        images, reason = load_video(path, frames)
+        images, reason = load_video(path, frames, preprocessing.alpha_on_white)
         if images is None:
             return None, reason
         try:
