@@ -285,3 +285,37 @@ def test_a_size_divisor_that_only_sets_the_pad_is_nothing_to_reproduce_without_d
         theirs = torch.as_tensor(processor(images=image, return_tensors="pt")["pixel_values"])[0]
         assert theirs.shape[-2:] == (40, 36)
         torch.testing.assert_close(ours(image), theirs.float(), rtol=0, atol=1.01 / 255 / std)
+
+
+@pytest.mark.parametrize("named", [{"feature_extractor_type": "CLIPFeatureExtractor"},
+                                   {"image_processor_type": "CLIPImageProcessor"}])
+def test_a_clip_processor_saved_with_one_number_sizes_is_read_as_clip_reads_it(tmp_path, named):
+    """QA 270: the openai CLIP checkpoints' preprocessor_config.json says "size": 224 and "crop_size": 224 and names
+    only a feature_extractor_type. vitmad read the size as 224 x 224 (each image squashed, 2.8 normalised units off
+    on a non-square image) and, no class named, took no do_convert_rgb (transparency dropped, 3.7 off); CLIP reads
+    it as its short side, then crops, and composites transparency onto white. Equal to its PIL processor now."""
+    import json
+
+    from PIL import Image
+
+    from vitmad.profiling.images import load_batch
+    from vitmad.profiling.models import load_model
+
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=8)
+    transformers.CLIPVisionModel(config).save_pretrained(tmp_path)
+    settings = {"crop_size": 32, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "resample": 3, "size": 32, **named}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
+    rgba = np.dstack([np.asarray(_image(48, 40)), np.where(np.arange(48) < 24, 0, 255)[None].repeat(40, 0)])
+    Image.fromarray(rgba.astype(np.uint8), "RGBA").save(tmp_path / "rgba.png")
+    _image(57, 31).save(tmp_path / "wide.png")
+    paths = [tmp_path / "rgba.png", tmp_path / "wide.png"]
+    preprocessing = load_model(f"hf:{tmp_path}").preprocessing
+    assert preprocessing.resize == ("shortest", 32) and preprocessing.center_crop and preprocessing.alpha_on_white
+    ours, _, _ = load_batch(paths, preprocessing)
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    theirs = processor([Image.open(path) for path in paths], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)

@@ -445,15 +445,23 @@ def _timm_weights_options(cfg, spec: str, name: str) -> dict:
 
 def _with_class_defaults(transformers, name: str, processor: dict, options: dict) -> dict:
     """The saved processor settings completed with its class's defaults: a ``preprocessor_config.json`` may omit
-    what its class sets itself (CLIP's mean, std and bicubic filter), which the generic defaults would replace.
-    The saved dict as it is when transformers cannot build the processor (no class named, a missing backend)."""
-    if "image_processor_type" not in processor:
+    what its class sets itself (CLIP's mean, std and bicubic filter, its do_convert_rgb), which the generic
+    defaults would replace. A ``size`` or ``crop_size`` saved as one number or a pair is the class's reading of it
+    (CLIP's ``"size": 224`` is its short side, ``{"shortest_edge": 224}``; ViT's is 224 x 224): read as a square,
+    the openai CLIP checkpoints' images were squashed (2.8 normalised units off; QA 270). A file that names only a
+    ``feature_extractor_type`` (those checkpoints) is the image processor transformers loads for it. The saved dict
+    as it is when transformers cannot build the processor (no class named, a missing backend)."""
+    if "image_processor_type" not in processor and "feature_extractor_type" not in processor:
         return processor
     try:
         built = transformers.AutoImageProcessor.from_pretrained(name, **options).to_dict()
     except Exception:  # noqa: BLE001  (any failure of a third-party constructor: keep what the file says)
         return processor
-    return {**built, **processor}
+    merged = {**built, **processor}
+    for key in ("size", "crop_size"):
+        if not isinstance(processor.get(key), dict) and isinstance(built.get(key), dict):
+            merged[key] = built[key]
+    return merged
 
 
 def _normalizes_its_input(module: torch.nn.Module) -> bool:
