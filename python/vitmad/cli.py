@@ -67,6 +67,9 @@ def earlier_outputs(folder: Path) -> set[str]:
     doc = _profile_document(folder)
     if doc is None:
         return set()
+    outputs = doc.get("outputs")  # what it wrote, named before it wrote them (files of 2026-12-06 on)
+    if isinstance(outputs, list) and all(isinstance(name, str) for name in outputs):
+        return set(outputs) & output_names()
     settings = doc.get("settings")
     stats = settings.get("stats") if isinstance(settings, dict) else None
     if not isinstance(stats, list) or not all(isinstance(name, str) for name in stats):
@@ -386,10 +389,27 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     )
     if run is not None and not run.is_main:
         return
-    result.to_json(out / "mad.json")
+    # What this run writes, known before it writes any: mad.json names it (earlier_outputs reads it back), and what
+    # an earlier run wrote and this one does not (another model's maps, a statistic not asked for now) is removed
+    # first, so that an interruption while this run's files are written leaves none of it beside them as this
+    # run's (QA 270).
+    prefix_layers = result.prefix_maps is not None and bool(result.prefix_maps.layers)
+    maps_over_image = not args.no_figures and result.temporal is None and not packed_videos and not volumes
+    # (A native run has no mean maps, each image its own grid, but one image's maps are on its own grid.)
+    native_maps = "prefix_maps" in stats and size == NATIVE
+    planned = ["mad.json", "mad.csv", *(["prefix_maps.npz"] if prefix_layers else [])]
+    if not args.no_figures:
+        planned += ["mad.png", *(f"{name}.png" for name in result.statistics if result.has_values(name)),
+                    *(["prefix_maps.png"] if prefix_layers else [])]
+    if maps_over_image:
+        planned += ["mad_map.png", *(["prefix_map_image.png"] if prefix_layers or native_maps else [])]
+    stale = sorted(earlier - set(planned))
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
+    result.to_json(out / "mad.json", outputs=planned)
     result.to_csv(out / "mad.csv")
     written = ["mad.json", "mad.csv"]
-    if result.prefix_maps is not None and result.prefix_maps.layers:
+    if prefix_layers:
         result.save_prefix_maps(out / "prefix_maps.npz")
         written.append("prefix_maps.npz")
     if not args.no_figures:
@@ -399,20 +419,18 @@ def _profile_command(args: argparse.Namespace, run) -> None:
             if result.has_values(name):  # else _print_summary says why there is no figure
                 result.plot_stat(name, out / f"{name}.png")
                 written.append(f"{name}.png")
-        if result.prefix_maps is not None and result.prefix_maps.layers:
+        if prefix_layers:
             result.plot_prefix_maps(out / "prefix_maps.png")
             written.append("prefix_maps.png")
     # Maps over one image (a volume's are not drawn: their figure is of 2-D grids over the image).
-    if not args.no_figures and result.temporal is None and not packed_videos and not volumes:
+    if maps_over_image:
         maps, pixels, names, geometry = mad_maps(loaded, result.images[0], image_size=size,
                                                  renormalize=args.renormalize, device=device)
         prep = loaded.preprocessing
         plot_mad_maps(maps, pixels, names, out / "mad_map.png", geometry=geometry, mean=prep.mean, std=prep.std)
         written.append("mad_map.png")
-        # The mean maps blur what each image's CLS looks at: one image, every head, as in the DINO paper. A native
-        # run has no mean maps (each image its own grid), but one image's maps are on its own grid.
-        native_maps = "prefix_maps" in stats and size == NATIVE
-        if (result.prefix_maps is not None and result.prefix_maps.layers) or native_maps:
+        # The mean maps blur what each image's CLS looks at: one image, every head, as in the DINO paper.
+        if prefix_layers or native_maps:
             try:
                 token_maps, pixels, name, layer = image_prefix_maps(loaded, result.images[0], image_size=size,
                                                                     device=device)
@@ -423,11 +441,6 @@ def _profile_command(args: argparse.Namespace, run) -> None:
                 plot_image_prefix_maps(token_maps, pixels, name, out / "prefix_map_image.png", geometry=layer,
                                        mean=prep.mean, std=prep.std)
                 written.append("prefix_map_image.png")
-    # What an earlier run wrote and this one does not (another model's maps, a statistic not asked for now)
-    # would sit beside this run's results as if they were its own.
-    stale = sorted(earlier - set(written))
-    for name in stale:
-        (out / name).unlink(missing_ok=True)
     _print_summary(result)
     print(f"wrote {', '.join(str(out / name) for name in written)}")
     if stale:

@@ -298,3 +298,32 @@ def test_videos_given_to_an_image_model_are_refused(tiny_model, image_folder, tm
         f"vitmad: error: --videos: ViTModel (hf:{tiny_model}) is no video model (no frame count in its config) and no "
         "packed vision tower: it takes images; pass them with --images, or a video model with --model")
     assert not (tmp_path / "out").exists()
+
+
+def test_mad_json_names_the_files_the_run_wrote_and_a_users_figure_beside_a_no_figures_run_is_kept(
+        tiny_model, image_folder, tmp_path, capsys):
+    """QA 270: a user's mad.png beside a --no-figures run's results was removed by the next run as the earlier
+    run's (its statistics said MAD, whose figure is mad.png). mad.json names the files its run writes
+    ("outputs"): a file not among them is the user's, left alone, or refused before the model loads by a run that
+    would write it."""
+    out = tmp_path / "out"
+    assert _run(_profile(tiny_model, image_folder, out), capsys)[0] == 0
+    assert json.loads((out / "mad.json").read_text())["outputs"] == ["mad.json", "mad.csv"]
+    photo = next(p for p in Path(image_folder).iterdir() if p.suffix == ".png")
+    shutil.copy(photo, out / "mad.png")
+    with pytest.warns(UserWarning, match="holds an earlier run's outputs"):
+        code, stdout, _ = _run(_profile(tiny_model, image_folder, out), capsys)
+    assert code == 0 and "removed" not in stdout and (out / "mad.png").read_bytes() == photo.read_bytes()
+    drawing = [arg for arg in _profile(tiny_model, image_folder, out) if arg != "--no-figures"]
+    code, _, err = _run(drawing, capsys)
+    assert code == 2 and "holds mad.png, which this run would write over" in err
+    (out / "mad.png").unlink()
+    with pytest.warns(UserWarning, match="holds an earlier run's outputs"):
+        assert _run([*drawing, "--stats", "entropy"], capsys)[0] == 0
+    assert json.loads((out / "mad.json").read_text())["outputs"] == [
+        "mad.json", "mad.csv", "mad.png", "entropy.png", "mad_map.png"]
+    # Then a MAD-only run removes that run's entropy figure (before writing its own files).
+    with pytest.warns(UserWarning, match="holds an earlier run's outputs"):
+        code, stdout, _ = _run(drawing, capsys)
+    assert code == 0 and f"removed the earlier run's {out / 'entropy.png'}" in stdout
+    assert not (out / "entropy.png").exists()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -361,11 +362,16 @@ class Profile:
                                                                                   self.class_geometry)]
         return found
 
-    def to_json(self, path: str | os.PathLike) -> None:
+    def to_json(self, path: str | os.PathLike, outputs: Sequence[str] | None = None) -> None:
         """Write ``mad.json``: model, layout, images used and skipped, per layer and head the mean, std, min,
-        max and count over images, a per-layer summary, and the float64 sums. Written atomically."""
+        max and count over images, a per-layer summary, and the float64 sums. Written atomically. ``outputs``:
+        the files ``vitmad profile`` writes beside it (``"outputs"``), so that a later run into the folder knows
+        which files are an earlier run's and which a user's."""
+        doc = self.to_dict()
+        if outputs is not None:
+            doc["outputs"] = list(outputs)
         with atomic_file(path) as handle:
-            handle.write(json.dumps(self.to_dict(), indent=1).encode())
+            handle.write(json.dumps(doc, indent=1).encode())
 
     @staticmethod
     def from_json(path: str | os.PathLike) -> Profile:
