@@ -525,3 +525,21 @@ def test_whole_model_records_its_packed_tower_per_image(name):
     if window:
         kinds[0] = f"window {window * MERGE}x{window * MERGE} patches ({window}x{window} merge blocks)"
     check_packed_statistics(rec, per_query, references, grids, kinds, patch)
+
+
+@pytest.mark.parametrize("name", ["PerceiverForImageClassificationLearned", "PerceiverForImageClassificationFourier",
+                                  "PerceiverForImageClassificationConvProcessing"])
+def test_perceiver_is_refused_as_its_latents_have_no_position(name):
+    """QA 271: refused as having no patch embedding, with advice (positions=, patch= and grid=) that fails again:
+    its learned latents, the queries of its cross-attention and the tokens of its self-attention, have no position
+    on the image, so MAD is not defined for any of its layers."""
+    config = transformers.PerceiverConfig(d_latents=32, num_latents=8, num_blocks=1, num_self_attends_per_block=1,
+                                          num_self_attention_heads=2, num_cross_attention_heads=1, image_size=32,
+                                          d_model=32)
+    model = getattr(transformers, name)(config).eval()
+    with pytest.raises(ValueError, match=rf"^vitmad\.record: {name} has no layer with spatial softmax attention over "
+                                         r"positioned tokens, so MAD is not defined for it \(perceiver\.encoder\."
+                                         r"cross_attention\.attention\.self: Perceiver's attention: its learned "
+                                         r"latents"):
+        with torch.no_grad(), vitmad.record(model):
+            model(inputs=torch.randn(1, 3, 32, 32))

@@ -65,6 +65,11 @@ _REASONS_IN = {
     ("LambdaLayer", "lambda_layer"): "lambda layer (LambdaNetworks): softmax(k) over the positions gives a content "
                                      "lambda, softmax(k)^T v, applied to the queries with a positional one from a "
                                      "convolution, so no query has attention weights over the tokens",
+    # Its refusal said no patch embedding was found and asked for positions= or patch= and grid=, neither of which
+    # can place a latent (QA 271).
+    ("PerceiverSelfAttention", "modeling_perceiver"): "Perceiver's attention: its learned latents, the queries of its "
+                                                      "cross-attention to the inputs and the tokens of its "
+                                                      "self-attention, have no position on the image",
     ("SLANetAttentionGRUCell", "modeling_slanet"): "additive attention of SLANet's table-structure decoder: each "
                                                    "step's query is the GRU's state, without a position on the "
                                                    "image, scoring the map's tokens through tanh",
