@@ -113,8 +113,11 @@ def test_a_forward_through_the_other_tower_is_named_as_such():
     ids[0, 1:17] = 5  # 16 image tokens: 4 x 4 patches
     with torch.no_grad(), vitmad.record(model) as rec:
         model(input_ids=ids, pixel_values_images=torch.randn(1, 3, 32, 32))
+    # The tower that ran is named, with the recording that takes it (QA 271).
     with pytest.raises(RuntimeError, match=r"ran 1 time\(s\) in this recording, but not through the modules being "
-                                           r"recorded \(model\.video_tower\..*record the module that ran"):
+                                           r"recorded \(model\.video_tower\..*\): another image tower of it ran, "
+                                           r"model\.image_tower, whose layers this recording skips .*: record it on "
+                                           r"its own: vitmad\.record\(model\.get_submodule\('model\.image_tower'\)\)"):
         _ = rec.mad
     # Named in layers=, the other tower is outside the one whose patch embedding places the tokens: skipped.
     with pytest.raises(ValueError, match="outside model.video_tower"):

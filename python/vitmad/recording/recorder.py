@@ -767,6 +767,10 @@ class Recording:
         # Root child -> its own patch embedding (find_patch_embedding), for the second-tower checks of
         # _choose_layers and _refuse_other_towers_on_the_plain_grid: one walk of each subtree.
         self._root_embeddings: dict[str, tuple | None] = {}
+        # The image towers beside the one placed, whose layers are skipped (in the order found): named where a
+        # forward ran none of the recorded layers (VideoLLaVA's image forward runs image_tower, not video_tower).
+        self._second_towers: dict[str, None] = {}
+        self._second_towers_ran: set[str] = set()  # those whose forward ran while the recording was active
         # Every family asks the module tree its own questions: one walk per root serves them all.
         with shared_walks():
             refused = graph_form_refusal(model)  # first: a family's walk would fail inside torch on TorchScript
@@ -874,6 +878,7 @@ class Recording:
             # A second tower that embeds the image is named, not left out silently: one recording places the tokens
             # of one tower (its patch embedding's grid), so the other's layers are its own recording's.
             for tower in other_image_towers(model, prefix):
+                self._second_towers.setdefault(tower[:-1])
                 for name in found:
                     if name.startswith(tower):
                         self.skipped[name] = (
@@ -899,6 +904,8 @@ class Recording:
                 root = name.split(".", 1)[0]
                 beside = "." in name and not prefix.startswith(root + ".")
                 own = self._root_embedding(root) if beside else None
+                if own is not None:
+                    self._second_towers.setdefault(root)
                 placer = Skip(
                     f"in {root}, {_SECOND_TOWER} with its own patch embedding ({root}."
                     f"{own[0]}) beside {prefix[:-1]}, the one this recording places (one patch grid per recording); "
@@ -1024,6 +1031,18 @@ class Recording:
         compiled = _reused_compiled_code(self.model) if not self._calls or self._calls[-1]._is_empty() else ""
         # Compiled code is named as a possibility after the ordinary cause, never instead of it: dynamo's cache
         # says code exists for the model's class, not that a wrapper of this model ran it in the block.
+        if self._forwards and all(call._is_empty() and not call._modules_ran for call in self._calls) \
+                and self._second_towers_ran:
+            # VideoLLaVA's image forward runs its image_tower; its video_tower comes first and is placed (QA 271).
+            towers = [tower for tower in self._second_towers if tower in self._second_towers_ran]
+            raise RuntimeError(
+                f"vitmad.record: {name} ran {self._forwards} time(s) in this recording, but not through the "
+                f"modules being recorded ({shown}): another image tower of it ran, {', '.join(towers)}, whose layers "
+                "this recording skips (one recording places one tower, the first in module order): "
+                f"record it on its own: vitmad.record(model.get_submodule('{towers[0]}')), while the whole model "
+                "runs (one recording per tower records both)"
+                + (f"; or it ran code torch.compile generated before the block{compiled}" if compiled else "")
+            )
         if self._forwards and all(call._is_empty() and not call._modules_ran for call in self._calls):
             # No call, or only calls the model's own forward started and no recorded module ran in.
             raise RuntimeError(
@@ -1757,6 +1776,9 @@ class Recording:
             self._handles.append(self.model.register_forward_pre_hook(self._start_call, with_kwargs=True))
         for start in towers:
             self._handles.append(start.register_forward_pre_hook(self._start_tower_call))
+        for tower in self._second_towers:
+            self._handles.append(self.model.get_submodule(tower).register_forward_pre_hook(
+                lambda *_, tower=tower: self._second_towers_ran.add(tower)))
         self._handles.extend(self._plain.install(self._context))
         for placer in {id(p): p for p in self._placers.values()}.values():
             self._handles.extend(placer.install(self._context))
