@@ -550,9 +550,21 @@ def test_lists_of_heads_and_routers_beside_the_recorded_blocks_are_no_gap():
     softmax of a projection each) for attention left out. A list holding no recorded layer is a gap only where its
     blocks also multiply matrices, as the second list of attention blocks above does."""
     model = _WithHeads().eval()
+    pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), vitmad.record(model) as rec:  # no warning: warnings are errors in the tests
-        model(torch.randn(2, 3, 32, 32))
+        model(pixels)
     assert rec.layers == ["blocks.0", "blocks.1"]
+    # A head after the backbone in an nn.Sequential, beside the recorded blocks' holder: no gap either.
+    chained = nn.Sequential(_Stack(["sdpa", "sdpa"]), _SoftmaxHead()).eval()
+    with torch.no_grad(), vitmad.record(chained) as rec:
+        chained(pixels)
+    assert rec.layers == ["0.blocks.0", "0.blocks.1"]
+    # Attention blocks vitmad cannot tell held in a ModuleDict are a gap (QA 270: only lists were looked at).
+    held = _Stack(["sdpa", "sdpa"]).eval()
+    held.extra = nn.ModuleDict({"a": _KINDS["softmax"](), "b": _KINDS["softmax"]()})
+    with pytest.warns(UserWarning, match=r"^vitmad\.record: extra\.a, extra\.b of _Stack, in a list beside"):
+        with torch.no_grad(), vitmad.record(held):
+            held(pixels)
 
 
 class _LocalImport(_Block):

@@ -512,30 +512,34 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], sk
     ``blocks.4``'s (QA 257), also where the block was the list's first or last (QA 262), or in a second list beside
     the one holding the recorded layers (``local_blocks`` recorded, ``global_blocks`` not; QA 265). Blocks without
     any (a convolution stage, norms, MLPs) are no gap (they were warned of, QA 262), nor lists inside a recorded
-    layer (its own parts) or of a library's classes (whose attention vitmad knows). In a list holding no recorded
-    layer, a block counts only where a module of the user's in it also multiplies matrices (``q @ k``): classifier
-    heads, MoE routers and calibrators compute a softmax of a projection, and were warned of (QA 270)."""
+    layer (its own parts) or of a library's classes (whose attention vitmad knows). A block counts only where a
+    module of the user's in it also multiplies matrices (``q @ k``): classifier heads, MoE routers and calibrators
+    compute a softmax of a projection, and were warned of (QA 270), a head after the backbone in an nn.Sequential
+    too."""
     if is_known_library(type(model)):
         return
     taken = [*recorded, *skipped]
-    containers = {name: m for name, m in named_module_list(model) if isinstance(m, (nn.ModuleList, nn.Sequential))}
+    # (A ModuleDict of blocks too, QA 270: its items by key.)
+    containers = {name: m for name, m in named_module_list(model)
+                  if isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict))}
     missing = []
     for path, container in containers.items():
         prefix = f"{path}." if path else ""
         if any(path == name or _holds(name, path) for name in recorded):
             continue
-        held = {int(n[len(prefix):].split(".", 1)[0]) for n in taken
-                if n.startswith(prefix) and n[len(prefix):].split(".", 1)[0].isdigit()}
-        if any(is_known_library(type(block)) for block in ([container[i] for i in held] if held else container)):
+        items = {key: block for key, block in container._modules.items() if block is not None}
+        held = {n[len(prefix):].split(".", 1)[0] for n in taken if n.startswith(prefix)} & items.keys()
+        if any(is_known_library(type(items[key] if held else block)) for key, block in items.items()
+               if not held or key in held):
             continue
-        for i, block in enumerate(container):
+        for key, block in items.items():
             # (An nn.Softmax that is itself an item of the list is an output layer: nn.Sequential(vit, Softmax).)
-            if i not in held and not isinstance(block, nn.Softmax) and any(isinstance(inner, nn.Softmax) or (
+            if key not in held and not isinstance(block, nn.Softmax) and any(isinstance(inner, nn.Softmax) or (
                     not type(inner).__module__.startswith("torch.") and names_softmax(inner))
-                    for inner in block.modules()) and (held or any(
+                    for inner in block.modules()) and any(
                         not type(inner).__module__.startswith("torch.") and _multiplies_matrices(inner)
-                        for inner in block.modules())):
-                missing.append(f"{prefix}{i}")
+                        for inner in block.modules()):
+                missing.append(f"{prefix}{key}")
     if missing:
         shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
         warnings.warn(
