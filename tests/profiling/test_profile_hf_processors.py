@@ -99,7 +99,6 @@ REFUSED = [
     ("DetrImageProcessorPil", {}, "DetrImageProcessor resizes each image to a shortest and a longest edge"),
     ("DeepseekVLHybridImageProcessorPil", {}, "fits each image in high_res_size and pads it to a square"),
     ("ViltImageProcessorPil", {}, "ViltImageProcessor resizes to a shortest edge with a cap on the longest"),
-    ("ConvNextImageProcessorPil", {}, "ConvNextImageProcessor resizes the shortest edge to size / crop_pct"),
     ("LevitImageProcessorPil", {}, "LevitImageProcessor resizes the shortest edge to 256 / 224"),
     ("ZoeDepthImageProcessorPil", {}, "ZoeDepthImageProcessor resizes at the image's aspect ratio"),
     ("LlavaNextImageProcessorPil", {}, "LlavaNextImageProcessor cuts each image into tiles"),
@@ -319,3 +318,18 @@ def test_a_clip_processor_saved_with_one_number_sizes_is_read_as_clip_reads_it(t
     processor = transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
     theirs = processor([Image.open(path) for path in paths], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("side,crop_pct", [(32, 0.875), (40, 0.9), (384, 0.875)])
+def test_the_convnext_processor_is_reproduced(side, crop_pct):
+    """CvT's checkpoints preprocess with ConvNextImageProcessor (refused before as code of its own; a legacy file
+    naming it as a feature extractor was squashed, QA 273): below 384 px the shortest edge to int(size / crop_pct),
+    then the centre size x size; from 384 px a squash to size x size. Pixel for pixel on odd sizes."""
+    processor = transformers.ConvNextImageProcessorPil(size={"shortest_edge": side}, crop_pct=crop_pct)
+    settings = {**processor.to_dict(), "image_processor_type": "ConvNextImageProcessor"}
+    ours = Preprocessing.from_hf(settings)
+    assert ours.size == (side, side) and ours.center_crop == (side < 384)
+    for width, height in ODD_SIZES:
+        image = _image(width, height)
+        theirs = processor(image, return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(ours(image), theirs, rtol=0, atol=1e-5)

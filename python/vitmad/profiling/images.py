@@ -334,6 +334,16 @@ class Preprocessing:
                                  std, interpolation, pad_fill=_janus_background(processor), rescale=rescale,
                                  rescale_offset=hf_rescale_offset(processor),
                                  alpha_on_white=hf_alpha_on_white(processor))
+        if name == "ConvNextImageProcessor" and "shortest_edge" in size and own_geometry:
+            side = int(size["shortest_edge"])
+            crop_pct = float(processor.get("crop_pct") or 224 / 256)
+            cropped = side < 384 and processor.get("do_resize", True)  # (the crop is part of its resize step)
+            resize = ("shortest", int(side / crop_pct)) if cropped else ("exact", side, side)
+            if not processor.get("do_resize", True):
+                resize = ("none",)
+            return Preprocessing((side, side), resize, cropped, mean, std, interpolation, rescale=rescale,
+                                 rescale_offset=hf_rescale_offset(processor),
+                                 alpha_on_white=hf_alpha_on_white(processor))
         if "height" in size and "width" in size:
             resize = ("exact", int(size["height"]), int(size["width"]))
             final = (int(size["height"]), int(size["width"]))
@@ -567,8 +577,6 @@ _OWN_GEOMETRY = {
     "TextNetImageProcessor": "resizes to a shortest edge, rounding the other to a multiple of size_divisor",
     "PerceiverImageProcessor": "crops the centre at crop_size / size of the shorter side before resizing",
     "LevitImageProcessor": "resizes the shortest edge to 256 / 224 of the size before its centre crop",
-    "ConvNextImageProcessor": "resizes the shortest edge to size / crop_pct and crops below 384 px, and squashes to "
-                              "a square from 384 px",
     "PoolFormerImageProcessor": "resizes the shortest edge to size / crop_pct before its centre crop",
     "SuperPointImageProcessor": "turns images grey",
     "DeepseekOcr2ImageProcessor": "pads to a square and cuts tiles",
@@ -592,6 +600,9 @@ _CHECKED_OWN_CODE = frozenset({
     "MobileNetV2ImageProcessor", "VideoMAEImageProcessor", "VivitImageProcessor", "RTDetrImageProcessor",
     "Gemma3ImageProcessor", "GotOcr2ImageProcessor", "Ovis2ImageProcessor", "LlavaImageProcessor",
     "DPTImageProcessor", "PromptDepthAnythingImageProcessor", "Siglip2ImageProcessor", *_PADS_TO_A_CENTRED_SQUARE,
+    # Its resize: below 384 px the shortest edge to int(size / crop_pct), then the centre size x size; from 384 px a
+    # squash to size x size (Preprocessing.from_hf reads it so: CvT's checkpoints, QA 273).
+    "ConvNextImageProcessor",
     # torchvision only (no PIL backend): resized from floats, within one level in 255 of PIL's resize
     "DINOv3ViTImageProcessor", "Sam2ImageProcessor", "Sam3ImageProcessor", "Sapiens2ImageProcessor",
 })
