@@ -627,10 +627,12 @@ def test_an_attention_module_added_after_the_recording_was_made_is_refused():
 
 
 def test_added_modules_are_checked_once_a_call_and_only_where_a_new_recording_would_record_them(monkeypatch):
-    """QA 270: the checks ran at every block of a forward through the blocks (forward_intermediates), the depth
-    squared; a CaiT class-attention block appended was refused though a new recording skips it; insert(0, block)
-    then del list[1] kept the list's length and was missed; a model making a linear layer at each forward searched
-    its modules for attention each time."""
+    """QA 270: the checks walked the layers at every block of a forward through the blocks (forward_intermediates),
+    the depth squared; a CaiT class-attention block appended was refused though a new recording skips it;
+    insert(0, block) then del list[1] kept the list's length and was missed; a model making a linear layer at each
+    forward searched its modules for attention each time. QA 273: checked at the call start only, a block added
+    then run by a loop over cached tokens was left out; the checks run at each outermost scope again, at no cost
+    unless a module may have changed."""
     model, pixels = _vit(), _pixels()
     rec = vitmad.record(model)
     checks = []
@@ -638,8 +640,15 @@ def test_added_modules_are_checked_once_a_call_and_only_where_a_new_recording_wo
     monkeypatch.setattr(type(rec), "_check_layers_in_place", lambda self: (checks.append(1), real(self))[1])
     with torch.no_grad(), rec:
         model.forward_intermediates(pixels)
-    assert len(checks) == 1 and len(rec.calls) == 1
+    assert checks == [] and len(rec.calls) == 1
     monkeypatch.undo()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        tokens = model.patch_drop(model.pos_drop(model._pos_embed(model.patch_embed(pixels))))
+        model.blocks.append(copy.deepcopy(model.blocks[0]))
+        with pytest.raises(RuntimeError, match=r"blocks\.3\.attn of VisionTransformer was added since"):
+            for block in model.blocks:  # no call start: the blocks of a loop over cached tokens
+                tokens = block(tokens)
+        del model.blocks[3]
     cait = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=16,
                              num_heads=2, depth_token_only=1).eval()
     with torch.no_grad(), vitmad.record(cait) as rec:

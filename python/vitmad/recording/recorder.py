@@ -1196,12 +1196,6 @@ class Recording:
     def _start_call(self, module: nn.Module, args, kwargs=None) -> None:
         if _not_recorded():
             return
-        if self._calls_before_forward is None:
-            # A call outside the model's own forward (forward_features, forward_intermediates, a user's loop over
-            # the blocks) never runs its pre-hook (_begin_forward), which checks these: once per call here, not
-            # per block (each block of such a loop is a scope of its own; checked there, depth squared, QA 270).
-            self._check_layers_in_place()
-            self._check_added_modules()
         self._drop_interrupted()
         # What a forward interrupted inside an attention module left (a KeyboardInterrupt skips the hooks that end
         # it): not part of this call.
@@ -1831,6 +1825,12 @@ class Recording:
         such forward outside the model's own call (forward_features), what the calls held before it."""
         outermost = not self._owner.held_here()
         self._owner.enter(whole_model)
+        if outermost and not whole_model and not _in_backward():
+            # A forward through forward_features, a model's stages or a user's loop over cached tokens never runs
+            # the model's own pre-hook (_begin_forward), which checks these (QA 273: a block added, then such a
+            # loop, left its layer out). Each block of a loop is a scope of its own: the checks cost nothing unless
+            # a module may have changed (QA 270: they walked the layers at each block, the depth squared).
+            self._check_model_modules()
         self._reached_inside |= not whole_model
         self._keep_trailing_last(scope)
         if outermost and not whole_model and not _in_backward():
@@ -1913,6 +1913,19 @@ class Recording:
                     "recording block; the module there now is not recorded, and the calls would leave its layer out: "
                     "replace modules before the `with vitmad.record(...)` block, or start a new recording after it")
 
+    def _modules_may_have_changed(self) -> bool:
+        """Whether a module may have been added or replaced since the model's modules were last checked: torch's
+        module registration hook fired (setattr, add_module, append: ``_maybe_added``), or a list's items changed
+        (insert writes the list's dict directly)."""
+        return self._maybe_added or any(tuple(map(id, d.values())) != items for d, items in self._lists)
+
+    def _check_model_modules(self) -> None:
+        """:meth:`_check_layers_in_place` and :meth:`_check_added_modules`, where a module may have changed since
+        the last check (entering checks them whatever the flags say: modules changed between recordings)."""
+        if self._modules_may_have_changed():
+            self._check_layers_in_place()
+            self._check_added_modules()
+
     def _check_added_modules(self, entering: bool = False) -> None:
         """Refuse a forward, or an entry, after an attention module that the recording's choice of layers would
         take was added to the model since the recording was made (``model.blocks.append(Block())``): it has none of
@@ -1926,7 +1939,7 @@ class Recording:
         Raises:
             RuntimeError: naming the module.
         """
-        if not (entering or self._maybe_added or any(tuple(map(id, d.values())) != items for d, items in self._lists)):
+        if not (entering or self._modules_may_have_changed()):
             return
         seen = self._modules_seen
         modules = module_list(self.model)
@@ -1979,8 +1992,7 @@ class Recording:
 
     def _begin_forward(self, module: nn.Module, args) -> None:
         if not _in_backward():
-            self._check_layers_in_place()
-            self._check_added_modules()
+            self._check_model_modules()
             # A model without a convolution begins its call in its own forward pre-hook, which runs before this
             # one: that call is this forward's, so it is counted as begun by it (and dropped if it raises), and is
             # not a call left by an interrupted forward before it.
