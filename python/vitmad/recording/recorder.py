@@ -485,16 +485,42 @@ def _reused_compiled_code(model: nn.Module) -> str:
 _SECOND_TOWER = "a second tower that embeds the image"
 
 
-def _multiplies_matrices(module: nn.Module) -> bool:
-    """Whether a module's own forward multiplies matrices (``@``, ``matmul``, ``bmm``, ``einsum``): attention's
-    scores do, a head's softmax of a projection does not."""
-    code = getattr(inspect.unwrap(getattr(type(module), "forward", None) or (lambda: None)), "__code__", None)
-    if code is None:
+_MATRIX_PRODUCTS = frozenset({"matmul", "mm", "bmm", "baddbmm", "einsum"})
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018  (an empty cell raises)
+    except ValueError:
         return False
-    if {"matmul", "bmm", "baddbmm", "einsum"} & set(code.co_names):
-        return True
-    return any(op.opname in ("BINARY_MATRIX_MULTIPLY", "INPLACE_MATRIX_MULTIPLY")
-               or (op.opname == "BINARY_OP" and op.argrepr in ("@", "@=")) for op in dis.get_instructions(code))
+    return True
+
+
+def _multiplies_matrices(module: nn.Module) -> bool:
+    """Whether a module's forward multiplies matrices (``@``, ``matmul``, ``mm``, ``bmm``, ``einsum``), itself or in
+    a method of its class or a function of the user's it calls, two calls deep: attention's scores do, a head's
+    softmax of a projection does not."""
+    cls = type(module)
+
+    def multiplies(function, depth: int) -> bool:
+        code = getattr(inspect.unwrap(function) if callable(function) else None, "__code__", None)
+        if code is None:
+            return False
+        codes = [code, *(c for c in code.co_consts if inspect.iscode(c))]  # comprehensions, lambdas
+        if any(_MATRIX_PRODUCTS & set(c.co_names) or any(
+                op.opname in ("BINARY_MATRIX_MULTIPLY", "INPLACE_MATRIX_MULTIPLY")
+                or (op.opname == "BINARY_OP" and op.argrepr in ("@", "@=")) for op in dis.get_instructions(c))
+               for c in codes):
+            return True
+        namespace = getattr(function, "__globals__", {})
+        # Functions it names, of its module or its class, and those a decorator's wrapper closes over.
+        cells = [cell.cell_contents for cell in getattr(function, "__closure__", None) or () if _filled(cell)]
+        called = {value for value in [*(v for name in code.co_names for v in (namespace.get(name),
+                                                                              getattr(cls, name, None))), *cells]
+                  if inspect.isfunction(value) and not value.__module__.startswith("torch") and value is not function}
+        return depth > 0 and any(multiplies(helper, depth - 1) for helper in called)
+
+    return multiplies(getattr(cls, "forward", None), 2)
 
 
 def _attends_to_nothing(module: nn.Module) -> bool:
@@ -512,10 +538,11 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], sk
     ``blocks.4``'s (QA 257), also where the block was the list's first or last (QA 262), or in a second list beside
     the one holding the recorded layers (``local_blocks`` recorded, ``global_blocks`` not; QA 265). Blocks without
     any (a convolution stage, norms, MLPs) are no gap (they were warned of, QA 262), nor lists inside a recorded
-    layer (its own parts) or of a library's classes (whose attention vitmad knows). A block counts only where a
-    module of the user's in it also multiplies matrices (``q @ k``): classifier heads, MoE routers and calibrators
-    compute a softmax of a projection, and were warned of (QA 270), a head after the backbone in an nn.Sequential
-    too."""
+    layer (its own parts) or of a library's classes (whose attention vitmad knows). In a container holding no
+    recorded layer, a block counts only where a module of the user's in it also multiplies matrices (``q @ k``):
+    classifier heads, MoE routers and calibrators compute a softmax of a projection, and were warned of (QA 270).
+    (Beside recorded blocks, any softmax counts: an attention spelled as element-wise products is warned of there,
+    QA 273, and so is a softmax head after the backbone in an nn.Sequential.)"""
     if is_known_library(type(model)):
         return
     taken = [*recorded, *skipped]
@@ -536,9 +563,9 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], sk
             # (An nn.Softmax that is itself an item of the list is an output layer: nn.Sequential(vit, Softmax).)
             if key not in held and not isinstance(block, nn.Softmax) and any(isinstance(inner, nn.Softmax) or (
                     not type(inner).__module__.startswith("torch.") and names_softmax(inner))
-                    for inner in block.modules()) and any(
+                    for inner in block.modules()) and (held or any(
                         not type(inner).__module__.startswith("torch.") and _multiplies_matrices(inner)
-                        for inner in block.modules()):
+                        for inner in block.modules())):
                 missing.append(f"{prefix}{key}")
     if missing:
         shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
