@@ -154,6 +154,21 @@ def test_crossvit_branches_in_pixels_of_the_input_and_cross_attention_skipped(si
     assert all("cross-attention" in reason for reason in rec.skipped.values())
 
 
+def test_crossvit_forward_features_after_a_forward_is_not_placed_at_that_forwards_size():
+    """QA 274: the model input's size, taken at CrossViT's forward, was kept past it: forward_features on a 224 px
+    image after a forward on 240 px was placed at the 240 px scale (124.67 px for 116.36), silently. Without the
+    model's forward the input size is unknown: refused, as in a new recording."""
+    torch.manual_seed(2)
+    model = timm.create_model("crossvit_tiny_240", pretrained=False, depth=((1, 1, 0),), embed_dim=(16, 32),
+                              num_heads=(1, 2)).eval()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.randn(1, 3, 240, 240))
+        with pytest.raises(ValueError, match=r"blocks\.0\.blocks\.0\.0\.attn \(Attention\) of CrossVit: it ran "
+                                             r"outside CrossVit\.forward, so the size of the model's input is unknown"):
+            model.forward_features(torch.randn(1, 3, 224, 224))
+    assert len(rec.calls) == 1 and rec.geometry[1].stride == pytest.approx((16.0 * 240 / 224,) * 2)
+
+
 def test_cait_talking_heads_recorded_and_class_attention_skipped():
     torch.manual_seed(3)
     model = timm.create_model("cait_xxs24_224", pretrained=False, depth=2, img_size=(64, 96), embed_dim=32).eval()

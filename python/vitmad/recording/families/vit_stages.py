@@ -54,7 +54,13 @@ class CrossVitBranchPlacer(LayerPlacer):
         def see(module, args) -> None:
             self.input_size = (int(args[0].shape[-2]), int(args[0].shape[-1]))
 
-        return [self.crossvit.register_forward_pre_hook(see), *self.stages.install(context)]
+        def forget(*_) -> None:
+            # Kept past the forward, a later forward_features on another size was placed at this one's scale (QA
+            # 274: 124.67 px for 116.36); without the model's forward, the input size is unknown and refused.
+            self.input_size = None
+
+        return [self.crossvit.register_forward_pre_hook(see),
+                self.crossvit.register_forward_hook(forget, always_call=True), *self.stages.install(context)]
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         stage = self.stages.current(context)
