@@ -404,7 +404,9 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     if maps_over_image:
         planned += ["mad_map.png", *(["prefix_map_image.png"] if prefix_layers or native_maps else [])]
     stale = sorted(earlier - set(planned))
-    for name in stale:
+    # Every file of the earlier run goes before this run writes its own: one that failed while drawing left the
+    # earlier model's figure beside its results, which its mad.json named as its own (QA 273).
+    for name in sorted(earlier):
         (out / name).unlink(missing_ok=True)
     result.to_json(out / "mad.json", outputs=planned)
     result.to_csv(out / "mad.csv")
@@ -441,6 +443,10 @@ def _profile_command(args: argparse.Namespace, run) -> None:
                 plot_image_prefix_maps(token_maps, pixels, name, out / "prefix_map_image.png", geometry=layer,
                                        mean=prep.mean, std=prep.std)
                 written.append("prefix_map_image.png")
+    if set(written) != set(planned):
+        # A figure planned and not drawn (a native model without a class token has no prefix maps of its image):
+        # named, a user's file of its name would be removed by the next run as this run's (QA 273).
+        result.to_json(out / "mad.json", outputs=written)
     _print_summary(result)
     print(f"wrote {', '.join(str(out / name) for name in written)}")
     if stale:

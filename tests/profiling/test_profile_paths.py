@@ -327,3 +327,26 @@ def test_mad_json_names_the_files_the_run_wrote_and_a_users_figure_beside_a_no_f
         code, stdout, _ = _run(drawing, capsys)
     assert code == 0 and f"removed the earlier run's {out / 'entropy.png'}" in stdout
     assert not (out / "entropy.png").exists()
+
+
+def test_a_run_failing_while_it_draws_leaves_no_earlier_figure_it_would_claim(tiny_model, image_folder, tmp_path,
+                                                                               capsys, monkeypatch):
+    """QA 273: only the earlier run's files this run does not write were removed before it wrote its own; failing
+    while drawing, it left the earlier model's mad_map.png beside its results, which its mad.json named as its own.
+    Every earlier file goes first."""
+    from vitmad.profiling import plotting
+
+    out = tmp_path / "out"
+    drawing = [arg for arg in _profile(tiny_model, image_folder, out) if arg != "--no-figures"]
+    assert _run(drawing, capsys)[0] == 0
+    assert (out / "mad_map.png").is_file()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(plotting, "plot_mad_maps", broken)
+    with pytest.warns(UserWarning, match="holds an earlier run's outputs"):
+        code, _, err = _run(drawing, capsys)
+    assert code == 1 and "disk full" in err
+    assert not (out / "mad_map.png").exists()
+    assert "mad_map.png" in json.loads((out / "mad.json").read_text())["outputs"]

@@ -274,7 +274,8 @@ class RecordedCall:
         if len(shapes) > 1 or len(grids) > 1:
             raise ValueError(
                 "vitmad.record: the recorded layers have per-token values on different token grids "
-                f"({sorted({g.grid for g in self.geometry})}); read {per_layer} (one [B, H, T] per layer) and "
+                f"({sorted({g.grid if g.frames is None else (g.frames, *g.grid) for g in self.geometry}, key=str)}); "
+                f"read {per_layer} (one [B, H, T] per layer) and "
                 f"rec.geometry instead of {stacked}"
             )
         heads = max(t.shape[1] for t in values)
