@@ -415,7 +415,11 @@ def test_mobilevit_measures_maps_it_resizes_to_whole_patches_on_the_resized_grid
 
 def test_mobilevitv2_and_coat_are_refused_with_their_skipped_layers_reasons():
     # efficientvit_b0 (MIT) and lambda_resnet26t: were "found no attention layer ... pass layers=[...]" (QA 240).
-    for name, reason in (("mobilevitv2_050", "linear self-attention"), ("coat_lite_tiny", "factorized attention"),
+    # efficientvim_m1, gcresnet33ts: a softmax over the tokens, no query per token; "found no attention" with advice
+    # (layers=, then positions=) that failed twice (QA 274).
+    for name, reason in (("efficientvim_m1", r"hidden-state mixer \(EfficientViM's HSM-SSD\)"),
+                         ("gcresnet33ts", r"global context block \(GCNet\)"),
+                         ("mobilevitv2_050", "linear self-attention"), ("coat_lite_tiny", "factorized attention"),
                          ("efficientvit_b0", r"ReLU linear attention \(EfficientViT-MIT's LiteMLA\)"),
                          ("lambda_resnet26t", r"lambda layer \(LambdaNetworks\): softmax\(k\) over the positions")):
         model = timm.create_model(name, pretrained=False)

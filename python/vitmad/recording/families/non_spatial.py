@@ -70,6 +70,13 @@ _REASONS_IN = {
     ("PerceiverSelfAttention", "modeling_perceiver"): "Perceiver's attention: its learned latents, the queries of its "
                                                       "cross-attention to the inputs and the tokens of its "
                                                       "self-attention, have no position on the image",
+    # A softmax over the image's tokens, but no query per token (QA 274: refused as having no attention, with
+    # advice to name them in layers=, which then failed twice).
+    ("HSMSSD", "efficientvim"): "hidden-state mixer (EfficientViM's HSM-SSD): a softmax over the tokens per latent "
+                                "state, read back through the states, so no query token has attention weights over "
+                                "the tokens",
+    ("GlobalContext", "global_context"): "global context block (GCNet): one softmax over the positions pools a "
+                                         "single context vector, no query per token",
     ("SLANetAttentionGRUCell", "modeling_slanet"): "additive attention of SLANet's table-structure decoder: each "
                                                    "step's query is the GRU's state, without a position on the "
                                                    "image, scoring the map's tokens through tanh",
@@ -78,7 +85,8 @@ _REASONS_IN = {
 # knows): attention_modules lists them, so that they are skipped with the reason rather than the model refused
 # as having no attention at all.
 _UNDISCOVERED = {("FactorAttnConvRelPosEnc", "coat"), ("LiteMLA", "efficientvit_mit"), ("LambdaLayer", "lambda_layer"),
-                 ("SLANetAttentionGRUCell", "modeling_slanet"), ("OutlookAttention", "volo")}
+                 ("SLANetAttentionGRUCell", "modeling_slanet"), ("OutlookAttention", "volo"),
+                 ("HSMSSD", "efficientvim"), ("GlobalContext", "global_context")}
 
 
 def _class_key(module: nn.Module) -> tuple[str, str]:
