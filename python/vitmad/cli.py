@@ -61,9 +61,10 @@ def outputs_of(stats) -> set[str]:
 
 
 def earlier_outputs(folder: Path) -> set[str]:
-    """The files the run whose mad.json ``folder`` holds may have written (by the statistics it says it profiled:
-    ``settings.stats``, MAD alone without it); empty where it holds none. A file there at another output's name is
-    not that run's (a user's own entropy.png beside a MAD-only run's results was removed as its, QA 268)."""
+    """The files the run whose mad.json ``folder`` holds wrote: its ``"outputs"``, else (files of earlier versions)
+    those of the statistics it says it profiled (``settings.stats``, MAD alone without it); empty where it holds
+    none. A file there at another output's name is not that run's (a user's own entropy.png beside a MAD-only run's
+    results was removed as its, QA 268; a user's mad.png beside a --no-figures run's, QA 270)."""
     doc = _profile_document(folder)
     if doc is None:
         return set()
@@ -101,8 +102,8 @@ def _check_output_paths(out: Path, ours: list[Path], writes: set[str]) -> None:
     theirs = sorted(name for name in writes - {p.name for p in ours} if (out / name).exists())
     if ours and theirs:
         raise OptionError("out", f"{out} holds {', '.join(theirs)}, which this run would write over, and which the "
-                                 "earlier vitmad profile run there did not write (its mad.json profiled no such "
-                                 "statistic: perhaps yours); pass another folder")
+                                 "earlier vitmad profile run there did not write (its mad.json does not name it: "
+                                 "perhaps yours); pass another folder")
 
 
 def _resolved(path: Path) -> Path:
@@ -389,10 +390,7 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     )
     if run is not None and not run.is_main:
         return
-    # What this run writes, known before it writes any: mad.json names it (earlier_outputs reads it back), and what
-    # an earlier run wrote and this one does not (another model's maps, a statistic not asked for now) is removed
-    # first, so that an interruption while this run's files are written leaves none of it beside them as this
-    # run's (QA 270).
+    # What this run writes, known before it writes any: mad.json names it (earlier_outputs reads it back).
     prefix_layers = result.prefix_maps is not None and bool(result.prefix_maps.layers)
     maps_over_image = not args.no_figures and result.temporal is None and not packed_videos and not volumes
     # (A native run has no mean maps, each image its own grid, but one image's maps are on its own grid.)
@@ -403,9 +401,11 @@ def _profile_command(args: argparse.Namespace, run) -> None:
                     *(["prefix_maps.png"] if prefix_layers else [])]
     if maps_over_image:
         planned += ["mad_map.png", *(["prefix_map_image.png"] if prefix_layers or native_maps else [])]
+    # Every file of the earlier run goes before this run writes its own, those it does not rewrite (another
+    # model's maps, a statistic not asked for now: "stale") too: an interruption while this run's files are written
+    # left them beside its results as its own (QA 270), and one that failed while drawing the earlier model's
+    # figure of a name it rewrites (QA 273).
     stale = sorted(earlier - set(planned))
-    # Every file of the earlier run goes before this run writes its own: one that failed while drawing left the
-    # earlier model's figure beside its results, which its mad.json named as its own (QA 273).
     for name in sorted(earlier):
         (out / name).unlink(missing_ok=True)
     result.to_json(out / "mad.json", outputs=planned)

@@ -95,8 +95,8 @@ def test_a_users_file_beside_an_earlier_run_under_a_name_that_run_did_not_write_
     code, _, err = _run([*drawing, "--stats", "entropy"], capsys)
     assert code == 2 and err.strip() == (
         f"vitmad: error: --out: {out} holds entropy.png, which this run would write over, and which the earlier "
-        "vitmad profile run there did not write (its mad.json profiled no such statistic: perhaps yours); pass "
-        "another folder")
+        "vitmad profile run there did not write (its mad.json does not name it: perhaps yours); pass another "
+        "folder")
     with pytest.warns(UserWarning, match="holds an earlier run's outputs"):
         assert _run([*_profile(tiny_model, image_folder, out), "--stats", "entropy", "--no-figures"], capsys)[0] == 0
     assert (out / "entropy.png").read_bytes() == photo.read_bytes()

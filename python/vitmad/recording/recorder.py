@@ -821,10 +821,10 @@ class Recording:
             self._see(module_list(model))
             # While active, whether a module may have been added (_check_added_modules): torch's module
             # registration hook says so for setattr, add_module and append; ModuleList and Sequential.insert write
-            # their dict directly, told by its length.
+            # their dict directly, told by its items (each list's dict and the ids of its items).
             self._maybe_added = False
             self._registration: torch.utils.hooks.RemovableHandle | None = None
-            self._lists: list[tuple[dict, int]] = []
+            self._lists: list[tuple[dict, tuple[int, ...]]] = []
             self._refuse_other_towers_on_the_plain_grid()
             self._compiled = check_compiled(model, given)
         # A tower fed flattened_patches takes patch= alone (the pixel size of its patches is not in the model).
