@@ -411,42 +411,45 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     result.to_json(out / "mad.json", outputs=planned)
     result.to_csv(out / "mad.csv")
     written = ["mad.json", "mad.csv"]
-    if prefix_layers:
-        result.save_prefix_maps(out / "prefix_maps.npz")
-        written.append("prefix_maps.npz")
-    if not args.no_figures:
-        result.plot(out / "mad.png")
-        written.append("mad.png")
-        for name in result.statistics:
-            if result.has_values(name):  # else _print_summary says why there is no figure
-                result.plot_stat(name, out / f"{name}.png")
-                written.append(f"{name}.png")
+    try:
         if prefix_layers:
-            result.plot_prefix_maps(out / "prefix_maps.png")
-            written.append("prefix_maps.png")
-    # Maps over one image (a volume's are not drawn: their figure is of 2-D grids over the image).
-    if maps_over_image:
-        maps, pixels, names, geometry = mad_maps(loaded, result.images[0], image_size=size,
-                                                 renormalize=args.renormalize, device=device)
-        prep = loaded.preprocessing
-        plot_mad_maps(maps, pixels, names, out / "mad_map.png", geometry=geometry, mean=prep.mean, std=prep.std)
-        written.append("mad_map.png")
-        # The mean maps blur what each image's CLS looks at: one image, every head, as in the DINO paper.
-        if prefix_layers or native_maps:
-            try:
-                token_maps, pixels, name, layer = image_prefix_maps(loaded, result.images[0], image_size=size,
-                                                                    device=device)
-            except OptionError:  # a native model without a class or register token (SigLIP2): nothing to draw
-                if not native_maps:
-                    raise
-            else:
-                plot_image_prefix_maps(token_maps, pixels, name, out / "prefix_map_image.png", geometry=layer,
-                                       mean=prep.mean, std=prep.std)
-                written.append("prefix_map_image.png")
-    if set(written) != set(planned):
-        # A figure planned and not drawn (a native model without a class token has no prefix maps of its image):
-        # named, a user's file of its name would be removed by the next run as this run's (QA 273).
-        result.to_json(out / "mad.json", outputs=written)
+            result.save_prefix_maps(out / "prefix_maps.npz")
+            written.append("prefix_maps.npz")
+        if not args.no_figures:
+            result.plot(out / "mad.png")
+            written.append("mad.png")
+            for name in result.statistics:
+                if result.has_values(name):  # else _print_summary says why there is no figure
+                    result.plot_stat(name, out / f"{name}.png")
+                    written.append(f"{name}.png")
+            if prefix_layers:
+                result.plot_prefix_maps(out / "prefix_maps.png")
+                written.append("prefix_maps.png")
+        # Maps over one image (a volume's are not drawn: their figure is of 2-D grids over the image).
+        if maps_over_image:
+            maps, pixels, names, geometry = mad_maps(loaded, result.images[0], image_size=size,
+                                                     renormalize=args.renormalize, device=device)
+            prep = loaded.preprocessing
+            plot_mad_maps(maps, pixels, names, out / "mad_map.png", geometry=geometry, mean=prep.mean, std=prep.std)
+            written.append("mad_map.png")
+            # The mean maps blur what each image's CLS looks at: one image, every head, as in the DINO paper.
+            if prefix_layers or native_maps:
+                try:
+                    token_maps, pixels, name, layer = image_prefix_maps(loaded, result.images[0], image_size=size,
+                                                                        device=device)
+                except OptionError:  # a native model without a class or register token (SigLIP2): nothing to draw
+                    if not native_maps:
+                        raise
+                else:
+                    plot_image_prefix_maps(token_maps, pixels, name, out / "prefix_map_image.png", geometry=layer,
+                                           mean=prep.mean, std=prep.std)
+                    written.append("prefix_map_image.png")
+    finally:
+        if set(written) != set(planned):
+            # A figure planned and not drawn (a native model without a class token has no prefix maps of its
+            # image; drawing failed): named, a user's file of its name would be removed by the next run as this
+            # run's (QA 273, 275).
+            result.to_json(out / "mad.json", outputs=written)
     _print_summary(result)
     print(f"wrote {', '.join(str(out / name) for name in written)}")
     if stale:

@@ -586,6 +586,28 @@ def test_a_layer_replaced_inside_the_block_is_refused_at_the_next_forward():
     torch.testing.assert_close(_clean_mad(model, pixels)[:1], rec.mad[:1], rtol=0, atol=0)
 
 
+def test_a_layer_written_into_a_modules_dict_directly_is_refused_on_every_path():
+    """QA 275: with the checks gated by torch's module registration hook, a layer written into its block's
+    _modules directly (no hook fires) was left out of every call in silence. Each forward checks every layer, and
+    each outermost scope (a block of a loop over cached tokens) the layers it holds."""
+    model, donor, pixels = _vit(), _vit(), _pixels()
+
+    def loop(pixels):  # a loop over the blocks, each an outermost scope
+        tokens = model.patch_embed(pixels)
+        for block in model.blocks:
+            tokens = block(tokens)
+
+    for run in (model, model.forward_features, loop):
+        with torch.no_grad(), vitmad.record(model):
+            own = model.blocks[1].attn
+            model.blocks[1]._modules["attn"] = donor.blocks[1].attn
+            try:
+                with pytest.raises(RuntimeError, match=r"blocks\.1\.attn of VisionTransformer was replaced"):
+                    run(pixels)
+            finally:
+                model.blocks[1]._modules["attn"] = own
+
+
 def test_an_attention_module_added_after_the_recording_was_made_is_refused():
     """``model.blocks.append(block)`` after ``vitmad.record(model)`` (or inside its block, or ``insert``): the new
     attention module has no hook, and every later call left its layer out silently (QA 265). Refused at entry and
@@ -637,10 +659,12 @@ def test_added_modules_are_checked_once_a_call_and_only_where_a_new_recording_wo
     rec = vitmad.record(model)
     checks = []
     real = type(rec)._check_layers_in_place
-    monkeypatch.setattr(type(rec), "_check_layers_in_place", lambda self: (checks.append(1), real(self))[1])
+    monkeypatch.setattr(type(rec), "_check_layers_in_place",
+                        lambda self, layers=None: (checks.append(len(self._layer_paths if layers is None else layers)),
+                                                   real(self, layers))[1])
     with torch.no_grad(), rec:
         model.forward_intermediates(pixels)
-    assert checks == [] and len(rec.calls) == 1
+    assert sum(checks) <= 2 * len(rec.layers) and len(rec.calls) == 1  # each block its own layer, not all of them
     monkeypatch.undo()
     with torch.no_grad(), vitmad.record(model) as rec:
         tokens = model.patch_drop(model.pos_drop(model._pos_embed(model.patch_embed(pixels))))

@@ -770,6 +770,7 @@ class Recording:
         self._returned = False  # the model's current forward has returned (not raised)
         self._model_started: RecordedCall | None = None  # a call begun by the model's own pre-hook (_begin_forward)
         self._layer_paths: list[tuple[str, nn.Module]] = []  # each recorded layer and where it sits (_install)
+        self._scope_layers: dict[int, list[tuple[str, nn.Module]]] = {}  # by id of a scope, those it holds
         self._warned_other_keys: set[str] = set()  # layers given keys that are not their queries, said once each
         self._owner = ForwardOwner(type(model).__name__)  # the thread inside a forward of the model, if any
         # id(call) -> (the thread that started it, (id, code) of the frame whose forward it is, see _in_progress),
@@ -1793,6 +1794,12 @@ class Recording:
         inside.update(name for name, _ in self.model.named_children())
         scopes = [self.model, *(module for name, module in named_module_list(self.model)
                                 if name in inside and module is not self.model)]
+        # The recorded layers each scope holds, checked in place as it begins (_enter_scope): a block of a loop
+        # checks its own layer, not all of them (the depth squared, QA 270).
+        names = {id(module): name for name, module in named_module_list(self.model)}
+        self._scope_layers = {id(scope): [(name, layer) for name, layer in self._layer_paths
+                                          if name == names.get(id(scope)) or _holds(names.get(id(scope), ""), name)]
+                              for scope in scopes}
         for module in scopes:
             self._handles.append(module.register_forward_pre_hook(
                 lambda scope, *_, restart=module is self.model: self._enter_scope(scope, restart), prepend=True))
@@ -1856,8 +1863,11 @@ class Recording:
         if outermost and not whole_model and not _in_backward():
             # A forward through forward_features, a model's stages or a user's loop over cached tokens never runs
             # the model's own pre-hook (_begin_forward), which checks these (QA 273: a block added, then such a
-            # loop, left its layer out). Each block of a loop is a scope of its own: the checks cost nothing unless
-            # a module may have changed (QA 270: they walked the layers at each block, the depth squared).
+            # loop, left its layer out). Each block of a loop is a scope of its own: it checks the layers it holds
+            # (a module written into a _modules dict directly fires no hook, QA 275), and the walk for added modules
+            # costs nothing unless a module may have changed (QA 270: the layers checked at each block, the depth
+            # squared).
+            self._check_layers_in_place(self._scope_layers.get(id(scope), []))
             self._check_model_modules()
         self._reached_inside |= not whole_model
         self._keep_trailing_last(scope)
@@ -1922,15 +1932,15 @@ class Recording:
                     started is not None and started[0] is threading.current_thread() and self._in_progress(call)):
                 self._forget_starts([self._calls.pop()])
 
-    def _check_layers_in_place(self) -> None:
+    def _check_layers_in_place(self, layers: list[tuple[str, nn.Module]] | None = None) -> None:
         """Refuse a forward after a recorded layer was replaced in the model (``model.blocks[1].attn = other``
         inside the block): the new module has none of the recording's hooks, and its layer was left out of every
-        later call silently, ``rec.mad`` one layer short (QA 251).
+        later call silently, ``rec.mad`` one layer short (QA 251). ``layers``: those to check (every one).
 
         Raises:
             RuntimeError: naming the layer.
         """
-        for name, module in self._layer_paths:
+        for name, module in self._layer_paths if layers is None else layers:
             try:
                 now = self.model.get_submodule(name)
             except AttributeError:
@@ -2003,7 +2013,7 @@ class Recording:
         self._maybe_added = False
         # (Their items, not their lengths: insert(0, block) then del list[1] keeps the length, QA 270.)
         self._lists = [(m._modules, tuple(map(id, m._modules.values()))) for m in modules
-                       if isinstance(m, (nn.ModuleList, nn.Sequential))]
+                       if isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict))]
 
     def _module_registered(self, *_) -> None:
         self._maybe_added = True
@@ -2020,6 +2030,9 @@ class Recording:
 
     def _begin_forward(self, module: nn.Module, args) -> None:
         if not _in_backward():
+            # Every layer in place at each forward (a few microseconds a layer), whatever the flags say: a module
+            # written into a _modules dict directly, or through object.__setattr__, fires no hook (QA 275).
+            self._check_layers_in_place()
             self._check_model_modules()
             # A model without a convolution begins its call in its own forward pre-hook, which runs before this
             # one: that call is this forward's, so it is counted as begun by it (and dropped if it raises), and is
