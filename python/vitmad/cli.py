@@ -47,11 +47,6 @@ def _profile_document(folder: Path) -> dict | None:
     return doc if isinstance(doc, dict) and str(doc.get("format", "")).startswith("vitmad-profile/") else None
 
 
-def _holds_profile(folder: Path) -> bool:
-    """Whether ``folder`` holds the mad.json of a ``vitmad profile`` run (not a user's file of that name)."""
-    return _profile_document(folder) is not None
-
-
 def outputs_of(stats) -> set[str]:
     """The files a ``vitmad profile`` run asking for ``stats`` may write in ``--out`` besides its checkpoints."""
     names = {"mad.json", "mad.csv", "mad.png", "mad_map.png", *(f"{name}.png" for name in stats)}
