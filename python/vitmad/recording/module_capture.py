@@ -47,8 +47,9 @@ from .forward_owner import ModuleCall, current_module_call, module_call_live
 from .module_index import is_known_library, named_module_list
 from .transformers_capture import AttentionCallback, forward_source
 
-__all__ = ["may_compute_attention", "names_softmax", "timm_attention_modules", "source_attention_modules",
-           "ModuleAttentionHooks", "DoneCallback", "ProbabilitiesCallback", "ProbabilitiesView"]
+__all__ = ["may_compute_attention", "multiplies_matrices", "names_softmax", "timm_attention_modules",
+           "source_attention_modules", "ModuleAttentionHooks", "DoneCallback", "ProbabilitiesCallback",
+           "ProbabilitiesView"]
 
 # (qualified module name, module, completed): the module's forward ended, returning (completed) or raising.
 DoneCallback = Callable[[str, nn.Module, bool], None]
@@ -172,6 +173,50 @@ def _reaches(cls: type, function, depth: int, softmax: bool, instance: nn.Module
     return bool(depth) and any(
         inspect.isfunction(helper) and not helper.__module__.startswith("torch")
         and _reaches(cls, helper, depth - 1, softmax) for helper in helpers)
+
+
+_MATRIX_PRODUCTS = frozenset({"matmul", "mm", "bmm", "baddbmm", "einsum"})
+
+
+def _multiplies_with_operator(code) -> bool:
+    """Whether a code object (or one nested in it: a comprehension, a lambda) uses ``@`` or ``@=``."""
+    return any(op.opname in ("BINARY_MATRIX_MULTIPLY", "INPLACE_MATRIX_MULTIPLY")
+               or (op.opname == "BINARY_OP" and op.argrepr in ("@", "@=")) for op in dis.get_instructions(code)) \
+        or any(_multiplies_with_operator(const) for const in code.co_consts if inspect.iscode(const))
+
+
+def _closed_over(function) -> list:
+    """The values a function's closure holds (a decorator's wrapper closes over the function it wraps)."""
+    values = []
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    return values
+
+
+def multiplies_matrices(module: nn.Module) -> bool:
+    """Whether a module's forward multiplies matrices (``@``, ``matmul``, ``mm``, ``bmm``, ``einsum``), itself or in
+    a method of its class or a function of the user's it calls (as :func:`_reaches` follows them, and a
+    decorator's closure), two calls deep: attention's scores do, a head's softmax of a projection does not."""
+    cls = type(module)
+
+    def multiplies(function, depth: int) -> bool:
+        code = getattr(inspect.unwrap(function) if callable(function) else None, "__code__", None)
+        if code is None:
+            return False
+        globals_, attributes = _names_read(code)
+        if _MATRIX_PRODUCTS & (globals_ | attributes) or _multiplies_with_operator(code):
+            return True
+        namespace = getattr(function, "__globals__", {})
+        helpers = [*(namespace.get(name) for name in globals_),
+                   *(method for name in attributes for method in _methods(cls, name)), *_closed_over(function)]
+        return depth > 0 and any(
+            inspect.isfunction(helper) and not helper.__module__.startswith("torch") and helper is not function
+            and multiplies(helper, depth - 1) for helper in helpers)
+
+    return multiplies(getattr(cls, "forward", None), 2)
 
 
 def _reaches_fused_attention(module: nn.Module) -> bool:

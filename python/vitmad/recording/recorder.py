@@ -31,9 +31,7 @@ image) are the rows of the tokens without a position, computed beside it (:mod:`
 
 from __future__ import annotations
 
-import dis
 import fnmatch
-import inspect
 import sys
 import threading
 import warnings
@@ -86,6 +84,7 @@ from .mha_capture import MultiheadAttentionHooks, mha_modules
 from .module_capture import (
     ModuleAttentionHooks,
     may_compute_attention,
+    multiplies_matrices,
     names_softmax,
     source_attention_modules,
     timm_attention_modules,
@@ -486,44 +485,6 @@ def _reused_compiled_code(model: nn.Module) -> str:
 _SECOND_TOWER = "a second tower that embeds the image"
 
 
-_MATRIX_PRODUCTS = frozenset({"matmul", "mm", "bmm", "baddbmm", "einsum"})
-
-
-def _filled(cell) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018  (an empty cell raises)
-    except ValueError:
-        return False
-    return True
-
-
-def _multiplies_matrices(module: nn.Module) -> bool:
-    """Whether a module's forward multiplies matrices (``@``, ``matmul``, ``mm``, ``bmm``, ``einsum``), itself or in
-    a method of its class or a function of the user's it calls, two calls deep: attention's scores do, a head's
-    softmax of a projection does not."""
-    cls = type(module)
-
-    def multiplies(function, depth: int) -> bool:
-        code = getattr(inspect.unwrap(function) if callable(function) else None, "__code__", None)
-        if code is None:
-            return False
-        codes = [code, *(c for c in code.co_consts if inspect.iscode(c))]  # comprehensions, lambdas
-        if any(_MATRIX_PRODUCTS & set(c.co_names) or any(
-                op.opname in ("BINARY_MATRIX_MULTIPLY", "INPLACE_MATRIX_MULTIPLY")
-                or (op.opname == "BINARY_OP" and op.argrepr in ("@", "@=")) for op in dis.get_instructions(c))
-               for c in codes):
-            return True
-        namespace = getattr(function, "__globals__", {})
-        # Functions it names, of its module or its class, and those a decorator's wrapper closes over.
-        cells = [cell.cell_contents for cell in getattr(function, "__closure__", None) or () if _filled(cell)]
-        called = {value for value in [*(v for name in code.co_names for v in (namespace.get(name),
-                                                                              getattr(cls, name, None))), *cells]
-                  if inspect.isfunction(value) and not value.__module__.startswith("torch") and value is not function}
-        return depth > 0 and any(multiplies(helper, depth - 1) for helper in called)
-
-    return multiplies(getattr(cls, "forward", None), 2)
-
-
 def _attends_to_nothing(module: nn.Module) -> bool:
     """A module of torch's own that computes no attention (nn.Linear, a norm, an activation: not
     nn.MultiheadAttention, nor a container, whose items may)."""
@@ -565,7 +526,7 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], sk
             if key not in held and not isinstance(block, nn.Softmax) and any(isinstance(inner, nn.Softmax) or (
                     not type(inner).__module__.startswith("torch.") and names_softmax(inner))
                     for inner in block.modules()) and (held or any(
-                        not type(inner).__module__.startswith("torch.") and _multiplies_matrices(inner)
+                        not type(inner).__module__.startswith("torch.") and multiplies_matrices(inner)
                         for inner in block.modules())):
                 missing.append(f"{prefix}{key}")
     if missing:
@@ -1796,7 +1757,7 @@ class Recording:
                                 if name in inside and module is not self.model)]
         # The recorded layers each scope holds, checked in place as it begins (_enter_scope): a block of a loop
         # checks its own layer, not all of them (the depth squared, QA 270).
-        names = {id(module): name for name, module in named_module_list(self.model)}
+        names = {id(module): name for name, module in walk}
         self._scope_layers = {id(scope): [(name, layer) for name, layer in self._layer_paths
                                           if name == names.get(id(scope)) or _holds(names.get(id(scope), ""), name)]
                               for scope in scopes}
