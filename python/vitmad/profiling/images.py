@@ -314,7 +314,7 @@ class Preprocessing:
                                                      if own_geometry else None)
         if refusal:
             raise OptionError("model", refusal)
-        rescale = hf_rescale(processor)
+        rescale, alpha_on_white = hf_rescale(processor), hf_alpha_on_white(processor)
         mean = tuple(processor.get("image_mean", (0.5, 0.5, 0.5)))
         std = tuple(processor.get("image_std", (0.5, 0.5, 0.5)))
         if not processor.get("do_normalize", True):
@@ -333,17 +333,17 @@ class Preprocessing:
             return Preprocessing((side, side), ("longest", side, int(processor.get("min_size", 14))), False, mean,
                                  std, interpolation, pad_fill=_janus_background(processor), rescale=rescale,
                                  rescale_offset=hf_rescale_offset(processor),
-                                 alpha_on_white=hf_alpha_on_white(processor))
+                                 alpha_on_white=alpha_on_white)
         if name == "ConvNextImageProcessor" and "shortest_edge" in size and own_geometry:
             side = int(size["shortest_edge"])
             crop_pct = float(processor.get("crop_pct") or 224 / 256)
-            cropped = side < 384 and processor.get("do_resize", True)  # (the crop is part of its resize step)
-            resize = ("shortest", int(side / crop_pct)) if cropped else ("exact", side, side)
-            if not processor.get("do_resize", True):
-                resize = ("none",)
+            resizes = processor.get("do_resize", True)
+            cropped = resizes and side < 384  # (the crop is part of its resize step)
+            resize = ("none",) if not resizes else ("shortest", int(side / crop_pct)) if cropped else (
+                "exact", side, side)
             return Preprocessing((side, side), resize, cropped, mean, std, interpolation, rescale=rescale,
                                  rescale_offset=hf_rescale_offset(processor),
-                                 alpha_on_white=hf_alpha_on_white(processor))
+                                 alpha_on_white=alpha_on_white)
         if "height" in size and "width" in size:
             resize = ("exact", int(size["height"]), int(size["width"]))
             final = (int(size["height"]), int(size["width"]))
@@ -362,7 +362,7 @@ class Preprocessing:
         return Preprocessing(final, resize, do_crop, mean, std, interpolation, rescale=rescale,
                              rescale_offset=hf_rescale_offset(processor),
                              float_resize=name in _RESIZES_FLOATS and interpolation in ("bilinear", "bicubic"),
-                             alpha_on_white=hf_alpha_on_white(processor))
+                             alpha_on_white=alpha_on_white)
 
     @staticmethod
     def from_timm(data_config: dict) -> Preprocessing:
