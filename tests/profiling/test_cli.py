@@ -388,3 +388,19 @@ def test_the_printed_summary_names_the_heads_mad_json_names_beside_a_head_withou
     summary = result.to_dict()["layers"][1]["summary"]
     assert summary["mean_over_heads"] is None
     assert row.split()[1:4] == ["nan", f"{summary['min_head']:.1f}", f"{summary['max_head']:.1f}"]
+
+
+@pytest.mark.filterwarnings("always::UserWarning")
+def test_warnings_during_a_run_get_lines_of_their_own_above_the_bar(tiny_model, tmp_path, capsys, monkeypatch):
+    # A warning given while the progress bar is drawn was glued to the end of the bar's line.
+    import warnings
+
+    monkeypatch.setattr(warnings, "showwarning",
+                        lambda message, *_, **__: sys.stderr.write(f"shown: {message}\n"))
+    write_images(tmp_path / "imgs", 3)
+    write_corrupt_images(tmp_path / "imgs")
+    code, _, err = _run(["profile", "--model", f"hf:{tiny_model}", "--images", tmp_path / "imgs", "--batch-size",
+                         "1", "--device", "cpu", "--out", tmp_path / "out", "--no-figures"], capsys)
+    assert code == 0 and "vitmad profile" in err
+    lines = [line.split("\r")[-1] for line in err.split("\n") if "skipping image" in line]
+    assert len(lines) == 2 and all(line.startswith("shown: skipping image") for line in lines), lines

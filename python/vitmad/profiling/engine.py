@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -65,6 +67,9 @@ from .results import Profile, layout_dict
 from .stats import RunningStats
 from .videos import find_videos, is_video_source, load_video_batch, model_frames
 from .volumes import VolumeBatch, VolumePreprocessing, find_volumes, load_volume_batch, spacing_groups
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = ["profile", "plan_run", "run_batches", "finish", "RunPlan", "RunState", "prepare_model"]
 
@@ -742,6 +747,26 @@ def _takes_videos(plan: RunPlan) -> bool:
     return model_frames(plan.loaded.module) is not None or isinstance(plan.native, PackedVideoFeed)
 
 
+@contextmanager
+def _warnings_above(bar: tqdm) -> Iterator[None]:
+    """Show warnings given while ``bar`` is drawn on lines of their own above it, not glued to its line.
+
+    The earlier ``showwarning`` still shows them (a caller's ``catch_warnings(record=True)`` keeps its record);
+    tqdm only clears its line before and draws it again after.
+    """
+    shown = warnings.showwarning
+
+    def show(*args, **kwargs) -> None:
+        with bar.external_write_mode():
+            shown(*args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
     """Run the plan's remaining batches, checkpointing every ``checkpoint_every`` batches and at the end.
 
@@ -765,26 +790,27 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
     pending, started = plan.batches[state.batches_done:], state.batches_done
     prefetch = ThreadPoolExecutor(1, "vitmad-prefetch")
     upcoming = prefetch.submit(plan.load, pending[0]) if len(pending) else None
-    try:
-        for position in range(len(pending)):
-            batch = upcoming.result()
-            upcoming = prefetch.submit(plan.load, pending[position + 1]) if position + 1 < len(pending) else None
-            state = _run_batch(plan, state, batch)
-            bar.update(counter.add(len(batch[1]) + len(batch[2])) - bar.n)
-            if state.batches_done % plan.checkpoint_every == 0:
-                save(state)
-        save(state)
-    except BaseException:
-        # Ctrl-C or a failure: keep every batch finished so far for resume. Where this run finished none, the
-        # checkpoint there (a resumed run's, or an interrupted earlier run's that a new run was about to replace)
-        # is left as it is: a Ctrl-C at the warning that the new run replaces it wiped that progress (QA 243), and
-        # a run refused at its first batch (--image-size native on a hierarchy) left a checkpoint of nothing.
-        if state.batches_done > started:
+    with _warnings_above(bar):
+        try:
+            for position in range(len(pending)):
+                batch = upcoming.result()
+                upcoming = prefetch.submit(plan.load, pending[position + 1]) if position + 1 < len(pending) else None
+                state = _run_batch(plan, state, batch)
+                bar.update(counter.add(len(batch[1]) + len(batch[2])) - bar.n)
+                if state.batches_done % plan.checkpoint_every == 0:
+                    save(state)
             save(state)
-        raise
-    finally:
-        bar.close()
-        prefetch.shutdown(wait=False, cancel_futures=True)
+        except BaseException:
+            # Ctrl-C or a failure: keep every batch finished so far for resume. Where this run finished none, the
+            # checkpoint there (a resumed run's, or an interrupted earlier run's that a new run was about to replace)
+            # is left as it is: a Ctrl-C at the warning that the new run replaces it wiped that progress (QA 243), and
+            # a run refused at its first batch (--image-size native on a hierarchy) left a checkpoint of nothing.
+            if state.batches_done > started:
+                save(state)
+            raise
+        finally:
+            bar.close()
+            prefetch.shutdown(wait=False, cancel_futures=True)
     return state
 
 
