@@ -277,6 +277,20 @@ def test_the_command_takes_folders_of_frame_folders(video_model, tmp_path, capsy
     torch.testing.assert_close(Profile.from_json(tmp_path / "out" / "mad.json").mad, expected.mad)
 
 
+@pytest.mark.parametrize("available, frames, expected", [
+    (10, 5, [0, 2, 4, 7, 9]),  # evenly spread, first and last included; 2.25 and 6.75 round to the nearest
+    (9, 5, [0, 2, 4, 6, 8]),
+    (5, 4, [0, 1, 3, 4]),  # 1.333 and 2.667
+    (3, 5, [0, 0, 1, 2, 2]),  # fewer frames than the model takes repeat some; 0.5 -> 0 and 1.5 -> 2 (halves to even)
+    (3, 4, [0, 1, 1, 2]),
+    (7, 1, [0]),
+])
+def test_the_sampling_rule_the_readme_states(available, frames, expected):
+    from vitmad.profiling.videos import sample_indices
+
+    assert sample_indices(available, frames) == expected
+
+
 @pytest.mark.parametrize("count, codec", [(9, "mpeg4"), (40, "libx264"), (3, "mpeg4")])
 def test_a_clip_keeps_only_its_sampled_frames_and_picks_those_of_a_full_decode(tmp_path, count, codec):
     """load_video decodes the clip once, keeping the sampled frames only (a long clip's whole decode took

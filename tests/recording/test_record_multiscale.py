@@ -82,6 +82,34 @@ def test_mvitv2_pooled_queries_and_keys(cls_token, mode):
     assert [g.heads for g in rec.geometry] == [1, 2, 2, 4, 8]
 
 
+@pytest.mark.parametrize("height, width", [(37, 53), (61, 45)])
+def test_mvitv2_without_relative_positions_at_odd_non_square_sizes(height, width):
+    # timm's default spatial relative positions need a square grid the strides divide; without them MViTv2 runs
+    # at any size, and its pooled grids round (docs/definition.md).
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    torch.manual_seed(0)
+    config = MultiScaleVitCfg(depths=(1, 2, 1, 1), embed_dim=8, num_heads=1, use_cls_token=True, mode="conv",
+                              rel_pos_type="none")
+    model = MultiScaleVit(config, img_size=(height, width), num_classes=10).eval()
+    pixels = torch.randn(2, 3, height, width)
+    rec = record(model, pixels)
+    maps = tensor_softmax_maps(model, pixels)
+    # The 7 x 7 stride-4 patch convolution (padding 3) gives ceil(side / 4) cells; every pooling is 3 x 3 with
+    # padding 1, so a stride-s pooling of n cells gives (n - 1) // s + 1. Per layer: its stride, query step, key step.
+    rows, cols = (height - 1) // 4 + 1, (width - 1) // 4 + 1
+    layers = [(4, 1, 4), (4, 2, 2), (8, 1, 2), (8, 2, 1), (16, 2, 1)]
+    assert len(maps) == len(rec.per_layer) == len(layers)
+    for index, (stride, q_step, k_step) in enumerate(layers):
+        q_rows, q_cols = (rows - 1) // q_step + 1, (cols - 1) // q_step + 1
+        queries = grid(axis(q_rows, q_step, stride), axis(q_cols, q_step, stride), 1)
+        keys = grid(axis((rows - 1) // k_step + 1, k_step, stride), axis((cols - 1) // k_step + 1, k_step, stride), 1)
+        expected = mad_positions_reference(maps[index], queries, keys)
+        torch.testing.assert_close(rec.per_layer[index].double(), expected, **TOL)
+        assert rec.geometry[index].grid == (q_rows, q_cols)
+        rows, cols = q_rows, q_cols
+
+
 @pytest.mark.parametrize("cls_token, mode", [(False, "conv"), (True, "avg")])
 def test_mvitv2_self_mass_and_cls_map_where_keys_are_pooled_onto_the_queries_cells(cls_token, mode):
     """The second block pools queries and keys by the same stride 2: key i is query i's cell, so the self mass and
