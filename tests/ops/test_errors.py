@@ -261,3 +261,36 @@ def test_integer_grids_of_any_integer_type_are_taken():
     expected = vitmad.mad(A197, 16, grid=[14, 14])
     for grid in ((np.int64(14), np.int32(14)), torch.tensor([14, 14]), [torch.tensor(14), 14]):
         torch.testing.assert_close(vitmad.mad(A197, 16, grid=grid), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("args, kwargs, error, message", [
+    ((4, 4, -8), {}, ValueError, "patch must be a finite positive size in pixels, got -8.0"),
+    ((4, 4, 0), {}, ValueError, "patch must be a finite positive size in pixels, got 0.0"),
+    ((4, 4, float("nan")), {}, ValueError, "patch must be a finite positive size in pixels, got nan"),
+    ((2.5, 4, 8), {}, TypeError, "grid_h must be an int, got 2.5"),
+    ((-1, 4, 8), {}, ValueError, "grid_h and grid_w must be positive, got -1 x 4"),
+    ((4, 4, (8, 4)), {}, TypeError, "patch must be a number (pixels per patch), got (8, 4)"),
+    ((4, 4, 8, 3), {}, TypeError, "queries must be a slice of the 16 patch tokens (rows), got 3"),
+    ((4, 4, 8), {"dtype": torch.int32}, TypeError, "dtype must be a floating torch.dtype, got torch.int32"),
+])
+def test_pixel_distances_refuses_what_would_give_a_wrong_matrix(args, kwargs, error, message):
+    # Unchecked, a negative patch gave negative distances and 2.5 x 4 a 10 x 10 matrix (QA 280).
+    with pytest.raises(error, match="vitmad.pixel_distances: " + re.escape(message)):
+        vitmad.pixel_distances(*args, **kwargs)
+
+
+def test_pixel_distances_takes_numpy_numbers():
+    import numpy as np
+
+    torch.testing.assert_close(vitmad.pixel_distances(np.int64(3), np.int32(2), np.float32(8)),
+                               vitmad.pixel_distances(3, 2, 8.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("renormalize", ["no", 1, None])
+def test_mad_reference_refuses_a_renormalize_that_is_not_a_bool(renormalize):
+    # "no" was taken for True (QA 280); vitmad.mad refuses it, and so does the reference, by its own name.
+    with pytest.raises(TypeError, match=re.escape(f"vitmad.mad_reference: renormalize must be True or False, got "
+                                                  f"{renormalize!r}")):
+        vitmad.mad_reference(A197, 16, renormalize=renormalize)
+    with pytest.raises(ValueError, match="vitmad.mad_reference: patch must be a positive patch size"):
+        vitmad.mad_reference(A197, 0)

@@ -342,16 +342,26 @@ def test_figures_go_into_new_folders_and_name_the_types_they_take(good_result, t
     assert not (tmp_path / "mad.xyz").exists()
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    ((-1, 4, 16), "grid_h must be a positive int, got -1"),
-    ((4.5, 4, 16), "grid_h must be a positive int, got 4.5"),
-    ((4, 0, 16), "grid_w must be a positive int, got 0"),
-    ((4, 4, -1), "patch must be a positive size in pixels"),
-    ((4, 4, (16, 0)), "patch must be a positive size in pixels"),
+@pytest.mark.parametrize(("args", "error", "message"), [
+    ((-1, 4, 16), ValueError, "grid_h and grid_w must be positive, got -1 x 4"),
+    ((4.5, 4, 16), TypeError, "grid_h must be an int, got 4.5"),
+    ((4, 0, 16), ValueError, "grid_h and grid_w must be positive, got 4 x 0"),
+    ((4, 4, -1), ValueError, "patch must be a finite positive size in pixels, got -1.0"),
+    ((4, 4, (16, 0)), ValueError, "patch's stride must be a finite positive size in pixels, got 0.0"),
+    ((4, 4, float("inf")), ValueError, "patch must be a finite positive size in pixels, got inf"),
+    ((4, 4, (8,)), ValueError, r"patch must be a size in pixels, or \(stride_y, stride_x\), got \(8,\)"),
+    ((4, 4, "8"), TypeError, "patch must be a number"),
 ])
-def test_uniform_attention_mad_checks_its_arguments(args, message):
-    with pytest.raises(ValueError, match=f"uniform_attention_mad: {message}"):
+def test_uniform_attention_mad_checks_its_arguments(args, error, message):
+    with pytest.raises(error, match=f"vitmad.uniform_attention_mad: {message}"):
         vitmad.uniform_attention_mad(*args)
+
+
+def test_uniform_attention_mad_takes_numpy_numbers():
+    import numpy as np
+
+    assert vitmad.uniform_attention_mad(np.int64(14), np.int32(10), np.int64(16)) == \
+        vitmad.uniform_attention_mad(14, 10, 16.0)
 
 
 def test_profile_runs_on_cpu_or_cuda_only():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import operator
 import re
 import weakref
@@ -44,6 +45,8 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "check_int_args",
     "check_renormalize",
+    "grid_sides",
+    "pixel_size",
     "index_int",
     "call_op",
     "scale_float",
@@ -181,6 +184,40 @@ def check_renormalize(value, op_name: str) -> None:
         raise TypeError(f"{op_name}: renormalize must be True or False, got {value!r}")
 
 
+def grid_sides(op_name: str, grid_h, grid_w) -> tuple[int, int]:
+    """``grid_h`` and ``grid_w`` as positive ints (Python, NumPy or 0-d integer tensors; never a float or bool).
+
+    Raises:
+        TypeError: a side that is not an integer. ValueError: a side that is not positive.
+    """
+    sides = []
+    for name, value in (("grid_h", grid_h), ("grid_w", grid_w)):
+        side = index_int(value)
+        if side is None:
+            raise TypeError(f"{op_name}: {name} must be an int, got {value!r}")
+        sides.append(side)
+    if sides[0] <= 0 or sides[1] <= 0:
+        raise ValueError(f"{op_name}: grid_h and grid_w must be positive, got {sides[0]} x {sides[1]}")
+    return sides[0], sides[1]
+
+
+def pixel_size(op_name: str, patch, name: str = "patch") -> float:
+    """``patch`` as a float: a finite, positive real number (Python, NumPy or a 0-d real tensor; not a bool).
+
+    Raises:
+        TypeError: not a real number. ValueError: zero, negative, NaN or infinite (distances would be of that sign,
+            or NaN, with no error).
+    """
+    real = isinstance(patch, numbers.Real) or (isinstance(patch, torch.Tensor) and patch.dim() == 0
+                                               and not patch.dtype.is_complex)
+    if isinstance(patch, bool) or (isinstance(patch, torch.Tensor) and patch.dtype == torch.bool) or not real:
+        raise TypeError(f"{op_name}: {name} must be a number (pixels per patch), got {patch!r}")
+    value = float(patch)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{op_name}: {name} must be a finite positive size in pixels, got {value}")
+    return value
+
+
 def scale_float(scale, op_name: str) -> float | None:
     """``scale`` as the op's ``float?``: a real number (Python, NumPy or a 0-d tensor), not a bool; None stays
     None. Its finiteness is checked by the op."""
@@ -268,6 +305,7 @@ def check_mad_options(
         ValueError: an argument is out of range; the message names it, says what was expected and what was
             given.
     """
+    check_renormalize(renormalize, op_name)
     for name, value in (("patch", patch), ("num_prefix_tokens", num_prefix_tokens)):
         if not is_int(value) and not (isinstance(value, torch.SymInt)):
             raise TypeError(f"{op_name}: {name} must be an int, got {value!r}")
@@ -620,6 +658,7 @@ def check_position_args(
         TypeError: positions of a non-floating dtype.
         ValueError: anything else; the message names the argument, what was expected and what was given.
     """
+    check_renormalize(renormalize, op_name)
     if reduction not in ("mean", "none"):
         raise ValueError(f"{op_name}: reduction must be 'mean' or 'none', got '{reduction}'")
     qk = op_name.endswith("_qk")  # vitmad.mad_qk, vitmad.attention_stats_qk: messages name q and k

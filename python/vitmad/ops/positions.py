@@ -7,11 +7,9 @@ is", gives the rules for windows, pooled keys, hierarchies and video.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
-from .arguments import index_int
+from .arguments import grid_sides, index_int, pixel_size
 
 __all__ = ["grid_positions"]
 
@@ -42,27 +40,20 @@ def grid_positions(
 
     Raises:
         TypeError: a size or count that is not an int, a patch that is not a number, a dtype that is not floating.
-        ValueError: a non-positive grid size or patch, or a negative prefix count.
+        ValueError: a non-positive grid size, a patch that is not finite and positive, or a negative prefix count.
     """
-    given = {"grid_h": grid_h, "grid_w": grid_w, "num_prefix_tokens": num_prefix_tokens}
-    sizes = {name: index_int(value) for name, value in given.items()}
-    for name, size in sizes.items():
-        if size is None:
-            raise TypeError(f"vitmad.grid_positions: {name} must be an int, got {given[name]!r}")
-    grid_h, grid_w, num_prefix_tokens = sizes.values()
-    if isinstance(patch, bool) or not isinstance(patch, numbers.Real):
-        raise TypeError(f"vitmad.grid_positions: patch must be a number (pixels per patch), got {patch!r}")
+    grid_h, grid_w = grid_sides("vitmad.grid_positions", grid_h, grid_w)
+    patch = pixel_size("vitmad.grid_positions", patch)
+    prefix = index_int(num_prefix_tokens)
+    if prefix is None:
+        raise TypeError(f"vitmad.grid_positions: num_prefix_tokens must be an int, got {num_prefix_tokens!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"vitmad.grid_positions: dtype must be a floating torch.dtype (NaN marks the prefix "
                         f"tokens), got {dtype!r}")
-    if grid_h <= 0 or grid_w <= 0:
-        raise ValueError(f"vitmad.grid_positions: grid_h and grid_w must be positive, got {grid_h} x {grid_w}")
-    if not patch > 0:
-        raise ValueError(f"vitmad.grid_positions: patch must be positive, got {patch}")
-    if num_prefix_tokens < 0:
-        raise ValueError(f"vitmad.grid_positions: num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+    if prefix < 0:
+        raise ValueError(f"vitmad.grid_positions: num_prefix_tokens must be >= 0, got {prefix}")
     rows = torch.arange(grid_h, dtype=torch.float64).repeat_interleave(grid_w)
     cols = torch.arange(grid_w, dtype=torch.float64).repeat(grid_h)
     patches = (torch.stack([rows, cols], dim=-1) + 0.5) * patch
-    prefix = torch.full((num_prefix_tokens, 2), float("nan"), dtype=torch.float64)
-    return torch.cat([prefix, patches]).to(device=device, dtype=dtype)
+    prefix_rows = torch.full((prefix, 2), float("nan"), dtype=torch.float64)
+    return torch.cat([prefix_rows, patches]).to(device=device, dtype=dtype)

@@ -20,7 +20,8 @@ from .arguments import (
     check_qk_tensors,
     check_stats,
     check_stats_and_times,
-    is_int,
+    grid_sides,
+    pixel_size,
 )
 
 __all__ = [
@@ -58,7 +59,20 @@ def pixel_distances(
 
     Returns:
         ``[num_queries, grid_h * grid_w]``: ``patch * sqrt((row_t - row_s)^2 + (col_t - col_s)^2)``.
+
+    Raises:
+        TypeError: a side that is not an int, a patch that is not a number, ``queries`` that is not a slice, a
+            dtype that is not floating.
+        ValueError: a side that is not positive, a patch that is not finite and positive.
     """
+    op = "vitmad.pixel_distances"
+    grid_h, grid_w = grid_sides(op, grid_h, grid_w)
+    patch = pixel_size(op, patch)
+    if not isinstance(queries, slice):
+        raise TypeError(f"{op}: queries must be a slice of the {grid_h * grid_w} patch tokens (rows), got "
+                        f"{queries!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{op}: dtype must be a floating torch.dtype, got {dtype!r}")
     tokens = torch.arange(grid_h * grid_w, device=device)
     coords = torch.stack([tokens // grid_w, tokens % grid_w], dim=-1).to(dtype)
     return patch * torch.cdist(coords[queries], coords, compute_mode="donot_use_mm_for_euclid_dist")
@@ -86,7 +100,8 @@ def mad_reference(
     Returns:
         A float64 tensor.
     """
-    layout = check_mad_args(attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction)
+    layout = check_mad_args(attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction,
+                            "vitmad.mad_reference")
     p = layout.num_prefix
     a = attn[..., p:, p:].to(torch.float64)
     dist = pixel_distances(layout.grid_h, layout.grid_w, patch, device=attn.device)
@@ -269,15 +284,18 @@ def uniform_attention_mad(grid_h: int, grid_w: int, patch: float | tuple[float, 
         patch: pixel size of a patch, or ``(stride_y, stride_x)`` for rectangular cells.
 
     Raises:
-        ValueError: a grid side that is not a positive integer, or a patch size that is not positive.
+        TypeError: a grid side that is not an int, a patch size that is not a number (nor a pair of them).
+        ValueError: a grid side that is not positive, a patch size that is not finite and positive, a pair of
+            another length.
     """
-    for name, side in (("grid_h", grid_h), ("grid_w", grid_w)):
-        if not is_int(side) or side <= 0:
-            raise ValueError(f"uniform_attention_mad: {name} must be a positive int, got {side!r}")
-    stride_y, stride_x = (patch, patch) if isinstance(patch, (int, float)) else patch
-    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in (stride_y, stride_x)):
-        raise ValueError(f"uniform_attention_mad: patch must be a positive size in pixels, or (stride_y, "
-                         f"stride_x), got {patch!r}")
+    op = "vitmad.uniform_attention_mad"
+    grid_h, grid_w = grid_sides(op, grid_h, grid_w)
+    if isinstance(patch, (tuple, list)):
+        if len(patch) != 2:
+            raise ValueError(f"{op}: patch must be a size in pixels, or (stride_y, stride_x), got {patch!r}")
+        stride_y, stride_x = (pixel_size(op, side, "patch's stride") for side in patch)
+    else:
+        stride_y = stride_x = pixel_size(op, patch)
     dy = torch.arange(1 - grid_h, grid_h, dtype=torch.float64)
     dx = torch.arange(1 - grid_w, grid_w, dtype=torch.float64)
     pairs = (grid_h - dy.abs())[:, None] * (grid_w - dx.abs())[None, :]
