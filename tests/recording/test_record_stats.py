@@ -283,6 +283,13 @@ def test_options_and_reading_what_was_not_recorded_are_clear_errors():
     assert list(rec.stats) == ["mad"]
     with pytest.raises(KeyError, match="'entropy' was not recorded"):
         rec.calls[-1].stat("entropy")
+    # rec.stats was a plain dict: a bare KeyError: 'entropy' (QA 280); a name that is no statistic was advised to
+    # be passed to vitmad.record, which refuses it.
+    with pytest.raises(KeyError, match=r"'entropy' was not recorded \(recorded: mad\); pass stats=\[..., 'entropy'\]"):
+        _ = rec.stats["entropy"]
+    for read in (lambda: rec.stats["bogus"], lambda: rec.calls[-1].stat("bogus")):
+        with pytest.raises(KeyError, match="'bogus' is not a statistic; the statistics are 'mad', 'entropy', "):
+            read()
     with pytest.raises(KeyError, match="prefix maps were not recorded"):
         _ = rec.prefix_maps
 
@@ -345,3 +352,18 @@ def test_differential_attention_records_mad_alone_and_nan_for_statistics_of_a_no
         assert rec.stats[name][1].isfinite().all(), name
     assert rec.prefix_maps[0] is None
     assert rec.prefix_maps[1].shape == (2, 2, 1, 16)  # the register's row over the 4 x 4 grid
+
+
+def test_saved_calls_read_back_as_the_readme_says(tmp_path):
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, embed_dim=16, num_heads=1,
+                              img_size=16, patch_size=8).eval()
+    rec = vitmad.record(model, stats=["entropy"])
+    assert rec.layers == [] and rec.geometry == []  # before a call: empty (README), while rec.mad raises
+    with pytest.raises(RuntimeError):
+        _ = rec.mad
+    with torch.no_grad(), rec:
+        model(torch.randn(2, 3, 16, 16))
+    torch.save(rec.calls, tmp_path / "calls.pt")
+    loaded = torch.load(tmp_path / "calls.pt", weights_only=False)
+    assert torch.equal(loaded[0].mad, rec.mad) and torch.equal(loaded[0].stat("entropy"), rec.stats["entropy"])
+    assert loaded[0].layers == rec.layers and loaded[0].geometry == rec.geometry

@@ -235,9 +235,7 @@ class RecordedCall:
         if name == "mad":
             return self.mad
         if name not in self.statistics:
-            asked = ", ".join(["mad", *self.statistics]) or "mad"
-            raise KeyError(f"vitmad.record: the statistic '{name}' was not recorded (recorded: {asked}); pass "
-                           f"stats=[..., '{name}'] to vitmad.record")
+            raise _missing_statistic(name, ["mad", *self.statistics])
         return self._stack(self.statistics[name], f"rec.calls[-1].statistics['{name}']",
                            f"rec.calls[-1].stat('{name}')")
 
@@ -372,6 +370,23 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
             if name in found and not any(name.startswith(outer + ".") for outer in ordered):
                 ordered[name] = module
         return ordered
+
+
+def _missing_statistic(name: str, recorded: Sequence[str]) -> KeyError:
+    """The error for a statistic not among those ``recorded``: what they are, or how to ask for it."""
+    if name not in STAT_NAMES:
+        return KeyError(f"vitmad.record: {name!r} is not a statistic; the statistics are "
+                        f"{', '.join(map(repr, STAT_NAMES))} (the prefix maps: rec.prefix_maps)")
+    return KeyError(f"vitmad.record: the statistic {name!r} was not recorded (recorded: {', '.join(recorded)}); "
+                    f"pass stats=[..., {name!r}] to vitmad.record")
+
+
+class _StatisticsByName(dict):
+    """:attr:`Recording.stats`: a dict whose missing name says what was recorded and how to ask for it (a bare
+    ``KeyError: 'entropy'`` said neither, QA 280)."""
+
+    def __missing__(self, name):
+        raise _missing_statistic(name, list(self))
 
 
 def split_stat_names(stats) -> tuple[frozenset[str], list[str]] | None:
@@ -1114,7 +1129,7 @@ class Recording:
         per_layer = " and ".join(["rec.per_layer (MAD)", *(f"rec.calls[-1].statistics['{name}']"
                                                            for name in self._stats)])
         values = {"mad": call.per_layer, **{name: call.statistics[name] for name in self._stats}}
-        return {name: call._stack(layers, per_layer, "rec.stats") for name, layers in values.items()}
+        return _StatisticsByName({name: call._stack(layers, per_layer, "rec.stats") for name, layers in values.items()})
 
     @property
     def prefix_maps(self) -> list[torch.Tensor | None]:
