@@ -320,6 +320,11 @@ def test_flux_refuses_ids_it_does_not_know():
               "txt_ids": torch.zeros(2, 3)}
     with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="Flux Kontext's reference image"):
         model(**inputs)
+    # One latent's grid in another order than the pipelines' row-major one (README): refused, naming positions=.
+    permuted = _flux_ids(2, 3)[torch.tensor([3, 0, 4, 1, 5, 2])]
+    inputs.update(hidden_states=torch.randn(1, 6, 16), img_ids=permuted)
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match="not the row-major grid.*positions="):
+        model(**inputs)
 
 
 def _flux2():
