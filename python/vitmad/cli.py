@@ -516,11 +516,11 @@ def _check_labels(labels: list[str]) -> None:
 
 def _compare_figures(out: Path, names: list[str]) -> tuple[list[Path], list[Path]]:
     """Of the per-statistic figures beside ``out``: those this comparison writes (``names``), each checked to be
-    free or an earlier comparison's figure, and the earlier comparison's figures of other statistics (stale,
-    to remove). A file vitmad compare did not write is never replaced: a user's plot named cmp_entropy.png beside
-    cmp.png is refused before anything is drawn. A format that cannot carry compare's mark (.webp, .tif, ...)
-    never replaces or removes a file: with ``out`` there, its user's own cmp_entropy.jpg was written over and its
-    cmp_temporal_mad.jpg removed (QA 259; .jpg carries the mark now)."""
+    free or an earlier comparison's figure (``out`` itself too), and the earlier comparison's figures of other
+    statistics (stale, to remove). A file vitmad compare did not write is never replaced: a user's plot named
+    cmp_entropy.png beside cmp.png is refused before anything is drawn. A format that cannot carry compare's
+    mark (.webp, .tif, ...) never replaces or removes a file: with ``out`` there, its user's own
+    cmp_entropy.jpg was written over and its cmp_temporal_mad.jpg removed (QA 259; .jpg carries the mark now)."""
     from .ops.arguments import STAT_NAMES, TEMPORAL_MAD
     from .profiling.plotting import marks, written_by_compare
 
@@ -529,6 +529,10 @@ def _compare_figures(out: Path, names: list[str]) -> tuple[list[Path], list[Path
 
     figures = {name: out.with_name(f"{out.stem}_{name}{out.suffix}")
                for name in (*STAT_NAMES, TEMPORAL_MAD) if name != "mad"}
+    # The MAD figure at --out itself too: a user's photo named there was written over (QA 276).
+    if (out.exists() or out.is_symlink()) and not earlier(out):
+        raise ValueError(f"--out: {out} exists and was not written by vitmad compare; move it, or choose another "
+                         "--out")
     for name in names:
         path = figures[name]
         if path.is_dir():
@@ -640,6 +644,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``vitmad`` command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if str(getattr(args, "out", "") or "").strip():
+        # --out=~/x reaches us unexpanded (the shell expands a ~ only at a word's start): the checks of what is
+        # there looked at ./~/x while the files went to ~/x, over a user's own mad.csv (QA 276).
+        args.out = os.path.expanduser(args.out)
     warnings.formatwarning = lambda message, *_, **__: f"vitmad: warning: {message}\n"
     commands = {"profile": _profile_command, "compare": _compare_command, "bench": _bench_command}
     run, where = None, ""

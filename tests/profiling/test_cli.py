@@ -404,3 +404,20 @@ def test_warnings_during_a_run_get_lines_of_their_own_above_the_bar(tiny_model, 
     assert code == 0 and "vitmad profile" in err
     lines = [line.split("\r")[-1] for line in err.split("\n") if "skipping image" in line]
     assert len(lines) == 2 and all(line.startswith("shown: skipping image") for line in lines), lines
+
+
+def test_an_out_folder_under_a_tilde_the_shell_left_is_checked_where_it_is_written(tiny_model, image_folder,
+                                                                                    tmp_path, capsys, monkeypatch):
+    # `--out=~/mine`: bash leaves this ~ to us. The checks looked at ./~/mine while the files went to ~/mine,
+    # over the user's own mad.csv there (QA 276).
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home" / "mine").mkdir(parents=True)
+    (tmp_path / "home" / "mine" / "mad.csv").write_text("my table")
+    code, _, err = _run(["profile", "--model", f"hf:{tiny_model}", "--images", image_folder, "--device", "cpu",
+                         "--out=~/mine", "--no-figures"], capsys)
+    assert code == 2 and f"{tmp_path / 'home' / 'mine'} holds mad.csv, which this run would write over" in err
+    assert (tmp_path / "home" / "mine" / "mad.csv").read_text() == "my table" and not (tmp_path / "~").exists()
+    code, stdout, _ = _run(["profile", "--model", f"hf:{tiny_model}", "--images", image_folder, "--device", "cpu",
+                            "--out=~/run", "--no-figures"], capsys)
+    assert code == 0 and (tmp_path / "home" / "run" / "mad.json").is_file() and not (tmp_path / "~").exists()

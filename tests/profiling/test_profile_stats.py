@@ -277,6 +277,12 @@ def test_cli_figures_and_compare(tiny_model, images, tmp_path, capsys):
     (tmp_path / "fig.jpg").write_text("my figure")
     (tmp_path / "fig_entropy.jpg").write_text("my entropy plot")
     (tmp_path / "fig_temporal_mad.jpg").write_text("my temporal plot")
+    # The user's file at --out itself is refused as well (it was written over, QA 276).
+    with pytest.warns(UserWarning, match="no prefix_mass, self_mass figures"):
+        assert main(["compare", *results, "--out", str(tmp_path / "fig.jpg")]) == 2
+    assert f"--out: {tmp_path / 'fig.jpg'} exists and was not written by vitmad compare" in capsys.readouterr().err
+    assert (tmp_path / "fig.jpg").read_text() == "my figure"
+    (tmp_path / "fig.jpg").unlink()
     with pytest.warns(UserWarning, match="no prefix_mass, self_mass figures"):
         assert main(["compare", *results, "--out", str(tmp_path / "fig.jpg")]) == 2
     assert "fig_entropy.jpg, where the entropy figure goes, exists and was not written" in capsys.readouterr().err
@@ -291,7 +297,7 @@ def test_cli_figures_and_compare(tiny_model, images, tmp_path, capsys):
         (tmp_path / name).write_text("mine")
     with pytest.warns(UserWarning, match="no prefix_mass, self_mass figures"):
         assert main(["compare", *results, "--out", str(tmp_path / "fig.webp")]) == 2
-    assert (tmp_path / "fig_entropy.webp").read_text() == "mine"
+    assert (tmp_path / "fig.webp").read_text() == "mine" and (tmp_path / "fig_entropy.webp").read_text() == "mine"
 
 
 def test_bad_stats_are_refused_naming_the_option(registers_vit, tmp_path, capsys):
