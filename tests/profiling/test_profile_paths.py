@@ -264,6 +264,47 @@ def test_a_refused_resume_names_what_changed(tiny_model, image_folder, tmp_path,
     assert code == 2 and "(changed since: renormalize); rerun" in err
 
 
+def test_a_resume_follows_the_model_folder_not_its_spelling_and_refuses_an_edited_config(
+        tiny_model, image_folder, tmp_path, capsys, monkeypatch):
+    """QA 276: a config.json edited between a run and its resume (relu for gelu, same weights) was accepted and
+    the result mixed two models; the same folder spelled ./tiny or by its absolute path was refused."""
+    import vitmad.profiling.engine as engine
+
+    shutil.copytree(tiny_model, tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    real_add = engine.RunningStats.add
+
+    def interrupted(spec: str, out: str) -> list[str]:
+        added = []
+
+        def add_then_interrupt(self, mad):
+            added.append(1)
+            if len(added) == 2:
+                raise KeyboardInterrupt
+            return real_add(self, mad)
+
+        args = ["profile", "--model", spec, "--images", image_folder, "--device", "cpu", "--no-figures",
+                "--batch-size", "1", "--out", out]
+        monkeypatch.setattr(engine.RunningStats, "add", add_then_interrupt)
+        assert _run(args, capsys)[0] == 130
+        monkeypatch.setattr(engine.RunningStats, "add", real_add)
+        return args
+
+    whole = ["profile", "--model", "hf:tiny", "--images", image_folder, "--device", "cpu", "--no-figures",
+             "--batch-size", "1", "--out", "whole"]
+    assert _run(whole, capsys)[0] == 0
+    args = interrupted("hf:tiny", "cut")
+    args[args.index("hf:tiny")] = f"hf:{tmp_path / 'tiny'}"
+    assert _run([*args, "--resume"], capsys)[0] == 0
+    assert Path("cut/mad.csv").read_text() == Path("whole/mad.csv").read_text()
+
+    args = interrupted("hf:./tiny", "edited")
+    config = json.loads(Path("tiny/config.json").read_text())
+    Path("tiny/config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
+    code, _, err = _run([*args, "--resume"], capsys)
+    assert code == 2 and "(changed since: the model's architecture or configuration (its config.json)); rerun" in err
+
+
 @pytest.mark.parametrize("timeout", ["-5", "0", "nan", "inf"])
 def test_a_process_group_timeout_that_is_no_time_is_refused(tiny_model, image_folder, tmp_path, capsys, timeout):
     """Under torchrun, -5 or 0 gave gloo's DistNetworkError tracebacks on every rank; outside it, any value ran."""

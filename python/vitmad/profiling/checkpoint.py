@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -17,7 +18,8 @@ import torch
 from .files import atomic_file, check_writable
 from .options import OptionError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "fingerprint", "files_digest", "tensors_digest"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "fingerprint", "files_digest", "tensors_digest",
+           "architecture_digest"]
 
 FORMAT = "vitmad-checkpoint/1"
 
@@ -86,6 +88,25 @@ def weights_digest(module: torch.nn.Module, skip: frozenset[str] = frozenset()) 
     return tensors_digest((name, value) for name, value in module.state_dict().items() if name not in skip)
 
 
+# An object's address in its repr (a function held by a module): another in each process and each run.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+# Where a transformers config was read from and by which version: not what the model computes.
+_CONFIG_ORIGIN = frozenset({"_name_or_path", "_commit_hash", "transformers_version"})
+
+
+def architecture_digest(module: torch.nn.Module) -> str:
+    """``sha256:<hex>`` of what a model computes that its weights do not say: its modules as torch prints them
+    (layers, activations, their options) and, for a transformers model, its configuration (head count,
+    activation by name, ...), but for where and by which version it was read. An edited config.json (``relu`` for
+    ``gelu``, 2 heads for 4 over the same weights) was accepted on resume and mixed two models' sums (QA 276)."""
+    text = repr(module)
+    to_dict = getattr(getattr(module, "config", None), "to_dict", None)
+    if callable(to_dict):
+        config = {key: value for key, value in to_dict().items() if key not in _CONFIG_ORIGIN}
+        text += json.dumps(config, sort_keys=True, default=repr)
+    return "sha256:" + hashlib.sha256(_ADDRESS.sub("", text).encode()).hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write ``state`` (tensors, lists, numbers) to ``path`` atomically."""
     with atomic_file(path) as handle:
@@ -108,7 +129,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict | None:
 
 
 # identity key -> the option that sets it, for saying what changed since a checkpoint was written.
-_OPTIONS = {"model": "model", "weights": "model weights (weights, model_checkpoint)", "renormalize": "renormalize",
+_OPTIONS = {"model": "model", "weights": "model weights (weights, model_checkpoint)",
+            "architecture": "the model's architecture or configuration (its config.json)", "renormalize": "renormalize",
             "dtype": "dtype", "image_size": "image_size", "preprocessing": "the model's preprocessing",
             "batch_size": "batch_size", "layers": "layers", "stats": "stats", "profiled": "the part profiled",
             "frames": "the video model's frame count (its config's num_frames)",

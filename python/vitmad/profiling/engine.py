@@ -28,6 +28,7 @@ import torch
 from ..recording.recorder import NoLayerError, Recording
 from ..recording.towers import image_channels
 from .checkpoint import (
+    architecture_digest,
     check_checkpoint_path,
     files_digest,
     fingerprint,
@@ -542,7 +543,10 @@ def plan_run(
     if stats != ("mad",):
         # Only when asked for: a MAD-only run keeps the mad.json and the fingerprint (its checkpoints) it had.
         settings["stats"] = list(stats)
-    identity = {"model": loaded.spec, "rank": rank, "world_size": world, **settings}
+    # The model's config and structure too (not written to mad.json): a config.json edited between a run and its
+    # resume changes what the same weights compute. A local folder by where it is, however it was spelled.
+    identity = {"model": _spec_identity(loaded.spec), "architecture": architecture_digest(loaded.module),
+                "rank": rank, "world_size": world, **settings}
     if isinstance(images, torch.Tensor):  # rows named tensor[i]: their values tell two tensors apart
         identity["pixels"] = tensors_digest([("pixels", images[:max_images] if max_images else images)])
     else:  # files: their sizes and times tell an image replaced under the same name apart
@@ -740,6 +744,14 @@ def _volume_values(plan: RunPlan, batch: VolumeBatch) -> tuple[torch.Tensor, Rec
             values = found.new_full((found.shape[0], len(batch.spacings), found.shape[2]), float("nan"))
         values[:, rows] = found
     return values, rec
+
+
+def _spec_identity(spec: str) -> str:
+    """``spec`` with an ``hf:`` local folder's path resolved: ``hf:tiny``, ``hf:./tiny`` and its absolute path are
+    one model (a resume spelling it another way was refused as another model, QA 276)."""
+    kind, _, name = spec.partition(":")
+    folder = Path(name).expanduser()
+    return f"hf:{folder.resolve()}" if kind == "hf" and folder.is_dir() else spec
 
 
 def _takes_videos(plan: RunPlan) -> bool:
