@@ -570,6 +570,11 @@ def _compare_command(args: argparse.Namespace, run) -> None:
         if first != i:
             warnings.warn(f"results {first + 1} and {i + 1} are the same file, {path}: its curves are drawn twice",
                           stacklevel=2)
+    subsets = [path for path, profile in zip(args.results, profiles) if profile.settings.get("layers")]
+    if subsets:  # its layers are counted in the subset's order: its last layer alone is drawn where layer 1 is
+        warnings.warn(f"{', '.join(subsets)} profiled a subset of the model's layers (layers=): "
+                      f"{'its' if len(subsets) == 1 else 'their'} layers are drawn in the subset's order, not at "
+                      "their depth in the model", stacklevel=2)
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise ValueError(f"--out: {out} is a folder; name the figure file, such as {out / 'compare.png'}")

@@ -30,14 +30,14 @@ def _spy(monkeypatch, method: str) -> list[tuple[tuple, dict]]:
     return calls
 
 
-def _profile() -> vitmad.Profile:
+def _profile(**options) -> vitmad.Profile:
     """A profile of a tiny transformers ViT (2 layers, 2 heads) on 3 random images."""
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
     model = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                image_size=32, patch_size=8), add_pooling_layer=False).eval()
-    return vitmad.profile(model, torch.randn(3, 3, 32, 32), device="cpu")
+    return vitmad.profile(model, torch.randn(3, 3, 32, 32), device="cpu", **options)
 
 
 def test_a_cell_without_a_value_leaves_the_maps_on_the_scale_of_the_others(monkeypatch, tmp_path):
@@ -126,3 +126,24 @@ def test_mad_png_gives_every_head_its_own_colour_and_says_which_heads_have_no_va
     plotting.plot_profile(profile, tmp_path / "nan.png")
     assert "heads without a value (NaN) in layer 2: not drawn" in labels[-1][0][0]
     plt.close("all")
+
+
+def test_a_profile_of_some_layers_says_its_axis_counts_them_not_the_model_depth(monkeypatch, tmp_path):
+    """QA 276: the last layer profiled alone (layers=) was drawn as "layer 1", and compare put it at relative depth
+    0 beside the whole model's first layer, with nothing saying so."""
+    from vitmad.cli import main
+
+    whole, last = _profile(), _profile(layers=["layers.1.attention"])
+    assert [layer["index"] for layer in last.to_dict()["layers"]] == [0]
+    labels = _spy(monkeypatch, "set_xlabel")
+    last.plot(tmp_path / "last.png")
+    assert labels[-1][0][0] == "Profiled layer (of those named in layers=)"
+    whole.plot(tmp_path / "whole.png")
+    assert labels[-1][0][0] == "Network depth (layer)"
+    whole.to_json(tmp_path / "whole.json")
+    last.to_json(tmp_path / "last.json")
+    with pytest.warns(UserWarning, match=r"last.json profiled a subset of the model's layers \(layers=\): its layers "
+                                         "are drawn in the subset's order, not at their depth in the model"):
+        assert main(["compare", str(tmp_path / "whole.json"), str(tmp_path / "last.json"), "--labels", "whole",
+                     "last", "--out", str(tmp_path / "cmp.png")]) == 0
+    assert labels[-1][0][0].startswith("Relative depth\nlast: a subset of the layers (layers=), counted in its own")

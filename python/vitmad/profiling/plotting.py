@@ -193,9 +193,15 @@ def _nan_heads_note(profile) -> str | None:
     return f"heads without a value (NaN) in layer{'s' if len(layers) > 1 else ''} {_spans(layers)}: not drawn"
 
 
+def _depth_label(profile) -> str:
+    """The depth axis' name: a profile of the layers named in ``layers=`` counts them in that subset's order, not
+    at their depth in the model (its last layer alone was drawn as "layer 1" unsaid, QA 276)."""
+    return "Profiled layer (of those named in layers=)" if profile.settings.get("layers") else "Network depth (layer)"
+
+
 def _finish_depth_figure(plt, fig, ax, profile, statistic: str, depth: list[int], num_heads: int, path,
                          title: str | None, note: str | None = None) -> None:
-    ax.set_xlabel("Network depth (layer)" + ("" if note is None else "\n" + textwrap.fill(note, 72)))
+    ax.set_xlabel(_depth_label(profile) + ("" if note is None else "\n" + textwrap.fill(note, 72)))
     label = STAT_LABELS.get(statistic, statistic)
     if statistic == "mad" and profile.distance_unit != "px":  # volumes
         label = f"Mean attention distance ({'millimetres' if profile.distance_unit == 'mm' else 'voxels'})"
@@ -275,7 +281,7 @@ def plot_space_time(profile, path: str | os.PathLike, *, title: str | None = Non
         for head in range(num_heads):
             ax.scatter(depth, values[:, head], s=18 if num_heads <= 12 else 8, color=colours(head),
                        label=f"head {head}" if num_heads <= 16 else None)
-        ax.set_xlabel("Network depth (layer)")
+        ax.set_xlabel(_depth_label(profile))
         ax.set_ylabel(label)
         ticks = depth if num_layers <= 24 else depth[::max(1, num_layers // 12)]
         ax.set_xticks(ticks)
@@ -346,7 +352,10 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
         ax.fill_between(x, per_head.masked_fill(missing, float("inf")).amin(1).masked_fill(empty, float("nan")),
                         per_head.masked_fill(missing, float("-inf")).amax(1).masked_fill(empty, float("nan")),
                         color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("Network depth (layer)" if same_depth else "Relative depth")
+    subsets = [label for label, profile in zip(labels, profiles) if profile.settings.get("layers")]
+    ax.set_xlabel(("Network depth (layer)" if same_depth else "Relative depth") + (
+        "" if not subsets else "\n" + textwrap.fill(f"{', '.join(subsets)}: a subset of the layers (layers=), "
+                                                    "counted in its own order, not at the model's depth", 72)))
     unit = next(iter(units))
     ax.set_ylabel(f"Mean attention distance ({'millimetres' if unit == 'mm' else 'voxels'})"
                   if statistic == "mad" and unit != "px" else STAT_LABELS.get(statistic, statistic))
