@@ -10,6 +10,8 @@ and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import sys
 import traceback
@@ -19,6 +21,7 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+OUT_LOCK_NAME = ".vitmad-profile.lock"  # held while a run writes to its --out (profiling.files.held_by_this_run)
 
 
 def output_names() -> set[str]:
@@ -282,9 +285,9 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _profile_command(args: argparse.Namespace, run) -> None:
+def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) -> None:
     from .profiling import mad_maps, profile
-    from .profiling.files import check_writable
+    from .profiling.files import check_writable, held_by_this_run
     from .profiling.images import NATIVE, parse_image_size
     from .profiling.maps import image_prefix_maps
     from .profiling.models import load_model
@@ -327,6 +330,8 @@ def _profile_command(args: argparse.Namespace, run) -> None:
     device = resolve_device(args.device)
     check_writable(out)  # a read-only or full disk fails now, not after the run
     main_process = run is None or run.is_main
+    if main_process:  # one run at a time writes to --out (torchrun's ranks are one run: its main process holds it)
+        held.enter_context(held_by_this_run(out / OUT_LOCK_NAME, str(out), "out"))
     earlier = {p.name for p in ours if p.is_file()}
     if earlier and main_process and not args.resume:
         warnings.warn(f"{out} holds an earlier run's outputs ({', '.join(sorted(earlier))}): this run replaces them "
@@ -654,7 +659,9 @@ def main(argv: list[str] | None = None) -> int:
         # there looked at ./~/x while the files went to ~/x, over a user's own mad.csv (QA 276).
         args.out = os.path.expanduser(args.out)
     warnings.formatwarning = lambda message, *_, **__: f"vitmad: warning: {message}\n"
-    commands = {"profile": _profile_command, "compare": _compare_command, "bench": _bench_command}
+    held = contextlib.ExitStack()  # what a profile run holds until it ends: its --out folder
+    commands = {"profile": functools.partial(_profile_command, held=held), "compare": _compare_command,
+                "bench": _bench_command}
     run, where = None, ""
     # A profile run creates --out before the model loads (check_writable: a read-only disk fails at once); a run
     # that fails before writing anything there takes the empty folder away again.
@@ -698,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
+        held.close()
         if run is not None:
             run.close()
         if not completed:

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+import vitmad
 from conftest import IMAGE_COUNT, subprocess_env, write_corrupt_images, write_images
 from vitmad.cli import main
+from vitmad.profiling.options import OptionError
 
 pytest.importorskip("transformers")
 
@@ -421,3 +423,38 @@ def test_an_out_folder_under_a_tilde_the_shell_left_is_checked_where_it_is_writt
     code, stdout, _ = _run(["profile", "--model", f"hf:{tiny_model}", "--images", image_folder, "--device", "cpu",
                             "--out=~/run", "--no-figures"], capsys)
     assert code == 0 and (tmp_path / "home" / "run" / "mad.json").is_file() and not (tmp_path / "~").exists()
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tiny_model, image_folder, tmp_path, capsys):
+    # Two runs into one --out replaced each other's checkpoints and temporary files (one died naming a temporary
+    # file; their outputs could mix; QA 276). The lock goes with its process: a killed run's file holds nothing.
+    import fcntl
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".vitmad-profile.lock").write_text("4242\n")  # left by a run killed with SIGKILL: no one holds it
+    args = ["profile", "--model", f"hf:{tiny_model}", "--images", image_folder, "--device", "cpu", "--out", out,
+            "--no-figures"]
+    assert _run(args, capsys)[0] == 0
+    assert not (out / ".vitmad-profile.lock").exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    fd = os.open(out / ".vitmad-profile.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        os.write(fd, b"4242\n")
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another run holds the folder (flock: per open file, so in this process too)
+        code, _, err = _run(args, capsys)
+        assert code == 2 and err.strip() == (f"vitmad: error: --out: another vitmad profile run (process 4242) is "
+                                             f"writing to {out}; wait for it to end, or pass another")
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".vitmad-profile.lock"} == before
+        with pytest.raises(OptionError,
+                           match=r"checkpoint: another vitmad profile run \(process 4243\) is writing to "):
+            lock = os.open(tmp_path / ".mine.pt.lock", os.O_RDWR | os.O_CREAT)
+            os.write(lock, b"4243\n")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", checkpoint=tmp_path / "mine.pt")
+        os.close(lock)
+    finally:
+        os.close(fd)
+    assert vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", checkpoint=tmp_path / "mine.pt").count
+    assert not (tmp_path / ".mine.pt.lock").exists()

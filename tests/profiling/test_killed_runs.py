@@ -196,7 +196,7 @@ def test_the_interrupt_message_says_whether_there_is_progress_to_resume(tmp_path
     --resume then; once a checkpoint is there, it does."""
     import vitmad.cli as cli
 
-    def interrupted(args, run):
+    def interrupted(args, run, held):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_profile_command", interrupted)

@@ -146,6 +146,8 @@ def _changes(saved: dict | None, identity: dict | None) -> str:
     keys = [key for key in sorted(saved.keys() | identity.keys()) if saved.get(key) != identity.get(key)]
     if "images" in keys and "files" in keys:  # other files have other sizes and times: one change, said once
         keys.remove("files")
+    if "frames" in keys and "architecture" in keys:  # the config's frame count: said by its own name
+        keys.remove("architecture")
     changed = dict.fromkeys(_OPTIONS.get(key, key) for key in keys)
     return f" (changed since: {', '.join(changed)})" if changed else ""
 

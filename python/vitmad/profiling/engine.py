@@ -13,6 +13,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -46,6 +47,7 @@ from .distributed import (
     merge_across_ranks,
     merge_prefix_maps,
 )
+from .files import held_by_this_run
 from .images import NATIVE, find_images, load_batch, parse_image_size
 from .models import LoadedModel, load_model, non_square_table_said, random_masking, wrap_module
 from .native import NativeFeed, check_fixed_size, load_native_batch, native_feed, native_geometry
@@ -574,9 +576,9 @@ def plan_run(
         record_options["stats"] = ["mad", *recorded]
     _check_recordable(loaded.module, record_options, layers)
     return RunPlan(loaded, device, torch_dtype, names, load, batches, settings, run_id,
-                   None if checkpoint is None else Path(checkpoint), checkpoint_every, record_options, run, native,
-                   statistics, "prefix_maps" in stats, maps_skipped, identity={**identity, "images": names},
-                   converts_weights=not isinstance(model, torch.nn.Module))
+                   None if checkpoint is None else Path(checkpoint).expanduser(), checkpoint_every, record_options,
+                   run, native, statistics, "prefix_maps" in stats, maps_skipped,
+                   identity={**identity, "images": names}, converts_weights=not isinstance(model, torch.nn.Module))
 
 
 def _packed_videos(loaded: LoadedModel, images, videos: bool | None) -> bool:
@@ -971,8 +973,12 @@ def profile(
             distributed=distributed, stats=stats, videos=videos, model_args=model_args, intensity=intensity,
             volume_unit=volume_unit,
         )
-        state = run_batches(plan, resume_state(plan, resume), progress=progress)
-        return finish(plan, state)
+        with contextlib.ExitStack() as held:
+            if plan.checkpoint is not None:  # one run at a time writes (and resumes) a checkpoint
+                lock = plan.checkpoint.with_name(f".{plan.checkpoint.name}.lock")
+                held.enter_context(held_by_this_run(lock, str(plan.checkpoint), "checkpoint"))
+            state = run_batches(plan, resume_state(plan, resume), progress=progress)
+            return finish(plan, state)
     finally:
         if decoders is not None:
             decoders.shutdown(wait=False, cancel_futures=True)

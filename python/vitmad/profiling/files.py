@@ -1,5 +1,5 @@
-"""Writing profile outputs safely: atomic replacement, permissions of a normally created file, and a
-write test of an output folder before any work is done.
+"""Writing profile outputs safely: atomic replacement, permissions of a normally created file, a write test of
+an output folder before any work is done, and one run at a time writing to a path.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from .options import OptionError
 
-__all__ = ["atomic_file", "check_writable"]
+__all__ = ["atomic_file", "check_writable", "held_by_this_run"]
 
 
 def check_writable(folder: str | os.PathLike, parameter: str = "out") -> None:
@@ -80,6 +80,45 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     # Temporary files of a writer killed mid-write (SIGKILL skips the cleanup above); one writer per path.
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
+
+
+@contextmanager
+def held_by_this_run(lock: Path, what: str, parameter: str) -> Iterator[None]:
+    """Hold ``lock`` (a hidden file beside what a run writes) while the block runs: another process holding it,
+    a second run writing to the same ``what``, is refused. Two runs into one --out replaced each other's
+    checkpoints and temporary files (one died naming a temporary file; their results could mix; QA 276).
+
+    An advisory lock (``flock``) that goes with its process, whatever kills it; the file is removed at the end.
+    Where the system or file system has no ``flock`` (Windows, some network file systems), nothing is held.
+
+    Raises:
+        OptionError: naming ``parameter``, another process holds ``lock``.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock here: one writer per path, as before
+        yield
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = True
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        by = f" (process {holder})" if holder.isdigit() else ""
+        raise OptionError(parameter, f"another vitmad profile run{by} is writing to {what}; wait for it to end, or "
+                                     "pass another") from None
+    except OSError:  # a file system that takes no flock
+        held = False
+    try:
+        if held:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _umask() -> int:
