@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -458,3 +459,25 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tiny_mod
         os.close(fd)
     assert vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", checkpoint=tmp_path / "mine.pt").count
     assert not (tmp_path / ".mine.pt.lock").exists()
+
+
+def test_profiles_overlapping_in_threads_put_the_warnings_display_back():
+    # Each run put back the display it saw at its start: A starts, B starts (seeing A's), A ends, B ends and left
+    # A's replacement installed for good (QA 285).
+    import warnings
+
+    from vitmad.profiling.engine import _warnings_above
+
+    class Bar:
+        def external_write_mode(self):
+            return contextlib.nullcontext()
+
+    before = warnings.showwarning
+    first, second = _warnings_above(Bar()), _warnings_above(Bar())
+    first.__enter__()
+    second.__enter__()
+    assert warnings.showwarning is not before
+    first.__exit__(None, None, None)
+    assert warnings.showwarning is not before  # the second run's bar is still drawn
+    second.__exit__(None, None, None)
+    assert warnings.showwarning is before

@@ -305,6 +305,49 @@ def test_a_resume_follows_the_model_folder_not_its_spelling_and_refuses_an_edite
     assert code == 2 and "(changed since: the model's architecture or configuration (its config.json)); rerun" in err
 
 
+def test_a_checkpoint_of_the_fingerprint_before_the_architecture_joined_it_still_resumes(tiny_model, image_folder,
+                                                                                         tmp_path, monkeypatch):
+    """QA 285: a checkpoint written before the model's architecture joined the run's identity (2026-12-06) was
+    refused as 'the model's architecture or configuration' changed, though nothing had."""
+    import vitmad
+    import vitmad.profiling.engine as engine
+
+    whole = vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", batch_size=1)
+    plans, real_add, added = [], engine.RunningStats.add, []
+    real_plan = engine.plan_run
+    monkeypatch.setattr(engine, "plan_run", lambda *a, **k: plans.append(real_plan(*a, **k)) or plans[-1])
+
+    def add_then_interrupt(self, mad):
+        added.append(1)
+        if len(added) == 3:
+            raise KeyboardInterrupt
+        return real_add(self, mad)
+
+    monkeypatch.setattr(engine.RunningStats, "add", add_then_interrupt)
+    checkpoint = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", batch_size=1, checkpoint=checkpoint)
+    monkeypatch.setattr(engine.RunningStats, "add", real_add)
+    # As that version wrote it: the fingerprint without the architecture, the model by its spelling.
+    state = torch.load(checkpoint, weights_only=True)
+    plan = plans[-1]
+    assert plan.earlier_fingerprint not in (None, plan.fingerprint)
+    state["fingerprint"] = plan.earlier_fingerprint
+    del state["identity"]["architecture"]
+    state["identity"]["model"] = f"hf:{tiny_model}"
+    torch.save(state, checkpoint)
+    resumed = vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", batch_size=1, checkpoint=checkpoint,
+                             resume=True)
+    assert torch.equal(resumed.mad, whole.mad) and resumed.count == whole.count
+    # Refused for a change that version would have seen, naming that change alone.
+    state["identity"]["renormalize"] = True
+    state["fingerprint"] = "another"
+    torch.save(state, checkpoint)
+    with pytest.raises(OptionError, match=r"\(changed since: renormalize\); rerun"):
+        vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", batch_size=1, checkpoint=checkpoint,
+                       resume=True)
+
+
 @pytest.mark.parametrize("timeout", ["-5", "0", "nan", "inf"])
 def test_a_process_group_timeout_that_is_no_time_is_refused(tiny_model, image_folder, tmp_path, capsys, timeout):
     """Under torchrun, -5 or 0 gave gloo's DistNetworkError tracebacks on every rank; outside it, any value ran."""

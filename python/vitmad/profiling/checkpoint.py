@@ -88,22 +88,30 @@ def weights_digest(module: torch.nn.Module, skip: frozenset[str] = frozenset()) 
     return tensors_digest((name, value) for name, value in module.state_dict().items() if name not in skip)
 
 
+# The identity's model of an hf: local folder: known by what it holds (weights, config, preprocessing), not its path.
+LOCAL_FOLDER = "hf:<a local folder>"
+
 # An object's address in its repr (a function held by a module): another in each process and each run.
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-# Where a transformers config was read from and by which version: not what the model computes.
-_CONFIG_ORIGIN = frozenset({"_name_or_path", "_commit_hash", "transformers_version"})
+# Of a transformers config: where and by which version it was read, and switches of what the forward returns, not
+# of what it computes (its attention implementation is no key of to_dict: SDPA and eager compute one softmax).
+_CONFIG_ORIGIN = frozenset({"_name_or_path", "_commit_hash", "transformers_version", "output_attentions",
+                            "output_hidden_states", "return_dict", "use_cache", "torchscript"})
 
 
 def architecture_digest(module: torch.nn.Module) -> str:
-    """``sha256:<hex>`` of what a model computes that its weights do not say: its modules as torch prints them
-    (layers, activations, their options) and, for a transformers model, its configuration (head count,
-    activation by name, ...), but for where and by which version it was read. An edited config.json (``relu`` for
-    ``gelu``, 2 heads for 4 over the same weights) was accepted on resume and mixed two models' sums (QA 276)."""
-    text = repr(module)
+    """``sha256:<hex>`` of what a model computes that its weights do not say: a transformers model's configuration
+    (head count, activation by name, ...), less where and by which version it was read; another module's
+    submodules as torch prints them (layers, activations, their options). An edited config.json (``relu`` for
+    ``gelu``, 2 heads for 4 over the same weights) was accepted on resume and mixed two models' sums (QA 276).
+    Not a transformers model's modules: their classes follow the attention implementation chosen at load
+    (Data2VecVision's ``...SdpaSelfAttention``), which changes no value (QA 285)."""
     to_dict = getattr(getattr(module, "config", None), "to_dict", None)
     if callable(to_dict):
         config = {key: value for key, value in to_dict().items() if key not in _CONFIG_ORIGIN}
-        text += json.dumps(config, sort_keys=True, default=repr)
+        text = json.dumps(config, sort_keys=True, default=repr)
+    else:
+        text = repr(module)
     return "sha256:" + hashlib.sha256(_ADDRESS.sub("", text).encode()).hexdigest()
 
 
@@ -148,6 +156,9 @@ def _changes(saved: dict | None, identity: dict | None) -> str:
         keys.remove("files")
     if "frames" in keys and "architecture" in keys:  # the config's frame count: said by its own name
         keys.remove("architecture")
+    if "architecture" not in saved:  # a checkpoint of vitmad before 2026-12-06: its model known by path and weights
+        keys = [key for key in keys if key != "architecture" and not (
+            key == "model" and identity.get("model") == LOCAL_FOLDER and str(saved.get("model")).startswith("hf:"))]
     changed = dict.fromkeys(_OPTIONS.get(key, key) for key in keys)
     return f" (changed since: {', '.join(changed)})" if changed else ""
 
@@ -168,12 +179,15 @@ def check_checkpoint_path(path: str | os.PathLike) -> None:
     check_writable(path.parent, "checkpoint")
 
 
-def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str, identity: dict | None = None) -> dict | None:
+def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str, identity: dict | None = None,
+                    earlier_fingerprint: str | None = None) -> dict | None:
     """Read a checkpoint written by :func:`save_checkpoint` for the same run.
 
     Args:
         identity: what the fingerprint digests, by key: a refusal names the keys that differ from those the
             checkpoint holds (checkpoints since 2026-12-04 hold them).
+        earlier_fingerprint: the same run's fingerprint as vitmad made it before the model's architecture joined
+            it (2026-12-06): a checkpoint written then resumes, its model checked by its weights alone.
 
     Returns:
         The state, or ``None`` when there is no checkpoint at ``path``.
@@ -187,7 +201,7 @@ def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str, identity
     state = _read_state(path)
     if state is None:
         raise OptionError("resume", f"{path} is not a vitmad checkpoint (unreadable, or another format)")
-    if state["fingerprint"] != expected_fingerprint:
+    if state["fingerprint"] not in (expected_fingerprint, earlier_fingerprint):
         raise OptionError(
             "resume",
             f"{path} was written by a run with other settings, other model weights or other images"

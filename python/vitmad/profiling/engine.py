@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -29,6 +30,7 @@ import torch
 from ..recording.recorder import NoLayerError, Recording
 from ..recording.towers import image_channels
 from .checkpoint import (
+    LOCAL_FOLDER,
     architecture_digest,
     check_checkpoint_path,
     files_digest,
@@ -105,6 +107,8 @@ class RunPlan:
         identity: the settings, model, process layout and image digests the fingerprint is made of.
         converts_weights: the model's weights are converted to ``dtype`` (False for a module the caller passed,
             moved to the device with its parameters' dtypes as they are: a bfloat16 model's float32 norms stay so).
+        earlier_fingerprint: the fingerprint vitmad made before the model's architecture joined it (2026-12-06):
+            a checkpoint of that version resumes.
     """
 
     loaded: LoadedModel
@@ -125,6 +129,7 @@ class RunPlan:
     maps_skipped: str | None = None
     identity: dict = field(default_factory=dict)
     converts_weights: bool = True
+    earlier_fingerprint: str | None = None
 
     def checkpoint_state(self, state: RunState) -> dict:
         """What the checkpoint of ``state`` holds: its sums, and what a later command needs to say what it finds
@@ -546,14 +551,17 @@ def plan_run(
         # Only when asked for: a MAD-only run keeps the mad.json and the fingerprint (its checkpoints) it had.
         settings["stats"] = list(stats)
     # The model's config and structure too (not written to mad.json): a config.json edited between a run and its
-    # resume changes what the same weights compute. A local folder by where it is, however it was spelled.
-    identity = {"model": _spec_identity(loaded.spec), "architecture": architecture_digest(loaded.module),
-                "rank": rank, "world_size": world, **settings}
+    # resume changes what the same weights compute. A local folder is known by what it holds, not by its path (a
+    # resume spelling it another way was refused, QA 276; torchrun's nodes may hold it at other paths, QA 285).
+    earlier = {"model": loaded.spec, "rank": rank, "world_size": world, **settings}
+    identity = {**earlier, "model": _spec_identity(loaded.spec), "architecture": architecture_digest(loaded.module)}
     if isinstance(images, torch.Tensor):  # rows named tensor[i]: their values tell two tensors apart
         identity["pixels"] = tensors_digest([("pixels", images[:max_images] if max_images else images)])
     else:  # files: their sizes and times tell an image replaced under the same name apart
         identity["files"] = files_digest(names)
     run_id = fingerprint(identity, names)
+    # A checkpoint of vitmad before 2026-12-06, which made the fingerprint without the architecture: it resumes.
+    earlier_id = fingerprint({**earlier, **{k: identity[k] for k in ("pixels", "files") if k in identity}}, names)
     if run is not None:
         check_same_run(run, identity, names)
     # Rank r takes global batches r, r + W, ...: the same batches as a single process, each exactly once.
@@ -578,7 +586,8 @@ def plan_run(
     return RunPlan(loaded, device, torch_dtype, names, load, batches, settings, run_id,
                    None if checkpoint is None else Path(checkpoint).expanduser(), checkpoint_every, record_options,
                    run, native, statistics, "prefix_maps" in stats, maps_skipped,
-                   identity={**identity, "images": names}, converts_weights=not isinstance(model, torch.nn.Module))
+                   identity={**identity, "images": names}, converts_weights=not isinstance(model, torch.nn.Module),
+                   earlier_fingerprint=earlier_id)
 
 
 def _packed_videos(loaded: LoadedModel, images, videos: bool | None) -> bool:
@@ -634,7 +643,7 @@ def resume_state(plan: RunPlan, resume: bool) -> RunState:
     if not resume:
         _warn_unfinished(plan)
         return RunState()
-    saved = load_checkpoint(plan.checkpoint, plan.fingerprint, plan.identity)
+    saved = load_checkpoint(plan.checkpoint, plan.fingerprint, plan.identity, plan.earlier_fingerprint)
     if saved is None:  # said, not silent: a mistyped --out resumes nothing and runs every image again
         warnings.warn(f"resume: no checkpoint at {plan.checkpoint}; starting from the first image", stacklevel=2)
         return RunState()
@@ -651,7 +660,7 @@ def _warn_unfinished(plan: RunPlan) -> None:
         return
     done = saved.get("batches_done", 0)
     total = saved.get("batches_total")
-    if total is None and saved.get("fingerprint") == plan.fingerprint:
+    if total is None and saved.get("fingerprint") in (plan.fingerprint, plan.earlier_fingerprint):
         total = len(plan.batches)  # written before checkpoints said how many batches their run had
     if total is not None and done < total:
         warnings.warn(f"{plan.checkpoint} holds an interrupted run's progress ({done} of {total} batches); this run "
@@ -749,11 +758,10 @@ def _volume_values(plan: RunPlan, batch: VolumeBatch) -> tuple[torch.Tensor, Rec
 
 
 def _spec_identity(spec: str) -> str:
-    """``spec`` with an ``hf:`` local folder's path resolved: ``hf:tiny``, ``hf:./tiny`` and its absolute path are
-    one model (a resume spelling it another way was refused as another model, QA 276)."""
+    """``spec`` for the run's identity: an ``hf:`` local folder is known by what it holds (its weights, config and
+    preprocessing, each in the identity), not by how its path is spelled."""
     kind, _, name = spec.partition(":")
-    folder = Path(name).expanduser()
-    return f"hf:{folder.resolve()}" if kind == "hf" and folder.is_dir() else spec
+    return LOCAL_FOLDER if kind == "hf" and Path(name).expanduser().is_dir() else spec
 
 
 def _takes_videos(plan: RunPlan) -> bool:
@@ -761,24 +769,43 @@ def _takes_videos(plan: RunPlan) -> bool:
     return model_frames(plan.loaded.module) is not None or isinstance(plan.native, PackedVideoFeed)
 
 
+# The progress bars drawn now (profiles may run in several threads), and the warnings' display they replaced.
+_BARS: list[tqdm] = []
+_BARS_LOCK = threading.Lock()
+_SHOWN_BEFORE: list[Callable] = []
+
+
+def _show_above_bars(*args, **kwargs) -> None:
+    """``warnings.showwarning`` while bars are drawn: the earlier display, with the bars cleared around it."""
+    shown = _SHOWN_BEFORE[0]  # set before this function was first installed
+    bar = _BARS[-1] if _BARS else None
+    if bar is None:
+        shown(*args, **kwargs)
+        return
+    with bar.external_write_mode():
+        shown(*args, **kwargs)
+
+
 @contextmanager
 def _warnings_above(bar: tqdm) -> Iterator[None]:
     """Show warnings given while ``bar`` is drawn on lines of their own above it, not glued to its line.
 
     The earlier ``showwarning`` still shows them (a caller's ``catch_warnings(record=True)`` keeps its record);
-    tqdm only clears its line before and draws it again after.
+    tqdm only clears its line before and draws it again after. Profiles overlapping in threads share one
+    replacement, put back when the last of them ends (each putting back what it saw left another's in place).
     """
-    shown = warnings.showwarning
-
-    def show(*args, **kwargs) -> None:
-        with bar.external_write_mode():
-            shown(*args, **kwargs)
-
-    warnings.showwarning = show
+    with _BARS_LOCK:
+        if not _BARS:
+            _SHOWN_BEFORE[:] = [warnings.showwarning]
+            warnings.showwarning = _show_above_bars
+        _BARS.append(bar)
     try:
         yield
     finally:
-        warnings.showwarning = shown
+        with _BARS_LOCK:
+            _BARS.remove(bar)
+            if not _BARS and warnings.showwarning is _show_above_bars:
+                warnings.showwarning = _SHOWN_BEFORE[0]
 
 
 def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
@@ -804,7 +831,7 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
     pending, started = plan.batches[state.batches_done:], state.batches_done
     prefetch = ThreadPoolExecutor(1, "vitmad-prefetch")
     upcoming = prefetch.submit(plan.load, pending[0]) if len(pending) else None
-    with _warnings_above(bar):
+    with _warnings_above(bar) if not bar.disable else contextlib.nullcontext():
         try:
             for position in range(len(pending)):
                 batch = upcoming.result()
