@@ -270,7 +270,9 @@ def test_integer_grids_of_any_integer_type_are_taken():
     ((2.5, 4, 8), {}, TypeError, "grid_h must be an int, got 2.5"),
     ((-1, 4, 8), {}, ValueError, "grid_h and grid_w must be positive, got -1 x 4"),
     ((4, 4, (8, 4)), {}, TypeError, "patch must be a number (pixels per patch), got (8, 4)"),
-    ((4, 4, 8, 3), {}, TypeError, "queries must be a slice of the 16 patch tokens (rows), got 3"),
+    ((4, 4, 8, 3), {}, TypeError, "queries must index the 16 patch tokens (a slice, or a list or tensor of token "
+                                  "indices), got 3"),
+    ((4, 4, 8, "rows"), {}, TypeError, "queries must index the 16 patch tokens"),
     ((4, 4, 8), {"dtype": torch.int32}, TypeError, "dtype must be a floating torch.dtype, got torch.int32"),
 ])
 def test_pixel_distances_refuses_what_would_give_a_wrong_matrix(args, kwargs, error, message):
@@ -279,11 +281,24 @@ def test_pixel_distances_refuses_what_would_give_a_wrong_matrix(args, kwargs, er
         vitmad.pixel_distances(*args, **kwargs)
 
 
-def test_pixel_distances_takes_numpy_numbers():
+def test_pixel_distances_takes_numpy_numbers_index_lists_and_a_patch_to_differentiate():
     import numpy as np
 
     torch.testing.assert_close(vitmad.pixel_distances(np.int64(3), np.int32(2), np.float32(8)),
                                vitmad.pixel_distances(3, 2, 8.0), rtol=0, atol=0)
+    whole = vitmad.pixel_distances(3, 2, 8.0)
+    for rows in ([0, 2], torch.tensor([0, 2]), slice(0, 3, 2)):
+        assert torch.equal(vitmad.pixel_distances(3, 2, 8.0, rows), whole[[0, 2]])
+    patch = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)  # a learnt scale keeps its gradient
+    vitmad.pixel_distances(3, 2, patch).sum().backward()
+    assert patch.grad == whole.sum() / 8
+
+
+def test_the_sizes_checks_take_a_size_torch_compile_reads_from_a_shape():
+    # math.isfinite of a symbolic size failed under fullgraph compilation (QA 285).
+    compiled = torch.compile(lambda x: vitmad.grid_positions(2, 3, x.shape[-1] / 4), fullgraph=True, dynamic=True,
+                             backend="eager")
+    torch.testing.assert_close(compiled(torch.zeros(40)), vitmad.grid_positions(2, 3, 10.0))
 
 
 @pytest.mark.parametrize("renormalize", ["no", 1, None])

@@ -16,12 +16,12 @@ from .arguments import (
     check_attn_tensor,
     check_mad_args,
     check_no_times,
+    check_pixel_size,
     check_position_args,
     check_qk_tensors,
     check_stats,
     check_stats_and_times,
     grid_sides,
-    pixel_size,
 )
 
 __all__ = [
@@ -55,27 +55,33 @@ def pixel_distances(
     Args:
         grid_h, grid_w: the patch grid.
         patch: pixel size of one patch.
-        queries: which query patches (rows) to return; all by default.
+        queries: which query patches (rows) to return: a slice, or a list or tensor of token indices; all by
+            default.
 
     Returns:
         ``[num_queries, grid_h * grid_w]``: ``patch * sqrt((row_t - row_s)^2 + (col_t - col_s)^2)``.
 
     Raises:
-        TypeError: a side that is not an int, a patch that is not a number, ``queries`` that is not a slice, a
+        TypeError: a side that is not an int, a patch that is not a number, ``queries`` that index no rows, a
             dtype that is not floating.
         ValueError: a side that is not positive, a patch that is not finite and positive.
     """
     op = "vitmad.pixel_distances"
     grid_h, grid_w = grid_sides(op, grid_h, grid_w)
-    patch = pixel_size(op, patch)
-    if not isinstance(queries, slice):
-        raise TypeError(f"{op}: queries must be a slice of the {grid_h * grid_w} patch tokens (rows), got "
-                        f"{queries!r}")
+    check_pixel_size(op, patch)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"{op}: dtype must be a floating torch.dtype, got {dtype!r}")
     tokens = torch.arange(grid_h * grid_w, device=device)
     coords = torch.stack([tokens // grid_w, tokens % grid_w], dim=-1).to(dtype)
-    return patch * torch.cdist(coords[queries], coords, compute_mode="donot_use_mm_for_euclid_dist")
+    try:
+        rows = coords[queries]
+    except (IndexError, TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{op}: queries must index the {grid_h * grid_w} patch tokens (a slice, or a list or tensor "
+                        f"of token indices), got {queries!r} ({err})") from None
+    if rows.dim() != 2:  # an int index takes one row without its dimension
+        raise TypeError(f"{op}: queries must index the {grid_h * grid_w} patch tokens (a slice, or a list or tensor "
+                        f"of token indices), got {queries!r}")
+    return patch * torch.cdist(rows, coords, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def mad_reference(
@@ -293,9 +299,12 @@ def uniform_attention_mad(grid_h: int, grid_w: int, patch: float | tuple[float, 
     if isinstance(patch, (tuple, list)):
         if len(patch) != 2:
             raise ValueError(f"{op}: patch must be a size in pixels, or (stride_y, stride_x), got {patch!r}")
-        stride_y, stride_x = (pixel_size(op, side, "patch's stride") for side in patch)
+        stride_y, stride_x = patch
+        for side in patch:
+            check_pixel_size(op, side, "patch's stride")
     else:
-        stride_y = stride_x = pixel_size(op, patch)
+        check_pixel_size(op, patch)
+        stride_y = stride_x = patch
     dy = torch.arange(1 - grid_h, grid_h, dtype=torch.float64)
     dx = torch.arange(1 - grid_w, grid_w, dtype=torch.float64)
     pairs = (grid_h - dy.abs())[:, None] * (grid_w - dx.abs())[None, :]
