@@ -365,5 +365,11 @@ def test_saved_calls_read_back_as_the_readme_says(tmp_path):
         model(torch.randn(2, 3, 16, 16))
     torch.save(rec.calls, tmp_path / "calls.pt")
     loaded = torch.load(tmp_path / "calls.pt", weights_only=False)
+    # rec.stats saves as the dict it is, read back by torch's default loader (QA 285: its class was refused).
+    torch.save(rec.stats, tmp_path / "stats.pt")
+    stats = torch.load(tmp_path / "stats.pt")
+    assert isinstance(stats, dict) and list(stats) == ["mad", "entropy"] and torch.equal(stats["mad"], rec.mad)
+    with pytest.raises(KeyError, match=r"temporal MAD of a video model is rec.temporal_mad"):
+        _ = rec.stats["temporal_mad"]
     assert torch.equal(loaded[0].mad, rec.mad) and torch.equal(loaded[0].stat("entropy"), rec.stats["entropy"])
     assert loaded[0].layers == rec.layers and loaded[0].geometry == rec.geometry

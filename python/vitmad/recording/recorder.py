@@ -31,6 +31,7 @@ image) are the rows of the tokens without a position, computed beside it (:mod:`
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import sys
 import threading
@@ -374,6 +375,9 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def _missing_statistic(name: str, recorded: Sequence[str]) -> KeyError:
     """The error for a statistic not among those ``recorded``: what they are, or how to ask for it."""
+    if name == TEMPORAL_MAD:
+        return KeyError("vitmad.record: the temporal MAD of a video model is rec.temporal_mad "
+                        "(rec.calls[i].temporal_mad), not among the statistics of rec.stats")
     if name not in STAT_NAMES:
         return KeyError(f"vitmad.record: {name!r} is not a statistic; the statistics are "
                         f"{', '.join(map(repr, STAT_NAMES))} (the prefix maps: rec.prefix_maps)")
@@ -387,6 +391,11 @@ class _StatisticsByName(dict):
 
     def __missing__(self, name):
         raise _missing_statistic(name, list(self))
+
+    def __reduce__(self):
+        # Saved as a state dict is (an OrderedDict): torch.load's default weights_only=True refuses a class of
+        # vitmad's, and builtins.dict as a global too (QA 285).
+        return collections.OrderedDict, (), None, None, iter(self.items())
 
 
 def split_stat_names(stats) -> tuple[frozenset[str], list[str]] | None:
