@@ -534,8 +534,10 @@ def _compare_figures(out: Path, names: list[str]) -> tuple[list[Path], list[Path
 
     figures = {name: out.with_name(f"{out.stem}_{name}{out.suffix}")
                for name in (*STAT_NAMES, TEMPORAL_MAD) if name != "mad"}
-    # The MAD figure at --out itself too: a user's photo named there was written over (QA 276).
-    if (out.exists() or out.is_symlink()) and not earlier(out):
+    # The MAD figure at --out itself too: a user's photo named there was written over (QA 276). In a format without
+    # the mark (.webp, .tif) compare cannot tell its own figure there from another file: the path named is replaced,
+    # as any tool's output, or no comparison could be drawn there twice (QA 285).
+    if (out.exists() or out.is_symlink()) and marks(out) and not earlier(out):
         raise ValueError(f"--out: {out} exists and was not written by vitmad compare; move it, or choose another "
                          "--out")
     for name in names:
@@ -576,9 +578,9 @@ def _compare_command(args: argparse.Namespace, run) -> None:
             warnings.warn(f"results {first + 1} and {i + 1} are the same file, {path}: its curves are drawn twice",
                           stacklevel=2)
     subsets = [path for path, profile in zip(args.results, profiles) if profile.settings.get("layers")]
-    if subsets:  # its layers are counted in the subset's order: its last layer alone is drawn where layer 1 is
-        warnings.warn(f"{', '.join(subsets)} profiled a subset of the model's layers (layers=): "
-                      f"{'its' if len(subsets) == 1 else 'their'} layers are drawn in the subset's order, not at "
+    if subsets:  # counted in the order named: a model's last layer alone is drawn where layer 1 is
+        warnings.warn(f"{', '.join(subsets)} profiled the layers named in layers=: "
+                      f"{'its' if len(subsets) == 1 else 'their'} layers are drawn in that order, which need not be "
                       "their depth in the model", stacklevel=2)
     out = Path(args.out).expanduser()
     if out.is_dir():

@@ -293,11 +293,21 @@ def test_cli_figures_and_compare(tiny_model, images, tmp_path, capsys):
     assert written_by_compare(tmp_path / "fig.jpg") and written_by_compare(tmp_path / "fig_entropy.jpg")
     with pytest.warns(UserWarning, match="no prefix_mass, self_mass figures"):  # its own figures it replaces
         assert main(["compare", *results, "--out", str(tmp_path / "fig.jpg")]) == 0
-    for name in ("fig.webp", "fig_entropy.webp"):
+    for name in ("fig.rgba", "fig_entropy.rgba"):
         (tmp_path / name).write_text("mine")
     with pytest.warns(UserWarning, match="no prefix_mass, self_mass figures"):
-        assert main(["compare", *results, "--out", str(tmp_path / "fig.webp")]) == 2
-    assert (tmp_path / "fig.webp").read_text() == "mine" and (tmp_path / "fig_entropy.webp").read_text() == "mine"
+        assert main(["compare", *results, "--out", str(tmp_path / "fig.rgba")]) == 2
+    assert (tmp_path / "fig.rgba").read_text() == "mine" and (tmp_path / "fig_entropy.rgba").read_text() == "mine"
+    # A comparison drawn twice at one path, in every format matplotlib writes: each but raw pixels and PGF carries
+    # the mark (QA 285: .webp, .tif and .svgz were refused the second time); in those the path named is replaced.
+    for suffix in ("webp", "tif", "tiff", "gif", "avif", "svgz", "jpeg", "eps", "pdf"):
+        for _ in range(2):
+            assert main(["compare", results[0], "--out", str(tmp_path / f"twice.{suffix}")]) == 0
+        assert written_by_compare(tmp_path / f"twice.{suffix}")
+        assert written_by_compare(tmp_path / f"twice_entropy.{suffix}")
+    (tmp_path / "mine.raw").write_text("mine")
+    assert main(["compare", str(tmp_path / "mad_only" / "mad.json"), "--out", str(tmp_path / "mine.raw")]) == 0
+    assert (tmp_path / "mine.raw").read_bytes() != b"mine"
 
 
 def test_bad_stats_are_refused_naming_the_option(registers_vit, tmp_path, capsys):

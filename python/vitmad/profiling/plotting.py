@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import textwrap
 from collections.abc import Sequence
@@ -75,21 +76,27 @@ def _save(fig, path, **options) -> None:
 
 # What marks a figure as written by `vitmad compare`, so that a later comparison at the same --out replaces or
 # removes it, and never a user's file that only has its name. Written in each format's metadata (matplotlib
-# writes these fields as plain text: PNG tEXt chunks, the PDF Info dictionary, SVG's RDF, the PostScript header;
-# JPEG's comment segment, through Pillow). Other formats carry none: a file at their names is never replaced.
+# writes these fields as plain text: PNG tEXt chunks, the PDF Info dictionary, SVG's RDF (gzipped in .svgz), the
+# PostScript header; through Pillow, JPEG's and GIF's comment, WebP's and AVIF's XMP, TIFF's description). Raw
+# pixels and PGF carry none: a file at their names is never replaced but the one at compare's own --out.
 COMPARE_MARK = "vitmad compare"
-_MARKED_FIELDS = {"png": "Software", "pdf": "Creator", "svg": "Creator", "eps": "Creator", "ps": "Creator"}
-_COMMENTED = ("jpg", "jpeg")
+_MARKED_FIELDS = {"png": "Software", "pdf": "Creator", "svg": "Creator", "svgz": "Creator", "eps": "Creator",
+                  "ps": "Creator"}
+# Formats matplotlib writes through PIL: the PIL option that keeps a text in the file, as it is (a webp or tif was
+# no compare figure to compare itself, so a second comparison at one such path was refused, QA 285).
+_PIL_FIELDS = {"jpg": "comment", "jpeg": "comment", "gif": "comment", "webp": "xmp", "avif": "xmp",
+               "tif": "description", "tiff": "description"}
 
 
 def _mark_options(path: str | os.PathLike) -> dict:
     """The ``savefig`` options that write the compare mark in the figure format of ``path`` (by its suffix); empty
-    for a format that cannot carry it."""
+    for a format that cannot carry it (.raw, .rgba, .pgf)."""
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix in _MARKED_FIELDS:
         return {"metadata": {_MARKED_FIELDS[suffix]: COMPARE_MARK}}
-    if suffix in _COMMENTED:
-        return {"pil_kwargs": {"comment": COMPARE_MARK.encode()}}
+    if suffix in _PIL_FIELDS:
+        field = _PIL_FIELDS[suffix]
+        return {"pil_kwargs": {field: COMPARE_MARK if field == "description" else COMPARE_MARK.encode()}}
     return {}
 
 
@@ -100,13 +107,17 @@ def marks(path: str | os.PathLike) -> bool:
 
 def written_by_compare(path: str | os.PathLike) -> bool:
     """Whether the file at ``path`` is a figure that `vitmad compare` wrote (its mark in the first or last 64 KiB,
-    where each format keeps its metadata)."""
+    where each format keeps its metadata; a compressed SVG's in its first 64 KiB unpacked)."""
     try:
-        with open(path, "rb") as file:
-            head = file.read(1 << 16)
-            file.seek(max(0, file.seek(0, os.SEEK_END) - (1 << 16)))
-            tail = file.read()
-    except OSError:
+        if Path(path).suffix.lower() == ".svgz":
+            with gzip.open(path, "rb") as file:
+                head, tail = file.read(1 << 16), b""
+        else:
+            with open(path, "rb") as file:
+                head = file.read(1 << 16)
+                file.seek(max(0, file.seek(0, os.SEEK_END) - (1 << 16)))
+                tail = file.read()
+    except (OSError, EOFError):  # gzip's BadGzipFile is an OSError; a cut one ends early
         return False
     mark = COMPARE_MARK.encode()
     return mark in head or mark in tail
@@ -354,8 +365,8 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
                         color=line.get_color(), alpha=0.2)
     subsets = [label for label, profile in zip(labels, profiles) if profile.settings.get("layers")]
     ax.set_xlabel(("Network depth (layer)" if same_depth else "Relative depth") + (
-        "" if not subsets else "\n" + textwrap.fill(f"{', '.join(subsets)}: a subset of the layers (layers=), "
-                                                    "counted in its own order, not at the model's depth", 72)))
+        "" if not subsets else "\n" + textwrap.fill(f"{', '.join(subsets)}: the layers named in layers=, counted "
+                                                    "in that order, not necessarily at the model's depth", 72)))
     unit = next(iter(units))
     ax.set_ylabel(f"Mean attention distance ({'millimetres' if unit == 'mm' else 'voxels'})"
                   if statistic == "mad" and unit != "px" else STAT_LABELS.get(statistic, statistic))
