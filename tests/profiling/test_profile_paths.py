@@ -357,6 +357,37 @@ def test_a_process_group_timeout_that_is_no_time_is_refused(tiny_model, image_fo
                            f"{float(timeout)!r}")
 
 
+def test_a_run_reading_nothing_keeps_the_progress_of_an_interrupted_run_there(tiny_model, image_folder, tmp_path,
+                                                                             capsys, monkeypatch):
+    """QA 284: a run given a folder of nothing readable, into the --out of an interrupted run, replaced that run's
+    checkpoint with one of nothing, then removed it: the interrupted run's progress was lost."""
+    import vitmad.profiling.engine as engine
+
+    out = tmp_path / "out"
+    base = [*_profile(tiny_model, image_folder, out), "--batch-size", "1"]
+    assert _run([*_profile(tiny_model, image_folder, tmp_path / "whole"), "--batch-size", "1"], capsys)[0] == 0
+    real_add, added = engine.RunningStats.add, []
+
+    def add_then_interrupt(self, mad):
+        added.append(1)
+        if len(added) == 3:
+            raise KeyboardInterrupt
+        return real_add(self, mad)
+
+    monkeypatch.setattr(engine.RunningStats, "add", add_then_interrupt)
+    assert _run(base, capsys)[0] == 130
+    monkeypatch.setattr(engine.RunningStats, "add", real_add)
+    progress = (out / "checkpoint.pt").read_bytes()
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.warns(UserWarning) as warned:
+        code, _, err = _run(_profile(tiny_model, tmp_path / "notes.png", out), capsys)
+    assert any("interrupted run's progress" in str(w.message) for w in warned)
+    assert code == 2 and err.strip().splitlines()[-1] == "vitmad: error: --images: none of the 1 images could be read"
+    assert (out / "checkpoint.pt").read_bytes() == progress
+    assert _run([*base, "--resume"], capsys)[0] == 0
+    assert (out / "mad.csv").read_text() == (tmp_path / "whole" / "mad.csv").read_text()
+
+
 def test_a_looping_link_named_is_skipped_and_a_run_reading_nothing_leaves_no_folder(tiny_model, tmp_path, capsys):
     """QA 268: a symbolic-link loop named on the command line escaped as pathlib's RuntimeError traceback; a run
     whose every image is unreadable left a checkpoint of nothing in the --out folder it made."""

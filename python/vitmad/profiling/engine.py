@@ -817,7 +817,10 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
     from tqdm.auto import tqdm
 
     def save(current: RunState) -> None:
-        if plan.checkpoint is not None:
+        # Not before an image was read: the checkpoint there (an interrupted earlier run's progress) stays until
+        # this run has sums of its own; a run reading nothing replaced it with one of nothing, then removed it (QA
+        # 284). A resume of a run cut before any image redoes its batches of unreadable files.
+        if plan.checkpoint is not None and current.stats is not None:
             save_checkpoint(plan.checkpoint, plan.checkpoint_state(current))
 
     rank = plan.run.rank if plan.run else 0
@@ -871,10 +874,8 @@ def finish(plan: RunPlan, state: RunState) -> Profile:
     if stats is None:
         kind = "volumes" if isinstance(plan.loaded.preprocessing, VolumePreprocessing) else (
             "videos" if _takes_videos(plan) else "images")
-        if plan.checkpoint is not None:
-            # It holds no image's sums, only the files skipped, nothing a resume could use; left, it kept the --out
-            # folder the run made (QA 268).
-            plan.checkpoint.unlink(missing_ok=True)
+        # This run wrote no checkpoint (run_batches saves none before an image is read): a checkpoint there is an
+        # earlier run's, kept (QA 284: an interrupted run's progress was lost to a run given the wrong folder).
         raise OptionError("images", f"none of the {len(plan.names)} {kind} could be read")
     world = plan.run.world_size if plan.run else 1
     layers = len(meta["layers"])
