@@ -319,6 +319,29 @@ def test_a_timm_weights_file_that_cannot_be_read_is_refused_as_unreadable(tmp_pa
                           image_size=image_size).count == 1
 
 
+def test_a_timm_weights_file_holding_no_state_dict_is_refused_naming_it(tmp_path, image_folder):
+    """QA 284: a text file that torch reads as a legacy pickle, a tensor or a list saved alone, a dict of other
+    things and a junk .safetensors escaped from timm's loader as KeyError, AttributeError or SafetensorError
+    tracebacks; torchvision's, sam2's and monai's were one line each."""
+    timm = pytest.importorskip("timm")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    torch.save({"model": 5}, tmp_path / "dict.pth")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk\n")
+    (tmp_path / "legacy.pth").write_bytes(b"junk\n")
+    keys = "neither as a whole nor under 'state_dict_ema', 'model_ema', 'state_dict', 'model'"
+    for name, said in (("tensor.pth", f"holds no state dict \\(tensors by name\\), {keys}"),
+                       ("list.pth", "holds no state dict"), ("dict.pth", "holds no state dict"),
+                       ("junk.safetensors", r"cannot be read as a safetensors file \(SafetensorError"),
+                       ("legacy.pth", "cannot be read as a torch checkpoint")):
+        with pytest.raises(ValueError, match=rf"model_checkpoint: .*{name} {said}"):
+            vitmad.profile("timm:test_vit", image_folder, model_checkpoint=tmp_path / name)
+    # Under the keys timm's loader reads, as training checkpoints keep them, it loads.
+    torch.save({"state_dict": timm.create_model("test_vit").state_dict(), "epoch": 3}, tmp_path / "train.pth")
+    assert vitmad.profile("timm:test_vit", image_folder, model_checkpoint=tmp_path / "train.pth",
+                          max_images=1).count == 1
+
+
 def test_image_text_model_profiles_its_vision_tower(tmp_path, image_folder):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 

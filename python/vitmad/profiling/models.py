@@ -28,6 +28,7 @@ from .options import (
     error_said,
     first_line,
     import_optional,
+    read_state_dict,
     state_dict_mismatch_said,
 )
 from .sam_models import load_sam2, load_segment_anything
@@ -642,6 +643,10 @@ def _raised_reading(err: BaseException) -> bool:
     return isinstance(err.__cause__, pickle.UnpicklingError)  # timm's own message for pickled objects
 
 
+# Where timm's load_checkpoint finds a training checkpoint's state dict (the EMA weights first, as it loads them).
+_TIMM_STATE_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
 def _create_timm(timm, name: str, model_checkpoint: Path | None, tries: list[dict], weights: dict):
     """``timm.create_model`` with the first of ``tries`` (size options) the model's constructor takes, and those
     options.
@@ -731,6 +736,12 @@ def _load_timm(
         raise OptionError(  # torch's first line names only the class: the keys that differ follow it
             "model_checkpoint", f"{model_checkpoint} does not fit timm model {name}: {state_dict_mismatch_said(err)}"
         ) from err
+    except Exception:  # noqa: BLE001  (what timm's loader makes of a file that is no checkpoint: KeyError, ...)
+        # A text file, a tensor or a list saved alone, a junk .safetensors escaped as tracebacks (QA 284): where the
+        # file is the cause, say so; else the error is the model's, raised as it is.
+        if model_checkpoint is not None:
+            read_state_dict(model_checkpoint, _TIMM_STATE_KEYS)
+        raise
     if image_size not in (None, NATIVE) and "dynamic_img_size" not in options:
         _check_runs_at(module.eval(), name, image_size)
     data_config = timm.data.resolve_model_data_config(module)

@@ -21,14 +21,12 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from .options import (
     OptionError,
     error_said,
     import_for_spec,
     import_optional,
-    read_checkpoint,
+    read_state_dict,
     state_dict_mismatch_said,
 )
 from .volumes import VolumePreprocessing, check_unit, parse_intensity
@@ -96,24 +94,6 @@ def _volume_size(name: str, value) -> tuple[int, int, int]:
     return tuple(sides)
 
 
-def _state_dict(model_checkpoint: Path) -> dict:
-    """The state dict in ``model_checkpoint`` (the file's content, or under one of :data:`_STATE_KEYS`).
-
-    Raises:
-        OptionError: (``model_checkpoint``) unreadable, or no tensors by name in it.
-    """
-    loaded = read_checkpoint(model_checkpoint)
-    if isinstance(loaded, dict):
-        for key in _STATE_KEYS:
-            if isinstance(loaded.get(key), dict):
-                loaded = loaded[key]
-                break
-    if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise OptionError("model_checkpoint", f"{model_checkpoint} holds no state dict (tensors by name), neither "
-                                              f"as a whole nor under {', '.join(map(repr, _STATE_KEYS))}")
-    return loaded
-
-
 def load_monai(spec: str, model_checkpoint, image_size, model_args, intensity=None, volume_unit=None):
     """Load a ``monai:<network>`` spec (the module's docstring) with its volume preprocessing.
 
@@ -148,7 +128,7 @@ def load_monai(spec: str, model_checkpoint, image_size, model_args, intensity=No
     size = _volume_size(name, arguments["img_size"])
     if name == "SwinUNETR":
         del constructor["img_size"]  # MONAI 1.5 and later take any size; the size is the volumes'
-    state = _state_dict(model_checkpoint)
+    state = read_state_dict(model_checkpoint, _STATE_KEYS)  # the file's content, or under one of these keys
     try:
         model = getattr(nets, name)(**constructor)
     except (TypeError, ValueError, AssertionError, KeyError) as err:

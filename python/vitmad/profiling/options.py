@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -29,6 +31,7 @@ __all__ = [
     "error_said",
     "checkpoint_unread",
     "read_checkpoint",
+    "read_state_dict",
     "DTYPES",
     "PROFILE_STATS",
 ]
@@ -60,6 +63,32 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint"):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  (pickle, zip and torch errors alike: the file is not a checkpoint)
         raise checkpoint_unread(path, err, what) from err
+
+
+def read_state_dict(path: str | os.PathLike, keys: Sequence[str]) -> dict:
+    """The state dict in the weights file ``path``: the file's content, or what it holds under the first of ``keys``
+    that holds a dict (``"state_dict"``, ``"model"``, ...: training checkpoints keep it there). A ``.safetensors``
+    file is read with safetensors.
+
+    Raises:
+        OptionError: (``model_checkpoint``) the file cannot be read, or holds no tensors by name there.
+    """
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            loaded = load_file(str(path))
+        except Exception as err:  # noqa: BLE001  (safetensors' own error type, OSError, ...)
+            raise OptionError("model_checkpoint", f"{path} cannot be read as a safetensors file "
+                                                  f"({error_said(err)})") from err
+    else:
+        loaded = read_checkpoint(path)
+    if isinstance(loaded, dict):
+        loaded = next((loaded[key] for key in keys if isinstance(loaded.get(key), dict)), loaded)
+    if not isinstance(loaded, dict) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise OptionError("model_checkpoint", f"{path} holds no state dict (tensors by name), neither as a whole nor "
+                                              f"under {', '.join(map(repr, keys))}")
+    return loaded
 
 
 def checkpoint_unread(path: str | os.PathLike, err: BaseException, what: str = "checkpoint") -> OptionError:
