@@ -174,10 +174,19 @@ class _RenamedFlag(argparse.Action):
 
 class _Sources(argparse.Action):
     """``--images`` / ``--videos``: the sources; ``--videos`` also says they are videos, which a packed vision tower
-    (it takes either) needs for folders of frames."""
+    (it takes either) needs for folders of frames. Given twice, both lists are the sources (the first was dropped
+    without a word, QA 284); ``--images`` beside ``--videos`` is refused, as one says the sources are videos."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
+        earlier = getattr(namespace, "_sources_flag", None)
+        if earlier is None:
+            setattr(namespace, self.dest, list(values))
+        elif earlier != option_string:
+            parser.error("--images and --videos both given: pass every source with one of them (--videos says they "
+                         "are all videos)")
+        else:
+            getattr(namespace, self.dest).extend(values)
+        namespace._sources_flag = option_string
         namespace.as_videos = option_string == "--videos"
 
 

@@ -481,3 +481,17 @@ def test_profiles_overlapping_in_threads_put_the_warnings_display_back():
     assert warnings.showwarning is not before  # the second run's bar is still drawn
     second.__exit__(None, None, None)
     assert warnings.showwarning is before
+
+
+def test_images_given_twice_are_all_profiled_and_beside_videos_refused(tiny_model, image_folder, tmp_path, capsys):
+    # The first --images list was dropped without a word (QA 284).
+    files = sorted(str(p) for p in Path(image_folder).iterdir() if p.is_file())[:3]
+    code, _, _ = _run(["profile", "--model", f"hf:{tiny_model}", "--images", files[0], files[1], "--images", files[2],
+                       "--device", "cpu", "--out", tmp_path / "out", "--no-figures"], capsys)
+    assert code == 0
+    assert json.loads((tmp_path / "out" / "mad.json").read_text())["images"] == [str(Path(f).resolve()) for f in files]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", "--images", files[0], "--videos", files[1], "--out", str(tmp_path / "mixed")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("vitmad: error: --images and --videos both given: pass every source with one")

@@ -357,6 +357,19 @@ def test_a_process_group_timeout_that_is_no_time_is_refused(tiny_model, image_fo
                            f"{float(timeout)!r}")
 
 
+def test_a_timeout_too_long_and_nccl_without_gpus_are_refused_outside_torchrun_too(tiny_model, image_folder,
+                                                                                   tmp_path, capsys, monkeypatch):
+    """QA 284: --dist-timeout 1e15 passed the check and overflowed timedelta on every rank; --backend nccl on a
+    machine without CUDA ran in one process and failed only under torchrun."""
+    code, _, err = _run([*_profile(tiny_model, image_folder, tmp_path / "out"), "--dist-timeout", "1e15"], capsys)
+    assert code == 2 and err.strip().startswith("vitmad: error: --dist-timeout: expected at most 86399999999999 "
+                                                "seconds (the longest datetime.timedelta), got 1000000000000000.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = _run([*_profile(tiny_model, image_folder, tmp_path / "out"), "--backend", "nccl"], capsys)
+    assert code == 2 and err.strip() == "vitmad: error: --backend: nccl needs CUDA GPUs; use gloo on CPUs"
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_run_reading_nothing_keeps_the_progress_of_an_interrupted_run_there(tiny_model, image_folder, tmp_path,
                                                                              capsys, monkeypatch):
     """QA 284: a run given a folder of nothing readable, into the --out of an interrupted run, replaced that run's

@@ -91,12 +91,24 @@ def init_from_env(
         The run, or ``None`` outside ``torchrun`` (``WORLD_SIZE`` unset or 1).
 
     Raises:
-        ValueError: an unknown backend, NCCL without CUDA, or a timeout that is not a positive number.
+        ValueError: an unknown backend, NCCL without CUDA, or a timeout that is not a positive number (or longer
+            than a ``datetime.timedelta``), each outside ``torchrun`` too.
     """
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) \
             or timeout_s <= 0:
         # Checked outside torchrun too: the same command line must not fail only once it runs on several ranks.
         raise OptionError("dist_timeout", f"expected a positive number of seconds, got {timeout_s!r}")
+    try:
+        timeout = datetime.timedelta(seconds=timeout_s)
+    except OverflowError:  # 1e15 passed the check above, then failed on every rank with tracebacks (QA 284)
+        longest = datetime.timedelta.max // datetime.timedelta(seconds=1)
+        raise OptionError("dist_timeout", f"expected at most {longest} seconds (the longest datetime.timedelta), got "
+                                          f"{timeout_s!r}") from None
+    # The backend too: accepted in one process, nccl without CUDA failed only under torchrun (QA 284).
+    if backend is not None and backend not in ("gloo", "nccl"):
+        raise OptionError("backend", f"expected gloo or nccl, got {backend!r}")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise OptionError("backend", "nccl needs CUDA GPUs; use gloo on CPUs")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 and not torch.distributed.is_initialized():
         return None
@@ -105,16 +117,12 @@ def init_from_env(
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     on_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     backend = backend or ("nccl" if on_cuda else "gloo")
-    if backend not in ("gloo", "nccl"):
-        raise OptionError("backend", f"expected gloo or nccl, got {backend!r}")
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise OptionError("backend", "nccl needs CUDA GPUs; use gloo on CPUs")
     owns = not torch.distributed.is_initialized()
     if owns:
         _import_group_defaults_first()
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        torch.distributed.init_process_group(backend, timeout=timeout)
     return DistributedRun(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank,
                           torch.distributed.get_backend(), owns)
 
