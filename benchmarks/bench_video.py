@@ -30,11 +30,13 @@ from _results import logits_route, machine, peak_rss, time_call, write_section
 ROUTES = ("plain", "record")
 
 
-def build_model():
+def build_model(frames: int, image: int):
+    """VideoMAE-B (12 layers, 12 heads, tubelets 2 x 16 x 16) built for ``frames`` frames of ``image`` px: its
+    position table is sized at construction (with the default config, --frames and --image failed inside it)."""
     from transformers import VideoMAEConfig, VideoMAEModel
 
     torch.manual_seed(0)
-    return VideoMAEModel(VideoMAEConfig()).eval()  # ViT-B: 12 layers, 12 heads, tubelets 2 x 16 x 16
+    return VideoMAEModel(VideoMAEConfig(num_frames=frames, image_size=image)).eval()
 
 
 def run_route(route: str, model, video: torch.Tensor) -> None:
@@ -86,7 +88,7 @@ def time_layer_ops(batch: int, tokens: tuple[int, int, int], repeats: int) -> di
 
 def memory_child(route: str, batch: int, frames: int, image: int) -> None:
     """Runs in a fresh process: prints the route's RSS figures as JSON."""
-    model = build_model()
+    model = build_model(frames, image)
     video = torch.randn(batch, frames, 3, image, image)
     run_route("plain", model, video[:1])  # one warm-up forward: lazily built buffers and caches
     print(json.dumps(peak_rss(lambda: run_route(route, model, video))))
@@ -122,7 +124,7 @@ def main() -> None:
 
     import vitmad
 
-    model = build_model()
+    model = build_model(args.frames, args.image)
     video = torch.randn(args.batch, args.frames, 3, args.image, args.image)
     (plain_wall, plain_cpu), (record_wall, record_cpu) = time_routes(model, video, args.repeats).values()
     plain_memory, record_memory = (measure_memory(route, args) for route in ROUTES)
