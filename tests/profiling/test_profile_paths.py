@@ -31,6 +31,16 @@ def _profile(tiny_model, images, out):
             "--out", out]
 
 
+def test_an_image_size_over_pils_pixel_limit_is_refused_naming_it():
+    """QA 284: --image-size 20000 skipped every image as of "too extreme" an aspect ratio, then found none read."""
+    from PIL import Image
+
+    with pytest.raises(OptionError, match=rf"image_size: 20000x20000 px is 400000000 pixels, over "
+                                          rf"PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}"):
+        parse_image_size("20000")
+    assert parse_image_size("4096x8192") == (4096, 8192)
+
+
 @pytest.mark.parametrize("size", [32.5, [32.7, 32], (32, 32.0), True, [True, 32], "32.5"])
 def test_an_image_size_that_is_not_whole_numbers_is_refused_not_truncated(size):
     """32.5 failed with "'float' object is not iterable"; [32.7, 32] ran as 32x32; True read as 1x1."""

@@ -176,6 +176,15 @@ def parse_image_size(text: str | int | Sequence[int] | None) -> tuple[int, int] 
     if len(parts) != 2 or min(parts) <= 0:
         raise OptionError("image_size",
                           f"expected S or HxW with positive integers (e.g. 224 or 224x320) or native, got {text!r}")
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and parts[0] * parts[1] > limit:
+        # Every image resized to it would be over PIL's limit: each was skipped as of "too extreme" an aspect
+        # ratio, and the run ended with none read (QA 284).
+        raise OptionError("image_size", f"{parts[0]}x{parts[1]} px is {parts[0] * parts[1]} pixels, over "
+                                        f"PIL.Image.MAX_IMAGE_PIXELS = {limit}, which every resized image must stay "
+                                        "under")
     return parts[0], parts[1]
 
 
