@@ -566,7 +566,7 @@ def _compare_command(args: argparse.Namespace, run) -> None:
     from .profiling import Profile
     from .profiling.files import check_writable
     from .profiling.options import import_optional
-    from .profiling.plotting import plot_compare
+    from .profiling.plotting import figure_type_refused, plot_compare
 
     # A comparison is only figures: a missing matplotlib is said first, with the extra that brings it.
     import_optional("matplotlib", "profile", "vitmad compare")
@@ -594,6 +594,9 @@ def _compare_command(args: argparse.Namespace, run) -> None:
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise ValueError(f"--out: {out} is a folder; name the figure file, such as {out / 'compare.png'}")
+    refused = figure_type_refused(out)
+    if refused is not None:  # said before its folders are made (they were left behind, empty; QA 284)
+        raise ValueError(f"--out: {refused}")
     if not out.suffix:  # matplotlib would add ".png" itself: name the file it writes
         out = out.with_name(out.name + ".png")
     check_writable(out.parent)  # a path through a file, or a read-only folder: said now, by name

@@ -102,6 +102,7 @@ def test_compare_overlays_results(tiny_model, image_folder, tmp_path, capsys):
     (["--batch-size", "0"], "--batch-size: expected a positive integer"),
     (["--max-images", "0"], "--max-images: expected a positive integer"),
     (["--device", "nonsense"], "--device: expected auto, cpu, cuda or cuda:N, got 'nonsense'"),
+    (["--device", "cpu:1"], "--device: expected auto, cpu, cuda or cuda:N, got 'cpu:1'"),  # torch has one CPU
     (["--checkpoint-every", "0"], "--checkpoint-every: expected a positive number of batches, got 0"),
     (["--weights", "{tmp}/none.pth"], "--weights: only timm:, torchvision:, open_clip:, segment_anything:, sam2: "
                                       "and monai: models take local weights"),
@@ -117,6 +118,8 @@ def test_compare_overlays_results(tiny_model, image_folder, tmp_path, capsys):
 def test_errors_are_one_line_and_exit_non_zero(tiny_model, image_folder, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
     defaults = {"--model": f"hf:{tiny_model}", "--images": str(image_folder), "--device": "cpu"}
+    if "--videos" in args:  # the sources given as videos instead (both are refused)
+        del defaults["--images"]
     for key, value in zip(args[::2], args[1::2]):
         defaults[key] = value.format(tmp=tmp_path)
     argv = ["profile", *[x for kv in defaults.items() for x in kv], "--out", str(tmp_path / "out")]

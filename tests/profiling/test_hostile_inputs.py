@@ -602,6 +602,11 @@ def test_compare_names_an_output_it_cannot_write_and_labels_runs_of_one_model_ap
             "directory)")
     code = main(["compare", str(good_result), str(good_result), "--out", str(tmp_path)])
     assert code == 2 and "is a folder; name the figure file" in capsys.readouterr().err
+    # A type matplotlib does not write: named as --out's, before its folders are made (QA 284: left behind empty).
+    code = main(["compare", str(good_result), "--out", str(tmp_path / "new" / "cmp.txt")])
+    assert code == 2 and capsys.readouterr().err.startswith(
+        f"vitmad: error: --out: {tmp_path / 'new' / 'cmp.txt'}: cannot write a figure of type .txt; use one of ")
+    assert not (tmp_path / "new").exists()
     with pytest.warns(UserWarning, match=f"results 1 and 2 are the same file, {good_result}: its curves are drawn "
                                          "twice"):
         assert main(["compare", str(good_result), str(good_result), "--out", str(tmp_path / "twice.png")]) == 0

@@ -327,6 +327,11 @@ def test_the_command_names_the_flag(volumes, vit_weights, capsys):
     code = main(["profile", "--model", "monai:ViT", "--model-args", "{not json", "--weights", str(vit_weights),
                  "--images", str(volumes), "--device", "cpu"])
     assert code == 2 and "--model-args: cannot read" in capsys.readouterr().err
+    # JSON written out that is not an object: said so (QA 284: '[1, 2]' was looked for as a file)
+    code = main(["profile", "--model", "monai:ViT", "--model-args", "[1, 2]", "--weights", str(vit_weights),
+                 "--images", str(volumes), "--device", "cpu"])
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        "vitmad: error: --model-args: expected a mapping of constructor arguments by name, got list")
 
 
 @pytest.mark.parametrize(("intensity", "scaled"), [

@@ -54,7 +54,7 @@ def read_model_args(model_args) -> dict:
         text = str(model_args).strip()
         path = Path(text).expanduser()
         try:
-            if text.startswith("{"):
+            if text.startswith(("{", "[")):  # JSON written out ('[1, 2]' was looked for as a file, QA 284)
                 found = json.loads(text)
             elif path.suffix.lower() in (".yaml", ".yml"):
                 yaml = import_optional("yaml", "volumes", "reading --model-args from YAML")

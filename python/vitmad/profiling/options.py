@@ -194,7 +194,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         device = torch.device(device)
     except RuntimeError as err:
         raise OptionError("device", f"expected auto, cpu, cuda or cuda:N, got {str(device)!r}") from err
-    if device.type not in ("cpu", "cuda"):  # meta tensors hold no values; vitmad's kernels are CPU and CUDA
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        # meta tensors hold no values; vitmad's kernels are CPU and CUDA; torch has one CPU device (cpu:1 is cpu)
         raise OptionError("device", f"expected auto, cpu, cuda or cuda:N, got {str(device)!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionError("device", "cuda requested but no CUDA device is available; use cpu or auto")

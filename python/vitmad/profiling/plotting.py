@@ -60,16 +60,28 @@ def _pyplot():
     return plt
 
 
+def figure_type_refused(path: str | os.PathLike) -> str | None:
+    """Why matplotlib cannot write a figure at ``path`` (``"x.txt: cannot write a figure of type .txt; use one of
+    ..."``), or None where it can (a path without a suffix is written as PNG)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path).expanduser()
+    suffix = path.suffix.lower().lstrip(".")
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in supported:
+        return (f"{path}: cannot write a figure of type .{suffix}; use one of "
+                f"{', '.join('.' + t for t in sorted(supported))}")
+    return None
+
+
 def _save(fig, path, **options) -> None:
     """``fig.savefig`` into ``path``, its folder created as the other outputs' are; a file type matplotlib cannot
     write is a ValueError naming the path and the types it can (checked before drawing to disk)."""
-    path = Path(path).expanduser()
-    suffix = path.suffix.lower().lstrip(".")
-    supported = fig.canvas.get_supported_filetypes()
-    if suffix and suffix not in supported:
+    refused = figure_type_refused(path)
+    if refused is not None:
         _pyplot().close(fig)
-        raise ValueError(f"{path}: cannot write a figure of type .{suffix}; use one of "
-                         f"{', '.join('.' + t for t in sorted(supported))}")
+        raise ValueError(refused)
+    path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, **options)
 
