@@ -274,13 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("results", nargs="+", help="mad.json files")
     compare.add_argument("--labels", nargs="+", default=None, help="one label per result (default: model)")
     compare.add_argument("--out", required=True,
-                         help="figure file (.png, .pdf, .svg) of MAD; each other statistic every result has goes "
-                              "beside it, named with the statistic (compare_entropy.png for compare.png)")
+                         help="figure file of MAD (.png, .pdf, .svg, .jpg, .webp, .tif, .eps, ...: any type "
+                              "matplotlib writes); each other statistic every result has goes beside it, named with "
+                              "the statistic (compare_entropy.png for compare.png)")
 
     bench = commands.add_parser("bench", help="time the fused op against plain PyTorch (short form)",
-                                allow_abbrev=False)
-    bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
-    bench.add_argument("--repeats", type=int, default=10, help="timed runs per shape, after one warm-up run")
+                                allow_abbrev=False,
+                                description="Time vitmad.mad against the dense PyTorch formula (the distance "
+                                            "matrix times the attention) on ViT shapes; benchmarks/ holds the full "
+                                            "benchmarks.")
+    bench.add_argument("--device", default="auto",
+                       help="cpu, cuda, cuda:N or auto (CUDA when available; the default)")
+    bench.add_argument("--repeats", type=int, default=10,
+                       help="timed runs per shape, after one warm-up run (default: 10)")
     return parser
 
 
@@ -667,7 +673,11 @@ def _message(err: BaseException, flags: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``vitmad`` command line; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand's parser, whose --help lists its flags (not the top level's)
+        command = next(action.choices[args.command] for action in parser._actions
+                       if isinstance(action, argparse._SubParsersAction))
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     if str(getattr(args, "out", "") or "").strip():
         # --out=~/x reaches us unexpanded (the shell expands a ~ only at a word's start): the checks of what is
         # there looked at ./~/x while the files went to ~/x, over a user's own mad.csv (QA 276).
