@@ -595,8 +595,8 @@ def _compare_command(args: argparse.Namespace, run) -> None:
     subsets = [path for path, profile in zip(args.results, profiles) if profile.settings.get("layers")]
     if subsets:  # counted in the order named: a model's last layer alone is drawn where layer 1 is
         warnings.warn(f"{', '.join(subsets)} profiled the layers named in layers=: "
-                      f"{'its' if len(subsets) == 1 else 'their'} layers are drawn in that order, which need not be "
-                      "their depth in the model", stacklevel=2)
+                      f"{'its' if len(subsets) == 1 else 'their'} layers are drawn in the order they ran, which need "
+                      "not be their depth in the model", stacklevel=2)
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise ValueError(f"--out: {out} is a folder; name the figure file, such as {out / 'compare.png'}")

@@ -143,7 +143,8 @@ def test_a_profile_of_some_layers_says_its_axis_counts_them_not_the_model_depth(
     whole.to_json(tmp_path / "whole.json")
     last.to_json(tmp_path / "last.json")
     with pytest.warns(UserWarning, match="last.json profiled the layers named in layers=: its layers are drawn in "
-                                         "that order, which need not be their depth in the model"):
+                                         "the order they ran, which need not be their depth in the model"):
         assert main(["compare", str(tmp_path / "whole.json"), str(tmp_path / "last.json"), "--labels", "whole",
                      "last", "--out", str(tmp_path / "cmp.png")]) == 0
-    assert labels[-1][0][0].startswith("Relative depth\nlast: the layers named in layers=, counted in that order")
+    assert labels[-1][0][0].startswith("Relative depth\nlast: the layers named in layers=, counted in the order "
+                                       "they ran")

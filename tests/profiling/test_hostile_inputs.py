@@ -525,6 +525,45 @@ def test_a_file_whose_means_are_not_its_sums_is_refused_naming_the_layer(tmp_pat
     torch.testing.assert_close(vitmad.Profile.from_json(tmp_path / "mad.json").mad, result.mad, rtol=0, atol=0)
 
 
+def test_a_file_whose_statistics_or_unit_are_not_its_sums_is_refused_and_other_files_read(tmp_path, monkeypatch):
+    """QA 287: the statistics' means (and the temporal MAD's, tested with the video profiles) were not checked
+    against their sums (an edited entropy sum plotted 28.3 nats for 2.8), nor min and max against the mean, nor
+    the top-level unit against the settings; a comma in a layer name shifted mad.csv's columns; from_json did not
+    expand ~ as to_json does; == of two profiles raised on their tensors."""
+    import csv
+
+    model = _tiny_vit_module()
+    model.add_module("vit,a", torch.nn.Identity())  # a legal module name holding a comma: not a layer
+    result = vitmad.profile(model, torch.randn(3, 3, 32, 32), device="cpu", stats=["entropy"])
+    result.to_json(tmp_path / "mad.json")
+    doc = json.loads((tmp_path / "mad.json").read_text())
+    edits = {
+        "entropy_mean": (lambda d: d["statistics"]["entropy"]["mean"][0].__setitem__(0, 0.5),
+                         r"layer 0's entropy mean \[0\.5, .*\] is not its sums' total / count"),
+        "entropy_sum": (lambda d: d["sums"]["entropy_total"][0].__setitem__(0, d["sums"]["entropy_total"][0][0] * 10),
+                        "layer 0's entropy mean .* is not its sums' total / count"),
+        "min_above": (lambda d: d["layers"][1]["min"].__setitem__(0, 999.0),
+                      r"layer 1's min \[999\.0, .*\] and max .* do not hold its mean"),
+        "unit": (lambda d: d.__setitem__("unit", "mm"), "unit 'mm' is not the unit its settings give, 'px'"),
+    }
+    for name, (edit, message) in edits.items():
+        changed = json.loads(json.dumps(doc))
+        edit(changed)
+        (tmp_path / f"{name}.json").write_text(json.dumps(changed))
+        with pytest.raises(ValueError, match=rf"{name}.json: malformed vitmad profile \(ValueError: {message}"):
+            vitmad.Profile.from_json(tmp_path / f"{name}.json")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    again = vitmad.Profile.from_json("~/mad.json")
+    torch.testing.assert_close(again.stat("entropy"), result.stat("entropy"), rtol=0, atol=0)
+    assert again != result and again == again  # identity: no comparison of tensors
+    renamed = vitmad.Profile(**{**vars(again), "layers": ["vit,a.layer.0", "vit,a.layer.1"]})
+    renamed.to_csv(tmp_path / "mad.csv")
+    with open(tmp_path / "mad.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["name"] for row in rows] == ["vit,a.layer.0"] * 2 + ["vit,a.layer.1"] * 2
+    assert [float(row["mad_mean"]) for row in rows] == result.mad.flatten().tolist()
+
+
 def test_pixel_tensors_of_another_size_than_the_run_or_the_model_are_refused():
     timm = pytest.importorskip("timm")
     model = _tiny_vit_module()

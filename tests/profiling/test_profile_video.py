@@ -100,6 +100,11 @@ def test_mad_json_and_csv_carry_the_temporal_mad_and_read_back(video_model, vide
     again = Profile.from_json(tmp_path / "mad.json")
     torch.testing.assert_close(again.temporal_mad, result.temporal_mad)
     torch.testing.assert_close(again.mad, result.mad)
+    # An edited temporal sum (or mean) is refused as an edited MAD is (QA 287: read as 10x the temporal MAD).
+    document["sums"]["temporal_total"][0][0] *= 10
+    (tmp_path / "edited.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match="layer 0's temporal mean .* is not its sums' total / count"):
+        Profile.from_json(tmp_path / "edited.json")
     rows = (tmp_path / "mad.csv").read_text().splitlines()
     assert rows[0].endswith(",tmad_mean,tmad_std,tmad_min,tmad_max")
     assert float(rows[1].split(",")[8]) == pytest.approx(result.temporal_mad[0, 0].item())

@@ -946,8 +946,8 @@ def profile(
             unreadable one among them counts, and is listed as skipped, so that the batches, resume and torchrun
             are those of the file list.
         layers: attention module names (wildcards as :func:`vitmad.record` takes them); all by default. The
-            layers named are counted in their own order (``mad.json``'s ``index``, the figures' axis), not at their
-            depth in the model; the figures and ``compare`` say so.
+            layers named are counted in the order they run (``mad.json``'s ``index``, the figures' axis), not at
+            their depth in the model; the figures and ``compare`` say so.
         checkpoint: file for the running sums; written atomically every ``checkpoint_every`` batches. An existing
             file that is not a vitmad checkpoint is refused rather than overwritten.
         resume: continue from ``checkpoint`` if it exists (same model, images and settings).

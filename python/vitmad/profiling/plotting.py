@@ -378,7 +378,7 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
     subsets = [label for label, profile in zip(labels, profiles) if profile.settings.get("layers")]
     ax.set_xlabel(("Network depth (layer)" if same_depth else "Relative depth") + (
         "" if not subsets else "\n" + textwrap.fill(f"{', '.join(subsets)}: the layers named in layers=, counted "
-                                                    "in that order, not necessarily at the model's depth", 72)))
+                                                    "in the order they ran, not at the model's depth", 72)))
     unit = next(iter(units))
     ax.set_ylabel(f"Mean attention distance ({'millimetres' if unit == 'mm' else 'voxels'})"
                   if statistic == "mad" and unit != "px" else STAT_LABELS.get(statistic, statistic))

@@ -26,6 +26,8 @@ Files without them hold MAD only.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -68,7 +70,7 @@ def layout_dict(layout) -> dict | None:
             "num_prefix_tokens": int(get("num_prefix_tokens"))}
 
 
-@dataclass
+@dataclass(eq=False)  # == of two profiles compared their tensors, an error (QA 287): identity, as a module's
 class Profile:
     """MAD per layer and head of one model over an image set.
 
@@ -382,7 +384,7 @@ class Profile:
                 differs, or lacks fields (truncated or edited); the message names the file.
         """
         try:
-            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+            doc = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))  # "~/runs/..." as to_json takes it
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # nested past Python's limit
             raise ValueError(f"{path}: cannot read a vitmad profile ({type(err).__name__}: {err})") from err
         found = doc.get("format") if isinstance(doc, dict) else None
@@ -422,14 +424,25 @@ class Profile:
                 count,
                 deviations("m2"),
             )
-            # The summary must be what the sums give: compare draws from the sums, and a file whose "mean" was
-            # edited (or lists fewer heads) was drawn from them without a word (QA 259).
-            written = padded(_numbers([layer["mean"] for layer in layers]))
-            if not torch.allclose(written, stats.mean, rtol=1e-9, atol=1e-12, equal_nan=True):
-                layer = int((~torch.isclose(written, stats.mean, rtol=1e-9, atol=1e-12, equal_nan=True)).any(1)
-                            .nonzero()[0])
-                raise ValueError(f"layer {layer}'s mean {layers[layer]['mean']} is not its sums' total / count "
-                                 f"{stats.mean[layer, :heads[layer]].tolist()} (an edited file?)")
+            def check_summary(what: str, means: list, running: RunningStats) -> None:
+                # The summary must be what the sums give: compare draws from the sums, and a file whose "mean"
+                # was edited (or lists fewer heads) was drawn from them without a word (QA 259; the statistics'
+                # and the temporal MAD's too, QA 287), as were a min above the mean or a max below it.
+                written = padded(_numbers(means))
+                wrong = ~torch.isclose(written, running.mean, rtol=1e-9, atol=1e-12, equal_nan=True)
+                if bool(wrong.any()):
+                    layer = int(wrong.any(1).nonzero()[0])
+                    raise ValueError(f"layer {layer}'s {what}mean {means[layer]} is not its sums' total / count "
+                                     f"{running.mean[layer, :heads[layer]].tolist()} (an edited file?)")
+                slack = 1e-9 * running.mean.abs() + 1e-12
+                outside = (running.low > running.mean + slack) | (running.high < running.mean - slack)
+                if bool(outside.any()):
+                    layer = int(outside.any(1).nonzero()[0])
+                    raise ValueError(f"layer {layer}'s {what}min {running.low[layer, :heads[layer]].tolist()} and max "
+                                     f"{running.high[layer, :heads[layer]].tolist()} do not hold its mean "
+                                     f"{running.mean[layer, :heads[layer]].tolist()} (an edited file?)")
+
+            check_summary("", [layer["mean"] for layer in layers], stats)
             skipped_layers = {e["name"]: e["reason"] for e in doc.get("skipped_layers", [])}
             temporal = None
             if "temporal_total" in doc["sums"]:  # a video profile
@@ -441,6 +454,7 @@ class Profile:
                     count,
                     deviations("temporal_m2"),
                 )
+                check_summary("temporal ", [layer["temporal"]["mean"] for layer in layers], temporal)
             for field_name, kind in (("model", str), ("statistics", dict), ("settings", dict)):
                 if field_name in doc and not isinstance(doc[field_name], kind):
                     raise TypeError(f"{field_name} must be a {kind.__name__}, got {type(doc[field_name]).__name__}")
@@ -454,18 +468,25 @@ class Profile:
                     count,
                     deviations(f"{name}_m2"),
                 )
+                check_summary(f"{name} ", entry["mean"], statistics[name])
             summary = doc.get("prefix_maps")
             if summary is not None and not isinstance(summary, dict):
                 raise TypeError(f"prefix_maps must be a dict, got {type(summary).__name__}")
             classes = (summary or {}).get("class_attention_layers", [])
             if not isinstance(classes, list):
                 raise TypeError(f"prefix_maps.class_attention_layers must be a list, got {type(classes).__name__}")
-            return Profile(doc["model"], [layer["name"] for layer in layers], doc["layout"], stats,
-                           doc["images"], doc["skipped"], doc["settings"], doc.get("processes", 1),
-                           geometry, skipped_layers, temporal=temporal, image_grids=doc.get("image_grids"),
-                           statistics=statistics, prefix_map_summary=summary,
-                           class_layers=[str(entry["name"]) for entry in classes],
-                           class_geometry=[dict(entry["geometry"]) for entry in classes])
+            profile = Profile(doc["model"], [layer["name"] for layer in layers], doc["layout"], stats,
+                              doc["images"], doc["skipped"], doc["settings"], doc.get("processes", 1),
+                              geometry, skipped_layers, temporal=temporal, image_grids=doc.get("image_grids"),
+                              statistics=statistics, prefix_map_summary=summary,
+                              class_layers=[str(entry["name"]) for entry in classes],
+                              class_geometry=[dict(entry["geometry"]) for entry in classes])
+            if "unit" in doc and doc["unit"] != profile.distance_unit:
+                # The unit is read from the settings (a volume profile's preprocessing); a file saying another was
+                # read, and compared, as pixels (QA 287).
+                raise ValueError(f"unit {doc['unit']!r} is not the unit its settings give, "
+                                 f"{profile.distance_unit!r} (an edited file?)")
+            return profile
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
             raise ValueError(f"{path}: malformed vitmad profile ({type(err).__name__}: {err})") from err
 
@@ -474,23 +495,27 @@ class Profile:
         models add the temporal MAD in frames (``tmad_mean, tmad_std, tmad_min, tmad_max``), and every other
         statistic profiled its four columns (``entropy_mean, entropy_std, entropy_min, entropy_max``, ...; ``nan``
         where a layer has no value), so ``pandas.read_csv`` gives one tidy row per head."""
-        lines = ["layer,name,head,mad_mean,mad_std,mad_min,mad_max,count"]
+        header = ["layer", "name", "head", "mad_mean", "mad_std", "mad_min", "mad_max", "count"]
         mad, std, low, high = (t.tolist() for t in (self.mad, self.std, self.min, self.max))
         extra = []
         if self.temporal is not None:
-            lines[0] += ",tmad_mean,tmad_std,tmad_min,tmad_max"
+            header += ["tmad_mean", "tmad_std", "tmad_min", "tmad_max"]
             extra.append(self.temporal)
         for name, stats in self.statistics.items():
-            lines[0] += f",{name}_mean,{name}_std,{name}_min,{name}_max"
+            header += [f"{name}_mean", f"{name}_std", f"{name}_min", f"{name}_max"]
             extra.append(stats)
         columns = [t.tolist() for stats in extra for t in (stats.mean, stats.std, stats.low, stats.high)]
+        # The csv module quotes a layer name holding a comma (a module named "vit,a" shifted every later column,
+        # QA 287); floats are written as repr writes them, exactly.
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(header)
         for i, (name, heads) in enumerate(zip(self.layers, self.heads)):
             for h in range(heads):
-                line = f"{i},{name},{h},{mad[i][h]!r},{std[i][h]!r},{low[i][h]!r},{high[i][h]!r},{self.count}"
-                line += "".join(f",{values[i][h]!r}" for values in columns)
-                lines.append(line)
+                writer.writerow([i, name, h, mad[i][h], std[i][h], low[i][h], high[i][h], self.count,
+                                 *(values[i][h] for values in columns)])
         with atomic_file(path) as handle:
-            handle.write(("\n".join(lines) + "\n").encode())
+            handle.write(text.getvalue().encode())
 
     def plot(self, path: str | os.PathLike, *, title: str | None = None) -> None:
         """Draw the ViT-paper figure (MAD per head against layer depth, uniform attention as a reference); video
