@@ -539,8 +539,9 @@ def _compare_figures(out: Path, names: list[str]) -> tuple[list[Path], list[Path
     free or an earlier comparison's figure (``out`` itself too), and the earlier comparison's figures of other
     statistics (stale, to remove). A file vitmad compare did not write is never replaced: a user's plot named
     cmp_entropy.png beside cmp.png is refused before anything is drawn. A format that cannot carry compare's
-    mark (.webp, .tif, ...) never replaces or removes a file: with ``out`` there, its user's own
-    cmp_entropy.jpg was written over and its cmp_temporal_mad.jpg removed (QA 259; .jpg carries the mark now)."""
+    mark (.raw, .rgba, .pgf) never replaces or removes a file beside ``out`` (``out`` itself, the path named, is
+    replaced): with ``out`` there, its user's own cmp_entropy.jpg was written over and its cmp_temporal_mad.jpg
+    removed (QA 259; .jpg carries the mark now)."""
     from .ops.arguments import STAT_NAMES, TEMPORAL_MAD
     from .profiling.plotting import marks, written_by_compare
 

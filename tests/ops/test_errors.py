@@ -289,6 +289,12 @@ def test_pixel_distances_takes_numpy_numbers_index_lists_and_a_patch_to_differen
     whole = vitmad.pixel_distances(3, 2, 8.0)
     for rows in ([0, 2], torch.tensor([0, 2]), slice(0, 3, 2)):
         assert torch.equal(vitmad.pixel_distances(3, 2, 8.0, rows), whole[[0, 2]])
+    from fractions import Fraction
+
+    assert torch.equal(vitmad.pixel_distances(3, 2, Fraction(8)), whole)  # any real: Fraction's * failed (QA 286)
+    assert torch.equal(vitmad.grid_positions(3, 2, Fraction(17, 2)), vitmad.grid_positions(3, 2, 8.5))
+    expected = vitmad.uniform_attention_mad(3, 2, (8, 4))
+    assert vitmad.uniform_attention_mad(3, 2, (Fraction(8), np.float32(4))) == expected
     patch = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)  # a learnt scale keeps its gradient
     vitmad.pixel_distances(3, 2, patch).sum().backward()
     assert patch.grad == whole.sum() / 8

@@ -458,6 +458,14 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tiny_mod
             fcntl.flock(lock, fcntl.LOCK_EX)
             vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", checkpoint=tmp_path / "mine.pt")
         os.close(lock)
+        # Another thread of this process holding it (the pid is its own): said so, not as another process.
+        lock = os.open(tmp_path / ".mine.pt.lock", os.O_RDWR | os.O_CREAT)
+        os.write(lock, f"{os.getpid()}\n".encode())
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(OptionError, match=r"another vitmad profile run \(in this process\) is writing to "):
+            vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", checkpoint=tmp_path / "mine.pt")
+        os.close(lock)
+        (tmp_path / ".mine.pt.lock").unlink()
     finally:
         os.close(fd)
     assert vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", checkpoint=tmp_path / "mine.pt").count
@@ -498,3 +506,26 @@ def test_images_given_twice_are_all_profiled_and_beside_videos_refused(tiny_mode
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert err.startswith("vitmad: error: --images and --videos both given: pass every source with one")
+
+
+def test_a_lock_file_removed_between_its_open_and_its_lock_is_opened_again(tmp_path, monkeypatch):
+    # A run ending removes its lock file: one opened just before and locked just after is a deleted file, beside
+    # which a third run would lock a new one (QA 286). The lock taken must be the file at the path.
+    import fcntl
+    import os
+
+    from vitmad.profiling.files import held_by_this_run
+
+    lock, real_flock, calls = tmp_path / ".x.lock", fcntl.flock, []
+
+    def flock_then_the_file_goes(fd, operation):
+        real_flock(fd, operation)
+        calls.append(fd)
+        if len(calls) == 1:
+            lock.unlink()  # the run that held it ended just now
+
+    monkeypatch.setattr(fcntl, "flock", flock_then_the_file_goes)
+    with held_by_this_run(lock, "x", "checkpoint"):
+        assert len(calls) == 2 and lock.is_file()
+        assert lock.read_text() == f"{os.getpid()}\n"
+    assert not lock.exists()

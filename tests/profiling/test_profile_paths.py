@@ -315,6 +315,35 @@ def test_a_resume_follows_the_model_folder_not_its_spelling_and_refuses_an_edite
     assert code == 2 and "(changed since: the model's architecture or configuration (its config.json)); rerun" in err
 
 
+def test_a_resume_of_a_module_whose_activation_was_swapped_is_refused(tmp_path, monkeypatch):
+    """QA 286: a transformers module's config alone stood for its architecture, so a module of the user's with an
+    activation swapped (GELU for ReLU, the same weights) resumed and mixed the two models' sums."""
+    from transformers import ViTConfig, ViTModel
+
+    import vitmad
+    import vitmad.profiling.engine as engine
+
+    torch.manual_seed(0)
+    model = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                               image_size=32, patch_size=8), add_pooling_layer=False).eval()
+    pixels = torch.randn(4, 3, 32, 32)
+    real_add, added = engine.RunningStats.add, []
+
+    def add_then_interrupt(self, mad):
+        added.append(1)
+        if len(added) == 2:
+            raise KeyboardInterrupt
+        return real_add(self, mad)
+
+    monkeypatch.setattr(engine.RunningStats, "add", add_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        vitmad.profile(model, pixels, device="cpu", batch_size=1, checkpoint=tmp_path / "run.pt")
+    monkeypatch.setattr(engine.RunningStats, "add", real_add)
+    model.layers[1].mlp.activation_fn = torch.nn.ReLU()
+    with pytest.raises(OptionError, match=r"changed since: the model's architecture or configuration"):
+        vitmad.profile(model, pixels, device="cpu", batch_size=1, checkpoint=tmp_path / "run.pt", resume=True)
+
+
 def test_a_checkpoint_of_the_fingerprint_before_the_architecture_joined_it_still_resumes(tiny_model, image_folder,
                                                                                          tmp_path, monkeypatch):
     """QA 285: a checkpoint written before the model's architecture joined the run's identity (2026-12-06) was
@@ -372,8 +401,11 @@ def test_a_timeout_too_long_and_nccl_without_gpus_are_refused_outside_torchrun_t
     """QA 284: --dist-timeout 1e15 passed the check and overflowed timedelta on every rank; --backend nccl on a
     machine without CUDA ran in one process and failed only under torchrun."""
     code, _, err = _run([*_profile(tiny_model, image_folder, tmp_path / "out"), "--dist-timeout", "1e15"], capsys)
-    assert code == 2 and err.strip().startswith("vitmad: error: --dist-timeout: expected at most 86399999999999 "
-                                                "seconds (the longest datetime.timedelta), got 1000000000000000.0")
+    assert code == 2 and err.strip() == ("vitmad: error: --dist-timeout: expected at most 1000000000 seconds (about "
+                                         "31 years: torch counts the deadline in int64 nanoseconds), got "
+                                         "1000000000000000.0")
+    for seconds in ("9e9", "86399999999999"):  # hung or timed out at once under torchrun (QA 286)
+        assert _run([*_profile(tiny_model, image_folder, tmp_path / "out"), "--dist-timeout", seconds], capsys)[0] == 2
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, _, err = _run([*_profile(tiny_model, image_folder, tmp_path / "out"), "--backend", "nccl"], capsys)
     assert code == 2 and err.strip() == "vitmad: error: --backend: nccl needs CUDA GPUs; use gloo on CPUs"

@@ -46,7 +46,7 @@ __all__ = [
     "check_int_args",
     "check_renormalize",
     "grid_sides",
-    "check_pixel_size",
+    "pixel_size",
     "index_int",
     "call_op",
     "scale_float",
@@ -201,17 +201,17 @@ def grid_sides(op_name: str, grid_h, grid_w) -> tuple[int, int]:
     return sides[0], sides[1]
 
 
-def check_pixel_size(op_name: str, patch, name: str = "patch") -> None:
-    """Check that ``patch`` is a finite, positive real number (Python, NumPy or a 0-d real tensor; not a bool). A
-    symbolic size (``torch.compile``'s, read from a shape) is taken as it is; the value itself is used by the caller,
-    so a tensor keeps its autograd.
+def pixel_size(op_name: str, patch, name: str = "patch"):
+    """``patch`` checked to be a finite, positive real number (Python, NumPy or a 0-d real tensor; not a bool), as
+    the value to compute with: a tensor as it is (it keeps its autograd), a symbolic size (``torch.compile``'s, read
+    from a shape) unchecked, another real (``fractions.Fraction``, NumPy's) as a float.
 
     Raises:
         TypeError: not a real number. ValueError: zero, negative, NaN or infinite (distances would be of that sign,
             or NaN, with no error).
     """
     if isinstance(patch, (torch.SymInt, torch.SymFloat)):
-        return
+        return patch
     real = isinstance(patch, numbers.Real) or (isinstance(patch, torch.Tensor) and patch.dim() == 0
                                                and not patch.dtype.is_complex)
     if isinstance(patch, bool) or (isinstance(patch, torch.Tensor) and patch.dtype == torch.bool) or not real:
@@ -219,6 +219,7 @@ def check_pixel_size(op_name: str, patch, name: str = "patch") -> None:
     value = float(patch.detach() if isinstance(patch, torch.Tensor) else patch)
     if not 0 < value < math.inf:  # NaN fails both; comparisons trace under torch.compile, math.isfinite does not
         raise ValueError(f"{op_name}: {name} must be a finite positive size in pixels, got {value}")
+    return patch if isinstance(patch, (torch.Tensor, int, float)) else value
 
 
 def scale_float(scale, op_name: str) -> float | None:

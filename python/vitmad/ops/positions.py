@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .arguments import check_pixel_size, grid_sides, index_int
+from .arguments import grid_sides, index_int, pixel_size
 
 __all__ = ["grid_positions"]
 
@@ -43,7 +43,7 @@ def grid_positions(
         ValueError: a non-positive grid size, a patch that is not finite and positive, or a negative prefix count.
     """
     grid_h, grid_w = grid_sides("vitmad.grid_positions", grid_h, grid_w)
-    check_pixel_size("vitmad.grid_positions", patch)
+    patch = pixel_size("vitmad.grid_positions", patch)
     prefix = index_int(num_prefix_tokens)
     if prefix is None:
         raise TypeError(f"vitmad.grid_positions: num_prefix_tokens must be an int, got {num_prefix_tokens!r}")

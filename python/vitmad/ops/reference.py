@@ -16,12 +16,12 @@ from .arguments import (
     check_attn_tensor,
     check_mad_args,
     check_no_times,
-    check_pixel_size,
     check_position_args,
     check_qk_tensors,
     check_stats,
     check_stats_and_times,
     grid_sides,
+    pixel_size,
 )
 
 __all__ = [
@@ -68,7 +68,7 @@ def pixel_distances(
     """
     op = "vitmad.pixel_distances"
     grid_h, grid_w = grid_sides(op, grid_h, grid_w)
-    check_pixel_size(op, patch)
+    patch = pixel_size(op, patch)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"{op}: dtype must be a floating torch.dtype, got {dtype!r}")
     tokens = torch.arange(grid_h * grid_w, device=device)
@@ -299,12 +299,9 @@ def uniform_attention_mad(grid_h: int, grid_w: int, patch: float | tuple[float, 
     if isinstance(patch, (tuple, list)):
         if len(patch) != 2:
             raise ValueError(f"{op}: patch must be a size in pixels, or (stride_y, stride_x), got {patch!r}")
-        stride_y, stride_x = patch
-        for side in patch:
-            check_pixel_size(op, side, "patch's stride")
+        stride_y, stride_x = (pixel_size(op, side, "patch's stride") for side in patch)
     else:
-        check_pixel_size(op, patch)
-        stride_y = stride_x = patch
+        stride_y = stride_x = pixel_size(op, patch)
     dy = torch.arange(1 - grid_h, grid_h, dtype=torch.float64)
     dx = torch.arange(1 - grid_w, grid_w, dtype=torch.float64)
     pairs = (grid_h - dy.abs())[:, None] * (grid_w - dx.abs())[None, :]

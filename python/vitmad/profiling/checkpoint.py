@@ -99,19 +99,22 @@ _CONFIG_ORIGIN = frozenset({"_name_or_path", "_commit_hash", "transformers_versi
                             "output_hidden_states", "return_dict", "use_cache", "torchscript"})
 
 
+# A transformers attention class named for its implementation (Data2VecVision's ...SdpaSelfAttention): one softmax.
+_IMPLEMENTATION = re.compile(r"(Sdpa|FlashAttention2|FlashAttention|Flash|Flex|Eager)(?=[A-Za-z0-9_]*Attention)")
+
+
 def architecture_digest(module: torch.nn.Module) -> str:
-    """``sha256:<hex>`` of what a model computes that its weights do not say: a transformers model's configuration
-    (head count, activation by name, ...), less where and by which version it was read; another module's
-    submodules as torch prints them (layers, activations, their options). An edited config.json (``relu`` for
-    ``gelu``, 2 heads for 4 over the same weights) was accepted on resume and mixed two models' sums (QA 276).
-    Not a transformers model's modules: their classes follow the attention implementation chosen at load
-    (Data2VecVision's ``...SdpaSelfAttention``), which changes no value (QA 285)."""
+    """``sha256:<hex>`` of what a model computes that its weights do not say: its modules as torch prints them
+    (layers, activations, their options) and, for a transformers model, its configuration (head count, activation by
+    name, ...), less where and by which version it was read. An edited config.json (``relu`` for ``gelu``, 2 heads
+    for 4 over the same weights) was accepted on resume and mixed two models' sums (QA 276), as was a module of the
+    user's with an activation swapped (QA 286). Attention classes named for their implementation (SDPA, eager) are
+    one class here: they change no value (QA 285)."""
+    text = _IMPLEMENTATION.sub("", repr(module))
     to_dict = getattr(getattr(module, "config", None), "to_dict", None)
     if callable(to_dict):
         config = {key: value for key, value in to_dict().items() if key not in _CONFIG_ORIGIN}
-        text = json.dumps(config, sort_keys=True, default=repr)
-    else:
-        text = repr(module)
+        text += json.dumps(config, sort_keys=True, default=repr)
     return "sha256:" + hashlib.sha256(_ADDRESS.sub("", text).encode()).hexdigest()
 
 

@@ -77,6 +77,10 @@ class DistributedRun:
             torch.distributed.destroy_process_group()
 
 
+# The longest --dist-timeout: 1e9 s ran under torchrun (QA 286), 9e9 s hung (int64 nanoseconds end at 9.2e9 s).
+MAX_TIMEOUT_S = 1e9
+
+
 def init_from_env(
     backend: str | None = None, device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> DistributedRun | None:
@@ -91,19 +95,19 @@ def init_from_env(
         The run, or ``None`` outside ``torchrun`` (``WORLD_SIZE`` unset or 1).
 
     Raises:
-        ValueError: an unknown backend, NCCL without CUDA, or a timeout that is not a positive number (or longer
-            than a ``datetime.timedelta``), each outside ``torchrun`` too.
+        ValueError: an unknown backend, NCCL without CUDA, or a timeout that is not a positive number of at most
+            :data:`MAX_TIMEOUT_S` seconds, each outside ``torchrun`` too.
     """
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) \
             or timeout_s <= 0:
         # Checked outside torchrun too: the same command line must not fail only once it runs on several ranks.
         raise OptionError("dist_timeout", f"expected a positive number of seconds, got {timeout_s!r}")
-    try:
-        timeout = datetime.timedelta(seconds=timeout_s)
-    except OverflowError:  # 1e15 passed the check above, then failed on every rank with tracebacks (QA 284)
-        longest = datetime.timedelta.max // datetime.timedelta(seconds=1)
-        raise OptionError("dist_timeout", f"expected at most {longest} seconds (the longest datetime.timedelta), got "
-                                          f"{timeout_s!r}") from None
+    if timeout_s > MAX_TIMEOUT_S:
+        # torch's process group keeps its deadline in nanoseconds of an int64: 1e15 s failed in timedelta, and
+        # values past about 9e9 s hung or timed out at once (QA 284, 286).
+        raise OptionError("dist_timeout", f"expected at most {MAX_TIMEOUT_S:.0f} seconds (about 31 years: torch "
+                                          f"counts the deadline in int64 nanoseconds), got {timeout_s!r}")
+    timeout = datetime.timedelta(seconds=timeout_s)
     # The backend too: accepted in one process, nccl without CUDA failed only under torchrun (QA 284).
     if backend is not None and backend not in ("gloo", "nccl"):
         raise OptionError("backend", f"expected gloo or nccl, got {backend!r}")

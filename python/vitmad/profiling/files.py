@@ -99,18 +99,34 @@ def held_by_this_run(lock: Path, what: str, parameter: str) -> Iterator[None]:
     except ImportError:  # no flock here: one writer per path, as before
         yield
         return
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held = True
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    for _ in range(8):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            by = (" (in this process)" if holder == str(os.getpid()) else
+                  f" (process {holder})" if holder.isdigit() else "")
+            raise OptionError(parameter, f"another vitmad profile run{by} is writing to {what}; wait for it to end, "
+                                         "or pass another") from None
+        except OSError:  # a file system that takes no flock
+            held = False
+            break
+        # The file locked must still be the one at the path: a run ending removes its file, and one opened just
+        # before that removal and locked just after it is a deleted file, beside which a third run would lock a
+        # new one (QA 286): then open the path again.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
         os.close(fd)
-        by = f" (process {holder})" if holder.isdigit() else ""
-        raise OptionError(parameter, f"another vitmad profile run{by} is writing to {what}; wait for it to end, or "
-                                     "pass another") from None
-    except OSError:  # a file system that takes no flock
-        held = False
+    else:  # the path changed under us eight times: another run is starting and ending there
+        raise OptionError(parameter, f"another vitmad profile run is writing to {what}; wait for it to end, or pass "
+                                     "another")
     try:
         if held:
             os.ftruncate(fd, 0)

@@ -739,8 +739,8 @@ def _load_timm(
     except Exception:  # noqa: BLE001  (what timm's loader makes of a file that is no checkpoint: KeyError, ...)
         # A text file, a tensor or a list saved alone, a junk .safetensors escaped as tracebacks (QA 284): where the
         # file is the cause, say so; else the error is the model's, raised as it is.
-        if model_checkpoint is not None:
-            read_state_dict(model_checkpoint, _TIMM_STATE_KEYS)
+        if model_checkpoint is not None and model_checkpoint.suffix.lower() not in (".npz", ".npy"):
+            read_state_dict(model_checkpoint, _TIMM_STATE_KEYS)  # (timm reads JAX .npz weights its own way)
         raise
     if image_size not in (None, NATIVE) and "dynamic_img_size" not in options:
         _check_runs_at(module.eval(), name, image_size)
