@@ -5,6 +5,7 @@ without saying what changed, a process-group timeout that is no time."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -24,6 +25,27 @@ def _run(args, capsys):
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@contextlib.contextmanager
+def _interrupted_at(monkeypatch, batch: int):
+    """Inside the block, a run is interrupted (KeyboardInterrupt) as its ``batch``-th batch's sums are added: the
+    batches before it are its progress to resume."""
+    import vitmad.profiling.engine as engine
+
+    real_add, added = engine.RunningStats.add, []
+
+    def add_then_interrupt(self, mad):
+        added.append(1)
+        if len(added) == batch:
+            raise KeyboardInterrupt
+        return real_add(self, mad)
+
+    monkeypatch.setattr(engine.RunningStats, "add", add_then_interrupt)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(engine.RunningStats, "add", real_add)
 
 
 def _profile(tiny_model, images, out):
@@ -217,29 +239,16 @@ def test_a_swin_that_pads_partial_patches_is_not_refused(image_folder):
 
 def test_a_restart_over_an_interrupted_run_says_so(tiny_model, image_folder, tmp_path, capsys, monkeypatch):
     """Rerunning without --resume replaced the interrupted run's progress without a word."""
-    import vitmad.profiling.engine as engine
-
     out = tmp_path / "out"
     base = [*_profile(tiny_model, image_folder, out), "--batch-size", "1"]
-    real_add, added = engine.RunningStats.add, []
-
-    def add_then_interrupt(self, mad):
-        added.append(1)
-        if len(added) == 3:
-            raise KeyboardInterrupt
-        return real_add(self, mad)
-
-    monkeypatch.setattr(engine.RunningStats, "add", add_then_interrupt)
-    assert _run(base, capsys)[0] == 130
+    with _interrupted_at(monkeypatch, 3):
+        assert _run(base, capsys)[0] == 130
     # Ctrl-C at that warning, before the new run finished a batch, wrote a checkpoint of nothing over the
     # interrupted run's progress and still said progress was saved (QA helper-243): that progress stays.
     saved = (out / "checkpoint.pt").read_bytes()
-    added.clear()
-    monkeypatch.setattr(engine.RunningStats, "add", lambda self, mad: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.warns(UserWarning, match="holds an interrupted run's progress"):
+    with _interrupted_at(monkeypatch, 1), pytest.warns(UserWarning, match="holds an interrupted run's progress"):
         assert _run(base, capsys)[0] == 130
     assert (out / "checkpoint.pt").read_bytes() == saved
-    monkeypatch.setattr(engine.RunningStats, "add", real_add)
     with pytest.warns(UserWarning, match=rf"{out / 'checkpoint.pt'} holds an interrupted run's progress \(2 of "
                                          rf"{IMAGE_COUNT} batches\); this run starts over and replaces it"):
         assert _run(base, capsys)[0] == 0
@@ -251,21 +260,10 @@ def test_a_restart_over_an_interrupted_run_says_so(tiny_model, image_folder, tmp
 
 def test_a_refused_resume_names_what_changed(tiny_model, image_folder, tmp_path, capsys, monkeypatch):
     """Every mismatch read "other settings, other model weights or other images", whichever it was."""
-    import vitmad.profiling.engine as engine
-
     out = tmp_path / "out"
     base = [*_profile(tiny_model, image_folder, out), "--batch-size", "1", "--stats", "entropy"]
-    real_add, added = engine.RunningStats.add, []
-
-    def add_then_interrupt(self, mad):  # one batch finished: a checkpoint to resume
-        added.append(1)
-        if len(added) == 2:
-            raise KeyboardInterrupt
-        return real_add(self, mad)
-
-    monkeypatch.setattr(engine.RunningStats, "add", add_then_interrupt)
-    assert _run(base, capsys)[0] == 130
-    monkeypatch.setattr(engine.RunningStats, "add", real_add)
+    with _interrupted_at(monkeypatch, 2):  # one batch finished: a checkpoint to resume
+        assert _run(base, capsys)[0] == 130
     assert (out / "checkpoint.pt").is_file()
     code, _, err = _run([*base, "--resume", "--stats", "entropy,self_mass", "--max-images", "3"], capsys)
     assert code == 2
@@ -278,26 +276,14 @@ def test_a_resume_follows_the_model_folder_not_its_spelling_and_refuses_an_edite
         tiny_model, image_folder, tmp_path, capsys, monkeypatch):
     """QA 276: a config.json edited between a run and its resume (relu for gelu, same weights) was accepted and
     the result mixed two models; the same folder spelled ./tiny or by its absolute path was refused."""
-    import vitmad.profiling.engine as engine
-
     shutil.copytree(tiny_model, tmp_path / "tiny")
     monkeypatch.chdir(tmp_path)
-    real_add = engine.RunningStats.add
 
     def interrupted(spec: str, out: str) -> list[str]:
-        added = []
-
-        def add_then_interrupt(self, mad):
-            added.append(1)
-            if len(added) == 2:
-                raise KeyboardInterrupt
-            return real_add(self, mad)
-
         args = ["profile", "--model", spec, "--images", image_folder, "--device", "cpu", "--no-figures",
                 "--batch-size", "1", "--out", out]
-        monkeypatch.setattr(engine.RunningStats, "add", add_then_interrupt)
-        assert _run(args, capsys)[0] == 130
-        monkeypatch.setattr(engine.RunningStats, "add", real_add)
+        with _interrupted_at(monkeypatch, 2):
+            assert _run(args, capsys)[0] == 130
         return args
 
     whole = ["profile", "--model", "hf:tiny", "--images", image_folder, "--device", "cpu", "--no-figures",
@@ -321,24 +307,13 @@ def test_a_resume_of_a_module_whose_activation_was_swapped_is_refused(tmp_path, 
     from transformers import ViTConfig, ViTModel
 
     import vitmad
-    import vitmad.profiling.engine as engine
 
     torch.manual_seed(0)
     model = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                image_size=32, patch_size=8), add_pooling_layer=False).eval()
     pixels = torch.randn(4, 3, 32, 32)
-    real_add, added = engine.RunningStats.add, []
-
-    def add_then_interrupt(self, mad):
-        added.append(1)
-        if len(added) == 2:
-            raise KeyboardInterrupt
-        return real_add(self, mad)
-
-    monkeypatch.setattr(engine.RunningStats, "add", add_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with _interrupted_at(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         vitmad.profile(model, pixels, device="cpu", batch_size=1, checkpoint=tmp_path / "run.pt")
-    monkeypatch.setattr(engine.RunningStats, "add", real_add)
     model.layers[1].mlp.activation_fn = torch.nn.ReLU()
     with pytest.raises(OptionError, match=r"changed since: the model's architecture or configuration"):
         vitmad.profile(model, pixels, device="cpu", batch_size=1, checkpoint=tmp_path / "run.pt", resume=True)
@@ -352,21 +327,11 @@ def test_a_checkpoint_of_the_fingerprint_before_the_architecture_joined_it_still
     import vitmad.profiling.engine as engine
 
     whole = vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", batch_size=1)
-    plans, real_add, added = [], engine.RunningStats.add, []
-    real_plan = engine.plan_run
+    plans, real_plan = [], engine.plan_run
     monkeypatch.setattr(engine, "plan_run", lambda *a, **k: plans.append(real_plan(*a, **k)) or plans[-1])
-
-    def add_then_interrupt(self, mad):
-        added.append(1)
-        if len(added) == 3:
-            raise KeyboardInterrupt
-        return real_add(self, mad)
-
-    monkeypatch.setattr(engine.RunningStats, "add", add_then_interrupt)
     checkpoint = tmp_path / "run.pt"
-    with pytest.raises(KeyboardInterrupt):
+    with _interrupted_at(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
         vitmad.profile(f"hf:{tiny_model}", image_folder, device="cpu", batch_size=1, checkpoint=checkpoint)
-    monkeypatch.setattr(engine.RunningStats, "add", real_add)
     # As that version wrote it: the fingerprint without the architecture, the model by its spelling.
     state = torch.load(checkpoint, weights_only=True)
     plan = plans[-1]
@@ -416,22 +381,11 @@ def test_a_run_reading_nothing_keeps_the_progress_of_an_interrupted_run_there(ti
                                                                              capsys, monkeypatch):
     """QA 284: a run given a folder of nothing readable, into the --out of an interrupted run, replaced that run's
     checkpoint with one of nothing, then removed it: the interrupted run's progress was lost."""
-    import vitmad.profiling.engine as engine
-
     out = tmp_path / "out"
     base = [*_profile(tiny_model, image_folder, out), "--batch-size", "1"]
     assert _run([*_profile(tiny_model, image_folder, tmp_path / "whole"), "--batch-size", "1"], capsys)[0] == 0
-    real_add, added = engine.RunningStats.add, []
-
-    def add_then_interrupt(self, mad):
-        added.append(1)
-        if len(added) == 3:
-            raise KeyboardInterrupt
-        return real_add(self, mad)
-
-    monkeypatch.setattr(engine.RunningStats, "add", add_then_interrupt)
-    assert _run(base, capsys)[0] == 130
-    monkeypatch.setattr(engine.RunningStats, "add", real_add)
+    with _interrupted_at(monkeypatch, 3):
+        assert _run(base, capsys)[0] == 130
     progress = (out / "checkpoint.pt").read_bytes()
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.warns(UserWarning) as warned:
