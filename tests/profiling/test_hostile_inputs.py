@@ -682,6 +682,7 @@ def test_compare_refuses_mad_in_different_units(good_result, tmp_path, capsys):
 
     doc = json.loads(good_result.read_text())
     doc["settings"]["preprocessing"] = {**(doc["settings"].get("preprocessing") or {}), "volumes": True, "unit": "mm"}
+    doc["unit"] = "mm"  # as a volume profile's file says it (a file saying px beside these settings is refused)
     volume = tmp_path / "volume.json"
     volume.write_text(json.dumps(doc))
     assert Profile.from_json(volume).distance_unit == "mm" and Profile.from_json(good_result).distance_unit == "px"

@@ -177,7 +177,12 @@ def test_compare_draws_the_temporal_mad_of_video_profiles(video_model, videos, t
     video = vitmad.profile(f"hf:{video_model}", videos, device="cpu")
     video.to_json(tmp_path / "video.json")
     halved = Profile.from_json(tmp_path / "video.json")
-    halved.temporal.total /= 2  # another video profile, its temporal MAD halved
+    temporal = halved.temporal  # another video profile, every video's temporal MAD halved (a file's summary must
+    temporal.total /= 2  # be what its sums give: all of them are halved)
+    temporal.low /= 2
+    temporal.high /= 2
+    temporal.total_sq /= 4
+    temporal.m2 /= 4
     halved.to_json(tmp_path / "halved.json")
     assert torch.equal(halved.stat("temporal_mad"), video.temporal_mad / 2)
     results = [str(tmp_path / "video.json"), str(tmp_path / "halved.json")]
