@@ -593,7 +593,7 @@ def _compare_command(args: argparse.Namespace, run) -> None:
         if first != i:
             warnings.warn(f"results {first + 1} and {i + 1} are the same file, {path}: its curves are drawn twice",
                           stacklevel=2)
-    subsets = [path for path, profile in zip(args.results, profiles) if profile.settings.get("layers")]
+    subsets = [path for path, profile in zip(args.results, profiles) if profile.layers_named]
     if subsets:  # counted in the order named: a model's last layer alone is drawn where layer 1 is
         warnings.warn(f"{', '.join(subsets)} profiled the layers named in layers=: "
                       f"{'its' if len(subsets) == 1 else 'their'} layers are drawn in the order they ran, which need "

@@ -73,14 +73,16 @@ def pixel_distances(
         raise TypeError(f"{op}: dtype must be a floating torch.dtype, got {dtype!r}")
     tokens = torch.arange(grid_h * grid_w, device=device)
     coords = torch.stack([tokens // grid_w, tokens % grid_w], dim=-1).to(dtype)
+    def refused(why: str = "") -> TypeError:  # written only when raised (a tensor of indices is long to print)
+        return TypeError(f"{op}: queries must index the {grid_h * grid_w} patch tokens (a slice, or a list or tensor "
+                         f"of token indices), got {queries!r}{why}")
+
     try:
         rows = coords[queries]
     except (IndexError, TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"{op}: queries must index the {grid_h * grid_w} patch tokens (a slice, or a list or tensor "
-                        f"of token indices), got {queries!r} ({err})") from None
+        raise refused(f" ({err})") from None
     if rows.dim() != 2:  # an int index takes one row without its dimension
-        raise TypeError(f"{op}: queries must index the {grid_h * grid_w} patch tokens (a slice, or a list or tensor "
-                        f"of token indices), got {queries!r}")
+        raise refused()
     return patch * torch.cdist(rows, coords, compute_mode="donot_use_mm_for_euclid_dist")
 
 

@@ -217,9 +217,10 @@ def _nan_heads_note(profile) -> str | None:
 
 
 def _depth_label(profile) -> str:
-    """The depth axis' name: a profile of the layers named in ``layers=`` counts them in that subset's order, not
-    at their depth in the model (its last layer alone was drawn as "layer 1" unsaid, QA 276)."""
-    return "Profiled layer (of those named in layers=)" if profile.settings.get("layers") else "Network depth (layer)"
+    """The depth axis' name: a profile of the layers named in ``layers=`` (``Profile.layers_named``) counts them in
+    the order they ran, not at their depth in the model (its last layer alone was drawn as "layer 1" unsaid, QA
+    276)."""
+    return "Profiled layer (of those named in layers=)" if profile.layers_named else "Network depth (layer)"
 
 
 def _finish_depth_figure(plt, fig, ax, profile, statistic: str, depth: list[int], num_heads: int, path,
@@ -375,7 +376,7 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
         ax.fill_between(x, per_head.masked_fill(missing, float("inf")).amin(1).masked_fill(empty, float("nan")),
                         per_head.masked_fill(missing, float("-inf")).amax(1).masked_fill(empty, float("nan")),
                         color=line.get_color(), alpha=0.2)
-    subsets = [label for label, profile in zip(labels, profiles) if profile.settings.get("layers")]
+    subsets = [label for label, profile in zip(labels, profiles) if profile.layers_named]
     ax.set_xlabel(("Network depth (layer)" if same_depth else "Relative depth") + (
         "" if not subsets else "\n" + textwrap.fill(f"{', '.join(subsets)}: the layers named in layers=, counted "
                                                     "in the order they ran, not at the model's depth", 72)))

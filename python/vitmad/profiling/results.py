@@ -224,6 +224,12 @@ class Profile:
         return self.stats.count
 
     @property
+    def layers_named(self) -> bool:
+        """Whether it profiled the layers named in ``layers=``: counted in the order they ran (``index``, the
+        figures' axis), not at their depth in the model."""
+        return bool(self.settings.get("layers"))
+
+    @property
     def distance_unit(self) -> str:
         """The unit of MAD: ``"px"`` (pixels of the model input), or a volume profile's ``"mm"`` or ``"voxel"``."""
         preprocessing = self.settings.get("preprocessing") or {}
