@@ -235,6 +235,18 @@ def test_profile_options_of_the_wrong_kind_name_the_parameter(option, value, mes
         vitmad.profile(_tiny_vit_module(), pixels, device="cpu", **{option: value})
 
 
+def test_profile_takes_numpy_bools_for_its_flags():
+    """NumPy's bool is a flag as the ops take it (``vitmad.mad(renormalize=np.True_)``); was refused."""
+    import numpy as np
+
+    pixels = torch.randn(2, 3, 32, 32)
+    given = vitmad.profile(_tiny_vit_module(), pixels, device="cpu", renormalize=np.True_, progress=np.False_)
+    plain = vitmad.profile(_tiny_vit_module(), pixels, device="cpu", renormalize=True)
+    assert given.settings["renormalize"] is True
+    assert torch.equal(given.mad, plain.mad)
+    assert not torch.equal(given.mad, vitmad.profile(_tiny_vit_module(), pixels, device="cpu").mad)
+
+
 def test_profile_refuses_pixels_that_are_not_preprocessed_and_images_of_no_known_kind(tiny_model):
     # A module built in Python has no preprocessing to give image files: the advice says what works (QA 241).
     with pytest.raises(ValueError, match=r"images: a tensor of pixels must be preprocessed .* got torch.uint8; this "

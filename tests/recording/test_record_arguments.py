@@ -48,6 +48,19 @@ def test_arguments_of_the_wrong_kind(model, options, error, message):
     assert str(raised.value).startswith(message)
 
 
+def test_numpy_bool_renormalizes_as_the_ops_take_it():
+    """``renormalize=np.True_`` is True for vitmad.record as for vitmad.mad (was refused by record alone)."""
+    import numpy as np
+
+    model, pixels = _tiny_vit(), torch.randn(1, 3, 32, 32)
+    sums = []
+    for flag in (np.True_, True, False):
+        with torch.no_grad(), vitmad.record(model, renormalize=flag) as rec:
+            model(pixel_values=pixels)
+        sums.append(rec.mad)
+    assert torch.equal(sums[0], sums[1]) and not torch.equal(sums[1], sums[2])
+
+
 def test_a_recording_is_active_once_at_a_time():
     """Entering an active recording again is refused, and the outer block goes on recording (was: the inner
     exit removed the hooks, and the outer block recorded nothing, silently for some models)."""

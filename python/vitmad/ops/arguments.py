@@ -177,10 +177,16 @@ def check_int64(op_name: str, name: str, value) -> None:
         raise ValueError(f"{op_name}: {name} must fit in a 64-bit integer, got {value}")
 
 
+def is_bool(value) -> bool:
+    """True for Python's and NumPy's bools alone: a flag given 3 or "no" would read as true."""
+    return value.__class__ is bool or (value.__class__.__name__ in ("bool_", "bool")
+                                       and value.__class__.__module__ == "numpy")
+
+
 def check_renormalize(value, op_name: str) -> None:
     """TypeError unless ``renormalize`` is True or False (NumPy's bool too): the dispatcher would take 3 or "no"
     for True."""
-    if value.__class__ is not bool and value.__class__.__name__ not in ("bool_", "bool"):
+    if not is_bool(value):
         raise TypeError(f"{op_name}: renormalize must be True or False, got {value!r}")
 
 

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-from ..ops.arguments import is_int
+from ..ops.arguments import is_bool, is_int
 from ..recording.recorder import RECORD_STATS, split_stat_names
 
 __all__ = [
@@ -162,7 +162,7 @@ def check_positive(parameter: str, value: int | None, what: str = "a positive in
 
 def check_flag(parameter: str, value) -> None:
     """Raise :class:`OptionError` unless ``value`` is True or False (a string such as "no" would be true)."""
-    if not isinstance(value, bool):
+    if not is_bool(value):
         raise OptionError(parameter, f"expected True or False, got {value!r}")
 
 

@@ -47,6 +47,7 @@ from ..ops import attention_stats, attention_stats_qk, mad, mad_qk
 from ..ops.arguments import (
     STAT_NAMES,
     TEMPORAL_MAD,
+    check_renormalize,
     grid_ints,
     index_int,
     is_trusted_positions,
@@ -706,8 +707,7 @@ class Recording:
                             f"got {type(model).__name__}")
         if reduction not in ("mean", "none"):
             raise ValueError(f"vitmad.record: reduction must be 'mean' or 'none', got {reduction!r}")
-        if not isinstance(renormalize, bool):  # "no" would be true
-            raise TypeError(f"vitmad.record: renormalize must be True or False, got {renormalize!r}")
+        check_renormalize(renormalize, "vitmad.record")  # "no" would be true; NumPy's bool is one, as the ops take
         if patch is not None:  # an integer of any kind (NumPy's, a 0-d tensor's), as grid takes
             if index_int(patch) is None or index_int(patch) <= 0:
                 raise ValueError(f"vitmad.record: patch must be a positive int (pixels), got {patch!r}")
