@@ -663,12 +663,13 @@ def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
 
 
 def _message(err: BaseException, flags: dict[str, str]) -> str:
-    """The error's message, with the parameter it starts with spelled as its flag."""
-    text = str(err)
-    parameter = getattr(err, "parameter", None)
-    if parameter in flags and text.startswith(f"{parameter}:"):
-        return flags[parameter] + text[len(parameter):]
-    return text
+    """The error's message, with the parameter it starts with and those it names spelled as their flags."""
+    from .profiling.options import OptionError, Parameter
+
+    if not isinstance(err, OptionError):
+        return str(err)
+    parts = "".join(flags.get(part, part) if isinstance(part, Parameter) else part for part in err.parts)
+    return f"{flags.get(err.parameter, err.parameter)}: {parts}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -267,9 +267,11 @@ def test_a_refused_resume_names_what_changed(tiny_model, image_folder, tmp_path,
     assert (out / "checkpoint.pt").is_file()
     code, _, err = _run([*base, "--resume", "--stats", "entropy,self_mass", "--max-images", "3"], capsys)
     assert code == 2
-    assert "(changed since: the images (max_images, the folder's files), stats); rerun with the same" in err
-    code, _, err = _run([*base, "--resume", "--renormalize"], capsys)
-    assert code == 2 and "(changed since: renormalize); rerun" in err
+    # The command names its flags (QA 284: it named profile()'s parameters, batch_size for --batch-size).
+    assert ("(changed since: the images (--max-images, the folder's files), --stats); rerun with the same model, "
+            "weights, images and options, or without --resume to start over") in err
+    code, _, err = _run([*base, "--resume", "--renormalize", "--batch-size", "2"], capsys)
+    assert code == 2 and "(changed since: --batch-size, --renormalize); rerun" in err
 
 
 def test_a_resume_follows_the_model_folder_not_its_spelling_and_refuses_an_edited_config(

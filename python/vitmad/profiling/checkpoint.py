@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .files import atomic_file, check_writable
-from .options import OptionError
+from .options import OptionError, Parameter
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "fingerprint", "files_digest", "tensors_digest",
            "architecture_digest"]
@@ -139,21 +139,26 @@ def read_checkpoint(path: str | os.PathLike) -> dict | None:
     return _read_state(path) if path.is_file() else None
 
 
-# identity key -> the option that sets it, for saying what changed since a checkpoint was written.
-_OPTIONS = {"model": "model", "weights": "model weights (weights, model_checkpoint)",
-            "architecture": "the model's architecture or configuration (its config.json)", "renormalize": "renormalize",
-            "dtype": "dtype", "image_size": "image_size", "preprocessing": "the model's preprocessing",
-            "batch_size": "batch_size", "layers": "layers", "stats": "stats", "profiled": "the part profiled",
-            "frames": "the video model's frame count (its config's num_frames)",
-            "rank": "the process layout (torchrun)", "world_size": "the process layout (torchrun)",
-            "files": "the images' files (contents or times)", "pixels": "the pixel tensor",
-            "images": "the images (max_images, the folder's files)"}
+# identity key -> what sets it, for saying what changed since a checkpoint was written (the parameters as
+# Parameter, which the command spells as its flags).
+_OPTIONS = {"model": (Parameter("model"),),
+            "weights": ("model weights (the model's own, or ", Parameter("model_checkpoint"), ")"),
+            "architecture": ("the model's architecture or configuration (its config.json)",),
+            "renormalize": (Parameter("renormalize"),), "dtype": (Parameter("dtype"),),
+            "image_size": (Parameter("image_size"),), "preprocessing": ("the model's preprocessing",),
+            "batch_size": (Parameter("batch_size"),), "layers": (Parameter("layers"),), "stats": (Parameter("stats"),),
+            "profiled": ("the part profiled",),
+            "frames": ("the video model's frame count (its config's num_frames)",),
+            "rank": ("the process layout (torchrun)",), "world_size": ("the process layout (torchrun)",),
+            "files": ("the images' files (contents or times)",), "pixels": ("the pixel tensor",),
+            "images": ("the images (", Parameter("max_images"), ", the folder's files)")}
 
 
-def _changes(saved: dict | None, identity: dict | None) -> str:
-    """``; changed: stats, batch_size`` for the keys whose values differ, or "" when either side is unknown."""
+def _changes(saved: dict | None, identity: dict | None) -> tuple[str, ...]:
+    """`` (changed since: stats, batch_size)`` in parts for the keys whose values differ; nothing when either
+    side is unknown."""
     if not isinstance(saved, dict) or not identity:
-        return ""
+        return ()
     keys = [key for key in sorted(saved.keys() | identity.keys()) if saved.get(key) != identity.get(key)]
     if "images" in keys and "files" in keys:  # other files have other sizes and times: one change, said once
         keys.remove("files")
@@ -162,8 +167,11 @@ def _changes(saved: dict | None, identity: dict | None) -> str:
     if "architecture" not in saved:  # a checkpoint of vitmad before 2026-12-06: its model known by path and weights
         keys = [key for key in keys if key != "architecture" and not (
             key == "model" and identity.get("model") == LOCAL_FOLDER and str(saved.get("model")).startswith("hf:"))]
-    changed = dict.fromkeys(_OPTIONS.get(key, key) for key in keys)
-    return f" (changed since: {', '.join(changed)})" if changed else ""
+    changed = list(dict.fromkeys(_OPTIONS.get(key, (key,)) for key in keys))
+    if not changed:
+        return ()
+    listed = [part for i, option in enumerate(changed) for part in ((", ",) if i else ()) + option]
+    return (" (changed since: ", *listed, ")")
 
 
 def check_checkpoint_path(path: str | os.PathLike) -> None:
@@ -205,10 +213,8 @@ def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str, identity
     if state is None:
         raise OptionError("resume", f"{path} is not a vitmad checkpoint (unreadable, or another format)")
     if state["fingerprint"] not in (expected_fingerprint, earlier_fingerprint):
-        raise OptionError(
-            "resume",
-            f"{path} was written by a run with other settings, other model weights or other images"
-            f"{_changes(state.get('identity'), identity)}; rerun with the same model, weights, images and options, "
-            "or without resume to start over",
-        )
+        raise OptionError("resume", (
+            f"{path} was written by a run with other settings, other model weights or other images",
+            *_changes(state.get("identity"), identity), "; rerun with the same model, weights, images and options, "
+            "or without ", Parameter("resume"), " to start over"))
     return state

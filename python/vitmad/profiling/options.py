@@ -121,16 +121,23 @@ def state_dict_mismatch_said(err: BaseException) -> str:
     return f"{said[:400]}{'...' if len(said) > 400 else ''}"
 
 
+class Parameter(str):
+    """A parameter's name inside an :class:`OptionError`'s message, which the CLI spells as its flag."""
+
+
 class OptionError(ValueError):
     """A bad value of one parameter; ``str(err)`` starts with ``"<parameter>: "``.
 
     Attributes:
         parameter: the Python parameter's name (``batch_size``); the CLI maps it to its flag.
+        parts: the message after ``"<parameter>: "`` in pieces, the other parameters it names as
+            :class:`Parameter` (a refused resume names what changed: ``--batch-size`` to the command's user).
     """
 
-    def __init__(self, parameter: str, message: str):
+    def __init__(self, parameter: str, message: str | Sequence[str]):
         self.parameter = parameter
-        super().__init__(f"{parameter}: {message}")
+        self.parts = (message,) if isinstance(message, str) else tuple(message)
+        super().__init__(f"{parameter}: {''.join(self.parts)}")
 
 
 class MissingPathError(OptionError, FileNotFoundError):
