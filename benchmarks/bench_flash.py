@@ -181,8 +181,12 @@ def main() -> None:
               "mad_qk extra peak MiB", "materialised extra peak MiB"]
     table = "\n".join(["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
                       + ["| " + " | ".join(r) + " |" for r in rows])
-    memory_note = ("extra peak = peak RSS during one call minus RSS before it, fresh process per case"
-                   if args.device == "cpu" else "extra peak = max_memory_allocated during one call minus before")
+    if args.no_memory:  # the columns say "-": say why, not how figures that are not there would be measured
+        memory_note = "peak memory not measured (--no-memory)"
+    elif args.device == "cpu":
+        memory_note = "extra peak = peak RSS during one call minus RSS before it, fresh process per case"
+    else:
+        memory_note = "extra peak = max_memory_allocated during one call minus before"
     body = "\n".join([
         f"## Flash-MAD: mad_qk vs SDPA and softmax-then-mad ({args.device}, {str(dtype).split('.')[1]}) "
         "(benchmarks/bench_flash.py)",
