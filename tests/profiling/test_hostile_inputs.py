@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -352,6 +353,25 @@ def test_figures_go_into_new_folders_and_name_the_types_they_take(good_result, t
     with pytest.raises(ValueError, match=r"mad.xyz: cannot write a figure of type .xyz; use one of .*\.png"):
         profile.plot(tmp_path / "mad.xyz")
     assert not (tmp_path / "mad.xyz").exists()
+
+
+def test_a_pgf_figure_without_its_tex_program_is_refused_before_anything_is_drawn(good_result, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """QA 286: matplotlib typesets PGF with xelatex, found only while saving: a RuntimeError traceback at the end."""
+    import shutil
+
+    import matplotlib
+
+    found = shutil.which
+    monkeypatch.setitem(matplotlib.rcParams, "pgf.texsystem", "lualatex")
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kw: None if name == "lualatex" else found(name))
+    message = "a .pgf figure is typeset by lualatex (matplotlib's rcParams['pgf.texsystem']), which is not " \
+              "installed here; install it or write .pdf or .svg"
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'mad.pgf'}: {message}")):
+        vitmad.Profile.from_json(good_result).plot(tmp_path / "mad.pgf")
+    assert main(["compare", str(good_result), "--out", str(tmp_path / "new" / "cmp.pgf")]) == 2
+    assert capsys.readouterr().err.strip() == f"vitmad: error: --out: {tmp_path / 'new' / 'cmp.pgf'}: {message}"
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(("args", "error", "message"), [

@@ -71,6 +71,15 @@ def figure_type_refused(path: str | os.PathLike) -> str | None:
     if suffix and suffix not in supported:
         return (f"{path}: cannot write a figure of type .{suffix}; use one of "
                 f"{', '.join('.' + t for t in sorted(supported))}")
+    if suffix == "pgf":  # matplotlib sets PGF's text with a TeX program, found only when the figure is saved
+        import shutil
+
+        import matplotlib
+
+        texsystem = matplotlib.rcParams["pgf.texsystem"]
+        if shutil.which(texsystem) is None:
+            return (f"{path}: a .pgf figure is typeset by {texsystem} (matplotlib's rcParams['pgf.texsystem']), "
+                    "which is not installed here; install it or write .pdf or .svg")
     return None
 
 
