@@ -675,7 +675,13 @@ def _message(err: BaseException, flags: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``vitmad`` command line; returns the exit status."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
+    # The top level takes no values, so the first word that is no flag is the subcommand: an unknown flag before
+    # it is the top level's (`vitmad --bogus profile` pointed to profile's --help).
+    before = argv[:argv.index(args.command)] if args.command in argv else []
+    if any(token in before for token in unknown):
+        parser.error(f"unrecognized arguments: {' '.join(token for token in unknown if token in before)}")
     if unknown:  # said by the subcommand's parser, whose --help lists its flags (not the top level's)
         command = next(action.choices[args.command] for action in parser._actions
                        if isinstance(action, argparse._SubParsersAction))

@@ -161,6 +161,9 @@ def test_a_failed_run_leaves_no_empty_output_folder(tmp_path, capsys):
     (["profile", "--dist-timeout", "soon"], "argument --dist-timeout: invalid float value: 'soon'"),
     (["profile", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
     (["profile", "--bogus", "1"], "unrecognized arguments: --bogus 1 (see vitmad profile --help)"),  # its flags
+    # Before the subcommand: the top level's flag, whose --help it is (was "see vitmad profile --help").
+    (["--bogus", "profile", "--resume"], "unrecognized arguments: --bogus (see vitmad --help)"),
+    (["--bogus", "compare", "a.json", "--out", "c.png"], "unrecognized arguments: --bogus (see vitmad --help)"),
 ])
 def test_argparse_mistakes_end_with_one_vitmad_error_line(args, message, capsys):
     """Values argparse itself refuses (type, choice, unknown flag) printed its usage block and 'vitmad profile:
