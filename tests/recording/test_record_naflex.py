@@ -197,7 +197,10 @@ def test_timm_naflex_refuses_tokens_it_cannot_place():
     inputs = _naflex_batch(_images(SIZES[:2]), slots=16)
     shuffled = dict(inputs, patch_coord=inputs["patch_coord"].clone())
     shuffled["patch_coord"][0, [0, 1]] = shuffled["patch_coord"][0, [1, 0]]
-    with pytest.raises(ValueError, match=r"NaFlexVit.*image 0.*not in row-major order"):
+    # The reason holds for every position embedding (QA 289: "the model lays its position embedding row-major" was
+    # false for grid_sample and RoPE, which read patch_coord).
+    with pytest.raises(ValueError, match=r"NaFlexVit.*image 0.*not in row-major order in patch_coord; vitmad places "
+                                         r"a NaFlex image's tokens row-major .* pass each image's patches row-major"):
         with torch.no_grad(), vitmad.record(model):
             model(shuffled)
     holes = dict(inputs, patch_valid=inputs["patch_valid"].clone())

@@ -182,8 +182,10 @@ def _tokens(sizes: torch.Tensor, valid: torch.Tensor, coord: torch.Tensor | None
         if bool(wrong.any()):
             bad = int(wrong.nonzero()[0, 0])
             raise NotPlaceable(
-                f"the patches of image {bad} are not in row-major order in patch_coord; the model lays its "
-                "position embedding row-major over its grid, so vitmad cannot tell where these tokens are"
+                f"the patches of image {bad} are not in row-major order in patch_coord; vitmad places a NaFlex "
+                "image's tokens row-major over its grid, the order timm's patchifier gives them (a learned or "
+                "factorised position embedding is laid that way whatever patch_coord says), and no other order: "
+                "pass each image's patches row-major"
             )
     centres = torch.stack([(rows + 0.5) * patch[0], (cols + 0.5) * patch[1]], -1).to(torch.float32)
     centres = torch.where(image[..., None], centres, float("nan"))
