@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -109,6 +110,21 @@ WRONG_TYPES = [
     (lambda: vitmad.mad(A197, True), "vitmad.mad: patch must be an int, got the bool True"),
     (lambda: vitmad.mad(A197, 16, num_prefix_tokens=True), "vitmad.mad: num_prefix_tokens must be an int, got the "
                                                            "bool True"),
+    # The dispatcher takes a 0-d float tensor as an int rounded toward zero, a NumPy or tensor bool as 1 (QA 288:
+    # patch=torch.tensor(16.5) gave patch 16's MAD).
+    (lambda: vitmad.mad(A197, torch.tensor(16.5)), "vitmad.mad: patch must be an int, got a torch.float32 tensor "
+                                                   "tensor(16.5000)"),
+    (lambda: vitmad.mad(A197, 16, num_prefix_tokens=torch.tensor(1.9)), "vitmad.mad: num_prefix_tokens must be an "
+                                                                        "int, got a torch.float32 tensor"),
+    (lambda: vitmad.mad(A197, torch.tensor(True)), "vitmad.mad: patch must be an int, got a torch.bool tensor "
+                                                   "tensor(True)"),
+    (lambda: vitmad.mad(A197, np.bool_(True)), "vitmad.mad: patch must be an int, got the bool True"),
+    (lambda: vitmad.mad_qk(_Q, _Q, torch.tensor(16.9)), "vitmad.mad_qk: patch must be an int, got a torch.float32 "
+                                                        "tensor"),
+    (lambda: vitmad.attention_stats(A197, torch.tensor(16.5)), "vitmad.attention_stats: patch must be an int, got a "
+                                                               "torch.float32 tensor"),
+    (lambda: vitmad.attention_stats_qk(_Q, _Q, torch.tensor(16.5, dtype=torch.float64)),
+     "vitmad.attention_stats_qk: patch must be an int, got a torch.float64 tensor"),
     (lambda: vitmad.mad(A197, 16, renormalize="no"), "vitmad.mad: renormalize must be True or False, got 'no'"),
     (lambda: vitmad.mad(A197, positions=_POSITIONS, renormalize=3), "vitmad.mad: renormalize must be True or False, "
                                                                     "got 3"),
@@ -231,6 +247,15 @@ def test_integers_beyond_64_bits_are_out_of_range_not_of_the_wrong_type(stats, k
 def test_grid_positions_refuses_arguments_of_the_wrong_type(args, kwargs, message):
     with pytest.raises(TypeError, match="vitmad.grid_positions: " + re.escape(message)):
         vitmad.grid_positions(*args, **kwargs)
+
+
+def test_integers_of_any_kind_are_sizes_and_counts():
+    """NumPy's and 0-d integer tensors' ints are taken as the ints they are, by every op."""
+    for patch, prefix in ((np.int64(16), np.int32(1)), (torch.tensor(16), torch.tensor(1, dtype=torch.int32))):
+        assert torch.equal(vitmad.mad(A197, patch, num_prefix_tokens=prefix), vitmad.mad(A197, 16))
+        assert torch.equal(vitmad.mad_qk(_Q, _Q, patch, num_prefix_tokens=prefix), vitmad.mad_qk(_Q, _Q, 16))
+        assert torch.equal(vitmad.attention_stats(A197, patch, num_prefix_tokens=prefix)["entropy"],
+                           vitmad.attention_stats(A197, 16)["entropy"])
 
 
 def test_grid_positions_takes_numpy_numbers():

@@ -278,6 +278,46 @@ def test_position_form_maps_from_q_and_k_compile_with_inductor():
                                (q[..., 0:1, :] @ k.transpose(-1, -2) / 4).softmax(-1)[..., 0, 1:])
 
 
+def test_position_form_calls_that_run_no_stats_kernel_compile_and_check_their_positions_when_run():
+    """The maps alone and the temporal MAD from stored attention run no stats kernel, whose host-side checks of
+    the positions' values cannot steer a traced graph (QA 288: "could not guard on data-dependent expression"); an
+    assert the compiler keeps raises when the graph runs, with the reason, where eager raises a ValueError."""
+    torch.manual_seed(0)
+    frames, side = 2, 3
+    cells = torch.stack(torch.meshgrid(torch.arange(side * 1.0), torch.arange(side * 1.0), indexing="ij"), -1)
+    nan = torch.full((1, 2), float("nan"))
+    positions = torch.cat([nan, ((cells.reshape(-1, 2) + 0.5) * 16).repeat(frames, 1)])
+    times = torch.cat([nan[:, :1], torch.arange(frames * 1.0).repeat_interleave(side * side)[:, None] + 0.5])
+    q, k = torch.randn(2, 2, len(positions), 8), torch.randn(2, 2, len(positions), 8)
+    attn = (q @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1)
+    calls = {
+        "maps": lambda p, t: vitmad.attention_stats(attn, positions=p, stats=["prefix_maps"]),
+        "maps_qk": lambda p, t: vitmad.attention_stats_qk(q, k, positions=p, stats=["prefix_maps"]),
+        "temporal": lambda p, t: vitmad.attention_stats(attn, positions=p, times=t, stats=["mad", "temporal_mad"]),
+    }
+    partly = positions.clone()
+    partly[3, 1] = float("nan")  # a row half NaN: neither a token with a position nor one without
+    for call in calls.values():
+        torch._dynamo.reset()
+        compiled = torch.compile(call, fullgraph=True)
+        expected = call(positions, times)
+        got = compiled(positions, times)
+        assert got.keys() == expected.keys()
+        for stat in expected:
+            torch.testing.assert_close(got[stat], expected[stat], equal_nan=True, rtol=1e-6, atol=1e-6)
+        with pytest.raises(ValueError, match="positions row 3 has 1 of its 2 coordinates NaN"):
+            call(partly, times)
+        # The assert's RuntimeError, or the ValueError of the mad kernel that checks them first (temporal).
+        with pytest.raises((RuntimeError, ValueError), match="positions (must have each row all finite, or all NaN "
+                                                             "for a token without a position|row 3 has 1 of its 2)"):
+            compiled(partly, times)
+    torch.testing.assert_close(calls["maps"](positions, times)["prefix_maps"], attn[..., :1, 1:])
+    timeless = times.clone()
+    timeless[4] = float("nan")  # a token with a position and no frame
+    with pytest.raises(RuntimeError, match="times must be NaN exactly at the tokens without a position"):
+        torch.compile(calls["temporal"], fullgraph=True)(positions, timeless)
+
+
 @pytest.mark.parametrize("form", ["qk", "probabilities"])
 def test_per_image_position_maps_compile_with_inductor(form):
     """Positions per image ([B, 1, N, 2], the documented per-image form) under torch.compile(fullgraph=True) with

@@ -159,11 +159,15 @@ def call_op(op, op_name: str, *args, **kwargs):
 
 
 def check_int_args(op_name: str, **values) -> None:
-    """TypeError for a bool where a size or count is expected: the dispatcher takes ``True`` for the int 1; and
+    """TypeError for a value the dispatcher would take as an int that is none: a bool (``True`` as 1, NumPy's and
+    a bool tensor's too) or a floating tensor (``torch.tensor(16.5)`` as 16, rounded toward zero; QA 288); and
     check_int64's ValueError for an int beyond the ops' 64-bit ints."""
     for name, value in values.items():
-        if isinstance(value, bool):
+        if is_bool(value):
             raise TypeError(f"{op_name}: {name} must be an int, got the bool {value}")
+        if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()
+                                                or value.dtype == torch.bool):
+            raise TypeError(f"{op_name}: {name} must be an int, got a {value.dtype} tensor {value!r}")
         check_int64(op_name, name, value)
 
 
@@ -624,6 +628,15 @@ def check_position_values(positions: torch.Tensor, arg: str, op_name: str) -> No
     """
     if positions.numel() == 0 or is_trusted_positions(positions):
         return
+    if torch.compiler.is_compiling():
+        # A check of the values cannot steer a traced graph (QA 288: the maps alone, whose positions no kernel
+        # checks, failed to compile): an assert the compiler keeps raises when the graph runs, with the reason.
+        rows = positions.detach().reshape(-1, positions.shape[-1])
+        nan_count = rows.isnan().sum(-1)
+        bad = rows.isinf().any(-1) | ((nan_count != 0) & (nan_count != rows.shape[-1]))
+        torch._assert_async(~bad.any(), f"{op_name}: {arg} must have each row all finite, or all NaN for a token "
+                                        "without a position")
+        return
     values = positions.detach().to("cpu", torch.float64)
     k, n = values.shape[-1], values.shape[-2]
     rows = values.reshape(-1, k)
@@ -832,6 +845,11 @@ def check_time_args(tokens: torch.Tensor, layout: PositionLayout, positions: tor
         if is_trusted_same_tokens(side_times, pos):
             continue
         shape = (*lead, pos.shape[-2])
+        if torch.compiler.is_compiling():  # as in check_position_values: checked when the graph runs
+            differs = side_times[..., 0].isnan().expand(shape) != pos[..., 0].isnan().expand(shape)
+            torch._assert_async(~differs.any(), f"{op_name}: {times_arg} must be NaN exactly at the tokens without "
+                                                f"a position in {pos_arg}")
+            continue
         no_time = side_times[..., 0].isnan().cpu().expand(shape).reshape(-1)
         no_position = pos[..., 0].isnan().cpu().expand(shape).reshape(-1)
         differ = (no_time != no_position).nonzero().flatten()

@@ -98,7 +98,8 @@ def mad(
             options["renormalize"] = renormalize
         if reduction != "mean":
             options["reduction"] = reduction
-        if patch.__class__ is bool or num_prefix_tokens.__class__ is bool:  # the dispatcher takes True for 1
+        if patch.__class__ is not int or num_prefix_tokens.__class__ not in (int, type(None)):
+            # the dispatcher takes True for 1 and a 0-d float tensor rounded toward zero
             check_int_args("vitmad.mad", patch=patch, num_prefix_tokens=num_prefix_tokens)
         try:  # call_op's work, inline: a function call more would be a few percent of a small call
             return torch.ops.vitmad.mad.default(attn, patch, **options)
