@@ -22,6 +22,7 @@ import vitmad
 from conftest import write_images
 from vitmad.cli import main
 from vitmad.profiling.images import find_images, load_image
+from vitmad.profiling.options import OptionError
 
 pytest.importorskip("transformers")
 
@@ -234,6 +235,19 @@ def test_profile_options_of_the_wrong_kind_name_the_parameter(option, value, mes
     pixels = torch.randn(2, 3, 32, 32)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         vitmad.profile(_tiny_vit_module(), pixels, device="cpu", **{option: value})
+
+
+def test_profile_refuses_weights_for_a_model_already_built(tmp_path):
+    """QA 292: model_checkpoint= beside an nn.Module was ignored, the module's own weights profiled without a word
+    (a missing file too)."""
+    model = _tiny_vit_module()
+    weights = tmp_path / "other.pt"
+    torch.save(model.state_dict(), weights)
+    for given in (weights, tmp_path / "missing.pt"):
+        with pytest.raises(OptionError, match=r"^model_checkpoint: weights are loaded into a model vitmad builds from "
+                                              r"a spec; got a model already built \(ViTModel\): load them into it "
+                                              r"yourself"):
+            vitmad.profile(model, torch.randn(1, 3, 32, 32), device="cpu", model_checkpoint=given)
 
 
 def test_profile_takes_numpy_bools_for_its_flags():

@@ -184,6 +184,10 @@ def prepare_model(model, image_size: tuple[int, int] | str | None, model_checkpo
             if value is not None:
                 raise OptionError(parameter, "only a monai: spec (3-D volumes) takes it, loaded here; got a model "
                                              f"already built ({type(model).__name__})")
+        if model_checkpoint is not None:  # (QA 292: ignored, the module's own weights profiled without a word)
+            raise OptionError("model_checkpoint", f"weights are loaded into a model vitmad builds from a spec; got a "
+                                                  f"model already built ({type(model).__name__}): load them into it "
+                                                  "yourself (model.load_state_dict(...)) or pass its spec")
     if isinstance(model, LoadedModel):
         loaded = model
     elif isinstance(model, (str, os.PathLike)):
@@ -954,7 +958,7 @@ def profile(
         checkpoint_every: batches between checkpoints.
         model_checkpoint: local weights file for a ``timm:``, ``torchvision:`` or ``open_clip:`` spec (instead of
             its pretrained download); the checkpoint a ``segment_anything:``, ``sam2:`` or ``monai:`` spec
-            requires.
+            requires. Refused beside a module, whose weights are its own.
         progress: show a tqdm bar with images/s (on rank 0, counting every rank's images).
         loader_threads: threads decoding and preprocessing image files (0: on the calling thread); batches
             are loaded one ahead of the model either way.
