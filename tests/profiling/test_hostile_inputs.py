@@ -250,6 +250,19 @@ def test_profile_refuses_weights_for_a_model_already_built(tmp_path):
             vitmad.profile(model, torch.randn(1, 3, 32, 32), device="cpu", model_checkpoint=given)
 
 
+def test_layers_that_match_nothing_or_compute_no_attention_are_option_errors():
+    """QA 292: a pattern matching no module was vitmad.record's ValueError, a module computing no attention a
+    RuntimeError at the first batch; both OptionErrors naming layers, as the docstring says."""
+    pixels = torch.randn(2, 3, 32, 32)
+    with pytest.raises(OptionError, match=r"^layers: pattern 'nope\.\*' matches no module of ViTModel; expected "
+                                          r"qualified names"):
+        vitmad.profile(_tiny_vit_module(), pixels, device="cpu", layers=["nope.*"])
+    with pytest.warns(UserWarning, match="embeddings .* named in layers, ran without computing attention"):
+        with pytest.raises(OptionError, match=r"^layers: ViTModel ran, but none of the 1 modules being recorded "
+                                              r"\(embeddings\) computed attention"):
+            vitmad.profile(_tiny_vit_module(), pixels, device="cpu", layers=["embeddings"])
+
+
 def test_profile_takes_numpy_bools_for_its_flags():
     """NumPy's bool is a flag as the ops take it (``vitmad.mad(renormalize=np.True_)``); was refused."""
     import numpy as np

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..recording.recorder import NoLayerError, Recording
+from ..recording.recorder import NoAttentionRanError, NoLayerError, Recording
 from ..recording.towers import image_channels
 from .checkpoint import (
     LOCAL_FOLDER,
@@ -627,6 +627,11 @@ def _check_recordable(module: torch.nn.Module, record_options: dict, layers: Seq
             raise OptionError("layers", err.finding) from None
         raise OptionError("model", f"{err.finding}; if some of its modules compute softmax attention, "
                                    "vitmad.profile(..., layers=[their qualified names]) records them") from None
+    except ValueError as err:  # a pattern matching no module, the model itself named: OptionErrors (QA 292)
+        said = "vitmad.record: layers "
+        if layers and str(err).startswith(said):
+            raise OptionError("layers", str(err)[len(said):]) from None
+        raise
     classes = recording._class_layers
     if classes and classes == set(recording._modules):
         # XCiT: every other layer attends over channels. A profile is per-layer MAD first; the maps alone are
@@ -843,7 +848,12 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
             for position in range(len(pending)):
                 batch = upcoming.result()
                 upcoming = prefetch.submit(plan.load, pending[position + 1]) if position + 1 < len(pending) else None
-                state = _run_batch(plan, state, batch)
+                try:
+                    state = _run_batch(plan, state, batch)
+                except NoAttentionRanError as err:  # modules named in layers= that compute none: said of layers
+                    if "layers" not in plan.record_options:
+                        raise
+                    raise OptionError("layers", str(err).removeprefix("vitmad.record: ")) from None
                 bar.update(counter.add(len(batch[1]) + len(batch[2])) - bar.n)
                 if state.batches_done % plan.checkpoint_every == 0:
                     save(state)

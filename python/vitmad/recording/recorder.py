@@ -573,6 +573,11 @@ class NoLayerError(ValueError):
         super().__init__(f"vitmad.record: {finding}{advice}")
 
 
+class NoAttentionRanError(RuntimeError):
+    """A forward call ran and none of the modules being recorded computed attention: the profiler says so of the
+    ``layers`` it was given (engine.run_batches)."""
+
+
 # A model compiled with torch.compile inside the block traces its forward hooks and the captures' calls into the
 # recording: dynamo would inline vitmad's bookkeeping (threads, frames, the recording's lists) and, with
 # fullgraph=True, fail inside the user's forward on a thread identity call that names nothing of vitmad. Disabled for
@@ -1104,7 +1109,7 @@ class Recording:
                 "Attention Broadcast may have skipped them on this step; read the calls that have layers: "
                 "[call for call in rec.calls if call.layers]")
         if self._calls[-1]._is_empty():
-            raise RuntimeError(
+            raise NoAttentionRanError(
                 f"vitmad.record: {name} ran, but none of the {len(self._modules)} modules being recorded ({shown}) "
                 "computed attention (F.scaled_dot_product_attention, torch's flex_attention, transformers' "
                 "AttentionInterface or a softmax) "
