@@ -148,3 +148,20 @@ def test_a_profile_of_some_layers_says_its_axis_counts_them_not_the_model_depth(
                      "last", "--out", str(tmp_path / "cmp.png")]) == 0
     assert labels[-1][0][0].startswith("Relative depth\nlast: the layers named in layers=, counted in the order "
                                        "they ran")
+
+
+def test_a_statistic_nan_from_attention_that_overflowed_is_not_called_undefined(tmp_path):
+    """QA 292: an image whose finite pixels overflow inside the model makes every mean NaN; plot_stat said the
+    statistic "is not defined there", which is said of differential attention."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    model = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                               image_size=32, patch_size=8), add_pooling_layer=False).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    pixels[1] *= 1e35
+    profile = vitmad.profile(model, pixels, device="cpu", stats="entropy")
+    assert profile.mad.isnan().all() and profile.stat("entropy").isnan().all()
+    with pytest.raises(ValueError, match=r"entropy: no recorded layer has a value \(every value is NaN, MAD's too: the "
+                                         r"attention gave no finite value \(an overflow\?\)\), nothing to draw"):
+        profile.plot_stat("entropy", tmp_path / "entropy.png")

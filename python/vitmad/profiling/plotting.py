@@ -268,8 +268,11 @@ def plot_statistic(profile, statistic: str, path: str | os.PathLike, *, title: s
     """
     values = profile.stat(statistic)
     if not profile.has_values(statistic):
-        raise ValueError(f"{statistic}: no recorded layer has a value (the statistic is not defined there), "
-                         "nothing to draw")
+        # Undefined (every statistic but MAD of differential attention) or NaN where MAD is too: attention that
+        # gave no finite value, an overflow say, which "not defined there" misnamed (QA 292).
+        why = ("every value is NaN, MAD's too: the attention gave no finite value (an overflow?)"
+               if not bool(profile.mad.isfinite().any()) else "the statistic is not defined there")
+        raise ValueError(f"{statistic}: no recorded layer has a value ({why}), nothing to draw")
     plt = _pyplot()
     fig, ax, depth, num_heads = _heads_against_depth(plt, values)
     if statistic in ("prefix_mass", "self_mass"):
