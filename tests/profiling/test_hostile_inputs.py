@@ -356,9 +356,10 @@ def test_resume_needs_a_checkpoint_file(tmp_path):
         vitmad.profile(_tiny_vit_module(), torch.randn(2, 3, 32, 32), device="cpu", resume=True)
     # One that is not there yet (a mistyped --out, a run killed before its first checkpoint) is said, not silent.
     pixels = torch.randn(2, 3, 32, 32)
-    with pytest.warns(UserWarning, match=r"resume: no checkpoint at .*run\.pt; starting from the first image"):
+    with pytest.warns(UserWarning, match=r"resume: no checkpoint at .*run\.pt; starting from the first image") as said:
         resumed = vitmad.profile(_tiny_vit_module(), pixels, device="cpu", checkpoint=tmp_path / "run.pt",
                                  resume=True)
+    assert [w.filename for w in said] == [__file__]
     assert resumed.count == 2
 
 
@@ -537,8 +538,9 @@ def test_images_with_non_finite_pixels_are_skipped_and_named():
     pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     pixels[1, 0, 3, 4] = float("nan")
     pixels[3, 2] = float("inf")
-    with pytest.warns(UserWarning, match=r"skipping image tensor\[[13]\]: non-finite pixel values"):
+    with pytest.warns(UserWarning, match=r"skipping image tensor\[[13]\]: non-finite pixel values") as caught:
         result = vitmad.profile(_tiny_vit_module(), pixels, batch_size=2, device="cpu")
+    assert {w.filename for w in caught} == {__file__}  # the caller's line, not vitmad's (QA 292)
     clean = vitmad.profile(_tiny_vit_module(), pixels[[0, 2, 4]], batch_size=2, device="cpu")
     assert result.count == 3 and result.images == ["tensor[0]", "tensor[2]", "tensor[4]"]
     assert result.skipped == [{"path": f"tensor[{i}]", "reason": "non-finite pixel values (NaN or inf)"}

@@ -654,7 +654,7 @@ def resume_state(plan: RunPlan, resume: bool) -> RunState:
         return RunState()
     saved = load_checkpoint(plan.checkpoint, plan.fingerprint, plan.identity, plan.earlier_fingerprint)
     if saved is None:  # said, not silent: a mistyped --out resumes nothing and runs every image again
-        warnings.warn(f"resume: no checkpoint at {plan.checkpoint}; starting from the first image", stacklevel=2)
+        warnings.warn(f"resume: no checkpoint at {plan.checkpoint}; starting from the first image", stacklevel=3)
         return RunState()
     return RunState.from_state_dict(saved)
 
@@ -674,7 +674,7 @@ def _warn_unfinished(plan: RunPlan) -> None:
     if total is not None and done < total:
         warnings.warn(f"{plan.checkpoint} holds an interrupted run's progress ({done} of {total} batches); this run "
                       "starts over and replaces it (--resume, or resume=True, continues that run instead)",
-                      stacklevel=3)
+                      stacklevel=4)
 
 
 def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
@@ -686,7 +686,7 @@ def _run_batch(plan: RunPlan, state: RunState, batch: Batch) -> RunState:
         kind = "volume" if isinstance(plan.loaded.preprocessing, VolumePreprocessing) else (
             "video" if _takes_videos(plan) else "image")
         for path, reason in batch_skipped:
-            warnings.warn(f"skipping {kind} {path}: {reason}", stacklevel=3)
+            warnings.warn(f"skipping {kind} {path}: {reason}", stacklevel=4)  # at the caller of profile()
     stats, meta, maps = state.stats, state.meta, state.maps
     if pixels is not None and plan.native is not None:
         # Images at their own size: one forward per packed batch or per image; each image's grid is kept.
