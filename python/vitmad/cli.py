@@ -143,6 +143,31 @@ def _images(sources: list[str], ours: list[Path]) -> list[Path]:
     return kept
 
 
+def _without_clips(files: list[Path], model: str, packed: bool) -> list[Path]:
+    """The image files among ``files`` for ``model`` profiling images: a clip named on the command line was
+    skipped as an unidentified image, and the run then refused as reading none, without a word that the model
+    takes no clips (QA 290). Refused where they are all clips, else left out and said. ``packed``: a packed vision
+    tower, which takes clips given alone, with --videos."""
+    from .profiling.options import OptionError
+    from .profiling.videos import is_video_source
+
+    clips = [f for f in files if f.is_file() and is_video_source(f)]
+    if not clips:
+        return files
+    shown = ", ".join(map(str, clips[:3])) + (" ..." if len(clips) > 3 else "")
+    if packed:  # Qwen2-VL and its kin: clips alone, as --videos, or images alone
+        why = f"{model} takes clips apart from images, given alone with --videos"
+    else:
+        why = f"{model} is no video model (no frame count in its config)"
+    if len(clips) == len(files):
+        raise OptionError("images", f"{shown}: video clips, and {why}: " + (
+            "pass them with --videos" if packed else "it takes images; pass image files, or a video model with "
+                                                     "--model"))
+    warnings.warn(f"left out {len(clips)} video clips among --images ({shown}): {why}", stacklevel=1)
+    left_out = set(clips)
+    return [f for f in files if f not in left_out]
+
+
 def _check_resume_world_size(out: Path, run) -> None:
     """Refuse to resume checkpoints written by a different number of processes (their shards differ)."""
     world = 1 if run is None else run.world_size
@@ -271,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="overlay several profiles", allow_abbrev=False,
                                   description="Overlay the mean and spread per layer of several mad.json files.")
-    compare.add_argument("results", nargs="+", help="mad.json files")
+    compare.add_argument("results", nargs="+",
+                         help="mad.json files (or the --out folders of profile runs, which hold them)")
     compare.add_argument("--labels", nargs="+", default=None, help="one label per result (default: model)")
     compare.add_argument("--out", required=True,
                          help="figure file of MAD (.png, .pdf, .svg, .jpg, .webp, .tif, .eps, ...: any type "
@@ -382,6 +408,9 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
         # An image model takes the image files among them; a clip beside images made the folder a video
         # source, and its images were dropped (or read as frames of one video).
         files = _images(args.images, ours)
+    if not (volumes or video_model or packed_videos):
+        files = _without_clips(files, f"{type(loaded.module).__name__} ({args.model})",
+                               find_packed_tower(loaded.module) is not None)
     if (video_model or packed_videos) and out.resolve() in files:
         # Its frames are every image in it: this run's figures would join them.
         raise OptionError("out", f"{out} is a folder of frames among --images; pass another folder")
@@ -573,10 +602,14 @@ def _compare_command(args: argparse.Namespace, run) -> None:
     from .profiling import Profile
     from .profiling.files import check_writable
     from .profiling.options import import_optional
-    from .profiling.plotting import figure_type_refused, plot_compare
+    from .profiling.plotting import figure_type_refused, plot_compare, renormalized
 
     # A comparison is only figures: a missing matplotlib is said first, with the extra that brings it.
     import_optional("matplotlib", "profile", "vitmad compare")
+    # A profile run's --out folder stands for its mad.json, the name a researcher has at hand (QA 290).
+    args.results = [os.path.join(path, "mad.json") if os.path.isdir(os.path.expanduser(path))
+                    and os.path.isfile(os.path.join(os.path.expanduser(path), "mad.json")) else path
+                    for path in args.results]
     profiles = [Profile.from_json(path) for path in args.results]
     labels = args.labels or _default_labels(profiles, args.results)
     if len(labels) != len(profiles):
@@ -598,6 +631,11 @@ def _compare_command(args: argparse.Namespace, run) -> None:
         warnings.warn(f"{', '.join(subsets)} profiled the layers named in layers=: "
                       f"{'its' if len(subsets) == 1 else 'their'} layers are drawn in the order they ran, which need "
                       "not be their depth in the model", stacklevel=2)
+    marked = [path for path, profile in zip(args.results, profiles) if renormalized(profile)]
+    if marked and len(marked) < len(profiles):  # two quantities on one axis: drawn, each marked, and said
+        warnings.warn(f"{', '.join(marked)} profiled with --renormalize (each query's distance over its attention "
+                      "on patches, at least the plain MAD) beside results without it: their MAD curves are marked "
+                      "(renormalized) and differ by more than the models do", stacklevel=2)
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise ValueError(f"--out: {out} is a folder; name the figure file, such as {out / 'compare.png'}")

@@ -78,9 +78,16 @@ def test_compare_overlays_results(tiny_model, image_folder, tmp_path, capsys):
     for name, extra in (("a", []), ("b", ["--renormalize"])):
         assert _run(["profile", "--model", f"hf:{tiny_model}", "--images", image_folder, "--device", "cpu",
                      "--out", tmp_path / name, "--no-figures", *extra], capsys)[0] == 0
-    code, stdout, _ = _run(["compare", tmp_path / "a" / "mad.json", tmp_path / "b" / "mad.json",
-                            "--labels", "plain", "renormalised", "--out", tmp_path / "cmp.png"], capsys)
+    # A run's --out folder stands for its mad.json (QA 290: IsADirectoryError's words); a folder without one is
+    # said so. A renormalized MAD beside a plain one is said (QA 290: drawn on one axis without a word).
+    with pytest.warns(UserWarning, match=f"{tmp_path / 'b' / 'mad.json'} profiled with --renormalize .* beside "
+                                         "results without it: their MAD curves are marked \\(renormalized\\)"):
+        code, stdout, _ = _run(["compare", tmp_path / "a", tmp_path / "b" / "mad.json",
+                                "--labels", "plain", "renormalised", "--out", tmp_path / "cmp.png"], capsys)
     assert code == 0 and (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    code, _, err = _run(["compare", tmp_path, "--out", tmp_path / "c3.png"], capsys)
+    assert code == 2 and err.strip() == (f"vitmad: error: {tmp_path}: cannot read a vitmad profile: a folder (it "
+                                         "holds no mad.json); pass a profile's mad.json")
     code, _, err = _run(["compare", tmp_path / "a" / "mad.json", "--labels", "x", "y", "--out",
                          tmp_path / "c2.png"], capsys)
     assert code == 2 and "--labels: expected 1 labels" in err

@@ -165,3 +165,37 @@ def test_a_statistic_nan_from_attention_that_overflowed_is_not_called_undefined(
     with pytest.raises(ValueError, match=r"entropy: no recorded layer has a value \(every value is NaN, MAD's too: the "
                                          r"attention gave no finite value \(an overflow\?\)\), nothing to draw"):
         profile.plot_stat("entropy", tmp_path / "entropy.png")
+
+
+def test_a_renormalized_profile_is_marked_in_its_figures_and_comparisons(monkeypatch, tmp_path):
+    """QA 290: a --renormalize profile (each query's distance over its attention on patches, at least the plain
+    MAD) was drawn beside a plain one, and in its own mad.png, as "Mean attention distance (pixels)" alone."""
+    plain, renormalized = _profile(stats="entropy"), _profile(renormalize=True, stats="entropy")
+    plotted = _spy(monkeypatch, "plot")
+    plotting.plot_compare([plain, renormalized], ["a", "b"], tmp_path / "cmp.png")
+    assert [kwargs["label"] for _, kwargs in plotted] == ["a", "b (renormalized)"]
+    plotted.clear()  # the other statistics are the same quantity either way: unmarked
+    plotting.plot_compare([plain, renormalized], ["a", "b"], tmp_path / "entropy.png", statistic="entropy")
+    assert [kwargs["label"] for _, kwargs in plotted] == ["a", "b"]
+    labels = _spy(monkeypatch, "set_ylabel")
+    renormalized.plot(tmp_path / "mad.png")
+    plain.plot(tmp_path / "plain.png")
+    assert [args[0] for args, _ in labels] == [
+        "Mean attention distance (pixels),\nrenormalized (over the attention on patches)",
+        "Mean attention distance (pixels)"]
+
+
+def test_compare_of_profiles_of_one_depth_ticks_whole_layers(monkeypatch, tmp_path):
+    """QA 290: two 2-layer profiles were ticked 1.0, 1.2, ..., 2.0."""
+    from matplotlib.figure import Figure
+
+    ticks, save = [], Figure.savefig
+
+    def spy(figure, *args, **kwargs):
+        ticks.append(list(figure.axes[0].get_xticks()))
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    plotting.plot_compare([_profile(), _profile()], ["a", "b"], tmp_path / "cmp.png")
+    (shown,) = ticks
+    assert shown and all(float(tick).is_integer() for tick in shown), shown

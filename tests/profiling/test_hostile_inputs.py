@@ -356,7 +356,7 @@ def test_resume_needs_a_checkpoint_file(tmp_path):
         vitmad.profile(_tiny_vit_module(), torch.randn(2, 3, 32, 32), device="cpu", resume=True)
     # One that is not there yet (a mistyped --out, a run killed before its first checkpoint) is said, not silent.
     pixels = torch.randn(2, 3, 32, 32)
-    with pytest.warns(UserWarning, match=r"resume: no checkpoint at .*run\.pt; starting from the first image") as said:
+    with pytest.warns(UserWarning, match=r"no checkpoint to resume at .*run\.pt; starting from the first") as said:
         resumed = vitmad.profile(_tiny_vit_module(), pixels, device="cpu", checkpoint=tmp_path / "run.pt",
                                  resume=True)
     assert [w.filename for w in said] == [__file__]

@@ -426,6 +426,22 @@ def test_videos_given_to_an_image_model_are_refused(tiny_model, image_folder, tm
     assert not (tmp_path / "out").exists()
 
 
+def test_clips_named_among_images_for_an_image_model_are_said_to_be_clips(tiny_model, image_folder, tmp_path, capsys):
+    """QA 290: a clip given with --images to an image model was skipped as an unidentified image, and the run
+    refused as reading none, without a word that the model takes no clips."""
+    clip = tmp_path / "a.mp4"
+    clip.write_bytes(b"\x00\x00\x00\x18ftypmp42")  # its name makes it a clip; never decoded
+    code, _, err = _run(_profile(tiny_model, clip, tmp_path / "out"), capsys)
+    assert code == 2 and err.strip() == (
+        f"vitmad: error: --images: {clip}: video clips, and ViTModel (hf:{tiny_model}) is no video model (no frame "
+        "count in its config): it takes images; pass image files, or a video model with --model")
+    command = _profile(tiny_model, image_folder, tmp_path / "out")
+    command.insert(command.index("--images") + 2, str(clip))
+    with pytest.warns(UserWarning, match=rf"left out 1 video clips among --images \({clip}\): ViTModel"):
+        assert _run(command, capsys)[0] == 0
+    assert str(clip) not in (tmp_path / "out" / "mad.json").read_text()
+
+
 def test_mad_json_names_the_files_the_run_wrote_and_a_users_figure_beside_a_no_figures_run_is_kept(
         tiny_model, image_folder, tmp_path, capsys):
     """QA 270: a user's mad.png beside a --no-figures run's results was removed by the next run as the earlier

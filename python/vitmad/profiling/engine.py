@@ -654,7 +654,8 @@ def resume_state(plan: RunPlan, resume: bool) -> RunState:
         return RunState()
     saved = load_checkpoint(plan.checkpoint, plan.fingerprint, plan.identity, plan.earlier_fingerprint)
     if saved is None:  # said, not silent: a mistyped --out resumes nothing and runs every image again
-        warnings.warn(f"resume: no checkpoint at {plan.checkpoint}; starting from the first image", stacklevel=3)
+        # Worded without the parameter's name, which the command spells --resume (QA 290).
+        warnings.warn(f"no checkpoint to resume at {plan.checkpoint}; starting from the first image", stacklevel=3)
         return RunState()
     return RunState.from_state_dict(saved)
 

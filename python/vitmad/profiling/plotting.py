@@ -232,12 +232,20 @@ def _depth_label(profile) -> str:
     return "Profiled layer (of those named in layers=)" if profile.layers_named else "Network depth (layer)"
 
 
+def renormalized(profile) -> bool:
+    """Whether ``profile``'s MAD (and temporal MAD) is renormalized: a quantity of its own, at least the plain MAD,
+    which its figures and comparisons say (QA 290: drawn beside a plain profile without a word)."""
+    return bool(profile.settings.get("renormalize"))
+
+
 def _finish_depth_figure(plt, fig, ax, profile, statistic: str, depth: list[int], num_heads: int, path,
                          title: str | None, note: str | None = None) -> None:
     ax.set_xlabel(_depth_label(profile) + ("" if note is None else "\n" + textwrap.fill(note, 72)))
     label = STAT_LABELS.get(statistic, statistic)
     if statistic == "mad" and profile.distance_unit != "px":  # volumes
         label = f"Mean attention distance ({'millimetres' if profile.distance_unit == 'mm' else 'voxels'})"
+    if statistic == "mad" and renormalized(profile):
+        label += ",\nrenormalized (over the attention on patches)"
     ax.set_ylabel(label)
     ax.set_xticks(depth if len(depth) <= 24 else depth[::max(1, len(depth) // 12)])
     ax.set_ylim(bottom=0)
@@ -307,7 +315,9 @@ def plot_space_time(profile, path: str | os.PathLike, *, title: str | None = Non
         path: image file to write (``.png``, ``.pdf``, ``.svg``).
     """
     plt = _pyplot()
-    panels = ((profile.mad.numpy(), "Spatial MAD (pixels)"), (profile.temporal_mad.numpy(), "Temporal MAD (frames)"))
+    marked = ", renormalized" if renormalized(profile) else ""
+    panels = ((profile.mad.numpy(), f"Spatial MAD (pixels){marked}"),
+              (profile.temporal_mad.numpy(), f"Temporal MAD (frames){marked}"))
     num_layers, num_heads = panels[0][0].shape
     fig, axes = plt.subplots(1, 2, figsize=(11 if num_layers <= 24 else 14, 4.8))
     colours = _head_colours(plt, num_heads)
@@ -370,7 +380,7 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     same_depth = len({v.shape[0] for v in values}) == 1
-    for per_head, label, own in zip(values, labels, heads):
+    for per_head, label, own, profile in zip(values, labels, heads, profiles):
         padding = torch.arange(per_head.shape[1])[None, :] >= torch.tensor(own)[:, None]
         missing = per_head.isnan()
         num_layers = per_head.shape[0]
@@ -379,6 +389,8 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
             x = (x - 1) / max(num_layers - 1, 1)
         if bool(missing.all()):  # in the legend all the same, saying why it has no points
             label = f"{label} (no values: not defined in its layers)"
+        elif statistic in ("mad", "temporal_mad") and renormalized(profile):
+            label = f"{label} (renormalized)"
         if label.startswith("_"):  # matplotlib leaves such labels out of the legend (QA 259): a space before it
             label = " " + label
         mean = per_head.masked_fill(padding, 0.0).sum(1) / torch.tensor(own, dtype=per_head.dtype)
@@ -392,6 +404,10 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
     ax.set_xlabel(("Network depth (layer)" if same_depth else "Relative depth") + (
         "" if not subsets else "\n" + textwrap.fill(f"{', '.join(subsets)}: the layers named in layers=, counted "
                                                     "in the order they ran, not at the model's depth", 72)))
+    if same_depth:  # layers are counted: 1, 2, not 1.0, 1.2, ... (QA 290)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     unit = next(iter(units))
     ax.set_ylabel(f"Mean attention distance ({'millimetres' if unit == 'mm' else 'voxels'})"
                   if statistic == "mad" and unit != "px" else STAT_LABELS.get(statistic, statistic))
