@@ -325,3 +325,32 @@ def test_strided_outputs_sit_at_the_centre_of_their_stride_cell(pool, size):
     grid_out, centres = strided_module_centres(size, (16.0, 16.0), pool)
     assert grid_out == tuple(out)
     torch.testing.assert_close(centres.double(), grid(axis(out[0], step, 16), axis(out[1], step, 16)))
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("efficientformerv2_s0", {"img_size": (64, 96), "depths": (1, 1, 3, 3), "embed_dims": (8, 16, 24, 32)}),
+    ("nextvit_small", {}),
+    ("visformer_tiny", {"img_size": (64, 96), "embed_dim": 48, "num_heads": 2, "depth": (1, 1, 1)}),
+    ("csatv2", {"depths": (1, 1, 2, 2), "transformer_depths": (0, 0, 1, 1)}),
+])
+def test_a_features_only_backbone_is_recorded_as_its_model(name, options):
+    """timm's features_only wrapper holds the model's children without the model's own class, which these
+    families read their strides from: a bare StopIteration / AttributeError (QA 293), CSATv2 refused as a second
+    tower. The model itself is checked against its eager attention above (test_record_csatv2.py for CSATv2)."""
+    size = (64, 64) if name == "csatv2" else (64, 96)
+    pixels = torch.randn(2, 3, *size)
+    recorded = []
+    for features_only in (False, True):
+        torch.manual_seed(9)
+        model = timm.create_model(name, pretrained=False, features_only=features_only, **options).eval()
+        with torch.no_grad():
+            plain = model(pixels)
+            with vitmad.record(model) as rec:
+                outputs = model(pixels)
+        assert all(map(torch.equal, outputs, plain)) if features_only else torch.equal(outputs, plain)
+        recorded.append(rec)
+    whole, features = recorded
+    # The wrapper's names: stages_0... (FeatureListNet), model.<name> (Visformer's FeatureGetterNet).
+    assert [n.removeprefix("model.").replace("stages_", "stages.", 1) for n in features.layers] == whole.layers
+    torch.testing.assert_close(features.mad, whole.mad, rtol=0, atol=0, equal_nan=True)
+    assert [g.stride for g in features.geometry] == [g.stride for g in whole.geometry]

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..module_index import module_list
 from ..placement import NotPlaceable, cell_centres
-from .stages import KeyLayout, StageGrid, StagePlacer, defined_in, global_keys, owner_of, strided_modules
+from .stages import KeyLayout, StageGrid, StagePlacer, defined_in, global_keys, owner_or_features, strided_modules
 
 __all__ = ["placer"]
 
@@ -41,11 +41,11 @@ def _sequence_pooled_keys(pool: nn.AvgPool1d) -> KeyLayout:
 
 def placer(model: nn.Module, name: str, module: nn.Module):
     if defined_in(module, "EfficientAttention", "nextvit"):
-        owner = owner_of(model, "NextViT", "nextvit")
+        owner = owner_or_features(model, "NextViT", "nextvit")
         attention = tuple(m for m in module_list(owner) if defined_in(m, "EfficientAttention", "nextvit"))
         keys = global_keys if module.sr is None else _sequence_pooled_keys(module.sr)
         return StagePlacer(StageGrid(model, strided_modules(owner, attention)), keys)
     if defined_in(module, "Attention", "visformer"):
-        owner = owner_of(model, "Visformer", "visformer")
+        owner = owner_or_features(model, "Visformer", "visformer")
         return StagePlacer(StageGrid(model, strided_modules(owner)))
     return None

@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..module_index import module_list, named_module_list
-from .stages import StageGrid, StagePlacer, defined_in, owner_of, strided_modules
+from .stages import StageGrid, StagePlacer, defined_in, owner_or_features, strided_modules
 
 __all__ = ["placer", "attention_modules"]
 
@@ -34,11 +34,13 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _stage_grid(model: nn.Module, csatv2: nn.Module) -> StageGrid:
-    """The stem (stride ``k``), then the stages' strided convolutions and the downsampling blocks' ``pool2``."""
+    """The stem (stride ``k``), then the stages' strided convolutions and the downsampling blocks' ``pool2``.
+    ``csatv2``: the model, or timm's ``features_only`` wrapper of its children (``stem_dct``, ``stages_0`` ...)."""
     stem = csatv2.stem_dct
-    shortcut_pools = tuple(m.pool1 for m in module_list(csatv2.stages)
+    stages = getattr(csatv2, "stages", csatv2)
+    shortcut_pools = tuple(m.pool1 for m in module_list(stages)
                            if defined_in(m, "TransformerBlock", "csatv2") and m.downsample)
-    later = strided_modules(csatv2.stages, inside=shortcut_pools)
+    later = strided_modules(stages, inside=(stem, *shortcut_pools))  # the stem's own convolutions: stride 1
     return StageGrid(model, [stem, *later], strides=[int(stem.k), *(m.stride for m in later)])
 
 
@@ -49,8 +51,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return Skip(_ACROSS_IMAGES)
     if not hasattr(module, "fused_attn"):
         return None
-    csatv2 = owner_of(model, "CSATv2", "csatv2")
-    if csatv2 is None or not any(defined_in(m, "TransformerBlock", "csatv2") and m.attn is module
-                                 for m in module_list(csatv2.stages)):
+    csatv2 = owner_or_features(model, "CSATv2", "csatv2")  # features_only: refused as a second tower (QA 293)
+    if csatv2 is None or not hasattr(csatv2, "stem_dct") or not any(
+            defined_in(m, "TransformerBlock", "csatv2") and m.attn is module for m in module_list(csatv2)):
         return None
     return StagePlacer(_stage_grid(model, csatv2))

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..module_index import module_list, named_module_list
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, cell_centres
-from .stages import defined_in, grid_placement, pair, strided_module_centres
+from .stages import defined_in, features_wrapper, grid_placement, pair, strided_module_centres
 
 __all__ = ["placer", "attention_modules"]
 
@@ -43,7 +43,8 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def _input_strides(model: nn.Module) -> dict[int, tuple[float, float]]:
     """Per attention module (by id), the pixel stride of the grid it reads."""
-    owner = next(m for m in module_list(model) if any(defined_in(m, *c) for c in _MODELS))
+    owner = next((m for m in module_list(model) if any(defined_in(m, *c) for c in _MODELS)), None) \
+        or features_wrapper(model)
     stride, before, strides, inside = (1.0, 1.0), {}, {}, []
     for name, module in named_module_list(owner):
         if any(name.startswith(outer + ".") for outer in inside):

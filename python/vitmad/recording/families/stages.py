@@ -32,6 +32,7 @@ from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, P
 __all__ = ["matching_design", "reduction_before", "innermost_on_path", "backbone_layer", "Stage", "StageGrid",
            "StagePlacer", "KeyLayout", "global_keys", "strided_modules", "strided_centres", "strided_axis",
            "strided_module_centres", "adaptive_centres", "grid_placement", "pair", "defined_in", "owner_of",
+           "owner_or_features", "features_wrapper",
            "forward_arguments"]
 
 
@@ -83,6 +84,24 @@ def owner_of(model: nn.Module, class_name: str, module_suffix: str) -> nn.Module
     """The first module of ``model`` (itself included) of the class ``class_name`` defined in ``*module_suffix``:
     the model around an attention module (PiT, CrossViT, NextViT, CSATv2), or None."""
     return next((m for m in module_list(model) if defined_in(m, class_name, module_suffix)), None)
+
+
+# timm's features_only wrappers: they hold the model's children (its stem, stages, ...) in their order, flattened
+# one level at most, and no module of the model's own class (timm.models._features).
+_FEATURE_WRAPPERS = ("FeatureListNet", "FeatureDictNet", "FeatureHookNet")
+
+
+def features_wrapper(model: nn.Module) -> nn.Module | None:
+    """The timm ``features_only`` wrapper in ``model`` (itself included), or None: where the model's own class is
+    gone, it stands for the model wherever the modules' order is all that is read (the strides before each
+    attention; a None owner crashed, QA 293: EfficientFormerV2, NextViT)."""
+    return next((m for m in module_list(model) if any(defined_in(m, name, "_features") for name in _FEATURE_WRAPPERS)),
+                None)
+
+
+def owner_or_features(model: nn.Module, class_name: str, module_suffix: str) -> nn.Module | None:
+    """:func:`owner_of`, or where ``model`` holds no module of that class, its :func:`features_wrapper`."""
+    return owner_of(model, class_name, module_suffix) or features_wrapper(model)
 
 
 def matching_design(module: nn.Module, designs, attribute: str):
