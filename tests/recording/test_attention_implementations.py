@@ -442,3 +442,31 @@ def test_sdpa_replaced_by_a_wrapper_that_calls_it_is_still_recorded(monkeypatch)
         model(pixels)
     assert len(wrapped) == 2 and again.layers == rec.layers
     torch.testing.assert_close(again.mad, rec.mad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_causal_attention_is_refused_whether_fused_or_computed_by_the_module(fused):
+    """timm's forward(x, is_causal=True): the SDPA path was refused, the module's own softmax (fused_attn=False)
+    recorded the causal attention's MAD without a word (QA 293). Its probabilities are checked to be the causal
+    attention's first, then the refusal."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              embed_dim=24, num_heads=3).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    pixels = torch.randn(2, 3, 32, 32)
+    if not fused:  # the premise: the module's probabilities weigh no later key
+        seen = []
+        hook = model.blocks[0].attn.attn_drop.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+        with torch.no_grad():
+            model(pixels, is_causal=True)
+        hook.remove()
+        assert bool((seen[0].triu(1) == 0).all()) and bool((seen[0].tril(-1) > 0).any())
+    with torch.no_grad(), pytest.raises(ValueError, match=r"vitmad.record: blocks\.0\.attn .*runs causal attention"):
+        with vitmad.record(model):
+            model(pixels, is_causal=True)
+    # The same model without is_causal is recorded: the check refuses causal attention alone.
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    assert rec.mad.isfinite().all()

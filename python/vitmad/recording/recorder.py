@@ -72,7 +72,7 @@ from .families.plain import (
     keeps_image_layout,
 )
 from .families.sam_map_encoder import is_second_encoder_of
-from .flex_call import unread_flex_refusal
+from .flex_call import refuse_causal, unread_flex_refusal
 from .forward_owner import (
     ForwardOwner,
     ModuleCall,
@@ -1382,6 +1382,10 @@ class Recording:
         if _not_recorded():
             return
         placement = self._place(name, attn.shape[:-2], attn.shape[-2], attn.shape[-1])
+        # Causal attention, refused where its SDPA or flex form is (QA 293: timm's forward(x, is_causal=True) with
+        # fused_attn=False was recorded): its first query weighs no later key. Only then is every row read.
+        if attn.shape[-1] == attn.shape[-2] >= 2 and bool((attn[..., 0, 1:] == 0).all()):
+            refuse_causal(name, attn != 0, "its attention probabilities weigh")
 
         def measure(positions, key_positions, renormalize, stats=()):
             if not stats:
