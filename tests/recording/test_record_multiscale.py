@@ -192,7 +192,8 @@ def test_crossvit_forward_features_after_a_forward_is_not_placed_at_that_forward
     with torch.no_grad(), vitmad.record(model) as rec:
         model(torch.randn(1, 3, 240, 240))
         with pytest.raises(ValueError, match=r"blocks\.0\.blocks\.0\.0\.attn \(Attention\) of CrossVit: it ran "
-                                             r"outside CrossVit\.forward, so the size of the model's input is unknown"):
+                                             r"outside CrossVit\.forward, so the size of the model's input is unknown "
+                                             r"\(each branch sees it resized\); record a call of the model itself"):
             model.forward_features(torch.randn(1, 3, 224, 224))
     assert len(rec.calls) == 1 and rec.geometry[1].stride == pytest.approx((16.0 * 240 / 224,) * 2)
 

@@ -65,7 +65,11 @@ class CrossVitBranchPlacer(LayerPlacer):
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         stage = self.stages.current(context)
         if self.input_size is None:
-            raise NotPlaceable("it ran outside CrossVit.forward, so the size of the model's input is unknown")
+            # forward_intermediates and timm's features_only wrapper resize the input for each branch themselves
+            # (QA 293): what to run instead is said.
+            raise NotPlaceable("it ran outside CrossVit.forward, so the size of the model's input is unknown (each "
+                               "branch sees it resized); record a call of the model itself, model(x), not "
+                               "forward_intermediates or a features_only copy")
         scaled = pair(self.crossvit.img_size_scaled[self.branch])
         cropped = self.crossvit.crop_scale and all(s <= n for s, n in zip(scaled, self.input_size))
         # The branch sees the input resized to `scaled` (or cropped to it, which moves every token alike).
