@@ -931,7 +931,8 @@ class Recording:
                     self._second_towers.setdefault(root)
                 placer = Skip(
                     f"in {root}, {_SECOND_TOWER} with its own patch embedding ({root}."
-                    f"{own[0]}) beside {prefix[:-1]}, the one this recording places (one patch grid per recording); "
+                    f"{own[0]}) beside {prefix[:-1]}, whose patch grid this recording reads (the model's first "
+                    "image tower, whether its layers are named or not: one patch grid per recording); "
                     f"record it on its own, vitmad.record(model.get_submodule('{root}')) (both recordings may be "
                     "active around one forward), or pass positions=<[N, 2] pixel position of each token, NaN rows "
                     "for tokens off the image>"
