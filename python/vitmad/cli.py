@@ -634,8 +634,8 @@ def _compare_command(args: argparse.Namespace, run) -> None:
     marked = [path for path, profile in zip(args.results, profiles) if renormalized(profile)]
     if marked and len(marked) < len(profiles):  # two quantities on one axis: drawn, each marked, and said
         warnings.warn(f"{', '.join(marked)} profiled with --renormalize (each query's distance over its attention "
-                      "on patches, at least the plain MAD) beside results without it: their MAD curves are marked "
-                      "(renormalized) and differ by more than the models do", stacklevel=2)
+                      "on patches, at least the plain MAD) beside results without it: a quantity of its own, whose "
+                      "curves are marked (renormalized)", stacklevel=2)
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise ValueError(f"--out: {out} is a folder; name the figure file, such as {out / 'compare.png'}")

@@ -402,3 +402,14 @@ def test_a_fixed_size_a_tensor_and_videos_for_an_image_model_are_refused(folders
         vitmad.profile(spec, torch.zeros(1, 4, 3, 16, 16), videos=True, device="cpu")
     with pytest.raises(OptionError, match=r"videos: .* is no video model .* and no packed vision tower"):
         vitmad.profile(f"hf:{tiny_model}", clips, videos=True, device="cpu")
+
+
+def test_videos_false_as_numpy_bool_is_false(folders, clips):
+    """videos=np.False_ (taken as a flag since 2026-12-06) went the auto-detecting way of None: a clip given to a
+    packed tower was profiled as a video where videos=False reads it as an image and reads none (QA 294)."""
+    spec = f"hf:{folders / 'qwen2_5_vl'}"
+    for flag in (False, np.False_):
+        with pytest.warns(UserWarning, match=r"skipping image .*a\.mp4"):
+            with pytest.raises(OptionError, match="images: none of the 1 images could be read"):
+                vitmad.profile(spec, [clips / "a.mp4"], videos=flag, image_size="native", device="cpu")
+    assert vitmad.profile(spec, [clips / "a.mp4"], videos=np.True_, device="cpu").count == 1

@@ -498,6 +498,7 @@ def plan_run(
     check_layers(layers)
     if videos is not None:
         check_flag("videos", videos)
+        videos = bool(videos)  # NumPy's False is no `False` to the `is` tests below (QA 294)
     stats = resolve_stats(stats)
     run = distributed if distributed is not None else current_run()
     rank, world = (run.rank, run.world_size) if run else (0, 1)
