@@ -119,6 +119,10 @@ WRONG_TYPES = [
     (lambda: vitmad.mad(A197, torch.tensor(True)), "vitmad.mad: patch must be an int, got a torch.bool tensor "
                                                    "tensor(True)"),
     (lambda: vitmad.mad(A197, np.bool_(True)), "vitmad.mad: patch must be an int, got the bool True"),
+    (lambda: vitmad.mad(A197, 16, grid=[torch.tensor(True), 196]), "vitmad.mad: grid must hold integers, got "
+                                                                   "[tensor(True), 196]"),  # QA 294: a 1 x 196 grid
+    (lambda: vitmad.grid_positions(torch.tensor(True), 4, 16), "vitmad.grid_positions: grid_h must be an int, got "
+                                                               "tensor(True)"),
     (lambda: vitmad.mad_qk(_Q, _Q, torch.tensor(16.9)), "vitmad.mad_qk: patch must be an int, got a torch.float32 "
                                                         "tensor"),
     (lambda: vitmad.attention_stats(A197, torch.tensor(16.5)), "vitmad.attention_stats: patch must be an int, got a "

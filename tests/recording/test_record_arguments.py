@@ -28,6 +28,9 @@ def _tiny_vit():
     (None, {"num_prefix_tokens": "1"}, ValueError, "vitmad.record: num_prefix_tokens must be an int >= 0, got '1'"),
     (None, {"num_prefix_tokens": True}, ValueError, "vitmad.record: num_prefix_tokens must be an int >= 0"),
     (None, {"patch": True}, ValueError, "vitmad.record: patch must be a positive int (pixels), got True"),
+    # A bool tensor is no patch size either (QA 294: recorded with patch 1).
+    (None, {"patch": torch.tensor(True)}, ValueError, "vitmad.record: patch must be a positive int (pixels), got "
+                                                      "tensor(True)"),
     (None, {"layers": [1]}, TypeError, "vitmad.record: layers must be a list of names or patterns (strings)"),
     (None, {"layers": []}, ValueError, "vitmad.record: layers must name at least one module (None records every "
                                        "attention layer), got an empty list"),

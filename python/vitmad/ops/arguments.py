@@ -265,7 +265,7 @@ def grid_ints(grid, op_name: str) -> list[int] | None:
 def index_int(value) -> int | None:
     """``value`` as an int where it is an integer of any kind (Python, NumPy, a 0-d integer tensor), never a bool
     nor a float rounded toward zero; None otherwise."""
-    if isinstance(value, bool):
+    if is_bool(value) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):  # tensor(True) is 1 too
         return None
     try:
         return operator.index(value)
