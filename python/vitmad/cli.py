@@ -143,31 +143,6 @@ def _images(sources: list[str], ours: list[Path]) -> list[Path]:
     return kept
 
 
-def _without_clips(files: list[Path], model: str, packed: bool) -> list[Path]:
-    """The image files among ``files`` for ``model`` profiling images: a clip named on the command line was
-    skipped as an unidentified image, and the run then refused as reading none, without a word that the model
-    takes no clips (QA 290). Refused where they are all clips, else left out and said. ``packed``: a packed vision
-    tower, which takes clips given alone, with --videos."""
-    from .profiling.options import OptionError
-    from .profiling.videos import is_video_source
-
-    clips = [f for f in files if f.is_file() and is_video_source(f)]
-    if not clips:
-        return files
-    shown = ", ".join(map(str, clips[:3])) + (" ..." if len(clips) > 3 else "")
-    if packed:  # Qwen2-VL and its kin: clips alone, as --videos, or images alone
-        why = f"{model} takes clips apart from images, given alone with --videos"
-    else:
-        why = f"{model} is no video model (no frame count in its config)"
-    if len(clips) == len(files):
-        raise OptionError("images", f"{shown}: video clips, and {why}: " + (
-            "pass them with --videos" if packed else "it takes images; pass image files, or a video model with "
-                                                     "--model"))
-    warnings.warn(f"left out {len(clips)} video clips among --images ({shown}): {why}", stacklevel=1)
-    left_out = set(clips)
-    return [f for f in files if f not in left_out]
-
-
 def _check_resume_world_size(out: Path, run) -> None:
     """Refuse to resume checkpoints written by a different number of processes (their shards differ)."""
     world = 1 if run is None else run.world_size
@@ -341,7 +316,7 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
     )
     from .profiling.packed_towers import find_packed_tower
     from .profiling.plotting import plot_image_prefix_maps, plot_mad_maps
-    from .profiling.videos import find_videos, is_video_source, model_frames
+    from .profiling.videos import find_videos, is_video_source, model_frames, without_clips
     from .profiling.volumes import find_volumes
 
     # Every flag is resolved into the object profile() takes, cheapest and most likely mistakes first: a
@@ -409,8 +384,8 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
         # source, and its images were dropped (or read as frames of one video).
         files = _images(args.images, ours)
     if not (volumes or video_model or packed_videos):
-        files = _without_clips(files, f"{type(loaded.module).__name__} ({args.model})",
-                               find_packed_tower(loaded.module) is not None)
+        files = without_clips(files, f"{type(loaded.module).__name__} ({args.model})",
+                              find_packed_tower(loaded.module) is not None, ("--videos", "--model"))
     if (video_model or packed_videos) and out.resolve() in files:
         # Its frames are every image in it: this run's figures would join them.
         raise OptionError("out", f"{out} is a folder of frames among --images; pass another folder")

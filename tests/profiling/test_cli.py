@@ -81,7 +81,8 @@ def test_compare_overlays_results(tiny_model, image_folder, tmp_path, capsys):
     # A run's --out folder stands for its mad.json (QA 290: IsADirectoryError's words); a folder without one is
     # said so. A renormalized MAD beside a plain one is said (QA 290: drawn on one axis without a word).
     with pytest.warns(UserWarning, match=f"{tmp_path / 'b' / 'mad.json'} profiled with --renormalize .* beside "
-                                         "results without it: their MAD curves are marked \\(renormalized\\)"):
+                                         "results without it: a quantity of its own, whose curves are marked "
+                                         "\\(renormalized\\)"):
         code, stdout, _ = _run(["compare", tmp_path / "a", tmp_path / "b" / "mad.json",
                                 "--labels", "plain", "renormalised", "--out", tmp_path / "cmp.png"], capsys)
     assert code == 0 and (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"

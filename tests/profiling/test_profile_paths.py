@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import vitmad
 from conftest import IMAGE_COUNT, save_tiny_hf_vit
 from vitmad.cli import main
 from vitmad.profiling.images import find_images, parse_image_size
@@ -427,19 +428,31 @@ def test_videos_given_to_an_image_model_are_refused(tiny_model, image_folder, tm
 
 
 def test_clips_named_among_images_for_an_image_model_are_said_to_be_clips(tiny_model, image_folder, tmp_path, capsys):
-    """QA 290: a clip given with --images to an image model was skipped as an unidentified image, and the run
-    refused as reading none, without a word that the model takes no clips."""
-    clip = tmp_path / "a.mp4"
+    """QA 290, 294: a clip given among the images of an image model was skipped as an unidentified image, and the
+    run refused as reading none, without a word that the model takes no clips (the command and profile() alike; a
+    folder of clips alone said it held no images)."""
+    clip = tmp_path / "clips" / "a.mp4"
+    clip.parent.mkdir()
     clip.write_bytes(b"\x00\x00\x00\x18ftypmp42")  # its name makes it a clip; never decoded
     code, _, err = _run(_profile(tiny_model, clip, tmp_path / "out"), capsys)
     assert code == 2 and err.strip() == (
-        f"vitmad: error: --images: {clip}: video clips, and ViTModel (hf:{tiny_model}) is no video model (no frame "
+        f"vitmad: error: --images: {clip}: a video clip, and ViTModel (hf:{tiny_model}) is no video model (no frame "
         "count in its config): it takes images; pass image files, or a video model with --model")
+    code, _, err = _run(_profile(tiny_model, clip.parent, tmp_path / "out"), capsys)
+    assert code == 2 and err.strip().endswith(f"found in folder {clip.parent}; it holds video clips, which a video "
+                                              "model takes")
     command = _profile(tiny_model, image_folder, tmp_path / "out")
     command.insert(command.index("--images") + 2, str(clip))
-    with pytest.warns(UserWarning, match=rf"left out 1 video clips among --images \({clip}\): ViTModel"):
+    with pytest.warns(UserWarning, match=rf"left out a video clip among the images \({clip}\): ViTModel"):
         assert _run(command, capsys)[0] == 0
     assert str(clip) not in (tmp_path / "out" / "mad.json").read_text()
+    # profile() in Python: the same, its warning at the caller's line.
+    with pytest.raises(OptionError, match=r"a video clip, and ViTModel .* pass image files, or a video model with "
+                                          r"model=\.\.\.$"):
+        vitmad.profile(f"hf:{tiny_model}", [clip], device="cpu")
+    with pytest.warns(UserWarning, match="left out a video clip among the images") as said:
+        result = vitmad.profile(f"hf:{tiny_model}", [clip, *sorted(Path(image_folder).iterdir())[:2]], device="cpu")
+    assert result.count == 2 and result.skipped == [] and [w.filename for w in said] == [__file__]
 
 
 def test_mad_json_names_the_files_the_run_wrote_and_a_users_figure_beside_a_no_figures_run_is_kept(

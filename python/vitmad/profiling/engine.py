@@ -70,7 +70,7 @@ from .packed_videos import PackedVideoFeed, load_packed_video_batch, packed_vide
 from .prefix_maps import PrefixMapSums
 from .results import Profile, layout_dict
 from .stats import RunningStats
-from .videos import find_videos, is_video_source, load_video_batch, model_frames
+from .videos import find_videos, is_video_source, load_video_batch, model_frames, without_clips
 from .volumes import VolumeBatch, VolumePreprocessing, find_volumes, load_volume_batch, spacing_groups
 
 if TYPE_CHECKING:
@@ -356,11 +356,13 @@ def model_input_size(module: torch.nn.Module) -> tuple[int, int] | None:
 
 def _image_batches(images, preprocessing, batch_size: int, max_images: int | None, pool: Executor | None,
                    frames: int | None = None, native: NativeFeed | PackedVideoFeed | None = None,
-                   channels: int | None = None, input_size: tuple[int, int] | None = None):
+                   channels: int | None = None, input_size: tuple[int, int] | None = None,
+                   model: tuple[str, bool] = ("the model", False)):
     """Image (or, for a video model taking ``frames`` frames, video) names and a function loading global batch
     ``i``; ``native``: each image at its own aspect ratio, or (:class:`PackedVideoFeed`) each clip through a packed
     tower's video processor; ``channels``, ``input_size``: what a pixel tensor must have, where the model says
-    (:func:`~vitmad.recording.towers.image_channels`, :func:`model_input_size`)."""
+    (:func:`~vitmad.recording.towers.image_channels`, :func:`model_input_size`); ``model``: its name and whether it
+    is a packed vision tower, for the message on clips among images."""
     packed_videos = isinstance(native, PackedVideoFeed)
     volumes = isinstance(preprocessing, VolumePreprocessing)
     if volumes and isinstance(images, torch.Tensor):
@@ -440,6 +442,8 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
         files = find_volumes(images)
     else:
         files = find_images(images) if frames is None and not packed_videos else find_videos(images)
+        if frames is None and not packed_videos:
+            files = without_clips(files, *model, stacklevel=4)  # at the caller of profile()
     if max_images:
         files = files[:max_images]
     if (frames is not None or packed_videos) and any(not f.is_dir() for f in files):
@@ -532,7 +536,9 @@ def plan_run(
         # A tensor is fed as it is: its size is checked as a given image_size is.
         _check_patches_fit(loaded.module, tuple(images.shape[-2:]), "images")
     names, load = _image_batches(images, preprocessing, batch_size, max_images, decoders, frames, native,
-                                 image_channels(loaded.module), model_input_size(loaded.module))
+                                 image_channels(loaded.module), model_input_size(loaded.module),
+                                 (f"{type(loaded.module).__name__} ({loaded.spec})",
+                                  find_packed_tower(loaded.module) is not None))
     settings = {
         "renormalize": bool(renormalize),
         "dtype": str(torch_dtype).removeprefix("torch."),

@@ -103,8 +103,12 @@ def find_images(sources: str | os.PathLike | Sequence[str | os.PathLike],
         if path.is_dir():
             files = sorted(p for p in folder_files(path) if p.suffix.lower() in IMAGE_EXTENSIONS and not excluded(p))
             if not files:
-                raise OptionError(
+                from .videos import VIDEO_EXTENSIONS  # (videos imports this module)
+
+                clips = any(p.suffix.lower() in VIDEO_EXTENSIONS for p in folder_files(path))
+                raise OptionError(  # a folder of clips for an image model: said so (QA 294)
                     "images", f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in folder {path}"
+                    + ("; it holds video clips, which a video model takes" if clips else "")
                 )
             found.extend(files)
         elif path.is_file() or path.is_symlink():  # a dangling link is listed as skipped, with the reason

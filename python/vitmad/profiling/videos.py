@@ -29,8 +29,8 @@ from .images import IMAGE_EXTENSIONS, Preprocessing, exclusion, folder_files, lo
 from .options import OptionError, import_optional, missing_path
 from .torchvision_models import video_frames
 
-__all__ = ["VIDEO_EXTENSIONS", "model_frames", "find_videos", "is_video_source", "sample_indices", "load_video",
-           "load_video_batch", "video_processor_settings"]
+__all__ = ["VIDEO_EXTENSIONS", "model_frames", "find_videos", "is_video_source", "without_clips", "sample_indices",
+           "load_video", "load_video_batch", "video_processor_settings"]
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg")
 
@@ -93,6 +93,37 @@ def is_video_source(path: str | os.PathLike) -> bool:
     if path.is_file():
         return path.suffix.lower() in VIDEO_EXTENSIONS
     return path.is_dir() and any(p.suffix.lower() in VIDEO_EXTENSIONS for p in folder_files(path))
+
+
+def without_clips(files: list[Path], model: str, packed: bool,
+                  spelled: tuple[str, str] = ("videos=True", "model=..."), stacklevel: int = 2) -> list[Path]:
+    """The image files among ``files`` for ``model`` profiling images: a clip named among them was skipped as an
+    unidentified image, and the run then refused as reading none, without a word that the model takes no clips
+    (QA 290, 294). Refused where they are all clips, else left out and said.
+
+    Args:
+        model: the model as the message names it.
+        packed: a packed vision tower, which takes clips given alone, as videos.
+        spelled: how the caller spells "the sources are videos" and the model parameter (the command's flags).
+        stacklevel: the warning's, to point at the caller's call.
+    """
+    clips = [f for f in files if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS]
+    if not clips:
+        return files
+    shown = ", ".join(map(str, clips[:3])) + (" ..." if len(clips) > 3 else "")
+    kind = "a video clip" if len(clips) == 1 else "video clips"
+    videos, model_parameter = spelled
+    if packed:  # Qwen2-VL and its kin: clips alone (as videos) or images alone
+        why = f"{model} takes clips apart from images, given alone with {videos}"
+    else:
+        why = f"{model} is no video model (no frame count in its config)"
+    if len(clips) == len(files):
+        raise OptionError("images", f"{shown}: {kind}, and {why}: " + (
+            f"pass {'it' if len(clips) == 1 else 'them'} with {videos}" if packed else
+            f"it takes images; pass image files, or a video model with {model_parameter}"))
+    warnings.warn(f"left out {kind} among the images ({shown}): {why}", stacklevel=stacklevel + 1)
+    left_out = set(clips)
+    return [f for f in files if f not in left_out]
 
 
 def _folders(path: Path) -> list[Path]:
