@@ -10,6 +10,7 @@ and exit status 2.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import os
@@ -692,9 +693,14 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     # The top level takes no values, so the first word that is no flag is the subcommand: an unknown flag before
     # it is the top level's (`vitmad --bogus profile` pointed to profile's --help).
-    before = argv[:argv.index(args.command)] if args.command in argv else []
-    if any(token in before for token in unknown):
-        parser.error(f"unrecognized arguments: {' '.join(token for token in unknown if token in before)}")
+    before = collections.Counter(argv[:argv.index(args.command)] if args.command in argv else [])
+    top = []
+    for token in unknown:  # in order: the top level's come first, and a flag given again after is the subcommand's
+        if before[token] > 0:
+            before[token] -= 1
+            top.append(token)
+    if top:
+        parser.error(f"unrecognized arguments: {' '.join(top)}")
     if unknown:  # said by the subcommand's parser, whose --help lists its flags (not the top level's)
         command = next(action.choices[args.command] for action in parser._actions
                        if isinstance(action, argparse._SubParsersAction))

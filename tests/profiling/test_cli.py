@@ -172,6 +172,7 @@ def test_a_failed_run_leaves_no_empty_output_folder(tmp_path, capsys):
     # Before the subcommand: the top level's flag, whose --help it is (was "see vitmad profile --help").
     (["--bogus", "profile", "--resume"], "unrecognized arguments: --bogus (see vitmad --help)"),
     (["--bogus", "compare", "a.json", "--out", "c.png"], "unrecognized arguments: --bogus (see vitmad --help)"),
+    (["-x", "compare", "a.json", "--out", "c.png", "-x"], "unrecognized arguments: -x (see vitmad --help)"),
 ])
 def test_argparse_mistakes_end_with_one_vitmad_error_line(args, message, capsys):
     """Values argparse itself refuses (type, choice, unknown flag) printed its usage block and 'vitmad profile:

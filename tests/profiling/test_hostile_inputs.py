@@ -258,8 +258,11 @@ def test_layers_that_match_nothing_or_compute_no_attention_are_option_errors():
                                           r"qualified names"):
         vitmad.profile(_tiny_vit_module(), pixels, device="cpu", layers=["nope.*"])
     with pytest.warns(UserWarning, match="embeddings .* named in layers, ran without computing attention"):
+        # No rec.skipped to read here (QA 294): the attention modules to name instead.
         with pytest.raises(OptionError, match=r"^layers: ViTModel ran, but none of the 1 modules being recorded "
-                                              r"\(embeddings\) computed attention"):
+                                              r"\(embeddings\) computed attention .* in that forward call; name the "
+                                              r"modules that compute its attention, such as layers\.0\.attention, "
+                                              r"layers\.1\.attention$"):
             vitmad.profile(_tiny_vit_module(), pixels, device="cpu", layers=["embeddings"])
 
 

@@ -301,7 +301,8 @@ def test_a_resume_follows_the_model_folder_not_its_spelling_and_refuses_an_edite
     config = json.loads(Path("tiny/config.json").read_text())
     Path("tiny/config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
     code, _, err = _run([*args, "--resume"], capsys)
-    assert code == 2 and "(changed since: the model's architecture or configuration (its config.json)); rerun" in err
+    assert code == 2 and ("(changed since: the model's architecture or configuration (a transformers model's "
+                          "config.json, another's modules)); rerun") in err
 
 
 def test_a_resume_of_a_module_whose_activation_was_swapped_is_refused(tmp_path, monkeypatch):

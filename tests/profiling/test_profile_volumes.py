@@ -251,6 +251,13 @@ def test_the_command_writes_its_outputs_and_a_resume_equals_one_run(volumes, vit
         patch.setattr(engine, "_volume_values", interrupted)
         assert main([*common, "--out", str(out), "--checkpoint-every", "1"]) == 130
     assert "rerun the same command with --resume" in capsys.readouterr().err
+    # Other constructor arguments: refused, naming the flag (QA 294: it said model_args).
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**VIT_ARGS, "dropout_rate": 0.25}))
+    changed = [*common, "--out", str(out), "--resume"]
+    changed[changed.index(str(args_file))] = str(other)
+    assert main(changed) == 2
+    assert "--model-args); rerun with the same model" in capsys.readouterr().err
     assert main([*common, "--out", str(out), "--resume"]) == 0, capsys.readouterr().err
     resumed = json.loads((out / "mad.json").read_text())
     assert resumed["sums"] == whole["sums"] and resumed["images"] == whole["images"]

@@ -115,8 +115,9 @@ def _same_everywhere(has: torch.Tensor, arg: str, op_name: str) -> tuple[torch.T
     flat = has.flatten(0, -2) if has.dim() > 1 else has.unsqueeze(0)
     if torch.compiler.is_compiling() and flat.shape[0] > 1:
         # A Python bool of the values cannot be traced (inductor: "could not guard on data-dependent expression",
-        # QA), and an assertion in the graph ends the process from inductor's CPU code: the maps of the matrices
-        # whose tokens differ from the first's are NaN instead (masked by the caller).
+        # QA); an assertion in the graph would be a device-side assert on CUDA, which leaves the process unusable
+        # for input that is valid per matrix: the maps of the matrices whose tokens differ from the first's are
+        # NaN instead (masked by the caller). (Invalid position values do get an assert: check_position_values.)
         return flat[0].nonzero().flatten(), (flat != flat[:1]).any(-1).reshape(has.shape[:-1])
     tokens = common_tokens(has)
     if tokens is None:

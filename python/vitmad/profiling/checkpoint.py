@@ -143,7 +143,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict | None:
 # Parameter, which the command spells as its flags).
 _OPTIONS = {"model": (Parameter("model"),),
             "weights": ("model weights (the model's own, or ", Parameter("model_checkpoint"), ")"),
-            "architecture": ("the model's architecture or configuration (its config.json)",),
+            "architecture": ("the model's architecture or configuration (a transformers model's config.json, "
+                             "another's modules)",),
+            "model_args": (Parameter("model_args"),),
             "renormalize": (Parameter("renormalize"),), "dtype": (Parameter("dtype"),),
             "image_size": (Parameter("image_size"),), "preprocessing": ("the model's preprocessing",),
             "batch_size": (Parameter("batch_size"),), "layers": (Parameter("layers"),), "stats": (Parameter("stats"),),

@@ -861,7 +861,12 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
                 except NoAttentionRanError as err:  # modules named in layers= that compute none: said of layers
                     if "layers" not in plan.record_options:
                         raise
-                    raise OptionError("layers", str(err).removeprefix("vitmad.record: ")) from None
+                    from ..recording.recorder import attention_modules
+
+                    found = list(attention_modules(plan.loaded.module))
+                    such = f", such as {', '.join(found[:4])}{', ...' if len(found) > 4 else ''}" if found else ""
+                    raise OptionError("layers", f"{err.finding}; name the modules that compute its attention{such}") \
+                        from None
                 bar.update(counter.add(len(batch[1]) + len(batch[2])) - bar.n)
                 if state.batches_done % plan.checkpoint_every == 0:
                     save(state)

@@ -244,7 +244,7 @@ def _finish_depth_figure(plt, fig, ax, profile, statistic: str, depth: list[int]
     label = STAT_LABELS.get(statistic, statistic)
     if statistic == "mad" and profile.distance_unit != "px":  # volumes
         label = f"Mean attention distance ({'millimetres' if profile.distance_unit == 'mm' else 'voxels'})"
-    if statistic == "mad" and renormalized(profile):
+    if statistic in ("mad", "temporal_mad") and renormalized(profile):
         label += ",\nrenormalized (over the attention on patches)"
     ax.set_ylabel(label)
     ax.set_xticks(depth if len(depth) <= 24 else depth[::max(1, len(depth) // 12)])

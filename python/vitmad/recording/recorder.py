@@ -574,8 +574,13 @@ class NoLayerError(ValueError):
 
 
 class NoAttentionRanError(RuntimeError):
-    """A forward call ran and none of the modules being recorded computed attention: the profiler says so of the
-    ``layers`` it was given (engine.run_batches)."""
+    """A forward call ran and none of the modules being recorded computed attention. ``finding`` says so without
+    the advice for a caller of record (``rec.skipped``): the profiler words its own, of the ``layers`` it was given
+    (engine.run_batches)."""
+
+    def __init__(self, finding: str, message: str):
+        self.finding = finding
+        super().__init__(message)
 
 
 # A model compiled with torch.compile inside the block traces its forward hooks and the captures' calls into the
@@ -1110,11 +1115,11 @@ class Recording:
                 "Attention Broadcast may have skipped them on this step; read the calls that have layers: "
                 "[call for call in rec.calls if call.layers]")
         if self._calls[-1]._is_empty():
-            raise NoAttentionRanError(
-                f"vitmad.record: {name} ran, but none of the {len(self._modules)} modules being recorded ({shown}) "
-                "computed attention (F.scaled_dot_product_attention, torch's flex_attention, transformers' "
-                "AttentionInterface or a softmax) "
-                "in that forward call; pass layers=[the modules that compute its attention]" + (
+            finding = (f"{name} ran, but none of the {len(self._modules)} modules being recorded ({shown}) computed "
+                       "attention (F.scaled_dot_product_attention, torch's flex_attention, transformers' "
+                       "AttentionInterface or a softmax) in that forward call")
+            raise NoAttentionRanError(finding,
+                f"vitmad.record: {finding}; pass layers=[the modules that compute its attention]" + (
                     f" (its attention modules named were skipped, each with its reason in rec.skipped: "
                     f"{', '.join(list(self.skipped)[:3])}{', ...' if len(self.skipped) > 3 else ''})"
                     if self.skipped else "") + (
