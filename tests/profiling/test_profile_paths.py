@@ -507,3 +507,33 @@ def test_a_run_failing_while_it_draws_leaves_no_earlier_figure_it_would_claim(ti
     assert not (out / "mad_map.png").exists()
     # Not drawn, not named (QA 275: named, a user's file of its name would go with the next run).
     assert json.loads((out / "mad.json").read_text())["outputs"] == ["mad.json", "mad.csv", "mad.png"]
+
+
+def test_a_missing_image_decoder_names_the_extra_before_the_run(tiny_model, image_folder, tmp_path, capsys,
+                                                                monkeypatch):
+    """QA 296: without Pillow the refusal came at the first batch, the run's bar drawn; now before the run, as
+    the video decoder's. A pixel tensor needs no decoder."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)  # import PIL.Image now raises ModuleNotFoundError
+    code, out, err = _run(_profile(tiny_model, image_folder, tmp_path / "out"), capsys)
+    assert code == 2 and out == "" and err.strip() == (
+        'vitmad: error: decoding image files needs the package PIL, which is not installed: pip install '
+        '"vitmad[profile]"')
+    assert vitmad.profile(f"hf:{tiny_model}", torch.randn(2, 3, 32, 32), device="cpu").count == 2
+
+
+def test_a_processor_class_transformers_cannot_give_without_pillow_reads_as_no_alpha_compositing(monkeypatch):
+    """QA 296: without Pillow transformers gives a stand-in class whose attributes raise ImportError; reading its
+    do_convert_rgb crashed an hf: spec, even over a pixel tensor."""
+    import transformers
+
+    from vitmad.profiling.images import hf_alpha_on_white
+
+    class _NeedsPillow(type):
+        def __getattr__(cls, name):
+            raise ImportError("ViTImageProcessor requires the PIL library but it was not found in your environment")
+
+    monkeypatch.setattr(transformers, "ViTImageProcessor", _NeedsPillow("ViTImageProcessor", (), {}))
+    assert hf_alpha_on_white({"image_processor_type": "ViTImageProcessor"}) is False
+    assert hf_alpha_on_white({"image_processor_type": "ViTImageProcessor", "do_convert_rgb": True}) is True

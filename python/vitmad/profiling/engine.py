@@ -446,9 +446,13 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
             files = without_clips(files, *model, stacklevel=4)  # at the caller of profile()
     if max_images:
         files = files[:max_images]
+    # The decoders, said before the run starts (at the first batch the model was loaded and the bar drawn).
     if (frames is not None or packed_videos) and any(not f.is_dir() for f in files):
-        # Said before the run starts: at its first batch, a checkpoint of no batch was already written.
         import_optional("av", "profile", "decoding video files")
+    if frames is None and not packed_videos and not volumes and files:
+        import_optional("PIL.Image", "profile", "decoding image files")  # (QA 296: said after the model loaded)
+    if volumes and files:
+        import_optional("nibabel", "volumes", "reading NIfTI volumes")
     names = [str(f) for f in files]
 
     def load_files(i: int) -> Batch:

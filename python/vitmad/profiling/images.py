@@ -652,9 +652,12 @@ def hf_alpha_on_white(processor: dict) -> bool:
     if given is None:
         try:
             import transformers
+
+            # Without Pillow, transformers gives a stand-in class whose attributes raise ImportError (QA 296: an
+            # hf: spec crashed with it, even over a pixel tensor); without Pillow no image file is decoded either.
+            given = getattr(getattr(transformers, hf_processor_class_name(processor), None), "do_convert_rgb", None)
         except ImportError:
             return False
-        given = getattr(getattr(transformers, hf_processor_class_name(processor), None), "do_convert_rgb", None)
     return given is True
 
 
