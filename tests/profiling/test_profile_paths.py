@@ -518,7 +518,7 @@ def test_a_missing_image_decoder_names_the_extra_before_the_run(tiny_model, imag
     monkeypatch.setitem(sys.modules, "PIL.Image", None)  # import PIL.Image now raises ModuleNotFoundError
     code, out, err = _run(_profile(tiny_model, image_folder, tmp_path / "out"), capsys)
     assert code == 2 and out == "" and err.strip() == (
-        'vitmad: error: decoding image files needs the package PIL, which is not installed: pip install '
+        'vitmad: error: decoding image files needs the package Pillow, which is not installed: pip install '
         '"vitmad[profile]"')
     assert vitmad.profile(f"hf:{tiny_model}", torch.randn(2, 3, 32, 32), device="cpu").count == 2
 

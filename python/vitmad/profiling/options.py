@@ -265,6 +265,10 @@ def import_for_spec(spec: str, module: str, needs: str) -> ModuleType:
         raise OptionError("model", f"{spec} needs {needs}") from err
 
 
+# Import name -> the distribution pip installs under another name (QA 296: "needs the package yaml").
+_DISTRIBUTIONS = {"PIL": "Pillow", "yaml": "PyYAML", "skimage": "scikit-image"}
+
+
 def import_optional(module: str, extra: str, purpose: str) -> ModuleType:
     """Import an optional dependency, or say which extra of vitmad brings it.
 
@@ -275,6 +279,7 @@ def import_optional(module: str, extra: str, purpose: str) -> ModuleType:
         return importlib.import_module(module)
     except ModuleNotFoundError as err:
         package = (err.name or module).split(".")[0]
+        package = _DISTRIBUTIONS.get(package, package)  # what pip installs, where it is not what Python imports
         raise ModuleNotFoundError(
             f"{purpose} needs the package {package}, which is not installed: pip install \"vitmad[{extra}]\"",
             name=err.name,
