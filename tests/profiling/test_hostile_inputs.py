@@ -759,3 +759,16 @@ def test_compare_refuses_mad_in_different_units(good_result, tmp_path, capsys):
         plot_compare([Profile.from_json(good_result), Profile.from_json(volume)], ["a", "b"], tmp_path / "c.png")
     plot_compare([Profile.from_json(volume)] * 2, ["a", "b"], tmp_path / "c.png")  # one unit: drawn
     assert (tmp_path / "c.png").exists()
+
+
+def test_a_safetensors_file_torch_cannot_read_without_its_package_is_not_called_corrupt(tmp_path):
+    """QA 296: torch.load reads .safetensors through the safetensors package; where it is missing, torch's reason
+    was replaced by 'neither torch.save's zip archive nor a pickle', which blamed a valid file."""
+    from vitmad.profiling.options import _checkpoint_unread_said
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"\xc0\x1a\x00\x00\x00\x00\x00\x00{}")
+    missing = RuntimeError("Attempting to load a safetensors file but safetensors is not installed. Please install "
+                           "safetensors with: pip install safetensors")
+    assert "pip install safetensors" in _checkpoint_unread_said(weights, missing)
+    assert _checkpoint_unread_said(weights, RuntimeError("bad")).startswith("neither torch.save's zip archive")
