@@ -45,3 +45,8 @@ def __getattr__(name: str):
 
         return getattr(profiling, name)
     raise AttributeError(f"module 'vitmad' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The names loaded on first use too, for dir() and tab completion (QA 296: profile and Profile were not offered).
+    return sorted({*globals(), *__all__})

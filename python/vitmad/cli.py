@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="vitmad", description="Mean attention distance of Vision Transformer heads.",
                      allow_abbrev=False)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"vitmad {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     # allow_abbrev=False: a prefix such as --checkpoint must never be read as --checkpoint-every.

@@ -253,6 +253,13 @@ def test_grid_positions_refuses_arguments_of_the_wrong_type(args, kwargs, messag
         vitmad.grid_positions(*args, **kwargs)
 
 
+def test_has_compiled_kernel_errors_start_with_the_function_as_the_others_do():
+    with pytest.raises(ValueError, match=r"^vitmad\.has_compiled_kernel: op='nope' is no vitmad op"):
+        vitmad.has_compiled_kernel("nope", "cpu")
+    with pytest.raises(ValueError, match=r"^vitmad\.has_compiled_kernel: device='gpu' is no device torch knows"):
+        vitmad.has_compiled_kernel("mad", "gpu")
+
+
 def test_integers_of_any_kind_are_sizes_and_counts():
     """NumPy's and 0-d integer tensors' ints are taken as the ints they are, by every op."""
     for patch, prefix in ((np.int64(16), np.int32(1)), (torch.tensor(16), torch.tensor(1, dtype=torch.int32))):

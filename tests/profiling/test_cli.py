@@ -541,3 +541,12 @@ def test_a_lock_file_removed_between_its_open_and_its_lock_is_opened_again(tmp_p
         assert len(calls) == 2 and lock.is_file()
         assert lock.read_text() == f"{os.getpid()}\n"
     assert not lock.exists()
+
+
+def test_version_and_the_names_dir_offers(capsys):
+    """QA 296: no --version (vitmad.__version__ exists), and dir(vitmad) left out profile and Profile, loaded on
+    first use."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"vitmad {vitmad.__version__}"
+    assert set(vitmad.__all__) <= set(dir(vitmad))

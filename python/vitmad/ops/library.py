@@ -37,14 +37,14 @@ def has_compiled_kernel(op: str, device: str | torch.device) -> bool:
         ValueError: ``op`` is no vitmad op, or ``device`` no device torch knows.
     """
     if not isinstance(op, str) or not _op_defined(op):
-        raise ValueError(f"has_compiled_kernel: op={op!r} is no vitmad op (torch.ops.vitmad.<op>: 'mad', 'mad_qk', "
-                         "'stats', ...)")
+        raise ValueError(f"vitmad.has_compiled_kernel: op={op!r} is no vitmad op (torch.ops.vitmad.<op>: 'mad', "
+                         "'mad_qk', 'stats', ...)")
     key = device if device in _COMPILED_DEVICES else None
     if key is None:
         try:
             kind = torch.device(device).type
         except (RuntimeError, TypeError) as error:
-            raise ValueError(f"has_compiled_kernel: device={device!r} is no device torch knows (expected 'cpu', "
+            raise ValueError(f"vitmad.has_compiled_kernel: device={device!r} is no device torch knows (expected 'cpu', "
                              "'cuda', 'cuda:N', a torch.device, or the dispatch keys 'CPU', 'CUDA')") from error
         key = kind.upper()
         if key not in _COMPILED_DEVICES:

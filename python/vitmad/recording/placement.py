@@ -103,6 +103,7 @@ class LayerGeometry:
         return cls(tuple(grid), tuple(stride), attention, heads, num_prefix_tokens)
 
     def as_dict(self) -> dict:
+        """The geometry as JSON values (``mad.json``'s ``geometry`` of each layer)."""
         found = {"grid": None if self.grid is None else list(self.grid), "stride": [float(s) for s in self.stride],
                  "attention": self.attention, "heads": int(self.heads), "num_prefix_tokens": self.num_prefix_tokens}
         # Keys beyond these only where the layer has them: image layers keep the keys they always had.
