@@ -412,3 +412,37 @@ def test_differential_attention_profiles_mad_and_leaves_the_undefined_statistics
     written = {p.name for p in out.iterdir()}
     assert {"mad.json", "mad.csv", "mad.png"} <= written
     assert not {"entropy.png", "prefix_mass.png", "self_mass.png", "prefix_maps.png", "prefix_maps.npz"} & written
+
+
+@pytest.mark.parametrize("nan_head", [0, 1])
+def test_a_head_without_a_value_leaves_its_own_maps_without_one(nan_head, tmp_path, monkeypatch):
+    """QA 295: whether a token was present was read from head 0 alone and every NaN summed as 0: a NaN head's mean
+    map was 0 (or, head 0 NaN, every head's count 0 and the other heads' means inf); prefix_maps.png's mean over
+    heads left the NaN head out. The other heads' maps are the mean of their per-image rows; the NaN head's are
+    NaN, as its MAD is in mad.json, and so is the figure's mean over heads."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from vitmad.profiling import plotting
+
+    torch.manual_seed(0)
+    model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32, patch_size=8, image_size=24,
+        num_register_tokens=1)).eval()
+    with torch.no_grad():  # its queries NaN: what attention overflowing in float16 gives
+        model.encoder.layer[1].attention.q_proj.weight[4 * nan_head:4 * nan_head + 4] = float("nan")
+    pixels = torch.randn(3, 3, 24, 24)
+    result = vitmad.profile(model, pixels, batch_size=2, device="cpu", stats=["prefix_maps"])
+    rows = []
+    for image in pixels:
+        with torch.no_grad(), vitmad.record(model, stats=["prefix_maps"]) as rec:
+            model(pixel_values=image[None])
+        rows.append(rec.prefix_maps[1][0].double())  # [H, Q, T]
+    expected = torch.stack(rows).mean(0).reshape(4, 2, 3, 3)
+    assert expected[nan_head].isnan().all() and not expected[[h for h in range(4) if h != nan_head]].isnan().any()
+    torch.testing.assert_close(result.prefix_maps.mean(1), expected, rtol=1e-6, atol=1e-9, equal_nan=True)
+    drawn = []
+    monkeypatch.setattr(plotting, "_save", lambda fig, path, dpi: drawn.append(
+        [image.get_array() for ax in fig.axes for image in ax.get_images()]))
+    result.plot_prefix_maps(tmp_path / "prefix_maps.png", layers=[1])
+    (images,) = drawn
+    assert all(np.isnan(np.asarray(shown, dtype=float)).all() for shown in images[-2:])  # tokens 0, 1: heads' mean

@@ -545,7 +545,9 @@ def plot_prefix_maps(profile, path: str | os.PathLike, *, layers: Sequence[int] 
         layers = sorted({found[0], found[len(found) // 2], found[-1]})
     maps.check_layers(layers)
     plt = _pyplot()
-    means = {layer: maps.mean(layer).nanmean(0) for layer in layers}  # [Q, gh, gw], mean over heads
+    # [Q, gh, gw], mean over heads: a head without a value (attention that overflowed) leaves its layer's maps
+    # without one, as in mad.json (QA 295: the other heads' mean was drawn as the mean over heads).
+    means = {layer: maps.mean(layer).mean(0) for layer in layers}
     tokens = min(max_tokens, max(m.shape[0] for m in means.values()))
     fig, axes = plt.subplots(tokens, len(layers) + 1, figsize=(2.4 * (len(layers) + 1), 2.4 * tokens + 0.4),
                              squeeze=False, layout="constrained")
@@ -569,8 +571,10 @@ def plot_prefix_maps(profile, path: str | os.PathLike, *, layers: Sequence[int] 
                       extent=(0, grid_w * stride[1], grid_h * stride[0], 0))
             name = profile.map_layers[layer]
             wrapped = _wrapped_name(name, 24)
-            ax.set_title(f"{wrapped}\ntoken {row}: {float(token_map.min()):.2g} to {float(token_map.max()):.2g}",
-                         fontsize=7)
+            finite = token_map[token_map.isfinite()]
+            shown = (f"{float(finite.min()):.2g} to {float(finite.max()):.2g}" if finite.numel() else
+                     "no value (NaN: a head's attention, or no image with the token)")
+            ax.set_title(f"{wrapped}\ntoken {row}: {shown}", fontsize=7)
     fig.suptitle(textwrap.fill(f"{profile.model}: attention of the tokens without a position (rows, in token "
                                "order; a class-attention or pooling layer's queries) over the grid, mean over images "
                                "and heads", 90), fontsize=8)

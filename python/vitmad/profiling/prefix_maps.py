@@ -97,9 +97,11 @@ class PrefixMapSums:
                 drop(layer, "the layer's heads or tokens without a position change between images")
             else:
                 values = batch_maps.detach().to("cpu", torch.float64)
-                # A token the image lacks (a masked encoder drops it) is NaN in the fold: not counted there.
-                present = ~values[:, 0, 0].isnan()
-                batch_total = values.nan_to_num(0.0).sum(0)
+                # A token the image lacks (a masked encoder drops it) is NaN in the fold, in every head and row:
+                # not counted there. A NaN of one head (attention that overflowed) stays NaN in the mean, as in
+                # mad.json (QA 295: read from head 0 alone, it was summed as 0, or made every head's count 0).
+                present = ~values.isnan().flatten(1, 2).all(1)  # [B, T]
+                batch_total = torch.where(present[:, None, None, :], values, 0.0).sum(0)
                 batch_count = present.sum(0).to(torch.float64)
                 total[layer] = batch_total if layer not in total else total[layer] + batch_total
                 count[layer] = batch_count if layer not in count else count[layer] + batch_count
