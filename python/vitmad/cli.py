@@ -453,7 +453,8 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
             maps, pixels, names, geometry = mad_maps(loaded, result.images[0], image_size=size,
                                                      renormalize=args.renormalize, device=device)
             prep = loaded.preprocessing
-            plot_mad_maps(maps, pixels, names, out / "mad_map.png", geometry=geometry, mean=prep.mean, std=prep.std)
+            plot_mad_maps(maps, pixels, names, out / "mad_map.png", geometry=geometry, mean=prep.mean, std=prep.std,
+                          renormalized=args.renormalize)
             written.append("mad_map.png")
             # The mean maps blur what each image's CLS looks at: one image, every head, as in the DINO paper.
             if prefix_layers or native_maps:
@@ -481,12 +482,7 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
 
 def _print_summary(result) -> None:
     mad = result.mad
-    # A video model's profile has the temporal MAD; a packed tower's clips, their video processor's settings.
-    preprocessing = result.settings.get("preprocessing") or {}
-    inputs = "images" if result.temporal is None and not preprocessing.get("videos") else "videos"
-    if preprocessing.get("volumes"):
-        inputs = "volumes"
-    print(f"{result.model}: {result.count} {inputs} ({len(result.skipped)} skipped), "
+    print(f"{result.model}: {result.count} {result.input_kind} ({len(result.skipped)} skipped), "
           f"uniform attention {result.uniform_mad:.1f} {result.distance_unit}")
     if result.settings.get("profiled"):  # a part of the checkpoint (a vision-language model's vision tower)
         print(f"profiled: {result.settings['profiled']}")

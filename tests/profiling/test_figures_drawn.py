@@ -199,3 +199,30 @@ def test_compare_of_profiles_of_one_depth_ticks_whole_layers(monkeypatch, tmp_pa
     plotting.plot_compare([_profile(), _profile()], ["a", "b"], tmp_path / "cmp.png")
     (shown,) = ticks
     assert shown and all(float(tick).is_integer() for tick in shown), shown
+
+
+def test_figures_say_what_they_leave_out_and_which_panels_have_no_value(monkeypatch, tmp_path):
+    """QA 295: the image prefix maps drew 8 of 12 heads and 5 of 7 tokens without a word; a layer of mad_map.png
+    without a value was blank, unsaid; a renormalized mad_map.png's colour bar read as the plain MAD's; a NaN head
+    left a statistic's figure without the note mad.png has."""
+    from matplotlib.figure import Figure
+
+    texts, save = [], Figure.savefig
+
+    def spy(figure, *args, **kwargs):
+        texts.append([figure.texts[0].get_text() if figure.texts else ""]
+                     + [ax.get_title() for ax in figure.axes] + [ax.get_xlabel() for ax in figure.axes]
+                     + [ax.get_ylabel() for ax in figure.axes])
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    pixels, geometry = torch.zeros(3, 16, 16), {"grid": [2, 2], "stride": [8.0, 8.0]}
+    plotting.plot_image_prefix_maps(torch.rand(12, 7, 2, 2), pixels, "layer", tmp_path / "a.png", geometry=geometry)
+    assert "heads 0-7 of 12 (their mean over all 12), tokens 0-4 of 7" in texts[-1][0].replace("\n", " ")
+    maps = [torch.rand(2, 2), torch.full((2, 2), float("nan"))]
+    plotting.plot_mad_maps(maps, pixels, ["a", "b"], tmp_path / "b.png", geometry=[geometry] * 2, renormalized=True)
+    assert "b\nno value (NaN)" in texts[-1] and "MAD (px), mean over heads, renormalized" in texts[-1]
+    profile = _profile(stats="entropy")
+    profile.statistics["entropy"].total[1, 0] = float("nan")
+    profile.plot_stat("entropy", tmp_path / "entropy.png")
+    assert any("heads without a value (NaN) in layer 2: not drawn" in text for text in texts[-1])

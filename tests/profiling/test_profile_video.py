@@ -141,7 +141,7 @@ def test_the_kind_of_each_layer_is_named_under_the_ticks_shown_when_short(tmp_pa
     geometry = [{"attention": kinds[i % 2], "grid": [4, 4], "stride": [16.0, 16.0]} for i in range(num_layers)]
     profile = SimpleNamespace(mad=torch.rand(num_layers, 2) * 50, temporal_mad=torch.rand(num_layers, 2),
                               geometry=geometry, uniform_mads=[30.0] * num_layers, model="m", count=1,
-                              layers_named=False, settings={})
+                              layers_named=False, settings={}, heads=[2] * num_layers)
     figures = []
     monkeypatch.setattr(plotting, "_save", lambda fig, path, dpi: figures.append(fig))
     plotting.plot_space_time(profile, tmp_path / "mad.png")

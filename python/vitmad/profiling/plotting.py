@@ -215,11 +215,13 @@ def _head_colours(plt, num_heads: int):
     return plt.get_cmap("turbo", num_heads)
 
 
-def _nan_heads_note(profile) -> str | None:
-    """Under mad.png's axis, the layers where a head of their own has no value (NaN: attention that overflowed,
-    say): their points are missing, which the figure did not say (QA 259)."""
-    mad = profile.mad
-    layers = [i + 1 for i, heads in enumerate(profile.heads) if bool(mad[i, :heads].isnan().any())]
+def _nan_heads_note(profile, values: torch.Tensor | None = None, leave_out: Sequence[int] = ()) -> str | None:
+    """Under a figure's axis, the layers where a head of their own has no value of ``values`` (``[L, H]``; MAD by
+    default; NaN: attention that overflowed, say): their points are missing, which the figure did not say (QA 259;
+    the statistics' and the video figures', QA 295). ``leave_out``: layers (1-based) another note names."""
+    values = profile.mad if values is None else values
+    layers = [i + 1 for i, heads in enumerate(profile.heads)
+              if i + 1 not in leave_out and bool(values[i, :heads].isnan().any())]
     if not layers:
         return None
     return f"heads without a value (NaN) in layer{'s' if len(layers) > 1 else ''} {_spans(layers)}: not drawn"
@@ -249,10 +251,9 @@ def _finish_depth_figure(plt, fig, ax, profile, statistic: str, depth: list[int]
     ax.set_ylabel(label)
     ax.set_xticks(depth if len(depth) <= 24 else depth[::max(1, len(depth) // 12)])
     ax.set_ylim(bottom=0)
-    inputs = "videos" if profile.temporal is not None else "images"
-    if profile.distance_unit != "px":
-        inputs = "volumes"
-    ax.set_title(title or textwrap.fill(f"{profile.model}: {profile.count} {inputs}, {_describe_grids(profile)}",
+    # (a packed tower's clips were "images", QA 295)
+    ax.set_title(title or textwrap.fill(f"{profile.model}: {profile.count} {profile.input_kind}, "
+                                        f"{_describe_grids(profile)}",
                                         80), fontsize=10 if profile.geometry is None else 8)
     if ax.get_legend_handles_labels()[0]:  # heads are labelled up to 16 of them; else nothing to list
         ax.legend(fontsize=7, ncol=2 if num_heads > 8 else 1, loc="lower right")
@@ -286,10 +287,12 @@ def plot_statistic(profile, statistic: str, path: str | os.PathLike, *, title: s
     if statistic in ("prefix_mass", "self_mass"):
         ax.set_ylim(top=max(1e-3, float(values.nan_to_num(0).max()) * 1.05))
     empty = [layer + 1 for layer in range(values.shape[0]) if bool(values[layer].isnan().all())]
-    note = None
+    notes = []
     if empty:  # said on the figure, under the axis: a blank column is no zero
         why = " (keys that are not the queries, such as pooled keys)" if statistic == "self_mass" else ""
-        note = f"no value in layer{'s' if len(empty) > 1 else ''} {_spans(empty)}: not defined there{why}"
+        notes.append(f"no value in layer{'s' if len(empty) > 1 else ''} {_spans(empty)}: not defined there{why}")
+    notes.append(_nan_heads_note(profile, values, empty))
+    note = "; ".join(n for n in notes if n) or None
     _finish_depth_figure(plt, fig, ax, profile, statistic, depth, num_heads, path, title, note)
 
 
@@ -316,8 +319,7 @@ def plot_space_time(profile, path: str | os.PathLike, *, title: str | None = Non
     """
     plt = _pyplot()
     marked = ", renormalized" if renormalized(profile) else ""
-    panels = ((profile.mad.numpy(), f"Spatial MAD (pixels){marked}"),
-              (profile.temporal_mad.numpy(), f"Temporal MAD (frames){marked}"))
+    panels = ((profile.mad, f"Spatial MAD (pixels){marked}"), (profile.temporal_mad, f"Temporal MAD (frames){marked}"))
     num_layers, num_heads = panels[0][0].shape
     fig, axes = plt.subplots(1, 2, figsize=(11 if num_layers <= 24 else 14, 4.8))
     colours = _head_colours(plt, num_heads)
@@ -325,9 +327,10 @@ def plot_space_time(profile, path: str | os.PathLike, *, title: str | None = Non
     kinds = [g["attention"] for g in profile.geometry] if profile.geometry else []
     for ax, (values, label) in zip(axes, panels):
         for head in range(num_heads):
-            ax.scatter(depth, values[:, head], s=18 if num_heads <= 12 else 8, color=colours(head),
+            ax.scatter(depth, values[:, head].numpy(), s=18 if num_heads <= 12 else 8, color=colours(head),
                        label=f"head {head}" if num_heads <= 16 else None)
-        ax.set_xlabel(_depth_label(profile))
+        note = _nan_heads_note(profile, values)
+        ax.set_xlabel(_depth_label(profile) + ("" if note is None else "\n" + textwrap.fill(note, 60)))
         ax.set_ylabel(label)
         ticks = depth if num_layers <= 24 else depth[::max(1, num_layers // 12)]
         ax.set_xticks(ticks)
@@ -429,6 +432,7 @@ def plot_mad_maps(
     geometry: Sequence[dict],
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.5, 0.5, 0.5),
+    renormalized: bool = False,
 ) -> None:
     """Draw per-token MAD maps over the image, each at its layer's resolution.
 
@@ -439,6 +443,7 @@ def plot_mad_maps(
         geometry: the ``K`` layers' geometry (``grid`` and ``stride`` in pixels: a map covers ``grid * stride``
             pixels of the image).
         mean, std: the normalisation to undo for display.
+        renormalized: the maps are renormalized MAD (``mad_maps(renormalize=True)``), which the colour bar says.
     """
     plt = _pyplot()
     image = pixels.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
@@ -458,10 +463,13 @@ def plot_mad_maps(
         shown = ax.imshow(layer_map.numpy(), cmap="viridis", alpha=0.55, vmin=low, vmax=high,
                           extent=(0, layer_map.shape[1] * stride_x, layer_map.shape[0] * stride_y, 0),
                           interpolation="nearest")
-        ax.set_title(_wrapped_name(name, 28), fontsize=8)
+        # A layer whose cells have no value (a head's attention that overflowed) is blank: said (QA 295).
+        blank = "" if bool(layer_map.isfinite().any()) else "\nno value (NaN)"
+        ax.set_title(_wrapped_name(name, 28) + blank, fontsize=8)
     for ax in axes:
         ax.axis("off")
-    fig.colorbar(shown, ax=list(axes), shrink=0.9, label="MAD (px), mean over heads")
+    fig.colorbar(shown, ax=list(axes), shrink=0.9,
+                 label="MAD (px), mean over heads" + (", renormalized" if renormalized else ""))
     _save(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -512,9 +520,18 @@ def plot_image_prefix_maps(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    # What is left out is said (QA 295: 8 of 12 heads and 5 of 7 tokens drawn without a word), and blank maps.
+    shown_part = []
+    if heads < maps.shape[0]:
+        shown_part.append(f"heads 0-{heads - 1} of {maps.shape[0]} (their mean over all {maps.shape[0]})")
+    if tokens < maps.shape[1]:
+        shown_part.append(f"tokens 0-{tokens - 1} of {maps.shape[1]}")
+    if bool(maps[:heads, :tokens].flatten(-2).isnan().all(-1).any()):
+        shown_part.append("a blank map has no value (NaN)")
     # Which of them is a CLS token is the model's business (a register-only ViT has none): their order is known.
     fig.suptitle(textwrap.fill(f"{name}: attention of each token without a position (class, distillation or register "
-                               "tokens, in sequence order; a pooling head's queries) over the image", 100), fontsize=9)
+                               "tokens, in sequence order; a pooling head's queries) over the image"
+                               + (f"; {', '.join(shown_part)}" if shown_part else ""), 100), fontsize=9)
     _save(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 

@@ -230,6 +230,15 @@ class Profile:
         return bool(self.settings.get("layers"))
 
     @property
+    def input_kind(self) -> str:
+        """What it profiled: ``"images"``, ``"videos"`` (a video model's, or clips through a packed tower's video
+        processor) or ``"volumes"``; the figures' titles and the command's summary say it."""
+        preprocessing = self.settings.get("preprocessing") or {}
+        if preprocessing.get("volumes"):
+            return "volumes"
+        return "videos" if self.temporal is not None or preprocessing.get("videos") else "images"
+
+    @property
     def distance_unit(self) -> str:
         """The unit of MAD: ``"px"`` (pixels of the model input), or a volume profile's ``"mm"`` or ``"voxel"``."""
         preprocessing = self.settings.get("preprocessing") or {}
