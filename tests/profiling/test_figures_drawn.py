@@ -219,6 +219,10 @@ def test_figures_say_what_they_leave_out_and_which_panels_have_no_value(monkeypa
     pixels, geometry = torch.zeros(3, 16, 16), {"grid": [2, 2], "stride": [8.0, 8.0]}
     plotting.plot_image_prefix_maps(torch.rand(12, 7, 2, 2), pixels, "layer", tmp_path / "a.png", geometry=geometry)
     assert "heads 0-7 of 12 (their mean over all 12), tokens 0-4 of 7" in texts[-1][0].replace("\n", " ")
+    nan_head = torch.rand(12, 7, 2, 2)
+    nan_head[10] = float("nan")  # a head not drawn, whose NaN blanks the mean panel (QA 297)
+    plotting.plot_image_prefix_maps(nan_head, pixels, "layer", tmp_path / "a.png", geometry=geometry)
+    assert "a blank map has no value (NaN)" in texts[-1][0].replace("\n", " ")
     maps = [torch.rand(2, 2), torch.full((2, 2), float("nan"))]
     plotting.plot_mad_maps(maps, pixels, ["a", "b"], tmp_path / "b.png", geometry=[geometry] * 2, renormalized=True)
     assert "b\nno value (NaN)" in texts[-1] and "MAD (px), mean over heads, renormalized" in texts[-1]

@@ -408,8 +408,8 @@ def test_videos_false_as_numpy_bool_is_false(folders, clips):
     """videos=np.False_ (taken as a flag since 2026-12-06) went the auto-detecting way of None: a clip given to a
     packed tower was profiled as a video where videos=False reads it as an image and reads none (QA 294)."""
     spec = f"hf:{folders / 'qwen2_5_vl'}"
-    for flag in (False, np.False_):
-        with pytest.warns(UserWarning, match=r"skipping image .*a\.mp4"):
-            with pytest.raises(OptionError, match="images: none of the 1 images could be read"):
-                vitmad.profile(spec, [clips / "a.mp4"], videos=flag, image_size="native", device="cpu")
+    for flag in (False, np.False_):  # a clip given as an image: said to be one
+        with pytest.raises(OptionError, match=r"images: .*a\.mp4: a video clip, and .* takes clips apart from "
+                                              r"images, given alone with videos=True"):
+            vitmad.profile(spec, [clips / "a.mp4"], videos=flag, image_size="native", device="cpu")
     assert vitmad.profile(spec, [clips / "a.mp4"], videos=np.True_, device="cpu").count == 1

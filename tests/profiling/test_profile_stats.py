@@ -446,3 +446,20 @@ def test_a_head_without_a_value_leaves_its_own_maps_without_one(nan_head, tmp_pa
     result.plot_prefix_maps(tmp_path / "prefix_maps.png", layers=[1])
     (images,) = drawn
     assert all(np.isnan(np.asarray(shown, dtype=float)).all() for shown in images[-2:])  # tokens 0, 1: heads' mean
+
+
+def test_an_image_whose_every_head_overflowed_leaves_the_mean_maps_without_a_value():
+    """QA 297: NaN in every head and row was read as tokens the image lacks (a masked encoder's), and the image
+    left out of the mean maps unsaid, while its MAD made mad.json's NaN."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(0)
+    model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, patch_size=8, image_size=24,
+        num_register_tokens=1)).eval()
+    pixels = torch.randn(2, 3, 24, 24)
+    pixels[1] *= 1e35  # finite pixels that overflow inside the model: every head NaN
+    result = vitmad.profile(model, pixels, device="cpu", stats=["prefix_maps"])
+    assert result.mad.isnan().all()
+    for layer in result.prefix_maps.layers:
+        assert result.prefix_maps.mean(layer).isnan().all()

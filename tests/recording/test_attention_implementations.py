@@ -470,3 +470,19 @@ def test_causal_attention_is_refused_whether_fused_or_computed_by_the_module(fus
     with torch.no_grad(), vitmad.record(model) as rec:
         model(pixels)
     assert rec.mad.isfinite().all()
+
+
+def test_probabilities_that_round_to_zero_in_a_sharp_head_are_not_taken_for_a_causal_mask():
+    """QA 297: read from the values, each patch on itself or the class token (weights rounded to 0 in float16) was
+    refused as causal. Causal probabilities weigh every key up to each query; a sharp head does not."""
+    from vitmad.recording.recorder import _refuse_causal_probabilities
+
+    sharp = torch.zeros(2, 3, 4, 4)
+    sharp[..., 0, 0] = 1.0
+    sharp[..., [1, 2, 3], [0, 2, 3]] = 1.0  # patch 1 on the class token, patches 2 and 3 on themselves
+    _refuse_causal_probabilities("layer", sharp)
+    _refuse_causal_probabilities("layer", torch.tensor([[1.0, 0.0], [0.5, 0.5]]))  # two tokens: no order to read
+    causal = torch.randn(2, 3, 4, 4).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), float("-inf"))
+    with pytest.raises(ValueError, match=r"layer runs causal attention \(its attention probabilities weigh every key "
+                                         r"up to each query and none after it, attention matrix 0 of \[2, 3\]\)"):
+        _refuse_causal_probabilities("layer", causal.softmax(-1))

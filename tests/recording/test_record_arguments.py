@@ -313,3 +313,14 @@ def test_entries_of_different_batch_sizes_do_not_stack_and_say_why():
                                          r"a layer ran once per part of the batch"):
         _ = rec.mad
     torch.testing.assert_close(torch.cat([rec.per_layer[0], rec.per_layer[2]]), whole.per_layer[0])
+
+
+def test_the_error_of_a_forward_that_ran_no_recorded_attention_pickles():
+    """A process pool sends a worker's error back pickled (QA 297: its two-argument __init__ broke unpickling)."""
+    import pickle
+
+    from vitmad.recording.recorder import NoAttentionRanError
+
+    error = NoAttentionRanError("M ran, but none of ...", "vitmad.record: M ran, but none of ...; pass layers=")
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is NoAttentionRanError and again.finding == error.finding and str(again) == str(error)

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import vitmad
 from conftest import tensor_softmax_maps
@@ -355,3 +356,20 @@ def test_a_features_only_backbone_is_recorded_as_its_model(name, options):
     assert [n.removeprefix("model.").replace("stages_", "stages.", 1) for n in features.layers] == whole.layers
     torch.testing.assert_close(features.mad, whole.mad, rtol=0, atol=0, equal_nan=True)
     assert [g.stride for g in features.geometry] == [g.stride for g in whole.geometry]
+
+
+@pytest.mark.parametrize(("name", "owner", "options"), [
+    ("efficientformerv2_s0", "EfficientFormerV2",
+     {"img_size": 64, "depths": (1, 1, 3, 3), "embed_dims": (8, 16, 24, 32)}),
+    ("nextvit_small", "NextViT", {}),
+])
+def test_stages_taken_out_of_their_model_are_refused_naming_it(name, owner, options):
+    """QA 297: a user's nn.Sequential of the model's stem and stages (neither the model's class nor timm's
+    features_only wrapper) crashed with a bare AttributeError: the strides are read from the model."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **options).eval()
+    parts = nn.Sequential(model.stem, model.stages).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=f"its strides are read from its {owner} .* which is not in "
+                                                          "the recorded model"):
+        with vitmad.record(parts):
+            parts(torch.randn(1, 3, 64, 64))

@@ -526,7 +526,8 @@ def plot_image_prefix_maps(
         shown_part.append(f"heads 0-{heads - 1} of {maps.shape[0]} (their mean over all {maps.shape[0]})")
     if tokens < maps.shape[1]:
         shown_part.append(f"tokens 0-{tokens - 1} of {maps.shape[1]}")
-    if bool(maps[:heads, :tokens].flatten(-2).isnan().all(-1).any()):
+    drawn = torch.cat([maps[:heads, :tokens], maps[:, :tokens].mean(0, keepdim=True)])  # the mean is over all heads
+    if bool(drawn.flatten(-2).isnan().all(-1).any()):
         shown_part.append("a blank map has no value (NaN)")
     # Which of them is a CLS token is the model's business (a register-only ViT has none): their order is known.
     fig.suptitle(textwrap.fill(f"{name}: attention of each token without a position (class, distillation or register "

@@ -101,6 +101,9 @@ class PrefixMapSums:
                 # not counted there. A NaN of one head (attention that overflowed) stays NaN in the mean, as in
                 # mad.json (QA 295: read from head 0 alone, it was summed as 0, or made every head's count 0).
                 present = ~values.isnan().flatten(1, 2).all(1)  # [B, T]
+                # An image without any value is attention that overflowed in every head, no encoder's dropped
+                # tokens (it keeps some): NaN in the mean, as its MAD (QA 297: left out, unsaid).
+                present |= ~present.any(-1, keepdim=True)
                 batch_total = torch.where(present[:, None, None, :], values, 0.0).sum(0)
                 batch_count = present.sum(0).to(torch.float64)
                 total[layer] = batch_total if layer not in total else total[layer] + batch_total

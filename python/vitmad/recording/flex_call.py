@@ -53,7 +53,7 @@ from .interface_call import _causal_refusal, _shared_key_heads, signature_of
 from .process_scope import ProcessWideScope
 
 __all__ = ["flex_attention", "is_flex_attention", "FlexAttentionStandIn", "flex_logits", "unread_flex_refusal",
-           "refuse_causal", "without_autocast"]
+           "without_autocast"]
 
 
 # torch's function, bound when vitmad is imported, before any recording puts the stand-in in its module: the stand-in
@@ -199,8 +199,8 @@ def _kept(who: str, mask_mod, shape: torch.Size, device: torch.device) -> torch.
         ) from None
 
 
-def refuse_causal(who: str, kept: torch.Tensor, source: str = "its flex_attention mask keeps") -> None:
-    """Refuses a mask ``[..., Nq, Nk]`` (keys kept) that is causal in any of its slices: one of
+def _refuse_causal(who: str, kept: torch.Tensor) -> None:
+    """Refuses a mask ``[B, H, Nq, Nk]`` (keys kept) that is causal in any of its (batch, head) slices: one of
     ``Nq = Nk >= 2`` tokens in which no query keeps a key after itself, and some query keeps a key before itself
     that not every query keeps (keys every query keeps, a class token or registers, are no order: each token attending
     to itself and the class token is not causal, nor is every token attending to itself alone)."""
@@ -215,9 +215,9 @@ def refuse_causal(who: str, kept: torch.Tensor, source: str = "its flex_attentio
     backward = (kept & before & ~shared).flatten(-2).any(-1)
     causal = (~forward & backward).nonzero()
     if len(causal):
-        index = causal[0].tolist()
-        where = f"image {index[0]}, head {index[1]}" if kept.dim() == 4 else f"attention matrix {tuple(index)}"
-        raise _causal_refusal(who, f"{source} no key after its query, in {where}")
+        image, head = causal[0].tolist()
+        raise _causal_refusal(who, f"its flex_attention mask keeps no key after its query, in image {image}, head "
+                                   f"{head}")
 
 
 def flex_logits(who: str, args: tuple, kwargs: dict) -> tuple:
@@ -249,7 +249,7 @@ def flex_logits(who: str, args: tuple, kwargs: dict) -> tuple:
     kept = None if block_mask is None else _kept(who, block_mask.mask_mod, shape, device)
     if score_mod is None:
         if kept is not None:
-            refuse_causal(who, kept)
+            _refuse_causal(who, kept)
         return query, key, scale, kept
     scores = (query @ key.transpose(-2, -1)) * scale
     modified = _modified_logits(who, score_mod, scores).to(working)
@@ -258,5 +258,5 @@ def flex_logits(who: str, args: tuple, kwargs: dict) -> tuple:
     if bool((modified.isnan() | modified.isposinf()).any()):
         raise ValueError(f"vitmad.record: {who}: the score_mod of its flex_attention call makes NaN or +inf logits, "
                          "whose softmax is not a distribution over its keys")
-    refuse_causal(who, modified > float("-inf"))
+    _refuse_causal(who, modified > float("-inf"))
     return query, key, scale, modified - scores

@@ -72,7 +72,7 @@ from .families.plain import (
     keeps_image_layout,
 )
 from .families.sam_map_encoder import is_second_encoder_of
-from .flex_call import refuse_causal, unread_flex_refusal
+from .flex_call import unread_flex_refusal
 from .forward_owner import (
     ForwardOwner,
     ModuleCall,
@@ -573,6 +573,29 @@ class NoLayerError(ValueError):
         super().__init__(f"vitmad.record: {finding}{advice}")
 
 
+def _refuse_causal_probabilities(name: str, attn: torch.Tensor) -> None:
+    """Refuses attention probabilities ``[..., N, N]`` a module computed itself under a causal mask, as its SDPA and
+    flex forms are refused (QA 293: timm's forward(x, is_causal=True) with fused_attn=False was recorded).
+
+    Read from the values, which a mask leaves exactly 0, the rule is strict, for sharp bidirectional heads round
+    weights to 0 too (QA 297: each patch on itself or the class token, in float16): no query of any matrix weighs a
+    key after itself, and in some matrix of at least 3 tokens every query weighs every key up to itself, the full
+    lower triangle that no sharp head leaves. Only where the first query weighs no later key is every row read."""
+    size = attn.shape[-1]
+    if attn.shape[-2] != size or size < 3 or not bool((attn[..., 0, 1:] == 0).all()):
+        return
+    kept = (attn != 0).flatten(0, -3) if attn.dim() > 2 else (attn != 0)[None]
+    after = torch.ones(size, size, dtype=torch.bool, device=attn.device).triu(1)
+    if bool((kept & after).any()):
+        return
+    full = (kept | after).flatten(-2).all(-1)  # per matrix: every key up to each query weighed
+    if bool(full.any()):
+        matrix = int(full.nonzero()[0, 0])
+        raise ValueError(f"vitmad.record: {name} runs causal attention (its attention probabilities weigh every key "
+                         f"up to each query and none after it, attention matrix {matrix} of "
+                         f"{list(attn.shape[:-2])}); MAD is defined for a vision transformer's bidirectional attention")
+
+
 class NoAttentionRanError(RuntimeError):
     """A forward call ran and none of the modules being recorded computed attention. ``finding`` says so without
     the advice for a caller of record (``rec.skipped``): the profiler words its own, of the ``layers`` it was given
@@ -581,6 +604,9 @@ class NoAttentionRanError(RuntimeError):
     def __init__(self, finding: str, message: str):
         self.finding = finding
         super().__init__(message)
+
+    def __reduce__(self):  # both arguments, for a process pool to send it back (QA 297)
+        return type(self), (self.finding, str(self))
 
 
 # A model compiled with torch.compile inside the block traces its forward hooks and the captures' calls into the
@@ -1388,10 +1414,7 @@ class Recording:
         if _not_recorded():
             return
         placement = self._place(name, attn.shape[:-2], attn.shape[-2], attn.shape[-1])
-        # Causal attention, refused where its SDPA or flex form is (QA 293: timm's forward(x, is_causal=True) with
-        # fused_attn=False was recorded): its first query weighs no later key. Only then is every row read.
-        if attn.shape[-1] == attn.shape[-2] >= 2 and bool((attn[..., 0, 1:] == 0).all()):
-            refuse_causal(name, attn != 0, "its attention probabilities weigh")
+        _refuse_causal_probabilities(name, attn)
 
         def measure(positions, key_positions, renormalize, stats=()):
             if not stats:

@@ -20,7 +20,16 @@ from torch import nn
 
 from ..module_index import module_list
 from ..placement import NotPlaceable, cell_centres
-from .stages import KeyLayout, StageGrid, StagePlacer, defined_in, global_keys, owner_or_features, strided_modules
+from .stages import (
+    KeyLayout,
+    StageGrid,
+    StagePlacer,
+    defined_in,
+    global_keys,
+    owner_or_features,
+    strided_modules,
+    without_owner,
+)
 
 __all__ = ["placer"]
 
@@ -42,10 +51,14 @@ def _sequence_pooled_keys(pool: nn.AvgPool1d) -> KeyLayout:
 def placer(model: nn.Module, name: str, module: nn.Module):
     if defined_in(module, "EfficientAttention", "nextvit"):
         owner = owner_or_features(model, "NextViT", "nextvit")
+        if owner is None:
+            return without_owner("NextViT")
         attention = tuple(m for m in module_list(owner) if defined_in(m, "EfficientAttention", "nextvit"))
         keys = global_keys if module.sr is None else _sequence_pooled_keys(module.sr)
         return StagePlacer(StageGrid(model, strided_modules(owner, attention)), keys)
     if defined_in(module, "Attention", "visformer"):
         owner = owner_or_features(model, "Visformer", "visformer")
+        if owner is None:
+            return without_owner("Visformer")
         return StagePlacer(StageGrid(model, strided_modules(owner)))
     return None

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..module_index import module_list, named_module_list
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, cell_centres
-from .stages import defined_in, features_wrapper, grid_placement, pair, strided_module_centres
+from .stages import defined_in, features_wrapper, grid_placement, pair, strided_module_centres, without_owner
 
 __all__ = ["placer", "attention_modules"]
 
@@ -41,10 +41,14 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in named_module_list(model) if _is_attention(m)}
 
 
-def _input_strides(model: nn.Module) -> dict[int, tuple[float, float]]:
-    """Per attention module (by id), the pixel stride of the grid it reads."""
-    owner = next((m for m in module_list(model) if any(defined_in(m, *c) for c in _MODELS)), None) \
+def _owner(model: nn.Module) -> nn.Module | None:
+    """The EfficientFormer (v1 or v2) in ``model``, or timm's features_only wrapper of it, or None."""
+    return next((m for m in module_list(model) if any(defined_in(m, *c) for c in _MODELS)), None) \
         or features_wrapper(model)
+
+
+def _input_strides(owner: nn.Module) -> dict[int, tuple[float, float]]:
+    """Per attention module (by id) of ``owner`` (:func:`_owner`), the pixel stride of the grid it reads."""
     stride, before, strides, inside = (1.0, 1.0), {}, {}, []
     for name, module in named_module_list(owner):
         if any(name.startswith(outer + ".") for outer in inside):
@@ -111,4 +115,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         if len(flat) != 1:
             return None  # not the EfficientFormer layout: left to the plain placer, which says what it sees
         grid_input = flat[0]
-    return EfficientFormerPlacer(module, _input_strides(model)[id(module)], grid_input)
+    owner = _owner(model)
+    if owner is None:
+        return without_owner("EfficientFormer" if defined_in(module, *_CLASSES[0]) else "EfficientFormerV2")
+    return EfficientFormerPlacer(module, _input_strides(owner)[id(module)], grid_input)
