@@ -136,7 +136,10 @@ class RecordedCall:
             of the layer's ``Q`` tokens without a position (CLS, registers, in token order) over its ``T``
             positioned tokens (row-major grid order, as ``per_layer``; with ``positions=`` given by hand, the
             sequence's tokens in order, NaN in the columns of those without a position); None for a layer whose keys
-            are not its queries (windows, pooled keys), that has no such token, or whose attention is differential.
+            are not its queries (pooled keys), that has no such token, or whose attention is differential. Where
+            each window or frame holds its own copy of those tokens (vit-pytorch's MaxViT registers, TimeSformer's
+            divided space attention), cell ``t`` of a row is the copy in ``t``'s window or frame: a row stitched
+            from the copies, whose sum over the grid is no one token's mass.
         class_layers: with ``"prefix_maps"`` asked for, the class-attention and attention-pooling layers and the
             DETR decoders' cross-attention that ran (their queries have no position, so no MAD: they are in no other
             list), in execution order.
@@ -1182,7 +1185,8 @@ class Recording:
         """With ``stats=[..., "prefix_maps"]``: per layer of the latest call, ``[B, H, Q, T]``, the attention of the
         ``Q`` tokens without a position (CLS, registers) over the ``T`` positioned tokens in row-major grid order
         (reshape to ``[B, H, Q, grid_h, grid_w]`` with ``rec.geometry[l].grid``); None for a layer whose keys are
-        not its queries (windows, pooled keys), without such tokens, or where they differ between images. With
+        not its queries (pooled keys), without such tokens, or where they differ between images (a row stitched
+        from per-window or per-frame copies of those tokens: :attr:`RecordedCall.prefix_maps`). With
         ``positions=`` given by hand there is no grid to fold onto: ``T`` is then the sequence's ``N`` tokens in
         token order, NaN in the columns of the tokens without a position.
 
