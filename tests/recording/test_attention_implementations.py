@@ -483,6 +483,33 @@ def test_probabilities_that_round_to_zero_in_a_sharp_head_are_not_taken_for_a_ca
     _refuse_causal_probabilities("layer", sharp)
     _refuse_causal_probabilities("layer", torch.tensor([[1.0, 0.0], [0.5, 0.5]]))  # two tokens: no order to read
     causal = torch.randn(2, 3, 4, 4).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), float("-inf"))
-    with pytest.raises(ValueError, match=r"layer runs causal attention \(its attention probabilities weigh every key "
-                                         r"up to each query and none after it, attention matrix 0 of \[2, 3\]\)"):
+    with pytest.raises(ValueError, match=r"layer runs causal attention \(its attention probabilities weigh no key "
+                                         r"after any query, and query 2 of matrix \[0, 0\] of \[2, 3\] weighs 2 "
+                                         r"keys before it\)"):
         _refuse_causal_probabilities("layer", causal.softmax(-1))
+    # QA 299: causal rows with zeros below the diagonal too (padding keys, a causal window, float16 rounding).
+    window = torch.ones(6, 6, dtype=torch.bool).tril() & ~torch.ones(6, 6, dtype=torch.bool).tril(-3)
+    windowed = torch.randn(1, 2, 6, 6).masked_fill(~window, float("-inf")).softmax(-1)
+    with pytest.raises(ValueError, match=r"query 2 of matrix \[0, 0\] of \[1, 2\] weighs 2 keys before it"):
+        _refuse_causal_probabilities("layer", windowed)
+
+
+def test_a_causal_mask_given_to_sdpa_is_refused_as_is_causal_is():
+    """QA 299: timm's forward(x, attn_mask=tril) on the SDPA path was recorded (is_causal alone was refused); a
+    padding mask, which keeps later keys, is recorded."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                              embed_dim=24, num_heads=3).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    causal = torch.ones(17, 17, dtype=torch.bool).tril()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"blocks\.0\.attn \(Attention\) runs causal attention "
+                                                          r"\(its scaled_dot_product_attention mask keeps no key after "
+                                                          r"its query, in image 0, head 0\)"):
+        with vitmad.record(model):
+            model(pixels, attn_mask=causal)
+    padding = torch.ones(2, 1, 17, 17, dtype=torch.bool)
+    padding[1, ..., -2:] = False  # image 1's last two keys masked
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels, attn_mask=padding)
+    assert rec.mad.isfinite().all()

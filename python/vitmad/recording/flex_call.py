@@ -199,7 +199,7 @@ def _kept(who: str, mask_mod, shape: torch.Size, device: torch.device) -> torch.
         ) from None
 
 
-def _refuse_causal(who: str, kept: torch.Tensor) -> None:
+def _refuse_causal(who: str, kept: torch.Tensor, source: str = "its flex_attention mask") -> None:
     """Refuses a mask ``[B, H, Nq, Nk]`` (keys kept) that is causal in any of its (batch, head) slices: one of
     ``Nq = Nk >= 2`` tokens in which no query keeps a key after itself, and some query keeps a key before itself
     that not every query keeps (keys every query keeps, a class token or registers, are no order: each token attending
@@ -216,8 +216,7 @@ def _refuse_causal(who: str, kept: torch.Tensor) -> None:
     causal = (~forward & backward).nonzero()
     if len(causal):
         image, head = causal[0].tolist()
-        raise _causal_refusal(who, f"its flex_attention mask keeps no key after its query, in image {image}, head "
-                                   f"{head}")
+        raise _causal_refusal(who, f"{source} keeps no key after its query, in image {image}, head {head}")
 
 
 def flex_logits(who: str, args: tuple, kwargs: dict) -> tuple:

@@ -580,23 +580,25 @@ def _refuse_causal_probabilities(name: str, attn: torch.Tensor) -> None:
     """Refuses attention probabilities ``[..., N, N]`` a module computed itself under a causal mask, as its SDPA and
     flex forms are refused (QA 293: timm's forward(x, is_causal=True) with fused_attn=False was recorded).
 
-    Read from the values, which a mask leaves exactly 0, the rule is strict, for sharp bidirectional heads round
-    weights to 0 too (QA 297: each patch on itself or the class token, in float16): no query of any matrix weighs a
-    key after itself, and in some matrix of at least 3 tokens every query weighs every key up to itself, the full
-    lower triangle that no sharp head leaves. Only where the first query weighs no later key is every row read."""
+    Read from the values, which a mask leaves exactly 0 and a sharp head rounds to 0 too: refused where no query of
+    any matrix of the call weighs a key after itself, and some query weighs two keys or more before itself. A sharp
+    bidirectional head that puts each patch on itself or the class token weighs one (QA 297: refused, in float16);
+    a causal mask with padding, a causal window or rows rounded in float16 keep more (QA 299: the full lower
+    triangle asked before let them through). Only where the first query weighs no later key is every row read."""
     size = attn.shape[-1]
     if attn.shape[-2] != size or size < 3 or not bool((attn[..., 0, 1:] == 0).all()):
         return
-    kept = (attn != 0).flatten(0, -3) if attn.dim() > 2 else (attn != 0)[None]
+    kept = attn != 0
     after = torch.ones(size, size, dtype=torch.bool, device=attn.device).triu(1)
     if bool((kept & after).any()):
         return
-    full = (kept | after).flatten(-2).all(-1)  # per matrix: every key up to each query weighed
-    if bool(full.any()):
-        matrix = int(full.nonzero()[0, 0])
-        raise ValueError(f"vitmad.record: {name} runs causal attention (its attention probabilities weigh every key "
-                         f"up to each query and none after it, attention matrix {matrix} of "
-                         f"{list(attn.shape[:-2])}); MAD is defined for a vision transformer's bidirectional attention")
+    earlier = (kept & after.T).sum(-1)  # [..., N]: the keys before each query it weighs
+    if bool((earlier >= 2).any()):
+        where = [int(i) for i in (earlier >= 2).nonzero()[0].tolist()]
+        matrix = f" of matrix {where[:-1]} of {list(attn.shape[:-2])}" if attn.dim() > 2 else ""
+        raise ValueError(f"vitmad.record: {name} runs causal attention (its attention probabilities weigh no key after "
+                         f"any query, and query {where[-1]}{matrix} weighs {int(earlier[tuple(where)])} keys before "
+                         "it); MAD is defined for a vision transformer's bidirectional attention")
 
 
 class NoAttentionRanError(RuntimeError):
