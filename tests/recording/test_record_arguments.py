@@ -315,12 +315,17 @@ def test_entries_of_different_batch_sizes_do_not_stack_and_say_why():
     torch.testing.assert_close(torch.cat([rec.per_layer[0], rec.per_layer[2]]), whole.per_layer[0])
 
 
-def test_the_error_of_a_forward_that_ran_no_recorded_attention_pickles():
+def test_vitmads_errors_pickle_as_they_were():
     """A process pool sends a worker's error back pickled (QA 297: its two-argument __init__ broke unpickling)."""
     import pickle
 
-    from vitmad.recording.recorder import NoAttentionRanError
+    from vitmad.profiling.options import MissingPathError, OptionError, Parameter
+    from vitmad.recording.recorder import NoAttentionRanError, NoLayerError
 
-    error = NoAttentionRanError("M ran, but none of ...", "vitmad.record: M ran, but none of ...; pass layers=")
-    again = pickle.loads(pickle.dumps(error))
-    assert type(again) is NoAttentionRanError and again.finding == error.finding and str(again) == str(error)
+    errors = [NoAttentionRanError("M ran, but none of ...", "vitmad.record: M ran, but none of ...; pass layers="),
+              NoLayerError("found no attention layer", "; pass layers="),  # its prefix came back twice (QA 299)
+              OptionError("resume", ("changed since: ", Parameter("batch_size"))),  # broke a process pool
+              MissingPathError("images", "no such file or folder")]
+    for error in errors:
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error) and vars(again) == vars(error)

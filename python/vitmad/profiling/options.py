@@ -142,6 +142,9 @@ class OptionError(ValueError):
         self.parts = (message,) if isinstance(message, str) else tuple(message)
         super().__init__(f"{parameter}: {''.join(self.parts)}")
 
+    def __reduce__(self):  # its arguments, for a process pool to send it back (QA 299: the pool broke instead)
+        return type(self), (self.parameter, self.parts)
+
 
 class MissingPathError(OptionError, FileNotFoundError):
     """A file or folder given in a parameter does not exist."""

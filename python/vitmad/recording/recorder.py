@@ -137,9 +137,10 @@ class RecordedCall:
             positioned tokens (row-major grid order, as ``per_layer``; with ``positions=`` given by hand, the
             sequence's tokens in order, NaN in the columns of those without a position); None for a layer whose keys
             are not its queries (pooled keys), that has no such token, or whose attention is differential. Where
-            each window or frame holds its own copy of those tokens (vit-pytorch's MaxViT registers, TimeSformer's
-            divided space attention), cell ``t`` of a row is the copy in ``t``'s window or frame: a row stitched
-            from the copies, whose sum over the grid is no one token's mass.
+            each window or frame holds its own copy of those tokens (vit-pytorch's MaxViT registers and SepViT's
+            window token, RegionViT's regional tokens, TimeSformer's divided space attention), cell ``t`` of a row
+            is the copy in ``t``'s window or frame: a row stitched from the copies, whose sum over the grid is no one
+            token's mass.
         class_layers: with ``"prefix_maps"`` asked for, the class-attention and attention-pooling layers and the
             DETR decoders' cross-attention that ran (their queries have no position, so no MAD: they are in no other
             list), in execution order.
@@ -572,8 +573,11 @@ class NoLayerError(ValueError):
     its own (engine.plan_run)."""
 
     def __init__(self, finding: str, advice: str = ""):
-        self.finding = finding
+        self.finding, self.advice = finding, advice
         super().__init__(f"vitmad.record: {finding}{advice}")
+
+    def __reduce__(self):  # its arguments, not its message, for a process pool (QA 299: the prefix came back twice)
+        return type(self), (self.finding, self.advice)
 
 
 def _refuse_causal_probabilities(name: str, attn: torch.Tensor) -> None:
