@@ -346,16 +346,17 @@ class _CaptureAttention(TorchFunctionMode):
                 )
             # The call itself first: arguments it cannot take fail with torch's error, not with vitmad's refusal.
             result = func(*args, **kwargs)
+            if enable_gqa and key.shape[-3] != query.shape[-3]:
+                key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+            self.on_qk(self.layer, query, key, scale, mask)
             if mask is not None and query.shape[-2] == key.shape[-2]:
-                # A causal mask given as a mask (QA 299: attn_mask=tril(ones) was recorded), refused as flex's is.
+                # A causal mask given as a mask (QA 299: attn_mask=tril(ones) was recorded), refused as flex's is;
+                # after the call is placed, so that a family's own refusal of its layout is said first.
                 kept = mask if mask.dtype == torch.bool else mask > float("-inf")
                 kept = kept.expand(*mask.shape[:-2], query.shape[-2], key.shape[-2])
                 _refuse_causal(f"{self.layer} ({type(self.module).__name__})",
                                kept.reshape(-1, *kept.shape[-2:])[:, None] if kept.dim() != 4 else kept,
                                "its scaled_dot_product_attention mask")
-            if enable_gqa and key.shape[-3] != query.shape[-3]:
-                key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
-            self.on_qk(self.layer, query, key, scale, mask)
             return result
         if func is flex_attention and self._in_forward():
             result = func(*args, **kwargs)
