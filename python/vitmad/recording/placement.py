@@ -22,7 +22,7 @@ import torch
 
 from ..ops.arguments import check_position_values, is_trusted_positions, trust_position_values
 
-__all__ = ["ModelLayout", "LayerGeometry", "Placement", "LayerPlacer", "RefusingPlacer", "CallContext",
+__all__ = ["ModelLayout", "LayerGeometry", "Placement", "LayerPlacer", "RefusingPlacer", "without_owner", "CallContext",
            "cell_centres", "select_tokens", "NotPlaceable", "read_only", "is_read_only", "on_device",
            "copy_by_content"]
 
@@ -244,6 +244,15 @@ class RefusingPlacer(LayerPlacer):
 
     def refusal_without_attention(self, module: torch.nn.Module) -> str | None:
         return self.reason
+
+
+def without_owner(class_name: str) -> RefusingPlacer:
+    """The refusal of a layer whose family reads its strides from its model, where neither that model nor timm's
+    features_only wrapper of it is recorded (its stages taken into a user's module: a bare AttributeError, QA
+    297)."""
+    return RefusingPlacer(f"its strides are read from its {class_name} (the order of the model's modules), which is "
+                          "not in the recorded model (nor timm's features_only wrapper of it); record the whole "
+                          f"{class_name}, or pass positions=<[N, 2] pixel position of each token>")
 
 
 def cell_centres(

@@ -19,17 +19,8 @@ import torch
 from torch import nn
 
 from ..module_index import module_list
-from ..placement import NotPlaceable, cell_centres
-from .stages import (
-    KeyLayout,
-    StageGrid,
-    StagePlacer,
-    defined_in,
-    global_keys,
-    owner_or_features,
-    strided_modules,
-    without_owner,
-)
+from ..placement import NotPlaceable, cell_centres, without_owner
+from .stages import KeyLayout, StageGrid, StagePlacer, defined_in, global_keys, owner_or_features, strided_modules
 
 __all__ = ["placer"]
 

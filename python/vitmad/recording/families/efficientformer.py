@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..module_index import module_list, named_module_list
-from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, cell_centres
-from .stages import defined_in, features_wrapper, grid_placement, pair, strided_module_centres, without_owner
+from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement, cell_centres, without_owner
+from .stages import defined_in, features_wrapper, grid_placement, pair, strided_module_centres
 
 __all__ = ["placer", "attention_modules"]
 

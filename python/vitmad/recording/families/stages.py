@@ -27,21 +27,12 @@ import torch
 from torch import nn
 
 from ..module_index import module_list
-from ..placement import (
-    CallContext,
-    LayerGeometry,
-    LayerPlacer,
-    NotPlaceable,
-    Placement,
-    RefusingPlacer,
-    cell_centres,
-    select_tokens,
-)
+from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
 __all__ = ["matching_design", "reduction_before", "innermost_on_path", "backbone_layer", "Stage", "StageGrid",
            "StagePlacer", "KeyLayout", "global_keys", "strided_modules", "strided_centres", "strided_axis",
            "strided_module_centres", "adaptive_centres", "grid_placement", "pair", "defined_in", "owner_of",
-           "owner_or_features", "features_wrapper", "without_owner",
+           "owner_or_features", "features_wrapper",
            "forward_arguments"]
 
 
@@ -111,15 +102,6 @@ def features_wrapper(model: nn.Module) -> nn.Module | None:
 def owner_or_features(model: nn.Module, class_name: str, module_suffix: str) -> nn.Module | None:
     """:func:`owner_of`, or where ``model`` holds no module of that class, its :func:`features_wrapper`."""
     return owner_of(model, class_name, module_suffix) or features_wrapper(model)
-
-
-def without_owner(class_name: str) -> RefusingPlacer:
-    """The refusal of a layer whose family reads its strides from its model, where neither that model nor timm's
-    features_only wrapper of it is recorded (its stages taken into a user's module: a bare AttributeError, QA
-    297)."""
-    return RefusingPlacer(f"its strides are read from its {class_name} (the order of the model's modules), which is "
-                          "not in the recorded model (nor timm's features_only wrapper of it); record the whole "
-                          f"{class_name}, or pass positions=<[N, 2] pixel position of each token>")
 
 
 def matching_design(module: nn.Module, designs, attribute: str):
