@@ -484,9 +484,14 @@ def test_probabilities_that_round_to_zero_in_a_sharp_head_are_not_taken_for_a_ca
     _refuse_causal_probabilities("layer", torch.tensor([[1.0, 0.0], [0.5, 0.5]]))  # two tokens: no order to read
     causal = torch.randn(2, 3, 4, 4).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), float("-inf"))
     with pytest.raises(ValueError, match=r"layer runs causal attention \(its attention probabilities weigh no key "
-                                         r"after any query, and query 2 of matrix \[0, 0\] of \[2, 3\] weighs 2 "
-                                         r"keys before it\)"):
+                                         r"after any query, and query 3 of matrix \[0, 0\] of \[2, 3\] weighs 2 "
+                                         r"keys before it\)"):  # key 0, weighed by every query, is no order
         _refuse_causal_probabilities("layer", causal.softmax(-1))
+    # QA 300: a sharp float16 head of attention sinks, every patch on the class token and register 0 alone.
+    sinks = torch.zeros(1, 1, 6, 6)
+    sinks[..., 0, 0] = 1.0
+    sinks[..., 1:, :2] = 0.5
+    _refuse_causal_probabilities("layer", sinks)
     # QA 299: causal rows with zeros below the diagonal too (padding keys, a causal window, float16 rounding).
     window = torch.ones(6, 6, dtype=torch.bool).tril() & ~torch.ones(6, 6, dtype=torch.bool).tril(-3)
     windowed = torch.randn(1, 2, 6, 6).masked_fill(~window, float("-inf")).softmax(-1)
@@ -513,3 +518,23 @@ def test_a_causal_mask_given_to_sdpa_is_refused_as_is_causal_is():
     with torch.no_grad(), vitmad.record(model) as rec:
         model(pixels, attn_mask=padding)
     assert rec.mad.isfinite().all()
+    # QA 300: torch's CausalBias (its storage no bias: MAD from uninitialised memory), a causal mask filled with the
+    # dtype's lowest value (transformers') or -1e4, and a 3-D mask's heads.
+    from torch.nn.attention.bias import causal_upper_left
+
+    filled = torch.zeros(17, 17).masked_fill(~causal, torch.finfo(torch.float32).min)
+    head_1 = torch.ones(3, 17, 17, dtype=torch.bool)
+    head_1[1] = causal
+    for mask, where in ((causal_upper_left(17, 17), r"; MAD is defined"), (filled, r" \(its scaled_dot_product_attention mask"),
+                        (filled.clamp(min=-1e4), r" \(its"), (head_1, r" .*in image 0, head 1\)")):
+        with torch.no_grad(), pytest.raises(ValueError, match=r"blocks\.0\.attn \(Attention\) runs causal attention"
+                                                              + where):
+            with vitmad.record(model):
+                model(pixels, attn_mask=mask)
+    # Each token on itself and the class token, image 1's last three query rows padded (keeping no key): recorded.
+    sinks = torch.eye(17, dtype=torch.bool).expand(2, 1, 17, 17).clone()
+    sinks[..., 0] = True
+    sinks[1, :, -3:] = False
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels, attn_mask=sinks)
+    assert rec.mad[0, 0].isfinite().all()

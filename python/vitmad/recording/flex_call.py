@@ -53,7 +53,7 @@ from .interface_call import _causal_refusal, _shared_key_heads, signature_of
 from .process_scope import ProcessWideScope
 
 __all__ = ["flex_attention", "is_flex_attention", "FlexAttentionStandIn", "flex_logits", "unread_flex_refusal",
-           "without_autocast"]
+           "without_autocast", "kept_keys", "MASKED_BELOW"]
 
 
 # torch's function, bound when vitmad is imported, before any recording puts the stand-in in its module: the stand-in
@@ -199,6 +199,17 @@ def _kept(who: str, mask_mod, shape: torch.Size, device: torch.device) -> torch.
         ) from None
 
 
+# An additive mask or modified logit at or below this masks its key as -inf does: transformers fills masks with the
+# dtype's lowest value, others with -1e4 or -1e9, where exp gives 0 (QA 300: a causal mask so filled was recorded).
+# (Swin's -100 between windows' regions is far above: those keys are kept, as they are for MAD.)
+MASKED_BELOW = -1e4
+
+
+def kept_keys(bias: torch.Tensor) -> torch.Tensor:
+    """The keys a boolean mask keeps, or an additive mask or modified logits leave above :data:`MASKED_BELOW`."""
+    return bias if bias.dtype == torch.bool else bias > MASKED_BELOW
+
+
 def _refuse_causal(who: str, kept: torch.Tensor, source: str = "its flex_attention mask") -> None:
     """Refuses a mask ``[B, H, Nq, Nk]`` (keys kept) that is causal in any of its (batch, head) slices: one of
     ``Nq = Nk >= 2`` tokens in which no query keeps a key after itself, and some query keeps a key before itself
@@ -210,7 +221,9 @@ def _refuse_causal(who: str, kept: torch.Tensor, source: str = "its flex_attenti
     index = torch.arange(num_queries, device=kept.device)
     after = index[None, :] > index[:, None]
     before = index[None, :] < index[:, None]
-    shared = kept.all(dim=-2, keepdim=True)  # [..., 1, Nk]: the keys every query of the slice keeps
+    # [..., 1, Nk]: the keys every query of the slice keeps, over the queries that keep any (a padding query that
+    # keeps none took every key out of it: QA 300).
+    shared = (kept | ~kept.any(dim=-1, keepdim=True)).all(dim=-2, keepdim=True)
     forward = (kept & after).flatten(-2).any(-1)
     backward = (kept & before & ~shared).flatten(-2).any(-1)
     causal = (~forward & backward).nonzero()
@@ -257,5 +270,5 @@ def flex_logits(who: str, args: tuple, kwargs: dict) -> tuple:
     if bool((modified.isnan() | modified.isposinf()).any()):
         raise ValueError(f"vitmad.record: {who}: the score_mod of its flex_attention call makes NaN or +inf logits, "
                          "whose softmax is not a distribution over its keys")
-    _refuse_causal(who, modified > float("-inf"))
+    _refuse_causal(who, kept_keys(modified))
     return query, key, scale, modified - scores

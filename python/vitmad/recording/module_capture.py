@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import CausalBias
 from torch.overrides import TorchFunctionMode
 
 from .flex_call import (
@@ -41,6 +42,7 @@ from .flex_call import (
     flex_attention,
     flex_logits,
     is_flex_attention,
+    kept_keys,
     unread_flex_refusal,
     without_autocast,
 )
@@ -339,7 +341,7 @@ class _CaptureAttention(TorchFunctionMode):
             self.unread_flex = True
         if func is _SDPA and self._in_forward():
             query, key, mask, is_causal, scale, enable_gqa = _sdpa_arguments(args, kwargs)
-            if is_causal:
+            if is_causal or isinstance(mask, CausalBias):  # torch's causal masks, whose storage is no bias (QA 300)
                 raise ValueError(
                     f"vitmad.record: {self.layer} ({type(self.module).__name__}) runs causal attention; MAD is "
                     "defined for a vision transformer's bidirectional attention"
@@ -352,10 +354,10 @@ class _CaptureAttention(TorchFunctionMode):
             if mask is not None and query.shape[-2] == key.shape[-2]:
                 # A causal mask given as a mask (QA 299: attn_mask=tril(ones) was recorded), refused as flex's is;
                 # after the call is placed, so that a family's own refusal of its layout is said first.
-                kept = mask if mask.dtype == torch.bool else mask > float("-inf")
-                kept = kept.expand(*mask.shape[:-2], query.shape[-2], key.shape[-2])
-                _refuse_causal(f"{self.layer} ({type(self.module).__name__})",
-                               kept.reshape(-1, *kept.shape[-2:])[:, None] if kept.dim() != 4 else kept,
+                kept = kept_keys(mask).expand(*mask.shape[:-2], query.shape[-2], key.shape[-2])
+                # [B, H, Nq, Nk] as SDPA broadcasts it: a 3-D mask's first dim is the heads' (QA 300).
+                kept = kept.reshape(-1, *kept.shape[-3:]) if kept.dim() > 4 else kept[(None,) * (4 - kept.dim())]
+                _refuse_causal(f"{self.layer} ({type(self.module).__name__})", kept,
                                "its scaled_dot_product_attention mask")
             return result
         if func is flex_attention and self._in_forward():

@@ -585,7 +585,8 @@ def _refuse_causal_probabilities(name: str, attn: torch.Tensor) -> None:
     flex forms are refused (QA 293: timm's forward(x, is_causal=True) with fused_attn=False was recorded).
 
     Read from the values, which a mask leaves exactly 0 and a sharp head rounds to 0 too: refused where no query of
-    any matrix of the call weighs a key after itself, and some query weighs two keys or more before itself. A sharp
+    any matrix of the call weighs a key after itself, and some query weighs two keys or more before itself that not
+    every query of its matrix weighs. A sharp
     bidirectional head that puts each patch on itself or the class token weighs one (QA 297: refused, in float16);
     a causal mask with padding, a causal window or rows rounded in float16 keep more (QA 299: the full lower
     triangle asked before let them through). Only where the first query weighs no later key is every row read."""
@@ -596,7 +597,10 @@ def _refuse_causal_probabilities(name: str, attn: torch.Tensor) -> None:
     after = torch.ones(size, size, dtype=torch.bool, device=attn.device).triu(1)
     if bool((kept & after).any()):
         return
-    earlier = (kept & after.T).sum(-1)  # [..., N]: the keys before each query it weighs
+    # [..., N]: the keys before each query it weighs, but those every query of its matrix weighs (a class token or
+    # registers as attention sinks are no order: QA 300 found a sharp float16 head on them refused).
+    shared = (kept | ~kept.any(-1, keepdim=True)).all(-2, keepdim=True)
+    earlier = (kept & after.T & ~shared).sum(-1)
     if bool((earlier >= 2).any()):
         where = [int(i) for i in (earlier >= 2).nonzero()[0].tolist()]
         matrix = f" of matrix {where[:-1]} of {list(attn.shape[:-2])}" if attn.dim() > 2 else ""
