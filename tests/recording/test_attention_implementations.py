@@ -525,8 +525,9 @@ def test_a_causal_mask_given_to_sdpa_is_refused_as_is_causal_is():
     filled = torch.zeros(17, 17).masked_fill(~causal, torch.finfo(torch.float32).min)
     head_1 = torch.ones(3, 17, 17, dtype=torch.bool)
     head_1[1] = causal
-    for mask, where in ((causal_upper_left(17, 17), r"; MAD is defined"), (filled, r" \(its scaled_dot_product_attention mask"),
-                        (filled.clamp(min=-1e4), r" \(its"), (head_1, r" .*in image 0, head 1\)")):
+    for mask, where in ((causal_upper_left(17, 17), r"; MAD is defined"),
+                        (filled, r" \(its scaled_dot_product_attention mask"), (filled.clamp(min=-1e4), r" \(its"),
+                        (head_1, r" .*in image 0, head 1\)")):
         with torch.no_grad(), pytest.raises(ValueError, match=r"blocks\.0\.attn \(Attention\) runs causal attention"
                                                               + where):
             with vitmad.record(model):

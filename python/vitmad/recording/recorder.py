@@ -586,10 +586,10 @@ def _refuse_causal_probabilities(name: str, attn: torch.Tensor) -> None:
 
     Read from the values, which a mask leaves exactly 0 and a sharp head rounds to 0 too: refused where no query of
     any matrix of the call weighs a key after itself, and some query weighs two keys or more before itself that not
-    every query of its matrix weighs. A sharp
-    bidirectional head that puts each patch on itself or the class token weighs one (QA 297: refused, in float16);
-    a causal mask with padding, a causal window or rows rounded in float16 keep more (QA 299: the full lower
-    triangle asked before let them through). Only where the first query weighs no later key is every row read."""
+    every query of its matrix weighs. A sharp bidirectional head that puts each patch on itself or the class token
+    weighs one (QA 297: refused, in float16); a causal mask with padding, a causal window or rows rounded in float16
+    keep more (QA 299: the full lower triangle asked before let them through). Only where the first query weighs no
+    later key is every row read."""
     size = attn.shape[-1]
     if attn.shape[-2] != size or size < 3 or not bool((attn[..., 0, 1:] == 0).all()):
         return
