@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..recording.recorder import NoAttentionRanError, NoLayerError, Recording
+from ..recording.recorder import NoAttentionRanError, NoLayerError, Recording, attention_modules
 from ..recording.towers import image_channels
 from .checkpoint import (
     LOCAL_FOLDER,
@@ -865,8 +865,6 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
                 except NoAttentionRanError as err:  # modules named in layers= that compute none: said of layers
                     if "layers" not in plan.record_options:
                         raise
-                    from ..recording.recorder import attention_modules
-
                     found = list(attention_modules(plan.loaded.module))
                     such = f", such as {', '.join(found[:4])}{', ...' if len(found) > 4 else ''}" if found else ""
                     raise OptionError("layers", f"{err.finding}; name the modules that compute its attention{such}") \

@@ -398,11 +398,12 @@ class Profile:
             ValueError: the file cannot be read, is not a vitmad profile, comes from a vitmad whose format
                 differs, or lacks fields (truncated or edited); the message names the file.
         """
-        if Path(path).expanduser().is_dir():  # was IsADirectoryError's words (QA 290)
-            held = " (it holds no mad.json)" if not (Path(path).expanduser() / "mad.json").is_file() else ""
+        file = Path(path).expanduser()  # "~/runs/..." as to_json takes it
+        if file.is_dir():  # was IsADirectoryError's words (QA 290)
+            held = " (it holds no mad.json)" if not (file / "mad.json").is_file() else ""
             raise ValueError(f"{path}: cannot read a vitmad profile: a folder{held}; pass a profile's mad.json")
         try:
-            doc = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))  # "~/runs/..." as to_json takes it
+            doc = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # nested past Python's limit
             raise ValueError(f"{path}: cannot read a vitmad profile ({type(err).__name__}: {err})") from err
         found = doc.get("format") if isinstance(doc, dict) else None

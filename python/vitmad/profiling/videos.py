@@ -107,7 +107,7 @@ def without_clips(files: list[Path], model: str, packed: bool,
         spelled: how the caller spells "the sources are videos" and the model parameter (the command's flags).
         stacklevel: the warning's, to point at the caller's call.
     """
-    clips = [f for f in files if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS]
+    clips = [f for f in files if f.suffix.lower() in VIDEO_EXTENSIONS and f.is_file()]  # a stat for clips alone
     if not clips:
         return files
     shown = ", ".join(map(str, clips[:3])) + (" ..." if len(clips) > 3 else "")
