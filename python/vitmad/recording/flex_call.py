@@ -53,7 +53,7 @@ from .interface_call import _causal_refusal, _shared_key_heads, signature_of
 from .process_scope import ProcessWideScope
 
 __all__ = ["flex_attention", "is_flex_attention", "FlexAttentionStandIn", "flex_logits", "unread_flex_refusal",
-           "without_autocast", "kept_keys", "MASKED_BELOW"]
+           "without_autocast", "kept_keys", "kept_by_every_query", "MASKED_BELOW"]
 
 
 # torch's function, bound when vitmad is imported, before any recording puts the stand-in in its module: the stand-in
@@ -210,6 +210,13 @@ def kept_keys(bias: torch.Tensor) -> torch.Tensor:
     return bias if bias.dtype == torch.bool else bias > MASKED_BELOW
 
 
+def kept_by_every_query(kept: torch.Tensor) -> torch.Tensor:
+    """``[..., 1, Nk]``: the keys every query of each matrix of ``kept`` (``[..., Nq, Nk]`` bool) keeps, over the
+    queries that keep any (a padding query that keeps none took every key out of it: QA 300). A class token or
+    registers kept by all are no order to the causal rules."""
+    return (kept | ~kept.any(dim=-1, keepdim=True)).all(dim=-2, keepdim=True)
+
+
 def _refuse_causal(who: str, kept: torch.Tensor, source: str = "its flex_attention mask") -> None:
     """Refuses a mask ``[B, H, Nq, Nk]`` (keys kept) that is causal in any of its (batch, head) slices: one of
     ``Nq = Nk >= 2`` tokens in which no query keeps a key after itself, and some query keeps a key before itself
@@ -221,9 +228,7 @@ def _refuse_causal(who: str, kept: torch.Tensor, source: str = "its flex_attenti
     index = torch.arange(num_queries, device=kept.device)
     after = index[None, :] > index[:, None]
     before = index[None, :] < index[:, None]
-    # [..., 1, Nk]: the keys every query of the slice keeps, over the queries that keep any (a padding query that
-    # keeps none took every key out of it: QA 300).
-    shared = (kept | ~kept.any(dim=-1, keepdim=True)).all(dim=-2, keepdim=True)
+    shared = kept_by_every_query(kept)
     forward = (kept & after).flatten(-2).any(-1)
     backward = (kept & before & ~shared).flatten(-2).any(-1)
     causal = (~forward & backward).nonzero()

@@ -72,7 +72,7 @@ from .families.plain import (
     keeps_image_layout,
 )
 from .families.sam_map_encoder import is_second_encoder_of
-from .flex_call import unread_flex_refusal
+from .flex_call import kept_by_every_query, unread_flex_refusal
 from .forward_owner import (
     ForwardOwner,
     ModuleCall,
@@ -599,8 +599,7 @@ def _refuse_causal_probabilities(name: str, attn: torch.Tensor) -> None:
         return
     # [..., N]: the keys before each query it weighs, but those every query of its matrix weighs (a class token or
     # registers as attention sinks are no order: QA 300 found a sharp float16 head on them refused).
-    shared = (kept | ~kept.any(-1, keepdim=True)).all(-2, keepdim=True)
-    earlier = (kept & after.T & ~shared).sum(-1)
+    earlier = (kept & after.T & ~kept_by_every_query(kept)).sum(-1)
     if bool((earlier >= 2).any()):
         where = [int(i) for i in (earlier >= 2).nonzero()[0].tolist()]
         matrix = f" of matrix {where[:-1]} of {list(attn.shape[:-2])}" if attn.dim() > 2 else ""
