@@ -320,10 +320,11 @@ def test_vitmads_errors_pickle_as_they_were():
     import pickle
 
     from vitmad.profiling.options import MissingPathError, OptionError, Parameter
-    from vitmad.recording.recorder import NoAttentionRanError, NoLayerError
+    from vitmad.recording.recorder import LayersError, NoAttentionRanError, NoLayerError
 
     errors = [NoAttentionRanError("M ran, but none of ...", "vitmad.record: M ran, but none of ...; pass layers="),
               NoLayerError("found no attention layer", "; pass layers="),  # its prefix came back twice (QA 299)
+              LayersError("pattern 'x' matches no module of M"),
               OptionError("resume", ("changed since: ", Parameter("batch_size"))),  # broke a process pool
               MissingPathError("images", "no such file or folder")]
     for error in errors:

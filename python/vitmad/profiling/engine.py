@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..recording.recorder import NoAttentionRanError, NoLayerError, Recording, attention_modules
+from ..recording.recorder import LayersError, NoAttentionRanError, NoLayerError, Recording, attention_modules
 from ..recording.towers import image_channels
 from .checkpoint import (
     LOCAL_FOLDER,
@@ -638,11 +638,8 @@ def _check_recordable(module: torch.nn.Module, record_options: dict, layers: Seq
             raise OptionError("layers", err.finding) from None
         raise OptionError("model", f"{err.finding}; if some of its modules compute softmax attention, "
                                    "vitmad.profile(..., layers=[their qualified names]) records them") from None
-    except ValueError as err:  # a pattern matching no module, the model itself named: OptionErrors (QA 292)
-        said = "vitmad.record: layers "
-        if layers and str(err).startswith(said):
-            raise OptionError("layers", str(err)[len(said):]) from None
-        raise
+    except LayersError as err:  # a pattern matching no module, the model itself named: OptionErrors (QA 292)
+        raise OptionError("layers", err.finding) from None
     classes = recording._class_layers
     if classes and classes == set(recording._modules):
         # XCiT: every other layer attends over channels. A profile is per-layer MAD first; the maps alone are

@@ -323,6 +323,18 @@ def _uses_plain_layout(placer: LayerPlacer) -> bool:
             or (isinstance(placer, ClassQueryPlacer) and isinstance(placer.keys, PlainPlacer)))
 
 
+class LayersError(ValueError):
+    """``layers=`` names no module to record (a pattern matching none, the model itself). ``finding`` is the message
+    after ``"vitmad.record: layers "``, which the profiler says of its own ``layers`` (engine._check_recordable)."""
+
+    def __init__(self, finding: str):
+        self.finding = finding
+        super().__init__(f"vitmad.record: layers {finding}")
+
+    def __reduce__(self):  # its argument, not its message, for a process pool
+        return type(self), (self.finding,)
+
+
 def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn.Module,
             shown: dict[str, nn.Module]) -> dict[str, nn.Module]:
     selected = {}
@@ -330,9 +342,9 @@ def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn
         matches = {name: m for name, m in candidates.items() if fnmatch.fnmatchcase(name, pattern)}
         if not matches:
             names = ", ".join(list(shown)[:4]) + (", ..." if len(shown) > 4 else "")
-            raise ValueError(
-                f"vitmad.record: layers pattern '{pattern}' matches no module of {type(model).__name__}; expected "
-                f"qualified names (wildcards allowed) such as its attention modules: {names or 'none found'}"
+            raise LayersError(
+                f"pattern '{pattern}' matches no module of {type(model).__name__}; expected qualified names "
+                f"(wildcards allowed) such as its attention modules: {names or 'none found'}"
             )
         selected.update(matches)
     return {name: m for name, m in candidates.items() if name in selected}
@@ -927,10 +939,9 @@ class Recording:
                 # The model itself, named by layers=[""], is no attention layer: its forward runs them all.
                 inside = [name for name in found if name]
                 shown = ", ".join(inside[:4]) + (", ..." if len(inside) > 4 else "")
-                raise ValueError(
-                    f"vitmad.record: layers names '' (the model itself), but {type(model).__name__} is not one "
-                    f"attention layer; name its attention modules ({shown or 'none found'}), or pass layers=None "
-                    "to record every one"
+                raise LayersError(
+                    f"names '' (the model itself), but {type(model).__name__} is not one attention layer; name its "
+                    f"attention modules ({shown or 'none found'}), or pass layers=None to record every one"
                 )
         prefix = encoder_prefix(model)
         if layers is None:
