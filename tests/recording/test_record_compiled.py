@@ -308,3 +308,40 @@ def test_compiled_transformers_model_against_its_eager_attention():
     expected = torch.stack([vitmad.mad_reference(a, PATCH, num_prefix_tokens=1, grid=grid) for a in maps])
     torch.testing.assert_close(rec.mad.double(), expected, **TOL)
     assert len(warned) == 1
+
+
+def test_import_leaves_dynamo_unloaded_until_a_recording_disables_its_hooks_for_it():
+    # `import vitmad` does not import dynamo (0.9 s of a 1.1 s import) or torch's flex_attention module; the first
+    # Recording, before it installs a hook, disables for dynamo every method a model's forward calls.
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    script = """
+import sys
+import torch
+import vitmad
+from vitmad.recording import recorder
+heavy = ("torch._dynamo", "sympy", "torch.nn.attention.flex_attention", "torch.nn.attention.bias")
+print("loaded at import:", [name for name in heavy if name in sys.modules])
+marked = [(cls.__name__, name) for cls in (recorder._RecordingHook, recorder.Recording)
+          for name, method in vars(cls).items() if getattr(method, "_vitmad_eager_between_graphs", False)]
+print("marked:", sorted(marked))
+import timm
+model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1).eval()
+with torch.no_grad(), vitmad.record(model) as rec:
+    model(torch.randn(1, 3, 32, 32))
+print("recorded:", rec.layers, tuple(rec.mad.shape))
+disabled = [(c, n) for c, n in marked if getattr(getattr(getattr(recorder, c), n), "_torchdynamo_disable", False)]
+print("disabled:", sorted(disabled))
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=subprocess_env(OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "loaded at import: []"
+    marked = lines[1].removeprefix("marked: ")
+    assert "('_RecordingHook', '__call__')" in marked and "('Recording', '_on_attention')" in marked
+    assert lines[2] == "recorded: ['blocks.0.attn'] (1, 1, 3)"  # [calls, layers, heads]
+    assert lines[3].removeprefix("disabled: ") == marked

@@ -46,7 +46,6 @@ import math
 import sys
 
 import torch
-from torch.nn.attention import flex_attention as _torch_flex_module
 from torch.overrides import handle_torch_function, has_torch_function
 
 from .interface_call import _causal_refusal, _shared_key_heads, signature_of
@@ -56,10 +55,22 @@ __all__ = ["flex_attention", "is_flex_attention", "FlexAttentionStandIn", "flex_
            "without_autocast", "kept_keys", "kept_by_every_query", "MASKED_BELOW"]
 
 
-# torch's function, bound when vitmad is imported, before any recording puts the stand-in in its module: the stand-in
-# reads this plain global (never the module's attribute, which is the stand-in while a recording runs), also where
-# dynamo traces it.
-_TORCH_FLEX_ATTENTION = _torch_flex_module.flex_attention
+# torch's function, bound by torch_flex_attention() at the first recording's setup, before any recording puts the
+# stand-in in its module: the stand-in reads this plain global (never the module's attribute, which is the stand-in
+# while a recording runs), also where dynamo traces it. Not bound at `import vitmad`: torch's flex_attention module
+# imports dynamo and sympy, about 0.3 s of the import (with torch.nn.attention.bias, 1 s of its 1.3 s beyond torch's
+# own, on the 2-core Xeon VM), which the ops and the command's --help need not pay.
+_TORCH_FLEX_ATTENTION = None
+
+
+def torch_flex_attention():
+    """torch's ``flex_attention``, its module imported on the first call (a recording's setup)."""
+    global _TORCH_FLEX_ATTENTION
+    if _TORCH_FLEX_ATTENTION is None:
+        from torch.nn.attention import flex_attention as torch_flex_module
+
+        _TORCH_FLEX_ATTENTION = torch_flex_module.flex_attention
+    return _TORCH_FLEX_ATTENTION
 
 
 def flex_attention(*args, **kwargs):
@@ -68,18 +79,19 @@ def flex_attention(*args, **kwargs):
     (a compiled function or model calling it, ``torch.compile`` of the stand-in itself, as transformers'
     ``WrappedFlexAttention`` makes at its first call) it is torch's function alone: the compiled code is the one
     torch's function gives, then and after the recording."""
+    torch_function = _TORCH_FLEX_ATTENTION or torch_flex_attention()
     if torch.compiler.is_compiling():
-        return _TORCH_FLEX_ATTENTION(*args, **kwargs)
+        return torch_function(*args, **kwargs)
     tensors = tuple(t for t in (*args[:3], *(kwargs.get(n) for n in ("query", "key", "value")))
                     if isinstance(t, torch.Tensor))
     if has_torch_function(tensors):
         return handle_torch_function(flex_attention, tensors, *args, **kwargs)
-    return _TORCH_FLEX_ATTENTION(*args, **kwargs)
+    return torch_function(*args, **kwargs)
 
 
 def is_flex_attention(value) -> bool:
     """Whether ``value`` is torch's ``flex_attention`` or the stand-in."""
-    return value is _TORCH_FLEX_ATTENTION or value is flex_attention
+    return value is flex_attention or value is torch_flex_attention()
 
 
 class FlexAttentionStandIn(ProcessWideScope):
@@ -131,7 +143,7 @@ class FlexAttentionStandIn(ProcessWideScope):
 
     @classmethod
     def _first(cls) -> None:
-        cls._rebind(_TORCH_FLEX_ATTENTION, flex_attention)
+        cls._rebind(torch_flex_attention(), flex_attention)
 
     @classmethod
     def _last(cls) -> None:
@@ -249,7 +261,7 @@ def flex_logits(who: str, args: tuple, kwargs: dict) -> tuple:
     Raises:
         ValueError: the attention is causal, or its ``score_mod`` / ``mask_mod`` cannot be evaluated.
     """
-    named = signature_of(_TORCH_FLEX_ATTENTION).bind(*args, **kwargs).arguments
+    named = signature_of(torch_flex_attention()).bind(*args, **kwargs).arguments
     query, key = named["query"], named["key"]
     score_mod, block_mask, scale = named.get("score_mod"), named.get("block_mask"), named.get("scale")
     device = query.device

@@ -27,13 +27,13 @@ from __future__ import annotations
 import dis
 import inspect
 import re
+import sys
 import threading
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import CausalBias
 from torch.overrides import TorchFunctionMode
 
 from .flex_call import (
@@ -126,6 +126,13 @@ _FUSED_NAMES = ("scaled_dot_product_attention", "flex_attention")
 # What a softmax may be read as: the names, and the functions and class a global may be bound to.
 _SOFTMAX_NAMES = ("softmax", "Softmax")
 _SOFTMAX_VALUES = (torch.softmax, F.softmax, torch.special.softmax, nn.Softmax)
+
+
+def _is_causal_bias(mask) -> bool:
+    """Whether ``mask`` is torch's ``CausalBias``. Its module is not imported here: it imports dynamo, most of a
+    second of ``import vitmad`` (flex_call says more); none can exist unless the model's code imported it."""
+    bias_module = sys.modules.get("torch.nn.attention.bias")
+    return bias_module is not None and isinstance(mask, bias_module.CausalBias)
 
 
 def _is_call_of(value, softmax: bool) -> bool:
@@ -341,7 +348,7 @@ class _CaptureAttention(TorchFunctionMode):
             self.unread_flex = True
         if func is _SDPA and self._in_forward():
             query, key, mask, is_causal, scale, enable_gqa = _sdpa_arguments(args, kwargs)
-            if is_causal or isinstance(mask, CausalBias):  # torch's causal masks, whose storage is no bias (QA 300)
+            if is_causal or _is_causal_bias(mask):  # torch's causal masks, whose storage is no bias (QA 300)
                 raise ValueError(
                     f"vitmad.record: {self.layer} ({type(self.module).__name__}) runs causal attention; MAD is "
                     "defined for a vision transformer's bidirectional attention"

@@ -644,6 +644,34 @@ _COMPILED_INSIDE = ("vitmad.record's hooks run eagerly, between compiled graphs:
                     "torch.export(strict=True) of a recorded model cannot trace them: export outside the block)")
 
 
+def _eager_between_graphs(method: Callable) -> Callable:
+    """Marks a method of the recording that the model's forward calls, to be disabled for dynamo
+    (``torch.compiler.disable`` with :data:`_COMPILED_INSIDE`) by :func:`_disable_marked_for_dynamo`. Not at class
+    definition: ``torch.compiler.disable`` imports dynamo, 0.9 s of ``import vitmad``'s 1.1 s beyond torch's own
+    (2-core Xeon VM), which the ops and the command's ``--help`` need not pay."""
+    method._vitmad_eager_between_graphs = True
+    return method
+
+
+_marked_disabled = False
+_marked_disabled_lock = threading.Lock()
+
+
+def _disable_marked_for_dynamo() -> None:
+    """Replaces the methods marked by :func:`_eager_between_graphs` with their ``torch.compiler.disable`` forms, once
+    per process, when the first :class:`Recording` is made: before any of its hooks is installed, so no model ever
+    calls the unmarked form."""
+    global _marked_disabled
+    with _marked_disabled_lock:
+        if _marked_disabled:
+            return
+        for cls in (_RecordingHook, Recording):
+            for name, method in list(vars(cls).items()):
+                if getattr(method, "_vitmad_eager_between_graphs", False):
+                    setattr(cls, name, torch.compiler.disable(method, reason=_COMPILED_INSIDE))
+        _marked_disabled = True
+
+
 class _RecordingHook:
     """A hook of a recording, as the model holds it. A copy of the model (``copy.deepcopy``, pickling) made while
     the recording is active gets an inert hook in its place: the copy runs as it would without vitmad, and never
@@ -658,7 +686,7 @@ class _RecordingHook:
     def __init__(self, hook: Callable, owner: ForwardOwner, pre: bool):
         self.hook, self.owner, self.pre = hook, owner, pre
 
-    @torch.compiler.disable(reason=_COMPILED_INSIDE)
+    @_eager_between_graphs
     def __call__(self, *args, **kwargs):
         if self.owner.busy_elsewhere():
             if self.pre:
@@ -765,6 +793,7 @@ class Recording:
         if not isinstance(model, nn.Module):
             raise TypeError(f"vitmad.record: model must be an nn.Module (a spec string is for vitmad.profile), "
                             f"got {type(model).__name__}")
+        _disable_marked_for_dynamo()
         if reduction not in ("mean", "none"):
             raise ValueError(f"vitmad.record: reduction must be 'mean' or 'none', got {reduction!r}")
         check_renormalize(renormalize, "vitmad.record")  # "no" would be true; NumPy's bool is one, as the ops take
@@ -1393,7 +1422,7 @@ class Recording:
                 f"{type(self.model).__name__}: {error}"
             ) from None
 
-    @torch.compiler.disable(reason=_COMPILED_INSIDE)  # called from the model's own forward
+    @_eager_between_graphs  # called from the model's own forward
     def _on_attention(self, name, query, key, scale, mask, *, other_keys: bool = False) -> None:
         """One ``F.scaled_dot_product_attention`` / ``AttentionInterface`` call of module ``name``; ``other_keys``:
         its keys are known to come from another sequence than its queries (``nn.MultiheadAttention`` given a
@@ -1432,7 +1461,7 @@ class Recording:
 
         self._measure(name, placement, query.device, measure, fused=True)
 
-    @torch.compiler.disable(reason=_COMPILED_INSIDE)  # called from the model's own forward
+    @_eager_between_graphs  # called from the model's own forward
     def _on_probabilities(self, name: str, attn: torch.Tensor) -> None:
         """The attention probabilities ``[..., Nq, Nk]`` a module computed itself."""
         if _not_recorded():
@@ -1647,7 +1676,7 @@ class Recording:
         except NotPlaceable as error:
             raise ValueError(f"vitmad.record: {name} of {type(self.model).__name__}: {error}") from None
 
-    @torch.compiler.disable(reason=_COMPILED_INSIDE)  # called from the model's own forward
+    @_eager_between_graphs  # called from the model's own forward
     def _unread_flex_refusal(self, name: str, module: nn.Module) -> str:
         """Why ``module`` is refused whose forward ran a ``flex_attention`` call vitmad could not read: its family's
         reason for a forward without attention vitmad sees where it has one (diffusers' backends), else
@@ -1658,7 +1687,7 @@ class Recording:
             return unread_flex_refusal(name, module)
         return f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__}: {reason}"
 
-    @torch.compiler.disable(reason=_COMPILED_INSIDE)  # called from the model's own forward
+    @_eager_between_graphs  # called from the model's own forward
     def _on_module_done(self, name: str, module: nn.Module, completed: bool) -> None:
         """Record what module ``name`` computed in the forward that just ended: one entry per layer."""
         if _not_recorded():
