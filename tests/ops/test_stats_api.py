@@ -87,13 +87,28 @@ def test_maps_refused_when_the_tokens_without_a_position_differ_between_images()
     (("prefix_maps", "prefix_maps"), ValueError, "names 'prefix_maps' twice"),
     (("distance",), ValueError,  # the maps are a valid name here, and the message says so
      "must be among 'mad', 'entropy', 'prefix_mass', 'self_mass', 'temporal_mad', 'prefix_maps', got 'distance'"),
-    ("entropy", TypeError, "got the string 'entropy'"),
+    ("", ValueError, "at least one of .* got none"),
+    (" , ", ValueError, "at least one of .* got none"),
+    ("mad,distance", ValueError, "must be among .* got 'distance'"),
     (None, TypeError, "stats must be a sequence of names .* got None"),
     (("mad", 1), TypeError, r"stats must be a sequence of names .* got \('mad', 1\)"),
 ])
 def test_bad_statistics_are_named(stats, error, match):
     with pytest.raises(error, match=match):
         vitmad.attention_stats(_attention(1, 1, 5, 5), 8, grid=(2, 2), stats=stats)
+
+
+def test_a_string_is_one_name_or_a_comma_list_as_record_takes_it():
+    attn = _attention(2, 3, 5, 5)
+    listed = vitmad.attention_stats(attn, 8, grid=(2, 2), stats=["entropy", "mad"])
+    assert list(vitmad.attention_stats(attn, 8, grid=(2, 2), stats="entropy")) == ["entropy"]
+    both = vitmad.attention_stats(attn, 8, grid=(2, 2), stats=" entropy, mad,")
+    assert list(both) == ["entropy", "mad"]
+    for name in both:
+        assert torch.equal(both[name], listed[name])
+    q, k = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    from_qk = vitmad.attention_stats_qk(q, k, 8, grid=(2, 2), stats="prefix_mass,prefix_maps")
+    assert list(from_qk) == ["prefix_mass", "prefix_maps"]
 
 
 def test_self_mass_needs_square_attention():

@@ -61,11 +61,11 @@ _OP = "vitmad.attention_stats"
 _OP_QK = "vitmad.attention_stats_qk"
 
 
-def _split(stats: Sequence[str], op_name: str) -> tuple[tuple[str, ...], bool]:
-    """The per-query statistics the kernels compute, and whether the prefix maps are asked for."""
-    if isinstance(stats, str):
-        raise TypeError(f"{op_name}: stats must be a sequence of names such as ('mad', 'entropy'), got the string "
-                        f"'{stats}'")
+def _split(stats: Sequence[str] | str, op_name: str) -> tuple[tuple[str, ...], bool, tuple[str, ...]]:
+    """The per-query statistics the kernels compute, whether the prefix maps are asked for, and every name asked
+    for in order (the order of the returned dict)."""
+    if isinstance(stats, str):  # one name or a comma list, as vitmad.record and the command take them
+        stats = tuple(name for name in (part.strip() for part in stats.split(",")) if name)
     if not isinstance(stats, Sequence) or not all(isinstance(name, str) for name in stats):
         raise TypeError(f"{op_name}: stats must be a sequence of names such as ('mad', 'entropy'), got {stats!r}")
     names = tuple(stats)
@@ -79,7 +79,7 @@ def _split(stats: Sequence[str], op_name: str) -> tuple[tuple[str, ...], bool]:
     unknown = next((n for n in rest if n not in (*STAT_NAMES, TEMPORAL_MAD)), None)
     if unknown is not None:  # named here, where the maps are a valid name too (check_stats knows the kernels')
         raise ValueError(f"{op_name}: stats must be among {known}, got '{unknown}'")
-    return rest, maps
+    return rest, maps, names
 
 
 def _by_name(names: Sequence[str], values: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -180,7 +180,7 @@ def attention_stats(
     attn: torch.Tensor,
     patch: int | None = None,
     *,
-    stats: Sequence[str] = DEFAULT_STATS,
+    stats: Sequence[str] | str = DEFAULT_STATS,
     num_prefix_tokens: int | None = None,
     grid: Sequence[int] | None = None,
     positions: torch.Tensor | None = None,
@@ -202,7 +202,7 @@ def attention_stats(
             (the attention on the keys without a position: CLS, registers), ``"self_mass"`` (on the query's own
             token; needs ``Nq == Nk``), ``"temporal_mad"`` (video: MAD with the distance between the tokens'
             frames; needs ``times``), each at most once; and ``"prefix_maps"``: the rows of the tokens without
-            a position over the keys with one.
+            a position over the keys with one. A string is one name or a comma list (``"mad,entropy"``).
         times: position form, video: ``[..., Nq, 1]`` the frame of each query token (any unit: frames, seconds),
             NaN exactly where ``positions`` is NaN, broadcast like ``positions``; only with ``"temporal_mad"``.
         key_times: ``[..., Nk, 1]`` the keys' frames, given exactly when ``key_positions`` is.
@@ -220,7 +220,7 @@ def attention_stats(
         TypeError, ValueError: as :func:`vitmad.mad`, and for an unknown or repeated statistic.
         RuntimeError: ``attn`` requires grad while grad mode is on (the statistics are measurements).
     """
-    names, maps = _split(stats, _OP)
+    names, maps, stats = _split(stats, _OP)
     check_renormalize(renormalize, _OP)
     check_one_form(_OP, positions, key_positions,
                    {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
@@ -274,7 +274,7 @@ def attention_stats_qk(
     k: torch.Tensor,
     patch: int | None = None,
     *,
-    stats: Sequence[str] = DEFAULT_STATS,
+    stats: Sequence[str] | str = DEFAULT_STATS,
     num_prefix_tokens: int | None = None,
     grid: Sequence[int] | None = None,
     positions: torch.Tensor | None = None,
@@ -296,7 +296,7 @@ def attention_stats_qk(
     Returns:
         As :func:`attention_stats`.
     """
-    names, maps = _split(stats, _OP_QK)
+    names, maps, stats = _split(stats, _OP_QK)
     check_renormalize(renormalize, _OP_QK)
     check_one_form(_OP_QK, positions, key_positions,
                    {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
