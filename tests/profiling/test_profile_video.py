@@ -548,6 +548,32 @@ def test_a_size_the_video_model_refuses_is_refused_naming_the_option_before_any_
     assert vitmad.profile(f"hf:{video_model}", videos, device="cpu", image_size=SIZE).count == 2
 
 
+def test_a_size_timesformer_divided_blocks_cannot_cut_into_rows_is_refused_naming_the_option(videos, tmp_path, capsys):
+    """TimeSformer interpolates its position embeddings, but its divided blocks cut each frame's patches into rows of
+    config.image_size // patch_size (4 here): 24 x 24 px (9 patches) failed inside the first forward with a reshape
+    error (QA 301). 16 x 48 px (12 patches, three rows) runs (test_record_video holds its numbers)."""
+    folder = tmp_path / "timesformer"
+    config = transformers.TimesformerConfig(image_size=SIZE, patch_size=8, num_frames=FRAMES, hidden_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    transformers.TimesformerModel(config).save_pretrained(folder)
+    transformers.VideoMAEImageProcessor(size={"height": SIZE, "width": SIZE}, do_center_crop=False).save_pretrained(
+        folder)
+    said = ("TimesformerModel takes a size whose patches per frame are a multiple of 4: its divided space-time blocks "
+            "cut each frame into rows of config.image_size // patch_size = 32 // 8 patches whatever the input's width "
+            "(such as 32x32), got 24x24 (9 patches)")
+    out = tmp_path / "out"
+    assert main(["profile", "--model", f"hf:{folder}", "--videos", str(videos), "--out", str(out), "--device", "cpu",
+                 "--image-size", "24"]) == 2
+    assert capsys.readouterr().err.strip() == f"vitmad: error: --image-size: {said}"
+    assert not out.exists() or not any(out.iterdir())
+    model = transformers.TimesformerModel(config).eval()
+    with pytest.raises(OptionError, match=r"^images: " + said.replace("(", r"\(").replace(")", r"\)")):
+        vitmad.profile(model, torch.randn(1, FRAMES, 3, 24, 24), device="cpu")
+    profiled = vitmad.profile(f"hf:{folder}", videos, device="cpu", image_size=(16, 48))
+    assert profiled.count == 2 and profiled.mad.shape == (2, 2)
+
+
 def test_the_pixel_limit_of_stills_holds_for_the_frames_of_a_clip(videos, monkeypatch):
     """A still or a frame folder over PIL.Image.MAX_IMAGE_PIXELS is refused before decoding; a clip's frames were
     decoded whatever their size."""

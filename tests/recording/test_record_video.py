@@ -70,32 +70,33 @@ GRID = IMAGE // PATCH  # rows = columns of tubelets
 CELLS = [(r, c) for r in range(GRID) for c in range(GRID)]
 
 
-def _tubelets(frames: int):
-    return [(f, r, c) for f in range(frames) for r, c in CELLS]  # (frame, row, column) order
+def _tubelets(frames: int, cells=CELLS):
+    return [(f, r, c) for f in range(frames) for r, c in cells]  # (frame, row, column) order
 
 
-def _call_tokens(kind: str, frames: int) -> list[list[tuple]]:
+def _call_tokens(kind: str, frames: int, cells=CELLS) -> list[list[tuple]]:
     """Per group of one video's rows of the attention call (videos outermost), its tokens: (frame, row, column) or
     None for a token without a position."""
     if kind in ("videomae", "vjepa2"):
-        return [_tubelets(frames)]
+        return [_tubelets(frames, cells)]
     if kind == "vivit":
-        return [[None] + _tubelets(frames)]
+        return [[None] + _tubelets(frames, cells)]
     if kind == "joint":  # TimeSformer joint_space_time: CLS, then (row, column, frame), frames fastest
-        return [[None] + [(f, r, c) for r, c in CELLS for f in range(frames)]]
+        return [[None] + [(f, r, c) for r, c in cells for f in range(frames)]]
     if kind == "time":  # one row per patch position, rows in (row, column) order
-        return [[(f, r, c) for f in range(frames)] for r, c in CELLS]
+        return [[(f, r, c) for f in range(frames)] for r, c in cells]
     if kind == "space":  # one row per frame, each with its own CLS
-        return [[None] + [(f, r, c) for r, c in CELLS] for f in range(frames)]
+        return [[None] + [(f, r, c) for r, c in cells] for f in range(frames)]
     raise AssertionError(kind)
 
 
-def _reference(probabilities: torch.Tensor, kind: str, frames: int, frame_size: int):
-    """Spatial (px) and temporal (frames) MAD per tubelet ``[B, H, frames * GRID * GRID]`` from one call's
-    probabilities ``[B * G, H, n, n]``, float64."""
-    groups = _call_tokens(kind, frames)
+def _reference(probabilities: torch.Tensor, kind: str, frames: int, frame_size: int, grid=(GRID, GRID)):
+    """Spatial (px) and temporal (frames) MAD per tubelet ``[B, H, frames * rows * columns]`` from one call's
+    probabilities ``[B * G, H, n, n]``, float64, on a grid of ``grid`` (rows, columns) tubelets."""
+    rows, columns = grid
+    groups = _call_tokens(kind, frames, [(r, c) for r in range(rows) for c in range(columns)])
     heads = probabilities.shape[1]
-    spatial = torch.full((BATCH, heads, frames * GRID * GRID), NAN, dtype=torch.float64)
+    spatial = torch.full((BATCH, heads, frames * rows * columns), NAN, dtype=torch.float64)
     temporal = spatial.clone()
     p = probabilities.double().view(BATCH, len(groups), heads, *probabilities.shape[-2:])
     for g, tokens in enumerate(groups):
@@ -110,21 +111,21 @@ def _reference(probabilities: torch.Tensor, kind: str, frames: int, frame_size: 
                 time = abs((f + 0.5) * frame_size - (g_f + 0.5) * frame_size)
                 space_sum += p[:, g, :, i, j] * space
                 time_sum += p[:, g, :, i, j] * time
-            spatial[:, :, f * GRID * GRID + r * GRID + c] = space_sum
-            temporal[:, :, f * GRID * GRID + r * GRID + c] = time_sum
+            spatial[:, :, (f * rows + r) * columns + c] = space_sum
+            temporal[:, :, (f * rows + r) * columns + c] = time_sum
     assert not spatial.isnan().any() and not temporal.isnan().any(), "a tubelet is not a query of this call"
     return spatial, temporal
 
 
-def _check(rec, expected):
+def _check(rec, expected, grid=(GRID, GRID)):
     """rec (reduction="none") against ``expected``: a list of (kind, probabilities, frames, frame_size)."""
     assert len(rec.layers) == len(expected)
     for index, (kind, probabilities, frames, frame_size) in enumerate(expected):
-        spatial, temporal = _reference(probabilities, kind, frames, frame_size)
+        spatial, temporal = _reference(probabilities, kind, frames, frame_size, grid)
         torch.testing.assert_close(rec.per_layer[index].double(), spatial, **TOL)
         torch.testing.assert_close(rec.calls[-1].temporal[index].double(), temporal, **TOL)
         geometry = rec.geometry[index]
-        assert geometry.grid == (GRID, GRID) and geometry.stride == (PATCH, PATCH)
+        assert geometry.grid == grid and geometry.stride == (PATCH, PATCH)
         assert geometry.frames == frames and geometry.frame_stride == frame_size
         assert geometry.attention == {"time": "time", "space": "space"}.get(kind, "space-time")
 
@@ -225,6 +226,23 @@ def test_timesformer_divided_attention_with_another_frame_count_is_refused():
     with torch.no_grad(), vitmad.record(model), pytest.raises(
             ValueError, match="groups its tokens by config.num_frames = 4, and this video has 6 frames"):
         model(**{argument: torch.randn(BATCH, 6, 3, IMAGE, IMAGE)})
+
+
+def test_timesformer_divided_attention_takes_frames_of_whole_rows_of_its_configured_width():
+    """Its blocks cut each frame's patches into rows of config.image_size // patch_size = 4 whatever the frame's
+    width, then attend over them in their order: 16 x 48 px frames (2 x 6 patches, three such rows) run as they
+    should and are placed on their own grid (the profile refuses only a count of patches that is no whole number
+    of rows)."""
+    model, argument = _build("timesformer_divided_space_time")
+    eager = copy.deepcopy(model)
+    probabilities = _timesformer_probabilities(eager)
+    video = torch.randn(BATCH, FRAMES, 3, 2 * PATCH, 6 * PATCH, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with vitmad.record(model, reduction="none") as rec:
+            model(**{argument: video})
+        eager(**{argument: video})
+    _check(rec, [(kind, p, FRAMES, 1) for kind, p in zip(["time", "space"] * 2, probabilities, strict=True)],
+           grid=(2, 6))
 
 
 # What is left out, refused or not video ----------------------------------------------------------------------------

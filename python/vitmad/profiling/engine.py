@@ -260,6 +260,7 @@ def _check_size_the_model_checks(loaded: LoadedModel, image_size: tuple[int, int
     from ..recording.module_index import named_module_list
     from ..recording.transformers_capture import forward_source
 
+    _check_divided_rows(loaded.module, image_size)
     if loaded.accepts_any_size:
         return
     non_square = non_square_table_said(loaded.module)
@@ -285,6 +286,34 @@ def _check_size_the_model_checks(loaded: LoadedModel, image_size: tuple[int, int
                                                 f"({name} {what}, and the model does not interpolate its position "
                                                 f"embeddings), got {image_size[0]}x{image_size[1]}")
             return
+
+
+def _check_divided_rows(model: torch.nn.Module, image_size: tuple[int, int], parameter: str = "image_size") -> None:
+    """transformers' TimeSformer with divided space-time attention interpolates its position embeddings, but each
+    of its blocks cuts a frame's patches into rows of ``config.image_size // patch_size`` whatever the input's
+    width: a size whose patches per frame are not a whole number of such rows fails inside the first forward (a
+    reshape error, QA 301). Any other size runs as it should: the blocks only regroup the patches in their order.
+    ``parameter``: the one that gave the size (``images`` for a tensor of videos, fed as it is).
+
+    Raises:
+        OptionError: naming ``parameter``.
+    """
+    from ..recording.module_index import named_module_list
+
+    for _, module in named_module_list(model):
+        if type(module).__name__ != "TimesformerLayer" or getattr(module, "attention_type", None) != (
+                "divided_space_time"):
+            continue
+        config = module.config
+        row = config.image_size // config.patch_size
+        patches = (image_size[0] // config.patch_size) * (image_size[1] // config.patch_size)
+        if patches % row:
+            raise OptionError(
+                parameter, f"{type(model).__name__} takes a size whose patches per frame are a multiple of {row}: "
+                f"its divided space-time blocks cut each frame into rows of config.image_size // patch_size = "
+                f"{config.image_size} // {config.patch_size} patches whatever the input's width (such as "
+                f"{config.image_size}x{config.image_size}), got {image_size[0]}x{image_size[1]} ({patches} patches)")
+        return
 
 
 def _pads_partial_patches(owner: torch.nn.Module, conv: torch.nn.Conv2d) -> bool:
@@ -539,6 +568,8 @@ def plan_run(
     if isinstance(images, torch.Tensor) and size is None and frames is None and images.dim() == 4:
         # A tensor is fed as it is: its size is checked as a given image_size is.
         _check_patches_fit(loaded.module, tuple(images.shape[-2:]), "images")
+    if isinstance(images, torch.Tensor) and size is None and frames is not None:
+        _check_divided_rows(loaded.module, tuple(images.shape[-2:]), "images")
     names, load = _image_batches(images, preprocessing, batch_size, max_images, decoders, frames, native,
                                  image_channels(loaded.module), model_input_size(loaded.module),
                                  (f"{type(loaded.module).__name__} ({loaded.spec})",
