@@ -209,18 +209,19 @@ PositionArgs check_time_args(const at::Tensor& tokens, const PositionArgs& posit
   const bool qk = std::string_view(op_name).ends_with("_qk");
   const char* tokens_arg = qk ? "q" : "attn";
   const at::IntArrayRef lead = leading_dims(tokens);
+  // The frame's column first: check_side's message ("K in {1, 2, 3}") would ask times [N] for K = 2 (QA 301).
+  TORCH_CHECK_VALUE(times.dim() >= 2 && times.size(-1) == 1, op_name,
+                    ": times must be [..., Nq, 1], the frame of each token, got shape ", times.sizes());
   check_side(times, "times", lead, tokens, tokens_arg, l.num_queries, "queries", "Nq", op_name);
-  TORCH_CHECK_VALUE(times.size(-1) == 1, op_name, ": times must be [..., Nq, 1], the frame of each token, got shape ",
-                    times.sizes());
   TORCH_CHECK_VALUE(key_times.has_value() == key_positions.has_value(), op_name,
                     key_positions.has_value()
                         ? ": key_positions is given, so the keys' frames are needed too: pass key_times [..., Nk, 1]"
                         : ": key_times is given without key_positions; the keys are the queries, whose times are "
                           "times");
   if (key_times.has_value()) {
-    check_side(*key_times, "key_times", lead, tokens, qk ? "k" : "attn", l.num_keys, "keys", "Nk", op_name);
-    TORCH_CHECK_VALUE(key_times->size(-1) == 1, op_name,
+    TORCH_CHECK_VALUE(key_times->dim() >= 2 && key_times->size(-1) == 1, op_name,
                       ": key_times must be [..., Nk, 1], the frame of each key, got shape ", key_times->sizes());
+    check_side(*key_times, "key_times", lead, tokens, qk ? "k" : "attn", l.num_keys, "keys", "Nk", op_name);
   }
   const TokenPositions queries = prepare_side(times, lead, acc_dtype, check_values, "times", op_name);
   const TokenPositions keys =

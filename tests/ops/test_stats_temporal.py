@@ -219,6 +219,8 @@ ERRORS = [
     (dict(stats=["temporal_mad"], times=None), "the statistic 'temporal_mad' needs times"),
     (dict(stats=["mad"]), "times is read only by the statistic 'temporal_mad'"),
     (dict(times="k2"), r"times must be \[..., Nq, 1\], the frame of each token, got shape \[13, 2\]"),
+    # One frame per token without its column: the positions' "K in {1, 2, 3}" was said first (QA 301).
+    (dict(times="flat"), r"times must be \[..., Nq, 1\], the frame of each token, got shape \[13\]"),
     (dict(times="rows"), "times has Nq = 12 rows but q has 13 queries"),
     (dict(times="mismatch"), "times must be NaN exactly at the tokens without a position in positions, but token 0 "
                              "of matrix 0 has a time and no position"),
@@ -235,7 +237,7 @@ def test_errors_name_the_argument(change, message):
     positions, times = video_tokens(1, 3, 4, prefix=1)
     q, k = make_qk(1, 1, 13, 8, torch.float32, "cpu")
     stats = change.pop("stats", ["temporal_mad"])
-    variants = {"k2": times.expand(13, 2), "rows": times[1:], "int": times.nan_to_num(0).long(),
+    variants = {"k2": times.expand(13, 2), "flat": times[:, 0], "rows": times[1:], "int": times.nan_to_num(0).long(),
                 "mismatch": times.nan_to_num(0.0)}
     bad_inf = times.clone()
     bad_inf[3] = float("inf")
@@ -263,6 +265,19 @@ def test_rectangular_needs_key_times_and_grid_form_refuses_times():
     with pytest.raises(ValueError, match=r"key_positions is given, so the keys' frames are needed too"):
         vitmad.attention_stats_qk(q, k, positions=positions, key_positions=torch.rand(4, 2), times=times,
                                   stats=["temporal_mad"])
+    for flat in (torch.rand(4), torch.rand(1, 4, 2)):  # the keys' frames too, before any other check of theirs
+        shape = ", ".join(map(str, flat.shape))
+        said = rf"key_times must be \[..., Nk, 1\], the frame of each key, got shape \[{shape}\]"
+        for call in (vitmad.attention_stats_qk, _fallback.stats_qk_pos):
+            with pytest.raises(ValueError, match=said):
+                if call is _fallback.stats_qk_pos:
+                    call(q, k, positions, torch.rand(4, 2), ["temporal_mad"], times=times, key_times=flat)
+                else:
+                    call(q, k, positions=positions, key_positions=torch.rand(4, 2), times=times, key_times=flat,
+                         stats=["temporal_mad"])
+        with pytest.raises(ValueError, match=said):
+            torch.ops.vitmad.stats_qk_pos.default(q, k, positions, torch.rand(4, 2), ["temporal_mad"], times=times,
+                                                  key_times=flat)
     q, k = make_qk(1, 1, 5, 8, torch.float32, "cpu")
     with pytest.raises(ValueError, match="times .* come with the position form"):
         vitmad.attention_stats_qk(q, k, 16, grid=[2, 2], times=torch.rand(5, 1), stats=["temporal_mad"])

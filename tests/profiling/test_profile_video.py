@@ -397,6 +397,17 @@ def test_a_video_tensor_of_another_frame_count_is_refused_by_name(video_model):
         vitmad.profile(f"hf:{video_model}", pixels, device="cpu")
 
 
+def test_a_video_module_without_preprocessing_names_the_video_tensor_it_takes(video_model, videos):
+    # A module built in Python: the advice named a [B, 3, H, W] tensor, which a video model then refused (QA 301).
+    module = transformers.VideoMAEModel.from_pretrained(video_model).eval()
+    with pytest.raises(OptionError, match=rf"^images: this model has no known preprocessing .* pass preprocessed "
+                                          rf"pixels as a \[B, frames \({FRAMES}\), 3, H, W\] tensor"):
+        vitmad.profile(module, videos, device="cpu", videos=True)
+    with pytest.raises(OptionError, match=rf"stack pixel tensors into one \[B, frames \({FRAMES}\), 3, H, W\]"):
+        vitmad.profile(module, [torch.randn(FRAMES, 3, SIZE, SIZE)], device="cpu")
+    assert vitmad.profile(module, torch.randn(2, FRAMES, 3, SIZE, SIZE), device="cpu").count == 2
+
+
 def _frame_folder(folder, count: int, seed: int, name=lambda i: f"{i:03d}.png") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, array in enumerate(_frames(count, seed=seed)):

@@ -816,22 +816,23 @@ def check_time_args(tokens: torch.Tensor, layout: PositionLayout, positions: tor
     """
     qk = op_name.endswith("_qk")
     lead = tuple(tokens.shape[:-2])
-    _check_position_side(times, "times", lead, tokens, "q" if qk else "attn", layout.num_queries, "queries", "Nq",
-                         op_name)
-    if times.shape[-1] != 1:
+    # The frame's column first: the positions' own message ("K in {1, 2, 3}") would ask times [N] for K = 2 (QA 301).
+    if isinstance(times, torch.Tensor) and (times.dim() < 2 or times.shape[-1] != 1):
         raise ValueError(f"{op_name}: times must be [..., Nq, 1], the frame of each token, got shape "
                          f"{_shape_str(times.shape)}")
+    _check_position_side(times, "times", lead, tokens, "q" if qk else "attn", layout.num_queries, "queries", "Nq",
+                         op_name)
     if (key_times is None) != (key_positions is None):
         raise ValueError(
             f"{op_name}: key_positions is given, so the keys' frames are needed too: pass key_times [..., Nk, 1]"
             if key_positions is not None else
             f"{op_name}: key_times is given without key_positions; the keys are the queries, whose times are times")
     if key_times is not None:
-        _check_position_side(key_times, "key_times", lead, tokens, "k" if qk else "attn", layout.num_keys, "keys",
-                             "Nk", op_name)
-        if key_times.shape[-1] != 1:
+        if isinstance(key_times, torch.Tensor) and (key_times.dim() < 2 or key_times.shape[-1] != 1):
             raise ValueError(f"{op_name}: key_times must be [..., Nk, 1], the frame of each key, got shape "
                              f"{_shape_str(key_times.shape)}")
+        _check_position_side(key_times, "key_times", lead, tokens, "k" if qk else "attn", layout.num_keys, "keys",
+                             "Nk", op_name)
     if not check_values or capturing_graph(tokens):
         return
     acc = mad_output_dtype(tokens.dtype)

@@ -460,13 +460,15 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
     if not isinstance(images, (str, os.PathLike, list, tuple)):
         raise OptionError("images", f"expected 'builtin', a folder, a file, a list of those or a pixel tensor, "
                                     f"got {type(images).__name__}")
+    # The pixel tensor this model takes (a video model's: its config's frame count, QA 301).
+    tensor_shape = "[B, 3, H, W]" if frames is None else f"[B, frames ({frames}), 3, H, W]"
     if isinstance(images, (list, tuple)) and not all(isinstance(item, (str, os.PathLike)) for item in images):
         kinds = sorted({type(item).__name__ for item in images if not isinstance(item, (str, os.PathLike))})
         raise OptionError("images", f"a list must hold image files and folders (paths), got {', '.join(kinds)} in "
-                                    "it" + ("; stack pixel tensors into one [B, 3, H, W] tensor" if "Tensor" in kinds
+                                    "it" + (f"; stack pixel tensors into one {tensor_shape} tensor" if "Tensor" in kinds
                                             else ""))
     if preprocessing is None:
-        raise no_known_preprocessing("images", "[B, 3, H, W]")
+        raise no_known_preprocessing("images", tensor_shape)
     if volumes:
         files = find_volumes(images)
     else:
