@@ -40,6 +40,20 @@ def checkpoint_path(out: Path, run) -> Path:
     return out / f"checkpoint.rank{run.rank}-of-{run.world_size}.pt"
 
 
+# A checkpoint file not yet looked at (the run was interrupted before): unlike None (no file), never equal to a state.
+_NOT_SEEN = object()
+
+
+def _file_state(path: Path) -> tuple[int, int, int] | None:
+    """What tells one file at ``path`` from another written there since (inode, size, modification time), or None
+    where there is none."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_ino, found.st_size, found.st_mtime_ns
+
+
 def _profile_document(folder: Path) -> dict | None:
     """The mad.json of a ``vitmad profile`` run in ``folder`` (not a user's file of that name), else None."""
     import json
@@ -353,7 +367,10 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
     if main_process:  # one run at a time writes to --out (torchrun's ranks are one run: its main process holds it)
         held.enter_context(held_by_this_run(out / OUT_LOCK_NAME, str(out), "out"))
     earlier = {p.name for p in ours if p.is_file()}
-    if earlier and main_process and not args.resume:
+    # --resume with nothing to resume starts over as a plain run does, and replaces the earlier outputs as it does
+    # (QA 303: a job script that always passes --resume replaced them unannounced).
+    resuming = args.resume and checkpoint_path(out, run).is_file()
+    if earlier and main_process and not resuming:
         warnings.warn(f"{out} holds an earlier run's outputs ({', '.join(sorted(earlier))}): this run replaces them "
                       "(pass another --out to keep them)", stacklevel=1)
     check_loader_threads(args.loader_threads)
@@ -429,7 +446,9 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
     # left them beside its results as its own (QA 270), and one that failed while drawing the earlier model's
     # figure of a name it rewrites (QA 273).
     stale = sorted(earlier - set(planned))
-    for name in sorted(earlier):
+    # mad.json last: it is what marks the others as an earlier run's, and a run killed among these unlinks left
+    # figures without it, which the rerun then took for the user's files and refused to write over (QA 303).
+    for name in sorted(earlier, key=lambda name: (name == "mad.json", name)):
         (out / name).unlink(missing_ok=True)
     result.to_json(out / "mad.json", outputs=planned)
     result.to_csv(out / "mad.csv")
@@ -717,12 +736,14 @@ def main(argv: list[str] | None = None) -> int:
     # that fails before writing anything there takes the empty folder away again.
     new_out = _missing_folders(args.out) if args.command == "profile" else []
     completed = False
+    checkpoint_before = _NOT_SEEN  # the state of this process's checkpoint file before the run: see the interrupt
     try:
         if args.command == "profile":
             from .profiling.distributed import init_from_env
 
             run = init_from_env(args.backend, args.device, args.dist_timeout)
             where = "" if run is None else f"rank {run.rank} of {run.world_size}: "
+            checkpoint_before = _file_state(checkpoint_path(Path(args.out), run))
         commands[args.command](args, run)
         if run is not None:
             run.close(wait_for_all=True)
@@ -737,12 +758,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitmad: error: {where}{err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        # Only a profile run saves progress, and only once a batch has finished (or an earlier run's checkpoint
-        # is there): before that there is nothing to resume.
+        # Only a profile run saves progress, and only once a batch has finished: its checkpoint is then another file
+        # than the one there before (written whole, then renamed), or the one it resumed. One left by an earlier
+        # run, with other settings perhaps, is no progress of this command (QA 303: a finished run's was taken for it,
+        # and the rerun with --resume refused).
         out = Path(args.out) if args.command == "profile" else None
-        if out is not None and checkpoint_path(out, run).is_file():
+        checkpoint = checkpoint_path(out, run) if out is not None else None
+        now = _file_state(checkpoint) if checkpoint is not None else None
+        if now is not None and ((args.resume and checkpoint_before is not None) or (
+                checkpoint_before is not _NOT_SEEN and now != checkpoint_before)):
             print(f"vitmad: {where}interrupted; progress is saved in {out}, "
                   "rerun the same command with --resume to continue", file=sys.stderr)
+        elif now is not None:
+            print(f"vitmad: {where}interrupted before this run saved any progress; {checkpoint} is an earlier "
+                  "run's, which --resume continues where that run had this command's settings", file=sys.stderr)
         else:
             print(f"vitmad: {where}interrupted; nothing was saved", file=sys.stderr)
         return 130

@@ -355,6 +355,15 @@ def test_an_earlier_runs_outputs_are_replaced_with_a_warning_and_what_is_not_rew
     with pytest.warns(UserWarning, match="holds an earlier run's outputs"):
         assert _run(base, capsys)[0] == 0
     assert mine.read_text() == "mine"
+    # --resume with nothing to resume starts over, and says so as a plain run does (QA 303: a job script that always
+    # passes --resume replaced the earlier results unannounced).
+    (out / "checkpoint.pt").unlink()
+    with pytest.warns(UserWarning) as said:
+        assert _run([*base, "--resume", "--stats", "entropy"], capsys)[0] == 0
+    messages = [str(w.message) for w in said]
+    assert any(m.startswith(f"{out} holds an earlier run's outputs (mad.csv, mad.json): this run replaces them")
+               for m in messages), messages
+    assert any(m.startswith("no checkpoint to resume at") for m in messages), messages
 
 
 def test_out_inside_the_image_folder_does_not_profile_its_own_figures(tiny_model, image_folder, tmp_path, capsys):

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -278,3 +279,27 @@ def test_a_head_without_a_value_on_one_rank_has_no_min_or_max_for_the_job(tmp_pa
     for result in results:
         assert math.isnan(result["low"][0][0]) and math.isnan(result["high"][0][0]), result
         assert (result["low"][0][1], result["high"][0][1]) == (1.0, 9.0), result
+
+
+def test_each_rank_says_it_replaces_its_own_interrupted_share(tmp_path):
+    """QA 303: a job started over without --resume said it replaced the interrupted job's progress only from the
+    main rank's checkpoint; where rank 0's share was finished and rank 1's not, rank 1's progress went unannounced."""
+    from vitmad.profiling.checkpoint import save_checkpoint
+    from vitmad.profiling.engine import _warn_unfinished
+
+    def plan(rank: int) -> SimpleNamespace:
+        return SimpleNamespace(run=SimpleNamespace(rank=rank, world_size=2, is_main=rank == 0),
+                               checkpoint=tmp_path / f"checkpoint.rank{rank}-of-2.pt", fingerprint="run",
+                               earlier_fingerprint=None, batches=[None] * 3)
+
+    save_checkpoint(tmp_path / "checkpoint.rank0-of-2.pt", {"fingerprint": "run", "batches_done": 3,
+                                                            "batches_total": 3})
+    save_checkpoint(tmp_path / "checkpoint.rank1-of-2.pt", {"fingerprint": "run", "batches_done": 1,
+                                                            "batches_total": 2})
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        _warn_unfinished(plan(0))
+    assert said == []  # a finished share is no progress to lose
+    with pytest.warns(UserWarning, match=r"checkpoint\.rank1-of-2\.pt holds an interrupted run's progress \(1 of 2 "
+                                         r"batches\); this run starts over and replaces it"):
+        _warn_unfinished(plan(1))

@@ -192,19 +192,33 @@ def test_check_writable_creates_the_folder_and_leaves_it_empty(tmp_path):
 
 
 def test_the_interrupt_message_says_whether_there_is_progress_to_resume(tmp_path, monkeypatch, capsys):
-    """Ctrl-C before the first batch has finished leaves no checkpoint: the command does not send the user to
-    --resume then; once a checkpoint is there, it does."""
+    """Ctrl-C before the first batch has finished leaves no checkpoint of this run: the command does not send the
+    user to --resume then, also where an earlier run's checkpoint is there (QA 303: a finished run's was taken for
+    this one's progress, and the rerun with --resume refused); once this run wrote one, or resumed one, it does."""
     import vitmad.cli as cli
 
+    writes = []
+
     def interrupted(args, run, held):
+        if writes:
+            (Path(args.out) / "checkpoint.pt").write_bytes(writes.pop())
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_profile_command", interrupted)
     out = tmp_path / "out"
+    saved = (f"vitmad: interrupted; progress is saved in {out}, rerun the same command with --resume to "
+             "continue\n")
     assert main(["profile", "--out", str(out)]) == 130
     assert capsys.readouterr().err == "vitmad: interrupted; nothing was saved\n"
     out.mkdir()
-    (out / "checkpoint.pt").write_bytes(b"from an earlier batch")
+    (out / "checkpoint.pt").write_bytes(b"an earlier run's")
     assert main(["profile", "--out", str(out)]) == 130
-    assert capsys.readouterr().err == (f"vitmad: interrupted; progress is saved in {out}, rerun the same command "
-                                       "with --resume to continue\n")
+    earlier = out / "checkpoint.pt"
+    assert capsys.readouterr().err == (f"vitmad: interrupted before this run saved any progress; {earlier} is an "
+                                       "earlier run's, which --resume continues where that run had this command's "
+                                       "settings\n")
+    assert main(["profile", "--out", str(out), "--resume"]) == 130  # the one it resumed
+    assert capsys.readouterr().err == saved
+    writes.append(b"this run's first batch")  # over the earlier run's (the run writes a new file, then renames it)
+    assert main(["profile", "--out", str(out)]) == 130
+    assert capsys.readouterr().err == saved

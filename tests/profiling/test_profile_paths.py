@@ -509,6 +509,37 @@ def test_a_run_failing_while_it_draws_leaves_no_earlier_figure_it_would_claim(ti
     assert json.loads((out / "mad.json").read_text())["outputs"] == ["mad.json", "mad.csv", "mad.png"]
 
 
+def test_a_run_interrupted_while_it_removes_the_earlier_outputs_is_resumed(tiny_model, image_folder, tmp_path,
+                                                                            capsys, monkeypatch):
+    """QA 303: the earlier run's files went in name order, mad.json second; a run killed after it left the figures
+    without it, which the rerun with --resume took for the user's files and refused to write over. mad.json, what
+    marks them as an earlier run's, goes last."""
+    out = tmp_path / "out"
+    drawing = [arg for arg in _profile(tiny_model, image_folder, out) if arg != "--no-figures"]
+    assert _run(drawing, capsys)[0] == 0
+    first = json.loads((out / "mad.json").read_text())
+    outputs = {"mad.json", "mad.csv", "mad.png", "mad_map.png"}
+    assert outputs <= {p.name for p in out.iterdir()}
+    removed, unlink = [], Path.unlink
+
+    def interrupted_unlink(path, missing_ok=False):
+        if path.parent == out and path.name in outputs:
+            removed.append(path.name)
+            if len(removed) == 3:
+                raise KeyboardInterrupt
+        return unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", interrupted_unlink)
+    with pytest.warns(UserWarning, match="holds an earlier run's outputs"):
+        assert _run(drawing, capsys)[0] == 130
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert removed == ["mad.csv", "mad.png", "mad_map.png"]
+    assert {"mad.json", "mad_map.png"} <= {p.name for p in out.iterdir()}
+    code, _, err = _run([*drawing, "--resume"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "mad.json").read_text())["layers"] == first["layers"]
+
+
 def test_a_missing_image_decoder_names_the_extra_before_the_run(tiny_model, image_folder, tmp_path, capsys,
                                                                 monkeypatch):
     """QA 296: without Pillow the refusal came at the first batch, the run's bar drawn; now before the run, as

@@ -703,9 +703,8 @@ def resume_state(plan: RunPlan, resume: bool) -> RunState:
 
 def _warn_unfinished(plan: RunPlan) -> None:
     """A run started over where an interrupted one left its progress says so: the first checkpoint of this run
-    replaces that progress."""
-    if plan.run is not None and not plan.run.is_main:
-        return
+    replaces that progress. Under torchrun every rank says it of its own checkpoint: one rank's share may be
+    finished and another's not (QA 303: the main rank's alone was read)."""
     saved = read_checkpoint(plan.checkpoint)
     if saved is None:
         return
