@@ -780,7 +780,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # Under torchrun: name the rank, and exit (the launcher then stops the other ranks) instead of hanging.
         traceback.print_exc()
-        print(f"vitmad: error: rank {run.rank} of {run.world_size} failed: {type(err).__name__}: {err}",
+        # A collective that waited past its deadline names milliseconds and a transport's source file, not the
+        # option that set them (QA 303).
+        timeout = ("; a collective waits at most --dist-timeout seconds (" + f"{args.dist_timeout:g}"
+                   + ") for the other ranks: raise it where a rank's share, its model load or its first batch takes "
+                   "longer" if isinstance(err, RuntimeError) and "timed out" in str(err).lower() else "")
+        print(f"vitmad: error: rank {run.rank} of {run.world_size} failed: {type(err).__name__}: {err}{timeout}",
               file=sys.stderr)
         return 1
     finally:

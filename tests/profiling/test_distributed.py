@@ -303,3 +303,22 @@ def test_each_rank_says_it_replaces_its_own_interrupted_share(tmp_path):
     with pytest.warns(UserWarning, match=r"checkpoint\.rank1-of-2\.pt holds an interrupted run's progress \(1 of 2 "
                                          r"batches\); this run starts over and replaces it"):
         _warn_unfinished(plan(1))
+
+
+def test_a_collective_that_timed_out_names_the_option_that_sets_its_deadline(tmp_path, monkeypatch, capsys):
+    """QA 303: gloo's 'Timed out waiting 3000ms for send operation to complete' named no option."""
+    import vitmad.cli as cli
+    import vitmad.profiling.distributed as distributed
+
+    rank = SimpleNamespace(rank=0, world_size=2, is_main=True, close=lambda wait_for_all=False: None)
+    monkeypatch.setattr(distributed, "init_from_env", lambda *args: rank)
+    said = "[gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 3000ms for send operation to complete"
+
+    def timed_out(args, run, held):
+        raise RuntimeError(said)
+
+    monkeypatch.setattr(cli, "_profile_command", timed_out)
+    assert main(["profile", "--out", str(tmp_path / "out"), "--dist-timeout", "3"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"vitmad: error: rank 0 of 2 failed: RuntimeError: {said}; a collective waits at most --dist-timeout seconds "
+        "(3) for the other ranks: raise it where a rank's share, its model load or its first batch takes longer")
