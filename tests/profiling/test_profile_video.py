@@ -9,6 +9,7 @@ transformers' own VideoMAEVideoProcessor, then vitmad.record on the model.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from fractions import Fraction
 
@@ -406,6 +407,12 @@ def test_a_video_module_without_preprocessing_names_the_video_tensor_it_takes(vi
     with pytest.raises(OptionError, match=rf"stack pixel tensors into one \[B, frames \({FRAMES}\), 3, H, W\]"):
         vitmad.profile(module, [torch.randn(FRAMES, 3, SIZE, SIZE)], device="cpu")
     assert vitmad.profile(module, torch.randn(2, FRAMES, 3, SIZE, SIZE), device="cpu").count == 2
+    grey = transformers.VideoMAEModel(transformers.VideoMAEConfig(  # its channel count too (QA 304)
+        image_size=SIZE, patch_size=8, num_frames=FRAMES, tubelet_size=2, num_channels=1, hidden_size=32,
+        num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).eval()
+    with pytest.raises(OptionError, match=rf"as a \[B, frames \({FRAMES}\), 1, H, W\] tensor"):
+        vitmad.profile(grey, videos, device="cpu", videos=True)
+    assert vitmad.profile(grey, torch.randn(2, FRAMES, 1, SIZE, SIZE), device="cpu").count == 2
 
 
 def _frame_folder(folder, count: int, seed: int, name=lambda i: f"{i:03d}.png") -> None:
@@ -559,10 +566,11 @@ def test_a_size_the_video_model_refuses_is_refused_naming_the_option_before_any_
     assert vitmad.profile(f"hf:{video_model}", videos, device="cpu", image_size=SIZE).count == 2
 
 
-def test_a_size_timesformer_divided_blocks_cannot_cut_into_rows_is_refused_naming_the_option(videos, tmp_path, capsys):
+def test_sizes_timesformer_cannot_take_are_refused_naming_the_option(videos, tmp_path, capsys):
     """TimeSformer interpolates its position embeddings, but its divided blocks cut each frame's patches into rows of
     config.image_size // patch_size (4 here): 24 x 24 px (9 patches) failed inside the first forward with a reshape
-    error (QA 301). 16 x 48 px (12 patches, three rows) runs (test_record_video holds its numbers)."""
+    error (QA 301); and its embeddings take a frame one patch wide for one row taller (QA 304), in every attention
+    type. 16 x 48 px (12 patches, three rows) runs (test_record_video holds its numbers)."""
     folder = tmp_path / "timesformer"
     config = transformers.TimesformerConfig(image_size=SIZE, patch_size=8, num_frames=FRAMES, hidden_size=32,
                                             num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
@@ -570,17 +578,33 @@ def test_a_size_timesformer_divided_blocks_cannot_cut_into_rows_is_refused_namin
     transformers.TimesformerModel(config).save_pretrained(folder)
     transformers.VideoMAEImageProcessor(size={"height": SIZE, "width": SIZE}, do_center_crop=False).save_pretrained(
         folder)
-    said = ("TimesformerModel takes a size whose patches per frame are a multiple of 4: its divided space-time blocks "
-            "cut each frame into rows of config.image_size // patch_size = 32 // 8 patches whatever the input's width "
-            "(such as 32x32), got 24x24 (9 patches)")
+    capsys.readouterr()  # transformers' progress bar while saving
+    rows = ("TimesformerModel takes a size whose patches per frame are a multiple of 4: its divided space-time "
+            "blocks cut each frame into rows of config.image_size // patch_size = 32 // 8 patches whatever the input's "
+            "width (such as 32x32); got 24x24 (3x3 patches of 8 px)")
     out = tmp_path / "out"
     assert main(["profile", "--model", f"hf:{folder}", "--videos", str(videos), "--out", str(out), "--device", "cpu",
                  "--image-size", "24"]) == 2
-    assert capsys.readouterr().err.strip() == f"vitmad: error: --image-size: {said}"
+    assert capsys.readouterr().err.strip() == f"vitmad: error: --image-size: {rows}"
     assert not out.exists() or not any(out.iterdir())
     model = transformers.TimesformerModel(config).eval()
-    with pytest.raises(OptionError, match=r"^images: " + said.replace("(", r"\(").replace(")", r"\)")):
-        vitmad.profile(model, torch.randn(1, FRAMES, 3, 24, 24), device="cpu")
+    for size in (None, 24, (24, 24)):  # a module without preprocessing: the tensor's own size, given or not
+        with pytest.raises(OptionError, match=r"^images: " + re.escape(rows)):
+            vitmad.profile(model, torch.randn(1, FRAMES, 3, 24, 24), device="cpu", image_size=size)
+    # A tensor of another shape is told so first, as it was before the size is checked (QA 304).
+    for shape in ((5,), (1, 3, 24, 24), (1, FRAMES + 1, 3, 24, 24)):
+        with pytest.raises(OptionError, match=r"^images: (a tensor of videos must be|the video model takes)"):
+            vitmad.profile(model, torch.randn(shape), device="cpu")
+    narrow = ("TimesformerModel takes frames at least two patches wide (or of its 16 patches): its embeddings read a "
+              "frame one patch wide as one row taller than it is, and its position embeddings do not fit; got 32x8 "
+              "(4x1 patches of 8x8 px)")
+    for attention in ("divided_space_time", "joint_space_time", "space_only"):
+        config.attention_type = attention
+        model = transformers.TimesformerModel(config).eval()
+        with pytest.raises(OptionError, match=r"^images: " + re.escape(narrow)):
+            vitmad.profile(model, torch.randn(1, FRAMES, 3, 32, 8), device="cpu")
+        with pytest.raises(RuntimeError):  # the model's own forward, which the refusal spares
+            model(torch.randn(1, FRAMES, 3, 32, 8))
     profiled = vitmad.profile(f"hf:{folder}", videos, device="cpu", image_size=(16, 48))
     assert profiled.count == 2 and profiled.mad.shape == (2, 2)
 

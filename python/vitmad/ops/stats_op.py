@@ -64,7 +64,7 @@ _OP_QK = "vitmad.attention_stats_qk"
 def _split(stats: Sequence[str] | str, op_name: str) -> tuple[tuple[str, ...], bool, tuple[str, ...]]:
     """The per-query statistics the kernels compute, whether the prefix maps are asked for, and every name asked
     for in order (the order of the returned dict)."""
-    if isinstance(stats, str):  # one name or a comma list, as vitmad.record and the command take them
+    if isinstance(stats, str):  # one name or a comma list of names (not record's "all": the ops have defaults)
         stats = tuple(name for name in (part.strip() for part in stats.split(",")) if name)
     if not isinstance(stats, Sequence) or not all(isinstance(name, str) for name in stats):
         raise TypeError(f"{op_name}: stats must be a sequence of names such as ('mad', 'entropy'), got {stats!r}")

@@ -260,7 +260,7 @@ def _check_size_the_model_checks(loaded: LoadedModel, image_size: tuple[int, int
     from ..recording.module_index import named_module_list
     from ..recording.transformers_capture import forward_source
 
-    _check_divided_rows(loaded.module, image_size)
+    _check_timesformer_size(loaded.module, image_size)
     if loaded.accepts_any_size:
         return
     non_square = non_square_table_said(loaded.module)
@@ -288,11 +288,16 @@ def _check_size_the_model_checks(loaded: LoadedModel, image_size: tuple[int, int
             return
 
 
-def _check_divided_rows(model: torch.nn.Module, image_size: tuple[int, int], parameter: str = "image_size") -> None:
-    """transformers' TimeSformer with divided space-time attention interpolates its position embeddings, but each
-    of its blocks cuts a frame's patches into rows of ``config.image_size // patch_size`` whatever the input's
-    width: a size whose patches per frame are not a whole number of such rows fails inside the first forward (a
-    reshape error, QA 301). Any other size runs as it should: the blocks only regroup the patches in their order.
+def _check_timesformer_size(model: torch.nn.Module, image_size: tuple[int, int], parameter: str = "image_size") -> None:
+    """transformers' TimeSformer interpolates its position embeddings, so the checks above let any whole-patch size
+    through, but two sizes fail inside its first forward with a shape error (QA 301, QA 304):
+
+    - frames one patch wide, where the patch count is not the configured one: the embeddings take the height of the
+      grid as (1 + patches) // width, one row more than there is, and the interpolated table does not fit;
+    - with divided space-time attention, a frame whose patches are no whole number of rows of
+      ``config.image_size // patch_size``: each block cuts the frame's patches into such rows whatever the input's
+      width. Any other size runs as it should: the blocks only regroup the patches in their order.
+
     ``parameter``: the one that gave the size (``images`` for a tensor of videos, fed as it is).
 
     Raises:
@@ -300,19 +305,29 @@ def _check_divided_rows(model: torch.nn.Module, image_size: tuple[int, int], par
     """
     from ..recording.module_index import named_module_list
 
-    for _, module in named_module_list(model):
-        if type(module).__name__ != "TimesformerLayer" or getattr(module, "attention_type", None) != (
-                "divided_space_time"):
+    modules = [module for _, module in named_module_list(model)]
+    for embeddings in (m for m in modules if type(m).__name__ == "TimesformerEmbeddings"):
+        patch = embeddings.patch_embeddings.patch_size
+        rows, columns = image_size[0] // patch[0], image_size[1] // patch[1]
+        said = f"got {image_size[0]}x{image_size[1]} ({rows}x{columns} patches of {patch[0]}x{patch[1]} px)"
+        if columns == 1 and rows != embeddings.num_patches:
+            raise OptionError(parameter, f"{type(model).__name__} takes frames at least two patches wide (or of its "
+                                         f"{embeddings.num_patches} patches): its embeddings read a frame one patch "
+                                         f"wide as one row taller than it is, and its position embeddings do not "
+                                         f"fit; {said}")
+    for layer in (m for m in modules if type(m).__name__ == "TimesformerLayer"):
+        if getattr(layer, "attention_type", None) != "divided_space_time":
             continue
-        config = module.config
-        row = config.image_size // config.patch_size
-        patches = (image_size[0] // config.patch_size) * (image_size[1] // config.patch_size)
-        if patches % row:
+        config = layer.config
+        row = config.image_size // config.patch_size  # as the layer takes it
+        rows, columns = image_size[0] // config.patch_size, image_size[1] // config.patch_size
+        said = f"got {image_size[0]}x{image_size[1]} ({rows}x{columns} patches of {config.patch_size} px)"
+        if (rows * columns) % row:
             raise OptionError(
                 parameter, f"{type(model).__name__} takes a size whose patches per frame are a multiple of {row}: "
                 f"its divided space-time blocks cut each frame into rows of config.image_size // patch_size = "
                 f"{config.image_size} // {config.patch_size} patches whatever the input's width (such as "
-                f"{config.image_size}x{config.image_size}), got {image_size[0]}x{image_size[1]} ({patches} patches)")
+                f"{config.image_size}x{config.image_size}); {said}")
         return
 
 
@@ -461,7 +476,8 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
         raise OptionError("images", f"expected 'builtin', a folder, a file, a list of those or a pixel tensor, "
                                     f"got {type(images).__name__}")
     # The pixel tensor this model takes (a video model's: its config's frame count, QA 301).
-    tensor_shape = "[B, 3, H, W]" if frames is None else f"[B, frames ({frames}), 3, H, W]"
+    tensor_shape = (f"[B, {channels or 3}, H, W]" if frames is None else
+                    f"[B, frames ({frames}), {channels or 3}, H, W]")
     if isinstance(images, (list, tuple)) and not all(isinstance(item, (str, os.PathLike)) for item in images):
         kinds = sorted({type(item).__name__ for item in images if not isinstance(item, (str, os.PathLike))})
         raise OptionError("images", f"a list must hold image files and folders (paths), got {', '.join(kinds)} in "
@@ -570,12 +586,14 @@ def plan_run(
     if isinstance(images, torch.Tensor) and size is None and frames is None and images.dim() == 4:
         # A tensor is fed as it is: its size is checked as a given image_size is.
         _check_patches_fit(loaded.module, tuple(images.shape[-2:]), "images")
-    if isinstance(images, torch.Tensor) and size is None and frames is not None:
-        _check_divided_rows(loaded.module, tuple(images.shape[-2:]), "images")
     names, load = _image_batches(images, preprocessing, batch_size, max_images, decoders, frames, native,
                                  image_channels(loaded.module), model_input_size(loaded.module),
                                  (f"{type(loaded.module).__name__} ({loaded.spec})",
                                   find_packed_tower(loaded.module) is not None))
+    if isinstance(images, torch.Tensor) and frames is not None:
+        # A tensor of videos, its shape checked above, is fed as it is: its frames' size is checked as a given
+        # image_size is (a size equal to it is the tensor's own; another was refused).
+        _check_timesformer_size(loaded.module, tuple(images.shape[-2:]), "images")
     settings = {
         "renormalize": bool(renormalize),
         "dtype": str(torch_dtype).removeprefix("torch."),

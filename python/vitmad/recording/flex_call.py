@@ -8,8 +8,8 @@ loaded module holds it (``torch.nn.attention.flex_attention.flex_attention``, an
 the call to the active torch function modes, as torch's own functions do (``handle_torch_function``), so the capture
 mode sees it like ``F.scaled_dot_product_attention``, and then calls torch's function unchanged: the outputs do not
 change. Torch's function is put back when the last recording ends (also where a module imported during the recording
-bound the stand-in). The stand-in reaches torch's function through a global of this module bound at import, never
-through torch's module, which holds the stand-in meanwhile.
+bound the stand-in). The stand-in reaches torch's function through a global of this module bound at the first
+recording's setup (:func:`torch_flex_attention`), never through torch's module, which holds the stand-in meanwhile.
 
 Where dynamo traces it (a compiled function or model calling it during a recording, or ``torch.compile`` of the
 stand-in itself, which transformers' ``WrappedFlexAttention`` makes at its first call and keeps) it is torch's function
