@@ -116,6 +116,7 @@ class FlexAttentionStandIn(ProcessWideScope):
         scan. vitmad's own modules are left alone: they name the stand-in as such (module_capture compares with it)
         and torch's function as this module's ``_TORCH_FLEX_ATTENTION``."""
         package, scanned = __name__.partition(".")[0], cls._scanned
+        torch_function = torch_flex_attention()  # once: the loop below tests every value of every namespace
         # Copies, each made in one step under the GIL: another thread may import meanwhile (a profile's image
         # decoder loading PIL's plugins), and iterating the live dicts then fails with "dictionary changed size".
         for name, module in sys.modules.copy().items():
@@ -129,7 +130,8 @@ class FlexAttentionStandIn(ProcessWideScope):
             namespace = module.__dict__
             if name.partition(".")[0] == package or not isinstance(namespace, dict):
                 continue
-            found = {key for key, value in namespace.copy().items() if is_flex_attention(value)}
+            found = {key for key, value in namespace.copy().items()
+                     if value is torch_function or value is flex_attention}
             if found:
                 cls._bindings.setdefault(id(namespace), (namespace, set()))[1].update(found)
 
