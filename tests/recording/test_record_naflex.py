@@ -192,6 +192,21 @@ def test_timm_naflex_padding_a_user_mask_leaves_visible_is_no_key():
         torch.testing.assert_close(rec.mad.double(), _expected(maps, 3, grids, renormalize), **RECORD_TOL)
 
 
+def test_timm_naflex_patch_dropout_in_training_mode_is_refused_by_name():
+    # QA 305: a shape message expecting a batch of 1 (the broadcast batch of one image's positions) instead.
+    model = _timm_model(patch_drop_rate=0.5).train()
+    inputs = _naflex_batch(_images(SIZES[:2]), slots=16)
+    with pytest.raises(ValueError, match=r"NaFlexVit: timm's PatchDropout \(patch_drop, prob 0.5\) drops patches at "
+                                         r"random in training mode, and which it kept is not known: call "
+                                         r"model.eval\(\)"):
+        with torch.no_grad(), vitmad.record(model):
+            model(inputs)
+    model.eval()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(inputs)
+    assert rec.mad.shape == (2, 2, 2)
+
+
 def test_timm_naflex_refuses_tokens_it_cannot_place():
     model = _timm_model()
     inputs = _naflex_batch(_images(SIZES[:2]), slots=16)
@@ -203,6 +218,15 @@ def test_timm_naflex_refuses_tokens_it_cannot_place():
                                          r"a NaFlex image's tokens row-major .* pass each image's patches row-major"):
         with torch.no_grad(), vitmad.record(model):
             model(shuffled)
+    # ... and says which embeddings would take another order (QA 305: "a learned or factorised position embedding is
+    # laid that way whatever patch_coord says" was false for their grid-sample forms).
+    sampled = _timm_model(pos_embed_use_grid_sample=True)
+    with pytest.raises(ValueError, match=r"timm's default learned and factorised position embeddings are laid "
+                                         r"row-major by slot whatever patch_coord says; where the model reads "
+                                         r"patch_coord itself, its grid-sample embedding or RoPE, another order is "
+                                         r"valid for the model but not placed by vitmad\)"):
+        with torch.no_grad(), vitmad.record(sampled):
+            sampled(shuffled)
     holes = dict(inputs, patch_valid=inputs["patch_valid"].clone())
     holes["patch_valid"][1, 2] = False
     with pytest.raises(ValueError, match=r"image 1 .*4x2 grid.*first 8 of 16 slots.*7 slots are marked valid"):

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
+from .plain import _dropping_patches
 from .stages import defined_in, forward_arguments, innermost_on_path
 
 __all__ = ["placer", "pooling_head", "is_tower", "towers", "call_start", "NaFlexPlacer"]
@@ -183,9 +184,10 @@ def _tokens(sizes: torch.Tensor, valid: torch.Tensor, coord: torch.Tensor | None
             bad = int(wrong.nonzero()[0, 0])
             raise NotPlaceable(
                 f"the patches of image {bad} are not in row-major order in patch_coord; vitmad places a NaFlex "
-                "image's tokens row-major over its grid, the order timm's patchifier gives them (a learned or "
-                "factorised position embedding is laid that way whatever patch_coord says), and no other order: "
-                "pass each image's patches row-major"
+                "image's tokens row-major over its grid, the order timm's patchifier gives them, and no other order "
+                "(timm's default learned and factorised position embeddings are laid row-major by slot whatever "
+                "patch_coord says; where the model reads patch_coord itself, its grid-sample embedding or RoPE, "
+                "another order is valid for the model but not placed by vitmad): pass each image's patches row-major"
             )
     centres = torch.stack([(rows + 0.5) * patch[0], (cols + 0.5) * patch[1]], -1).to(torch.float32)
     centres = torch.where(image[..., None], centres, float("nan"))
@@ -210,6 +212,9 @@ class NaFlexPlacer(LayerPlacer):
 
     def __init__(self, model: nn.Module, tower: nn.Module, design: _Design, with_prefix: bool = True):
         self.model, self.tower, self.design, self.with_prefix = model, tower, design, with_prefix
+        # Found once (as PlainLayout's): a shape that is not the input's says why where patch dropout runs.
+        self.patch_dropouts = [(n, m) for n, m in named_module_list(tower)
+                               if type(m).__name__ in ("PatchDropout", "PatchDropoutWithIndices")]
         self.key = ("naflex.inputs", id(tower))
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
@@ -309,10 +314,15 @@ class NaFlexPlacer(LayerPlacer):
         batch, total = positions.shape[0], positions.shape[2]
         # Standard-mode positions are built for one image and broadcast over the batch.
         if num_queries != num_keys or len(lead) != 2 or num_queries != total or batch not in (1, lead[0]):
+            dropping = _dropping_patches(self.patch_dropouts)
+            if dropping is not None:  # said as for a plain ViT, not as a shape (QA 305)
+                raise NotPlaceable(f"{dropping} drops patches at random in training mode, and which it kept is not "
+                                   "known: call model.eval() (it then keeps every patch)")
+            images = lead[0] if lead and batch == 1 else batch  # one image's positions serve a whole batch
             raise NotPlaceable(
                 f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; expected "
-                f"[{batch}, heads, {total}, {total}]: {prefix} prefix tokens and the patch slots of its "
-                f"{self.design.tower}'s input (patch dropout in training mode changes them; call model.eval())"
+                f"[{images}, heads, {total}, {total}]: {prefix} prefix tokens and the patch slots of its "
+                f"{self.design.tower}'s input"
             )
         longest = max(h * w for h, w in tokens.grids)
         same = len(set(tokens.grids)) == 1
