@@ -321,6 +321,7 @@ def _quiet_transformers() -> None:
 
 def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) -> None:
     from .profiling import mad_maps, profile
+    from .profiling.checkpoint import check_checkpoint_path
     from .profiling.files import check_writable, held_by_this_run
     from .profiling.images import NATIVE, parse_image_size
     from .profiling.maps import image_prefix_maps
@@ -367,6 +368,10 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
     if main_process:  # one run at a time writes to --out (torchrun's ranks are one run: its main process holds it)
         held.enter_context(held_by_this_run(out / OUT_LOCK_NAME, str(out), "out"))
     earlier = {p.name for p in ours if p.is_file()}
+    if args.resume:  # before saying the earlier outputs go: a resume refused here replaces nothing (QA 306)
+        _check_resume_world_size(out, run)
+    # A checkpoint that is no vitmad checkpoint is refused before the model loads, as vitmad.profile refuses it.
+    check_checkpoint_path(checkpoint_path(out, run))
     # --resume with nothing to resume starts over as a plain run does, and replaces the earlier outputs as it does
     # (QA 303: a job script that always passes --resume replaced them unannounced).
     resuming = args.resume and checkpoint_path(out, run).is_file()
@@ -376,8 +381,6 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
     check_loader_threads(args.loader_threads)
     if not args.no_figures:
         import_optional("matplotlib", "profile", "vitmad profile's figures (or pass --no-figures)")
-    if args.resume:
-        _check_resume_world_size(out, run)
     _quiet_transformers()
     loaded = load_model(args.model, model_checkpoint=args.model_checkpoint, image_size=size, model_args=args.model_args,
                         intensity=args.intensity, volume_unit=args.volume_unit)
@@ -759,17 +762,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         # Only a profile run saves progress, and only once a batch has finished: its checkpoint is then another file
-        # than the one there before (written whole, then renamed), or the one it resumed. One left by an earlier
-        # run, with other settings perhaps, is no progress of this command (QA 303: a finished run's was taken for it,
-        # and the rerun with --resume refused).
+        # than the one there before (written whole, then renamed), or the one it resumed (checked and loaded). One
+        # left by an earlier run, with other settings perhaps, is no progress of this command (QA 303: a finished
+        # run's was taken for it, and the rerun with --resume refused; QA 306: also under --resume, before the
+        # resume had checked it).
+        from .profiling.checkpoint import RESUMED, read_checkpoint
+
         out = Path(args.out) if args.command == "profile" else None
         checkpoint = checkpoint_path(out, run) if out is not None else None
         now = _file_state(checkpoint) if checkpoint is not None else None
-        if now is not None and ((args.resume and checkpoint_before is not None) or (
-                checkpoint_before is not _NOT_SEEN and now != checkpoint_before)):
+        wrote = now is not None and checkpoint_before is not _NOT_SEEN and now != checkpoint_before
+        if wrote or (now is not None and checkpoint.resolve() in RESUMED):
             print(f"vitmad: {where}interrupted; progress is saved in {out}, "
                   "rerun the same command with --resume to continue", file=sys.stderr)
-        elif now is not None:
+        elif now is not None and read_checkpoint(checkpoint) is not None:
             print(f"vitmad: {where}interrupted before this run saved any progress; {checkpoint} is an earlier "
                   "run's, which --resume continues where that run had this command's settings", file=sys.stderr)
         else:
@@ -782,9 +788,11 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         # A collective that waited past its deadline names milliseconds and a transport's source file, not the
         # option that set them (QA 303).
-        timeout = ("; a collective waits at most --dist-timeout seconds (" + f"{args.dist_timeout:g}"
-                   + ") for the other ranks: raise it where a rank's share, its model load or its first batch takes "
-                   "longer" if isinstance(err, RuntimeError) and "timed out" in str(err).lower() else "")
+        timeout = ""
+        if isinstance(err, RuntimeError) and "timed out" in str(err).lower():
+            timeout = (f"; a collective waits at most --dist-timeout seconds ({args.dist_timeout:g}) for the other "
+                       "ranks: raise it where one waits longer (a slower share, model load or first batch, or the "
+                       "main rank writing the results and figures)")
         print(f"vitmad: error: rank {run.rank} of {run.world_size} failed: {type(err).__name__}: {err}{timeout}",
               file=sys.stderr)
         return 1

@@ -178,6 +178,17 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
         _check_resume_world_size(tmp_path, None)
 
 
+def test_a_resume_refused_for_its_process_count_says_nothing_of_replacing_the_outputs(tmp_path, capsys):
+    # QA 306: the command warned that it replaced the earlier outputs, then refused the resume (replacing nothing).
+    (tmp_path / "checkpoint.rank0-of-2.pt").write_bytes(b"")
+    (tmp_path / "mad.json").write_text('{"format": "vitmad-profile/1"}')  # an earlier run's results
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert main(["profile", "--out", str(tmp_path), "--resume"]) == 2
+    assert said == []
+    assert "written by 2 process(es), this run has 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("num_batches, world", [(13, 2), (13, 3), (2, 3), (0, 2), (7, 7)])
 def test_batch_sharding_covers_every_batch_once(num_batches, world):
     shards = [list(range(rank, num_batches, world)) for rank in range(world)]
@@ -321,4 +332,5 @@ def test_a_collective_that_timed_out_names_the_option_that_sets_its_deadline(tmp
     assert main(["profile", "--out", str(tmp_path / "out"), "--dist-timeout", "3"]) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"vitmad: error: rank 0 of 2 failed: RuntimeError: {said}; a collective waits at most --dist-timeout seconds "
-        "(3) for the other ranks: raise it where a rank's share, its model load or its first batch takes longer")
+        "(3) for the other ranks: raise it where one waits longer (a slower share, model load or first batch, or the "
+        "main rank writing the results and figures)")

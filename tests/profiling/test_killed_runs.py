@@ -194,31 +194,60 @@ def test_check_writable_creates_the_folder_and_leaves_it_empty(tmp_path):
 def test_the_interrupt_message_says_whether_there_is_progress_to_resume(tmp_path, monkeypatch, capsys):
     """Ctrl-C before the first batch has finished leaves no checkpoint of this run: the command does not send the
     user to --resume then, also where an earlier run's checkpoint is there (QA 303: a finished run's was taken for
-    this one's progress, and the rerun with --resume refused); once this run wrote one, or resumed one, it does."""
+    this run's progress, and the rerun with --resume refused), nor under --resume before the resume checked and
+    loaded it (QA 306: one with other settings, or no checkpoint at all, was called progress); once this run wrote
+    one, or resumed one, it does."""
     import vitmad.cli as cli
+    import vitmad.profiling.checkpoint as checkpoints
 
-    writes = []
+    steps = []
 
     def interrupted(args, run, held):
-        if writes:
-            (Path(args.out) / "checkpoint.pt").write_bytes(writes.pop())
+        for step in steps:
+            step(Path(args.out) / "checkpoint.pt")
+        steps.clear()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_profile_command", interrupted)
+    monkeypatch.setattr(checkpoints, "RESUMED", set())
     out = tmp_path / "out"
+    earlier = out / "checkpoint.pt"
     saved = (f"vitmad: interrupted; progress is saved in {out}, rerun the same command with --resume to "
              "continue\n")
+    nothing = "vitmad: interrupted; nothing was saved\n"
+    earlier_runs = (f"vitmad: interrupted before this run saved any progress; {earlier} is an earlier run's, which "
+                    "--resume continues where that run had this command's settings\n")
     assert main(["profile", "--out", str(out)]) == 130
-    assert capsys.readouterr().err == "vitmad: interrupted; nothing was saved\n"
+    assert capsys.readouterr().err == nothing
     out.mkdir()
-    (out / "checkpoint.pt").write_bytes(b"an earlier run's")
-    assert main(["profile", "--out", str(out)]) == 130
-    earlier = out / "checkpoint.pt"
-    assert capsys.readouterr().err == (f"vitmad: interrupted before this run saved any progress; {earlier} is an "
-                                       "earlier run's, which --resume continues where that run had this command's "
-                                       "settings\n")
-    assert main(["profile", "--out", str(out), "--resume"]) == 130  # the one it resumed
+    earlier.write_bytes(b"no vitmad checkpoint")
+    for resume in ([], ["--resume"]):
+        assert main(["profile", "--out", str(out), *resume]) == 130
+        assert capsys.readouterr().err == nothing
+    save_checkpoint(earlier, {"fingerprint": "earlier", "batches_done": 1})
+    for resume in ([], ["--resume"]):  # not yet checked by the resume: perhaps of other settings
+        assert main(["profile", "--out", str(out), *resume]) == 130
+        assert capsys.readouterr().err == earlier_runs
+    steps.append(lambda path: load_checkpoint(path, "earlier"))  # the resume took it
+    assert main(["profile", "--out", str(out), "--resume"]) == 130
     assert capsys.readouterr().err == saved
-    writes.append(b"this run's first batch")  # over the earlier run's (the run writes a new file, then renames it)
+    monkeypatch.setattr(checkpoints, "RESUMED", set())
+    # This run's first batch, written whole over the earlier run's, then renamed: another file.
+    steps.append(lambda path: save_checkpoint(path, {"fingerprint": "this", "batches_done": 1}))
     assert main(["profile", "--out", str(out)]) == 130
     assert capsys.readouterr().err == saved
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_a_checkpoint_that_is_no_vitmad_checkpoint_is_refused_before_the_model_loads(tiny_model, image_folder,
+                                                                                     tmp_path, capsys, monkeypatch,
+                                                                                     resume):
+    # QA 306: the command loaded the model first (vitmad.profile checks its checkpoint path before that).
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"torn")
+    _no_model_load(monkeypatch)
+    assert main([*_profile_args(tiny_model, image_folder, out), *resume]) == 2
+    assert capsys.readouterr().err.strip() == (f"vitmad: error: --out: {out / 'checkpoint.pt'} exists and is not a "
+                                               "vitmad checkpoint, which the run would overwrite; choose another file "
+                                               "or remove it")

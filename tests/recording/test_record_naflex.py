@@ -201,6 +201,11 @@ def test_timm_naflex_patch_dropout_in_training_mode_is_refused_by_name():
                                          r"model.eval\(\)"):
         with torch.no_grad(), vitmad.record(model):
             model(inputs)
+    # A rate so small that every patch stays still shuffles them (QA 306: placed as if in order).
+    shuffling = _timm_model(patch_drop_rate=1e-17).train()
+    with pytest.raises(ValueError, match=r"PatchDropout \(patch_drop, prob 1e-17\) drops patches at random"):
+        with torch.no_grad(), vitmad.record(shuffling):
+            shuffling(inputs)
     model.eval()
     with torch.no_grad(), vitmad.record(model) as rec:
         model(inputs)

@@ -192,6 +192,12 @@ def check_checkpoint_path(path: str | os.PathLike) -> None:
     check_writable(path.parent, "checkpoint")
 
 
+# The checkpoints this process resumed from (resolved paths): the command's Ctrl-C message says progress is saved
+# where its run wrote a checkpoint or resumed this one, not wherever a file of that name lies (QA 306: one with other
+# settings, never resumed, was called this run's progress).
+RESUMED: set[Path] = set()
+
+
 def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str, identity: dict | None = None,
                     earlier_fingerprint: str | None = None) -> dict | None:
     """Read a checkpoint written by :func:`save_checkpoint` for the same run.
@@ -219,4 +225,5 @@ def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str, identity
             f"{path} was written by a run with other settings, other model weights or other images",
             *_changes(state.get("identity"), identity), "; rerun with the same model, weights, images and options, "
             "or without ", Parameter("resume"), " to start over"))
+    RESUMED.add(path.resolve())
     return state

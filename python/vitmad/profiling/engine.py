@@ -577,7 +577,8 @@ def plan_run(
         native = native_feed(loaded) if size == NATIVE else None
         if native is None:
             check_fixed_size(loaded, size, isinstance(images, torch.Tensor))
-    if isinstance(images, torch.Tensor) and size not in (None, NATIVE) and tuple(images.shape[-2:]) != tuple(size):
+    if (isinstance(images, torch.Tensor) and size not in (None, NATIVE) and images.dim() >= 2
+            and tuple(images.shape[-2:]) != tuple(size)):  # (fewer dims: the shape is refused below, QA 306)
         # The size resizes image files; a tensor is fed as it is, and its size is the run's.
         raise OptionError("image_size", f"{size[0]}x{size[1]} given, but the pixel tensor is "
                                         f"{images.shape[-2]}x{images.shape[-1]} (shape {list(images.shape)}): a tensor "

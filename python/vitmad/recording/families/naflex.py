@@ -313,11 +313,12 @@ class NaFlexPlacer(LayerPlacer):
         positions = tokens.positions[..., tokens.prefix - prefix:, :]
         batch, total = positions.shape[0], positions.shape[2]
         # Standard-mode positions are built for one image and broadcast over the batch.
+        dropping = _dropping_patches(self.patch_dropouts)
+        if dropping is not None:  # said as for a plain ViT, not as a shape (QA 305); also where it keeps every
+            # patch, which it shuffles (QA 306: a rate so small that none went was placed as if in order)
+            raise NotPlaceable(f"{dropping} drops patches at random in training mode, and which it kept is not "
+                               "known: call model.eval() (it then keeps every patch)")
         if num_queries != num_keys or len(lead) != 2 or num_queries != total or batch not in (1, lead[0]):
-            dropping = _dropping_patches(self.patch_dropouts)
-            if dropping is not None:  # said as for a plain ViT, not as a shape (QA 305)
-                raise NotPlaceable(f"{dropping} drops patches at random in training mode, and which it kept is not "
-                                   "known: call model.eval() (it then keeps every patch)")
             images = lead[0] if lead and batch == 1 else batch  # one image's positions serve a whole batch
             raise NotPlaceable(
                 f"its attention has shape [{', '.join(map(str, lead))}, {num_queries}, {num_keys}]; expected "
