@@ -351,3 +351,31 @@ def test_mad_reference_refuses_a_renormalize_that_is_not_a_bool(renormalize):
         vitmad.mad_reference(A197, 16, renormalize=renormalize)
     with pytest.raises(ValueError, match="vitmad.mad_reference: patch must be a positive patch size"):
         vitmad.mad_reference(A197, 0)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    # QA 307: past int64 (or any float), torch's own overflow errors named no argument.
+    (lambda: vitmad.uniform_attention_mad(2**70, 4, 1), ValueError,
+     "vitmad.uniform_attention_mad: grid_h must fit in a 64-bit integer, got 1180591620717411303424"),
+    (lambda: vitmad.pixel_distances(2**62 + 4, 4, 1), ValueError,
+     "vitmad.pixel_distances: grid_h * grid_w must fit in a 64-bit integer, got 4611686018427387908 x 4"),
+    (lambda: vitmad.grid_positions(2**62 + 4, 4, 1), ValueError,
+     "vitmad.grid_positions: grid_h * grid_w must fit in a 64-bit integer, got 4611686018427387908 x 4"),
+    (lambda: vitmad.grid_positions(2, 2, 1, num_prefix_tokens=2**70), ValueError,
+     "vitmad.grid_positions: num_prefix_tokens must fit in a 64-bit integer, got 1180591620717411303424"),
+    (lambda: vitmad.uniform_attention_mad(4, 4, 10**400), ValueError,
+     "vitmad.uniform_attention_mad: patch must be a finite positive size in pixels, got 1000"),
+    # The reference names a list or an array as vitmad.mad does (it read .shape first).
+    (lambda: vitmad.mad_reference([[1.0]], 16), TypeError,
+     "vitmad.mad_reference: attn must be a torch.Tensor [..., N, N], got list"),
+    (lambda: vitmad.mad_reference(np.ones((5, 5), np.float32), 16, grid=(2, 2)), TypeError,
+     "vitmad.mad_reference: attn must be a torch.Tensor [..., N, N], got ndarray"),
+    (lambda: vitmad.mad_reference(torch.eye(5).to_sparse(), 16, grid=(2, 2)), ValueError,
+     "vitmad.mad_reference: attn must be a dense (strided) tensor, got layout torch.sparse_coo"),
+    (lambda: vitmad.attention_stats(torch.eye(3), positions=torch.rand(3, 2), times=[[0.0]] * 3,
+                                    stats="temporal_mad"), TypeError,
+     "vitmad.attention_stats: times must be a tensor [..., Nq, 1], got list"),
+])
+def test_helpers_and_the_reference_name_what_no_int64_or_tensor_holds(call, error, message):
+    with pytest.raises(error, match="^" + re.escape(message)):
+        call()

@@ -205,9 +205,12 @@ def grid_sides(op_name: str, grid_h, grid_w) -> tuple[int, int]:
         side = index_int(value)
         if side is None:
             raise TypeError(f"{op_name}: {name} must be an int, got {value!r}")
+        check_int64(op_name, name, side)  # past it, torch's own overflow errors name nothing (QA 307)
         sides.append(side)
     if sides[0] <= 0 or sides[1] <= 0:
         raise ValueError(f"{op_name}: grid_h and grid_w must be positive, got {sides[0]} x {sides[1]}")
+    if sides[0] * sides[1] > INT64_MAX:  # the patches are counted and indexed in int64
+        raise ValueError(f"{op_name}: grid_h * grid_w must fit in a 64-bit integer, got {sides[0]} x {sides[1]}")
     return sides[0], sides[1]
 
 
@@ -226,7 +229,10 @@ def pixel_size(op_name: str, patch, name: str = "patch"):
                                                and not patch.dtype.is_complex)
     if isinstance(patch, bool) or (isinstance(patch, torch.Tensor) and patch.dtype == torch.bool) or not real:
         raise TypeError(f"{op_name}: {name} must be a number (pixels per patch), got {patch!r}")
-    value = float(patch.detach() if isinstance(patch, torch.Tensor) else patch)
+    try:
+        value = float(patch.detach() if isinstance(patch, torch.Tensor) else patch)
+    except OverflowError:  # an int past any float (QA 307)
+        raise ValueError(f"{op_name}: {name} must be a finite positive size in pixels, got {patch}") from None
     if not 0 < value < math.inf:  # NaN fails both; comparisons trace under torch.compile, math.isfinite does not
         raise ValueError(f"{op_name}: {name} must be a finite positive size in pixels, got {value}")
     return patch if isinstance(patch, (torch.Tensor, int, float)) else value
@@ -817,7 +823,10 @@ def check_time_args(tokens: torch.Tensor, layout: PositionLayout, positions: tor
     qk = op_name.endswith("_qk")
     lead = tuple(tokens.shape[:-2])
     # The frame's column first: the positions' own message ("K in {1, 2, 3}") would ask times [N] for K = 2 (QA 301).
-    if isinstance(times, torch.Tensor) and (times.dim() < 2 or times.shape[-1] != 1):
+    for name, value, rows in (("times", times, "Nq"), ("key_times", key_times, "Nk")):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op_name}: {name} must be a tensor [..., {rows}, 1], got {type(value).__name__}")
+    if times.dim() < 2 or times.shape[-1] != 1:
         raise ValueError(f"{op_name}: times must be [..., Nq, 1], the frame of each token, got shape "
                          f"{_shape_str(times.shape)}")
     _check_position_side(times, "times", lead, tokens, "q" if qk else "attn", layout.num_queries, "queries", "Nq",
@@ -828,7 +837,7 @@ def check_time_args(tokens: torch.Tensor, layout: PositionLayout, positions: tor
             if key_positions is not None else
             f"{op_name}: key_times is given without key_positions; the keys are the queries, whose times are times")
     if key_times is not None:
-        if isinstance(key_times, torch.Tensor) and (key_times.dim() < 2 or key_times.shape[-1] != 1):
+        if key_times.dim() < 2 or key_times.shape[-1] != 1:
             raise ValueError(f"{op_name}: key_times must be [..., Nk, 1], the frame of each key, got shape "
                              f"{_shape_str(key_times.shape)}")
         _check_position_side(key_times, "key_times", lead, tokens, "k" if qk else "attn", layout.num_keys, "keys",

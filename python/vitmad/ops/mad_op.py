@@ -81,8 +81,9 @@ def mad(
             or ``positions`` of an unsupported dtype, or neither ``patch`` nor ``positions`` given; the message
             names the argument.
         ValueError: a shape, size or option is invalid, both forms are mixed, or ``positions`` or
-            ``key_positions`` requires grad (MAD is differentiable with respect to ``attn`` only); the message
-            names the argument.
+            ``key_positions`` requires grad while grad mode is on (MAD is differentiable with respect to ``attn``
+            only; under ``torch.no_grad()`` nothing is differentiated and they are taken); the message names the
+            argument.
     """
     if renormalize.__class__ is not bool:
         check_renormalize(renormalize, "vitmad.mad")

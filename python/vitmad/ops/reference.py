@@ -108,6 +108,7 @@ def mad_reference(
     Returns:
         A float64 tensor.
     """
+    check_attn_tensor(attn, "[..., N, N]", "vitmad.mad_reference")  # a list or array named as vitmad.mad names it
     layout = check_mad_args(attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction,
                             "vitmad.mad_reference")
     p = layout.num_prefix
