@@ -44,16 +44,6 @@ def checkpoint_path(out: Path, run) -> Path:
 _NOT_SEEN = object()
 
 
-def _file_state(path: Path) -> tuple[int, int, int] | None:
-    """What tells one file at ``path`` from another written there since (inode, size, modification time), or None
-    where there is none."""
-    try:
-        found = path.stat()
-    except OSError:
-        return None
-    return found.st_ino, found.st_size, found.st_mtime_ns
-
-
 def _profile_document(folder: Path) -> dict | None:
     """The mad.json of a ``vitmad profile`` run in ``folder`` (not a user's file of that name), else None."""
     import json
@@ -329,6 +319,7 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
     from .profiling.options import (
         OptionError,
         check_loader_threads,
+        check_positive,
         import_optional,
         resolve_device,
         resolve_stats,
@@ -345,6 +336,11 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
     out = Path(args.out)
     size = parse_image_size(args.image_size)
     stats = resolve_stats("mad" if args.stats is None else ",".join(args.stats))  # --stats a --stats b: both
+    # The counts profile() checks too, before the model loads and the earlier outputs are said to go (QA 308).
+    check_positive("batch_size", args.batch_size, optional=False)
+    check_positive("max_images", args.max_images)
+    check_positive("checkpoint_every", args.checkpoint_every, "a positive number of batches", optional=False)
+    check_loader_threads(args.loader_threads)
     # An earlier run's outputs, known by its mad.json (a user's own photo named entropy.png is not ours): with
     # --out inside an image folder, they are no photographs to profile.
     ours = [out / name for name in sorted(earlier_outputs(out))]
@@ -378,7 +374,6 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
     if earlier and main_process and not resuming:
         warnings.warn(f"{out} holds an earlier run's outputs ({', '.join(sorted(earlier))}): this run replaces them "
                       "(pass another --out to keep them)", stacklevel=1)
-    check_loader_threads(args.loader_threads)
     if not args.no_figures:
         import_optional("matplotlib", "profile", "vitmad profile's figures (or pass --no-figures)")
     _quiet_transformers()
@@ -746,7 +741,10 @@ def main(argv: list[str] | None = None) -> int:
 
             run = init_from_env(args.backend, args.device, args.dist_timeout)
             where = "" if run is None else f"rank {run.rank} of {run.world_size}: "
-            checkpoint_before = _file_state(checkpoint_path(Path(args.out), run))
+            from .profiling.checkpoint import RESUMED, file_state
+
+            RESUMED.clear()  # what an earlier command or profile() call of this process resumed is not this run's
+            checkpoint_before = file_state(checkpoint_path(Path(args.out), run))
         commands[args.command](args, run)
         if run is not None:
             run.close(wait_for_all=True)
@@ -766,16 +764,21 @@ def main(argv: list[str] | None = None) -> int:
         # left by an earlier run, with other settings perhaps, is no progress of this command (QA 303: a finished
         # run's was taken for it, and the rerun with --resume refused; QA 306: also under --resume, before the
         # resume had checked it).
-        from .profiling.checkpoint import RESUMED, read_checkpoint
+        # Decided from the files' states alone: a second Ctrl-C while a large checkpoint was unpickled here ended
+        # in a traceback (QA 308). A torch file (a zip archive) is taken for a vitmad checkpoint: the command
+        # refuses any other before its run starts.
+        import zipfile
+
+        from .profiling.checkpoint import RESUMED, file_state
 
         out = Path(args.out) if args.command == "profile" else None
         checkpoint = checkpoint_path(out, run) if out is not None else None
-        now = _file_state(checkpoint) if checkpoint is not None else None
+        now = file_state(checkpoint) if checkpoint is not None else None
         wrote = now is not None and checkpoint_before is not _NOT_SEEN and now != checkpoint_before
-        if wrote or (now is not None and checkpoint.resolve() in RESUMED):
+        if wrote or (now is not None and RESUMED.get(checkpoint.resolve()) == now):
             print(f"vitmad: {where}interrupted; progress is saved in {out}, "
                   "rerun the same command with --resume to continue", file=sys.stderr)
-        elif now is not None and read_checkpoint(checkpoint) is not None:
+        elif now is not None and zipfile.is_zipfile(checkpoint):
             print(f"vitmad: {where}interrupted before this run saved any progress; {checkpoint} is an earlier "
                   "run's, which --resume continues where that run had this command's settings", file=sys.stderr)
         else:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -364,6 +365,13 @@ def test_an_earlier_runs_outputs_are_replaced_with_a_warning_and_what_is_not_rew
     assert any(m.startswith(f"{out} holds an earlier run's outputs (mad.csv, mad.json): this run replaces them")
                for m in messages), messages
     assert any(m.startswith("no checkpoint to resume at") for m in messages), messages
+    # A count profile() refuses is refused before the earlier outputs are said to go (QA 308).
+    for flag, value in (("--batch-size", "0"), ("--checkpoint-every", "0"), ("--max-images", "0"),
+                        ("--workers", "-3")):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            code, _, err = _run([*base, flag, value], capsys)
+        assert code == 2 and err.startswith(f"vitmad: error: {flag}: ") and said == [], (flag, err, said)
 
 
 def test_out_inside_the_image_folder_does_not_profile_its_own_figures(tiny_model, image_folder, tmp_path, capsys):

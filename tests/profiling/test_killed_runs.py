@@ -209,7 +209,7 @@ def test_the_interrupt_message_says_whether_there_is_progress_to_resume(tmp_path
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_profile_command", interrupted)
-    monkeypatch.setattr(checkpoints, "RESUMED", set())
+    monkeypatch.setattr(checkpoints, "RESUMED", {})
     out = tmp_path / "out"
     earlier = out / "checkpoint.pt"
     saved = (f"vitmad: interrupted; progress is saved in {out}, rerun the same command with --resume to "
@@ -231,7 +231,9 @@ def test_the_interrupt_message_says_whether_there_is_progress_to_resume(tmp_path
     steps.append(lambda path: load_checkpoint(path, "earlier"))  # the resume took it
     assert main(["profile", "--out", str(out), "--resume"]) == 130
     assert capsys.readouterr().err == saved
-    monkeypatch.setattr(checkpoints, "RESUMED", set())
+    # What an earlier command of this process resumed is not the next one's progress (QA 308).
+    assert main(["profile", "--out", str(out)]) == 130
+    assert capsys.readouterr().err == earlier_runs
     # This run's first batch, written whole over the earlier run's, then renamed: another file.
     steps.append(lambda path: save_checkpoint(path, {"fingerprint": "this", "batches_done": 1}))
     assert main(["profile", "--out", str(out)]) == 130

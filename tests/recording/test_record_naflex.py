@@ -210,6 +210,12 @@ def test_timm_naflex_patch_dropout_in_training_mode_is_refused_by_name():
     with torch.no_grad(), vitmad.record(model) as rec:
         model(inputs)
     assert rec.mad.shape == (2, 2, 2)
+    # NaFlexVit calls its patch dropout only while it trains itself: one left training in an eval model (a Monte
+    # Carlo dropout helper's) drops nothing, and is no reason to refuse (QA 308).
+    model.patch_drop.train()
+    with torch.no_grad(), vitmad.record(model) as kept:
+        model(inputs)
+    assert torch.equal(kept.mad, rec.mad)
 
 
 def test_timm_naflex_refuses_tokens_it_cannot_place():

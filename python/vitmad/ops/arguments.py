@@ -148,14 +148,27 @@ def not_dense_error(op, op_name: str, args: tuple, kwargs: dict) -> ValueError |
     return None
 
 
+def none_for_a_tensor(op, op_name: str, values: dict) -> TypeError | None:
+    """The TypeError for None given where the op takes a tensor: the dispatcher passes it on as an undefined tensor,
+    and the kernel then fails with words that name nothing ("tensor does not have a device", QA 308)."""
+    for argument in op._schema.arguments:
+        if str(argument.type) == "Tensor" and argument.name in values and values[argument.name] is None:
+            return TypeError(f"{op_name}: {argument.name} must be a torch.Tensor, got None")
+    return None
+
+
 def call_op(op, op_name: str, *args, **kwargs):
     """``op(*args, **kwargs)``, with the dispatcher's RuntimeError about an argument of the wrong type raised as
-    :func:`schema_type_error`'s TypeError, and about a sparse or nested tensor as :func:`not_dense_error`'s."""
+    :func:`schema_type_error`'s TypeError, about a sparse or nested tensor as :func:`not_dense_error`'s, and about
+    None for a tensor as :func:`none_for_a_tensor`'s."""
     try:
         return op(*args, **kwargs)
-    except RuntimeError as error:
+    # NotImplementedError too: the dispatcher's, where no argument is a tensor; ValueError: also Python's, where the
+    # dispatcher writes an int of over 4,300 digits into its message (QA 308)
+    except (RuntimeError, ValueError) as error:
         values = {**dict(zip((a.name for a in op._schema.arguments), args)), **kwargs}
-        raise not_dense_error(op, op_name, args, kwargs) or schema_type_error(error, op_name, values) from None
+        raise (none_for_a_tensor(op, op_name, values) or not_dense_error(op, op_name, args, kwargs)
+               or schema_type_error(error, op_name, values)) from None
 
 
 def check_int_args(op_name: str, **values) -> None:
@@ -172,13 +185,19 @@ def check_int_args(op_name: str, **values) -> None:
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_SIZE = 2**62  # torch's sizes (SymInt) hold less than this
 
 
 def check_int64(op_name: str, name: str, value) -> None:
     """ValueError for a Python int that the ops' ``int`` (int64) cannot hold: the dispatcher refuses it with the
     same words as a value of the wrong type ("expected int but got int"), which says nothing of the range."""
     if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
-        raise ValueError(f"{op_name}: {name} must fit in a 64-bit integer, got {value}")
+        raise ValueError(f"{op_name}: {name} must fit in a 64-bit integer, got {int_text(value)}")
+
+
+def int_text(value: int) -> str:
+    """``value`` in decimal, or its size where Python refuses to write it (over 4,300 digits, QA 308)."""
+    return str(value) if value.bit_length() < 4096 else f"an integer of {value.bit_length()} bits"
 
 
 def is_bool(value) -> bool:
@@ -205,12 +224,16 @@ def grid_sides(op_name: str, grid_h, grid_w) -> tuple[int, int]:
         side = index_int(value)
         if side is None:
             raise TypeError(f"{op_name}: {name} must be an int, got {value!r}")
-        check_int64(op_name, name, side)  # past it, torch's own overflow errors name nothing (QA 307)
+        check_int64(op_name, name, side)
         sides.append(side)
     if sides[0] <= 0 or sides[1] <= 0:
         raise ValueError(f"{op_name}: grid_h and grid_w must be positive, got {sides[0]} x {sides[1]}")
-    if sides[0] * sides[1] > INT64_MAX:  # the patches are counted and indexed in int64
-        raise ValueError(f"{op_name}: grid_h * grid_w must fit in a 64-bit integer, got {sides[0]} x {sides[1]}")
+    # Past torch's largest size, its own errors name nothing ("cannot be represented as a SymInt", "Storage size
+    # calculation overflowed"; QA 307, QA 308): the grid is refused by name. Below it, a grid too large for memory
+    # fails as any allocation does.
+    if sides[0] * sides[1] >= MAX_SIZE:
+        raise ValueError(f"{op_name}: grid_h * grid_w must be below 2**62 (torch's largest size), got "
+                         f"{sides[0]} x {sides[1]}")
     return sides[0], sides[1]
 
 
@@ -232,7 +255,8 @@ def pixel_size(op_name: str, patch, name: str = "patch"):
     try:
         value = float(patch.detach() if isinstance(patch, torch.Tensor) else patch)
     except OverflowError:  # an int past any float (QA 307)
-        raise ValueError(f"{op_name}: {name} must be a finite positive size in pixels, got {patch}") from None
+        raise ValueError(f"{op_name}: {name} must be a finite positive size in pixels, got "
+                         f"{int_text(patch) if isinstance(patch, int) else patch}") from None
     if not 0 < value < math.inf:  # NaN fails both; comparisons trace under torch.compile, math.isfinite does not
         raise ValueError(f"{op_name}: {name} must be a finite positive size in pixels, got {value}")
     return patch if isinstance(patch, (torch.Tensor, int, float)) else value
@@ -823,9 +847,8 @@ def check_time_args(tokens: torch.Tensor, layout: PositionLayout, positions: tor
     qk = op_name.endswith("_qk")
     lead = tuple(tokens.shape[:-2])
     # The frame's column first: the positions' own message ("K in {1, 2, 3}") would ask times [N] for K = 2 (QA 301).
-    for name, value, rows in (("times", times, "Nq"), ("key_times", key_times, "Nk")):
-        if value is not None and not isinstance(value, torch.Tensor):
-            raise TypeError(f"{op_name}: {name} must be a tensor [..., {rows}, 1], got {type(value).__name__}")
+    if not isinstance(times, torch.Tensor):
+        raise TypeError(f"{op_name}: times must be a tensor [..., Nq, 1], got {type(times).__name__}")
     if times.dim() < 2 or times.shape[-1] != 1:
         raise ValueError(f"{op_name}: times must be [..., Nq, 1], the frame of each token, got shape "
                          f"{_shape_str(times.shape)}")
@@ -837,6 +860,8 @@ def check_time_args(tokens: torch.Tensor, layout: PositionLayout, positions: tor
             if key_positions is not None else
             f"{op_name}: key_times is given without key_positions; the keys are the queries, whose times are times")
     if key_times is not None:
+        if not isinstance(key_times, torch.Tensor):
+            raise TypeError(f"{op_name}: key_times must be a tensor [..., Nk, 1], got {type(key_times).__name__}")
         if key_times.dim() < 2 or key_times.shape[-1] != 1:
             raise ValueError(f"{op_name}: key_times must be [..., Nk, 1], the frame of each key, got shape "
                              f"{_shape_str(key_times.shape)}")

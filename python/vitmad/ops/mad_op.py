@@ -23,6 +23,7 @@ from .arguments import (
     check_renormalize,
     grid_ints,
     mad_output_dtype,
+    none_for_a_tensor,
     not_dense_error,
     schema_type_error,
 )
@@ -104,13 +105,15 @@ def mad(
             check_int_args("vitmad.mad", patch=patch, num_prefix_tokens=num_prefix_tokens)
         try:  # call_op's work, inline: a function call more would be a few percent of a small call
             return torch.ops.vitmad.mad.default(attn, patch, **options)
-        except RuntimeError as error:
-            # An int beyond int64 draws the same words from the dispatcher as a str: the range, checked only
-            # once the call has failed, costs a good call nothing.
+        except (RuntimeError, ValueError) as error:
+            # An int beyond int64 draws the same words from the dispatcher as a str (or, past 4,300 digits, Python's
+            # refusal to write it): the range, checked only once the call has failed, costs a good call nothing.
             check_int_args("vitmad.mad", patch=patch, num_prefix_tokens=num_prefix_tokens)
-            raise not_dense_error(torch.ops.vitmad.mad.default, "vitmad.mad", (attn, patch), options) \
-                or schema_type_error(error, "vitmad.mad", {"patch": patch, "num_prefix_tokens": num_prefix_tokens,
-                                                           **options}) from None
+            op = torch.ops.vitmad.mad.default
+            raise (none_for_a_tensor(op, "vitmad.mad", {"attn": attn})
+                   or not_dense_error(op, "vitmad.mad", (attn, patch), options)
+                   or schema_type_error(error, "vitmad.mad", {"patch": patch, "num_prefix_tokens": num_prefix_tokens,
+                                                              **options})) from None
     check_one_form("vitmad.mad", positions, key_positions,
                     {"patch": patch, "num_prefix_tokens": num_prefix_tokens, "grid": grid})
     return call_op(torch.ops.vitmad.mad_pos.default, "vitmad.mad", attn, positions, key_positions,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .arguments import check_int64, grid_sides, index_int, pixel_size
+from .arguments import MAX_SIZE, grid_sides, index_int, int_text, pixel_size
 
 __all__ = ["grid_positions"]
 
@@ -52,7 +52,9 @@ def grid_positions(
                         f"tokens), got {dtype!r}")
     if prefix < 0:
         raise ValueError(f"vitmad.grid_positions: num_prefix_tokens must be >= 0, got {prefix}")
-    check_int64("vitmad.grid_positions", "num_prefix_tokens", prefix)
+    if prefix + grid_h * grid_w >= MAX_SIZE:  # as grid_sides says of the grid (QA 308)
+        raise ValueError(f"vitmad.grid_positions: num_prefix_tokens + grid_h * grid_w must be below 2**62 (torch's "
+                         f"largest size), got {int_text(prefix)} + {grid_h} * {grid_w}")
     rows = torch.arange(grid_h, dtype=torch.float64).repeat_interleave(grid_w)
     cols = torch.arange(grid_w, dtype=torch.float64).repeat(grid_h)
     patches = (torch.stack([rows, cols], dim=-1) + 0.5) * patch

@@ -172,6 +172,7 @@ def mad_qk_reference(
     Returns:
         A float64 tensor.
     """
+    check_qk_tensors(q, k, scale, attn_bias, True, "vitmad.mad_qk_reference")  # a list or None named (QA 308)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     attn = biased_logits(q.double() @ k.double().transpose(-1, -2) * scale, attn_bias).softmax(-1)
     return mad_reference(
@@ -400,6 +401,7 @@ def attention_stats_reference(
         ``[len(stats), ...]`` float64, row ``i`` the statistic ``stats[i]`` shaped as :func:`mad_reference`'s
         (grid form) or :func:`mad_positions_reference`'s output.
     """
+    check_attn_tensor(attn, "[..., N, N]" if positions is None else "[..., Nq, Nk]", "vitmad.attention_stats")
     if positions is None:
         check_no_times(times, key_times, "vitmad.attention_stats")
         layout = check_mad_args(attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction,
@@ -413,7 +415,6 @@ def attention_stats_reference(
             a, stats, lambda: mad_reference(attn, patch, num_prefix_tokens=num_prefix_tokens, grid=grid,
                                             renormalize=renormalize, reduction=reduction),
             has_query, has_key, p, layout.reduce_mean)
-    check_attn_tensor(attn, "[..., Nq, Nk]", "vitmad.attention_stats")
     layout = check_position_args(attn, attn.shape[-2], attn.shape[-1], positions, key_positions, renormalize,
                                  reduction, "vitmad.attention_stats")
     stats = check_stats_and_times(stats, attn, layout, positions, key_positions, times, key_times,

@@ -192,10 +192,21 @@ def check_checkpoint_path(path: str | os.PathLike) -> None:
     check_writable(path.parent, "checkpoint")
 
 
-# The checkpoints this process resumed from (resolved paths): the command's Ctrl-C message says progress is saved
-# where its run wrote a checkpoint or resumed this one, not wherever a file of that name lies (QA 306: one with other
-# settings, never resumed, was called this run's progress).
-RESUMED: set[Path] = set()
+# The checkpoints this process resumed from: resolved path -> file_state() of the file then. The command's Ctrl-C
+# message says progress is saved where its run wrote a checkpoint or resumed this very file, not wherever a file of
+# that name lies (QA 306: one with other settings, never resumed, was called this run's progress; QA 308: the path
+# alone outlived the run that resumed it).
+RESUMED: dict[Path, tuple[int, int, int] | None] = {}
+
+
+def file_state(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """What tells one file at ``path`` from another written there since (inode, size, modification time: a
+    checkpoint is written whole, then renamed over the last), or None where there is none."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_ino, found.st_size, found.st_mtime_ns
 
 
 def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str, identity: dict | None = None,
@@ -225,5 +236,5 @@ def load_checkpoint(path: str | os.PathLike, expected_fingerprint: str, identity
             f"{path} was written by a run with other settings, other model weights or other images",
             *_changes(state.get("identity"), identity), "; rerun with the same model, weights, images and options, "
             "or without ", Parameter("resume"), " to start over"))
-    RESUMED.add(path.resolve())
+    RESUMED[path.resolve()] = file_state(path)
     return state

@@ -313,7 +313,9 @@ class NaFlexPlacer(LayerPlacer):
         positions = tokens.positions[..., tokens.prefix - prefix:, :]
         batch, total = positions.shape[0], positions.shape[2]
         # Standard-mode positions are built for one image and broadcast over the batch.
-        dropping = _dropping_patches(self.patch_dropouts)
+        # timm's NaFlexVit calls its patch dropout only while it trains itself (QA 308: one left training in an
+        # eval model drops nothing).
+        dropping = _dropping_patches(self.patch_dropouts) if self.tower.training else None
         if dropping is not None:  # said as for a plain ViT, not as a shape (QA 305); also where it keeps every
             # patch, which it shuffles (QA 306: a rate so small that none went was placed as if in order)
             raise NotPlaceable(f"{dropping} drops patches at random in training mode, and which it kept is not "
