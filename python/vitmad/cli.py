@@ -311,7 +311,7 @@ def _quiet_transformers() -> None:
 
 def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) -> None:
     from .profiling import mad_maps, profile
-    from .profiling.checkpoint import check_checkpoint_path
+    from .profiling.checkpoint import check_checkpoint_path, file_state
     from .profiling.files import check_writable, held_by_this_run
     from .profiling.images import NATIVE, parse_image_size
     from .profiling.maps import image_prefix_maps
@@ -366,8 +366,10 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
     earlier = {p.name for p in ours if p.is_file()}
     if args.resume:  # before saying the earlier outputs go: a resume refused here replaces nothing (QA 306)
         _check_resume_world_size(out, run)
-    # A checkpoint that is no vitmad checkpoint is refused before the model loads, as vitmad.profile refuses it.
+    # A checkpoint that is no vitmad checkpoint is refused before the model loads, as vitmad.profile refuses it; the
+    # one that passed is remembered for the interrupt message (QA 310: a user's torch file was called a run's).
     check_checkpoint_path(checkpoint_path(out, run))
+    args.checkpoint_checked = file_state(checkpoint_path(out, run))
     # --resume with nothing to resume starts over as a plain run does, and replaces the earlier outputs as it does
     # (QA 303: a job script that always passes --resume replaced them unannounced).
     resuming = args.resume and checkpoint_path(out, run).is_file()
@@ -765,10 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         # run's was taken for it, and the rerun with --resume refused; QA 306: also under --resume, before the
         # resume had checked it).
         # Decided from the files' states alone: a second Ctrl-C while a large checkpoint was unpickled here ended
-        # in a traceback (QA 308). A torch file (a zip archive) is taken for a vitmad checkpoint: the command
-        # refuses any other before its run starts.
-        import zipfile
-
+        # in a traceback (QA 308). An earlier run's is the very file the command checked to be a vitmad checkpoint.
         from .profiling.checkpoint import RESUMED, file_state
 
         out = Path(args.out) if args.command == "profile" else None
@@ -778,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         if wrote or (now is not None and RESUMED.get(checkpoint.resolve()) == now):
             print(f"vitmad: {where}interrupted; progress is saved in {out}, "
                   "rerun the same command with --resume to continue", file=sys.stderr)
-        elif now is not None and zipfile.is_zipfile(checkpoint):
+        elif now is not None and getattr(args, "checkpoint_checked", _NOT_SEEN) == now:
             print(f"vitmad: {where}interrupted before this run saved any progress; {checkpoint} is an earlier "
                   "run's, which --resume continues where that run had this command's settings", file=sys.stderr)
         else:

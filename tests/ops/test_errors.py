@@ -358,20 +358,25 @@ def test_mad_reference_refuses_a_renormalize_that_is_not_a_bool(renormalize):
     (lambda: vitmad.uniform_attention_mad(2**70, 4, 1), ValueError,
      "vitmad.uniform_attention_mad: grid_h must fit in a 64-bit integer, got 1180591620717411303424"),
     (lambda: vitmad.pixel_distances(2**62 + 4, 4, 1), ValueError,
-     "vitmad.pixel_distances: grid_h * grid_w must be below 2**62 (torch's largest size), got 4611686018427387908 x 4"),
+     "vitmad.pixel_distances: grid_h * grid_w must be below 2**58 (the positions of more patches exceed torch's "
+     "largest storage), got 4611686018427387908 x 4"),
     (lambda: vitmad.grid_positions(2**62 + 4, 4, 1), ValueError,
-     "vitmad.grid_positions: grid_h * grid_w must be below 2**62 (torch's largest size), got 4611686018427387908 x 4"),
+     "vitmad.grid_positions: grid_h * grid_w must be below 2**58 (the positions of more patches exceed torch's "
+     "largest storage), got 4611686018427387908 x 4"),
     (lambda: vitmad.grid_positions(2, 2, 1, num_prefix_tokens=2**70), ValueError,
-     "vitmad.grid_positions: num_prefix_tokens + grid_h * grid_w must be below 2**62 (torch's largest size), got "
-     "1180591620717411303424 + 2 * 2"),
+     "vitmad.grid_positions: num_prefix_tokens + grid_h * grid_w must be below 2**58 (the positions of more tokens "
+     "exceed torch's largest storage), got 1180591620717411303424 + 2 * 2"),
     (lambda: vitmad.uniform_attention_mad(4, 4, 10**400), ValueError,
      "vitmad.uniform_attention_mad: patch must be a finite positive size in pixels, got 1000"),
     # QA 308: torch's sizes stop below int64; Python writes no int of over 4,300 digits into a message.
-    (lambda: vitmad.grid_positions(2**61, 2, 1), ValueError,
-     "vitmad.grid_positions: grid_h * grid_w must be below 2**62 (torch's largest size), got 2305843009213693952 x 2"),
-    (lambda: vitmad.grid_positions(2, 2, 1, num_prefix_tokens=2**62), ValueError,
-     "vitmad.grid_positions: num_prefix_tokens + grid_h * grid_w must be below 2**62 (torch's largest size), got "
-     "4611686018427387904 + 2 * 2"),
+    (lambda: vitmad.grid_positions(2**60, 1, 1), ValueError,  # its [N, 2] float64 positions overflow storage
+     "vitmad.grid_positions: grid_h * grid_w must be below 2**58 (the positions of more patches exceed torch's "
+     "largest storage), got 1152921504606846976 x 1"),
+    (lambda: vitmad.grid_positions(2, 2, 1, num_prefix_tokens=2**58), ValueError,
+     "vitmad.grid_positions: num_prefix_tokens + grid_h * grid_w must be below 2**58 (the positions of more tokens "
+     "exceed torch's largest storage), got 288230376151711744 + 2 * 2"),
+    (lambda: vitmad.mad_qk(torch.rand(1, 5, 4), torch.rand(1, 5, 4), 16, grid=(2, 2), scale=10**5000), ValueError,
+     "vitmad.mad_qk: scale must be a finite number (the logits' factor), got an integer of 16610 bits"),
     (lambda: vitmad.pixel_distances(2, 10**5000, 16), ValueError,
      "vitmad.pixel_distances: grid_w must fit in a 64-bit integer, got an integer of 16610 bits"),
     (lambda: vitmad.mad(torch.rand(5, 5), 10**5000, grid=(2, 2)), ValueError,
@@ -406,3 +411,10 @@ def test_mad_reference_refuses_a_renormalize_that_is_not_a_bool(renormalize):
 def test_helpers_and_the_reference_name_what_no_int64_or_tensor_holds(call, error, message):
     with pytest.raises(error, match="^" + re.escape(message)):
         call()
+
+
+def test_an_invalid_argument_under_fullgraph_compile_still_says_the_ops_message():
+    # QA 310: the None check's str() of a schema type, which dynamo cannot trace, hid the op's own message.
+    compiled = torch.compile(lambda a: vitmad.mad(a, 0), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="vitmad.mad: patch must be a positive patch size in pixels, got 0"):
+        compiled(torch.rand(5, 5))

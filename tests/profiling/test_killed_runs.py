@@ -20,7 +20,7 @@ import torch
 import vitmad.profiling.checkpoint as checkpoint_module
 from conftest import subprocess_env, write_images
 from vitmad.cli import main
-from vitmad.profiling.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from vitmad.profiling.checkpoint import FORMAT, file_state, load_checkpoint, read_checkpoint, save_checkpoint
 from vitmad.profiling.files import check_writable
 
 pytest.importorskip("transformers")
@@ -203,6 +203,10 @@ def test_the_interrupt_message_says_whether_there_is_progress_to_resume(tmp_path
     steps = []
 
     def interrupted(args, run, held):
+        # As the command does before its run: a checkpoint there that passed its check is remembered (one that is
+        # no vitmad checkpoint is refused there; here, the interrupt comes before that check).
+        if read_checkpoint(Path(args.out) / "checkpoint.pt") is not None:
+            args.checkpoint_checked = file_state(Path(args.out) / "checkpoint.pt")
         for step in steps:
             step(Path(args.out) / "checkpoint.pt")
         steps.clear()
@@ -228,6 +232,12 @@ def test_the_interrupt_message_says_whether_there_is_progress_to_resume(tmp_path
     for resume in ([], ["--resume"]):  # not yet checked by the resume: perhaps of other settings
         assert main(["profile", "--out", str(out), *resume]) == 130
         assert capsys.readouterr().err == earlier_runs
+    # Interrupted before the command checked it, a file there is called no one's (QA 310: a user's own torch file
+    # was called an earlier run's checkpoint).
+    monkeypatch.setattr(cli, "_profile_command", lambda args, run, held: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["profile", "--out", str(out)]) == 130
+    assert capsys.readouterr().err == nothing
+    monkeypatch.setattr(cli, "_profile_command", interrupted)
     steps.append(lambda path: load_checkpoint(path, "earlier"))  # the resume took it
     assert main(["profile", "--out", str(out), "--resume"]) == 130
     assert capsys.readouterr().err == saved

@@ -78,7 +78,7 @@ def mad_output_dtype(attn_dtype: torch.dtype) -> torch.dtype:
 
 
 def _shape_str(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+    return "[" + ", ".join(int_text(int(s)) for s in shape) + "]"
 
 
 def _broadcasts(shape: Sequence[int], target: Sequence[int]) -> bool:
@@ -151,6 +151,8 @@ def not_dense_error(op, op_name: str, args: tuple, kwargs: dict) -> ValueError |
 def none_for_a_tensor(op, op_name: str, values: dict) -> TypeError | None:
     """The TypeError for None given where the op takes a tensor: the dispatcher passes it on as an undefined tensor,
     and the kernel then fails with words that name nothing ("tensor does not have a device", QA 308)."""
+    if torch.compiler.is_compiling():  # dynamo traces no str() of a schema type (QA 310); it refuses None itself
+        return None
     for argument in op._schema.arguments:
         if str(argument.type) == "Tensor" and argument.name in values and values[argument.name] is None:
             return TypeError(f"{op_name}: {argument.name} must be a torch.Tensor, got None")
@@ -163,9 +165,7 @@ def call_op(op, op_name: str, *args, **kwargs):
     None for a tensor as :func:`none_for_a_tensor`'s."""
     try:
         return op(*args, **kwargs)
-    # NotImplementedError too: the dispatcher's, where no argument is a tensor; ValueError: also Python's, where the
-    # dispatcher writes an int of over 4,300 digits into its message (QA 308)
-    except (RuntimeError, ValueError) as error:
+    except RuntimeError as error:  # NotImplementedError too: the dispatcher's, where no argument is a tensor
         values = {**dict(zip((a.name for a in op._schema.arguments), args)), **kwargs}
         raise (none_for_a_tensor(op, op_name, values) or not_dense_error(op, op_name, args, kwargs)
                or schema_type_error(error, op_name, values)) from None
@@ -185,7 +185,7 @@ def check_int_args(op_name: str, **values) -> None:
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-MAX_SIZE = 2**62  # torch's sizes (SymInt) hold less than this
+MAX_SIZE = 2**58  # tokens: their [N, 2] float64 positions stay below torch's 2**63 bytes of storage
 
 
 def check_int64(op_name: str, name: str, value) -> None:
@@ -228,12 +228,13 @@ def grid_sides(op_name: str, grid_h, grid_w) -> tuple[int, int]:
         sides.append(side)
     if sides[0] <= 0 or sides[1] <= 0:
         raise ValueError(f"{op_name}: grid_h and grid_w must be positive, got {sides[0]} x {sides[1]}")
-    # Past torch's largest size, its own errors name nothing ("cannot be represented as a SymInt", "Storage size
-    # calculation overflowed"; QA 307, QA 308): the grid is refused by name. Below it, a grid too large for memory
-    # fails as any allocation does.
+    # Near torch's largest sizes its own errors name nothing ("cannot be represented as a SymInt", "Storage size
+    # calculation overflowed"; QA 307, QA 308, QA 310): a grid whose positions alone could not be stored is refused by
+    # name. Below that, a tensor too large fails as torch's allocation does (out of memory, or a distance matrix's
+    # storage size overflowing).
     if sides[0] * sides[1] >= MAX_SIZE:
-        raise ValueError(f"{op_name}: grid_h * grid_w must be below 2**62 (torch's largest size), got "
-                         f"{sides[0]} x {sides[1]}")
+        raise ValueError(f"{op_name}: grid_h * grid_w must be below 2**58 (the positions of more patches exceed "
+                         f"torch's largest storage), got {sides[0]} x {sides[1]}")
     return sides[0], sides[1]
 
 
@@ -271,6 +272,9 @@ def scale_float(scale, op_name: str) -> float | None:
         raise TypeError(f"{op_name}: scale must be a number (the logits' factor), got {scale!r}")
     try:
         return float(scale)
+    except OverflowError:  # an int past any float (QA 310)
+        raise ValueError(f"{op_name}: scale must be a finite number (the logits' factor), got "
+                         f"{int_text(scale) if isinstance(scale, int) else scale}") from None
     except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one value
         raise TypeError(f"{op_name}: scale must be a number (the logits' factor), got {type(scale).__name__}") \
             from None

@@ -51,10 +51,11 @@ def grid_positions(
         raise TypeError(f"vitmad.grid_positions: dtype must be a floating torch.dtype (NaN marks the prefix "
                         f"tokens), got {dtype!r}")
     if prefix < 0:
-        raise ValueError(f"vitmad.grid_positions: num_prefix_tokens must be >= 0, got {prefix}")
+        raise ValueError(f"vitmad.grid_positions: num_prefix_tokens must be >= 0, got {int_text(prefix)}")
     if prefix + grid_h * grid_w >= MAX_SIZE:  # as grid_sides says of the grid (QA 308)
-        raise ValueError(f"vitmad.grid_positions: num_prefix_tokens + grid_h * grid_w must be below 2**62 (torch's "
-                         f"largest size), got {int_text(prefix)} + {grid_h} * {grid_w}")
+        raise ValueError(f"vitmad.grid_positions: num_prefix_tokens + grid_h * grid_w must be below 2**58 (the "
+                         f"positions of more tokens exceed torch's largest storage), got {int_text(prefix)} + "
+                         f"{grid_h} * {grid_w}")
     rows = torch.arange(grid_h, dtype=torch.float64).repeat_interleave(grid_w)
     cols = torch.arange(grid_w, dtype=torch.float64).repeat(grid_h)
     patches = (torch.stack([rows, cols], dim=-1) + 0.5) * patch
