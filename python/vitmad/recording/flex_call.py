@@ -52,7 +52,7 @@ from .interface_call import _causal_refusal, _shared_key_heads, signature_of
 from .process_scope import ProcessWideScope
 
 __all__ = ["flex_attention", "is_flex_attention", "FlexAttentionStandIn", "flex_logits", "unread_flex_refusal",
-           "without_autocast", "kept_keys", "kept_by_every_query", "MASKED_BELOW"]
+           "without_autocast", "kept_keys", "kept_by_every_query", "refuse_causal", "MASKED_BELOW"]
 
 
 # torch's function, bound by torch_flex_attention() at the first recording's setup, before any recording puts the
@@ -231,7 +231,7 @@ def kept_by_every_query(kept: torch.Tensor) -> torch.Tensor:
     return (kept | ~kept.any(dim=-1, keepdim=True)).all(dim=-2, keepdim=True)
 
 
-def _refuse_causal(who: str, kept: torch.Tensor, source: str = "its flex_attention mask") -> None:
+def refuse_causal(who: str, kept: torch.Tensor, source: str = "its flex_attention mask") -> None:
     """Refuses a mask ``[B, H, Nq, Nk]`` (keys kept) that is causal in any of its (batch, head) slices: one of
     ``Nq = Nk >= 2`` tokens in which no query keeps a key after itself, and some query keeps a key before itself
     that not every query keeps (keys every query keeps, a class token or registers, are no order: each token attending
@@ -280,7 +280,7 @@ def flex_logits(who: str, args: tuple, kwargs: dict) -> tuple:
     kept = None if block_mask is None else _kept(who, block_mask.mask_mod, shape, device)
     if score_mod is None:
         if kept is not None:
-            _refuse_causal(who, kept)
+            refuse_causal(who, kept)
         return query, key, scale, kept
     scores = (query @ key.transpose(-2, -1)) * scale
     modified = _modified_logits(who, score_mod, scores).to(working)
@@ -289,5 +289,5 @@ def flex_logits(who: str, args: tuple, kwargs: dict) -> tuple:
     if bool((modified.isnan() | modified.isposinf()).any()):
         raise ValueError(f"vitmad.record: {who}: the score_mod of its flex_attention call makes NaN or +inf logits, "
                          "whose softmax is not a distribution over its keys")
-    _refuse_causal(who, kept_keys(modified))
+    refuse_causal(who, kept_keys(modified))
     return query, key, scale, modified - scores

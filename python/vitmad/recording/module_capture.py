@@ -38,11 +38,11 @@ from torch.overrides import TorchFunctionMode
 
 from .flex_call import (
     FlexAttentionStandIn,
-    _refuse_causal,
     flex_attention,
     flex_logits,
     is_flex_attention,
     kept_keys,
+    refuse_causal,
     unread_flex_refusal,
     without_autocast,
 )
@@ -364,7 +364,7 @@ class _CaptureAttention(TorchFunctionMode):
                 kept = kept_keys(mask).expand(*mask.shape[:-2], query.shape[-2], key.shape[-2])
                 # [B, H, Nq, Nk] as SDPA broadcasts it: a 3-D mask's first dim is the heads' (QA 300).
                 kept = kept.reshape(-1, *kept.shape[-3:]) if kept.dim() > 4 else kept[(None,) * (4 - kept.dim())]
-                _refuse_causal(f"{self.layer} ({type(self.module).__name__})", kept,
+                refuse_causal(f"{self.layer} ({type(self.module).__name__})", kept,
                                "its scaled_dot_product_attention mask")
             return result
         if func is flex_attention and self._in_forward():

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
-from .plain import _dropping_patches
+from .plain import dropping_patches, patch_dropout_modules
 from .stages import defined_in, forward_arguments, innermost_on_path
 
 __all__ = ["placer", "pooling_head", "is_tower", "towers", "call_start", "NaFlexPlacer"]
@@ -212,9 +212,7 @@ class NaFlexPlacer(LayerPlacer):
 
     def __init__(self, model: nn.Module, tower: nn.Module, design: _Design, with_prefix: bool = True):
         self.model, self.tower, self.design, self.with_prefix = model, tower, design, with_prefix
-        # Found once (as PlainLayout's): a shape that is not the input's says why where patch dropout runs.
-        self.patch_dropouts = [(n, m) for n, m in named_module_list(tower)
-                               if type(m).__name__ in ("PatchDropout", "PatchDropoutWithIndices")]
+        self.patch_dropouts = patch_dropout_modules(tower)  # found once, as PlainLayout's
         self.key = ("naflex.inputs", id(tower))
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
@@ -315,7 +313,7 @@ class NaFlexPlacer(LayerPlacer):
         # Standard-mode positions are built for one image and broadcast over the batch.
         # timm's NaFlexVit calls its patch dropout only while it trains itself (QA 308: one left training in an
         # eval model drops nothing).
-        dropping = _dropping_patches(self.patch_dropouts) if self.tower.training else None
+        dropping = dropping_patches(self.patch_dropouts) if self.tower.training else None
         if dropping is not None:  # said as for a plain ViT, not as a shape (QA 305); also where it keeps every
             # patch, which it shuffles (QA 306: a rate so small that none went was placed as if in order)
             raise NotPlaceable(f"{dropping} drops patches at random in training mode, and which it kept is not "

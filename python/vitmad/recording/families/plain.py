@@ -35,8 +35,8 @@ from .stages import pair
 from .unplaced import molmo2_layout_unknown, radio_layout_unknown
 from .windows import parent_module
 
-__all__ = ["PlainLayout", "PlainPlacer", "find_patch_embedding", "in_a_known_library", "is_embedding_projection",
-           "keeps_image_layout", "num_suffix_tokens"]
+__all__ = ["PlainLayout", "PlainPlacer", "patch_dropout_modules", "dropping_patches", "find_patch_embedding",
+           "in_a_known_library", "is_embedding_projection", "keeps_image_layout", "num_suffix_tokens"]
 
 _GRID, _EMBED_INPUT, _EMBED_BATCH = "plain.grid", "plain.embedding_input", "plain.embedding_batch"
 # The stem steps seen since the patch embedding last ran, and those that led to its latest run.
@@ -263,11 +263,9 @@ class PlainLayout:
             self.unavailable = None
         self.stem = [] if self.embedding is None else _strided_stem(model, self.embedding[1])
         # Found once: every layer's placement asks whether one drops patches in this forward (train or eval mode
-        # may change between forwards), and a walk of the model per layer call would cost the hot path.
-        # timm's PatchDropout and PatchDropoutWithIndices (Eva's, which got the generic refusal, advising grid=),
-        # OpenCLIP's PatchDropout.
-        self.patch_dropouts = [(n, m) for n, m in named_module_list(model)
-                               if type(m).__name__ in ("PatchDropout", "PatchDropoutWithIndices")]
+        # may change between forwards), and a walk of the model per layer call would cost the hot path. (Eva's
+        # PatchDropoutWithIndices got the generic refusal, advising grid=, before it was among them.)
+        self.patch_dropouts = patch_dropout_modules(model)
         self.patch_said = False  # the given patch= that is not the embedding's stride was warned of
         # A model no library vitmad knows defines (a user's own ViT) declares nowhere where its extra tokens are:
         # they are taken to come first, and that is said once (a class token last moved every patch one cell).
@@ -341,7 +339,14 @@ class PlainLayout:
         return grid
 
 
-def _dropping_patches(patch_dropouts: list[tuple[str, nn.Module]]) -> str | None:
+def patch_dropout_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model``'s patch dropout modules by qualified name: timm's PatchDropout and PatchDropoutWithIndices (Eva's,
+    NaFlexVit's), OpenCLIP's PatchDropout. Found once per layout: :func:`dropping_patches` reads them per call."""
+    return [(name, module) for name, module in named_module_list(model)
+            if type(module).__name__ in ("PatchDropout", "PatchDropoutWithIndices")]
+
+
+def dropping_patches(patch_dropouts: list[tuple[str, nn.Module]]) -> str | None:
     """``"timm's PatchDropout (<name>, prob p)"`` for the first of the model's ``PatchDropout`` modules (timm's or
     OpenCLIP's, ``PlainLayout.patch_dropouts``) that drops patches in this forward (training mode, ``prob > 0``),
     else None. Neither says which patches it kept (OpenCLIP's draws them from the global generator)."""
@@ -382,7 +387,7 @@ class PlainPlacer(LayerPlacer):
             )
         grid = layout.call_grid(context)
         patches = grid[0] * grid[1]
-        dropping = _dropping_patches(layout.patch_dropouts)
+        dropping = dropping_patches(layout.patch_dropouts)
         if dropping is not None:
             # It drops at least one patch per image (int(L * (1 - prob)) < L kept): the rest could still pass for a
             # grid after fewer extra tokens (registers outnumbering the dropped patches), so it is never counted.
