@@ -105,15 +105,13 @@ def mad(
         if patch.__class__ is not int or num_prefix_tokens.__class__ not in (int, type(None)) \
                 or not INT64_MIN <= patch <= INT64_MAX \
                 or (num_prefix_tokens is not None and not INT64_MIN <= num_prefix_tokens <= INT64_MAX):
-            # the dispatcher takes True for 1 and a 0-d float tensor rounded toward zero, and writes an int of over
-            # 4,300 digits into its message, which Python refuses (QA 308)
+            # the dispatcher takes True for 1 and a 0-d float tensor rounded toward zero, refuses an int beyond
+            # int64 in the words it has for a str, and writes one of over 4,300 digits into a message Python
+            # refuses to build (QA 308); two comparisons on a good call
             check_int_args("vitmad.mad", patch=patch, num_prefix_tokens=num_prefix_tokens)
         try:  # call_op's work, inline: a function call more would be a few percent of a small call
             return torch.ops.vitmad.mad.default(attn, patch, **options)
         except RuntimeError as error:
-            # An int beyond int64 draws the same words from the dispatcher as a str: the range, checked only
-            # once the call has failed, costs a good call nothing.
-            check_int_args("vitmad.mad", patch=patch, num_prefix_tokens=num_prefix_tokens)
             op = torch.ops.vitmad.mad.default
             raise (none_for_a_tensor(op, "vitmad.mad", {"attn": attn})
                    or not_dense_error(op, "vitmad.mad", (attn, patch), options)
