@@ -311,7 +311,7 @@ def _quiet_transformers() -> None:
 
 def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) -> None:
     from .profiling import mad_maps, profile
-    from .profiling.checkpoint import check_checkpoint_path, file_state
+    from .profiling.checkpoint import check_checkpoint_path
     from .profiling.files import check_writable, held_by_this_run
     from .profiling.images import NATIVE, parse_image_size
     from .profiling.maps import image_prefix_maps
@@ -366,10 +366,9 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
     earlier = {p.name for p in ours if p.is_file()}
     if args.resume:  # before saying the earlier outputs go: a resume refused here replaces nothing (QA 306)
         _check_resume_world_size(out, run)
-    # A checkpoint that is no vitmad checkpoint is refused before the model loads, as vitmad.profile refuses it; the
-    # one that passed is remembered for the interrupt message (QA 310: a user's torch file was called a run's).
+    # A checkpoint that is no vitmad checkpoint is refused before the model loads, as vitmad.profile refuses it (the
+    # one that passed is remembered for the interrupt message: checkpoint.CHECKED).
     check_checkpoint_path(checkpoint_path(out, run))
-    args.checkpoint_checked = file_state(checkpoint_path(out, run))
     # --resume with nothing to resume starts over as a plain run does, and replaces the earlier outputs as it does
     # (QA 303: a job script that always passes --resume replaced them unannounced).
     resuming = args.resume and checkpoint_path(out, run).is_file()
@@ -743,9 +742,11 @@ def main(argv: list[str] | None = None) -> int:
 
             run = init_from_env(args.backend, args.device, args.dist_timeout)
             where = "" if run is None else f"rank {run.rank} of {run.world_size}: "
-            from .profiling.checkpoint import RESUMED, file_state
+            from .profiling.checkpoint import CHECKED, RESUMED, file_state
 
-            RESUMED.clear()  # what an earlier command or profile() call of this process resumed is not this run's
+            # What an earlier command or profile() call of this process checked or resumed is not this run's.
+            CHECKED.clear()
+            RESUMED.clear()
             checkpoint_before = file_state(checkpoint_path(Path(args.out), run))
         commands[args.command](args, run)
         if run is not None:
@@ -768,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         # resume had checked it).
         # Decided from the files' states alone: a second Ctrl-C while a large checkpoint was unpickled here ended
         # in a traceback (QA 308). An earlier run's is the very file the command checked to be a vitmad checkpoint.
-        from .profiling.checkpoint import RESUMED, file_state
+        from .profiling.checkpoint import CHECKED, RESUMED, file_state
 
         out = Path(args.out) if args.command == "profile" else None
         checkpoint = checkpoint_path(out, run) if out is not None else None
@@ -777,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         if wrote or (now is not None and RESUMED.get(checkpoint.resolve()) == now):
             print(f"vitmad: {where}interrupted; progress is saved in {out}, "
                   "rerun the same command with --resume to continue", file=sys.stderr)
-        elif now is not None and getattr(args, "checkpoint_checked", _NOT_SEEN) == now:
+        elif now is not None and CHECKED.get(checkpoint.resolve(), _NOT_SEEN) == now:
             print(f"vitmad: {where}interrupted before this run saved any progress; {checkpoint} is an earlier "
                   "run's, which --resume continues where that run had this command's settings", file=sys.stderr)
         else:

@@ -20,7 +20,13 @@ import torch
 import vitmad.profiling.checkpoint as checkpoint_module
 from conftest import subprocess_env, write_images
 from vitmad.cli import main
-from vitmad.profiling.checkpoint import FORMAT, file_state, load_checkpoint, read_checkpoint, save_checkpoint
+from vitmad.profiling.checkpoint import (
+    FORMAT,
+    check_checkpoint_path,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from vitmad.profiling.files import check_writable
 
 pytest.importorskip("transformers")
@@ -203,10 +209,10 @@ def test_the_interrupt_message_says_whether_there_is_progress_to_resume(tmp_path
     steps = []
 
     def interrupted(args, run, held):
-        # As the command does before its run: a checkpoint there that passed its check is remembered (one that is
-        # no vitmad checkpoint is refused there; here, the interrupt comes before that check).
+        # As the command does before its run: its check remembers the checkpoint there that passed (one that is no
+        # vitmad checkpoint is refused there; here, the interrupt comes before that check).
         if read_checkpoint(Path(args.out) / "checkpoint.pt") is not None:
-            args.checkpoint_checked = file_state(Path(args.out) / "checkpoint.pt")
+            check_checkpoint_path(Path(args.out) / "checkpoint.pt")
         for step in steps:
             step(Path(args.out) / "checkpoint.pt")
         steps.clear()
@@ -214,6 +220,7 @@ def test_the_interrupt_message_says_whether_there_is_progress_to_resume(tmp_path
 
     monkeypatch.setattr(cli, "_profile_command", interrupted)
     monkeypatch.setattr(checkpoints, "RESUMED", {})
+    monkeypatch.setattr(checkpoints, "CHECKED", {})
     out = tmp_path / "out"
     earlier = out / "checkpoint.pt"
     saved = (f"vitmad: interrupted; progress is saved in {out}, rerun the same command with --resume to "

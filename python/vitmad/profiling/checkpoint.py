@@ -190,12 +190,15 @@ def check_checkpoint_path(path: str | os.PathLike) -> None:
         raise OptionError("checkpoint", f"{path} exists and is not a vitmad checkpoint, which the run would "
                                         "overwrite; choose another file or remove it")
     check_writable(path.parent, "checkpoint")
+    CHECKED[path.resolve()] = file_state(path)
 
 
-# The checkpoints this process resumed from: resolved path -> file_state() of the file then. The command's Ctrl-C
-# message says progress is saved where its run wrote a checkpoint or resumed this very file, not wherever a file of
-# that name lies (QA 306: one with other settings, never resumed, was called this run's progress; QA 308: the path
-# alone outlived the run that resumed it).
+# The checkpoints this process checked (check_checkpoint_path) and resumed from (load_checkpoint): resolved path ->
+# file_state() of the file then. The command's Ctrl-C message says progress is saved where its run wrote a checkpoint
+# or resumed this very file, and names an earlier run's only where it is the very file the check passed, not
+# wherever a file of that name lies (QA 306: one with other settings, never resumed, was called this run's progress;
+# QA 308: the path alone outlived the run that resumed it; QA 310: a user's own torch file was called a run's).
+CHECKED: dict[Path, tuple[int, int, int] | None] = {}
 RESUMED: dict[Path, tuple[int, int, int] | None] = {}
 
 
