@@ -445,6 +445,9 @@ def test_pixels_with_channels_the_model_does_not_take_are_refused_by_name():
         vitmad.profile(rgb, torch.randn(1, 4, 32, 32), device="cpu")
     gray = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, in_chans=1)
     assert vitmad.profile(gray, torch.randn(1, 1, 32, 32), device="cpu").mad.shape == (1, 3)
+    # A tensor of the wrong rank is told the shape this model takes (was [B, 3, H, W] for a 1-channel model).
+    with pytest.raises(ValueError, match=r"images: a tensor of images must be \[B, 1, H, W\], got shape \[1, 32, 32\]"):
+        vitmad.profile(gray, torch.randn(1, 32, 32), device="cpu")
     # VOLO's patch embedding is a convolution stem before its projection: the stem takes the image's channels
     # (was read from the projection, 32 channels, and every RGB tensor refused).
     volo = timm.models.volo.VOLO(img_size=64, layers=(1, 1, 1, 1), embed_dims=(32, 64, 64, 64),

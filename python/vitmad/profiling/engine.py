@@ -421,7 +421,8 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
                                     "model), not a tensor or videos")
     if isinstance(images, torch.Tensor):
         expected = 4 if frames is None else 5
-        shape = "[B, 3, H, W]" if frames is None else "[B, frames, 3, H, W]"
+        c = 3 if channels is None else channels  # the model's own count where it says (a 1-channel medical ViT)
+        shape = f"[B, {c}, H, W]" if frames is None else f"[B, frames, {c}, H, W]"
         if images.dim() != expected:
             # A 3-D network's [B, C, D, H, W] volumes: profiled from their files, whose headers give the spacing. A
             # tiling processor's [images, tiles, 3, H, W]: recorded through the model's own forward, which drops
@@ -437,11 +438,11 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
             raise OptionError("images", f"a tensor of {'videos' if frames else 'images'} must be {shape}, got "
                                         f"shape {list(images.shape)}{volume}")
         if frames is not None and images.shape[1] != frames:
-            raise OptionError("images", f"the video model takes {frames} frames a video, [B, {frames}, 3, H, W]; got a "
-                                        f"tensor of shape {list(images.shape)} (video files are sampled to "
+            raise OptionError("images", f"the video model takes {frames} frames a video, [B, {frames}, {c}, H, W]; "
+                                        f"got a tensor of shape {list(images.shape)} (video files are sampled to "
                                         f"{frames} frames; a tensor is fed as it is)")
         if channels is not None and images.shape[-3] != channels:
-            raise OptionError("images", f"the model takes {channels} channels, {shape.replace('3', str(channels))}; "
+            raise OptionError("images", f"the model takes {channels} channels, {shape}; "
                                         f"got a tensor of shape {list(images.shape)}")
         if input_size is not None and tuple(images.shape[-2:]) != input_size:
             raise OptionError("images", f"the model takes {input_size[0]}x{input_size[1]} px images only; got a "
