@@ -539,3 +539,18 @@ def test_a_causal_mask_given_to_sdpa_is_refused_as_is_causal_is():
     with torch.no_grad(), vitmad.record(model) as rec:
         model(pixels, attn_mask=sinks)
     assert rec.mad[0, 0].isfinite().all()
+    # The whole mask is read where some matrix's first query keeps no later key (a padding mask is read one row):
+    # image 0 bidirectional beside image 1 causal, and a causal mask whose first query is padding, are refused.
+    mixed = torch.ones(2, 1, 17, 17, dtype=torch.bool)
+    mixed[1, 0] = causal
+    padded_first = causal.clone()
+    padded_first[0] = False
+    for mask, where in ((mixed, "image 1, head 0"), (padded_first, "image 0, head 0")):
+        with torch.no_grad(), pytest.raises(ValueError, match=rf"runs causal attention .*, in {where}\)"):
+            with vitmad.record(model):
+                model(pixels, attn_mask=mask)
+    keys = torch.ones(2, 1, 1, 17, dtype=torch.bool)  # one row broadcast over the queries
+    keys[1, ..., -4:] = False
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels, attn_mask=keys)
+    assert rec.mad.isfinite().all()

@@ -38,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 from .flex_call import (
     FlexAttentionStandIn,
+    first_query_looks_ahead,
     flex_attention,
     flex_logits,
     is_flex_attention,
@@ -358,9 +359,11 @@ class _CaptureAttention(TorchFunctionMode):
             if enable_gqa and key.shape[-3] != query.shape[-3]:
                 key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
             self.on_qk(self.layer, query, key, scale, mask)
-            if mask is not None and query.shape[-2] == key.shape[-2]:
+            if (mask is not None and query.shape[-2] == key.shape[-2]
+                    and not first_query_looks_ahead(kept_keys(mask[..., :1, :] if mask.dim() >= 2 else mask))):
                 # A causal mask given as a mask (QA 299: attn_mask=tril(ones) was recorded), refused as flex's is;
-                # after the call is placed, so that a family's own refusal of its layout is said first.
+                # after the call is placed, so that a family's own refusal of its layout is said first. Read whole
+                # only where its first query keeps no later key: a padding mask is read one row.
                 kept = kept_keys(mask).expand(*mask.shape[:-2], query.shape[-2], key.shape[-2])
                 # [B, H, Nq, Nk] as SDPA broadcasts it: a 3-D mask's first dim is the heads' (QA 300).
                 kept = kept.reshape(-1, *kept.shape[-3:]) if kept.dim() > 4 else kept[(None,) * (4 - kept.dim())]
