@@ -427,8 +427,13 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
         stats=stats,
         videos=packed_videos or None,
     )
-    if run is not None and not run.is_main:
-        return
+    if run is not None:
+        # The last collective is behind: the ranks leave the group together now. The others waited for the main
+        # rank at a final barrier while it wrote the results and drew the figures (a large model's maps: a forward
+        # of its own), and ended the job with a timeout past --dist-timeout, the main rank killed mid-write.
+        run.close(wait_for_all=True)
+        if not run.is_main:
+            return
     # What this run writes, known before it writes any: mad.json names it (earlier_outputs reads it back).
     prefix_layers = result.prefix_maps is not None and bool(result.prefix_maps.layers)
     maps_over_image = not args.no_figures and result.temporal is None and not packed_videos and not volumes
@@ -794,8 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout = ""
         if isinstance(err, RuntimeError) and "timed out" in str(err).lower():
             timeout = (f"; a collective waits at most --dist-timeout seconds ({args.dist_timeout:g}) for the other "
-                       "ranks: raise it where one waits longer (a slower share, model load or first batch, or the "
-                       "main rank writing the results and figures)")
+                       "ranks: raise it where one waits longer (a slower share, model load or first batch)")
         print(f"vitmad: error: rank {run.rank} of {run.world_size} failed: {type(err).__name__}: {err}{timeout}",
               file=sys.stderr)
         return 1
