@@ -351,11 +351,16 @@ def test_fastvit_global_attention_over_the_last_stage_map(size):
     torch.testing.assert_close(rec.per_layer[0].double(), _reference(maps[0], windows), **TOL)
 
 
-@pytest.mark.parametrize("size", [(64, 96), (72, 104)], ids=["non_square", "rounded_up"])
-def test_vitamin_attention_over_the_stem_map_at_stride_16(size):
+@pytest.mark.parametrize("size, built", [((64, 96), (64, 96)), ((72, 104), (64, 96)), ((200, 200), (200, 200)),
+                                         ((100, 132), (100, 132))],
+                         ids=["non_square", "rounded_up", "built_at_200", "built_at_100x132"])
+def test_vitamin_attention_over_the_stem_map_at_stride_16(size, built):
+    """Built at a size its stride 16 does not divide, timm's feature_ratio is that size over the map (15 px at
+    200 px, 14 x 14 at 100 x 132), where the stem's four stride-2 convolutions keep the tokens 16 px apart (QA 315:
+    placed at feature_ratio)."""
     torch.manual_seed(9)
-    model = timm.create_model("vitamin_small_224", pretrained=False, img_size=(64, 96), depth=2,
-                              dynamic_img_size=True).eval()
+    model = timm.create_model("vitamin_small_224", pretrained=False, img_size=built, depth=2,
+                              dynamic_img_size=built == (64, 96)).eval()
     pixels = torch.randn(1, 3, *size)
     rec, maps, unchanged = _record_and_reference(model, pixels, ("Attention",))
     assert unchanged

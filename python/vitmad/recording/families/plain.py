@@ -8,7 +8,7 @@ are the rest, unless the model puts some after it (YOLOS' detection tokens, ``co
 Pixel scale: one token covers the patch-embedding stride times the stride of whatever ran before it on the
 image (a CNN stem in hybrid ViTs such as ``vit_tiny_r_s16_p8_224``, ViT-hybrid or DPT-hybrid): the stem's stride
 is the product of the strides of its convolutions and pools, followed from the image's size to the patch
-embedding's input in each call (:func:`_stem_stride`); the ratio of those sizes alone is ambiguous where the stem
+embedding's input in each call (:func:`stem_stride`); the ratio of those sizes alone is ambiguous where the stem
 rounds its maps.
 """
 
@@ -36,6 +36,7 @@ from .unplaced import molmo2_layout_unknown, radio_layout_unknown
 from .windows import parent_module
 
 __all__ = ["PlainLayout", "PlainPlacer", "patch_dropout_modules", "dropping_patches", "find_patch_embedding",
+           "stem_step", "stem_stride", "strided_stem",
            "in_a_known_library", "is_embedding_projection", "keeps_image_layout", "num_suffix_tokens"]
 
 _GRID, _EMBED_INPUT, _EMBED_BATCH = "plain.grid", "plain.embedding_input", "plain.embedding_batch"
@@ -154,7 +155,7 @@ def keeps_image_layout(model: nn.Module, name: str) -> bool:
     return False
 
 
-def _stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module,
+def stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module,
                  steps: list[tuple[int, int, int, int]] | None, patch: int) -> int:
     """The stride of what ran on the image before the patch embedding (1 without a stem), on one axis.
 
@@ -201,11 +202,22 @@ def _stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module,
     return stride
 
 
-def _strided_stem(model: nn.Module, embedding: nn.Module) -> list[nn.Module]:
+def stem_step(module: nn.Module, args: tuple, output) -> tuple | None:
+    """``(input size, output size, stride, kernel)`` per axis (height, width) of one call of a strided module of
+    :func:`strided_stem` (a forward hook's arguments), the step :func:`stem_stride` follows; None for a call on
+    other than ``[B, C, H, W]`` maps."""
+    if not (isinstance(output, torch.Tensor) and output.dim() == 4 and args and isinstance(args[0], torch.Tensor)
+            and args[0].dim() == 4):
+        return None
+    stride, kernel = pair(module.stride), pair(module.kernel_size)
+    return tuple((int(args[0].shape[a]), int(output.shape[a]), stride[a], kernel[a]) for a in (-2, -1))
+
+
+def strided_stem(model: nn.Module, embedding: nn.Module) -> list[nn.Module]:
     """The strided convolutions and pools registered before the patch-embedding convolution ``embedding``: the
     modules a CNN stem (hybrid ViTs) downsamples the image with, when the model has one. Those registered here that
     do not run before the embedding in a call are not seen in it; one of another part of the model that does run
-    before it, on maps off the stem's chain, makes :func:`_stem_stride` refuse the call rather than guess. A stem
+    before it, on maps off the stem's chain, makes :func:`stem_stride` refuse the call rather than guess. A stem
     that downsamples by functions (``F.avg_pool2d``), pixel unshuffle or adaptive pools makes no chain, and only an
     exact ratio is taken."""
     found = []
@@ -261,7 +273,7 @@ class PlainLayout:
                 "(layers over other token counts in one call are refused)")
         else:
             self.unavailable = None
-        self.stem = [] if self.embedding is None else _strided_stem(model, self.embedding[1])
+        self.stem = [] if self.embedding is None else strided_stem(model, self.embedding[1])
         # Found once: every layer's placement asks whether one drops patches in this forward (train or eval mode
         # may change between forwards), and a walk of the model per layer call would cost the hot path. (Eva's
         # PatchDropoutWithIndices got the generic refusal, advising grid=, before it was among them.)
@@ -276,11 +288,9 @@ class PlainLayout:
             return []
 
         def see_stem(module, args, output) -> None:
-            # (input size, output size, stride, kernel) per axis of each strided stem module that ran in this call.
-            if isinstance(output, torch.Tensor) and output.dim() == 4 and args and args[0].dim() == 4:
-                stride, kernel = pair(module.stride), pair(module.kernel_size)
-                context.values.setdefault(_STEM, []).append(tuple(
-                    (int(args[0].shape[a]), int(output.shape[a]), stride[a], kernel[a]) for a in (-2, -1)))
+            step = stem_step(module, args, output)
+            if step is not None:
+                context.values.setdefault(_STEM, []).append(step)
 
         def see(module, args, output) -> None:
             if output.dim() != 4:
@@ -323,7 +333,7 @@ class PlainLayout:
         if image is None or seen is None:
             return float(step[0]), float(step[1])
         steps = context.values.get(_STEM_OF_EMBEDDING)
-        return tuple(float(k * _stem_stride(i, s, axis, self.model, None if steps is None else [t[a] for t in steps],
+        return tuple(float(k * stem_stride(i, s, axis, self.model, None if steps is None else [t[a] for t in steps],
                                             k))
                      for a, (k, i, s, axis) in enumerate(zip(step, image, seen, ("height", "width"))))
 
