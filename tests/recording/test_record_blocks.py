@@ -15,6 +15,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import vitmad
@@ -370,6 +371,53 @@ def test_vitamin_attention_over_the_stem_map_at_stride_16(size, built):
     for index, attn in enumerate(maps):
         assert rec.geometry[index].grid == side and rec.geometry[index].stride == (16, 16)
         torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
+
+
+class _PoolByFunctionStem(nn.Module):
+    """Stride 16: a convolution, F.max_pool2d (no module the hooks see), two convolutions."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Conv2d(3 if i == 0 else width, width, 3, 2, 1) for i in range(3))
+
+    def forward(self, x):
+        return self.c(self.b(F.max_pool2d(self.a(x), 2)))
+
+
+@pytest.mark.parametrize("backbone", ["tf_efficientnet_b0", "resnetblur18", "pool_by_function"])
+def test_a_vit_over_a_feature_backbone_without_projection_at_its_declared_stride(backbone):
+    """timm's HybridEmbed(proj=False) over a features_only backbone takes the stride its FeatureInfo declares (the
+    hooks see one stride too many in EfficientNet, which runs its next stage past the level it returns, and none of
+    BlurPool's F.conv2d); over a stem that pools by function, timm's feature_ratio, exact at the build size (both
+    were refused while ViTamin's chain of strides was tried alone: QA 318)."""
+    from functools import partial
+
+    from timm.layers import HybridEmbed
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(10)
+    if backbone == "pool_by_function":
+        stem, width = _PoolByFunctionStem(), 32
+    else:
+        stem = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(3,))
+        width = stem.feature_info.channels()[-1]
+    model = VisionTransformer(img_size=64, patch_size=1, embed_dim=width, depth=1, num_heads=4, class_token=False,
+                              global_pool="avg", embed_layer=partial(HybridEmbed, backbone=stem, proj=False)).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    rec, maps, unchanged = _record_and_reference(model, pixels, ("Attention",))
+    assert unchanged
+    assert rec.geometry[0].grid == (4, 4) and rec.geometry[0].stride == (16, 16)
+    torch.testing.assert_close(rec.per_layer[0].double(), _reference(maps[0], _pixel_map(4, 4, 16).reshape(1, -1, 2)),
+                               **TOL)
+    if backbone == "pool_by_function":
+        # Built at 72 px the map is 5 x 5 and timm's ratio 14, inexact: no stride vitmad can read, refused.
+        model = VisionTransformer(img_size=72, patch_size=1, embed_dim=width, depth=1, num_heads=4,
+                                  class_token=False, global_pool="avg",
+                                  embed_layer=partial(HybridEmbed, backbone=stem, proj=False)).eval()
+        with torch.no_grad(), pytest.raises(ValueError, match=r"do not make one chain of maps from the image height "
+                                                              r"of 72: .*; pass positions=<\[N, 2\] pixel position"):
+            with vitmad.record(model):
+                model(torch.randn(1, 3, 72, 72))
 
 
 # MobileViT, CoaT ---------------------------------------------------------------------------------------------------

@@ -285,3 +285,27 @@ def test_a_second_timm_tower_is_named_as_a_tower_with_its_own_embedding():
         assert "vitmad.record(model.get_submodule('b'))" in rec.skipped[layer]
     with pytest.raises(vitmad.recording.recorder.NoLayerError, match=reason):
         vitmad.record(model, layers=["b.blocks.*.attn"])
+
+
+def test_a_second_tower_embedding_with_a_stem_and_no_projection_is_named():
+    """MobileCLIP's ViT embeds with its ConvStem (timm's HybridEmbed without projection), no convolution named a
+    patch projection: beside a ViTamin its layers were left out of the recording without a word (QA 318)."""
+    timm = pytest.importorskip("timm")
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = timm.create_model("vitamin_small_224", pretrained=False, depth=1, dynamic_img_size=True)
+            self.b = timm.create_model("vit_base_mci_224", pretrained=False, depth=1, dynamic_img_size=True)
+
+        def forward(self, x):
+            return self.a(x), self.b(torch.nn.functional.interpolate(x, size=(48, 64)))
+
+    model = Two().eval()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.randn(1, 3, 64, 96))
+    assert rec.layers == ["a.blocks.0.attn"]
+    assert rec.skipped["b.blocks.0.attn"].startswith("in b, a second tower that embeds the image beside a")
+    with torch.no_grad(), vitmad.record(model.b) as alone:
+        model(torch.randn(1, 3, 64, 96))
+    assert alone.layers == ["blocks.0.attn"] and alone.geometry[0].grid == (3, 4)

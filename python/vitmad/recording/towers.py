@@ -32,6 +32,7 @@ from .families.vit_pytorch import image_cuts as vit_pytorch_image_cuts
 from .families.vit_pytorch import token_convolutions as vit_pytorch_plain_convolutions
 from .families.vit_pytorch_nd import call_start as vit_pytorch_nd_call_start
 from .families.vit_pytorch_stages import token_convolutions as vit_pytorch_token_convolutions
+from .families.vitamin import is_projectionless_embedding
 from .families.vq_tokenizer import is_tower as is_vq_tokenizer
 from .module_index import copy_holder, idle_copies, module_list, named_module_list
 from .transformers_capture import is_hf_model
@@ -50,7 +51,8 @@ def encoder_prefix(model: nn.Module) -> str:
     HieraDet embeds with 7x7 of stride 4), else the plain patch embedding; a prompt encoder's mask convolution
     or a text tower never comes first.
     """
-    embedding = next((name for name, module in named_module_list(model) if is_embedding_projection(name, module)), None)
+    embedding = next((name for name, module in named_module_list(model)
+                      if is_embedding_projection(name, module) or is_projectionless_embedding(module)), None)
     if embedding is None:
         found = find_patch_embedding(model)
         embedding = None if found is None else found[0]
@@ -111,7 +113,10 @@ def other_image_towers(model: nn.Module, prefix: str) -> list[str]:
         return []
     towers = []
     for name, module in named_module_list(model):
-        if not name.startswith(prefix) and is_embedding_projection(name, module):
+        # MobileCLIP's ViT embeds with its ConvStem's convolutions, none named a projection (QA 318: a second such
+        # tower beside ViTamin was left out without a word).
+        if not name.startswith(prefix) and (is_embedding_projection(name, module)
+                                             or is_projectionless_embedding(module)):
             tower = tower_of_embedding(name)
             if tower and not prefix.startswith(tower) and tower not in towers:
                 towers.append(tower)

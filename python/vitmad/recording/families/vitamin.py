@@ -4,14 +4,25 @@ ViTamin embeds the image with a ``HybridEmbed`` whose backbone (MobileConv stage
 ends at stride 16 and whose projection is the identity (``patch_size=1``), so there is no patch-embedding
 convolution for the plain layout to find. Its attention layers are plain ViT attention ``[B, heads, N, N]`` over
 the prefix tokens (none by default) and the row-major map of the embedding. The map is the embedding's
-projection output in each call; one token is as many pixels of the image as the chain of the stem's strided
-convolutions and pools that ran in the call makes (16 for every ViTamin), followed as the plain layout follows a
-hybrid ViT's stem (:func:`.plain.stem_stride`). Neither the image over the map, which misreads maps the stem's
-convolutions round up, nor timm's ``feature_ratio``, which is that ratio at the size the model was built for
-(15 px for a ViTamin built at 200 px, whose tokens are 16 px apart: QA 315), is taken.
+projection output in each call. The same placer serves any timm ViT over a ``HybridEmbed`` without projection
+(MobileCLIP's ``vit_base_mci_224`` over its ConvStem, a user's ``features_only`` backbone). One token is, in
+pixels of the image:
+
+- the reduction a timm ``features_only`` backbone declares for the map it returns (its ``FeatureInfo``: what
+  the hooks see may not say it, a stride taken by ``F.conv2d`` in BlurPool, stages run past the map returned);
+- else the product of the strides along the chain of the stem's strided convolutions and pools that ran in the
+  call (16 for every ViTamin), followed as the plain layout follows a hybrid ViT's stem (:func:`.plain.stem_stride`);
+- else timm's ``feature_ratio`` (times ``patch_size``) where that ratio is exact at the size the model was built
+  for (a stem that pools by function).
+
+Each is checked against the call's map. Neither the image over the map, which misreads maps the stem's
+convolutions round up, nor an inexact ``feature_ratio`` (15 px for a ViTamin built at 200 px, whose tokens are
+16 px apart: QA 315) is taken.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -24,12 +35,29 @@ from .plain import stem_step, stem_stride, strided_stem
 _MAP, _STEPS, _STEPS_OF_MAP = "vitamin.map", "vitamin.steps", "vitamin.steps_of_map"
 
 
+# What a refusal of this placer advises: it places no plain layout that patch= or grid= would correct.
+_ADVICE = "pass positions=<[N, 2] pixel position of each token>"
+
+
+def _declared_reduction(backbone: nn.Module) -> int | None:
+    """The stride of the map a timm ``features_only`` backbone returns last (``HybridEmbed`` takes the last), as
+    its ``FeatureInfo`` declares it; None for a backbone without one (ViTamin's stages, MobileCLIP's ConvStem)."""
+    reduction = getattr(getattr(backbone, "feature_info", None), "reduction", None)
+    values = reduction() if callable(reduction) else None
+    return int(values[-1]) if values else None
+
+
+def is_projectionless_embedding(module: nn.Module) -> bool:
+    """Whether ``module`` is a timm ``HybridEmbed`` whose projection is the identity (a stem does all the patching):
+    no patch-embedding convolution names its tower (:func:`~vitmad.recording.towers.other_image_towers`)."""
+    return (type(module).__name__ in ("HybridEmbed", "HybridEmbedWithSize")
+            and isinstance(getattr(module, "proj", None), nn.Identity))
+
+
 def _hybrid_embedding(model: nn.Module) -> nn.Module | None:
-    """The ``HybridEmbed`` of a timm ViT whose projection is the identity (a stem does all the patching)."""
+    """The projectionless ``HybridEmbed`` of a timm ViT."""
     embed = getattr(model, "patch_embed", None)
-    if type(embed).__name__ in ("HybridEmbed", "HybridEmbedWithSize") and isinstance(embed.proj, nn.Identity):
-        return embed
-    return None
+    return embed if is_projectionless_embedding(embed) else None
 
 
 class HybridStemPlacer(LayerPlacer):
@@ -54,19 +82,45 @@ class HybridStemPlacer(LayerPlacer):
                 *(module.register_forward_hook(see_step) for module in self.stem)]
 
     def _stride(self, context: CallContext, grid: tuple[int, int]) -> tuple[float, float]:
-        """Pixels between two tokens, per axis: the stem's chain of strided modules from the image to the map."""
-        steps = context.values.get(self.steps_of_map)
+        """Pixels between two tokens, per axis: the reduction a timm feature backbone declares for the map it
+        returns, else the stem's chain of strided modules from the image to the map, else timm's ``feature_ratio``
+        where it is exact at the size the model was built for. Each is checked against the call's map."""
+        name = type(self.model).__name__
         image = context.image_size
-        if image is None and steps:  # the stem's first strided module read the image (or a same-size map of it)
-            image = tuple(steps[0][a][0] for a in range(2))
-        if image is None:
-            raise NotPlaceable(f"the stem of {type(self.model).__name__} ran no strided convolution or pool on an "
-                               "image vitmad saw, so it cannot tell how many pixels apart the tokens are; pass "
-                               "patch=<pixels per token>")
         patch = tuple(int(p) for p in self.embed.patch_size)
-        return tuple(float(p * stem_stride(size, side, axis, self.model, None if steps is None else
-                                           [step[a] for step in steps], p))
-                     for a, (p, size, side, axis) in enumerate(zip(patch, image, grid, ("height", "width"))))
+        declared = _declared_reduction(self.embed.backbone)
+        if declared is not None:  # a features_only backbone: its stages' strides, not what the hooks can see
+            return self._fitted(image, grid, tuple(float(declared * p) for p in patch), "its backbone's reduction")
+        steps = context.values.get(self.steps_of_map)
+        start = image if image is not None or not steps else tuple(steps[0][a][0] for a in range(2))
+        refusal = f"the stem of {name} ran no strided convolution or pool on an image vitmad saw"
+        if start is not None:
+            try:
+                return tuple(float(p * stem_stride(size, side, axis, self.model, None if steps is None else
+                                                   [step[a] for step in steps], p, advice=_ADVICE))
+                             for a, (p, size, side, axis) in enumerate(zip(patch, start, grid, ("height", "width"))))
+            except NotPlaceable as error:  # strides vitmad cannot follow (a pool by function, BlurPool's conv2d)
+                refusal = str(error)
+        built = tuple(int(s) for s in getattr(self.embed, "img_size", ()) or ())
+        ratio = tuple(int(r) for r in self.embed.feature_ratio)
+        size = tuple(int(s) for s in getattr(self.embed, "feature_size", ()) or ())
+        if len(built) == len(size) == len(ratio) == 2 and all(b == f * r for b, f, r in zip(built, size, ratio)):
+            # timm's ratio of its build size to the map it made, exact there: that stride, checked on this call
+            return self._fitted(image, grid, tuple(float(r * p) for r, p in zip(ratio, patch)),
+                                "timm's feature_ratio x patch_size")
+        raise NotPlaceable(refusal if refusal.endswith(_ADVICE) else f"{refusal}; {_ADVICE}")
+
+    def _fitted(self, image: tuple[int, int] | None, grid: tuple[int, int], stride: tuple[float, float],
+                source: str) -> tuple[float, float]:
+        """``stride``, where the call's map is the image over it, rounded down or up (or the image is unknown)."""
+        if image is not None and any(side not in (math.floor(size / s), math.ceil(size / s))
+                                     for size, side, s in zip(image, grid, stride)):
+            raise NotPlaceable(
+                f"the stem of {type(self.model).__name__} gave a {grid[0]}x{grid[1]} map for a {image[0]}x{image[1]} "
+                f"image (the input of the first convolution that ran), which does not fit its stride "
+                f"{stride[0]:g}x{stride[1]:g} ({source}); {_ADVICE}"
+            )
+        return stride
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         name = type(self.model).__name__
