@@ -104,3 +104,29 @@ def test_has_compiled_kernel_takes_torch_device_names_and_refuses_unknown_ones()
         vitmad.has_compiled_kernel("nosuch", "cpu")
     with pytest.raises(ValueError, match=r"device='gpu' is no device torch knows"):
         vitmad.has_compiled_kernel("mad", "gpu")
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_fallback_mad_qk_positions_give_nan_for_a_nan_row_whose_keys_have_no_position(renormalize):
+    """A NaN or +inf logit, or every key masked, makes a query's row NaN: NaN for that query, also where no key has
+    a position and none of the row is summed (QA 314: the fallback gave 0, the compiled kernel NaN)."""
+    nan, inf = float("nan"), float("inf")
+    q, k = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]]), torch.tensor([[[1.0, 1.0], [0.0, 1.0], [0.3, 0.2]]])
+    positions = torch.tensor([[0.0, 0.0], [16.0, 0.0]])
+    for key_positions in (torch.full((3, 2), nan), torch.tensor([[nan, nan], [nan, nan], [3.0, 4.0]])):
+        for bias in (torch.tensor([[nan, 0.0, 0.0], [0.0, 0.0, 0.0]]), torch.tensor([[inf, 0.0, 0.0], [0.0] * 3]),
+                     torch.tensor([[False] * 3, [True] * 3])):
+            got = _fallback.mad_qk_pos(q, k, positions, key_positions, attn_bias=bias, renormalize=renormalize,
+                                       reduction="none")
+            assert got[0, 0].isnan()
+            if key_positions[2, 0].isnan():  # query 1 attends to no key with a position: 0 px, or NaN renormalised
+                assert got[0, 1].isnan() if renormalize else got[0, 1] == 0
+            else:
+                assert got[0, 1] > 0
+            stats = _fallback.stats_qk_pos(q, k, positions, key_positions, stats=["mad", "entropy"],
+                                           attn_bias=bias, renormalize=renormalize, reduction="none")
+            torch.testing.assert_close(stats[0], got, equal_nan=True)  # [statistic, ...]: "mad" first
+            if vitmad.backend() == "compiled":
+                compiled = torch.ops.vitmad.mad_qk_pos(q, k, positions, key_positions, attn_bias=bias,
+                                                       renormalize=renormalize, reduction="none")
+                torch.testing.assert_close(compiled, got, equal_nan=True)

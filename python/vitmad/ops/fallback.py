@@ -289,8 +289,14 @@ def mad_qk_pos(
             # underflowing when a query attends almost only to tokens without a position.
             a = _mask_keys(logits, ~sides.has_key[..., None, :]).softmax(-1)
         else:
-            a = sides.key_weights(logits.softmax(-1))
-        per_query[..., rows] = (a * sides.distances(rows)).sum(-1)
+            probabilities = logits.softmax(-1)
+            a = sides.key_weights(probabilities)
+        summed = (a * sides.distances(rows)).sum(-1)
+        if not renormalize:
+            # A NaN row (a NaN or +inf logit, every key masked) gives NaN, as in the kernels, also where no key has a
+            # position and key_weights left nothing of it to sum (QA 314: 0).
+            summed = torch.where(probabilities.isnan().any(-1), float("nan"), summed)
+        per_query[..., rows] = summed
     if nk == 0:  # softmax over no key: NaN, as over keys that are all masked
         per_query.fill_(float("nan"))
     return sides.reduce(per_query, layout.reduce_mean)
