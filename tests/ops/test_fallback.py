@@ -13,7 +13,7 @@ import torch
 import vitmad
 from conftest import DTYPES, random_attention, tolerance
 from vitmad.ops import fallback as _fallback
-from vitmad.ops.reference import mad_backward_reference, mad_reference
+from vitmad.ops.reference import mad_backward_reference, mad_qk_positions_reference, mad_reference
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -107,7 +107,7 @@ def test_has_compiled_kernel_takes_torch_device_names_and_refuses_unknown_ones()
 
 
 @pytest.mark.parametrize("renormalize", [False, True])
-def test_fallback_mad_qk_positions_give_nan_for_a_nan_row_whose_keys_have_no_position(renormalize):
+def test_fallback_and_reference_mad_qk_positions_give_nan_for_a_nan_row_whose_keys_have_no_position(renormalize):
     """A NaN or +inf logit, or every key masked, makes a query's row NaN: NaN for that query, also where no key has
     a position and none of the row is summed (QA 314: the fallback gave 0, the compiled kernel NaN)."""
     nan, inf = float("nan"), float("inf")
@@ -126,6 +126,10 @@ def test_fallback_mad_qk_positions_give_nan_for_a_nan_row_whose_keys_have_no_pos
             stats = _fallback.stats_qk_pos(q, k, positions, key_positions, stats=["mad", "entropy"],
                                            attn_bias=bias, renormalize=renormalize, reduction="none")
             torch.testing.assert_close(stats[0], got, equal_nan=True)  # [statistic, ...]: "mad" first
+            # The float64 reference too (QA 319: 0 there).
+            reference = mad_qk_positions_reference(q, k, positions, key_positions, attn_bias=bias,
+                                                   renormalize=renormalize, reduction="none")
+            torch.testing.assert_close(reference.float(), got, equal_nan=True)
             if vitmad.backend() == "compiled":
                 compiled = torch.ops.vitmad.mad_qk_pos(q, k, positions, key_positions, attn_bias=bias,
                                                        renormalize=renormalize, reduction="none")

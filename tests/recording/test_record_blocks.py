@@ -373,6 +373,48 @@ def test_vitamin_attention_over_the_stem_map_at_stride_16(size, built):
         torch.testing.assert_close(rec.per_layer[index].double(), _reference(attn, windows), **TOL)
 
 
+def _vit_over(backbone: nn.Module, width: int, size: int, patch: int = 1, **options) -> nn.Module:
+    """A timm ViT over ``backbone`` through HybridEmbed without projection (ViTamin's and MobileCLIP's embedding)."""
+    from functools import partial
+
+    from timm.layers import HybridEmbed
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=size, patch_size=patch, embed_dim=width, depth=1, num_heads=4,
+                             class_token=False, global_pool="avg", **options,
+                             embed_layer=partial(HybridEmbed, backbone=backbone, proj=False)).eval()
+
+
+@pytest.mark.parametrize("name, out_indices, size, patch, stride", [
+    ("tf_efficientnet_b0", (3,), 64, 1, 16),  # its next stage runs past the level returned: one stride the hooks see
+    ("resnetblur18", (3,), 64, 1, 16),  # BlurPool strides by F.conv2d, which no hook sees
+    ("resnet18", (3, 1), 64, 1, 16),  # the outputs come in module order: the deepest, last, is taken
+    ("tresnet_m", (1,), 64, 1, 4),  # space-to-depth before the first convolution
+    ("resnet18", None, 128, 2, 32),  # a whole network as the stem, its chain followed; an identity patches nothing
+])
+def test_a_vit_over_a_backbone_without_projection_at_its_true_stride(name, out_indices, size, patch, stride):
+    """timm's HybridEmbed(proj=False) over a features_only backbone takes the stride its FeatureInfo declares for
+    the deepest map returned; over another network, the chain of its strided modules, whatever patch_size says (QA
+    318, 319: refused, placed at a shallower level's stride, at the first convolution's input, or at patch_size
+    times the stride)."""
+    torch.manual_seed(10)
+    if out_indices is None:
+        backbone = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
+        width = backbone.num_features
+    else:
+        backbone = timm.create_model(name, pretrained=False, features_only=True, out_indices=out_indices)
+        width = backbone.feature_info.channels()[-1] if len(out_indices) == 1 else max(backbone.feature_info.channels())
+    # Its position embedding sized for the map over patch_size (a 2 x 2 table for 4 x 4 cells): resampled.
+    model = _vit_over(backbone, width, size, patch, dynamic_img_size=patch > 1)
+    pixels = torch.randn(2, 3, size, size)
+    rec, maps, unchanged = _record_and_reference(model, pixels, ("Attention",))
+    assert unchanged
+    side = size // stride
+    assert rec.geometry[0].grid == (side, side) and rec.geometry[0].stride == (stride, stride)
+    torch.testing.assert_close(rec.per_layer[0].double(),
+                               _reference(maps[0], _pixel_map(side, side, stride).reshape(1, -1, 2)), **TOL)
+
+
 class _PoolByFunctionStem(nn.Module):
     """Stride 16: a convolution, F.max_pool2d (no module the hooks see), two convolutions."""
 
@@ -384,40 +426,15 @@ class _PoolByFunctionStem(nn.Module):
         return self.c(self.b(F.max_pool2d(self.a(x), 2)))
 
 
-@pytest.mark.parametrize("backbone", ["tf_efficientnet_b0", "resnetblur18", "pool_by_function"])
-def test_a_vit_over_a_feature_backbone_without_projection_at_its_declared_stride(backbone):
-    """timm's HybridEmbed(proj=False) over a features_only backbone takes the stride its FeatureInfo declares (the
-    hooks see one stride too many in EfficientNet, which runs its next stage past the level it returns, and none of
-    BlurPool's F.conv2d); over a stem that pools by function, timm's feature_ratio, exact at the build size (both
-    were refused while ViTamin's chain of strides was tried alone: QA 318)."""
-    from functools import partial
-
-    from timm.layers import HybridEmbed
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(10)
-    if backbone == "pool_by_function":
-        stem, width = _PoolByFunctionStem(), 32
-    else:
-        stem = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(3,))
-        width = stem.feature_info.channels()[-1]
-    model = VisionTransformer(img_size=64, patch_size=1, embed_dim=width, depth=1, num_heads=4, class_token=False,
-                              global_pool="avg", embed_layer=partial(HybridEmbed, backbone=stem, proj=False)).eval()
-    pixels = torch.randn(2, 3, 64, 64)
-    rec, maps, unchanged = _record_and_reference(model, pixels, ("Attention",))
-    assert unchanged
-    assert rec.geometry[0].grid == (4, 4) and rec.geometry[0].stride == (16, 16)
-    torch.testing.assert_close(rec.per_layer[0].double(), _reference(maps[0], _pixel_map(4, 4, 16).reshape(1, -1, 2)),
-                               **TOL)
-    if backbone == "pool_by_function":
-        # Built at 72 px the map is 5 x 5 and timm's ratio 14, inexact: no stride vitmad can read, refused.
-        model = VisionTransformer(img_size=72, patch_size=1, embed_dim=width, depth=1, num_heads=4,
-                                  class_token=False, global_pool="avg",
-                                  embed_layer=partial(HybridEmbed, backbone=stem, proj=False)).eval()
-        with torch.no_grad(), pytest.raises(ValueError, match=r"do not make one chain of maps from the image height "
-                                                              r"of 72: .*; pass positions=<\[N, 2\] pixel position"):
-            with vitmad.record(model):
-                model(torch.randn(1, 3, 72, 72))
+@pytest.mark.parametrize("size", [64, 120])
+def test_a_stem_that_pools_by_function_is_refused(size):
+    """A stride no module shows: not guessed from timm's feature_ratio, the build size over its map, which is exact
+    at 64 px but 15 at 120 px (8 cells, 16 px apart; QA 319: taken, MAD 6% low)."""
+    model = _vit_over(_PoolByFunctionStem(), 32, size)
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"do not make one chain of maps from the image height of "
+                                                          rf"{size}: .*; pass positions=<\[N, 2\] pixel position"):
+        with vitmad.record(model):
+            model(torch.randn(1, 3, size, size))
 
 
 # MobileViT, CoaT ---------------------------------------------------------------------------------------------------

@@ -141,7 +141,8 @@ def mad_backward_reference(
 
 def biased_logits(logits: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
     """``logits`` with ``attn_bias`` applied as ``F.scaled_dot_product_attention`` applies its ``attn_mask``:
-    a bool bias keeps the keys where it is True (the others get -inf), any other is added."""
+    a bool bias keeps the keys where it is True (the others' logits become -inf, where SDPA adds -inf and keeps
+    a NaN logit there: docs/definition.md), any other is added."""
     if attn_bias is None:
         return logits
     if attn_bias.dtype == torch.bool:
@@ -191,9 +192,10 @@ def position_distances(query_positions: torch.Tensor, key_positions: torch.Tenso
 
 def _positions_mad(
     attn: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor | None, renormalize: bool,
-    reduce_mean: bool,
+    reduce_mean: bool, nan_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The position form's definition on float64 attention whose arguments were checked."""
+    """The position form's definition on float64 attention whose arguments were checked; ``nan_rows``
+    (``[..., Nq]``): queries whose value is NaN whatever their keys (softmax rows of NaN)."""
     keys = positions if key_positions is None else key_positions
     has_query = ~positions.double()[..., 0].isnan()
     has_key = ~keys.double()[..., 0].isnan()
@@ -206,6 +208,8 @@ def _positions_mad(
     if renormalize:
         # Queries without a position divide by 1, not by their (maybe zero) mass: no 0 / 0 reaches autograd.
         per_query = per_query / torch.where(has_query, a.sum(-1), 1.0)
+    if nan_rows is not None:
+        per_query = torch.where(nan_rows, float("nan"), per_query)
     per_query = torch.where(has_query, per_query, float("nan"))
     if not reduce_mean:
         return per_query
@@ -280,7 +284,11 @@ def mad_qk_positions_reference(
         out = q.shape[:-2] if layout.reduce_mean else q.shape[:-1]
         return torch.full(out, float("nan"), dtype=torch.float64, device=q.device)
     logits = biased_logits(q.double() @ k.double().transpose(-1, -2) * shape.scale, attn_bias)
-    return _positions_mad(logits.softmax(-1), positions, key_positions, renormalize, layout.reduce_mean)
+    probabilities = logits.softmax(-1)
+    # A NaN row (a NaN or +inf logit, every key masked) is NaN for its query, also where no key has a position and
+    # none of the row is read (QA 319: 0, where the kernels and the docs give NaN).
+    return _positions_mad(probabilities, positions, key_positions, renormalize, layout.reduce_mean,
+                          nan_rows=probabilities.isnan().any(-1))
 
 
 def uniform_attention_mad(grid_h: int, grid_w: int, patch: float | tuple[float, float]) -> float:

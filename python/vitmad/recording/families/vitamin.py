@@ -3,21 +3,23 @@
 ViTamin embeds the image with a ``HybridEmbed`` whose backbone (MobileConv stages and a strided convolution)
 ends at stride 16 and whose projection is the identity (``patch_size=1``), so there is no patch-embedding
 convolution for the plain layout to find. Its attention layers are plain ViT attention ``[B, heads, N, N]`` over
-the prefix tokens (none by default) and the row-major map of the embedding. The map is the embedding's
-projection output in each call. The same placer serves any timm ViT over a ``HybridEmbed`` without projection
-(MobileCLIP's ``vit_base_mci_224`` over its ConvStem, a user's ``features_only`` backbone). One token is, in
-pixels of the image:
+the prefix tokens (none by default) and the row-major map of the embedding. The same placer serves any timm ViT
+over a ``HybridEmbed`` without projection (MobileCLIP's ``vit_base_mci_224`` over its ConvStem, a user's
+``features_only`` backbone). The map is the projection's (the identity's) output in each call: the backbone's
+cells, padded up to a multiple of ``patch_size`` under ``dynamic_img_pad`` and not otherwise grouped by it (an
+identity patches nothing). One cell is, in pixels of the image the embedding takes:
 
-- the reduction a timm ``features_only`` backbone declares for the map it returns (its ``FeatureInfo``: what
-  the hooks see may not say it, a stride taken by ``F.conv2d`` in BlurPool, stages run past the map returned);
+- the reduction a timm ``features_only`` backbone declares for the deepest map it returns (``HybridEmbed``
+  takes the last, the deepest, whatever the order of ``out_indices``), as its ``FeatureInfo`` says; what the
+  hooks see may not say it (a stride taken by ``F.conv2d`` in BlurPool, stages run past the map returned, a
+  space-to-depth stem before the first convolution); checked against the call's map;
 - else the product of the strides along the chain of the stem's strided convolutions and pools that ran in the
-  call (16 for every ViTamin), followed as the plain layout follows a hybrid ViT's stem (:func:`.plain.stem_stride`);
-- else timm's ``feature_ratio`` (times ``patch_size``) where that ratio is exact at the size the model was built
-  for (a stem that pools by function).
+  call (16 for every ViTamin), followed as the plain layout follows a hybrid ViT's stem (:func:`.plain.stem_stride`).
 
-Each is checked against the call's map. Neither the image over the map, which misreads maps the stem's
-convolutions round up, nor an inexact ``feature_ratio`` (15 px for a ViTamin built at 200 px, whose tokens are
-16 px apart: QA 315) is taken.
+Anything else is refused. Neither the image over the map nor timm's ``feature_ratio`` (that ratio, rounded down, at
+the size the model was built for) is taken: both misread maps the stem's convolutions round up (a ViTamin built at
+200 px has a ratio of 15 where its tokens are 16 px apart: QA 315; a stride-32 backbone built at 240 px one of 30,
+which divides the build size exactly: QA 319).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from torch import nn
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 from .plain import stem_step, stem_stride, strided_stem
 
-# The map of the stem's latest call; the strided stem steps seen since the projection last ran, and those of its
-# latest run. Each placer (one a layer) hooks the stem and keeps its own, under these keys and its id.
-_MAP, _STEPS, _STEPS_OF_MAP = "vitamin.map", "vitamin.steps", "vitamin.steps_of_map"
+# The image the embedding took and the map its projection made in its latest call; the strided stem steps seen
+# since the projection last ran, and those of its latest run. Each placer (one a layer) hooks the embedding and
+# keeps its own, under these keys and its id.
+_IMAGE, _MAP, _STEPS, _STEPS_OF_MAP = "vitamin.image", "vitamin.map", "vitamin.steps", "vitamin.steps_of_map"
 
 
 # What a refusal of this placer advises: it places no plain layout that patch= or grid= would correct.
@@ -40,11 +43,12 @@ _ADVICE = "pass positions=<[N, 2] pixel position of each token>"
 
 
 def _declared_reduction(backbone: nn.Module) -> int | None:
-    """The stride of the map a timm ``features_only`` backbone returns last (``HybridEmbed`` takes the last), as
-    its ``FeatureInfo`` declares it; None for a backbone without one (ViTamin's stages, MobileCLIP's ConvStem)."""
+    """The stride of the deepest map a timm ``features_only`` backbone returns (its outputs come in module order,
+    the deepest last, which ``HybridEmbed`` takes, whatever the order of ``out_indices``), as its ``FeatureInfo``
+    declares it; None for a backbone without one (ViTamin's stages, MobileCLIP's ConvStem)."""
     reduction = getattr(getattr(backbone, "feature_info", None), "reduction", None)
     values = reduction() if callable(reduction) else None
-    return int(values[-1]) if values else None
+    return max(int(v) for v in values) if values else None
 
 
 def is_projectionless_embedding(module: nn.Module) -> bool:
@@ -66,9 +70,16 @@ class HybridStemPlacer(LayerPlacer):
     def __init__(self, model: nn.Module, embed: nn.Module):
         self.model, self.embed = model, embed
         self.stem = strided_stem(embed.backbone, None)  # the backbone's strided convolutions and pools, all
-        self.map, self.steps, self.steps_of_map = ((key, id(self)) for key in (_MAP, _STEPS, _STEPS_OF_MAP))
+        self.image, self.map, self.steps, self.steps_of_map = (
+            (key, id(self)) for key in (_IMAGE, _MAP, _STEPS, _STEPS_OF_MAP))
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
+        def see_image(module, args, output) -> None:
+            # After the embedding ran: the call starts at its first convolution and forgets what came before it.
+            image = args[0] if args else None
+            context.values[self.image] = (tuple(int(s) for s in image.shape[-2:])
+                                          if isinstance(image, torch.Tensor) and image.dim() == 4 else None)
+
         def see_step(module, args, output) -> None:
             step = stem_step(module, args, output)
             if step is not None:
@@ -78,49 +89,34 @@ class HybridStemPlacer(LayerPlacer):
             context.values[self.map] = tuple(int(s) for s in output.shape[-2:]) if output.dim() == 4 else None
             context.values[self.steps_of_map] = context.values.pop(self.steps, None)
 
-        return [self.embed.proj.register_forward_hook(see),
+        return [self.embed.register_forward_hook(see_image), self.embed.proj.register_forward_hook(see),
                 *(module.register_forward_hook(see_step) for module in self.stem)]
 
     def _stride(self, context: CallContext, grid: tuple[int, int]) -> tuple[float, float]:
-        """Pixels between two tokens, per axis: the reduction a timm feature backbone declares for the map it
-        returns, else the stem's chain of strided modules from the image to the map, else timm's ``feature_ratio``
-        where it is exact at the size the model was built for. Each is checked against the call's map."""
+        """Pixels between two cells of the map, per axis (the module docstring says how they are read)."""
         name = type(self.model).__name__
-        image = context.image_size
-        patch = tuple(int(p) for p in self.embed.patch_size)
+        image = context.values.get(self.image) or context.image_size
+        if image is None:
+            raise NotPlaceable(f"the embedding of {name} took no [B, C, H, W] image vitmad saw, so it cannot tell "
+                               f"how many pixels apart its tokens are; {_ADVICE}")
+        # The map the projection sees: the backbone's, padded up to a multiple of patch_size under dynamic_img_pad.
+        pad = tuple(int(p) for p in self.embed.patch_size) if getattr(self.embed, "dynamic_img_pad", False) \
+            else (1, 1)
         declared = _declared_reduction(self.embed.backbone)
         if declared is not None:  # a features_only backbone: its stages' strides, not what the hooks can see
-            return self._fitted(image, grid, tuple(float(declared * p) for p in patch), "its backbone's reduction")
+            for size, side, multiple in zip(image, grid, pad):
+                sides = {math.floor(size / declared), math.ceil(size / declared)}
+                if side not in sides | {-(-s // multiple) * multiple for s in sides}:
+                    raise NotPlaceable(
+                        f"the backbone of {name} declares a stride of {declared} px for the map it returns (its "
+                        f"feature_info), but made a {grid[0]}x{grid[1]} map of the {image[0]}x{image[1]} image its "
+                        f"embedding took; {_ADVICE}"
+                    )
+            return float(declared), float(declared)
         steps = context.values.get(self.steps_of_map)
-        start = image if image is not None or not steps else tuple(steps[0][a][0] for a in range(2))
-        refusal = f"the stem of {name} ran no strided convolution or pool on an image vitmad saw"
-        if start is not None:
-            try:
-                return tuple(float(p * stem_stride(size, side, axis, self.model, None if steps is None else
-                                                   [step[a] for step in steps], p, advice=_ADVICE))
-                             for a, (p, size, side, axis) in enumerate(zip(patch, start, grid, ("height", "width"))))
-            except NotPlaceable as error:  # strides vitmad cannot follow (a pool by function, BlurPool's conv2d)
-                refusal = str(error)
-        built = tuple(int(s) for s in getattr(self.embed, "img_size", ()) or ())
-        ratio = tuple(int(r) for r in self.embed.feature_ratio)
-        size = tuple(int(s) for s in getattr(self.embed, "feature_size", ()) or ())
-        if len(built) == len(size) == len(ratio) == 2 and all(b == f * r for b, f, r in zip(built, size, ratio)):
-            # timm's ratio of its build size to the map it made, exact there: that stride, checked on this call
-            return self._fitted(image, grid, tuple(float(r * p) for r, p in zip(ratio, patch)),
-                                "timm's feature_ratio x patch_size")
-        raise NotPlaceable(refusal if refusal.endswith(_ADVICE) else f"{refusal}; {_ADVICE}")
-
-    def _fitted(self, image: tuple[int, int] | None, grid: tuple[int, int], stride: tuple[float, float],
-                source: str) -> tuple[float, float]:
-        """``stride``, where the call's map is the image over it, rounded down or up (or the image is unknown)."""
-        if image is not None and any(side not in (math.floor(size / s), math.ceil(size / s))
-                                     for size, side, s in zip(image, grid, stride)):
-            raise NotPlaceable(
-                f"the stem of {type(self.model).__name__} gave a {grid[0]}x{grid[1]} map for a {image[0]}x{image[1]} "
-                f"image (the input of the first convolution that ran), which does not fit its stride "
-                f"{stride[0]:g}x{stride[1]:g} ({source}); {_ADVICE}"
-            )
-        return stride
+        return tuple(float(stem_stride(size, side, axis, self.model, None if steps is None else
+                                       [step[a] for step in steps], multiple, advice=_ADVICE))
+                     for a, (size, side, multiple, axis) in enumerate(zip(image, grid, pad, ("height", "width"))))
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         name = type(self.model).__name__
