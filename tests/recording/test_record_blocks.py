@@ -390,13 +390,14 @@ def _vit_over(backbone: nn.Module, width: int, size: int, patch: int = 1, **opti
     ("resnetblur18", (3,), 64, 1, 16),  # BlurPool strides by F.conv2d, which no hook sees
     ("resnet18", (3, 1), 64, 1, 16),  # the outputs come in module order: the deepest, last, is taken
     ("tresnet_m", (1,), 64, 1, 4),  # space-to-depth before the first convolution
-    ("resnet18", None, 128, 2, 32),  # a whole network as the stem, its chain followed; an identity patches nothing
+    ("resnet18", None, 128, 2, 32),  # a whole network as the stem; an identity patches nothing
+    ("resnetblur18", None, 128, 1, 32),  # a whole network: its feature_info list, BlurPool's strides unseen
 ])
 def test_a_vit_over_a_backbone_without_projection_at_its_true_stride(name, out_indices, size, patch, stride):
     """timm's HybridEmbed(proj=False) over a features_only backbone takes the stride its FeatureInfo declares for
-    the deepest map returned; over another network, the chain of its strided modules, whatever patch_size says (QA
-    318, 319: refused, placed at a shallower level's stride, at the first convolution's input, or at patch_size
-    times the stride)."""
+    the deepest map returned, a whole timm network its feature_info list's; over another network, the chain of its
+    strided modules; whatever patch_size says (QA 318-320: refused, placed at a shallower level's stride, at the
+    first convolution's input, or at patch_size times the stride)."""
     torch.manual_seed(10)
     if out_indices is None:
         backbone = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")

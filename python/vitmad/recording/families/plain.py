@@ -157,7 +157,7 @@ def keeps_image_layout(model: nn.Module, name: str) -> bool:
 
 def stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module,
                  steps: list[tuple[int, int, int, int]] | None, patch: int,
-                 advice: str = "pass patch=<pixels per token>") -> int:
+                 advice: str = "pass patch=<pixels per token>", embedding: str = "the patch embedding") -> int:
     """The stride of what ran on the image before the patch embedding (1 without a stem), on one axis.
 
     ``steps`` are the ``(input size, output size, stride, kernel)`` on this axis of the strided convolutions and
@@ -166,7 +166,8 @@ def stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module,
     stem that rounds its maps up (232 px through a ResNet stem of stride 16 gives 15 cells, which are 16 px apart,
     not 232 / 15) is followed exactly, as the ratio of the sizes is not. Without such modules (a stem that resizes
     by functions alone), only a ratio that divides exactly is taken; anything else is refused rather than guessed.
-    ``patch`` is the embedding's stride on this axis; ``advice`` ends a refusal (what the caller's layout takes)."""
+    ``patch`` is the embedding's stride on this axis; ``advice`` ends a refusal (what the caller's layout takes),
+    ``embedding`` names what reads the stem's map in it."""
     if embedding_input == image:
         return 1
     if steps:
@@ -179,7 +180,7 @@ def stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module,
             # branch from an earlier map) is not guessed around.
             if out > size or not size <= seen <= size + kernel - 1:
                 raise NotPlaceable(
-                    f"the strided modules before the patch embedding of {type(model).__name__} do not make one chain "
+                    f"the strided modules before {embedding} of {type(model).__name__} do not make one chain "
                     f"of maps from the image {axis} of {image}: after a map of {size}, one reads {seen} and makes "
                     f"{out}, so vitmad cannot tell how many pixels apart its tokens are; {advice}"
                 )
@@ -189,7 +190,7 @@ def stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module,
         if size <= embedding_input < size + patch:
             return stride
         raise NotPlaceable(
-            f"the strided modules before the patch embedding of {type(model).__name__} take the image {axis} of "
+            f"the strided modules before {embedding} of {type(model).__name__} take the image {axis} of "
             f"{image} to {size}, but the embedding sees {embedding_input} (a crop or resize vitmad does not see, or a "
             "strided module that ran after the map the embedding takes), so "
             f"vitmad cannot tell how many pixels apart its tokens are; {advice}"
@@ -197,7 +198,7 @@ def stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module,
     stride = round(image / embedding_input)
     if stride < 1 or embedding_input * stride != image:
         raise NotPlaceable(
-            f"the patch embedding of {type(model).__name__} sees a {axis} of {embedding_input} from an image "
+            f"{embedding} of {type(model).__name__} sees a {axis} of {embedding_input} from an image "
             f"{axis} of {image}, which is no whole stride of the image, and no strided convolution or pool before it "
             f"tells how many pixels apart its tokens are; {advice}"
         )

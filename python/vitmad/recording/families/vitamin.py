@@ -9,8 +9,9 @@ over a ``HybridEmbed`` without projection (MobileCLIP's ``vit_base_mci_224`` ove
 cells, padded up to a multiple of ``patch_size`` under ``dynamic_img_pad`` and not otherwise grouped by it (an
 identity patches nothing). One cell is, in pixels of the image the embedding takes:
 
-- the reduction a timm ``features_only`` backbone declares for the deepest map it returns (``HybridEmbed``
-  takes the last, the deepest, whatever the order of ``out_indices``), as its ``FeatureInfo`` says; what the
+- the reduction a timm backbone declares for the deepest map it returns (a ``features_only`` one's
+  ``FeatureInfo``: ``HybridEmbed`` takes the last, the deepest, whatever the order of ``out_indices``; a whole
+  network's ``feature_info`` list, its final map); what the
   hooks see may not say it (a stride taken by ``F.conv2d`` in BlurPool, stages run past the map returned, a
   space-to-depth stem before the first convolution); checked against the call's map;
 - else the product of the strides along the chain of the stem's strided convolutions and pools that ran in the
@@ -43,11 +44,18 @@ _ADVICE = "pass positions=<[N, 2] pixel position of each token>"
 
 
 def _declared_reduction(backbone: nn.Module) -> int | None:
-    """The stride of the deepest map a timm ``features_only`` backbone returns (its outputs come in module order,
-    the deepest last, which ``HybridEmbed`` takes, whatever the order of ``out_indices``), as its ``FeatureInfo``
-    declares it; None for a backbone without one (ViTamin's stages, MobileCLIP's ConvStem)."""
-    reduction = getattr(getattr(backbone, "feature_info", None), "reduction", None)
-    values = reduction() if callable(reduction) else None
+    """The stride of the deepest map a timm backbone returns, as it declares it: a ``features_only`` one's
+    ``FeatureInfo`` (its outputs come in module order, the deepest last, which ``HybridEmbed`` takes, whatever the
+    order of ``out_indices``), or a whole network's ``feature_info`` list (``num_classes=0, global_pool=''``: its
+    final map; QA 320: BlurPool's and HRNet's, whose chains no hook follows, were refused); None for a backbone
+    without one (ViTamin's stages, MobileCLIP's ConvStem)."""
+    info = getattr(backbone, "feature_info", None)
+    if callable(getattr(info, "reduction", None)):
+        values = info.reduction()
+    elif isinstance(info, (list, tuple)) and info and all(isinstance(f, dict) and "reduction" in f for f in info):
+        values = [f["reduction"] for f in info]
+    else:
+        values = None
     return max(int(v) for v in values) if values else None
 
 
@@ -115,7 +123,8 @@ class HybridStemPlacer(LayerPlacer):
             return float(declared), float(declared)
         steps = context.values.get(self.steps_of_map)
         return tuple(float(stem_stride(size, side, axis, self.model, None if steps is None else
-                                       [step[a] for step in steps], multiple, advice=_ADVICE))
+                                       [step[a] for step in steps], multiple, advice=_ADVICE,
+                                       embedding="the token map (its HybridEmbed's backbone output)"))
                      for a, (size, side, multiple, axis) in enumerate(zip(image, grid, pad, ("height", "width"))))
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
