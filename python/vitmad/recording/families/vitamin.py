@@ -111,7 +111,7 @@ class HybridStemPlacer(LayerPlacer):
         pad = tuple(int(p) for p in self.embed.patch_size) if getattr(self.embed, "dynamic_img_pad", False) \
             else (1, 1)
         declared = _declared_reduction(self.embed.backbone)
-        if declared is not None:  # a features_only backbone: its stages' strides, not what the hooks can see
+        if declared is not None:  # a timm backbone that declares it: its stages' strides, not what hooks see
             for size, side, multiple in zip(image, grid, pad):
                 sides = {math.floor(size / declared), math.ceil(size / declared)}
                 if side not in sides | {-(-s // multiple) * multiple for s in sides}:
