@@ -753,9 +753,7 @@ def main(argv: list[str] | None = None) -> int:
             CHECKED.clear()
             RESUMED.clear()
             checkpoint_before = file_state(checkpoint_path(Path(args.out), run))
-        commands[args.command](args, run)
-        if run is not None:
-            run.close(wait_for_all=True)
+        commands[args.command](args, run)  # a profile under torchrun leaves the group once its results are merged
         completed = True
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         flags = _flags(parser)

@@ -360,7 +360,7 @@ class _CaptureAttention(TorchFunctionMode):
                 key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
             self.on_qk(self.layer, query, key, scale, mask)
             if (mask is not None and query.shape[-2] == key.shape[-2]
-                    and not first_query_looks_ahead(kept_keys(mask[..., :1, :] if mask.dim() >= 2 else mask))):
+                    and not first_query_looks_ahead(kept_keys(mask[..., :1, :]))):  # SDPA refused masks below 2-D
                 # A causal mask given as a mask (QA 299: attn_mask=tril(ones) was recorded), refused as flex's is;
                 # after the call is placed, so that a family's own refusal of its layout is said first. Read whole
                 # only where its first query keeps no later key: a padding mask is read one row.

@@ -216,8 +216,9 @@ def stem_step(module: nn.Module, args: tuple, output) -> tuple | None:
     return tuple((int(args[0].shape[a]), int(output.shape[a]), stride[a], kernel[a]) for a in (-2, -1))
 
 
-def strided_stem(model: nn.Module, embedding: nn.Module) -> list[nn.Module]:
-    """The strided convolutions and pools registered before the patch-embedding convolution ``embedding``: the
+def strided_stem(model: nn.Module, embedding: nn.Module | None) -> list[nn.Module]:
+    """The strided convolutions and pools registered before the patch-embedding convolution ``embedding`` (every one
+    of ``model`` for None: a projectionless HybridEmbed's backbone, all stem): the
     modules a CNN stem (hybrid ViTs) downsamples the image with, when the model has one. Those registered here that
     do not run before the embedding in a call are not seen in it; one of another part of the model that does run
     before it, on maps off the stem's chain, makes :func:`stem_stride` refuse the call rather than guess. A stem

@@ -103,7 +103,7 @@ class HybridStemPlacer(LayerPlacer):
     def _stride(self, context: CallContext, grid: tuple[int, int]) -> tuple[float, float]:
         """Pixels between two cells of the map, per axis (the module docstring says how they are read)."""
         name = type(self.model).__name__
-        image = context.values.get(self.image) or context.image_size
+        image = context.values.get(self.image)
         if image is None:
             raise NotPlaceable(f"the embedding of {name} took no [B, C, H, W] image vitmad saw, so it cannot tell "
                                f"how many pixels apart its tokens are; {_ADVICE}")
