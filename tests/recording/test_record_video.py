@@ -341,3 +341,47 @@ def test_a_recording_entered_again_places_video_layers_again():
         with rec:
             model(**{argument: _video()})
     assert len(rec.calls) == 2 and torch.equal(rec.mad, first)
+
+
+class _BesideAnotherTower(torch.nn.Module):
+    """A user's wrapper: another tower declared first (its own patch convolution, its own input), then the video
+    model of the tests above, which takes the video as it is."""
+
+    def __init__(self, first: torch.nn.Module, video: torch.nn.Module, argument: str):
+        super().__init__()
+        self.first, self.video, self.argument = first, video, argument
+
+    def forward(self, video):
+        # Half the pixels of every other frame for the first tower (the first frame alone for an image tower).
+        small = torch.nn.functional.interpolate(video.flatten(0, 1), scale_factor=0.5)
+        small = small.view(*video.shape[:2], *small.shape[1:])
+        first = self.first(pixel_values=small[:, ::2] if self.first.config.model_type == "vivit" else small[:, 0])
+        return first.last_hidden_state.mean() + self.video(**{self.argument: video}).last_hidden_state.mean()
+
+
+@pytest.mark.parametrize("first", ["vit", "vivit"])
+def test_a_video_tower_beside_another_is_placed_on_its_own_tubelets(first):
+    """Every video layer was placed on the first patch-embedding convolution of the whole model: beside an image ViT
+    declared first, that ViT's 8 px patch kernel was read as the tubelet's frame count (temporal MAD 4x), and beside
+    a ViViT of 4 px, 1-frame tubelets, the video model's own layers took that grid (both MADs halved), silently,
+    even with only its layers named (QA 323)."""
+    if first == "vit":
+        tower = transformers.ViTModel(transformers.ViTConfig(image_size=IMAGE // 2, patch_size=PATCH, hidden_size=24,
+                                                             num_hidden_layers=1, num_attention_heads=2,
+                                                             intermediate_size=48))
+    else:
+        tower = transformers.VivitModel(transformers.VivitConfig(image_size=IMAGE // 2, num_frames=FRAMES // 2,
+                                                                 tubelet_size=[1, 4, 4], hidden_size=24,
+                                                                 num_hidden_layers=1, num_attention_heads=2,
+                                                                 intermediate_size=48))
+    model, argument = _build("videomae")
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    wrapper = _BesideAnotherTower(tower.eval(), model, argument)
+    video = _video()
+    with torch.no_grad():
+        with vitmad.record(wrapper, layers=["video.*"], reduction="none") as rec:
+            wrapper(video)
+        attentions = eager(**{argument: video}, output_attentions=True).attentions
+    assert rec.layers == ["video.encoder.layer.0.attention.attention", "video.encoder.layer.1.attention.attention"]
+    _check(rec, [("videomae", a, FRAMES // TUBELET, TUBELET) for a in attentions])

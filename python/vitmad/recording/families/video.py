@@ -100,7 +100,23 @@ class _Grid:
     frame_stride: int  # input frames per tubelet
 
 
-class _Embedding:
+class GridSource:
+    """What reads each call's :class:`_Grid` for a :class:`VideoPlacer` (its ``embedding``): it keeps the grid in the
+    call's context under a key of its own. A model holding two video towers (a user's two-stream wrapper) has one
+    per tower, and a layer reads its own tower's grid, not the last one that ran."""
+
+    frames: int | None = None  # the frame count divided attention groups by (TimeSformer's); None: no such grouping
+
+    @property
+    def key(self) -> str:
+        return f"{_GRID}.{id(self)}"
+
+    def grid(self, context: CallContext) -> _Grid | None:
+        """The grid read in the call in progress (None before the embedding ran)."""
+        return context.values.get(self.key)
+
+
+class _Embedding(GridSource):
     """The hook on a video model's embedding convolution that puts each call's :class:`_Grid` in the context.
 
     Args:
@@ -146,7 +162,7 @@ class _Embedding:
                         f"{int(output.shape[0])} frames, not a multiple of the video's {frames} frames"
                     )
                 batch, frame_stride = int(output.shape[0]) // frames, 1
-            context.values[_GRID] = _Grid(batch, frames, (int(output.shape[-2]), int(output.shape[-1])),
+            context.values[self.key] = _Grid(batch, frames, (int(output.shape[-2]), int(output.shape[-1])),
                                           (float(kernel[-2]), float(kernel[-1])), frame_stride)
 
         handles = [self.conv.register_forward_hook(see)]
@@ -228,7 +244,7 @@ class VideoPlacer(LayerPlacer):
         return self.embedding.install(context)
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        grid = context.values.get(_GRID)
+        grid = self.embedding.grid(context)
         if grid is None:
             raise NotPlaceable("it ran before the video embedding, so its tubelet grid is unknown")
         if self.divided and grid.frames != self.embedding.frames:
@@ -365,7 +381,7 @@ class MaskedVideoMAEPlacer(VideoPlacer):
             if mask is None:  # the whole grid, in (frame, row, column) order
                 context.values[key] = None
                 return
-            grid = context.values.get(_GRID)
+            grid = self.embedding.grid(context)
             refusal = _mask_refusal(mask, grid, type(module).__name__)
             if refusal is None:
                 kept = grid.frames * grid.size[0] * grid.size[1] - int(mask[0].sum())
@@ -382,7 +398,7 @@ class MaskedVideoMAEPlacer(VideoPlacer):
             return super().place(context, lead, num_queries, num_keys)
         if isinstance(kept, str):
             raise NotPlaceable(f"it attends over the tubelets {self.embeddings_name} kept, and {kept}")
-        grid = context.values[_GRID]
+        grid = self.embedding.grid(context)
         batch, count = kept.shape
         tubelets = grid.frames * grid.size[0] * grid.size[1]
         check_sequence(lead, num_queries, num_keys, batch, count,
@@ -425,7 +441,7 @@ class VideoMAEDecoderPlacer(LayerPlacer):
                 return
             hidden = args[0] if args else kwargs.get("hidden_states")
             returned = args[1] if len(args) > 1 else kwargs.get("return_token_num")
-            grid = context.values.get(_GRID)
+            grid = self.embedding.grid(context)
             if not given:
                 refusal = ("VideoMAEDecoder ran outside a forward of VideoMAEForPreTraining, so which of its tokens "
                            "are mask tokens, and of which tubelets, is unknown")
@@ -456,7 +472,7 @@ class VideoMAEDecoderPlacer(LayerPlacer):
         if isinstance(order, str):
             raise NotPlaceable(order)
         order, visible = order
-        grid = context.values[_GRID]
+        grid = self.embedding.grid(context)
         batch, count = order.shape
         check_sequence(lead, num_queries, num_keys, batch, count,
                        f"{self.decoder_name} took the visible tubelets and the mask tokens of {batch} video(s)")
@@ -500,7 +516,7 @@ class VJEPA2PredictorPlacer(LayerPlacer):
                 self.attention.register_forward_pre_hook(attend, with_kwargs=True)]
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        grid = context.values.get(_GRID)
+        grid = self.embedding.grid(context)
         if grid is None:
             raise NotPlaceable("it ran before the video embedding, so the tubelet grid its indices name is unknown")
         tubelets = grid.frames * grid.size[0] * grid.size[1]
@@ -546,24 +562,31 @@ class VJEPA2PredictorPlacer(LayerPlacer):
         return _shared(context, "video.predicted.placement", ids, int(lead[1]), build)
 
 
-# One embedding hook per model, shared by its layers' placers.
+# One embedding hook per embedding convolution, shared by the placers of its tower's layers.
 _EMBEDDINGS: weakref.WeakKeyDictionary[nn.Module, _Embedding] = weakref.WeakKeyDictionary()
 
 
-def _embedding(model: nn.Module, frames: int | None) -> _Embedding | None:
-    """The video embedding of ``model``: its first convolution named as a patch embedding's projection."""
-    known = _EMBEDDINGS.get(model)
-    if known is not None and known.frames == frames:
-        return known
-    found = next(((name, module) for name, module in named_module_list(model)
-                  if is_embedding_projection(name, module)), None)
+def _embedding(model: nn.Module, projections: list[str], layer: str, frames: int | None) -> _Embedding | None:
+    """The video embedding of the layer named ``layer``: of the convolutions named as a patch embedding's projection
+    (``projections``, qualified names in module order), the first one in the layer's nearest ancestor that holds
+    one. Not the first in the whole model: a wrapper holding two video towers placed the second's layers on the
+    first one's tubelets (QA 323), and an image ViT declared before a VideoMAE lent it its patch convolution."""
+    parts = layer.split(".")
+    ancestors = ["".join(part + "." for part in parts[:i]) for i in reversed(range(len(parts)))]  # nearest first
+    found = next(((ancestor, name) for ancestor in ancestors for name in projections if name.startswith(ancestor)),
+                 None)
     if found is None:
         return None
-    name, conv = found
+    ancestor, name = found
+    conv = model.get_submodule(name)
+    known = _EMBEDDINGS.get(conv)
+    if known is not None and known.frames == frames:
+        return known
+    tower = model.get_submodule(ancestor[:-1])  # "": the model itself
     # A per-frame convolution's parent takes the video whole (TimeSformer's patch embedding).
     video_module = model.get_submodule(name.rpartition(".")[0]) if frames is not None and "." in name else None
-    _EMBEDDINGS[model] = _Embedding(model, conv, frames, video_module)
-    return _EMBEDDINGS[model]
+    _EMBEDDINGS[conv] = _Embedding(tower, conv, frames, video_module)
+    return _EMBEDDINGS[conv]
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
@@ -583,8 +606,10 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     def nearest(kind: tuple[str, str]) -> int | None:
         return next((i for i in reversed(range(len(ancestors))) if _key(ancestors[i]) == kind), None)
 
+    projections = [name for name, module in modules.items() if is_embedding_projection(name, module)]
+
     if key in _JOINT:
-        embedding = _embedding(model, None)
+        embedding = _embedding(model, projections, name, None)
         if embedding is None:
             return None
         predictor, decoder, videomae = nearest(_PREDICTOR), nearest(_VIDEOMAE_DECODER), nearest(_VIDEOMAE_MODEL)
@@ -604,7 +629,7 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     block = ancestors[-2] if len(ancestors) >= 2 else None
     if block is None or not hasattr(block, "attention_type"):
         return None
-    embedding = _embedding(model, int(block.config.num_frames))
+    embedding = _embedding(model, projections, name, int(block.config.num_frames))
     if embedding is None:
         return None
     if parts[-2] == "temporal_attention":

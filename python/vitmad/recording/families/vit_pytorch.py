@@ -77,7 +77,7 @@ from ..placement import (
 )
 from .embeddings import check_cut_from_input
 from .plain import _plain_positions
-from .video import _GRID, VideoPlacer, _Grid, tubelet_positions
+from .video import GridSource, VideoPlacer, _Grid, tubelet_positions
 
 __all__ = ["placer", "attention_modules", "image_cuts", "token_convolutions"]
 
@@ -225,7 +225,7 @@ class _Cut:
 
 def _install_cut(context: CallContext, rearrange: nn.Module, video: bool) -> torch.utils.hooks.RemovableHandle:
     """A pre-hook that puts the shape of the pixels ``rearrange`` cuts into ``context`` (and, for a video, the
-    tubelet grid :class:`.video.VideoPlacer` reads)."""
+    tubelet grid :class:`.video.VideoPlacer` reads, under ``_key(rearrange, "grid")``)."""
     lengths = rearrange.axes_lengths
     rows, cols = _PATCH_AXES.get("".join(str(rearrange.pattern).split()), ("p1", "p2"))
     patch = (int(lengths[rows]), int(lengths[cols]))
@@ -239,7 +239,7 @@ def _install_cut(context: CallContext, rearrange: nn.Module, video: bool) -> tor
         cut = _Cut(int(pixels.shape[0]), (int(pixels.shape[-2]), int(pixels.shape[-1])), patch)
         context.values[_key(rearrange)] = cut
         if video:
-            context.values[_GRID] = _Grid(cut.batch, int(pixels.shape[2]) // frame_patch, cut.grid,
+            context.values[_key(rearrange, "grid")] = _Grid(cut.batch, int(pixels.shape[2]) // frame_patch, cut.grid,
                                           (float(patch[0]), float(patch[1])), frame_patch)
 
     return rearrange.register_forward_pre_hook(see)
@@ -455,14 +455,16 @@ class _ImagePlacer(LayerPlacer):
             )
 
 
-class _VideoCut:
+class _VideoCut(GridSource):
     """The ``embedding`` of a :class:`.video.VideoPlacer`: the hook that reads each call's tubelet grid from the
     ``Rearrange`` that cuts the video."""
 
-    frames = None  # no divided attention grouped by a configured frame count
-
     def __init__(self, rearrange: nn.Module):
         self.rearrange = rearrange
+
+    @property
+    def key(self) -> str:  # what _install_cut writes
+        return _key(self.rearrange, "grid")
 
     def install(self, context: CallContext) -> list:
         return [_install_cut(context, self.rearrange, video=True)]
@@ -505,7 +507,7 @@ class _VivitPlacer(LayerPlacer):
                 self.vivit.register_forward_pre_hook(see_mask, with_kwargs=True)]
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        grid = context.values.get(_GRID)
+        grid = context.values.get(_key(self.rearrange, "grid"))
         if grid is None or _key(self.rearrange) not in context.values:
             raise NotPlaceable("ViViT's tubelet cut (to_patch_embedding's Rearrange) did not run on a video in this "
                                "call before it attended, so its tubelet grid is unknown")

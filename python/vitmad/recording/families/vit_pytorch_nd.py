@@ -64,7 +64,7 @@ from ..module_index import named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, select_tokens
 from .embeddings import check_cut_from_input, check_sequence
 from .monai import _grid_positions
-from .video import _GRID, VideoPlacer, _Grid
+from .video import GridSource, VideoPlacer, _Grid
 from .vit_pytorch import (
     _cut_of,
     _design,
@@ -119,12 +119,10 @@ class _NDCut:
         return [self.rearrange.register_forward_pre_hook(see)]
 
 
-class _LevjepaFrames:
+class _LevjepaFrames(GridSource):
     """The ``embedding`` of a :class:`.video.VideoPlacer` for LeVJEPA's ``VideoTransformer``: the hook that reads each
     call's grid from the video its ``Rearrange`` cuts per frame (``b c f (h p1) (w p2) -> b (f h w) ...``: one frame
     per tubelet)."""
-
-    frames = None  # no divided attention grouped by a configured frame count
 
     def __init__(self, rearrange: nn.Module):
         self.rearrange = rearrange
@@ -135,10 +133,10 @@ class _LevjepaFrames:
             video = args[0] if args else None
             if isinstance(video, torch.Tensor) and video.dim() == 5:
                 grid = (int(video.shape[3]) // self.patch[0], int(video.shape[4]) // self.patch[1])
-                context.values[_GRID] = _Grid(int(video.shape[0]), int(video.shape[2]), grid,
+                context.values[self.key] = _Grid(int(video.shape[0]), int(video.shape[2]), grid,
                                               (float(self.patch[0]), float(self.patch[1])), 1)
             else:
-                context.values.pop(_GRID, None)
+                context.values.pop(self.key, None)
 
         return [self.rearrange.register_forward_pre_hook(see)]
 
@@ -340,7 +338,7 @@ class _AtsPlacer(LayerPlacer):
         return _subset_placement(cells, cut.grid, stride, int(lead[1]), attention, 1)
 
 
-class _CctTubelets:
+class _CctTubelets(GridSource):
     """The ``embedding`` of a :class:`.video.VideoPlacer` for CCT on video: the hook that reads each call's tubelet grid
     from the output ``[B, C, F, H, W]`` of its tokenizer's convolutions and max pools (flattened ``b (f h w) c``).
     Each axis's stride is the product of those modules' strides along it: every token at the centre of its stride
@@ -350,8 +348,6 @@ class _CctTubelets:
         cct: the ``cct_3d.CCT``.
         strided: its tokenizer's ``Conv3d`` and ``MaxPool3d`` modules.
     """
-
-    frames = None  # no divided attention grouped by a configured frame count
 
     def __init__(self, cct: nn.Module, strided: list[nn.Module]):
         self.cct, self.layers = cct, cct.tokenizer.conv_layers
@@ -364,10 +360,10 @@ class _CctTubelets:
         def see(module, args, output) -> None:
             if isinstance(output, torch.Tensor) and output.dim() == 5:
                 frames, rows, cols = (int(n) for n in output.shape[2:])
-                context.values[_GRID] = _Grid(int(output.shape[0]), frames, (rows, cols),
+                context.values[self.key] = _Grid(int(output.shape[0]), frames, (rows, cols),
                                               (float(self.stride[1]), float(self.stride[2])), self.stride[0])
             else:
-                context.values.pop(_GRID, None)
+                context.values.pop(self.key, None)
 
         return [self.layers.register_forward_hook(see)]
 
