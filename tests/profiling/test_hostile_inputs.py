@@ -64,6 +64,7 @@ def _hostile_folder(root: Path) -> tuple[list[Path], dict[str, str]]:
     (root / "loop").symlink_to(".")  # a loop onto itself
     (root / "self.png").symlink_to("self.png")  # a symlink to itself
     (root / "dangling.png").symlink_to("missing.png")
+    os.mkfifo(root / "pipe.png")  # opened, it waits for a writer: the run hung (QA 322)
     bad = {
         "truncated.jpg": "OSError: image file is truncated",
         "zero_bytes.jpg": "UnidentifiedImageError",
@@ -73,6 +74,7 @@ def _hostile_folder(root: Path) -> tuple[list[Path], dict[str, str]]:
         # Listed and skipped with the reason, not dropped unseen: a link whose target is gone (or a loop).
         "self.png": "OSError: [Errno 40] Too many levels of symbolic links",
         "dangling.png": "FileNotFoundError",
+        "pipe.png": "a named pipe (FIFO), not a regular file: not read",
     }
     return good, bad
 
@@ -81,6 +83,24 @@ def test_find_images_lists_every_image_file_once_and_ends(tmp_path):
     good, bad = _hostile_folder(tmp_path / "imgs")
     found = find_images(tmp_path / "imgs")
     assert sorted(p.name for p in found) == sorted([p.name for p in good] + list(bad))
+
+
+def test_a_named_pipe_given_by_name_or_as_a_frame_is_skipped_with_the_reason(tiny_model, tmp_path):
+    """Named on the command line it was "no such file or folder"; as a frame of a frame folder it would block the
+    run as a folder's did (QA 322)."""
+    from PIL import Image
+
+    from vitmad.profiling.videos import load_video
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.warns(UserWarning, match="skipping image .*pipe.jpg: a named pipe"), \
+            pytest.raises(OptionError, match="none of the 1 images could be read"):
+        vitmad.profile(f"hf:{tiny_model}", tmp_path / "pipe.jpg", device="cpu")
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(clip / "0.png")
+    os.mkfifo(clip / "1.png")
+    assert load_video(clip, 2) == (None, "frame 1.png: a named pipe (FIFO), not a regular file: not read")
 
 
 def test_bombs_are_refused_before_decoding(tmp_path):

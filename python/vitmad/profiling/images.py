@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import stat
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -111,7 +112,9 @@ def find_images(sources: str | os.PathLike | Sequence[str | os.PathLike],
                     + ("; it holds video clips, which a video model takes" if clips else "")
                 )
             found.extend(files)
-        elif path.is_file() or path.is_symlink():  # a dangling link is listed as skipped, with the reason
+        elif path.exists() or path.is_symlink():
+            # A dangling link, a named pipe, a device: listed as skipped, with the reason (a pipe was "no such file
+            # or folder", QA 322).
             found.append(path)
         else:
             raise missing_path(source)
@@ -849,6 +852,21 @@ def _to_rgb(image, stored_16_bit: bool = False, alpha_on_white: bool = False):
     return image.convert("RGB")
 
 
+def special_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not read: it is a named pipe, a socket or a device (opening a pipe waits for a writer, and a
+    run that found one with an image's name in a folder hung for good, QA 322). None for a regular file or folder,
+    and for a path that cannot be examined: its loader says why."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+    return f"{kind}, not a regular file: not read"
+
+
 def load_image(path: str | os.PathLike, alpha_on_white: bool = False):
     """Decode an image file as RGB, upright as its EXIF orientation says; transparency composited onto white with
     ``alpha_on_white`` (:attr:`Preprocessing.alpha_on_white`), else dropped.
@@ -860,6 +878,9 @@ def load_image(path: str | os.PathLike, alpha_on_white: bool = False):
     Image = import_optional("PIL.Image", "profile", "decoding image files")
     ImageOps = import_optional("PIL.ImageOps", "profile", "decoding image files")
 
+    special = special_file(path)  # a frame of a frame folder comes here without load_each
+    if special is not None:
+        return None, special
     try:
         with Image.open(path) as image:
             # PIL only warns between its limit and twice it, then decodes: a file claiming 100M pixels would
@@ -917,7 +938,12 @@ def load_each(paths: Sequence[Path], load: Callable, pool: Executor | None = Non
               ) -> tuple[list, list[Path], list[tuple[Path, str]]]:
     """``load(path) -> (item, None)`` or ``(None, reason)`` for every path (in ``pool``'s threads when given):
     the items loaded, the paths behind them and ``(path, reason)`` for each one set aside, in order."""
-    results = list(pool.map(load, paths)) if pool is not None else [load(p) for p in paths]
+
+    def read(path: Path):
+        special = special_file(path)
+        return (None, special) if special is not None else load(path)
+
+    results = list(pool.map(read, paths)) if pool is not None else [read(p) for p in paths]
     items, loaded, skipped = [], [], []
     for path, (item, reason) in zip(paths, results):
         if item is None:

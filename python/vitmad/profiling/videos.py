@@ -67,7 +67,8 @@ def frame_files(path: Path) -> list[Path]:
     """The frames of a frame folder: its image files in name order, numbers by value (:func:`_natural_key`);
     hidden files and files of other kinds (a macOS ``.DS_Store``, a ``readme.txt``) are no frames."""
     # A dangling link is a frame that cannot be read (the video is skipped naming it), not one left out unseen.
-    return sorted((p for p in path.iterdir() if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
+    # A named pipe too: its video is skipped naming it (images.special_file).
+    return sorted((p for p in path.iterdir() if (not p.is_dir() or p.is_symlink()) and not p.name.startswith(".")
                    and p.suffix.lower() in IMAGE_EXTENSIONS), key=_natural_key)
 
 
@@ -148,7 +149,7 @@ def find_videos(sources: str | os.PathLike | Sequence[str | os.PathLike],
         path = Path(source).expanduser()
         if not path.exists() and not path.is_symlink():
             raise missing_path(source)
-        if path.is_file() or path.is_symlink() and not path.exists():  # a dangling link: skipped with the reason
+        if not path.is_dir():  # a file; a dangling link or a named pipe: skipped with the reason
             if path.suffix.lower() not in VIDEO_EXTENSIONS:
                 raise OptionError("images", f"{source} is not a video file ({', '.join(VIDEO_EXTENSIONS)})")
             found.add(path)
@@ -158,7 +159,7 @@ def find_videos(sources: str | os.PathLike | Sequence[str | os.PathLike],
             for sub in _folders(path):
                 # A dangling link to a clip is listed as skipped with its reason, not dropped unseen.
                 # (Hidden files are none: macOS's ._a.mp4 resource forks, QA 270; as walk_folders.)
-                found.update(p for p in sub.iterdir() if (p.is_file() or p.is_symlink())
+                found.update(p for p in sub.iterdir() if (not p.is_dir() or p.is_symlink())
                              and p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith("."))
                 if sub != path and _is_frame_folder(sub, excluded):
                     found.add(sub)

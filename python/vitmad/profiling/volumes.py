@@ -78,7 +78,7 @@ def find_volumes(sources: str | os.PathLike | Sequence[str | os.PathLike],
             if not files:
                 raise OptionError("images", f"no volumes ({', '.join(VOLUME_EXTENSIONS)}) found in folder {path}")
             found.extend(files)
-        elif path.is_file() or path.is_symlink():
+        elif path.exists() or path.is_symlink():  # a dangling link, a named pipe: skipped, with the reason
             found.append(path)
         else:
             raise missing_path(source)
