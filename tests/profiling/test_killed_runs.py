@@ -270,3 +270,35 @@ def test_a_checkpoint_that_is_no_vitmad_checkpoint_is_refused_before_the_model_l
     assert capsys.readouterr().err.strip() == (f"vitmad: error: --out: {out / 'checkpoint.pt'} exists and is not a "
                                                "vitmad checkpoint, which the run would overwrite; choose another file "
                                                "or remove it")
+
+
+def test_ctrl_c_while_a_figure_is_written_leaves_no_torn_figure_and_the_rerun_runs(tiny_model, image_folder,
+                                                                                    tmp_path, monkeypatch):
+    """A Ctrl-C while PIL wrote entropy.png left half a PNG under that name; the run had not listed it in mad.json,
+    and the advised --resume, or a plain rerun, refused it as a user's file (QA 322). Figures are written through a
+    temporary file now, renamed whole."""
+    from matplotlib.figure import Figure
+
+    savefig = Figure.savefig
+
+    def interrupted(fig, target, *args, **kwargs):
+        if fig.get_suptitle().startswith("Entropy") or any("ntropy" in ax.get_ylabel() for ax in fig.axes):
+            if isinstance(target, (str, os.PathLike)):
+                Path(target).write_bytes(b"\x89PNG\r\n\x1a\n")  # the encoder had begun
+            else:
+                target.write(b"\x89PNG\r\n\x1a\n")
+            raise KeyboardInterrupt
+        return savefig(fig, target, *args, **kwargs)
+
+    out = tmp_path / "out"
+    args = ["profile", "--model", f"hf:{tiny_model}", "--images", str(image_folder), "--device", "cpu", "--stats",
+            "entropy", "--out", str(out)]
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    assert main(args) == 130
+    listed = json.loads((out / "mad.json").read_text())["outputs"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["checkpoint.pt", *listed])
+    assert "entropy.png" not in listed
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    assert main([*args, "--resume"]) == 0
+    assert "entropy.png" in json.loads((out / "mad.json").read_text())["outputs"]
+    assert (out / "entropy.png").read_bytes().startswith(b"\x89PNG")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_file
 from .options import import_optional
 
 __all__ = ["plot_profile", "plot_statistic", "plot_compare", "plot_mad_maps", "plot_prefix_maps", "plot_space_time",
@@ -91,8 +92,11 @@ def _save(fig, path, **options) -> None:
         _pyplot().close(fig)
         raise ValueError(refused)
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, **options)
+    # Through a temporary file renamed over the path, as the results are: a Ctrl-C while matplotlib or PIL wrote it
+    # left a torn figure that the run had not listed as its own, and every rerun refused it as the user's (QA 322).
+    # The format by the suffix, as savefig reads it from a path (none: rcParams["savefig.format"]).
+    with atomic_file(path) as handle:
+        fig.savefig(handle, format=path.suffix.lower().lstrip(".") or None, **options)
 
 
 # What marks a figure as written by `vitmad compare`, so that a later comparison at the same --out replaces or
