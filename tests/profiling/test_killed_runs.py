@@ -302,3 +302,43 @@ def test_ctrl_c_while_a_figure_is_written_leaves_no_torn_figure_and_the_rerun_ru
     assert main([*args, "--resume"]) == 0
     assert "entropy.png" in json.loads((out / "mad.json").read_text())["outputs"]
     assert (out / "entropy.png").read_bytes().startswith(b"\x89PNG")
+
+
+FULL_DISK = """
+import errno, resource, sys
+from pathlib import Path
+import matplotlib
+matplotlib.use("Agg")
+import torch
+from matplotlib.figure import Figure
+from vitmad.profiling.checkpoint import load_checkpoint, save_checkpoint
+from vitmad.profiling.plotting import _save
+
+folder = Path(sys.argv[1])
+save_checkpoint(folder / "checkpoint.pt", {"fingerprint": "run", "batches_done": 1})
+# Writes past 64 kB fail with EFBIG, as on a full disk with ENOSPC (Python ignores the SIGXFSZ that comes too).
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+for write in (lambda: save_checkpoint(folder / "checkpoint.pt", {"fingerprint": "run", "batches_done": 2,
+                                                                "sums": torch.zeros(1 << 16)}),
+              lambda: _save(Figure(figsize=(20, 20)), folder / "entropy.tif")):
+    try:
+        write()
+    except OSError as err:
+        print(type(err).__name__, errno.errorcode[err.errno], err.filename)
+    except Exception as err:
+        print(type(err).__name__, str(err)[:80])
+print(load_checkpoint(folder / "checkpoint.pt", "run")["batches_done"], sorted(p.name for p in folder.iterdir()))
+"""
+
+
+def test_a_full_disk_while_a_checkpoint_or_a_figure_is_written_is_an_oserror_naming_the_file(tmp_path):
+    """torch.save onto a full disk failed with its zip writer's RuntimeError ("unexpected pos ..."), in a 60-line
+    chained traceback, and a figure's write with "[Errno 28] No space left on device", naming no file (QA 322).
+    The disk here is a file-size limit, in a process of its own."""
+    pytest.importorskip("resource")
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"OSError EFBIG {tmp_path / 'checkpoint.pt'}",
+                                        f"OSError EFBIG {tmp_path / 'entropy.tif'}",
+                                        "1 ['checkpoint.pt']"]

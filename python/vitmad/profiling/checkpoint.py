@@ -8,6 +8,7 @@ either the old or the new checkpoint, never a torn one.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -120,8 +121,13 @@ def architecture_digest(module: torch.nn.Module) -> str:
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write ``state`` (tensors, lists, numbers) to ``path`` atomically."""
+    # Serialised in memory, then written: torch.save onto a full disk failed with its zip writer's RuntimeError
+    # ("unexpected pos 9024 vs 8976"), which named neither the cause nor the file (QA 322); the write of the bytes
+    # fails with the OSError that names both. A checkpoint holds sums per layer and head: megabytes at most.
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
     with atomic_file(path) as handle:
-        torch.save({"format": FORMAT, **state}, handle)
+        handle.write(buffer.getbuffer())
 
 
 def _read_state(path: Path) -> dict | None:

@@ -70,9 +70,15 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         # colleagues can read results on a shared machine exactly as the user's umask allows.
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+            try:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            except OSError as err:
+                if err.filename is not None or err.errno is None:
+                    raise
+                # A full disk said "[Errno 28] No space left on device" and not where (QA 322): the path named.
+                raise OSError(err.errno, err.strerror, str(path)) from err
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
