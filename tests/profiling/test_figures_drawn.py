@@ -52,6 +52,19 @@ def test_a_cell_without_a_value_leaves_the_maps_on_the_scale_of_the_others(monke
     assert all((kwargs["vmin"], kwargs["vmax"]) == (9.0, 15.5) for kwargs in overlays)
 
 
+def test_maps_and_the_image_under_them_share_their_pixel_edges(monkeypatch, tmp_path):
+    """The image was drawn with imshow's default extent (pixel centres at whole numbers: -0.5 to W - 0.5) under maps
+    whose cells span 0 to grid * stride: half a pixel apart, a band of bare map along two edges (QA 322)."""
+    shown = _spy(monkeypatch, "imshow")
+    geometry = {"grid": [2, 3], "stride": [8.0, 8.0]}
+    plotting.plot_mad_maps([torch.rand(2, 3)], torch.zeros(3, 16, 24), ["a"], tmp_path / "map.png",
+                           geometry=[geometry])
+    plotting.plot_image_prefix_maps(torch.rand(2, 1, 2, 3), torch.zeros(3, 16, 24), "a", tmp_path / "prefix.png",
+                                    geometry=geometry)
+    assert len(shown) == 3 + 1 + 3 * 2  # image, image and map; image, then each head and their mean over it
+    assert all(kwargs.get("extent") == (0, 24, 16, 0) for _, kwargs in shown)
+
+
 def test_a_video_profile_draws_each_layers_own_uniform_reference(monkeypatch, tmp_path):
     """The space-time figure drew the first layer's uniform attention at every depth (a video Swin's stages: 33.3 px
     where the later ones are 27.3)."""

@@ -452,9 +452,12 @@ def plot_mad_maps(
     plt = _pyplot()
     image = pixels.float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     image = image.clamp(0, 1).permute(1, 2, 0).numpy()
+    # Pixel edges at whole numbers, as the maps' cells: drawn by its default, pixel centres there, the image sat half
+    # a pixel up and left of the maps over it (QA 322).
+    edges = (0, image.shape[1], image.shape[0], 0)
     count = len(maps)
     fig, axes = plt.subplots(1, count + 1, figsize=(2.6 * (count + 1) + 0.8, 3.0), layout="constrained")
-    axes[0].imshow(image)
+    axes[0].imshow(image, extent=edges)
     axes[0].set_title("input")
     # Over the cells with a value: one NaN cell (a masked patch) made both limits NaN, and matplotlib drew the maps
     # on a -0.1 to 0.1 px scale, colours unrelated to their values (QA 259).
@@ -463,7 +466,7 @@ def plot_mad_maps(
     low, high = (float(values.min()), float(values.max())) if values.numel() else (0.0, 1.0)
     for ax, layer_map, name, layer in zip(axes[1:], maps, names, geometry):
         stride_y, stride_x = layer["stride"]
-        ax.imshow(image)
+        ax.imshow(image, extent=edges)
         shown = ax.imshow(layer_map.numpy(), cmap="viridis", alpha=0.55, vmin=low, vmax=high,
                           extent=(0, layer_map.shape[1] * stride_x, layer_map.shape[0] * stride_y, 0),
                           interpolation="nearest")
@@ -508,17 +511,18 @@ def plot_image_prefix_maps(
     heads, tokens = min(maps.shape[0], max_heads), min(maps.shape[1], max_tokens)
     stride_y, stride_x = geometry["stride"]
     extent = (0, maps.shape[-1] * stride_x, maps.shape[-2] * stride_y, 0)
+    edges = (0, image.shape[1], image.shape[0], 0)  # the image's pixel edges, as the maps' (plot_mad_maps)
     fig, axes = plt.subplots(tokens, heads + 2, figsize=(1.9 * (heads + 2), 1.9 * tokens + 0.5), squeeze=False,
                              layout="constrained")
     for row in range(tokens):
-        axes[row, 0].imshow(image)
+        axes[row, 0].imshow(image, extent=edges)
         axes[row, 0].set_title("input" if row == 0 else "", fontsize=8)
         axes[row, 0].set_ylabel(f"token {row}", fontsize=8)
         shown = [maps[h, row] for h in range(heads)] + [maps[:, row].mean(0)]
         titles = [f"head {h}" for h in range(heads)] + ["mean of heads"]
         for column, (token_map, title) in enumerate(zip(shown, titles), start=1):
             ax = axes[row, column]
-            ax.imshow(image)
+            ax.imshow(image, extent=edges)
             ax.imshow(token_map.numpy(), cmap="inferno", alpha=0.6, extent=extent, interpolation="nearest")
             ax.set_title(title if row == 0 else "", fontsize=8)
     for ax in axes.flat:
