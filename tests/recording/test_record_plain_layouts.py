@@ -394,3 +394,54 @@ def test_a_volume_model_of_no_known_layout_is_told_three_coordinates():
                                          r"row, column\)>"):
         with torch.no_grad(), vitmad.record(model, layers=[""]):
             model(torch.randn(1, 1, 8, 8, 8))
+
+
+class _UserAttention(torch.nn.Module):
+    """SDPA attention that keeps its own float64 probabilities for the reference."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        with torch.no_grad():
+            self.qkv.weight[: 2 * dim] *= 5  # far from uniform attention
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        self.probabilities = (q.double() @ k.double().transpose(-1, -2) * (c // self.heads) ** -0.5).softmax(-1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class _EarlyConvViT(torch.nn.Module):
+    """A user's ViT after "Early convolutions help transformers see better": 3x3 convolutions of stride 2 (as many
+    as ``strided``), then a module named patch_embed with a 1x1 projection."""
+
+    def __init__(self, strided: int):
+        super().__init__()
+        widths = [3] + [8 * 2 ** i for i in range(strided)]
+        self.stem = torch.nn.Sequential(*[layer for i in range(strided) for layer in (
+            torch.nn.Conv2d(widths[i], widths[i + 1], 3, 2, 1), torch.nn.ReLU())])
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.proj = torch.nn.Conv2d(widths[-1], 32, 1)
+        self.attn = _UserAttention()
+
+    def forward(self, x):
+        return self.attn(self.patch_embed.proj(self.stem(x)).flatten(2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("strided", [1, 4])
+def test_a_users_stem_before_a_module_named_patch_embed_keeps_its_stride(strided):
+    """The first convolution inside a module named patch_embed was taken to say the image's channels (as timm's
+    VOLO's stem does): here the stem's, so a convolution part-way through the stem, or the projection itself, was
+    taken for the one on the image, and the stem's stride was left out: MAD 2x (one strided convolution) to 4x (four)
+    too low, silently (QA 325)."""
+    torch.manual_seed(0)
+    model = _EarlyConvViT(strided).eval()
+    stride = 2 ** strided
+    grid = (96 // stride, 128 // stride)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(1)))
+    assert [(g.grid, g.stride) for g in rec.geometry] == [(grid, (float(stride), float(stride)))]
+    expected = _expected_mad(model.attn.probabilities, grid, stride, 0, 0)
+    torch.testing.assert_close(rec.mad[0].double(), expected, **RECORD_TOL)

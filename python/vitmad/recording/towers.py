@@ -134,8 +134,11 @@ def image_channels(model: nn.Module) -> int | None:
             return channels
     embed = getattr(model, "patch_embed", None)
     if isinstance(embed, nn.Module):
-        first = next((m for m in embed.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
-        if first is not None:
+        first = next((m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
+        # Only where the patch embedding holds the model's first convolution: a user's stem before a module named
+        # patch_embed gave its channels, a convolution part-way through the stem was taken for the one on the
+        # image, and the stem's stride was left out (MAD 2-4x low, QA 325).
+        if first is not None and any(m is first for m in embed.modules()):
             return first.in_channels
     return None
 
