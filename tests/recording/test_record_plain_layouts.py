@@ -375,6 +375,37 @@ def test_extra_tokens_of_a_model_of_no_library_are_said_to_be_taken_first():
     assert torch.equal(confirmed.mad, rec.mad) and not torch.equal(placed.mad, rec.mad)
 
 
+class _TimmPartsLateRegisters(torch.nn.Module):
+    """A user's ViT of timm parts (PatchEmbed, as MAE's code builds it): its class token after the patches, then
+    two registers appended after the grid before its second layer."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        from timm.layers import PatchEmbed
+
+        self.patch_embed = PatchEmbed(img_size=None, patch_size=8, in_chans=3, embed_dim=dim, strict_img_size=False)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.registers = torch.nn.Parameter(torch.randn(1, 2, dim))
+        self.layers = torch.nn.ModuleList(_UserAttention(dim, 2) for _ in range(2))
+
+    def forward(self, pixels):
+        tokens = self.patch_embed(pixels)
+        tokens = torch.cat([tokens, self.cls.expand(len(tokens), -1, -1)], 1)
+        tokens = self.layers[0](tokens)
+        return self.layers[1](torch.cat([tokens, self.registers.expand(len(tokens), -1, -1)], 1))
+
+
+def test_extra_tokens_are_said_for_a_model_of_library_parts_and_again_for_another_count():
+    """A user's ViT built of timm's PatchEmbed was taken for timm's (the embedding's own module is timm's): its class
+    token last was read as first without a word. Registers appended part-way through moved the patches under the
+    one warning of the first layer's single extra token (QA 325). Each count of extra tokens is said now."""
+    torch.manual_seed(0)
+    model = _TimmPartsLateRegisters().eval()
+    with pytest.warns(UserWarning, match="extra token") as said, torch.no_grad(), vitmad.record(model):
+        model(torch.randn(1, 3, 24, 32))
+    assert [str(w.message).split(": the ")[1][:1] for w in said if "extra token" in str(w.message)] == ["1", "3"]
+
+
 def test_a_volume_model_of_no_known_layout_is_told_three_coordinates():
     """A user's 3-D model (a Conv3d cutting the volume) was told positions=<[N, 2] ...> (QA helper-247)."""
 

@@ -284,8 +284,13 @@ class PlainLayout:
         self.patch_dropouts = patch_dropout_modules(model)
         self.patch_said = False  # the given patch= that is not the embedding's stride was warned of
         # A model no library vitmad knows defines (a user's own ViT) declares nowhere where its extra tokens are:
-        # they are taken to come first, and that is said once (a class token last moved every patch one cell).
-        self.extra_tokens_unsaid = self.embedding is not None and not in_a_known_library(model, self.embedding[0])
+        # they are taken to come first, and that is said once per count of them (a class token last moved every
+        # patch one cell; registers appended after the grid part-way through the model were placed first under
+        # the warning of the earlier layers' class token alone, QA 325). Not the patch embedding's own module: a
+        # user's ViT built of timm's PatchEmbed and Blocks (as MAE's code is) is the user's, and was not warned.
+        self.extra_tokens_said: set[int] | None = (
+            None if self.embedding is None or in_a_known_library(model, self.embedding[0].rpartition(".")[0])
+            else set())
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         if self.embedding is None:
@@ -461,8 +466,9 @@ class PlainPlacer(LayerPlacer):
                     "before the grid> if the extra tokens all come first, or positions=<[N, 2] pixel position of "
                     "each token, NaN rows for tokens off the image>"
                 )
-        if counted and prefix and layout.declared_prefix is None and layout.extra_tokens_unsaid:
-            layout.extra_tokens_unsaid = False
+        said = layout.extra_tokens_said
+        if counted and prefix and layout.declared_prefix is None and said is not None and prefix not in said:
+            said.add(prefix)
             warnings.warn(
                 f"vitmad.record: {type(layout.model).__name__} attends over {num_queries} tokens and its patch "
                 f"embedding {layout.embedding[0]} cuts {grid[0]}x{grid[1]} = {patches}: the {prefix} extra token(s) "
