@@ -174,6 +174,11 @@ def test_layers_selection_and_overrides():
     assert rec.layout == vitmad.recording.ModelLayout(patch=4, grid=(4, 4), num_prefix_tokens=1)
     with pytest.raises(ValueError, match="layers pattern 'nope' matches no module of ViTModel"):
         vitmad.record(model, layers=["nope"])
+    # A list of blocks has no forward to record: it was accepted, and refused after the forward as a path the model
+    # had not taken (QA 325).
+    with pytest.raises(ValueError, match=r"layers names 'layers', a ModuleList of ViTModel: a container .* name its "
+                                         r"layers \('layers\.\*' matches each\)"):
+        vitmad.record(model, layers=["layers"])
     # A module named exactly that runs without computing attention is said so, once, not silently left out.
     with torch.no_grad(), vitmad.record(model, layers=["layers.0.mlp", "layers.1.attention"]) as rec:
         with pytest.warns(UserWarning, match=r"layers.0.mlp \(ViTMLP\) of ViTModel, named in "

@@ -964,6 +964,17 @@ class Recording:
             if any(replaced.values()):
                 kept = {n for name in chosen for n in (replaced.get(name) or [name])}
                 chosen = {name: m for name, m in named_module_list(model) if name in kept}
+            containers = [name for name, m in chosen.items()
+                          if name in exact and isinstance(m, (nn.ModuleList, nn.ModuleDict))]
+            if containers:
+                # A list of blocks runs no forward of its own, so no hook on it ever fires: it was accepted, and the
+                # recording said after the forward that the model "took a path without" it (QA 325).
+                name = containers[0]
+                raise LayersError(
+                    f"names '{name}', a {type(chosen[name]).__name__} of {type(model).__name__}: a container whose "
+                    f"modules its owner calls one by one, with no forward of its own that could be recorded; name "
+                    f"its layers ('{name}.*' matches each)"
+                )
             if "" in chosen and "" not in found:
                 # The model itself, named by layers=[""], is no attention layer: its forward runs them all.
                 inside = [name for name in found if name]
