@@ -293,18 +293,24 @@ def test_patch_is_read_from_the_processors_default_else_given_else_refused():
         vitmad.record(model)
     with pytest.raises(ValueError, match=r"patch=5 does not fit Pix2StructVisionModel: .* takes 48"):
         vitmad.record(model, patch=5)
+    # 48 values divide by 2 x 2 (12 channels): no RGB patch of that side, accepted once with the MAD off (QA 324).
+    with pytest.raises(ValueError, match=r"patch=2 does not fit Pix2StructVisionModel: its image processor cuts RGB "
+                                         r"patches, of 3 x 2 x 2 = 12 values at that side, but .* takes 48"):
+        vitmad.record(model, patch=2)
     rec, rec_tokens = _record(model, inputs, patch=4)
     expected, grids = _reference(_eager_maps("pix2struct", model, inputs), _cells(inputs), 4)
     _check(rec, rec_tokens, expected, grids, 4)
-    # patch= given for a 768-input tower replaces the default: distances scale with it.
+    # patch= given for a 768-input tower is its RGB side, 16, the default: any other was taken, its distances scaled.
     default = _tower()
     inputs = _processed()
     with torch.no_grad():
-        with vitmad.record(default) as rec16:
+        with vitmad.record(default) as rec:
             default(**inputs)
-        with vitmad.record(default, patch=1) as rec1:
+        with vitmad.record(default, patch=16) as rec16:
             default(**inputs)
-    torch.testing.assert_close(rec1.mad * 16, rec16.mad, rtol=1e-5, atol=1e-4)
+    assert torch.equal(rec16.mad, rec.mad)
+    with pytest.raises(ValueError, match=r"patch=8 does not fit .* 3 x 8 x 8 = 192 values .* takes 768"):
+        vitmad.record(default, patch=8)
     with pytest.warns(UserWarning, match=r"grid=\[2, 2\] given, but no recorded layer"):
         vitmad.record(default, grid=[2, 2])
 

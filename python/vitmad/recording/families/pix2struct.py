@@ -115,7 +115,7 @@ class FlattenedPatchesPlacer(LayerPlacer):
 
         Raises:
             ValueError: ``given`` is None and the projection's input is not the default's 768 values, or ``given``
-                does not divide it.
+                is not the side of an RGB patch of its values.
         """
         tower = type(self.tower).__name__
         values = int(self.tower.embeddings.patch_projection.in_features)
@@ -127,11 +127,14 @@ class FlattenedPatchesPlacer(LayerPlacer):
                 "pass patch=<pixels per side of the processor's square patch_size>, or positions=<[N, 2] pixel "
                 "position of each token> for patches that are not square"
             )
-        if given is not None and values % (given * given):
+        if given is not None and values != 3 * given * given:
+            # Its image processors convert every image to RGB: any other count is no patch of that side (8 passed
+            # for a 768-value projection, 12 channels of 8 x 8, halved the MAD silently, QA 324).
             raise ValueError(
-                f"vitmad.record: patch={given} does not fit {tower}: patches of {given} x {given} pixels have C x "
-                f"{given * given} values, but embeddings.patch_projection takes {values}; pass the side of the "
-                "image processor's patch_size"
+                f"vitmad.record: patch={given} does not fit {tower}: its image processor cuts RGB patches, of 3 x "
+                f"{given} x {given} = {3 * given * given} values at that side, but embeddings.patch_projection takes "
+                f"{values}; pass the side of the processor's square patch_size, or positions=<[N, 2] pixel position "
+                "of each token> for patches that are not square"
             )
         self.patch = DEFAULT_PATCH if given is None else given
 
