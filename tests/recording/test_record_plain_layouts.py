@@ -476,3 +476,39 @@ def test_a_users_stem_before_a_module_named_patch_embed_keeps_its_stride(strided
     assert [(g.grid, g.stride) for g in rec.geometry] == [(grid, (float(stride), float(stride)))]
     expected = _expected_mad(model.attn.probabilities, grid, stride, 0, 0)
     torch.testing.assert_close(rec.mad[0].double(), expected, **RECORD_TOL)
+
+
+class _GatedAttention(_UserAttention):
+    """SDPA attention weighted per token by a softmax gate over its heads, ``[B, N, H]``, taken before or after."""
+
+    def __init__(self, gate_first: bool, dim: int = 32, heads: int = 4):
+        super().__init__(dim, heads)
+        self.gate_first, self.router = gate_first, torch.nn.Linear(dim, heads)
+
+    def forward(self, x):
+        gate = self.router(x).softmax(-1) if self.gate_first else None
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        self.probabilities = (q.double() @ k.double().transpose(-1, -2) * (c // self.heads) ** -0.5).softmax(-1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        gate = self.router(x).softmax(-1) if gate is None else gate
+        return self.proj((out * gate.transpose(1, 2)[..., None]).transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("gate_first", [True, False])
+def test_a_softmax_gate_beside_the_fused_attention_is_not_its_attention(gate_first):
+    """The gate's [B, N, H] softmax was placed as the module's attention and refused the layer ("its attention has
+    shape [1, 36, 4]"), though the module's SDPA call is its attention (QA 325)."""
+    torch.manual_seed(0)
+    embed, attention = torch.nn.Conv2d(3, 32, 8, 8), _GatedAttention(gate_first)
+    model = torch.nn.Sequential(embed, torch.nn.Flatten(2), _Transposed(), attention).eval()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.randn(2, 3, 48, 40))
+    assert rec.layers == ["3"] and rec.geometry[0].grid == (6, 5)
+    torch.testing.assert_close(rec.mad[0].double(), _expected_mad(attention.probabilities, (6, 5), 8, 0, 0),
+                               **RECORD_TOL)
+
+
+class _Transposed(torch.nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)

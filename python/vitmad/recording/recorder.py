@@ -1477,7 +1477,14 @@ class Recording:
         """The attention probabilities ``[..., Nq, Nk]`` a module computed itself."""
         if _not_recorded():
             return
-        placement = self._place(name, attn.shape[:-2], attn.shape[-2], attn.shape[-1])
+        try:
+            placement = self._place(name, attn.shape[:-2], attn.shape[-2], attn.shape[-1])
+        except ValueError as refusal:
+            # Decided when the module's forward ends: where it also calls the fused attention, a softmax beside it is
+            # something else (a gate over the heads, [B, N, H]), which refused the whole layer as "its attention"
+            # (QA 325); where it does not, the refusal stands.
+            self._pending.setdefault(name, []).append((None, refusal, False, None, None))
+            return
         _refuse_causal_probabilities(name, attn)
 
         def measure(positions, key_positions, renormalize, stats=()):
@@ -1709,6 +1716,11 @@ class Recording:
         if any(entry[2] for entry in pending):
             # A module that calls the fused attention computes it there; a softmax beside it is something else.
             pending = [entry for entry in pending if entry[2]]
+        refused = next((entry[1] for entry in pending if entry[0] is None), None)
+        if refused is not None:  # a softmax it computed that could not be placed (_on_probabilities)
+            if completed:
+                raise refused
+            return
         if completed and not pending and name in self._placers:
             # A module a family refuses, or whose attention runs where vitmad does not look, refused all the same.
             reason = self._placers[name].refusal_without_attention(module)
