@@ -1035,7 +1035,9 @@ class Recording:
                     "tower's extra tokens and patch grid (a language model or a multimodal encoder mixes them with "
                     "text or other tokens), and vitmad does not know its layout; pass num_prefix_tokens=<tokens "
                     "before the grid> if its sequence is exactly [those tokens][the full row-major patch grid], or "
-                    "positions=<[N, 2] pixel position of each token, NaN rows for tokens off the image>"
+                    "positions=<[N, 2] pixel position of each token, NaN rows for tokens off the image>; both place "
+                    "self-attention over the image's tokens: learned queries attending to them (a Q-Former's "
+                    "cross-attention, a resampler's) have no place on the image, and their attention has no MAD"
                 )
             if isinstance(placer, ClassQueries) and self._maps and self._given is None:
                 # Skipped as a MAD layer, recorded for its class token's maps.
