@@ -385,3 +385,18 @@ def test_a_video_tower_beside_another_is_placed_on_its_own_tubelets(first):
         attentions = eager(**{argument: video}, output_attentions=True).attentions
     assert rec.layers == ["video.encoder.layer.0.attention.attention", "video.encoder.layer.1.attention.attention"]
     _check(rec, [("videomae", a, FRAMES // TUBELET, TUBELET) for a in attentions])
+
+
+def test_a_model_and_its_video_tower_recorded_at_once_each_read_the_video():
+    """Both recordings shared one hook reading TimeSformer's video shape: the first read it, and the second fell back
+    to config.num_frames, 3 videos of 4 frames for 2 of 6, silently (QA 326)."""
+    model, argument = _build("timesformer_space_only")
+    wrapper = torch.nn.ModuleDict({"timesformer": model})
+    video = torch.randn(BATCH, 6, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with vitmad.record(model) as alone:
+            model(**{argument: video})
+        with vitmad.record(wrapper) as outer, vitmad.record(model) as inner:
+            model(**{argument: video})
+    assert alone.mad.shape == (2, BATCH, 2) and alone.geometry[0].frames == 6
+    assert torch.equal(outer.mad, alone.mad) and torch.equal(inner.mad, alone.mad)

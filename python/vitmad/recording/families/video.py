@@ -562,8 +562,11 @@ class VJEPA2PredictorPlacer(LayerPlacer):
         return _shared(context, "video.predicted.placement", ids, int(lead[1]), build)
 
 
-# One embedding hook per embedding convolution, shared by the placers of its tower's layers.
-_EMBEDDINGS: weakref.WeakKeyDictionary[nn.Module, _Embedding] = weakref.WeakKeyDictionary()
+# One embedding hook per recorded model and embedding convolution (by its name there), shared by the placers of its
+# tower's layers. Per recorded model: a recording of a model and one of its tower around the same forward each read
+# TimeSformer's video shape with a hook of their own (one shared, the first read it and the second fell back to
+# the configured frame count, QA 326).
+_EMBEDDINGS: weakref.WeakKeyDictionary[nn.Module, dict[str, _Embedding]] = weakref.WeakKeyDictionary()
 
 
 def _embedding(model: nn.Module, projections: list[str], layer: str, frames: int | None) -> _Embedding | None:
@@ -578,15 +581,15 @@ def _embedding(model: nn.Module, projections: list[str], layer: str, frames: int
     if found is None:
         return None
     ancestor, name = found
-    conv = model.get_submodule(name)
-    known = _EMBEDDINGS.get(conv)
+    embeddings = _EMBEDDINGS.setdefault(model, {})
+    known = embeddings.get(name)
     if known is not None and known.frames == frames:
         return known
     tower = model.get_submodule(ancestor[:-1])  # "": the model itself
     # A per-frame convolution's parent takes the video whole (TimeSformer's patch embedding).
     video_module = model.get_submodule(name.rpartition(".")[0]) if frames is not None and "." in name else None
-    _EMBEDDINGS[conv] = _Embedding(tower, conv, frames, video_module)
-    return _EMBEDDINGS[conv]
+    embeddings[name] = _Embedding(tower, model.get_submodule(name), frames, video_module)
+    return embeddings[name]
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
