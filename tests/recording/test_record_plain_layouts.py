@@ -446,29 +446,34 @@ class _UserAttention(torch.nn.Module):
 
 class _EarlyConvViT(torch.nn.Module):
     """A user's ViT after "Early convolutions help transformers see better": 3x3 convolutions of stride 2 (as many
-    as ``strided``), then a module named patch_embed with a 1x1 projection."""
+    as ``strided``), then a module named patch_embed with a 1x1 projection (declared before the stem where
+    ``stem_last``: it runs after it all the same)."""
 
-    def __init__(self, strided: int):
+    def __init__(self, strided: int, stem_last: bool = False):
         super().__init__()
         widths = [3] + [8 * 2 ** i for i in range(strided)]
-        self.stem = torch.nn.Sequential(*[layer for i in range(strided) for layer in (
+        stem = torch.nn.Sequential(*[layer for i in range(strided) for layer in (
             torch.nn.Conv2d(widths[i], widths[i + 1], 3, 2, 1), torch.nn.ReLU())])
+        if not stem_last:
+            self.stem = stem
         self.patch_embed = torch.nn.Module()
         self.patch_embed.proj = torch.nn.Conv2d(widths[-1], 32, 1)
+        if stem_last:
+            self.stem = stem
         self.attn = _UserAttention()
 
     def forward(self, x):
         return self.attn(self.patch_embed.proj(self.stem(x)).flatten(2).transpose(1, 2))
 
 
-@pytest.mark.parametrize("strided", [1, 4])
-def test_a_users_stem_before_a_module_named_patch_embed_keeps_its_stride(strided):
+@pytest.mark.parametrize("strided, stem_last", [(1, False), (4, False), (2, True)])
+def test_a_users_stem_before_a_module_named_patch_embed_keeps_its_stride(strided, stem_last):
     """The first convolution inside a module named patch_embed was taken to say the image's channels (as timm's
     VOLO's stem does): here the stem's, so a convolution part-way through the stem, or the projection itself, was
     taken for the one on the image, and the stem's stride was left out: MAD 2x (one strided convolution) to 4x (four)
-    too low, silently (QA 325)."""
+    too low, silently (QA 325); with the stem declared after patch_embed too (QA 326)."""
     torch.manual_seed(0)
-    model = _EarlyConvViT(strided).eval()
+    model = _EarlyConvViT(strided, stem_last).eval()
     stride = 2 ** strided
     grid = (96 // stride, 128 // stride)
     with torch.no_grad(), vitmad.record(model) as rec:
@@ -512,3 +517,31 @@ def test_a_softmax_gate_beside_the_fused_attention_is_not_its_attention(gate_fir
 class _Transposed(torch.nn.Module):
     def forward(self, x):
         return x.transpose(1, 2)
+
+
+class _GrayViTWithTokenConvolution(torch.nn.Module):
+    """A user's grayscale ViT whose depthwise position-encoding convolution over the tokens is declared before its
+    patch embedding."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.position_conv = torch.nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.proj = torch.nn.Conv2d(1, dim, 8, 8)
+        self.attn = _UserAttention(dim)
+
+    def forward(self, x):
+        grid = self.patch_embed.proj(x)
+        return self.attn((grid + self.position_conv(grid)).flatten(2).transpose(1, 2))
+
+
+def test_a_grayscale_users_vit_with_a_token_convolution_declared_first_starts_at_its_patch_embedding():
+    """Its channels were said by its patch embedding, 1; taken for 3 once the stem rule came (QA 325), no convolution
+    took the image, the token convolution started each call, and the layer was refused (QA 326)."""
+    torch.manual_seed(0)
+    model = _GrayViTWithTokenConvolution().eval()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.randn(2, 1, 48, 64, generator=torch.Generator().manual_seed(1)))
+    assert [(g.grid, g.stride) for g in rec.geometry] == [((6, 8), (8.0, 8.0))]
+    torch.testing.assert_close(rec.mad[0].double(), _expected_mad(model.attn.probabilities, (6, 8), 8, 0, 0),
+                               **RECORD_TOL)

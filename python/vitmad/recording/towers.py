@@ -134,12 +134,16 @@ def image_channels(model: nn.Module) -> int | None:
             return channels
     embed = getattr(model, "patch_embed", None)
     if isinstance(embed, nn.Module):
-        first = next((m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
-        # Only where the patch embedding holds the model's first convolution: a user's stem before a module named
-        # patch_embed gave its channels, a convolution part-way through the stem was taken for the one on the
-        # image, and the stem's stride was left out (MAD 2-4x low, QA 325).
-        if first is not None and any(m is first for m in embed.modules()):
-            return first.in_channels
+        first = next((m for m in embed.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
+        if first is not None:
+            # A user's convolution stem before a module named patch_embed (declared before or after it) takes the
+            # image, not the patch embedding: its channels were taken for the image's, a convolution part-way
+            # through the stem for the one on the image, and the stem's stride was left out (MAD 2-4x low, QA 325).
+            # An image has at most 4 channels (grey, RGB, RGBA); a convolution over the tokens has the width of
+            # the tokens (a grayscale ViT's position-encoding convolution declared first is none, QA 326).
+            stem = next((m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d))
+                         and m.in_channels <= 4), None)
+            return first.in_channels if stem is None or first.in_channels <= 4 else stem.in_channels
     return None
 
 
