@@ -545,3 +545,21 @@ def test_a_grayscale_users_vit_with_a_token_convolution_declared_first_starts_at
     assert [(g.grid, g.stride) for g in rec.geometry] == [((6, 8), (8.0, 8.0))]
     torch.testing.assert_close(rec.mad[0].double(), _expected_mad(model.attn.probabilities, (6, 8), 8, 0, 0),
                                **RECORD_TOL)
+
+
+def test_a_library_vit_whose_model_holds_its_patch_convolution_is_not_warned_inside_a_wrapper():
+    """torchvision's VisionTransformer holds conv_proj itself: with its embedding's own module no longer counted (a
+    user's ViT of timm's PatchEmbed), a wrapper around it was warned its class token is taken to come first (QA
+    326)."""
+    import warnings
+
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16,
+                                               mlp_dim=32).eval()
+    wrapper = torch.nn.Sequential(vit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad(), vitmad.record(wrapper) as rec:
+            wrapper(torch.randn(1, 3, 32, 32))
+    assert rec.geometry[0].num_prefix_tokens == 1

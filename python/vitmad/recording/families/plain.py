@@ -117,6 +117,19 @@ def in_a_known_library(model: nn.Module, path: str) -> bool:
     return False
 
 
+def _model_of_a_known_library(model: nn.Module, embedding: str) -> bool:
+    """Whether a module holding the patch embedding ``embedding`` (a qualified name) is a model of a library vitmad
+    reads: :func:`in_a_known_library`, less the library's embedding modules (their class names say "embed": timm's
+    PatchEmbed, transformers' ViTPatchEmbeddings), which a user's own ViT may be built of (QA 325). A library model
+    holding the convolution itself (torchvision's conv_proj, OpenCLIP's conv1) is one (QA 326)."""
+    parts = embedding.split(".")
+    for depth in range(len(parts)):
+        owner = model.get_submodule(".".join(parts[:depth]))
+        if is_known_library(type(owner)) and "embed" not in type(owner).__name__.lower():
+            return True
+    return False
+
+
 def declared_prefix_tokens(model: nn.Module, embedding: tuple[str, nn.Module] | None) -> tuple[str, int] | None:
     """The count of tokens before the grid that the model holding the patch embedding declares, as timm's models
     do (``num_prefix_tokens``: class, distillation and register tokens), with that model's name; None where no
@@ -289,8 +302,7 @@ class PlainLayout:
         # the warning of the earlier layers' class token alone, QA 325). Not the patch embedding's own module: a
         # user's ViT built of timm's PatchEmbed and Blocks (as MAE's code is) is the user's, and was not warned.
         self.extra_tokens_said: set[int] | None = (
-            None if self.embedding is None or in_a_known_library(model, self.embedding[0].rpartition(".")[0])
-            else set())
+            None if self.embedding is None or _model_of_a_known_library(model, self.embedding[0]) else set())
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         if self.embedding is None:
