@@ -563,3 +563,28 @@ def test_a_library_vit_whose_model_holds_its_patch_convolution_is_not_warned_ins
         with torch.no_grad(), vitmad.record(wrapper) as rec:
             wrapper(torch.randn(1, 3, 32, 32))
     assert rec.geometry[0].num_prefix_tokens == 1
+
+
+class _Stage(torch.nn.ModuleList):
+    """A list of blocks with a forward of its own (as kornia's DINOv2 BlockChunk)."""
+
+    def forward(self, x):
+        for block in self:
+            x = block(x)
+        return x
+
+
+def test_a_module_list_with_a_forward_of_its_own_named_in_layers_is_a_layer():
+    """layers= naming a plain ModuleList is refused (it runs no forward); one that defines its forward runs its
+    blocks there, and was refused too, with that untrue reason (QA 326)."""
+    torch.manual_seed(0)
+    embed, attention = torch.nn.Conv2d(3, 32, 8, 8), _UserAttention()
+    model = torch.nn.Sequential(embed, torch.nn.Flatten(2), _Transposed(), _Stage([attention])).eval()
+    with torch.no_grad(), vitmad.record(model, layers=["3"]) as rec:
+        model(torch.randn(1, 3, 32, 40))
+    assert rec.layers == ["3"]
+    torch.testing.assert_close(rec.mad[0].double(), _expected_mad(attention.probabilities, (4, 5), 8, 0, 0),
+                               **RECORD_TOL)
+    with pytest.raises(ValueError, match=r"names '3', a ModuleList of Sequential: a container"):
+        vitmad.record(torch.nn.Sequential(embed, torch.nn.Flatten(2), _Transposed(), torch.nn.ModuleList([attention])),
+                      layers=["3"])

@@ -964,8 +964,10 @@ class Recording:
             if any(replaced.values()):
                 kept = {n for name in chosen for n in (replaced.get(name) or [name])}
                 chosen = {name: m for name, m in named_module_list(model) if name in kept}
+            # (A subclass that defines a forward, kornia's BlockChunk, runs its blocks itself: it is a layer.)
             containers = [name for name, m in chosen.items()
-                          if name in exact and isinstance(m, (nn.ModuleList, nn.ModuleDict))]
+                          if name in exact and isinstance(m, (nn.ModuleList, nn.ModuleDict))
+                          and type(m).forward is nn.Module.forward]
             if containers:
                 # A list of blocks runs no forward of its own, so no hook on it ever fires: it was accepted, and the
                 # recording said after the forward that the model "took a path without" it (QA 325).
