@@ -243,3 +243,12 @@ def test_figures_say_what_they_leave_out_and_which_panels_have_no_value(monkeypa
     profile.statistics["entropy"].total[1, 0] = float("nan")
     profile.plot_stat("entropy", tmp_path / "entropy.png")
     assert any("heads without a value (NaN) in layer 2: not drawn" in text for text in texts[-1])
+
+
+def test_a_figure_path_without_a_suffix_gets_savefigs_suffix(tmp_path):
+    """Written through a temporary file (QA 322), a path without a suffix lost the .png savefig appends (QA 326)."""
+    from matplotlib.figure import Figure
+
+    plotting._save(Figure(), tmp_path / "mad")
+    assert [p.name for p in tmp_path.iterdir()] == ["mad.png"]
+    assert (tmp_path / "mad.png").read_bytes().startswith(b"\x89PNG")

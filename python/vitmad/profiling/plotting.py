@@ -63,7 +63,7 @@ def _pyplot():
 
 def figure_type_refused(path: str | os.PathLike) -> str | None:
     """Why matplotlib cannot write a figure at ``path`` (``"x.txt: cannot write a figure of type .txt; use one of
-    ..."``), or None where it can (a path without a suffix is written as PNG)."""
+    ..."``), or None where it can (a path without a suffix is written as PNG, ``.png`` appended, as savefig does)."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     path = Path(path).expanduser()
@@ -92,11 +92,15 @@ def _save(fig, path, **options) -> None:
         _pyplot().close(fig)
         raise ValueError(refused)
     path = Path(path).expanduser()
+    if not path.suffix:  # as savefig does given a path: rcParams["savefig.format"], its suffix appended (QA 326)
+        import matplotlib
+
+        path = path.with_name(f"{path.name}.{matplotlib.rcParams['savefig.format']}")
     # Through a temporary file renamed over the path, as the results are: a Ctrl-C while matplotlib or PIL wrote it
     # left a torn figure that the run had not listed as its own, and every rerun refused it as the user's (QA 322).
-    # The format by the suffix, as savefig reads it from a path (none: rcParams["savefig.format"]).
+    # The format by the suffix, as savefig reads it from a path.
     with atomic_file(path) as handle:
-        fig.savefig(handle, format=path.suffix.lower().lstrip(".") or None, **options)
+        fig.savefig(handle, format=path.suffix.lower().lstrip("."), **options)
 
 
 # What marks a figure as written by `vitmad compare`, so that a later comparison at the same --out replaces or
