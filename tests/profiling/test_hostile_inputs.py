@@ -103,6 +103,23 @@ def test_a_named_pipe_given_by_name_or_as_a_frame_is_skipped_with_the_reason(tin
     assert load_video(clip, 2) == (None, "frame 1.png: a named pipe (FIFO), not a regular file: not read")
 
 
+def test_standard_input_given_as_an_image_is_skipped_as_the_pipe_it_is():
+    """/dev/stdin resolved names an anonymous pipe as /proc/<pid>/fd/pipe:[N], no file: it was a FileNotFoundError
+    from the Python API and "no such file or folder" from the command (QA 326)."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    code = ("from vitmad.profiling.images import find_images, load_image\n"
+            "paths = find_images('/dev/stdin'); print(paths, load_image(paths[0]))")
+    done = subprocess.run([sys.executable, "-c", code], input="not an image", capture_output=True, text=True,
+                          env=subprocess_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("[PosixPath('/dev/stdin')] (None, 'a named pipe (FIFO), not a regular file: not "
+                                   "read')")
+
+
 def test_bombs_are_refused_before_decoding(tmp_path):
     (tmp_path / "large.png").write_bytes(_png_claiming(20_000, 5_000))  # 300 MB if decoded
     with pytest.warns(Warning, match="decompression bomb"):  # PIL's own warning, kept

@@ -119,10 +119,20 @@ def find_images(sources: str | os.PathLike | Sequence[str | os.PathLike],
         else:
             raise missing_path(source)
     # A dangling link stays itself: resolved, it would name a file that is not there.
-    unique = list(dict.fromkeys(p.resolve() if p.exists() else p.absolute() for p in found))
+    unique = list(dict.fromkeys(map(absolute_input, found)))
     if not unique:
         raise OptionError("images", "no images given")
     return unique
+
+
+def absolute_input(path: Path) -> Path:
+    """``path`` resolved (a file reached twice is one input), or absolute where it does not resolve to a path that
+    exists: a dangling link stays itself, and ``/dev/stdin`` resolved names a pipe as ``/proc/<pid>/fd/pipe:[N]``, no
+    file (QA 326), where itself it is the pipe, skipped as one."""
+    if not path.exists():  # (a link loop, which resolve() refuses)
+        return path.absolute()
+    resolved = path.resolve()
+    return resolved if resolved.exists() else path.absolute()
 
 
 def walk_folders(folder: Path):

@@ -25,7 +25,16 @@ from pathlib import Path
 
 import torch
 
-from .images import IMAGE_EXTENSIONS, Preprocessing, exclusion, folder_files, load_each, load_image, walk_folders
+from .images import (
+    IMAGE_EXTENSIONS,
+    Preprocessing,
+    absolute_input,
+    exclusion,
+    folder_files,
+    load_each,
+    load_image,
+    walk_folders,
+)
 from .options import OptionError, import_optional, missing_path
 from .torchvision_models import video_frames
 
@@ -171,7 +180,7 @@ def find_videos(sources: str | os.PathLike | Sequence[str | os.PathLike],
                                     f"in {shown}")
     # Absolute, as find_images gives: the same clip once; a dangling link stays itself (resolved, it would name a
     # file that is not there).
-    return sorted({p.resolve() if p.exists() else p.absolute() for p in found})
+    return sorted(set(map(absolute_input, found)))
 
 
 def _warn_loose_images(folder: Path, excluded: Callable[[Path], bool]) -> None:
