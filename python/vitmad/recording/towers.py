@@ -136,15 +136,34 @@ def image_channels(model: nn.Module) -> int | None:
     if isinstance(embed, nn.Module):
         first = next((m for m in embed.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
         if first is not None:
-            # A user's convolution stem before a module named patch_embed (declared before or after it) takes the
-            # image, not the patch embedding: its channels were taken for the image's, a convolution part-way
-            # through the stem for the one on the image, and the stem's stride was left out (MAD 2-4x low, QA 325).
-            # An image has at most 4 channels (grey, RGB, RGBA); a convolution over the tokens has the width of
-            # the tokens (a grayscale ViT's position-encoding convolution declared first is none, QA 326).
-            stem = next((m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d))
-                         and m.in_channels <= 4), None)
-            return first.in_channels if stem is None or first.in_channels <= 4 else stem.in_channels
+            return _stem_input_channels(model, first)
     return None
+
+
+def _stem_input_channels(model: nn.Module, first: nn.Module) -> int:
+    """The channels of the image before the patch embedding whose first convolution is ``first``: its own input's,
+    or, where that is wider than an image (more than 4 channels) and other convolutions make that many, those of
+    the stem they chain back to by their channels.
+
+    A user's convolution stem before a module named patch_embed (declared before or after it) takes the image:
+    the patch embedding's channels, the stem's output, were taken for the image's, a convolution part-way through
+    the stem for the one on the image, and the stem's stride was left out (MAD 2-4x low, QA 325). Its input
+    channels alone cannot say so: a grayscale ViT's token convolution (QA 326) and a 13-band ViT's convolution of
+    a derived band (QA 328) take other counts than the image, and chain to no convolution making the embedding's.
+    A patch embedding taking at most 4 channels (grey, RGB, RGBA) takes the image, whatever makes 3 channels
+    elsewhere (a decoder's reconstruction)."""
+    channels = first.in_channels
+    if channels <= 4:
+        return channels
+    convolutions = [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d)) and m is not first]
+    seen = {channels}
+    while True:
+        # The earliest declared convolution making these channels: a stem comes before the heads that may too.
+        maker = next((m for m in convolutions if m.out_channels == channels), None)
+        if maker is None or maker.in_channels in seen:
+            return channels
+        channels = maker.in_channels
+        seen.add(channels)
 
 
 def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
