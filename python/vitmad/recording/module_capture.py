@@ -240,6 +240,13 @@ def _reaches_fused_attention(module: nn.Module) -> bool:
                                                   instance=module)
 
 
+def reaches_fused_attention(module: nn.Module) -> bool:
+    """Whether a module's forward calls ``F.scaled_dot_product_attention`` or ``flex_attention`` (itself, or a
+    helper three calls deep), a library's module too."""
+    cls = type(module)
+    return _reaches(cls, getattr(cls, "forward", None), 3, softmax=False, instance=module)
+
+
 def names_softmax(module: nn.Module) -> bool:
     """Whether a module's forward names a softmax or the fused attention (itself, or a helper three calls deep)."""
     return _reaches(type(module), getattr(type(module), "forward", None), 3, softmax=True, instance=module)

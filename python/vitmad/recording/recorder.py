@@ -88,6 +88,7 @@ from .module_capture import (
     may_compute_attention,
     multiplies_matrices,
     names_softmax,
+    reaches_fused_attention,
     source_attention_modules,
     timm_attention_modules,
 )
@@ -916,6 +917,7 @@ class Recording:
                           stacklevel=3)
         # Per module, the calls of its current forward not yet recorded (several for differential attention).
         self._pending: dict[str, list] = {}
+        self._fused_callers: dict[str, bool] = {}  # by module name: its forward calls SDPA or flex_attention
         # Modules the user named exactly (no wildcard): one that runs without computing attention is said so once.
         self._named = {name for name in layers or () if not any(c in name for c in "*?[")}
         # Device copies of the host positions of this recording's calls, by device and content (_to_device).
@@ -1484,9 +1486,15 @@ class Recording:
         try:
             placement = self._place(name, attn.shape[:-2], attn.shape[-2], attn.shape[-1])
         except ValueError as refusal:
-            # Decided when the module's forward ends: where it also calls the fused attention, a softmax beside it is
-            # something else (a gate over the heads, [B, N, H]), which refused the whole layer as "its attention"
-            # (QA 325); where it does not, the refusal stands.
+            # In a module whose forward calls the fused attention, a softmax beside it is something else (a gate over
+            # the heads, [B, N, H]), which refused the whole layer as "its attention" (QA 325): decided when the
+            # module ends, by whether the fused call came. In any other module the refusal stands at once, before
+            # the forward goes on past it (QA 328).
+            fused = self._fused_callers.get(name)
+            if fused is None:
+                fused = self._fused_callers[name] = reaches_fused_attention(self._modules[name])
+            if not fused:
+                raise
             self._pending.setdefault(name, []).append((None, refusal, False, None, None))
             return
         _refuse_causal_probabilities(name, attn)
