@@ -588,3 +588,75 @@ def test_a_module_list_with_a_forward_of_its_own_named_in_layers_is_a_layer():
     with pytest.raises(ValueError, match=r"names '3', a ModuleList of Sequential: a container"):
         vitmad.record(torch.nn.Sequential(embed, torch.nn.Flatten(2), _Transposed(), torch.nn.ModuleList([attention])),
                       layers=["3"])
+
+
+class _MultispectralViT(torch.nn.Module):
+    """A user's 13-band ViT that also embeds a band it derives (an index of two bands) with a 1-channel convolution,
+    declared first."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.index_embed = torch.nn.Conv2d(1, dim, 8, 8)
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.proj = torch.nn.Conv2d(13, dim, 8, 8)
+        self.attn = _UserAttention(dim)
+
+    def forward(self, x):
+        index = (x[:, 7:8] - x[:, 3:4]) / (x[:, 7:8].abs() + x[:, 3:4].abs() + 1)
+        tokens = self.patch_embed.proj(x) + self.index_embed(index)
+        return self.attn(tokens.flatten(2).transpose(1, 2))
+
+
+def test_a_multispectral_users_vit_with_a_one_band_convolution_takes_its_13_bands():
+    """With the stem rule reading any convolution of at most 4 channels as the image's (QA 326), the 1-channel
+    convolution of a derived band was taken for the one on the image: the layer refused, profile refused the 13-band
+    input (QA 328). Only convolutions that chain to the patch embedding's channels are a stem."""
+    torch.manual_seed(0)
+    model = _MultispectralViT().eval()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.randn(2, 13, 32, 40, generator=torch.Generator().manual_seed(1)))
+    assert [(g.grid, g.stride) for g in rec.geometry] == [((4, 5), (8.0, 8.0))]
+    torch.testing.assert_close(rec.mad[0].double(), _expected_mad(model.attn.probabilities, (4, 5), 8, 0, 0),
+                               **RECORD_TOL)
+
+
+class _MergedHeadsAttention(torch.nn.Module):
+    """Explicit attention with batch and heads merged ([B * H, N, N]: not placeable), counting its forwards past the
+    softmax and returning nothing (it writes into the buffer it is given)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.qkv, self.past_softmax = heads, torch.nn.Linear(dim, 3 * dim), 0
+
+    def forward(self, x, out):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        merged = (q.reshape(b * self.heads, n, -1) @ k.reshape(b * self.heads, n, -1).transpose(-1, -2)).softmax(-1)
+        self.past_softmax += 1
+        out.copy_((merged @ v.reshape(b * self.heads, n, -1)).reshape(b, self.heads, n, -1).transpose(1, 2)
+                  .reshape(b, n, c))
+
+
+def test_an_unplaceable_softmax_of_a_module_without_fused_attention_is_refused_where_it_is_taken():
+    """Deferred to the module's end for every module (QA 325), the refusal let its forward go on past the softmax,
+    and was lost where the forward returned None, a misleading "none computed attention" in its place (QA 328)."""
+    torch.manual_seed(0)
+    embed, attention = torch.nn.Conv2d(3, 32, 8, 8), _MergedHeadsAttention()
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.attention = embed, attention
+
+        def forward(self, x):
+            tokens = self.embed(x).flatten(2).transpose(1, 2)
+            out = torch.empty_like(tokens)
+            self.attention(tokens, out)
+            return out
+
+    with pytest.raises(ValueError, match=r"attention \(_MergedHeadsAttention\) of Model: its attention has shape "
+                                         r"\[8, 16, 16\] \(batch and heads merged"):
+        model = Model().eval()
+        with torch.no_grad(), vitmad.record(model):
+            model(torch.randn(2, 3, 32, 32))
+    assert attention.past_softmax == 0
