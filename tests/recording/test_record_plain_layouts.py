@@ -660,3 +660,32 @@ def test_an_unplaceable_softmax_of_a_module_without_fused_attention_is_refused_w
         with torch.no_grad(), vitmad.record(model):
             model(torch.randn(2, 3, 32, 32))
     assert attention.past_softmax == 0
+
+
+class _StemOfTheTokensWidth(torch.nn.Module):
+    """A user's ViT: a position-encoding convolution over the tokens (32 to 32) declared first, then a stem making
+    32 channels at stride 2 and patch_embed's 4 px projection keeping 32: tokens 8 px apart."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.position_conv = torch.nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        self.stem = torch.nn.Conv2d(3, dim, 3, 2, 1)
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.proj = torch.nn.Conv2d(dim, dim, 4, 4)
+        self.attn = _UserAttention(dim)
+
+    def forward(self, x):
+        grid = self.patch_embed.proj(self.stem(x))
+        return self.attn((grid + self.position_conv(grid)).flatten(2).transpose(1, 2))
+
+
+def test_a_stem_is_found_past_a_token_convolution_of_the_same_width():
+    """Chained back by channels from patch_embed's 32, the token convolution (32 from 32) declared first ended the
+    search at 32, and the stem's stride was lost."""
+    torch.manual_seed(0)
+    model = _StemOfTheTokensWidth().eval()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(1)))
+    assert [(g.grid, g.stride) for g in rec.geometry] == [((6, 8), (8.0, 8.0))]
+    torch.testing.assert_close(rec.mad[0].double(), _expected_mad(model.attn.probabilities, (6, 8), 8, 0, 0),
+                               **RECORD_TOL)

@@ -158,9 +158,10 @@ def _stem_input_channels(model: nn.Module, first: nn.Module) -> int:
     convolutions = [m for m in module_list(model) if isinstance(m, (nn.Conv2d, nn.Conv3d)) and m is not first]
     seen = {channels}
     while True:
-        # The earliest declared convolution making these channels: a stem comes before the heads that may too.
-        maker = next((m for m in convolutions if m.out_channels == channels), None)
-        if maker is None or maker.in_channels in seen:
+        # The earliest declared convolution making these channels from others (a stem comes before the heads that
+        # may make them too; a token convolution keeping the width is no step back).
+        maker = next((m for m in convolutions if m.out_channels == channels and m.in_channels not in seen), None)
+        if maker is None:
             return channels
         channels = maker.in_channels
         seen.add(channels)
