@@ -444,6 +444,16 @@ class _UserAttention(torch.nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
+def _check_users_vit(model, channels: int, size: tuple[int, int], grid: tuple[int, int], stride: int):
+    """Record ``model`` (a ``_UserAttention`` at ``model.attn``) on 2 random images: one global layer on ``grid`` at
+    ``stride`` px, its MAD that of the model's own float64 probabilities on that grid."""
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.randn(2, channels, *size, generator=torch.Generator().manual_seed(1)))
+    assert [(g.grid, g.stride) for g in rec.geometry] == [(grid, (float(stride), float(stride)))]
+    torch.testing.assert_close(rec.mad[0].double(), _expected_mad(model.attn.probabilities, grid, stride, 0, 0),
+                               **RECORD_TOL)
+
+
 class _EarlyConvViT(torch.nn.Module):
     """A user's ViT after "Early convolutions help transformers see better": 3x3 convolutions of stride 2 (as many
     as ``strided``), then a module named patch_embed with a 1x1 projection (declared before the stem where
@@ -473,14 +483,8 @@ def test_a_users_stem_before_a_module_named_patch_embed_keeps_its_stride(strided
     taken for the one on the image, and the stem's stride was left out: MAD 2x (one strided convolution) to 4x (four)
     too low, silently (QA 325); with the stem declared after patch_embed too (QA 326)."""
     torch.manual_seed(0)
-    model = _EarlyConvViT(strided, stem_last).eval()
     stride = 2 ** strided
-    grid = (96 // stride, 128 // stride)
-    with torch.no_grad(), vitmad.record(model) as rec:
-        model(torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(1)))
-    assert [(g.grid, g.stride) for g in rec.geometry] == [(grid, (float(stride), float(stride)))]
-    expected = _expected_mad(model.attn.probabilities, grid, stride, 0, 0)
-    torch.testing.assert_close(rec.mad[0].double(), expected, **RECORD_TOL)
+    _check_users_vit(_EarlyConvViT(strided, stem_last).eval(), 3, (96, 128), (96 // stride, 128 // stride), stride)
 
 
 class _GatedAttention(_UserAttention):
@@ -539,12 +543,7 @@ def test_a_grayscale_users_vit_with_a_token_convolution_declared_first_starts_at
     """Its channels were said by its patch embedding, 1; taken for 3 once the stem rule came (QA 325), no convolution
     took the image, the token convolution started each call, and the layer was refused (QA 326)."""
     torch.manual_seed(0)
-    model = _GrayViTWithTokenConvolution().eval()
-    with torch.no_grad(), vitmad.record(model) as rec:
-        model(torch.randn(2, 1, 48, 64, generator=torch.Generator().manual_seed(1)))
-    assert [(g.grid, g.stride) for g in rec.geometry] == [((6, 8), (8.0, 8.0))]
-    torch.testing.assert_close(rec.mad[0].double(), _expected_mad(model.attn.probabilities, (6, 8), 8, 0, 0),
-                               **RECORD_TOL)
+    _check_users_vit(_GrayViTWithTokenConvolution().eval(), 1, (48, 64), (6, 8), 8)
 
 
 def test_a_library_vit_whose_model_holds_its_patch_convolution_is_not_warned_inside_a_wrapper():
@@ -612,12 +611,7 @@ def test_a_multispectral_users_vit_with_a_one_band_convolution_takes_its_13_band
     convolution of a derived band was taken for the one on the image: the layer refused, profile refused the 13-band
     input (QA 328). Only convolutions that chain to the patch embedding's channels are a stem."""
     torch.manual_seed(0)
-    model = _MultispectralViT().eval()
-    with torch.no_grad(), vitmad.record(model) as rec:
-        model(torch.randn(2, 13, 32, 40, generator=torch.Generator().manual_seed(1)))
-    assert [(g.grid, g.stride) for g in rec.geometry] == [((4, 5), (8.0, 8.0))]
-    torch.testing.assert_close(rec.mad[0].double(), _expected_mad(model.attn.probabilities, (4, 5), 8, 0, 0),
-                               **RECORD_TOL)
+    _check_users_vit(_MultispectralViT().eval(), 13, (32, 40), (4, 5), 8)
 
 
 class _MergedHeadsAttention(torch.nn.Module):
@@ -683,9 +677,4 @@ def test_a_stem_is_found_past_a_token_convolution_of_the_same_width():
     """Chained back by channels from patch_embed's 32, the token convolution (32 from 32) declared first ended the
     search at 32, and the stem's stride was lost."""
     torch.manual_seed(0)
-    model = _StemOfTheTokensWidth().eval()
-    with torch.no_grad(), vitmad.record(model) as rec:
-        model(torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(1)))
-    assert [(g.grid, g.stride) for g in rec.geometry] == [((6, 8), (8.0, 8.0))]
-    torch.testing.assert_close(rec.mad[0].double(), _expected_mad(model.attn.probabilities, (6, 8), 8, 0, 0),
-                               **RECORD_TOL)
+    _check_users_vit(_StemOfTheTokensWidth().eval(), 3, (48, 64), (6, 8), 8)
