@@ -235,9 +235,7 @@ def _reaches_fused_attention(module: nn.Module) -> bool:
     alias, a helper function or a method, three calls deep: such a block was left out of the default layers
     silently, its neighbours recorded, so ``rec.mad[1]`` was another block's (QA 257). Whether it is a layer is
     :func:`source_attention_modules`' choice (not where it holds attention below it)."""
-    cls = type(module)
-    return not is_known_library(cls) and _reaches(cls, getattr(cls, "forward", None), 3, softmax=False,
-                                                  instance=module)
+    return not is_known_library(type(module)) and reaches_fused_attention(module)
 
 
 def reaches_fused_attention(module: nn.Module) -> bool:

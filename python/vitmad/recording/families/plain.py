@@ -106,26 +106,16 @@ def num_suffix_tokens(model: nn.Module) -> int:
     return int(getattr(config, "num_detection_tokens", 0) or 0)
 
 
-def in_a_known_library(model: nn.Module, path: str) -> bool:
+def in_a_known_library(model: nn.Module, path: str, embeddings: bool = True) -> bool:
     """Whether a module on the path to the module ``path`` (a patch embedding, an attention layer; the model itself
-    included, that module and torch's own modules not) is defined in a library vitmad reads."""
+    included, that module and torch's own modules not) is defined in a library vitmad reads; with ``embeddings``
+    False, a library's embedding module (its class name says "embed": timm's PatchEmbed, transformers'
+    ViTPatchEmbeddings) does not count: a user's own ViT may be built of one (QA 325), where a library model
+    holding the convolution itself (torchvision's conv_proj, OpenCLIP's conv1) does (QA 326)."""
     parts = path.split(".")
     for depth in range(len(parts)):
-        owner = model.get_submodule(".".join(parts[:depth]))
-        if is_known_library(type(owner)):
-            return True
-    return False
-
-
-def _model_of_a_known_library(model: nn.Module, embedding: str) -> bool:
-    """Whether a module holding the patch embedding ``embedding`` (a qualified name) is a model of a library vitmad
-    reads: :func:`in_a_known_library`, less the library's embedding modules (their class names say "embed": timm's
-    PatchEmbed, transformers' ViTPatchEmbeddings), which a user's own ViT may be built of (QA 325). A library model
-    holding the convolution itself (torchvision's conv_proj, OpenCLIP's conv1) is one (QA 326)."""
-    parts = embedding.split(".")
-    for depth in range(len(parts)):
-        owner = model.get_submodule(".".join(parts[:depth]))
-        if is_known_library(type(owner)) and "embed" not in type(owner).__name__.lower():
+        owner = type(model.get_submodule(".".join(parts[:depth])))
+        if is_known_library(owner) and (embeddings or "embed" not in owner.__name__.lower()):
             return True
     return False
 
@@ -302,7 +292,8 @@ class PlainLayout:
         # the warning of the earlier layers' class token alone, QA 325). Not the patch embedding's own module: a
         # user's ViT built of timm's PatchEmbed and Blocks (as MAE's code is) is the user's, and was not warned.
         self.extra_tokens_said: set[int] | None = (
-            None if self.embedding is None or _model_of_a_known_library(model, self.embedding[0]) else set())
+            None if self.embedding is None or in_a_known_library(model, self.embedding[0], embeddings=False)
+            else set())
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         if self.embedding is None:
