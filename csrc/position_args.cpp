@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <deque>
+#include <iomanip>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <sstream>
@@ -60,20 +62,41 @@ std::string matrix_of_row(const at::Tensor& pos, int64_t row, const char* arg) {
   return out.str();
 }
 
-// Every row all NaN (no position) or all finite. On a host copy in double: positions are small.
+// The largest coordinate magnitude whose distances square and sum in `dtype` (the accumulation dtype) without
+// overflow: two tokens at most 2 * limit apart on each of k axes (beyond it the MAD was inf silently, QA 329).
+// Mirrors position_limit in python/vitmad/ops/arguments.py.
+double position_limit(at::ScalarType dtype, int64_t k) {
+  const double max = dtype == at::kDouble ? std::numeric_limits<double>::max()
+                                          : static_cast<double>(std::numeric_limits<float>::max());
+  return std::sqrt(max / static_cast<double>(std::max<int64_t>(k, 1))) / 2;
+}
+
+// Every row all NaN (no position) or all finite, within position_limit. On a host copy in double: positions are
+// small. `pos` is in the accumulation dtype, whose bound is checked.
 void check_position_values(const at::Tensor& pos, const char* arg, const char* op_name) {
   const at::Tensor host = pos.to(at::kCPU, at::kDouble).contiguous();
   const double* v = host.const_data_ptr<double>();
   const int64_t k = host.size(-1);
   const int64_t n = host.size(-2);
   const int64_t rows = k == 0 ? 0 : host.numel() / k;
+  const bool wide = pos.scalar_type() == at::kDouble;
+  const double limit = position_limit(pos.scalar_type(), k);
+  const char* dtype = wide ? "float64" : "float32";
+  std::ostringstream bound;  // as Python's f"{limit:.2g}"
+  bound << std::setprecision(2) << limit;
   for (int64_t r = 0; r < rows; ++r) {
     int64_t nan = 0;
     for (int64_t c = 0; c < k; ++c) {
       const double x = v[r * k + c];
       TORCH_CHECK_VALUE(!std::isinf(x), op_name, ": ", arg,
                         " must not be infinite (NaN marks a token without a position), got ", x, " at row ", r % n,
-                        matrix_of_row(host, r, arg));
+                        matrix_of_row(host, r, arg),
+                        wide ? "" : " (or a finite value beyond float32's range, the accumulation dtype it is "
+                                    "converted to)");
+      TORCH_CHECK_VALUE(!(std::abs(x) > limit), op_name, ": ", arg,  " must lie within +-", bound.str(),
+                        " (distances are squared in ", dtype, ", the accumulation dtype, which holds no larger "
+                        "square), got ", x, " at row ", r % n, matrix_of_row(host, r, arg),
+                        "; measure in a larger unit", wide ? "" : ", or give float64 attention");
       nan += std::isnan(x) ? 1 : 0;
     }
     TORCH_CHECK_VALUE(nan == 0 || nan == k, op_name, ": ", arg, " row ", r % n, matrix_of_row(host, r, arg), " has ",

@@ -33,6 +33,13 @@ def test_fallback_matches_reference(dtype, n, prefix, grid, reduction, renormali
     torch.testing.assert_close(grad_attn.double(), expected, rtol=rounding, atol=rounding * scale)
 
 
+@pytest.mark.parametrize("call", [lambda: _fallback.mad(None, 16), lambda: _fallback.stats(None, 16, ["mad"])])
+def test_fallback_grid_form_names_attn_given_none(call):
+    """QA 329: the dispatcher hands None on to a Python kernel, which read its shape: an AttributeError."""
+    with pytest.raises(TypeError, match=r"vitmad\.(mad|attention_stats): attn must be a torch\.Tensor"):
+        call()
+
+
 def test_fallback_chunks_bound_the_distance_slice(monkeypatch):
     # A tiny chunk budget forces many query chunks; the result must not change.
     monkeypatch.setattr(_fallback, "_DISTANCE_CHUNK_ELEMENTS", 500)

@@ -5,6 +5,7 @@ strides, broadcasting, windows, autograd, opcheck, torch.compile and the errors.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -363,7 +364,17 @@ def _bad_calls():
     inf[4, 1] = float("inf")
     half_nan = keys.clone()
     half_nan[2, 0] = NAN
+    far, beyond = pos.clone(), pos.double()
+    far[4, 0] = 1e20  # its square is beyond float32 (QA 329: the MAD was inf silently)
+    beyond[4, 0] = 1e300  # finite as given, inf in float32
     return [
+        ({"positions": far, "key_positions": keys}, ValueError,
+         r"vitmad.mad: positions must lie within \+-6.5e\+18 \(distances are squared in float32, the accumulation "
+         r"dtype, which holds no larger square\), got 1e\+20 at row 4; measure in a larger unit, or give float64 "
+         r"attention$"),
+        ({"positions": beyond, "key_positions": keys}, ValueError,
+         r"vitmad.mad: positions must not be infinite .*, got inf at row 4 \(or a finite value beyond float32's "
+         r"range, the accumulation dtype it is converted to\)$"),
         ({"positions": torch.rand(6, 4), "key_positions": keys}, ValueError,
          r"vitmad.mad: positions must be \[..., Nq, K\] with K in \{1, 2, 3\}, got shape \[6, 4\]"),
         ({"positions": torch.arange(12).reshape(6, 2), "key_positions": keys}, TypeError,
@@ -401,6 +412,25 @@ def test_errors_name_the_argument_in_every_implementation(index):
         mad_positions_reference(attn, *positional, **kwargs)
     with pytest.raises(error, match=pattern.replace("vitmad.mad:", "vitmad.mad_backward:")):
         torch.ops.vitmad.mad_pos_backward(torch.ones(2, 3), attn, *positional, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["compiled", "python"])
+def test_coordinates_whose_squares_overflow_are_refused_and_those_within_give_a_finite_mad(backend):
+    """The bound is the accumulation dtype's: sqrt(max / K) / 2, so that K squared differences of two tokens at
+    opposite ends sum without overflow (QA 329: 1e300 with float64 attention gave inf silently)."""
+    if backend == "compiled" and vitmad.backend() != "compiled":
+        pytest.skip("the compiled library is not loaded in this run")
+    op = torch.ops.vitmad.mad_pos if backend == "compiled" else _fallback.mad_pos
+    attn = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
+    for dtype, k in ((torch.float32, 1), (torch.float32, 3), (torch.float64, 2)):
+        limit = math.sqrt(torch.finfo(dtype).max / k) / 2
+        inside = torch.tensor([[0.999 * limit] * k, [-0.999 * limit] * k], dtype=dtype)
+        expected = 2 * 0.999 * limit * math.sqrt(k)
+        value = op(attn.to(dtype), inside, None).item()
+        assert math.isfinite(value) and value == pytest.approx(expected, rel=1e-5)
+        outside = inside.double() * 1.01 if dtype == torch.float32 else inside * 1.01
+        with pytest.raises(ValueError, match=re.escape(f"positions must lie within +-{limit:.2g} (")):
+            op(attn.to(dtype), outside, None)
 
 
 def test_forms_cannot_be_mixed_and_one_is_needed():

@@ -4,6 +4,7 @@ prefix maps, the grid and position forms, the order of the results), shapes unde
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -68,6 +69,48 @@ def test_maps_alone_need_no_kernel_and_still_check_the_arguments():
     assert list(vitmad.attention_stats(attn, 8, grid=(2, 2), stats=["prefix_maps"])) == ["prefix_maps"]
     with pytest.raises(ValueError, match="grid \\[3, 3\\] has 9 patches"):
         vitmad.attention_stats(attn, 8, grid=(3, 3), stats=["prefix_maps"])
+
+
+@pytest.mark.parametrize("integers", [dict(patch=torch.tensor(8)), dict(patch=8, num_prefix_tokens=np.int64(1)),
+                                      dict(patch=np.int32(8), num_prefix_tokens=torch.tensor(1))])
+def test_maps_alone_take_the_integers_the_kernels_take(integers):
+    """QA 329: an integer 0-d tensor or a NumPy integer, taken with a kernel statistic beside the maps, was
+    refused for the maps alone; a bool or a float still is."""
+    attn = _attention(2, 1, 5, 5)
+    q, k = torch.randn(2, 1, 5, 4), torch.randn(2, 1, 5, 4)
+    for call in (lambda **kw: vitmad.attention_stats(attn, grid=(2, 2), **kw),
+                 lambda **kw: vitmad.attention_stats_qk(q, k, grid=(2, 2), **kw)):
+        alone = call(stats=["prefix_maps"], **integers)["prefix_maps"]
+        torch.testing.assert_close(alone, call(stats=["mad", "prefix_maps"], **integers)["prefix_maps"], rtol=0,
+                                   atol=0)
+        torch.testing.assert_close(alone, call(stats=["prefix_maps"], patch=8, num_prefix_tokens=1)["prefix_maps"],
+                                   rtol=0, atol=0)
+        for bad in (dict(patch=True), dict(patch=torch.tensor(8.0)), dict(patch=8, num_prefix_tokens=np.bool_(1))):
+            with pytest.raises(TypeError, match="must be an int"):
+                call(stats=["prefix_maps"], **bad)
+
+
+@pytest.mark.parametrize("form", ["grid", "positions"])
+def test_maps_from_q_and_k_compile_under_a_users_autocast(form):
+    """QA 329: the maps turn the caller's autocast off, which dynamo could not trace (an ExitStack): fullgraph
+    failed under autocast. They compile, in float32 as eager, whatever the autocast."""
+    q, k = torch.randn(2, 3, 17, 8), torch.randn(2, 3, 17, 8)
+    positions = grid_positions(4, 4, 16, num_prefix_tokens=1)
+
+    def stats(q, k):
+        if form == "grid":
+            return vitmad.attention_stats_qk(q, k, 16, stats=["mad", "prefix_maps"])
+        return vitmad.attention_stats_qk(q, k, positions=positions, stats=["mad", "prefix_maps"])
+
+    expected = stats(q, k)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = stats(q, k)
+        compiled = torch.compile(stats, fullgraph=True, backend="eager")(q, k)
+    for name in expected:
+        assert compiled[name].dtype == eager[name].dtype == torch.float32
+        torch.testing.assert_close(compiled[name], eager[name], rtol=0, atol=0)
+        torch.testing.assert_close(eager[name], expected[name], rtol=0, atol=0)
 
 
 def test_maps_refused_when_the_tokens_without_a_position_differ_between_images():

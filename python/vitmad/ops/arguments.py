@@ -31,6 +31,7 @@ __all__ = [
     "check_one_form",
     "check_position_args",
     "check_position_values",
+    "position_limit",
     "trust_position_values",
     "is_trusted_positions",
     "same_tokens",
@@ -653,31 +654,44 @@ def _compiled_op(name: str):
         return None
 
 
+def position_limit(dtype: torch.dtype, coordinates: int) -> float:
+    """The largest coordinate magnitude whose distances the ops can square and sum in ``dtype`` (the accumulation
+    dtype) without overflow: two tokens at most ``2 * limit`` apart on each of ``coordinates`` axes. Beyond it the
+    distance was inf, and the MAD with it, silently (QA 329); mirrors ``position_limit`` in csrc/position_args.cpp."""
+    return math.sqrt(torch.finfo(dtype).max / max(coordinates, 1)) / 2
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def check_position_values(positions: torch.Tensor, arg: str, op_name: str) -> None:
     """Every row all NaN (a token without a position) or all finite (mirrors ``check_position_values``);
     nothing to do for positions :func:`trust_position_values` marked.
 
     Call it on the positions converted to the accumulation dtype: a float64 value beyond float32's range
-    becomes infinite there.
+    becomes infinite there, and the bound on the coordinates (:func:`position_limit`) is that dtype's.
     """
     if positions.numel() == 0 or is_trusted_positions(positions):
         return
+    limit = position_limit(positions.dtype, positions.shape[-1])
     if torch.compiler.is_compiling():
         # A check of the values cannot steer a traced graph (QA 288: the maps alone, whose positions no kernel
         # checks, failed to compile): an assert the compiler keeps raises when the graph runs, with the reason.
         rows = positions.detach().reshape(-1, positions.shape[-1])
         nan_count = rows.isnan().sum(-1)
-        bad = rows.isinf().any(-1) | ((nan_count != 0) & (nan_count != rows.shape[-1]))
+        bad = (rows.isinf() | (rows.abs() > limit)).any(-1) | ((nan_count != 0) & (nan_count != rows.shape[-1]))
         torch._assert_async(~bad.any(), f"{op_name}: {arg} must have each row all finite, or all NaN for a token "
-                                        "without a position")
+                                        f"without a position (and its coordinates within +-{limit:.2g})")
         return
     values = positions.detach().to("cpu", torch.float64)
     k, n = values.shape[-1], values.shape[-2]
     rows = values.reshape(-1, k)
     infinite = rows.isinf()
+    too_far = rows.abs() > limit  # (inf included; NaN compares False)
     nan_count = rows.isnan().sum(-1)
-    bad_inf = infinite.any(-1)
-    bad = bad_inf | ((nan_count != 0) & (nan_count != k))
+    bad_far = too_far.any(-1)
+    bad = bad_far | ((nan_count != 0) & (nan_count != k))
     if not bool(bad.any()):
         return
     first = int(bad.nonzero()[0, 0])
@@ -685,10 +699,20 @@ def check_position_values(positions: torch.Tensor, arg: str, op_name: str) -> No
     if values.dim() > 2:
         index = list(torch.unravel_index(torch.tensor(first // n), tuple(values.shape[:-2])))
         where = f" of {arg}{_shape_str([int(i) for i in index])}"
-    if bool(bad_inf[first]):
+    if bool(infinite[first].any()):
         value = float(rows[first][infinite[first]][0])
+        beyond = "" if positions.dtype == torch.float64 else (
+            f" (or a finite value beyond {_dtype_name(positions.dtype)}'s range, the accumulation dtype it is "
+            "converted to)")
         raise ValueError(f"{op_name}: {arg} must not be infinite (NaN marks a token without a position), got "
-                         f"{value} at row {first % n}{where}")
+                         f"{value} at row {first % n}{where}{beyond}")
+    if bool(bad_far[first]):
+        value = float(rows[first][too_far[first]][0])
+        raise ValueError(
+            f"{op_name}: {arg} must lie within +-{limit:.2g} (distances are squared in "
+            f"{_dtype_name(positions.dtype)}, the accumulation dtype, which holds no larger square), got {value:g} "
+            f"at row {first % n}{where}; measure in a larger unit"
+            f"{'' if positions.dtype == torch.float64 else ', or give float64 attention'}")
     raise ValueError(f"{op_name}: {arg} row {first % n}{where} has {int(nan_count[first])} of its {k} coordinates "
                      "NaN; a token without a position has all of them NaN")
 
@@ -904,8 +928,9 @@ def without_autocast() -> Iterator[None]:
     """The caller's autocast off (CPU and CUDA) for vitmad's own products: they run in the accumulation dtype the
     ops' contract states (float32, float64 for float64 input), not in bfloat16 or float16. Under a user's CPU
     bfloat16 autocast the pure-PyTorch kernels and the prefix maps were 1e-3 relative off (found by QA)."""
-    devices = [device for device in ("cpu", "cuda") if torch.is_autocast_enabled(device)]
-    with contextlib.ExitStack() as stack:
-        for device in devices:
-            stack.enter_context(torch.autocast(device, enabled=False))
+    # Two plain with-statements, not an ExitStack: dynamo traces these, and an ExitStack failed
+    # torch.compile(fullgraph=True) of the prefix maps under a user's autocast (QA 329).
+    cpu, cuda = torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")
+    with torch.autocast("cpu", enabled=False) if cpu else contextlib.nullcontext(), \
+            torch.autocast("cuda", enabled=False) if cuda else contextlib.nullcontext():
         yield

@@ -77,6 +77,7 @@ def mad(
     renormalize: bool = False,
     reduction: str = "mean",
 ) -> torch.Tensor:
+    check_attn_tensor(attn, "[..., N, N]", "vitmad.mad")  # None read as attn.shape was an AttributeError (QA 329)
     layout = check_mad_args(attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction)
     acc = mad_output_dtype(attn.dtype)
     p = layout.num_prefix
@@ -369,6 +370,7 @@ def stats(
     reduction: str = "mean",
 ) -> torch.Tensor:
     op = "vitmad.attention_stats"
+    check_attn_tensor(attn, "[..., N, N]", op)  # as in mad
     layout = check_mad_args(attn.shape, attn.dtype, patch, num_prefix_tokens, grid, renormalize, reduction, op)
     names = check_stats(stats, attn.shape[-1], attn.shape[-1], op)
     acc = mad_output_dtype(attn.dtype)

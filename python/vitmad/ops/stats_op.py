@@ -18,6 +18,7 @@ one, ``[..., P, N - P]`` (the DINO-style CLS and register maps).
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from collections.abc import Sequence
 
@@ -42,6 +43,7 @@ from .arguments import (
     check_stats_and_times,
     check_times_named,
     grid_ints,
+    index_int,
     is_trusted_positions,
     mad_output_dtype,
     scale_float,
@@ -230,12 +232,14 @@ def attention_stats(
     if positions is None:
         prefix = 1 if num_prefix_tokens is None else num_prefix_tokens
         grid_list = grid_ints(grid, _OP)
+        check_int_args(_OP, patch=patch, num_prefix_tokens=prefix)
         if names:
-            check_int_args(_OP, patch=patch, num_prefix_tokens=prefix)
             values = call_op(torch.ops.vitmad.stats.default, _OP, attn, patch, list(names), num_prefix_tokens=prefix,
                              grid=grid_list, renormalize=renormalize, reduction=reduction)
             out.update(_by_name(names, values))
         else:
+            # The maps alone take the integers the op takes (QA 329: torch.tensor(16), NumPy's were refused).
+            patch, prefix = _as_int(patch), _as_int(prefix)
             check_attn_tensor(attn, "[..., N, N]", _OP)
             check_mad_args(attn.shape, attn.dtype, patch, prefix, grid_list, renormalize, reduction, _OP)
         rows, cols, differ = slice(0, prefix), slice(prefix, None), []
@@ -307,12 +311,13 @@ def attention_stats_qk(
     if positions is None:
         prefix = 1 if num_prefix_tokens is None else num_prefix_tokens
         grid_list = grid_ints(grid, _OP_QK)
+        check_int_args(_OP_QK, patch=patch, num_prefix_tokens=prefix)
         if names:
-            check_int_args(_OP_QK, patch=patch, num_prefix_tokens=prefix)
             values = call_op(torch.ops.vitmad.stats_qk.default, _OP_QK, q, k, patch, list(names),
                              num_prefix_tokens=prefix, grid=grid_list, **options)
             out.update(_by_name(names, values))
         if not names:  # else the op checked its arguments
+            patch, prefix = _as_int(patch), _as_int(prefix)  # as above
             check_mad_qk_args(q, k, patch, prefix, grid_list, scale, attn_bias, renormalize, reduction, _OP_QK)
         if maps:
             # The op's scale: given, or D ** -0.5 (not from the checks, which torch.compile cannot trace with
@@ -351,6 +356,15 @@ def attention_stats_qk(
                 bias = attn_bias.expand(*q.shape[:-1], k.shape[-2])[..., rows, :]
             out = _in_order(stats, out, _masked_maps(biased_logits(logits, bias).softmax(-1)[..., cols], differ))
     return out
+
+
+def _as_int(value):
+    """An integer the op's dispatcher takes as an int (a NumPy integer, a 0-d integer tensor) as a Python int;
+    anything else as it is, for the checks to name (a SymInt under torch.compile is left unspecialised)."""
+    if isinstance(value, (torch.Tensor, numbers.Integral)) and not isinstance(value, (int, torch.SymInt)):
+        converted = index_int(value)
+        return value if converted is None else converted
+    return value
 
 
 def _in_order(stats: Sequence[str], out: dict, maps: torch.Tensor) -> dict[str, torch.Tensor]:
