@@ -241,16 +241,31 @@ def _eager_softmaxes(model, pixels, rank: int = 4):
     return mode.maps
 
 
-def test_nest_attention_within_blocks_of_each_level():
+class _Holding(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, pixels):
+        return self.backbone(pixels)
+
+
+@pytest.mark.parametrize("wrapped", ["bare", "sequential", "module"])
+def test_nest_attention_within_blocks_of_each_level(wrapped):
+    """Also inside an nn.Sequential or a user's module (QA 331: refused as a plain ViT layer, its levels and its
+    feature_info read at the model's root only)."""
     torch.manual_seed(4)
     from timm.models.nest import Nest
 
     model = Nest(img_size=64, patch_size=4, num_levels=3, embed_dims=(16, 32, 64), num_heads=(1, 2, 4),
                  depths=(1, 1, 1)).eval()
+    prefix = {"bare": "", "sequential": "0.", "module": "backbone."}[wrapped]
+    if wrapped != "bare":
+        model = (nn.Sequential(model) if wrapped == "sequential" else _Holding(model)).eval()
     pixels = torch.randn(2, 3, 64, 64)
     rec, maps, unchanged = _record_and_reference(model, pixels, ("Attention",))
     assert unchanged
-    assert rec.layers == [f"levels.{i}.transformer_encoder.0.attn" for i in range(3)]
+    assert rec.layers == [f"{prefix}levels.{i}.transformer_encoder.0.attn" for i in range(3)]
     for level, (attn, stride, side) in enumerate(zip(maps, (4, 8, 16), (16, 8, 4), strict=True)):
         windows = _blocks(side, side, stride, 4, 4)  # 4 x 4 blocks: 16, 4 and 1 of them
         assert attn.shape[:3] == (2, 2 ** level, windows[0].shape[0])

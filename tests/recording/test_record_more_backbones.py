@@ -182,6 +182,49 @@ def test_vitmatte_vitdet_window_and_global_blocks_match_eager_attention(pixels):
     _check_windows(rec, rec_tokens, maps, [(size, 4, 0, 16.0), (size, None, 0, 16.0)], 2)
 
 
+class _HeadDeclaredFirst(torch.nn.Module):
+    """A user's segmentation wrapper: its 1x1 head is declared before the backbone and runs after it."""
+
+    def __init__(self, backbone: torch.nn.Module, channels: int):
+        super().__init__()
+        self.head = torch.nn.Conv2d(channels, 3, 1)
+        self.backbone = backbone
+
+    def forward(self, images, **kwargs):
+        return self.head(self.backbone(images, **kwargs).last_hidden_state)
+
+
+class _ColourAdapter(torch.nn.Module):
+    """A 1x1 colour adapter in front of the backbone: the image keeps its pixels."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.adapt = torch.nn.Conv2d(3, 3, 1)
+        self.backbone = backbone
+
+    def forward(self, images, **kwargs):
+        return self.backbone(self.adapt(images), **kwargs).last_hidden_state
+
+
+@pytest.mark.parametrize("wrapper", ["head_first", "adapter"])
+def test_vitdet_inside_a_users_module_with_a_convolution_of_its_own_keeps_its_patch_stride(wrapper):
+    """QA 331: the window families took the first convolution of the whole model for the patch embedding; a head
+    declared before the backbone, or a 1x1 adapter in front, made every layer's stride 1 px (MAD 16x small). The
+    patch embedding is the tower's own: 16 px cells, block 0 in 4 x 4 windows (6 x 10 padded to 8 x 12), block 1
+    global, against the probabilities VitDet returns."""
+    config = transformers.VitDetConfig(**SMALL, mlp_ratio=2, image_size=64, pretrain_image_size=64, patch_size=16,
+                                       window_block_indices=[0], window_size=4)
+    torch.manual_seed(0)
+    backbone = transformers.VitDetModel(config)
+    model = sharpened(_HeadDeclaredFirst(backbone, 32) if wrapper == "head_first" else _ColourAdapter(backbone))
+    images = torch.randn(2, 3, 96, 160, generator=torch.Generator().manual_seed(1))
+    maps = attention_outputs(model, lambda m: type(m).__name__ == "VitDetAttention",
+                             lambda m: m(images, output_attentions=True))
+    rec, rec_tokens = record_both_reductions(model, lambda m: m(images), lambda out: out, STATS)
+    assert rec.layers == ["backbone.encoder.layer.0.attention", "backbone.encoder.layer.1.attention"]
+    _check_windows(rec, rec_tokens, maps, [((6, 10), 4, 0, 16.0), ((6, 10), None, 0, 16.0)], 2)
+
+
 SWIN_2_STAGES = dict(embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=3, image_size=48, patch_size=4,
                      out_features=["stage1", "stage2"])
 SWIN_4_STAGES = dict(embed_dim=8, depths=[2, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=3, image_size=64,

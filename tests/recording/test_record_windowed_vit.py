@@ -275,18 +275,36 @@ def test_timm_hieradet_pooled_queries_match_eager_attention(size):
     assert rec.mad[0, :, 1:].isnan().all()  # one head in stage 1: the other seven are missing
 
 
-def test_hf_sam2_hieradet_pooled_queries_match_eager_attention():
+class _Holding(torch.nn.Module):
+    """A user's module holding a transformers tower: outside a transformers model, its attention is read in the
+    module's own forward."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, pixels):
+        return self.backbone(pixels).last_hidden_state
+
+
+@pytest.mark.parametrize("implementation,wrapped", [("sdpa", False), ("sdpa", True), ("eager", True)])
+def test_hf_sam2_hieradet_pooled_queries_match_eager_attention(implementation, wrapped):
+    """Wrapped too (QA 331: refused, the softmax over its heads that Sam2's attention takes and never uses read as
+    its attention)."""
     torch.manual_seed(0)
     common = dict(hidden_size=16, num_attention_heads=1, blocks_per_stage=[1, 1, 2, 1],
                   embed_dim_per_stage=[16, 32, 64, 128], num_attention_heads_per_stage=[1, 2, 4, 8],
                   window_size_per_stage=[4, 4, 4, 2], global_attention_blocks=[3],
                   window_positional_embedding_background_size=[7, 6], image_size=112)
     config = transformers.Sam2HieraDetConfig(**common)
-    model = transformers.Sam2HieraDetModel._from_config(config, attn_implementation="sdpa")
+    model = transformers.Sam2HieraDetModel._from_config(config, attn_implementation=implementation)
     eager = transformers.Sam2HieraDetModel._from_config(config, attn_implementation="eager")
     eager.load_state_dict(model.state_dict())
-    check(model, eager, {"Sam2MultiScaleAttention"}, torch.randn(2, 3, 112, 96), _hieradet_specs(28, 24),
-          HIERADET_HEADS)
+    if wrapped:
+        model, eager = _Holding(model), _Holding(eager)
+    rec = check(model, eager, {"Sam2MultiScaleAttention"}, torch.randn(2, 3, 112, 96), _hieradet_specs(28, 24),
+                HIERADET_HEADS)
+    assert rec.layers[0] == ("backbone." if wrapped else "") + "blocks.0.attn"
 
 
 def test_a_call_that_does_not_match_its_block_is_refused():

@@ -17,10 +17,13 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     cls = type(module)
     if cls.__name__ != "Attention" or not cls.__module__.endswith(".nest"):
         return None
+    # The level holding the layer: levels.<i> of the Nest, which may sit inside a user's module (QA 331: a wrapped
+    # NesT fell through to the plain layout's refusal).
     parts = name.split(".")
-    if len(parts) < 2 or parts[0] != "levels":
+    at = [i for i in range(len(parts) - 1) if parts[i] == "levels"]
+    if not at:
         return None
-    level = model.get_submodule(".".join(parts[:2]))
+    level = model.get_submodule(".".join(parts[:at[-1] + 2]))
     if type(level).__name__ != "NestLevel":
         return None
 

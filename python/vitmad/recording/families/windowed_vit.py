@@ -132,20 +132,30 @@ def placer(model: nn.Module, name: str, module: nn.Module):
 
 def _patch_stride_and_pooling(model: nn.Module, block: nn.Module, design: WindowedDesign) -> tuple[tuple[int, int],
                                                                                              tuple[int, int]]:
-    """The stride of the patch embedding (the first convolution before the first block) and the product of
-    the query strides of the blocks before ``block``."""
-    conv, pooled = None, (1, 1)
-    for module in module_list(model):
-        if conv is None and isinstance(module, nn.Conv2d):
-            conv = module
-        if module is block:
-            break
-        if type(module).__name__ == design.block and design.query_stride is not None:
-            stride = _pair(getattr(module, design.query_stride))
-            pooled = (pooled[0] * stride[0], pooled[1] * stride[1])
-    if conv is None:
-        raise NotPlaceable(f"found no patch-embedding convolution before the blocks of {type(model).__name__}")
-    return _pair(conv.stride), pooled
+    """The stride of the patch embedding and the product of the query strides of the blocks before ``block``. The
+    patch embedding is the first convolution before the first block of the nearest module above the block that
+    holds one (the tower): the first of the whole model was a user's head declared before the backbone, or a 1x1
+    colour adapter in front of it, whose stride 1 made the MAD 16x small (QA 331)."""
+    block_name = next((name for name, module in named_module_list(model) if module is block), None)
+    if block_name is None:
+        raise NotPlaceable(f"its block is not a module of {type(model).__name__}")
+    parts = block_name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        tower = model.get_submodule(".".join(parts[:depth]))
+        conv, pooled, blocks = None, (1, 1), False
+        for module in module_list(tower):
+            if type(module).__name__ == design.block:
+                if module is block:
+                    break
+                blocks = True
+                if design.query_stride is not None:
+                    stride = _pair(getattr(module, design.query_stride))
+                    pooled = (pooled[0] * stride[0], pooled[1] * stride[1])
+            elif conv is None and not blocks and isinstance(module, nn.Conv2d):
+                conv = module
+        if conv is not None:
+            return _pair(conv.stride), pooled
+    raise NotPlaceable(f"found no patch-embedding convolution before the blocks of {type(model).__name__}")
 
 
 class WindowedGridPlacer(LayerPlacer):

@@ -29,7 +29,23 @@ def parent_module(model: nn.Module, name: str) -> nn.Module | None:
 
 
 def _feature_reduction(model: nn.Module, name: str) -> int | None:
-    """The reduction timm's ``feature_info`` gives the stage holding module ``name``, or None."""
+    """The reduction timm's ``feature_info`` gives the stage holding module ``name``, or None: that of the nearest
+    module above it whose ``feature_info`` names such a stage (a timm model inside a user's module or an
+    nn.Sequential, QA 331: a wrapped NesT was refused)."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        try:
+            owner = model.get_submodule(".".join(parts[:depth]))
+        except AttributeError:  # a family's name of its own (a tower's, relative to another module), not a path
+            continue
+        reduction = _own_feature_reduction(owner, ".".join(parts[depth:]))
+        if reduction is not None:
+            return reduction
+    return None
+
+
+def _own_feature_reduction(model: nn.Module, name: str) -> int | None:
+    """As :func:`_feature_reduction`, from ``model``'s own ``feature_info`` alone (``name`` relative to it)."""
     best = None
     infos = getattr(model, "feature_info", None)
     infos = getattr(infos, "info", infos)  # features_only models keep the list in a FeatureInfo
