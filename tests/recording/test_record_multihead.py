@@ -131,6 +131,55 @@ def test_multihead_layers_match_their_own_probabilities(batch_first, same_dim, m
     torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(model.layers, calls), 8, GRID), **TOL)
 
 
+class _EncoderViT(nn.Module):
+    """A ViT of torch's nn.TransformerEncoder (batch first, 2 heads: its fused inference fast path applies)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, 16, 8, 8)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 16))
+        layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, pixels, **kwargs):
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)
+        return self.encoder(torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1), **kwargs)
+
+
+@pytest.mark.parametrize("masks", ["none", "key_padding_mask"])
+def test_transformer_encoder_layers_recorded_run_their_python_path(masks):
+    """QA 333: torch runs nn.TransformerEncoderLayer's fused fast path only while no hook is on it or its
+    submodules, so a recorded one runs its Python path (README: the one exception to bit-identical outputs); with
+    the fast path off, the outputs are bit-identical, and the MAD is the layers' own attention."""
+    torch.manual_seed(0)
+    model = _EncoderViT().eval()
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1], generator=torch.Generator().manual_seed(2))
+    kwargs = {} if masks == "none" else {"src_key_padding_mask": _masks("key_padding_mask")["key_padding_mask"]}
+    attentions = [layer.self_attn for layer in model.encoder.layers]
+    calls, handles = _spy(attentions)
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        with torch.no_grad():
+            python_path = model(pixels, **kwargs)
+            calls.clear()
+            with vitmad.record(model, num_prefix_tokens=1) as rec:
+                recorded = model(pixels, **kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(python_path, recorded)
+    assert rec.layers == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
+    torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(attentions, calls), 8, GRID), **TOL)
+    # The fast path on: the layer's Python path still, whose nn.MultiheadAttention then takes its own fused path
+    # (blind to hooks): the next layer's input differs in the last bits, so its MAD does too.
+    with torch.no_grad(), vitmad.record(model, num_prefix_tokens=1) as fast:
+        model(pixels, **kwargs)
+    torch.testing.assert_close(fast.mad[0], rec.mad[0], rtol=0, atol=0)
+    torch.testing.assert_close(fast.mad, rec.mad, rtol=1e-6, atol=1e-5)
+
+
 def test_unbatched_input_and_training_mode():
     torch.manual_seed(0)
     model = _MHAViT().train()  # dropout 0: training changes only the fast path, not the attention

@@ -330,6 +330,14 @@ def _softmax_dim(args: tuple, kwargs: dict) -> int | None:
     return None if dim is None else int(dim)
 
 
+def _storage(tensor: torch.Tensor) -> int:
+    """The address of ``tensor``'s storage, which its views share."""
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without a storage (a subclass, a functional tensor)
+        return -1 - id(tensor)
+
+
 class _CaptureAttention(TorchFunctionMode):
     def __init__(self, layer: str, module: nn.Module, on_qk: AttentionCallback, on_probs: ProbabilitiesCallback | None,
                  view: ProbabilitiesView | None = None):
@@ -338,6 +346,8 @@ class _CaptureAttention(TorchFunctionMode):
         self.active = True  # False once the recording has ended
         self.call: ModuleCall | None = None  # the module's forward this mode was entered for
         self.unread_flex = False  # a flex_attention call vitmad could not read ran in the current forward
+        # The current forward's nn.Linear calls: the storage of each output -> its input (_other_keys).
+        self.projected: dict[int, torch.Tensor] = {}
 
     def _in_forward(self) -> bool:
         """Whether the module's forward that entered this mode is still running. One that a KeyboardInterrupt
@@ -346,12 +356,28 @@ class _CaptureAttention(TorchFunctionMode):
         Checked only at the calls it would record, since it walks the stack."""
         return self.call is None or module_call_live(self.call, self.module)
 
+    def _other_keys(self, query: torch.Tensor, key: torch.Tensor) -> bool:
+        """Whether this forward projected ``query`` and ``key`` (views of nn.Linear outputs, as split heads are)
+        from different inputs: cross-attention to another sequence (text tokens, a second view) that happens to
+        be as long as the image's, which was recorded as MAD silently (QA 333). Keys projected apart from the same
+        tokens (q(x), k(x)), or from equal ones, are self-attention; keys changed after their projection (a norm,
+        rotary embeddings) cannot be traced and are taken as they are."""
+        source, key_source = self.projected.get(_storage(query)), self.projected.get(_storage(key))
+        if source is None or key_source is None or source is key_source:
+            return False
+        return source.shape != key_source.shape or not torch.equal(source, key_source)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not self.active:
             return func(*args, **kwargs)
         if func is _FLEX_HOP:
             self.unread_flex = True
+        if func is F.linear:  # (not _in_forward: a stack walk per projection; the record is reset per forward)
+            result = func(*args, **kwargs)
+            if isinstance(result, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+                self.projected[_storage(result)] = args[0]
+            return result
         if func is _SDPA and self._in_forward():
             query, key, mask, is_causal, scale, enable_gqa = _sdpa_arguments(args, kwargs)
             if is_causal or _is_causal_bias(mask):  # torch's causal masks, whose storage is no bias (QA 300)
@@ -361,9 +387,13 @@ class _CaptureAttention(TorchFunctionMode):
                 )
             # The call itself first: arguments it cannot take fail with torch's error, not with vitmad's refusal.
             result = func(*args, **kwargs)
+            other_keys = self._other_keys(query, key)
             if enable_gqa and key.shape[-3] != query.shape[-3]:
                 key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
-            self.on_qk(self.layer, query, key, scale, mask)
+            if other_keys:
+                self.on_qk(self.layer, query, key, scale, mask, other_keys=True)
+            else:
+                self.on_qk(self.layer, query, key, scale, mask)
             if (mask is not None and query.shape[-2] == key.shape[-2]
                     and not first_query_looks_ahead(kept_keys(mask[..., :1, :]))):  # SDPA refused masks below 2-D
                 # A causal mask given as a mask (QA 299: attn_mask=tril(ones) was recorded), refused as flex's is;
@@ -463,6 +493,7 @@ class ModuleAttentionHooks:
                     self.done(name, module, False)
                 mode.call = current_module_call()
                 mode.unread_flex = False
+                mode.projected.clear()
                 mode.__enter__()
                 self._entered.append(mode)
 
@@ -476,6 +507,7 @@ class ModuleAttentionHooks:
 
             def stop(module, args, output, mode=mode) -> None:
                 self._leave(mode)
+                mode.projected.clear()  # no tensor of the forward kept past it
 
             self._handles.append(module.register_forward_pre_hook(enter))
             # The capture ends with the module's own forward, before the forward hooks that were there first (a

@@ -847,6 +847,9 @@ class Recording:
         self._layer_paths: list[tuple[str, nn.Module]] = []  # each recorded layer and where it sits (_install)
         self._scope_layers: dict[int, list[tuple[str, nn.Module]]] = {}  # by id of a scope, those it holds
         self._warned_other_keys: set[str] = set()  # layers given keys that are not their queries, said once each
+        # Found layers of a user's own model whose forward ended without attention vitmad sees, with the call they
+        # ran in (None before any): said once a layer of that call is recorded (_say_unseen_layers).
+        self._unseen: dict[str, RecordedCall | None] = {}
         self._owner = ForwardOwner(type(model).__name__)  # the thread inside a forward of the model, if any
         # id(call) -> (the thread that started it, (id, code) of the frame whose forward it is, see _in_progress),
         # until the model's own call that made it ends; by thread, the call it started last.
@@ -920,6 +923,7 @@ class Recording:
         self._fused_callers: dict[str, bool] = {}  # by module name: its forward calls SDPA or flex_attention
         # Modules the user named exactly (no wildcard): one that runs without computing attention is said so once.
         self._named = {name for name in layers or () if not any(c in name for c in "*?[")}
+        self._found_by_default = layers is None  # else named, exactly or by wildcard
         # Device copies of the host positions of this recording's calls, by device and content (_to_device).
         self._device_positions: dict[tuple, torch.Tensor] = {}
         interface = {n: m for n, m in self._modules.items() if is_hf_model(model) and uses_attention_interface(m)}
@@ -1492,8 +1496,14 @@ class Recording:
             # the forward goes on past it (QA 328).
             fused = self._fused_callers.get(name)
             if fused is None:
-                fused = self._fused_callers[name] = reaches_fused_attention(self._modules[name])
-            if not fused:
+                # (Also a transformers module dispatching through AttentionInterface outside a transformers model,
+                # read here by its SDPA call: Sam2's vision attention first takes a softmax over its heads that it
+                # never uses, which refused a wrapped Sam2HieraDetModel, QA 331.)
+                module = self._modules[name]
+                fused = self._fused_callers[name] = reaches_fused_attention(module) or uses_attention_interface(module)
+            if not fused and not any(entry[0] is not None for entry in self._pending.get(name, ())):
+                # (After attention it placed, in this forward, the softmax is something else too: a gate over the
+                # heads after an explicit softmax attention, QA 333; dropped when the module ends.)
                 raise
             self._pending.setdefault(name, []).append((None, refusal, False, None, None))
             return
@@ -1728,6 +1738,10 @@ class Recording:
         if any(entry[2] for entry in pending):
             # A module that calls the fused attention computes it there; a softmax beside it is something else.
             pending = [entry for entry in pending if entry[2]]
+        elif any(entry[0] is not None for entry in pending):
+            # A deferred softmax that could not be placed, beside attention that was (the eager interface's
+            # softmax after Sam2's unused one over its heads): something else too.
+            pending = [entry for entry in pending if entry[0] is not None]
         refused = next((entry[1] for entry in pending if entry[0] is None), None)
         if refused is not None:  # a softmax it computed that could not be placed (_on_probabilities)
             if completed:
@@ -1747,6 +1761,12 @@ class Recording:
                           "in layers, ran without computing attention (F.scaled_dot_product_attention, torch's "
                           "flex_attention, transformers' AttentionInterface or a softmax); it is not recorded",
                           stacklevel=2)
+        if completed and not pending and name in self._placers and name not in self._named \
+                and name not in self.skipped and not is_known_library(type(module)) \
+                and not in_a_known_library(self.model, name):
+            self._unseen[name] = self._calls[-1] if self._calls else None
+            if self._calls and self._calls[-1].layers:
+                self._say_unseen_layers(self._calls[-1])
         if not completed or not pending:
             return
         if 1 < pending[0][0].batch_parts and len(pending) < pending[0][0].batch_parts:
@@ -1801,6 +1821,8 @@ class Recording:
         self._check_call_thread()
         call = self._calls[-1]
         call.layers.append(name)
+        if self._unseen:
+            self._say_unseen_layers(call)
         if self._stats:
             folded = [self._fold(name, placement, value) for value in per_query.unbind(0)]
             call.per_layer.append(folded[0])
@@ -1826,6 +1848,36 @@ class Recording:
         call.temporal.append(None if temporal is None else self._fold(name, placement, temporal))
         if components is not None:
             call.components[name] = components
+
+    def _say_unseen_layers(self, call: RecordedCall) -> None:
+        """Skips, with a warning, the layers found in a user's model that ran in ``call`` (or before any call)
+        without attention vitmad sees, now that another layer of it is recorded: an attention computed in a form
+        vitmad does not read (a softmax over another dim than the last, exp(l - logsumexp(l))) left the layer out of
+        rec.layers silently, and rec.mad[1] was the next block's (QA 333). A named layer is said at once (above);
+        a model none of whose layers is seen raises NoAttentionRanError when read; a module holding a recorded
+        layer attended through it."""
+        for name, ran_in in list(self._unseen.items()):
+            if ran_in is not None and ran_in is not call:
+                continue
+            module = self._modules[name]
+            if not self._found_by_default and not any(type(self._modules[layer]) is type(module)
+                                                      for layer in call.layers):
+                # A wildcard matches modules that do not attend (layers=["*"]: a patch embedding); one of the
+                # class of a recorded layer is one of them that did not, and is said once such a layer is.
+                continue
+            del self._unseen[name]
+            if name in self.skipped or name in call.layers \
+                    or any(layer.startswith(f"{name}.") for layer in call.layers):  # its own attention module's
+                continue
+            self.skipped[name] = (f"{'found as' if self._found_by_default else 'matched in layers as'} an attention "
+                                  "layer, but ran without computing attention vitmad sees")
+            warnings.warn(
+                f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__} ran without "
+                "computing attention vitmad sees (F.scaled_dot_product_attention, torch's flex_attention, "
+                "transformers' AttentionInterface, or a softmax over the last dim), while other layers did: it is "
+                "not recorded, and rec.mad's layer axis skips it; if it attends in another form (a softmax over "
+                "another dim, exp(logits - logsumexp)), compute it as one of those, or pass layers=[the other "
+                "attention modules]", stacklevel=2)
 
     def _record_class_maps(self, name: str, module: nn.Module, pending: list) -> None:
         """A class-attention layer's forward ended: its class token's maps join the call (no MAD of its own)."""
