@@ -272,7 +272,14 @@ def test_cli_native_draws_one_images_prefix_maps(siglip2_folder, tiny_model, ima
     assert (tmp_path / "vit" / "prefix_map_image.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "vit" / "prefix_maps.npz").exists()
     assert main([*base, "--model", f"hf:{siglip2_folder}", "--out", str(tmp_path / "siglip2")]) == 0
-    assert "native resolution: every image has its own token grid" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "native resolution: every image has its own token grid" in out
+    # QA 332: the pooling head's skip line advised the maps (rec.class_attention_maps) this run does not average.
+    assert "skipped head.attention: attention pooling: a learned query (SigLIP2's probe) without a position on the " \
+           "image; no MAD, and no mean map in this run (native resolution" in out
+    saved = json.loads((tmp_path / "siglip2" / "mad.json").read_text())
+    reason = {entry["name"]: entry["reason"] for entry in saved["skipped_layers"]}["head.attention"]
+    assert "no mean map in this run (native resolution" in reason and "class_attention_maps" not in reason
     assert (tmp_path / "siglip2" / "prefix_map_image.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "siglip2" / "prefix_maps.npz").exists()
     loaded = vitmad.profiling.models.load_model(f"hf:{siglip2_folder}")

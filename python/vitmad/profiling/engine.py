@@ -965,8 +965,16 @@ def finish(plan: RunPlan, state: RunState) -> Profile:
     image_grids = meta.get("image_grids")
     if image_grids is not None:
         image_grids = {name: image_grids[name] for name in images}
+    skipped_layers = dict(meta.get("skipped_layers", {}))  # absent in checkpoints of vitmad 0.1
+    if plan.prefix_maps and plan.maps_skipped:
+        # A class-attention or pooling layer's reason advises the maps (rec.class_attention_maps), which a run
+        # without a common grid does not average: it has none (QA 332: unlisted under "prefix_maps", the advice
+        # standing).
+        skipped_layers = {name: f"{reason.split(';')[0]}; no MAD, and no mean map in this run ({plan.maps_skipped})"
+                          if "rec.class_attention_maps" in reason else reason
+                          for name, reason in skipped_layers.items()}
     return Profile(plan.loaded.spec, meta["layers"], meta["layout"], stats, images, skipped, plan.settings, world,
-                   meta.get("geometry"), meta.get("skipped_layers", {}),  # absent in checkpoints of vitmad 0.1
+                   meta.get("geometry"), skipped_layers,
                    temporal=temporal, image_grids=image_grids, statistics=split, prefix_maps=maps,
                    class_layers=meta.get("class_layers", []), class_geometry=meta.get("class_geometry", []))
 
