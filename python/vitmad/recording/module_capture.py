@@ -68,6 +68,9 @@ ProbabilitiesView = Callable[[torch.Tensor, int], "torch.Tensor | None"]
 # submodule).
 _SELF_ATTENTION_PROJECTIONS = ("qkv", "q_proj", "in_proj", "q")
 _SOFTMAX_FUNCTIONS = (torch.softmax, F.softmax, torch.Tensor.softmax)
+# What else normalises logits over a dim: a module whose forward ran one of these, or a softmax that is not its
+# attention (over another dim than the last), and no attention vitmad read, attended in a form it does not read.
+_NORMALISING = (torch.logsumexp, torch.Tensor.logsumexp, torch.log_softmax, F.log_softmax, torch.Tensor.log_softmax)
 # torch's own function (the builtin F's attribute is, unless replaced): a library or profiler that replaces
 # F.scaled_dot_product_attention with a wrapper calling it still reaches the mode with this one (compared with F's
 # attribute at call time, nothing was recorded), whether it did so before or after vitmad was imported.
@@ -346,8 +349,13 @@ class _CaptureAttention(TorchFunctionMode):
         self.active = True  # False once the recording has ended
         self.call: ModuleCall | None = None  # the module's forward this mode was entered for
         self.unread_flex = False  # a flex_attention call vitmad could not read ran in the current forward
-        # The current forward's nn.Linear calls: the storage of each output -> its input (_other_keys).
-        self.projected: dict[int, torch.Tensor] = {}
+        # A softmax over another dim, or a logsumexp / log_softmax, of rank 3 or more ran in the current forward
+        # (ModuleAttentionHooks.normalised_unread).
+        self.unread_softmax = False
+        # The current forward's nn.Linear calls: the storage of each output -> (its input, the output), both held
+        # until the forward ends, so that no address is freed and reused by another tensor meanwhile (a LoRA sum
+        # at a freed lora_B output's address was taken for a projection of lora_A's, QA 335) (_other_keys).
+        self.projected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _in_forward(self) -> bool:
         """Whether the module's forward that entered this mode is still running. One that a KeyboardInterrupt
@@ -362,10 +370,15 @@ class _CaptureAttention(TorchFunctionMode):
         be as long as the image's, which was recorded as MAD silently (QA 333). Keys projected apart from the same
         tokens (q(x), k(x)), or from equal ones, are self-attention; keys changed after their projection (a norm,
         rotary embeddings) cannot be traced and are taken as they are."""
-        source, key_source = self.projected.get(_storage(query)), self.projected.get(_storage(key))
+        source, key_source = self._projected_from(query), self._projected_from(key)
         if source is None or key_source is None or source is key_source:
             return False
         return source.shape != key_source.shape or not torch.equal(source, key_source)
+
+    def _projected_from(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The input of the nn.Linear call of this forward whose output ``tensor`` is a view of, or None."""
+        entry = self.projected.get(_storage(tensor))
+        return None if entry is None else entry[0]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -376,7 +389,7 @@ class _CaptureAttention(TorchFunctionMode):
         if func is F.linear:  # (not _in_forward: a stack walk per projection; the record is reset per forward)
             result = func(*args, **kwargs)
             if isinstance(result, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
-                self.projected[_storage(result)] = args[0]
+                self.projected[_storage(result)] = (args[0], result)
             return result
         if func is _SDPA and self._in_forward():
             query, key, mask, is_causal, scale, enable_gqa = _sdpa_arguments(args, kwargs)
@@ -414,6 +427,8 @@ class _CaptureAttention(TorchFunctionMode):
         result = func(*args, **kwargs)
         if self.on_probs is None:  # the module's attention is read elsewhere (probabilities_from)
             return result
+        if func in _NORMALISING and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3:
+            self.unread_softmax = True
         if func in _SOFTMAX_FUNCTIONS and isinstance(result, torch.Tensor) and result.dim() >= 3:
             dim = _softmax_dim(args, kwargs)
             if dim is None:
@@ -424,6 +439,8 @@ class _CaptureAttention(TorchFunctionMode):
                 probabilities = result if dim % result.dim() == result.dim() - 1 else None
             if probabilities is not None and self._in_forward():
                 self.on_probs(self.layer, probabilities.detach())
+            elif probabilities is None:
+                self.unread_softmax = True
         return result
 
 
@@ -460,6 +477,9 @@ class ModuleAttentionHooks:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.trailing: list[torch.utils.hooks.RemovableHandle] = []  # hooks the recording keeps after the user's
         self._modes: list[_CaptureAttention] = []
+        # By module name: whether its last forward normalised logits in a form not read as its attention (a
+        # softmax over another dim than the last, a logsumexp or log_softmax), told before ``done``.
+        self.normalised_unread: dict[str, bool] = {}
         self._flex = False  # FlexAttentionStandIn entered
         # Per thread, as torch's mode stacks are: the modes active now, in the order they were entered (a backward
         # recomputing a checkpointed layer in one thread must not leave the mode another thread's forward holds).
@@ -493,12 +513,14 @@ class ModuleAttentionHooks:
                     self.done(name, module, False)
                 mode.call = current_module_call()
                 mode.unread_flex = False
+                mode.unread_softmax = False
                 mode.projected.clear()
                 mode.__enter__()
                 self._entered.append(mode)
 
             def leave(module, args, output, name=name, mode=mode) -> None:
                 self._leave(mode)
+                self.normalised_unread[name] = mode.unread_softmax
                 if mode.unread_flex and output is not None:
                     self.done(name, module, False)  # what it read of this forward is not all of its attention
                     raise ValueError(self.unread_flex(name, module))

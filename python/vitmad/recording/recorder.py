@@ -847,9 +847,11 @@ class Recording:
         self._layer_paths: list[tuple[str, nn.Module]] = []  # each recorded layer and where it sits (_install)
         self._scope_layers: dict[int, list[tuple[str, nn.Module]]] = {}  # by id of a scope, those it holds
         self._warned_other_keys: set[str] = set()  # layers given keys that are not their queries, said once each
-        # Found layers of a user's own model whose forward ended without attention vitmad sees, with the call they
-        # ran in (None before any): said once a layer of that call is recorded (_say_unseen_layers).
+        # Found layers of a user's own model whose forward ended without attention vitmad sees but normalised logits
+        # in a form it does not read, with the call they ran in (None before any): said once a layer of that call
+        # is recorded (_say_unseen_layers). And the layers any call recorded.
         self._unseen: dict[str, RecordedCall | None] = {}
+        self._recorded_names: set[str] = set()
         self._owner = ForwardOwner(type(model).__name__)  # the thread inside a forward of the model, if any
         # id(call) -> (the thread that started it, (id, code) of the frame whose forward it is, see _in_progress),
         # until the model's own call that made it ends; by thread, the call it started last.
@@ -1501,9 +1503,7 @@ class Recording:
                 # never uses, which refused a wrapped Sam2HieraDetModel, QA 331.)
                 module = self._modules[name]
                 fused = self._fused_callers[name] = reaches_fused_attention(module) or uses_attention_interface(module)
-            if not fused and not any(entry[0] is not None for entry in self._pending.get(name, ())):
-                # (After attention it placed, in this forward, the softmax is something else too: a gate over the
-                # heads after an explicit softmax attention, QA 333; dropped when the module ends.)
+            if not fused:
                 raise
             self._pending.setdefault(name, []).append((None, refusal, False, None, None))
             return
@@ -1739,8 +1739,9 @@ class Recording:
             # A module that calls the fused attention computes it there; a softmax beside it is something else.
             pending = [entry for entry in pending if entry[2]]
         elif any(entry[0] is not None for entry in pending):
-            # A deferred softmax that could not be placed, beside attention that was (the eager interface's
-            # softmax after Sam2's unused one over its heads): something else too.
+            # A deferred softmax that could not be placed (in a module reaching fused attention or the attention
+            # interface: above), beside attention that was (the eager interface's softmax after Sam2's unused one
+            # over its heads): something else too.
             pending = [entry for entry in pending if entry[0] is not None]
         refused = next((entry[1] for entry in pending if entry[0] is None), None)
         if refused is not None:  # a softmax it computed that could not be placed (_on_probabilities)
@@ -1762,8 +1763,9 @@ class Recording:
                           "flex_attention, transformers' AttentionInterface or a softmax); it is not recorded",
                           stacklevel=2)
         if completed and not pending and name in self._placers and name not in self._named \
-                and name not in self.skipped and not is_known_library(type(module)) \
-                and not in_a_known_library(self.model, name):
+                and name not in self.skipped and name not in self._recorded_names \
+                and any(getattr(hooks, "normalised_unread", {}).get(name) for hooks in self._hooks) \
+                and not is_known_library(type(module)):  # (a user's class in a timm ViT too, QA 335)
             self._unseen[name] = self._calls[-1] if self._calls else None
             if self._calls and self._calls[-1].layers:
                 self._say_unseen_layers(self._calls[-1])
@@ -1821,6 +1823,10 @@ class Recording:
         self._check_call_thread()
         call = self._calls[-1]
         call.layers.append(name)
+        if name not in self._recorded_names and self.skipped.get(name, "").endswith("(it normalised logits in "
+                                                                                "another form)"):
+            del self.skipped[name]  # skipped in an earlier call, recorded in this one: it is in rec.layers
+        self._recorded_names.add(name)
         if self._unseen:
             self._say_unseen_layers(call)
         if self._stats:
@@ -1851,26 +1857,23 @@ class Recording:
 
     def _say_unseen_layers(self, call: RecordedCall) -> None:
         """Skips, with a warning, the layers found in a user's model that ran in ``call`` (or before any call)
-        without attention vitmad sees, now that another layer of it is recorded: an attention computed in a form
-        vitmad does not read (a softmax over another dim than the last, exp(l - logsumexp(l))) left the layer out of
-        rec.layers silently, and rec.mad[1] was the next block's (QA 333). A named layer is said at once (above);
-        a model none of whose layers is seen raises NoAttentionRanError when read; a module holding a recorded
-        layer attended through it."""
+        without attention vitmad sees, now that another layer of it is recorded, where they normalised logits in a
+        form vitmad does not read (a softmax over another dim than the last, exp(l - logsumexp(l))): they were left
+        out of rec.layers silently, and rec.mad[1] was the next block's (QA 333). A layer that normalised nothing
+        (a pooling mixer in a hybrid's blocks of one class, a block dropped in this call) is no attention missed
+        (QA 335). A named layer is said at once (above); a model none of whose layers is seen raises
+        NoAttentionRanError when read; a module holding a recorded layer attended through it."""
         for name, ran_in in list(self._unseen.items()):
             if ran_in is not None and ran_in is not call:
                 continue
             module = self._modules[name]
-            if not self._found_by_default and not any(type(self._modules[layer]) is type(module)
-                                                      for layer in call.layers):
-                # A wildcard matches modules that do not attend (layers=["*"]: a patch embedding); one of the
-                # class of a recorded layer is one of them that did not, and is said once such a layer is.
-                continue
             del self._unseen[name]
-            if name in self.skipped or name in call.layers \
+            if name in self.skipped or name in self._recorded_names \
                     or any(layer.startswith(f"{name}.") for layer in call.layers):  # its own attention module's
                 continue
             self.skipped[name] = (f"{'found as' if self._found_by_default else 'matched in layers as'} an attention "
-                                  "layer, but ran without computing attention vitmad sees")
+                                  "layer, but ran without computing attention vitmad sees (it normalised logits in "
+                                  "another form)")
             warnings.warn(
                 f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__} ran without "
                 "computing attention vitmad sees (F.scaled_dot_product_attention, torch's flex_attention, "
