@@ -433,6 +433,15 @@ def test_coordinates_whose_squares_overflow_are_refused_and_those_within_give_a_
             op(attn.to(dtype), outside, None)
 
 
+def test_half_precision_positions_are_bounded_as_the_float32_they_accumulate_in():
+    """vitmad.record checks positions= on the host in their own dtype before their device copy: float16 ones
+    were bounded by float16's squares (+-90 px, QA 335), though every op accumulates in float32 at least."""
+    from vitmad.ops.arguments import check_position_values
+
+    for dtype in (torch.float16, torch.bfloat16):
+        check_position_values(torch.tensor([[112.0, 3.0], [4000.0, 5.0]], dtype=dtype), "positions", "vitmad.record")
+
+
 def test_forms_cannot_be_mixed_and_one_is_needed():
     attn = random_attention((2, 5, 5))
     positions = torch.rand(5, 2)

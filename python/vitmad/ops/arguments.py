@@ -674,7 +674,10 @@ def check_position_values(positions: torch.Tensor, arg: str, op_name: str) -> No
     """
     if positions.numel() == 0 or is_trusted_positions(positions):
         return
-    limit = position_limit(positions.dtype, positions.shape[-1])
+    # (Half-precision positions, which vitmad.record checks on the host before their device copy, are accumulated
+    # in float32 at least, as every op does: QA 335.)
+    accumulated = positions.dtype if positions.dtype == torch.float64 else torch.float32
+    limit = position_limit(accumulated, positions.shape[-1])
     if torch.compiler.is_compiling():
         # A check of the values cannot steer a traced graph (QA 288: the maps alone, whose positions no kernel
         # checks, failed to compile): an assert the compiler keeps raises when the graph runs, with the reason.
@@ -710,9 +713,9 @@ def check_position_values(positions: torch.Tensor, arg: str, op_name: str) -> No
         value = float(rows[first][too_far[first]][0])
         raise ValueError(
             f"{op_name}: {arg} must lie within +-{limit:.2g} (distances are squared in "
-            f"{_dtype_name(positions.dtype)}, the accumulation dtype, which holds no larger square), got {value:g} "
+            f"{_dtype_name(accumulated)}, the accumulation dtype, which holds no larger square), got {value:g} "
             f"at row {first % n}{where}; measure in a larger unit"
-            f"{'' if positions.dtype == torch.float64 else ', or give float64 attention'}")
+            f"{'' if accumulated == torch.float64 else ', or give float64 attention'}")
     raise ValueError(f"{op_name}: {arg} row {first % n}{where} has {int(nan_count[first])} of its {k} coordinates "
                      "NaN; a token without a position has all of them NaN")
 
