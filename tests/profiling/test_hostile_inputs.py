@@ -202,6 +202,14 @@ def _edited(doc: dict, edit: str) -> dict | list | str:
         doc["model"] = ["x"]
     elif edit == "a_list":
         return [doc]
+    elif edit == "geometry_heads_deleted":  # QA 330: these four escaped compare as tracebacks
+        del doc["layers"][0]["geometry"]["heads"]
+    elif edit == "geometry_heads_list":
+        doc["layers"][0]["geometry"]["heads"] = [2]
+    elif edit == "geometry_list":
+        doc["layers"][1]["geometry"] = [1]
+    elif edit == "geometry_string":
+        doc["layers"][0]["geometry"] = "x"
     return doc
 
 
@@ -216,6 +224,9 @@ def _edited(doc: dict, edit: str) -> dict | list | str:
     ("statistics_null", "malformed vitmad profile (TypeError: statistics must be a dict, got NoneType)"),
     ("model_list", "malformed vitmad profile (TypeError: model must be a str, got list)"),
     ("ragged_sums", "malformed vitmad profile"),
+    *((edit, "malformed vitmad profile (ValueError: each layer's geometry must be an object whose heads is the "
+             "layer's head count)")
+      for edit in ("geometry_heads_deleted", "geometry_heads_list", "geometry_list", "geometry_string")),
 ])
 def test_compare_refuses_other_versions_and_edited_results(good_result, tmp_path, capsys, edit, message):
     bad = tmp_path / "bad.json"

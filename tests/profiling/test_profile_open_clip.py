@@ -260,6 +260,9 @@ def test_another_image_size_is_built_by_open_clip_with_its_position_embedding_re
      r"pos embedding only supports square input\)"),
     ("open_clip:vitmad-tiny-ViT", {"image_size": 44}, r"image_size: expected whole 8x8 patches of the model "
                                                       r"\(conv1 takes no partial patch\), got 44x44"),
+    # Resizing the weights' position embedding to no patch failed, said as weights that do not fit (QA 330).
+    ("open_clip:vitmad-tiny-ViT", {"image_size": 4}, r"image_size: expected at least one 8x8 patch of the model "
+                                                     r"\(open_clip:vitmad-tiny-ViT's visual.conv1\), got 4x4"),
     # Its weights failed to load with a reshape error, said as weights that do not fit (QA helper-138).
     ("open_clip:vitmad-tiny-wide", {"image_size": (24, 40)},
      r"image_size: open_clip:vitmad-tiny-wide: OpenCLIP resizes the weights' position embedding to another size only "

@@ -125,6 +125,12 @@ def load_open_clip(spec: str, model_checkpoint: str | os.PathLike | None,
                                         "only from a square grid (open_clip.model.resize_pos_embed takes its side as "
                                         f"the square root of its length), and {name} is built for {built[0]}x"
                                         f"{built[1]} px; leave --image-size unset")
+    patch = ((open_clip.get_model_config(name) or {}).get("vision_cfg") or {}).get("patch_size")
+    if image_size is not None and isinstance(patch, int) and min(image_size) < patch:
+        # Said before the weights load: resizing their position embedding to no patch failed, and was said as
+        # weights that do not fit (QA 330).
+        raise OptionError("image_size", f"expected at least one {patch}x{patch} patch of the model ({spec}'s "
+                                        f"visual.conv1), got {image_size[0]}x{image_size[1]}")
     pretrained = open_clip.pretrained.get_pretrained_cfg(name, tag) if tag else {}
     options = {"force_quick_gelu": bool(pretrained.get("quick_gelu", False)), "weights_only": True}
     if image_size is not None:

@@ -420,6 +420,10 @@ class Profile:
                 geometry = None
             heads = [int(layer["heads"]) if found == FORMAT else len(layer["mean"]) for layer in layers]
             width = max(heads)
+            for entry, count in zip(geometry or (), heads):
+                # Read back by Profile.heads and the figures: an edited one escaped compare as a traceback (QA 330).
+                if not isinstance(entry, dict) or entry.get("heads") != count or isinstance(entry["heads"], bool):
+                    raise ValueError("each layer's geometry must be an object whose heads is the layer's head count")
 
             def padded(rows, fill=float("nan")) -> torch.Tensor:
                 if len(rows) != len(layers) or any(len(r) != h for r, h in zip(rows, heads)):
