@@ -74,16 +74,20 @@ HF_CASES = {
 }
 
 
+@pytest.mark.parametrize("wrapped", [False, True], ids=["bare", "in_sequential"])
 @pytest.mark.parametrize("case", list(HF_CASES))
-def test_transformers_plain_layouts_match_eager_maps(case):
+def test_transformers_plain_layouts_match_eager_maps(case, wrapped):
+    """Also inside an nn.Sequential (QA 334: YOLOS' detection tokens, read from the root's config, were taken for
+    prefix tokens there, every patch 3 tokens off)."""
     build, size, grid, stride, prefix, suffix = HF_CASES[case]
     torch.manual_seed(0)
     model = build().eval()
+    recorded_model = torch.nn.Sequential(model) if wrapped else model
     pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         plain = model(pixels).last_hidden_state
-        with vitmad.record(model) as rec:
-            recorded = model(pixels).last_hidden_state
+        with vitmad.record(recorded_model) as rec:
+            recorded = recorded_model(pixels).last_hidden_state
     torch.testing.assert_close(recorded, plain, rtol=0, atol=0)
     maps = _hf_eager_maps(model, pixels)
     expected = torch.stack([_expected_mad(a, grid, stride, prefix, suffix) for a in maps])

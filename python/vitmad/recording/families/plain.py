@@ -100,10 +100,17 @@ def overlapping_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | Non
     return None
 
 
-def num_suffix_tokens(model: nn.Module) -> int:
-    """Tokens the model appends after the patch grid: YOLOS' detection tokens, else none."""
-    config = getattr(model, "config", None)
-    return int(getattr(config, "num_detection_tokens", 0) or 0)
+def num_suffix_tokens(model: nn.Module, embedding: tuple[str, nn.Module] | None = None) -> int:
+    """Tokens the model appends after the patch grid: YOLOS' detection tokens, else none. Read from the config of
+    the nearest module above the patch embedding that has one (the model itself without an embedding): a YOLOS
+    inside a user's module or an nn.Sequential had its 100 detection tokens taken for prefix tokens, every patch a
+    hundred tokens off, silently (QA 334)."""
+    parts = embedding[0].split(".")[:-1] if embedding is not None else []
+    for depth in range(len(parts), -1, -1):
+        config = getattr(model.get_submodule(".".join(parts[:depth])), "config", None)
+        if config is not None:
+            return int(getattr(config, "num_detection_tokens", 0) or 0)
+    return 0
 
 
 def in_a_known_library(model: nn.Module, path: str, embeddings: bool = True) -> bool:
@@ -261,7 +268,7 @@ class PlainLayout:
         self.patch, self.grid, self.num_prefix_tokens = patch, grid, num_prefix_tokens
         # The user stated (part of) the layout: families that read a plain layout their own way defer to it.
         self.given_by_hand = (patch, grid, num_prefix_tokens) != (None, None, None)
-        self.suffix = num_suffix_tokens(model)
+        self.suffix = num_suffix_tokens(model, self.embedding)
         self.declared_prefix = declared_prefix_tokens(model, self.embedding)
         name = type(model).__name__
         if self.embedding is None and (patch is None or grid is None):
