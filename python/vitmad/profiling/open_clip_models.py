@@ -117,7 +117,7 @@ def load_open_clip(spec: str, model_checkpoint: str | os.PathLike | None,
     if image_size == NATIVE:
         raise OptionError("image_size", f"{spec}: OpenCLIP's image towers take one input size for a whole batch, not "
                                         "each image at its own (native); pass S or HxW, or leave it unset")
-    built = ((open_clip.get_model_config(name) or {}).get("vision_cfg") or {}).get("image_size")
+    built = vision.get("image_size")
     if image_size is not None and isinstance(built, (list, tuple)) and len(built) == 2 and built[0] != built[1] \
             and tuple(image_size) != tuple(built):
         # Its weights would fail to load with a reshape error that reads as weights that do not fit.
@@ -125,7 +125,7 @@ def load_open_clip(spec: str, model_checkpoint: str | os.PathLike | None,
                                         "only from a square grid (open_clip.model.resize_pos_embed takes its side as "
                                         f"the square root of its length), and {name} is built for {built[0]}x"
                                         f"{built[1]} px; leave --image-size unset")
-    patch = ((open_clip.get_model_config(name) or {}).get("vision_cfg") or {}).get("patch_size")
+    patch = vision.get("patch_size")
     if image_size is not None and isinstance(patch, int) and min(image_size) < patch:
         # Said before the weights load: resizing their position embedding to no patch failed, and was said as
         # weights that do not fit (QA 330).

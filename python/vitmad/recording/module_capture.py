@@ -403,10 +403,7 @@ class _CaptureAttention(TorchFunctionMode):
             other_keys = self._other_keys(query, key)
             if enable_gqa and key.shape[-3] != query.shape[-3]:
                 key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
-            if other_keys:
-                self.on_qk(self.layer, query, key, scale, mask, other_keys=True)
-            else:
-                self.on_qk(self.layer, query, key, scale, mask)
+            self.on_qk(self.layer, query, key, scale, mask, other_keys=other_keys)
             if (mask is not None and query.shape[-2] == key.shape[-2]
                     and not first_query_looks_ahead(kept_keys(mask[..., :1, :]))):  # SDPA refused masks below 2-D
                 # A causal mask given as a mask (QA 299: attn_mask=tril(ones) was recorded), refused as flex's is;
@@ -450,7 +447,8 @@ class ModuleAttentionHooks:
     Args:
         modules: the attention modules to record, by qualified name.
         on_qk: called with ``(name, q, k, scale, mask)`` for every ``F.scaled_dot_product_attention`` and
-            ``flex_attention`` call.
+            ``flex_attention`` call, an SDPA call's with ``other_keys=`` too (its q and k projected in this forward
+            from different inputs: :meth:`_CaptureAttention._other_keys`).
         on_probs: called with ``(name, probabilities)`` for every softmax over the last dimension.
         done: called with ``(name, module, completed)`` when a recorded module's forward has ended.
         probabilities_from: by module name, a submodule whose input is the attention the module applies, for

@@ -19,8 +19,8 @@ from contextvars import ContextVar
 
 from torch import nn
 
-__all__ = ["shared_walks", "named_module_list", "module_list", "idle_copies", "copy_holder", "unwrapped_name",
-           "is_known_library"]
+__all__ = ["shared_walks", "named_module_list", "module_list", "enclosing_modules", "idle_copies", "copy_holder",
+           "unwrapped_name", "is_known_library"]
 
 # The libraries whose models vitmad reads (their families, or their plain layout, tested): where the extra tokens
 # of their towers are, and which of their modules compute attention, is known.
@@ -77,6 +77,20 @@ def module_list(root: nn.Module) -> list[nn.Module]:
     """``list(root.modules())``: once per root inside :func:`shared_walks` (do not modify the list)."""
     entry = _shared_walk(root)
     return list(root.modules()) if entry is None else entry[2]
+
+
+def enclosing_modules(root: nn.Module, name: str) -> Iterator[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of each module above the module ``name`` in ``root``, nearest first, ending with
+    ``("", root)``: where a family looks for the tower holding a layer or a patch embedding (its config, its
+    ``feature_info``, its first convolution) rather than the root, which may be a user's wrapper. A prefix of
+    ``name`` that is no module of ``root`` (a family's name relative to another module) is passed over."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:depth])
+        try:
+            yield prefix, root.get_submodule(prefix)
+        except AttributeError:
+            continue
 
 
 def _is_saved_copies(module: nn.Module) -> bool:

@@ -523,6 +523,10 @@ def _reused_compiled_code(model: nn.Module) -> str:
             "before the block, so that the wrapper compiles anew around the hooks")
 
 
+# The end of the skip reason of a found layer that normalised logits in a form vitmad does not read
+# (Recording._say_unseen_layers): such an entry is taken back where a later call records the layer.
+_NORMALISED_UNREAD = "(it normalised logits in another form)"
+
 # The reason of a layer in an image tower beside the one a recording places: recorded by a recording of its own.
 _SECOND_TOWER = "a second tower that embeds the image"
 
@@ -1823,8 +1827,7 @@ class Recording:
         self._check_call_thread()
         call = self._calls[-1]
         call.layers.append(name)
-        if name not in self._recorded_names and self.skipped.get(name, "").endswith("(it normalised logits in "
-                                                                                "another form)"):
+        if name not in self._recorded_names and self.skipped.get(name, "").endswith(_NORMALISED_UNREAD):
             del self.skipped[name]  # skipped in an earlier call, recorded in this one: it is in rec.layers
         self._recorded_names.add(name)
         if self._unseen:
@@ -1872,8 +1875,7 @@ class Recording:
                     or any(layer.startswith(f"{name}.") for layer in call.layers):  # its own attention module's
                 continue
             self.skipped[name] = (f"{'found as' if self._found_by_default else 'matched in layers as'} an attention "
-                                  "layer, but ran without computing attention vitmad sees (it normalised logits in "
-                                  "another form)")
+                                  f"layer, but ran without computing attention vitmad sees {_NORMALISED_UNREAD}")
             warnings.warn(
                 f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__} ran without "
                 "computing attention vitmad sees (F.scaled_dot_product_attention, torch's flex_attention, "

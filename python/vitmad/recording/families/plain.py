@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..module_index import idle_copies, is_known_library, named_module_list, unwrapped_name
+from ..module_index import enclosing_modules, idle_copies, is_known_library, named_module_list, unwrapped_name
 from ..placement import (
     CallContext,
     LayerGeometry,
@@ -105,12 +105,9 @@ def num_suffix_tokens(model: nn.Module, embedding: tuple[str, nn.Module] | None 
     the nearest module above the patch embedding that has one (the model itself without an embedding): a YOLOS
     inside a user's module or an nn.Sequential had its 100 detection tokens taken for prefix tokens, every patch a
     hundred tokens off, silently (QA 334)."""
-    parts = embedding[0].split(".")[:-1] if embedding is not None else []
-    for depth in range(len(parts), -1, -1):
-        config = getattr(model.get_submodule(".".join(parts[:depth])), "config", None)
-        if config is not None:
-            return int(getattr(config, "num_detection_tokens", 0) or 0)
-    return 0
+    owners = (module for _, module in enclosing_modules(model, embedding[0])) if embedding is not None else [model]
+    config = next((module.config for module in owners if getattr(module, "config", None) is not None), None)
+    return int(getattr(config, "num_detection_tokens", 0) or 0)
 
 
 def in_a_known_library(model: nn.Module, path: str, embeddings: bool = True) -> bool:
@@ -133,9 +130,7 @@ def declared_prefix_tokens(model: nn.Module, embedding: tuple[str, nn.Module] | 
     module above the embedding declares one."""
     if embedding is None:
         return None
-    parts = embedding[0].split(".")
-    for depth in range(len(parts) - 1, -1, -1):
-        owner = model.get_submodule(".".join(parts[:depth]))
+    for _, owner in enclosing_modules(model, embedding[0]):
         declared = getattr(owner, "num_prefix_tokens", None)
         if isinstance(declared, int) and not isinstance(declared, bool) and declared >= 0:
             return type(owner).__name__, declared

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..module_index import module_list, named_module_list
+from ..module_index import enclosing_modules, module_list, named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement
 from .stages import pair
 
@@ -139,9 +139,7 @@ def _patch_stride_and_pooling(model: nn.Module, block: nn.Module, design: Window
     block_name = next((name for name, module in named_module_list(model) if module is block), None)
     if block_name is None:
         raise NotPlaceable(f"its block is not a module of {type(model).__name__}")
-    parts = block_name.split(".")
-    for depth in range(len(parts) - 1, -1, -1):
-        tower = model.get_submodule(".".join(parts[:depth]))
+    for _, tower in enclosing_modules(model, block_name):
         conv, pooled, blocks = None, (1, 1), False
         for module in module_list(tower):
             if type(module).__name__ == design.block:

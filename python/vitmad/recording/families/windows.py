@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..module_index import enclosing_modules
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, on_device
 
 __all__ = ["stage_stride", "InputMapPlacer", "block_partition", "grid_partition", "window_placement", "parent_module",
@@ -32,13 +33,8 @@ def _feature_reduction(model: nn.Module, name: str) -> int | None:
     """The reduction timm's ``feature_info`` gives the stage holding module ``name``, or None: that of the nearest
     module above it whose ``feature_info`` names such a stage (a timm model inside a user's module or an
     nn.Sequential, QA 331: a wrapped NesT was refused)."""
-    parts = name.split(".")
-    for depth in range(len(parts) - 1, -1, -1):
-        try:
-            owner = model.get_submodule(".".join(parts[:depth]))
-        except AttributeError:  # a family's name of its own (a tower's, relative to another module), not a path
-            continue
-        reduction = _own_feature_reduction(owner, ".".join(parts[depth:]))
+    for prefix, owner in enclosing_modules(model, name):
+        reduction = _own_feature_reduction(owner, name[len(prefix) + 1:] if prefix else name)
         if reduction is not None:
             return reduction
     return None
