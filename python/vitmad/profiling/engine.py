@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..recording.placement import NotPlaceable
 from ..recording.recorder import LayersError, NoAttentionRanError, NoLayerError, Recording, attention_modules
 from ..recording.towers import image_channels
 from .checkpoint import (
@@ -51,6 +52,7 @@ from .distributed import (
 )
 from .files import held_by_this_run
 from .images import NATIVE, find_images, load_batch, parse_image_size
+from .model_failure import MODEL_ERRORS, own_forward_refusal
 from .models import LoadedModel, load_model, non_square_table_said, random_masking, wrap_module
 from .native import NativeFeed, check_fixed_size, load_native_batch, native_feed, native_geometry
 from .options import (
@@ -878,6 +880,10 @@ def _warnings_above(bar: tqdm) -> Iterator[None]:
                 warnings.showwarning = _SHOWN_BEFORE[0]
 
 
+# What vitmad refuses, each in a message of its own: a batch failing so is not run again to ask the model.
+_VITMAD_REFUSALS = (NotPlaceable, NoLayerError, LayersError, OptionError)
+
+
 def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
     """Run the plan's remaining batches, checkpointing every ``checkpoint_every`` batches and at the end.
 
@@ -918,6 +924,13 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
                     such = f", such as {', '.join(found[:4])}{', ...' if len(found) > 4 else ''}" if found else ""
                     raise OptionError("layers", f"{err.finding}; name the modules that compute its attention{such}") \
                         from None
+                except _VITMAD_REFUSALS:
+                    raise
+                except MODEL_ERRORS as err:  # the model's own failure (a size it cannot run), or vitmad's
+                    refusal = own_forward_refusal(plan, batch, ran_before=state.batches_done > 0)
+                    if refusal is None:
+                        raise
+                    raise refusal from err
                 bar.update(counter.add(len(batch[1]) + len(batch[2])) - bar.n)
                 if state.batches_done % plan.checkpoint_every == 0:
                     save(state)
