@@ -303,6 +303,46 @@ def test_flex_model_is_recorded_as_its_eager_attention():
     torch.testing.assert_close(rec.mad.double(), expected, rtol=1e-5, atol=1e-4)
 
 
+class _Wrapper(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.backbone = model
+
+    def forward(self, pixels):
+        return self.backbone(pixels)
+
+
+@pytest.mark.parametrize("wrap", [torch.nn.Sequential, _Wrapper])
+def test_flex_model_inside_a_users_module_is_recorded_as_bare(wrap):
+    """Inside an nn.Sequential or a user's module the flex model was refused (its attention goes through the
+    AttentionInterface, which was routed for a transformers root only; QA 334). Its config's implementation is
+    switched while recording and set back after; an SDPA model so wrapped keeps its implementation (the module
+    capture reads it)."""
+    model = _vit("flex_attention")
+    wrapped, pixels = wrap(model).eval(), _pixels()
+    with torch.no_grad():
+        plain = model(pixels).last_hidden_state
+        with vitmad.record(wrapped) as rec:
+            assert model.config._attn_implementation != "flex_attention"  # routed through the recording's wrapper
+            recorded = wrapped(pixels).last_hidden_state
+    assert model.config._attn_implementation == "flex_attention"
+    assert torch.equal(plain, recorded)
+    prefix = "0." if wrap is torch.nn.Sequential else "backbone."
+    assert rec.layers == [f"{prefix}layers.0.attention", f"{prefix}layers.1.attention"]
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    with torch.no_grad():
+        maps = eager(pixels, output_attentions=True).attentions
+    expected = torch.stack([vitmad.mad_reference(a, PATCH, num_prefix_tokens=1, grid=(SIDE, SIDE)) for a in maps])
+    torch.testing.assert_close(rec.mad.double(), expected, rtol=1e-5, atol=1e-4)
+    sdpa = wrap(_vit("sdpa")).eval()
+    with torch.no_grad(), vitmad.record(sdpa) as rec_sdpa:
+        inner = sdpa[0] if wrap is torch.nn.Sequential else sdpa.backbone
+        assert inner.config._attn_implementation == "sdpa"
+        sdpa(pixels)
+    torch.testing.assert_close(rec_sdpa.mad.double(), expected, rtol=1e-5, atol=1e-4)  # the same weights (seed 0)
+
+
 def _stand_in_flash_attn(monkeypatch) -> None:
     """A pure-torch ``flash_attn`` package (its two functions by SDPA, on [B, N, H, D] tensors), so that
     transformers' own ``flash_attention_2`` path, its lazy kernel import included, runs on the CPU; transformers'

@@ -106,7 +106,13 @@ from .placement import (
 )
 from .spacing import Spacing, check_spacing
 from .towers import encoder_prefix, first_convolution, other_image_towers, tower_starts
-from .transformers_capture import HFAttentionHooks, hf_attention_modules, is_hf_model, uses_attention_interface
+from .transformers_capture import (
+    HFAttentionHooks,
+    hf_attention_modules,
+    is_hf_model,
+    reads_implementation_by_interface,
+    uses_attention_interface,
+)
 
 __all__ = ["record", "Recording", "RecordedCall", "RECORD_STATS", "split_stat_names"]
 
@@ -932,7 +938,7 @@ class Recording:
         self._found_by_default = layers is None  # else named, exactly or by wildcard
         # Device copies of the host positions of this recording's calls, by device and content (_to_device).
         self._device_positions: dict[tuple, torch.Tensor] = {}
-        interface = {n: m for n, m in self._modules.items() if is_hf_model(model) and uses_attention_interface(m)}
+        interface = {n: m for n, m in self._modules.items() if reads_implementation_by_interface(model, n, m)}
         multihead = {n: m for n, m in self._modules.items()
                      if n not in interface and isinstance(m, nn.MultiheadAttention)}
         own = {n: m for n, m in self._modules.items() if n not in interface and n not in multihead}

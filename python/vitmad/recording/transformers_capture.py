@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from .interface_call import attention_semantics, bound_arguments, call_bias
-from .module_index import named_module_list
+from .module_index import enclosing_modules, named_module_list
 
-__all__ = ["AttentionCallback", "is_hf_model", "hf_attention_modules", "uses_attention_interface", "forward_source",
+__all__ = ["AttentionCallback", "is_hf_model", "hf_attention_modules", "uses_attention_interface", "interface_config",
+           "reads_implementation_by_interface", "forward_source",
            "HFAttentionHooks"]
 
 # (qualified module name, q [B, H, N, D], k [B, H, N, D], scale or None, additive or boolean mask or None)
@@ -219,12 +220,36 @@ def _implementation(config) -> str | None:
     return held[1] if held is not None else config._attn_implementation_internal
 
 
+def interface_config(model: nn.Module, name: str, module: nn.Module):
+    """The config whose ``_attn_implementation`` the attention module ``name`` reads at each forward: its own, else
+    that of the nearest transformers model above it (``model`` may be a user's module holding one); None where
+    neither has one."""
+    config = getattr(module, "config", None)
+    if config is not None:
+        return config
+    return next((owner.config for _, owner in enclosing_modules(model, name) if is_hf_model(owner)), None)
+
+
+def reads_implementation_by_interface(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """Whether the transformers attention module ``name`` of ``model`` is recorded through the
+    ``AttentionInterface`` (:class:`HFAttentionHooks`): always in a transformers model; inside a user's module (an
+    ``nn.Sequential``, a wrapper), where its implementation is one the module capture does not read (flex_attention:
+    refused there, while the same model bare recorded, QA 334); eager and SDPA are read by the module capture as
+    any module's."""
+    if not uses_attention_interface(module):
+        return False
+    if is_hf_model(model):
+        return True
+    config = interface_config(model, name, module)
+    return config is not None and str(_implementation(config) or "eager") not in ("eager", "sdpa")
+
+
 class HFAttentionHooks:
     """Routes a transformers model's attention through the recording wrapper while installed.
 
     Args:
-        model: the ``PreTrainedModel``.
-        modules: the attention modules to record, by qualified name.
+        model: the ``PreTrainedModel``, or a user's module holding one.
+        modules: the attention modules to record, by qualified name in ``model``.
         callback: called with ``(name, q, k, scale, mask)`` for every call of a recorded module.
         done: called with ``(name, module, completed)`` when a recorded module's forward has ended, returning
             (completed) or raising; its interface calls in that forward (one, or one per chunk) are one layer.
@@ -244,8 +269,8 @@ class HFAttentionHooks:
         """The configs that choose the recorded modules' attention implementation (each module reads its own
         ``config._attn_implementation`` at every forward), without duplicates."""
         configs = {}
-        for module in self.modules.values():
-            config = getattr(module, "config", None) or self.model.config
+        for name, module in self.modules.items():
+            config = interface_config(self.model, name, module)
             configs[id(config)] = config
         recorded = any(id(module) in _ACTIVE for module in self.modules.values())
         for config in configs.values():
