@@ -193,6 +193,39 @@ def test_timm_families_wrapped_by_transformers_equal_the_timm_model(architecture
     assert [g.stride for g in rec.geometry] == [g.stride for g in alone.geometry]
     assert torch.equal(rec.mad.nan_to_num(-1), alone.mad.nan_to_num(-1))
 
+@pytest.mark.parametrize("architecture, args, size", [
+    ("nest_tiny", dict(img_size=64), 64),
+    ("halonet26t", {}, 256),  # its first stride-32 block attends before downsampling, at the stride of stage 2
+])
+@pytest.mark.parametrize("form", ["features_only", "sequential"])
+def test_timm_features_only_and_wrapped_equal_the_timm_model(architecture, args, size, form):
+    """timm's features_only wrapper renames the top-level modules (levels.0 -> levels_0, stages.3 -> stages_3) and
+    keeps feature_info's names: NesT's levels and the stage before HaloNet's first stride-32 block were not found
+    there, and both were refused (QA 334); inside an nn.Sequential both record. Each family is checked against its
+    eager attention in its own tests; so held, it must give the very same recording."""
+    torch.manual_seed(4)
+    alone = timm.create_model(architecture, **args).eval()
+    torch.manual_seed(4)
+    if form == "features_only":
+        held = timm.create_model(architecture, features_only=True, **args).eval()
+    else:
+        held = nn.Sequential(copy.deepcopy(alone)).eval()
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), vitmad.record(alone) as bare:
+        alone(pixels)
+    with torch.no_grad(), vitmad.record(held) as rec:
+        held(pixels)
+
+    def renamed(name):
+        first, second, rest = name.split(".", 2)
+        return f"{first}_{second}.{rest}" if form == "features_only" else f"0.{name}"
+
+    assert rec.layers == [renamed(name) for name in bare.layers] and rec.skipped == {}
+    assert [g.stride for g in rec.geometry] == [g.stride for g in bare.geometry]
+    assert len({g.stride for g in bare.geometry}) > 1  # several stages, each at its own stride
+    assert torch.equal(rec.mad.nan_to_num(-1), bare.mad.nan_to_num(-1))
+
+
 class _PatchEmbedding(nn.Module):
     def __init__(self):
         super().__init__()

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from ..module_index import named_module_list
+from ..module_index import enclosing_modules, named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres
 from .stages import defined_in
 from .windows import nchw, stage_stride
@@ -58,19 +58,37 @@ class _MapAttentionPlacer(LayerPlacer):
 
     def _previous_stage_stride(self, image, grid) -> tuple[float, float] | None:
         """The reduction of the stage before this module's, if the module is in its stage's first block and the
-        map fits it."""
-        parts = self.name.split(".")
-        if image is None or len(parts) < 3 or parts[0] != "stages" or parts[2] != "0":
+        map fits it. The stage is ``stages.<i>`` of the nearest model above the module whose ``feature_info``
+        lists ``stages.<i - 1>``: timm's ``features_only`` wrapper renames its stages ``stages_<i>`` (QA 334:
+        HaloNet's first stride-32 block was refused there), and the model may sit in a user's module."""
+        if image is None:
             return None
-        infos = getattr(self.model, "feature_info", None)
-        infos = getattr(infos, "info", infos)
-        before = [i for i in infos or [] if isinstance(i, dict) and i.get("module") == f"stages.{int(parts[1]) - 1}"]
-        if not before:
+        for prefix, owner in enclosing_modules(self.model, self.name):
+            stage = _first_block_stage(self.name[len(prefix) + 1:] if prefix else self.name)
+            infos = getattr(owner, "feature_info", None)
+            infos = getattr(infos, "info", infos)
+            if stage is None or not isinstance(infos, (list, tuple)):
+                continue
+            before = [i for i in infos if isinstance(i, dict) and i.get("module") == f"stages.{stage - 1}"]
+            if not before:
+                continue
+            reduction = int(before[0]["reduction"])
+            if all(side in (math.floor(size / reduction), math.ceil(size / reduction))
+                   for size, side in zip(image, grid)):
+                return float(reduction), float(reduction)
             return None
-        reduction = int(before[0]["reduction"])
-        if all(side in (math.floor(size / reduction), math.ceil(size / reduction)) for size, side in zip(image, grid)):
-            return float(reduction), float(reduction)
         return None
+
+
+def _first_block_stage(name: str) -> int | None:
+    """``i`` for a module in the first block of stage ``i`` (``stages.<i>.0.`` or, renamed by timm's
+    ``features_only`` wrapper, ``stages_<i>.0.``), relative to the model holding the stages; else None."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[0] == "stages" and parts[1].isdigit() and parts[2] == "0":
+        return int(parts[1])
+    if len(parts) >= 2 and parts[0].startswith("stages_") and parts[0][7:].isdigit() and parts[1] == "0":
+        return int(parts[0][7:])
+    return None
 
 
 class _BottleneckPlacer(_MapAttentionPlacer):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..module_index import enclosing_modules
 from .windows import PartitionPlacer, block_partition, nchw
 
 
@@ -17,14 +18,12 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     cls = type(module)
     if cls.__name__ != "Attention" or not cls.__module__.endswith(".nest"):
         return None
-    # The level holding the layer: levels.<i> of the Nest, which may sit inside a user's module (QA 331: a wrapped
-    # NesT fell through to the plain layout's refusal).
-    parts = name.split(".")
-    at = [i for i in range(len(parts) - 1) if parts[i] == "levels"]
-    if not at:
-        return None
-    level = model.get_submodule(".".join(parts[:at[-1] + 2]))
-    if type(level).__name__ != "NestLevel":
+    # The level holding the layer: the nearest NestLevel above it. The Nest may sit inside a user's module (QA 331:
+    # a wrapped NesT fell through to the plain layout's refusal), and timm's features_only wrapper renames its levels
+    # levels_<i> (QA 334).
+    level = next((owner for _, owner in enclosing_modules(model, name) if type(owner).__name__ == "NestLevel"
+                  and type(owner).__module__ == cls.__module__), None)
+    if level is None:
         return None
 
     def partition(grid):
