@@ -249,6 +249,34 @@ def test_transformer_2d_alone_double_self_attention_attn2_given_a_caption_is_ref
     torch.testing.assert_close(rec.per_layer[0].double(), expected, **TOL)
 
 
+def test_transformer_2d_over_its_input_inside_a_users_module_is_refused_with_its_reason():
+    """Inside a user's module, its tokens are pixels of its own input, whose stride in the module's input vitmad does
+    not know (the module may downsample first): refused naming the transformer to record alone, as a
+    TransformerTemporalModel so held is. It was refused as if the model held no attention at all (QA 334). Alone,
+    the same transformer is recorded (test_transformer_2d_alone_attends_over_its_input_pixels)."""
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = torch.nn.Conv2d(16, 16, 2, stride=2)
+            self.backbone = diffusers.Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16,
+                                                         norm_num_groups=4, cross_attention_dim=12)
+
+        def forward(self, latent, caption):
+            return self.backbone(self.down(latent), encoder_hidden_states=caption)
+
+    model = Holder().eval()
+    with torch.no_grad(), pytest.raises(
+            ValueError, match=r"^vitmad.record: backbone\.transformer_blocks\.0\.attn1 \(Attention\) of Holder: it "
+                              r"is an attention of the Transformer2DModel backbone inside Holder, which takes a "
+                              r"continuous \[B, C, H, W\] input \(no patch_size\) whose stride in the model's input "
+                              r"vitmad does not know; record the Transformer2DModel itself"):
+        with vitmad.record(model):
+            model(torch.randn(1, 16, 10, 14), torch.randn(1, 3, 12))
+    with torch.no_grad(), vitmad.record(model.backbone) as rec:
+        model(torch.randn(1, 16, 10, 14), torch.randn(1, 3, 12))
+    assert rec.layers == ["transformer_blocks.0.attn1"] and rec.geometry[0].grid == (5, 7)
+
+
 def test_sana_controlnet_linear_attention_has_no_mad():
     model = diffusers.SanaControlNetModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,

@@ -142,6 +142,7 @@ from .diffusers_common import (
     is_diffusers_class,
     processor_refusal,
 )
+from .diffusers_unets import is_unet
 from .plain import _plain_positions
 from .stages import innermost_on_path, pair
 
@@ -315,9 +316,24 @@ def denoisers_beside(model: nn.Module, tower: str) -> list[str]:
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The diffusers attention modules inside the image transformers this family knows (placed or refused by name);
-    those of other diffusers models (UNets, video transformers) are not this family's."""
-    return attention_under(model, _owners(model))
+    """The diffusers attention modules inside the image transformers this family knows (placed or refused by name),
+    and inside a generic ``Transformer2DModel`` over its input's pixels held by a user's module (refused with the
+    reason: :func:`_held_on_its_input`); those of other diffusers models (UNets, video transformers) are not this
+    family's."""
+    owners = _owners(model)
+    unets = {id(m) for unet in module_list(model) if is_unet(unet) for m in module_list(unet)}
+    return attention_under(model, lambda m: owners(m) or (_on_its_input(m) and id(m) not in unets))
+
+
+def _held_on_its_input(model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
+    """The generic ``Transformer2DModel`` over its input's pixels holding the attention ``name``, where ``model`` is
+    not that transformer itself and it is in no UNet (whose feature maps diffusers_unets places): a user's module
+    holding it. Its tokens are the pixels of its own input, whose stride in the outer model's input vitmad does not
+    know (a user's module may downsample before it); None elsewhere."""
+    found = innermost_on_path(model, name, _on_its_input)
+    if found is None or found[1] is model or innermost_on_path(model, name, is_unet) is not None:
+        return None
+    return found
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
@@ -329,6 +345,13 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return None
     found = innermost_on_path(model, name, _owners(model))
     if found is None:
+        held = _held_on_its_input(model, name)
+        if held is not None:
+            # As a TransformerTemporalModel inside a model: said, where no attention layer was found at all (QA 334).
+            return RefusingPlacer(
+                f"it is an attention of the Transformer2DModel {held[0]} inside {type(model).__name__}, which takes "
+                "a continuous [B, C, H, W] input (no patch_size) whose stride in the model's input vitmad does not "
+                "know; record the Transformer2DModel itself, whose cells are then pixels of its own input")
         return None
     owner_name, owner = found
     kind = type(owner).__name__
