@@ -902,6 +902,9 @@ class Recording:
             self._plain = PlainLayout(model, patch, None if grid is None else (int(grid[0]), int(grid[1])),
                                       num_prefix_tokens)
             self._modules = self._choose_layers(layers)
+            plain = next((name for name in self._modules if _uses_plain_layout(self._placers.get(name))), None)
+            if plain is not None and self._given is None:
+                self._plain.seek_embedding_before(plain)
             if layers is None:
                 _warn_unrecorded_blocks(model, self._modules, self.skipped)
             # The modules the model held when its layers were chosen, and the names asked for: an attention module

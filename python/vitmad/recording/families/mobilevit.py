@@ -25,7 +25,7 @@ import math
 from torch import nn
 
 from ..module_index import named_module_list
-from .stages import defined_in, reduction_before
+from .stages import defined_in, innermost_on_path, reduction_before
 from .windows import PartitionPlacer, grid_partition, nchw
 
 _LINEAR = ("linear self-attention (MobileViTv2): one learned context vector weighs the tokens, no query per token "
@@ -67,8 +67,10 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         if layer is None:
             return None
         conv = layer.conv_1x1.convolution
+        # The convolutions before it in the MobileViTModel holding it, not in a user's module around it (QA 334).
+        found = innermost_on_path(model, name, lambda m: defined_in(m, "MobileViTModel", "modeling_mobilevit"))
         return _patch_placer(model, name, conv, (layer.patch_height, layer.patch_width),
-                             reduction=reduction_before(model, conv))
+                             reduction=reduction_before(model if found is None else found[1], conv))
     if not hasattr(module, "fused_attn") or ".transformer." not in f".{name}":
         return None
     block = _holder(model, name, lambda m: _mobilevit_class(m, "MobileVitBlock"))

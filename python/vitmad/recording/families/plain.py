@@ -36,6 +36,7 @@ from .unplaced import molmo2_layout_unknown, radio_layout_unknown
 from .windows import parent_module
 
 __all__ = ["PlainLayout", "PlainPlacer", "patch_dropout_modules", "dropping_patches", "find_patch_embedding",
+           "embedding_scope",
            "stem_step", "stem_stride", "strided_stem",
            "in_a_known_library", "is_embedding_projection", "keeps_image_layout", "num_suffix_tokens"]
 
@@ -59,7 +60,7 @@ def is_embedding_projection(name: str, module: nn.Module) -> bool:
             and any("embed" in p and not p.startswith("pos") for p in parts))
 
 
-def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+def find_patch_embedding(model: nn.Module, before: str | None = None) -> tuple[str, nn.Conv2d] | None:
     """The convolution that turns the image (or a CNN stem's features) into tokens: ``(qualified name, conv)``.
 
     First choice, a ``Conv2d`` with kernel equal to its stride named as the projection of a patch embedding
@@ -67,7 +68,39 @@ def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
     in transformers, ``embeddings.projection`` after DPT-hybrid's BiT stem), 1x1 included; else the first
     ``Conv2d`` whose kernel (larger than 1) equals its stride. A prompt encoder's convolutions and one named for a
     mask (``mask_downsample``) are never taken.
+
+    With ``before`` (the qualified name of the first attention layer), the embedding is sought in the nearest
+    module above that layer holding one registered before it (:func:`embedding_scope`), then in the whole model:
+    a user's head declared before the backbone (never run) was taken for the patch embedding of a torchvision ViT
+    or DINOv3 inside the user's module, and the recording refused (QA 334).
     """
+    if before is not None:
+        scoped = embedding_scope(model, before)
+        if scoped is not None:
+            return scoped[1]
+    return _first_patch_embedding(model, named_module_list(model))
+
+
+def embedding_scope(model: nn.Module, before: str) -> tuple[str, tuple[str, nn.Conv2d]] | None:
+    """``(scope, (qualified name, conv))``: the nearest module above the module ``before`` (its qualified name; the
+    model itself last) that holds a patch embedding (:func:`find_patch_embedding`'s rule) registered before
+    ``before``, with that embedding; None where no module above it holds one before it (an embedding registered
+    after the blocks)."""
+    modules = named_module_list(model)
+    index = next((i for i, (name, _) in enumerate(modules) if name == before), None)
+    if index is None:
+        return None
+    earlier = modules[:index]
+    for prefix, _ in enclosing_modules(model, before):
+        inside = [(name, module) for name, module in earlier if not prefix or name.startswith(prefix + ".")]
+        found = _first_patch_embedding(model, inside)
+        if found is not None:
+            return prefix, found
+    return None
+
+
+def _first_patch_embedding(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> tuple[str, nn.Conv2d] | None:
+    """:func:`find_patch_embedding`'s rule over ``modules`` (``(qualified name, module)`` of ``model``, in order)."""
     fallback = None
     # A prompt encoder's mask embedding (SAM's, SAM2's, EdgeTAM's prompt_encoder.mask_embed.conv1: 2x2, stride 2) and
     # a video model's mask_downsample (4x4, stride 4, of the predicted mask for its memory) embed a mask, never the
@@ -75,7 +108,7 @@ def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
     prompts = [name + "." for name, module in named_module_list(model)
                if type(module).__name__.endswith("PromptEncoder")]
     idle = idle_copies(model)
-    for name, module in named_module_list(model):
+    for name, module in modules:
         if any(name.startswith(prompt) for prompt in prompts) or "mask" in name.rpartition(".")[2] \
                 or id(module) in idle:
             continue
@@ -184,6 +217,9 @@ def stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module,
             # stem pads before its max pool: at most kernel - 1), and makes a smaller one. A module off it (a
             # branch from an earlier map) is not guessed around.
             if out > size or not size <= seen <= size + kernel - 1:
+                chained = _chain_back(image, embedding_input, steps, patch)
+                if chained is not None:
+                    return chained
                 raise NotPlaceable(
                     f"the strided modules before {embedding} of {type(model).__name__} do not make one chain "
                     f"of maps from the image {axis} of {image}: after a map of {size}, one reads {seen} and makes "
@@ -208,6 +244,26 @@ def stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module,
             f"tells how many pixels apart its tokens are; {advice}"
         )
     return stride
+
+
+def _chain_back(image: int, embedding_input: int, steps: list[tuple[int, int, int, int]], patch: int) -> int | None:
+    """The stride of the chain of maps that ends at the embedding's input, followed back from it to the image, on
+    one axis; None where no such chain reaches the image. The steps that ran before the embedding in a call, in
+    order, may hold another part of the model's than the stem's: a CNN branch of a user's module run on the image
+    before the backbone (QA 334: a DPT-hybrid beside a ResNet was refused). Followed back, the map the embedding
+    reads is made by the latest step that makes it, and each map by the latest step before that makes it, up to
+    one read from the image (each read, as forward, of the map or that map padded by at most kernel - 1). A stem
+    that pools by a function no hook sees still reaches no image and is refused."""
+    stride, reads, kernel = 1, embedding_input, patch
+    for seen, out, step, step_kernel in reversed(steps):
+        # The embedding sees the map, or the map padded up to a multiple of its patch; a step, the map or the map
+        # padded by what no hook sees (at most kernel - 1).
+        if not out <= reads <= out + kernel - 1:
+            continue
+        stride, reads, kernel = stride * step, seen, step_kernel
+        if image <= seen <= image + step_kernel - 1:
+            return stride
+    return None
 
 
 def stem_step(module: nn.Module, args: tuple, output) -> tuple | None:
@@ -296,6 +352,24 @@ class PlainLayout:
         self.extra_tokens_said: set[int] | None = (
             None if self.embedding is None or in_a_known_library(model, self.embedding[0], embeddings=False)
             else set())
+
+    def seek_embedding_before(self, layer: str) -> None:
+        """Where the nearest module above the first recorded ``layer`` holding a patch embedding registered before
+        it (:func:`embedding_scope`) holds another one than the model's first, that one is the embedding, with the
+        stem registered before it in that module: a user's head declared before the backbone it holds (a strided
+        Conv2d never run) was the model's first, and the backbone's layers were refused as run before their patch
+        embedding (QA 334). Called once the layers are chosen, before :meth:`install`."""
+        if self.embedding is None:
+            return
+        scoped = embedding_scope(self.model, layer)
+        if scoped is None or scoped[1][1] is self.embedding[1]:
+            return
+        scope, self.embedding = scoped
+        self.suffix = num_suffix_tokens(self.model, self.embedding)
+        self.declared_prefix = declared_prefix_tokens(self.model, self.embedding)
+        self.stem = strided_stem(self.model.get_submodule(scope), self.embedding[1])
+        self.extra_tokens_said = (None if in_a_known_library(self.model, self.embedding[0], embeddings=False)
+                                  else set())
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         if self.embedding is None:

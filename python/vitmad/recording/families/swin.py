@@ -346,7 +346,9 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         if type(other).__module__ == design.module and type(other).__name__ == design.merging:
             merges += 1
     if not design.image_model:
-        embedding = find_patch_embedding(model)
+        # The embedding before the block in the nearest module holding one, not a user's head declared before the
+        # backbone (QA 334: torchvision's Swin so held took a 2x2 head for its patches).
+        embedding = find_patch_embedding(model, before=block_name)
         patch = None if embedding is None else pair(embedding[1].kernel_size)
         return SwinPlacer(model, design, block_name, modules[block_name], patch, merges, module)
     parts = block_name.split(".")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .stages import reduction_before
+from .stages import innermost_on_path, reduction_before
 from .windows import PartitionPlacer, block_partition, grid_partition, nchw, parent_module
 
 _MODULE = "torchvision.models.maxvit"
@@ -46,5 +46,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
     layer = None if holder is None else parent_module(model, name.rpartition(".")[0])
     if not _is(layer, "PartitionAttentionLayer"):
         return None
+    # The convolutions before the layer in the MaxVit holding it, not in a user's module around it (a head declared
+    # before it, a CNN beside it: their strides were counted, QA 334).
+    found = innermost_on_path(model, name, lambda m: _is(m, "MaxVit"))
     return PartitionPlacer(model, name, layer, nchw, _partition(layer), "windows before heads",
-                           reduction=reduction_before(model, layer))
+                           reduction=reduction_before(model if found is None else found[1], layer))
