@@ -24,10 +24,12 @@ layer.
 
 from __future__ import annotations
 
+import ast
 import dis
 import inspect
 import re
 import sys
+import textwrap
 import threading
 from collections.abc import Callable
 
@@ -187,6 +189,89 @@ def _reaches(cls: type, function, depth: int, softmax: bool, instance: nn.Module
     return bool(depth) and any(
         inspect.isfunction(helper) and not helper.__module__.startswith("torch")
         and _reaches(cls, helper, depth - 1, softmax) for helper in helpers)
+
+
+# What random token selection reads: random numbers, and an order drawn from them (MAE's random_masking:
+# argsort(rand(...)), then a gather of the kept patches; a shuffle by randperm).
+_RANDOM_DRAWS = frozenset({"rand", "rand_like", "randn", "randn_like", "randperm", "randint", "multinomial",
+                           "bernoulli"})
+_ORDERINGS = frozenset({"argsort", "randperm", "sort", "topk"})
+_DESCRIPTIONS = frozenset({"shape", "device", "dtype", "ndim", "is_cuda"})
+
+
+def random_ordering(cls: type) -> str | None:
+    """The qualified name (``Class.method``) of the first function among ``cls.forward`` and the methods of ``cls``
+    and the user's helper functions it calls (three calls deep) that draws random numbers and orders by them, as
+    MAE's ``random_masking`` shuffles the patches and keeps a subset; None where none does. Submodules' forwards are not
+    followed (a timm PatchDropout's is its own module's, known by its class)."""
+    seen: set = set()
+
+    def visit(function, depth: int) -> str | None:
+        function = inspect.unwrap(function) if callable(function) else None
+        code = getattr(function, "__code__", None)
+        if code is None or code in seen:
+            return None
+        seen.add(code)
+        globals_, attributes = _names_read(code)
+        names = globals_ | attributes
+        if names & _RANDOM_DRAWS and names & _ORDERINGS and _orders_by_random(function):
+            return function.__qualname__
+        if not depth:
+            return None
+        namespace = getattr(function, "__globals__", {})
+        helpers = [*(namespace.get(name) for name in globals_),
+                   *(method for name in attributes for method in _methods(cls, name))]
+        for helper in helpers:
+            if inspect.isfunction(helper) and not helper.__module__.startswith("torch"):
+                found = visit(helper, depth - 1)
+                if found is not None:
+                    return found
+        return None
+
+    return visit(getattr(cls, "forward", None), 3)
+
+
+def _called_name(node: ast.AST) -> str | None:
+    """The name a call calls (``torch.rand(...)``, ``rand(...)``, ``x.argsort(...)``: the last part), or None."""
+    if isinstance(node, ast.Call):
+        return node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+    return None
+
+
+def _orders_by_random(function) -> bool:
+    """Whether ``function``'s source orders by random numbers: a ``randperm``, or an ``argsort`` / ``sort`` /
+    ``topk`` of (or on) an expression holding a random draw or a name assigned from one (``noise = torch.rand(...)``,
+    then ``torch.argsort(noise)``). Random numbers used otherwise (a random scale) and a sort of other values are
+    not: both in one forward are no shuffle."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    if any(_called_name(call) == "randperm" for call in calls):
+        return True
+    drawn: set[str] = set()
+
+    def random(node: ast.AST) -> bool:
+        # A draw, or a name holding one; not through what only describes a tensor (x.shape, len(x), x.size(1)).
+        if isinstance(node, ast.Attribute) and node.attr in _DESCRIPTIONS:
+            return False
+        if isinstance(node, ast.Call) and _called_name(node) in ("len", "size", "dim"):
+            return False
+        if _called_name(node) in _RANDOM_DRAWS or (isinstance(node, ast.Name) and node.id in drawn):
+            return True
+        return any(random(child) for child in ast.iter_child_nodes(node))
+
+    for _ in range(3):  # names assigned from names assigned from a draw
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)) and node.value is not None \
+                    and random(node.value):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                drawn.update(inner.id for target in targets for inner in ast.walk(target)
+                             if isinstance(inner, ast.Name))
+    return any(_called_name(call) in ("argsort", "sort", "topk") and (
+        any(random(argument) for argument in (*call.args, *(k.value for k in call.keywords)))
+        or (isinstance(call.func, ast.Attribute) and random(call.func.value))) for call in calls)
 
 
 _MATRIX_PRODUCTS = frozenset({"matmul", "mm", "bmm", "baddbmm", "einsum"})

@@ -38,7 +38,8 @@ from .windows import parent_module
 __all__ = ["PlainLayout", "PlainPlacer", "patch_dropout_modules", "dropping_patches", "find_patch_embedding",
            "embedding_scope",
            "stem_step", "stem_stride", "strided_stem",
-           "in_a_known_library", "is_embedding_projection", "keeps_image_layout", "num_suffix_tokens"]
+           "in_a_known_library", "is_embedding_projection", "keeps_image_layout", "num_suffix_tokens",
+           "random_token_order"]
 
 _GRID, _EMBED_INPUT, _EMBED_BATCH = "plain.grid", "plain.embedding_input", "plain.embedding_batch"
 # The stem steps seen since the patch embedding last ran, and those that led to its latest run.
@@ -141,6 +142,24 @@ def num_suffix_tokens(model: nn.Module, embedding: tuple[str, nn.Module] | None 
     owners = (module for _, module in enclosing_modules(model, embedding[0])) if embedding is not None else [model]
     config = next((module.config for module in owners if getattr(module, "config", None) is not None), None)
     return int(getattr(config, "num_detection_tokens", 0) or 0)
+
+
+def random_token_order(model: nn.Module, embedding: tuple[str, nn.Module] | None) -> str | None:
+    """The function of a user's module above the patch embedding (the model itself included) that draws random
+    numbers and orders by them (:func:`~..module_capture.random_ordering`: MAE's ``random_masking``, a shuffle),
+    or None. A library's own are known by their families (timm's PatchDropout, transformers' ViTMAE, vit-pytorch's
+    MAE)."""
+    from ..module_capture import random_ordering
+
+    owners = [owner for _, owner in enclosing_modules(model, embedding[0])] if embedding is not None else [model]
+    for owner in owners:
+        cls = type(owner)
+        if is_known_library(cls) or cls.__module__.split(".")[0] == "torch":
+            continue
+        found = random_ordering(cls)
+        if found is not None:
+            return found
+    return None
 
 
 def in_a_known_library(model: nn.Module, path: str, embeddings: bool = True) -> bool:
@@ -352,6 +371,10 @@ class PlainLayout:
         self.extra_tokens_said: set[int] | None = (
             None if self.embedding is None or in_a_known_library(model, self.embedding[0], embeddings=False)
             else set())
+        # A user's masked encoder (MAE's random_masking) keeps a random subset of the patches in a random order: at
+        # a count that fits the grid (every patch kept, shuffled; or as many dropped as there are extra tokens) they
+        # were placed as the row-major grid, silently (QA 337). Refused unless the layout is given.
+        self.random_order = random_token_order(model, self.embedding)
 
     def seek_embedding_before(self, layer: str) -> None:
         """Where the nearest module above the first recorded ``layer`` holding a patch embedding registered before
@@ -370,6 +393,7 @@ class PlainLayout:
         self.stem = strided_stem(self.model.get_submodule(scope), self.embedding[1])
         self.extra_tokens_said = (None if in_a_known_library(self.model, self.embedding[0], embeddings=False)
                                   else set())
+        self.random_order = random_token_order(self.model, self.embedding)
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         if self.embedding is None:
@@ -532,7 +556,28 @@ class PlainPlacer(LayerPlacer):
                     "patch=<pixels per token of that grid>, or positions=<[N, 2] pixel position of each token, NaN "
                     "rows for tokens off the image>"
                 )
+            if layout.random_order is not None and layout.grid is None:
+                raise NotPlaceable(
+                    f"{type(layout.model).__name__} draws random numbers and orders by them ({layout.random_order}), "
+                    f"as MAE-style masking shuffles the patches and keeps a random subset of them: its {num_queries} "
+                    "tokens need not be the row-major grid of the patch embedding in order, and vitmad does not know "
+                    "which patch each one is; pass positions=<[N, 2] pixel position of each token in this call, NaN "
+                    "rows for tokens off the image> (the kept patches' cells), or num_prefix_tokens=<tokens before the "
+                    "grid> if this layer's tokens are the whole grid in order (a decoder that restores the order)"
+                )
             declared = layout.declared_prefix
+            if declared is not None and 0 < prefix < declared[1] and layout.grid is None:
+                # Some of the declared extra tokens, not none of them (CaiT and ConViT run their first blocks without
+                # the class token): a masked subset of the patches with all the extra tokens, whose count fits a
+                # grid with fewer of them (QA 337: 5 + 12 of 16 patches placed as 1 + a whole 4 x 4 grid).
+                raise NotPlaceable(
+                    f"it attends over {num_queries} tokens: the {grid[0]}x{grid[1]} = {patches} patches of the "
+                    f"{source}{f' and {suffix} tokens after them' if suffix else ''} leave {prefix} extra tokens, but "
+                    f"{declared[0]} declares num_prefix_tokens={declared[1]} (patches masked or dropped, its extra "
+                    "tokens kept?), so vitmad does not know which patches these are; pass positions=<[N, 2] pixel "
+                    "position of each token, NaN rows for tokens off the image>, or num_prefix_tokens=<tokens "
+                    "before the grid> if its tokens are that many extra tokens and the whole grid"
+                )
             if declared is not None and prefix > declared[1] and layout.grid is None:
                 # Counted from the grid, the extra tokens would all be taken to come first: tokens a user's hook
                 # appends after the grid would shift every patch's position by their number. Fewer is no sign of
