@@ -80,9 +80,9 @@ class _SizedBlock(torch.nn.Module):
 
 
 def test_a_pixel_tensor_the_module_refuses_is_said_of_images():
-    with pytest.raises(OptionError, match=r"^images: _SizedBlock does not run the pixel tensor of shape \[2, 3, 40, "
-                                          r"40\]: its own forward, without vitmad, fails with AssertionError: input "
-                                          r"must be 32x32, got \(40, 40\)$"):
+    with pytest.raises(OptionError, match=r"^images: _SizedBlock does not run the pixel tensor's first batch "
+                                          r"\(shape \[2, 3, 40, 40\]\): its own forward, without vitmad, fails with "
+                                          r"AssertionError: input must be 32x32, got \(40, 40\)$"):
         vitmad.profile(_SizedBlock().eval(), torch.randn(2, 3, 40, 40))
     profile = vitmad.profile(_SizedBlock().eval(), torch.randn(2, 3, 32, 32))
     assert profile.count == 2 and torch.isfinite(profile.mad).all()
@@ -110,3 +110,51 @@ def test_a_batch_failing_after_one_that_ran_is_not_blamed_on_the_size():
     pixels[2:] += 1000
     with pytest.raises(RuntimeError, match=r"^values out of range$"):
         vitmad.profile(FailsOnSecond().eval(), pixels, batch_size=2)
+
+
+class _FailsAlone(_SizedBlock):
+    """Raises ``error`` in its own forward, at any size."""
+
+    def __init__(self, error: BaseException):
+        super().__init__()
+        self.error = error
+
+    def forward(self, x):
+        super().forward(x)  # attention, then the error
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 123456789 bytes."),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    RuntimeError("vitmad.record: Block is being recorded and thread 'A' is inside a forward of it"),
+], ids=["cpu_allocation", "cublas_allocation", "vitmads_own"])
+def test_a_failed_allocation_or_vitmads_own_refusal_is_not_blamed_on_the_size(error):
+    """A batch too large for the CPU's memory (a plain RuntimeError from the allocator) was said as the model not
+    running at its size, and vitmad's refusal of a model another thread records as the model's own failure, worded
+    "without vitmad" (QA 336). Both are raised as they are."""
+    with pytest.raises(RuntimeError) as caught:
+        vitmad.profile(_FailsAlone(error).eval(), torch.randn(2, 3, 32, 32))
+    assert caught.value is error
+
+
+def test_a_packed_video_run_is_not_asked(monkeypatch):
+    """A packed tower's clips are sized by its video processor, not by an option of the run: its failure is raised
+    as it is (the check read an attribute its feed has not, and an AttributeError hid the error, QA 336)."""
+    from vitmad.profiling.model_failure import own_forward_refusal
+    from vitmad.profiling.packed_videos import PackedVideoFeed
+
+    class Plan:  # what own_forward_refusal reads of a run: a packed-video feed and a model that would fail alone
+        native = object.__new__(PackedVideoFeed)
+        settings = {"image_size": None}
+
+        class loaded:  # noqa: N801
+            module, spec = _FailsAlone(RuntimeError("shape")), None
+
+            @staticmethod
+            def forward(pixels):
+                raise RuntimeError("shape")
+
+    error = RuntimeError("The size of tensor a (36) must match the size of tensor b (16)")
+    assert own_forward_refusal(Plan, (torch.zeros(1, 2, 3, 8, 8), ["clip.mp4"], []), error, ran_before=False) is None

@@ -343,6 +343,36 @@ def test_flex_model_inside_a_users_module_is_recorded_as_bare(wrap):
     torch.testing.assert_close(rec_sdpa.mad.double(), expected, rtol=1e-5, atol=1e-4)  # the same weights (seed 0)
 
 
+@pytest.mark.parametrize("implementation, wrap", [("sdpa", False), ("flex_attention", False),
+                                                  ("flex_attention", True)])
+def test_a_recording_begun_inside_another_over_some_of_its_layers_leaves_the_outer_its_layers(implementation, wrap):
+    """Through the AttentionInterface each module had one active recording: a recording of layer 1 begun inside a
+    recording of every layer took layer 1 from the outer one, whose rec.layers then lacked it, silently (QA 336; a
+    transformers model, and since wrapped flex models take that route, those too). Both record it now."""
+    model = _vit(implementation)
+    if wrap:  # two wrappers of one model, each recorded
+        outer_model, inner_model, prefix, inner_prefix = (torch.nn.Sequential(model), torch.nn.Sequential(model),
+                                                          "0.", "0.")
+    else:  # a transformers model holding another: the classifier and its ViT
+        outer_model = transformers.ViTForImageClassification(model.config).eval()
+        outer_model.vit = model
+        inner_model, prefix, inner_prefix = model, "vit.", ""
+    pixels = _pixels()
+    with torch.no_grad(), vitmad.record(outer_model) as outer:
+        with vitmad.record(inner_model, layers=[f"{inner_prefix}layers.1.attention"]) as inner:
+            outer_model(pixels)
+    assert outer.layers == [f"{prefix}layers.0.attention", f"{prefix}layers.1.attention"]
+    assert inner.layers == [f"{inner_prefix}layers.1.attention"]
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    with torch.no_grad():
+        maps = eager(pixels, output_attentions=True).attentions
+    expected = torch.stack([vitmad.mad_reference(a, PATCH, num_prefix_tokens=1, grid=(SIDE, SIDE)) for a in maps])
+    torch.testing.assert_close(outer.mad.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(inner.mad.double(), expected[1:], rtol=1e-5, atol=1e-4)
+    assert model.config._attn_implementation == implementation
+
+
 def _stand_in_flash_attn(monkeypatch) -> None:
     """A pure-torch ``flash_attn`` package (its two functions by SDPA, on [B, N, H, D] tensors), so that
     transformers' own ``flash_attention_2`` path, its lazy kernel import included, runs on the CPU; transformers'

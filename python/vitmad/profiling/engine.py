@@ -927,7 +927,7 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
                 except _VITMAD_REFUSALS:
                     raise
                 except MODEL_ERRORS as err:  # the model's own failure (a size it cannot run), or vitmad's
-                    refusal = own_forward_refusal(plan, batch, ran_before=state.batches_done > 0)
+                    refusal = own_forward_refusal(plan, batch, err, ran_before=state.batches_done > 0)
                     if refusal is None:
                         raise
                     raise refusal from err

@@ -16,27 +16,39 @@ import torch
 
 from .images import NATIVE
 from .options import OptionError, error_said
+from .packed_videos import PackedVideoFeed
 from .volumes import VolumeBatch
 
 if TYPE_CHECKING:
     from .engine import Batch, RunPlan
 
-__all__ = ["MODEL_ERRORS", "own_forward_refusal"]
+__all__ = ["MODEL_ERRORS", "model_error", "own_forward_refusal"]
 
 # What a model's own forward raises at a size it cannot run: shape mismatches (RuntimeError), its asserts, its
 # checks (ValueError), an index out of its tables. (Not torch.OutOfMemoryError: not a size the model refuses.)
 MODEL_ERRORS = (RuntimeError, AssertionError, ValueError, IndexError, TypeError)
 
 
+# What an allocation that failed says (the CPU allocator raises a plain RuntimeError; cuBLAS and cuDNN name their own):
+# memory, not a size the model refuses (QA 336: a batch too large for the CPU's memory was blamed on --image-size).
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "DefaultCPUAllocator", "ALLOC_FAILED", "bad_alloc")
+
+
+def model_error(err: BaseException) -> bool:
+    """Whether ``err``, raised by a batch under recording, may be the model's own failure to run its input: one of
+    :data:`MODEL_ERRORS`, not vitmad's (its messages start with "vitmad"), not an allocation that failed."""
+    text = str(err)
+    return (isinstance(err, MODEL_ERRORS) and not isinstance(err, torch.OutOfMemoryError)
+            and not text.startswith("vitmad") and not any(said in text for said in _OUT_OF_MEMORY))
+
+
 def _fails(run) -> BaseException | None:
-    """The exception ``run()`` raises (one of :data:`MODEL_ERRORS`), or None."""
+    """The exception ``run()`` raises where it is the model's own (:func:`model_error`), else None."""
     try:
         with torch.inference_mode():
             run()
-    except torch.OutOfMemoryError:
-        return None
     except MODEL_ERRORS as err:
-        return err
+        return err if model_error(err) else None
     return None
 
 
@@ -44,18 +56,21 @@ def _size(pixels: torch.Tensor, dims: int = 2) -> str:
     return "x".join(str(side) for side in pixels.shape[-dims:])
 
 
-def own_forward_refusal(plan: RunPlan, batch: Batch, ran_before: bool) -> OptionError | None:
+def own_forward_refusal(plan: RunPlan, batch: Batch, plan_error: BaseException, ran_before: bool) -> OptionError | None:
     """The refusal for a batch whose recorded forward failed, where the model's own forward, without vitmad,
     fails on it too; None where it runs (the failure is vitmad's: raise it as it is).
 
     Args:
         plan: the run.
         batch: the batch that failed.
+        plan_error: what it raised under recording: vitmad's own refusals (another thread recording the model) and
+            a failed allocation are not asked about (None).
         ran_before: a batch of this run (or of the run it resumes) finished: at one fixed size, the size is not the
             cause then, and None is returned without a forward.
     """
     pixels, names, _ = batch
-    if pixels is None:
+    if pixels is None or not model_error(plan_error) or isinstance(plan.native, PackedVideoFeed):
+        # (A packed tower's clips are sized by its video processor's rule, not by an option of the run's.)
         return None
     module, size = plan.loaded.module, plan.settings["image_size"]
     model = type(module).__name__
@@ -93,8 +108,8 @@ def own_forward_refusal(plan: RunPlan, batch: Batch, ran_before: bool) -> Option
     if size not in (None, NATIVE):
         return OptionError("image_size", f"{model} does not run at {size[0]}x{size[1]} px{dtype}: {said}; use its own "
                                          f"size, or one it takes{other}")
-    if plan.identity.get("pixels") is not None:  # a tensor the caller gave, fed as it is
-        return OptionError("images", f"{model} does not run the pixel tensor of shape {list(tensor.shape)}{dtype}: "
-                                     f"{said}")
+    if plan.identity.get("pixels") is not None:  # a tensor the caller gave, fed as it is, in batches
+        return OptionError("images", f"{model} does not run the pixel tensor's first batch (shape "
+                                     f"{list(tensor.shape)}{dtype}): {said}")
     return OptionError("model", f"{model} does not run its {what} at the size its own preprocessing gives "
                                 f"({_size(tensor, dims)} px{dtype}): {said}")

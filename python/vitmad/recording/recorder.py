@@ -904,7 +904,7 @@ class Recording:
             self._modules = self._choose_layers(layers)
             plain = next((name for name in self._modules if _uses_plain_layout(self._placers.get(name))), None)
             if plain is not None and self._given is None:
-                self._plain.seek_embedding_before(plain)
+                self._plain.seek_embedding_before(plain, self._found_attention)
             if layers is None:
                 _warn_unrecorded_blocks(model, self._modules, self.skipped)
             # The modules the model held when its layers were chosen, and the names asked for: an attention module
@@ -958,6 +958,7 @@ class Recording:
         ``self.skipped``."""
         model = self.model
         found = attention_modules(model)
+        self._found_attention = list(found)
         matched: list[str] = []
         if layers is not None:
             chosen = _select(dict(named_module_list(model)), layers, model, found)

@@ -30,8 +30,10 @@ __all__ = ["AttentionCallback", "is_hf_model", "hf_attention_modules", "uses_att
 AttentionCallback = Callable[[str, torch.Tensor, torch.Tensor, "float | None", "torch.Tensor | None"], None]
 
 _WRAPPER_PREFIX = "vitmad_record_"
-# id(attention module) -> (its qualified name, callback); read by the registered wrappers.
-_ACTIVE: dict[int, tuple[str, Callable]] = {}
+# id(attention module) -> [(its qualified name, callback)] of every active recording holding it, in the order they
+# began; read by the registered wrappers. One entry per module let a recording begun inside another (over a subset
+# of its layers) take the module from it: the outer recording lost those layers, silently (QA 336).
+_ACTIVE: dict[int, list[tuple[str, Callable]]] = {}
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -189,13 +191,13 @@ def _register_wrapper(implementation: str) -> str:
         # thread's model sharing it reads the recording's name throughout).
         with _original_name_during(module, implementation) if semantics == "flash" else contextlib.nullcontext():
             result = original(module, query, key, value, attention_mask, *args, **kwargs)
-        active = _ACTIVE.get(id(module))
-        if active is not None:
-            layer, callback = active
+        active = list(_ACTIVE.get(id(module), ()))
+        if active:
             # By parameter name as the original reads them: sdpa's sixth parameter is dropout, eager's scaling.
             named = bound_arguments(original, module, query, key, value, attention_mask, args, kwargs)
-            measured_key, bias = call_bias(semantics, layer, named, query, key, attention_mask)
-            callback(layer, query, measured_key, named.get("scaling"), bias)
+            for layer, callback in active:
+                measured_key, bias = call_bias(semantics, layer, named, query, key, attention_mask)
+                callback(layer, query, measured_key, named.get("scaling"), bias)
         return result
 
     AttentionInterface.register(name, attention)
@@ -293,7 +295,7 @@ class HFAttentionHooks:
     def _install(self) -> None:
         configs = self._configs()
         for name, module in self.modules.items():
-            _ACTIVE[id(module)] = (name, self.callback)
+            _ACTIVE.setdefault(id(module), []).append((name, self.callback))
         for name, module in self.modules.items():
             # The module's forward is one layer, whatever number of interface calls it makes (Qwen2-VL's vision
             # attention calls it once per image or window): done when the forward ends, also when it raises.
@@ -329,8 +331,11 @@ class HFAttentionHooks:
     def remove(self) -> None:
         for module in self.modules.values():
             # Only this recording's entries: a second record() of the same model fails without touching them.
-            if id(module) in _ACTIVE and _ACTIVE[id(module)][1] == self.callback:
-                del _ACTIVE[id(module)]
+            entries = _ACTIVE.get(id(module))
+            if entries is not None:
+                entries[:] = [entry for entry in entries if entry[1] != self.callback]
+                if not entries:
+                    del _ACTIVE[id(module)]
         with _HELD_LOCK:
             for config in reversed(self._saved):
                 held = _HELD_CONFIGS[id(config)]

@@ -376,13 +376,19 @@ class PlainLayout:
         # were placed as the row-major grid, silently (QA 337). Refused unless the layout is given.
         self.random_order = random_token_order(model, self.embedding)
 
-    def seek_embedding_before(self, layer: str) -> None:
+    def seek_embedding_before(self, layer: str, attention: list[str]) -> None:
         """Where the nearest module above the first recorded ``layer`` holding a patch embedding registered before
         it (:func:`embedding_scope`) holds another one than the model's first, that one is the embedding, with the
         stem registered before it in that module: a user's head declared before the backbone it holds (a strided
         Conv2d never run) was the model's first, and the backbone's layers were refused as run before their patch
-        embedding (QA 334). Called once the layers are chosen, before :meth:`install`."""
+        embedding (QA 334). Not where the model's first is in a module holding attention (``attention``: the names of
+        the model's attention modules): that is another tower, whose grid a layer of a second one is refused on (a
+        second tower on a resized image would be placed in the pixels of the model's input, not its own). Called once
+        the layers are chosen, before :meth:`install`."""
         if self.embedding is None:
+            return
+        home = self.embedding[0].split(".", 1)[0]
+        if any(name.startswith(home + ".") for name in attention):
             return
         scoped = embedding_scope(self.model, layer)
         if scoped is None or scoped[1][1] is self.embedding[1]:
