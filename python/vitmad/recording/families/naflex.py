@@ -45,6 +45,17 @@ from .stages import defined_in, forward_arguments, innermost_on_path
 __all__ = ["placer", "pooling_head", "is_tower", "towers", "call_start", "NaFlexPlacer"]
 
 
+def _resampled_patch(embeds: nn.Module, patches) -> tuple[int, int] | None:
+    """The ``(height, width)`` of the patches timm's ``NaFlexEmbeds`` resamples its projection to in this call (its
+    ``enable_patch_interpolator`` and patches given ``[B, N, Ph, Pw, C]``, or ``[B, N, C, Ph, Pw]`` where its layout
+    is channels first, as its forward reads them); None where it projects them at its own patch size."""
+    if not (getattr(embeds, "enable_patch_interpolator", False) and isinstance(patches, torch.Tensor)
+            and patches.dim() == 5):
+        return None
+    sides = patches.shape[2:4] if getattr(embeds, "channels_last", True) else patches.shape[3:5]
+    return int(sides[0]), int(sides[1])
+
+
 @dataclass(frozen=True)
 class _Design:
     """One NaFlex model: the class that owns the image embedding and the attention blocks.
@@ -220,7 +231,8 @@ class NaFlexPlacer(LayerPlacer):
         if self.design is _TIMM:
             def see_timm(module, args, kwargs, output) -> None:
                 arguments = forward_arguments(module, args, kwargs)
-                context.values[self.key] = (arguments.get("patch_coord"), arguments.get("patch_valid"), output[1])
+                context.values[self.key] = (arguments.get("patch_coord"), arguments.get("patch_valid"), output[1],
+                                            _resampled_patch(module, arguments.get("x")))
 
             embedding = getattr(self.tower, self.design.embedding)
             return [embedding.register_forward_hook(see_timm, with_kwargs=True)]
@@ -260,9 +272,12 @@ class NaFlexPlacer(LayerPlacer):
         context.values[self.key + ("tokens",)] = (inputs, tokens)
         return tokens
 
-    def _timm_tokens(self, coord, valid, grid) -> _Tokens:
+    def _timm_tokens(self, coord, valid, grid, resampled) -> _Tokens:
         embeds = getattr(self.tower, self.design.embedding)
-        patch = tuple(int(p) for p in embeds.patch_size)
+        # Patches of another size than its own, its projection resampled to them (enable_patch_interpolator, as
+        # timm's NaFlex loader trains with patch_size_choices): each token covers the patch it was given. Read from
+        # the model's patch_size, every distance was scaled by the ratio of the sizes, silently (QA 339).
+        patch = resampled or tuple(int(p) for p in embeds.patch_size)
         prefix = int(embeds.num_prefix_tokens)
         if coord is None:  # standard mode: one grid for the whole batch, every slot an image patch
             gh, gw = int(grid[0]), int(grid[1])
