@@ -140,26 +140,6 @@ def test_a_users_random_masking_is_refused_and_placed_with_positions(build, rati
     torch.testing.assert_close(rec.mad.double(), _reference(model, inputs, 1), rtol=1e-5, atol=1e-4)
 
 
-class _FixedMask(_MaskedTimm):
-    """Keeps the first 12 of 16 patches, no random numbers: the count alone tells."""
-
-    def forward(self, images, mask_ratio=0.25):
-        x = (self.patch_embed(images) + self.pos_embed[:, self.num_prefix_tokens:])[:, :12]
-        extra = [self.cls_token.expand(len(x), -1, -1), self.reg_token.expand(len(x), -1, -1)]
-        return self.blocks(torch.cat([*extra, x], 1))
-
-
-def test_some_of_the_declared_extra_tokens_with_a_masked_grid_are_refused():
-    """Four registers and a class token (declared: 5) before 12 of 16 patches: 17 tokens, counted as 1 extra token
-    and a whole grid, were placed so (the registers as patches)."""
-    model = _sharpened(_FixedMask(img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=2, num_heads=HEADS,
-                                  num_classes=0, reg_tokens=4))
-    with torch.no_grad(), pytest.raises(ValueError, match=r"leave 1 extra tokens, but _FixedMask declares "
-                                                          r"num_prefix_tokens=5 \(patches masked or dropped"):
-        with vitmad.record(model):
-            model(torch.randn(1, 3, IMG, IMG))
-
-
 class _NoShuffle(_MaskedAutoencoder):
     """Random numbers without an order drawn from them (a random scale in training), and a sort of no random
     numbers: placed as the grid, against its own probabilities."""
@@ -187,3 +167,88 @@ def test_random_numbers_or_a_sort_alone_are_no_shuffle():
     for hook in hooks:
         hook.remove()
     torch.testing.assert_close(rec.mad.double(), _reference(model, inputs, 1), rtol=1e-5, atol=1e-4)
+
+
+def _backbone():
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=1, num_heads=HEADS).eval()
+
+
+class _Mixup(nn.Module):
+    """Mixup's batch permutation, in training only."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = _backbone()
+
+    def forward(self, x):
+        if self.training:
+            index = torch.randperm(x.size(0))
+            x = 0.7 * x + 0.3 * x[index]
+        return self.backbone(x)
+
+
+class _NoisyTopK(nn.Module):
+    """Noise added to the input, then the five best classes of the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = _backbone()
+
+    def forward(self, x):
+        x = x + 0.01 * torch.randn_like(x)
+        return self.backbone(x).topk(5, dim=-1)
+
+
+class _CropSorted(nn.Module):
+    """A random crop offset, then the predictions sorted."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = _backbone()
+
+    def forward(self, x):
+        offset = int(torch.randint(0, 1, ()))
+        return torch.sort(self.backbone(x[..., offset:offset + IMG, :IMG]).softmax(-1), descending=True)
+
+
+@pytest.mark.parametrize("wrapper", [_Mixup, _NoisyTopK, _CropSorted], ids=lambda w: w.__name__.strip("_"))
+def test_random_numbers_used_otherwise_are_no_shuffle(wrapper):
+    """QA 338: three wrappers were refused as shuffling (a randperm under `if self.training`, a sort of values
+    computed from a noisy input, a sort beside a random crop offset); the backbone records as bare."""
+    model = wrapper().eval()
+    pixels = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(5)
+    with torch.no_grad(), vitmad.record(model.backbone) as bare:
+        model.backbone(pixels + 0.01 * torch.randn_like(pixels) if wrapper is _NoisyTopK else pixels)
+    torch.manual_seed(5)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    assert rec.layers == ["backbone." + name for name in bare.layers]
+    torch.testing.assert_close(rec.mad, bare.mad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spelling", ["multinomial", "uniform", "numpy", "sort_indices"])
+def test_other_spellings_of_a_random_order_are_refused(spelling):
+    """QA 338: torch.multinomial, torch.empty(...).uniform_() then argsort and NumPy's permutation were missed."""
+    import numpy as np
+
+    class Shuffled(_MaskedAutoencoder):
+        def random_masking(self, x, mask_ratio):
+            batch, length, width = x.shape
+            if spelling == "multinomial":
+                kept = torch.multinomial(torch.ones(batch, length), length)
+            elif spelling == "uniform":
+                kept = torch.empty(batch, length).uniform_().argsort(dim=1)
+            elif spelling == "numpy":
+                kept = torch.as_tensor(np.stack([np.random.permutation(length) for _ in range(batch)]))
+            else:
+                noise = torch.rand(batch, length)
+                kept = noise.sort(dim=1).indices
+            return torch.gather(x, 1, kept[..., None].expand(-1, -1, width)), kept
+
+    model = _sharpened(Shuffled())
+    with torch.no_grad(), pytest.raises(ValueError, match=r"draws random numbers and orders by them \(Shuffled\."
+                                                          r"random_masking\)"):
+        with vitmad.record(model):
+            model(torch.randn(1, 3, IMG, IMG), mask_ratio=0.0)

@@ -193,10 +193,11 @@ def _reaches(cls: type, function, depth: int, softmax: bool, instance: nn.Module
 
 # What random token selection reads: random numbers, and an order drawn from them (MAE's random_masking:
 # argsort(rand(...)), then a gather of the kept patches; a shuffle by randperm).
-_RANDOM_DRAWS = frozenset({"rand", "rand_like", "randn", "randn_like", "randperm", "randint", "multinomial",
-                           "bernoulli"})
-_ORDERINGS = frozenset({"argsort", "randperm", "sort", "topk"})
-_DESCRIPTIONS = frozenset({"shape", "device", "dtype", "ndim", "is_cuda"})
+_RANDOM_DRAWS = frozenset({"rand", "rand_like", "randn", "randn_like", "uniform_", "normal_", "random_",
+                           "exponential_", "uniform", "normal", "random"})
+# Random orders or subsets of indices drawn at once (NumPy's too).
+_RANDOM_ORDERS = frozenset({"randperm", "multinomial", "permutation", "shuffle"})
+_ORDERINGS = frozenset({"argsort", "sort", "topk"})
 
 
 def random_ordering(cls: type) -> str | None:
@@ -214,8 +215,8 @@ def random_ordering(cls: type) -> str | None:
         seen.add(code)
         globals_, attributes = _names_read(code)
         names = globals_ | attributes
-        if names & _RANDOM_DRAWS and names & _ORDERINGS and _orders_by_random(function):
-            return function.__qualname__
+        if (names & _RANDOM_ORDERS or names & _RANDOM_DRAWS and names & _ORDERINGS) and _orders_by_random(function):
+            return function.__qualname__.rpartition("<locals>.")[2]  # (a class defined in a function: its name)
         if not depth:
             return None
         namespace = getattr(function, "__globals__", {})
@@ -238,40 +239,66 @@ def _called_name(node: ast.AST) -> str | None:
     return None
 
 
+def _training_test(test: ast.AST) -> bool | None:
+    """True for ``if self.training``, False for ``if not self.training``, None for another test."""
+    negated = isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not)
+    inner = test.operand if negated else test
+    if isinstance(inner, ast.Attribute) and inner.attr == "training":
+        return not negated
+    return None
+
+
+def _eval_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of ``tree`` outside the branches that run in training mode only (``if self.training:``'s body,
+    ``if not self.training:``'s else): mixup's batch permutation, random erasing and the like, not run in eval."""
+    kept, stack = [], [tree]
+    while stack:
+        node = stack.pop()
+        kept.append(node)
+        if isinstance(node, ast.If) and _training_test(node.test) is not None:
+            stack.append(node.test)
+            stack.extend(node.orelse if _training_test(node.test) else node.body)
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+    return kept
+
+
 def _orders_by_random(function) -> bool:
-    """Whether ``function``'s source orders by random numbers: a ``randperm``, or an ``argsort`` / ``sort`` /
-    ``topk`` of (or on) an expression holding a random draw or a name assigned from one (``noise = torch.rand(...)``,
-    then ``torch.argsort(noise)``). Random numbers used otherwise (a random scale) and a sort of other values are
-    not: both in one forward are no shuffle."""
+    """Whether ``function``'s source, outside its training-only branches, orders by random numbers: a random
+    permutation or sample of indices (``randperm``, ``multinomial``, NumPy's ``permutation`` / ``shuffle``), or an
+    ``argsort`` / ``sort`` / ``topk`` of a random draw itself or of a name assigned one (``noise = torch.rand(...)``,
+    then ``torch.argsort(noise)``; ``torch.empty(...).uniform_()``). Random numbers used otherwise (noise added to
+    the input, a random crop offset) and a sort of other values are not: a value computed from a draw is no draw
+    (QA 338: logits of a noisy input, sorted, were taken for a shuffle)."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
     except (OSError, TypeError, SyntaxError):
         return False
-    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
-    if any(_called_name(call) == "randperm" for call in calls):
+    nodes = _eval_nodes(tree)
+    calls = [node for node in nodes if isinstance(node, ast.Call)]
+    if any(_called_name(call) in _RANDOM_ORDERS for call in calls):
         return True
+
+    def draw(node: ast.AST) -> bool:
+        # A draw, or a draw moved or cast (torch.rand(...).to(device)), or a name assigned one.
+        while isinstance(node, ast.Call):
+            if _called_name(node) in _RANDOM_DRAWS:
+                return True
+            if not isinstance(node.func, ast.Attribute):
+                return False
+            node = node.func.value
+        return isinstance(node, ast.Name) and node.id in drawn
+
     drawn: set[str] = set()
-
-    def random(node: ast.AST) -> bool:
-        # A draw, or a name holding one; not through what only describes a tensor (x.shape, len(x), x.size(1)).
-        if isinstance(node, ast.Attribute) and node.attr in _DESCRIPTIONS:
-            return False
-        if isinstance(node, ast.Call) and _called_name(node) in ("len", "size", "dim"):
-            return False
-        if _called_name(node) in _RANDOM_DRAWS or (isinstance(node, ast.Name) and node.id in drawn):
-            return True
-        return any(random(child) for child in ast.iter_child_nodes(node))
-
-    for _ in range(3):  # names assigned from names assigned from a draw
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)) and node.value is not None \
-                    and random(node.value):
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                drawn.update(inner.id for target in targets for inner in ast.walk(target)
-                             if isinstance(inner, ast.Name))
+    for node in nodes:
+        if isinstance(node, ast.Assign) and draw(node.value):
+            drawn.update(target.id for target in node.targets if isinstance(target, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and node.value is not None and draw(node.value) \
+                and isinstance(node.target, ast.Name):
+            drawn.add(node.target.id)
     return any(_called_name(call) in ("argsort", "sort", "topk") and (
-        any(random(argument) for argument in (*call.args, *(k.value for k in call.keywords)))
-        or (isinstance(call.func, ast.Attribute) and random(call.func.value))) for call in calls)
+        any(draw(argument) for argument in call.args[:1])
+        or (isinstance(call.func, ast.Attribute) and draw(call.func.value))) for call in calls)
 
 
 _MATRIX_PRODUCTS = frozenset({"matmul", "mm", "bmm", "baddbmm", "einsum"})

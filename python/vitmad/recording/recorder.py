@@ -902,8 +902,8 @@ class Recording:
             self._plain = PlainLayout(model, patch, None if grid is None else (int(grid[0]), int(grid[1])),
                                       num_prefix_tokens)
             self._modules = self._choose_layers(layers)
-            plain = next((name for name in self._modules if _uses_plain_layout(self._placers.get(name))), None)
-            if plain is not None and self._given is None:
+            plain = [name for name in self._modules if _uses_plain_layout(self._placers.get(name))]
+            if plain and self._given is None:
                 self._plain.seek_embedding_before(plain, self._found_attention)
             if layers is None:
                 _warn_unrecorded_blocks(model, self._modules, self.skipped)

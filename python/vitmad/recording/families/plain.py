@@ -236,9 +236,6 @@ def stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module,
             # stem pads before its max pool: at most kernel - 1), and makes a smaller one. A module off it (a
             # branch from an earlier map) is not guessed around.
             if out > size or not size <= seen <= size + kernel - 1:
-                chained = _chain_back(image, embedding_input, steps, patch)
-                if chained is not None:
-                    return chained
                 raise NotPlaceable(
                     f"the strided modules before {embedding} of {type(model).__name__} do not make one chain "
                     f"of maps from the image {axis} of {image}: after a map of {size}, one reads {seen} and makes "
@@ -263,26 +260,6 @@ def stem_stride(image: int, embedding_input: int, axis: str, model: nn.Module,
             f"tells how many pixels apart its tokens are; {advice}"
         )
     return stride
-
-
-def _chain_back(image: int, embedding_input: int, steps: list[tuple[int, int, int, int]], patch: int) -> int | None:
-    """The stride of the chain of maps that ends at the embedding's input, followed back from it to the image, on
-    one axis; None where no such chain reaches the image. The steps that ran before the embedding in a call, in
-    order, may hold another part of the model's than the stem's: a CNN branch of a user's module run on the image
-    before the backbone (QA 334: a DPT-hybrid beside a ResNet was refused). Followed back, the map the embedding
-    reads is made by the latest step that makes it, and each map by the latest step before that makes it, up to
-    one read from the image (each read, as forward, of the map or that map padded by at most kernel - 1). A stem
-    that pools by a function no hook sees still reaches no image and is refused."""
-    stride, reads, kernel = 1, embedding_input, patch
-    for seen, out, step, step_kernel in reversed(steps):
-        # The embedding sees the map, or the map padded up to a multiple of its patch; a step, the map or the map
-        # padded by what no hook sees (at most kernel - 1).
-        if not out <= reads <= out + kernel - 1:
-            continue
-        stride, reads, kernel = stride * step, seen, step_kernel
-        if image <= seen <= image + step_kernel - 1:
-            return stride
-    return None
 
 
 def stem_step(module: nn.Module, args: tuple, output) -> tuple | None:
@@ -376,22 +353,27 @@ class PlainLayout:
         # were placed as the row-major grid, silently (QA 337). Refused unless the layout is given.
         self.random_order = random_token_order(model, self.embedding)
 
-    def seek_embedding_before(self, layer: str, attention: list[str]) -> None:
-        """Where the nearest module above the first recorded ``layer`` holding a patch embedding registered before
-        it (:func:`embedding_scope`) holds another one than the model's first, that one is the embedding, with the
-        stem registered before it in that module: a user's head declared before the backbone it holds (a strided
-        Conv2d never run) was the model's first, and the backbone's layers were refused as run before their patch
-        embedding (QA 334). Not where the model's first is in a module holding attention (``attention``: the names of
-        the model's attention modules): that is another tower, whose grid a layer of a second one is refused on (a
-        second tower on a resized image would be placed in the pixels of the model's input, not its own). Called once
-        the layers are chosen, before :meth:`install`."""
+    def seek_embedding_before(self, layers: list[str], attention: list[str]) -> None:
+        """Where the nearest module above the first of the ``layers`` placed by this layout that holds a patch
+        embedding registered before it (:func:`embedding_scope`) holds another one than the model's first, and holds
+        every one of those layers, that one is the embedding, with the stem registered before it in that module: a
+        user's head declared before the backbone it holds (a strided Conv2d never run) was the model's first, and the
+        backbone's layers were refused as run before their patch embedding (QA 334). Not where the model's first is
+        in a module holding attention (``attention``: the names of the model's attention modules): that is another
+        tower, whose grid a layer of a second one is refused on (a second tower on a resized image would be placed
+        in the pixels of the model's input, not its own). Called once the layers are chosen, before
+        :meth:`install`."""
         if self.embedding is None:
             return
         home = self.embedding[0].split(".", 1)[0]
         if any(name.startswith(home + ".") for name in attention):
             return
-        scoped = embedding_scope(self.model, layer)
-        if scoped is None or scoped[1][1] is self.embedding[1]:
+        scoped = embedding_scope(self.model, layers[0])
+        # Only a module of the model (the root's first is the model's first, or a convolution registered before the
+        # blocks where the named projection comes after them) that holds every layer placed by this layout: a
+        # second tower's embedding is never taken for the first's layers (QA 338).
+        if scoped is None or scoped[1][1] is self.embedding[1] or not scoped[0] \
+                or not all(name.startswith(scoped[0] + ".") for name in layers):
             return
         scope, self.embedding = scoped
         self.suffix = num_suffix_tokens(self.model, self.embedding)
@@ -572,18 +554,6 @@ class PlainPlacer(LayerPlacer):
                     "grid> if this layer's tokens are the whole grid in order (a decoder that restores the order)"
                 )
             declared = layout.declared_prefix
-            if declared is not None and 0 < prefix < declared[1] and layout.grid is None:
-                # Some of the declared extra tokens, not none of them (CaiT and ConViT run their first blocks without
-                # the class token): a masked subset of the patches with all the extra tokens, whose count fits a
-                # grid with fewer of them (QA 337: 5 + 12 of 16 patches placed as 1 + a whole 4 x 4 grid).
-                raise NotPlaceable(
-                    f"it attends over {num_queries} tokens: the {grid[0]}x{grid[1]} = {patches} patches of the "
-                    f"{source}{f' and {suffix} tokens after them' if suffix else ''} leave {prefix} extra tokens, but "
-                    f"{declared[0]} declares num_prefix_tokens={declared[1]} (patches masked or dropped, its extra "
-                    "tokens kept?), so vitmad does not know which patches these are; pass positions=<[N, 2] pixel "
-                    "position of each token, NaN rows for tokens off the image>, or num_prefix_tokens=<tokens "
-                    "before the grid> if its tokens are that many extra tokens and the whole grid"
-                )
             if declared is not None and prefix > declared[1] and layout.grid is None:
                 # Counted from the grid, the extra tokens would all be taken to come first: tokens a user's hook
                 # appends after the grid would shift every patch's position by their number. Fewer is no sign of
