@@ -287,6 +287,15 @@ def test_sdpa_modules_that_are_causal_are_refused_by_layer():
     assert all(not m._forward_hooks for m in model.modules())
 
 
+def _eager_mad(model, pixels):
+    """``[L, B, H]`` MAD of a copy of ``model`` run eager, from the probabilities it returns: CLS, then the grid."""
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    with torch.no_grad():
+        maps = eager(pixels, output_attentions=True).attentions
+    return torch.stack([vitmad.mad_reference(a, PATCH, num_prefix_tokens=1, grid=(SIDE, SIDE)) for a in maps])
+
+
 def test_flex_model_is_recorded_as_its_eager_attention():
     model = _vit("flex_attention")
     pixels = _pixels()
@@ -295,11 +304,7 @@ def test_flex_model_is_recorded_as_its_eager_attention():
         with vitmad.record(model) as rec:
             recorded = model(pixels).last_hidden_state
     assert torch.equal(plain, recorded)
-    eager = copy.deepcopy(model)
-    eager.config._attn_implementation = "eager"
-    with torch.no_grad():
-        maps = eager(pixels, output_attentions=True).attentions
-    expected = torch.stack([vitmad.mad_reference(a, PATCH, num_prefix_tokens=1, grid=(SIDE, SIDE)) for a in maps])
+    expected = _eager_mad(model, pixels)
     torch.testing.assert_close(rec.mad.double(), expected, rtol=1e-5, atol=1e-4)
 
 
@@ -329,11 +334,7 @@ def test_flex_model_inside_a_users_module_is_recorded_as_bare(wrap):
     assert torch.equal(plain, recorded)
     prefix = "0." if wrap is torch.nn.Sequential else "backbone."
     assert rec.layers == [f"{prefix}layers.0.attention", f"{prefix}layers.1.attention"]
-    eager = copy.deepcopy(model)
-    eager.config._attn_implementation = "eager"
-    with torch.no_grad():
-        maps = eager(pixels, output_attentions=True).attentions
-    expected = torch.stack([vitmad.mad_reference(a, PATCH, num_prefix_tokens=1, grid=(SIDE, SIDE)) for a in maps])
+    expected = _eager_mad(model, pixels)
     torch.testing.assert_close(rec.mad.double(), expected, rtol=1e-5, atol=1e-4)
     sdpa = wrap(_vit("sdpa")).eval()
     with torch.no_grad(), vitmad.record(sdpa) as rec_sdpa:
@@ -363,11 +364,7 @@ def test_a_recording_begun_inside_another_over_some_of_its_layers_leaves_the_out
             outer_model(pixels)
     assert outer.layers == [f"{prefix}layers.0.attention", f"{prefix}layers.1.attention"]
     assert inner.layers == [f"{inner_prefix}layers.1.attention"]
-    eager = copy.deepcopy(model)
-    eager.config._attn_implementation = "eager"
-    with torch.no_grad():
-        maps = eager(pixels, output_attentions=True).attentions
-    expected = torch.stack([vitmad.mad_reference(a, PATCH, num_prefix_tokens=1, grid=(SIDE, SIDE)) for a in maps])
+    expected = _eager_mad(model, pixels)
     torch.testing.assert_close(outer.mad.double(), expected, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(inner.mad.double(), expected[1:], rtol=1e-5, atol=1e-4)
     assert model.config._attn_implementation == implementation

@@ -2,11 +2,12 @@
 334): a strided head declared before the backbone (never run) was taken for the patch embedding (torchvision's
 ViT, DINOv3) or its stride counted into the stage strides (torchvision's Swin and MaxViT, transformers' MobileViT);
 a CNN branch run on the image before the backbone had its strides counted (MaxViT, MobileViT). Each family is
-checked against its eager attention in its own tests; held, it must give the very same recording. A hybrid's stem
-beside such a branch is still refused (its steps and the branch's are not one chain of maps, and which maps lead
-to the embedding is not guessed: QA 338 found a walk back from the embedding taking a residual shortcut for a
-step, and a branch for a cropped stem); so are a second tower's layers on the first's grid. Tiny random-weight
-models built from configs."""
+checked against its eager attention in its own tests; held, it must give the very same recording. Still refused,
+not guessed: a plain layout's (torchvision's ViT, DINOv3) head declared first, which is a convolution of kernel ==
+stride as a patch embedding is (a search for the embedding nearest the layers took a pooling convolution of the
+tower for it, QA 340); a hybrid's stem beside such a branch (a walk back from the embedding took a residual
+shortcut for a step, QA 338); a second tower's layers on the first's grid. Tiny random-weight models built from
+configs."""
 
 from __future__ import annotations
 
@@ -82,9 +83,10 @@ class _CnnBeside(nn.Module):
         return self.cnn(pixels), self.backbone(pixels)
 
 
+# (A plain layout's head first, and a hybrid beside a CNN: refused, below.)
 CASES = [(build, wrapper) for build in (_torchvision_vit, _torchvision_swin, _torchvision_maxvit, _mobilevit, _dinov3,
                                         _dpt_hybrid) for wrapper in (_HeadFirst, _CnnBeside)
-         if (build, wrapper) != (_dpt_hybrid, _CnnBeside)]
+         if (build, wrapper) not in ((_dpt_hybrid, _CnnBeside), (_torchvision_vit, _HeadFirst), (_dinov3, _HeadFirst))]
 
 
 @pytest.mark.parametrize("build, wrapper", CASES, ids=lambda f: f.__name__.strip("_"))
@@ -102,6 +104,15 @@ def test_a_backbone_in_a_users_module_records_as_bare(build, wrapper):
     assert len(rec.per_layer) == len(bare.per_layer)
     assert all(torch.equal(a.nan_to_num(-1), b.nan_to_num(-1)) for a, b in zip(rec.per_layer, bare.per_layer))
     assert torch.equal(rec.mad.nan_to_num(-1), bare.mad.nan_to_num(-1))
+
+
+@pytest.mark.parametrize("build", [_torchvision_vit, _dinov3], ids=["torchvision_vit", "dinov3"])
+def test_a_plain_layouts_head_declared_first_is_refused_not_guessed(build):
+    torch.manual_seed(0)
+    held = _HeadFirst(build().eval()).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"the patch embedding head had not run in this call"):
+        with vitmad.record(held):
+            held(torch.randn(1, 3, SIZE, SIZE))
 
 
 def test_a_hybrid_beside_a_cnn_branch_is_refused_not_guessed():

@@ -193,10 +193,7 @@ def _reaches(cls: type, function, depth: int, softmax: bool, instance: nn.Module
 
 # What random token selection reads: random numbers, and an order drawn from them (MAE's random_masking:
 # argsort(rand(...)), then a gather of the kept patches; a shuffle by randperm).
-_RANDOM_DRAWS = frozenset({"rand", "rand_like", "randn", "randn_like", "uniform_", "normal_", "random_",
-                           "exponential_", "uniform", "normal", "random"})
-# Random orders or subsets of indices drawn at once (NumPy's too).
-_RANDOM_ORDERS = frozenset({"randperm", "multinomial", "permutation", "shuffle"})
+_RANDOM_DRAWS = frozenset({"rand", "rand_like", "randn", "randn_like", "uniform_", "normal_"})
 _ORDERINGS = frozenset({"argsort", "sort", "topk"})
 
 
@@ -215,7 +212,7 @@ def random_ordering(cls: type) -> str | None:
         seen.add(code)
         globals_, attributes = _names_read(code)
         names = globals_ | attributes
-        if (names & _RANDOM_ORDERS or names & _RANDOM_DRAWS and names & _ORDERINGS) and _orders_by_random(function):
+        if names & _RANDOM_DRAWS and names & _ORDERINGS and _orders_by_random(function):
             return function.__qualname__.rpartition("<locals>.")[2]  # (a class defined in a function: its name)
         if not depth:
             return None
@@ -264,20 +261,19 @@ def _eval_nodes(tree: ast.AST) -> list[ast.AST]:
 
 
 def _orders_by_random(function) -> bool:
-    """Whether ``function``'s source, outside its training-only branches, orders by random numbers: a random
-    permutation or sample of indices (``randperm``, ``multinomial``, NumPy's ``permutation`` / ``shuffle``), or an
-    ``argsort`` / ``sort`` / ``topk`` of a random draw itself or of a name assigned one (``noise = torch.rand(...)``,
-    then ``torch.argsort(noise)``; ``torch.empty(...).uniform_()``). Random numbers used otherwise (noise added to
-    the input, a random crop offset) and a sort of other values are not: a value computed from a draw is no draw
-    (QA 338: logits of a noisy input, sorted, were taken for a shuffle)."""
+    """Whether ``function``'s source, outside its training-only branches, orders by random numbers, as MAE's
+    masking does: an ``argsort`` / ``sort`` / ``topk`` of a random draw itself or of a name assigned one
+    (``noise = torch.rand(...)``, then ``torch.argsort(noise)``; ``torch.empty(...).uniform_()``). Random numbers
+    used otherwise (noise added to the input, a random crop offset) and a sort of other values are not: a value
+    computed from a draw is no draw (QA 338: logits of a noisy input, sorted, were taken for a shuffle). A
+    permutation drawn at once (``randperm``, ``multinomial``) is not read: MoCo's batch shuffle and a random caption
+    are more common than a token shuffle so drawn (QA 340)."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
     except (OSError, TypeError, SyntaxError):
         return False
     nodes = _eval_nodes(tree)
     calls = [node for node in nodes if isinstance(node, ast.Call)]
-    if any(_called_name(call) in _RANDOM_ORDERS for call in calls):
-        return True
 
     def draw(node: ast.AST) -> bool:
         # A draw, or a draw moved or cast (torch.rand(...).to(device)), or a name assigned one.

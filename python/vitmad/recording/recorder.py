@@ -902,9 +902,6 @@ class Recording:
             self._plain = PlainLayout(model, patch, None if grid is None else (int(grid[0]), int(grid[1])),
                                       num_prefix_tokens)
             self._modules = self._choose_layers(layers)
-            plain = [name for name in self._modules if _uses_plain_layout(self._placers.get(name))]
-            if plain and self._given is None:
-                self._plain.seek_embedding_before(plain, self._found_attention)
             if layers is None:
                 _warn_unrecorded_blocks(model, self._modules, self.skipped)
             # The modules the model held when its layers were chosen, and the names asked for: an attention module
@@ -958,7 +955,6 @@ class Recording:
         ``self.skipped``."""
         model = self.model
         found = attention_modules(model)
-        self._found_attention = list(found)
         matched: list[str] = []
         if layers is not None:
             chosen = _select(dict(named_module_list(model)), layers, model, found)

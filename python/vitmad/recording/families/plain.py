@@ -70,10 +70,9 @@ def find_patch_embedding(model: nn.Module, before: str | None = None) -> tuple[s
     ``Conv2d`` whose kernel (larger than 1) equals its stride. A prompt encoder's convolutions and one named for a
     mask (``mask_downsample``) are never taken.
 
-    With ``before`` (the qualified name of the first attention layer), the embedding is sought in the nearest
-    module above that layer holding one registered before it (:func:`embedding_scope`), then in the whole model:
-    a user's head declared before the backbone (never run) was taken for the patch embedding of a torchvision ViT
-    or DINOv3 inside the user's module, and the recording refused (QA 334).
+    With ``before`` (the qualified name of a layer), the embedding is sought in the nearest module above that layer
+    holding one registered before it (:func:`embedding_scope`), then in the whole model: a family whose own model
+    class holds both (torchvision's Swin) reads its own, not a user's head declared before it (QA 334).
     """
     if before is not None:
         scoped = embedding_scope(model, before)
@@ -350,38 +349,11 @@ class PlainLayout:
             else set())
         # A user's masked encoder (MAE's random_masking) keeps a random subset of the patches in a random order: at
         # a count that fits the grid (every patch kept, shuffled; or as many dropped as there are extra tokens) they
-        # were placed as the row-major grid, silently (QA 337). Refused unless the layout is given.
+        # were placed as the row-major grid, silently (QA 337). Said once per recording: a static reading of the
+        # source cannot tell a shuffle of the tokens from a random mask kept in place (SimMIM), so it warns; a
+        # refusal refused such models and many more (QA 340).
         self.random_order = random_token_order(model, self.embedding)
-
-    def seek_embedding_before(self, layers: list[str], attention: list[str]) -> None:
-        """Where the nearest module above the first of the ``layers`` placed by this layout that holds a patch
-        embedding registered before it (:func:`embedding_scope`) holds another one than the model's first, and holds
-        every one of those layers, that one is the embedding, with the stem registered before it in that module: a
-        user's head declared before the backbone it holds (a strided Conv2d never run) was the model's first, and the
-        backbone's layers were refused as run before their patch embedding (QA 334). Not where the model's first is
-        in a module holding attention (``attention``: the names of the model's attention modules): that is another
-        tower, whose grid a layer of a second one is refused on (a second tower on a resized image would be placed
-        in the pixels of the model's input, not its own). Called once the layers are chosen, before
-        :meth:`install`."""
-        if self.embedding is None:
-            return
-        home = self.embedding[0].split(".", 1)[0]
-        if any(name.startswith(home + ".") for name in attention):
-            return
-        scoped = embedding_scope(self.model, layers[0])
-        # Only a module of the model (the root's first is the model's first, or a convolution registered before the
-        # blocks where the named projection comes after them) that holds every layer placed by this layout: a
-        # second tower's embedding is never taken for the first's layers (QA 338).
-        if scoped is None or scoped[1][1] is self.embedding[1] or not scoped[0] \
-                or not all(name.startswith(scoped[0] + ".") for name in layers):
-            return
-        scope, self.embedding = scoped
-        self.suffix = num_suffix_tokens(self.model, self.embedding)
-        self.declared_prefix = declared_prefix_tokens(self.model, self.embedding)
-        self.stem = strided_stem(self.model.get_submodule(scope), self.embedding[1])
-        self.extra_tokens_said = (None if in_a_known_library(self.model, self.embedding[0], embeddings=False)
-                                  else set())
-        self.random_order = random_token_order(self.model, self.embedding)
+        self.random_order_said = False
 
     def install(self, context: CallContext) -> list[torch.utils.hooks.RemovableHandle]:
         if self.embedding is None:
@@ -544,15 +516,6 @@ class PlainPlacer(LayerPlacer):
                     "patch=<pixels per token of that grid>, or positions=<[N, 2] pixel position of each token, NaN "
                     "rows for tokens off the image>"
                 )
-            if layout.random_order is not None and layout.grid is None:
-                raise NotPlaceable(
-                    f"{type(layout.model).__name__} draws random numbers and orders by them ({layout.random_order}), "
-                    f"as MAE-style masking shuffles the patches and keeps a random subset of them: its {num_queries} "
-                    "tokens need not be the row-major grid of the patch embedding in order, and vitmad does not know "
-                    "which patch each one is; pass positions=<[N, 2] pixel position of each token in this call, NaN "
-                    "rows for tokens off the image> (the kept patches' cells), or num_prefix_tokens=<tokens before the "
-                    "grid> if this layer's tokens are the whole grid in order (a decoder that restores the order)"
-                )
             declared = layout.declared_prefix
             if declared is not None and prefix > declared[1] and layout.grid is None:
                 # Counted from the grid, the extra tokens would all be taken to come first: tokens a user's hook
@@ -575,6 +538,15 @@ class PlainPlacer(LayerPlacer):
                 "are taken to come first, as a ViT's class token and registers; if they do not (a class token last, "
                 "registers between the patches), pass positions=<[N, 2] pixel position of each token, NaN rows for "
                 f"tokens off the image>, or num_prefix_tokens={prefix} to say they do", stacklevel=2)
+        if counted and layout.random_order is not None and not layout.random_order_said and layout.grid is None:
+            layout.random_order_said = True
+            warnings.warn(
+                f"vitmad.record: {type(layout.model).__name__} sorts random numbers ({layout.random_order}), as "
+                "MAE-style masking does to shuffle the patches and keep a random subset of them: if its layers "
+                "attend over such tokens, they are not the row-major grid of the patch embedding that vitmad places "
+                "them on, and their MAD is wrong; pass positions=<[N, 2] pixel position of each token in this call, "
+                "NaN rows for tokens off the image> (the kept patches' cells) for those layers (num_prefix_tokens= "
+                "given says the tokens are the grid in order, and is not warned)", stacklevel=2)
         if counted and layout.grid and seen is None:
             self._check_same_extra_tokens(context, grid, prefix, num_queries)
         if prefix + patches + suffix != num_queries:
