@@ -192,7 +192,7 @@ def _reaches(cls: type, function, depth: int, softmax: bool, instance: nn.Module
 
 
 # What random token selection reads: random numbers, and an order drawn from them (MAE's random_masking:
-# argsort(rand(...)), then a gather of the kept patches; a shuffle by randperm).
+# argsort(rand(...)), then a gather of the kept patches).
 _RANDOM_DRAWS = frozenset({"rand", "rand_like", "randn", "randn_like", "uniform_", "normal_"})
 _ORDERINGS = frozenset({"argsort", "sort", "topk"})
 

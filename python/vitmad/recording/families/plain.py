@@ -36,7 +36,6 @@ from .unplaced import molmo2_layout_unknown, radio_layout_unknown
 from .windows import parent_module
 
 __all__ = ["PlainLayout", "PlainPlacer", "patch_dropout_modules", "dropping_patches", "find_patch_embedding",
-           "embedding_scope",
            "stem_step", "stem_stride", "strided_stem",
            "in_a_known_library", "is_embedding_projection", "keeps_image_layout", "num_suffix_tokens",
            "random_token_order"]
@@ -70,54 +69,46 @@ def find_patch_embedding(model: nn.Module, before: str | None = None) -> tuple[s
     ``Conv2d`` whose kernel (larger than 1) equals its stride. A prompt encoder's convolutions and one named for a
     mask (``mask_downsample``) are never taken.
 
-    With ``before`` (the qualified name of a layer), the embedding is sought in the nearest module above that layer
-    holding one registered before it (:func:`embedding_scope`), then in the whole model: a family whose own model
-    class holds both (torchvision's Swin) reads its own, not a user's head declared before it (QA 334).
+    With ``before`` (the qualified name of a layer), the embedding is sought first among those registered before
+    that layer in the nearest module above it holding one, then in the whole model: a family whose own model class
+    holds both (torchvision's Swin) reads its own, not a user's head declared before it (QA 334).
     """
-    if before is not None:
-        scoped = embedding_scope(model, before)
-        if scoped is not None:
-            return scoped[1]
-    return _first_patch_embedding(model, named_module_list(model))
-
-
-def embedding_scope(model: nn.Module, before: str) -> tuple[str, tuple[str, nn.Conv2d]] | None:
-    """``(scope, (qualified name, conv))``: the nearest module above the module ``before`` (its qualified name; the
-    model itself last) that holds a patch embedding (:func:`find_patch_embedding`'s rule) registered before
-    ``before``, with that embedding; None where no module above it holds one before it (an embedding registered
-    after the blocks)."""
     modules = named_module_list(model)
-    index = next((i for i, (name, _) in enumerate(modules) if name == before), None)
-    if index is None:
-        return None
-    earlier = modules[:index]
-    for prefix, _ in enclosing_modules(model, before):
-        inside = [(name, module) for name, module in earlier if not prefix or name.startswith(prefix + ".")]
-        found = _first_patch_embedding(model, inside)
-        if found is not None:
-            return prefix, found
-    return None
+    index = None if before is None else next((i for i, (name, _) in enumerate(modules) if name == before), None)
+    if index is not None:
+        earlier = _candidates(model, modules[:index])
+        for prefix, _ in enclosing_modules(model, before):
+            found = _first_candidate([c for c in earlier if not prefix or c[0].startswith(prefix + ".")])
+            if found is not None:
+                return found
+    return _first_candidate(_candidates(model, modules))
 
 
-def _first_patch_embedding(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> tuple[str, nn.Conv2d] | None:
-    """:func:`find_patch_embedding`'s rule over ``modules`` (``(qualified name, module)`` of ``model``, in order)."""
-    fallback = None
+def _candidates(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Conv2d, bool]]:
+    """``(qualified name, conv, named as a projection)`` of each ``Conv2d`` of ``modules`` (of ``model``, in order)
+    whose kernel equals its stride, that may be a patch embedding (:func:`find_patch_embedding`'s rule)."""
     # A prompt encoder's mask embedding (SAM's, SAM2's, EdgeTAM's prompt_encoder.mask_embed.conv1: 2x2, stride 2) and
     # a video model's mask_downsample (4x4, stride 4, of the predicted mask for its memory) embed a mask, never the
     # image: taken for the patch embedding, they made EdgeTAM's prompt encoder its image tower (found by QA).
     prompts = [name + "." for name, module in named_module_list(model)
                if type(module).__name__.endswith("PromptEncoder")]
     idle = idle_copies(model)
+    found = []
     for name, module in modules:
         if any(name.startswith(prompt) for prompt in prompts) or "mask" in name.rpartition(".")[2] \
                 or id(module) in idle:
             continue
         if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == tuple(module.stride):
-            if is_embedding_projection(unwrapped_name(name), module):
-                return name, module
-            if fallback is None and max(module.kernel_size) > 1:
-                fallback = name, module
-    return fallback
+            projection = is_embedding_projection(unwrapped_name(name), module)
+            if projection or max(module.kernel_size) > 1:
+                found.append((name, module, projection))
+    return found
+
+
+def _first_candidate(candidates: list[tuple[str, nn.Conv2d, bool]]) -> tuple[str, nn.Conv2d] | None:
+    """The first named as a projection of the :func:`_candidates`, else the first of them, or None."""
+    chosen = next((c for c in candidates if c[2]), candidates[0] if candidates else None)
+    return None if chosen is None else (chosen[0], chosen[1])
 
 
 def overlapping_patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
