@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vitmad
+from conftest import unfused_maps
 
 timm = pytest.importorskip("timm")
 
@@ -49,14 +50,13 @@ def test_patches_of_another_size_are_placed_at_their_own_size(channels_last):
     with torch.no_grad(), vitmad.record(model) as rec:
         model(inputs)
     assert rec.geometry[0].stride == (GIVEN_PATCH, GIVEN_PATCH)
-    eager, probabilities = copy.deepcopy(model), []
-    for block in eager.blocks:
-        block.attn.fused_attn = False
-        block.attn.attn_drop.register_forward_pre_hook(lambda m, args: probabilities.append(args[0]))
+    eager = copy.deepcopy(model)
+    probabilities = unfused_maps(eager, "Attention")
     with torch.no_grad():
         eager(inputs)
     prefix = model.num_prefix_tokens
-    for layer, attention in enumerate(probabilities):
+    assert len(probabilities) == len(model.blocks)
+    for layer, (_, attention) in enumerate(probabilities):
         expected = []
         for b, (gh, gw) in enumerate(grids):
             rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
