@@ -435,3 +435,69 @@ def test_attention_pool_over_a_map_of_unknown_stride_is_skipped_with_the_reason(
                                            r"vitmad does not know: .* this AttentionPool2d is not the head of a "
                                            r"ByobNet \(in _PoolOverConv\); neither its map nor a MAD is recorded"):
         vitmad.record(model, stats=["prefix_maps"])
+
+
+_PRR = pytest.mark.skipif(not hasattr(timm.layers, "AttentionPoolPrr"),
+                          reason="this timm has no AttentionPoolPrr (global_pool='prr', timm 1.0.25 and later)")
+PRR_GRID, PRR_STRIDE = (4, 6), 16.0  # a 64 x 96 input at 16 pixels a patch
+
+
+def _prr_vit(class_token: bool):
+    # Two registers, and a class token or none: 3 or 2 tokens without a position before the 4 x 6 grid.
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=1, global_pool="prr",
+                              reg_tokens=2, class_token=class_token, embed_dim=32, num_heads=2)
+    return sharpened(model)
+
+
+@_PRR
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+def test_prr_pooling_with_a_class_token_keeps_only_its_row_so_has_maps_and_no_mad(fused):
+    # pool_type="token": the head's output is x[:, 0], the class token's row; the other rows are discarded, so the
+    # layer has no MAD, and its maps are the rows of the tokens without a position (class token, two registers).
+    model = _prr_vit(class_token=True)
+    assert model.attn_pool.pool == "token"
+    model.attn_pool.fused_attn = fused
+    pixels = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(pixels)
+        with vitmad.record(model, stats=["mad", "prefix_maps"]) as rec:
+            assert torch.equal(model(pixels), plain)
+    tokens = PRR_GRID[0] * PRR_GRID[1]
+    expected = pooling_rows(model, "attn_pool", lambda double: double(pixels.double()))
+    assert expected.shape == (2, 2, 3 + tokens, 3 + tokens)
+    assert rec.layers == ["blocks.0.attn"]
+    assert rec.skipped["attn_pool"].startswith("attention pooling: timm's AttentionPoolPrr (global_pool='prr') with "
+                                               "pool_type='token' outputs the class token's row alone")
+    maps = rec.class_attention_maps
+    assert list(maps) == ["attn_pool"] and maps["attn_pool"].shape == (2, 2, 3, tokens)
+    # Keys 0-2 have no position; key 3 + 6 r + c is the patch (r, c).
+    on_grid = maps["attn_pool"].double().reshape(2, 2, 3, *PRR_GRID)
+    for r in range(PRR_GRID[0]):
+        for c in range(PRR_GRID[1]):
+            torch.testing.assert_close(on_grid[..., r, c], expected[:, :, :3, 3 + PRR_GRID[1] * r + c], **TOL)
+    geometry = rec.calls[-1].class_geometry[0]
+    assert geometry.grid == PRR_GRID and geometry.stride == (PRR_STRIDE, PRR_STRIDE)
+    assert geometry.num_prefix_tokens == 3
+    with torch.no_grad(), vitmad.record(model) as alone:
+        model(pixels)
+    assert alone.layers == rec.layers and torch.equal(alone.mad, rec.mad) and "attn_pool" in alone.skipped
+
+
+@_PRR
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+def test_prr_pooling_without_a_class_token_averages_every_row_so_has_a_mad(fused):
+    # pool_type="avg": every row is averaged into the output, so the patch rows count: a self-attention layer over
+    # two registers and the grid, with a MAD over the patches' rows.
+    model = _prr_vit(class_token=False)
+    assert model.attn_pool.pool == "avg"
+    model.attn_pool.fused_attn = fused
+    pixels = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vitmad.record(model, stats=["mad", "prefix_maps"]) as rec:
+        model(pixels)
+    expected = pooling_rows(model, "attn_pool", lambda double: double(pixels.double()))
+    cells = torch.tensor([[(r + 0.5) * PRR_STRIDE, (c + 0.5) * PRR_STRIDE]
+                          for r in range(PRR_GRID[0]) for c in range(PRR_GRID[1])], dtype=torch.float64)
+    mad = (expected[:, :, 2:, 2:] * torch.cdist(cells, cells)).sum(-1).mean(-1)
+    assert rec.layers == ["blocks.0.attn", "attn_pool"] and rec.class_attention_maps == {}
+    torch.testing.assert_close(rec.mad[1].double(), mad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(rec.prefix_maps[1].double(), expected[:, :, :2, 2:], **TOL)

@@ -27,6 +27,13 @@ by the model's plain layout (the patch grid, after the extra tokens when the hea
 - the heads of the NaFlex towers (timm ``NaFlexVit``'s ``attn_pool``, SigLIP2's pooling head), whose keys are
   each image's own grid padded into one batch, placed by :mod:`.naflex`.
 
+timm's parameter-free ``AttentionPoolPrr`` (``global_pool="prr"``) is self-attention over every token of its
+``VisionTransformer``; with a class token (``pool_type="token"``) its output is the class token's row alone, the
+patch rows computed and thrown away, so it has no MAD and is class attention here, placed by the plain layout with
+``ClassQueryPlacer``'s ``self_attention`` (its maps are the rows of every token without a position: the class
+token's, which is the output, then the registers', which are not). Without a class token (``pool_type="avg"``) it
+averages every row, and is a self-attention layer of the plain layout with a MAD like the blocks before it.
+
 timm's CLIP-style ``AttentionPool2d`` over a CNN's map, whose queries are its keys, is placed by
 :mod:`.attention_pool2d` (with ``ClassQueryPlacer``'s ``self_attention``).
 """
@@ -39,7 +46,7 @@ import torch
 from torch import nn
 
 from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement
-from .stages import defined_in, grid_placement, owner_of
+from .stages import defined_in, grid_placement, innermost_on_path, owner_of
 from .windows import stage_stride
 
 __all__ = ["placer", "ClassQueryPlacer"]
@@ -138,6 +145,9 @@ def _volo_keys(model: nn.Module, volo: nn.Module, name: str) -> _GridKeys:
                      int(volo.feature_info[-1]["reduction"]), "the last stage of its network")
 
 
+_PRR = ("attention pooling: timm's AttentionPoolPrr (global_pool='prr') with pool_type='token' outputs the class "
+        "token's row alone, which has no position on the image (the patch rows, computed too, are discarded); its "
+        "attention over the tokens is recorded with stats=[..., 'prefix_maps'] (rec.class_attention_maps)")
 _POOLING = "attention pooling: {} without a position on the image; {} attention over the tokens is recorded with " \
            "stats=[..., 'prefix_maps'] (rec.class_attention_maps)"
 
@@ -193,6 +203,12 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         # A NaFlex tower's head pools each image's own grid, padded: its keys are placed by that tower's inputs.
         return naflex.pooling_head(model, name, pooling) or ClassQueries(
             pooling, None, "the tokens it pools", queries_in_keys=False)
+
+    if defined_in(module, "AttentionPoolPrr", "attention_pool") and getattr(module, "pool", None) == "token":
+        holder = innermost_on_path(model, name, lambda m: defined_in(m, "VisionTransformer", "vision_transformer"))
+        if holder is not None and getattr(holder[1], "attn_pool", None) is module:
+            return ClassQueries(_PRR, None, "every token of the model, the class token first", self_attention=True)
+        return None
 
     if defined_in(module, "ClassAttn", "cait"):
         xcit = owner_of(model, "Xcit", "xcit")
