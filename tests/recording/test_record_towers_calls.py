@@ -309,3 +309,59 @@ def test_a_second_tower_embedding_with_a_stem_and_no_projection_is_named():
     with torch.no_grad(), vitmad.record(model.b) as alone:
         model(torch.randn(1, 3, 64, 96))
     assert alone.layers == ["blocks.0.attn"] and alone.geometry[0].grid == (3, 4)
+
+
+class _StemBeforeViT(nn.Module):
+    """A user's learned 2x downsampler on the RGB image (three channels out, ``stem`` declared first), then a timm
+    ViT on its map; or, with ``beside``, a convolution as a branch of its own beside the ViT, which takes the image
+    halved by interpolation."""
+
+    def __init__(self, stem: nn.Module, vit: nn.Module, beside: bool = False):
+        super().__init__()
+        self.stem, self.vit, self.beside = stem, vit, beside
+
+    def forward(self, pixels: torch.Tensor):
+        if self.beside:
+            return self.stem(pixels).mean(), self.vit(functional.interpolate(pixels, scale_factor=0.5))
+        return self.vit(self.stem(pixels))
+
+
+def _downsampler(kind: str) -> nn.Module:
+    conv = nn.Conv2d(3, 3, 2, stride=2)
+    return conv if kind == "conv" else nn.Sequential(conv, nn.BatchNorm2d(3), nn.ReLU())
+
+
+@pytest.mark.parametrize("stem", ["conv", "conv-bn-relu"])
+def test_a_stem_of_three_channels_before_the_vit_is_followed_not_taken_for_a_tower(stem):
+    """A 64 x 96 image halved by a stride-2 ``nn.Conv2d(3, 3, 2, 2)`` before a ViT of 8 px patches: its tokens are
+    16 px of the image apart. The convolution takes the image's channels as the ViT's does, so it was taken for a
+    second tower and the ViT placed in pixels of the map it takes (8 px apart), silently, where a stem of 8
+    channels gave 16 (QA 345)."""
+    torch.manual_seed(0)
+    model = _StemBeforeViT(sharpened(_downsampler(stem), 3), _sharper(sharpened(_timm_tower(), 1))).eval()
+    (pixels,) = _images(1, scale=2)
+    with torch.no_grad():
+        stemmed = model.stem(pixels)
+    reference = _tower_probabilities("timm", model.vit, stemmed)
+    with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
+        model(pixels)
+    assert rec.layers == [f"vit.{layer}" for layer in TOWERS["timm"][1]]
+    assert [g.stride for g in rec.geometry] == [(2.0 * PATCH, 2.0 * PATCH)] * 2
+    for recorded_mad, p in zip(rec.mad, reference, strict=True):
+        torch.testing.assert_close(recorded_mad.double(), 2 * _tower_mad(p), **TOL)
+
+
+def test_a_branch_of_three_channels_beside_the_vit_leaves_it_in_the_pixels_it_takes():
+    """A convolution of three channels out as a branch beside the ViT (on the whole image: its map is not the one the
+    ViT takes), the ViT on the image halved by interpolation: a tower beside it, whose own image the ViT's tokens
+    are placed in (8 px apart), as for two towers."""
+    torch.manual_seed(0)
+    branch = nn.Conv2d(3, 3, 3, padding=1)
+    model = _StemBeforeViT(sharpened(branch, 3), _sharper(sharpened(_timm_tower(), 1)), beside=True)
+    (pixels,) = _images(1, scale=2)
+    reference = _tower_probabilities("timm", model.vit, functional.interpolate(pixels, scale_factor=0.5))
+    with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
+        model(pixels)
+    assert [g.stride for g in rec.geometry] == [(float(PATCH), float(PATCH))] * 2
+    for recorded_mad, p in zip(rec.mad, reference, strict=True):
+        torch.testing.assert_close(recorded_mad.double(), _tower_mad(p), **TOL)

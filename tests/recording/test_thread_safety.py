@@ -8,6 +8,7 @@ torch-function modes), so concurrent recordings of different models must not see
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -421,3 +422,36 @@ def test_models_sharing_one_config_keep_every_layer_when_another_recording_ends_
     assert held.startswith("vitmad")  # still the outer recording's after the inner one ended
     torch.testing.assert_close(rec.mad, alone.mad, rtol=0, atol=0)
     assert config._attn_implementation == "sdpa"  # set back once both have ended
+
+
+@pytest.mark.parametrize("kind", ["timm-fused", "transformers"])
+@pytest.mark.parametrize("released", ["after-a-call", "before-any-call"])
+def test_a_forward_begun_before_the_recording_in_another_thread_is_refused_not_joined(kind, released):
+    """A worker's forward begins before the recording and waits at its first block; the recording begins and, with
+    ``released="after-a-call"``, records a forward of the main thread first. The worker's layers then joined that
+    finished call, placed on its grid (rec.layers twice over, silently), or with no call yet were placed on a grid
+    never recorded (a misleading error). Now they are refused with the reason, and the calls are the main thread's
+    alone."""
+    model = _one_model(kind)
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+    first_block = model.blocks[0] if kind != "transformers" else model.layers[0]
+    expected = _alone(model, lambda: model(pixels))
+    worker, inside, release, outcome = _held_worker(model, first_block, lambda: model(pixels))
+    worker.start()
+    try:
+        assert inside.wait(30)
+        with torch.no_grad(), vitmad.record(model) as rec:
+            if released == "after-a-call":
+                model(pixels)
+            release.set()
+            worker.join(30)
+            assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError)
+            assert re.search(r"thread 'worker' ran a recorded layer of \w+ in a forward of it begun before the "
+                             r"recording", str(outcome[0]))
+            model(pixels)
+    finally:
+        release.set()
+        worker.join(30)
+    assert [len(call.layers) for call in rec.calls] == [3] * (2 if released == "after-a-call" else 1)
+    for call in rec.calls:
+        torch.testing.assert_close(torch.stack(call.per_layer), expected, rtol=0, atol=0)

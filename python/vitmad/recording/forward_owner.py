@@ -140,6 +140,17 @@ class ForwardOwner:
         """Whether this thread is inside a forward it entered (or one a KeyboardInterrupt left behind)."""
         return self._thread is threading.current_thread() and bool(self._frames)
 
+    def inside_unentered(self, module: nn.Module) -> bool:
+        """Whether this thread is inside a call of ``module`` whose forward the owner did not enter: one begun before
+        the recording's hooks were installed, whose pre-hooks never ran."""
+        frame = sys._getframe(1)
+        mine = self._frames if self._thread is threading.current_thread() else []
+        while frame is not None:
+            if frame.f_code is _CALL_IMPL and frame.f_locals.get("self") is module and id(frame) not in mine:
+                return True
+            frame = frame.f_back
+        return False
+
     def refusal(self) -> RuntimeError:
         thread = self._thread
         return RuntimeError(

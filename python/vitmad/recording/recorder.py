@@ -105,7 +105,7 @@ from .placement import (
     on_device,
 )
 from .spacing import Spacing, check_spacing
-from .towers import encoder_prefix, first_convolution, other_image_towers, tower_starts
+from .towers import encoder_prefix, first_convolution, other_image_towers, stems_beside_towers, tower_starts
 from .transformers_capture import (
     HFAttentionHooks,
     hf_attention_modules,
@@ -506,6 +506,14 @@ def _in_transform() -> bool:
 _TRACE_WARNED: list[int | None] = [None]  # id of the tracing state last warned about
 _TRANSFORM_WARNED = [False]  # warned in this forward of the model or since a hook ran outside a torch.func transform
 _EXPORT_WARNED = [False]  # warned in this forward of the model or since a hook ran outside torch.export
+
+
+_STEM_MAPS = "towers.stem_maps"  # the shapes of the maps convolutions on the image beside the towers made in a call
+
+
+def _input_shape(args) -> tuple[int, ...] | None:
+    """The shape of a forward's first positional tensor argument, or None."""
+    return tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else None
 
 
 def _image_size(args, kwargs=None) -> tuple[int, int] | None:
@@ -1388,8 +1396,18 @@ class Recording:
         self._drop_interrupted()  # a forward of the model a KeyboardInterrupt ended is no forward in progress
         if self._calls_before_forward is None:
             self._start_call(module, args)
-        else:
+        elif _input_shape(args) not in self._context.values.get(_STEM_MAPS, ()):
             self._context.image_size = _image_size(args)
+        # else the tower takes the map a convolution on the image outside the recorded towers made in this call (a
+        # learned downsampler, nn.Conv2d(3, 3, 2, 2), before the ViT): a stem, not a tower beside it, so the image
+        # stays the model's and the plain layout follows the stem's stride. Taken for a tower, its 3 output
+        # channels made the ViT's 8 px patches 8 px apart in a 64 px image halved, where 8 channels gave 16 (QA 345).
+
+    def _see_stem_map(self, module: nn.Module, args, output) -> None:
+        """A convolution on the image outside the recorded towers ran (:func:`.towers.stems_beside_towers`): the
+        shape of the map it made, which a recorded tower that starts on it in this call takes as its stem's."""
+        if not _not_recorded() and isinstance(output, torch.Tensor):
+            self._context.values.setdefault(_STEM_MAPS, set()).add(tuple(output.shape))
 
     def _forget_starts(self, calls: list[RecordedCall]) -> None:
         """``calls`` ended or were dropped: their forwards are no longer in progress (and their ids, free again,
@@ -1432,6 +1450,18 @@ class Recording:
                 f"middle of a forward of it, so this thread ('{me.name}') cannot run a recorded layer now: a "
                 "recorded model runs in one thread at a time (their calls would mix); run the forwards one after "
                 "another, or record a separate copy of the model in each thread"
+            )
+        if (mine is None or mine is not latest) and self._owner.inside_unentered(self.model):
+            # This thread runs a forward of the model that began before the recording's hooks were there (another
+            # thread's, paused as the recording began): joining the latest call appended its layers to another
+            # forward's, placed on its grid, silently, and with no call yet it was placed on a grid it never
+            # recorded (QA 345). A block called alone still joins the latest call.
+            self._pending.clear()
+            raise RuntimeError(
+                f"vitmad.record: thread '{me.name}' ran a recorded layer of {type(self.model).__name__} in a forward "
+                "of it begun before the recording, whose start (its patch embedding, its image) vitmad did not see; "
+                "a recorded model runs in one thread at a time: begin each forward inside the recording, one after "
+                "another"
             )
 
     def _open_call(self) -> None:
@@ -1983,6 +2013,9 @@ class Recording:
             self._handles.append(self.model.register_forward_pre_hook(self._start_call, with_kwargs=True))
         for start in towers:
             self._handles.append(start.register_forward_pre_hook(self._start_tower_call))
+        if towers:
+            for stem in stems_beside_towers(self.model, self._modules.values()):
+                self._handles.append(stem.register_forward_hook(self._see_stem_map))
         for tower in self._second_towers:
             self._handles.append(self.model.get_submodule(tower).register_forward_pre_hook(
                 lambda *_, tower=tower: self._second_towers_ran.add(tower)))

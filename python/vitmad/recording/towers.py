@@ -38,7 +38,7 @@ from .module_index import copy_holder, idle_copies, module_list, named_module_li
 from .transformers_capture import is_hf_model
 
 __all__ = ["TOWER_ATTRIBUTES", "encoder_prefix", "tower_of_embedding", "other_image_towers", "image_channels",
-           "first_convolution", "tower_starts"]
+           "first_convolution", "tower_starts", "stems_beside_towers"]
 
 # The attribute names transformers' vision-language models give their vision tower.
 TOWER_ATTRIBUTES = ("vision_tower", "vision_model", "visual", "vision_encoder")
@@ -264,10 +264,10 @@ def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:
     return _held_tower_starts(model, recorded)
 
 
-def _held_tower_starts(model: nn.Module, recorded) -> list[nn.Module]:
-    """The start (:func:`tower_starts`) of each tower of ``model`` that holds some of the ``recorded`` modules, where
-    it has two towers or more that take the image; empty otherwise. A tower that holds several towers itself (a
-    ``ModuleList`` of them) gives theirs."""
+def _image_towers(model: nn.Module) -> list[str]:
+    """The qualified names of the towers of ``model`` that take the image (:func:`tower_starts`: the children of the
+    innermost module holding every module that takes it, one per path to them), where there are two or more; else
+    empty."""
     on_image = {id(m) for m in _convolutions_on_image(model)}
     cuts = {id(m) for m in vit_pytorch_image_cuts(model)}
     entries = [name.split(".") for name, module in named_module_list(model) if name and (
@@ -278,9 +278,31 @@ def _held_tower_starts(model: nn.Module, recorded) -> list[nn.Module]:
     depth = 0
     while all(len(path) > depth + 1 and path[depth] == entries[0][depth] for path in entries):
         depth += 1
-    towers = dict.fromkeys(".".join(path[:depth + 1]) for path in entries)
-    if len(towers) < 2:
-        return []
+    towers = list(dict.fromkeys(".".join(path[:depth + 1]) for path in entries))
+    return towers if len(towers) >= 2 else []
+
+
+def stems_beside_towers(model: nn.Module, recorded) -> list[nn.Module]:
+    """The convolutions on the image's channels in the towers of ``model`` (:func:`_image_towers`) that hold none
+    of the ``recorded`` modules: a branch with no attention of its own, which may be a stem that feeds a recorded
+    tower (a learned 2x downsampler, ``nn.Conv2d(3, 3, 2, 2)``, before an RGB ViT) as well as a branch beside it.
+    The recorder tells them apart in each call by the map a recorded tower starts with
+    (``Recording._start_tower_call``)."""
+    inside = {id(m) for m in recorded}
+    on_image = {id(m) for m in _convolutions_on_image(model)}
+    found = []
+    for name in _image_towers(model):
+        tower = model.get_submodule(name)
+        if not any(id(m) in inside for m in tower.modules()):
+            found.extend(m for m in tower.modules() if id(m) in on_image)
+    return found
+
+
+def _held_tower_starts(model: nn.Module, recorded) -> list[nn.Module]:
+    """The start (:func:`tower_starts`) of each tower of ``model`` that holds some of the ``recorded`` modules, where
+    it has two towers or more that take the image; empty otherwise. A tower that holds several towers itself (a
+    ``ModuleList`` of them) gives theirs."""
+    towers = _image_towers(model)
     inside = {id(m) for m in recorded}
     starts = []
     for name in towers:
