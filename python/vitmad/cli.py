@@ -312,6 +312,7 @@ def _quiet_transformers() -> None:
 def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) -> None:
     from .profiling import mad_maps, profile
     from .profiling.checkpoint import check_checkpoint_path
+    from .profiling.engine import prepare_model
     from .profiling.files import check_writable, held_by_this_run
     from .profiling.images import NATIVE, parse_image_size
     from .profiling.maps import image_prefix_maps
@@ -372,9 +373,6 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
     # --resume with nothing to resume starts over as a plain run does, and replaces the earlier outputs as it does
     # (QA 303: a job script that always passes --resume replaced them unannounced).
     resuming = args.resume and checkpoint_path(out, run).is_file()
-    if earlier and main_process and not resuming:
-        warnings.warn(f"{out} holds an earlier run's outputs ({', '.join(sorted(earlier))}): this run replaces them "
-                      "(pass another --out to keep them)", stacklevel=1)
     if not args.no_figures:
         import_optional("matplotlib", "profile", "vitmad profile's figures (or pass --no-figures)")
     _quiet_transformers()
@@ -409,6 +407,13 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
     if (video_model or packed_videos) and out.resolve() in files:
         # Its frames are every image in it: this run's figures would join them.
         raise OptionError("out", f"{out} is a folder of frames among --images; pass another folder")
+    # Said once every option is checked against the model (load_model refuses --weights, --model-args, --intensity
+    # and --volume-unit that do not suit it, prepare_model an --image-size of partial patches or one its forward
+    # refuses, as profile() does again): said before, a refused run warned of a replacement that never came (QA 342).
+    prepare_model(loaded, size)
+    if earlier and main_process and not resuming:
+        warnings.warn(f"{out} holds an earlier run's outputs ({', '.join(sorted(earlier))}): this run replaces them "
+                      "(pass another --out to keep them)", stacklevel=1)
     result = profile(
         loaded,
         files,

@@ -372,6 +372,14 @@ def test_an_earlier_runs_outputs_are_replaced_with_a_warning_and_what_is_not_rew
             warnings.simplefilter("always")
             code, _, err = _run([*base, flag, value], capsys)
         assert code == 2 and err.startswith(f"vitmad: error: {flag}: ") and said == [], (flag, err, said)
+    # So are the options the model refuses once loaded: they were refused after the warning (QA 342).
+    for flag, value in (("--weights", tmp_path / "w.pt"), ("--model-args", "{}"), ("--intensity", "zscore"),
+                        ("--volume-unit", "voxel"), ("--image-size", "20")):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            code, _, err = _run([*base, flag, value], capsys)
+        assert code == 2 and err.startswith(f"vitmad: error: {flag}: ") and said == [], (flag, err, said)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "mad.csv", "mad.json", "notes.txt"]
 
 
 def test_out_inside_the_image_folder_does_not_profile_its_own_figures(tiny_model, image_folder, tmp_path, capsys):
