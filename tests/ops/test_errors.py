@@ -218,6 +218,30 @@ def test_sparse_and_nested_tensors_are_refused_naming_the_argument(kind):
             call()
 
 
+def test_quantized_tensors_are_refused_naming_the_argument():
+    """A quantized tensor is strided, so it passed the dense check and reached the dispatcher, whose
+    NotImplementedError ("Could not run 'vitmad::mad' with arguments from the 'QuantizedCPU' backend") named no
+    argument (QA 341)."""
+    with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.quint8)  # noqa: E731
+        attn, positions = quantized(_DENSE), quantized(torch.rand(17, 2))
+        q = torch.randn(2, 17, 4)
+        bias, keys = quantized(torch.rand(17, 17)), quantized(q.abs())
+    for name, argument, call in (
+            ("vitmad.mad", "attn", lambda: vitmad.mad(attn, 1)),
+            ("vitmad.mad", "positions", lambda: vitmad.mad(_DENSE, positions=positions)),
+            ("vitmad.attention_stats", "attn", lambda: vitmad.attention_stats(attn, 1, stats=["entropy"])),
+            ("vitmad.mad_qk", "attn_bias", lambda: vitmad.mad_qk(q, q, 1, grid=[4, 4], num_prefix_tokens=1,
+                                                                 attn_bias=bias)),
+            ("vitmad.attention_stats_qk", "q", lambda: vitmad.attention_stats_qk(keys, keys, 1, grid=[4, 4],
+                                                                                   num_prefix_tokens=1))):
+        # The compiled ops' words; the pure-PyTorch kernels name the dtypes the argument takes.
+        with pytest.raises(TypeError, match=rf"{re.escape(name)}: {argument} must .*, got (a quantized tensor "
+                                            r"\()?torch\.quint8"):
+            call()
+
+
 @pytest.mark.parametrize("stats", [["mad"], ["prefix_maps"]])
 @pytest.mark.parametrize("kwargs,name,value", [
     ({"patch": 2**63}, "patch", 2**63),

@@ -137,12 +137,16 @@ def schema_type_error(error: RuntimeError, op_name: str, values: dict | None = N
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-def not_dense_error(op, op_name: str, args: tuple, kwargs: dict) -> ValueError | None:
+def not_dense_error(op, op_name: str, args: tuple, kwargs: dict) -> ValueError | TypeError | None:
     """The ValueError for a sparse or nested tensor among an op call's arguments, naming it (the dispatcher finds
-    no kernel of that backend, or the kernel cannot read its sizes); None when there is none. Checked only once a
-    call has failed, so that a good call pays nothing."""
+    no kernel of that backend, or the kernel cannot read its sizes), the TypeError for a quantized one (strided, but
+    of the QuantizedCPU backend: the dispatcher's NotImplementedError named no argument, QA 341); None when there
+    is none. Checked only once a call has failed, so that a good call pays nothing."""
     names = [argument.name for argument in op._schema.arguments]
     for name, value in [*zip(names, args), *kwargs.items()]:
+        if isinstance(value, torch.Tensor) and value.is_quantized:
+            return TypeError(f"{op_name}: {name} must be a floating-point tensor, got a quantized tensor "
+                             f"({value.dtype}): pass {name}.dequantize()")
         if isinstance(value, torch.Tensor) and (value.is_nested or value.layout != torch.strided):
             kind = "a nested tensor" if value.is_nested else f"layout {value.layout}"
             return ValueError(f"{op_name}: {name} must be a dense (strided) tensor, got {kind}")
