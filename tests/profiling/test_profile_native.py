@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -225,6 +226,16 @@ def test_cli_native_writes_image_grids_and_figures(siglip2_folder, images, tmp_p
     assert document["settings"]["image_size"] == "native" and len(document["image_grids"]) == 5
     assert all(layer["geometry"]["grid"] is None for layer in document["layers"])
     assert (out / "mad.png").stat().st_size > 0 and (out / "mad_map.png").stat().st_size > 0
+
+    # Into that --out again at one size, which SigLIP2 does not take: refused before the earlier outputs are said to
+    # go (QA 348: the warning came first, then the refusal), and they stay.
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        code = main(["profile", "--model", f"hf:{siglip2_folder}", "--images", str(images), "--image-size", "32",
+                     "--device", "cpu", "--out", str(out), "--workers", "0"])
+    assert code == 2 and said == [], said
+    assert capsys.readouterr().err.startswith("vitmad: error: --image-size: Siglip2VisionModel takes patches")
+    assert json.loads((out / "mad.json").read_text()) == document
 
 
 def test_native_refuses_a_hierarchy(images, tmp_path):

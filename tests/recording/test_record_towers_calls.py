@@ -326,12 +326,24 @@ class _StemBeforeViT(nn.Module):
         return self.vit(self.stem(pixels))
 
 
+class _Downsampler(nn.Module):
+    """A user's stem module with a forward of its own: a convolution, a norm and an activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 3, 2, stride=2), nn.BatchNorm2d(3)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return functional.gelu(self.norm(self.conv(pixels)))
+
+
 def _downsampler(kind: str) -> nn.Module:
     conv = nn.Conv2d(3, 3, 2, stride=2)
-    return conv if kind == "conv" else nn.Sequential(conv, nn.BatchNorm2d(3), nn.ReLU())
+    return {"conv": lambda: conv, "conv-bn-relu": lambda: nn.Sequential(conv, nn.BatchNorm2d(3), nn.ReLU()),
+            "own-module": _Downsampler}[kind]()
 
 
-@pytest.mark.parametrize("stem", ["conv", "conv-bn-relu"])
+@pytest.mark.parametrize("stem", ["conv", "conv-bn-relu", "own-module"])
 def test_a_stem_of_three_channels_before_the_vit_is_followed_not_taken_for_a_tower(stem):
     """A 64 x 96 image halved by a stride-2 ``nn.Conv2d(3, 3, 2, 2)`` before a ViT of 8 px patches: its tokens are
     16 px of the image apart. The convolution takes the image's channels as the ViT's does, so it was taken for a
@@ -351,13 +363,15 @@ def test_a_stem_of_three_channels_before_the_vit_is_followed_not_taken_for_a_tow
         torch.testing.assert_close(recorded_mad.double(), 2 * _tower_mad(p), **TOL)
 
 
-def test_a_branch_of_three_channels_beside_the_vit_leaves_it_in_the_pixels_it_takes():
-    """A convolution of three channels out as a branch beside the ViT (on the whole image: its map is not the one the
-    ViT takes), the ViT on the image halved by interpolation: a tower beside it, whose own image the ViT's tokens
-    are placed in (8 px apart), as for two towers."""
+@pytest.mark.parametrize("branch", ["same-shape", "whole-image"])
+def test_a_branch_of_three_channels_beside_the_vit_leaves_it_in_the_pixels_it_takes(branch):
+    """A convolution of three channels out as a branch beside the ViT, the ViT on the image halved by interpolation:
+    a tower beside it, whose own image the ViT's tokens are placed in (8 px apart), as for two towers. Its map has
+    the shape of the ViT's input (a stride-2 convolution) or the image's: the first was taken for a stem by its
+    shape alone, every distance doubled (QA 348)."""
     torch.manual_seed(0)
-    branch = nn.Conv2d(3, 3, 3, padding=1)
-    model = _StemBeforeViT(sharpened(branch, 3), _sharper(sharpened(_timm_tower(), 1)), beside=True)
+    conv = nn.Conv2d(3, 3, 2, stride=2) if branch == "same-shape" else nn.Conv2d(3, 3, 3, padding=1)
+    model = _StemBeforeViT(sharpened(conv, 3), _sharper(sharpened(_timm_tower(), 1)), beside=True)
     (pixels,) = _images(1, scale=2)
     reference = _tower_probabilities("timm", model.vit, functional.interpolate(pixels, scale_factor=0.5))
     with torch.no_grad(), vitmad.record(model, reduction="none") as rec:

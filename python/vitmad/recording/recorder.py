@@ -508,12 +508,7 @@ _TRANSFORM_WARNED = [False]  # warned in this forward of the model or since a ho
 _EXPORT_WARNED = [False]  # warned in this forward of the model or since a hook ran outside torch.export
 
 
-_STEM_MAPS = "towers.stem_maps"  # the shapes of the maps convolutions on the image beside the towers made in a call
-
-
-def _input_shape(args) -> tuple[int, ...] | None:
-    """The shape of a forward's first positional tensor argument, or None."""
-    return tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else None
+_STEM_MAPS = "towers.stem_maps"  # the maps branches on the image beside the recorded towers made in a call
 
 
 def _image_size(args, kwargs=None) -> tuple[int, int] | None:
@@ -1396,18 +1391,21 @@ class Recording:
         self._drop_interrupted()  # a forward of the model a KeyboardInterrupt ended is no forward in progress
         if self._calls_before_forward is None:
             self._start_call(module, args)
-        elif _input_shape(args) not in self._context.values.get(_STEM_MAPS, ()):
+        elif not (args and any(made() is args[0] for made in self._context.values.get(_STEM_MAPS, ()))):
             self._context.image_size = _image_size(args)
-        # else the tower takes the map a convolution on the image outside the recorded towers made in this call (a
-        # learned downsampler, nn.Conv2d(3, 3, 2, 2), before the ViT): a stem, not a tower beside it, so the image
-        # stays the model's and the plain layout follows the stem's stride. Taken for a tower, its 3 output
-        # channels made the ViT's 8 px patches 8 px apart in a 64 px image halved, where 8 channels gave 16 (QA 345).
+        # else the tower starts on the very tensor that a branch on the image outside the recorded towers made in
+        # this call (a learned downsampler, nn.Conv2d(3, 3, 2, 2), before the ViT): a stem, not a tower beside it,
+        # so the image stays the model's and the plain layout follows the stem's stride. Taken for a tower, its 3
+        # output channels made the ViT's 8 px patches 8 px apart in a 64 px image halved, where 8 channels gave 16
+        # (QA 345). The tensor, not its shape: a branch beside the tower whose map has the shape of the image
+        # resized for the tower is no stem of it (QA 348).
 
     def _see_stem_map(self, module: nn.Module, args, output) -> None:
-        """A convolution on the image outside the recorded towers ran (:func:`.towers.stems_beside_towers`): the
-        shape of the map it made, which a recorded tower that starts on it in this call takes as its stem's."""
+        """A module of a branch on the image outside the recorded towers ran (:func:`.towers.stems_beside_towers`):
+        the map it made (a weak reference: the call's context does not keep it alive), which a recorded tower that
+        starts on it in this call takes as its stem's."""
         if not _not_recorded() and isinstance(output, torch.Tensor):
-            self._context.values.setdefault(_STEM_MAPS, set()).add(tuple(output.shape))
+            self._context.values.setdefault(_STEM_MAPS, []).append(weakref.ref(output))
 
     def _forget_starts(self, calls: list[RecordedCall]) -> None:
         """``calls`` ended or were dropped: their forwards are no longer in progress (and their ids, free again,

@@ -283,19 +283,26 @@ def _image_towers(model: nn.Module) -> list[str]:
 
 
 def stems_beside_towers(model: nn.Module, recorded) -> list[nn.Module]:
-    """The convolutions on the image's channels in the towers of ``model`` (:func:`_image_towers`) that hold none
-    of the ``recorded`` modules: a branch with no attention of its own, which may be a stem that feeds a recorded
-    tower (a learned 2x downsampler, ``nn.Conv2d(3, 3, 2, 2)``, before an RGB ViT) as well as a branch beside it.
-    The recorder tells them apart in each call by the map a recorded tower starts with
-    (``Recording._start_tower_call``)."""
+    """In the towers of ``model`` (:func:`_image_towers`) that hold none of the ``recorded`` modules, the
+    convolutions on the image's channels and the modules holding them up to that tower: a branch with no attention
+    of its own, which may be a stem that feeds a recorded tower (a learned 2x downsampler, ``nn.Conv2d(3, 3, 2,
+    2)``, or that in an ``nn.Sequential`` with its norm and activation, before an RGB ViT) as well as a branch beside
+    it. The recorder tells them apart in each call by the tensor a recorded tower starts on: the very output of one
+    of these modules, or another (``Recording._start_tower_call``)."""
     inside = {id(m) for m in recorded}
     on_image = {id(m) for m in _convolutions_on_image(model)}
-    found = []
+    found: dict[int, nn.Module] = {}
     for name in _image_towers(model):
         tower = model.get_submodule(name)
-        if not any(id(m) in inside for m in tower.modules()):
-            found.extend(m for m in tower.modules() if id(m) in on_image)
-    return found
+        if any(id(m) in inside for m in tower.modules()):
+            continue
+        for path, module in named_module_list(tower):
+            if id(module) in on_image:
+                parts = path.split(".") if path else []
+                for depth in range(len(parts) + 1):  # the tower itself, then each module down to the convolution
+                    holder = tower.get_submodule(".".join(parts[:depth]))
+                    found.setdefault(id(holder), holder)
+    return list(found.values())
 
 
 def _held_tower_starts(model: nn.Module, recorded) -> list[nn.Module]:

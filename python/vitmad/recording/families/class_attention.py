@@ -206,7 +206,11 @@ def placer(model: nn.Module, name: str, module: nn.Module):
 
     if defined_in(module, "AttentionPoolPrr", "attention_pool") and getattr(module, "pool", None) == "token":
         holder = innermost_on_path(model, name, lambda m: defined_in(m, "VisionTransformer", "vision_transformer"))
-        if holder is not None and getattr(holder[1], "attn_pool", None) is module:
+        # Its rows begin with the class token only where the ViT gives it every token (timm sets
+        # pool_include_prefix for "prr"; set False by hand, the pool's first row is a patch's).
+        vit = None if holder is None else holder[1]
+        if vit is not None and getattr(vit, "attn_pool", None) is module \
+                and getattr(vit, "cls_token", None) is not None and getattr(vit, "pool_include_prefix", False):
             return ClassQueries(_PRR, None, "every token of the model, the class token first", self_attention=True)
         return None
 
