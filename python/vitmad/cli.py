@@ -312,7 +312,7 @@ def _quiet_transformers() -> None:
 def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) -> None:
     from .profiling import mad_maps, profile
     from .profiling.checkpoint import check_checkpoint_path
-    from .profiling.engine import prepare_model, size_feed
+    from .profiling.engine import when_planned
     from .profiling.files import check_writable, held_by_this_run
     from .profiling.images import NATIVE, parse_image_size
     from .profiling.maps import image_prefix_maps
@@ -407,32 +407,33 @@ def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) 
     if (video_model or packed_videos) and out.resolve() in files:
         # Its frames are every image in it: this run's figures would join them.
         raise OptionError("out", f"{out} is a folder of frames among --images; pass another folder")
-    # Said once every option is checked against the model (load_model refuses --weights, --model-args, --intensity
-    # and --volume-unit that do not suit it; prepare_model and size_feed an --image-size of partial patches, one its
-    # forward refuses, or a fixed size for a tower fed at each image's own: profile() checks them again): said
-    # before, a refused run warned of a replacement that never came (QA 342, QA 348).
-    size_feed(prepare_model(loaded, size)[0], size, packed_videos, pixels=False)
-    if earlier and main_process and not resuming:
-        warnings.warn(f"{out} holds an earlier run's outputs ({', '.join(sorted(earlier))}): this run replaces them "
-                      "(pass another --out to keep them)", stacklevel=1)
-    result = profile(
-        loaded,
-        files,
-        batch_size=args.batch_size,
-        device=device,
-        dtype=args.dtype,
-        renormalize=args.renormalize,
-        image_size=size,
-        max_images=args.max_images,
-        checkpoint=checkpoint_path(out, run),
-        checkpoint_every=args.checkpoint_every,
-        loader_threads=args.loader_threads,
-        resume=args.resume,
-        progress=True,
-        distributed=run,
-        stats=stats,
-        videos=packed_videos or None,
-    )
+
+    def say_replaced() -> None:
+        # Once profile() has checked every option against the model (its sizes, that it has layers to record):
+        # said before, a refused run warned of a replacement that never came (QA 342, QA 348, QA 351).
+        if earlier and main_process and not resuming:
+            warnings.warn(f"{out} holds an earlier run's outputs ({', '.join(sorted(earlier))}): this run replaces "
+                          "them (pass another --out to keep them)", stacklevel=1)
+
+    with when_planned(say_replaced):
+        result = profile(
+            loaded,
+            files,
+            batch_size=args.batch_size,
+            device=device,
+            dtype=args.dtype,
+            renormalize=args.renormalize,
+            image_size=size,
+            max_images=args.max_images,
+            checkpoint=checkpoint_path(out, run),
+            checkpoint_every=args.checkpoint_every,
+            loader_threads=args.loader_threads,
+            resume=args.resume,
+            progress=True,
+            distributed=run,
+            stats=stats,
+            videos=packed_videos or None,
+        )
     if run is not None:
         # The last collective is behind: the ranks leave the group together now. The others waited for the main
         # rank at a final barrier while it wrote the results and drew the figures (a large model's maps: a forward

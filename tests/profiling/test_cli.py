@@ -379,6 +379,14 @@ def test_an_earlier_runs_outputs_are_replaced_with_a_warning_and_what_is_not_rew
             warnings.simplefilter("always")
             code, _, err = _run([*base, flag, value], capsys)
         assert code == 2 and err.startswith(f"vitmad: error: {flag}: ") and said == [], (flag, err, said)
+    # And a model with no attention to record, found when profile() plans the run (QA 351).
+    timm, torch = pytest.importorskip("timm"), pytest.importorskip("torch")
+    torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), tmp_path / "resnet.pth")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        code, _, err = _run(["profile", "--model", "timm:test_resnet", "--weights", tmp_path / "resnet.pth",
+                             "--images", image_folder, "--device", "cpu", "--out", out, "--no-figures"], capsys)
+    assert code == 2 and err.startswith("vitmad: error: --model: found no attention layer") and said == [], said
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "mad.csv", "mad.json", "notes.txt"]
 
 

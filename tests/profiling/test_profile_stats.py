@@ -463,3 +463,20 @@ def test_an_image_whose_every_head_overflowed_leaves_the_mean_maps_without_a_val
     assert result.mad.isnan().all()
     for layer in result.prefix_maps.layers:
         assert result.prefix_maps.mean(layer).isnan().all()
+
+
+def test_hieras_mask_unit_layers_say_they_have_no_prefix_token_in_their_windows():
+    """Hiera's mask-unit layers (no token without a position anywhere, tokens in the unrolled order, windows of
+    mask units) were said to have pooled keys, or no CLS, or tokens that differ between images (QA 352)."""
+    timm = pytest.importorskip("timm")
+    from vitmad.profiling.prefix_maps import _missing_reason
+
+    model = timm.create_model("hiera_tiny_224", pretrained=False, img_size=64, embed_dim=16, num_heads=1,
+                              stages=(1, 1, 1, 1)).eval()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.randn(1, 3, 64, 64))
+    reasons = {geometry.attention: _missing_reason(geometry) for geometry in rec.geometry}
+    assert reasons["mask units"] == ("no prefix maps: no token without a position (CLS, registers) in its windows "
+                                     "(mask units)")
+    assert reasons["mask units, queries pooled 2x2"] == ("no prefix maps: the layer's keys are not its queries (mask "
+                                                         "units, queries pooled 2x2)")

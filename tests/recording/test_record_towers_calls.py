@@ -29,6 +29,7 @@ from test_record_call_boundaries import (
     TOWERS,
     _check_tower_mad,
     _class_and_grid,
+    _hf_tower,
     _sharper,
     _timm_tower,
     _tower_mad,
@@ -374,6 +375,67 @@ def test_a_branch_of_three_channels_beside_the_vit_leaves_it_in_the_pixels_it_ta
     model = _StemBeforeViT(sharpened(conv, 3), _sharper(sharpened(_timm_tower(), 1)), beside=True)
     (pixels,) = _images(1, scale=2)
     reference = _tower_probabilities("timm", model.vit, functional.interpolate(pixels, scale_factor=0.5))
+    with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
+        model(pixels)
+    assert [g.stride for g in rec.geometry] == [(float(PATCH), float(PATCH))] * 2
+    for recorded_mad, p in zip(rec.mad, reference, strict=True):
+        torch.testing.assert_close(recorded_mad.double(), _tower_mad(p), **TOL)
+
+
+class _StemThen(nn.Module):
+    """A stride-2 ``nn.Conv2d(3, 3, 2, 2)`` stem, then ``vit`` on its map as ``how`` says: ``forward_features`` of a
+    timm ViT that pads its input to whole patches itself (``dynamic_img_pad``), the stem's map detached (a view of
+    the same storage), or a transformers ViTModel in float64 that casts the float32 map (``pixel_values.to``)."""
+
+    def __init__(self, vit: nn.Module, how: str):
+        super().__init__()
+        self.stem, self.vit, self.how = nn.Conv2d(3, 3, 2, stride=2), vit, how
+
+    def forward(self, pixels: torch.Tensor):
+        stemmed = self.stem(pixels)
+        if self.how == "forward_features":
+            return self.vit.forward_features(stemmed)
+        if self.how == "detach":
+            return self.vit(stemmed.detach())
+        return self.vit(pixel_values=stemmed).last_hidden_state
+
+
+@pytest.mark.parametrize("how", ["forward_features", "detach", "cast"])
+def test_a_stem_is_followed_when_the_vit_pads_or_casts_its_map_or_it_is_a_view(how):
+    """The tower's first convolution receives another tensor than the stem's map where the tower pads it (timm's
+    dynamic_img_pad) or casts it (transformers' pixel_values.to(dtype)), or the user passes a view of it: the stem
+    was taken for a branch beside the tower, the ViT's tokens 8 px apart instead of 16 (QA 351). The tensor each
+    module on the tower's path receives counts."""
+    torch.manual_seed(0)
+    if how == "cast":
+        vit = _sharper(sharpened(_hf_tower(), 1)).double()
+    else:
+        timm = pytest.importorskip("timm")
+        vit = _sharper(sharpened(timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, depth=2, embed_dim=TOWER_DIM, num_heads=TOWER_HEADS,
+            patch_size=PATCH, img_size=(GRID[0] * PATCH, GRID[1] * PATCH), dynamic_img_pad=True), 1))
+    model = _StemThen(vit, how).eval()
+    (pixels,) = _images(1, scale=2)
+    with torch.no_grad():
+        stemmed = model.stem(pixels)
+    kind = "transformers" if how == "cast" else "timm"
+    reference = _tower_probabilities(kind, model.vit, stemmed.double() if how == "cast" else stemmed)
+    with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
+        model(pixels)
+    assert [g.stride for g in rec.geometry] == [(2.0 * PATCH, 2.0 * PATCH)] * 2
+    for recorded_mad, p in zip(rec.mad, reference, strict=True):
+        torch.testing.assert_close(recorded_mad.double(), 2 * _tower_mad(p), **TOL)
+
+
+def test_a_stride_one_stem_that_shrinks_the_map_is_followed():
+    """``nn.Conv2d(3, 3, 3)`` unpadded takes a 34 x 50 image to the ViT's 32 x 48: a step of stride 1 on the stem's
+    chain, the tokens 8 px apart. Followed as a stem (QA 351), it was refused as a resize by 34 / 32: only strided
+    modules were steps."""
+    torch.manual_seed(0)
+    model = _StemBeforeViT(sharpened(nn.Conv2d(3, 3, 3), 3), _sharper(sharpened(_timm_tower(), 1))).eval()
+    pixels = torch.randn(2, 3, GRID[0] * PATCH + 2, GRID[1] * PATCH + 2, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = _tower_probabilities("timm", model.vit, model.stem(pixels))
     with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
         model(pixels)
     assert [g.stride for g in rec.geometry] == [(float(PATCH), float(PATCH))] * 2

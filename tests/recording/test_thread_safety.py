@@ -446,7 +446,7 @@ def test_a_forward_begun_before_the_recording_in_another_thread_is_refused_not_j
             release.set()
             worker.join(30)
             assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError)
-            assert re.search(r"thread 'worker' ran a recorded layer of \w+ in a forward of it begun before the "
+            assert re.search(r"thread 'worker' ran a recorded module of \w+ in a forward of it begun before the "
                              r"recording", str(outcome[0]))
             model(pixels)
     finally:
@@ -455,3 +455,37 @@ def test_a_forward_begun_before_the_recording_in_another_thread_is_refused_not_j
     assert [len(call.layers) for call in rec.calls] == [3] * (2 if released == "after-a-call" else 1)
     for call in rec.calls:
         torch.testing.assert_close(torch.stack(call.per_layer), expected, rtol=0, atol=0)
+
+
+class _StemAndViT(torch.nn.Module):
+    """A stride-2 3-channel stem before a timm ViT: a model of two "towers" on the image, whose ViT starts each call
+    of its own where the model's forward did not (a tower called alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.vit = torch.nn.Conv2d(3, 3, 2, stride=2), _one_model("timm-fused")
+
+    def forward(self, pixels):
+        return self.vit(self.stem(pixels))
+
+
+def test_a_forward_begun_before_the_recording_is_refused_at_its_towers_start():
+    """Paused after the stem, before the recording: its ViT's start began a call of its own, on the ViT's input, and
+    its layers were recorded 8 px apart where the model's image puts them 16 px apart (QA 351). Refused now."""
+    model = _StemAndViT().eval()
+    pixels = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(12))
+    worker, inside, release, outcome = _held_worker(model, model.vit.patch_embed, lambda: model(pixels))
+    worker.start()
+    try:
+        assert inside.wait(30)
+        with torch.no_grad(), vitmad.record(model) as rec:
+            release.set()
+            worker.join(30)
+            assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError), outcome
+            assert "in a forward of it begun before the recording" in str(outcome[0])
+            model(pixels)
+    finally:
+        release.set()
+        worker.join(30)
+    assert [len(call.layers) for call in rec.calls] == [3]
+    assert [g.stride for g in rec.geometry] == [(32.0, 32.0)] * 3

@@ -14,6 +14,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 import threading
@@ -78,7 +79,23 @@ from .volumes import VolumeBatch, VolumePreprocessing, find_volumes, load_volume
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-__all__ = ["profile", "plan_run", "run_batches", "finish", "RunPlan", "RunState", "prepare_model"]
+__all__ = ["profile", "plan_run", "run_batches", "finish", "RunPlan", "RunState", "prepare_model", "when_planned"]
+
+# What the caller of profile() runs once every option is checked, before the first batch (when_planned).
+_PLANNED: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("vitmad_planned", default=None)
+
+
+@contextmanager
+def when_planned(announce: Callable[[], None]) -> Iterator[None]:
+    """Within it, :func:`profile` calls ``announce()`` once its options are all checked against the model (the
+    cheap ones, the model's, the sizes, that it has layers to record), before it reads an image: ``vitmad profile``
+    says there that an earlier run's outputs will be replaced. Said before, a run refused by those checks warned of
+    a replacement that never came (QA 342, QA 348, QA 351)."""
+    token = _PLANNED.set(announce)
+    try:
+        yield
+    finally:
+        _PLANNED.reset(token)
 
 # (pixels [B, 3, H, W] (videos: [B, T, 3, H, W]; volumes: a VolumeBatch) or None, names of the images loaded,
 # [(path, reason)] of the images skipped)
@@ -654,7 +671,7 @@ def plan_run(
 def size_feed(loaded: LoadedModel, size, packed_videos: bool, pixels: bool):
     """The feed of a run at ``size`` that the model takes at each input's own size (a packed tower's clips, images
     at their native resolution), else None; a size the model cannot take is refused first (``pixels``: the run
-    feeds a caller's tensor). Checked by ``vitmad profile`` too before it says an earlier run's outputs go.
+    feeds a caller's tensor).
 
     Raises:
         OptionError: (``image_size``) the model does not take ``size``.
@@ -1111,6 +1128,9 @@ def profile(
             distributed=distributed, stats=stats, videos=videos, model_args=model_args, intensity=intensity,
             volume_unit=volume_unit,
         )
+        announce = _PLANNED.get()
+        if announce is not None:
+            announce()
         with contextlib.ExitStack() as held:
             if plan.checkpoint is not None:  # one run at a time writes (and resumes) a checkpoint
                 lock = plan.checkpoint.with_name(f".{plan.checkpoint.name}.lock")

@@ -30,7 +30,7 @@ def _missing_reason(geometry) -> str:
         return "the images have token grids of their own"
     if "pooled" in geometry.attention:
         return f"no prefix maps: the layer's keys are not its queries ({geometry.attention})"
-    if "window" in geometry.attention:
+    if "window" in geometry.attention or "mask unit" in geometry.attention:  # (Hiera's mask units: QA 352)
         return f"no prefix maps: no token without a position (CLS, registers) in its windows ({geometry.attention})"
     return ("no prefix maps: the layer's keys are not its queries (windows, pooled keys), it has no CLS or register "
             "token, or those differ between images")

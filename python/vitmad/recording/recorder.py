@@ -105,7 +105,14 @@ from .placement import (
     on_device,
 )
 from .spacing import Spacing, check_spacing
-from .towers import encoder_prefix, first_convolution, other_image_towers, stems_beside_towers, tower_starts
+from .towers import (
+    encoder_prefix,
+    first_convolution,
+    other_image_towers,
+    stems_beside_towers,
+    tower_inputs,
+    tower_starts,
+)
 from .transformers_capture import (
     HFAttentionHooks,
     hf_attention_modules,
@@ -509,6 +516,7 @@ _EXPORT_WARNED = [False]  # warned in this forward of the model or since a hook 
 
 
 _STEM_MAPS = "towers.stem_maps"  # the maps branches on the image beside the recorded towers made in a call
+_TOWERS_ON_STEM = "towers.on_stem"  # the ids of the towers' starts whose tower took such a map in this call
 
 
 def _image_size(args, kwargs=None) -> tuple[int, int] | None:
@@ -1390,15 +1398,21 @@ class Recording:
             return
         self._drop_interrupted()  # a forward of the model a KeyboardInterrupt ended is no forward in progress
         if self._calls_before_forward is None:
+            if self._owner.inside_unentered(self.model):
+                # A forward of the model begun before the recording (another thread's, paused): its tower would
+                # start a call of its own on the tower's input, the model's image unseen (QA 351).
+                raise self._begun_before_refusal()
             self._start_call(module, args)
-        elif not (args and any(made() is args[0] for made in self._context.values.get(_STEM_MAPS, ()))):
+        elif not (id(module) in self._context.values.get(_TOWERS_ON_STEM, ())
+                  or (args and self._made_by_stem(args[0]))):
             self._context.image_size = _image_size(args)
-        # else the tower starts on the very tensor that a branch on the image outside the recorded towers made in
-        # this call (a learned downsampler, nn.Conv2d(3, 3, 2, 2), before the ViT): a stem, not a tower beside it,
-        # so the image stays the model's and the plain layout follows the stem's stride. Taken for a tower, its 3
-        # output channels made the ViT's 8 px patches 8 px apart in a 64 px image halved, where 8 channels gave 16
-        # (QA 345). The tensor, not its shape: a branch beside the tower whose map has the shape of the image
-        # resized for the tower is no stem of it (QA 348).
+        # else the tower takes the very tensor (or a view of it) that a branch on the image outside the recorded
+        # towers made in this call (a learned downsampler, nn.Conv2d(3, 3, 2, 2), before the ViT): a stem, not a
+        # tower beside it, so the image stays the model's and the plain layout follows the stem's stride. Taken for
+        # a tower, its 3 output channels made the ViT's 8 px patches 8 px apart in a 64 px image halved, where 8
+        # channels gave 16 (QA 345). The tensor, not its shape: a branch beside the tower whose map has the shape
+        # of the image resized for the tower is no stem of it (QA 348). What the tower's own module receives
+        # counts (_see_tower_input): a tower may pad or cast it before its first convolution (QA 351).
 
     def _see_stem_map(self, module: nn.Module, args, output) -> None:
         """A module of a branch on the image outside the recorded towers ran (:func:`.towers.stems_beside_towers`):
@@ -1406,6 +1420,31 @@ class Recording:
         starts on it in this call takes as its stem's."""
         if not _not_recorded() and isinstance(output, torch.Tensor):
             self._context.values.setdefault(_STEM_MAPS, []).append(weakref.ref(output))
+
+    def _see_tower_input(self, start: nn.Module, args, kwargs) -> None:
+        """A module on a recorded tower's path to its start begins (:func:`.towers.tower_inputs`): whether it takes a
+        stem's map, which the start (a convolution inside it) reads in :meth:`_start_tower_call`."""
+        if _not_recorded():
+            return
+        if any(isinstance(value, torch.Tensor) and self._made_by_stem(value) for value in (*args, *kwargs.values())):
+            self._context.values.setdefault(_TOWERS_ON_STEM, set()).add(id(start))
+
+    def _made_by_stem(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is a map a stem made in this call (:meth:`_see_stem_map`), or a view of it (detach,
+        view_as: the same storage)."""
+        for made in self._context.values.get(_STEM_MAPS, ()):
+            stem = made()
+            if stem is None:
+                continue
+            if stem is tensor:
+                return True
+            try:
+                if tensor.numel() and stem.numel() and \
+                        tensor.untyped_storage().data_ptr() == stem.untyped_storage().data_ptr():
+                    return True
+            except (RuntimeError, NotImplementedError):  # no storage (a fake or functional tensor under compile)
+                continue
+        return False
 
     def _forget_starts(self, calls: list[RecordedCall]) -> None:
         """``calls`` ended or were dropped: their forwards are no longer in progress (and their ids, free again,
@@ -1455,12 +1494,16 @@ class Recording:
             # forward's, placed on its grid, silently, and with no call yet it was placed on a grid it never
             # recorded (QA 345). A block called alone still joins the latest call.
             self._pending.clear()
-            raise RuntimeError(
-                f"vitmad.record: thread '{me.name}' ran a recorded layer of {type(self.model).__name__} in a forward "
-                "of it begun before the recording, whose start (its patch embedding, its image) vitmad did not see; "
-                "a recorded model runs in one thread at a time: begin each forward inside the recording, one after "
-                "another"
-            )
+            raise self._begun_before_refusal()
+
+    def _begun_before_refusal(self) -> RuntimeError:
+        """The refusal of a recorded module run in a forward of the model begun before the recording."""
+        return RuntimeError(
+            f"vitmad.record: thread '{threading.current_thread().name}' ran a recorded module of "
+            f"{type(self.model).__name__} in a forward of it begun before the recording, whose start (its patch "
+            "embedding, its image) vitmad did not see; a recorded model runs in one thread at a time: begin each "
+            "forward inside the recording, one after another"
+        )
 
     def _open_call(self) -> None:
         """The last of rec.calls is the call a layer joins: the vacant call (_drop_interrupted), listed again where
@@ -2011,9 +2054,12 @@ class Recording:
             self._handles.append(self.model.register_forward_pre_hook(self._start_call, with_kwargs=True))
         for start in towers:
             self._handles.append(start.register_forward_pre_hook(self._start_tower_call))
-        if towers:
-            for stem in stems_beside_towers(self.model, self._modules.values()):
-                self._handles.append(stem.register_forward_hook(self._see_stem_map))
+        stems = stems_beside_towers(self.model, self._modules.values()) if towers else []
+        for stem in stems:
+            self._handles.append(stem.register_forward_hook(self._see_stem_map))
+        for holder, start in tower_inputs(self.model, self._modules.values()) if stems else ():
+            self._handles.append(holder.register_forward_pre_hook(
+                lambda _, args, kwargs, start=start: self._see_tower_input(start, args, kwargs), with_kwargs=True))
         for tower in self._second_towers:
             self._handles.append(self.model.get_submodule(tower).register_forward_pre_hook(
                 lambda *_, tower=tower: self._second_towers_ran.add(tower)))

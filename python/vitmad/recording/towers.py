@@ -38,7 +38,8 @@ from .module_index import copy_holder, idle_copies, module_list, named_module_li
 from .transformers_capture import is_hf_model
 
 __all__ = ["TOWER_ATTRIBUTES", "encoder_prefix", "tower_of_embedding", "other_image_towers", "image_channels",
-           "first_convolution", "tower_starts", "stems_beside_towers"]
+           "first_convolution", "tower_starts", "stems_beside_towers", "held_towers",
+           "tower_inputs"]
 
 # The attribute names transformers' vision-language models give their vision tower.
 TOWER_ATTRIBUTES = ("vision_tower", "vision_model", "visual", "vision_encoder")
@@ -305,16 +306,34 @@ def stems_beside_towers(model: nn.Module, recorded) -> list[nn.Module]:
     return list(found.values())
 
 
+def tower_inputs(model: nn.Module, recorded) -> list[tuple[nn.Module, nn.Module]]:
+    """``(module, start)`` for each module on the path from a tower of :func:`held_towers` down to its start, the
+    start left out: those that may receive the tower's input and pad or cast it before the convolution that starts
+    it (the tower's forward, or its patch embedding where a method such as ``forward_features`` runs the tower)."""
+    found = []
+    for tower, start in held_towers(model, recorded):
+        path = next((name for name, module in named_module_list(tower) if module is start), None)
+        if not path:
+            continue
+        parts = path.split(".")
+        found.extend((tower.get_submodule(".".join(parts[:depth])), start) for depth in range(len(parts)))
+    return found
+
+
 def _held_tower_starts(model: nn.Module, recorded) -> list[nn.Module]:
     """The start (:func:`tower_starts`) of each tower of ``model`` that holds some of the ``recorded`` modules, where
     it has two towers or more that take the image; empty otherwise. A tower that holds several towers itself (a
     ``ModuleList`` of them) gives theirs."""
-    towers = _image_towers(model)
+    return [start for _, start in held_towers(model, recorded)]
+
+
+def held_towers(model: nn.Module, recorded) -> list[tuple[nn.Module, nn.Module]]:
+    """``(tower, start)`` of each tower of :func:`_held_tower_starts`: the tower's module and its start."""
     inside = {id(m) for m in recorded}
-    starts = []
-    for name in towers:
+    found = []
+    for name in _image_towers(model):
         tower = model.get_submodule(name)
         held = [m for m in tower.modules() if id(m) in inside]
         if held:
-            starts.extend(_held_tower_starts(tower, held) or [first_convolution(tower, held) or tower])
-    return starts
+            found.extend(held_towers(tower, held) or [(tower, first_convolution(tower, held) or tower)])
+    return found

@@ -264,20 +264,32 @@ def stem_step(module: nn.Module, args: tuple, output) -> tuple | None:
 
 
 def strided_stem(model: nn.Module, embedding: nn.Module | None) -> list[nn.Module]:
-    """The strided convolutions and pools registered before the patch-embedding convolution ``embedding`` (every one
-    of ``model`` for None: a projectionless HybridEmbed's backbone, all stem): the
-    modules a CNN stem (hybrid ViTs) downsamples the image with, when the model has one. Those registered here that
-    do not run before the embedding in a call are not seen in it; one of another part of the model that does run
-    before it, on maps off the stem's chain, makes :func:`stem_stride` refuse the call rather than guess. A stem
-    that downsamples by functions (``F.avg_pool2d``), pixel unshuffle or adaptive pools makes no chain, and only an
-    exact ratio is taken."""
+    """The strided convolutions and pools (and the stride-1 convolutions that shrink their map) registered before the
+    patch-embedding convolution ``embedding`` (every one of ``model`` for None: a projectionless HybridEmbed's
+    backbone, all stem): the modules a CNN stem (hybrid ViTs) downsamples the image with, when the model has one.
+    Those registered here that do not run before the embedding in a call are not seen in it; one of another part of
+    the model that does run before it, on maps off the stem's chain, makes :func:`stem_stride` refuse the call
+    rather than guess. A stem that downsamples by functions (``F.avg_pool2d``), pixel unshuffle or adaptive pools
+    makes no chain, and only an exact ratio is taken."""
     found = []
     for _, module in named_module_list(model):
         if module is embedding:
             return found
-        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and max(pair(module.stride)) > 1:
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and max(pair(module.stride)) > 1 \
+                or _shrinks(module):
             found.append(module)
     return found
+
+
+def _shrinks(module: nn.Module) -> bool:
+    """Whether ``module`` is a stride-1 convolution padded less than its kernel's half (``nn.Conv2d(3, 3, 3)``): its
+    map is smaller than its input by ``kernel - 1 - 2 * padding``, a step of stride 1 on the stem's chain. Left out,
+    a 34 px image through it to a 32 px embedding input was taken for a resize by 34 / 32 and refused (QA 351)."""
+    if not isinstance(module, nn.Conv2d) or max(pair(module.stride)) > 1 or isinstance(module.padding, str):
+        return False
+    return any(kernel > 1 and 2 * padding < (kernel - 1) * dilation
+               for kernel, padding, dilation in zip(pair(module.kernel_size), pair(module.padding),
+                                                    pair(module.dilation), strict=True))
 
 
 def _text_vocabulary_clause(model: nn.Module) -> str:
