@@ -384,8 +384,9 @@ def test_a_branch_of_three_channels_beside_the_vit_leaves_it_in_the_pixels_it_ta
 
 class _StemThen(nn.Module):
     """A stride-2 ``nn.Conv2d(3, 3, 2, 2)`` stem, then ``vit`` on its map as ``how`` says: ``forward_features`` of a
-    timm ViT that pads its input to whole patches itself (``dynamic_img_pad``), the stem's map detached (a view of
-    the same storage), or a transformers ViTModel in float64 that casts the float32 map (``pixel_values.to``)."""
+    timm ViT that pads its input to whole patches itself (``dynamic_img_pad``), a view of the stem's map (a slice
+    of its channels, the map itself a temporary), or a transformers ViTModel in float64 that casts the float32 map
+    (``pixel_values.to``)."""
 
     def __init__(self, vit: nn.Module, how: str):
         super().__init__()
@@ -395,12 +396,12 @@ class _StemThen(nn.Module):
         stemmed = self.stem(pixels)
         if self.how == "forward_features":
             return self.vit.forward_features(stemmed)
-        if self.how == "detach":
-            return self.vit(stemmed.detach())
+        if self.how == "view":
+            return self.vit(self.stem(pixels)[:, :3])
         return self.vit(pixel_values=stemmed).last_hidden_state
 
 
-@pytest.mark.parametrize("how", ["forward_features", "detach", "cast"])
+@pytest.mark.parametrize("how", ["forward_features", "view", "cast"])
 def test_a_stem_is_followed_when_the_vit_pads_or_casts_its_map_or_it_is_a_view(how):
     """The tower's first convolution receives another tensor than the stem's map where the tower pads it (timm's
     dynamic_img_pad) or casts it (transformers' pixel_values.to(dtype)), or the user passes a view of it: the stem
@@ -441,3 +442,54 @@ def test_a_stride_one_stem_that_shrinks_the_map_is_followed():
     assert [g.stride for g in rec.geometry] == [(float(PATCH), float(PATCH))] * 2
     for recorded_mad, p in zip(rec.mad, reference, strict=True):
         torch.testing.assert_close(recorded_mad.double(), _tower_mad(p), **TOL)
+
+
+class _TowerWithExtra(nn.Module):
+    """A user's wrapper of a timm ViT whose forward takes a second tensor it does not give the ViT."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, pixels: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vit(pixels)
+
+
+class _StemAndCrop(nn.Module):
+    """A stride-2 3-channel stem and a ViT run as ``how`` says, on a 64 x 96 image: ``"twice"``, the ViT on the
+    stem's map, then on the image's top-left 32 x 48 crop; ``"extra"``, the ViT on the image halved by
+    interpolation, the stem's map given to its wrapper as a second argument it does not read."""
+
+    def __init__(self, vit: nn.Module, how: str):
+        super().__init__()
+        self.stem, self.tower, self.how = nn.Conv2d(3, 3, 2, stride=2), _TowerWithExtra(vit), how
+
+    def forward(self, pixels: torch.Tensor):
+        if self.how == "twice":
+            return self.tower(self.stem(pixels)), self.tower(pixels[..., :GRID[0] * PATCH, :GRID[1] * PATCH])
+        return self.tower(functional.interpolate(pixels, scale_factor=0.5), self.stem(pixels))
+
+
+@pytest.mark.parametrize("how", ["twice", "extra"])
+def test_only_the_towers_run_on_the_stems_map_is_placed_by_the_stem(how):
+    """The ViT on a crop after a run on the stem's map in the same call, or given the stem's map only as an argument
+    it does not read, is in the pixels of what it takes (8 px apart): the first version kept the stem for every later
+    run of the tower in the call, and took any argument for its input, every distance doubled (QA 354)."""
+    torch.manual_seed(0)
+    model = _StemAndCrop(_sharper(sharpened(_timm_tower(), 1)), how).eval()
+    (pixels,) = _images(1, scale=2)
+    with torch.no_grad():
+        stemmed = model.stem(pixels)
+    if how == "twice":
+        runs = [(stemmed, 2.0), (pixels[..., :GRID[0] * PATCH, :GRID[1] * PATCH], 1.0)]
+    else:
+        runs = [(functional.interpolate(pixels, scale_factor=0.5), 1.0)]
+    with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
+        model(pixels)
+    assert len(rec.calls) == 1 and len(rec.calls[0].layers) == 2 * len(runs)
+    recorded = iter(zip(rec.calls[0].mad, rec.calls[0].geometry, strict=True))
+    for taken, scale in runs:
+        for p in _tower_probabilities("timm", model.tower.vit, taken):
+            recorded_mad, geometry = next(recorded)
+            assert geometry.stride == (scale * PATCH, scale * PATCH)
+            torch.testing.assert_close(recorded_mad.double(), scale * _tower_mad(p), **TOL)

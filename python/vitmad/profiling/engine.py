@@ -90,7 +90,9 @@ def when_planned(announce: Callable[[], None]) -> Iterator[None]:
     """Within it, :func:`profile` calls ``announce()`` once its options are all checked against the model (the
     cheap ones, the model's, the sizes, that it has layers to record), before it reads an image: ``vitmad profile``
     says there that an earlier run's outputs will be replaced. Said before, a run refused by those checks warned of
-    a replacement that never came (QA 342, QA 348, QA 351)."""
+    a replacement that never came (QA 342, QA 348, QA 351). What only a batch tells (no image could be read, a size
+    the model's forward fails at) is refused after it: said after a batch, the warning came once that batch's
+    checkpoint had replaced an interrupted earlier run's, which a Ctrl-C at the warning must keep (QA 243)."""
     token = _PLANNED.set(announce)
     try:
         yield

@@ -515,6 +515,16 @@ _TRANSFORM_WARNED = [False]  # warned in this forward of the model or since a ho
 _EXPORT_WARNED = [False]  # warned in this forward of the model or since a hook ran outside torch.export
 
 
+def _first_input(args, kwargs) -> torch.Tensor | None:
+    """The input a module's forward reads its image from: its first positional tensor, else ``pixel_values=``, else
+    its first tensor keyword argument; None without any."""
+    tensor = next((value for value in args if isinstance(value, torch.Tensor)), None)
+    if tensor is None and isinstance(kwargs.get("pixel_values"), torch.Tensor):
+        tensor = kwargs["pixel_values"]
+    return tensor if tensor is not None else next(
+        (value for value in kwargs.values() if isinstance(value, torch.Tensor)), None)
+
+
 _STEM_MAPS = "towers.stem_maps"  # the maps branches on the image beside the recorded towers made in a call
 _TOWERS_ON_STEM = "towers.on_stem"  # the ids of the towers' starts whose tower took such a map in this call
 
@@ -1403,9 +1413,14 @@ class Recording:
                 # start a call of its own on the tower's input, the model's image unseen (QA 351).
                 raise self._begun_before_refusal()
             self._start_call(module, args)
-        elif not (id(module) in self._context.values.get(_TOWERS_ON_STEM, ())
-                  or (args and self._made_by_stem(args[0]))):
-            self._context.image_size = _image_size(args)
+        else:
+            # This run of the tower took a stem's map (_see_tower_input); taken once: a later run of the same tower
+            # in the call (on a crop of the image) is its own (QA 354).
+            flags = self._context.values.get(_TOWERS_ON_STEM, set())
+            on_stem = id(module) in flags
+            flags.discard(id(module))
+            if not (on_stem or (args and self._made_by_stem(args[0]))):
+                self._context.image_size = _image_size(args)
         # else the tower takes the very tensor (or a view of it) that a branch on the image outside the recorded
         # towers made in this call (a learned downsampler, nn.Conv2d(3, 3, 2, 2), before the ViT): a stem, not a
         # tower beside it, so the image stays the model's and the plain layout follows the stem's stride. Taken for
@@ -1421,17 +1436,23 @@ class Recording:
         if not _not_recorded() and isinstance(output, torch.Tensor):
             self._context.values.setdefault(_STEM_MAPS, []).append(weakref.ref(output))
 
-    def _see_tower_input(self, start: nn.Module, args, kwargs) -> None:
-        """A module on a recorded tower's path to its start begins (:func:`.towers.tower_inputs`): whether it takes a
-        stem's map, which the start (a convolution inside it) reads in :meth:`_start_tower_call`."""
+    def _see_tower_input(self, start: nn.Module, outermost: bool, args, kwargs) -> None:
+        """A module on a recorded tower's path to its start begins (:func:`.towers.tower_inputs`): whether its input
+        (its first tensor argument, or ``pixel_values=``; another argument is no image the start reads, QA 354) is a
+        stem's map, which the start (a convolution inside it) reads in :meth:`_start_tower_call`. The tower itself
+        clears what an earlier run of it in this call said."""
         if _not_recorded():
             return
-        if any(isinstance(value, torch.Tensor) and self._made_by_stem(value) for value in (*args, *kwargs.values())):
-            self._context.values.setdefault(_TOWERS_ON_STEM, set()).add(id(start))
+        flags = self._context.values.setdefault(_TOWERS_ON_STEM, set())
+        taken = _first_input(args, kwargs)
+        if taken is not None and self._made_by_stem(taken):
+            flags.add(id(start))
+        elif outermost:
+            flags.discard(id(start))
 
     def _made_by_stem(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor`` is a map a stem made in this call (:meth:`_see_stem_map`), or a view of it (detach,
-        view_as: the same storage)."""
+        """Whether ``tensor`` is a map a stem made in this call (:meth:`_see_stem_map`), or a view of it (a slice, a
+        reshape: the same storage, the map kept alive by the view's base)."""
         for made in self._context.values.get(_STEM_MAPS, ()):
             stem = made()
             if stem is None:
@@ -2057,9 +2078,10 @@ class Recording:
         stems = stems_beside_towers(self.model, self._modules.values()) if towers else []
         for stem in stems:
             self._handles.append(stem.register_forward_hook(self._see_stem_map))
-        for holder, start in tower_inputs(self.model, self._modules.values()) if stems else ():
+        for holder, start, outermost in tower_inputs(self.model, self._modules.values()) if stems else ():
             self._handles.append(holder.register_forward_pre_hook(
-                lambda _, args, kwargs, start=start: self._see_tower_input(start, args, kwargs), with_kwargs=True))
+                lambda _, args, kwargs, start=start, outermost=outermost: self._see_tower_input(
+                    start, outermost, args, kwargs), with_kwargs=True))
         for tower in self._second_towers:
             self._handles.append(self.model.get_submodule(tower).register_forward_pre_hook(
                 lambda *_, tower=tower: self._second_towers_ran.add(tower)))

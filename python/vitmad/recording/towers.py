@@ -306,17 +306,18 @@ def stems_beside_towers(model: nn.Module, recorded) -> list[nn.Module]:
     return list(found.values())
 
 
-def tower_inputs(model: nn.Module, recorded) -> list[tuple[nn.Module, nn.Module]]:
-    """``(module, start)`` for each module on the path from a tower of :func:`held_towers` down to its start, the
-    start left out: those that may receive the tower's input and pad or cast it before the convolution that starts
-    it (the tower's forward, or its patch embedding where a method such as ``forward_features`` runs the tower)."""
+def tower_inputs(model: nn.Module, recorded) -> list[tuple[nn.Module, nn.Module, bool]]:
+    """``(module, start, outermost)`` for each module on the path from a tower of :func:`held_towers` down to its
+    start, the start left out (``outermost``: the tower itself): those that may receive the tower's input and pad or
+    cast it before the convolution that starts it (the tower's forward, or its patch embedding where a method such
+    as ``forward_features`` runs the tower)."""
     found = []
     for tower, start in held_towers(model, recorded):
         path = next((name for name, module in named_module_list(tower) if module is start), None)
         if not path:
             continue
         parts = path.split(".")
-        found.extend((tower.get_submodule(".".join(parts[:depth])), start) for depth in range(len(parts)))
+        found.extend((tower.get_submodule(".".join(parts[:depth])), start, depth == 0) for depth in range(len(parts)))
     return found
 
 
