@@ -162,6 +162,6 @@ def test_pixels_resized_before_the_patch_embedding_are_refused():
     wrapper = _Resizing(_tower(56)).eval()
     wrapper.tower.set_attn_implementation("sdpa")
     with torch.no_grad(), vitmad.record(wrapper), \
-            pytest.raises(ValueError, match=r"Llama 4's patch embedding \(tower.patch_embedding\) cut 56x56 pixels "
+            pytest.raises(ValueError, match=r"Llama 4's patch embedding \(tower.patch_embedding\) took 56x56 pixels "
                                             r"from an input of 112x112 \(resized before it\?\)"):
         wrapper(torch.rand(1, 3, 112, 112))

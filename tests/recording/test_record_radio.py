@@ -221,7 +221,7 @@ def test_input_resized_before_the_patch_embeddings_is_refused():
     wrapper = _Resizing(_radio()).eval()
     with torch.no_grad(), vitmad.record(wrapper) as rec, \
             pytest.raises(ValueError, match=r"radio\.encoder\.layer\.0\.attention \(RadioAttention\) of _Resizing: "
-                                            r"RADIO's patch embeddings \(radio\.embeddings\) cut 24x40 pixels from an "
+                                            r"RADIO's patch embeddings \(radio\.embeddings\) took 24x40 pixels from an "
                                             r"input of 48x80"):
         wrapper(torch.rand(1, 3, 48, 80))
     assert all(call.layers == [] for call in rec.calls)

@@ -457,7 +457,8 @@ class _TowerWithExtra(nn.Module):
 
 class _StemAndCrop(nn.Module):
     """A stride-2 3-channel stem and a ViT run as ``how`` says, on a 64 x 96 image: ``"twice"``, the ViT on the
-    stem's map, then on the image's top-left 32 x 48 crop; ``"extra"``, the ViT on the image halved by
+    stem's map, then on the image's top-left 32 x 48 crop (``"crop-first"``: the other way round); ``"extra"``, the
+    ViT on the image halved by
     interpolation, the stem's map given to its wrapper as a second argument it does not read."""
 
     def __init__(self, vit: nn.Module, how: str):
@@ -465,23 +466,30 @@ class _StemAndCrop(nn.Module):
         self.stem, self.tower, self.how = nn.Conv2d(3, 3, 2, stride=2), _TowerWithExtra(vit), how
 
     def forward(self, pixels: torch.Tensor):
+        crop = pixels[..., :GRID[0] * PATCH, :GRID[1] * PATCH]
         if self.how == "twice":
-            return self.tower(self.stem(pixels)), self.tower(pixels[..., :GRID[0] * PATCH, :GRID[1] * PATCH])
+            return self.tower(self.stem(pixels)), self.tower(crop)
+        if self.how == "crop-first":
+            return self.tower(crop), self.tower(self.stem(pixels))
         return self.tower(functional.interpolate(pixels, scale_factor=0.5), self.stem(pixels))
 
 
-@pytest.mark.parametrize("how", ["twice", "extra"])
+@pytest.mark.parametrize("how", ["twice", "crop-first", "extra"])
 def test_only_the_towers_run_on_the_stems_map_is_placed_by_the_stem(how):
     """The ViT on a crop after a run on the stem's map in the same call, or given the stem's map only as an argument
     it does not read, is in the pixels of what it takes (8 px apart): the first version kept the stem for every later
-    run of the tower in the call, and took any argument for its input, every distance doubled (QA 354)."""
+    run of the tower in the call, and took any argument for its input, every distance doubled (QA 354). Its run on
+    the stem's map after one on a crop kept the crop's image, every distance halved (QA 355)."""
     torch.manual_seed(0)
     model = _StemAndCrop(_sharper(sharpened(_timm_tower(), 1)), how).eval()
     (pixels,) = _images(1, scale=2)
     with torch.no_grad():
         stemmed = model.stem(pixels)
+    crop = pixels[..., :GRID[0] * PATCH, :GRID[1] * PATCH]
     if how == "twice":
-        runs = [(stemmed, 2.0), (pixels[..., :GRID[0] * PATCH, :GRID[1] * PATCH], 1.0)]
+        runs = [(stemmed, 2.0), (crop, 1.0)]
+    elif how == "crop-first":
+        runs = [(crop, 1.0), (stemmed, 2.0)]
     else:
         runs = [(functional.interpolate(pixels, scale_factor=0.5), 1.0)]
     with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
@@ -493,3 +501,39 @@ def test_only_the_towers_run_on_the_stems_map_is_placed_by_the_stem(how):
             recorded_mad, geometry = next(recorded)
             assert geometry.stride == (scale * PATCH, scale * PATCH)
             torch.testing.assert_close(recorded_mad.double(), scale * _tower_mad(p), **TOL)
+
+
+class _SwitchedOff(nn.Module):
+    """A user's optional learned downsampler, switched off: it holds a convolution on the image but hands back its
+    input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.use = nn.Conv2d(3, 3, 2, stride=2), False
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.conv(pixels) if self.use else pixels
+
+
+def test_a_branch_that_hands_back_the_image_is_no_stem_of_a_tower_on_a_crop():
+    """The switched-off downsampler's output is the image itself: taken for a stem's map, a ViT on a crop of the
+    image (a view of it) was placed 16 px apart, every distance doubled (QA 355)."""
+    torch.manual_seed(0)
+
+    class _Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down, self.vit = _SwitchedOff(), _sharper(sharpened(_timm_tower(), 1))
+
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            pixels = self.down(pixels)
+            return self.vit(pixels[..., 8:8 + GRID[0] * PATCH, 8:8 + GRID[1] * PATCH])
+
+    model = _Model().eval()
+    (pixels,) = _images(1, scale=2)
+    reference = _tower_probabilities("timm", model.vit, pixels[..., 8:8 + GRID[0] * PATCH, 8:8 + GRID[1] * PATCH])
+    with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
+        model(pixels)
+    assert [g.stride for g in rec.geometry] == [(float(PATCH), float(PATCH))] * 2
+    for recorded_mad, p in zip(rec.mad, reference, strict=True):
+        torch.testing.assert_close(recorded_mad.double(), _tower_mad(p), **TOL)

@@ -525,6 +525,18 @@ def _first_input(args, kwargs) -> torch.Tensor | None:
         (value for value in kwargs.values() if isinstance(value, torch.Tensor)), None)
 
 
+def _same_storage(one: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether two tensors are one, or views of one storage."""
+    if one is other:
+        return True
+    try:
+        return bool(one.numel() and other.numel()) and \
+            one.untyped_storage().data_ptr() == other.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # no storage (a fake or functional tensor under compile)
+        return False
+
+
+_MODEL_IMAGE = "towers.model_image"  # the size of the image the model's forward took in this call
 _STEM_MAPS = "towers.stem_maps"  # the maps branches on the image beside the recorded towers made in a call
 _TOWERS_ON_STEM = "towers.on_stem"  # the ids of the towers' starts whose tower took such a map in this call
 
@@ -1360,6 +1372,7 @@ class Recording:
         self._pending.clear()
         self._context.image_size = _image_size(args, kwargs)
         self._context.values.clear()
+        self._context.values[_MODEL_IMAGE] = self._context.image_size
         call = RecordedCall()
         self._calls.append(call)
         self._vacant = None
@@ -1419,8 +1432,9 @@ class Recording:
             flags = self._context.values.get(_TOWERS_ON_STEM, set())
             on_stem = id(module) in flags
             flags.discard(id(module))
-            if not (on_stem or (args and self._made_by_stem(args[0]))):
-                self._context.image_size = _image_size(args)
+            # On a stem, the model's image (an earlier run of a tower in this call, on a crop, left its own, QA 355).
+            self._context.image_size = self._context.values.get(_MODEL_IMAGE, self._context.image_size) if on_stem or (
+                args and self._made_by_stem(args[0])) else _image_size(args)
         # else the tower takes the very tensor (or a view of it) that a branch on the image outside the recorded
         # towers made in this call (a learned downsampler, nn.Conv2d(3, 3, 2, 2), before the ViT): a stem, not a
         # tower beside it, so the image stays the model's and the plain layout follows the stem's stride. Taken for
@@ -1433,8 +1447,11 @@ class Recording:
         """A module of a branch on the image outside the recorded towers ran (:func:`.towers.stems_beside_towers`):
         the map it made (a weak reference: the call's context does not keep it alive), which a recorded tower that
         starts on it in this call takes as its stem's."""
-        if not _not_recorded() and isinstance(output, torch.Tensor):
-            self._context.values.setdefault(_STEM_MAPS, []).append(weakref.ref(output))
+        if _not_recorded() or not isinstance(output, torch.Tensor):
+            return
+        if any(isinstance(value, torch.Tensor) and _same_storage(value, output) for value in args):
+            return  # its own input handed back (a downsampler switched off, a tap): the image, no stem's map (QA 355)
+        self._context.values.setdefault(_STEM_MAPS, []).append(weakref.ref(output))
 
     def _see_tower_input(self, start: nn.Module, outermost: bool, args, kwargs) -> None:
         """A module on a recorded tower's path to its start begins (:func:`.towers.tower_inputs`): whether its input
@@ -1457,14 +1474,8 @@ class Recording:
             stem = made()
             if stem is None:
                 continue
-            if stem is tensor:
+            if _same_storage(stem, tensor):
                 return True
-            try:
-                if tensor.numel() and stem.numel() and \
-                        tensor.untyped_storage().data_ptr() == stem.untyped_storage().data_ptr():
-                    return True
-            except (RuntimeError, NotImplementedError):  # no storage (a fake or functional tensor under compile)
-                continue
         return False
 
     def _forget_starts(self, calls: list[RecordedCall]) -> None:

@@ -47,7 +47,7 @@ def check_cut_from_input(context: CallContext, cutter: str, height: int, width: 
     image = context.image_size
     if image is not None and tuple(image) != (height, width):
         raise NotPlaceable(
-            f"{cutter} cut {height}x{width} pixels from an input of {image[0]}x{image[1]} (resized before it?), so "
+            f"{cutter} took {height}x{width} pixels from an input of {image[0]}x{image[1]} (resized before it?), so "
             f"its patches are not cells of the input image; record the {record} on the pixels it cuts, or pass "
             f"positions=<[N, 2] pixel position of each token, NaN rows for {unplaced}>"
         )
