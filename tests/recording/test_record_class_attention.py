@@ -442,11 +442,15 @@ _PRR = pytest.mark.skipif(not hasattr(timm.layers, "AttentionPoolPrr"),
 PRR_GRID, PRR_STRIDE = (4, 6), 16.0  # a 64 x 96 input at 16 pixels a patch
 
 
-def _prr_vit(class_token: bool):
-    # Two registers, and a class token or none: 3 or 2 tokens without a position before the 4 x 6 grid.
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=1, global_pool="prr",
-                              reg_tokens=2, class_token=class_token, embed_dim=32, num_heads=2)
-    return sharpened(model)
+def _prr_vit(class_token: bool, fused: bool):
+    """A ViT with the prr head, fused or not, and a 64 x 96 batch of two: two registers, and a class token or none
+    (3 or 2 tokens without a position before the 4 x 6 grid)."""
+    model = sharpened(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=1,
+                                        global_pool="prr", reg_tokens=2, class_token=class_token, embed_dim=32,
+                                        num_heads=2))
+    assert model.attn_pool.pool == ("token" if class_token else "avg")
+    model.attn_pool.fused_attn = fused
+    return model, torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(1))
 
 
 @_PRR
@@ -454,10 +458,7 @@ def _prr_vit(class_token: bool):
 def test_prr_pooling_with_a_class_token_keeps_only_its_row_so_has_maps_and_no_mad(fused):
     # pool_type="token": the head's output is x[:, 0], the class token's row; the other rows are discarded, so the
     # layer has no MAD, and its maps are the rows of the tokens without a position (class token, two registers).
-    model = _prr_vit(class_token=True)
-    assert model.attn_pool.pool == "token"
-    model.attn_pool.fused_attn = fused
-    pixels = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(1))
+    model, pixels = _prr_vit(class_token=True, fused=fused)
     with torch.no_grad():
         plain = model(pixels)
         with vitmad.record(model, stats=["mad", "prefix_maps"]) as rec:
@@ -488,10 +489,7 @@ def test_prr_pooling_with_a_class_token_keeps_only_its_row_so_has_maps_and_no_ma
 def test_prr_pooling_without_a_class_token_averages_every_row_so_has_a_mad(fused):
     # pool_type="avg": every row is averaged into the output, so the patch rows count: a self-attention layer over
     # two registers and the grid, with a MAD over the patches' rows.
-    model = _prr_vit(class_token=False)
-    assert model.attn_pool.pool == "avg"
-    model.attn_pool.fused_attn = fused
-    pixels = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(1))
+    model, pixels = _prr_vit(class_token=False, fused=fused)
     with torch.no_grad(), vitmad.record(model, stats=["mad", "prefix_maps"]) as rec:
         model(pixels)
     expected = pooling_rows(model, "attn_pool", lambda double: double(pixels.double()))

@@ -312,6 +312,17 @@ def test_a_second_tower_embedding_with_a_stem_and_no_projection_is_named():
     assert alone.layers == ["blocks.0.attn"] and alone.geometry[0].grid == (3, 4)
 
 
+def _recorded_at(model: nn.Module, pixels: torch.Tensor, reference: list[torch.Tensor], scale: float):
+    """The recording (``reduction="none"``) of one forward of ``model`` with its one timm tower, checked against the
+    tower's own probabilities ``reference`` on what it took: tokens ``scale * PATCH`` pixels of the image apart."""
+    with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
+        model(pixels)
+    assert [g.stride for g in rec.geometry] == [(scale * PATCH, scale * PATCH)] * len(reference)
+    for recorded_mad, p in zip(rec.mad, reference, strict=True):
+        torch.testing.assert_close(recorded_mad.double(), scale * _tower_mad(p), **TOL)
+    return rec
+
+
 class _StemBeforeViT(nn.Module):
     """A user's learned 2x downsampler on the RGB image (three channels out, ``stem`` declared first), then a timm
     ViT on its map; or, with ``beside``, a convolution as a branch of its own beside the ViT, which takes the image
@@ -356,12 +367,8 @@ def test_a_stem_of_three_channels_before_the_vit_is_followed_not_taken_for_a_tow
     with torch.no_grad():
         stemmed = model.stem(pixels)
     reference = _tower_probabilities("timm", model.vit, stemmed)
-    with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
-        model(pixels)
+    rec = _recorded_at(model, pixels, reference, scale=2.0)
     assert rec.layers == [f"vit.{layer}" for layer in TOWERS["timm"][1]]
-    assert [g.stride for g in rec.geometry] == [(2.0 * PATCH, 2.0 * PATCH)] * 2
-    for recorded_mad, p in zip(rec.mad, reference, strict=True):
-        torch.testing.assert_close(recorded_mad.double(), 2 * _tower_mad(p), **TOL)
 
 
 @pytest.mark.parametrize("branch", ["same-shape", "whole-image"])
@@ -375,11 +382,7 @@ def test_a_branch_of_three_channels_beside_the_vit_leaves_it_in_the_pixels_it_ta
     model = _StemBeforeViT(sharpened(conv, 3), _sharper(sharpened(_timm_tower(), 1)), beside=True)
     (pixels,) = _images(1, scale=2)
     reference = _tower_probabilities("timm", model.vit, functional.interpolate(pixels, scale_factor=0.5))
-    with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
-        model(pixels)
-    assert [g.stride for g in rec.geometry] == [(float(PATCH), float(PATCH))] * 2
-    for recorded_mad, p in zip(rec.mad, reference, strict=True):
-        torch.testing.assert_close(recorded_mad.double(), _tower_mad(p), **TOL)
+    _recorded_at(model, pixels, reference, scale=1.0)
 
 
 class _StemThen(nn.Module):
@@ -421,11 +424,7 @@ def test_a_stem_is_followed_when_the_vit_pads_or_casts_its_map_or_it_is_a_view(h
         stemmed = model.stem(pixels)
     kind = "transformers" if how == "cast" else "timm"
     reference = _tower_probabilities(kind, model.vit, stemmed.double() if how == "cast" else stemmed)
-    with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
-        model(pixels)
-    assert [g.stride for g in rec.geometry] == [(2.0 * PATCH, 2.0 * PATCH)] * 2
-    for recorded_mad, p in zip(rec.mad, reference, strict=True):
-        torch.testing.assert_close(recorded_mad.double(), 2 * _tower_mad(p), **TOL)
+    _recorded_at(model, pixels, reference, scale=2.0)
 
 
 def test_a_stride_one_stem_that_shrinks_the_map_is_followed():
@@ -437,11 +436,7 @@ def test_a_stride_one_stem_that_shrinks_the_map_is_followed():
     pixels = torch.randn(2, 3, GRID[0] * PATCH + 2, GRID[1] * PATCH + 2, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         reference = _tower_probabilities("timm", model.vit, model.stem(pixels))
-    with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
-        model(pixels)
-    assert [g.stride for g in rec.geometry] == [(float(PATCH), float(PATCH))] * 2
-    for recorded_mad, p in zip(rec.mad, reference, strict=True):
-        torch.testing.assert_close(recorded_mad.double(), _tower_mad(p), **TOL)
+    _recorded_at(model, pixels, reference, scale=1.0)
 
 
 class _TowerWithExtra(nn.Module):
@@ -532,8 +527,4 @@ def test_a_branch_that_hands_back_the_image_is_no_stem_of_a_tower_on_a_crop():
     model = _Model().eval()
     (pixels,) = _images(1, scale=2)
     reference = _tower_probabilities("timm", model.vit, pixels[..., 8:8 + GRID[0] * PATCH, 8:8 + GRID[1] * PATCH])
-    with torch.no_grad(), vitmad.record(model, reduction="none") as rec:
-        model(pixels)
-    assert [g.stride for g in rec.geometry] == [(float(PATCH), float(PATCH))] * 2
-    for recorded_mad, p in zip(rec.mad, reference, strict=True):
-        torch.testing.assert_close(recorded_mad.double(), _tower_mad(p), **TOL)
+    _recorded_at(model, pixels, reference, scale=1.0)
