@@ -589,7 +589,16 @@ def plan_run(
     loaded, preprocessing = prepare_model(model, size, model_checkpoint, model_args, intensity, volume_unit)
     if isinstance(model, torch.nn.Module):
         torch_dtype = _own_model_dtype(model, dtype, torch_dtype)
-    native = size_feed(loaded, size, _packed_videos(loaded, images, videos), isinstance(images, torch.Tensor))
+    if _packed_videos(loaded, images, videos):
+        if size not in (None, NATIVE):
+            raise OptionError("image_size", f"{size[0]}x{size[1]} given, but a packed vision tower's video processor "
+                                            "resizes each clip by its own rule (sides multiples of patch x merge "
+                                            "within its pixel budget): leave image_size unset")
+        native = packed_video_feed(loaded)
+    else:
+        native = native_feed(loaded) if size == NATIVE else None
+        if native is None:
+            check_fixed_size(loaded, size, isinstance(images, torch.Tensor))
     if (isinstance(images, torch.Tensor) and size not in (None, NATIVE) and images.dim() >= 2
             and tuple(images.shape[-2:]) != tuple(size)):  # (fewer dims: the shape is refused below, QA 306)
         # The size resizes image files; a tensor is fed as it is, and its size is the run's.
@@ -668,26 +677,6 @@ def plan_run(
                    run, native, statistics, "prefix_maps" in stats, maps_skipped,
                    identity={**identity, "images": names}, converts_weights=not isinstance(model, torch.nn.Module),
                    earlier_fingerprint=earlier_id)
-
-
-def size_feed(loaded: LoadedModel, size, packed_videos: bool, pixels: bool):
-    """The feed of a run at ``size`` that the model takes at each input's own size (a packed tower's clips, images
-    at their native resolution), else None; a size the model cannot take is refused first (``pixels``: the run
-    feeds a caller's tensor).
-
-    Raises:
-        OptionError: (``image_size``) the model does not take ``size``.
-    """
-    if packed_videos:
-        if size not in (None, NATIVE):
-            raise OptionError("image_size", f"{size[0]}x{size[1]} given, but a packed vision tower's video processor "
-                                            "resizes each clip by its own rule (sides multiples of patch x merge "
-                                            "within its pixel budget): leave image_size unset")
-        return packed_video_feed(loaded)
-    native = native_feed(loaded) if size == NATIVE else None
-    if native is None:
-        check_fixed_size(loaded, size, pixels)
-    return native
 
 
 def _packed_videos(loaded: LoadedModel, images, videos: bool | None) -> bool:

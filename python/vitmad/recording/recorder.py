@@ -1427,21 +1427,22 @@ class Recording:
                 raise self._begun_before_refusal()
             self._start_call(module, args)
         else:
-            # This run of the tower took a stem's map (_see_tower_input); taken once: a later run of the same tower
-            # in the call (on a crop of the image) is its own (QA 354).
+            # A run of the tower on the very tensor (or a view of it) that a branch on the image outside the recorded
+            # towers made in this call (a learned downsampler, nn.Conv2d(3, 3, 2, 2), before the ViT): a stem, not a
+            # tower beside it, so the image is the model's and the plain layout follows the stem's stride. Taken for
+            # a tower, its 3 output channels made the ViT's 8 px patches 8 px apart in a 64 px image halved, where 8
+            # channels gave 16 (QA 345). The tensor, not its shape: a branch beside the tower whose map has the shape
+            # of the image resized for the tower is no stem of it (QA 348). What the modules on the tower's path
+            # receive counts (_see_tower_input: the tower may pad or cast the map before its first convolution, QA
+            # 351), for this run only (a later run of the tower in the call, on a crop, is its own, QA 354).
             flags = self._context.values.get(_TOWERS_ON_STEM, set())
             on_stem = id(module) in flags
             flags.discard(id(module))
-            # On a stem, the model's image (an earlier run of a tower in this call, on a crop, left its own, QA 355).
-            self._context.image_size = self._context.values.get(_MODEL_IMAGE, self._context.image_size) if on_stem or (
-                args and self._made_by_stem(args[0])) else _image_size(args)
-        # else the tower takes the very tensor (or a view of it) that a branch on the image outside the recorded
-        # towers made in this call (a learned downsampler, nn.Conv2d(3, 3, 2, 2), before the ViT): a stem, not a
-        # tower beside it, so the image stays the model's and the plain layout follows the stem's stride. Taken for
-        # a tower, its 3 output channels made the ViT's 8 px patches 8 px apart in a 64 px image halved, where 8
-        # channels gave 16 (QA 345). The tensor, not its shape: a branch beside the tower whose map has the shape
-        # of the image resized for the tower is no stem of it (QA 348). What the tower's own module receives
-        # counts (_see_tower_input): a tower may pad or cast it before its first convolution (QA 351).
+            if on_stem or (args and self._made_by_stem(args[0])):
+                # The model's image: an earlier run of a tower in this call, on a crop, left its own (QA 355).
+                self._context.image_size = self._context.values.get(_MODEL_IMAGE, self._context.image_size)
+            else:
+                self._context.image_size = _image_size(args)
 
     def _see_stem_map(self, module: nn.Module, args, output) -> None:
         """A module of a branch on the image outside the recorded towers ran (:func:`.towers.stems_beside_towers`):
