@@ -252,9 +252,10 @@ def _eval_nodes(tree: ast.AST) -> list[ast.AST]:
     while stack:
         node = stack.pop()
         kept.append(node)
-        if isinstance(node, ast.If) and _training_test(node.test) is not None:
+        training = _training_test(node.test) if isinstance(node, ast.If) else None
+        if training is not None:
             stack.append(node.test)
-            stack.extend(node.orelse if _training_test(node.test) else node.body)
+            stack.extend(node.orelse if training else node.body)
             continue
         stack.extend(ast.iter_child_nodes(node))
     return kept
@@ -292,7 +293,7 @@ def _orders_by_random(function) -> bool:
         elif isinstance(node, ast.AnnAssign) and node.value is not None and draw(node.value) \
                 and isinstance(node.target, ast.Name):
             drawn.add(node.target.id)
-    return any(_called_name(call) in ("argsort", "sort", "topk") and (
+    return any(_called_name(call) in _ORDERINGS and (
         any(draw(argument) for argument in call.args[:1])
         or (isinstance(call.func, ast.Attribute) and draw(call.func.value))) for call in calls)
 

@@ -34,7 +34,7 @@ from .families.vit_pytorch_nd import call_start as vit_pytorch_nd_call_start
 from .families.vit_pytorch_stages import token_convolutions as vit_pytorch_token_convolutions
 from .families.vitamin import is_projectionless_embedding
 from .families.vq_tokenizer import is_tower as is_vq_tokenizer
-from .module_index import copy_holder, idle_copies, module_list, named_module_list
+from .module_index import copy_holder, enclosing_modules, idle_copies, module_list, named_module_list
 from .transformers_capture import is_hf_model
 
 __all__ = ["TOWER_ATTRIBUTES", "encoder_prefix", "tower_of_embedding", "other_image_towers", "image_channels",
@@ -298,10 +298,8 @@ def stems_beside_towers(model: nn.Module, recorded) -> list[nn.Module]:
         if any(id(m) in inside for m in tower.modules()):
             continue
         for path, module in named_module_list(tower):
-            if id(module) in on_image:
-                parts = path.split(".") if path else []
-                for depth in range(len(parts) + 1):  # the tower itself, then each module down to the convolution
-                    holder = tower.get_submodule(".".join(parts[:depth]))
+            if id(module) in on_image:  # the convolution, then each module above it up to the tower
+                for holder in (module, *(above for _, above in enclosing_modules(tower, path))):
                     found.setdefault(id(holder), holder)
     return list(found.values())
 
@@ -314,10 +312,8 @@ def tower_inputs(model: nn.Module, recorded) -> list[tuple[nn.Module, nn.Module,
     found = []
     for tower, start in held_towers(model, recorded):
         path = next((name for name, module in named_module_list(tower) if module is start), None)
-        if not path:
-            continue
-        parts = path.split(".")
-        found.extend((tower.get_submodule(".".join(parts[:depth])), start, depth == 0) for depth in range(len(parts)))
+        if path:
+            found.extend((holder, start, not prefix) for prefix, holder in enclosing_modules(tower, path))
     return found
 
 
