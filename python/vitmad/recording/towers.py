@@ -13,6 +13,8 @@ from torch import nn
 
 from ..ops.arguments import is_int
 from .families import is_timm_model
+from .families.diffusers_autoencoders import call_start as diffusers_autoencoders_call_start
+from .families.diffusers_autoencoders import tower_starts as diffusers_autoencoders_tower_starts
 from .families.diffusers_images import call_start as diffusers_images_call_start
 from .families.diffusers_unets import call_start as diffusers_unets_call_start
 from .families.kornia import call_start as kornia_call_start
@@ -189,7 +191,7 @@ def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
     start = (monai_call_start(model, recorded) or monai_spatial_call_start(model, recorded)
              or ultralytics_call_start(model) or diffusers_unets_call_start(model, recorded)
              or diffusers_images_call_start(model, recorded) or kornia_call_start(model, recorded)
-             or vit_pytorch_nd_call_start(model, recorded))
+             or vit_pytorch_nd_call_start(model, recorded) or diffusers_autoencoders_call_start(model, recorded))
     if start is not None:
         return start
     if _held_tower_starts(model, recorded):
@@ -259,7 +261,7 @@ def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:
     calls recorded alone, starts one. MONAI's diffusion UNets and autoencoders: each of their networks holding
     recorded modules (an autoencoder's encoder and decoder, :func:`.families.monai_spatial.tower_starts`).
     """
-    networks = monai_spatial_tower_starts(model, recorded)
+    networks = monai_spatial_tower_starts(model, recorded) or diffusers_autoencoders_tower_starts(model, recorded)
     if networks:
         return networks
     return _held_tower_starts(model, recorded)

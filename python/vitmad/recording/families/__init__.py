@@ -24,6 +24,7 @@ from . import (
     csatv2,
     davit,
     detr_encoder,
+    diffusers_autoencoders,
     diffusers_captioned,
     diffusers_images,
     diffusers_unets,
@@ -133,6 +134,7 @@ _FAMILIES = (
     mobilevit, efficientvit_msra, map_attention, tnt, byoanet, multi_query, iformer, lowformer, video, naflex, shvit,
     convit, torchvision_maxvit, vq_tokenizer, svtr, vit_pytorch, monai_spatial, monai, ultralytics, ultralytics_sam,
     diffusers_captioned, diffusers_zimage, diffusers_images, diffusers_unets_more, diffusers_unets, diffusers_video,
+    diffusers_autoencoders,
 )
 
 

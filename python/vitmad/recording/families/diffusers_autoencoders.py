@@ -1,0 +1,153 @@
+"""The self-attention inside Hugging Face diffusers' image autoencoders (``diffusers.models.autoencoders``, 0.42):
+``AutoencoderKL`` (the Stable Diffusion, SDXL, SD3 and Flux VAEs), ``VQModel`` (MoVQ's spatially normed decoder
+included), ``AsymmetricAutoencoderKL`` and any module holding their ``Encoder`` and ``Decoder``.
+
+Which attention: the ``Attention`` of an encoder's or decoder's ``UNetMidBlock2D`` (``mid_block_add_attention``, the
+default), of an ``AttnDownEncoderBlock2D`` or of an ``AttnUpDecoderBlock2D``. Each is handed its block's map ``[B, C,
+h, w]`` itself and its processor flattens it row-major (``view(B, C, h * w).transpose(1, 2)``): ``[B, heads, h * w, h
+* w]`` over the whole map, as :mod:`.diffusers_unets`' ``UNet2DModel`` blocks (same processors, read per call).
+
+Where the tokens are, as MONAI's autoencoders (:mod:`.monai_spatial`): cell ``i`` of a map at stride ``s`` sits at ``(i
++ 0.5) * s`` along each axis, in pixels of the image. The ``Encoder`` starts at its ``conv_in`` (stride 1) on the
+image; each down block's ``downsamplers`` entry (``Downsample2D`` padded by one at the end of each axis, then a 3 x 3
+convolution of stride 2: ``floor(n / 2)``) doubles the stride. The ``Decoder`` (and ``MaskConditionDecoder``) starts at
+its ``conv_in`` on the latent, at stride ``2 ** u`` for the ``u`` up blocks that up-sample, each halving it: its maps
+are in pixels of the image it decodes (the autoencoder's input's grid in ``forward``, where an odd side's last row,
+dropped by the encoder's floor, is in none of them; the decoded image's where ``decode`` runs alone). The map the
+attention receives is read in each call and must be the map those samplings made, else the call is refused.
+
+A forward call starts at the forward of the one network (encoder or decoder) holding the recorded layers, or the
+model's own where both do; ``encode`` and ``decode`` run alone (latent diffusion decodes without the autoencoder's
+forward) each start a call of their own (:func:`tower_starts`). Tiled and sliced encoding or decoding
+(``enable_tiling``, ``enable_slicing``) run the network once per tile or image: each run is an entry of the layer (a
+call of its own where ``encode`` or ``decode`` runs alone), in pixels of its tile: MAD does not depend on where the
+tile lies.
+
+Refused by name: the attention of Stable Video Diffusion's ``TemporalDecoder`` (``AutoencoderKLTemporalDecoder``),
+whose blocks attend over frames as well as the map, and of any other block of these networks.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..module_index import module_list, named_module_list
+from ..placement import CallContext, RefusingPlacer
+from .diffusers_common import attention_under, is_attention
+from .diffusers_unets import UNetMap, UNetMapPlacer
+from .stages import innermost_on_path, pair
+
+__all__ = ["placer", "attention_modules", "call_start", "tower_starts", "AutoencoderMapPlacer"]
+
+_VAE = "diffusers.models.autoencoders.vae"
+_BLOCKS = "diffusers.models.unets.unet_2d_blocks"
+_ENCODER = (_VAE, "Encoder")
+_DECODERS = {(_VAE, "Decoder"), (_VAE, "MaskConditionDecoder")}
+_TEMPORAL_DECODER = ("diffusers.models.autoencoders.autoencoder_kl_temporal_decoder", "TemporalDecoder")
+# The blocks a placed network may hold: samplings by their downsamplers / upsamplers entries (a factor of 2 each, or
+# none), attention over the whole map they are handed.
+_ENCODER_BLOCKS = {(_BLOCKS, "DownEncoderBlock2D"), (_BLOCKS, "AttnDownEncoderBlock2D")}
+_DECODER_BLOCKS = {(_BLOCKS, "UpDecoderBlock2D"), (_BLOCKS, "AttnUpDecoderBlock2D")}
+_MID_BLOCK = (_BLOCKS, "UNetMidBlock2D")
+
+
+def _key(module) -> tuple[str, str]:
+    return type(module).__module__, type(module).__name__
+
+
+def _is_network(module: nn.Module) -> bool:
+    key = _key(module)
+    return key == _ENCODER or key in _DECODERS or key == _TEMPORAL_DECODER
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """diffusers' attention modules inside an autoencoder's encoder or decoder, by qualified name (their forward calls
+    a processor, so the generic discovery does not see them)."""
+    return attention_under(model, _is_network)
+
+
+def _networks_holding(model: nn.Module, recorded) -> list[nn.Module]:
+    """The encoders and decoders of ``model`` holding ``recorded`` modules (each the innermost network of one), in
+    module order."""
+    inside = {id(m) for m in recorded}
+    found = {}
+    for name, module in named_module_list(model):
+        if id(module) in inside and name:
+            network = innermost_on_path(model, name, _is_network)
+            if network is not None:
+                found[id(network[1])] = network[1]
+    order = {id(m): i for i, m in enumerate(module_list(model))}
+    return sorted(found.values(), key=lambda m: order[id(m)])
+
+
+def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
+    """Where a forward call starts when the ``recorded`` modules lie in diffusers' autoencoder networks: the forward
+    of the one network holding them all, before its ``conv_in`` runs; ``model``'s own forward where several hold them
+    (:func:`tower_starts` starts a call where one runs outside it: ``encode`` or ``decode`` alone); None where none
+    does."""
+    networks = _networks_holding(model, recorded)
+    if not networks:
+        return None
+    return networks[0] if len(networks) == 1 else model
+
+
+def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:
+    """The networks that start a call of their own where they run outside ``model``'s forward, when several hold the
+    ``recorded`` modules (an autoencoder's encoder and decoder); empty otherwise."""
+    networks = _networks_holding(model, recorded)
+    return networks if len(networks) > 1 else []
+
+
+def placer(model: nn.Module, name: str, module: nn.Module):
+    """The placer of an ``Attention`` over a feature map of a diffusers autoencoder's encoder or decoder, a refusal
+    where its layout is not known; None for any other module."""
+    if not is_attention(module):
+        return None
+    found = innermost_on_path(model, name, _is_network)
+    if found is None:
+        return None
+    network_name, network = found
+    what = f"{type(network).__name__} ({network_name or 'the model'})"
+    if _key(network) == _TEMPORAL_DECODER:
+        return RefusingPlacer(f"it is an attention layer of {what}, Stable Video Diffusion's decoder, whose blocks "
+                              "attend over the frames as well as the map; vitmad does not place them")
+    encoder = _key(network) == _ENCODER
+    blocks = [*(network.down_blocks if encoder else network.up_blocks), network.mid_block]
+    known = (_ENCODER_BLOCKS if encoder else _DECODER_BLOCKS) | {_MID_BLOCK}
+    unknown = sorted({type(b).__name__ for b in blocks if _key(b) not in known})
+    if unknown or not isinstance(network.conv_in, nn.Conv2d) or pair(network.conv_in.stride) != (1, 1):
+        shown = ", ".join(unknown) or "its conv_in (not a Conv2d of stride 1)"
+        return RefusingPlacer(f"{what} holds {shown}, whose samplings vitmad has not read; pass positions=<[N, 2] "
+                              "pixel position of each token> to place a layer by hand")
+    inner = name[len(network_name) + 1:] if network_name else name
+    # A block's attention: <block>.attentions.<i>, the block one of the known ones.
+    block, _, index = inner.rpartition(".attentions.")
+    owner = network.get_submodule(block) if block and index.isdigit() else None
+    if getattr(module, "is_cross_attention", False) or owner is None or _key(owner) not in known:
+        return RefusingPlacer(f"it is an attention of {what} other than its blocks' attentions over their map, whose "
+                              "tokens vitmad does not know")
+    if encoder:
+        samplings = [(m, 2.0) for b in network.down_blocks for m in (getattr(b, "downsamplers", None) or ())]
+        start = 1.0
+    else:
+        samplings = [(m, 0.5) for b in network.up_blocks for m in (getattr(b, "upsamplers", None) or ())]
+        start = 2.0 ** len(samplings)  # the latent's cell: 2 ** u pixels of the decoded image
+    return AutoencoderMapPlacer(network, module, module, network.conv_in, samplings, start)
+
+
+class AutoencoderMapPlacer(UNetMapPlacer):
+    """Self-attention over the whole map an encoder's or decoder's block hands its ``Attention``, row-major, each cell
+    at its centre in pixels of the image: :class:`~.diffusers_unets.UNetMapPlacer` with the first map (``conv_in``'s)
+    at ``start`` pixels per cell (1 for an encoder, ``2 ** u`` for a decoder's latent)."""
+
+    def __init__(self, network: nn.Module, attention: nn.Module, holder: nn.Module, conv_in: nn.Module,
+                 samplings: list[tuple[nn.Module, float]], start: float):
+        super().__init__(network, attention, holder, conv_in, samplings)
+        self.start = start
+
+    def sampled(self, context: CallContext, factor: float | None, module: nn.Module, args, output) -> None:
+        super().sampled(context, factor, module, args, output)
+        if factor is None:  # conv_in: the network's first map, at its own stride
+            current = context.values[self.key]
+            context.values[self.key] = UNetMap(current.grid, (self.start, self.start))
+

@@ -1,0 +1,234 @@
+"""vitmad.record on diffusers' image autoencoders: the self-attention over each feature map of ``AutoencoderKL``'s
+(and ``VQModel``'s) encoder and decoder.
+
+Tiny random-weight autoencoders, sharpened so that attention is far from uniform. The reference is the float64
+softmax of the q and k each processor hands ``F.scaled_dot_product_attention`` (or, for the classic processor, the
+probabilities it computes itself), placed by geometry written here from diffusers' source:
+
+- A block's ``Attention`` is handed the map ``[B, C, h, w]`` and flattens it row-major: token ``t`` is cell ``t``,
+  at ``(i + 0.5) * s`` along each axis, ``s`` the map's stride in pixels of the image.
+- The encoder: ``conv_in`` keeps the image's sides; each down block but the last ends in a ``Downsample2D`` that pads
+  one at the end of each axis, then convolves 3 x 3 with stride 2: level ``i``'s map is the image floor-halved ``i``
+  times, stride ``2 ** i``; its mid block on the last level's map.
+- The decoder: its mid block attends over the latent, at stride ``2 ** (L - 1)`` (L levels); up block ``j`` attends
+  before its up-sampling, on the latent doubled ``j`` times, stride ``2 ** (L - 1 - j)``: pixels of the image it
+  decodes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_record_diffusers_images import _attention_maps
+
+import vitmad
+from conftest import grid_centres, sharpened, statistics_reference
+
+diffusers = pytest.importorskip("diffusers")
+
+TOL = {"rtol": 1e-5, "atol": 1e-4}  # float32 flash-MAD against float64 on the same q and k; atol in pixels
+STAT_TOL = {"rtol": 1e-5, "atol": 1e-6}
+STATS = ["entropy", "prefix_mass"]
+LEVELS = 3
+
+
+def _sharp(model: torch.nn.Module, scale: float = 8.0) -> torch.nn.Module:
+    """Every Linear redrawn, each attention's query projection ``scale`` times larger: far from uniform over a
+    group-normed map."""
+    model = sharpened(model)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "processor"):
+                module.to_q.weight.mul_(scale)
+    return model
+
+
+def _autoencoder(down=("AttnDownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+                 up=("AttnUpDecoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D")):
+    torch.manual_seed(0)
+    return _sharp(diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=down, up_block_types=up, block_out_channels=(8, 16, 16),
+        latent_channels=4, norm_num_groups=4, layers_per_block=1))
+
+
+def _halved(sides, times: int) -> tuple[int, int]:
+    for _ in range(times):
+        sides = tuple(n // 2 for n in sides)
+    return tuple(sides)
+
+
+def _layers(model, sides) -> dict[str, tuple[tuple[int, int], float]]:
+    """``{layer name: (map sides, stride)}`` in the order the forward runs them (encoder, then decoder)."""
+    latent = _halved(sides, LEVELS - 1)
+    layers = {}
+    for i, block in enumerate(model.encoder.down_blocks):
+        for r in range(len(getattr(block, "attentions", ()))):
+            layers[f"encoder.down_blocks.{i}.attentions.{r}"] = (_halved(sides, i), float(2 ** i))
+    layers["encoder.mid_block.attentions.0"] = (latent, float(2 ** (LEVELS - 1)))
+    layers["decoder.mid_block.attentions.0"] = (latent, float(2 ** (LEVELS - 1)))
+    for j, block in enumerate(model.decoder.up_blocks):
+        for r in range(len(getattr(block, "attentions", ()))):
+            doubled = tuple(n * 2 ** j for n in latent)
+            layers[f"decoder.up_blocks.{j}.attentions.{r}"] = (doubled, float(2 ** (LEVELS - 1 - j)))
+    return layers
+
+
+def _check(call, tokens_call, layers, maps) -> None:
+    """Each layer's MAD (mean and per token) and statistics equal the reference from its spied probabilities."""
+    assert sorted(call.layers) == sorted(layers)
+    for name, probabilities in zip(layers, maps, strict=True):
+        sides, stride = layers[name]
+        index = call.layers.index(name)
+        expected = statistics_reference(probabilities, grid_centres(sides, stride))
+        assert probabilities.shape[-1] == math.prod(sides)
+        assert float(expected["entropy"].mean()) < 0.7 * math.log(probabilities.shape[-1]), name  # far from uniform
+        torch.testing.assert_close(tokens_call.per_layer[index].double(), expected["mad"], **TOL)
+        torch.testing.assert_close(call.per_layer[index].double(), expected["mad"].mean(-1), **TOL)
+        for stat in STATS:
+            torch.testing.assert_close(tokens_call.statistics[stat][index].double(), expected[stat], **STAT_TOL)
+        geometry = call.geometry[index]
+        assert geometry.grid == sides and geometry.stride == (stride, stride)
+
+
+def _record(model, run):
+    with torch.no_grad():
+        with vitmad.record(model, stats=STATS) as rec:
+            recorded = run()
+        with vitmad.record(model, stats=STATS, reduction="none") as tokens:
+            run()
+    return rec, tokens, recorded
+
+
+@pytest.mark.parametrize("sides", [(13, 21), (16, 12)], ids=["odd", "even"])
+def test_autoencoder_forward_places_encoder_and_decoder_maps(monkeypatch, sides):
+    model = _autoencoder()
+    x = torch.randn(2, 3, *sides, generator=torch.Generator().manual_seed(1))
+    maps, plain = _attention_maps(monkeypatch, lambda: model(x).sample)
+    rec, tokens, recorded = _record(model, lambda: model(x).sample)
+    assert torch.equal(plain, recorded)  # the decoded images unchanged by recording
+    assert len(rec.calls) == 1
+    _check(rec.calls[0], tokens.calls[0], _layers(model, sides), maps)
+
+
+def test_encode_and_decode_alone_are_calls_of_their_own(monkeypatch):
+    # Latent diffusion decodes latents without the autoencoder's forward: each encode and decode is an entry of its
+    # own, the decoder's maps in pixels of the image it decodes.
+    model = _autoencoder()
+    x = torch.randn(1, 3, 20, 12, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        z = model.encode(x).latent_dist.mode()
+        return model.decode(z * 1.5).sample
+
+    maps, plain = _attention_maps(monkeypatch, run)
+    rec, tokens, recorded = _record(model, run)
+    assert torch.equal(plain, recorded)
+    layers = _layers(model, (20, 12))
+    encoder = {n: g for n, g in layers.items() if n.startswith("encoder.")}
+    decoder = {n: g for n, g in layers.items() if n.startswith("decoder.")}
+    assert len(rec.calls) == 2
+    _check(rec.calls[0], tokens.calls[0], encoder, maps[:len(encoder)])
+    _check(rec.calls[1], tokens.calls[1], decoder, maps[len(encoder):])
+
+
+def test_decoder_recorded_alone_places_the_latent_at_its_stride(monkeypatch):
+    model = _autoencoder()
+    z = torch.randn(2, 4, 5, 3, generator=torch.Generator().manual_seed(3))
+    maps, plain = _attention_maps(monkeypatch, lambda: model.decoder(z))
+    rec, tokens, recorded = _record(model.decoder, lambda: model.decoder(z))
+    assert torch.equal(plain, recorded)
+    layers = {n.removeprefix("decoder."): g for n, g in _layers(model, (20, 12)).items() if n.startswith("decoder.")}
+    _check(rec.calls[0], tokens.calls[0], layers, maps)
+
+
+def test_classic_processor_merged_heads_equal_its_own_probabilities():
+    # AttnProcessor merges batch and heads and computes the softmax itself (get_attention_scores): its probabilities
+    # are read and unmerged. Two heads, so that the merge matters.
+    from diffusers.models.attention_processor import AttnProcessor
+
+    torch.manual_seed(0)
+    model = _sharp(diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+        layers_per_block=1))
+    for attention in (model.encoder.mid_block.attentions[0], model.decoder.mid_block.attentions[0]):
+        attention.heads = 2  # 16 channels, two heads of 8 (the processor reads attn.heads)
+    model.set_attn_processor(AttnProcessor())
+    x = torch.randn(2, 3, 11, 14, generator=torch.Generator().manual_seed(4))
+    saved, original = [], diffusers.models.attention_processor.Attention.get_attention_scores
+
+    def spy(self, query, key, attention_mask=None):
+        probabilities = original(self, query, key, attention_mask)
+        saved.append(probabilities.double().unflatten(0, (-1, self.heads)))
+        return probabilities
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(diffusers.models.attention_processor.Attention, "get_attention_scores", spy)
+        plain = model(x).sample
+    rec, tokens, recorded = _record(model, lambda: model(x).sample)
+    assert torch.equal(plain, recorded)
+    latent = _halved((11, 14), 1)
+    layers = {"encoder.mid_block.attentions.0": (latent, 2.0), "decoder.mid_block.attentions.0": (latent, 2.0)}
+    _check(rec.calls[0], tokens.calls[0], layers, saved)
+    assert rec.calls[0].geometry[0].heads == 2
+
+
+def test_vq_model_with_a_spatially_normed_decoder(monkeypatch):
+    # MoVQ's decoder (norm_type="spatial") norms each map with the quantized latent: the attention's map unchanged.
+    torch.manual_seed(0)
+    model = _sharp(diffusers.VQModel(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("AttnUpDecoderBlock2D",) * 2, block_out_channels=(32, 32), latent_channels=4,
+        norm_num_groups=4, layers_per_block=1, norm_type="spatial", num_vq_embeddings=16),
+        scale=12.0)  # SpatialNorm: 32 groups, and a scale drawn from the latent
+    x = torch.randn(1, 3, 17, 24, generator=torch.Generator().manual_seed(5))
+    maps, plain = _attention_maps(monkeypatch, lambda: model(x).sample)
+    rec, tokens, recorded = _record(model, lambda: model(x).sample)
+    assert torch.equal(plain, recorded)
+    latent = _halved((17, 24), 1)
+    layers = {"encoder.mid_block.attentions.0": (latent, 2.0), "decoder.mid_block.attentions.0": (latent, 2.0)}
+    layers |= {f"decoder.up_blocks.0.attentions.{r}": (latent, 2.0) for r in range(2)}
+    layers |= {f"decoder.up_blocks.1.attentions.{r}": (tuple(2 * n for n in latent), 1.0) for r in range(2)}
+    _check(rec.calls[0], tokens.calls[0], layers, maps)
+
+
+def test_asymmetric_autoencoder_with_an_inpainting_mask(monkeypatch):
+    # AsymmetricAutoencoderKL's MaskConditionDecoder blends the masked image's features into each up block's map:
+    # the maps keep their sides, and its condition encoder (convolutions on the image) holds no attention.
+    torch.manual_seed(0)
+    model = _sharp(diffusers.AsymmetricAutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, down_block_out_channels=(8, 16),
+        up_block_types=("UpDecoderBlock2D",) * 2, up_block_out_channels=(8, 16), layers_per_down_block=1,
+        layers_per_up_block=1, latent_channels=4, norm_num_groups=4))
+    x = torch.randn(1, 3, 14, 10, generator=torch.Generator().manual_seed(7))
+    mask = (torch.rand(1, 1, 14, 10, generator=torch.Generator().manual_seed(8)) > 0.5).float()
+    maps, plain = _attention_maps(monkeypatch, lambda: model(x, mask=mask).sample)
+    rec, tokens, recorded = _record(model, lambda: model(x, mask=mask).sample)
+    assert torch.equal(plain, recorded)
+    latent = _halved((14, 10), 1)
+    layers = {"encoder.mid_block.attentions.0": (latent, 2.0), "decoder.mid_block.attentions.0": (latent, 2.0)}
+    _check(rec.calls[0], tokens.calls[0], layers, maps)
+
+
+def test_attention_run_outside_its_network_is_refused():
+    model = _autoencoder()
+    with torch.no_grad(), vitmad.record(model, layers=["decoder.mid_block.attentions.0"]):
+        with pytest.raises(ValueError, match="conv_in made its map"):
+            model.decoder.mid_block.attentions[0](torch.randn(1, 16, 3, 5))
+
+
+def test_temporal_decoder_is_refused_by_name():
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKLTemporalDecoder(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, block_out_channels=(32, 32),
+        latent_channels=4, layers_per_block=2)  # its norms' 32 groups; its mid block attends from 2 layers on
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), vitmad.record(model):
+        with pytest.raises(ValueError, match="TemporalDecoder .decoder., Stable Video Diffusion's decoder"):
+            model.decode(z, num_frames=2)
+    # Its encoder is the image autoencoders' own, and is placed as theirs.
+    with torch.no_grad(), vitmad.record(model, layers=["encoder.mid_block.attentions.0"]) as rec:
+        model.encode(torch.randn(1, 3, 8, 8))
+    assert rec.calls[0].geometry[0].grid == (4, 4) and rec.calls[0].geometry[0].stride == (2.0, 2.0)
