@@ -213,3 +213,31 @@ def test_recorded_prefix_maps_read_the_layouts_tokens_once():
     assert found.call_count <= 1
     positions, _ = _plain_positions((5, 5), (16.0, 16.0), 1, 0)
     assert "prefix_rows" in positions._vitmad_map_tokens
+
+
+def test_probabilities_on_a_device_are_read_for_a_causal_mask_once_per_layout():
+    """The causal check reads values back (a wait for the GPU): on a device once per module and shape, as the
+    positions are checked, so a windowed model's later forwards never wait (QA 359: timm's Swin, which computes its
+    own softmax, waited once per layer)."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    rec = vitmad.record(model)
+    on_meta = torch.zeros(1, 3, 5, 5, device=META)
+    assert rec._causal_check_due("blocks.0.attn", on_meta)
+    assert not rec._causal_check_due("blocks.0.attn", on_meta)
+    assert rec._causal_check_due("blocks.1.attn", on_meta)
+    assert rec._causal_check_due("blocks.0.attn", torch.zeros(2, 3, 5, 5, device=META))  # another batch: read again
+    on_host = torch.zeros(1, 3, 5, 5)
+    assert rec._causal_check_due("blocks.0.attn", on_host) and rec._causal_check_due("blocks.0.attn", on_host)
+
+
+def test_a_windowed_model_run_on_the_meta_device_inside_the_recording():
+    # Shape inference (a FLOP or summary tool) on the meta device: the causal check reads no values there (QA 359:
+    # Tensor.item() on a meta tensor raised from inside vitmad).
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=112, depths=(1, 1, 1, 1),
+                              embed_dim=24, num_heads=(1, 2, 2, 4)).eval()
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(x)
+        model.to(META)
+        assert model(x.to(META)).shape == (1, 1000)
+    assert len(rec.calls) == 2 and rec.calls[0].per_layer[0].device.type == "cpu"

@@ -586,6 +586,22 @@ def test_a_layer_replaced_inside_the_block_is_refused_at_the_next_forward():
     torch.testing.assert_close(_clean_mad(model, pixels)[:1], rec.mad[:1], rtol=0, atol=0)
 
 
+def test_a_layer_replaced_between_two_blocks_is_said_replaced_when_entered_again():
+    """A recorded layer replaced between two blocks of one recording: re-entering said it "was added since the
+    recording was made" (QA 359), the message for a new module, where vitmad has one for a replaced layer."""
+    model, donor, pixels = _vit(), _vit(), _pixels()
+    rec = vitmad.record(model)
+    with torch.no_grad(), rec:
+        model(pixels)
+    model.blocks[1].attn = donor.blocks[1].attn
+    with pytest.raises(RuntimeError, match=r"^vitmad\.record: blocks\.1\.attn of VisionTransformer was replaced "
+                                           r"\(or removed\) since the recording was made"):
+        with rec:
+            pass
+    assert _hook_count(model) == _hook_count(_vit()) and len(rec.calls) == 1
+    assert not torch.nn.modules.module._global_module_registration_hooks
+
+
 def test_a_layer_written_into_a_modules_dict_directly_is_refused_on_every_path():
     """QA 275: with the checks gated by torch's module registration hook, a layer written into its block's
     _modules directly (no hook fires) was left out of every call in silence. Each forward checks every layer, and
@@ -716,3 +732,38 @@ def test_a_recording_refuses_to_pickle_or_copy_naming_what_does():
             save(rec)
     again = pickle.loads(pickle.dumps(rec.calls))
     torch.testing.assert_close(again[-1].mad, rec.mad, rtol=0, atol=0)
+
+
+def test_a_read_before_the_forwards_first_recorded_layer_says_the_call_has_none_yet():
+    """Read from a pre-hook of the first block (QA 359): the call in progress has no layer yet, which was said to be
+    a forward that "took a path without" the recorded modules. After the forward, the call has them all."""
+    model, pixels = _vit(), _pixels()
+    seen = []
+
+    def before_first_block(module, args):
+        with pytest.raises(RuntimeError, match=r"forward call in progress has not run any of the modules being "
+                                               r"recorded \(blocks\.0\.attn, blocks\.1\.attn, blocks\.2\.attn\) yet"):
+            rec.mad  # noqa: B018 (the read is the test)
+        seen.append(len(rec.calls))
+
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+        handle = model.blocks[0].register_forward_pre_hook(before_first_block)
+        model(pixels)
+        handle.remove()
+    assert seen == [2] and len(rec.calls) == 2
+    torch.testing.assert_close(rec.calls[1].per_layer[0], rec.calls[0].per_layer[0], rtol=0, atol=0)
+
+
+def test_recorded_calls_compare_by_identity():
+    """``RecordedCall`` holds tensors: its generated ``==`` raised "Boolean value of Tensor ... is ambiguous" from
+    ``rec.calls.index(call)``, ``.remove``, ``.count`` (QA 359). Two calls are equal only if they are one."""
+    model, pixels = _vit(), _pixels()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+        model(pixels)
+    first, second = rec.calls
+    assert first != second and first == first
+    assert rec.calls.index(second) == 1 and rec.calls.count(first) == 1
+    rec.calls.remove(first)
+    assert rec.calls == [second]

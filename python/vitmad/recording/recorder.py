@@ -127,7 +127,7 @@ __all__ = ["record", "Recording", "RecordedCall", "RECORD_STATS", "split_stat_na
 RECORD_STATS = (*STAT_NAMES, MAP_NAME)
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: its tensors have no truth value (rec.calls.index(call), QA 359)
 class RecordedCall:
     """The MAD of every recorded attention layer in one forward call.
 
@@ -966,6 +966,9 @@ class Recording:
         # Per module, the calls of its current forward not yet recorded (several for differential attention).
         self._pending: dict[str, list] = {}
         self._fused_callers: dict[str, bool] = {}  # by module name: its forward calls SDPA or flex_attention
+        # (module name, probabilities' shape) read for a causal mask on a device (_refuse_causal_probabilities reads
+        # values back: once per layout there, as the positions are checked, not once per layer and forward).
+        self._causal_checked: set[tuple[str, tuple[int, ...]]] = set()
         # Modules the user named exactly (no wildcard): one that runs without computing attention is said so once.
         self._named = {name for name in layers or () if not any(c in name for c in "*?[")}
         self._found_by_default = layers is None  # else named, exactly or by wildcard
@@ -1244,6 +1247,13 @@ class Recording:
                 "(ultralytics' YOLO.predict runs one: record the model it holds, yolo.predictor.model.model, or call "
                 "yolo.model itself))"
             )
+        if self._calls[-1]._is_empty() and self._in_progress(self._calls[-1]):
+            # Read from a hook of the forward running now, before its first recorded layer (QA 359: said to have taken
+            # a path without them).
+            raise RuntimeError(
+                f"vitmad.record: {name}'s forward call in progress has not run any of the modules being recorded "
+                f"({shown}) yet, so it has no layers to read; read after its first recorded layer ran, or an earlier "
+                "call of rec.calls")
         if self._calls[-1]._is_empty() and not self._calls[-1]._modules_ran:
             raise RuntimeError(
                 f"vitmad.record: {name}'s latest forward call ran none of the modules being recorded ({shown}): its "
@@ -1621,7 +1631,8 @@ class Recording:
                 raise
             self._pending.setdefault(name, []).append((None, refusal, False, None, None))
             return
-        _refuse_causal_probabilities(name, attn)
+        if self._causal_check_due(name, attn) and not attn.is_meta:  # (meta: shape inference, no values)
+            _refuse_causal_probabilities(name, attn)
 
         def measure(positions, key_positions, renormalize, stats=()):
             if not stats:
@@ -1829,6 +1840,18 @@ class Recording:
             return placement.fold(row)
         except NotPlaceable as error:
             raise ValueError(f"vitmad.record: {name} of {type(self.model).__name__}: {error}") from None
+
+    def _causal_check_due(self, name: str, attn: torch.Tensor) -> bool:
+        """Whether module ``name``'s probabilities ``attn`` are read for a causal mask in this call: on the CPU in
+        every call; on a device once per shape of this recording, as the positions are checked once per layout (the
+        check reads values back, which would make every recorded layer of a windowed model wait for the GPU)."""
+        if attn.device.type == "cpu":
+            return True
+        layout = (name, tuple(attn.shape))
+        if layout in self._causal_checked:
+            return False
+        self._causal_checked.add(layout)
+        return True
 
     @_eager_between_graphs  # called from the model's own forward
     def _unread_flex_refusal(self, name: str, module: nn.Module) -> str:
@@ -2055,8 +2078,6 @@ class Recording:
         held = [name for name, module in walk if id(module) in starts | recorded]
         # Where each recorded layer sits, to tell at each forward that it is still there (_check_layers_in_place).
         self._layer_paths = [(name, module) for name, module in walk if id(module) in recorded]
-        self._check_added_modules(entering=True)
-        self._registration = nn.modules.module.register_module_module_registration_hook(self._module_registered)
         present = {id(module) for _, module in self._layer_paths}
         gone = [name for name, module in self._modules.items() if id(module) not in present]
         if gone:
@@ -2066,6 +2087,10 @@ class Recording:
                 f"vitmad.record: {', '.join(gone[:4])} of {type(self.model).__name__} was replaced (or removed) since "
                 "the recording was made; the module there now is not recorded, and the calls would leave its layer "
                 "out: make a new recording (vitmad.record(model)) after replacing modules")
+        # After the replaced ones: a module put in a recorded layer's place is new too, and was said to be added
+        # (QA 359).
+        self._check_added_modules(entering=True)
+        self._registration = nn.modules.module.register_module_module_registration_hook(self._module_registered)
         inside = {name.rsplit(".", i)[0] for name in held for i in range(name.count(".") + 1)}
         # And the model's own children: a forward_features that raises between its patch embedding and its blocks
         # (position embedding, dropout) leaves no empty call (_leave_scope).
