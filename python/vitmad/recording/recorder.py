@@ -364,6 +364,32 @@ def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn
     return {name: m for name, m in candidates.items() if name in selected}
 
 
+def _blocks_by_their_attention(model: nn.Module, chosen: dict[str, nn.Module], found: dict[str, nn.Module],
+                               exact: set[str]) -> dict[str, nn.Module]:
+    """``chosen`` (the modules ``layers=`` matched) with each block that holds attention modules vitmad found, and
+    computes no attention of its own it would record, replaced by those modules, in module order: a wildcard's match
+    that computes none (``"blocks.?"`` of a timm ViT found nothing, QA 359), and a block named whole whose attention
+    module a family places while the block itself would be placed as a plain ViT's layer (Swin's
+    ``"layers.1.blocks.0"``, refused as regrouped sequences, its windows being its attention module's). A ViT's block
+    named whole stays a layer, as recorded before (the same tokens as its attention module's)."""
+    replaced: dict[str, list[str]] = {}
+    for name, module in chosen.items():
+        if not name or name in found:
+            continue
+        inner = [n for n in found if _holds(name, n)]
+        if not inner:
+            continue
+        if name not in exact and not may_compute_attention(module):
+            replaced[name] = inner
+        elif name in exact and family_placer(model, name, module) is None and any(
+                family_placer(model, n, found[n]) is not None for n in inner):
+            replaced[name] = inner
+    if not replaced:
+        return chosen
+    kept = {n for name in chosen for n in replaced.get(name, [name])}
+    return {name: m for name, m in named_module_list(model) if name in kept}
+
+
 def _holds(outer: str, inner: str) -> bool:
     """Whether module ``inner`` is inside module ``outer``, by qualified name ('' is the model itself)."""
     return inner != outer and (outer == "" or inner.startswith(outer + "."))
@@ -998,6 +1024,7 @@ class Recording:
             # A wildcard's matches vitmad found no attention in are layers only where their forward may compute
             # some (a block of the user's with an explicit softmax), not its norms, dropouts and projections.
             exact = {p for p in layers if not any(c in p for c in "*?[")}
+            chosen = _blocks_by_their_attention(model, chosen, found, exact)
             chosen = {name: m for name, m in chosen.items()
                       if name in found or name in exact or may_compute_attention(m)}
             # A module holding a chosen attention module (a pattern such as "blocks.*" takes a block and its
