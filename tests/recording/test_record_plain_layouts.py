@@ -125,6 +125,25 @@ def test_xclip_message_tokens_are_placed_after_the_grid_and_their_attention_acro
     torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
 
 
+def test_xclip_frame_integration_transformer_is_no_image_layer_whatever_layout_is_stated():
+    """X-CLIP's multi-frame integration transformer attends over one pooled token per frame: named in ``layers=``
+    with a grid or positions stated, it was recorded as an image's grid (QA 357). It is skipped with its reason, as
+    PE-Video's temporal encoder is, so a recording of it alone has no layer."""
+    torch.manual_seed(0)
+    vision = dict(SMALL, image_size=32, patch_size=8, num_frames=4, mit_hidden_size=32, mit_intermediate_size=32,
+                  mit_num_hidden_layers=1, mit_num_attention_heads=2)
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=99,
+                max_position_embeddings=16)
+    model = transformers.XCLIPModel(transformers.XCLIPConfig(
+        text_config=text, vision_config=vision, projection_dim=32, prompt_layers=1, prompt_attention_heads=2,
+        prompt_projection_dim=32)).eval()
+    for layout in ({"num_prefix_tokens": 0, "grid": [2, 2], "patch": 8}, {"positions": torch.rand(4, 2) * 32}):
+        with pytest.raises(ValueError, match=r"mit\.encoder\.layers\.0\.self_attn: attention over a "
+                                               r"video's frames \(X-CLIP's multi-frame integration"):
+            with torch.no_grad(), vitmad.record(model, layers=["mit.*"], **layout):
+                model(input_ids=torch.randint(1, 98, (2, 5)), pixel_values=torch.randn(2, 4, 3, 32, 32))
+
+
 def _timm_eager_maps(model, pixels) -> list[torch.Tensor]:
     """The attention probabilities of each block of a copy of timm ``model`` on its explicit (unfused) path."""
     eager, maps = copy.deepcopy(model), []

@@ -161,6 +161,18 @@ def _in_two_way_transformer(model: nn.Module, name: str) -> bool:
                              and type(m).__module__.startswith("transformers.")) is not None
 
 
+# X-CLIP's multi-frame integration transformer (``mit``): its tokens are the frames' pooled CLS embeddings, one per
+# frame. Its attention class is the text's and the vision tower's own, so it is told by where it sits (QA 357: named
+# in layers= with a grid stated, it was recorded as an image's grid).
+_FRAME_INTEGRATION = ("attention over a video's frames (X-CLIP's multi-frame integration transformer: one token per "
+                      "frame, the frame's pooled embedding), no position on the image")
+
+
+def _in_frame_integration(model: nn.Module, name: str) -> bool:
+    return innermost_on_path(model, name, lambda m: type(m).__name__ == "XCLIPMultiframeIntegrationTransformer"
+                             and type(m).__module__.startswith("transformers.")) is not None
+
+
 def placer(model: nn.Module, name: str, module: nn.Module):
     from . import Skip
 
@@ -174,6 +186,8 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         reason = _reason_under(model, name)
         if reason is None and _in_two_way_transformer(model, name):
             reason = _TWO_WAY
+        if reason is None and _in_frame_integration(model, name):
+            reason = _FRAME_INTEGRATION
     if reason is None and _pools_with_learned_query(model, name, module):
         reason = _POOLING_QUERY
     if reason is None and _is_deformable(module):
