@@ -142,6 +142,21 @@ def test_timm_hiera_with_a_mask_not_bool_is_refused():
         model.forward_features(torch.randn(1, 3, 64, 64), mask=mask)
 
 
+def test_timm_hiera_masked_with_units_smaller_than_its_query_stride_is_refused_saying_why():
+    # 4x4 mask units and three 2x2 query poolings: after two, each kept unit is one token, and the third groups
+    # tokens of different units (anywhere on the image). timm runs it; vitmad refuses it, now with the cause and what
+    # to do (QA 356: the refusal said only that the pooled tokens are not 2x2 cells).
+    model = timm.create_model("hiera_tiny_224", pretrained=False, embed_dim=16, num_heads=1, stages=(1, 2, 1, 1),
+                              img_size=(64, 64), mask_unit_size=(4, 4)).eval()
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, [0, 2, 3, 5, 6, 9, 12, 15]] = True
+    mask[1, [1, 4, 7, 8, 10, 11, 13, 14]] = True
+    with pytest.raises(ValueError, match=r"blocks\.4\.attn .*not 2x2 cells: with a mask, each kept mask unit is "
+                       r"pooled .* build it with mask units at least as large as the total query stride"):
+        with torch.no_grad(), vitmad.record(model):
+            model(torch.randn(2, 3, 64, 64), mask=mask)
+
+
 @pytest.mark.parametrize("size", [(64, 64), (64, 96)], ids=["square", "non-square"])
 def test_hf_hiera_matches_its_attention_weights(size):
     torch.manual_seed(0)

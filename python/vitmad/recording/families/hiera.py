@@ -64,6 +64,8 @@ from .stages import innermost_on_path
 
 __all__ = ["placer", "attention_modules", "unrolled_cells"]
 
+_UNGROUPED = "the tokens its query pooling groups are not"  # (its refusal, told apart where a mask is given)
+
 # (attention class, its module suffix) -> (class of the model owning the unroll, attribute names of the
 # attention: heads, flattened query stride, mask unit size after pooling, mask-unit attention switch).
 _DESIGNS = {
@@ -217,7 +219,7 @@ class HieraPlacer(LayerPlacer):
         # The model pools x.view(B, sy * sx, -1, C).amax(1): token j with j + N / (sy * sx), ...
         members = cells.view(cells.shape[0], stride[0] * stride[1], -1, 2) // torch.tensor(stride)
         if not bool((members == members[:, :1]).all()):
-            raise NotPlaceable(f"the tokens its query pooling groups are not {stride[0]}x{stride[1]} cells")
+            raise NotPlaceable(f"{_UNGROUPED} {stride[0]}x{stride[1]} cells")
         return members[:, 0]
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
@@ -242,8 +244,20 @@ class HieraPlacer(LayerPlacer):
             layout_key = (_MASK + ".placed", id(self.owner), tuple(self.pools_before), self.query_stride, tuple(lead),
                           num_queries, num_keys, heads, windowed, window)
             if layout_key not in context.values:
-                context.values[layout_key] = self._placement(grid, self._layout(cells), lead, num_queries, num_keys,
-                                                             heads, windowed, kept)
+                try:
+                    layout = self._layout(cells)
+                except NotPlaceable as error:
+                    if not str(error).startswith(_UNGROUPED):
+                        raise
+                    # QA 356: a mask unit smaller than the total query stride: once each kept unit is one token,
+                    # a later pooling groups tokens of different units, which lie anywhere on the image.
+                    raise NotPlaceable(
+                        f"{error}: with a mask, each kept mask unit is pooled to fewer tokens at every query "
+                        "pooling, and this one groups tokens of different units (its mask units are smaller than "
+                        "the poolings' total stride); run it without a mask, or build it with mask units at least "
+                        "as large as the total query stride") from None
+                context.values[layout_key] = self._placement(grid, layout, lead, num_queries, num_keys, heads,
+                                                             windowed, kept)
             return context.values[layout_key]
         # The placement of an unmasked call depends on nothing else: built once, reused by every call of the shape.
         placed_key = (grid, tuple(lead), num_queries, num_keys, heads, windowed, window)
