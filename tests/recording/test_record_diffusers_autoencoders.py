@@ -232,3 +232,124 @@ def test_temporal_decoder_is_refused_by_name():
     with torch.no_grad(), vitmad.record(model, layers=["encoder.mid_block.attentions.0"]) as rec:
         model.encode(torch.randn(1, 3, 8, 8))
     assert rec.calls[0].geometry[0].grid == (4, 4) and rec.calls[0].geometry[0].stride == (2.0, 2.0)
+
+
+def _small_autoencoder():
+    torch.manual_seed(0)
+    return _sharp(diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+        layers_per_block=1))
+
+
+class _Img2Img(torch.nn.Module):
+    """A user's step: encode, one denoising step of a UNet2DModel (or a DiT) on the latent, decode."""
+
+    def __init__(self, net: torch.nn.Module | None):
+        super().__init__()
+        self.vae, self.net = _small_autoencoder(), net
+
+    def forward(self, x):
+        z = self.vae.encode(x).latent_dist.mode()
+        if isinstance(self.net, diffusers.DiTTransformer2DModel):
+            z = z - self.net(z, timestep=torch.tensor([5]), class_labels=torch.tensor([1])).sample[:, :4]
+        else:
+            z = z - self.net(z, torch.tensor([5])).sample
+        return self.vae.decode(z).sample
+
+
+def _unet():
+    torch.manual_seed(1)
+    return sharpened(diffusers.UNet2DModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+        down_block_types=("AttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+        layers_per_block=1, norm_num_groups=4, attention_head_dim=8))
+
+
+def _dit():
+    torch.manual_seed(1)
+    return sharpened(diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2, sample_size=8, patch_size=2,
+        norm_num_groups=1, num_embeds_ada_norm=1000, out_channels=8))
+
+
+@pytest.mark.parametrize("net", [_unet, _dit], ids=["unet", "dit"])
+def test_a_step_holding_an_autoencoder_and_a_denoiser_is_one_call_per_forward(net):
+    # QA 361: the UNet's forward started each call, so the second forward's encoder joined the first's call (and a
+    # DiT beside the decoder split them the other way); beside a DiT the autoencoder was left out by default, listed
+    # nowhere. Each forward is one call of all three nets' layers, each as the net recorded alone gives it.
+    model = _Img2Img(net()).eval()
+    images = [torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    with torch.no_grad(), vitmad.record(model) as rec:
+        for x in images:
+            model(x)
+    alone = {}
+    for part in ("vae", "net"):
+        with torch.no_grad(), vitmad.record(getattr(model, part)) as own:
+            for x in images:
+                model(x)
+        alone |= {(i, f"{part}.{name}"): values for i, call in enumerate(own.calls)
+                  for name, values in zip(call.layers, call.per_layer, strict=True)}
+    assert len(rec.calls) == 2
+    for i, call in enumerate(rec.calls):
+        assert call.layers[0] == "vae.encoder.mid_block.attentions.0"
+        assert call.layers[-1] == "vae.decoder.mid_block.attentions.0"
+        assert len(call.layers) > 2 and all(n.startswith("net.") for n in call.layers[1:-1])
+        for name, values in zip(call.layers, call.per_layer, strict=True):
+            part_call = i if name.startswith("net.") else 2 * i + name.startswith("vae.decoder.")
+            torch.testing.assert_close(values, alone[part_call, name], rtol=0, atol=0)
+
+
+def test_consistency_decoder_vae_encode_and_each_decoder_step_are_calls():
+    # ConsistencyDecoderVAE: the image autoencoders' Encoder, then a UNet2DModel that decodes in steps. encode alone
+    # is a call, and so is each step of the UNet (QA 361: the second encode joined the last decoder step's call).
+    torch.manual_seed(0)
+    model = diffusers.ConsistencyDecoderVAE(
+        encoder_block_out_channels=(8, 16), encoder_down_block_types=("DownEncoderBlock2D",) * 2,
+        encoder_layers_per_block=1, encoder_norm_num_groups=4, decoder_add_attention=True,
+        decoder_block_out_channels=(32, 32), decoder_down_block_types=("DownBlock2D",) * 2,
+        decoder_up_block_types=("UpBlock2D",) * 2, decoder_layers_per_block=1, decoder_norm_num_groups=8).eval()
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        for _ in range(2):
+            z = model.encode(x).latent_dist.mode()
+            model.decode(z, generator=torch.Generator().manual_seed(0), num_inference_steps=2)
+    encoder, unet = ["encoder.mid_block.attentions.0"], ["decoder_unet.mid_block.attentions.0"]
+    assert [call.layers for call in rec.calls] == [encoder, unet, unet] * 2
+    assert rec.calls[0].geometry[0].grid == (8, 8) and rec.calls[0].geometry[0].stride == (2.0, 2.0)
+
+
+def test_a_subclass_of_the_encoder_is_placed_as_the_encoder(monkeypatch):
+    # QA 361: a subclass of diffusers' Encoder (research code's) was not read as one: its attention was left out by
+    # default, listed nowhere, and refused when named. Its blocks are the Encoder's, read per call.
+    from diffusers.models.autoencoders.vae import Encoder
+
+    class MyEncoder(Encoder):
+        pass
+
+    model = _small_autoencoder()
+    mine = MyEncoder(in_channels=3, out_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                     block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, double_z=True)
+    mine.load_state_dict(model.encoder.state_dict())
+    model.encoder = mine.eval()
+    x = torch.randn(1, 3, 12, 10, generator=torch.Generator().manual_seed(2))
+    maps, plain = _attention_maps(monkeypatch, lambda: model(x).sample)
+    rec, tokens, recorded = _record(model, lambda: model(x).sample)
+    assert torch.equal(plain, recorded)
+    latent = _halved((12, 10), 1)
+    layers = {"encoder.mid_block.attentions.0": (latent, 2.0), "decoder.mid_block.attentions.0": (latent, 2.0)}
+    _check(rec.calls[0], tokens.calls[0], layers, maps)
+
+
+def test_a_processor_not_read_is_refused_naming_the_autoencoder():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class MyProcessor(AttnProcessor2_0):
+        pass
+
+    model = _small_autoencoder()
+    model.set_attn_processor(MyProcessor())
+    with torch.no_grad(), vitmad.record(model):
+        with pytest.raises(ValueError, match=r"its processor is MyProcessor, .* set it back with "
+                                             r"vae\.set_attn_processor\(AttnProcessor2_0\(\)\)"):
+            model(torch.randn(1, 3, 8, 8))

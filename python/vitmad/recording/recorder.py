@@ -60,6 +60,7 @@ from .compiled import EagerWhileRecording, check_compiled, compiled_forwards, gr
 from .differential import CallSums, combine, differential_lambda, is_differential
 from .families import ClassQueries, Skip, family_modules, family_placer, probabilities_source, probabilities_view
 from .families.class_attention import ClassQueryPlacer
+from .families.diffusers_autoencoders import attention_modules as autoencoder_attention
 from .families.diffusers_images import denoisers_beside
 from .families.kornia import listed_dinov2
 from .families.masked import GivenPositionsPlacer
@@ -1073,7 +1074,10 @@ class Recording:
             # So too, a diffusers ControlNet's transformer beside it in a user's denoising step: both nets, each on
             # its own latent grid.
             denoisers = tuple(denoisers_beside(model, prefix))
-            chosen = {n: m for n, m in found.items() if n.startswith(prefix)
+            # So too a diffusers autoencoder's layers beside the transformer whose patch embedding is the prefix's (a
+            # user's denoise-then-decode step: its VAE was left out, listed nowhere, QA 361), each on its own maps.
+            autoencoders = set(autoencoder_attention(model)) if prefix else set()
+            chosen = {n: m for n, m in found.items() if n.startswith(prefix) or n in autoencoders
                       or is_second_encoder_of(model, n, m, prefix) or n.startswith(denoisers)}
             # A second tower that embeds the image is named, not left out silently: one recording places the tokens
             # of one tower (its patch embedding's grid), so the other's layers are its own recording's.

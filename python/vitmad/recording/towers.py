@@ -14,7 +14,7 @@ from torch import nn
 from ..ops.arguments import is_int
 from .families import is_timm_model
 from .families.diffusers_autoencoders import call_start as diffusers_autoencoders_call_start
-from .families.diffusers_autoencoders import tower_starts as diffusers_autoencoders_tower_starts
+from .families.diffusers_autoencoders import networks_holding as diffusers_autoencoders_holding
 from .families.diffusers_images import call_start as diffusers_images_call_start
 from .families.diffusers_unets import call_start as diffusers_unets_call_start
 from .families.kornia import call_start as kornia_call_start
@@ -188,10 +188,12 @@ def first_convolution(model: nn.Module, recorded=()) -> nn.Module | None:
     ControlNet at its own forward (its patch convolution cuts the latent, then the condition). A model whose
     ``recorded`` modules lie in several towers that take the image (:func:`tower_starts`) starts its calls at its own
     forward; one with several towers that holds them in one alone, at that tower's start."""
+    # diffusers' autoencoders first: where their layers lie beside a UNet's or a transformer's, the model's forward
+    # starts each call, not the UNet's (QA 361).
     start = (monai_call_start(model, recorded) or monai_spatial_call_start(model, recorded)
-             or ultralytics_call_start(model) or diffusers_unets_call_start(model, recorded)
-             or diffusers_images_call_start(model, recorded) or kornia_call_start(model, recorded)
-             or vit_pytorch_nd_call_start(model, recorded) or diffusers_autoencoders_call_start(model, recorded))
+             or ultralytics_call_start(model) or diffusers_autoencoders_call_start(model, recorded)
+             or diffusers_unets_call_start(model, recorded) or diffusers_images_call_start(model, recorded)
+             or kornia_call_start(model, recorded) or vit_pytorch_nd_call_start(model, recorded))
     if start is not None:
         return start
     if _held_tower_starts(model, recorded):
@@ -261,9 +263,15 @@ def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:
     calls recorded alone, starts one. MONAI's diffusion UNets and autoencoders: each of their networks holding
     recorded modules (an autoencoder's encoder and decoder, :func:`.families.monai_spatial.tower_starts`).
     """
-    networks = monai_spatial_tower_starts(model, recorded) or diffusers_autoencoders_tower_starts(model, recorded)
+    networks = monai_spatial_tower_starts(model, recorded)
     if networks:
         return networks
+    networks, outside = diffusers_autoencoders_holding(model, recorded)
+    if len(networks) > 1 or networks and outside:
+        # An autoencoder's encoder and decoder (encode and decode run alone), and the start of the recorded modules
+        # beside them (a UNet run alone between them: ConsistencyDecoderVAE's decoder steps, QA 361).
+        start = first_convolution(model, outside) if outside else None
+        return networks + ([start] if start is not None and start is not model else [])
     return _held_tower_starts(model, recorded)
 
 

@@ -18,7 +18,7 @@ attention receives is read in each call and must be the map those samplings made
 
 A forward call starts at the forward of the one network (encoder or decoder) holding the recorded layers, or the
 model's own where both do; ``encode`` and ``decode`` run alone (latent diffusion decodes without the autoencoder's
-forward) each start a call of their own (:func:`tower_starts`). Tiled and sliced encoding or decoding
+forward) each start a call of their own (``towers.tower_starts``). Tiled and sliced encoding or decoding
 (``enable_tiling``, ``enable_slicing``) run the network once per tile or image: each run is an entry of the layer (a
 call of its own where ``encode`` or ``decode`` runs alone), in pixels of its tile: MAD does not depend on where the
 tile lies.
@@ -37,7 +37,7 @@ from .diffusers_common import attention_under, is_attention
 from .diffusers_unets import UNetMap, UNetMapPlacer
 from .stages import innermost_on_path, pair
 
-__all__ = ["placer", "attention_modules", "call_start", "tower_starts", "AutoencoderMapPlacer"]
+__all__ = ["placer", "attention_modules", "call_start", "networks_holding", "network_key", "AutoencoderMapPlacer"]
 
 _VAE = "diffusers.models.autoencoders.vae"
 _BLOCKS = "diffusers.models.unets.unet_2d_blocks"
@@ -55,9 +55,19 @@ def _key(module) -> tuple[str, str]:
     return type(module).__module__, type(module).__name__
 
 
+def network_key(module: nn.Module) -> tuple[str, str] | None:
+    """(defining module, class name) of ``module``'s class, or of its nearest base class, where that is an encoder or
+    decoder of diffusers' autoencoders (research code subclasses them, keeping their blocks, which the placers read
+    per call); None for any other module."""
+    for cls in type(module).__mro__:
+        key = cls.__module__, cls.__name__
+        if key == _ENCODER or key in _DECODERS or key == _TEMPORAL_DECODER:
+            return key
+    return None
+
+
 def _is_network(module: nn.Module) -> bool:
-    key = _key(module)
-    return key == _ENCODER or key in _DECODERS or key == _TEMPORAL_DECODER
+    return network_key(module) is not None
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -66,36 +76,32 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return attention_under(model, _is_network)
 
 
-def _networks_holding(model: nn.Module, recorded) -> list[nn.Module]:
+def networks_holding(model: nn.Module, recorded) -> tuple[list[nn.Module], list[nn.Module]]:
     """The encoders and decoders of ``model`` holding ``recorded`` modules (each the innermost network of one), in
-    module order."""
+    module order, and the ``recorded`` modules in none of them (a UNet's or a transformer's beside the autoencoder in
+    a user's module, or ``ConsistencyDecoderVAE``'s UNet decoder)."""
     inside = {id(m) for m in recorded}
-    found = {}
+    found, held = {}, set()
     for name, module in named_module_list(model):
         if id(module) in inside and name:
             network = innermost_on_path(model, name, _is_network)
             if network is not None:
                 found[id(network[1])] = network[1]
+                held.add(id(module))
     order = {id(m): i for i, m in enumerate(module_list(model))}
-    return sorted(found.values(), key=lambda m: order[id(m)])
+    return sorted(found.values(), key=lambda m: order[id(m)]), [m for m in recorded if id(m) not in held]
 
 
 def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
-    """Where a forward call starts when the ``recorded`` modules lie in diffusers' autoencoder networks: the forward
-    of the one network holding them all, before its ``conv_in`` runs; ``model``'s own forward where several hold them
-    (:func:`tower_starts` starts a call where one runs outside it: ``encode`` or ``decode`` alone); None where none
-    does."""
-    networks = _networks_holding(model, recorded)
+    """Where a forward call starts when ``recorded`` modules lie in diffusers' autoencoder networks: the forward of
+    the one network holding them all, before its ``conv_in`` runs; ``model``'s own forward where several networks hold
+    them, or some lie outside them (a UNet's or a transformer's in the same module: QA 361, the encoder's start split
+    each forward of a user's encode, denoise, decode step); None where no network holds any. Outside ``model``'s
+    forward, each network (and the others' start) starts a call of its own (towers.tower_starts)."""
+    networks, outside = networks_holding(model, recorded)
     if not networks:
         return None
-    return networks[0] if len(networks) == 1 else model
-
-
-def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:
-    """The networks that start a call of their own where they run outside ``model``'s forward, when several hold the
-    ``recorded`` modules (an autoencoder's encoder and decoder); empty otherwise."""
-    networks = _networks_holding(model, recorded)
-    return networks if len(networks) > 1 else []
+    return networks[0] if len(networks) == 1 and not outside else model
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):
@@ -108,10 +114,10 @@ def placer(model: nn.Module, name: str, module: nn.Module):
         return None
     network_name, network = found
     what = f"{type(network).__name__} ({network_name or 'the model'})"
-    if _key(network) == _TEMPORAL_DECODER:
+    if network_key(network) == _TEMPORAL_DECODER:
         return RefusingPlacer(f"it is an attention layer of {what}, Stable Video Diffusion's decoder, whose blocks "
                               "attend over the frames as well as the map; vitmad does not place them")
-    encoder = _key(network) == _ENCODER
+    encoder = network_key(network) == _ENCODER
     blocks = [*(network.down_blocks if encoder else network.up_blocks), network.mid_block]
     known = (_ENCODER_BLOCKS if encoder else _DECODER_BLOCKS) | {_MID_BLOCK}
     unknown = sorted({type(b).__name__ for b in blocks if _key(b) not in known})
@@ -139,6 +145,8 @@ class AutoencoderMapPlacer(UNetMapPlacer):
     """Self-attention over the whole map an encoder's or decoder's block hands its ``Attention``, row-major, each cell
     at its centre in pixels of the image: :class:`~.diffusers_unets.UNetMapPlacer` with the first map (``conv_in``'s)
     at ``start`` pixels per cell (1 for an encoder, ``2 ** u`` for a decoder's latent)."""
+
+    holder_word = "vae"
 
     def __init__(self, network: nn.Module, attention: nn.Module, holder: nn.Module, conv_in: nn.Module,
                  samplings: list[tuple[nn.Module, float]], start: float):

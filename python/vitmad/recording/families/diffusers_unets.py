@@ -341,6 +341,8 @@ class UNetMapPlacer(LayerPlacer):
         self.sample_key = ("diffusers_unets.sample", id(self))
         self.attention_key = ("diffusers_unets.attention", id(self))
 
+    holder_word = "unet"  # (the model whose processors a refusal tells to set back)
+
     def map_source(self) -> nn.Module | None:
         """The module whose output starts the map this attention runs on (named where it has not run yet)."""
         return self.conv_in
@@ -405,7 +407,7 @@ class UNetMapPlacer(LayerPlacer):
         return (f"its processor is {processor[1]}, which vitmad does not place (it places diffusers' "
                 "AttnProcessor2_0 and FusedAttnProcessor2_0, which call F.scaled_dot_product_attention with the "
                 "heads apart, and AttnProcessor and SlicedAttnProcessor, whose softmax it reads over merged batch and "
-                "heads); set it back with unet.set_attn_processor(AttnProcessor2_0()) while recording")
+                f"heads); set it back with {self.holder_word}.set_attn_processor(AttnProcessor2_0()) while recording")
 
     def check_call(self, context: CallContext) -> None:
         """Refuses this call where its processor is not read or its attention was given keys of another tensor."""
