@@ -14,6 +14,16 @@ StatsRequest check_stats(c10::ArrayRef<std::string> stats, int64_t num_queries, 
   TORCH_CHECK_VALUE(!stats.empty(), op_name,
                     ": stats must name at least one of 'mad', 'entropy', 'prefix_mass', 'self_mass', 'temporal_mad', "
                     "got none");
+  // The dispatcher takes one string for a str[] as its characters: stats='mad' given to the raw op arrives as
+  // ['m', 'a', 'd'], and the first letter was named as the unknown statistic (QA 360).
+  bool letters = stats.size() > 1;
+  std::string joined;
+  for (const std::string& name : stats) {
+    letters = letters && name.size() == 1;
+    joined += name;
+  }
+  TORCH_CHECK_TYPE(!letters, op_name,
+                   ": stats must be a sequence of names such as ('mad', 'entropy'), got the string '", joined, "'");
   StatsRequest request;
   for (const std::string& name : stats) {
     int found = -1;
@@ -29,8 +39,8 @@ StatsRequest check_stats(c10::ArrayRef<std::string> stats, int64_t num_queries, 
                     ": the statistic 'self_mass' needs the queries and the keys to be the same tokens (Nq == Nk), "
                     "got Nq = ", num_queries, " queries and Nk = ", num_keys, " keys");
   TORCH_CHECK_VALUE(!request.wants(Stat::kTemporalMad) || has_times, op_name,
-                    ": the statistic 'temporal_mad' needs times, the frame of each token ([..., Nq, 1]), which only "
-                    "the position form takes");
+                    ": the statistic 'temporal_mad' needs times, the frame of each token ([..., Nq, 1]), given beside "
+                    "positions (the position form: not with patch / grid)");
   TORCH_CHECK_VALUE(request.wants(Stat::kTemporalMad) || !has_times, op_name,
                     ": times is read only by the statistic 'temporal_mad', which stats does not name; add it or "
                     "leave times out");

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import warnings
+from decimal import Decimal
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -119,6 +121,13 @@ WRONG_TYPES = [
     (lambda: vitmad.mad(A197, torch.tensor(True)), "vitmad.mad: patch must be an int, got a torch.bool tensor "
                                                    "tensor(True)"),
     (lambda: vitmad.mad(A197, np.bool_(True)), "vitmad.mad: patch must be an int, got the bool True"),
+    # Numbers that are no integers but convert to one were rounded toward zero (QA 360: np.float32(14.5) as 14).
+    (lambda: vitmad.mad(A197, np.float32(14.5)), "vitmad.mad: patch must be an int, got float32 14.5"),
+    (lambda: vitmad.mad(A197, Fraction(29, 2)), "vitmad.mad: patch must be an int, got Fraction 29/2"),
+    (lambda: vitmad.mad_qk(_Q, _Q, Decimal("14.5")), "vitmad.mad_qk: patch must be an int, got Decimal 14.5"),
+    (lambda: vitmad.attention_stats(A197, 16, num_prefix_tokens=np.float16(1.9)), "vitmad.attention_stats: "
+                                                                                   "num_prefix_tokens must be an int"),
+    (lambda: vitmad.attention_stats_qk(_Q, _Q, np.longdouble(2.5)), "vitmad.attention_stats_qk: patch must be an int"),
     (lambda: vitmad.mad(A197, 16, grid=[torch.tensor(True), 196]), "vitmad.mad: grid must hold integers, got "
                                                                    "[tensor(True), 196]"),  # QA 294: a 1 x 196 grid
     (lambda: vitmad.grid_positions(torch.tensor(True), 4, 16), "vitmad.grid_positions: grid_h must be an int, got "
@@ -216,6 +225,50 @@ def test_sparse_and_nested_tensors_are_refused_naming_the_argument(kind):
                        ("vitmad.mad", lambda: vitmad.mad(attn, positions=positions))):
         with pytest.raises(ValueError, match=re.escape(f"{name}: attn must be a dense (strided) tensor, got {got}")):
             call()
+
+
+def test_nested_arguments_of_the_maps_alone_and_of_temporal_mad_are_refused_naming_them():
+    """The prefix maps alone, and the stored-attention temporal MAD, are checked without an op call: a nested
+    positions, key_positions, q, k or times raised torch's "NestedTensorImpl doesn't support sizes", a NumPy
+    attn_bias an AttributeError (QA 360); every other stats list gave vitmad's error."""
+    with warnings.catch_warnings():  # torch warns once that nested tensors are a prototype
+        warnings.simplefilter("ignore", UserWarning)
+        nest = lambda t: torch.nested.nested_tensor(list(t))  # noqa: E731
+        positions = vitmad.grid_positions(4, 4, 1, num_prefix_tokens=1).expand(2, 17, 2)
+        q = torch.randn(2, 17, 4)
+        nested_positions, nested_q, nested_times = nest(positions), nest(q), nest(torch.rand(2, 17, 1))
+    maps = ["prefix_maps"]
+    for name, argument, error, call in (
+            ("attention_stats", "positions", ValueError,
+             lambda: vitmad.attention_stats(_DENSE, positions=nested_positions, stats=maps)),
+            ("attention_stats", "key_positions", ValueError,
+             lambda: vitmad.attention_stats(_DENSE, positions=positions, key_positions=nested_positions, stats=maps)),
+            ("attention_stats_qk", "positions", ValueError,
+             lambda: vitmad.attention_stats_qk(q, q, positions=nested_positions, stats=maps)),
+            ("attention_stats_qk", "q", ValueError,
+             lambda: vitmad.attention_stats_qk(nested_q, nested_q, 1, grid=[4, 4], num_prefix_tokens=1, stats=maps)),
+            ("attention_stats", "times", ValueError,
+             lambda: vitmad.attention_stats(_DENSE, positions=positions, times=nested_times, stats=["temporal_mad"])),
+            ("attention_stats_qk", "attn_bias", TypeError,
+             lambda: vitmad.attention_stats_qk(q, q, 1, grid=[4, 4], num_prefix_tokens=1, stats=maps,
+                                               attn_bias=np.zeros((17, 17), dtype=np.float32)))):
+        expected = ("must be a torch.Tensor or None, got ndarray" if error is TypeError else
+                    "must be a dense (strided) tensor, got a nested tensor")
+        with pytest.raises(error, match=re.escape(f"vitmad.{name}: {argument} {expected}")):
+            call()
+
+
+@pytest.mark.parametrize("op", ["stats", "stats_pos", "stats_qk", "stats_qk_pos"])
+def test_the_raw_statistics_ops_given_one_string_name_it(op):
+    """The dispatcher hands a str[] one string as its letters: torch.ops.vitmad.stats(attn, 16, 'mad') said the
+    unknown statistic was 'm' (QA 360)."""
+    positions = vitmad.grid_positions(4, 4, 1, num_prefix_tokens=1)
+    q = torch.randn(2, 17, 4)
+    args = {"stats": (_DENSE, 1, "entropy"), "stats_pos": (_DENSE, positions, None, "entropy"),
+            "stats_qk": (q, q, 1, "entropy"), "stats_qk_pos": (q, q, positions, None, "entropy")}[op]
+    with pytest.raises(TypeError, match=r"stats must be a sequence of names such as \('mad', 'entropy'\), got the "
+                                        r"string 'entropy'"):
+        getattr(torch.ops.vitmad, op)(*args)
 
 
 def test_quantized_tensors_are_refused_naming_the_argument():

@@ -186,6 +186,11 @@ def check_int_args(op_name: str, **values) -> None:
         if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()
                                                 or value.dtype == torch.bool):
             raise TypeError(f"{op_name}: {name} must be an int, got a {value.dtype} tensor {value!r}")
+        if value is not None and not isinstance(value, torch.Tensor) and index_int(value) is None \
+                and (hasattr(value, "__int__") or hasattr(value, "__float__")):
+            # A number that is no integer but converts to one: the dispatcher took NumPy's float32, a Fraction or a
+            # Decimal through __int__, rounded toward zero (QA 360: patch=np.float32(14.5) measured at 14 px).
+            raise TypeError(f"{op_name}: {name} must be an int, got {type(value).__name__} {value}")
         check_int64(op_name, name, value)
 
 
@@ -440,8 +445,7 @@ def check_qk_tensors(
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op_name}: {name} must be a torch.Tensor [..., N, D], got {type(t).__name__}")
-        if t.layout != torch.strided:
-            raise ValueError(f"{op_name}: {name} must be a dense (strided) tensor, got layout {t.layout}")
+        _check_dense(t, name, op_name)
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{op_name}: q must be float16, bfloat16, float32 or float64, got {q.dtype}")
     if k.dtype != q.dtype:
@@ -469,8 +473,9 @@ def check_qk_tensors(
         raise ValueError(f"{op_name}: scale must be finite in float32, the precision of the logits of {q.dtype} q "
                          f"(|scale| <= {_FLOAT32_MAX:.8g}), got {scale}")
     if attn_bias is not None:
-        if attn_bias.layout != torch.strided:
-            raise ValueError(f"{op_name}: attn_bias must be a dense (strided) tensor, got layout {attn_bias.layout}")
+        if not isinstance(attn_bias, torch.Tensor):
+            raise TypeError(f"{op_name}: attn_bias must be a torch.Tensor or None, got {type(attn_bias).__name__}")
+        _check_dense(attn_bias, "attn_bias", op_name)
         if attn_bias.dtype not in (q.dtype, torch.bool):
             raise TypeError(
                 f"{op_name}: attn_bias must have q's dtype {q.dtype} (added to the logits) or be bool "
@@ -546,6 +551,16 @@ def check_one_form(op_name: str, positions, key_positions, grid_form: dict) -> N
         )
 
 
+def _check_dense(value: torch.Tensor, arg: str, op_name: str) -> None:
+    """ValueError for a nested or non-strided tensor, whose sizes the checks after it cannot read (QA 360: the
+    prefix maps alone and the stored-attention temporal MAD, checked here without an op call, raised torch's
+    'NestedTensorImpl doesn't support sizes')."""
+    if value.is_nested:
+        raise ValueError(f"{op_name}: {arg} must be a dense (strided) tensor, got a nested tensor")
+    if value.layout != torch.strided:
+        raise ValueError(f"{op_name}: {arg} must be a dense (strided) tensor, got layout {value.layout}")
+
+
 def check_attn_tensor(attn: torch.Tensor, shape_text: str, op_name: str) -> None:
     """The checks of ``attn`` itself shared by both forms (mirrors ``check_attn_tensor``)."""
     if not isinstance(attn, torch.Tensor):
@@ -564,8 +579,7 @@ def check_attn_tensor(attn: torch.Tensor, shape_text: str, op_name: str) -> None
 def _check_position_side(pos, arg, lead, tokens, tokens_arg, n, what, n_name, op_name) -> None:
     if not isinstance(pos, torch.Tensor):
         raise TypeError(f"{op_name}: {arg} must be a tensor [..., {n_name}, K], got {type(pos).__name__}")
-    if pos.layout != torch.strided:
-        raise ValueError(f"{op_name}: {arg} must be a dense (strided) tensor, got layout {pos.layout}")
+    _check_dense(pos, arg, op_name)
     if not pos.dtype.is_floating_point:
         raise TypeError(f"{op_name}: {arg} must be a floating-point tensor (NaN marks a token without a position), "
                         f"got {pos.dtype}")
@@ -809,10 +823,11 @@ def check_stats(stats: Sequence[str], num_queries: int, num_keys: int, op_name: 
         ValueError: an unknown, missing or repeated name, ``"self_mass"`` on rectangular attention, or
             ``"temporal_mad"`` and ``times`` without each other.
     """
-    if isinstance(stats, str):
-        raise TypeError(f"{op_name}: stats must be a sequence of names such as ('mad', 'entropy'), got the string "
-                        f"'{stats}'")
     names = tuple(stats)
+    if isinstance(stats, str) or len(names) > 1 and all(isinstance(n, str) and len(n) == 1 for n in names):
+        # (The dispatcher hands a raw op's str[] one string as its letters: QA 360.)
+        raise TypeError(f"{op_name}: stats must be a sequence of names such as ('mad', 'entropy'), got the string "
+                        f"'{''.join(names)}'")
     if not names:
         raise ValueError(f"{op_name}: stats must name at least one of {_ALL_STATS_TEXT}, got none")
     seen = set()
@@ -833,7 +848,7 @@ def check_times_named(names: Sequence[str], has_times: bool, op_name: str) -> No
     """``"temporal_mad"`` among ``names`` exactly when ``times`` is given (``has_times``)."""
     if TEMPORAL_MAD in names and not has_times:
         raise ValueError(f"{op_name}: the statistic 'temporal_mad' needs times, the frame of each token "
-                         "([..., Nq, 1]), which only the position form takes")
+                         "([..., Nq, 1]), given beside positions (the position form: not with patch / grid)")
     if has_times and TEMPORAL_MAD not in names:
         raise ValueError(f"{op_name}: times is read only by the statistic 'temporal_mad', which stats does not name; "
                          "add it or leave times out")
@@ -884,6 +899,7 @@ def check_time_args(tokens: torch.Tensor, layout: PositionLayout, positions: tor
     # The frame's column first: the positions' own message ("K in {1, 2, 3}") would ask times [N] for K = 2 (QA 301).
     if not isinstance(times, torch.Tensor):
         raise TypeError(f"{op_name}: times must be a tensor [..., Nq, 1], got {type(times).__name__}")
+    _check_dense(times, "times", op_name)
     if times.dim() < 2 or times.shape[-1] != 1:
         raise ValueError(f"{op_name}: times must be [..., Nq, 1], the frame of each token, got shape "
                          f"{_shape_str(times.shape)}")
@@ -897,6 +913,7 @@ def check_time_args(tokens: torch.Tensor, layout: PositionLayout, positions: tor
     if key_times is not None:
         if not isinstance(key_times, torch.Tensor):
             raise TypeError(f"{op_name}: key_times must be a tensor [..., Nk, 1], got {type(key_times).__name__}")
+        _check_dense(key_times, "key_times", op_name)
         if key_times.dim() < 2 or key_times.shape[-1] != 1:
             raise ValueError(f"{op_name}: key_times must be [..., Nk, 1], the frame of each key, got shape "
                              f"{_shape_str(key_times.shape)}")
