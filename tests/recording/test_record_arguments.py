@@ -332,20 +332,22 @@ def test_vitmads_errors_pickle_as_they_were():
         assert type(again) is type(error) and str(again) == str(error) and vars(again) == vars(error)
 
 
-def test_layers_naming_blocks_record_the_attention_modules_they_hold():
-    """QA 359: ``layers=["blocks.?"]`` (a timm ViT's blocks, by wildcard) found no attention layer, and a Swin block
-    named whole, ``"layers.1.blocks.0"``, was placed as a plain ViT's layer and refused (its windows are its
-    attention module's, which the Swin family places). Each now records the attention modules it holds, with the
-    numbers of the default recording; a ViT block named whole is still recorded as itself (the same tokens)."""
+def test_layers_naming_blocks_by_wildcard_record_the_attention_modules_they_hold():
+    """QA 359: ``layers=["blocks.?"]`` (a timm ViT's blocks, by wildcard) found no attention layer; a wildcard's
+    blocks now record the attention modules they hold, with the numbers of the default recording. A block named
+    whole stays the user's layer (QA 362: renaming a ViTamin block after its attention module broke code keyed by
+    the name given); a Swin block so named, which cannot be placed as a plain layer (its windows are its attention
+    module's), is refused naming the attention module to pass instead."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3).eval()
+    vitamin = timm.create_model("vitamin_small_224", pretrained=False, img_size=64).eval()
     swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=112, depths=(1, 1, 1, 1),
                              embed_dim=24, num_heads=(1, 2, 2, 4)).eval()
     for model, size, layers, expected in [
             (vit, 64, ["blocks.?"], ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]),
             (vit, 64, ["blocks.1"], ["blocks.1"]),
-            (swin, 112, ["layers.1.blocks.0"], ["layers.1.blocks.0.attn"]),
+            (vitamin, 64, ["blocks.0"], ["blocks.0"]),
             (swin, 112, ["layers.?"], [f"layers.{i}.blocks.0.attn" for i in range(4)])]:
         x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
         with torch.no_grad(), vitmad.record(model) as whole:
@@ -356,3 +358,8 @@ def test_layers_naming_blocks_record_the_attention_modules_they_hold():
         for name, values in zip(rec.layers, rec.calls[0].per_layer, strict=True):
             own = whole.layers.index(name if name in whole.layers else f"{name}.attn")
             torch.testing.assert_close(values, whole.calls[0].per_layer[own], rtol=0, atol=0)
+    with torch.no_grad(), vitmad.record(swin, layers=["layers.1.blocks.0"]):
+        with pytest.raises(ValueError, match=r"; layers\.1\.blocks\.0 holds the attention module\(s\) "
+                                             r"layers\.1\.blocks\.0\.attn, which vitmad places: name those in "
+                                             r"layers=$"):
+            swin(torch.randn(1, 3, 112, 112))

@@ -353,3 +353,63 @@ def test_a_processor_not_read_is_refused_naming_the_autoencoder():
         with pytest.raises(ValueError, match=r"its processor is MyProcessor, .* set it back with "
                                              r"vae\.set_attn_processor\(AttnProcessor2_0\(\)\)"):
             model(torch.randn(1, 3, 8, 8))
+
+
+def test_a_vit_beside_an_autoencoder_keeps_its_own_calls_and_layers():
+    # A REPA-style module: a timm ViT encoder beside a VAE. Without layers=, the ViT that embeds the image is the one
+    # recorded (QA 362: the VAE's layers were taken too, and the model's forward became the start of every call, so
+    # three runs of the ViT alone were one call of six layers).
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+
+    class Repa(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()
+            self.vae = _small_autoencoder()
+
+        def forward(self, x):
+            return self.encoder(x), self.vae.encode(x).latent_dist.mode()
+
+    model = Repa().eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(x)
+        for _ in range(3):
+            model.encoder(x)
+    assert [call.layers for call in rec.calls] == [["encoder.blocks.0.attn", "encoder.blocks.1.attn"]] * 4
+    with torch.no_grad(), vitmad.record(model.encoder) as alone:
+        model.encoder(x)
+    torch.testing.assert_close(rec.calls[-1].per_layer[0], alone.calls[0].per_layer[0], rtol=0, atol=0)
+
+
+def test_parts_of_a_step_run_alone_are_calls_of_their_own():
+    # A DiT and a VAE in a user's step: encode alone and the DiT alone each start a call (QA 362: the DiT's start was
+    # taken to be the VAE's first convolution, so encode left an empty call before each, and DiT runs merged); so
+    # too two UNets of one step (a ControlNet beside its UNet), each run alone.
+    model = _Img2Img(_dit()).eval()
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    dit_layers = ["net.transformer_blocks.0.attn1", "net.transformer_blocks.1.attn1"]
+    with torch.no_grad(), vitmad.record(model) as rec:
+        for _ in range(2):
+            model.vae.encode(x)
+        for _ in range(2):
+            model.net(z, timestep=torch.tensor([5]), class_labels=torch.tensor([1]))
+    assert [call.layers for call in rec.calls] == [["vae.encoder.mid_block.attentions.0"]] * 2 + [dit_layers] * 2
+
+    class TwoNets(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.control, self.unet = _unet(), _unet()
+
+        def forward(self, z):
+            return self.unet(z + self.control(z, torch.tensor([5])).sample, torch.tensor([5])).sample
+
+    step = TwoNets().eval()
+    with torch.no_grad(), vitmad.record(step) as rec:
+        step(z)
+        step.control(z, torch.tensor([5]))
+        step.unet(z, torch.tensor([5]))
+    names = [[n.split(".")[0] for n in call.layers] for call in rec.calls]
+    assert [sorted(set(call)) for call in names] == [["control", "unet"], ["control"], ["unet"]]

@@ -61,6 +61,7 @@ from .differential import CallSums, combine, differential_lambda, is_differentia
 from .families import ClassQueries, Skip, family_modules, family_placer, probabilities_source, probabilities_view
 from .families.class_attention import ClassQueryPlacer
 from .families.diffusers_autoencoders import attention_modules as autoencoder_attention
+from .families.diffusers_autoencoders import beside_a_denoiser
 from .families.diffusers_images import denoisers_beside
 from .families.kornia import listed_dinov2
 from .families.masked import GivenPositionsPlacer
@@ -365,30 +366,27 @@ def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn
     return {name: m for name, m in candidates.items() if name in selected}
 
 
-def _blocks_by_their_attention(model: nn.Module, chosen: dict[str, nn.Module], found: dict[str, nn.Module],
-                               exact: set[str]) -> dict[str, nn.Module]:
-    """``chosen`` (the modules ``layers=`` matched) with each block that holds attention modules vitmad found, and
-    computes no attention of its own it would record, replaced by those modules, in module order: a wildcard's match
-    that computes none (``"blocks.?"`` of a timm ViT found nothing, QA 359), and a block named whole whose attention
-    module a family places while the block itself would be placed as a plain ViT's layer (Swin's
-    ``"layers.1.blocks.0"``, refused as regrouped sequences, its windows being its attention module's). A ViT's block
-    named whole stays a layer, as recorded before (the same tokens as its attention module's)."""
-    replaced: dict[str, list[str]] = {}
-    for name, module in chosen.items():
-        if not name or name in found:
-            continue
-        inner = [n for n in found if _holds(name, n)]
-        if not inner:
-            continue
-        if name not in exact and not may_compute_attention(module):
-            replaced[name] = inner
-        elif name in exact and family_placer(model, name, module) is None and any(
-                family_placer(model, n, found[n]) is not None for n in inner):
-            replaced[name] = inner
+def _blocks_by_their_attention(chosen: dict[str, nn.Module], found: dict[str, nn.Module], exact: set[str],
+                               model: nn.Module) -> dict[str, nn.Module]:
+    """``chosen`` (the modules ``layers=`` matched) with each wildcard's match that holds attention modules vitmad
+    found, and computes no attention of its own, replaced by those modules, in module order (``"blocks.?"`` of a
+    timm ViT found nothing, QA 359). A block named whole stays the user's layer, as recorded before (QA 362: a ViTamin
+    or CrossViT block named so was renamed after its attention module); where it cannot be placed, its refusal
+    names the attention modules it holds (:func:`_held_attention`)."""
+    replaced = {name: [n for n in found if _holds(name, n)] for name, module in chosen.items()
+                if name and name not in found and name not in exact and not may_compute_attention(module)}
+    replaced = {name: inner for name, inner in replaced.items() if inner}
     if not replaced:
         return chosen
     kept = {n for name in chosen for n in replaced.get(name, [name])}
     return {name: m for name, m in named_module_list(model) if name in kept}
+
+
+def _held_attention(chosen: dict[str, nn.Module], found: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """The attention modules vitmad found inside each module named whole that is not one itself (a Swin block, whose
+    windows are its attention module's): said where that module's own placement is refused."""
+    held = {name: [n for n in found if _holds(name, n)] for name in chosen if name and name not in found}
+    return {name: inner for name, inner in held.items() if inner}
 
 
 def _holds(outer: str, inner: str) -> bool:
@@ -961,6 +959,7 @@ class Recording:
                 raise TypeError(f"vitmad.record: {refused}")
             self._plain = PlainLayout(model, patch, None if grid is None else (int(grid[0]), int(grid[1])),
                                       num_prefix_tokens)
+            self._held_inside: dict[str, list[str]] = {}  # (set by _choose_layers: _held_attention)
             self._modules = self._choose_layers(layers)
             if layers is None:
                 _warn_unrecorded_blocks(model, self._modules, self.skipped)
@@ -1025,7 +1024,7 @@ class Recording:
             # A wildcard's matches vitmad found no attention in are layers only where their forward may compute
             # some (a block of the user's with an explicit softmax), not its norms, dropouts and projections.
             exact = {p for p in layers if not any(c in p for c in "*?[")}
-            chosen = _blocks_by_their_attention(model, chosen, found, exact)
+            chosen = _blocks_by_their_attention(chosen, found, exact, model)
             chosen = {name: m for name, m in chosen.items()
                       if name in found or name in exact or may_compute_attention(m)}
             # A module holding a chosen attention module (a pattern such as "blocks.*" takes a block and its
@@ -1059,6 +1058,7 @@ class Recording:
                     f"modules its owner calls one by one, with no forward of its own that could be recorded; name "
                     f"its layers ('{name}.*' matches each)"
                 )
+            self._held_inside = _held_attention({n: m for n, m in chosen.items() if n in exact}, found)
             if "" in chosen and "" not in found:
                 # The model itself, named by layers=[""], is no attention layer: its forward runs them all.
                 inside = [name for name in found if name]
@@ -1076,7 +1076,7 @@ class Recording:
             denoisers = tuple(denoisers_beside(model, prefix))
             # So too a diffusers autoencoder's layers beside the transformer whose patch embedding is the prefix's (a
             # user's denoise-then-decode step: its VAE was left out, listed nowhere, QA 361), each on its own maps.
-            autoencoders = set(autoencoder_attention(model)) if prefix else set()
+            autoencoders = set(autoencoder_attention(model)) if beside_a_denoiser(model, prefix) else set()
             chosen = {n: m for n, m in found.items() if n.startswith(prefix) or n in autoencoders
                       or is_second_encoder_of(model, n, m, prefix) or n.startswith(denoisers)}
             # A second tower that embeds the image is named, not left out silently: one recording places the tokens
@@ -1595,9 +1595,13 @@ class Recording:
             placement = self._placers[name].place(self._context, lead, num_queries, num_keys)
             return placement if self._spacing is None else self._spacing.apply(placement)
         except NotPlaceable as error:
+            inner = self._held_inside.get(name)
+            # A block named whole whose attention module vitmad places (a Swin block: QA 359).
+            hint = (f"; {name} holds the attention module(s) {', '.join(inner[:4])}{', ...' if len(inner) > 4 else ''}"
+                    ", which vitmad places: name those in layers=" if inner else "")
             raise ValueError(
                 f"vitmad.record: {name or 'the model itself'} ({type(self._modules[name]).__name__}) of "
-                f"{type(self.model).__name__}: {error}"
+                f"{type(self.model).__name__}: {error}{hint}"
             ) from None
 
     @_eager_between_graphs  # called from the model's own forward

@@ -14,9 +14,11 @@ from torch import nn
 from ..ops.arguments import is_int
 from .families import is_timm_model
 from .families.diffusers_autoencoders import call_start as diffusers_autoencoders_call_start
+from .families.diffusers_autoencoders import denoisers_holding as diffusers_denoisers_holding
 from .families.diffusers_autoencoders import networks_holding as diffusers_autoencoders_holding
 from .families.diffusers_images import call_start as diffusers_images_call_start
 from .families.diffusers_unets import call_start as diffusers_unets_call_start
+from .families.diffusers_unets import unets_holding as diffusers_unets_holding
 from .families.kornia import call_start as kornia_call_start
 from .families.llama4 import is_tower as is_llama4_tower
 from .families.molmo2 import is_tower as is_molmo2_tower
@@ -267,11 +269,19 @@ def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:
     if networks:
         return networks
     networks, outside = diffusers_autoencoders_holding(model, recorded)
-    if len(networks) > 1 or networks and outside:
-        # An autoencoder's encoder and decoder (encode and decode run alone), and the start of the recorded modules
-        # beside them (a UNet run alone between them: ConsistencyDecoderVAE's decoder steps, QA 361).
-        start = first_convolution(model, outside) if outside else None
-        return networks + ([start] if start is not None and start is not model else [])
+    denoisers = diffusers_denoisers_holding(model, outside) if outside else []
+    if networks and denoisers is not None and (len(networks) > 1 or denoisers):
+        # An autoencoder's encoder and decoder (encode and decode run alone), and each diffusers UNet, ControlNet or
+        # transformer beside them at its own start (ConsistencyDecoderVAE's UNet steps, a DiT run alone: QA 361; the
+        # first convolution of the model's was the VAE's, QA 362).
+        starts = [first_convolution(denoiser, [m for m in outside if any(m is s for s in denoiser.modules())])
+                  for denoiser in denoisers]
+        return networks + [start for start in starts if start is not None]
+    unets = diffusers_unets_holding(model, recorded)
+    if len(unets) > 1 and all(unet is not model for unet in unets):
+        # A user's step running a ControlNet, then the UNet: each run alone outside the step starts a call (it
+        # joined the step's call before, QA 362).
+        return unets
     return _held_tower_starts(model, recorded)
 
 

@@ -37,7 +37,8 @@ from .diffusers_common import attention_under, is_attention
 from .diffusers_unets import UNetMap, UNetMapPlacer
 from .stages import innermost_on_path, pair
 
-__all__ = ["placer", "attention_modules", "call_start", "networks_holding", "network_key", "AutoencoderMapPlacer"]
+__all__ = ["placer", "attention_modules", "call_start", "networks_holding", "denoisers_holding", "network_key",
+           "beside_a_denoiser", "AutoencoderMapPlacer"]
 
 _VAE = "diffusers.models.autoencoders.vae"
 _BLOCKS = "diffusers.models.unets.unet_2d_blocks"
@@ -92,16 +93,53 @@ def networks_holding(model: nn.Module, recorded) -> tuple[list[nn.Module], list[
     return sorted(found.values(), key=lambda m: order[id(m)]), [m for m in recorded if id(m) not in held]
 
 
+def beside_a_denoiser(model: nn.Module, prefix: str) -> bool:
+    """Whether the tower of qualified-name prefix ``prefix`` (the one that embeds the image, ``"net."``) lies in a
+    diffusers model other than ``model`` itself: a diffusion transformer, whose step's autoencoder layers are then
+    recorded with it by default (QA 361); a ViT of timm's beside a VAE is not (QA 362)."""
+    parts = prefix.rstrip(".").split(".") if prefix else []
+    return any(_is_diffusers_model(model.get_submodule(".".join(parts[:depth]))) for depth in range(1, len(parts) + 1))
+
+
+def _is_diffusers_model(module: nn.Module) -> bool:
+    """Whether ``module`` is a whole diffusers model (its class a ``ModelMixin``): a UNet, a ControlNet, a diffusion
+    transformer, an autoencoder."""
+    return any(cls.__name__ == "ModelMixin" and cls.__module__.startswith("diffusers.") for cls in type(module).__mro__)
+
+
+def denoisers_holding(model: nn.Module, modules) -> list[nn.Module] | None:
+    """The outermost diffusers models inside ``model`` (not ``model`` itself) holding ``modules``, in module order: the
+    UNets, ControlNets and diffusion transformers beside an autoencoder in a user's step (or ``ConsistencyDecoderVAE``'s
+    UNet decoder); None where one of ``modules`` lies in none (a ViT of timm's beside a VAE: its calls are not this
+    family's to start, QA 362)."""
+    inside = {id(m) for m in modules}
+    found = {}
+    for name, module in named_module_list(model):
+        if id(module) not in inside or not name:
+            continue
+        parts = name.split(".")
+        owner = next((model.get_submodule(".".join(parts[:depth])) for depth in range(1, len(parts) + 1)
+                      if _is_diffusers_model(model.get_submodule(".".join(parts[:depth])))), None)
+        if owner is None:
+            return None
+        found[id(owner)] = owner
+    order = {id(m): i for i, m in enumerate(module_list(model))}
+    return sorted(found.values(), key=lambda m: order[id(m)])
+
+
 def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
     """Where a forward call starts when ``recorded`` modules lie in diffusers' autoencoder networks: the forward of
     the one network holding them all, before its ``conv_in`` runs; ``model``'s own forward where several networks hold
-    them, or some lie outside them (a UNet's or a transformer's in the same module: QA 361, the encoder's start split
-    each forward of a user's encode, denoise, decode step); None where no network holds any. Outside ``model``'s
-    forward, each network (and the others' start) starts a call of its own (towers.tower_starts)."""
+    them, or where the others lie in diffusers UNets or transformers beside them (a user's encode, denoise, decode
+    step: QA 361, the UNet's start split each forward); None where no network holds any, or some recorded module lies
+    in no diffusers model (the other rules start those calls). Outside ``model``'s forward, each network and each of
+    those models starts a call of its own (towers.tower_starts)."""
     networks, outside = networks_holding(model, recorded)
     if not networks:
         return None
-    return networks[0] if len(networks) == 1 and not outside else model
+    if not outside:
+        return networks[0] if len(networks) == 1 else model
+    return model if denoisers_holding(model, outside) is not None else None
 
 
 def placer(model: nn.Module, name: str, module: nn.Module):

@@ -88,8 +88,8 @@ from .diffusers_common import attention_under, backend_refusal, given_other_keys
 from .stages import forward_arguments, grid_placement, innermost_on_path, pair
 from .video import tubelet_positions
 
-__all__ = ["placer", "attention_modules", "call_start", "is_unet", "unet_key", "UNetMap", "UNetMapPlacer",
-           "FramesMapPlacer", "ImageLatentsPlacer"]
+__all__ = ["placer", "attention_modules", "call_start", "unets_holding", "is_unet", "unet_key", "UNetMap",
+           "UNetMapPlacer", "FramesMapPlacer", "ImageLatentsPlacer"]
 
 _UNET_PACKAGES = ("diffusers.models.unets.", "diffusers.models.controlnets.")
 _2D_BLOCKS = "diffusers.models.unets.unet_2d_blocks"
@@ -195,15 +195,21 @@ def is_unet(module: nn.Module) -> bool:
     return unet_key(module) is not None and hasattr(module, "down_blocks")
 
 
+def unets_holding(model: nn.Module, recorded=()) -> list[nn.Module]:
+    """The outermost diffusers UNets and ControlNets in ``model`` (itself included) holding ``recorded`` modules, in
+    module order."""
+    inside = {id(m) for m in recorded}
+    holding = [m for m in module_list(model) if is_unet(m) and any(id(s) in inside for s in m.modules())]
+    return [m for m in holding if not any(m is not o and any(s is m for s in o.modules()) for o in holding)]
+
+
 def call_start(model: nn.Module, recorded=()) -> nn.Module | None:
     """The outermost diffusers UNet in ``model`` (itself included) holding ``recorded`` modules, or None: a forward
     call starts at its forward, before anything it runs. Its first convolution is no such start: ControlNet's first
     convolution on 3 channels is its conditioning image's, run after ``conv_in`` (whose map the placers read);
     I2VGen-XL attends over its ``image_latents``' frames before ``conv_in``; and the video UNets' ``sample`` (its
     frames) is read before ``conv_in`` runs. ``model`` itself where it holds several such UNets, or one twice."""
-    inside = {id(m) for m in recorded}
-    holding = [m for m in module_list(model) if is_unet(m) and any(id(s) in inside for s in m.modules())]
-    outermost = [m for m in holding if not any(m is not o and any(s is m for s in o.modules()) for o in holding)]
+    outermost = unets_holding(model, recorded)
     if len(outermost) > 1:
         # Several UNets or ControlNets (a user's module running a ControlNet, then the UNet, each step; an EMA copy
         # registered first): which runs first is the forward's choice, not their order in the module tree, so the
