@@ -252,3 +252,24 @@ def test_a_figure_path_without_a_suffix_gets_savefigs_suffix(tmp_path):
     plotting._save(Figure(), tmp_path / "mad")
     assert [p.name for p in tmp_path.iterdir()] == ["mad.png"]
     assert (tmp_path / "mad.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_negative_mad_of_differential_layers_is_on_the_figures(monkeypatch, tmp_path):
+    """A differential layer's MAD (A1 - lambda * A2) can be negative; the depth figures and compare clipped the axis
+    at 0 and left those layers off with no note (QA 358). The axis now reaches them, and still starts at 0 where
+    every value is positive."""
+    profile = _profile()
+    values = torch.tensor([[12.0, 14.0], [-30.0, -10.0]], dtype=torch.float64)
+    monkeypatch.setattr(vitmad.Profile, "mad", property(lambda self: values))
+    compared = _profile()
+    compared.stats.total[1] = -compared.stats.total[1].abs()  # layer 2's mean over images negative
+    limits = _spy(monkeypatch, "set_ylim")
+    plotting.plot_profile(profile, tmp_path / "mad.png")
+    plotting.plot_compare([compared], ["a"], tmp_path / "cmp.png")
+    (low, high), (compare_low, _) = [args for args, _ in limits if len(args) == 2]  # (matplotlib's own: a list)
+    assert low <= -30.0 and high >= 14.0
+    assert compare_low <= float(compared.stats.total[1].mean()) / compared.count < 0
+    monkeypatch.setattr(vitmad.Profile, "mad", property(lambda self: values.abs()))
+    limits.clear()
+    plotting.plot_profile(profile, tmp_path / "positive.png")
+    assert [args[0] for args, _ in limits if len(args) == 2] == [0.0]

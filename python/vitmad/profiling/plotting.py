@@ -248,6 +248,13 @@ def renormalized(profile) -> bool:
     return bool(profile.settings.get("renormalize"))
 
 
+def _from_zero(ax) -> None:
+    """The y axis from 0, or from below it where a value is negative: a differential layer's MAD (A1 - lambda * A2)
+    can be, and was left off the figure, with no note (QA 358)."""
+    low, high = ax.get_ylim()
+    ax.set_ylim(min(0.0, low), max(0.0, high))
+
+
 def _finish_depth_figure(plt, fig, ax, profile, statistic: str, depth: list[int], num_heads: int, path,
                          title: str | None, note: str | None = None) -> None:
     ax.set_xlabel(_depth_label(profile) + ("" if note is None else "\n" + textwrap.fill(note, 72)))
@@ -258,7 +265,7 @@ def _finish_depth_figure(plt, fig, ax, profile, statistic: str, depth: list[int]
         label += ",\nrenormalized (over the attention on patches)"
     ax.set_ylabel(label)
     ax.set_xticks(depth if len(depth) <= 24 else depth[::max(1, len(depth) // 12)])
-    ax.set_ylim(bottom=0)
+    _from_zero(ax)
     # (a packed tower's clips were "images", QA 295)
     ax.set_title(title or textwrap.fill(f"{profile.model}: {profile.count} {profile.input_kind}, "
                                         f"{_describe_grids(profile)}",
@@ -349,7 +356,7 @@ def plot_space_time(profile, path: str | os.PathLike, *, title: str | None = Non
         if ax is axes[0]:  # before the limits are set: above every head, it was left off the plot
             # Each layer's own: the first layer's was drawn at every depth (a video Swin's stages; QA 259).
             _draw_uniform(ax, profile.uniform_mads, depth, "px")
-        ax.set_ylim(bottom=0)
+        _from_zero(ax)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2 if num_heads > 8 else 1, loc="lower right")
     fig.suptitle(title or textwrap.fill(f"{profile.model}: {profile.count} videos, {_describe_grids(profile)}", 100),
@@ -422,7 +429,7 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
     unit = next(iter(units))
     ax.set_ylabel(f"Mean attention distance ({'millimetres' if unit == 'mm' else 'voxels'})"
                   if statistic == "mad" and unit != "px" else STAT_LABELS.get(statistic, statistic))
-    ax.set_ylim(bottom=0)
+    _from_zero(ax)
     ax.set_title("Mean over heads (line) and range of heads (band)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
