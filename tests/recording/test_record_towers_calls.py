@@ -528,3 +528,33 @@ def test_a_branch_that_hands_back_the_image_is_no_stem_of_a_tower_on_a_crop():
     (pixels,) = _images(1, scale=2)
     reference = _tower_probabilities("timm", model.vit, pixels[..., 8:8 + GRID[0] * PATCH, 8:8 + GRID[1] * PATCH])
     _recorded_at(model, pixels, reference, scale=1.0)
+
+
+@pytest.mark.parametrize("tower", ["segment_anything", "kornia"])
+def test_a_tower_whose_family_reads_its_own_patch_embedding_is_refused_behind_a_stem(tower):
+    """SAM's image encoder, kornia's ViT: their layout is read from their own patch embedding, in pixels of the map
+    the stem made, so behind a stride-2 stem every distance was halved, silently (QA 363). Refused, saying what to
+    record instead; the plain layout (timm's ViT above) follows the stem."""
+    if tower == "segment_anything":
+        encoder = pytest.importorskip("segment_anything.modeling").ImageEncoderViT(
+            img_size=40, patch_size=8, embed_dim=32, depth=1, num_heads=2, out_chans=16)
+    else:
+        encoder = pytest.importorskip("kornia.models.vit").VisionTransformer(image_size=40, patch_size=8,
+                                                                             embed_dim=32, depth=1, num_heads=2)
+
+    class Stemmed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.tower = nn.Sequential(nn.Conv2d(3, 3, 3, 2, 1), nn.ReLU()), encoder
+
+        def forward(self, x):
+            return self.tower(self.stem(x))
+
+    model = Stemmed().eval()
+    with torch.no_grad(), vitmad.record(model):
+        with pytest.raises(ValueError, match=r"its tower runs on the 40x40 map a stem of yours made from the 80x80 "
+                                             r"image, .* record the tower itself"):
+            model(torch.randn(1, 3, 80, 80))
+    with torch.no_grad(), vitmad.record(model.tower) as alone:  # in pixels of its own input, as said
+        model(torch.randn(1, 3, 80, 80))
+    assert alone.geometry[0].stride == (8.0, 8.0)

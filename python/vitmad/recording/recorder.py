@@ -564,6 +564,7 @@ def _same_storage(one: torch.Tensor, other: torch.Tensor) -> bool:
 _MODEL_IMAGE = "towers.model_image"  # the size of the image the model's forward took in this call
 _STEM_MAPS = "towers.stem_maps"  # the maps branches on the image beside the recorded towers made in a call
 _TOWERS_ON_STEM = "towers.on_stem"  # the ids of the towers' starts whose tower took such a map in this call
+_STEM_TOWER_INPUT = "towers.stem_tower_input"  # (h, w) of the stem's map the running tower took, in this call
 
 
 def _image_size(args, kwargs=None) -> tuple[int, int] | None:
@@ -1482,8 +1483,10 @@ class Recording:
             if on_stem or (args and self._made_by_stem(args[0])):
                 # The model's image: an earlier run of a tower in this call, on a crop, left its own (QA 355).
                 self._context.image_size = self._context.values.get(_MODEL_IMAGE, self._context.image_size)
+                self._context.values[_STEM_TOWER_INPUT] = _image_size(args)
             else:
                 self._context.image_size = _image_size(args)
+                self._context.values.pop(_STEM_TOWER_INPUT, None)
 
     def _see_stem_map(self, module: nn.Module, args, output) -> None:
         """A module of a branch on the image outside the recorded towers ran (:func:`.towers.stems_beside_towers`):
@@ -1593,6 +1596,7 @@ class Recording:
         self._open_call()
         try:
             placement = self._placers[name].place(self._context, lead, num_queries, num_keys)
+            self._check_stem_followed(placement)
             return placement if self._spacing is None else self._spacing.apply(placement)
         except NotPlaceable as error:
             inner = self._held_inside.get(name)
@@ -1603,6 +1607,29 @@ class Recording:
                 f"vitmad.record: {name or 'the model itself'} ({type(self._modules[name]).__name__}) of "
                 f"{type(self.model).__name__}: {error}{hint}"
             ) from None
+
+    def _check_stem_followed(self, placement: Placement) -> None:
+        """Refuses a layer whose tower runs on a stem's map (a learned downsampler of the user's before it) where its
+        family placed it in pixels of the tower's own input, not of the image: the plain layout follows the stem's
+        stride, but a family that reads its strides from its own patch embedding (MONAI's ViT, SAM's and SAM 2's
+        encoders, kornia's ViT, vit_pytorch's CvT) halved the MAD behind a stride-2 stem (QA 363). Told from the
+        layer's grid times its stride: the stem's map's size rather than the image's."""
+        tower_input = self._context.values.get(_STEM_TOWER_INPUT)
+        image = self._context.image_size
+        geometry = placement.geometry
+        grid, stride = getattr(geometry, "grid", None), getattr(geometry, "stride", None)
+        if tower_input is None or image is None or not grid or not stride or len(grid) != 2 or len(stride) != 2:
+            return
+        if not any(i >= 1.5 * t for t, i in zip(tower_input, image)):
+            return  # no stride to follow: a stride-1 stem that trims the map's edges moves every token alike
+        extent = [float(g) * float(s) for g, s in zip(grid, stride)]
+        if all(abs(e - t) < abs(e - i) for e, t, i in zip(extent, tower_input, image)):
+            raise NotPlaceable(
+                f"its tower runs on the {tower_input[0]}x{tower_input[1]} map a stem of yours made from the "
+                f"{image[0]}x{image[1]} image, and its layout is read from the tower's own patch embedding, in pixels "
+                "of that map, not of the image (vitmad follows a stem's stride for plain ViT layouts only); record "
+                "the tower itself, vitmad.record(<tower>), to measure in pixels of its input, or pass "
+                "positions=<[N, 2] pixel position of each token in the image>")
 
     @_eager_between_graphs  # called from the model's own forward
     def _on_attention(self, name, query, key, scale, mask, *, other_keys: bool = False) -> None:
