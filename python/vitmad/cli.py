@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="overlay several profiles", allow_abbrev=False,
                                   description="Overlay the mean and spread per layer of several mad.json files.")
-    compare.add_argument("results", nargs="+",
+    # (nargs "*": the command says itself when none is left, --labels having taken them: QA 358)
+    compare.add_argument("results", nargs="*",
                          help="mad.json files (or the --out folders of profile runs, which hold them)")
     compare.add_argument("--labels", nargs="+", default=None, help="one label per result (default: model)")
     compare.add_argument("--out", required=True,
@@ -609,6 +610,11 @@ def _compare_command(args: argparse.Namespace, run) -> None:
     from .profiling.options import import_optional
     from .profiling.plotting import figure_type_refused, plot_compare, renormalized
 
+    if not args.results:
+        shown = ", ".join(args.labels or [])
+        raise ValueError("results: no mad.json given" + (
+            f"; --labels took every argument after it ({shown}): give the results before --labels" if shown else
+            "; give one or more mad.json files, or the --out folders of profile runs"))
     # A comparison is only figures: a missing matplotlib is said first, with the extra that brings it.
     import_optional("matplotlib", "profile", "vitmad compare")
     # A profile run's --out folder stands for its mad.json, the name a researcher has at hand (QA 290).

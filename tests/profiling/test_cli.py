@@ -93,6 +93,12 @@ def test_compare_overlays_results(tiny_model, image_folder, tmp_path, capsys):
     code, _, err = _run(["compare", tmp_path / "a" / "mad.json", "--labels", "x", "y", "--out",
                          tmp_path / "c2.png"], capsys)
     assert code == 2 and "--labels: expected 1 labels" in err
+    # --labels first takes the results as labels: argparse said no results were given (QA 358).
+    code, _, err = _run(["compare", "--labels", "x", "y", tmp_path / "a" / "mad.json", "--out", tmp_path / "c4.png"],
+                        capsys)
+    assert code == 2 and err.strip() == (f"vitmad: error: results: no mad.json given; --labels took every argument "
+                                         f"after it (x, y, {tmp_path / 'a' / 'mad.json'}): give the results before "
+                                         "--labels")
     # No extension: matplotlib writes a PNG with one, and the command names that file.
     code, stdout, _ = _run(["compare", tmp_path / "a" / "mad.json", "--out", tmp_path / "noext"], capsys)
     assert code == 0 and stdout.strip() == f"wrote {tmp_path / 'noext.png'}"
