@@ -67,7 +67,7 @@ def builtin_image_paths() -> list[Path]:
     Raises:
         ModuleNotFoundError: scikit-image is not installed (``pip install "vitmad[profile]"``).
     """
-    skimage = import_optional("skimage", "profile", "images='builtin' (scikit-image's photographs)")
+    skimage = import_optional("skimage", "profile", "the built-in images (scikit-image's photographs)")
     folder = Path(skimage.__file__).parent / "data"
     return [folder / name for name in BUILTIN_IMAGES if (folder / name).is_file()]
 
