@@ -101,15 +101,26 @@ def _record(model, run):
     return rec, tokens, recorded
 
 
+def _check_forward(monkeypatch, model, run, layers) -> None:
+    """One recorded ``run()`` of ``model``: its output unchanged by recording, one call, each layer of ``layers``
+    equal to the reference from the probabilities spied in a plain run."""
+    maps, plain = _attention_maps(monkeypatch, run)
+    rec, tokens, recorded = _record(model, run)
+    assert torch.equal(plain, recorded)
+    assert len(rec.calls) == 1
+    _check(rec.calls[0], tokens.calls[0], layers, maps)
+
+
+def _mid_blocks(latent) -> dict[str, tuple[tuple[int, int], float]]:
+    """The encoder's and decoder's mid-block attention of a two-level autoencoder: the latent, 2 px cells."""
+    return {"encoder.mid_block.attentions.0": (latent, 2.0), "decoder.mid_block.attentions.0": (latent, 2.0)}
+
+
 @pytest.mark.parametrize("sides", [(13, 21), (16, 12)], ids=["odd", "even"])
 def test_autoencoder_forward_places_encoder_and_decoder_maps(monkeypatch, sides):
     model = _autoencoder()
     x = torch.randn(2, 3, *sides, generator=torch.Generator().manual_seed(1))
-    maps, plain = _attention_maps(monkeypatch, lambda: model(x).sample)
-    rec, tokens, recorded = _record(model, lambda: model(x).sample)
-    assert torch.equal(plain, recorded)  # the decoded images unchanged by recording
-    assert len(rec.calls) == 1
-    _check(rec.calls[0], tokens.calls[0], _layers(model, sides), maps)
+    _check_forward(monkeypatch, model, lambda: model(x).sample, _layers(model, sides))
 
 
 def test_encode_and_decode_alone_are_calls_of_their_own(monkeypatch):
@@ -169,9 +180,7 @@ def test_classic_processor_merged_heads_equal_its_own_probabilities():
         plain = model(x).sample
     rec, tokens, recorded = _record(model, lambda: model(x).sample)
     assert torch.equal(plain, recorded)
-    latent = _halved((11, 14), 1)
-    layers = {"encoder.mid_block.attentions.0": (latent, 2.0), "decoder.mid_block.attentions.0": (latent, 2.0)}
-    _check(rec.calls[0], tokens.calls[0], layers, saved)
+    _check(rec.calls[0], tokens.calls[0], _mid_blocks(_halved((11, 14), 1)), saved)
     assert rec.calls[0].geometry[0].heads == 2
 
 
@@ -184,14 +193,10 @@ def test_vq_model_with_a_spatially_normed_decoder(monkeypatch):
         norm_num_groups=4, layers_per_block=1, norm_type="spatial", num_vq_embeddings=16),
         scale=12.0)  # SpatialNorm: 32 groups, and a scale drawn from the latent
     x = torch.randn(1, 3, 17, 24, generator=torch.Generator().manual_seed(5))
-    maps, plain = _attention_maps(monkeypatch, lambda: model(x).sample)
-    rec, tokens, recorded = _record(model, lambda: model(x).sample)
-    assert torch.equal(plain, recorded)
     latent = _halved((17, 24), 1)
-    layers = {"encoder.mid_block.attentions.0": (latent, 2.0), "decoder.mid_block.attentions.0": (latent, 2.0)}
-    layers |= {f"decoder.up_blocks.0.attentions.{r}": (latent, 2.0) for r in range(2)}
+    layers = _mid_blocks(latent) | {f"decoder.up_blocks.0.attentions.{r}": (latent, 2.0) for r in range(2)}
     layers |= {f"decoder.up_blocks.1.attentions.{r}": (tuple(2 * n for n in latent), 1.0) for r in range(2)}
-    _check(rec.calls[0], tokens.calls[0], layers, maps)
+    _check_forward(monkeypatch, model, lambda: model(x).sample, layers)
 
 
 def test_asymmetric_autoencoder_with_an_inpainting_mask(monkeypatch):
@@ -204,12 +209,7 @@ def test_asymmetric_autoencoder_with_an_inpainting_mask(monkeypatch):
         layers_per_up_block=1, latent_channels=4, norm_num_groups=4))
     x = torch.randn(1, 3, 14, 10, generator=torch.Generator().manual_seed(7))
     mask = (torch.rand(1, 1, 14, 10, generator=torch.Generator().manual_seed(8)) > 0.5).float()
-    maps, plain = _attention_maps(monkeypatch, lambda: model(x, mask=mask).sample)
-    rec, tokens, recorded = _record(model, lambda: model(x, mask=mask).sample)
-    assert torch.equal(plain, recorded)
-    latent = _halved((14, 10), 1)
-    layers = {"encoder.mid_block.attentions.0": (latent, 2.0), "decoder.mid_block.attentions.0": (latent, 2.0)}
-    _check(rec.calls[0], tokens.calls[0], layers, maps)
+    _check_forward(monkeypatch, model, lambda: model(x, mask=mask).sample, _mid_blocks(_halved((14, 10), 1)))
 
 
 def test_attention_run_outside_its_network_is_refused():
@@ -333,12 +333,7 @@ def test_a_subclass_of_the_encoder_is_placed_as_the_encoder(monkeypatch):
     mine.load_state_dict(model.encoder.state_dict())
     model.encoder = mine.eval()
     x = torch.randn(1, 3, 12, 10, generator=torch.Generator().manual_seed(2))
-    maps, plain = _attention_maps(monkeypatch, lambda: model(x).sample)
-    rec, tokens, recorded = _record(model, lambda: model(x).sample)
-    assert torch.equal(plain, recorded)
-    latent = _halved((12, 10), 1)
-    layers = {"encoder.mid_block.attentions.0": (latent, 2.0), "decoder.mid_block.attentions.0": (latent, 2.0)}
-    _check(rec.calls[0], tokens.calls[0], layers, maps)
+    _check_forward(monkeypatch, model, lambda: model(x).sample, _mid_blocks(_halved((12, 10), 1)))
 
 
 def test_a_processor_not_read_is_refused_naming_the_autoencoder():
