@@ -694,36 +694,3 @@ def test_a_patch_embedding_run_once_per_image_is_no_second_run_of_the_layers():
     assert not any("ran its recorded layers" in str(w.message) for w in caught)
     assert [call.layers for call in rec.calls] == [[], [], ["blocks.0", "blocks.1"]]
     assert rec.mad.shape == (2, 1, 2)
-
-
-def test_a_block_with_its_own_softmax_attention_and_a_fused_one_inside_is_refused_as_two_calls():
-    """A user's block computing its own softmax attention, then running a fused timm Attention it holds, named whole:
-    recorded as the inner attention alone, its own dropped in silence (QA 362). Two attention calls, refused as such
-    (a softmax beside fused attention that cannot be placed, over the heads, is still no call: QA 325)."""
-    timm_layers = pytest.importorskip("timm.models.vision_transformer")
-
-    class OwnAndInner(nn.Module):
-        def __init__(self, dim=32, heads=2):
-            super().__init__()
-            self.qkv, self.heads, self.inner = nn.Linear(dim, 3 * dim), heads, timm_layers.Attention(dim, heads)
-
-        def forward(self, x):
-            B, N, C = x.shape
-            q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-            a = (q @ k.transpose(-1, -2) * (C // self.heads) ** -0.5).softmax(-1)
-            x = x + (a @ v).transpose(1, 2).reshape(B, N, C)
-            return x + self.inner(x)
-
-    class Tower(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.patch_embed, self.blocks = nn.Conv2d(3, 32, 8, 8), nn.Sequential(OwnAndInner(), OwnAndInner())
-
-        def forward(self, x):
-            return self.blocks(self.patch_embed(x).flatten(2).transpose(1, 2))
-
-    torch.manual_seed(0)
-    model = Tower().eval()
-    with torch.no_grad(), vitmad.record(model, layers=["blocks.0"], num_prefix_tokens=0):
-        with pytest.raises(ValueError, match=r"blocks\.0 \(OwnAndInner\) of Tower made 2 attention calls"):
-            model(torch.randn(2, 3, 32, 32))

@@ -1935,11 +1935,8 @@ class Recording:
             self._calls[-1]._modules_ran = True
         pending = self._pending.pop(name, [])
         if any(entry[2] for entry in pending):
-            # A module that calls the fused attention computes it there; a softmax beside it that could not be placed
-            # is something else (QA 325: one over the heads). One placed as attention over the same tokens is a
-            # second attention call (QA 362: a user's block with its own softmax attention and a fused timm
-            # Attention inside, named whole, was recorded as the inner one alone): refused below, as two calls.
-            pending = [entry for entry in pending if entry[2] or entry[0] is not None]
+            # A module that calls the fused attention computes it there; a softmax beside it is something else.
+            pending = [entry for entry in pending if entry[2]]
         elif any(entry[0] is not None for entry in pending):
             # A deferred softmax that could not be placed (in a module reaching fused attention or the attention
             # interface: above), beside attention that was (the eager interface's softmax after Sam2's unused one
