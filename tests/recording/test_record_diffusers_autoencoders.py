@@ -408,3 +408,17 @@ def test_parts_of_a_step_run_alone_are_calls_of_their_own():
         step.unet(z, torch.tensor([5]))
     names = [[n.split(".")[0] for n in call.layers] for call in rec.calls]
     assert [sorted(set(call)) for call in names] == [["control", "unet"], ["control"], ["unet"]]
+
+    class OneNetTwice(torch.nn.Module):  # as MultiControlNetModel([net, net]) holds it: one call per forward
+        def __init__(self):
+            super().__init__()
+            self.nets = torch.nn.ModuleList([step.unet, step.unet])
+
+        def forward(self, z):
+            return sum(net(z, torch.tensor([5])).sample for net in self.nets)
+
+    twice = OneNetTwice().eval()
+    with torch.no_grad(), vitmad.record(twice) as rec:
+        twice(z)
+        twice.nets[0](z, torch.tensor([5]))  # alone: a call of its own (QA 365: it joined the forward's)
+    assert [len(call.layers) for call in rec.calls] == [8, 4]

@@ -278,9 +278,9 @@ def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:
                   for denoiser in denoisers]
         return networks + [start for start in starts if start is not None]
     unets = diffusers_unets_holding(model, recorded)
-    if len(unets) > 1 and all(unet is not model for unet in unets):
-        # A user's step running a ControlNet, then the UNet: each run alone outside the step starts a call (it
-        # joined the step's call before, QA 362).
+    if unets and all(unet is not model for unet in unets) and diffusers_unets_call_start(model, recorded) is model:
+        # A user's step running a ControlNet, then the UNet (or MultiControlNetModel holding one net twice): each
+        # run alone outside the step starts a call (it joined the step's call before, QA 362, QA 365).
         return unets
     return _held_tower_starts(model, recorded)
 
