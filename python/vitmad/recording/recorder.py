@@ -1611,9 +1611,10 @@ class Recording:
     def _check_stem_followed(self, placement: Placement) -> None:
         """Refuses a layer whose tower runs on a stem's map (a learned downsampler of the user's before it) where its
         family placed it in pixels of the tower's own input, not of the image: the plain layout follows the stem's
-        stride, but a family that reads its strides from its own patch embedding (MONAI's ViT, SAM's and SAM 2's
-        encoders, kornia's ViT, vit_pytorch's CvT) halved the MAD behind a stride-2 stem (QA 363). Told from the
-        layer's grid times its stride: the stem's map's size rather than the image's."""
+        stride, but a family that reads its strides from its own patch embedding (SAM's and SAM 2's encoders,
+        kornia's ViT, vit_pytorch's CvT, timm's PVTv2 and Hiera) halved the MAD behind a stride-2 stem (QA 363). Told
+        from the layer's grid times its stride: the stem's map's size rather than the image's. (MONAI's ViT and Swin
+        start their calls at their own patch embedding, so no stem is seen before them: docs/definition.md.)"""
         tower_input = self._context.values.get(_STEM_TOWER_INPUT)
         image = self._context.image_size
         geometry = placement.geometry
