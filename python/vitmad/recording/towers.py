@@ -274,8 +274,9 @@ def tower_starts(model: nn.Module, recorded=()) -> list[nn.Module]:
         # An autoencoder's encoder and decoder (encode and decode run alone), and each diffusers UNet, ControlNet or
         # transformer beside them at its own start (ConsistencyDecoderVAE's UNet steps, a DiT run alone: QA 361; the
         # first convolution of the model's was the VAE's, QA 362).
-        starts = [first_convolution(denoiser, [m for m in outside if any(m is s for s in denoiser.modules())])
-                  for denoiser in denoisers]
+        held = [{id(m) for m in denoiser.modules()} for denoiser in denoisers]
+        starts = [first_convolution(denoiser, [m for m in outside if id(m) in inside])
+                  for denoiser, inside in zip(denoisers, held)]
         return networks + [start for start in starts if start is not None]
     unets = diffusers_unets_holding(model, recorded)
     if unets and all(unet is not model for unet in unets) and diffusers_unets_call_start(model, recorded) is model:

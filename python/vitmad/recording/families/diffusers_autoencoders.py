@@ -31,11 +31,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..module_index import module_list, named_module_list
+from ..module_index import enclosing_modules, module_list, named_module_list
 from ..placement import CallContext, RefusingPlacer
 from .diffusers_common import attention_under, is_attention
 from .diffusers_unets import UNetMap, UNetMapPlacer
-from .stages import innermost_on_path, pair
+from .stages import innermost_holders, innermost_on_path, pair
 
 __all__ = ["placer", "attention_modules", "call_start", "networks_holding", "denoisers_holding", "network_key",
            "beside_a_denoiser", "AutoencoderMapPlacer"]
@@ -81,24 +81,16 @@ def networks_holding(model: nn.Module, recorded) -> tuple[list[nn.Module], list[
     """The encoders and decoders of ``model`` holding ``recorded`` modules (each the innermost network of one), in
     module order, and the ``recorded`` modules in none of them (a UNet's or a transformer's beside the autoencoder in
     a user's module, or ``ConsistencyDecoderVAE``'s UNet decoder)."""
-    inside = {id(m) for m in recorded}
-    found, held = {}, set()
-    for name, module in named_module_list(model):
-        if id(module) in inside and name:
-            network = innermost_on_path(model, name, _is_network)
-            if network is not None:
-                found[id(network[1])] = network[1]
-                held.add(id(module))
-    order = {id(m): i for i, m in enumerate(module_list(model))}
-    return sorted(found.values(), key=lambda m: order[id(m)]), [m for m in recorded if id(m) not in held]
+    return innermost_holders(model, recorded, _is_network)
 
 
 def beside_a_denoiser(model: nn.Module, prefix: str) -> bool:
     """Whether the tower of qualified-name prefix ``prefix`` (the one that embeds the image, ``"net."``) lies in a
     diffusers model other than ``model`` itself: a diffusion transformer, whose step's autoencoder layers are then
     recorded with it by default (QA 361); a ViT of timm's beside a VAE is not (QA 362)."""
-    parts = prefix.rstrip(".").split(".") if prefix else []
-    return any(_is_diffusers_model(model.get_submodule(".".join(parts[:depth]))) for depth in range(1, len(parts) + 1))
+    tower = prefix.rstrip(".")
+    return bool(tower) and (_is_diffusers_model(model.get_submodule(tower)) or any(
+        _is_diffusers_model(module) for name, module in enclosing_modules(model, tower) if name))
 
 
 def _is_diffusers_model(module: nn.Module) -> bool:
@@ -117,12 +109,13 @@ def denoisers_holding(model: nn.Module, modules) -> list[nn.Module] | None:
     for name, module in named_module_list(model):
         if id(module) not in inside or not name:
             continue
-        parts = name.split(".")
-        owner = next((model.get_submodule(".".join(parts[:depth])) for depth in range(1, len(parts) + 1)
-                      if _is_diffusers_model(model.get_submodule(".".join(parts[:depth])))), None)
-        if owner is None:
+        # The module itself, then the modules above it, nearest first: the last diffusers model before the root is
+        # the outermost.
+        path = [(name, module), *enclosing_modules(model, name)]
+        owners = [m for prefix, m in path if prefix and _is_diffusers_model(m)]
+        if not owners:
             return None
-        found[id(owner)] = owner
+        found[id(owners[-1])] = owners[-1]
     order = {id(m): i for i, m in enumerate(module_list(model))}
     return sorted(found.values(), key=lambda m: order[id(m)])
 

@@ -53,10 +53,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..module_index import module_list, named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, RefusingPlacer, select_tokens
 from .monai import _grid_positions, _sides
-from .stages import innermost_on_path
+from .stages import innermost_holders, innermost_on_path
 from .vit_pytorch import _NAVIT_POOL, _NaVitPlacer
 
 __all__ = ["placer", "call_start", "tower_starts", "FeatureMapPlacer", "MonaiNaViTPlacer"]
@@ -100,15 +99,7 @@ def _is_chain(module: nn.Module) -> bool:
 def _chains_holding(model: nn.Module, recorded) -> list[nn.Module]:
     """The networks of ``model`` whose maps the placers follow (a UNet, an encoder, a decoder) holding ``recorded``
     modules, each the innermost such network of one of them, in module order."""
-    inside = {id(m) for m in recorded}
-    found = {}
-    for name, module in named_module_list(model):
-        if id(module) in inside:
-            chain = innermost_on_path(model, name, _is_chain) if name else None
-            if chain is not None:
-                found[id(chain[1])] = chain[1]
-    order = {id(m): i for i, m in enumerate(module_list(model))}
-    return sorted(found.values(), key=lambda m: order[id(m)])
+    return innermost_holders(model, recorded, _is_chain)[0]
 
 
 def call_start(model: nn.Module, recorded=()) -> nn.Module | None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..module_index import module_list
+from ..module_index import module_list, named_module_list
 from ..placement import CallContext, LayerGeometry, LayerPlacer, NotPlaceable, Placement, cell_centres, select_tokens
 
 __all__ = ["matching_design", "reduction_before", "innermost_on_path", "backbone_layer", "Stage", "StageGrid",
@@ -78,6 +78,22 @@ def innermost_on_path(model: nn.Module, name: str, test) -> tuple[str, nn.Module
         if test(module):
             found = owner_name, module
     return found
+
+
+def innermost_holders(model: nn.Module, recorded, test) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The modules of ``model`` for which ``test`` holds that hold ``recorded`` modules, each the innermost such
+    module on the path to one of them, in module order; and the ``recorded`` modules in none of them (the networks
+    whose maps a family follows: MONAI's UNets and autoencoders, diffusers' autoencoder networks)."""
+    inside = {id(m) for m in recorded}
+    found, held = {}, set()
+    for name, module in named_module_list(model):
+        if id(module) in inside and name:
+            holder = innermost_on_path(model, name, test)
+            if holder is not None:
+                found[id(holder[1])] = holder[1]
+                held.add(id(module))
+    order = {id(m): i for i, m in enumerate(module_list(model))}
+    return sorted(found.values(), key=lambda m: order[id(m)]), [m for m in recorded if id(m) not in held]
 
 
 def owner_of(model: nn.Module, class_name: str, module_suffix: str) -> nn.Module | None:
