@@ -147,9 +147,9 @@ def not_dense_error(op, op_name: str, args: tuple, kwargs: dict) -> ValueError |
         if isinstance(value, torch.Tensor) and value.is_quantized:
             return TypeError(f"{op_name}: {name} must be a floating-point tensor, got a quantized tensor "
                              f"({value.dtype}): pass {name}.dequantize()")
-        if isinstance(value, torch.Tensor) and (value.is_nested or value.layout != torch.strided):
-            kind = "a nested tensor" if value.is_nested else f"layout {value.layout}"
-            return ValueError(f"{op_name}: {name} must be a dense (strided) tensor, got {kind}")
+        refusal = _not_dense(value, name, op_name) if isinstance(value, torch.Tensor) else None
+        if refusal is not None:
+            return refusal
     return None
 
 
@@ -551,24 +551,28 @@ def check_one_form(op_name: str, positions, key_positions, grid_form: dict) -> N
         )
 
 
+def _not_dense(value: torch.Tensor, arg: str, op_name: str) -> ValueError | None:
+    """The ValueError for a nested or non-strided tensor ``value`` given as ``arg``; None for a dense one."""
+    if value.is_nested or value.layout != torch.strided:
+        kind = "a nested tensor" if value.is_nested else f"layout {value.layout}"
+        return ValueError(f"{op_name}: {arg} must be a dense (strided) tensor, got {kind}")
+    return None
+
+
 def _check_dense(value: torch.Tensor, arg: str, op_name: str) -> None:
-    """ValueError for a nested or non-strided tensor, whose sizes the checks after it cannot read (QA 360: the
-    prefix maps alone and the stored-attention temporal MAD, checked here without an op call, raised torch's
-    'NestedTensorImpl doesn't support sizes')."""
-    if value.is_nested:
-        raise ValueError(f"{op_name}: {arg} must be a dense (strided) tensor, got a nested tensor")
-    if value.layout != torch.strided:
-        raise ValueError(f"{op_name}: {arg} must be a dense (strided) tensor, got layout {value.layout}")
+    """Raises :func:`_not_dense`'s error, before any check reads the sizes (QA 360: the prefix maps alone and the
+    stored-attention temporal MAD, checked here without an op call, raised torch's 'NestedTensorImpl doesn't support
+    sizes')."""
+    refusal = _not_dense(value, arg, op_name)
+    if refusal is not None:
+        raise refusal
 
 
 def check_attn_tensor(attn: torch.Tensor, shape_text: str, op_name: str) -> None:
     """The checks of ``attn`` itself shared by both forms (mirrors ``check_attn_tensor``)."""
     if not isinstance(attn, torch.Tensor):
         raise TypeError(f"{op_name}: attn must be a torch.Tensor {shape_text}, got {type(attn).__name__}")
-    if attn.is_nested:
-        raise ValueError(f"{op_name}: attn must be a dense (strided) tensor, got a nested tensor")
-    if attn.layout != torch.strided:
-        raise ValueError(f"{op_name}: attn must be a dense (strided) tensor, got layout {attn.layout}")
+    _check_dense(attn, "attn", op_name)
     if attn.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{op_name}: attn must be float16, bfloat16, float32 or float64, got {attn.dtype}")
     if attn.dim() < 2:
