@@ -164,6 +164,14 @@ def none_for_a_tensor(op, op_name: str, values: dict) -> TypeError | None:
     return None
 
 
+def not_a_tensor(op_name: str, name: str, value, shape_text: str) -> TypeError:
+    """The TypeError for a value that is no tensor where one of ``shape_text`` is taken. None is named as
+    :func:`none_for_a_tensor` names it, so that the Python fallback refuses it in the compiled ops' words."""
+    if value is None:
+        return TypeError(f"{op_name}: {name} must be a torch.Tensor, got None")
+    return TypeError(f"{op_name}: {name} must be a torch.Tensor {shape_text}, got {type(value).__name__}")
+
+
 def call_op(op, op_name: str, *args, **kwargs):
     """``op(*args, **kwargs)``, with the dispatcher's RuntimeError about an argument of the wrong type raised as
     :func:`schema_type_error`'s TypeError, about a sparse or nested tensor as :func:`not_dense_error`'s, and about
@@ -444,7 +452,7 @@ def check_qk_tensors(
     """
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op_name}: {name} must be a torch.Tensor [..., N, D], got {type(t).__name__}")
+            raise not_a_tensor(op_name, name, t, "[..., N, D]")
         _check_dense(t, name, op_name)
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{op_name}: q must be float16, bfloat16, float32 or float64, got {q.dtype}")
@@ -571,7 +579,7 @@ def _check_dense(value: torch.Tensor, arg: str, op_name: str) -> None:
 def check_attn_tensor(attn: torch.Tensor, shape_text: str, op_name: str) -> None:
     """The checks of ``attn`` itself shared by both forms (mirrors ``check_attn_tensor``)."""
     if not isinstance(attn, torch.Tensor):
-        raise TypeError(f"{op_name}: attn must be a torch.Tensor {shape_text}, got {type(attn).__name__}")
+        raise not_a_tensor(op_name, "attn", attn, shape_text)
     _check_dense(attn, "attn", op_name)
     if attn.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{op_name}: attn must be float16, bfloat16, float32 or float64, got {attn.dtype}")
