@@ -58,6 +58,31 @@ def test_torchvision_vit_matches_its_layers_own_probabilities():
     torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(layers, calls), 16, (5, 5)), **TOL)
 
 
+@pytest.mark.parametrize("strides", [(2, 2), (2, 1, 2, 2)])
+def test_torchvision_conv_stem_vit_is_placed_by_its_stems_stride(strides):
+    # conv_stem_configs makes conv_proj a stack of 3x3 Conv-BN-ReLU blocks and a 1x1 conv_last: one token per cell of
+    # the stem's map, so the tokens lie prod(strides) pixels apart (4 or 8 here; the model needs it to be its patch).
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.vision_transformer import ConvStemConfig
+    torch.manual_seed(0)
+    patch = 1
+    for stride in strides:
+        patch *= stride
+    stem = [ConvStemConfig(out_channels=8 * (i + 1), kernel_size=3, stride=s) for i, s in enumerate(strides)]
+    model = torchvision.models.VisionTransformer(image_size=56, patch_size=patch, num_layers=2, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64, conv_stem_configs=stem).eval()
+    pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    layers = [block.self_attention for block in model.encoder.layers]
+    calls, handles = _spy(layers)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    for handle in handles:
+        handle.remove()
+    grid = (56 // patch, 56 // patch)
+    assert rec.layout == vitmad.recording.ModelLayout(patch=patch, grid=grid, num_prefix_tokens=1)
+    torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(layers, calls), patch, grid), **TOL)
+
+
 class _MHAViT(nn.Module):
     """A ViT of nn.MultiheadAttention layers: an 8-pixel patch convolution, CLS first, masks passed through."""
 

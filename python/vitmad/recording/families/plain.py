@@ -99,10 +99,24 @@ def _candidates(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[
                 or id(module) in idle:
             continue
         if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == tuple(module.stride):
-            projection = is_embedding_projection(unwrapped_name(name), module)
+            projection = is_embedding_projection(unwrapped_name(name), module) \
+                or _conv_stem_projection(model, unwrapped_name(name), module)
             if projection or max(module.kernel_size) > 1:
                 found.append((name, module, projection))
     return found
+
+
+def _conv_stem_projection(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """Whether ``module`` is the 1x1 ``conv_last`` of torchvision's conv-stem ViT (``conv_stem_configs``: a
+    ``conv_proj`` Sequential of strided Conv-BN-ReLU blocks, then this convolution, whose tokens are one per cell of
+    the stem's map): its patch embedding, the stem before it followed as a hybrid's. Named for no projection and of
+    kernel 1, it was never taken, and the model was refused as having no patch embedding."""
+    parts = name.split(".")
+    if parts[-2:] != ["conv_proj", "conv_last"] or tuple(module.kernel_size) != (1, 1):
+        return False
+    owner = model.get_submodule(".".join(parts[:-2])) if len(parts) > 2 else model
+    return type(owner).__module__ == "torchvision.models.vision_transformer" and isinstance(owner.conv_proj,
+                                                                                              nn.Sequential)
 
 
 def _first_candidate(candidates: list[tuple[str, nn.Conv2d, bool]]) -> tuple[str, nn.Conv2d] | None:
