@@ -58,8 +58,8 @@ def test_torchvision_vit_matches_its_layers_own_probabilities():
     torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(layers, calls), 16, (5, 5)), **TOL)
 
 
-@pytest.mark.parametrize("strides", [(2, 2), (2, 1, 2, 2)])
-def test_torchvision_conv_stem_vit_is_placed_by_its_stems_stride(strides):
+@pytest.mark.parametrize("strides, subclassed", [((2, 2), False), ((2, 1, 2, 2), True)])
+def test_torchvision_conv_stem_vit_is_placed_by_its_stems_stride(strides, subclassed):
     # conv_stem_configs makes conv_proj a stack of 3x3 Conv-BN-ReLU blocks and a 1x1 conv_last: one token per cell of
     # the stem's map, so the tokens lie prod(strides) pixels apart (4 or 8 here; the model needs it to be its patch).
     torchvision = pytest.importorskip("torchvision")
@@ -69,8 +69,11 @@ def test_torchvision_conv_stem_vit_is_placed_by_its_stems_stride(strides):
     for stride in strides:
         patch *= stride
     stem = [ConvStemConfig(out_channels=8 * (i + 1), kernel_size=3, stride=s) for i, s in enumerate(strides)]
-    model = torchvision.models.VisionTransformer(image_size=56, patch_size=patch, num_layers=2, num_heads=2,
-                                                 hidden_dim=32, mlp_dim=64, conv_stem_configs=stem).eval()
+    builder = torchvision.models.VisionTransformer
+    if subclassed:  # a user's subclass, defined in another module, holds the same stem
+        builder = type("MyViT", (builder,), {"__module__": __name__})
+    model = builder(image_size=56, patch_size=patch, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                    conv_stem_configs=stem).eval()
     pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     layers = [block.self_attention for block in model.encoder.layers]
     calls, handles = _spy(layers)

@@ -115,8 +115,8 @@ def _conv_stem_projection(model: nn.Module, name: str, module: nn.Module) -> boo
     if parts[-2:] != ["conv_proj", "conv_last"] or tuple(module.kernel_size) != (1, 1):
         return False
     owner = model.get_submodule(".".join(parts[:-2])) if len(parts) > 2 else model
-    return type(owner).__module__ == "torchvision.models.vision_transformer" and isinstance(owner.conv_proj,
-                                                                                              nn.Sequential)
+    return any(base.__module__ == "torchvision.models.vision_transformer" and base.__name__ == "VisionTransformer"
+               for base in type(owner).__mro__) and isinstance(owner.conv_proj, nn.Sequential)
 
 
 def _first_candidate(candidates: list[tuple[str, nn.Conv2d, bool]]) -> tuple[str, nn.Conv2d] | None:
