@@ -70,14 +70,14 @@ def test_torchvision_conv_stem_vit_is_placed_by_its_stems_stride(strides, subcla
         patch *= stride
     stem = [ConvStemConfig(out_channels=8 * (i + 1), kernel_size=3, stride=s) for i, s in enumerate(strides)]
     builder = torchvision.models.VisionTransformer
-    if subclassed:  # a user's subclass, defined in another module, holds the same stem
+    if subclassed:  # a user's subclass, defined in another module, holds the same stem; its class token is stated
         builder = type("MyViT", (builder,), {"__module__": __name__})
     model = builder(image_size=56, patch_size=patch, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
                     conv_stem_configs=stem).eval()
     pixels = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     layers = [block.self_attention for block in model.encoder.layers]
     calls, handles = _spy(layers)
-    with torch.no_grad(), vitmad.record(model) as rec:
+    with torch.no_grad(), vitmad.record(model, num_prefix_tokens=1 if subclassed else None) as rec:
         model(pixels)
     for handle in handles:
         handle.remove()
