@@ -245,7 +245,7 @@ def test_a_forward_inside_a_torch_func_transform_is_not_recorded():
 def test_positions_of_another_length_name_both_shapes_and_the_packed_case():
     model, pixels = _tiny_vit(), torch.randn(1, 3, 32, 32)
     with torch.no_grad(), vitmad.record(model, positions=torch.zeros(16, 2)):
-        with pytest.raises(ValueError, match=r"attention runs over 1 sequences of 17 tokens \(images, or windows of "
+        with pytest.raises(ValueError, match=r"attention runs over 1 sequence of 17 tokens \(images, or windows of "
                                              r"them\), so positions must be \[17, 2\] or "
                                              r"\[1, 17, 2\]; got shape \[16, 2\] \(if this module attends over parts "
                                              r"of a packed sequence one call at a time"):

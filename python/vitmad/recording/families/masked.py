@@ -235,7 +235,8 @@ class GivenPositionsPlacer(LayerPlacer):
                       "vision tower does per image, positions= cannot place those calls: record it without "
                       "positions=, and vitmad places the images itself where it knows the tower)")
             # Rows of the batch, not always images: a windowed model's windows are its attention's batch too.
-            raise NotPlaceable(f"its attention runs over {lead[0]} sequences of {num_queries} tokens (images, or "
+            sequences = "1 sequence" if lead[0] == 1 else f"{lead[0]} sequences"
+            raise NotPlaceable(f"its attention runs over {sequences} of {num_queries} tokens (images, or "
                                f"windows of them), so positions must be "
                                f"{expected}; got shape {list(positions.shape)}{chunks if lead[0] == 1 else ''}")
         present = ~positions[..., 0].isnan()
