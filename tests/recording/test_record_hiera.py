@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 
 import pytest
 import torch
@@ -409,3 +410,40 @@ def test_hf_hiera_decoder_run_outside_its_pretraining_forward_is_refused():
     with torch.no_grad(), vitmad.record(model, layers=layers), pytest.raises(
             ValueError, match=r"it ran outside the forward of decoder \(HieraDecoder\), which lays out its tokens"):
         model(pixels)
+
+
+def test_hf_hiera_backbone_records_its_first_stage_and_refuses_its_pooled_queries_naming_it():
+    # transformers' HieraBackbone runs its blocks on the row-major patch sequence, without the unroll: mask-unit
+    # attention then takes token t into window t % nW, and a pooled query the maximum over tokens a quarter of the
+    # sequence apart (no cell). The refusal named no way out (QA 366): it names the layers before the first pooling,
+    # which record, placed row-major.
+    torch.manual_seed(0)
+    config = transformers.HieraConfig(embed_dim=16, image_size=[64, 96], depths=[2, 1, 1, 1],
+                                      num_heads=[2, 2, 4, 8], out_features=["stage4"])
+    model = sharpened(transformers.HieraBackbone(config))
+    pixels = torch.randn(2, 3, 64, 96)
+    with torch.no_grad(), pytest.raises(ValueError, match=re.escape(
+            "encoder.stages.1.layers.0.attn (HieraMaskUnitAttention) of HieraBackbone: it pools 4 tokens into each "
+            "query, and HieraBackbone does not unroll its tokens (it runs its blocks on the row-major sequence), so "
+            "the tokens a pooled query takes the maximum over lie far apart in the image and it stands for no cell; "
+            "record the layers before the first pooling, layers=['encoder.stages.0.layers.0.attn', "
+            "'encoder.stages.0.layers.1.attn'] (2 of them), or HieraModel")):
+        with vitmad.record(model):
+            model(pixels)
+    layers = ["encoder.stages.0.layers.0.attn", "encoder.stages.0.layers.1.attn"]
+    with torch.no_grad(), vitmad.record(model, layers=layers, reduction="none") as rec:
+        model(pixels)
+    maps = attention_outputs(model, lambda m: type(m).__name__ == "HieraMaskUnitAttention",
+                             lambda m: m(pixels, output_attentions=True))[:2]
+    gh, gw = 16, 24
+    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    positions = (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * 4
+    windows = (gh // 8) * (gw // 8)
+    for i, p in enumerate(maps):
+        assert p.shape == (2, 2, windows, gh * gw // windows, gh * gw // windows)
+        mad = torch.empty(2, 2, gh * gw, dtype=torch.float64)
+        for w in range(windows):
+            members = positions[w::windows]  # window w: the row-major tokens t with t % nW == w, in order
+            mad[..., w::windows] = (p[:, :, w] * torch.cdist(members, members)).sum(-1)
+        assert rec.geometry[i].stride == (4.0, 4.0)
+        torch.testing.assert_close(rec.per_layer[i].double(), mad, **TOL)

@@ -194,6 +194,24 @@ class HieraPlacer(LayerPlacer):
                                f"{schedule} ({total[0]}x{total[1]})")
         return unrolled_cells(grid, schedule)
 
+    def _not_unrolled(self, flat: int) -> str:
+        """The refusal of a pooling layer of a model that does not unroll its tokens (transformers' HieraBackbone
+        runs its blocks on the row-major sequence), naming the layers before the first pooling, which it can
+        record."""
+        inside = {id(m) for m in module_list(self.owner)}
+        unpooled = []
+        for name, module in named_module_list(self.model):
+            if id(module) in inside and _key(module) in _DESIGNS:
+                if int(getattr(module, self.attributes[1])) > 1:
+                    break
+                unpooled.append(name)
+        listed = repr(unpooled) if len(unpooled) <= 3 else f"[{unpooled[0]!r}, ..., {unpooled[-1]!r}]"
+        return (f"it pools {flat} tokens into each query, and {type(self.owner).__name__} does not unroll its tokens "
+                "(it runs its blocks on the row-major sequence), so the tokens a pooled query takes the maximum over "
+                "lie far apart in the image and it stands for no cell; record the layers before the first pooling, "
+                f"layers={listed} ({len(unpooled)} of them), or HieraModel, which unrolls its tokens, for every "
+                "stage")
+
     def _layout(self, cells: torch.Tensor):
         """(key cells, query cells, key stride factor, query stride factor) of this layer: the cells ``[B, N, 2]``
         of the sequence that enters the first block (B = 1 when every image has them all) followed through the
@@ -201,12 +219,12 @@ class HieraPlacer(LayerPlacer):
         schedule = self._schedule()
         factor, remaining = (1, 1), list(schedule)
         for flat in self.pools_before + ([self.query_stride] if self.query_stride > 1 else []):
+            if not schedule:
+                raise NotPlaceable(self._not_unrolled(flat))
             if not remaining or remaining[0][0] * remaining[0][1] != flat:
-                raise NotPlaceable(
-                    f"it pools {flat} tokens where the unroll schedule left {remaining}"
-                    + (f": {type(self.owner).__name__} does not unroll its tokens, so its query pooling groups "
-                       "rows far apart instead of 2x2 cells" if not schedule else "")
-                )
+                left = f"a step of {remaining[0][0]}x{remaining[0][1]} next" if remaining else "no step left"
+                raise NotPlaceable(f"it pools {flat} tokens into each query where the model's unroll schedule "
+                                   f"{schedule} has {left}, so its pooled queries stand for no cell of the image")
             keys, keys_factor = cells, factor
             stride = remaining.pop(0)
             cells, factor = self._pool(cells, stride), (factor[0] * stride[0], factor[1] * stride[1])
