@@ -162,6 +162,13 @@ WRONG_TYPES = [
                                                                             "torch.Tensor"),
     (lambda: vitmad.attention_stats_qk(_Q, _Q, 16, scale=[0.1]), "vitmad.attention_stats_qk: scale must be a number"),
     (lambda: vitmad.attention_stats_qk(_Q, _Q, True), "vitmad.attention_stats_qk: patch must be an int, got the bool"),
+    # The prefix maps alone call no op: reduction was a ValueError there, None quoted as 'None' (QA 367).
+    (lambda: vitmad.attention_stats(A197, 16, stats="prefix_maps", reduction=None),
+     "vitmad.attention_stats: reduction must be a string, got NoneType None"),
+    (lambda: vitmad.attention_stats(A197, positions=_POSITIONS, stats="prefix_maps", reduction=5),
+     "vitmad.attention_stats: reduction must be a string, got int 5"),
+    (lambda: vitmad.attention_stats_qk(_Q, _Q, 16, stats="prefix_maps", reduction=None),
+     "vitmad.attention_stats_qk: reduction must be a string, got NoneType None"),
 ]
 
 

@@ -172,6 +172,16 @@ def not_a_tensor(op_name: str, name: str, value, shape_text: str) -> TypeError:
     return TypeError(f"{op_name}: {name} must be a torch.Tensor {shape_text}, got {type(value).__name__}")
 
 
+def check_reduction(reduction, op_name: str) -> None:
+    """A ``reduction`` other than the strings 'mean' and 'none': the TypeError the op's schema gives one not a string
+    (the paths that call no op, the prefix maps alone, gave a ValueError quoting None as 'None'), else the
+    ValueError naming the two."""
+    if not isinstance(reduction, str):
+        raise TypeError(f"{op_name}: reduction must be a string, got {type(reduction).__name__} {reduction!r}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"{op_name}: reduction must be 'mean' or 'none', got '{reduction}'")
+
+
 def call_op(op, op_name: str, *args, **kwargs):
     """``op(*args, **kwargs)``, with the dispatcher's RuntimeError about an argument of the wrong type raised as
     :func:`schema_type_error`'s TypeError, about a sparse or nested tensor as :func:`not_dense_error`'s, and about
@@ -382,8 +392,7 @@ def check_mad_options(
         raise ValueError(
             f"{op_name}: num_prefix_tokens must be in [0, N) with N = {n} tokens, got {num_prefix_tokens}"
         )
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"{op_name}: reduction must be 'mean' or 'none', got '{reduction}'")
+    check_reduction(reduction, op_name)
     num_patches = n - num_prefix_tokens
     if grid is not None:
         grid = list(grid)
@@ -773,8 +782,7 @@ def check_position_args(
         ValueError: anything else; the message names the argument, what was expected and what was given.
     """
     check_renormalize(renormalize, op_name)
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"{op_name}: reduction must be 'mean' or 'none', got '{reduction}'")
+    check_reduction(reduction, op_name)
     qk = op_name.endswith("_qk")  # vitmad.mad_qk, vitmad.attention_stats_qk: messages name q and k
     tokens_arg = "q" if qk else "attn"
     lead = tuple(tokens.shape[:-2])
