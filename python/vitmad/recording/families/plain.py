@@ -47,7 +47,7 @@ _STEM, _STEM_OF_EMBEDDING = "plain.stem", "plain.stem_of_embedding"
 _HAND_PREFIX = "plain.hand_prefix"
 
 
-_PROJECTION_NAMES = ("proj", "projection", "patch_embedding", "patch_embeddings", "patch_embed")
+_PROJECTION_NAMES = ("proj", "projection", "patch_embedding", "patch_embed")
 
 
 def is_embedding_projection(name: str, module: nn.Module) -> bool:
@@ -107,19 +107,25 @@ def _candidates(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[
     return found
 
 
-# The patch convolutions that library ViTs hold themselves, not under an embedding module: (path under the ViT,
-# the ViT class's module and name). torchvision's conv_proj (conv_proj.conv_last, a 1x1 convolution after the strided
-# Conv-BN-ReLU stack of a conv_stem_configs ViT: one token per cell of the stack's map) and OpenCLIP's conv1.
+# The patch convolutions that library ViTs hold under names of their own: (path under the module holding it, that
+# module's class's module and name). torchvision's conv_proj (conv_proj.conv_last, a 1x1 convolution after the
+# strided Conv-BN-ReLU stack of a conv_stem_configs ViT: one token per cell of the stack's map), OpenCLIP's conv1, and
+# the patch_embeddings convolution of transformers' DINOv3, Sapiens2 and EoMT-DINOv3 embeddings (not every
+# patch_embeddings: ConvNeXt's stem and MONAI's ViT's are named so too, and a wrapper of two towers records the one
+# whose embedding is named as a projection).
 _LIBRARY_PROJECTIONS = (
     (("conv_proj",), "torchvision.models.vision_transformer", "VisionTransformer"),
     (("conv_proj", "conv_last"), "torchvision.models.vision_transformer", "VisionTransformer"),
     (("conv1",), "open_clip.transformer", "VisionTransformer"),
+    (("patch_embeddings",), "transformers.models.dinov3_vit.modeling_dinov3_vit", "DINOv3ViTEmbeddings"),
+    (("patch_embeddings",), "transformers.models.sapiens2.modeling_sapiens2", "Sapiens2Embeddings"),
+    (("patch_embeddings",), "transformers.models.eomt_dinov3.modeling_eomt_dinov3", "EomtDinov3Embeddings"),
 )
 
 
 def _library_projection(model: nn.Module, name: str) -> bool:
     """Whether the convolution ``name`` is the patch convolution a library ViT holds itself
-    (:data:`_LIBRARY_PROJECTIONS`), its class or a subclass of it. Named for no projection, they were taken only as
+    (:data:`_LIBRARY_PROJECTIONS`), of its class or a subclass of it. Named for no projection, they were taken only as
     the first convolution whose kernel equals its stride: a user's stem of that kind before them (``nn.Conv2d(3, 3,
     2, 2)``) was taken instead, and the ViT refused for attending over fewer tokens than the stem's map's cells; the
     conv-stem ViT's 1x1 conv_last, of kernel 1, was never taken."""
