@@ -111,6 +111,24 @@ def test_groupvit_is_refused_with_the_reason_at_entry():
             vitmad.record(recorded)
 
 
+def test_an_attention_of_unknown_shape_is_refused_without_sending_the_user_to_layers_it_lacks():
+    """SegGPT's attention merges batch and heads ([B * H, N, N] over its prompt and input canvases): refused, saying
+    vitmad cannot record it; the advice of layers= was addressed to "SegGptModel's other attention", which it lacks
+    (QA 366)."""
+    torch.manual_seed(0)
+    config = transformers.SegGptConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+                                       image_size=[32, 16], patch_size=8, merge_index=0,
+                                       intermediate_hidden_state_indices=[0, 1], decoder_hidden_size=8)
+    model = transformers.SegGptModel(config).eval()
+    pixels = torch.randn(1, 3, 16, 16)
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match=(
+            r"encoder\.layers\.0\.attention \(SegGptAttention\) of SegGptModel: its attention has shape \[4, 8, 8\] "
+            r"\(batch and heads merged in one dim, or no head dim\); .* vitmad does not know the token layout of this "
+            r"attention of SegGptModel, so it cannot record it; .* where the model holds other attention that vitmad "
+            r"places, leave this module out")):
+        model(pixel_values=pixels, prompt_pixel_values=pixels, prompt_masks=pixels)
+
+
 def test_tiles_regrouped_after_the_patch_embedding_are_refused():
     torch.manual_seed(0)
     model = _TiledModel().eval()

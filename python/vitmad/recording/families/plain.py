@@ -502,10 +502,10 @@ class PlainPlacer(LayerPlacer):
             # the user to a second refusal.
             raise NotPlaceable(
                 f"its attention has shape {shape} ({how}); a plain ViT layer attends [B, H, N, N] over the patch "
-                f"grid and its extra tokens, and vitmad does not know the token layout of "
-                f"{type(layout.model).__name__}'s other attention; positions= cannot place it either (it places "
-                "self-attention [B, H, N, N] over each image's tokens); leave this module out with layers=[the other "
-                "attention modules]"
+                f"grid and its extra tokens, and vitmad does not know the token layout of this attention of "
+                f"{type(layout.model).__name__}, so it cannot record it; positions= cannot place it either (it places "
+                "self-attention [B, H, N, N] over each image's tokens); where the model holds other attention that "
+                "vitmad places, leave this module out with layers=[the other attention modules]"
             )
         grid = layout.call_grid(context)
         patches = grid[0] * grid[1]
