@@ -86,27 +86,6 @@ def test_torchvision_conv_stem_vit_is_placed_by_its_stems_stride(strides, subcla
     torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(layers, calls), patch, grid), **TOL)
 
 
-def test_torchvision_vit_behind_a_users_stem_of_kernel_equal_to_stride_is_placed_in_image_pixels():
-    # A stride-2 nn.Conv2d(3, 3, 2, 2) declared before the ViT was taken for its patch convolution (conv_proj is
-    # named for no projection), and the ViT refused for attending over fewer tokens than the stem's 32 x 32 cells.
-    # Its 8 px patches of the halved image are 16 px of the image apart.
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    stem = nn.Conv2d(3, 3, 2, stride=2)
-    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
-                                               mlp_dim=64)
-    model = nn.Sequential(stem, vit).eval()
-    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    layers = [block.self_attention for block in vit.encoder.layers]
-    calls, handles = _spy(layers)
-    with torch.no_grad(), vitmad.record(model) as rec:
-        model(pixels)
-    for handle in handles:
-        handle.remove()
-    assert [g.stride for g in rec.geometry] == [(16.0, 16.0)] * 2
-    torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(layers, calls), 16, (4, 4)), **TOL)
-
-
 class _MHAViT(nn.Module):
     """A ViT of nn.MultiheadAttention layers: an 8-pixel patch convolution, CLS first, masks passed through."""
 

@@ -205,28 +205,6 @@ def test_vision_transformer_matches_its_layers_own_probabilities(case):
     _check_layers(rec, rec_tokens, [_own_probabilities(*call) for call in calls], grid, patch)
 
 
-class _StemThenTower(nn.Module):
-    """A user's stride-2 ``nn.Conv2d(3, 3, 2, 2)`` stem (declared first) on the image, then an OpenCLIP tower."""
-
-    def __init__(self, tower: nn.Module):
-        super().__init__()
-        self.stem, self.tower = nn.Conv2d(3, 3, 2, stride=2), tower
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.tower(self.stem(pixels))
-
-
-def test_a_users_stem_whose_kernel_is_its_stride_is_followed_not_taken_for_the_patch_convolution():
-    """The stem's kernel equals its stride, as ``conv1``'s does: taken for the patch convolution (conv1 is named
-    for no projection), it made the tower attend over fewer tokens than its 16 x 24 cells, refused. Its 8 px
-    patches of the halved image are 16 px of the image apart."""
-    model = _StemThenTower(_tower(image_size=(16, 24))).eval()
-    pixels = _pixels((32, 48))
-    rec, rec_tokens, calls = _record(model, lambda: model(pixels))
-    assert rec.layers == ["tower.transformer.resblocks.0.attn", "tower.transformer.resblocks.1.attn"]
-    _check_layers(rec, rec_tokens, [_own_probabilities(*call) for call in calls], (2, 3), (16, 16))
-
-
 def test_patch_dropout_in_training_mode_is_refused_by_name():
     """OpenCLIP's PatchDropout keeps a random subset of the patches (drawn from the global generator, returned to
     nobody): vitmad cannot know which cells the kept tokens are, and refuses rather than place them as a grid."""

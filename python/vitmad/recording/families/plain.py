@@ -65,10 +65,9 @@ def find_patch_embedding(model: nn.Module, before: str | None = None) -> tuple[s
 
     First choice, a ``Conv2d`` with kernel equal to its stride named as the projection of a patch embedding
     (``patch_embed.proj`` in timm, ``embeddings.patch_embeddings.projection`` or ``embeddings.patch_embedding``
-    in transformers, ``embeddings.projection`` after DPT-hybrid's BiT stem), 1x1 included, or held by a library ViT
-    under a name of its own (:data:`_LIBRARY_PROJECTIONS`: torchvision's ``conv_proj``, OpenCLIP's ``conv1``); else
-    the first ``Conv2d`` whose kernel (larger than 1) equals its stride. A prompt encoder's convolutions and one
-    named for a mask (``mask_downsample``) are never taken.
+    in transformers, ``embeddings.projection`` after DPT-hybrid's BiT stem), 1x1 included; else the first
+    ``Conv2d`` whose kernel (larger than 1) equals its stride, or the 1x1 ``conv_last`` of torchvision's conv-stem
+    ViT. A prompt encoder's convolutions and one named for a mask (``mask_downsample``) are never taken.
 
     With ``before`` (the qualified name of a layer), the embedding is sought first among those registered before
     that layer in the nearest module above it holding one, then in the whole model: a family whose own model class
@@ -100,46 +99,29 @@ def _candidates(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[
                 or id(module) in idle:
             continue
         if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == tuple(module.stride):
-            projection = is_embedding_projection(unwrapped_name(name), module) \
-                or _library_projection(model, name)
-            if projection or max(module.kernel_size) > 1:
+            projection = is_embedding_projection(unwrapped_name(name), module)
+            if projection or max(module.kernel_size) > 1 or _conv_stem_output(model, name, module):
                 found.append((name, module, projection))
     return found
 
 
-# The patch convolutions that library ViTs hold under names of their own: (path under the module holding it, that
-# module's class's module and name). torchvision's conv_proj (conv_proj.conv_last, a 1x1 convolution after the
-# strided Conv-BN-ReLU stack of a conv_stem_configs ViT: one token per cell of the stack's map), OpenCLIP's conv1, and
-# the patch_embeddings convolution of transformers' DINOv3, Sapiens2 and EoMT-DINOv3 embeddings (not every
-# patch_embeddings: ConvNeXt's stem and MONAI's ViT's are named so too, and a wrapper of two towers records the one
-# whose embedding is named as a projection).
-_LIBRARY_PROJECTIONS = (
-    (("conv_proj",), "torchvision.models.vision_transformer", "VisionTransformer"),
-    (("conv_proj", "conv_last"), "torchvision.models.vision_transformer", "VisionTransformer"),
-    (("conv1",), "open_clip.transformer", "VisionTransformer"),
-    (("patch_embeddings",), "transformers.models.dinov3_vit.modeling_dinov3_vit", "DINOv3ViTEmbeddings"),
-    (("patch_embeddings",), "transformers.models.sapiens2.modeling_sapiens2", "Sapiens2Embeddings"),
-    (("patch_embeddings",), "transformers.models.eomt_dinov3.modeling_eomt_dinov3", "EomtDinov3Embeddings"),
-)
-
-
-def _library_projection(model: nn.Module, name: str) -> bool:
-    """Whether the convolution ``name`` is the patch convolution a library ViT holds itself
-    (:data:`_LIBRARY_PROJECTIONS`), of its class or a subclass of it. Named for no projection, they were taken only as
-    the first convolution whose kernel equals its stride: a user's stem of that kind before them (``nn.Conv2d(3, 3,
-    2, 2)``) was taken instead, and the ViT refused for attending over fewer tokens than the stem's map's cells; the
-    conv-stem ViT's 1x1 conv_last, of kernel 1, was never taken."""
+def _conv_stem_output(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """Whether ``module`` is the 1x1 ``conv_last`` of torchvision's conv-stem ViT (``conv_stem_configs``: a
+    ``conv_proj`` Sequential of strided Conv-BN-ReLU blocks, then this convolution, whose tokens are one per cell of
+    the stack's map), of its class or a subclass of it: a candidate patch embedding as a convolution whose kernel
+    (larger than 1) equals its stride is, the stack before it followed as a stem. Of kernel 1, it was never taken,
+    and the model was refused as having no patch embedding. (Not taken as named for a projection, preferred over
+    earlier candidates: which tower a wrapper of two records, and the grid each is checked against, stay as they
+    were, QA 369.)"""
     parts = unwrapped_name(name).split(".")  # PEFT's wrapper around the convolution (modules_to_save) left out
-    for tail, module_name, class_name in _LIBRARY_PROJECTIONS:
-        if len(parts) < len(tail) or tuple(parts[-len(tail):]) != tail:
-            continue
-        try:
-            owner = model.get_submodule(".".join(parts[:-len(tail)]))
-        except AttributeError:  # a wrapper above the ViT: its path is not the module's own
-            continue
-        if any(base.__module__ == module_name and base.__name__ == class_name for base in type(owner).__mro__):
-            return True
-    return False
+    if parts[-2:] != ["conv_proj", "conv_last"] or tuple(module.kernel_size) != (1, 1):
+        return False
+    try:
+        owner = model.get_submodule(".".join(parts[:-2]))
+    except AttributeError:  # a wrapper above the ViT: its path is not the module's own
+        return False
+    return any(base.__module__ == "torchvision.models.vision_transformer" and base.__name__ == "VisionTransformer"
+               for base in type(owner).__mro__) and isinstance(getattr(owner, "conv_proj", None), nn.Sequential)
 
 
 def _first_candidate(candidates: list[tuple[str, nn.Conv2d, bool]]) -> tuple[str, nn.Conv2d] | None:
