@@ -300,6 +300,47 @@ def test_a_step_holding_an_autoencoder_and_a_denoiser_is_one_call_per_forward(ne
             torch.testing.assert_close(values, alone[part_call, name], rtol=0, atol=0)
 
 
+class _TextToImageStep(torch.nn.Module):
+    """A user's img2img step as a Stable Diffusion pipeline runs it: a CLIP text encoder (causal), encode, one step
+    of a UNet2DConditionModel conditioned on the text, decode."""
+
+    def __init__(self):
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        torch.manual_seed(2)
+        self.text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            vocab_size=50, hidden_size=12, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=16, bos_token_id=0, eos_token_id=1))
+        self.vae = _small_autoencoder()
+        self.unet = sharpened(diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12, attention_head_dim=4,
+            norm_num_groups=4))
+
+    def forward(self, x, ids):
+        text = self.text_encoder(ids).last_hidden_state
+        z = self.vae.encode(x).latent_dist.mode()
+        z = z - self.unet(z, torch.tensor([3]), encoder_hidden_states=text).sample
+        return self.vae.decode(z).sample
+
+
+def test_a_step_with_a_text_encoder_beside_its_unet_records_the_diffusers_nets_by_default():
+    # No patch convolution names a tower (a UNet and a VAE embed with conv_in): every attention was taken, and the
+    # text encoder's causal attention refused the whole step (QA 370), where beside a DiT it is left out. The nets'
+    # layers, as named in layers=.
+    model = _TextToImageStep().eval()
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(x, ids)
+    with torch.no_grad(), vitmad.record(model, layers=["vae.*", "unet.*"]) as named:
+        model(x, ids)
+    assert len(rec.calls) == 1 and rec.layers == named.layers and rec.skipped == named.skipped
+    assert rec.layers[0] == "vae.encoder.mid_block.attentions.0" and any(n.startswith("unet.") for n in rec.layers)
+    torch.testing.assert_close(rec.per_layer, named.per_layer, rtol=0, atol=0)
+
+
 def test_consistency_decoder_vae_encode_and_each_decoder_step_are_calls():
     # ConsistencyDecoderVAE: the image autoencoders' Encoder, then a UNet2DModel that decodes in steps. encode alone
     # is a call, and so is each step of the UNet (QA 361: the second encode joined the last decoder step's call).

@@ -61,7 +61,7 @@ from .differential import CallSums, combine, differential_lambda, is_differentia
 from .families import ClassQueries, Skip, family_modules, family_placer, probabilities_source, probabilities_view
 from .families.class_attention import ClassQueryPlacer
 from .families.diffusers_autoencoders import attention_modules as autoencoder_attention
-from .families.diffusers_autoencoders import beside_a_denoiser
+from .families.diffusers_autoencoders import beside_a_denoiser, diffusers_models_in
 from .families.diffusers_images import denoisers_beside
 from .families.kornia import listed_dinov2
 from .families.masked import GivenPositionsPlacer
@@ -282,8 +282,10 @@ class RecordedCall:
             # A layer run once per part of the batch (AnimateDiff's FreeNoise split inference) is one entry per part.
             raise ValueError(
                 f"vitmad.record: the recorded entries of this call have different batch sizes ({sorted(batches)}): "
-                "a layer ran once per part of the batch (diffusers' FreeNoise split inference, a model that chunks "
-                f"its batch); read {per_layer} (one [B, H] per entry, in the order they ran) and rec.layers instead "
+                "its layers ran on batches of different sizes (nets of one step run on different batches, such as a "
+                "classifier-free guidance step's doubled latents between its encode and decode, or a layer run once "
+                "per part of the batch: diffusers' FreeNoise split inference, a model that chunks its batch); read "
+                f"{per_layer} (one [B, H] per entry, in the order they ran) and rec.layers instead "
                 f"of {stacked}"
             )
         shapes = {tuple(t.shape[2:]) for t in values}
@@ -1080,6 +1082,13 @@ class Recording:
             autoencoders = set(autoencoder_attention(model)) if beside_a_denoiser(model, prefix) else set()
             chosen = {n: m for n, m in found.items() if n.startswith(prefix) or n in autoencoders
                       or is_second_encoder_of(model, n, m, prefix) or n.startswith(denoisers)}
+            nets = diffusers_models_in(model) if not prefix else ()
+            if nets:
+                # A user's step holding diffusers nets that embed with no patch convolution (a UNet, a VAE) beside a
+                # text encoder: the nets' layers, as beside a diffusion transformer, whose patch embedding leaves the
+                # text encoder out; every layer was taken, and the text encoder's causal attention refused the step
+                # (QA 370).
+                chosen = {n: m for n, m in chosen.items() if n.startswith(nets)}
             # A second tower that embeds the image is named, not left out silently: one recording places the tokens
             # of one tower (its patch embedding's grid), so the other's layers are its own recording's.
             for tower in other_image_towers(model, prefix):

@@ -93,6 +93,19 @@ def beside_a_denoiser(model: nn.Module, prefix: str) -> bool:
         _is_diffusers_model(module) for name, module in enclosing_modules(model, tower) if name))
 
 
+def diffusers_models_in(model: nn.Module) -> tuple[str, ...]:
+    """The qualified-name prefixes (``"unet."``) of the outermost diffusers models inside ``model``, a user's step (not
+    a diffusers model itself: ``ConsistencyDecoderVAE`` holds a UNet beside its encoder), in module order; empty for
+    a diffusers model."""
+    if _is_diffusers_model(model):
+        return ()
+    found: list[str] = []
+    for name, module in named_module_list(model):
+        if name and _is_diffusers_model(module) and not any(name.startswith(prefix) for prefix in found):
+            found.append(name + ".")
+    return tuple(found)
+
+
 def _is_diffusers_model(module: nn.Module) -> bool:
     """Whether ``module`` is a whole diffusers model (its class a ``ModelMixin``): a UNet, a ControlNet, a diffusion
     transformer, an autoencoder."""
