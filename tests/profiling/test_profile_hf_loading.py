@@ -392,6 +392,8 @@ def test_trocr_is_profiled_through_its_image_encoder(tmp_path, image_folder):
     ("encoder.layer.0.output.dense.bias", "layers.0.mlp.fc2.bias", True),
     ("embeddings.patch_embeddings.projection.weight", "embeddings.patch_embeddings.projection.weight", True),
     ("layernorm.weight", "layernorm.weight", False),
+    # The last layer's pre-attention norm, registered after its attention (QA 366: loaded, a norm of ones).
+    ("encoder.layer.1.layernorm_before.weight", "layers.1.layernorm_before.weight", True),
 ])
 def test_a_checkpoint_lacking_weights_that_run_before_attention_is_refused(tmp_path, dropped, parameter, refused):
     """transformers draws a weight the checkpoint lacks at random: one that runs before or in the last attention
@@ -413,3 +415,23 @@ def test_a_checkpoint_lacking_weights_that_run_before_attention_is_refused(tmp_p
             load_model(f"hf:{tmp_path}")
     else:
         assert parameter in load_model(f"hf:{tmp_path}").unloaded  # besides the pooler the checkpoint never had
+
+
+@pytest.mark.parametrize("dropped", ["head.", "post_layernorm."])
+def test_a_siglip_tower_without_its_pooling_head_or_final_norm_is_loaded(tmp_path, dropped):
+    """The attention-pooling head's attention, which the recording skips, was counted as the last attention layer:
+    a SigLIP tower saved without its head or final norm, as vision-language models store it, was refused (QA 366).
+    Neither runs before a placed layer."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    config = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=32, patch_size=8)
+    transformers.SiglipVisionModel(config).save_pretrained(tmp_path)
+    transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if not k.removeprefix("vision_model.").startswith(dropped)}
+    assert len(kept) < len(weights)
+    save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = load_model(f"hf:{tmp_path}")
+    assert loaded.unloaded and all(name.startswith(dropped) for name in loaded.unloaded)

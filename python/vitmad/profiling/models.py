@@ -603,27 +603,42 @@ def _refuse_random_weights_before_attention(spec: str, module: torch.nn.Module, 
     """Refuse a checkpoint that lacks weights of ``module`` (the part profiled) that run before or in its last
     attention layer: transformers initialises them at random, and the MAD would be that of random weights, different
     at every load (a tower saved with a weight deleted ran without a word, QA helper-140). Weights after it (a final
-    norm, a pooler, a head) change no attention: they stay allowed, as they were. Modules are taken to run in the
-    order they are registered, as transformers' vision models register them (a weight registered after the last
-    attention layer but run before it would go unnoticed, as every missing weight did before); a ``mask_token`` is
-    used only when a mask is passed, which profiling never does.
+    norm, a pooler, a head) change no attention: they stay allowed, as they were. The attention layers are those the
+    recording places (a pooling head's, which it skips, is not one: SigLIP's tower saved without its head was
+    refused, QA 366). Modules are taken to run in the order they are registered, the whole block holding the last
+    attention layer (the module a ModuleList or Sequential holds) counted as running before it: transformers' ViT,
+    CLIP and SigLIP layers register their pre-attention norm after the attention, and that norm missing in the last
+    layer went unnoticed, its MAD that of a norm of ones (QA 366). A ``mask_token`` is used only when a mask is
+    passed, which profiling never does.
 
     Raises:
         OptionError: (``model``) naming the first such weight.
     """
+    from ..recording import record
     from ..recording.recorder import attention_modules
 
     missing = {key for key in missing if key.rpartition(".")[2] != "mask_token"}
     if not missing:
         return
-    names = [name for name, _ in module.named_modules()]
-    attention = attention_modules(module)
+    named = dict(module.named_modules())
+    names = list(named)
+    try:
+        attention = list(record(module)._modules)  # the layers it places, not entered: no hook is installed
+    except Exception:  # noqa: BLE001 (the profile refuses such a model itself, with its own words)
+        attention = list(attention_modules(module))
     if not attention:
         return
     position = {name: i for i, name in enumerate(names)}
-    last = max(position[name] for name in attention)
-    end = last + 1  # past the last attention module and everything inside it
-    while end < len(names) and names[end].startswith(names[last] + "."):
+    last = names[max(position[name] for name in attention)]
+    # The block holding it: the nearest module above it that a ModuleList or Sequential holds.
+    parts = last.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        if isinstance(named.get(".".join(parts[:depth - 1]) if depth > 1 else ""), (torch.nn.ModuleList,
+                                                                                      torch.nn.Sequential)):
+            last = ".".join(parts[:depth])
+            break
+    end = position[last] + 1  # past that block and everything inside it
+    while end < len(names) and names[end].startswith(last + "."):
         end += 1
     harmful = sorted(key for key in missing if position.get(key.rpartition(".")[0], len(names)) < end)
     if harmful:
