@@ -18,6 +18,7 @@ probabilities it computes itself), placed by geometry written here from diffuser
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -217,6 +218,33 @@ def test_attention_run_outside_its_network_is_refused():
     with torch.no_grad(), vitmad.record(model, layers=["decoder.mid_block.attentions.0"]):
         with pytest.raises(ValueError, match="conv_in made its map"):
             model.decoder.mid_block.attentions[0](torch.randn(1, 16, 3, 5))
+
+
+@pytest.mark.parametrize("net", ["vae", "unet"])
+def test_a_block_run_by_hand_after_its_networks_forward_is_refused(net):
+    # After a forward, a block run by hand on a map of the user's found the ended forward's last map, was placed at
+    # its stride and joined that finished call (QA 370). The network's map ends with its forward.
+    generator = torch.Generator().manual_seed(3)
+    if net == "vae":
+        model, block = _autoencoder(), "encoder.mid_block.attentions.0"
+        x, own_map = torch.randn(1, 3, 16, 12, generator=generator), torch.randn(1, 16, 4, 3, generator=generator)
+        run = lambda: model.encode(x)  # noqa: E731
+        by_hand = lambda: model.encoder.mid_block(own_map)  # noqa: E731
+    else:
+        model, block = _unet(), "down_blocks.0.attentions.0"
+        x, own_map = torch.randn(1, 4, 8, 6, generator=generator), torch.randn(1, 8, 8, 6, generator=generator)
+        run = lambda: model(x, torch.tensor([3]))  # noqa: E731
+        by_hand = lambda: model.down_blocks[0].attentions[0](own_map)  # noqa: E731
+    with torch.no_grad(), vitmad.record(model) as rec:
+        run()
+        layers = list(rec.layers)
+        assert block in layers
+        with pytest.raises(ValueError, match=re.escape(block) + r" .*or after the forward of \w+ ended \(which "
+                                                                   r"ends its map\)"):
+            by_hand()
+        run()  # the next forward is recorded as the first was
+    assert [call.layers for call in rec.calls] == [layers, layers]
+    torch.testing.assert_close(rec.calls[0].per_layer, rec.calls[1].per_layer, rtol=0, atol=0)
 
 
 def test_temporal_decoder_is_refused_by_name():

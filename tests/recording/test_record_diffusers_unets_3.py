@@ -273,7 +273,8 @@ def test_attention_run_outside_the_forward_names_the_module_that_starts_the_map(
     for model, name, attention, shape, start in cases:
         unet = type(model).__name__
         with pytest.raises(ValueError, match=rf"{name} \(Attention\) of {unet}: it ran before {unet}'s {start} made "
-                                             "its map, so its latent grid is unknown"):
+                                             rf"its map, or after the forward of {unet} ended \(which ends its map\), "
+                                             "so its latent grid is unknown"):
             with torch.no_grad(), vitmad.record(model, layers=[name]):
                 attention(torch.randn(*shape))
 

@@ -358,7 +358,14 @@ class UNetMapPlacer(LayerPlacer):
         handles += [m.register_forward_hook(functools.partial(self.sampled, context, f)) for m, f in self.samplings]
         handles.append(self.holder.register_forward_pre_hook(functools.partial(self.received, context),
                                                              with_kwargs=True))
+        handles.append(self.unet.register_forward_hook(functools.partial(self.ended, context)))
         return handles + self.install_call_hooks(context)
+
+    def ended(self, context: CallContext, module: nn.Module, args, output) -> None:
+        """Forward hook of the network: its map ends with its forward. A block run by hand after it found the ended
+        forward's last map and was placed on it, its entry joining that finished call (QA 370); it now finds none
+        (unless it runs ``conv_in`` by hand first, which makes one) and is refused."""
+        context.values.pop(self.key, None)
 
     def sampled(self, context: CallContext, factor: float | None, module: nn.Module, args, output) -> None:
         """Forward hook of ``conv_in`` (``factor`` None: the latent grid, stride 1) and of each sampling (its stride
@@ -433,7 +440,8 @@ class UNetMapPlacer(LayerPlacer):
         current = context.values.get(self.key)
         if current is None:
             start = next((name for name, m in self.unet.named_modules() if m is self.map_source()), "conv_in")
-            raise NotPlaceable(f"it ran before {type(self.unet).__name__}'s {start} made its map, so its latent grid "
+            raise NotPlaceable(f"it ran before {type(self.unet).__name__}'s {start} made its map, or after the "
+                               f"forward of {type(self.unet).__name__} ended (which ends its map), so its latent grid "
                                "is unknown")
         shape, frames = context.values.get(self.input_key, (None, None))
         if shape is None or len(shape) != 4 or tuple(shape[-2:]) != current.grid:
