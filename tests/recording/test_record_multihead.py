@@ -86,6 +86,34 @@ def test_torchvision_conv_stem_vit_is_placed_by_its_stems_stride(strides, subcla
     torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(layers, calls), patch, grid), **TOL)
 
 
+def test_torchvision_conv_stem_vit_with_lora_on_its_last_convolution():
+    # PEFT's LoRA layer holds the 1x1 conv_last as conv_proj.conv_last.base_layer: read as conv_last (QA 369: refused
+    # as having no patch embedding). The adapter, drawn away from zero, changes the tokens, not their places.
+    torchvision = pytest.importorskip("torchvision")
+    peft = pytest.importorskip("peft")
+    from torchvision.models.vision_transformer import ConvStemConfig
+    torch.manual_seed(0)
+    stem = [ConvStemConfig(out_channels=8, kernel_size=3, stride=2), ConvStemConfig(out_channels=16, kernel_size=3,
+                                                                                    stride=2)]
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32,
+                                               mlp_dim=64, conv_stem_configs=stem).eval()
+    model = peft.get_peft_model(vit, peft.LoraConfig(r=4, target_modules=["conv_last"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    model.eval()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    layers = [block.self_attention for block in vit.encoder.layers]
+    calls, handles = _spy(layers)
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    for handle in handles:
+        handle.remove()
+    assert [g.stride for g in rec.geometry] == [(4.0, 4.0)] * 2
+    torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(layers, calls), 4, (8, 8)), **TOL)
+
+
 class _MHAViT(nn.Module):
     """A ViT of nn.MultiheadAttention layers: an 8-pixel patch convolution, CLS first, masks passed through."""
 

@@ -142,12 +142,13 @@ def copy_holder(root: nn.Module, module: nn.Module) -> nn.Module | None:
 
 def unwrapped_name(name: str) -> str:
     """``name`` as the module would be named without PEFT's ``ModulesToSaveWrapper`` around it or a holder of it
-    (``…projection.original_module`` and ``…projection.modules_to_save.default`` are ``…projection``)."""
+    (``…projection.original_module`` and ``…projection.modules_to_save.default`` are ``…projection``), or PEFT's LoRA
+    layer around it (``…projection.base_layer``: a LoRA adapter on the patch convolution, QA 369)."""
     parts, kept, skip = name.split("."), [], 0
     for i, part in enumerate(parts):
         if skip:
             skip -= 1
-        elif part == "original_module":
+        elif part == "original_module" or part == "base_layer" and i > 0:
             continue
         elif part == "modules_to_save" and i + 1 < len(parts):
             skip = 1  # and the adapter's name after it
