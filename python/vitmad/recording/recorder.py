@@ -47,6 +47,7 @@ from ..ops import attention_stats, attention_stats_qk, mad, mad_qk
 from ..ops.arguments import (
     STAT_NAMES,
     TEMPORAL_MAD,
+    check_reduction,
     check_renormalize,
     grid_ints,
     index_int,
@@ -866,8 +867,7 @@ class Recording:
             raise TypeError(f"vitmad.record: model must be an nn.Module (a spec string is for vitmad.profile), "
                             f"got {type(model).__name__}")
         _disable_marked_for_dynamo()
-        if reduction not in ("mean", "none"):
-            raise ValueError(f"vitmad.record: reduction must be 'mean' or 'none', got {reduction!r}")
+        check_reduction(reduction, "vitmad.record")  # as the ops check it: a TypeError for one that is no string
         check_renormalize(renormalize, "vitmad.record")  # "no" would be true; NumPy's bool is one, as the ops take
         if patch is not None:  # an integer of any kind (NumPy's, a 0-d tensor's), as grid takes
             if index_int(patch) is None or index_int(patch) <= 0:
