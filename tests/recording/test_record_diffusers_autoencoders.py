@@ -369,6 +369,38 @@ def test_a_step_with_a_text_encoder_beside_its_unet_records_the_diffusers_nets_b
     torch.testing.assert_close(rec.per_layer, named.per_layer, rtol=0, atol=0)
 
 
+class _LatentViT(torch.nn.Module):
+    """A user's latent ViT: timm's PatchEmbed and Blocks at the module's root (no tower prefix), on the latent of a
+    diffusers VAE it holds."""
+
+    def __init__(self):
+        super().__init__()
+        timm = pytest.importorskip("timm")
+        self.vae = _small_autoencoder()
+        torch.manual_seed(3)
+        self.patch_embed = timm.layers.PatchEmbed(img_size=8, patch_size=2, in_chans=4, embed_dim=16)
+        self.blocks = torch.nn.Sequential(*[timm.models.vision_transformer.Block(16, 2) for _ in range(2)])
+
+    def forward(self, x):
+        return self.blocks(self.patch_embed(self.vae.encode(x).latent_dist.mode()))
+
+
+def test_a_users_own_attention_beside_a_vae_is_kept_by_default():
+    # Only a text encoder beside the nets is left out: a first version kept the diffusers nets' layers alone, and the
+    # user's latent ViT beside its VAE was dropped, listed nowhere (QA 371).
+    model = sharpened(_LatentViT())
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(x)
+    assert rec.layers == ["vae.encoder.mid_block.attentions.0", "blocks.0.attn", "blocks.1.attn"]
+    with torch.no_grad(), vitmad.record(model, layers=["blocks.*"]) as blocks:
+        model(x)
+    # With the VAE, the image is the VAE's: its latent cells are 2 px; alone, the blocks are in latent pixels.
+    assert [g.stride for g in rec.geometry] == [(2.0, 2.0), (4.0, 4.0), (4.0, 4.0)]
+    assert [g.stride for g in blocks.geometry] == [(2.0, 2.0)] * 2
+    torch.testing.assert_close(torch.stack(rec.per_layer[1:]), 2 * blocks.mad, rtol=1e-6, atol=0)
+
+
 def test_consistency_decoder_vae_encode_and_each_decoder_step_are_calls():
     # ConsistencyDecoderVAE: the image autoencoders' Encoder, then a UNet2DModel that decodes in steps. encode alone
     # is a call, and so is each step of the UNet (QA 361: the second encode joined the last decoder step's call).

@@ -62,7 +62,7 @@ from .differential import CallSums, combine, differential_lambda, is_differentia
 from .families import ClassQueries, Skip, family_modules, family_placer, probabilities_source, probabilities_view
 from .families.class_attention import ClassQueryPlacer
 from .families.diffusers_autoencoders import attention_modules as autoencoder_attention
-from .families.diffusers_autoencoders import beside_a_denoiser, diffusers_models_in
+from .families.diffusers_autoencoders import beside_a_denoiser, text_encoders_beside_nets
 from .families.diffusers_images import denoisers_beside
 from .families.kornia import listed_dinov2
 from .families.masked import GivenPositionsPlacer
@@ -1082,13 +1082,11 @@ class Recording:
             autoencoders = set(autoencoder_attention(model)) if beside_a_denoiser(model, prefix) else set()
             chosen = {n: m for n, m in found.items() if n.startswith(prefix) or n in autoencoders
                       or is_second_encoder_of(model, n, m, prefix) or n.startswith(denoisers)}
-            nets = diffusers_models_in(model) if not prefix else ()
-            if nets:
+            text = text_encoders_beside_nets(model) if not prefix else ()
+            if text:
                 # A user's step holding diffusers nets that embed with no patch convolution (a UNet, a VAE) beside a
-                # text encoder: the nets' layers, as beside a diffusion transformer, whose patch embedding leaves the
-                # text encoder out; every layer was taken, and the text encoder's causal attention refused the step
-                # (QA 370).
-                chosen = {n: m for n, m in chosen.items() if n.startswith(nets)}
+                # text encoder: the text encoder left out, as beside a diffusion transformer.
+                chosen = {n: m for n, m in chosen.items() if not n.startswith(text)}
             # A second tower that embeds the image is named, not left out silently: one recording places the tokens
             # of one tower (its patch embedding's grid), so the other's layers are its own recording's.
             for tower in other_image_towers(model, prefix):

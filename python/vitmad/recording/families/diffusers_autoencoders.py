@@ -93,15 +93,29 @@ def beside_a_denoiser(model: nn.Module, prefix: str) -> bool:
         _is_diffusers_model(module) for name, module in enclosing_modules(model, tower) if name))
 
 
-def diffusers_models_in(model: nn.Module) -> tuple[str, ...]:
-    """The qualified-name prefixes (``"unet."``) of the outermost diffusers models inside ``model``, a user's step (not
-    a diffusers model itself: ``ConsistencyDecoderVAE`` holds a UNet beside its encoder), in module order; empty for
-    a diffusers model."""
-    if _is_diffusers_model(model):
+# The names text encoders give their token embedding (CLIP's, T5's, BERT's, GPT-2's, Llama's).
+_TOKEN_EMBEDDINGS = ("token_embedding", "embed_tokens", "word_embeddings", "wte", "shared")
+
+
+def text_encoders_beside_nets(model: nn.Module) -> tuple[str, ...]:
+    """The qualified-name prefixes (``"text_encoder."``) of the text encoders in a user's step that holds diffusers
+    models (``model`` not a diffusers model itself): the outermost modules outside every diffusers model that embed
+    text tokens (an ``nn.Embedding`` under one of :data:`_TOKEN_EMBEDDINGS`) and hold no convolution (no image
+    tower); empty where the step holds no diffusers model. Their layers are left out by default, as beside a
+    diffusion transformer, whose patch embedding names the tower: a UNet or a VAE embeds with no patch convolution,
+    so every attention was taken, and a CLIP text encoder's causal attention refused the whole step (QA 370). A
+    user's own attention beside the nets stays (QA 371: dropping every layer outside them lost a latent ViT)."""
+    named = named_module_list(model)
+    if _is_diffusers_model(model) or not any(name and _is_diffusers_model(m) for name, m in named):
         return ()
     found: list[str] = []
-    for name, module in named_module_list(model):
-        if name and _is_diffusers_model(module) and not any(name.startswith(prefix) for prefix in found):
+    for name, module in named:
+        if not name or any(name.startswith(prefix) for prefix in found) or _is_diffusers_model(module) or any(
+                _is_diffusers_model(m) for n, m in enclosing_modules(model, name) if n):
+            continue
+        inner = named_module_list(module)
+        if any(isinstance(m, nn.Embedding) and n.rpartition(".")[2] in _TOKEN_EMBEDDINGS for n, m in inner) \
+                and not any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for _, m in inner):
             found.append(name + ".")
     return tuple(found)
 
