@@ -410,7 +410,8 @@ def test_a_checkpoint_lacking_weights_that_run_before_attention_is_refused(tmp_p
               metadata={"format": "pt"})
     if refused:
         with pytest.raises(OptionError, match=r"model: hf:.*: the checkpoint has no weights for 1 parameters of "
-                                              r"ViTModel that run before or in its attention layers \(e\.g\. "
+                                              r"ViTModel that run before or in its attention layers, or in the "
+                                              r"block of the last of them \(e\.g\. "
                                               + parameter.replace(".", r"\.") + r"\)"):
             load_model(f"hf:{tmp_path}")
     else:
@@ -435,3 +436,11 @@ def test_a_siglip_tower_without_its_pooling_head_or_final_norm_is_loaded(tmp_pat
     save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
     loaded = load_model(f"hf:{tmp_path}")
     assert loaded.unloaded and all(name.startswith(dropped) for name in loaded.unloaded)
+    # The head's maps are recorded with prefix_maps: then it counts (QA 371: its maps were a random head's).
+    pixels = torch.rand(1, 3, 32, 32)
+    assert vitmad.profile(f"hf:{tmp_path}", pixels, stats=["entropy"]).layers
+    with pytest.raises(OptionError, match=r"model: hf:.*: the checkpoint has no weights for \d+ parameters of "
+                                          r"SiglipVisionModel that run before or in its attention layers, the pooling "
+                                          r"head whose maps --stats prefix_maps records included, .* the maps would "
+                                          r"be those of random weights"):
+        vitmad.profile(f"hf:{tmp_path}", pixels, stats=["prefix_maps"])

@@ -54,7 +54,14 @@ from .distributed import (
 from .files import held_by_this_run
 from .images import NATIVE, find_images, load_batch, parse_image_size
 from .model_failure import MODEL_ERRORS, own_forward_refusal
-from .models import LoadedModel, load_model, non_square_table_said, random_masking, wrap_module
+from .models import (
+    LoadedModel,
+    load_model,
+    non_square_table_said,
+    random_masking,
+    refuse_random_weights_before_attention,
+    wrap_module,
+)
 from .native import NativeFeed, check_fixed_size, load_native_batch, native_feed, native_geometry
 from .options import (
     DTYPES,
@@ -669,6 +676,8 @@ def plan_run(
     elif "prefix_maps" in stats and isinstance(preprocessing, VolumePreprocessing):
         maps_skipped = "volumes: prefix maps are averaged over 2-D image grids only"
     recorded = (*statistics, *(["prefix_maps"] if "prefix_maps" in stats and maps_skipped is None else []))
+    if "prefix_maps" in recorded and loaded.unloaded:
+        refuse_random_weights_before_attention(loaded.spec, loaded.module, loaded.unloaded, maps=True)
     if recorded:
         record_options["stats"] = ["mad", *recorded]
     _check_recordable(loaded.module, record_options, layers)

@@ -546,7 +546,7 @@ def _load_hf(spec: str, name: str, image_size: tuple[int, int] | str | None = No
                                           own_geometry=image_size in (None, NATIVE))
     outer = module
     module, prefix = vision_tower(module)
-    _refuse_random_weights_before_attention(spec, module, {key[len(prefix):] for key in missing
+    refuse_random_weights_before_attention(spec, module, {key[len(prefix):] for key in missing
                                                            if key.startswith(prefix)})
     masked = random_masking(module)
     if masked is not None:
@@ -599,17 +599,20 @@ def _refuse_foreign_naflex_processor(module: torch.nn.Module, processor: dict) -
                  "model(**processor(images=..., return_tensors='pt'))")
 
 
-def _refuse_random_weights_before_attention(spec: str, module: torch.nn.Module, missing: set[str]) -> None:
+def refuse_random_weights_before_attention(spec: str, module: torch.nn.Module, missing: set[str] | frozenset[str],
+                                           maps: bool = False) -> None:
     """Refuse a checkpoint that lacks weights of ``module`` (the part profiled) that run before or in its last
     attention layer: transformers initialises them at random, and the MAD would be that of random weights, different
     at every load (a tower saved with a weight deleted ran without a word, QA helper-140). Weights after it (a final
     norm, a pooler, a head) change no attention: they stay allowed, as they were. The attention layers are those the
     recording places (a pooling head's, which it skips, is not one: SigLIP's tower saved without its head was
-    refused, QA 366). Modules are taken to run in the order they are registered, the whole block holding the last
-    attention layer (the module a ModuleList or Sequential holds) counted as running before it: transformers' ViT,
-    CLIP and SigLIP layers register their pre-attention norm after the attention, and that norm missing in the last
-    layer went unnoticed, its MAD that of a norm of ones (QA 366). A ``mask_token`` is used only when a mask is
-    passed, which profiling never does.
+    refused, QA 366), and with ``maps`` (``--stats prefix_maps``, which records a pooling head's maps) every one,
+    the head's included (QA 371: its maps were those of a head drawn at random). Modules are taken to run in the
+    order they are registered, the whole block holding the last attention layer (the module a ModuleList or
+    Sequential holds) counted as running before it: transformers' ViT, CLIP and SigLIP layers register their
+    pre-attention norm after the attention, and that norm missing in the last layer went unnoticed, its MAD that of
+    a norm of ones (QA 366); so a weight of that block run after its attention (its MLP) is refused too, rather than
+    a norm of ones measured. A ``mask_token`` is used only when a mask is passed, which profiling never does.
 
     Raises:
         OptionError: (``model``) naming the first such weight.
@@ -622,10 +625,12 @@ def _refuse_random_weights_before_attention(spec: str, module: torch.nn.Module, 
         return
     named = dict(module.named_modules())
     names = list(named)
-    try:
-        attention = list(record(module)._modules)  # the layers it places, not entered: no hook is installed
-    except Exception:  # noqa: BLE001 (the profile refuses such a model itself, with its own words)
-        attention = list(attention_modules(module))
+    attention = list(attention_modules(module))
+    if not maps:
+        try:
+            attention = list(record(module)._modules)  # the layers it places, not entered: no hook is installed
+        except Exception:  # noqa: BLE001 (the profile refuses such a model itself, with its own words)
+            pass
     if not attention:
         return
     position = {name: i for i, name in enumerate(names)}
@@ -642,10 +647,12 @@ def _refuse_random_weights_before_attention(spec: str, module: torch.nn.Module, 
         end += 1
     harmful = sorted(key for key in missing if position.get(key.rpartition(".")[0], len(names)) < end)
     if harmful:
+        what = ("its attention layers, the pooling head whose maps --stats prefix_maps records included" if maps
+                else "its attention layers")
         raise OptionError("model", f"{spec}: the checkpoint has no weights for {len(harmful)} parameters of "
-                                   f"{type(module).__name__} that run before or in its attention layers (e.g. "
-                                   f"{harmful[0]}), which transformers would initialise at random: the MAD would be "
-                                   "that of random weights")
+                                   f"{type(module).__name__} that run before or in {what}, or in the block of the last "
+                                   f"of them (e.g. {harmful[0]}), which transformers would initialise at random: the "
+                                   f"{'maps would be those' if maps else 'MAD would be that'} of random weights")
 
 
 def _raised_reading(err: BaseException) -> bool:
