@@ -58,8 +58,9 @@ def test_torchvision_vit_matches_its_layers_own_probabilities():
     torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(layers, calls), 16, (5, 5)), **TOL)
 
 
-@pytest.mark.parametrize("strides, subclassed", [((2, 2), False), ((2, 1, 2, 2), True)])
-def test_torchvision_conv_stem_vit_is_placed_by_its_stems_stride(strides, subclassed):
+@pytest.mark.parametrize("strides, kernel, subclassed", [((2, 2), 3, False), ((2, 1, 2, 2), 3, True),
+                                                        ((2, 2), None, False)])
+def test_torchvision_conv_stem_vit_is_placed_by_its_stems_stride(strides, kernel, subclassed):
     # conv_stem_configs makes conv_proj a stack of 3x3 Conv-BN-ReLU blocks and a 1x1 conv_last: one token per cell of
     # the stem's map, so the tokens lie prod(strides) pixels apart (4 or 8 here; the model needs it to be its patch).
     torchvision = pytest.importorskip("torchvision")
@@ -68,7 +69,9 @@ def test_torchvision_conv_stem_vit_is_placed_by_its_stems_stride(strides, subcla
     patch = 1
     for stride in strides:
         patch *= stride
-    stem = [ConvStemConfig(out_channels=8 * (i + 1), kernel_size=3, stride=s) for i, s in enumerate(strides)]
+    # kernel None: each convolution's kernel is its stride, which made the first of them a candidate embedding
+    # taken before conv_last (QA 371).
+    stem = [ConvStemConfig(out_channels=8 * (i + 1), kernel_size=kernel or s, stride=s) for i, s in enumerate(strides)]
     builder = torchvision.models.VisionTransformer
     if subclassed:  # a user's subclass, defined in another module, holds the same stem; its class token is stated
         builder = type("MyViT", (builder,), {"__module__": __name__})
@@ -86,9 +89,11 @@ def test_torchvision_conv_stem_vit_is_placed_by_its_stems_stride(strides, subcla
     torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(layers, calls), patch, grid), **TOL)
 
 
-def test_torchvision_conv_stem_vit_with_lora_on_its_last_convolution():
+@pytest.mark.parametrize("adapter", ["lora", "modules_to_save"])
+def test_torchvision_conv_stem_vit_with_lora_on_its_last_convolution(adapter):
     # PEFT's LoRA layer holds the 1x1 conv_last as conv_proj.conv_last.base_layer: read as conv_last (QA 369: refused
-    # as having no patch embedding). The adapter, drawn away from zero, changes the tokens, not their places.
+    # as having no patch embedding); modules_to_save of the whole stack makes conv_proj PEFT's wrapper, no Sequential
+    # (QA 371: refused so too). The adapter, drawn away from zero, changes the tokens, not their places.
     torchvision = pytest.importorskip("torchvision")
     peft = pytest.importorskip("peft")
     from torchvision.models.vision_transformer import ConvStemConfig
@@ -97,10 +102,12 @@ def test_torchvision_conv_stem_vit_with_lora_on_its_last_convolution():
                                                                                     stride=2)]
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32,
                                                mlp_dim=64, conv_stem_configs=stem).eval()
-    model = peft.get_peft_model(vit, peft.LoraConfig(r=4, target_modules=["conv_last"]))
+    config = (peft.LoraConfig(r=4, target_modules=["conv_last"]) if adapter == "lora" else
+              peft.LoraConfig(r=4, target_modules=["out_proj"], modules_to_save=["conv_proj"]))
+    model = peft.get_peft_model(vit, config)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "modules_to_save" in name and name.endswith("conv_last.weight"):
                 parameter.normal_(std=0.5)
     model.eval()
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -98,6 +98,8 @@ def _candidates(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[
         if any(name.startswith(prompt) for prompt in prompts) or "mask" in name.rpartition(".")[2] \
                 or id(module) in idle:
             continue
+        if _conv_stem_output(model, name, module, inside=True):
+            continue  # a convolution of the conv-stem ViT's stack, before its conv_last: the stem, not the embedding
         if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == tuple(module.stride):
             projection = is_embedding_projection(unwrapped_name(name), module)
             if projection or max(module.kernel_size) > 1 or _conv_stem_output(model, name, module):
@@ -105,7 +107,7 @@ def _candidates(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[
     return found
 
 
-def _conv_stem_output(model: nn.Module, name: str, module: nn.Module) -> bool:
+def _conv_stem_output(model: nn.Module, name: str, module: nn.Module, inside: bool = False) -> bool:
     """Whether ``module`` is the 1x1 ``conv_last`` of torchvision's conv-stem ViT (``conv_stem_configs``: a
     ``conv_proj`` Sequential of strided Conv-BN-ReLU blocks, then this convolution, whose tokens are one per cell of
     the stack's map), of its class or a subclass of it: a candidate patch embedding as a convolution whose kernel
@@ -113,15 +115,25 @@ def _conv_stem_output(model: nn.Module, name: str, module: nn.Module) -> bool:
     and the model was refused as having no patch embedding. (Not taken as named for a projection, preferred over
     earlier candidates: which tower a wrapper of two records, and the grid each is checked against, stay as they
     were, QA 369.)"""
-    parts = unwrapped_name(name).split(".")  # PEFT's wrapper around the convolution (modules_to_save) left out
-    if parts[-2:] != ["conv_proj", "conv_last"] or tuple(module.kernel_size) != (1, 1):
+    parts = unwrapped_name(name).split(".")  # PEFT's wrappers (modules_to_save, LoRA's base_layer) left out
+    if inside:
+        # With ``inside``: whether it is one of the stack's strided convolutions before conv_last
+        # (conv_proj.conv_bn_relu_<i>.0), which a kernel equal to its stride made a candidate taken first (QA 371).
+        if not isinstance(module, nn.Conv2d) or len(parts) < 3 or parts[-3] != "conv_proj" \
+                or not parts[-2].startswith("conv_bn_relu_") or parts[-1] != "0":
+            return False
+        tail = 3
+    elif parts[-2:] != ["conv_proj", "conv_last"] or tuple(module.kernel_size) != (1, 1):
         return False
+    else:
+        tail = 2
     try:
-        owner = model.get_submodule(".".join(parts[:-2]))
+        owner = model.get_submodule(".".join(parts[:-tail]))
     except AttributeError:  # a wrapper above the ViT: its path is not the module's own
         return False
+    # (conv_last exists only in a conv-stem ViT: conv_proj may be PEFT's wrapper of the stack, QA 371.)
     return any(base.__module__ == "torchvision.models.vision_transformer" and base.__name__ == "VisionTransformer"
-               for base in type(owner).__mro__) and isinstance(getattr(owner, "conv_proj", None), nn.Sequential)
+               for base in type(owner).__mro__)
 
 
 def _first_candidate(candidates: list[tuple[str, nn.Conv2d, bool]]) -> tuple[str, nn.Conv2d] | None:
