@@ -444,3 +444,13 @@ def test_a_siglip_tower_without_its_pooling_head_or_final_norm_is_loaded(tmp_pat
                                           r"head whose maps --stats prefix_maps records included, .* the maps would "
                                           r"be those of random weights"):
         vitmad.profile(f"hf:{tmp_path}", pixels, stats=["prefix_maps"])
+    # Where the maps are drawn for one image rather than averaged (native resolution; image_prefix_maps), alike
+    # (QA 372: the native run drew the random head's maps).
+    from PIL import Image
+
+    image = tmp_path / "image.png"
+    Image.new("RGB", (40, 24), (10, 200, 30)).save(image)
+    for run in (lambda: vitmad.profile(f"hf:{tmp_path}", [str(image)], image_size="native", stats=["prefix_maps"]),
+                lambda: vitmad.profiling.maps.image_prefix_maps(f"hf:{tmp_path}", str(image))):
+        with pytest.raises(OptionError, match=r"the pooling head whose maps --stats prefix_maps records included"):
+            run()

@@ -401,6 +401,40 @@ def test_a_users_own_attention_beside_a_vae_is_kept_by_default():
     torch.testing.assert_close(torch.stack(rec.per_layer[1:]), 2 * blocks.mad, rtol=1e-6, atol=0)
 
 
+class _LinearLatentDiT(torch.nn.Module):
+    """A user's latent transformer with no convolution: 2 x 2 latent patches through a Linear, a class-label
+    embedding named ``shared`` (as T5's token embedding is), two timm blocks."""
+
+    def __init__(self):
+        super().__init__()
+        timm = pytest.importorskip("timm")
+        torch.manual_seed(4)
+        self.patchify, self.shared = torch.nn.Linear(16, 16), torch.nn.Embedding(10, 16)
+        self.blocks = torch.nn.Sequential(*[timm.models.vision_transformer.Block(16, 2) for _ in range(2)])
+
+    def forward(self, z, label):
+        patches = torch.nn.functional.unfold(z, 2, stride=2).transpose(1, 2)  # [B, 16 patches, 4 x 2 x 2]
+        return self.blocks(self.patchify(patches) + self.shared(label)[:, None])
+
+
+def test_a_users_module_with_an_embedding_named_as_a_text_encoders_is_kept():
+    # Only a library's text model counts as a text encoder: the user's transformer was dropped, listed nowhere, even
+    # with its layout given (QA 372).
+    model = torch.nn.ModuleDict({"vae": _small_autoencoder(), "dit": sharpened(_LinearLatentDiT())}).eval()
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        return model["dit"](model["vae"].encode(x).latent_dist.mode(), torch.tensor([3]))
+
+    layout = {"patch": 2, "grid": (4, 4), "num_prefix_tokens": 0}
+    with torch.no_grad(), vitmad.record(model, layers=["dit.*"], **layout) as alone:
+        run()
+    with torch.no_grad(), vitmad.record(model, **layout) as rec:
+        run()
+    assert rec.layers == ["vae.encoder.mid_block.attentions.0", "dit.blocks.0.attn", "dit.blocks.1.attn"]
+    torch.testing.assert_close(torch.stack(rec.per_layer[1:]), alone.mad, rtol=0, atol=0)
+
+
 def test_consistency_decoder_vae_encode_and_each_decoder_step_are_calls():
     # ConsistencyDecoderVAE: the image autoencoders' Encoder, then a UNet2DModel that decodes in steps. encode alone
     # is a call, and so is each step of the UNet (QA 361: the second encode joined the last decoder step's call).

@@ -89,7 +89,7 @@ def test_torchvision_conv_stem_vit_is_placed_by_its_stems_stride(strides, kernel
     torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(layers, calls), patch, grid), **TOL)
 
 
-@pytest.mark.parametrize("adapter", ["lora", "modules_to_save"])
+@pytest.mark.parametrize("adapter", ["lora", "modules_to_save", "lora-stack"])
 def test_torchvision_conv_stem_vit_with_lora_on_its_last_convolution(adapter):
     # PEFT's LoRA layer holds the 1x1 conv_last as conv_proj.conv_last.base_layer: read as conv_last (QA 369: refused
     # as having no patch embedding); modules_to_save of the whole stack makes conv_proj PEFT's wrapper, no Sequential
@@ -98,12 +98,16 @@ def test_torchvision_conv_stem_vit_with_lora_on_its_last_convolution(adapter):
     peft = pytest.importorskip("peft")
     from torchvision.models.vision_transformer import ConvStemConfig
     torch.manual_seed(0)
-    stem = [ConvStemConfig(out_channels=8, kernel_size=3, stride=2), ConvStemConfig(out_channels=16, kernel_size=3,
-                                                                                    stride=2)]
+    # lora-stack: LoRA on the stack's convolutions, of kernel == stride, whose lora_A has their kernel and stride
+    # (QA 372: taken for the embedding).
+    kernel = 2 if adapter == "lora-stack" else 3
+    stem = [ConvStemConfig(out_channels=8, kernel_size=kernel, stride=2),
+            ConvStemConfig(out_channels=16, kernel_size=kernel, stride=2)]
     vit = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32,
                                                mlp_dim=64, conv_stem_configs=stem).eval()
-    config = (peft.LoraConfig(r=4, target_modules=["conv_last"]) if adapter == "lora" else
-              peft.LoraConfig(r=4, target_modules=["out_proj"], modules_to_save=["conv_proj"]))
+    config = {"lora": peft.LoraConfig(r=4, target_modules=["conv_last"]),
+              "modules_to_save": peft.LoraConfig(r=4, target_modules=["out_proj"], modules_to_save=["conv_proj"]),
+              "lora-stack": peft.LoraConfig(r=4, target_modules=r".*conv_bn_relu_\d+\.0")}[adapter]
     model = peft.get_peft_model(vit, config)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

@@ -676,7 +676,8 @@ def plan_run(
     elif "prefix_maps" in stats and isinstance(preprocessing, VolumePreprocessing):
         maps_skipped = "volumes: prefix maps are averaged over 2-D image grids only"
     recorded = (*statistics, *(["prefix_maps"] if "prefix_maps" in stats and maps_skipped is None else []))
-    if "prefix_maps" in recorded and loaded.unloaded:
+    if "prefix_maps" in stats and loaded.unloaded:
+        # Asked for, the maps are drawn for the first image where they are not averaged (native resolution, QA 372).
         refuse_random_weights_before_attention(loaded.spec, loaded.module, loaded.unloaded, maps=True)
     if recorded:
         record_options["stats"] = ["mad", *recorded]

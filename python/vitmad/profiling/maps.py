@@ -19,9 +19,13 @@ __all__ = ["mad_maps", "image_prefix_maps"]
 def _record_one_image(model, image, image_size, device, **record_options):
     """``(rec, pixels)``: one forward of ``image`` (a file, or preprocessed pixels) under :func:`vitmad.record`."""
     from ..recording import record
+    from .models import refuse_random_weights_before_attention
 
     size = parse_image_size(image_size)
     loaded, preprocessing = prepare_model(model, size)
+    if "prefix_maps" in record_options.get("stats", ()) and loaded.unloaded:
+        # The maps of a pooling head whose weights the checkpoint lacks would be those of a head drawn at random.
+        refuse_random_weights_before_attention(loaded.spec, loaded.module, loaded.unloaded, maps=True)
     native = native_feed(loaded) if size == NATIVE else None
     if isinstance(image, torch.Tensor):
         if native is not None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..module_index import enclosing_modules, module_list, named_module_list
+from ..module_index import enclosing_modules, is_known_library, module_list, named_module_list
 from ..placement import CallContext, RefusingPlacer
 from .diffusers_common import attention_under, is_attention
 from .diffusers_unets import UNetMap, UNetMapPlacer
@@ -99,12 +99,14 @@ _TOKEN_EMBEDDINGS = ("token_embedding", "embed_tokens", "word_embeddings", "wte"
 
 def text_encoders_beside_nets(model: nn.Module) -> tuple[str, ...]:
     """The qualified-name prefixes (``"text_encoder."``) of the text encoders in a user's step that holds diffusers
-    models (``model`` not a diffusers model itself): the outermost modules outside every diffusers model that embed
-    text tokens (an ``nn.Embedding`` under one of :data:`_TOKEN_EMBEDDINGS`) and hold no convolution (no image
-    tower); empty where the step holds no diffusers model. Their layers are left out by default, as beside a
-    diffusion transformer, whose patch embedding names the tower: a UNet or a VAE embeds with no patch convolution,
-    so every attention was taken, and a CLIP text encoder's causal attention refused the whole step (QA 370). A
-    user's own attention beside the nets stays (QA 371: dropping every layer outside them lost a latent ViT)."""
+    models (``model`` not a diffusers model itself): the outermost modules of a library vitmad reads (transformers'
+    text models, OpenCLIP's) outside every diffusers model that embed text tokens (an ``nn.Embedding`` under one of
+    :data:`_TOKEN_EMBEDDINGS`) and hold no convolution (no image tower); empty where the step holds no diffusers
+    model. Their layers are left out by default, as beside a diffusion transformer, whose patch embedding names the
+    tower: a UNet or a VAE embeds with no patch convolution, so every attention was taken, and a CLIP text encoder's
+    causal attention refused the whole step (QA 370). A user's own attention beside the nets stays (QA 371: dropping
+    every layer outside them lost a latent ViT; QA 372: a module of the user's with a class-label embedding named
+    shared was taken for a text encoder)."""
     named = named_module_list(model)
     if _is_diffusers_model(model) or not any(name and _is_diffusers_model(m) for name, m in named):
         return ()
@@ -113,6 +115,9 @@ def text_encoders_beside_nets(model: nn.Module) -> tuple[str, ...]:
         if not name or any(name.startswith(prefix) for prefix in found) or _is_diffusers_model(module) or any(
                 _is_diffusers_model(m) for n, m in enclosing_modules(model, name) if n):
             continue
+        if not is_known_library(type(module)):
+            continue  # a module of the user's own is never left out unsaid (QA 372: a latent transformer of theirs
+            # with a class-label embedding named shared was dropped)
         inner = named_module_list(module)
         if any(isinstance(m, nn.Embedding) and n.rpartition(".")[2] in _TOKEN_EMBEDDINGS for n, m in inner) \
                 and not any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for _, m in inner):

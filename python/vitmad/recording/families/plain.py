@@ -100,6 +100,9 @@ def _candidates(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[
             continue
         if _conv_stem_output(model, name, module, inside=True):
             continue  # a convolution of the conv-stem ViT's stack, before its conv_last: the stem, not the embedding
+        if any(part in ("lora_A", "lora_B") for part in name.split(".")):
+            continue  # PEFT's LoRA adapter convolutions beside the one they adapt (QA 372: lora_A, of its kernel and
+            # stride, was taken for the embedding)
         if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == tuple(module.stride):
             projection = is_embedding_projection(unwrapped_name(name), module)
             if projection or max(module.kernel_size) > 1 or _conv_stem_output(model, name, module):
