@@ -435,6 +435,36 @@ def test_a_users_module_with_an_embedding_named_as_a_text_encoders_is_kept():
     torch.testing.assert_close(torch.stack(rec.per_layer[1:]), alone.mad, rtol=0, atol=0)
 
 
+class _OwnTextThenUNet(torch.nn.Module):
+    """A user's step: a causal text encoder of the user's own (not a library's, so kept by default), then a UNet."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.token_embedding = torch.nn.Embedding(20, 16)
+        self.text = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+        self.unet = _unet()
+
+    def forward(self, ids, z):
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(ids.shape[1])
+        self.text(self.token_embedding(ids), src_mask=mask, is_causal=True)
+        return self.unet(z, torch.tensor([5])).sample
+
+
+def test_a_users_own_causal_text_encoder_is_refused_naming_layers():
+    # Kept by default (it is no library's text model), its causal attention refuses the step; the refusal says
+    # how to leave it out (QA 373: it named no way out).
+    model = _OwnTextThenUNet().eval()
+    ids, z = torch.randint(0, 20, (1, 5)), torch.randn(1, 4, 8, 8)
+    with torch.no_grad(), vitmad.record(model), pytest.raises(ValueError, match=(
+            r"text\.self_attn \(MultiheadAttention\) runs causal attention .* if it is not the image tower's \(a text "
+            r"encoder or language model beside it\), leave it out with layers=\[the layers to record\]")):
+        model(ids, z)
+    with torch.no_grad(), vitmad.record(model, layers=["unet.*"]) as rec:
+        model(ids, z)
+    assert rec.layers and all(name.startswith("unet.") for name in rec.layers)
+
+
 def test_consistency_decoder_vae_encode_and_each_decoder_step_are_calls():
     # ConsistencyDecoderVAE: the image autoencoders' Encoder, then a UNet2DModel that decodes in steps. encode alone
     # is a call, and so is each step of the UNet (QA 361: the second encode joined the last decoder step's call).

@@ -30,6 +30,8 @@ from collections.abc import Callable
 
 import torch
 
+from .placement import CAUSAL_ADVICE
+
 __all__ = ["attention_semantics", "bound_arguments", "call_bias"]
 
 # The implementations whose arguments are read here, by the family of their semantics.
@@ -83,7 +85,7 @@ def bound_arguments(function: Callable, module, query, key, value, mask, args: t
 
 def _causal_refusal(layer: str, why: str) -> ValueError:
     return ValueError(f"vitmad.record: {layer} runs causal attention ({why}); MAD is defined for a vision "
-                      "transformer's bidirectional attention")
+                      f"transformer's bidirectional attention{CAUSAL_ADVICE}")
 
 
 def _refuse(layer: str, what: str) -> ValueError:

@@ -25,6 +25,7 @@ from torch import nn
 
 from .module_capture import DoneCallback
 from .module_index import named_module_list
+from .placement import CAUSAL_ADVICE
 from .transformers_capture import AttentionCallback
 
 __all__ = ["mha_modules", "MultiheadAttentionHooks", "mha_query_key"]
@@ -61,7 +62,7 @@ def mha_query_key(layer: str, module: nn.MultiheadAttention, args: tuple,
         raise _refuse(layer, "received nested tensors; vitmad reads padded batches")
     if named.get("is_causal", False):
         raise _refuse(layer, "runs causal attention (is_causal=True); MAD is defined for a vision transformer's "
-                             "bidirectional attention")
+                             f"bidirectional attention{CAUSAL_ADVICE}")
     if module.bias_k is not None or module.add_zero_attn:
         raise _refuse(layer, "adds keys of its own (add_bias_kv or add_zero_attn), which have no position")
     batched = query.dim() == 3

@@ -51,6 +51,7 @@ from .flex_call import (
 )
 from .forward_owner import ModuleCall, current_module_call, module_call_live
 from .module_index import is_known_library, named_module_list
+from .placement import CAUSAL_ADVICE
 from .transformers_capture import AttentionCallback, forward_source
 
 __all__ = ["may_compute_attention", "multiplies_matrices", "names_softmax", "timm_attention_modules",
@@ -505,7 +506,7 @@ class _CaptureAttention(TorchFunctionMode):
             if is_causal or _is_causal_bias(mask):  # torch's causal masks, whose storage is no bias (QA 300)
                 raise ValueError(
                     f"vitmad.record: {self.layer} ({type(self.module).__name__}) runs causal attention; MAD is "
-                    "defined for a vision transformer's bidirectional attention"
+                    f"defined for a vision transformer's bidirectional attention{CAUSAL_ADVICE}"
                 )
             # The call itself first: arguments it cannot take fail with torch's error, not with vitmad's refusal.
             result = func(*args, **kwargs)

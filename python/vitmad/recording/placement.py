@@ -22,6 +22,11 @@ import torch
 
 from ..ops.arguments import check_position_values, is_trusted_positions, trust_position_values
 
+# Ends every refusal of causal attention: such a layer is often a text encoder's or a language model's beside the
+# tower, which the default layers took (QA 373: a user's own text encoder beside a UNet).
+CAUSAL_ADVICE = ("; if it is not the image tower's (a text encoder or language model beside it), leave it out with "
+                 "layers=[the layers to record]")
+
 __all__ = ["ModelLayout", "LayerGeometry", "Placement", "LayerPlacer", "RefusingPlacer", "without_owner", "CallContext",
            "cell_centres", "select_tokens", "NotPlaceable", "read_only", "is_read_only", "on_device",
            "copy_by_content"]

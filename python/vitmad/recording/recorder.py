@@ -97,6 +97,7 @@ from .module_capture import (
 )
 from .module_index import is_known_library, module_list, named_module_list, shared_walks
 from .placement import (
+    CAUSAL_ADVICE,
     CallContext,
     LayerGeometry,
     LayerPlacer,
@@ -690,7 +691,7 @@ def _refuse_causal_probabilities(name: str, attn: torch.Tensor) -> None:
         matrix = f" of matrix {where[:-1]} of {list(attn.shape[:-2])}" if attn.dim() > 2 else ""
         raise ValueError(f"vitmad.record: {name} runs causal attention (its attention probabilities weigh no key after "
                          f"any query, and query {where[-1]}{matrix} weighs {int(earlier[tuple(where)])} keys before "
-                         "it); MAD is defined for a vision transformer's bidirectional attention")
+                         f"it); MAD is defined for a vision transformer's bidirectional attention{CAUSAL_ADVICE}")
 
 
 class NoAttentionRanError(RuntimeError):
