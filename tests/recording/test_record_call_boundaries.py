@@ -543,3 +543,35 @@ def test_a_second_tower_is_never_placed_on_the_first_towers_grid():
         model.b(torch.nn.functional.interpolate(pixels, size=(16, 16)))
     torch.testing.assert_close(rec.mad, alone.mad, rtol=0, atol=0)
     assert rec.geometry[0].grid == (4, 4) and rec.geometry[0].stride == (4.0, 4.0)
+
+
+def test_towers_held_in_a_module_list_are_told_apart():
+    """Two ViTs held in one nn.ModuleList (``towers.0``, ``towers.1``) were taken for one tower, the model's child
+    ``towers``: the second tower's layers were placed on the first's grid, silently (QA 369: a timm tower's 8 x 8
+    grid of 4 px patches read as 49 extra tokens and a 4 x 4 grid of 8 px). Refused as for towers held as
+    attributes, naming the entry to record on its own."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    towers = torch.nn.ModuleList([
+        torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16,
+                                             mlp_dim=32),
+        torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=1, num_heads=2, hidden_dim=16,
+                                             mlp_dim=32)])
+
+    class ListOfTwo(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.towers = towers
+
+        def forward(self, x):
+            return [tower(x) for tower in self.towers]
+
+    model = ListOfTwo().eval()
+    with pytest.raises(ValueError, match=r"towers\.1\.encoder\.layers\.encoder_layer_0\.self_attention lies in "
+                                         r"towers\.1, .* on the grid of towers\.0\.conv_proj, another tower's: .*"
+                                         r"vitmad\.record\(model\.get_submodule\('towers\.1'\)\)"):
+        vitmad.record(model)
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), vitmad.record(model.get_submodule("towers.1")) as rec:
+        model(pixels)
+    assert rec.geometry[0].grid == (8, 8) and rec.geometry[0].stride == (4.0, 4.0)

@@ -676,8 +676,9 @@ def plan_run(
     elif "prefix_maps" in stats and isinstance(preprocessing, VolumePreprocessing):
         maps_skipped = "volumes: prefix maps are averaged over 2-D image grids only"
     recorded = (*statistics, *(["prefix_maps"] if "prefix_maps" in stats and maps_skipped is None else []))
-    if "prefix_maps" in stats and loaded.unloaded:
-        # Asked for, the maps are drawn for the first image where they are not averaged (native resolution, QA 372).
+    drawn = "prefix_maps" in recorded or "prefix_maps" in stats and native is not None and not isinstance(
+        native, PackedVideoFeed)  # a native-resolution run draws the first image's maps (QA 372)
+    if drawn and loaded.unloaded:
         refuse_random_weights_before_attention(loaded.spec, loaded.module, loaded.unloaded, maps=True)
     if recorded:
         record_options["stats"] = ["mad", *recorded]

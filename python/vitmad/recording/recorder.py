@@ -1446,20 +1446,32 @@ class Recording:
         embedding = self._plain.embedding
         if embedding is None or "." not in embedding[0] or self._given is not None:
             return
-        home = embedding[0].split(".", 1)[0]
+        home = self._tower_root(embedding[0])
         for name in self._modules:
-            root = name.split(".", 1)[0]
+            root = self._tower_root(name)
             placer = self._placers.get(name)
             if root == home or "." not in name or placer is None or not _uses_plain_layout(placer):
                 continue
             own = self._root_embedding(root)
             if own is not None:
+                held = f"model.{root}" if "." not in root else f"model.get_submodule('{root}')"
                 raise ValueError(
                     f"vitmad.record: {name} lies in {root}, which embeds the image with its own patch embedding "
                     f"({root}.{own[0]}), but would be placed on the grid of {embedding[0]}, another tower's: a plain "
                     "ViT layout is read from one patch embedding per recording; record each tower in its own "
-                    f"vitmad.record (vitmad.record(model.{root}); both may be active around one forward), or pass "
+                    f"vitmad.record (vitmad.record({held}); both may be active around one forward), or pass "
                     "positions=")
+
+    def _tower_root(self, name: str) -> str:
+        """The model's child holding the module ``name``, or, where that child is a ``ModuleList`` or ``ModuleDict``
+        (towers held in a list), the entry of it holding the module (``towers.1``): towers in one list were one
+        tower here, and the second placed on the first's grid, silently (QA 369)."""
+        parts = name.split(".")
+        depth = 1
+        while depth < len(parts) and isinstance(self.model.get_submodule(".".join(parts[:depth])),
+                                                (nn.ModuleList, nn.ModuleDict)):
+            depth += 1
+        return ".".join(parts[:depth])
 
     def _start_tower_call(self, module: nn.Module, args) -> None:
         """A tower of several recorded ones begins: a call of its own where it runs outside the model's forward
