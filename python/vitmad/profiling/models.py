@@ -625,12 +625,14 @@ def refuse_random_weights_before_attention(spec: str, module: torch.nn.Module, m
         return
     named = dict(module.named_modules())
     names = list(named)
-    attention = list(attention_modules(module))
+    attention = None
     if not maps:
         try:
             attention = list(record(module)._modules)  # the layers it places, not entered: no hook is installed
         except Exception:  # noqa: BLE001 (the profile refuses such a model itself, with its own words)
             pass
+    if attention is None:
+        attention = list(attention_modules(module))
     if not attention:
         return
     position = {name: i for i, name in enumerate(names)}
@@ -638,8 +640,7 @@ def refuse_random_weights_before_attention(spec: str, module: torch.nn.Module, m
     # The block holding it: the nearest module above it that a ModuleList or Sequential holds.
     parts = last.split(".")
     for depth in range(len(parts) - 1, 0, -1):
-        if isinstance(named.get(".".join(parts[:depth - 1]) if depth > 1 else ""), (torch.nn.ModuleList,
-                                                                                      torch.nn.Sequential)):
+        if isinstance(named.get(".".join(parts[:depth - 1])), (torch.nn.ModuleList, torch.nn.Sequential)):
             last = ".".join(parts[:depth])
             break
     end = position[last] + 1  # past that block and everything inside it

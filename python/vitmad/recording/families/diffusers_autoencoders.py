@@ -111,9 +111,12 @@ def text_encoders_beside_nets(model: nn.Module) -> tuple[str, ...]:
     if _is_diffusers_model(model) or not any(name and _is_diffusers_model(m) for name, m in named):
         return ()
     found: list[str] = []
-    for name, module in named:
-        if not name or any(name.startswith(prefix) for prefix in found) or _is_diffusers_model(module) or any(
-                _is_diffusers_model(m) for n, m in enclosing_modules(model, name) if n):
+    passed: list[str] = []  # the diffusers models and text encoders found: nothing inside them is looked at
+    for name, module in named:  # (in module order: a module after the modules above it)
+        if not name or name.startswith(tuple(passed)):
+            continue
+        if _is_diffusers_model(module):
+            passed.append(name + ".")
             continue
         if not is_known_library(type(module)):
             continue  # a module of the user's own is never left out unsaid (QA 372: a latent transformer of theirs
@@ -122,6 +125,7 @@ def text_encoders_beside_nets(model: nn.Module) -> tuple[str, ...]:
         if any(isinstance(m, nn.Embedding) and n.rpartition(".")[2] in _TOKEN_EMBEDDINGS for n, m in inner) \
                 and not any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for _, m in inner):
             found.append(name + ".")
+            passed.append(name + ".")
     return tuple(found)
 
 

@@ -98,45 +98,46 @@ def _candidates(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> list[
         if any(name.startswith(prompt) for prompt in prompts) or "mask" in name.rpartition(".")[2] \
                 or id(module) in idle:
             continue
-        if _conv_stem_output(model, name, module, inside=True):
+        if not isinstance(module, nn.Conv2d) or any(part in ("lora_A", "lora_B") for part in name.split(".")):
+            continue  # (PEFT's LoRA adapter convolutions beside the one they adapt: QA 372, lora_A, of its kernel
+            # and stride, was taken for the embedding)
+        stem_part = _conv_stem_part(model, name)
+        if stem_part == "stack":
             continue  # a convolution of the conv-stem ViT's stack, before its conv_last: the stem, not the embedding
-        if any(part in ("lora_A", "lora_B") for part in name.split(".")):
-            continue  # PEFT's LoRA adapter convolutions beside the one they adapt (QA 372: lora_A, of its kernel and
-            # stride, was taken for the embedding)
-        if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == tuple(module.stride):
+        if tuple(module.kernel_size) == tuple(module.stride):
             projection = is_embedding_projection(unwrapped_name(name), module)
-            if projection or max(module.kernel_size) > 1 or _conv_stem_output(model, name, module):
+            if projection or max(module.kernel_size) > 1 or stem_part == "last" and tuple(module.kernel_size) == (1, 1):
                 found.append((name, module, projection))
     return found
 
 
-def _conv_stem_output(model: nn.Module, name: str, module: nn.Module, inside: bool = False) -> bool:
-    """Whether ``module`` is the 1x1 ``conv_last`` of torchvision's conv-stem ViT (``conv_stem_configs``: a
-    ``conv_proj`` Sequential of strided Conv-BN-ReLU blocks, then this convolution, whose tokens are one per cell of
-    the stack's map), of its class or a subclass of it: a candidate patch embedding as a convolution whose kernel
-    (larger than 1) equals its stride is, the stack before it followed as a stem. Of kernel 1, it was never taken,
-    and the model was refused as having no patch embedding. (Not taken as named for a projection, preferred over
-    earlier candidates: which tower a wrapper of two records, and the grid each is checked against, stay as they
-    were, QA 369.)"""
+def _conv_stem_part(model: nn.Module, name: str) -> str | None:
+    """``"last"`` for the ``conv_last`` of torchvision's conv-stem ViT (``conv_stem_configs``: a ``conv_proj``
+    Sequential of strided Conv-BN-ReLU blocks, then this 1x1 convolution, whose tokens are one per cell of the stack's
+    map), ``"stack"`` for a convolution of that stack (``conv_proj.conv_bn_relu_<i>.0``), of the class or a subclass
+    of it; None for any other convolution.
+
+    ``conv_last`` is a candidate patch embedding as a convolution whose kernel (larger than 1) equals its stride is,
+    the stack before it followed as a stem: of kernel 1, it was never taken, and the model was refused as having no
+    patch embedding. (Not taken as named for a projection, preferred over earlier candidates: which tower a wrapper
+    of two records, and the grid each is checked against, stay as they were, QA 369.) The stack's convolutions are
+    never candidates: a kernel equal to its stride made the first taken before conv_last (QA 371)."""
     parts = unwrapped_name(name).split(".")  # PEFT's wrappers (modules_to_save, LoRA's base_layer) left out
-    if inside:
-        # With ``inside``: whether it is one of the stack's strided convolutions before conv_last
-        # (conv_proj.conv_bn_relu_<i>.0), which a kernel equal to its stride made a candidate taken first (QA 371).
-        if not isinstance(module, nn.Conv2d) or len(parts) < 3 or parts[-3] != "conv_proj" \
-                or not parts[-2].startswith("conv_bn_relu_") or parts[-1] != "0":
-            return False
-        tail = 3
-    elif parts[-2:] != ["conv_proj", "conv_last"] or tuple(module.kernel_size) != (1, 1):
-        return False
+    if parts[-2:] == ["conv_proj", "conv_last"]:
+        part, tail = "last", 2
+    elif len(parts) >= 3 and parts[-3] == "conv_proj" and parts[-2].startswith("conv_bn_relu_") and parts[-1] == "0":
+        part, tail = "stack", 3
     else:
-        tail = 2
+        return None
     try:
         owner = model.get_submodule(".".join(parts[:-tail]))
     except AttributeError:  # a wrapper above the ViT: its path is not the module's own
-        return False
+        return None
     # (conv_last exists only in a conv-stem ViT: conv_proj may be PEFT's wrapper of the stack, QA 371.)
-    return any(base.__module__ == "torchvision.models.vision_transformer" and base.__name__ == "VisionTransformer"
-               for base in type(owner).__mro__)
+    if any(base.__module__ == "torchvision.models.vision_transformer" and base.__name__ == "VisionTransformer"
+           for base in type(owner).__mro__):
+        return part
+    return None
 
 
 def _first_candidate(candidates: list[tuple[str, nn.Conv2d, bool]]) -> tuple[str, nn.Conv2d] | None:
