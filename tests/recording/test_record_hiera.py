@@ -416,9 +416,9 @@ def test_hf_hiera_backbone_records_its_first_stage_and_refuses_its_pooled_querie
     # transformers' HieraBackbone runs its blocks on the row-major patch sequence, without the unroll: mask-unit
     # attention then takes token t into window t % nW, and a pooled query the maximum over tokens a quarter of the
     # sequence apart (no cell). The refusal named no way out (QA 366): it names the layers before the first pooling,
-    # which record, placed row-major.
+    # which record, placed row-major; all of them, however many, so that the list can be pasted.
     torch.manual_seed(0)
-    config = transformers.HieraConfig(embed_dim=16, image_size=[64, 96], depths=[2, 1, 1, 1],
+    config = transformers.HieraConfig(embed_dim=16, image_size=[64, 96], depths=[4, 1, 1, 1],
                                       num_heads=[2, 2, 4, 8], out_features=["stage4"])
     model = sharpened(transformers.HieraBackbone(config))
     pixels = torch.randn(2, 3, 64, 96)
@@ -427,7 +427,8 @@ def test_hf_hiera_backbone_records_its_first_stage_and_refuses_its_pooled_querie
             "query, and HieraBackbone does not unroll its tokens (it runs its blocks on the row-major sequence), so "
             "the tokens a pooled query takes the maximum over lie far apart in the image and it stands for no cell; "
             "record the layers before the first pooling, layers=['encoder.stages.0.layers.0.attn', "
-            "'encoder.stages.0.layers.1.attn'] (2 of them), or HieraModel")):
+            "'encoder.stages.0.layers.1.attn', 'encoder.stages.0.layers.2.attn', 'encoder.stages.0.layers.3.attn'] "
+            "(4 of them), or HieraModel")):
         with vitmad.record(model):
             model(pixels)
     layers = ["encoder.stages.0.layers.0.attn", "encoder.stages.0.layers.1.attn"]

@@ -205,11 +205,11 @@ class HieraPlacer(LayerPlacer):
                 if int(getattr(module, self.attributes[1])) > 1:
                     break
                 unpooled.append(name)
-        listed = repr(unpooled) if len(unpooled) <= 3 else f"[{unpooled[0]!r}, ..., {unpooled[-1]!r}]"
+        # Listed whole, however many, so that it can be pasted (a list shortened with "..." could not).
         return (f"it pools {flat} tokens into each query, and {type(self.owner).__name__} does not unroll its tokens "
                 "(it runs its blocks on the row-major sequence), so the tokens a pooled query takes the maximum over "
                 "lie far apart in the image and it stands for no cell; record the layers before the first pooling, "
-                f"layers={listed} ({len(unpooled)} of them), or HieraModel, which unrolls its tokens, for every "
+                f"layers={unpooled!r} ({len(unpooled)} of them), or HieraModel, which unrolls its tokens, for every "
                 "stage")
 
     def _layout(self, cells: torch.Tensor):
