@@ -569,9 +569,53 @@ def test_towers_held_in_a_module_list_are_told_apart():
     model = ListOfTwo().eval()
     with pytest.raises(ValueError, match=r"towers\.1\.encoder\.layers\.encoder_layer_0\.self_attention lies in "
                                          r"towers\.1, .* on the grid of towers\.0\.conv_proj, another tower's: .*"
-                                         r"vitmad\.record\(model\.get_submodule\('towers\.1'\)\)"):
+                                         r"not the whole model \(vitmad\.record\(model\.get_submodule\('towers\.0'\)\) "
+                                         r"and vitmad\.record\(model\.get_submodule\('towers\.1'\)\)"):
         vitmad.record(model)
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad(), vitmad.record(model.get_submodule("towers.1")) as rec:
         model(pixels)
     assert rec.geometry[0].grid == (8, 8) and rec.geometry[0].stride == (4.0, 4.0)
+
+
+def test_timm_towers_in_a_module_list_record_the_first_and_skip_the_second():
+    """Two timm ViTs in one nn.ModuleList (an RGB tower in towers.0, a depth tower in towers.1) were one tower, the
+    whole model, as a hierarchy's stages are (their embeddings' names end in a list index): the recording was
+    refused, and so was the one its message advised beside it (QA 378). A list whose embeddings do not chain (each
+    takes the image's channels, not the entry before it's) holds towers: the first is recorded, the second skipped
+    with the reason, as towers held as attributes are; a recording of towers.1 beside it records that tower."""
+    timm = pytest.importorskip("timm")
+
+    def tower(channels: int, image: tuple[int, int], patch: int) -> nn.Module:
+        return timm.models.VisionTransformer(img_size=image, patch_size=patch, in_chans=channels, embed_dim=16,
+                                             depth=1, num_heads=2, num_classes=0)
+
+    class RgbAndDepth(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.towers = nn.ModuleList([tower(3, (24, 32), 8), tower(1, (16, 12), 4)])
+
+        def forward(self, rgb, depth):
+            return torch.cat([self.towers[0](rgb), self.towers[1](depth)], -1)
+
+    torch.manual_seed(0)
+    model = sharpened(RgbAndDepth())
+    maps = unfused_maps(model, "Attention")
+    rgb, depth = torch.randn(2, 3, 24, 32), torch.randn(2, 1, 16, 12)
+    with torch.no_grad():
+        model(rgb, depth)
+    expected = []
+    for (_, probabilities), (grid, patch) in zip(maps, [((3, 4), 8), ((4, 3), 4)]):
+        rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+        centres = (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * patch
+        patches = probabilities.double()[:, :, 1:, 1:]  # the class token first, without a position
+        expected.append((patches * torch.cdist(centres, centres)).sum(-1).mean(-1))
+    maps.clear()
+    with torch.no_grad(), vitmad.record(model) as whole, vitmad.record(model.get_submodule("towers.1")) as second:
+        model(rgb, depth)
+    assert whole.layers == ["towers.0.blocks.0.attn"] and second.layers == ["blocks.0.attn"]
+    reason = whole.skipped["towers.1.blocks.0.attn"]
+    assert "in towers.1, a second tower that embeds the image beside towers.0" in reason
+    assert "vitmad.record(model.get_submodule('towers.1'))" in reason
+    torch.testing.assert_close(whole.mad[0].double(), expected[0], **TOL)
+    torch.testing.assert_close(second.mad[0].double(), expected[1], **TOL)

@@ -1454,13 +1454,16 @@ class Recording:
                 continue
             own = self._root_embedding(root)
             if own is not None:
-                held = f"model.{root}" if "." not in root else f"model.get_submodule('{root}')"
+                # Both towers named: a recording of the whole model beside one of the second tower still places
+                # that tower's layers on the first's grid (QA 378 read the advice so).
+                held = [f"vitmad.record(model.{tower})" if "." not in tower
+                        else f"vitmad.record(model.get_submodule('{tower}'))" for tower in (home, root)]
                 raise ValueError(
                     f"vitmad.record: {name} lies in {root}, which embeds the image with its own patch embedding "
                     f"({root}.{own[0]}), but would be placed on the grid of {embedding[0]}, another tower's: a plain "
                     "ViT layout is read from one patch embedding per recording; record each tower in its own "
-                    f"vitmad.record (vitmad.record({held}); both may be active around one forward), or pass "
-                    "positions=")
+                    f"vitmad.record, not the whole model ({held[0]} and {held[1]}; both may be active around one "
+                    "forward), or pass positions=")
 
     def _tower_root(self, name: str) -> str:
         """The model's child holding the module ``name``, or, where that child is a ``ModuleList`` or ``ModuleDict``

@@ -85,11 +85,12 @@ def encoder_prefix(model: nn.Module) -> str:
             tower = next((name for name, module in named_module_list(model)
                           if name and type(module).__name__.endswith(("VisionModel", "VisionEncoder"))), None)
         return "" if not tower else tower + "."
-    return tower_of_embedding(embedding)
+    return tower_of_embedding(embedding, model)
 
 
-def tower_of_embedding(embedding: str) -> str:
-    """The qualified-name prefix of the tower that holds the patch embedding named ``embedding``."""
+def tower_of_embedding(embedding: str, model: nn.Module | None = None) -> str:
+    """The qualified-name prefix of the tower that holds the patch embedding named ``embedding`` (of ``model``,
+    where given: it tells a list of stages from a list of towers)."""
     parts = embedding.split(".")
     for i, part in enumerate(parts):
         # An embedding's own name (embeddings, patch_embed, patch_embedding, ...), not a module that holds a whole
@@ -98,8 +99,10 @@ def tower_of_embedding(embedding: str) -> str:
         if re.search(r"(^|_)embed(s|ding|dings)?(_|$)", part):
             tower = parts[:i]
             # A hierarchy embeds in every stage (PVT v2's encoder.layers.0.patch_embedding, Segformer's
-            # stages.0.patch_embeddings): the tower is what holds the list of stages.
-            while len(tower) >= 2 and tower[-1].isdigit():
+            # stages.0.patch_embeddings): the tower is what holds the list of stages. Not a list of towers, each
+            # embedding the image (an RGB and a depth ViT in towers.0 and towers.1): the whole model was then one
+            # tower, and the second's layers refused as lying on the first's grid (QA 378).
+            while len(tower) >= 2 and tower[-1].isdigit() and not _towers_in_list(model, tower, parts[i:]):
                 tower = tower[:-2]
             return "".join(p + "." for p in tower)
     # An embedding named otherwise (OpenCLIP's VisionTransformer embeds with visual.conv1): the outermost module on
@@ -109,6 +112,32 @@ def tower_of_embedding(embedding: str) -> str:
         if part in TOWER_ATTRIBUTES:
             return "".join(p + "." for p in parts[:i + 1])
     return ""
+
+
+def _towers_in_list(model: nn.Module | None, entry: list[str], inside: list[str]) -> bool:
+    """Whether the entries of the list holding ``entry`` (``["towers", "1"]``) are towers, each embedding the image,
+    not stages: the embedding convolution at the path ``inside`` of each does not take the channels the one of the
+    entry before it makes, as a stage's takes its previous stage's (PVT v2: 32 channels in, 32 made before)."""
+    if model is None:
+        return False
+    try:
+        holder = model.get_submodule(".".join(entry[:-1]))
+    except AttributeError:
+        return False
+    if not isinstance(holder, (nn.ModuleList, nn.ModuleDict)):
+        return False
+    path = ".".join(inside)
+    convolutions = []
+    for member in holder.children():
+        try:
+            convolution = member.get_submodule(path)
+        except AttributeError:
+            return False
+        if not isinstance(convolution, nn.modules.conv._ConvNd):
+            return False
+        convolutions.append(convolution)
+    return len(convolutions) >= 2 and any(after.in_channels != before.out_channels
+                                          for before, after in zip(convolutions, convolutions[1:]))
 
 
 def other_image_towers(model: nn.Module, prefix: str) -> list[str]:
@@ -122,7 +151,7 @@ def other_image_towers(model: nn.Module, prefix: str) -> list[str]:
         # tower beside ViTamin was left out without a word).
         if not name.startswith(prefix) and (is_embedding_projection(name, module)
                                              or is_projectionless_embedding(module)):
-            tower = tower_of_embedding(name)
+            tower = tower_of_embedding(name, model)
             if tower and not prefix.startswith(tower) and tower not in towers:
                 towers.append(tower)
     return towers
