@@ -619,3 +619,54 @@ def test_timm_towers_in_a_module_list_record_the_first_and_skip_the_second():
     assert "vitmad.record(model.get_submodule('towers.1'))" in reason
     torch.testing.assert_close(whole.mad[0].double(), expected[0], **TOL)
     torch.testing.assert_close(second.mad[0].double(), expected[1], **TOL)
+
+
+def test_crops_embedded_first_then_attended_one_by_one_are_refused():
+    """A DINO-style multi-crop forward that embeds every crop first, then runs the shared blocks on each: every run
+    of the patch embedding started a call, and every layer was placed on the last crop's grid, the global crops'
+    3 x 4 patches counted as 9 extra tokens before a 2 x 2 grid (QA 378: 1.8 px where 13.0 px is right), under the
+    warning every class token gets. Refused; embedded right before its blocks, each crop is a call on its own grid."""
+    timm = pytest.importorskip("timm")
+
+    class MultiCrop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch_embed = nn.Conv2d(3, 16, 8, 8)
+            self.cls_token = nn.Parameter(torch.randn(1, 1, 16))
+            self.blocks = nn.Sequential(*[timm.models.vision_transformer.Block(16, 2) for _ in range(2)])
+            self.embed_first = True
+
+        def tokens(self, image):
+            patches = self.patch_embed(image).flatten(2).transpose(1, 2)
+            return torch.cat([self.cls_token.expand(len(patches), -1, -1), patches], 1)
+
+        def forward(self, crops):
+            if self.embed_first:
+                return [self.blocks(tokens)[:, 0] for tokens in [self.tokens(crop) for crop in crops]]
+            return [self.blocks(self.tokens(crop))[:, 0] for crop in crops]
+
+    torch.manual_seed(0)
+    model = sharpened(MultiCrop())
+    crops = [torch.randn(2, 3, 24, 32), torch.randn(2, 3, 16, 16)]
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn \(Attention\) of MultiCrop: the forward ran patch_embed 2 "
+                                         r"times in a row before it .* cannot tell which run's tokens"):
+        with torch.no_grad(), vitmad.record(model):
+            model(crops)
+    model.embed_first = False
+    maps = unfused_maps(model, "Attention")
+    with torch.no_grad():
+        model(crops)
+    for module, _ in maps:
+        module.fused_attn = True
+    expected = []
+    for (_, probabilities), (grid, patch) in zip(maps, [((3, 4), 8)] * 2 + [((2, 2), 8)] * 2):
+        rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+        centres = (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * patch
+        expected.append((probabilities.double()[:, :, 1:, 1:] * torch.cdist(centres, centres)).sum(-1).mean(-1))
+    with pytest.warns(UserWarning) as said, torch.no_grad(), vitmad.record(model) as rec:
+        model(crops)
+    messages = " | ".join(str(w.message) for w in said)  # the class token taken to come first; two runs
+    assert "MultiCrop attends over 13 tokens" in messages and "ran its recorded layers 2 times" in messages
+    assert len(rec.calls) == 2 and [call.layers for call in rec.calls] == [["blocks.0.attn", "blocks.1.attn"]] * 2
+    torch.testing.assert_close(rec.calls[0].mad.double(), torch.stack(expected[:2]), **TOL)
+    torch.testing.assert_close(rec.calls[1].mad.double(), torch.stack(expected[2:]), **TOL)

@@ -19,6 +19,23 @@ def _reference(maps, patch, grid, prefix=1) -> torch.Tensor:
     return torch.stack([vitmad.mad_reference(a, patch, num_prefix_tokens=prefix, grid=grid) for a in maps])
 
 
+def _expected(maps, patch, grid, masks) -> torch.Tensor:
+    """``[layers, B, H]`` float64 MAD of the layers' own ``maps``: where a boolean ``key_padding_mask`` hides tokens
+    (padding), those are neither keys (zero mass) nor queries of their image (docs/definition.md: sequence padding
+    the model masks out has no position); else :func:`_reference`."""
+    padded = masks.get("key_padding_mask")
+    if padded is None or padded.dtype != torch.bool:
+        return _reference(maps, patch, grid)
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    centres = (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * patch
+    distances = torch.cdist(centres, centres)
+    layers = []
+    for probabilities in maps:
+        per_query = (probabilities.double()[:, :, 1:, 1:] * distances).sum(-1)  # [B, H, T]: the class token first
+        layers.append(torch.stack([per_query[b][:, ~padded[b, 1:]].mean(-1) for b in range(len(per_query))]))
+    return torch.stack(layers)
+
+
 def _own_maps(layers, calls) -> list[torch.Tensor]:
     """Each layer's per-head probabilities for the inputs it received (calls: (args, kwargs) per layer)."""
     maps = []
@@ -166,7 +183,7 @@ def _masks(kind):
     hidden = torch.rand(N, N, generator=gen) < 0.3
     hidden.fill_diagonal_(False)  # every query keeps a key
     padding = torch.zeros(2, N, dtype=torch.bool)
-    padding[1, -3:] = True  # the second image's last three patches are padding keys
+    padding[1, -3:] = True  # the second image's last three patches are padding: neither keys nor queries
     return {
         "none": {},
         "bool attn_mask": {"attn_mask": hidden},
@@ -195,7 +212,7 @@ def test_multihead_layers_match_their_own_probabilities(batch_first, same_dim, m
             recorded = model(pixels, **kwargs)
     assert torch.equal(plain, recorded)
     assert rec.layers == ["layers.0", "layers.1"]
-    torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(model.layers, calls), 8, GRID), **TOL)
+    torch.testing.assert_close(rec.mad.double(), _expected(_own_maps(model.layers, calls), 8, GRID, kwargs), **TOL)
 
 
 class _EncoderViT(nn.Module):
@@ -238,13 +255,43 @@ def test_transformer_encoder_layers_recorded_run_their_python_path(masks):
             handle.remove()
     assert torch.equal(python_path, recorded)
     assert rec.layers == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
-    torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(attentions, calls), 8, GRID), **TOL)
+    torch.testing.assert_close(rec.mad.double(), _expected(_own_maps(attentions, calls), 8, GRID,
+                                                           {"key_padding_mask": kwargs.get("src_key_padding_mask")}),
+                               **TOL)
     # The fast path on: the layer's Python path still, whose nn.MultiheadAttention then takes its own fused path
     # (blind to hooks): the next layer's input differs in the last bits, so its MAD does too.
     with torch.no_grad(), vitmad.record(model, num_prefix_tokens=1) as fast:
         model(pixels, **kwargs)
     torch.testing.assert_close(fast.mad[0], rec.mad[0], rtol=0, atol=0)
     torch.testing.assert_close(fast.mad, rec.mad, rtol=1e-6, atol=1e-5)
+
+
+def test_nested_tensors_are_refused_naming_the_encoders_switch():
+    """nn.TransformerEncoder built as by default turns a batch given src_key_padding_mask into nested tensors in
+    eval mode without grad; the refusal named no way out (QA 378). It names enable_nested_tensor=False and
+    use_nested_tensor, and with the latter set the padded batch records, its padding neither key nor query."""
+    torch.manual_seed(0)
+    model = _EncoderViT()
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    model.encoder = nn.TransformerEncoder(layer, 2)  # enable_nested_tensor=True, torch's default
+    model.eval()
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1], generator=torch.Generator().manual_seed(2))
+    padding = _masks("key_padding_mask")["key_padding_mask"]
+    with torch.no_grad(), vitmad.record(model, num_prefix_tokens=1), pytest.raises(
+            ValueError, match=r"encoder\.layers\.0\.self_attn \(MultiheadAttention\) received nested tensors.*"
+                              r"build it with enable_nested_tensor=False, or set its use_nested_tensor = False"):
+        model(pixels, src_key_padding_mask=padding)
+    model.encoder.use_nested_tensor = False
+    attentions = [encoder_layer.self_attn for encoder_layer in model.encoder.layers]
+    calls, handles = _spy(attentions)
+    try:
+        with torch.no_grad(), vitmad.record(model, num_prefix_tokens=1) as rec:
+            model(pixels, src_key_padding_mask=padding)
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected = _expected(_own_maps(attentions, calls), 8, GRID, {"key_padding_mask": padding})
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
 
 
 def test_unbatched_input_and_training_mode():

@@ -125,6 +125,9 @@ class ForwardOwner:
         self.model_name = model_name
         self._thread: threading.Thread | None = None
         self._frames: list[int] = []  # ids of the module-call frames of the forwards the owner entered
+        # Counts the outermost forwards entered: two module calls are in one forward where it is the same (a frame's
+        # address, reused by the next forward's, cannot tell).
+        self._serial = 0
         self._lock = threading.Lock()  # the check and the taking of ownership, as one step
 
     def busy_elsewhere(self) -> bool:
@@ -176,7 +179,14 @@ class ForwardOwner:
             elif restart and self._frames:
                 live = _live_among(frame, self._frames)
                 self._frames = [f for f in self._frames if f in live]
+            if not self._frames:
+                self._serial += 1
             self._frames.append(id(frame))
+
+    def forward_serial(self) -> int | None:
+        """The number of the outermost forward this thread is inside (entered), or None outside any: equal for
+        every module call within one forward of the model, different in the next."""
+        return self._serial if self.held_here() else None
 
     def leave(self) -> bool:
         """That forward ended, returning or raising (called from its always_call forward hook); whether it had

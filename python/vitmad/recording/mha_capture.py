@@ -50,16 +50,23 @@ def _hidden_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def mha_query_key(layer: str, module: nn.MultiheadAttention, args: tuple,
-                  kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None, bool]:
-    """``(q [B, H, L, D], k [B, H, S, D], scale, bias [B or 1, H or 1, L, S] or None, other_keys)`` of one forward
-    call; ``other_keys``: its ``key`` is not its ``query`` (neither the same tensor nor equal to it)."""
+def mha_query_key(layer: str, module: nn.MultiheadAttention, args: tuple, kwargs: dict
+                  ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None, bool, torch.Tensor | None]:
+    """``(q [B, H, L, D], k [B, H, S, D], scale, bias [B or 1, H or 1, L, S] or None, other_keys, padded)`` of one
+    forward call; ``other_keys``: its ``key`` is not its ``query`` (neither the same tensor nor equal to it);
+    ``padded``: ``[B, L]`` bool, the tokens its ``key_padding_mask`` hides (True, or -inf) where its keys are its
+    queries' tokens and it hides any, else None: padding, whose own query rows are no token's either."""
     named = dict(zip(_ARGUMENTS, args)) | kwargs
     query, key = named["query"], named["key"]
     # torchvision's ViT and most encoders pass one tensor as both; a norm applied twice gives equal ones.
     other_keys = key is not query and (key.shape != query.shape or not torch.equal(key, query))
     if query.is_nested or key.is_nested:
-        raise _refuse(layer, "received nested tensors; vitmad reads padded batches")
+        # nn.TransformerEncoder makes them of a padded batch (src_key_padding_mask, eval mode, no grad): the user's
+        # way out was not said (QA 378).
+        raise _refuse(layer, "received nested tensors, which vitmad does not read (it reads padded batches); "
+                             "nn.TransformerEncoder makes them of a batch given src_key_padding_mask in eval mode "
+                             "without grad: build it with enable_nested_tensor=False, or set its use_nested_tensor "
+                             "= False (the outputs are the same)")
     if named.get("is_causal", False):
         raise _refuse(layer, "runs causal attention (is_causal=True); MAD is defined for a vision transformer's "
                              f"bidirectional attention{CAUSAL_ADVICE}")
@@ -93,13 +100,17 @@ def mha_query_key(layer: str, module: nn.MultiheadAttention, args: tuple,
         mask = _hidden_mask(attn_mask, q.dtype)
         if mask.dim() == 3:  # [B * H, L, S]
             mask = mask.reshape(batch, heads, length, keys)
-    padding = named.get("key_padding_mask")
+    padding, padded = named.get("key_padding_mask"), None
     if padding is not None:
         if not batched:
             padding = padding.unsqueeze(0)
-        padding = _hidden_mask(padding, q.dtype)[:, None, None, :]
+        padding = _hidden_mask(padding, q.dtype)
+        hidden = padding == float("-inf")
+        if not other_keys and length == keys and bool(hidden.any()):
+            padded = hidden.detach()
+        padding = padding[:, None, None, :]
         mask = padding if mask is None else mask + padding
-    return q, k, 1.0 / math.sqrt(head_dim), mask, other_keys
+    return q, k, 1.0 / math.sqrt(head_dim), mask, other_keys, padded
 
 
 class MultiheadAttentionHooks:
@@ -121,8 +132,8 @@ class MultiheadAttentionHooks:
     def install(self) -> None:
         for name, module in self.modules.items():
             def enter(module, args, kwargs, name=name) -> None:
-                q, k, scale, bias, other_keys = mha_query_key(name, module, args, kwargs)
-                self.on_qk(name, q, k, scale, bias, other_keys=other_keys)
+                q, k, scale, bias, other_keys, padded = mha_query_key(name, module, args, kwargs)
+                self.on_qk(name, q, k, scale, bias, other_keys=other_keys, padded=padded)
 
             def leave(module, args, output, name=name) -> None:
                 self.done(name, module, output is not None)

@@ -32,6 +32,7 @@ image) are the rows of the tokens without a position, computed beside it (:mod:`
 from __future__ import annotations
 
 import collections
+import dataclasses
 import fnmatch
 import sys
 import threading
@@ -569,6 +570,24 @@ _MODEL_IMAGE = "towers.model_image"  # the size of the image the model's forward
 _STEM_MAPS = "towers.stem_maps"  # the maps branches on the image beside the recorded towers made in a call
 _TOWERS_ON_STEM = "towers.on_stem"  # the ids of the towers' starts whose tower took such a map in this call
 _STEM_TOWER_INPUT = "towers.stem_tower_input"  # (h, w) of the stem's map the running tower took, in this call
+_FORWARD = "call.forward"  # the serial of the forward of the model (ForwardOwner) this call started in
+_STARTS_UNATTENDED = "call.starts_unattended"  # the starts of this forward in a row with no layer between, if > 1
+
+
+def _without_padding(placement: Placement, padded: torch.Tensor, lead: torch.Size) -> Placement:
+    """``placement`` with the tokens ``padded`` ``[B, N]`` marks without a position, queries and keys, and absent
+    from each image's mean (docs/definition.md: sequence padding the model masks out is neither). Only a layer of
+    image tokens whose keys are its queries: its padding tokens still computed query rows, over the image's tokens,
+    and were counted in the padded image's MAD (QA 378: 11.4 px where 6.9 px is right)."""
+    if placement.key_positions is not None or placement.time_positions is not None:
+        return placement
+    padded = padded.to(placement.positions.device)
+    positions = torch.where(padded[:, None, :, None], float("nan"), placement.positions)
+    kept = placement.fold((~padded).to(positions.dtype)[:, None, :].expand(*lead, -1))  # [B, H, T], as values are
+    present = kept[:, 0] > 0.5
+    if placement.present is not None:
+        present = present & placement.present
+    return dataclasses.replace(placement, positions=positions, present=present)
 
 
 def _image_size(args, kwargs=None) -> tuple[int, int] | None:
@@ -1420,9 +1439,20 @@ class Recording:
         # What a forward interrupted inside an attention module left (a KeyboardInterrupt skips the hooks that end
         # it): not part of this call.
         self._pending.clear()
+        # The image's first convolution run again in one forward with no recorded layer since its last run (several
+        # crops embedded first, then each run through the blocks): each run starts a call, and every layer was placed
+        # on the last run's grid, the other crops' tokens counted as extra tokens, silently (QA 378).
+        serial = self._owner.forward_serial()
+        previous = self._calls[-1] if self._calls else None
+        unattended = (self._context.values.get(_STARTS_UNATTENDED, 1) + 1
+                      if serial is not None and previous is not None and previous._is_empty()
+                      and self._context.values.get(_FORWARD) == serial else 1)
         self._context.image_size = _image_size(args, kwargs)
         self._context.values.clear()
         self._context.values[_MODEL_IMAGE] = self._context.image_size
+        self._context.values[_FORWARD] = serial
+        if unattended > 1:
+            self._context.values[_STARTS_UNATTENDED] = unattended
         call = RecordedCall()
         self._calls.append(call)
         self._vacant = None
@@ -1618,6 +1648,7 @@ class Recording:
         self._check_call_thread()
         self._open_call()
         try:
+            self._check_one_start(name)
             placement = self._placers[name].place(self._context, lead, num_queries, num_keys)
             self._check_stem_followed(placement)
             return placement if self._spacing is None else self._spacing.apply(placement)
@@ -1630,6 +1661,20 @@ class Recording:
                 f"vitmad.record: {name or 'the model itself'} ({type(self._modules[name]).__name__}) of "
                 f"{type(self.model).__name__}: {error}{hint}"
             ) from None
+
+    def _check_one_start(self, name: str) -> None:
+        """Refuses a layer placed by the plain layout (one grid per call, the patch embedding's last) in a forward that
+        ran the image's first convolution several times in a row before it: the layer's tokens may be any run's."""
+        runs = self._context.values.get(_STARTS_UNATTENDED)
+        if runs is None or not _uses_plain_layout(self._placers[name]):
+            return
+        first = self._plain.embedding[0] if self._plain.embedding is not None else "its first convolution"
+        raise NotPlaceable(
+            f"the forward ran {first} {runs} times in a row before it (several images or crops embedded first, "
+            "then attended one after another?), and a layer of the plain ViT layout is placed on the grid of the last "
+            "run, so vitmad cannot tell which run's tokens it attends over; run the blocks on each input right after "
+            "embedding it, call the model once per input, or pass positions=<[N, 2] pixel position of each token> "
+            "where every run of the layer attends over one layout")
 
     def _check_stem_followed(self, placement: Placement) -> None:
         """Refuses a layer whose tower runs on a stem's map (a learned downsampler of the user's before it) where its
@@ -1656,10 +1701,12 @@ class Recording:
                 "positions=<[N, 2] pixel position of each token in the image>")
 
     @_eager_between_graphs  # called from the model's own forward
-    def _on_attention(self, name, query, key, scale, mask, *, other_keys: bool = False) -> None:
+    def _on_attention(self, name, query, key, scale, mask, *, other_keys: bool = False,
+                      padded: torch.Tensor | None = None) -> None:
         """One ``F.scaled_dot_product_attention`` / ``AttentionInterface`` call of module ``name``; ``other_keys``:
         its keys are known to come from another sequence than its queries (``nn.MultiheadAttention`` given a
-        ``key`` that is not its ``query``)."""
+        ``key`` that is not its ``query``); ``padded``: ``[B, N]`` bool, its tokens that padding hides as keys
+        (``nn.MultiheadAttention``'s ``key_padding_mask``), which are no queries either."""
         if _not_recorded():  # a checkpointed layer's forward run again by backward: recorded once, in the forward
             return
         query, key, mask = _as_autocast_casts(query, key, mask)
@@ -1671,6 +1718,8 @@ class Recording:
         if mask is not None:
             mask = mask.detach() if mask.dtype == torch.bool else mask.detach().to(query.dtype)
         placement = self._place(name, lead, query.shape[-2], key.shape[-2])
+        if padded is not None:
+            placement = _without_padding(placement, padded, lead)
         if other_keys and placement.key_positions is None and name not in self._warned_other_keys \
                 and not in_a_known_library(self.model, name):
             # The layout places key i at query i's token: true of self-attention, whether the keys are the query
