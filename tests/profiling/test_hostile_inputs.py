@@ -390,6 +390,16 @@ def test_profile_checkpoint_must_be_a_file_it_may_overwrite(tmp_path):
         with pytest.raises(ValueError, match=f"checkpoint: {notes} exists and is not a vitmad checkpoint"):
             vitmad.profile(_tiny_vit_module(), pixels, device="cpu", checkpoint=notes, resume=resume)
     assert notes.read_text() == "my notes"
+    # A run's own checkpoint cut short (a copy, a full disk) is said to be maybe that, not another program's file
+    # alone (QA 377), and is left as it was too.
+    saved = tmp_path / "checkpoint.pt"
+    vitmad.profile(_tiny_vit_module(), pixels, device="cpu", checkpoint=saved)
+    torn = saved.read_bytes()[:saved.stat().st_size // 2]
+    saved.write_bytes(torn)
+    with pytest.raises(ValueError, match=r"is not a vitmad checkpoint that can be read \(another program's file, or "
+                                         r"one damaged, cut short\), which the run would overwrite; remove it"):
+        vitmad.profile(_tiny_vit_module(), pixels, device="cpu", checkpoint=saved)
+    assert saved.read_bytes() == torn
 
 
 def test_plot_compare_wants_one_label_per_profile(good_result, tmp_path):

@@ -269,7 +269,8 @@ def test_a_refused_resume_names_what_changed(tiny_model, image_folder, tmp_path,
     code, _, err = _run([*base, "--resume", "--stats", "entropy,self_mass", "--max-images", "3"], capsys)
     assert code == 2
     # The command names its flags (QA 284: it named profile()'s parameters, batch_size for --batch-size).
-    assert ("(changed since: the images (--max-images, the folder's files), --stats); rerun with the same model, "
+    assert ("(changed since: the images (the files or folders given, --max-images, a folder's files), --stats); "
+            "rerun with the same model, "
             "weights, images and options, or without --resume to start over") in err
     code, _, err = _run([*base, "--resume", "--renormalize", "--batch-size", "2"], capsys)
     assert code == 2 and "(changed since: --batch-size, --renormalize); rerun" in err

@@ -159,7 +159,8 @@ _OPTIONS = {"model": (Parameter("model"),),
             "frames": ("the video model's frame count (its config's num_frames)",),
             "rank": ("the process layout (torchrun)",), "world_size": ("the process layout (torchrun)",),
             "files": ("the images' files (contents or times)",), "pixels": ("the pixel tensor",),
-            "images": ("the images (", Parameter("max_images"), ", the folder's files)")}
+            # The image list given too: a run on three named files resumed on two named none of what was said (QA 377).
+            "images": ("the images (the files or folders given, ", Parameter("max_images"), ", a folder's files)")}
 
 
 def _changes(saved: dict | None, identity: dict | None) -> tuple[str, ...]:
@@ -193,8 +194,10 @@ def check_checkpoint_path(path: str | os.PathLike) -> None:
     if path.is_dir():
         raise OptionError("checkpoint", f"expected a file, got the folder {path}")
     if path.is_file() and _read_state(path) is None:
-        raise OptionError("checkpoint", f"{path} exists and is not a vitmad checkpoint, which the run would "
-                                        "overwrite; choose another file or remove it")
+        # Or vitmad's own, damaged (cut short by a copy or a full disk: QA 377 took the advice for a stranger's file).
+        raise OptionError("checkpoint", f"{path} exists and is not a vitmad checkpoint that can be read (another "
+                                        "program's file, or one damaged, cut short), which the run would overwrite; "
+                                        "remove it, or write the run elsewhere")
     check_writable(path.parent, "checkpoint")
     CHECKED[path.resolve()] = file_state(path)
 
