@@ -754,6 +754,9 @@ def main(argv: list[str] | None = None) -> int:
     new_out = _missing_folders(args.out) if args.command == "profile" else []
     completed = False
     checkpoint_before = _NOT_SEEN  # the state of this process's checkpoint file before the run: see the interrupt
+    from .profiling.interrupts import keep_interrupts
+
+    restore_interrupts = keep_interrupts()  # a Ctrl-C a finalizer drops is raised at a profile run's next step
     try:
         if args.command == "profile":
             from .profiling.distributed import init_from_env
@@ -815,6 +818,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
+        restore_interrupts()
         held.close()
         if run is not None:
             run.close()

@@ -259,6 +259,45 @@ def test_a_restart_over_an_interrupted_run_says_so(tiny_model, image_folder, tmp
     assert not any("interrupted" in str(w.message) for w in warned)
 
 
+def test_a_ctrl_c_a_finalizer_drops_still_ends_the_run_and_keeps_the_progress(
+        tiny_model, image_folder, tmp_path, capsys, monkeypatch):
+    """QA 377: a Ctrl-C while the model loaded, raised where a finalizer ran (a __del__ the garbage collector
+    called), was printed by Python as "Exception ignored" and dropped; the run went on to its end and replaced an
+    interrupted earlier run's checkpoint, the progress the user pressed Ctrl-C to keep. The command remembers it and
+    ends the run before its first batch: 130, the checkpoint as it was."""
+    import signal
+    import sys
+
+    import vitmad.profiling.models as models
+
+    out = tmp_path / "out"
+    base = [*_profile(tiny_model, image_folder, out), "--batch-size", "1"]
+    with _interrupted_at(monkeypatch, 3):
+        assert _run(base, capsys)[0] == 130
+    saved = (out / "checkpoint.pt").read_bytes()
+    real_load, dropped = models.load_model, []
+
+    class Finalized:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+            for _ in range(100):  # the handler runs between instructions: in here, where Python drops what it raises
+                pass
+
+    def load_then_collect(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        Finalized()  # collected at once
+        return loaded
+
+    monkeypatch.setattr(models, "load_model", load_then_collect)  # the command loads by it
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
+    with pytest.warns(UserWarning, match="holds an interrupted run's progress"):
+        code, _, err = _run(base, capsys)
+    assert dropped == [KeyboardInterrupt]
+    assert code == 130 and "interrupted before this run saved any progress" in err
+    assert (out / "checkpoint.pt").read_bytes() == saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command's handler taken away
+
+
 def test_a_refused_resume_names_what_changed(tiny_model, image_folder, tmp_path, capsys, monkeypatch):
     """Every mismatch read "other settings, other model weights or other images", whichever it was."""
     out = tmp_path / "out"

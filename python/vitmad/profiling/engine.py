@@ -53,6 +53,7 @@ from .distributed import (
 )
 from .files import held_by_this_run
 from .images import NATIVE, find_images, load_batch, parse_image_size
+from .interrupts import raise_dropped
 from .model_failure import MODEL_ERRORS, own_forward_refusal
 from .models import (
     LoadedModel,
@@ -943,6 +944,7 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
     with _warnings_above(bar) if not bar.disable else contextlib.nullcontext():
         try:
             for position in range(len(pending)):
+                raise_dropped()  # a Ctrl-C a finalizer dropped (model loading, the last batch) ends the run here
                 batch = upcoming.result()
                 upcoming = prefetch.submit(plan.load, pending[position + 1]) if position + 1 < len(pending) else None
                 try:
@@ -963,7 +965,9 @@ def run_batches(plan: RunPlan, state: RunState, *, progress: bool) -> RunState:
                     raise refusal from err
                 bar.update(counter.add(len(batch[1]) + len(batch[2])) - bar.n)
                 if state.batches_done % plan.checkpoint_every == 0:
+                    raise_dropped()
                     save(state)
+            raise_dropped()
             save(state)
         except BaseException:
             # Ctrl-C or a failure: keep every batch finished so far for resume. Where this run finished none, the
