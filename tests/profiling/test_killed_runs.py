@@ -268,8 +268,9 @@ def test_a_checkpoint_that_is_no_vitmad_checkpoint_is_refused_before_the_model_l
     _no_model_load(monkeypatch)
     assert main([*_profile_args(tiny_model, image_folder, out), *resume]) == 2
     assert capsys.readouterr().err.strip() == (f"vitmad: error: --out: {out / 'checkpoint.pt'} exists and is not a "
-                                               "vitmad checkpoint, which the run would overwrite; choose another file "
-                                               "or remove it")
+                                               "vitmad checkpoint that can be read (another program's file, or one "
+                                               "damaged, cut short), which the run would overwrite; remove it, or "
+                                               "write the run elsewhere")
 
 
 def test_ctrl_c_while_a_figure_is_written_leaves_no_torn_figure_and_the_rerun_runs(tiny_model, image_folder,

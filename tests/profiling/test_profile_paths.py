@@ -290,12 +290,17 @@ def test_a_ctrl_c_a_finalizer_drops_still_ends_the_run_and_keeps_the_progress(
 
     monkeypatch.setattr(models, "load_model", load_then_collect)  # the command loads by it
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
-    with pytest.warns(UserWarning, match="holds an interrupted run's progress"):
-        code, _, err = _run(base, capsys)
+    # Python's own handler, as a program starts with (what the test process holds may be another's).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.warns(UserWarning, match="holds an interrupted run's progress"):
+            code, _, err = _run(base, capsys)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command's handler taken away
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert dropped == [KeyboardInterrupt]
     assert code == 130 and "interrupted before this run saved any progress" in err
     assert (out / "checkpoint.pt").read_bytes() == saved
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command's handler taken away
 
 
 def test_a_refused_resume_names_what_changed(tiny_model, image_folder, tmp_path, capsys, monkeypatch):

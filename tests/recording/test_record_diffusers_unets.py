@@ -35,13 +35,13 @@ import pytest
 import torch
 
 import vitmad
-from conftest import sharpened
+from conftest import FLOAT32_STAT_ATOL, sharpened
 
 diffusers = pytest.importorskip("diffusers")
 attention_processor = pytest.importorskip("diffusers.models.attention_processor")
 
 TOL = {"rtol": 1e-5, "atol": 1e-4}  # float32 accumulation against float64; atol in latent pixels
-STAT_TOL = {"rtol": 1e-5, "atol": 1e-5}
+STAT_TOL = {"rtol": 1e-5, "atol": FLOAT32_STAT_ATOL}  # conftest.py says why
 
 
 def _sharpen(model: torch.nn.Module, scale: float = 3.0) -> torch.nn.Module:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -682,15 +683,17 @@ class _PackedImages(nn.Module):
         return tokens
 
 
-def test_a_patch_embedding_run_once_per_image_is_no_second_run_of_the_layers():
+def test_a_patch_embedding_run_once_per_image_then_attended_together_is_refused():
     """QA 269: each patch embedding call starts a call, so a packed tower of three images was said to have "ran its
-    recorded layers 3 times" where they ran once (two empty calls before the one holding them). Only the warning of
-    the tokens before the last image's grid remains, and rec.mad is the layers' one run."""
+    recorded layers 3 times" where they ran once. That warning went, and the layers were then placed on the last
+    image's grid, the other images' tokens counted as extra tokens before it (a MAD of no image, QA 378): refused,
+    naming the runs of the patch embedding, without the warning of several runs of the layers."""
     torch.manual_seed(0)
     model = _PackedImages().eval()
     images = [torch.randn(3, 8, 12), torch.randn(3, 4, 4), torch.randn(3, 8, 8)]
-    with pytest.warns(UserWarning, match=r"extra token") as caught, torch.no_grad(), vitmad.record(model) as rec:
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad(), vitmad.record(model), pytest.raises(
+            ValueError, match=r"blocks\.0 \(MultiheadAttention\) of _PackedImages: the forward ran patch 3 times in a "
+                              r"row before it .* cannot tell which run's tokens it attends over"):
+        warnings.simplefilter("always")
         model(images)
-    assert not any("ran its recorded layers" in str(w.message) for w in caught)
-    assert [call.layers for call in rec.calls] == [[], [], ["blocks.0", "blocks.1"]]
-    assert rec.mad.shape == (2, 1, 2)
+    assert not caught
