@@ -670,3 +670,22 @@ def test_crops_embedded_first_then_attended_one_by_one_are_refused():
     assert len(rec.calls) == 2 and [call.layers for call in rec.calls] == [["blocks.0.attn", "blocks.1.attn"]] * 2
     torch.testing.assert_close(rec.calls[0].mad.double(), torch.stack(expected[:2]), **TOL)
     torch.testing.assert_close(rec.calls[1].mad.double(), torch.stack(expected[2:]), **TOL)
+    # Crops of one size embedded first (a siamese pair): each run's tokens are placed alike, so it records (QA 380:
+    # it was recorded right before the refusal above, and refused with it), every run in the last call.
+    model.embed_first = True
+    pair = [torch.randn(2, 3, 24, 32), torch.randn(2, 3, 24, 32)]
+    for module, _ in maps:
+        module.fused_attn = False
+    maps.clear()
+    with torch.no_grad():
+        model(pair)
+    for module, _ in maps:
+        module.fused_attn = True
+    rows, cols = torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij")
+    centres = (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * 8
+    expected = [(p.double()[:, :, 1:, 1:] * torch.cdist(centres, centres)).sum(-1).mean(-1) for _, p in maps]
+    with pytest.warns(UserWarning) as said, torch.no_grad(), vitmad.record(model) as rec:
+        model(pair)
+    assert any("MultiCrop attends over 13 tokens" in str(w.message) for w in said)
+    assert rec.calls[-1].layers == ["blocks.0.attn", "blocks.1.attn"] * 2
+    torch.testing.assert_close(rec.calls[-1].mad.double(), torch.stack(expected), **TOL)

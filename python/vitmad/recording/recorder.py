@@ -67,6 +67,7 @@ from .families.diffusers_autoencoders import beside_a_denoiser, text_encoders_be
 from .families.diffusers_images import denoisers_beside
 from .families.kornia import listed_dinov2
 from .families.masked import GivenPositionsPlacer
+from .families.plain import _GRID as PLAIN_GRID  # the grid the patch embedding cut in this call
 from .families.plain import (
     PlainLayout,
     PlainPlacer,
@@ -572,6 +573,7 @@ _TOWERS_ON_STEM = "towers.on_stem"  # the ids of the towers' starts whose tower 
 _STEM_TOWER_INPUT = "towers.stem_tower_input"  # (h, w) of the stem's map the running tower took, in this call
 _FORWARD = "call.forward"  # the serial of the forward of the model (ForwardOwner) this call started in
 _STARTS_UNATTENDED = "call.starts_unattended"  # the starts of this forward in a row with no layer between, if > 1
+_GRIDS_UNATTENDED = "call.grids_unattended"  # the plain layout's grids of the runs before this one in that row
 
 
 def _without_padding(placement: Placement, padded: torch.Tensor, lead: torch.Size) -> Placement:
@@ -1447,12 +1449,14 @@ class Recording:
         unattended = (self._context.values.get(_STARTS_UNATTENDED, 1) + 1
                       if serial is not None and previous is not None and previous._is_empty()
                       and self._context.values.get(_FORWARD) == serial else 1)
+        grids = [*self._context.values.get(_GRIDS_UNATTENDED, ()), self._context.values.get(PLAIN_GRID)]
         self._context.image_size = _image_size(args, kwargs)
         self._context.values.clear()
         self._context.values[_MODEL_IMAGE] = self._context.image_size
         self._context.values[_FORWARD] = serial
         if unattended > 1:
             self._context.values[_STARTS_UNATTENDED] = unattended
+            self._context.values[_GRIDS_UNATTENDED] = grids
         call = RecordedCall()
         self._calls.append(call)
         self._vacant = None
@@ -1649,7 +1653,7 @@ class Recording:
         self._open_call()
         try:
             if len(lead) == 2 and num_queries == num_keys:  # (another shape: the placer's own refusal says why)
-                self._check_one_start(name)
+                self._check_one_start(name, num_queries)
             placement = self._placers[name].place(self._context, lead, num_queries, num_keys)
             self._check_stem_followed(placement)
             return placement if self._spacing is None else self._spacing.apply(placement)
@@ -1663,11 +1667,17 @@ class Recording:
                 f"{type(self.model).__name__}: {error}{hint}"
             ) from None
 
-    def _check_one_start(self, name: str) -> None:
+    def _check_one_start(self, name: str, num_queries: int) -> None:
         """Refuses a layer placed by the plain layout (one grid per call, the patch embedding's last) in a forward that
-        ran the image's first convolution several times in a row before it: the layer's tokens may be any run's."""
+        ran the image's first convolution several times in a row before it: the layer's tokens may be any run's. Not
+        where every run cut one grid and the layer attends over fewer tokens than two of them: each run's tokens are
+        then placed alike (a siamese pair of one size embedded first, then each attended: QA 380)."""
         runs = self._context.values.get(_STARTS_UNATTENDED)
         if runs is None or not _uses_plain_layout(self._placers[name]):
+            return
+        grids = {*self._context.values.get(_GRIDS_UNATTENDED, ()), self._context.values.get(PLAIN_GRID)}
+        grid = next(iter(grids))
+        if len(grids) == 1 and grid is not None and num_queries < 2 * grid[0] * grid[1]:
             return
         first = self._plain.embedding[0] if self._plain.embedding is not None else "its first convolution"
         raise NotPlaceable(
