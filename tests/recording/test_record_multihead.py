@@ -266,44 +266,6 @@ def test_transformer_encoder_layers_recorded_run_their_python_path(masks):
     torch.testing.assert_close(fast.mad, rec.mad, rtol=1e-6, atol=1e-5)
 
 
-class _PaddedToLength(nn.Module):
-    """A user's ViT whose sequences are padded at their end to a length (class token, the grid, 3 padding tokens),
-    the padding hidden by key_padding_mask."""
-
-    def __init__(self):
-        super().__init__()
-        self.patch_embed = nn.Conv2d(3, 16, 8, 8)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, 16))
-        self.layers = nn.ModuleList([nn.MultiheadAttention(16, 2, batch_first=True) for _ in range(2)])
-
-    def forward(self, pixels, padding):
-        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x, torch.zeros(len(x), 3, 16)], 1)
-        for layer in self.layers:
-            x = x + layer(x, x, x, key_padding_mask=padding, need_weights=False)[0]
-        return x
-
-
-def test_padding_at_the_end_of_every_sequence_lies_after_the_grid():
-    """QA 380: padding a key_padding_mask hides at the end of every image's sequence was counted among the extra
-    tokens taken to come first, moving every patch by 3 cells (11.4 px where 15.0 px is right); it lies after the
-    grid, neither key nor query."""
-    torch.manual_seed(0)
-    model = _PaddedToLength().eval()
-    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1], generator=torch.Generator().manual_seed(2))
-    padding = torch.zeros(2, N + 3, dtype=torch.bool)
-    padding[:, N:] = True
-    calls, handles = _spy(model.layers)
-    try:
-        with pytest.warns(UserWarning, match="the 1 extra token"), torch.no_grad(), vitmad.record(model) as rec:
-            model(pixels, padding)
-    finally:
-        for handle in handles:
-            handle.remove()
-    maps = [m[..., :N, :N] for m in _own_maps(model.layers, calls)]  # the padding has zero mass, and no query
-    torch.testing.assert_close(rec.mad.double(), _reference(maps, 8, GRID), **TOL)
-
-
 def test_nested_tensors_are_refused_naming_the_encoders_switch():
     """nn.TransformerEncoder built as by default turns a batch given src_key_padding_mask into nested tensors in
     eval mode without grad; the refusal named no way out (QA 378). It names enable_nested_tensor=False and

@@ -69,7 +69,6 @@ from .families.kornia import listed_dinov2
 from .families.masked import GivenPositionsPlacer
 from .families.plain import _GRID as PLAIN_GRID  # the grid the patch embedding cut in this call
 from .families.plain import (
-    PADDING_AFTER,
     PlainLayout,
     PlainPlacer,
     appended_tokens,
@@ -1729,18 +1728,8 @@ class Recording:
         key = key.detach().expand(*lead, *key.shape[-2:])
         if mask is not None:
             mask = mask.detach() if mask.dtype == torch.bool else mask.detach().to(query.dtype)
-        if padded is None:
-            placement = self._place(name, lead, query.shape[-2], key.shape[-2])
-        else:
-            # Padding at the end of every image's sequence (a batch padded to a length) lies after the grid: counted
-            # as extra tokens before it, it moved every patch (QA 380).
-            kept = (~padded.to("cpu").all(0)).nonzero()
-            after = padded.shape[-1] - int(kept[-1]) - 1 if len(kept) else 0
-            self._context.values[PADDING_AFTER] = after
-            try:
-                placement = self._place(name, lead, query.shape[-2], key.shape[-2])
-            finally:
-                self._context.values.pop(PADDING_AFTER, None)
+        placement = self._place(name, lead, query.shape[-2], key.shape[-2])
+        if padded is not None:
             placement = _without_padding(placement, padded, lead)
         if other_keys and placement.key_positions is None and name not in self._warned_other_keys \
                 and not in_a_known_library(self.model, name):

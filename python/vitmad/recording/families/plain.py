@@ -41,9 +41,6 @@ __all__ = ["PlainLayout", "PlainPlacer", "patch_dropout_modules", "dropping_patc
            "random_token_order"]
 
 _GRID, _EMBED_INPUT, _EMBED_BATCH = "plain.grid", "plain.embedding_input", "plain.embedding_batch"
-# The tokens at the end of the sequence that padding hides in every image of the layer's call (nn.MultiheadAttention's
-# key_padding_mask), set by the recorder around one placement: tokens after the grid, not extra tokens before it.
-PADDING_AFTER = "plain.padding_after"
 # The stem steps seen since the patch embedding last ran, and those that led to its latest run.
 _STEM, _STEM_OF_EMBEDDING = "plain.stem", "plain.stem_of_embedding"
 # (extra tokens, tokens) of the first layer of a call whose extra tokens were counted from a grid given by hand.
@@ -489,7 +486,7 @@ class PlainPlacer(LayerPlacer):
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         layout = self.layout
-        suffix = layout.suffix + self.appended + int(context.values.get(PADDING_AFTER, 0))
+        suffix = layout.suffix + self.appended
         if layout.unavailable is not None:
             raise NotPlaceable(layout.unavailable)
         if num_queries != num_keys or len(lead) != 2:
