@@ -692,8 +692,8 @@ def test_a_patch_embedding_run_once_per_image_then_attended_together_is_refused(
     model = _PackedImages().eval()
     images = [torch.randn(3, 8, 12), torch.randn(3, 4, 4), torch.randn(3, 8, 8)]
     with warnings.catch_warnings(record=True) as caught, torch.no_grad(), vitmad.record(model), pytest.raises(
-            ValueError, match=r"blocks\.0 \(MultiheadAttention\) of _PackedImages: the forward ran patch 3 times in a "
-                              r"row before it .* cannot tell which run's tokens it attends over"):
+            ValueError, match=r"blocks\.0 \(MultiheadAttention\) of _PackedImages: the forward ran patch 3 times "
+                              r"before it \(grids 2x3, 1x1, 2x2: .* cannot tell which run's tokens it attends over"):
         warnings.simplefilter("always")
         model(images)
     assert not caught

@@ -67,8 +67,8 @@ from .families.diffusers_autoencoders import beside_a_denoiser, text_encoders_be
 from .families.diffusers_images import denoisers_beside
 from .families.kornia import listed_dinov2
 from .families.masked import GivenPositionsPlacer
-from .families.plain import _GRID as PLAIN_GRID  # the grid the patch embedding cut in this call
 from .families.plain import (
+    RUN_GRIDS,
     PlainLayout,
     PlainPlacer,
     appended_tokens,
@@ -572,8 +572,6 @@ _STEM_MAPS = "towers.stem_maps"  # the maps branches on the image beside the rec
 _TOWERS_ON_STEM = "towers.on_stem"  # the ids of the towers' starts whose tower took such a map in this call
 _STEM_TOWER_INPUT = "towers.stem_tower_input"  # (h, w) of the stem's map the running tower took, in this call
 _FORWARD = "call.forward"  # the serial of the forward of the model (ForwardOwner) this call started in
-_STARTS_UNATTENDED = "call.starts_unattended"  # the starts of this forward in a row with no layer between, if > 1
-_GRIDS_UNATTENDED = "call.grids_unattended"  # the plain layout's grids of the runs before this one in that row
 
 
 def _without_padding(placement: Placement, padded: torch.Tensor, lead: torch.Size) -> Placement:
@@ -1446,17 +1444,15 @@ class Recording:
         # on the last run's grid, the other crops' tokens counted as extra tokens, silently (QA 378).
         serial = self._owner.forward_serial()
         previous = self._calls[-1] if self._calls else None
-        unattended = (self._context.values.get(_STARTS_UNATTENDED, 1) + 1
+        unattended = (list(self._context.values.get(RUN_GRIDS, ()))
                       if serial is not None and previous is not None and previous._is_empty()
-                      and self._context.values.get(_FORWARD) == serial else 1)
-        grids = [*self._context.values.get(_GRIDS_UNATTENDED, ()), self._context.values.get(PLAIN_GRID)]
+                      and self._context.values.get(_FORWARD) == serial else [])
         self._context.image_size = _image_size(args, kwargs)
         self._context.values.clear()
         self._context.values[_MODEL_IMAGE] = self._context.image_size
         self._context.values[_FORWARD] = serial
-        if unattended > 1:
-            self._context.values[_STARTS_UNATTENDED] = unattended
-            self._context.values[_GRIDS_UNATTENDED] = grids
+        if unattended:
+            self._context.values[RUN_GRIDS] = unattended
         call = RecordedCall()
         self._calls.append(call)
         self._vacant = None
@@ -1653,8 +1649,11 @@ class Recording:
         self._open_call()
         try:
             if len(lead) == 2 and num_queries == num_keys:  # (another shape: the placer's own refusal says why)
-                self._check_one_start(name, num_queries)
+                self._check_one_run(name, num_queries)
             placement = self._placers[name].place(self._context, lead, num_queries, num_keys)
+            grids = self._context.values.get(RUN_GRIDS)
+            if grids:
+                grids[:-1] = []  # the layers after this one are the last run's, or of a run to come
             self._check_stem_followed(placement)
             return placement if self._spacing is None else self._spacing.apply(placement)
         except NotPlaceable as error:
@@ -1667,25 +1666,26 @@ class Recording:
                 f"{type(self.model).__name__}: {error}{hint}"
             ) from None
 
-    def _check_one_start(self, name: str, num_queries: int) -> None:
+    def _check_one_run(self, name: str, num_queries: int) -> None:
         """Refuses a layer placed by the plain layout (one grid per call, the patch embedding's last) in a forward that
-        ran the image's first convolution several times in a row before it: the layer's tokens may be any run's. Not
-        where every run cut one grid and the layer attends over fewer tokens than two of them: each run's tokens are
-        then placed alike (a siamese pair of one size embedded first, then each attended: QA 380)."""
-        runs = self._context.values.get(_STARTS_UNATTENDED)
-        if runs is None or not _uses_plain_layout(self._placers[name]):
+        ran the patch embedding several times since a layer was last placed (each run of the image's first convolution
+        starts a call; its runs in a row, with no layer between, are counted together): the layer's tokens may be any
+        run's. Not where every run cut one grid and the layer attends over fewer tokens than all those grids hold:
+        each run's tokens are then placed alike (a siamese pair of one size embedded first, then each attended: QA
+        380, also behind a stem of its own, QA 381)."""
+        grids = self._context.values.get(RUN_GRIDS) or []
+        if len(grids) < 2 or not _uses_plain_layout(self._placers[name]):
             return
-        grids = {*self._context.values.get(_GRIDS_UNATTENDED, ()), self._context.values.get(PLAIN_GRID)}
-        grid = next(iter(grids))
-        if len(grids) == 1 and grid is not None and num_queries < 2 * grid[0] * grid[1]:
+        if len(set(grids)) == 1 and num_queries < len(grids) * grids[0][0] * grids[0][1]:
             return
-        first = self._plain.embedding[0] if self._plain.embedding is not None else "its first convolution"
+        first = self._plain.embedding[0] if self._plain.embedding is not None else "its patch embedding"
+        shown = ", ".join(dict.fromkeys(f"{g[0]}x{g[1]}" for g in grids))
         raise NotPlaceable(
-            f"the forward ran {first} {runs} times in a row before it (several images or crops embedded first, "
-            "then attended one after another?), and a layer of the plain ViT layout is placed on the grid of the last "
-            "run, so vitmad cannot tell which run's tokens it attends over; run the blocks on each input right after "
-            "embedding it, call the model once per input, or pass positions=<[N, 2] pixel position of each token> "
-            "where every run of the layer attends over one layout")
+            f"the forward ran {first} {len(grids)} times before it (grids {shown}: several images or crops embedded "
+            "first, then attended one after another, or together?), and a layer of the plain ViT layout is placed on "
+            "the grid of the last run, so vitmad cannot tell which run's tokens it attends over; run the blocks on "
+            "each input right after embedding it, call the model once per input, or pass positions=<[N, 2] pixel "
+            "position of each token> where every run of the layer attends over one layout")
 
     def _check_stem_followed(self, placement: Placement) -> None:
         """Refuses a layer whose tower runs on a stem's map (a learned downsampler of the user's before it) where its

@@ -41,6 +41,9 @@ __all__ = ["PlainLayout", "PlainPlacer", "patch_dropout_modules", "dropping_patc
            "random_token_order"]
 
 _GRID, _EMBED_INPUT, _EMBED_BATCH = "plain.grid", "plain.embedding_input", "plain.embedding_batch"
+# The grids the patch embedding cut since a layer was last placed, in this call (and in the empty calls of this forward
+# before it: the recorder carries them over), one per run: several runs before a layer leave its tokens' run unknown.
+RUN_GRIDS = "plain.run_grids"
 # The stem steps seen since the patch embedding last ran, and those that led to its latest run.
 _STEM, _STEM_OF_EMBEDDING = "plain.stem", "plain.stem_of_embedding"
 # (extra tokens, tokens) of the first layer of a call whose extra tokens were counted from a grid given by hand.
@@ -409,6 +412,7 @@ class PlainLayout:
                     f"{list(output.shape)}, expected [B, C, grid_h, grid_w]; pass grid=[grid_h, grid_w]"
                 )
             context.values[_GRID] = (int(output.shape[-2]), int(output.shape[-1]))
+            context.values.setdefault(RUN_GRIDS, []).append(context.values[_GRID])
             context.values[_EMBED_INPUT] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
             # A forward that embeds twice (several crops in one call) pairs each embedding with its own stem steps.
             if self.stem:
