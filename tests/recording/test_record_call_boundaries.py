@@ -689,3 +689,50 @@ def test_crops_embedded_first_then_attended_one_by_one_are_refused():
     assert any("MultiCrop attends over 13 tokens" in str(w.message) for w in said)
     assert rec.calls[-1].layers == ["blocks.0.attn", "blocks.1.attn"] * 2
     torch.testing.assert_close(rec.calls[-1].mad.double(), torch.stack(expected), **TOL)
+
+
+def test_runs_of_the_patch_embedding_each_attended_in_one_call_are_recorded():
+    """QA 382: where the runs of the patch embedding start no call (the model's first convolution, declared before
+    it, does not run in eval mode), crops of two sizes each embedded and attended at once were refused as embedded
+    first, the first run's grid still counted after its layer had run; and two forwards, one per size, as one forward's
+    runs. Each layer is placed on the grid of the run before it."""
+    timm = pytest.importorskip("timm")
+
+    class Crops(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.augment = nn.Conv2d(3, 3, 1)  # the first convolution on the image, run in training mode only
+            self.patch_embed = nn.Conv2d(3, 16, 8, 8)
+            self.cls_token = nn.Parameter(torch.randn(1, 1, 16))
+            self.block = timm.models.vision_transformer.Block(16, 2)
+
+        def forward(self, crops):
+            outputs = []
+            for crop in crops:
+                crop = self.augment(crop) if self.training else crop
+                patches = self.patch_embed(crop).flatten(2).transpose(1, 2)
+                outputs.append(self.block(torch.cat([self.cls_token.expand(len(patches), -1, -1), patches], 1)))
+            return outputs
+
+    torch.manual_seed(0)
+    model = sharpened(Crops())
+    crops = [torch.randn(2, 3, 24, 32), torch.randn(2, 3, 16, 16)]
+    maps = unfused_maps(model, "Attention")
+    with torch.no_grad():
+        model(crops)
+        model(crops[:1])
+        model(crops[1:])
+    for module, _ in maps:
+        module.fused_attn = True
+    expected = []
+    for (_, probabilities), grid in zip(maps, [(3, 4), (2, 2), (3, 4), (2, 2)]):
+        rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+        centres = (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * 8
+        expected.append((probabilities.double()[:, :, 1:, 1:] * torch.cdist(centres, centres)).sum(-1).mean(-1))
+    with pytest.warns(UserWarning, match="1 extra token"), torch.no_grad(), vitmad.record(model) as rec:
+        model(crops)
+        model(crops[:1])
+        model(crops[1:])
+    # (Which call holds which run is not asked here: with no call start run, the forwards share one.)
+    assert [g.grid for call in rec.calls for g in call.geometry] == [(3, 4), (2, 2), (3, 4), (2, 2)]
+    torch.testing.assert_close(torch.cat([call.mad for call in rec.calls]).double(), torch.stack(expected), **TOL)

@@ -1651,9 +1651,9 @@ class Recording:
             if len(lead) == 2 and num_queries == num_keys:  # (another shape: the placer's own refusal says why)
                 self._check_one_run(name, num_queries)
             placement = self._placers[name].place(self._context, lead, num_queries, num_keys)
-            grids = self._context.values.get(RUN_GRIDS)
-            if grids:
-                grids[:-1] = []  # the layers after this one are the last run's, or of a run to come
+            # A layer placed: the runs so far are attended, and the next run of the embedding starts a new count
+            # (an image embedded and attended, then its half-size copy, in one call: QA 382).
+            self._context.values.pop(RUN_GRIDS, None)
             self._check_stem_followed(placement)
             return placement if self._spacing is None else self._spacing.apply(placement)
         except NotPlaceable as error:
@@ -2316,6 +2316,10 @@ class Recording:
         such forward outside the model's own call (forward_features), what the calls held before it."""
         outermost = not self._owner.held_here()
         self._owner.enter(whole_model)
+        if outermost and not _in_backward():
+            # A new forward: the runs of the patch embedding counted are this forward's only, also where no call start
+            # clears the call's values between forwards (a first convolution that does not run: QA 382).
+            self._context.values.pop(RUN_GRIDS, None)
         if outermost and not whole_model and not _in_backward():
             # A forward through forward_features, a model's stages or a user's loop over cached tokens never runs
             # the model's own pre-hook (_begin_forward), which checks these (QA 273: a block added, then such a
