@@ -179,7 +179,9 @@ class ForwardOwner:
             elif restart and self._frames:
                 live = _live_among(frame, self._frames)
                 self._frames = [f for f in self._frames if f in live]
-            if not self._frames:
+            if not self._frames or restart:
+                # (A forward of the whole model is a new one even where a frame a KeyboardInterrupt left looks live:
+                # its address taken by a live frame, QA 383.)
                 self._serial += 1
             self._frames.append(id(frame))
 

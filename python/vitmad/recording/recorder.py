@@ -2316,7 +2316,7 @@ class Recording:
         such forward outside the model's own call (forward_features), what the calls held before it."""
         outermost = not self._owner.held_here()
         self._owner.enter(whole_model)
-        if outermost and not _in_backward():
+        if (outermost or whole_model) and not _in_backward():
             # A new forward: the runs of the patch embedding counted are this forward's only, also where no call start
             # clears the call's values between forwards (a first convolution that does not run: QA 382).
             self._context.values.pop(RUN_GRIDS, None)
