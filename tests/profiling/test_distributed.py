@@ -346,6 +346,26 @@ def test_each_rank_says_it_replaces_its_own_interrupted_share(tmp_path):
         _warn_unfinished(plan(1))
 
 
+def test_a_rank_without_a_share_resumes_without_saying_its_progress_was_lost(tmp_path):
+    """QA 387: a resumed job of more processes than batches said of the rank with no batch (which never writes a
+    checkpoint) "no checkpoint to resume ...; starting from the first image", as if its progress were lost. A rank
+    with a share and no checkpoint still says it (a mistyped --out)."""
+    from vitmad.profiling.engine import RunState, resume_state
+
+    def plan(batches: range) -> SimpleNamespace:
+        return SimpleNamespace(run=SimpleNamespace(rank=1, world_size=2, is_main=False),
+                               checkpoint=tmp_path / "checkpoint.rank1-of-2.pt", fingerprint="run",
+                               earlier_fingerprint=None, identity=None, batches=batches)
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        state = resume_state(plan(range(1, 1, 2)), resume=True)
+    assert said == [] and state.batches_done == 0 and isinstance(state, RunState)
+    with pytest.warns(UserWarning, match=r"no checkpoint to resume at .*checkpoint\.rank1-of-2\.pt; starting from "
+                                         r"the first image"):
+        resume_state(plan(range(1, 3, 2)), resume=True)
+
+
 def test_a_collective_that_timed_out_names_the_option_that_sets_its_deadline(tmp_path, monkeypatch, capsys):
     """QA 303: gloo's 'Timed out waiting 3000ms for send operation to complete' named no option."""
     import vitmad.cli as cli

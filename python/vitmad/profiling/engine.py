@@ -747,6 +747,10 @@ def resume_state(plan: RunPlan, resume: bool) -> RunState:
         _warn_unfinished(plan)
         return RunState()
     saved = load_checkpoint(plan.checkpoint, plan.fingerprint, plan.identity, plan.earlier_fingerprint)
+    if saved is None and not plan.batches:
+        # A torchrun rank with no share (more processes than batches) never writes a checkpoint: nothing was lost,
+        # and "starting from the first image" read as if its progress had been (QA 387).
+        return RunState()
     if saved is None:  # said, not silent: a mistyped --out resumes nothing and runs every image again
         # Worded without the parameter's name, which the command spells --resume (QA 290).
         warnings.warn(f"no checkpoint to resume at {plan.checkpoint}; starting from the first image", stacklevel=3)
