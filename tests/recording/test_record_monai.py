@@ -412,3 +412,17 @@ def test_a_wrapper_of_two_towers_starts_each_call_at_the_recorded_towers_embeddi
     with torch.no_grad(), vitmad.record(model.vit) as vit_alone:
         model.vit(x)
     torch.testing.assert_close(vit.mad, vit_alone.mad, rtol=0, atol=0)
+
+
+def test_temporal_mad_of_a_volume_says_its_slices_are_space_not_frames():
+    """QA 392: asking a volume's recording for temporal_mad said its layers "attend over images without frames";
+    a volume's first axis is space (docs/definition.md, volumes), and the refusal says so."""
+    model = nets.ViT(in_channels=1, img_size=(8, 16, 16), patch_size=(4, 8, 8), hidden_size=32, mlp_dim=16,
+                     num_layers=2, num_heads=2, spatial_dims=3).eval()
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.randn(1, 1, 8, 16, 16))
+    assert [g.depth for g in rec.geometry] == [2, 2]
+    with pytest.raises(ValueError, match=r"temporal_mad is defined for video layers only; of the recorded layers, 2 "
+                                         r"attend over a volume's slices, an axis of space, not frames "
+                                         r"\(blocks\.0\.attn, blocks\.1\.attn\)$"):
+        _ = rec.temporal_mad

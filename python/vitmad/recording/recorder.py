@@ -243,12 +243,18 @@ class RecordedCall:
         Raises:
             ValueError: a recorded layer has no frames (an image layer).
         """
-        images = [name for name, t in zip(self.layers, self.temporal) if t is None]
-        if images:
-            raise ValueError(
-                f"vitmad.record: temporal_mad is defined for video layers only, and {len(images)} recorded layers "
-                f"attend over images without frames ({', '.join(images[:3])}{', ...' if len(images) > 3 else ''})"
-            )
+        without = [(name, g) for name, t, g in zip(self.layers, self.temporal, self.geometry) if t is None]
+        if without:
+            # A volume's slice axis is space (docs/definition.md, volumes), not time: said so, not "images" (QA 392).
+            kinds = []
+            for kind, names in (("a volume's slices, an axis of space, not frames",
+                                 [name for name, g in without if g.depth is not None]),
+                                ("images without frames", [name for name, g in without if g.depth is None])):
+                if names:
+                    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+                    kinds.append(f"{len(names)} attend over {kind} ({shown})")
+            raise ValueError(f"vitmad.record: temporal_mad is defined for video layers only; of the recorded layers, "
+                             f"{' and '.join(kinds)}")
         return self._stack(self.temporal, "rec.calls[-1].temporal", "rec.temporal_mad")
 
     def stat(self, name: str) -> torch.Tensor:
