@@ -310,6 +310,30 @@ def test_compiled_transformers_model_against_its_eager_attention():
     assert len(warned) == 1
 
 
+def test_a_transformers_model_compiled_inside_the_block_gives_no_torch_warning_about_vitmads_code():
+    """QA 391: dynamo traced the recording's argument binding (a functools.cache'd function of vitmad's) and warned
+    of "silent incorrectness" at vitmad's file; it now runs eagerly between graphs, as the hooks do."""
+    transformers = pytest.importorskip("transformers")
+    torch._dynamo.reset()
+    config = transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    image_size=(GRID[0] * PATCH), patch_size=PATCH)
+    torch.manual_seed(0)
+    model = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    pixels = torch.randn(2, 3, GRID[0] * PATCH, GRID[0] * PATCH, generator=torch.Generator().manual_seed(2))
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    with torch.no_grad():
+        maps = eager(pixels, output_attentions=True).attentions
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), vitmad.record(model) as rec:
+            torch.compile(model, backend="eager")(pixels)
+    assert [str(w.message) for w in caught if "vitmad" in str(w.message) or "vitmad" in str(w.filename)] == []
+    grid = (GRID[0], GRID[0])
+    expected = torch.stack([vitmad.mad_reference(a, PATCH, num_prefix_tokens=1, grid=grid) for a in maps])
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+
+
 def test_import_leaves_dynamo_unloaded_until_a_recording_disables_its_hooks_for_it():
     # `import vitmad` does not import dynamo (0.9 s of a 1.1 s import) or torch's flex_attention module; the first
     # Recording, before it installs a hook, disables for dynamo every method a model's forward calls.

@@ -171,6 +171,16 @@ def _original_name_during(module: nn.Module, implementation: str):
         config._attn_implementation_internal = held
 
 
+def _measure(semantics: str, active: list, original: Callable, module, query, key, value, attention_mask,
+             args: tuple, kwargs: dict) -> None:
+    """Hands one call of the model's attention to the recordings measuring ``module``."""
+    # By parameter name as the original reads them: sdpa's sixth parameter is dropout, eager's scaling.
+    named = bound_arguments(original, module, query, key, value, attention_mask, args, kwargs)
+    for layer, callback in active:
+        measured_key, bias = call_bias(semantics, layer, named, query, key, attention_mask)
+        callback(layer, query, measured_key, named.get("scaling"), bias)
+
+
 def _register_wrapper(implementation: str) -> str:
     """Registers (once per process) the recording wrapper of ``implementation``; returns its name."""
     from transformers import AttentionInterface
@@ -193,13 +203,14 @@ def _register_wrapper(implementation: str) -> str:
             result = original(module, query, key, value, attention_mask, *args, **kwargs)
         active = list(_ACTIVE.get(id(module), ()))
         if active:
-            # By parameter name as the original reads them: sdpa's sixth parameter is dropout, eager's scaling.
-            named = bound_arguments(original, module, query, key, value, attention_mask, args, kwargs)
-            for layer, callback in active:
-                measured_key, bias = call_bias(semantics, layer, named, query, key, attention_mask)
-                callback(layer, query, measured_key, named.get("scaling"), bias)
+            measure(semantics, active, original, module, query, key, value, attention_mask, args, kwargs)
         return result
 
+    # Eager between compiled graphs, as the recording's hooks: a model compiled inside the block had dynamo trace the
+    # cached signature_of, and torch warned of "silent incorrectness" in vitmad's file (QA 391). Made here, when a
+    # recording first wraps an implementation: torch.compiler.disable imports dynamo, which import vitmad need not.
+    measure = torch.compiler.disable(_measure, reason="vitmad.record measures the attention eagerly, between "
+                                                      "compiled graphs")
     AttentionInterface.register(name, attention)
     # The mask the model builds depends on the implementation's name: build the one the original gets.
     if implementation in ALL_MASK_ATTENTION_FUNCTIONS:
