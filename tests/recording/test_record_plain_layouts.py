@@ -701,3 +701,41 @@ def test_a_stem_is_found_past_a_token_convolution_of_the_same_width():
     search at 32, and the stem's stride was lost."""
     torch.manual_seed(0)
     _check_users_vit(_StemOfTheTokensWidth().eval(), 3, (48, 64), (6, 8), 8)
+
+
+class _PrunedRegistersViT(torch.nn.Module):
+    """A user's ViT with a class token and 8 registers that keeps the 28 patch tokens of largest norm after its
+    first block (EViT-style pruning; ToMe's merging changes the count alike): 41, then 37 tokens on a 4 x 8 grid."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.patch_embed = torch.nn.Conv2d(3, dim, 8, 8)
+        self.tokens = torch.nn.Parameter(torch.randn(1, 9, dim))
+        self.blocks = torch.nn.ModuleList(_UserAttention(dim, 4) for _ in range(2))
+
+    def forward(self, pixels):
+        patches = self.patch_embed(pixels).flatten(2).transpose(1, 2)
+        x = self.blocks[0](torch.cat([self.tokens.expand(len(patches), -1, -1), patches], 1))
+        kept = x[:, 9:].norm(dim=-1).topk(28, dim=1).indices.sort(dim=1).values
+        x = torch.cat([x[:, :9], x[:, 9:].gather(1, kept[..., None].expand(-1, -1, x.shape[-1]))], 1)
+        return self.blocks[1](x)
+
+
+def test_a_layer_over_fewer_tokens_than_an_earlier_one_on_the_same_grid_is_refused():
+    """QA 390: tokens pruned or merged between blocks of a model with registers still outnumber the grid's cells,
+    and were placed as fewer extra tokens before the row-major grid (41, 37, 33 tokens on 32 cells: 9, 5, 1 extra
+    tokens), under the extra-token warning alone, though no cell is a merged token's. The first layer is still
+    recorded, on its own probabilities placed by hand."""
+    torch.manual_seed(0)
+    model = _PrunedRegistersViT().eval()
+    pixels = torch.randn(2, 3, 32, 64)
+    with pytest.raises(ValueError, match=r"blocks\.1 \(_UserAttention\) of _PrunedRegistersViT: it attends over 37 "
+                                         r"tokens, fewer than the 41 a layer recorded before it in this call attends "
+                                         r"over on the same 4x8 patch grid: tokens merged or dropped"):
+        with pytest.warns(UserWarning, match="the 9 extra token"), torch.no_grad(), vitmad.record(model):
+            model(pixels)
+    with pytest.warns(UserWarning, match="the 9 extra token"), torch.no_grad(), \
+            vitmad.record(model, layers=["blocks.0"]) as rec:
+        model(pixels)
+    expected = _expected_mad(model.blocks[0].probabilities, (4, 8), 8, 9, 0)
+    torch.testing.assert_close(rec.mad[0].double(), expected, **RECORD_TOL)

@@ -204,6 +204,12 @@ class CallContext:
     values: dict = field(default_factory=dict)
 
 
+# Set in CallContext.values while a placer places the keys of queries without a position (class attention, attention
+# pooling): those keys may leave out tokens the self-attention before attended over (the class token a pooling head
+# drops), which is no merging of the patches (PlainPlacer's check of fewer extra tokens).
+PLACING_KEYS_ONLY = "placing_keys_only"
+
+
 class LayerPlacer:
     """Places the tokens of one recorded attention module.
 

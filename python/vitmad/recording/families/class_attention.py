@@ -45,7 +45,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..placement import CallContext, LayerPlacer, NotPlaceable, Placement
+from ..placement import PLACING_KEYS_ONLY, CallContext, LayerPlacer, NotPlaceable, Placement
 from .stages import defined_in, grid_placement, innermost_on_path, owner_of
 from .windows import stage_stride
 
@@ -76,7 +76,11 @@ class ClassQueryPlacer(LayerPlacer):
         return self.keys.install(context)
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
-        keys = self.keys.place(context, lead, num_keys, num_keys)
+        context.values[PLACING_KEYS_ONLY] = True
+        try:
+            keys = self.keys.place(context, lead, num_keys, num_keys)
+        finally:
+            context.values.pop(PLACING_KEYS_ONLY, None)
         if keys.key_positions is not None or keys.time_positions is not None:
             raise NotPlaceable(f"the keys of its class attention ({self.what}) are not one image's token grid")
         # [Nk, 2] (one sequence for every matrix), [B, 1, Nk, 2] (per image: a NaFlex batch's own grids), or

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..module_index import enclosing_modules, idle_copies, is_known_library, named_module_list, unwrapped_name
 from ..placement import (
+    PLACING_KEYS_ONLY,
     CallContext,
     LayerGeometry,
     LayerPlacer,
@@ -48,6 +49,9 @@ RUN_GRIDS = "plain.run_grids"
 _STEM, _STEM_OF_EMBEDDING = "plain.stem", "plain.stem_of_embedding"
 # (extra tokens, tokens) of the first layer of a call whose extra tokens were counted from a grid given by hand.
 _HAND_PREFIX = "plain.hand_prefix"
+# {grid: (extra tokens, tokens)} of the layers placed in this call with their extra tokens counted from the patch
+# embedding's grid (PlainPlacer._check_no_fewer_extra_tokens).
+_COUNTED_PREFIX = "plain.counted_prefix"
 
 
 _PROJECTION_NAMES = ("proj", "projection", "patch_embedding", "patch_embed")
@@ -526,9 +530,10 @@ class PlainPlacer(LayerPlacer):
             # one image's extra tokens and grid (Mllama's tiles in one sequence, a SAM-style encoder's windows).
             raise NotPlaceable(
                 f"it attends over {int(lead[0])} sequences, but the patch embedding {layout.embedding[0]} embedded "
-                f"{embedded} images in this call (tiles, crops or windows regrouped?), so its tokens are not each "
-                "image's extra tokens and patch grid, and vitmad does not know their layout; pass positions=<[N, 2] "
-                "pixel position of each token> if you know it"
+                f"{embedded} images in this call (tiles, crops or windows regrouped? heads before the images, "
+                "[H, B, N, D], where vitmad reads [B, H, N, D]?), so its tokens are not each image's extra tokens and "
+                "patch grid, and vitmad does not know their layout; pass positions=<[N, 2] pixel position of each "
+                "token> if you know it"
             )
         source = "given grid" if layout.grid else "patch embedding"
         prefix = layout.num_prefix_tokens
@@ -571,6 +576,8 @@ class PlainPlacer(LayerPlacer):
                     "before the grid> if the extra tokens all come first, or positions=<[N, 2] pixel position of "
                     "each token, NaN rows for tokens off the image>"
                 )
+        if counted and layout.grid is None and not context.values.get(PLACING_KEYS_ONLY):
+            self._check_no_fewer_extra_tokens(context, grid, prefix, num_queries)
         said = layout.extra_tokens_said
         if counted and prefix and layout.declared_prefix is None and said is not None and prefix not in said:
             said.add(prefix)
@@ -610,6 +617,27 @@ class PlainPlacer(LayerPlacer):
         geometry = LayerGeometry(grid, stride, "global", int(lead[-1]), prefix,
                                  num_suffix_tokens=suffix or None)
         return Placement(positions, None, select_tokens(index), geometry)
+
+    @staticmethod
+    def _check_no_fewer_extra_tokens(context: CallContext, grid: tuple[int, int], prefix: int,
+                                     num_queries: int) -> None:
+        """A layer of one call that attends over fewer tokens than a layer before it, on the same patch grid, has
+        had tokens merged or dropped between them (ToMe, EViT's pruning): with registers enough, the rest still
+        outnumber the grid's cells and would pass for fewer extra tokens and the grid, row-major, though the merged
+        tokens are in an order of their own and no cell is theirs (QA 390: 41, 37, 33 tokens on 32 cells placed as
+        9, 5, 1 extra tokens). Tokens added later (ConViT's class token) are no such sign."""
+        seen = context.values.setdefault(_COUNTED_PREFIX, {})
+        before = seen.get(tuple(grid))
+        if before is not None and prefix < before[0]:
+            raise NotPlaceable(
+                f"it attends over {num_queries} tokens, fewer than the {before[1]} a layer recorded before it in this "
+                f"call attends over on the same {grid[0]}x{grid[1]} patch grid: tokens merged or dropped between the "
+                "layers (ToMe, token pruning) are no longer the grid in row-major order after the same extra tokens, "
+                "and vitmad does not know where they are; pass layers=[the layers before the tokens are merged], or "
+                "positions=<[N, 2] pixel position of each token, NaN rows for tokens off the image> if you know them"
+            )
+        if before is None or prefix > before[0]:
+            seen[tuple(grid)] = (prefix, num_queries)
 
     @staticmethod
     def _check_same_extra_tokens(context: CallContext, grid: tuple[int, int], prefix: int, num_queries: int) -> None:
