@@ -310,13 +310,16 @@ def test_compiled_transformers_model_against_its_eager_attention():
     assert len(warned) == 1
 
 
-def test_a_transformers_model_compiled_inside_the_block_gives_no_torch_warning_about_vitmads_code():
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_a_transformers_model_compiled_inside_the_block_gives_no_torch_warning_about_vitmads_code(implementation):
     """QA 391: dynamo traced the recording's argument binding (a functools.cache'd function of vitmad's) and warned
-    of "silent incorrectness" at vitmad's file; it now runs eagerly between graphs, as the hooks do."""
+    of "silent incorrectness" at vitmad's file; it now runs eagerly between graphs, as the hooks do. QA 394: so
+    does the finding of the eager function in the modeling file's source, also cached."""
     transformers = pytest.importorskip("transformers")
     torch._dynamo.reset()
     config = transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                     image_size=(GRID[0] * PATCH), patch_size=PATCH)
+    config._attn_implementation = implementation
     torch.manual_seed(0)
     model = transformers.ViTModel(config, add_pooling_layer=False).eval()
     pixels = torch.randn(2, 3, GRID[0] * PATCH, GRID[0] * PATCH, generator=torch.Generator().manual_seed(2))

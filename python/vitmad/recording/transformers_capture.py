@@ -194,7 +194,7 @@ def _register_wrapper(implementation: str) -> str:
     semantics = attention_semantics(implementation, "this model")
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        original = _original_function(implementation, module)
+        original = find_original(implementation, module)
         # The model's own attention first: a call it cannot make (a Swin stage smaller than its window, whose bias
         # does not fit the logits) fails with the model's error, not with vitmad's refusal of the same arguments.
         # Only flash attention reads the config's name while it runs; the others leave the config alone (another
@@ -209,8 +209,12 @@ def _register_wrapper(implementation: str) -> str:
     # Eager between compiled graphs, as the recording's hooks: a model compiled inside the block had dynamo trace the
     # cached signature_of, and torch warned of "silent incorrectness" in vitmad's file (QA 391). Made here, when a
     # recording first wraps an implementation: torch.compiler.disable imports dynamo, which import vitmad need not.
-    measure = torch.compiler.disable(_measure, reason="vitmad.record measures the attention eagerly, between "
-                                                      "compiled graphs")
+    reason = "vitmad.record measures the attention eagerly, between compiled graphs"
+    measure = torch.compiler.disable(_measure, reason=reason)
+    # The eager function is found in the modeling file's source (cached per class): eager between graphs too. The
+    # others are a lookup in transformers' registry, which dynamo traces without a break.
+    find_original = _original_function if implementation in ALL_ATTENTION_FUNCTIONS else \
+        torch.compiler.disable(_original_function, reason=reason)
     AttentionInterface.register(name, attention)
     # The mask the model builds depends on the implementation's name: build the one the original gets.
     if implementation in ALL_MASK_ATTENTION_FUNCTIONS:
