@@ -731,7 +731,8 @@ def test_a_layer_over_fewer_tokens_than_an_earlier_one_on_the_same_grid_is_refus
     pixels = torch.randn(2, 3, 32, 64)
     with pytest.raises(ValueError, match=r"blocks\.1 \(_UserAttention\) of _PrunedRegistersViT: it attends over 37 "
                                          r"tokens, fewer than the 41 a layer recorded before it in this call attends "
-                                         r"over on the same 4x8 patch grid: tokens merged or dropped"):
+                                         r"over on the same 4x8 patch grid, and still more than its cells: patch "
+                                         r"tokens merged or dropped"):
         with pytest.warns(UserWarning, match="the 9 extra token"), torch.no_grad(), vitmad.record(model):
             model(pixels)
     with pytest.warns(UserWarning, match="the 9 extra token"), torch.no_grad(), \
@@ -739,3 +740,64 @@ def test_a_layer_over_fewer_tokens_than_an_earlier_one_on_the_same_grid_is_refus
         model(pixels)
     expected = _expected_mad(model.blocks[0].probabilities, (4, 8), 8, 9, 0)
     torch.testing.assert_close(rec.mad[0].double(), expected, **RECORD_TOL)
+
+
+class _PatchHeadViT(torch.nn.Module):
+    """A user's ViT whose head drops the class token and registers and attends over the patches alone (Segmenter's
+    mask transformer, a refinement head): 37, 37, then 32 tokens on a 4 x 8 grid."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.patch_embed = torch.nn.Conv2d(3, dim, 8, 8)
+        self.tokens = torch.nn.Parameter(torch.randn(1, 5, dim))
+        self.blocks = torch.nn.ModuleList(_UserAttention(dim, 4) for _ in range(2))
+        self.head_blocks = torch.nn.ModuleList([_UserAttention(dim, 4)])
+
+    def forward(self, pixels):
+        patches = self.patch_embed(pixels).flatten(2).transpose(1, 2)
+        x = torch.cat([self.tokens.expand(len(patches), -1, -1), patches], 1)
+        for block in self.blocks:
+            x = block(x)
+        return self.head_blocks[0](x[:, 5:])
+
+
+def test_a_head_over_the_patches_alone_after_layers_with_extra_tokens_is_recorded():
+    """QA 394: the refusal of layers over fewer tokens than an earlier one (above) first refused this head, which
+    drops every extra token: its tokens are the grid itself."""
+    torch.manual_seed(0)
+    model = _PatchHeadViT().eval()
+    with pytest.warns(UserWarning, match="the 5 extra token"), torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.randn(2, 3, 32, 64))
+    assert rec.layers == ["blocks.0", "blocks.1", "head_blocks.0"]
+    assert [g.num_prefix_tokens for g in rec.geometry] == [5, 5, 0]
+    for layer, module in enumerate([*model.blocks, model.head_blocks[0]]):
+        prefix = 5 if layer < 2 else 0
+        expected = _expected_mad(module.probabilities, (4, 8), 8, prefix, 0)
+        torch.testing.assert_close(rec.mad[layer].double(), expected, **RECORD_TOL)
+
+
+def test_a_timm_vit_with_registers_whose_patches_are_pruned_before_its_first_layer_is_refused():
+    """QA 394: a timm ViT with a class token and 4 registers (num_prefix_tokens=5) whose first block drops the 4
+    patch tokens of lowest norm before attending (EViT-style): every layer attends over 33 tokens on 32 cells, no
+    count falls between layers, and 1 extra token was placed before the grid, the 4 registers on the first cells
+    (24.5 px where 20.5 px is right). Fewer extra tokens than declared, but some, is refused."""
+    import types
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=(32, 64), patch_size=8, depth=2,
+                              reg_tokens=4, embed_dim=32, num_heads=2).eval()
+    block = model.blocks[0]
+    unpruned = type(block).forward
+
+    def pruned(self, x):
+        kept = x[:, 5:].norm(dim=-1).topk(28, dim=1).indices.sort(dim=1).values
+        return unpruned(self, torch.cat([x[:, :5], x[:, 5:].gather(1, kept[..., None].expand(-1, -1, x.shape[-1]))],
+                                        1))
+
+    block.forward = types.MethodType(pruned, block)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn \(Attention\) of VisionTransformer: it attends over 33 "
+                                         r"tokens: the 4x8 = 32 patches of the patch embedding leave 1 extra tokens, "
+                                         r"fewer than the num_prefix_tokens=5 VisionTransformer declares \(patch "
+                                         r"tokens merged or pruned"):
+        with torch.no_grad(), vitmad.record(model):
+            model(torch.randn(2, 3, 32, 64))

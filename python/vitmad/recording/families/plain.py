@@ -576,6 +576,21 @@ class PlainPlacer(LayerPlacer):
                     "before the grid> if the extra tokens all come first, or positions=<[N, 2] pixel position of "
                     "each token, NaN rows for tokens off the image>"
                 )
+            elif declared is not None and 0 < prefix < declared[1] and layout.grid is None \
+                    and not context.values.get(PLACING_KEYS_ONLY):
+                # Fewer than declared: CaiT and ConViT run their first blocks without the class token, over the
+                # patches alone (0). Some but not all of them is patches pruned or merged before the layer in a model
+                # with registers (ToMe's patch of a timm ViT): the registers would be placed on the first cells
+                # (QA 394: 24.5 px where 20.5 px is right).
+                raise NotPlaceable(
+                    f"it attends over {num_queries} tokens: the {grid[0]}x{grid[1]} = {patches} patches of the "
+                    f"{source}{f' and {suffix} tokens after them' if suffix else ''} leave {prefix} extra tokens, "
+                    f"fewer than the num_prefix_tokens={declared[1]} {declared[0]} declares (patch tokens merged or "
+                    "pruned before this layer, ToMe, EViT?), so vitmad does not know where its tokens are; pass "
+                    "positions=<[N, 2] pixel position of each token, NaN rows for tokens off the image> if you know "
+                    "them, or num_prefix_tokens=<tokens before the grid> if they are the row-major grid after that "
+                    "many extra tokens"
+                )
         if counted and layout.grid is None and not context.values.get(PLACING_KEYS_ONLY):
             self._check_no_fewer_extra_tokens(context, grid, prefix, num_queries)
         said = layout.extra_tokens_said
@@ -625,16 +640,21 @@ class PlainPlacer(LayerPlacer):
         had tokens merged or dropped between them (ToMe, EViT's pruning): with registers enough, the rest still
         outnumber the grid's cells and would pass for fewer extra tokens and the grid, row-major, though the merged
         tokens are in an order of their own and no cell is theirs (QA 390: 41, 37, 33 tokens on 32 cells placed as
-        9, 5, 1 extra tokens). Tokens added later (ConViT's class token) are no such sign."""
+        9, 5, 1 extra tokens). Tokens added later (ConViT's class token) are no such sign, nor a layer over exactly
+        the grid's cells."""
         seen = context.values.setdefault(_COUNTED_PREFIX, {})
         before = seen.get(tuple(grid))
-        if before is not None and prefix < before[0]:
+        # A layer over the patches alone (a head that drops the class token and registers, Segmenter's) is the grid
+        # itself: recorded (QA 394). Fewer extra tokens left is either.
+        if before is not None and 0 < prefix < before[0]:
             raise NotPlaceable(
                 f"it attends over {num_queries} tokens, fewer than the {before[1]} a layer recorded before it in this "
-                f"call attends over on the same {grid[0]}x{grid[1]} patch grid: tokens merged or dropped between the "
-                "layers (ToMe, token pruning) are no longer the grid in row-major order after the same extra tokens, "
-                "and vitmad does not know where they are; pass layers=[the layers before the tokens are merged], or "
-                "positions=<[N, 2] pixel position of each token, NaN rows for tokens off the image> if you know them"
+                f"call attends over on the same {grid[0]}x{grid[1]} patch grid, and still more than its cells: "
+                "patch tokens merged or dropped between the layers (ToMe, token pruning) are no longer the grid in "
+                "row-major order after the extra tokens, and vitmad cannot tell them from extra tokens dropped (a "
+                f"head that keeps the class token and drops the registers); record the layers over {before[1]} "
+                "tokens and this one in recordings of their own (layers=[...]), or pass positions=<[N, 2] pixel "
+                "position of each token, NaN rows for tokens off the image> if you know them"
             )
         if before is None or prefix > before[0]:
             seen[tuple(grid)] = (prefix, num_queries)
