@@ -247,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image-size", default=None,
                      help="S or HxW instead of the model's input size, or native: each image at its own aspect "
                           "ratio (NaFlex models such as SigLIP2 and timm naflexvit_*, the Qwen2-VL, Qwen2.5-VL, "
-                          "Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL, PaddleOCR-VL, "
-                          "Ovis2.5, Muse Glimmer, Muse Spark, VideoLLaMA3, HunYuanVL, HY-V4-VL and Pixtral vision "
+                          "Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, MiniMax-M3-VL, Cosmos3-Edge, LFM3-VL, "
+                          "PaddleOCR-VL, Ovis2.5, Muse Glimmer, Muse Spark, VideoLLaMA3, HunYuanVL, HY-V4-VL and "
+                          "Pixtral vision "
                           "towers, which need native or a size, "
                           "and ViTs whose position embedding follows the input)")
     run.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
