@@ -340,19 +340,22 @@ FLOAT32_STAT_ATOL = 5e-5
 
 
 def check_prefix_and_grid(rec, rec_tokens, maps: list[torch.Tensor], grid: tuple[int, int], patch: float,
-                          prefix: int) -> None:
+                          prefix: int, suffix: int = 0, skipped: tuple[str, ...] = ()) -> None:
     """A recording with ``stats=["entropy", "prefix_mass", "prefix_maps"]`` (and ``rec_tokens``, the same with
     ``reduction="none"``) against the probabilities ``maps`` ``[B, H, N, N]`` of its global layers, one per layer,
-    their tokens placed as ``prefix`` tokens without a position, then the row-major ``grid`` of ``patch`` px cells:
-    geometry, MAD (mean and per token), entropy, prefix mass and prefix maps, by :func:`statistics_reference`."""
+    their tokens placed as ``prefix`` tokens without a position, then the row-major ``grid`` of ``patch`` px cells,
+    then ``suffix`` tokens without a position: geometry, MAD (mean and per token), entropy, prefix mass and prefix
+    maps, by :func:`statistics_reference`; the layers skipped are ``skipped``."""
     # float32 recordings (flash-MAD on the fused q / k, or the fused ops) against float64 on the eager float32
     # probabilities: the two softmaxes differ by float32 rounding. MADs are in pixels; masses and maps <= 1.
     tol, stat_tol = {"rtol": 1e-5, "atol": 1e-4}, {"rtol": 1e-5, "atol": FLOAT32_STAT_ATOL}
-    positions = torch.cat([torch.full((prefix, 2), math.nan, dtype=torch.float64), grid_centres(grid, patch)])
-    assert len(rec.layers) == len(maps) and rec.skipped == {}
+    nan = torch.full((1, 2), math.nan, dtype=torch.float64)
+    positions = torch.cat([nan.expand(prefix, 2), grid_centres(grid, patch), nan.expand(suffix, 2)])
+    assert len(rec.layers) == len(maps) and set(rec.skipped) == set(skipped)
     for layer, probabilities in enumerate(maps):
         geometry = rec.geometry[layer]
         assert geometry.grid == grid and geometry.stride == (patch, patch) and geometry.num_prefix_tokens == prefix
+        assert (geometry.num_suffix_tokens or 0) == suffix
         expected = statistics_reference(probabilities, positions)
         # Far from uniform attention: a token placed at a wrong cell would change the MAD.
         assert float(expected["entropy"].mean()) < 0.75 * math.log(probabilities.shape[-1])
@@ -361,7 +364,7 @@ def check_prefix_and_grid(rec, rec_tokens, maps: list[torch.Tensor], grid: tuple
         for stat in ("entropy", "prefix_mass"):
             torch.testing.assert_close(rec_tokens.stats[stat][layer].double(), expected[stat], **stat_tol)
             torch.testing.assert_close(rec.stats[stat][layer].double(), expected[stat].mean(-1), **stat_tol)
-        if prefix:
+        if prefix + suffix:
             torch.testing.assert_close(rec.prefix_maps[layer].double(), expected["prefix_maps"], **stat_tol)
         else:
             assert rec.prefix_maps[layer] is None

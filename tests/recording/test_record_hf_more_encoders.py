@@ -22,6 +22,7 @@ import torch
 import vitmad
 from conftest import (
     FLOAT32_STAT_ATOL,
+    check_prefix_and_grid,
     eager_attention_calls,
     grid_centres,
     record_both_reductions,
@@ -47,30 +48,6 @@ def positions(prefix: int, grid: tuple[int, int], suffix: int) -> torch.Tensor:
     tokens without a position."""
     nan = torch.full((1, 2), math.nan, dtype=torch.float64)
     return torch.cat([nan.expand(prefix, 2), grid_centres(grid, PATCH), nan.expand(suffix, 2)])
-
-
-def check(rec, rec_tokens, maps: list[torch.Tensor], grid: tuple[int, int], prefix: int, suffix: int) -> None:
-    """Recordings with STATS (mean, and per query) against the probabilities ``maps`` ``[B, H, N, N]`` of their
-    layers, in order, placed by :func:`positions`: geometry, then MAD, entropy and prefix mass per query and their
-    means per layer and head, and the rows of the tokens without a position over the patches."""
-    placed = positions(prefix, grid, suffix)
-    assert len(rec.layers) == len(maps)
-    for layer, probabilities in enumerate(maps):
-        geometry = rec.geometry[layer]
-        assert geometry.grid == grid and geometry.stride == (PATCH, PATCH)
-        assert (geometry.num_prefix_tokens, geometry.num_suffix_tokens or 0) == (prefix, suffix)
-        expected = statistics_reference(probabilities, placed)
-        # Far from uniform attention: a token placed at a wrong cell would change the values.
-        assert float(expected["entropy"].mean()) < 0.75 * math.log(probabilities.shape[-1])
-        torch.testing.assert_close(rec_tokens.per_layer[layer].double(), expected["mad"], **TOL)
-        torch.testing.assert_close(rec.per_layer[layer].double(), expected["mad"].mean(-1), **TOL)
-        for stat in ("entropy", "prefix_mass"):
-            torch.testing.assert_close(rec_tokens.stats[stat][layer].double(), expected[stat], **STAT_TOL)
-            torch.testing.assert_close(rec.stats[stat][layer].double(), expected[stat].mean(-1), **STAT_TOL)
-        if prefix + suffix:
-            torch.testing.assert_close(rec.prefix_maps[layer].double(), expected["prefix_maps"], **STAT_TOL)
-        else:
-            assert rec.prefix_maps[layer] is None
 
 
 def _kosmos2_vision(**config):
@@ -118,14 +95,12 @@ def test_tower_matches_its_eager_attention_placed_by_hand(name):
                                              STATS)
     layers = [layer.format(i) for i in range(2)]
     assert rec.layers == layers
-    if name == "xclip_vision":
-        assert set(rec.skipped) == {f"encoder.layers.{i}.message_attn" for i in range(2)}
-    else:
-        assert rec.skipped == {}
+    # X-CLIP's message attention across frames is no image's: skipped with its reason.
+    skipped = tuple(f"encoder.layers.{i}.message_attn" for i in range(2)) if name == "xclip_vision" else ()
     recorded = [model.get_submodule(path) for path in layers]
     maps = [probabilities for called, probabilities in calls if called in recorded]
     assert len(maps) == 2 and all(m.shape[0] == images for m in maps)
-    check(rec, rec_tokens, maps, (size[0] // PATCH, size[1] // PATCH), prefix, suffix)
+    check_prefix_and_grid(rec, rec_tokens, maps, (size[0] // PATCH, size[1] // PATCH), PATCH, prefix, suffix, skipped)
 
 
 def test_kosmos2_model_records_its_vision_tower_alone():
@@ -148,7 +123,7 @@ def test_kosmos2_model_records_its_vision_tower_alone():
     layers = [f"vision_model.model.encoder.layers.{i}.self_attn" for i in range(2)]
     assert rec.layers == layers and rec.skipped == {}
     assert [m for m, _ in calls] == [model.get_submodule(path) for path in layers]
-    check(rec, rec_tokens, [p for _, p in calls], (3, 5), 1, 0)
+    check_prefix_and_grid(rec, rec_tokens, [p for _, p in calls], (3, 5), PATCH, 1)
     with pytest.raises(NoLayerError, match=r"outside vision_model\.model, the tower that embeds the image"):
         with torch.no_grad(), vitmad.record(model, layers=["image_to_text_projection.*"]):
             model(**inputs)
@@ -206,7 +181,7 @@ def test_bridgetower_vision_multihead_attention_fed_sequence_first():
                                              lambda out: out, STATS)
     assert rec.layers == [f"visual.transformer.resblocks.{i}.attn" for i in range(2)] and rec.skipped == {}
     maps = multihead_probabilities(model, lambda: model(pixels, interpolate_pos_encoding=True))
-    check(rec, rec_tokens, maps, (5, 7), 1, 0)
+    check_prefix_and_grid(rec, rec_tokens, maps, (5, 7), PATCH, 1)
 
 
 def test_bridgetower_image_mask_hides_keys_and_their_queries():
@@ -266,4 +241,4 @@ def test_beit_backbone_of_dpt_with_its_relative_position_bias_resized():
     layers = [f"backbone.beit.layers.{i}.attention" for i in range(4)]
     assert rec.layers == layers and rec.skipped == {}
     assert [m for m, _ in calls] == [model.get_submodule(path) for path in layers]
-    check(rec, rec_tokens, [p for _, p in calls], (5, 3), 1, 0)
+    check_prefix_and_grid(rec, rec_tokens, [p for _, p in calls], (5, 3), PATCH, 1)
