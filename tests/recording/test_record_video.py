@@ -292,7 +292,8 @@ def test_image_layers_have_no_temporal_mad_and_keep_their_geometry_keys():
         model(torch.randn(1, 3, 32, 32))
     assert rec.calls[-1].temporal == [None]
     assert "frames" not in rec.geometry[0].as_dict()
-    with pytest.raises(ValueError, match="temporal_mad is defined for video layers only.*layers.0.attention"):
+    with pytest.raises(ValueError, match=r"temporal_mad is defined for video layers only; of the recorded layers, 1 "
+                                         r"attends over images without frames \(layers\.0\.attention\)$"):
         _ = rec.temporal_mad
 
 

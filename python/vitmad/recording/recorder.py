@@ -252,7 +252,7 @@ class RecordedCall:
                                 ("images without frames", [name for name, g in without if g.depth is None])):
                 if names:
                     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-                    kinds.append(f"{len(names)} attend over {kind} ({shown})")
+                    kinds.append(f"{len(names)} {'attends' if len(names) == 1 else 'attend'} over {kind} ({shown})")
             raise ValueError(f"vitmad.record: temporal_mad is defined for video layers only; of the recorded layers, "
                              f"{' and '.join(kinds)}")
         return self._stack(self.temporal, "rec.calls[-1].temporal", "rec.temporal_mad")
