@@ -38,6 +38,9 @@ from conftest import (
 )
 
 timm = pytest.importorskip("timm")
+# timm's patchify_image per image, padded as NaFlexCollator pads (random images of seed 1).
+from test_record_naflex import PATCH as NAFLEX_PATCH  # noqa: E402
+from test_record_naflex import _images, _naflex_batch  # noqa: E402
 
 STATS = ["entropy", "prefix_mass", "prefix_maps"]
 SMALL = dict(depth=2, embed_dim=32, num_heads=2)
@@ -110,26 +113,10 @@ def test_crossvit_crop_scale_places_a_cropped_branch_at_its_patch_and_a_resized_
 
 # NaFlexViT with a factorised position embedding -----------------------------------------------------------------
 
-NAFLEX_PATCH = 8
 # Images as the processor resized them, (height, width) px: grids 2 x 3, 3 x 2 and 1 x 7, in 8 slots each.
 NAFLEX_SIZES = [(16, 24), (24, 16), (8, 56)]
 NAFLEX_SLOTS = 8
 NAFLEX_PREFIX = 4  # parfac: 4 registers, no class token
-
-
-def _naflex_batch(sizes) -> dict:
-    """timm's own pipeline: ``patchify_image`` per image, padded at the end to NAFLEX_SLOTS as ``NaFlexCollator``
-    pads."""
-    from timm.data.naflex_transforms import patchify_image
-
-    gen = torch.Generator().manual_seed(1)
-    items = [patchify_image(torch.randn(3, h, w, generator=gen), (NAFLEX_PATCH, NAFLEX_PATCH)) for h, w in sizes]
-    patches = torch.zeros(len(items), NAFLEX_SLOTS, items[0][0].shape[1])
-    coord = torch.zeros(len(items), NAFLEX_SLOTS, 2, dtype=torch.long)
-    valid = torch.zeros(len(items), NAFLEX_SLOTS, dtype=torch.bool)
-    for i, (p, c, v) in enumerate(items):
-        patches[i, :len(p)], coord[i, :len(p)], valid[i, :len(p)] = p, c, v
-    return {"patches": patches, "patch_coord": coord, "patch_valid": valid}
 
 
 def test_naflex_factorised_position_embedding_places_each_image_on_its_own_grid():
@@ -137,7 +124,7 @@ def test_naflex_factorised_position_embedding_places_each_image_on_its_own_grid(
     model = sharpened(timm.create_model("naflexvit_base_patch16_parfac_gap", pretrained=False, **SMALL,
                                         patch_size=NAFLEX_PATCH))
     assert model.embeds.pos_embed_y is not None and model.embeds.pos_embed_x is not None  # the factorised form
-    inputs = _naflex_batch(NAFLEX_SIZES)
+    inputs = _naflex_batch(_images(NAFLEX_SIZES), NAFLEX_SLOTS)
     grids = [(h // NAFLEX_PATCH, w // NAFLEX_PATCH) for h, w in NAFLEX_SIZES]
     rec, rec_tokens = record_both_reductions(model, lambda m: m(inputs), lambda out: out, STATS)
     maps = sdpa_probabilities(lambda: model(inputs))
