@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import vitmad
+from vitmad.recording.recorder import NoLayerError
 
 TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels: q and k projected again in float32 vs the layer's own
 
@@ -468,3 +469,104 @@ def test_a_wrapper_named_in_layers_records_the_multihead_attention_it_holds():
     assert rec.layers == ["layers.1.inner"] and rec.skipped == {}
     expected = _reference(_own_maps([model.layers[1].inner], calls[1:]), 8, GRID)
     torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+
+
+class _OwnForwardMHA(nn.MultiheadAttention):
+    """A user's subclass with a forward of its own: it adds a relative position bias of its own ([B * H, N, N]) and
+    calls the layer's forward with it. Taken as the call's own arguments, the bias was missed (a silently wrong
+    MAD) and a ``forward(x)`` failed with a KeyError (QA 398): it is read from the function the layer runs."""
+
+    def __init__(self, dim=24, heads=3):
+        super().__init__(dim, heads, batch_first=True)
+        self.table = nn.Parameter(torch.randn(heads, N, N) * 2)
+        self.seen = []  # (x, bias) of each call, for the reference
+
+    def forward(self, x, *_, **__):
+        bias = self.table.repeat(len(x), 1, 1)
+        self.seen.append((x.detach(), bias.detach()))
+        return super().forward(x, x, x, attn_mask=bias, need_weights=False)
+
+
+class _OneArgumentViT(_MHAViT):
+    """Calls each layer with its tokens alone (``layer(x)``)."""
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(len(tokens), -1, -1), tokens], 1)
+        for layer in self.layers:
+            tokens = tokens + layer(tokens)[0]
+        return tokens
+
+
+def _seen_maps(layers) -> list[torch.Tensor]:
+    """Each _OwnForwardMHA layer's own per-head probabilities for the input and bias it last had."""
+    maps = []
+    for layer in layers:
+        x, bias = layer.seen[-1]
+        with torch.no_grad():
+            maps.append(nn.MultiheadAttention.forward(layer, x, x, x, attn_mask=bias, need_weights=True,
+                                                      average_attn_weights=False)[1])
+    return maps
+
+
+@pytest.mark.parametrize("model_class", [_MHAViT, _OneArgumentViT], ids=["called as the layer", "forward(x)"])
+def test_a_subclass_with_its_own_forward_is_read_from_the_call_it_makes(model_class):
+    torch.manual_seed(0)
+    model = model_class().eval()
+    model.layers = nn.ModuleList(_OwnForwardMHA() for _ in range(2))
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = model(pixels)
+        with vitmad.record(model, num_prefix_tokens=1, stats=["entropy"]) as rec:
+            recorded = model(pixels)
+    # Recorded, the layer runs its Python path rather than torch's fused inference path: the same attention.
+    torch.testing.assert_close(recorded, plain)
+    assert rec.layers == ["layers.0", "layers.1"] and rec.skipped == {}
+    maps = _seen_maps(model.layers)
+    torch.testing.assert_close(rec.mad.double(), _reference(maps, 8, GRID), **TOL)
+    entropy = torch.stack([-(m.double() * m.double().log()).sum(-1)[:, :, 1:].mean(-1) for m in maps])
+    torch.testing.assert_close(rec.stats["entropy"].double(), entropy, rtol=0, atol=5e-5)
+
+
+class _FunctionalBlock(nn.Module):
+    """A user's block calling F.multi_head_attention_forward with weights of its own (as CLIP's attention pool
+    does), called as _MHAViT calls its layers."""
+
+    def __init__(self, dim=24, heads=3):
+        super().__init__()
+        self.heads = heads
+        self.in_proj = nn.Parameter(torch.randn(3 * dim, dim) / dim ** 0.5)
+        self.in_bias = nn.Parameter(torch.randn(3 * dim) * 0.1)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, *_, need_weights=False, **__):
+        sequence = x.transpose(0, 1)
+        out, weights = torch.nn.functional.multi_head_attention_forward(
+            sequence, sequence, sequence, x.shape[-1], self.heads, self.in_proj, self.in_bias, None, None, False, 0.0,
+            self.out.weight, self.out.bias, training=self.training, need_weights=need_weights,
+            average_attn_weights=False)
+        return out.transpose(0, 1), weights
+
+
+def test_a_block_calling_the_functional_multihead_attention_is_recorded_where_named():
+    """QA 398: named in layers=, it "ran without computing attention" (the function hides its SDPA call)."""
+    torch.manual_seed(0)
+    model = _MHAViT().eval()
+    model.layers = nn.ModuleList(_FunctionalBlock() for _ in range(2))
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1], generator=torch.Generator().manual_seed(2))
+    calls, handles = _spy(model.layers)
+    with torch.no_grad():
+        plain = model(pixels)
+    for handle in handles:
+        handle.remove()
+    with pytest.raises(NoLayerError, match="F.multi_head_attention_forward"):
+        with torch.no_grad(), vitmad.record(model, num_prefix_tokens=1):
+            model(pixels)
+    with torch.no_grad(), vitmad.record(model, layers=["layers.0", "layers.1"], num_prefix_tokens=1) as rec:
+        assert torch.equal(model(pixels), plain)
+    assert rec.layers == ["layers.0", "layers.1"] and rec.skipped == {}
+    maps = []
+    for layer, (args, _) in zip(model.layers, calls):
+        with torch.no_grad():
+            maps.append(layer(args[0], need_weights=True)[1])
+    torch.testing.assert_close(rec.mad.double(), _reference(maps, 8, GRID), **TOL)

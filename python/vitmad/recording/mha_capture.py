@@ -28,10 +28,16 @@ from .module_index import named_module_list
 from .placement import CAUSAL_ADVICE
 from .transformers_capture import AttentionCallback
 
-__all__ = ["mha_modules", "MultiheadAttentionHooks", "mha_query_key"]
+__all__ = ["functional_mha_query_key", "mha_modules", "MultiheadAttentionHooks", "mha_query_key", "reads_own_arguments"]
 
 _ARGUMENTS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
               "is_causal")
+# F.multi_head_attention_forward's, in order.
+_FUNCTIONAL_ARGUMENTS = (
+    "query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k", "bias_v",
+    "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training", "key_padding_mask", "need_weights",
+    "attn_mask", "use_separate_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "static_k",
+    "static_v", "average_attn_weights", "is_causal")
 
 
 def mha_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -39,15 +45,24 @@ def mha_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in named_module_list(model) if isinstance(m, nn.MultiheadAttention)}
 
 
-def _refuse(layer: str, what: str) -> ValueError:
-    return ValueError(f"vitmad.record: {layer} (MultiheadAttention) {what}")
-
-
 def _hidden_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """MultiheadAttention's mask as an additive bias: a boolean ``True`` hides (-inf), a float one adds."""
+    """MultiheadAttention's mask as an additive bias: a boolean ``True`` hides (-inf), a float one adds, in its own
+    dtype: the layer hands a float32 mask of a 16-bit layer to SDPA as it is (need_weights=False, as
+    nn.TransformerEncoderLayer calls it), and SDPA adds it unrounded (QA 398)."""
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-    return mask.to(dtype)
+    return mask
+
+
+def reads_own_arguments(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.MultiheadAttention`` whose call's arguments are those of the layer's own forward
+    (torch's, or a subclass of torch's): read by :class:`MultiheadAttentionHooks` before it runs. A user's subclass
+    with a forward of its own may call the layer's with other arguments (a mask it adds, its own signature: a
+    ``forward(x)`` failed with a KeyError, QA 398); it is recorded by the function it calls, as any module that
+    attends (``module_capture``, :func:`functional_mha_query_key`)."""
+    cls = type(module)
+    return isinstance(module, nn.MultiheadAttention) and (
+        cls.forward is nn.MultiheadAttention.forward or cls.__module__.startswith("torch."))
 
 
 def mha_query_key(layer: str, module: nn.MultiheadAttention, args: tuple, kwargs: dict
@@ -58,34 +73,59 @@ def mha_query_key(layer: str, module: nn.MultiheadAttention, args: tuple, kwargs
     queries' tokens and it hides any, else None: padding, whose own query rows are no token's either."""
     named = dict(zip(_ARGUMENTS, args)) | kwargs
     query, key = named["query"], named["key"]
+    if module.batch_first and query.dim() == 3 and not (query.is_nested or key.is_nested):
+        query, key = query.transpose(0, 1), key.transpose(0, 1)  # [L, B, E], as the functional takes them
+    separate = not module._qkv_same_embed_dim
+    return _query_key(f"{layer} (MultiheadAttention)", {
+        **named, "query": query, "key": key, "num_heads": module.num_heads, "in_proj_bias": module.in_proj_bias,
+        "in_proj_weight": module.in_proj_weight, "use_separate_proj_weight": separate,
+        "q_proj_weight": module.q_proj_weight, "k_proj_weight": module.k_proj_weight,
+        "bias_k": module.bias_k, "add_zero_attn": module.add_zero_attn})
+
+
+def functional_mha_query_key(label: str, args: tuple, kwargs: dict
+                             ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None, bool,
+                                        torch.Tensor | None]:
+    """:func:`mha_query_key` of one ``F.multi_head_attention_forward`` call a recorded module makes itself (a
+    subclass of ``nn.MultiheadAttention`` with a forward of its own calling the layer's, a block calling the
+    functional with its own weights as CLIP's attention pool does): its queries and keys from the arguments the
+    function is given, whatever the module's own forward took. ``label``: the layer, as refusals name it."""
+    return _query_key(label, dict(zip(_FUNCTIONAL_ARGUMENTS, args)) | kwargs)
+
+
+def _query_key(label: str, named: dict
+               ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None, bool, torch.Tensor | None]:
+    """What :func:`mha_query_key` returns, from ``F.multi_head_attention_forward``'s arguments by name (query and
+    key ``[L, B, E]`` or ``[L, E]``)."""
+    query, key = named["query"], named["key"]
     # torchvision's ViT and most encoders pass one tensor as both; a norm applied twice gives equal ones.
     other_keys = key is not query and (key.shape != query.shape or not torch.equal(key, query))
     if query.is_nested or key.is_nested:
         # nn.TransformerEncoder makes them of a padded batch (src_key_padding_mask, eval mode, no grad): the user's
         # way out was not said (QA 378).
-        raise _refuse(layer, "received nested tensors, which vitmad does not read (it reads padded batches); "
-                             "nn.TransformerEncoder makes them of a batch given src_key_padding_mask in eval mode "
-                             "without grad: build it with enable_nested_tensor=False, or set its use_nested_tensor "
-                             "= False (the outputs are the same)")
+        raise ValueError(f"vitmad.record: {label} received nested tensors, which vitmad does not read (it reads "
+                         "padded batches); nn.TransformerEncoder makes them of a batch given src_key_padding_mask in "
+                         "eval mode without grad: build it with enable_nested_tensor=False, or set its "
+                         "use_nested_tensor = False (the outputs are the same)")
     if named.get("is_causal", False):
-        raise _refuse(layer, "runs causal attention (is_causal=True); MAD is defined for a vision transformer's "
-                             f"bidirectional attention{CAUSAL_ADVICE}")
-    if module.bias_k is not None or module.add_zero_attn:
-        raise _refuse(layer, "adds keys of its own (add_bias_kv or add_zero_attn), which have no position")
+        raise ValueError(f"vitmad.record: {label} runs causal attention (is_causal=True); MAD is defined for a "
+                         f"vision transformer's bidirectional attention{CAUSAL_ADVICE}")
+    if named.get("bias_k") is not None or named.get("add_zero_attn", False) or named.get("static_k") is not None:
+        raise ValueError(f"vitmad.record: {label} adds keys of its own (add_bias_kv, add_zero_attn or static_k), "
+                         "which have no position")
     batched = query.dim() == 3
     if not batched:  # [L, E]: one sequence
         query, key = query.unsqueeze(1), key.unsqueeze(1)
-    elif module.batch_first:
-        query, key = query.transpose(0, 1), key.transpose(0, 1)
     # [L, B, E] from here, as F.multi_head_attention_forward takes them.
-    embed, heads = module.embed_dim, module.num_heads
+    heads = named["num_heads"]
+    embed = query.shape[-1]
     head_dim = embed // heads
-    bias = module.in_proj_bias
+    bias = named.get("in_proj_bias")
     b_q, b_k = (None, None) if bias is None else (bias[:embed], bias[embed:2 * embed])
-    if module._qkv_same_embed_dim:
-        w_q, w_k = module.in_proj_weight[:embed], module.in_proj_weight[embed:2 * embed]
+    if named.get("use_separate_proj_weight", False):
+        w_q, w_k = named["q_proj_weight"], named["k_proj_weight"]
     else:
-        w_q, w_k = module.q_proj_weight, module.k_proj_weight
+        w_q, w_k = named["in_proj_weight"][:embed], named["in_proj_weight"][embed:2 * embed]
     with torch.no_grad():
         q = F.linear(query, w_q, b_q)
         k = F.linear(key, w_k, b_k)

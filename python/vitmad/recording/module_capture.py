@@ -525,6 +525,18 @@ class _CaptureAttention(TorchFunctionMode):
                 refuse_causal(f"{self.layer} ({type(self.module).__name__})", kept,
                                "its scaled_dot_product_attention mask")
             return result
+        if func is F.multi_head_attention_forward and self._in_forward():
+            # nn.MultiheadAttention's one fused function, whose SDPA call within it this mode does not see: a
+            # subclass's forward of its own calling the layer's, or a block calling the function with its own
+            # weights (CLIP's attention pool), is read from the function's arguments, as the layer's hooks read its
+            # own (mha_capture). It ran without computing attention, said the recording (QA 398).
+            from .mha_capture import functional_mha_query_key  # (mha_capture imports this module)
+
+            result = func(*args, **kwargs)
+            q, k, scale, mask, other_keys, padded = functional_mha_query_key(
+                f"{self.layer} ({type(self.module).__name__})", args, kwargs)
+            self.on_qk(self.layer, q, k, scale, mask, other_keys=other_keys, padded=padded)
+            return result
         if func is flex_attention and self._in_forward():
             result = func(*args, **kwargs)
             query, key, scale, mask = flex_logits(f"{self.layer} ({type(self.module).__name__})", args, kwargs)

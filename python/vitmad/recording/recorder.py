@@ -87,7 +87,7 @@ from .forward_owner import (
     module_call_live,
 )
 from .forward_owner import in_backward as _in_backward
-from .mha_capture import MultiheadAttentionHooks, mha_modules
+from .mha_capture import MultiheadAttentionHooks, mha_modules, reads_own_arguments
 from .module_capture import (
     ModuleAttentionHooks,
     may_compute_attention,
@@ -1030,8 +1030,7 @@ class Recording:
         # Device copies of the host positions of this recording's calls, by device and content (_to_device).
         self._device_positions: dict[tuple, torch.Tensor] = {}
         interface = {n: m for n, m in self._modules.items() if reads_implementation_by_interface(model, n, m)}
-        multihead = {n: m for n, m in self._modules.items()
-                     if n not in interface and isinstance(m, nn.MultiheadAttention)}
+        multihead = {n: m for n, m in self._modules.items() if n not in interface and reads_own_arguments(m)}
         own = {n: m for n, m in self._modules.items() if n not in interface and n not in multihead}
         sources = {n: m for n, m in ((n, probabilities_source(m)) for n, m in own.items()) if m is not None}
         views = {n: v for n, v in ((n, probabilities_view(m)) for n, m in own.items()) if v is not None}
@@ -1239,7 +1238,8 @@ class Recording:
                 f"found no attention layer vitmad knows in {searched}: none has transformers' query/key "
                 "projections, timm's fused_attn switch or a layout vitmad knows",
                 ". If some of its modules compute softmax attention (F.scaled_dot_product_attention, torch's "
-                "flex_attention or an explicit softmax, also in a function their forward calls), pass "
+                "flex_attention, F.multi_head_attention_forward or an explicit softmax, also in a function their "
+                "forward calls), pass "
                 "layers=[their qualified names]",
             )
         return modules
@@ -1732,8 +1732,15 @@ class Recording:
         lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
         query = query.detach().expand(*lead, *query.shape[-2:])
         key = key.detach().expand(*lead, *key.shape[-2:])
+        if mask is not None and mask.dtype != torch.bool:
+            if mask.dtype == torch.float32 and query.dtype in (torch.float16, torch.bfloat16):
+                # SDPA adds a float32 mask to a 16-bit call's float32 logits as it is; rounded to q's dtype (96.3 is
+                # 96.5 in bfloat16), a user's distance bias moved the entropy 2e-3 (QA 398). q and k widened to
+                # float32 exactly have the same float32 products, and take the bias whole.
+                query, key = query.float(), key.float()
+            mask = mask.to(query.dtype)
         if mask is not None:
-            mask = mask.detach() if mask.dtype == torch.bool else mask.detach().to(query.dtype)
+            mask = mask.detach()
         placement = self._place(name, lead, query.shape[-2], key.shape[-2])
         if padded is not None:
             placement = _without_padding(placement, padded, lead)
@@ -2049,7 +2056,8 @@ class Recording:
             self.skipped[name] = "named in layers, but ran without computing attention"
             warnings.warn(f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__}, named "
                           "in layers, ran without computing attention (F.scaled_dot_product_attention, torch's "
-                          "flex_attention, transformers' AttentionInterface or a softmax); it is not recorded",
+                          "flex_attention, F.multi_head_attention_forward, transformers' AttentionInterface or a "
+                          "softmax); it is not recorded",
                           stacklevel=2)
         if completed and not pending and name in self._placers and name not in self._named \
                 and name not in self.skipped and name not in self._recorded_names \
