@@ -495,6 +495,46 @@ def test_discovery_does_not_take_holders_or_attributes_for_attention_and_wildcar
     torch.testing.assert_close(named.mad.double(), expected, **TOL)
 
 
+class _TwoAttentions(nn.Module):
+    """A user's block that attends only through the two attention modules it holds: its forward names no softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.attn, self.attn2 = _Block(), _Block()
+
+    def forward(self, x):
+        return self.attn2(self.attn(self.norm(x)))
+
+
+def test_a_wildcards_block_of_the_users_attending_through_its_modules_records_them():
+    """README: a wildcard's block that computes no attention of its own records the attention modules it holds
+    ("blocks.?"). A block of the user's was taken whole (any module of the user's "may compute attention"), and one
+    holding two attention modules refused as making "2 attention calls in one forward" (QA 405)."""
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 32, 32)
+    model = _Stack([]).eval()
+    model.blocks = nn.ModuleList([_TwoAttentions(), _TwoAttentions()])
+    modules = [attention for block in model.blocks for attention in (block.attn, block.attn2)]
+    inputs = {}
+    handles = [m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0])) for m in modules]
+    try:
+        with torch.no_grad():
+            model(pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad(), vitmad.record(model, layers=["blocks.?"]) as rec:
+        model(pixels)
+    assert rec.layers == [f"blocks.{i}.{name}" for i in range(2) for name in ("attn", "attn2")]
+    maps = []
+    for module in modules:  # each attention module's own probabilities, no prefix token, 8 x 8 patches of 4 px
+        q, k = module.q(inputs[module]).double(), module.k(inputs[module]).double()
+        maps.append((q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1)[:, None])
+    expected = torch.stack([mad_reference(a, 4, num_prefix_tokens=0, grid=(8, 8)) for a in maps])
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+
+
 def test_an_unrecognised_block_first_or_last_in_a_list_is_warned_of_but_not_norms_or_mlps():
     """The gap warning looked only between recorded blocks (QA 262: a softmax block first was left out in
     silence), and warned of norms and MLPs between them."""

@@ -384,9 +384,12 @@ def _blocks_by_their_attention(chosen: dict[str, nn.Module], found: dict[str, nn
     found, and computes no attention of its own, replaced by those modules, in module order (``"blocks.?"`` of a
     timm ViT found nothing, QA 359). A block named whole stays the user's layer, as recorded before (QA 362: a ViTamin
     or CrossViT block named so was renamed after its attention module); where it cannot be placed, its refusal
-    names the attention modules it holds (:func:`_held_attention`)."""
+    names the attention modules it holds (:func:`_held_attention`). A block of the user's own computes none where
+    its forward names no softmax nor fused attention (the attention module's forward is its own): it was taken whole,
+    and one holding two attention modules refused as "2 attention calls in one forward" (QA 405)."""
     replaced = {name: [n for n in found if _holds(name, n)] for name, module in chosen.items()
-                if name and name not in found and name not in exact and not may_compute_attention(module)}
+                if name and name not in found and name not in exact
+                and (not may_compute_attention(module) or not names_softmax(module))}
     replaced = {name: inner for name, inner in replaced.items() if inner}
     if not replaced:
         return chosen
