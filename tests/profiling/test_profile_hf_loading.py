@@ -158,6 +158,31 @@ def test_towers_fed_pre_cut_patches_are_refused_at_load(tmp_path, build, process
         vitmad.profile(model, torch.zeros(1, 3, 32, 32), device="cpu")
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["XCLIPVisionModel", "XCLIPModel"])
+def test_x_clip_whose_frames_are_folded_into_its_batch_is_refused_at_load(tmp_path, whole):
+    """X-CLIP's config has num_frames, so profile fed it clips [B, frames, 3, H, W]; its forward takes the frames
+    folded into its batch and failed, and the refusal blamed the size its own preprocessing gives (QA 399)."""
+    torch.manual_seed(0)
+    vision = dict(image_size=24, patch_size=8, num_frames=3, hidden_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, intermediate_size=48, mit_hidden_size=32, mit_intermediate_size=48,
+                  mit_num_hidden_layers=1, mit_num_attention_heads=2)
+    if whole:
+        model = transformers.XCLIPModel(transformers.XCLIPConfig(
+            vision_config=vision, text_config=dict(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=48),
+            projection_dim=16, prompt_layers=1, prompt_attention_heads=2, prompt_hidden_act="gelu"))
+    else:
+        model = transformers.XCLIPVisionModel(transformers.XCLIPVisionConfig(**vision))
+    model.eval().save_pretrained(tmp_path)
+    transformers.VideoMAEImageProcessor(size={"shortest_edge": 24},
+                                        crop_size={"height": 24, "width": 24}).save_pretrained(tmp_path)
+    said = r"takes a video's frames folded into its batch \(\[B \* frames, 3, H, W\]\)"
+    with pytest.raises(OptionError, match=said):
+        load_model(f"hf:{tmp_path}")
+    with pytest.raises(OptionError, match=said):
+        vitmad.profile(model, torch.zeros(1, 3, 3, 24, 24), device="cpu")
+
+
 def test_the_processor_refusal_says_it_once():
     """"... code of its own (_preprocess) that this library does not reproduce, which vitmad does not reproduce"."""
     with pytest.raises(OptionError) as refused:

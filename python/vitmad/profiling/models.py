@@ -196,6 +196,22 @@ def _refuse_pre_cut_patches(module: torch.nn.Module) -> None:
             "image_processor(images=..., return_tensors='pt'))")
 
 
+def _refuse_frames_in_the_batch(module: torch.nn.Module, outer: torch.nn.Module) -> None:
+    """X-CLIP's vision tower takes a video's frames folded into its batch, and its config's ``num_frames`` made
+    profile feed it clips ``[B, frames, 3, H, W]``: its forward failed, and the refusal blamed the size its own
+    preprocessing gives (QA 399). Neither a clip nor images in batches fit it (its message tokens attend across the
+    batch's groups of ``num_frames``)."""
+    if not type(module).__module__.startswith("transformers.models.x_clip."):
+        return
+    holder = "" if outer is module else f"{type(outer).__name__}: "
+    raise OptionError(
+        "model",
+        f"{holder}X-CLIP's vision tower ({type(module).__name__}) takes a video's frames folded into "
+        "its batch ([B * frames, 3, H, W]), neither clips [B, frames, 3, H, W] nor images, so vitmad profile cannot "
+        "feed it; record it around your own forward instead (README, Video): with vitmad.record(model) as rec: "
+        "model(pixel_values=<the frames of B videos, [B * frames, 3, H, W]>)")
+
+
 def non_square_table_said(module: torch.nn.Module) -> str | None:
     """Why a transformers model built for a non-square ``config.image_size`` (a pair of unequal sides) takes that
     size only, or None for any other model."""
@@ -228,6 +244,7 @@ def wrap_module(module: torch.nn.Module, spec: str | None = None,
     outer, tower_path = module, ""
     if type(module).__module__.startswith(("transformers.", "open_clip.")):
         module, tower_path = vision_tower(module)
+    _refuse_frames_in_the_batch(module, outer)
     if _takes_other_inputs(module):
         # Fed images, an audio model's convolution failed on a 5-D input and a language model took the pixels for
         # token ids, each deep in the model at the first batch, after a checkpoint was written.
