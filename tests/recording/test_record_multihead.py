@@ -570,3 +570,23 @@ def test_a_block_calling_the_functional_multihead_attention_is_recorded_where_na
         with torch.no_grad():
             maps.append(layer(args[0], need_weights=True)[1])
     torch.testing.assert_close(rec.mad.double(), _reference(maps, 8, GRID), **TOL)
+
+
+def test_torchs_quantizable_multihead_attention_is_not_read_from_weights_it_does_not_use():
+    """torch.ao's quantizable MultiheadAttention (eager-mode static quantization) projects with its linear_Q and
+    linear_K; its in_proj_weight stays as initialised. Read from the call's arguments and in_proj_weight as the
+    layer's forward would be, its MAD was another attention's, silently; its own softmax, over batch and heads
+    merged in one dim, is refused by name."""
+    from torch.ao.nn.quantizable import MultiheadAttention as Quantizable
+
+    torch.manual_seed(0)
+    model = _MHAViT().eval()
+    for i, layer in enumerate(model.layers):
+        layer.qconfig = torch.ao.quantization.default_qconfig
+        model.layers[i] = Quantizable.from_float(layer)
+    assert not torch.equal(model.layers[0].in_proj_weight, model.layers[0].linear_Q.weight)
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1])
+    with pytest.raises(ValueError, match=r"vitmad.record: layers.0 \(MultiheadAttention\) of _MHAViT: its attention "
+                                         r"has shape \[6, 13, 13\] \(batch and heads merged in one dim"):
+        with torch.no_grad(), vitmad.record(model, num_prefix_tokens=1):
+            model(pixels)

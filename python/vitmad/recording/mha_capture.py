@@ -55,14 +55,14 @@ def _hidden_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def reads_own_arguments(module: nn.Module) -> bool:
-    """Whether ``module`` is an ``nn.MultiheadAttention`` whose call's arguments are those of the layer's own forward
-    (torch's, or a subclass of torch's): read by :class:`MultiheadAttentionHooks` before it runs. A user's subclass
+    """Whether ``module`` is an ``nn.MultiheadAttention`` whose forward is the layer's own, read by
+    :class:`MultiheadAttentionHooks` from its call's arguments and its ``in_proj_weight`` before it runs. A subclass
     with a forward of its own may call the layer's with other arguments (a mask it adds, its own signature: a
-    ``forward(x)`` failed with a KeyError, QA 398); it is recorded by the function it calls, as any module that
-    attends (``module_capture``, :func:`functional_mha_query_key`)."""
-    cls = type(module)
-    return isinstance(module, nn.MultiheadAttention) and (
-        cls.forward is nn.MultiheadAttention.forward or cls.__module__.startswith("torch."))
+    ``forward(x)`` failed with a KeyError, QA 398), or attend with other weights (torch.ao's quantizable
+    MultiheadAttention projects with its ``linear_Q`` and ``linear_K``, its ``in_proj_weight`` left as initialised:
+    a silently wrong MAD): it is recorded by what its forward computes, as any module that attends
+    (``module_capture``; the function it calls: :func:`functional_mha_query_key`)."""
+    return isinstance(module, nn.MultiheadAttention) and type(module).forward is nn.MultiheadAttention.forward
 
 
 def mha_query_key(layer: str, module: nn.MultiheadAttention, args: tuple, kwargs: dict
