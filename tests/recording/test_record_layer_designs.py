@@ -535,6 +535,45 @@ def test_a_wildcards_block_of_the_users_attending_through_its_modules_records_th
     torch.testing.assert_close(rec.mad.double(), expected, **TOL)
 
 
+class _Mixer8(nn.Module):
+    """Attention over the tokens that vitmad does not find (no attention in its name, an explicit softmax)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wq, self.wk = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        logits = (self.wq(x) @ self.wk(x).transpose(-1, -2) * 8 ** -0.5)[:, None]  # one head
+        return x + (logits.softmax(-1) @ x[:, None])[:, 0]
+
+
+class _OwnSoftmaxAttention(_Mixer8):
+    """Found by vitmad: an attention class with query and key projections computing a softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = self.wq, self.wk
+
+
+class _FoundAndMixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.mixer = _OwnSoftmaxAttention(), _Mixer8()
+
+    def forward(self, x):
+        return self.mixer(self.attn(x))
+
+
+def test_a_wildcards_block_holding_a_softmax_vitmad_does_not_find_is_still_taken_whole():
+    """QA 406: replaced by the attention module vitmad finds in it, the block's other attention (a token mixer)
+    went unrecorded without a word; taken whole, its two attention calls are refused, as before."""
+    model = _Stack([]).eval()
+    model.blocks = nn.ModuleList([_FoundAndMixer(), _FoundAndMixer()])
+    with pytest.raises(ValueError, match=r"blocks.0 \(_FoundAndMixer\) of _Stack made 2 attention calls"):
+        with torch.no_grad(), vitmad.record(model, layers=["blocks.?"]):
+            model(torch.randn(2, 3, 32, 32))
+
+
 def test_an_unrecognised_block_first_or_last_in_a_list_is_warned_of_but_not_norms_or_mlps():
     """The gap warning looked only between recorded blocks (QA 262: a softmax block first was left out in
     silence), and warned of norms and MLPs between them."""

@@ -590,3 +590,48 @@ def test_torchs_quantizable_multihead_attention_is_not_read_from_weights_it_does
                                          r"has shape \[6, 13, 13\] \(batch and heads merged in one dim"):
         with torch.no_grad(), vitmad.record(model, num_prefix_tokens=1):
             model(pixels)
+
+
+class _OwnAttentionThenLayer(nn.Module):
+    """A user's block attending itself (an explicit softmax, or SDPA), then through an nn.MultiheadAttention it
+    holds, over its own tokens or over 5 text tokens."""
+
+    def __init__(self, fused, text, dim=24, heads=3):
+        super().__init__()
+        self.fused, self.heads = fused, heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.layer = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.text = nn.Parameter(torch.randn(1, 5, dim)) if text else None
+        self.seen = []
+
+    def forward(self, x, *_, **__):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        self.seen.append((q.detach(), k.detach()))
+        if self.fused:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            out = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1) @ v
+        x = x + out.transpose(1, 2).reshape(b, n, c)
+        memory = x if self.text is None else self.text.expand(b, -1, -1)
+        return x + self.layer(x, memory, memory, need_weights=False)[0], None
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["layer over its tokens", "layer over text"])
+@pytest.mark.parametrize("fused", [False, True], ids=["softmax", "sdpa"])
+def test_a_block_named_whole_records_its_own_attention_not_the_layer_it_holds(fused, text):
+    """QA 406: the F.multi_head_attention_forward call of the layer a block holds was read as the block's: the
+    layer's attention replaced the block's own softmax silently, and beside SDPA (or over text) the block was
+    refused. The block's own attention is its layer's MAD, as before the function was read."""
+    torch.manual_seed(0)
+    model = _MHAViT().eval()
+    model.layers = nn.ModuleList(_OwnAttentionThenLayer(fused, text) for _ in range(2))
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), vitmad.record(model, layers=["layers.0", "layers.1"], num_prefix_tokens=1) as rec:
+        model(pixels)
+    assert rec.layers == ["layers.0", "layers.1"]
+    maps = []
+    for block in model.layers:
+        q, k = block.seen[-1]
+        maps.append((q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1))
+    torch.testing.assert_close(rec.mad.double(), _reference(maps, 8, GRID), **TOL)

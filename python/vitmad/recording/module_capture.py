@@ -451,6 +451,28 @@ def _storage(tensor: torch.Tensor) -> int:
         return -1 - id(tensor)
 
 
+_MHA_FORWARD = nn.MultiheadAttention.forward.__code__
+_MHA_FUNCTION = inspect.unwrap(F.multi_head_attention_forward).__code__
+
+
+def _run_by_another_multihead(module: nn.Module) -> bool:
+    """Whether the ``F.multi_head_attention_forward`` call being handled was made by the forward of an
+    ``nn.MultiheadAttention`` other than ``module``: a layer of torch's held by a block that attends itself too
+    (its own softmax, then the layer over the result, or cross-attention to text). Read as the block's, the layer's
+    attention replaced the block's own without a word, or the block was refused (QA 406); it is the layer's, recorded
+    as a layer of its own or not at all, as before. (Called from the mode's handler: the function's frame is a few
+    frames up.)"""
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return False
+        if frame.f_code is _MHA_FUNCTION:
+            caller = frame.f_back
+            return caller is not None and caller.f_code is _MHA_FORWARD and caller.f_locals.get("self") is not module
+        frame = frame.f_back
+    return False
+
+
 class _CaptureAttention(TorchFunctionMode):
     def __init__(self, layer: str, module: nn.Module, on_qk: AttentionCallback, on_probs: ProbabilitiesCallback | None,
                  view: ProbabilitiesView | None = None):
@@ -525,11 +547,13 @@ class _CaptureAttention(TorchFunctionMode):
                 refuse_causal(f"{self.layer} ({type(self.module).__name__})", kept,
                                "its scaled_dot_product_attention mask")
             return result
-        if func is F.multi_head_attention_forward and self._in_forward():
+        if func is F.multi_head_attention_forward and self._in_forward() \
+                and not _run_by_another_multihead(self.module):
             # nn.MultiheadAttention's one fused function, whose SDPA call within it this mode does not see: a
             # subclass's forward of its own calling the layer's, or a block calling the function with its own
             # weights (CLIP's attention pool), is read from the function's arguments, as the layer's hooks read its
-            # own (mha_capture). It ran without computing attention, said the recording (QA 398).
+            # own (mha_capture). It ran without computing attention, said the recording (QA 398). The call of a
+            # MultiheadAttention layer a block holds is that layer's, not the block's (_run_by_another_multihead).
             from .mha_capture import functional_mha_query_key  # (mha_capture imports this module)
 
             result = func(*args, **kwargs)

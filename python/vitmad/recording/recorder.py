@@ -385,16 +385,29 @@ def _blocks_by_their_attention(chosen: dict[str, nn.Module], found: dict[str, nn
     timm ViT found nothing, QA 359). A block named whole stays the user's layer, as recorded before (QA 362: a ViTamin
     or CrossViT block named so was renamed after its attention module); where it cannot be placed, its refusal
     names the attention modules it holds (:func:`_held_attention`). A block of the user's own computes none where
-    its forward names no softmax nor fused attention (the attention module's forward is its own): it was taken whole,
-    and one holding two attention modules refused as "2 attention calls in one forward" (QA 405)."""
+    neither its forward nor a module it holds outside the attention modules found names a softmax or the fused
+    attention: it was taken whole, and one holding two attention modules refused as "2 attention calls in one
+    forward" (QA 405); one holding a softmax vitmad does not find (a token mixer) is still taken whole, and refused
+    so, rather than recorded without it (QA 406)."""
     replaced = {name: [n for n in found if _holds(name, n)] for name, module in chosen.items()
                 if name and name not in found and name not in exact
-                and (not may_compute_attention(module) or not names_softmax(module))}
+                and (not may_compute_attention(module) or _attends_only_through_found(name, module, found))}
     replaced = {name: inner for name, inner in replaced.items() if inner}
     if not replaced:
         return chosen
     kept = {n for name in chosen for n in replaced.get(name, [name])}
     return {name: m for name, m in named_module_list(model) if name in kept}
+
+
+def _attends_only_through_found(name: str, module: nn.Module, found: dict[str, nn.Module]) -> bool:
+    """Whether no softmax nor fused attention is named by ``module``'s forward or by a module it holds outside the
+    attention modules in ``found`` (and those inside them)."""
+    for inner_name, inner in module.named_modules(prefix=name):
+        if inner_name in found or any(_holds(outer, inner_name) for outer in found):
+            continue
+        if isinstance(inner, nn.Softmax) or names_softmax(inner):
+            return False
+    return True
 
 
 def _held_attention(chosen: dict[str, nn.Module], found: dict[str, nn.Module]) -> dict[str, list[str]]:
