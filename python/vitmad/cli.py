@@ -97,7 +97,10 @@ def _check_output_paths(out: Path, ours: list[Path], writes: set[str]) -> None:
         raise OptionError("out", f"{out} holds folders where this run writes files ({', '.join(folders)}); "
                                  "pass another folder")
     if not ours:
-        theirs = sorted(name for name in output_names() if (out / name).exists())
+        # Only what this run writes: a user's entropy.png beside a MAD-only run, or a photo named mad.png beside a
+        # --no-figures run, was refused as "which this run would write over" (QA 403); a later run that writes it
+        # finds it unnamed by this run's mad.json, and is refused then.
+        theirs = sorted(name for name in writes if (out / name).exists())
         if theirs:
             raise OptionError("out", f"{out} holds {', '.join(theirs)}, which this run would write over, and no "
                                      "mad.json of an earlier vitmad profile run (so not an earlier run's outputs: "

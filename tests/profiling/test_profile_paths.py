@@ -98,16 +98,38 @@ def test_a_users_files_under_output_names_are_refused_and_kept(tiny_model, image
     (out / "mad.csv").write_text("my,own,table\n")
     shutil.copy(next(p for p in Path(image_folder).iterdir() if p.suffix == ".png"), out / "mad.png")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    for images in (image_folder, out):
-        code, _, err = _run(_profile(tiny_model, images, out), capsys)
+    drawing = [arg for arg in _profile(tiny_model, image_folder, out) if arg != "--no-figures"]
+    for args, said in ((drawing, "mad.csv, mad.png"), (_profile(tiny_model, image_folder, out), "mad.csv"),
+                       (_profile(tiny_model, out, out), "mad.csv")):
+        code, _, err = _run(args, capsys)
         assert code == 2
-        assert err.strip() == (f"vitmad: error: --out: {out} holds mad.csv, mad.png, which this run would write over, "
+        assert err.strip() == (f"vitmad: error: --out: {out} holds {said}, which this run would write over, "
                                "and no mad.json of an earlier vitmad profile run (so not an earlier run's outputs: "
                                "perhaps yours); pass another folder")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     (out / "mad.json").write_text('{"my": "own json"}')  # not a profile's: refused as well, kept
     assert _run(_profile(tiny_model, image_folder, out), capsys)[0] == 2
     assert json.loads((out / "mad.json").read_text()) == {"my": "own json"}
+
+
+def test_a_users_file_under_a_name_a_first_run_does_not_write_is_left_alone(tiny_model, image_folder, tmp_path,
+                                                                            capsys):
+    """QA 403: in an --out without an earlier run, a user's entropy.png beside a MAD-only run, or a photo named
+    mad.png beside a --no-figures run, was refused as "which this run would write over": this run writes neither.
+    They are left alone, and a later run that would write them is refused (the first run's mad.json does not name
+    them)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    photo = next(p for p in Path(image_folder).iterdir() if p.suffix == ".png")
+    for name in ("entropy.png", "mad.png"):
+        shutil.copy(photo, out / name)
+    assert _run(_profile(tiny_model, image_folder, out), capsys)[0] == 0
+    assert json.loads((out / "mad.json").read_text())["outputs"] == ["mad.json", "mad.csv"]
+    assert (out / "entropy.png").read_bytes() == (out / "mad.png").read_bytes() == photo.read_bytes()
+    drawing = [arg for arg in _profile(tiny_model, image_folder, out) if arg != "--no-figures"]
+    code, _, err = _run(drawing, capsys)
+    assert code == 2 and "holds mad.png, which this run would write over, and which the earlier" in err
+    assert (out / "mad.png").read_bytes() == photo.read_bytes()
 
 
 def test_a_users_file_beside_an_earlier_run_under_a_name_that_run_did_not_write_is_kept(
