@@ -97,6 +97,32 @@ def test_module_compiled_in_place_is_recorded():
     assert len(warned) == 1
 
 
+@pytest.mark.parametrize("where", ["a block", "inside DataParallel"])
+def test_a_compiled_wrapper_held_as_a_submodule_is_recorded(where):
+    """QA 410: a torch.compile wrapper held by the model (a block compiled alone, DataParallel(torch.compile(m)))
+    was not seen as compiled: run before the block, its code called no hook, so the block was left out without a
+    word, or the wrapped model refused as run "not through the modules being recorded"."""
+    model = _timm_vit()
+    pixels = _pixels()
+    expected = _timm_reference(model, pixels)
+    if where == "a block":
+        model.blocks[1] = torch.compile(model.blocks[1], backend="eager")
+        recorded, names = model, ["blocks.0.attn", "blocks.1._orig_mod.attn"]
+        said = "blocks.1 of VisionTransformer is compiled with torch.compile"
+    else:
+        recorded = torch.nn.DataParallel(torch.compile(model, backend="eager"))
+        names = ["module._orig_mod.blocks.0.attn", "module._orig_mod.blocks.1.attn"]
+        said = "module of DataParallel is compiled with torch.compile"
+    with torch.no_grad():
+        recorded(pixels)  # compiled before the recording
+    assert is_compiled(recorded)
+    rec, _, warned = _record(recorded, recorded, pixels)
+    assert rec.layers == names
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+    assert len(warned) == 1 and warned[0].startswith(f"vitmad.record: {said}; inside the recording it runs eagerly")
+    assert _stance() == "default"
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compiled_only_inside_the_block_is_recorded(backend):
     """Compiled inside the block, the model traces vitmad's hooks: disabled for dynamo, each is a graph break that

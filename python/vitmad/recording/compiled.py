@@ -53,11 +53,13 @@ def uncompiled(model: nn.Module) -> nn.Module:
 
 def is_compiled(model: nn.Module) -> bool:
     """Whether ``model`` or a submodule of it runs compiled code when called: a ``torch.compile`` wrapper, or
-    ``Module.compile()`` done in place (which keeps the module and sets its compiled call)."""
+    ``Module.compile()`` done in place (which keeps the module and sets its compiled call). A wrapper held as a
+    submodule too (``model.blocks[1] = torch.compile(model.blocks[1])``, ``nn.DataParallel(torch.compile(model))``):
+    run before the block, its code called none of the hooks, and the block was left out without a word, or the
+    wrapped model refused as run "not through the modules being recorded" (QA 410)."""
     optimized = _optimized_module_type()
-    if optimized is not None and isinstance(model, optimized):
-        return True
-    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module_list(model))
+    return any((optimized is not None and isinstance(m, optimized))
+               or getattr(m, "_compiled_call_impl", None) is not None for m in module_list(model))
 
 
 def compiled_forwards(model: nn.Module) -> list[str]:
@@ -137,6 +139,10 @@ def check_compiled(model: nn.Module, given: nn.Module) -> bool:
     if given is model and not is_compiled(model):
         return False
     name = type(model).__name__
+    optimized = _optimized_module_type()
+    if given is model and getattr(model, "_compiled_call_impl", None) is None:  # compiled inside: say where
+        name = next(f"{inner} of {name}" for inner, m in named_module_list(model) if inner and (
+            (optimized is not None and isinstance(m, optimized)) or getattr(m, "_compiled_call_impl", None)))
     if not EagerWhileRecording.available():
         raise ValueError(
             f"vitmad.record: {name} is compiled with torch.compile, whose generated code cannot hand its attention "
