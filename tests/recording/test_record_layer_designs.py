@@ -555,6 +555,35 @@ class _OwnSoftmaxAttention(_Mixer8):
         self.q, self.k = self.wq, self.wk
 
 
+class _SpecialSoftmaxAttention(_OwnSoftmaxAttention):
+    def forward(self, x):
+        logits = (self.wq(x) @ self.wk(x).transpose(-1, -2) * 8 ** -0.5)[:, None]
+        return x + (torch.special.softmax(logits, -1) @ x[:, None])[:, 0]
+
+
+def test_a_softmax_spelled_torch_special_softmax_is_read():
+    """QA 412: torch.special.softmax (torch's softmax under another name) was not read: its layer left rec.layers
+    without a word, and the next layer's values took its index."""
+    torch.manual_seed(0)
+    model = _Stack([]).eval()
+    model.blocks = nn.ModuleList([_OwnSoftmaxAttention(), _SpecialSoftmaxAttention(), _OwnSoftmaxAttention()])
+    inputs = {}
+    handles = [m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0])) for m in model.blocks]
+    try:
+        with torch.no_grad(), vitmad.record(model) as rec:
+            model(torch.randn(2, 3, 32, 32))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert rec.layers == ["blocks.0", "blocks.1", "blocks.2"] and rec.skipped == {}
+    maps = []
+    for block in model.blocks:  # each block's own probabilities, no prefix token, 8 x 8 patches of 4 px
+        q, k = block.wq(inputs[block]).double(), block.wk(inputs[block]).double()
+        maps.append((q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1)[:, None])
+    expected = torch.stack([mad_reference(a, 4, num_prefix_tokens=0, grid=(8, 8)) for a in maps])
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+
+
 class _FoundAndMixer(nn.Module):
     def __init__(self):
         super().__init__()

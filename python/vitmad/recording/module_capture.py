@@ -70,10 +70,11 @@ ProbabilitiesView = Callable[[torch.Tensor, int], "torch.Tensor | None"]
 # once (ParallelScalingBlock, the *_xp_* and vit_pwee_* blocks that compute attention without an attention
 # submodule).
 _SELF_ATTENTION_PROJECTIONS = ("qkv", "q_proj", "in_proj", "q")
-_SOFTMAX_FUNCTIONS = (torch.softmax, F.softmax, torch.Tensor.softmax)
+_SOFTMAX_FUNCTIONS = (torch.softmax, F.softmax, torch.Tensor.softmax, torch.special.softmax)  # (special's: QA 412)
 # What else normalises logits over a dim: a module whose forward ran one of these, or a softmax that is not its
 # attention (over another dim than the last), and no attention vitmad read, attended in a form it does not read.
-_NORMALISING = (torch.logsumexp, torch.Tensor.logsumexp, torch.log_softmax, F.log_softmax, torch.Tensor.log_softmax)
+_NORMALISING = (torch.logsumexp, torch.Tensor.logsumexp, torch.log_softmax, F.log_softmax, torch.Tensor.log_softmax,
+                torch.special.logsumexp, torch.special.log_softmax)
 # torch's own function (the builtin F's attribute is, unless replaced): a library or profiler that replaces
 # F.scaled_dot_product_attention with a wrapper calling it still reaches the mode with this one (compared with F's
 # attribute at call time, nothing was recorded), whether it did so before or after vitmad was imported.
