@@ -174,7 +174,7 @@ class _BroadcastMaskedAttention(torch.nn.Module):
         q, k = self.qk(tokens).unflatten(-1, (2, 2, 4)).permute(2, 0, 3, 1, 4)  # 2 x [B, H=2, N, 4]
         k = k[:1]
         bias = self.mask if self.mask.dtype != torch.bool else torch.zeros(()).masked_fill(~self.mask, -torch.inf)
-        self.probs = (q.double() @ k.double().transpose(-1, -2) * 0.5 + bias.to(q.dtype).double()).softmax(-1)
+        self.probs = (q.double() @ k.double().transpose(-1, -2) * 0.5 + bias.double()).softmax(-1)
         return torch.nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=self.mask, scale=0.5)
 
 
@@ -190,7 +190,7 @@ def test_sdpa_broadcast_key_and_mask_of_another_dtype(mask_kind):
     with torch.no_grad(), vitmad.record(model, layers=["0"], patch=4, grid=[2, 3]) as rec:
         model(tokens)
     assert rec.mad.shape == (1, 3, 2)
-    # mad_qk adds the float mask rounded to bfloat16 (q's dtype), as the reference does; accumulation is float32.
+    # The float32 mask is added unrounded, as SDPA adds it to bfloat16 q and k (QA 398); accumulation is float32.
     expected = vitmad.mad_reference(model[0].probs, 4, grid=[2, 3])
     torch.testing.assert_close(rec.mad[0].double(), expected, **RECORD_TOL)
 
