@@ -584,6 +584,42 @@ def test_a_softmax_spelled_torch_special_softmax_is_read():
     torch.testing.assert_close(rec.mad.double(), expected, **TOL)
 
 
+class _PastedAttention(nn.Module):
+    """lucidrains' vit-pytorch Attention as users paste it: its softmax is an nn.Softmax it holds (self.attend)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attend = nn.Softmax(dim=-1)
+        self.to_qkv = nn.Linear(8, 24, bias=False)
+
+    def forward(self, x):
+        q, k, v = (t[:, None] for t in self.to_qkv(x).chunk(3, dim=-1))
+        return x + (self.attend(q @ k.transpose(-1, -2) * 8 ** -0.5) @ v)[:, 0]
+
+
+def test_a_users_attention_calling_the_nn_softmax_it_holds_is_found():
+    """QA 412: found by its source's "softmax(" alone, the pasted pattern was refused as no attention vitmad knows
+    (it recorded only with layers=)."""
+    torch.manual_seed(0)
+    model = _Stack([]).eval()
+    model.blocks = nn.ModuleList([_PastedAttention(), _PastedAttention()])
+    inputs = {}
+    handles = [m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0])) for m in model.blocks]
+    try:
+        with torch.no_grad(), vitmad.record(model) as rec:
+            model(torch.randn(2, 3, 32, 32))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert rec.layers == ["blocks.0", "blocks.1"]
+    maps = []
+    for block in model.blocks:
+        q, k, _ = block.to_qkv(inputs[block]).double().chunk(3, dim=-1)
+        maps.append((q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1)[:, None])
+    expected = torch.stack([mad_reference(a, 4, num_prefix_tokens=0, grid=(8, 8)) for a in maps])
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+
+
 class _FoundAndMixer(nn.Module):
     def __init__(self):
         super().__init__()

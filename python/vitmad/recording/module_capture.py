@@ -399,6 +399,16 @@ def _computes_attention(cls: type) -> bool:
     return bool(re.search(r"Att(entio)?n", cls.__name__)) and "softmax(" in source
 
 
+def _attends_through_its_softmax_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a user's class named as attention whose forward calls an ``nn.Softmax`` it holds
+    (``self.attend = nn.Softmax(dim=-1)``: lucidrains' vit-pytorch ``Attention`` pasted into a user's code, which
+    was refused as no attention vitmad knows: its source names no ``softmax(`` call, QA 412). The library's own
+    classes are found by their family."""
+    cls = type(module)
+    return (not is_known_library(cls) and bool(re.search(r"Att(entio)?n", cls.__name__))
+            and any(isinstance(child, nn.Softmax) for child in module.children()) and names_softmax(module))
+
+
 # Names of query / key projections: a softmax-computing "attention" class without one is a CNN's attention over
 # channels or branches (SKNet's SelectiveKernelAttn, ResNeSt's SplitAttn), not attention between tokens.
 _QUERY_KEY_NAMES = ("q", "k", "qk", "qkv", "kv", "query", "key", "to_q", "to_qkv", "wq", "q_proj", "qkv_proj",
@@ -415,8 +425,9 @@ def source_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
         cls = type(module)
         if cls.__module__.split(".")[0] == "torch":
             continue
-        if _computes_attention(cls) and (_calls_fused_attention(cls) or any(
-                isinstance(getattr(module, p, None), nn.Module) for p in _QUERY_KEY_NAMES)):
+        if (_computes_attention(cls) or _attends_through_its_softmax_module(module)) and (
+                _calls_fused_attention(cls) or any(
+                    isinstance(getattr(module, p, None), nn.Module) for p in _QUERY_KEY_NAMES)):
             found[name] = module
         elif _reaches_fused_attention(module):
             reached[name] = module
@@ -452,24 +463,25 @@ def _storage(tensor: torch.Tensor) -> int:
         return -1 - id(tensor)
 
 
-_MHA_FORWARD = nn.MultiheadAttention.forward.__code__
 _MHA_FUNCTION = inspect.unwrap(F.multi_head_attention_forward).__code__
 
 
-def _run_by_another_multihead(module: nn.Module) -> bool:
-    """Whether the ``F.multi_head_attention_forward`` call being handled was made by the forward of an
-    ``nn.MultiheadAttention`` other than ``module``: a layer of torch's held by a block that attends itself too
-    (its own softmax, then the layer over the result, or cross-attention to text). Read as the block's, the layer's
-    attention replaced the block's own without a word, or the block was refused (QA 406); it is the layer's, recorded
-    as a layer of its own or not at all, as before. (Called from the mode's handler: the function's frame is a few
-    frames up.)"""
+def _run_by_another_module(module: nn.Module) -> bool:
+    """Whether the ``F.multi_head_attention_forward`` call being handled was made by a method of a module other than
+    ``module``: the ``nn.MultiheadAttention`` layer a block holds beside attending itself (its own softmax, then the
+    layer over the result, or cross-attention to text), or a module it holds that calls the function with weights of
+    its own. Read as the block's, that attention replaced the block's own without a word, or the block was refused
+    (QA 406, QA 411); it is that module's, recorded as a layer of its own or not at all. A call from ``module``'s own
+    methods (a subclass of the layer reaching its forward through ``super()``) or from a plain function is
+    ``module``'s. (Called from the mode's handler: the function's frame is a few frames up.)"""
     frame = sys._getframe(1)
     for _ in range(12):
         if frame is None:
             return False
         if frame.f_code is _MHA_FUNCTION:
             caller = frame.f_back
-            return caller is not None and caller.f_code is _MHA_FORWARD and caller.f_locals.get("self") is not module
+            owner = None if caller is None else caller.f_locals.get("self")
+            return isinstance(owner, nn.Module) and owner is not module
         frame = frame.f_back
     return False
 
@@ -549,12 +561,12 @@ class _CaptureAttention(TorchFunctionMode):
                                "its scaled_dot_product_attention mask")
             return result
         if func is F.multi_head_attention_forward and self._in_forward() \
-                and not _run_by_another_multihead(self.module):
+                and not _run_by_another_module(self.module):
             # nn.MultiheadAttention's one fused function, whose SDPA call within it this mode does not see: a
             # subclass's forward of its own calling the layer's, or a block calling the function with its own
             # weights (CLIP's attention pool), is read from the function's arguments, as the layer's hooks read its
             # own (mha_capture). It ran without computing attention, said the recording (QA 398). The call of a
-            # MultiheadAttention layer a block holds is that layer's, not the block's (_run_by_another_multihead).
+            # MultiheadAttention layer a block holds is that layer's, not the block's (_run_by_another_module).
             from .mha_capture import functional_mha_query_key  # (mha_capture imports this module)
 
             result = func(*args, **kwargs)
