@@ -92,7 +92,9 @@ def _check_output_paths(out: Path, ours: list[Path], writes: set[str]) -> None:
     """
     from .profiling.options import OptionError
 
-    folders = sorted(name for name in output_names() if (out / name).is_dir())
+    # (What this run writes, and the earlier run's files it removes: a folder named entropy.png beside a MAD-only
+    # run is a user's, as a file so named is, QA 411.)
+    folders = sorted(name for name in writes | {p.name for p in ours} if (out / name).is_dir())
     if folders:
         raise OptionError("out", f"{out} holds folders where this run writes files ({', '.join(folders)}); "
                                  "pass another folder")

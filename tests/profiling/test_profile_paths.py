@@ -115,7 +115,8 @@ def test_a_users_files_under_output_names_are_refused_and_kept(tiny_model, image
 def test_a_users_file_under_a_name_a_first_run_does_not_write_is_left_alone(tiny_model, image_folder, tmp_path,
                                                                             capsys):
     """QA 403: in an --out without an earlier run, a user's entropy.png beside a MAD-only run, or a photo named
-    mad.png beside a --no-figures run, was refused as "which this run would write over": this run writes neither.
+    mad.png beside a --no-figures run, was refused as "which this run would write over": this run writes neither
+    (and a folder named mad_map.png, as "holds folders where this run writes files").
     They are left alone, and a later run that would write them is refused (the first run's mad.json does not name
     them)."""
     out = tmp_path / "out"
@@ -123,7 +124,10 @@ def test_a_users_file_under_a_name_a_first_run_does_not_write_is_left_alone(tiny
     photo = next(p for p in Path(image_folder).iterdir() if p.suffix == ".png")
     for name in ("entropy.png", "mad.png"):
         shutil.copy(photo, out / name)
+    (out / "mad_map.png").mkdir()  # a folder so named too (QA 411)
     assert _run(_profile(tiny_model, image_folder, out), capsys)[0] == 0
+    assert (out / "mad_map.png").is_dir()
+    (out / "mad_map.png").rmdir()  # (a run drawing figures writes mad_map.png: refused while the folder is there)
     assert json.loads((out / "mad.json").read_text())["outputs"] == ["mad.json", "mad.csv"]
     assert (out / "entropy.png").read_bytes() == (out / "mad.png").read_bytes() == photo.read_bytes()
     drawing = [arg for arg in _profile(tiny_model, image_folder, out) if arg != "--no-figures"]

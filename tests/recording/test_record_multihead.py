@@ -635,3 +635,47 @@ def test_a_block_named_whole_records_its_own_attention_not_the_layer_it_holds(fu
         q, k = block.seen[-1]
         maps.append((q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1))
     torch.testing.assert_close(rec.mad.double(), _reference(maps, 8, GRID), **TOL)
+
+
+class _BlockThenLayer(_OwnAttentionThenLayer):
+    """The block with its softmax alone, under a name no rule takes for attention: found by no source rule."""
+
+    def forward(self, x, *_, **__):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        self.seen.append((q.detach(), k.detach()))
+        x = x + ((q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+        return x + self.layer(x, x, x, need_weights=False)[0], None
+
+
+class _AttentionThenFunctional(_OwnAttentionThenLayer):
+    """The block with a held module that calls F.multi_head_attention_forward itself, with weights of its own."""
+
+    def __init__(self, fused, text):
+        super().__init__(fused, text)
+        self.layer = _FunctionalBlock()
+
+
+@pytest.mark.parametrize("block, layers", [
+    (_BlockThenLayer, ["layers.0", "layers.1"]), (_BlockThenLayer, ["layers.?"]), (_BlockThenLayer, ["layers.*"]),
+    (_AttentionThenFunctional, ["layers.0", "layers.1"])])
+def test_a_block_attending_itself_is_not_replaced_by_the_attention_it_holds(block, layers):
+    """QA 411: a block not named as attention, running its own softmax then a MultiheadAttention layer, was replaced
+    by that layer (named whole, "layers.?" or "layers.*": the layer's MAD under the block's name, or alone), and a
+    held module calling F.multi_head_attention_forward itself had its call read as the block's."""
+    torch.manual_seed(0)
+    model = _MHAViT().eval()
+    model.layers = nn.ModuleList(block(False, False) for _ in range(2))
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), vitmad.record(model, layers=layers, num_prefix_tokens=1) as rec:
+        model(pixels)
+    blocks = ["layers.0", "layers.1"]
+    # "layers.*" also chose the MultiheadAttention layers, recorded beside the blocks (their values: the tests above).
+    expected_layers = blocks if layers != ["layers.*"] else ["layers.0.layer", "layers.0", "layers.1.layer", "layers.1"]
+    assert rec.layers == expected_layers
+    maps = []
+    for module in model.layers:
+        q, k = module.seen[-1]
+        maps.append((q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1))
+    got = torch.stack([rec.mad[rec.layers.index(name)] for name in blocks])
+    torch.testing.assert_close(got.double(), _reference(maps, 8, GRID), **TOL)

@@ -399,6 +399,21 @@ def _blocks_by_their_attention(chosen: dict[str, nn.Module], found: dict[str, nn
     return {name: m for name, m in named_module_list(model) if name in kept}
 
 
+def _holds_chosen_attention(name: str, module: nn.Module, inner: list[str], found: dict[str, nn.Module],
+                            exact: set[str], chosen: dict[str, nn.Module]) -> bool:
+    """Whether module ``name``, which ``layers=`` chose, holds an attention module also chosen (``inner``) whose calls
+    a capture around it would record again: it is then left to that module. A block of the user's whose forward
+    attends itself (names a softmax or the fused attention) beside ``nn.MultiheadAttention`` layers only, whose calls
+    no capture around it reads, is kept beside them: ``"blocks.*"`` recorded the layer alone, the block's own
+    attention lost without a word (QA 411)."""
+    held = [other for other in inner if _holds(name, other) and (other in found or name not in exact)]
+    if not held:
+        return False
+    cls = type(module)
+    attends_itself = not cls.__module__.startswith("torch.") and not is_known_library(cls) and names_softmax(module)
+    return not (attends_itself and all(reads_own_arguments(chosen[other]) for other in held))
+
+
 def _attends_only_through_found(name: str, module: nn.Module, found: dict[str, nn.Module]) -> bool:
     """Whether no softmax nor fused attention is named by ``module``'s forward or by a module it holds outside the
     attention modules in ``found`` (and those inside them)."""
@@ -1078,14 +1093,17 @@ class Recording:
             # itself, which was refused as named).
             inner = [name for name, m in chosen.items() if name in found or (
                 not type(m).__module__.startswith("torch.") and names_softmax(m))]
-            chosen = {name: m for name, m in chosen.items()
-                      if not any(_holds(name, other) for other in inner if other in found or name not in exact)}
+            chosen = {name: m for name, m in chosen.items() if not _holds_chosen_attention(name, m, inner, found, exact,
+                                                                                    chosen)}
             # A module named that computes no attention itself but holds nn.MultiheadAttention layers (a user's
             # wrapper) runs them through one fused torch function whose attention no capture around it sees: it was
             # skipped as computing none (QA 257). Its MultiheadAttention layers are recorded in its place.
+            # (One whose forward names a softmax or the fused attention attends itself: a Block running its own
+            # softmax, then a MultiheadAttention it holds, was replaced by that layer, silently, QA 411.)
             own = source_attention_modules(model)
             replaced = {name: [n for n, m in found.items() if _holds(name, n) and isinstance(m, nn.MultiheadAttention)]
-                        for name in chosen if name and name not in found and name not in own}
+                        for name, module in chosen.items()
+                        if name and name not in found and name not in own and not names_softmax(module)}
             if any(replaced.values()):
                 kept = {n for name in chosen for n in (replaced.get(name) or [name])}
                 chosen = {name: m for name, m in named_module_list(model) if name in kept}
