@@ -409,3 +409,50 @@ def test_an_mae_checkpoint_is_profiled_on_every_patch_the_same_in_every_run(tmp_
     with pytest.raises(ValueError, match=r"^model: ViTMAEModel drops 0\.75 of the patches at random at every forward "
                                          r"\(config\.mask_ratio\), .* set model\.config\.mask_ratio = 0\.0"):
         vitmad.profile(masking, pixels, device="cpu")
+
+
+class _ClassTokenLast(torch.nn.Module):
+    """A user's ViT: a 3 x 5 grid of 8 px patches, then its class token last; one SDPA layer of 2 heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch_embed = torch.nn.Conv2d(3, 16, 8, 8)
+        self.cls_token = torch.nn.Parameter(torch.randn(1, 1, 16))
+        self.qkv = torch.nn.Linear(16, 48)
+        self.seen = []
+
+    def forward(self, pixels):
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2)
+        x = torch.cat([x, self.cls_token.expand(len(x), -1, -1)], 1)
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        self.seen.append((q.detach(), k.detach()))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def test_a_token_layout_given_to_profile_places_a_class_token_last(tmp_path):
+    """QA 413: profile placed a user's class token last as first, with the recorder's warning advising positions=
+    or num_prefix_tokens=, which profile did not take. It takes them (the run's settings), as vitmad.record does."""
+    torch.manual_seed(0)
+    model = _ClassTokenLast().eval()
+    pixels = torch.randn(3, 3, 24, 40)
+    rows, cols = torch.meshgrid(torch.arange(3), torch.arange(5), indexing="ij")
+    centres = (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * 8
+    positions = torch.cat([centres, torch.full((1, 2), float("nan"), dtype=torch.float64)]).float()
+    checkpoint = tmp_path / "sums.pt"
+    prof = vitmad.profile(model, pixels, device="cpu", batch_size=2, positions=positions, checkpoint=checkpoint,
+                          stats=["prefix_mass"])
+    assert prof.settings["layout"]["positions"]["shape"] == [16, 2]
+    # The reference: each image's own softmax, the class token (index 15) without a position.
+    expected_mad, expected_prefix = [], []
+    for q, k in model.seen:
+        attn = (q.double() @ k.double().transpose(-1, -2) * 8 ** -0.5).softmax(-1)[:, :, :15]  # grid queries
+        expected_mad.append((attn[..., :15] * torch.cdist(centres, centres)).sum(-1).mean(-1))
+        expected_prefix.append(attn[..., 15].mean(-1))
+    torch.testing.assert_close(prof.mad[0], torch.cat(expected_mad).mean(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(prof.running("prefix_mass").mean[0], torch.cat(expected_prefix).mean(0),
+                               rtol=0, atol=5e-5)
+    with pytest.raises(vitmad.profiling.options.OptionError, match="the token layout given"):
+        vitmad.profile(model, pixels, device="cpu", batch_size=2, positions=positions.flip(0),
+                       checkpoint=checkpoint, resume=True, stats=["prefix_mass"])
+    with pytest.raises(vitmad.profiling.options.OptionError, match="positions: expected a tensor"):
+        vitmad.profile(model, pixels, device="cpu", positions=lambda: positions)

@@ -570,6 +570,7 @@ def plan_run(
     model_args=None,
     intensity: str | None = None,
     volume_unit: str | None = None,
+    layout: dict | None = None,
 ) -> RunPlan:
     """Check the options (cheap checks first: a bad one fails before the model loads) and plan the run.
 
@@ -647,6 +648,10 @@ def plan_run(
     if stats != ("mad",):
         # Only when asked for: a MAD-only run keeps the mad.json and the fingerprint (its checkpoints) it had.
         settings["stats"] = list(stats)
+    layout_options, layout_said = _layout_options(layout or {}, native is not None or frames is not None or isinstance(
+        preprocessing, VolumePreprocessing))
+    if layout_said:  # only when given: a run without keeps the fingerprint it had
+        settings["layout"] = layout_said
     # The model's config and structure too (not written to mad.json): a config.json edited between a run and its
     # resume changes what the same weights compute. A local folder is known by what it holds, not by its path (a
     # resume spelling it another way was refused, QA 276; torchrun's nodes may hold it at other paths, QA 285).
@@ -663,7 +668,8 @@ def plan_run(
         check_same_run(run, identity, names)
     # Rank r takes global batches r, r + W, ...: the same batches as a single process, each exactly once.
     batches = range(rank, math.ceil(len(names) / batch_size), world)
-    record_options = {"renormalize": bool(renormalize), **({"layers": list(layers)} if layers else {})}
+    record_options = {"renormalize": bool(renormalize), **({"layers": list(layers)} if layers else {}),
+                      **layout_options}
     statistics = tuple(name for name in stats if name not in ("mad", "prefix_maps"))
     maps_skipped = None
     if "prefix_maps" in stats and isinstance(native, PackedVideoFeed):
@@ -689,6 +695,45 @@ def plan_run(
                    run, native, statistics, "prefix_maps" in stats, maps_skipped,
                    identity={**identity, "images": names}, converts_weights=not isinstance(model, torch.nn.Module),
                    earlier_fingerprint=earlier_id)
+
+
+def _layout_options(layout: dict, own_grids: bool) -> tuple[dict, dict]:
+    """``(record options, settings)`` of the token layout given to :func:`profile` (``positions``,
+    ``num_prefix_tokens``, ``patch``, ``grid``: :func:`vitmad.record`'s own, which checks them further), the
+    settings with ``positions`` known by shape and digest. A model of the user's that puts its class token last had
+    it placed first, with a warning advising these, which profile did not take (QA 413). ``own_grids``: the run
+    feeds a video model, volumes or native resolution, whose grids are the feed's.
+
+    Raises:
+        OptionError: naming the option: of the wrong type, or given where the feed sets the grids.
+    """
+    given = {name: value for name, value in layout.items() if value is not None}
+    if not given:
+        return {}, {}
+    name = next(iter(given))
+    if own_grids:
+        raise OptionError(name, "a token layout is given for image models at a fixed size only: a video model, "
+                                "volumes and native resolution have the grids their feed makes")
+    options, said = {}, {}
+    for name, value in given.items():
+        if name == "positions":
+            if callable(value) or not isinstance(value, torch.Tensor) or value.dim() != 2:
+                got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise OptionError("positions", "expected a tensor [N, 2] (or [N, 3]) of each token's pixel position, "
+                                               f"NaN for a token without one, the same for every image, got {got}")
+            options["positions"] = value.detach().cpu()
+            said["positions"] = {"shape": list(value.shape),
+                                 "digest": tensors_digest([("positions", options["positions"])])}
+        elif name in ("num_prefix_tokens", "patch"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise OptionError(name, f"expected an int, got {value!r}")
+            options[name] = said[name] = int(value)
+        elif name == "grid":
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2 or any(
+                    isinstance(v, bool) or not isinstance(v, int) for v in value):
+                raise OptionError("grid", f"expected two ints (rows, columns), got {value!r}")
+            options["grid"] = said["grid"] = [int(v) for v in value]
+    return options, said
 
 
 def _packed_videos(loaded: LoadedModel, images, videos: bool | None) -> bool:
@@ -1053,6 +1098,10 @@ def profile(
     model_args=None,
     intensity: str | None = None,
     volume_unit: str | None = None,
+    positions: torch.Tensor | None = None,
+    num_prefix_tokens: int | None = None,
+    patch: int | None = None,
+    grid: Sequence[int] | None = None,
 ) -> Profile:
     """Profile the mean attention distance of every head of ``model`` over ``images``.
 
@@ -1113,6 +1162,10 @@ def profile(
         intensity: how a volume's values are scaled: ``"minmax"`` (default), ``"zscore"``, ``"window:LOW,HIGH"``
             or ``"none"``.
         volume_unit: ``"mm"`` (default: MAD in millimetres, from each volume's voxel spacing) or ``"voxel"``.
+        positions, num_prefix_tokens, patch, grid: the token layout, as :func:`vitmad.record` takes it, for a
+            model whose layout vitmad cannot read or only assumes (a model of your own with its class token last:
+            ``positions=``, the same ``[N, 2]`` for every image; extra tokens first: ``num_prefix_tokens=``); image
+            models at a fixed size. Part of the run's settings (``positions`` by shape and digest).
 
     Returns:
         The :class:`Profile` (``.mad`` and ``.std`` are ``[L, H]``; video models add ``.temporal_mad``, frames;
@@ -1136,7 +1189,8 @@ def profile(
             image_size=image_size, max_images=max_images, layers=layers, checkpoint=checkpoint,
             checkpoint_every=checkpoint_every, model_checkpoint=model_checkpoint, decoders=decoders,
             distributed=distributed, stats=stats, videos=videos, model_args=model_args, intensity=intensity,
-            volume_unit=volume_unit,
+            volume_unit=volume_unit, layout={"positions": positions, "num_prefix_tokens": num_prefix_tokens,
+                                             "patch": patch, "grid": grid},
         )
         announce = _PLANNED.get()
         if announce is not None:
