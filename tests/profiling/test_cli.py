@@ -278,6 +278,20 @@ def test_bench_prints_a_row_per_shape(capsys, monkeypatch):
     assert lines[1].split() == ["shape", "fused", "ms", "torch", "ms", "speed-up"]
     assert [line.split()[0] for line in lines[2:]] == ["small", "odd"]
     assert all(float(line.split()[1]) > 0 and line.endswith("x") for line in lines[2:])
+    compiled = vitmad.has_compiled_kernel("mad", "cpu")
+    assert lines[0].startswith(f"vitmad bench on cpu ({'compiled' if compiled else 'python'} kernels)")
+
+
+def test_bench_names_the_kernels_of_the_device_it_times(capsys, monkeypatch):
+    """QA 413: the header said "compiled kernels" whenever the library loaded, also where the device timed runs the
+    pure-PyTorch kernels (a build without CUDA kernels, on a GPU)."""
+    import vitmad.ops.bench
+    import vitmad.ops.library
+
+    monkeypatch.setattr(vitmad.ops.bench, "SHAPES", (("small", (2, 3, 17, 17), 8),))
+    monkeypatch.setattr(vitmad.ops.library, "has_compiled_kernel", lambda op, device: False)
+    code, stdout, _ = _run(["bench", "--device", "cpu", "--repeats", "1"], capsys)
+    assert code == 0 and stdout.startswith("vitmad bench on cpu (python kernels)")
 
 
 @pytest.mark.parametrize("repeats", ["0", "-3"])
