@@ -53,7 +53,7 @@ def test_parse_image_size(text, expected):
     assert parse_image_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "12x", "axb", "1x2x3", "-4"])
+@pytest.mark.parametrize("text", ["0", "12x", "axb", "1x2x3", "-4", b"40", bytearray(b"40")])  # bytes: QA 413
 def test_parse_image_size_rejects(text):
     with pytest.raises(ValueError, match="image_size: expected S or HxW"):
         parse_image_size(text)

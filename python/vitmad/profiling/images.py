@@ -185,7 +185,8 @@ def parse_image_size(text: str | int | Sequence[int] | None) -> tuple[int, int] 
             parts = []
         if len(parts) == 1:
             parts = parts * 2
-    elif isinstance(text, Sequence) and all(_is_integer(p) for p in text):
+    elif isinstance(text, Sequence) and not isinstance(text, (bytes, bytearray)) and all(
+            _is_integer(p) for p in text):  # (b"40" is a sequence of byte values: 52x48, QA 413)
         parts = [int(p) for p in text]
     else:
         # A float (32.5, or 32.7 in a pair) is refused, not truncated: the run would state a size it never used.
