@@ -6,6 +6,8 @@ same module, weights and inputs), placed on a patch grid written in the test: CL
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -679,3 +681,68 @@ def test_a_block_attending_itself_is_not_replaced_by_the_attention_it_holds(bloc
         maps.append((q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1))
     got = torch.stack([rec.mad[rec.layers.index(name)] for name in blocks])
     torch.testing.assert_close(got.double(), _reference(maps, 8, GRID), **TOL)
+
+
+def _attend_with(block, x):
+    """A helper of the user's making the functional call for a module: the call's frame has no module."""
+    sequence = x.transpose(0, 1)
+    return torch.nn.functional.multi_head_attention_forward(
+        sequence, sequence, sequence, x.shape[-1], block.heads, block.in_proj, block.in_bias, None, None, False, 0.0,
+        block.out.weight, block.out.bias, training=block.training, need_weights=False)[0].transpose(0, 1)
+
+
+class _FunctionalThroughAHelper(_FunctionalBlock):
+    def forward(self, x, *_, **__):
+        return _attend_with(self, x), None
+
+
+class _CheckpointedFunctional(_FunctionalBlock):
+    def forward(self, x, *_, **__):
+        return torch.utils.checkpoint.checkpoint(_attend_with, self, x, use_reentrant=False), None
+
+
+class _BlockThenHeld(_BlockThenLayer):
+    def __init__(self, held):
+        super().__init__(False, False)
+        self.layer = held()
+
+
+class _SelfAttentionThenHeld(_BlockThenHeld):
+    """Named as attention, with a query/key projection: found without layers=."""
+
+
+@pytest.mark.parametrize("block_class, held, layers", [
+    (_SelfAttentionThenHeld, _FunctionalThroughAHelper, None),
+    (_BlockThenHeld, _FunctionalThroughAHelper, ["layers.0", "layers.1"]),
+    (_BlockThenHeld, _CheckpointedFunctional, ["layers.?"]), (_BlockThenHeld, _FunctionalBlock, ["layers.*"]),
+    (_BlockThenHeld, _OwnForwardMHA, ["layers.*"])])
+def test_a_block_attending_itself_keeps_its_attention_whatever_its_held_module_calls(block_class, held, layers):
+    """QA 415: a held module's F.multi_head_attention_forward call made through a helper, a checkpoint, or that
+    module's own capture (both chosen by "layers.*") was read as the block's: the block's MAD was the held
+    module's, silently; beside a MultiheadAttention subclass with a forward of its own, "layers.*" dropped the
+    block. Only a module that makes the call itself (or a subclass of the layer) is read by it."""
+    torch.manual_seed(0)
+    model = _MHAViT().eval()
+    model.layers = nn.ModuleList(block_class(held) for _ in range(2))
+    if held is _OwnForwardMHA:  # its bias table is over the 13 tokens of _MHAViT's grid and class token
+        for block in model.layers:
+            block.layer.forward = functools.partial(_call_own_forward, block.layer)
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), vitmad.record(model, layers=layers, num_prefix_tokens=1) as rec:
+        model(pixels)
+    blocks = ["layers.0", "layers.1"]
+    if layers == ["layers.*"]:
+        assert rec.layers == ["layers.0.layer", "layers.0", "layers.1.layer", "layers.1"]
+    else:
+        assert rec.layers == blocks
+    maps = []
+    for block in model.layers:
+        q, k = block.seen[-1]
+        maps.append((q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1))
+    got = torch.stack([rec.mad[rec.layers.index(name)] for name in blocks])
+    torch.testing.assert_close(got.double(), _reference(maps, 8, GRID), **TOL)
+
+
+def _call_own_forward(layer, x, *_, **__):
+    """_OwnForwardMHA called as _BlockThenLayer calls its layer: (x, x, x, need_weights=False)."""
+    return type(layer).forward(layer, x)

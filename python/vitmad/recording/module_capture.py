@@ -491,6 +491,13 @@ class _CaptureAttention(TorchFunctionMode):
                  view: ProbabilitiesView | None = None):
         super().__init__()
         self.layer, self.module, self.on_qk, self.on_probs, self.view = layer, module, on_qk, on_probs, view
+        # Whose F.multi_head_attention_forward calls are this module's own attention: a subclass of
+        # nn.MultiheadAttention with a forward of its own, or a module whose forward calls the function itself (CLIP's
+        # attention pool). In any other module such a call is a held module's (a layer beside the block's own
+        # softmax, reached through helpers, a checkpoint or that module's own capture), which was read as the
+        # block's attention without a word (QA 415).
+        self.reads_functional = isinstance(module, nn.MultiheadAttention) or (
+            "multi_head_attention_forward(" in forward_source(type(module)))
         self.active = True  # False once the recording has ended
         self.call: ModuleCall | None = None  # the module's forward this mode was entered for
         self.unread_flex = False  # a flex_attention call vitmad could not read ran in the current forward
@@ -560,7 +567,7 @@ class _CaptureAttention(TorchFunctionMode):
                 refuse_causal(f"{self.layer} ({type(self.module).__name__})", kept,
                                "its scaled_dot_product_attention mask")
             return result
-        if func is F.multi_head_attention_forward and self._in_forward() \
+        if func is F.multi_head_attention_forward and self.reads_functional and self._in_forward() \
                 and not _run_by_another_module(self.module):
             # nn.MultiheadAttention's one fused function, whose SDPA call within it this mode does not see: a
             # subclass's forward of its own calling the layer's, or a block calling the function with its own

@@ -121,6 +121,7 @@ from .towers import (
 )
 from .transformers_capture import (
     HFAttentionHooks,
+    forward_source,
     hf_attention_modules,
     is_hf_model,
     reads_implementation_by_interface,
@@ -403,15 +404,16 @@ def _holds_chosen_attention(name: str, module: nn.Module, inner: list[str], foun
                             exact: set[str], chosen: dict[str, nn.Module]) -> bool:
     """Whether module ``name``, which ``layers=`` chose, holds an attention module also chosen (``inner``) whose calls
     a capture around it would record again: it is then left to that module. A block of the user's whose forward
-    attends itself (names a softmax or the fused attention) beside ``nn.MultiheadAttention`` layers only, whose calls
-    no capture around it reads, is kept beside them: ``"blocks.*"`` recorded the layer alone, the block's own
-    attention lost without a word (QA 411)."""
+    attends itself (names a softmax or the fused attention) beside ``nn.MultiheadAttention`` layers only (subclasses
+    too), whose calls no capture around it reads, is kept beside them: ``"blocks.*"`` recorded the layer alone, the
+    block's own attention lost without a word (QA 411, QA 415)."""
     held = [other for other in inner if _holds(name, other) and (other in found or name not in exact)]
     if not held:
         return False
     cls = type(module)
-    attends_itself = not cls.__module__.startswith("torch.") and not is_known_library(cls) and names_softmax(module)
-    return not (attends_itself and all(reads_own_arguments(chosen[other]) for other in held))
+    attends_itself = not cls.__module__.startswith("torch.") and not is_known_library(cls) and names_softmax(module) \
+        and "multi_head_attention_forward(" not in forward_source(cls)
+    return not (attends_itself and all(isinstance(chosen[other], nn.MultiheadAttention) for other in held))
 
 
 def _attends_only_through_found(name: str, module: nn.Module, found: dict[str, nn.Module]) -> bool:
