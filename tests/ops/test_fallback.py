@@ -96,6 +96,8 @@ def test_import_without_compiled_library_falls_back_with_one_warning():
     assert "FALLBACK-OK" in result.stdout
     warnings = [line for line in result.stderr.splitlines() if line.startswith("vitmad:WARNING")]
     assert len(warnings) == 1 and "pure-PyTorch kernels" in warnings[0], result.stderr
+    # Chosen by the variable, not missing: no advice to reinstall (QA 416).
+    assert "disabled by VITMAD_DISABLE_COMPILED" in warnings[0] and "Reinstall" not in warnings[0]
 
 
 def test_has_compiled_kernel_takes_torch_device_names_and_refuses_unknown_ones():

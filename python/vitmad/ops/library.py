@@ -120,11 +120,16 @@ def _initialise() -> None:
             if names:
                 _register_fallback_kernels(key, names)
         return
-    log.warning(
-        "vitmad: the compiled kernels could not be loaded (%s); using the pure-PyTorch kernels, which are "
-        "correct but slower. Reinstall vitmad from source to build them.",
-        error,
-    )
+    if os.environ.get("VITMAD_DISABLE_COMPILED", "") not in ("", "0"):
+        # Chosen, not missing: the advice to reinstall misled the user who set it (QA 416).
+        log.warning("vitmad: the compiled kernels are disabled by VITMAD_DISABLE_COMPILED; using the pure-PyTorch "
+                    "kernels, which are correct but slower")
+    else:
+        log.warning(
+            "vitmad: the compiled kernels could not be loaded (%s); using the pure-PyTorch kernels, which are "
+            "correct but slower. Reinstall vitmad from source to build them.",
+            error,
+        )
     _register_fallback_kernels("CompositeExplicitAutograd", list(fallback.SCHEMAS))
 
 
