@@ -295,8 +295,8 @@ def test_a_recording_that_saw_no_attention_says_what_ran():
         model(torch.randn(1, 3, 32, 32))
     with pytest.raises(RuntimeError, match=r"vitmad.record: _Model ran, but none of the 1 modules being recorded "
                                            r"\(embed\) computed attention \(F.scaled_dot_product_attention, "
-                                           r"torch's flex_attention, transformers' AttentionInterface or a "
-                                           r"softmax\) in that forward call"):
+                                           r"torch's flex_attention, F.multi_head_attention_forward, "
+                                           r"transformers' AttentionInterface or a softmax\) in that forward call"):
         _ = ran.mad
     with vitmad.record(model, layers=["attention"]) as unused:
         pass

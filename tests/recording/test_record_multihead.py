@@ -746,3 +746,40 @@ def test_a_block_attending_itself_keeps_its_attention_whatever_its_held_module_c
 def _call_own_forward(layer, x, *_, **__):
     """_OwnForwardMHA called as _BlockThenLayer calls its layer: (x, x, x, need_weights=False)."""
     return type(layer).forward(layer, x)
+
+
+class _RoutedBlock(nn.Module):
+    """A user's block attending only through its MultiheadAttention, then weighting two expert MLPs by a router's
+    softmax over them ([B, N, 2]): no query or key projection of its own."""
+
+    def __init__(self, dim=24, heads=3):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.router = nn.Linear(dim, 2)
+        self.experts = nn.ModuleList(nn.Linear(dim, dim) for _ in range(2))
+
+    def forward(self, x, *_, **__):
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        weights = torch.softmax(self.router(x), -1)
+        return x + sum(weights[..., i:i + 1] * expert(x) for i, expert in enumerate(self.experts)), None
+
+
+@pytest.mark.parametrize("layers", [["layers.0", "layers.1"], ["layers.?"], ["layers.*"], ["*"]])
+def test_a_routers_softmax_beside_a_multihead_attention_is_no_attention_of_the_block(layers):
+    """QA 418: a block's forward naming a softmax was taken to attend itself, so a block routing over experts kept
+    its name and its router's softmax was read as its attention (refused: "its queries are not its keys"), or it was
+    left out; its MultiheadAttention is the layer, as before QA 411's change."""
+    torch.manual_seed(0)
+    model = _MHAViT().eval()
+    model.layers = nn.ModuleList(_RoutedBlock() for _ in range(2))
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1], generator=torch.Generator().manual_seed(2))
+    mhas = [block.attn for block in model.layers]
+    calls, handles = _spy(mhas)
+    with torch.no_grad():
+        model(pixels)
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad(), vitmad.record(model, layers=layers, num_prefix_tokens=1) as rec:
+        model(pixels)
+    assert rec.layers == ["layers.0.attn", "layers.1.attn"] and rec.skipped == {}
+    torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(mhas, calls), 8, GRID), **TOL)

@@ -399,6 +399,13 @@ def _computes_attention(cls: type) -> bool:
     return bool(re.search(r"Att(entio)?n", cls.__name__)) and "softmax(" in source
 
 
+def attends_itself(module: nn.Module) -> bool:
+    """Whether ``module``'s own forward may attend: it names a softmax or the fused attention (itself, or a helper
+    three calls deep) and holds query or key projections of its own. A softmax without them (a router over experts,
+    a gate over branches, a pooling weight) is no attention of the module's (QA 418)."""
+    return names_softmax(module) and any(isinstance(getattr(module, p, None), nn.Module) for p in _QUERY_KEY_NAMES)
+
+
 def _attends_through_its_softmax_module(module: nn.Module) -> bool:
     """Whether ``module`` is a user's class named as attention whose forward calls an ``nn.Softmax`` it holds
     (``self.attend = nn.Softmax(dim=-1)``: lucidrains' vit-pytorch ``Attention`` pasted into a user's code, which

@@ -90,6 +90,7 @@ from .forward_owner import in_backward as _in_backward
 from .mha_capture import MultiheadAttentionHooks, mha_modules, reads_own_arguments
 from .module_capture import (
     ModuleAttentionHooks,
+    attends_itself,
     may_compute_attention,
     multiplies_matrices,
     names_softmax,
@@ -404,25 +405,27 @@ def _holds_chosen_attention(name: str, module: nn.Module, inner: list[str], foun
                             exact: set[str], chosen: dict[str, nn.Module]) -> bool:
     """Whether module ``name``, which ``layers=`` chose, holds an attention module also chosen (``inner``) whose calls
     a capture around it would record again: it is then left to that module. A block of the user's whose forward
-    attends itself (names a softmax or the fused attention) beside ``nn.MultiheadAttention`` layers only (subclasses
+    attends itself (a softmax or the fused attention beside query or key projections of its own, not a router's or a
+    gate's softmax: QA 418) beside ``nn.MultiheadAttention`` layers only (subclasses
     too), whose calls no capture around it reads, is kept beside them: ``"blocks.*"`` recorded the layer alone, the
     block's own attention lost without a word (QA 411, QA 415)."""
     held = [other for other in inner if _holds(name, other) and (other in found or name not in exact)]
     if not held:
         return False
     cls = type(module)
-    attends_itself = not cls.__module__.startswith("torch.") and not is_known_library(cls) and names_softmax(module) \
+    itself = not cls.__module__.startswith("torch.") and not is_known_library(cls) and attends_itself(module) \
         and "multi_head_attention_forward(" not in forward_source(cls)
-    return not (attends_itself and all(isinstance(chosen[other], nn.MultiheadAttention) for other in held))
+    return not (itself and all(isinstance(chosen[other], nn.MultiheadAttention) for other in held))
 
 
 def _attends_only_through_found(name: str, module: nn.Module, found: dict[str, nn.Module]) -> bool:
-    """Whether no softmax nor fused attention is named by ``module``'s forward or by a module it holds outside the
-    attention modules in ``found`` (and those inside them)."""
+    """Whether neither ``module`` nor a module it holds outside the attention modules in ``found`` (and those inside
+    them) attends itself (:func:`~.module_capture.attends_itself`: a softmax beside query or key projections; a
+    router's or a gate's softmax is none)."""
     for inner_name, inner in module.named_modules(prefix=name):
         if inner_name in found or any(_holds(outer, inner_name) for outer in found):
             continue
-        if isinstance(inner, nn.Softmax) or names_softmax(inner):
+        if attends_itself(inner):
             return False
     return True
 
@@ -1105,7 +1108,7 @@ class Recording:
             own = source_attention_modules(model)
             replaced = {name: [n for n, m in found.items() if _holds(name, n) and isinstance(m, nn.MultiheadAttention)]
                         for name, module in chosen.items()
-                        if name and name not in found and name not in own and not names_softmax(module)}
+                        if name and name not in found and name not in own and not attends_itself(module)}
             if any(replaced.values()):
                 kept = {n for name in chosen for n in (replaced.get(name) or [name])}
                 chosen = {name: m for name, m in named_module_list(model) if name in kept}
@@ -1371,8 +1374,9 @@ class Recording:
                 "[call for call in rec.calls if call.layers]")
         if self._calls[-1]._is_empty():
             finding = (f"{name} ran, but none of the {len(self._modules)} modules being recorded ({shown}) computed "
-                       "attention (F.scaled_dot_product_attention, torch's flex_attention, transformers' "
-                       "AttentionInterface or a softmax) in that forward call")
+                       "attention (F.scaled_dot_product_attention, torch's flex_attention, "
+                       "F.multi_head_attention_forward, transformers' AttentionInterface or a softmax) in that "
+                       "forward call")
             raise NoAttentionRanError(finding,
                 f"vitmad.record: {finding}; pass layers=[the modules that compute its attention]" + (
                     f" (its attention modules named were skipped, each with its reason in rec.skipped: "
@@ -2208,7 +2212,8 @@ class Recording:
             warnings.warn(
                 f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__} ran without "
                 "computing attention vitmad sees (F.scaled_dot_product_attention, torch's flex_attention, "
-                "transformers' AttentionInterface, or a softmax over the last dim), while other layers did: it is "
+                "F.multi_head_attention_forward, transformers' AttentionInterface, or a softmax over the last dim), "
+                "while other layers did: it is "
                 "not recorded, and rec.mad's layer axis skips it; if it attends in another form (a softmax over "
                 "another dim, exp(logits - logsumexp)), compute it as one of those, or pass layers=[the other "
                 "attention modules]", stacklevel=2)
