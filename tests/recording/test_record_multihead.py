@@ -7,6 +7,7 @@ same module, weights and inputs), placed on a patch grid written in the test: CL
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -783,3 +784,18 @@ def test_a_routers_softmax_beside_a_multihead_attention_is_no_attention_of_the_b
         model(pixels)
     assert rec.layers == ["layers.0.attn", "layers.1.attn"] and rec.skipped == {}
     torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(mhas, calls), 8, GRID), **TOL)
+
+
+def test_one_tensor_given_as_query_and_key_is_self_attention_whatever_its_values():
+    """QA 418: a batch-first layer's query and key, one tensor, were transposed apart and told apart by their values:
+    NaN in it (an earlier layer's overflow) made them unequal, and the layer was warned of as given a key that is
+    not its query."""
+    model = _MHAViT().eval()
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1])
+    pixels[0, :, 0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        with vitmad.record(model, num_prefix_tokens=1) as rec:
+            model(pixels)
+    assert not [w for w in caught if "not its query" in str(w.message)]
+    assert rec.layers == ["layers.0", "layers.1"] and torch.isfinite(rec.mad[:, 1]).all()

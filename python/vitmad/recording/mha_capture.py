@@ -74,7 +74,11 @@ def mha_query_key(layer: str, module: nn.MultiheadAttention, args: tuple, kwargs
     named = dict(zip(_ARGUMENTS, args)) | kwargs
     query, key = named["query"], named["key"]
     if module.batch_first and query.dim() == 3 and not (query.is_nested or key.is_nested):
-        query, key = query.transpose(0, 1), key.transpose(0, 1)  # [L, B, E], as the functional takes them
+        # [L, B, E], as the functional takes them; one tensor given as both stays one (two views of it were told
+        # apart by their values, which NaN made unequal: a warning of keys not the queries, QA 418).
+        same = key is query
+        query = query.transpose(0, 1)
+        key = query if same else key.transpose(0, 1)
     separate = not module._qkv_same_embed_dim
     return _query_key(f"{layer} (MultiheadAttention)", {
         **named, "query": query, "key": key, "num_heads": module.num_heads, "in_proj_bias": module.in_proj_bias,
