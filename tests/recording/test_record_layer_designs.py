@@ -629,6 +629,30 @@ class _FoundAndMixer(nn.Module):
         return self.mixer(self.attn(x))
 
 
+class _FoundAndOwnCAttn(nn.Module):
+    """Attends through an attention module vitmad finds, then itself with projections named as no rule names them
+    (nanoGPT's c_attn)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.c_attn = _OwnSoftmaxAttention(), nn.Linear(8, 16)
+
+    def forward(self, x):
+        x = self.attn(x)
+        q, k = self.c_attn(x).chunk(2, dim=-1)
+        return x + ((q @ k.transpose(-1, -2) * 8 ** -0.5)[:, None].softmax(-1) @ x[:, None])[:, 0]
+
+
+def test_a_wildcards_block_attending_itself_with_projections_of_any_name_is_taken_whole():
+    """QA 419: replaced by the attention module found in it where its own projections had a name outside vitmad's
+    list, the block's own attention was lost without a word; taken whole, its two attention calls are refused."""
+    model = _Stack([]).eval()
+    model.blocks = nn.ModuleList([_FoundAndOwnCAttn(), _FoundAndOwnCAttn()])
+    with pytest.raises(ValueError, match=r"blocks.0 \(_FoundAndOwnCAttn\) of _Stack made 2 attention calls"):
+        with torch.no_grad(), vitmad.record(model, layers=["blocks.?"]):
+            model(torch.randn(2, 3, 32, 32))
+
+
 def test_a_wildcards_block_holding_a_softmax_vitmad_does_not_find_is_still_taken_whole():
     """QA 406: replaced by the attention module vitmad finds in it, the block's other attention (a token mixer)
     went unrecorded without a word; taken whole, its two attention calls are refused, as before."""

@@ -420,12 +420,18 @@ def _holds_chosen_attention(name: str, module: nn.Module, inner: list[str], foun
 
 def _attends_only_through_found(name: str, module: nn.Module, found: dict[str, nn.Module]) -> bool:
     """Whether neither ``module`` nor a module it holds outside the attention modules in ``found`` (and those inside
-    them) attends itself (:func:`~.module_capture.attends_itself`: a softmax beside query or key projections; a
-    router's or a gate's softmax is none)."""
+    them) may attend: names a softmax or the fused attention. Beside ``nn.MultiheadAttention`` layers alone, whose
+    calls no capture around the block reads (the block was replaced by them before, whatever its softmax), only a
+    softmax beside query or key projections of the module's own (:func:`~.module_capture.attends_itself`): a
+    router's or a gate's softmax is none (QA 418). Beside other attention modules any softmax keeps the block whole,
+    refused if it attends twice: projections named otherwise (``c_attn``, ``Wqkv``) lost its attention without a
+    word (QA 419)."""
+    held = [inner for inner in found if _holds(name, inner)]
+    layers_alone = bool(held) and all(isinstance(found[inner], nn.MultiheadAttention) for inner in held)
     for inner_name, inner in module.named_modules(prefix=name):
         if inner_name in found or any(_holds(outer, inner_name) for outer in found):
             continue
-        if attends_itself(inner):
+        if attends_itself(inner) if layers_alone else (isinstance(inner, nn.Softmax) or names_softmax(inner)):
             return False
     return True
 
