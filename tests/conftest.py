@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitmad
 
@@ -966,3 +967,17 @@ def check_interrupted_resume_equals_one_run(spec: str, sources, checkpoint) -> N
     assert resumed.images == full.images and resumed.image_grids == full.image_grids
     assert torch.equal(resumed.stats.total, full.stats.total)
     assert torch.equal(resumed.stats.total_sq, full.stats.total_sq)
+
+
+class KernelInputs(TorchDispatchMode):
+    """The q and k of every SDPA kernel call, as the kernel received them (below autocast's casts): a dispatch mode
+    to enter around a model's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in str(func):
+            self.qk.append((args[0].detach().clone(), args[1].detach().clone()))
+        return func(*args, **(kwargs or {}))

@@ -14,10 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitmad
-from conftest import FLOAT32_STAT_ATOL
+from conftest import FLOAT32_STAT_ATOL, KernelInputs
 
 _PATCH, _ROWS, _COLS, _HEADS, _HEAD_DIM = 8, 5, 7, 4, 8
 
@@ -25,19 +24,6 @@ _PATCH, _ROWS, _COLS, _HEADS, _HEAD_DIM = 8, 5, 7, 4, 8
 def _centres() -> torch.Tensor:
     rows, cols = torch.meshgrid(torch.arange(_ROWS), torch.arange(_COLS), indexing="ij")
     return (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * _PATCH
-
-
-class _KernelInputs(TorchDispatchMode):
-    """The q and k of every SDPA kernel call, as the kernel received them."""
-
-    def __init__(self):
-        super().__init__()
-        self.qk = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "scaled_dot_product" in str(func):
-            self.qk.append((args[0].detach().clone(), args[1].detach().clone()))
-        return func(*args, **(kwargs or {}))
 
 
 class _KeepsFloat32Bias(nn.Module):
@@ -108,7 +94,7 @@ def test_a_float32_bias_of_a_16bit_sdpa_call_is_added_unrounded(dtype, attention
     model = _ViT(bias, attention).eval().to(dtype)
     assert model.attn.bias.dtype == torch.float32
     images = torch.randn(2, 3, _ROWS * _PATCH, _COLS * _PATCH).to(dtype)
-    kernel = _KernelInputs()
+    kernel = KernelInputs()
     with torch.no_grad(), vitmad.record(model, stats="all") as rec, kernel:
         model(images)
     (q, k), = kernel.qk

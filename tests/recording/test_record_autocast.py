@@ -13,25 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitmad
+from conftest import KernelInputs
 from vitmad.ops import fallback
 
 timm = pytest.importorskip("timm")
-
-
-class _KernelInputs(TorchDispatchMode):
-    """The q and k of every SDPA kernel call, as the kernel received them."""
-
-    def __init__(self):
-        super().__init__()
-        self.qk = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "scaled_dot_product" in str(func):
-            self.qk.append((args[0].detach().clone(), args[1].detach().clone()))
-        return func(*args, **(kwargs or {}))
 
 
 def _centres() -> torch.Tensor:
@@ -50,7 +37,7 @@ def test_q_and_k_cast_by_autocast_below_sdpa_are_measured_as_the_kernel_got_them
             if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
                 module.weight.normal_(mean=3.0, std=0.5)  # q and k norms that sharpen the attention
     pixels = torch.randn(2, 3, 32, 32)
-    kernel = _KernelInputs()
+    kernel = KernelInputs()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         with kernel:
             plain = model(pixels)

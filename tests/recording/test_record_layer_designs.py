@@ -495,6 +495,24 @@ def test_discovery_does_not_take_holders_or_attributes_for_attention_and_wildcar
     torch.testing.assert_close(named.mad.double(), expected, **TOL)
 
 
+def _own_grid_mad(modules, run, project) -> torch.Tensor:
+    """[L, B, 1] float64 MAD of each module's own one-head softmax of ``project(module, x)`` (its q and k) for the
+    input ``x`` it receives in ``run()``: no prefix token, _Stack's 8 x 8 patches of 4 px."""
+    inputs = {}
+    handles = [m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0])) for m in modules]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    maps = []
+    for module in modules:
+        q, k = (t.double() for t in project(module, inputs[module]))
+        maps.append((q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1)[:, None])
+    return torch.stack([mad_reference(a, 4, num_prefix_tokens=0, grid=(8, 8)) for a in maps])
+
+
 class _TwoAttentions(nn.Module):
     """A user's block that attends only through the two attention modules it holds: its forward names no softmax."""
 
@@ -516,22 +534,10 @@ def test_a_wildcards_block_of_the_users_attending_through_its_modules_records_th
     model = _Stack([]).eval()
     model.blocks = nn.ModuleList([_TwoAttentions(), _TwoAttentions()])
     modules = [attention for block in model.blocks for attention in (block.attn, block.attn2)]
-    inputs = {}
-    handles = [m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0])) for m in modules]
-    try:
-        with torch.no_grad():
-            model(pixels)
-    finally:
-        for handle in handles:
-            handle.remove()
+    expected = _own_grid_mad(modules, lambda: model(pixels), lambda m, x: (m.q(x), m.k(x)))
     with torch.no_grad(), vitmad.record(model, layers=["blocks.?"]) as rec:
         model(pixels)
     assert rec.layers == [f"blocks.{i}.{name}" for i in range(2) for name in ("attn", "attn2")]
-    maps = []
-    for module in modules:  # each attention module's own probabilities, no prefix token, 8 x 8 patches of 4 px
-        q, k = module.q(inputs[module]).double(), module.k(inputs[module]).double()
-        maps.append((q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1)[:, None])
-    expected = torch.stack([mad_reference(a, 4, num_prefix_tokens=0, grid=(8, 8)) for a in maps])
     torch.testing.assert_close(rec.mad.double(), expected, **TOL)
 
 
@@ -567,20 +573,11 @@ def test_a_softmax_spelled_torch_special_softmax_is_read():
     torch.manual_seed(0)
     model = _Stack([]).eval()
     model.blocks = nn.ModuleList([_OwnSoftmaxAttention(), _SpecialSoftmaxAttention(), _OwnSoftmaxAttention()])
-    inputs = {}
-    handles = [m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0])) for m in model.blocks]
-    try:
-        with torch.no_grad(), vitmad.record(model) as rec:
-            model(torch.randn(2, 3, 32, 32))
-    finally:
-        for handle in handles:
-            handle.remove()
+    pixels = torch.randn(2, 3, 32, 32)
+    expected = _own_grid_mad(model.blocks, lambda: model(pixels), lambda m, x: (m.wq(x), m.wk(x)))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
     assert rec.layers == ["blocks.0", "blocks.1", "blocks.2"] and rec.skipped == {}
-    maps = []
-    for block in model.blocks:  # each block's own probabilities, no prefix token, 8 x 8 patches of 4 px
-        q, k = block.wq(inputs[block]).double(), block.wk(inputs[block]).double()
-        maps.append((q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1)[:, None])
-    expected = torch.stack([mad_reference(a, 4, num_prefix_tokens=0, grid=(8, 8)) for a in maps])
     torch.testing.assert_close(rec.mad.double(), expected, **TOL)
 
 
@@ -603,20 +600,11 @@ def test_a_users_attention_calling_the_nn_softmax_it_holds_is_found():
     torch.manual_seed(0)
     model = _Stack([]).eval()
     model.blocks = nn.ModuleList([_PastedAttention(), _PastedAttention()])
-    inputs = {}
-    handles = [m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0])) for m in model.blocks]
-    try:
-        with torch.no_grad(), vitmad.record(model) as rec:
-            model(torch.randn(2, 3, 32, 32))
-    finally:
-        for handle in handles:
-            handle.remove()
+    pixels = torch.randn(2, 3, 32, 32)
+    expected = _own_grid_mad(model.blocks, lambda: model(pixels), lambda m, x: m.to_qkv(x).chunk(3, dim=-1)[:2])
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
     assert rec.layers == ["blocks.0", "blocks.1"]
-    maps = []
-    for block in model.blocks:
-        q, k, _ = block.to_qkv(inputs[block]).double().chunk(3, dim=-1)
-        maps.append((q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1)[:, None])
-    expected = torch.stack([mad_reference(a, 4, num_prefix_tokens=0, grid=(8, 8)) for a in maps])
     torch.testing.assert_close(rec.mad.double(), expected, **TOL)
 
 

@@ -620,6 +620,17 @@ class _OwnAttentionThenLayer(nn.Module):
         return x + self.layer(x, memory, memory, need_weights=False)[0], None
 
 
+def _blocks_own_mad(rec, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(recorded, float64 reference) MAD [2, B, H] of _OwnAttentionThenLayer blocks "layers.0" and "layers.1": the
+    reference from each block's own softmax of the q and k it last computed, on the grid of _MHAViT."""
+    maps = []
+    for block in model.layers:
+        q, k = block.seen[-1]
+        maps.append((q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1))
+    got = torch.stack([rec.mad[rec.layers.index(name)] for name in ("layers.0", "layers.1")])
+    return got.double(), _reference(maps, 8, GRID)
+
+
 @pytest.mark.parametrize("text", [False, True], ids=["layer over its tokens", "layer over text"])
 @pytest.mark.parametrize("fused", [False, True], ids=["softmax", "sdpa"])
 def test_a_block_named_whole_records_its_own_attention_not_the_layer_it_holds(fused, text):
@@ -633,11 +644,7 @@ def test_a_block_named_whole_records_its_own_attention_not_the_layer_it_holds(fu
     with torch.no_grad(), vitmad.record(model, layers=["layers.0", "layers.1"], num_prefix_tokens=1) as rec:
         model(pixels)
     assert rec.layers == ["layers.0", "layers.1"]
-    maps = []
-    for block in model.layers:
-        q, k = block.seen[-1]
-        maps.append((q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1))
-    torch.testing.assert_close(rec.mad.double(), _reference(maps, 8, GRID), **TOL)
+    torch.testing.assert_close(*_blocks_own_mad(rec, model), **TOL)
 
 
 class _BlockThenLayer(_OwnAttentionThenLayer):
@@ -676,12 +683,7 @@ def test_a_block_attending_itself_is_not_replaced_by_the_attention_it_holds(bloc
     # "layers.*" also chose the MultiheadAttention layers, recorded beside the blocks (their values: the tests above).
     expected_layers = blocks if layers != ["layers.*"] else ["layers.0.layer", "layers.0", "layers.1.layer", "layers.1"]
     assert rec.layers == expected_layers
-    maps = []
-    for module in model.layers:
-        q, k = module.seen[-1]
-        maps.append((q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1))
-    got = torch.stack([rec.mad[rec.layers.index(name)] for name in blocks])
-    torch.testing.assert_close(got.double(), _reference(maps, 8, GRID), **TOL)
+    torch.testing.assert_close(*_blocks_own_mad(rec, model), **TOL)
 
 
 def _attend_with(block, x):
@@ -736,12 +738,7 @@ def test_a_block_attending_itself_keeps_its_attention_whatever_its_held_module_c
         assert rec.layers == ["layers.0.layer", "layers.0", "layers.1.layer", "layers.1"]
     else:
         assert rec.layers == blocks
-    maps = []
-    for block in model.layers:
-        q, k = block.seen[-1]
-        maps.append((q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1))
-    got = torch.stack([rec.mad[rec.layers.index(name)] for name in blocks])
-    torch.testing.assert_close(got.double(), _reference(maps, 8, GRID), **TOL)
+    torch.testing.assert_close(*_blocks_own_mad(rec, model), **TOL)
 
 
 def _call_own_forward(layer, x, *_, **__):
