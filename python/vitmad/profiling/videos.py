@@ -320,7 +320,11 @@ def _upright(frame):
 
 def _display_matrix(frame) -> tuple[int, ...] | None:
     """The frame's display matrix (nine 16.16 fixed-point numbers, row-major), or None where it has none."""
-    for data in getattr(frame, "side_data", None) or ():
+    side_data = getattr(frame, "side_data", None) or ()
+    for item in side_data:
+        # PyAV 18.1.1 iterates the side data as a mapping does, by type (earlier versions: the side data itself,
+        # whose mirrored clips were then turned by the rotation alone: upside down).
+        data = item if hasattr(item, "type") else side_data[item]
         if getattr(getattr(data, "type", None), "name", None) == "DISPLAYMATRIX":
             raw = bytes(data)
             if len(raw) == 36:
