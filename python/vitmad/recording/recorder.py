@@ -1109,8 +1109,9 @@ class Recording:
             # A module named that computes no attention itself but holds nn.MultiheadAttention layers (a user's
             # wrapper) runs them through one fused torch function whose attention no capture around it sees: it was
             # skipped as computing none (QA 257). Its MultiheadAttention layers are recorded in its place.
-            # (One whose forward names a softmax or the fused attention attends itself: a Block running its own
-            # softmax, then a MultiheadAttention it holds, was replaced by that layer, silently, QA 411.)
+            # (One that attends itself, a softmax beside query or key projections of its own, is kept: a Block
+            # running its own softmax, then a MultiheadAttention it holds, was replaced by that layer, silently,
+            # QA 411; a router's softmax is none, QA 418.)
             own = source_attention_modules(model)
             replaced = {name: [n for n, m in found.items() if _holds(name, n) and isinstance(m, nn.MultiheadAttention)]
                         for name, module in chosen.items()
