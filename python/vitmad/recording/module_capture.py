@@ -396,7 +396,18 @@ def _computes_attention(cls: type) -> bool:
     if _calls_fused_attention(cls):
         return True
     source = forward_source(cls)
-    return bool(re.search(r"Att(entio)?n", cls.__name__)) and "softmax(" in source
+    return _named_as_attention(cls) and "softmax(" in source
+
+
+def _named_as_attention(cls: type) -> bool:
+    """Whether the class's name says attention (``Attention``, ``Attn``, ``CrossAttn`` ...)."""
+    return bool(re.search(r"Att(entio)?n", cls.__name__))
+
+
+def calls_functional_multihead(cls: type) -> bool:
+    """Whether ``cls.forward`` calls ``F.multi_head_attention_forward`` itself (CLIP's attention pool): such a
+    module's calls of the function are its own attention, not those of a module it holds."""
+    return "multi_head_attention_forward(" in forward_source(cls)
 
 
 def attends_itself(module: nn.Module) -> bool:
@@ -412,7 +423,7 @@ def _attends_through_its_softmax_module(module: nn.Module) -> bool:
     was refused as no attention vitmad knows: its source names no ``softmax(`` call, QA 412). The library's own
     classes are found by their family."""
     cls = type(module)
-    return (not is_known_library(cls) and bool(re.search(r"Att(entio)?n", cls.__name__))
+    return (not is_known_library(cls) and _named_as_attention(cls)
             and any(isinstance(child, nn.Softmax) for child in module.children()) and names_softmax(module))
 
 
@@ -503,8 +514,7 @@ class _CaptureAttention(TorchFunctionMode):
         # attention pool). In any other module such a call is a held module's (a layer beside the block's own
         # softmax, reached through helpers, a checkpoint or that module's own capture), which was read as the
         # block's attention without a word (QA 415).
-        self.reads_functional = isinstance(module, nn.MultiheadAttention) or (
-            "multi_head_attention_forward(" in forward_source(type(module)))
+        self.reads_functional = isinstance(module, nn.MultiheadAttention) or calls_functional_multihead(type(module))
         self.active = True  # False once the recording has ended
         self.call: ModuleCall | None = None  # the module's forward this mode was entered for
         self.unread_flex = False  # a flex_attention call vitmad could not read ran in the current forward

@@ -91,6 +91,7 @@ from .mha_capture import MultiheadAttentionHooks, mha_modules, reads_own_argumen
 from .module_capture import (
     ModuleAttentionHooks,
     attends_itself,
+    calls_functional_multihead,
     may_compute_attention,
     multiplies_matrices,
     names_softmax,
@@ -122,7 +123,6 @@ from .towers import (
 )
 from .transformers_capture import (
     HFAttentionHooks,
-    forward_source,
     hf_attention_modules,
     is_hf_model,
     reads_implementation_by_interface,
@@ -414,7 +414,7 @@ def _holds_chosen_attention(name: str, module: nn.Module, inner: list[str], foun
         return False
     cls = type(module)
     itself = not cls.__module__.startswith("torch.") and not is_known_library(cls) and attends_itself(module) \
-        and "multi_head_attention_forward(" not in forward_source(cls)
+        and not calls_functional_multihead(cls)
     return not (itself and all(isinstance(chosen[other], nn.MultiheadAttention) for other in held))
 
 
