@@ -438,6 +438,17 @@ def record_both_reductions(model: torch.nn.Module, run, output, stats, **kwargs)
     return rec, rec_tokens
 
 
+def run_hooked(handles, run) -> None:
+    """``run()`` without grad with the hooks of ``handles`` on, removed afterwards, also where ``run``
+    raises (a hook left on a module would read the next test's forward)."""
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def attention_outputs(model: torch.nn.Module, accepts, run) -> list[torch.Tensor]:
     """The second output (its softmax probabilities), float64, of each call of the modules ``accepts`` takes, in
     call order, in one ``run(model)`` without grad: attention classes that return their probabilities."""
@@ -445,12 +456,7 @@ def attention_outputs(model: torch.nn.Module, accepts, run) -> list[torch.Tensor
     for module in model.modules():
         if accepts(module):
             handles.append(module.register_forward_hook(lambda m, a, out: maps.append(out[1].detach().double())))
-    try:
-        with torch.no_grad():
-            run(model)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(handles, lambda: run(model))
     return maps
 
 

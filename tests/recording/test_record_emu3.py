@@ -35,7 +35,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import eager_attention_calls, sharpened, statistics_reference
+from conftest import eager_attention_calls, run_hooked, sharpened, statistics_reference
 
 transformers = pytest.importorskip("transformers")
 modeling_emu3 = pytest.importorskip("transformers.models.emu3.modeling_emu3")
@@ -113,12 +113,7 @@ def _own_maps(vq_vae: torch.nn.Module, run) -> list[torch.Tensor]:
 
     handles = [getattr(block, projection).register_forward_hook(keep((i, projection)))
                for i, block in enumerate(blocks) for projection in ("q_proj", "k_proj")]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(handles, run)
     maps = []
     for i, block in enumerate(blocks):
         def heads(x: torch.Tensor, block=block) -> torch.Tensor:  # [B, N, C] -> [B, H, N, C / H]

@@ -26,6 +26,7 @@ from conftest import (
     eager_attention_calls,
     grid_centres,
     record_both_reductions,
+    run_hooked,
     sharpened,
     statistics_reference,
 )
@@ -165,12 +166,7 @@ def multihead_probabilities(model: torch.nn.Module, run) -> list[torch.Tensor]:
 
     handles = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in model.modules()
                if isinstance(m, torch.nn.MultiheadAttention)]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(handles, run)
     return maps
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitmad
-from conftest import unfused_maps
+from conftest import run_hooked, unfused_maps
 from vitmad.ops.reference import mad_reference
 
 timm = pytest.importorskip("timm")
@@ -500,12 +500,7 @@ def _own_grid_mad(modules, run, project) -> torch.Tensor:
     input ``x`` it receives in ``run()``: no prefix token, _Stack's 8 x 8 patches of 4 px."""
     inputs = {}
     handles = [m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0])) for m in modules]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(handles, run)
     maps = []
     for module in modules:
         q, k = (t.double() for t in project(module, inputs[module]))

@@ -35,7 +35,7 @@ from vit_pytorch import (  # noqa: E402
 )
 
 import vitmad  # noqa: E402
-from conftest import sharpened, statistics_reference  # noqa: E402
+from conftest import run_hooked, sharpened, statistics_reference  # noqa: E402
 
 # float32 recordings (the fused mad op on the model's probabilities) against float64 on the same probabilities.
 TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels or frames
@@ -62,12 +62,7 @@ def _attend_maps(model: torch.nn.Module, run) -> list[torch.Tensor]:
     maps = []
     handles = [m.attend.register_forward_hook(lambda _, args, out: maps.append(out.double()))
                for m in model.modules() if isinstance(getattr(m, "attend", None), torch.nn.Softmax)]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(handles, run)
     return maps
 
 

@@ -16,7 +16,7 @@ from test_record_vit_pytorch import STAT_TOL, STATS, TOL, _attend_maps, _cells, 
 from test_record_vit_pytorch_stages import _far_from_uniform, _run, _sharpen  # noqa: E402
 from vit_pytorch import ats_vit  # noqa: E402
 
-from conftest import batch_norms_on, statistics_reference  # noqa: E402
+from conftest import batch_norms_on, run_hooked, statistics_reference  # noqa: E402
 
 
 def _ats_sequences(model: torch.nn.Module, run) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -28,12 +28,7 @@ def _ats_sequences(model: torch.nn.Module, run) -> list[tuple[torch.Tensor, torc
     handles = [a.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["mask"]), with_kwargs=True)
                for a in layers]
     handles += [a.register_forward_hook(lambda m, args, out: returned.append(out[2])) for a in layers]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(handles, run)
     ids = torch.arange(seen[0].shape[1]).expand(seen[0].shape[0], -1)
     sequences = []
     for mask, sampled in zip(seen, returned):
