@@ -626,22 +626,14 @@ class _FoundAndOwnCAttn(nn.Module):
         return x + ((q @ k.transpose(-1, -2) * 8 ** -0.5)[:, None].softmax(-1) @ x[:, None])[:, 0]
 
 
-def test_a_wildcards_block_attending_itself_with_projections_of_any_name_is_taken_whole():
-    """QA 419: replaced by the attention module found in it where its own projections had a name outside vitmad's
-    list, the block's own attention was lost without a word; taken whole, its two attention calls are refused."""
+@pytest.mark.parametrize("block", [_FoundAndMixer, _FoundAndOwnCAttn], ids=["token mixer", "own c_attn"])
+def test_a_wildcards_block_attending_beside_the_module_vitmad_finds_is_still_taken_whole(block):
+    """Replaced by the attention module vitmad finds in it, the block's other attention went unrecorded without a
+    word: a token mixer it holds (QA 406), or its own, with projections named outside vitmad's list (QA 419). Taken
+    whole, its two attention calls are refused, as before."""
     model = _Stack([]).eval()
-    model.blocks = nn.ModuleList([_FoundAndOwnCAttn(), _FoundAndOwnCAttn()])
-    with pytest.raises(ValueError, match=r"blocks.0 \(_FoundAndOwnCAttn\) of _Stack made 2 attention calls"):
-        with torch.no_grad(), vitmad.record(model, layers=["blocks.?"]):
-            model(torch.randn(2, 3, 32, 32))
-
-
-def test_a_wildcards_block_holding_a_softmax_vitmad_does_not_find_is_still_taken_whole():
-    """QA 406: replaced by the attention module vitmad finds in it, the block's other attention (a token mixer)
-    went unrecorded without a word; taken whole, its two attention calls are refused, as before."""
-    model = _Stack([]).eval()
-    model.blocks = nn.ModuleList([_FoundAndMixer(), _FoundAndMixer()])
-    with pytest.raises(ValueError, match=r"blocks.0 \(_FoundAndMixer\) of _Stack made 2 attention calls"):
+    model.blocks = nn.ModuleList([block(), block()])
+    with pytest.raises(ValueError, match=rf"blocks.0 \({block.__name__}\) of _Stack made 2 attention calls"):
         with torch.no_grad(), vitmad.record(model, layers=["blocks.?"]):
             model(torch.randn(2, 3, 32, 32))
 
