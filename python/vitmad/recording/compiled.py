@@ -28,7 +28,7 @@ import warnings
 import torch
 from torch import nn
 
-from .module_index import module_list, named_module_list
+from .module_index import named_module_list
 from .process_scope import ProcessWideScope
 
 __all__ = ["uncompiled", "is_compiled", "compiled_forwards", "check_compiled", "graph_form_refusal",
@@ -57,9 +57,15 @@ def is_compiled(model: nn.Module) -> bool:
     submodule too (``model.blocks[1] = torch.compile(model.blocks[1])``, ``nn.DataParallel(torch.compile(model))``):
     run before the block, its code called none of the hooks, and the block was left out without a word, or the
     wrapped model refused as run "not through the modules being recorded" (QA 410)."""
+    return bool(_compiled_parts(model))
+
+
+def _compiled_parts(model: nn.Module) -> list[str]:
+    """The qualified names of the modules of ``model`` that run compiled code when called (``""``: ``model``
+    itself), in module order: :func:`is_compiled`'s test."""
     optimized = _optimized_module_type()
-    return any((optimized is not None and isinstance(m, optimized))
-               or getattr(m, "_compiled_call_impl", None) is not None for m in module_list(model))
+    return [name for name, m in named_module_list(model)
+            if (optimized is not None and isinstance(m, optimized)) or getattr(m, "_compiled_call_impl", None)]
 
 
 def compiled_forwards(model: nn.Module) -> list[str]:
@@ -136,13 +142,12 @@ def check_compiled(model: nn.Module, given: nn.Module) -> bool:
     """Whether the recording must run compiled code eagerly: ``given`` (unwrapped to ``model``) is compiled. Then
     one warning: it will run with eager speed and eager rounding. A torch without ``set_stance`` cannot run it
     eagerly: a clear error."""
-    if given is model and not is_compiled(model):
+    parts = _compiled_parts(model) if given is model else [""]
+    if not parts:
         return False
     name = type(model).__name__
-    optimized = _optimized_module_type()
-    if given is model and getattr(model, "_compiled_call_impl", None) is None:  # compiled inside: say where
-        name = next(f"{inner} of {name}" for inner, m in named_module_list(model) if inner and (
-            (optimized is not None and isinstance(m, optimized)) or getattr(m, "_compiled_call_impl", None)))
+    if "" not in parts:  # compiled inside: say where
+        name = f"{parts[0]} of {name}"
     if not EagerWhileRecording.available():
         raise ValueError(
             f"vitmad.record: {name} is compiled with torch.compile, whose generated code cannot hand its attention "
