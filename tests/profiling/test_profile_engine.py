@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vitmad
-from conftest import write_corrupt_images, write_images
+from conftest import grid_centres, statistics_reference, write_corrupt_images, write_images
 from vitmad.profiling.images import find_images, load_batch
 from vitmad.profiling.models import load_model
 
@@ -435,9 +435,8 @@ def test_a_token_layout_given_to_profile_places_a_class_token_last(tmp_path):
     torch.manual_seed(0)
     model = _ClassTokenLast().eval()
     pixels = torch.randn(3, 3, 24, 40)
-    rows, cols = torch.meshgrid(torch.arange(3), torch.arange(5), indexing="ij")
-    centres = (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * 8
-    positions = torch.cat([centres, torch.full((1, 2), float("nan"), dtype=torch.float64)]).float()
+    placed = torch.cat([grid_centres((3, 5), 8), torch.full((1, 2), float("nan"), dtype=torch.float64)])
+    positions = placed.float()
     checkpoint = tmp_path / "sums.pt"
     prof = vitmad.profile(model, pixels, device="cpu", batch_size=2, positions=positions, checkpoint=checkpoint,
                           stats=["prefix_mass"])
@@ -445,9 +444,9 @@ def test_a_token_layout_given_to_profile_places_a_class_token_last(tmp_path):
     # The reference: each image's own softmax, the class token (index 15) without a position.
     expected_mad, expected_prefix = [], []
     for q, k in model.seen:
-        attn = (q.double() @ k.double().transpose(-1, -2) * 8 ** -0.5).softmax(-1)[:, :, :15]  # grid queries
-        expected_mad.append((attn[..., :15] * torch.cdist(centres, centres)).sum(-1).mean(-1))
-        expected_prefix.append(attn[..., 15].mean(-1))
+        stats = statistics_reference((q.double() @ k.double().transpose(-1, -2) * 8 ** -0.5).softmax(-1), placed)
+        expected_mad.append(stats["mad"].mean(-1))
+        expected_prefix.append(stats["prefix_mass"].mean(-1))
     torch.testing.assert_close(prof.mad[0], torch.cat(expected_mad).mean(0), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(prof.running("prefix_mass").mean[0], torch.cat(expected_prefix).mean(0),
                                rtol=0, atol=5e-5)

@@ -16,14 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitmad
-from conftest import FLOAT32_STAT_ATOL, KernelInputs
+from conftest import FLOAT32_STAT_ATOL, KernelInputs, grid_centres, statistics_reference
 
 _PATCH, _ROWS, _COLS, _HEADS, _HEAD_DIM = 8, 5, 7, 4, 8
-
-
-def _centres() -> torch.Tensor:
-    rows, cols = torch.meshgrid(torch.arange(_ROWS), torch.arange(_COLS), indexing="ij")
-    return (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * _PATCH
 
 
 class _KeepsFloat32Bias(nn.Module):
@@ -77,12 +72,8 @@ class _ViT(nn.Module):
 def _reference(q, k, bias):
     """MAD, entropy and self mass per image and head (float64) of softmax(q k^T / sqrt(D) + bias)."""
     attn = (q.double() @ k.double().transpose(-1, -2) * _HEAD_DIM ** -0.5 + bias.double()).softmax(-1)
-    centres = _centres()
-    distance = torch.cdist(centres, centres)
-    mad = (attn * distance).sum(-1).mean(-1)
-    entropy = -(attn * attn.clamp_min(1e-300).log()).sum(-1).mean(-1)
-    self_mass = attn.diagonal(dim1=-2, dim2=-1).mean(-1)
-    return mad, entropy, self_mass
+    stats = statistics_reference(attn, grid_centres((_ROWS, _COLS), _PATCH))
+    return stats["mad"].mean(-1), stats["entropy"].mean(-1), attn.diagonal(dim1=-2, dim2=-1).mean(-1)
 
 
 @pytest.mark.parametrize("attention", [_BiasedAttention, _MultiheadAttention])
