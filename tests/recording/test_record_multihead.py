@@ -741,6 +741,41 @@ def test_a_block_attending_itself_keeps_its_attention_whatever_its_held_module_c
     torch.testing.assert_close(*_blocks_own_mad(rec, model), **TOL)
 
 
+class _SelfAttentionThenLayer(_OwnAttentionThenLayer):
+    """The block named as attention: found by its source without layers=."""
+
+
+class _BlockSdpaThenLayer(_OwnAttentionThenLayer):
+    """The block not named as attention: found by its SDPA call without layers=."""
+
+
+@pytest.mark.parametrize("block_class, fused", [(_SelfAttentionThenLayer, False), (_SelfAttentionThenLayer, True),
+                                                (_BlockSdpaThenLayer, True)])
+def test_a_block_found_attending_itself_is_recorded_beside_the_layer_it_holds(block_class, fused):
+    """QA 415: a block vitmad finds by its source (its own softmax or SDPA beside a qkv projection) that also holds
+    an nn.MultiheadAttention was left to that layer without layers=, to keep the layer's fast path (QA helper-247):
+    the block's own attention was lost without a word. Both are recorded; outputs stay bit-identical."""
+    torch.manual_seed(0)
+    model = _MHAViT().eval()
+    model.layers = nn.ModuleList(block_class(fused, False) for _ in range(2))
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1], generator=torch.Generator().manual_seed(2))
+    layers = [block.layer for block in model.layers]
+    with torch.no_grad():
+        plain = model(pixels)
+        calls, handles = _spy(layers)
+        try:
+            with vitmad.record(model, num_prefix_tokens=1) as rec:
+                recorded = model(pixels)
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert torch.equal(plain, recorded)
+    assert rec.layers == ["layers.0.layer", "layers.0", "layers.1.layer", "layers.1"] and rec.skipped == {}
+    torch.testing.assert_close(*_blocks_own_mad(rec, model), **TOL)
+    held = torch.stack([rec.mad[rec.layers.index(f"layers.{i}.layer")] for i in range(2)])
+    torch.testing.assert_close(held.double(), _reference(_own_maps(layers, calls), 8, GRID), **TOL)
+
+
 def _call_own_forward(layer, x, *_, **__):
     """_OwnForwardMHA called as _BlockThenLayer calls its layer: (x, x, x, need_weights=False)."""
     return type(layer).forward(layer, x)

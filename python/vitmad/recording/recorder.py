@@ -412,10 +412,18 @@ def _holds_chosen_attention(name: str, module: nn.Module, inner: list[str], foun
     held = [other for other in inner if _holds(name, other) and (other in found or name not in exact)]
     if not held:
         return False
+    return not (_attends_itself_beside(module) and all(isinstance(chosen[other], nn.MultiheadAttention)
+                                                       for other in held))
+
+
+def _attends_itself_beside(module: nn.Module) -> bool:
+    """Whether ``module``, a user's class holding ``nn.MultiheadAttention`` layers, attends itself beside them: its
+    forward names a softmax or the fused attention beside query or key projections of its own
+    (:func:`~.module_capture.attends_itself`), and makes no ``F.multi_head_attention_forward`` call, which a capture
+    around it would read as its own. Its capture reads none of the layers' calls, so both are recorded."""
     cls = type(module)
-    itself = not cls.__module__.startswith("torch.") and not is_known_library(cls) and attends_itself(module) \
+    return not cls.__module__.startswith("torch.") and not is_known_library(cls) and attends_itself(module) \
         and not calls_functional_multihead(cls)
-    return not (itself and all(isinstance(chosen[other], nn.MultiheadAttention) for other in held))
 
 
 def _attends_only_through_found(name: str, module: nn.Module, found: dict[str, nn.Module]) -> bool:
@@ -473,12 +481,18 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
         # own F.scaled_dot_product_attention) attends through it: captured around it, the MultiheadAttention's call
         # is one torch function (multi_head_attention_forward) whose SDPA is not seen, and the capture's mode turns
         # off its fast path, changing the output in the last bits (QA helper-247). The MultiheadAttention is kept.
+        # One attending itself too (its softmax beside query or key projections of its own) is kept beside the
+        # MultiheadAttention layers it holds, as layers= keeps it: its own attention was lost without a word (QA 415).
+        beside = set()
         for name in [n for n in by_source if n not in known]:
-            if any(inner.startswith(name + ".") for inner in multihead):
+            held = [inner for inner in multihead if _holds(name, inner)]
+            if held and _attends_itself_beside(found[name]):
+                beside.update(held)
+            elif held:
                 del found[name]
         ordered = {}
         for name, module in named_module_list(model):
-            if name in found and not any(name.startswith(outer + ".") for outer in ordered):
+            if name in found and (name in beside or not any(_holds(outer, name) for outer in ordered)):
                 ordered[name] = module
         return ordered
 
