@@ -179,6 +179,11 @@ def test_swin_has_no_prefix_tokens_and_no_maps(swin, images, tmp_path):
         with pytest.raises(ValueError, match=r"^no layer has mean prefix maps \(.*no prefix maps"):
             read()
     assert not (tmp_path / "prefix_maps.npz").exists()
+    # One image's maps name the model, not a stats= parameter image_prefix_maps does not take (QA 413).
+    from vitmad.profiling import image_prefix_maps
+    with pytest.raises(OptionError, match=r"^model: no recorded layer of SwinTransformer has tokens without a "
+                                          r"position \(CLS, registers\)"):
+        image_prefix_maps(swin, find_images(images)[0], device="cpu")
     result.plot_stat("entropy", tmp_path / "entropy.png")
     assert (tmp_path / "entropy.png").read_bytes()[:4] == b"\x89PNG"
 

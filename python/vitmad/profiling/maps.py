@@ -133,8 +133,8 @@ def image_prefix_maps(
     names, all_maps, all_geometry = zip(*call.map_layers)
     with_maps = [i for i, m in enumerate(all_maps) if m is not None]
     if not with_maps:
-        raise OptionError("stats", "prefix_maps: no recorded layer has tokens without a position (CLS, registers) "
-                          "attending over its own grid, and no class attention")
+        raise OptionError("model", f"no recorded layer of {type(rec.model).__name__} has tokens without a position "
+                          "(CLS, registers) attending over its own grid, and it has no class attention: no prefix maps")
     if layer is None:
         layer = with_maps[-1]
     described = (f"{len(rec.layers)} recorded layers and, after them, the {len(call.class_layers)} class-attention "
