@@ -398,9 +398,16 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     same_depth = len({v.shape[0] for v in values}) == 1
+    notes = []
     for per_head, label, own, profile in zip(values, labels, heads, profiles):
         padding = torch.arange(per_head.shape[1])[None, :] >= torch.tensor(own)[:, None]
         missing = per_head.isnan()
+        # A layer whose mean is NaN leaves a gap in its line, said under the axis as the depth figures say it (a
+        # run with an overflowed head was drawn without a word, QA 413); a profile without any value says so in
+        # the legend.
+        note = None if bool(missing.all()) else _nan_heads_note(profile, per_head)
+        if note is not None:
+            notes.append(f"{label.strip()}: {note.replace('not drawn', 'its mean over heads not drawn')}")
         num_layers = per_head.shape[0]
         x = torch.arange(1, num_layers + 1, dtype=torch.float64)
         if not same_depth:
@@ -419,9 +426,11 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
                         per_head.masked_fill(missing, float("-inf")).amax(1).masked_fill(empty, float("nan")),
                         color=line.get_color(), alpha=0.2)
     subsets = [label for label, profile in zip(labels, profiles) if profile.layers_named]
-    ax.set_xlabel(("Network depth (layer)" if same_depth else "Relative depth") + (
-        "" if not subsets else "\n" + textwrap.fill(f"{', '.join(subsets)}: the layers named in layers=, counted "
-                                                    "in the order they ran, not at the model's depth", 72)))
+    if subsets:
+        notes.insert(0, f"{', '.join(subsets)}: the layers named in layers=, counted in the order they ran, not at "
+                        "the model's depth")
+    ax.set_xlabel(("Network depth (layer)" if same_depth else "Relative depth")
+                  + "".join("\n" + textwrap.fill(note, 72) for note in notes))
     if same_depth:  # layers are counted: 1, 2, not 1.0, 1.2, ... (QA 290)
         from matplotlib.ticker import MaxNLocator
 
