@@ -1520,6 +1520,11 @@ class Recording:
         self._context.values[_FORWARD] = serial
         if unattended:
             self._context.values[RUN_GRIDS] = unattended
+            # The earlier run's call holds no layer and never will: its crop's layers join this one. Left in
+            # rec.calls, it made every forward two calls, the first empty, so that reading each call's MAD raised
+            # (QA 412).
+            self._calls.pop()
+            self._starters.pop(id(previous), None)
         call = RecordedCall()
         self._calls.append(call)
         self._vacant = None
