@@ -393,7 +393,8 @@ def test_bit_identical_across_thread_counts(restore_threads, form):
 @pytest.mark.parametrize("prefix", [0, 1])
 def test_a_query_without_a_distribution_is_nan_everywhere_in_both_backends(prefix):
     """Every key masked, or a NaN logit: softmax gives no distribution, so every statistic is NaN, the prefix
-    mass too, even with no key without a position (a sum over no key would give 0), compiled and fallback."""
+    mass too, even with no key without a position (a sum over no key would give 0), compiled and fallback; and so
+    in the float64 reference, whose prefix mass there was 0 (QA 422), in the grid and the positions form."""
     q, k = make_qk(1, 1, 4 + prefix, 8, torch.float32, "cpu", seed=11)
     mask = torch.ones(1, 1, 4 + prefix, 4 + prefix, dtype=torch.bool)
     mask[..., prefix, :] = False
@@ -405,3 +406,12 @@ def test_a_query_without_a_distribution_is_nan_everywhere_in_both_backends(prefi
             out = kernel(q, k, 16, ALL_STATS, attn_bias=attn_bias, **grid)
             assert out[..., row].isnan().all(), (kernel, out[..., row])
             assert not out[..., 3].isnan().any()
+        reference = attention_stats_qk_reference(q, k, ALL_STATS, patch=16, attn_bias=attn_bias, **grid)
+        assert_matches(out, reference, torch.float32)
+        positions = random_positions((4 + prefix, 2), torch.Generator().manual_seed(12), nan_rows=list(range(prefix)))
+        for kernel in (torch.ops.vitmad.stats_qk_pos, _fallback.stats_qk_pos):
+            out = kernel(q, k, positions, None, ALL_STATS, attn_bias=attn_bias, reduction="none")
+            assert out[..., prefix + row].isnan().all(), (kernel, out[..., prefix + row])
+        reference = attention_stats_qk_reference(q, k, ALL_STATS, positions=positions, attn_bias=attn_bias,
+                                                 reduction="none")
+        assert_matches(out, reference, torch.float32)

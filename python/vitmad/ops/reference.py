@@ -364,10 +364,13 @@ def _row_statistic(name: str, a: torch.Tensor, has_key: torch.Tensor, first_quer
     return a[..., rows, rows + first_query]
 
 
-def _stats_from_attention(a, stats, mad_value, has_query, has_key, first_query, reduce_mean, temporal_value=None):
+def _stats_from_attention(a, stats, mad_value, has_query, has_key, first_query, reduce_mean, temporal_value=None,
+                          no_distribution=None):
     """``[S, ...]`` float64: each statistic per query (NaN at queries without a position), or its mean over the
     queries with a position. ``mad_value`` gives MAD in the same reduction, computed by the MAD reference, and
-    ``temporal_value`` the temporal MAD (MAD over the frames)."""
+    ``temporal_value`` the temporal MAD (MAD over the frames). ``no_distribution`` ``[..., Nq]``: the rows the
+    softmax gave no distribution (every key masked, a NaN logit), NaN for every statistic; a prefix mass summed
+    over no prefix key was 0 there (QA 422)."""
     rows = []
     for name in stats:
         if name == "mad":
@@ -377,6 +380,8 @@ def _stats_from_attention(a, stats, mad_value, has_query, has_key, first_query, 
             rows.append(temporal_value())
             continue
         per_query = torch.where(has_query, _row_statistic(name, a, has_key, first_query), float("nan"))
+        if no_distribution is not None:
+            per_query = per_query.masked_fill(no_distribution, float("nan"))
         if reduce_mean:
             per_query = torch.where(has_query, per_query, 0.0).sum(-1) / has_query.sum(-1)
         rows.append(per_query)
@@ -473,7 +478,7 @@ def attention_stats_qk_reference(
             attn[..., p:, :], stats,
             lambda: mad_qk_reference(q, k, patch, num_prefix_tokens=num_prefix_tokens, grid=grid, scale=scale,
                                      attn_bias=attn_bias, renormalize=renormalize, reduction=reduction),
-            has_query, has_key, p, layout.reduce_mean)
+            has_query, has_key, p, layout.reduce_mean, no_distribution=attn[..., p:, :].isnan().any(-1))
     layout = check_position_args(q, shape.num_queries, shape.num_keys, positions, key_positions, renormalize,
                                  reduction, op)
     stats = check_stats_and_times(stats, q, layout, positions, key_positions, times, key_times, op)
@@ -488,4 +493,5 @@ def attention_stats_qk_reference(
                                            renormalize=renormalize, reduction=reduction),
         has_query, ~keys.double()[..., 0].isnan(), 0, layout.reduce_mean,
         lambda: mad_qk_positions_reference(q, k, times, key_times, scale=scale, attn_bias=attn_bias,
-                                           renormalize=renormalize, reduction=reduction))
+                                           renormalize=renormalize, reduction=reduction),
+        no_distribution=attn.isnan().any(-1))
