@@ -417,6 +417,31 @@ def test_attention_reached_through_an_alias_a_helper_or_a_method_is_found_and_a_
     assert rec.layers == ["blocks.0", "blocks.2"]
 
 
+def test_a_block_shared_across_depth_is_recorded_at_each_run_without_a_warning():
+    """QA 420: one block held three times (nn.ModuleList([block] * 3), ALBERT-style weight sharing) was recorded at
+    each run, yet warned of as "blocks.1, blocks.2 ... left out of rec.layers" with advice to name them, which
+    layers= refused as matching no module: torch lists a module held twice under its first name only."""
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 32, 32)
+    model = _Stack(["sdpa"]).eval()
+    model.blocks = nn.ModuleList([model.blocks[0]] * 3)
+    with torch.no_grad(), vitmad.record(model) as rec:  # (a warning is an error in this suite)
+        model(pixels)
+    assert rec.layers == ["blocks.0"] * 3
+    maps, x, block = [], model.embed(pixels).flatten(2).transpose(1, 2), model.blocks[0]
+    with torch.no_grad():
+        for _ in range(3):
+            q, k = block.q(x).double(), block.k(x).double()
+            maps.append((q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1)[:, None])
+            x = block(x)
+    expected = torch.stack([mad_reference(a, 4, num_prefix_tokens=0, grid=(8, 8)) for a in maps])
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+    with pytest.raises(ValueError, match=r"layers pattern 'blocks\.1' names the module _Stack lists as "
+                                                 r"'blocks\.0': one module held again under another name"):
+        with vitmad.record(model, layers=["blocks.1"]):
+            pass
+
+
 def attn(q, k, v):  # a module-level helper named as a block's attention submodule is (QA 262's name collision)
     return F.scaled_dot_product_attention(q, k, v)
 

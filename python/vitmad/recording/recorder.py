@@ -371,6 +371,14 @@ def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn
     for pattern in patterns:
         matches = {name: m for name, m in candidates.items() if fnmatch.fnmatchcase(name, pattern)}
         if not matches:
+            first = _first_name_of(model, pattern, candidates)
+            if first is not None:
+                # A module held twice (weights shared across depth) is listed under its first name only (QA 420).
+                raise LayersError(
+                    f"pattern '{pattern}' names the module {type(model).__name__} lists as '{first}': one module "
+                    f"held again under another name (weights shared across depth); name it once, as '{first}': "
+                    "each run of it is recorded as a layer of its own"
+                )
             names = ", ".join(list(shown)[:4]) + (", ..." if len(shown) > 4 else "")
             raise LayersError(
                 f"pattern '{pattern}' matches no module of {type(model).__name__}; expected qualified names "
@@ -378,6 +386,16 @@ def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn
             )
         selected.update(matches)
     return {name: m for name, m in candidates.items() if name in selected}
+
+
+def _first_name_of(model: nn.Module, path: str, candidates: dict[str, nn.Module]) -> str | None:
+    """The name ``candidates`` (every module, each once) list for the module at attribute path ``path`` where that
+    module is held again under another name; None where ``path`` reaches no module."""
+    try:
+        module = model.get_submodule(path)
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError):  # a wildcard, a path reaching no module
+        return None
+    return next((name for name, m in candidates.items() if m is module and name != path), None)
 
 
 def _blocks_by_their_attention(chosen: dict[str, nn.Module], found: dict[str, nn.Module], exact: set[str],
@@ -707,6 +725,10 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], sk
     # (A ModuleDict of blocks too, QA 270: its items by key.)
     containers = {name: m for name, m in named_module_list(model)
                   if isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict))}
+    # A block held twice (weights shared across depth: nn.ModuleList([block] * 3), or blocks sharing one attention
+    # module) is named once, its first name: its other items run a recorded layer, and were warned of as left out
+    # with advice to name them, which layers= refused as matching no module (QA 420).
+    recorded_objects = {id(module) for module in recorded.values()}
     missing = []
     for path, container in containers.items():
         prefix = f"{path}." if path else ""
@@ -719,7 +741,9 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], sk
             continue
         for key, block in items.items():
             # (An nn.Softmax that is itself an item of the list is an output layer: nn.Sequential(vit, Softmax).)
-            if key not in held and not isinstance(block, nn.Softmax) and any(isinstance(inner, nn.Softmax) or (
+            if key in held or any(id(inner) in recorded_objects for inner in block.modules()):
+                continue
+            if not isinstance(block, nn.Softmax) and any(isinstance(inner, nn.Softmax) or (
                     not type(inner).__module__.startswith("torch.") and names_softmax(inner))
                     for inner in block.modules()) and (held or any(
                         not type(inner).__module__.startswith("torch.") and multiplies_matrices(inner)
