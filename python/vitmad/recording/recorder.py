@@ -68,6 +68,7 @@ from .families.diffusers_images import denoisers_beside
 from .families.kornia import listed_dinov2
 from .families.masked import GivenPositionsPlacer
 from .families.plain import (
+    MODEL_INPUT_SHAPE,
     RUN_GRIDS,
     PlainLayout,
     PlainPlacer,
@@ -1013,6 +1014,7 @@ class Recording:
         self._calls_before_forward: int | None = None  # len(calls) when the model's forward began
         self._warned_runs = False  # _warn_several_runs
         self._model_call: ModuleCall | None = None  # that forward (whether a KeyboardInterrupt ended it)
+        self._model_input_shape: tuple[int, ...] | None = None  # its first input of 4 dims or more
         self._forwards = 0  # forwards of the model that ended in this recording
         self._last_done: RecordedCall | None = None  # the call of the latest of them (gone: the user cleared calls)
         self._transformed = 0  # forwards of the model inside a torch.func transform (not recorded)
@@ -1267,7 +1269,8 @@ class Recording:
                 if getattr(placer, "takes_given_patch", False) and self._given is None:
                     placer.use_patch(self._plain.patch)  # refuses a patch size it cannot know or that cannot fit
                 self._placers[name] = self._given or (
-                    PlainPlacer(self._plain, appended_tokens(model, name)) if placer is None else placer)
+                    PlainPlacer(self._plain, appended_tokens(model, name), named=layers is not None)
+                    if placer is None else placer)
         if not modules:
             if self.skipped:
                 # Three distinct reasons, each with its first layer: a reason shared by many layers (a text tower's)
@@ -1542,6 +1545,9 @@ class Recording:
         self._context.values.clear()
         self._context.values[_MODEL_IMAGE] = self._context.image_size
         self._context.values[_FORWARD] = serial
+        if self._model_call is not None and self._model_input_shape is not None:
+            # The model's input in this forward, for the plain layout to see a clip embedded frame by frame.
+            self._context.values[MODEL_INPUT_SHAPE] = self._model_input_shape
         if unattended:
             self._context.values[RUN_GRIDS] = unattended
             # The earlier run's call holds no layer and never will: its crop's layers join this one. Left in
@@ -2612,6 +2618,8 @@ class Recording:
             if own:
                 self._calls.append(started)
             self._model_call = current_module_call()
+            image = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 4), None)
+            self._model_input_shape = None if image is None else tuple(image.shape)
             for hooks in self._hooks:
                 if hasattr(hooks, "before_forward"):
                     hooks.before_forward()

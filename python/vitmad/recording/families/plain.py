@@ -15,6 +15,7 @@ rounds its maps.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import torch
@@ -36,12 +37,15 @@ from .stages import pair
 from .unplaced import molmo2_layout_unknown, radio_layout_unknown
 from .windows import parent_module
 
-__all__ = ["PlainLayout", "PlainPlacer", "patch_dropout_modules", "dropping_patches", "find_patch_embedding",
-           "stem_step", "stem_stride", "strided_stem",
+__all__ = ["MODEL_INPUT_SHAPE", "PlainLayout", "PlainPlacer", "patch_dropout_modules", "dropping_patches",
+           "find_patch_embedding", "stem_step", "stem_stride", "strided_stem",
            "in_a_known_library", "is_embedding_projection", "keeps_image_layout", "num_suffix_tokens",
            "random_token_order"]
 
 _GRID, _EMBED_INPUT, _EMBED_BATCH = "plain.grid", "plain.embedding_input", "plain.embedding_batch"
+# The shape of the model's input in this call (the recorder sets it where the model's forward runs), and the frames
+# (or slices) of it that the patch embedding's images are: a clip [B, T, C, H, W] embedded frame by frame.
+MODEL_INPUT_SHAPE, _FRAMES = "plain.model_input_shape", "plain.frames"
 # The grids the patch embedding cut since a layer was last placed, in this call (and in the empty calls of this forward
 # before it: the recorder carries them over), one per run: several runs before a layer leave its tokens' run unknown.
 RUN_GRIDS = "plain.run_grids"
@@ -422,6 +426,7 @@ class PlainLayout:
             if self.stem:
                 context.values[_STEM_OF_EMBEDDING] = context.values.pop(_STEM, None)
             context.values[_EMBED_BATCH] = int(output.shape[0])
+            context.values[_FRAMES] = _frames(context.values.get(MODEL_INPUT_SHAPE), args[0])
 
         return [self.embedding[1].register_forward_hook(see),
                 *(module.register_forward_hook(see_stem) for module in self.stem)]
@@ -488,9 +493,10 @@ def dropping_patches(patch_dropouts: list[tuple[str, nn.Module]]) -> str | None:
 class PlainPlacer(LayerPlacer):
     """Places the tokens of one attention layer of a plain ViT (attention ``[B, H, N, N]``)."""
 
-    def __init__(self, layout: PlainLayout, appended: int = 0):
+    def __init__(self, layout: PlainLayout, appended: int = 0, named: bool = False):
         self.layout = layout
         self.appended = appended  # tokens this layer appends after the grid (appended_tokens)
+        self.named = named  # the user chose the layer in layers=: it attends over the grid it is placed on
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         layout = self.layout
@@ -515,6 +521,19 @@ class PlainPlacer(LayerPlacer):
             )
         grid = layout.call_grid(context)
         patches = grid[0] * grid[1]
+        frames = context.values.get(_FRAMES)
+        if frames == patches > 1 and not self.named and layout.grid is None:
+            # A clip embedded frame by frame whose frames are as many as each frame's patches: attention over time
+            # ([B*N, H, T, T] of divided space-time attention, or over the frames' class tokens) has the shape of
+            # attention over a frame's grid, and was placed on it: pixel distances between one cell's frames (QA
+            # 423: 7-10 px where the spatial MAD is 0). Refused, as the layers over time are where T differs.
+            raise NotPlaceable(
+                f"{type(layout.model).__name__} embeds its input clip as {frames} frames (or slices), as many as "
+                f"the {grid[0]}x{grid[1]} patches of each, so a layer attending over the frames has the shape of one "
+                "attending over a frame's grid, and vitmad cannot tell which this layer is; name the layers that "
+                "attend over each frame's patches in layers= (with num_prefix_tokens= where extra tokens come "
+                "first), or record a clip of another number of frames"
+            )
         dropping = dropping_patches(layout.patch_dropouts)
         if dropping is not None:
             # It drops at least one patch per image (int(L * (1 - prob)) < L kept): the rest could still pass for a
@@ -686,3 +705,15 @@ def _plain_positions(grid: tuple[int, int], stride: tuple[float, float], prefix:
     cells = cell_centres(*grid, stride).reshape(patches, 2)
     positions = torch.cat([torch.full((prefix, 2), float("nan")), cells, torch.full((suffix, 2), float("nan"))])
     return read_only(positions, torch.arange(prefix, prefix + patches), positions=1)
+
+
+def _frames(model_input: tuple[int, ...] | None, images: torch.Tensor) -> int | None:
+    """How many frames (or slices) of the model's input ``model_input`` (a clip ``[B, T, C, H, W]``, or ``[B, C, T,
+    H, W]``) each image the patch embedding takes (``[b, C, H, W]``) is one of: the input's elements per sample over
+    an image's, where the embedding takes whole frames of it (its last two sizes); None for an image model's input
+    or one the model resizes before embedding."""
+    if model_input is None or len(model_input) < 5 or images.dim() != 4 or tuple(model_input[-2:]) != tuple(
+            images.shape[-2:]):
+        return None
+    per_sample, per_image = math.prod(model_input[1:]), math.prod(images.shape[1:])
+    return per_sample // per_image if per_image and per_sample % per_image == 0 else None

@@ -1,0 +1,103 @@
+"""vitmad.record on video transformers written by hand: a clip [B, T, 3, H, W] embedded frame by frame by a Conv2d,
+then divided space-time attention (time over [B*N, T, C], space over [B*T, 1 + N, C]).
+
+Where the clip has as many frames as each frame has patches, a layer over time has the shape of a layer over a
+frame's grid: it was placed on the grid, 7-10 px where the spatial MAD is 0 (QA 423). Such a model is refused by
+default; the spatial layers named in layers= are recorded. The reference is each layer's own softmax, recorded by the
+module itself, placed on the 4 x 4 grid of 4 px patches written here, the class token without a position.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import vitmad
+
+TOL = {"rtol": 1e-5, "atol": 1e-4}  # pixels
+BATCH, DIM, HEADS, PATCH, SIDE = 2, 16, 2, 4, 16  # a 4 x 4 grid of 4 px patches
+
+
+class Attention(nn.Module):
+    """Self-attention with an explicit softmax, keeping its last probabilities for the reference."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.proj = nn.Linear(DIM, DIM)
+        self.seen = None
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * (DIM // HEADS) ** -0.5).softmax(-1)
+        self.seen = attn.detach()
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, DIM))
+
+
+class DividedSpaceTime(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, DIM, PATCH, PATCH)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, DIM))
+        self.time = nn.ModuleList(Attention() for _ in range(2))
+        self.space = nn.ModuleList(Attention() for _ in range(2))
+
+    def forward(self, clip):  # [B, T, 3, H, W]
+        b, t = clip.shape[:2]
+        tokens = self.patch_embed(clip.flatten(0, 1)).flatten(2).transpose(1, 2)  # [B*T, N, C]
+        n = tokens.shape[1]
+        tokens = tokens.reshape(b, t, n, DIM)
+        for time, space in zip(self.time, self.space):
+            over_time = tokens.permute(0, 2, 1, 3).reshape(b * n, t, DIM)
+            tokens = tokens + time(over_time).reshape(b, n, t, DIM).permute(0, 2, 1, 3)
+            frames = torch.cat([self.cls_token.expand(b * t, 1, DIM), tokens.reshape(b * t, n, DIM)], 1)
+            tokens = tokens + space(frames)[:, 1:].reshape(b, t, n, DIM)
+        return tokens
+
+
+def _grid_mad(attn: torch.Tensor) -> torch.Tensor:
+    """[B', H] MAD of probabilities over the class token and the 4 x 4 grid, in float64."""
+    rows, cols = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    centres = (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * PATCH
+    patches = attn.double()[..., 1:, 1:]
+    return (patches * torch.cdist(centres, centres)).sum(-1).mean(-1)
+
+
+def _model() -> DividedSpaceTime:
+    torch.manual_seed(0)
+    model = DividedSpaceTime().eval()
+    with torch.no_grad():  # attention far from uniform
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.qkv.weight.mul_(4)
+    return model
+
+
+def test_a_clip_with_as_many_frames_as_patches_is_refused_and_its_spatial_layers_recorded_when_named():
+    model = _model()
+    clip = torch.randn(BATCH, 16, 3, SIDE, SIDE)  # 16 frames, 16 patches per frame
+    with pytest.raises(ValueError, match=r"time\.0 \(Attention\) of DividedSpaceTime: DividedSpaceTime embeds its "
+                                         r"input clip as 16 frames \(or slices\), as many as the 4x4 patches of "
+                                         r"each, so a layer attending over the frames has the shape of one"):
+        with torch.no_grad(), vitmad.record(model):
+            model(clip)
+    with torch.no_grad(), vitmad.record(model, layers=["space.*"], num_prefix_tokens=1) as rec:
+        model(clip)
+    assert rec.layers == ["space.0", "space.1"]
+    expected = torch.stack([_grid_mad(model.space[i].seen) for i in range(2)])  # [2, B*T, H]: each frame an image
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+
+
+def test_a_clip_of_another_frame_count_refuses_its_layers_over_time_as_before():
+    model = _model()
+    clip = torch.randn(BATCH, 8, 3, SIDE, SIDE)  # 8 frames: the layers over time attend over 2 x 16 sequences
+    with pytest.raises(ValueError, match=r"time\.0 \(Attention\) of DividedSpaceTime: it attends over 32 sequences, "
+                                         r"but the patch embedding patch_embed embedded 16 images"):
+        with torch.no_grad(), vitmad.record(model):
+            model(clip)
+    with torch.no_grad(), vitmad.record(model, layers=["space.*"], num_prefix_tokens=1) as rec:
+        model(clip)
+    expected = torch.stack([_grid_mad(model.space[i].seen) for i in range(2)])
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
