@@ -740,3 +740,49 @@ def test_runs_of_the_patch_embedding_each_attended_in_one_call_are_recorded():
     # (Which call holds which run is not asked here: with no call start run, the forwards share one.)
     assert [g.grid for call in rec.calls for g in call.geometry] == [(3, 4), (2, 2), (3, 4), (2, 2)]
     torch.testing.assert_close(torch.cat([call.mad for call in rec.calls]).double(), torch.stack(expected), **TOL)
+
+
+def test_a_stage_downsampling_the_first_stages_map_is_no_second_tower():
+    """QA 423: a hierarchical ViT of the user's, whose second stage convolves the first stage's map (2 x 2, stride 2,
+    over its 16 channels), was refused as holding a second tower "that embeds the image", advising to record each
+    stage alone: the second then measured in cells of the first stage's map, 4x too small, silently. Its layer is
+    refused by its token count instead, whose advice (grid=, patch=, num_prefix_tokens=) places it right."""
+    timm = pytest.importorskip("timm")
+
+    class Stage(nn.Module):
+        def __init__(self, channels, stride):
+            super().__init__()
+            self.proj = nn.Conv2d(channels, 16, stride, stride)
+            self.attn = timm.models.vision_transformer.Attention(16, 2)
+
+        def forward(self, image):
+            x = self.proj(image)
+            tokens = x.flatten(2).transpose(1, 2)
+            return (tokens + self.attn(tokens)).transpose(1, 2).reshape(x.shape)
+
+    class TwoStages(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = nn.ModuleList([Stage(3, 4), Stage(16, 2)])
+
+        def forward(self, image):
+            for stage in self.stages:
+                image = stage(image)
+            return image
+
+    torch.manual_seed(0)
+    model = sharpened(TwoStages())
+    maps = unfused_maps(model, "Attention")
+    image = torch.randn(2, 3, 32, 32)  # an 8 x 8 grid of 4 px, then 4 x 4 cells of 8 px
+    with pytest.raises(ValueError, match=r"stages\.1\.attn \(Attention\) of TwoStages: it attends over 16 tokens, "
+                                         r"fewer than the 8x8 = 64 patches of the patch embedding"):
+        with torch.no_grad(), vitmad.record(model):
+            model(image)
+    maps.clear()
+    with torch.no_grad(), vitmad.record(model, layers=["stages.1.attn"], grid=[4, 4], patch=8,
+                                        num_prefix_tokens=0) as rec:
+        model(image)
+    rows, cols = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    centres = (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * 8
+    expected = (maps[1][1].double() * torch.cdist(centres, centres)).sum(-1).mean(-1)
+    torch.testing.assert_close(rec.mad[0].double(), expected, **TOL)

@@ -1585,6 +1585,12 @@ class Recording:
             if root == home or "." not in name or placer is None or not _uses_plain_layout(placer):
                 continue
             own = self._root_embedding(root)
+            if own is not None and own[1].in_channels == embedding[1].out_channels:
+                # A convolution over the channels of the first embedding's tokens takes their map, not the image: a
+                # stage's downsampling, or spatial-reduction keys (PVT's sr). Called a second tower, it sent the user
+                # to record that stage alone, on the map's cells as pixels (4x off, QA 423): its layers are left to
+                # their placer, which refuses their token count.
+                continue
             if own is not None:
                 # Both towers named: a recording of the whole model beside one of the second tower still places
                 # that tower's layers on the first's grid (QA 378 read the advice so).
