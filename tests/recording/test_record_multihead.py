@@ -776,6 +776,80 @@ def test_a_block_found_attending_itself_is_recorded_beside_the_layer_it_holds(bl
     torch.testing.assert_close(held.double(), _reference(_own_maps(layers, calls), 8, GRID), **TOL)
 
 
+class _GatedAttention(nn.Module):
+    """A user's attention class holding an nn.MultiheadAttention, gating it by a softmax over two branches of a
+    projection named as a query: no attention of its own."""
+
+    def __init__(self, dim=24, heads=3):
+        super().__init__()
+        self.layer = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.q = nn.Linear(dim, dim)
+        self.gate = nn.Linear(dim, 2)
+
+    def forward(self, x, *_, **__):
+        out = self.layer(x, x, x, need_weights=False)[0]
+        weights = self.gate(self.q(x)).softmax(-1)
+        return x + weights[..., :1] * out + weights[..., 1:] * x, None
+
+
+class _InnerAttention(nn.Module):
+    """Attention of the user's found by its source (named as attention, a qkv projection, a softmax)."""
+
+    def __init__(self, dim=24, heads=3):
+        super().__init__()
+        self.heads, self.qkv, self.seen = heads, nn.Linear(dim, 3 * dim), []
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        self.seen.append((q.detach(), k.detach()))
+        return x + ((q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+
+
+class _SelfAttentionHoldingTwo(_OwnAttentionThenLayer):
+    """A block attending itself around its MultiheadAttention and an attention module of the user's it holds."""
+
+    def __init__(self):
+        super().__init__(False, False)
+        self.inner = _InnerAttention()
+
+    def forward(self, x, *args, **kwargs):
+        return super().forward(self.inner(x), *args, **kwargs)
+
+
+def test_a_block_beside_its_layer_keeps_the_layers_it_held_before():
+    """QA 424, on the change above: a gate's softmax beside a projection named as a query made a user's gated
+    attention class a block attending itself, and its gate was refused as "its queries are not its keys" (the layer
+    alone was recorded before); a block holding another attention module found beside its layer took that module's
+    place. The gate is passed by, and such a block is left to the modules it holds, as before."""
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1], generator=torch.Generator().manual_seed(2))
+    model = _MHAViT().eval()
+    model.layers = nn.ModuleList(_GatedAttention() for _ in range(2))
+    layers = [block.layer for block in model.layers]
+    with torch.no_grad():
+        plain = model(pixels)
+        calls, handles = _spy(layers)
+        try:
+            with vitmad.record(model, num_prefix_tokens=1) as rec:
+                assert torch.equal(model(pixels), plain)
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert rec.layers == ["layers.0.layer", "layers.1.layer"] and rec.skipped == {}
+    torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(layers, calls), 8, GRID), **TOL)
+
+    model.layers = nn.ModuleList(_SelfAttentionHoldingTwo() for _ in range(2))
+    with torch.no_grad(), vitmad.record(model, num_prefix_tokens=1) as rec:
+        model(pixels)
+    assert rec.layers == ["layers.0.inner", "layers.0.layer", "layers.1.inner", "layers.1.layer"]
+    maps = []
+    for block in model.layers:
+        q, k = block.inner.seen[-1]
+        maps.append((q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1))
+    torch.testing.assert_close(rec.mad[0::2].double(), _reference(maps, 8, GRID), **TOL)
+
+
 def _call_own_forward(layer, x, *_, **__):
     """_OwnForwardMHA called as _BlockThenLayer calls its layer: (x, x, x, need_weights=False)."""
     return type(layer).forward(layer, x)

@@ -435,6 +435,16 @@ def _holds_chosen_attention(name: str, module: nn.Module, inner: list[str], foun
                                                        for other in held))
 
 
+def blocks_beside_layers(modules: dict[str, nn.Module], named: set[str]) -> set[str]:
+    """The recorded modules that attend themselves beside ``nn.MultiheadAttention`` layers they hold, also recorded
+    (:func:`_attends_itself_beside`), not named whole in ``layers=``: their own attention is read where it can be
+    placed, and a softmax of theirs that cannot (a gate's over two branches, fed by projections named as a query and
+    a key that feed the layer) is passed by, as before such blocks were recorded beside their layers (it refused the
+    model, QA 424)."""
+    return {name for name, module in modules.items() if name not in named and _attends_itself_beside(module) and any(
+        _holds(name, other) and isinstance(layer, nn.MultiheadAttention) for other, layer in modules.items())}
+
+
 def _attends_itself_beside(module: nn.Module) -> bool:
     """Whether ``module``, a user's class holding ``nn.MultiheadAttention`` layers, attends itself beside them: its
     forward names a softmax or the fused attention beside query or key projections of its own
@@ -500,12 +510,16 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
         # own F.scaled_dot_product_attention) attends through it: captured around it, the MultiheadAttention's call
         # is one torch function (multi_head_attention_forward) whose SDPA is not seen, and the capture's mode turns
         # off its fast path, changing the output in the last bits (QA helper-247). The MultiheadAttention is kept.
-        # One attending itself too (its softmax beside query or key projections of its own) is kept beside the
-        # MultiheadAttention layers it holds, as layers= keeps it: its own attention was lost without a word (QA 415).
+        # One attending itself too (its softmax beside query or key projections of its own) and holding no other
+        # attention module found is kept beside the MultiheadAttention layers it holds, as layers= keeps it: its own
+        # attention was lost without a word (QA 415). (Beside another module found inside it, the block was left to
+        # them, and still is: kept, it took that module's place, QA 424.) Its own softmax is a layer only where it
+        # is placed: a gate's is passed by as before (blocks_beside_layers).
         beside = set()
         for name in [n for n in by_source if n not in known]:
             held = [inner for inner in multihead if _holds(name, inner)]
-            if held and _attends_itself_beside(found[name]):
+            if held and _attends_itself_beside(found[name]) and all(
+                    inner in multihead for inner in found if _holds(name, inner)):
                 beside.update(held)
             elif held:
                 del found[name]
@@ -1108,6 +1122,7 @@ class Recording:
         self._causal_checked: set[tuple[str, tuple[int, ...]]] = set()
         # Modules the user named exactly (no wildcard): one that runs without computing attention is said so once.
         self._named = {name for name in layers or () if not any(c in name for c in "*?[")}
+        self._beside_layers = blocks_beside_layers(self._modules, self._named)
         self._found_by_default = layers is None  # else named, exactly or by wildcard
         # Device copies of the host positions of this recording's calls, by device and content (_to_device).
         self._device_positions: dict[tuple, torch.Tensor] = {}
@@ -1752,6 +1767,17 @@ class Recording:
         elif not self._calls:
             self._calls.append(RecordedCall())
 
+    def _place_beside(self, name: str, lead: torch.Size, num_queries: int, num_keys: int) -> Placement | None:
+        """:meth:`_place`, or None for an attention call of a block recorded beside the layers it holds that cannot
+        be placed (:func:`blocks_beside_layers`: a gate's softmax, its cross-attention): passed by, as it was before
+        such a block was recorded at all."""
+        if name not in self._beside_layers:
+            return self._place(name, lead, num_queries, num_keys)
+        try:
+            return self._place(name, lead, num_queries, num_keys)
+        except ValueError:
+            return None
+
     def _place(self, name: str, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
         self._check_call_thread()
         self._open_call()
@@ -1843,7 +1869,9 @@ class Recording:
             mask = mask.to(query.dtype)
         if mask is not None:
             mask = mask.detach()
-        placement = self._place(name, lead, query.shape[-2], key.shape[-2])
+        placement = self._place_beside(name, lead, query.shape[-2], key.shape[-2])
+        if placement is None:
+            return
         if padded is not None:
             placement = _without_padding(placement, padded, lead)
         if other_keys and placement.key_positions is None and name not in self._warned_other_keys \
@@ -1875,7 +1903,9 @@ class Recording:
         if _not_recorded():
             return
         try:
-            placement = self._place(name, attn.shape[:-2], attn.shape[-2], attn.shape[-1])
+            placement = self._place_beside(name, attn.shape[:-2], attn.shape[-2], attn.shape[-1])
+            if placement is None:
+                return
         except ValueError as refusal:
             # In a module whose forward calls the fused attention, a softmax beside it is something else (a gate over
             # the heads, [B, N, H]), which refused the whole layer as "its attention" (QA 325): decided when the
