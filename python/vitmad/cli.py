@@ -25,14 +25,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 OUT_LOCK_NAME = ".vitmad-profile.lock"  # held while a run writes to its --out (profiling.files.held_by_this_run)
 
 
-def output_names() -> set[str]:
-    """Every file ``vitmad profile`` may write in ``--out`` besides its checkpoints, whatever the run's
-    statistics: what a folder search for images leaves out where an earlier run's mad.json says it wrote it."""
-    from .profiling.options import PROFILE_STATS
-
-    return outputs_of(PROFILE_STATS)
-
-
 def checkpoint_path(out: Path, run) -> Path:
     """``OUT/checkpoint.pt`` for one process; ``OUT/checkpoint.rank<R>-of-<W>.pt`` per rank under torchrun."""
     if run is None:
@@ -42,43 +34,6 @@ def checkpoint_path(out: Path, run) -> Path:
 
 # A checkpoint file not yet looked at (the run was interrupted before): unlike None (no file), never equal to a state.
 _NOT_SEEN = object()
-
-
-def _profile_document(folder: Path) -> dict | None:
-    """The mad.json of a ``vitmad profile`` run in ``folder`` (not a user's file of that name), else None."""
-    import json
-
-    try:
-        doc = json.loads((folder / "mad.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) and str(doc.get("format", "")).startswith("vitmad-profile/") else None
-
-
-def outputs_of(stats) -> set[str]:
-    """The files a ``vitmad profile`` run asking for ``stats`` may write in ``--out`` besides its checkpoints."""
-    names = {"mad.json", "mad.csv", "mad.png", "mad_map.png", *(f"{name}.png" for name in stats)}
-    if "prefix_maps" in stats:
-        names.update({"prefix_maps.npz", "prefix_map_image.png"})
-    return names
-
-
-def earlier_outputs(folder: Path) -> set[str]:
-    """The files the run whose mad.json ``folder`` holds wrote: its ``"outputs"``, else (files of earlier versions)
-    those of the statistics it says it profiled (``settings.stats``, MAD alone without it); empty where it holds
-    none. A file there at another output's name is not that run's (a user's own entropy.png beside a MAD-only run's
-    results was removed as its, QA 268; a user's mad.png beside a --no-figures run's, QA 270)."""
-    doc = _profile_document(folder)
-    if doc is None:
-        return set()
-    outputs = doc.get("outputs")  # what it wrote, named before it wrote them (files of 2026-12-06 on)
-    if isinstance(outputs, list) and all(isinstance(name, str) for name in outputs):
-        return set(outputs) & output_names()
-    settings = doc.get("settings")
-    stats = settings.get("stats") if isinstance(settings, dict) else None
-    if not isinstance(stats, list) or not all(isinstance(name, str) for name in stats):
-        stats = ["mad"]
-    return outputs_of(stats) & output_names()
 
 
 def _check_output_paths(out: Path, ours: list[Path], writes: set[str]) -> None:
@@ -114,43 +69,13 @@ def _check_output_paths(out: Path, ours: list[Path], writes: set[str]) -> None:
                                  "perhaps yours); pass another folder")
 
 
-def _resolved(path: Path) -> Path:
-    """``path.resolve()``, or its absolute form where links loop (``a.png`` -> ``b.png`` -> ``a.png`` named on the
-    command line: a traceback, QA 268; find_images sets such a file aside with its reason)."""
-    try:
-        return path.resolve()
-    except (RuntimeError, OSError):
-        return Path(os.path.abspath(path))
-
-
 def _images(sources: list[str], ours: list[Path]) -> list[Path]:
-    """``find_images`` of the sources, without the outputs of earlier runs that a folder search found (the
-    figures of ``--out run_a`` when profiling the folder that holds run_a). Files named on the command line are
-    kept."""
+    """``find_images`` of the sources, without this run's outputs (``ours``) nor an earlier run's that a folder
+    search found (:func:`~.profiling.earlier_runs.without_earlier_outputs`)."""
+    from .profiling.earlier_runs import without_earlier_outputs
     from .profiling.images import find_images
-    from .profiling.options import OptionError
 
-    files = find_images(sources, exclude=ours)
-    named = {_resolved(Path(s).expanduser()) for s in sources if s != "builtin"}
-    names = output_names()
-    profile_folders: dict[Path, set[str]] = {}  # each folder's mad.json read once
-
-    def written_there(file: Path) -> bool:
-        if file.parent not in profile_folders:
-            profile_folders[file.parent] = earlier_outputs(file.parent)
-        return file.name in profile_folders[file.parent]
-
-    earlier = [f for f in files if f.name in names and f not in named and written_there(f)]
-    if not earlier:
-        return files
-    left_out = set(earlier)
-    kept = [f for f in files if f not in left_out]
-    shown = ", ".join(str(f) for f in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
-    if not kept:
-        raise OptionError("images", f"found only the outputs of earlier vitmad profile runs ({shown})")
-    warnings.warn(f"left out {len(earlier)} outputs of earlier vitmad profile runs found under --images: {shown}",
-                  stacklevel=1)
-    return kept
+    return without_earlier_outputs(find_images(sources, exclude=ours), sources, "--images", stacklevel=1)
 
 
 def _check_resume_world_size(out: Path, run) -> None:
@@ -319,6 +244,7 @@ def _quiet_transformers() -> None:
 def _profile_command(args: argparse.Namespace, run, held: contextlib.ExitStack) -> None:
     from .profiling import mad_maps, profile
     from .profiling.checkpoint import check_checkpoint_path
+    from .profiling.earlier_runs import earlier_outputs, outputs_of
     from .profiling.engine import when_planned
     from .profiling.files import check_writable, held_by_this_run
     from .profiling.images import NATIVE, parse_image_size

@@ -217,6 +217,16 @@ def test_earlier_runs_outputs_under_the_images_are_not_profiled(tiny_model, imag
     code, _, err = _run(["profile", "--model", f"hf:{tiny_model}", "--images", data / "run_a", "--device", "cpu",
                          "--out", tmp_path / "none"], capsys)
     assert code == 2 and "--images: found only the outputs of earlier vitmad profile runs" in err
+    # So too vitmad.profile, which averaged run_a's figures into the MAD as photographs (QA 421).
+    import vitmad
+    from vitmad.profiling.options import OptionError
+
+    with pytest.warns(UserWarning, match=r"left out \d+ outputs of earlier vitmad profile runs found under images"):
+        result = vitmad.profile(f"hf:{tiny_model}", data, device="cpu")
+    assert result.images == doc["images"]
+    with pytest.raises(OptionError, match="images: found only the outputs of earlier vitmad profile runs"):
+        vitmad.profile(f"hf:{tiny_model}", data / "run_a", device="cpu")
+    assert vitmad.profile(f"hf:{tiny_model}", [data / "run_a" / "mad.png"], device="cpu").count == 1
 
 
 def test_a_partial_patch_a_transformers_vit_floors_is_refused(image_folder, tmp_path):

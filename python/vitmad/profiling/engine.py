@@ -51,6 +51,7 @@ from .distributed import (
     merge_across_ranks,
     merge_prefix_maps,
 )
+from .earlier_runs import without_earlier_outputs
 from .files import held_by_this_run
 from .images import NATIVE, find_images, load_batch, parse_image_size
 from .interrupts import raise_dropped
@@ -520,6 +521,9 @@ def _image_batches(images, preprocessing, batch_size: int, max_images: int | Non
     else:
         files = find_images(images) if frames is None and not packed_videos else find_videos(images)
         if frames is None and not packed_videos:
+            # (The command found its files itself: each is named here, so kept.)
+            sources = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+            files = without_earlier_outputs(files, sources, "images", stacklevel=4)
             files = without_clips(files, *model, stacklevel=4)  # at the caller of profile()
     if max_images:
         files = files[:max_images]
