@@ -438,6 +438,25 @@ def test_a_float_tiff_is_skipped_with_its_reason_not_profiled_black(tmp_path):
                       "save the image with 8 or 16 bits a channel")
 
 
+def test_a_32_bit_integer_tiff_is_skipped_with_its_reason_and_a_16_bit_one_read(tmp_path):
+    """A 32-bit integer TIFF (PIL mode I, raw I;32S) was scaled by its own maximum: 200 read as 200, 300 as 1, and
+    values over 65535 clipped white, profiled without a word (QA 421). Its scale is unknown, as a float TIFF's is;
+    a 16-bit TIFF keeps its scale of 65535."""
+    import numpy as np
+    from PIL import Image
+
+    from vitmad.profiling.images import load_image
+
+    Image.fromarray(np.array([[0, 300], [70000, 1_000_000]], dtype=np.int32)).save(tmp_path / "counts.tif")
+    image, reason = load_image(tmp_path / "counts.tif")
+    assert image is None
+    assert reason == ("ValueError: 32-bit integer pixels (PIL mode I, values 0 to 1000000) have no known scale; "
+                      "save the image with 8 or 16 bits a channel")
+    Image.fromarray(np.array([[0, 257], [65535, 25700]], dtype=np.uint16)).save(tmp_path / "sixteen.tif")
+    image, reason = load_image(tmp_path / "sixteen.tif")
+    assert reason is None and np.asarray(image)[..., 0].tolist() == [[0, 1], [255, 100]]
+
+
 def test_paths_from_python_expand_the_home_folder(tmp_path, monkeypatch):
     """"~/val" from Python names the same folder as from the shell, which expands it for the command."""
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -825,25 +825,36 @@ def _pair(value) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def _stored_16_bit(image) -> bool:
-    """Whether a not yet decoded PIL image's file stores 16-bit samples (its raw mode, ``I;16*``): a PGM of maxval
-    65535 opens as mode ``I``, like a 32-bit TIFF, and only its raw mode tells them apart."""
+def _stored_bits(image) -> int | None:
+    """The bits a sample of a not yet decoded PIL image's file of mode ``I`` stores, from its raw mode: 16 (``I;16*``:
+    a PGM of maxval 65535 opens as mode ``I``, like a 32-bit TIFF, and only its raw mode tells them apart), 32
+    (``I``, ``I;32*``), or None where the raw mode says neither."""
     tile = getattr(image, "tile", None) or []
     raw = tile[0].args if tile else None
     raw = raw[0] if isinstance(raw, tuple) and raw else raw
-    return isinstance(raw, str) and raw.startswith("I;16")
+    if not isinstance(raw, str):
+        return None
+    return 16 if raw.startswith("I;16") else 32 if raw == "I" or raw.startswith("I;32") else None
 
 
-def _to_rgb(image, stored_16_bit: bool = False, alpha_on_white: bool = False):
+def _to_rgb(image, stored_bits: int | None = None, alpha_on_white: bool = False):
     """RGB with 8 bits a channel. 16-bit greyscale (PIL modes ``I;16*``, ``I`` from a file storing 16 bits
-    (``stored_16_bit``: a PGM), or ``I`` with values above 255) is scaled by 255 / 65535: PIL's ``convert("RGB")``
+    (``stored_bits``: a PGM), or ``I`` with values above 255) is scaled by 255 / 65535: PIL's ``convert("RGB")``
     clips it at 255, which turns a 16-bit PNG white (and a dark 16-bit PGM, all of its values at most 255, was read
     as 8-bit, 257 times too bright: QA 229). Transparency (an alpha band, a palette's transparent index) is
-    composited onto white with ``alpha_on_white`` (transformers' ``convert_to_rgb``), else dropped."""
+    composited onto white with ``alpha_on_white`` (transformers' ``convert_to_rgb``), else dropped.
+
+    Raises:
+        ValueError: pixels of no known scale: 32-bit floats (mode ``F``) or integers (a 32-bit TIFF: scaled by its
+            own maximum, values over 65535 clipped white, QA 421)."""
     import numpy as np
     from PIL import Image
 
-    if image.mode.startswith("I;16") or (image.mode == "I" and (stored_16_bit or image.getextrema()[1] > 255)):
+    if image.mode == "I" and stored_bits == 32:
+        low, high = image.getextrema()
+        raise ValueError(f"32-bit integer pixels (PIL mode I, values {low} to {high}) have no known scale; save the "
+                         "image with 8 or 16 bits a channel")
+    if image.mode.startswith("I;16") or (image.mode == "I" and (stored_bits == 16 or image.getextrema()[1] > 255)):
         # (values + 128) // 257 rounds values / 257 to nearest (257 is odd: no ties), in place in one integer copy:
         # float64 temporaries of an 8000 x 6000 image took 1.1 GB (QA 268). Mode I may hold any 32-bit value.
         scaled = np.asarray(image).astype(np.int64 if image.mode == "I" else np.uint32)
@@ -902,12 +913,12 @@ def load_image(path: str | os.PathLike, alpha_on_white: bool = False):
                     f"image size ({image.width}x{image.height} pixels) exceeds PIL.Image.MAX_IMAGE_PIXELS = "
                     f"{limit}, could be a decompression bomb"
                 )
-            stored_16_bit = _stored_16_bit(image)  # known before decoding only
+            stored_bits = _stored_bits(image)  # known before decoding only
             image.load()
             # Upright as a viewer shows it (and transformers' load_image gives it): a camera's JPEG is often
             # stored sideways with an EXIF orientation tag.
             ImageOps.exif_transpose(image, in_place=True)
-            return _to_rgb(image, stored_16_bit, alpha_on_white), None
+            return _to_rgb(image, stored_bits, alpha_on_white), None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return None, f"{type(err).__name__}: {err}"
     except ImportError as err:
