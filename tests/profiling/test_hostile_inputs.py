@@ -60,6 +60,7 @@ def _hostile_folder(root: Path) -> tuple[list[Path], dict[str, str]]:
     (root / "large.png").write_bytes(_png_claiming(20_000, 5_000))  # over PIL's limit: PIL only warns
     (root / "notes.txt").write_text("not an image, not listed")
     (root / "sub").mkdir()
+    os.link(root / "good.png", root / "sub" / "hard_link.png")  # one file under two names: one input (QA 421)
     (root / "sub" / "up").symlink_to("..")  # a loop through a parent
     (root / "loop").symlink_to(".")  # a loop onto itself
     (root / "self.png").symlink_to("self.png")  # a symlink to itself
@@ -164,6 +165,7 @@ def test_profile_of_only_hostile_files_is_a_clear_error(tiny_model, tmp_path, ca
     for path in (tmp_path / "imgs").iterdir():
         if path.name not in bad and path.is_file() and path.suffix != ".txt":
             path.unlink()
+    (tmp_path / "imgs" / "sub" / "hard_link.png").unlink()
     with pytest.warns(Warning) as warned:
         code = main(["profile", "--model", f"hf:{tiny_model}", "--images", str(tmp_path / "imgs"), "--device", "cpu",
                      "--out", str(tmp_path / "out"), "--no-figures"])

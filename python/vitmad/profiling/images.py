@@ -118,11 +118,27 @@ def find_images(sources: str | os.PathLike | Sequence[str | os.PathLike],
             found.append(path)
         else:
             raise missing_path(source)
-    # A dangling link stays itself: resolved, it would name a file that is not there.
-    unique = list(dict.fromkeys(map(absolute_input, found)))
+    unique = distinct_inputs(found)
     if not unique:
         raise OptionError("images", "no images given")
     return unique
+
+
+def distinct_inputs(paths: Sequence[Path]) -> list[Path]:
+    """``paths`` as inputs (:func:`absolute_input`), each file once in the order first found: a file reached twice,
+    through a link or a hard link (one file under two names, as datasets link to save space: profiled twice, QA
+    421), is one input. A dangling link stays itself: resolved, it would name a file that is not there."""
+    kept, seen = [], set()
+    for path in dict.fromkeys(map(absolute_input, paths)):
+        try:
+            status = path.stat()
+            key = (status.st_dev, status.st_ino) if stat.S_ISREG(status.st_mode) else path
+        except (OSError, ValueError):
+            key = path
+        if key not in seen:
+            seen.add(key)
+            kept.append(path)
+    return kept
 
 
 def absolute_input(path: Path) -> Path:

@@ -29,6 +29,7 @@ from .images import (
     IMAGE_EXTENSIONS,
     Preprocessing,
     absolute_input,
+    distinct_inputs,
     exclusion,
     folder_files,
     load_each,
@@ -178,9 +179,8 @@ def find_videos(sources: str | os.PathLike | Sequence[str | os.PathLike],
         shown = ", ".join(map(str, sources))
         raise OptionError("images", f"found no video ({', '.join(VIDEO_EXTENSIONS)} files or folders of frames) "
                                     f"in {shown}")
-    # Absolute, as find_images gives: the same clip once; a dangling link stays itself (resolved, it would name a
-    # file that is not there).
-    return sorted(set(map(absolute_input, found)))
+    # Absolute, as find_images gives: the same clip once (a hard link too); a dangling link stays itself.
+    return distinct_inputs(sorted(set(map(absolute_input, found))))
 
 
 def _warn_loose_images(folder: Path, excluded: Callable[[Path], bool]) -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .images import absolute_input, exclusion, folder_files, load_each
+from .images import distinct_inputs, exclusion, folder_files, load_each
 from .options import OptionError, import_optional, missing_path
 
 __all__ = ["VOLUME_EXTENSIONS", "INTENSITIES", "UNITS", "VolumePreprocessing", "VolumeBatch", "is_volume_file",
@@ -82,7 +82,7 @@ def find_volumes(sources: str | os.PathLike | Sequence[str | os.PathLike],
             found.append(path)
         else:
             raise missing_path(source)
-    unique = list(dict.fromkeys(map(absolute_input, found)))
+    unique = distinct_inputs(found)
     if not unique:
         raise OptionError("images", "no volumes given")
     return unique
