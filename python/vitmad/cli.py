@@ -579,6 +579,8 @@ def _compare_command(args: argparse.Namespace, run) -> None:
         warnings.warn(f"{', '.join(marked)} profiled with --renormalize (each query's distance over its attention "
                       "on patches, at least the plain MAD) beside results without it: a quantity of its own, whose "
                       "curves are marked (renormalized)", stacklevel=2)
+    if not args.out.strip():  # Path("") is the current folder, which it was said to be (QA 421)
+        raise ValueError(f"--out: expected the figure file, got {args.out!r}")
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise ValueError(f"--out: {out} is a folder; name the figure file, such as {out / 'compare.png'}")

@@ -256,6 +256,8 @@ def test_compare_of_a_missing_file_or_a_folder(good_result, tmp_path, capsys):
         code = main(["compare", str(good_result), str(target), "--out", str(tmp_path / "cmp.png")])
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.startswith(f"vitmad: error: {target}: cannot read a vitmad profile")
+    code = main(["compare", str(good_result), "--out", ""])
+    assert code == 2 and capsys.readouterr().err.strip() == "vitmad: error: --out: expected the figure file, got ''"
 
 
 def _tiny_vit_module(dtype=torch.float32):
@@ -386,6 +388,8 @@ def test_profile_checkpoint_must_be_a_file_it_may_overwrite(tmp_path):
     pixels = torch.randn(2, 3, 32, 32)
     with pytest.raises(ValueError, match=f"checkpoint: expected a file, got the folder {tmp_path}"):
         vitmad.profile(_tiny_vit_module(), pixels, device="cpu", checkpoint=tmp_path)
+    with pytest.raises(ValueError, match="checkpoint: expected a file, got ''$"):  # not "the folder ." (QA 421)
+        vitmad.profile(_tiny_vit_module(), pixels, device="cpu", checkpoint="")
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
     for resume in (False, True):

@@ -192,6 +192,8 @@ def check_checkpoint_path(path: str | os.PathLike) -> None:
         OptionError: ``path`` is a folder, an existing file that is not a vitmad checkpoint (the run would
             overwrite it), or in a folder that cannot be written.
     """
+    if not os.fspath(path).strip():  # Path("") is the current folder, which it was said to be (QA 421)
+        raise OptionError("checkpoint", f"expected a file, got {os.fspath(path)!r}")
     path = Path(path).expanduser()
     if path.is_dir():
         raise OptionError("checkpoint", f"expected a file, got the folder {path}")
