@@ -99,6 +99,14 @@ def test_compare_averages_each_layers_own_heads_and_keeps_a_nan_head(monkeypatch
                                          "over heads not drawn")
     plotting.plot_compare([profile], ["a"], tmp_path / "cmp1.png")
     assert labels[-1][0] == ("Network depth (layer)",)
+    # A statistic not defined in a layer (self mass beside pooled keys) is said so, as its own figure says it, not
+    # as heads without a value (QA 424).
+    undefined = _profile(stats="self_mass")
+    undefined.statistics["self_mass"].total[0] = float("nan")
+    plotting.plot_compare([undefined], ["a"], tmp_path / "cmp2.png", statistic="self_mass")
+    (xlabel,), _ = labels[-1]
+    assert xlabel.replace("\n", " ") == ("Network depth (layer) a: no value in layer 1: not defined there (keys that "
+                                         "are not the queries, such as pooled keys)")
     # A layer of one head beside layers of two: its mean is its one head's.
     monkeypatch.setattr(vitmad.Profile, "heads", property(lambda self: [1, 2]))
     padded = _profile()

@@ -405,7 +405,16 @@ def plot_compare(profiles: Sequence, labels: Sequence[str], path: str | os.PathL
         # A layer whose mean is NaN leaves a gap in its line, said under the axis as the depth figures say it (a
         # run with an overflowed head was drawn without a word, QA 413); a profile without any value says so in
         # the legend.
-        note = None if bool(missing.all()) else _nan_heads_note(profile, per_head)
+        empty = []
+        if not bool(missing.all()) and statistic not in ("mad", "temporal_mad"):
+            # A statistic not defined in some layers (self mass beside pooled keys) is said so, as its own figure
+            # says it, not as heads without a value (QA 424).
+            empty = [layer + 1 for layer in range(per_head.shape[0]) if bool(missing[layer].all())]
+            if empty:
+                why = " (keys that are not the queries, such as pooled keys)" if statistic == "self_mass" else ""
+                notes.append(f"{label.strip()}: no value in layer{'s' if len(empty) > 1 else ''} {_spans(empty)}: "
+                             f"not defined there{why}")
+        note = None if bool(missing.all()) else _nan_heads_note(profile, per_head, empty)
         if note is not None:
             notes.append(f"{label.strip()}: {note.replace('not drawn', 'its mean over heads not drawn')}")
         num_layers = per_head.shape[0]
