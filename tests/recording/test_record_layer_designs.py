@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import warnings
 
 import pytest
@@ -436,9 +437,18 @@ def test_a_block_shared_across_depth_is_recorded_at_each_run_without_a_warning()
             x = block(x)
     expected = torch.stack([mad_reference(a, 4, num_prefix_tokens=0, grid=(8, 8)) for a in maps])
     torch.testing.assert_close(rec.mad.double(), expected, **TOL)
-    with pytest.raises(ValueError, match=r"layers pattern 'blocks\.1' names the module _Stack lists as "
-                                                 r"'blocks\.0': one module held again under another name"):
-        with vitmad.record(model, layers=["blocks.1"]):
+    for pattern in ("blocks.1", "blocks.[12]"):
+        with pytest.raises(ValueError, match=rf"layers pattern '{re.escape(pattern)}' matches only names under which "
+                                             r"_Stack holds modules it lists under other names, first held there: "
+                                             r"'blocks\.0' \(weights shared across depth"):
+            with vitmad.record(model, layers=[pattern]):
+                pass
+    # A second container of the same blocks (an alias): its names are refused alike, naming the first ones.
+    model.blocks = nn.ModuleList(_KINDS["sdpa"]() for _ in range(2))
+    model.alias = nn.Sequential(*model.blocks)
+    with pytest.raises(ValueError, match=r"layers pattern 'alias\.\?' matches only names .* first held there: "
+                                         r"'blocks\.0', 'blocks\.1' \("):
+        with vitmad.record(model, layers=["alias.?"]):
             pass
 
 

@@ -372,13 +372,16 @@ def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn
     for pattern in patterns:
         matches = {name: m for name, m in candidates.items() if fnmatch.fnmatchcase(name, pattern)}
         if not matches:
-            first = _first_name_of(model, pattern, candidates)
-            if first is not None:
-                # A module held twice (weights shared across depth) is listed under its first name only (QA 420).
+            first = _first_names_of(model, pattern, candidates)
+            if first:
+                # A module held twice (weights shared across depth, or a second container of the same blocks) is
+                # listed under its first name only (QA 420, QA 424).
+                shown = ", ".join(f"'{name}'" for name in first[:4]) + (", ..." if len(first) > 4 else "")
                 raise LayersError(
-                    f"pattern '{pattern}' names the module {type(model).__name__} lists as '{first}': one module "
-                    f"held again under another name (weights shared across depth); name it once, as '{first}': "
-                    "each run of it is recorded as a layer of its own"
+                    f"pattern '{pattern}' matches only names under which {type(model).__name__} holds modules it "
+                    f"lists under other names, first held there: {shown} (weights shared across depth, or a second "
+                    "container of the same modules); name those: each run of a module is recorded as a layer of "
+                    "its own"
                 )
             names = ", ".join(list(shown)[:4]) + (", ..." if len(shown) > 4 else "")
             raise LayersError(
@@ -389,14 +392,12 @@ def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn
     return {name: m for name, m in candidates.items() if name in selected}
 
 
-def _first_name_of(model: nn.Module, path: str, candidates: dict[str, nn.Module]) -> str | None:
-    """The name ``candidates`` (every module, each once) list for the module at attribute path ``path`` where that
-    module is held again under another name; None where ``path`` reaches no module."""
-    try:
-        module = model.get_submodule(path)
-    except (AttributeError, TypeError, ValueError, IndexError, KeyError):  # a wildcard, a path reaching no module
-        return None
-    return next((name for name, m in candidates.items() if m is module and name != path), None)
+def _first_names_of(model: nn.Module, pattern: str, candidates: dict[str, nn.Module]) -> list[str]:
+    """The names ``candidates`` (every module, each once, under the first name it is held by) list for the modules
+    that ``pattern`` matches under another name they are held by too, in module order; empty where it matches
+    none."""
+    matched = {id(m) for name, m in model.named_modules(remove_duplicate=False) if fnmatch.fnmatchcase(name, pattern)}
+    return [name for name, m in candidates.items() if id(m) in matched]
 
 
 def _blocks_by_their_attention(chosen: dict[str, nn.Module], found: dict[str, nn.Module], exact: set[str],
