@@ -850,6 +850,59 @@ def test_a_block_beside_its_layer_keeps_the_layers_it_held_before():
     torch.testing.assert_close(rec.mad[0::2].double(), _reference(maps, 8, GRID), **TOL)
 
 
+class _AttentionPoolBlock(nn.Module):
+    """A user's block attending over its tokens through a MultiheadAttention, then pooling them by a softmax over
+    the tokens of a projection (no learned query): named as an attention pool."""
+
+    def __init__(self, dim=24, heads=3):
+        super().__init__()
+        self.layer = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.key = nn.Linear(dim, heads)
+
+    def forward(self, x, *_, **__):
+        x = x + self.layer(x, x, x, need_weights=False)[0]
+        weights = self.key(x).softmax(dim=1)  # [B, N, H]
+        return x + torch.einsum("bnh,bnc->bc", weights, x)[:, None], None
+
+
+class _LearnedQueryAttentionPool(nn.Module):
+    """A user's attention pool: its learned query attends to the tokens through a MultiheadAttention."""
+
+    def __init__(self, dim=24, heads=3):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, dim))
+        self.layer = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x, *_, **__):
+        pooled = self.layer(self.query.expand(len(x), -1, -1), x, x, need_weights=False)[0]
+        return x + pooled, None
+
+
+def test_a_users_attention_pool_is_skipped_by_its_learned_query_not_its_name():
+    """QA 424: a MultiheadAttention held by any class named *AttentionPool* was skipped as attention pooling by a
+    learned query, even where it attends over the tokens (the block pools them after): a class of the user's is a
+    pool where it holds a parameter of its own, its learned query."""
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 8 * GRID[0], 8 * GRID[1], generator=torch.Generator().manual_seed(2))
+    model = _MHAViT().eval()
+    model.layers = nn.ModuleList(_AttentionPoolBlock() for _ in range(2))
+    layers = [block.layer for block in model.layers]
+    with torch.no_grad():
+        calls, handles = _spy(layers)
+        try:
+            with vitmad.record(model, num_prefix_tokens=1) as rec:
+                model(pixels)
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert rec.layers == ["layers.0.layer", "layers.1.layer"] and rec.skipped == {}
+    torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(layers, calls), 8, GRID), **TOL)
+    model.layers[1] = _LearnedQueryAttentionPool()
+    with torch.no_grad(), vitmad.record(model, num_prefix_tokens=1) as rec:
+        model(pixels)
+    assert rec.layers == ["layers.0.layer"] and rec.skipped["layers.1.layer"].startswith("attention pooling")
+
+
 def _call_own_forward(layer, x, *_, **__):
     """_OwnForwardMHA called as _BlockThenLayer calls its layer: (x, x, x, need_weights=False)."""
     return type(layer).forward(layer, x)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..module_index import named_module_list
+from ..module_index import is_known_library, named_module_list
 from .stages import innermost_on_path
 from .windows import parent_module
 
@@ -113,11 +113,16 @@ _POOLING_QUERY = "attention pooling: a learned query without a position on the i
 
 def _pools_with_learned_query(model: nn.Module, name: str, module: nn.Module) -> bool:
     """A ``torch.nn.MultiheadAttention`` that an attention-pooling head calls with its learned query (transformers'
-    SigLIP heads hold it as ``probe``): its queries are not the image's tokens."""
+    SigLIP heads hold it as ``probe``): its queries are not the image's tokens. A class of the user's named as an
+    attention pool holds that query itself (a parameter of its own): one holding none, whose layer attends over the
+    tokens before it pools them, was skipped by its name (QA 424)."""
     if not isinstance(module, nn.MultiheadAttention) or "." not in name:
         return False
     owner = model.get_submodule(name.rpartition(".")[0])
-    return isinstance(getattr(owner, "probe", None), nn.Parameter) or "AttentionPool" in type(owner).__name__
+    if isinstance(getattr(owner, "probe", None), nn.Parameter):
+        return True
+    return "AttentionPool" in type(owner).__name__ and (
+        is_known_library(type(owner)) or any(p is not None for p in owner._parameters.values()))
 
 
 # Deformable DETR and its kin (RT-DETR, D-FINE, Grounding DINO, Mask2Former's pixel decoder, ...): every
