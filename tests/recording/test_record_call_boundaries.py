@@ -744,9 +744,10 @@ def test_runs_of_the_patch_embedding_each_attended_in_one_call_are_recorded():
 
 def test_a_stage_downsampling_the_first_stages_map_is_no_second_tower():
     """QA 423: a hierarchical ViT of the user's, whose second stage convolves the first stage's map (2 x 2, stride 2,
-    over its 16 channels), was refused as holding a second tower "that embeds the image", advising to record each
-    stage alone: the second then measured in cells of the first stage's map, 4x too small, silently. Its layer is
-    refused by its token count instead, whose advice (grid=, patch=, num_prefix_tokens=) places it right."""
+    over its 16 channels), was refused as holding a second tower "that embeds the image", advising only to record
+    each stage alone: the second then measured in cells of the first stage's map, 4x too small, silently; and grid=
+    was refused alike. By its channels it cannot be told from a tower on a 16-band image (QA 427), so it is still
+    refused, saying what to pass where it is a stage; the grid given by hand places it right."""
     timm = pytest.importorskip("timm")
 
     class Stage(nn.Module):
@@ -774,8 +775,10 @@ def test_a_stage_downsampling_the_first_stages_map_is_no_second_tower():
     model = sharpened(TwoStages())
     maps = unfused_maps(model, "Attention")
     image = torch.randn(2, 3, 32, 32)  # an 8 x 8 grid of 4 px, then 4 x 4 cells of 8 px
-    with pytest.raises(ValueError, match=r"stages\.1\.attn \(Attention\) of TwoStages: it attends over 16 tokens, "
-                                         r"fewer than the 8x8 = 64 patches of the patch embedding"):
+    with pytest.raises(ValueError, match=r"stages\.1\.attn lies in stages\.1, which embeds the image .*; if "
+                                         r"stages\.1\.proj convolves the map of stages\.0\.proj \(a later stage, not "
+                                         r"a tower on an image\), its layers attend over that map's cells: name them "
+                                         r"in layers= with grid=\[rows, columns\], patch="):
         with torch.no_grad(), vitmad.record(model):
             model(image)
     maps.clear()
@@ -786,3 +789,35 @@ def test_a_stage_downsampling_the_first_stages_map_is_no_second_tower():
     centres = (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * 8
     expected = (maps[1][1].double() * torch.cdist(centres, centres)).sum(-1).mean(-1)
     torch.testing.assert_close(rec.mad[0].double(), expected, **TOL)
+
+
+def test_a_tower_on_an_image_of_as_many_bands_as_the_first_towers_width_is_a_second_tower():
+    """QA 427: a tower on a 16-band image beside an RGB tower 16 wide was taken for a later stage by its channels
+    alone (a change reverted the same day): named in layers= with num_prefix_tokens=, its layer was placed on the RGB
+    tower's grid, 8 px apart where its patches are 16 px apart, silently. It is refused as a second tower."""
+    timm = pytest.importorskip("timm")
+
+    class Tower(nn.Module):
+        def __init__(self, channels, patch):
+            super().__init__()
+            self.patch_embed = nn.Conv2d(channels, 16, patch, patch)
+            self.blocks = nn.ModuleList([timm.models.vision_transformer.Block(16, 2)])
+
+        def forward(self, image):
+            tokens = self.patch_embed(image).flatten(2).transpose(1, 2)
+            return self.blocks[0](tokens)
+
+    class RgbAndBands(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rgb, self.bands = Tower(3, 8), Tower(16, 16)
+
+        def forward(self, rgb, bands):
+            return self.rgb(rgb).mean(1) + self.bands(bands).mean(1)
+
+    model = RgbAndBands().eval()
+    with pytest.raises(ValueError, match=r"bands\.blocks\.0\.attn lies in bands, which embeds the image with its own "
+                                         r"patch embedding \(bands\.patch_embed\)"):
+        with torch.no_grad(), vitmad.record(model, layers=["rgb.blocks.0.attn", "bands.blocks.0.attn"],
+                                            num_prefix_tokens=0):
+            model(torch.randn(2, 3, 32, 32), torch.randn(2, 16, 64, 64))

@@ -1592,7 +1592,8 @@ class Recording:
         the image with its own, was placed on ``a``'s grid, silently (QA helper-193: a torchvision tower beside an
         OpenCLIP one, a second tower given num_prefix_tokens=). Refused, naming the tower to record on its own."""
         embedding = self._plain.embedding
-        if embedding is None or "." not in embedding[0] or self._given is not None:
+        # (A grid given by hand places the layers the user named on it: the tokens of a later stage, say.)
+        if embedding is None or "." not in embedding[0] or self._given is not None or self._plain.grid is not None:
             return
         home = self._tower_root(embedding[0])
         for name in self._modules:
@@ -1601,23 +1602,24 @@ class Recording:
             if root == home or "." not in name or placer is None or not _uses_plain_layout(placer):
                 continue
             own = self._root_embedding(root)
-            if own is not None and own[1].in_channels == embedding[1].out_channels:
-                # A convolution over the channels of the first embedding's tokens takes their map, not the image: a
-                # stage's downsampling, or spatial-reduction keys (PVT's sr). Called a second tower, it sent the user
-                # to record that stage alone, on the map's cells as pixels (4x off, QA 423): its layers are left to
-                # their placer, which refuses their token count.
-                continue
             if own is not None:
                 # Both towers named: a recording of the whole model beside one of the second tower still places
                 # that tower's layers on the first's grid (QA 378 read the advice so).
                 held = [f"vitmad.record(model.{tower})" if "." not in tower
                         else f"vitmad.record(model.get_submodule('{tower}'))" for tower in (home, root)]
+                # A convolution over as many channels as the first embedding gives may take its map, not an image:
+                # a later stage of a hierarchy, which recorded alone is measured in cells of that map (4x off, QA
+                # 423); by its channels alone it cannot be told from a tower on a 16-band image (QA 427).
+                stage = (f"; if {root}.{own[0]} convolves the map of {embedding[0]} (a later stage, not a tower on "
+                         f"an image), its layers attend over that map's cells: name them in layers= with grid=[rows, "
+                         "columns], patch=<pixels of the image per cell> and num_prefix_tokens=, or pass positions="
+                         ) if own[1].in_channels == embedding[1].out_channels else ", or pass positions="
                 raise ValueError(
                     f"vitmad.record: {name} lies in {root}, which embeds the image with its own patch embedding "
                     f"({root}.{own[0]}), but would be placed on the grid of {embedding[0]}, another tower's: a plain "
                     "ViT layout is read from one patch embedding per recording; record each tower in its own "
                     f"vitmad.record, not the whole model ({held[0]} and {held[1]}; both may be active around one "
-                    "forward), or pass positions=")
+                    f"forward){stage}")
 
     def _tower_root(self, name: str) -> str:
         """The model's child holding the module ``name``, or, where that child is a ``ModuleList`` or ``ModuleDict``
