@@ -44,7 +44,11 @@ class DividedSpaceTime(nn.Module):
         self.time = nn.ModuleList(Attention() for _ in range(2))
         self.space = nn.ModuleList(Attention() for _ in range(2))
 
+    channels_last = False  # [B, T, H, W, 3]
+
     def forward(self, clip):  # [B, T, 3, H, W]
+        if self.channels_last:
+            clip = clip.permute(0, 1, 4, 2, 3)
         b, t = clip.shape[:2]
         tokens = self.patch_embed(clip.flatten(0, 1)).flatten(2).transpose(1, 2)  # [B*T, N, C]
         n = tokens.shape[1]
@@ -75,14 +79,21 @@ def _model() -> DividedSpaceTime:
     return model
 
 
-def test_a_clip_with_as_many_frames_as_patches_is_refused_and_its_spatial_layers_recorded_when_named():
+@pytest.mark.parametrize("form", ["positional", "keyword", "channels last", "grid given"])
+def test_a_clip_with_as_many_frames_as_patches_is_refused_and_its_spatial_layers_recorded_when_named(form):
     model = _model()
     clip = torch.randn(BATCH, 16, 3, SIDE, SIDE)  # 16 frames, 16 patches per frame
+    options = {"grid": [4, 4], "patch": PATCH, "num_prefix_tokens": 1} if form == "grid given" else {}
+    model.channels_last = form == "channels last"
     with pytest.raises(ValueError, match=r"time\.0 \(Attention\) of DividedSpaceTime: DividedSpaceTime embeds its "
                                          r"input clip as 16 frames \(or slices\), as many as the 4x4 patches of "
                                          r"each, so a layer attending over the frames has the shape of one"):
-        with torch.no_grad(), vitmad.record(model):
-            model(clip)
+        with torch.no_grad(), vitmad.record(model, **options):
+            if form == "keyword":
+                model(clip=clip)
+            else:
+                model(clip.permute(0, 1, 3, 4, 2) if model.channels_last else clip)
+    model.channels_last = False
     with torch.no_grad(), vitmad.record(model, layers=["space.*"], num_prefix_tokens=1) as rec:
         model(clip)
     assert rec.layers == ["space.0", "space.1"]
@@ -100,4 +111,38 @@ def test_a_clip_of_another_frame_count_refuses_its_layers_over_time_as_before():
     with torch.no_grad(), vitmad.record(model, layers=["space.*"], num_prefix_tokens=1) as rec:
         model(clip)
     expected = torch.stack([_grid_mad(model.space[i].seen) for i in range(2)])
+    torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+
+
+class KeyFrame(nn.Module):
+    """An image ViT given a clip, run on its middle frame: no frames folded into the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, DIM, PATCH, PATCH)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, DIM))
+        self.blocks = nn.ModuleList(Attention() for _ in range(2))
+
+    def forward(self, clip):
+        tokens = self.patch_embed(clip[:, clip.shape[1] // 2]).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(len(tokens), 1, DIM), tokens], 1)
+        for block in self.blocks:
+            tokens = tokens + block(tokens)
+        return tokens
+
+
+def test_a_model_embedding_one_frame_of_a_clip_is_an_image_model():
+    """QA 427: a model given a 16-frame clip that embeds its middle frame alone (4 x 4 patches) was refused as a
+    clip of as many frames as patches: the frames per sample were read from the input's size, not from the images
+    the patch embedding took."""
+    torch.manual_seed(0)
+    model = KeyFrame().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.qkv.weight.mul_(4)
+        with vitmad.record(model, num_prefix_tokens=1) as rec:
+            model(torch.randn(BATCH, 16, 3, SIDE, SIDE))
+    assert rec.layers == ["blocks.0", "blocks.1"]
+    expected = torch.stack([_grid_mad(block.seen) for block in model.blocks])
     torch.testing.assert_close(rec.mad.double(), expected, **TOL)

@@ -2424,7 +2424,7 @@ class Recording:
         for hooks in self._hooks:
             hooks.install()
         # Last, so that it runs after every layer's own end: a forward that raised leaves no half call behind.
-        self._handles.append(self.model.register_forward_pre_hook(self._begin_forward))
+        self._handles.append(self.model.register_forward_pre_hook(self._begin_forward, with_kwargs=True))
         # A forward that returned runs both hooks below, one that raised only the second: the output cannot tell
         # them apart (a wrapper's forward may return None).
         self._handles.append(self.model.register_forward_hook(self._forward_returned))
@@ -2638,7 +2638,7 @@ class Recording:
             if key not in seen:
                 seen[key] = weakref.ref(module, lambda _, key=key: seen.pop(key, None))
 
-    def _begin_forward(self, module: nn.Module, args) -> None:
+    def _begin_forward(self, module: nn.Module, args, kwargs) -> None:
         if not _in_backward():
             # Every layer in place at each forward (a few microseconds a layer), whatever the flags say: a module
             # written into a _modules dict directly, or through object.__setattr__, fires no hook (QA 275).
@@ -2657,7 +2657,10 @@ class Recording:
             if own:
                 self._calls.append(started)
             self._model_call = current_module_call()
-            image = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 4), None)
+            # A clip's shape (5 dims or more) before an image's or a mask's, a keyword argument too: model(clip=clip),
+            # HF's pixel_values= (QA 427).
+            tensors = [a for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)]
+            image = next((a for a in tensors if a.dim() >= 5), next((a for a in tensors if a.dim() == 4), None))
             self._model_input_shape = None if image is None else tuple(image.shape)
             for hooks in self._hooks:
                 if hasattr(hooks, "before_forward"):

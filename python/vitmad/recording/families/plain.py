@@ -15,7 +15,6 @@ rounds its maps.
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 
 import torch
@@ -426,7 +425,7 @@ class PlainLayout:
             if self.stem:
                 context.values[_STEM_OF_EMBEDDING] = context.values.pop(_STEM, None)
             context.values[_EMBED_BATCH] = int(output.shape[0])
-            context.values[_FRAMES] = _frames(context.values.get(MODEL_INPUT_SHAPE), args[0])
+            context.values[_FRAMES] = _frames(context.values.get(MODEL_INPUT_SHAPE), int(output.shape[0]))
 
         return [self.embedding[1].register_forward_hook(see),
                 *(module.register_forward_hook(see_stem) for module in self.stem)]
@@ -522,7 +521,7 @@ class PlainPlacer(LayerPlacer):
         grid = layout.call_grid(context)
         patches = grid[0] * grid[1]
         frames = context.values.get(_FRAMES)
-        if frames == patches > 1 and not self.named and layout.grid is None:
+        if frames == patches > 1 and not self.named:
             # A clip embedded frame by frame whose frames are as many as each frame's patches: attention over time
             # ([B*N, H, T, T] of divided space-time attention, or over the frames' class tokens) has the shape of
             # attention over a frame's grid, and was placed on it: pixel distances between one cell's frames (QA
@@ -707,13 +706,12 @@ def _plain_positions(grid: tuple[int, int], stride: tuple[float, float], prefix:
     return read_only(positions, torch.arange(prefix, prefix + patches), positions=1)
 
 
-def _frames(model_input: tuple[int, ...] | None, images: torch.Tensor) -> int | None:
-    """How many frames (or slices) of the model's input ``model_input`` (a clip ``[B, T, C, H, W]``, or ``[B, C, T,
-    H, W]``) each image the patch embedding takes (``[b, C, H, W]``) is one of: the input's elements per sample over
-    an image's, where the embedding takes whole frames of it (its last two sizes); None for an image model's input
-    or one the model resizes before embedding."""
-    if model_input is None or len(model_input) < 5 or images.dim() != 4 or tuple(model_input[-2:]) != tuple(
-            images.shape[-2:]):
+def _frames(model_input: tuple[int, ...] | None, embedded: int) -> int | None:
+    """How many frames (or slices, views) of each sample of the model's input ``model_input`` (a clip ``[B, T, C, H,
+    W]``, ``[B, C, T, H, W]``, channels last, resized or subsampled by the model) the patch embedding took at once as
+    its ``embedded`` images: the clip's frames folded into its batch, ``embedded / B``; None for an image model's
+    input and a clip embedded one frame (a key frame, or a loop) at a time (QA 427)."""
+    if model_input is None or len(model_input) < 5 or not model_input[0] or embedded % model_input[0]:
         return None
-    per_sample, per_image = math.prod(model_input[1:]), math.prod(images.shape[1:])
-    return per_sample // per_image if per_image and per_sample % per_image == 0 else None
+    frames = embedded // model_input[0]
+    return frames if frames > 1 else None
