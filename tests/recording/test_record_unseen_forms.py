@@ -21,6 +21,8 @@ class Attention(nn.Module):
     """Self-attention over [B, N, DIM]; ``heads_last`` computes it as [B, Nq, Nk, H] with a softmax over dim 2,
     which vitmad does not take for attention."""
 
+    by_hand = False  # exp(l - max) / sum: a softmax by hand
+
     def __init__(self, heads_last: bool = False):
         super().__init__()
         self.heads_last = heads_last
@@ -41,6 +43,10 @@ class Attention(nn.Module):
         if self.heads_last:
             a = torch.einsum("bqhd,bkhd->bqkh", q, k).mul(scale).softmax(dim=2)
             return torch.einsum("bqkh,bkhd->bqhd", a, v).reshape(b, n, DIM)
+        if self.by_hand:
+            logits = torch.einsum("bqhd,bkhd->bhqk", q, k).mul(scale)
+            e = (logits - logits.amax(-1, keepdim=True)).exp()
+            return torch.einsum("bhqk,bkhd->bqhd", e / e.sum(-1, keepdim=True), v).reshape(b, n, DIM)
         a = torch.einsum("bqhd,bkhd->bhqk", q, k).mul(scale).softmax(dim=-1)
         return torch.einsum("bhqk,bkhd->bqhd", a, v).reshape(b, n, DIM)
 
@@ -96,6 +102,43 @@ def test_a_found_layer_that_attends_unseen_is_skipped_with_a_warning(unseen):
         assert all("rec.mad's layer axis skips it" in str(w.message) for w in said)
         reference = _reference_mads(model, pixels, 5)
         torch.testing.assert_close(rec.mad.double(), torch.stack([reference[i] for i in kept]), rtol=1e-5, atol=1e-4)
+
+
+class StableAttention(Attention):
+    """An attention class of its own that normalises its logits by hand, never calling a softmax."""
+
+    by_hand = True
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, HEADS, DIM // HEADS).unbind(2)
+        logits = torch.einsum("bqhd,bkhd->bhqk", q, k).mul((DIM // HEADS) ** -0.5)
+        e = (logits - logits.amax(-1, keepdim=True)).exp()
+        return torch.einsum("bhqk,bkhd->bqhd", e / e.sum(-1, keepdim=True), v).reshape(b, n, DIM)
+
+
+def test_a_layer_normalising_its_logits_by_hand_is_warned_of():
+    """QA 426: exp(l - max) / sum, the usual softmax by hand, left its layer out of rec.layers without a word: a
+    found class taking that path, and a class of its own that never calls a softmax. The first is skipped with the
+    reason, the second named in the warning of blocks left out between recorded ones."""
+    torch.manual_seed(0)
+    model = ViT().eval()
+    pixels = torch.randn(2, 3, 5 * PATCH, 5 * PATCH)
+    model.blocks[1].by_hand = True
+    with pytest.warns(UserWarning, match=r"blocks\.1 \(Attention\) of ViT ran without computing attention vitmad "
+                                         r"sees"), torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    assert rec.layers == ["blocks.0", "blocks.2", "blocks.3"]
+    assert rec.skipped["blocks.1"].endswith("(it normalised logits in another form)")
+    reference = _reference_mads(model, pixels, 5)
+    torch.testing.assert_close(rec.mad.double(), torch.stack([reference[i] for i in (0, 2, 3)]), rtol=1e-5,
+                               atol=1e-4)
+    model.blocks[1] = StableAttention()
+    with pytest.warns(UserWarning, match=r"blocks\.1 of ViT, in a list beside recorded attention layers, .* or are "
+                                         r"named as attention with query or key projections and compute no softmax "
+                                         r"it reads"), torch.no_grad(), vitmad.record(model) as rec:
+        model(pixels)
+    assert rec.layers == ["blocks.0", "blocks.2", "blocks.3"] and rec.skipped == {}
 
 
 def test_every_layer_unseen_is_still_the_error_and_seen_layers_say_nothing():

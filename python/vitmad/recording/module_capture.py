@@ -72,9 +72,10 @@ ProbabilitiesView = Callable[[torch.Tensor, int], "torch.Tensor | None"]
 _SELF_ATTENTION_PROJECTIONS = ("qkv", "q_proj", "in_proj", "q")
 _SOFTMAX_FUNCTIONS = (torch.softmax, F.softmax, torch.Tensor.softmax, torch.special.softmax)  # (special's: QA 412)
 # What else normalises logits over a dim: a module whose forward ran one of these, or a softmax that is not its
-# attention (over another dim than the last), and no attention vitmad read, attended in a form it does not read.
+# attention (over another dim than the last), and no attention vitmad read, attended in a form it does not read. An
+# exp of logits is the first step of a softmax by hand (exp(l - max) / sum: no layer, no warning, QA 426).
 _NORMALISING = (torch.logsumexp, torch.Tensor.logsumexp, torch.log_softmax, F.log_softmax, torch.Tensor.log_softmax,
-                torch.special.logsumexp, torch.special.log_softmax)
+                torch.special.logsumexp, torch.special.log_softmax, torch.exp, torch.Tensor.exp, torch.Tensor.exp_)
 # torch's own function (the builtin F's attribute is, unless replaced): a library or profiler that replaces
 # F.scaled_dot_product_attention with a wrapper calling it still reaches the mode with this one (compared with F's
 # attribute at call time, nothing was recorded), whether it did so before or after vitmad was imported.
@@ -415,6 +416,14 @@ def attends_itself(module: nn.Module) -> bool:
     three calls deep) and holds query or key projections of its own. A softmax without them (a router over experts,
     a gate over branches, a pooling weight) is no attention of the module's (QA 418)."""
     return names_softmax(module) and any(isinstance(getattr(module, p, None), nn.Module) for p in _QUERY_KEY_NAMES)
+
+
+def named_with_projections(module: nn.Module) -> bool:
+    """Whether ``module`` is a user's class named as attention holding query or key projections (an attention that
+    normalises its logits by hand, ``exp(l - max) / sum``, names no softmax, yet is one, QA 426)."""
+    cls = type(module)
+    return (not cls.__module__.startswith("torch.") and not is_known_library(cls) and _named_as_attention(cls)
+            and any(isinstance(getattr(module, p, None), nn.Module) for p in _QUERY_KEY_NAMES))
 
 
 def _attends_through_its_softmax_module(module: nn.Module) -> bool:

@@ -95,6 +95,7 @@ from .module_capture import (
     calls_functional_multihead,
     may_compute_attention,
     multiplies_matrices,
+    named_with_projections,
     names_softmax,
     reaches_fused_attention,
     source_attention_modules,
@@ -761,7 +762,7 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], sk
                 continue
             if not isinstance(block, nn.Softmax) and any(isinstance(inner, nn.Softmax) or (
                     not type(inner).__module__.startswith("torch.") and names_softmax(inner))
-                    for inner in block.modules()) and (held or any(
+                    or named_with_projections(inner) for inner in block.modules()) and (held or any(
                         not type(inner).__module__.startswith("torch.") and multiplies_matrices(inner)
                         for inner in block.modules())):
                 missing.append(f"{prefix}{key}")
@@ -770,8 +771,10 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], sk
         warnings.warn(
             f"vitmad.record: {shown} of {type(model).__name__}, in a list beside recorded attention layers, compute "
             "a softmax that vitmad does not take for attention (an explicit softmax in a class not named as "
-            "attention?): if they attend, they are left out of rec.layers, and rec.mad's layer axis skips them; "
-            "pass layers=[every attention module's name] to say which modules attend", stacklevel=3)
+            "attention?), or are named as attention with query or key projections and compute no softmax it reads "
+            "(logits normalised by hand?): if they attend, they are left out of rec.layers, and rec.mad's layer "
+            "axis skips them; pass layers=[every attention module's name] to say which modules attend",
+            stacklevel=3)
 
 
 class NoLayerError(ValueError):
