@@ -130,6 +130,11 @@ def test_a_layer_normalising_its_logits_by_hand_is_warned_of():
         model(pixels)
     assert rec.layers == ["blocks.0", "blocks.2", "blocks.3"]
     assert rec.skipped["blocks.1"].endswith("(it normalised logits in another form)")
+    # Named in layers=, it was said to have "ran without computing attention" (QA 426): it attended, unread.
+    with pytest.warns(UserWarning, match=r"blocks\.1 \(Attention\) of ViT, named in layers, ran without computing "
+                                         r"attention vitmad reads .*; it normalised logits in a form vitmad does not "
+                                         r"read"), torch.no_grad(), vitmad.record(model, layers=["blocks.1"]):
+        model(pixels)
     reference = _reference_mads(model, pixels, 5)
     torch.testing.assert_close(rec.mad.double(), torch.stack([reference[i] for i in (0, 2, 3)]), rtol=1e-5,
                                atol=1e-4)

@@ -2191,11 +2191,17 @@ class Recording:
         if completed and not pending and name in self._named and name not in self.skipped:
             # Named by the user, it ran and computed no attention: it is in no call's layers, which is said here
             # rather than left to be found missing.
-            self.skipped[name] = "named in layers, but ran without computing attention"
+            # One that normalised logits in a form vitmad does not read attended, which "ran without computing
+            # attention" denied (QA 426).
+            unread = any(getattr(hooks, "normalised_unread", {}).get(name) for hooks in self._hooks)
+            self.skipped[name] = "named in layers, but ran without computing attention" + (
+                " vitmad reads (it normalised logits in a form vitmad does not read)" if unread else "")
+            form = ("; it normalised logits in a form vitmad does not read (a softmax over another dim than the "
+                    "last, a logsumexp, an exp then a sum)") if unread else ""
             warnings.warn(f"vitmad.record: {name} ({type(module).__name__}) of {type(self.model).__name__}, named "
-                          "in layers, ran without computing attention (F.scaled_dot_product_attention, torch's "
-                          "flex_attention, F.multi_head_attention_forward, transformers' AttentionInterface or a "
-                          "softmax); it is not recorded",
+                          "in layers, ran without computing attention vitmad reads (F.scaled_dot_product_attention, "
+                          "torch's flex_attention, F.multi_head_attention_forward, transformers' AttentionInterface "
+                          f"or a softmax over the last dim){form}; it is not recorded",
                           stacklevel=2)
         if completed and not pending and name in self._placers and name not in self._named \
                 and name not in self.skipped and name not in self._recorded_names \
