@@ -453,5 +453,16 @@ def test_a_token_layout_given_to_profile_places_a_class_token_last(tmp_path):
     with pytest.raises(vitmad.profiling.options.OptionError, match="the token layout given"):
         vitmad.profile(model, pixels, device="cpu", batch_size=2, positions=positions.flip(0),
                        checkpoint=checkpoint, resume=True, stats=["prefix_mass"])
+    # The same positions in float64 are the same layout (refused as another, QA 428).
+    resumed = vitmad.profile(model, pixels, device="cpu", batch_size=2, positions=positions.double(),
+                             checkpoint=checkpoint, resume=True, stats=["prefix_mass"])
+    torch.testing.assert_close(resumed.mad, prof.mad, rtol=0, atol=0)
     with pytest.raises(vitmad.profiling.options.OptionError, match="positions: expected a tensor"):
         vitmad.profile(model, pixels, device="cpu", positions=lambda: positions)
+    # No grid, so no uniform-attention MAD: null in strict JSON, not NaN (QA 428), and the figure says what it is.
+    prof.to_json(tmp_path / "mad.json")
+    doc = json.loads((tmp_path / "mad.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert doc["uniform_attention_mad"] is None and doc["layers"][0]["uniform_attention_mad"] is None
+    from vitmad.profiling.plotting import _describe_grids
+    assert _describe_grids(prof) == "tokens at the positions given"
+    prof.plot(tmp_path / "mad.png")

@@ -164,6 +164,8 @@ def _describe_grids(profile) -> str:
         return stages[0].replace(" @ ", " tokens of ") if len(stages) == 1 else ", ".join(stages)
     if any(g["grid"] is None for g in profile.geometry):
         grids = {tuple(entry["grid"]) for entry in (profile.image_grids or {}).values()}
+        if not grids:  # positions= given by hand: no grid (it said "native resolution, 0 grids", QA 428)
+            return "tokens at the positions given"
         return f"native resolution, {len(grids)} grid{'s' if len(grids) != 1 else ''}"
     stages = []
     for g in profile.geometry:
@@ -192,7 +194,10 @@ def plot_profile(profile, path: str | os.PathLike, *, title: str | None = None) 
 
 def _draw_uniform(ax, uniform: list[float], depth: list[int], unit: str) -> None:
     """The uniform-attention reference per layer (``uniform``, in ``unit``) against depth: one dashed line where
-    every layer has the same, else each stage's grid its own (a step)."""
+    every layer has the same, else each stage's grid its own (a step); none where no layer has a grid (positions=
+    given by hand: its legend named a line not drawn, QA 428)."""
+    if all(value != value for value in uniform):
+        return
     if len(set(uniform)) == 1:
         ax.axhline(uniform[0], color="0.4", linestyle="--", linewidth=1,
                    label=f"uniform attention ({uniform[0]:.0f} {unit})")

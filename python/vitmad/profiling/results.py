@@ -299,7 +299,7 @@ class Profile:
                 "name": name,
                 "heads": heads,
                 "geometry": None if self.geometry is None else self.geometry[i],
-                "uniform_attention_mad": uniform[i],
+                "uniform_attention_mad": _nullable([[uniform[i]]])[0][0],
                 "mean": means,
                 "std": std[i][:heads],
                 "min": low[i][:heads],
@@ -326,7 +326,8 @@ class Profile:
             "vitmad_version": __version__,
             "model": self.model,
             "layout": self.layout,
-            "uniform_attention_mad": self.uniform_mad,
+            # (NaN where no layer has a grid: positions= given by hand, QA 428; null in strict JSON.)
+            "uniform_attention_mad": _nullable([[self.uniform_mad]])[0][0],
             "unit": self.distance_unit,  # of MAD (the layers' mean, std, min, max and the uniform figures)
             "settings": self.settings,
             "processes": self.processes,
