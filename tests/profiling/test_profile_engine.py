@@ -441,6 +441,9 @@ def test_a_token_layout_given_to_profile_places_a_class_token_last(tmp_path):
     prof = vitmad.profile(model, pixels, device="cpu", batch_size=2, positions=positions, checkpoint=checkpoint,
                           stats=["prefix_mass"])
     assert prof.settings["layout"]["positions"]["shape"] == [16, 2]
+    # Of the float32 values, as before 2026-12-07's change: a checkpoint written then resumes (QA 429).
+    from vitmad.profiling.checkpoint import tensors_digest
+    assert prof.settings["layout"]["positions"]["digest"] == tensors_digest([("positions", positions)])
     # The reference: each image's own softmax, the class token (index 15) without a position.
     expected_mad, expected_prefix = [], []
     for q, k in model.seen:

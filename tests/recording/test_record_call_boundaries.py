@@ -816,8 +816,10 @@ def test_a_tower_on_an_image_of_as_many_bands_as_the_first_towers_width_is_a_sec
             return self.rgb(rgb).mean(1) + self.bands(bands).mean(1)
 
     model = RgbAndBands().eval()
-    with pytest.raises(ValueError, match=r"bands\.blocks\.0\.attn lies in bands, which embeds the image with its own "
-                                         r"patch embedding \(bands\.patch_embed\)"):
-        with torch.no_grad(), vitmad.record(model, layers=["rgb.blocks.0.attn", "bands.blocks.0.attn"],
-                                            num_prefix_tokens=0):
-            model(torch.randn(2, 3, 32, 32), torch.randn(2, 16, 64, 64))
+    # (A grid given by hand let it through on the RGB tower's stride too, QA 429.)
+    for grid in ({}, {"grid": [4, 4]}):
+        with pytest.raises(ValueError, match=r"bands\.blocks\.0\.attn lies in bands, which embeds the image with its "
+                                             r"own patch embedding \(bands\.patch_embed\)"):
+            with torch.no_grad(), vitmad.record(model, layers=["rgb.blocks.0.attn", "bands.blocks.0.attn"],
+                                                num_prefix_tokens=0, **grid):
+                model(torch.randn(2, 3, 32, 32), torch.randn(2, 16, 64, 64))

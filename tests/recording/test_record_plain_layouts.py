@@ -125,6 +125,27 @@ def test_xclip_message_tokens_are_placed_after_the_grid_and_their_attention_acro
     torch.testing.assert_close(rec.mad.double(), expected, **RECORD_TOL)
 
 
+def test_xclip_with_as_many_frames_as_patches_is_recorded():
+    """QA 429: the rule refusing a user's clip model whose frames (folded into the batch) are as many as each frame's
+    patches refused X-CLIP at 4 frames of 2 x 2 patches, whose layers over frames its family skips. A library's
+    layers are placed as before: equal to its vision tower recorded on the folded frames."""
+    torch.manual_seed(0)
+    vision = dict(image_size=32, patch_size=16, num_frames=4, hidden_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, intermediate_size=64, mit_hidden_size=32, mit_intermediate_size=64,
+                  mit_num_hidden_layers=1, mit_num_attention_heads=2)
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    model = transformers.XCLIPModel(transformers.XCLIPConfig(
+        vision_config=vision, text_config=text, projection_dim=32, prompt_layers=1, prompt_attention_heads=2,
+        prompt_projection_dim=32, prompt_num_attention_heads=2)).eval()
+    clips, ids = torch.randn(2, 4, 3, 32, 32), torch.randint(0, 100, (2, 5))
+    with torch.no_grad(), vitmad.record(model) as rec:
+        model(input_ids=ids, pixel_values=clips)
+    assert rec.layers == ["vision_model.encoder.layers.0.self_attn"]
+    with torch.no_grad(), vitmad.record(model.vision_model) as tower:
+        model.vision_model(clips.flatten(0, 1))
+    torch.testing.assert_close(rec.mad, tower.mad, rtol=0, atol=0)
+
+
 def test_xclip_frame_integration_transformer_is_no_image_layer_whatever_layout_is_stated():
     """X-CLIP's multi-frame integration transformer attends over one pooled token per frame: named in ``layers=``
     with a grid or positions stated, it was recorded as an image's grid (QA 357). It is skipped with its reason, as

@@ -310,20 +310,28 @@ class HybridBlock(nn.Module):
         self.attention = attention
         self.qkv = nn.Linear(DIM, 3 * DIM)
 
+    state_space = False  # a state-space mixer in place of the pooling one
+
     def forward(self, x):
         b, n, _ = x.shape
+        if not self.attention and self.state_space:  # Mamba-like discretisation: an exp of [B, N, D], no logits
+            return x + x * torch.exp(F.softplus(self.qkv(x)[..., :DIM]) * -1.5)
         if not self.attention:  # PoolFormer's mixer: no logits normalised, nothing missed
             return x + F.avg_pool1d(x.transpose(1, 2), 3, 1, 1).transpose(1, 2)
         q, k, v = self.qkv(x).reshape(b, n, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
         return x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, DIM)
 
 
-def test_blocks_of_an_attention_class_that_attend_in_no_form_are_not_warned_of():
+@pytest.mark.parametrize("state_space", [False, True])
+def test_blocks_of_an_attention_class_that_attend_in_no_form_are_not_warned_of(state_space):
     """QA 335: a hybrid whose first blocks pool (one class, switched by config) was warned of, its pooling blocks
-    skipped as attention missed."""
+    skipped as attention missed; QA 429: so were state-space blocks, whose exp of [B, N, D] was taken for logits
+    normalised by hand."""
     torch.manual_seed(0)
     model = ViT()
     model.blocks = nn.ModuleList([HybridBlock(i >= 2) for i in range(4)])
+    for block in model.blocks:
+        block.state_space = state_space
     model.eval()
     pixels = torch.randn(2, 3, 4 * PATCH, 4 * PATCH)
     for layers in (None, ["blocks.*"]):

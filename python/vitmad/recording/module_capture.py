@@ -74,8 +74,9 @@ _SOFTMAX_FUNCTIONS = (torch.softmax, F.softmax, torch.Tensor.softmax, torch.spec
 # What else normalises logits over a dim: a module whose forward ran one of these, or a softmax that is not its
 # attention (over another dim than the last), and no attention vitmad read, attended in a form it does not read. An
 # exp of logits is the first step of a softmax by hand (exp(l - max) / sum: no layer, no warning, QA 426).
+_EXP = (torch.exp, torch.Tensor.exp, torch.Tensor.exp_)
 _NORMALISING = (torch.logsumexp, torch.Tensor.logsumexp, torch.log_softmax, F.log_softmax, torch.Tensor.log_softmax,
-                torch.special.logsumexp, torch.special.log_softmax, torch.exp, torch.Tensor.exp, torch.Tensor.exp_)
+                torch.special.logsumexp, torch.special.log_softmax, *_EXP)
 # torch's own function (the builtin F's attribute is, unless replaced): a library or profiler that replaces
 # F.scaled_dot_product_attention with a wrapper calling it still reaches the mode with this one (compared with F's
 # attribute at call time, nothing was recorded), whether it did so before or after vitmad was imported.
@@ -616,7 +617,9 @@ class _CaptureAttention(TorchFunctionMode):
         result = func(*args, **kwargs)
         if self.on_probs is None:  # the module's attention is read elsewhere (probabilities_from)
             return result
-        if func in _NORMALISING and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3:
+        if func in _NORMALISING and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3 and (
+                func not in _EXP or args[0].shape[-1] == args[0].shape[-2]):
+            # (An exp of [..., N, N] logits: a state-space mixer's exp of [B, N, D] is none, QA 429.)
             self.unread_softmax = True
         if func in _SOFTMAX_FUNCTIONS and isinstance(result, torch.Tensor) and result.dim() >= 3:
             dim = _softmax_dim(args, kwargs)

@@ -1288,7 +1288,8 @@ class Recording:
                 if getattr(placer, "takes_given_patch", False) and self._given is None:
                     placer.use_patch(self._plain.patch)  # refuses a patch size it cannot know or that cannot fit
                 self._placers[name] = self._given or (
-                    PlainPlacer(self._plain, appended_tokens(model, name), named=layers is not None)
+                    PlainPlacer(self._plain, appended_tokens(model, name),
+                                named=layers is not None or in_a_known_library(model, name))
                     if placer is None else placer)
         if not modules:
             if self.skipped:
@@ -1595,8 +1596,7 @@ class Recording:
         the image with its own, was placed on ``a``'s grid, silently (QA helper-193: a torchvision tower beside an
         OpenCLIP one, a second tower given num_prefix_tokens=). Refused, naming the tower to record on its own."""
         embedding = self._plain.embedding
-        # (A grid given by hand places the layers the user named on it: the tokens of a later stage, say.)
-        if embedding is None or "." not in embedding[0] or self._given is not None or self._plain.grid is not None:
+        if embedding is None or "." not in embedding[0] or self._given is not None:
             return
         home = self._tower_root(embedding[0])
         for name in self._modules:
@@ -1605,6 +1605,11 @@ class Recording:
             if root == home or "." not in name or placer is None or not _uses_plain_layout(placer):
                 continue
             own = self._root_embedding(root)
+            stage = own is not None and own[1].in_channels == embedding[1].out_channels
+            if stage and self._plain.grid is not None and self._plain.patch is not None:
+                # A grid and its cells' pixels given by hand, as the refusal below advises for a later stage (a grid
+                # alone let a second tower through on the first's stride, QA 429).
+                continue
             if own is not None:
                 # Both towers named: a recording of the whole model beside one of the second tower still places
                 # that tower's layers on the first's grid (QA 378 read the advice so).
@@ -1616,7 +1621,7 @@ class Recording:
                 stage = (f"; if {root}.{own[0]} convolves the map of {embedding[0]} (a later stage, not a tower on "
                          f"an image), its layers attend over that map's cells: name them in layers= with grid=[rows, "
                          "columns], patch=<pixels of the image per cell> and num_prefix_tokens=, or pass positions="
-                         ) if own[1].in_channels == embedding[1].out_channels else ", or pass positions="
+                         ) if stage else ", or pass positions="
                 raise ValueError(
                     f"vitmad.record: {name} lies in {root}, which embeds the image with its own patch embedding "
                     f"({root}.{own[0]}), but would be placed on the grid of {embedding[0]}, another tower's: a plain "
