@@ -146,3 +146,17 @@ def test_a_model_embedding_one_frame_of_a_clip_is_an_image_model():
     assert rec.layers == ["blocks.0", "blocks.1"]
     expected = torch.stack([_grid_mad(block.seen) for block in model.blocks])
     torch.testing.assert_close(rec.mad.double(), expected, **TOL)
+
+
+def test_a_clip_model_of_a_librarys_attention_modules_is_refused_alike():
+    """QA 429 review: the clip rule was lifted for every layer inside a library's module, so a user's divided space-time
+    model built of timm's blocks was placed on the grid at as many frames as patches, silently. Only a
+    library module holding both the patch embedding and the layer (X-CLIP's vision tower) lays out the tokens."""
+    timm = pytest.importorskip("timm")
+    model = _model()
+    model.time = nn.ModuleList(timm.models.vision_transformer.Block(DIM, HEADS) for _ in range(2))
+    model.space = nn.ModuleList(timm.models.vision_transformer.Block(DIM, HEADS) for _ in range(2))
+    with pytest.raises(ValueError, match=r"time\.0\.attn \(Attention\) of DividedSpaceTime: DividedSpaceTime embeds "
+                                         r"its input clip as 16 frames"):
+        with torch.no_grad(), vitmad.record(model.eval()):
+            model(torch.randn(BATCH, 16, 3, SIDE, SIDE))

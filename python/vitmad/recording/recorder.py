@@ -393,6 +393,21 @@ def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn
     return {name: m for name, m in candidates.items() if name in selected}
 
 
+def _laid_out_by_library(model: nn.Module, embedding: tuple | None, name: str) -> bool:
+    """Whether a library vitmad reads defines a module holding both the patch embedding ``embedding`` and the layer
+    ``name`` (X-CLIP's vision tower): it lays out the layer's tokens, its family places or skips its layers over
+    frames (QA 429). A user's model built of a library's blocks is laid out by the user."""
+    if embedding is None:
+        return False
+    shared = []
+    for a, b in zip(embedding[0].split("."), name.split(".")):
+        if a != b:
+            break
+        shared.append(a)
+    return any(is_known_library(type(model.get_submodule(".".join(shared[:depth]))))
+               for depth in range(len(shared) + 1))
+
+
 def _first_names_of(model: nn.Module, pattern: str, candidates: dict[str, nn.Module]) -> list[str]:
     """The names ``candidates`` (every module, each once, under the first name it is held by) list for the modules
     that ``pattern`` matches under another name they are held by too, in module order; empty where it matches
@@ -1289,7 +1304,7 @@ class Recording:
                     placer.use_patch(self._plain.patch)  # refuses a patch size it cannot know or that cannot fit
                 self._placers[name] = self._given or (
                     PlainPlacer(self._plain, appended_tokens(model, name),
-                                named=layers is not None or in_a_known_library(model, name))
+                                named=layers is not None or _laid_out_by_library(model, self._plain.embedding, name))
                     if placer is None else placer)
         if not modules:
             if self.skipped:
