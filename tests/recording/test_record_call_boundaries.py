@@ -747,7 +747,8 @@ def test_a_stage_downsampling_the_first_stages_map_is_no_second_tower():
     over its 16 channels), was refused as holding a second tower "that embeds the image", advising only to record
     each stage alone: the second then measured in cells of the first stage's map, 4x too small, silently; and grid=
     was refused alike. By its channels it cannot be told from a tower on a 16-band image (QA 427), so it is still
-    refused, saying what to pass where it is a stage; the grid given by hand places it right."""
+    refused, saying what to pass where it is a stage (positions=, which places it right; a grid given by hand could
+    not tell a stage from a tower on a 16-band image either, QA 430)."""
     timm = pytest.importorskip("timm")
 
     class Stage(nn.Module):
@@ -778,15 +779,14 @@ def test_a_stage_downsampling_the_first_stages_map_is_no_second_tower():
     with pytest.raises(ValueError, match=r"stages\.1\.attn lies in stages\.1, which embeds the image .*; if "
                                          r"stages\.1\.proj convolves the map of stages\.0\.proj \(a later stage, not "
                                          r"a tower on an image\), its layers attend over that map's cells: name them "
-                                         r"in layers= with grid=\[rows, columns\], patch="):
+                                         r"in layers= with positions="):
         with torch.no_grad(), vitmad.record(model):
             model(image)
     maps.clear()
-    with torch.no_grad(), vitmad.record(model, layers=["stages.1.attn"], grid=[4, 4], patch=8,
-                                        num_prefix_tokens=0) as rec:
-        model(image)
     rows, cols = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
     centres = (torch.stack([rows, cols], -1).reshape(-1, 2).double() + 0.5) * 8
+    with torch.no_grad(), vitmad.record(model, layers=["stages.1.attn"], positions=centres.float()) as rec:
+        model(image)
     expected = (maps[1][1].double() * torch.cdist(centres, centres)).sum(-1).mean(-1)
     torch.testing.assert_close(rec.mad[0].double(), expected, **TOL)
 

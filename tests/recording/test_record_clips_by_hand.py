@@ -86,8 +86,8 @@ def test_a_clip_with_as_many_frames_as_patches_is_refused_and_its_spatial_layers
     options = {"grid": [4, 4], "patch": PATCH, "num_prefix_tokens": 1} if form == "grid given" else {}
     model.channels_last = form == "channels last"
     with pytest.raises(ValueError, match=r"time\.0 \(Attention\) of DividedSpaceTime: DividedSpaceTime embeds its "
-                                         r"input clip as 16 frames \(or slices\), as many as the 4x4 patches of "
-                                         r"each, so a layer attending over the frames has the shape of one"):
+                                         r"input clip as 16 frames \(or slices\), as many as this layer's tokens "
+                                         r"\(a frame's 4x4 patches and extra tokens\?\)"):
         with torch.no_grad(), vitmad.record(model, **options):
             if form == "keyword":
                 model(clip=clip)
@@ -160,3 +160,53 @@ def test_a_clip_model_of_a_librarys_attention_modules_is_refused_alike():
                                          r"its input clip as 16 frames"):
         with torch.no_grad(), vitmad.record(model.eval()):
             model(torch.randn(BATCH, 16, 3, SIDE, SIDE))
+
+
+class ClassTokenPerFrame(nn.Module):
+    """Divided space-time attention over each frame's class token and 2 x 2 patches: time over [B*(1+N), T, C]."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, DIM, PATCH, PATCH)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, DIM))
+        self.time, self.space = Attention(), Attention()
+
+    def forward(self, clip):
+        b, t = clip.shape[:2]
+        patches = self.patch_embed(clip.flatten(0, 1)).flatten(2).transpose(1, 2)  # [B*T, N, C]
+        tokens = torch.cat([self.cls_token.expand(b * t, 1, DIM), patches], 1)  # [B*T, 1+N, C]
+        n = tokens.shape[1]
+        over_time = tokens.reshape(b, t, n, DIM).transpose(1, 2).reshape(b * n, t, DIM)
+        tokens = tokens + self.time(over_time).reshape(b, n, t, DIM).transpose(1, 2).reshape(b * t, n, DIM)
+        return tokens + self.space(tokens)
+
+
+def test_a_clip_with_as_many_frames_as_a_frames_tokens_is_refused():
+    """QA 431: with a class token per frame, a clip of as many frames as a frame's tokens (5 frames, 1 + 2 x 2
+    tokens) has its layer over time ([B*5, H, 5, 5]) shaped as the frame's: it was placed on the class token and the
+    grid, 5.5 px where no pixel MAD exists, since the rule compared the frames with the patches alone."""
+    torch.manual_seed(0)
+    model = ClassTokenPerFrame().eval()
+    with pytest.raises(ValueError, match=r"time \(Attention\) of ClassTokenPerFrame: ClassTokenPerFrame embeds its "
+                                         r"input clip as 5 frames \(or slices\), as many as this layer's tokens"):
+        with torch.no_grad(), vitmad.record(model):
+            model(torch.randn(BATCH, 5, 3, 2 * PATCH, 2 * PATCH))
+
+
+def test_a_users_block_inside_a_librarys_model_is_laid_out_by_the_user():
+    """QA 430: the clip rule was lifted where a library module (a timm VisionTransformer) held both the patch
+    embedding and the layer, so a user's divided blocks put in its place were placed on the grid at as many frames
+    as patches. A library lays out a layer's tokens only where it defines every module down to it."""
+    timm = pytest.importorskip("timm")
+    from vitmad.recording.recorder import _laid_out_by_library
+
+    class Divided(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.time = timm.models.vision_transformer.Block(DIM, HEADS)
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIDE, patch_size=PATCH,
+                            embed_dim=DIM, depth=2, num_heads=HEADS)
+    assert _laid_out_by_library(vit, "blocks.1.attn")
+    vit.blocks[0] = Divided()
+    assert not _laid_out_by_library(vit, "blocks.0.time.attn") and _laid_out_by_library(vit, "blocks.1.attn")

@@ -314,8 +314,8 @@ class HybridBlock(nn.Module):
 
     def forward(self, x):
         b, n, _ = x.shape
-        if not self.attention and self.state_space:  # Mamba-like discretisation: an exp of [B, N, D], no logits
-            return x + x * torch.exp(F.softplus(self.qkv(x)[..., :DIM]) * -1.5)
+        if not self.attention and self.state_space:  # a decay matrix exp(-softplus(.)) of [B, N, N], no logits
+            return x + torch.exp(F.softplus(self.qkv(x)[..., :n]) * -1.5) @ x * 0.1
         if not self.attention:  # PoolFormer's mixer: no logits normalised, nothing missed
             return x + F.avg_pool1d(x.transpose(1, 2), 3, 1, 1).transpose(1, 2)
         q, k, v = self.qkv(x).reshape(b, n, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
@@ -325,8 +325,8 @@ class HybridBlock(nn.Module):
 @pytest.mark.parametrize("state_space", [False, True])
 def test_blocks_of_an_attention_class_that_attend_in_no_form_are_not_warned_of(state_space):
     """QA 335: a hybrid whose first blocks pool (one class, switched by config) was warned of, its pooling blocks
-    skipped as attention missed; QA 429: so were state-space blocks, whose exp of [B, N, D] was taken for logits
-    normalised by hand."""
+    skipped as attention missed; QA 429, QA 430: so were state-space blocks, whose exp (of [B, N, N] here) was taken
+    for logits normalised by hand: only an exp divided by its sum over the last dim is."""
     torch.manual_seed(0)
     model = ViT()
     model.blocks = nn.ModuleList([HybridBlock(i >= 2) for i in range(4)])

@@ -92,6 +92,7 @@ def without_earlier_outputs(files: list[Path], sources: Sequence[str | os.PathLi
     shown = ", ".join(str(f) for f in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
     if not kept:
         raise OptionError(parameter.lstrip("-"), f"found only the outputs of earlier vitmad profile runs ({shown})")
-    warnings.warn(f"left out {len(earlier)} outputs of earlier vitmad profile runs found under {parameter}: {shown}",
+    outputs = "output" if len(earlier) == 1 else "outputs"
+    warnings.warn(f"left out {len(earlier)} {outputs} of earlier vitmad profile runs found under {parameter}: {shown}",
                   stacklevel=stacklevel + 1)
     return kept

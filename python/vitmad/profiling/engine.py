@@ -726,11 +726,11 @@ def _layout_options(layout: dict, own_grids: bool) -> tuple[dict, dict]:
                 raise OptionError("positions", "expected a tensor [N, 2] (or [N, 3]) of each token's pixel position, "
                                                f"NaN for a token without one, the same for every image, got {got}")
             options["positions"] = value.detach().cpu()
-            # Of their float32 values, which the kernels take: the same positions in float64 are the same layout,
-            # whose resume was refused as another (QA 428), and a checkpoint of float32 positions written before
-            # resumes (QA 429).
+            # Of the tensor as given, its dtype too: a digest of other values (float64, then float32 ones) refused
+            # to resume the checkpoints written before (QA 429, QA 430); the same positions in another dtype are
+            # then another layout.
             said["positions"] = {"shape": list(value.shape),
-                                 "digest": tensors_digest([("positions", options["positions"].float())])}
+                                 "digest": tensors_digest([("positions", options["positions"])])}
         elif name in ("num_prefix_tokens", "patch"):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise OptionError(name, f"expected an int, got {value!r}")

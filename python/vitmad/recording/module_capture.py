@@ -72,11 +72,14 @@ ProbabilitiesView = Callable[[torch.Tensor, int], "torch.Tensor | None"]
 _SELF_ATTENTION_PROJECTIONS = ("qkv", "q_proj", "in_proj", "q")
 _SOFTMAX_FUNCTIONS = (torch.softmax, F.softmax, torch.Tensor.softmax, torch.special.softmax)  # (special's: QA 412)
 # What else normalises logits over a dim: a module whose forward ran one of these, or a softmax that is not its
-# attention (over another dim than the last), and no attention vitmad read, attended in a form it does not read. An
-# exp of logits is the first step of a softmax by hand (exp(l - max) / sum: no layer, no warning, QA 426).
-_EXP = (torch.exp, torch.Tensor.exp, torch.Tensor.exp_)
+# attention (over another dim than the last), and no attention vitmad read, attended in a form it does not read.
 _NORMALISING = (torch.logsumexp, torch.Tensor.logsumexp, torch.log_softmax, F.log_softmax, torch.Tensor.log_softmax,
-                torch.special.logsumexp, torch.special.log_softmax, *_EXP)
+                torch.special.logsumexp, torch.special.log_softmax)
+# A softmax by hand, exp(l - max) / sum (no layer, no warning, QA 426): an exp of rank 3 or more divided by its sum
+# over the last dim. An exp alone is none (a state-space mixer's discretisation, QA 429, QA 430).
+_EXP = (torch.exp, torch.Tensor.exp, torch.Tensor.exp_)
+_DIVISIONS = (torch.div, torch.true_divide, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.div_,
+              torch.Tensor.__itruediv__)
 # torch's own function (the builtin F's attribute is, unless replaced): a library or profiler that replaces
 # F.scaled_dot_product_attention with a wrapper calling it still reaches the mode with this one (compared with F's
 # attribute at call time, nothing was recorded), whether it did so before or after vitmad was imported.
@@ -531,6 +534,7 @@ class _CaptureAttention(TorchFunctionMode):
         # A softmax over another dim, or a logsumexp / log_softmax, of rank 3 or more ran in the current forward
         # (ModuleAttentionHooks.normalised_unread).
         self.unread_softmax = False
+        self.last_exp: torch.Tensor | None = None  # the current forward's latest exp of rank 3 or more
         # The current forward's nn.Linear calls: the storage of each output -> (its input, the output), both held
         # until the forward ends, so that no address is freed and reused by another tensor meanwhile (a LoRA sum
         # at a freed lora_B output's address was taken for a projection of lora_A's, QA 335) (_other_keys).
@@ -617,9 +621,12 @@ class _CaptureAttention(TorchFunctionMode):
         result = func(*args, **kwargs)
         if self.on_probs is None:  # the module's attention is read elsewhere (probabilities_from)
             return result
-        if func in _NORMALISING and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3 and (
-                func not in _EXP or args[0].shape[-1] == args[0].shape[-2]):
-            # (An exp of [..., N, N] logits: a state-space mixer's exp of [B, N, D] is none, QA 429.)
+        if func in _NORMALISING and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3:
+            self.unread_softmax = True
+        if func in _EXP and isinstance(result, torch.Tensor) and result.dim() >= 3:
+            self.last_exp = result
+        elif func in _DIVISIONS and len(args) >= 2 and self.last_exp is not None and args[0] is self.last_exp \
+                and isinstance(args[1], torch.Tensor) and args[1].shape == (*args[0].shape[:-1], 1):
             self.unread_softmax = True
         if func in _SOFTMAX_FUNCTIONS and isinstance(result, torch.Tensor) and result.dim() >= 3:
             dim = _softmax_dim(args, kwargs)
@@ -707,6 +714,7 @@ class ModuleAttentionHooks:
                 mode.call = current_module_call()
                 mode.unread_flex = False
                 mode.unread_softmax = False
+                mode.last_exp = None
                 mode.projected.clear()
                 mode.__enter__()
                 self._entered.append(mode)
@@ -723,6 +731,7 @@ class ModuleAttentionHooks:
             def stop(module, args, output, mode=mode) -> None:
                 self._leave(mode)
                 mode.projected.clear()  # no tensor of the forward kept past it
+                mode.last_exp = None
 
             self._handles.append(module.register_forward_pre_hook(enter))
             # The capture ends with the module's own forward, before the forward hooks that were there first (a

@@ -393,19 +393,14 @@ def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn
     return {name: m for name, m in candidates.items() if name in selected}
 
 
-def _laid_out_by_library(model: nn.Module, embedding: tuple | None, name: str) -> bool:
-    """Whether a library vitmad reads defines a module holding both the patch embedding ``embedding`` and the layer
-    ``name`` (X-CLIP's vision tower): it lays out the layer's tokens, its family places or skips its layers over
-    frames (QA 429). A user's model built of a library's blocks is laid out by the user."""
-    if embedding is None:
-        return False
-    shared = []
-    for a, b in zip(embedding[0].split("."), name.split(".")):
-        if a != b:
-            break
-        shared.append(a)
-    return any(is_known_library(type(model.get_submodule(".".join(shared[:depth]))))
-               for depth in range(len(shared) + 1))
+def _laid_out_by_library(model: nn.Module, name: str) -> bool:
+    """Whether libraries vitmad reads (and torch's containers) define every module from the model down to the layer
+    ``name`` (X-CLIP, its vision tower alone, its encoder layer): the library lays out the layer's tokens, and its
+    family places or skips its layers over frames (QA 429). A user's model, or a user's block inside a library's
+    model, built of a library's modules is laid out by the user (QA 430)."""
+    parts = name.split(".")
+    return all(is_known_library(type(module)) or type(module).__module__.startswith("torch.")
+               for module in (model.get_submodule(".".join(parts[:depth])) for depth in range(len(parts) + 1)))
 
 
 def _first_names_of(model: nn.Module, pattern: str, candidates: dict[str, nn.Module]) -> list[str]:
@@ -1304,7 +1299,7 @@ class Recording:
                     placer.use_patch(self._plain.patch)  # refuses a patch size it cannot know or that cannot fit
                 self._placers[name] = self._given or (
                     PlainPlacer(self._plain, appended_tokens(model, name),
-                                named=layers is not None or _laid_out_by_library(model, self._plain.embedding, name))
+                                named=layers is not None or _laid_out_by_library(model, name))
                     if placer is None else placer)
         if not modules:
             if self.skipped:
@@ -1621,10 +1616,6 @@ class Recording:
                 continue
             own = self._root_embedding(root)
             stage = own is not None and own[1].in_channels == embedding[1].out_channels
-            if stage and self._plain.grid is not None and self._plain.patch is not None:
-                # A grid and its cells' pixels given by hand, as the refusal below advises for a later stage (a grid
-                # alone let a second tower through on the first's stride, QA 429).
-                continue
             if own is not None:
                 # Both towers named: a recording of the whole model beside one of the second tower still places
                 # that tower's layers on the first's grid (QA 378 read the advice so).
@@ -1633,10 +1624,11 @@ class Recording:
                 # A convolution over as many channels as the first embedding gives may take its map, not an image:
                 # a later stage of a hierarchy, which recorded alone is measured in cells of that map (4x off, QA
                 # 423); by its channels alone it cannot be told from a tower on a 16-band image (QA 427).
+                # (A grid given by hand cannot tell them apart either: a tower on a 16-band image passed as a stage
+                # with grid= and patch=, QA 430.)
                 stage = (f"; if {root}.{own[0]} convolves the map of {embedding[0]} (a later stage, not a tower on "
-                         f"an image), its layers attend over that map's cells: name them in layers= with grid=[rows, "
-                         "columns], patch=<pixels of the image per cell> and num_prefix_tokens=, or pass positions="
-                         ) if stage else ", or pass positions="
+                         f"an image), its layers attend over that map's cells: name them in layers= with "
+                         "positions=<[N, 2] pixel position of each cell's centre>") if stage else ", or pass positions="
                 raise ValueError(
                     f"vitmad.record: {name} lies in {root}, which embeds the image with its own patch embedding "
                     f"({root}.{own[0]}), but would be placed on the grid of {embedding[0]}, another tower's: a plain "
@@ -2339,7 +2331,8 @@ class Recording:
                 "F.multi_head_attention_forward, transformers' AttentionInterface, or a softmax over the last dim), "
                 "while other layers did: it is "
                 "not recorded, and rec.mad's layer axis skips it; if it attends in another form (a softmax over "
-                "another dim, exp(logits - logsumexp)), compute it as one of those, or pass layers=[the other "
+                "another dim, exp(logits - logsumexp), exp(logits - max) / sum), compute it as one of those, or pass "
+                "layers=[the other "
                 "attention modules]", stacklevel=2)
 
     def _record_class_maps(self, name: str, module: nn.Module, pending: list) -> None:

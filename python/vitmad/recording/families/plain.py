@@ -522,19 +522,6 @@ class PlainPlacer(LayerPlacer):
             )
         grid = layout.call_grid(context)
         patches = grid[0] * grid[1]
-        frames = context.values.get(_FRAMES)
-        if frames == patches > 1 and not self.named:
-            # A clip embedded frame by frame whose frames are as many as each frame's patches: attention over time
-            # ([B*N, H, T, T] of divided space-time attention, or over the frames' class tokens) has the shape of
-            # attention over a frame's grid, and was placed on it: pixel distances between one cell's frames (QA
-            # 423: 7-10 px where the spatial MAD is 0). Refused, as the layers over time are where T differs.
-            raise NotPlaceable(
-                f"{type(layout.model).__name__} embeds its input clip as {frames} frames (or slices), as many as "
-                f"the {grid[0]}x{grid[1]} patches of each, so a layer attending over the frames has the shape of one "
-                "attending over a frame's grid, and vitmad cannot tell which this layer is; name the layers that "
-                "attend over each frame's patches in layers= (with num_prefix_tokens= where extra tokens come "
-                "first), or record a clip of another number of frames"
-            )
         dropping = dropping_patches(layout.patch_dropouts)
         if dropping is not None:
             # It drops at least one patch per image (int(L * (1 - prob)) < L kept): the rest could still pass for a
@@ -554,6 +541,21 @@ class PlainPlacer(LayerPlacer):
                 "[H, B, N, D], where vitmad reads [B, H, N, D]?), so its tokens are not each image's extra tokens and "
                 "patch grid, and vitmad does not know their layout; pass positions=<[N, 2] pixel position of each "
                 "token> if you know it"
+            )
+        frames = context.values.get(_FRAMES)
+        if frames == num_queries > 1 and not self.named:
+            # A clip embedded frame by frame whose frames are as many as this layer's tokens: attention over time
+            # ([B*N, H, T, T] of divided space-time attention) has the shape of attention over a frame's tokens, and
+            # was placed on its grid: pixel distances between one cell's frames (QA 423: 7-10 px where the spatial
+            # MAD is 0; with a class token per frame, T = N + 1, QA 431). Refused; where T differs, a layer over
+            # time is refused by its batch.
+            raise NotPlaceable(
+                f"{type(layout.model).__name__} embeds its input clip as {frames} frames (or slices), as many as "
+                f"this layer's tokens (a frame's {grid[0]}x{grid[1]} patches and extra tokens?), so a layer attending "
+                "over the frames has the shape of one attending over a frame's tokens, and vitmad cannot tell which "
+                "this layer is; name the layers that "
+                "attend over each frame's patches in layers= (with num_prefix_tokens= where extra tokens come "
+                "first), or record a clip of another number of frames"
             )
         source = "given grid" if layout.grid else "patch embedding"
         prefix = layout.num_prefix_tokens
