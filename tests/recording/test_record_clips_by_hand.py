@@ -207,6 +207,36 @@ def test_a_users_block_inside_a_librarys_model_is_laid_out_by_the_user():
 
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIDE, patch_size=PATCH,
                             embed_dim=DIM, depth=2, num_heads=HEADS)
-    assert _laid_out_by_library(vit, "blocks.1.attn")
+    embedding = ("patch_embed.proj", vit.patch_embed.proj)
+    assert _laid_out_by_library(vit, embedding, "blocks.1.attn")
     vit.blocks[0] = Divided()
-    assert not _laid_out_by_library(vit, "blocks.0.time.attn") and _laid_out_by_library(vit, "blocks.1.attn")
+    assert not _laid_out_by_library(vit, embedding, "blocks.0.time.attn")
+    assert _laid_out_by_library(vit, embedding, "blocks.1.attn")
+    wrapper = nn.Sequential(vit)  # a library's model inside a wrapper still lays out its tokens (QA 432)
+    assert _laid_out_by_library(wrapper, ("0.patch_embed.proj", vit.patch_embed.proj), "0.blocks.1.attn")
+
+
+class TimeClassToken(DividedSpaceTime):
+    """Its layers over time attend over a temporal class token and the T frames of a cell: [B*N, 1+T, C]."""
+
+    def forward(self, clip):
+        b, t = clip.shape[:2]
+        tokens = self.patch_embed(clip.flatten(0, 1)).flatten(2).transpose(1, 2)
+        n = tokens.shape[1]
+        over_time = tokens.reshape(b, t, n, DIM).transpose(1, 2).reshape(b * n, t, DIM)
+        over_time = torch.cat([self.cls_token.expand(b * n, 1, DIM), over_time], 1)
+        attended = self.time[0](over_time)[:, 1:].reshape(b, n, t, DIM).transpose(1, 2).reshape(b * t, n, DIM)
+        frames = torch.cat([self.cls_token.expand(b * t, 1, DIM), tokens + attended], 1)
+        return self.space[0](frames)
+
+
+def test_a_layer_over_time_with_a_class_token_of_its_own_is_refused():
+    """QA 432: the rule compared the frames with the layer's tokens only, so a layer over time with a temporal class
+    token ([B*16, 17] for 16 frames of 4 x 4 patches, the spatial layer's shape) was placed on the grid, 7.6 px where
+    it attends across one cell's frames. Frames as many as a frame's patches refuse every layer, as before."""
+    model = _model()
+    model.__class__ = TimeClassToken
+    with pytest.raises(ValueError, match=r"time\.0 \(Attention\) of TimeClassToken: TimeClassToken embeds its input "
+                                         r"clip as 16 frames \(or slices\), as many as the 4x4 patches of each"):
+        with torch.no_grad(), vitmad.record(model):
+            model(torch.randn(BATCH, 16, 3, SIDE, SIDE))

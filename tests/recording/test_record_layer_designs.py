@@ -875,3 +875,42 @@ def test_a_patch_embedding_run_once_per_image_then_attended_together_is_refused(
         warnings.simplefilter("always")
         model(images)
     assert not caught
+
+
+def test_a_text_towers_blocks_beside_the_image_tower_are_no_gap_in_its_layers():
+    """QA 433: a dual encoder's text blocks (outside the tower that embeds the image, so not recorded, as documented)
+    were warned of as blocks left out between recorded ones, with advice to name them that layers= refused."""
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = _KINDS["sdpa"]()
+
+        def forward(self, x):
+            return self.attn(x) @ torch.eye(x.shape[-1])  # (a block of matrix products: one of a transformer)
+
+    class Tower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Holder() for _ in range(2))
+
+    class DualEncoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = Tower()
+            self.visual.embed = _PatchEmbedding()
+            self.text = Tower()
+            self.text.embed = nn.Embedding(10, 8)
+
+        def forward(self, pixels, ids):
+            x = self.visual.embed(pixels).flatten(2).transpose(1, 2)
+            t = self.text.embed(ids)
+            for image_block, text_block in zip(self.visual.blocks, self.text.blocks):
+                x, t = image_block(x), text_block(t)
+            return x.mean(1) + t.mean(1)
+
+    torch.manual_seed(0)
+    model = DualEncoder().eval()
+    with torch.no_grad(), vitmad.record(model) as rec:  # (a warning is an error in this suite)
+        model(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2, 5)))
+    assert rec.layers == ["visual.blocks.0.attn", "visual.blocks.1.attn"]

@@ -145,6 +145,20 @@ def test_xclip_with_as_many_frames_as_patches_is_recorded():
         model.vision_model(clips.flatten(0, 1))
     torch.testing.assert_close(rec.mad, tower.mad, rtol=0, atol=0)
 
+    class Head(torch.nn.Module):  # a user's wrapper (QA 432: refused as a clip model of its own)
+        def __init__(self):
+            super().__init__()
+            self.xclip = model
+
+        def forward(self, input_ids, pixel_values):
+            return self.xclip(input_ids=input_ids, pixel_values=pixel_values).logits_per_video
+
+    wrapper = Head().eval()
+    with torch.no_grad(), vitmad.record(wrapper) as wrapped:
+        wrapper(ids, clips)
+    assert wrapped.layers == ["xclip.vision_model.encoder.layers.0.self_attn"]
+    torch.testing.assert_close(wrapped.mad, tower.mad, rtol=0, atol=0)
+
 
 def test_xclip_frame_integration_transformer_is_no_image_layer_whatever_layout_is_stated():
     """X-CLIP's multi-frame integration transformer attends over one pooled token per frame: named in ``layers=``

@@ -21,7 +21,7 @@ class Attention(nn.Module):
     """Self-attention over [B, N, DIM]; ``heads_last`` computes it as [B, Nq, Nk, H] with a softmax over dim 2,
     which vitmad does not take for attention."""
 
-    by_hand = False  # exp(l - max) / sum: a softmax by hand
+    by_hand = False  # exp(l - max) / sum: a softmax by hand, spelled as by_hand says (True: e / sum)
 
     def __init__(self, heads_last: bool = False):
         super().__init__()
@@ -46,7 +46,19 @@ class Attention(nn.Module):
         if self.by_hand:
             logits = torch.einsum("bqhd,bkhd->bhqk", q, k).mul(scale)
             e = (logits - logits.amax(-1, keepdim=True)).exp()
-            return torch.einsum("bhqk,bkhd->bqhd", e / e.sum(-1, keepdim=True), v).reshape(b, n, DIM)
+            if self.by_hand == "divide":
+                a = torch.divide(e, e.sum(-1, keepdim=True))
+            elif self.by_hand == "reciprocal":
+                a = e * e.sum(-1, keepdim=True).reciprocal()
+            elif self.by_hand == "masked":
+                masked = e.masked_fill(torch.zeros_like(e, dtype=torch.bool), 0.0)
+                a = masked / masked.sum(-1, keepdim=True)
+            elif self.by_hand == "float64":
+                wide = e.double()
+                a = (wide / wide.sum(-1, keepdim=True)).to(e.dtype)
+            else:
+                a = e / e.sum(-1, keepdim=True)
+            return torch.einsum("bhqk,bkhd->bqhd", a, v).reshape(b, n, DIM)
         a = torch.einsum("bqhd,bkhd->bhqk", q, k).mul(scale).softmax(dim=-1)
         return torch.einsum("bhqk,bkhd->bqhd", a, v).reshape(b, n, DIM)
 
@@ -115,6 +127,20 @@ class StableAttention(Attention):
         logits = torch.einsum("bqhd,bkhd->bhqk", q, k).mul((DIM // HEADS) ** -0.5)
         e = (logits - logits.amax(-1, keepdim=True)).exp()
         return torch.einsum("bhqk,bkhd->bqhd", e / e.sum(-1, keepdim=True), v).reshape(b, n, DIM)
+
+
+@pytest.mark.parametrize("spelling", ["divide", "reciprocal", "masked", "float64"])
+def test_a_softmax_by_hand_is_warned_of_however_spelled(spelling):
+    """QA 432: torch.divide, a product with the sum's reciprocal, a mask filled in out of place or a cast between
+    the exp and the division left the layer out without a word after the rule was narrowed to an exp divided by its
+    sum (QA 430: an exp alone warned of state-space blocks)."""
+    torch.manual_seed(0)
+    model = ViT().eval()
+    model.blocks[1].by_hand = spelling
+    with pytest.warns(UserWarning, match=r"blocks\.1 \(Attention\) of ViT ran without computing attention vitmad "
+                                         r"sees"), torch.no_grad(), vitmad.record(model) as rec:
+        model(torch.randn(2, 3, 5 * PATCH, 5 * PATCH))
+    assert rec.layers == ["blocks.0", "blocks.2", "blocks.3"] and list(rec.skipped) == ["blocks.1"]
 
 
 def test_a_layer_normalising_its_logits_by_hand_is_warned_of():

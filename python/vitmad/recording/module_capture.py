@@ -75,11 +75,35 @@ _SOFTMAX_FUNCTIONS = (torch.softmax, F.softmax, torch.Tensor.softmax, torch.spec
 # attention (over another dim than the last), and no attention vitmad read, attended in a form it does not read.
 _NORMALISING = (torch.logsumexp, torch.Tensor.logsumexp, torch.log_softmax, F.log_softmax, torch.Tensor.log_softmax,
                 torch.special.logsumexp, torch.special.log_softmax)
-# A softmax by hand, exp(l - max) / sum (no layer, no warning, QA 426): an exp of rank 3 or more divided by its sum
-# over the last dim. An exp alone is none (a state-space mixer's discretisation, QA 429, QA 430).
+# A softmax by hand, exp(l - max) / sum (no layer, no warning, QA 426): an exp of rank 3 or more (or what keeps its
+# shape from it: a mask filled in, a cast) divided by a normaliser over its last or second-last dim (a sum kept with
+# its dim), or multiplied by the reciprocal of one. An exp alone is none (a state-space mixer's discretisation, QA
+# 429, QA 430).
 _EXP = (torch.exp, torch.Tensor.exp, torch.Tensor.exp_)
-_DIVISIONS = (torch.div, torch.true_divide, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.div_,
-              torch.Tensor.__itruediv__)
+_DIVISIONS = (torch.div, torch.divide, torch.true_divide, torch.Tensor.div, torch.Tensor.divide,
+              torch.Tensor.true_divide, torch.Tensor.__truediv__, torch.Tensor.div_, torch.Tensor.__itruediv__)
+_MULTIPLICATIONS = (torch.mul, torch.multiply, torch.Tensor.mul, torch.Tensor.multiply, torch.Tensor.__mul__,
+                    torch.Tensor.__rmul__, torch.Tensor.mul_, torch.Tensor.__imul__)
+_RECIPROCALS = (torch.reciprocal, torch.Tensor.reciprocal, torch.Tensor.__rtruediv__)
+# Functions after which an exp's values stay the exp's, in its shape: its mask filled in, a cast.
+_KEEPING = (torch.Tensor.masked_fill, torch.masked_fill, torch.Tensor.float, torch.Tensor.double, torch.Tensor.half,
+            torch.Tensor.bfloat16, torch.Tensor.to, torch.Tensor.type_as, torch.Tensor.contiguous, torch.Tensor.clone,
+            torch.Tensor.clamp, torch.clamp, torch.Tensor.clamp_min, torch.Tensor.__add__, torch.add,
+            torch.Tensor.add)  # (not a product: a state-space scan multiplies its exp by the state, then normalises)
+_KEPT = 4  # the exps (and what keeps their values) of a forward looked for in a division: the latest few
+
+
+def _normaliser_shape(shape: torch.Size) -> bool:
+    """Whether ``shape`` may be a normaliser kept with its dim: rank 3 or more, size 1 in one of its last two dims."""
+    return len(shape) >= 3 and (shape[-1] == 1 or shape[-2] == 1)
+
+
+def _normalises(shape: torch.Size, other: torch.Size) -> bool:
+    """Whether ``other`` is a normaliser of an exp of ``shape`` over its last or second-last dim (its sum kept with
+    that dim: ``[..., N, 1]`` or ``[..., 1, M]``), not a gate over its whole shape."""
+    if len(other) != len(shape) or len(shape) < 3:
+        return False
+    return any(other == (*shape[:dim], 1, *shape[dim + 1:]) for dim in (len(shape) - 1, len(shape) - 2))
 # torch's own function (the builtin F's attribute is, unless replaced): a library or profiler that replaces
 # F.scaled_dot_product_attention with a wrapper calling it still reaches the mode with this one (compared with F's
 # attribute at call time, nothing was recorded), whether it did so before or after vitmad was imported.
@@ -534,7 +558,8 @@ class _CaptureAttention(TorchFunctionMode):
         # A softmax over another dim, or a logsumexp / log_softmax, of rank 3 or more ran in the current forward
         # (ModuleAttentionHooks.normalised_unread).
         self.unread_softmax = False
-        self.last_exp: torch.Tensor | None = None  # the current forward's latest exp of rank 3 or more
+        self.exps: list[torch.Tensor] = []  # the current forward's latest exps of rank 3 or more (_KEPT)
+        self.reciprocals: list[torch.Tensor] = []  # and reciprocals of a normaliser
         # The current forward's nn.Linear calls: the storage of each output -> (its input, the output), both held
         # until the forward ends, so that no address is freed and reused by another tensor meanwhile (a LoRA sum
         # at a freed lora_B output's address was taken for a projection of lora_A's, QA 335) (_other_keys).
@@ -562,6 +587,36 @@ class _CaptureAttention(TorchFunctionMode):
         """The input of the nn.Linear call of this forward whose output ``tensor`` is a view of, or None."""
         entry = self.projected.get(_storage(tensor))
         return None if entry is None else entry[0]
+
+    def _see_by_hand(self, func, args, result) -> None:
+        """Follow a softmax by hand: an exp divided by its normaliser (``unread_softmax``)."""
+        if not isinstance(result, torch.Tensor) or not args:
+            return
+        first = args[0]
+        second = args[1] if len(args) > 1 else None
+        if func in _EXP and result.dim() >= 3:
+            self._keep(self.exps, result)
+            return
+        if func in _RECIPROCALS and isinstance(first, torch.Tensor) and _normaliser_shape(first.shape):
+            self._keep(self.reciprocals, result)
+            return
+        exp = next((t for t in (first, second) if isinstance(t, torch.Tensor) and any(t is e for e in self.exps)),
+                   None)
+        if exp is None:
+            return
+        other = second if exp is first else first
+        normaliser = isinstance(other, torch.Tensor) and _normalises(exp.shape, other.shape)
+        if func in _DIVISIONS and exp is first and normaliser:
+            self.unread_softmax = True
+        elif func in _MULTIPLICATIONS and normaliser and any(other is r for r in self.reciprocals):
+            self.unread_softmax = True
+        elif func in _KEEPING and result.shape == exp.shape:
+            self._keep(self.exps, result)
+
+    @staticmethod
+    def _keep(kept: list, tensor: torch.Tensor) -> None:
+        kept.append(tensor)
+        del kept[:-_KEPT]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -623,11 +678,7 @@ class _CaptureAttention(TorchFunctionMode):
             return result
         if func in _NORMALISING and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3:
             self.unread_softmax = True
-        if func in _EXP and isinstance(result, torch.Tensor) and result.dim() >= 3:
-            self.last_exp = result
-        elif func in _DIVISIONS and len(args) >= 2 and self.last_exp is not None and args[0] is self.last_exp \
-                and isinstance(args[1], torch.Tensor) and args[1].shape == (*args[0].shape[:-1], 1):
-            self.unread_softmax = True
+        self._see_by_hand(func, args, result)
         if func in _SOFTMAX_FUNCTIONS and isinstance(result, torch.Tensor) and result.dim() >= 3:
             dim = _softmax_dim(args, kwargs)
             if dim is None:
@@ -714,7 +765,8 @@ class ModuleAttentionHooks:
                 mode.call = current_module_call()
                 mode.unread_flex = False
                 mode.unread_softmax = False
-                mode.last_exp = None
+                mode.exps.clear()
+                mode.reciprocals.clear()
                 mode.projected.clear()
                 mode.__enter__()
                 self._entered.append(mode)
@@ -731,7 +783,8 @@ class ModuleAttentionHooks:
             def stop(module, args, output, mode=mode) -> None:
                 self._leave(mode)
                 mode.projected.clear()  # no tensor of the forward kept past it
-                mode.last_exp = None
+                mode.exps.clear()
+                mode.reciprocals.clear()
 
             self._handles.append(module.register_forward_pre_hook(enter))
             # The capture ends with the module's own forward, before the forward hooks that were there first (a

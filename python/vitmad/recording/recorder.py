@@ -393,14 +393,20 @@ def _select(candidates: dict[str, nn.Module], patterns: Sequence[str], model: nn
     return {name: m for name, m in candidates.items() if name in selected}
 
 
-def _laid_out_by_library(model: nn.Module, name: str) -> bool:
-    """Whether libraries vitmad reads (and torch's containers) define every module from the model down to the layer
-    ``name`` (X-CLIP, its vision tower alone, its encoder layer): the library lays out the layer's tokens, and its
-    family places or skips its layers over frames (QA 429). A user's model, or a user's block inside a library's
-    model, built of a library's modules is laid out by the user (QA 430)."""
+def _laid_out_by_library(model: nn.Module, embedding: tuple | None, name: str) -> bool:
+    """Whether a library vitmad reads lays out the layer ``name``'s tokens: the deepest module of a library on its
+    path that holds the patch embedding ``embedding`` (X-CLIP, also inside a user's wrapper, QA 432), and every
+    module from it down to the layer, are a library's (or torch's containers); its family places or skips its
+    layers over frames (QA 429). A user's block inside a library's model, or a user's model built of a library's
+    blocks, is laid out by the user (QA 430)."""
+    if embedding is None:
+        return False
     parts = name.split(".")
-    return all(is_known_library(type(module)) or type(module).__module__.startswith("torch.")
-               for module in (model.get_submodule(".".join(parts[:depth])) for depth in range(len(parts) + 1)))
+    path = [(".".join(parts[:depth]), model.get_submodule(".".join(parts[:depth]))) for depth in range(len(parts) + 1)]
+    holders = [i for i, (prefix, module) in enumerate(path) if is_known_library(type(module))
+               and (not prefix or embedding[0].startswith(prefix + "."))]
+    return bool(holders) and all(is_known_library(type(module)) or type(module).__module__.startswith("torch.")
+                                 for _, module in path[holders[-1]:])
 
 
 def _first_names_of(model: nn.Module, pattern: str, candidates: dict[str, nn.Module]) -> list[str]:
@@ -734,7 +740,8 @@ def _attends_to_nothing(module: nn.Module) -> bool:
                  nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
 
 
-def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], skipped: Iterable[str]) -> None:
+def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], skipped: Iterable[str],
+                            embedding: str | None = None) -> None:
     """Warn once where the default layers of a model of the user's own leave out blocks of a list, blocks that hold
     a module computing a softmax or fused attention none of which is recorded or skipped with a reason (an explicit
     softmax in a class not named as attention): those layers were left out silently, and ``rec.mad[1]`` was
@@ -749,6 +756,10 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], sk
     if is_known_library(type(model)):
         return
     taken = [*recorded, *skipped]
+    # The model's child holding the patch embedding (``visual``): a list inside another child of it (a text tower's
+    # blocks, a Q-Former's layers) lies outside the tower whose layers are recorded, and is no gap in them (its
+    # layers were warned of with advice that layers= then refused, QA 433). Lists on the model itself are (QA 265).
+    tower = embedding.split(".", 1)[0] if embedding and "." in embedding else None
     # (A ModuleDict of blocks too, QA 270: its items by key.)
     containers = {name: m for name, m in named_module_list(model)
                   if isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict))}
@@ -760,6 +771,9 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], sk
     for path, container in containers.items():
         prefix = f"{path}." if path else ""
         if any(path == name or _holds(name, path) for name in recorded):
+            continue
+        if tower is not None and "." in path and path.split(".", 1)[0] != tower \
+                and all(_holds(tower, name) for name in recorded):
             continue
         items = {key: block for key, block in container._modules.items() if block is not None}
         held = {n[len(prefix):].split(".", 1)[0] for n in taken if n.startswith(prefix)} & items.keys()
@@ -1101,7 +1115,8 @@ class Recording:
             self._held_inside: dict[str, list[str]] = {}  # (set by _choose_layers: _held_attention)
             self._modules = self._choose_layers(layers)
             if layers is None:
-                _warn_unrecorded_blocks(model, self._modules, self.skipped)
+                embedding = self._plain.embedding
+                _warn_unrecorded_blocks(model, self._modules, self.skipped, embedding and embedding[0])
             # The modules the model held when its layers were chosen, and the names asked for: an attention module
             # added since (a block appended to model.blocks) has no hook, and its layer was left out of every call
             # silently (QA 265). Weak: a module the user drops later is not kept alive by the recording.
@@ -1243,6 +1258,11 @@ class Recording:
         # Names given whole, not through a wildcard: a module so named is the user's choice even where vitmad found
         # no attention in it.
         named = set() if layers is None else {p for p in layers if not any(c in p for c in "*?[")}
+
+        def taken(name: str) -> bool:
+            """A layer the user named in layers=, or one a library lays out: the clip rule is not its (plain.py)."""
+            return layers is not None or _laid_out_by_library(model, self._plain.embedding, name)
+
         for name, module in chosen.items():
             placer = family_placer(model, name, module)
             if placer is None and not name.startswith(prefix) and self._given is None \
@@ -1279,7 +1299,8 @@ class Recording:
                 self.skipped[name] = placer.reason
                 self._class_layers.add(name)
                 modules[name] = module
-                self._placers[name] = ClassQueryPlacer(placer.keys or PlainPlacer(self._plain), placer.what,
+                self._placers[name] = ClassQueryPlacer(placer.keys or PlainPlacer(self._plain, named=taken(name)),
+                                                       placer.what,
                                                        placer.queries_in_keys, placer.self_attention, placer.queries)
             elif isinstance(placer, ClassQueries) and self._given is not None:
                 self.skipped[name] = (f"{placer.reason.split(';')[0]}; its maps are not recorded with positions= "
@@ -1294,12 +1315,11 @@ class Recording:
             else:
                 modules[name] = module
                 if getattr(placer, "defers_to_given_layout", False) and self._plain.given_by_hand:
-                    placer.given_layout = PlainPlacer(self._plain, appended_tokens(model, name))
+                    placer.given_layout = PlainPlacer(self._plain, appended_tokens(model, name), named=taken(name))
                 if getattr(placer, "takes_given_patch", False) and self._given is None:
                     placer.use_patch(self._plain.patch)  # refuses a patch size it cannot know or that cannot fit
                 self._placers[name] = self._given or (
-                    PlainPlacer(self._plain, appended_tokens(model, name),
-                                named=layers is not None or _laid_out_by_library(model, name))
+                    PlainPlacer(self._plain, appended_tokens(model, name), named=taken(name))
                     if placer is None else placer)
         if not modules:
             if self.skipped:

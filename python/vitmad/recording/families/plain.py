@@ -543,17 +543,19 @@ class PlainPlacer(LayerPlacer):
                 "token> if you know it"
             )
         frames = context.values.get(_FRAMES)
-        if frames == num_queries > 1 and not self.named:
+        if frames is not None and frames > 1 and frames in (num_queries, patches) and not self.named:
             # A clip embedded frame by frame whose frames are as many as this layer's tokens: attention over time
             # ([B*N, H, T, T] of divided space-time attention) has the shape of attention over a frame's tokens, and
             # was placed on its grid: pixel distances between one cell's frames (QA 423: 7-10 px where the spatial
-            # MAD is 0; with a class token per frame, T = N + 1, QA 431). Refused; where T differs, a layer over
-            # time is refused by its batch.
+            # MAD is 0; with a class token per frame, T = N + 1, QA 431); so too where the frames are as many as a
+            # frame's patches, a layer over time with a temporal class token of its own then having the spatial
+            # layer's shape (QA 432). Refused; where T differs, a layer over time is refused by its batch.
             raise NotPlaceable(
                 f"{type(layout.model).__name__} embeds its input clip as {frames} frames (or slices), as many as "
-                f"this layer's tokens (a frame's {grid[0]}x{grid[1]} patches and extra tokens?), so a layer attending "
-                "over the frames has the shape of one attending over a frame's tokens, and vitmad cannot tell which "
-                "this layer is; name the layers that "
+                + (f"this layer's tokens (a frame's {grid[0]}x{grid[1]} patches and extra tokens?)"
+                   if frames == num_queries else f"the {grid[0]}x{grid[1]} patches of each") +
+                ", so a layer attending over the frames has the shape of one attending over a frame's tokens, and "
+                "vitmad cannot tell which this layer is; name the layers that "
                 "attend over each frame's patches in layers= (with num_prefix_tokens= where extra tokens come "
                 "first), or record a clip of another number of frames"
             )
