@@ -914,3 +914,9 @@ def test_a_text_towers_blocks_beside_the_image_tower_are_no_gap_in_its_layers():
     with torch.no_grad(), vitmad.record(model) as rec:  # (a warning is an error in this suite)
         model(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2, 5)))
     assert rec.layers == ["visual.blocks.0.attn", "visual.blocks.1.attn"]
+    # A child embedding no tokens of a vocabulary may be a second image tower vitmad does not see embed the image
+    # (patches by unfold): its blocks are still warned of (QA 434).
+    model.text.embed = nn.Linear(8, 8)
+    with pytest.warns(UserWarning, match=r"text\.blocks\.0, text\.blocks\.1 of DualEncoder, in a list beside "
+                                         r"recorded attention layers"), torch.no_grad(), vitmad.record(model):
+        model(torch.randn(2, 3, 32, 32), torch.randn(2, 5, 8))

@@ -756,9 +756,10 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], sk
     if is_known_library(type(model)):
         return
     taken = [*recorded, *skipped]
-    # The model's child holding the patch embedding (``visual``): a list inside another child of it (a text tower's
-    # blocks, a Q-Former's layers) lies outside the tower whose layers are recorded, and is no gap in them (its
-    # layers were warned of with advice that layers= then refused, QA 433). Lists on the model itself are (QA 265).
+    # The model's child holding the patch embedding (``visual``): a list inside another child of it that embeds
+    # tokens (a text tower: an nn.Embedding) lies outside the tower whose layers are recorded, and is no gap in them
+    # (its layers were warned of with advice that layers= then refused, QA 433). Lists on the model itself are (QA
+    # 265), and so are those of a child embedding no tokens (a second image tower that patchifies by unfold, QA 434).
     tower = embedding.split(".", 1)[0] if embedding and "." in embedding else None
     # (A ModuleDict of blocks too, QA 270: its items by key.)
     containers = {name: m for name, m in named_module_list(model)
@@ -773,7 +774,7 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], sk
         if any(path == name or _holds(name, path) for name in recorded):
             continue
         if tower is not None and "." in path and path.split(".", 1)[0] != tower \
-                and all(_holds(tower, name) for name in recorded):
+                and all(_holds(tower, name) for name in recorded) and _embeds_tokens(model, path.split(".", 1)[0]):
             continue
         items = {key: block for key, block in container._modules.items() if block is not None}
         held = {n[len(prefix):].split(".", 1)[0] for n in taken if n.startswith(prefix)} & items.keys()
@@ -799,6 +800,11 @@ def _warn_unrecorded_blocks(model: nn.Module, recorded: dict[str, nn.Module], sk
             "(logits normalised by hand?): if they attend, they are left out of rec.layers, and rec.mad's layer "
             "axis skips them; pass layers=[every attention module's name] to say which modules attend",
             stacklevel=3)
+
+
+def _embeds_tokens(model: nn.Module, child: str) -> bool:
+    """Whether the model's child ``child`` embeds tokens of a vocabulary (an ``nn.Embedding``: a text tower)."""
+    return any(isinstance(module, nn.Embedding) for module in model.get_submodule(child).modules())
 
 
 class NoLayerError(ValueError):
