@@ -57,6 +57,19 @@ def _spy(layers):
     return calls, handles
 
 
+def _recorded_with_calls(model, layers, pixels, **options):
+    """``(rec, output, calls)``: one forward of ``model`` without grad under ``vitmad.record(**options)``, and the
+    inputs each of ``layers`` was called with (for :func:`_own_maps`), its spies removed afterwards."""
+    calls, handles = _spy(layers)
+    try:
+        with torch.no_grad(), vitmad.record(model, **options) as rec:
+            output = model(pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return rec, output, calls
+
+
 def test_torchvision_vit_matches_its_layers_own_probabilities():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
@@ -762,13 +775,7 @@ def test_a_block_found_attending_itself_is_recorded_beside_the_layer_it_holds(bl
     layers = [block.layer for block in model.layers]
     with torch.no_grad():
         plain = model(pixels)
-        calls, handles = _spy(layers)
-        try:
-            with vitmad.record(model, num_prefix_tokens=1) as rec:
-                recorded = model(pixels)
-        finally:
-            for handle in handles:
-                handle.remove()
+    rec, recorded, calls = _recorded_with_calls(model, layers, pixels, num_prefix_tokens=1)
     assert torch.equal(plain, recorded)
     assert rec.layers == ["layers.0.layer", "layers.0", "layers.1.layer", "layers.1"] and rec.skipped == {}
     torch.testing.assert_close(*_blocks_own_mad(rec, model), **TOL)
@@ -829,13 +836,8 @@ def test_a_block_beside_its_layer_keeps_the_layers_it_held_before():
     layers = [block.layer for block in model.layers]
     with torch.no_grad():
         plain = model(pixels)
-        calls, handles = _spy(layers)
-        try:
-            with vitmad.record(model, num_prefix_tokens=1) as rec:
-                assert torch.equal(model(pixels), plain)
-        finally:
-            for handle in handles:
-                handle.remove()
+    rec, recorded, calls = _recorded_with_calls(model, layers, pixels, num_prefix_tokens=1)
+    assert torch.equal(recorded, plain)
     assert rec.layers == ["layers.0.layer", "layers.1.layer"] and rec.skipped == {}
     torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(layers, calls), 8, GRID), **TOL)
 
@@ -887,14 +889,7 @@ def test_a_users_attention_pool_is_skipped_by_its_learned_query_not_its_name():
     model = _MHAViT().eval()
     model.layers = nn.ModuleList(_AttentionPoolBlock() for _ in range(2))
     layers = [block.layer for block in model.layers]
-    with torch.no_grad():
-        calls, handles = _spy(layers)
-        try:
-            with vitmad.record(model, num_prefix_tokens=1) as rec:
-                model(pixels)
-        finally:
-            for handle in handles:
-                handle.remove()
+    rec, _, calls = _recorded_with_calls(model, layers, pixels, num_prefix_tokens=1)
     assert rec.layers == ["layers.0.layer", "layers.1.layer"] and rec.skipped == {}
     torch.testing.assert_close(rec.mad.double(), _reference(_own_maps(layers, calls), 8, GRID), **TOL)
     model.layers[1] = _LearnedQueryAttentionPool()
