@@ -495,8 +495,8 @@ class PlainPlacer(LayerPlacer):
     def __init__(self, layout: PlainLayout, appended: int = 0, named: bool = False):
         self.layout = layout
         self.appended = appended  # tokens this layer appends after the grid (appended_tokens)
-        # The user chose the layer in layers=, or a library vitmad reads defines it (whose layers over frames its
-        # family places or skips, X-CLIP's: QA 429): it attends over the grid it is placed on.
+        # The user chose the layer in layers=, or a library vitmad reads lays out its tokens (X-CLIP's, whose layers
+        # over frames its family skips: recorder._laid_out_by_library): it attends over the grid it is placed on.
         self.named = named
 
     def place(self, context: CallContext, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
