@@ -50,7 +50,7 @@ from .flex_call import (
     without_autocast,
 )
 from .forward_owner import ModuleCall, current_module_call, module_call_live
-from .module_index import is_known_library, named_module_list
+from .module_index import is_known_library, is_users_class, named_module_list
 from .placement import CAUSAL_ADVICE
 from .transformers_capture import AttentionCallback, forward_source
 
@@ -443,15 +443,19 @@ def attends_itself(module: nn.Module) -> bool:
     """Whether ``module``'s own forward may attend: it names a softmax or the fused attention (itself, or a helper
     three calls deep) and holds query or key projections of its own. A softmax without them (a router over experts,
     a gate over branches, a pooling weight) is no attention of the module's (QA 418)."""
-    return names_softmax(module) and any(isinstance(getattr(module, p, None), nn.Module) for p in _QUERY_KEY_NAMES)
+    return names_softmax(module) and _holds_query_key_projection(module)
 
 
 def named_with_projections(module: nn.Module) -> bool:
     """Whether ``module`` is a user's class named as attention holding query or key projections (an attention that
     normalises its logits by hand, ``exp(l - max) / sum``, names no softmax, yet is one, QA 426)."""
     cls = type(module)
-    return (not cls.__module__.startswith("torch.") and not is_known_library(cls) and _named_as_attention(cls)
-            and any(isinstance(getattr(module, p, None), nn.Module) for p in _QUERY_KEY_NAMES))
+    return is_users_class(cls) and _named_as_attention(cls) and _holds_query_key_projection(module)
+
+
+def _holds_query_key_projection(module: nn.Module) -> bool:
+    """Whether ``module`` holds a query or key projection of its own, by name (``_QUERY_KEY_NAMES``)."""
+    return any(isinstance(getattr(module, p, None), nn.Module) for p in _QUERY_KEY_NAMES)
 
 
 def _attends_through_its_softmax_module(module: nn.Module) -> bool:

@@ -32,6 +32,11 @@ def is_known_library(cls: type) -> bool:
     """Whether the class is defined in a library vitmad reads."""
     return cls.__module__.split(".")[0] in _KNOWN_LIBRARIES
 
+
+def is_users_class(cls: type) -> bool:
+    """Whether the class is the user's: defined neither by torch nor by a library vitmad reads."""
+    return not cls.__module__.startswith("torch.") and not is_known_library(cls)
+
 # id(root) -> (root, its named modules, its modules). The root is kept in the entry, so its id cannot be reused
 # while the cache lives.
 _WALKS: ContextVar[dict[int, tuple[nn.Module, list[tuple[str, nn.Module]], list[nn.Module]]] | None] = ContextVar(

@@ -101,7 +101,7 @@ from .module_capture import (
     source_attention_modules,
     timm_attention_modules,
 )
-from .module_index import is_known_library, module_list, named_module_list, shared_walks
+from .module_index import is_known_library, is_users_class, module_list, named_module_list, shared_walks
 from .placement import (
     CAUSAL_ADVICE,
     CallContext,
@@ -405,8 +405,7 @@ def _laid_out_by_library(model: nn.Module, embedding: tuple | None, name: str) -
     path = [(".".join(parts[:depth]), model.get_submodule(".".join(parts[:depth]))) for depth in range(len(parts) + 1)]
     holders = [i for i, (prefix, module) in enumerate(path) if is_known_library(type(module))
                and (not prefix or embedding[0].startswith(prefix + "."))]
-    return bool(holders) and all(is_known_library(type(module)) or type(module).__module__.startswith("torch.")
-                                 for _, module in path[holders[-1]:])
+    return bool(holders) and not any(is_users_class(type(module)) for _, module in path[holders[-1]:])
 
 
 def _first_names_of(model: nn.Module, pattern: str, candidates: dict[str, nn.Module]) -> list[str]:
@@ -469,8 +468,7 @@ def _attends_itself_beside(module: nn.Module) -> bool:
     (:func:`~.module_capture.attends_itself`), and makes no ``F.multi_head_attention_forward`` call, which a capture
     around it would read as its own. Its capture reads none of the layers' calls, so both are recorded."""
     cls = type(module)
-    return not cls.__module__.startswith("torch.") and not is_known_library(cls) and attends_itself(module) \
-        and not calls_functional_multihead(cls)
+    return is_users_class(cls) and attends_itself(module) and not calls_functional_multihead(cls)
 
 
 def _attends_only_through_found(name: str, module: nn.Module, found: dict[str, nn.Module]) -> bool:
