@@ -1639,7 +1639,6 @@ class Recording:
             if root == home or "." not in name or placer is None or not _uses_plain_layout(placer):
                 continue
             own = self._root_embedding(root)
-            stage = own is not None and own[1].in_channels == embedding[1].out_channels
             if own is not None:
                 # Both towers named: a recording of the whole model beside one of the second tower still places
                 # that tower's layers on the first's grid (QA 378 read the advice so).
@@ -1650,15 +1649,16 @@ class Recording:
                 # 423); by its channels alone it cannot be told from a tower on a 16-band image (QA 427).
                 # (A grid given by hand cannot tell them apart either: a tower on a 16-band image passed as a stage
                 # with grid= and patch=, QA 430.)
-                stage = (f"; if {root}.{own[0]} convolves the map of {embedding[0]} (a later stage, not a tower on "
-                         f"an image), its layers attend over that map's cells: name them in layers= with "
-                         "positions=<[N, 2] pixel position of each cell's centre>") if stage else ", or pass positions="
+                advice = (f"; if {root}.{own[0]} convolves the map of {embedding[0]} (a later stage, not a tower on "
+                          f"an image), its layers attend over that map's cells: name them in layers= with "
+                          "positions=<[N, 2] pixel position of each cell's centre>"
+                          ) if own[1].in_channels == embedding[1].out_channels else ", or pass positions="
                 raise ValueError(
                     f"vitmad.record: {name} lies in {root}, which embeds the image with its own patch embedding "
                     f"({root}.{own[0]}), but would be placed on the grid of {embedding[0]}, another tower's: a plain "
                     "ViT layout is read from one patch embedding per recording; record each tower in its own "
                     f"vitmad.record, not the whole model ({held[0]} and {held[1]}; both may be active around one "
-                    f"forward){stage}")
+                    f"forward){advice}")
 
     def _tower_root(self, name: str) -> str:
         """The model's child holding the module ``name``, or, where that child is a ``ModuleList`` or ``ModuleDict``
@@ -1813,11 +1813,11 @@ class Recording:
         """:meth:`_place`, or None for an attention call of a block recorded beside the layers it holds that cannot
         be placed (:func:`blocks_beside_layers`: a gate's softmax, its cross-attention): passed by, as it was before
         such a block was recorded at all."""
-        if name not in self._beside_layers:
-            return self._place(name, lead, num_queries, num_keys)
         try:
             return self._place(name, lead, num_queries, num_keys)
         except ValueError:
+            if name not in self._beside_layers:
+                raise
             return None
 
     def _place(self, name: str, lead: torch.Size, num_queries: int, num_keys: int) -> Placement:
