@@ -52,7 +52,12 @@ STAT_UNITS = {"entropy": "nats", "prefix_mass": "fraction of attention", "self_m
 
 def _nullable(values: list) -> list:
     """Rows of floats with NaN as None: strict JSON has no NaN."""
-    return [[None if v != v else v for v in row] for row in values]
+    return [[_null_if_nan(v) for v in row] for row in values]
+
+
+def _null_if_nan(value: float) -> float | None:
+    """``value``, or None for NaN: strict JSON has no NaN."""
+    return None if value != value else value
 
 
 def _numbers(rows: list) -> list:
@@ -299,7 +304,7 @@ class Profile:
                 "name": name,
                 "heads": heads,
                 "geometry": None if self.geometry is None else self.geometry[i],
-                "uniform_attention_mad": _nullable([[uniform[i]]])[0][0],
+                "uniform_attention_mad": _null_if_nan(uniform[i]),
                 "mean": means,
                 "std": std[i][:heads],
                 "min": low[i][:heads],
@@ -327,7 +332,7 @@ class Profile:
             "model": self.model,
             "layout": self.layout,
             # (NaN where no layer has a grid: positions= given by hand, QA 428; null in strict JSON.)
-            "uniform_attention_mad": _nullable([[self.uniform_mad]])[0][0],
+            "uniform_attention_mad": _null_if_nan(self.uniform_mad),
             "unit": self.distance_unit,  # of MAD (the layers' mean, std, min, max and the uniform figures)
             "settings": self.settings,
             "processes": self.processes,
