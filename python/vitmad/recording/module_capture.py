@@ -604,6 +604,8 @@ class _CaptureAttention(TorchFunctionMode):
         if func in _RECIPROCALS and isinstance(first, torch.Tensor) and _normaliser_shape(first.shape):
             self._keep(self.reciprocals, result)
             return
+        if not self.exps:  # (every torch call of a captured forward comes here: most before any exp)
+            return
         exp = next((t for t in (first, second) if isinstance(t, torch.Tensor) and any(t is e for e in self.exps)),
                    None)
         if exp is None:
